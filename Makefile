@@ -1,0 +1,39 @@
+# Two entry points: `make demo` and `make test`. Both build a local virtualenv first.
+# torch: reuse the system's if there is one; otherwise install the CPU build (2.13.0+cpu),
+# never a multi-GB CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_CPU := torch==2.13.0+cpu
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+
+.PHONY: demo test test-gpu bench clean
+
+$(STAMP): pyproject.toml
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	    $(PY) -m venv --system-site-packages $(VENV); \
+	else \
+	    $(PY) -m venv $(VENV) && \
+	    { $(BIN)/pip install -q "$(TORCH_CPU)" 2>/dev/null || \
+	      $(BIN)/pip install -q "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); }; \
+	fi
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[test]"
+	$(BIN)/python -c "import lorahot, peft, diffusers, transformers, hypothesis"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/hotswap_demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run --suite all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

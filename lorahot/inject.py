@@ -1,0 +1,122 @@
+"""``inject`` and ``eject``: put LoRA layers into any ``nn.Module`` and take them out again."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Union
+
+import torch
+from torch import nn
+
+from lorahot.errors import UsageError
+from lorahot.layers import LoRALayer, layer_class_for
+from lorahot.layers.linear import linear_features
+
+__all__ = ["Targets", "match_targets", "wrap_modules", "eject"]
+
+#: What ``inject`` accepts as targets: names (PEFT ``target_modules`` semantics), a regex
+#: (full match on the qualified name), ``"all-linear"``, or ``(name, module) -> bool``.
+Targets = Union[Sequence[str], str, Callable[[str, nn.Module], bool]]
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and linear_features(module) is not None)
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    """Names of the model's output projection, which ``"all-linear"`` leaves alone (as PEFT)."""
+    out = {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except Exception:  # models without an output head may raise
+            head = None
+        out |= {n for n, m in model.named_modules() if head is not None and m is head}
+    return out
+
+
+def _matcher(model: nn.Module, targets: Targets) -> Callable[[str, nn.Module], bool]:
+    if callable(targets):
+        return targets
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            skip = _output_layer_names(model)
+            return lambda name, m: _is_plain_linear(m) and name not in skip
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            raise UsageError(f"targets={targets!r} is not a valid regex ({exc}).") from None
+        return lambda name, m: pattern.fullmatch(name) is not None
+    entries = list(targets)
+    if not entries or not all(isinstance(e, str) for e in entries):
+        raise UsageError(f"targets must be a non-empty list of module names, a regex, 'all-linear' or a callable; got {targets!r}.")
+    return lambda name, m: any(name == e or name.endswith("." + e) for e in entries)
+
+
+def match_targets(model: nn.Module, targets: Targets) -> list[str]:
+    """Qualified names of the modules ``targets`` selects, in model order.
+
+    Raises:
+        ValueError: nothing matches (the message lists some module names).
+        TypeError: a matched module is of a type lorahot cannot wrap, or already wrapped.
+        UsageError: a match lies inside another match.
+    """
+    match = _matcher(model, targets)
+    names = [n for n, m in model.named_modules() if n and match(n, m)]
+    if not names:
+        sample = [n for n, _ in model.named_modules() if n][:12]
+        raise ValueError(f"targets={targets!r} matched no module. Some module names: {', '.join(sample)}.")
+    modules = dict(model.named_modules())
+    for n in names:
+        m = modules[n]
+        if isinstance(m, LoRALayer):
+            raise TypeError(f"{n}: already a {type(m).__name__}; call lorahot.eject(model) before injecting again.")
+        if layer_class_for(m) is None:
+            raise TypeError(f"{n}: cannot add LoRA to {type(m).__name__}. Supported: Linear-like (in_features/out_features, Conv1D), Conv1d/2d/3d, Embedding. Narrow targets to exclude it.")
+    nested = [(p, c) for p in names for c in names if c.startswith(p + ".")]
+    if nested:
+        p, c = nested[0]
+        raise UsageError(f"targets select both {p} and its submodule {c}; narrow targets so no match lies inside another.")
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
+    """Replaces each named module by its LoRA wrapper; returns the wrappers by name."""
+    layers = {}
+    for name in names:
+        base = model.get_submodule(name)
+        layer = layer_class_for(base)(base)  # type: ignore[misc]
+        _set_submodule(model, name, layer)
+        layers[name] = layer
+    return layers
+
+
+def eject(model: nn.Module) -> nn.Module:
+    """Puts every original module back in place of its LoRA wrapper; returns ``model``.
+
+    The base weights were never modified, so the model computes bitwise what it did before
+    ``inject``. A runtime attached to the model must not be used afterwards.
+    """
+    for name in [n for n, m in model.named_modules() if isinstance(m, LoRALayer)]:
+        layer = model.get_submodule(name)
+        _set_submodule(model, name, layer.base_layer)
+    return model
+
+
+def layer_placement(layer: LoRALayer, dtype: torch.dtype | None, name: str) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of a layer's LoRA buffers: the base weight's, unless ``dtype``."""
+    ref = next((t for t in (*layer.base_layer.parameters(), *layer.base_layer.buffers())), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    if dtype is not None:
+        return device, dtype
+    if ref is None or not ref.is_floating_point():
+        raise UsageError(f"{name}: base weights are {None if ref is None else ref.dtype}, not floating point; pass dtype= (e.g. torch.bfloat16) to inject.")
+    return device, ref.dtype

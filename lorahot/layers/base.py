@@ -1,0 +1,106 @@
+"""What every LoRA layer shares: the wrapped base module, its geometry, and the live buffers.
+
+A LoRA layer computes ``base(x) + scale * B(A(x))``. Its ``lora_A``, ``lora_B`` and
+``lora_scale`` buffers are views into the :class:`~lorahot.arena.Arena` that the runtime
+allocated once at ``max_rank``; the layer never allocates, reallocates or rebinds them, so a
+compiled graph (or a captured CUDA graph) keeps reading the same addresses after every swap.
+
+State dicts: the wrapper keeps the original module as ``base_layer`` but saves and loads its
+state under the original keys, so a model with LoRA layers injected still round-trips its base
+checkpoint unchanged. The LoRA buffers are not persistent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["LayerSpec", "LoRALayer"]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The geometry of one LoRA layer, as the arena and the loader see it.
+
+    Attributes:
+        kind: ``"linear"``, ``"conv"`` or ``"embedding"``.
+        in_dim: length of one row of A: ``in_features``, ``in_channels * prod(kernel)`` or
+            ``num_embeddings``.
+        out_dim: ``out_features``, ``out_channels`` or ``embedding_dim``.
+        a_row_shape: the trailing shape of A as adapter files store it, A being
+            ``[r, *a_row_shape]``: ``(in,)``, ``(in, *kernel)`` or ``(num_embeddings,)``.
+        b_trailing: trailing singleton dims of B in files (``(1,) * nd`` for convs).
+        groups: groups of the base conv (1 otherwise). The rank is split into ``groups``
+            equal slices, slice ``j`` feeding output group ``j``.
+    """
+
+    kind: str
+    in_dim: int
+    out_dim: int
+    a_row_shape: tuple[int, ...]
+    b_trailing: tuple[int, ...] = ()
+    groups: int = 1
+
+    def a_shape(self, rank: int) -> tuple[int, ...]:
+        """Shape of A in an adapter file for ``rank``: ``[r, *a_row_shape]``."""
+        return (rank, *self.a_row_shape)
+
+    def b_shape(self, rank: int) -> tuple[int, ...]:
+        """Shape of B in an adapter file for ``rank``: ``[out, r / groups, *ones]``."""
+        return (self.out_dim, rank // self.groups, *self.b_trailing)
+
+
+class LoRALayer(nn.Module):
+    """Base class of the LoRA layers: wraps ``base_layer`` and owns no storage of its own.
+
+    Subclasses set :attr:`spec` from the base module and implement :meth:`lora_delta`.
+    """
+
+    spec: LayerSpec
+    kind: ClassVar[str] = ""
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    lora_scale: torch.Tensor
+
+    def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.spec = spec
+        self.register_state_dict_post_hook(_drop_base_prefix)
+        self.register_load_state_dict_pre_hook(_add_base_prefix)
+
+    def bind(self, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_scale: torch.Tensor) -> None:
+        """Attaches the live views; called once by the runtime at inject time, never again."""
+        self.register_buffer("lora_A", lora_A, persistent=False)
+        self.register_buffer("lora_B", lora_B, persistent=False)
+        self.register_buffer("lora_scale", lora_scale, persistent=False)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        return y + self.lora_delta(x).to(y.dtype)
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``scale * B(A(x))``, with the shape of ``base_layer(x)``."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"kind={s.kind}, in_dim={s.in_dim}, out_dim={s.out_dim}, groups={s.groups}"
+
+
+def _drop_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """State-dict post hook: ``<prefix>base_layer.k`` is saved as ``<prefix>k``."""
+    inner = prefix + "base_layer."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load pre hook: ``<prefix>k`` is loaded into ``<prefix>base_layer.k``."""
+    inner = prefix + "base_layer."
+    own = {prefix + n for n in ("lora_A", "lora_B", "lora_scale")}
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner) and k not in own]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)

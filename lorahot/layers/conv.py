@@ -1,0 +1,68 @@
+"""``LoRAConv``: LoRA on Conv1d, Conv2d and Conv3d, in the layout PEFT and kohya save.
+
+A is a convolution with the base kernel, stride, padding and dilation (groups 1), weight
+``[r, in, *kernel]``; B is a 1x1 convolution with the base's groups, weight
+``[out, r / groups, 1, ...]``. The sum equals the base convolution plus ``scale * dW`` where
+``dW[o] = B[o] @ A[slice of o's group]``, which is how a merged weight would compute it
+(the base's padding mode applies to both).
+
+Padding the rank from ``r`` to ``R`` keeps each group's slice aligned: group ``j`` of the rank
+occupies rows ``[j * R/g, j * R/g + r/g)`` of A, and B keeps ``[out, R/g]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorahot.layers.base import LayerSpec, LoRALayer
+
+__all__ = ["LoRAConv"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class LoRAConv(LoRALayer):
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``.
+
+    Buffers (views into the arena): ``lora_A [R, in, *kernel]``,
+    ``lora_B [out, R / groups, 1, ...]`` and ``lora_scale`` (0-d float32).
+    """
+
+    kind = "conv"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        if not isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise TypeError(f"{type(base_layer).__name__} is not a Conv1d/2d/3d")
+        kernel = tuple(base_layer.kernel_size)
+        nd = len(kernel)
+        cin, cout = base_layer.in_channels, base_layer.out_channels
+        spec = LayerSpec("conv", cin * math.prod(kernel), cout, (cin, *kernel), (1,) * nd, base_layer.groups)
+        super().__init__(base_layer, spec)
+        self._conv = _CONV[nd]
+        self._stride = tuple(base_layer.stride)
+        self._dilation = tuple(base_layer.dilation)
+        self._groups = base_layer.groups
+        zeros = base_layer.padding_mode == "zeros"
+        self._padding = base_layer.padding if zeros else 0
+        self._pad_mode = None if zeros else base_layer.padding_mode
+        self._pad = tuple(base_layer._reversed_padding_repeated_twice)
+        self._nd = nd
+
+    @staticmethod
+    def live_views(a_rows: torch.Tensor, b_rows: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Arena rows ``[R, in*k]``, ``[R, out]`` -> ``[R, in, *k]``, ``[out, R/g, 1, ...]``."""
+        rank = a_rows.shape[0]
+        a = a_rows.view(rank, *spec.a_row_shape)
+        b = b_rows[: rank // spec.groups].t()  # [out, R/g]
+        return a, b[(...,) + (None,) * len(spec.b_trailing)]
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.dtype)
+        if self._pad_mode is not None:
+            x = F.pad(x, self._pad, mode=self._pad_mode)
+        h = self._conv(x, self.lora_A, None, self._stride, self._padding, self._dilation, 1)
+        return self._conv(h * self.lora_scale, self.lora_B, None, 1, 0, 1, self._groups)

@@ -1,0 +1,222 @@
+"""``LoraRuntime``: load, swap, activate, scale and unload adapters on an injected model.
+
+Every operation writes in place into buffers allocated at inject time, so a compiled model
+(CUDA graphs included) sees new weights without recompiling. A load is validated and packed
+completely before the first byte is written; when it raises, every slot is as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorahot.adapter import Adapter
+from lorahot.arena import BufferManager
+from lorahot.errors import UsageError
+from lorahot.inject import Targets, eject, layer_placement, match_targets, wrap_modules
+from lorahot.layers import LoRALayer
+from lorahot.loader import read_adapter
+from lorahot.plan import plan_load
+from lorahot.sources import Source
+
+__all__ = ["AdapterInfo", "LoraRuntime", "inject"]
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What a slot holds after :meth:`LoraRuntime.load`.
+
+    Attributes:
+        source: where the adapter came from.
+        format: its detected naming.
+        slot: the slot it was loaded into.
+        scale: the user multiplier on top of each module's ``alpha / r``.
+        ranks: injected layer name -> rank, for the layers the adapter touches.
+        nbytes: bytes of adapter weights copied in (before padding).
+    """
+
+    source: str
+    format: str
+    slot: int
+    scale: float
+    ranks: dict[str, int]
+    nbytes: int
+
+
+class LoraRuntime:
+    """Owns the LoRA layers injected into one model and the buffers behind them.
+
+    Create it with :func:`inject`. Slot ``i`` holds one adapter; the model computes with the
+    active slot. All methods run on a compiled model without recompiling.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, LoRALayer], manager: BufferManager) -> None:
+        self.model = model
+        self.layers = layers
+        self._manager = manager
+        self._active = 0
+        self._infos: list[AdapterInfo | None] = [None] * manager.slots
+        self._base_scales: list[list[torch.Tensor] | None] = [None] * manager.slots
+        self._ejected = False
+        for name, layer in layers.items():
+            layer.bind(*self._live_views(name, layer))
+        self._ptrs = {name: layer.lora_A.data_ptr() for name, layer in layers.items()}
+
+    def _live_views(self, name: str, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a_rows, b_rows, scale = self._manager.live_rows(name)
+        a, b = type(layer).live_views(a_rows, b_rows, layer.spec)
+        return a, b, scale
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def max_rank(self) -> int:
+        return self._manager.max_rank
+
+    @property
+    def slots(self) -> int:
+        return self._manager.slots
+
+    @property
+    def active_slot(self) -> int:
+        return self._active
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of adapter storage this runtime allocated (padded, every slot)."""
+        return self._manager.nbytes
+
+    def info(self, slot: int | None = None) -> AdapterInfo | None:
+        """What ``slot`` (default: the active one) holds, or None if it is empty."""
+        return self._infos[self._slot(self._active if slot is None else slot)]
+
+    # -- operations -------------------------------------------------------------------------
+
+    def load(self, source: Source | Adapter, *, slot: int = 0, scale: float = 1.0, **read_kwargs: Any) -> AdapterInfo:
+        """Copies an adapter into ``slot`` in place; the model uses it if ``slot`` is active.
+
+        Args:
+            source: anything :func:`lorahot.read_adapter` accepts, or an :class:`Adapter`.
+            slot: which slot to fill.
+            scale: a multiplier on every module's ``alpha / r``.
+            read_kwargs: passed to :func:`lorahot.read_adapter` (``weight_name``, ``config``).
+
+        Returns:
+            What the slot now holds.
+
+        Raises:
+            lorahot.LoraError: the adapter cannot be read or does not fit; nothing changed.
+        """
+        self._check_usable(every_layer=True)
+        slot, scale = self._slot(slot), _finite(scale, "scale")
+        adapter = read_adapter(source, **read_kwargs)
+        plan = plan_load(adapter, self._manager, {n: l.spec for n, l in self.layers.items()})
+        self._manager.write(slot, plan.packs, scale, live=slot == self._active)
+        self._base_scales[slot] = [p.scales for p in plan.packs]
+        info = AdapterInfo(adapter.source, adapter.format, slot, scale, {n: m.rank for n, m in plan.targets.items()}, adapter.nbytes)
+        self._infos[slot] = info
+        return info
+
+    def activate(self, slot: int) -> None:
+        """Makes the model compute with ``slot`` (an empty slot means no adapter)."""
+        self._check_usable()
+        self._manager.activate(self._slot(slot))
+        self._active = slot
+
+    def unload(self, slot: int | None = None) -> None:
+        """Empties ``slot``, or every slot if None. An emptied active slot means no adapter."""
+        self._check_usable()
+        for s in range(self.slots) if slot is None else [self._slot(slot)]:
+            self._manager.clear(s, live=s == self._active)
+            self._infos[s] = None
+            self._base_scales[s] = None
+
+    def set_scale(self, value: float, slot: int | None = None) -> None:
+        """Sets the user multiplier of ``slot`` (default: the active slot). 0 disables it."""
+        self._check_usable()
+        s = self._slot(self._active if slot is None else slot)
+        value = _finite(value, "scale")
+        base, info = self._base_scales[s], self._infos[s]
+        if base is None or info is None:
+            raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
+        self._manager.set_scales(s, [b * value for b in base], live=s == self._active)
+        self._infos[s] = AdapterInfo(info.source, info.format, s, value, info.ranks, info.nbytes)
+
+    def eject(self) -> nn.Module:
+        """Puts the original modules back (see :func:`lorahot.eject`); the runtime is done."""
+        self._check_usable()
+        eject(self.model)
+        self._ejected = True
+        return self.model
+
+    # -- checks -----------------------------------------------------------------------------
+
+    def _slot(self, slot: int) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.slots:
+            raise UsageError(f"slot={slot!r} is out of range; this runtime has slots 0..{self.slots - 1} (inject(..., slots=N) for more).")
+        return slot
+
+    def _check_usable(self, every_layer: bool = False) -> None:
+        if self._ejected:
+            raise UsageError("this runtime was ejected; call lorahot.inject again.")
+        names = list(self.layers) if every_layer else list(self.layers)[:1]
+        moved = [n for n in names if self.layers[n].lora_A.data_ptr() != self._ptrs[n]]
+        if moved:
+            raise UsageError(f"{moved[0]}: its LoRA buffers were replaced (model.to()/load_state_dict(assign=True) after inject?). Move the model first, then inject.")
+
+    def __repr__(self) -> str:
+        return f"LoraRuntime(layers={len(self.layers)}, max_rank={self.max_rank}, slots={self.slots}, active={self._active}, nbytes={self.nbytes})"
+
+
+def _finite(value: float, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name}={value!r} is not a number.") from None
+    if not math.isfinite(v):
+        raise UsageError(f"{name}={value!r} must be finite.")
+    return v
+
+
+def inject(model: nn.Module, targets: Targets, *, max_rank: int, slots: int = 1, dtype: torch.dtype | None = None) -> LoraRuntime:
+    """Wraps the targeted modules of ``model`` in LoRA layers and allocates their buffers.
+
+    Args:
+        model: any ``nn.Module``; modified in place.
+        targets: module names (a module matches if its name equals an entry or ends with
+            ``"." + entry``), a regex (full match), ``"all-linear"``, or a callable
+            ``(name, module) -> bool``.
+        max_rank: the largest rank any adapter will have; buffers are allocated at this rank.
+        slots: how many adapters to keep resident at once.
+        dtype: dtype of the LoRA buffers (default: each base weight's dtype).
+
+    Returns:
+        The runtime that loads and swaps adapters. Right after inject the model's outputs
+        and ``state_dict()`` are exactly as before.
+
+    Raises:
+        ValueError: nothing matches ``targets``.
+        TypeError: a matched module cannot take LoRA.
+        UsageError: bad ``max_rank``/``slots``/``dtype``.
+    """
+    for value, name in ((max_rank, "max_rank"), (slots, "slots")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name}={value!r} must be an integer >= 1.")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UsageError(f"dtype={dtype!r} must be a floating-point torch.dtype.")
+    names = match_targets(model, targets)
+    layers = wrap_modules(model, names)
+    try:
+        specs = {}
+        for name, layer in layers.items():
+            if max_rank % layer.spec.groups:
+                raise UsageError(f"{name}: conv with groups={layer.spec.groups} needs max_rank divisible by {layer.spec.groups}; got {max_rank}.")
+            specs[name] = (layer.spec, *layer_placement(layer, dtype, name))
+        return LoraRuntime(model, layers, BufferManager(specs, max_rank, slots))
+    except BaseException:
+        eject(model)
+        raise

@@ -1,0 +1,119 @@
+"""Opening an adapter source: a directory, a ``.safetensors`` file or a mapping of tensors.
+
+Only safetensors is ever read; nothing is unpickled. What comes out is the raw tensors, the
+``adapter_config.json`` if there is one, and the safetensors header metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from lorahot.errors import AdapterReadError, SourceNotFoundError
+
+__all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_config"]
+
+Source = Union[str, "os.PathLike[str]", Mapping[str, torch.Tensor]]
+
+#: File endings of pickle-based checkpoints, which lorahot refuses to open.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+WEIGHT_NAMES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass
+class RawAdapter:
+    """Tensors and side information exactly as the source holds them."""
+
+    tensors: dict[str, torch.Tensor]
+    source: str
+    config: dict[str, Any] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def open_source(source: Source, *, weight_name: str | None = None) -> RawAdapter:
+    """Reads ``source`` into a :class:`RawAdapter`.
+
+    Args:
+        source: a mapping of tensors, a directory holding an adapter, or a ``.safetensors``
+            file (an ``adapter_config.json`` beside it is read too).
+        weight_name: the file to read inside a directory, if not one of the usual names.
+
+    Raises:
+        SourceNotFoundError: the path does not exist or the directory holds no adapter.
+        AdapterReadError: the file is a pickle checkpoint, or damaged.
+    """
+    if isinstance(source, Mapping):
+        return _from_mapping(source)
+    path = Path(os.fspath(source))
+    if path.is_dir():
+        return _from_file(_weight_file(path, weight_name))
+    if path.is_file():
+        return _from_file(path)
+    raise SourceNotFoundError(f"{path}: no such file or directory. Pass an adapter directory, a .safetensors file or a mapping of tensors.")
+
+
+def _from_mapping(source: Mapping[str, Any]) -> RawAdapter:
+    bad = [k for k, v in source.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise AdapterReadError(f"<mapping>: entries {bad[:5]!r} are not str -> torch.Tensor. Pass a dict of tensors keyed by name.")
+    return RawAdapter(dict(source), "<mapping>")
+
+
+def _weight_file(directory: Path, weight_name: str | None) -> Path:
+    if weight_name is not None:
+        candidate = directory / weight_name
+        if not candidate.is_file():
+            raise SourceNotFoundError(f"{candidate}: weight_name={weight_name!r} does not exist in {directory}.")
+        return candidate
+    for name in WEIGHT_NAMES:
+        if (directory / name).is_file():
+            return directory / name
+    found = sorted(p.name for p in directory.glob("*.safetensors"))
+    if len(found) == 1:
+        return directory / found[0]
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise AdapterReadError(f"{directory}: holds only pickle checkpoints ({', '.join(pickles)}); lorahot never unpickles. Convert them to .safetensors (safetensors.torch.save_file) and load that.")
+    if found:
+        raise SourceNotFoundError(f"{directory}: several .safetensors files ({', '.join(found)}); pass weight_name= to pick one.")
+    raise SourceNotFoundError(f"{directory}: no adapter weights found (looked for {', '.join(WEIGHT_NAMES)} or a single *.safetensors).")
+
+
+def _from_file(path: Path) -> RawAdapter:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterReadError(f"{path}: {path.suffix} files are pickles, and lorahot never unpickles. Convert it to .safetensors (safetensors.torch.save_file) and load that.")
+    tensors, metadata = read_safetensors(path)
+    config_path = path.parent / CONFIG_NAME
+    config = read_config(config_path) if config_path.is_file() else None
+    return RawAdapter(tensors, str(path), config, metadata)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors (on the CPU) and the header metadata of a safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # the parser's own error types vary by version
+        raise AdapterReadError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}). Re-download or re-save the adapter.") from None
+    return tensors, metadata
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterReadError(f"{path}: malformed adapter config ({exc}). Fix or delete the file.") from None
+    if not isinstance(config, dict):
+        raise AdapterReadError(f"{path}: the adapter config must be a JSON object, got {type(config).__name__}.")
+    return config
