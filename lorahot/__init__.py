@@ -6,6 +6,7 @@
 """
 
 from lorahot.adapter import Adapter, LoraModule
+from lorahot.cache import AdapterCache, PreparedAdapter
 from lorahot.errors import (
     AdapterMismatchError,
     AdapterReadError,
@@ -25,6 +26,8 @@ __all__ = [
     "read_adapter",
     "LoraRuntime",
     "AdapterInfo",
+    "PreparedAdapter",
+    "AdapterCache",
     "Adapter",
     "LoraModule",
     "LoRALayer",

@@ -8,6 +8,8 @@ completely before the first byte is written; when it raises, every slot is as it
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +18,7 @@ from torch import nn
 
 from lorahot.adapter import Adapter
 from lorahot.arena import BufferManager
+from lorahot.cache import AdapterCache, PreparedAdapter
 from lorahot.errors import UsageError
 from lorahot.inject import Targets, eject, layer_placement, match_targets, wrap_modules
 from lorahot.layers import LoRALayer
@@ -54,7 +57,7 @@ class LoraRuntime:
     active slot. All methods run on a compiled model without recompiling.
     """
 
-    def __init__(self, model: nn.Module, layers: dict[str, LoRALayer], manager: BufferManager) -> None:
+    def __init__(self, model: nn.Module, layers: dict[str, LoRALayer], manager: BufferManager, cache_bytes: int = 2 << 30) -> None:
         self.model = model
         self.layers = layers
         self._manager = manager
@@ -65,6 +68,9 @@ class LoraRuntime:
         for name, layer in layers.items():
             layer.bind(*self._live_views(name, layer))
         self._ptrs = {name: layer.lora_A.data_ptr() for name, layer in layers.items()}
+        self._specs = {name: layer.spec for name, layer in layers.items()}
+        self.cache = AdapterCache(cache_bytes)
+        self._executor: ThreadPoolExecutor | None = None
 
     def _live_views(self, name: str, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a_rows, b_rows, scale = self._manager.live_rows(name)
@@ -96,11 +102,13 @@ class LoraRuntime:
 
     # -- operations -------------------------------------------------------------------------
 
-    def load(self, source: Source | Adapter, *, slot: int = 0, scale: float = 1.0, **read_kwargs: Any) -> AdapterInfo:
+    def load(self, source: Source | Adapter | PreparedAdapter, *, slot: int = 0, scale: float = 1.0, **read_kwargs: Any) -> AdapterInfo:
         """Copies an adapter into ``slot`` in place; the model uses it if ``slot`` is active.
 
         Args:
-            source: anything :func:`lorahot.read_adapter` accepts, or an :class:`Adapter`.
+            source: anything :func:`lorahot.read_adapter` accepts, an :class:`Adapter`, or a
+                :class:`PreparedAdapter` from :meth:`preload`. A path that was preloaded
+                (with the same read options) is taken from the host cache.
             slot: which slot to fill.
             scale: a multiplier on every module's ``alpha / r``.
             read_kwargs: passed to :func:`lorahot.read_adapter` (``weight_name``, ``config``).
@@ -113,13 +121,45 @@ class LoraRuntime:
         """
         self._check_usable(every_layer=True)
         slot, scale = self._slot(slot), _finite(scale, "scale")
-        adapter = read_adapter(source, **read_kwargs)
-        plan = plan_load(adapter, self._manager, {n: l.spec for n, l in self.layers.items()})
+        prepared = self._prepared(source, read_kwargs)
+        adapter, plan = prepared.adapter, prepared.plan
         self._manager.write(slot, plan.packs, scale, live=slot == self._active)
         self._base_scales[slot] = [p.scales for p in plan.packs]
         info = AdapterInfo(adapter.source, adapter.format, slot, scale, {n: m.rank for n, m in plan.targets.items()}, adapter.nbytes)
         self._infos[slot] = info
         return info
+
+    def preload(self, source: Source | Adapter, *, key: str | None = None, **read_kwargs: Any) -> PreparedAdapter:
+        """Reads, checks and packs an adapter into the host cache without touching the model.
+
+        A later ``load(source)`` (same path, or ``key``) or ``load(prepared)`` then only copies.
+        Safe to call from any thread. Raises what :meth:`load` raises.
+        """
+        self._check_usable()
+        cache_key = key if key is not None else _cache_key(source, read_kwargs) or f"<object {id(source)}>"
+        adapter = read_adapter(source, **read_kwargs)
+        plan = plan_load(adapter, self._manager, self._specs)
+        prepared = PreparedAdapter(cache_key, adapter, plan, self._manager)
+        self.cache.put(prepared)
+        return prepared
+
+    def prefetch(self, source: Source | Adapter, *, key: str | None = None, **read_kwargs: Any) -> Future[PreparedAdapter]:
+        """:meth:`preload` on a background thread; the future raises what preload raises."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahot-prefetch")
+        return self._executor.submit(self.preload, source, key=key, **read_kwargs)
+
+    def _prepared(self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any]) -> PreparedAdapter:
+        if isinstance(source, PreparedAdapter):
+            if source.owner is not self._manager:
+                raise UsageError("this PreparedAdapter was made for another runtime; preload it on this one.")
+            return source
+        cache_key = _cache_key(source, read_kwargs)
+        hit = self.cache.get(cache_key) if cache_key is not None else None
+        if hit is not None:
+            return hit
+        adapter = read_adapter(source, **read_kwargs)
+        return PreparedAdapter(cache_key or "<uncached>", adapter, plan_load(adapter, self._manager, self._specs), self._manager)
 
     def activate(self, slot: int) -> None:
         """Makes the model compute with ``slot`` (an empty slot means no adapter)."""
@@ -172,6 +212,14 @@ class LoraRuntime:
         return f"LoraRuntime(layers={len(self.layers)}, max_rank={self.max_rank}, slots={self.slots}, active={self._active}, nbytes={self.nbytes})"
 
 
+def _cache_key(source: Any, read_kwargs: dict[str, Any]) -> str | None:
+    """Cache key of a path-like source (with its read options); None for in-memory sources."""
+    if isinstance(source, (str, os.PathLike)):
+        extra = ",".join(f"{k}={read_kwargs[k]!r}" for k in sorted(read_kwargs))
+        return f"{os.fspath(source)}|{extra}"
+    return None
+
+
 def _finite(value: float, name: str) -> float:
     try:
         v = float(value)
@@ -182,7 +230,15 @@ def _finite(value: float, name: str) -> float:
     return v
 
 
-def inject(model: nn.Module, targets: Targets, *, max_rank: int, slots: int = 1, dtype: torch.dtype | None = None) -> LoraRuntime:
+def inject(
+    model: nn.Module,
+    targets: Targets,
+    *,
+    max_rank: int,
+    slots: int = 1,
+    dtype: torch.dtype | None = None,
+    cache_bytes: int = 2 << 30,
+) -> LoraRuntime:
     """Wraps the targeted modules of ``model`` in LoRA layers and allocates their buffers.
 
     Args:
@@ -193,6 +249,7 @@ def inject(model: nn.Module, targets: Targets, *, max_rank: int, slots: int = 1,
         max_rank: the largest rank any adapter will have; buffers are allocated at this rank.
         slots: how many adapters to keep resident at once.
         dtype: dtype of the LoRA buffers (default: each base weight's dtype).
+        cache_bytes: budget of the host cache of preloaded adapters.
 
     Returns:
         The runtime that loads and swaps adapters. Right after inject the model's outputs
@@ -216,7 +273,7 @@ def inject(model: nn.Module, targets: Targets, *, max_rank: int, slots: int = 1,
             if max_rank % layer.spec.groups:
                 raise UsageError(f"{name}: conv with groups={layer.spec.groups} needs max_rank divisible by {layer.spec.groups}; got {max_rank}.")
             specs[name] = (layer.spec, *layer_placement(layer, dtype, name))
-        return LoraRuntime(model, layers, BufferManager(specs, max_rank, slots))
+        return LoraRuntime(model, layers, BufferManager(specs, max_rank, slots), cache_bytes)
     except BaseException:
         eject(model)
         raise
