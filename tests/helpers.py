@@ -1,0 +1,298 @@
+"""Shared test helpers: dense float64 references, random PEFT adapters, tiny models.
+
+The references here never call lorahot: they build the dense update ``dW`` from A and B and
+run the base operation (or torch's own module for that operation) on it, in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+PREFIX = "base_model.model."
+
+
+class Conv1D(nn.Module):
+    """A transformers-style ``Conv1D``: ``x @ weight + bias`` with ``weight [in, out]``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) / math.sqrt(nx))
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+
+
+class ScaledProj(nn.Module):
+    """A custom linear-like module that only declares ``in_features`` / ``out_features``."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / math.sqrt(in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * torch.tanh(x) @ self.weight.t()
+
+
+# -- geometry -----------------------------------------------------------------------------
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of a linear-like module, read independently of lorahot."""
+    if isinstance(module, Conv1D) or type(module).__name__ == "Conv1D":
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def lora_shapes(module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """PEFT file shapes of A and B for ``module`` at ``rank``."""
+    if isinstance(module, nn.Embedding):
+        return (rank, module.num_embeddings), (module.embedding_dim, rank)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        k = tuple(module.kernel_size)
+        return (rank, module.in_channels, *k), (module.out_channels, rank // module.groups, *(1,) * len(k))
+    fin, fout = features(module)
+    return (rank, fin), (fout, rank)
+
+
+def random_lora(module: nn.Module, rank: int, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random A and B (both non-zero) in PEFT's layout for ``module``."""
+    a_shape, b_shape = lora_shapes(module, rank)
+    a = torch.randn(a_shape, generator=gen, dtype=torch.float64) / math.sqrt(math.prod(a_shape[1:]))
+    b = torch.randn(b_shape, generator=gen, dtype=torch.float64) / math.sqrt(rank)
+    return a.to(dtype), b.to(dtype)
+
+
+# -- dense references ---------------------------------------------------------------------
+
+
+def dense_delta_weight(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``dW`` in the base weight's orientation, float64.
+
+    Linear ``[out, in]``; Conv1D ``[in, out]``; Embedding ``[num, dim]``; conv
+    ``[out, in, *k]`` with all input channels (``dW[o] = B[o] @ A[rank slice of o's group]``),
+    to be applied with ``groups=1``.
+    """
+    a, b = a.double(), b.double()
+    if isinstance(module, nn.Embedding):
+        return (b @ a).t()
+    if isinstance(module, nn.modules.conv._ConvNd):
+        g, rank = module.groups, a.shape[0]
+        out, per = module.out_channels, rank // g
+        a2 = a.reshape(rank, -1)
+        b2 = b.reshape(out, per)
+        rows = []
+        for o in range(out):
+            j = o // (out // g)
+            rows.append(b2[o] @ a2[j * per : (j + 1) * per])
+        return torch.stack(rows).view(out, *a.shape[1:])
+    dw = b @ a  # [out, in]
+    return dw.t() if type(module).__name__ == "Conv1D" else dw
+
+
+def dense_delta(module: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``dW`` applied to ``x`` by the base operation, float64 (no bias)."""
+    dw = dense_delta_weight(module, a, b)
+    if isinstance(module, nn.Embedding):
+        return F.embedding(x, dw)
+    x = x.double()
+    if isinstance(module, nn.modules.conv._ConvNd):
+        conv = type(module)(
+            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride, padding=module.padding,
+            dilation=module.dilation, groups=1, bias=False, padding_mode=module.padding_mode, dtype=torch.float64,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(dw)
+        return conv(x)
+    if type(module).__name__ == "Conv1D":
+        return x @ dw
+    if isinstance(module, nn.Linear):
+        return F.linear(x, dw)
+    return x @ dw.t()  # custom linear-like: the LoRA path acts on the raw input
+
+
+def merged_linear(module: nn.Linear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """A Linear's output with the merged weight ``W + scale * B @ A``, float64."""
+    w = module.weight.double() + scale * dense_delta_weight(module, a, b)
+    bias = None if module.bias is None else module.bias.double()
+    return F.linear(x.double(), w, bias)
+
+
+def reference(module: nn.Module, x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """``base(x) + scale * dW(x)`` in float64, ``module`` left untouched."""
+    base = copy.deepcopy(module).double()
+    xin = x if isinstance(module, nn.Embedding) else x.double()
+    with torch.no_grad():
+        y = base(xin)
+        if a is not None:
+            y = y + scale * dense_delta(base, x, a, b)
+    return y
+
+
+def model_reference(model: nn.Module, x: torch.Tensor, loras: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """A (non-injected) model's output in float64 with ``name -> (A, B, scale)`` added densely."""
+    ref = copy.deepcopy(model).double()
+    hooks = []
+    for name, (a, b, scale) in loras.items():
+        mod = ref.get_submodule(name)
+
+        def hook(m, args, out, a=a, b=b, scale=scale):
+            return out + scale * dense_delta(m, args[0], a, b)
+
+        hooks.append(mod.register_forward_hook(hook))
+    xin = x if not x.is_floating_point() else x.double()
+    with torch.no_grad():
+        y = ref(xin)
+    for h in hooks:
+        h.remove()
+    return y
+
+
+# -- PEFT adapters ------------------------------------------------------------------------
+
+
+def peft_keys(module: nn.Module, name: str) -> tuple[str, str]:
+    """The PEFT file keys of A and B for module ``name``."""
+    if isinstance(module, nn.Embedding):
+        return f"{PREFIX}{name}.lora_embedding_A", f"{PREFIX}{name}.lora_embedding_B"
+    return f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+
+
+def make_adapter(
+    model: nn.Module, ranks: Mapping[str, int], seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Random PEFT-named tensors for the modules in ``ranks`` (names as in the base model).
+
+    Returns:
+        The tensors keyed as a PEFT file, and ``name -> (A, B)``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tensors, ab = {}, {}
+    for name, rank in ranks.items():
+        module = _base(model.get_submodule(name))
+        a, b = random_lora(module, rank, gen, dtype)
+        ka, kb = peft_keys(module, name)
+        tensors[ka], tensors[kb] = a, b
+        ab[name] = (a, b)
+    return tensors, ab
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return getattr(module, "base_layer", module)
+
+
+def save_peft(
+    directory: Path,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    r: int | None = None,
+    lora_alpha: float | None = None,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    use_rslora: bool = False,
+) -> Path:
+    """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "rank_pattern": dict(rank_pattern or {}),
+        "alpha_pattern": dict(alpha_pattern or {}),
+        "use_rslora": use_rslora,
+    }
+    (directory / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return directory
+
+
+# -- tiny models --------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # (B, T, T)
+        return self.o_proj(att @ v)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden)
+        self.down_proj = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim)
+        self.mlp = MLP(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.norm(x))
+        return x + self.mlp(x)
+
+
+class TinyLM(nn.Module):
+    """``embed_tokens -> layers.{i}.(self_attn.{q,k,v,o}_proj, mlp.{up,down}_proj) -> lm_head``."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16, layers: int = 2, hidden: int = 24) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(Block(dim, hidden) for _ in range(layers))
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, vocab)
+        x = self.embed_tokens(ids)
+        for block in self.layers:
+            x = block(x)
+        return self.lm_head(x)
+
+
+def tiny_lm(seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs: int) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM(**kwargs).to(dtype)
+
+
+class TinyConvNet(nn.Module):
+    """``embed`` (ids -> channels) -> ``conv`` (grouped Conv2d) -> ``proj`` (Linear)."""
+
+    def __init__(self, vocab: int = 16, ch: int = 8, out: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, ch)
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1, groups=2)
+        self.proj = nn.Linear(ch, out)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, H, W) -> (B, H, W, out)
+        h = self.embed(ids).permute(0, 3, 1, 2)  # (B, C, H, W)
+        h = F.silu(self.conv(h)).permute(0, 2, 3, 1)  # (B, H, W, C)
+        return self.proj(h)
+
+
+def tiny_convnet(seed: int = 0) -> TinyConvNet:
+    torch.manual_seed(seed)
+    return TinyConvNet()
+
+
+def token_ids(shape: tuple[int, ...], vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,220 @@
+"""Property tests of the LoRA layers against a float64 dense reference.
+
+Each example draws one base module (Linear, transformers-style Conv1D, a custom linear-like
+module, Conv1d/2d/3d with any stride/padding/dilation/groups/padding_mode, or Embedding), an
+input batch and adapters, injects lorahot into a one-module holder and checks the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import lorahot
+from tests.helpers import Conv1D, ScaledProj, make_adapter, reference
+
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+@dataclass
+class Case:
+    """One drawn geometry: how to build the base module and an input for it."""
+
+    kind: str
+    params: dict
+    batch: tuple[int, ...]
+    groups: int = 1
+
+    def module(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        p = self.params
+        if self.kind == "linear":
+            m = nn.Linear(p["fin"], p["fout"], bias=p["bias"])
+        elif self.kind == "conv1d_tf":
+            m = Conv1D(p["fout"], p["fin"])
+        elif self.kind == "custom":
+            m = ScaledProj(p["fin"], p["fout"])
+        elif self.kind == "embedding":
+            m = nn.Embedding(p["num"], p["dim"])
+        else:
+            m = _CONVS[p["nd"]](**{k: v for k, v in p.items() if k not in ("nd", "size")})
+        return m.double()
+
+    def input(self, seed: int = 1) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        p = self.params
+        if self.kind == "embedding":
+            return torch.randint(0, p["num"], self.batch, generator=gen)
+        if self.kind == "conv":
+            shape = (*self.batch, p["in_channels"], *(p["size"],) * p["nd"])
+        else:
+            shape = (*self.batch, p["fin"])
+        return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> Case:
+    kind = draw(st.sampled_from(["linear", "conv1d_tf", "custom", "conv", "embedding"]))
+    if kind == "embedding":
+        params = {"num": draw(st.integers(1, 40)), "dim": draw(st.integers(1, 24))}
+        return Case(kind, params, tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=2))))
+    if kind != "conv":
+        params = {"fin": draw(st.integers(1, 40)), "fout": draw(st.integers(1, 40)), "bias": draw(st.booleans())}
+        return Case(kind, params, tuple(draw(st.lists(st.integers(1, 3), max_size=2))))
+    nd = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 1, 2, 4]))
+    stride = draw(st.integers(1, 2))
+    padding_mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    pad_choices = [0, 1, 2, "valid"] + (["same"] if stride == 1 else [])
+    params = {
+        "nd": nd,
+        "in_channels": groups * draw(st.integers(1, 3)),
+        "out_channels": groups * draw(st.integers(1, 3)),
+        "kernel_size": draw(st.integers(1, 3)),
+        "stride": stride,
+        "padding": draw(st.sampled_from(pad_choices)),
+        "dilation": draw(st.integers(1, 2)),
+        "groups": groups,
+        "bias": draw(st.booleans()),
+        "padding_mode": padding_mode,
+        "size": draw(st.integers(5, 7 if nd < 3 else 5)),
+    }
+    return Case("conv", params, (draw(st.integers(1, 2)),), groups)
+
+
+def _ranks(draw: st.DrawFn, groups: int, max_rank: int, n: int) -> list[int]:
+    return [groups * draw(st.integers(1, max_rank // groups)) for _ in range(n)]
+
+
+def _load(runtime: lorahot.LoraRuntime, holder: Holder, rank: int, seed: int, alpha_per_rank: float, scale: float = 1.0):
+    tensors, ab = make_adapter(holder, {"layer": rank}, seed=seed, dtype=torch.float64)
+    runtime.load(tensors, config={"r": rank, "lora_alpha": alpha_per_rank * rank}, scale=scale)
+    return ab["layer"]
+
+
+_DYADIC = st.sampled_from([0.25, 0.5, 1.0, 1.5, 2.0])  # exact in float32, where scales live
+
+
+@given(case=cases(), data=st.data())
+def test_output_matches_dense_reference(case: Case, data: st.DataObject) -> None:
+    max_rank = case.groups * data.draw(st.integers(1, 4))
+    (rank,) = _ranks(data.draw, case.groups, max_rank, 1)
+    alpha_per_rank, mult = data.draw(_DYADIC), data.draw(_DYADIC)
+    base = case.module()
+    x = case.input()
+    holder = Holder(case.module())
+    runtime = lorahot.inject(holder, ["layer"], max_rank=max_rank)
+    a, b = _load(runtime, holder, rank, seed=3, alpha_per_rank=alpha_per_rank, scale=mult)
+    with torch.no_grad():
+        y = holder(x)
+    expected = reference(base, x, a, b, alpha_per_rank * mult)
+    assert y.shape == expected.shape and y.dtype == torch.float64
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()) + 1e-300)
+    delta = y - reference(base, x, None, None, 0.0)
+    assert bool(delta.abs().max() > 0) or not bool(a.abs().max() > 0)
+
+
+@given(case=cases(), data=st.data())
+def test_padding_to_max_rank_does_not_change_output(case: Case, data: st.DataObject) -> None:
+    (rank,) = _ranks(data.draw, case.groups, 8, 1)
+    x = case.input()
+    outs = []
+    for max_rank in (8, 64):
+        holder = Holder(case.module())
+        runtime = lorahot.inject(holder, ["layer"], max_rank=max_rank)
+        _load(runtime, holder, rank, seed=5, alpha_per_rank=1.0)
+        with torch.no_grad():
+            outs.append(holder(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+
+
+@given(case=cases(), data=st.data())
+def test_any_swap_sequence_equals_fresh_load(case: Case, data: st.DataObject) -> None:
+    max_rank = case.groups * data.draw(st.integers(1, 4))
+    ranks = _ranks(data.draw, case.groups, max_rank, data.draw(st.integers(2, 4)))
+    unload_before = data.draw(st.lists(st.booleans(), min_size=len(ranks), max_size=len(ranks)))
+    x = case.input()
+    holder = Holder(case.module())
+    runtime = lorahot.inject(holder, ["layer"], max_rank=max_rank)
+    for i, (rank, unload) in enumerate(zip(ranks, unload_before)):
+        if unload:
+            runtime.unload()
+        _load(runtime, holder, rank, seed=10 + i, alpha_per_rank=0.5)
+    fresh = Holder(case.module())
+    fresh_runtime = lorahot.inject(fresh, ["layer"], max_rank=max_rank)
+    _load(fresh_runtime, fresh, ranks[-1], seed=10 + len(ranks) - 1, alpha_per_rank=0.5)
+    with torch.no_grad():
+        assert torch.equal(holder(x), fresh(x))
+    for got, want in zip(_arena(runtime), _arena(fresh_runtime)):
+        assert torch.equal(got, want)
+
+
+@given(case=cases(), data=st.data())
+def test_eject_restores_bitwise(case: Case, data: st.DataObject) -> None:
+    max_rank = case.groups * data.draw(st.integers(1, 4))
+    (rank,) = _ranks(data.draw, case.groups, max_rank, 1)
+    x = case.input()
+    holder = Holder(case.module())
+    original = holder.layer
+    with torch.no_grad():
+        before = holder(x)
+    runtime = lorahot.inject(holder, ["layer"], max_rank=max_rank)
+    with torch.no_grad():
+        assert torch.equal(holder(x), before)
+    _load(runtime, holder, rank, seed=7, alpha_per_rank=2.0)
+    runtime.eject()
+    assert holder.layer is original
+    with torch.no_grad():
+        assert torch.equal(holder(x), before)
+
+
+def _arena(runtime: lorahot.LoraRuntime) -> list[torch.Tensor]:
+    return [t for arena in runtime._manager.arenas for t in (arena.A, arena.B, arena.S)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_layers_keep_dtype(dtype: torch.dtype) -> None:
+    holder = Holder(nn.Linear(12, 10).to(dtype))
+    runtime = lorahot.inject(holder, ["layer"], max_rank=4)
+    tensors, ab = make_adapter(holder, {"layer": 3}, seed=1)
+    runtime.load(tensors)
+    x = torch.randn(5, 12).to(dtype)
+    with torch.no_grad():
+        y = holder(x)
+    assert y.dtype == dtype
+    expected = reference(holder.layer.base_layer, x, *ab["layer"], 1.0)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
+
+
+def test_transformers_conv1d_is_wrapped_as_linear() -> None:
+    transformers = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    holder = Holder(transformers.Conv1D(10, 6).double())
+    with torch.no_grad():
+        holder.layer.bias.normal_()
+    base = Holder(transformers.Conv1D(10, 6).double())
+    base.load_state_dict(holder.state_dict())
+    runtime = lorahot.inject(holder, ["layer"], max_rank=4)
+    assert isinstance(holder.layer, lorahot.LoRALinear)
+    tensors, ab = make_adapter(holder, {"layer": 4}, seed=2, dtype=torch.float64)
+    assert ab["layer"][0].shape == (4, 6) and ab["layer"][1].shape == (10, 4)
+    runtime.load(tensors)
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = holder(x)
+    torch.testing.assert_close(y, reference(base.layer, x, *ab["layer"], 1.0), rtol=1e-10, atol=1e-12)
