@@ -1,0 +1,246 @@
+"""``lorahot.inject`` / ``lorahot.eject``: target selection, errors, and leaving the model as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+from tests.helpers import Conv1D, ScaledProj, make_adapter, model_reference, tiny_lm, token_ids
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _wrapped(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, lorahot.LoRALayer)]
+
+
+def _ids() -> torch.Tensor:
+    return token_ids((2, 5), 32)
+
+
+# -- targets --------------------------------------------------------------------------------
+
+
+def test_names_match_whole_trailing_components() -> None:
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj", "mlp.down_proj"], max_rank=4)
+    expected = ["layers.0.self_attn.q_proj", "layers.0.mlp.down_proj", "layers.1.self_attn.q_proj", "layers.1.mlp.down_proj"]
+    assert _wrapped(model) == expected
+    assert list(runtime.layers) == expected
+
+
+def test_name_must_match_a_whole_component() -> None:
+    with pytest.raises(ValueError, match=r"targets=\['proj'\] matched no module\. Some module names: embed_tokens, layers, layers\.0"):
+        lorahot.inject(tiny_lm(), ["proj"], max_rank=4)
+
+
+def test_name_matches_exact_top_level_module() -> None:
+    model = tiny_lm()
+    lorahot.inject(model, ["lm_head"], max_rank=4)
+    assert _wrapped(model) == ["lm_head"]
+
+
+def test_regex_is_a_full_match() -> None:
+    model = tiny_lm()
+    lorahot.inject(model, r"layers\.0\.self_attn\.[qv]_proj", max_rank=4)
+    assert _wrapped(model) == ["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj"]
+    with pytest.raises(ValueError, match=r"targets='q_proj' matched no module"):
+        lorahot.inject(tiny_lm(), "q_proj", max_rank=4)
+
+
+def test_invalid_regex_is_a_usage_error() -> None:
+    with pytest.raises(lorahot.UsageError, match=r"targets='\(q' is not a valid regex"):
+        lorahot.inject(tiny_lm(), "(q", max_rank=4)
+
+
+def test_all_linear_skips_lm_head() -> None:
+    model = tiny_lm()
+    lorahot.inject(model, "all-linear", max_rank=4)
+    linear = [n for n, m in tiny_lm().named_modules() if isinstance(m, nn.Linear)]
+    assert _wrapped(model) == [n for n in linear if n != "lm_head"]
+    assert "lm_head" in linear
+
+
+def test_all_linear_skips_the_output_embeddings_and_includes_conv1d() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_attn = Conv1D(12, 4)
+            self.emb = nn.Embedding(5, 4)
+            self.out = nn.Linear(12, 5)
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.out
+
+    model = Net()
+    lorahot.inject(model, "all-linear", max_rank=2)
+    assert _wrapped(model) == ["c_attn"]
+
+
+def test_callable_targets() -> None:
+    model = tiny_lm()
+    lorahot.inject(model, lambda name, m: isinstance(m, nn.Embedding) or name.endswith("up_proj"), max_rank=4)
+    assert _wrapped(model) == ["embed_tokens", "layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]
+
+
+def test_custom_linear_like_module_is_wrapped() -> None:
+    model = nn.Sequential(ScaledProj(6, 3))
+    lorahot.inject(model, ["0"], max_rank=2)
+    assert isinstance(model[0], lorahot.LoRALinear)
+
+
+def test_unsupported_type_names_path_and_type() -> None:
+    model = tiny_lm()
+    with pytest.raises(TypeError, match=r"layers\.0\.norm: cannot add LoRA to LayerNorm\. Supported: .* Narrow targets"):
+        lorahot.inject(model, ["norm", "q_proj"], max_rank=4)
+    assert _wrapped(model) == []
+
+
+def test_empty_or_bad_target_list_is_a_usage_error() -> None:
+    for bad in ([], [1, 2]):
+        with pytest.raises(lorahot.UsageError, match=r"targets must be a non-empty list of module names"):
+            lorahot.inject(tiny_lm(), bad, max_rank=4)
+
+
+def test_injecting_twice_is_refused() -> None:
+    model = tiny_lm()
+    lorahot.inject(model, ["q_proj"], max_rank=4)
+    with pytest.raises(TypeError, match=r"layers\.0\.self_attn\.q_proj: already a LoRALinear; call lorahot\.eject\(model\)"):
+        lorahot.inject(model, ["q_proj"], max_rank=4)
+
+
+def test_nested_matches_are_refused() -> None:
+    class Outer(ScaledProj):
+        def __init__(self) -> None:
+            super().__init__(4, 4)
+            self.inner = nn.Linear(4, 4)
+
+    model = nn.Sequential(Outer())
+    with pytest.raises(lorahot.UsageError, match=r"targets select both 0 and its submodule 0\.inner"):
+        lorahot.inject(model, lambda name, m: True, max_rank=2)
+    assert _wrapped(model) == []
+
+
+# -- the model is unchanged until an adapter is loaded ----------------------------------------
+
+
+def test_outputs_and_state_dict_unchanged_after_inject() -> None:
+    model, pristine = tiny_lm(), tiny_lm()
+    before = pristine.state_dict()
+    lorahot.inject(model, "all-linear", max_rank=8, slots=2)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model(_ids()), pristine(_ids()))
+
+
+def test_base_checkpoint_loads_strictly_into_injected_model() -> None:
+    model, other = tiny_lm(seed=0), tiny_lm(seed=1)
+    runtime = lorahot.inject(model, ATTN + ["embed_tokens"], max_rank=4)
+    tensors, ab = make_adapter(model, {"layers.1.self_attn.v_proj": 3, "embed_tokens": 2}, seed=4)
+    runtime.load(tensors)
+    result = model.load_state_dict(other.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        y = model(_ids())
+    expected = model_reference(other, _ids(), {n: (a, b, 1.0) for n, (a, b) in ab.items()})
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eject_restores_modules_and_bitwise_outputs() -> None:
+    model = tiny_lm()
+    originals = dict(model.named_modules())
+    with torch.no_grad():
+        before = model(_ids())
+    runtime = lorahot.inject(model, "all-linear", max_rank=4)
+    runtime.load(make_adapter(model, {"layers.0.self_attn.q_proj": 4}, seed=1)[0])
+    with torch.no_grad():
+        assert not torch.equal(model(_ids()), before)
+    assert lorahot.eject(model) is model
+    assert _wrapped(model) == []
+    assert all(m is originals[n] for n, m in model.named_modules())
+    with torch.no_grad():
+        assert torch.equal(model(_ids()), before)
+
+
+def test_runtime_eject_then_use_is_refused() -> None:
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+    runtime.eject()
+    assert _wrapped(model) == []
+    with pytest.raises(lorahot.UsageError, match=r"this runtime was ejected; call lorahot\.inject again"):
+        runtime.unload()
+
+
+# -- arguments ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.5, "8"])
+def test_bad_max_rank(bad: object) -> None:
+    model = tiny_lm()
+    with pytest.raises(lorahot.UsageError, match=rf"max_rank={bad!r} must be an integer >= 1"):
+        lorahot.inject(model, ["q_proj"], max_rank=bad)  # type: ignore[arg-type]
+    assert _wrapped(model) == []
+
+
+@pytest.mark.parametrize("bad", [0, False, 1.0])
+def test_bad_slots(bad: object) -> None:
+    with pytest.raises(lorahot.UsageError, match=rf"slots={bad!r} must be an integer >= 1"):
+        lorahot.inject(tiny_lm(), ["q_proj"], max_rank=4, slots=bad)  # type: ignore[arg-type]
+
+
+def test_max_rank_must_divide_by_conv_groups() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.Conv1d(6, 6, 3, groups=3))
+    with pytest.raises(lorahot.UsageError, match=r"1: conv with groups=3 needs max_rank divisible by 3; got 4"):
+        lorahot.inject(model, ["0", "1"], max_rank=4)
+    assert _wrapped(model) == []
+    lorahot.inject(model, ["0", "1"], max_rank=6)
+    assert _wrapped(model) == ["0", "1"]
+
+
+def test_dtype_option_sets_buffer_dtype() -> None:
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj", "embed_tokens"], max_rank=4, dtype=torch.float64)
+    for layer in runtime.layers.values():
+        assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64
+        assert layer.lora_scale.dtype == torch.float32
+    tensors, ab = make_adapter(model, {"layers.0.self_attn.q_proj": 2, "embed_tokens": 3}, seed=2)
+    runtime.load(tensors)
+    with torch.no_grad():
+        y = model(_ids())
+    assert y.dtype == torch.float32
+    expected = model_reference(tiny_lm(), _ids(), {n: (a, b, 1.0) for n, (a, b) in ab.items()})
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_default_dtype_follows_each_base_weight() -> None:
+    model = nn.Sequential(nn.Linear(4, 4).double(), nn.Linear(4, 4).to(torch.bfloat16))
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=2)
+    assert runtime.layers["0"].lora_A.dtype == torch.float64
+    assert runtime.layers["1"].lora_A.dtype == torch.bfloat16
+    assert len(runtime._manager.arenas) == 2
+
+
+@pytest.mark.parametrize("bad", [torch.int8, "float16"])
+def test_bad_dtype(bad: object) -> None:
+    with pytest.raises(lorahot.UsageError, match=r"dtype=.* must be a floating-point torch\.dtype"):
+        lorahot.inject(tiny_lm(), ["q_proj"], max_rank=4, dtype=bad)  # type: ignore[arg-type]
+
+
+def test_module_without_float_weights_needs_dtype() -> None:
+    class Stateless(nn.Module):
+        in_features, out_features = 3, 3
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    model = nn.Sequential(Stateless())
+    with pytest.raises(lorahot.UsageError, match=r"0: base weights are None, not floating point; pass dtype="):
+        lorahot.inject(model, ["0"], max_rank=2)
+    assert _wrapped(model) == []
+    runtime = lorahot.inject(model, ["0"], max_rank=2, dtype=torch.float32)
+    assert runtime.layers["0"].lora_A.shape == (2, 3)
