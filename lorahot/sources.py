@@ -6,7 +6,6 @@ Only safetensors is ever read; nothing is unpickled. What comes out is the raw t
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any, Union
 import torch
 
 from lorahot.errors import AdapterReadError, SourceNotFoundError
+from lorahot.safety import check_safetensors, read_json_file
 
 __all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_config"]
 
@@ -99,6 +99,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     """All tensors (on the CPU) and the header metadata of a safetensors file."""
     from safetensors import safe_open
 
+    check_safetensors(path)  # refuses damaged or hostile headers before anything is allocated
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -110,10 +111,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def read_config(path: Path) -> dict[str, Any]:
     """``adapter_config.json`` as a dict."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterReadError(f"{path}: malformed adapter config ({exc}). Fix or delete the file.") from None
+    config = read_json_file(path)  # size-capped; malformed JSON raises AdapterReadError
     if not isinstance(config, dict):
         raise AdapterReadError(f"{path}: the adapter config must be a JSON object, got {type(config).__name__}.")
     return config
