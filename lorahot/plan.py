@@ -71,11 +71,7 @@ def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
 
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:
     """Every problem with loading ``module`` into the layer ``name``; empty when it fits."""
-    a, b, keys = module.A, module.B, module.source_keys or (module.key,)
-    where = f"{name} ({', '.join(keys)})"
-    for t, which in ((a, "A"), (b, "B")):
-        if not t.is_floating_point():
-            return [f"{where}: {which} has dtype {t.dtype}; LoRA weights must be floating point"]
+    a, b, where = module.A, module.B, _where(name, module)
     rank = int(a.shape[0]) if a.ndim else 0
     if a.ndim != 1 + len(spec.a_row_shape) or rank == 0 or tuple(a.shape) != spec.a_shape(rank):
         expected = "(r, " + ", ".join(map(str, spec.a_row_shape)) + ")"
@@ -86,20 +82,45 @@ def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) 
         return [f"{where}: rank {rank} is not a multiple of the conv's groups={spec.groups}"]
     if tuple(b.shape) != spec.b_shape(rank):
         return [f"{where}: B has shape {tuple(b.shape)}, expected {spec.b_shape(rank)} for rank {rank} (A {tuple(a.shape)})"]
+    return []
+
+
+def check_values(name: str, module: LoraModule) -> list[str]:
+    """Problems with ``module``'s content that no model could accept: dtype and alpha."""
+    where = _where(name, module)
+    for t, which in ((module.A, "A"), (module.B, "B")):
+        if not t.is_floating_point():
+            return [f"{where}: {which} has dtype {t.dtype}; LoRA weights must be floating point"]
     if not (math.isfinite(module.alpha) and module.alpha > 0):
         return [f"{where}: alpha is {module.alpha}; it must be finite and > 0"]
     return []
+
+
+def _where(name: str, module: LoraModule) -> str:
+    return f"{name} ({', '.join(module.source_keys or (module.key,))})"
 
 
 def plan_load(adapter: Adapter, manager: BufferManager, specs: dict[str, LayerSpec]) -> LoadPlan:
     """Resolves, checks and packs ``adapter`` for the layers ``specs`` managed by ``manager``.
 
     Layers the adapter does not touch get zeros and scale 0.
+
+    Raises:
+        AdapterMismatchError: keys that map onto no injected layer (or onto one twice), or
+            shapes and ranks the layers cannot take.
+        AdapterReadError: values no model could take: non-float dtypes, alpha <= 0 or not
+            finite, NaN or Inf.
     """
     targets = resolve_keys(adapter, list(specs))
+    unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
+    if unreadable:
+        raise AdapterReadError(format_problems(f"{adapter.source}: values that cannot be LoRA weights:", unreadable) + "\nRe-save the adapter in float16/bfloat16/float32 with a positive alpha.")
     problems = [p for name, m in targets.items() for p in check_module(name, m, specs[name], manager.max_rank)]
     if problems:
-        raise AdapterMismatchError(format_problems(f"{adapter.source}: adapter does not fit the injected model:", problems))
+        raise AdapterMismatchError(
+            format_problems(f"{adapter.source}: adapter does not fit the injected model:", problems)
+            + "\nLoad an adapter trained for this model and these target modules, or inject with a larger max_rank."
+        )
     packs = [_pack(arena_idx, manager, targets) for arena_idx in range(len(manager.arenas))]
     _check_finite(packs, targets, adapter.source)
     return LoadPlan(packs, targets)
