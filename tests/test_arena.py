@@ -1,0 +1,136 @@
+"""The arena layout: fixed addresses, zero rows past each region's extent, aligned group slices."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import lorahot
+from lorahot.arena import Arena
+from tests.helpers import make_adapter
+
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 7)
+        self.conv = nn.Conv2d(4, 6, 3, groups=2)
+        self.emb = nn.Embedding(9, 3)
+        self.other = nn.Linear(7, 3).double()  # a second arena (float64)
+
+
+def _inject(slots: int, max_rank: int = 8) -> tuple[Net, lorahot.LoraRuntime]:
+    torch.manual_seed(0)
+    net = Net()
+    return net, lorahot.inject(net, ["lin", "conv", "emb", "other"], max_rank=max_rank, slots=slots)
+
+
+def _pointers(runtime: lorahot.LoraRuntime) -> list[int]:
+    arenas = [t.data_ptr() for a in runtime._manager.arenas for t in (a.A, a.B, a.S)]
+    layers = [t.data_ptr() for l in runtime.layers.values() for t in (l.lora_A, l.lora_B, l.lora_scale)]
+    return arenas + layers
+
+
+def _assert_zero_past_extent(runtime: lorahot.LoraRuntime) -> None:
+    for arena in runtime._manager.arenas:
+        for region in range(arena.regions):
+            assert not arena.A[region, arena.a_extent[region] :].any()
+            assert not arena.B[region, arena.b_extent[region] :].any()
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("load"), st.integers(0, 2), st.dictionaries(st.sampled_from(["lin", "conv", "emb", "other"]), st.integers(1, 4), min_size=1)),
+        st.tuples(st.just("activate"), st.integers(0, 2)),
+        st.tuples(st.just("unload"), st.one_of(st.none(), st.integers(0, 2))),
+        st.tuples(st.just("scale"), st.sampled_from([0.0, 0.5, 3.0])),
+    ),
+    max_size=8,
+)
+
+
+@given(ops=OPS)
+def test_addresses_fixed_and_rows_past_extent_zero(ops: list) -> None:
+    net, runtime = _inject(slots=3)
+    pointers = _pointers(runtime)
+    for seed, (op, *args) in enumerate(ops):
+        if op == "load":
+            slot, ranks = args
+            ranks = {n: 2 * r if n == "conv" else r for n, r in ranks.items()}  # conv groups=2
+            runtime.load(make_adapter(net, ranks, seed=seed)[0], slot=slot)
+        elif op == "activate":
+            runtime.activate(args[0])
+        elif op == "unload":
+            runtime.unload(args[0])
+        elif runtime.info() is not None:
+            runtime.set_scale(args[0])
+        assert _pointers(runtime) == pointers
+        _assert_zero_past_extent(runtime)
+    live = runtime._manager.live
+    for arena in runtime._manager.arenas:  # the live region is an exact copy of the active slot
+        for t in (arena.A, arena.B, arena.S):
+            assert torch.equal(t[live], t[runtime.active_slot])
+
+
+def test_layer_buffers_are_views_into_the_live_region() -> None:
+    net, runtime = _inject(slots=2)
+    manager = runtime._manager
+    assert manager.regions == 3 and manager.live == 2
+    for name, layer in runtime.layers.items():
+        arena = manager.arenas[manager.where[name][0]]
+        assert layer.lora_A.untyped_storage().data_ptr() == arena.A.untyped_storage().data_ptr()
+        assert layer.lora_B.untyped_storage().data_ptr() == arena.B.untyped_storage().data_ptr()
+        a_rows, _ = arena.rows(manager.where[name][1], manager.live)
+        assert layer.lora_A.data_ptr() == a_rows.data_ptr()
+        assert layer.lora_A.shape[0] == 8
+    assert runtime.layers["conv"].lora_A.shape == (8, 4, 3, 3)
+    assert runtime.layers["conv"].lora_B.shape == (6, 4, 1, 1)
+
+
+def test_columns_are_aligned_and_disjoint() -> None:
+    _, runtime = _inject(slots=1)
+    for arena in runtime._manager.arenas:
+        for offsets, dims, width in ((arena.a_off, [s.in_dim for s in arena.specs], arena.A.shape[2]),
+                                     (arena.b_off, [s.out_dim for s in arena.specs], arena.B.shape[2])):
+            assert all(o % 16 == 0 for o in offsets)
+            ends = [o + d for o, d in zip(offsets, dims)]
+            assert all(e <= o for e, o in zip(ends, offsets[1:]))
+            assert ends[-1] <= width and width % 16 == 0
+    assert [a.dtype for a in runtime._manager.arenas] == [torch.float32, torch.float64]
+
+
+def test_grouped_conv_rank_slices_are_aligned() -> None:
+    net, runtime = _inject(slots=1, max_rank=8)
+    tensors, ab = make_adapter(net, {"conv": 4}, seed=1)
+    runtime.load(tensors)
+    a, b = ab["conv"]  # [4, 4, 3, 3], [6, 2, 1, 1]
+    layer = runtime.layers["conv"]
+    # group j of the rank lives at rows [j * 8/2, j * 8/2 + 4/2)
+    assert torch.equal(layer.lora_A[0:2], a[0:2]) and torch.equal(layer.lora_A[4:6], a[2:4])
+    assert not layer.lora_A[2:4].any() and not layer.lora_A[6:8].any()
+    assert torch.equal(layer.lora_B[:, :2], b) and not layer.lora_B[:, 2:].any()
+    arena = runtime._manager.arenas[0]
+    assert arena.a_extent == [Arena.a_rows_for(arena.specs[1], 4, 8)] == [6]
+    assert arena.b_extent == [2]
+
+
+def test_extent_shrinks_and_stale_rows_are_zeroed() -> None:
+    net, runtime = _inject(slots=1)
+    runtime.load(make_adapter(net, {"lin": 8, "emb": 8}, seed=2)[0])
+    arena = runtime._manager.arenas[0]
+    assert arena.a_extent == [8] and arena.b_extent == [8]
+    runtime.load(make_adapter(net, {"lin": 3}, seed=3)[0])
+    assert arena.a_extent == [3] and arena.b_extent == [3]
+    assert not runtime.layers["emb"].lora_A.any() and not runtime.layers["lin"].lora_A[3:].any()
+    runtime.unload()
+    assert arena.a_extent == [0] and not arena.A.any() and not arena.B.any() and not arena.S.any()
+
+
+def test_nbytes_counts_every_region() -> None:
+    _, one = _inject(slots=1)
+    _, three = _inject(slots=3)
+    assert three.nbytes == 4 * one.nbytes
+    assert one.nbytes == sum(t.nbytes for a in one._manager.arenas for t in (a.A, a.B, a.S))
