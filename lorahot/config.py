@@ -31,7 +31,10 @@ class AdapterConfig:
         alpha_pattern: regex -> alpha overrides.
         use_rslora: scale by ``alpha / sqrt(r)``.
         use_dora: DoRA adapters are refused (not supported yet).
-        fan_in_fan_out: recorded only; lorahot reads A and B in PEFT's layout either way.
+        fan_in_fan_out: recorded only. PEFT saves A ``[r, in]`` and B ``[out, r]`` whatever
+            the base layout; lorahot's linear layer reads a ``Conv1D`` base the right way itself.
+        target_modules: the module names (or a regex) the adapter was trained on; used in
+            messages when modules do not map.
     """
 
     r: int | None = None
@@ -41,6 +44,7 @@ class AdapterConfig:
     use_rslora: bool = False
     use_dora: bool = False
     fan_in_fan_out: bool = False
+    target_modules: tuple[str, ...] | str | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, source: str = "<config>") -> AdapterConfig:
@@ -56,9 +60,10 @@ class AdapterConfig:
         for k, v in flags.items():
             if not isinstance(v, bool):
                 problems.append(f"{k} must be true or false, got {v!r}")
+        targets = _targets(raw.get("target_modules"), problems)
         if problems:
             raise AdapterReadError(f"{source}: invalid adapter config: " + "; ".join(problems) + ". Fix adapter_config.json.")
-        return cls(r, alpha, rank_pattern, alpha_pattern, **flags)
+        return cls(r, alpha, rank_pattern, alpha_pattern, **flags, target_modules=targets)
 
     def rank_for(self, module: str) -> int | None:
         """The rank the config declares for ``module``, or None if it declares none."""
@@ -69,6 +74,15 @@ class AdapterConfig:
         """The alpha the config declares for ``module``, or None if it declares none."""
         key = _pattern_key(self.alpha_pattern, module)
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+
+def _targets(v: Any, problems: list[str]) -> tuple[str, ...] | str | None:
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+        return tuple(v)
+    problems.append(f"target_modules must be a string or a list of strings, got {v!r}")
+    return None
 
 
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:

@@ -7,7 +7,6 @@ listing every problem, or returns host-side packs that the buffer manager copies
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from lorahot.adapter import Adapter, LoraModule
 from lorahot.arena import BufferManager, Pack
 from lorahot.errors import AdapterMismatchError, AdapterReadError, format_problems
 from lorahot.layers.base import LayerSpec
+from lorahot.resolve import resolve_keys
 
 __all__ = ["LoadPlan", "resolve_keys", "plan_load"]
 
@@ -32,41 +32,6 @@ class LoadPlan:
 
     packs: list[Pack]
     targets: dict[str, LoraModule]
-
-
-def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
-    """Maps each adapter module key to one injected layer name.
-
-    A key matches a layer whose name equals it, or failing that the one layer whose name ends
-    with ``"." + key`` or that the key ends with (``"." + name``).
-
-    Raises:
-        AdapterMismatchError: keys matching no layer (with the closest names), keys matching
-            several layers, or two keys landing on one layer.
-    """
-    exact = set(names)
-    out: dict[str, LoraModule] = {}
-    origin: dict[str, str] = {}
-    problems: list[str] = []
-    for key, module in adapter.modules.items():
-        hits = [key] if key in exact else [n for n in names if n.endswith("." + key) or key.endswith("." + n)]
-        if not hits:
-            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
-            hint = f" (closest: {', '.join(close)})" if close else ""
-            problems.append(f"{key}: matches no injected layer{hint}")
-        elif len(hits) > 1:
-            problems.append(f"{key}: ambiguous, matches {', '.join(hits[:5])}")
-        elif hits[0] in out:
-            problems.append(f"{key}: lands on {hits[0]}, which {origin[hits[0]]} already fills")
-        else:
-            out[hits[0]] = module
-            origin[hits[0]] = key
-    if problems:
-        raise AdapterMismatchError(
-            format_problems(f"{adapter.source}: adapter modules that do not map onto the injected layers:", problems)
-            + "\nInject those modules (targets=...), or load an adapter made for this model."
-        )
-    return out
 
 
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:

@@ -14,7 +14,8 @@ from typing import Any, Union
 
 import torch
 
-from lorahot.errors import AdapterReadError, SourceNotFoundError
+from lorahot.errors import AdapterReadError, SourceNotFoundError, UsageError
+from lorahot.hub import check_relative, fetch
 from lorahot.safety import check_safetensors, read_json_file
 
 __all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_config"]
@@ -37,26 +38,59 @@ class RawAdapter:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def open_source(source: Source, *, weight_name: str | None = None) -> RawAdapter:
+def open_source(
+    source: Source,
+    *,
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> RawAdapter:
     """Reads ``source`` into a :class:`RawAdapter`.
 
     Args:
-        source: a mapping of tensors, a directory holding an adapter, or a ``.safetensors``
-            file (an ``adapter_config.json`` beside it is read too).
-        weight_name: the file to read inside a directory, if not one of the usual names.
+        source: a mapping of tensors, a directory holding an adapter, a ``.safetensors``
+            file (an ``adapter_config.json`` beside it is read too), or a Hub repo id.
+        weight_name: the file to read inside a directory or repo, if not a usual name.
+        subfolder: a folder inside the directory or repo holding the adapter.
+        revision: Hub branch, tag or commit (Hub sources only).
+        token: Hub token (Hub sources only; default: huggingface_hub's own).
 
     Raises:
-        SourceNotFoundError: the path does not exist or the directory holds no adapter.
+        SourceNotFoundError: the path or repo does not exist, or holds no adapter.
         AdapterReadError: the file is a pickle checkpoint, or damaged.
+        UsageError: a malformed repo id, or ``subfolder``/``weight_name`` leaving the source.
     """
+    weight_name = check_relative(weight_name, "weight_name")
+    subfolder = check_relative(subfolder, "subfolder")
     if isinstance(source, Mapping):
         return _from_mapping(source)
-    path = Path(os.fspath(source))
+    if not isinstance(source, (str, os.PathLike)):
+        raise UsageError(f"source={source!r} must be a path, a Hub repo id, a mapping of tensors or a lorahot.Adapter.")
+    text = os.fspath(source)
+    path = Path(text)
+    if path.exists():
+        return _from_path(path / subfolder if subfolder else path, weight_name)
+    if _looks_local(text):
+        raise SourceNotFoundError(f"{path}: no such file or directory. Pass an adapter directory, a .safetensors file, a Hub repo id or a mapping of tensors.")
+    fetched = fetch(text, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name)
+    raw = _from_path(fetched, None)
+    inside = "/".join(p for p in (subfolder, Path(raw.source).name) if p)
+    raw.source = f"{text}{'@' + revision if revision else ''}/{inside}"
+    return raw
+
+
+def _looks_local(text: str) -> bool:
+    """True for strings that can only mean a local path (not a repo id)."""
+    return text.startswith(("/", ".", "~")) or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES)) or os.sep + os.sep in text
+
+
+def _from_path(path: Path, weight_name: str | None) -> RawAdapter:
     if path.is_dir():
         return _from_file(_weight_file(path, weight_name))
     if path.is_file():
         return _from_file(path)
-    raise SourceNotFoundError(f"{path}: no such file or directory. Pass an adapter directory, a .safetensors file or a mapping of tensors.")
+    raise SourceNotFoundError(f"{path}: no such file or directory. Check subfolder= and the path.")
 
 
 def _from_mapping(source: Mapping[str, Any]) -> RawAdapter:

@@ -1,13 +1,25 @@
-"""Adapter namings lorahot reads, one module per format, tried in the order of :data:`FORMATS`."""
+"""Adapter namings lorahot reads, one declarative :class:`KeyFormat` per naming.
+
+Detection tries :data:`FORMATS` in order and takes the first whose table accounts for every
+key; more specific namings (required prefixes, distinct roles) come before PEFT's.
+"""
 
 from __future__ import annotations
 
-from types import ModuleType
+from lorahot.formats import comfyui, diffusers, kohya, peft
+from lorahot.formats.table import KeyFormat, Rule, group_keys
 
-from lorahot.formats import peft
+__all__ = ["FORMATS", "KeyFormat", "Rule", "detect", "format_named", "group_keys"]
 
-__all__ = ["FORMATS", "peft"]
+#: Every known naming, in detection order.
+FORMATS: tuple[KeyFormat, ...] = (kohya.FORMAT, comfyui.FORMAT, diffusers.FORMAT, diffusers.OLD_FORMAT, peft.FORMAT)
 
-#: Every known format module. Each provides ``NAME``, ``detect(keys)`` and
-#: ``build_modules(tensors, config, source)``.
-FORMATS: tuple[ModuleType, ...] = (peft,)
+
+def detect(keys: list[str]) -> KeyFormat | None:
+    """The first format in :data:`FORMATS` that accounts for every key, or None."""
+    return next((f for f in FORMATS if f.detect(keys)), None)
+
+
+def format_named(name: str) -> KeyFormat:
+    """The format called ``name``; PEFT's for names lorahot does not know (user-built adapters)."""
+    return next((f for f in FORMATS if f.name == name), peft.FORMAT)

@@ -1,0 +1,25 @@
+"""ComfyUI namings: ``diffusion_model.<module>`` with ``.lora_A``/``.lora_B`` or
+``.lora.down``/``.lora.up`` (and ``.alpha``). SD/SDXL files use the original LDM block names
+(``input_blocks.4.1...``), which the resolver maps to diffusers block names.
+"""
+
+from __future__ import annotations
+
+from lorahot.formats.table import REFUSED, KeyFormat, Rule
+
+__all__ = ["FORMAT"]
+
+FORMAT = KeyFormat(
+    name="comfyui",
+    rules=(
+        Rule(r"(?P<module>.+)\.lora_A(?:\.[^.]+)?\.weight", "A"),
+        Rule(r"(?P<module>.+)\.lora_B(?:\.[^.]+)?\.weight", "B"),
+        Rule(r"(?P<module>.+)\.lora\.down\.weight", "A"),
+        Rule(r"(?P<module>.+)\.lora\.up\.weight", "B"),
+        Rule(r"(?P<module>.+)\.alpha", "alpha"),
+    ),
+    prefixes=("diffusion_model.", "model.diffusion_model."),
+    require_prefix=True,
+    refuse=REFUSED,
+    example="diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight",
+)

@@ -1,0 +1,56 @@
+"""diffusers namings: the current one (PEFT roles under a pipeline component prefix) and the
+older ones (``.lora.down``/``.lora.up``, ``to_q_lora.down``, ``lora_linear_layer.down``).
+
+Both may carry network alphas as ``<module>.alpha`` scalars, and the current one a
+``lora_adapter_metadata`` entry in the safetensors header (PEFT config fields per component,
+``"unet.r"``, ``"unet.lora_alpha"``, ...).
+"""
+
+from __future__ import annotations
+
+from lorahot.formats.table import REFUSED, KeyFormat, Rule
+
+__all__ = ["FORMAT", "OLD_FORMAT", "COMPONENTS", "METADATA_KEY"]
+
+#: Pipeline components diffusers puts in front of module paths.
+COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "prior.", "controlnet.")
+#: The safetensors header entry holding PEFT config fields per component.
+METADATA_KEY = "lora_adapter_metadata"
+
+_ALPHA = Rule(r"(?P<module>.+)\.alpha", "alpha")
+
+FORMAT = KeyFormat(
+    name="diffusers",
+    rules=(
+        Rule(r"(?P<module>.+)\.lora_A(?:\.[^.]+)?\.weight", "A"),
+        Rule(r"(?P<module>.+)\.lora_B(?:\.[^.]+)?\.weight", "B"),
+        _ALPHA,
+    ),
+    prefixes=COMPONENTS,
+    require_prefix=True,
+    refuse=REFUSED,
+    example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
+)
+
+OLD_FORMAT = KeyFormat(
+    name="diffusers-old",
+    rules=(
+        Rule(r"(?P<module>.+)\.(?:lora|lora_linear_layer)\.down\.weight", "A"),
+        Rule(r"(?P<module>.+)\.(?:lora|lora_linear_layer)\.up\.weight", "B"),
+        Rule(r"(?P<module>.+_lora)\.down\.weight", "A"),  # attn processors: to_q_lora.down
+        Rule(r"(?P<module>.+_lora)\.up\.weight", "B"),
+        Rule(r"(?P<module>.+)\.lora_A\.weight", "A"),  # converters leave non-attention keys so
+        Rule(r"(?P<module>.+)\.lora_B\.weight", "B"),
+        _ALPHA,
+    ),
+    prefixes=COMPONENTS,
+    renames=(
+        (r"\.processor(?=\.)", ""),  # attn1.processor.to_q_lora -> attn1.to_q
+        (r"\.to_out_lora$", ".to_out.0"),
+        (r"\.(to_q|to_k|to_v)_lora$", r".\1"),
+    ),
+    refuse=REFUSED,
+    marker=r"(\.lora\.(down|up)|_lora\.(down|up)|\.lora_linear_layer\.)",
+    aliases=((r"\.to_q$", ".q_proj"), (r"\.to_k$", ".k_proj"), (r"\.to_v$", ".v_proj"), (r"\.to_out\.0$", ".out_proj")),
+    example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight",
+)

@@ -1,0 +1,30 @@
+"""kohya / sd-scripts naming: ``lora_unet_<module with _ for .>.lora_down.weight``.
+
+``lora_down`` is A, ``lora_up`` is B (for LoCon the conv kernel is in ``lora_down`` and
+``lora_up`` is 1x1), and ``<name>.alpha`` is the module's alpha; without it alpha equals the
+rank. Module names are the model's names with every ``.`` turned into ``_``; the resolver
+finds them by building the underscore form of each injected layer's name.
+"""
+
+from __future__ import annotations
+
+from lorahot.formats.table import REFUSED, KeyFormat, Rule
+
+__all__ = ["FORMAT", "COMPONENTS"]
+
+#: kohya's component prefixes (``lora_te_`` is SD1's single text encoder).
+COMPONENTS = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
+
+FORMAT = KeyFormat(
+    name="kohya",
+    rules=(
+        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_down\.weight", "A"),
+        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_up\.weight", "B"),
+        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.alpha", "alpha"),
+    ),
+    prefixes=COMPONENTS,
+    require_prefix=True,
+    separator="_",
+    refuse=REFUSED,
+    example="lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+)

@@ -1,0 +1,139 @@
+"""Matching an adapter's module keys to the injected layers, through the model's own names.
+
+For each key, in order:
+
+1. the key itself, then the key without a known component prefix (``base_model.model.``,
+   ``unet.``, ``diffusion_model.``, ...): a layer of exactly that name;
+2. the format's aliases of those (``to_q`` -> ``q_proj``), exactly;
+3. a layer whose name ends with ``"." + key`` or the key ends with ``"." + name``;
+4. the underscore form: every injected layer's name with ``.`` -> ``_`` (kohya names, and
+   LDM block names mapped to diffusers ones), exactly or as a ``_``-suffix.
+
+The first step with any hit decides; more than one hit is an error listing the candidates.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from lorahot.adapter import Adapter, LoraModule
+from lorahot.errors import AdapterMismatchError, format_problems
+from lorahot.formats import FORMATS, KeyFormat, format_named
+from lorahot.formats import ldm
+
+__all__ = ["resolve_keys"]
+
+#: Every component prefix any format knows, longest first.
+_PREFIXES = tuple(sorted({p for f in FORMATS for p in f.prefixes}, key=len, reverse=True))
+
+
+class _Names:
+    """The injected layer names, indexed for the lookups above."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.exact = set(names)
+        self.underscore: dict[str, list[str]] = {}
+        for n in names:
+            self.underscore.setdefault(n.replace(".", "_"), []).append(n)
+        self.per_block = ldm.layers_per_block(names)
+
+    def dotted(self, key: str) -> list[str]:
+        return [n for n in self.names if n.endswith("." + key) or key.endswith("." + n)]
+
+    def by_underscore(self, key: str) -> list[str]:
+        u = key.replace(".", "_")
+        forms = [u]
+        if ldm.LDM_MARKER.match(u):
+            mapped = ldm.to_diffusers(u, self.per_block)
+            forms = [mapped] if mapped else forms
+        for form in forms:
+            if form in self.underscore:
+                return self.underscore[form]
+            hits = [n for f, ns in self.underscore.items() if f.endswith("_" + form) for n in ns]
+            if hits:
+                return hits
+        return []
+
+
+def _candidates(key: str, fmt: KeyFormat) -> list[str]:
+    """``key`` and ``key`` without each component prefix it starts with."""
+    out = [key]
+    for prefix in (*fmt.prefixes, *_PREFIXES):
+        if key.startswith(prefix) and key[len(prefix):] not in out:
+            out.append(key[len(prefix):])
+    return out
+
+
+def _lookup(key: str, fmt: KeyFormat, names: _Names) -> list[str]:
+    cands = _candidates(key, fmt)
+    aliased = [re.sub(p, r, c) for c in cands for p, r in fmt.aliases if re.search(p, c)]
+    steps = (
+        lambda: [c for c in cands if c in names.exact][:1],
+        lambda: [c for c in aliased if c in names.exact][:1],
+        lambda: _first(names.dotted(c) for c in cands[1:] + cands[:1]),
+        lambda: _first(names.by_underscore(c) for c in cands[1:] + cands[:1]),
+    )
+    for step in steps:
+        hits = step()
+        if hits:
+            return sorted(set(hits))
+    return []
+
+
+def _first(groups) -> list[str]:  # type: ignore[no-untyped-def]
+    return next((g for g in groups if g), [])
+
+
+def _closest(key: str, fmt: KeyFormat, names: _Names) -> list[str]:
+    """Up to three injected names nearest to ``key`` (compared in the format's own spelling)."""
+    probe = _candidates(key, fmt)[-1]
+    if fmt.separator == ".":
+        return difflib.get_close_matches(probe, names.names, n=3, cutoff=0.4)
+    close = difflib.get_close_matches(probe, list(names.underscore), n=3, cutoff=0.4)
+    return [names.underscore[c][0] for c in close]
+
+
+def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
+    """Maps each adapter module key to one injected layer name (see the module docstring).
+
+    Args:
+        adapter: the normalized adapter; its ``format`` picks the prefixes and aliases.
+        names: the injected layers' qualified names in the model.
+
+    Returns:
+        injected layer name -> the module loaded into it.
+
+    Raises:
+        AdapterMismatchError: keys matching no layer (each with the closest layer names),
+            keys matching several layers (with the candidates), or two keys on one layer.
+    """
+    fmt = format_named(adapter.format)
+    index = _Names(names)
+    out: dict[str, LoraModule] = {}
+    origin: dict[str, str] = {}
+    problems: list[str] = []
+    for key, module in adapter.modules.items():
+        hits = _lookup(key, fmt, index)
+        if not hits:
+            close = _closest(key, fmt, index)
+            problems.append(f"{key}: matches no injected layer" + (f" (closest: {', '.join(close)})" if close else ""))
+        elif len(hits) > 1:
+            problems.append(f"{key}: ambiguous, matches {', '.join(hits[:6])}; pass key_map={{{key!r}: '<layer name>'}}")
+        elif hits[0] in out:
+            problems.append(f"{key}: lands on {hits[0]}, which {origin[hits[0]]} already fills")
+        else:
+            out[hits[0]], origin[hits[0]] = module, key
+    if problems:
+        raise AdapterMismatchError(
+            format_problems(f"{adapter.source}: adapter modules ({adapter.format} naming) that do not map onto the injected layers:", problems)
+            + "\n" + _fix_hint(adapter)
+        )
+    return out
+
+
+def _fix_hint(adapter: Adapter) -> str:
+    targets = adapter.config.get("target_modules")
+    inject = f"inject those modules (the adapter was trained on target_modules={targets!r})" if targets else "inject those modules (targets=...)"
+    return f"Fix: {inject}, pass prefix=/key_map= to lorahot.read_adapter or runtime.load, or load an adapter made for this model."
