@@ -111,7 +111,9 @@ class LoraRuntime:
                 (with the same read options) is taken from the host cache.
             slot: which slot to fill.
             scale: a multiplier on every module's ``alpha / r``.
-            read_kwargs: passed to :func:`lorahot.read_adapter` (``weight_name``, ``config``).
+            read_kwargs: passed to :func:`lorahot.read_adapter`: ``revision``, ``subfolder``,
+                ``token``, ``weight_name`` (where to read), ``config`` (PEFT config fields),
+                ``prefix``, ``key_map`` and ``fuse`` (how module keys map onto the layers).
 
         Returns:
             What the slot now holds.
