@@ -110,7 +110,7 @@ def dense_delta(module: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     if isinstance(module, nn.modules.conv._ConvNd):
         conv = type(module)(
             module.in_channels, module.out_channels, module.kernel_size, stride=module.stride, padding=module.padding,
-            dilation=module.dilation, groups=1, bias=False, padding_mode=module.padding_mode, dtype=torch.float64,
+            dilation=module.dilation, groups=1, bias=False, padding_mode=module.padding_mode, dtype=torch.float64, device=x.device,
         )
         with torch.no_grad():
             conv.weight.copy_(dw)

@@ -1,0 +1,240 @@
+"""The compile contract: after one compiled call, no runtime operation ever recompiles.
+
+A tiny model with Embedding, grouped Conv2d and Linear targets is compiled once (CPU inductor,
+with and without ``fullgraph``), then drives a random sequence of load / activate / unload /
+set_scale under ``error_on_recompile=True``, checking each output against an eager float64
+dense reference. Negative controls show the test would catch the mistakes lorahot avoids.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lorahot
+from tests.helpers import make_adapter, model_reference, tiny_convnet, tiny_lm, token_ids
+
+MAX_RANK = 4
+NAMES = ("embed", "conv", "proj")
+GROUPS = {"embed": 1, "conv": 2, "proj": 1}
+IDS = token_ids((2, 5, 5), 16, seed=2)
+
+_LOAD = st.tuples(
+    st.just("load"),
+    st.integers(0, 1),  # slot
+    st.dictionaries(st.sampled_from(NAMES), st.integers(1, MAX_RANK), min_size=1),  # ranks, any subset
+    st.sampled_from([0.5, 1.0, 3.0, 16.0]),  # alpha
+)
+_OPS = st.lists(
+    st.one_of(
+        _LOAD,
+        st.tuples(st.just("activate"), st.integers(0, 1)),
+        st.tuples(st.just("unload"), st.one_of(st.none(), st.integers(0, 1))),
+        st.tuples(st.just("scale"), st.sampled_from([0.0, 0.25, 2.0])),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+class _Mirror:
+    """What each slot should hold, tracked independently of lorahot, and its dense reference."""
+
+    def __init__(self) -> None:
+        self.slots: list[dict | None] = [None, None]
+        self.mult = [1.0, 1.0]
+        self.active = 0
+
+    def apply(self, runtime: lorahot.LoraRuntime, model: nn.Module, op: tuple, seed: int) -> None:
+        kind, *args = op
+        if kind == "load":
+            slot, ranks, alpha = args
+            ranks = {n: GROUPS[n] * min(r, MAX_RANK // GROUPS[n]) for n, r in ranks.items()}
+            tensors, ab = make_adapter(model, ranks, seed=seed)
+            runtime.load(tensors, slot=slot, config={"lora_alpha": alpha})
+            self.slots[slot] = {n: (a, b, alpha / ranks[n]) for n, (a, b) in ab.items()}
+            self.mult[slot] = 1.0
+        elif kind == "activate":
+            runtime.activate(args[0])
+            self.active = args[0]
+        elif kind == "unload":
+            runtime.unload(args[0])
+            for s in range(2) if args[0] is None else [args[0]]:
+                self.slots[s] = None
+        elif self.slots[self.active] is not None:
+            runtime.set_scale(args[0])
+            self.mult[self.active] = args[0]
+
+    def expected(self) -> torch.Tensor:
+        held, mult = self.slots[self.active] or {}, self.mult[self.active]
+        return model_reference(tiny_convnet(), IDS, {n: (a, b, s * mult) for n, (a, b, s) in held.items()})
+
+
+def _call(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_no_op_sequence_recompiles(fullgraph: bool) -> None:
+    model = tiny_convnet()
+    runtime = lorahot.inject(model, list(NAMES), max_rank=MAX_RANK, slots=2)
+    compiled = torch.compile(model, fullgraph=fullgraph)
+    mirror = _Mirror()
+    torch.testing.assert_close(_call(compiled).double(), mirror.expected(), rtol=1e-4, atol=1e-5)  # compiles, no adapter
+
+    @settings(max_examples=12, suppress_health_check=list(HealthCheck))
+    @given(ops=_OPS)
+    def run(ops: list[tuple]) -> None:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for seed, op in enumerate(ops):
+                mirror.apply(runtime, model, op, seed)
+                torch.testing.assert_close(_call(compiled).double(), mirror.expected(), rtol=1e-4, atol=1e-5)
+
+    run()
+
+
+def test_compiled_after_load_swaps_across_ranks_without_recompiling() -> None:
+    model = tiny_lm()
+    targets = ["q_proj", "v_proj", "embed_tokens"]
+    runtime = lorahot.inject(model, targets, max_rank=8)
+    names = list(runtime.layers)
+    ids = token_ids((2, 6), 32, seed=1)
+    runtime.load(make_adapter(model, {n: 8 for n in names}, seed=0)[0])
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        compiled(ids)
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for seed, rank in enumerate([1, 8, 3, 5]):
+            ranks = {n: rank for n in names[seed % 2 :: 2]}
+            tensors, ab = make_adapter(model, ranks, seed=10 + seed)
+            runtime.load(tensors, config={"lora_alpha": 2 * rank}, scale=0.5)
+            expected = model_reference(tiny_lm(), ids, {n: (a, b, 1.0) for n, (a, b) in ab.items()})
+            torch.testing.assert_close(compiled(ids).double(), expected, rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 1
+
+
+# -- negative controls: what lorahot avoids does recompile ------------------------------------
+
+
+class _FloatScaleLoRA(nn.Module):
+    """A naive LoRA linear whose scale is a Python float read in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(6, 6)
+        self.A = nn.Parameter(torch.randn(2, 6))
+        self.B = nn.Parameter(torch.randn(6, 2))
+        self.scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * (x @ self.A.t() @ self.B.t())
+
+
+def test_negative_control_python_float_scale_recompiles() -> None:
+    model = _FloatScaleLoRA()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(3, 6)
+    compiled(x)
+    model.scale = 0.5
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with pytest.raises(torch._dynamo.exc.RecompileError):
+            compiled(x)
+    compiled(x)
+    assert counter.frame_count == 2
+
+
+def test_negative_control_rebinding_a_different_rank_buffer_recompiles() -> None:
+    model = nn.Sequential(nn.Linear(6, 6))
+    runtime = lorahot.inject(model, ["0"], max_rank=4)
+    layer = runtime.layers["0"]
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(3, 6)
+    compiled(x)
+    layer.register_buffer("lora_A", torch.zeros(2, 6), persistent=False)  # what lorahot never does
+    layer.register_buffer("lora_B", torch.zeros(2, 6), persistent=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with pytest.raises(torch._dynamo.exc.RecompileError):
+            compiled(x)
+    compiled(x)
+    assert counter.frame_count == 2
+
+
+def test_positive_control_same_counter_sees_no_recompile_for_lorahot_swaps() -> None:
+    model = nn.Sequential(nn.Linear(6, 6))
+    runtime = lorahot.inject(model, ["0"], max_rank=4)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(3, 6)
+    compiled(x)
+    for rank in (1, 4, 2):
+        runtime.load(make_adapter(model, {"0": rank}, seed=rank)[0], scale=rank / 3)
+        runtime.set_scale(0.0 if rank == 2 else 1.0)
+        compiled(x)
+    runtime.unload()
+    compiled(x)
+    assert counter.frame_count == 1
+
+
+# -- GPU: CUDA graphs and bf16 ----------------------------------------------------------------
+
+
+def _gpu_model(dtype: torch.dtype, slots: int) -> tuple[nn.Module, lorahot.LoraRuntime]:
+    model = tiny_convnet().to("cuda", dtype)
+    return model, lorahot.inject(model, list(NAMES), max_rank=MAX_RANK, slots=slots)
+
+
+def _gpu_expected(ab: dict, scale: float = 1.0) -> torch.Tensor:
+    ids = IDS.cuda()
+    return model_reference(tiny_convnet().cuda(), ids, {n: (a.cuda(), b.cuda(), scale) for n, (a, b) in ab.items()})
+
+
+@pytest.mark.gpu
+def test_gpu_reduce_overhead_cudagraphs_swap_and_activate() -> None:
+    model, runtime = _gpu_model(torch.float32, slots=3)
+    adapters = [make_adapter(model, ranks, seed=i) for i, ranks in enumerate(({"conv": 4}, {"proj": 1, "embed": 4}, {"embed": 2, "conv": 2, "proj": 3}))]
+    ids = IDS.cuda()
+    with torch._inductor.config.patch("triton.cudagraph_support_input_mutation", False):
+        compiled = torch.compile(model, mode="reduce-overhead")
+        for _ in range(3):  # warm up and record the graph
+            _call_on(compiled, ids)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for slot, (tensors, _) in enumerate(adapters):
+                runtime.load(tensors, slot=slot)
+            for slot in (0, 2, 1, 2, 0):
+                runtime.activate(slot)
+                torch.testing.assert_close(_call_on(compiled, ids).double(), _gpu_expected(adapters[slot][1]), rtol=1e-3, atol=1e-3)
+            runtime.set_scale(0.5)
+            torch.testing.assert_close(_call_on(compiled, ids).double(), _gpu_expected(adapters[0][1], 0.5), rtol=1e-3, atol=1e-3)
+            runtime.load(adapters[1][0])  # into the active slot
+            torch.testing.assert_close(_call_on(compiled, ids).double(), _gpu_expected(adapters[1][1]), rtol=1e-3, atol=1e-3)
+            runtime.unload()
+            torch.testing.assert_close(_call_on(compiled, ids).double(), _gpu_expected({}), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_default_mode_bf16() -> None:
+    model, runtime = _gpu_model(torch.bfloat16, slots=1)
+    ids = IDS.cuda()
+    compiled = torch.compile(model)
+    _call_on(compiled, ids)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed, ranks in enumerate(({"conv": 2}, {"proj": 4, "embed": 1}, {"embed": 4, "conv": 4, "proj": 2})):
+            tensors, ab = make_adapter(model, ranks, seed=seed)
+            runtime.load(tensors)
+            y = _call_on(compiled, ids)
+            assert y.dtype == torch.bfloat16
+            expected = model_reference(tiny_convnet().cuda(), ids, {n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()})
+            torch.testing.assert_close(y.double(), expected, rtol=5e-2, atol=5e-2)
+
+
+def _call_on(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).clone()
