@@ -77,15 +77,15 @@ def plan_load(adapter: Adapter, manager: BufferManager, specs: dict[str, LayerSp
             finite, NaN or Inf.
     """
     targets = resolve_keys(adapter, list(specs))
-    unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
-    if unreadable:
-        raise AdapterReadError(format_problems(f"{adapter.source}: values that cannot be LoRA weights:", unreadable) + "\nRe-save the adapter in float16/bfloat16/float32 with a positive alpha.")
     problems = [p for name, m in targets.items() for p in check_module(name, m, specs[name], manager.max_rank)]
     if problems:
         raise AdapterMismatchError(
             format_problems(f"{adapter.source}: adapter does not fit the injected model:", problems)
             + "\nLoad an adapter trained for this model and these target modules, or inject with a larger max_rank."
         )
+    unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
+    if unreadable:
+        raise AdapterReadError(format_problems(f"{adapter.source}: values that cannot be LoRA weights:", unreadable) + "\nRe-save the adapter in float16/bfloat16/float32 with a positive alpha.")
     packs = [_pack(arena_idx, manager, targets) for arena_idx in range(len(manager.arenas))]
     _check_finite(packs, targets, adapter.source)
     return LoadPlan(packs, targets)
