@@ -13,7 +13,7 @@ from lorahot.errors import UsageError
 from lorahot.layers import LoRALayer, layer_class_for
 from lorahot.layers.linear import linear_features
 
-__all__ = ["Targets", "match_targets", "wrap_modules", "eject"]
+__all__ = ["Targets", "match_targets", "wrap_modules", "unwrap_modules", "eject"]
 
 #: What ``inject`` accepts as targets: names (PEFT ``target_modules`` semantics), a regex
 #: (full match on the qualified name), ``"all-linear"``, or ``(name, module) -> bool``.
@@ -69,10 +69,12 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
         sample = [n for n, _ in model.named_modules() if n][:12]
         raise ValueError(f"targets={targets!r} matched no module. Some module names: {', '.join(sample)}.")
     modules = dict(model.named_modules())
+    wrapped = [w for w, m in modules.items() if isinstance(m, LoRALayer)]
     for n in names:
         m = modules[n]
-        if isinstance(m, LoRALayer):
-            raise TypeError(f"{n}: already a {type(m).__name__}; call lorahot.eject(model) before injecting again.")
+        owner = next((w for w in wrapped if n == w or n.startswith(w + ".")), None)  # its base_layer too
+        if owner is not None:
+            raise TypeError(f"{owner}: already a {type(modules[owner]).__name__}; call lorahot.eject(model) before injecting again.")
         if layer_class_for(m) is None:
             raise TypeError(f"{n}: cannot add LoRA to {type(m).__name__}. Supported: Linear-like (in_features/out_features, Conv1D), Conv1d/2d/3d, Embedding. Narrow targets to exclude it.")
     nested = [(p, c) for p in names for c in names if c.startswith(p + ".")]
@@ -99,15 +101,19 @@ def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
     return layers
 
 
+def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> None:
+    """Puts each wrapper's base module back in its place; the inverse of :func:`wrap_modules`."""
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer.base_layer)
+
+
 def eject(model: nn.Module) -> nn.Module:
     """Puts every original module back in place of its LoRA wrapper; returns ``model``.
 
     The base weights were never modified, so the model computes bitwise what it did before
     ``inject``. A runtime attached to the model must not be used afterwards.
     """
-    for name in [n for n, m in model.named_modules() if isinstance(m, LoRALayer)]:
-        layer = model.get_submodule(name)
-        _set_submodule(model, name, layer.base_layer)
+    unwrap_modules(model, {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)})
     return model
 
 

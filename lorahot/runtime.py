@@ -20,7 +20,7 @@ from lorahot.adapter import Adapter
 from lorahot.arena import BufferManager
 from lorahot.cache import AdapterCache, PreparedAdapter
 from lorahot.errors import UsageError
-from lorahot.inject import Targets, eject, layer_placement, match_targets, wrap_modules
+from lorahot.inject import Targets, layer_placement, match_targets, unwrap_modules, wrap_modules
 from lorahot.layers import LoRALayer
 from lorahot.loader import read_adapter
 from lorahot.plan import plan_load
@@ -189,9 +189,12 @@ class LoraRuntime:
         self._infos[s] = AdapterInfo(info.source, info.format, s, value, info.ranks, info.nbytes)
 
     def eject(self) -> nn.Module:
-        """Puts the original modules back (see :func:`lorahot.eject`); the runtime is done."""
+        """Puts back the original modules this runtime wrapped; the runtime is done.
+
+        Layers injected by another runtime on the same model stay in place.
+        """
         self._check_usable()
-        eject(self.model)
+        unwrap_modules(self.model, self.layers)
         self._ejected = True
         return self.model
 
@@ -277,5 +280,5 @@ def inject(
             specs[name] = (layer.spec, *layer_placement(layer, dtype, name))
         return LoraRuntime(model, layers, BufferManager(specs, max_rank, slots), cache_bytes)
     except BaseException:
-        eject(model)
+        unwrap_modules(model, layers)
         raise

@@ -111,6 +111,52 @@ def test_injecting_twice_is_refused() -> None:
         lorahot.inject(model, ["q_proj"], max_rank=4)
 
 
+@pytest.mark.parametrize("targets", ["all-linear", lambda name, m: isinstance(m, nn.Linear)], ids=["all-linear", "callable"])
+def test_injecting_twice_never_wraps_a_base_layer(targets: object) -> None:
+    model = tiny_lm()
+    lorahot.inject(model, ["q_proj"], max_rank=4)
+    with pytest.raises(TypeError, match=r"layers\.0\.self_attn\.q_proj: already a LoRALinear; call lorahot\.eject\(model\)"):
+        lorahot.inject(model, targets, max_rank=4)  # type: ignore[arg-type]
+    assert _wrapped(model) == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]
+
+
+def test_second_runtime_on_other_targets() -> None:
+    model = tiny_lm()
+    first = lorahot.inject(model, ["q_proj"], max_rank=4)
+    second = lorahot.inject(model, ["v_proj"], max_rank=2)
+    tensors, ab = make_adapter(model, {"layers.0.self_attn.q_proj": 4}, seed=1)
+    first.load(tensors)
+    tensors2, ab2 = make_adapter(model, {"layers.1.self_attn.v_proj": 2}, seed=2)
+    second.load(tensors2)
+    with torch.no_grad():
+        y = model(_ids())
+    expected = model_reference(tiny_lm(), _ids(), {n: (a, b, 1.0) for n, (a, b) in (ab | ab2).items()})
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_failed_inject_leaves_earlier_layers_in_place() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.Conv1d(6, 6, 3, groups=3))
+    first = lorahot.inject(model, ["0"], max_rank=4)
+    with pytest.raises(lorahot.UsageError, match=r"1: conv with groups=3 needs max_rank divisible by 3"):
+        lorahot.inject(model, ["1"], max_rank=4)
+    assert _wrapped(model) == ["0"] and model[0] is first.layers["0"]
+
+
+def test_runtime_eject_removes_only_its_own_layers() -> None:
+    model = tiny_lm()
+    first = lorahot.inject(model, ["q_proj"], max_rank=4)
+    second = lorahot.inject(model, ["v_proj"], max_rank=4)
+    second.eject()
+    assert _wrapped(model) == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]
+    first.load(make_adapter(model, {"layers.1.self_attn.q_proj": 2}, seed=3)[0])
+    with torch.no_grad():
+        assert not torch.equal(model(_ids()), tiny_lm()(_ids()))
+    first.eject()
+    assert _wrapped(model) == []
+    with torch.no_grad():
+        assert torch.equal(model(_ids()), tiny_lm()(_ids()))
+
+
 def test_nested_matches_are_refused() -> None:
     class Outer(ScaledProj):
         def __init__(self) -> None:
