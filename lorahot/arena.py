@@ -102,27 +102,47 @@ class Arena:
         b = torch.zeros(b_rows, self.B.shape[2], dtype=self.dtype, pin_memory=pin)
         return Pack(a, b, torch.zeros(len(self.specs), dtype=torch.float64))
 
-    def place(self, pack: Pack, layer: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Writes one layer's file-layout ``A [r, *a_row]``, ``B [out, r/g, *1]`` into ``pack``.
-
-        Group ``j`` of the rank goes to rows ``[j*R/g, j*R/g + r/g)`` of A, so the padded
-        layer computes the same grouped product as the unpadded one.
-        """
-        spec = self.specs[layer]
-        g, rank = spec.groups, a.shape[0]
-        per, cap = rank // g, self.rank // g
-        a2 = a.reshape(rank, spec.in_dim)
-        a_cols = slice(self.a_off[layer], self.a_off[layer] + spec.in_dim)
-        for j in range(g):
-            pack.a[j * cap : j * cap + per, a_cols] = a2[j * per : (j + 1) * per]
-        b_cols = slice(self.b_off[layer], self.b_off[layer] + spec.out_dim)
-        pack.b[:per, b_cols] = b.reshape(spec.out_dim, per).t()
-
     @staticmethod
     def a_rows_for(spec: LayerSpec, rank: int, max_rank: int) -> int:
         """Rows of A a rank-``rank`` adapter occupies in a layer of ``spec``."""
         g = spec.groups
         return rank if g == 1 or rank == 0 else (g - 1) * (max_rank // g) + rank // g
+
+    def extents(self, ranks: dict[int, int]) -> tuple[int, int]:
+        """Rows of A and of B^T that layers ``{index: rank}`` occupy together."""
+        a = max((self.a_rows_for(self.specs[i], r, self.rank) for i, r in ranks.items()), default=0)
+        b = max((r // self.specs[i].groups for i, r in ranks.items()), default=0)
+        return a, b
+
+    def views(self, rows_a: torch.Tensor, rows_b: torch.Tensor, layer: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a rank-``rank`` adapter of ``layer`` goes inside row buffers of this layout.
+
+        ``rows_a`` / ``rows_b`` are a region (``A[region]``, ``B[region]``) or a pack. Returns
+        ``[groups, r/groups, in_dim]`` (group ``j`` starting at row ``j * R/groups``, so every
+        group's slice stays aligned when the rank is padded) and ``[r/groups, out_dim]``.
+        """
+        spec = self.specs[layer]
+        per, cap, width = rank // spec.groups, self.rank // spec.groups, rows_a.stride(0)
+        a = rows_a.as_strided((spec.groups, per, spec.in_dim), (cap * width, width, 1), rows_a.storage_offset() + self.a_off[layer])
+        b = rows_b[:per, self.b_off[layer] : self.b_off[layer] + spec.out_dim]
+        return a, b
+
+    def sources(self, layer: int, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """File-layout ``A [r, *a_row]``, ``B [out, r/g, *1]`` as the shapes :meth:`views` takes."""
+        spec = self.specs[layer]
+        per = A.shape[0] // spec.groups
+        return A.reshape(spec.groups, per, spec.in_dim), B.reshape(spec.out_dim, per).t()
+
+    def pack(self, entries: list[tuple[int, torch.Tensor, torch.Tensor]], *, pin: bool) -> Pack:
+        """Packs ``(layer, A, B)`` triples into host rows, ready for one copy per buffer."""
+        a_rows, b_rows = self.extents({i: a.shape[0] for i, a, _ in entries})
+        pack = self.empty_pack(a_rows, b_rows, pin=pin)
+        for i, a, b in entries:
+            dst_a, dst_b = self.views(pack.a, pack.b, i, a.shape[0])
+            src_a, src_b = self.sources(i, a, b)
+            dst_a.copy_(src_a)
+            dst_b.copy_(src_b)
+        return pack
 
     def write(self, region: int, pack: Pack, multiplier: float) -> None:
         """Copies ``pack`` into ``region`` in place and zeroes what the old content left."""
@@ -132,6 +152,28 @@ class Arena:
             self.S[region].copy_(pack.scales * multiplier)
         self.a_extent[region] = pack.a.shape[0]
         self.b_extent[region] = pack.b.shape[0]
+
+    def write_staged(self, region: int, entries: list[tuple[int, torch.Tensor, torch.Tensor]], scales: torch.Tensor, multiplier: float) -> None:
+        """Writes ``(layer, A, B)`` triples (already on this device) straight into ``region``.
+
+        Zeroes the rows either the old or the new content uses, then copies every layer in
+        one batched call; the caller has validated everything before.
+        """
+        a_rows, b_rows = self.extents({i: a.shape[0] for i, a, _ in entries})
+        dsts, srcs = [], []
+        for i, a, b in entries:
+            dst_a, dst_b = self.views(self.A[region], self.B[region], i, a.shape[0])
+            src_a, src_b = self.sources(i, a, b)
+            dsts += [dst_a, dst_b]
+            srcs += [src_a, src_b]
+        with torch.no_grad():
+            for t, n in ((self.A, max(a_rows, self.a_extent[region])), (self.B, max(b_rows, self.b_extent[region]))):
+                if n:
+                    t[region, :n].zero_()
+            if dsts:
+                torch._foreach_copy_(dsts, srcs)
+            self.S[region].copy_(scales * multiplier)
+        self.a_extent[region], self.b_extent[region] = a_rows, b_rows
 
     @staticmethod
     def _write_rows(dst: torch.Tensor, rows: torch.Tensor, old_extent: int) -> None:
@@ -202,6 +244,13 @@ class BufferManager:
         """Copies one pack per arena into ``slot``, and into the live region if ``live``."""
         for arena, pack in zip(self.arenas, packs):
             arena.write(slot, pack, multiplier)
+            if live and slot != self.live:
+                arena.copy_region(slot, self.live)
+
+    def write_staged(self, slot: int, staged: list[list[tuple[int, torch.Tensor, torch.Tensor]]], scales: list[torch.Tensor], multiplier: float, *, live: bool) -> None:
+        """Writes staged ``(layer, A, B)`` triples, one list per arena, into ``slot``."""
+        for arena, entries, s in zip(self.arenas, staged, scales):
+            arena.write_staged(slot, entries, s, multiplier)
             if live and slot != self.live:
                 arena.copy_region(slot, self.live)
 

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from lorahot.adapter import Adapter
+from lorahot.arena import Pack
 from lorahot.plan import LoadPlan
 
 __all__ = ["PreparedAdapter", "AdapterCache"]
@@ -28,12 +29,13 @@ class PreparedAdapter:
     key: str
     adapter: Adapter
     plan: LoadPlan
+    packs: list[Pack]  # one per arena, in host (pinned on GPU) memory
     owner: object  # the buffer manager the plan was made for
 
     @property
     def nbytes(self) -> int:
         """Host bytes the packed adapter occupies."""
-        return sum(p.nbytes for p in self.plan.packs)
+        return sum(p.nbytes for p in self.packs)
 
 
 class AdapterCache:

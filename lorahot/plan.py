@@ -1,8 +1,10 @@
-"""Planning a load: map an adapter onto the injected layers, check everything, pack it.
+"""Planning a load: map an adapter onto the injected layers, check everything, stage it.
 
-Nothing here touches the model. :func:`plan_load` either raises a
-:class:`~lorahot.errors.AdapterMismatchError` / :class:`~lorahot.errors.AdapterReadError`
-listing every problem, or returns host-side packs that the buffer manager copies in.
+Nothing here touches the model. :func:`plan_load` checks keys, shapes, ranks and alphas and
+either raises listing every problem or returns a :class:`LoadPlan`. :func:`stage` then moves
+the tensors to the arenas' devices and checks their values (NaN/Inf) there, and
+:func:`pack_host` packs them into host rows for the cache. Only after all of that does the
+buffer manager write.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ class LoadPlan:
     """Everything a load writes, computed before anything is written.
 
     Attributes:
-        packs: one per arena, in the buffer manager's order.
         targets: injected layer name -> the adapter module loaded into it.
+        entries: per arena (the buffer manager's order), ``(layer index, module)`` pairs.
+        scales: per arena, float64 ``[n_layers]``: each layer's ``alpha / r`` (0 if untouched).
+        source: where the adapter came from, for messages.
     """
 
-    packs: list[Pack]
     targets: dict[str, LoraModule]
+    entries: list[list[tuple[int, LoraModule]]]
+    scales: list[torch.Tensor]
+    source: str
 
 
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:
@@ -86,26 +92,59 @@ def plan_load(adapter: Adapter, manager: BufferManager, specs: dict[str, LayerSp
     unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
     if unreadable:
         raise AdapterReadError(format_problems(f"{adapter.source}: values that cannot be LoRA weights:", unreadable) + "\nRe-save the adapter in float16/bfloat16/float32 with a positive alpha.")
-    packs = [_pack(arena_idx, manager, targets) for arena_idx in range(len(manager.arenas))]
-    _check_finite(packs, targets, adapter.source)
-    return LoadPlan(packs, targets)
+    entries: list[list[tuple[int, LoraModule]]] = [[] for _ in manager.arenas]
+    scales = [torch.zeros(len(a.specs), dtype=torch.float64) for a in manager.arenas]
+    for name, m in targets.items():
+        arena, index = manager.where[name]
+        entries[arena].append((index, m))
+        scales[arena][index] = m.scale
+    return LoadPlan(targets, entries, scales, adapter.source)
 
 
-def _pack(arena_idx: int, manager: BufferManager, targets: dict[str, LoraModule]) -> Pack:
-    arena = manager.arenas[arena_idx]
-    mine = [(manager.where[n][1], m) for n, m in targets.items() if manager.where[n][0] == arena_idx]
-    a_rows = max((arena.a_rows_for(arena.specs[i], m.rank, arena.rank) for i, m in mine), default=0)
-    b_rows = max((m.rank // arena.specs[i].groups for i, m in mine), default=0)
-    pack = arena.empty_pack(a_rows, b_rows, pin=arena.device.type == "cuda")
-    for i, m in mine:
-        arena.place(pack, i, m.A.to(arena.dtype), m.B.to(arena.dtype))
-        pack.scales[i] = m.scale
-    return pack
+Staged = list[list[tuple[int, torch.Tensor, torch.Tensor]]]
 
 
-def _check_finite(packs: list[Pack], targets: dict[str, LoraModule], source: str) -> None:
-    if all(bool(torch.isfinite(p.a).all()) and bool(torch.isfinite(p.b).all()) for p in packs):
-        return
-    bad = [n for n, m in targets.items() if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all())]
-    bad = bad or ["(values overflow the model's dtype)"]
-    raise AdapterReadError(format_problems(f"{source}: NaN or Inf in LoRA weights of:", bad) + "\nThe adapter is corrupt; re-train or re-download it.")
+def stage(plan: LoadPlan, manager: BufferManager) -> Staged:
+    """Moves every A and B to its arena's device and checks the values there.
+
+    Returns per arena ``(layer index, A, B)`` triples ready for ``BufferManager.write_staged``.
+
+    Raises:
+        AdapterReadError: NaN or Inf in any weight (nothing has been written).
+    """
+    staged = [
+        [(i, m.A.to(arena.device), m.B.to(arena.device)) for i, m in entries]
+        for arena, entries in zip(manager.arenas, plan.entries)
+    ]
+    for arena, entries in zip(manager.arenas, staged):
+        tensors = [t for _, a, b in entries for t in (a, b)]
+        if tensors and not _fits(torch.stack(torch._foreach_norm(tensors, float("inf"))), arena.dtype):
+            _raise_not_finite(plan)
+    return staged
+
+
+def _fits(max_abs: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when every value is finite and representable in ``dtype`` (NaN compares False)."""
+    return bool((max_abs.double() <= torch.finfo(dtype).max).all())
+
+
+def pack_host(plan: LoadPlan, manager: BufferManager) -> list[Pack]:
+    """Packs the plan into host rows per arena (pinned for GPU arenas) and checks the values.
+
+    Raises:
+        AdapterReadError: NaN or Inf in any weight, or values that overflow the arena dtype.
+    """
+    packs = []
+    for arena, entries, scales in zip(manager.arenas, plan.entries, plan.scales):
+        pack = arena.pack([(i, m.A, m.B) for i, m in entries], pin=arena.device.type == "cuda")
+        pack.scales.copy_(scales)
+        packs.append(pack)
+    if not all(bool(torch.isfinite(p.a).all()) and bool(torch.isfinite(p.b).all()) for p in packs):
+        _raise_not_finite(plan)  # in the arena dtype: overflow shows as Inf too
+    return packs
+
+
+def _raise_not_finite(plan: LoadPlan) -> None:
+    bad = [n for n, m in plan.targets.items() if not (bool(torch.isfinite(m.A).all()) and bool(torch.isfinite(m.B).all()))]
+    bad = bad or ["(values too large for the model's dtype)"]
+    raise AdapterReadError(format_problems(f"{plan.source}: NaN or Inf in LoRA weights of:", bad) + "\nThe adapter is corrupt; re-train or re-download it.")

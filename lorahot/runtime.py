@@ -23,7 +23,7 @@ from lorahot.errors import UsageError
 from lorahot.inject import Targets, layer_placement, match_targets, unwrap_modules, wrap_modules
 from lorahot.layers import LoRALayer
 from lorahot.loader import read_adapter
-from lorahot.plan import plan_load
+from lorahot.plan import pack_host, plan_load, stage
 from lorahot.sources import Source
 
 __all__ = ["AdapterInfo", "LoraRuntime", "inject"]
@@ -63,7 +63,7 @@ class LoraRuntime:
         self._manager = manager
         self._active = 0
         self._infos: list[AdapterInfo | None] = [None] * manager.slots
-        self._base_scales: list[list[torch.Tensor] | None] = [None] * manager.slots
+        self._base_scales: list[list[torch.Tensor] | None] = [None] * manager.slots  # per arena
         self._ejected = False
         for name, layer in layers.items():
             layer.bind(*self._live_views(name, layer))
@@ -123,10 +123,16 @@ class LoraRuntime:
         """
         self._check_usable(every_layer=True)
         slot, scale = self._slot(slot), _finite(scale, "scale")
-        prepared = self._prepared(source, read_kwargs)
-        adapter, plan = prepared.adapter, prepared.plan
-        self._manager.write(slot, plan.packs, scale, live=slot == self._active)
-        self._base_scales[slot] = [p.scales for p in plan.packs]
+        live = slot == self._active
+        prepared = self._cached(source, read_kwargs)
+        if prepared is not None:
+            adapter, plan = prepared.adapter, prepared.plan
+            self._manager.write(slot, prepared.packs, scale, live=live)
+        else:
+            adapter = read_adapter(source, **read_kwargs)  # type: ignore[arg-type]
+            plan = plan_load(adapter, self._manager, self._specs)
+            self._manager.write_staged(slot, stage(plan, self._manager), plan.scales, scale, live=live)
+        self._base_scales[slot] = plan.scales
         info = AdapterInfo(adapter.source, adapter.format, slot, scale, {n: m.rank for n, m in plan.targets.items()}, adapter.nbytes)
         self._infos[slot] = info
         return info
@@ -134,14 +140,15 @@ class LoraRuntime:
     def preload(self, source: Source | Adapter, *, key: str | None = None, **read_kwargs: Any) -> PreparedAdapter:
         """Reads, checks and packs an adapter into the host cache without touching the model.
 
-        A later ``load(source)`` (same path, or ``key``) or ``load(prepared)`` then only copies.
-        Safe to call from any thread. Raises what :meth:`load` raises.
+        A later ``load(source)`` (same path and read options, or ``key``) or
+        ``load(prepared)`` then only copies: one host-to-device copy per buffer. Safe to call
+        from any thread. Raises what :meth:`load` raises.
         """
         self._check_usable()
         cache_key = key if key is not None else _cache_key(source, read_kwargs) or f"<object {id(source)}>"
         adapter = read_adapter(source, **read_kwargs)
         plan = plan_load(adapter, self._manager, self._specs)
-        prepared = PreparedAdapter(cache_key, adapter, plan, self._manager)
+        prepared = PreparedAdapter(cache_key, adapter, plan, pack_host(plan, self._manager), self._manager)
         self.cache.put(prepared)
         return prepared
 
@@ -151,17 +158,14 @@ class LoraRuntime:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahot-prefetch")
         return self._executor.submit(self.preload, source, key=key, **read_kwargs)
 
-    def _prepared(self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any]) -> PreparedAdapter:
+    def _cached(self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any]) -> PreparedAdapter | None:
+        """The prepared form of ``source`` if it is one or the cache holds it, else None."""
         if isinstance(source, PreparedAdapter):
             if source.owner is not self._manager:
                 raise UsageError("this PreparedAdapter was made for another runtime; preload it on this one.")
             return source
         cache_key = _cache_key(source, read_kwargs)
-        hit = self.cache.get(cache_key) if cache_key is not None else None
-        if hit is not None:
-            return hit
-        adapter = read_adapter(source, **read_kwargs)
-        return PreparedAdapter(cache_key or "<uncached>", adapter, plan_load(adapter, self._manager, self._specs), self._manager)
+        return self.cache.get(cache_key) if cache_key is not None else None
 
     def activate(self, slot: int) -> None:
         """Makes the model compute with ``slot`` (an empty slot means no adapter)."""

@@ -80,10 +80,12 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        return y + self.lora_delta(x).to(y.dtype)
+        # The scale multiplies B(A(x)) next to the add, where the compiler fuses both into one
+        # elementwise pass (usually into the consumer of y as well): no extra kernel per layer.
+        return y + (self.lora_delta(x) * self.lora_scale).to(y.dtype)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``scale * B(A(x))``, with the shape of ``base_layer(x)``."""
+        """``B(A(x))`` without the scale, with the shape of ``base_layer(x)``."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:

@@ -65,4 +65,4 @@ class LoRAConv(LoRALayer):
         if self._pad_mode is not None:
             x = F.pad(x, self._pad, mode=self._pad_mode)
         h = self._conv(x, self.lora_A, None, self._stride, self._padding, self._dilation, 1)
-        return self._conv(h * self.lora_scale, self.lora_B, None, 1, 0, 1, self._groups)
+        return self._conv(h, self.lora_B, None, 1, 0, 1, self._groups)

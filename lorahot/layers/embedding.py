@@ -37,4 +37,4 @@ class LoRAEmbedding(LoRALayer):
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         h = F.embedding(x, self.lora_A.t())  # (..., R)
-        return torch.matmul(h * self.lora_scale, self.lora_B)  # (..., dim)
+        return torch.matmul(h, self.lora_B)  # (..., dim)

@@ -51,4 +51,4 @@ class LoRALinear(LoRALayer):
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.matmul(x.to(self.lora_A.dtype), self.lora_A.t())  # (..., R)
-        return torch.matmul(h * self.lora_scale, self.lora_B)  # (..., out)
+        return torch.matmul(h, self.lora_B)  # (..., out)
