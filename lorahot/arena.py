@@ -7,7 +7,7 @@ tensors, region-major (a region is a slot, plus one live region when there are s
   columns ``[a_off[l], a_off[l] + in_dim[l])``; its live ``lora_A`` is the view
   ``A[live, :, a_off:a_off + in_dim]``.
 - ``B [regions, R, b_width]``: B transposed, laid out the same way.
-- ``S [regions, n_layers]`` (float32): each layer's scale.
+- ``S [regions, n_layers]`` (float32, or float64 for float64 layers): each layer's scale.
 
 Because a rank-``r`` adapter uses only rows ``< r`` of A and B, the whole adapter occupies a
 contiguous prefix of each region: a swap is a handful of large copies, and zeroing what the
@@ -68,7 +68,8 @@ class Arena:
         with torch.inference_mode(False), torch.no_grad():
             self.A = torch.zeros(regions, max_rank, a_width, device=device, dtype=dtype)
             self.B = torch.zeros(regions, max_rank, b_width, device=device, dtype=dtype)
-            self.S = torch.zeros(regions, len(specs), device=device, dtype=torch.float32)
+            # float32 scales (float64 for float64 layers): finer than the weights they scale
+            self.S = torch.zeros(regions, len(specs), device=device, dtype=torch.promote_types(dtype, torch.float32))
         self.a_extent = [0] * regions  # rows of A in use; rows past it are zero
         self.b_extent = [0] * regions
 
@@ -93,7 +94,7 @@ class Arena:
         return a, b
 
     def scale(self, layer: int, region: int) -> torch.Tensor:
-        """0-d float32 view of one layer's scale in ``region``."""
+        """0-d view of one layer's scale in ``region``."""
         return self.S[region, layer]
 
     def empty_pack(self, a_rows: int, b_rows: int, *, pin: bool = False) -> Pack:

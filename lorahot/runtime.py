@@ -23,6 +23,7 @@ from lorahot.errors import UsageError
 from lorahot.inject import Targets, layer_placement, match_targets, unwrap_modules, wrap_modules
 from lorahot.layers import LoRALayer
 from lorahot.loader import read_adapter
+from lorahot.merge import Merger, check_mergeable
 from lorahot.plan import pack_host, plan_load, stage
 from lorahot.sources import Source
 
@@ -57,7 +58,7 @@ class LoraRuntime:
     active slot. All methods run on a compiled model without recompiling.
     """
 
-    def __init__(self, model: nn.Module, layers: dict[str, LoRALayer], manager: BufferManager, cache_bytes: int = 2 << 30) -> None:
+    def __init__(self, model: nn.Module, layers: dict[str, LoRALayer], manager: BufferManager, cache_bytes: int = 2 << 30, merged: bool = False) -> None:
         self.model = model
         self.layers = layers
         self._manager = manager
@@ -70,6 +71,9 @@ class LoraRuntime:
         self._ptrs = {name: layer.lora_A.data_ptr() for name, layer in layers.items()}
         self._specs = {name: layer.spec for name, layer in layers.items()}
         self.cache = AdapterCache(cache_bytes)
+        self._merger = Merger(layers, manager) if merged else None
+        for layer in layers.values():
+            layer.merged = merged
         self._executor: ThreadPoolExecutor | None = None
 
     def _live_views(self, name: str, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,6 +139,7 @@ class LoraRuntime:
         self._base_scales[slot] = plan.scales
         info = AdapterInfo(adapter.source, adapter.format, slot, scale, {n: m.rank for n, m in plan.targets.items()}, adapter.nbytes)
         self._infos[slot] = info
+        self._remerge(slot)
         return info
 
     def preload(self, source: Source | Adapter, *, key: str | None = None, **read_kwargs: Any) -> PreparedAdapter:
@@ -172,6 +177,7 @@ class LoraRuntime:
         self._check_usable()
         self._manager.activate(self._slot(slot))
         self._active = slot
+        self._remerge(slot)
 
     def unload(self, slot: int | None = None) -> None:
         """Empties ``slot``, or every slot if None. An emptied active slot means no adapter."""
@@ -180,6 +186,7 @@ class LoraRuntime:
             self._manager.clear(s, live=s == self._active)
             self._infos[s] = None
             self._base_scales[s] = None
+            self._remerge(s)
 
     def set_scale(self, value: float, slot: int | None = None) -> None:
         """Sets the user multiplier of ``slot`` (default: the active slot). 0 disables it."""
@@ -191,6 +198,7 @@ class LoraRuntime:
             raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
         self._manager.set_scales(s, [b * value for b in base], live=s == self._active)
         self._infos[s] = AdapterInfo(info.source, info.format, s, value, info.ranks, info.nbytes)
+        self._remerge(s)
 
     def eject(self) -> nn.Module:
         """Puts back the original modules this runtime wrapped; the runtime is done.
@@ -201,6 +209,13 @@ class LoraRuntime:
         unwrap_modules(self.model, self.layers)
         self._ejected = True
         return self.model
+
+    def _remerge(self, slot: int) -> None:
+        """In merged mode, rewrites the base weights after ``slot`` changed, if it is live."""
+        if self._merger is None or slot != self._active:
+            return
+        base, info = self._base_scales[slot], self._infos[slot]
+        self._merger.apply(None if base is None else [b * (info.scale if info else 1.0) for b in base])
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -247,6 +262,7 @@ def inject(
     slots: int = 1,
     dtype: torch.dtype | None = None,
     cache_bytes: int = 2 << 30,
+    merged: bool = False,
 ) -> LoraRuntime:
     """Wraps the targeted modules of ``model`` in LoRA layers and allocates their buffers.
 
@@ -259,6 +275,8 @@ def inject(
         slots: how many adapters to keep resident at once.
         dtype: dtype of the LoRA buffers (default: each base weight's dtype).
         cache_bytes: budget of the host cache of preloaded adapters.
+        merged: fold each adapter into the base weights (forward at base speed; swaps
+            rewrite the targeted weights from a pristine copy). See :mod:`lorahot.merge`.
 
     Returns:
         The runtime that loads and swaps adapters. Right after inject the model's outputs
@@ -281,8 +299,10 @@ def inject(
         for name, layer in layers.items():
             if max_rank % layer.spec.groups:
                 raise UsageError(f"{name}: conv with groups={layer.spec.groups} needs max_rank divisible by {layer.spec.groups}; got {max_rank}.")
+            if merged:
+                check_mergeable(name, layer, dtype)
             specs[name] = (layer.spec, *layer_placement(layer, dtype, name))
-        return LoraRuntime(model, layers, BufferManager(specs, max_rank, slots), cache_bytes)
+        return LoraRuntime(model, layers, BufferManager(specs, max_rank, slots), cache_bytes, merged)
     except BaseException:
         unwrap_modules(model, layers)
         raise

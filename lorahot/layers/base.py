@@ -65,6 +65,10 @@ class LoRALayer(nn.Module):
     lora_B: torch.Tensor
     lora_scale: torch.Tensor
 
+    #: Set once at inject time in merged mode (the adapter lives in the base weights then);
+    #: never changed afterwards, so the compiler sees a constant.
+    merged: bool = False
+
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -80,6 +84,8 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return y
         # The scale multiplies B(A(x)) next to the add, where the compiler fuses both into one
         # elementwise pass (usually into the consumer of y as well): no extra kernel per layer.
         return y + (self.lora_delta(x) * self.lora_scale).to(y.dtype)

@@ -29,7 +29,7 @@ class LoRAConv(LoRALayer):
     """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``.
 
     Buffers (views into the arena): ``lora_A [R, in, *kernel]``,
-    ``lora_B [out, R / groups, 1, ...]`` and ``lora_scale`` (0-d float32).
+    ``lora_B [out, R / groups, 1, ...]`` and ``lora_scale`` (0-d; float32, float64 for float64 layers).
     """
 
     kind = "conv"

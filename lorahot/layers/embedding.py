@@ -19,7 +19,7 @@ class LoRAEmbedding(LoRALayer):
     """LoRA on ``nn.Embedding``.
 
     Buffers (views into the arena): ``lora_A [R, num_embeddings]``, ``lora_B [R, dim]``
-    (B stored transposed) and ``lora_scale`` (0-d float32).
+    (B stored transposed) and ``lora_scale`` (0-d; float32, float64 for float64 layers).
     """
 
     kind = "embedding"

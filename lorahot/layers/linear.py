@@ -32,7 +32,7 @@ class LoRALinear(LoRALayer):
     """``base(x) + scale * (x @ A.T) @ B.T`` on a linear-like ``base_layer``.
 
     Buffers (views into the arena): ``lora_A [R, in]``, ``lora_B [R, out]`` (B stored
-    transposed, so a rank prefix is contiguous), ``lora_scale`` a 0-d float32 tensor.
+    transposed, so a rank prefix is contiguous), ``lora_scale`` a 0-d tensor (float32; float64 for float64 layers).
     """
 
     kind = "linear"
