@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
-from lorahot.errors import SourceNotFoundError, UsageError
+from lorahot.errors import SourceNotFoundError
 
 __all__ = ["is_repo_id", "check_relative", "fetch"]
 
@@ -27,15 +27,15 @@ def check_relative(value: str | None, what: str) -> str | None:
     """``value`` as a clean relative POSIX path, or None.
 
     Raises:
-        UsageError: ``value`` is absolute, climbs out with ``..``, or uses backslashes.
+        SourceNotFoundError: ``value`` is absolute, climbs out with ``..``, or uses backslashes.
     """
     if value is None:
         return None
     if not isinstance(value, str) or not value or "\\" in value or "\x00" in value:
-        raise UsageError(f"{what}={value!r} must be a non-empty relative path with '/' separators.")
+        raise SourceNotFoundError(f"{what}={value!r} must be a non-empty relative path with '/' separators.")
     path = PurePosixPath(value)
     if path.is_absolute() or any(part in ("..", "") for part in value.split("/")) or re.match(r"^[A-Za-z]:", value):
-        raise UsageError(f"{what}={value!r} must stay inside the adapter directory or repo (no absolute paths, no '..').")
+        raise SourceNotFoundError(f"{what}={value!r} must stay inside the adapter directory or repo (no absolute paths, no '..').")
     return str(path)
 
 
@@ -43,12 +43,11 @@ def fetch(repo_id: str, *, revision: str | None, subfolder: str | None, token: s
     """Downloads (or finds in the cache) what the adapter needs; returns a file or directory.
 
     Raises:
-        UsageError: a malformed repo id.
-        SourceNotFoundError: the repo, revision or file does not exist, or is not cached
+        SourceNotFoundError: a malformed repo id; the repo, revision or file does not exist, or is not cached
             while offline.
     """
     if not is_repo_id(repo_id):
-        raise UsageError(f"{repo_id!r} is neither an existing path nor a valid Hub repo id ('owner/name'). Check the spelling.")
+        raise SourceNotFoundError(f"{repo_id!r} is neither an existing path nor a valid Hub repo id ('owner/name'). Check the spelling.")
     from huggingface_hub import hf_hub_download, snapshot_download
 
     where = f"{repo_id}" + (f"@{revision}" if revision else "")

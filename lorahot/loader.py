@@ -124,31 +124,36 @@ def _header_configs(raw: RawAdapter) -> dict[str, dict[str, Any]]:
     return split
 
 
-def _config_for(module: str, fmt: KeyFormat, configs: dict[str, AdapterConfig]) -> tuple[AdapterConfig, str]:
-    """The config governing ``module`` and the name PEFT's patterns are matched against."""
+def _config_for(module: str, fmt: KeyFormat, configs: dict[str, AdapterConfig]) -> tuple[AdapterConfig, str, str]:
+    """The config governing ``module``, the name PEFT's patterns are matched against, and
+    where that config came from (for messages)."""
     component = next((c for c in configs if c and module.startswith(c)), "")
-    return configs[component], fmt.strip_prefix(module)
+    origin = f"{METADATA_KEY} ({component[:-1]})" if component else "adapter_config.json"
+    return configs[component], fmt.strip_prefix(module), origin
 
 
 def _assemble(parts: Parts, fmt: KeyFormat, configs: dict[str, AdapterConfig], source: str) -> dict[str, LoraModule]:
-    modules, problems = {}, []
+    modules, problems, damaged = {}, [], []
     for module, roles in parts.items():
         if "A" not in roles or "B" not in roles:
-            have = ", ".join(k for k, _ in roles.values())
-            problems.append(f"{module}: has {have} but no {'A (down)' if 'A' not in roles else 'B (up)'} weight")
+            have, miss = ("B", "A") if "A" not in roles else ("A", "B")
+            name = dict(zip("AB", fmt.roles))
+            problems.append(f"{module}: has {name[have]} ({roles[have][0]}) but no {name[miss]}" if have in roles else f"{module}: has only {roles['alpha'][0]}, no weights")
             continue
         (ka, a), (kb, b) = roles["A"], roles["B"]
         rank = int(a.shape[0]) if a.ndim else 0
-        cfg, pattern_name = _config_for(module, fmt, configs)
+        cfg, pattern_name, origin = _config_for(module, fmt, configs)
         declared = cfg.rank_for(pattern_name)
         if declared is not None and rank != declared:
-            problems.append(f"{module}: the config says r={declared}, but {ka} has shape {tuple(a.shape)} (rank {rank})")
+            problems.append(f"{module}: {origin} says r={declared}, but {ka} has shape {tuple(a.shape)} (rank {rank})")
             continue
-        alpha = _alpha(roles.get("alpha"), problems)
+        alpha = _alpha(roles.get("alpha"), damaged)
         if alpha is None:
             alpha = cfg.alpha_for(pattern_name)
         keys = tuple(k for k, _ in roles.values())
         modules[module] = LoraModule(module, a, b, float(rank) if alpha is None else alpha, cfg.use_rslora, keys)
+    if damaged:
+        raise AdapterReadError(format_problems(f"{source}: unusable alpha values:", damaged) + "\nFix or delete those .alpha entries (without one, alpha equals the rank).")
     if problems:
         raise AdapterMismatchError(format_problems(f"{source}: inconsistent adapter:", problems) + "\nRe-save the adapter so tensors and config agree.")
     return modules

@@ -135,5 +135,5 @@ def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
 
 def _fix_hint(adapter: Adapter) -> str:
     targets = adapter.config.get("target_modules")
-    inject = f"inject those modules (the adapter was trained on target_modules={targets!r})" if targets else "inject those modules (targets=...)"
-    return f"Fix: {inject}, pass prefix=/key_map= to lorahot.read_adapter or runtime.load, or load an adapter made for this model."
+    trained = f" (the adapter was trained on target_modules={targets!r})" if targets else ""
+    return f"Inject those modules (targets=...){trained}, map the names with prefix=/key_map= (lorahot.read_adapter, runtime.load), or load an adapter made for this model."

@@ -59,7 +59,8 @@ def open_source(
     Raises:
         SourceNotFoundError: the path or repo does not exist, or holds no adapter.
         AdapterReadError: the file is a pickle checkpoint, or damaged.
-        UsageError: a malformed repo id, or ``subfolder``/``weight_name`` leaving the source.
+        SourceNotFoundError: also for a malformed repo id, or ``subfolder``/``weight_name``
+            leaving the source.
     """
     weight_name = check_relative(weight_name, "weight_name")
     subfolder = check_relative(subfolder, "subfolder")
@@ -72,7 +73,7 @@ def open_source(
     if path.exists():
         return _from_path(path / subfolder if subfolder else path, weight_name)
     if _looks_local(text):
-        raise SourceNotFoundError(f"{path}: no such file or directory. Pass an adapter directory, a .safetensors file, a Hub repo id or a mapping of tensors.")
+        raise SourceNotFoundError(f"{text}: no such file or directory. Pass an adapter directory, a .safetensors file, a Hub repo id or a mapping of tensors.")
     fetched = fetch(text, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name)
     raw = _from_path(fetched, None)
     inside = "/".join(p for p in (subfolder, Path(raw.source).name) if p)

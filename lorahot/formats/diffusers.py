@@ -50,6 +50,7 @@ OLD_FORMAT = KeyFormat(
         (r"\.(to_q|to_k|to_v)_lora$", r".\1"),
     ),
     refuse=REFUSED,
+    roles=("lora.down", "lora.up"),
     marker=r"(\.lora\.(down|up)|_lora\.(down|up)|\.lora_linear_layer\.)",
     aliases=((r"\.to_q$", ".q_proj"), (r"\.to_k$", ".k_proj"), (r"\.to_v$", ".v_proj"), (r"\.to_out\.0$", ".out_proj")),
     example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight",

@@ -26,5 +26,6 @@ FORMAT = KeyFormat(
     require_prefix=True,
     separator="_",
     refuse=REFUSED,
+    roles=("lora_down", "lora_up"),
     example="lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
 )

@@ -23,6 +23,7 @@ FORMAT = KeyFormat(
         Rule(rf"(?P<module>.+)\.lora_embedding_B{_ADAPTER}", "B"),
     ),
     prefixes=("base_model.model.",),
+    renames=((r"^base_model\.model\.", ""),),  # PEFT's wrapper, never part of the model's names
     refuse=REFUSED,
     example="base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
 )

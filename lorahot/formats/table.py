@@ -57,6 +57,7 @@ class KeyFormat:
             it apart from a naming whose rules it shares).
         aliases: ``(regex, replacement)`` tried on a module key that names no injected layer
             (``to_q`` -> ``q_proj`` where one spelling served several model families).
+        roles: what the format calls A and B, for messages.
         example: an example key, for documentation and ``lorahot inspect``.
     """
 
@@ -69,6 +70,7 @@ class KeyFormat:
     refuse: tuple[tuple[str, str], ...] = ()
     marker: str = ""
     aliases: tuple[tuple[str, str], ...] = ()
+    roles: tuple[str, str] = ("lora_A", "lora_B")
     example: str = ""
 
     def strip_prefix(self, module: str) -> str:
