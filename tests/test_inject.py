@@ -253,7 +253,7 @@ def test_dtype_option_sets_buffer_dtype() -> None:
     runtime = lorahot.inject(model, ["q_proj", "embed_tokens"], max_rank=4, dtype=torch.float64)
     for layer in runtime.layers.values():
         assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64
-        assert layer.lora_scale.dtype == torch.float32
+        assert layer.lora_scale.dtype == torch.float64  # scales are at least float32, float64 for float64 buffers
     tensors, ab = make_adapter(model, {"layers.0.self_attn.q_proj": 2, "embed_tokens": 3}, seed=2)
     runtime.load(tensors)
     with torch.no_grad():
@@ -268,6 +268,8 @@ def test_default_dtype_follows_each_base_weight() -> None:
     runtime = lorahot.inject(model, ["0", "1"], max_rank=2)
     assert runtime.layers["0"].lora_A.dtype == torch.float64
     assert runtime.layers["1"].lora_A.dtype == torch.bfloat16
+    assert runtime.layers["0"].lora_scale.dtype == torch.float64
+    assert runtime.layers["1"].lora_scale.dtype == torch.float32
     assert len(runtime._manager.arenas) == 2
 
 

@@ -18,19 +18,17 @@ Q1, V1, UP1 = "layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj", "layers.
 IDS = token_ids((2, 6), 32, seed=3)
 
 
-def _f32(x: float) -> float:
-    """The scale as the runtime stores it (float32)."""
-    return float(torch.tensor(x, dtype=torch.float32))
 
 
 def _setup(slots: int = 1, max_rank: int = 8) -> tuple[torch.nn.Module, lorahot.LoraRuntime]:
+    """A float64 model: its scales are float64 too, so outputs match the reference to 1e-10."""
     model = tiny_lm(dtype=torch.float64)
     return model, lorahot.inject(model, TARGETS, max_rank=max_rank, slots=slots)
 
 
 def _expected(ab: dict, scales: dict[str, float] | float = 1.0) -> torch.Tensor:
     per = scales if isinstance(scales, dict) else {n: scales for n in ab}
-    return model_reference(tiny_lm(dtype=torch.float64), IDS, {n: (a, b, _f32(per[n])) for n, (a, b) in ab.items()})
+    return model_reference(tiny_lm(dtype=torch.float64), IDS, {n: (a, b, per[n]) for n, (a, b) in ab.items()})
 
 
 def _out(model: torch.nn.Module) -> torch.Tensor:
@@ -110,7 +108,7 @@ def test_rank_and_alpha_patterns_and_rslora(tmp_path: Path, use_rslora: bool) ->
     root = math.sqrt if use_rslora else float
     scales = {n: alpha / root(r) for n, (r, alpha) in PATTERN_EXPECTED.items()}
     for name, layer in runtime.layers.items():
-        assert float(layer.lora_scale) == _f32(scales.get(name, 0.0)), name
+        assert float(layer.lora_scale) == scales.get(name, 0.0), name
     _close(_out(model), _expected(ab, scales))
 
 
@@ -218,7 +216,7 @@ def test_grouped_conv_model_through_runtime() -> None:
     with torch.no_grad():
         y = model(ids)
     scales = {"conv": 0.5, "embed": 2 / 3, "proj": 0.25}
-    expected = model_reference(tiny_convnet().double(), ids, {n: (a, b, _f32(scales[n])) for n, (a, b) in ab.items()})
+    expected = model_reference(tiny_convnet().double(), ids, {n: (a, b, scales[n]) for n, (a, b) in ab.items()})
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
 
 
