@@ -1,0 +1,113 @@
+"""Concurrency: background threads prepare adapters while the main thread swaps and runs.
+
+The threading contract (README, "Guarantees"): ``preload``, ``prefetch`` and the host cache
+may be used from any thread; ``load``, ``activate``, ``unload``, ``set_scale`` and forward
+passes are issued from one thread at a time. Under that contract no forward ever sees a mix
+of two adapters: each output is bitwise the reference output of exactly one adapter, the one
+the main thread put in the active slot.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorahot
+from tests.helpers import tiny_lm, token_ids
+from tests.reliability_helpers import DOWN0, EMB, Q0, TARGETS, V1, VOCAB, one_torch_thread, report, write_valid  # noqa: F401
+
+_ALL = (Q0, V1, DOWN0, EMB)
+_ADAPTERS = [(1, _ALL), (8, _ALL), (4, (Q0, V1)), (2, (EMB,)), (8, (DOWN0,)), (6, _ALL)]
+STEPS = 300
+#: one intra-op thread, so bitwise comparisons see the same kernels while other threads work
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_background_preload_and_prefetch_while_swapping(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    model = tiny_lm(seed=2, vocab=VOCAB)
+    x = token_ids((2, 6), VOCAB, seed=2)
+    paths = [write_valid(tmp_path / f"a{i}", model, {n: r for n in names}, seed=20 + i) for i, (r, names) in enumerate(_ADAPTERS)]
+    runtime = lorahot.inject(model, TARGETS, max_rank=8, slots=2)
+
+    def output() -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    refs = {}
+    for p in paths:
+        runtime.load(p, slot=0)
+        refs[p] = output()
+    assert not any(torch.equal(r, u) for i, r in enumerate(refs.values()) for u in list(refs.values())[i + 1 :])
+    # room for about half the adapters, so entries are evicted and re-read while in use
+    one = runtime.preload(paths[1]).nbytes
+    runtime.cache.clear()
+    runtime.cache.budget_bytes = 3 * one
+
+    stop, failures = threading.Event(), []
+    prepared = {"preload": 0, "prefetch": 0}
+
+    def background(kind: str, seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while not stop.is_set():
+                p = rng.choice(paths)
+                if kind == "preload":
+                    runtime.preload(p)
+                else:
+                    runtime.prefetch(p).result()
+                prepared[kind] += 1
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=background, args=(k, i), daemon=True) for i, k in enumerate(("preload", "prefetch"))]
+    for t in threads:
+        t.start()
+    rng, forwards = random.Random(0), 0
+    try:
+        for step in range(STEPS):
+            active, other = step % 2, 1 - step % 2
+            p, q = rng.choice(paths), rng.choice(paths)
+            runtime.load(p, slot=active)  # a cache hit prepared by another thread, or a read
+            runtime.activate(active)
+            y = output()
+            runtime.load(q, slot=other)  # filling the inactive slot must not show
+            z = output()
+            forwards += 2
+            for out in (y, z):
+                assert torch.equal(out, refs[p]), f"step {step}: output is not adapter {paths.index(p)}'s"
+                assert sum(torch.equal(out, r) for r in refs.values()) == 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert not failures, failures
+    assert prepared["preload"] > 0 and prepared["prefetch"] > 0, "the background threads never overlapped the swaps"
+    assert runtime.cache.nbytes <= runtime.cache.budget_bytes
+    report(request.config, "concurrency", {"steps": STEPS, "forwards": forwards, "background": prepared, "cache_entries_at_end": len(runtime.cache)})
+
+
+def test_prefetched_adapter_is_loaded_whole(tmp_path: Path) -> None:
+    """``prefetch`` returns a future; loading its result while the next prefetch runs is a
+    plain copy of a fully prepared adapter."""
+    model = tiny_lm(seed=3, vocab=VOCAB)
+    x = token_ids((2, 6), VOCAB, seed=3)
+    paths = [write_valid(tmp_path / f"a{i}", model, {n: r for n in names}, seed=30 + i) for i, (r, names) in enumerate(_ADAPTERS)]
+    runtime = lorahot.inject(model, TARGETS, max_rank=8, slots=1)
+    refs = []
+    for p in paths:
+        runtime.load(p)
+        with torch.no_grad():
+            refs.append(model(x))
+    runtime.cache.clear()
+    future = runtime.prefetch(paths[0])
+    for i in range(3 * len(paths)):
+        ready = future.result()
+        future = runtime.prefetch(paths[(i + 1) % len(paths)])  # prepares while we swap and run
+        runtime.load(ready)
+        with torch.no_grad():
+            assert torch.equal(model(x), refs[i % len(paths)])
+    future.result()
