@@ -1,0 +1,180 @@
+"""lorahot against PEFT as the oracle: adapters saved by ``save_pretrained`` on tiny
+transformers models load into lorahot and give PEFT's eager outputs (fp32, rel. err < 1e-5)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorahot
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+RTOL = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _peft_adapter(base: torch.nn.Module, path: Path, seed: int, **config) -> torch.nn.Module:
+    """Trains nothing: a PEFT LoRA with random A and B, saved to ``path``; returns PEFT's model."""
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **config))
+    with torch.no_grad():  # PEFT zero-inits nothing with init_lora_weights=False; make B large enough to matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def _fresh_peft(base: torch.nn.Module, path: Path) -> torch.nn.Module:
+    return peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+
+
+def _llama() -> torch.nn.Module:
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _gpt2() -> torch.nn.Module:
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+class _ConvEmbed(torch.nn.Module):
+    """A tiny model with an Embedding, a Conv2d and a Linear (LoRA on all three)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 12)
+        self.conv = torch.nn.Conv2d(3, 12, kernel_size=3, stride=2, padding=1)
+        self.head = torch.nn.Linear(12, 10)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        image = self.conv(pixel_values).mean(dim=(-2, -1))  # (B, 12)
+        return self.head(self.embed(input_ids).mean(dim=1) + image)  # (B, 10)
+
+
+def _conv_embed() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _ConvEmbed().eval()
+
+
+def _tokens(seed: int = 1) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(seed))}
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**_tokens()).logits
+
+
+def _conv_embed_out(model: torch.nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        return model(input_ids=torch.randint(0, 64, (2, 10), generator=g), pixel_values=torch.randn(2, 3, 16, 16, generator=g))
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+CASES = {
+    "llama_patterns": (_llama, _logits, dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, rank_pattern={"q_proj": 8, r"layers\.1\.mlp\.down_proj": 2}, alpha_pattern={"v_proj": 3.0, "up_proj": 20})),
+    "llama_rslora": (_llama, _logits, dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, use_rslora=True, rank_pattern={"o_proj": 6})),
+    "gpt2_conv1d": (_gpt2, _logits, dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    "conv2d_embedding": (_conv_embed, _conv_embed_out, dict(r=4, lora_alpha=6, target_modules=["embed", "conv", "head"], rank_pattern={"conv": 2}, alpha_pattern={"embed": 2.5})),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_saved_adapter_matches_peft(tmp_path: Path, case: str) -> None:
+    build, run, config = CASES[case]
+    base = build()
+    oracle = _peft_adapter(base, tmp_path, seed=3, **config)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, config["target_modules"], max_rank=8)
+    info = runtime.load(tmp_path)
+    assert info.format == "peft"
+    assert len(info.ranks) == len(runtime.layers)
+    assert _rel(run(model), run(oracle)) < RTOL
+    assert _rel(run(model), run(base)) > 1e-3  # the adapter does change the outputs
+
+
+def test_rank_pattern_adapter_after_another_matches_fresh_peft(tmp_path: Path) -> None:
+    base = _llama()
+    _peft_adapter(base, tmp_path / "uniform", seed=4, r=8, lora_alpha=32, target_modules=LLAMA_TARGETS)
+    _peft_adapter(base, tmp_path / "pattern", seed=5, **CASES["llama_patterns"][2])
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, LLAMA_TARGETS, max_rank=8)
+    runtime.load(tmp_path / "uniform")
+    runtime.load(tmp_path / "pattern")
+    assert _rel(_logits(model), _logits(_fresh_peft(base, tmp_path / "pattern"))) < RTOL
+
+
+def test_fused_qkv_matches_separate_projections(tmp_path: Path) -> None:
+    """A q/k/v (and gate/up) adapter loads into a model whose projections are fused."""
+    base = _llama()
+    config = dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 3.0})
+    oracle = _peft_adapter(base, tmp_path, seed=6, **config)
+    fused = _fuse_llama(copy.deepcopy(base))
+    with torch.no_grad():
+        assert _rel(fused(**_tokens()).logits, _logits(base)) < 1e-6
+    runtime = lorahot.inject(fused, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], max_rank=16)
+    info = runtime.load(tmp_path, fuse={"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]})
+    assert info.ranks["model.layers.0.self_attn.qkv_proj"] == 4 + 2 + 4
+    with torch.no_grad():
+        assert _rel(fused(**_tokens()).logits, _logits(oracle)) < RTOL
+
+
+def test_fused_part_missing_needs_its_size(tmp_path: Path) -> None:
+    base = _llama()
+    oracle = _peft_adapter(base, tmp_path, seed=7, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    fused = _fuse_llama(copy.deepcopy(base))
+    runtime = lorahot.inject(fused, ["qkv_proj"], max_rank=8)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"qkv_proj: no LoRA for part 'k_proj' and no size for it; pass \('k_proj', out_features\)"):
+        runtime.load(tmp_path, fuse={"qkv_proj": ["q_proj", "k_proj", "v_proj"]})
+    runtime.load(tmp_path, fuse={"qkv_proj": ["q_proj", ("k_proj", 16), "v_proj"]})
+    with torch.no_grad():
+        assert _rel(fused(**_tokens()).logits, _logits(oracle)) < RTOL
+
+
+class _Fused(torch.nn.Module):
+    """One Linear computing several projections; the model sees the parts as views."""
+
+    def __init__(self, parts: list[torch.nn.Linear]) -> None:
+        super().__init__()
+        self.sizes = [p.out_features for p in parts]
+        self.proj = torch.nn.Linear(parts[0].in_features, sum(self.sizes), bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.cat([p.weight for p in parts]))
+
+
+class _Slice(torch.nn.Module):
+    def __init__(self, owner: torch.nn.Module, attr: str, index: int) -> None:
+        super().__init__()
+        self.__dict__["_owner"], self._attr, self._index = owner, attr, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        owner = self.__dict__["_owner"]
+        fused = getattr(owner, self._attr)
+        return fused(x).split(owner.__dict__["_sizes_" + self._attr], dim=-1)[self._index]
+
+
+def _fuse_llama(model: torch.nn.Module) -> torch.nn.Module:
+    """Replaces q/k/v by ``qkv_proj`` and gate/up by ``gate_up_proj`` (computed once per part)."""
+    for layer in model.model.layers:
+        for owner, fused, parts in ((layer.self_attn, "qkv_proj", ["q_proj", "k_proj", "v_proj"]), (layer.mlp, "gate_up_proj", ["gate_proj", "up_proj"])):
+            mods = [getattr(owner, p) for p in parts]
+            f = _Fused(mods)
+            setattr(owner, fused, f.proj)
+            owner.__dict__["_sizes_" + fused] = f.sizes
+            for i, p in enumerate(parts):
+                setattr(owner, p, _Slice(owner, fused, i))
+    return model
