@@ -56,12 +56,19 @@ def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) 
     return []
 
 
+#: dtypes lorahot copies from; float8 and integer weights are refused (torch lacks kernels
+#: lorahot's checks need for float8 on the CPU, and no LoRA trainer writes them).
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_values(name: str, module: LoraModule) -> list[str]:
-    """Problems with ``module``'s content that no model could accept: dtype and alpha."""
+    """Problems with ``module``'s content that no model could accept: dtype, storage, alpha."""
     where = _where(name, module)
     for t, which in ((module.A, "A"), (module.B, "B")):
-        if not t.is_floating_point():
-            return [f"{where}: {which} has dtype {t.dtype}; LoRA weights must be floating point"]
+        if t.dtype not in _WEIGHT_DTYPES:
+            return [f"{where}: {which} has dtype {t.dtype}; LoRA weights must be float16, bfloat16, float32 or float64"]
+        if t.layout != torch.strided or t.device.type == "meta":
+            return [f"{where}: {which} is a {t.layout} tensor on {t.device}; LoRA weights must be dense tensors with data"]
     if not (math.isfinite(module.alpha) and module.alpha > 0):
         return [f"{where}: alpha is {module.alpha}; it must be finite and > 0"]
     return []

@@ -207,7 +207,7 @@ def _(tmp, rig):
 # -- bad tensors -----------------------------------------------------------------------------
 
 
-@case("int_dtype", AdapterReadError, r"A has dtype torch\.int32; LoRA weights must be floating point")
+@case("int_dtype", AdapterReadError, r"A has dtype torch\.int32; LoRA weights must be float16, bfloat16, float32 or float64")
 def _(tmp, rig):
     return _tensors_dir(tmp, _replace(rig, "q_proj.lora_A.weight", lambda t: (t * 100).to(torch.int32)))
 
@@ -215,6 +215,31 @@ def _(tmp, rig):
 @case("bool_dtype", AdapterReadError, r"B has dtype torch\.bool")
 def _(tmp, rig):
     return _tensors_dir(tmp, _replace(rig, "v_proj.lora_B.weight", lambda t: t > 0))
+
+
+@case("float8_dtype", AdapterReadError, r"A has dtype torch\.float8_e4m3fn; LoRA weights must be float16, bfloat16, float32 or float64")
+def _(tmp, rig):
+    return _tensors_dir(tmp, _replace(rig, "q_proj.lora_A.weight", lambda t: t.to(torch.float8_e4m3fn)))
+
+
+@case("complex_dtype", AdapterReadError, r"B has dtype torch\.complex64")
+def _(tmp, rig):
+    return _tensors_dir(tmp, _replace(rig, "q_proj.lora_B.weight", lambda t: t.to(torch.complex64)))
+
+
+@case("meta_tensors_in_mapping", AdapterReadError, r"A is a torch\.strided tensor on meta; LoRA weights must be dense tensors with data")
+def _(tmp, rig):
+    return {k: torch.empty_like(v, device="meta") for k, v in valid_tensors(rig.model, 4).items()}, {}
+
+
+@case("sparse_tensors_in_mapping", AdapterReadError, r"is a torch\.sparse_coo tensor")
+def _(tmp, rig):
+    return {k: v.to_sparse() for k, v in valid_tensors(rig.model, 4).items()}, {}
+
+
+@case("values_overflow_arena_dtype", AdapterReadError, r"NaN or Inf in LoRA weights of:\n  - \(values too large for the model's dtype\)")
+def _(tmp, rig):
+    return _tensors_dir(tmp, {k: v.double() * 1e300 for k, v in valid_tensors(rig.model, 4).items()})
 
 
 @case("nan_values", AdapterReadError, r"NaN or Inf in LoRA weights of:\n  - layers\.0\.self_attn\.q_proj")
