@@ -22,7 +22,8 @@ class LoraError(Exception):
 
 
 class AdapterReadError(LoraError):
-    """The adapter file or its config cannot be read or parsed (damaged, pickled, malformed)."""
+    """The adapter file or its config cannot be read or parsed (damaged, pickled, malformed),
+    or its values can never be LoRA weights (non-float dtypes, NaN/Inf, alpha <= 0)."""
 
 
 class UnknownFormatError(LoraError):
@@ -30,7 +31,8 @@ class UnknownFormatError(LoraError):
 
 
 class AdapterMismatchError(LoraError):
-    """The adapter does not fit the injected model: unknown modules, wrong shapes or ranks."""
+    """The adapter does not fit the injected model, or disagrees with itself: unknown or
+    ambiguous modules, wrong shapes or ranks, an A without its B, a config contradicting it."""
 
 
 class SourceNotFoundError(LoraError):
