@@ -136,3 +136,22 @@ def test_soak_cuda_1k_swaps_memory_allocated_constant(tmp_path: Path, request: p
     allocated_after = torch.cuda.memory_allocated()
     report(request.config, "soak_cuda", {"swaps": soak.swaps, "memory_allocated_before": allocated_before, "memory_allocated_after": allocated_after})
     assert allocated_after == allocated_before
+
+
+def test_negative_control_the_measurement_sees_a_small_leak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same tracemalloc measurement flags a leak of one ``AdapterInfo`` per swap."""
+    runtime, model, x, prepared, refs = _setup(tmp_path, "cpu")
+    kept, load = [], runtime.load
+    monkeypatch.setattr(runtime, "load", lambda *a, **k: kept.append(load(*a, **k)))
+    soak = _Soak(runtime, prepared)
+    soak.run(200)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        soak.run(2_000)
+        gc.collect()
+        growth = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert growth >= 64 * 1024, f"a leak of 2,000 objects grew tracemalloc by only {growth} bytes"
