@@ -90,7 +90,7 @@ def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None) -> Adapter:
 
 def _closest_format(keys: list[str]) -> KeyFormat:
     """The format that accounts for most keys; its grouping then names the keys it cannot."""
-    return max(FORMATS, key=lambda f: sum(f.parse(k) is not None for k in keys))
+    return max(FORMATS, key=lambda f: f.score(keys))
 
 
 def _component_configs(raw: RawAdapter, overrides: dict[str, Any] | None) -> dict[str, AdapterConfig]:

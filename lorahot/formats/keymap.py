@@ -43,7 +43,7 @@ def select_prefix(modules: dict[str, LoraModule], prefix: str, source: str) -> d
         if head is not None:
             out[key[len(head):]] = _renamed(m, key[len(head):])
     if not out:
-        seen = sorted({re.split(r"[._]", k, maxsplit=1)[0] for k in modules})
+        seen = sorted({k.split(".")[0] if "." in k else "_".join(k.split("_")[:2]) for k in modules})
         raise UsageError(f"{source}: prefix={prefix!r} matches no module key; keys start with {', '.join(seen[:8])}. Pass one of those.")
     return out
 

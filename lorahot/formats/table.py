@@ -92,6 +92,15 @@ class KeyFormat:
         """Why lorahot refuses ``key``, if this format knows it as an unsupported feature."""
         return next((why for pattern, why in self.refuse if re.search(pattern, key)), None)
 
+    def score(self, keys: list[str]) -> int:
+        """How many keys this format parses; -1 if its marker or required prefix is absent."""
+        if self.marker and not any(re.search(self.marker, k) for k in keys):
+            return -1
+        modules = [p[0] for p in map(self.parse, keys) if p is not None]
+        if self.require_prefix and not any(m.startswith(self.prefixes) for m in modules):
+            return -1
+        return len(modules)
+
     def detect(self, keys: list[str]) -> bool:
         """True if every key parses (or is a known refusal) and prefixes agree."""
         if not keys or (self.marker and not any(re.search(self.marker, k) for k in keys)):
