@@ -1,0 +1,1 @@
+"""lorahot benchmarks: swap and forward latency, side by side with PEFT. See README.md here."""

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: GPU tests, then the benchmark suites. Run from the repo root:
+#   bash benchmarks/device_run.sh [SUITES...]      (default: gpu-tests swap forward fullgraph)
+# Wheels for missing test tools travel in .whl/ (see README); results land in $OUT if set.
+set -uo pipefail
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if ! python3 -c "import pytest, hypothesis" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+OUT=${OUT:-/tmp/lorahot-out}; mkdir -p "$OUT"
+python3 -c "import torch, peft, transformers; print('torch', torch.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+for step in "${@:-gpu-tests swap forward fullgraph}"; do
+  for s in $step; do
+    echo "=== $s $(date +%T)"
+    case $s in
+      gpu-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -25 ;;
+      swap|forward|fullgraph) timeout 540 python3 -m benchmarks.run --suite "$s" 2>&1 | tee "$OUT/bench-$s.log" | grep -v '^ ' | tail -40 ;;
+    esac
+  done
+done
+cp benchmarks/results/latest.json "$OUT/" 2>/dev/null; cp benchmarks/results/runs/*.json "$OUT/" 2>/dev/null
+ls "$OUT"

@@ -1,0 +1,132 @@
+"""Runs the benchmark suites and writes ``benchmarks/results/latest.json``.
+
+    python -m benchmarks.run --suite all            # GPU: TinyLlama-1.1B shape, bf16
+    python -m benchmarks.run --suite swap --small   # CPU: a 2-layer shape
+
+Suites: ``swap`` (file / host cache / slot activation / memory), ``forward`` (compiled latency
+and recompiles, default and reduce-overhead), ``fullgraph`` (recompiles with fullgraph=True),
+``all``. Each run's full JSON goes to ``results/runs/``; ``latest.json`` merges the newest
+figure of every field, in the schema the README table reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import forward, swap
+from benchmarks.common import RESULTS, device_name, merge_results
+from benchmarks.workload import RANKS, build
+
+
+def summary(raw: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``latest.json`` that come from this run."""
+    out: dict[str, Any] = {k: raw[k] for k in ("device", "torch", "peft", "date", "command")}
+    for key in ("swap_from_file_ms", "swap_from_host_ms", "activate_slot_ms", "memory"):
+        if key in raw:
+            out[key] = raw[key]
+    fwd = raw.get("forward", {})
+    if fwd:
+        out["recompiles"] = {m: fwd[m]["lorahot"]["recompiles"] for m in fwd}
+    if "reduce-overhead" in fwd:
+        ro = fwd["reduce-overhead"]
+        for phase in ("decode", "prefill"):
+            out[f"{phase}_ms"] = {k: ro[k][phase] for k in ("base", "lorahot", "peft", "peft_bf16", "lorahot_merged") if k in ro}
+        if "lorahot_merged" in ro:
+            out["merged_swap_ms"] = ro["lorahot_merged"]["swap_ms"]
+    if "default" in fwd:
+        d = fwd["default"]
+        out["default_mode_ms"] = {phase: {k: d[k][phase] for k in ("base", "lorahot", "peft", "peft_bf16") if k in d} for phase in ("decode", "prefill")}
+    errs = list(raw.get("rel_err", {}).values())
+    for m in fwd.values():
+        for k, v in m.items():
+            e = v.get("rel_err")
+            errs += list(e.values()) if isinstance(e, dict) else ([e] if e is not None else [])
+    if errs:
+        out["max_rel_err"] = max(errs)
+    return out
+
+
+def table(latest: dict[str, Any]) -> str:
+    """A short text table of the headline ratios."""
+    rows = []
+    for r, v in sorted(latest.get("swap_from_file_ms", {}).items(), key=lambda kv: int(kv[0])):
+        rows.append(f"swap from file r{r:<3} lorahot {v['lorahot']:8.2f} ms  peft {v['peft']:8.2f}  floor {v['floor']:8.2f}  x floor {v['lorahot'] / v['floor']:.2f}  peft/lorahot {v['peft'] / v['lorahot']:.1f}")
+    for r, v in sorted(latest.get("swap_from_host_ms", {}).items(), key=lambda kv: int(kv[0])):
+        fl = v.get("floor") or float("nan")
+        rows.append(f"swap from host r{r:<3} lorahot {v['lorahot']:8.2f} ms  floor {fl:8.3f}  x floor {v['lorahot'] / fl:.2f}")
+    if "activate_slot_ms" in latest:
+        v = latest["activate_slot_ms"]
+        rows.append(f"activate slot       lorahot {v['lorahot']:8.3f} ms  floor {v['floor']:8.3f}")
+    for phase in ("decode", "prefill"):
+        v = latest.get(f"{phase}_ms")
+        if v:
+            rows.append(f"{phase:<7} (RO)        " + "  ".join(f"{k} {x:.2f}" for k, x in v.items()) + f"  lorahot/base {v['lorahot'] / v['base']:.2f}")
+    if "recompiles" in latest:
+        rows.append(f"recompiles          {latest['recompiles']}")
+    if "max_rel_err" in latest:
+        rows.append(f"max rel err         {latest['max_rel_err']:.3g}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["swap", "forward", "fullgraph", "all"], default="all")
+    parser.add_argument("--small", action="store_true", help="2-layer model (CPU friendly)")
+    parser.add_argument("--repeat", type=int, default=20, help="timed runs per figure (median)")
+    parser.add_argument("--modes", default="reduce-overhead,default")
+    parser.add_argument("--no-peft", action="store_true", help="skip PEFT in the forward suite")
+    parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
+    args = parser.parse_args(argv)
+
+    import peft
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    modes = [m for m in args.modes.split(",") if m and (device.type == "cuda" or m == "default")]
+    w = build(args.small, device)
+    refs = {r: swap.eager_reference(w, r) for r in RANKS}
+    raw: dict[str, Any] = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "workload": "small 2-layer Llama" if args.small else "TinyLlama-1.1B shape, 154 LoRA layers",
+    }
+    runs = args.out.parent / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    run_file = runs / f"{stamp}-{args.suite}{'-small' if args.small else ''}.json"
+    steps = {
+        "swap": lambda: swap.run(w, refs, args.repeat),
+        "forward": lambda: forward.run(w, refs, args.repeat, modes, with_peft=not args.no_peft),
+        "fullgraph": lambda: forward.run_fullgraph(w, refs, args.repeat),
+    }
+    for name, step in steps.items():
+        if args.suite not in (name, "all"):
+            continue
+        merge_dict(raw, step())
+        run_file.write_text(json.dumps(raw, indent=1))  # saved after every suite
+        latest = merge_results(args.out, summary(raw))
+        print(f"[{name} done]", flush=True)
+    print(json.dumps(raw, indent=1))
+    print(table(latest))
+    return 0
+
+
+def merge_dict(a: dict[str, Any], b: dict[str, Any]) -> None:
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            merge_dict(a[k], v)
+        else:
+            a[k] = v
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
