@@ -72,6 +72,7 @@ class Arena:
             self.S = torch.zeros(regions, len(specs), device=device, dtype=torch.promote_types(dtype, torch.float32))
         self.a_extent = [0] * regions  # rows of A in use; rows past it are zero
         self.b_extent = [0] * regions
+        self._region_views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def _offsets(widths: list[int]) -> list[int]:
@@ -128,6 +129,14 @@ class Arena:
         b = rows_b[:per, self.b_off[layer] : self.b_off[layer] + spec.out_dim]
         return a, b
 
+    def _region_view(self, region: int, layer: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`views` of ``region``, memoized (the buffers never move)."""
+        key = (region, layer, rank)
+        found = self._region_views.get(key)
+        if found is None:
+            found = self._region_views[key] = self.views(self.A[region], self.B[region], layer, rank)
+        return found
+
     def sources(self, layer: int, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """File-layout ``A [r, *a_row]``, ``B [out, r/g, *1]`` as the shapes :meth:`views` takes."""
         spec = self.specs[layer]
@@ -163,7 +172,7 @@ class Arena:
         a_rows, b_rows = self.extents({i: a.shape[0] for i, a, _ in entries})
         dsts, srcs = [], []
         for i, a, b in entries:
-            dst_a, dst_b = self.views(self.A[region], self.B[region], i, a.shape[0])
+            dst_a, dst_b = self._region_view(region, i, a.shape[0])
             src_a, src_b = self.sources(i, a, b)
             dsts += [dst_a, dst_b]
             srcs += [src_a, src_b]

@@ -39,6 +39,7 @@ def read_adapter(
     prefix: str | None = None,
     key_map: Mapping[str, str] | None = None,
     fuse: Fuse | None = None,
+    device: str | torch.device | None = None,
 ) -> Adapter:
     """Reads an adapter in any supported naming and normalizes it.
 
@@ -58,6 +59,8 @@ def read_adapter(
         fuse: ``{fused: [part, ...]}`` merging part LoRAs into a fused projection, e.g.
             ``{"qkv_proj": ["q_proj", "k_proj", "v_proj"]}``; a part the adapter lacks can be
             given as ``(name, out_features)`` and is filled with zeros.
+        device: where tensors read from files land (default: the CPU). ``runtime.load``
+            passes its buffers' device, so a GPU receives a file in one transfer.
 
     Returns:
         The adapter: per module key, ``A [r, in...]``, ``B [out, r/g, ...]``, alpha and
@@ -69,7 +72,7 @@ def read_adapter(
     if isinstance(source, Adapter):
         adapter = source
     else:
-        raw = open_source(source, weight_name=weight_name, subfolder=subfolder, revision=revision, token=token)
+        raw = open_source(source, weight_name=weight_name, subfolder=subfolder, revision=revision, token=token, device=None if device is None else torch.device(device))
         adapter = _normalize(raw, config)
     return _user_mapping(adapter, prefix, key_map, fuse)
 

@@ -38,6 +38,8 @@ class LoadPlan:
     entries: list[list[tuple[int, LoraModule]]]
     scales: list[torch.Tensor]
     source: str
+    ranks: dict[str, int]
+    nbytes: int
 
 
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:
@@ -105,7 +107,8 @@ def plan_load(adapter: Adapter, manager: BufferManager, specs: dict[str, LayerSp
         arena, index = manager.where[name]
         entries[arena].append((index, m))
         scales[arena][index] = m.scale
-    return LoadPlan(targets, entries, scales, adapter.source)
+    ranks = {n: m.rank for n, m in targets.items()}
+    return LoadPlan(targets, entries, scales, adapter.source, ranks, adapter.nbytes)
 
 
 Staged = list[list[tuple[int, torch.Tensor, torch.Tensor]]]

@@ -70,6 +70,8 @@ class LoraRuntime:
             layer.bind(*self._live_views(name, layer))
         self._ptrs = {name: layer.lora_A.data_ptr() for name, layer in layers.items()}
         self._specs = {name: layer.spec for name, layer in layers.items()}
+        devices = {a.device for a in manager.arenas}
+        self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
         self.cache = AdapterCache(cache_bytes)
         self._merger = Merger(layers, manager) if merged else None
         for layer in layers.values():
@@ -125,19 +127,20 @@ class LoraRuntime:
         Raises:
             lorahot.LoraError: the adapter cannot be read or does not fit; nothing changed.
         """
-        self._check_usable(every_layer=True)
+        self._check_usable()
         slot, scale = self._slot(slot), _finite(scale, "scale")
         live = slot == self._active
         prepared = self._cached(source, read_kwargs)
+        self._check_usable(every_layer=prepared is None)  # cheap next to reading a file
         if prepared is not None:
             adapter, plan = prepared.adapter, prepared.plan
             self._manager.write(slot, prepared.packs, scale, live=live)
         else:
-            adapter = read_adapter(source, **read_kwargs)  # type: ignore[arg-type]
+            adapter = read_adapter(source, device=self._read_device, **read_kwargs)  # type: ignore[arg-type]
             plan = plan_load(adapter, self._manager, self._specs)
             self._manager.write_staged(slot, stage(plan, self._manager), plan.scales, scale, live=live)
         self._base_scales[slot] = plan.scales
-        info = AdapterInfo(adapter.source, adapter.format, slot, scale, {n: m.rank for n, m in plan.targets.items()}, adapter.nbytes)
+        info = AdapterInfo(adapter.source, adapter.format, slot, scale, plan.ranks, plan.nbytes)
         self._infos[slot] = info
         self._remerge(slot)
         return info
@@ -228,7 +231,7 @@ class LoraRuntime:
         if self._ejected:
             raise UsageError("this runtime was ejected; call lorahot.inject again.")
         names = list(self.layers) if every_layer else list(self.layers)[:1]
-        moved = [n for n in names if self.layers[n].lora_A.data_ptr() != self._ptrs[n]]
+        moved = [n for n in names if self.layers[n]._buffers["lora_A"].data_ptr() != self._ptrs[n]]
         if moved:
             raise UsageError(f"{moved[0]}: its LoRA buffers were replaced (model.to()/load_state_dict(assign=True) after inject?). Move the model first, then inject.")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "MAX_NDIM",
     "MAX_CONFIG_BYTES",
     "DTYPE_BYTES",
+    "SafetensorsHeader",
     "check_safetensors",
     "read_json_file",
 ]
@@ -55,10 +57,30 @@ DTYPE_BYTES = {
 _FIX = "Re-download or re-save the adapter (safetensors.torch.save_file)."
 
 
-def check_safetensors(path: Path) -> None:
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A checked header: where the data section starts and each tensor's place in it.
+
+    Attributes:
+        data_start: byte offset of the data section in the file.
+        data_size: bytes in the data section (the tensors tile it exactly).
+        entries: ``key -> (dtype, shape, begin, end)``, offsets relative to ``data_start``.
+        metadata: ``__metadata__`` (str -> str).
+    """
+
+    data_start: int
+    data_size: int
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]]
+    metadata: dict[str, str]
+
+
+def check_safetensors(path: Path) -> SafetensorsHeader:
     """Refuses a damaged or hostile safetensors file before anything is allocated for it.
 
     Reads at most ``8 + MAX_HEADER_BYTES`` bytes of the file.
+
+    Returns:
+        The checked header, so the caller can read the data without parsing it again.
 
     Raises:
         AdapterReadError: the header length, the header or any tensor entry is invalid; the
@@ -78,11 +100,14 @@ def check_safetensors(path: Path) -> None:
     header = _parse_json(raw, path, "header", _FIX)
     if not isinstance(header, dict):
         raise _error(path, f"header is a JSON {type(header).__name__}, not an object")
-    _check_metadata(path, header.pop("__metadata__", None))
+    metadata = header.pop("__metadata__", None)
+    _check_metadata(path, metadata)
     if len(header) > MAX_TENSORS:
         raise _error(path, f"header lists {len(header)} tensors, more than {MAX_TENSORS}")
     spans = [_check_entry(path, key, entry) for key, entry in header.items()]
     _check_tiling(path, spans, size - 8 - n)
+    entries = {k: (e["dtype"], tuple(e["shape"]), *e["data_offsets"]) for k, e in header.items()}
+    return SafetensorsHeader(8 + n, size - 8 - n, entries, dict(metadata or {}))
 
 
 def read_json_file(path: Path, what: str = "adapter config") -> Any:

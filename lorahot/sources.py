@@ -16,6 +16,7 @@ import torch
 
 from lorahot.errors import AdapterReadError, SourceNotFoundError, UsageError
 from lorahot.hub import check_relative, fetch
+from lorahot.tensorfile import read_tensors
 from lorahot.safety import check_safetensors, read_json_file
 
 __all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_config"]
@@ -45,6 +46,7 @@ def open_source(
     subfolder: str | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
+    device: torch.device | None = None,
 ) -> RawAdapter:
     """Reads ``source`` into a :class:`RawAdapter`.
 
@@ -55,6 +57,8 @@ def open_source(
         subfolder: a folder inside the directory or repo holding the adapter.
         revision: Hub branch, tag or commit (Hub sources only).
         token: Hub token (Hub sources only; default: huggingface_hub's own).
+        device: where file tensors are read to (default: the CPU); a GPU gets them in one
+            transfer from pinned memory.
 
     Raises:
         SourceNotFoundError: the path or repo does not exist, or holds no adapter.
@@ -71,11 +75,11 @@ def open_source(
     text = os.fspath(source)
     path = Path(text)
     if path.exists():
-        return _from_path(path / subfolder if subfolder else path, weight_name)
+        return _from_path(path / subfolder if subfolder else path, weight_name, device)
     if _looks_local(text):
         raise SourceNotFoundError(f"{text}: no such file or directory. Pass an adapter directory, a .safetensors file, a Hub repo id or a mapping of tensors.")
     fetched = fetch(text, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name)
-    raw = _from_path(fetched, None)
+    raw = _from_path(fetched, None, device)
     inside = "/".join(p for p in (subfolder, Path(raw.source).name) if p)
     raw.source = f"{text}{'@' + revision if revision else ''}/{inside}"
     return raw
@@ -86,11 +90,11 @@ def _looks_local(text: str) -> bool:
     return text.startswith(("/", ".", "~")) or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES)) or os.sep + os.sep in text
 
 
-def _from_path(path: Path, weight_name: str | None) -> RawAdapter:
+def _from_path(path: Path, weight_name: str | None, device: torch.device | None = None) -> RawAdapter:
     if path.is_dir():
-        return _from_file(_weight_file(path, weight_name))
+        return _from_file(_weight_file(path, weight_name), device)
     if path.is_file():
-        return _from_file(path)
+        return _from_file(path, device)
     raise SourceNotFoundError(f"{path}: no such file or directory. Check subfolder= and the path.")
 
 
@@ -121,27 +125,23 @@ def _weight_file(directory: Path, weight_name: str | None) -> Path:
     raise SourceNotFoundError(f"{directory}: no adapter weights found (looked for {', '.join(WEIGHT_NAMES)} or a single *.safetensors).")
 
 
-def _from_file(path: Path) -> RawAdapter:
+def _from_file(path: Path, device: torch.device | None = None) -> RawAdapter:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise AdapterReadError(f"{path}: {path.suffix} files are pickles, and lorahot never unpickles. Convert it to .safetensors (safetensors.torch.save_file) and load that.")
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = read_safetensors(path, device)
     config_path = path.parent / CONFIG_NAME
     config = read_config(config_path) if config_path.is_file() else None
     return RawAdapter(tensors, str(path), config, metadata)
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors (on the CPU) and the header metadata of a safetensors file."""
-    from safetensors import safe_open
+def read_safetensors(path: Path, device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors (on ``device``, default the CPU) and the header metadata of a safetensors file.
 
-    check_safetensors(path)  # refuses damaged or hostile headers before anything is allocated
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # the parser's own error types vary by version
-        raise AdapterReadError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}). Re-download or re-save the adapter.") from None
-    return tensors, metadata
+    The header is checked first (:func:`lorahot.safety.check_safetensors`); then the data is
+    read in one pass (:func:`lorahot.tensorfile.read_tensors`).
+    """
+    header = check_safetensors(path)  # refuses damaged or hostile headers before anything is allocated
+    return read_tensors(path, header, device), header.metadata
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -292,3 +292,13 @@ def test_module_without_float_weights_needs_dtype() -> None:
     assert _wrapped(model) == []
     runtime = lorahot.inject(model, ["0"], max_rank=2, dtype=torch.float32)
     assert runtime.layers["0"].lora_A.shape == (2, 3)
+
+
+def test_wrapper_forwards_base_attributes():
+    conv, lin = nn.Conv2d(3, 4, 3), nn.Linear(5, 6)
+    model = nn.Sequential(conv, lin)
+    lorahot.inject(model, ["0", "1"], max_rank=4)
+    assert model[0].weight is conv.weight and model[0].kernel_size == (3, 3)
+    assert model[1].in_features == 5 and model[1].bias is lin.bias
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        model[1].no_such_attribute

@@ -9,6 +9,7 @@ by these tables only; no format has code of its own.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -17,6 +18,11 @@ import torch
 from lorahot.errors import UnknownFormatError, format_problems
 
 __all__ = ["Rule", "KeyFormat", "Parts", "group_keys"]
+
+@functools.lru_cache(maxsize=None)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
 
 #: module key -> role -> (tensor key, tensor)
 Parts = dict[str, dict[str, tuple[str, torch.Tensor]]]
@@ -35,7 +41,7 @@ class Rule:
     role: str
 
     def match(self, key: str) -> str | None:
-        m = re.fullmatch(self.pattern, key)
+        m = _compiled(self.pattern).fullmatch(key)
         return None if m is None else m["module"]
 
 
@@ -78,8 +84,12 @@ class KeyFormat:
         prefix = next((p for p in self.prefixes if module.startswith(p)), "")
         return module[len(prefix):]
 
+    @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - formats are module-level constants
     def parse(self, key: str) -> tuple[str, str] | None:
-        """``(module key, role)`` for a tensor key of this format, or None."""
+        """``(module key, role)`` for a tensor key of this format, or None.
+
+        Memoized: a server swapping among the same adapters parses each key once.
+        """
         for rule in self.rules:
             module = rule.match(key)
             if module is not None:
@@ -88,6 +98,7 @@ class KeyFormat:
                 return module, rule.role
         return None
 
+    @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - formats are module-level constants
     def refusal(self, key: str) -> str | None:
         """Why lorahot refuses ``key``, if this format knows it as an unsupported feature."""
         return next((why for pattern, why in self.refuse if re.search(pattern, key)), None)

@@ -76,6 +76,16 @@ class LoRALayer(nn.Module):
         self.register_state_dict_post_hook(_drop_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks come from ``base_layer`` (``weight``, ``in_features``,
+        ...), so code that inspects a layer keeps working after inject."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     def bind(self, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_scale: torch.Tensor) -> None:
         """Attaches the live views; called once by the runtime at inject time, never again."""
         self.register_buffer("lora_A", lora_A, persistent=False)

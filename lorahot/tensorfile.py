@@ -1,0 +1,83 @@
+"""Reading the tensors of a checked safetensors file in one pass, optionally onto a GPU.
+
+After :func:`lorahot.safety.check_safetensors` has validated the header (every tensor tiles
+the data section exactly), the whole data section is read with a few large positioned reads
+into one buffer (pinned when the tensors are headed for a GPU), copied to the device in one
+transfer if asked, and every tensor becomes a view of that buffer. Nothing is unpickled, and
+no per-tensor allocation or transfer happens.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from lorahot.errors import AdapterReadError
+from lorahot.safety import SafetensorsHeader
+
+__all__ = ["read_tensors", "TORCH_DTYPES"]
+
+#: safetensors dtype names -> torch dtypes (all of them; which ones a LoRA may use is the
+#: planner's business, so that a wrong dtype is reported with the module it belongs to).
+TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "C64": torch.complex64, "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+}  # fmt: skip
+
+_CHUNK = 16 << 20  # bytes per positioned read; several run at once for large files
+
+
+def read_tensors(path: Path, header: SafetensorsHeader, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of ``path`` as a view of one buffer, on ``device`` (default: the CPU).
+
+    Raises:
+        AdapterReadError: the file changed or shrank since its header was checked.
+    """
+    on_gpu = device is not None and device.type == "cuda"
+    buf = torch.empty(header.data_size, dtype=torch.uint8, pin_memory=on_gpu)
+    if header.data_size:
+        _read_into(path, header.data_start, buf)
+    if device is not None and device.type != "cpu":
+        buf = buf.to(device, non_blocking=on_gpu)
+    return {k: _view(buf, *entry) for k, entry in header.entries.items()}
+
+
+def _read_into(path: Path, start: int, buf: torch.Tensor) -> None:
+    """Fills ``buf`` from ``path`` at ``start`` with large positioned reads, several at once."""
+    view = memoryview(buf.numpy()).cast("B")
+    spans = [(off, min(_CHUNK, len(view) - off)) for off in range(0, len(view), _CHUNK)]
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(span: tuple[int, int]) -> int:
+        off, size = span
+        return os.preadv(fd, [view[off : off + size]], start + off)
+
+    try:
+        got = list(_readers().map(read, spans)) if len(spans) > 1 else [read(spans[0])]
+    except OSError as exc:
+        raise AdapterReadError(f"{path}: cannot read the tensor data ({exc}). Re-download the adapter.") from None
+    finally:
+        os.close(fd)
+    if got != [size for _, size in spans]:
+        raise AdapterReadError(f"{path}: the file is shorter than its header says (changed while reading?). Re-download the adapter.")
+
+
+@functools.cache
+def _readers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="lorahot-read")
+
+
+def _view(buf: torch.Tensor, dtype: str, shape: tuple[int, ...], begin: int, end: int) -> torch.Tensor:
+    """Tensor ``[begin, end)`` of ``buf`` as ``dtype`` and ``shape`` (a copy if misaligned)."""
+    t = TORCH_DTYPES[dtype]
+    raw = buf[begin:end]
+    if begin % t.itemsize:
+        raw = raw.clone()  # a view must start on an element boundary
+    return raw.view(t).view(shape)
