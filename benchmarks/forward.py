@@ -85,16 +85,23 @@ def base_mode(w: Workload, mode: str, repeat: int) -> dict[str, float]:
     return result
 
 
-def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int, modes: list[str], with_peft: bool = True) -> dict[str, Any]:
+def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int, modes: list[str], with_peft: bool = True, save: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
+    """Every configuration in every mode; ``save`` receives the results after each one."""
     out: dict[str, Any] = {"forward": {}}
     for mode in modes:
-        res: dict[str, Any] = {"base": base_mode(w, mode, repeat), "lorahot": lorahot_mode(w, mode, refs, repeat)}
+        configs: dict[str, Callable[[], Any]] = {
+            "base": lambda: base_mode(w, mode, repeat),
+            "lorahot": lambda: lorahot_mode(w, mode, refs, repeat),
+        }
         if mode == "reduce-overhead" or w.device.type == "cpu":
-            res["lorahot_merged"] = lorahot_mode(w, mode, refs, repeat, merged=True)
+            configs["lorahot_merged"] = lambda: lorahot_mode(w, mode, refs, repeat, merged=True)
         if with_peft:
-            res["peft"] = peft_mode(w, mode, refs, repeat, bf16=False)
-            res["peft_bf16"] = peft_mode(w, mode, refs, repeat, bf16=True)
-        out["forward"][mode] = res
+            configs["peft"] = lambda: peft_mode(w, mode, refs, repeat, bf16=False)
+            configs["peft_bf16"] = lambda: peft_mode(w, mode, refs, repeat, bf16=True)
+        for name, measure in configs.items():
+            out["forward"].setdefault(mode, {})[name] = measure()
+            print(f"[forward {mode} {name}] {out['forward'][mode][name]}", flush=True)
+            save(out)
     return out
 
 

@@ -33,7 +33,7 @@ def summary(raw: dict[str, Any]) -> dict[str, Any]:
             out[key] = raw[key]
     fwd = raw.get("forward", {})
     if fwd:
-        out["recompiles"] = {m: fwd[m]["lorahot"]["recompiles"] for m in fwd}
+        out["recompiles"] = {m: fwd[m]["lorahot"]["recompiles"] for m in fwd if "lorahot" in fwd[m]}
     if "reduce-overhead" in fwd:
         ro = fwd["reduce-overhead"]
         for phase in ("decode", "prefill"):
@@ -103,9 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     run_file = runs / f"{stamp}-{args.suite}{'-small' if args.small else ''}.json"
+    def save_partial(partial: dict[str, Any]) -> None:
+        merged = json.loads(json.dumps(raw))
+        merge_dict(merged, partial)
+        run_file.write_text(json.dumps(merged, indent=1))
+        merge_results(args.out, summary(merged))
+
     steps = {
         "swap": lambda: swap.run(w, refs, args.repeat),
-        "forward": lambda: forward.run(w, refs, args.repeat, modes, with_peft=not args.no_peft),
+        "forward": lambda: forward.run(w, refs, args.repeat, modes, with_peft=not args.no_peft, save=save_partial),
         "fullgraph": lambda: forward.run_fullgraph(w, refs, args.repeat),
     }
     for name, step in steps.items():
