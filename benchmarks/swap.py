@@ -81,7 +81,7 @@ def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int) -> dict[str, An
     runtime.activate(0)
     with torch.inference_mode():
         out["rel_err"]["activate_r64"] = rel_err(model(w.prefill).logits, refs[64])
-    moved = sum(a.A[0, : a.a_extent[0]].nbytes + a.B[0, : a.b_extent[0]].nbytes for a in runtime._manager.arenas)
+    moved = sum(a.A[0].nbytes + a.B[0].nbytes + a.S[0].nbytes for a in runtime._manager.arenas)  # activation copies whole regions
     out["activate_slot_ms"] = {"lorahot": act, "floor": d2d_ms(moved, dev), "bytes": moved}
     sync(dev)
     return out

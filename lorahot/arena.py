@@ -3,16 +3,18 @@
 Layers are grouped by (device, dtype); each group gets one :class:`Arena` holding three
 tensors, region-major (a region is a slot, plus one live region when there are several slots):
 
-- ``A [regions, R, a_width]``: row ``k`` of every layer's A, side by side. Layer ``l`` owns
-  columns ``[a_off[l], a_off[l] + in_dim[l])``; its live ``lora_A`` is the view
-  ``A[live, :, a_off:a_off + in_dim]``.
-- ``B [regions, R, b_width]``: B transposed, laid out the same way.
+- ``A [regions, a_total]``: layer ``l`` owns the contiguous block
+  ``[a_off[l], a_off[l] + R * in_dim[l])``, viewed ``[R, in_dim]``; its live ``lora_A`` is that
+  view in the live region.
+- ``B [regions, b_total]``: B transposed, ``[R, out_dim]`` blocks laid out the same way.
 - ``S [regions, n_layers]`` (float32, or float64 for float64 layers): each layer's scale.
 
-Because a rank-``r`` adapter uses only rows ``< r`` of A and B, the whole adapter occupies a
-contiguous prefix of each region: a swap is a handful of large copies, and zeroing what the
-previous adapter left is one contiguous fill. Rows at or past a region's recorded extent are
-always zero. Shapes and addresses never change after construction.
+Every layer's A and B are contiguous, so the forward's matrix products run on plain
+row-major operands. A rank-``r`` adapter fills the first ``r`` rows of each block (for grouped
+convs, the first ``r / g`` rows of each of the ``g`` group slices); the rest stays zero.
+Loads zero the region and copy every layer in one batched call; a preloaded adapter travels
+to the device as one compact buffer first. Shapes and addresses never change after
+construction.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from lorahot.layers.base import LayerSpec
 
 __all__ = ["Arena", "Pack", "BufferManager"]
 
-_ALIGN = 16  # elements; keeps every layer's columns 16-element aligned for fast matmuls
+_ALIGN = 64  # elements; every block starts 128-byte aligned (bf16) for fast matmuls
+
+Entry = tuple[int, torch.Tensor, torch.Tensor]  # (layer index, A [r, ...], B [out, r/g, ...])
 
 
 def _round_up(n: int, k: int) -> int:
@@ -34,22 +38,25 @@ def _round_up(n: int, k: int) -> int:
 
 @dataclass
 class Pack:
-    """One adapter's content for one arena, in the arena's row layout, ready to copy.
+    """One adapter's content for one arena, compact, in host memory, ready for one copy.
 
     Attributes:
-        a: ``[a_rows, a_width]`` rows of A (``a_rows <= R``).
-        b: ``[b_rows, b_width]`` rows of B transposed.
+        data: flat ``[n]``: per layer, its ``r`` rows of A then its ``r/g`` rows of B^T.
+        items: ``(layer, rank, a_start, b_start)`` offsets of each layer's part in ``data``.
         scales: ``[n_layers]`` float64 per-layer scale (before the user's multiplier), 0 where
             the adapter does not touch a layer.
+        a_rows, b_rows: the most rows of A / B^T any layer uses.
     """
 
-    a: torch.Tensor
-    b: torch.Tensor
+    data: torch.Tensor
+    items: list[tuple[int, int, int, int]]
     scales: torch.Tensor
+    a_rows: int
+    b_rows: int
 
     @property
     def nbytes(self) -> int:
-        return self.a.nbytes + self.b.nbytes + self.scales.nbytes
+        return self.data.nbytes + self.scales.nbytes
 
 
 class Arena:
@@ -61,26 +68,24 @@ class Arena:
         self.regions = regions
         self.device = device
         self.dtype = dtype
-        self.a_off = self._offsets([s.in_dim for s in specs])
-        self.b_off = self._offsets([s.out_dim for s in specs])
-        a_width = _round_up(self.a_off[-1] + specs[-1].in_dim, _ALIGN)
-        b_width = _round_up(self.b_off[-1] + specs[-1].out_dim, _ALIGN)
+        self.a_off, a_total = self._offsets([max_rank * s.in_dim for s in specs])
+        self.b_off, b_total = self._offsets([max_rank * s.out_dim for s in specs])
         with torch.inference_mode(False), torch.no_grad():
-            self.A = torch.zeros(regions, max_rank, a_width, device=device, dtype=dtype)
-            self.B = torch.zeros(regions, max_rank, b_width, device=device, dtype=dtype)
+            self.A = torch.zeros(regions, a_total, device=device, dtype=dtype)
+            self.B = torch.zeros(regions, b_total, device=device, dtype=dtype)
             # float32 scales (float64 for float64 layers): finer than the weights they scale
             self.S = torch.zeros(regions, len(specs), device=device, dtype=torch.promote_types(dtype, torch.float32))
-        self.a_extent = [0] * regions  # rows of A in use; rows past it are zero
+        self.a_extent = [0] * regions  # most rows of A any layer uses; rows past it are zero
         self.b_extent = [0] * regions
-        self._region_views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
-    def _offsets(widths: list[int]) -> list[int]:
+    def _offsets(sizes: list[int]) -> tuple[list[int], int]:
         offsets, pos = [], 0
-        for w in widths:
+        for n in sizes:
             offsets.append(pos)
-            pos = _round_up(pos + w, _ALIGN)
-        return offsets
+            pos = _round_up(pos + n, _ALIGN)
+        return offsets, pos
 
     @property
     def nbytes(self) -> int:
@@ -88,21 +93,15 @@ class Arena:
         return self.A.nbytes + self.B.nbytes + self.S.nbytes
 
     def rows(self, layer: int, region: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views ``[R, in_dim]`` and ``[R, out_dim]`` of one layer's A and B^T in ``region``."""
-        spec = self.specs[layer]
-        a = self.A[region, :, self.a_off[layer] : self.a_off[layer] + spec.in_dim]
-        b = self.B[region, :, self.b_off[layer] : self.b_off[layer] + spec.out_dim]
+        """Contiguous views ``[R, in_dim]`` and ``[R, out_dim]`` of one layer's A and B^T."""
+        spec, R = self.specs[layer], self.rank
+        a = self.A[region, self.a_off[layer] : self.a_off[layer] + R * spec.in_dim].view(R, spec.in_dim)
+        b = self.B[region, self.b_off[layer] : self.b_off[layer] + R * spec.out_dim].view(R, spec.out_dim)
         return a, b
 
     def scale(self, layer: int, region: int) -> torch.Tensor:
         """0-d view of one layer's scale in ``region``."""
         return self.S[region, layer]
-
-    def empty_pack(self, a_rows: int, b_rows: int, *, pin: bool = False) -> Pack:
-        """A zeroed host pack with room for ``a_rows`` / ``b_rows`` rows."""
-        a = torch.zeros(a_rows, self.A.shape[2], dtype=self.dtype, pin_memory=pin)
-        b = torch.zeros(b_rows, self.B.shape[2], dtype=self.dtype, pin_memory=pin)
-        return Pack(a, b, torch.zeros(len(self.specs), dtype=torch.float64))
 
     @staticmethod
     def a_rows_for(spec: LayerSpec, rank: int, max_rank: int) -> int:
@@ -111,30 +110,26 @@ class Arena:
         return rank if g == 1 or rank == 0 else (g - 1) * (max_rank // g) + rank // g
 
     def extents(self, ranks: dict[int, int]) -> tuple[int, int]:
-        """Rows of A and of B^T that layers ``{index: rank}`` occupy together."""
+        """Most rows of A and of B^T that layers ``{index: rank}`` use."""
         a = max((self.a_rows_for(self.specs[i], r, self.rank) for i, r in ranks.items()), default=0)
         b = max((r // self.specs[i].groups for i, r in ranks.items()), default=0)
         return a, b
 
-    def views(self, rows_a: torch.Tensor, rows_b: torch.Tensor, layer: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where a rank-``rank`` adapter of ``layer`` goes inside row buffers of this layout.
+    def views(self, layer: int, region: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a rank-``rank`` adapter of ``layer`` goes in ``region`` (memoized).
 
-        ``rows_a`` / ``rows_b`` are a region (``A[region]``, ``B[region]``) or a pack. Returns
-        ``[groups, r/groups, in_dim]`` (group ``j`` starting at row ``j * R/groups``, so every
-        group's slice stays aligned when the rank is padded) and ``[r/groups, out_dim]``.
+        Returns ``[groups, r/groups, in_dim]`` (group ``j`` starting at row ``j * R/groups``,
+        so every group's slice stays aligned when the rank is padded) and
+        ``[r/groups, out_dim]``.
         """
-        spec = self.specs[layer]
-        per, cap, width = rank // spec.groups, self.rank // spec.groups, rows_a.stride(0)
-        a = rows_a.as_strided((spec.groups, per, spec.in_dim), (cap * width, width, 1), rows_a.storage_offset() + self.a_off[layer])
-        b = rows_b[:per, self.b_off[layer] : self.b_off[layer] + spec.out_dim]
-        return a, b
-
-    def _region_view(self, region: int, layer: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`views` of ``region``, memoized (the buffers never move)."""
-        key = (region, layer, rank)
-        found = self._region_views.get(key)
+        key = (layer, region, rank)
+        found = self._views.get(key)
         if found is None:
-            found = self._region_views[key] = self.views(self.A[region], self.B[region], layer, rank)
+            spec = self.specs[layer]
+            per, cap = rank // spec.groups, self.rank // spec.groups
+            a_rows, b_rows = self.rows(layer, region)
+            a = a_rows.view(spec.groups, cap, spec.in_dim)[:, :per]
+            found = self._views[key] = (a, b_rows[:per])
         return found
 
     def sources(self, layer: int, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,55 +138,58 @@ class Arena:
         per = A.shape[0] // spec.groups
         return A.reshape(spec.groups, per, spec.in_dim), B.reshape(spec.out_dim, per).t()
 
-    def pack(self, entries: list[tuple[int, torch.Tensor, torch.Tensor]], *, pin: bool) -> Pack:
-        """Packs ``(layer, A, B)`` triples into host rows, ready for one copy per buffer."""
-        a_rows, b_rows = self.extents({i: a.shape[0] for i, a, _ in entries})
-        pack = self.empty_pack(a_rows, b_rows, pin=pin)
-        for i, a, b in entries:
-            dst_a, dst_b = self.views(pack.a, pack.b, i, a.shape[0])
+    def pack(self, entries: list[Entry], *, pin: bool) -> Pack:
+        """Packs ``(layer, A, B)`` triples compactly into one host buffer (pinned if ``pin``)."""
+        items, pos = [], 0
+        for i, a, _ in entries:
+            spec, r = self.specs[i], a.shape[0]
+            items.append((i, r, pos, pos + r * spec.in_dim))
+            pos += r * spec.in_dim + r // spec.groups * spec.out_dim
+        data = torch.empty(pos, dtype=self.dtype, pin_memory=pin)
+        for (i, a, b), (_, r, a0, b0) in zip(entries, items):
+            dst_a, dst_b = self._pack_views(data, i, r, a0, b0)
             src_a, src_b = self.sources(i, a, b)
             dst_a.copy_(src_a)
             dst_b.copy_(src_b)
-        return pack
+        a_rows, b_rows = self.extents({i: r for i, r, _, _ in items})
+        return Pack(data, items, torch.zeros(len(self.specs), dtype=torch.float64), a_rows, b_rows)
+
+    def _pack_views(self, data: torch.Tensor, layer: int, rank: int, a0: int, b0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.specs[layer]
+        per = rank // spec.groups
+        a = data[a0 : a0 + rank * spec.in_dim].view(spec.groups, per, spec.in_dim)
+        return a, data[b0 : b0 + per * spec.out_dim].view(per, spec.out_dim)
 
     def write(self, region: int, pack: Pack, multiplier: float) -> None:
-        """Copies ``pack`` into ``region`` in place and zeroes what the old content left."""
-        with torch.no_grad():
-            self._write_rows(self.A[region], pack.a, self.a_extent[region])
-            self._write_rows(self.B[region], pack.b, self.b_extent[region])
-            self.S[region].copy_(pack.scales * multiplier)
-        self.a_extent[region] = pack.a.shape[0]
-        self.b_extent[region] = pack.b.shape[0]
+        """Copies ``pack`` into ``region`` in place: one transfer, one zero fill, one batched copy."""
+        data = pack.data.to(self.device, non_blocking=pack.data.is_pinned())
+        dsts, srcs = [], []
+        for i, r, a0, b0 in pack.items:
+            dsts += self.views(i, region, r)
+            srcs += self._pack_views(data, i, r, a0, b0)
+        self._write(region, dsts, srcs, pack.scales * multiplier, pack.a_rows, pack.b_rows)
 
-    def write_staged(self, region: int, entries: list[tuple[int, torch.Tensor, torch.Tensor]], scales: torch.Tensor, multiplier: float) -> None:
-        """Writes ``(layer, A, B)`` triples (already on this device) straight into ``region``.
-
-        Zeroes the rows either the old or the new content uses, then copies every layer in
-        one batched call; the caller has validated everything before.
-        """
-        a_rows, b_rows = self.extents({i: a.shape[0] for i, a, _ in entries})
+    def write_staged(self, region: int, entries: list[Entry], scales: torch.Tensor, multiplier: float) -> None:
+        """Writes ``(layer, A, B)`` triples (already on this device) straight into ``region``."""
         dsts, srcs = [], []
         for i, a, b in entries:
-            dst_a, dst_b = self._region_view(region, i, a.shape[0])
-            src_a, src_b = self.sources(i, a, b)
-            dsts += [dst_a, dst_b]
-            srcs += [src_a, src_b]
+            dsts += self.views(i, region, a.shape[0])
+            srcs += self.sources(i, a, b)
+        a_rows, b_rows = self.extents({i: a.shape[0] for i, a, _ in entries})
+        self._write(region, dsts, srcs, scales * multiplier, a_rows, b_rows)
+
+    def _write(self, region: int, dsts: list[torch.Tensor], srcs: list[torch.Tensor], scales: torch.Tensor, a_rows: int, b_rows: int) -> None:
+        """Zeroes ``region``, copies every layer in one batched call, sets the scales.
+
+        The caller has validated everything before: nothing here can fail on bad input.
+        """
         with torch.no_grad():
-            for t, n in ((self.A, max(a_rows, self.a_extent[region])), (self.B, max(b_rows, self.b_extent[region]))):
-                if n:
-                    t[region, :n].zero_()
+            self.A[region].zero_()
+            self.B[region].zero_()
             if dsts:
                 torch._foreach_copy_(dsts, srcs)
-            self.S[region].copy_(scales * multiplier)
+            self.S[region].copy_(scales)
         self.a_extent[region], self.b_extent[region] = a_rows, b_rows
-
-    @staticmethod
-    def _write_rows(dst: torch.Tensor, rows: torch.Tensor, old_extent: int) -> None:
-        n = rows.shape[0]
-        if n:
-            dst[:n].copy_(rows, non_blocking=rows.is_pinned())
-        if old_extent > n:
-            dst[n:old_extent].zero_()
 
     def set_scales(self, region: int, scales: torch.Tensor) -> None:
         """Overwrites the per-layer scales of ``region`` (float64 host tensor ``[n_layers]``)."""
@@ -199,23 +197,18 @@ class Arena:
             self.S[region].copy_(scales)
 
     def copy_region(self, src: int, dst: int) -> None:
-        """Makes ``dst`` an exact copy of ``src`` (only the rows either one uses move)."""
+        """Makes ``dst`` an exact copy of ``src``: one device copy per buffer."""
         with torch.no_grad():
-            for t, ext in ((self.A, self.a_extent), (self.B, self.b_extent)):
-                n = max(ext[src], ext[dst])
-                if n:
-                    t[dst, :n].copy_(t[src, :n])
-                ext[dst] = ext[src]
-            self.S[dst].copy_(self.S[src])
+            for t in (self.A, self.B, self.S):
+                t[dst].copy_(t[src])
+        self.a_extent[dst], self.b_extent[dst] = self.a_extent[src], self.b_extent[src]
 
     def clear(self, region: int) -> None:
         """Zeroes ``region``."""
         with torch.no_grad():
-            for t, ext in ((self.A, self.a_extent), (self.B, self.b_extent)):
-                if ext[region]:
-                    t[region, : ext[region]].zero_()
-                ext[region] = 0
-            self.S[region].zero_()
+            for t in (self.A, self.B, self.S):
+                t[region].zero_()
+        self.a_extent[region] = self.b_extent[region] = 0
 
 
 class BufferManager:

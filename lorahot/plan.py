@@ -3,7 +3,7 @@
 Nothing here touches the model. :func:`plan_load` checks keys, shapes, ranks and alphas and
 either raises listing every problem or returns a :class:`LoadPlan`. :func:`stage` then moves
 the tensors to the arenas' devices and checks their values (NaN/Inf) there, and
-:func:`pack_host` packs them into host rows for the cache. Only after all of that does the
+:func:`pack_host` packs them into one compact host buffer per arena for the cache. Only after all of that does the
 buffer manager write.
 """
 
@@ -139,7 +139,7 @@ def _fits(max_abs: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def pack_host(plan: LoadPlan, manager: BufferManager) -> list[Pack]:
-    """Packs the plan into host rows per arena (pinned for GPU arenas) and checks the values.
+    """Packs the plan into one host buffer per arena (pinned for GPU arenas), checks the values.
 
     Raises:
         AdapterReadError: NaN or Inf in any weight, or values that overflow the arena dtype.
@@ -149,7 +149,7 @@ def pack_host(plan: LoadPlan, manager: BufferManager) -> list[Pack]:
         pack = arena.pack([(i, m.A, m.B) for i, m in entries], pin=arena.device.type == "cuda")
         pack.scales.copy_(scales)
         packs.append(pack)
-    if not all(bool(torch.isfinite(p.a).all()) and bool(torch.isfinite(p.b).all()) for p in packs):
+    if not all(bool(torch.isfinite(p.data).all()) for p in packs):
         _raise_not_finite(plan)  # in the arena dtype: overflow shows as Inf too
     return packs
 

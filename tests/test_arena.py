@@ -37,8 +37,10 @@ def _pointers(runtime: lorahot.LoraRuntime) -> list[int]:
 def _assert_zero_past_extent(runtime: lorahot.LoraRuntime) -> None:
     for arena in runtime._manager.arenas:
         for region in range(arena.regions):
-            assert not arena.A[region, arena.a_extent[region] :].any()
-            assert not arena.B[region, arena.b_extent[region] :].any()
+            for layer in range(len(arena.specs)):
+                a_rows, b_rows = arena.rows(layer, region)
+                assert not a_rows[arena.a_extent[region] :].any()
+                assert not b_rows[arena.b_extent[region] :].any()
 
 
 OPS = st.lists(
@@ -90,15 +92,19 @@ def test_layer_buffers_are_views_into_the_live_region() -> None:
     assert runtime.layers["conv"].lora_B.shape == (6, 4, 1, 1)
 
 
-def test_columns_are_aligned_and_disjoint() -> None:
+def test_blocks_are_contiguous_aligned_and_disjoint() -> None:
     _, runtime = _inject(slots=1)
     for arena in runtime._manager.arenas:
-        for offsets, dims, width in ((arena.a_off, [s.in_dim for s in arena.specs], arena.A.shape[2]),
-                                     (arena.b_off, [s.out_dim for s in arena.specs], arena.B.shape[2])):
-            assert all(o % 16 == 0 for o in offsets)
-            ends = [o + d for o, d in zip(offsets, dims)]
+        for offsets, dims, total in ((arena.a_off, [s.in_dim for s in arena.specs], arena.A.shape[1]),
+                                     (arena.b_off, [s.out_dim for s in arena.specs], arena.B.shape[1])):
+            assert all(o % 64 == 0 for o in offsets)
+            ends = [o + arena.rank * d for o, d in zip(offsets, dims)]
             assert all(e <= o for e, o in zip(ends, offsets[1:]))
-            assert ends[-1] <= width and width % 16 == 0
+            assert ends[-1] <= total
+        for layer in range(len(arena.specs)):
+            assert all(t.is_contiguous() for t in arena.rows(layer, 0))
+    for layer in runtime.layers.values():  # the forward multiplies plain row-major operands
+        assert layer.lora_A.is_contiguous() and (layer.lora_B.is_contiguous() or layer.spec.kind == "conv")
     assert [a.dtype for a in runtime._manager.arenas] == [torch.float32, torch.float64]
 
 
