@@ -41,15 +41,18 @@ class Pack:
     """One adapter's content for one arena, compact, in host memory, ready for one copy.
 
     Attributes:
-        data: flat ``[n]``: per layer, its ``r`` rows of A then its ``r/g`` rows of B^T.
-        items: ``(layer, rank, a_start, b_start)`` offsets of each layer's part in ``data``.
+        data: flat ``[n]``: per layer, its A rows (group by group) then its B^T rows.
+        sizes: the length of each piece of ``data``, in the order of the layers'
+            :meth:`Arena.flat_views`.
+        ranks: ``(layer, rank)`` of every layer the adapter touches, in packing order.
         scales: ``[n_layers]`` float64 per-layer scale (before the user's multiplier), 0 where
             the adapter does not touch a layer.
         a_rows, b_rows: the most rows of A / B^T any layer uses.
     """
 
     data: torch.Tensor
-    items: list[tuple[int, int, int, int]]
+    sizes: list[int]
+    ranks: list[tuple[int, int]]
     scales: torch.Tensor
     a_rows: int
     b_rows: int
@@ -138,36 +141,39 @@ class Arena:
         per = A.shape[0] // spec.groups
         return A.reshape(spec.groups, per, spec.in_dim), B.reshape(spec.out_dim, per).t()
 
+    def flat_views(self, layer: int, region: int, rank: int) -> list[torch.Tensor]:
+        """:meth:`views` as flat contiguous pieces (one per group of A, then B), memoized."""
+        key = (layer, region, -rank)
+        found = self._views.get(key)
+        if found is None:
+            a, b = self.views(layer, region, rank)
+            found = self._views[key] = [*(g.reshape(-1) for g in a.unbind(0)), b.reshape(-1)]
+        return found  # type: ignore[return-value]
+
     def pack(self, entries: list[Entry], *, pin: bool) -> Pack:
-        """Packs ``(layer, A, B)`` triples compactly into one host buffer (pinned if ``pin``)."""
-        items, pos = [], 0
+        """Packs ``(layer, A, B)`` triples compactly into one host buffer (pinned if ``pin``),
+        in the order and sizes of their :meth:`flat_views`."""
+        sizes, ranks = [], {}
         for i, a, _ in entries:
             spec, r = self.specs[i], a.shape[0]
-            items.append((i, r, pos, pos + r * spec.in_dim))
-            pos += r * spec.in_dim + r // spec.groups * spec.out_dim
-        data = torch.empty(pos, dtype=self.dtype, pin_memory=pin)
-        for (i, a, b), (_, r, a0, b0) in zip(entries, items):
-            dst_a, dst_b = self._pack_views(data, i, r, a0, b0)
+            ranks[i] = r
+            sizes += [r // spec.groups * spec.in_dim] * spec.groups + [r // spec.groups * spec.out_dim]
+        data = torch.empty(sum(sizes), dtype=self.dtype, pin_memory=pin)
+        pieces = iter(data.split(sizes))
+        for i, a, b in entries:
+            spec = self.specs[i]
             src_a, src_b = self.sources(i, a, b)
-            dst_a.copy_(src_a)
-            dst_b.copy_(src_b)
-        a_rows, b_rows = self.extents({i: r for i, r, _, _ in items})
-        return Pack(data, items, torch.zeros(len(self.specs), dtype=torch.float64), a_rows, b_rows)
-
-    def _pack_views(self, data: torch.Tensor, layer: int, rank: int, a0: int, b0: int) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = self.specs[layer]
-        per = rank // spec.groups
-        a = data[a0 : a0 + rank * spec.in_dim].view(spec.groups, per, spec.in_dim)
-        return a, data[b0 : b0 + per * spec.out_dim].view(per, spec.out_dim)
+            for group in src_a.unbind(0):
+                next(pieces).view_as(group).copy_(group)
+            next(pieces).view_as(src_b).copy_(src_b)
+        a_rows, b_rows = self.extents(ranks)
+        return Pack(data, sizes, list(ranks.items()), torch.zeros(len(self.specs), dtype=torch.float64), a_rows, b_rows)
 
     def write(self, region: int, pack: Pack, multiplier: float) -> None:
         """Copies ``pack`` into ``region`` in place: one transfer, one zero fill, one batched copy."""
         data = pack.data.to(self.device, non_blocking=pack.data.is_pinned())
-        dsts, srcs = [], []
-        for i, r, a0, b0 in pack.items:
-            dsts += self.views(i, region, r)
-            srcs += self._pack_views(data, i, r, a0, b0)
-        self._write(region, dsts, srcs, pack.scales * multiplier, pack.a_rows, pack.b_rows)
+        dsts = [piece for i, r in pack.ranks for piece in self.flat_views(i, region, r)]
+        self._write(region, dsts, list(data.split(pack.sizes)), pack.scales * multiplier, pack.a_rows, pack.b_rows)
 
     def write_staged(self, region: int, entries: list[Entry], scales: torch.Tensor, multiplier: float) -> None:
         """Writes ``(layer, A, B)`` triples (already on this device) straight into ``region``."""
