@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lorahot.errors import UsageError
-from lorahot.layers import LoRALayer, layer_class_for
+from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
 from lorahot.layers.linear import linear_features
 
 __all__ = ["Targets", "match_targets", "wrap_modules", "unwrap_modules", "eject"]
@@ -76,7 +76,7 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
         if owner is not None:
             raise TypeError(f"{owner}: already a {type(modules[owner]).__name__}; call lorahot.eject(model) before injecting again.")
         if layer_class_for(m) is None:
-            raise TypeError(f"{n}: cannot add LoRA to {type(m).__name__}. Supported: Linear-like (in_features/out_features, Conv1D), Conv1d/2d/3d, Embedding. Narrow targets to exclude it.")
+            raise TypeError(f"{n}: cannot add LoRA to {type(m).__name__}. Supported: {', '.join(d for d, _, _ in SUPPORTED)}. Narrow targets to exclude it.")
     nested = [(p, c) for p in names for c in names if c.startswith(p + ".")]
     if nested:
         p, c = nested[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from lorahot.layers.base import LayerSpec, LoRALayer
@@ -11,20 +13,14 @@ from lorahot.layers.linear import LoRALinear, linear_features
 
 __all__ = ["LayerSpec", "LoRALayer", "LoRALinear", "LoRAConv", "LoRAEmbedding", "layer_class_for", "SUPPORTED"]
 
-#: Base module types lorahot wraps, in the order they are tried, with the layer for each.
-SUPPORTED: tuple[tuple[str, type[LoRALayer]], ...] = (
-    ("Conv1d / Conv2d / Conv3d", LoRAConv),
-    ("Embedding", LoRAEmbedding),
-    ("Linear, Conv1D, or any module with in_features/out_features", LoRALinear),
+#: What lorahot wraps, in the order it is tried: (description, predicate, layer class).
+SUPPORTED: tuple[tuple[str, Callable[[nn.Module], bool], type[LoRALayer]], ...] = (
+    ("Conv1d/2d/3d", lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), LoRAConv),
+    ("Embedding", lambda m: isinstance(m, nn.Embedding), LoRAEmbedding),
+    ("Linear-like (Linear, Conv1D, in_features/out_features)", lambda m: linear_features(m) is not None, LoRALinear),
 )
 
 
 def layer_class_for(module: nn.Module) -> type[LoRALayer] | None:
     """The LoRA layer class that wraps ``module``, or None if lorahot cannot wrap it."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return LoRAConv
-    if isinstance(module, nn.Embedding):
-        return LoRAEmbedding
-    if linear_features(module) is not None:
-        return LoRALinear
-    return None
+    return next((cls for _, accepts, cls in SUPPORTED if accepts(module)), None)
