@@ -102,16 +102,23 @@ def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
 
 
 def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> None:
-    """Puts each wrapper's base module back in its place; the inverse of :func:`wrap_modules`."""
+    """Puts each wrapper's base module back in its place; the inverse of :func:`wrap_modules`.
+
+    A merged-mode layer first gets its pristine base weight back.
+    """
     for name, layer in layers.items():
+        if layer.pristine_weight is not None:
+            with torch.no_grad():
+                layer.base_layer.weight.copy_(layer.pristine_weight)
         _set_submodule(model, name, layer.base_layer)
 
 
 def eject(model: nn.Module) -> nn.Module:
     """Puts every original module back in place of its LoRA wrapper; returns ``model``.
 
-    The base weights were never modified, so the model computes bitwise what it did before
-    ``inject``. A runtime attached to the model must not be used afterwards.
+    The base weights were never modified (merged mode puts its pristine copy back), so the
+    model computes bitwise what it did before ``inject``. A runtime attached to the model must
+    not be used afterwards.
     """
     unwrap_modules(model, {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)})
     return model

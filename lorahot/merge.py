@@ -54,6 +54,7 @@ class Merger:
             weight = layer.base_layer.weight
             with torch.no_grad():
                 pristine = weight.detach().clone()
+            layer.pristine_weight = pristine  # eject puts it back, even without this runtime
             arena, index = manager.where[name]
             self._items.append((layer, weight, pristine, arena, index))
 

@@ -68,6 +68,8 @@ class LoRALayer(nn.Module):
     #: Set once at inject time in merged mode (the adapter lives in the base weights then);
     #: never changed afterwards, so the compiler sees a constant.
     merged: bool = False
+    #: In merged mode, the base weight as it was at inject time (what eject puts back).
+    pristine_weight: torch.Tensor | None = None
 
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
         super().__init__()
