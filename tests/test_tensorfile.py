@@ -1,0 +1,52 @@
+"""lorahot's own safetensors reader: same tensors as the library, one buffer, honest failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorahot
+from lorahot.safety import check_safetensors
+from lorahot.tensorfile import read_tensors
+
+
+def _file(tmp_path: Path) -> Path:
+    path = tmp_path / "a.safetensors"
+    tensors = {
+        "odd.f16": torch.randn(3, dtype=torch.float16),  # 6 bytes: the next tensor starts misaligned
+        "x.f32": torch.randn(5, 7),
+        "y.bf16": torch.randn(2, 3, 4).to(torch.bfloat16),
+        "z.f64": torch.randn(4, dtype=torch.float64),
+        "empty": torch.zeros(0, 3),
+    }
+    save_file(tensors, str(path))
+    return path
+
+
+def test_reads_what_safetensors_reads(tmp_path: Path) -> None:
+    path = _file(tmp_path)
+    ours = read_tensors(path, check_safetensors(path))
+    theirs = load_file(str(path))
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+
+
+def test_large_file_is_read_in_parallel_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lorahot.tensorfile as tf
+
+    monkeypatch.setattr(tf, "_CHUNK", 1000)  # many chunks for a small file
+    path = _file(tmp_path)
+    ours = read_tensors(path, check_safetensors(path))
+    assert all(torch.equal(ours[k], v) for k, v in load_file(str(path)).items())
+
+
+def test_file_shrunk_after_header_check_is_a_read_error(tmp_path: Path) -> None:
+    path = _file(tmp_path)
+    header = check_safetensors(path)
+    path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(lorahot.AdapterReadError, match=r"a\.safetensors: the file is shorter than its header says"):
+        read_tensors(path, header)
