@@ -3,7 +3,9 @@
 154 Llama-shaped linear layers (in 2048 / out 2048..5632 mix), T tokens, bf16, rank 64.
 Variants: base only; LoRA with A/B as strided views of a rank-major arena (lorahot today);
 LoRA with contiguous per-layer A/B; LoRA with the scale folded and the add fused in addmm.
-Prints ms per step (all layers) for T=1 and T=128.
+Prints ms per step (all layers) for T=1 and T=128. Not yet run in this form: an earlier
+version returned only the last layer's output, so the compiler dropped the other layers and
+its numbers meant nothing.
 """
 
 import torch
@@ -26,7 +28,7 @@ xs = {i: None for i, _ in shapes}
 
 
 def step(variant, T):
-    out = 0
+    outs = []  # every layer's output is returned, so the compiler cannot drop any layer
     for l, (i, o) in enumerate(shapes):
         x = X[T][i]
         y = x @ W[l].t()
@@ -36,8 +38,8 @@ def step(variant, T):
             y = y + ((x @ cA[l].t()) @ cB[l]) * scale
         elif variant == "addmm":
             y = torch.addmm(y, x @ cA[l].t(), cB[l])
-        out = y
-    return out
+        outs.append(y)
+    return outs
 
 
 X = {T: {i: torch.randn(T, i, device=dev, dtype=dt) for i in (2048, 5632)} for T in (1, 128)}
