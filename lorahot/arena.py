@@ -81,6 +81,7 @@ class Arena:
         self.a_extent = [0] * regions  # most rows of A any layer uses; rows past it are zero
         self.b_extent = [0] * regions
         self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._flat: dict[tuple[int, int, int], list[torch.Tensor]] = {}
 
     @staticmethod
     def _offsets(sizes: list[int]) -> tuple[list[int], int]:
@@ -143,12 +144,12 @@ class Arena:
 
     def flat_views(self, layer: int, region: int, rank: int) -> list[torch.Tensor]:
         """:meth:`views` as flat contiguous pieces (one per group of A, then B), memoized."""
-        key = (layer, region, -rank)
-        found = self._views.get(key)
+        key = (layer, region, rank)
+        found = self._flat.get(key)
         if found is None:
             a, b = self.views(layer, region, rank)
-            found = self._views[key] = [*(g.reshape(-1) for g in a.unbind(0)), b.reshape(-1)]
-        return found  # type: ignore[return-value]
+            found = self._flat[key] = [*(g.reshape(-1) for g in a.unbind(0)), b.reshape(-1)]
+        return found
 
     def pack(self, entries: list[Entry], *, pin: bool) -> Pack:
         """Packs ``(layer, A, B)`` triples compactly into one host buffer (pinned if ``pin``),
@@ -161,7 +162,6 @@ class Arena:
         data = torch.empty(sum(sizes), dtype=self.dtype, pin_memory=pin)
         pieces = iter(data.split(sizes))
         for i, a, b in entries:
-            spec = self.specs[i]
             src_a, src_b = self.sources(i, a, b)
             for group in src_a.unbind(0):
                 next(pieces).view_as(group).copy_(group)

@@ -80,7 +80,3 @@ class Merger:
                 m1, m2 = _delta_operands(layer, a[:rows], bt[:rows])
                 flat_w, flat_p = weight.view(weight.shape[0], -1), pristine.view(pristine.shape[0], -1)
                 torch.addmm(flat_p, m1, m2, alpha=s, out=flat_w)
-
-    def restore(self) -> None:
-        """Puts the pristine weights back."""
-        self.apply(None)

@@ -127,11 +127,10 @@ class LoraRuntime:
         Raises:
             lorahot.LoraError: the adapter cannot be read or does not fit; nothing changed.
         """
-        self._check_usable()
         slot, scale = self._slot(slot), _finite(scale, "scale")
         live = slot == self._active
         prepared = self._cached(source, read_kwargs)
-        self._check_usable(every_layer=prepared is None)  # cheap next to reading a file
+        self._check_usable(every_layer=prepared is None)  # every layer: cheap next to reading a file
         if prepared is not None:
             adapter, plan = prepared.adapter, prepared.plan
             self._manager.write(slot, prepared.packs, scale, live=live)
