@@ -2,19 +2,23 @@
 recompiles over 30 mixed-rank swaps, for lorahot and PEFT in the same process.
 
 Modes: ``default`` (``torch.compile(model)``) and ``reduce-overhead`` (CUDA graphs). PEFT is
-measured with its default float32 adapter and with the same adapter in bf16.
+measured with its default float32 adapter and with the same adapter in bf16. On a GPU,
+lorahot runs with and without its fused kernel. All configurations of a mode are compiled
+first and then timed in interleaved rounds, so clock drift hits them alike.
 """
 
 from __future__ import annotations
 
 import random
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 import lorahot
-from benchmarks.common import median_ms, rel_err
+from benchmarks.common import median_ms, rel_err, sync
 from benchmarks.workload import MAX_RANK, RANKS, TARGETS, Workload
 
 
@@ -28,82 +32,119 @@ def _compiled(model: torch.nn.Module, mode: str, fullgraph: bool = False) -> Cal
     return call
 
 
-def _latency(call: Callable[[torch.Tensor], torch.Tensor], w: Workload, repeat: int) -> dict[str, float]:
-    return {name: median_ms(lambda: call(ids), w.device, repeat=repeat, warmup=5) for name, ids in (("decode", w.decode), ("prefill", w.prefill))}
+ROUNDS = 3  # every configuration is timed once per round, rounds interleaved (drift control)
+
+
+def _time(call: Callable[[torch.Tensor], torch.Tensor], w: Workload, repeat: int) -> dict[str, float]:
+    """Synced latency per phase, and the host time of one call (what the CPU spends launching it)."""
+    out = {name: median_ms(lambda: call(ids), w.device, repeat=repeat, warmup=5) for name, ids in (("decode", w.decode), ("prefill", w.prefill))}
+    out["decode_host_ms"] = _host_ms(call, w.decode, w.device)
+    return out
+
+
+def _host_ms(call: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, device: torch.device) -> float:
+    times = []
+    for _ in range(20):
+        sync(device)
+        t = time.perf_counter()
+        call(ids)
+        times.append((time.perf_counter() - t) * 1e3)
+        sync(device)
+    return statistics.median(times)
 
 
 def _unique_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def lorahot_mode(w: Workload, mode: str, refs: dict[int, torch.Tensor], repeat: int, fullgraph: bool = False, merged: bool = False) -> dict[str, Any]:
-    """Compiles a lorahot model, swaps 30 times among ranks, then times rank 64."""
-    torch._dynamo.reset()
+Prepared = tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any], Any]
+
+
+def lorahot_mode(w: Workload, mode: str, refs: dict[int, torch.Tensor], fullgraph: bool = False, merged: bool = False, fused: bool = True) -> Prepared:
+    """Compiles a lorahot model, swaps 30 times among ranks (checking each against the eager
+    reference and counting recompiles), then leaves the rank-64 adapter active."""
     model = w.fresh_base()
-    runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, merged=merged)
+    runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, merged=merged, fused=fused)
     call = _compiled(model, mode, fullgraph)
     call(w.prefill), call(w.decode)  # compile before any adapter is loaded
     graphs = _unique_graphs()
     rng = random.Random(0)
     errs: dict[str, float] = {}
-    with torch._dynamo.config.patch(error_on_recompile=False):
-        for _ in range(30):
-            rank = rng.choice(list(RANKS))
-            runtime.load(w.adapters[rank])
-            err = rel_err(call(w.prefill), refs[rank])  # before the next replay reuses the output
-            call(w.decode)
-            errs[str(rank)] = max(errs.get(str(rank), 0.0), err)
-    recompiles = _unique_graphs() - graphs
+    for _ in range(30):
+        rank = rng.choice(list(RANKS))
+        runtime.load(w.adapters[rank])
+        err = rel_err(call(w.prefill), refs[rank])  # before the next replay reuses the output
+        call(w.decode)
+        errs[str(rank)] = max(errs.get(str(rank), 0.0), err)
+    info: dict[str, Any] = {"recompiles": _unique_graphs() - graphs, "rel_err": errs}
     runtime.load(w.adapters[64])
-    result = {"recompiles": recompiles, "rel_err": errs, **_latency(call, w, repeat)}
     if merged:
-        result["swap_ms"] = median_ms(lambda: runtime.load(w.adapters[64]), w.device, repeat=repeat)
-    del call, model, runtime
-    return result
+        info["swap_ms"] = median_ms(lambda: runtime.load(w.adapters[64]), w.device, repeat=20)
+    return call, info, (model, runtime)
 
 
-def peft_mode(w: Workload, mode: str, refs: dict[int, torch.Tensor], repeat: int, bf16: bool) -> dict[str, Any]:
+def peft_mode(w: Workload, mode: str, refs: dict[int, torch.Tensor], bf16: bool) -> Prepared:
     from peft import PeftModel
 
-    torch._dynamo.reset()
     model = PeftModel.from_pretrained(w.fresh_base(), str(w.adapters[64]), autocast_adapter_dtype=not bf16).eval()
     if bf16:
         model = model.to(w.dtype)
     call = _compiled(model, mode)
-    out = call(w.prefill)
-    result = {"rel_err": rel_err(out, refs[64]), **_latency(call, w, repeat)}
-    del call, model
-    return result
+    return call, {"rel_err": rel_err(call(w.prefill), refs[64])}, model
 
 
-def base_mode(w: Workload, mode: str, repeat: int) -> dict[str, float]:
-    torch._dynamo.reset()
+def base_mode(w: Workload, mode: str) -> Prepared:
     model = w.fresh_base()
     call = _compiled(model, mode)
-    result = _latency(call, w, repeat)
-    del call, model
-    return result
+    call(w.prefill), call(w.decode)
+    return call, {}, model
 
 
 def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int, modes: list[str], with_peft: bool = True, save: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
-    """Every configuration in every mode; ``save`` receives the results after each one."""
+    """Per mode: compiles every configuration, then times them in :data:`ROUNDS` interleaved
+    rounds and keeps each figure's median over rounds; ``save`` gets the results as they come."""
+    torch._dynamo.config.cache_size_limit = 64  # several models share the compiled code objects
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 64
     out: dict[str, Any] = {"forward": {}}
     for mode in modes:
-        configs: dict[str, Callable[[], Any]] = {
-            "base": lambda: base_mode(w, mode, repeat),
-            "lorahot": lambda: lorahot_mode(w, mode, refs, repeat),
+        torch._dynamo.reset()
+        configs: dict[str, Callable[[], Prepared]] = {
+            "base": lambda: base_mode(w, mode),
+            "lorahot": lambda: lorahot_mode(w, mode, refs),
         }
+        if w.device.type == "cuda":
+            configs["lorahot_unfused"] = lambda: lorahot_mode(w, mode, refs, fused=False)
         if mode == "reduce-overhead" or w.device.type == "cpu":
-            configs["lorahot_merged"] = lambda: lorahot_mode(w, mode, refs, repeat, merged=True)
+            configs["lorahot_merged"] = lambda: lorahot_mode(w, mode, refs, merged=True)
         if with_peft:
-            configs["peft"] = lambda: peft_mode(w, mode, refs, repeat, bf16=False)
-            configs["peft_bf16"] = lambda: peft_mode(w, mode, refs, repeat, bf16=True)
-        for name, measure in configs.items():
-            out["forward"].setdefault(mode, {})[name] = measure()
-            print(f"[forward {mode} {name}] {out['forward'][mode][name]}", flush=True)
+            configs["peft"] = lambda: peft_mode(w, mode, refs, bf16=False)
+            configs["peft_bf16"] = lambda: peft_mode(w, mode, refs, bf16=True)
+        results = out["forward"].setdefault(mode, {})
+        prepared = {}
+
+        def time_round(names: list[str], label: str) -> None:
+            for name in names:
+                for key, value in _time(prepared[name][0], w, repeat).items():
+                    results[name].setdefault("rounds", {}).setdefault(key, []).append(value)
+                results[name].update({key: statistics.median(v) for key, v in results[name]["rounds"].items()})
+            print(f"[forward {mode} {label}] " + "  ".join(f"{n} {results[n]['rounds']['decode'][-1]:.3f}/{results[n]['rounds']['prefill'][-1]:.3f}" for n in names), flush=True)
             save(out)
+
+        for name, prepare in configs.items():  # round 1 right after each compile: a cut-off run keeps it
+            t = time.perf_counter()
+            call, info, keep = prepare()
+            prepared[name] = (call, keep)
+            results[name] = {**info, "prepare_s": round(time.perf_counter() - t, 1)}
+            print(f"[forward {mode} {name} ready] {results[name]}", flush=True)
+            time_round([name], f"{name} round 1")
+        for rnd in range(2, ROUNDS + 1):  # then interleaved rounds over every configuration
+            time_round(list(prepared), f"round {rnd}")
+        del prepared
     return out
 
 
 def run_fullgraph(w: Workload, refs: dict[int, torch.Tensor], repeat: int) -> dict[str, Any]:
-    return {"forward": {"fullgraph": {"lorahot": lorahot_mode(w, "default", refs, repeat, fullgraph=True)}}}
+    torch._dynamo.reset()
+    call, info, keep = lorahot_mode(w, "default", refs, fullgraph=True)
+    return {"forward": {"fullgraph": {"lorahot": {**info, **_time(call, w, repeat)}}}}

@@ -37,12 +37,13 @@ def summary(raw: dict[str, Any]) -> dict[str, Any]:
     if "reduce-overhead" in fwd:
         ro = fwd["reduce-overhead"]
         for phase in ("decode", "prefill"):
-            out[f"{phase}_ms"] = {k: ro[k][phase] for k in ("base", "lorahot", "peft", "peft_bf16", "lorahot_merged") if k in ro}
+            out[f"{phase}_ms"] = {k: ro[k][phase] for k in ("base", "lorahot", "peft", "peft_bf16", "lorahot_merged", "lorahot_unfused") if k in ro}
+        out["decode_host_ms"] = {k: v["decode_host_ms"] for k, v in ro.items() if "decode_host_ms" in v}
         if "lorahot_merged" in ro:
             out["merged_swap_ms"] = ro["lorahot_merged"]["swap_ms"]
     if "default" in fwd:
         d = fwd["default"]
-        out["default_mode_ms"] = {phase: {k: d[k][phase] for k in ("base", "lorahot", "peft", "peft_bf16") if k in d} for phase in ("decode", "prefill")}
+        out["default_mode_ms"] = {phase: {k: d[k][phase] for k in ("base", "lorahot", "lorahot_unfused", "lorahot_merged", "peft", "peft_bf16") if k in d and phase in d[k]} for phase in ("decode", "prefill")}
     errs = list(raw.get("rel_err", {}).values())
     for m in fwd.values():
         for k, v in m.items():

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from lorahot.layers.base import LayerSpec
+from lorahot.registry import Handle
 
 __all__ = ["Arena", "Pack", "BufferManager"]
 
@@ -78,6 +79,7 @@ class Arena:
             self.B = torch.zeros(regions, b_total, device=device, dtype=dtype)
             # float32 scales (float64 for float64 layers): finer than the weights they scale
             self.S = torch.zeros(regions, len(specs), device=device, dtype=torch.promote_types(dtype, torch.float32))
+        self.handle = Handle((self.A, self.B, self.S))  # how compiled graphs reach the buffers
         self.a_extent = [0] * regions  # most rows of A any layer uses; rows past it are zero
         self.b_extent = [0] * regions
         self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -243,11 +245,12 @@ class BufferManager:
         """Bytes of adapter storage allocated, all arenas and regions together."""
         return sum(a.nbytes for a in self.arenas)
 
-    def live_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The live ``A`` rows, ``B^T`` rows and scale views of layer ``name``."""
+    def live_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Handle]:
+        """The live ``A`` rows, ``B^T`` rows and scale views of layer ``name``, and the handle
+        of its arena."""
         arena, idx = self.where[name]
         a, b = self.arenas[arena].rows(idx, self.live)
-        return a, b, self.arenas[arena].scale(idx, self.live)
+        return a, b, self.arenas[arena].scale(idx, self.live), self.arenas[arena].handle
 
     def write(self, slot: int, packs: list[Pack], multiplier: float, *, live: bool) -> None:
         """Copies one pack per arena into ``slot``, and into the live region if ``live``."""

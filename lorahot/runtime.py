@@ -25,6 +25,7 @@ from lorahot.layers import LoRALayer
 from lorahot.loader import read_adapter
 from lorahot.merge import Merger, check_mergeable
 from lorahot.plan import pack_host, plan_load, stage
+from lorahot.registry import Handle
 from lorahot.sources import Source
 
 __all__ = ["AdapterInfo", "LoraRuntime", "inject"]
@@ -58,7 +59,7 @@ class LoraRuntime:
     active slot. All methods run on a compiled model without recompiling.
     """
 
-    def __init__(self, model: nn.Module, layers: dict[str, LoRALayer], manager: BufferManager, cache_bytes: int = 2 << 30, merged: bool = False) -> None:
+    def __init__(self, model: nn.Module, layers: dict[str, LoRALayer], manager: BufferManager, cache_bytes: int = 2 << 30, merged: bool = False, fused: bool = True) -> None:
         self.model = model
         self.layers = layers
         self._manager = manager
@@ -67,8 +68,9 @@ class LoraRuntime:
         self._base_scales: list[list[torch.Tensor] | None] = [None] * manager.slots  # per arena
         self._ejected = False
         for name, layer in layers.items():
-            layer.bind(*self._live_views(name, layer))
-        self._ptrs = {name: layer.lora_A.data_ptr() for name, layer in layers.items()}
+            a, b, scale, handle = self._live_views(name, layer)
+            layer.bind(a, b, scale, handle=handle, fused=fused)
+        self._ptrs = {name: layer._buffers["_lora_arena_A"].data_ptr() for name, layer in layers.items()}
         self._specs = {name: layer.spec for name, layer in layers.items()}
         devices = {a.device for a in manager.arenas}
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
@@ -78,10 +80,10 @@ class LoraRuntime:
             layer.merged = merged
         self._executor: ThreadPoolExecutor | None = None
 
-    def _live_views(self, name: str, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        a_rows, b_rows, scale = self._manager.live_rows(name)
+    def _live_views(self, name: str, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Handle]:
+        a_rows, b_rows, scale, handle = self._manager.live_rows(name)
         a, b = type(layer).live_views(a_rows, b_rows, layer.spec)
-        return a, b, scale
+        return a, b, scale, handle
 
     # -- properties -------------------------------------------------------------------------
 
@@ -230,7 +232,7 @@ class LoraRuntime:
         if self._ejected:
             raise UsageError("this runtime was ejected; call lorahot.inject again.")
         names = list(self.layers) if every_layer else list(self.layers)[:1]
-        moved = [n for n in names if self.layers[n]._buffers["lora_A"].data_ptr() != self._ptrs[n]]
+        moved = [n for n in names if self.layers[n]._buffers["_lora_arena_A"].data_ptr() != self._ptrs[n]]
         if moved:
             raise UsageError(f"{moved[0]}: its LoRA buffers were replaced (model.to()/load_state_dict(assign=True) after inject?). Move the model first, then inject.")
 
@@ -265,6 +267,7 @@ def inject(
     dtype: torch.dtype | None = None,
     cache_bytes: int = 2 << 30,
     merged: bool = False,
+    fused: bool = True,
 ) -> LoraRuntime:
     """Wraps the targeted modules of ``model`` in LoRA layers and allocates their buffers.
 
@@ -279,6 +282,8 @@ def inject(
         cache_bytes: budget of the host cache of preloaded adapters.
         merged: fold each adapter into the base weights (forward at base speed; swaps
             rewrite the targeted weights from a pristine copy). See :mod:`lorahot.merge`.
+        fused: run each ``nn.Linear`` LoRA layer as one fused CUDA kernel where it applies
+            (fp16/bf16 on CUDA with Triton, inference). See :mod:`lorahot.fused`.
 
     Returns:
         The runtime that loads and swaps adapters. Right after inject the model's outputs
@@ -304,7 +309,7 @@ def inject(
             if merged:
                 check_mergeable(name, layer, dtype)
             specs[name] = (layer.spec, *layer_placement(layer, dtype, name))
-        return LoraRuntime(model, layers, BufferManager(specs, max_rank, slots), cache_bytes, merged)
+        return LoraRuntime(model, layers, BufferManager(specs, max_rank, slots), cache_bytes, merged, fused)
     except BaseException:
         unwrap_modules(model, layers)
         raise

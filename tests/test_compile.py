@@ -158,8 +158,7 @@ def test_negative_control_rebinding_a_different_rank_buffer_recompiles() -> None
     compiled = torch.compile(model, backend=counter)
     x = torch.randn(3, 6)
     compiled(x)
-    layer.register_buffer("lora_A", torch.zeros(2, 6), persistent=False)  # what lorahot never does
-    layer.register_buffer("lora_B", torch.zeros(2, 6), persistent=False)
+    layer.bind(torch.zeros(2, 6), torch.zeros(2, 6), torch.tensor(1.0))  # what lorahot never does
     with torch._dynamo.config.patch(error_on_recompile=True):
         with pytest.raises(torch._dynamo.exc.RecompileError):
             compiled(x)

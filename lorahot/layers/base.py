@@ -1,9 +1,11 @@
 """What every LoRA layer shares: the wrapped base module, its geometry, and the live buffers.
 
 A LoRA layer computes ``base(x) + scale * B(A(x))``. Its ``lora_A``, ``lora_B`` and
-``lora_scale`` buffers are views into the :class:`~lorahot.arena.Arena` that the runtime
-allocated once at ``max_rank``; the layer never allocates, reallocates or rebinds them, so a
-compiled graph (or a captured CUDA graph) keeps reading the same addresses after every swap.
+``lora_scale`` are views into the :class:`~lorahot.arena.Arena` that the runtime allocated once
+at ``max_rank``; the layer never allocates, reallocates or rebinds them, so a compiled graph
+(or a captured CUDA graph) keeps reading the same addresses after every swap. The layer
+reaches the arena tensors through one global handle (:mod:`lorahot.registry`), and a compiled
+graph rebuilds the views from them.
 
 State dicts: the wrapper keeps the original module as ``base_layer`` but saves and loads its
 state under the original keys, so a model with LoRA layers injected still round-trips its base
@@ -18,7 +20,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lorahot.registry import TENSORS, Handle
+
 __all__ = ["LayerSpec", "LoRALayer"]
+
+#: Buffer names under which a layer registers the arena tensors its live views belong to.
+_ARENA_BUFFERS = ("_lora_arena_A", "_lora_arena_B", "_lora_arena_S")
 
 
 @dataclass(frozen=True)
@@ -61,19 +68,21 @@ class LoRALayer(nn.Module):
 
     spec: LayerSpec
     kind: ClassVar[str] = ""
-    lora_A: torch.Tensor
-    lora_B: torch.Tensor
-    lora_scale: torch.Tensor
 
     #: Set once at inject time in merged mode (the adapter lives in the base weights then);
     #: never changed afterwards, so the compiler sees a constant.
     merged: bool = False
+    #: Set at bind time where the layer type has a fused kernel that applies; constant after.
+    fused: bool = False
     #: In merged mode, the base weight as it was at inject time (what eject puts back).
     pristine_weight: torch.Tensor | None = None
 
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
         super().__init__()
         self.base_layer = base_layer
+        # The same module as a plain attribute: the forward reaches it without going through
+        # nn.Module.__getattr__ (and this class's), which the compiler would guard per call.
+        object.__setattr__(self, "_base", base_layer)
         self.spec = spec
         self.register_state_dict_post_hook(_drop_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
@@ -88,14 +97,52 @@ class LoRALayer(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
-    def bind(self, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_scale: torch.Tensor) -> None:
-        """Attaches the live views; called once by the runtime at inject time, never again."""
-        self.register_buffer("lora_A", lora_A, persistent=False)
-        self.register_buffer("lora_B", lora_B, persistent=False)
-        self.register_buffer("lora_scale", lora_scale, persistent=False)
+    def bind(self, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_scale: torch.Tensor, *, handle: Handle | None = None, fused: bool = False) -> None:
+        """Attaches the live views; called once by the runtime at inject time, never again.
+
+        ``handle`` holds the arena tensors the views live in (made here if not given). Under
+        ``torch.compile`` the layer rebuilds its views from those global tensors (see
+        :mod:`lorahot.registry`); eagerly it uses the views. The arena tensors are also
+        registered as non-persistent buffers, so ``model.to()`` after inject can be detected.
+        ``fused`` allows a fused kernel where the layer type has one (see :mod:`lorahot.fused`).
+        """
+        self._live = (lora_A, lora_B, lora_scale)
+        roots = tuple(view if view._base is None else view._base for view in self._live)
+        if handle is None or any(r is not t for r, t in zip(roots, TENSORS.get(handle.key, ()))):
+            handle = Handle(roots)
+        self._handle = handle  # keeps the registry entry alive as long as the layer
+        self._key = handle.key
+        # plain ints: the graph rebuilds each view from its arena tensor without touching it
+        self._geometry = tuple((tuple(v.shape), v.stride(), v.storage_offset()) for v in self._live)
+        for name, root in zip(_ARENA_BUFFERS, roots):
+            self.register_buffer(name, root, persistent=False)
+
+    def _view(self, index: int) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return self._live[index]
+        return TENSORS[self._key][index].as_strided(*self._geometry[index])
+
+    @property
+    def lora_A(self) -> torch.Tensor:
+        """Live A, ``[R, ...]`` (a view into the arena; see the subclass for its layout)."""
+        return self._view(0)
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """Live B (transposed for linear layers), a view into the arena."""
+        return self._view(1)
+
+    @property
+    def lora_scale(self) -> torch.Tensor:
+        """Live scale, a 0-d view into the arena's scale tensor."""
+        return self._view(2)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
+        # Every attribute read here is re-checked by a compiled model's guards on each call, per
+        # layer: keep them few (see lorahot.registry).
+        if self.fused and not args and not kwargs and self.can_fuse(x):
+            return self.fused_forward(x)
+        y = self._base(x, *args, **kwargs)
         if self.merged:
             return y
         # The scale multiplies B(A(x)) next to the add, where the compiler fuses both into one
@@ -104,6 +151,14 @@ class LoRALayer(nn.Module):
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """``B(A(x))`` without the scale, with the shape of ``base_layer(x)``."""
+        raise NotImplementedError
+
+    def can_fuse(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`fused_forward` applies to ``x`` (only called when :attr:`fused`)."""
+        return False
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole layer in a fused kernel, where the subclass has one."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -121,6 +176,6 @@ def _drop_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_me
 def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """Load pre hook: ``<prefix>k`` is loaded into ``<prefix>base_layer.k``."""
     inner = prefix + "base_layer."
-    own = {prefix + n for n in ("lora_A", "lora_B", "lora_scale")}
+    own = {prefix + n for n in _ARENA_BUFFERS}
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner) and k not in own]:
         state_dict[inner + key[len(prefix):]] = state_dict.pop(key)

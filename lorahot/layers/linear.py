@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorahot import fused as fused_kernel
 from lorahot.layers.base import LayerSpec, LoRALayer
+from lorahot.registry import Handle
 
 __all__ = ["LoRALinear", "linear_features"]
 
@@ -49,6 +51,25 @@ class LoRALinear(LoRALayer):
         """Arena rows ``[R, in]``, ``[R, out]`` are used as they are."""
         return a_rows, b_rows
 
+    def bind(self, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_scale: torch.Tensor, *, handle: Handle | None = None, fused: bool = True) -> None:
+        """Attaches the live views; ``fused`` turns on :mod:`lorahot.fused` where it applies
+        (CUDA, fp16/bf16, ``nn.Linear`` base)."""
+        super().bind(lora_A, lora_B, lora_scale, handle=handle)
+        self.fused = fused and fused_kernel.supports(self.base_layer, lora_A)
+
+    def can_fuse(self, x: torch.Tensor) -> bool:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        return not self.merged and fused_kernel.worth_it(rows, x.shape[-1]) and x.dtype == self.lora_A.dtype and not _needs_grad(x, self._base)
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self._base
+        return fused_kernel.lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.lora_scale)
+
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.matmul(x.to(self.lora_A.dtype), self.lora_A.t())  # (..., R)
         return torch.matmul(h, self.lora_B)  # (..., out)
+
+
+def _needs_grad(x: torch.Tensor, base: nn.Module) -> bool:
+    """Whether autograd must see this call (the fused kernel has no backward)."""
+    return torch.is_grad_enabled() and (x.requires_grad or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad))

@@ -1,0 +1,75 @@
+"""The fused LoRA linear: base product, shrink, expand, scale and bias in one CUDA kernel.
+
+A LoRA linear written with library calls launches the base GEMM, the shrink ``x @ A.T`` and
+the expand ``h @ B`` (plus an elementwise add the compiler can fuse away): three kernels where
+the base model has one. At small batch sizes, decode in particular, each of those kernels
+costs a few microseconds of latency however small it is, and on a 154-layer model that adds
+up to more than the base model's whole forward. :func:`lora_linear` does it all in one Triton
+kernel (see :mod:`lorahot._triton_lora`), registered as the custom op ``lorahot::lora_linear``
+so that ``torch.compile`` and CUDA graphs treat it as one opaque, shape-stable call.
+
+It is used where it applies (:func:`supports`) and pays (:func:`worth_it`): CUDA tensors, float16 or bfloat16, an
+``nn.Linear`` base layer whose weight has the arena's dtype, Triton importable, no autograd
+needed. Everywhere else the layer runs the plain library-call formula, which is also the
+reference the kernel is tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["available", "supports", "worth_it", "lora_linear"]
+
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The Triton module, or None where Triton (or CUDA) is missing."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from lorahot import _triton_lora
+    except Exception:  # no Triton, or a Triton this torch cannot use
+        return None
+    return _triton_lora
+
+
+def available() -> bool:
+    """Whether the fused kernel can run on this machine (CUDA and Triton present)."""
+    return _kernel() is not None
+
+
+def supports(base: nn.Module, lora_A: torch.Tensor) -> bool:
+    """Whether a LoRA linear over ``base`` with live buffer ``lora_A`` can use the kernel."""
+    weight = getattr(base, "weight", None)
+    bias = getattr(base, "bias", None)
+    return (
+        type(base) is nn.Linear
+        and isinstance(weight, torch.Tensor)
+        and weight.is_cuda
+        and weight.dtype in _DTYPES
+        and weight.dtype == lora_A.dtype
+        and weight.stride(-1) == 1
+        and (bias is None or bias.dtype == weight.dtype)
+        and available()
+    )
+
+
+def worth_it(rows: int, in_features: int) -> bool:
+    """Whether the kernel beats cuBLAS base + shrink + expand for ``rows`` tokens.
+
+    Measured on an H100 (benchmarks/experiments/forward_probe.py, Llama projection shapes at
+    rank 64): always at decode sizes; at 128 rows for inputs up to 4096 wide, not for wider
+    ones (the down projection); beyond 128 rows cuBLAS's larger tiles win.
+    """
+    return rows <= 16 or (rows <= 128 and in_features <= 4096)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T + bias + scale * (x @ a.T) @ bt`` in one kernel (CUDA, fp16/bf16)."""
+    return _kernel().lora_linear(x, weight, bias, a, bt, scale)

@@ -1,0 +1,38 @@
+"""Global handles on the arena tensors, so a compiled graph reads them once, not once per layer.
+
+``torch.compile`` guards every tensor it reaches through a module attribute, per attribute
+path: with the arena tensors registered on each of a model's 154 LoRA layers, every call
+re-checks 462 tensors (dtype, device, shape, strides) before it runs, which costs more CPU time
+than a decode step's LoRA kernels. Reached through one global key instead, each arena tensor
+is guarded once. Its address is marked static, so CUDA graphs read it in place.
+
+A :class:`Handle` owns one registry entry and removes it when collected; the arena and every
+layer bound to it hold the handle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+
+__all__ = ["Handle", "TENSORS"]
+
+#: key -> tensors; read by the layers' forward under ``torch.compile`` (see :mod:`lorahot.layers.base`).
+TENSORS: dict[int, tuple[torch.Tensor, ...]] = {}
+_ids = itertools.count()
+
+
+class Handle:
+    """Keeps ``tensors`` in :data:`TENSORS` under :attr:`key` for as long as it lives."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.key = next(_ids)
+        TENSORS[self.key] = tensors
+        weakref.finalize(self, TENSORS.pop, self.key, None)
+        if any(t.is_cuda for t in tensors):
+            from torch._dynamo import mark_static_address  # imported only where CUDA graphs can run
+
+            for t in tensors:
+                mark_static_address(t, guard=False)

@@ -1,0 +1,173 @@
+"""The fused LoRA linear kernel (lorahot.fused) and the compiled-graph view of the arena
+(lorahot.registry): float64 references on the GPU, fallbacks everywhere else, and the
+per-call cost a compiled model pays for its LoRA layers (graph inputs)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import lorahot
+from lorahot import fused
+from lorahot.registry import TENSORS
+from tests.helpers import make_adapter, model_reference
+
+NAMES = ("0", "2", "4")
+
+
+def _mlp(dtype: torch.dtype = torch.float32, device: str = "cpu", bias: bool = True) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(48, 64, bias=bias), nn.ReLU(), nn.Linear(64, 40, bias=bias), nn.ReLU(), nn.Linear(40, 24, bias=bias)).to(device, dtype)
+
+
+# -- everywhere -----------------------------------------------------------------------------
+
+
+def test_kernel_is_off_on_cpu_and_the_layers_use_the_library_formula() -> None:
+    model = _mlp()
+    runtime = lorahot.inject(model, list(NAMES), max_rank=8)
+    assert not any(layer.fused for layer in runtime.layers.values())
+    assert not fused.supports(model[0].base_layer, runtime.layers["0"].lora_A)
+
+
+def test_worth_it_follows_the_measured_rule() -> None:
+    assert fused.worth_it(1, 5632) and fused.worth_it(16, 8192)
+    assert fused.worth_it(128, 2048) and not fused.worth_it(128, 5632)
+    assert not fused.worth_it(129, 2048)
+
+
+def test_compiled_graph_has_three_adapter_inputs_per_arena_not_per_layer() -> None:
+    """Each LoRA layer reaches the arena through one global handle, so a compiled model gets
+    (and guards) A, B and S once, whatever the number of layers."""
+    counts = {}
+    for injected in (False, True):
+        model = _mlp()
+        if injected:
+            runtime = lorahot.inject(model, list(NAMES), max_rank=4)
+            runtime.load(make_adapter(model, {n: 2 for n in NAMES})[0])
+
+        def backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+            counts[injected] = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+            return gm
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(model, backend=backend)(torch.randn(2, 48))
+    assert counts[True] == counts[False] + 3
+
+
+def test_registry_entry_lives_with_the_layers_and_goes_with_them() -> None:
+    model = _mlp()
+    runtime = lorahot.inject(model, list(NAMES), max_rank=4)
+    keys = {layer._key for layer in runtime.layers.values()}
+    assert len(keys) == 1
+    key = keys.pop()
+    assert TENSORS[key][0] is runtime._manager.arenas[0].A
+    del runtime
+    gc.collect()
+    assert key in TENSORS  # the model's layers still read it
+    lorahot.eject(model)
+    gc.collect()
+    assert key not in TENSORS
+
+
+# -- GPU ------------------------------------------------------------------------------------
+
+
+def _ref(x, w, b, a, bt, s):
+    d = torch.Tensor.double
+    y = d(x) @ d(w).T + s * (d(x) @ d(a).T) @ d(bt)
+    return y if b is None else y + d(b)
+
+
+@pytest.mark.gpu
+@given(
+    m=st.integers(0, 300),
+    k=st.integers(1, 600),
+    n=st.integers(1, 600),
+    r=st.integers(1, 64),
+    bias=st.booleans(),
+    half=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_matches_float64_reference(m: int, k: int, n: int, r: int, bias: bool, half: bool, seed: int) -> None:
+    dtype = torch.float16 if half else torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+    w = torch.randn(n, k, device="cuda", dtype=dtype, generator=g) / k**0.5
+    a = torch.randn(r, k, device="cuda", dtype=dtype, generator=g) / k**0.5
+    bt = torch.randn(r, n, device="cuda", dtype=dtype, generator=g) / r**0.5
+    b = torch.randn(n, device="cuda", dtype=dtype, generator=g) if bias else None
+    scale = torch.tensor(0.75, device="cuda")
+    y = fused.lora_linear(x, w, b, a, bt, scale)
+    assert y.shape == (m, n) and y.dtype == dtype
+    if m:
+        ref = _ref(x, w, b, a, bt, 0.75)
+        assert torch.isfinite(y).all()
+        assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_kernel_reads_strided_input_rows_and_3d_batches() -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    big = torch.randn(2, 3, 100, device="cuda", dtype=torch.bfloat16, generator=g)
+    x = big[..., :64]  # rows are not contiguous with each other
+    w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16, generator=g) / 8
+    a = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16, generator=g) / 8
+    bt = torch.randn(16, 32, device="cuda", dtype=torch.bfloat16, generator=g) / 4
+    y = fused.lora_linear(x, w, None, a, bt, torch.tensor(1.0, device="cuda"))
+    ref = _ref(x.reshape(-1, 64), w, None, a, bt, 1.0).view(2, 3, 32)
+    assert y.shape == (2, 3, 32)
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_fused_layers_after_swaps_compiled_match_reference_without_recompiles(mode: str) -> None:
+    model = _mlp(torch.bfloat16, "cuda")
+    reference_model = _mlp(torch.float32, "cuda")
+    runtime = lorahot.inject(model, list(NAMES), max_rank=16)
+    assert all(layer.fused for layer in runtime.layers.values())
+    calls = []
+    original = fused.lora_linear
+    fused.lora_linear = lambda *args: calls.append(1) or original(*args)  # type: ignore[assignment]
+    try:
+        compiled = torch.compile(model, mode=None if mode == "default" else mode)
+        x = torch.randn(4, 48, device="cuda", dtype=torch.bfloat16)
+        with torch.inference_mode():
+            for _ in range(3):
+                compiled(x)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for seed, ranks in enumerate(({"0": 16, "2": 3}, {"4": 8}, {"0": 1, "2": 16, "4": 5})):
+                    tensors, ab = make_adapter(model, ranks, seed=seed)
+                    runtime.load(tensors, scale=0.5 + seed)
+                    y = compiled(x).clone()
+                    expected = model_reference(reference_model, x.float(), {n: (a.cuda(), b.cuda(), 0.5 + seed) for n, (a, b) in ab.items()})
+                    assert float((y.double() - expected).norm() / expected.norm()) < 2e-2
+    finally:
+        fused.lora_linear = original
+    assert calls, "the compiled model never traced the fused kernel"
+
+
+@pytest.mark.gpu
+def test_prefill_sized_inputs_on_wide_layers_and_autograd_use_the_library_formula() -> None:
+    model = _mlp(torch.bfloat16, "cuda")
+    runtime = lorahot.inject(model, list(NAMES), max_rank=8)
+    tensors, ab = make_adapter(model, {"0": 8, "2": 4}, seed=3)
+    runtime.load(tensors)
+    layer = runtime.layers["0"]
+    assert layer.can_fuse(torch.zeros(16, 48, device="cuda", dtype=torch.bfloat16))
+    assert not layer.can_fuse(torch.zeros(300, 48, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(3, 48, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert not layer.can_fuse(x)  # autograd needs the library formula
+    model(x).float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.inference_mode():
+        fast = model(x.detach())
+    expected = model_reference(_mlp(torch.float32, "cuda"), x.detach().float(), {n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()})
+    assert float((fast.double() - expected).norm() / expected.norm()) < 2e-2
