@@ -100,7 +100,7 @@ def base_mode(w: Workload, mode: str) -> Prepared:
     return call, {}, model
 
 
-def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int, modes: list[str], with_peft: bool = True, save: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
+def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int, modes: list[str], with_peft: bool = True, save: Callable[[dict[str, Any]], None] = lambda r: None, only: list[str] | None = None) -> dict[str, Any]:
     """Per mode: compiles every configuration, then times them in :data:`ROUNDS` interleaved
     rounds and keeps each figure's median over rounds; ``save`` gets the results as they come."""
     torch._dynamo.config.cache_size_limit = 64  # several models share the compiled code objects
@@ -120,6 +120,7 @@ def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int, modes: list[str
         if with_peft:
             configs["peft"] = lambda: peft_mode(w, mode, refs, bf16=False)
             configs["peft_bf16"] = lambda: peft_mode(w, mode, refs, bf16=True)
+        configs = {k: v for k, v in configs.items() if not only or k in only}
         results = out["forward"].setdefault(mode, {})
         prepared = {}
 

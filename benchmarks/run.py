@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per figure (median)")
     parser.add_argument("--modes", default="reduce-overhead,default")
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT in the forward suite")
+    parser.add_argument("--configs", default="", help="forward suite: only these configurations (comma-separated, e.g. base,lorahot,peft)")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = {
         "swap": lambda: swap.run(w, refs, args.repeat),
-        "forward": lambda: forward.run(w, refs, args.repeat, modes, with_peft=not args.no_peft, save=save_partial),
+        "forward": lambda: forward.run(w, refs, args.repeat, modes, with_peft=not args.no_peft, save=save_partial, only=[c for c in args.configs.split(",") if c]),
         "fullgraph": lambda: forward.run_fullgraph(w, refs, args.repeat),
     }
     for name, step in steps.items():

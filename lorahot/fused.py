@@ -63,13 +63,18 @@ def supports(base: nn.Module, lora_A: torch.Tensor) -> bool:
 def worth_it(rows: int, in_features: int) -> bool:
     """Whether the kernel beats cuBLAS base + shrink + expand for ``rows`` tokens.
 
-    Measured on an H100 (benchmarks/experiments/forward_probe.py, Llama projection shapes at
-    rank 64): always at decode sizes; at 128 rows for inputs up to 4096 wide, not for wider
-    ones (the down projection); beyond 128 rows cuBLAS's larger tiles win.
+    Measured on an H100 (benchmarks/, Llama projection shapes at rank 64): it wins at
+    decode sizes. At 128 rows it won for some projection shapes alone in a CUDA graph, but
+    lost on the whole 1.1B model, so prefill-sized inputs take the library formula.
+    ``in_features`` is kept for per-shape rules.
     """
-    return rows <= 16 or (rows <= 128 and in_features <= 4096)
+    return rows <= 16
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T + bias + scale * (x @ a.T) @ bt`` in one kernel (CUDA, fp16/bf16)."""
-    return _kernel().lora_linear(x, weight, bias, a, bt, scale)
+    """``x @ weight.T + bias + scale * (x @ a.T) @ bt`` in one kernel (CUDA, fp16/bf16).
+
+    Calls the registered op directly (registered by :func:`available`, which
+    :func:`supports` runs at bind time), so the compiler traces nothing but the op.
+    """
+    return torch.ops.lorahot.lora_linear(x, weight, bias, a, bt, scale)
