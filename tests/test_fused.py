@@ -134,25 +134,22 @@ def test_fused_layers_after_swaps_compiled_match_reference_without_recompiles(mo
     reference_model = _mlp(torch.float32, "cuda")
     runtime = lorahot.inject(model, list(NAMES), max_rank=16)
     assert all(layer.fused for layer in runtime.layers.values())
-    calls = []
-    original = fused.lora_linear
-    fused.lora_linear = lambda *args: calls.append(1) or original(*args)  # type: ignore[assignment]
-    try:
-        compiled = torch.compile(model, mode=None if mode == "default" else mode)
-        x = torch.randn(4, 48, device="cuda", dtype=torch.bfloat16)
-        with torch.inference_mode():
-            for _ in range(3):
-                compiled(x)
-            with torch._dynamo.config.patch(error_on_recompile=True):
-                for seed, ranks in enumerate(({"0": 16, "2": 3}, {"4": 8}, {"0": 1, "2": 16, "4": 5})):
-                    tensors, ab = make_adapter(model, ranks, seed=seed)
-                    runtime.load(tensors, scale=0.5 + seed)
-                    y = compiled(x).clone()
-                    expected = model_reference(reference_model, x.float(), {n: (a.cuda(), b.cuda(), 0.5 + seed) for n, (a, b) in ab.items()})
-                    assert float((y.double() - expected).norm() / expected.norm()) < 2e-2
-    finally:
-        fused.lora_linear = original
-    assert calls, "the compiled model never traced the fused kernel"
+    from torch._inductor.utils import run_and_get_code
+
+    compiled = torch.compile(model, mode=None if mode == "default" else mode)
+    x = torch.randn(4, 48, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        _, code = run_and_get_code(compiled, x)
+        assert "_lora_linear_kernel" in "\n".join(code), "the compiled model does not launch the fused kernel"
+        for _ in range(3):
+            compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for seed, ranks in enumerate(({"0": 16, "2": 3}, {"4": 8}, {"0": 1, "2": 16, "4": 5})):
+                tensors, ab = make_adapter(model, ranks, seed=seed)
+                runtime.load(tensors, scale=0.5 + seed)
+                y = compiled(x).clone()
+                expected = model_reference(reference_model, x.float(), {n: (a.cuda(), b.cuda(), 0.5 + seed) for n, (a, b) in ab.items()})
+                assert float((y.double() - expected).norm() / expected.norm()) < 2e-2
 
 
 @pytest.mark.gpu
