@@ -45,7 +45,7 @@ class Rule:
         return None if m is None else m["module"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: the memoized methods hash self on every call
 class KeyFormat:
     """One adapter naming, as data.
 
