@@ -12,14 +12,15 @@ tensors, region-major (a region is a slot, plus one live region when there are s
 Every layer's A and B are contiguous, so the forward's matrix products run on plain
 row-major operands. A rank-``r`` adapter fills the first ``r`` rows of each block (for grouped
 convs, the first ``r / g`` rows of each of the ``g`` group slices); the rest stays zero.
-Loads zero the region and copy every layer in one batched call; a preloaded adapter travels
+Loads zero the region (skipped when the adapter rewrites every row that can be nonzero) and
+copy every layer in one batched call; a preloaded adapter travels
 to the device as one compact buffer first. Shapes and addresses never change after
 construction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,6 +58,8 @@ class Pack:
     scales: torch.Tensor
     a_rows: int
     b_rows: int
+    #: per region, the destination views of :attr:`data`'s pieces (filled on first write)
+    dsts: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -174,8 +177,10 @@ class Arena:
     def write(self, region: int, pack: Pack, multiplier: float) -> None:
         """Copies ``pack`` into ``region`` in place: one transfer, one zero fill, one batched copy."""
         data = pack.data.to(self.device, non_blocking=pack.data.is_pinned())
-        dsts = [piece for i, r in pack.ranks for piece in self.flat_views(i, region, r)]
-        self._write(region, dsts, list(data.split(pack.sizes)), pack.scales * multiplier, pack.a_rows, pack.b_rows)
+        dsts = pack.dsts.get(region)
+        if dsts is None:
+            dsts = pack.dsts[region] = [piece for i, r in pack.ranks for piece in self.flat_views(i, region, r)]
+        self._write(region, dsts, list(data.split(pack.sizes)), pack.scales * multiplier, pack.ranks, pack.a_rows, pack.b_rows)
 
     def write_staged(self, region: int, entries: list[Entry], scales: torch.Tensor, multiplier: float) -> None:
         """Writes ``(layer, A, B)`` triples (already on this device) straight into ``region``."""
@@ -183,17 +188,27 @@ class Arena:
         for i, a, b in entries:
             dsts += self.views(i, region, a.shape[0])
             srcs += self.sources(i, a, b)
-        a_rows, b_rows = self.extents({i: a.shape[0] for i, a, _ in entries})
-        self._write(region, dsts, srcs, scales * multiplier, a_rows, b_rows)
+        ranks = [(i, a.shape[0]) for i, a, _ in entries]
+        a_rows, b_rows = self.extents(dict(ranks))
+        self._write(region, dsts, srcs, scales * multiplier, ranks, a_rows, b_rows)
 
-    def _write(self, region: int, dsts: list[torch.Tensor], srcs: list[torch.Tensor], scales: torch.Tensor, a_rows: int, b_rows: int) -> None:
-        """Zeroes ``region``, copies every layer in one batched call, sets the scales.
+    def _covers(self, region: int, ranks: list[tuple[int, int]]) -> bool:
+        """Whether writing ``(layer, rank)`` pairs overwrites every row ``region`` may hold
+        nonzero: every layer written (each once), none grouped, each at a rank at least the
+        region's current extent. Then the zero fill can be skipped."""
+        held = max(self.a_extent[region], self.b_extent[region])
+        return len(ranks) == len(self.specs) and all(self.specs[i].groups == 1 and r >= held for i, r in ranks)
+
+    def _write(self, region: int, dsts: list[torch.Tensor], srcs: list[torch.Tensor], scales: torch.Tensor, ranks: list[tuple[int, int]], a_rows: int, b_rows: int) -> None:
+        """Zeroes ``region`` (unless the write covers it), copies every layer in one batched
+        call, sets the scales.
 
         The caller has validated everything before: nothing here can fail on bad input.
         """
         with torch.no_grad():
-            self.A[region].zero_()
-            self.B[region].zero_()
+            if not self._covers(region, ranks):
+                self.A[region].zero_()
+                self.B[region].zero_()
             if dsts:
                 torch._foreach_copy_(dsts, srcs)
             self.S[region].copy_(scales)

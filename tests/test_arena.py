@@ -140,3 +140,51 @@ def test_nbytes_counts_every_region() -> None:
     _, three = _inject(slots=3)
     assert three.nbytes == 4 * one.nbytes
     assert one.nbytes == sum(t.nbytes for a in one._manager.arenas for t in (a.A, a.B, a.S))
+
+
+class Linears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 7)
+        self.b = nn.Linear(7, 4)
+
+
+LOADS = st.lists(
+    st.tuples(st.dictionaries(st.sampled_from(["a", "b"]), st.integers(1, 4), min_size=1), st.booleans(), st.integers(0, 99)),
+    min_size=1,
+    max_size=6,
+)
+
+
+@given(loads=LOADS)
+def test_skipping_the_zero_fill_leaves_exactly_a_fresh_load(loads: list) -> None:
+    """A load that rewrites every nonzero row skips the zero fill; after any sequence the
+    buffers equal, bitwise, a fresh runtime's after the last load alone."""
+    torch.manual_seed(0)
+    net = Linears()
+    runtime = lorahot.inject(net, ["a", "b"], max_rank=4)
+    for ranks, preloaded, seed in loads:
+        tensors = make_adapter(net, ranks, seed=seed)[0]
+        runtime.load(runtime.preload(tensors) if preloaded else tensors)
+    torch.manual_seed(0)
+    fresh_net = Linears()
+    fresh = lorahot.inject(fresh_net, ["a", "b"], max_rank=4)
+    fresh.load(make_adapter(fresh_net, loads[-1][0], seed=loads[-1][2])[0])
+    got, want = runtime._manager.arenas[0], fresh._manager.arenas[0]
+    assert torch.equal(got.A, want.A) and torch.equal(got.B, want.B) and torch.equal(got.S, want.S)
+    assert (got.a_extent, got.b_extent) == (want.a_extent, want.b_extent)
+
+
+def test_zero_fill_is_skipped_only_when_the_write_covers_the_region() -> None:
+    torch.manual_seed(0)
+    net = Linears()
+    runtime = lorahot.inject(net, ["a", "b"], max_rank=4)
+    arena = runtime._manager.arenas[0]
+    assert arena._covers(0, [(0, 2), (1, 2)])  # empty region: any full write covers it
+    runtime.load(make_adapter(net, {"a": 3, "b": 3})[0])
+    assert arena._covers(0, [(0, 3), (1, 4)])
+    assert not arena._covers(0, [(0, 2), (1, 4)])  # rank 2 leaves row 2 of layer a stale
+    assert not arena._covers(0, [(0, 4)])  # layer b untouched
+    _, grouped = _inject(slots=1)
+    conv = grouped._manager.arenas[0]
+    assert not conv._covers(0, [(i, 8) for i in range(len(conv.specs))])  # group slices leave gaps
