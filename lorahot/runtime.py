@@ -7,8 +7,11 @@ completely before the first byte is written; when it raises, every slot is as it
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +132,10 @@ class LoraRuntime:
         Raises:
             lorahot.LoraError: the adapter cannot be read or does not fit; nothing changed.
         """
+        with _gc_paused():
+            return self._load(source, slot, scale, read_kwargs)
+
+    def _load(self, source: Source | Adapter | PreparedAdapter, slot: int, scale: float, read_kwargs: dict[str, Any]) -> AdapterInfo:
         slot, scale = self._slot(slot), _finite(scale, "scale")
         live = slot == self._active
         prepared = self._cached(source, read_kwargs)
@@ -246,6 +253,24 @@ def _cache_key(source: Any, read_kwargs: dict[str, Any]) -> str | None:
         extra = ",".join(f"{k}={read_kwargs[k]!r}" for k in sorted(read_kwargs))
         return f"{os.fspath(source)}|{extra}"
     return None
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pauses Python's cyclic garbage collector around a swap (if it was on).
+
+    A load allocates a few thousand short-lived objects, enough to trigger collections whose
+    cost scales with everything the process holds: 1-3 ms of a 15 ms load on the CPU box.
+    Reference counting still frees every one of them at once.
+    """
+    enabled = gc.isenabled()
+    if enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _finite(value: float, name: str) -> float:

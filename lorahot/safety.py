@@ -19,6 +19,7 @@ nesting too deep for the parser is an error rather than a crash. Failures raise
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -97,6 +98,16 @@ def check_safetensors(path: Path) -> SafetensorsHeader:
         if n > size - 8:
             raise _error(path, f"header declares {n} bytes but only {size - 8} follow (truncated file)")
         raw = f.read(n)
+    checked = _check_header(path, raw, size)
+    # each caller gets its own dicts: the memoized ones stay as checked
+    return SafetensorsHeader(checked.data_start, checked.data_size, dict(checked.entries), dict(checked.metadata))
+
+
+@functools.lru_cache(maxsize=64)
+def _check_header(path: Path, raw: bytes, size: int) -> SafetensorsHeader:
+    """Checks header bytes ``raw`` of a ``size``-byte file; memoized, since a swap back to a
+    file re-reads the same header (the check is pure: same bytes and size, same verdict)."""
+    n = len(raw)
     header = _parse_json(raw, path, "header", _FIX)
     if not isinstance(header, dict):
         raise _error(path, f"header is a JSON {type(header).__name__}, not an object")

@@ -321,3 +321,30 @@ def test_failed_load_from_directory_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(lorahot.AdapterMismatchError, match=r"adapter_model\.safetensors: adapter does not fit the injected model"):
         runtime.load(tmp_path)
     _assert_unchanged(runtime, snap)
+
+
+def test_load_pauses_the_garbage_collector_and_restores_its_state() -> None:
+    import gc
+
+    model, runtime = _setup()
+    tensors = make_adapter(model, {Q0: 2})[0]
+    seen = []
+    original = runtime._manager.write_staged
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return original(*args, **kwargs)
+
+    runtime._manager.write_staged = spy  # type: ignore[method-assign]
+    assert gc.isenabled()
+    runtime.load(tensors)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(lorahot.LoraError):
+        runtime.load({"base_model.model.nowhere.lora_A.weight": torch.ones(1, 1), "base_model.model.nowhere.lora_B.weight": torch.ones(1, 1)})
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        runtime.load(tensors)
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()
