@@ -8,10 +8,10 @@ up to more than the base model's whole forward. :func:`lora_linear` does it all 
 kernel (see :mod:`lorahot._triton_lora`), registered as the custom op ``lorahot::lora_linear``
 so that ``torch.compile`` and CUDA graphs treat it as one opaque, shape-stable call.
 
-It is used where it applies (:func:`supports`) and pays (:func:`worth_it`): CUDA tensors, float16 or bfloat16, an
-``nn.Linear`` base layer whose weight has the arena's dtype, Triton importable, no autograd
-needed. Everywhere else the layer runs the plain library-call formula, which is also the
-reference the kernel is tested against.
+It is used where it applies (:func:`supports`: CUDA tensors, float16 or bfloat16, an
+``nn.Linear`` base layer whose weight has the arena's dtype, Triton importable; no autograd
+needed) and where it pays (:func:`worth_it`: decode-sized inputs). Everywhere else the layer
+runs the plain library-call formula, which is also the reference the kernel is tested against.
 """
 
 from __future__ import annotations
@@ -60,13 +60,12 @@ def supports(base: nn.Module, lora_A: torch.Tensor) -> bool:
     )
 
 
-def worth_it(rows: int, in_features: int) -> bool:
+def worth_it(rows: int) -> bool:
     """Whether the kernel beats cuBLAS base + shrink + expand for ``rows`` tokens.
 
     Measured on an H100 (benchmarks/, Llama projection shapes at rank 64): it wins at
     decode sizes. At 128 rows it won for some projection shapes alone in a CUDA graph, but
     lost on the whole 1.1B model, so prefill-sized inputs take the library formula.
-    ``in_features`` is kept for per-shape rules.
     """
     return rows <= 16
 

@@ -72,7 +72,7 @@ class LoraRuntime:
         self._ejected = False
         for name, layer in layers.items():
             a, b, scale, handle = self._live_views(name, layer)
-            layer.bind(a, b, scale, handle=handle, fused=fused)
+            layer.bind(a, b, scale, handle=handle, fused=fused and not merged)  # merged: base kernels only
         self._ptrs = {name: layer._buffers["_lora_arena_A"].data_ptr() for name, layer in layers.items()}
         self._specs = {name: layer.spec for name, layer in layers.items()}
         devices = {a.device for a in manager.arenas}

@@ -59,7 +59,7 @@ class LoRALinear(LoRALayer):
 
     def can_fuse(self, x: torch.Tensor) -> bool:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return not self.merged and fused_kernel.worth_it(rows, x.shape[-1]) and x.dtype == self.lora_A.dtype and not _needs_grad(x, self._base)
+        return fused_kernel.worth_it(rows) and x.dtype == self.lora_A.dtype and not _needs_grad(x, self._base)
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self._base
