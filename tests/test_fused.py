@@ -160,10 +160,10 @@ def test_prefill_sized_inputs_on_wide_layers_and_autograd_use_the_library_formul
     runtime.load(tensors)
     layer = runtime.layers["0"]
     with torch.no_grad():
-        assert layer.can_fuse(torch.zeros(16, 48, device="cuda", dtype=torch.bfloat16))
-        assert not layer.can_fuse(torch.zeros(300, 48, device="cuda", dtype=torch.bfloat16))
+        assert layer.can_fuse(torch.zeros(16, 48, device="cuda", dtype=torch.bfloat16), layer.lora_A)
+        assert not layer.can_fuse(torch.zeros(300, 48, device="cuda", dtype=torch.bfloat16), layer.lora_A)
     x = torch.randn(3, 48, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    assert not layer.can_fuse(x)  # autograd needs the library formula (the weights require grad)
+    assert not layer.can_fuse(x, layer.lora_A)  # autograd needs the library formula (the weights require grad)
     model(x).float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with torch.inference_mode():

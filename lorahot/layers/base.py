@@ -122,6 +122,15 @@ class LoRALayer(nn.Module):
             return self._live[index]
         return TENSORS[self._key][index].as_strided(*self._geometry[index])
 
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, B, scale)`` at once: what the forward uses (one method for the compiler to
+        guard, where the three properties cost three)."""
+        if not torch.compiler.is_compiling():
+            return self._live
+        a, b, s = TENSORS[self._key]
+        ga, gb, gs = self._geometry
+        return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs)
+
     @property
     def lora_A(self) -> torch.Tensor:
         """Live A, ``[R, ...]`` (a view into the arena; see the subclass for its layout)."""
@@ -140,24 +149,26 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
         # layer: keep them few (see lorahot.registry).
-        if self.fused and not args and not kwargs and self.can_fuse(x):
-            return self.fused_forward(x)
-        y = self._base(x, *args, **kwargs)
         if self.merged:
-            return y
+            return self._base(x, *args, **kwargs)
+        a, b, scale = self._views()
+        if self.fused and not args and not kwargs and self.can_fuse(x, a):
+            return self.fused_forward(x, a, b, scale)
+        y = self._base(x, *args, **kwargs)
         # The scale multiplies B(A(x)) next to the add, where the compiler fuses both into one
         # elementwise pass (usually into the consumer of y as well): no extra kernel per layer.
-        return y + (self.lora_delta(x) * self.lora_scale).to(y.dtype)
+        return y + (self.lora_delta(x, a, b) * scale).to(y.dtype)
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``B(A(x))`` without the scale, with the shape of ``base_layer(x)``."""
+    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``B(A(x))`` without the scale, with the shape of ``base_layer(x)``, for live views
+        ``a`` and ``b``."""
         raise NotImplementedError
 
-    def can_fuse(self, x: torch.Tensor) -> bool:
+    def can_fuse(self, x: torch.Tensor, a: torch.Tensor) -> bool:
         """Whether :meth:`fused_forward` applies to ``x`` (only called when :attr:`fused`)."""
         return False
 
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The whole layer in a fused kernel, where the subclass has one."""
         raise NotImplementedError
 

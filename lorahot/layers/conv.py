@@ -60,9 +60,9 @@ class LoRAConv(LoRALayer):
         b = b_rows[: rank // spec.groups].t()  # [out, R/g]
         return a, b[(...,) + (None,) * len(spec.b_trailing)]
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.lora_A.dtype)
+    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        x = x.to(a.dtype)
         if self._pad_mode is not None:
             x = F.pad(x, self._pad, mode=self._pad_mode)
-        h = self._conv(x, self.lora_A, None, self._stride, self._padding, self._dilation, 1)
-        return self._conv(h, self.lora_B, None, 1, 0, 1, self._groups)
+        h = self._conv(x, a, None, self._stride, self._padding, self._dilation, 1)
+        return self._conv(h, b, None, 1, 0, 1, self._groups)

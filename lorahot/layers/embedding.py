@@ -35,6 +35,6 @@ class LoRAEmbedding(LoRALayer):
         """Arena rows ``[R, num]``, ``[R, dim]`` are used as they are."""
         return a_rows, b_rows
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.embedding(x, self.lora_A.t())  # (..., R)
-        return torch.matmul(h, self.lora_B)  # (..., dim)
+    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        h = F.embedding(x, a.t())  # (..., R)
+        return torch.matmul(h, b)  # (..., dim)

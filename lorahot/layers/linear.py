@@ -57,17 +57,17 @@ class LoRALinear(LoRALayer):
         super().bind(lora_A, lora_B, lora_scale, handle=handle)
         self.fused = fused and fused_kernel.supports(self.base_layer, lora_A)
 
-    def can_fuse(self, x: torch.Tensor) -> bool:
+    def can_fuse(self, x: torch.Tensor, a: torch.Tensor) -> bool:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return fused_kernel.worth_it(rows) and x.dtype == self.lora_A.dtype and not _needs_grad(x, self._base)
+        return fused_kernel.worth_it(rows) and x.dtype == a.dtype and not _needs_grad(x, self._base)
 
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         base = self._base
-        return fused_kernel.lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.lora_scale)
+        return fused_kernel.lora_linear(x, base.weight, base.bias, a, b, scale)
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.matmul(x.to(self.lora_A.dtype), self.lora_A.t())  # (..., R)
-        return torch.matmul(h, self.lora_B)  # (..., out)
+    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        h = torch.matmul(x.to(a.dtype), a.t())  # (..., R)
+        return torch.matmul(h, b)  # (..., out)
 
 
 def _needs_grad(x: torch.Tensor, base: nn.Module) -> bool:
