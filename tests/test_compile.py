@@ -237,3 +237,36 @@ def test_gpu_default_mode_bf16() -> None:
 def _call_on(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).clone()
+
+
+# -- dynamic shapes ----------------------------------------------------------------------------
+
+
+def test_dynamic_sequence_lengths_swap_without_recompiles() -> None:
+    """A serving loop sees many prompt lengths: compiled with dynamic shapes, one graph serves
+    every length, and swaps across ranks still recompile nothing."""
+    model, reference_model = tiny_lm(seed=2), tiny_lm(seed=2)
+    targets = ["q_proj", "v_proj", "up_proj", "embed_tokens"]
+    runtime = lorahot.inject(model, targets, max_rank=8)
+    compiled = torch.compile(model, dynamic=True)
+    with torch.no_grad():
+        compiled(token_ids((2, 3), 32, seed=0))  # batch 2: size-1 dims would be specialized
+        names = [n for n in runtime.layers]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for seed, length in enumerate((5, 9, 2, 17)):
+                ranks = {n: 1 + (seed + i) % 8 for i, n in enumerate(names)}
+                tensors, ab = make_adapter(model, ranks, seed=seed)
+                runtime.load(tensors)
+                ids = token_ids((2, length), 32, seed=seed)
+                expected = model_reference(reference_model, ids, {n: (a, b, 1.0) for n, (a, b) in ab.items()})
+                torch.testing.assert_close(compiled(ids).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_negative_control_static_compile_recompiles_for_a_new_length() -> None:
+    model = tiny_lm(seed=2)
+    lorahot.inject(model, ["q_proj"], max_rank=4)
+    compiled = torch.compile(model, dynamic=False)
+    with torch.no_grad():
+        compiled(token_ids((2, 3), 32, seed=0))
+        with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(torch._dynamo.exc.RecompileError):
+            compiled(token_ids((2, 5), 32, seed=0))

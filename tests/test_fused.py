@@ -170,3 +170,24 @@ def test_prefill_sized_inputs_on_wide_layers_and_autograd_use_the_library_formul
         fast = model(x.detach())
     expected = model_reference(_mlp(torch.float32, "cuda"), x.detach().float(), {n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()})
     assert float((fast.double() - expected).norm() / expected.norm()) < 2e-2
+
+
+@pytest.mark.gpu
+def test_fused_layers_under_dynamic_shapes_match_reference_without_recompiles() -> None:
+    """Batch sizes 2..16 take the kernel, 40 rows take the library formula; one dynamic graph
+    serves each side of that line, through swaps."""
+    model = _mlp(torch.bfloat16, "cuda")
+    reference_model = _mlp(torch.float32, "cuda")
+    runtime = lorahot.inject(model, list(NAMES), max_rank=16)
+    compiled = torch.compile(model, dynamic=True)
+    with torch.inference_mode():
+        for rows in (3, 40):  # one graph per side of the kernel's row limit
+            compiled(torch.randn(rows, 48, device="cuda", dtype=torch.bfloat16))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for seed, rows in enumerate((2, 7, 16, 40, 33)):
+                tensors, ab = make_adapter(model, {"0": 1 + seed, "2": 16, "4": 4}, seed=seed)
+                runtime.load(tensors)
+                x = torch.randn(rows, 48, device="cuda", dtype=torch.bfloat16)
+                y = compiled(x).clone()
+                expected = model_reference(reference_model, x.float(), {n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()})
+                assert float((y.double() - expected).norm() / expected.norm()) < 2e-2
