@@ -63,8 +63,8 @@ def _lora_linear_kernel(
 Config = tuple[int, int, int, int, int]
 
 
-def config_for(m: int, n: int, k: int) -> Config:
-    """The tile configuration for an ``[m, k] x [k, n]`` problem."""
+def config_for(m: int, n: int) -> Config:
+    """The tile configuration for ``m`` rows and ``n`` outputs."""
     # measured best per Llama projection shape on an H100 (benchmarks/experiments/forward_probe.py)
     if m <= 16:
         return (16, 64, 128, 4, 4) if n >= 4096 else (16, 32, 256, 4, 3)
@@ -99,5 +99,5 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
     if x2.shape[0] == 0:
         return out.view(*x.shape[:-1], n)
-    launch(x2, weight, bias, a, bt, scale, out, config_for(x2.shape[0], n, x2.shape[1]))
+    launch(x2, weight, bias, a, bt, scale, out, config_for(x2.shape[0], n))
     return out.view(*x.shape[:-1], n)

@@ -1,10 +1,10 @@
 """Global handles on the arena tensors, so a compiled graph reads them once, not once per layer.
 
-``torch.compile`` guards every tensor it reaches through a module attribute, per attribute
-path: with the arena tensors registered on each of a model's 154 LoRA layers, every call
-re-checks 462 tensors (dtype, device, shape, strides) before it runs, which costs more CPU time
-than a decode step's LoRA kernels. Reached through one global key instead, each arena tensor
-is guarded once. Its address is marked static, so CUDA graphs read it in place.
+``torch.compile`` guards every tensor it reaches through a module attribute, once per
+attribute path, and makes each one a graph input: with views registered on each of a model's
+154 LoRA layers, every call re-checks 462 tensors (dtype, device, shape, strides) and passes 462
+inputs. Reached through one global key instead, each arena tensor is guarded and passed once.
+Its address is marked static, so CUDA graphs read it in place.
 
 A :class:`Handle` owns one registry entry and removes it when collected; the arena and every
 layer bound to it hold the handle.

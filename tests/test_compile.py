@@ -8,6 +8,8 @@ dense reference. Negative controls show the test would catch the mistakes loraho
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch._dynamo.testing
@@ -136,34 +138,31 @@ class _FloatScaleLoRA(nn.Module):
         return self.base(x) + self.scale * (x @ self.A.t() @ self.B.t())
 
 
-def test_negative_control_python_float_scale_recompiles() -> None:
-    model = _FloatScaleLoRA()
+def _assert_change_recompiles(model: nn.Module, change: Callable[[], object]) -> None:
+    """Compiles ``model``, applies ``change``, and checks the next call recompiles (once)."""
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(model, backend=counter)
     x = torch.randn(3, 6)
     compiled(x)
-    model.scale = 0.5
+    change()
     with torch._dynamo.config.patch(error_on_recompile=True):
         with pytest.raises(torch._dynamo.exc.RecompileError):
             compiled(x)
     compiled(x)
     assert counter.frame_count == 2
+
+
+def test_negative_control_python_float_scale_recompiles() -> None:
+    model = _FloatScaleLoRA()
+    _assert_change_recompiles(model, lambda: setattr(model, "scale", 0.5))
 
 
 def test_negative_control_rebinding_a_different_rank_buffer_recompiles() -> None:
     model = nn.Sequential(nn.Linear(6, 6))
     runtime = lorahot.inject(model, ["0"], max_rank=4)
     layer = runtime.layers["0"]
-    counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(model, backend=counter)
-    x = torch.randn(3, 6)
-    compiled(x)
-    layer.bind(torch.zeros(2, 6), torch.zeros(2, 6), torch.tensor(1.0))  # what lorahot never does
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        with pytest.raises(torch._dynamo.exc.RecompileError):
-            compiled(x)
-    compiled(x)
-    assert counter.frame_count == 2
+    # what lorahot never does: bind the layer to buffers of another rank
+    _assert_change_recompiles(model, lambda: layer.bind(torch.zeros(2, 6), torch.zeros(2, 6), torch.tensor(1.0)))
 
 
 def test_positive_control_same_counter_sees_no_recompile_for_lorahot_swaps() -> None:

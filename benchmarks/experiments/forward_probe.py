@@ -122,7 +122,7 @@ def sweep() -> None:
                     log(f"  {cfg}: {type(exc).__name__}")
             best = min((v, c) for c, v in row.items() if c.startswith("(") and v is not None)
             table[f"m{m} {name}"] = row
-            log(f"m={m:3d} {name:8s} base {row['cublas_base']:6.2f} us  cublas lora {row['cublas_lora']:6.2f}  fused default {row[str(K.config_for(m, n, k))] if str(K.config_for(m, n, k)) in row else float('nan'):6.2f}  best {best[0]:6.2f} {best[1]}")
+            log(f"m={m:3d} {name:8s} base {row['cublas_base']:6.2f} us  cublas lora {row['cublas_lora']:6.2f}  fused default {row[str(K.config_for(m, n))] if str(K.config_for(m, n)) in row else float('nan'):6.2f}  best {best[0]:6.2f} {best[1]}")
             results["sweep"] = table
             save()
             del ws, As, Bs, outs

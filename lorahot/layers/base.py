@@ -117,14 +117,9 @@ class LoRALayer(nn.Module):
         for name, root in zip(_ARENA_BUFFERS, roots):
             self.register_buffer(name, root, persistent=False)
 
-    def _view(self, index: int) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            return self._live[index]
-        return TENSORS[self._key][index].as_strided(*self._geometry[index])
-
     def _views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(A, B, scale)`` at once: what the forward uses (one method for the compiler to
-        guard, where the three properties cost three)."""
+        """``(A, B, scale)``: the live views eagerly; rebuilt from the global arena tensors
+        under ``torch.compile`` (free in the graph). The forward takes all three at once."""
         if not torch.compiler.is_compiling():
             return self._live
         a, b, s = TENSORS[self._key]
@@ -134,17 +129,17 @@ class LoRALayer(nn.Module):
     @property
     def lora_A(self) -> torch.Tensor:
         """Live A, ``[R, ...]`` (a view into the arena; see the subclass for its layout)."""
-        return self._view(0)
+        return self._views()[0]
 
     @property
     def lora_B(self) -> torch.Tensor:
         """Live B (transposed for linear layers), a view into the arena."""
-        return self._view(1)
+        return self._views()[1]
 
     @property
     def lora_scale(self) -> torch.Tensor:
         """Live scale, a 0-d view into the arena's scale tensor."""
-        return self._view(2)
+        return self._views()[2]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
