@@ -4,7 +4,9 @@
 attribute path, and makes each one a graph input: with views registered on each of a model's
 154 LoRA layers, every call re-checks 462 tensors (dtype, device, shape, strides) and passes 462
 inputs. Reached through one global key instead, each arena tensor is guarded and passed once.
-Its address is marked static, so CUDA graphs read it in place.
+Its shape is marked static (under ``dynamic=True`` a batch size that happens to equal one of its
+sizes would otherwise be tied to it, and a later batch size would recompile), and on CUDA its
+address too, so CUDA graphs read it in place.
 
 A :class:`Handle` owns one registry entry and removes it when collected; the arena and every
 layer bound to it hold the handle.
@@ -31,6 +33,8 @@ class Handle:
         self.key = next(_ids)
         TENSORS[self.key] = tensors
         weakref.finalize(self, TENSORS.pop, self.key, None)
+        for t in tensors:
+            torch._dynamo.mark_static(t)
         if any(t.is_cuda for t in tensors):
             from torch._dynamo import mark_static_address  # imported only where CUDA graphs can run
 

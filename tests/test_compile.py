@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorahot
+from lorahot.registry import TENSORS
 from tests.helpers import make_adapter, model_reference, tiny_convnet, tiny_lm, token_ids
 
 MAX_RANK = 4
@@ -259,6 +260,22 @@ def test_dynamic_sequence_lengths_swap_without_recompiles() -> None:
                 ids = token_ids((2, length), 32, seed=seed)
                 expected = model_reference(reference_model, ids, {n: (a, b, 1.0) for n, (a, b) in ab.items()})
                 torch.testing.assert_close(compiled(ids).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_size_equal_to_an_arena_size_is_not_tied_to_it() -> None:
+    """Under ``dynamic=True`` the compiler ties equal sizes together; the arena tensors' shapes
+    are static, so a first batch that matches one of them still leaves one graph for all."""
+    model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12))
+    runtime = lorahot.inject(model, ["0", "2", "4"], max_rank=4)
+    sizes = sorted({int(d) for layer in runtime.layers.values() for t in TENSORS[layer._key] for d in t.shape if d >= 2})
+    assert 3 in sizes  # three layers: a scale per layer
+    compiled = torch.compile(model, dynamic=True)
+    with torch.no_grad():
+        compiled(torch.randn(3, 12))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for rows in [*sizes, 2, 5, 31]:
+                x = torch.randn(rows, 12)
+                torch.testing.assert_close(compiled(x), model(x))
 
 
 def test_negative_control_static_compile_recompiles_for_a_new_length() -> None:
