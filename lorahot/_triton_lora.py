@@ -6,6 +6,13 @@ the same loads of ``x``; the expand ``h @ Bt[:, tile]`` and the scale run in the
 output is rounded once. Each program recomputes the shrink for its rows, which costs
 ``R / BLOCK_N`` times the tile's weight reads again (from L2, A being small) and saves the
 separate shrink and expand launches that dominate a small-batch LoRA forward.
+
+A layer with few output tiles (narrow, or deep in K) leaves most of the GPU idle with one
+program per tile, and makes each program stream all of ``A``. There the K loop is split
+(``split`` in :data:`Config`): each program covers one K chunk, adds its share of the base
+product and of the expand (the shrink is linear in K, so partial shrinks expand to partial
+outputs), and stores a float32 partial; :func:`_split_k_sum` adds the partials and rounds once.
+That is two launches for such layers, as cuBLAS itself does for them.
 """
 
 from __future__ import annotations
@@ -20,18 +27,20 @@ __all__ = ["lora_linear", "launch", "config_for"]
 
 @triton.jit
 def _lora_linear_kernel(
-    X, W, A, BT, BIAS, S, Y,
-    M, N, K, R,
+    X, W, A, BT, BIAS, S, Y, WS,
+    M, N, K, R, K_CHUNK,
     stride_xm, stride_wn, stride_am, stride_bm, stride_ym,
-    HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, R_PAD)
-    rk = tl.arange(0, BLOCK_K)
+    k0 = pid_s * K_CHUNK
+    rk = k0 + tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
     r_ok = rr < R
@@ -40,8 +49,8 @@ def _lora_linear_kernel(
     a_ptr = A + rr[None, :] * stride_am + rk[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     hacc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = rk < K - k * BLOCK_K
+    for k in range(0, tl.cdiv(tl.minimum(K_CHUNK, K - k0), BLOCK_K)):
+        k_ok = rk < tl.minimum(K, k0 + K_CHUNK) - k * BLOCK_K
         x = tl.load(x_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         a = tl.load(a_ptr, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
@@ -54,23 +63,49 @@ def _lora_linear_kernel(
     bt = tl.load(BT + rr[:, None] * stride_bm + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
     acc += tl.dot(h, bt) * tl.load(S).to(tl.float32)
     if HAS_BIAS:
-        acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptr = Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
-    tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        if pid_s == 0:
+            acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if SPLIT == 1:
+        y_ptr = Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+        tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    else:  # this split's partial sum, in float32; _split_k_sum adds them up
+        ws_ptr = WS + (pid_s * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
+        tl.store(ws_ptr, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-#: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), by batch size.
-Config = tuple[int, int, int, int, int]
+@triton.jit
+def _split_k_sum(WS, Y, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """``Y = sum(WS[s] for s in range(SPLIT))``, rounded once; WS is ``[SPLIT, M, N]`` float32."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(WS + s * M * N + offs, mask=ok, other=0.0)
+    tl.store(Y + (offs // N) * stride_ym + offs % N, acc.to(Y.dtype.element_ty), mask=ok)
 
 
-def config_for(m: int, n: int) -> Config:
-    """The tile configuration for ``m`` rows and ``n`` outputs."""
-    # measured best per Llama projection shape on an H100 (benchmarks/experiments/forward_probe.py)
+#: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split): ``split`` > 1 cuts K into that
+#: many chunks, each program summing one chunk into a float32 workspace that a second small
+#: kernel adds up (more programs for narrow or deep layers, and fewer re-reads of ``A``).
+Config = tuple[int, int, int, int, int, int]
+
+
+def config_for(m: int, n: int, k: int) -> Config:
+    """The tile configuration for ``m`` rows, ``n`` outputs and ``k`` inputs."""
+    # measured on an H100 (132 SMs), Llama projection shapes (benchmarks/experiments/forward_probe.py):
+    # at decode sizes, a layer with few output tiles is split along K until about 256 programs run
+    # (2048 -> 256: 9.9 -> 4.5 us; 5632 -> 2048: 20.7 -> 13.4 us); a wide one (88 tiles) is not.
     if m <= 16:
-        return (16, 64, 128, 4, 4) if n >= 4096 else (16, 32, 256, 4, 3)
+        bn = 32 if n <= 512 else 64
+        tiles = -(-n // bn)
+        split = 1
+        if tiles <= 64:
+            split = min(16, 256 // tiles, max(1, k // 128))
+            split = 1 << (split.bit_length() - 1)  # a power of two
+        return (16, bn, 128 if split == 1 else 64, 4, 4, split)
     if n >= 4096:
-        return (128, 64, 64, 8, 4)
-    return (32, 32, 128, 4, 4) if n <= 512 else (64, 32, 128, 4, 3)
+        return (128, 64, 64, 8, 4, 1)
+    return (32, 32, 128, 4, 4, 1) if n <= 512 else (64, 32, 128, 4, 3, 1)
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, config: Config) -> None:
@@ -78,20 +113,26 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: 
     m, k = x.shape
     n = weight.shape[0]
     r = a.shape[0]
-    bm, bn, bk, warps, stages = config
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    bm, bn, bk, warps, stages, split = config
+    chunk = triton.cdiv(triton.cdiv(k, bk), split) * bk
+    split = triton.cdiv(k, chunk)  # no empty chunks
+    ws = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     wrap_triton(_lora_linear_kernel)[grid](
-        x, weight, a, bt, bias if bias is not None else weight, scale, out,
-        m, n, k, r,
+        x, weight, a, bt, bias if bias is not None else weight, scale, out, ws,
+        m, n, k, r, chunk,
         x.stride(0), weight.stride(0), a.stride(0), bt.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, R_PAD=max(16, triton.next_power_of_2(r)),
+        HAS_BIAS=bias is not None, R_PAD=max(16, triton.next_power_of_2(r)), SPLIT=split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    if split > 1:
+        block = 1024
+        wrap_triton(_split_k_sum)[(triton.cdiv(m * n, block),)](ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4)
 
 
 @triton_op("lorahot::lora_linear", mutates_args=())
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T + bias + scale * (x @ a.T) @ bt`` in one kernel; ``x [..., K]``."""
+    """``x @ weight.T + bias + scale * (x @ a.T) @ bt`` in one kernel (two with split K); ``x [..., K]``."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -99,5 +140,5 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
     if x2.shape[0] == 0:
         return out.view(*x.shape[:-1], n)
-    launch(x2, weight, bias, a, bt, scale, out, config_for(x2.shape[0], n))
+    launch(x2, weight, bias, a, bt, scale, out, config_for(x2.shape[0], n, x2.shape[1]))
     return out.view(*x.shape[:-1], n)

@@ -5,8 +5,8 @@ the expand ``h @ B`` (plus an elementwise add the compiler can fuse away): three
 the base model has one. At small batch sizes, decode in particular, each of those kernels
 costs a few microseconds of latency however small it is, and on a 154-layer model that adds
 up to more than the base model's whole forward. :func:`lora_linear` does it all in one Triton
-kernel (see :mod:`lorahot._triton_lora`), registered as the custom op ``lorahot::lora_linear``
-so that ``torch.compile`` and CUDA graphs treat it as one opaque, shape-stable call.
+kernel (see :mod:`lorahot._triton_lora`; layers with few output tiles add a small kernel that
+sums split-K partials), registered as the custom op ``lorahot::lora_linear`` so that ``torch.compile`` and CUDA graphs treat it as one opaque, shape-stable call.
 
 It is used where it applies (:func:`supports`: CUDA tensors, float16 or bfloat16, an
 ``nn.Linear`` base layer whose weight has the arena's dtype, Triton importable; no autograd
@@ -71,7 +71,7 @@ def worth_it(rows: int) -> bool:
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T + bias + scale * (x @ a.T) @ bt`` in one kernel (CUDA, fp16/bf16).
+    """``x @ weight.T + bias + scale * (x @ a.T) @ bt`` in one kernel, two where K is split (CUDA, fp16/bf16).
 
     Calls the registered op directly (registered by :func:`available`, which
     :func:`supports` runs at bind time), so the compiler traces nothing but the op.

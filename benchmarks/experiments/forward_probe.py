@@ -50,13 +50,20 @@ def check() -> None:
             bt = torch.randn(r, n, device=dev, dtype=dtype, generator=g) / r**0.5
             b = torch.randn(n, device=dev, dtype=dtype, generator=g) if bias else None
             s = torch.tensor(0.7, device=dev)
-            y = K.lora_linear(x, w, b, a, bt, s)
             d = lambda t: t.double()
             ref = d(x) @ d(w).T + 0.7 * (d(x) @ d(a).T) @ d(bt) + (d(b) if bias else 0)
-            err = 0.0 if m == 0 else float((d(y) - ref).norm() / ref.norm())
-            assert torch.isfinite(y).all() and y.shape == (m, n), (m, k, n, r)
-            worst = max(worst, err)
-            log(f"check {str(dtype)[6:]} m={m} k={k} n={n} r={r} bias={bias}: rel err {err:.2e}")
+            for split in (0, 1, 3, 8):  # 0: the op's own configuration
+                if split and m == 0:
+                    continue
+                if split:
+                    y = torch.full((m, n), float("nan"), device=dev, dtype=dtype)  # poison: every element must be written
+                    K.launch(x, w, b, a, bt, s, y, (16, 32, 64, 4, 4, split))
+                else:
+                    y = K.lora_linear(x, w, b, a, bt, s)
+                err = 0.0 if m == 0 else float((d(y) - ref).norm() / ref.norm())
+                assert torch.isfinite(y).all() and y.shape == (m, n), (m, k, n, r, split)
+                worst = max(worst, err)
+                log(f"check {str(dtype)[6:]} m={m} k={k} n={n} r={r} bias={bias} split={split}: rel err {err:.2e}")
     results["kernel_max_rel_err"] = worst
     assert worst < 1e-2, worst
 
@@ -64,8 +71,8 @@ def check() -> None:
 # -- 2. per-shape cost in a CUDA graph ---------------------------------------------------------
 SHAPES = {"qo": (2048, 2048), "kv": (2048, 256), "gate/up": (2048, 5632), "down": (5632, 2048)}
 PER_STEP = {"qo": 44, "kv": 44, "gate/up": 44, "down": 22}  # calls per decode step, 22 blocks
-DECODE_CFGS = [(16, bn, bk, 4, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for st in (3, 4)]
-PREFILL_CFGS = [(64, 32, 64, 4, 4), (64, 32, 128, 4, 3), (32, 64, 128, 4, 4), (32, 32, 128, 4, 4), (64, 64, 128, 4, 3), (128, 32, 64, 4, 4), (64, 64, 64, 4, 4), (128, 64, 64, 8, 4)]
+DECODE_CFGS = [(16, bn, bk, 4, 4 if bk <= 128 else 3, sp) for bn in (32, 64, 128) for bk in (64, 128, 256) for sp in (1, 2, 4, 8, 16)]
+PREFILL_CFGS = [(64, 32, 64, 4, 4, 1), (64, 32, 128, 4, 3, 1), (32, 64, 128, 4, 4, 1), (32, 32, 128, 4, 4, 1), (64, 64, 128, 4, 3, 1), (128, 32, 64, 4, 4, 1), (64, 64, 64, 4, 4, 1), (128, 64, 64, 8, 4, 1)]
 
 
 def graph_us(fn, calls: int) -> float:
@@ -90,7 +97,7 @@ def graph_us(fn, calls: int) -> float:
 def sweep() -> None:
     n_sets = 22
     table = {}
-    for m in (128,) if os.environ.get("PROBE_PREFILL_ONLY") else (1, 128):
+    for m in [int(v) for v in os.environ.get("PROBE_M", "1,128").split(",")]:
         for name, (k, n) in SHAPES.items():
             ws = [torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(n_sets)]
             As = [torch.randn(R, k, device=dev, dtype=dt) / k**0.5 for _ in range(n_sets)]
@@ -122,7 +129,7 @@ def sweep() -> None:
                     log(f"  {cfg}: {type(exc).__name__}")
             best = min((v, c) for c, v in row.items() if c.startswith("(") and v is not None)
             table[f"m{m} {name}"] = row
-            log(f"m={m:3d} {name:8s} base {row['cublas_base']:6.2f} us  cublas lora {row['cublas_lora']:6.2f}  fused default {row[str(K.config_for(m, n))] if str(K.config_for(m, n)) in row else float('nan'):6.2f}  best {best[0]:6.2f} {best[1]}")
+            log(f"m={m:3d} {name:8s} base {row['cublas_base']:6.2f} us  cublas lora {row['cublas_lora']:6.2f}  fused default {row[str(K.config_for(m, n, k))] if str(K.config_for(m, n, k)) in row else float('nan'):6.2f}  best {best[0]:6.2f} {best[1]}")
             results["sweep"] = table
             save()
             del ws, As, Bs, outs
