@@ -8,6 +8,7 @@ if ! python3 -c "import pytest, hypothesis" 2>/dev/null && ls .whl/*.whl >/dev/n
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 OUT=${OUT:-/tmp/lorahot-out}; mkdir -p "$OUT"
+STAMP=$(mktemp); touch "$STAMP"  # only this call's run files go back (a call returns a few files)
 python3 -c "import torch, peft, transformers; print('torch', torch.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 for step in "${@:-gpu-tests swap forward fullgraph}"; do
   for s in $step; do
@@ -18,5 +19,6 @@ for step in "${@:-gpu-tests swap forward fullgraph}"; do
     esac
   done
 done
-cp benchmarks/results/latest.json "$OUT/" 2>/dev/null; cp benchmarks/results/runs/*.json "$OUT/" 2>/dev/null
+cp benchmarks/results/latest.json "$OUT/" 2>/dev/null
+find benchmarks/results/runs -name "*.json" -newer "$STAMP" -exec cp {} "$OUT/" \;
 ls "$OUT"
