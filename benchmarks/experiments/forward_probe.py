@@ -72,7 +72,7 @@ def check() -> None:
 SHAPES = {"qo": (2048, 2048), "kv": (2048, 256), "gate/up": (2048, 5632), "down": (5632, 2048)}
 PER_STEP = {"qo": 44, "kv": 44, "gate/up": 44, "down": 22}  # calls per decode step, 22 blocks
 DECODE_CFGS = [(16, bn, bk, 4, 4 if bk <= 128 else 3, sp) for bn in (32, 64, 128) for bk in (64, 128, 256) for sp in (1, 2, 4, 8, 16)]
-PREFILL_CFGS = [(64, 32, 64, 4, 4, 1), (64, 32, 128, 4, 3, 1), (32, 64, 128, 4, 4, 1), (32, 32, 128, 4, 4, 1), (64, 64, 128, 4, 3, 1), (128, 32, 64, 4, 4, 1), (64, 64, 64, 4, 4, 1), (128, 64, 64, 8, 4, 1)]
+PREFILL_CFGS = [(bm, bn, bk, 4 if bm * bn <= 4096 else 8, 3, sp) for bm in (64, 128) for bn in (32, 64, 128) for bk in (64, 128) for sp in (1, 2, 4, 8) if not (bm == 128 and bn == 128 and bk == 128)]
 
 
 def graph_us(fn, calls: int) -> float:
