@@ -91,21 +91,25 @@ Config = tuple[int, int, int, int, int, int]
 
 
 def config_for(m: int, n: int, k: int) -> Config:
-    """The tile configuration for ``m`` rows, ``n`` outputs and ``k`` inputs."""
-    # measured on an H100 (132 SMs), Llama projection shapes (benchmarks/experiments/forward_probe.py):
-    # at decode sizes, a layer with few output tiles is split along K until about 256 programs run
-    # (2048 -> 256: 9.9 -> 4.5 us; 5632 -> 2048: 20.7 -> 13.4 us); a wide one (88 tiles) is not.
-    if m <= 16:
-        bn = 32 if n <= 512 else 64
-        tiles = -(-n // bn)
-        split = 1
-        if tiles <= 64:
-            split = min(16, 256 // tiles, max(1, k // 128))
-            split = 1 << (split.bit_length() - 1)  # a power of two
-        return (16, bn, 128 if split == 1 else 64, 4, 4, split)
-    if n >= 4096:
-        return (128, 64, 64, 8, 4, 1)
-    return (32, 32, 128, 4, 4, 1) if n <= 512 else (64, 32, 128, 4, 3, 1)
+    """The tile configuration for ``m`` rows, ``n`` outputs and ``k`` inputs.
+
+    Measured on an H100 (132 SMs) over the Llama projection shapes
+    (``benchmarks/experiments/forward_probe.py``, each call alone in a CUDA graph): a layer with
+    few output tiles is split along K until about 256 programs run, a wide one is not. At decode
+    size (1 row) that took 2048 -> 256 from 8.95 to 4.53 us and 5632 -> 2048 from 20.7 to 13.4 us;
+    at 128 rows the kernel runs 11.2 / 5.9 / 19.9 / 21.5 us for q-o / k-v / gate-up / down, where
+    cuBLAS base + shrink + expand takes 15.7 / 13.6 / 21.1 / 24.1 us.
+    """
+    small = m <= 16
+    bm = 16 if small else 64
+    bn = 32 if n <= 512 else 64
+    tiles = -(-m // bm) * -(-n // bn)
+    split = 1
+    if tiles <= 64:
+        split = min(16 if small else 8, 256 // tiles, max(1, k // 128))
+        split = 1 << (split.bit_length() - 1)  # a power of two
+    bk = 128 if small and split == 1 else 64
+    return (bm, bn, bk, 4, 4 if small else 3, split)
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, config: Config) -> None:

@@ -11,7 +11,7 @@ sums split-K partials), registered as the custom op ``lorahot::lora_linear`` so 
 
 It is used where it applies (:func:`supports`: CUDA tensors, float16 or bfloat16, an
 ``nn.Linear`` base layer whose weight has the arena's dtype, Triton importable; no autograd
-needed) and where it pays (:func:`worth_it`: decode-sized inputs). Everywhere else the layer
+needed) and where it pays (:func:`worth_it`: up to 128 rows, decode and short prefill). Everywhere else the layer
 runs the plain library-call formula, which is also the reference the kernel is tested against.
 """
 
@@ -64,11 +64,11 @@ def supports(base: nn.Module, lora_A: torch.Tensor) -> bool:
 def worth_it(rows: int) -> bool:
     """Whether the kernel beats cuBLAS base + shrink + expand for ``rows`` tokens.
 
-    Measured on an H100 (benchmarks/, Llama projection shapes at rank 64): it wins at
-    decode sizes. At 128 rows it won for some projection shapes alone in a CUDA graph, but
-    lost on the whole 1.1B model, so prefill-sized inputs take the library formula.
+    Measured on an H100 (benchmarks/, Llama projection shapes at rank 64, with split K): it
+    wins at every shape up to 128 rows (see :func:`lorahot._triton_lora.config_for`). Past
+    that it is not measured, so larger inputs take the library formula.
     """
-    return rows <= 16
+    return rows <= 128
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,8 @@ def test_kernel_is_off_on_cpu_and_the_layers_use_the_library_formula() -> None:
 
 
 def test_worth_it_follows_the_measured_rule() -> None:
-    assert fused.worth_it(1) and fused.worth_it(16)
-    assert not fused.worth_it(17) and not fused.worth_it(128)
+    assert fused.worth_it(1) and fused.worth_it(16) and fused.worth_it(128)
+    assert not fused.worth_it(129) and not fused.worth_it(4096)
 
 
 def test_compiled_graph_has_three_adapter_inputs_per_arena_not_per_layer() -> None:
@@ -162,7 +162,7 @@ def test_fused_layers_after_swaps_compiled_match_reference_without_recompiles(mo
 
 
 @pytest.mark.gpu
-def test_prefill_sized_inputs_on_wide_layers_and_autograd_use_the_library_formula() -> None:
+def test_inputs_over_128_rows_and_autograd_use_the_library_formula() -> None:
     model = _mlp(torch.bfloat16, "cuda")
     runtime = lorahot.inject(model, list(NAMES), max_rank=8)
     tensors, ab = make_adapter(model, {"0": 8, "2": 4}, seed=3)
@@ -170,6 +170,7 @@ def test_prefill_sized_inputs_on_wide_layers_and_autograd_use_the_library_formul
     layer = runtime.layers["0"]
     with torch.no_grad():
         assert layer.can_fuse(torch.zeros(16, 48, device="cuda", dtype=torch.bfloat16), layer.lora_A)
+        assert layer.can_fuse(torch.zeros(128, 48, device="cuda", dtype=torch.bfloat16), layer.lora_A)
         assert not layer.can_fuse(torch.zeros(300, 48, device="cuda", dtype=torch.bfloat16), layer.lora_A)
     x = torch.randn(3, 48, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     assert not layer.can_fuse(x, layer.lora_A)  # autograd needs the library formula (the weights require grad)
@@ -183,17 +184,17 @@ def test_prefill_sized_inputs_on_wide_layers_and_autograd_use_the_library_formul
 
 @pytest.mark.gpu
 def test_fused_layers_under_dynamic_shapes_match_reference_without_recompiles() -> None:
-    """Batch sizes 2..16 take the kernel, 40 rows take the library formula; one dynamic graph
-    serves each side of that line, through swaps."""
+    """Up to 16 rows the kernel runs its decode tiles, 17..128 rows its prefill tiles, more
+    rows take the library formula; one dynamic graph serves each range, through swaps."""
     model = _mlp(torch.bfloat16, "cuda")
     reference_model = _mlp(torch.float32, "cuda")
     runtime = lorahot.inject(model, list(NAMES), max_rank=16)
     compiled = torch.compile(model, dynamic=True)
     with torch.inference_mode():
-        for rows in (3, 40):  # one graph per side of the kernel's row limit
+        for rows in (3, 40, 150):  # one graph per range
             compiled(torch.randn(rows, 48, device="cuda", dtype=torch.bfloat16))
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for seed, rows in enumerate((2, 7, 16, 40, 33)):
+            for seed, rows in enumerate((2, 7, 16, 40, 128, 129, 33, 200)):
                 tensors, ab = make_adapter(model, {"0": 1 + seed, "2": 16, "4": 4}, seed=seed)
                 runtime.load(tensors)
                 x = torch.randn(rows, 48, device="cuda", dtype=torch.bfloat16)
