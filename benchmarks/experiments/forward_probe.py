@@ -1,14 +1,16 @@
 """Probe: where a compiled LoRA forward spends its time, and what the fused kernel saves.
 
-Run on the GPU machine from the repo root: ``PYTHONPATH=. python3 -m benchmarks.experiments.forward_probe``.
+Run on the GPU machine from the repo root (parts: check, sweep, model; ``PROBE_M=1,128`` sets
+the sweep's row counts): ``PYTHONPATH=. python3 -m benchmarks.experiments.forward_probe [PART...]``.
 
-1. The fused kernel against a float64 reference (fresh random inputs, odd shapes, bias).
+1. The fused kernel against a float64 reference (fresh random inputs, odd shapes, bias, the
+   op's own tiles and explicit split-K ones, outputs poisoned with NaN first).
 2. Per projection shape, one call's cost inside a CUDA graph (22 weight sets per shape, so
    weights stream from HBM as in a real model): cuBLAS base; cuBLAS LoRA (3 kernels);
-   the fused kernel under several tile configurations.
-3. An 8-block Llama (TinyLlama widths, bf16) compiled: base; lorahot unfused; lorahot fused;
-   merged; base again (a control for drift): decode and prefill medians, reduce-overhead and
-   default, and kernels per decode step from the profiler.
+   the fused kernel under every tile and split-K configuration of the sweep.
+3. An 8-block Llama (``llama.py``) compiled with reduce-overhead: base; lorahot unfused;
+   lorahot fused; merged; base again (a control for drift): decode and prefill medians, host
+   time, and kernels per decode step from the profiler.
 """
 
 from __future__ import annotations
@@ -137,29 +139,12 @@ def sweep() -> None:
 
 # -- 3. the model ------------------------------------------------------------------------------
 def model_level() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import lorahot
+    from benchmarks.experiments.llama import TARGETS as targets
+    from benchmarks.experiments.llama import llama
 
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, use_cache=False)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        proto = LlamaForCausalLM(cfg).to(dt).eval()
-    state = {k: v.clone() for k, v in proto.state_dict().items()}
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    adapter = {}
-    for name, mod in proto.named_modules():
-        if name.split(".")[-1] in targets:
-            adapter[f"base_model.model.{name}.lora_A.weight"] = torch.randn(R, mod.in_features) * 0.02
-            adapter[f"base_model.model.{name}.lora_B.weight"] = torch.randn(mod.out_features, R) * 0.02
-    del proto
+    fresh, adapter = llama(8, dev, dt, R)
     ids = {"decode": torch.randint(0, 32000, (1, 1), device=dev), "prefill": torch.randint(0, 32000, (1, 128), device=dev)}
-
-    def fresh():
-        with torch.device(dev):
-            m = LlamaForCausalLM(cfg).to(dt).eval()
-        m.load_state_dict(state)
-        return m
 
     with torch.inference_mode():
         ref_model = fresh().float()
@@ -198,22 +183,14 @@ def model_level() -> None:
         top = sorted(evs, key=lambda e: -e.device_time_total)[:6]
         return total, [(e.key[:60], e.count // 3, round(e.device_time_total / 3 / max(1, e.count // 3), 1)) for e in top]
 
-    from lorahot.layers.base import LoRALayer
-
     torch._dynamo.config.cache_size_limit = 64
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 64
-    import types
 
-    kinds = ["base", "lorahot_viewinputs", "lorahot_unfused", "lorahot_fused", "lorahot_fused_all", "merged"]
+    kinds = ["base", "lorahot_unfused", "lorahot_fused", "merged", "base_again"]
     calls, keep, model_rows = {}, [], {}
     for kind in kinds:
-        m = make({"lorahot_viewinputs": "lorahot_unfused", "lorahot_fused_all": "lorahot_fused"}.get(kind, kind))
-        for layer in m.modules():
-            if isinstance(layer, LoRALayer) and kind == "lorahot_viewinputs":  # the old layout: every view a graph input
-                layer._view = types.MethodType(lambda self, i: self._live[i], layer)
-            if isinstance(layer, LoRALayer) and kind == "lorahot_fused_all":
-                layer.fused_max_rows = 1 << 30
+        m = make(kind)
         compiled = torch.compile(m, mode="reduce-overhead")
 
         def call(x, compiled=compiled):

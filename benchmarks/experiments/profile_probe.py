@@ -22,6 +22,7 @@ import time
 import torch
 
 import lorahot
+from benchmarks.experiments.llama import TARGETS, llama
 
 dev, dt, R = torch.device(os.environ.get("PROBE_DEVICE", "cuda")), torch.bfloat16, 64
 BLOCKS = int(os.environ.get("PROBE_BLOCKS", "22"))
@@ -30,7 +31,6 @@ BLOCKS = int(os.environ.get("PROBE_BLOCKS", "22"))
 def sync() -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OUT = os.environ.get("OUT", "/tmp")
 
 
@@ -39,26 +39,12 @@ def log(*a: object) -> None:
 
 
 def build(mode: str) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch._dynamo.config.cache_size_limit = 64
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=BLOCKS, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, use_cache=False)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        proto = LlamaForCausalLM(cfg).to(dt).eval()
-    state = proto.state_dict()
-    adapter = {}
-    for name, mod in proto.named_modules():
-        if name.split(".")[-1] in TARGETS:
-            adapter[f"base_model.model.{name}.lora_A.weight"] = torch.randn(R, mod.in_features) * 0.02
-            adapter[f"base_model.model.{name}.lora_B.weight"] = torch.randn(mod.out_features, R) * 0.02
-    del proto
+    fresh, adapter = llama(BLOCKS, dev, dt, R)
     ids = torch.randint(0, 32000, (1, 1), device=dev)
     calls = {}
     for kind in ("base", "lorahot", "unfused", "merged"):
-        with torch.device(dev):
-            m = LlamaForCausalLM(cfg).to(dt).eval()
-        m.load_state_dict(state)
+        m = fresh()
         if kind != "base":
             rt = lorahot.inject(m, TARGETS, max_rank=R, merged=kind == "merged", fused=kind != "unfused")
             rt.load(adapter)
