@@ -136,7 +136,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: 
 
 @triton_op("lorahot::lora_linear", mutates_args=())
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T + bias + scale * (x @ a.T) @ bt`` in one kernel (two with split K); ``x [..., K]``."""
+    """``x @ weight.T + bias + scale * (x @ a.T) @ bt``, ``x [..., K]``: one kernel, two with split K."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -11,8 +11,9 @@ sums split-K partials), registered as the custom op ``lorahot::lora_linear`` so 
 
 It is used where it applies (:func:`supports`: CUDA tensors, float16 or bfloat16, an
 ``nn.Linear`` base layer whose weight has the arena's dtype, Triton importable; no autograd
-needed) and where it pays (:func:`worth_it`: up to 128 rows, decode and short prefill). Everywhere else the layer
-runs the plain library-call formula, which is also the reference the kernel is tested against.
+needed) and where it pays (:func:`worth_it`: up to 128 rows, decode and short prefill).
+Everywhere else the layer runs the plain library-call formula, which is also the reference
+the kernel is tested against.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def worth_it(rows: int) -> bool:
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T + bias + scale * (x @ a.T) @ bt`` in one kernel, two where K is split (CUDA, fp16/bf16).
+    """``x @ weight.T + bias + scale * (x @ a.T) @ bt`` on CUDA in fp16/bf16: one kernel, two
+    where K is split.
 
     Calls the registered op directly (registered by :func:`available`, which
     :func:`supports` runs at bind time), so the compiler traces nothing but the op.

@@ -6,7 +6,8 @@ attribute path, and makes each one a graph input: with views registered on each 
 inputs. Reached through one global key instead, each arena tensor is guarded and passed once.
 Its shape is marked static (under ``dynamic=True`` a batch size that happens to equal one of its
 sizes would otherwise be tied to it, and a later batch size would recompile), and on CUDA its
-address too, so CUDA graphs read it in place.
+address too, so CUDA graphs read it in place. Marking imports ``torch._dynamo`` (about 1.4 s
+once on a CPU box), which ``torch.compile`` imports anyway.
 
 A :class:`Handle` owns one registry entry and removes it when collected; the arena and every
 layer bound to it hold the handle.
