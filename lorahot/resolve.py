@@ -15,6 +15,7 @@ The first step with any hit decides; more than one hit is an error listing the c
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 
 from lorahot.adapter import Adapter, LoraModule
@@ -66,7 +67,15 @@ def _candidates(key: str, fmt: KeyFormat) -> list[str]:
     return out
 
 
-def _lookup(key: str, fmt: KeyFormat, names: _Names) -> list[str]:
+@functools.lru_cache(maxsize=16)
+def _index(names: tuple[str, ...]) -> _Names:
+    """The lookup index of one model's injected names (built once per name list)."""
+    return _Names(list(names))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _lookup(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
+    """The injected names ``key`` matches (memoized: formats and indexes hash by identity)."""
     cands = _candidates(key, fmt)
     aliased = [re.sub(p, r, c) for c in cands for p, r in fmt.aliases if re.search(p, c)]
     steps = (
@@ -78,8 +87,8 @@ def _lookup(key: str, fmt: KeyFormat, names: _Names) -> list[str]:
     for step in steps:
         hits = step()
         if hits:
-            return sorted(set(hits))
-    return []
+            return tuple(sorted(set(hits)))
+    return ()
 
 
 def _first(groups) -> list[str]:  # type: ignore[no-untyped-def]
@@ -110,7 +119,7 @@ def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
             keys matching several layers (with the candidates), or two keys on one layer.
     """
     fmt = format_named(adapter.format)
-    index = _Names(names)
+    index = _index(tuple(names))
     out: dict[str, LoraModule] = {}
     origin: dict[str, str] = {}
     problems: list[str] = []

@@ -6,6 +6,8 @@ key; more specific namings (required prefixes, distinct roles) come before PEFT'
 
 from __future__ import annotations
 
+import functools
+
 from lorahot.formats import comfyui, diffusers, kohya, peft
 from lorahot.formats.table import KeyFormat, Rule, group_keys
 
@@ -17,7 +19,13 @@ FORMATS: tuple[KeyFormat, ...] = (kohya.FORMAT, comfyui.FORMAT, diffusers.FORMAT
 
 def detect(keys: list[str]) -> KeyFormat | None:
     """The first format in :data:`FORMATS` that accounts for every key, or None."""
-    return next((f for f in FORMATS if f.detect(keys)), None)
+    return _detect(tuple(keys))
+
+
+@functools.lru_cache(maxsize=64)
+def _detect(keys: tuple[str, ...]) -> KeyFormat | None:
+    """:func:`detect`, memoized by the key list: a file loaded again skips the format scans."""
+    return next((f for f in FORMATS if f.detect(list(keys))), None)
 
 
 def format_named(name: str) -> KeyFormat:
