@@ -3,8 +3,8 @@
 Nothing here touches the model. :func:`plan_load` checks keys, shapes, ranks and alphas and
 either raises listing every problem or returns a :class:`LoadPlan`. :func:`stage` then moves
 the tensors to the arenas' devices and checks their values (NaN/Inf) there, and
-:func:`pack_host` packs them into one compact host buffer per arena for the cache. Only after all of that does the
-buffer manager write.
+:func:`pack_host` packs them into one compact host buffer per arena for the cache. Only after
+all of that does the buffer manager write.
 """
 
 from __future__ import annotations

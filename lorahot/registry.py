@@ -34,10 +34,9 @@ class Handle:
         self.key = next(_ids)
         TENSORS[self.key] = tensors
         weakref.finalize(self, TENSORS.pop, self.key, None)
-        for t in tensors:
-            torch._dynamo.mark_static(t)
-        if any(t.is_cuda for t in tensors):
-            from torch._dynamo import mark_static_address  # imported only where CUDA graphs can run
+        from torch._dynamo import mark_static, mark_static_address
 
-            for t in tensors:
+        for t in tensors:
+            mark_static(t)
+            if t.is_cuda:
                 mark_static_address(t, guard=False)
