@@ -3,10 +3,21 @@
     runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=64)
     model = torch.compile(model)
     runtime.load("path/to/adapter")      # copies into preallocated buffers: no recompile
+
+The package is layered; each folder imports only from the ones above it in this list:
+
+- :mod:`lorahot.errors`, :mod:`lorahot.adapter`: the error hierarchy and the normalized adapter;
+- :mod:`lorahot.formats`: adapter namings, one declarative table each;
+- :mod:`lorahot.resolve`: matching module keys to the model's layers, user key mapping;
+- :mod:`lorahot.io`: reading adapters from files, directories, mappings and the Hub;
+- :mod:`lorahot.kernels`: the fused CUDA kernel;
+- :mod:`lorahot.layers`: the LoRA layers and the global handles compiled graphs read;
+- :mod:`lorahot.runtime`: inject, the buffer manager, load planning, the cache, merged mode
+  and :class:`LoraRuntime`;
+- :mod:`lorahot.cli`: ``lorahot inspect``.
 """
 
 from lorahot.adapter import Adapter, LoraModule
-from lorahot.cache import AdapterCache, PreparedAdapter
 from lorahot.errors import (
     AdapterMismatchError,
     AdapterReadError,
@@ -15,10 +26,9 @@ from lorahot.errors import (
     UnknownFormatError,
     UsageError,
 )
-from lorahot.inject import eject
+from lorahot.io import read_adapter
 from lorahot.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
-from lorahot.loader import read_adapter
-from lorahot.runtime import AdapterInfo, LoraRuntime, inject
+from lorahot.runtime import AdapterCache, AdapterInfo, LoraRuntime, PreparedAdapter, eject, inject
 
 __all__ = [
     "inject",

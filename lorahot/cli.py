@@ -14,7 +14,7 @@ from typing import Any
 
 from lorahot.adapter import Adapter
 from lorahot.errors import LoraError
-from lorahot.loader import read_adapter
+from lorahot.io.loader import read_adapter
 
 __all__ = ["main", "summarize"]
 

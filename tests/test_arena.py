@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorahot
-from lorahot.arena import Arena
+from lorahot.runtime.buffers import Arena
 from tests.helpers import make_adapter
 
 
@@ -29,13 +29,13 @@ def _inject(slots: int, max_rank: int = 8) -> tuple[Net, lorahot.LoraRuntime]:
 
 
 def _pointers(runtime: lorahot.LoraRuntime) -> list[int]:
-    arenas = [t.data_ptr() for a in runtime._manager.arenas for t in (a.A, a.B, a.S)]
+    arenas = [t.data_ptr() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S)]
     layers = [t.data_ptr() for l in runtime.layers.values() for t in (l.lora_A, l.lora_B, l.lora_scale)]
     return arenas + layers
 
 
 def _assert_zero_past_extent(runtime: lorahot.LoraRuntime) -> None:
-    for arena in runtime._manager.arenas:
+    for arena in runtime.buffers.arenas:
         for region in range(arena.regions):
             for layer in range(len(arena.specs)):
                 a_rows, b_rows = arena.rows(layer, region)
@@ -71,15 +71,15 @@ def test_addresses_fixed_and_rows_past_extent_zero(ops: list) -> None:
             runtime.set_scale(args[0])
         assert _pointers(runtime) == pointers
         _assert_zero_past_extent(runtime)
-    live = runtime._manager.live
-    for arena in runtime._manager.arenas:  # the live region is an exact copy of the active slot
+    live = runtime.buffers.live
+    for arena in runtime.buffers.arenas:  # the live region is an exact copy of the active slot
         for t in (arena.A, arena.B, arena.S):
             assert torch.equal(t[live], t[runtime.active_slot])
 
 
 def test_layer_buffers_are_views_into_the_live_region() -> None:
     net, runtime = _inject(slots=2)
-    manager = runtime._manager
+    manager = runtime.buffers
     assert manager.regions == 3 and manager.live == 2
     for name, layer in runtime.layers.items():
         arena = manager.arenas[manager.where[name][0]]
@@ -94,7 +94,7 @@ def test_layer_buffers_are_views_into_the_live_region() -> None:
 
 def test_blocks_are_contiguous_aligned_and_disjoint() -> None:
     _, runtime = _inject(slots=1)
-    for arena in runtime._manager.arenas:
+    for arena in runtime.buffers.arenas:
         for offsets, dims, total in ((arena.a_off, [s.in_dim for s in arena.specs], arena.A.shape[1]),
                                      (arena.b_off, [s.out_dim for s in arena.specs], arena.B.shape[1])):
             assert all(o % 64 == 0 for o in offsets)
@@ -105,7 +105,7 @@ def test_blocks_are_contiguous_aligned_and_disjoint() -> None:
             assert all(t.is_contiguous() for t in arena.rows(layer, 0))
     for layer in runtime.layers.values():  # the forward multiplies plain row-major operands
         assert layer.lora_A.is_contiguous() and (layer.lora_B.is_contiguous() or layer.spec.kind == "conv")
-    assert [a.dtype for a in runtime._manager.arenas] == [torch.float32, torch.float64]
+    assert [a.dtype for a in runtime.buffers.arenas] == [torch.float32, torch.float64]
 
 
 def test_grouped_conv_rank_slices_are_aligned() -> None:
@@ -118,7 +118,7 @@ def test_grouped_conv_rank_slices_are_aligned() -> None:
     assert torch.equal(layer.lora_A[0:2], a[0:2]) and torch.equal(layer.lora_A[4:6], a[2:4])
     assert not layer.lora_A[2:4].any() and not layer.lora_A[6:8].any()
     assert torch.equal(layer.lora_B[:, :2], b) and not layer.lora_B[:, 2:].any()
-    arena = runtime._manager.arenas[0]
+    arena = runtime.buffers.arenas[0]
     assert arena.a_extent == [Arena.a_rows_for(arena.specs[1], 4, 8)] == [6]
     assert arena.b_extent == [2]
 
@@ -126,7 +126,7 @@ def test_grouped_conv_rank_slices_are_aligned() -> None:
 def test_extent_shrinks_and_stale_rows_are_zeroed() -> None:
     net, runtime = _inject(slots=1)
     runtime.load(make_adapter(net, {"lin": 8, "emb": 8}, seed=2)[0])
-    arena = runtime._manager.arenas[0]
+    arena = runtime.buffers.arenas[0]
     assert arena.a_extent == [8] and arena.b_extent == [8]
     runtime.load(make_adapter(net, {"lin": 3}, seed=3)[0])
     assert arena.a_extent == [3] and arena.b_extent == [3]
@@ -139,7 +139,7 @@ def test_nbytes_counts_every_region() -> None:
     _, one = _inject(slots=1)
     _, three = _inject(slots=3)
     assert three.nbytes == 4 * one.nbytes
-    assert one.nbytes == sum(t.nbytes for a in one._manager.arenas for t in (a.A, a.B, a.S))
+    assert one.nbytes == sum(t.nbytes for a in one.buffers.arenas for t in (a.A, a.B, a.S))
 
 
 class Linears(nn.Module):
@@ -170,7 +170,7 @@ def test_skipping_the_zero_fill_leaves_exactly_a_fresh_load(loads: list) -> None
     fresh_net = Linears()
     fresh = lorahot.inject(fresh_net, ["a", "b"], max_rank=4)
     fresh.load(make_adapter(fresh_net, loads[-1][0], seed=loads[-1][2])[0])
-    got, want = runtime._manager.arenas[0], fresh._manager.arenas[0]
+    got, want = runtime.buffers.arenas[0], fresh.buffers.arenas[0]
     assert torch.equal(got.A, want.A) and torch.equal(got.B, want.B) and torch.equal(got.S, want.S)
     assert (got.a_extent, got.b_extent) == (want.a_extent, want.b_extent)
 
@@ -179,12 +179,12 @@ def test_zero_fill_is_skipped_only_when_the_write_covers_the_region() -> None:
     torch.manual_seed(0)
     net = Linears()
     runtime = lorahot.inject(net, ["a", "b"], max_rank=4)
-    arena = runtime._manager.arenas[0]
+    arena = runtime.buffers.arenas[0]
     assert arena._covers(0, [(0, 2), (1, 2)])  # empty region: any full write covers it
     runtime.load(make_adapter(net, {"a": 3, "b": 3})[0])
     assert arena._covers(0, [(0, 3), (1, 4)])
     assert not arena._covers(0, [(0, 2), (1, 4)])  # rank 2 leaves row 2 of layer a stale
     assert not arena._covers(0, [(0, 4)])  # layer b untouched
     _, grouped = _inject(slots=1)
-    conv = grouped._manager.arenas[0]
+    conv = grouped.buffers.arenas[0]
     assert not conv._covers(0, [(i, 8) for i in range(len(conv.specs))])  # group slices leave gaps

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorahot
-from lorahot.registry import TENSORS
+from lorahot.layers.tensor_handles import TENSORS
 from tests.helpers import make_adapter, model_reference, tiny_convnet, tiny_lm, token_ids
 
 MAX_RANK = 4

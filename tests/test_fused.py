@@ -1,5 +1,5 @@
-"""The fused LoRA linear kernel (lorahot.fused) and the compiled-graph view of the arena
-(lorahot.registry): float64 references on the GPU, fallbacks everywhere else, and the
+"""The fused LoRA linear kernel (lorahot.kernels.lora_linear) and the compiled-graph view of the arena
+(lorahot.layers.tensor_handles): float64 references on the GPU, fallbacks everywhere else, and the
 per-call cost a compiled model pays for its LoRA layers (graph inputs)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorahot
-from lorahot import fused
-from lorahot.registry import TENSORS
+from lorahot.kernels import lora_linear as fused
+from lorahot.layers.tensor_handles import TENSORS
 from tests.helpers import make_adapter, model_reference
 
 NAMES = ("0", "2", "4")
@@ -66,7 +66,7 @@ def test_registry_entry_lives_with_the_layers_and_goes_with_them() -> None:
     keys = {layer._key for layer in runtime.layers.values()}
     assert len(keys) == 1
     key = keys.pop()
-    assert TENSORS[key][0] is runtime._manager.arenas[0].A
+    assert TENSORS[key][0] is runtime.buffers.arenas[0].A
     del runtime
     gc.collect()
     assert key in TENSORS  # the model's layers still read it
@@ -108,7 +108,7 @@ def test_kernel_matches_float64_reference(m: int, k: int, n: int, r: int, bias: 
     b = torch.randn(n, device="cuda", dtype=dtype, generator=g) if bias else None
     scale = torch.tensor(0.75, device="cuda")
     if split and m:
-        from lorahot import _triton_lora
+        from lorahot.kernels import triton_lora_linear
 
         y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         _triton_lora.launch(x, w, b, a, bt, scale, y, (16, 32, 64, 4, 4, split))

@@ -149,7 +149,7 @@ def test_fuzz_mutated_files_load_or_raise_lora_error(tmp_path: Path, base_blob: 
 def _assert_clean_swap(rig, before, path: Path, slot: int, fresh_dir: Path) -> None:
     """A successful load wrote exactly the new adapter into ``slot`` and nothing else."""
     other = 1 - slot
-    manager = rig.runtime._manager
+    manager = rig.runtime.buffers
     for i, arena in enumerate(manager.arenas):
         for k, t in enumerate((arena.A, arena.B, arena.S)):
             assert torch.equal(t[other], before.buffers[3 * i + k][other]), "a load into one slot changed the other"

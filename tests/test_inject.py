@@ -270,7 +270,7 @@ def test_default_dtype_follows_each_base_weight() -> None:
     assert runtime.layers["1"].lora_A.dtype == torch.bfloat16
     assert runtime.layers["0"].lora_scale.dtype == torch.float64
     assert runtime.layers["1"].lora_scale.dtype == torch.float32
-    assert len(runtime._manager.arenas) == 2
+    assert len(runtime.buffers.arenas) == 2
 
 
 @pytest.mark.parametrize("bad", [torch.int8, "float16"])

@@ -183,7 +183,7 @@ def test_eject_restores_bitwise(case: Case, data: st.DataObject) -> None:
 
 
 def _arena(runtime: lorahot.LoraRuntime) -> list[torch.Tensor]:
-    return [t for arena in runtime._manager.arenas for t in (arena.A, arena.B, arena.S)]
+    return [t for arena in runtime.buffers.arenas for t in (arena.A, arena.B, arena.S)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -25,7 +25,7 @@ from safetensors.torch import save, save_file
 
 import lorahot
 from lorahot import AdapterMismatchError, AdapterReadError, SourceNotFoundError, UnknownFormatError
-from lorahot import safety
+from lorahot.io import safety
 from lorahot.formats import FORMATS
 from tests.reliability_helpers import (  # noqa: F401  (one_torch_thread is a fixture)
     MAX_RANK,
@@ -571,10 +571,10 @@ def test_ambiguous_kohya_name_in_a_model_that_has_both_spellings(tmp_path: Path)
     model = Two()
     runtime = lorahot.inject(model, ["proj", "out_proj"], max_rank=8, slots=2)
     tensors = {"lora_unet_attn_out_proj.lora_down.weight": torch.randn(4, 16), "lora_unet_attn_out_proj.lora_up.weight": torch.randn(16, 4)}
-    before = [t.clone() for a in runtime._manager.arenas for t in (a.A, a.B, a.S)]
+    before = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S)]
     with pytest.raises(AdapterMismatchError, match=r"ambiguous"):
         runtime.load(tensors)
-    assert all(torch.equal(t, u) for t, u in zip((t for a in runtime._manager.arenas for t in (a.A, a.B, a.S)), before))
+    assert all(torch.equal(t, u) for t, u in zip((t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S)), before))
 
 
 def test_damaged_files_are_refused_before_the_parser_sees_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -620,7 +620,7 @@ def test_missing_config_is_not_an_error(tmp_path: Path) -> None:
     directory, _ = _tensors_dir(tmp_path / "noconfig", valid_tensors(rig.model, 4))
     info = rig.runtime.load(directory, slot=1)
     assert info.ranks == {Q0: 4, V1: 4}
-    arena, idx = rig.runtime._manager.arenas[rig.runtime._manager.where[Q0][0]], rig.runtime._manager.where[Q0][1]
+    arena, idx = rig.runtime.buffers.arenas[rig.runtime.buffers.where[Q0][0]], rig.runtime.buffers.where[Q0][1]
     assert float(arena.S[1, idx]) == 1.0
 
 

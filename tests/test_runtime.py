@@ -177,7 +177,7 @@ def test_slots_activate_unload_set_scale() -> None:
     runtime.unload()
     assert [runtime.info(s) for s in range(3)] == [None, None, None]
     assert torch.equal(_out(model), base)
-    for arena in runtime._manager.arenas:
+    for arena in runtime.buffers.arenas:
         assert not arena.A.any() and not arena.B.any() and not arena.S.any()
 
 
@@ -224,12 +224,12 @@ def test_grouped_conv_model_through_runtime() -> None:
 
 
 def _snapshot(runtime: lorahot.LoraRuntime) -> list:
-    m = runtime._manager
+    m = runtime.buffers
     return [(a.A.clone(), a.B.clone(), a.S.clone(), list(a.a_extent), list(a.b_extent)) for a in m.arenas]
 
 
 def _assert_unchanged(runtime: lorahot.LoraRuntime, snap: list) -> None:
-    for arena, (A, B, S, ae, be) in zip(runtime._manager.arenas, snap):
+    for arena, (A, B, S, ae, be) in zip(runtime.buffers.arenas, snap):
         assert torch.equal(arena.A, A) and torch.equal(arena.B, B) and torch.equal(arena.S, S)
         assert (arena.a_extent, arena.b_extent) == (ae, be)
 
@@ -329,13 +329,13 @@ def test_load_pauses_the_garbage_collector_and_restores_its_state() -> None:
     model, runtime = _setup()
     tensors = make_adapter(model, {Q0: 2})[0]
     seen = []
-    original = runtime._manager.write_staged
+    original = runtime.buffers.write_staged
 
     def spy(*args, **kwargs):
         seen.append(gc.isenabled())
         return original(*args, **kwargs)
 
-    runtime._manager.write_staged = spy  # type: ignore[method-assign]
+    runtime.buffers.write_staged = spy  # type: ignore[method-assign]
     assert gc.isenabled()
     runtime.load(tensors)
     assert seen == [False] and gc.isenabled()

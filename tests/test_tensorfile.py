@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import lorahot
-from lorahot.safety import check_safetensors
-from lorahot.tensorfile import read_tensors
+from lorahot.io.safety import check_safetensors
+from lorahot.io.tensorfile import read_tensors
 
 
 def _file(tmp_path: Path) -> Path:
@@ -38,7 +38,7 @@ def test_reads_what_safetensors_reads(tmp_path: Path) -> None:
 
 
 def test_large_file_is_read_in_parallel_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lorahot.tensorfile as tf
+    import lorahot.io.tensorfile as tf
 
     monkeypatch.setattr(tf, "_CHUNK", 1000)  # many chunks for a small file
     path = _file(tmp_path)

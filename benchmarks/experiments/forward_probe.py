@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lorahot import _triton_lora as K
+from lorahot.kernels import triton_lora_linear as K
 
 dev, dt, R = torch.device("cuda"), torch.bfloat16, 64
 OUT = os.environ.get("OUT", "/tmp")

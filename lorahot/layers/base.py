@@ -1,10 +1,10 @@
 """What every LoRA layer shares: the wrapped base module, its geometry, and the live buffers.
 
 A LoRA layer computes ``base(x) + scale * B(A(x))``. Its ``lora_A``, ``lora_B`` and
-``lora_scale`` are views into the :class:`~lorahot.arena.Arena` that the runtime allocated once
+``lora_scale`` are views into the :class:`~lorahot.runtime.buffers.Arena` that the runtime allocated once
 at ``max_rank``; the layer never allocates, reallocates or rebinds them, so a compiled graph
 (or a captured CUDA graph) keeps reading the same addresses after every swap. The layer
-reaches the arena tensors through one global handle (:mod:`lorahot.registry`), and a compiled
+reaches the arena tensors through one global handle (:mod:`lorahot.layers.tensor_handles`), and a compiled
 graph rebuilds the views from them.
 
 State dicts: the wrapper keeps the original module as ``base_layer`` but saves and loads its
@@ -15,12 +15,12 @@ checkpoint unchanged. The LoRA buffers are not persistent.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from lorahot.registry import TENSORS, Handle
+from lorahot.layers.tensor_handles import TENSORS, TensorHandle
 
 __all__ = ["LayerSpec", "LoRALayer"]
 
@@ -63,11 +63,19 @@ class LayerSpec:
 class LoRALayer(nn.Module):
     """Base class of the LoRA layers: wraps ``base_layer`` and owns no storage of its own.
 
-    Subclasses set :attr:`spec` from the base module and implement :meth:`lora_delta`.
+    The contract with the runtime: everything the runtime and the merger call on a layer is
+    declared here, and nothing else is reached from outside (no private attributes).
+
+    - at inject: :attr:`spec`, :meth:`live_views`, :meth:`bind`, :meth:`merge_refusal`;
+    - while serving: :meth:`bound_address` (is the layer still on its buffers?);
+    - in merged mode: :meth:`merge_operands`, :attr:`merged`, :attr:`pristine_weight`.
+
+    Subclasses set :attr:`spec` from the base module and implement :meth:`live_views`,
+    :meth:`lora_delta` and :meth:`merge_operands`; a subclass with a fused kernel overrides
+    :meth:`fusable`, :meth:`can_fuse` and :meth:`fused_forward`.
     """
 
     spec: LayerSpec
-    kind: ClassVar[str] = ""
 
     #: Set once at inject time in merged mode (the adapter lives in the base weights then);
     #: never changed afterwards, so the compiler sees a constant.
@@ -97,25 +105,46 @@ class LoRALayer(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
-    def bind(self, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_scale: torch.Tensor, *, handle: Handle | None = None, fused: bool = False) -> None:
+    def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's ``(lora_A, lora_B)`` views of its arena rows ``[R, in_dim]`` (A) and
+        ``[R, out_dim]`` (B transposed); see the subclass for the layout."""
+        raise NotImplementedError
+
+    def bind(
+        self,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        lora_scale: torch.Tensor,
+        *,
+        handle: TensorHandle | None = None,
+        fused: bool = True,
+    ) -> None:
         """Attaches the live views; called once by the runtime at inject time, never again.
 
         ``handle`` holds the arena tensors the views live in (made here if not given). Under
         ``torch.compile`` the layer rebuilds its views from those global tensors (see
-        :mod:`lorahot.registry`); eagerly it uses the views. The arena tensors are also
+        :mod:`lorahot.layers.tensor_handles`); eagerly it uses the views. The arena tensors are also
         registered as non-persistent buffers, so ``model.to()`` after inject can be detected.
-        ``fused`` allows a fused kernel where the layer type has one (see :mod:`lorahot.fused`).
+        ``fused`` allows a fused kernel where the layer has one that applies (:meth:`fusable`;
+        see :mod:`lorahot.kernels.lora_linear`).
         """
         self._live = (lora_A, lora_B, lora_scale)
         roots = tuple(view if view._base is None else view._base for view in self._live)
         if handle is None or any(r is not t for r, t in zip(roots, TENSORS.get(handle.key, ()))):
-            handle = Handle(roots)
+            handle = TensorHandle(roots)
         self._handle = handle  # keeps the registry entry alive as long as the layer
         self._key = handle.key
         # plain ints: the graph rebuilds each view from its arena tensor without touching it
         self._geometry = tuple((tuple(v.shape), v.stride(), v.storage_offset()) for v in self._live)
         for name, root in zip(_ARENA_BUFFERS, roots):
             self.register_buffer(name, root, persistent=False)
+        self.fused = fused and self.fusable(lora_A)
+
+    def bound_address(self) -> int:
+        """Address of the arena tensor the layer's A buffer holds now. It changes only when
+        something replaced the layer's buffers (``model.to()`` or
+        ``load_state_dict(assign=True)`` after inject), which the runtime refuses to serve."""
+        return self._buffers[_ARENA_BUFFERS[0]].data_ptr()
 
     def _views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(A, B, scale)``: the live views eagerly; rebuilt from the global arena tensors
@@ -143,7 +172,7 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
-        # layer: keep them few (see lorahot.registry).
+        # layer: keep them few (see lorahot.layers.tensor_handles).
         if self.merged:
             return self._base(x, *args, **kwargs)
         a, b, scale = self._views()
@@ -159,12 +188,25 @@ class LoRALayer(nn.Module):
         ``a`` and ``b``."""
         raise NotImplementedError
 
+    def fusable(self, lora_A: torch.Tensor) -> bool:
+        """Whether this layer, bound to ``lora_A``, has a fused kernel that applies."""
+        return False
+
     def can_fuse(self, x: torch.Tensor, a: torch.Tensor) -> bool:
         """Whether :meth:`fused_forward` applies to ``x`` (only called when :attr:`fused`)."""
         return False
 
     def fused_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The whole layer in a fused kernel, where the subclass has one."""
+        raise NotImplementedError
+
+    def merge_refusal(self) -> str | None:
+        """Why this layer cannot run in merged mode, or None if it can."""
+        return "merged mode has no weight layout for this layer type"
+
+    def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m1, m2)`` with ``m1 @ m2`` equal to the LoRA delta in the layout of the base
+        weight flattened to 2-D, for arena rows ``a [rows, in_dim]`` and ``bt [rows, out_dim]``."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:

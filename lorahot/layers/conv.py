@@ -32,8 +32,6 @@ class LoRAConv(LoRALayer):
     ``lora_B [out, R / groups, 1, ...]`` and ``lora_scale`` (0-d; float32, float64 for float64 layers).
     """
 
-    kind = "conv"
-
     def __init__(self, base_layer: nn.Module) -> None:
         if not isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             raise TypeError(f"{type(base_layer).__name__} is not a Conv1d/2d/3d")
@@ -52,9 +50,9 @@ class LoRAConv(LoRALayer):
         self._pad = tuple(base_layer._reversed_padding_repeated_twice)
         self._nd = nd
 
-    @staticmethod
-    def live_views(a_rows: torch.Tensor, b_rows: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Arena rows ``[R, in*k]``, ``[R, out]`` -> ``[R, in, *k]``, ``[out, R/g, 1, ...]``."""
+        spec = self.spec
         rank = a_rows.shape[0]
         a = a_rows.view(rank, *spec.a_row_shape)
         b = b_rows[: rank // spec.groups].t()  # [out, R/g]
@@ -66,3 +64,12 @@ class LoRAConv(LoRALayer):
             x = F.pad(x, self._pad, mode=self._pad_mode)
         h = self._conv(x, a, None, self._stride, self._padding, self._dilation, 1)
         return self._conv(h, b, None, 1, 0, 1, self._groups)
+
+    def merge_refusal(self) -> str | None:
+        if self.spec.groups > 1:
+            return f"a conv with groups={self.spec.groups} cannot be merged (its LoRA mixes all input channels)"
+        return None
+
+    def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv weight ``[out, in * prod(kernel)]``: ``B @ A``."""
+        return bt.t(), a

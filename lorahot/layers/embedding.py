@@ -22,19 +22,23 @@ class LoRAEmbedding(LoRALayer):
     (B stored transposed) and ``lora_scale`` (0-d; float32, float64 for float64 layers).
     """
 
-    kind = "embedding"
-
     def __init__(self, base_layer: nn.Module) -> None:
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"{type(base_layer).__name__} is not an nn.Embedding")
         num, dim = base_layer.num_embeddings, base_layer.embedding_dim
         super().__init__(base_layer, LayerSpec("embedding", num, dim, (num,)))
 
-    @staticmethod
-    def live_views(a_rows: torch.Tensor, b_rows: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Arena rows ``[R, num]``, ``[R, dim]`` are used as they are."""
         return a_rows, b_rows
 
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         h = F.embedding(x, a.t())  # (..., R)
         return torch.matmul(h, b)  # (..., dim)
+
+    def merge_refusal(self) -> str | None:
+        return None
+
+    def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding weight ``[num, dim]``: ``A.T @ B.T``."""
+        return a.t(), bt

@@ -5,11 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorahot import fused as fused_kernel
+from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.layers.base import LayerSpec, LoRALayer
-from lorahot.registry import Handle
 
-__all__ = ["LoRALinear", "linear_features"]
+__all__ = ["LoRALinear", "linear_features", "is_conv1d"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers-style ``Conv1D`` (a linear with weight ``[in, out]``).
+
+    Matched by class name: lorahot never imports transformers.
+    """
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.ndim == 2
 
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
@@ -21,8 +29,8 @@ def linear_features(module: nn.Module) -> tuple[int, int] | None:
     """
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+    if is_conv1d(module):
+        weight = module.weight
         return int(weight.shape[0]), int(weight.shape[1])
     fin, fout = getattr(module, "in_features", None), getattr(module, "out_features", None)
     if isinstance(fin, int) and isinstance(fout, int) and not isinstance(module, nn.modules.conv._ConvNd):
@@ -37,8 +45,6 @@ class LoRALinear(LoRALayer):
     transposed, so a rank prefix is contiguous), ``lora_scale`` a 0-d tensor (float32; float64 for float64 layers).
     """
 
-    kind = "linear"
-
     def __init__(self, base_layer: nn.Module) -> None:
         features = linear_features(base_layer)
         if features is None:
@@ -46,16 +52,13 @@ class LoRALinear(LoRALayer):
         fin, fout = features
         super().__init__(base_layer, LayerSpec("linear", fin, fout, (fin,)))
 
-    @staticmethod
-    def live_views(a_rows: torch.Tensor, b_rows: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Arena rows ``[R, in]``, ``[R, out]`` are used as they are."""
         return a_rows, b_rows
 
-    def bind(self, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_scale: torch.Tensor, *, handle: Handle | None = None, fused: bool = True) -> None:
-        """Attaches the live views; ``fused`` turns on :mod:`lorahot.fused` where it applies
-        (CUDA, fp16/bf16, ``nn.Linear`` base)."""
-        super().bind(lora_A, lora_B, lora_scale, handle=handle)
-        self.fused = fused and fused_kernel.supports(self.base_layer, lora_A)
+    def fusable(self, lora_A: torch.Tensor) -> bool:
+        """:mod:`lorahot.kernels.lora_linear` applies: CUDA, fp16/bf16, an ``nn.Linear`` base."""
+        return fused_kernel.supports(self.base_layer, lora_A)
 
     def can_fuse(self, x: torch.Tensor, a: torch.Tensor) -> bool:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -68,6 +71,15 @@ class LoRALinear(LoRALayer):
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         h = torch.matmul(x.to(a.dtype), a.t())  # (..., R)
         return torch.matmul(h, b)  # (..., out)
+
+    def merge_refusal(self) -> str | None:
+        if isinstance(self.base_layer, nn.Linear) or is_conv1d(self.base_layer):
+            return None
+        return f"merged mode needs nn.Linear or Conv1D weights, got {type(self.base_layer).__name__}"
+
+    def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Linear weight ``[out, in]``: ``B @ A``; Conv1D weight ``[in, out]``: ``A.T @ B.T``."""
+        return (a.t(), bt) if is_conv1d(self.base_layer) else (bt.t(), a)
 
 
 def _needs_grad(x: torch.Tensor, base: nn.Module) -> bool:

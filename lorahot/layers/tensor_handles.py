@@ -9,8 +9,8 @@ sizes would otherwise be tied to it, and a later batch size would recompile), an
 address too, so CUDA graphs read it in place. Marking imports ``torch._dynamo`` (about 1.4 s
 once on a CPU box), which ``torch.compile`` imports anyway.
 
-A :class:`Handle` owns one registry entry and removes it when collected; the arena and every
-layer bound to it hold the handle.
+A :class:`TensorHandle` owns one entry of :data:`TENSORS` and removes it when collected; the
+arena and every layer bound to it hold the handle.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import weakref
 
 import torch
 
-__all__ = ["Handle", "TENSORS"]
+__all__ = ["TensorHandle", "TENSORS"]
 
 #: key -> tensors; read by the layers' forward under ``torch.compile`` (see :mod:`lorahot.layers.base`).
 TENSORS: dict[int, tuple[torch.Tensor, ...]] = {}
 _ids = itertools.count()
 
 
-class Handle:
+class TensorHandle:
     """Keeps ``tensors`` in :data:`TENSORS` under :attr:`key` for as long as it lives."""
 
     def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:

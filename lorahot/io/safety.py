@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lorahot.errors import AdapterReadError
+from lorahot.io.dtypes import DTYPE_BYTES
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -35,7 +36,6 @@ __all__ = [
     "MAX_TENSORS",
     "MAX_NDIM",
     "MAX_CONFIG_BYTES",
-    "DTYPE_BYTES",
     "SafetensorsHeader",
     "check_safetensors",
     "read_json_file",
@@ -47,13 +47,6 @@ MAX_TENSORS = 1 << 16  # an all-linear LoRA of an 80-layer LLM has about 1,200
 MAX_NDIM = 8  # LoRA weights have 2 (linear) to 5 (conv3d) dims
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few KB
 
-#: Bytes per element of each safetensors dtype lorahot accepts in a file.
-DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E5M2FNUZ": 1, "F8_E4M3FNUZ": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
-}  # fmt: skip
 
 _FIX = "Re-download or re-save the adapter (safetensors.torch.save_file)."
 

@@ -21,7 +21,7 @@ import re
 from lorahot.adapter import Adapter, LoraModule
 from lorahot.errors import AdapterMismatchError, format_problems
 from lorahot.formats import FORMATS, KeyFormat, format_named
-from lorahot.formats import ldm
+from lorahot.resolve import ldm
 
 __all__ = ["resolve_keys"]
 

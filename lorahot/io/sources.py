@@ -15,9 +15,10 @@ from typing import Any, Union
 import torch
 
 from lorahot.errors import AdapterReadError, SourceNotFoundError, UsageError
-from lorahot.hub import check_relative, fetch
-from lorahot.tensorfile import read_tensors
-from lorahot.safety import check_safetensors, read_json_file
+from lorahot.io.config import CONFIG_NAME
+from lorahot.io.hub import check_relative, fetch
+from lorahot.io.tensorfile import read_tensors
+from lorahot.io.safety import check_safetensors, read_json_file
 
 __all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_config"]
 
@@ -26,7 +27,6 @@ Source = Union[str, "os.PathLike[str]", Mapping[str, torch.Tensor]]
 #: File endings of pickle-based checkpoints, which lorahot refuses to open.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WEIGHT_NAMES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
-CONFIG_NAME = "adapter_config.json"
 
 
 @dataclass
@@ -137,8 +137,8 @@ def _from_file(path: Path, device: torch.device | None = None) -> RawAdapter:
 def read_safetensors(path: Path, device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors (on ``device``, default the CPU) and the header metadata of a safetensors file.
 
-    The header is checked first (:func:`lorahot.safety.check_safetensors`); then the data is
-    read in one pass (:func:`lorahot.tensorfile.read_tensors`).
+    The header is checked first (:func:`lorahot.io.safety.check_safetensors`); then the data is
+    read in one pass (:func:`lorahot.io.tensorfile.read_tensors`).
     """
     header = check_safetensors(path)  # refuses damaged or hostile headers before anything is allocated
     return read_tensors(path, header, device), header.metadata

@@ -1,4 +1,4 @@
-"""The Triton kernel behind :mod:`lorahot.fused` (imported only where Triton and CUDA exist).
+"""The Triton kernel behind :mod:`lorahot.kernels.lora_linear` (imported only where Triton and CUDA exist).
 
 One program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``y = x @ W.T + bias + s * (x @ A.T) @ Bt``:
 its K loop accumulates the base product and the whole ``[BLOCK_M, R]`` shrink ``x @ A.T`` from

@@ -11,11 +11,11 @@ import re
 from pathlib import Path, PurePosixPath
 
 from lorahot.errors import SourceNotFoundError
+from lorahot.io.config import CONFIG_NAME
 
 __all__ = ["is_repo_id", "check_relative", "fetch"]
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
-_CONFIG = "adapter_config.json"
 
 
 def is_repo_id(text: str) -> bool:
@@ -57,7 +57,7 @@ def fetch(repo_id: str, *, revision: str | None, subfolder: str | None, token: s
             _fetch_config(repo_id, subfolder, revision, token)
             return path
         inner = f"{subfolder}/" if subfolder else ""
-        root = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=[f"{inner}*.safetensors", f"{inner}{_CONFIG}"])
+        root = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=[f"{inner}*.safetensors", f"{inner}{CONFIG_NAME}"])
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
         what = f"{subfolder}/{weight_name}" if subfolder and weight_name else (weight_name or subfolder or "the adapter")
         raise SourceNotFoundError(
@@ -71,7 +71,7 @@ def _fetch_config(repo_id: str, subfolder: str | None, revision: str | None, tok
     from huggingface_hub import hf_hub_download
 
     try:
-        hf_hub_download(repo_id, _CONFIG, subfolder=subfolder, revision=revision, token=token)
+        hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token)
     except Exception:  # an adapter without a config is fine (kohya, diffusers files)
         pass
 

@@ -1,4 +1,9 @@
-"""``inject`` and ``eject``: put LoRA layers into any ``nn.Module`` and take them out again."""
+"""Which modules of a model take LoRA, and wrapping or unwrapping them in place.
+
+:func:`match_targets` turns ``inject``'s ``targets`` into module names; :func:`wrap_modules`
+and :func:`unwrap_modules` swap each module for its LoRA layer and back; :func:`layer_placement`
+says where a layer's buffers live. :mod:`lorahot.runtime.inject` drives them.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,9 @@ from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
-from lorahot.layers.linear import linear_features
+from lorahot.layers.linear import is_conv1d
 
-__all__ = ["Targets", "match_targets", "wrap_modules", "unwrap_modules", "eject"]
+__all__ = ["Targets", "match_targets", "wrap_modules", "unwrap_modules", "layer_placement"]
 
 #: What ``inject`` accepts as targets: names (PEFT ``target_modules`` semantics), a regex
 #: (full match on the qualified name), ``"all-linear"``, or ``(name, module) -> bool``.
@@ -21,7 +26,7 @@ Targets = Union[Sequence[str], str, Callable[[str, nn.Module], bool]]
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and linear_features(module) is not None)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:
@@ -111,17 +116,6 @@ def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> None:
             with torch.no_grad():
                 layer.base_layer.weight.copy_(layer.pristine_weight)
         _set_submodule(model, name, layer.base_layer)
-
-
-def eject(model: nn.Module) -> nn.Module:
-    """Puts every original module back in place of its LoRA wrapper; returns ``model``.
-
-    The base weights were never modified (merged mode puts its pristine copy back), so the
-    model computes bitwise what it did before ``inject``. A runtime attached to the model must
-    not be used afterwards.
-    """
-    unwrap_modules(model, {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)})
-    return model
 
 
 def layer_placement(layer: LoRALayer, dtype: torch.dtype | None, name: str) -> tuple[torch.device, torch.dtype]:

@@ -5,7 +5,7 @@ the expand ``h @ B`` (plus an elementwise add the compiler can fuse away): three
 the base model has one. At small batch sizes, decode in particular, each of those kernels
 costs a few microseconds of latency however small it is, and on a 154-layer model that adds
 up to more than the base model's whole forward. :func:`lora_linear` does it all in one Triton
-kernel (see :mod:`lorahot._triton_lora`; layers with few output tiles add a small kernel that
+kernel (see :mod:`lorahot.kernels.triton_lora_linear`; layers with few output tiles add a small kernel that
 sums split-K partials), registered as the custom op ``lorahot::lora_linear`` so that
 ``torch.compile`` and CUDA graphs treat it as one opaque, shape-stable call.
 
@@ -35,7 +35,7 @@ def _kernel() -> Any:
     if not torch.cuda.is_available():
         return None
     try:
-        from lorahot import _triton_lora
+        from lorahot.kernels import triton_lora_linear
     except Exception:  # no Triton, or a Triton this torch cannot use
         return None
     return _triton_lora

@@ -1,6 +1,6 @@
 """Reading the tensors of a checked safetensors file in one pass, optionally onto a GPU.
 
-After :func:`lorahot.safety.check_safetensors` has validated the header (every tensor tiles
+After :func:`lorahot.io.safety.check_safetensors` has validated the header (every tensor tiles
 the data section exactly), the whole data section is read with a few large positioned reads
 into one buffer (pinned when the tensors are headed for a GPU), copied to the device in one
 transfer if asked, and every tensor becomes a view of that buffer. Nothing is unpickled, and
@@ -17,19 +17,11 @@ from pathlib import Path
 import torch
 
 from lorahot.errors import AdapterReadError
-from lorahot.safety import SafetensorsHeader
+from lorahot.io.dtypes import TORCH_DTYPES
+from lorahot.io.safety import SafetensorsHeader
 
-__all__ = ["read_tensors", "TORCH_DTYPES"]
+__all__ = ["read_tensors"]
 
-#: safetensors dtype names -> torch dtypes (all of them; which ones a LoRA may use is the
-#: planner's business, so that a wrong dtype is reported with the module it belongs to).
-TORCH_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "C64": torch.complex64, "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-}  # fmt: skip
 
 _CHUNK = 16 << 20  # bytes per positioned read; several run at once for large files
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from lorahot.adapter import Adapter, LoraModule
-from lorahot.arena import BufferManager, Pack
+from lorahot.runtime.buffers import BufferManager, Entry, Pack
 from lorahot.errors import AdapterMismatchError, AdapterReadError, format_problems
 from lorahot.layers.base import LayerSpec
-from lorahot.resolve import resolve_keys
+from lorahot.resolve.keys import resolve_keys
 
-__all__ = ["LoadPlan", "resolve_keys", "plan_load"]
+__all__ = ["LoadPlan", "Staged", "plan_load", "check_module", "check_values", "stage", "pack_host"]
 
 
 @dataclass
@@ -32,6 +32,8 @@ class LoadPlan:
         entries: per arena (the buffer manager's order), ``(layer index, module)`` pairs.
         scales: per arena, float64 ``[n_layers]``: each layer's ``alpha / r`` (0 if untouched).
         source: where the adapter came from, for messages.
+        ranks: injected layer name -> the rank loaded into it.
+        nbytes: bytes of adapter weights (before padding).
     """
 
     targets: dict[str, LoraModule]
@@ -80,8 +82,8 @@ def _where(name: str, module: LoraModule) -> str:
     return f"{name} ({', '.join(module.source_keys or (module.key,))})"
 
 
-def plan_load(adapter: Adapter, manager: BufferManager, specs: dict[str, LayerSpec]) -> LoadPlan:
-    """Resolves, checks and packs ``adapter`` for the layers ``specs`` managed by ``manager``.
+def plan_load(adapter: Adapter, buffers: BufferManager, specs: dict[str, LayerSpec]) -> LoadPlan:
+    """Resolves and checks ``adapter`` for the layers ``specs`` whose storage ``buffers`` holds.
 
     Layers the adapter does not touch get zeros and scale 0.
 
@@ -92,7 +94,7 @@ def plan_load(adapter: Adapter, manager: BufferManager, specs: dict[str, LayerSp
             finite, NaN or Inf.
     """
     targets = resolve_keys(adapter, list(specs))
-    problems = [p for name, m in targets.items() for p in check_module(name, m, specs[name], manager.max_rank)]
+    problems = [p for name, m in targets.items() for p in check_module(name, m, specs[name], buffers.max_rank)]
     if problems:
         raise AdapterMismatchError(
             format_problems(f"{adapter.source}: adapter does not fit the injected model:", problems)
@@ -101,20 +103,21 @@ def plan_load(adapter: Adapter, manager: BufferManager, specs: dict[str, LayerSp
     unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
     if unreadable:
         raise AdapterReadError(format_problems(f"{adapter.source}: values that cannot be LoRA weights:", unreadable) + "\nRe-save the adapter in float16/bfloat16/float32 with a positive alpha.")
-    entries: list[list[tuple[int, LoraModule]]] = [[] for _ in manager.arenas]
-    scales = [torch.zeros(len(a.specs), dtype=torch.float64) for a in manager.arenas]
+    entries: list[list[tuple[int, LoraModule]]] = [[] for _ in buffers.arenas]
+    scales = [torch.zeros(len(a.specs), dtype=torch.float64) for a in buffers.arenas]
     for name, m in targets.items():
-        arena, index = manager.where[name]
+        arena, index = buffers.where[name]
         entries[arena].append((index, m))
         scales[arena][index] = m.scale
     ranks = {n: m.rank for n, m in targets.items()}
     return LoadPlan(targets, entries, scales, adapter.source, ranks, adapter.nbytes)
 
 
-Staged = list[list[tuple[int, torch.Tensor, torch.Tensor]]]
+#: per arena, ``(layer index, A, B)`` triples already on the arena's device
+Staged = list[list[Entry]]
 
 
-def stage(plan: LoadPlan, manager: BufferManager) -> Staged:
+def stage(plan: LoadPlan, buffers: BufferManager) -> Staged:
     """Moves every A and B to its arena's device and checks the values there.
 
     Returns per arena ``(layer index, A, B)`` triples ready for ``BufferManager.write_staged``.
@@ -124,9 +127,9 @@ def stage(plan: LoadPlan, manager: BufferManager) -> Staged:
     """
     staged = [
         [(i, m.A.to(arena.device), m.B.to(arena.device)) for i, m in entries]
-        for arena, entries in zip(manager.arenas, plan.entries)
+        for arena, entries in zip(buffers.arenas, plan.entries)
     ]
-    for arena, entries in zip(manager.arenas, staged):
+    for arena, entries in zip(buffers.arenas, staged):
         tensors = [t for _, a, b in entries for t in (a, b)]
         if tensors and not _fits(torch.stack(torch._foreach_norm(tensors, float("inf"))), arena.dtype):
             _raise_not_finite(plan)
@@ -138,14 +141,14 @@ def _fits(max_abs: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool((max_abs.double() <= torch.finfo(dtype).max).all())
 
 
-def pack_host(plan: LoadPlan, manager: BufferManager) -> list[Pack]:
+def pack_host(plan: LoadPlan, buffers: BufferManager) -> list[Pack]:
     """Packs the plan into one host buffer per arena (pinned for GPU arenas), checks the values.
 
     Raises:
         AdapterReadError: NaN or Inf in any weight, or values that overflow the arena dtype.
     """
     packs = []
-    for arena, entries, scales in zip(manager.arenas, plan.entries, plan.scales):
+    for arena, entries, scales in zip(buffers.arenas, plan.entries, plan.scales):
         pack = arena.pack([(i, m.A, m.B) for i, m in entries], pin=arena.device.type == "cuda")
         pack.scales.copy_(scales)
         packs.append(pack)

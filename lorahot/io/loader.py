@@ -1,10 +1,10 @@
 """``read_adapter``: any supported source, in any supported naming, to an :class:`Adapter`.
 
-The steps are: open the source (:mod:`lorahot.sources`, :mod:`lorahot.hub`), detect the naming
+The steps are: open the source (:mod:`lorahot.io.sources`, :mod:`lorahot.io.hub`), detect the naming
 (:mod:`lorahot.formats`), group tensors by module and role, give each module its alpha (a
 ``.alpha`` tensor, else the config, else the rank), then apply the user's ``prefix``,
 ``key_map`` and ``fuse``. Matching module keys to the model's layers happens at load time
-(:mod:`lorahot.resolve`), where the model's names are known.
+(:mod:`lorahot.resolve.keys`), where the model's names are known.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any
 import torch
 
 from lorahot.adapter import Adapter, LoraModule
-from lorahot.config import AdapterConfig
+from lorahot.io.config import CONFIG_NAME, AdapterConfig
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UnknownFormatError, format_problems
 from lorahot.formats import FORMATS, KeyFormat, detect, group_keys
 from lorahot.formats.diffusers import METADATA_KEY
-from lorahot.formats.keymap import Fuse, apply_key_map, fuse_modules, select_prefix
+from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
 from lorahot.formats.table import Parts
-from lorahot.sources import RawAdapter, Source, open_source
+from lorahot.io.sources import RawAdapter, Source, open_source
 
 __all__ = ["read_adapter"]
 
@@ -131,7 +131,7 @@ def _config_for(module: str, fmt: KeyFormat, configs: dict[str, AdapterConfig]) 
     """The config governing ``module``, the name PEFT's patterns are matched against, and
     where that config came from (for messages)."""
     component = next((c for c in configs if c and module.startswith(c)), "")
-    origin = f"{METADATA_KEY} ({component[:-1]})" if component else "adapter_config.json"
+    origin = f"{METADATA_KEY} ({component[:-1]})" if component else CONFIG_NAME
     return configs[component], fmt.strip_prefix(module), origin
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorahot.layers.base import LayerSpec
-from lorahot.registry import Handle
+from lorahot.layers.tensor_handles import TensorHandle
 
 __all__ = ["Arena", "Pack", "BufferManager"]
 
@@ -82,7 +82,7 @@ class Arena:
             self.B = torch.zeros(regions, b_total, device=device, dtype=dtype)
             # float32 scales (float64 for float64 layers): finer than the weights they scale
             self.S = torch.zeros(regions, len(specs), device=device, dtype=torch.promote_types(dtype, torch.float32))
-        self.handle = Handle((self.A, self.B, self.S))  # how compiled graphs reach the buffers
+        self.handle = TensorHandle((self.A, self.B, self.S))  # how compiled graphs reach the buffers
         self.a_extent = [0] * regions  # most rows of A any layer uses; rows past it are zero
         self.b_extent = [0] * regions
         self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -260,40 +260,48 @@ class BufferManager:
         """Bytes of adapter storage allocated, all arenas and regions together."""
         return sum(a.nbytes for a in self.arenas)
 
-    def live_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Handle]:
+    def live_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TensorHandle]:
         """The live ``A`` rows, ``B^T`` rows and scale views of layer ``name``, and the handle
         of its arena."""
         arena, idx = self.where[name]
         a, b = self.arenas[arena].rows(idx, self.live)
         return a, b, self.arenas[arena].scale(idx, self.live), self.arenas[arena].handle
 
+    def _mirrored(self, slot: int, live: bool) -> bool:
+        """Whether a change to ``slot`` must also reach the live region: the slot is active,
+        and the live region is a separate copy (several slots)."""
+        return live and slot != self.live
+
     def write(self, slot: int, packs: list[Pack], multiplier: float, *, live: bool) -> None:
         """Copies one pack per arena into ``slot``, and into the live region if ``live``."""
         for arena, pack in zip(self.arenas, packs):
             arena.write(slot, pack, multiplier)
-            if live and slot != self.live:
+            if self._mirrored(slot, live):
                 arena.copy_region(slot, self.live)
 
-    def write_staged(self, slot: int, staged: list[list[tuple[int, torch.Tensor, torch.Tensor]]], scales: list[torch.Tensor], multiplier: float, *, live: bool) -> None:
+    def write_staged(self, slot: int, staged: list[list[Entry]], scales: list[torch.Tensor], multiplier: float, *, live: bool) -> None:
         """Writes staged ``(layer, A, B)`` triples, one list per arena, into ``slot``."""
         for arena, entries, s in zip(self.arenas, staged, scales):
             arena.write_staged(slot, entries, s, multiplier)
-            if live and slot != self.live:
+            if self._mirrored(slot, live):
                 arena.copy_region(slot, self.live)
 
     def set_scales(self, slot: int, scales: list[torch.Tensor], *, live: bool) -> None:
+        """Overwrites the per-layer scales of ``slot`` (one float64 host tensor per arena)."""
         for arena, s in zip(self.arenas, scales):
             arena.set_scales(slot, s)
-            if live and slot != self.live:
+            if self._mirrored(slot, live):
                 arena.set_scales(self.live, s)
 
     def activate(self, slot: int) -> None:
-        if slot != self.live:
+        """Makes the live region a copy of ``slot``."""
+        if self._mirrored(slot, True):
             for arena in self.arenas:
                 arena.copy_region(slot, self.live)
 
     def clear(self, slot: int, *, live: bool) -> None:
+        """Zeroes ``slot``, and the live region if ``live``."""
         for arena in self.arenas:
             arena.clear(slot)
-            if live and slot != self.live:
+            if self._mirrored(slot, live):
                 arena.clear(self.live)

@@ -20,18 +20,17 @@ import torch
 from torch import nn
 
 from lorahot.adapter import Adapter
-from lorahot.arena import BufferManager
-from lorahot.cache import AdapterCache, PreparedAdapter
+from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from lorahot.errors import UsageError
-from lorahot.inject import Targets, layer_placement, match_targets, unwrap_modules, wrap_modules
+from lorahot.runtime.targets import unwrap_modules
 from lorahot.layers import LoRALayer
-from lorahot.loader import read_adapter
-from lorahot.merge import Merger, check_mergeable
-from lorahot.plan import pack_host, plan_load, stage
-from lorahot.registry import Handle
-from lorahot.sources import Source
+from lorahot.io.loader import read_adapter
+from lorahot.runtime.merge import Merger
+from lorahot.runtime.plan import pack_host, plan_load, stage
+from lorahot.io.sources import Source
 
-__all__ = ["AdapterInfo", "LoraRuntime", "inject"]
+__all__ = ["AdapterInfo", "LoraRuntime"]
 
 
 @dataclass(frozen=True)
@@ -58,45 +57,49 @@ class AdapterInfo:
 class LoraRuntime:
     """Owns the LoRA layers injected into one model and the buffers behind them.
 
-    Create it with :func:`inject`. Slot ``i`` holds one adapter; the model computes with the
+    Create it with :func:`lorahot.inject`. Slot ``i`` holds one adapter; the model computes with the
     active slot. All methods run on a compiled model without recompiling.
     """
 
-    def __init__(self, model: nn.Module, layers: dict[str, LoRALayer], manager: BufferManager, cache_bytes: int = 2 << 30, merged: bool = False, fused: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: dict[str, LoRALayer],
+        buffers: BufferManager,
+        cache_bytes: int = 2 << 30,
+        merged: bool = False,
+        fused: bool = True,
+    ) -> None:
         self.model = model
         self.layers = layers
-        self._manager = manager
+        self.buffers = buffers
         self._active = 0
-        self._infos: list[AdapterInfo | None] = [None] * manager.slots
-        self._base_scales: list[list[torch.Tensor] | None] = [None] * manager.slots  # per arena
+        self._infos: list[AdapterInfo | None] = [None] * buffers.slots
+        self._base_scales: list[list[torch.Tensor] | None] = [None] * buffers.slots  # per arena
         self._ejected = False
         for name, layer in layers.items():
-            a, b, scale, handle = self._live_views(name, layer)
+            a_rows, b_rows, scale, handle = buffers.live_rows(name)
+            a, b = layer.live_views(a_rows, b_rows)
             layer.bind(a, b, scale, handle=handle, fused=fused and not merged)  # merged: base kernels only
-        self._ptrs = {name: layer._buffers["_lora_arena_A"].data_ptr() for name, layer in layers.items()}
+        self._addresses = {name: layer.bound_address() for name, layer in layers.items()}
         self._specs = {name: layer.spec for name, layer in layers.items()}
-        devices = {a.device for a in manager.arenas}
+        devices = {a.device for a in buffers.arenas}
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
         self.cache = AdapterCache(cache_bytes)
-        self._merger = Merger(layers, manager) if merged else None
+        self._merger = Merger(layers, buffers) if merged else None
         for layer in layers.values():
             layer.merged = merged
         self._executor: ThreadPoolExecutor | None = None
-
-    def _live_views(self, name: str, layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Handle]:
-        a_rows, b_rows, scale, handle = self._manager.live_rows(name)
-        a, b = type(layer).live_views(a_rows, b_rows, layer.spec)
-        return a, b, scale, handle
 
     # -- properties -------------------------------------------------------------------------
 
     @property
     def max_rank(self) -> int:
-        return self._manager.max_rank
+        return self.buffers.max_rank
 
     @property
     def slots(self) -> int:
-        return self._manager.slots
+        return self.buffers.slots
 
     @property
     def active_slot(self) -> int:
@@ -105,7 +108,7 @@ class LoraRuntime:
     @property
     def nbytes(self) -> int:
         """Bytes of adapter storage this runtime allocated (padded, every slot)."""
-        return self._manager.nbytes
+        return self.buffers.nbytes
 
     def info(self, slot: int | None = None) -> AdapterInfo | None:
         """What ``slot`` (default: the active one) holds, or None if it is empty."""
@@ -142,11 +145,11 @@ class LoraRuntime:
         self._check_usable(every_layer=prepared is None)  # every layer: cheap next to reading a file
         if prepared is not None:
             adapter, plan = prepared.adapter, prepared.plan
-            self._manager.write(slot, prepared.packs, scale, live=live)
+            self.buffers.write(slot, prepared.packs, scale, live=live)
         else:
             adapter = read_adapter(source, device=self._read_device, **read_kwargs)  # type: ignore[arg-type]
-            plan = plan_load(adapter, self._manager, self._specs)
-            self._manager.write_staged(slot, stage(plan, self._manager), plan.scales, scale, live=live)
+            plan = plan_load(adapter, self.buffers, self._specs)
+            self.buffers.write_staged(slot, stage(plan, self.buffers), plan.scales, scale, live=live)
         self._base_scales[slot] = plan.scales
         info = AdapterInfo(adapter.source, adapter.format, slot, scale, plan.ranks, plan.nbytes)
         self._infos[slot] = info
@@ -163,8 +166,8 @@ class LoraRuntime:
         self._check_usable()
         cache_key = key if key is not None else _cache_key(source, read_kwargs) or f"<object {id(source)}>"
         adapter = read_adapter(source, **read_kwargs)
-        plan = plan_load(adapter, self._manager, self._specs)
-        prepared = PreparedAdapter(cache_key, adapter, plan, pack_host(plan, self._manager), self._manager)
+        plan = plan_load(adapter, self.buffers, self._specs)
+        prepared = PreparedAdapter(cache_key, adapter, plan, pack_host(plan, self.buffers), self.buffers)
         self.cache.put(prepared)
         return prepared
 
@@ -177,7 +180,7 @@ class LoraRuntime:
     def _cached(self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any]) -> PreparedAdapter | None:
         """The prepared form of ``source`` if it is one or the cache holds it, else None."""
         if isinstance(source, PreparedAdapter):
-            if source.owner is not self._manager:
+            if source.owner is not self.buffers:
                 raise UsageError("this PreparedAdapter was made for another runtime; preload it on this one.")
             return source
         cache_key = _cache_key(source, read_kwargs)
@@ -186,7 +189,7 @@ class LoraRuntime:
     def activate(self, slot: int) -> None:
         """Makes the model compute with ``slot`` (an empty slot means no adapter)."""
         self._check_usable()
-        self._manager.activate(self._slot(slot))
+        self.buffers.activate(self._slot(slot))
         self._active = slot
         self._remerge(slot)
 
@@ -194,7 +197,7 @@ class LoraRuntime:
         """Empties ``slot``, or every slot if None. An emptied active slot means no adapter."""
         self._check_usable()
         for s in range(self.slots) if slot is None else [self._slot(slot)]:
-            self._manager.clear(s, live=s == self._active)
+            self.buffers.clear(s, live=s == self._active)
             self._infos[s] = None
             self._base_scales[s] = None
             self._remerge(s)
@@ -207,18 +210,22 @@ class LoraRuntime:
         base, info = self._base_scales[s], self._infos[s]
         if base is None or info is None:
             raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
-        self._manager.set_scales(s, [b * value for b in base], live=s == self._active)
+        self.buffers.set_scales(s, [b * value for b in base], live=s == self._active)
         self._infos[s] = AdapterInfo(info.source, info.format, s, value, info.ranks, info.nbytes)
         self._remerge(s)
 
     def eject(self) -> nn.Module:
         """Puts back the original modules this runtime wrapped; the runtime is done.
 
-        Layers injected by another runtime on the same model stay in place.
+        Layers injected by another runtime on the same model stay in place. The prefetch
+        thread, if one was started, finishes its current adapter and stops.
         """
         self._check_usable()
         unwrap_modules(self.model, self.layers)
         self._ejected = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
         return self.model
 
     def _remerge(self, slot: int) -> None:
@@ -239,7 +246,7 @@ class LoraRuntime:
         if self._ejected:
             raise UsageError("this runtime was ejected; call lorahot.inject again.")
         names = list(self.layers) if every_layer else list(self.layers)[:1]
-        moved = [n for n in names if self.layers[n]._buffers["_lora_arena_A"].data_ptr() != self._ptrs[n]]
+        moved = [n for n in names if self.layers[n].bound_address() != self._addresses[n]]
         if moved:
             raise UsageError(f"{moved[0]}: its LoRA buffers were replaced (model.to()/load_state_dict(assign=True) after inject?). Move the model first, then inject.")
 
@@ -281,60 +288,3 @@ def _finite(value: float, name: str) -> float:
     if not math.isfinite(v):
         raise UsageError(f"{name}={value!r} must be finite.")
     return v
-
-
-def inject(
-    model: nn.Module,
-    targets: Targets,
-    *,
-    max_rank: int,
-    slots: int = 1,
-    dtype: torch.dtype | None = None,
-    cache_bytes: int = 2 << 30,
-    merged: bool = False,
-    fused: bool = True,
-) -> LoraRuntime:
-    """Wraps the targeted modules of ``model`` in LoRA layers and allocates their buffers.
-
-    Args:
-        model: any ``nn.Module``; modified in place.
-        targets: module names (a module matches if its name equals an entry or ends with
-            ``"." + entry``), a regex (full match), ``"all-linear"``, or a callable
-            ``(name, module) -> bool``.
-        max_rank: the largest rank any adapter will have; buffers are allocated at this rank.
-        slots: how many adapters to keep resident at once.
-        dtype: dtype of the LoRA buffers (default: each base weight's dtype).
-        cache_bytes: budget of the host cache of preloaded adapters.
-        merged: fold each adapter into the base weights (forward at base speed; swaps
-            rewrite the targeted weights from a pristine copy). See :mod:`lorahot.merge`.
-        fused: run each ``nn.Linear`` LoRA layer as one fused CUDA kernel where it applies
-            (fp16/bf16 on CUDA with Triton, inference). See :mod:`lorahot.fused`.
-
-    Returns:
-        The runtime that loads and swaps adapters. Right after inject the model's outputs
-        and ``state_dict()`` are exactly as before.
-
-    Raises:
-        ValueError: nothing matches ``targets``.
-        TypeError: a matched module cannot take LoRA.
-        UsageError: bad ``max_rank``/``slots``/``dtype``.
-    """
-    for value, name in ((max_rank, "max_rank"), (slots, "slots")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"{name}={value!r} must be an integer >= 1.")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise UsageError(f"dtype={dtype!r} must be a floating-point torch.dtype.")
-    names = match_targets(model, targets)
-    layers = wrap_modules(model, names)
-    try:
-        specs = {}
-        for name, layer in layers.items():
-            if max_rank % layer.spec.groups:
-                raise UsageError(f"{name}: conv with groups={layer.spec.groups} needs max_rank divisible by {layer.spec.groups}; got {max_rank}.")
-            if merged:
-                check_mergeable(name, layer, dtype)
-            specs[name] = (layer.spec, *layer_placement(layer, dtype, name))
-        return LoraRuntime(model, layers, BufferManager(specs, max_rank, slots), cache_bytes, merged, fused)
-    except BaseException:
-        unwrap_modules(model, layers)
-        raise

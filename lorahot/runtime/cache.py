@@ -16,8 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from lorahot.adapter import Adapter
-from lorahot.arena import Pack
-from lorahot.plan import LoadPlan
+from lorahot.runtime.buffers import Pack
+from lorahot.runtime.plan import LoadPlan
 
 __all__ = ["PreparedAdapter", "AdapterCache"]
 
@@ -30,7 +30,7 @@ class PreparedAdapter:
     adapter: Adapter
     plan: LoadPlan
     packs: list[Pack]  # one per arena, in host (pinned on GPU) memory
-    owner: object  # the buffer manager the plan was made for
+    owner: object  # the BufferManager the plan was made for
 
     @property
     def nbytes(self) -> int:

@@ -15,7 +15,10 @@ from typing import Any
 
 from lorahot.errors import AdapterReadError
 
-__all__ = ["AdapterConfig"]
+__all__ = ["AdapterConfig", "CONFIG_NAME"]
+
+#: The file PEFT writes beside the weights.
+CONFIG_NAME = "adapter_config.json"
 
 _MAX_RANK = 1 << 16  # no real adapter comes close; larger values are treated as corrupt
 

@@ -1,0 +1,14 @@
+"""The read side: from a source (file, directory, mapping, Hub repo) to a normalized adapter.
+
+- :mod:`~lorahot.io.dtypes`: the safetensors dtype table;
+- :mod:`~lorahot.io.safety`: checks of untrusted headers and JSON before anything is allocated;
+- :mod:`~lorahot.io.tensorfile`: one-pass reads of a checked safetensors file;
+- :mod:`~lorahot.io.hub`: the Hugging Face Hub, through ``huggingface_hub``;
+- :mod:`~lorahot.io.sources`: opening any source into raw tensors, config and metadata;
+- :mod:`~lorahot.io.config`: the adapter config fields lorahot honours;
+- :mod:`~lorahot.io.loader`: :func:`read_adapter`, raw tensors to an :class:`~lorahot.Adapter`.
+"""
+
+from lorahot.io.loader import read_adapter
+
+__all__ = ["read_adapter"]

@@ -1,0 +1,10 @@
+"""Where an adapter's module keys meet the model's layers.
+
+- :mod:`~lorahot.resolve.user_map`: the user's ``prefix``, ``key_map`` and ``fuse``;
+- :mod:`~lorahot.resolve.ldm`: original Stable Diffusion block names to diffusers ones;
+- :mod:`~lorahot.resolve.keys`: :func:`resolve_keys`, each module key to one injected layer.
+"""
+
+from lorahot.resolve.keys import resolve_keys
+
+__all__ = ["resolve_keys"]

@@ -1,0 +1,16 @@
+"""The runtime side: wrap a model's modules, own their buffers, and load adapters into them.
+
+- :mod:`~lorahot.runtime.targets`: which modules take LoRA; wrapping and unwrapping them;
+- :mod:`~lorahot.runtime.inject`: :func:`inject` and :func:`eject`;
+- :mod:`~lorahot.runtime.buffers`: the rank-padded buffer manager (one arena per device and dtype);
+- :mod:`~lorahot.runtime.plan`: every check of a load, before anything is written;
+- :mod:`~lorahot.runtime.cache`: prepared adapters in host memory;
+- :mod:`~lorahot.runtime.merge`: merged mode;
+- :mod:`~lorahot.runtime.lora_runtime`: :class:`LoraRuntime` (load, activate, scale, unload).
+"""
+
+from lorahot.runtime.cache import AdapterCache, PreparedAdapter
+from lorahot.runtime.inject import eject, inject
+from lorahot.runtime.lora_runtime import AdapterInfo, LoraRuntime
+
+__all__ = ["inject", "eject", "LoraRuntime", "AdapterInfo", "AdapterCache", "PreparedAdapter"]
