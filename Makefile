@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test test-gpu bench clean
+.PHONY: demo test lint test-gpu bench clean
 
 $(STAMP): pyproject.toml
 	@if $(PY) -c "import torch" 2>/dev/null; then \
@@ -21,12 +21,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[test]"
 	$(BIN)/python -c "import lorahot, peft, diffusers, transformers, hypothesis"
+	$(BIN)/ruff --version && $(BIN)/mypy --version
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/hotswap_demo.py
 
-test: $(STAMP)
+# lint: ruff (lint and format) over the code, mypy over the package; configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check lorahot tests benchmarks examples
+	$(BIN)/ruff format --check lorahot tests benchmarks examples
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-gpu: $(STAMP)

@@ -37,7 +37,10 @@ ROUNDS = 3  # every configuration is timed once per round, rounds interleaved (d
 
 def _time(call: Callable[[torch.Tensor], torch.Tensor], w: Workload, repeat: int) -> dict[str, float]:
     """Synced latency per phase, and the host time of one call (what the CPU spends launching it)."""
-    out = {name: median_ms(lambda: call(ids), w.device, repeat=repeat, warmup=5) for name, ids in (("decode", w.decode), ("prefill", w.prefill))}
+    out = {
+        name: median_ms(lambda: call(ids), w.device, repeat=repeat, warmup=5)
+        for name, ids in (("decode", w.decode), ("prefill", w.prefill))
+    }
     out["decode_host_ms"] = _host_ms(call, w.decode, w.device)
     return out
 
@@ -60,7 +63,14 @@ def _unique_graphs() -> int:
 Prepared = tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any], Any]
 
 
-def lorahot_mode(w: Workload, mode: str, refs: dict[int, torch.Tensor], fullgraph: bool = False, merged: bool = False, fused: bool = True) -> Prepared:
+def lorahot_mode(
+    w: Workload,
+    mode: str,
+    refs: dict[int, torch.Tensor],
+    fullgraph: bool = False,
+    merged: bool = False,
+    fused: bool = True,
+) -> Prepared:
     """Compiles a lorahot model, swaps 30 times among ranks (checking each against the eager
     reference and counting recompiles), then leaves the rank-64 adapter active."""
     model = w.fresh_base()
@@ -100,7 +110,15 @@ def base_mode(w: Workload, mode: str) -> Prepared:
     return call, {}, model
 
 
-def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int, modes: list[str], with_peft: bool = True, save: Callable[[dict[str, Any]], None] = lambda r: None, only: list[str] | None = None) -> dict[str, Any]:
+def run(
+    w: Workload,
+    refs: dict[int, torch.Tensor],
+    repeat: int,
+    modes: list[str],
+    with_peft: bool = True,
+    save: Callable[[dict[str, Any]], None] = lambda r: None,
+    only: list[str] | None = None,
+) -> dict[str, Any]:
     """Per mode: compiles every configuration, then times them in :data:`ROUNDS` interleaved
     rounds and keeps each figure's median over rounds; ``save`` gets the results as they come."""
     torch._dynamo.config.cache_size_limit = 64  # several models share the compiled code objects
@@ -129,7 +147,14 @@ def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int, modes: list[str
                 for key, value in _time(prepared[name][0], w, repeat).items():
                     results[name].setdefault("rounds", {}).setdefault(key, []).append(value)
                 results[name].update({key: statistics.median(v) for key, v in results[name]["rounds"].items()})
-            print(f"[forward {mode} {label}] " + "  ".join(f"{n} {results[n]['rounds']['decode'][-1]:.3f}/{results[n]['rounds']['prefill'][-1]:.3f}" for n in names), flush=True)
+            print(
+                f"[forward {mode} {label}] "
+                + "  ".join(
+                    f"{n} {results[n]['rounds']['decode'][-1]:.3f}/{results[n]['rounds']['prefill'][-1]:.3f}"
+                    for n in names
+                ),
+                flush=True,
+            )
             save(out)
 
         for name, prepare in configs.items():  # round 1 right after each compile: a cut-off run keeps it
@@ -147,5 +172,5 @@ def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int, modes: list[str
 
 def run_fullgraph(w: Workload, refs: dict[int, torch.Tensor], repeat: int) -> dict[str, Any]:
     torch._dynamo.reset()
-    call, info, keep = lorahot_mode(w, "default", refs, fullgraph=True)
+    call, info, _keep = lorahot_mode(w, "default", refs, fullgraph=True)
     return {"forward": {"fullgraph": {"lorahot": {**info, **_time(call, w, repeat)}}}}

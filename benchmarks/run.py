@@ -37,16 +37,27 @@ def summary(raw: dict[str, Any]) -> dict[str, Any]:
     if "reduce-overhead" in fwd:
         ro = fwd["reduce-overhead"]
         for phase in ("decode", "prefill"):
-            out[f"{phase}_ms"] = {k: ro[k][phase] for k in ("base", "lorahot", "peft", "peft_bf16", "lorahot_merged", "lorahot_unfused") if k in ro}
+            out[f"{phase}_ms"] = {
+                k: ro[k][phase]
+                for k in ("base", "lorahot", "peft", "peft_bf16", "lorahot_merged", "lorahot_unfused")
+                if k in ro
+            }
         out["decode_host_ms"] = {k: v["decode_host_ms"] for k, v in ro.items() if "decode_host_ms" in v}
         if "lorahot_merged" in ro:
             out["merged_swap_ms"] = ro["lorahot_merged"]["swap_ms"]
     if "default" in fwd:
         d = fwd["default"]
-        out["default_mode_ms"] = {phase: {k: d[k][phase] for k in ("base", "lorahot", "lorahot_unfused", "lorahot_merged", "peft", "peft_bf16") if k in d and phase in d[k]} for phase in ("decode", "prefill")}
+        out["default_mode_ms"] = {
+            phase: {
+                k: d[k][phase]
+                for k in ("base", "lorahot", "lorahot_unfused", "lorahot_merged", "peft", "peft_bf16")
+                if k in d and phase in d[k]
+            }
+            for phase in ("decode", "prefill")
+        }
     errs = list(raw.get("rel_err", {}).values())
     for m in fwd.values():
-        for k, v in m.items():
+        for _k, v in m.items():
             e = v.get("rel_err")
             errs += list(e.values()) if isinstance(e, dict) else ([e] if e is not None else [])
     if errs:
@@ -58,17 +69,25 @@ def table(latest: dict[str, Any]) -> str:
     """A short text table of the headline ratios."""
     rows = []
     for r, v in sorted(latest.get("swap_from_file_ms", {}).items(), key=lambda kv: int(kv[0])):
-        rows.append(f"swap from file r{r:<3} lorahot {v['lorahot']:8.2f} ms  peft {v['peft']:8.2f}  floor {v['floor']:8.2f}  x floor {v['lorahot'] / v['floor']:.2f}  peft/lorahot {v['peft'] / v['lorahot']:.1f}")
+        rows.append(
+            f"swap from file r{r:<3} lorahot {v['lorahot']:8.2f} ms  peft {v['peft']:8.2f}  floor {v['floor']:8.2f}  x floor {v['lorahot'] / v['floor']:.2f}  peft/lorahot {v['peft'] / v['lorahot']:.1f}"
+        )
     for r, v in sorted(latest.get("swap_from_host_ms", {}).items(), key=lambda kv: int(kv[0])):
         fl = v.get("floor") or float("nan")
-        rows.append(f"swap from host r{r:<3} lorahot {v['lorahot']:8.2f} ms  floor {fl:8.3f}  x floor {v['lorahot'] / fl:.2f}")
+        rows.append(
+            f"swap from host r{r:<3} lorahot {v['lorahot']:8.2f} ms  floor {fl:8.3f}  x floor {v['lorahot'] / fl:.2f}"
+        )
     if "activate_slot_ms" in latest:
         v = latest["activate_slot_ms"]
         rows.append(f"activate slot       lorahot {v['lorahot']:8.3f} ms  floor {v['floor']:8.3f}")
     for phase in ("decode", "prefill"):
         v = latest.get(f"{phase}_ms")
         if v:
-            rows.append(f"{phase:<7} (RO)        " + "  ".join(f"{k} {x:.2f}" for k, x in v.items()) + f"  lorahot/base {v['lorahot'] / v['base']:.2f}")
+            rows.append(
+                f"{phase:<7} (RO)        "
+                + "  ".join(f"{k} {x:.2f}" for k, x in v.items())
+                + f"  lorahot/base {v['lorahot'] / v['base']:.2f}"
+            )
     if "recompiles" in latest:
         rows.append(f"recompiles          {latest['recompiles']}")
     if "max_rel_err" in latest:
@@ -83,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per figure (median)")
     parser.add_argument("--modes", default="reduce-overhead,default")
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT in the forward suite")
-    parser.add_argument("--configs", default="", help="forward suite: only these configurations (comma-separated, e.g. base,lorahot,peft)")
+    parser.add_argument(
+        "--configs",
+        default="",
+        help="forward suite: only these configurations (comma-separated, e.g. base,lorahot,peft)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
 
@@ -105,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     run_file = runs / f"{stamp}-{args.suite}{'-small' if args.small else ''}.json"
+
     def save_partial(partial: dict[str, Any]) -> None:
         merged = json.loads(json.dumps(raw))
         merge_dict(merged, partial)
@@ -113,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = {
         "swap": lambda: swap.run(w, refs, args.repeat),
-        "forward": lambda: forward.run(w, refs, args.repeat, modes, with_peft=not args.no_peft, save=save_partial, only=[c for c in args.configs.split(",") if c]),
+        "forward": lambda: forward.run(
+            w,
+            refs,
+            args.repeat,
+            modes,
+            with_peft=not args.no_peft,
+            save=save_partial,
+            only=[c for c in args.configs.split(",") if c],
+        ),
         "fullgraph": lambda: forward.run_fullgraph(w, refs, args.repeat),
     }
     for name, step in steps.items():

@@ -52,7 +52,11 @@ def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int) -> dict[str, An
         f = adapter_file(path)
         floor = median_ms(lambda: load_file(f, device=str(dev)), dev, repeat=repeat)
         ours = median_ms(lambda: runtime.load(path), dev, repeat=repeat)
-        theirs = median_ms(lambda: hotswap_adapter(peft_model, str(path), adapter_name="default", torch_device=str(dev)), dev, repeat=max(5, repeat // 2))
+        theirs = median_ms(
+            lambda: hotswap_adapter(peft_model, str(path), adapter_name="default", torch_device=str(dev)),
+            dev,
+            repeat=max(5, repeat // 2),
+        )
         with torch.inference_mode():
             out["rel_err"][f"swap_from_file_r{rank}"] = rel_err(model(w.prefill).logits, refs[rank])
         prepared = runtime.preload(path)
@@ -61,7 +65,11 @@ def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int) -> dict[str, An
             out["rel_err"][f"swap_from_host_r{rank}"] = rel_err(model(w.prefill).logits, refs[rank])
         nbytes = prepared.nbytes
         out["swap_from_file_ms"][str(rank)] = {"lorahot": ours, "peft": theirs, "floor": floor}
-        out["swap_from_host_ms"][str(rank)] = {"lorahot": host, "floor": nbytes / (gbps * 1e6) if gbps else None, "bytes": nbytes}
+        out["swap_from_host_ms"][str(rank)] = {
+            "lorahot": host,
+            "floor": nbytes / (gbps * 1e6) if gbps else None,
+            "bytes": nbytes,
+        }
     del peft_model
 
     lorahot.eject(model)
@@ -81,7 +89,9 @@ def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int) -> dict[str, An
     runtime.activate(0)
     with torch.inference_mode():
         out["rel_err"]["activate_r64"] = rel_err(model(w.prefill).logits, refs[64])
-    moved = sum(a.A[0].nbytes + a.B[0].nbytes + a.S[0].nbytes for a in runtime._manager.arenas)  # activation copies whole regions
+    moved = sum(
+        a.A[0].nbytes + a.B[0].nbytes + a.S[0].nbytes for a in runtime._manager.arenas
+    )  # activation copies whole regions
     out["activate_slot_ms"] = {"lorahot": act, "floor": d2d_ms(moved, dev), "bytes": moved}
     sync(dev)
     return out

@@ -43,9 +43,23 @@ def llama_config(small: bool) -> object:
     from transformers import LlamaConfig
 
     if small:
-        shape = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+        shape = {
+            "hidden_size": 128,
+            "intermediate_size": 352,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 1000,
+        }
     else:
-        shape = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)
+        shape = {
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 22,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "vocab_size": 32000,
+        }
     return LlamaConfig(**shape, use_cache=False)
 
 
@@ -64,7 +78,9 @@ def build(small: bool, device: torch.device, workdir: Path | None = None) -> Wor
     adapters = {}
     for rank, alpha in RANKS.items():
         torch.manual_seed(rank)
-        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False))
+        peft_model = get_peft_model(
+            copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False)
+        )
         with torch.no_grad():  # init B with the same spread as A so the adapter moves the output
             for name, p in peft_model.named_parameters():
                 if "lora_B" in name:

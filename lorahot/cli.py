@@ -69,7 +69,14 @@ def _render(s: dict[str, Any]) -> str:
         "",
     ]
     rows = [("module", "rank", "alpha", "scale", "A", "B")] + [
-        (m["module"], str(m["rank"]), _num(m["alpha"]), f"{m['scale']:.4g}", "x".join(map(str, m["A"])), "x".join(map(str, m["B"])))
+        (
+            m["module"],
+            str(m["rank"]),
+            _num(m["alpha"]),
+            f"{m['scale']:.4g}",
+            "x".join(map(str, m["A"])),
+            "x".join(map(str, m["B"])),
+        )
         for m in s["table"]
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -93,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lorahot`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        adapter = read_adapter(args.source, weight_name=args.weight_name, subfolder=args.subfolder, revision=args.revision)
+        adapter = read_adapter(
+            args.source, weight_name=args.weight_name, subfolder=args.subfolder, revision=args.revision
+        )
     except LoraError as exc:
         print(f"lorahot: error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,3 +29,14 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Runs a test with one intra-op thread: the tiny model's matmuls gain nothing from more,
+    on a loaded 2-core machine OpenMP barriers make them 100x slower, and bitwise comparisons
+    want the same kernel split every time."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -66,7 +66,9 @@ def lora_shapes(module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[in
     return (rank, fin), (fout, rank)
 
 
-def random_lora(module: nn.Module, rank: int, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def random_lora(
+    module: nn.Module, rank: int, gen: torch.Generator, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random A and B (both non-zero) in PEFT's layout for ``module``."""
     a_shape, b_shape = lora_shapes(module, rank)
     a = torch.randn(a_shape, generator=gen, dtype=torch.float64) / math.sqrt(math.prod(a_shape[1:]))
@@ -109,8 +111,17 @@ def dense_delta(module: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     x = x.double()
     if isinstance(module, nn.modules.conv._ConvNd):
         conv = type(module)(
-            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride, padding=module.padding,
-            dilation=module.dilation, groups=1, bias=False, padding_mode=module.padding_mode, dtype=torch.float64, device=x.device,
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=1,
+            bias=False,
+            padding_mode=module.padding_mode,
+            dtype=torch.float64,
+            device=x.device,
         )
         with torch.no_grad():
             conv.weight.copy_(dw)
@@ -129,7 +140,9 @@ def merged_linear(module: nn.Linear, x: torch.Tensor, a: torch.Tensor, b: torch.
     return F.linear(x.double(), w, bias)
 
 
-def reference(module: nn.Module, x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> torch.Tensor:
+def reference(
+    module: nn.Module, x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """``base(x) + scale * dW(x)`` in float64, ``module`` left untouched."""
     base = copy.deepcopy(module).double()
     xin = x if isinstance(module, nn.Embedding) else x.double()
@@ -140,7 +153,9 @@ def reference(module: nn.Module, x: torch.Tensor, a: torch.Tensor | None, b: tor
     return y
 
 
-def model_reference(model: nn.Module, x: torch.Tensor, loras: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+def model_reference(
+    model: nn.Module, x: torch.Tensor, loras: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
+) -> torch.Tensor:
     """A (non-injected) model's output in float64 with ``name -> (A, B, scale)`` added densely."""
     ref = copy.deepcopy(model).double()
     hooks = []

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,28 +50,21 @@ def build_rig(tmp: Path, *, slots: int = 2, max_rank: int = MAX_RANK, seed: int 
     return rig
 
 
-def write_valid(directory: Path, model: torch.nn.Module, ranks: dict[str, int], *, seed: int = 0, alpha: float | None = None) -> Path:
+def write_valid(
+    directory: Path, model: torch.nn.Module, ranks: dict[str, int], *, seed: int = 0, alpha: float | None = None
+) -> Path:
     """A valid PEFT adapter directory (uniform rank when ``ranks`` agree, so ``r`` is set)."""
     tensors, _ = make_adapter(model, ranks, seed=seed)
     r = next(iter(set(ranks.values()))) if len(set(ranks.values())) == 1 else None
     return save_peft(directory, tensors, r=r, lora_alpha=alpha if alpha is not None else (2.0 * r if r else None))
 
 
-def valid_tensors(model: torch.nn.Module, rank: int = 4, seed: int = 7, names: tuple[str, ...] = (Q0, V1)) -> dict[str, torch.Tensor]:
+def valid_tensors(
+    model: torch.nn.Module, rank: int = 4, seed: int = 7, names: tuple[str, ...] = (Q0, V1)
+) -> dict[str, torch.Tensor]:
     """PEFT-named tensors for ``names`` at ``rank``."""
-    tensors, _ = make_adapter(model, {n: rank for n in names}, seed=seed)
+    tensors, _ = make_adapter(model, dict.fromkeys(names, rank), seed=seed)
     return tensors
-
-
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """Runs a test with one intra-op thread: the tiny model's matmuls gain nothing from more,
-    on a loaded 2-core machine OpenMP barriers make them 100x slower, and bitwise comparisons
-    want the same kernel split every time."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -- snapshots -------------------------------------------------------------------------------
@@ -120,7 +112,9 @@ def split(blob: bytes) -> tuple[dict[str, Any], bytes]:
     return json.loads(blob[8 : 8 + n]), blob[8 + n :]
 
 
-def assemble(header: dict[str, Any] | list[Any] | str | bytes, data: bytes = b"", *, declared_len: int | None = None) -> bytes:
+def assemble(
+    header: dict[str, Any] | list[Any] | str | bytes, data: bytes = b"", *, declared_len: int | None = None
+) -> bytes:
     """A safetensors blob from a header (dict/list as JSON, or raw text/bytes) and data."""
     if isinstance(header, (dict, list)):
         header = json.dumps(header, separators=(",", ":"))
@@ -140,7 +134,11 @@ def report(config: pytest.Config, name: str, data: dict[str, Any]) -> Path:
     """Prints ``data`` (visible with ``pytest -s``) and writes it as JSON under the pytest
     cache: ``.pytest_cache/d/lorahot-reliability/<name>.json``."""
     cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
-    directory = Path(cache.mkdir("lorahot-reliability")) if cache is not None else Path(config.rootpath) / ".pytest_cache" / "d" / "lorahot-reliability"
+    directory = (
+        Path(cache.mkdir("lorahot-reliability"))
+        if cache is not None
+        else Path(config.rootpath) / ".pytest_cache" / "d" / "lorahot-reliability"
+    )
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / f"{name}.json"
     out.write_text(json.dumps(data, indent=2, sort_keys=True))

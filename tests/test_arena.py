@@ -12,7 +12,6 @@ from lorahot.runtime.buffers import Arena
 from tests.helpers import make_adapter
 
 
-
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -45,7 +44,11 @@ def _assert_zero_past_extent(runtime: lorahot.LoraRuntime) -> None:
 
 OPS = st.lists(
     st.one_of(
-        st.tuples(st.just("load"), st.integers(0, 2), st.dictionaries(st.sampled_from(["lin", "conv", "emb", "other"]), st.integers(1, 4), min_size=1)),
+        st.tuples(
+            st.just("load"),
+            st.integers(0, 2),
+            st.dictionaries(st.sampled_from(["lin", "conv", "emb", "other"]), st.integers(1, 4), min_size=1),
+        ),
         st.tuples(st.just("activate"), st.integers(0, 2)),
         st.tuples(st.just("unload"), st.one_of(st.none(), st.integers(0, 2))),
         st.tuples(st.just("scale"), st.sampled_from([0.0, 0.5, 3.0])),
@@ -78,7 +81,7 @@ def test_addresses_fixed_and_rows_past_extent_zero(ops: list) -> None:
 
 
 def test_layer_buffers_are_views_into_the_live_region() -> None:
-    net, runtime = _inject(slots=2)
+    _net, runtime = _inject(slots=2)
     manager = runtime.buffers
     assert manager.regions == 3 and manager.live == 2
     for name, layer in runtime.layers.items():
@@ -95,8 +98,10 @@ def test_layer_buffers_are_views_into_the_live_region() -> None:
 def test_blocks_are_contiguous_aligned_and_disjoint() -> None:
     _, runtime = _inject(slots=1)
     for arena in runtime.buffers.arenas:
-        for offsets, dims, total in ((arena.a_off, [s.in_dim for s in arena.specs], arena.A.shape[1]),
-                                     (arena.b_off, [s.out_dim for s in arena.specs], arena.B.shape[1])):
+        for offsets, dims, total in (
+            (arena.a_off, [s.in_dim for s in arena.specs], arena.A.shape[1]),
+            (arena.b_off, [s.out_dim for s in arena.specs], arena.B.shape[1]),
+        ):
             assert all(o % 64 == 0 for o in offsets)
             ends = [o + arena.rank * d for o, d in zip(offsets, dims)]
             assert all(e <= o for e, o in zip(ends, offsets[1:]))
@@ -150,7 +155,9 @@ class Linears(nn.Module):
 
 
 LOADS = st.lists(
-    st.tuples(st.dictionaries(st.sampled_from(["a", "b"]), st.integers(1, 4), min_size=1), st.booleans(), st.integers(0, 99)),
+    st.tuples(
+        st.dictionaries(st.sampled_from(["a", "b"]), st.integers(1, 4), min_size=1), st.booleans(), st.integers(0, 99)
+    ),
     min_size=1,
     max_size=6,
 )

@@ -50,7 +50,15 @@ def test_console_script_json(kohya_file: Path) -> None:
     assert data["format"] == "kohya" and data["modules"] == 2
     assert data["bytes"] == (4 * 32 * 2) * 4 + (8 * 32 * 9 + 32 * 8) * 2
     assert data["alphas"] == {"2": 1, "8": 1}
-    assert data["table"][0] == {"module": "lora_unet_mid_block_attentions_0_proj_in", "rank": 4, "alpha": 2.0, "scale": 0.5, "A": [4, 32], "B": [32, 4], "dtype": "float32"}
+    assert data["table"][0] == {
+        "module": "lora_unet_mid_block_attentions_0_proj_in",
+        "rank": 4,
+        "alpha": 2.0,
+        "scale": 0.5,
+        "A": [4, 32],
+        "B": [32, 4],
+        "dtype": "float32",
+    }
 
 
 def test_errors_go_to_stderr_with_status_2(tmp_path: Path) -> None:

@@ -88,7 +88,9 @@ def test_no_op_sequence_recompiles(fullgraph: bool) -> None:
     runtime = lorahot.inject(model, list(NAMES), max_rank=MAX_RANK, slots=2)
     compiled = torch.compile(model, fullgraph=fullgraph)
     mirror = _Mirror()
-    torch.testing.assert_close(_call(compiled).double(), mirror.expected(), rtol=1e-4, atol=1e-5)  # compiles, no adapter
+    torch.testing.assert_close(
+        _call(compiled).double(), mirror.expected(), rtol=1e-4, atol=1e-5
+    )  # compiles, no adapter
 
     @settings(max_examples=12, suppress_health_check=list(HealthCheck))
     @given(ops=_OPS)
@@ -107,14 +109,14 @@ def test_compiled_after_load_swaps_across_ranks_without_recompiling() -> None:
     runtime = lorahot.inject(model, targets, max_rank=8)
     names = list(runtime.layers)
     ids = token_ids((2, 6), 32, seed=1)
-    runtime.load(make_adapter(model, {n: 8 for n in names}, seed=0)[0])
+    runtime.load(make_adapter(model, dict.fromkeys(names, 8), seed=0)[0])
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, backend=counter)
     with torch.no_grad():
         compiled(ids)
     with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
         for seed, rank in enumerate([1, 8, 3, 5]):
-            ranks = {n: rank for n in names[seed % 2 :: 2]}
+            ranks = dict.fromkeys(names[seed % 2 :: 2], rank)
             tensors, ab = make_adapter(model, ranks, seed=10 + seed)
             runtime.load(tensors, config={"lora_alpha": 2 * rank}, scale=0.5)
             expected = model_reference(tiny_lm(), ids, {n: (a, b, 1.0) for n, (a, b) in ab.items()})
@@ -146,9 +148,8 @@ def _assert_change_recompiles(model: nn.Module, change: Callable[[], object]) ->
     x = torch.randn(3, 6)
     compiled(x)
     change()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        with pytest.raises(torch._dynamo.exc.RecompileError):
-            compiled(x)
+    with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(torch._dynamo.exc.RecompileError):
+        compiled(x)
     compiled(x)
     assert counter.frame_count == 2
 
@@ -198,7 +199,10 @@ def _gpu_expected(ab: dict, scale: float = 1.0) -> torch.Tensor:
 @pytest.mark.gpu
 def test_gpu_reduce_overhead_cudagraphs_swap_and_activate() -> None:
     model, runtime = _gpu_model(torch.float32, slots=3)
-    adapters = [make_adapter(model, ranks, seed=i) for i, ranks in enumerate(({"conv": 4}, {"proj": 1, "embed": 4}, {"embed": 2, "conv": 2, "proj": 3}))]
+    adapters = [
+        make_adapter(model, ranks, seed=i)
+        for i, ranks in enumerate(({"conv": 4}, {"proj": 1, "embed": 4}, {"embed": 2, "conv": 2, "proj": 3}))
+    ]
     ids = IDS.cuda()
     with torch._inductor.config.patch("triton.cudagraph_support_input_mutation", False):
         compiled = torch.compile(model, mode="reduce-overhead")
@@ -209,11 +213,17 @@ def test_gpu_reduce_overhead_cudagraphs_swap_and_activate() -> None:
                 runtime.load(tensors, slot=slot)
             for slot in (0, 2, 1, 2, 0):
                 runtime.activate(slot)
-                torch.testing.assert_close(_call_on(compiled, ids).double(), _gpu_expected(adapters[slot][1]), rtol=1e-3, atol=1e-3)
+                torch.testing.assert_close(
+                    _call_on(compiled, ids).double(), _gpu_expected(adapters[slot][1]), rtol=1e-3, atol=1e-3
+                )
             runtime.set_scale(0.5)
-            torch.testing.assert_close(_call_on(compiled, ids).double(), _gpu_expected(adapters[0][1], 0.5), rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(
+                _call_on(compiled, ids).double(), _gpu_expected(adapters[0][1], 0.5), rtol=1e-3, atol=1e-3
+            )
             runtime.load(adapters[1][0])  # into the active slot
-            torch.testing.assert_close(_call_on(compiled, ids).double(), _gpu_expected(adapters[1][1]), rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(
+                _call_on(compiled, ids).double(), _gpu_expected(adapters[1][1]), rtol=1e-3, atol=1e-3
+            )
             runtime.unload()
             torch.testing.assert_close(_call_on(compiled, ids).double(), _gpu_expected({}), rtol=1e-3, atol=1e-3)
 
@@ -230,7 +240,9 @@ def test_gpu_default_mode_bf16() -> None:
             runtime.load(tensors)
             y = _call_on(compiled, ids)
             assert y.dtype == torch.bfloat16
-            expected = model_reference(tiny_convnet().cuda(), ids, {n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()})
+            expected = model_reference(
+                tiny_convnet().cuda(), ids, {n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()}
+            )
             torch.testing.assert_close(y.double(), expected, rtol=5e-2, atol=5e-2)
 
 
@@ -251,7 +263,7 @@ def test_dynamic_sequence_lengths_swap_without_recompiles() -> None:
     compiled = torch.compile(model, dynamic=True)
     with torch.no_grad():
         compiled(token_ids((2, 3), 32, seed=0))  # batch 2: size-1 dims would be specialized
-        names = [n for n in runtime.layers]
+        names = list(runtime.layers)
         with torch._dynamo.config.patch(error_on_recompile=True):
             for seed, length in enumerate((5, 9, 2, 17)):
                 ranks = {n: 1 + (seed + i) % 8 for i, n in enumerate(names)}
@@ -267,7 +279,9 @@ def test_a_batch_size_equal_to_an_arena_size_is_not_tied_to_it() -> None:
     are static, so a first batch that matches one of them still leaves one graph for all."""
     model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12))
     runtime = lorahot.inject(model, ["0", "2", "4"], max_rank=4)
-    sizes = sorted({int(d) for layer in runtime.layers.values() for t in TENSORS[layer._key] for d in t.shape if d >= 2})
+    sizes = sorted(
+        {int(d) for layer in runtime.layers.values() for t in TENSORS[layer._key] for d in t.shape if d >= 2}
+    )
     assert 3 in sizes  # three layers: a scale per layer
     compiled = torch.compile(model, dynamic=True)
     with torch.no_grad():

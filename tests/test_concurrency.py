@@ -18,7 +18,7 @@ import torch
 
 import lorahot
 from tests.helpers import tiny_lm, token_ids
-from tests.reliability_helpers import DOWN0, EMB, Q0, TARGETS, V1, VOCAB, one_torch_thread, report, write_valid  # noqa: F401
+from tests.reliability_helpers import DOWN0, EMB, Q0, TARGETS, V1, VOCAB, report, write_valid
 
 _ALL = (Q0, V1, DOWN0, EMB)
 _ADAPTERS = [(1, _ALL), (8, _ALL), (4, (Q0, V1)), (2, (EMB,)), (8, (DOWN0,)), (6, _ALL)]
@@ -30,7 +30,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_background_preload_and_prefetch_while_swapping(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     model = tiny_lm(seed=2, vocab=VOCAB)
     x = token_ids((2, 6), VOCAB, seed=2)
-    paths = [write_valid(tmp_path / f"a{i}", model, {n: r for n in names}, seed=20 + i) for i, (r, names) in enumerate(_ADAPTERS)]
+    paths = [
+        write_valid(tmp_path / f"a{i}", model, dict.fromkeys(names, r), seed=20 + i)
+        for i, (r, names) in enumerate(_ADAPTERS)
+    ]
     runtime = lorahot.inject(model, TARGETS, max_rank=8, slots=2)
 
     def output() -> torch.Tensor:
@@ -63,7 +66,9 @@ def test_background_preload_and_prefetch_while_swapping(tmp_path: Path, request:
         except BaseException as exc:  # reported by the main thread
             failures.append(exc)
 
-    threads = [threading.Thread(target=background, args=(k, i), daemon=True) for i, k in enumerate(("preload", "prefetch"))]
+    threads = [
+        threading.Thread(target=background, args=(k, i), daemon=True) for i, k in enumerate(("preload", "prefetch"))
+    ]
     for t in threads:
         t.start()
     rng, forwards = random.Random(0), 0
@@ -87,7 +92,11 @@ def test_background_preload_and_prefetch_while_swapping(tmp_path: Path, request:
     assert not failures, failures
     assert prepared["preload"] > 0 and prepared["prefetch"] > 0, "the background threads never overlapped the swaps"
     assert runtime.cache.nbytes <= runtime.cache.budget_bytes
-    report(request.config, "concurrency", {"steps": STEPS, "forwards": forwards, "background": prepared, "cache_entries_at_end": len(runtime.cache)})
+    report(
+        request.config,
+        "concurrency",
+        {"steps": STEPS, "forwards": forwards, "background": prepared, "cache_entries_at_end": len(runtime.cache)},
+    )
 
 
 def test_prefetched_adapter_is_loaded_whole(tmp_path: Path) -> None:
@@ -95,7 +104,10 @@ def test_prefetched_adapter_is_loaded_whole(tmp_path: Path) -> None:
     plain copy of a fully prepared adapter."""
     model = tiny_lm(seed=3, vocab=VOCAB)
     x = token_ids((2, 6), VOCAB, seed=3)
-    paths = [write_valid(tmp_path / f"a{i}", model, {n: r for n in names}, seed=30 + i) for i, (r, names) in enumerate(_ADAPTERS)]
+    paths = [
+        write_valid(tmp_path / f"a{i}", model, dict.fromkeys(names, r), seed=30 + i)
+        for i, (r, names) in enumerate(_ADAPTERS)
+    ]
     runtime = lorahot.inject(model, TARGETS, max_rank=8, slots=1)
     refs = []
     for p in paths:

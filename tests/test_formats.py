@@ -40,35 +40,52 @@ def _runtime() -> tuple[nn.Module, lorahot.LoraRuntime]:
 
 def test_kohya_text_encoder_and_aliases_map_through_model_names() -> None:
     _, runtime = _runtime()
-    tensors = _pair("lora_te1_text_model_q_proj", "lora_down", "lora_up") | _pair("lora_unet_attn_to_out_0", "lora_down", "lora_up")
+    tensors = _pair("lora_te1_text_model_q_proj", "lora_down", "lora_up") | _pair(
+        "lora_unet_attn_to_out_0", "lora_down", "lora_up"
+    )
     assert set(runtime.load(tensors).ranks) == {"text_model.q_proj", "attn.to_out.0"}
-    old = _pair("text_encoder.text_model.to_k_lora", "down", "up") | _pair("unet.attn.processor.to_out_lora", "down", "up")
+    old = _pair("text_encoder.text_model.to_k_lora", "down", "up") | _pair(
+        "unet.attn.processor.to_out_lora", "down", "up"
+    )
     info = runtime.load(old)
     assert info.format == "diffusers-old" and set(info.ranks) == {"text_model.k_proj", "attn.to_out.0"}
 
 
 def test_unmappable_keys_are_listed_with_closest_names() -> None:
     _, runtime = _runtime()
-    tensors = _pair("lora_unet_attn_to_qq", "lora_down", "lora_up") | _pair("lora_unet_nowhere_at_all", "lora_down", "lora_up")
-    with pytest.raises(lorahot.AdapterMismatchError, match=r"\(kohya naming\) that do not map onto the injected layers:\n"
-                       r"  - lora_unet_attn_to_qq: matches no injected layer \(closest: attn\.to_q[,)][\s\S]*"
-                       r"  - lora_unet_nowhere_at_all: matches no injected layer[\s\S]*Inject those modules \(targets=\.\.\.\)"):
+    tensors = _pair("lora_unet_attn_to_qq", "lora_down", "lora_up") | _pair(
+        "lora_unet_nowhere_at_all", "lora_down", "lora_up"
+    )
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"\(kohya naming\) that do not map onto the injected layers:\n"
+        r"  - lora_unet_attn_to_qq: matches no injected layer \(closest: attn\.to_q[,)][\s\S]*"
+        r"  - lora_unet_nowhere_at_all: matches no injected layer[\s\S]*Inject those modules \(targets=\.\.\.\)",
+    ):
         runtime.load(tensors)
 
 
 def test_ambiguous_underscore_name_lists_candidates() -> None:
     model = nn.ModuleDict({"a_b": nn.ModuleDict({"c": nn.Linear(8, 8)}), "a": nn.ModuleDict({"b_c": nn.Linear(8, 8)})})
     runtime = lorahot.inject(model, ["a_b.c", "a.b_c"], max_rank=4)
-    with pytest.raises(lorahot.AdapterMismatchError, match=r"lora_unet_a_b_c: ambiguous, matches a\.b_c, a_b\.c; pass key_map="):
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"lora_unet_a_b_c: ambiguous, matches a\.b_c, a_b\.c; pass key_map="
+    ):
         runtime.load(_pair("lora_unet_a_b_c", "lora_down", "lora_up"))
-    assert set(runtime.load(_pair("lora_unet_a_b_c", "lora_down", "lora_up"), key_map={r"lora_unet_a_b_c": "a_b.c"}).ranks) == {"a_b.c"}
+    assert set(
+        runtime.load(_pair("lora_unet_a_b_c", "lora_down", "lora_up"), key_map={r"lora_unet_a_b_c": "a_b.c"}).ranks
+    ) == {"a_b.c"}
 
 
 def test_prefix_selects_one_component() -> None:
     _, runtime = _runtime()
-    tensors = _pair("unet.attn.to_q", "lora_A", "lora_B") | _pair("text_encoder.text_model.q_proj", "lora_A", "lora_B", fin=4)
+    tensors = _pair("unet.attn.to_q", "lora_A", "lora_B") | _pair(
+        "text_encoder.text_model.q_proj", "lora_A", "lora_B", fin=4
+    )
     assert set(runtime.load(tensors, prefix="unet").ranks) == {"attn.to_q"}
-    with pytest.raises(lorahot.UsageError, match=r"prefix='vae' matches no module key; keys start with text_encoder, unet"):
+    with pytest.raises(
+        lorahot.UsageError, match=r"prefix='vae' matches no module key; keys start with text_encoder, unet"
+    ):
         runtime.load(tensors, prefix="vae")
 
 
@@ -86,17 +103,34 @@ def test_locon_conv_kernel_in_down_and_1x1_up() -> None:
     down, up = torch.randn(4, 3, 3, 3), torch.randn(6, 4, 1, 1)
     x = torch.randn(1, 3, 5, 5)
     base = model(x)
-    runtime.load({"lora_unet_0.lora_down.weight": down, "lora_unet_0.lora_up.weight": up, "lora_unet_0.alpha": torch.tensor(2.0)})
+    runtime.load(
+        {"lora_unet_0.lora_down.weight": down, "lora_unet_0.lora_up.weight": up, "lora_unet_0.alpha": torch.tensor(2.0)}
+    )
     delta = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, down, padding=1), up) * 0.5
     torch.testing.assert_close(model(x), base + delta, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("extra", "error", "message"), [
-    ({"lora_unet_attn_to_q.dora_scale": torch.ones(8, 1)}, lorahot.UnknownFormatError, r"lora_unet_attn_to_q\.dora_scale: DoRA magnitude vector: DoRA adapters are not supported"),
-    ({"lora_unet_attn_to_q.lora_up.bias": torch.ones(8)}, lorahot.UnknownFormatError, r"lora_up\.bias: LoRA bias \(PEFT lora_bias=True\): not supported"),
-    ({"lora_unet_attn_to_q.hada_w1_a": torch.ones(8, 2)}, lorahot.UnknownFormatError, r"hada_w1_a: LyCORIS"),
-    ({"lora_unet_attn_to_q.alpha": torch.tensor(-1.0)}, lorahot.AdapterReadError, r"lora_unet_attn_to_q\.alpha: alpha must be one finite number > 0"),
-])
+@pytest.mark.parametrize(
+    ("extra", "error", "message"),
+    [
+        (
+            {"lora_unet_attn_to_q.dora_scale": torch.ones(8, 1)},
+            lorahot.UnknownFormatError,
+            r"lora_unet_attn_to_q\.dora_scale: DoRA magnitude vector: DoRA adapters are not supported",
+        ),
+        (
+            {"lora_unet_attn_to_q.lora_up.bias": torch.ones(8)},
+            lorahot.UnknownFormatError,
+            r"lora_up\.bias: LoRA bias \(PEFT lora_bias=True\): not supported",
+        ),
+        ({"lora_unet_attn_to_q.hada_w1_a": torch.ones(8, 2)}, lorahot.UnknownFormatError, r"hada_w1_a: LyCORIS"),
+        (
+            {"lora_unet_attn_to_q.alpha": torch.tensor(-1.0)},
+            lorahot.AdapterReadError,
+            r"lora_unet_attn_to_q\.alpha: alpha must be one finite number > 0",
+        ),
+    ],
+)
 def test_refused_features_are_named(extra, error, message) -> None:
     with pytest.raises(error, match=message):
         lorahot.read_adapter(_pair("lora_unet_attn_to_q", "lora_down", "lora_up") | extra)
@@ -117,16 +151,23 @@ def test_pickles_are_refused(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"\x80\x04")
         with pytest.raises(lorahot.AdapterReadError, match=r"lorahot never unpickles\. Convert it to \.safetensors"):
             lorahot.read_adapter(tmp_path / name)
-    with pytest.raises(lorahot.AdapterReadError, match=r"holds only pickle checkpoints \(adapter\.bin, adapter\.ckpt, adapter\.pt\)"):
+    with pytest.raises(
+        lorahot.AdapterReadError, match=r"holds only pickle checkpoints \(adapter\.bin, adapter\.ckpt, adapter\.pt\)"
+    ):
         lorahot.read_adapter(tmp_path)
 
 
 def test_diffusers_metadata_rank_pattern(tmp_path: Path) -> None:
-    tensors = _pair("unet.attn.to_q", "lora_A", "lora_B", rank=4) | _pair("unet.attn.to_out.0", "lora_A", "lora_B", rank=2)
-    meta = '{"unet.r": 4, "unet.lora_alpha": 8, "unet.rank_pattern": {"to_out.0": 2}, "unet.alpha_pattern": {"to_out.0": 1}}'
+    tensors = _pair("unet.attn.to_q", "lora_A", "lora_B", rank=4) | _pair(
+        "unet.attn.to_out.0", "lora_A", "lora_B", rank=2
+    )
+    meta = '{"unet.r": 4, "unet.lora_alpha": 8, "unet.rank_pattern": {"to_out.0": 2}, "unet.alpha_pattern": {"to_out.0": 1}}'  # noqa: E501
     save_file(tensors, tmp_path / "pytorch_lora_weights.safetensors", metadata={"lora_adapter_metadata": meta})
     adapter = lorahot.read_adapter(tmp_path)
     assert {k: m.scale for k, m in adapter.modules.items()} == {"unet.attn.to_q": 2.0, "unet.attn.to_out.0": 0.5}
     save_file(tensors, tmp_path / "bad.safetensors", metadata={"lora_adapter_metadata": '{"unet.r": 3}'})
-    with pytest.raises(lorahot.AdapterMismatchError, match=r"unet\.attn\.to_q: lora_adapter_metadata \(unet\) says r=3, but unet\.attn\.to_q\.lora_A\.weight has shape \(4, 8\)"):
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"unet\.attn\.to_q: lora_adapter_metadata \(unet\) says r=3, but unet\.attn\.to_q\.lora_A\.weight has shape \(4, 8\)",  # noqa: E501
+    ):
         lorahot.read_adapter(tmp_path / "bad.safetensors")

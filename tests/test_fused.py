@@ -22,7 +22,9 @@ NAMES = ("0", "2", "4")
 
 def _mlp(dtype: torch.dtype = torch.float32, device: str = "cpu", bias: bool = True) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(48, 64, bias=bias), nn.ReLU(), nn.Linear(64, 40, bias=bias), nn.ReLU(), nn.Linear(40, 24, bias=bias)).to(device, dtype)
+    return nn.Sequential(
+        nn.Linear(48, 64, bias=bias), nn.ReLU(), nn.Linear(64, 40, bias=bias), nn.ReLU(), nn.Linear(40, 24, bias=bias)
+    ).to(device, dtype)
 
 
 # -- everywhere -----------------------------------------------------------------------------
@@ -48,9 +50,9 @@ def test_compiled_graph_has_three_adapter_inputs_per_arena_not_per_layer() -> No
         model = _mlp()
         if injected:
             runtime = lorahot.inject(model, list(NAMES), max_rank=4)
-            runtime.load(make_adapter(model, {n: 2 for n in NAMES})[0])
+            runtime.load(make_adapter(model, dict.fromkeys(NAMES, 2))[0])
 
-        def backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+        def backend(gm: torch.fx.GraphModule, inputs: list, injected: bool = injected) -> object:
             counts[injected] = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
             return gm
 
@@ -95,7 +97,9 @@ def _ref(x, w, b, a, bt, s):
     split=st.sampled_from([0, 1, 2, 3, 8]),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_matches_float64_reference(m: int, k: int, n: int, r: int, bias: bool, half: bool, split: int, seed: int) -> None:
+def test_kernel_matches_float64_reference(
+    m: int, k: int, n: int, r: int, bias: bool, half: bool, split: int, seed: int
+) -> None:
     """The op's own tile choice (``split=0``) and explicit split-K configurations; the output
     starts as NaN, so an element the kernel does not write fails the check."""
     assert fused.available()
@@ -111,7 +115,7 @@ def test_kernel_matches_float64_reference(m: int, k: int, n: int, r: int, bias: 
         from lorahot.kernels import triton_lora_linear
 
         y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-        _triton_lora.launch(x, w, b, a, bt, scale, y, (16, 32, 64, 4, 4, split))
+        triton_lora_linear.launch(x, w, b, a, bt, scale, y, (16, 32, 64, 4, 4, split))
     else:
         y = fused.lora_linear(x, w, b, a, bt, scale)
     assert y.shape == (m, n) and y.dtype == dtype
@@ -157,7 +161,9 @@ def test_fused_layers_after_swaps_compiled_match_reference_without_recompiles(mo
                 tensors, ab = make_adapter(model, ranks, seed=seed)
                 runtime.load(tensors, scale=0.5 + seed)
                 y = compiled(x).clone()
-                expected = model_reference(reference_model, x.float(), {n: (a.cuda(), b.cuda(), 0.5 + seed) for n, (a, b) in ab.items()})
+                expected = model_reference(
+                    reference_model, x.float(), {n: (a.cuda(), b.cuda(), 0.5 + seed) for n, (a, b) in ab.items()}
+                )
                 assert float((y.double() - expected).norm() / expected.norm()) < 2e-2
 
 
@@ -178,7 +184,9 @@ def test_inputs_over_128_rows_and_autograd_use_the_library_formula() -> None:
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with torch.inference_mode():
         fast = model(x.detach())
-    expected = model_reference(_mlp(torch.float32, "cuda"), x.detach().float(), {n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()})
+    expected = model_reference(
+        _mlp(torch.float32, "cuda"), x.detach().float(), {n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()}
+    )
     assert float((fast.double() - expected).norm() / expected.norm()) < 2e-2
 
 
@@ -199,5 +207,7 @@ def test_fused_layers_under_dynamic_shapes_match_reference_without_recompiles() 
                 runtime.load(tensors)
                 x = torch.randn(rows, 48, device="cuda", dtype=torch.bfloat16)
                 y = compiled(x).clone()
-                expected = model_reference(reference_model, x.float(), {n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()})
+                expected = model_reference(
+                    reference_model, x.float(), {n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()}
+                )
                 assert float((y.double() - expected).norm() / expected.norm()) < 2e-2

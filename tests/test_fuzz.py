@@ -24,7 +24,16 @@ from safetensors.torch import save
 
 import lorahot
 from tests.helpers import tiny_lm
-from tests.reliability_helpers import Q0, V1, VOCAB, assert_unchanged, build_rig, one_torch_thread, report, snapshot, valid_tensors  # noqa: F401
+from tests.reliability_helpers import (
+    Q0,
+    V1,
+    VOCAB,
+    assert_unchanged,
+    build_rig,
+    report,
+    snapshot,
+    valid_tensors,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,7 +53,9 @@ _mutation = st.one_of(
     st.tuples(st.just("header_len"), st.sampled_from([0, 1, 7, 8, -1, +1, -8, +8, 2**32, 2**64 - 1])),
     st.tuples(st.just("number"), _pos, st.sampled_from(_NUMBERS), st.booleans()),
     st.tuples(st.just("dtype"), _pos, st.sampled_from(_DTYPES)),
-    st.tuples(st.just("key"), _pos, st.sampled_from(["lora_A", "lora_B", "alpha", "q_proj", "k_proj", "", "lora_A.weight"])),
+    st.tuples(
+        st.just("key"), _pos, st.sampled_from(["lora_A", "lora_B", "alpha", "q_proj", "k_proj", "", "lora_A.weight"])
+    ),
 )
 
 
@@ -99,9 +110,13 @@ def mutate(blob: bytes, op: tuple) -> bytes:
     if kind == "number":
         return _edit_header(blob, lambda t: _sub_nth(r"\d+", t, args[0], str(args[1])), keep_len=args[2])
     if kind == "dtype":
-        return _edit_header(blob, lambda t: _sub_nth(r'"dtype":"[^"]*"', t, args[0], f'"dtype":"{args[1]}"'), keep_len=False)
+        return _edit_header(
+            blob, lambda t: _sub_nth(r'"dtype":"[^"]*"', t, args[0], f'"dtype":"{args[1]}"'), keep_len=False
+        )
     if kind == "key":
-        return _edit_header(blob, lambda t: _sub_nth(r"lora_[AB]|q_proj|v_proj|weight", t, args[0], args[1]), keep_len=False)
+        return _edit_header(
+            blob, lambda t: _sub_nth(r"lora_[AB]|q_proj|v_proj|weight", t, args[0], args[1]), keep_len=False
+        )
     raise AssertionError(kind)
 
 
@@ -112,7 +127,9 @@ def base_blob() -> bytes:
     return save({k: v.half().contiguous() for k, v in valid_tensors(model, 2, names=(Q0, V1)).items()})
 
 
-def test_fuzz_mutated_files_load_or_raise_lora_error(tmp_path: Path, base_blob: bytes, request: pytest.FixtureRequest) -> None:
+def test_fuzz_mutated_files_load_or_raise_lora_error(
+    tmp_path: Path, base_blob: bytes, request: pytest.FixtureRequest
+) -> None:
     rig = build_rig(tmp_path / "rig")
     counts = {"examples": 0, "loaded": 0, "refused": 0}
     errors: dict[str, int] = {}
@@ -141,7 +158,9 @@ def test_fuzz_mutated_files_load_or_raise_lora_error(tmp_path: Path, base_blob: 
 
     run()
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
-    assert grown_mib < 256, f"peak RSS grew by {grown_mib:.0f} MiB while fuzzing: a mutated header made lorahot allocate"
+    assert grown_mib < 256, (
+        f"peak RSS grew by {grown_mib:.0f} MiB while fuzzing: a mutated header made lorahot allocate"
+    )
     assert counts["examples"] >= FUZZ_EXAMPLES // 2
     report(request.config, "fuzz", {**counts, "errors": errors, "peak_rss_growth_mib": round(grown_mib, 1)})
 
@@ -158,5 +177,7 @@ def _assert_clean_swap(rig, before, path: Path, slot: int, fresh_dir: Path) -> N
     fresh.runtime.load(path, slot=0)
     rig.runtime.activate(slot)
     fresh.runtime.activate(0)
-    assert torch.equal(rig.output(), fresh.output()), "the swapped-in adapter differs from a clean load of the same file"
+    assert torch.equal(rig.output(), fresh.output()), (
+        "the swapped-in adapter differs from a clean load of the same file"
+    )
     rig.runtime.activate(before.active)

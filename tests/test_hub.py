@@ -17,7 +17,10 @@ REPO = "lorahot-test/tiny-adapter"
 
 
 def _peft_tensors(rank: int) -> dict[str, torch.Tensor]:
-    return {"base_model.model.proj.lora_A.weight": torch.randn(rank, 8), "base_model.model.proj.lora_B.weight": torch.randn(6, rank)}
+    return {
+        "base_model.model.proj.lora_A.weight": torch.randn(rank, 8),
+        "base_model.model.proj.lora_B.weight": torch.randn(6, rank),
+    }
 
 
 @pytest.fixture
@@ -32,7 +35,14 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (repo / "refs" / "main").write_text(COMMIT)
     save_file(_peft_tensors(4), snap / "adapter_model.safetensors")
     (snap / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 2}')
-    save_file({"lora_unet_proj.lora_down.weight": torch.randn(2, 8), "lora_unet_proj.lora_up.weight": torch.randn(6, 2), "lora_unet_proj.alpha": torch.tensor(1.0)}, snap / "kohya" / "style.safetensors")
+    save_file(
+        {
+            "lora_unet_proj.lora_down.weight": torch.randn(2, 8),
+            "lora_unet_proj.lora_up.weight": torch.randn(6, 2),
+            "lora_unet_proj.alpha": torch.tensor(1.0),
+        },
+        snap / "kohya" / "style.safetensors",
+    )
     for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
@@ -62,7 +72,9 @@ def test_runtime_loads_a_repo_id(hub_cache: Path) -> None:
 
 
 def test_missing_file_offline_names_the_repo(hub_cache: Path) -> None:
-    with pytest.raises(lorahot.SourceNotFoundError, match=rf"{REPO}: cannot get missing\.safetensors from the Hub .*HF_HUB_OFFLINE=1"):
+    with pytest.raises(
+        lorahot.SourceNotFoundError, match=rf"{REPO}: cannot get missing\.safetensors from the Hub .*HF_HUB_OFFLINE=1"
+    ):
         lorahot.read_adapter(REPO, weight_name="missing.safetensors")
     with pytest.raises(lorahot.SourceNotFoundError, match=r"lorahot-test/absent: cannot get the adapter from the Hub"):
         lorahot.read_adapter("lorahot-test/absent")
@@ -74,7 +86,17 @@ def test_malformed_repo_ids_are_refused(hub_cache: Path, repo: str) -> None:
         lorahot.read_adapter(repo)
 
 
-@pytest.mark.parametrize("kwargs", [{"subfolder": "../x"}, {"subfolder": "/etc"}, {"weight_name": "a/../../b.safetensors"}, {"weight_name": "a\\b.safetensors"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"subfolder": "../x"},
+        {"subfolder": "/etc"},
+        {"weight_name": "a/../../b.safetensors"},
+        {"weight_name": "a\\b.safetensors"},
+    ],
+)
 def test_path_traversal_is_refused(hub_cache: Path, kwargs: dict[str, str]) -> None:
-    with pytest.raises(lorahot.SourceNotFoundError, match=r"(must stay inside the adapter directory or repo|relative path with '/')"):
+    with pytest.raises(
+        lorahot.SourceNotFoundError, match=r"(must stay inside the adapter directory or repo|relative path with '/')"
+    ):
         lorahot.read_adapter(REPO, **kwargs)

@@ -26,13 +26,20 @@ def _ids() -> torch.Tensor:
 def test_names_match_whole_trailing_components() -> None:
     model = tiny_lm()
     runtime = lorahot.inject(model, ["q_proj", "mlp.down_proj"], max_rank=4)
-    expected = ["layers.0.self_attn.q_proj", "layers.0.mlp.down_proj", "layers.1.self_attn.q_proj", "layers.1.mlp.down_proj"]
+    expected = [
+        "layers.0.self_attn.q_proj",
+        "layers.0.mlp.down_proj",
+        "layers.1.self_attn.q_proj",
+        "layers.1.mlp.down_proj",
+    ]
     assert _wrapped(model) == expected
     assert list(runtime.layers) == expected
 
 
 def test_name_must_match_a_whole_component() -> None:
-    with pytest.raises(ValueError, match=r"targets=\['proj'\] matched no module\. Some module names: embed_tokens, layers, layers\.0"):
+    with pytest.raises(
+        ValueError, match=r"targets=\['proj'\] matched no module\. Some module names: embed_tokens, layers, layers\.0"
+    ):
         lorahot.inject(tiny_lm(), ["proj"], max_rank=4)
 
 
@@ -93,7 +100,9 @@ def test_custom_linear_like_module_is_wrapped() -> None:
 
 def test_unsupported_type_names_path_and_type() -> None:
     model = tiny_lm()
-    with pytest.raises(TypeError, match=r"layers\.0\.norm: cannot add LoRA to LayerNorm\. Supported: .* Narrow targets"):
+    with pytest.raises(
+        TypeError, match=r"layers\.0\.norm: cannot add LoRA to LayerNorm\. Supported: .* Narrow targets"
+    ):
         lorahot.inject(model, ["norm", "q_proj"], max_rank=4)
     assert _wrapped(model) == []
 
@@ -107,15 +116,21 @@ def test_empty_or_bad_target_list_is_a_usage_error() -> None:
 def test_injecting_twice_is_refused() -> None:
     model = tiny_lm()
     lorahot.inject(model, ["q_proj"], max_rank=4)
-    with pytest.raises(TypeError, match=r"layers\.0\.self_attn\.q_proj: already a LoRALinear; call lorahot\.eject\(model\)"):
+    with pytest.raises(
+        TypeError, match=r"layers\.0\.self_attn\.q_proj: already a LoRALinear; call lorahot\.eject\(model\)"
+    ):
         lorahot.inject(model, ["q_proj"], max_rank=4)
 
 
-@pytest.mark.parametrize("targets", ["all-linear", lambda name, m: isinstance(m, nn.Linear)], ids=["all-linear", "callable"])
+@pytest.mark.parametrize(
+    "targets", ["all-linear", lambda name, m: isinstance(m, nn.Linear)], ids=["all-linear", "callable"]
+)
 def test_injecting_twice_never_wraps_a_base_layer(targets: object) -> None:
     model = tiny_lm()
     lorahot.inject(model, ["q_proj"], max_rank=4)
-    with pytest.raises(TypeError, match=r"layers\.0\.self_attn\.q_proj: already a LoRALinear; call lorahot\.eject\(model\)"):
+    with pytest.raises(
+        TypeError, match=r"layers\.0\.self_attn\.q_proj: already a LoRALinear; call lorahot\.eject\(model\)"
+    ):
         lorahot.inject(model, targets, max_rank=4)  # type: ignore[arg-type]
     assert _wrapped(model) == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]
 
@@ -185,7 +200,7 @@ def test_outputs_and_state_dict_unchanged_after_inject() -> None:
 
 def test_base_checkpoint_loads_strictly_into_injected_model() -> None:
     model, other = tiny_lm(seed=0), tiny_lm(seed=1)
-    runtime = lorahot.inject(model, ATTN + ["embed_tokens"], max_rank=4)
+    runtime = lorahot.inject(model, [*ATTN, "embed_tokens"], max_rank=4)
     tensors, ab = make_adapter(model, {"layers.1.self_attn.v_proj": 3, "embed_tokens": 2}, seed=4)
     runtime.load(tensors)
     result = model.load_state_dict(other.state_dict(), strict=True)
@@ -301,4 +316,4 @@ def test_wrapper_forwards_base_attributes():
     assert model[0].weight is conv.weight and model[0].kernel_size == (3, 3)
     assert model[1].in_features == 5 and model[1].bias is lin.bias
     with pytest.raises(AttributeError, match="no_such_attribute"):
-        model[1].no_such_attribute
+        _ = model[1].no_such_attribute

@@ -100,7 +100,9 @@ def _ranks(draw: st.DrawFn, groups: int, max_rank: int, n: int) -> list[int]:
     return [groups * draw(st.integers(1, max_rank // groups)) for _ in range(n)]
 
 
-def _load(runtime: lorahot.LoraRuntime, holder: Holder, rank: int, seed: int, alpha_per_rank: float, scale: float = 1.0):
+def _load(
+    runtime: lorahot.LoraRuntime, holder: Holder, rank: int, seed: int, alpha_per_rank: float, scale: float = 1.0
+):
     tensors, ab = make_adapter(holder, {"layer": rank}, seed=seed, dtype=torch.float64)
     runtime.load(tensors, config={"r": rank, "lora_alpha": alpha_per_rank * rank}, scale=scale)
     return ab["layer"]

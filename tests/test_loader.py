@@ -13,7 +13,10 @@ import lorahot
 
 
 def _peft(rank: int = 2) -> dict[str, torch.Tensor]:
-    return {"base_model.model.proj.lora_A.weight": torch.randn(rank, 8), "base_model.model.proj.lora_B.weight": torch.randn(6, rank)}
+    return {
+        "base_model.model.proj.lora_A.weight": torch.randn(rank, 8),
+        "base_model.model.proj.lora_B.weight": torch.randn(6, rank),
+    }
 
 
 def test_directory_file_and_mapping_agree(tmp_path: Path) -> None:
@@ -31,7 +34,10 @@ def test_weight_name_and_subfolder(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     save_file(_peft(), tmp_path / "sub" / "a.safetensors")
     save_file(_peft(4), tmp_path / "sub" / "b.safetensors")
-    with pytest.raises(lorahot.SourceNotFoundError, match=r"several \.safetensors files \(a\.safetensors, b\.safetensors\); pass weight_name="):
+    with pytest.raises(
+        lorahot.SourceNotFoundError,
+        match=r"several \.safetensors files \(a\.safetensors, b\.safetensors\); pass weight_name=",
+    ):
         lorahot.read_adapter(tmp_path, subfolder="sub")
     assert lorahot.read_adapter(tmp_path, subfolder="sub", weight_name="b.safetensors").ranks == {"proj": 4}
     with pytest.raises(lorahot.SourceNotFoundError, match=r"weight_name='c\.safetensors' does not exist"):
@@ -51,7 +57,10 @@ def test_adapter_objects_pass_through_and_take_key_options() -> None:
 
 
 def test_config_contradicting_tensors_is_named() -> None:
-    with pytest.raises(lorahot.AdapterMismatchError, match=r"proj: adapter_config\.json says r=8, but base_model\.model\.proj\.lora_A\.weight has shape \(2, 8\) \(rank 2\)"):
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"proj: adapter_config\.json says r=8, but base_model\.model\.proj\.lora_A\.weight has shape \(2, 8\) \(rank 2\)",  # noqa: E501
+    ):
         lorahot.read_adapter(_peft(), config={"r": 8})
 
 

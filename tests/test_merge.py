@@ -17,7 +17,12 @@ def _pair(slots: int = 1) -> tuple[nn.Module, nn.Module, lorahot.LoraRuntime, lo
     plain = tiny_lm(dtype=torch.float64)
     merged = copy.deepcopy(plain)
     targets = ["q_proj", "v_proj", "embed_tokens"]
-    return plain, merged, lorahot.inject(plain, targets, max_rank=8, slots=slots), lorahot.inject(merged, targets, max_rank=8, slots=slots, merged=True)
+    return (
+        plain,
+        merged,
+        lorahot.inject(plain, targets, max_rank=8, slots=slots),
+        lorahot.inject(merged, targets, max_rank=8, slots=slots, merged=True),
+    )
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -31,8 +36,8 @@ def test_merged_equals_unmerged_through_swaps_and_eject_restores(eject: str) -> 
     base = merged(ids).clone()
     weights = {n: p.clone() for n, p in merged.state_dict().items()}
     for seed, (slot, rank) in enumerate([(0, 4), (1, 8), (0, 2)]):
-        names = [n for n in rt_plain.layers]
-        tensors = make_adapter(plain, {n: rank for n in names}, seed=seed, dtype=torch.float64)[0]
+        names = list(rt_plain.layers)
+        tensors = make_adapter(plain, dict.fromkeys(names, rank), seed=seed, dtype=torch.float64)[0]
         for rt in (rt_plain, rt_merged):
             rt.load(tensors, slot=slot, scale=0.5 + seed)
         _close(merged(ids), plain(ids))

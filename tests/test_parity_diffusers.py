@@ -29,7 +29,11 @@ import lorahot
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
-from diffusers.utils.state_dict_utils import UNET_TO_DIFFUSERS, convert_state_dict_to_diffusers, convert_state_dict_to_kohya  # noqa: E402
+from diffusers.utils.state_dict_utils import (  # noqa: E402 - after the importorskip
+    UNET_TO_DIFFUSERS,
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_kohya,
+)
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 ALPHA = 8.0
@@ -41,11 +45,20 @@ def unet():
     """``(base, oracle, peft_state_dict, config)``: a tiny UNet and PEFT's LoRA on it."""
     torch.manual_seed(0)
     base = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=PER_BLOCK, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=PER_BLOCK,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
     ).eval()
-    config = peft.LoraConfig(r=4, lora_alpha=ALPHA, target_modules=TARGETS, rank_pattern={"conv2": 2}, init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=ALPHA, target_modules=TARGETS, rank_pattern={"conv2": 2}, init_lora_weights=False
+    )
     oracle = copy.deepcopy(base)
     oracle.add_adapter(config)
     with torch.no_grad():
@@ -59,7 +72,9 @@ def unet():
 def _run(model: torch.nn.Module) -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        return model(torch.randn(2, 4, 8, 8, generator=g), 7, encoder_hidden_states=torch.randn(2, 5, 16, generator=g)).sample
+        return model(
+            torch.randn(2, 4, 8, 8, generator=g), 7, encoder_hidden_states=torch.randn(2, 5, 16, generator=g)
+        ).sample
 
 
 def _check(unet, source, expected_format: str, **kwargs) -> None:
@@ -107,7 +122,11 @@ def test_kohya_from_diffusers_converter(tmp_path: Path, unet) -> None:
 
 def test_kohya_without_alpha_means_alpha_equals_rank(unet) -> None:
     _, _, state, _ = unet
-    kohya = {k: v for k, v in convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()}).items() if not k.endswith(".alpha")}
+    kohya = {
+        k: v
+        for k, v in convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()}).items()
+        if not k.endswith(".alpha")
+    }
     adapter = lorahot.read_adapter(kohya)
     assert {m.alpha for m in adapter.modules.values()} == {4.0, 2.0}
     assert {m.scale for m in adapter.modules.values()} == {1.0}
@@ -123,11 +142,17 @@ def test_old_diffusers_from_diffusers_converter(unet) -> None:
 
 def test_old_attention_processor_naming(unet) -> None:
     _, _, state, _ = unet
-    backwards = {peft_name: old for old, peft_name in UNET_TO_DIFFUSERS.items() if old.endswith((".down", ".up")) and "_lora" in old}
+    backwards = {
+        peft_name: old
+        for old, peft_name in UNET_TO_DIFFUSERS.items()
+        if old.endswith((".down", ".up")) and "_lora" in old
+    }
     tensors = {}
     for key, value in state.items():
         module, role = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        head, last = module.rsplit(".", 1) if not module.endswith("to_out.0") else (module[: -len(".to_out.0")], "to_out.0")
+        head, last = (
+            module.rsplit(".", 1) if not module.endswith("to_out.0") else (module[: -len(".to_out.0")], "to_out.0")
+        )
         peft_tail = f".{last}.{role}"
         if peft_tail in backwards:  # ".to_q.lora_A" -> ".to_q_lora.down", under the processor
             tensors[f"{head}.processor{backwards[peft_tail]}.weight"] = value
@@ -140,7 +165,12 @@ def test_old_attention_processor_naming(unet) -> None:
 
 # diffusers name -> LDM name, for layers_per_block = PER_BLOCK (the inverse of lorahot's table,
 # written out independently from the SD UNet layout).
-_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_RESNET = {
+    "conv1": "in_layers.2",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
 
 
 def _ldm_name(name: str) -> str:

@@ -38,7 +38,15 @@ def _fresh_peft(base: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 
 def _llama() -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -80,16 +88,46 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 def _conv_embed_out(model: torch.nn.Module) -> torch.Tensor:
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        return model(input_ids=torch.randint(0, 64, (2, 10), generator=g), pixel_values=torch.randn(2, 3, 16, 16, generator=g))
+        return model(
+            input_ids=torch.randint(0, 64, (2, 10), generator=g), pixel_values=torch.randn(2, 3, 16, 16, generator=g)
+        )
 
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 CASES = {
-    "llama_patterns": (_llama, _logits, dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, rank_pattern={"q_proj": 8, r"layers\.1\.mlp\.down_proj": 2}, alpha_pattern={"v_proj": 3.0, "up_proj": 20})),
-    "llama_rslora": (_llama, _logits, dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, use_rslora=True, rank_pattern={"o_proj": 6})),
-    "gpt2_conv1d": (_gpt2, _logits, dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
-    "conv2d_embedding": (_conv_embed, _conv_embed_out, dict(r=4, lora_alpha=6, target_modules=["embed", "conv", "head"], rank_pattern={"conv": 2}, alpha_pattern={"embed": 2.5})),
+    "llama_patterns": (
+        _llama,
+        _logits,
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": LLAMA_TARGETS,
+            "rank_pattern": {"q_proj": 8, r"layers\.1\.mlp\.down_proj": 2},
+            "alpha_pattern": {"v_proj": 3.0, "up_proj": 20},
+        },
+    ),
+    "llama_rslora": (
+        _llama,
+        _logits,
+        {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_TARGETS, "use_rslora": True, "rank_pattern": {"o_proj": 6}},
+    ),
+    "gpt2_conv1d": (
+        _gpt2,
+        _logits,
+        {"r": 4, "lora_alpha": 16, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},
+    ),
+    "conv2d_embedding": (
+        _conv_embed,
+        _conv_embed_out,
+        {
+            "r": 4,
+            "lora_alpha": 6,
+            "target_modules": ["embed", "conv", "head"],
+            "rank_pattern": {"conv": 2},
+            "alpha_pattern": {"embed": 2.5},
+        },
+    ),
 }
 
 
@@ -121,13 +159,21 @@ def test_rank_pattern_adapter_after_another_matches_fresh_peft(tmp_path: Path) -
 def test_fused_qkv_matches_separate_projections(tmp_path: Path) -> None:
     """A q/k/v (and gate/up) adapter loads into a model whose projections are fused."""
     base = _llama()
-    config = dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 3.0})
+    config = {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": LLAMA_TARGETS,
+        "rank_pattern": {"k_proj": 2},
+        "alpha_pattern": {"v_proj": 3.0},
+    }
     oracle = _peft_adapter(base, tmp_path, seed=6, **config)
     fused = _fuse_llama(copy.deepcopy(base))
     with torch.no_grad():
         assert _rel(fused(**_tokens()).logits, _logits(base)) < 1e-6
     runtime = lorahot.inject(fused, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], max_rank=16)
-    info = runtime.load(tmp_path, fuse={"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]})
+    info = runtime.load(
+        tmp_path, fuse={"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    )
     assert info.ranks["model.layers.0.self_attn.qkv_proj"] == 4 + 2 + 4
     with torch.no_grad():
         assert _rel(fused(**_tokens()).logits, _logits(oracle)) < RTOL
@@ -138,7 +184,10 @@ def test_fused_part_missing_needs_its_size(tmp_path: Path) -> None:
     oracle = _peft_adapter(base, tmp_path, seed=7, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     fused = _fuse_llama(copy.deepcopy(base))
     runtime = lorahot.inject(fused, ["qkv_proj"], max_rank=8)
-    with pytest.raises(lorahot.AdapterMismatchError, match=r"qkv_proj: no LoRA for part 'k_proj' and no size for it; pass \('k_proj', out_features\)"):
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"qkv_proj: no LoRA for part 'k_proj' and no size for it; pass \('k_proj', out_features\)",
+    ):
         runtime.load(tmp_path, fuse={"qkv_proj": ["q_proj", "k_proj", "v_proj"]})
     runtime.load(tmp_path, fuse={"qkv_proj": ["q_proj", ("k_proj", 16), "v_proj"]})
     with torch.no_grad():
@@ -170,7 +219,10 @@ class _Slice(torch.nn.Module):
 def _fuse_llama(model: torch.nn.Module) -> torch.nn.Module:
     """Replaces q/k/v by ``qkv_proj`` and gate/up by ``gate_up_proj`` (computed once per part)."""
     for layer in model.model.layers:
-        for owner, fused, parts in ((layer.self_attn, "qkv_proj", ["q_proj", "k_proj", "v_proj"]), (layer.mlp, "gate_up_proj", ["gate_proj", "up_proj"])):
+        for owner, fused, parts in (
+            (layer.self_attn, "qkv_proj", ["q_proj", "k_proj", "v_proj"]),
+            (layer.mlp, "gate_up_proj", ["gate_proj", "up_proj"]),
+        ):
             mods = [getattr(owner, p) for p in parts]
             f = _Fused(mods)
             setattr(owner, fused, f.proj)

@@ -25,9 +25,9 @@ from safetensors.torch import save, save_file
 
 import lorahot
 from lorahot import AdapterMismatchError, AdapterReadError, SourceNotFoundError, UnknownFormatError
-from lorahot.io import safety
 from lorahot.formats import FORMATS
-from tests.reliability_helpers import (  # noqa: F401  (one_torch_thread is a fixture)
+from lorahot.io import safety
+from tests.reliability_helpers import (
     MAX_RANK,
     Q0,
     V1,
@@ -36,7 +36,6 @@ from tests.reliability_helpers import (  # noqa: F401  (one_torch_thread is a fi
     assert_unchanged,
     build_rig,
     entry,
-    one_torch_thread,
     report,
     snapshot,
     split,
@@ -48,7 +47,9 @@ P = "base_model.model."
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 _SUBFOLDER = "subfolder" in inspect.signature(lorahot.read_adapter).parameters
 _KOHYA = any(getattr(f, "name", getattr(f, "NAME", None)) == "kohya" for f in FORMATS)
-_NEEDS_SOURCES = pytest.mark.xfail(not _SUBFOLDER, reason="Hub ids and subfolder/weight_name resolution (issue 3) have not landed", strict=False)
+_NEEDS_SOURCES = pytest.mark.xfail(
+    not _SUBFOLDER, reason="Hub ids and subfolder/weight_name resolution (issue 3) have not landed", strict=False
+)
 _NEEDS_KOHYA = pytest.mark.xfail(not _KOHYA, reason="the kohya reader (issue 3) has not landed", strict=False)
 
 
@@ -87,7 +88,9 @@ def _valid_blob(rig: Rig, rank: int = 4) -> bytes:
     return save({k: v.contiguous() for k, v in valid_tensors(rig.model, rank).items()})
 
 
-def _tensors_dir(tmp: Path, tensors: dict[str, torch.Tensor], config: dict | str | bytes | None = None) -> tuple[Path, dict]:
+def _tensors_dir(
+    tmp: Path, tensors: dict[str, torch.Tensor], config: dict | str | bytes | None = None
+) -> tuple[Path, dict]:
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"))
     if config is not None:
@@ -96,7 +99,9 @@ def _tensors_dir(tmp: Path, tensors: dict[str, torch.Tensor], config: dict | str
     return tmp, {}
 
 
-def _replace(rig: Rig, key_suffix: str, fn: Callable[[torch.Tensor], torch.Tensor], rank: int = 4) -> dict[str, torch.Tensor]:
+def _replace(
+    rig: Rig, key_suffix: str, fn: Callable[[torch.Tensor], torch.Tensor], rank: int = 4
+) -> dict[str, torch.Tensor]:
     tensors = valid_tensors(rig.model, rank)
     key = next(k for k in tensors if k.endswith(key_suffix))
     tensors[key] = fn(tensors[key])
@@ -137,7 +142,12 @@ def _(tmp, rig):
 @case("absurd_tensor_size", AdapterReadError, "needs 70368744177664 bytes")
 def _(tmp, rig):
     # 2**22 x 2**22 float32 = 64 TiB declared, with offsets claiming only 64 bytes
-    return _file(tmp, assemble({P + Q0 + ".lora_A.weight": {"dtype": "F32", "shape": [2**22, 2**22], "data_offsets": [0, 64]}}, b"\0" * 64))
+    return _file(
+        tmp,
+        assemble(
+            {P + Q0 + ".lora_A.weight": {"dtype": "F32", "shape": [2**22, 2**22], "data_offsets": [0, 64]}}, b"\0" * 64
+        ),
+    )
 
 
 @case("absurd_offsets_past_end", AdapterReadError, "past the end of the file")
@@ -154,7 +164,10 @@ def _(tmp, rig):
 
 @case("gap_between_tensors", AdapterReadError, "gap")
 def _(tmp, rig):
-    header = {P + Q0 + ".lora_A.weight": entry("F32", [4, 16], 0), P + Q0 + ".lora_B.weight": entry("F32", [16, 4], 512)}
+    header = {
+        P + Q0 + ".lora_A.weight": entry("F32", [4, 16], 0),
+        P + Q0 + ".lora_B.weight": entry("F32", [16, 4], 512),
+    }
     return _file(tmp, assemble(header, b"\0" * 768))
 
 
@@ -207,7 +220,11 @@ def _(tmp, rig):
 # -- bad tensors -----------------------------------------------------------------------------
 
 
-@case("int_dtype", AdapterReadError, r"A has dtype torch\.int32; LoRA weights must be float16, bfloat16, float32 or float64")
+@case(
+    "int_dtype",
+    AdapterReadError,
+    r"A has dtype torch\.int32; LoRA weights must be float16, bfloat16, float32 or float64",
+)
 def _(tmp, rig):
     return _tensors_dir(tmp, _replace(rig, "q_proj.lora_A.weight", lambda t: (t * 100).to(torch.int32)))
 
@@ -217,7 +234,11 @@ def _(tmp, rig):
     return _tensors_dir(tmp, _replace(rig, "v_proj.lora_B.weight", lambda t: t > 0))
 
 
-@case("float8_dtype", AdapterReadError, r"A has dtype torch\.float8_e4m3fn; LoRA weights must be float16, bfloat16, float32 or float64")
+@case(
+    "float8_dtype",
+    AdapterReadError,
+    r"A has dtype torch\.float8_e4m3fn; LoRA weights must be float16, bfloat16, float32 or float64",
+)
 def _(tmp, rig):
     return _tensors_dir(tmp, _replace(rig, "q_proj.lora_A.weight", lambda t: t.to(torch.float8_e4m3fn)))
 
@@ -227,7 +248,11 @@ def _(tmp, rig):
     return _tensors_dir(tmp, _replace(rig, "q_proj.lora_B.weight", lambda t: t.to(torch.complex64)))
 
 
-@case("meta_tensors_in_mapping", AdapterReadError, r"A is a torch\.strided tensor on meta; LoRA weights must be dense tensors with data")
+@case(
+    "meta_tensors_in_mapping",
+    AdapterReadError,
+    r"A is a torch\.strided tensor on meta; LoRA weights must be dense tensors with data",
+)
 def _(tmp, rig):
     return {k: torch.empty_like(v, device="meta") for k, v in valid_tensors(rig.model, 4).items()}, {}
 
@@ -237,19 +262,27 @@ def _(tmp, rig):
     return {k: v.to_sparse() for k, v in valid_tensors(rig.model, 4).items()}, {}
 
 
-@case("values_overflow_arena_dtype", AdapterReadError, r"NaN or Inf in LoRA weights of:\n  - \(values too large for the model's dtype\)")
+@case(
+    "values_overflow_arena_dtype",
+    AdapterReadError,
+    r"NaN or Inf in LoRA weights of:\n  - \(values too large for the model's dtype\)",
+)
 def _(tmp, rig):
     return _tensors_dir(tmp, {k: v.double() * 1e300 for k, v in valid_tensors(rig.model, 4).items()})
 
 
 @case("nan_values", AdapterReadError, r"NaN or Inf in LoRA weights of:\n  - layers\.0\.self_attn\.q_proj")
 def _(tmp, rig):
-    return _tensors_dir(tmp, _replace(rig, "q_proj.lora_A.weight", lambda t: t.index_fill(1, torch.tensor([3]), float("nan"))))
+    return _tensors_dir(
+        tmp, _replace(rig, "q_proj.lora_A.weight", lambda t: t.index_fill(1, torch.tensor([3]), float("nan")))
+    )
 
 
 @case("inf_values", AdapterReadError, r"NaN or Inf in LoRA weights of:\n  - layers\.1\.self_attn\.v_proj")
 def _(tmp, rig):
-    return _tensors_dir(tmp, _replace(rig, "v_proj.lora_B.weight", lambda t: t.index_fill(0, torch.tensor([0]), float("-inf"))))
+    return _tensors_dir(
+        tmp, _replace(rig, "v_proj.lora_B.weight", lambda t: t.index_fill(0, torch.tensor([0]), float("-inf")))
+    )
 
 
 @case("one_d_tensor", AdapterMismatchError, r"A has shape \(64,\), expected \(r, 16\)")
@@ -305,7 +338,11 @@ def _(tmp, rig):
     return _tensors_dir(tmp, tensors)
 
 
-@case("module_not_injected", AdapterMismatchError, r"layers\.0\.self_attn\.k_proj: matches no injected layer \(closest: .*q_proj")
+@case(
+    "module_not_injected",
+    AdapterMismatchError,
+    r"layers\.0\.self_attn\.k_proj: matches no injected layer \(closest: .*q_proj",
+)
 def _(tmp, rig):
     tensors = valid_tensors(rig.model, 4)
     tensors[P + "layers.0.self_attn.k_proj.lora_A.weight"] = tensors[P + Q0 + ".lora_A.weight"].clone()
@@ -315,7 +352,13 @@ def _(tmp, rig):
 
 @case("module_of_another_model", AdapterMismatchError, r"transformer\.h\.0\.attn\.c_attn: matches no injected layer")
 def _(tmp, rig):
-    return _tensors_dir(tmp, {P + "transformer.h.0.attn.c_attn.lora_A.weight": torch.randn(4, 16), P + "transformer.h.0.attn.c_attn.lora_B.weight": torch.randn(48, 4)})
+    return _tensors_dir(
+        tmp,
+        {
+            P + "transformer.h.0.attn.c_attn.lora_A.weight": torch.randn(4, 16),
+            P + "transformer.h.0.attn.c_attn.lora_B.weight": torch.randn(48, 4),
+        },
+    )
 
 
 @case("two_keys_one_module", AdapterMismatchError, r"lands on layers\.0\.self_attn\.q_proj, which .* already fills")
@@ -333,9 +376,16 @@ def _(tmp, rig):
     return _tensors_dir(tmp, tensors)
 
 
-@case("ambiguous_short_name", AdapterMismatchError, r"self_attn\.q_proj: ambiguous, matches layers\.0\.self_attn\.q_proj, layers\.1\.self_attn\.q_proj")
+@case(
+    "ambiguous_short_name",
+    AdapterMismatchError,
+    r"self_attn\.q_proj: ambiguous, matches layers\.0\.self_attn\.q_proj, layers\.1\.self_attn\.q_proj",
+)
 def _(tmp, rig):
-    return _tensors_dir(tmp, {"self_attn.q_proj.lora_A.weight": torch.randn(4, 16), "self_attn.q_proj.lora_B.weight": torch.randn(16, 4)})
+    return _tensors_dir(
+        tmp,
+        {"self_attn.q_proj.lora_A.weight": torch.randn(4, 16), "self_attn.q_proj.lora_B.weight": torch.randn(16, 4)},
+    )
 
 
 @case("unknown_naming", UnknownFormatError, r"foo\.bar\.weight")
@@ -357,11 +407,27 @@ def _config_case(id: str, error: type, match: str, config: Any, *marks: Any) -> 
     case(id, error, match, *marks)(lambda tmp, rig: _tensors_dir(tmp, valid_tensors(rig.model, 4), config))
 
 
-_config_case("alpha_zero", AdapterReadError, r"lora_alpha must be a finite number > 0, got 0", {"r": 4, "lora_alpha": 0})
-_config_case("alpha_negative", AdapterReadError, r"lora_alpha must be a finite number > 0, got -8", {"r": 4, "lora_alpha": -8})
-_config_case("alpha_nan", AdapterReadError, r"lora_alpha must be a finite number > 0, got nan", '{"r": 4, "lora_alpha": NaN}')
-_config_case("alpha_inf", AdapterReadError, r"lora_alpha must be a finite number > 0, got inf", '{"r": 4, "lora_alpha": Infinity}')
-_config_case("alpha_pattern_negative", AdapterReadError, r"alpha_pattern\['q_proj'\] must be a finite number > 0", {"r": 4, "alpha_pattern": {"q_proj": -1}})
+_config_case(
+    "alpha_zero", AdapterReadError, r"lora_alpha must be a finite number > 0, got 0", {"r": 4, "lora_alpha": 0}
+)
+_config_case(
+    "alpha_negative", AdapterReadError, r"lora_alpha must be a finite number > 0, got -8", {"r": 4, "lora_alpha": -8}
+)
+_config_case(
+    "alpha_nan", AdapterReadError, r"lora_alpha must be a finite number > 0, got nan", '{"r": 4, "lora_alpha": NaN}'
+)
+_config_case(
+    "alpha_inf",
+    AdapterReadError,
+    r"lora_alpha must be a finite number > 0, got inf",
+    '{"r": 4, "lora_alpha": Infinity}',
+)
+_config_case(
+    "alpha_pattern_negative",
+    AdapterReadError,
+    r"alpha_pattern\['q_proj'\] must be a finite number > 0",
+    {"r": 4, "alpha_pattern": {"q_proj": -1}},
+)
 
 
 def _kohya(rig: Rig, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -370,7 +436,12 @@ def _kohya(rig: Rig, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
     return {f"{stem}.lora_down.weight": a, f"{stem}.lora_up.weight": b, f"{stem}.alpha": alpha}
 
 
-@case("kohya_alpha_wrong_shape", AdapterReadError, r"q_proj\.alpha: alpha must be one finite number > 0, got shape \(2, 2\)", _NEEDS_KOHYA)
+@case(
+    "kohya_alpha_wrong_shape",
+    AdapterReadError,
+    r"q_proj\.alpha: alpha must be one finite number > 0, got shape \(2, 2\)",
+    _NEEDS_KOHYA,
+)
 def _(tmp, rig):
     return _tensors_dir(tmp, _kohya(rig, torch.ones(2, 2)))
 
@@ -388,17 +459,41 @@ def _(tmp, rig):
 # -- adapter_config.json ---------------------------------------------------------------------
 
 
-_config_case("config_malformed_json", AdapterReadError, r"adapter_config\.json: the adapter config is not valid JSON", '{"r": 4, "lora_alpha": ')
+_config_case(
+    "config_malformed_json",
+    AdapterReadError,
+    r"adapter_config\.json: the adapter config is not valid JSON",
+    '{"r": 4, "lora_alpha": ',
+)
 _config_case("config_not_object", AdapterReadError, r"must be a JSON object, got list", "[4, 8]")
 _config_case("config_not_utf8", AdapterReadError, r"not valid JSON", b'{"r": 4, "x": "\xff\xfe"}')
 _config_case("config_nested_too_deep", AdapterReadError, r"nested too deep", "[" * 100_000 + "]" * 100_000)
-_config_case("config_huge", AdapterReadError, r"more than the 1048576 lorahot reads", json.dumps({"r": 4, "notes": "z" * (2 << 20)}))
+_config_case(
+    "config_huge",
+    AdapterReadError,
+    r"more than the 1048576 lorahot reads",
+    json.dumps({"r": 4, "notes": "z" * (2 << 20)}),
+)
 _config_case("config_rank_negative", AdapterReadError, r"r must be an integer in 1\.\.65536, got -4", {"r": -4})
-_config_case("config_rank_absurd", AdapterReadError, r"r must be an integer in 1\.\.65536, got 1000000000000", {"r": 10**12})
+_config_case(
+    "config_rank_absurd", AdapterReadError, r"r must be an integer in 1\.\.65536, got 1000000000000", {"r": 10**12}
+)
 _config_case("config_rank_string", AdapterReadError, r"r must be an integer .* got '4'", {"r": "4"})
-_config_case("config_flag_not_bool", AdapterReadError, r"use_rslora must be true or false, got 'yes'", {"r": 4, "use_rslora": "yes"})
-_config_case("config_contradicts_rank", AdapterMismatchError, r"adapter_config\.json says r=8, but .* has shape \(4, 16\)", {"r": 8, "lora_alpha": 8})
-_config_case("config_pattern_contradicts_rank", AdapterMismatchError, r"says r=2", {"r": 4, "rank_pattern": {"v_proj": 2}})
+_config_case(
+    "config_flag_not_bool",
+    AdapterReadError,
+    r"use_rslora must be true or false, got 'yes'",
+    {"r": 4, "use_rslora": "yes"},
+)
+_config_case(
+    "config_contradicts_rank",
+    AdapterMismatchError,
+    r"adapter_config\.json says r=8, but .* has shape \(4, 16\)",
+    {"r": 8, "lora_alpha": 8},
+)
+_config_case(
+    "config_pattern_contradicts_rank", AdapterMismatchError, r"says r=2", {"r": 4, "rank_pattern": {"v_proj": 2}}
+)
 
 
 # -- sources ---------------------------------------------------------------------------------
@@ -570,7 +665,10 @@ def test_ambiguous_kohya_name_in_a_model_that_has_both_spellings(tmp_path: Path)
 
     model = Two()
     runtime = lorahot.inject(model, ["proj", "out_proj"], max_rank=8, slots=2)
-    tensors = {"lora_unet_attn_out_proj.lora_down.weight": torch.randn(4, 16), "lora_unet_attn_out_proj.lora_up.weight": torch.randn(16, 4)}
+    tensors = {
+        "lora_unet_attn_out_proj.lora_down.weight": torch.randn(4, 16),
+        "lora_unet_attn_out_proj.lora_up.weight": torch.randn(16, 4),
+    }
     before = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S)]
     with pytest.raises(AdapterMismatchError, match=r"ambiguous"):
         runtime.load(tensors)
@@ -630,4 +728,3 @@ def test_report_corpus(request: pytest.FixtureRequest) -> None:
         kinds[c.error.__name__] = kinds.get(c.error.__name__, 0) + 1
     pending = [c.id for c in CASES if any(getattr(m, "name", "") == "xfail" and m.args and m.args[0] for m in c.marks)]
     report(request.config, "corpus", {"cases": len(CASES), "by_error": kinds, "xfail_pending_issue3": pending})
-

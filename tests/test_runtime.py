@@ -18,8 +18,6 @@ Q1, V1, UP1 = "layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj", "layers.
 IDS = token_ids((2, 6), 32, seed=3)
 
 
-
-
 def _setup(slots: int = 1, max_rank: int = 8) -> tuple[torch.nn.Module, lorahot.LoraRuntime]:
     """A float64 model: its scales are float64 too, so outputs match the reference to 1e-10."""
     model = tiny_lm(dtype=torch.float64)
@@ -27,7 +25,7 @@ def _setup(slots: int = 1, max_rank: int = 8) -> tuple[torch.nn.Module, lorahot.
 
 
 def _expected(ab: dict, scales: dict[str, float] | float = 1.0) -> torch.Tensor:
-    per = scales if isinstance(scales, dict) else {n: scales for n in ab}
+    per = scales if isinstance(scales, dict) else dict.fromkeys(ab, scales)
     return model_reference(tiny_lm(dtype=torch.float64), IDS, {n: (a, b, per[n]) for n, (a, b) in ab.items()})
 
 
@@ -114,7 +112,7 @@ def test_rank_and_alpha_patterns_and_rslora(tmp_path: Path, use_rslora: bool) ->
 
 def test_rank_pattern_adapter_after_another_equals_fresh_load(tmp_path: Path) -> None:
     model, runtime = _setup()
-    first, _ = make_adapter(model, {n: 8 for n in PATTERN_RANKS} | {UP1: 8}, seed=7, dtype=torch.float64)
+    first, _ = make_adapter(model, dict.fromkeys(PATTERN_RANKS, 8) | {UP1: 8}, seed=7, dtype=torch.float64)
     save_peft(tmp_path / "first", first, r=8, lora_alpha=32)
     second, ab = make_adapter(model, PATTERN_RANKS, seed=8, dtype=torch.float64)
     save_peft(tmp_path / "second", second, **PATTERN_CONFIG)
@@ -129,7 +127,7 @@ def test_rank_pattern_adapter_after_another_equals_fresh_load(tmp_path: Path) ->
 
 def test_adapter_on_subset_zeroes_the_other_layers() -> None:
     model, runtime = _setup()
-    full, _ = make_adapter(model, {n: 8 for n in runtime.layers}, seed=9, dtype=torch.float64)
+    full, _ = make_adapter(model, dict.fromkeys(runtime.layers, 8), seed=9, dtype=torch.float64)
     runtime.load(full, config={"lora_alpha": 4})
     part, ab = make_adapter(model, {V1: 3}, seed=10, dtype=torch.float64)
     runtime.load(part)
@@ -183,7 +181,7 @@ def test_slots_activate_unload_set_scale() -> None:
 
 def test_load_into_inactive_slot_does_not_change_output() -> None:
     model, runtime = _setup(slots=2)
-    tensors, ab = make_adapter(model, {Q0: 4}, seed=30, dtype=torch.float64)
+    tensors, _ab = make_adapter(model, {Q0: 4}, seed=30, dtype=torch.float64)
     runtime.load(tensors)
     before = _out(model)
     runtime.load(make_adapter(model, {V0: 4}, seed=31)[0], slot=1)
@@ -275,19 +273,33 @@ def _nan(model):
 
 
 FAILURES = {
-    "rank_over_max": (_bad_rank, lorahot.AdapterMismatchError,
-                      rf"{V0} \({_keys(V0)[0]}, {_keys(V0)[1]}\): rank 9 > max_rank 8; inject with max_rank >= 9"),
-    "not_injected": (_not_injected, lorahot.AdapterMismatchError,
-                     r"do not map onto the injected layers:\n  - layers\.0\.mlp\.down_proj: matches no injected layer \(closest: .*\)"
-                     r"[\s\S]*Inject those modules \(targets=\.\.\.\)"),
-    "b_shape": (_bad_b_shape, lorahot.AdapterMismatchError,
-                rf"{V1} \(.*\): B has shape \(16, 2\), expected \(16, 3\) for rank 3 \(A \(3, 16\)\)"),
-    "a_shape": (_bad_a_shape, lorahot.AdapterMismatchError,
-                rf"{UP1} \(.*\): A has shape \(3, 15\), expected \(r, 16\) with r >= 1 for this linear layer"),
-    "a_without_b": (_a_without_b, lorahot.AdapterMismatchError,
-                    rf"{K0}: has lora_A \({_keys(K0)[0]}\) but no lora_B"),
-    "config_r": (_config_contradicts, lorahot.AdapterMismatchError,
-                 rf"{Q1}: adapter_config\.json says r=4, but {_keys(Q1)[0]} has shape \(2, 16\) \(rank 2\)"),
+    "rank_over_max": (
+        _bad_rank,
+        lorahot.AdapterMismatchError,
+        rf"{V0} \({_keys(V0)[0]}, {_keys(V0)[1]}\): rank 9 > max_rank 8; inject with max_rank >= 9",
+    ),
+    "not_injected": (
+        _not_injected,
+        lorahot.AdapterMismatchError,
+        r"do not map onto the injected layers:\n  - layers\.0\.mlp\.down_proj: matches no injected layer \(closest: .*\)"  # noqa: E501
+        r"[\s\S]*Inject those modules \(targets=\.\.\.\)",
+    ),
+    "b_shape": (
+        _bad_b_shape,
+        lorahot.AdapterMismatchError,
+        rf"{V1} \(.*\): B has shape \(16, 2\), expected \(16, 3\) for rank 3 \(A \(3, 16\)\)",
+    ),
+    "a_shape": (
+        _bad_a_shape,
+        lorahot.AdapterMismatchError,
+        rf"{UP1} \(.*\): A has shape \(3, 15\), expected \(r, 16\) with r >= 1 for this linear layer",
+    ),
+    "a_without_b": (_a_without_b, lorahot.AdapterMismatchError, rf"{K0}: has lora_A \({_keys(K0)[0]}\) but no lora_B"),
+    "config_r": (
+        _config_contradicts,
+        lorahot.AdapterMismatchError,
+        rf"{Q1}: adapter_config\.json says r=4, but {_keys(Q1)[0]} has shape \(2, 16\) \(rank 2\)",
+    ),
     "nan": (_nan, lorahot.AdapterReadError, rf"NaN or Inf in LoRA weights of:\n  - {V0}"),
 }
 
@@ -318,7 +330,9 @@ def test_failed_load_from_directory_names_the_file(tmp_path: Path) -> None:
     tensors[_keys(Q0)[1]] = torch.randn(16, 3)
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
     snap = _snapshot(runtime)
-    with pytest.raises(lorahot.AdapterMismatchError, match=r"adapter_model\.safetensors: adapter does not fit the injected model"):
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"adapter_model\.safetensors: adapter does not fit the injected model"
+    ):
         runtime.load(tmp_path)
     _assert_unchanged(runtime, snap)
 
@@ -340,7 +354,12 @@ def test_load_pauses_the_garbage_collector_and_restores_its_state() -> None:
     runtime.load(tensors)
     assert seen == [False] and gc.isenabled()
     with pytest.raises(lorahot.LoraError):
-        runtime.load({"base_model.model.nowhere.lora_A.weight": torch.ones(1, 1), "base_model.model.nowhere.lora_B.weight": torch.ones(1, 1)})
+        runtime.load(
+            {
+                "base_model.model.nowhere.lora_A.weight": torch.ones(1, 1),
+                "base_model.model.nowhere.lora_B.weight": torch.ones(1, 1),
+            }
+        )
     assert gc.isenabled()
     gc.disable()
     try:

@@ -22,7 +22,7 @@ import torch
 
 import lorahot
 from tests.helpers import tiny_lm, token_ids
-from tests.reliability_helpers import DOWN0, EMB, Q0, TARGETS, V1, VOCAB, one_torch_thread, report, write_valid  # noqa: F401
+from tests.reliability_helpers import DOWN0, EMB, Q0, TARGETS, V1, VOCAB, report, write_valid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,13 +37,15 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _setup(tmp: Path, device: str) -> tuple[lorahot.LoraRuntime, torch.nn.Module, torch.Tensor, list, list[torch.Tensor]]:
+def _setup(
+    tmp: Path, device: str
+) -> tuple[lorahot.LoraRuntime, torch.nn.Module, torch.Tensor, list, list[torch.Tensor]]:
     model = tiny_lm(seed=1, vocab=VOCAB).to(device)
     runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, slots=SLOTS)
     x = token_ids((2, 6), VOCAB, seed=1).to(device)
     prepared = []
     for i, (rank, names) in enumerate(_ADAPTERS):
-        path = write_valid(tmp / f"a{i}", model, {n: rank for n in names}, seed=10 + i)
+        path = write_valid(tmp / f"a{i}", model, dict.fromkeys(names, rank), seed=10 + i)
         prepared.append(runtime.preload(path))
     refs = []
     for p in prepared:
@@ -134,13 +136,17 @@ def test_soak_cuda_1k_swaps_memory_allocated_constant(tmp_path: Path, request: p
     soak.check(model, x, refs)
     torch.cuda.synchronize()
     allocated_after = torch.cuda.memory_allocated()
-    report(request.config, "soak_cuda", {"swaps": soak.swaps, "memory_allocated_before": allocated_before, "memory_allocated_after": allocated_after})
+    report(
+        request.config,
+        "soak_cuda",
+        {"swaps": soak.swaps, "memory_allocated_before": allocated_before, "memory_allocated_after": allocated_after},
+    )
     assert allocated_after == allocated_before
 
 
 def test_negative_control_the_measurement_sees_a_small_leak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same tracemalloc measurement flags a leak of one ``AdapterInfo`` per swap."""
-    runtime, model, x, prepared, refs = _setup(tmp_path, "cpu")
+    runtime, _model, _x, prepared, _refs = _setup(tmp_path, "cpu")
     kept, load = [], runtime.load
     monkeypatch.setattr(runtime, "load", lambda *a, **k: kept.append(load(*a, **k)))
     soak = _Soak(runtime, prepared)

@@ -58,12 +58,22 @@ _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.in
 
 
 @settings(max_examples=40, deadline=None)
-@given(specs=st.lists(st.tuples(st.sampled_from(_DTYPES), st.lists(st.integers(0, 5), max_size=3)), min_size=1, max_size=8), seed=st.integers(0, 2**16))
-def test_any_mix_of_dtypes_shapes_and_offsets_reads_back_exactly(tmp_path_factory: pytest.TempPathFactory, specs: list[tuple[torch.dtype, list[int]]], seed: int) -> None:
+@given(
+    specs=st.lists(
+        st.tuples(st.sampled_from(_DTYPES), st.lists(st.integers(0, 5), max_size=3)), min_size=1, max_size=8
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_any_mix_of_dtypes_shapes_and_offsets_reads_back_exactly(
+    tmp_path_factory: pytest.TempPathFactory, specs: list[tuple[torch.dtype, list[int]]], seed: int
+) -> None:
     """Scalars, empty tensors, and tensors that start off their element boundary (after an odd
     sized neighbour) all come back equal to the library's, contiguous, with their own dtype."""
     g = torch.Generator().manual_seed(seed)
-    tensors = {f"t{i}": (torch.randn(shape, generator=g, dtype=torch.float64) * 100).to(dtype) for i, (dtype, shape) in enumerate(specs)}
+    tensors = {
+        f"t{i}": (torch.randn(shape, generator=g, dtype=torch.float64) * 100).to(dtype)
+        for i, (dtype, shape) in enumerate(specs)
+    }
     path = tmp_path_factory.mktemp("mix") / "m.safetensors"
     save_file(tensors, str(path))
     ours = read_tensors(path, check_safetensors(path))

@@ -45,7 +45,15 @@ def check() -> None:
     g = torch.Generator(device=dev).manual_seed(1)
     worst = 0.0
     for dtype in (torch.bfloat16, torch.float16):
-        for m, k, n, r, bias in [(1, 2048, 2048, 64, False), (3, 72, 100, 8, True), (128, 2048, 256, 64, False), (200, 5632, 2048, 48, True), (17, 64, 5632, 16, False), (64, 136, 40, 64, True), (0, 64, 32, 16, False)]:
+        for m, k, n, r, bias in [
+            (1, 2048, 2048, 64, False),
+            (3, 72, 100, 8, True),
+            (128, 2048, 256, 64, False),
+            (200, 5632, 2048, 48, True),
+            (17, 64, 5632, 16, False),
+            (64, 136, 40, 64, True),
+            (0, 64, 32, 16, False),
+        ]:
             x = torch.randn(m, k, device=dev, dtype=dtype, generator=g)
             w = torch.randn(n, k, device=dev, dtype=dtype, generator=g) / k**0.5
             a = torch.randn(r, k, device=dev, dtype=dtype, generator=g) / k**0.5
@@ -58,7 +66,9 @@ def check() -> None:
                 if split and m == 0:
                     continue
                 if split:
-                    y = torch.full((m, n), float("nan"), device=dev, dtype=dtype)  # poison: every element must be written
+                    y = torch.full(
+                        (m, n), float("nan"), device=dev, dtype=dtype
+                    )  # poison: every element must be written
                     K.launch(x, w, b, a, bt, s, y, (16, 32, 64, 4, 4, split))
                 else:
                     y = K.lora_linear(x, w, b, a, bt, s)
@@ -73,8 +83,20 @@ def check() -> None:
 # -- 2. per-shape cost in a CUDA graph ---------------------------------------------------------
 SHAPES = {"qo": (2048, 2048), "kv": (2048, 256), "gate/up": (2048, 5632), "down": (5632, 2048)}
 PER_STEP = {"qo": 44, "kv": 44, "gate/up": 44, "down": 22}  # calls per decode step, 22 blocks
-DECODE_CFGS = [(16, bn, bk, 4, 4 if bk <= 128 else 3, sp) for bn in (32, 64, 128) for bk in (64, 128, 256) for sp in (1, 2, 4, 8, 16)]
-PREFILL_CFGS = [(bm, bn, bk, 4 if bm * bn <= 4096 else 8, 3, sp) for bm in (64, 128) for bn in (32, 64, 128) for bk in (64, 128) for sp in (1, 2, 4, 8) if not (bm == 128 and bn == 128 and bk == 128)]
+DECODE_CFGS = [
+    (16, bn, bk, 4, 4 if bk <= 128 else 3, sp)
+    for bn in (32, 64, 128)
+    for bk in (64, 128, 256)
+    for sp in (1, 2, 4, 8, 16)
+]
+PREFILL_CFGS = [
+    (bm, bn, bk, 4 if bm * bn <= 4096 else 8, 3, sp)
+    for bm in (64, 128)
+    for bn in (32, 64, 128)
+    for bk in (64, 128)
+    for sp in (1, 2, 4, 8)
+    if not (bm == 128 and bn == 128 and bk == 128)
+]
 
 
 def graph_us(fn, calls: int) -> float:
@@ -121,9 +143,11 @@ def sweep() -> None:
             row["cublas_base"] = graph_us(base, n_sets)
             row["cublas_lora"] = graph_us(cublas_lora, n_sets)
             for cfg in DECODE_CFGS if m == 1 else PREFILL_CFGS:
+
                 def fused(cfg=cfg):
                     for i in range(n_sets):
                         K.launch(x, ws[i], None, As[i], Bs[i], s, outs[i], cfg)
+
                 try:
                     row[str(cfg)] = graph_us(fused, n_sets)
                 except Exception as exc:  # a config the compiler rejects (shared memory)
@@ -131,7 +155,9 @@ def sweep() -> None:
                     log(f"  {cfg}: {type(exc).__name__}")
             best = min((v, c) for c, v in row.items() if c.startswith("(") and v is not None)
             table[f"m{m} {name}"] = row
-            log(f"m={m:3d} {name:8s} base {row['cublas_base']:6.2f} us  cublas lora {row['cublas_lora']:6.2f}  fused default {row[str(K.config_for(m, n, k))] if str(K.config_for(m, n, k)) in row else float('nan'):6.2f}  best {best[0]:6.2f} {best[1]}")
+            log(
+                f"m={m:3d} {name:8s} base {row['cublas_base']:6.2f} us  cublas lora {row['cublas_lora']:6.2f}  fused default {row[str(K.config_for(m, n, k))] if str(K.config_for(m, n, k)) in row else float('nan'):6.2f}  best {best[0]:6.2f} {best[1]}"
+            )
             results["sweep"] = table
             save()
             del ws, As, Bs, outs
@@ -144,7 +170,10 @@ def model_level() -> None:
     from benchmarks.experiments.llama import llama
 
     fresh, adapter = llama(8, dev, dt, R)
-    ids = {"decode": torch.randint(0, 32000, (1, 1), device=dev), "prefill": torch.randint(0, 32000, (1, 128), device=dev)}
+    ids = {
+        "decode": torch.randint(0, 32000, (1, 1), device=dev),
+        "prefill": torch.randint(0, 32000, (1, 128), device=dev),
+    }
 
     with torch.inference_mode():
         ref_model = fresh().float()
@@ -181,7 +210,9 @@ def model_level() -> None:
         evs = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
         total = sum(e.count for e in evs) / 3
         top = sorted(evs, key=lambda e: -e.device_time_total)[:6]
-        return total, [(e.key[:60], e.count // 3, round(e.device_time_total / 3 / max(1, e.count // 3), 1)) for e in top]
+        return total, [
+            (e.key[:60], e.count // 3, round(e.device_time_total / 3 / max(1, e.count // 3), 1)) for e in top
+        ]
 
     torch._dynamo.config.cache_size_limit = 64
     if hasattr(torch._dynamo.config, "recompile_limit"):
@@ -230,12 +261,17 @@ def model_level() -> None:
                 row.setdefault(shape, []).append(round(time_ms(calls[kind], x), 3))
                 row.setdefault(f"{shape}_cpu_us", []).append(round(cpu_us(calls[kind], x), 1))
                 row.setdefault(f"{shape}_b2b", []).append(round(back_to_back_ms(calls[kind], x), 3))
-        log(f"round {rnd}: " + "  ".join(f"{k} {model_rows[k]['decode'][-1]:.3f}/{model_rows[k]['prefill'][-1]:.3f}" for k in kinds))
+        log(
+            f"round {rnd}: "
+            + "  ".join(f"{k} {model_rows[k]['decode'][-1]:.3f}/{model_rows[k]['prefill'][-1]:.3f}" for k in kinds)
+        )
         results["model"] = model_rows
         save()
     for kind in kinds:
         r = model_rows[kind]
-        log(f"{kind:20s} decode {statistics.median(r['decode']):.3f} (cpu {statistics.median(r['decode_cpu_us']):.0f} us, b2b {statistics.median(r['decode_b2b']):.3f})  prefill {statistics.median(r['prefill']):.3f} (cpu {statistics.median(r['prefill_cpu_us']):.0f} us, b2b {statistics.median(r['prefill_b2b']):.3f})")
+        log(
+            f"{kind:20s} decode {statistics.median(r['decode']):.3f} (cpu {statistics.median(r['decode_cpu_us']):.0f} us, b2b {statistics.median(r['decode_b2b']):.3f})  prefill {statistics.median(r['prefill']):.3f} (cpu {statistics.median(r['prefill_cpu_us']):.0f} us, b2b {statistics.median(r['prefill_b2b']):.3f})"
+        )
 
 
 if __name__ == "__main__":

@@ -11,12 +11,22 @@ from torch import nn
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def llama(blocks: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, rank: int = 64) -> tuple[Callable[[], nn.Module], dict[str, torch.Tensor]]:
+def llama(
+    blocks: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, rank: int = 64
+) -> tuple[Callable[[], nn.Module], dict[str, torch.Tensor]]:
     """``(fresh, adapter)``: ``fresh()`` builds a new eval-mode model with the same weights each
     call; ``adapter`` maps PEFT keys to float32 CPU tensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=blocks, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, use_cache=False)
+    cfg = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=blocks,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        use_cache=False,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         proto = LlamaForCausalLM(cfg).to(dtype).eval()

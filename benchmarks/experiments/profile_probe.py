@@ -31,6 +31,8 @@ BLOCKS = int(os.environ.get("PROBE_BLOCKS", "22"))
 def sync() -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
+
+
 OUT = os.environ.get("OUT", "/tmp")
 
 
@@ -86,7 +88,8 @@ def measure(calls: dict) -> dict:
 
 
 def profile(call, n: int = 20) -> dict:
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         for _ in range(n):
@@ -112,7 +115,13 @@ def profile(call, n: int = 20) -> dict:
 def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "reduce-overhead"
     calls = build(mode)
-    res = {"mode": mode, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "timing": measure(calls), "profile": {}}
+    res = {
+        "mode": mode,
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "timing": measure(calls),
+        "profile": {},
+    }
     for kind, call in calls.items():
         res["profile"][kind] = profile(call)
     with open(os.path.join(OUT, f"profile_probe-{mode}.json"), "w") as f:

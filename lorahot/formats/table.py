@@ -19,7 +19,8 @@ from lorahot.errors import UnknownFormatError, format_problems
 
 __all__ = ["Rule", "KeyFormat", "Parts", "group_keys"]
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
@@ -82,7 +83,7 @@ class KeyFormat:
     def strip_prefix(self, module: str) -> str:
         """``module`` without this format's component prefix, if it has one."""
         prefix = next((p for p in self.prefixes if module.startswith(p)), "")
-        return module[len(prefix):]
+        return module[len(prefix) :]
 
     @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - formats are module-level constants
     def parse(self, key: str) -> tuple[str, str] | None:
@@ -159,7 +160,16 @@ def group_keys(fmt: KeyFormat, tensors: dict[str, torch.Tensor], source: str) ->
 
 #: Keys every format may carry for features lorahot refuses, with the reason and the fix.
 REFUSED: tuple[tuple[str, str], ...] = (
-    (r"(lora_magnitude_vector|dora_scale)", "DoRA magnitude vector: DoRA adapters are not supported; use a plain LoRA adapter"),
-    (r"(lora_B|lora_up|lora\.up|lora_linear_layer\.up)(\.[^.]+)?\.bias$", "LoRA bias (PEFT lora_bias=True): not supported; re-train without a LoRA bias"),
-    (r"\.(hada_w\d_[ab]|hada_t\d|lokr_w\d(_[ab])?|lokr_t\d|lora_mid\.weight|oft_blocks|diff|diff_b)$", "LyCORIS (LoHa/LoKr/Tucker/OFT/diff) weights: only plain LoRA is supported"),
+    (
+        r"(lora_magnitude_vector|dora_scale)",
+        "DoRA magnitude vector: DoRA adapters are not supported; use a plain LoRA adapter",
+    ),
+    (
+        r"(lora_B|lora_up|lora\.up|lora_linear_layer\.up)(\.[^.]+)?\.bias$",
+        "LoRA bias (PEFT lora_bias=True): not supported; re-train without a LoRA bias",
+    ),
+    (
+        r"\.(hada_w\d_[ab]|hada_t\d|lokr_w\d(_[ab])?|lokr_t\d|lora_mid\.weight|oft_blocks|diff|diff_b)$",
+        "LyCORIS (LoHa/LoKr/Tucker/OFT/diff) weights: only plain LoRA is supported",
+    ),
 )

@@ -65,7 +65,9 @@ class AdapterConfig:
                 problems.append(f"{k} must be true or false, got {v!r}")
         targets = _targets(raw.get("target_modules"), problems)
         if problems:
-            raise AdapterReadError(f"{source}: invalid adapter config: " + "; ".join(problems) + ". Fix adapter_config.json.")
+            raise AdapterReadError(
+                f"{source}: invalid adapter config: " + "; ".join(problems) + ". Fix adapter_config.json."
+            )
         return cls(r, alpha, rank_pattern, alpha_pattern, **flags, target_modules=targets)
 
     def rank_for(self, module: str) -> int | None:

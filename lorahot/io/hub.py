@@ -35,11 +35,15 @@ def check_relative(value: str | None, what: str) -> str | None:
         raise SourceNotFoundError(f"{what}={value!r} must be a non-empty relative path with '/' separators.")
     path = PurePosixPath(value)
     if path.is_absolute() or any(part in ("..", "") for part in value.split("/")) or re.match(r"^[A-Za-z]:", value):
-        raise SourceNotFoundError(f"{what}={value!r} must stay inside the adapter directory or repo (no absolute paths, no '..').")
+        raise SourceNotFoundError(
+            f"{what}={value!r} must stay inside the adapter directory or repo (no absolute paths, no '..')."
+        )
     return str(path)
 
 
-def fetch(repo_id: str, *, revision: str | None, subfolder: str | None, token: str | bool | None, weight_name: str | None) -> Path:
+def fetch(
+    repo_id: str, *, revision: str | None, subfolder: str | None, token: str | bool | None, weight_name: str | None
+) -> Path:
     """Downloads (or finds in the cache) what the adapter needs; returns a file or directory.
 
     Raises:
@@ -47,7 +51,9 @@ def fetch(repo_id: str, *, revision: str | None, subfolder: str | None, token: s
             while offline.
     """
     if not is_repo_id(repo_id):
-        raise SourceNotFoundError(f"{repo_id!r} is neither an existing path nor a valid Hub repo id ('owner/name'). Check the spelling.")
+        raise SourceNotFoundError(
+            f"{repo_id!r} is neither an existing path nor a valid Hub repo id ('owner/name'). Check the spelling."
+        )
     from huggingface_hub import hf_hub_download, snapshot_download
 
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
@@ -57,9 +63,13 @@ def fetch(repo_id: str, *, revision: str | None, subfolder: str | None, token: s
             _fetch_config(repo_id, subfolder, revision, token)
             return path
         inner = f"{subfolder}/" if subfolder else ""
-        root = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=[f"{inner}*.safetensors", f"{inner}{CONFIG_NAME}"])
+        root = snapshot_download(
+            repo_id, revision=revision, token=token, allow_patterns=[f"{inner}*.safetensors", f"{inner}{CONFIG_NAME}"]
+        )
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
-        what = f"{subfolder}/{weight_name}" if subfolder and weight_name else (weight_name or subfolder or "the adapter")
+        what = (
+            f"{subfolder}/{weight_name}" if subfolder and weight_name else (weight_name or subfolder or "the adapter")
+        )
         raise SourceNotFoundError(
             f"{where}: cannot get {what} from the Hub ({type(exc).__name__}: {_first_line(exc)}). "
             "Check the repo id, revision and file names; when offline (HF_HUB_OFFLINE=1), download it once first."
@@ -70,7 +80,7 @@ def fetch(repo_id: str, *, revision: str | None, subfolder: str | None, token: s
 def _fetch_config(repo_id: str, subfolder: str | None, revision: str | None, token: str | bool | None) -> None:
     from huggingface_hub import hf_hub_download
 
-    try:
+    try:  # noqa: SIM105
         hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token)
     except Exception:  # an adapter without a config is fine (kohya, diffusers files)
         pass

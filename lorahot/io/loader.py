@@ -17,13 +17,13 @@ from typing import Any
 import torch
 
 from lorahot.adapter import Adapter, LoraModule
-from lorahot.io.config import CONFIG_NAME, AdapterConfig
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UnknownFormatError, format_problems
 from lorahot.formats import FORMATS, KeyFormat, detect, group_keys
 from lorahot.formats.diffusers import METADATA_KEY
-from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
 from lorahot.formats.table import Parts
+from lorahot.io.config import CONFIG_NAME, AdapterConfig
 from lorahot.io.sources import RawAdapter, Source, open_source
+from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
 
 __all__ = ["read_adapter"]
 
@@ -72,7 +72,14 @@ def read_adapter(
     if isinstance(source, Adapter):
         adapter = source
     else:
-        raw = open_source(source, weight_name=weight_name, subfolder=subfolder, revision=revision, token=token, device=None if device is None else torch.device(device))
+        raw = open_source(
+            source,
+            weight_name=weight_name,
+            subfolder=subfolder,
+            revision=revision,
+            token=token,
+            device=None if device is None else torch.device(device),
+        )
         adapter = _normalize(raw, config)
     return _user_mapping(adapter, prefix, key_map, fuse)
 
@@ -106,7 +113,10 @@ def _component_configs(raw: RawAdapter, overrides: dict[str, Any] | None) -> dic
     parsed = {c: AdapterConfig.from_dict(d, raw.source) for c, d in configs.items()}
     dora = [c or "adapter_config" for c, cfg in parsed.items() if cfg.use_dora]
     if dora:
-        raise UnknownFormatError(f"{raw.source}: the config of {', '.join(dora)} says use_dora=true; DoRA adapters are not supported. Use a plain LoRA adapter.")
+        raise UnknownFormatError(
+            f"{raw.source}: the config of {', '.join(dora)} says use_dora=true; DoRA adapters are not supported. "
+            "Use a plain LoRA adapter."
+        )
     return parsed
 
 
@@ -119,7 +129,9 @@ def _header_configs(raw: RawAdapter) -> dict[str, dict[str, Any]]:
         if not isinstance(meta, dict):
             raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
     except ValueError as exc:
-        raise AdapterReadError(f"{raw.source}: malformed {METADATA_KEY} in the safetensors header ({exc}). Re-save the adapter.") from None
+        raise AdapterReadError(
+            f"{raw.source}: malformed {METADATA_KEY} in the safetensors header ({exc}). Re-save the adapter."
+        ) from None
     split: dict[str, dict[str, Any]] = {}
     for key, value in meta.items():
         component, _, field = str(key).rpartition(".")
@@ -136,14 +148,20 @@ def _config_for(module: str, fmt: KeyFormat, configs: dict[str, AdapterConfig]) 
 
 
 def _assemble(parts: Parts, fmt: KeyFormat, configs: dict[str, AdapterConfig], source: str) -> dict[str, LoraModule]:
-    modules, problems, damaged = {}, [], []
+    modules: dict[str, LoraModule] = {}
+    problems: list[str] = []
+    damaged: list[str] = []
     for module, roles in parts.items():
         if "A" not in roles or "B" not in roles:
             have, miss = ("B", "A") if "A" not in roles else ("A", "B")
             name = dict(zip("AB", fmt.roles))
-            problems.append(f"{module}: has {name[have]} ({roles[have][0]}) but no {name[miss]}" if have in roles else f"{module}: has only {roles['alpha'][0]}, no weights")
+            problems.append(
+                f"{module}: has {name[have]} ({roles[have][0]}) but no {name[miss]}"
+                if have in roles
+                else f"{module}: has only {roles['alpha'][0]}, no weights"
+            )
             continue
-        (ka, a), (kb, b) = roles["A"], roles["B"]
+        (ka, a), (_, b) = roles["A"], roles["B"]
         rank = int(a.shape[0]) if a.ndim else 0
         cfg, pattern_name, origin = _config_for(module, fmt, configs)
         declared = cfg.rank_for(pattern_name)
@@ -156,9 +174,15 @@ def _assemble(parts: Parts, fmt: KeyFormat, configs: dict[str, AdapterConfig], s
         keys = tuple(k for k, _ in roles.values())
         modules[module] = LoraModule(module, a, b, float(rank) if alpha is None else alpha, cfg.use_rslora, keys)
     if damaged:
-        raise AdapterReadError(format_problems(f"{source}: unusable alpha values:", damaged) + "\nFix or delete those .alpha entries (without one, alpha equals the rank).")
+        raise AdapterReadError(
+            format_problems(f"{source}: unusable alpha values:", damaged)
+            + "\nFix or delete those .alpha entries (without one, alpha equals the rank)."
+        )
     if problems:
-        raise AdapterMismatchError(format_problems(f"{source}: inconsistent adapter:", problems) + "\nRe-save the adapter so tensors and config agree.")
+        raise AdapterMismatchError(
+            format_problems(f"{source}: inconsistent adapter:", problems)
+            + "\nRe-save the adapter so tensors and config agree."
+        )
     return modules
 
 
@@ -168,12 +192,16 @@ def _alpha(entry: tuple[str, torch.Tensor] | None, problems: list[str]) -> float
     key, t = entry
     value = float(t.reshape(-1)[0]) if t.numel() == 1 else math.nan
     if not (math.isfinite(value) and value > 0):
-        problems.append(f"{key}: alpha must be one finite number > 0, got shape {tuple(t.shape)} value {t.reshape(-1)[:3].tolist()}")
+        problems.append(
+            f"{key}: alpha must be one finite number > 0, got shape {tuple(t.shape)} value {t.reshape(-1)[:3].tolist()}"
+        )
         return None
     return value
 
 
-def _user_mapping(adapter: Adapter, prefix: str | None, key_map: Mapping[str, str] | None, fuse: Fuse | None) -> Adapter:
+def _user_mapping(
+    adapter: Adapter, prefix: str | None, key_map: Mapping[str, str] | None, fuse: Fuse | None
+) -> Adapter:
     if prefix is None and key_map is None and fuse is None:
         return adapter
     modules = adapter.modules

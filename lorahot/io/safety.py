@@ -87,7 +87,11 @@ def check_safetensors(path: Path) -> SafetensorsHeader:
             raise _error(path, f"{size} bytes, too short to hold the 8-byte header length (empty or truncated file)")
         n = int.from_bytes(head, "little")
         if n > MAX_HEADER_BYTES:
-            raise _error(path, f"header declares {n} bytes, more than the {MAX_HEADER_BYTES} lorahot reads (not a safetensors file, or damaged)")
+            raise _error(
+                path,
+                f"header declares {n} bytes, more than the {MAX_HEADER_BYTES} lorahot reads (not a safetensors "
+                "file, or damaged)",
+            )
         if n > size - 8:
             raise _error(path, f"header declares {n} bytes but only {size - 8} follow (truncated file)")
         raw = f.read(n)
@@ -122,7 +126,9 @@ def read_json_file(path: Path, what: str = "adapter config") -> Any:
     """
     size = _file_size(path)
     if size > MAX_CONFIG_BYTES:
-        raise AdapterReadError(f"{path}: {what} is {size} bytes, more than the {MAX_CONFIG_BYTES} lorahot reads. Fix or delete the file.")
+        raise AdapterReadError(
+            f"{path}: {what} is {size} bytes, more than the {MAX_CONFIG_BYTES} lorahot reads. Fix or delete the file."
+        )
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -161,7 +167,9 @@ def _parse_json(raw: bytes, path: Path, what: str, fix: str) -> Any:
 def _check_metadata(path: Path, metadata: Any) -> None:
     if metadata is None:
         return
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise _error(path, "__metadata__ must map strings to strings")
     nbytes = sum(len(k) + len(v) for k, v in metadata.items())
     if nbytes > MAX_METADATA_BYTES:
@@ -171,17 +179,30 @@ def _check_metadata(path: Path, metadata: Any) -> None:
 def _check_entry(path: Path, key: str, entry: Any) -> tuple[int, int, str]:
     """``(begin, end, key)`` of one tensor entry, after checking dtype, shape and offsets."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise _error(path, f"tensor {key!r}: entry must be an object with exactly dtype, shape, data_offsets; got {_short(entry)}")
+        raise _error(
+            path,
+            f"tensor {key!r}: entry must be an object with exactly dtype, shape, data_offsets; got {_short(entry)}",
+        )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in DTYPE_BYTES:
-        raise _error(path, f"tensor {key!r}: unsupported dtype {_short(dtype)} (expected one of {', '.join(DTYPE_BYTES)})")
+        raise _error(
+            path, f"tensor {key!r}: unsupported dtype {_short(dtype)} (expected one of {', '.join(DTYPE_BYTES)})"
+        )
     if not _int_list(shape) or len(shape) > MAX_NDIM or any(d < 0 for d in shape):
-        raise _error(path, f"tensor {key!r}: shape {_short(shape)} is not a list of at most {MAX_NDIM} non-negative integers")
+        raise _error(
+            path, f"tensor {key!r}: shape {_short(shape)} is not a list of at most {MAX_NDIM} non-negative integers"
+        )
     if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
-        raise _error(path, f"tensor {key!r}: data_offsets {_short(offsets)} must be [begin, end] with 0 <= begin <= end")
+        raise _error(
+            path, f"tensor {key!r}: data_offsets {_short(offsets)} must be [begin, end] with 0 <= begin <= end"
+        )
     nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
     if offsets[1] - offsets[0] != nbytes:
-        raise _error(path, f"tensor {key!r}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets {offsets} span {offsets[1] - offsets[0]}")
+        raise _error(
+            path,
+            f"tensor {key!r}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets {offsets} span "
+            f"{offsets[1] - offsets[0]}",
+        )
     return offsets[0], offsets[1], key
 
 
@@ -193,8 +214,14 @@ def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_size: int)
             raise _error(path, f"tensor {key!r} at bytes [{begin}, {end}) {kind} {prev}, which ends at {pos}")
         pos, prev = end, repr(key)
     if pos != data_size:
-        where = "past the end of the file (truncated file)" if pos > data_size else "short of the end of the file (trailing bytes)"
-        raise _error(path, f"tensor data ends at byte {pos} of the data section, {where}; the file holds {data_size} data bytes")
+        where = (
+            "past the end of the file (truncated file)"
+            if pos > data_size
+            else "short of the end of the file (trailing bytes)"
+        )
+        raise _error(
+            path, f"tensor data ends at byte {pos} of the data section, {where}; the file holds {data_size} data bytes"
+        )
 
 
 def _int_list(v: Any) -> bool:

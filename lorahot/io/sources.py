@@ -17,8 +17,8 @@ import torch
 from lorahot.errors import AdapterReadError, SourceNotFoundError, UsageError
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.hub import check_relative, fetch
-from lorahot.io.tensorfile import read_tensors
 from lorahot.io.safety import check_safetensors, read_json_file
+from lorahot.io.tensorfile import read_tensors
 
 __all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_config"]
 
@@ -77,7 +77,10 @@ def open_source(
     if path.exists():
         return _from_path(path / subfolder if subfolder else path, weight_name, device)
     if _looks_local(text):
-        raise SourceNotFoundError(f"{text}: no such file or directory. Pass an adapter directory, a .safetensors file, a Hub repo id or a mapping of tensors.")
+        raise SourceNotFoundError(
+            f"{text}: no such file or directory. Pass an adapter directory, a .safetensors file, a Hub repo id or a "
+            "mapping of tensors."
+        )
     fetched = fetch(text, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name)
     raw = _from_path(fetched, None, device)
     inside = "/".join(p for p in (subfolder, Path(raw.source).name) if p)
@@ -87,7 +90,11 @@ def open_source(
 
 def _looks_local(text: str) -> bool:
     """True for strings that can only mean a local path (not a repo id)."""
-    return text.startswith(("/", ".", "~")) or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES)) or os.sep + os.sep in text
+    return (
+        text.startswith(("/", ".", "~"))
+        or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES))
+        or os.sep + os.sep in text
+    )
 
 
 def _from_path(path: Path, weight_name: str | None, device: torch.device | None = None) -> RawAdapter:
@@ -101,7 +108,9 @@ def _from_path(path: Path, weight_name: str | None, device: torch.device | None 
 def _from_mapping(source: Mapping[str, Any]) -> RawAdapter:
     bad = [k for k, v in source.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise AdapterReadError(f"<mapping>: entries {bad[:5]!r} are not str -> torch.Tensor. Pass a dict of tensors keyed by name.")
+        raise AdapterReadError(
+            f"<mapping>: entries {bad[:5]!r} are not str -> torch.Tensor. Pass a dict of tensors keyed by name."
+        )
     return RawAdapter(dict(source), "<mapping>")
 
 
@@ -119,15 +128,25 @@ def _weight_file(directory: Path, weight_name: str | None) -> Path:
         return directory / found[0]
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise AdapterReadError(f"{directory}: holds only pickle checkpoints ({', '.join(pickles)}); lorahot never unpickles. Convert them to .safetensors (safetensors.torch.save_file) and load that.")
+        raise AdapterReadError(
+            f"{directory}: holds only pickle checkpoints ({', '.join(pickles)}); lorahot never unpickles. Convert "
+            "them to .safetensors (safetensors.torch.save_file) and load that."
+        )
     if found:
-        raise SourceNotFoundError(f"{directory}: several .safetensors files ({', '.join(found)}); pass weight_name= to pick one.")
-    raise SourceNotFoundError(f"{directory}: no adapter weights found (looked for {', '.join(WEIGHT_NAMES)} or a single *.safetensors).")
+        raise SourceNotFoundError(
+            f"{directory}: several .safetensors files ({', '.join(found)}); pass weight_name= to pick one."
+        )
+    raise SourceNotFoundError(
+        f"{directory}: no adapter weights found (looked for {', '.join(WEIGHT_NAMES)} or a single *.safetensors)."
+    )
 
 
 def _from_file(path: Path, device: torch.device | None = None) -> RawAdapter:
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise AdapterReadError(f"{path}: {path.suffix} files are pickles, and lorahot never unpickles. Convert it to .safetensors (safetensors.torch.save_file) and load that.")
+        raise AdapterReadError(
+            f"{path}: {path.suffix} files are pickles, and lorahot never unpickles. Convert it to .safetensors "
+            "(safetensors.torch.save_file) and load that."
+        )
     tensors, metadata = read_safetensors(path, device)
     config_path = path.parent / CONFIG_NAME
     config = read_config(config_path) if config_path.is_file() else None

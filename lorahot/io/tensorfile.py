@@ -44,7 +44,7 @@ def read_tensors(path: Path, header: SafetensorsHeader, device: torch.device | N
 
 def _read_into(path: Path, start: int, buf: torch.Tensor) -> None:
     """Fills ``buf`` from ``path`` at ``start`` with large positioned reads, several at once."""
-    view = memoryview(buf.numpy()).cast("B")
+    view = memoryview(buf.numpy()).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
     spans = [(off, min(_CHUNK, len(view) - off)) for off in range(0, len(view), _CHUNK)]
     fd = os.open(path, os.O_RDONLY)
 
@@ -59,7 +59,9 @@ def _read_into(path: Path, start: int, buf: torch.Tensor) -> None:
     finally:
         os.close(fd)
     if got != [size for _, size in spans]:
-        raise AdapterReadError(f"{path}: the file is shorter than its header says (changed while reading?). Re-download the adapter.")
+        raise AdapterReadError(
+            f"{path}: the file is shorter than its header says (changed while reading?). Re-download the adapter."
+        )
 
 
 @functools.cache
@@ -67,7 +69,9 @@ def _readers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=4, thread_name_prefix="lorahot-read")
 
 
-def _view(buf: torch.Tensor, typed: dict[str, torch.Tensor], dtype: str, shape: tuple[int, ...], begin: int, end: int) -> torch.Tensor:
+def _view(
+    buf: torch.Tensor, typed: dict[str, torch.Tensor], dtype: str, shape: tuple[int, ...], begin: int, end: int
+) -> torch.Tensor:
     """Tensor ``[begin, end)`` of ``buf`` as ``dtype`` and ``shape`` (a copy if misaligned).
 
     ``typed`` memoizes ``buf`` reinterpreted as each dtype, so that an aligned tensor costs one

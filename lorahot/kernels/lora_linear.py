@@ -38,7 +38,7 @@ def _kernel() -> Any:
         from lorahot.kernels import triton_lora_linear
     except Exception:  # no Triton, or a Triton this torch cannot use
         return None
-    return _triton_lora
+    return triton_lora_linear
 
 
 def available() -> bool:
@@ -73,11 +73,19 @@ def worth_it(rows: int) -> bool:
     return rows <= 128
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
     """``x @ weight.T + bias + scale * (x @ a.T) @ bt`` on CUDA in fp16/bf16: one kernel, two
     where K is split.
 
     Calls the registered op directly (registered by :func:`available`, which
     :func:`supports` runs at bind time), so the compiler traces nothing but the op.
     """
-    return torch.ops.lorahot.lora_linear(x, weight, bias, a, bt, scale)
+    y: torch.Tensor = torch.ops.lorahot.lora_linear(x, weight, bias, a, bt, scale)
+    return y

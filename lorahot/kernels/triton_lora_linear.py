@@ -62,7 +62,7 @@ def _lora_linear_kernel(
     h = hacc.to(BT.dtype.element_ty)
     bt = tl.load(BT + rr[:, None] * stride_bm + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
     acc += tl.dot(h, bt) * tl.load(S).to(tl.float32)
-    if HAS_BIAS:
+    if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
         if pid_s == 0:
             acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if SPLIT == 1:
@@ -112,7 +112,16 @@ def config_for(m: int, n: int, k: int) -> Config:
     return (bm, bn, bk, 4, 4 if small else 3, split)
 
 
-def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, config: Config) -> None:
+def launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    scale: torch.Tensor,
+    out: torch.Tensor,
+    config: Config,
+) -> None:
     """Runs the kernel on 2-D ``x [M, K]`` into ``out [M, N]`` (rows contiguous)."""
     m, k = x.shape
     n = weight.shape[0]
@@ -131,11 +140,20 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: 
     )  # fmt: skip
     if split > 1:
         block = 1024
-        wrap_triton(_split_k_sum)[(triton.cdiv(m * n, block),)](ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4)
+        wrap_triton(_split_k_sum)[(triton.cdiv(m * n, block),)](
+            ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4
+        )
 
 
 @triton_op("lorahot::lora_linear", mutates_args=())
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
     """``x @ weight.T + bias + scale * (x @ a.T) @ bt``, ``x [..., K]``: one kernel, two with split K."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:

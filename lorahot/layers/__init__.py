@@ -14,13 +14,13 @@ from lorahot.layers.linear import LoRALinear, linear_features
 __all__ = ["LayerSpec", "LoRALayer", "LoRALinear", "LoRAConv", "LoRAEmbedding", "layer_class_for", "SUPPORTED"]
 
 #: What lorahot wraps, in the order it is tried: (description, predicate, layer class).
-SUPPORTED: tuple[tuple[str, Callable[[nn.Module], bool], type[LoRALayer]], ...] = (
+SUPPORTED: tuple[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], LoRALayer]], ...] = (
     ("Conv1d/2d/3d", lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), LoRAConv),
     ("Embedding", lambda m: isinstance(m, nn.Embedding), LoRAEmbedding),
     ("Linear-like (Linear, Conv1D, in_features/out_features)", lambda m: linear_features(m) is not None, LoRALinear),
 )
 
 
-def layer_class_for(module: nn.Module) -> type[LoRALayer] | None:
+def layer_class_for(module: nn.Module) -> Callable[[nn.Module], LoRALayer] | None:
     """The LoRA layer class that wraps ``module``, or None if lorahot cannot wrap it."""
     return next((cls for _, accepts, cls in SUPPORTED if accepts(module)), None)

@@ -144,7 +144,16 @@ class LoRALayer(nn.Module):
         """Address of the arena tensor the layer's A buffer holds now. It changes only when
         something replaced the layer's buffers (``model.to()`` or
         ``load_state_dict(assign=True)`` after inject), which the runtime refuses to serve."""
-        return self._buffers[_ARENA_BUFFERS[0]].data_ptr()
+        buffer = self._buffers[_ARENA_BUFFERS[0]]
+        return 0 if buffer is None else buffer.data_ptr()
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The wrapped module's ``weight`` (merged mode rewrites it in place)."""
+        weight = self.base_layer.weight
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{type(self.base_layer).__name__}.weight is not a tensor")
+        return weight
 
     def _views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(A, B, scale)``: the live views eagerly; rebuilt from the global arena tensors
@@ -174,11 +183,12 @@ class LoRALayer(nn.Module):
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
         # layer: keep them few (see lorahot.layers.tensor_handles).
         if self.merged:
-            return self._base(x, *args, **kwargs)
+            out: torch.Tensor = self._base(x, *args, **kwargs)
+            return out
         a, b, scale = self._views()
         if self.fused and not args and not kwargs and self.can_fuse(x, a):
             return self.fused_forward(x, a, b, scale)
-        y = self._base(x, *args, **kwargs)
+        y: torch.Tensor = self._base(x, *args, **kwargs)
         # The scale multiplies B(A(x)) next to the add, where the compiler fuses both into one
         # elementwise pass (usually into the consumer of y as well): no extra kernel per layer.
         return y + (self.lora_delta(x, a, b) * scale).to(y.dtype)
@@ -218,7 +228,7 @@ def _drop_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_me
     """State-dict post hook: ``<prefix>base_layer.k`` is saved as ``<prefix>k``."""
     inner = prefix + "base_layer."
     for key in [k for k in state_dict if k.startswith(inner)]:
-        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
 
 
 def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -226,4 +236,4 @@ def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: An
     inner = prefix + "base_layer."
     own = {prefix + n for n in _ARENA_BUFFERS}
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner) and k not in own]:
-        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+        state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)

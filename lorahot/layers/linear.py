@@ -29,8 +29,8 @@ def linear_features(module: nn.Module) -> tuple[int, int] | None:
     """
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if is_conv1d(module):
-        weight = module.weight
+    weight = getattr(module, "weight", None)
+    if is_conv1d(module) and isinstance(weight, torch.Tensor):
         return int(weight.shape[0]), int(weight.shape[1])
     fin, fout = getattr(module, "in_features", None), getattr(module, "out_features", None)
     if isinstance(fin, int) and isinstance(fout, int) and not isinstance(module, nn.modules.conv._ConvNd):
@@ -84,4 +84,6 @@ class LoRALinear(LoRALayer):
 
 def _needs_grad(x: torch.Tensor, base: nn.Module) -> bool:
     """Whether autograd must see this call (the fused kernel has no backward)."""
-    return torch.is_grad_enabled() and (x.requires_grad or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad))
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, base.weight, base.bias)
+    )

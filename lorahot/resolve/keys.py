@@ -62,8 +62,8 @@ def _candidates(key: str, fmt: KeyFormat) -> list[str]:
     """``key`` and ``key`` without each component prefix it starts with."""
     out = [key]
     for prefix in (*fmt.prefixes, *_PREFIXES):
-        if key.startswith(prefix) and key[len(prefix):] not in out:
-            out.append(key[len(prefix):])
+        if key.startswith(prefix) and key[len(prefix) :] not in out:
+            out.append(key[len(prefix) :])
     return out
 
 
@@ -129,15 +129,22 @@ def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
             close = _closest(key, fmt, index)
             problems.append(f"{key}: matches no injected layer" + (f" (closest: {', '.join(close)})" if close else ""))
         elif len(hits) > 1:
-            problems.append(f"{key}: ambiguous, matches {', '.join(hits[:6])}; pass key_map={{{key!r}: '<layer name>'}}")
+            problems.append(
+                f"{key}: ambiguous, matches {', '.join(hits[:6])}; pass key_map={{{key!r}: '<layer name>'}}"
+            )
         elif hits[0] in out:
             problems.append(f"{key}: lands on {hits[0]}, which {origin[hits[0]]} already fills")
         else:
             out[hits[0]], origin[hits[0]] = module, key
     if problems:
         raise AdapterMismatchError(
-            format_problems(f"{adapter.source}: adapter modules ({adapter.format} naming) that do not map onto the injected layers:", problems)
-            + "\n" + _fix_hint(adapter)
+            format_problems(
+                f"{adapter.source}: adapter modules ({adapter.format} naming) that do not map onto the injected "
+                "layers:",
+                problems,
+            )
+            + "\n"
+            + _fix_hint(adapter)
         )
     return out
 
@@ -145,4 +152,7 @@ def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
 def _fix_hint(adapter: Adapter) -> str:
     targets = adapter.config.get("target_modules")
     trained = f" (the adapter was trained on target_modules={targets!r})" if targets else ""
-    return f"Inject those modules (targets=...){trained}, map the names with prefix=/key_map= (lorahot.read_adapter, runtime.load), or load an adapter made for this model."
+    return (
+        f"Inject those modules (targets=...){trained}, map the names with prefix=/key_map= (lorahot.read_adapter, "
+        "runtime.load), or load an adapter made for this model."
+    )

@@ -45,7 +45,9 @@ def layers_per_block(names: list[str]) -> int:
 
     Down blocks hold ``L`` resnets/attentions, up blocks ``L + 1``.
     """
-    down = [int(m[1]) + 1 for n in names for m in [re.search(r"down_blocks\.\d+\.(?:resnets|attentions)\.(\d+)", n)] if m]
+    down = [
+        int(m[1]) + 1 for n in names for m in [re.search(r"down_blocks\.\d+\.(?:resnets|attentions)\.(\d+)", n)] if m
+    ]
     up = [int(m[1]) for n in names for m in [re.search(r"up_blocks\.\d+\.(?:resnets|attentions)\.(\d+)", n)] if m]
     return max(down + up, default=2) or 2
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Union
 
 import torch
 
@@ -24,7 +23,7 @@ __all__ = ["FusePart", "Fuse", "select_prefix", "apply_key_map", "fuse_modules"]
 
 #: A part of a fused projection: its name, or ``(name, out_features)`` so that a part the
 #: adapter does not train can be filled with zeros.
-FusePart = Union[str, tuple[str, int]]
+FusePart = str | tuple[str, int]
 Fuse = Mapping[str, Sequence[FusePart]]
 
 
@@ -41,10 +40,13 @@ def select_prefix(modules: dict[str, LoraModule], prefix: str, source: str) -> d
     for key, m in modules.items():
         head = next((h for h in heads if key.startswith(h)), None)
         if head is not None:
-            out[key[len(head):]] = _renamed(m, key[len(head):])
+            out[key[len(head) :]] = _renamed(m, key[len(head) :])
     if not out:
         seen = sorted({k.split(".")[0] if "." in k else "_".join(k.split("_")[:2]) for k in modules})
-        raise UsageError(f"{source}: prefix={prefix!r} matches no module key; keys start with {', '.join(seen[:8])}. Pass one of those.")
+        raise UsageError(
+            f"{source}: prefix={prefix!r} matches no module key; keys start with {', '.join(seen[:8])}. Pass one of "
+            "those."
+        )
     return out
 
 
@@ -67,7 +69,9 @@ def apply_key_map(modules: dict[str, LoraModule], key_map: Mapping[str, str], so
     for key, m in modules.items():
         new = next((p.sub(r, key) for p, r in compiled if p.fullmatch(key)), key)
         if new in out:
-            raise UsageError(f"{source}: key_map sends both {origin[new]!r} and {key!r} to {new!r}; make the entries distinct.")
+            raise UsageError(
+                f"{source}: key_map sends both {origin[new]!r} and {key!r} to {new!r}; make the entries distinct."
+            )
         out[new], origin[new] = _renamed(m, new), key
     return out
 
@@ -102,20 +106,31 @@ def fuse_modules(modules: dict[str, LoraModule], fuse: Fuse, source: str) -> dic
             if module is not None:
                 out[key] = module
     if problems:
-        raise AdapterMismatchError(format_problems(f"{source}: cannot fuse:", problems) + "\nGive the size of untrained parts as (name, out_features), or fix fuse=.")
+        raise AdapterMismatchError(
+            format_problems(f"{source}: cannot fuse:", problems)
+            + "\nGive the size of untrained parts as (name, out_features), or fix fuse=."
+        )
     return out
 
 
 def _fuse_spec(fuse: Fuse) -> dict[str, list[tuple[str, int | None]]]:
     if not isinstance(fuse, Mapping) or not fuse:
-        raise UsageError(f"fuse must be a non-empty mapping like {{'qkv_proj': ['q_proj', 'k_proj', 'v_proj']}}, got {fuse!r}.")
+        raise UsageError(
+            f"fuse must be a non-empty mapping like {{'qkv_proj': ['q_proj', 'k_proj', 'v_proj']}}, got {fuse!r}."
+        )
     spec = {}
     for fused, parts in fuse.items():
-        parsed = []
+        parsed: list[tuple[str, int | None]] = []
         for p in parts if isinstance(parts, (list, tuple)) else [None]:
             if isinstance(p, str):
                 parsed.append((p, None))
-            elif isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int) and p[1] > 0:
+            elif (
+                isinstance(p, (list, tuple))
+                and len(p) == 2
+                and isinstance(p[0], str)
+                and isinstance(p[1], int)
+                and p[1] > 0
+            ):
                 parsed.append((p[0], p[1]))
             else:
                 raise UsageError(f"fuse[{fused!r}]: each part must be a name or (name, out_features), got {p!r}.")
@@ -136,7 +151,9 @@ def _parents(modules: dict[str, LoraModule], parts: list[str]) -> list[tuple[str
     return list(seen)
 
 
-def _fuse_one(key: str, parts: list[tuple[str, int | None, LoraModule | None]], problems: list[str]) -> LoraModule | None:
+def _fuse_one(
+    key: str, parts: list[tuple[str, int | None, LoraModule | None]], problems: list[str]
+) -> LoraModule | None:
     present = [m for _, _, m in parts if m is not None]
     if any(m.A.ndim != 2 or m.B.ndim != 2 for m in present):
         problems.append(f"{key}: only linear parts can be fused; got A shapes {[tuple(m.A.shape) for m in present]}")

@@ -69,7 +69,9 @@ class Pack:
 class Arena:
     """All LoRA storage for the layers of one device and dtype. See the module docstring."""
 
-    def __init__(self, specs: list[LayerSpec], max_rank: int, regions: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, specs: list[LayerSpec], max_rank: int, regions: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.specs = specs
         self.rank = max_rank
         self.regions = regions
@@ -180,11 +182,14 @@ class Arena:
         dsts = pack.dsts.get(region)
         if dsts is None:
             dsts = pack.dsts[region] = [piece for i, r in pack.ranks for piece in self.flat_views(i, region, r)]
-        self._write(region, dsts, list(data.split(pack.sizes)), pack.scales * multiplier, pack.ranks, pack.a_rows, pack.b_rows)
+        self._write(
+            region, dsts, list(data.split(pack.sizes)), pack.scales * multiplier, pack.ranks, pack.a_rows, pack.b_rows
+        )
 
     def write_staged(self, region: int, entries: list[Entry], scales: torch.Tensor, multiplier: float) -> None:
         """Writes ``(layer, A, B)`` triples (already on this device) straight into ``region``."""
-        dsts, srcs = [], []
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
         for i, a, b in entries:
             dsts += self.views(i, region, a.shape[0])
             srcs += self.sources(i, a, b)
@@ -199,7 +204,16 @@ class Arena:
         held = max(self.a_extent[region], self.b_extent[region])
         return len(ranks) == len(self.specs) and all(self.specs[i].groups == 1 and r >= held for i, r in ranks)
 
-    def _write(self, region: int, dsts: list[torch.Tensor], srcs: list[torch.Tensor], scales: torch.Tensor, ranks: list[tuple[int, int]], a_rows: int, b_rows: int) -> None:
+    def _write(
+        self,
+        region: int,
+        dsts: list[torch.Tensor],
+        srcs: list[torch.Tensor],
+        scales: torch.Tensor,
+        ranks: list[tuple[int, int]],
+        a_rows: int,
+        b_rows: int,
+    ) -> None:
         """Zeroes ``region`` (unless the write covers it), copies every layer in one batched
         call, sets the scales.
 
@@ -241,7 +255,9 @@ class BufferManager:
     several, one extra *live* region is what they read, and activating a slot copies it there.
     """
 
-    def __init__(self, specs: dict[str, tuple[LayerSpec, torch.device, torch.dtype]], max_rank: int, slots: int) -> None:
+    def __init__(
+        self, specs: dict[str, tuple[LayerSpec, torch.device, torch.dtype]], max_rank: int, slots: int
+    ) -> None:
         self.max_rank = max_rank
         self.slots = slots
         self.regions = slots + 1 if slots > 1 else 1
@@ -279,7 +295,9 @@ class BufferManager:
             if self._mirrored(slot, live):
                 arena.copy_region(slot, self.live)
 
-    def write_staged(self, slot: int, staged: list[list[Entry]], scales: list[torch.Tensor], multiplier: float, *, live: bool) -> None:
+    def write_staged(
+        self, slot: int, staged: list[list[Entry]], scales: list[torch.Tensor], multiplier: float, *, live: bool
+    ) -> None:
         """Writes staged ``(layer, A, B)`` triples, one list per arena, into ``slot``."""
         for arena, entries, s in zip(self.arenas, staged, scales):
             arena.write_staged(slot, entries, s, multiplier)

@@ -62,7 +62,10 @@ def inject(
         specs = {}
         for name, layer in layers.items():
             if max_rank % layer.spec.groups:
-                raise UsageError(f"{name}: conv with groups={layer.spec.groups} needs max_rank divisible by {layer.spec.groups}; got {max_rank}.")
+                raise UsageError(
+                    f"{name}: conv with groups={layer.spec.groups} needs max_rank divisible by {layer.spec.groups}; "
+                    f"got {max_rank}."
+                )
             if merged:
                 check_mergeable(name, layer, dtype)
             specs[name] = (layer.spec, *layer_placement(layer, dtype, name))

@@ -20,15 +20,15 @@ import torch
 from torch import nn
 
 from lorahot.adapter import Adapter
+from lorahot.errors import UsageError
+from lorahot.io.loader import read_adapter
+from lorahot.io.sources import Source
+from lorahot.layers import LoRALayer
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
-from lorahot.errors import UsageError
-from lorahot.runtime.targets import unwrap_modules
-from lorahot.layers import LoRALayer
-from lorahot.io.loader import read_adapter
 from lorahot.runtime.merge import Merger
 from lorahot.runtime.plan import pack_host, plan_load, stage
-from lorahot.io.sources import Source
+from lorahot.runtime.targets import unwrap_modules
 
 __all__ = ["AdapterInfo", "LoraRuntime"]
 
@@ -116,7 +116,9 @@ class LoraRuntime:
 
     # -- operations -------------------------------------------------------------------------
 
-    def load(self, source: Source | Adapter | PreparedAdapter, *, slot: int = 0, scale: float = 1.0, **read_kwargs: Any) -> AdapterInfo:
+    def load(
+        self, source: Source | Adapter | PreparedAdapter, *, slot: int = 0, scale: float = 1.0, **read_kwargs: Any
+    ) -> AdapterInfo:
         """Copies an adapter into ``slot`` in place; the model uses it if ``slot`` is active.
 
         Args:
@@ -138,7 +140,9 @@ class LoraRuntime:
         with _gc_paused():
             return self._load(source, slot, scale, read_kwargs)
 
-    def _load(self, source: Source | Adapter | PreparedAdapter, slot: int, scale: float, read_kwargs: dict[str, Any]) -> AdapterInfo:
+    def _load(
+        self, source: Source | Adapter | PreparedAdapter, slot: int, scale: float, read_kwargs: dict[str, Any]
+    ) -> AdapterInfo:
         slot, scale = self._slot(slot), _finite(scale, "scale")
         live = slot == self._active
         prepared = self._cached(source, read_kwargs)
@@ -171,13 +175,17 @@ class LoraRuntime:
         self.cache.put(prepared)
         return prepared
 
-    def prefetch(self, source: Source | Adapter, *, key: str | None = None, **read_kwargs: Any) -> Future[PreparedAdapter]:
+    def prefetch(
+        self, source: Source | Adapter, *, key: str | None = None, **read_kwargs: Any
+    ) -> Future[PreparedAdapter]:
         """:meth:`preload` on a background thread; the future raises what preload raises."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahot-prefetch")
         return self._executor.submit(self.preload, source, key=key, **read_kwargs)
 
-    def _cached(self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any]) -> PreparedAdapter | None:
+    def _cached(
+        self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any]
+    ) -> PreparedAdapter | None:
         """The prepared form of ``source`` if it is one or the cache holds it, else None."""
         if isinstance(source, PreparedAdapter):
             if source.owner is not self.buffers:
@@ -239,7 +247,10 @@ class LoraRuntime:
 
     def _slot(self, slot: int) -> int:
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.slots:
-            raise UsageError(f"slot={slot!r} is out of range; this runtime has slots 0..{self.slots - 1} (inject(..., slots=N) for more).")
+            raise UsageError(
+                f"slot={slot!r} is out of range; this runtime has slots 0..{self.slots - 1} (inject(..., slots=N) "
+                "for more)."
+            )
         return slot
 
     def _check_usable(self, every_layer: bool = False) -> None:
@@ -248,10 +259,16 @@ class LoraRuntime:
         names = list(self.layers) if every_layer else list(self.layers)[:1]
         moved = [n for n in names if self.layers[n].bound_address() != self._addresses[n]]
         if moved:
-            raise UsageError(f"{moved[0]}: its LoRA buffers were replaced (model.to()/load_state_dict(assign=True) after inject?). Move the model first, then inject.")
+            raise UsageError(
+                f"{moved[0]}: its LoRA buffers were replaced (model.to()/load_state_dict(assign=True) after "
+                "inject?). Move the model first, then inject."
+            )
 
     def __repr__(self) -> str:
-        return f"LoraRuntime(layers={len(self.layers)}, max_rank={self.max_rank}, slots={self.slots}, active={self._active}, nbytes={self.nbytes})"
+        return (
+            f"LoraRuntime(layers={len(self.layers)}, max_rank={self.max_rank}, slots={self.slots}, "
+            f"active={self._active}, nbytes={self.nbytes})"
+        )
 
 
 def _cache_key(source: Any, read_kwargs: dict[str, Any]) -> str | None:

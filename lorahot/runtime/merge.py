@@ -26,7 +26,7 @@ def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> N
     refusal = layer.merge_refusal()
     if refusal is not None:
         raise UsageError(f"{name}: {refusal}; inject without merged=True.")
-    weight = layer.base_layer.weight
+    weight = layer.base_weight
     if dtype is not None and dtype != weight.dtype:
         raise UsageError(f"merged mode computes in the base weights' dtype ({weight.dtype}); drop dtype={dtype}.")
 
@@ -36,9 +36,9 @@ class Merger:
 
     def __init__(self, layers: dict[str, LoRALayer], buffers: BufferManager) -> None:
         self._buffers = buffers
-        self._items = []
+        self._items: list[tuple[LoRALayer, torch.Tensor, torch.Tensor, int, int]] = []
         for name, layer in layers.items():
-            weight = layer.base_layer.weight
+            weight = layer.base_weight
             with torch.no_grad():
                 pristine = weight.detach().clone()
             layer.pristine_weight = pristine  # eject puts it back, even without this runtime

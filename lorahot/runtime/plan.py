@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from lorahot.adapter import Adapter, LoraModule
-from lorahot.runtime.buffers import BufferManager, Entry, Pack
 from lorahot.errors import AdapterMismatchError, AdapterReadError, format_problems
 from lorahot.layers.base import LayerSpec
 from lorahot.resolve.keys import resolve_keys
+from lorahot.runtime.buffers import BufferManager, Entry, Pack
 
 __all__ = ["LoadPlan", "Staged", "plan_load", "check_module", "check_values", "stage", "pack_host"]
 
@@ -56,7 +56,9 @@ def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) 
     if rank % spec.groups:
         return [f"{where}: rank {rank} is not a multiple of the conv's groups={spec.groups}"]
     if tuple(b.shape) != spec.b_shape(rank):
-        return [f"{where}: B has shape {tuple(b.shape)}, expected {spec.b_shape(rank)} for rank {rank} (A {tuple(a.shape)})"]
+        return [
+            f"{where}: B has shape {tuple(b.shape)}, expected {spec.b_shape(rank)} for rank {rank} (A {tuple(a.shape)})"
+        ]
     return []
 
 
@@ -72,7 +74,9 @@ def check_values(name: str, module: LoraModule) -> list[str]:
         if t.dtype not in _WEIGHT_DTYPES:
             return [f"{where}: {which} has dtype {t.dtype}; LoRA weights must be float16, bfloat16, float32 or float64"]
         if t.layout != torch.strided or t.device.type == "meta":
-            return [f"{where}: {which} is a {t.layout} tensor on {t.device}; LoRA weights must be dense tensors with data"]
+            return [
+                f"{where}: {which} is a {t.layout} tensor on {t.device}; LoRA weights must be dense tensors with data"
+            ]
     if not (math.isfinite(module.alpha) and module.alpha > 0):
         return [f"{where}: alpha is {module.alpha}; it must be finite and > 0"]
     return []
@@ -102,7 +106,10 @@ def plan_load(adapter: Adapter, buffers: BufferManager, specs: dict[str, LayerSp
         )
     unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
     if unreadable:
-        raise AdapterReadError(format_problems(f"{adapter.source}: values that cannot be LoRA weights:", unreadable) + "\nRe-save the adapter in float16/bfloat16/float32 with a positive alpha.")
+        raise AdapterReadError(
+            format_problems(f"{adapter.source}: values that cannot be LoRA weights:", unreadable)
+            + "\nRe-save the adapter in float16/bfloat16/float32 with a positive alpha."
+        )
     entries: list[list[tuple[int, LoraModule]]] = [[] for _ in buffers.arenas]
     scales = [torch.zeros(len(a.specs), dtype=torch.float64) for a in buffers.arenas]
     for name, m in targets.items():
@@ -158,6 +165,11 @@ def pack_host(plan: LoadPlan, buffers: BufferManager) -> list[Pack]:
 
 
 def _raise_not_finite(plan: LoadPlan) -> None:
-    bad = [n for n, m in plan.targets.items() if not (bool(torch.isfinite(m.A).all()) and bool(torch.isfinite(m.B).all()))]
+    bad = [
+        n for n, m in plan.targets.items() if not (bool(torch.isfinite(m.A).all()) and bool(torch.isfinite(m.B).all()))
+    ]
     bad = bad or ["(values too large for the model's dtype)"]
-    raise AdapterReadError(format_problems(f"{plan.source}: NaN or Inf in LoRA weights of:", bad) + "\nThe adapter is corrupt; re-train or re-download it.")
+    raise AdapterReadError(
+        format_problems(f"{plan.source}: NaN or Inf in LoRA weights of:", bad)
+        + "\nThe adapter is corrupt; re-train or re-download it."
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 from torch import nn
@@ -22,7 +21,7 @@ __all__ = ["Targets", "match_targets", "wrap_modules", "unwrap_modules", "layer_
 
 #: What ``inject`` accepts as targets: names (PEFT ``target_modules`` semantics), a regex
 #: (full match on the qualified name), ``"all-linear"``, or ``(name, module) -> bool``.
-Targets = Union[Sequence[str], str, Callable[[str, nn.Module], bool]]
+Targets = Sequence[str] | str | Callable[[str, nn.Module], bool]
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
@@ -56,7 +55,9 @@ def _matcher(model: nn.Module, targets: Targets) -> Callable[[str, nn.Module], b
         return lambda name, m: pattern.fullmatch(name) is not None
     entries = list(targets)
     if not entries or not all(isinstance(e, str) for e in entries):
-        raise UsageError(f"targets must be a non-empty list of module names, a regex, 'all-linear' or a callable; got {targets!r}.")
+        raise UsageError(
+            f"targets must be a non-empty list of module names, a regex, 'all-linear' or a callable; got {targets!r}."
+        )
     return lambda name, m: any(name == e or name.endswith("." + e) for e in entries)
 
 
@@ -79,13 +80,20 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
         m = modules[n]
         owner = next((w for w in wrapped if n == w or n.startswith(w + ".")), None)  # its base_layer too
         if owner is not None:
-            raise TypeError(f"{owner}: already a {type(modules[owner]).__name__}; call lorahot.eject(model) before injecting again.")
+            raise TypeError(
+                f"{owner}: already a {type(modules[owner]).__name__}; call lorahot.eject(model) before injecting again."
+            )
         if layer_class_for(m) is None:
-            raise TypeError(f"{n}: cannot add LoRA to {type(m).__name__}. Supported: {', '.join(d for d, _, _ in SUPPORTED)}. Narrow targets to exclude it.")
+            raise TypeError(
+                f"{n}: cannot add LoRA to {type(m).__name__}. Supported: {', '.join(d for d, _, _ in SUPPORTED)}. "
+                "Narrow targets to exclude it."
+            )
     nested = [(p, c) for p in names for c in names if c.startswith(p + ".")]
     if nested:
         p, c = nested[0]
-        raise UsageError(f"targets select both {p} and its submodule {c}; narrow targets so no match lies inside another.")
+        raise UsageError(
+            f"targets select both {p} and its submodule {c}; narrow targets so no match lies inside another."
+        )
     return names
 
 
@@ -100,7 +108,10 @@ def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
     layers = {}
     for name in names:
         base = model.get_submodule(name)
-        layer = layer_class_for(base)(base)  # type: ignore[misc]
+        wrapper = layer_class_for(base)
+        if wrapper is None:  # match_targets checked every name; a model changed since
+            raise UsageError(f"{name}: cannot add LoRA to {type(base).__name__}.")
+        layer = wrapper(base)
         _set_submodule(model, name, layer)
         layers[name] = layer
     return layers
@@ -114,7 +125,7 @@ def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> None:
     for name, layer in layers.items():
         if layer.pristine_weight is not None:
             with torch.no_grad():
-                layer.base_layer.weight.copy_(layer.pristine_weight)
+                layer.base_weight.copy_(layer.pristine_weight)
         _set_submodule(model, name, layer.base_layer)
 
 
@@ -125,5 +136,8 @@ def layer_placement(layer: LoRALayer, dtype: torch.dtype | None, name: str) -> t
     if dtype is not None:
         return device, dtype
     if ref is None or not ref.is_floating_point():
-        raise UsageError(f"{name}: base weights are {None if ref is None else ref.dtype}, not floating point; pass dtype= (e.g. torch.bfloat16) to inject.")
+        raise UsageError(
+            f"{name}: base weights are {None if ref is None else ref.dtype}, not floating point; pass dtype= (e.g. "
+            "torch.bfloat16) to inject."
+        )
     return device, ref.dtype
