@@ -311,3 +311,10 @@ def tiny_convnet(seed: int = 0) -> TinyConvNet:
 
 def token_ids(shape: tuple[int, ...], vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def lora_pair(
+    stem: str, a_role: str, b_role: str, rank: int = 2, fin: int = 8, fout: int = 8
+) -> dict[str, torch.Tensor]:
+    """Random ``A [rank, fin]`` and ``B [fout, rank]`` under ``<stem>.<role>.weight`` keys."""
+    return {f"{stem}.{a_role}.weight": torch.randn(rank, fin), f"{stem}.{b_role}.weight": torch.randn(fout, rank)}

@@ -65,7 +65,7 @@ class KeyFormat:
         aliases: ``(regex, replacement)`` tried on a module key that names no injected layer
             (``to_q`` -> ``q_proj`` where one spelling served several model families).
         roles: what the format calls A and B, for messages.
-        example: an example key, for documentation and ``lorahot inspect``.
+        example: an example key, for documentation (the tests detect each format from it).
     """
 
     name: str

@@ -9,7 +9,6 @@ and the model output must be bitwise what they were.
 
 from __future__ import annotations
 
-import inspect
 import json
 import pickle
 import resource
@@ -25,7 +24,6 @@ from safetensors.torch import save, save_file
 
 import lorahot
 from lorahot import AdapterMismatchError, AdapterReadError, SourceNotFoundError, UnknownFormatError
-from lorahot.formats import FORMATS
 from lorahot.io import safety
 from tests.reliability_helpers import (
     MAX_RANK,
@@ -45,12 +43,6 @@ from tests.reliability_helpers import (
 
 P = "base_model.model."
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-_SUBFOLDER = "subfolder" in inspect.signature(lorahot.read_adapter).parameters
-_KOHYA = any(getattr(f, "name", getattr(f, "NAME", None)) == "kohya" for f in FORMATS)
-_NEEDS_SOURCES = pytest.mark.xfail(
-    not _SUBFOLDER, reason="Hub ids and subfolder/weight_name resolution (issue 3) have not landed", strict=False
-)
-_NEEDS_KOHYA = pytest.mark.xfail(not _KOHYA, reason="the kohya reader (issue 3) has not landed", strict=False)
 
 
 @dataclass(frozen=True)
@@ -440,18 +432,17 @@ def _kohya(rig: Rig, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
     "kohya_alpha_wrong_shape",
     AdapterReadError,
     r"q_proj\.alpha: alpha must be one finite number > 0, got shape \(2, 2\)",
-    _NEEDS_KOHYA,
 )
 def _(tmp, rig):
     return _tensors_dir(tmp, _kohya(rig, torch.ones(2, 2)))
 
 
-@case("kohya_alpha_zero", AdapterReadError, r"alpha", _NEEDS_KOHYA)
+@case("kohya_alpha_zero", AdapterReadError, r"alpha")
 def _(tmp, rig):
     return _tensors_dir(tmp, _kohya(rig, torch.tensor(0.0)))
 
 
-@case("kohya_alpha_nan", AdapterReadError, r"alpha", _NEEDS_KOHYA)
+@case("kohya_alpha_nan", AdapterReadError, r"alpha")
 def _(tmp, rig):
     return _tensors_dir(tmp, _kohya(rig, torch.tensor(float("nan"))))
 
@@ -584,23 +575,23 @@ def _outside(tmp: Path, rig: Rig) -> Path:
     return tmp / "repo"
 
 
-@case("traversal_weight_name", SourceNotFoundError, r"\.\./outside", _NEEDS_SOURCES)
+@case("traversal_weight_name", SourceNotFoundError, r"\.\./outside")
 def _(tmp, rig):
     return _outside(tmp, rig), {"weight_name": "../outside/adapter_model.safetensors"}
 
 
-@case("traversal_weight_name_absolute", SourceNotFoundError, r"weight_name", _NEEDS_SOURCES)
+@case("traversal_weight_name_absolute", SourceNotFoundError, r"weight_name")
 def _(tmp, rig):
     repo = _outside(tmp, rig)
     return repo, {"weight_name": str((tmp / "outside" / "adapter_model.safetensors").resolve())}
 
 
-@case("traversal_subfolder", SourceNotFoundError, r"\.\./outside", _NEEDS_SOURCES)
+@case("traversal_subfolder", SourceNotFoundError, r"\.\./outside")
 def _(tmp, rig):
     return _outside(tmp, rig), {"subfolder": "../outside"}
 
 
-@case("traversal_hub_subfolder", SourceNotFoundError, r"\.\./\.\./etc", _NEEDS_SOURCES)
+@case("traversal_hub_subfolder", SourceNotFoundError, r"\.\./\.\./etc")
 def _(tmp, rig):
     return "org/name", {"subfolder": "../../etc"}
 
@@ -649,8 +640,6 @@ def test_bad_adapter_raises_and_changes_nothing(c: Case, tmp_path: Path, offline
 
 def test_ambiguous_kohya_name_in_a_model_that_has_both_spellings(tmp_path: Path) -> None:
     """kohya turns every ``.`` into ``_``: ``attn_out.proj`` and ``attn.out_proj`` collide."""
-    if not _KOHYA:
-        pytest.xfail("the kohya reader (issue 3) has not landed")
 
     class Two(torch.nn.Module):
         def __init__(self) -> None:
@@ -726,5 +715,4 @@ def test_report_corpus(request: pytest.FixtureRequest) -> None:
     kinds: dict[str, int] = {}
     for c in CASES:
         kinds[c.error.__name__] = kinds.get(c.error.__name__, 0) + 1
-    pending = [c.id for c in CASES if any(getattr(m, "name", "") == "xfail" and m.args and m.args[0] for m in c.marks)]
-    report(request.config, "corpus", {"cases": len(CASES), "by_error": kinds, "xfail_pending_issue3": pending})
+    report(request.config, "corpus", {"cases": len(CASES), "by_error": kinds})
