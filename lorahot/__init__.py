@@ -23,6 +23,7 @@ from lorahot.errors import (
     AdapterReadError,
     LoraError,
     SourceNotFoundError,
+    UnexpectedError,
     UnknownFormatError,
     UsageError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "AdapterMismatchError",
     "SourceNotFoundError",
     "UsageError",
+    "UnexpectedError",
 ]
 
 __version__ = "0.1.0"

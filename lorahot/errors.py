@@ -7,6 +7,10 @@ raises never changes a byte of the model or of any adapter slot.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 __all__ = [
     "LoraError",
     "AdapterReadError",
@@ -14,6 +18,8 @@ __all__ = [
     "AdapterMismatchError",
     "SourceNotFoundError",
     "UsageError",
+    "UnexpectedError",
+    "public_api",
 ]
 
 
@@ -39,8 +45,50 @@ class SourceNotFoundError(LoraError):
     """The source (path, Hub repo id, file inside it) cannot be resolved."""
 
 
-class UsageError(LoraError, ValueError):
-    """An argument to a lorahot call is out of range (slot index, scale, max_rank, targets)."""
+class UsageError(LoraError, ValueError, TypeError):
+    """A call to lorahot is wrong: an argument out of range or of the wrong type (slot index,
+    scale, max_rank, targets), or an operation the current state does not allow (a runtime
+    already ejected, modules already injected). Also a ``ValueError`` and a ``TypeError``, so
+    existing ``except`` clauses keep working."""
+
+
+class UnexpectedError(LoraError):
+    """An exception lorahot did not foresee reached a public entry point. It is wrapped, so that
+    catching :class:`LoraError` still survives it; the original is its ``__cause__``. Every
+    check runs before the first write, so nothing was changed. Please report it: it means a
+    check is missing."""
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Marks a public entry point: whatever it raises is a :class:`LoraError`.
+
+    lorahot's own errors pass through; any other ``Exception`` (a missed check, a library
+    error) becomes an :class:`UnexpectedError` naming the call. ``KeyboardInterrupt`` and
+    ``SystemExit`` pass through untouched.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except LoraError:
+            raise
+        except Exception as exc:
+            raise UnexpectedError(
+                f"{fn.__qualname__}: unexpected {type(exc).__name__}: {_first_line(exc)}. Nothing was changed. "
+                "This is a gap in lorahot's checks: please report it with the adapter or call that caused it."
+            ) from exc
+
+    return wrapper
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:500] if text else "(no message)"
 
 
 def format_problems(title: str, problems: list[str], limit: int = 20) -> str:

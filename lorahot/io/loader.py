@@ -17,7 +17,13 @@ from typing import Any
 import torch
 
 from lorahot.adapter import Adapter, LoraModule
-from lorahot.errors import AdapterMismatchError, AdapterReadError, UnknownFormatError, format_problems
+from lorahot.errors import (
+    AdapterMismatchError,
+    AdapterReadError,
+    UnknownFormatError,
+    format_problems,
+    public_api,
+)
 from lorahot.formats import FORMATS, KeyFormat, detect, group_keys
 from lorahot.formats.diffusers import METADATA_KEY
 from lorahot.formats.table import Parts
@@ -28,6 +34,7 @@ from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_p
 __all__ = ["read_adapter"]
 
 
+@public_api
 def read_adapter(
     source: Source | Adapter,
     *,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorahot.errors import UsageError
 from lorahot.layers.tensor_handles import TENSORS, TensorHandle
 
 __all__ = ["LayerSpec", "LoRALayer"]
@@ -152,7 +153,7 @@ class LoRALayer(nn.Module):
         """The wrapped module's ``weight`` (merged mode rewrites it in place)."""
         weight = self.base_layer.weight
         if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"{type(self.base_layer).__name__}.weight is not a tensor")
+            raise UsageError(f"{type(self.base_layer).__name__}.weight is not a tensor")
         return weight
 
     def _views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

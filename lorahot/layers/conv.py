@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorahot.errors import UsageError
 from lorahot.layers.base import LayerSpec, LoRALayer
 
 __all__ = ["LoRAConv"]
@@ -34,7 +35,7 @@ class LoRAConv(LoRALayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         if not isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            raise TypeError(f"{type(base_layer).__name__} is not a Conv1d/2d/3d")
+            raise UsageError(f"{type(base_layer).__name__} is not a Conv1d/2d/3d")
         kernel = tuple(base_layer.kernel_size)
         nd = len(kernel)
         cin, cout = base_layer.in_channels, base_layer.out_channels

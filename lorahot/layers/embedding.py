@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorahot.errors import UsageError
 from lorahot.layers.base import LayerSpec, LoRALayer
 
 __all__ = ["LoRAEmbedding"]
@@ -24,7 +25,7 @@ class LoRAEmbedding(LoRALayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         if not isinstance(base_layer, nn.Embedding):
-            raise TypeError(f"{type(base_layer).__name__} is not an nn.Embedding")
+            raise UsageError(f"{type(base_layer).__name__} is not an nn.Embedding")
         num, dim = base_layer.num_embeddings, base_layer.embedding_dim
         super().__init__(base_layer, LayerSpec("embedding", num, dim, (num,)))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorahot.errors import UsageError
 from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.layers.base import LayerSpec, LoRALayer
 
@@ -48,7 +49,7 @@ class LoRALinear(LoRALayer):
     def __init__(self, base_layer: nn.Module) -> None:
         features = linear_features(base_layer)
         if features is None:
-            raise TypeError(f"{type(base_layer).__name__} is not a linear-like module")
+            raise UsageError(f"{type(base_layer).__name__} is not a linear-like module")
         fin, fout = features
         super().__init__(base_layer, LayerSpec("linear", fin, fout, (fin,)))
 

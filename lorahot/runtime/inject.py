@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorahot.errors import UsageError
+from lorahot.errors import UsageError, public_api
 from lorahot.layers import LoRALayer
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.lora_runtime import LoraRuntime
@@ -15,6 +15,7 @@ from lorahot.runtime.targets import Targets, layer_placement, match_targets, unw
 __all__ = ["inject", "eject"]
 
 
+@public_api
 def inject(
     model: nn.Module,
     targets: Targets,
@@ -75,6 +76,7 @@ def inject(
         raise
 
 
+@public_api
 def eject(model: nn.Module) -> nn.Module:
     """Puts every original module back in place of its LoRA wrapper; returns ``model``.
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lorahot.adapter import Adapter
-from lorahot.errors import UsageError
+from lorahot.errors import UsageError, public_api
 from lorahot.io.loader import read_adapter
 from lorahot.io.sources import Source
 from lorahot.layers import LoRALayer
@@ -110,12 +110,14 @@ class LoraRuntime:
         """Bytes of adapter storage this runtime allocated (padded, every slot)."""
         return self.buffers.nbytes
 
+    @public_api
     def info(self, slot: int | None = None) -> AdapterInfo | None:
         """What ``slot`` (default: the active one) holds, or None if it is empty."""
         return self._infos[self._slot(self._active if slot is None else slot)]
 
     # -- operations -------------------------------------------------------------------------
 
+    @public_api
     def load(
         self, source: Source | Adapter | PreparedAdapter, *, slot: int = 0, scale: float = 1.0, **read_kwargs: Any
     ) -> AdapterInfo:
@@ -160,6 +162,7 @@ class LoraRuntime:
         self._remerge(slot)
         return info
 
+    @public_api
     def preload(self, source: Source | Adapter, *, key: str | None = None, **read_kwargs: Any) -> PreparedAdapter:
         """Reads, checks and packs an adapter into the host cache without touching the model.
 
@@ -175,6 +178,7 @@ class LoraRuntime:
         self.cache.put(prepared)
         return prepared
 
+    @public_api
     def prefetch(
         self, source: Source | Adapter, *, key: str | None = None, **read_kwargs: Any
     ) -> Future[PreparedAdapter]:
@@ -194,6 +198,7 @@ class LoraRuntime:
         cache_key = _cache_key(source, read_kwargs)
         return self.cache.get(cache_key) if cache_key is not None else None
 
+    @public_api
     def activate(self, slot: int) -> None:
         """Makes the model compute with ``slot`` (an empty slot means no adapter)."""
         self._check_usable()
@@ -201,6 +206,7 @@ class LoraRuntime:
         self._active = slot
         self._remerge(slot)
 
+    @public_api
     def unload(self, slot: int | None = None) -> None:
         """Empties ``slot``, or every slot if None. An emptied active slot means no adapter."""
         self._check_usable()
@@ -210,6 +216,7 @@ class LoraRuntime:
             self._base_scales[s] = None
             self._remerge(s)
 
+    @public_api
     def set_scale(self, value: float, slot: int | None = None) -> None:
         """Sets the user multiplier of ``slot`` (default: the active slot). 0 disables it."""
         self._check_usable()
@@ -222,6 +229,7 @@ class LoraRuntime:
         self._infos[s] = AdapterInfo(info.source, info.format, s, value, info.ranks, info.nbytes)
         self._remerge(s)
 
+    @public_api
     def eject(self) -> nn.Module:
         """Puts back the original modules this runtime wrapped; the runtime is done.
 

@@ -73,18 +73,18 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
     names = [n for n, m in model.named_modules() if n and match(n, m)]
     if not names:
         sample = [n for n, _ in model.named_modules() if n][:12]
-        raise ValueError(f"targets={targets!r} matched no module. Some module names: {', '.join(sample)}.")
+        raise UsageError(f"targets={targets!r} matched no module. Some module names: {', '.join(sample)}.")
     modules = dict(model.named_modules())
     wrapped = [w for w, m in modules.items() if isinstance(m, LoRALayer)]
     for n in names:
         m = modules[n]
         owner = next((w for w in wrapped if n == w or n.startswith(w + ".")), None)  # its base_layer too
         if owner is not None:
-            raise TypeError(
+            raise UsageError(
                 f"{owner}: already a {type(modules[owner]).__name__}; call lorahot.eject(model) before injecting again."
             )
         if layer_class_for(m) is None:
-            raise TypeError(
+            raise UsageError(
                 f"{n}: cannot add LoRA to {type(m).__name__}. Supported: {', '.join(d for d, _, _ in SUPPORTED)}. "
                 "Narrow targets to exclude it."
             )
