@@ -1,0 +1,93 @@
+"""The identity of an adapter source: which bytes a read of it would see, from ``stat`` alone.
+
+The host cache keys prepared adapters by it, so that one file reached by two spellings (a
+relative and an absolute path, a symlink) is one entry, and a file rewritten since it was
+preloaded is read again instead of served stale. Nothing here opens a file or reads data.
+
+- a local file: its real path, size, mtime_ns, ctime_ns and inode, and the same for the
+  ``adapter_config.json`` beside it (or its absence);
+- a local directory (after ``subfolder``): every ``*.safetensors`` in it (or only
+  ``weight_name``) and each ``adapter_config.json`` a read would consult, as above;
+- a Hub repo id: the id with ``revision``, ``subfolder`` and ``weight_name``;
+- a mapping, an :class:`~lorahot.Adapter`, or a source that cannot be found: None.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from lorahot.io.config import CONFIG_NAME
+from lorahot.io.hub import is_repo_id
+
+__all__ = ["source_identity"]
+
+
+def source_identity(
+    source: Any,
+    *,
+    revision: Any = None,
+    subfolder: Any = None,
+    weight_name: Any = None,
+    **read_kwargs: Any,
+) -> str | None:
+    """A string equal for two sources exactly when a read of them would see the same files.
+
+    Args:
+        source: what :func:`lorahot.read_adapter` takes.
+        revision, subfolder, weight_name: as for :func:`lorahot.read_adapter`.
+        read_kwargs: the other read options; they do not change which files are read and are
+            ignored here (the cache adds the ones that change the result).
+
+    Returns:
+        The identity, or None where there is none (in-memory sources, a path that does not
+        exist and is no repo id, options a read would refuse). Never raises.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    try:
+        text = os.fspath(source)
+        if not isinstance(text, str) or not text or "\x00" in text:
+            return None
+        for value in (subfolder, weight_name):
+            if value is not None and not _relative(value):
+                return None  # the read refuses it, naming the problem
+        path = Path(text)
+        if path.exists():
+            return _local(path / subfolder if subfolder else path, weight_name)
+    except (OSError, ValueError, TypeError):
+        return None
+    if is_repo_id(text) and all(v is None or isinstance(v, str) for v in (revision, subfolder, weight_name)):
+        return f"hub:{text}@{revision or ''}|subfolder={subfolder or ''}|weight_name={weight_name or ''}"
+    return None
+
+
+def _relative(value: Any) -> bool:
+    """A clean relative '/'-separated path, as the reader accepts for subfolder/weight_name."""
+    if not isinstance(value, str) or not value or "\\" in value or "\x00" in value:
+        return False
+    return not PurePosixPath(value).is_absolute() and all(part not in ("..", "") for part in value.split("/"))
+
+
+def _local(path: Path, weight_name: str | None) -> str | None:
+    """``file:<real path>`` and the stat of every file a read of ``path`` could open."""
+    if path.is_dir():
+        weights = [path / weight_name] if weight_name else sorted(path.glob("*.safetensors"))
+    elif path.is_file():
+        weights = [path]
+    else:
+        return None
+    configs = sorted({w.parent / CONFIG_NAME for w in weights} or {path / CONFIG_NAME})
+    entries = [_stat(f) for f in (*weights, *configs)]
+    return f"file:{os.path.realpath(path)}|weight_name={weight_name or ''}|" + ";".join(entries)
+
+
+def _stat(path: Path) -> str:
+    """``<real path>:<size>:<mtime_ns>:<ctime_ns>:<inode>``, or ``<real path>:-`` if absent."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return f"{real}:-"
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
