@@ -1,4 +1,4 @@
-"""LoRA layer types and the table that picks one for a base module."""
+"""LoRA layer types, the table that picks one for a base module, and the state a runtime shares with them."""
 
 from __future__ import annotations
 
@@ -10,8 +10,18 @@ from lorahot.layers.base import LayerSpec, LoRALayer
 from lorahot.layers.conv import LoRAConv
 from lorahot.layers.embedding import LoRAEmbedding
 from lorahot.layers.linear import LoRALinear, linear_features
+from lorahot.layers.state import RuntimeState
 
-__all__ = ["LayerSpec", "LoRALayer", "LoRALinear", "LoRAConv", "LoRAEmbedding", "layer_class_for", "SUPPORTED"]
+__all__ = [
+    "LayerSpec",
+    "LoRALayer",
+    "LoRALinear",
+    "LoRAConv",
+    "LoRAEmbedding",
+    "RuntimeState",
+    "layer_class_for",
+    "SUPPORTED",
+]
 
 #: What lorahot wraps, in the order it is tried: (description, predicate, layer class).
 SUPPORTED: tuple[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], LoRALayer]], ...] = (

@@ -14,6 +14,8 @@ checkpoint unchanged. The LoRA buffers are not persistent.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +23,10 @@ import torch
 from torch import nn
 
 from lorahot.errors import UsageError
+from lorahot.layers.state import RuntimeState
 from lorahot.layers.tensor_handles import TENSORS, TensorHandle
 
-__all__ = ["LayerSpec", "LoRALayer"]
+__all__ = ["LayerSpec", "LoRALayer", "overrides_forward", "forward_mismatch"]
 
 #: Buffer names under which a layer registers the arena tensors its live views belong to.
 _ARENA_BUFFERS = ("_lora_arena_A", "_lora_arena_B", "_lora_arena_S")
@@ -68,7 +71,8 @@ class LoRALayer(nn.Module):
     declared here, and nothing else is reached from outside (no private attributes).
 
     - at inject: :attr:`spec`, :meth:`live_views`, :meth:`bind`, :meth:`merge_refusal`;
-    - while serving: :meth:`bound_address` (is the layer still on its buffers?);
+    - while serving: :meth:`bound_address` (is the layer still on its buffers?), :attr:`state`
+      (shared with the runtime: has either eject taken the layers out?);
     - in merged mode: :meth:`merge_operands`, :attr:`merged`, :attr:`pristine_weight`.
 
     Subclasses set :attr:`spec` from the base module and implement :meth:`live_views`,
@@ -85,6 +89,10 @@ class LoRALayer(nn.Module):
     fused: bool = False
     #: In merged mode, the base weight as it was at inject time (what eject puts back).
     pristine_weight: torch.Tensor | None = None
+    #: Shared with the runtime that bound the layer (see :mod:`lorahot.layers.state`).
+    state: RuntimeState | None = None
+    #: ``(A, B, scale)`` views, set by :meth:`bind`.
+    _live: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
         super().__init__()
@@ -119,6 +127,7 @@ class LoRALayer(nn.Module):
         *,
         handle: TensorHandle | None = None,
         fused: bool = True,
+        state: RuntimeState | None = None,
     ) -> None:
         """Attaches the live views; called once by the runtime at inject time, never again.
 
@@ -127,7 +136,8 @@ class LoRALayer(nn.Module):
         :mod:`lorahot.layers.tensor_handles`); eagerly it uses the views. The arena tensors are also
         registered as non-persistent buffers, so ``model.to()`` after inject can be detected.
         ``fused`` allows a fused kernel where the layer has one that applies (:meth:`fusable`;
-        see :mod:`lorahot.kernels.lora_linear`).
+        see :mod:`lorahot.kernels.lora_linear`). ``state`` is the runtime's
+        :class:`~lorahot.layers.state.RuntimeState`, which ``lorahot.eject`` marks.
         """
         self._live = (lora_A, lora_B, lora_scale)
         roots = tuple(view if view._base is None else view._base for view in self._live)
@@ -140,6 +150,7 @@ class LoRALayer(nn.Module):
         for name, root in zip(_ARENA_BUFFERS, roots):
             self.register_buffer(name, root, persistent=False)
         self.fused = fused and self.fusable(lora_A)
+        self.state = state
 
     def bound_address(self) -> int:
         """Address of the arena tensor the layer's A buffer holds now. It changes only when
@@ -160,7 +171,13 @@ class LoRALayer(nn.Module):
         """``(A, B, scale)``: the live views eagerly; rebuilt from the global arena tensors
         under ``torch.compile`` (free in the graph). The forward takes all three at once."""
         if not torch.compiler.is_compiling():
-            return self._live
+            live = self._live
+            if live is None:
+                raise UsageError(
+                    f"this {type(self).__name__} has no buffers: layers are made and bound by lorahot.inject, not "
+                    "constructed by hand."
+                )
+            return live
         a, b, s = TENSORS[self._key]
         ga, gb, gs = self._geometry
         return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs)
@@ -223,6 +240,38 @@ class LoRALayer(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"kind={s.kind}, in_dim={s.in_dim}, out_dim={s.out_dim}, groups={s.groups}"
+
+
+def overrides_forward(module: nn.Module, torch_cls: type[nn.Module]) -> bool:
+    """Whether ``module``'s class replaces ``torch_cls.forward`` (what lorahot's math assumes)."""
+    return type(module).forward is not torch_cls.forward
+
+
+def forward_mismatch(
+    module: nn.Module, probe: torch.Tensor, expected: Callable[[torch.Tensor], torch.Tensor]
+) -> str | None:
+    """Runs ``module(probe)`` and ``expected(probe)``; describes how they differ, or None.
+
+    They agree when the largest difference is within ``sqrt(eps)`` of the output's dtype times
+    the largest expected value: rounding and summation order pass, any real transform fails.
+    Runs under ``torch.no_grad()``; the module is not changed.
+    """
+    try:
+        with torch.no_grad():
+            got, want = module(probe), expected(probe)
+    except Exception as exc:  # the module's own forward: anything can happen
+        return f"calling it on a probe input raised {type(exc).__name__}: {exc}"
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        return f"on a probe input it returned {shape}, expected a tensor of shape {tuple(want.shape)}"
+    diff = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
+    size = float(want.double().abs().max()) if want.numel() else 0.0
+    eps = torch.finfo(want.dtype).eps if want.is_floating_point() else 0.0
+    if not diff <= math.sqrt(eps) * size:  # NaN fails too
+        return (
+            f"on a probe input its output differs from the expected one by up to {diff:.3g} (largest value {size:.3g})"
+        )
+    return None
 
 
 def _drop_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorahot.errors import UsageError
-from lorahot.layers.base import LayerSpec, LoRALayer
+from lorahot.layers.base import LayerSpec, LoRALayer, forward_mismatch, overrides_forward
 
 __all__ = ["LoRAConv"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_TORCH_CONV: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class LoRAConv(LoRALayer):
@@ -67,8 +68,24 @@ class LoRAConv(LoRALayer):
         return self._conv(h, b, None, 1, 0, 1, self._groups)
 
     def merge_refusal(self) -> str | None:
+        """Grouped convs cannot be merged; a subclass that overrides ``forward`` must still
+        compute its torch class's convolution (checked on a probe input)."""
         if self.spec.groups > 1:
             return f"a conv with groups={self.spec.groups} cannot be merged (its LoRA mixes all input channels)"
+        base = self.base_layer
+        torch_cls = _TORCH_CONV[self._nd]
+        if not overrides_forward(base, torch_cls):
+            return None
+        weight = self.base_weight
+        if not weight.is_floating_point() or weight.is_meta:
+            return f"merged mode needs floating-point weights with data, got {weight.dtype} on {weight.device}"
+        cin, *kernel = self.spec.a_row_shape
+        pad = max(self._pad, default=0)
+        size = [(k - 1) * d + 1 + 2 * pad + s for k, d, s in zip(kernel, self._dilation, self._stride)]
+        probe = torch.randn(1, cin, *size, generator=torch.Generator().manual_seed(0))
+        mismatch = forward_mismatch(base, probe.to(weight.device, weight.dtype), lambda x: torch_cls.forward(base, x))
+        if mismatch is not None:
+            return f"{type(base).__name__} overrides forward and does not compute its convolution ({mismatch})"
         return None
 
     def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

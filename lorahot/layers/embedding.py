@@ -2,6 +2,14 @@
 
 Files store ``lora_embedding_A [r, num_embeddings]`` and ``lora_embedding_B [dim, r]``; the
 output is ``base(ids) + scale * A.T[ids] @ B.T``.
+
+Scaled embeddings: some models' embeddings scale their own output (transformers' Gemma,
+Gemma2 and Gemma3 ``*ScaledWordEmbedding``: ``super().forward(ids) * self.embed_scale``).
+The LoRA delta is a change of the embedding table, so the base scales it too: merged mode does
+so by construction (it rewrites the table), and the unmerged forward multiplies the delta by
+the base's ``embed_scale``, read at forward time (so ``model.to()`` and dtype casts follow), as
+PEFT does. An embedding class that overrides ``forward`` any other way is refused at inject:
+lorahot cannot tell what it does to its output.
 """
 
 from __future__ import annotations
@@ -11,9 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorahot.errors import UsageError
-from lorahot.layers.base import LayerSpec, LoRALayer
+from lorahot.layers.base import LayerSpec, LoRALayer, forward_mismatch, overrides_forward
 
-__all__ = ["LoRAEmbedding"]
+__all__ = ["LoRAEmbedding", "embedding_output_scale"]
+
+#: The attribute holding the factor a scaled embedding multiplies its output by.
+SCALE_ATTR = "embed_scale"
 
 
 class LoRAEmbedding(LoRALayer):
@@ -21,13 +32,19 @@ class LoRAEmbedding(LoRALayer):
 
     Buffers (views into the arena): ``lora_A [R, num_embeddings]``, ``lora_B [R, dim]``
     (B stored transposed) and ``lora_scale`` (0-d; float32, float64 for float64 layers).
+
+    Raises:
+        UsageError: ``base_layer`` is not an ``nn.Embedding``, or its class overrides
+            ``forward`` with anything but a verified ``embed_scale`` output scale.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
         if not isinstance(base_layer, nn.Embedding):
             raise UsageError(f"{type(base_layer).__name__} is not an nn.Embedding")
+        scaled = embedding_output_scale(base_layer)
         num, dim = base_layer.num_embeddings, base_layer.embedding_dim
         super().__init__(base_layer, LayerSpec("embedding", num, dim, (num,)))
+        self._scaled = scaled  # constant after inject: the compiler sees a constant
 
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Arena rows ``[R, num]``, ``[R, dim]`` are used as they are."""
@@ -35,11 +52,70 @@ class LoRAEmbedding(LoRALayer):
 
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         h = F.embedding(x, a.t())  # (..., R)
-        return torch.matmul(h, b)  # (..., dim)
+        delta = torch.matmul(h, b)  # (..., dim)
+        if self._scaled:  # the base scales its output: the delta of its table is scaled too
+            factor = self._base.embed_scale
+            delta = delta * (factor.to(delta.dtype) if isinstance(factor, torch.Tensor) else factor)
+        return delta
 
     def merge_refusal(self) -> str | None:
+        max_norm = getattr(self.base_layer, "max_norm", None)
+        if max_norm is not None:
+            return (
+                f"an embedding with max_norm={max_norm} renormalizes its (merged) table in its "
+                "forward, so merged and unmerged outputs would differ"
+            )
         return None
 
     def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedding weight ``[num, dim]``: ``A.T @ B.T``."""
         return a.t(), bt
+
+
+def embedding_output_scale(base: nn.Embedding) -> bool:
+    """Whether ``base`` scales its output by its ``embed_scale`` (checked on a few rows).
+
+    False for a plain ``nn.Embedding`` forward (an ``embed_scale`` attribute it never uses is
+    ignored); True for a class whose forward is ``nn.Embedding.forward`` times a scalar
+    ``embed_scale`` (tensor or number).
+
+    Raises:
+        UsageError: the class overrides ``forward`` and that is not what it computes.
+    """
+    if not overrides_forward(base, nn.Embedding):
+        return False
+    kind = type(base).__name__
+    if not hasattr(base, SCALE_ATTR):
+        raise UsageError(
+            f"{kind} overrides nn.Embedding.forward, and lorahot cannot tell what it does to the output (it "
+            f"recognizes only a scalar `{SCALE_ATTR}` attribute the output is multiplied by, as in Gemma's scaled "
+            "embeddings). Exclude this module from targets."
+        )
+    factor = getattr(base, SCALE_ATTR)
+    is_number = isinstance(factor, (int, float)) and not isinstance(factor, bool)
+    if not (is_number or (isinstance(factor, torch.Tensor) and factor.numel() == 1 and factor.is_floating_point())):
+        shown = tuple(factor.shape) if isinstance(factor, torch.Tensor) else type(factor).__name__
+        raise UsageError(
+            f"{kind}.{SCALE_ATTR} is {shown}; lorahot applies only a scalar float {SCALE_ATTR} to the LoRA delta. "
+            "Exclude this module from targets."
+        )
+    if base.weight.is_meta or base.max_norm is not None:
+        raise UsageError(
+            f"{kind} overrides nn.Embedding.forward and its output cannot be checked "
+            f"({'its weight is on the meta device' if base.weight.is_meta else 'max_norm renormalizes its table'}). "
+            "Materialize the model first, or exclude this module from targets."
+        )
+    rows = sorted({0, 1, 2, base.num_embeddings - 1} & set(range(base.num_embeddings)))
+    probe = torch.tensor(rows, device=base.weight.device)
+
+    def expected(ids: torch.Tensor) -> torch.Tensor:
+        out = nn.Embedding.forward(base, ids)
+        return out * (factor.to(out.dtype) if isinstance(factor, torch.Tensor) else factor)
+
+    mismatch = forward_mismatch(base, probe, expected)
+    if mismatch is not None:
+        raise UsageError(
+            f"{kind} overrides nn.Embedding.forward and has {SCALE_ATTR}, but its output is not "
+            f"nn.Embedding.forward(ids) * {SCALE_ATTR}: {mismatch}. Exclude this module from targets."
+        )
+    return True

@@ -7,7 +7,7 @@ from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.kernels import lora_linear as fused_kernel
-from lorahot.layers.base import LayerSpec, LoRALayer
+from lorahot.layers.base import LayerSpec, LoRALayer, forward_mismatch, overrides_forward
 
 __all__ = ["LoRALinear", "linear_features", "is_conv1d"]
 
@@ -74,9 +74,29 @@ class LoRALinear(LoRALayer):
         return torch.matmul(h, b)  # (..., out)
 
     def merge_refusal(self) -> str | None:
-        if isinstance(self.base_layer, nn.Linear) or is_conv1d(self.base_layer):
+        """Merged mode folds the LoRA into the weight, which is right only where the base computes
+        ``F.linear(x, weight, bias)`` (``x @ weight + bias`` for Conv1D): checked on a probe
+        input for Conv1D and for ``nn.Linear`` subclasses that override ``forward``."""
+        base = self.base_layer
+        kind = type(base).__name__
+        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+            return f"merged mode needs nn.Linear or Conv1D weights, got {kind}"
+        if isinstance(base, nn.Linear) and not overrides_forward(base, nn.Linear):
             return None
-        return f"merged mode needs nn.Linear or Conv1D weights, got {type(self.base_layer).__name__}"
+        weight, bias = self.base_weight, getattr(base, "bias", None)
+        if not weight.is_floating_point() or weight.is_meta:
+            return f"merged mode needs floating-point weights with data, got {weight.dtype} on {weight.device}"
+        fin = self.spec.in_dim
+        probe = torch.randn(2, fin, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+
+        def expected(x: torch.Tensor) -> torch.Tensor:
+            w = weight.t() if is_conv1d(base) else weight
+            return torch.nn.functional.linear(x, w, bias if isinstance(bias, torch.Tensor) else None)
+
+        mismatch = forward_mismatch(base, probe, expected)
+        if mismatch is not None:
+            return f"{kind} overrides forward and does not compute the linear map of its weight ({mismatch})"
+        return None
 
     def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Linear weight ``[out, in]``: ``B @ A``; Conv1D weight ``[in, out]``: ``A.T @ B.T``."""

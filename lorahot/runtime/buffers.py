@@ -82,13 +82,26 @@ class Arena:
         with torch.inference_mode(False), torch.no_grad():
             self.A = torch.zeros(regions, a_total, device=device, dtype=dtype)
             self.B = torch.zeros(regions, b_total, device=device, dtype=dtype)
-            # float32 scales (float64 for float64 layers): finer than the weights they scale
-            self.S = torch.zeros(regions, len(specs), device=device, dtype=torch.promote_types(dtype, torch.float32))
+            self.S = torch.zeros(regions, len(specs), device=device, dtype=self.scale_dtype(dtype))
         self.handle = TensorHandle((self.A, self.B, self.S))  # how compiled graphs reach the buffers
         self.a_extent = [0] * regions  # most rows of A any layer uses; rows past it are zero
         self.b_extent = [0] * regions
         self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._flat: dict[tuple[int, int, int], list[torch.Tensor]] = {}
+
+    @staticmethod
+    def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the scales for buffers of ``dtype``: float32, float64 for float64 layers
+        (finer than the weights they scale)."""
+        return torch.promote_types(dtype, torch.float32)
+
+    @classmethod
+    def nbytes_for(cls, specs: list[LayerSpec], max_rank: int, regions: int, dtype: torch.dtype) -> int:
+        """Bytes an arena of these layers would allocate, computed before allocating."""
+        a_total = cls._offsets([max_rank * s.in_dim for s in specs])[1]
+        b_total = cls._offsets([max_rank * s.out_dim for s in specs])[1]
+        scales = len(specs) * cls.scale_dtype(dtype).itemsize
+        return regions * ((a_total + b_total) * dtype.itemsize + scales)
 
     @staticmethod
     def _offsets(sizes: list[int]) -> tuple[list[int], int]:
@@ -260,16 +273,39 @@ class BufferManager:
     ) -> None:
         self.max_rank = max_rank
         self.slots = slots
-        self.regions = slots + 1 if slots > 1 else 1
+        self.regions = self.regions_for(slots)
         self.live = self.regions - 1
+        self.arenas: list[Arena] = []
+        self.where: dict[str, tuple[int, int]] = {}
+        for (device, dtype), names in self.groups(specs).items():
+            self.where.update({n: (len(self.arenas), i) for i, n in enumerate(names)})
+            self.arenas.append(Arena([specs[n][0] for n in names], max_rank, self.regions, device, dtype))
+
+    @staticmethod
+    def regions_for(slots: int) -> int:
+        """One region per slot, plus the live region when there are several."""
+        return slots + 1 if slots > 1 else 1
+
+    @staticmethod
+    def groups(
+        specs: dict[str, tuple[LayerSpec, torch.device, torch.dtype]],
+    ) -> dict[tuple[torch.device, torch.dtype], list[str]]:
+        """Layer names by (device, dtype): one arena each, in first-seen order."""
         groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
         for name, (_, device, dtype) in specs.items():
             groups.setdefault((device, dtype), []).append(name)
-        self.arenas: list[Arena] = []
-        self.where: dict[str, tuple[int, int]] = {}
-        for (device, dtype), names in groups.items():
-            self.where.update({n: (len(self.arenas), i) for i, n in enumerate(names)})
-            self.arenas.append(Arena([specs[n][0] for n in names], max_rank, self.regions, device, dtype))
+        return groups
+
+    @classmethod
+    def nbytes_needed(
+        cls, specs: dict[str, tuple[LayerSpec, torch.device, torch.dtype]], max_rank: int, slots: int
+    ) -> dict[torch.device, int]:
+        """Bytes a manager for these layers would allocate on each device (nothing is allocated)."""
+        needed: dict[torch.device, int] = {}
+        for (device, dtype), names in cls.groups(specs).items():
+            n = Arena.nbytes_for([specs[name][0] for name in names], max_rank, cls.regions_for(slots), dtype)
+            needed[device] = needed.get(device, 0) + n
+        return needed
 
     @property
     def nbytes(self) -> int:

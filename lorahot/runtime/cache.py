@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from lorahot.adapter import Adapter
+from lorahot.errors import UsageError, public_api
 from lorahot.runtime.buffers import Pack
 from lorahot.runtime.plan import LoadPlan
 
@@ -39,35 +40,65 @@ class PreparedAdapter:
 
 
 class AdapterCache:
-    """An LRU of :class:`PreparedAdapter`, bounded by ``budget_bytes`` of packed data."""
+    """An LRU of :class:`PreparedAdapter`, bounded by ``budget_bytes`` of packed data.
+
+    Raises:
+        UsageError: a budget that is not an int >= 0, a key that is not a str, an entry that
+            is not a :class:`PreparedAdapter`.
+    """
 
     def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
+        self._budget = _budget(budget_bytes)
         self._entries: OrderedDict[str, PreparedAdapter] = OrderedDict()
         self._lock = threading.Lock()
 
+    @property
+    def budget_bytes(self) -> int:
+        """Most bytes of packed adapters kept; lowering it evicts at once."""
+        return self._budget
+
+    @budget_bytes.setter
+    def budget_bytes(self, value: int) -> None:
+        budget = _budget(value)
+        with self._lock:
+            self._budget = budget
+            self._evict_locked()
+
+    @public_api
     def get(self, key: str) -> PreparedAdapter | None:
         """The entry for ``key`` (marked most recently used), or None."""
+        _key(key)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
             return entry
 
+    @public_api
     def put(self, entry: PreparedAdapter) -> None:
         """Adds ``entry``, evicting least recently used entries to stay within budget.
 
         An entry larger than the whole budget is not kept.
         """
+        if not isinstance(entry, PreparedAdapter):
+            raise UsageError(
+                f"AdapterCache holds PreparedAdapter objects (from runtime.preload), not {type(entry).__name__}."
+            )
+        _key(entry.key)
         with self._lock:
             self._entries.pop(entry.key, None)
-            if entry.nbytes > self.budget_bytes:
+            if entry.nbytes > self._budget:
                 return
             self._entries[entry.key] = entry
-            while self.nbytes_locked() > self.budget_bytes:
-                self._entries.popitem(last=False)
+            self._evict_locked()
 
+    def _evict_locked(self) -> None:
+        while self.nbytes_locked() > self._budget:
+            self._entries.popitem(last=False)
+
+    @public_api
     def discard(self, key: str) -> None:
+        _key(key)
         with self._lock:
             self._entries.pop(key, None)
 
@@ -88,10 +119,21 @@ class AdapterCache:
     def nbytes_locked(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, key: object) -> bool:
         with self._lock:
-            return key in self._entries
+            return isinstance(key, str) and key in self._entries
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+
+def _budget(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"cache_bytes={value!r} must be an int number of bytes >= 0 (e.g. 2 << 30 for 2 GiB).")
+    return value
+
+
+def _key(key: object) -> None:
+    if not isinstance(key, str):
+        raise UsageError(f"cache keys are str, got {type(key).__name__} {key!r:.60}.")

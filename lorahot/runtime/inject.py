@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from lorahot.errors import UsageError, public_api
-from lorahot.layers import LoRALayer
+from lorahot.layers import LayerSpec, LoRALayer
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.lora_runtime import LoraRuntime
-from lorahot.runtime.merge import check_mergeable
+from lorahot.runtime.merge import check_mergeable, check_untied
+from lorahot.runtime.plan import WEIGHT_DTYPES
 from lorahot.runtime.targets import Targets, layer_placement, match_targets, unwrap_modules, wrap_modules
 
 __all__ = ["inject", "eject"]
+
+
+#: No real adapter comes close (as in the config reader); larger values are a mistake.
+MAX_RANK_LIMIT = 1 << 16
+#: More resident adapters than this belong in the host cache (``preload``), not in slots.
+MAX_SLOTS = 4096
 
 
 @public_api
@@ -34,10 +43,12 @@ def inject(
         targets: module names (a module matches if its name equals an entry or ends with
             ``"." + entry``), a regex (full match), ``"all-linear"``, or a callable
             ``(name, module) -> bool``.
-        max_rank: the largest rank any adapter will have; buffers are allocated at this rank.
-        slots: how many adapters to keep resident at once.
-        dtype: dtype of the LoRA buffers (default: each base weight's dtype).
-        cache_bytes: budget of the host cache of preloaded adapters.
+        max_rank: the largest rank any adapter will have; buffers are allocated at this rank
+            (1 to 65536).
+        slots: how many adapters to keep resident at once (1 to 4096).
+        dtype: dtype of the LoRA buffers (default: each base weight's dtype): float16,
+            bfloat16, float32 or float64.
+        cache_bytes: budget of the host cache of preloaded adapters, an int >= 0.
         merged: fold each adapter into the base weights (forward at base speed; swaps
             rewrite the targeted weights from a pristine copy). See :mod:`lorahot.runtime.merge`.
         fused: run each ``nn.Linear`` LoRA layer as one fused CUDA kernel where it applies
@@ -48,16 +59,16 @@ def inject(
         and ``state_dict()`` are exactly as before.
 
     Raises:
-        ValueError: nothing matches ``targets``.
-        TypeError: a matched module cannot take LoRA.
-        UsageError: bad ``max_rank``/``slots``/``dtype``.
+        UsageError (also a ValueError and a TypeError): an argument of the wrong type or out
+            of range; nothing matches ``targets``; a matched module cannot take LoRA (its type,
+            an embedding whose forward lorahot cannot follow, one module under two names); in
+            merged mode a weight tied to another module; buffers the device cannot hold. The
+            model is then as it was.
     """
-    for value, name in ((max_rank, "max_rank"), (slots, "slots")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"{name}={value!r} must be an integer >= 1.")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise UsageError(f"dtype={dtype!r} must be a floating-point torch.dtype.")
+    _check_arguments(model, max_rank, slots, dtype, cache_bytes, merged, fused)
     names = match_targets(model, targets)
+    if merged:
+        check_untied(model, names)
     layers = wrap_modules(model, names)
     try:
         specs = {}
@@ -70,10 +81,68 @@ def inject(
             if merged:
                 check_mergeable(name, layer, dtype)
             specs[name] = (layer.spec, *layer_placement(layer, dtype, name))
-        return LoraRuntime(model, layers, BufferManager(specs, max_rank, slots), cache_bytes, merged, fused)
+        return LoraRuntime(model, layers, _allocate(specs, max_rank, slots), cache_bytes, merged, fused)
     except BaseException:
         unwrap_modules(model, layers)
         raise
+
+
+def _check_arguments(
+    model: object, max_rank: object, slots: object, dtype: object, cache_bytes: object, merged: object, fused: object
+) -> None:
+    """Every argument of :func:`inject` but ``targets``, before anything is touched."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    for value, name, top in ((max_rank, "max_rank", MAX_RANK_LIMIT), (slots, "slots", MAX_SLOTS)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name}={value!r} must be an integer >= 1.")
+        if value > top:
+            raise UsageError(f"{name}={value} is absurd; it must be at most {top}.")
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        raise UsageError(
+            f"dtype={dtype!r} must be a floating-point torch.dtype LoRA weights can use: torch.float16, "
+            "torch.bfloat16, torch.float32 or torch.float64 (or None: each base weight's dtype)."
+        )
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+        raise UsageError(f"cache_bytes={cache_bytes!r} must be an int number of bytes >= 0 (e.g. 2 << 30 for 2 GiB).")
+    for value, name in ((merged, "merged"), (fused, "fused")):
+        if not isinstance(value, bool):
+            raise UsageError(f"{name}={value!r} must be True or False.")
+
+
+def _allocate(
+    specs: dict[str, tuple[LayerSpec, torch.device, torch.dtype]], max_rank: int, slots: int
+) -> BufferManager:
+    """The buffer manager, or a :class:`UsageError` saying how many bytes it needed where."""
+    needed = BufferManager.nbytes_needed(specs, max_rank, slots)
+    for device, nbytes in needed.items():
+        capacity = _capacity(device)
+        if capacity is not None and nbytes > capacity:
+            raise UsageError(
+                f"the LoRA buffers need {nbytes:,} bytes on {device} (max_rank={max_rank}, slots={slots}), more than "
+                f"its {capacity:,} bytes of memory. Inject with a smaller max_rank or fewer slots."
+            )
+    try:
+        return BufferManager(specs, max_rank, slots)
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        wanted = ", ".join(f"{n:,} bytes on {d}" for d, n in needed.items())
+        raise UsageError(
+            f"allocating the LoRA buffers ({wanted}; max_rank={max_rank}, slots={slots}) failed: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Inject with a smaller max_rank or "
+            "fewer slots, or free memory."
+        ) from None
+
+
+def _capacity(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes, where it can be known without allocating."""
+    try:
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+    except (ValueError, OSError, AttributeError, RuntimeError, AssertionError):
+        return None
+    return None
 
 
 @public_api
@@ -81,8 +150,15 @@ def eject(model: nn.Module) -> nn.Module:
     """Puts every original module back in place of its LoRA wrapper; returns ``model``.
 
     The base weights were never modified (merged mode puts its pristine copy back), so the
-    model computes bitwise what it did before ``inject``. A runtime attached to the model must
-    not be used afterwards.
+    model computes bitwise what it did before ``inject``. Every runtime whose layers were found
+    is ejected with them: its other layers (anywhere in its own model) are unwrapped too, its
+    prefetch thread stops, and each of its operations raises :class:`UsageError` from now on.
     """
-    unwrap_modules(model, {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)})
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    found = {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+    states = {id(layer.state): layer.state for layer in found.values() if layer.state is not None}
+    for state in states.values():
+        state.mark_ejected("lorahot.eject(model)")  # its runtime unwraps its own layers
+    unwrap_modules(model, found)  # layers no runtime took out (or that moved within the model)
     return model

@@ -9,25 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import math
-import os
-from collections.abc import Iterator
+import numbers
+import threading
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from lorahot.adapter import Adapter
 from lorahot.errors import UsageError, public_api
+from lorahot.io.identity import source_identity
 from lorahot.io.loader import read_adapter
 from lorahot.io.sources import Source
-from lorahot.layers import LoRALayer
+from lorahot.layers import LoRALayer, RuntimeState
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from lorahot.runtime.merge import Merger
-from lorahot.runtime.plan import pack_host, plan_load, stage
+from lorahot.runtime.plan import LoadPlan, check_multiplier, pack_host, validate
 from lorahot.runtime.targets import unwrap_modules
 
 __all__ = ["AdapterInfo", "LoraRuntime"]
@@ -58,7 +60,10 @@ class LoraRuntime:
     """Owns the LoRA layers injected into one model and the buffers behind them.
 
     Create it with :func:`lorahot.inject`. Slot ``i`` holds one adapter; the model computes with the
-    active slot. All methods run on a compiled model without recompiling.
+    active slot. All methods run on a compiled model without recompiling. Every method checks
+    its arguments and the runtime's state before it changes anything; once the runtime is
+    ejected (``runtime.eject()`` or ``lorahot.eject(model)``), every method raises
+    :class:`~lorahot.UsageError`.
     """
 
     def __init__(
@@ -75,13 +80,15 @@ class LoraRuntime:
         self.buffers = buffers
         self._active = 0
         self._infos: list[AdapterInfo | None] = [None] * buffers.slots
-        self._base_scales: list[list[torch.Tensor] | None] = [None] * buffers.slots  # per arena
-        self._ejected = False
+        self._plans: list[LoadPlan | None] = [None] * buffers.slots  # what each slot holds: scales per arena
+        self._state = RuntimeState()  # shared with the layers: lorahot.eject(model) marks it
         for name, layer in layers.items():
             a_rows, b_rows, scale, handle = buffers.live_rows(name)
             a, b = layer.live_views(a_rows, b_rows)
-            layer.bind(a, b, scale, handle=handle, fused=fused and not merged)  # merged: base kernels only
+            # merged: base kernels only
+            layer.bind(a, b, scale, handle=handle, fused=fused and not merged, state=self._state)
         self._addresses = {name: layer.bound_address() for name, layer in layers.items()}
+        self._links = _links(model, layers)
         self._specs = {name: layer.spec for name, layer in layers.items()}
         devices = {a.device for a in buffers.arenas}
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
@@ -90,6 +97,8 @@ class LoraRuntime:
         for layer in layers.values():
             layer.merged = merged
         self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        self._state.on_eject(self._detach)
 
     # -- properties -------------------------------------------------------------------------
 
@@ -113,6 +122,7 @@ class LoraRuntime:
     @public_api
     def info(self, slot: int | None = None) -> AdapterInfo | None:
         """What ``slot`` (default: the active one) holds, or None if it is empty."""
+        self._check_usable(placement=False)
         return self._infos[self._slot(self._active if slot is None else slot)]
 
     # -- operations -------------------------------------------------------------------------
@@ -124,11 +134,12 @@ class LoraRuntime:
         """Copies an adapter into ``slot`` in place; the model uses it if ``slot`` is active.
 
         Args:
-            source: anything :func:`lorahot.read_adapter` accepts, an :class:`Adapter`, or a
-                :class:`PreparedAdapter` from :meth:`preload`. A path that was preloaded
-                (with the same read options) is taken from the host cache.
+            source: anything :func:`lorahot.read_adapter` accepts, an :class:`Adapter`, a
+                :class:`PreparedAdapter` from :meth:`preload`, or the ``key`` given to
+                :meth:`preload`. A local path or Hub id preloaded with the same read options is
+                taken from the host cache while its files are unchanged (same size and mtime).
             slot: which slot to fill.
-            scale: a multiplier on every module's ``alpha / r``.
+            scale: a multiplier on every module's ``alpha / r``: a finite real number.
             read_kwargs: passed to :func:`lorahot.read_adapter`: ``revision``, ``subfolder``,
                 ``token``, ``weight_name`` (where to read), ``config`` (PEFT config fields),
                 ``prefix``, ``key_map`` and ``fuse`` (how module keys map onto the layers).
@@ -137,7 +148,8 @@ class LoraRuntime:
             What the slot now holds.
 
         Raises:
-            lorahot.LoraError: the adapter cannot be read or does not fit; nothing changed.
+            lorahot.LoraError: the adapter cannot be read or does not fit (its values out of
+                the buffers' range included); UsageError for a bad call. Nothing changed.
         """
         with _gc_paused():
             return self._load(source, slot, scale, read_kwargs)
@@ -145,19 +157,23 @@ class LoraRuntime:
     def _load(
         self, source: Source | Adapter | PreparedAdapter, slot: int, scale: float, read_kwargs: dict[str, Any]
     ) -> AdapterInfo:
-        slot, scale = self._slot(slot), _finite(scale, "scale")
-        live = slot == self._active
+        slot, multiplier = self._slot(slot), _multiplier(scale)
+        _check_read_options(read_kwargs)
         prepared = self._cached(source, read_kwargs)
         self._check_usable(every_layer=prepared is None)  # every layer: cheap next to reading a file
+        live = slot == self._active
         if prepared is not None:
             adapter, plan = prepared.adapter, prepared.plan
-            self.buffers.write(slot, prepared.packs, scale, live=live)
+            check_multiplier(plan, multiplier, self.buffers)
+            self.buffers.write(slot, prepared.packs, multiplier, live=live)
         else:
             adapter = read_adapter(source, device=self._read_device, **read_kwargs)  # type: ignore[arg-type]
-            plan = plan_load(adapter, self.buffers, self._specs)
-            self.buffers.write_staged(slot, stage(plan, self.buffers), plan.scales, scale, live=live)
-        self._base_scales[slot] = plan.scales
-        info = AdapterInfo(adapter.source, adapter.format, slot, scale, plan.ranks, plan.nbytes)
+            checked = validate(adapter, self.buffers, self._specs, stage=True)
+            plan = checked.plan
+            check_multiplier(plan, multiplier, self.buffers)
+            self.buffers.write_staged(slot, checked.entries, plan.scales, multiplier, live=live)
+        self._plans[slot] = plan
+        info = AdapterInfo(adapter.source, adapter.format, slot, multiplier, plan.ranks, plan.nbytes)
         self._infos[slot] = info
         self._remerge(slot)
         return info
@@ -166,26 +182,40 @@ class LoraRuntime:
     def preload(self, source: Source | Adapter, *, key: str | None = None, **read_kwargs: Any) -> PreparedAdapter:
         """Reads, checks and packs an adapter into the host cache without touching the model.
 
-        A later ``load(source)`` (same path and read options, or ``key``) or
-        ``load(prepared)`` then only copies: one host-to-device copy per buffer. Safe to call
-        from any thread. Raises what :meth:`load` raises.
+        The checks are :meth:`load`'s own (one validation path), so a preloaded adapter always
+        loads. A later ``load(key)`` (when ``key`` is given), ``load(source)`` (a local path or
+        Hub id with the same read options, its files unchanged since) or ``load(prepared)``
+        then only copies: one host-to-device copy per buffer. Safe to call from any thread.
+        Raises what :meth:`load` raises.
         """
+        _check_read_options(read_kwargs)
+        if key is not None and not (isinstance(key, str) and key):
+            raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
         self._check_usable()
-        cache_key = key if key is not None else _cache_key(source, read_kwargs) or f"<object {id(source)}>"
+        identity = _cache_key(source, read_kwargs)
         adapter = read_adapter(source, **read_kwargs)
-        plan = plan_load(adapter, self.buffers, self._specs)
-        prepared = PreparedAdapter(cache_key, adapter, plan, pack_host(plan, self.buffers), self.buffers)
-        self.cache.put(prepared)
+        checked = validate(adapter, self.buffers, self._specs, stage=False)
+        cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
+        prepared = PreparedAdapter(cache_key, adapter, checked.plan, pack_host(checked, self.buffers), self.buffers)
+        if key is not None or identity is None or _cache_key(source, read_kwargs) == identity:
+            self.cache.put(prepared)  # (a file that changed while it was read is not cached)
         return prepared
 
     @public_api
     def prefetch(
         self, source: Source | Adapter, *, key: str | None = None, **read_kwargs: Any
     ) -> Future[PreparedAdapter]:
-        """:meth:`preload` on a background thread; the future raises what preload raises."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahot-prefetch")
-        return self._executor.submit(self.preload, source, key=key, **read_kwargs)
+        """:meth:`preload` on a background thread; the future raises what preload raises.
+
+        The call itself checks the runtime and the options (and raises at once)."""
+        _check_read_options(read_kwargs)
+        if key is not None and not (isinstance(key, str) and key):
+            raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
+        with self._executor_lock:
+            self._check_usable(placement=False)  # under the lock: eject cannot slip in between
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahot-prefetch")
+            return self._executor.submit(self.preload, source, key=key, **read_kwargs)
 
     def _cached(
         self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any]
@@ -194,15 +224,31 @@ class LoraRuntime:
         if isinstance(source, PreparedAdapter):
             if source.owner is not self.buffers:
                 raise UsageError("this PreparedAdapter was made for another runtime; preload it on this one.")
+            if read_kwargs:
+                raise UsageError(
+                    f"read options ({', '.join(sorted(read_kwargs))}) do not apply to a PreparedAdapter, which was "
+                    "read already; pass them to preload instead."
+                )
             return source
-        cache_key = _cache_key(source, read_kwargs)
-        return self.cache.get(cache_key) if cache_key is not None else None
+        hit = None
+        if isinstance(source, str) and not read_kwargs:
+            hit = self.cache.get(source)  # a key given to preload
+        if hit is None:
+            cache_key = _cache_key(source, read_kwargs)
+            hit = self.cache.get(cache_key) if cache_key is not None else None
+        if hit is not None and hit.owner is not self.buffers:
+            raise UsageError(
+                f"the cache entry {hit.key!r} was prepared for another runtime (put into this runtime's cache by "
+                "hand); discard it and preload the adapter on this runtime."
+            )
+        return hit
 
     @public_api
     def activate(self, slot: int) -> None:
         """Makes the model compute with ``slot`` (an empty slot means no adapter)."""
         self._check_usable()
-        self.buffers.activate(self._slot(slot))
+        slot = self._slot(slot)
+        self.buffers.activate(slot)
         self._active = slot
         self._remerge(slot)
 
@@ -213,19 +259,25 @@ class LoraRuntime:
         for s in range(self.slots) if slot is None else [self._slot(slot)]:
             self.buffers.clear(s, live=s == self._active)
             self._infos[s] = None
-            self._base_scales[s] = None
+            self._plans[s] = None
             self._remerge(s)
 
     @public_api
     def set_scale(self, value: float, slot: int | None = None) -> None:
-        """Sets the user multiplier of ``slot`` (default: the active slot). 0 disables it."""
+        """Sets the user multiplier of ``slot`` (default: the active slot). 0 disables it.
+
+        Raises:
+            UsageError: ``value`` is not a finite real number, or times the adapter's
+                ``alpha / r`` it leaves the scale buffers' range; the slot is empty.
+        """
         self._check_usable()
         s = self._slot(self._active if slot is None else slot)
-        value = _finite(value, "scale")
-        base, info = self._base_scales[s], self._infos[s]
-        if base is None or info is None:
+        value = _multiplier(value)
+        plan, info = self._plans[s], self._infos[s]
+        if plan is None or info is None:
             raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
-        self.buffers.set_scales(s, [b * value for b in base], live=s == self._active)
+        check_multiplier(plan, value, self.buffers)
+        self.buffers.set_scales(s, [b * value for b in plan.scales], live=s == self._active)
         self._infos[s] = AdapterInfo(info.source, info.format, s, value, info.ranks, info.nbytes)
         self._remerge(s)
 
@@ -234,22 +286,27 @@ class LoraRuntime:
         """Puts back the original modules this runtime wrapped; the runtime is done.
 
         Layers injected by another runtime on the same model stay in place. The prefetch
-        thread, if one was started, finishes its current adapter and stops.
+        thread, if one was started, finishes its current adapter and stops. A model edited
+        since inject can still be ejected: layers no longer where inject put them are left.
         """
-        self._check_usable()
-        unwrap_modules(self.model, self.layers)
-        self._ejected = True
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        self._check_usable(placement=False)
+        self._state.mark_ejected("runtime.eject()")
         return self.model
+
+    def _detach(self) -> None:
+        """Run once when the shared state is marked ejected, by either eject."""
+        unwrap_modules(self.model, self.layers)
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def _remerge(self, slot: int) -> None:
         """In merged mode, rewrites the base weights after ``slot`` changed, if it is live."""
         if self._merger is None or slot != self._active:
             return
-        base, info = self._base_scales[slot], self._infos[slot]
-        self._merger.apply(None if base is None else [b * (info.scale if info else 1.0) for b in base])
+        plan, info = self._plans[slot], self._infos[slot]
+        self._merger.apply(None if plan is None else [b * (info.scale if info else 1.0) for b in plan.scales])
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -261,9 +318,22 @@ class LoraRuntime:
             )
         return slot
 
-    def _check_usable(self, every_layer: bool = False) -> None:
-        if self._ejected:
-            raise UsageError("this runtime was ejected; call lorahot.inject again.")
+    def _check_usable(self, *, placement: bool = True, every_layer: bool = False) -> None:
+        """Raises :class:`UsageError` unless the runtime serves: not ejected, and (``placement``)
+        every layer still in the model where inject put it, on the buffers it was bound to
+        (checked on the first layer of the runtime, or on ``every_layer``)."""
+        how = self._state.ejected
+        if how is not None:
+            raise UsageError(f"this runtime was ejected; call lorahot.inject again ({how} took its layers out).")
+        if not placement:
+            return
+        if not all(children.get(child) is module for children, child, module in self._links):
+            name = next(n for n, layer in self.layers.items() if _at(self.model, n) is not layer)
+            raise UsageError(
+                f"{name}: this LoRA layer is no longer in the model (a module on its path was replaced or deleted "
+                "after inject), so a load would change nothing the model computes. Call runtime.eject(), then "
+                "inject into the model as it is now."
+            )
         names = list(self.layers) if every_layer else list(self.layers)[:1]
         moved = [n for n in names if self.layers[n].bound_address() != self._addresses[n]]
         if moved:
@@ -279,12 +349,75 @@ class LoraRuntime:
         )
 
 
+#: Options :func:`lorahot.read_adapter` takes through ``load``/``preload``/``prefetch``
+#: (``device`` is the runtime's choice).
+READ_OPTIONS = ("revision", "subfolder", "token", "weight_name", "config", "prefix", "key_map", "fuse")
+_anonymous = itertools.count()
+
+
+def _check_read_options(read_kwargs: dict[str, Any]) -> None:
+    """The read options' names and types; their values are the reader's to check."""
+    unknown = sorted(set(read_kwargs) - set(READ_OPTIONS))
+    if unknown:
+        raise UsageError(
+            f"unknown read option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; the read options "
+            f"are {', '.join(READ_OPTIONS)}"
+            + (" (device is where the runtime's buffers are; it is not an option)." if "device" in unknown else ".")
+        )
+    for name, value in read_kwargs.items():
+        kinds = _OPTION_TYPES[name]
+        if value is not None and not isinstance(value, kinds):
+            wanted = " or ".join("a mapping" if k is Mapping else k.__name__ for k in kinds)
+            raise UsageError(f"{name}={value!r:.80} must be {wanted} (or None), not {type(value).__name__}.")
+
+
+_OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "revision": (str,),
+    "subfolder": (str,),
+    "token": (str, bool),
+    "weight_name": (str,),
+    "config": (Mapping,),
+    "prefix": (str,),
+    "key_map": (Mapping,),
+    "fuse": (Mapping,),
+}
+
+
+def _links(model: nn.Module, layers: dict[str, LoRALayer]) -> list[tuple[dict[str, Any], str, nn.Module]]:
+    """Every ``(parent's children, child name, child)`` on the paths from ``model`` to its
+    layers, once each: checking that each parent still holds its child proves every layer is
+    still in the model (about 8 us for 154 layers)."""
+    links: dict[tuple[int, str], tuple[dict[str, Any], str, nn.Module]] = {}
+    for name in layers:
+        parent = model
+        for part in name.split("."):
+            child = parent._modules[part]
+            if child is None:  # inject just put the layer there
+                break
+            links.setdefault((id(parent), part), (parent._modules, part, child))
+            parent = child
+    return list(links.values())
+
+
+def _at(model: nn.Module, name: str) -> nn.Module | None:
+    module: nn.Module | None = model
+    for part in name.split("."):
+        module = module._modules.get(part) if module is not None else None
+    return module
+
+
 def _cache_key(source: Any, read_kwargs: dict[str, Any]) -> str | None:
-    """Cache key of a path-like source (with its read options); None for in-memory sources."""
-    if isinstance(source, (str, os.PathLike)):
-        extra = ",".join(f"{k}={read_kwargs[k]!r}" for k in sorted(read_kwargs))
-        return f"{os.fspath(source)}|{extra}"
-    return None
+    """Cache key of a local path or Hub id: its identity (which files, their size and mtime;
+    :func:`lorahot.io.identity.source_identity`) and the options that shape what is read.
+    None for in-memory sources and sources that cannot be found."""
+    identity = source_identity(source, **read_kwargs)
+    if identity is None:
+        return None
+    shaping = {k: v for k, v in read_kwargs.items() if k in ("config", "prefix", "key_map", "fuse")}
+    try:
+        return identity + "".join(f"|{k}={shaping[k]!r}" for k in sorted(shaping))
+    except Exception:  # a user object whose repr fails: not cached
+        return None
 
 
 @contextlib.contextmanager
@@ -305,11 +438,25 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _finite(value: float, name: str) -> float:
+def _multiplier(value: object, name: str = "scale") -> float:
+    """The user's scale as a float: a finite real number (not a bool, a str or a tensor)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UsageError(
+            f"{name}={_shown(value)} is not a number: pass a finite real number (a float), not {type(value).__name__}."
+        )
     try:
         v = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name}={value!r} is not a number.") from None
+    except (OverflowError, ValueError, TypeError):
+        raise UsageError(f"{name}={_shown(value)} is too large for a float; pass a finite number.") from None
     if not math.isfinite(v):
-        raise UsageError(f"{name}={value!r} must be finite.")
+        raise UsageError(f"{name}={_shown(value)} must be finite.")
     return v
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` cut to 40 characters, for messages (never raises)."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -13,12 +13,13 @@ all input channels), and only modules whose weight layout lorahot knows are acce
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.layers import LoRALayer
 from lorahot.runtime.buffers import BufferManager
 
-__all__ = ["Merger", "check_mergeable"]
+__all__ = ["Merger", "check_mergeable", "check_untied"]
 
 
 def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> None:
@@ -29,6 +30,53 @@ def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> N
     weight = layer.base_weight
     if dtype is not None and dtype != weight.dtype:
         raise UsageError(f"merged mode computes in the base weights' dtype ({weight.dtype}); drop dtype={dtype}.")
+    if not weight.is_contiguous():
+        raise UsageError(
+            f"{name}: merged mode rewrites the weight in place and needs it contiguous; its strides are "
+            f"{weight.stride()} for shape {tuple(weight.shape)}. Make it contiguous before inject, or drop merged=True."
+        )
+
+
+def check_untied(model: nn.Module, names: list[str]) -> None:
+    """Refuses a target whose weight shares memory with any other tensor of the model.
+
+    Merged mode rewrites each targeted weight in place, so a weight tied to another module (an
+    ``lm_head`` sharing ``embed_tokens.weight``, or any view of the same storage) would change
+    that module too. Found by storage and byte range, not by names.
+
+    Raises:
+        UsageError: naming the target and the module its weight is tied to.
+    """
+    by_storage: dict[tuple[torch.device, int], list[tuple[str, torch.Tensor]]] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for qualname, t in named:
+        if t.device.type != "meta" and t.numel():
+            by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append((qualname, t))
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta" or not weight.numel():
+            continue
+        own = f"{name}.weight"
+        for qualname, t in by_storage.get((weight.device, weight.untyped_storage().data_ptr()), []):
+            if qualname != own and _overlap(t, weight):
+                owner = qualname.rpartition(".")[0] or "the model"
+                raise UsageError(
+                    f"{name}: its weight is tied to {owner} ({qualname} shares its memory); merged mode would rewrite "
+                    f"both {name} and {owner}. Inject without merged=True, or untie the weights (give {owner} its own "
+                    "copy) first."
+                )
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one storage touch a common byte."""
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        start = int(t.storage_offset()) * t.element_size()
+        last = sum((int(size) - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        return start, start + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 class Merger:

@@ -1,26 +1,43 @@
 """Planning a load: map an adapter onto the injected layers, check everything, stage it.
 
-Nothing here touches the model. :func:`plan_load` checks keys, shapes, ranks and alphas and
-either raises listing every problem or returns a :class:`LoadPlan`. :func:`stage` then moves
-the tensors to the arenas' devices and checks their values (NaN/Inf) there, and
-:func:`pack_host` packs them into one compact host buffer per arena for the cache. Only after
-all of that does the buffer manager write.
+Nothing here touches the model. One function, :func:`validate`, decides whether an adapter
+can be loaded, for ``load`` and ``preload`` alike: :func:`plan_load` checks keys, shapes,
+ranks, dtypes, alphas and the scales ``alpha / r`` against the scale buffers' range, then the
+values (NaN, Inf, beyond the buffers' dtype) are checked where the tensors are: on the
+arenas' devices for ``load`` (after :func:`stage` moved them there), where they were read for
+``preload``. What passes is then written (``load``) or packed into one compact host buffer per
+arena (:func:`pack_host`, ``preload``); neither can fail on the adapter's content any more.
+:func:`check_multiplier` checks the user's scale on top, for ``load`` and ``set_scale``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import torch
 
 from lorahot.adapter import Adapter, LoraModule
-from lorahot.errors import AdapterMismatchError, AdapterReadError, format_problems
+from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems
 from lorahot.layers.base import LayerSpec
 from lorahot.resolve.keys import resolve_keys
-from lorahot.runtime.buffers import BufferManager, Entry, Pack
+from lorahot.runtime.buffers import Arena, BufferManager, Entry, Pack
 
-__all__ = ["LoadPlan", "Staged", "plan_load", "check_module", "check_values", "stage", "pack_host"]
+__all__ = [
+    "WEIGHT_DTYPES",
+    "LoadPlan",
+    "Staged",
+    "Checked",
+    "validate",
+    "plan_load",
+    "check_module",
+    "check_values",
+    "check_multiplier",
+    "stage_entries",
+    "pack_host",
+]
 
 
 @dataclass
@@ -31,6 +48,7 @@ class LoadPlan:
         targets: injected layer name -> the adapter module loaded into it.
         entries: per arena (the buffer manager's order), ``(layer index, module)`` pairs.
         scales: per arena, float64 ``[n_layers]``: each layer's ``alpha / r`` (0 if untouched).
+        largest: per arena, the largest ``|alpha / r|`` (what the user's scale multiplies).
         source: where the adapter came from, for messages.
         ranks: injected layer name -> the rank loaded into it.
         nbytes: bytes of adapter weights (before padding).
@@ -39,9 +57,49 @@ class LoadPlan:
     targets: dict[str, LoraModule]
     entries: list[list[tuple[int, LoraModule]]]
     scales: list[torch.Tensor]
+    largest: list[float]
     source: str
     ranks: dict[str, int]
     nbytes: int
+
+
+def _check_structure(adapter: Adapter) -> None:
+    """An :class:`Adapter` built by hand must still be one: LoraModules holding tensors and a
+    real alpha (readers always produce that).
+
+    Raises:
+        UsageError: not an Adapter, or its ``modules`` not a mapping of str to LoraModule.
+        AdapterReadError: a module whose A or B is not a tensor, or whose alpha is not a number.
+    """
+    if not isinstance(adapter, Adapter) or not isinstance(adapter.modules, Mapping):
+        raise UsageError(f"expected a lorahot.Adapter whose modules map keys to LoraModule, got {adapter!r:.80}.")
+    wrong = [k for k, m in adapter.modules.items() if not (isinstance(k, str) and isinstance(m, LoraModule))]
+    if wrong:
+        raise UsageError(f"Adapter.modules must map str keys to LoraModule; entries {wrong[:5]!r} do not.")
+    problems = [f"{key}: {what}" for key, m in adapter.modules.items() for what in _malformed(m)]
+    if problems:
+        raise AdapterReadError(
+            format_problems(f"{adapter.source}: values that cannot be LoRA weights:", problems)
+            + "\nBuild each LoraModule from tensors and a float alpha (or read the adapter with lorahot.read_adapter)."
+        )
+
+
+def _malformed(module: LoraModule) -> list[str]:
+    """What makes a hand-built module unusable before its shapes can even be looked at."""
+    found = [
+        f"{role} is a {type(t).__name__}, not a torch.Tensor"
+        for role, t in (("A", module.A), ("B", module.B))
+        if not isinstance(t, torch.Tensor)
+    ]
+    alpha: object = module.alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        found.append(f"alpha is {alpha!r:.40}, not a number")
+    else:
+        try:
+            float(alpha)
+        except (OverflowError, ValueError):
+            found.append(f"alpha is {alpha!r:.40}, too large for a float")
+    return found
 
 
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:
@@ -62,16 +120,17 @@ def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) 
     return []
 
 
-#: dtypes lorahot copies from; float8 and integer weights are refused (torch lacks kernels
-#: lorahot's checks need for float8 on the CPU, and no LoRA trainer writes them).
-_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: dtypes lorahot copies from, and the dtypes its buffers may have; float8 and integer weights
+#: are refused (torch lacks kernels lorahot's checks and matmuls need for float8 on the CPU,
+#: and no LoRA trainer writes them).
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_values(name: str, module: LoraModule) -> list[str]:
     """Problems with ``module``'s content that no model could accept: dtype, storage, alpha."""
     where = _where(name, module)
     for t, which in ((module.A, "A"), (module.B, "B")):
-        if t.dtype not in _WEIGHT_DTYPES:
+        if t.dtype not in WEIGHT_DTYPES:
             return [f"{where}: {which} has dtype {t.dtype}; LoRA weights must be float16, bfloat16, float32 or float64"]
         if t.layout != torch.strided or t.device.type == "meta":
             return [
@@ -89,14 +148,16 @@ def _where(name: str, module: LoraModule) -> str:
 def plan_load(adapter: Adapter, buffers: BufferManager, specs: dict[str, LayerSpec]) -> LoadPlan:
     """Resolves and checks ``adapter`` for the layers ``specs`` whose storage ``buffers`` holds.
 
-    Layers the adapter does not touch get zeros and scale 0.
+    Layers the adapter does not touch get zeros and scale 0. The plan holds the adapter's
+    tensors detached (a tensor that requires grad is read like any other).
 
     Raises:
         AdapterMismatchError: keys that map onto no injected layer (or onto one twice), or
             shapes and ranks the layers cannot take.
         AdapterReadError: values no model could take: non-float dtypes, alpha <= 0 or not
-            finite, NaN or Inf.
+            finite, a scale ``alpha / r`` beyond the range of the layer's scale buffer.
     """
+    _check_structure(adapter)
     targets = resolve_keys(adapter, list(specs))
     problems = [p for name, m in targets.items() for p in check_module(name, m, specs[name], buffers.max_rank)]
     if problems:
@@ -105,71 +166,155 @@ def plan_load(adapter: Adapter, buffers: BufferManager, specs: dict[str, LayerSp
             + "\nLoad an adapter trained for this model and these target modules, or inject with a larger max_rank."
         )
     unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
+    unreadable += [p for name, m in targets.items() for p in _check_scale(name, m, buffers)]
     if unreadable:
         raise AdapterReadError(
             format_problems(f"{adapter.source}: values that cannot be LoRA weights:", unreadable)
             + "\nRe-save the adapter in float16/bfloat16/float32 with a positive alpha."
         )
+    targets = {name: replace(m, A=m.A.detach(), B=m.B.detach()) for name, m in targets.items()}
     entries: list[list[tuple[int, LoraModule]]] = [[] for _ in buffers.arenas]
     scales = [torch.zeros(len(a.specs), dtype=torch.float64) for a in buffers.arenas]
+    largest = [0.0] * len(buffers.arenas)
     for name, m in targets.items():
         arena, index = buffers.where[name]
         entries[arena].append((index, m))
-        scales[arena][index] = m.scale
+        scales[arena][index] = scale = float(m.scale)
+        largest[arena] = max(largest[arena], abs(scale))
     ranks = {n: m.rank for n, m in targets.items()}
-    return LoadPlan(targets, entries, scales, adapter.source, ranks, adapter.nbytes)
+    return LoadPlan(targets, entries, scales, largest, adapter.source, ranks, adapter.nbytes)
 
 
-#: per arena, ``(layer index, A, B)`` triples already on the arena's device
+def _check_scale(name: str, module: LoraModule, buffers: BufferManager) -> list[str]:
+    """The module's ``alpha / r`` must fit the scale buffer it is written to."""
+    arena = buffers.arenas[buffers.where[name][0]]
+    dtype = arena.S.dtype
+    top = torch.finfo(dtype).max
+    scale = float(module.scale)
+    if math.isfinite(scale) and abs(scale) <= top:
+        return []
+    return [
+        f"{_where(name, module)}: alpha {float(module.alpha):g} over rank {module.rank} gives scale {scale:g}, beyond "
+        f"the range of the {dtype} scale buffer (max {top:.4g}); the alpha is corrupt"
+    ]
+
+
+def check_multiplier(plan: LoadPlan, multiplier: float, buffers: BufferManager) -> None:
+    """The user's ``multiplier`` on the plan's per-layer scales must keep every scale within
+    its buffer's range (Python floats only: cheap enough for every ``set_scale``).
+
+    Raises:
+        UsageError: naming the scale, the largest product and the largest scale allowed.
+    """
+    for arena, largest in zip(buffers.arenas, plan.largest):
+        top = torch.finfo(arena.S.dtype).max
+        if largest * abs(multiplier) > top:  # a Python float: overflow shows as inf
+            raise UsageError(
+                f"scale={multiplier:g} times the adapter's largest alpha/r ({largest:g}) is {largest * multiplier:g}, "
+                f"beyond the range of the {arena.S.dtype} scale buffers (max {top:.4g}). Pass a scale of at most "
+                f"{top / largest:.4g} in magnitude."
+            )
+
+
+#: per arena, ``(layer index, A, B)`` triples
 Staged = list[list[Entry]]
 
 
-def stage(plan: LoadPlan, buffers: BufferManager) -> Staged:
-    """Moves every A and B to its arena's device and checks the values there.
+@dataclass
+class Checked:
+    """An adapter that passed every check, ready to write (``entries`` on the arenas'
+    devices) or to pack (``entries`` where they were read)."""
 
-    Returns per arena ``(layer index, A, B)`` triples ready for ``BufferManager.write_staged``.
-
-    Raises:
-        AdapterReadError: NaN or Inf in any weight (nothing has been written).
-    """
-    staged = [
-        [(i, m.A.to(arena.device), m.B.to(arena.device)) for i, m in entries]
-        for arena, entries in zip(buffers.arenas, plan.entries)
-    ]
-    for arena, entries in zip(buffers.arenas, staged):
-        tensors = [t for _, a, b in entries for t in (a, b)]
-        if tensors and not _fits(torch.stack(torch._foreach_norm(tensors, float("inf"))), arena.dtype):
-            _raise_not_finite(plan)
-    return staged
+    plan: LoadPlan
+    entries: Staged
 
 
-def _fits(max_abs: torch.Tensor, dtype: torch.dtype) -> bool:
-    """True when every value is finite and representable in ``dtype`` (NaN compares False)."""
-    return bool((max_abs.double() <= torch.finfo(dtype).max).all())
+def validate(adapter: Adapter, buffers: BufferManager, specs: dict[str, LayerSpec], *, stage: bool) -> Checked:
+    """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
-
-def pack_host(plan: LoadPlan, buffers: BufferManager) -> list[Pack]:
-    """Packs the plan into one host buffer per arena (pinned for GPU arenas), checks the values.
+    Args:
+        stage: move the tensors to the arenas' devices first (``load``); else check them where
+            they are (``preload``, which packs them on the host).
 
     Raises:
-        AdapterReadError: NaN or Inf in any weight, or values that overflow the arena dtype.
+        AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
+            weight, or values beyond the range of the arena's dtype. Nothing has been written.
     """
+    plan = plan_load(adapter, buffers, specs)
+    entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
+    _check_range(plan, buffers, entries)
+    return Checked(plan, entries)
+
+
+def stage_entries(plan: LoadPlan, buffers: BufferManager) -> Staged:
+    """Moves every A and B to its arena's device (no checks: see :func:`validate`)."""
+    with torch.no_grad():
+        return [
+            [(i, m.A.to(arena.device), m.B.to(arena.device)) for i, m in entries]
+            for arena, entries in zip(buffers.arenas, plan.entries)
+        ]
+
+
+def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None:
+    """Every value finite and within the arena dtype's range (so converting it stays finite).
+
+    Raises:
+        AdapterReadError: naming the modules with NaN or Inf, or else those out of range.
+    """
+    names = {(a, i): n for n, (a, i) in buffers.where.items()}
+    bad_values: list[str] = []
+    too_large: list[str] = []
+    for a, (arena, entries) in enumerate(zip(buffers.arenas, staged)):
+        tensors = [t for _, A, B in entries for t in (A, B)]
+        if not tensors:
+            continue
+        top = torch.finfo(arena.dtype).max
+        largest = _max_abs(tensors)  # float64 [2 * n], host
+        if bool((largest <= top).all()):  # NaN compares False
+            continue
+        for k, (i, _, _) in enumerate(entries):
+            pair = largest[2 * k : 2 * k + 2]
+            if not bool(torch.isfinite(pair).all()):
+                bad_values.append(names[(a, i)])
+            elif not bool((pair <= top).all()):
+                too_large.append(
+                    f"{names[(a, i)]}: largest |value| {float(pair.max()):.6g} > {_dtype_name(arena)} max {top:.6g}"
+                )
+    if bad_values or too_large:
+        lines = bad_values or ["(values too large for the model's dtype)", *too_large]
+        raise AdapterReadError(
+            format_problems(f"{plan.source}: NaN or Inf in LoRA weights of:", lines)
+            + "\nThe adapter is corrupt; re-train or re-download it."
+        )
+
+
+def _dtype_name(arena: Arena) -> str:
+    return str(arena.dtype).removeprefix("torch.")
+
+
+def _max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The largest ``|value|`` of each tensor (NaN if it holds one), as float64 on the host;
+    one reduction and one transfer per device."""
+    out = torch.empty(len(tensors), dtype=torch.float64)
+    by_device: dict[torch.device, list[int]] = {}
+    for k, t in enumerate(tensors):
+        if t.numel() == 0:  # the inf norm of nothing is undefined; nothing is out of range
+            out[k] = 0.0
+        else:
+            by_device.setdefault(t.device, []).append(k)
+    with torch.no_grad():
+        for ks in by_device.values():
+            norms = torch._foreach_norm([tensors[k] for k in ks], float("inf"))
+            out[ks] = torch.stack([n.double() for n in norms]).cpu()
+    return out
+
+
+def pack_host(checked: Checked, buffers: BufferManager) -> list[Pack]:
+    """Packs a checked adapter into one host buffer per arena (pinned for GPU arenas)."""
     packs = []
-    for arena, entries, scales in zip(buffers.arenas, plan.entries, plan.scales):
-        pack = arena.pack([(i, m.A, m.B) for i, m in entries], pin=arena.device.type == "cuda")
-        pack.scales.copy_(scales)
-        packs.append(pack)
-    if not all(bool(torch.isfinite(p.data).all()) for p in packs):
-        _raise_not_finite(plan)  # in the arena dtype: overflow shows as Inf too
+    with torch.no_grad():
+        for arena, entries, scales in zip(buffers.arenas, checked.entries, checked.plan.scales):
+            pack = arena.pack(entries, pin=arena.device.type == "cuda")
+            pack.scales.copy_(scales)
+            packs.append(pack)
     return packs
-
-
-def _raise_not_finite(plan: LoadPlan) -> None:
-    bad = [
-        n for n, m in plan.targets.items() if not (bool(torch.isfinite(m.A).all()) and bool(torch.isfinite(m.B).all()))
-    ]
-    bad = bad or ["(values too large for the model's dtype)"]
-    raise AdapterReadError(
-        format_problems(f"{plan.source}: NaN or Inf in LoRA weights of:", bad)
-        + "\nThe adapter is corrupt; re-train or re-download it."
-    )

@@ -8,7 +8,7 @@ says where a layer's buffers live. :mod:`lorahot.runtime.inject` drives them.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from torch import nn
 from lorahot.errors import UsageError
 from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
 from lorahot.layers.linear import is_conv1d
+from lorahot.runtime.plan import WEIGHT_DTYPES
 
 __all__ = ["Targets", "match_targets", "wrap_modules", "unwrap_modules", "layer_placement"]
 
@@ -43,22 +44,48 @@ def _output_layer_names(model: nn.Module) -> set[str]:
 
 def _matcher(model: nn.Module, targets: Targets) -> Callable[[str, nn.Module], bool]:
     if callable(targets):
-        return targets
+        return _guarded(targets)
     if isinstance(targets, str):
         if targets == "all-linear":
             skip = _output_layer_names(model)
             return lambda name, m: _is_plain_linear(m) and name not in skip
         try:
             pattern = re.compile(targets)
-        except re.error as exc:
+        except (re.error, RecursionError, OverflowError) as exc:
             raise UsageError(f"targets={targets!r} is not a valid regex ({exc}).") from None
         return lambda name, m: pattern.fullmatch(name) is not None
-    entries = list(targets)
-    if not entries or not all(isinstance(e, str) for e in entries):
+    entries = _entries(targets)
+    return lambda name, m: any(name == e or name.endswith("." + e) for e in entries)
+
+
+def _entries(targets: object) -> list[str]:
+    """The module names of a list-like ``targets``, or a :class:`UsageError`."""
+    entries: list[object] = []
+    if isinstance(targets, Iterable) and not isinstance(targets, (bytes, bytearray, torch.Tensor)):
+        try:
+            entries = list(targets)
+        except Exception:  # a user iterable that cannot be iterated
+            entries = []
+    if not entries or not all(isinstance(e, str) and e for e in entries):
         raise UsageError(
             f"targets must be a non-empty list of module names, a regex, 'all-linear' or a callable; got {targets!r}."
         )
-    return lambda name, m: any(name == e or name.endswith("." + e) for e in entries)
+    return [str(e) for e in entries]
+
+
+def _guarded(match: Callable[[str, nn.Module], object]) -> Callable[[str, nn.Module], bool]:
+    """A user's ``(name, module) -> bool``, whose exceptions become a :class:`UsageError`."""
+
+    def call(name: str, module: nn.Module) -> bool:
+        try:
+            return bool(match(name, module))
+        except Exception as exc:
+            raise UsageError(
+                f"targets callable raised {type(exc).__name__} on module {name!r} ({type(module).__name__}): {exc}. "
+                "Fix the callable so it returns True or False for every module."
+            ) from None
+
+    return call
 
 
 def match_targets(model: nn.Module, targets: Targets) -> list[str]:
@@ -94,7 +121,24 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
         raise UsageError(
             f"targets select both {p} and its submodule {c}; narrow targets so no match lies inside another."
         )
+    _check_single_path(model, names, modules)
     return names
+
+
+def _check_single_path(model: nn.Module, names: list[str], modules: dict[str, nn.Module]) -> None:
+    """Refuses a target the model reaches under several names (one module object used twice):
+    wrapping replaces it under one name only, and the other would run without LoRA."""
+    paths: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(n)
+    for n in names:
+        others = [p for p in paths.get(id(modules[n]), []) if p != n]
+        if others:
+            raise UsageError(
+                f"{n}: this {type(modules[n]).__name__} is also the model's {others[0]} (one module used under two "
+                "names); lorahot would wrap it under one name only and the other would run without the adapter. "
+                "Give each use its own module (copy.deepcopy), or exclude it from targets."
+            )
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -104,40 +148,68 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
-    """Replaces each named module by its LoRA wrapper; returns the wrappers by name."""
+    """Replaces each named module by its LoRA wrapper; returns the wrappers by name.
+
+    Every wrapper is built (and its base checked) before the first module is replaced, so a
+    refusal leaves the model as it was.
+    """
     layers = {}
     for name in names:
         base = model.get_submodule(name)
         wrapper = layer_class_for(base)
         if wrapper is None:  # match_targets checked every name; a model changed since
             raise UsageError(f"{name}: cannot add LoRA to {type(base).__name__}.")
-        layer = wrapper(base)
+        try:
+            layers[name] = wrapper(base)
+        except UsageError as exc:
+            raise UsageError(f"{name}: {exc}") from None
+    for name, layer in layers.items():
         _set_submodule(model, name, layer)
-        layers[name] = layer
     return layers
 
 
-def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> None:
+def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
     """Puts each wrapper's base module back in its place; the inverse of :func:`wrap_modules`.
 
-    A merged-mode layer first gets its pristine base weight back.
+    A merged-mode layer first gets its pristine base weight back (wherever the layer is now).
+    A name where ``model`` no longer holds the wrapper (the model was edited since) is left
+    alone; returns those names.
     """
+    gone = []
     for name, layer in layers.items():
         if layer.pristine_weight is not None:
             with torch.no_grad():
                 layer.base_weight.copy_(layer.pristine_weight)
-        _set_submodule(model, name, layer.base_layer)
+        if _submodule(model, name) is layer:
+            _set_submodule(model, name, layer.base_layer)
+        else:
+            gone.append(name)
+    return gone
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """The module at ``name`` in ``model``, or None if there is none."""
+    module: nn.Module | None = model
+    for part in name.split(".") if name else []:
+        children: dict[str, nn.Module | None] = module._modules if module is not None else {}
+        module = children.get(part)
+    return module
 
 
 def layer_placement(layer: LoRALayer, dtype: torch.dtype | None, name: str) -> tuple[torch.device, torch.dtype]:
     """The device and dtype of a layer's LoRA buffers: the base weight's, unless ``dtype``."""
     ref = next((t for t in (*layer.base_layer.parameters(), *layer.base_layer.buffers())), None)
     device = ref.device if ref is not None else torch.device("cpu")
+    if device.type == "meta":
+        raise UsageError(
+            f"{name}: base weights are on the meta device (no data); materialize the model (load its weights, or "
+            "model.to_empty(device=...)) before inject."
+        )
     if dtype is not None:
         return device, dtype
-    if ref is None or not ref.is_floating_point():
+    if ref is None or ref.dtype not in WEIGHT_DTYPES:
         raise UsageError(
             f"{name}: base weights are {None if ref is None else ref.dtype}, not floating point; pass dtype= (e.g. "
-            "torch.bfloat16) to inject."
+            "torch.bfloat16) to inject (LoRA buffers are float16, bfloat16, float32 or float64)."
         )
     return device, ref.dtype

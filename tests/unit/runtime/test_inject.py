@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -288,7 +290,7 @@ def test_default_dtype_follows_each_base_weight() -> None:
     assert len(runtime.buffers.arenas) == 2
 
 
-@pytest.mark.parametrize("bad", [torch.int8, "float16"])
+@pytest.mark.parametrize("bad", [torch.int8, "float16", torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64])
 def test_bad_dtype(bad: object) -> None:
     with pytest.raises(lorahot.UsageError, match=r"dtype=.* must be a floating-point torch\.dtype"):
         lorahot.inject(tiny_lm(), ["q_proj"], max_rank=4, dtype=bad)  # type: ignore[arg-type]
@@ -317,3 +319,82 @@ def test_wrapper_forwards_base_attributes():
     assert model[1].in_features == 5 and model[1].bias is lin.bias
     with pytest.raises(AttributeError, match="no_such_attribute"):
         _ = model[1].no_such_attribute
+
+
+@pytest.mark.parametrize(("name", "value"), [("max_rank", 10**30), ("max_rank", 65537), ("slots", 10**9)])
+def test_absurd_sizes_are_bounded(name: str, value: int) -> None:
+    model = tiny_lm()
+    kwargs = {"max_rank": 4, name: value}
+    with pytest.raises(lorahot.UsageError, match=rf"^{name}={value} is absurd; it must be at most \d+\.$"):
+        lorahot.inject(model, ["q_proj"], **kwargs)  # type: ignore[arg-type]
+    assert _wrapped(model) == []
+
+
+def test_buffers_beyond_the_devices_memory_are_refused_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
+    inject_module = sys.modules["lorahot.runtime.inject"]  # (lorahot.runtime.inject is the function)
+
+    monkeypatch.setattr(inject_module, "_capacity", lambda device: 1000)
+    model = tiny_lm()
+    with pytest.raises(
+        lorahot.UsageError,
+        match=r"^the LoRA buffers need 1,032 bytes on cpu \(max_rank=4, slots=1\), more than its 1,000 bytes of "
+        r"memory\. Inject with a smaller max_rank or fewer slots\.$",
+    ):
+        lorahot.inject(model, ["q_proj"], max_rank=4)
+    assert _wrapped(model) == []
+    monkeypatch.undo()
+    assert lorahot.inject(model, ["q_proj"], max_rank=4).nbytes == 1032  # the estimate is exact
+
+
+def test_an_allocation_failure_is_a_usage_error_with_the_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    inject_module = sys.modules["lorahot.runtime.inject"]  # (lorahot.runtime.inject is the function)
+
+    def out_of_memory(*args: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB")
+
+    monkeypatch.setattr(inject_module, "BufferManager", type("Failing", (), {"nbytes_needed": staticmethod(
+        inject_module.BufferManager.nbytes_needed), "__init__": out_of_memory}))  # fmt: skip
+    model = tiny_lm()
+    with pytest.raises(
+        lorahot.UsageError,
+        match=r"^allocating the LoRA buffers \(1,032 bytes on cpu; max_rank=4, slots=1\) failed: CUDA out of memory\. "
+        r"Tried to allocate 8 GiB\. Inject with a smaller max_rank or fewer slots, or free memory\.$",
+    ):
+        lorahot.inject(model, ["q_proj"], max_rank=4)
+    assert _wrapped(model) == []
+
+
+def test_meta_weights_are_refused() -> None:
+    with torch.device("meta"):
+        model = tiny_lm()
+    with pytest.raises(lorahot.UsageError, match=r"^layers\.0\.self_attn\.q_proj: base weights are on the meta device"):
+        lorahot.inject(model, ["q_proj"], max_rank=4)
+    assert _wrapped(model) == []
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (42, r"^targets must be a non-empty list of module names, a regex, 'all-linear' or a callable; got 42\.$"),
+        ([""], r"^targets must be a non-empty list .*; got \[''\]\.$"),
+        (lambda name, module: 1 / 0, r"^targets callable raised ZeroDivisionError on module 'embed_tokens'"),
+    ],
+    ids=["int", "empty_name", "raising_callable"],
+)
+def test_targets_of_the_wrong_kind(targets: object, message: str) -> None:
+    model = tiny_lm()
+    with pytest.raises(lorahot.UsageError, match=message):
+        lorahot.inject(model, targets, max_rank=4)  # type: ignore[arg-type]
+    assert _wrapped(model) == []
+
+
+def test_a_refused_wrapper_leaves_every_earlier_module_in_place() -> None:
+    class Shifted(nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) + 1
+
+    model = tiny_lm()
+    model.embed_tokens = Shifted(32, 16)
+    with pytest.raises(lorahot.UsageError, match=r"^embed_tokens: Shifted overrides nn\.Embedding\.forward"):
+        lorahot.inject(model, ["q_proj", "embed_tokens"], max_rank=4)
+    assert _wrapped(model) == []

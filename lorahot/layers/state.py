@@ -1,0 +1,48 @@
+"""``RuntimeState``: the one record of whether a runtime and its layers are still in service.
+
+A runtime and every layer it bound share one :class:`RuntimeState`. Whichever way the layers
+leave the model (``runtime.eject()``, or ``lorahot.eject(model)``, which finds only the
+layers), the state is marked ejected once, its shutdown callbacks run (the runtime's: unwrap
+its remaining layers, stop the prefetch pool), and every later runtime operation reads the
+mark and refuses. The forward never reads it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+__all__ = ["RuntimeState"]
+
+
+class RuntimeState:
+    """Shared by a runtime and its layers: ``ejected`` is None while they serve, else how they left."""
+
+    def __init__(self) -> None:
+        self.ejected: str | None = None
+        self._on_eject: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def on_eject(self, callback: Callable[[], None]) -> None:
+        """Runs ``callback`` once when the state is marked ejected."""
+        self._on_eject.append(callback)
+
+    def mark_ejected(self, how: str) -> bool:
+        """Marks the state ejected by ``how`` and runs the callbacks; False if it already was."""
+        with self._lock:
+            if self.ejected is not None:
+                return False
+            self.ejected = how
+            callbacks, self._on_eject = self._on_eject, []
+        for callback in callbacks:
+            callback()
+        return True
+
+    def __deepcopy__(self, memo: dict[int, object]) -> RuntimeState:
+        """A copied model's layers belong to no runtime: they get a fresh state, so ejecting
+        the copy never touches the original's runtime."""
+        return RuntimeState()
+
+    def __reduce__(self) -> tuple[type[RuntimeState], tuple[()]]:
+        """Pickled (``torch.save(model)``) as a fresh state, for the same reason."""
+        return (RuntimeState, ())

@@ -1,0 +1,214 @@
+"""A layer honours what its base module does to its output, in both modes.
+
+Scaled embeddings (Gemma-style ``super().forward(ids) * self.embed_scale``) scale the LoRA
+delta too; an embedding class that overrides ``forward`` any other way is refused at inject;
+in merged mode a Linear/Conv subclass must still compute its weight's linear map.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lorahot
+from tests.helpers import make_adapter, token_ids
+
+VOCAB, DIM = 20, 8
+
+
+class ScaledEmbedding(nn.Embedding):
+    """transformers' ``GemmaTextScaledWordEmbedding``, rebuilt: the output times ``embed_scale``."""
+
+    def __init__(self, num: int, dim: int, embed_scale: float | torch.Tensor) -> None:
+        super().__init__(num, dim)
+        if isinstance(embed_scale, torch.Tensor):
+            self.register_buffer("embed_scale", embed_scale, persistent=False)
+        else:
+            self.embed_scale = embed_scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        scale = self.embed_scale
+        return super().forward(ids) * (scale.to(self.weight.dtype) if isinstance(scale, torch.Tensor) else scale)
+
+
+class ShiftedEmbedding(nn.Embedding):
+    """Overrides forward with something lorahot cannot follow (and no embed_scale)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) + 1.0
+
+
+class LyingEmbedding(ScaledEmbedding):
+    """Has an ``embed_scale`` but its forward does not (only) multiply by it."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 2.0
+
+
+class Holder(nn.Module):
+    def __init__(self, embed: nn.Module) -> None:
+        super().__init__()
+        self.embed = embed
+        self.proj = nn.Linear(DIM, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(ids))
+
+
+def _holder(embed_scale: float | torch.Tensor = 3.0, cls: type[nn.Embedding] = ScaledEmbedding) -> Holder:
+    torch.manual_seed(0)
+    embed = cls(VOCAB, DIM, embed_scale) if issubclass(cls, ScaledEmbedding) else cls(VOCAB, DIM)
+    return Holder(embed).double()
+
+
+IDS = token_ids((2, 7), VOCAB, seed=1)
+
+
+def _expected(holder: Holder, a: torch.Tensor, b: torch.Tensor, scale: float, factor: float) -> torch.Tensor:
+    """``proj(embed(ids) + scale * factor * dW[ids])`` in float64, independent of lorahot."""
+    with torch.no_grad():
+        h = holder.embed(IDS).double() + scale * factor * F.embedding(IDS, (b.double() @ a.double()).t())
+        return holder.proj(h)
+
+
+@pytest.mark.parametrize("embed_scale", [3.0, torch.tensor(2.5, dtype=torch.float64)], ids=["number", "tensor"])
+def test_scaled_embedding_scales_the_delta(embed_scale: float | torch.Tensor) -> None:
+    holder = _holder(embed_scale)
+    reference = copy.deepcopy(holder)
+    runtime = lorahot.inject(holder, ["embed"], max_rank=4)
+    tensors, ab = make_adapter(holder, {"embed": 4}, seed=2, dtype=torch.float64)
+    runtime.load(tensors, config={"lora_alpha": 2}, scale=1.5)
+    with torch.no_grad():
+        y = holder(IDS)
+    torch.testing.assert_close(y, _expected(reference, *ab["embed"], 0.75, float(embed_scale)), rtol=1e-12, atol=1e-12)
+
+
+def test_merged_equals_unmerged_on_a_scaled_embedding() -> None:
+    plain, merged = _holder(torch.tensor(4.0)), _holder(torch.tensor(4.0))
+    rt_plain = lorahot.inject(plain, ["embed", "proj"], max_rank=4)
+    rt_merged = lorahot.inject(merged, ["embed", "proj"], max_rank=4, merged=True)
+    for seed, rank in enumerate((4, 2)):
+        tensors = make_adapter(plain, {"embed": rank, "proj": rank}, seed=seed, dtype=torch.float64)[0]
+        for rt in (rt_plain, rt_merged):
+            rt.load(tensors, scale=0.5 + seed)
+        with torch.no_grad():
+            torch.testing.assert_close(merged(IDS), plain(IDS), rtol=1e-12, atol=1e-12)
+
+
+def test_embed_scale_is_read_at_forward_time() -> None:
+    """Changing the base's ``embed_scale`` buffer (in place, or by a dtype cast) is followed."""
+    holder = _holder(torch.tensor(2.0, dtype=torch.float64))
+    reference = copy.deepcopy(holder)
+    runtime = lorahot.inject(holder, ["embed"], max_rank=4)
+    tensors, ab = make_adapter(holder, {"embed": 3}, seed=3, dtype=torch.float64)
+    runtime.load(tensors)
+    with torch.no_grad():
+        holder.embed.base_layer.embed_scale.fill_(5.0)
+        reference.embed.embed_scale.fill_(5.0)
+        torch.testing.assert_close(holder(IDS), _expected(reference, *ab["embed"], 1.0, 5.0), rtol=1e-12, atol=1e-12)
+
+
+def test_plain_embedding_with_an_unused_embed_scale_is_not_scaled() -> None:
+    """Only what the base's forward does counts: an attribute its forward ignores is ignored."""
+    torch.manual_seed(0)
+    embed = nn.Embedding(VOCAB, DIM).double()
+    embed.embed_scale = 7.0  # type: ignore[assignment]
+    holder = Holder(embed).double()
+    reference = copy.deepcopy(holder)
+    runtime = lorahot.inject(holder, ["embed"], max_rank=4)
+    tensors, ab = make_adapter(holder, {"embed": 2}, seed=4, dtype=torch.float64)
+    runtime.load(tensors)
+    with torch.no_grad():
+        torch.testing.assert_close(holder(IDS), _expected(reference, *ab["embed"], 1.0, 1.0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        (
+            ShiftedEmbedding,
+            r"embed: ShiftedEmbedding overrides nn\.Embedding\.forward, and lorahot cannot tell what it does to the "
+            r"output \(it recognizes only a scalar `embed_scale` attribute.*\)\. Exclude this module from targets\.",
+        ),
+        (
+            LyingEmbedding,
+            r"embed: LyingEmbedding overrides nn\.Embedding\.forward and has embed_scale, but its output is not "
+            r"nn\.Embedding\.forward\(ids\) \* embed_scale: on a probe input its output differs .*Exclude this module",
+        ),
+    ],
+)
+@pytest.mark.parametrize("merged", [False, True])
+def test_embedding_forward_lorahot_cannot_follow_is_refused(cls: type, message: str, merged: bool) -> None:
+    holder = _holder(cls=cls)
+    embed = holder.embed
+    with torch.no_grad():
+        before = holder(IDS)
+    with pytest.raises(lorahot.UsageError, match=message):
+        lorahot.inject(holder, ["proj", "embed"], max_rank=4, merged=merged)
+    assert holder.embed is embed and isinstance(holder.proj, nn.Linear)  # nothing was wrapped
+    with torch.no_grad():
+        assert torch.equal(holder(IDS), before)
+
+
+def test_non_scalar_embed_scale_is_refused() -> None:
+    holder = _holder(torch.ones(DIM, dtype=torch.float64))
+    with pytest.raises(
+        lorahot.UsageError, match=r"embed: ScaledEmbedding\.embed_scale is \(8,\); lorahot applies only"
+    ):
+        lorahot.inject(holder, ["embed"], max_rank=4)
+
+
+class DoublingLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x)
+
+
+class LoggingLinear(nn.Linear):
+    """Overrides forward but computes exactly ``F.linear``: merging is right for it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class DoublingConv(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        (
+            DoublingLinear(6, 6),
+            r"0: DoublingLinear overrides forward and does not compute the linear map of its weight",
+        ),
+        (DoublingConv(3, 4, 3, padding=1), r"0: DoublingConv overrides forward and does not compute its convolution"),
+    ],
+    ids=["linear", "conv"],
+)
+def test_merged_mode_refuses_a_forward_that_is_not_the_weights_map(module: nn.Module, message: str) -> None:
+    model = nn.Sequential(module)
+    with pytest.raises(lorahot.UsageError, match=message + r".*; inject without merged=True\."):
+        lorahot.inject(model, ["0"], max_rank=2, merged=True)
+    assert model[0] is module
+    lorahot.inject(model, ["0"], max_rank=2)  # unmerged, LoRA adds to whatever the base returns (as PEFT)
+
+
+def test_merged_mode_accepts_an_override_that_computes_the_same_map() -> None:
+    torch.manual_seed(0)
+    plain, merged = nn.Sequential(LoggingLinear(6, 5)).double(), nn.Sequential(LoggingLinear(6, 5)).double()
+    merged.load_state_dict(plain.state_dict())
+    rt_plain, rt_merged = (
+        lorahot.inject(plain, ["0"], max_rank=2),
+        lorahot.inject(merged, ["0"], max_rank=2, merged=True),
+    )
+    tensors = make_adapter(plain, {"0": 2}, seed=5, dtype=torch.float64)[0]
+    rt_plain.load(tensors)
+    rt_merged.load(tensors)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), plain(x), rtol=1e-12, atol=1e-12)

@@ -1,0 +1,174 @@
+"""The host cache is keyed by a source's identity (real path, size, mtime of what a read would
+open; the Hub id with revision/subfolder/weight_name), and a ``key`` given to ``preload``
+serves a later ``load(key)``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorahot
+from lorahot.io import identity
+from lorahot.io.identity import source_identity
+from lorahot.runtime import lora_runtime
+from tests.helpers import make_adapter, save_peft, tiny_lm
+
+Q0 = "layers.0.self_attn.q_proj"
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Counts the runtime's reads of a source (a cache hit reads nothing)."""
+    seen: list[object] = []
+    real = lora_runtime.read_adapter
+
+    def counting(source, **kwargs):
+        seen.append(source)
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(lora_runtime, "read_adapter", counting)
+    return seen
+
+
+def _setup(tmp_path: Path, seed: int = 1) -> tuple[torch.nn.Module, lorahot.LoraRuntime, Path]:
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+    return model, runtime, save_peft(tmp_path / "ad", make_adapter(model, {Q0: 4}, seed=seed)[0], r=4)
+
+
+def test_relative_and_absolute_path_are_one_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reads) -> None:
+    _, runtime, path = _setup(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    runtime.preload("ad")
+    runtime.preload(str(path.resolve()))
+    assert len(runtime.cache) == 1
+    runtime.load("./ad/../ad")
+    assert len(reads) == 2  # the two preloads; the load was a hit
+
+
+def test_a_file_rewritten_after_preload_is_read_again(tmp_path: Path, reads) -> None:
+    model, runtime, path = _setup(tmp_path)
+    runtime.preload(path)
+    fresh, ab = make_adapter(model, {Q0: 4}, seed=9)  # same shapes, so the same size
+    save_peft(path, fresh, r=4)
+    runtime.load(path)
+    assert len(reads) == 2
+    a = runtime.layers[Q0].lora_A[:4]
+    assert torch.equal(a, ab[Q0][0])
+
+
+def test_a_config_rewritten_after_preload_is_read_again(tmp_path: Path, reads) -> None:
+    _, runtime, path = _setup(tmp_path)
+    runtime.preload(path)
+    (path / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')
+    runtime.load(path)
+    assert len(reads) == 2 and float(runtime.layers[Q0].lora_scale) == 2.0
+
+
+def test_key_given_to_preload_serves_load_of_that_key(tmp_path: Path, reads, monkeypatch) -> None:
+    _, runtime, path = _setup(tmp_path)
+    prepared = runtime.preload(path, key="my-style")
+    assert "my-style" in runtime.cache and prepared.key == "my-style"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a miss would go to the Hub and fail
+    info = runtime.load("my-style", slot=0, scale=0.5)
+    assert len(reads) == 1 and info.scale == 0.5 and info.source.endswith("adapter_model.safetensors")
+
+
+def test_read_options_are_part_of_the_key(tmp_path: Path, reads) -> None:
+    _, runtime, path = _setup(tmp_path)
+    runtime.preload(path)
+    runtime.load(path, config={"lora_alpha": 2})  # other options: another adapter
+    runtime.load(path)
+    assert len(reads) == 2
+
+
+def test_mapping_sources_are_never_looked_up(tmp_path: Path, reads) -> None:
+    model, runtime, _ = _setup(tmp_path)
+    tensors = make_adapter(model, {Q0: 2}, seed=3)[0]
+    runtime.preload(tensors)
+    runtime.load(tensors)
+    assert len(reads) == 2
+
+
+# -- source_identity ------------------------------------------------------------------------------
+
+
+def test_identity_of_spellings_of_one_directory_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, path = _setup(tmp_path)
+    os.symlink(path, tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    ids = {source_identity(p) for p in ("ad", "./ad", str(path), path, tmp_path / "link")}
+    assert len(ids) == 1 and next(iter(ids)).startswith(f"file:{os.path.realpath(path)}|")
+
+
+def test_identity_follows_size_and_mtime_and_reads_no_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, path = _setup(tmp_path)
+    before = source_identity(path)
+    weights = path / "adapter_model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert source_identity(path) != before
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("source_identity opened a file")
+
+    monkeypatch.setattr("builtins.open", no_open)
+    monkeypatch.setattr(Path, "open", no_open)
+    assert source_identity(path) == source_identity(weights.parent)
+
+
+def test_identity_honours_subfolder_and_weight_name(tmp_path: Path) -> None:
+    model = tiny_lm()
+    save_peft(tmp_path / "sub", make_adapter(model, {Q0: 2}, seed=1)[0])
+    (tmp_path / "sub" / "other.safetensors").write_bytes(b"x")
+    whole = source_identity(tmp_path, subfolder="sub")
+    one = source_identity(tmp_path, subfolder="sub", weight_name="adapter_model.safetensors")
+    assert whole != one and whole is not None and one is not None
+    (tmp_path / "sub" / "other.safetensors").write_bytes(b"xy")
+    assert source_identity(tmp_path, subfolder="sub", weight_name="adapter_model.safetensors") == one
+    assert source_identity(tmp_path, subfolder="sub") != whole
+    assert source_identity(tmp_path, subfolder="../x") is None  # the read refuses it, naming the problem
+
+
+def test_identity_of_hub_ids_and_in_memory_sources() -> None:
+    assert source_identity("org/name", revision="v1", subfolder="s") == "hub:org/name@v1|subfolder=s|weight_name="
+    assert source_identity("org/name") != source_identity("org/name", revision="v1")
+    assert source_identity({"a": torch.ones(1)}) is None
+    assert source_identity("./no/such/dir") is None
+    assert source_identity(42) is None
+    assert identity.__all__ == ["source_identity"]
+
+
+# -- AdapterCache arguments ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", ["2GB", -1, 2.5, True, None])
+def test_cache_budget_must_be_bytes(budget: object) -> None:
+    with pytest.raises(lorahot.UsageError, match=r"cache_bytes=.* must be an int number of bytes >= 0"):
+        lorahot.AdapterCache(budget)  # type: ignore[arg-type]
+    cache = lorahot.AdapterCache(10)
+    with pytest.raises(lorahot.UsageError, match=r"must be an int number of bytes"):
+        cache.budget_bytes = budget  # type: ignore[assignment]
+    assert cache.budget_bytes == 10
+
+
+def test_cache_keys_and_entries_are_checked() -> None:
+    cache = lorahot.AdapterCache(10)
+    with pytest.raises(lorahot.UsageError, match=r"cache keys are str, got list"):
+        cache.get([1])  # type: ignore[arg-type]
+    with pytest.raises(lorahot.UsageError, match=r"AdapterCache holds PreparedAdapter objects .*, not dict"):
+        cache.put({})  # type: ignore[arg-type]
+    assert [1] not in cache and len(cache) == 0
+
+
+def test_an_entry_prepared_for_another_runtime_is_refused(tmp_path: Path) -> None:
+    model, runtime, _ = _setup(tmp_path)
+    other = lorahot.inject(tiny_lm(), ["q_proj", "v_proj"], max_rank=4)
+    runtime.cache.put(other.preload(make_adapter(model, {Q0: 2}, seed=3)[0], key="theirs"))
+    before = runtime.layers[Q0].lora_A.clone()
+    with pytest.raises(lorahot.UsageError, match=r"^the cache entry 'theirs' was prepared for another runtime"):
+        runtime.load("theirs")
+    assert torch.equal(runtime.layers[Q0].lora_A, before)

@@ -1,0 +1,133 @@
+"""One runtime state decides whether a runtime serves: both ejects mark it, every operation reads it,
+and a layer that left the model any other way is noticed too."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+from tests.helpers import make_adapter, save_peft, tiny_lm, token_ids
+
+TARGETS = ["q_proj", "v_proj", "embed_tokens"]
+Q0 = "layers.0.self_attn.q_proj"
+IDS = token_ids((2, 5), 32, seed=1)
+
+
+def _runtime(slots: int = 2) -> tuple[nn.Module, lorahot.LoraRuntime, dict[str, torch.Tensor]]:
+    model = tiny_lm()
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=slots)
+    tensors = make_adapter(model, {Q0: 2, "embed_tokens": 4}, seed=1)[0]
+    runtime.load(tensors)
+    return model, runtime, tensors
+
+
+def _operations(runtime: lorahot.LoraRuntime, tensors: dict, tmp: Path) -> dict[str, Callable[[], object]]:
+    path = save_peft(tmp / "ad", tensors)
+    return {
+        "load": lambda: runtime.load(tensors),
+        "load_path": lambda: runtime.load(path, slot=1),
+        "preload": lambda: runtime.preload(tensors),
+        "prefetch": lambda: runtime.prefetch(path),
+        "activate": lambda: runtime.activate(1),
+        "unload": lambda: runtime.unload(),
+        "set_scale": lambda: runtime.set_scale(0.5),
+        "info": lambda: runtime.info(),
+        "eject": lambda: runtime.eject(),
+    }
+
+
+EJECTS: dict[str, Callable[[nn.Module, lorahot.LoraRuntime], object]] = {
+    "module": lambda model, runtime: lorahot.eject(model),
+    "runtime": lambda model, runtime: runtime.eject(),
+    "module_of_a_submodule": lambda model, runtime: lorahot.eject(model.layers[0]),
+}
+
+
+@pytest.mark.parametrize("eject", list(EJECTS))
+def test_every_operation_after_either_eject_raises(tmp_path: Path, eject: str) -> None:
+    with torch.no_grad():
+        base = tiny_lm()(IDS)
+    model, runtime, tensors = _runtime()
+    EJECTS[eject](model, runtime)
+    assert not any(isinstance(m, lorahot.LoRALayer) for m in model.modules()), "every layer of the runtime left"
+    for name, call in _operations(runtime, tensors, tmp_path).items():
+        with pytest.raises(lorahot.UsageError, match=r"this runtime was ejected; call lorahot\.inject again"):
+            call()
+        with torch.no_grad():
+            assert torch.equal(model(IDS), base), name
+
+
+def test_module_eject_stops_the_prefetch_thread(tmp_path: Path) -> None:
+    model, runtime, tensors = _runtime()
+    path = save_peft(tmp_path / "ad", tensors)
+    runtime.prefetch(path).result()
+    assert any(t.name.startswith("lorahot-prefetch") for t in threading.enumerate())
+    lorahot.eject(model)
+    assert not any(t.name.startswith("lorahot-prefetch") for t in threading.enumerate())
+    with pytest.raises(lorahot.UsageError, match=r"ejected"):
+        runtime.prefetch(path)
+    assert not any(t.name.startswith("lorahot-prefetch") for t in threading.enumerate())
+
+
+def test_module_eject_restores_the_base_model_bitwise() -> None:
+    model = tiny_lm()
+    with torch.no_grad():
+        base = model(IDS)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, merged=True)
+    runtime.load(make_adapter(model, {Q0: 2}, seed=3)[0])
+    lorahot.eject(model.layers[1])  # a part of the model: the whole runtime goes
+    with torch.no_grad():
+        assert torch.equal(model(IDS), base)
+
+
+def test_two_runtimes_module_eject_marks_both() -> None:
+    model = tiny_lm()
+    first = lorahot.inject(model, ["q_proj"], max_rank=4)
+    second = lorahot.inject(model, ["v_proj"], max_rank=4)
+    lorahot.eject(model)
+    for runtime in (first, second):
+        with pytest.raises(lorahot.UsageError, match=r"ejected"):
+            runtime.activate(0)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda model: setattr(model.layers[0].self_attn, "q_proj", nn.Linear(16, 16)),  # the layer replaced
+        lambda model: setattr(model.layers, "0", tiny_lm(seed=5).layers[0]),  # a block on its path replaced
+        lambda model: delattr(model.layers[0].self_attn, "q_proj"),  # deleted
+    ],
+    ids=["layer_replaced", "parent_replaced", "deleted"],
+)
+def test_a_layer_that_left_the_model_otherwise_is_refused(edit: Callable[[nn.Module], object]) -> None:
+    model, runtime, tensors = _runtime()
+    edit(model)
+    snap = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S)]
+    for call in (lambda: runtime.load(tensors), lambda: runtime.set_scale(2.0), lambda: runtime.activate(1)):
+        with pytest.raises(
+            lorahot.UsageError,
+            match=rf"{Q0}: this LoRA layer is no longer in the model .* Call runtime\.eject\(\), then inject",
+        ):
+            call()
+    assert all(torch.equal(t, u) for t, u in zip((t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S)), snap))
+    runtime.eject()  # still possible: puts back what is still in place
+    assert not any(isinstance(m, lorahot.LoRALayer) for m in model.modules())
+
+
+def test_a_copy_of_the_model_is_ejected_without_touching_the_original() -> None:
+    import copy
+    import pickle
+
+    model, runtime, tensors = _runtime()
+    clone = copy.deepcopy(model)
+    assert pickle.loads(pickle.dumps(model)) is not None  # torch.save(model) works
+    lorahot.eject(clone)
+    assert not any(isinstance(m, lorahot.LoRALayer) for m in clone.modules())
+    runtime.load(tensors, slot=1)  # the original runtime still serves
+    assert isinstance(model.layers[0].self_attn.q_proj, lorahot.LoRALayer)

@@ -1,0 +1,151 @@
+"""One validation path for ``load`` and ``preload``, and every scale checked against its buffer.
+
+``alpha / r`` from the file and the user's multiplier on top must fit the scale buffers'
+dtype; the weights' values must fit the arena's dtype. ``load`` and ``preload`` accept and
+refuse exactly the same adapters (checked by :func:`lorahot.runtime.plan.validate`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorahot
+from tests.helpers import make_adapter, save_peft
+from tests.reliability_helpers import Q0, V1, assert_unchanged, build_rig, snapshot, valid_tensors
+
+
+def _both(rig, source, **kwargs) -> list:
+    """The calls that must agree: load into either slot, and preload."""
+    return [
+        lambda: rig.runtime.load(source, slot=0, **kwargs),
+        lambda: rig.runtime.load(source, slot=1, **kwargs),
+        lambda: rig.runtime.preload(source, **kwargs),
+    ]
+
+
+# -- scales ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [1e300, -1e300])
+def test_alpha_overflowing_the_scale_buffer_is_a_read_error(tmp_path: Path, alpha: float) -> None:
+    rig = build_rig(tmp_path / "rig")
+    source = save_peft(tmp_path / "ad", valid_tensors(rig.model, 4), r=4, lora_alpha=abs(alpha))
+    before = snapshot(rig)
+    for call in _both(rig, source):
+        with pytest.raises(
+            lorahot.AdapterReadError,
+            match=r"layers\.0\.self_attn\.q_proj \(.*\): alpha 1e\+300 over rank 4 gives scale 2\.5e\+299, beyond "
+            r"the range of the torch\.float32 scale buffer \(max 3\.403e\+38\); the alpha is corrupt",
+        ):
+            call()
+        assert_unchanged(rig, before)
+
+
+def test_alpha_that_fits_float64_scales_loads_into_float64_buffers() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4).double())
+    runtime = lorahot.inject(model, ["0"], max_rank=2)
+    runtime.load(make_adapter(model, {"0": 2}, seed=1, dtype=torch.float64)[0], config={"lora_alpha": 1e300})
+    assert float(runtime.layers["0"].lora_scale) == 5e299
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda rt, t: rt.set_scale(1e39),
+            r"scale=1e\+39 times the adapter's largest alpha/r \(2\) is 2e\+39, beyond the range of the torch\.float32 "
+            r"scale buffers \(max 3\.403e\+38\)\. Pass a scale of at most 1\.701e\+38 in magnitude\.",
+        ),
+        (lambda rt, t: rt.set_scale(-2e38), r"scale=-2e\+38 times the adapter's largest alpha/r \(2\) is -4e\+38"),
+        (lambda rt, t: rt.load(t, scale=1e39), r"scale=1e\+39 times the adapter's largest alpha/r \(1\) is 1e\+39"),
+        (lambda rt, t: rt.load(rt.preload(t), slot=1, scale=-1e39), r"scale=-1e\+39 times .* is -1e\+39"),
+        (lambda rt, t: rt.set_scale(10**400), r"scale=1000000000.* is too large for a float; pass a finite number"),
+        (lambda rt, t: rt.load(t, scale=10**400), r"scale=1000000000.* is too large for a float"),
+        (lambda rt, t: rt.set_scale(float("inf")), r"scale=inf must be finite"),
+        (lambda rt, t: rt.set_scale("2.0"), r"scale='2\.0' is not a number: pass a finite real number"),
+        (lambda rt, t: rt.set_scale(True), r"scale=True is not a number"),
+        (lambda rt, t: rt.set_scale(torch.tensor(2.0)), r"scale=tensor\(2\.\) is not a number"),
+    ],
+    ids=[
+        "set_1e39",
+        "set_negative",
+        "load",
+        "load_prepared",
+        "set_10e400",
+        "load_10e400",
+        "inf",
+        "str",
+        "bool",
+        "tensor",
+    ],
+)
+def test_user_scale_out_of_range_is_a_usage_error(tmp_path: Path, call, message: str) -> None:
+    rig = build_rig(tmp_path / "rig")
+    tensors = valid_tensors(rig.model, 4)  # no config: alpha = rank, scale 1; the rig's slot 0 has alpha/r = 2
+    before = snapshot(rig)
+    with pytest.raises(lorahot.UsageError, match=message):
+        call(rig.runtime, tensors)
+    after = snapshot(rig)
+    before.cache_keys = after.cache_keys  # load_prepared preloads first: only the cache may differ
+    assert_unchanged(rig, before)
+    assert bool(torch.isfinite(rig.output()).all())
+
+
+# -- one validation path -------------------------------------------------------------------------
+
+
+def _fp16_rig(tmp_path: Path):
+    rig = build_rig(tmp_path / "rig")
+    rig.model.half()
+    model = lorahot.eject(rig.model)
+    rig.runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=8, slots=2)
+    return rig
+
+
+@pytest.mark.parametrize("value", [65519.0, 70000.0, float("inf")], ids=["rounds_to_max", "overflows", "inf"])
+def test_load_and_preload_refuse_the_same_fp16_overflow(tmp_path: Path, value: float) -> None:
+    """65519 rounds to fp16's max, 65504, when converted; it is beyond the range all the same,
+    and both paths say so (before, preload's host pack let it through and load refused it)."""
+    rig = _fp16_rig(tmp_path)
+    tensors = valid_tensors(rig.model, 4)
+    tensors[f"base_model.model.{V1}.lora_B.weight"][0, 0] = value
+    before = snapshot(rig)
+    lines = (
+        rf"NaN or Inf in LoRA weights of:\n  - {V1}"
+        if value == float("inf")
+        else rf"NaN or Inf in LoRA weights of:\n  - \(values too large for the model's dtype\)\n  - {V1}: "
+        r"largest \|value\| 65519 > float16 max 65504"
+        if value < 65520
+        else r"\(values too large for the model's dtype\)\n  - .*v_proj: largest \|value\| 70000 > float16"
+    )
+    for call in _both(rig, tensors):
+        with pytest.raises(lorahot.AdapterReadError, match=lines):
+            call()
+        assert_unchanged(rig, before)
+
+
+def test_tensors_that_require_grad_load_and_preload_alike(tmp_path: Path) -> None:
+    rig = build_rig(tmp_path / "rig")
+    tensors = {k: v.clone().requires_grad_(True) for k, v in valid_tensors(rig.model, 4).items()}
+    rig.runtime.load(tensors, slot=1)
+    loaded = rig.runtime.buffers.arenas[0].A[1].clone(), rig.runtime.buffers.arenas[0].B[1].clone()
+    rig.runtime.unload(1)
+    rig.runtime.load(rig.runtime.preload(tensors), slot=1)
+    assert torch.equal(rig.runtime.buffers.arenas[0].A[1], loaded[0])
+    assert torch.equal(rig.runtime.buffers.arenas[0].B[1], loaded[1])
+    assert not any(t.requires_grad for a in rig.runtime.buffers.arenas for t in (a.A, a.B, a.S))
+
+
+def test_preloaded_adapter_loads_bitwise_like_a_direct_load(tmp_path: Path) -> None:
+    rig = build_rig(tmp_path / "rig")
+    tensors = valid_tensors(rig.model, 3, names=(Q0, V1))
+    rig.runtime.load(tensors, slot=1, scale=0.5)
+    direct = [t.clone() for a in rig.runtime.buffers.arenas for t in (a.A, a.B, a.S)]
+    rig.runtime.unload(1)
+    rig.runtime.load(rig.runtime.preload(tensors), slot=1, scale=0.5)
+    assert all(
+        torch.equal(t, u) for t, u in zip((t for a in rig.runtime.buffers.arenas for t in (a.A, a.B, a.S)), direct)
+    )
