@@ -300,3 +300,69 @@ def test_negative_control_static_compile_recompiles_for_a_new_length() -> None:
         compiled(token_ids((2, 3), 32, seed=0))
         with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(torch._dynamo.exc.RecompileError):
             compiled(token_ids((2, 5), 32, seed=0))
+
+
+# -- scaled embeddings -------------------------------------------------------------------------------
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """Gemma-style: the output times ``embed_scale`` (a buffer, or a Python number)."""
+
+    def __init__(self, num: int, dim: int, embed_scale: float | torch.Tensor) -> None:
+        super().__init__(num, dim)
+        if isinstance(embed_scale, torch.Tensor):
+            self.register_buffer("embed_scale", embed_scale, persistent=False)
+        else:
+            self.embed_scale = embed_scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        s = self.embed_scale
+        return super().forward(ids) * (s.to(self.weight.dtype) if isinstance(s, torch.Tensor) else s)
+
+
+def _scaled_model(embed_scale: float | torch.Tensor) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(_ScaledEmbedding(16, 8, embed_scale), nn.Linear(8, 6))
+
+
+def test_scaled_embedding_swaps_under_compile_without_recompiling() -> None:
+    model = _scaled_model(torch.tensor(2.5))
+    reference = _scaled_model(torch.tensor(2.5))
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=4)
+    ids = token_ids((2, 5), 16, seed=3)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        compiled(ids)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for seed, rank in enumerate((4, 1, 3)):
+                tensors, ab = make_adapter(model, {"0": rank, "1": rank}, seed=seed)
+                runtime.load(tensors, scale=0.5 * (seed + 1))
+                # the embedding's delta is scaled by embed_scale, as the base scales its table
+                loras = {"0": (*ab["0"], 0.5 * (seed + 1) * 2.5), "1": (*ab["1"], 0.5 * (seed + 1))}
+                expected = model_reference(reference, ids, loras)
+                torch.testing.assert_close(compiled(ids).double(), expected, rtol=1e-4, atol=1e-5)
+            runtime.set_scale(0.0)
+            torch.testing.assert_close(
+                compiled(ids).double(), model_reference(reference, ids, {}), rtol=1e-4, atol=1e-5
+            )
+    assert counter.frame_count == 1
+
+
+def test_negative_control_a_python_number_embed_scale_changed_recompiles() -> None:
+    """What lorahot reads of the base at forward time is guarded like the base's own forward:
+    a Python-number ``embed_scale`` changed after compiling recompiles (the buffer form above
+    does not); the LoRA path follows the new value."""
+    model = _scaled_model(2.0)
+    runtime = lorahot.inject(model, ["0"], max_rank=4)
+    runtime.load(make_adapter(model, {"0": 2}, seed=1)[0])
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    ids = token_ids((2, 5), 16, seed=3)
+    with torch.no_grad():
+        compiled(ids)
+        model[0].base_layer.embed_scale = 3.0
+        with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(torch._dynamo.exc.RecompileError):
+            compiled(ids)
+        torch.testing.assert_close(compiled(ids), model(ids))
+    assert counter.frame_count == 2

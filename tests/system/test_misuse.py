@@ -1,0 +1,220 @@
+"""A table of bad calls: each raises its typed error with a pinned message, and changes nothing.
+
+Every case starts from the reliability rig (two slots, a valid adapter in each, slot 0
+active, one adapter preloaded) and makes one wrong call to a public entry point of
+``lorahot.runtime`` (``inject``, ``eject``, every ``LoraRuntime`` operation, ``AdapterCache``).
+Afterwards every arena buffer, the slot bookkeeping, the host cache, the model's modules and
+its output must be bitwise what they were.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import lorahot
+from lorahot import UsageError
+from tests.reliability_helpers import Q0, V1, Rig, assert_unchanged, build_rig, snapshot, valid_tensors, write_valid
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@dataclass(frozen=True)
+class Misuse:
+    id: str
+    call: Callable[[Rig, Path], Any]
+    error: type[lorahot.LoraError]
+    match: str
+
+
+def _inject(targets: Any = ("k_proj",), **kwargs: Any) -> Callable[[Rig, Path], Any]:
+    args = {"max_rank": 4, **kwargs}
+    return lambda rig, tmp: lorahot.inject(rig.model, list(targets) if isinstance(targets, tuple) else targets, **args)
+
+
+def _other_runtime_prepared(rig: Rig, tmp: Path) -> Any:
+    from tests.helpers import tiny_lm
+
+    other = lorahot.inject(tiny_lm(vocab=32), ["q_proj"], max_rank=8)
+    return rig.runtime.load(other.preload(valid_tensors(rig.model, 4, names=(Q0,))))
+
+
+def _beyond_memory(rig: Rig, tmp: Path) -> Any:
+    """A petabyte of buffers (a 4 MiB layer, 1M inputs wide): refused before any allocation."""
+    wide = torch.nn.Sequential(torch.nn.Linear(1 << 20, 1, bias=False))
+    return lorahot.inject(wide, ["0"], max_rank=65536, slots=4096)
+
+
+def _raising_targets(name: str, module: torch.nn.Module) -> bool:
+    raise KeyError(name)
+
+
+R = "this runtime has slots 0\\.\\.1"
+
+MISUSES = [
+    # -- inject ---------------------------------------------------------------------------------
+    Misuse("inject_model_not_module", lambda rig, tmp: lorahot.inject("model", ["q_proj"], max_rank=4), UsageError,
+           r"^model must be a torch\.nn\.Module, got str\.$"),
+    Misuse("inject_max_rank_absurd", _inject(max_rank=10**30), UsageError,
+           r"^max_rank=1000000000000000000000000000000 is absurd; it must be at most 65536\.$"),
+    Misuse("inject_max_rank_zero", _inject(max_rank=0), UsageError, r"^max_rank=0 must be an integer >= 1\.$"),
+    Misuse("inject_max_rank_float", _inject(max_rank=8.0), UsageError, r"^max_rank=8\.0 must be an integer >= 1\.$"),
+    Misuse("inject_slots_absurd", _inject(slots=10**12), UsageError,
+           r"^slots=1000000000000 is absurd; it must be at most 4096\.$"),
+    Misuse("inject_slots_str", _inject(slots="2"), UsageError, r"^slots='2' must be an integer >= 1\.$"),
+    Misuse("inject_buffers_beyond_memory", _beyond_memory, UsageError,
+           r"^the LoRA buffers need 1,126,175,858,769,924 bytes on cpu \(max_rank=65536, slots=4096\), "
+           r"more than its [\d,]+ bytes of memory\. Inject with a smaller max_rank or fewer slots\.$"),
+    Misuse("inject_dtype_float8", _inject(dtype=torch.float8_e4m3fn), UsageError,
+           r"^dtype=torch\.float8_e4m3fn must be a floating-point torch\.dtype LoRA weights can use: torch\.float16, "
+           r"torch\.bfloat16, torch\.float32 or torch\.float64 \(or None: each base weight's dtype\)\.$"),
+    Misuse("inject_dtype_complex", _inject(dtype=torch.complex64), UsageError, r"^dtype=torch\.complex64 must be"),
+    Misuse("inject_dtype_str", _inject(dtype="float16"), UsageError, r"^dtype='float16' must be a floating-point"),
+    Misuse("inject_cache_bytes_str", _inject(cache_bytes="2GB"), UsageError,
+           r"^cache_bytes='2GB' must be an int number of bytes >= 0 \(e\.g\. 2 << 30 for 2 GiB\)\.$"),
+    Misuse("inject_cache_bytes_negative", _inject(cache_bytes=-1), UsageError, r"^cache_bytes=-1 must be an int"),
+    Misuse("inject_merged_not_bool", _inject(merged="yes"), UsageError, r"^merged='yes' must be True or False\.$"),
+    Misuse("inject_fused_not_bool", _inject(fused=None), UsageError, r"^fused=None must be True or False\.$"),
+    Misuse("inject_targets_int", _inject(targets=42), UsageError,
+           r"^targets must be a non-empty list of module names, a regex, 'all-linear' or a callable; got 42\.$"),
+    Misuse("inject_targets_none", _inject(targets=None), UsageError, r"^targets must be a non-empty list .*got None"),
+    Misuse("inject_targets_ints", _inject(targets=[1, 2]), UsageError, r"^targets must be .*; got \[1, 2\]\.$"),
+    Misuse("inject_targets_bytes", _inject(targets=b"k_proj"), UsageError, r"^targets must be .*; got b'k_proj'"),
+    Misuse("inject_targets_bad_regex", _inject(targets="(k_proj"), UsageError,
+           r"^targets='\(k_proj' is not a valid regex \(missing \), unterminated subpattern"),
+    Misuse("inject_targets_callable_raises", _inject(targets=_raising_targets), UsageError,
+           r"^targets callable raised KeyError on module 'embed_tokens' \(LoRAEmbedding\): 'embed_tokens'\. Fix the "
+           r"callable so it returns True or False for every module\.$"),
+    Misuse("inject_already_injected", _inject(targets=["q_proj"]), UsageError,
+           r"^layers\.0\.self_attn\.q_proj: already a LoRALinear; call lorahot\.eject\(model\) before injecting"),
+    Misuse("inject_merged_tied", lambda rig, tmp: lorahot.inject(_tie(rig), ["lm_head"], max_rank=4, merged=True),
+           UsageError, r"^lm_head: its weight is tied to embed_tokens\.base_layer \(embed_tokens\.base_layer\.weight "
+           r"shares its memory\); merged mode would rewrite both lm_head and embed_tokens\.base_layer\."),
+    # -- module-level eject -------------------------------------------------------------------------
+    Misuse("eject_not_a_module", lambda rig, tmp: lorahot.eject(rig.runtime), UsageError,
+           r"^model must be a torch\.nn\.Module, got LoraRuntime\.$"),
+    # -- load ---------------------------------------------------------------------------------------
+    Misuse("load_slot_out_of_range", lambda rig, tmp: rig.runtime.load(_t(rig), slot=2), UsageError,
+           rf"^slot=2 is out of range; {R} \(inject\(\.\.\., slots=N\) for more\)\.$"),
+    Misuse("load_slot_negative", lambda rig, tmp: rig.runtime.load(_t(rig), slot=-1), UsageError, r"^slot=-1 is out"),
+    Misuse("load_slot_bool", lambda rig, tmp: rig.runtime.load(_t(rig), slot=True), UsageError, r"^slot=True is out"),
+    Misuse("load_slot_str", lambda rig, tmp: rig.runtime.load(_t(rig), slot="1"), UsageError, r"^slot='1' is out"),
+    Misuse("load_scale_str", lambda rig, tmp: rig.runtime.load(_t(rig), scale="1"), UsageError,
+           r"^scale='1' is not a number: pass a finite real number \(a float\), not str\.$"),
+    Misuse("load_scale_nan", lambda rig, tmp: rig.runtime.load(_t(rig), scale=float("nan")), UsageError,
+           r"^scale=nan must be finite\.$"),
+    Misuse("load_scale_huge_int", lambda rig, tmp: rig.runtime.load(_t(rig), scale=10**400), UsageError,
+           r"^scale=1000000000000000000000000000000000000\.\.\. is too large for a float; pass a finite number\.$"),
+    Misuse("load_scale_overflows_buffer", lambda rig, tmp: rig.runtime.load(_t(rig), scale=1e39), UsageError,
+           r"^scale=1e\+39 times the adapter's largest alpha/r \(1\) is 1e\+39, beyond the range of the torch\.float32 "
+           r"scale buffers \(max 3\.403e\+38\)\. Pass a scale of at most 3\.403e\+38 in magnitude\.$"),
+    Misuse("load_unknown_option", lambda rig, tmp: rig.runtime.load(_t(rig), foo=1), UsageError,
+           r"^unknown read option 'foo'; the read options are revision, subfolder, token, weight_name, config, "
+           r"prefix, key_map, fuse\.$"),
+    Misuse("load_device_option", lambda rig, tmp: rig.runtime.load(_t(rig), device="cpu"), UsageError,
+           r"^unknown read option 'device'; .* \(device is where the runtime's buffers are; it is not an option\)\.$"),
+    Misuse("load_config_not_mapping", lambda rig, tmp: rig.runtime.load(_t(rig), config="r=4"), UsageError,
+           r"^config='r=4' must be a mapping \(or None\), not str\.$"),
+    Misuse("load_revision_int", lambda rig, tmp: rig.runtime.load("org/name", revision=3), UsageError,
+           r"^revision=3 must be str \(or None\), not int\.$"),
+    Misuse("load_adapter_modules_not_mapping",
+           lambda rig, tmp: rig.runtime.load(lorahot.Adapter([1], "peft", "<built>")), UsageError,
+           r"^expected a lorahot\.Adapter whose modules map keys to LoraModule, got Adapter\(modules=\[1\]"),
+    Misuse("load_adapter_alpha_not_number", lambda rig, tmp: rig.runtime.load(_hand_built(rig, alpha="8")),
+           lorahot.AdapterReadError,
+           r"^<built>: values that cannot be LoRA weights:\n  - layers\.0\.self_attn\.q_proj: alpha is '8', not a "
+           r"number\n"),
+    Misuse("preload_adapter_a_not_tensor", lambda rig, tmp: rig.runtime.preload(_hand_built(rig, A=[[0.0]])),
+           lorahot.AdapterReadError, r"^<built>: values .*:\n  - layers\.0\.self_attn\.q_proj: A is a list, not a "
+           r"torch\.Tensor\n"),
+    Misuse("load_source_int", lambda rig, tmp: rig.runtime.load(42), UsageError,
+           r"^source=42 must be a path, a Hub repo id, a mapping of tensors or a lorahot\.Adapter\.$"),
+    Misuse("load_prepared_of_another_runtime", _other_runtime_prepared, UsageError,
+           r"^this PreparedAdapter was made for another runtime; preload it on this one\.$"),
+    Misuse("load_prepared_with_options",
+           lambda rig, tmp: rig.runtime.load(rig.runtime.cache.get(rig.runtime.cache.keys()[0]), prefix="x"),
+           UsageError, r"^read options \(prefix\) do not apply to a PreparedAdapter, which was read already; pass "
+           r"them to preload instead\.$"),
+    # -- preload / prefetch ---------------------------------------------------------------------------
+    Misuse("preload_key_int", lambda rig, tmp: rig.runtime.preload(_t(rig), key=3), UsageError,
+           r"^key=3 must be a non-empty str \(or None: the source's identity\)\.$"),
+    Misuse("preload_key_empty", lambda rig, tmp: rig.runtime.preload(_t(rig), key=""), UsageError, r"^key='' must"),
+    Misuse("preload_unknown_option", lambda rig, tmp: rig.runtime.preload(_t(rig), weights="x"), UsageError,
+           r"^unknown read option 'weights'; the read options are"),
+    Misuse("prefetch_key_list", lambda rig, tmp: rig.runtime.prefetch(_t(rig), key=["k"]), UsageError,
+           r"^key=\['k'\] must be a non-empty str"),
+    Misuse("prefetch_unknown_options", lambda rig, tmp: rig.runtime.prefetch(_t(rig), a=1, b=2), UsageError,
+           r"^unknown read options 'a', 'b'; the read options are"),
+    # -- activate / unload / set_scale / info ---------------------------------------------------------
+    Misuse("activate_out_of_range", lambda rig, tmp: rig.runtime.activate(2), UsageError, rf"^slot=2 is out.*{R}"),
+    Misuse("activate_float", lambda rig, tmp: rig.runtime.activate(1.0), UsageError, r"^slot=1\.0 is out of range"),
+    Misuse("activate_none", lambda rig, tmp: rig.runtime.activate(None), UsageError, r"^slot=None is out of range"),
+    Misuse("unload_out_of_range", lambda rig, tmp: rig.runtime.unload(7), UsageError, r"^slot=7 is out of range"),
+    Misuse("set_scale_str", lambda rig, tmp: rig.runtime.set_scale("x"), UsageError, r"^scale='x' is not a number"),
+    Misuse("set_scale_inf", lambda rig, tmp: rig.runtime.set_scale(float("-inf")), UsageError,
+           r"^scale=-inf must be finite\.$"),
+    Misuse("set_scale_overflows_buffer", lambda rig, tmp: rig.runtime.set_scale(1e39), UsageError,
+           r"^scale=1e\+39 times the adapter's largest alpha/r \(2\) is 2e\+39, beyond the range of the torch\.float32 "
+           r"scale buffers \(max 3\.403e\+38\)\. Pass a scale of at most 1\.701e\+38 in magnitude\.$"),
+    Misuse("set_scale_huge_int", lambda rig, tmp: rig.runtime.set_scale(-(10**400), slot=1), UsageError,
+           r"^scale=-100000000000000000000000000000000000\.\.\. is too large for a float"),
+    Misuse("set_scale_bad_slot", lambda rig, tmp: rig.runtime.set_scale(1.0, slot=3), UsageError, r"^slot=3 is out"),
+    Misuse("info_bad_slot", lambda rig, tmp: rig.runtime.info(-2), UsageError, r"^slot=-2 is out of range"),
+    # -- the host cache ----------------------------------------------------------------------------------
+    Misuse("cache_get_list", lambda rig, tmp: rig.runtime.cache.get(["k"]), UsageError,
+           r"^cache keys are str, got list \['k'\]\.$"),
+    Misuse("cache_put_not_prepared", lambda rig, tmp: rig.runtime.cache.put("x"), UsageError,
+           r"^AdapterCache holds PreparedAdapter objects \(from runtime\.preload\), not str\.$"),
+    Misuse("cache_budget_str", lambda rig, tmp: setattr(rig.runtime.cache, "budget_bytes", "1GB"), UsageError,
+           r"^cache_bytes='1GB' must be an int number of bytes >= 0"),
+    Misuse("cache_new_negative", lambda rig, tmp: lorahot.AdapterCache(-5), UsageError, r"^cache_bytes=-5 must be"),
+]  # fmt: skip
+
+
+def _hand_built(rig: Rig, **fields: Any) -> lorahot.Adapter:
+    """An Adapter built by hand (not by a reader), with ``fields`` of its one module replaced."""
+    tensors = valid_tensors(rig.model, 4, names=(Q0,))
+    a, b = (tensors[f"base_model.model.{Q0}.lora_{r}.weight"] for r in "AB")
+    module = lorahot.LoraModule(Q0, **{"A": a, "B": b, "alpha": 8.0, **fields})
+    return lorahot.Adapter({Q0: module}, "peft", "<built>")
+
+
+def _t(rig: Rig) -> dict[str, torch.Tensor]:
+    """A valid adapter for the rig (no config: alpha = rank, so every alpha/r is 1)."""
+    return valid_tensors(rig.model, 4, names=(Q0, V1))
+
+
+def _tie(rig: Rig) -> torch.nn.Module:
+    """Ties the rig's lm_head to its (wrapped) embedding, the way transformers ties weights."""
+    rig.model.lm_head.weight = rig.model.embed_tokens.base_layer.weight
+    return rig.model
+
+
+def test_table_covers_every_entry_point() -> None:
+    assert len({m.id for m in MISUSES}) == len(MISUSES)
+    prefixes = {m.id.split("_")[0] for m in MISUSES}
+    assert prefixes >= {"inject", "eject", "load", "preload", "prefetch", "activate", "unload", "set", "info", "cache"}
+
+
+@pytest.mark.parametrize("misuse", MISUSES, ids=[m.id for m in MISUSES])
+def test_bad_call_raises_and_changes_nothing(misuse: Misuse, tmp_path: Path) -> None:
+    rig = build_rig(tmp_path / "rig")
+    rig.runtime.preload(write_valid(tmp_path / "cached", rig.model, {Q0: 2}, seed=7))
+    if misuse.id == "inject_merged_tied":
+        _tie(rig)  # part of the setup, not of the call
+    before = snapshot(rig)
+    modules = [(n, id(m)) for n, m in rig.model.named_modules()]
+    threads = {t.name for t in threading.enumerate()}
+    with pytest.raises(misuse.error, match=misuse.match) as raised:
+        misuse.call(rig, tmp_path)
+    assert isinstance(raised.value, (ValueError, TypeError)) or not isinstance(raised.value, UsageError)
+    assert_unchanged(rig, before)
+    assert [(n, id(m)) for n, m in rig.model.named_modules()] == modules
+    assert {t.name for t in threading.enumerate()} <= threads, "a bad prefetch started a thread"
+    assert rig.runtime.cache.budget_bytes == 2 << 30
