@@ -10,6 +10,9 @@ For each key, in order:
    LDM block names mapped to diffusers ones), exactly or as a ``_``-suffix.
 
 The first step with any hit decides; more than one hit is an error listing the candidates.
+Component prefixes end with their naming's separator (``unet.``, ``lora_te1_``), so stripping
+one never cuts a name component in two (``text_encoder.`` does not strip ``text_encoder_2.``).
+Lookups are memoized within a byte budget (keys come from files).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import re
 from lorahot.adapter import Adapter, LoraModule
 from lorahot.errors import AdapterMismatchError, format_problems
 from lorahot.formats import FORMATS, KeyFormat, format_named
+from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
 
 __all__ = ["resolve_keys"]
@@ -39,6 +43,8 @@ class _Names:
         for n in names:
             self.underscore.setdefault(n.replace(".", "_"), []).append(n)
         self.per_block = ldm.layers_per_block(names)
+        # (key, format) -> the names it matches; per index, so it goes with the index
+        self.lookups: BoundedMemo[tuple[str, KeyFormat], tuple[str, ...]] = BoundedMemo(_LOOKUP_BYTES)
 
     def dotted(self, key: str) -> list[str]:
         return [n for n in self.names if n.endswith("." + key) or key.endswith("." + n)]
@@ -67,15 +73,22 @@ def _candidates(key: str, fmt: KeyFormat) -> list[str]:
     return out
 
 
+#: bytes of lookups memoized per index: ~7,000 keys; at most 16 indexes are kept (_index)
+_LOOKUP_BYTES = 2 << 20
+
+
 @functools.lru_cache(maxsize=16)
 def _index(names: tuple[str, ...]) -> _Names:
     """The lookup index of one model's injected names (built once per name list)."""
     return _Names(list(names))
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _lookup(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
-    """The injected names ``key`` matches (memoized: formats and indexes hash by identity)."""
+    """The injected names ``key`` matches (memoized in the index, within its byte budget)."""
+    return names.lookups.get((key, fmt), lambda: _match(key, fmt, names), str_bytes(key))
+
+
+def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     cands = _candidates(key, fmt)
     aliased = [re.sub(p, r, c) for c in cands for p, r in fmt.aliases if re.search(p, c)]
     steps = (
@@ -126,7 +139,7 @@ def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
     for key, module in adapter.modules.items():
         hits = _lookup(key, fmt, index)
         if not hits:
-            close = _closest(key, fmt, index)
+            close = _closest(key, fmt, index) if len(problems) < _SHOWN else []  # the rest are not shown
             problems.append(f"{key}: matches no injected layer" + (f" (closest: {', '.join(close)})" if close else ""))
         elif len(hits) > 1:
             problems.append(
@@ -149,9 +162,15 @@ def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
     return out
 
 
+#: problems a message shows (format_problems' limit); only those get the costly closest names
+_SHOWN = 20
+
+
 def _fix_hint(adapter: Adapter) -> str:
     targets = adapter.config.get("target_modules")
-    trained = f" (the adapter was trained on target_modules={targets!r})" if targets else ""
+    shown = repr(targets)
+    shown = shown if len(shown) <= 200 else shown[:197] + "..."  # from the file: shown, never matched
+    trained = f" (the adapter was trained on target_modules={shown})" if targets else ""
     return (
         f"Inject those modules (targets=...){trained}, map the names with prefix=/key_map= (lorahot.read_adapter, "
         "runtime.load), or load an adapter made for this model."
