@@ -4,6 +4,7 @@ the errors for keys that do not map."""
 from __future__ import annotations
 
 import gc
+import time
 import tracemalloc
 
 import pytest
@@ -163,3 +164,16 @@ def test_hostile_long_keys_do_not_pin_memory() -> None:
     finally:
         tracemalloc.stop()
     assert kept < 6 << 20, f"{kept / 2**20:.0f} MiB kept alive"
+
+
+def test_many_unmatched_keys_against_many_layers_stay_fast() -> None:
+    """Each suffix lookup used to scan every layer name: 20,000 keys x 1,000 layers took ~9 s."""
+    names = [f"model.layers.{i // 7}.mlp.proj_{i % 7}" for i in range(1000)]
+    a, b = torch.zeros(1, 1), torch.zeros(1, 1)
+    for fmt, stem in (("peft", "x{}.y.z"), ("kohya", "lora_unet_x{}_y_z")):
+        keys = [stem.format(i) for i in range(20_000)]
+        adapter = lorahot.Adapter({k: lorahot.LoraModule(k, a, b, 1.0) for k in keys}, fmt, "<mapping>")
+        start = time.perf_counter()
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"and 19980 more"):
+            resolve_keys(adapter, names)
+        assert time.perf_counter() - start < 3
