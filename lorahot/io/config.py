@@ -142,7 +142,7 @@ def _json(v: Any) -> str:
 
 def _set(v: Any) -> bool:
     """Whether a config value switches its feature on (PEFT's defaults are None, False, [] or "none")."""
-    return not (v is None or v is False or v == "none" or (isinstance(v, (str, list, dict)) and not v))
+    return not (v is None or v is False or (isinstance(v, (str, list, dict)) and v in ("none", "", [], {})))
 
 
 def _targets(v: Any, problems: list[str]) -> tuple[str, ...] | str | None:

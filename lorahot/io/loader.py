@@ -117,18 +117,30 @@ def _check_overrides(config: Any) -> dict[str, Any] | None:
 def _checked(adapter: Adapter) -> Adapter:
     """An :class:`Adapter` built by the caller, after checking its structure."""
     modules = adapter.modules
-    if not isinstance(modules, dict) or not all(
-        isinstance(k, str)
-        and isinstance(m, LoraModule)
-        and isinstance(m.A, torch.Tensor)
-        and isinstance(m.B, torch.Tensor)
-        for k, m in modules.items()
+    if (
+        not isinstance(modules, dict)
+        or not isinstance(adapter.config, dict)
+        or not all(map(_well_formed, modules.items()))
     ):
         raise UsageError(
             f"{adapter.source!s:.200}: Adapter.modules must map module keys (str) to lorahot.LoraModule with tensor "
-            "A and B; build adapters with lorahot.read_adapter or from LoraModule objects."
+            "A and B and a real alpha, and Adapter.config must be a dict; build adapters with lorahot.read_adapter "
+            "or from LoraModule objects."
         )
     return adapter
+
+
+def _well_formed(item: tuple[Any, Any]) -> bool:
+    key, m = item
+    return (
+        isinstance(key, str)
+        and isinstance(m, LoraModule)
+        and isinstance(m.A, torch.Tensor)
+        and isinstance(m.B, torch.Tensor)
+        and isinstance(m.alpha, (int, float))
+        and not isinstance(m.alpha, bool)
+        and (m.base_weight is None or isinstance(m.base_weight, torch.Tensor))
+    )
 
 
 def _device(device: Any) -> torch.device | None:
@@ -181,7 +193,10 @@ def _component_configs(
     if too_many is not None:
         raise AdapterReadError(f"{raw.source}: {too_many}. Write fewer, plainer pattern keys.")
     parsed = {c: _parse_config(raw, c, d) for c, d in configs.items()}
-    refused = [f"{_origin(c)}: {'; '.join(cfg.unsupported)}" for c, cfg in parsed.items() if cfg.unsupported]
+    origin = {"": CONFIG_NAME if raw.config is not None else "config="}
+    refused = [
+        f"{origin.get(c) or _origin(c)}: {'; '.join(cfg.unsupported)}" for c, cfg in parsed.items() if cfg.unsupported
+    ]
     if refused:
         raise UnknownFormatError(
             format_problems(f"{raw.source}: the adapter config turns on features lorahot does not load:", refused)

@@ -130,7 +130,15 @@ def test_fusing_parts_that_are_not_floating_point_is_a_read_error() -> None:
         lorahot.read_adapter(tensors, fuse={"qk": ["q", "k"]})  # torch cannot promote float8: RuntimeError
 
 
-@pytest.mark.parametrize("modules", [{5: "x"}, "not a dict", {"proj": ("A", "B")}])
+@pytest.mark.parametrize(
+    "modules",
+    [
+        {5: "x"},
+        "not a dict",
+        {"proj": ("A", "B")},
+        {"proj": lorahot.LoraModule("proj", torch.ones(2, 8), torch.ones(6, 2), "2")},  # type: ignore[arg-type]
+    ],
+)
 def test_malformed_adapter_objects_are_usage_errors(modules: object) -> None:
     with pytest.raises(
         lorahot.UsageError, match=r"Adapter\.modules must map module keys \(str\) to lorahot\.LoraModule"
