@@ -124,9 +124,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``lorahot`` console script; returns the exit status.
+    """Entry point of the ``lorahot`` console script: returns the exit status, or exits.
 
-    0: printed; 2: a bad file or argument (one line on stderr); 1: stdout was closed early.
+    0: printed; 1: stdout was closed early; ``SystemExit(2)``: a bad file or argument (one
+    line on stderr).
     """
     if hasattr(sys.stdout, "reconfigure"):  # a name the terminal's encoding lacks prints escaped
         sys.stdout.reconfigure(errors="backslashreplace")

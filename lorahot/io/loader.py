@@ -30,7 +30,7 @@ from lorahot.formats.diffusers import METADATA_KEY
 from lorahot.formats.table import Parts
 from lorahot.io.config import CONFIG_NAME, AdapterConfig
 from lorahot.io.patterns import budget_problem
-from lorahot.io.safety import MAX_METADATA_BYTES, parse_json, short
+from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json, short
 from lorahot.io.sources import RawAdapter, Source, open_source
 from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
 
@@ -150,7 +150,7 @@ def _device(device: Any) -> torch.device | None:
         out = torch.device(device)
         torch.empty(0, device=out)  # an unknown or absent device fails here, not mid-read
     except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
-        raise UsageError(f"device={short(device)} is not a usable torch device ({short(str(exc), 200)}).") from None
+        raise UsageError(f"device={short(device)} is not a usable torch device ({cut(str(exc), 200)}).") from None
     return out
 
 

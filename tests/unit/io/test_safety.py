@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import lorahot
@@ -94,3 +96,34 @@ def test_rejected_headers_are_not_kept(tmp_path: Path) -> None:
     with pytest.raises(lorahot.AdapterReadError, match=r"past the end of the file"):
         check_safetensors(path)
     assert len(safety._HEADERS) == n
+
+
+def _reference_depth(text: str) -> int:
+    """Nesting depth by a plain character loop over valid JSON."""
+    depth = best = 0
+    in_string = escaped = False
+    for c in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (c == "\\", c != '"')
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            best = max(best, depth)
+        elif c in "]}":
+            depth -= 1
+    return best
+
+
+_TEXT = st.text(alphabet='[]{}"\\ab\u00e9', max_size=6)
+_JSON = st.recursive(
+    st.none() | st.integers() | _TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=_JSON)
+def test_the_depth_scan_agrees_with_a_character_loop(value: object) -> None:
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False)):
+        assert safety._max_depth(text.encode()) == _reference_depth(text), text
