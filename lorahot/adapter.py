@@ -83,7 +83,9 @@ class Adapter:
 
 
 def storage_problem(t: torch.Tensor) -> str | None:
-    """Why ``t`` cannot hold LoRA values whatever its dtype (sparse, meta, ...), or None."""
+    """Why ``t`` cannot hold LoRA values whatever its dtype (sparse, meta, nested, quantized), or None."""
+    if t.is_nested or t.is_quantized:
+        return f"a {'nested' if t.is_nested else 'quantized'} tensor"
     if t.layout != torch.strided or t.device.type == "meta":
         return f"a {t.layout} tensor on {t.device}"
     return None

@@ -76,6 +76,11 @@ def test_fuse_argument_errors() -> None:
     [
         (lambda t: t.to("meta"), r"torch\.strided tensor on meta"),
         (lambda t: t.to_sparse(), r"torch\.sparse_coo tensor on cpu"),
+        pytest.param(
+            lambda t: torch.nested.as_nested_tensor([t, t]),  # its .shape raises
+            r"nested tensor",
+            marks=pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors"),
+        ),
     ],
 )
 def test_tensors_without_data_are_refused_when_read(convert, what: str) -> None:
