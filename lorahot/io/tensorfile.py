@@ -40,9 +40,16 @@ def read_tensors(
             the path meanwhile.
 
     Raises:
-        AdapterReadError: the file changed or shrank since its header was checked.
+        AdapterReadError: the file changed or shrank since its header was checked; its data is
+            larger than the machine's memory, or cannot be allocated.
     """
     on_gpu = device is not None and device.type == "cuda"
+    memory = _physical_memory()
+    if memory is not None and header.data_size > memory:  # a sparse file can claim terabytes cheaply
+        raise AdapterReadError(
+            f"{path}: its tensor data is {header.data_size} bytes, more than this machine's {memory} bytes of memory. "
+            "Load it on a larger machine, or check the file (is it an adapter?)."
+        )
     buf = _allocate(path, header.data_size, lambda: torch.empty(header.data_size, dtype=torch.uint8, pin_memory=on_gpu))
     if header.data_size:
         own = fd is None
@@ -57,6 +64,14 @@ def read_tensors(
         buf = _allocate(path, header.data_size, lambda: host.to(device, non_blocking=on_gpu))
     typed: dict[str, torch.Tensor] = {}
     return {k: _view(buf, typed, *entry) for k, entry in header.entries.items()}
+
+
+def _physical_memory() -> int | None:
+    """Bytes of RAM, if the system says (POSIX); reading more cannot succeed."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _allocate(path: Path, nbytes: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -164,3 +164,15 @@ def test_running_out_of_memory_for_the_tensor_data_names_the_file(
     monkeypatch.setattr(tensorfile.torch, "empty", no_memory)
     with pytest.raises(lorahot.AdapterReadError, match=r"adapter_model\.safetensors: cannot allocate 112 bytes"):
         lorahot.read_adapter(tmp_path)
+
+
+def test_data_larger_than_the_machines_memory_is_refused_before_allocating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sparse file can claim terabytes of (zero) data for free; reading it would take hours."""
+    import lorahot.io.tensorfile as tensorfile
+
+    save_file(_peft(), tmp_path / "adapter_model.safetensors")
+    monkeypatch.setattr(tensorfile, "_physical_memory", lambda: 100)
+    with pytest.raises(lorahot.AdapterReadError, match=r"its tensor data is 112 bytes, more than this machine's 100"):
+        lorahot.read_adapter(tmp_path)
