@@ -15,7 +15,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["BoundedMemo", "digest", "str_bytes"]
 
@@ -31,29 +31,32 @@ class BoundedMemo(Generic[K, V]):
 
     Args:
         max_bytes: the budget for all entries together (estimated bytes kept alive).
+        cost: the estimated bytes an entry keeps alive (key and value), called on a miss.
         max_entry: entries estimated above this are never stored (default: ``max_bytes // 8``).
     """
 
-    def __init__(self, max_bytes: int, max_entry: int | None = None) -> None:
+    def __init__(self, max_bytes: int, cost: Callable[[K, V], int], max_entry: int | None = None) -> None:
         self.max_bytes = max_bytes
         self.max_entry = max_bytes // 8 if max_entry is None else max_entry
+        self._cost = cost
         self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._total = 0
         self._lock = threading.Lock()
 
-    def get(self, key: K, compute: Callable[[], V], cost: int) -> V:
-        """The memoized value of ``key``, computing (and maybe storing) it on a miss.
+    def get(self, key: K, compute: Callable[..., V], *args: Any) -> V:
+        """The memoized value of ``key``; on a miss ``compute(*args)``, stored if it fits.
 
-        ``cost`` is the caller's estimate of the bytes the entry keeps alive (key and value).
         Exceptions from ``compute`` propagate and store nothing.
         """
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None:
+        hit = self._entries.get(key)  # one C call: atomic under the GIL, no lock on the hot path
+        if hit is not None:
+            try:  # noqa: SIM105 - contextlib.suppress costs an object per call on this hot path
                 self._entries.move_to_end(key)
-                return hit[0]
-        value = compute()
-        self._put(key, value, cost + ENTRY_OVERHEAD)
+            except KeyError:  # evicted meanwhile by another thread
+                pass
+            return hit[0]
+        value = compute(*args)
+        self._put(key, value, self._cost(key, value) + ENTRY_OVERHEAD)
         return value
 
     def _put(self, key: K, value: V, cost: int) -> None:
@@ -83,17 +86,13 @@ class BoundedMemo(Generic[K, V]):
             self._total = 0
 
 
-def str_bytes(*strings: str) -> int:
-    """Bytes the strings take in memory (a str of astral characters takes 4 per character)."""
-    return sum(sys.getsizeof(s) for s in strings)
+def str_bytes(s: str) -> int:
+    """Bytes a str takes in memory (one of astral characters takes 4 per character)."""
+    return sys.getsizeof(s)
 
 
 def digest(strings: Iterable[str]) -> bytes:
-    """A 32-byte digest of a sequence of strings (length-prefixed, so no two sequences collide
-    by concatenation); keys a memo by a large input without keeping the input alive."""
-    h = hashlib.blake2b(digest_size=32)
-    for s in strings:
-        raw = s.encode("utf-8", "surrogatepass")
-        h.update(len(raw).to_bytes(8, "little"))
-        h.update(raw)
-    return h.digest()
+    """A 32-byte digest of a sequence of strings (of its ``repr``, so no two sequences collide by
+    concatenation); keys a memo by a large input without keeping the input alive."""
+    text = repr(list(strings)).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(text, digest_size=32).digest()

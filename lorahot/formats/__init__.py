@@ -19,12 +19,16 @@ FORMATS: tuple[KeyFormat, ...] = (kohya.FORMAT, comfyui.FORMAT, diffusers.FORMAT
 
 
 #: digest of a key list -> its format (about 300 bytes an entry)
-_DETECTED: BoundedMemo[bytes, KeyFormat | None] = BoundedMemo(1 << 20)
+_DETECTED: BoundedMemo[bytes, KeyFormat | None] = BoundedMemo(1 << 20, lambda k, v: 64)
 
 
 def detect(keys: list[str]) -> KeyFormat | None:
     """The first format in :data:`FORMATS` that accounts for every key, or None (memoized)."""
-    return _DETECTED.get(digest(keys), lambda: next((f for f in FORMATS if f.detect(keys)), None), 64)
+    return _DETECTED.get(digest(keys), _scan, keys)
+
+
+def _scan(keys: list[str]) -> KeyFormat | None:
+    return next((f for f in FORMATS if f.detect(keys)), None)
 
 
 def format_named(name: str) -> KeyFormat:

@@ -34,9 +34,10 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 #: module key -> role -> (tensor key, tensor)
 Parts = dict[str, dict[str, tuple[str, torch.Tensor]]]
 
-#: (format, key) -> parse result / refusal; a 154-layer adapter's keys take ~0.1 MB per format
-_PARSED: BoundedMemo[tuple[KeyFormat, str], tuple[str, str] | None] = BoundedMemo(16 << 20)
-_REFUSED: BoundedMemo[tuple[KeyFormat, str], str | None] = BoundedMemo(8 << 20)
+#: (format, key) -> (refusal, parse result); a 154-layer adapter's keys take ~0.1 MB per format
+_CLASSIFIED: BoundedMemo[tuple[KeyFormat, str], tuple[str | None, tuple[str, str] | None]] = BoundedMemo(
+    16 << 20, lambda k, v: 2 * str_bytes(k[1])
+)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,16 @@ class KeyFormat:
 
     def parse(self, key: str) -> tuple[str, str] | None:
         """``(module key, role)`` for a tensor key of this format, or None (memoized)."""
-        return _PARSED.get((self, key), lambda: self._parse(key), 2 * str_bytes(key))
+        return _CLASSIFIED.get((self, key), self._classify, key)[1]
+
+    def refusal(self, key: str) -> str | None:
+        """Why lorahot refuses ``key``, if this format knows it as an unsupported feature (memoized)."""
+        return _CLASSIFIED.get((self, key), self._classify, key)[0]
+
+    def _classify(self, key: str) -> tuple[str | None, tuple[str, str] | None]:
+        """``(refusal, parse)`` of ``key``: both, since detection asks for one and grouping for both."""
+        why = next((why for pattern, why in self.refuse if _compiled(pattern).search(key)), None)
+        return why, self._parse(key)
 
     def _parse(self, key: str) -> tuple[str, str] | None:
         for rule in self.rules:
@@ -108,13 +118,6 @@ class KeyFormat:
                     module = re.sub(pattern, repl, module)
                 return module, rule.role
         return None
-
-    def refusal(self, key: str) -> str | None:
-        """Why lorahot refuses ``key``, if this format knows it as an unsupported feature (memoized)."""
-        return _REFUSED.get((self, key), lambda: self._refusal(key), str_bytes(key))
-
-    def _refusal(self, key: str) -> str | None:
-        return next((why for pattern, why in self.refuse if _compiled(pattern).search(key)), None)
 
     def explain(self, key: str) -> str:
         """Why ``key`` cannot be loaded: a known feature, full module weights, or a foreign name."""
@@ -166,8 +169,8 @@ def group_keys(fmt: KeyFormat, tensors: dict[str, torch.Tensor], source: str) ->
     parts: Parts = {}
     problems: list[str] = []
     for key, tensor in tensors.items():
-        parsed = None if fmt.refusal(key) else fmt.parse(key)
-        if parsed is None:
+        why, parsed = _CLASSIFIED.get((fmt, key), fmt._classify, key)
+        if why is not None or parsed is None:
             problems.append(f"{key}: {fmt.explain(key)}")
             continue
         module, role = parsed

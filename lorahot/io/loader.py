@@ -162,7 +162,7 @@ def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None) -> Adapter:
     configs = _component_configs(raw, header_configs, overrides)
     fmt = detect(keys) or _closest_format(keys)
     parts = group_keys(fmt, raw.tensors, raw.source)  # raises, naming the keys, if fmt was a guess
-    modules = _assemble(parts, fmt, configs, raw.source)
+    modules = _assemble(parts, fmt, configs, raw.source, check_storage=not raw.dense)
     cfg_dict = {**(raw.config or {}), **(overrides or {})}
     if len(configs) > 1:
         cfg_dict[METADATA_KEY] = header_configs
@@ -243,7 +243,9 @@ def _config_for(module: str, fmt: KeyFormat, configs: dict[str, AdapterConfig]) 
     return configs[component], fmt.strip_prefix(module), _origin(component)
 
 
-def _assemble(parts: Parts, fmt: KeyFormat, configs: dict[str, AdapterConfig], source: str) -> dict[str, LoraModule]:
+def _assemble(
+    parts: Parts, fmt: KeyFormat, configs: dict[str, AdapterConfig], source: str, check_storage: bool = True
+) -> dict[str, LoraModule]:
     modules: dict[str, LoraModule] = {}
     problems: list[str] = []
     unreadable: list[str] = []
@@ -253,7 +255,7 @@ def _assemble(parts: Parts, fmt: KeyFormat, configs: dict[str, AdapterConfig], s
             continue
         (ka, a), (_, b) = roles["A"], roles["B"]
         keys = tuple(k for k, _ in roles.values())
-        if _unreadable(module, keys, roles, unreadable):
+        if check_storage and _unreadable(module, keys, roles, unreadable):
             continue
         rank = int(a.shape[0]) if a.ndim else 0
         cfg, pattern_name, origin = _config_for(module, fmt, configs)

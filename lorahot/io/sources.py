@@ -53,6 +53,7 @@ class RawAdapter:
     config: dict[str, Any] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     config_path: str | None = None  # the config file, for messages
+    dense: bool = False  # every tensor is a dense view of data read from a file (no check needed)
 
 
 def open_source(
@@ -246,7 +247,8 @@ def _from_file(path: Path, device: torch.device | None = None) -> RawAdapter:
     tensors, metadata = read_safetensors(path, device)
     config_path = path.parent / CONFIG_NAME
     config = read_config(config_path)
-    return RawAdapter(tensors, str(path), config, metadata, str(config_path) if config is not None else None)
+    config_file = str(config_path) if config is not None else None
+    return RawAdapter(tensors, str(path), config, metadata, config_file, dense=True)
 
 
 def read_safetensors(path: Path, device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

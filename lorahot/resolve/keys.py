@@ -52,7 +52,9 @@ class _Names:
         self.underscore_tails = _tails(self.underscore, "_")  # "b_c" -> names whose form ends in "_b_c"
         self.per_block = ldm.layers_per_block(names)
         # (key, format) -> the names it matches; per index, so it goes with the index
-        self.lookups: BoundedMemo[tuple[str, KeyFormat], tuple[str, ...]] = BoundedMemo(_LOOKUP_BYTES)
+        self.lookups: BoundedMemo[tuple[str, KeyFormat], tuple[str, ...]] = BoundedMemo(
+            _LOOKUP_BYTES, lambda k, v: str_bytes(k[0]) + 8 * len(v)
+        )
 
     def dotted(self, key: str) -> list[str]:
         """Names ending in ``"." + key``, and names ``key`` ends in (after a ``.``)."""
@@ -113,7 +115,7 @@ def _index(names: tuple[str, ...]) -> _Names:
 
 def _lookup(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     """The injected names ``key`` matches (memoized in the index, within its byte budget)."""
-    return names.lookups.get((key, fmt), lambda: _match(key, fmt, names), str_bytes(key))
+    return names.lookups.get((key, fmt), _match, key, fmt, names)
 
 
 def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:

@@ -101,8 +101,9 @@ def test_hostile_long_keys_do_not_pin_memory(monkeypatch: pytest.MonkeyPatch) ->
     from lorahot.formats import table
     from lorahot.memo import BoundedMemo
 
-    for module, name in ((table, "_PARSED"), (table, "_REFUSED"), (formats, "_DETECTED")):
-        monkeypatch.setattr(module, name, BoundedMemo(1 << 20))
+    for module, name in ((table, "_CLASSIFIED"), (formats, "_DETECTED")):
+        memo = getattr(module, name)
+        monkeypatch.setattr(module, name, BoundedMemo(1 << 20, memo._cost))
     gc.collect()
     tracemalloc.start()
     try:
