@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoraModule", "Adapter"]
+__all__ = ["LoraModule", "Adapter", "storage_problem"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,12 @@ class LoraModule:
         alpha: the LoRA alpha; the scale is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
         use_rslora: whether the scale divides by ``sqrt(r)`` instead of ``r``.
         source_keys: the tensor keys in the source this module came from (for messages).
+        base_weight: the copy of the base layer's weight the file carries, if any (PEFT saves
+            ``<module>.base_layer.weight`` for LoRA on ``embed_tokens``/``lm_head``, in case the
+            vocabulary was resized): ``[num_embeddings, dim]`` or ``[out, in]``, as saved; its key
+            is in ``source_keys``. It is not part of the update ``B @ A``: the runtime compares it
+            with the model's own weight (equal: nothing to do; different: the adapter was trained
+            on another vocabulary). Renames (``prefix``, ``key_map``) carry it along.
     """
 
     key: str
@@ -36,6 +42,7 @@ class LoraModule:
     alpha: float
     use_rslora: bool = False
     source_keys: tuple[str, ...] = ()
+    base_weight: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -71,4 +78,14 @@ class Adapter:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the LoRA weights A and B (base-weight copies not counted)."""
         return sum(m.A.nbytes + m.B.nbytes for m in self.modules.values())
+
+
+def storage_problem(t: torch.Tensor) -> str | None:
+    """Why ``t`` cannot hold LoRA values whatever its dtype (sparse, meta, nested, quantized), or None."""
+    if t.is_nested or t.is_quantized:
+        return f"a {'nested' if t.is_nested else 'quantized'} tensor"
+    if t.layout != torch.strided or t.device.type == "meta":
+        return f"a {t.layout} tensor on {t.device}"
+    return None

@@ -1,16 +1,21 @@
 """``lorahot inspect PATH_OR_REPO``: what an adapter holds, without a model.
 
 Prints the detected format, module count, ranks, alphas, dtypes, total bytes and a table of
-module paths; ``--json`` prints the same as one JSON object.
+module paths; ``--json`` prints the same as one JSON object. Names from the file are printed
+escaped (control characters, lone surrogates), so any name prints.
+
+A bad file or argument exits with status 2 and one line on stderr (``lorahot: error: ...``),
+never a traceback; a reader that closes the pipe early (``| head -1``) ends it quietly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
-from typing import Any
+from typing import Any, NoReturn
 
 from lorahot.adapter import Adapter
 from lorahot.errors import LoraError
@@ -54,12 +59,19 @@ def _num(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _escaped(text: str) -> str:
+    """``text`` with every unprintable character (control, lone surrogate) as its Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _render(s: dict[str, Any]) -> str:
     def counts(d: dict[str, int]) -> str:
         return ", ".join(f"{k} (x{n})" for k, n in d.items())
 
     lines = [
-        f"source:  {s['source']}",
+        f"source:  {_escaped(s['source'])}",
         f"format:  {s['format']}",
         f"modules: {s['modules']}",
         f"ranks:   {counts(s['ranks'])}",
@@ -70,7 +82,7 @@ def _render(s: dict[str, Any]) -> str:
     ]
     rows = [("module", "rank", "alpha", "scale", "A", "B")] + [
         (
-            m["module"],
+            _escaped(m["module"]),
             str(m["rank"]),
             _num(m["alpha"]),
             f"{m['scale']:.4g}",
@@ -84,8 +96,23 @@ def _render(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (exit status 2), not the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see lorahot inspect --help)")
+
+
+def _fail(message: str) -> NoReturn:
+    """Exits with status 2 after writing ``message`` as one escaped line on stderr."""
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    sys.stderr.write(f"lorahot: error: {_escaped(line)}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorahot", description="Inspect LoRA adapters (lorahot).")
+    p = _Parser(prog="lorahot", description="Inspect LoRA adapters (lorahot).")
     sub = p.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="show what an adapter holds")
     ins.add_argument("source", help="adapter directory, .safetensors file, or Hub repo id")
@@ -97,15 +124,39 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``lorahot`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``lorahot`` console script: returns the exit status, or exits.
+
+    0: printed; 1: stdout was closed early; ``SystemExit(2)``: a bad file or argument (one
+    line on stderr).
+    """
+    if hasattr(sys.stdout, "reconfigure"):  # a name the terminal's encoding lacks prints escaped
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        adapter = read_adapter(
-            args.source, weight_name=args.weight_name, subfolder=args.subfolder, revision=args.revision
-        )
+        args = _parser().parse_args(argv)
+        text = _inspect(args)
     except LoraError as exc:
-        print(f"lorahot: error: {exc}", file=sys.stderr)
-        return 2
+        _fail(str(exc))
+    except Exception as exc:  # a last resort: still one line, never a traceback
+        _fail(f"unexpected {type(exc).__name__}: {exc}")
+    return _write(text)
+
+
+def _inspect(args: argparse.Namespace) -> str:
+    adapter = read_adapter(args.source, weight_name=args.weight_name, subfolder=args.subfolder, revision=args.revision)
     summary = summarize(adapter)
-    print(json.dumps(summary, indent=2) if args.json else _render(summary))
+    return json.dumps(summary, indent=2) if args.json else _render(summary)
+
+
+def _write(text: str) -> int:
+    """Writes ``text`` to stdout; 1, quietly, if the reader has gone (``| head -1``)."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit: point stdout at
+        # /dev/null so that flush succeeds (the Python docs' recipe for SIGPIPE).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
     return 0

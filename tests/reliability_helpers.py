@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -65,6 +67,35 @@ def valid_tensors(
     """PEFT-named tensors for ``names`` at ``rank``."""
     tensors, _ = make_adapter(model, dict.fromkeys(names, rank), seed=seed)
     return tensors
+
+
+# -- time bounds -----------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+#: seconds any single load may take in these tests; a hang (a FIFO, a backtracking regex) fails
+HANG_S = 15.0
+
+
+def within(seconds: float, fn: Callable[[], T]) -> T:
+    """``fn()`` run on a daemon thread; fails the test if it has not finished after ``seconds``
+    (a hang must fail, not stall the suite). Its exception, if any, is re-raised here."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True, name="lorahot-test-bounded")
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still running after {seconds} s: a hostile input made lorahot hang")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 # -- snapshots -------------------------------------------------------------------------------

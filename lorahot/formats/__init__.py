@@ -1,15 +1,16 @@
 """Adapter namings lorahot reads, one declarative :class:`KeyFormat` per naming.
 
 Detection tries :data:`FORMATS` in order and takes the first whose table accounts for every
-key; more specific namings (required prefixes, distinct roles) come before PEFT's.
+key; more specific namings (required prefixes, distinct roles) come before PEFT's. The verdict
+is memoized by a digest of the key list (a file loaded again skips the scans), never by the
+keys themselves.
 """
 
 from __future__ import annotations
 
-import functools
-
 from lorahot.formats import comfyui, diffusers, kohya, peft
 from lorahot.formats.table import KeyFormat, Rule, group_keys
+from lorahot.memo import BoundedMemo, digest
 
 __all__ = ["FORMATS", "KeyFormat", "Rule", "detect", "format_named", "group_keys"]
 
@@ -17,15 +18,17 @@ __all__ = ["FORMATS", "KeyFormat", "Rule", "detect", "format_named", "group_keys
 FORMATS: tuple[KeyFormat, ...] = (kohya.FORMAT, comfyui.FORMAT, diffusers.FORMAT, diffusers.OLD_FORMAT, peft.FORMAT)
 
 
+#: digest of a key list -> its format (about 300 bytes an entry)
+_DETECTED: BoundedMemo[bytes, KeyFormat | None] = BoundedMemo(1 << 20, lambda k, v: 64)
+
+
 def detect(keys: list[str]) -> KeyFormat | None:
-    """The first format in :data:`FORMATS` that accounts for every key, or None."""
-    return _detect(tuple(keys))
+    """The first format in :data:`FORMATS` that accounts for every key, or None (memoized)."""
+    return _DETECTED.get(digest(keys), _scan, keys)
 
 
-@functools.lru_cache(maxsize=64)
-def _detect(keys: tuple[str, ...]) -> KeyFormat | None:
-    """:func:`detect`, memoized by the key list: a file loaded again skips the format scans."""
-    return next((f for f in FORMATS if f.detect(list(keys))), None)
+def _scan(keys: list[str]) -> KeyFormat | None:
+    return next((f for f in FORMATS if f.detect(keys)), None)
 
 
 def format_named(name: str) -> KeyFormat:

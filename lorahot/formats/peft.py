@@ -2,7 +2,9 @@
 
 Also the in-memory naming with the adapter name (``lora_A.default.weight``) and embeddings
 (``lora_embedding_A`` ``[r, num]`` / ``lora_embedding_B`` ``[dim, r]``). Ranks and alphas
-come from ``adapter_config.json``.
+come from ``adapter_config.json``. For LoRA on ``embed_tokens``/``lm_head`` PEFT also saves the
+base layer's weight (``<module>.base_layer.weight``, ``save_embedding_layers="auto"``); it is
+read as the module's ``base_weight``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ FORMAT = KeyFormat(
         Rule(rf"(?P<module>.+)\.lora_B{_ADAPTER}\.weight", "B"),
         Rule(rf"(?P<module>.+)\.lora_embedding_A{_ADAPTER}", "A"),
         Rule(rf"(?P<module>.+)\.lora_embedding_B{_ADAPTER}", "B"),
+        Rule(r"(?P<module>.+)\.base_layer\.weight", "base"),
     ),
     prefixes=("base_model.model.",),
     renames=((r"^base_model\.model\.", ""),),  # PEFT's wrapper, never part of the model's names

@@ -1,10 +1,15 @@
 """The declarative description of an adapter naming, and the one routine that applies it.
 
 Each format is a :class:`KeyFormat`: a table of :class:`Rule` (a regex over a tensor key and
-the role the tensor plays: ``A``, ``B`` or ``alpha``), the component prefixes files put in
-front of module paths, the separator that replaced the model's dots, and the keys it knows
-but lorahot refuses (DoRA, LoRA biases, LyCORIS variants). Detection and grouping are driven
-by these tables only; no format has code of its own.
+the role the tensor plays: ``A``, ``B``, ``alpha`` or ``base``), the component prefixes files put
+in front of module paths, the separator that replaced the model's dots, and the keys it knows
+but lorahot refuses (DoRA, LoRA biases, LyCORIS variants, PEFT's trainable tokens, parameter
+LoRA and module copies). Detection and grouping are driven by these tables only; no format has
+code of its own.
+
+Parsing a key is memoized (a server swapping among the same adapters parses each key once),
+within a byte budget: keys come from files, and a count bound alone would let hostile long
+keys pin memory.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from lorahot.errors import UnknownFormatError, format_problems
+from lorahot.memo import BoundedMemo, str_bytes
 
 __all__ = ["Rule", "KeyFormat", "Parts", "group_keys"]
 
@@ -28,6 +34,11 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 #: module key -> role -> (tensor key, tensor)
 Parts = dict[str, dict[str, tuple[str, torch.Tensor]]]
 
+#: (format, key) -> (refusal, parse result); a 154-layer adapter's keys take ~0.1 MB per format
+_CLASSIFIED: BoundedMemo[tuple[KeyFormat, str], tuple[str | None, tuple[str, str] | None]] = BoundedMemo(
+    16 << 20, lambda k, v: 2 * str_bytes(k[1])
+)
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -35,7 +46,8 @@ class Rule:
 
     Attributes:
         pattern: the regex over the whole tensor key.
-        role: ``"A"`` (down), ``"B"`` (up) or ``"alpha"`` (a scalar alpha for the module).
+        role: ``"A"`` (down), ``"B"`` (up), ``"alpha"`` (a scalar alpha for the module) or
+            ``"base"`` (a copy of the base layer's weight, see :attr:`lorahot.LoraModule.base_weight`).
     """
 
     pattern: str
@@ -85,12 +97,20 @@ class KeyFormat:
         prefix = next((p for p in self.prefixes if module.startswith(p)), "")
         return module[len(prefix) :]
 
-    @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - formats are module-level constants
     def parse(self, key: str) -> tuple[str, str] | None:
-        """``(module key, role)`` for a tensor key of this format, or None.
+        """``(module key, role)`` for a tensor key of this format, or None (memoized)."""
+        return _CLASSIFIED.get((self, key), self._classify, key)[1]
 
-        Memoized: a server swapping among the same adapters parses each key once.
-        """
+    def refusal(self, key: str) -> str | None:
+        """Why lorahot refuses ``key``, if this format knows it as an unsupported feature (memoized)."""
+        return _CLASSIFIED.get((self, key), self._classify, key)[0]
+
+    def _classify(self, key: str) -> tuple[str | None, tuple[str, str] | None]:
+        """``(refusal, parse)`` of ``key``: both, since detection asks for one and grouping for both."""
+        why = next((why for pattern, why in self.refuse if _compiled(pattern).search(key)), None)
+        return why, self._parse(key)
+
+    def _parse(self, key: str) -> tuple[str, str] | None:
         for rule in self.rules:
             module = rule.match(key)
             if module is not None:
@@ -99,10 +119,19 @@ class KeyFormat:
                 return module, rule.role
         return None
 
-    @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - formats are module-level constants
-    def refusal(self, key: str) -> str | None:
-        """Why lorahot refuses ``key``, if this format knows it as an unsupported feature."""
-        return next((why for pattern, why in self.refuse if re.search(pattern, key)), None)
+    def explain(self, key: str) -> str:
+        """Why ``key`` cannot be loaded: a known feature, full module weights, or a foreign name."""
+        why = self.refusal(key)
+        if why is not None:
+            return why
+        full = _compiled(_FULL_WEIGHT).fullmatch(key)
+        if full is not None:
+            return (
+                f"full weights of module {full['module']!r}, not LoRA weights (PEFT saves these for modules_to_save, "
+                "trained biases, or an embedding/lm_head whose vocabulary was resized); lorahot loads only LoRA "
+                "weights"
+            )
+        return f"not a LoRA key of the {self.name} naming"
 
     def score(self, keys: list[str]) -> int:
         """How many keys this format parses; -1 if its marker or required prefix is absent."""
@@ -133,16 +162,16 @@ def group_keys(fmt: KeyFormat, tensors: dict[str, torch.Tensor], source: str) ->
     """Groups tensor keys by module and role, per ``fmt``.
 
     Raises:
-        UnknownFormatError: keys that match no rule, refused features (DoRA, bias, LyCORIS),
-            or two tensors claiming one module's role. All are listed at once.
+        UnknownFormatError: keys that match no rule, refused features (DoRA, bias, LyCORIS,
+            PEFT trainable tokens, parameter LoRA, full module weights), or two tensors claiming
+            one module's role. All are listed at once.
     """
     parts: Parts = {}
     problems: list[str] = []
     for key, tensor in tensors.items():
-        why = fmt.refusal(key)
-        parsed = None if why else fmt.parse(key)
-        if parsed is None:
-            problems.append(f"{key}: {why or f'not a LoRA key of the {fmt.name} naming'}")
+        why, parsed = _CLASSIFIED.get((fmt, key), fmt._classify, key)
+        if why is not None or parsed is None:
+            problems.append(f"{key}: {fmt.explain(key)}")
             continue
         module, role = parsed
         roles = parts.setdefault(module, {})
@@ -172,4 +201,21 @@ REFUSED: tuple[tuple[str, str], ...] = (
         r"\.(hada_w\d_[ab]|hada_t\d|lokr_w\d(_[ab])?|lokr_t\d|lora_mid\.weight|oft_blocks|diff|diff_b)$",
         "LyCORIS (LoHa/LoKr/Tucker/OFT/diff) weights: only plain LoRA is supported",
     ),
+    (
+        r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$",
+        "trainable tokens (PEFT trainable_token_indices): new embedding rows lorahot does not load",
+    ),
+    (
+        r"\.base_layer\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?(\.weight)?$",
+        "LoRA on parameters such as MoE experts (PEFT target_parameters): not supported; its A and B hold every "
+        "expert's rank, which no re-save turns into per-module LoRA",
+    ),
+    (
+        r"\.(modules_to_save|original_module)\.",
+        "a full module copy (PEFT modules_to_save): lorahot loads only LoRA weights",
+    ),
 )
+
+#: A key no rule parses that names a whole module's parameter: PEFT's modules_to_save, trained
+#: biases, or a resized embedding saved whole.
+_FULL_WEIGHT = r"(?P<module>.+)\.(weight|bias)"

@@ -1,26 +1,48 @@
-"""The adapter config fields lorahot honours, with PEFT's meaning.
+"""The adapter config fields lorahot honours, with PEFT's meaning, and the ones it refuses.
 
 ``r`` and ``lora_alpha`` are the defaults; ``rank_pattern`` and ``alpha_pattern`` override
 them per module, each key a regex matched as PEFT matches it: a module whose name ends with
-``.<pattern>`` (or equals it) takes the first matching entry. ``use_rslora`` divides by
-``sqrt(r)`` instead of ``r``.
+``.<pattern>`` (or equals it) takes the first matching entry. The patterns come from files, so
+they are evaluated in linear time (:mod:`lorahot.io.patterns`). ``use_rslora`` divides by
+``sqrt(r)`` instead of ``r``. Fields that switch on features lorahot does not load (DoRA,
+``modules_to_save``, ``target_parameters``, trainable tokens, ...) are listed in
+:data:`UNSUPPORTED` and named when refused.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from lorahot.errors import AdapterReadError
+from lorahot.io.patterns import PatternSet
+from lorahot.io.safety import short
 
-__all__ = ["AdapterConfig", "CONFIG_NAME"]
+__all__ = ["AdapterConfig", "CONFIG_NAME", "UNSUPPORTED"]
 
 #: The file PEFT writes beside the weights.
 CONFIG_NAME = "adapter_config.json"
 
 _MAX_RANK = 1 << 16  # no real adapter comes close; larger values are treated as corrupt
+
+#: PEFT config fields that switch on what lorahot does not load: field -> why. A field counts
+#: as set unless it is absent, null, false, empty or "none".
+UNSUPPORTED: dict[str, str] = {
+    "use_dora": "DoRA adapters are not supported",
+    "target_parameters": "LoRA on parameters such as MoE experts (PEFT's ParamWrapper) is not supported; its A and "
+    "B hold every expert's rank",
+    "modules_to_save": "full copies of these modules are saved beside the LoRA weights, and lorahot loads only "
+    "LoRA weights",
+    "trainable_token_indices": "trainable tokens (new embedding rows saved beside the LoRA weights) are not supported",
+    "alora_invocation_tokens": "activated LoRA (aLoRA, applied only after its invocation tokens) is not supported",
+    "layer_replication": "layer replication changes the model's layer stack; not supported",
+    "use_qalora": "QA-LoRA (which pools the layer input) is not supported",
+    "bias": "biases of the base model were trained and saved beside the LoRA weights; not supported",
+    "lora_bias": "LoRA biases on lora_B are not supported",
+}
 
 
 @dataclass(frozen=True)
@@ -37,7 +59,8 @@ class AdapterConfig:
         fan_in_fan_out: recorded only. PEFT saves A ``[r, in]`` and B ``[out, r]`` whatever
             the base layout; lorahot's linear layer reads a ``Conv1D`` base the right way itself.
         target_modules: the module names (or a regex) the adapter was trained on; used in
-            messages when modules do not map.
+            messages only, never matched.
+        unsupported: ``"field=value; why"`` for each set :data:`UNSUPPORTED` field.
     """
 
     r: int | None = None
@@ -48,37 +71,78 @@ class AdapterConfig:
     use_dora: bool = False
     fan_in_fan_out: bool = False
     target_modules: tuple[str, ...] | str | None = None
+    unsupported: tuple[str, ...] = ()
+    _rank_set: PatternSet | None = field(default=None, compare=False, repr=False)
+    _alpha_set: PatternSet | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:  # built directly rather than by parse(): compile the patterns here
+        if self.rank_pattern and self._rank_set is None:
+            object.__setattr__(self, "_rank_set", _compiled(self.rank_pattern, "rank_pattern"))
+        if self.alpha_pattern and self._alpha_set is None:
+            object.__setattr__(self, "_alpha_set", _compiled(self.alpha_pattern, "alpha_pattern"))
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None, source: str = "<config>") -> AdapterConfig:
-        """Parses and checks a config dict; absurd values raise :class:`AdapterReadError`."""
+    def from_dict(
+        cls, raw: Mapping[str, Any] | None, source: str = "<config>", fix: str = "Fix adapter_config.json."
+    ) -> AdapterConfig:
+        """Parses and checks a config dict; absurd values raise :class:`AdapterReadError`.
+
+        Args:
+            raw: the config fields.
+            source: where they came from (the config file), for the message.
+            fix: the message's last sentence.
+        """
+        config, problems = cls.parse(raw)
+        if problems:
+            raise AdapterReadError(f"{source}: invalid adapter config: " + "; ".join(problems) + f". {fix}")
+        return config
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any] | None) -> tuple[AdapterConfig, list[str]]:
+        """The config and every problem with it (empty when it is valid)."""
         if not raw:
-            return cls()
+            return cls(), []
         problems: list[str] = []
         r = _opt_int(raw.get("r"), "r", problems)
         alpha = _opt_alpha(raw.get("lora_alpha"), "lora_alpha", problems)
-        rank_pattern = _pattern(raw.get("rank_pattern"), "rank_pattern", _opt_int, problems)
-        alpha_pattern = _pattern(raw.get("alpha_pattern"), "alpha_pattern", _opt_alpha, problems)
+        rank_pattern, rank_set = _pattern(raw.get("rank_pattern"), "rank_pattern", _opt_int, problems)
+        alpha_pattern, alpha_set = _pattern(raw.get("alpha_pattern"), "alpha_pattern", _opt_alpha, problems)
         flags = {k: raw.get(k, False) for k in ("use_rslora", "use_dora", "fan_in_fan_out")}
         for k, v in flags.items():
             if not isinstance(v, bool):
-                problems.append(f"{k} must be true or false, got {v!r}")
+                problems.append(f"{k} must be true or false, got {short(v)}")
+                flags[k] = False
         targets = _targets(raw.get("target_modules"), problems)
-        if problems:
-            raise AdapterReadError(
-                f"{source}: invalid adapter config: " + "; ".join(problems) + ". Fix adapter_config.json."
-            )
-        return cls(r, alpha, rank_pattern, alpha_pattern, **flags, target_modules=targets)
+        unsupported = tuple(f"{k}={_json(raw[k])}; {why}" for k, why in UNSUPPORTED.items() if _set(raw.get(k)))
+        config = cls(
+            r, alpha, rank_pattern, alpha_pattern, **flags, target_modules=targets, unsupported=unsupported,
+            _rank_set=rank_set, _alpha_set=alpha_set,
+        )  # fmt: skip
+        return config, problems
 
     def rank_for(self, module: str) -> int | None:
         """The rank the config declares for ``module``, or None if it declares none."""
-        key = _pattern_key(self.rank_pattern, module)
+        key = self._rank_set.first(module) if self._rank_set is not None else None
         return self.rank_pattern[key] if key is not None else self.r
 
     def alpha_for(self, module: str) -> float | None:
         """The alpha the config declares for ``module``, or None if it declares none."""
-        key = _pattern_key(self.alpha_pattern, module)
+        key = self._alpha_set.first(module) if self._alpha_set is not None else None
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+
+def _json(v: Any) -> str:
+    """``v`` as the config file spells it, cut short."""
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _set(v: Any) -> bool:
+    """Whether a config value switches its feature on (PEFT's defaults are None, False, [] or "none")."""
+    return not (v is None or v is False or (isinstance(v, (str, list, dict)) and v in ("none", "", [], {})))
 
 
 def _targets(v: Any, problems: list[str]) -> tuple[str, ...] | str | None:
@@ -86,25 +150,23 @@ def _targets(v: Any, problems: list[str]) -> tuple[str, ...] | str | None:
         return v
     if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
         return tuple(v)
-    problems.append(f"target_modules must be a string or a list of strings, got {v!r}")
+    problems.append(f"target_modules must be a string or a list of strings, got {short(v)}")
     return None
 
 
-def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
-    for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return key
-        except re.error:
-            continue
-    return None
+def _compiled(patterns: dict[str, Any], name: str) -> PatternSet | None:
+    problems: list[str] = []
+    matcher = PatternSet.compile(list(patterns), name, problems)
+    if problems:
+        raise AdapterReadError("<config>: invalid adapter config: " + "; ".join(problems) + ".")
+    return matcher
 
 
 def _opt_int(v: Any, name: str, problems: list[str]) -> int | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= _MAX_RANK:
-        problems.append(f"{name} must be an integer in 1..{_MAX_RANK}, got {v!r}")
+        problems.append(f"{name} must be an integer in 1..{_MAX_RANK}, got {short(v)}")
         return None
     return v
 
@@ -112,26 +174,36 @@ def _opt_int(v: Any, name: str, problems: list[str]) -> int | None:
 def _opt_alpha(v: Any, name: str, problems: list[str]) -> float | None:
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        problems.append(f"{name} must be a finite number > 0, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite_positive(v):
+        problems.append(f"{name} must be a finite number > 0, got {short(v)}")
         return None
     return float(v)
 
 
-def _pattern(v: Any, name: str, parse: Any, problems: list[str]) -> dict[str, Any]:
+def _finite_positive(v: int | float) -> bool:
+    try:
+        return math.isfinite(v) and v > 0  # an int beyond float range raises OverflowError
+    except OverflowError:
+        return False
+
+
+def _pattern(
+    v: Any, name: str, parse: Callable[[Any, str, list[str]], Any], problems: list[str]
+) -> tuple[dict[str, Any], PatternSet | None]:
+    """The ``{regex: value}`` field ``name`` with its compiled matcher; keys and values checked."""
     if v is None:
-        return {}
-    if not isinstance(v, dict):
+        return {}, None
+    if not isinstance(v, Mapping):
         problems.append(f"{name} must be an object, got {type(v).__name__}")
-        return {}
-    out = {}
+        return {}, None
+    out: dict[str, Any] = {}
     for k, x in v.items():
-        try:
-            re.compile(k)
-        except re.error as exc:
-            problems.append(f"{name} key {k!r} is not a valid regex ({exc})")
-            continue
-        parsed = parse(x, f"{name}[{k!r}]", problems)
+        parsed = parse(x, f"{name}[{short(k, 60)}]", problems)
         if parsed is not None:
             out[k] = parsed
-    return out
+    before = len(problems)
+    matcher = PatternSet.compile(list(out), name, problems)
+    if len(problems) > before:
+        problems[-1] += " (write each key as a module name or an RE2-compatible regex)"
+        return {}, None
+    return out, matcher

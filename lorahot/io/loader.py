@@ -1,6 +1,7 @@
 """``read_adapter``: any supported source, in any supported naming, to an :class:`Adapter`.
 
-The steps are: open the source (:mod:`lorahot.io.sources`, :mod:`lorahot.io.hub`), detect the naming
+The steps are: check the call, open the source (:mod:`lorahot.io.sources`, :mod:`lorahot.io.hub`),
+parse its configs (refusing features lorahot does not load), detect the naming
 (:mod:`lorahot.formats`), group tensors by module and role, give each module its alpha (a
 ``.alpha`` tensor, else the config, else the rank), then apply the user's ``prefix``,
 ``key_map`` and ``fuse``. Matching module keys to the model's layers happens at load time
@@ -9,25 +10,27 @@ The steps are: open the source (:mod:`lorahot.io.sources`, :mod:`lorahot.io.hub`
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from lorahot.adapter import Adapter, LoraModule
+from lorahot.adapter import Adapter, LoraModule, storage_problem
 from lorahot.errors import (
     AdapterMismatchError,
     AdapterReadError,
     UnknownFormatError,
+    UsageError,
     format_problems,
     public_api,
 )
-from lorahot.formats import FORMATS, KeyFormat, detect, group_keys
+from lorahot.formats import FORMATS, KeyFormat, detect, format_named, group_keys
 from lorahot.formats.diffusers import METADATA_KEY
 from lorahot.formats.table import Parts
 from lorahot.io.config import CONFIG_NAME, AdapterConfig
+from lorahot.io.patterns import budget_problem
+from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json, short
 from lorahot.io.sources import RawAdapter, Source, open_source
 from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
 
@@ -42,7 +45,7 @@ def read_adapter(
     subfolder: str | None = None,
     token: str | bool | None = None,
     weight_name: str | None = None,
-    config: dict[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
     prefix: str | None = None,
     key_map: Mapping[str, str] | None = None,
     fuse: Fuse | None = None,
@@ -59,9 +62,11 @@ def read_adapter(
         token: Hub token (default: ``huggingface_hub``'s own login).
         weight_name: the weight file inside the directory or repo, if not a usual name.
         config: PEFT config fields (``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``,
-            ``use_rslora``, ...) used when the source has none, or overriding it.
+            ``use_rslora``, ...) used when the source has none, or overriding it. With it, a Hub
+            config that cannot be fetched is no error.
         prefix: keep only modules under this component (``"unet"``, ``"text_encoder"``,
-            ``"lora_te1"``) and strip it.
+            ``"lora_te1"``) and strip it; it matches whole name components only
+            (``"text_encoder"`` does not select ``text_encoder_2``).
         key_map: ``{regex: replacement}`` renaming module keys to the model's module names.
         fuse: ``{fused: [part, ...]}`` merging part LoRAs into a fused projection, e.g.
             ``{"qkv_proj": ["q_proj", "k_proj", "v_proj"]}``; a part the adapter lacks can be
@@ -71,13 +76,15 @@ def read_adapter(
 
     Returns:
         The adapter: per module key, ``A [r, in...]``, ``B [out, r/g, ...]``, alpha and
-        rsLoRA flag (so the scale), the detected format and the source.
+        rsLoRA flag (so the scale), the base-weight copy if the file has one, the detected
+        format and the source.
 
     Raises:
         lorahot.LoraError: a subclass saying what is wrong with the source and how to fix it.
     """
+    overrides = _check_overrides(config)
     if isinstance(source, Adapter):
-        adapter = source
+        adapter = _checked(source)
     else:
         raw = open_source(
             source,
@@ -85,23 +92,80 @@ def read_adapter(
             subfolder=subfolder,
             revision=revision,
             token=token,
-            device=None if device is None else torch.device(device),
+            device=_device(device),
+            need_config=overrides is None,
         )
-        adapter = _normalize(raw, config)
+        adapter = _normalize(raw, overrides)
     return _user_mapping(adapter, prefix, key_map, fuse)
+
+
+def _check_overrides(config: Any) -> dict[str, Any] | None:
+    """``config=`` as a dict, after checking it on its own (its problems are the caller's)."""
+    if config is None:
+        return None
+    if not isinstance(config, Mapping):
+        raise UsageError(
+            f"config= must be a mapping of PEFT config fields such as {{'r': 8, 'lora_alpha': 16}}, got "
+            f"{type(config).__name__}."
+        )
+    _, problems = AdapterConfig.parse(config)
+    if problems:
+        raise UsageError("config=: " + "; ".join(problems) + ". Fix the config= argument.")
+    return dict(config)
+
+
+def _checked(adapter: Adapter) -> Adapter:
+    """An :class:`Adapter` built by the caller, after checking its structure."""
+    modules = adapter.modules
+    if (
+        not isinstance(modules, dict)
+        or not isinstance(adapter.config, dict)
+        or not all(map(_well_formed, modules.items()))
+    ):
+        raise UsageError(
+            f"{adapter.source!s:.200}: Adapter.modules must map module keys (str) to lorahot.LoraModule with tensor "
+            "A and B and a real alpha, and Adapter.config must be a dict; build adapters with lorahot.read_adapter "
+            "or from LoraModule objects."
+        )
+    return adapter
+
+
+def _well_formed(item: tuple[Any, Any]) -> bool:
+    key, m = item
+    return (
+        isinstance(key, str)
+        and isinstance(m, LoraModule)
+        and isinstance(m.A, torch.Tensor)
+        and isinstance(m.B, torch.Tensor)
+        and isinstance(m.alpha, (int, float))
+        and not isinstance(m.alpha, bool)
+        and (m.base_weight is None or isinstance(m.base_weight, torch.Tensor))
+    )
+
+
+def _device(device: Any) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        out = torch.device(device)
+        torch.empty(0, device=out)  # an unknown or absent device fails here, not mid-read
+    except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
+        raise UsageError(f"device={short(device)} is not a usable torch device ({cut(str(exc), 200)}).") from None
+    return out
 
 
 def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None) -> Adapter:
     keys = list(raw.tensors)
     if not keys:
         raise UnknownFormatError(f"{raw.source}: holds no tensors. Point lorahot at a LoRA adapter.")
+    header_configs = _header_configs(raw)
+    configs = _component_configs(raw, header_configs, overrides)
     fmt = detect(keys) or _closest_format(keys)
     parts = group_keys(fmt, raw.tensors, raw.source)  # raises, naming the keys, if fmt was a guess
-    configs = _component_configs(raw, overrides)
-    modules = _assemble(parts, fmt, configs, raw.source)
+    modules = _assemble(parts, fmt, configs, raw.source, check_storage=not raw.dense)
     cfg_dict = {**(raw.config or {}), **(overrides or {})}
     if len(configs) > 1:
-        cfg_dict[METADATA_KEY] = _header_configs(raw)
+        cfg_dict[METADATA_KEY] = header_configs
     return Adapter(modules, fmt.name, raw.source, cfg_dict)
 
 
@@ -110,38 +174,64 @@ def _closest_format(keys: list[str]) -> KeyFormat:
     return max(FORMATS, key=lambda f: f.score(keys))
 
 
-def _component_configs(raw: RawAdapter, overrides: dict[str, Any] | None) -> dict[str, AdapterConfig]:
+def _component_configs(
+    raw: RawAdapter, header_configs: dict[str, dict[str, Any]], overrides: dict[str, Any] | None
+) -> dict[str, AdapterConfig]:
     """Config per component prefix (``""``: every module). diffusers' header metadata holds
     one PEFT config per component (``"unet.r"``, ``"text_encoder.lora_alpha"``); ``config=``
-    overrides every one of them."""
+    overrides every one of them.
+
+    Raises:
+        AdapterReadError: a config value is invalid.
+        UnknownFormatError: a config turns on a feature lorahot does not load (DoRA,
+            ``modules_to_save``, ``target_parameters``, trainable tokens, ...).
+    """
     configs = {"": {**(raw.config or {}), **(overrides or {})}}
-    for component, fields in _header_configs(raw).items():
+    for component, fields in header_configs.items():
         configs[component] = {**fields, **(overrides or {})}
-    parsed = {c: AdapterConfig.from_dict(d, raw.source) for c, d in configs.items()}
-    dora = [c or "adapter_config" for c, cfg in parsed.items() if cfg.use_dora]
-    if dora:
+    too_many = budget_problem(list(configs.values()))
+    if too_many is not None:
+        raise AdapterReadError(f"{raw.source}: {too_many}. Write fewer, plainer pattern keys.")
+    parsed = {c: _parse_config(raw, c, d) for c, d in configs.items()}
+    origin = {"": CONFIG_NAME if raw.config is not None else "config="}
+    refused = [
+        f"{origin.get(c) or _origin(c)}: {'; '.join(cfg.unsupported)}" for c, cfg in parsed.items() if cfg.unsupported
+    ]
+    if refused:
         raise UnknownFormatError(
-            f"{raw.source}: the config of {', '.join(dora)} says use_dora=true; DoRA adapters are not supported. "
-            "Use a plain LoRA adapter."
+            format_problems(f"{raw.source}: the adapter config turns on features lorahot does not load:", refused)
+            + "\nlorahot loads plain LoRA (lora_A/lora_B per module). Load this adapter with PEFT, or re-train it "
+            "without these options."
         )
     return parsed
 
 
+def _parse_config(raw: RawAdapter, component: str, fields: dict[str, Any]) -> AdapterConfig:
+    if component:
+        return AdapterConfig.from_dict(fields, f"{raw.source}: {_origin(component)}", "Re-save the adapter.")
+    return AdapterConfig.from_dict(fields, raw.config_path or raw.source)
+
+
+def _origin(component: str) -> str:
+    """Where the config of ``component`` came from, for messages."""
+    return f"{METADATA_KEY} ({component[:-1]})" if component else CONFIG_NAME
+
+
 def _header_configs(raw: RawAdapter) -> dict[str, dict[str, Any]]:
+    """diffusers' per-component PEFT configs from the safetensors header, split by component."""
     text = raw.metadata.get(METADATA_KEY)
     if not text:
         return {}
-    try:
-        meta = json.loads(text)
-        if not isinstance(meta, dict):
-            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-    except ValueError as exc:
+    fix = "Re-save the adapter."
+    meta = parse_json(text, raw.source, f"{METADATA_KEY} entry of the safetensors header", fix, MAX_METADATA_BYTES)
+    if not isinstance(meta, dict):
         raise AdapterReadError(
-            f"{raw.source}: malformed {METADATA_KEY} in the safetensors header ({exc}). Re-save the adapter."
-        ) from None
+            f"{raw.source}: malformed {METADATA_KEY} in the safetensors header (expected a JSON object, got "
+            f"{type(meta).__name__}). {fix}"
+        )
     split: dict[str, dict[str, Any]] = {}
     for key, value in meta.items():
-        component, _, field = str(key).rpartition(".")
+        component, _, field = key.rpartition(".")
         split.setdefault(component + "." if component else "", {})[field] = value
     return split
 
@@ -150,40 +240,40 @@ def _config_for(module: str, fmt: KeyFormat, configs: dict[str, AdapterConfig]) 
     """The config governing ``module``, the name PEFT's patterns are matched against, and
     where that config came from (for messages)."""
     component = next((c for c in configs if c and module.startswith(c)), "")
-    origin = f"{METADATA_KEY} ({component[:-1]})" if component else CONFIG_NAME
-    return configs[component], fmt.strip_prefix(module), origin
+    return configs[component], fmt.strip_prefix(module), _origin(component)
 
 
-def _assemble(parts: Parts, fmt: KeyFormat, configs: dict[str, AdapterConfig], source: str) -> dict[str, LoraModule]:
+def _assemble(
+    parts: Parts, fmt: KeyFormat, configs: dict[str, AdapterConfig], source: str, check_storage: bool = True
+) -> dict[str, LoraModule]:
     modules: dict[str, LoraModule] = {}
     problems: list[str] = []
-    damaged: list[str] = []
+    unreadable: list[str] = []
     for module, roles in parts.items():
         if "A" not in roles or "B" not in roles:
-            have, miss = ("B", "A") if "A" not in roles else ("A", "B")
-            name = dict(zip("AB", fmt.roles))
-            problems.append(
-                f"{module}: has {name[have]} ({roles[have][0]}) but no {name[miss]}"
-                if have in roles
-                else f"{module}: has only {roles['alpha'][0]}, no weights"
-            )
+            problems.append(_incomplete(module, roles, fmt))
             continue
         (ka, a), (_, b) = roles["A"], roles["B"]
+        keys = tuple(k for k, _ in roles.values())
+        if check_storage and _unreadable(module, keys, roles, unreadable):
+            continue
         rank = int(a.shape[0]) if a.ndim else 0
         cfg, pattern_name, origin = _config_for(module, fmt, configs)
         declared = cfg.rank_for(pattern_name)
         if declared is not None and rank != declared:
             problems.append(f"{module}: {origin} says r={declared}, but {ka} has shape {tuple(a.shape)} (rank {rank})")
             continue
-        alpha = _alpha(roles.get("alpha"), damaged)
+        alpha = _alpha(roles.get("alpha"), unreadable)
         if alpha is None:
             alpha = cfg.alpha_for(pattern_name)
-        keys = tuple(k for k, _ in roles.values())
-        modules[module] = LoraModule(module, a, b, float(rank) if alpha is None else alpha, cfg.use_rslora, keys)
-    if damaged:
+        base = roles["base"][1] if "base" in roles else None
+        alpha = float(rank) if alpha is None else alpha
+        modules[module] = LoraModule(module, a, b, alpha, cfg.use_rslora, keys, base)
+    if unreadable:
         raise AdapterReadError(
-            format_problems(f"{source}: unusable alpha values:", damaged)
-            + "\nFix or delete those .alpha entries (without one, alpha equals the rank)."
+            format_problems(f"{source}: values that cannot be LoRA weights:", unreadable)
+            + "\nRe-save the adapter as dense float16/bfloat16/float32 tensors; fix or delete bad .alpha entries "
+            "(without one, alpha equals the rank)."
         )
     if problems:
         raise AdapterMismatchError(
@@ -193,15 +283,39 @@ def _assemble(parts: Parts, fmt: KeyFormat, configs: dict[str, AdapterConfig], s
     return modules
 
 
+def _incomplete(module: str, roles: dict[str, tuple[str, torch.Tensor]], fmt: KeyFormat) -> str:
+    """The problem of a module that lacks its A or its B."""
+    name = dict(zip("AB", fmt.roles))
+    have = next((r for r in "AB" if r in roles), None)
+    if have is None:
+        return f"{module}: has only {', '.join(k for k, _ in roles.values())}, no {name['A']}/{name['B']} weights"
+    miss = "B" if have == "A" else "A"
+    return f"{module}: has {name[have]} ({roles[have][0]}) but no {name[miss]}"
+
+
+def _unreadable(
+    module: str, keys: tuple[str, ...], roles: dict[str, tuple[str, torch.Tensor]], problems: list[str]
+) -> bool:
+    """Appends a problem for each weight of ``module`` that is no tensor with data (sparse, meta)."""
+    bad = [(role, why) for role in ("A", "B", "base") if role in roles and (why := storage_problem(roles[role][1]))]
+    for role, why in bad:
+        which = "the base-layer copy" if role == "base" else role
+        problems.append(f"{module} ({', '.join(keys)}): {which} is {why}; LoRA weights must be dense tensors with data")
+    return bool(bad)
+
+
 def _alpha(entry: tuple[str, torch.Tensor] | None, problems: list[str]) -> float | None:
+    """The value of a ``.alpha`` tensor: one finite real number > 0 (else a problem, and None)."""
     if entry is None:
         return None
     key, t = entry
-    value = float(t.reshape(-1)[0]) if t.numel() == 1 else math.nan
-    if not (math.isfinite(value) and value > 0):
-        problems.append(
-            f"{key}: alpha must be one finite number > 0, got shape {tuple(t.shape)} value {t.reshape(-1)[:3].tolist()}"
-        )
+    why = storage_problem(t)
+    if why is None and (t.dtype.is_complex or t.dtype == torch.bool):
+        why = f"dtype {t.dtype}"
+    value = float(t.reshape(-1)[0]) if why is None and t.numel() == 1 else math.nan
+    if why is not None or not (math.isfinite(value) and value > 0):
+        got = why or f"shape {tuple(t.shape)} value {t.reshape(-1)[:3].tolist()}"
+        problems.append(f"{key}: alpha must be one finite number > 0, got {got}")
         return None
     return value
 
@@ -211,11 +325,12 @@ def _user_mapping(
 ) -> Adapter:
     if prefix is None and key_map is None and fuse is None:
         return adapter
+    fmt = format_named(adapter.format)
     modules = adapter.modules
     if prefix is not None:
-        modules = select_prefix(modules, prefix, adapter.source)
+        modules = select_prefix(modules, prefix, adapter.source, fmt)
     if key_map is not None:
         modules = apply_key_map(modules, key_map, adapter.source)
     if fuse is not None:
-        modules = fuse_modules(modules, fuse, adapter.source)
+        modules = fuse_modules(modules, fuse, adapter.source, fmt)
     return Adapter(modules, adapter.format, adapter.source, adapter.config)

@@ -1,52 +1,79 @@
-"""Checks on an untrusted safetensors file, made before the parser is handed the file.
+"""Checks on untrusted files and JSON, made before anything is allocated for them.
 
-An adapter from a stranger may be truncated, damaged or built to hurt. Before safetensors
-opens a file, :func:`check_safetensors` reads only its 8-byte header length and its JSON
-header (both capped in size) and checks every entry against the file's real size:
+An adapter from a stranger may be truncated, damaged or built to hurt. Before its tensors are
+read, :func:`check_safetensors` reads only the 8-byte header length and the JSON header (both
+capped in size) and checks every entry against the file's real size:
 
 - the header length fits the file and :data:`MAX_HEADER_BYTES`;
-- the header is one JSON object without duplicate keys; ``__metadata__`` maps str to str
-  and stays within :data:`MAX_METADATA_BYTES`;
-- every tensor has a known dtype, a shape of at most :data:`MAX_NDIM` non-negative ints, and
-  ``data_offsets`` whose length is exactly ``numel * itemsize``;
+- the header is one JSON object, nested at most :data:`MAX_JSON_DEPTH` deep, without duplicate
+  keys; ``__metadata__`` maps str to str and stays within :data:`MAX_METADATA_BYTES`;
+- every tensor key is at most :data:`MAX_KEY_CHARS` long; every tensor has a known dtype, a
+  shape of at most :data:`MAX_NDIM` non-negative ints whose (non-zero) product stays within
+  :data:`MAX_NUMEL`, and ``data_offsets`` whose length is exactly ``numel * itemsize``;
 - the tensors tile the data section exactly: no overlap, no gap, nothing past the end.
 
 A shape declaring terabytes is therefore refused from its header entry, before any tensor is
-allocated. :func:`read_json_file` does the same for ``adapter_config.json``: a size cap, and
-nesting too deep for the parser is an error rather than a crash. Failures raise
-:class:`~lorahot.errors.AdapterReadError` naming the file, the key and the fix.
+allocated. Files are opened with :func:`open_regular`: non-blocking, and checked on the open
+descriptor (no race between check and use), so a FIFO, a device or a directory named
+``*.safetensors`` is refused instead of blocking forever. :func:`parse_json` is the one JSON
+parser of the read side (``adapter_config.json``, the safetensors header, the
+``lora_adapter_metadata`` string): a size cap and a nesting cap checked by a linear scan before
+the recursive parser sees the text. Failures raise :class:`~lorahot.errors.AdapterReadError`
+naming the file, the key and the fix.
+
+Checked headers are memoized by the digest of their bytes within a byte budget
+(:data:`HEADER_MEMO_BYTES`), so a swap back to a file skips the parse; a rejected header is
+never stored.
 """
 
 from __future__ import annotations
 
-import functools
+import errno
+import hashlib
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorahot.errors import AdapterReadError
+import numpy as np
+
+from lorahot.errors import AdapterReadError, SourceNotFoundError
 from lorahot.io.dtypes import DTYPE_BYTES
+from lorahot.memo import BoundedMemo
 
 __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_METADATA_BYTES",
     "MAX_TENSORS",
     "MAX_NDIM",
+    "MAX_NUMEL",
+    "MAX_KEY_CHARS",
     "MAX_CONFIG_BYTES",
+    "MAX_JSON_DEPTH",
+    "HEADER_MEMO_BYTES",
     "SafetensorsHeader",
     "check_safetensors",
+    "open_regular",
     "read_json_file",
+    "parse_json",
+    "path_error",
+    "file_kind",
+    "short",
+    "cut",
 ]
 
 MAX_HEADER_BYTES = 8 << 20  # safetensors allows 100 MB; 50,000 tensor entries fit in 8 MB
 MAX_METADATA_BYTES = 4 << 20  # kohya training metadata (tag frequencies) reaches a few 100 KB
 MAX_TENSORS = 1 << 16  # an all-linear LoRA of an 80-layer LLM has about 1,200
 MAX_NDIM = 8  # LoRA weights have 2 (linear) to 5 (conv3d) dims
+MAX_NUMEL = 1 << 48  # elements, counting a 0 dim as 1: keeps shapes and strides within int64
+MAX_KEY_CHARS = 1024  # the longest real keys (LDM kohya names) are about 100 characters
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few KB
-
+MAX_JSON_DEPTH = 64  # a PEFT config nests 4 deep, a safetensors header 3
+HEADER_MEMO_BYTES = 32 << 20  # a 154-layer adapter's header is ~40 KB (~0.2 MB parsed)
 
 _FIX = "Re-download or re-save the adapter (safetensors.torch.save_file)."
 
@@ -68,44 +95,65 @@ class SafetensorsHeader:
     metadata: dict[str, str]
 
 
-def check_safetensors(path: Path) -> SafetensorsHeader:
+#: (blake2b of the header bytes, file size) -> the checked header
+_HEADERS: BoundedMemo[tuple[bytes, int], SafetensorsHeader] = BoundedMemo(
+    HEADER_MEMO_BYTES, lambda k, h: _header_cost(h)
+)
+
+
+def check_safetensors(path: Path, fd: int | None = None) -> SafetensorsHeader:
     """Refuses a damaged or hostile safetensors file before anything is allocated for it.
 
     Reads at most ``8 + MAX_HEADER_BYTES`` bytes of the file.
+
+    Args:
+        path: the file (opened with :func:`open_regular` unless ``fd`` is given).
+        fd: an open descriptor of ``path`` to read instead.
 
     Returns:
         The checked header, so the caller can read the data without parsing it again.
 
     Raises:
-        AdapterReadError: the header length, the header or any tensor entry is invalid; the
-            message names the file and the entry.
+        AdapterReadError: not a regular file, or the header length, the header or any tensor
+            entry is invalid; the message names the file and the entry.
+        SourceNotFoundError: the file cannot be opened.
     """
-    size = _file_size(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _error(path, f"{size} bytes, too short to hold the 8-byte header length (empty or truncated file)")
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER_BYTES:
-            raise _error(
-                path,
-                f"header declares {n} bytes, more than the {MAX_HEADER_BYTES} lorahot reads (not a safetensors "
-                "file, or damaged)",
-            )
-        if n > size - 8:
-            raise _error(path, f"header declares {n} bytes but only {size - 8} follow (truncated file)")
-        raw = f.read(n)
-    checked = _check_header(path, raw, size)
+    if fd is None:
+        fd = open_regular(path, "safetensors file")
+        try:
+            return check_safetensors(path, fd)
+        finally:
+            os.close(fd)
+    size = _fd_size(fd, path)
+    head = _pread(fd, 8, 0, path)
+    if len(head) < 8:
+        raise _error(path, f"{size} bytes, too short to hold the 8-byte header length (empty or truncated file)")
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER_BYTES:
+        raise _error(
+            path,
+            f"header declares {n} bytes, more than the {MAX_HEADER_BYTES} lorahot reads (not a safetensors "
+            "file, or damaged)",
+        )
+    if n > size - 8:
+        raise _error(path, f"header declares {n} bytes but only {size - 8} follow (truncated file)")
+    raw = _pread(fd, n, 8, path)
+    key = (hashlib.blake2b(raw, digest_size=32).digest(), size)
+    checked = _HEADERS.get(key, _check_header, path, raw, size)
     # each caller gets its own dicts: the memoized ones stay as checked
     return SafetensorsHeader(checked.data_start, checked.data_size, dict(checked.entries), dict(checked.metadata))
 
 
-@functools.lru_cache(maxsize=64)
+def _header_cost(header: SafetensorsHeader) -> int:
+    """Bytes a checked header keeps alive: its parsed entries take about three times their JSON
+    (measured), so four times the header's length."""
+    return 4 * (header.data_start - 8)
+
+
 def _check_header(path: Path, raw: bytes, size: int) -> SafetensorsHeader:
-    """Checks header bytes ``raw`` of a ``size``-byte file; memoized, since a swap back to a
-    file re-reads the same header (the check is pure: same bytes and size, same verdict)."""
+    """Checks header bytes ``raw`` of a ``size``-byte file (pure: same bytes and size, same verdict)."""
     n = len(raw)
-    header = _parse_json(raw, path, "header", _FIX)
+    header = parse_json(raw, str(path), "header", _FIX, MAX_HEADER_BYTES)
     if not isinstance(header, dict):
         raise _error(path, f"header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None)
@@ -118,50 +166,199 @@ def _check_header(path: Path, raw: bytes, size: int) -> SafetensorsHeader:
     return SafetensorsHeader(8 + n, size - 8 - n, entries, dict(metadata or {}))
 
 
-def read_json_file(path: Path, what: str = "adapter config") -> Any:
-    """Parses a small JSON file (at most :data:`MAX_CONFIG_BYTES`).
+# -- opening files -----------------------------------------------------------------------------
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, in words (``"a FIFO (named pipe)"``)."""
+    return next((name for test, name in _KINDS if test(mode)), "a regular file" if stat.S_ISREG(mode) else "special")
+
+
+def open_regular(path: Path, what: str) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file.
+
+    Opened non-blocking (a FIFO cannot stall the open) and checked with ``fstat`` on the
+    descriptor itself, so the file checked is the file read.
 
     Raises:
-        AdapterReadError: the file is too large, not UTF-8, not JSON, or nested too deep.
+        SourceNotFoundError: the path cannot be opened (missing, too long, no permission).
+        AdapterReadError: it is not a regular file (FIFO, device, socket, directory).
     """
-    size = _file_size(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except (OSError, ValueError) as exc:
+        raise path_error(path, what, exc) from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        os.close(fd)
+        raise path_error(path, what, exc) from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise AdapterReadError(
+            f"{cut(str(path))}: the {what} is {file_kind(mode)}, not a regular file; lorahot reads only "
+            "regular files. Replace it with the real file."
+        )
+    return fd
+
+
+def path_error(path: Path | str, what: str, exc: BaseException) -> SourceNotFoundError:
+    """The error for an ``OSError`` (or a NUL byte) met while locating or opening ``path``."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOENT:
+        return SourceNotFoundError(f"{cut(str(path))}: no such file or directory. Check the path.")
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return SourceNotFoundError(f"{cut(str(path))}: cannot open the {what} ({why}). Check the path.")
+
+
+def _fd_size(fd: int, path: Path) -> int:
+    try:
+        return os.fstat(fd).st_size
+    except OSError as exc:
+        raise AdapterReadError(f"{path}: cannot read the file ({exc.strerror}).") from None
+
+
+def _pread(fd: int, n: int, offset: int, path: Path) -> bytes:
+    """Up to ``n`` bytes at ``offset`` (fewer only at the end of the file)."""
+    parts: list[bytes] = []
+    got = 0
+    try:
+        while got < n:
+            part = os.pread(fd, n - got, offset + got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+    except OSError as exc:
+        raise AdapterReadError(f"{path}: cannot read the file ({exc.strerror}). Re-download the adapter.") from None
+    return b"".join(parts)
+
+
+def read_json_file(path: Path, what: str = "adapter config", fd: int | None = None) -> Any:
+    """Parses a small JSON file (at most :data:`MAX_CONFIG_BYTES`), see :func:`parse_json`.
+
+    Raises:
+        AdapterReadError: not a regular file, too large, not UTF-8, not JSON, or nested too deep.
+        SourceNotFoundError: the file cannot be opened.
+    """
+    if fd is None:
+        fd = open_regular(path, what)
+        try:
+            return read_json_file(path, what, fd)
+        finally:
+            os.close(fd)
+    size = _fd_size(fd, path)
     if size > MAX_CONFIG_BYTES:
         raise AdapterReadError(
             f"{path}: {what} is {size} bytes, more than the {MAX_CONFIG_BYTES} lorahot reads. Fix or delete the file."
         )
+    raw = _pread(fd, MAX_CONFIG_BYTES + 1, 0, path)  # the file may have grown since fstat
+    return parse_json(raw, str(path), what, "Fix or delete the file.", MAX_CONFIG_BYTES)
+
+
+# -- JSON ------------------------------------------------------------------------------------
+
+
+def parse_json(raw: bytes | str, where: str, what: str, fix: str, max_bytes: int) -> Any:
+    """Parses untrusted JSON: at most ``max_bytes`` bytes (UTF-8) and :data:`MAX_JSON_DEPTH` deep,
+    objects without duplicate keys.
+
+    The depth is measured by a linear scan before ``json`` (which recurses once per level) sees
+    the text, so hostile nesting costs an error, never a ``RecursionError`` or a stack overflow.
+
+    Args:
+        raw: the JSON text, as bytes or str.
+        where: the file (or source) for the message.
+        what: what the JSON is (``"header"``, ``"adapter config"``), for the message.
+        fix: the last sentence of the message.
+        max_bytes: the size cap.
+
+    Raises:
+        AdapterReadError: too large, not UTF-8, nested too deep, or not valid JSON.
+    """
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+    if len(data) > max_bytes:
+        raise AdapterReadError(
+            f"{where}: the {what} is {len(data)} bytes, more than the {max_bytes} lorahot reads. {fix}"
+        )
+    openers = data.count(b"[") + data.count(b"{")  # an upper bound on the depth, at C speed
+    depth = _max_depth(data) if openers > MAX_JSON_DEPTH else 0
+    if depth > MAX_JSON_DEPTH:
+        raise AdapterReadError(
+            f"{where}: the {what} is not valid JSON (nested too deep: {depth} levels, at most {MAX_JSON_DEPTH}). {fix}"
+        )
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise AdapterReadError(f"{path}: cannot read the {what} ({exc}).") from None
-    return _parse_json(raw, path, what, "Fix or delete the file.")
+        text = data.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        problem = "nested too deep" if isinstance(exc, RecursionError) else cut(str(exc), 200)
+        raise AdapterReadError(f"{where}: the {what} is not valid JSON ({problem}). {fix}") from None
 
 
-def _file_size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError as exc:
-        raise AdapterReadError(f"{path}: cannot read the file ({exc}).") from None
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_OPEN, _CLOSE = np.array([ord("["), ord("{")], np.uint8), np.array([ord("]"), ord("}")], np.uint8)
 
 
-def _error(path: Path, problem: str) -> AdapterReadError:
-    return AdapterReadError(f"{path}: not a valid safetensors file: {problem}. {_FIX}")
+def _max_depth(data: bytes) -> int:
+    """The deepest ``[``/``{`` nesting of JSON text, brackets inside strings not counted.
+
+    Vectorized and linear: a quote starts or ends a string unless an odd run of backslashes
+    precedes it; a bracket is inside a string when an odd number of such quotes precede it.
+    Wherever the text is a valid JSON prefix (all the parser ever reaches) this is exact; past
+    an error it may overcount, which only turns one refusal into another. UTF-8 continuation
+    bytes are >= 0x80, so scanning bytes is safe.
+    """
+    b = np.frombuffer(data, dtype=np.uint8)
+    opens, closes = np.flatnonzero(np.isin(b, _OPEN)), np.flatnonzero(np.isin(b, _CLOSE))
+    if not opens.size:
+        return 0
+    quotes = _unescaped(b, np.flatnonzero(b == _QUOTE))
+    brackets = np.concatenate([opens, closes])
+    steps = np.concatenate([np.ones(opens.size, np.int64), -np.ones(closes.size, np.int64)])
+    outside = np.searchsorted(quotes, brackets) % 2 == 0
+    order = np.argsort(brackets[outside], kind="stable")
+    return int(np.cumsum(steps[outside][order]).max(initial=0))
+
+
+def _unescaped(b: np.ndarray, quotes: np.ndarray) -> np.ndarray:
+    """The quotes not preceded by an odd run of backslashes."""
+    slashes = np.flatnonzero(b == _BACKSLASH)
+    if not slashes.size or not quotes.size:
+        return quotes
+    # run_start[k]: index (in slashes) where the backslash run holding slashes[k] starts
+    starts = np.ones(slashes.size, bool)
+    starts[1:] = np.diff(slashes) != 1
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(slashes.size), 0))
+    k = np.searchsorted(slashes, quotes - 1)  # the backslash just before each quote, if any
+    k_ok = np.minimum(k, slashes.size - 1)
+    before = (k < slashes.size) & (slashes[k_ok] == quotes - 1)
+    run = np.where(before, k_ok - run_start[k_ok] + 1, 0)
+    unescaped: np.ndarray = quotes[run % 2 == 0]
+    return unescaped
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"duplicate key {k!r}")
+            raise ValueError(f"duplicate key {short(k)}")
         out[k] = v
     return out
 
 
-def _parse_json(raw: bytes, path: Path, what: str, fix: str) -> Any:
-    try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        problem = "nested too deep" if isinstance(exc, RecursionError) else str(exc)
-        raise AdapterReadError(f"{path}: the {what} is not valid JSON ({problem}). {fix}") from None
+# -- header entries ----------------------------------------------------------------------------
+
+
+def _error(path: Path, problem: str) -> AdapterReadError:
+    return AdapterReadError(f"{path}: not a valid safetensors file: {problem}. {_FIX}")
 
 
 def _check_metadata(path: Path, metadata: Any) -> None:
@@ -177,31 +374,37 @@ def _check_metadata(path: Path, metadata: Any) -> None:
 
 
 def _check_entry(path: Path, key: str, entry: Any) -> tuple[int, int, str]:
-    """``(begin, end, key)`` of one tensor entry, after checking dtype, shape and offsets."""
+    """``(begin, end, key)`` of one tensor entry, after checking key, dtype, shape and offsets."""
+    if len(key) > MAX_KEY_CHARS:
+        raise _error(path, f"tensor key {short(key)} is {len(key)} characters long, more than {MAX_KEY_CHARS}")
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise _error(
             path,
-            f"tensor {key!r}: entry must be an object with exactly dtype, shape, data_offsets; got {_short(entry)}",
+            f"tensor {short(key)}: entry must be an object with exactly dtype, shape, data_offsets; got {short(entry)}",
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise _error(
-            path, f"tensor {key!r}: unsupported dtype {_short(dtype)} (expected one of {', '.join(DTYPE_BYTES)})"
+            path, f"tensor {short(key)}: unsupported dtype {short(dtype)} (expected one of {', '.join(DTYPE_BYTES)})"
         )
     if not _int_list(shape) or len(shape) > MAX_NDIM or any(d < 0 for d in shape):
         raise _error(
-            path, f"tensor {key!r}: shape {_short(shape)} is not a list of at most {MAX_NDIM} non-negative integers"
+            path, f"tensor {short(key)}: shape {short(shape)} is not a list of at most {MAX_NDIM} non-negative integers"
+        )
+    if math.prod(max(d, 1) for d in shape) > MAX_NUMEL:
+        raise _error(
+            path, f"tensor {short(key)}: shape {short(shape)} has dimensions whose product exceeds {MAX_NUMEL}"
         )
     if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
         raise _error(
-            path, f"tensor {key!r}: data_offsets {_short(offsets)} must be [begin, end] with 0 <= begin <= end"
+            path, f"tensor {short(key)}: data_offsets {short(offsets)} must be [begin, end] with 0 <= begin <= end"
         )
     nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
     if offsets[1] - offsets[0] != nbytes:
         raise _error(
             path,
-            f"tensor {key!r}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets {offsets} span "
-            f"{offsets[1] - offsets[0]}",
+            f"tensor {short(key)}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets {short(offsets)} "
+            f"span {offsets[1] - offsets[0]}",
         )
     return offsets[0], offsets[1], key
 
@@ -211,8 +414,8 @@ def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_size: int)
     for begin, end, key in sorted(spans):
         if begin != pos:
             kind = "overlaps" if begin < pos else "leaves a gap after"
-            raise _error(path, f"tensor {key!r} at bytes [{begin}, {end}) {kind} {prev}, which ends at {pos}")
-        pos, prev = end, repr(key)
+            raise _error(path, f"tensor {short(key)} at bytes [{begin}, {end}) {kind} {prev}, which ends at {pos}")
+        pos, prev = end, short(key)
     if pos != data_size:
         where = (
             "past the end of the file (truncated file)"
@@ -228,6 +431,11 @@ def _int_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v)
 
 
-def _short(v: Any, limit: int = 80) -> str:
-    text = repr(v)
+def short(v: Any, limit: int = 80) -> str:
+    """``repr(v)`` cut to ``limit`` characters, for messages about untrusted data."""
+    return cut(repr(v), limit)
+
+
+def cut(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters (paths and names in messages)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."

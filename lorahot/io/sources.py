@@ -1,12 +1,18 @@
 """Opening an adapter source: a directory, a ``.safetensors`` file or a mapping of tensors.
 
 Only safetensors is ever read; nothing is unpickled. What comes out is the raw tensors, the
-``adapter_config.json`` if there is one, and the safetensors header metadata.
+``adapter_config.json`` if there is one, and the safetensors header metadata. Only regular files
+are opened (:func:`lorahot.io.safety.open_regular`): a FIFO, device or directory where the
+weights or the config should be is refused, never waited on, and a config that is there but
+unreadable is an error, never silently skipped. A path the system cannot even look up (too
+long, no permission) is a :class:`~lorahot.errors.SourceNotFoundError` naming it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +23,16 @@ import torch
 from lorahot.errors import AdapterReadError, SourceNotFoundError, UsageError
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.hub import check_relative, fetch
-from lorahot.io.safety import check_safetensors, read_json_file
+from lorahot.io.safety import (
+    MAX_KEY_CHARS,
+    check_safetensors,
+    cut,
+    file_kind,
+    open_regular,
+    path_error,
+    read_json_file,
+    short,
+)
 from lorahot.io.tensorfile import read_tensors
 
 __all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_config"]
@@ -37,6 +52,8 @@ class RawAdapter:
     source: str
     config: dict[str, Any] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    config_path: str | None = None  # the config file, for messages
+    dense: bool = False  # every tensor is a dense view of data read from a file (no check needed)
 
 
 def open_source(
@@ -47,6 +64,7 @@ def open_source(
     revision: str | None = None,
     token: str | bool | None = None,
     device: torch.device | None = None,
+    need_config: bool = True,
 ) -> RawAdapter:
     """Reads ``source`` into a :class:`RawAdapter`.
 
@@ -59,33 +77,75 @@ def open_source(
         token: Hub token (Hub sources only; default: huggingface_hub's own).
         device: where file tensors are read to (default: the CPU); a GPU gets them in one
             transfer from pinned memory.
+        need_config: False when the caller supplies the config, so a Hub config that cannot be
+            fetched is no error.
 
     Raises:
-        SourceNotFoundError: the path or repo does not exist, or holds no adapter.
-        AdapterReadError: the file is a pickle checkpoint, or damaged.
-        SourceNotFoundError: also for a malformed repo id, or ``subfolder``/``weight_name``
-            leaving the source.
+        UsageError: ``source`` is not a path, repo id or mapping, or is empty; a Hub argument
+            of the wrong type.
+        SourceNotFoundError: the path or repo does not exist, cannot be looked up, or holds no
+            adapter; a malformed repo id, or ``subfolder``/``weight_name`` leaving the source.
+        AdapterReadError: the file is a pickle checkpoint, not a regular file, or damaged.
     """
     weight_name = check_relative(weight_name, "weight_name")
     subfolder = check_relative(subfolder, "subfolder")
     if isinstance(source, Mapping):
         return _from_mapping(source)
-    if not isinstance(source, (str, os.PathLike)):
-        raise UsageError(f"source={source!r} must be a path, a Hub repo id, a mapping of tensors or a lorahot.Adapter.")
-    text = os.fspath(source)
+    text = _source_text(source)
     path = Path(text)
-    if path.exists():
+    if _mode(path) is not None:
         return _from_path(path / subfolder if subfolder else path, weight_name, device)
     if _looks_local(text):
         raise SourceNotFoundError(
-            f"{text}: no such file or directory. Pass an adapter directory, a .safetensors file, a Hub repo id or a "
-            "mapping of tensors."
+            f"{cut(text)}: no such file or directory. Pass an adapter directory, a .safetensors file, a Hub repo id "
+            "or a mapping of tensors."
         )
-    fetched = fetch(text, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name)
+    _check_hub_args(revision, token)
+    fetched = fetch(
+        text, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name, need_config=need_config
+    )
     raw = _from_path(fetched, None, device)
     inside = "/".join(p for p in (subfolder, Path(raw.source).name) if p)
     raw.source = f"{text}{'@' + revision if revision else ''}/{inside}"
     return raw
+
+
+def _source_text(source: Any) -> str:
+    """``source`` as a path string, refusing what cannot name an adapter."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise UsageError(
+            f"source={short(source)} must be a path, a Hub repo id, a mapping of tensors or a lorahot.Adapter."
+        )
+    text = os.fspath(source)
+    if not isinstance(text, str):
+        raise UsageError(f"source={short(source)} must be a str path, not {type(text).__name__}.")
+    if not text.strip():
+        raise UsageError(
+            f"source={text!r} is empty. Pass an adapter directory ('.' for the current one), a .safetensors file, a "
+            "Hub repo id or a mapping of tensors."
+        )
+    return text
+
+
+def _check_hub_args(revision: Any, token: Any) -> None:
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise UsageError(f"revision={short(revision)} must be a branch, tag or commit name.")
+    if token is not None and not isinstance(token, (str, bool)):
+        raise UsageError(f"token must be a string, True, False or None, not {type(token).__name__}.")
+
+
+def _mode(path: Path) -> int | None:
+    """``st_mode`` of ``path`` (symlinks followed), or None if it does not exist.
+
+    Raises:
+        SourceNotFoundError: the path cannot be looked up (name too long, no permission, ...).
+    """
+    try:
+        return os.stat(path).st_mode
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise path_error(path, "adapter path", exc) from None
 
 
 def _looks_local(text: str) -> bool:
@@ -98,47 +158,84 @@ def _looks_local(text: str) -> bool:
 
 
 def _from_path(path: Path, weight_name: str | None, device: torch.device | None = None) -> RawAdapter:
-    if path.is_dir():
+    mode = _mode(path)
+    if mode is None:
+        raise SourceNotFoundError(f"{cut(str(path))}: no such file or directory. Check subfolder= and the path.")
+    if stat.S_ISDIR(mode):
         return _from_file(_weight_file(path, weight_name), device)
-    if path.is_file():
+    if stat.S_ISREG(mode):
         return _from_file(path, device)
-    raise SourceNotFoundError(f"{path}: no such file or directory. Check subfolder= and the path.")
+    raise SourceNotFoundError(
+        f"{cut(str(path))}: is {file_kind(mode)}, not an adapter file or directory. Pass a .safetensors file or a "
+        "directory."
+    )
 
 
 def _from_mapping(source: Mapping[str, Any]) -> RawAdapter:
+    """The mapping's tensors, detached (a tensor that requires grad is read as its value)."""
     bad = [k for k, v in source.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise AdapterReadError(
-            f"<mapping>: entries {bad[:5]!r} are not str -> torch.Tensor. Pass a dict of tensors keyed by name."
+            f"<mapping>: entries {short(bad[:5], 200)} are not str -> torch.Tensor. Pass a dict of tensors keyed by "
+            "name."
         )
-    return RawAdapter(dict(source), "<mapping>")
+    long = [k for k in source if len(k) > MAX_KEY_CHARS]
+    if long:
+        raise AdapterReadError(
+            f"<mapping>: key {short(long[0])} is {len(long[0])} characters long, more than {MAX_KEY_CHARS}. Pass "
+            "the adapter's module keys."
+        )
+    return RawAdapter({k: v.detach() for k, v in source.items()}, "<mapping>")
 
 
 def _weight_file(directory: Path, weight_name: str | None) -> Path:
     if weight_name is not None:
         candidate = directory / weight_name
-        if not candidate.is_file():
-            raise SourceNotFoundError(f"{candidate}: weight_name={weight_name!r} does not exist in {directory}.")
-        return candidate
+        if _mode(candidate) is None:
+            raise SourceNotFoundError(
+                f"{cut(str(candidate))}: weight_name={weight_name!r} does not exist in {cut(str(directory))}."
+            )
+        return candidate  # opening it refuses anything but a regular file
     for name in WEIGHT_NAMES:
-        if (directory / name).is_file():
+        if _present(directory / name):
             return directory / name
-    found = sorted(p.name for p in directory.glob("*.safetensors"))
+    names = _listdir(directory)
+    found = sorted(n for n in names if n.endswith(".safetensors"))
     if len(found) == 1:
         return directory / found[0]
-    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise AdapterReadError(
-            f"{directory}: holds only pickle checkpoints ({', '.join(pickles)}); lorahot never unpickles. Convert "
-            "them to .safetensors (safetensors.torch.save_file) and load that."
-        )
+    pickles = sorted(n for n in names if Path(n).suffix in PICKLE_SUFFIXES)
     if found:
         raise SourceNotFoundError(
-            f"{directory}: several .safetensors files ({', '.join(found)}); pass weight_name= to pick one."
+            f"{cut(str(directory))}: several .safetensors files ({cut(', '.join(found))}); pass weight_name= to pick "
+            "one."
+        )
+    if pickles:
+        raise AdapterReadError(
+            f"{cut(str(directory))}: holds only pickle checkpoints ({cut(', '.join(pickles))}); lorahot never "
+            "unpickles. Convert them to .safetensors (safetensors.torch.save_file) and load that."
         )
     raise SourceNotFoundError(
-        f"{directory}: no adapter weights found (looked for {', '.join(WEIGHT_NAMES)} or a single *.safetensors)."
+        f"{cut(str(directory))}: no adapter weights found (looked for {', '.join(WEIGHT_NAMES)} or a single "
+        "*.safetensors)."
     )
+
+
+def _present(path: Path) -> bool:
+    """Whether a directory entry of that name exists (of any kind, even a dangling symlink)."""
+    try:
+        os.lstat(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:
+        raise path_error(path, "adapter file", exc) from None
+
+
+def _listdir(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError as exc:
+        raise path_error(directory, "adapter directory", exc) from None
 
 
 def _from_file(path: Path, device: torch.device | None = None) -> RawAdapter:
@@ -149,23 +246,38 @@ def _from_file(path: Path, device: torch.device | None = None) -> RawAdapter:
         )
     tensors, metadata = read_safetensors(path, device)
     config_path = path.parent / CONFIG_NAME
-    config = read_config(config_path) if config_path.is_file() else None
-    return RawAdapter(tensors, str(path), config, metadata)
+    config = read_config(config_path)
+    config_file = str(config_path) if config is not None else None
+    return RawAdapter(tensors, str(path), config, metadata, config_file, dense=True)
 
 
 def read_safetensors(path: Path, device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors (on ``device``, default the CPU) and the header metadata of a safetensors file.
 
-    The header is checked first (:func:`lorahot.io.safety.check_safetensors`); then the data is
-    read in one pass (:func:`lorahot.io.tensorfile.read_tensors`).
+    The file is opened once (a regular file, else :class:`AdapterReadError`); its header is
+    checked first (:func:`lorahot.io.safety.check_safetensors`), then the data is read from the
+    same descriptor in one pass (:func:`lorahot.io.tensorfile.read_tensors`).
     """
-    header = check_safetensors(path)  # refuses damaged or hostile headers before anything is allocated
-    return read_tensors(path, header, device), header.metadata
+    fd = open_regular(path, "safetensors file")
+    try:
+        header = check_safetensors(path, fd)  # refuses damaged or hostile headers before anything is allocated
+        return read_tensors(path, header, device, fd), header.metadata
+    finally:
+        os.close(fd)
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """``adapter_config.json`` as a dict."""
-    config = read_json_file(path)  # size-capped; malformed JSON raises AdapterReadError
+def read_config(path: Path) -> dict[str, Any] | None:
+    """``adapter_config.json`` as a dict, or None when there is none.
+
+    Raises:
+        AdapterReadError: the entry exists but is not a readable regular file with a JSON object
+            (a FIFO, a directory, a dangling symlink, malformed JSON, ...).
+    """
+    if not _present(path):
+        return None
+    if _mode(path) is None:
+        raise AdapterReadError(f"{cut(str(path))}: is a dangling symlink. Fix or delete it.")
+    config = read_json_file(path)  # regular files only; size-capped; malformed JSON raises AdapterReadError
     if not isinstance(config, dict):
         raise AdapterReadError(f"{path}: the adapter config must be a JSON object, got {type(config).__name__}.")
     return config

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 from lorahot.errors import AdapterReadError
 from lorahot.io.dtypes import TORCH_DTYPES
-from lorahot.io.safety import SafetensorsHeader
+from lorahot.io.safety import SafetensorsHeader, open_regular
 
 __all__ = ["read_tensors"]
 
@@ -26,27 +27,68 @@ __all__ = ["read_tensors"]
 _CHUNK = 16 << 20  # bytes per positioned read; several run at once for large files
 
 
-def read_tensors(path: Path, header: SafetensorsHeader, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+def read_tensors(
+    path: Path, header: SafetensorsHeader, device: torch.device | None = None, fd: int | None = None
+) -> dict[str, torch.Tensor]:
     """Every tensor of ``path`` as a view of one buffer, on ``device`` (default: the CPU).
 
+    Args:
+        path: the file, for messages (and opened with :func:`open_regular` unless ``fd`` is given).
+        header: its checked header.
+        device: where the tensors land.
+        fd: the descriptor the header was checked on: the same file is read, whatever happens to
+            the path meanwhile.
+
     Raises:
-        AdapterReadError: the file changed or shrank since its header was checked.
+        AdapterReadError: the file changed or shrank since its header was checked; its data is
+            larger than the machine's memory, or cannot be allocated.
     """
     on_gpu = device is not None and device.type == "cuda"
-    buf = torch.empty(header.data_size, dtype=torch.uint8, pin_memory=on_gpu)
+    memory = _physical_memory()
+    if memory is not None and header.data_size > memory:  # a sparse file can claim terabytes cheaply
+        raise AdapterReadError(
+            f"{path}: its tensor data is {header.data_size} bytes, more than this machine's {memory} bytes of memory. "
+            "Load it on a larger machine, or check the file (is it an adapter?)."
+        )
+    buf = _allocate(path, header.data_size, lambda: torch.empty(header.data_size, dtype=torch.uint8, pin_memory=on_gpu))
     if header.data_size:
-        _read_into(path, header.data_start, buf)
+        own = fd is None
+        fd = open_regular(path, "safetensors file") if fd is None else fd
+        try:
+            _read_into(fd, path, header.data_start, buf)
+        finally:
+            if own:
+                os.close(fd)
     if device is not None and device.type != "cpu":
-        buf = buf.to(device, non_blocking=on_gpu)
+        host = buf
+        buf = _allocate(path, header.data_size, lambda: host.to(device, non_blocking=on_gpu))
     typed: dict[str, torch.Tensor] = {}
     return {k: _view(buf, typed, *entry) for k, entry in header.entries.items()}
 
 
-def _read_into(path: Path, start: int, buf: torch.Tensor) -> None:
-    """Fills ``buf`` from ``path`` at ``start`` with large positioned reads, several at once."""
+def _physical_memory() -> int | None:
+    """Bytes of RAM, if the system says (POSIX); reading more cannot succeed."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _allocate(path: Path, nbytes: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()``, the buffer for a file's tensor data; out of memory is an error naming the file."""
+    try:
+        return make()
+    except (RuntimeError, MemoryError) as exc:  # torch reports a failed allocation as RuntimeError
+        raise AdapterReadError(
+            f"{path}: cannot allocate {nbytes} bytes for its tensor data ({str(exc).strip()[:200]}). Free memory, or "
+            "load a smaller adapter."
+        ) from None
+
+
+def _read_into(fd: int, path: Path, start: int, buf: torch.Tensor) -> None:
+    """Fills ``buf`` from ``fd`` at ``start`` with large positioned reads, several at once."""
     view = memoryview(buf.numpy()).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
     spans = [(off, min(_CHUNK, len(view) - off)) for off in range(0, len(view), _CHUNK)]
-    fd = os.open(path, os.O_RDONLY)
 
     def read(span: tuple[int, int]) -> int:
         off, size = span
@@ -56,8 +98,6 @@ def _read_into(path: Path, start: int, buf: torch.Tensor) -> None:
         got = list(_readers().map(read, spans)) if len(spans) > 1 else [read(spans[0])]
     except OSError as exc:
         raise AdapterReadError(f"{path}: cannot read the tensor data ({exc}). Re-download the adapter.") from None
-    finally:
-        os.close(fd)
     if got != [size for _, size in spans]:
         raise AdapterReadError(
             f"{path}: the file is shorter than its header says (changed while reading?). Re-download the adapter."

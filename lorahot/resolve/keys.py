@@ -10,6 +10,9 @@ For each key, in order:
    LDM block names mapped to diffusers ones), exactly or as a ``_``-suffix.
 
 The first step with any hit decides; more than one hit is an error listing the candidates.
+Component prefixes end with their naming's separator (``unet.``, ``lora_te1_``), so stripping
+one never cuts a name component in two (``text_encoder.`` does not strip ``text_encoder_2.``).
+Lookups are memoized within a byte budget (keys come from files).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import re
 from lorahot.adapter import Adapter, LoraModule
 from lorahot.errors import AdapterMismatchError, format_problems
 from lorahot.formats import FORMATS, KeyFormat, format_named
+from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
 
 __all__ = ["resolve_keys"]
@@ -30,18 +34,32 @@ _PREFIXES = tuple(sorted({p for f in FORMATS for p in f.prefixes}, key=len, reve
 
 
 class _Names:
-    """The injected layer names, indexed for the lookups above."""
+    """The injected layer names, indexed for the lookups above.
+
+    Suffix lookups go through dicts of every name's suffixes after each ``.`` (and, in the
+    underscore form, each ``_``), so one key costs O(its own components), not O(layers): a
+    file of 30,000 keys that match nothing must not cost minutes.
+    """
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
         self.exact = set(names)
+        self.longest = max(map(len, names), default=0)
         self.underscore: dict[str, list[str]] = {}
         for n in names:
             self.underscore.setdefault(n.replace(".", "_"), []).append(n)
+        self.dotted_tails = _tails({n: [n] for n in names}, ".")  # "b.c" -> names ending in ".b.c"
+        self.underscore_tails = _tails(self.underscore, "_")  # "b_c" -> names whose form ends in "_b_c"
         self.per_block = ldm.layers_per_block(names)
+        # (key, format) -> the names it matches; per index, so it goes with the index
+        self.lookups: BoundedMemo[tuple[str, KeyFormat], tuple[str, ...]] = BoundedMemo(
+            _LOOKUP_BYTES, lambda k, v: str_bytes(k[0]) + 8 * len(v)
+        )
 
     def dotted(self, key: str) -> list[str]:
-        return [n for n in self.names if n.endswith("." + key) or key.endswith("." + n)]
+        """Names ending in ``"." + key``, and names ``key`` ends in (after a ``.``)."""
+        tail = key[-(self.longest + 1) :]  # a name key ends in is at most this long
+        return self.dotted_tails.get(key, []) + [t for t in _after(tail, ".") if t in self.exact]
 
     def by_underscore(self, key: str) -> list[str]:
         u = key.replace(".", "_")
@@ -52,10 +70,28 @@ class _Names:
         for form in forms:
             if form in self.underscore:
                 return self.underscore[form]
-            hits = [n for f, ns in self.underscore.items() if f.endswith("_" + form) for n in ns]
+            hits = self.underscore_tails.get(form)
             if hits:
                 return hits
         return []
+
+
+def _tails(forms: dict[str, list[str]], sep: str) -> dict[str, list[str]]:
+    """Every suffix of each form after a ``sep``, to the names of that form."""
+    out: dict[str, list[str]] = {}
+    for form, names in forms.items():
+        for tail in _after(form, sep):
+            out.setdefault(tail, []).extend(names)
+    return out
+
+
+def _after(text: str, sep: str) -> list[str]:
+    """The suffixes of ``text`` after each ``sep`` in it."""
+    tails, i = [], text.find(sep)
+    while i >= 0:
+        tails.append(text[i + 1 :])
+        i = text.find(sep, i + 1)
+    return tails
 
 
 def _candidates(key: str, fmt: KeyFormat) -> list[str]:
@@ -67,15 +103,22 @@ def _candidates(key: str, fmt: KeyFormat) -> list[str]:
     return out
 
 
+#: bytes of lookups memoized per index: ~7,000 keys; at most 16 indexes are kept (_index)
+_LOOKUP_BYTES = 2 << 20
+
+
 @functools.lru_cache(maxsize=16)
 def _index(names: tuple[str, ...]) -> _Names:
     """The lookup index of one model's injected names (built once per name list)."""
     return _Names(list(names))
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _lookup(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
-    """The injected names ``key`` matches (memoized: formats and indexes hash by identity)."""
+    """The injected names ``key`` matches (memoized in the index, within its byte budget)."""
+    return names.lookups.get((key, fmt), _match, key, fmt, names)
+
+
+def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     cands = _candidates(key, fmt)
     aliased = [re.sub(p, r, c) for c in cands for p, r in fmt.aliases if re.search(p, c)]
     steps = (
@@ -126,7 +169,7 @@ def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
     for key, module in adapter.modules.items():
         hits = _lookup(key, fmt, index)
         if not hits:
-            close = _closest(key, fmt, index)
+            close = _closest(key, fmt, index) if len(problems) < _SHOWN else []  # the rest are not shown
             problems.append(f"{key}: matches no injected layer" + (f" (closest: {', '.join(close)})" if close else ""))
         elif len(hits) > 1:
             problems.append(
@@ -149,9 +192,15 @@ def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
     return out
 
 
+#: problems a message shows (format_problems' limit); only those get the costly closest names
+_SHOWN = 20
+
+
 def _fix_hint(adapter: Adapter) -> str:
     targets = adapter.config.get("target_modules")
-    trained = f" (the adapter was trained on target_modules={targets!r})" if targets else ""
+    shown = repr(targets)
+    shown = shown if len(shown) <= 200 else shown[:197] + "..."  # from the file: shown, never matched
+    trained = f" (the adapter was trained on target_modules={shown})" if targets else ""
     return (
         f"Inject those modules (targets=...){trained}, map the names with prefix=/key_map= (lorahot.read_adapter, "
         "runtime.load), or load an adapter made for this model."

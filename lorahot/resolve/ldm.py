@@ -53,27 +53,33 @@ def layers_per_block(names: list[str]) -> int:
 
 
 def to_diffusers(name: str, per_block: int) -> str | None:
-    """The diffusers underscore-form name of an LDM underscore-form ``name``, or None."""
+    """The diffusers underscore-form name of an LDM underscore-form ``name``, or None.
+
+    None also for block and layer indices SD's UNet does not have (``input_blocks_1_5``): such a
+    name maps nowhere, so it matches no injected layer rather than a wrong one.
+    """
     for pattern, repl in _FIXED:
         if re.fullmatch(pattern, name):
             return repl
-    m = re.fullmatch(r"input_blocks_(\d+)_(\d+)_(.+)", name)
+    m = re.fullmatch(r"input_blocks_([0-9]{1,4})_([0-9]{1,4})_(.+)", name)
     if m:
         i, j, rest = int(m[1]), int(m[2]), _inner(m[3])
+        if i < 1:
+            return None  # input_blocks_0_0 is conv_in (above); nothing else sits in block 0
         block, layer = divmod(i - 1, per_block + 1)
         if layer == per_block:
-            return f"down_blocks_{block}_downsamplers_0_{rest}"
-        return f"down_blocks_{block}_{_KINDS.get(j, 'attentions')}_{layer}_{rest}"
-    m = re.fullmatch(r"middle_block_(\d+)_(.+)", name)
+            return f"down_blocks_{block}_downsamplers_0_{rest}" if j == 0 else None
+        return f"down_blocks_{block}_{_KINDS[j]}_{layer}_{rest}" if j in _KINDS else None
+    m = re.fullmatch(r"middle_block_([0-9]{1,4})_(.+)", name)
     if m and int(m[1]) in _MIDDLE:
         return f"mid_block_{_MIDDLE[int(m[1])]}_{_inner(m[2])}"
-    m = re.fullmatch(r"output_blocks_(\d+)_(\d+)_(.+)", name)
+    m = re.fullmatch(r"output_blocks_([0-9]{1,4})_([0-9]{1,4})_(.+)", name)
     if m:
         i, j, rest = int(m[1]), int(m[2]), _inner(m[3])
         block, layer = divmod(i, per_block + 1)
         if j == 2 or (j == 1 and rest == "conv"):
             return f"up_blocks_{block}_upsamplers_0_{rest}"
-        return f"up_blocks_{block}_{_KINDS[j]}_{layer}_{rest}"
+        return f"up_blocks_{block}_{_KINDS[j]}_{layer}_{rest}" if j in _KINDS else None
     return None
 
 

@@ -1,9 +1,13 @@
 """User-directed key mapping, applied to an adapter's module keys before they meet the model.
 
 - ``prefix``: keep only modules under this component prefix and strip it
-  (``prefix="unet"`` on a file holding ``unet.`` and ``text_encoder.`` modules).
+  (``prefix="unet"`` on a file holding ``unet.`` and ``text_encoder.`` modules). The prefix
+  matches whole name components, per the naming's separator: ``prefix + "."`` for dotted
+  namings, ``prefix + "_"`` for kohya's (``lora_te1``), so ``text_encoder`` never selects
+  ``text_encoder_2`` and ``lora_te`` never ``lora_te1``.
 - ``key_map``: ``{regex: replacement}``; a module key that fully matches a regex is renamed
-  to the expansion (``\\1`` refers to groups), first match wins.
+  to the expansion (``\\1`` refers to groups), first match wins. These regexes are the
+  caller's own code and run with Python's ``re``; a bad one is a :class:`UsageError`.
 - ``fuse``: ``{fused: [part, ...]}``; the parts' LoRAs (``q_proj``, ``k_proj``, ``v_proj``)
   become one LoRA on the fused projection (``qkv_proj``): A's stacked, B block-diagonal with
   each part's scale folded into its block, so the rank is the sum of the parts' ranks.
@@ -11,13 +15,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from lorahot.adapter import LoraModule
-from lorahot.errors import AdapterMismatchError, UsageError, format_problems
+from lorahot.adapter import LoraModule, storage_problem
+from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems
+from lorahot.formats import KeyFormat
 
 __all__ = ["FusePart", "Fuse", "select_prefix", "apply_key_map", "fuse_modules"]
 
@@ -27,27 +33,36 @@ FusePart = str | tuple[str, int]
 Fuse = Mapping[str, Sequence[FusePart]]
 
 
-def select_prefix(modules: dict[str, LoraModule], prefix: str, source: str) -> dict[str, LoraModule]:
-    """The modules whose key starts with ``prefix`` (then ``.`` or ``_``), with it removed.
+def select_prefix(modules: dict[str, LoraModule], prefix: str, source: str, fmt: KeyFormat) -> dict[str, LoraModule]:
+    """The modules whose key starts with the component ``prefix``, with it removed.
+
+    ``prefix`` matches whole components: it is followed by ``fmt``'s separator (added unless
+    ``prefix`` ends with it).
 
     Raises:
-        UsageError: ``prefix`` is not a string or no module key starts with it.
+        UsageError: ``prefix`` is not a non-empty string, or no module key starts with it.
     """
-    if not isinstance(prefix, str) or not prefix:
-        raise UsageError(f"prefix={prefix!r} must be a non-empty string such as 'unet' or 'lora_te1_'.")
-    heads = (prefix,) if prefix.endswith((".", "_")) else (prefix + ".", prefix + "_")
-    out = {}
-    for key, m in modules.items():
-        head = next((h for h in heads if key.startswith(h)), None)
-        if head is not None:
-            out[key[len(head) :]] = _renamed(m, key[len(head) :])
+    if not isinstance(prefix, str) or not prefix.strip(fmt.separator + " "):
+        raise UsageError(f"prefix={_short(prefix)} must be a non-empty string such as 'unet' or 'lora_te1'.")
+    head = prefix if prefix.endswith(fmt.separator) else prefix + fmt.separator
+    out = {key[len(head) :]: _renamed(m, key[len(head) :]) for key, m in modules.items() if key.startswith(head)}
     if not out:
-        seen = sorted({k.split(".")[0] if "." in k else "_".join(k.split("_")[:2]) for k in modules})
+        seen = sorted({_component(k, fmt) for k in modules})
         raise UsageError(
-            f"{source}: prefix={prefix!r} matches no module key; keys start with {', '.join(seen[:8])}. Pass one of "
-            "those."
+            f"{source}: prefix={_short(prefix)} matches no module key; keys start with {', '.join(seen[:8])} (a "
+            f"prefix matches whole components, up to {fmt.separator!r}). Pass one of those."
         )
     return out
+
+
+def _component(key: str, fmt: KeyFormat) -> str:
+    """The leading component of ``key``: a known prefix of its naming, else up to the separator."""
+    known = next((p for p in fmt.prefixes if key.startswith(p)), None)
+    if known is not None:
+        return known[: -len(fmt.separator)] if known.endswith(fmt.separator) else known
+    if fmt.separator == "_":
+        return "_".join(key.split("_")[:2])
+    return key.split(fmt.separator)[0]
 
 
 def apply_key_map(modules: dict[str, LoraModule], key_map: Mapping[str, str], source: str) -> dict[str, LoraModule]:
@@ -58,16 +73,11 @@ def apply_key_map(modules: dict[str, LoraModule], key_map: Mapping[str, str], so
     """
     if not isinstance(key_map, Mapping):
         raise UsageError(f"key_map must be a mapping of regex -> replacement, got {type(key_map).__name__}.")
-    compiled = []
-    for pattern, repl in key_map.items():
-        try:
-            compiled.append((re.compile(pattern), repl))
-        except (re.error, TypeError) as exc:
-            raise UsageError(f"key_map entry {pattern!r} is not a valid regex ({exc}).") from None
+    compiled = [(_compile(pattern, repl), repl) for pattern, repl in key_map.items()]
     out: dict[str, LoraModule] = {}
     origin: dict[str, str] = {}
     for key, m in modules.items():
-        new = next((p.sub(r, key) for p, r in compiled if p.fullmatch(key)), key)
+        new = _renamed_key(key, compiled)
         if new in out:
             raise UsageError(
                 f"{source}: key_map sends both {origin[new]!r} and {key!r} to {new!r}; make the entries distinct."
@@ -76,12 +86,43 @@ def apply_key_map(modules: dict[str, LoraModule], key_map: Mapping[str, str], so
     return out
 
 
-def fuse_modules(modules: dict[str, LoraModule], fuse: Fuse, source: str) -> dict[str, LoraModule]:
+def _compile(pattern: object, repl: object) -> re.Pattern[str]:
+    """``pattern`` compiled, with ``repl`` checked against it; any failure is the caller's."""
+    if not isinstance(pattern, str) or not isinstance(repl, str):
+        raise UsageError(f"key_map entries must map str to str, got {_short(pattern)}: {_short(repl)}.")
+    try:
+        compiled = re.compile(pattern)
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        raise UsageError(f"key_map entry {_short(pattern)} is not a valid regex ({_cut(str(exc))}).") from None
+    try:
+        compiled.sub(repl, "")  # parses the template: a bad group reference fails here, not mid-load
+    except (re.error, IndexError, ValueError) as exc:
+        raise UsageError(
+            f"key_map entry {_short(pattern)}: replacement {_short(repl)} is not valid ({_cut(str(exc))})."
+        ) from None
+    return compiled
+
+
+def _renamed_key(key: str, compiled: list[tuple[re.Pattern[str], str]]) -> str:
+    """``key`` renamed by the first pattern that fully matches it (unchanged if none does)."""
+    for pattern, repl in compiled:
+        m = pattern.fullmatch(key)
+        if m is not None:
+            try:
+                return m.expand(repl)
+            except (re.error, IndexError) as exc:
+                raise UsageError(
+                    f"key_map entry {_short(pattern.pattern)}: {_short(repl)} fails on {_short(key)} ({exc})."
+                ) from None
+    return key
+
+
+def fuse_modules(modules: dict[str, LoraModule], fuse: Fuse, source: str, fmt: KeyFormat) -> dict[str, LoraModule]:
     """Replaces each complete set of part LoRAs by one LoRA on the fused projection.
 
-    A part key is ``<parent><sep><part>`` with ``sep`` ``.`` or ``_``; its fused key is
-    ``<parent><sep><fused>``. For parts of rank ``r_i``, ``A_i [r_i, in]``,
-    ``B_i [out_i, r_i]`` and scale ``s_i``::
+    A part key is ``<parent><sep><part>`` with ``sep`` the naming's separator (``.``, or ``_``
+    for kohya); its fused key is ``<parent><sep><fused>``. For parts of rank ``r_i``,
+    ``A_i [r_i, in]``, ``B_i [out_i, r_i]`` and scale ``s_i``::
 
         A = [A_1; A_2; ...]                    # [sum r_i, in]
         B = blockdiag(s_1 B_1, s_2 B_2, ...)   # [sum out_i, sum r_i]
@@ -90,18 +131,20 @@ def fuse_modules(modules: dict[str, LoraModule], fuse: Fuse, source: str) -> dic
 
     Raises:
         UsageError: a malformed ``fuse`` argument.
-        AdapterMismatchError: a part missing with no size given, parts that are not linear, or
-            parts whose inputs differ; every problem is listed.
+        AdapterReadError: a part's weights are not dense tensors with data (sparse, meta).
+        AdapterMismatchError: a part missing with no size given, parts that are not linear,
+            parts whose inputs or devices differ, or that carry a base-layer weight copy; every
+            problem is listed.
     """
     spec = _fuse_spec(fuse)
     out = dict(modules)
     problems: list[str] = []
     for fused, parts in spec.items():
-        for parent, sep in _parents(modules, [p for p, _ in parts]):
-            found = {p: modules.get(f"{parent}{sep}{p}") for p, _ in parts}
+        for parent in _parents(modules, [p for p, _ in parts], fmt.separator):
+            found = {p: modules.get(f"{parent}{fmt.separator}{p}") for p, _ in parts}
             for p in found:
-                out.pop(f"{parent}{sep}{p}", None)
-            key = f"{parent}{sep}{fused}"
+                out.pop(f"{parent}{fmt.separator}{p}", None)
+            key = f"{parent}{fmt.separator}{fused}"
             module = _fuse_one(key, [(p, size, found[p]) for p, size in parts], problems)
             if module is not None:
                 out[key] = module
@@ -113,41 +156,46 @@ def fuse_modules(modules: dict[str, LoraModule], fuse: Fuse, source: str) -> dic
     return out
 
 
+#: the largest out_features fuse= may give an untrained part (its zero block is allocated)
+_MAX_PART = 1 << 20
+
+
 def _fuse_spec(fuse: Fuse) -> dict[str, list[tuple[str, int | None]]]:
     if not isinstance(fuse, Mapping) or not fuse:
         raise UsageError(
-            f"fuse must be a non-empty mapping like {{'qkv_proj': ['q_proj', 'k_proj', 'v_proj']}}, got {fuse!r}."
+            f"fuse must be a non-empty mapping like {{'qkv_proj': ['q_proj', 'k_proj', 'v_proj']}}, got {_short(fuse)}."
         )
     spec = {}
     for fused, parts in fuse.items():
-        parsed: list[tuple[str, int | None]] = []
-        for p in parts if isinstance(parts, (list, tuple)) else [None]:
-            if isinstance(p, str):
-                parsed.append((p, None))
-            elif (
-                isinstance(p, (list, tuple))
-                and len(p) == 2
-                and isinstance(p[0], str)
-                and isinstance(p[1], int)
-                and p[1] > 0
-            ):
-                parsed.append((p[0], p[1]))
-            else:
-                raise UsageError(f"fuse[{fused!r}]: each part must be a name or (name, out_features), got {p!r}.")
+        if not isinstance(fused, str) or not fused:
+            raise UsageError(f"fuse: the fused name {_short(fused)} must be a non-empty string such as 'qkv_proj'.")
+        parsed = [_fuse_part(fused, p) for p in (parts if isinstance(parts, (list, tuple)) else [None])]
         if len(parsed) < 2:
-            raise UsageError(f"fuse[{fused!r}] must list at least two parts, got {parts!r}.")
+            raise UsageError(f"fuse[{fused!r}] must list at least two parts, got {_short(parts)}.")
         spec[fused] = parsed
     return spec
 
 
-def _parents(modules: dict[str, LoraModule], parts: list[str]) -> list[tuple[str, str]]:
-    """``(parent, separator)`` of every module key ending in one of ``parts``, in file order."""
-    seen: dict[tuple[str, str], None] = {}
+def _fuse_part(fused: str, p: object) -> tuple[str, int | None]:
+    if isinstance(p, str) and p:
+        return p, None
+    if isinstance(p, (list, tuple)) and len(p) == 2:
+        name, size = p
+        if isinstance(name, str) and name and type(size) is int and 0 < size <= _MAX_PART:
+            return name, size
+    raise UsageError(
+        f"fuse[{fused!r}]: each part must be a name or (name, out_features) with 1 <= out_features <= {_MAX_PART}, "
+        f"got {_short(p)}."
+    )
+
+
+def _parents(modules: dict[str, LoraModule], parts: list[str], sep: str) -> list[str]:
+    """The parent of every module key ending in ``sep`` + one of ``parts``, in file order."""
+    seen: dict[str, None] = {}
     for key in modules:
         for part in parts:
-            for sep in (".", "_"):
-                if key.endswith(sep + part):
-                    seen[(key[: -len(sep + part)], sep)] = None
+            if key.endswith(sep + part):
+                seen[key[: -len(sep + part)]] = None
     return list(seen)
 
 
@@ -155,22 +203,20 @@ def _fuse_one(
     key: str, parts: list[tuple[str, int | None, LoraModule | None]], problems: list[str]
 ) -> LoraModule | None:
     present = [m for _, _, m in parts if m is not None]
-    if any(m.A.ndim != 2 or m.B.ndim != 2 for m in present):
-        problems.append(f"{key}: only linear parts can be fused; got A shapes {[tuple(m.A.shape) for m in present]}")
-        return None
-    if len({int(m.A.shape[1]) for m in present}) != 1:
-        problems.append(f"{key}: parts read different input sizes {[tuple(m.A.shape) for m in present]}")
+    problem = _unfusable(key, present)
+    if problem is not None:
+        problems.append(problem)
         return None
     dtype = torch.promote_types(present[0].A.dtype, torch.float32)
-    fan_in = int(present[0].A.shape[1])
+    fan_in, device = int(present[0].A.shape[1]), present[0].A.device
     a_blocks, b_blocks = [], []
     for name, size, m in parts:
         if m is None:
             if size is None:
                 problems.append(f"{key}: no LoRA for part {name!r} and no size for it; pass ({name!r}, out_features)")
                 return None
-            a_blocks.append(torch.zeros(0, fan_in, dtype=dtype))
-            b_blocks.append(torch.zeros(size, 0, dtype=dtype))
+            a_blocks.append(torch.zeros(0, fan_in, dtype=dtype, device=device))
+            b_blocks.append(torch.zeros(size, 0, dtype=dtype, device=device))
             continue
         if size is not None and size != m.B.shape[0]:
             problems.append(f"{key}: part {name!r} has B {tuple(m.B.shape)}, but fuse= says out_features={size}")
@@ -182,5 +228,45 @@ def _fuse_one(
     return LoraModule(key, a, b, float(a.shape[0]), False, keys)
 
 
+#: dtypes fuse can combine (torch promotes none of the others with float32: float8, complex, ...)
+_FUSABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _unfusable(key: str, present: list[LoraModule]) -> str | None:
+    """Why the parts ``present`` cannot be fused into ``key``, or None.
+
+    Raises:
+        AdapterReadError: a part's weights hold no data (sparse, meta) or are not floating point:
+            no model could use them.
+    """
+    for m in present:
+        why = next((w for t in (m.A, m.B) if (w := storage_problem(t)) is not None), None)
+        why = why or next((f"of dtype {t.dtype}" for t in (m.A, m.B) if t.dtype not in _FUSABLE), None)
+        if why is not None:
+            raise AdapterReadError(
+                f"{key}: part {m.key} is {why}; LoRA weights must be dense float16/bfloat16/float32/float64 "
+                "tensors with data. Pass real weights."
+            )
+    if any(m.A.ndim != 2 or m.B.ndim != 2 for m in present):
+        return f"{key}: only linear parts can be fused; got A shapes {[tuple(m.A.shape) for m in present]}"
+    if len({int(m.A.shape[1]) for m in present}) != 1:
+        return f"{key}: parts read different input sizes {[tuple(m.A.shape) for m in present]}"
+    if len({t.device for m in present for t in (m.A, m.B)}) != 1:
+        return f"{key}: parts lie on different devices {sorted({str(m.A.device) for m in present})}"
+    carrying = [m.key for m in present if m.base_weight is not None]
+    if carrying:
+        return f"{key}: parts {carrying} carry a base-layer weight copy, which cannot be fused"
+    return None
+
+
 def _renamed(m: LoraModule, key: str) -> LoraModule:
-    return LoraModule(key, m.A, m.B, m.alpha, m.use_rslora, m.source_keys)
+    """``m`` under a new key; every other field (base_weight included) carried along."""
+    return dataclasses.replace(m, key=key)
+
+
+def _short(v: object, limit: int = 80) -> str:
+    return _cut(repr(v), limit)
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -2,15 +2,19 @@
 
 Hypothesis applies random mutations (bit flips, truncations, insertions, deletions, edits of
 the header length and of the numbers, dtypes and names inside the JSON header) to a small
-valid PEFT adapter. Loading the mutated file must either succeed or raise a
-:class:`lorahot.LoraError`; any other exception fails the test. After a failure every arena
-buffer and the model output are bitwise unchanged; after a success the model output is
-bitwise what a fresh runtime computes with the same file (no residue of the old adapter, no
-half-written slot), and the other slot is untouched.
+valid PEFT adapter. Loading the mutated file must either succeed or raise a specific
+:class:`lorahot.LoraError`; any other exception, and :class:`lorahot.UnexpectedError` (the
+safety net for a missing check), fails the test. After a failure every arena buffer and the
+model output are bitwise unchanged; after a success the model output is bitwise what a fresh
+runtime computes with the same file (no residue of the old adapter, no half-written slot), and
+the other slot is untouched. A second fuzzer writes random ``adapter_config.json`` files
+(regex-like pattern keys, odd values, odd JSON) beside a valid file: same demands, in bounded
+time.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import resource
 import struct
@@ -33,6 +37,7 @@ from tests.reliability_helpers import (
     report,
     snapshot,
     valid_tensors,
+    within,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -148,6 +153,8 @@ def test_fuzz_mutated_files_load_or_raise_lora_error(
         before = snapshot(rig)
         try:
             rig.runtime.load(path, slot=slot)
+        except lorahot.UnexpectedError:
+            raise  # a check is missing
         except lorahot.LoraError as exc:
             counts["refused"] += 1
             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
@@ -181,3 +188,59 @@ def _assert_clean_swap(rig, before, path: Path, slot: int, fresh_dir: Path) -> N
         "the swapped-in adapter differs from a clean load of the same file"
     )
     rig.runtime.activate(before.active)
+
+
+# -- adapter_config.json ---------------------------------------------------------------------
+
+CONFIG_EXAMPLES = 150
+
+_REGEX = st.text(alphabet="()[]{}|*+?.\\^$:=<!-,#aq_proj019 \n", max_size=24)
+_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.integers(0, 9), max_size=3),
+)
+_FIELDS = [
+    "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "target_modules", "modules_to_save",
+    "target_parameters", "trainable_token_indices", "bias", "layer_replication",
+]  # fmt: skip
+_CONFIG = st.fixed_dictionaries(
+    {},
+    optional={
+        "rank_pattern": st.dictionaries(_REGEX, _VALUE, max_size=4),
+        "alpha_pattern": st.dictionaries(_REGEX, _VALUE, max_size=4),
+        **dict.fromkeys(_FIELDS, _VALUE),
+    },
+)
+
+
+def test_fuzz_configs_load_or_raise_a_specific_error(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    rig = build_rig(tmp_path / "rig")
+    tensors = {k: v.contiguous() for k, v in valid_tensors(rig.model, 2, names=(Q0, V1)).items()}
+    blob = save(tensors)
+    errors: dict[str, int] = {}
+
+    @settings(max_examples=CONFIG_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(config=_CONFIG, cut=st.one_of(st.none(), st.integers(0, 400)), nest=st.integers(0, 3))
+    def run(config: dict, cut: int | None, nest: int) -> None:
+        text = json.dumps(config)
+        text = text if cut is None else text[:cut]  # truncated JSON
+        text = "[" * (40 * nest) + text + "]" * (40 * nest) if nest else text  # nested (deeper than 64 at 2)
+        directory = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+        directory.mkdir()
+        (directory / "adapter_model.safetensors").write_bytes(blob)
+        (directory / "adapter_config.json").write_text(text)
+        before = snapshot(rig)
+        try:
+            within(10, lambda: rig.runtime.load(directory, slot=1))
+        except lorahot.UnexpectedError:
+            raise  # a check is missing
+        except lorahot.LoraError as exc:
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            assert_unchanged(rig, before)
+
+    run()
+    report(request.config, "fuzz_configs", {"examples": CONFIG_EXAMPLES, "errors": errors})

@@ -10,6 +10,7 @@ and the model output must be bitwise what they were.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import resource
 import struct
@@ -23,9 +24,10 @@ import torch
 from safetensors.torch import save, save_file
 
 import lorahot
-from lorahot import AdapterMismatchError, AdapterReadError, SourceNotFoundError, UnknownFormatError
+from lorahot import AdapterMismatchError, AdapterReadError, SourceNotFoundError, UnknownFormatError, UsageError
 from lorahot.io import safety
 from tests.reliability_helpers import (
+    HANG_S,
     MAX_RANK,
     Q0,
     V1,
@@ -38,6 +40,7 @@ from tests.reliability_helpers import (
     snapshot,
     split,
     valid_tensors,
+    within,
     write_valid,
 )
 
@@ -601,6 +604,239 @@ def _(tmp, rig):
     return {P + Q0 + ".lora_A.weight": [[1.0] * 16] * 4, P + Q0 + ".lora_B.weight": "x"}, {}
 
 
+# -- not regular files, unusable paths -------------------------------------------------------
+
+
+@case(
+    "fifo_as_weight_file",
+    AdapterReadError,
+    r"adapter_model\.safetensors: the safetensors file is a FIFO \(named pipe\), not a regular file",
+)
+def _(tmp, rig):
+    tmp.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(tmp / "adapter_model.safetensors")  # open() on it would wait for a writer forever
+    return tmp, {}
+
+
+@case("fifo_as_config", AdapterReadError, r"adapter_config\.json: the adapter config is a FIFO \(named pipe\)")
+def _(tmp, rig):
+    _tensors_dir(tmp, valid_tensors(rig.model, 4))
+    os.mkfifo(tmp / "adapter_config.json")
+    return tmp, {}
+
+
+@case("fifo_as_source", SourceNotFoundError, r"lora\.safetensors: is a FIFO \(named pipe\), not an adapter file")
+def _(tmp, rig):
+    tmp.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(tmp / "lora.safetensors")
+    return tmp / "lora.safetensors", {}
+
+
+@case("directory_named_like_weights", AdapterReadError, r"safetensors file is a directory, not a regular file")
+def _(tmp, rig):
+    (tmp / "adapter_model.safetensors").mkdir(parents=True)
+    return tmp, {}
+
+
+@case("config_dangling_symlink", AdapterReadError, r"adapter_config\.json: is a dangling symlink")
+def _(tmp, rig):
+    _tensors_dir(tmp, valid_tensors(rig.model, 4))
+    (tmp / "adapter_config.json").symlink_to(tmp / "gone.json")
+    return tmp, {}
+
+
+@case("path_name_too_long", SourceNotFoundError, r"cannot open the adapter path \(File name too long\)")
+def _(tmp, rig):
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tmp / ("a" * 300 + ".safetensors"), {}  # a name over NAME_MAX (255)
+
+
+@case("empty_source_string", UsageError, r"source='' is empty")
+def _(tmp, rig):
+    return "", {}
+
+
+@case("tensor_key_too_long", AdapterReadError, r"tensor key 'x+\.\.\. is 5000 characters long, more than 1024")
+def _(tmp, rig):
+    return _tensors_dir(tmp, {**valid_tensors(rig.model, 4), "x" * 5000: torch.zeros(1)})
+
+
+@case(
+    "zero_element_tensor_with_huge_dims",
+    AdapterReadError,
+    r"shape \[0, 9223372036854775808\] has dimensions whose product exceeds",
+)
+def _(tmp, rig):
+    header, data = split(_valid_blob(rig))
+    header[P + Q0 + ".lora_A.weight"] = {"dtype": "F32", "shape": [0, 2**63], "data_offsets": [0, 0]}
+    header[P + Q0 + ".lora_B.weight"] = {"dtype": "F32", "shape": [16, 0], "data_offsets": [0, 0]}
+    return _file(tmp, assemble(header, data))
+
+
+# -- regexes from the file (rank_pattern / alpha_pattern) -----------------------------------
+
+
+@case("rank_pattern_catastrophic_backtracking", AdapterMismatchError, r"adapter_config\.json says r=8")
+def _(tmp, rig):
+    # Python's re needs ~2**25 steps per module name for this key; RE2 one pass. It matches no
+    # module, so r=8 applies and contradicts the rank-4 tensors: the load must get that far, fast.
+    return _tensors_dir(tmp, valid_tensors(rig.model, 4), {"r": 8, "rank_pattern": {"((a|.)*)*#": 2}})
+
+
+@case(
+    "rank_pattern_lookahead",
+    AdapterReadError,
+    r"adapter_config\.json: invalid adapter config: rank_pattern key '\(\?=q\)q_proj' is not a regex lorahot can "
+    r"evaluate in linear time \(RE2: invalid perl operator: \(\?=\) \(write each key as a module name",
+)
+def _(tmp, rig):
+    return _tensors_dir(tmp, valid_tensors(rig.model, 4), {"r": 4, "rank_pattern": {"(?=q)q_proj": 2}})
+
+
+@case("rank_pattern_backreference", AdapterReadError, r"rank_pattern key '\(q\)\\\\1' .*RE2: invalid escape sequence")
+def _(tmp, rig):
+    return _tensors_dir(tmp, valid_tensors(rig.model, 4), {"r": 4, "rank_pattern": {r"(q)\1": 2}})
+
+
+@case(
+    "alpha_pattern_huge_repetition",
+    AdapterReadError,
+    r"alpha_pattern key 'q\{4294967296\}' is not a valid regex \(Python: the repetition number is too large\)",
+)
+def _(tmp, rig):
+    return _tensors_dir(tmp, valid_tensors(rig.model, 4), {"r": 4, "alpha_pattern": {"q{4294967296}": 2}})
+
+
+@case("rank_pattern_deep_nesting", AdapterReadError, r"rank_pattern key '\(\(\(.* is 10001 bytes long, more than")
+def _(tmp, rig):
+    return _tensors_dir(tmp, valid_tensors(rig.model, 4), {"r": 4, "rank_pattern": {"(" * 5000 + "q" + ")" * 5000: 2}})
+
+
+# -- JSON inside the safetensors header --------------------------------------------------------
+
+
+@case(
+    "adapter_metadata_nested_too_deep",
+    AdapterReadError,
+    r"lora_adapter_metadata entry of the safetensors header is not valid JSON \(nested too deep: 100000 levels",
+)
+def _(tmp, rig):
+    tmp.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in valid_tensors(rig.model, 4).items()}
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), {"lora_adapter_metadata": "[" * 100_000 + "]" * 100_000})
+    return tmp, {}
+
+
+@case(
+    "kohya_alpha_complex", AdapterReadError, r"q_proj\.alpha: alpha must be one finite number > 0, got dtype torch\.c"
+)
+def _(tmp, rig):
+    return _tensors_dir(tmp, _kohya(rig, torch.tensor(2.0 + 1.0j, dtype=torch.complex64)))
+
+
+@case(
+    "ldm_block_with_unknown_layer_index",
+    AdapterMismatchError,
+    r"lora_unet_output_blocks_2_5_proj_in: matches no injected layer",
+)
+def _(tmp, rig):
+    a, b = valid_tensors(rig.model, 4, names=(Q0,)).values()
+    stem = "lora_unet_output_blocks_2_5_proj_in"  # SD's output blocks have layers 0..2 only
+    return _tensors_dir(tmp, {f"{stem}.lora_down.weight": a, f"{stem}.lora_up.weight": b})
+
+
+# -- PEFT features lorahot does not load ----------------------------------------------------
+
+_EXPERTS = "layers.0.mlp.experts"
+
+
+@case(
+    "moe_expert_parameters_config",
+    UnknownFormatError,
+    r'target_parameters=\["layers\.0\.mlp\.experts\.gate_up_proj"\]; LoRA on parameters such as MoE experts',
+)
+def _(tmp, rig):
+    # PEFT's ParamWrapper: A [r * num_experts, in], B [out, r * num_experts] under the module
+    tensors = {
+        P + _EXPERTS + ".lora_A.weight": torch.randn(16, 16),
+        P + _EXPERTS + ".lora_B.weight": torch.randn(32, 16),
+    }
+    return _tensors_dir(tmp, tensors, {"r": 4, "target_parameters": [_EXPERTS + ".gate_up_proj"]})
+
+
+@case(
+    "moe_expert_parameters_keys_only",
+    UnknownFormatError,
+    r"experts\.base_layer\.lora_A\.weight: LoRA on parameters such as MoE experts \(PEFT target_parameters\)",
+)
+def _(tmp, rig):
+    # two target_parameters on one module: PEFT nests the wrappers (base_layer.lora_A)
+    tensors = {
+        P + _EXPERTS + ".base_layer.lora_A.weight": torch.randn(16, 16),
+        P + _EXPERTS + ".base_layer.lora_B.weight": torch.randn(32, 16),
+        P + _EXPERTS + ".lora_A.weight": torch.randn(16, 32),
+        P + _EXPERTS + ".lora_B.weight": torch.randn(16, 16),
+    }
+    return _tensors_dir(tmp, tensors)
+
+
+@case("modules_to_save_config", UnknownFormatError, r'modules_to_save=\["lm_head"\]; full copies of these modules')
+def _(tmp, rig):
+    tensors = {**valid_tensors(rig.model, 4), P + "lm_head.weight": torch.randn(32, 16)}
+    return _tensors_dir(tmp, tensors, {"r": 4, "lora_alpha": 8, "modules_to_save": ["lm_head"]})
+
+
+@case(
+    "modules_to_save_keys_only",
+    UnknownFormatError,
+    r"lm_head\.weight: full weights of module 'base_model\.model\.lm_head', not LoRA weights \(PEFT saves these for "
+    r"modules_to_save",
+)
+def _(tmp, rig):
+    return _tensors_dir(tmp, {**valid_tensors(rig.model, 4), P + "lm_head.weight": torch.randn(32, 16)})
+
+
+@case(
+    "trainable_tokens_config",
+    UnknownFormatError,
+    r'trainable_token_indices=\{"embed_tokens": \[1, 2\]\}; trainable tokens',
+)
+def _(tmp, rig):
+    tensors = {
+        **valid_tensors(rig.model, 4),
+        P + "embed_tokens.token_adapter.trainable_tokens_delta": torch.randn(2, 16),
+    }
+    return _tensors_dir(tmp, tensors, {"r": 4, "trainable_token_indices": {"embed_tokens": [1, 2]}})
+
+
+@case(
+    "trainable_tokens_keys_only",
+    UnknownFormatError,
+    r"token_adapter\.trainable_tokens_delta: trainable tokens \(PEFT trainable_token_indices\)",
+)
+def _(tmp, rig):
+    tensors = {
+        **valid_tensors(rig.model, 4),
+        P + "embed_tokens.token_adapter.trainable_tokens_delta": torch.randn(2, 16),
+    }
+    return _tensors_dir(tmp, tensors)
+
+
+# -- prefix= matches whole name components ----------------------------------------------------
+
+
+@case(
+    "prefix_does_not_select_a_longer_component",
+    UsageError,
+    r"prefix='text_encoder' matches no module key; keys start with text_encoder_2 ",
+)
+def _(tmp, rig):
+    # a text_encoder_2-only file must not load into text_encoder through prefix + '_'
+    tensors = {"text_encoder_2." + k.removeprefix(P): v for k, v in valid_tensors(rig.model, 4).items()}  # diffusers
+    path, _ = _tensors_dir(tmp, tensors)
+    return path, {"prefix": "text_encoder"}
+
+
 # -- the tests -------------------------------------------------------------------------------
 
 
@@ -633,7 +869,7 @@ def test_bad_adapter_raises_and_changes_nothing(c: Case, tmp_path: Path, offline
     ]
     for attempt in attempts:
         with pytest.raises(c.error, match=c.match):
-            attempt()
+            within(HANG_S, attempt)  # a hang (FIFO, backtracking regex) fails instead of stalling
         assert_unchanged(rig, before)
     assert not (tmp_path / "case" / "PWNED").exists(), "a pickle payload ran"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -66,3 +67,72 @@ def test_errors_go_to_stderr_with_status_2(tmp_path: Path) -> None:
     out = _run(sys.executable, "-m", "lorahot", "inspect", str(tmp_path / "model.ckpt"))
     assert out.returncode == 2 and out.stdout == ""
     assert "lorahot never unpickles. Convert it to .safetensors" in out.stderr
+
+
+def _main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """``lorahot ARGS`` in this process: (exit status, stdout, stderr)."""
+    from lorahot import cli
+
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_line_error(result: tuple[int, str, str], text: str) -> None:
+    code, out, err = result
+    assert code == 2 and out == "", result
+    assert err.count("\n") == 1 and err.startswith("lorahot: error: "), err
+    assert text in err and "Traceback" not in err
+
+
+def test_any_bad_file_or_argument_is_one_line_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    tensors = {f"foo.bar{i}.weight": torch.ones(2) for i in range(3)}  # a multi-line LoraError
+    save_file(tensors, tmp_path / "odd.safetensors")
+    _one_line_error(_main(capsys, "inspect", str(tmp_path / "odd.safetensors")), "foo.bar0")
+    _one_line_error(_main(capsys, "inspect", "a", "--bogus"), "unrecognized arguments: --bogus")
+    _one_line_error(_main(capsys), "the following arguments are required: command")
+    _one_line_error(_main(capsys, "inspect", ""), "source='' is empty")
+
+
+def test_unexpected_exceptions_are_one_line_too(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from lorahot import cli
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("first line\nsecond line")
+
+    monkeypatch.setattr(cli, "read_adapter", boom)
+    _one_line_error(_main(capsys, "inspect", "x"), "lorahot: error: unexpected RuntimeError: first line second line")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    tensors = {}
+    for i in range(2000):  # ~150 KB of table: more than a pipe holds
+        tensors[f"lora_unet_block_{i}_proj.lora_down.weight"] = torch.ones(1, 2)
+        tensors[f"lora_unet_block_{i}_proj.lora_up.weight"] = torch.ones(2, 1)
+    save_file(tensors, tmp_path / "big.safetensors")
+    command = f"'{sys.executable}' -m lorahot inspect '{tmp_path / 'big.safetensors'}' | head -1"
+    out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("source:") and out.stderr == "", out.stderr
+
+
+def test_names_with_control_characters_or_lone_surrogates_print_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stem = "lora_unet_a\ud800b\x1b[2Jc"  # a lone surrogate and a terminal escape sequence
+    header = {
+        f"{stem}.lora_down.weight": {"dtype": "F32", "shape": [1, 2], "data_offsets": [0, 8]},
+        f"{stem}.lora_up.weight": {"dtype": "F32", "shape": [2, 1], "data_offsets": [8, 16]},
+    }
+    raw = json.dumps(header).encode()  # ensure_ascii: the surrogate travels as \\ud800
+    (tmp_path / "odd.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(16))
+    code, text, _ = _main(capsys, "inspect", str(tmp_path / "odd.safetensors"), "--json")
+    assert code == 0 and json.loads(text)["table"][0]["module"] == stem
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, as a pipe's stdout: a surrogate raises
+    monkeypatch.setattr(sys, "stdout", stdout)
+    code, _, err = _main(capsys, "inspect", str(tmp_path / "odd.safetensors"))
+    printed = stdout.buffer.getvalue().decode()  # type: ignore[attr-defined]
+    assert code == 0 and err == "", err
+    assert "lora_unet_a\\ud800b\\x1b[2Jc" in printed and "\x1b" not in printed

@@ -17,6 +17,7 @@ ROOT = Path(lorahot.__file__).parent
 LAYERS = {
     "errors": 0,
     "adapter": 0,
+    "memo": 0,
     "formats": 1,
     "resolve": 2,
     "io": 3,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import json
+import re
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -88,3 +92,186 @@ def test_diffusers_metadata_rank_pattern(tmp_path: Path) -> None:
         match=r"unet\.attn\.to_q: lora_adapter_metadata \(unet\) says r=3, but unet\.attn\.to_q\.lora_A\.weight has shape \(4, 8\)",  # noqa: E501
     ):
         lorahot.read_adapter(tmp_path / "bad.safetensors")
+
+
+def test_hostile_long_keys_do_not_pin_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Distinct 1 KB keys: the parse memos used to keep 65,536 entries per method, whatever their
+    size. Now each keeps what fits its byte budget (1 MiB each here, to keep the test quick)."""
+    from lorahot import formats
+    from lorahot.formats import table
+    from lorahot.memo import BoundedMemo
+
+    for module, name in ((table, "_CLASSIFIED"), (formats, "_DETECTED")):
+        memo = getattr(module, name)
+        monkeypatch.setattr(module, name, BoundedMemo(1 << 20, memo._cost))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for batch in range(2):
+            keys = [f"base_model.model.{batch}_{i}_{'x' * 980}.lora_A.weight" for i in range(2500)]
+            assert detect(keys) is not None
+            del keys
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 6 << 20, f"{kept / 2**20:.1f} MiB kept alive"  # unbounded: ~25 MiB
+
+
+# -- features lorahot refuses, by config field and by key ------------------------------------
+
+_PAIR = lora_pair("base_model.model.layers.0.q_proj", "lora_A", "lora_B")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"target_parameters": ["experts.gate_up_proj"]}, r'target_parameters=\["experts\.gate_up_proj"\]; LoRA on'),
+        ({"modules_to_save": ["score"]}, r'modules_to_save=\["score"\]; full copies of these modules'),
+        ({"trainable_token_indices": [1, 2]}, r"trainable_token_indices=\[1, 2\]; trainable tokens"),
+        ({"alora_invocation_tokens": [5]}, r"alora_invocation_tokens=\[5\]; activated LoRA"),
+        ({"layer_replication": [[0, 2]]}, r"layer_replication=\[\[0, 2\]\]; layer replication"),
+        ({"use_qalora": True}, r"use_qalora=true; QA-LoRA"),
+        ({"bias": "all"}, r'bias="all"; biases of the base model were trained'),
+        ({"lora_bias": True}, r"lora_bias=true; LoRA biases"),
+    ],
+)
+def test_config_features_are_named(tmp_path: Path, config: dict, message: str) -> None:
+    save_file(_PAIR, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, **config}))
+    with pytest.raises(
+        lorahot.UnknownFormatError,
+        match=r"the adapter config turns on features lorahot does not load:\n  - adapter_config\.json: " + message,
+    ):
+        lorahot.read_adapter(tmp_path)
+
+
+def test_unset_feature_fields_are_fine() -> None:
+    """A guard against refusing too much: PEFT writes these defaults into every config."""
+    defaults = {
+        "modules_to_save": None, "trainable_token_indices": None, "target_parameters": [], "bias": "none",
+        "use_qalora": False, "layer_replication": None, "alora_invocation_tokens": None, "lora_bias": False,
+    }  # fmt: skip
+    assert lorahot.read_adapter(_PAIR, config={"r": 2, **defaults}).ranks == {"layers.0.q_proj": 2}
+
+
+def test_features_in_diffusers_metadata_are_named_by_component(tmp_path: Path) -> None:
+    meta = json.dumps({"unet.r": 2, "text_encoder.r": 2, "text_encoder.modules_to_save": ["final_layer_norm"]})
+    tensors = lora_pair("unet.attn.to_q", "lora_A", "lora_B") | lora_pair("text_encoder.q_proj", "lora_A", "lora_B")
+    save_file(tensors, tmp_path / "lora.safetensors", metadata={"lora_adapter_metadata": meta})
+    with pytest.raises(
+        lorahot.UnknownFormatError, match=r"lora_adapter_metadata \(text_encoder\): modules_to_save=\[\"final_layer"
+    ):
+        lorahot.read_adapter(tmp_path / "lora.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        (
+            "base_model.model.embed_tokens.token_adapter.trainable_tokens_delta",
+            r"trainable tokens \(PEFT trainable_token_indices\)",
+        ),
+        ("base_model.model.experts.base_layer.lora_A.weight", r"LoRA on parameters such as MoE experts"),
+        ("base_model.model.score.modules_to_save.default.weight", r"a full module copy \(PEFT modules_to_save\)"),
+        ("base_model.model.score.weight", r"full weights of module 'base_model\.model\.score', not LoRA weights"),
+        ("base_model.model.layers.0.q_proj.bias", r"full weights of module 'base_model\.model\.layers\.0\.q_proj'"),
+    ],
+)
+def test_feature_keys_are_named_without_a_config(key: str, message: str) -> None:
+    with pytest.raises(lorahot.UnknownFormatError, match=re.escape(key) + ": " + message):
+        lorahot.read_adapter(_PAIR | {key: torch.ones(2, 8)})
+
+
+class _Experts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 8, 16))  # (experts, in, out)
+        self.down_proj = nn.Parameter(torch.randn(4, 16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.gate_up_proj[0] @ self.down_proj[0]
+
+
+class _Tiny(nn.Module):
+    """Enough of a transformers model for PEFT to save embeddings: get_input/output_embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(32, 8)
+        self.q_proj = nn.Linear(8, 8)
+        self.experts = _Experts()
+        self.score = nn.Linear(8, 3)
+        self.lm_head = nn.Linear(8, 32, bias=False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.q_proj(self.embed_tokens(ids)))
+
+
+@pytest.mark.parametrize(
+    ("config", "with_config", "without_config"),
+    [
+        (
+            {"target_modules": ["q_proj"], "modules_to_save": ["score"]},
+            r'modules_to_save=\["score"\]; full copies',
+            r"score\.weight: full weights of module 'base_model\.model\.score'",
+        ),
+        (
+            {"target_modules": ["q_proj"], "trainable_token_indices": {"embed_tokens": [1, 2]}},
+            r'trainable_token_indices=\{"embed_tokens": \[1, 2\]\}; trainable tokens',
+            r"trainable_tokens_delta: trainable tokens \(PEFT trainable_token_indices\)",
+        ),
+        (
+            {"target_modules": [], "target_parameters": ["experts.gate_up_proj"]},
+            r'target_parameters=\["experts\.gate_up_proj"\]; LoRA on parameters',
+            None,  # one parameter per module: its keys look like plain LoRA (the runtime finds no such layer)
+        ),
+        (
+            {"target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]},
+            r"target_parameters=.*; LoRA on parameters",
+            r"base_layer\.lora_A\.weight: LoRA on parameters such as MoE experts \(PEFT target_parameters\)",
+        ),
+    ],
+)
+def test_peft_saved_features_are_refused_with_and_without_their_config(
+    tmp_path: Path, config: dict, with_config: str, without_config: str | None
+) -> None:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    peft.get_peft_model(_Tiny(), peft.LoraConfig(r=2, **config)).save_pretrained(tmp_path)
+    with pytest.raises(lorahot.UnknownFormatError, match=with_config):
+        lorahot.read_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").unlink()
+    if without_config is not None:
+        with pytest.raises(lorahot.UnknownFormatError, match=without_config):
+            lorahot.read_adapter(tmp_path)
+
+
+def test_peft_embedding_base_layer_copies_are_carried(tmp_path: Path) -> None:
+    """PEFT saves embed_tokens/lm_head base weights beside their LoRA (save_embedding_layers)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = _Tiny()
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens", "lm_head"])
+    peft.get_peft_model(model, config).save_pretrained(tmp_path, save_embedding_layers=True)
+    adapter = lorahot.read_adapter(tmp_path)
+    embed, head, q = (adapter.modules[k] for k in ("embed_tokens", "lm_head", "q_proj"))
+    assert torch.equal(embed.base_weight, model.embed_tokens.base_layer.weight)
+    assert torch.equal(head.base_weight, model.lm_head.base_layer.weight)
+    assert q.base_weight is None
+    assert "base_model.model.embed_tokens.base_layer.weight" in embed.source_keys
+    renamed = lorahot.read_adapter(adapter, key_map={"lm_head": "output"}).modules["output"]
+    assert renamed.base_weight is head.base_weight and renamed.source_keys == head.source_keys
+    parts = {
+        "blk.q": lorahot.LoraModule("blk.q", q.A, q.B, 2.0, base_weight=torch.zeros(8, 8)),
+        "blk.k": lorahot.LoraModule("blk.k", q.A, q.B, 2.0),
+    }
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"carry a base-layer weight copy, which cannot be fused"):
+        lorahot.read_adapter(lorahot.Adapter(parts, "peft", "<mapping>"), fuse={"qk": ["q", "k"]})

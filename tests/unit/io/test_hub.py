@@ -26,7 +26,7 @@ def _peft_tensors(rank: int) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A Hub cache holding ``REPO`` at ``main``: a PEFT adapter at the root, a kohya file in
-    ``kohya/``; the process is offline."""
+    ``kohya/`` (whose config the cache records as missing); the process is offline."""
     cache = tmp_path / "hub"
     repo = cache / f"models--{REPO.replace('/', '--')}"
     snap = repo / "snapshots" / COMMIT
@@ -43,6 +43,9 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         },
         snap / "kohya" / "style.safetensors",
     )
+    # the Hub answered "no such file" for the kohya folder's config once, while online
+    (repo / ".no_exist" / COMMIT / "kohya").mkdir(parents=True)
+    (repo / ".no_exist" / COMMIT / "kohya" / "adapter_config.json").touch()
     for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
@@ -100,3 +103,58 @@ def test_path_traversal_is_refused(hub_cache: Path, kwargs: dict[str, str]) -> N
         lorahot.SourceNotFoundError, match=r"(must stay inside the adapter directory or repo|relative path with '/')"
     ):
         lorahot.read_adapter(REPO, **kwargs)
+
+
+def _failing_config(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """hf_hub_download works for weights (from the cache) and raises ``error`` for the config."""
+    import huggingface_hub
+
+    real = huggingface_hub.hf_hub_download
+
+    def download(repo_id: str, filename: str, **kwargs: object) -> str:
+        if filename == "adapter_config.json":
+            raise error
+        return real(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+
+
+def test_config_fetch_failure_is_an_error_not_alpha_equals_rank(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A network failure used to load the adapter at alpha = rank, silently."""
+    _failing_config(monkeypatch, ConnectionError("connection reset by peer"))
+    with pytest.raises(
+        lorahot.SourceNotFoundError,
+        match=rf"{REPO}: cannot fetch adapter_config\.json from the Hub \(ConnectionError: connection reset by peer\)"
+        r".*Fetch it once while online.*or pass config=",
+    ):
+        lorahot.read_adapter(REPO, weight_name="adapter_model.safetensors")
+    given = lorahot.read_adapter(REPO, weight_name="adapter_model.safetensors", config={"r": 4, "lora_alpha": 8})
+    assert given.modules["proj"].scale == 2.0
+
+
+def _configless_folder(hub_cache: Path) -> None:
+    """``other/w.safetensors`` in the cache, and nothing known about ``other/adapter_config.json``."""
+    snap = hub_cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
+    (snap / "other").mkdir()
+    save_file(_peft_tensors(4), snap / "other" / "w.safetensors")
+
+
+def test_the_hub_saying_not_found_means_no_config(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub.utils import EntryNotFoundError
+
+    _configless_folder(hub_cache)
+    _failing_config(monkeypatch, EntryNotFoundError("404: adapter_config.json"))
+    assert lorahot.read_adapter(REPO, subfolder="other", weight_name="w.safetensors").modules["proj"].scale == 1.0
+
+
+def test_offline_without_a_cached_answer_is_an_error(hub_cache: Path) -> None:
+    """Offline, a config neither cached nor recorded missing (.no_exist) is unknown, not absent."""
+    _configless_folder(hub_cache)
+    with pytest.raises(
+        lorahot.SourceNotFoundError,
+        match=rf"{REPO}: cannot fetch other/adapter_config\.json from the Hub \(LocalEntryNotFoundError",
+    ):
+        lorahot.read_adapter(REPO, subfolder="other", weight_name="w.safetensors")
+    assert lorahot.read_adapter(REPO, subfolder="kohya", weight_name="style.safetensors").format == "kohya"  # .no_exist

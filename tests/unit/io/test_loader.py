@@ -69,3 +69,110 @@ def test_fuse_argument_errors() -> None:
         lorahot.read_adapter(_peft(), fuse={"qkv": ["q"]})
     with pytest.raises(lorahot.UsageError, match=r"each part must be a name or \(name, out_features\)"):
         lorahot.read_adapter(_peft(), fuse={"qkv": ["q", 3]})
+
+
+@pytest.mark.parametrize(
+    ("convert", "what"),
+    [
+        (lambda t: t.to("meta"), r"torch\.strided tensor on meta"),
+        (lambda t: t.to_sparse(), r"torch\.sparse_coo tensor on cpu"),
+        pytest.param(
+            lambda t: torch.nested.as_nested_tensor([t, t]),  # its .shape raises
+            r"nested tensor",
+            marks=pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors"),
+        ),
+    ],
+)
+def test_tensors_without_data_are_refused_when_read(convert, what: str) -> None:
+    """read_adapter itself refuses them, naming the module (fuse, nbytes and inspect used to crash)."""
+    tensors = {k: convert(v) for k, v in _peft().items()}
+    with pytest.raises(
+        lorahot.AdapterReadError,
+        match=r"<mapping>: values that cannot be LoRA weights:\n  - proj \(base_model\.model\.proj\.lora_A\.weight, "
+        rf"base_model\.model\.proj\.lora_B\.weight\): A is a {what}; LoRA weights must be dense tensors with data",
+    ):
+        lorahot.read_adapter(tensors)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "got"),
+    [
+        (torch.tensor(2.0 + 1.0j), r"got dtype torch\.complex64"),
+        (torch.tensor(True), r"got dtype torch\.bool"),
+        (torch.tensor(2.0, device="meta"), r"got a torch\.strided tensor on meta"),
+        (torch.tensor([2.0]).to_sparse(), r"got a torch\.sparse_coo tensor on cpu"),
+    ],
+)
+def test_alpha_tensors_must_be_one_real_number(alpha: torch.Tensor, got: str) -> None:
+    tensors = {"lora_unet_proj.lora_down.weight": torch.randn(2, 8), "lora_unet_proj.lora_up.weight": torch.randn(6, 2)}
+    with pytest.raises(
+        lorahot.AdapterReadError, match=r"lora_unet_proj\.alpha: alpha must be one finite number > 0, " + got
+    ):
+        lorahot.read_adapter(tensors | {"lora_unet_proj.alpha": alpha})
+
+
+def test_zero_element_tensors_with_huge_dims_are_refused_from_the_header(tmp_path: Path) -> None:
+    header = {
+        "base_model.model.proj.lora_A.weight": {"dtype": "F32", "shape": [0, 2**40, 2**40], "data_offsets": [0, 0]}
+    }
+    raw = json.dumps(header).encode()
+    (tmp_path / "a.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+    with pytest.raises(
+        lorahot.AdapterReadError,
+        match=r"shape \[0, 1099511627776, 1099511627776\] has dimensions whose product exceeds",
+    ):
+        lorahot.read_adapter(tmp_path / "a.safetensors")
+
+
+def test_fusing_parts_that_are_not_floating_point_is_a_read_error() -> None:
+    tensors = {
+        "base_model.model.attn.q.lora_A.weight": torch.randn(2, 8).to(torch.float8_e4m3fn),
+        "base_model.model.attn.q.lora_B.weight": torch.randn(8, 2).to(torch.float8_e4m3fn),
+        "base_model.model.attn.k.lora_A.weight": torch.randn(2, 8),
+        "base_model.model.attn.k.lora_B.weight": torch.randn(8, 2),
+    }
+    with pytest.raises(lorahot.AdapterReadError, match=r"attn\.qk: part attn\.q is of dtype torch\.float8_e4m3fn"):
+        lorahot.read_adapter(tensors, fuse={"qk": ["q", "k"]})  # torch cannot promote float8: RuntimeError
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        {5: "x"},
+        "not a dict",
+        {"proj": ("A", "B")},
+        {"proj": lorahot.LoraModule("proj", torch.ones(2, 8), torch.ones(6, 2), "2")},  # type: ignore[arg-type]
+    ],
+)
+def test_malformed_adapter_objects_are_usage_errors(modules: object) -> None:
+    with pytest.raises(
+        lorahot.UsageError, match=r"Adapter\.modules must map module keys \(str\) to lorahot\.LoraModule"
+    ):
+        lorahot.read_adapter(lorahot.Adapter(modules, "peft", "<built>"), prefix="x")  # type: ignore[arg-type]
+
+
+def test_running_out_of_memory_for_the_tensor_data_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lorahot.io.tensorfile as tensorfile
+
+    save_file(_peft(), tmp_path / "adapter_model.safetensors")
+
+    def no_memory(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 112 bytes.")
+
+    monkeypatch.setattr(tensorfile.torch, "empty", no_memory)
+    with pytest.raises(lorahot.AdapterReadError, match=r"adapter_model\.safetensors: cannot allocate 112 bytes"):
+        lorahot.read_adapter(tmp_path)
+
+
+def test_data_larger_than_the_machines_memory_is_refused_before_allocating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sparse file can claim terabytes of (zero) data for free; reading it would take hours."""
+    import lorahot.io.tensorfile as tensorfile
+
+    save_file(_peft(), tmp_path / "adapter_model.safetensors")
+    monkeypatch.setattr(tensorfile, "_physical_memory", lambda: 100)
+    with pytest.raises(lorahot.AdapterReadError, match=r"its tensor data is 112 bytes, more than this machine's 100"):
+        lorahot.read_adapter(tmp_path)

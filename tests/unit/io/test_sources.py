@@ -1,12 +1,26 @@
-"""Opening sources: pickle checkpoints are refused without being opened."""
+"""Opening sources: pickles refused unopened; only regular files opened, never waited on; paths
+and arguments that cannot name an adapter refused with a typed error."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 import lorahot
+from tests.reliability_helpers import within
+
+
+def _peft(rank: int = 2) -> dict[str, torch.Tensor]:
+    return {
+        "base_model.model.proj.lora_A.weight": torch.randn(rank, 8),
+        "base_model.model.proj.lora_B.weight": torch.randn(6, rank),
+    }
 
 
 def test_pickles_are_refused(tmp_path: Path) -> None:
@@ -17,4 +31,120 @@ def test_pickles_are_refused(tmp_path: Path) -> None:
     with pytest.raises(
         lorahot.AdapterReadError, match=r"holds only pickle checkpoints \(adapter\.bin, adapter\.ckpt, adapter\.pt\)"
     ):
+        lorahot.read_adapter(tmp_path)
+
+
+def _unblock(path: Path) -> None:
+    """Lets a reader stuck in open() on the FIFO go (only needed when the check is missing)."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "only.safetensors", "adapter_config.json"])
+def test_a_fifo_in_the_adapter_directory_is_refused_not_waited_on(tmp_path: Path, name: str) -> None:
+    if name == "adapter_config.json":
+        save_file(_peft(), tmp_path / "adapter_model.safetensors")
+    os.mkfifo(tmp_path / name)
+    what = "adapter config" if name.endswith(".json") else "safetensors file"
+    try:
+        with pytest.raises(
+            lorahot.AdapterReadError, match=rf"{name}: the {what} is a FIFO \(named pipe\), not a regular file"
+        ):
+            within(10, lambda: lorahot.read_adapter(tmp_path))
+    finally:
+        _unblock(tmp_path / name)
+
+
+def test_special_files_as_the_source_or_the_weights(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    try:
+        with pytest.raises(lorahot.SourceNotFoundError, match=r"pipe\.safetensors: is a FIFO \(named pipe\), not an"):
+            within(10, lambda: lorahot.read_adapter(tmp_path / "pipe.safetensors"))
+    finally:
+        _unblock(tmp_path / "pipe.safetensors")
+    (tmp_path / "dir" / "adapter_model.safetensors").mkdir(parents=True)
+    with pytest.raises(lorahot.AdapterReadError, match=r"safetensors file is a directory, not a regular file"):
+        lorahot.read_adapter(tmp_path / "dir")
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "adapter_model.safetensors").symlink_to("/dev/null")
+    with pytest.raises(lorahot.AdapterReadError, match=r"safetensors file is a character device"):
+        lorahot.read_adapter(tmp_path / "dev")
+
+
+def test_a_config_that_is_there_but_unreadable_is_an_error_not_skipped(tmp_path: Path) -> None:
+    save_file(_peft(), tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(lorahot.AdapterReadError, match=r"adapter_config\.json: is a dangling symlink"):
+        lorahot.read_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").unlink()
+    (tmp_path / "adapter_config.json").mkdir()
+    with pytest.raises(lorahot.AdapterReadError, match=r"adapter config is a directory, not a regular file"):
+        lorahot.read_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("source", ["", "   ", "\t\n"])
+def test_an_empty_source_is_a_usage_error_not_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    save_file(_peft(), tmp_path / "adapter_model.safetensors")
+    monkeypatch.chdir(tmp_path)  # read_adapter("") used to load this one
+    with pytest.raises(lorahot.UsageError, match=r"source=.* is empty\. Pass an adapter directory \('\.' for"):
+        lorahot.read_adapter(source)
+    assert lorahot.read_adapter(".").ranks == {"proj": 2}
+
+
+def test_paths_the_system_cannot_look_up_name_the_path(tmp_path: Path) -> None:
+    long_name = tmp_path / ("a" * 300 + ".safetensors")
+    with pytest.raises(
+        lorahot.SourceNotFoundError, match=r"/aaaa.*: cannot open the adapter path \(File name too long\)"
+    ):
+        lorahot.read_adapter(long_name)
+    with pytest.raises(lorahot.SourceNotFoundError, match=r"cannot open the adapter path \(File name too long\)"):
+        lorahot.read_adapter("b" * 5000)  # not a repo id either
+    with pytest.raises(lorahot.SourceNotFoundError, match=r"cannot open the adapter path \(embedded null byte\)"):
+        lorahot.read_adapter(str(tmp_path / "a\0b.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weight_name": 5}, r"weight_name=5 must be a string"),
+        ({"subfolder": ["a"]}, r"subfolder=\['a'\] must be a string"),
+        ({"revision": 3}, r"revision=3 must be a branch, tag or commit name"),
+        ({"token": 1.5}, r"token must be a string, True, False or None"),
+        ({"device": "nonsense"}, r"device='nonsense' is not a usable torch device"),
+        ({"config": [("r", 4)]}, r"config= must be a mapping of PEFT config fields"),
+        ({"config": {"r": -1}}, r"config=: r must be an integer in 1\.\.65536, got -1\. Fix the config= argument"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(lorahot.UsageError, match=message):
+        lorahot.read_adapter("org/name", **kwargs)
+
+
+def test_bytes_paths_are_refused() -> None:
+    class BytesPath:
+        def __fspath__(self) -> bytes:
+            return b"/tmp"
+
+    with pytest.raises(lorahot.UsageError, match=r"must be a str path, not bytes"):
+        lorahot.read_adapter(BytesPath())  # type: ignore[arg-type]
+
+
+def test_mapping_tensors_that_require_grad_are_read_as_values() -> None:
+    """preload packs the tensors; autograd used to refuse (a leaf that requires grad)."""
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(8, 6))
+    runtime = lorahot.inject(model, ["proj"], max_rank=4)
+    tensors = {k: v.requires_grad_() for k, v in _peft().items()}
+    adapter = lorahot.read_adapter(tensors)
+    assert not adapter.modules["proj"].A.requires_grad
+    prepared = runtime.preload(tensors)
+    assert runtime.load(prepared).ranks == {"proj": 2}
+
+
+def test_config_file_path_is_named_in_config_errors(tmp_path: Path) -> None:
+    save_file(_peft(), tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": "two"}))
+    with pytest.raises(lorahot.AdapterReadError, match=r"adapter_config\.json: invalid adapter config: r must be"):
         lorahot.read_adapter(tmp_path)

@@ -3,10 +3,16 @@ the errors for keys that do not map."""
 
 from __future__ import annotations
 
+import gc
+import time
+import tracemalloc
+
 import pytest
+import torch
 from torch import nn
 
 import lorahot
+from lorahot.resolve import resolve_keys
 from tests.helpers import lora_pair
 
 
@@ -79,3 +85,100 @@ def test_key_map_renames_with_groups() -> None:
     assert set(runtime.load(tensors, key_map={r"net\.blocks\.attn_(\w)": r"attn.to_\1"}).ranks) == {"attn.to_q"}
     with pytest.raises(lorahot.UsageError, match=r"key_map entry '\(' is not a valid regex"):
         runtime.load(tensors, key_map={"(": "x"})
+
+
+def test_prefix_matches_whole_components_only() -> None:
+    """prefix='text_encoder' used to take text_encoder_2's modules (prefix + '_'), silently."""
+    _, runtime = _runtime()
+    te2 = lora_pair("text_encoder_2.text_model.q_proj", "lora_A", "lora_B")
+    with pytest.raises(
+        lorahot.UsageError,
+        match=r"prefix='text_encoder' matches no module key; keys start with text_encoder_2 \(a prefix matches whole "
+        r"components, up to '\.'\)",
+    ):
+        runtime.load(te2, prefix="text_encoder")
+    assert set(runtime.load(te2, prefix="text_encoder_2").ranks) == {"text_model.q_proj"}
+    kohya = lora_pair("lora_te1_text_model_q_proj", "lora_down", "lora_up")
+    with pytest.raises(lorahot.UsageError, match=r"prefix='lora_te' matches no module key; keys start with lora_te1 "):
+        runtime.load(kohya, prefix="lora_te")
+    for prefix in ("lora_te1", "lora_te1_"):
+        assert set(runtime.load(kohya, prefix=prefix).ranks) == {"text_model.q_proj"}
+
+
+def test_fuse_parts_are_found_by_the_namings_separator() -> None:
+    tensors = lora_pair("base_model.model.attn.to_q", "lora_A", "lora_B") | lora_pair(
+        "base_model.model.attn.to_k", "lora_A", "lora_B"
+    )
+    # 'to_q' ends in '_q', but in a dotted naming the part is the whole last component
+    assert set(lorahot.read_adapter(tensors, fuse={"qk": ["q", ("k", 8)]}).modules) == {"attn.to_q", "attn.to_k"}
+    assert set(lorahot.read_adapter(tensors, fuse={"to_qk": ["to_q", "to_k"]}).modules) == {"attn.to_qk"}
+
+
+def test_ldm_names_with_indices_sd_does_not_have_map_nowhere() -> None:
+    model = nn.ModuleDict(
+        {
+            "up_blocks": nn.ModuleList(
+                [nn.ModuleDict({"attentions": nn.ModuleList([nn.ModuleDict({"proj_in": nn.Linear(8, 8)})])})]
+            )
+        }
+    )
+    runtime = lorahot.inject(model, ["proj_in"], max_rank=4)
+    assert set(runtime.load(lora_pair("lora_unet_output_blocks_0_1_proj_in", "lora_down", "lora_up")).ranks) == {
+        "up_blocks.0.attentions.0.proj_in"
+    }
+    for bad in ("lora_unet_output_blocks_0_7_proj_in", "lora_unet_input_blocks_1_5_proj_in"):
+        with pytest.raises(lorahot.AdapterMismatchError, match=rf"{bad}: matches no injected layer"):
+            runtime.load(lora_pair(bad, "lora_down", "lora_up"))
+
+
+@pytest.mark.parametrize(
+    ("key_map", "message"),
+    [
+        ({"(" * 5000 + ")" * 5000: "x"}, r"is not a valid regex \(maximum recursion depth"),
+        ({"a{4294967296}": "x"}, r"is not a valid regex \(the repetition number is too large"),
+        ({"(net)": r"\5"}, r"replacement '\\\\5' is not valid \(invalid group reference 5 at position 1\)"),
+        ({"(net)": 5}, r"key_map entries must map str to str"),
+        ({5: "x"}, r"key_map entries must map str to str"),
+    ],
+)
+def test_bad_key_map_entries_are_usage_errors(key_map: dict, message: str) -> None:
+    with pytest.raises(lorahot.UsageError, match=message):
+        lorahot.read_adapter(lora_pair("base_model.model.net", "lora_A", "lora_B"), key_map=key_map)
+
+
+def test_hostile_long_keys_do_not_pin_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unmatched 1 KB keys: the lookup memo used to keep up to 65,536 of them, whatever their
+    size; now each model's index keeps what fits its byte budget (256 KiB here)."""
+    from lorahot.resolve import keys as resolve_module
+
+    monkeypatch.setattr(resolve_module, "_LOOKUP_BYTES", 256 << 10)
+    resolve_module._index.cache_clear()
+    a, b = torch.zeros(1, 8), torch.zeros(1, 8)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        keys = [f"{i}.{'k' * 1000}" for i in range(3000)]
+        adapter = lorahot.Adapter({k: lorahot.LoraModule(k, a, b, 1.0) for k in keys}, "peft", "<mapping>")
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"matches no injected layer"):
+            resolve_keys(adapter, ["text_model.q_proj", "attn.to_q"])
+        del keys, adapter
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        resolve_module._index.cache_clear()
+    assert kept < 1 << 20, f"{kept / 2**20:.1f} MiB kept alive"  # unbounded: ~3.5 MiB
+
+
+def test_many_unmatched_keys_against_many_layers_stay_fast() -> None:
+    """Each suffix lookup used to scan every layer name: 20,000 keys x 1,000 layers took ~9 s."""
+    names = [f"model.layers.{i // 7}.mlp.proj_{i % 7}" for i in range(1000)]
+    a, b = torch.zeros(1, 1), torch.zeros(1, 1)
+    for fmt, stem in (("peft", "x{}.y.z"), ("kohya", "lora_unet_x{}_y_z")):
+        keys = [stem.format(i) for i in range(20_000)]
+        adapter = lorahot.Adapter({k: lorahot.LoraModule(k, a, b, 1.0) for k in keys}, fmt, "<mapping>")
+        start = time.perf_counter()
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"and 19980 more"):
+            resolve_keys(adapter, names)
+        assert time.perf_counter() - start < 3
