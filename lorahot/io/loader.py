@@ -115,32 +115,41 @@ def _check_overrides(config: Any) -> dict[str, Any] | None:
 
 
 def _checked(adapter: Adapter) -> Adapter:
-    """An :class:`Adapter` built by the caller, after checking its structure."""
-    modules = adapter.modules
-    if (
-        not isinstance(modules, dict)
-        or not isinstance(adapter.config, dict)
-        or not all(map(_well_formed, modules.items()))
-    ):
+    """An :class:`Adapter` built by the caller, after checking its structure.
+
+    Raises:
+        UsageError: ``modules`` is not a dict of str to :class:`LoraModule` whose A, B (and
+            base weight, if any) are tensors and whose alpha is a real number, or ``config``
+            is not a dict; every problem is listed.
+    """
+    modules: object = adapter.modules  # typed as a dict, but built by the caller
+    config: object = adapter.config
+    if not isinstance(modules, dict) or not isinstance(config, dict):
+        problems = [f"Adapter.modules is a {type(modules).__name__}, Adapter.config a {type(config).__name__}"]
+    else:
+        problems = [f"{key!r:.80}: {what}" for key, m in modules.items() for what in _malformed(key, m)]
+    if problems:
         raise UsageError(
-            f"{adapter.source!s:.200}: Adapter.modules must map module keys (str) to lorahot.LoraModule with tensor "
-            "A and B and a real alpha, and Adapter.config must be a dict; build adapters with lorahot.read_adapter "
-            "or from LoraModule objects."
+            format_problems(f"{adapter.source!s:.200}: not a usable lorahot.Adapter:", problems)
+            + "\nAdapter.modules must map module keys (str) to lorahot.LoraModule objects holding tensors and a float "
+            "alpha, "
+            "and Adapter.config must be a dict; or read the adapter with lorahot.read_adapter."
         )
     return adapter
 
 
-def _well_formed(item: tuple[Any, Any]) -> bool:
-    key, m = item
-    return (
-        isinstance(key, str)
-        and isinstance(m, LoraModule)
-        and isinstance(m.A, torch.Tensor)
-        and isinstance(m.B, torch.Tensor)
-        and isinstance(m.alpha, (int, float))
-        and not isinstance(m.alpha, bool)
-        and (m.base_weight is None or isinstance(m.base_weight, torch.Tensor))
-    )
+def _malformed(key: Any, m: Any) -> list[str]:
+    """What makes one entry of a hand-built adapter unusable, before any shape is looked at."""
+    if not isinstance(key, str) or not isinstance(m, LoraModule):
+        return [f"maps a {type(key).__name__} to a {type(m).__name__}, not a str to a LoraModule"]
+    found = [
+        f"{role} is a {type(t).__name__}, not a torch.Tensor"
+        for role, t in (("A", m.A), ("B", m.B), ("base_weight", m.base_weight))
+        if not isinstance(t, torch.Tensor) and (role != "base_weight" or t is not None)
+    ]
+    if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)):
+        found.append(f"alpha is {m.alpha!r:.40}, not a number")
+    return found
 
 
 def _device(device: Any) -> torch.device | None:

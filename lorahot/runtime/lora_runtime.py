@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from lorahot.adapter import Adapter
@@ -168,7 +169,7 @@ class LoraRuntime:
             self.buffers.write(slot, prepared.packs, multiplier, live=live)
         else:
             adapter = read_adapter(source, device=self._read_device, **read_kwargs)  # type: ignore[arg-type]
-            checked = validate(adapter, self.buffers, self._specs, stage=True)
+            checked = validate(adapter, self.buffers, self._specs, stage=True, weight_of=self._base_weight)
             plan = checked.plan
             check_multiplier(plan, multiplier, self.buffers)
             self.buffers.write_staged(slot, checked.entries, plan.scales, multiplier, live=live)
@@ -194,7 +195,7 @@ class LoraRuntime:
         self._check_usable()
         identity = _cache_key(source, read_kwargs)
         adapter = read_adapter(source, **read_kwargs)
-        checked = validate(adapter, self.buffers, self._specs, stage=False)
+        checked = validate(adapter, self.buffers, self._specs, stage=False, weight_of=self._base_weight)
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
         prepared = PreparedAdapter(cache_key, adapter, checked.plan, pack_host(checked, self.buffers), self.buffers)
         if key is not None or identity is None or _cache_key(source, read_kwargs) == identity:
@@ -216,6 +217,11 @@ class LoraRuntime:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahot-prefetch")
             return self._executor.submit(self.preload, source, key=key, **read_kwargs)
+
+    def _base_weight(self, name: str) -> torch.Tensor:
+        """The model's own weight of layer ``name`` (the pristine one in merged mode)."""
+        layer = self.layers[name]
+        return layer.pristine_weight if layer.pristine_weight is not None else layer.base_weight
 
     def _cached(
         self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any]

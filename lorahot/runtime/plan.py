@@ -13,8 +13,7 @@ arena (:func:`pack_host`, ``preload``); neither can fail on the adapter's conten
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -63,45 +62,6 @@ class LoadPlan:
     nbytes: int
 
 
-def _check_structure(adapter: Adapter) -> None:
-    """An :class:`Adapter` built by hand must still be one: LoraModules holding tensors and a
-    real alpha (readers always produce that).
-
-    Raises:
-        UsageError: not an Adapter, or its ``modules`` not a mapping of str to LoraModule.
-        AdapterReadError: a module whose A or B is not a tensor, or whose alpha is not a number.
-    """
-    if not isinstance(adapter, Adapter) or not isinstance(adapter.modules, Mapping):
-        raise UsageError(f"expected a lorahot.Adapter whose modules map keys to LoraModule, got {adapter!r:.80}.")
-    wrong = [k for k, m in adapter.modules.items() if not (isinstance(k, str) and isinstance(m, LoraModule))]
-    if wrong:
-        raise UsageError(f"Adapter.modules must map str keys to LoraModule; entries {wrong[:5]!r} do not.")
-    problems = [f"{key}: {what}" for key, m in adapter.modules.items() for what in _malformed(m)]
-    if problems:
-        raise AdapterReadError(
-            format_problems(f"{adapter.source}: values that cannot be LoRA weights:", problems)
-            + "\nBuild each LoraModule from tensors and a float alpha (or read the adapter with lorahot.read_adapter)."
-        )
-
-
-def _malformed(module: LoraModule) -> list[str]:
-    """What makes a hand-built module unusable before its shapes can even be looked at."""
-    found = [
-        f"{role} is a {type(t).__name__}, not a torch.Tensor"
-        for role, t in (("A", module.A), ("B", module.B))
-        if not isinstance(t, torch.Tensor)
-    ]
-    alpha: object = module.alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        found.append(f"alpha is {alpha!r:.40}, not a number")
-    else:
-        try:
-            float(alpha)
-        except (OverflowError, ValueError):
-            found.append(f"alpha is {alpha!r:.40}, too large for a float")
-    return found
-
-
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:
     """Every problem with loading ``module`` into the layer ``name``; empty when it fits."""
     a, b, where = module.A, module.B, _where(name, module)
@@ -145,7 +105,13 @@ def _where(name: str, module: LoraModule) -> str:
     return f"{name} ({', '.join(module.source_keys or (module.key,))})"
 
 
-def plan_load(adapter: Adapter, buffers: BufferManager, specs: dict[str, LayerSpec]) -> LoadPlan:
+#: The model's own weight of an injected layer, by name (for adapters that carry a copy of it).
+WeightOf = Callable[[str], torch.Tensor]
+
+
+def plan_load(
+    adapter: Adapter, buffers: BufferManager, specs: dict[str, LayerSpec], weight_of: WeightOf | None = None
+) -> LoadPlan:
     """Resolves and checks ``adapter`` for the layers ``specs`` whose storage ``buffers`` holds.
 
     Layers the adapter does not touch get zeros and scale 0. The plan holds the adapter's
@@ -153,13 +119,15 @@ def plan_load(adapter: Adapter, buffers: BufferManager, specs: dict[str, LayerSp
 
     Raises:
         AdapterMismatchError: keys that map onto no injected layer (or onto one twice), or
-            shapes and ranks the layers cannot take.
+            shapes and ranks the layers cannot take, or a saved copy of a base weight that is
+            not the model's (see :func:`check_base_weight`; ``weight_of`` gives the model's).
         AdapterReadError: values no model could take: non-float dtypes, alpha <= 0 or not
             finite, a scale ``alpha / r`` beyond the range of the layer's scale buffer.
     """
-    _check_structure(adapter)
     targets = resolve_keys(adapter, list(specs))
     problems = [p for name, m in targets.items() for p in check_module(name, m, specs[name], buffers.max_rank)]
+    if weight_of is not None:
+        problems += [p for name, m in targets.items() for p in check_base_weight(name, m, weight_of)]
     if problems:
         raise AdapterMismatchError(
             format_problems(f"{adapter.source}: adapter does not fit the injected model:", problems)
@@ -183,6 +151,37 @@ def plan_load(adapter: Adapter, buffers: BufferManager, specs: dict[str, LayerSp
         largest[arena] = max(largest[arena], abs(scale))
     ranks = {n: m.rank for n, m in targets.items()}
     return LoadPlan(targets, entries, scales, largest, adapter.source, ranks, adapter.nbytes)
+
+
+def check_base_weight(name: str, module: LoraModule, weight_of: WeightOf) -> list[str]:
+    """A copy of the base weight the adapter carries (PEFT's ``<module>.base_layer.weight``,
+    saved for LoRA on ``embed_tokens``/``lm_head``) must be the model's own weight.
+
+    PEFT saves it in case the vocabulary was resized during training. When it equals the
+    model's weight (compared in the model's dtype) it changes nothing and the adapter loads;
+    when it does not, the adapter's LoRA was trained against other embeddings, and loading it
+    would compute something the trainer never saw.
+    """
+    saved = module.base_weight
+    if saved is None:
+        return []
+    own = weight_of(name)
+    where = _where(name, module)
+    if tuple(saved.shape) != tuple(own.shape):
+        rows = f" ({saved.shape[0]} rows vs the model's {own.shape[0]})" if saved.ndim and own.ndim else ""
+        return [
+            f"{where}: carries a copy of the base weight of shape {tuple(saved.shape)}, but the model's is "
+            f"{tuple(own.shape)}: it was trained with a resized vocabulary{rows}; resize the model's embeddings "
+            "(resize_token_embeddings) and load its fine-tuned weights first"
+        ]
+    same = saved.dtype.is_floating_point and torch.equal(saved.detach().to(own.device, own.dtype), own.detach())
+    if not same:
+        return [
+            f"{where}: carries a copy of the base weight that differs from the model's (same shape "
+            f"{tuple(own.shape)}): it was trained on other embeddings (a resized or retrained vocabulary); load "
+            "the matching base weights first"
+        ]
+    return []
 
 
 def _check_scale(name: str, module: LoraModule, buffers: BufferManager) -> list[str]:
@@ -229,18 +228,26 @@ class Checked:
     entries: Staged
 
 
-def validate(adapter: Adapter, buffers: BufferManager, specs: dict[str, LayerSpec], *, stage: bool) -> Checked:
+def validate(
+    adapter: Adapter,
+    buffers: BufferManager,
+    specs: dict[str, LayerSpec],
+    *,
+    stage: bool,
+    weight_of: WeightOf | None = None,
+) -> Checked:
     """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
     Args:
         stage: move the tensors to the arenas' devices first (``load``); else check them where
             they are (``preload``, which packs them on the host).
+        weight_of: the model's weight of an injected layer, to compare with a saved copy.
 
     Raises:
         AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
             weight, or values beyond the range of the arena's dtype. Nothing has been written.
     """
-    plan = plan_load(adapter, buffers, specs)
+    plan = plan_load(adapter, buffers, specs, weight_of)
     entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
     _check_range(plan, buffers, entries)
     return Checked(plan, entries)

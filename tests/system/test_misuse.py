@@ -125,14 +125,14 @@ MISUSES = [
            r"^revision=3 must be str \(or None\), not int\.$"),
     Misuse("load_adapter_modules_not_mapping",
            lambda rig, tmp: rig.runtime.load(lorahot.Adapter([1], "peft", "<built>")), UsageError,
-           r"^expected a lorahot\.Adapter whose modules map keys to LoraModule, got Adapter\(modules=\[1\]"),
+           r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.modules is a list, Adapter\.config a dict"),
     Misuse("load_adapter_alpha_not_number", lambda rig, tmp: rig.runtime.load(_hand_built(rig, alpha="8")),
-           lorahot.AdapterReadError,
-           r"^<built>: values that cannot be LoRA weights:\n  - layers\.0\.self_attn\.q_proj: alpha is '8', not a "
+           UsageError,
+           r"^<built>: not a usable lorahot\.Adapter:\n  - 'layers\.0\.self_attn\.q_proj': alpha is '8', not a "
            r"number\n"),
     Misuse("preload_adapter_a_not_tensor", lambda rig, tmp: rig.runtime.preload(_hand_built(rig, A=[[0.0]])),
-           lorahot.AdapterReadError, r"^<built>: values .*:\n  - layers\.0\.self_attn\.q_proj: A is a list, not a "
-           r"torch\.Tensor\n"),
+           UsageError, r"^<built>: not a usable lorahot\.Adapter:\n  - 'layers\.0\.self_attn\.q_proj': A is a list, "
+           r"not a torch\.Tensor\n"),
     Misuse("load_source_int", lambda rig, tmp: rig.runtime.load(42), UsageError,
            r"^source=42 must be a path, a Hub repo id, a mapping of tensors or a lorahot\.Adapter\.$"),
     Misuse("load_prepared_of_another_runtime", _other_runtime_prepared, UsageError,

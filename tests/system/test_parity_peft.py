@@ -295,3 +295,52 @@ def test_gemma_merged_equals_unmerged(tmp_path: Path) -> None:
         runtime.load(tensors, scale=0.3)
     assert _rel(_logits(merged), _logits(plain)) < RTOL
     assert _rel(_logits(plain), _logits(base)) > 1e-3
+
+
+def test_saved_copy_of_the_embedding_weight_loads_when_it_is_the_models(tmp_path: Path) -> None:
+    """PEFT saves ``embed_tokens.base_layer.weight`` beside a LoRA on embed_tokens (its default
+    ``save_embedding_layers="auto"``); when it equals the model's weight, the adapter loads and
+    gives PEFT's outputs, in plain and merged mode."""
+    from safetensors.torch import load_file
+
+    base = _llama()
+    oracle = _peft_adapter(base, tmp_path, seed=4, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in saved  # what PEFT writes by default
+    for merged in (False, True):
+        model = copy.deepcopy(base)
+        lorahot.inject(model, ["embed_tokens", "q_proj"], max_rank=4, merged=merged).load(tmp_path)
+        assert _rel(_logits(model), _logits(oracle)) < RTOL
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda w: torch.cat([w, torch.randn(3, w.shape[1])]),
+            r"model\.embed_tokens \(.*\): carries a copy of the base weight of shape \(67, 32\), but the model's is "
+            r"\(64, 32\): it was trained with a resized vocabulary \(67 rows vs the model's 64\)",
+        ),
+        (
+            lambda w: w + 1e-3,
+            r"model\.embed_tokens \(.*\): carries a copy of the base weight that differs from the model's",
+        ),
+    ],
+    ids=["resized", "retrained"],
+)
+def test_saved_copy_of_another_embedding_weight_is_refused(tmp_path: Path, edit, message: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    base = _llama()
+    _peft_adapter(base, tmp_path, seed=4, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    tensors[key] = edit(tensors[key]).contiguous()
+    save_file(tensors, path)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["embed_tokens", "q_proj"], max_rank=4)
+    before = _logits(model)
+    with pytest.raises(lorahot.AdapterMismatchError, match=message):
+        runtime.load(tmp_path)
+    assert torch.equal(_logits(model), before)
