@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the benchmark suites. Run from the repo root:
 #   bash benchmarks/device_run.sh [SUITES...]      (default: gpu-tests swap forward fullgraph)
-# Wheels for missing test tools travel in .whl/ (see README); results land in $OUT if set.
+# Wheels for packages the device lacks (google-re2; pytest/hypothesis where missing) travel in
+# .whl/ (name it in the call's carry); results land in $OUT if set.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if ! python3 -c "import pytest, hypothesis" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 OUT=${OUT:-/tmp/lorahot-out}; mkdir -p "$OUT"
