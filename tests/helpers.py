@@ -318,3 +318,18 @@ def lora_pair(
 ) -> dict[str, torch.Tensor]:
     """Random ``A [rank, fin]`` and ``B [fout, rank]`` under ``<stem>.<role>.weight`` keys."""
     return {f"{stem}.{a_role}.weight": torch.randn(rank, fin), f"{stem}.{b_role}.weight": torch.randn(fout, rank)}
+
+
+class ScaledEmbedding(nn.Embedding):
+    """transformers' ``GemmaTextScaledWordEmbedding``, rebuilt: the output times ``embed_scale``."""
+
+    def __init__(self, num: int, dim: int, embed_scale: float | torch.Tensor) -> None:
+        super().__init__(num, dim)
+        if isinstance(embed_scale, torch.Tensor):
+            self.register_buffer("embed_scale", embed_scale, persistent=False)
+        else:
+            self.embed_scale = embed_scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        scale = self.embed_scale
+        return super().forward(ids) * (scale.to(self.weight.dtype) if isinstance(scale, torch.Tensor) else scale)

@@ -19,7 +19,7 @@ from torch import nn
 
 import lorahot
 from lorahot.layers.tensor_handles import TENSORS
-from tests.helpers import make_adapter, model_reference, tiny_convnet, tiny_lm, token_ids
+from tests.helpers import ScaledEmbedding, make_adapter, model_reference, tiny_convnet, tiny_lm, token_ids
 
 MAX_RANK = 4
 NAMES = ("embed", "conv", "proj")
@@ -305,24 +305,9 @@ def test_negative_control_static_compile_recompiles_for_a_new_length() -> None:
 # -- scaled embeddings -------------------------------------------------------------------------------
 
 
-class _ScaledEmbedding(nn.Embedding):
-    """Gemma-style: the output times ``embed_scale`` (a buffer, or a Python number)."""
-
-    def __init__(self, num: int, dim: int, embed_scale: float | torch.Tensor) -> None:
-        super().__init__(num, dim)
-        if isinstance(embed_scale, torch.Tensor):
-            self.register_buffer("embed_scale", embed_scale, persistent=False)
-        else:
-            self.embed_scale = embed_scale
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        s = self.embed_scale
-        return super().forward(ids) * (s.to(self.weight.dtype) if isinstance(s, torch.Tensor) else s)
-
-
 def _scaled_model(embed_scale: float | torch.Tensor) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(_ScaledEmbedding(16, 8, embed_scale), nn.Linear(8, 6))
+    return nn.Sequential(ScaledEmbedding(16, 8, embed_scale), nn.Linear(8, 6))
 
 
 def test_scaled_embedding_swaps_under_compile_without_recompiling() -> None:

@@ -15,24 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorahot
-from tests.helpers import make_adapter, token_ids
+from tests.helpers import ScaledEmbedding, make_adapter, token_ids
 
 VOCAB, DIM = 20, 8
-
-
-class ScaledEmbedding(nn.Embedding):
-    """transformers' ``GemmaTextScaledWordEmbedding``, rebuilt: the output times ``embed_scale``."""
-
-    def __init__(self, num: int, dim: int, embed_scale: float | torch.Tensor) -> None:
-        super().__init__(num, dim)
-        if isinstance(embed_scale, torch.Tensor):
-            self.register_buffer("embed_scale", embed_scale, persistent=False)
-        else:
-            self.embed_scale = embed_scale
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        scale = self.embed_scale
-        return super().forward(ids) * (scale.to(self.weight.dtype) if isinstance(scale, torch.Tensor) else scale)
 
 
 class ShiftedEmbedding(nn.Embedding):
