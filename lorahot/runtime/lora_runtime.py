@@ -165,13 +165,13 @@ class LoraRuntime:
         live = slot == self._active
         if prepared is not None:
             adapter, plan = prepared.adapter, prepared.plan
-            check_multiplier(plan, multiplier, self.buffers)
+            self._check_scales(plan, multiplier)
             self.buffers.write(slot, prepared.packs, multiplier, live=live)
         else:
             adapter = read_adapter(source, device=self._read_device, **read_kwargs)  # type: ignore[arg-type]
             checked = validate(adapter, self.buffers, self._specs, stage=True, weight_of=self._base_weight)
             plan = checked.plan
-            check_multiplier(plan, multiplier, self.buffers)
+            self._check_scales(plan, multiplier)
             self.buffers.write_staged(slot, checked.entries, plan.scales, multiplier, live=live)
         self._plans[slot] = plan
         info = AdapterInfo(adapter.source, adapter.format, slot, multiplier, plan.ranks, plan.nbytes)
@@ -282,7 +282,7 @@ class LoraRuntime:
         plan, info = self._plans[s], self._infos[s]
         if plan is None or info is None:
             raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
-        check_multiplier(plan, value, self.buffers)
+        self._check_scales(plan, value)
         self.buffers.set_scales(s, [b * value for b in plan.scales], live=s == self._active)
         self._infos[s] = AdapterInfo(info.source, info.format, s, value, info.ranks, info.nbytes)
         self._remerge(s)
@@ -306,6 +306,13 @@ class LoraRuntime:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+
+    def _check_scales(self, plan: LoadPlan, multiplier: float) -> None:
+        """The user's multiplier keeps every scale in its buffer's range, and (merged mode)
+        every merged weight in the weights' range."""
+        check_multiplier(plan, multiplier, self.buffers)
+        if self._merger is not None:
+            self._merger.check(plan, multiplier)
 
     def _remerge(self, slot: int) -> None:
         """In merged mode, rewrites the base weights after ``slot`` changed, if it is live."""

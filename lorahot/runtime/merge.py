@@ -12,12 +12,15 @@ all input channels), and only modules whose weight layout lorahot knows are acce
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from lorahot.errors import UsageError
+from lorahot.errors import AdapterReadError, UsageError, format_problems
 from lorahot.layers import LoRALayer
 from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.plan import LoadPlan
 
 __all__ = ["Merger", "check_mergeable", "check_untied"]
 
@@ -84,14 +87,59 @@ class Merger:
 
     def __init__(self, layers: dict[str, LoRALayer], buffers: BufferManager) -> None:
         self._buffers = buffers
+        self._layers = layers
         self._items: list[tuple[LoRALayer, torch.Tensor, torch.Tensor, int, int]] = []
+        self._pristine_max: dict[str, float] = {}  # max |W0| per layer, for the range check
         for name, layer in layers.items():
             weight = layer.base_weight
             with torch.no_grad():
                 pristine = weight.detach().clone()
+                self._pristine_max[name] = float(pristine.abs().max()) if pristine.numel() else 0.0
             layer.pristine_weight = pristine  # eject puts it back, even without this runtime
             arena, index = buffers.where[name]
             self._items.append((layer, weight, pristine, arena, index))
+
+    def check(self, plan: LoadPlan, multiplier: float) -> None:
+        """Refuses a plan whose merged weights ``W0 + multiplier * alpha/r * B @ A`` would leave
+        the weights' dtype range (they would turn into inf). Reads no weight for the usual
+        adapter: ``max|W0| + |s| * r * max|A| * max|B|`` bounds every entry; only a layer whose
+        bound reaches the limit gets its merged maximum computed exactly (in float32).
+
+        Raises:
+            AdapterReadError: the adapter overflows at its own scale (``multiplier`` 1).
+            UsageError: it overflows only at the user's ``multiplier``.
+        """
+        over = [name for name in plan.targets if self._overflows(plan, name, multiplier)]
+        if not over:
+            return
+        at_own_scale = [name for name in over if self._overflows(plan, name, 1.0)]
+        if at_own_scale:
+            raise AdapterReadError(
+                format_problems(f"{plan.source}: merged weights would overflow the model's dtype in:", at_own_scale)
+                + "\nThe adapter's values are too large for merged mode; inject without merged=True, or re-save it."
+            )
+        raise UsageError(
+            format_problems(
+                f"scale={multiplier:g}: merged weights would overflow the model's dtype in:", [str(n) for n in over]
+            )
+            + "\nPass a smaller scale."
+        )
+
+    def _overflows(self, plan: LoadPlan, name: str, multiplier: float) -> bool:
+        module = plan.targets[name]
+        layer = self._layers[name]
+        top = torch.finfo(layer.base_weight.dtype).max
+        s = abs(float(module.scale) * multiplier)
+        if self._pristine_max[name] + s * plan.delta_bound.get(name, math.inf) < top:
+            return False
+        pristine = layer.pristine_weight
+        assert pristine is not None  # set in __init__
+        with torch.no_grad():
+            a2 = module.A.reshape(module.A.shape[0], -1).to(pristine.device, torch.float32)  # [r, in_dim]
+            bt2 = module.B.reshape(module.B.shape[0], -1).t().to(pristine.device, torch.float32)  # [r, out_dim]
+            m1, m2 = layer.merge_operands(a2, bt2)
+            merged = pristine.view(pristine.shape[0], -1).float() + s * (m1 @ m2)
+            return not bool(merged.abs().max() <= top)  # NaN/inf compare False
 
     def apply(self, scales: list[torch.Tensor] | None) -> None:
         """Sets every weight to ``W0 + scale * dW`` from the live region (``scales``: per arena

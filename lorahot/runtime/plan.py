@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -51,6 +51,8 @@ class LoadPlan:
         source: where the adapter came from, for messages.
         ranks: injected layer name -> the rank loaded into it.
         nbytes: bytes of adapter weights (before padding).
+        delta_bound: injected layer name -> ``r * max|A| * max|B|``, a bound on every entry of
+            ``B @ A`` (filled by the value checks; merged mode checks its weights' range with it).
     """
 
     targets: dict[str, LoraModule]
@@ -60,6 +62,7 @@ class LoadPlan:
     source: str
     ranks: dict[str, int]
     nbytes: int
+    delta_bound: dict[str, float] = field(default_factory=dict)
 
 
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:
@@ -277,6 +280,8 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
             continue
         top = torch.finfo(arena.dtype).max
         largest = _max_abs(tensors)  # float64 [2 * n], host
+        bounds = (largest[0::2] * largest[1::2]).tolist()
+        plan.delta_bound.update({names[(a, i)]: A.shape[0] * b for (i, A, _), b in zip(entries, bounds)})
         if bool((largest <= top).all()):  # NaN compares False
             continue
         for k, (i, _, _) in enumerate(entries):

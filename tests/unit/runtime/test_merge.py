@@ -113,3 +113,66 @@ def test_one_module_under_two_names_is_refused() -> None:
     ):
         lorahot.inject(model, ["q_proj"], max_rank=4)
     assert not any(isinstance(m, lorahot.LoRALayer) for m in model.modules())
+
+
+def _fp16_merged() -> tuple[nn.Module, lorahot.LoraRuntime]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8).half(), nn.Embedding(10, 8).half())
+    return model, lorahot.inject(model, ["0", "1"], max_rank=4, merged=True, slots=2)
+
+
+def _large(value: float) -> dict[str, torch.Tensor]:
+    """A rank-4 adapter whose A and B each fit float16 but whose ``B @ A`` entries are
+    ``4 * value**2`` (alpha = rank, so scale 1)."""
+    full = lambda *shape: torch.full(shape, value, dtype=torch.float16)  # noqa: E731
+    return {
+        "base_model.model.0.lora_A.weight": full(4, 8),
+        "base_model.model.0.lora_B.weight": full(8, 4),
+        "base_model.model.1.lora_embedding_A": full(4, 10),
+        "base_model.model.1.lora_embedding_B": full(8, 4),
+    }
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    return [model[0].weight.detach().clone(), model[1].weight.detach().clone()]
+
+
+def test_merged_weights_that_would_overflow_the_dtype_are_refused() -> None:
+    """Each of A and B fits float16 (200), but ``B @ A`` reaches 160,000 > 65,504: merging would
+    write inf into the weights. Refused before anything is written, for load and preload."""
+    model, runtime = _fp16_merged()
+    before = _weights(model)
+    for call in (lambda: runtime.load(_large(200.0)), lambda: runtime.load(_large(200.0), slot=1)):
+        with pytest.raises(
+            lorahot.AdapterReadError, match=r"<mapping>: merged weights would overflow the model's dtype in:\n  - 0\n"
+        ):
+            call()
+        assert all(torch.equal(a, b) for a, b in zip(_weights(model), before))
+    with pytest.raises(lorahot.AdapterReadError, match=r"merged weights would overflow"):
+        runtime.load(runtime.preload(_large(200.0)))
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), before))
+
+
+def test_a_user_scale_that_overflows_merged_weights_is_a_usage_error() -> None:
+    model, runtime = _fp16_merged()
+    runtime.load(_large(50.0))  # B @ A entries 10,000: fits float16
+    loaded = _weights(model)
+    assert all(bool(torch.isfinite(w).all()) for w in loaded)
+    with pytest.raises(lorahot.UsageError, match=r"^scale=10: merged weights would overflow the model's dtype in:\n"):
+        runtime.set_scale(10.0)
+    with pytest.raises(lorahot.UsageError, match=r"^scale=10: merged weights would overflow"):
+        runtime.load(_large(50.0), slot=1, scale=10.0)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), loaded))
+    runtime.set_scale(0.5)  # within range: accepted
+    assert all(bool(torch.isfinite(w).all()) for w in _weights(model))
+
+
+def test_the_range_check_is_exact_where_the_bound_is_not() -> None:
+    """The cheap bound says "maybe" for 160,000 = 4 * 200**2; the exact merged maximum decides:
+    alternating signs make ``B @ A`` zero, so the adapter merges fine."""
+    model, runtime = _fp16_merged()
+    tensors = _large(200.0)
+    for key in ("base_model.model.0.lora_A.weight", "base_model.model.1.lora_embedding_A"):
+        tensors[key][1::2] *= -1  # rows 1 and 3 negated: B @ A sums +v*v - v*v + v*v - v*v = 0
+    runtime.load(tensors)
+    assert all(bool(torch.isfinite(w).all()) for w in _weights(model))
