@@ -67,9 +67,13 @@ class LoadPlan:
 
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:
     """Every problem with loading ``module`` into the layer ``name``; empty when it fits."""
-    a, b, where = module.A, module.B, _where(name, module)
+    a, b = module.A, module.B
     rank = int(a.shape[0]) if a.ndim else 0
-    if a.ndim != 1 + len(spec.a_row_shape) or rank == 0 or tuple(a.shape) != spec.a_shape(rank):
+    a_ok = a.ndim == 1 + len(spec.a_row_shape) and rank > 0 and tuple(a.shape) == spec.a_shape(rank)
+    if a_ok and rank <= max_rank and not rank % spec.groups and tuple(b.shape) == spec.b_shape(rank):
+        return []  # the usual case: no message is built
+    where = _where(name, module)
+    if not a_ok:
         expected = "(r, " + ", ".join(map(str, spec.a_row_shape)) + ")"
         return [f"{where}: A has shape {tuple(a.shape)}, expected {expected} with r >= 1 for this {spec.kind} layer"]
     if rank > max_rank:
@@ -91,8 +95,19 @@ WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_values(name: str, module: LoraModule) -> list[str]:
     """Problems with ``module``'s content that no model could accept: dtype, storage, alpha."""
+    a, b, alpha = module.A, module.B, module.alpha
+    if (
+        a.dtype in WEIGHT_DTYPES
+        and b.dtype in WEIGHT_DTYPES
+        and a.layout == b.layout == torch.strided
+        and a.device.type != "meta"
+        and b.device.type != "meta"
+        and math.isfinite(alpha)
+        and alpha > 0
+    ):
+        return []  # the usual case: no message is built
     where = _where(name, module)
-    for t, which in ((module.A, "A"), (module.B, "B")):
+    for t, which in ((a, "A"), (b, "B")):
         if t.dtype not in WEIGHT_DTYPES:
             return [f"{where}: {which} has dtype {t.dtype}; LoRA weights must be float16, bfloat16, float32 or float64"]
         if t.layout != torch.strided or t.device.type == "meta":
@@ -143,17 +158,24 @@ def plan_load(
             format_problems(f"{adapter.source}: values that cannot be LoRA weights:", unreadable)
             + "\nRe-save the adapter in float16/bfloat16/float32 with a positive alpha."
         )
-    targets = {name: replace(m, A=m.A.detach(), B=m.B.detach()) for name, m in targets.items()}
+    targets = {name: _detached(m) for name, m in targets.items()}
     entries: list[list[tuple[int, LoraModule]]] = [[] for _ in buffers.arenas]
-    scales = [torch.zeros(len(a.specs), dtype=torch.float64) for a in buffers.arenas]
-    largest = [0.0] * len(buffers.arenas)
+    per_layer = [[0.0] * len(a.specs) for a in buffers.arenas]
     for name, m in targets.items():
         arena, index = buffers.where[name]
         entries[arena].append((index, m))
-        scales[arena][index] = scale = float(m.scale)
-        largest[arena] = max(largest[arena], abs(scale))
+        per_layer[arena][index] = float(m.scale)
+    scales = [torch.tensor(values, dtype=torch.float64) for values in per_layer]  # one tensor per arena
+    largest = [max(map(abs, values), default=0.0) for values in per_layer]
     ranks = {n: m.rank for n, m in targets.items()}
     return LoadPlan(targets, entries, scales, largest, adapter.source, ranks, adapter.nbytes)
+
+
+def _detached(m: LoraModule) -> LoraModule:
+    """``m`` with A and B out of any autograd graph (a copy only where one requires grad)."""
+    if m.A.requires_grad or m.B.requires_grad:
+        return replace(m, A=m.A.detach(), B=m.B.detach())
+    return m
 
 
 def check_base_weight(name: str, module: LoraModule, weight_of: WeightOf) -> list[str]:
@@ -187,13 +209,16 @@ def check_base_weight(name: str, module: LoraModule, weight_of: WeightOf) -> lis
     return []
 
 
+#: The largest finite value of each buffer dtype.
+_FINITE_MAX = {t: torch.finfo(t).max for t in WEIGHT_DTYPES}
+
+
 def _check_scale(name: str, module: LoraModule, buffers: BufferManager) -> list[str]:
     """The module's ``alpha / r`` must fit the scale buffer it is written to."""
-    arena = buffers.arenas[buffers.where[name][0]]
-    dtype = arena.S.dtype
-    top = torch.finfo(dtype).max
+    dtype = buffers.arenas[buffers.where[name][0]].S.dtype
+    top = _FINITE_MAX[dtype]
     scale = float(module.scale)
-    if math.isfinite(scale) and abs(scale) <= top:
+    if abs(scale) <= top:  # NaN and inf fail
         return []
     return [
         f"{_where(name, module)}: alpha {float(module.alpha):g} over rank {module.rank} gives scale {scale:g}, beyond "
@@ -317,7 +342,7 @@ def _max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         for ks in by_device.values():
             norms = torch._foreach_norm([tensors[k] for k in ks], float("inf"))
-            out[ks] = torch.stack([n.double() for n in norms]).cpu()
+            out[ks] = torch.stack(norms).double().cpu()  # one cast and one transfer, not one per tensor
     return out
 
 
