@@ -152,23 +152,29 @@ def plan_load(
             + "\nLoad an adapter trained for this model and these target modules, or inject with a larger max_rank."
         )
     unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
-    unreadable += [p for name, m in targets.items() for p in _check_scale(name, m, buffers)]
     if unreadable:
-        raise AdapterReadError(
-            format_problems(f"{adapter.source}: values that cannot be LoRA weights:", unreadable)
-            + "\nRe-save the adapter in float16/bfloat16/float32 with a positive alpha."
-        )
-    targets = {name: _detached(m) for name, m in targets.items()}
+        _raise_unreadable(adapter.source, unreadable)
     entries: list[list[tuple[int, LoraModule]]] = [[] for _ in buffers.arenas]
     per_layer = [[0.0] * len(a.specs) for a in buffers.arenas]
-    for name, m in targets.items():
+    for name, m in targets.items():  # one pass: the usual adapter passes every check below
         arena, index = buffers.where[name]
+        targets[name] = m = _detached(m)
         entries[arena].append((index, m))
         per_layer[arena][index] = float(m.scale)
+    tops = [_FINITE_MAX[a.S.dtype] for a in buffers.arenas]
+    if not all(abs(v) <= top for values, top in zip(per_layer, tops) for v in values):  # NaN fails too
+        _raise_unreadable(adapter.source, [p for name, m in targets.items() for p in _check_scale(name, m, buffers)])
     scales = [torch.tensor(values, dtype=torch.float64) for values in per_layer]  # one tensor per arena
     largest = [max(map(abs, values), default=0.0) for values in per_layer]
     ranks = {n: m.rank for n, m in targets.items()}
     return LoadPlan(targets, entries, scales, largest, adapter.source, ranks, adapter.nbytes)
+
+
+def _raise_unreadable(source: str, problems: list[str]) -> None:
+    raise AdapterReadError(
+        format_problems(f"{source}: values that cannot be LoRA weights:", problems)
+        + "\nRe-save the adapter in float16/bfloat16/float32 with a positive alpha."
+    )
 
 
 def _detached(m: LoraModule) -> LoraModule:
