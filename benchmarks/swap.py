@@ -90,7 +90,7 @@ def run(w: Workload, refs: dict[int, torch.Tensor], repeat: int) -> dict[str, An
     with torch.inference_mode():
         out["rel_err"]["activate_r64"] = rel_err(model(w.prefill).logits, refs[64])
     moved = sum(
-        a.A[0].nbytes + a.B[0].nbytes + a.S[0].nbytes for a in runtime._manager.arenas
+        a.A[0].nbytes + a.B[0].nbytes + a.S[0].nbytes for a in runtime.buffers.arenas
     )  # activation copies whole regions
     out["activate_slot_ms"] = {"lorahot": act, "floor": d2d_ms(moved, dev), "bytes": moved}
     sync(dev)
