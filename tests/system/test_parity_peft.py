@@ -37,18 +37,21 @@ def _fresh_peft(base: torch.nn.Module, path: Path) -> torch.nn.Module:
     return peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
 
 
+#: The tiny decoder shape every transformers model here is built with.
+TINY = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32,
+}
+
+
 def _llama() -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
 
 
 def _gpt2() -> torch.nn.Module:
@@ -243,19 +246,8 @@ GEMMAS = {
 
 def _gemma(kind: str, tie: bool = True) -> torch.nn.Module:
     config_cls, model_cls = (getattr(transformers, n) for n in GEMMAS[kind])
-    cfg = config_cls(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=32,
-        tie_word_embeddings=tie,
-    )
     torch.manual_seed(0)
-    return model_cls(cfg).eval()
+    return model_cls(config_cls(**TINY, head_dim=8, tie_word_embeddings=tie)).eval()
 
 
 @pytest.mark.parametrize("kind", list(GEMMAS))
