@@ -143,7 +143,7 @@ class LoRALayer(nn.Module):
         roots = tuple(view if view._base is None else view._base for view in self._live)
         if handle is None or any(r is not t for r, t in zip(roots, TENSORS.get(handle.key, ()))):
             handle = TensorHandle(roots)
-        self._handle = handle  # keeps the registry entry alive as long as the layer
+        self._handle = handle  # keeps the TENSORS entry alive as long as the layer
         self._key = handle.key
         # plain ints: the graph rebuilds each view from its arena tensor without touching it
         self._geometry = tuple((tuple(v.shape), v.stride(), v.storage_offset()) for v in self._live)

@@ -62,7 +62,7 @@ def test_compiled_graph_has_three_adapter_inputs_per_arena_not_per_layer() -> No
     assert counts[True] == counts[False] + 3
 
 
-def test_registry_entry_lives_with_the_layers_and_goes_with_them() -> None:
+def test_tensor_handle_entry_lives_with_the_layers_and_goes_with_them() -> None:
     model = _mlp()
     runtime = lorahot.inject(model, list(NAMES), max_rank=4)
     keys = {layer._key for layer in runtime.layers.values()}
