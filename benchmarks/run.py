@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
-from benchmarks import forward, swap
+from benchmarks import forward, rows, swap
 from benchmarks.common import RESULTS, device_name, merge_results
 from benchmarks.workload import RANKS, build
 
 
 def summary(raw: dict[str, Any]) -> dict[str, Any]:
     """The fields of ``latest.json`` that come from this run."""
-    out: dict[str, Any] = {k: raw[k] for k in ("device", "torch", "peft", "date", "command")}
+    out: dict[str, Any] = {k: raw[k] for k in ("device", "torch", "peft", "date", "command", "workload") if k in raw}
     for key in ("swap_from_file_ms", "swap_from_host_ms", "activate_slot_ms", "memory"):
         if key in raw:
             out[key] = raw[key]
@@ -55,6 +55,9 @@ def summary(raw: dict[str, Any]) -> dict[str, Any]:
             }
             for phase in ("decode", "prefill")
         }
+    for key in ("forward_rows_ms", "forward_rows_rel_err"):
+        if key in raw:
+            out[key] = raw[key]
     errs = list(raw.get("rel_err", {}).values())
     for m in fwd.values():
         for _k, v in m.items():
@@ -97,7 +100,7 @@ def table(latest: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["swap", "forward", "fullgraph", "all"], default="all")
+    parser.add_argument("--suite", choices=["swap", "forward", "fullgraph", "rows", "all"], default="all")
     parser.add_argument("--small", action="store_true", help="2-layer model (CPU friendly)")
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per figure (median)")
     parser.add_argument("--modes", default="reduce-overhead,default")
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="forward suite: only these configurations (comma-separated, e.g. base,lorahot,peft)",
     )
+    parser.add_argument("--rows", default="", help="rows suite: only these row labels (e.g. 1,256,prefill2048)")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
 
@@ -147,9 +151,17 @@ def main(argv: list[str] | None = None) -> int:
             only=[c for c in args.configs.split(",") if c],
         ),
         "fullgraph": lambda: forward.run_fullgraph(w, refs, args.repeat),
+        "rows": lambda: rows.run(
+            w,
+            refs,
+            args.repeat,
+            only=[c for c in args.configs.split(",") if c],
+            rows=[r for r in args.rows.split(",") if r],
+            save=save_partial,
+        ),
     }
     for name, step in steps.items():
-        if args.suite not in (name, "all"):
+        if args.suite != name and (args.suite != "all" or name == "rows"):  # rows: its own calls
             continue
         merge_dict(raw, step())
         run_file.write_text(json.dumps(raw, indent=1))  # saved after every suite

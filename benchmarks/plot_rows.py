@@ -1,0 +1,66 @@
+"""Plots ``forward_rows_ms`` (from ``latest.json`` or a run file) as cost against the base
+model over input rows, one line per configuration, into ``results/rows.png``.
+
+    python -m benchmarks.plot_rows [RESULTS_JSON] [--out PNG]      (needs matplotlib)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.common import RESULTS
+from benchmarks.rows import ROWS
+
+LABELS = {"lorahot": "lorahot", "lorahot_merged": "lorahot merged", "peft_bf16": "PEFT (bf16)", "peft": "PEFT"}
+
+
+def ratios(data: dict) -> dict[str, list[tuple[int, float]]]:
+    """config -> [(rows, ms / base ms)] over the row labels that have a base figure."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for label, (seqs, tokens) in ROWS.items():
+        figures = data.get(label, {})
+        base = figures.get("base")
+        if not base:
+            continue
+        for config, ms in figures.items():
+            if config != "base":
+                out.setdefault(config, []).append((seqs * tokens, ms / base))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="?", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "rows.png")
+    args = parser.parse_args(argv)
+    raw = json.loads(args.results.read_text())
+    series = ratios(raw.get("forward_rows_ms", {}))
+    if not series:
+        raise SystemExit(f"{args.results}: no forward_rows_ms figures with a base; run --suite rows first.")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for config, points in series.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=LABELS.get(config, config))
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.axhline(1.1, color="grey", linewidth=0.8, linestyle="--", label="target 1.10x")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("input rows (tokens in one forward)")
+    ax.set_ylabel("latency / base model latency")
+    ax.set_title(f"{raw.get('device', '?')}, torch {raw.get('torch', '?')}: {raw.get('workload', '')}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

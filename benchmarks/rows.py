@@ -1,0 +1,131 @@
+"""Rows suite: compiled forward latency against the number of input rows, base vs lorahot vs
+merged vs PEFT, in one process, with each timed configuration's error against float32.
+
+Row counts (``ROWS``): decode batches of 1, 8, 64, 256 and 1024 sequences of one token, and
+single-sequence prefills of 2048 and 8192 tokens. Every configuration is compiled once
+(reduce-overhead: CUDA graphs, one per shape), its error is checked at every shape against a
+float32 eager PEFT reference with the rank-64 adapter, then all configurations are timed in
+interleaved rounds. Ratios are only meaningful within one run, so ``base`` is always timed.
+
+    python -m benchmarks.run --suite rows [--configs base,lorahot] [--rows 1,256,prefill2048]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks.common import median_ms, rel_err
+from benchmarks.forward import Prepared, base_mode, lorahot_mode, peft_mode
+from benchmarks.workload import Workload
+
+#: row label -> input ids shape (sequences, tokens)
+ROWS: dict[str, tuple[int, int]] = {
+    "1": (1, 1),
+    "8": (8, 1),
+    "64": (64, 1),
+    "256": (256, 1),
+    "1024": (1024, 1),
+    "prefill2048": (1, 2048),
+    "prefill8192": (1, 8192),
+}
+CONFIGS = ("base", "lorahot", "lorahot_merged", "peft_bf16")
+ROUNDS = 3
+
+
+def _ids(w: Workload, shape: tuple[int, int]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(shape[0] * 100003 + shape[1])
+    vocab = int(getattr(w.config, "vocab_size", 1000))
+    return torch.randint(0, vocab, shape, generator=g).to(w.device)
+
+
+def _reference(w: Workload, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float32 eager PEFT logits with the rank-64 adapter, per row label (last token only for
+    prefills, so the 8192-token reference stays small)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(w.fresh_base(torch.float32), str(w.adapters[64])).eval()
+    with torch.inference_mode():
+        out = {label: _last(model(x).logits.float(), label) for label, x in ids.items()}
+    del model
+    return out
+
+
+def _last(logits: torch.Tensor, label: str) -> torch.Tensor:
+    return logits[:, -1] if label.startswith("prefill") else logits
+
+
+def _builders(w: Workload, refs: dict[int, torch.Tensor]) -> dict[str, Callable[[], Prepared]]:
+    mode = "reduce-overhead" if w.device.type == "cuda" else "default"
+    return {
+        "base": lambda: base_mode(w, mode),
+        "lorahot": lambda: lorahot_mode(w, mode, refs),
+        "lorahot_merged": lambda: lorahot_mode(w, mode, refs, merged=True),
+        "peft_bf16": lambda: peft_mode(w, mode, refs, bf16=True),
+        "peft": lambda: peft_mode(w, mode, refs, bf16=False),
+    }
+
+
+def run(
+    w: Workload,
+    refs: dict[int, torch.Tensor],
+    repeat: int,
+    only: list[str] | None = None,
+    rows: list[str] | None = None,
+    save: Callable[[dict[str, Any]], None] = lambda r: None,
+) -> dict[str, Any]:
+    """``{"forward_rows_ms": {row: {config: ms}}, "forward_rows_rel_err": {...}, ...}``."""
+    torch._dynamo.config.cache_size_limit = 64
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.reset()
+    labels = [r for r in ROWS if not rows or r in rows]
+    ids = {label: _ids(w, ROWS[label]) for label in labels}
+    reference = _reference(w, ids)
+    names = [c for c in CONFIGS if not only or c in only]
+    names = ["base", *[n for n in names if n != "base"]]  # base in every run: ratios within one run
+    out: dict[str, Any] = {"forward_rows_ms": {}, "forward_rows_rel_err": {}, "forward_rows_prepare_s": {}}
+    rounds: dict[tuple[str, str], list[float]] = {}
+    prepared: dict[str, Prepared] = {}
+    builders = _builders(w, refs)
+    for name in names:
+        t = time.perf_counter()
+        prepared[name] = builders[name]()
+        call = prepared[name][0]
+        for label in labels:  # first call per shape compiles / captures; check it
+            err = rel_err(_last(call(ids[label]), label).float(), reference[label])
+            out["forward_rows_rel_err"].setdefault(label, {})[name] = err
+        out["forward_rows_prepare_s"][name] = round(time.perf_counter() - t, 1)
+        print(f"[rows {name} ready in {out['forward_rows_prepare_s'][name]} s]", flush=True)
+        _time_round([name], labels, prepared, ids, w, repeat, rounds, out)
+        save(out)
+    for _ in range(2, ROUNDS + 1):
+        _time_round(names, labels, prepared, ids, w, repeat, rounds, out)
+        save(out)
+    return out
+
+
+def _time_round(
+    names: list[str],
+    labels: list[str],
+    prepared: dict[str, Prepared],
+    ids: dict[str, torch.Tensor],
+    w: Workload,
+    repeat: int,
+    rounds: dict[tuple[str, str], list[float]],
+    out: dict[str, Any],
+) -> None:
+    for name in names:
+        call = prepared[name][0]
+        for label in labels:
+            x = ids[label]
+            rounds.setdefault((label, name), []).append(median_ms(lambda: call(x), w.device, repeat=repeat, warmup=3))
+            out["forward_rows_ms"].setdefault(label, {})[name] = statistics.median(rounds[(label, name)])
+    line = "  ".join(
+        f"{label}: " + " ".join(f"{n} {out['forward_rows_ms'][label][n]:.3f}" for n in names) for label in labels
+    )
+    print(f"[rows] {line}", flush=True)
