@@ -70,9 +70,10 @@ def lorahot_mode(
     fullgraph: bool = False,
     merged: bool = False,
     fused: bool = True,
+    swaps: int = 30,
 ) -> Prepared:
-    """Compiles a lorahot model, swaps 30 times among ranks (checking each against the eager
-    reference and counting recompiles), then leaves the rank-64 adapter active."""
+    """Compiles a lorahot model, swaps ``swaps`` times among ranks (checking each against the
+    eager reference and counting recompiles), then leaves the rank-64 adapter active."""
     model = w.fresh_base()
     runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, merged=merged, fused=fused)
     call = _compiled(model, mode, fullgraph)
@@ -80,7 +81,7 @@ def lorahot_mode(
     graphs = _unique_graphs()
     rng = random.Random(0)
     errs: dict[str, float] = {}
-    for _ in range(30):
+    for _ in range(swaps):
         rank = rng.choice(list(RANKS))
         runtime.load(w.adapters[rank])
         err = rel_err(call(w.prefill), refs[rank])  # before the next replay reuses the output
