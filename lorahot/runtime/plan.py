@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lorahot.adapter import Adapter, LoraModule
+from lorahot.adapter import Adapter, LoraModule, storage_problem
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems
 from lorahot.layers.base import LayerSpec
 from lorahot.resolve.keys import resolve_keys
@@ -94,28 +94,19 @@ WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_values(name: str, module: LoraModule) -> list[str]:
-    """Problems with ``module``'s content that no model could accept: dtype, storage, alpha."""
-    a, b, alpha = module.A, module.B, module.alpha
-    if (
-        a.dtype in WEIGHT_DTYPES
-        and b.dtype in WEIGHT_DTYPES
-        and a.layout == b.layout == torch.strided
-        and a.device.type != "meta"
-        and b.device.type != "meta"
-        and math.isfinite(alpha)
-        and alpha > 0
-    ):
-        return []  # the usual case: no message is built
-    where = _where(name, module)
-    for t, which in ((a, "A"), (b, "B")):
+    """Problems with ``module``'s content that no model could accept: dtype, storage, alpha
+    (messages are built only for a module that has one)."""
+    for t, which in ((module.A, "A"), (module.B, "B")):
         if t.dtype not in WEIGHT_DTYPES:
-            return [f"{where}: {which} has dtype {t.dtype}; LoRA weights must be float16, bfloat16, float32 or float64"]
-        if t.layout != torch.strided or t.device.type == "meta":
             return [
-                f"{where}: {which} is a {t.layout} tensor on {t.device}; LoRA weights must be dense tensors with data"
+                f"{_where(name, module)}: {which} has dtype {t.dtype}; LoRA weights must be float16, bfloat16, "
+                "float32 or float64"
             ]
+        why = storage_problem(t)
+        if why is not None:
+            return [f"{_where(name, module)}: {which} is {why}; LoRA weights must be dense tensors with data"]
     if not (math.isfinite(module.alpha) and module.alpha > 0):
-        return [f"{where}: alpha is {module.alpha}; it must be finite and > 0"]
+        return [f"{_where(name, module)}: alpha is {module.alpha}; it must be finite and > 0"]
     return []
 
 
