@@ -11,9 +11,9 @@ sums split-K partials), registered as the custom op ``lorahot::lora_linear`` so 
 
 It is used where it applies (:func:`supports`: CUDA tensors, float16 or bfloat16, an
 ``nn.Linear`` base layer whose weight has the arena's dtype, Triton importable; no autograd
-needed) and where it pays (:func:`worth_it`: up to 128 rows, decode and short prefill).
-Everywhere else the layer runs the plain library-call formula, which is also the reference
-the kernel is tested against.
+needed) and where it pays (:func:`worth_it`: decode and short prefill, by measured shape). Larger
+inputs take the wide GEMM where the layer is widened (:mod:`lorahot.layers.linear`), else the
+plain library-call formula, which is also the reference the kernel is tested against.
 """
 
 from __future__ import annotations
@@ -62,15 +62,28 @@ def supports(base: nn.Module, lora_A: torch.Tensor) -> bool:
     )
 
 
-def worth_it(rows: int) -> bool:
-    """Whether the kernel beats cuBLAS base + shrink + expand for ``rows`` tokens.
+def worth_it(rows: int, out_features: int, *, wide: bool = False) -> bool:
+    """Whether the kernel beats the alternative for ``rows`` tokens into ``out_features``.
 
-    Measured on an H100 (benchmarks/, Llama projection shapes at rank 64, with split K) at 1
-    and at 128 rows: it won at every shape at both, and on the whole 1.1B model (prefill 4.41
-    to 3.42 ms). Sizes in between use the 128-row tiles (not swept separately); larger inputs
-    are not measured and take the library formula.
+    The alternative is the wide GEMM (:mod:`lorahot.layers.linear`: base and shrink in one
+    cuBLAS call, then the expand) where the layer is widened, else base + shrink + expand.
+    Measured on an H200 (``benchmarks/experiments/large_probe.py``, TinyLlama projection shapes
+    at rank 64, each call in a CUDA graph, us per call, kernel / wide):
+
+    - 1 row: q/o 7.6 / 9.1, k/v 4.4 / 7.3, gate/up 12.4 / 12.2, down 11.0 / 14.6;
+    - 64 rows: q/o 9.0 / 9.3, k/v 5.6 / 8.4, gate/up 18.3 / 13.0, down 13.2 / 15.3;
+    - 256 rows: q/o 17.0 / 10.2, k/v 7.1 / 8.7, gate/up 23.6 / 17.3, down 41.3 / 17.3;
+    - 1024 rows: the wide GEMM everywhere (k/v 15.4 / 9.2).
+
+    Against base + shrink + expand the kernel wins up to 128 rows (H100, same probe).
     """
-    return rows <= 128
+    if rows <= 16:
+        return True
+    if not wide:
+        return rows <= 128
+    if rows <= 128:
+        return out_features < 4096
+    return rows <= 256 and out_features <= 512
 
 
 def lora_linear(

@@ -26,10 +26,12 @@ from lorahot.errors import UsageError
 from lorahot.layers.state import RuntimeState
 from lorahot.layers.tensor_handles import TENSORS, TensorHandle
 
-__all__ = ["LayerSpec", "LoRALayer", "overrides_forward", "forward_mismatch"]
+__all__ = ["LayerSpec", "LoRALayer", "overrides_forward", "forward_mismatch", "WIDE_BUFFER"]
 
 #: Buffer names under which a layer registers the arena tensors its live views belong to.
 _ARENA_BUFFERS = ("_lora_arena_A", "_lora_arena_B", "_lora_arena_S")
+#: Buffer under which a widened layer keeps its base weight with the live A beneath it.
+WIDE_BUFFER = "_lora_wide"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class LoRALayer(nn.Module):
     - at inject: :attr:`spec`, :meth:`live_views`, :meth:`bind`, :meth:`merge_refusal`;
     - while serving: :meth:`bound_address` (is the layer still on its buffers?), :attr:`state`
       (shared with the runtime: has either eject taken the layers out?);
+    - for the one-GEMM path: :meth:`widenable`, :meth:`widen`, :meth:`wide_rows`, :meth:`unwiden`;
     - in merged mode: :meth:`merge_operands`, :attr:`merged`, :attr:`pristine_weight`.
 
     Subclasses set :attr:`spec` from the base module and implement :meth:`live_views`,
@@ -87,6 +90,8 @@ class LoRALayer(nn.Module):
     merged: bool = False
     #: Set at bind time where the layer type has a fused kernel that applies; constant after.
     fused: bool = False
+    #: Set by :meth:`widen` where the layer runs base and shrink as one GEMM; constant after.
+    wide: bool = False
     #: In merged mode, the base weight as it was at inject time (what eject puts back).
     pristine_weight: torch.Tensor | None = None
     #: Shared with the runtime that bound the layer (see :mod:`lorahot.layers.state`).
@@ -152,12 +157,13 @@ class LoRALayer(nn.Module):
         self.fused = fused and self.fusable(lora_A)
         self.state = state
 
-    def bound_address(self) -> int:
-        """Address of the arena tensor the layer's A buffer holds now. It changes only when
-        something replaced the layer's buffers (``model.to()`` or
+    def bound_address(self) -> tuple[int, ...]:
+        """Addresses of the tensors the layer computes with that something outside lorahot could
+        replace: the arena tensor of its A buffer (and, widened, its wide buffer and the base
+        weight living in it). They change only when something replaced them (``model.to()`` or
         ``load_state_dict(assign=True)`` after inject), which the runtime refuses to serve."""
         buffer = self._buffers[_ARENA_BUFFERS[0]]
-        return 0 if buffer is None else buffer.data_ptr()
+        return (0 if buffer is None else buffer.data_ptr(),)
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -204,8 +210,11 @@ class LoRALayer(nn.Module):
             out: torch.Tensor = self._base(x, *args, **kwargs)
             return out
         a, b, scale = self._views()
-        if self.fused and not args and not kwargs and self.can_fuse(x, a):
-            return self.fused_forward(x, a, b, scale)
+        if not args and not kwargs:
+            if self.fused and self.can_fuse(x, a):
+                return self.fused_forward(x, a, b, scale)
+            if self.wide and self.can_widen(x):
+                return self.wide_forward(x, b)
         y: torch.Tensor = self._base(x, *args, **kwargs)
         # The scale multiplies B(A(x)) next to the add, where the compiler fuses both into one
         # elementwise pass (usually into the consumer of y as well): no extra kernel per layer.
@@ -226,6 +235,30 @@ class LoRALayer(nn.Module):
 
     def fused_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The whole layer in a fused kernel, where the subclass has one."""
+        raise NotImplementedError
+
+    def widenable(self, max_rank: int, dtype: torch.dtype) -> bool:
+        """Whether :meth:`widen` applies (the subclass says; none by default)."""
+        return False
+
+    def widen(self, max_rank: int) -> None:
+        """Moves the base weight into a buffer with ``max_rank`` rows of A beneath it (see
+        :mod:`lorahot.layers.linear`); only where :meth:`widenable`."""
+        raise NotImplementedError
+
+    def wide_rows(self) -> torch.Tensor:
+        """The ``[max_rank, in_dim]`` rows of the wide buffer that hold ``scale * A``."""
+        raise NotImplementedError
+
+    def unwiden(self) -> None:
+        """Gives the base weight its own storage back (eject); a no-op unless widened."""
+
+    def can_widen(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`wide_forward` applies to ``x`` (only called when :attr:`wide`)."""
+        return False
+
+    def wide_forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The whole layer from the wide buffer, where the subclass has one."""
         raise NotImplementedError
 
     def merge_refusal(self) -> str | None:
@@ -284,6 +317,6 @@ def _drop_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_me
 def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """Load pre hook: ``<prefix>k`` is loaded into ``<prefix>base_layer.k``."""
     inner = prefix + "base_layer."
-    own = {prefix + n for n in _ARENA_BUFFERS}
+    own = {prefix + n for n in (*_ARENA_BUFFERS, WIDE_BUFFER)}
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner) and k not in own]:
         state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)

@@ -1,4 +1,14 @@
-"""``LoRALinear``: LoRA on anything that maps ``(..., in)`` to ``(..., out)``."""
+"""``LoRALinear``: LoRA on anything that maps ``(..., in)`` to ``(..., out)``.
+
+Above the fused kernel's sizes, an ``nn.Linear`` layer runs *wide*: at inject its weight moves
+into a ``[out + R, in]`` buffer whose last ``R`` rows hold the live ``scale * A`` (the weight
+parameter stays, as a view of the first ``out`` rows, so state dicts, merged writes and user
+code see the same tensor). One GEMM then gives the base output and the shrink together,
+reading ``x`` once, and the layer adds the expand ``h @ B.T`` where the compiler folds the add
+into the next elementwise pass: one extra kernel per layer instead of two, and no scale
+multiply, the scale being folded into A (see :mod:`lorahot.runtime.wide`, which keeps those
+rows equal to the live A times its scale after every load, activation and scale change).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,7 @@ from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.kernels import lora_linear as fused_kernel
-from lorahot.layers.base import LayerSpec, LoRALayer, forward_mismatch, overrides_forward
+from lorahot.layers.base import WIDE_BUFFER, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
 
 __all__ = ["LoRALinear", "linear_features", "is_conv1d"]
 
@@ -63,7 +73,11 @@ class LoRALinear(LoRALayer):
 
     def can_fuse(self, x: torch.Tensor, a: torch.Tensor) -> bool:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return fused_kernel.worth_it(rows) and x.dtype == a.dtype and not _needs_grad(x, self._base)
+        return (
+            fused_kernel.worth_it(rows, self.spec.out_dim, wide=self.wide)
+            and x.dtype == a.dtype
+            and not _needs_grad(x, self._base)
+        )
 
     def fused_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         base = self._base
@@ -72,6 +86,70 @@ class LoRALinear(LoRALayer):
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         h = torch.matmul(x.to(a.dtype), a.t())  # (..., R)
         return torch.matmul(h, b)  # (..., out)
+
+    def widenable(self, max_rank: int, dtype: torch.dtype) -> bool:
+        """An exact ``nn.Linear`` whose weight is a plain contiguous tensor of the buffers'
+        ``dtype`` that owns its whole storage (a weight sharing memory with anything else stays
+        where it is: moving it would untie it)."""
+        base = self.base_layer
+        weight = getattr(base, "weight", None)
+        if type(base) is not nn.Linear or not isinstance(weight, torch.Tensor):
+            return False
+        return (
+            type(weight) in (nn.Parameter, torch.Tensor)
+            and weight.dtype == dtype
+            and not weight.is_meta
+            and weight.is_contiguous()
+            and weight.storage_offset() == 0
+            and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
+            and weight._base is None
+        )
+
+    def widen(self, max_rank: int) -> None:
+        """Moves the weight into ``[out + max_rank, in]`` (A rows zero) and makes the parameter
+        a view of its first ``out`` rows, in place: the parameter object stays the same."""
+        weight = self.base_weight
+        n = self.spec.out_dim
+        with torch.no_grad():
+            wide = torch.empty((n + max_rank, self.spec.in_dim), device=weight.device, dtype=weight.dtype)
+            wide[:n].copy_(weight)
+            wide[n:].zero_()
+            weight.data = wide[:n]
+        self.register_buffer(WIDE_BUFFER, wide, persistent=False)
+        self.wide = True
+
+    def wide_rows(self) -> torch.Tensor:
+        wide: torch.Tensor = self._buffers[WIDE_BUFFER]  # type: ignore[assignment]
+        return wide[self.spec.out_dim :]
+
+    def unwiden(self) -> None:
+        """The weight gets a copy of its rows as its own storage; the wide buffer goes."""
+        if not self.wide:
+            return
+        weight = self.base_weight
+        with torch.no_grad():
+            weight.data = weight.detach().clone()
+        self._buffers.pop(WIDE_BUFFER, None)
+        self.wide = False
+
+    def bound_address(self) -> tuple[int, ...]:
+        if not self.wide:
+            return super().bound_address()
+        wide = self._buffers.get(WIDE_BUFFER)
+        return (*super().bound_address(), 0 if wide is None else wide.data_ptr(), self.base_weight.data_ptr())
+
+    def can_widen(self, x: torch.Tensor) -> bool:
+        return x.dtype == self.base_weight.dtype and not _needs_grad(x, self._base)
+
+    def wide_forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``[y | h] = x @ [W; s*A].T`` in one GEMM, then ``y + bias + h @ B.T``: the add (and
+        the bias) land in one elementwise pass the compiler fuses with what follows."""
+        wide: torch.Tensor = getattr(self, WIDE_BUFFER)
+        n = self.spec.out_dim
+        yh = torch.nn.functional.linear(x, wide)
+        y = yh[..., :n] + torch.matmul(yh[..., n:], b)
+        bias = self._base.bias
+        return y if bias is None else y + bias
 
     def merge_refusal(self) -> str | None:
         """Merged mode folds the LoRA into the weight, which is right only where the base computes

@@ -32,6 +32,7 @@ from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from lorahot.runtime.merge import Merger
 from lorahot.runtime.plan import LoadPlan, check_multiplier, pack_host, validate
 from lorahot.runtime.targets import unwrap_modules
+from lorahot.runtime.wide import WideWeights, widen_layers
 
 __all__ = ["AdapterInfo", "LoraRuntime"]
 
@@ -88,6 +89,12 @@ class LoraRuntime:
             a, b = layer.live_views(a_rows, b_rows)
             # merged: base kernels only
             layer.bind(a, b, scale, handle=handle, fused=fused and not merged, state=self._state)
+        if fused and not merged:
+            widen_layers(layers, buffers)
+        self._wide = WideWeights(layers, buffers)
+        self._arena_names = [[""] * len(a.specs) for a in buffers.arenas]  # for messages
+        for name, (arena, index) in buffers.where.items():
+            self._arena_names[arena][index] = name
         self._addresses = {name: layer.bound_address() for name, layer in layers.items()}
         self._links = _links(model, layers)
         self._specs = {name: layer.spec for name, layer in layers.items()}
@@ -117,8 +124,9 @@ class LoraRuntime:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of adapter storage this runtime allocated (padded, every slot)."""
-        return self.buffers.nbytes
+        """Bytes of adapter storage this runtime allocated (padded, every slot, and the scaled A
+        rows beneath the wide layers' weights)."""
+        return self.buffers.nbytes + self._wide.nbytes
 
     @public_api
     def info(self, slot: int | None = None) -> AdapterInfo | None:
@@ -311,15 +319,22 @@ class LoraRuntime:
         """The user's multiplier keeps every scale in its buffer's range, and (merged mode)
         every merged weight in the weights' range."""
         check_multiplier(plan, multiplier, self.buffers)
+        if not self._wide.empty:
+            self._wide.check(plan, multiplier, self._arena_names)
         if self._merger is not None:
             self._merger.check(plan, multiplier)
 
     def _remerge(self, slot: int) -> None:
-        """In merged mode, rewrites the base weights after ``slot`` changed, if it is live."""
-        if self._merger is None or slot != self._active:
+        """After ``slot`` changed, if it is live: rewrites the base weights in merged mode, and
+        the wide layers' ``scale * A`` rows otherwise."""
+        if slot != self._active or (self._merger is None and self._wide.empty):
             return
         plan, info = self._plans[slot], self._infos[slot]
-        self._merger.apply(None if plan is None else [b * (info.scale if info else 1.0) for b in plan.scales])
+        scales = None if plan is None else [b * (info.scale if info else 1.0) for b in plan.scales]
+        if self._merger is not None:
+            self._merger.apply(scales)
+        else:
+            self._wide.apply(scales)
 
     # -- checks -----------------------------------------------------------------------------
 

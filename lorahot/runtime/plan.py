@@ -53,6 +53,9 @@ class LoadPlan:
         nbytes: bytes of adapter weights (before padding).
         delta_bound: injected layer name -> ``r * max|A| * max|B|``, a bound on every entry of
             ``B @ A`` (filled by the value checks; merged mode checks its weights' range with it).
+        scaled_a: per arena, float64 ``[n_layers]``: ``max|A| * |alpha / r|`` of each layer (0
+            if untouched; filled by the value checks; the wide layers, which store ``scale * A``,
+            check their dtype's range with it).
     """
 
     targets: dict[str, LoraModule]
@@ -63,6 +66,7 @@ class LoadPlan:
     ranks: dict[str, int]
     nbytes: int
     delta_bound: dict[str, float] = field(default_factory=dict)
+    scaled_a: list[torch.Tensor] = field(default_factory=list)
 
 
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:
@@ -296,6 +300,7 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
     names = {(a, i): n for n, (a, i) in buffers.where.items()}
     bad_values: list[str] = []
     too_large: list[str] = []
+    plan.scaled_a = [torch.zeros(len(arena.specs), dtype=torch.float64) for arena in buffers.arenas]
     for a, (arena, entries) in enumerate(zip(buffers.arenas, staged)):
         tensors = [t for _, A, B in entries for t in (A, B)]
         if not tensors:
@@ -304,6 +309,8 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
         largest = _max_abs(tensors)  # float64 [2 * n], host
         bounds = (largest[0::2] * largest[1::2]).tolist()
         plan.delta_bound.update({names[(a, i)]: A.shape[0] * b for (i, A, _), b in zip(entries, bounds)})
+        index = torch.tensor([i for i, _, _ in entries])
+        plan.scaled_a[a][index] = largest[0::2] * plan.scales[a][index].abs()
         if bool((largest <= top).all()):  # NaN compares False
             continue
         for k, (i, _, _) in enumerate(entries):

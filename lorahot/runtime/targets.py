@@ -171,7 +171,8 @@ def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
 def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
     """Puts each wrapper's base module back in its place; the inverse of :func:`wrap_modules`.
 
-    A merged-mode layer first gets its pristine base weight back (wherever the layer is now).
+    A merged-mode layer first gets its pristine base weight back, a widened one its weight in
+    its own storage (wherever the layer is now).
     A name where ``model`` no longer holds the wrapper (the model was edited since) is left
     alone; returns those names.
     """
@@ -180,6 +181,7 @@ def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
         if layer.pristine_weight is not None:
             with torch.no_grad():
                 layer.base_weight.copy_(layer.pristine_weight)
+        layer.unwiden()
         if _submodule(model, name) is layer:
             _set_submodule(model, name, layer.base_layer)
         else:

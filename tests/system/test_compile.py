@@ -19,6 +19,7 @@ from torch import nn
 
 import lorahot
 from lorahot.layers.tensor_handles import TENSORS
+from lorahot.runtime import wide as wide_layers
 from tests.helpers import ScaledEmbedding, make_adapter, model_reference, tiny_convnet, tiny_lm, token_ids
 
 MAX_RANK = 4
@@ -82,10 +83,13 @@ def _call(model: nn.Module) -> torch.Tensor:
         return model(IDS)
 
 
-@pytest.mark.parametrize("fullgraph", [False, True])
-def test_no_op_sequence_recompiles(fullgraph: bool) -> None:
+@pytest.mark.parametrize(("fullgraph", "wide"), [(False, False), (True, False), (True, True)])
+def test_no_op_sequence_recompiles(fullgraph: bool, wide: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if wide:  # the CUDA path on the CPU: the linear's weight and scale * A in one buffer
+        monkeypatch.setattr(wide_layers, "DEVICE_TYPES", {"cpu"})
     model = tiny_convnet()
     runtime = lorahot.inject(model, list(NAMES), max_rank=MAX_RANK, slots=2)
+    assert model.proj.wide == wide
     compiled = torch.compile(model, fullgraph=fullgraph)
     mirror = _Mirror()
     torch.testing.assert_close(
@@ -103,10 +107,16 @@ def test_no_op_sequence_recompiles(fullgraph: bool) -> None:
     run()
 
 
-def test_compiled_after_load_swaps_across_ranks_without_recompiling() -> None:
+@pytest.mark.parametrize("wide", [False, True])
+def test_compiled_after_load_swaps_across_ranks_without_recompiling(
+    wide: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if wide:
+        monkeypatch.setattr(wide_layers, "DEVICE_TYPES", {"cpu"})
     model = tiny_lm()
     targets = ["q_proj", "v_proj", "embed_tokens"]
     runtime = lorahot.inject(model, targets, max_rank=8)
+    assert all(runtime.layers[n].wide == wide for n in runtime.layers if not n.endswith("embed_tokens"))
     names = list(runtime.layers)
     ids = token_ids((2, 6), 32, seed=1)
     runtime.load(make_adapter(model, dict.fromkeys(names, 8), seed=0)[0])

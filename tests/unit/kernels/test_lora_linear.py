@@ -38,8 +38,14 @@ def test_kernel_is_off_on_cpu_and_the_layers_use_the_library_formula() -> None:
 
 
 def test_worth_it_follows_the_measured_rule() -> None:
-    assert fused.worth_it(1) and fused.worth_it(16) and fused.worth_it(128)
-    assert not fused.worth_it(129) and not fused.worth_it(4096)
+    # decode sizes: always the kernel
+    assert all(fused.worth_it(rows, n, wide=w) for rows in (1, 16) for n in (256, 5632) for w in (False, True))
+    # without the wide GEMM, the kernel up to 128 rows
+    assert fused.worth_it(128, 5632) and not fused.worth_it(129, 256) and not fused.worth_it(4096, 256)
+    # against the wide GEMM: narrow and mid-width layers up to 128 rows, k/v-sized ones up to 256
+    assert fused.worth_it(64, 2048, wide=True) and not fused.worth_it(64, 5632, wide=True)
+    assert fused.worth_it(256, 256, wide=True) and not fused.worth_it(256, 2048, wide=True)
+    assert not fused.worth_it(257, 256, wide=True) and not fused.worth_it(1024, 256, wide=True)
 
 
 def test_compiled_graph_has_three_adapter_inputs_per_arena_not_per_layer() -> None:

@@ -1,0 +1,123 @@
+"""Keeps the wide layers' ``scale * A`` rows equal to the live adapter.
+
+A widened layer (:mod:`lorahot.layers.linear`) computes its base output and its shrink in one
+GEMM over ``[W; scale * A]``. Those A rows are a second copy of the live region's A, with the
+layer's scale folded in, so whatever changes the live region or its scales (load, activate,
+set_scale, unload) ends with :meth:`WideWeights.apply`: per arena, one batched copy of the
+live A rows into the wide buffers and one batched multiply by the per-layer scales, both over
+only the rows any adapter has used since the last refresh (a rank-8 swap after a rank-8 swap
+touches 8 rows per layer, not ``max_rank``).
+
+The scales come from the host (the runtime knows each slot's plan and multiplier), so the
+multiply is one multi-tensor launch with no device-to-host read. Shapes and addresses of the
+wide buffers never change; a compiled graph or a captured CUDA graph reads them in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorahot.errors import UsageError
+from lorahot.layers import LoRALayer
+from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.plan import LoadPlan
+
+__all__ = ["WideWeights", "widen_layers", "DEVICE_TYPES"]
+
+#: Devices whose layers are widened. On CUDA the wide GEMM saves a kernel launch and a pass
+#: over the input per layer; on the CPU it saves little, and the plain formula keeps the
+#: outputs right after inject bitwise those of the base model (a GEMM with more output columns
+#: may sum in another order). The tests widen CPU layers too, to exercise the mechanism.
+DEVICE_TYPES = {"cuda"}
+
+
+def widen_layers(layers: dict[str, LoRALayer], buffers: BufferManager) -> None:
+    """Widens every layer that can be: on a device of :data:`DEVICE_TYPES`, its weight of the
+    arena's dtype (see :meth:`LoRALayer.widenable`). The others keep the library formula."""
+    for name, layer in layers.items():
+        arena = buffers.arenas[buffers.where[name][0]]
+        if arena.device.type in DEVICE_TYPES and layer.widenable(buffers.max_rank, arena.dtype):
+            layer.widen(buffers.max_rank)
+
+
+class WideWeights:
+    """The wide layers of one runtime, grouped by arena, and their refresh."""
+
+    def __init__(self, layers: dict[str, LoRALayer], buffers: BufferManager) -> None:
+        self.buffers = buffers
+        #: per arena: (layer indices, wide A rows, live A rows), in the same order
+        self.groups: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = [
+            ([], [], []) for _ in buffers.arenas
+        ]
+        for name, layer in layers.items():
+            if not layer.wide:
+                continue
+            arena, index = buffers.where[name]
+            live_a, _ = buffers.arenas[arena].rows(index, buffers.live)
+            indices, wide, live = self.groups[arena]
+            indices.append(index)
+            wide.append(layer.wide_rows())
+            live.append(live_a)
+        self.extent = [0] * len(buffers.arenas)  # rows of the wide buffers that may be nonzero
+        self._views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the wide buffers added to the model (their A rows; the weights moved in)."""
+        return sum(w.nbytes for _, wide, _ in self.groups for w in wide)
+
+    @property
+    def empty(self) -> bool:
+        return not any(indices for indices, _, _ in self.groups)
+
+    def check(self, plan: LoadPlan, multiplier: float, names: list[list[str]]) -> None:
+        """Refuses a ``multiplier`` under which some wide layer's ``scale * A`` would leave its
+        dtype's range (float16 tops out at 65504; the plain formula scales after the products).
+
+        Raises:
+            UsageError: naming the layer, the largest value and the largest multiplier allowed.
+        """
+        for a, (indices, _, _) in enumerate(self.groups):
+            if not indices or len(plan.scaled_a) <= a:
+                continue
+            top = torch.finfo(self.buffers.arenas[a].dtype).max
+            values = plan.scaled_a[a][indices]
+            worst = int(values.argmax())
+            largest = float(values[worst])
+            if largest * abs(multiplier) > top:
+                layer = names[a][indices[worst]] if a < len(names) else f"layer {indices[worst]}"
+                raise UsageError(
+                    f"{plan.source}, {layer}: scale={multiplier:g} times alpha/r times max|A| is "
+                    f"{largest * abs(multiplier):.4g}, beyond the {self.buffers.arenas[a].dtype} range (max {top:.4g}) "
+                    f"of the layer's scaled A rows. Pass a scale of at most {top / largest:.4g} in magnitude, or "
+                    "inject with fused=False (the plain formula scales after the products)."
+                )
+
+    def apply(self, scales: list[torch.Tensor] | None) -> None:
+        """Sets every wide layer's A rows to the live A times ``scales`` (per arena, float64
+        ``[n_layers]`` on the host, user multiplier included), or to zero for None (no
+        adapter live)."""
+        with torch.no_grad():
+            for a, (indices, _, _) in enumerate(self.groups):
+                if not indices:
+                    continue
+                rows = max(self.extent[a], self.buffers.arenas[a].a_extent[self.buffers.live])
+                if rows == 0:
+                    continue
+                wide, live = self._rows(a, rows)
+                if scales is None:
+                    torch._foreach_zero_(wide)
+                else:
+                    per_layer = scales[a][indices].tolist()
+                    torch._foreach_copy_(wide, live)
+                    torch._foreach_mul_(wide, per_layer)
+                self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live] if scales is not None else 0
+
+    def _rows(self, arena: int, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The first ``rows`` rows of arena ``arena``'s wide and live A blocks (memoized)."""
+        key = (arena, rows)
+        found = self._views.get(key)
+        if found is None:
+            _, wide, live = self.groups[arena]
+            found = self._views[key] = ([w[:rows] for w in wide], [t[:rows] for t in live])
+        return found
