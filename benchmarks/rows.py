@@ -9,23 +9,33 @@ interleaved rounds. Ratios are only meaningful within one run, so ``base`` is al
 
     python -m benchmarks.run --suite rows [--configs base,lorahot] [--rows 1,256,prefill2048]
 
-On the full model each configuration takes minutes to prepare (the base 120 s on an H200 for
-all seven shapes under reduce-overhead), so a 10-minute device call holds the base and one or
-two other configurations, or a subset of the rows.
+On the full model each configuration takes minutes to prepare (the base 115 s on an H200 for
+all seven shapes under reduce-overhead, lorahot over 200 s), so one process cannot fit the four
+configurations in a 10-minute device call. ``--parallel`` prepares each configuration in its
+own process, all at once (compiling is mostly single-threaded host work), then times them in
+interleaved rounds, one process at a time while the others wait: the ratios stay within one
+run on one idle GPU. Each process rebuilds the same seeded workload; a weight checksum shows
+they agree. Preparation times measured that way include the other processes' contention.
+
+    python -m benchmarks.run --suite rows --parallel
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
 import statistics
 import time
+import traceback
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
 
 from benchmarks.common import median_ms, rel_err
 from benchmarks.forward import Prepared, base_mode, lorahot_mode, peft_mode
-from benchmarks.workload import Workload
+from benchmarks.workload import Workload, build
 
 #: row label -> input ids shape (sequences, tokens)
 ROWS: dict[str, tuple[int, int]] = {
@@ -133,3 +143,102 @@ def _time_round(
         f"{label}: " + " ".join(f"{n} {out['forward_rows_ms'][label][n]:.3f}" for n in names) for label in labels
     )
     print(f"[rows] {line}", flush=True)
+
+
+def run_parallel(
+    small: bool,
+    repeat: int,
+    only: list[str] | None = None,
+    rows: list[str] | None = None,
+    save: Callable[[dict[str, Any]], None] = lambda r: None,
+) -> dict[str, Any]:
+    """:func:`run` with each configuration prepared in its own process, all at once; timing
+    rounds run one process at a time (see the module docstring)."""
+    labels = [r for r in ROWS if not rows or r in rows]
+    names = ["base", *[c for c in CONFIGS if (not only or c in only) and c != "base"]]
+    ctx = mp.get_context("spawn")
+    workers: dict[str, tuple[Any, Connection]] = {}
+    for name in names:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(small, name, labels, repeat, child), daemon=True)
+        proc.start()
+        workers[name] = (proc, parent)
+    out: dict[str, Any] = {
+        "forward_rows_ms": {},
+        "forward_rows_rel_err": {},
+        "forward_rows_prepare_s": {},
+        "forward_rows_parallel": True,
+    }
+    rounds: dict[tuple[str, str], list[float]] = {}
+    try:
+        checksums = {}
+        for name in names:
+            ready = _receive(name, workers[name])
+            checksums[name] = ready["checksum"]
+            out["forward_rows_prepare_s"][name] = ready["prepare_s"]
+            for label, err in ready["rel_err"].items():
+                out["forward_rows_rel_err"].setdefault(label, {})[name] = err
+            print(f"[rows {name} ready in {ready['prepare_s']} s]", flush=True)
+        if len(set(checksums.values())) != 1:
+            raise RuntimeError(f"the workers built different models: {checksums}")
+        for _ in range(ROUNDS):
+            for name in names:
+                workers[name][1].send("time")
+                for label, ms in _receive(name, workers[name]).items():
+                    rounds.setdefault((label, name), []).append(ms)
+                    out["forward_rows_ms"].setdefault(label, {})[name] = statistics.median(rounds[(label, name)])
+            line = "  ".join(
+                f"{label}: " + " ".join(f"{n} {out['forward_rows_ms'][label][n]:.3f}" for n in names)
+                for label in labels
+            )
+            print(f"[rows] {line}", flush=True)
+            save(out)
+    finally:
+        for proc, conn in workers.values():
+            with contextlib.suppress(BrokenPipeError, OSError):
+                conn.send("stop")
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return out
+
+
+def _receive(name: str, worker: tuple[Any, Connection]) -> Any:
+    """The worker's next message; raises with its traceback if it failed or died."""
+    proc, conn = worker
+    while not conn.poll(1.0):
+        if not proc.is_alive():
+            raise RuntimeError(f"rows worker {name} died (exit code {proc.exitcode})")
+    kind, payload = conn.recv()
+    if kind == "error":
+        raise RuntimeError(f"rows worker {name} failed:\n{payload}")
+    return payload
+
+
+def _worker(small: bool, name: str, labels: list[str], repeat: int, conn: Connection) -> None:
+    """One configuration: build, reference, prepare and check, then time on request."""
+    try:
+        from benchmarks.swap import eager_reference
+
+        torch._dynamo.config.cache_size_limit = 64
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            torch._dynamo.config.recompile_limit = 64
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        w = build(small, device)
+        checksum = round(sum(float(v.float().sum()) for v in list(w.base_state.values())[:8]), 3)
+        ids = {label: _ids(w, ROWS[label]) for label in labels}
+        reference = _reference(w, ids)
+        refs = {64: eager_reference(w, 64)}
+        t = time.perf_counter()
+        call = _builders(w, refs)[name]()[0]
+        errs = {label: rel_err(_last(call(ids[label]), label).float(), reference[label]) for label in labels}
+        prepare_s = round(time.perf_counter() - t, 1)
+        conn.send(("ready", {"checksum": checksum, "prepare_s": prepare_s, "rel_err": errs}))
+        while conn.recv() == "time":
+            times = {}
+            for label in labels:
+                x = ids[label]
+                times[label] = median_ms(lambda x=x: call(x), w.device, repeat=repeat, warmup=3)
+            conn.send(("timed", times))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))

@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         help="forward suite: only these configurations (comma-separated, e.g. base,lorahot,peft)",
     )
     parser.add_argument("--rows", default="", help="rows suite: only these row labels (e.g. 1,256,prefill2048)")
+    parser.add_argument(
+        "--parallel", action="store_true", help="rows suite: prepare each configuration in its own process"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
 
@@ -118,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     modes = [m for m in args.modes.split(",") if m and (device.type == "cuda" or m == "default")]
-    w = build(args.small, device)
-    refs = {r: swap.eager_reference(w, r) for r in RANKS}
+    parallel_rows = args.suite == "rows" and args.parallel  # the workers build their own
+    w = None if parallel_rows else build(args.small, device)
+    refs = {} if w is None else {r: swap.eager_reference(w, r) for r in RANKS}
     raw: dict[str, Any] = {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -151,13 +155,23 @@ def main(argv: list[str] | None = None) -> int:
             only=[c for c in args.configs.split(",") if c],
         ),
         "fullgraph": lambda: forward.run_fullgraph(w, refs, args.repeat),
-        "rows": lambda: rows.run(
-            w,
-            refs,
-            args.repeat,
-            only=[c for c in args.configs.split(",") if c],
-            rows=[r for r in args.rows.split(",") if r],
-            save=save_partial,
+        "rows": lambda: (
+            rows.run_parallel(
+                args.small,
+                args.repeat,
+                only=[c for c in args.configs.split(",") if c],
+                rows=[r for r in args.rows.split(",") if r],
+                save=save_partial,
+            )
+            if args.parallel
+            else rows.run(
+                w,
+                refs,
+                args.repeat,
+                only=[c for c in args.configs.split(",") if c],
+                rows=[r for r in args.rows.split(",") if r],
+                save=save_partial,
+            )
         ),
     }
     for name, step in steps.items():
