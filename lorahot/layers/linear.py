@@ -4,9 +4,9 @@ Above the fused kernel's sizes, an ``nn.Linear`` layer runs *wide*: at inject it
 into a ``[out + R, in]`` buffer whose last ``R`` rows hold the live ``scale * A`` (the weight
 parameter stays, as a view of the first ``out`` rows, so state dicts, merged writes and user
 code see the same tensor). One GEMM then gives the base output and the shrink together,
-reading ``x`` once, and the layer adds the expand ``h @ B.T`` where the compiler folds the add
-into the next elementwise pass: one extra kernel per layer instead of two, and no scale
-multiply, the scale being folded into A (see :mod:`lorahot.runtime.wide`, which keeps those
+reading ``x`` once, and a second GEMM accumulates the expand ``h @ B.T``
+into its output in place: one extra kernel per layer instead of two, and no scale multiply,
+the scale being folded into A (see :mod:`lorahot.runtime.wide`, which keeps those
 rows equal to the live A times its scale after every load, activation and scale change).
 """
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.kernels import lora_linear as fused_kernel
+from lorahot.kernels import wide_linear as wide_kernel
 from lorahot.layers.base import WIDE_BUFFER, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
 
 __all__ = ["LoRALinear", "linear_features", "is_conv1d"]
@@ -142,12 +143,10 @@ class LoRALinear(LoRALayer):
         return x.dtype == self.base_weight.dtype and not _needs_grad(x, self._base)
 
     def wide_forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``[y | h] = x @ [W; s*A].T`` in one GEMM, then ``y + bias + h @ B.T``: the add (and
-        the bias) land in one elementwise pass the compiler fuses with what follows."""
-        wide: torch.Tensor = getattr(self, WIDE_BUFFER)
-        n = self.spec.out_dim
-        yh = torch.nn.functional.linear(x, wide)
-        y = yh[..., :n] + torch.matmul(yh[..., n:], b)
+        """``[y | h] = x @ [W; s*A].T`` in one GEMM, then ``y += h @ B.T`` in place
+        (:mod:`lorahot.kernels.wide_linear`); the bias is added in the elementwise pass the
+        compiler fuses with what follows."""
+        y = wide_kernel.wide_linear(x, getattr(self, WIDE_BUFFER), b)
         bias = self._base.bias
         return y if bias is None else y + bias
 
