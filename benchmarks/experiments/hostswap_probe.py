@@ -23,8 +23,8 @@ import lorahot
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {
-    "narrow": dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2),
-    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4),
+    "narrow": {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "tinyllama": {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_key_value_heads": 4},
 }
 VIEWS = {
     "aten::view",
