@@ -6,6 +6,7 @@ the ops one swap issues (profiler, top-level aten ops: on a GPU each non-view op
 launch; ``_foreach_copy_`` is a few) and the median host time of one swap over many, one
 torch thread. ``narrow`` widths (default) make the copies negligible, so the time is the fixed
 overhead; ``PROBE_SHAPE=tinyllama`` uses the real widths (then CPU memcpy dominates).
+``PROBE_ROWS=1`` makes CPU packs land by rows as GPU ones do (``Arena.by_rows``).
 
     PYTHONPATH=. python -m benchmarks.experiments.hostswap_probe        (PROBE_DEVICE=cuda on a GPU)
 """
@@ -80,6 +81,9 @@ def main() -> None:
     reps = int(os.environ.get("PROBE_REPS", "300"))
     m = model(shape, device, dtype)
     runtime = lorahot.inject(m, TARGETS, max_rank=64)
+    if "PROBE_ROWS" in os.environ:  # 1: packs land by rows as on a GPU; 0: by pieces (the CPU's default)
+        for arena in getattr(runtime.buffers, "arenas", []):
+            arena.by_rows = os.environ["PROBE_ROWS"] == "1"
     print(f"{shape} on {device}: {len(runtime.layers)} layers, {runtime.nbytes / 1e6:.1f} MB of buffers")
     prepared = {r: runtime.preload(adapter(m, r), config={"r": r, "lora_alpha": 16}) for r in (8, 16, 64)}
     for rank in (8, 16, 64):

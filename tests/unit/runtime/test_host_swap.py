@@ -42,10 +42,15 @@ NETS = {"wide": Wide, "odd": Odd}
 NAMES = ["q", "up", "head"]
 
 
-def _pair(kind: str, slots: int = 1, max_rank: int = 64) -> tuple[nn.Module, lorahot.LoraRuntime]:
+def _pair(kind: str, slots: int = 1, max_rank: int = 64, by_rows: bool = True) -> tuple[nn.Module, lorahot.LoraRuntime]:
+    """A net and its runtime; ``by_rows`` as on a GPU (the CPU's default copies the pieces)."""
     torch.manual_seed(0)
     net = NETS[kind]()
-    return net, lorahot.inject(net, [*NAMES, "down"] if kind == "wide" else NAMES, max_rank=max_rank, slots=slots)
+    runtime = lorahot.inject(net, [*NAMES, "down"] if kind == "wide" else NAMES, max_rank=max_rank, slots=slots)
+    for arena in runtime.buffers.arenas:
+        assert not arena.by_rows  # the CPU's default
+        arena.by_rows = by_rows
+    return net, runtime
 
 
 def _state(runtime: lorahot.LoraRuntime) -> list:
@@ -72,14 +77,14 @@ STEPS = st.lists(
 )
 
 
-@pytest.mark.parametrize("kind", ["wide", "odd"])
+@pytest.mark.parametrize(("kind", "by_rows"), [("wide", True), ("wide", False), ("odd", True)])
 @given(steps=STEPS)
-def test_host_swap_writes_what_a_load_of_the_tensors_writes(kind: str, steps: list) -> None:
+def test_host_swap_writes_what_a_load_of_the_tensors_writes(kind: str, by_rows: bool, steps: list) -> None:
     """Two runtimes, one fed from the host cache, one from the tensors (the staged path): after
     every step (rank changes 64 -> 8 that leave stale rows, subsets, scales, slots) their
     buffers are bitwise equal."""
-    net, host = _pair(kind, slots=2)
-    _, direct = _pair(kind, slots=2)
+    net, host = _pair(kind, slots=2, by_rows=by_rows)
+    _, direct = _pair(kind, slots=2, by_rows=False)
     layers = list(host.layers)
     for seed, (ranks, full, scale, slot, activate) in enumerate(steps):
         if full:
@@ -87,7 +92,7 @@ def test_host_swap_writes_what_a_load_of_the_tensors_writes(kind: str, steps: li
         tensors = make_adapter(net, ranks, seed=seed)[0]
         prepared = host.preload(tensors)
         if kind == "wide":  # odd: by rows only where the pieces happen to share a long row
-            assert all(p.rows is not None for p in prepared.packs if p.sizes)
+            assert all((p.rows is not None) == by_rows for p in prepared.packs if p.sizes)
         host.load(prepared, slot=slot, scale=scale)
         direct.load(tensors, slot=slot, scale=scale)
         if activate:
@@ -132,15 +137,17 @@ def test_pack_layout_rows_and_index() -> None:
     assert all(start % 64 == 0 for start in (a_rows.index[0], b_rows.index[0], pack.scale_bytes[0]))
     assert pack.cover == 3  # every layer of the arena, least rank 3
     assert prepared.packs[1].cover == 8 and runtime.buffers.arenas[1].specs[0].in_dim == 64
+    cpu_net, cpu = _pair("wide", by_rows=False)  # the CPU's default: the pieces, by memcpy
+    assert all(p.rows is None for p in cpu.preload(make_adapter(cpu_net, {"q": 8, "head": 8}, seed=3)[0]).packs)
     odd_net, odd = _pair("odd", max_rank=4)
     packs = odd.preload(make_adapter(odd_net, {"q": 2, "up": 4}, seed=4)[0]).packs
     assert packs[0].rows is None and packs[0].cover == 2
     assert packs[1].sizes == [] and packs[1].cover == -1  # head untouched
 
 
-@pytest.mark.parametrize("kind", ["wide", "odd"])
-def test_loads_never_write_the_pack(kind: str) -> None:
-    net, runtime = _pair(kind, slots=2)
+@pytest.mark.parametrize(("kind", "by_rows"), [("wide", True), ("wide", False), ("odd", True)])
+def test_loads_never_write_the_pack(kind: str, by_rows: bool) -> None:
+    net, runtime = _pair(kind, slots=2, by_rows=by_rows)
     prepared = runtime.preload(make_adapter(net, {"q": 8, "head": 3}, seed=5)[0])
     before = [p.data.clone() for p in prepared.packs]
     for slot, scale in ((0, 1.0), (1, -2.5), (0, 0.0), (1, 7.0)):
@@ -178,9 +185,9 @@ def test_a_failed_host_swap_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> 
     _assert_same(_state(runtime), _state(fresh))
 
 
-@pytest.mark.parametrize("kind", ["wide", "odd"])
-def test_host_swap_inside_and_outside_inference_mode(kind: str) -> None:
-    net, runtime = _pair(kind)
+@pytest.mark.parametrize(("kind", "by_rows"), [("wide", True), ("wide", False), ("odd", True)])
+def test_host_swap_inside_and_outside_inference_mode(kind: str, by_rows: bool) -> None:
+    net, runtime = _pair(kind, by_rows=by_rows)
     prepared = runtime.preload(make_adapter(net, {"q": 8, "up": 8}, seed=8)[0])
     with torch.inference_mode():
         runtime.load(prepared)  # memoizes the row views here
