@@ -191,7 +191,8 @@ class LoraRuntime:
         The checks are :meth:`load`'s own (one validation path), so a preloaded adapter always
         loads. A later ``load(key)`` (when ``key`` is given), ``load(source)`` (a local path or
         Hub id with the same read options, its files unchanged since) or ``load(prepared)``
-        then only copies: one host-to-device copy per buffer. Safe to call from any thread.
+        then only copies: one host-to-device copy per arena, then (on a GPU) one row copy per
+        buffer and one write of the scales, none blocking the host. Safe to call from any thread.
         Raises what :meth:`load` raises.
         """
         _check_read_options(read_kwargs)
