@@ -3,8 +3,9 @@
 A 22-block Llama (154 LoRA layers, q/k/v/o/gate/up/down) with max_rank 64; adapters of ranks
 8/16/64 preloaded, then each loaded again and again as ``benchmarks/swap.py`` does. Per rank:
 the ops one swap issues (profiler, top-level aten ops: on a GPU each non-view op is about one
-launch; ``_foreach_copy_`` is a few) and the median host time of one swap over many, one
-torch thread. ``narrow`` widths (default) make the copies negligible, so the time is the fixed
+launch; ``_foreach_copy_`` is a few; on a GPU the device's own kernels and copies too), the
+median host time of one swap (until ``load`` returns) and its synced time, one torch thread;
+on a GPU also one pinned copy of the pack's bytes (the floor). ``narrow`` widths (default) make the copies negligible, so the time is the fixed
 overhead; ``PROBE_SHAPE=tinyllama`` uses the real widths (then CPU memcpy dominates).
 ``PROBE_ROWS=1`` makes CPU packs land by rows as GPU ones do (``Arena.by_rows``).
 
@@ -91,27 +92,45 @@ def main() -> None:
         for _ in range(5):
             runtime.load(p)
         sync(device)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
             runtime.load(p)
             sync(device)
         ops: collections.Counter[str] = collections.Counter()
-        events = [e for e in prof.events() if e.name.startswith("aten::")]
-        for e in events:  # top-level aten ops only (their children are the op's own work)
-            if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"):
-                ops[e.name] += 1
+        launches: collections.Counter[str] = collections.Counter()
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                launches[e.name[:60]] += 1  # kernels and memcpy/memset on the device
+            elif e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")):
+                ops[e.name] += 1  # top-level aten ops only (their children are the op's own work)
         work = {k: v for k, v in ops.items() if k not in VIEWS}
-        times = []
+        host, wall = [], []
         for _ in range(reps):
             sync(device)
-            t = time.perf_counter()
+            t0 = time.perf_counter()
             runtime.load(p)
+            t1 = time.perf_counter()
             sync(device)
-            times.append((time.perf_counter() - t) * 1e6)
-        med = statistics.median(times)
+            host.append((t1 - t0) * 1e6)
+            wall.append((time.perf_counter() - t0) * 1e6)
+        floor = ""
+        if device.type == "cuda":
+            dst = torch.empty_like(p.packs[0].data, device=device)
+            ts = []
+            for _ in range(reps):
+                sync(device)
+                t0 = time.perf_counter()
+                dst.copy_(p.packs[0].data, non_blocking=True)
+                sync(device)
+                ts.append((time.perf_counter() - t0) * 1e6)
+            floor = f"; one H2D copy of the pack {statistics.median(ts):.0f} us; device ops {dict(launches)}"
         print(
-            f"r{rank}: {p.nbytes / 1e6:.2f} MB packed; host {med:.0f} us/swap (median of {reps}); "
-            f"ops: {sum(work.values())} non-view {dict(sorted(work.items()))}; "
-            f"{sum(ops.values()) - sum(work.values())} view/alloc {dict(sorted((k, v) for k, v in ops.items() if k in VIEWS))}"
+            f"r{rank}: {p.nbytes / 1e6:.2f} MB packed; host {statistics.median(host):.0f} us/swap, synced "
+            f"{statistics.median(wall):.0f} us (medians of {reps}){floor}; aten ops: {sum(work.values())} non-view "
+            f"{dict(sorted(work.items()))}, {sum(ops.values()) - sum(work.values())} view/alloc "
+            f"{dict(sorted((k, v) for k, v in ops.items() if k in VIEWS))}"
         )
 
 
