@@ -111,7 +111,7 @@ class Pack:
         weights: ``(start, stop)`` bytes of the A and B^T sections in :attr:`data`.
         scale_bytes: ``(start, stop)`` bytes of the scales in :attr:`data`.
         rows: the A and B^T sections as :class:`Rows` (one ``index_copy_`` each), or None
-            when a row would be too short for its index to pay or the arena is on the CPU
+            when a row would be too short for its index to pay or the arena is not on CUDA
             (:attr:`Arena.by_rows`): then one ``_foreach_copy_`` over the pieces.
         cover: the largest extent the pack overwrites wholly (its least rank, when it writes
             every layer and none is grouped; -1 when it cannot cover a region): a write into a
@@ -163,10 +163,11 @@ class Arena:
         self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._flat: dict[tuple[int, int, int], list[torch.Tensor]] = {}
         self._grids: dict[tuple[int, int, int, torch.dtype], torch.Tensor] = {}
-        #: whether packs made from now on land by rows (:class:`Rows`) where they can: off the
-        #: CPU, where each copy is a launch that costs host time; on the CPU the copy of the
-        #: pieces is the faster one (memcpy; the CPU's ``index_copy_`` is about 3x slower).
-        self.by_rows = device.type != "cpu"
+        #: whether packs made from now on land by rows (:class:`Rows`) where they can: on CUDA,
+        #: where each copy is a launch that costs host time; on the CPU the copy of the pieces
+        #: is the faster one (memcpy; the CPU's ``index_copy_`` is about 3x slower), and other
+        #: devices keep the batched copy of the pieces they were tested with.
+        self.by_rows = device.type == "cuda"
         with torch.inference_mode(False):
             self._region = [(self.A[r], self.B[r], self.S[r]) for r in range(regions)]  # flat views per region
 
