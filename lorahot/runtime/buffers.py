@@ -15,9 +15,10 @@ convs, the first ``r / g`` rows of each of the ``g`` group slices); the rest sta
 Loads zero the region (skipped when the adapter rewrites every row that can be nonzero) and
 copy every layer in one batched call. A preloaded adapter (:class:`Pack`) travels to the
 device as one compact buffer holding its weights, its scales and, where the pieces share a
-long enough row length, a row index: then it lands by one ``index_copy_`` per tensor, and a
-swap from the host cache is four device operations (copy, two row copies, scales) with no
-per-layer work on the host. Shapes and addresses never change after construction.
+long enough row length, a row index: then (on CUDA) it lands by one ``index_copy_`` per
+tensor, and a swap from the host cache is four device operations (copy, two row copies,
+scales) with no per-layer work on the host and nothing that waits for the device. Shapes and
+addresses never change after construction.
 """
 
 from __future__ import annotations
