@@ -220,7 +220,8 @@ def test_host_swap_on_cuda_from_pinned_memory() -> None:
             torch.cuda.current_stream().wait_stream(side)
         else:
             runtime.load(prepared, scale=0.5)
-        del prepared  # the copy may still be reading the pinned block
+        runtime.cache.clear()
+        del prepared  # the last reference: the copy may still be reading the pinned block
         ref.load(tensors, scale=0.5)
         torch.cuda.synchronize()
         _assert_same(_state(runtime), _state(ref))
