@@ -13,13 +13,17 @@ Every layer's A and B are contiguous, so the forward's matrix products run on pl
 row-major operands. A rank-``r`` adapter fills the first ``r`` rows of each block (for grouped
 convs, the first ``r / g`` rows of each of the ``g`` group slices); the rest stays zero.
 Loads zero the region (skipped when the adapter rewrites every row that can be nonzero) and
-copy every layer in one batched call; a preloaded adapter travels
-to the device as one compact buffer first. Shapes and addresses never change after
-construction.
+copy every layer in one batched call. A preloaded adapter (:class:`Pack`) travels to the
+device as one compact buffer holding its weights, its scales and, where the pieces share a
+long enough row length, a row index: then (on CUDA) it lands by one ``index_copy_`` per
+tensor, and a swap from the host cache is four device operations (copy, two row copies,
+scales) with no per-layer work on the host and nothing that waits for the device. Shapes and
+addresses never change after construction.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +31,7 @@ import torch
 from lorahot.layers.base import LayerSpec
 from lorahot.layers.tensor_handles import TensorHandle
 
-__all__ = ["Arena", "Pack", "BufferManager"]
+__all__ = ["Arena", "Pack", "Rows", "BufferManager"]
 
 _ALIGN = 64  # elements; every block starts 128-byte aligned (bf16) for fast matmuls
 
@@ -38,18 +42,82 @@ def _round_up(n: int, k: int) -> int:
     return (n + k - 1) // k * k
 
 
+_PACK_ALIGN = 64  # bytes; every section of a Pack's data starts 64-byte aligned
+
+#: A row of a :class:`Rows` section holds at least this many bytes, so its 8-byte index adds
+#: at most 1/8 to the bytes copied; shorter rows take the batched copy of the pieces instead.
+_MIN_ROW_BYTES = 64
+_WIDE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def _row_plan(pieces: list[tuple[int, int]], start: int, itemsize: int) -> tuple[int, torch.dtype] | None:
+    """``(unit, wide)`` for copying ``(offset, length)`` pieces (elements; the section starts
+    at byte ``start`` of the pack) by rows: the longest row every offset and length is a
+    multiple of, and the widest integer type dividing a row and the section's start (bytes).
+    None when such a row is shorter than :data:`_MIN_ROW_BYTES`."""
+    unit = math.gcd(*(v for piece in pieces for v in piece))
+    if unit * itemsize < _MIN_ROW_BYTES:
+        return None
+    return unit, _WIDE[math.gcd(unit * itemsize, start, 8)]
+
+
+def _row_index(pieces: list[tuple[int, int]], unit: int) -> torch.Tensor:
+    """int64 ``[rows]``: for each row of ``unit`` elements of the packed pieces, in order, the
+    row of the region it belongs in."""
+    starts = torch.tensor([offset // unit for offset, _ in pieces], dtype=torch.int64)
+    counts = torch.tensor([length // unit for _, length in pieces], dtype=torch.int64)
+    firsts = torch.cumsum(counts, 0) - counts
+    return torch.repeat_interleave(starts - firsts, counts) + torch.arange(int(counts.sum()))
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One section of a :class:`Pack` (every layer's A, or every layer's B^T) copied into its
+    arena tensor as whole rows of ``unit`` elements by one ``index_copy_``.
+
+    Every piece of the section starts and ends on a multiple of ``unit``, in the pack and in
+    the region, so the section viewed ``[n, unit]`` lands by row: source row ``k`` goes to
+    row ``index[k]`` of the region viewed ``[-1, unit]``. Both sides are reinterpreted as
+    ``wide`` (the widest integer type that divides a row's bytes), so the copy moves bits.
+
+    Attributes:
+        data: ``(start, stop)`` bytes of the section in :attr:`Pack.data`.
+        index: ``(start, stop)`` bytes of its int64 row index in :attr:`Pack.data`.
+        unit: elements per row.
+        wide: the integer dtype both sides are copied as.
+    """
+
+    data: tuple[int, int]
+    index: tuple[int, int]
+    unit: int
+    wide: torch.dtype
+
+
 @dataclass
 class Pack:
     """One adapter's content for one arena, compact, in host memory, ready for one copy.
 
     Attributes:
-        data: flat ``[n]``: per layer, its A rows (group by group) then its B^T rows.
-        sizes: the length of each piece of ``data``, in the order of the layers'
-            :meth:`Arena.flat_views`.
+        data: flat bytes ``[n]`` (pinned for a GPU arena): the weights in the buffers' dtype
+            (every layer's A pieces, group by group, then every layer's B^T pieces); then,
+            each 64-byte aligned, the row index of each section when the pack is copied by
+            rows, and the per-layer scales. One host-to-device copy moves all of it. Never
+            written after :meth:`Arena.pack` returns (a copy may still be reading it).
+        sizes: the length of each piece of the weights, in elements, in packing order (the
+            order of :meth:`Arena._pieces`).
         ranks: ``(layer, rank)`` of every layer the adapter touches, in packing order.
         scales: ``[n_layers]`` float64 per-layer scale (before the user's multiplier), 0 where
-            the adapter does not touch a layer.
+            the adapter does not touch a layer: a view of the end of :attr:`data`.
         a_rows, b_rows: the most rows of A / B^T any layer uses.
+        weights: ``(start, stop)`` bytes of the A and B^T sections in :attr:`data`.
+        scale_bytes: ``(start, stop)`` bytes of the scales in :attr:`data`.
+        rows: the A and B^T sections as :class:`Rows` (one ``index_copy_`` each), or None
+            when a row would be too short for its index to pay or the arena is not on CUDA
+            (:attr:`Arena.by_rows`): then one ``_foreach_copy_`` over the pieces.
+        cover: the largest extent the pack overwrites wholly (its least rank, when it writes
+            every layer and none is grouped; -1 when it cannot cover a region): a write into a
+            region whose extents are at most this skips the zero fill.
+        pinned: whether :attr:`data` is pinned (copied without blocking the host).
     """
 
     data: torch.Tensor
@@ -58,12 +126,19 @@ class Pack:
     scales: torch.Tensor
     a_rows: int
     b_rows: int
-    #: per region, the destination views of :attr:`data`'s pieces (filled on first write)
+    weights: tuple[int, int]
+    scale_bytes: tuple[int, int]
+    rows: tuple[Rows, Rows] | None
+    cover: int
+    pinned: bool
+    #: per region, the destination views of the pieces (filled on first write; ``rows`` None)
     dsts: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    #: the pieces of :attr:`data` when it is written from where it is (a CPU arena)
+    srcs: list[torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes + self.scales.nbytes
+        return self.data.nbytes
 
 
 class Arena:
@@ -88,6 +163,14 @@ class Arena:
         self.b_extent = [0] * regions
         self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._flat: dict[tuple[int, int, int], list[torch.Tensor]] = {}
+        self._grids: dict[tuple[int, int, int, torch.dtype], torch.Tensor] = {}
+        #: whether packs made from now on land by rows (:class:`Rows`) where they can: on CUDA,
+        #: where each copy is a launch that costs host time; on the CPU the copy of the pieces
+        #: is the faster one (memcpy; the CPU's ``index_copy_`` is about 3x slower), and other
+        #: devices keep the batched copy of the pieces they were tested with.
+        self.by_rows = device.type == "cuda"
+        with torch.inference_mode(False):
+            self._region = [(self.A[r], self.B[r], self.S[r]) for r in range(regions)]  # flat views per region
 
     @staticmethod
     def scale_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -171,33 +254,121 @@ class Arena:
             found = self._flat[key] = [*(g.reshape(-1) for g in a.unbind(0)), b.reshape(-1)]
         return found
 
-    def pack(self, entries: list[Entry], *, pin: bool) -> Pack:
-        """Packs ``(layer, A, B)`` triples compactly into one host buffer (pinned if ``pin``),
-        in the order and sizes of their :meth:`flat_views`."""
-        sizes, ranks = [], {}
-        for i, a, _ in entries:
-            spec, r = self.specs[i], a.shape[0]
-            ranks[i] = r
-            sizes += [r // spec.groups * spec.in_dim] * spec.groups + [r // spec.groups * spec.out_dim]
-        data = torch.empty(sum(sizes), dtype=self.dtype, pin_memory=pin)
-        pieces = iter(data.split(sizes))
-        for i, a, b in entries:
-            src_a, src_b = self.sources(i, a, b)
-            for group in src_a.unbind(0):
+    def pack(self, entries: list[Entry], scales: torch.Tensor, *, pin: bool) -> Pack:
+        """Packs ``(layer, A, B)`` triples and their per-layer ``scales`` (float64 ``[n_layers]``)
+        into one host buffer (pinned if ``pin``), laid out as :class:`Pack` describes."""
+        ranks = {i: a.shape[0] for i, a, _ in entries}
+        a_pieces, b_pieces = self._pieces(ranks)
+        size = self.dtype.itemsize
+        a_end = sum(n for _, n in a_pieces) * size
+        weights = (0, a_end + sum(n for _, n in b_pieces) * size)
+        sections = [(a_pieces, (0, a_end)), (b_pieces, (a_end, weights[1]))]
+        plans = [p for pieces, (start, _) in sections if (p := _row_plan(pieces, start, size)) is not None]
+        pos = _round_up(weights[1], _PACK_ALIGN)
+        rows: tuple[Rows, Rows] | None = None
+        indices: list[torch.Tensor] = []
+        if self.by_rows and ranks and len(plans) == 2:  # else the batched copy of the pieces
+            found = []
+            for (pieces, span), (unit, wide) in zip(sections, plans):
+                indices.append(_row_index(pieces, unit))
+                found.append(Rows(span, (pos, pos + indices[-1].nbytes), unit, wide))
+                pos = _round_up(pos + indices[-1].nbytes, _PACK_ALIGN)
+            rows = (found[0], found[1])
+        scale_bytes = (pos, pos + len(self.specs) * 8)
+        data = torch.empty(scale_bytes[1], dtype=torch.uint8, pin_memory=pin)
+        pieces = iter(data[: weights[1]].view(self.dtype).split([n for _, n in a_pieces + b_pieces]))
+        for i, a, b in entries:  # every layer's A groups first
+            for group in self.sources(i, a, b)[0].unbind(0):
                 next(pieces).view_as(group).copy_(group)
+        for i, a, b in entries:  # then every layer's B^T
+            src_b = self.sources(i, a, b)[1]
             next(pieces).view_as(src_b).copy_(src_b)
+        for section, index in zip(rows or (), indices):
+            data[section.index[0] : section.index[1]].view(torch.int64).copy_(index)
+        packed_scales = data[scale_bytes[0] :].view(torch.float64)
+        packed_scales.copy_(scales)
         a_rows, b_rows = self.extents(ranks)
-        return Pack(data, sizes, list(ranks.items()), torch.zeros(len(self.specs), dtype=torch.float64), a_rows, b_rows)
-
-    def write(self, region: int, pack: Pack, multiplier: float) -> None:
-        """Copies ``pack`` into ``region`` in place: one transfer, one zero fill, one batched copy."""
-        data = pack.data.to(self.device, non_blocking=pack.data.is_pinned())
-        dsts = pack.dsts.get(region)
-        if dsts is None:
-            dsts = pack.dsts[region] = [piece for i, r in pack.ranks for piece in self.flat_views(i, region, r)]
-        self._write(
-            region, dsts, list(data.split(pack.sizes)), pack.scales * multiplier, pack.ranks, pack.a_rows, pack.b_rows
+        return Pack(
+            data,
+            [n for _, n in a_pieces + b_pieces],
+            list(ranks.items()),
+            packed_scales,
+            a_rows,
+            b_rows,
+            weights=weights,
+            scale_bytes=scale_bytes,
+            rows=rows,
+            cover=self._cover(list(ranks.items())),
+            pinned=pin,
         )
+
+    def _pieces(self, ranks: dict[int, int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """``(offset, length)`` in a region (elements) of every piece of A (group by group) and
+        of B^T that layers ``{index: rank}`` write, in the order :meth:`pack` lays them out:
+        the pieces of :meth:`flat_views`, every layer's A ones first."""
+        a_pieces, b_pieces = [], []
+        for i, r in ranks.items():
+            spec = self.specs[i]
+            per, cap = r // spec.groups, self.rank // spec.groups
+            a_pieces += [(self.a_off[i] + j * cap * spec.in_dim, per * spec.in_dim) for j in range(spec.groups)]
+            b_pieces.append((self.b_off[i], per * spec.out_dim))
+        return a_pieces, b_pieces
+
+    def stage(self, pack: Pack) -> torch.Tensor:
+        """``pack.data`` on this arena's device: one copy (none on the CPU), which does not
+        block the host when the pack is pinned. Safe: a pack's data is never written, and
+        torch's pinned-memory allocator keeps a block that a copy still reads until the copy
+        is done, even if the pack is dropped meanwhile."""
+        return pack.data.to(self.device, non_blocking=pack.pinned)
+
+    def write(self, region: int, pack: Pack, staged: torch.Tensor, multiplier: float) -> None:
+        """Copies ``pack`` (``staged``: its data on this device, from :meth:`stage`) into
+        ``region`` in place: a zero fill unless the pack covers the region, one ``index_copy_``
+        per section (or one batched copy of the pieces), one write of the scales.
+
+        The caller has validated everything before: nothing here can fail on bad input.
+        """
+        a, b, s = self._region[region]
+        with torch.no_grad():
+            if max(self.a_extent[region], self.b_extent[region]) > pack.cover:
+                a.zero_()
+                b.zero_()
+            if pack.rows is not None:
+                for which, rows in enumerate(pack.rows):
+                    dst = self._grid(which, region, rows)
+                    index = staged[rows.index[0] : rows.index[1]].view(torch.int64)
+                    src = staged[rows.data[0] : rows.data[1]].view(rows.wide).view(-1, dst.shape[1])
+                    dst.index_copy_(0, index, src)
+            elif pack.sizes:
+                dsts = pack.dsts.get(region)
+                if dsts is None:
+                    dsts = pack.dsts[region] = self._pack_dsts(region, pack.ranks)
+                srcs = pack.srcs if staged is pack.data else None  # on the CPU: no copy, the same pieces
+                if srcs is None:
+                    srcs = list(staged[pack.weights[0] : pack.weights[1]].view(self.dtype).split(pack.sizes))
+                    if staged is pack.data:
+                        pack.srcs = srcs
+                torch._foreach_copy_(dsts, srcs)
+            torch.mul(staged[pack.scale_bytes[0] : pack.scale_bytes[1]].view(torch.float64), multiplier, out=s)
+        self.a_extent[region], self.b_extent[region] = pack.a_rows, pack.b_rows
+
+    def _grid(self, which: int, region: int, rows: Rows) -> torch.Tensor:
+        """``region`` of A (``which`` 0) or B (1) viewed as rows of ``rows.unit`` elements,
+        reinterpreted as ``rows.wide`` (memoized)."""
+        key = (which, region, rows.unit, rows.wide)
+        found = self._grids.get(key)
+        if found is None:
+            flat = self._region[region][which]
+            n = flat.shape[0] // rows.unit * rows.unit
+            width = rows.unit * self.dtype.itemsize // rows.wide.itemsize
+            with torch.inference_mode(False):  # made in inference mode, a dtype view could not be written outside
+                found = self._grids[key] = flat[:n].view(rows.wide).view(-1, width)
+        return found
+
+    def _pack_dsts(self, region: int, ranks: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """The destination views of a pack's pieces in ``region``, in packing order."""
+        views = [self.flat_views(i, region, r) for i, r in ranks]
+        return [piece for v in views for piece in v[:-1]] + [v[-1] for v in views]
 
     def write_staged(self, region: int, entries: list[Entry], scales: torch.Tensor, multiplier: float) -> None:
         """Writes ``(layer, A, B)`` triples (already on this device) straight into ``region``."""
@@ -210,12 +381,18 @@ class Arena:
         a_rows, b_rows = self.extents(dict(ranks))
         self._write(region, dsts, srcs, scales * multiplier, ranks, a_rows, b_rows)
 
+    def _cover(self, ranks: list[tuple[int, int]]) -> int:
+        """The largest extent a write of ``(layer, rank)`` pairs overwrites wholly: its least
+        rank when it writes every layer (each once) and none is grouped, else -1."""
+        if len(ranks) != len(self.specs) or any(self.specs[i].groups != 1 for i, _ in ranks):
+            return -1
+        return min(r for _, r in ranks)
+
     def _covers(self, region: int, ranks: list[tuple[int, int]]) -> bool:
         """Whether writing ``(layer, rank)`` pairs overwrites every row ``region`` may hold
         nonzero: every layer written (each once), none grouped, each at a rank at least the
         region's current extent. Then the zero fill can be skipped."""
-        held = max(self.a_extent[region], self.b_extent[region])
-        return len(ranks) == len(self.specs) and all(self.specs[i].groups == 1 and r >= held for i, r in ranks)
+        return max(self.a_extent[region], self.b_extent[region]) <= self._cover(ranks)
 
     def _write(
         self,
@@ -325,9 +502,12 @@ class BufferManager:
         return live and slot != self.live
 
     def write(self, slot: int, packs: list[Pack], multiplier: float, *, live: bool) -> None:
-        """Copies one pack per arena into ``slot``, and into the live region if ``live``."""
-        for arena, pack in zip(self.arenas, packs):
-            arena.write(slot, pack, multiplier)
+        """Copies one pack per arena into ``slot``, and into the live region if ``live``.
+
+        Every pack is staged on its device first, so a failed allocation changes nothing."""
+        staged = [arena.stage(pack) for arena, pack in zip(self.arenas, packs)]
+        for arena, pack, data in zip(self.arenas, packs, staged):
+            arena.write(slot, pack, data, multiplier)
             if self._mirrored(slot, live):
                 arena.copy_region(slot, self.live)
 

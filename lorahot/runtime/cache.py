@@ -2,8 +2,11 @@
 
 ``runtime.preload(source)`` does all the work of a load except the final copies and keeps the
 result here (in pinned memory when the model is on a GPU), so a later ``runtime.load(source)``
-is only a handful of host-to-device copies. ``runtime.prefetch(source)`` does the same on a
-background thread. The cache is bounded in bytes and evicts the least recently used entry.
+is one host-to-device copy per arena and a few device operations (see
+:class:`~lorahot.runtime.buffers.Pack`). An entry's tensors are never written after it is
+made: loads only read them, and the checks they passed at preload are not repeated.
+``runtime.prefetch(source)`` does the same on a background thread. The cache is bounded in
+bytes and evicts the least recently used entry.
 
 Thread safety: the cache's own state is guarded by a lock, so preloads and prefetches may run
 on any thread. Loads, activations and forwards must still be issued from one thread at a time.

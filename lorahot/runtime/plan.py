@@ -355,7 +355,5 @@ def pack_host(checked: Checked, buffers: BufferManager) -> list[Pack]:
     packs = []
     with torch.no_grad():
         for arena, entries, scales in zip(buffers.arenas, checked.entries, checked.plan.scales):
-            pack = arena.pack(entries, pin=arena.device.type == "cuda")
-            pack.scales.copy_(scales)
-            packs.append(pack)
+            packs.append(arena.pack(entries, scales, pin=arena.device.type == "cuda"))
     return packs
