@@ -189,14 +189,16 @@ def _to(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     return out
 
 
-def build(tiny: bool, device: torch.device, workdir: Path | None = None) -> DiffusionWorkload:
+def build(
+    tiny: bool, device: torch.device, workdir: Path | None = None, dtype: torch.dtype | None = None
+) -> DiffusionWorkload:
     """Builds the UNet once in float32 (the reference model), rounds its weights to the
     benchmark dtype, and makes, saves and applies the adapters; keeps the float32 outputs."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
     from peft import LoraConfig, get_peft_model_state_dict
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = TINY_UNET if tiny else SDXL_UNET
     name = "tiny SDXL-structured UNet" if tiny else "SDXL UNet (random weights)"
     t = time.perf_counter()
