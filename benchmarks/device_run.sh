@@ -1,12 +1,33 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the benchmark suites. Run from the repo root:
 #   bash benchmarks/device_run.sh [SUITES...]      (default: gpu-tests swap forward fullgraph)
-# Wheels for packages the device lacks (google-re2; pytest/hypothesis where missing) travel in
-# .whl/ (name it in the call's carry); results land in $OUT if set.
+# Wheels for packages the device lacks (google-re2; pytest/hypothesis where missing; diffusers and
+# what it imports that torch/transformers/peft do not bring: Pillow, requests and its four, and
+# huggingface_hub >= 1.32) travel in .whl/ (name it in the call's carry). A wheel is installed only
+# where the device has no such distribution or an older one (/tmp/site comes first on the path,
+# so it would shadow the device's own). Results land in $OUT if set.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  need=$(python3 - .whl/*.whl <<'EOF_PY'
+import importlib.metadata as md, os, sys
+from packaging.version import Version
+for wheel in sys.argv[1:]:
+    dist, version = os.path.basename(wheel).split("-")[:2]
+    try:
+        have = md.version(dist)
+    except md.PackageNotFoundError:
+        have = None
+    if have is None or Version(have) < Version(version):
+        print(wheel)
+    else:
+        print(f"{dist} {have} installed, {version} not needed", file=sys.stderr)
+EOF_PY
+)
+  if [ -n "$need" ]; then
+    echo "installing to /tmp/site:" $need
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $need && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  fi
 fi
 OUT=${OUT:-/tmp/lorahot-out}; mkdir -p "$OUT"
 STAMP=$(mktemp); touch "$STAMP"  # only this call's run files go back (a call returns a few files)
@@ -16,7 +37,7 @@ for step in "${@:-gpu-tests swap forward fullgraph}"; do
     echo "=== $s $(date +%T)"
     case $s in
       gpu-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=short tests 2>&1 | tail -25 ;;
-      swap|forward|fullgraph|rows) timeout 560 python3 -m benchmarks.run --suite "$s" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-$s.log" | grep -v '^ ' | tail -40 ;;
+      swap|forward|fullgraph|rows|diffusion) timeout 560 python3 -m benchmarks.run --suite "$s" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-$s.log" | grep -v '^ ' | tail -40 ;;
     esac
   done
 done

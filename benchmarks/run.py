@@ -5,8 +5,9 @@
 
 Suites: ``swap`` (file / host cache / slot activation / memory), ``forward`` (compiled latency
 and recompiles, default and reduce-overhead), ``fullgraph`` (recompiles with fullgraph=True),
-``all``. Each run's full JSON goes to ``results/runs/``; ``latest.json`` merges the newest
-figure of every field, in the schema the README table reads.
+``all``; ``rows`` and ``diffusion`` (an SDXL-shaped UNet, ``--tiny`` on a CPU) run on their
+own. Each run's full JSON goes to ``results/runs/``; ``latest.json`` merges the newest figure of
+every field, in the schema the README table reads.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import argparse
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks import forward, rows, swap
+from benchmarks import diffusion, forward, rows, swap
 from benchmarks.common import RESULTS, device_name, merge_results
 from benchmarks.workload import RANKS, build
 
@@ -100,10 +102,30 @@ def table(latest: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["swap", "forward", "fullgraph", "rows", "all"], default="all")
+    parser.add_argument("--suite", choices=["swap", "forward", "fullgraph", "rows", "diffusion", "all"], default="all")
     parser.add_argument("--small", action="store_true", help="2-layer model (CPU friendly)")
+    parser.add_argument("--tiny", action="store_true", help="diffusion suite: a tiny UNet (the default on a CPU)")
+    parser.add_argument(
+        "--regional",
+        action="store_true",
+        help="diffusion suite: compile each BasicTransformerBlock, not the whole UNet",
+    )
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="diffusion suite: torch.compile backend (default inductor; eager on a CPU, where inductor takes minutes)",
+    )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="diffusion suite: seconds after the start by which the run must be done; a compile that would leave "
+        "no time for the timing rounds is abandoned, its configuration reported as not compiled in time",
+    )
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per figure (median)")
-    parser.add_argument("--modes", default="reduce-overhead,default")
+    parser.add_argument(
+        "--modes", default=None, help="compile modes (default: reduce-overhead,default; the diffusion suite: default)"
+    )
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT in the forward suite")
     parser.add_argument(
         "--configs",
@@ -116,11 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
+    start = time.perf_counter()
 
     import peft
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    modes = [m for m in args.modes.split(",") if m and (device.type == "cuda" or m == "default")]
+    wanted = args.modes or ("default" if args.suite == "diffusion" else "reduce-overhead,default")
+    modes = [m for m in wanted.split(",") if m and (device.type == "cuda" or m == "default")]
+    if args.suite == "diffusion":
+        return _diffusion(args, argv, device, modes, start)
     parallel_rows = args.suite == "rows" and args.parallel  # the workers build their own
     w = None if parallel_rows else build(args.small, device)
     refs = {} if w is None else {r: swap.eager_reference(w, r) for r in RANKS}
@@ -175,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     for name, step in steps.items():
-        if args.suite != name and (args.suite != "all" or name == "rows"):  # rows: its own calls
+        if args.suite != name and (args.suite != "all" or name == "rows"):  # rows, diffusion: their own calls
             continue
         merge_dict(raw, step())
         run_file.write_text(json.dumps(raw, indent=1))  # saved after every suite
@@ -183,6 +209,58 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name} done]", flush=True)
     print(json.dumps(raw, indent=1))
     print(table(latest))
+    return 0
+
+
+def _diffusion(
+    args: argparse.Namespace, argv: list[str] | None, device: torch.device, modes: list[str], start: float
+) -> int:
+    """The diffusion suite: its own workload (a UNet), saved after every configuration."""
+    import diffusers
+    import peft
+
+    tiny = args.tiny or device.type == "cpu"
+    w = diffusion.build(tiny, device)
+    raw: dict[str, Any] = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "diffusers": diffusers.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "workload": w.name,
+    }
+    runs = args.out.parent / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    run_file = runs / f"{stamp}-diffusion{'-tiny' if tiny else ''}.json"
+    out = args.out if not tiny or args.out != RESULTS / "latest.json" else RESULTS / "latest-tiny.json"
+    latest: dict[str, Any] = {}
+
+    def save(partial: dict[str, Any]) -> None:
+        nonlocal latest
+        merged = json.loads(json.dumps(raw))
+        merge_dict(merged, partial)
+        run_file.write_text(json.dumps(merged, indent=1))
+        fields = diffusion.summary(
+            merged, run_file.name
+        )  # the top-level device / workload fields describe the LLM figures
+        fields["diffusion_run"] = {**{k: merged[k] for k in raw}, "run_file": run_file.name}
+        latest = merge_results(out, fields)
+
+    result = diffusion.run(
+        w,
+        args.repeat,
+        modes,
+        only=[c for c in args.configs.split(",") if c],
+        regional=args.regional,
+        backend=args.backend or ("inductor" if device.type == "cuda" else "eager"),
+        deadline=None if args.deadline_s is None else start + args.deadline_s,
+        save=save,
+    )
+    save(result)
+    print(f"[diffusion done in {time.perf_counter() - start:.0f} s] {run_file}")
+    print(json.dumps({k: v for k, v in latest.items() if k.startswith(("diffusion", "compile_s"))}, indent=1))
     return 0
 
 

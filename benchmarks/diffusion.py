@@ -1,0 +1,580 @@
+"""Diffusion suite: one compiled denoising step of an SDXL-shaped UNet with a rank-64 LoRA on
+its 700 attention and feed-forward linears, for the base model, lorahot, lorahot merged and
+diffusers/PEFT (``enable_lora_hotswap`` + ``load_lora_adapter(hotswap=True)``) in one process;
+swaps from file; recompiles after a swap; compile time; error against float32.
+
+    python -m benchmarks.run --suite diffusion [--configs base,lorahot,lorahot_merged,diffusers]
+        [--modes default,reduce-overhead] [--regional] [--tiny] [--deadline-s 540]
+
+Workload: ``UNet2DConditionModel`` from the SDXL base config (:data:`SDXL_UNET`, 2.57 B
+parameters) with random weights in bf16, one CFG step (batch 2) on 128x128 latents (1024 px),
+``encoder_hidden_states [2, 77, 2048]``, ``text_embeds [2, 1280]``, ``time_ids [2, 6]``. On a
+CPU, or with ``--tiny``, a 3-level UNet of the same structure (:data:`TINY_UNET`) in float32.
+
+Adapters: made by PEFT on the UNet (``LoraConfig(target_modules=TARGETS)``, random A and B),
+rounded to the model's dtype and written with diffusers' ``save_lora_weights`` (``unet.``
+prefix, PEFT names, ``lora_adapter_metadata``): ``A`` rank 64 (alpha 64), ``B`` rank 32
+(alpha 64). Every configuration runs with ``A``; swaps go to ``B`` and back, from the file.
+
+Reference: the same weights in float32 with PEFT's layers injected (the adapter as made),
+eager; every timed configuration's output is compared with it (``||out - ref|| / ||ref||``),
+next to how far the adapter moves the reference (``adapter_effect``).
+
+Compiling: ``torch.compile(unet)`` on the whole model (what a user writes), or with
+``--regional`` each ``BasicTransformerBlock`` in place (what diffusers'
+``compile_repeated_blocks`` does: the UNet's ``_repeated_blocks``). Each configuration is
+compiled once (``compile_s``: its first call), timed for one round, swapped and checked, and
+saved; then every configuration is timed in interleaved rounds. A call cut off by its time
+limit keeps every configuration it finished; with a deadline, a compile that would leave no
+time for the last rounds is abandoned. Before any compile, the swaps are also timed on
+uncompiled models (the same code), so the comparison with diffusers does not depend on its
+compile fitting in the call.
+"""
+
+from __future__ import annotations
+
+import gc
+import signal
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lorahot
+from benchmarks.common import median_ms, rel_err, sync
+
+#: diffusers' UNet2DConditionModel config of stabilityai/stable-diffusion-xl-base-1.0.
+SDXL_UNET: dict[str, Any] = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": (5, 10, 20),
+    "block_out_channels": (320, 640, 1280),
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": (1, 2, 10),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+#: The same structure, small: 3 levels, text_time embedding, linear projections, 11 blocks.
+TINY_UNET: dict[str, Any] = {
+    **SDXL_UNET,
+    "addition_time_embed_dim": 8,
+    "attention_head_dim": (2, 4, 4),
+    "block_out_channels": (32, 64, 64),
+    "cross_attention_dim": 32,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,  # text_embeds + 6 time ids x 8
+    "sample_size": 16,
+    "transformer_layers_per_block": (1, 1, 2),
+}
+
+#: "to_q/to_k/to_v/to_out.0/ff" of the issue: the attention projections of attn1 and attn2,
+#: and the feed-forward's two linears (GEGLU's ``proj`` and the output linear).
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+ADAPTERS = {"A": (64, 64), "B": (32, 64)}  # name -> (rank, lora_alpha)
+MAX_RANK = 64
+CONFIGS = ("base", "lorahot", "lorahot_merged", "diffusers")
+DIFFUSERS_ADAPTER = "default_0"
+ROUNDS = 3
+SWAPS = 6  # timed swaps per configuration (B, A, B, A, ...), each followed by a step
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class DiffusionWorkload:
+    name: str
+    config: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    base_state: dict[str, torch.Tensor]
+    adapters: dict[str, Path]  # adapter name -> directory holding WEIGHT_NAME
+    inputs: dict[str, Any]  # the UNet's keyword arguments, in ``dtype``
+    reference: dict[str, torch.Tensor] = field(default_factory=dict)  # "base", "A", "B": float32
+    layers: int = 0
+    adapter_bytes: dict[str, int] = field(default_factory=dict)
+
+    def fresh_unet(self) -> torch.nn.Module:
+        """A new UNet holding copies of the base weights (built on the meta device: no init)."""
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**self.config)
+        unet.load_state_dict({k: v.clone() for k, v in self.base_state.items()}, assign=True)
+        return unet.eval().requires_grad_(False)
+
+    def file(self, adapter: str) -> Path:
+        return self.adapters[adapter] / WEIGHT_NAME
+
+
+@contextmanager
+def _exact_float32() -> Iterator[None]:
+    """No TF32 in the reference (cuDNN convolutions use it by default)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _inputs(config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """One CFG step: batch 2 at the config's sample size, 77 text tokens, SDXL's time ids."""
+    g = torch.Generator().manual_seed(1)
+    size = config["sample_size"]
+    text = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    time_ids = torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * 2, dtype=torch.float32)
+    return {
+        "sample": torch.randn(2, config["in_channels"], size, size, generator=g).to(device, dtype),
+        "timestep": torch.tensor(500.0, device=device),  # a tensor, as schedulers pass it
+        "encoder_hidden_states": torch.randn(2, 77, config["cross_attention_dim"], generator=g).to(device, dtype),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(2, text, generator=g).to(device, dtype),
+            "time_ids": time_ids.to(device, dtype),
+        },
+    }
+
+
+def _to(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in inputs.items():
+        if isinstance(v, dict):
+            out[k] = _to(v, dtype)
+        else:
+            out[k] = v if k == "timestep" else v.to(dtype)
+    return out
+
+
+def build(
+    tiny: bool, device: torch.device, workdir: Path | None = None, dtype: torch.dtype | None = None
+) -> DiffusionWorkload:
+    """Builds the UNet once in float32 (the reference model), rounds its weights to the
+    benchmark dtype, and makes, saves and applies the adapters; keeps the float32 outputs."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    config = TINY_UNET if tiny else SDXL_UNET
+    name = "tiny SDXL-structured UNet" if tiny else "SDXL UNet (random weights)"
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = UNet2DConditionModel(**config).eval().requires_grad_(False)  # float32, default init
+    base_state = {k: v.to(dtype).clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(base_state)  # the reference holds exactly the benchmark's weights
+    inputs = _inputs(config, device, dtype)
+    inputs32 = _to(inputs, torch.float32)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="lorahot-diffusion-"))
+    w = DiffusionWorkload(name, config, device, dtype, base_state, {}, inputs)
+    with torch.inference_mode(), _exact_float32():
+        w.reference["base"] = model(**inputs32).sample.float()
+    for i, (adapter, (rank, alpha)) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(100 + i)
+        lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False)
+        model.add_adapter(lora_config, adapter_name=adapter)
+        model.set_adapter(adapter)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if f"lora_B.{adapter}." in pname:  # B as spread as A, so the adapter moves the output
+                    p.normal_(0, 0.05)
+                if f".{adapter}." in pname:
+                    p.copy_(p.to(dtype))  # saved in the model's dtype: the reference uses those values
+        state = {
+            k: v.to("cpu", dtype).contiguous()
+            for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()
+        }
+        w.layers = len(state) // 2
+        metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.to_dict().items()}
+        w.adapters[adapter] = workdir / adapter
+        StableDiffusionXLLoraLoaderMixin.save_lora_weights(  # what StableDiffusionXLPipeline writes
+            w.adapters[adapter], unet_lora_layers=state, unet_lora_adapter_metadata=metadata, weight_name=WEIGHT_NAME
+        )
+        w.adapter_bytes[adapter] = w.file(adapter).stat().st_size
+        with torch.inference_mode(), _exact_float32():
+            w.reference[adapter] = model(**inputs32).sample.float()
+        model.delete_adapters(adapter)
+    del model
+    _free(device)
+    print(
+        f"[diffusion] {name}: {sum(v.numel() for v in base_state.values()) / 1e9:.3f} B parameters, "
+        f"{w.layers} LoRA layers ({', '.join(TARGETS)}), adapters {w.adapter_bytes} bytes, "
+        f"built in {time.perf_counter() - t:.1f} s",
+        flush=True,
+    )
+    return w
+
+
+def adapter_effect(w: DiffusionWorkload) -> dict[str, float]:
+    """How far each adapter moves the float32 output: ``||ref_adapter - ref_base|| / ||ref_base||``."""
+    return {a: rel_err(w.reference[a], w.reference["base"]) for a in ADAPTERS}
+
+
+# --- configurations -------------------------------------------------------------------------
+
+
+def _compile(unet: torch.nn.Module, mode: str, regional: bool, backend: str) -> Callable[..., Any]:
+    kwargs: dict[str, Any] = {"backend": backend}
+    if mode != "default":
+        kwargs["mode"] = mode
+    if not regional:
+        return torch.compile(unet, **kwargs)
+    blocks = getattr(unet, "_repeated_blocks", None) or ["BasicTransformerBlock"]
+    compiled = 0
+    for module in unet.modules():  # what ModelMixin.compile_repeated_blocks does
+        if type(module).__name__ in blocks:
+            module.compile(**kwargs)
+            compiled += 1
+    if not compiled:
+        raise RuntimeError(f"no {blocks} in {type(unet).__name__}")
+    return unet
+
+
+@dataclass
+class Config:
+    """One prepared configuration: its compiled step and what a swap does on it."""
+
+    step: Callable[[], torch.Tensor]
+    swap: Callable[[str], None] | None  # adapter name -> loads it from its file
+    keep: Any  # what must stay alive (the model, the runtime)
+    info: dict[str, Any]
+
+
+def _stepper(model: Callable[..., Any], inputs: dict[str, Any]) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(**inputs).sample
+
+    return step
+
+
+def _prepare(name: str, w: DiffusionWorkload, mode: str, regional: bool, backend: str | None) -> Config:
+    """Builds one configuration with adapter ``A`` loaded and compiles it (the first call;
+    ``backend=None``: not compiled)."""
+    unet = w.fresh_unet()
+    info: dict[str, Any] = {}
+    swap: Callable[[str], None] | None = None
+    keep: Any = unet
+    if name in ("lorahot", "lorahot_merged"):
+        runtime = lorahot.inject(unet, TARGETS, max_rank=MAX_RANK, merged=name == "lorahot_merged")
+        info["layers"] = len(runtime.layers)
+        runtime.load(w.file("A"))
+
+        def swap(adapter: str) -> None:
+            runtime.load(w.file(adapter))
+
+        keep = (unet, runtime)
+    elif name == "diffusers":
+        unet.enable_lora_hotswap(target_rank=MAX_RANK)
+        unet.load_lora_adapter(
+            str(w.adapters["A"]), prefix="unet", adapter_name=DIFFUSERS_ADAPTER, weight_name=WEIGHT_NAME
+        )
+        info["lora_dtype"] = str(next(p.dtype for n, p in unet.named_parameters() if "lora_A" in n))
+
+        def swap(adapter: str) -> None:
+            unet.load_lora_adapter(
+                str(w.adapters[adapter]),
+                prefix="unet",
+                adapter_name=DIFFUSERS_ADAPTER,
+                weight_name=WEIGHT_NAME,
+                hotswap=True,
+            )
+
+    elif name != "base":
+        raise ValueError(f"unknown diffusion configuration {name!r}; choose from {CONFIGS}")
+    step = _stepper(unet if backend is None else _compile(unet, mode, regional, backend), w.inputs)
+    graphs = _unique_graphs()
+    sync(w.device)
+    t = time.perf_counter()
+    out = step()
+    sync(w.device)
+    info["compile_s"] = round(time.perf_counter() - t, 1)
+    info["graphs"] = _unique_graphs() - graphs
+    ref = "base" if name == "base" else "A"
+    info["rel_err"] = {ref: rel_err(out.float(), w.reference[ref])}
+    return Config(step, swap, keep, info)
+
+
+def _unique_graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def _swaps(cfg: Config, w: DiffusionWorkload, swaps: int) -> dict[str, Any]:
+    """``swaps`` timed swaps from file (B, A, B, ...), each followed by a step; the step after
+    the first swap to B is checked against B's reference. Ends with A loaded. Counts graphs
+    compiled meanwhile (0 = no recompile)."""
+    assert cfg.swap is not None
+    graphs = _unique_graphs()
+    times, errs = [], {}
+    order = ["B" if i % 2 == 0 else "A" for i in range(max(2, swaps + swaps % 2))]
+    for adapter in order:
+        sync(w.device)
+        t = time.perf_counter()
+        cfg.swap(adapter)
+        sync(w.device)
+        times.append((time.perf_counter() - t) * 1e3)
+        out = cfg.step()
+        if adapter not in errs:
+            errs[adapter] = rel_err(out.float(), w.reference[adapter])
+    return {
+        "swap_ms": statistics.median(times),
+        "swap_ms_all": times,
+        "recompiles": _unique_graphs() - graphs,
+        "swap_rel_err": errs,
+    }
+
+
+# --- the suite ------------------------------------------------------------------------------
+
+
+def mode_label(mode: str, regional: bool, backend: str) -> str:
+    how = "regional (each BasicTransformerBlock)" if regional else "whole model"
+    return f"{mode}, {how}" + ("" if backend == "inductor" else f", backend {backend}")
+
+
+def uncompiled_swaps(w: DiffusionWorkload, names: list[str]) -> dict[str, Any]:
+    """Swaps from file on the uncompiled UNet (the same code as under compile, without a
+    compile to wait for): measured first, so the swap comparison survives a call whose
+    compiles do not all fit."""
+    out: dict[str, Any] = {}
+    for name in names:
+        if name == "base":
+            continue
+        cfg = _prepare(name, w, "default", False, None)
+        out[name] = {k: v for k, v in _swaps(cfg, w, SWAPS).items() if k != "recompiles"}
+        out[name]["rel_err"] = cfg.info["rel_err"]
+        print(f"[diffusion uncompiled] {name} swap {out[name]['swap_ms']:.1f} ms", flush=True)
+        del cfg
+        _free(w.device)
+    return out
+
+
+class OutOfTime(BaseException):
+    """Raised by the alarm in :func:`_alarm` (a BaseException, so no ``except Exception`` in the
+    compiler swallows it)."""
+
+
+@contextmanager
+def _alarm(seconds: float | None) -> Iterator[None]:
+    """Raises :class:`OutOfTime` in the main thread after ``seconds`` (None: never)."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ring(signum: int, frame: object) -> None:
+        raise OutOfTime
+
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def run(
+    w: DiffusionWorkload,
+    repeat: int,
+    modes: list[str],
+    only: list[str] | None = None,
+    regional: bool = False,
+    backend: str = "inductor",
+    deadline: float | None = None,
+    save: Callable[[dict[str, Any]], None] = lambda r: None,
+    uncompiled: bool = True,
+) -> dict[str, Any]:
+    """First (``uncompiled``) the swaps on uncompiled models (:func:`uncompiled_swaps`); then per mode: prepares each configuration in the order of ``only`` (base first; compile,
+    first timing round, swaps), saving after each, then times all of them in interleaved
+    rounds. ``deadline`` (a ``time.perf_counter()`` value): a compile still running when only
+    the time for the remaining rounds is left is abandoned (the configuration is reported as
+    not compiled in time), and rounds that would end after it are not started."""
+    torch._dynamo.config.cache_size_limit = 256  # regional lorahot compiles one graph per block
+    for limit in ("recompile_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, 1024)
+    names = [c for c in (only or CONFIGS) if c != "base"]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown diffusion configurations {unknown}; choose from {CONFIGS}")
+    names = ["base", *names]  # base in every run, first: ratios only hold within one run
+    out: dict[str, Any] = {
+        "diffusion": {
+            "model": w.name,
+            "layers": w.layers,
+            "targets": TARGETS,
+            "adapters": {a: {"rank": r, "alpha": al, "bytes": w.adapter_bytes[a]} for a, (r, al) in ADAPTERS.items()},
+            "adapter_dtype": str(w.dtype),
+            "inputs": _shapes(w.inputs),
+            "adapter_effect": adapter_effect(w),
+            "modes": {},
+        }
+    }
+    if uncompiled:
+        out["diffusion"]["uncompiled"] = uncompiled_swaps(w, [n for n in names if n in ("lorahot", "diffusers")])
+        save(out)
+    for mode in modes:
+        torch._dynamo.reset()
+        label = mode_label(mode, regional, backend)
+        results: dict[str, Any] = out["diffusion"]["modes"].setdefault(label, {})
+        prepared: dict[str, Config] = {}
+        round_s: dict[str, float] = {}  # wall time of one timing round per configuration
+        for order, name in enumerate(names):
+            reserve = 20.0 + (ROUNDS - 1) * sum(round_s.values())
+            left = None if deadline is None else deadline - time.perf_counter() - reserve
+            if left is not None and left <= 0:
+                results[name] = {"skipped": "no time left before the deadline"}
+                print(f"[diffusion {label}] {name} skipped: deadline", flush=True)
+                continue
+            t = time.perf_counter()
+            try:
+                with _alarm(left):
+                    cfg = _prepare(name, w, mode, regional, backend)
+            except OutOfTime:
+                waited = round(time.perf_counter() - t, 1)
+                results[name] = {
+                    "skipped": f"not compiled in time: abandoned after {waited} s (deadline)",
+                    "prepare_s_at_least": waited,
+                }
+                print(f"[diffusion {label}] {name} abandoned after {waited} s: deadline", flush=True)
+                save(out)
+                break
+            cfg.info["prepare_s"] = round(time.perf_counter() - t, 1)
+            cfg.info["compile_order"] = order
+            prepared[name] = cfg
+            results[name] = cfg.info
+            print(f"[diffusion {label}] {name} ready: {cfg.info}", flush=True)
+            t = time.perf_counter()
+            _time_round([name], prepared, results, w, repeat, label)
+            round_s[name] = time.perf_counter() - t
+            if cfg.swap is not None:
+                cfg.info.update(_swaps(cfg, w, SWAPS))
+                print(
+                    f"[diffusion {label}] {name} swap {cfg.info['swap_ms']:.1f} ms, recompiles {cfg.info['recompiles']}, "
+                    f"rel err B {cfg.info['swap_rel_err'].get('B', float('nan')):.3g}",
+                    flush=True,
+                )
+            save(out)
+        for _ in range(2, ROUNDS + 1):
+            if deadline is not None and time.perf_counter() + sum(round_s.values()) > deadline:
+                print(f"[diffusion {label}] no time for another round", flush=True)
+                break
+            _time_round(list(prepared), prepared, results, w, repeat, label)
+            save(out)
+        del prepared
+        _free(w.device)
+    return out
+
+
+def _free(device: torch.device) -> None:
+    """Returns the memory of dropped configurations (lorahot's runtime and layers form cycles)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _shapes(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: _shapes(v) if isinstance(v, dict) else list(v.shape) for k, v in inputs.items()}
+
+
+def _time_round(
+    names: list[str],
+    prepared: dict[str, Config],
+    results: dict[str, Any],
+    w: DiffusionWorkload,
+    repeat: int,
+    label: str,
+) -> None:
+    for name in names:
+        ms = median_ms(prepared[name].step, w.device, repeat=repeat, warmup=3)
+        rounds = results[name].setdefault("step_ms_rounds", [])
+        rounds.append(ms)
+        results[name]["step_ms"] = statistics.median(rounds)
+    print(
+        f"[diffusion {label}] step ms: " + "  ".join(f"{n} {results[n]['step_ms_rounds'][-1]:.2f}" for n in names),
+        flush=True,
+    )
+
+
+def summary(raw: dict[str, Any], run_file: str = "") -> dict[str, Any]:
+    """The ``latest.json`` fields of a diffusion run: the first mode's figures, every config
+    key present (null where not run), so figures from different runs never mix in one dict."""
+    d = raw.get("diffusion")
+    if not d or not d.get("modes"):
+        return {}
+    by_mode = {}
+    for label, res in d["modes"].items():
+        by_mode[label] = {
+            "model": d["model"],
+            "mode": label,
+            "run_file": run_file,
+            **{c: res.get(c, {}).get("step_ms") for c in CONFIGS},
+        }
+    label, res = next(iter(d["modes"].items()))
+    swap = {c: res.get(c, {}).get("swap_ms") for c in CONFIGS if c != "base"}
+    uncompiled = {c: d.get("uncompiled", {}).get(c, {}).get("swap_ms") for c in ("lorahot", "diffusers")}
+    errs = {c: res.get(c, {}).get("rel_err", {}).get("A" if c != "base" else "base") for c in CONFIGS}
+    return {
+        "diffusion_step_ms": by_mode[label],
+        "diffusion_step_ms_by_mode": by_mode,
+        "diffusion_swap_ms": {"mode": label, **swap},
+        "diffusion_swap_uncompiled_ms": uncompiled,
+        "diffusion_recompiles": {c: res.get(c, {}).get("recompiles") for c in CONFIGS if c != "base"},
+        "diffusion_rel_err": {
+            "mode": label,
+            "adapter_effect": d["adapter_effect"],
+            **errs,
+            **{f"{c}_after_swap": res.get(c, {}).get("swap_rel_err", {}).get("B") for c in CONFIGS if c != "base"},
+        },
+        "compile_s": {
+            "unet": {
+                "mode": label,
+                **{c: res.get(c, {}).get("compile_s") for c in CONFIGS},
+                **{f"{c}_at_least": res.get(c, {}).get("prepare_s_at_least") for c in CONFIGS},  # abandoned
+            }
+        },
+    }
