@@ -146,7 +146,7 @@ class LoRALinear(LoRALayer):
         """``[y | h] = x @ [W; s*A].T`` in one GEMM, then ``y += h @ B.T`` in place
         (:mod:`lorahot.kernels.wide_linear`); the bias is added in the elementwise pass the
         compiler fuses with what follows."""
-        y = wide_kernel.wide_linear(x, getattr(self, WIDE_BUFFER), b)
+        y: torch.Tensor = wide_kernel.wide_linear(x, getattr(self, WIDE_BUFFER), b)
         bias = self._base.bias
         return y if bias is None else y + bias
 
