@@ -13,6 +13,13 @@ program per tile, and makes each program stream all of ``A``. There the K loop i
 product and of the expand (the shrink is linear in K, so partial shrinks expand to partial
 outputs), and stores a float32 partial; :func:`_split_k_sum` adds the partials and rounds once.
 That is two launches for such layers, as cuBLAS itself does for them.
+
+The op is a plain custom op, opaque to the compiler, not a ``triton_op``: the compiler works
+out which arguments a visible Triton kernel writes by compiling it to TTIR and walking it,
+tens of milliseconds each time, at several stages and at every call site (pytorch#193227).
+With 154 call sites per graph and one graph per input shape, that took most of lorahot's
+compile time on an H200 (a 7-shape run: 442 s against the base model's 99 s). Opaque, the
+kernel compiles once per tile configuration, at its first launch.
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 __all__ = ["lora_linear", "launch", "config_for"]
 
@@ -131,7 +137,7 @@ def launch(
     split = triton.cdiv(k, chunk)  # no empty chunks
     ws = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-    wrap_triton(_lora_linear_kernel)[grid](
+    _lora_linear_kernel[grid](
         x, weight, a, bt, bias if bias is not None else weight, scale, out, ws,
         m, n, k, r, chunk,
         x.stride(0), weight.stride(0), a.stride(0), bt.stride(0), out.stride(0),
@@ -140,12 +146,10 @@ def launch(
     )  # fmt: skip
     if split > 1:
         block = 1024
-        wrap_triton(_split_k_sum)[(triton.cdiv(m * n, block),)](
-            ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4
-        )
+        _split_k_sum[(triton.cdiv(m * n, block),)](ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4)
 
 
-@triton_op("lorahot::lora_linear", mutates_args=())
+@torch.library.custom_op("lorahot::lora_linear", mutates_args=())
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -164,3 +168,15 @@ def lora_linear(
         return out.view(*x.shape[:-1], n)
     launch(x2, weight, bias, a, bt, scale, out, config_for(x2.shape[0], n, x2.shape[1]))
     return out.view(*x.shape[:-1], n)
+
+
+@lora_linear.register_fake
+def _(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
