@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="?", type=Path, default=RESULTS / "latest.json")
     parser.add_argument("--out", type=Path, default=RESULTS / "rows.png")
+    parser.add_argument("--note", default="", help="a second title line (e.g. which lorahot version ran)")
     args = parser.parse_args(argv)
     raw = json.loads(args.results.read_text())
     series = ratios(raw.get("forward_rows_ms", {}))
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("input rows (tokens in one forward)")
     ax.set_ylabel("latency / base model latency")
-    ax.set_title(f"{raw.get('device', '?')}, torch {raw.get('torch', '?')}: {raw.get('workload', '')}", fontsize=9)
+    title = f"{raw.get('device', '?')}, torch {raw.get('torch', '?')}, {raw.get('date', '')}: {raw.get('workload', '')}"
+    ax.set_title(title + (f"\n{args.note}" if args.note else ""), fontsize=8)
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)

@@ -60,6 +60,8 @@ def summary(raw: dict[str, Any]) -> dict[str, Any]:
     for key in ("forward_rows_ms", "forward_rows_rel_err"):
         if key in raw:
             out[key] = raw[key]
+    if "forward_rows_prepare_s" in raw:  # compile and capture of every row shape, per configuration
+        out["compile_s"] = {"llm": dict(raw["forward_rows_prepare_s"])}
     errs = list(raw.get("rel_err", {}).values())
     for m in fwd.values():
         for _k, v in m.items():
