@@ -111,7 +111,9 @@ class LoRALinear(LoRALayer):
         a view of its first ``out`` rows, in place: the parameter object stays the same."""
         weight = self.base_weight
         n = self.spec.out_dim
-        with torch.no_grad():
+        # a normal tensor even when inject runs under inference_mode: every later write to it
+        # (loads, swaps, merged mode) happens outside, where inference tensors are read-only
+        with torch.inference_mode(False), torch.no_grad():
             wide = torch.empty((n + max_rank, self.spec.in_dim), device=weight.device, dtype=weight.dtype)
             wide[:n].copy_(weight)
             wide[n:].zero_()
@@ -128,7 +130,7 @@ class LoRALinear(LoRALayer):
         if not self.wide:
             return
         weight = self.base_weight
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             weight.data = weight.detach().clone()
         self._buffers.pop(WIDE_BUFFER, None)
         self.wide = False

@@ -249,3 +249,16 @@ def test_gpu_wide_layers_under_cuda_graphs_follow_every_swap(rows: int) -> None:
             runtime.unload(0)
             want = expected({}, 0.0)
             assert float((compiled(x).double() - want).norm() / want.norm()) < 1e-2
+
+
+def test_inject_under_inference_mode_then_swaps_outside_it() -> None:
+    model = _model()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        runtime = lorahot.inject(model, ["0", "2"], max_rank=R)
+    adapter = _adapter(3, 5, 6.0)
+    _load(runtime, adapter)
+    x = torch.randn(4, IN, dtype=torch.float64)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), _reference(weights, adapter, 1.0, x), rtol=1e-10, atol=1e-10)
+    runtime.eject()
