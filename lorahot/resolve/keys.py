@@ -7,7 +7,12 @@ For each key, in order:
 2. the format's aliases of those (``to_q`` -> ``q_proj``), exactly;
 3. a layer whose name ends with ``"." + key`` or the key ends with ``"." + name``;
 4. the underscore form: every injected layer's name with ``.`` -> ``_`` (kohya names, and
-   LDM block names mapped to diffusers ones), exactly or as a ``_``-suffix.
+   LDM block names mapped to diffusers ones), exactly or as a ``_``-suffix;
+5. the underscore form of a key that carries wrapper levels the model lacks
+   (``text_model_encoder_layers_0_self_attn_q_proj`` on transformers-5 CLIP, whose layers are
+   ``encoder.layers.0.self_attn.q_proj``): the longest ``_``-suffix of the key that step 4
+   would match, dropping only leading segments without a number (wrappers such as
+   ``text_model`` or ``model``, never a block index), so no table per model is needed.
 
 The first step with any hit decides; more than one hit is an error listing the candidates.
 Component prefixes end with their naming's separator (``unet.``, ``lora_te1_``), so stripping
@@ -75,6 +80,21 @@ class _Names:
                 return hits
         return []
 
+    def unwrapped(self, key: str) -> list[str]:
+        """Step 5: names matched by the longest ``_``-suffix of ``key`` after leading wrapper
+        segments (segments without digits) are dropped; empty if none matches."""
+        u = key.replace(".", "_")
+        i = u.find("_")
+        while i >= 0:
+            if any(c.isdigit() for c in u[:i]):
+                return []  # a dropped segment would carry a block index: not a wrapper
+            tail = u[i + 1 :]
+            hits = self.underscore.get(tail) or self.underscore_tails.get(tail)
+            if hits:
+                return hits
+            i = u.find("_", i + 1)
+        return []
+
 
 def _tails(forms: dict[str, list[str]], sep: str) -> dict[str, list[str]]:
     """Every suffix of each form after a ``sep``, to the names of that form."""
@@ -126,6 +146,7 @@ def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
         lambda: [c for c in aliased if c in names.exact][:1],
         lambda: _first(names.dotted(c) for c in cands[1:] + cands[:1]),
         lambda: _first(names.by_underscore(c) for c in cands[1:] + cands[:1]),
+        lambda: _first(names.unwrapped(c) for c in cands[1:]) if fmt.separator == "_" else [],
     )
     for step in steps:
         hits = step()
