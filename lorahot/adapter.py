@@ -65,12 +65,15 @@ class Adapter:
         format: the detected naming (``"peft"``, ``"diffusers"``, ``"kohya"``, ...).
         source: where it came from (path, repo id, or ``"<mapping>"``), for messages.
         config: the adapter config as read (PEFT's ``adapter_config.json`` fields), if any.
+        skipped: tensor keys left out because they cannot be loaded (``strict=False`` only):
+            keys of no known naming, refused features, a module's A without its B.
     """
 
     modules: dict[str, LoraModule]
     format: str
     source: str
     config: dict[str, Any] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()
 
     @property
     def ranks(self) -> dict[str, int]:

@@ -47,6 +47,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
         "dtypes": _counts(m["dtype"] for m in modules),
         "rslora": any(m.use_rslora for m in adapter.modules.values()),
         "bytes": adapter.nbytes,
+        "skipped": list(adapter.skipped),
         "table": modules,
     }
 
@@ -78,6 +79,7 @@ def _render(s: dict[str, Any]) -> str:
         f"alphas:  {counts(s['alphas'])}" + ("  (rsLoRA: alpha / sqrt(r))" if s["rslora"] else ""),
         f"dtypes:  {counts(s['dtypes'])}",
         f"bytes:   {s['bytes']:,}",
+        *([f"skipped: {len(s['skipped'])} keys: {', '.join(map(_escaped, s['skipped']))}"] if s["skipped"] else []),
         "",
     ]
     rows = [("module", "rank", "alpha", "scale", "A", "B")] + [
@@ -120,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--weight-name", help="weight file inside the directory or repo")
     ins.add_argument("--subfolder", help="folder inside the directory or repo")
     ins.add_argument("--revision", help="Hub branch, tag or commit")
+    ins.add_argument(
+        "--no-strict", action="store_true", help="skip keys lorahot cannot load (listed as skipped) instead of failing"
+    )
     return p
 
 
@@ -142,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> str:
-    adapter = read_adapter(args.source, weight_name=args.weight_name, subfolder=args.subfolder, revision=args.revision)
+    adapter = read_adapter(
+        args.source,
+        weight_name=args.weight_name,
+        subfolder=args.subfolder,
+        revision=args.revision,
+        strict=not args.no_strict,
+    )
     summary = summarize(adapter)
     return json.dumps(summary, indent=2) if args.json else _render(summary)
 

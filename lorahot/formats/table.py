@@ -158,8 +158,14 @@ class KeyFormat:
         return True
 
 
-def group_keys(fmt: KeyFormat, tensors: dict[str, torch.Tensor], source: str) -> Parts:
+def group_keys(
+    fmt: KeyFormat, tensors: dict[str, torch.Tensor], source: str, skipped: list[str] | None = None
+) -> Parts:
     """Groups tensor keys by module and role, per ``fmt``.
+
+    Args:
+        skipped: if given (``strict=False``), keys that match no rule or name a refused feature
+            are appended here instead of raised; a second tensor for one role still raises.
 
     Raises:
         UnknownFormatError: keys that match no rule, refused features (DoRA, bias, LyCORIS,
@@ -171,7 +177,10 @@ def group_keys(fmt: KeyFormat, tensors: dict[str, torch.Tensor], source: str) ->
     for key, tensor in tensors.items():
         why, parsed = _CLASSIFIED.get((fmt, key), fmt._classify, key)
         if why is not None or parsed is None:
-            problems.append(f"{key}: {fmt.explain(key)}")
+            if skipped is not None:
+                skipped.append(key)
+            else:
+                problems.append(f"{key}: {fmt.explain(key)}")
             continue
         module, role = parsed
         roles = parts.setdefault(module, {})

@@ -50,6 +50,7 @@ def read_adapter(
     key_map: Mapping[str, str] | None = None,
     fuse: Fuse | None = None,
     device: str | torch.device | None = None,
+    strict: bool = True,
 ) -> Adapter:
     """Reads an adapter in any supported naming and normalizes it.
 
@@ -73,6 +74,10 @@ def read_adapter(
             given as ``(name, out_features)`` and is filled with zeros.
         device: where tensors read from files land (default: the CPU). ``runtime.load``
             passes its buffers' device, so a GPU receives a file in one transfer.
+        strict: refuse the whole file for one key that cannot be loaded (the default). With
+            ``False``, keys of no known naming, refused features (LyCORIS, DoRA, ...) and a
+            module's A without its B are left out and listed in :attr:`Adapter.skipped`;
+            unreadable values (NaN, bad dtypes) still refuse the file.
 
     Returns:
         The adapter: per module key, ``A [r, in...]``, ``B [out, r/g, ...]``, alpha and
@@ -83,6 +88,8 @@ def read_adapter(
         lorahot.LoraError: a subclass saying what is wrong with the source and how to fix it.
     """
     overrides = _check_overrides(config)
+    if not isinstance(strict, bool):
+        raise UsageError(f"strict={strict!r:.40} must be True or False.")
     if isinstance(source, Adapter):
         adapter = _checked(source)
     else:
@@ -95,7 +102,7 @@ def read_adapter(
             device=_device(device),
             need_config=overrides is None,
         )
-        adapter = _normalize(raw, overrides)
+        adapter = _normalize(raw, overrides, strict)
     return _user_mapping(adapter, prefix, key_map, fuse)
 
 
@@ -163,19 +170,29 @@ def _device(device: Any) -> torch.device | None:
     return out
 
 
-def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None) -> Adapter:
+def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool = True) -> Adapter:
     keys = list(raw.tensors)
     if not keys:
         raise UnknownFormatError(f"{raw.source}: holds no tensors. Point lorahot at a LoRA adapter.")
     header_configs = _header_configs(raw)
     configs = _component_configs(raw, header_configs, overrides)
     fmt = detect(keys) or _closest_format(keys)
-    parts = group_keys(fmt, raw.tensors, raw.source)  # raises, naming the keys, if fmt was a guess
+    skipped: list[str] | None = None if strict else []
+    parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
+    if skipped is not None:
+        skipped += [
+            k for m in [m for m, r in parts.items() if "A" not in r or "B" not in r] for k, _ in parts.pop(m).values()
+        ]
+    if not parts:
+        raise UnknownFormatError(
+            f"{raw.source}: none of its {len(keys)} tensors is a loadable LoRA weight (strict=False skipped them all, "
+            f"e.g. {', '.join(keys[:3])}). Point lorahot at a LoRA adapter."
+        )
     modules = _assemble(parts, fmt, configs, raw.source, check_storage=not raw.dense)
     cfg_dict = {**(raw.config or {}), **(overrides or {})}
     if len(configs) > 1:
         cfg_dict[METADATA_KEY] = header_configs
-    return Adapter(modules, fmt.name, raw.source, cfg_dict)
+    return Adapter(modules, fmt.name, raw.source, cfg_dict, tuple(skipped or ()))
 
 
 def _closest_format(keys: list[str]) -> KeyFormat:
@@ -342,4 +359,4 @@ def _user_mapping(
         modules = apply_key_map(modules, key_map, adapter.source)
     if fuse is not None:
         modules = fuse_modules(modules, fuse, adapter.source, fmt)
-    return Adapter(modules, adapter.format, adapter.source, adapter.config)
+    return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped)

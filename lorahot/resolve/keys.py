@@ -168,12 +168,15 @@ def _closest(key: str, fmt: KeyFormat, names: _Names) -> list[str]:
     return [names.underscore[c][0] for c in close]
 
 
-def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
+def resolve_keys(adapter: Adapter, names: list[str], skipped: list[str] | None = None) -> dict[str, LoraModule]:
     """Maps each adapter module key to one injected layer name (see the module docstring).
 
     Args:
         adapter: the normalized adapter; its ``format`` picks the prefixes and aliases.
         names: the injected layers' qualified names in the model.
+        skipped: if given (``strict=False``), the tensor keys of modules that match no layer
+            are appended here instead of raised (ambiguous keys and two keys on one layer
+            still raise: they need a ``key_map``, not silence).
 
     Returns:
         injected layer name -> the module loaded into it.
@@ -189,7 +192,9 @@ def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
     problems: list[str] = []
     for key, module in adapter.modules.items():
         hits = _lookup(key, fmt, index)
-        if not hits:
+        if not hits and skipped is not None:
+            skipped.extend(module.source_keys or (key,))
+        elif not hits:
             close = _closest(key, fmt, index) if len(problems) < _SHOWN else []  # the rest are not shown
             problems.append(f"{key}: matches no injected layer" + (f" (closest: {', '.join(close)})" if close else ""))
         elif len(hits) > 1:

@@ -16,7 +16,7 @@ import operator
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -49,6 +49,8 @@ class AdapterInfo:
         scale: the user multiplier on top of each module's ``alpha / r``.
         ranks: injected layer name -> rank, for the layers the adapter touches.
         nbytes: bytes of adapter weights copied in (before padding).
+        skipped: tensor keys left out by a ``strict=False`` load (keys of no known naming,
+            refused features, modules that map onto no injected layer); empty otherwise.
     """
 
     source: str
@@ -57,6 +59,7 @@ class AdapterInfo:
     scale: float
     ranks: dict[str, int]
     nbytes: int
+    skipped: tuple[str, ...] = ()
 
 
 class LoraRuntime:
@@ -156,7 +159,9 @@ class LoraRuntime:
             scale: a multiplier on every module's ``alpha / r``: a finite real number.
             read_kwargs: passed to :func:`lorahot.read_adapter`: ``revision``, ``subfolder``,
                 ``token``, ``weight_name`` (where to read), ``config`` (PEFT config fields),
-                ``prefix``, ``key_map`` and ``fuse`` (how module keys map onto the layers).
+                ``prefix``, ``key_map`` and ``fuse`` (how module keys map onto the layers), and
+                ``strict`` (``False``: keys that cannot be placed are skipped and listed in
+                :attr:`AdapterInfo.skipped` instead of refusing the file).
 
         Returns:
             What the slot now holds.
@@ -182,12 +187,14 @@ class LoraRuntime:
             self.buffers.write(slot, prepared.packs, multiplier, live=live)
         else:
             adapter = read_adapter(source, device=self._read_device, **read_kwargs)  # type: ignore[arg-type]
-            checked = validate(adapter, self.buffers, self._specs, stage=True, weight_of=self._base_weight)
+            checked = validate(
+                adapter, self.buffers, self._specs, stage=True, weight_of=self._base_weight, strict=_strict(read_kwargs)
+            )
             plan = checked.plan
             self._check_scales(plan, multiplier)
             self.buffers.write_staged(slot, checked.entries, plan.scales, multiplier, live=live)
         self._plans[slot] = plan
-        info = AdapterInfo(adapter.source, adapter.format, slot, multiplier, plan.ranks, plan.nbytes)
+        info = AdapterInfo(adapter.source, adapter.format, slot, multiplier, plan.ranks, plan.nbytes, plan.skipped)
         self._infos[slot] = info
         self._remerge(slot)
         return info
@@ -209,7 +216,9 @@ class LoraRuntime:
         self._check_usable()
         identity = _cache_key(source, read_kwargs)
         adapter = read_adapter(source, **read_kwargs)
-        checked = validate(adapter, self.buffers, self._specs, stage=False, weight_of=self._base_weight)
+        checked = validate(
+            adapter, self.buffers, self._specs, stage=False, weight_of=self._base_weight, strict=_strict(read_kwargs)
+        )
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
         prepared = PreparedAdapter(cache_key, adapter, checked.plan, pack_host(checked, self.buffers), self.buffers)
         if key is not None or identity is None or _cache_key(source, read_kwargs) == identity:
@@ -298,7 +307,7 @@ class LoraRuntime:
             raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
         self._check_scales(plan, value)
         self.buffers.set_scales(s, [b * value for b in plan.scales], live=s == self._active)
-        self._infos[s] = AdapterInfo(info.source, info.format, s, value, info.ranks, info.nbytes)
+        self._infos[s] = replace(info, slot=s, scale=value)
         self._remerge(s)
 
     @public_api
@@ -386,7 +395,7 @@ class LoraRuntime:
 
 #: Options :func:`lorahot.read_adapter` takes through ``load``/``preload``/``prefetch``
 #: (``device`` is the runtime's choice).
-READ_OPTIONS = ("revision", "subfolder", "token", "weight_name", "config", "prefix", "key_map", "fuse")
+READ_OPTIONS = ("revision", "subfolder", "token", "weight_name", "config", "prefix", "key_map", "fuse", "strict")
 _anonymous = itertools.count()
 
 
@@ -415,7 +424,12 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "prefix": (str,),
     "key_map": (Mapping,),
     "fuse": (Mapping,),
+    "strict": (bool,),
 }
+
+
+def _strict(read_kwargs: dict[str, Any]) -> bool:
+    return read_kwargs.get("strict") is not False
 
 
 def _links(model: nn.Module, layers: dict[str, LoRALayer]) -> list[tuple[dict[str, Any], str, nn.Module]]:
@@ -448,7 +462,7 @@ def _cache_key(source: Any, read_kwargs: dict[str, Any]) -> str | None:
     identity = source_identity(source, **read_kwargs)
     if identity is None:
         return None
-    shaping = {k: v for k, v in read_kwargs.items() if k in ("config", "prefix", "key_map", "fuse")}
+    shaping = {k: v for k, v in read_kwargs.items() if k in ("config", "prefix", "key_map", "fuse", "strict")}
     try:
         return identity + "".join(f"|{k}={shaping[k]!r}" for k in sorted(shaping))
     except Exception:  # a user object whose repr fails: not cached

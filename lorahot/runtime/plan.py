@@ -56,6 +56,8 @@ class LoadPlan:
         scaled_a: per arena, float64 ``[n_layers]``: ``max|A| * |alpha / r|`` of each layer (0
             if untouched; filled by the value checks; the wide layers, which store ``scale * A``,
             check their dtype's range with it).
+        skipped: tensor keys left out (``strict=False``): those the reader skipped and those
+            of modules that map onto no injected layer.
     """
 
     targets: dict[str, LoraModule]
@@ -67,6 +69,7 @@ class LoadPlan:
     nbytes: int
     delta_bound: dict[str, float] = field(default_factory=dict)
     scaled_a: list[torch.Tensor] = field(default_factory=list)
+    skipped: tuple[str, ...] = ()
 
 
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:
@@ -123,12 +126,18 @@ WeightOf = Callable[[str], torch.Tensor]
 
 
 def plan_load(
-    adapter: Adapter, buffers: BufferManager, specs: dict[str, LayerSpec], weight_of: WeightOf | None = None
+    adapter: Adapter,
+    buffers: BufferManager,
+    specs: dict[str, LayerSpec],
+    weight_of: WeightOf | None = None,
+    strict: bool = True,
 ) -> LoadPlan:
     """Resolves and checks ``adapter`` for the layers ``specs`` whose storage ``buffers`` holds.
 
     Layers the adapter does not touch get zeros and scale 0. The plan holds the adapter's
-    tensors detached (a tensor that requires grad is read like any other).
+    tensors detached (a tensor that requires grad is read like any other). With
+    ``strict=False`` modules that map onto no injected layer are left out and listed in
+    :attr:`LoadPlan.skipped`; an adapter of which nothing is left is still refused.
 
     Raises:
         AdapterMismatchError: keys that map onto no injected layer (or onto one twice), or
@@ -137,7 +146,14 @@ def plan_load(
         AdapterReadError: values no model could take: non-float dtypes, alpha <= 0 or not
             finite, a scale ``alpha / r`` beyond the range of the layer's scale buffer.
     """
-    targets = resolve_keys(adapter, list(specs))
+    unplaced: list[str] | None = None if strict else []
+    targets = resolve_keys(adapter, list(specs), unplaced)
+    if not targets and unplaced:
+        raise AdapterMismatchError(
+            f"{adapter.source}: no module of the adapter ({adapter.format} naming) maps onto an injected layer "
+            f"(strict=False would skip all {len(unplaced)} keys, e.g. {', '.join(unplaced[:3])}). Inject those "
+            "modules (targets=...), or map the names with prefix=/key_map=."
+        )
     problems = [p for name, m in targets.items() for p in check_module(name, m, specs[name], buffers.max_rank)]
     if weight_of is not None:
         problems += [p for name, m in targets.items() for p in check_base_weight(name, m, weight_of)]
@@ -162,7 +178,9 @@ def plan_load(
     scales = [torch.tensor(values, dtype=torch.float64) for values in per_layer]  # one tensor per arena
     largest = [max(map(abs, values), default=0.0) for values in per_layer]
     ranks = {n: m.rank for n, m in targets.items()}
-    return LoadPlan(targets, entries, scales, largest, adapter.source, ranks, adapter.nbytes)
+    nbytes = sum(m.A.nbytes + m.B.nbytes for m in targets.values()) if unplaced else adapter.nbytes
+    skipped = (*adapter.skipped, *(unplaced or ()))
+    return LoadPlan(targets, entries, scales, largest, adapter.source, ranks, nbytes, skipped=skipped)
 
 
 def _raise_unreadable(source: str, problems: list[str]) -> None:
@@ -264,6 +282,7 @@ def validate(
     *,
     stage: bool,
     weight_of: WeightOf | None = None,
+    strict: bool = True,
 ) -> Checked:
     """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
@@ -271,12 +290,14 @@ def validate(
         stage: move the tensors to the arenas' devices first (``load``); else check them where
             they are (``preload``, which packs them on the host).
         weight_of: the model's weight of an injected layer, to compare with a saved copy.
+        strict: refuse modules that map onto no injected layer (else skip them, see
+            :func:`plan_load`).
 
     Raises:
         AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
             weight, or values beyond the range of the arena's dtype. Nothing has been written.
     """
-    plan = plan_load(adapter, buffers, specs, weight_of)
+    plan = plan_load(adapter, buffers, specs, weight_of, strict)
     entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
     _check_range(plan, buffers, entries)
     return Checked(plan, entries)
