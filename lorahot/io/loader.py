@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lorahot.adapter import Adapter, LoraModule, storage_problem
+from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
 from lorahot.errors import (
     AdapterMismatchError,
     AdapterReadError,
@@ -179,11 +179,11 @@ def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool =
     fmt = detect(keys) or _closest_format(keys)
     skipped: list[str] | None = None if strict else []
     parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
+    weights = _weight_modules(parts, raw.source, strict)  # LyCORIS kinds and diffs: out of parts
     if skipped is not None:
-        skipped += [
-            k for m in [m for m, r in parts.items() if "A" not in r or "B" not in r] for k, _ in parts.pop(m).values()
-        ]
-    if not parts:
+        incomplete = [m for m, r in parts.items() if "A" not in r or "B" not in r]
+        skipped += [k for m in incomplete for k, _ in parts.pop(m).values()]
+    if not parts and not weights:
         raise UnknownFormatError(
             f"{raw.source}: none of its {len(keys)} tensors is a loadable LoRA weight (strict=False skipped them all, "
             f"e.g. {', '.join(keys[:3])}). Point lorahot at a LoRA adapter."
@@ -192,7 +192,7 @@ def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool =
     cfg_dict = {**(raw.config or {}), **(overrides or {})}
     if len(configs) > 1:
         cfg_dict[METADATA_KEY] = header_configs
-    return Adapter(modules, fmt.name, raw.source, cfg_dict, tuple(skipped or ()))
+    return Adapter(modules, fmt.name, raw.source, cfg_dict, tuple(skipped or ()), weights)
 
 
 def _closest_format(keys: list[str]) -> KeyFormat:
@@ -309,6 +309,78 @@ def _assemble(
     return modules
 
 
+#: What each weight kind must hold (one of each tuple's alternatives), and may hold.
+_KIND_NEEDS: dict[str, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
+    "loha": ((("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)), ("hada_t1", "hada_t2", "alpha")),
+    "lokr": ((("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")), ("lokr_w1_b", "lokr_w2_b", "lokr_t2", "alpha")),
+    "locon-tucker": ((("A",), ("B",), ("lora_mid",)), ("alpha",)),
+    "diff": ((("diff", "diff_b"),), ("diff", "diff_b", "alpha")),
+}
+
+#: Factors that come in pairs.
+_PAIRS = (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b"), ("hada_t1", "hada_t2"))
+
+#: A Tucker LoCon's A and B under the names LyCORIS gives them.
+_FACTOR = {"A": "lora_down", "B": "lora_up"}
+
+
+def _kind(roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:
+    """The weight kind a module's roles make, or None for plain LoRA."""
+    if any(r.startswith("hada_") for r in roles):
+        return "loha"
+    if any(r.startswith("lokr_") for r in roles):
+        return "lokr"
+    if "lora_mid" in roles:
+        return "locon-tucker"
+    if "diff" in roles or "diff_b" in roles:
+        return "diff"
+    return None
+
+
+def _weight_modules(parts: Parts, source: str, strict: bool) -> dict[str, WeightModule]:
+    """Takes the LyCORIS and diff modules out of ``parts`` as :class:`WeightModule` objects.
+
+    Raises:
+        UnknownFormatError: a module that mixes kinds or lacks a factor its kind needs (with
+            ``strict=False`` such a module is left in ``parts`` without an A, to be skipped).
+        AdapterReadError: its ``.alpha`` is not one finite number > 0.
+    """
+    out: dict[str, WeightModule] = {}
+    problems: list[str] = []
+    unreadable: list[str] = []
+    for module in [m for m, roles in parts.items() if _kind(roles)]:
+        roles = parts[module]
+        kind = _kind(roles) or ""
+        need, may = _KIND_NEEDS[kind]
+        missing = [" or ".join(alts) for alts in need if not any(a in roles for a in alts)]
+        missing += [b if a in roles else a for a, b in _PAIRS if (a in roles) != (b in roles)]
+        extra = sorted(set(roles) - {a for alts in need for a in alts} - set(may))
+        if missing or extra:
+            if strict:
+                keys = ", ".join(k for k, _ in roles.values())
+                why = f"lacks {', '.join(missing)}" if missing else f"mixes {kind} weights with {', '.join(extra)}"
+                problems.append(f"{module} ({keys}): {why}")
+            else:
+                roles.pop("A", None)  # incomplete: skipped with its keys
+            continue
+        roles = parts.pop(module)
+        factors = {_FACTOR.get(r, r): t for r, (_, t) in roles.items() if r != "alpha"}
+        alpha = _alpha(roles.get("alpha"), unreadable)
+        out[module] = WeightModule(module, kind, factors, alpha, tuple(k for k, _ in roles.values()))
+    if unreadable:
+        raise AdapterReadError(
+            format_problems(f"{source}: values that cannot be LoRA weights:", unreadable)
+            + "\nFix or delete the bad .alpha entries (without one, alpha equals the rank)."
+        )
+    if problems:
+        raise UnknownFormatError(
+            format_problems(f"{source}: LyCORIS or diff modules lorahot cannot build:", problems)
+            + "\nRe-save the adapter with every factor of each module (LoHa: hada_w1_a/b and hada_w2_a/b; LoKr: "
+            "lokr_w1 or lokr_w1_a/b, and lokr_w2 or lokr_w2_a/b)."
+        )
+    return out
+
+
 def _incomplete(module: str, roles: dict[str, tuple[str, torch.Tensor]], fmt: KeyFormat) -> str:
     """The problem of a module that lacks its A or its B."""
     name = dict(zip("AB", fmt.roles))
@@ -359,4 +431,4 @@ def _user_mapping(
         modules = apply_key_map(modules, key_map, adapter.source)
     if fuse is not None:
         modules = fuse_modules(modules, fuse, adapter.source, fmt)
-    return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped)
+    return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped, adapter.weights)

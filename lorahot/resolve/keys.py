@@ -26,13 +26,13 @@ import difflib
 import functools
 import re
 
-from lorahot.adapter import Adapter, LoraModule
+from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems
 from lorahot.formats import FORMATS, KeyFormat, format_named
 from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
 
-__all__ = ["resolve_keys"]
+__all__ = ["resolve_keys", "resolve_all"]
 
 #: Every component prefix any format knows, longest first.
 _PREFIXES = tuple(sorted({p for f in FORMATS for p in f.prefixes}, key=len, reverse=True))
@@ -169,7 +169,15 @@ def _closest(key: str, fmt: KeyFormat, names: _Names) -> list[str]:
 
 
 def resolve_keys(adapter: Adapter, names: list[str], skipped: list[str] | None = None) -> dict[str, LoraModule]:
-    """Maps each adapter module key to one injected layer name (see the module docstring).
+    """The LoRA modules of :func:`resolve_all` (see there)."""
+    return resolve_all(adapter, names, skipped)[0]
+
+
+def resolve_all(
+    adapter: Adapter, names: list[str], skipped: list[str] | None = None
+) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
+    """Maps each adapter module key (LoRA and weight kinds) to one injected layer name (see
+    the module docstring).
 
     Args:
         adapter: the normalized adapter; its ``format`` picks the prefixes and aliases.
@@ -179,7 +187,8 @@ def resolve_keys(adapter: Adapter, names: list[str], skipped: list[str] | None =
             still raise: they need a ``key_map``, not silence).
 
     Returns:
-        injected layer name -> the module loaded into it.
+        injected layer name -> the LoRA module loaded into it, and the same for the weight
+        kinds (LoHa, LoKr, Tucker LoCon, diffs).
 
     Raises:
         AdapterMismatchError: keys matching no layer (each with the closest layer names),
@@ -187,10 +196,11 @@ def resolve_keys(adapter: Adapter, names: list[str], skipped: list[str] | None =
     """
     fmt = format_named(adapter.format)
     index = _index(tuple(names))
-    out: dict[str, LoraModule] = {}
+    out: dict[str, LoraModule | WeightModule] = {}
     origin: dict[str, str] = {}
     problems: list[str] = []
-    for key, module in adapter.modules.items():
+    entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
+    for key, module in entries:
         hits = _lookup(key, fmt, index)
         if not hits and skipped is not None:
             skipped.extend(module.source_keys or (key,))
@@ -215,7 +225,8 @@ def resolve_keys(adapter: Adapter, names: list[str], skipped: list[str] | None =
             + "\n"
             + _fix_hint(adapter)
         )
-    return out
+    lora = {n: m for n, m in out.items() if isinstance(m, LoraModule)}
+    return lora, {n: m for n, m in out.items() if isinstance(m, WeightModule)}
 
 
 #: problems a message shows (format_problems' limit); only those get the costly closest names

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lorahot.adapter import Adapter
-from lorahot.errors import UsageError, public_api
+from lorahot.errors import AdapterMismatchError, UsageError, format_problems, public_api
 from lorahot.io.identity import source_identity
 from lorahot.io.loader import read_adapter
 from lorahot.io.sources import Source
@@ -191,6 +191,7 @@ class LoraRuntime:
                 adapter, self.buffers, self._specs, stage=True, weight_of=self._base_weight, strict=_strict(read_kwargs)
             )
             plan = checked.plan
+            self._check_kinds(plan)
             self._check_scales(plan, multiplier)
             self.buffers.write_staged(slot, checked.entries, plan.scales, multiplier, live=live)
         self._plans[slot] = plan
@@ -219,6 +220,7 @@ class LoraRuntime:
         checked = validate(
             adapter, self.buffers, self._specs, stage=False, weight_of=self._base_weight, strict=_strict(read_kwargs)
         )
+        self._check_kinds(checked.plan)
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
         prepared = PreparedAdapter(cache_key, adapter, checked.plan, pack_host(checked, self.buffers), self.buffers)
         if key is not None or identity is None or _cache_key(source, read_kwargs) == identity:
@@ -330,6 +332,22 @@ class LoraRuntime:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
 
+    def _check_kinds(self, plan: LoadPlan) -> None:
+        """LoHa, LoKr, Tucker LoCon and diffs load only into a merged runtime.
+
+        Raises:
+            AdapterMismatchError: naming the modules and their kinds.
+        """
+        if plan.weights and self._merger is None:
+            raise AdapterMismatchError(
+                format_problems(
+                    f"{plan.source}: modules whose update is not B @ A, which lorahot loads only in merged mode:",
+                    [f"{n} ({w.kind}: {', '.join(w.source_keys[:3])})" for n, w in plan.weights.items()],
+                )
+                + "\nInject with lorahot.inject(..., merged=True) to fold them into the weights, or convert the "
+                "adapter to plain LoRA."
+            )
+
     def _check_scales(self, plan: LoadPlan, multiplier: float) -> None:
         """The user's multiplier keeps every scale in its buffer's range, and (merged mode)
         every merged weight in the weights' range."""
@@ -348,6 +366,8 @@ class LoraRuntime:
         scales = None if plan is None else [b * (info.scale if info else 1.0) for b in plan.scales]
         if self._merger is not None:
             self._merger.apply(scales)
+            weights = {} if plan is None else plan.weights
+            self._merger.fold(weights, info.scale if info else 1.0)
         else:
             self._wide.apply(scales)
 

@@ -1,0 +1,145 @@
+"""LyCORIS LoHa, LoKr (Tucker included), Tucker LoCon and full diffs in merged mode, against
+the ``lycoris-lora`` package's own modules as the oracle.
+
+Each case builds a LyCORIS module on a Linear or Conv2d with random factors (every factor,
+not LyCORIS' zero init, so ΔW is not zero), writes its ``custom_state_dict`` under kohya
+names, loads the file into lorahot (``merged=True``) and compares with the LyCORIS module's
+forward (``apply_to``: the module's own ``get_weight`` and scale) and with its
+``get_weight`` ΔW. Alpha differs from the rank where the kind has one.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+
+lycoris = pytest.importorskip("lycoris")
+from lycoris.modules import LoConModule, LohaModule, LokrModule  # noqa: E402 - after the importorskip
+
+CASES = [
+    ("loha-linear", LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0}),
+    ("loha-conv", LohaModule, "conv", {"lora_dim": 4, "alpha": 3.0}),
+    ("loha-conv-tucker", LohaModule, "conv", {"lora_dim": 3, "alpha": 5.0, "use_tucker": True}),
+    ("lokr-linear-full", LokrModule, "linear", {"lora_dim": 64, "alpha": 3.0, "factor": 4}),
+    ("lokr-linear-low", LokrModule, "linear", {"lora_dim": 2, "alpha": 3.0, "factor": 8, "decompose_both": True}),
+    ("lokr-conv-full", LokrModule, "conv", {"lora_dim": 2, "alpha": 1.0, "factor": 4}),
+    ("lokr-conv-low", LokrModule, "wide-conv", {"lora_dim": 2, "alpha": 1.0, "factor": 4}),
+    ("lokr-conv-tucker", LokrModule, "wide-conv", {"lora_dim": 2, "alpha": 7.0, "factor": 4, "use_tucker": True}),
+    ("locon-conv-tucker", LoConModule, "conv", {"lora_dim": 3, "alpha": 2.0, "use_tucker": True}),
+]
+
+
+def _base(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(16, 24)).double()
+    if kind == "wide-conv":  # wide enough for LoKr to decompose its second factor
+        return nn.Sequential(nn.Conv2d(32, 64, 3, padding=1)).double()
+    return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1)).double()
+
+
+def _input(kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    shape = {"linear": (3, 16), "conv": (2, 8, 5, 5), "wide-conv": (2, 32, 5, 5)}[kind]
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def _lycoris(cls: type, kind: str, options: dict) -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
+    """``(oracle model, the LyCORIS module, its state dict under kohya names)``."""
+    model = _base(kind)
+    module = cls("lora_unet_0", model[0], 1.0, **options).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    module.apply_to()
+    sd = {f"lora_unet_0.{k}": v.detach().clone() for k, v in module.custom_state_dict().items()}
+    return model, module, sd
+
+
+def _delta(module: nn.Module) -> torch.Tensor:
+    """LyCORIS' scaled ΔW: LoHa/LoKr ``get_weight`` (which applies ``alpha / r`` once; their
+    ``get_diff_weight`` multiplies by it a second time, so it is not used), LoCon
+    ``get_diff_weight``."""
+    if isinstance(module, LoConModule):
+        return module.get_diff_weight()[0]
+    return module.get_weight(module.shape)
+
+
+@pytest.mark.parametrize(("case", "cls", "kind", "options"), CASES, ids=[c[0] for c in CASES])
+def test_lycoris_kinds_merge_like_lycoris(case: str, cls: type, kind: str, options: dict) -> None:
+    oracle, module, sd = _lycoris(cls, kind, options)
+    x = _input(kind)
+    with torch.no_grad():
+        want = oracle(x)
+        delta = _delta(module).reshape(oracle[0].weight.shape)
+    model = _base(kind)
+    base_out = model(x).detach()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    info = runtime.load(sd, scale=1.0)
+    assert set(info.ranks) == {"0"}
+    with torch.no_grad():
+        torch.testing.assert_close(model[0].weight, _base(kind)[0].weight + delta, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model(x), want, rtol=1e-9, atol=1e-9)
+        assert not torch.allclose(want, base_out)
+    runtime.set_scale(0.5)  # every swap starts from the pristine weights
+    with torch.no_grad():
+        torch.testing.assert_close(model[0].weight, _base(kind)[0].weight + 0.5 * delta, rtol=1e-10, atol=1e-10)
+    runtime.unload()
+    assert torch.equal(model(x), base_out)
+
+
+def test_full_diff_and_bias_diff() -> None:
+    model, x = _base("conv"), _input("conv")
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    g = torch.Generator().manual_seed(3)
+    diff, diff_b = torch.randn(w0.shape, generator=g).double(), torch.randn(b0.shape, generator=g).double()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True, slots=2)
+    runtime.load({"lora_unet_0.diff": diff, "lora_unet_0.diff_b": diff_b}, scale=0.5)
+    want = torch.nn.functional.conv2d(x, w0 + 0.5 * diff, b0 + 0.5 * diff_b, padding=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+    a, b = torch.randn(2, 8, 3, 3, dtype=torch.float64), torch.randn(16, 2, 1, 1, dtype=torch.float64)
+    runtime.load({"lora_unet_0.lora_down.weight": a, "lora_unet_0.lora_up.weight": b}, slot=1)
+    runtime.activate(1)  # a plain LoRA: the bias is pristine again
+    assert torch.equal(model[0].bias, b0)
+    runtime.activate(0)
+    lorahot.eject(model)  # eject puts the pristine weight and bias back
+    assert torch.equal(model[0].weight, w0) and torch.equal(model[0].bias, b0)
+
+
+def test_weight_kinds_refused_unmerged_with_the_fix() -> None:
+    _, _, sd = _lycoris(LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0})
+    model = _base("linear")
+    runtime = lorahot.inject(model, ["0"], max_rank=4)
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"loads only in merged mode:\n  - 0 \(loha: [\s\S]*merged=True"
+    ):
+        runtime.load(sd)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"merged=True"):
+        runtime.preload(sd)
+
+
+def test_wrong_shape_and_missing_factor_are_named() -> None:
+    _, _, sd = _lycoris(LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0})
+    runtime = lorahot.inject(nn.Sequential(nn.Linear(16, 20)).double(), ["0"], max_rank=4, merged=True)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"loha factors \(.*\) make a weight of shape \(24, 16\)"):
+        runtime.load(sd)
+    del sd["lora_unet_0.hada_w2_b"]
+    with pytest.raises(lorahot.UnknownFormatError, match=r"lora_unet_0 \(.*\): lacks hada_w2_b"):
+        lorahot.read_adapter(sd)
+
+
+def test_eject_after_a_merged_lokr_restores_every_weight() -> None:
+    _, _, sd = _lycoris(LokrModule, "linear", {"lora_dim": 2, "alpha": 3.0, "factor": 4})
+    model = _base("linear")
+    snapshot = copy.deepcopy(model.state_dict())
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    runtime.load(sd)
+    runtime.eject()
+    assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
