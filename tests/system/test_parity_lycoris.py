@@ -11,9 +11,11 @@ forward (``apply_to``: the module's own ``get_weight`` and scale) and with its
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import lorahot
@@ -143,3 +145,27 @@ def test_eject_after_a_merged_lokr_restores_every_weight() -> None:
     runtime.load(sd)
     runtime.eject()
     assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+
+
+def test_preloaded_loha_swaps_with_lora_from_the_host_cache(tmp_path: Path) -> None:
+    oracle, _, sd = _lycoris(LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0})
+    path = tmp_path / "loha.safetensors"
+    save_file(sd, str(path))
+    x = _input("linear")
+    model = _base("linear")
+    base_out = model(x).detach()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True, slots=2)
+    runtime.preload(path)
+    lora = {
+        "lora_unet_0.lora_down.weight": torch.randn(2, 16).double(),
+        "lora_unet_0.lora_up.weight": torch.randn(24, 2).double(),
+    }
+    runtime.load(lora, slot=1)
+    runtime.load(path)  # from the cache: the factors are on the host, dW is built at the fold
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), oracle(x), rtol=1e-9, atol=1e-9)
+        runtime.activate(1)
+        lora_out = base_out + x @ lora["lora_unet_0.lora_down.weight"].T @ lora["lora_unet_0.lora_up.weight"].T
+        torch.testing.assert_close(model(x), lora_out, rtol=1e-9, atol=1e-9)
+        runtime.activate(0)
+        torch.testing.assert_close(model(x), oracle(x), rtol=1e-9, atol=1e-9)
