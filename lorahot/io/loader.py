@@ -424,11 +424,13 @@ def _user_mapping(
     if prefix is None and key_map is None and fuse is None:
         return adapter
     fmt = format_named(adapter.format)
-    modules = adapter.modules
+    both: dict[str, LoraModule | WeightModule] = {**adapter.modules, **adapter.weights}  # renamed alike
     if prefix is not None:
-        modules = select_prefix(modules, prefix, adapter.source, fmt)
+        both = select_prefix(both, prefix, adapter.source, fmt)
     if key_map is not None:
-        modules = apply_key_map(modules, key_map, adapter.source)
+        both = apply_key_map(both, key_map, adapter.source)
+    modules = {k: m for k, m in both.items() if isinstance(m, LoraModule)}
+    weights = {k: m for k, m in both.items() if isinstance(m, WeightModule)}
     if fuse is not None:
         modules = fuse_modules(modules, fuse, adapter.source, fmt)
-    return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped, adapter.weights)
+    return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped, weights)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo.testing
 from safetensors.torch import save_file
 from torch import nn
 
@@ -169,3 +170,45 @@ def test_preloaded_loha_swaps_with_lora_from_the_host_cache(tmp_path: Path) -> N
         torch.testing.assert_close(model(x), lora_out, rtol=1e-9, atol=1e-9)
         runtime.activate(0)
         torch.testing.assert_close(model(x), oracle(x), rtol=1e-9, atol=1e-9)
+
+
+def test_prefix_and_key_map_rename_weight_kinds_too() -> None:
+    oracle, _, sd = _lycoris(LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0})
+    te = {k.replace("lora_unet_0", "lora_te1_text_model_fc9"): v for k, v in sd.items()}
+    x = _input("linear")
+    for options in ({"prefix": "lora_unet"}, {"key_map": {r"lora_unet_0": "0"}, "strict": False}):
+        model = _base("linear")
+        runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+        info = runtime.load(sd | te, **options)
+        assert set(info.ranks) == {"0"}
+        assert set(info.skipped) == (set(te) if "strict" in options else set())
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), oracle(x), rtol=1e-9, atol=1e-9)
+
+
+def test_compiled_merged_swaps_across_kinds_do_not_recompile() -> None:
+    loha_oracle, _, loha = _lycoris(LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0})
+    lokr_oracle, _, lokr = _lycoris(LokrModule, "linear", {"lora_dim": 2, "alpha": 3.0, "factor": 8})
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(3, 16, generator=g).double(), torch.randn(24, 3, generator=g).double()
+    lora = {"lora_unet_0.lora_down.weight": a, "lora_unet_0.lora_up.weight": b}
+    diff = {"lora_unet_0.diff": torch.randn(24, 16, generator=g).double()}
+    model, x = _base("linear"), _input("linear")
+    base = _base("linear")[0]
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        compiled(x)
+        expected = [
+            (loha, loha_oracle(x)),
+            (lora, base(x) + x @ a.T @ b.T),
+            (lokr, lokr_oracle(x)),
+            (diff, torch.nn.functional.linear(x, base.weight + diff["lora_unet_0.diff"], base.bias)),
+            (loha, loha_oracle(x)),
+        ]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for tensors, want in expected:
+                runtime.load(tensors)
+                torch.testing.assert_close(compiled(x), want, rtol=1e-9, atol=1e-9)
+    assert counter.frame_count == 1
