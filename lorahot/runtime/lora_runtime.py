@@ -338,6 +338,12 @@ class LoraRuntime:
         Raises:
             AdapterMismatchError: naming the modules and their kinds.
         """
+        biasless = [n for n, w in plan.weights.items() if "diff_b" in w.factors and self.layers[n].base_bias is None]
+        if biasless:
+            raise AdapterMismatchError(
+                format_problems(f"{plan.source}: a bias diff (diff_b) for layers without a bias:", biasless)
+                + "\nLoad an adapter made for this model (its layers have no bias)."
+            )
         if plan.weights and self._merger is None:
             raise AdapterMismatchError(
                 format_problems(

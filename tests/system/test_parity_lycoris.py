@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lorahot
+from tests.helpers import Conv1D
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris.modules import LoConModule, LohaModule, LokrModule  # noqa: E402 - after the importorskip
@@ -212,3 +213,28 @@ def test_compiled_merged_swaps_across_kinds_do_not_recompile() -> None:
                 runtime.load(tensors)
                 torch.testing.assert_close(compiled(x), want, rtol=1e-9, atol=1e-9)
     assert counter.frame_count == 1
+
+
+def test_loha_on_conv1d_folds_transposed_and_biasless_diff_b_is_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(24, 16)).double()  # weight [in 16, out 24]
+    linear = nn.Linear(16, 24).double()
+    with torch.no_grad():
+        linear.weight.copy_(model[0].weight.t())
+        linear.bias.copy_(model[0].bias)
+    oracle = nn.Sequential(linear)
+    loha = LohaModule("lora_unet_0", linear, 1.0, lora_dim=4, alpha=2.0).double()
+    with torch.no_grad():
+        for p in loha.parameters():
+            p.normal_(0, 0.3)
+    loha.apply_to()
+    sd = {f"lora_unet_0.{k}": v.detach().clone() for k, v in loha.custom_state_dict().items()}
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    runtime.load(sd)
+    x = _input("linear")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), oracle(x), rtol=1e-9, atol=1e-9)
+    biasless = nn.Sequential(nn.Linear(16, 24, bias=False))
+    rt = lorahot.inject(biasless, ["0"], max_rank=4, merged=True)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"a bias diff \(diff_b\) for layers without a bias:\n  - 0"):
+        rt.load({"lora_unet_0.diff_b": torch.randn(24)})
