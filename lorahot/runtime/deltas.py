@@ -22,7 +22,7 @@ import torch
 
 from lorahot.adapter import WeightModule
 
-__all__ = ["build_delta", "delta_shape"]
+__all__ = ["build_delta", "delta_shape", "delta_bound"]
 
 
 def build_delta(module: WeightModule, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -54,6 +54,31 @@ def delta_shape(module: WeightModule, shape: tuple[int, ...]) -> tuple[int, ...]
         return tuple(build(f, shape).shape)
     except (RuntimeError, ValueError, IndexError):
         return None
+
+
+def delta_bound(module: WeightModule) -> float:
+    """A bound on every entry of the unscaled ``ΔW`` (and of ``diff_b``) from the factors'
+    largest values: one reduction per factor, no product built. A product of an ``[a, r]``
+    and an ``[r, b]`` matrix is at most ``r * max * max``; a Tucker half ``r1 * r2`` times the
+    three maxima; LoHa multiplies its halves entrywise, LoKr's kron multiplies entries."""
+    top = {k: float(t.abs().max()) if t.numel() else 0.0 for k, t in module.factors.items()}
+    rank = {k: int(t.shape[0]) if t.ndim else 1 for k, t in module.factors.items()}
+    f = module.factors
+
+    def low(a: str, b: str, t: str | None = None) -> float:
+        if t is not None and t in f:
+            return rank[t] * int(f[t].shape[1]) * top[t] * top[a] * top[b]
+        return rank[b] * top[a] * top[b]
+
+    if module.kind == "loha":
+        return low("hada_w1_a", "hada_w1_b", "hada_t1") * low("hada_w2_a", "hada_w2_b", "hada_t2")
+    if module.kind == "lokr":
+        w1 = top["lokr_w1"] if "lokr_w1" in f else low("lokr_w1_a", "lokr_w1_b")
+        w2 = top["lokr_w2"] if "lokr_w2" in f else low("lokr_w2_a", "lokr_w2_b", "lokr_t2")
+        return w1 * w2
+    if module.kind == "locon-tucker":
+        return rank["lora_mid"] * int(f["lora_mid"].shape[1]) * top["lora_mid"] * top["lora_up"] * top["lora_down"]
+    return max(top.get("diff", 0.0), top.get("diff_b", 0.0))
 
 
 def _tucker(t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from lorahot.adapter import WeightModule
 from lorahot.errors import AdapterReadError, UsageError, format_problems
 from lorahot.layers import LoRALayer
 from lorahot.runtime.buffers import BufferManager
-from lorahot.runtime.deltas import build_delta
+from lorahot.runtime.deltas import build_delta, delta_bound
 from lorahot.runtime.plan import LoadPlan
 
 __all__ = ["Merger", "check_mergeable", "check_untied"]
@@ -153,9 +153,16 @@ class Merger:
 
     def _weight_overflows(self, module: WeightModule, name: str, multiplier: float) -> bool:
         """Whether ``W0 + multiplier * scale * ΔW`` (or the bias with ``diff_b``) leaves the
-        weights' dtype range; computed exactly, in float32 (or float64)."""
-        merged = self._folded(self._layers[name], module, multiplier * module.scale)
-        top = torch.finfo(self._layers[name].base_weight.dtype).max
+        weights' dtype range. The bound of :func:`~lorahot.runtime.deltas.delta_bound` decides
+        for the usual adapter; only a layer whose bound reaches the limit is computed exactly
+        (in float32, or float64)."""
+        layer = self._layers[name]
+        top = torch.finfo(layer.base_weight.dtype).max
+        b0 = layer.pristine_bias
+        start = max(self._pristine_max[name], float(b0.abs().max()) if b0 is not None and b0.numel() else 0.0)
+        if start + abs(multiplier * module.scale) * delta_bound(module) < top:  # NaN or inf: exact check
+            return False
+        merged = self._folded(layer, module, multiplier * module.scale)
         return any(not bool(t.abs().max() <= top) for t in merged if t.numel())
 
     def _folded(self, layer: LoRALayer, module: WeightModule, s: float) -> list[torch.Tensor]:

@@ -238,3 +238,18 @@ def test_loha_on_conv1d_folds_transposed_and_biasless_diff_b_is_refused() -> Non
     rt = lorahot.inject(biasless, ["0"], max_rank=4, merged=True)
     with pytest.raises(lorahot.AdapterMismatchError, match=r"a bias diff \(diff_b\) for layers without a bias:\n  - 0"):
         rt.load({"lora_unet_0.diff_b": torch.randn(24)})
+
+
+def test_merged_weight_kind_that_overflows_float16_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(16, 24)).half()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    w0 = model[0].weight.detach().clone()
+    big = {"lora_unet_0.diff": torch.full((24, 16), 60000.0)}
+    with pytest.raises(
+        lorahot.UsageError, match=r"scale=2: merged weights would overflow the model's dtype in:\n  - 0"
+    ):
+        runtime.load(big, scale=2.0)
+    with pytest.raises(lorahot.AdapterReadError, match=r"merged weights would overflow the model's dtype in:\n  - 0"):
+        runtime.load({"lora_unet_0.diff": torch.full((24, 16), 1e6)})
+    runtime.load(big, scale=0.5)  # within range: loads, folded from the pristine weights
+    assert torch.equal(model[0].weight, (w0.float() + 30000.0).half())
