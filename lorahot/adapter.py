@@ -14,7 +14,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoraModule", "Adapter", "storage_problem"]
+__all__ = ["LoraModule", "WeightModule", "Adapter", "storage_problem", "WEIGHT_KINDS"]
+
+#: The adapter kinds lorahot folds into the base weights (merged mode only), by what a module
+#: holds: LyCORIS LoHa (``hada_*``), LoKr (``lokr_*``), LoCon with a Tucker core
+#: (``lora_down``/``lora_mid``/``lora_up``) and full diffs (``.diff``, ``.diff_b``).
+WEIGHT_KINDS = ("loha", "lokr", "locon-tucker", "diff")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,52 @@ class LoraModule:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
+@dataclass(frozen=True)
+class WeightModule:
+    """One module whose update is a full ``ΔW`` built from factors (not ``B @ A``).
+
+    lorahot loads these only in merged mode: ``ΔW`` is built on the weights' device from the
+    factors (:mod:`lorahot.runtime.deltas`) and folded into the pristine base weight.
+
+    Attributes:
+        key: the module path as the source names it.
+        kind: one of :data:`WEIGHT_KINDS`.
+        factors: the tensors by their name in the file (``hada_w1_a``, ``lokr_w2_b``, ``diff``,
+            ``diff_b``, ``lora_down``/``lora_mid``/``lora_up``), as saved.
+        alpha: the ``.alpha`` tensor's value, or None (then alpha equals the rank).
+        source_keys: the tensor keys in the source this module came from (for messages).
+    """
+
+    key: str
+    kind: str
+    factors: dict[str, torch.Tensor]
+    alpha: float | None = None
+    source_keys: tuple[str, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        """The rank the alpha divides (0 where the kind has none: diffs, full LoKr)."""
+        f = self.factors
+        if self.kind == "loha":
+            return int(f["hada_w1_b"].shape[0])
+        if self.kind == "lokr":
+            low = f.get("lokr_w1_b", f.get("lokr_w2_b"))
+            return 0 if low is None else int(low.shape[0])
+        if self.kind == "locon-tucker":
+            return int(f["lora_down"].shape[0])
+        return 0
+
+    @property
+    def scale(self) -> float:
+        """The factor on ``ΔW``: ``alpha / rank`` (1 where there is no rank, as LyCORIS does)."""
+        r = self.rank
+        return 1.0 if r == 0 or self.alpha is None else self.alpha / r
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.factors.values())
+
+
 @dataclass
 class Adapter:
     """A LoRA adapter in normalized form.
@@ -65,12 +116,18 @@ class Adapter:
         format: the detected naming (``"peft"``, ``"diffusers"``, ``"kohya"``, ...).
         source: where it came from (path, repo id, or ``"<mapping>"``), for messages.
         config: the adapter config as read (PEFT's ``adapter_config.json`` fields), if any.
+        skipped: tensor keys left out because they cannot be loaded (``strict=False`` only):
+            keys of no known naming, refused features, a module's A without its B.
+        weights: module key -> :class:`WeightModule` (LoHa, LoKr, Tucker LoCon, diffs), which
+            load in merged mode only.
     """
 
     modules: dict[str, LoraModule]
     format: str
     source: str
     config: dict[str, Any] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()
+    weights: dict[str, WeightModule] = field(default_factory=dict)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -79,7 +136,9 @@ class Adapter:
     @property
     def nbytes(self) -> int:
         """Bytes of the LoRA weights A and B (base-weight copies not counted)."""
-        return sum(m.A.nbytes + m.B.nbytes for m in self.modules.values())
+        return sum(m.A.nbytes + m.B.nbytes for m in self.modules.values()) + sum(
+            w.nbytes for w in self.weights.values()
+        )
 
 
 def storage_problem(t: torch.Tensor) -> str | None:

@@ -1,7 +1,9 @@
 """``lorahot inspect PATH_OR_REPO``: what an adapter holds, without a model.
 
-Prints the detected format, module count, ranks, alphas, dtypes, total bytes and a table of
-module paths; ``--json`` prints the same as one JSON object. Names from the file are printed
+Prints the detected format, module count, the kind of each module (LoRA, or LoHa, LoKr,
+Tucker LoCon and diffs, which load only into a runtime injected with ``merged=True``), modules
+per component prefix, ranks, alphas, dtypes, total bytes, the keys ``--no-strict`` skipped and
+a table of module paths; ``--json`` prints the same as one JSON object. Names from the file are printed
 escaped (control characters, lone surrogates), so any name prints.
 
 A bad file or argument exits with status 2 and one line on stderr (``lorahot: error: ...``),
@@ -17,8 +19,9 @@ import sys
 from collections import Counter
 from typing import Any, NoReturn
 
-from lorahot.adapter import Adapter
+from lorahot.adapter import Adapter, WeightModule
 from lorahot.errors import LoraError
+from lorahot.formats import format_named
 from lorahot.io.loader import read_adapter
 
 __all__ = ["main", "summarize"]
@@ -29,6 +32,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
     modules = [
         {
             "module": key,
+            "kind": "lora",
             "rank": m.rank,
             "alpha": m.alpha,
             "scale": m.scale,
@@ -37,17 +41,36 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
             "dtype": str(m.A.dtype).removeprefix("torch."),
         }
         for key, m in adapter.modules.items()
-    ]
+    ] + [_weight_row(key, w) for key, w in adapter.weights.items()]
+    prefixes = format_named(adapter.format).prefixes
     return {
         "source": adapter.source,
         "format": adapter.format,
         "modules": len(modules),
+        "kinds": _counts(m["kind"] for m in modules),
+        "merged_only": sorted({w.kind for w in adapter.weights.values()}),
+        "components": _counts(next((p for p in prefixes if m["module"].startswith(p)), "-") for m in modules),
         "ranks": _counts(m["rank"] for m in modules),
         "alphas": _counts(m["alpha"] for m in modules),
         "dtypes": _counts(m["dtype"] for m in modules),
         "rslora": any(m.use_rslora for m in adapter.modules.values()),
         "bytes": adapter.nbytes,
+        "skipped": list(adapter.skipped),
         "table": modules,
+    }
+
+
+def _weight_row(key: str, w: WeightModule) -> dict[str, Any]:
+    """A LyCORIS/diff module's row: its factors' shapes stand where a LoRA's A and B do."""
+    first = next(iter(w.factors.values()))
+    return {
+        "module": key,
+        "kind": w.kind,
+        "rank": w.rank,
+        "alpha": w.alpha if w.alpha is not None else float(w.rank),
+        "scale": w.scale,
+        "factors": {k: list(t.shape) for k, t in w.factors.items()},
+        "dtype": str(first.dtype).removeprefix("torch."),
     }
 
 
@@ -74,20 +97,24 @@ def _render(s: dict[str, Any]) -> str:
         f"source:  {_escaped(s['source'])}",
         f"format:  {s['format']}",
         f"modules: {s['modules']}",
+        f"kinds:   {counts(s['kinds'])}"
+        + (f"  ({', '.join(s['merged_only'])}: load with inject(..., merged=True))" if s["merged_only"] else ""),
+        f"components: {counts({_escaped(k): n for k, n in s['components'].items()})}",
         f"ranks:   {counts(s['ranks'])}",
         f"alphas:  {counts(s['alphas'])}" + ("  (rsLoRA: alpha / sqrt(r))" if s["rslora"] else ""),
         f"dtypes:  {counts(s['dtypes'])}",
         f"bytes:   {s['bytes']:,}",
+        *([f"skipped: {len(s['skipped'])} keys: {', '.join(map(_escaped, s['skipped']))}"] if s["skipped"] else []),
         "",
     ]
-    rows = [("module", "rank", "alpha", "scale", "A", "B")] + [
+    rows = [("module", "kind", "rank", "alpha", "scale", "A", "B")] + [
         (
             _escaped(m["module"]),
+            m["kind"],
             str(m["rank"]),
             _num(m["alpha"]),
             f"{m['scale']:.4g}",
-            "x".join(map(str, m["A"])),
-            "x".join(map(str, m["B"])),
+            *_shapes(m),
         )
         for m in s["table"]
     ]
@@ -111,6 +138,13 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _shapes(row: dict[str, Any]) -> tuple[str, str]:
+    """The A and B columns: a LoRA's shapes, or a weight kind's factors (``name=shape``)."""
+    if "factors" in row:
+        return " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in row["factors"].items()), ""
+    return "x".join(map(str, row["A"])), "x".join(map(str, row["B"]))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lorahot", description="Inspect LoRA adapters (lorahot).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -120,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--weight-name", help="weight file inside the directory or repo")
     ins.add_argument("--subfolder", help="folder inside the directory or repo")
     ins.add_argument("--revision", help="Hub branch, tag or commit")
+    ins.add_argument(
+        "--no-strict", action="store_true", help="skip keys lorahot cannot load (listed as skipped) instead of failing"
+    )
     return p
 
 
@@ -142,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> str:
-    adapter = read_adapter(args.source, weight_name=args.weight_name, subfolder=args.subfolder, revision=args.revision)
+    adapter = read_adapter(
+        args.source,
+        weight_name=args.weight_name,
+        subfolder=args.subfolder,
+        revision=args.revision,
+        strict=not args.no_strict,
+    )
     summary = summarize(adapter)
     return json.dumps(summary, indent=2) if args.json else _render(summary)
 

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from lorahot.formats.table import REFUSED, KeyFormat, Rule
+from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, Rule, lycoris_rules
 
 __all__ = ["FORMAT"]
 
@@ -17,9 +17,10 @@ FORMAT = KeyFormat(
         Rule(r"(?P<module>.+)\.lora\.down\.weight", "A"),
         Rule(r"(?P<module>.+)\.lora\.up\.weight", "B"),
         Rule(r"(?P<module>.+)\.alpha", "alpha"),
+        *lycoris_rules(r"(?P<module>.+)"),
     ),
     prefixes=("diffusion_model.", "model.diffusion_model."),
     require_prefix=True,
-    refuse=REFUSED,
+    refuse=REFUSED_MERGEABLE,
     example="diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight",
 )

@@ -1,4 +1,4 @@
-"""kohya / sd-scripts naming: ``lora_unet_<module with _ for .>.lora_down.weight``.
+"""kohya / sd-scripts naming: ``lora_unet_<module with _ for .>.lora_down.weight`` (and LyCORIS factors).
 
 ``lora_down`` is A, ``lora_up`` is B (for LoCon the conv kernel is in ``lora_down`` and
 ``lora_up`` is 1x1), and ``<name>.alpha`` is the module's alpha; without it alpha equals the
@@ -8,7 +8,7 @@ finds them by building the underscore form of each injected layer's name.
 
 from __future__ import annotations
 
-from lorahot.formats.table import REFUSED, KeyFormat, Rule
+from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, Rule, lycoris_rules
 
 __all__ = ["FORMAT", "COMPONENTS"]
 
@@ -21,11 +21,12 @@ FORMAT = KeyFormat(
         Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_down\.weight", "A"),
         Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_up\.weight", "B"),
         Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.alpha", "alpha"),
+        *lycoris_rules(r"(?P<module>lora_[a-z0-9]+_[^.]+)"),
     ),
     prefixes=COMPONENTS,
     require_prefix=True,
     separator="_",
-    refuse=REFUSED,
+    refuse=REFUSED_MERGEABLE,
     roles=("lora_down", "lora_up"),
     example="lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
 )

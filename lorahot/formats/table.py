@@ -23,7 +23,16 @@ import torch
 from lorahot.errors import UnknownFormatError, format_problems
 from lorahot.memo import BoundedMemo, str_bytes
 
-__all__ = ["Rule", "KeyFormat", "Parts", "group_keys"]
+__all__ = [
+    "Rule",
+    "KeyFormat",
+    "Parts",
+    "group_keys",
+    "REFUSED",
+    "REFUSED_MERGEABLE",
+    "LYCORIS_FACTORS",
+    "lycoris_rules",
+]
 
 
 @functools.cache
@@ -46,8 +55,9 @@ class Rule:
 
     Attributes:
         pattern: the regex over the whole tensor key.
-        role: ``"A"`` (down), ``"B"`` (up), ``"alpha"`` (a scalar alpha for the module) or
-            ``"base"`` (a copy of the base layer's weight, see :attr:`lorahot.LoraModule.base_weight`).
+        role: ``"A"`` (down), ``"B"`` (up), ``"alpha"`` (a scalar alpha for the module),
+            ``"base"`` (a copy of the base layer's weight, see :attr:`lorahot.LoraModule.base_weight`),
+            a LyCORIS factor name, or ``""``: the key's last component (``hada_w1_a``).
     """
 
     pattern: str
@@ -56,6 +66,10 @@ class Rule:
     def match(self, key: str) -> str | None:
         m = _compiled(self.pattern).fullmatch(key)
         return None if m is None else m["module"]
+
+    def role_of(self, key: str) -> str:
+        """The role; a rule with role ``""`` takes it from the key's last component."""
+        return self.role or key.rpartition(".")[2]
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: the memoized methods hash self on every call
@@ -116,7 +130,7 @@ class KeyFormat:
             if module is not None:
                 for pattern, repl in self.renames:
                     module = re.sub(pattern, repl, module)
-                return module, rule.role
+                return module, rule.role_of(key)
         return None
 
     def explain(self, key: str) -> str:
@@ -158,8 +172,14 @@ class KeyFormat:
         return True
 
 
-def group_keys(fmt: KeyFormat, tensors: dict[str, torch.Tensor], source: str) -> Parts:
+def group_keys(
+    fmt: KeyFormat, tensors: dict[str, torch.Tensor], source: str, skipped: list[str] | None = None
+) -> Parts:
     """Groups tensor keys by module and role, per ``fmt``.
+
+    Args:
+        skipped: if given (``strict=False``), keys that match no rule or name a refused feature
+            are appended here instead of raised; a second tensor for one role still raises.
 
     Raises:
         UnknownFormatError: keys that match no rule, refused features (DoRA, bias, LyCORIS,
@@ -171,7 +191,10 @@ def group_keys(fmt: KeyFormat, tensors: dict[str, torch.Tensor], source: str) ->
     for key, tensor in tensors.items():
         why, parsed = _CLASSIFIED.get((fmt, key), fmt._classify, key)
         if why is not None or parsed is None:
-            problems.append(f"{key}: {fmt.explain(key)}")
+            if skipped is not None:
+                skipped.append(key)
+            else:
+                problems.append(f"{key}: {fmt.explain(key)}")
             continue
         module, role = parsed
         roles = parts.setdefault(module, {})
@@ -198,8 +221,13 @@ REFUSED: tuple[tuple[str, str], ...] = (
         "LoRA bias (PEFT lora_bias=True): not supported; re-train without a LoRA bias",
     ),
     (
-        r"\.(hada_w\d_[ab]|hada_t\d|lokr_w\d(_[ab])?|lokr_t\d|lora_mid\.weight|oft_blocks|diff|diff_b)$",
-        "LyCORIS (LoHa/LoKr/Tucker/OFT/diff) weights: only plain LoRA is supported",
+        r"\.(hada_w\d_[ab]|hada_t\d|lokr_w\d(_[ab])?|lokr_t\d|lora_mid\.weight|diff|diff_b)$",
+        "LyCORIS (LoHa/LoKr/Tucker/diff) weights: lorahot loads them in kohya or ComfyUI naming, into a model "
+        "injected with merged=True",
+    ),
+    (
+        r"\.(oft_blocks|oft_diag|oft_R)(\.weight)?$",
+        "LyCORIS OFT/BOFT weights: not supported; use a LoRA, LoHa or LoKr adapter",
     ),
     (
         r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$",
@@ -215,6 +243,40 @@ REFUSED: tuple[tuple[str, str], ...] = (
         "a full module copy (PEFT modules_to_save): lorahot loads only LoRA weights",
     ),
 )
+
+#: :data:`REFUSED` less the LyCORIS kinds lorahot folds in merged mode (namings whose rules
+#: include :func:`lycoris_rules`).
+REFUSED_MERGEABLE = tuple(r for r in REFUSED if not r[1].startswith("LyCORIS (LoHa"))
+
+#: LyCORIS tensor names: each is its own role (see :class:`lorahot.adapter.WeightModule`).
+LYCORIS_FACTORS = (
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "hada_t1",
+    "hada_t2",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "lokr_t1",
+    "lokr_t2",
+    "diff",
+    "diff_b",
+)
+
+
+def lycoris_rules(module: str) -> tuple[Rule, ...]:
+    """Rules for LyCORIS factors (``<module>.hada_w1_a``, ...) and a Tucker LoCon core
+    (``<module>.lora_mid.weight``) after the module pattern ``module``."""
+    return (
+        Rule(rf"{module}\.(?:{'|'.join(LYCORIS_FACTORS)})", ""),
+        Rule(rf"{module}\.lora_mid\.weight", "lora_mid"),
+    )
+
 
 #: A key no rule parses that names a whole module's parameter: PEFT's modules_to_save, trained
 #: biases, or a resized embedding saved whole.

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lorahot.adapter import Adapter, LoraModule, storage_problem
+from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
 from lorahot.errors import (
     AdapterMismatchError,
     AdapterReadError,
@@ -50,6 +50,7 @@ def read_adapter(
     key_map: Mapping[str, str] | None = None,
     fuse: Fuse | None = None,
     device: str | torch.device | None = None,
+    strict: bool = True,
 ) -> Adapter:
     """Reads an adapter in any supported naming and normalizes it.
 
@@ -73,6 +74,10 @@ def read_adapter(
             given as ``(name, out_features)`` and is filled with zeros.
         device: where tensors read from files land (default: the CPU). ``runtime.load``
             passes its buffers' device, so a GPU receives a file in one transfer.
+        strict: refuse the whole file for one key that cannot be loaded (the default). With
+            ``False``, keys of no known naming, refused features (LyCORIS, DoRA, ...) and a
+            module's A without its B are left out and listed in :attr:`Adapter.skipped`;
+            unreadable values (NaN, bad dtypes) still refuse the file.
 
     Returns:
         The adapter: per module key, ``A [r, in...]``, ``B [out, r/g, ...]``, alpha and
@@ -83,6 +88,8 @@ def read_adapter(
         lorahot.LoraError: a subclass saying what is wrong with the source and how to fix it.
     """
     overrides = _check_overrides(config)
+    if not isinstance(strict, bool):
+        raise UsageError(f"strict={strict!r:.40} must be True or False.")
     if isinstance(source, Adapter):
         adapter = _checked(source)
     else:
@@ -95,7 +102,7 @@ def read_adapter(
             device=_device(device),
             need_config=overrides is None,
         )
-        adapter = _normalize(raw, overrides)
+        adapter = _normalize(raw, overrides, strict)
     return _user_mapping(adapter, prefix, key_map, fuse)
 
 
@@ -163,19 +170,29 @@ def _device(device: Any) -> torch.device | None:
     return out
 
 
-def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None) -> Adapter:
+def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool = True) -> Adapter:
     keys = list(raw.tensors)
     if not keys:
         raise UnknownFormatError(f"{raw.source}: holds no tensors. Point lorahot at a LoRA adapter.")
     header_configs = _header_configs(raw)
     configs = _component_configs(raw, header_configs, overrides)
     fmt = detect(keys) or _closest_format(keys)
-    parts = group_keys(fmt, raw.tensors, raw.source)  # raises, naming the keys, if fmt was a guess
+    skipped: list[str] | None = None if strict else []
+    parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
+    weights = _weight_modules(parts, raw.source, strict)  # LyCORIS kinds and diffs: out of parts
+    if skipped is not None:
+        incomplete = [m for m, r in parts.items() if "A" not in r or "B" not in r]
+        skipped += [k for m in incomplete for k, _ in parts.pop(m).values()]
+    if not parts and not weights:
+        raise UnknownFormatError(
+            f"{raw.source}: none of its {len(keys)} tensors is a loadable LoRA weight (strict=False skipped them all, "
+            f"e.g. {', '.join(keys[:3])}). Point lorahot at a LoRA adapter."
+        )
     modules = _assemble(parts, fmt, configs, raw.source, check_storage=not raw.dense)
     cfg_dict = {**(raw.config or {}), **(overrides or {})}
     if len(configs) > 1:
         cfg_dict[METADATA_KEY] = header_configs
-    return Adapter(modules, fmt.name, raw.source, cfg_dict)
+    return Adapter(modules, fmt.name, raw.source, cfg_dict, tuple(skipped or ()), weights)
 
 
 def _closest_format(keys: list[str]) -> KeyFormat:
@@ -292,6 +309,78 @@ def _assemble(
     return modules
 
 
+#: What each weight kind must hold (one of each tuple's alternatives), and may hold.
+_KIND_NEEDS: dict[str, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
+    "loha": ((("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)), ("hada_t1", "hada_t2", "alpha")),
+    "lokr": ((("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")), ("lokr_w1_b", "lokr_w2_b", "lokr_t2", "alpha")),
+    "locon-tucker": ((("A",), ("B",), ("lora_mid",)), ("alpha",)),
+    "diff": ((("diff", "diff_b"),), ("diff", "diff_b", "alpha")),
+}
+
+#: Factors that come in pairs.
+_PAIRS = (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b"), ("hada_t1", "hada_t2"))
+
+#: A Tucker LoCon's A and B under the names LyCORIS gives them.
+_FACTOR = {"A": "lora_down", "B": "lora_up"}
+
+
+def _kind(roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:
+    """The weight kind a module's roles make, or None for plain LoRA."""
+    if any(r.startswith("hada_") for r in roles):
+        return "loha"
+    if any(r.startswith("lokr_") for r in roles):
+        return "lokr"
+    if "lora_mid" in roles:
+        return "locon-tucker"
+    if "diff" in roles or "diff_b" in roles:
+        return "diff"
+    return None
+
+
+def _weight_modules(parts: Parts, source: str, strict: bool) -> dict[str, WeightModule]:
+    """Takes the LyCORIS and diff modules out of ``parts`` as :class:`WeightModule` objects.
+
+    Raises:
+        UnknownFormatError: a module that mixes kinds or lacks a factor its kind needs (with
+            ``strict=False`` such a module is left in ``parts`` without an A, to be skipped).
+        AdapterReadError: its ``.alpha`` is not one finite number > 0.
+    """
+    out: dict[str, WeightModule] = {}
+    problems: list[str] = []
+    unreadable: list[str] = []
+    for module in [m for m, roles in parts.items() if _kind(roles)]:
+        roles = parts[module]
+        kind = _kind(roles) or ""
+        need, may = _KIND_NEEDS[kind]
+        missing = [" or ".join(alts) for alts in need if not any(a in roles for a in alts)]
+        missing += [b if a in roles else a for a, b in _PAIRS if (a in roles) != (b in roles)]
+        extra = sorted(set(roles) - {a for alts in need for a in alts} - set(may))
+        if missing or extra:
+            if strict:
+                keys = ", ".join(k for k, _ in roles.values())
+                why = f"lacks {', '.join(missing)}" if missing else f"mixes {kind} weights with {', '.join(extra)}"
+                problems.append(f"{module} ({keys}): {why}")
+            else:
+                roles.pop("A", None)  # incomplete: skipped with its keys
+            continue
+        roles = parts.pop(module)
+        factors = {_FACTOR.get(r, r): t for r, (_, t) in roles.items() if r != "alpha"}
+        alpha = _alpha(roles.get("alpha"), unreadable)
+        out[module] = WeightModule(module, kind, factors, alpha, tuple(k for k, _ in roles.values()))
+    if unreadable:
+        raise AdapterReadError(
+            format_problems(f"{source}: values that cannot be LoRA weights:", unreadable)
+            + "\nFix or delete the bad .alpha entries (without one, alpha equals the rank)."
+        )
+    if problems:
+        raise UnknownFormatError(
+            format_problems(f"{source}: LyCORIS or diff modules lorahot cannot build:", problems)
+            + "\nRe-save the adapter with every factor of each module (LoHa: hada_w1_a/b and hada_w2_a/b; LoKr: "
+            "lokr_w1 or lokr_w1_a/b, and lokr_w2 or lokr_w2_a/b)."
+        )
+    return out
+
+
 def _incomplete(module: str, roles: dict[str, tuple[str, torch.Tensor]], fmt: KeyFormat) -> str:
     """The problem of a module that lacks its A or its B."""
     name = dict(zip("AB", fmt.roles))
@@ -335,11 +424,13 @@ def _user_mapping(
     if prefix is None and key_map is None and fuse is None:
         return adapter
     fmt = format_named(adapter.format)
-    modules = adapter.modules
+    both: dict[str, LoraModule | WeightModule] = {**adapter.modules, **adapter.weights}  # renamed alike
     if prefix is not None:
-        modules = select_prefix(modules, prefix, adapter.source, fmt)
+        both = select_prefix(both, prefix, adapter.source, fmt)
     if key_map is not None:
-        modules = apply_key_map(modules, key_map, adapter.source)
+        both = apply_key_map(both, key_map, adapter.source)
+    modules = {k: m for k, m in both.items() if isinstance(m, LoraModule)}
+    weights = {k: m for k, m in both.items() if isinstance(m, WeightModule)}
     if fuse is not None:
         modules = fuse_modules(modules, fuse, adapter.source, fmt)
-    return Adapter(modules, adapter.format, adapter.source, adapter.config)
+    return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped, weights)

@@ -94,6 +94,9 @@ class LoRALayer(nn.Module):
     wide: bool = False
     #: In merged mode, the base weight as it was at inject time (what eject puts back).
     pristine_weight: torch.Tensor | None = None
+    #: In merged mode, the base bias as it was at inject time, if the layer has one (diffs
+    #: with ``diff_b`` rewrite it; eject puts it back).
+    pristine_bias: torch.Tensor | None = None
     #: Shared with the runtime that bound the layer (see :mod:`lorahot.layers.state`).
     state: RuntimeState | None = None
     #: ``(A, B, scale)`` views, set by :meth:`bind`.
@@ -172,6 +175,17 @@ class LoRALayer(nn.Module):
         if not isinstance(weight, torch.Tensor):
             raise UsageError(f"{type(self.base_layer).__name__}.weight is not a tensor")
         return weight
+
+    @property
+    def base_bias(self) -> torch.Tensor | None:
+        """The wrapped module's ``bias`` tensor, or None."""
+        bias = getattr(self.base_layer, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
+    def weight_delta(self, delta: torch.Tensor) -> torch.Tensor:
+        """``delta`` in the torch layout ``[out, in, *kernel]`` as the base weight lays it out
+        (Conv1D transposes; Linear and conv reshape)."""
+        return delta.reshape(self.base_weight.shape)
 
     def _views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(A, B, scale)``: the live views eagerly; rebuilt from the global arena tensors

@@ -181,6 +181,10 @@ class LoRALinear(LoRALayer):
         """Linear weight ``[out, in]``: ``B @ A``; Conv1D weight ``[in, out]``: ``A.T @ B.T``."""
         return (a.t(), bt) if is_conv1d(self.base_layer) else (bt.t(), a)
 
+    def weight_delta(self, delta: torch.Tensor) -> torch.Tensor:
+        """``delta [out, in]`` as the base weight lays it out (``[in, out]`` for Conv1D)."""
+        return delta.t() if is_conv1d(self.base_layer) else delta.reshape(self.base_weight.shape)
+
 
 def _needs_grad(x: torch.Tensor, base: nn.Module) -> bool:
     """Whether autograd must see this call (the fused kernel has no backward)."""

@@ -7,7 +7,12 @@ For each key, in order:
 2. the format's aliases of those (``to_q`` -> ``q_proj``), exactly;
 3. a layer whose name ends with ``"." + key`` or the key ends with ``"." + name``;
 4. the underscore form: every injected layer's name with ``.`` -> ``_`` (kohya names, and
-   LDM block names mapped to diffusers ones), exactly or as a ``_``-suffix.
+   LDM block names mapped to diffusers ones), exactly or as a ``_``-suffix;
+5. the underscore form of a key that carries wrapper levels the model lacks
+   (``text_model_encoder_layers_0_self_attn_q_proj`` on transformers-5 CLIP, whose layers are
+   ``encoder.layers.0.self_attn.q_proj``): the longest ``_``-suffix of the key that step 4
+   would match, dropping only leading segments without a number (wrappers such as
+   ``text_model`` or ``model``, never a block index), so no table per model is needed.
 
 The first step with any hit decides; more than one hit is an error listing the candidates.
 Component prefixes end with their naming's separator (``unet.``, ``lora_te1_``), so stripping
@@ -21,13 +26,13 @@ import difflib
 import functools
 import re
 
-from lorahot.adapter import Adapter, LoraModule
+from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems
 from lorahot.formats import FORMATS, KeyFormat, format_named
 from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
 
-__all__ = ["resolve_keys"]
+__all__ = ["resolve_keys", "resolve_all"]
 
 #: Every component prefix any format knows, longest first.
 _PREFIXES = tuple(sorted({p for f in FORMATS for p in f.prefixes}, key=len, reverse=True))
@@ -73,6 +78,21 @@ class _Names:
             hits = self.underscore_tails.get(form)
             if hits:
                 return hits
+        return []
+
+    def unwrapped(self, key: str) -> list[str]:
+        """Step 5: names matched by the longest ``_``-suffix of ``key`` after leading wrapper
+        segments (segments without digits) are dropped; empty if none matches."""
+        u = key.replace(".", "_")
+        i = u.find("_")
+        while i >= 0:
+            if any(c.isdigit() for c in u[:i]):
+                return []  # a dropped segment would carry a block index: not a wrapper
+            tail = u[i + 1 :]
+            hits = self.underscore.get(tail) or self.underscore_tails.get(tail)
+            if hits:
+                return hits
+            i = u.find("_", i + 1)
         return []
 
 
@@ -126,6 +146,7 @@ def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
         lambda: [c for c in aliased if c in names.exact][:1],
         lambda: _first(names.dotted(c) for c in cands[1:] + cands[:1]),
         lambda: _first(names.by_underscore(c) for c in cands[1:] + cands[:1]),
+        lambda: _first(names.unwrapped(c) for c in cands[1:]) if fmt.separator == "_" else [],
     )
     for step in steps:
         hits = step()
@@ -147,15 +168,27 @@ def _closest(key: str, fmt: KeyFormat, names: _Names) -> list[str]:
     return [names.underscore[c][0] for c in close]
 
 
-def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
-    """Maps each adapter module key to one injected layer name (see the module docstring).
+def resolve_keys(adapter: Adapter, names: list[str], skipped: list[str] | None = None) -> dict[str, LoraModule]:
+    """The LoRA modules of :func:`resolve_all` (see there)."""
+    return resolve_all(adapter, names, skipped)[0]
+
+
+def resolve_all(
+    adapter: Adapter, names: list[str], skipped: list[str] | None = None
+) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
+    """Maps each adapter module key (LoRA and weight kinds) to one injected layer name (see
+    the module docstring).
 
     Args:
         adapter: the normalized adapter; its ``format`` picks the prefixes and aliases.
         names: the injected layers' qualified names in the model.
+        skipped: if given (``strict=False``), the tensor keys of modules that match no layer
+            are appended here instead of raised (ambiguous keys and two keys on one layer
+            still raise: they need a ``key_map``, not silence).
 
     Returns:
-        injected layer name -> the module loaded into it.
+        injected layer name -> the LoRA module loaded into it, and the same for the weight
+        kinds (LoHa, LoKr, Tucker LoCon, diffs).
 
     Raises:
         AdapterMismatchError: keys matching no layer (each with the closest layer names),
@@ -163,12 +196,15 @@ def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
     """
     fmt = format_named(adapter.format)
     index = _index(tuple(names))
-    out: dict[str, LoraModule] = {}
+    out: dict[str, LoraModule | WeightModule] = {}
     origin: dict[str, str] = {}
     problems: list[str] = []
-    for key, module in adapter.modules.items():
+    entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
+    for key, module in entries:
         hits = _lookup(key, fmt, index)
-        if not hits:
+        if not hits and skipped is not None:
+            skipped.extend(module.source_keys or (key,))
+        elif not hits:
             close = _closest(key, fmt, index) if len(problems) < _SHOWN else []  # the rest are not shown
             problems.append(f"{key}: matches no injected layer" + (f" (closest: {', '.join(close)})" if close else ""))
         elif len(hits) > 1:
@@ -189,7 +225,8 @@ def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
             + "\n"
             + _fix_hint(adapter)
         )
-    return out
+    lora = {n: m for n, m in out.items() if isinstance(m, LoraModule)}
+    return lora, {n: m for n, m in out.items() if isinstance(m, WeightModule)}
 
 
 #: problems a message shows (format_problems' limit); only those get the costly closest names

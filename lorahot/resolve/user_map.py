@@ -18,10 +18,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import torch
 
-from lorahot.adapter import LoraModule, storage_problem
+from lorahot.adapter import LoraModule, WeightModule, storage_problem
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems
 from lorahot.formats import KeyFormat
 
@@ -33,7 +34,11 @@ FusePart = str | tuple[str, int]
 Fuse = Mapping[str, Sequence[FusePart]]
 
 
-def select_prefix(modules: dict[str, LoraModule], prefix: str, source: str, fmt: KeyFormat) -> dict[str, LoraModule]:
+#: A LoRA module or a weight-kind module (both carry ``key``; renames treat them alike).
+M = TypeVar("M", LoraModule, WeightModule, LoraModule | WeightModule)
+
+
+def select_prefix(modules: dict[str, M], prefix: str, source: str, fmt: KeyFormat) -> dict[str, M]:
     """The modules whose key starts with the component ``prefix``, with it removed.
 
     ``prefix`` matches whole components: it is followed by ``fmt``'s separator (added unless
@@ -65,7 +70,7 @@ def _component(key: str, fmt: KeyFormat) -> str:
     return key.split(fmt.separator)[0]
 
 
-def apply_key_map(modules: dict[str, LoraModule], key_map: Mapping[str, str], source: str) -> dict[str, LoraModule]:
+def apply_key_map(modules: dict[str, M], key_map: Mapping[str, str], source: str) -> dict[str, M]:
     """Renames module keys by the first fully matching ``{regex: replacement}`` entry.
 
     Raises:
@@ -74,7 +79,7 @@ def apply_key_map(modules: dict[str, LoraModule], key_map: Mapping[str, str], so
     if not isinstance(key_map, Mapping):
         raise UsageError(f"key_map must be a mapping of regex -> replacement, got {type(key_map).__name__}.")
     compiled = [(_compile(pattern, repl), repl) for pattern, repl in key_map.items()]
-    out: dict[str, LoraModule] = {}
+    out: dict[str, M] = {}
     origin: dict[str, str] = {}
     for key, m in modules.items():
         new = _renamed_key(key, compiled)
@@ -259,7 +264,7 @@ def _unfusable(key: str, present: list[LoraModule]) -> str | None:
     return None
 
 
-def _renamed(m: LoraModule, key: str) -> LoraModule:
+def _renamed(m: M, key: str) -> M:
     """``m`` under a new key; every other field (base_weight included) carried along."""
     return dataclasses.replace(m, key=key)
 

@@ -16,14 +16,14 @@ import operator
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from lorahot.adapter import Adapter
-from lorahot.errors import UsageError, public_api
+from lorahot.errors import AdapterMismatchError, UsageError, format_problems, public_api
 from lorahot.io.identity import source_identity
 from lorahot.io.loader import read_adapter
 from lorahot.io.sources import Source
@@ -49,6 +49,8 @@ class AdapterInfo:
         scale: the user multiplier on top of each module's ``alpha / r``.
         ranks: injected layer name -> rank, for the layers the adapter touches.
         nbytes: bytes of adapter weights copied in (before padding).
+        skipped: tensor keys left out by a ``strict=False`` load (keys of no known naming,
+            refused features, modules that map onto no injected layer); empty otherwise.
     """
 
     source: str
@@ -57,6 +59,7 @@ class AdapterInfo:
     scale: float
     ranks: dict[str, int]
     nbytes: int
+    skipped: tuple[str, ...] = ()
 
 
 class LoraRuntime:
@@ -156,7 +159,9 @@ class LoraRuntime:
             scale: a multiplier on every module's ``alpha / r``: a finite real number.
             read_kwargs: passed to :func:`lorahot.read_adapter`: ``revision``, ``subfolder``,
                 ``token``, ``weight_name`` (where to read), ``config`` (PEFT config fields),
-                ``prefix``, ``key_map`` and ``fuse`` (how module keys map onto the layers).
+                ``prefix``, ``key_map`` and ``fuse`` (how module keys map onto the layers), and
+                ``strict`` (``False``: keys that cannot be placed are skipped and listed in
+                :attr:`AdapterInfo.skipped` instead of refusing the file).
 
         Returns:
             What the slot now holds.
@@ -182,12 +187,15 @@ class LoraRuntime:
             self.buffers.write(slot, prepared.packs, multiplier, live=live)
         else:
             adapter = read_adapter(source, device=self._read_device, **read_kwargs)  # type: ignore[arg-type]
-            checked = validate(adapter, self.buffers, self._specs, stage=True, weight_of=self._base_weight)
+            checked = validate(
+                adapter, self.buffers, self._specs, stage=True, weight_of=self._base_weight, strict=_strict(read_kwargs)
+            )
             plan = checked.plan
+            self._check_kinds(plan)
             self._check_scales(plan, multiplier)
             self.buffers.write_staged(slot, checked.entries, plan.scales, multiplier, live=live)
         self._plans[slot] = plan
-        info = AdapterInfo(adapter.source, adapter.format, slot, multiplier, plan.ranks, plan.nbytes)
+        info = AdapterInfo(adapter.source, adapter.format, slot, multiplier, plan.ranks, plan.nbytes, plan.skipped)
         self._infos[slot] = info
         self._remerge(slot)
         return info
@@ -209,7 +217,10 @@ class LoraRuntime:
         self._check_usable()
         identity = _cache_key(source, read_kwargs)
         adapter = read_adapter(source, **read_kwargs)
-        checked = validate(adapter, self.buffers, self._specs, stage=False, weight_of=self._base_weight)
+        checked = validate(
+            adapter, self.buffers, self._specs, stage=False, weight_of=self._base_weight, strict=_strict(read_kwargs)
+        )
+        self._check_kinds(checked.plan)
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
         prepared = PreparedAdapter(cache_key, adapter, checked.plan, pack_host(checked, self.buffers), self.buffers)
         if key is not None or identity is None or _cache_key(source, read_kwargs) == identity:
@@ -298,7 +309,7 @@ class LoraRuntime:
             raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
         self._check_scales(plan, value)
         self.buffers.set_scales(s, [b * value for b in plan.scales], live=s == self._active)
-        self._infos[s] = AdapterInfo(info.source, info.format, s, value, info.ranks, info.nbytes)
+        self._infos[s] = replace(info, slot=s, scale=value)
         self._remerge(s)
 
     @public_api
@@ -321,6 +332,28 @@ class LoraRuntime:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
 
+    def _check_kinds(self, plan: LoadPlan) -> None:
+        """LoHa, LoKr, Tucker LoCon and diffs load only into a merged runtime.
+
+        Raises:
+            AdapterMismatchError: naming the modules and their kinds.
+        """
+        biasless = [n for n, w in plan.weights.items() if "diff_b" in w.factors and self.layers[n].base_bias is None]
+        if biasless:
+            raise AdapterMismatchError(
+                format_problems(f"{plan.source}: a bias diff (diff_b) for layers without a bias:", biasless)
+                + "\nLoad an adapter made for this model (its layers have no bias)."
+            )
+        if plan.weights and self._merger is None:
+            raise AdapterMismatchError(
+                format_problems(
+                    f"{plan.source}: modules whose update is not B @ A, which lorahot loads only in merged mode:",
+                    [f"{n} ({w.kind}: {', '.join(w.source_keys[:3])})" for n, w in plan.weights.items()],
+                )
+                + "\nInject with lorahot.inject(..., merged=True) to fold them into the weights, or convert the "
+                "adapter to plain LoRA."
+            )
+
     def _check_scales(self, plan: LoadPlan, multiplier: float) -> None:
         """The user's multiplier keeps every scale in its buffer's range, and (merged mode)
         every merged weight in the weights' range."""
@@ -339,6 +372,8 @@ class LoraRuntime:
         scales = None if plan is None else [b * (info.scale if info else 1.0) for b in plan.scales]
         if self._merger is not None:
             self._merger.apply(scales)
+            weights = {} if plan is None else plan.weights
+            self._merger.fold(weights, info.scale if info else 1.0)
         else:
             self._wide.apply(scales)
 
@@ -386,7 +421,7 @@ class LoraRuntime:
 
 #: Options :func:`lorahot.read_adapter` takes through ``load``/``preload``/``prefetch``
 #: (``device`` is the runtime's choice).
-READ_OPTIONS = ("revision", "subfolder", "token", "weight_name", "config", "prefix", "key_map", "fuse")
+READ_OPTIONS = ("revision", "subfolder", "token", "weight_name", "config", "prefix", "key_map", "fuse", "strict")
 _anonymous = itertools.count()
 
 
@@ -415,7 +450,12 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "prefix": (str,),
     "key_map": (Mapping,),
     "fuse": (Mapping,),
+    "strict": (bool,),
 }
+
+
+def _strict(read_kwargs: dict[str, Any]) -> bool:
+    return read_kwargs.get("strict") is not False
 
 
 def _links(model: nn.Module, layers: dict[str, LoRALayer]) -> list[tuple[dict[str, Any], str, nn.Module]]:
@@ -448,7 +488,7 @@ def _cache_key(source: Any, read_kwargs: dict[str, Any]) -> str | None:
     identity = source_identity(source, **read_kwargs)
     if identity is None:
         return None
-    shaping = {k: v for k, v in read_kwargs.items() if k in ("config", "prefix", "key_map", "fuse")}
+    shaping = {k: v for k, v in read_kwargs.items() if k in ("config", "prefix", "key_map", "fuse", "strict")}
     try:
         return identity + "".join(f"|{k}={shaping[k]!r}" for k in sorted(shaping))
     except Exception:  # a user object whose repr fails: not cached

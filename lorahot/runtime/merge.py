@@ -17,9 +17,11 @@ import math
 import torch
 from torch import nn
 
+from lorahot.adapter import WeightModule
 from lorahot.errors import AdapterReadError, UsageError, format_problems
 from lorahot.layers import LoRALayer
 from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.deltas import build_delta, delta_bound
 from lorahot.runtime.plan import LoadPlan
 
 __all__ = ["Merger", "check_mergeable", "check_untied"]
@@ -89,6 +91,7 @@ class Merger:
         self._buffers = buffers
         self._layers = layers
         self._items: list[tuple[LoRALayer, torch.Tensor, torch.Tensor, int, int]] = []
+        self._biased: set[str] = set()  # layers whose bias a diff_b rewrote
         self._pristine_max: dict[str, float] = {}  # max |W0| per layer, for the range check
         for name, layer in layers.items():
             weight = layer.base_weight
@@ -96,6 +99,8 @@ class Merger:
                 pristine = weight.detach().clone()
                 self._pristine_max[name] = float(pristine.abs().max()) if pristine.numel() else 0.0
             layer.pristine_weight = pristine  # eject puts it back, even without this runtime
+            bias = layer.base_bias
+            layer.pristine_bias = None if bias is None else bias.detach().clone()
             arena, index = buffers.where[name]
             self._items.append((layer, weight, pristine, arena, index))
 
@@ -109,10 +114,10 @@ class Merger:
             AdapterReadError: the adapter overflows at its own scale (``multiplier`` 1).
             UsageError: it overflows only at the user's ``multiplier``.
         """
-        over = [name for name in plan.targets if self._overflows(plan, name, multiplier)]
+        over = [name for name in [*plan.targets, *plan.weights] if self._overflows_any(plan, name, multiplier)]
         if not over:
             return
-        at_own_scale = [name for name in over if self._overflows(plan, name, 1.0)]
+        at_own_scale = [name for name in over if self._overflows_any(plan, name, 1.0)]
         if at_own_scale:
             raise AdapterReadError(
                 format_problems(f"{plan.source}: merged weights would overflow the model's dtype in:", at_own_scale)
@@ -141,6 +146,40 @@ class Merger:
             merged = pristine.view(pristine.shape[0], -1).float() + s * (m1 @ m2)
             return not bool(merged.abs().max() <= top)  # NaN/inf compare False
 
+    def _overflows_any(self, plan: LoadPlan, name: str, multiplier: float) -> bool:
+        if name in plan.weights:
+            return self._weight_overflows(plan.weights[name], name, multiplier)
+        return self._overflows(plan, name, multiplier)
+
+    def _weight_overflows(self, module: WeightModule, name: str, multiplier: float) -> bool:
+        """Whether ``W0 + multiplier * scale * ΔW`` (or the bias with ``diff_b``) leaves the
+        weights' dtype range. The bound of :func:`~lorahot.runtime.deltas.delta_bound` decides
+        for the usual adapter; only a layer whose bound reaches the limit is computed exactly
+        (in float32, or float64)."""
+        layer = self._layers[name]
+        top = torch.finfo(layer.base_weight.dtype).max
+        b0 = layer.pristine_bias
+        start = max(self._pristine_max[name], float(b0.abs().max()) if b0 is not None and b0.numel() else 0.0)
+        if start + abs(multiplier * module.scale) * delta_bound(module) < top:  # NaN or inf: exact check
+            return False
+        merged = self._folded(layer, module, multiplier * module.scale)
+        return any(not bool(t.abs().max() <= top) for t in merged if t.numel())
+
+    def _folded(self, layer: LoRALayer, module: WeightModule, s: float) -> list[torch.Tensor]:
+        """``[W0 + s * ΔW, b0 + s * diff_b]`` (the bias only with a ``diff_b``), computed in
+        at least float32 on the weights' device."""
+        pristine = layer.pristine_weight
+        assert pristine is not None  # set in __init__
+        dtype = torch.promote_types(pristine.dtype, torch.float32)
+        with torch.no_grad():
+            shape = (layer.spec.out_dim, *layer.spec.a_row_shape)  # torch layout [out, in, *kernel]
+            delta = layer.weight_delta(build_delta(module, shape, dtype, pristine.device))
+            out = [pristine.to(dtype) + s * delta]
+            db, b0 = module.factors.get("diff_b"), layer.pristine_bias
+            if db is not None and b0 is not None:
+                out.append(b0.to(dtype) + s * db.to(pristine.device, dtype))
+        return out
+
     def apply(self, scales: list[torch.Tensor] | None) -> None:
         """Sets every weight to ``W0 + scale * dW`` from the live region (``scales``: per arena
         float64 ``[n_layers]`` host tensors, already including the user's multiplier; None
@@ -158,3 +197,22 @@ class Merger:
                 m1, m2 = layer.merge_operands(a[:rows], bt[:rows])
                 flat_w, flat_p = weight.view(weight.shape[0], -1), pristine.view(pristine.shape[0], -1)
                 torch.addmm(flat_p, m1, m2, alpha=s, out=flat_w)
+
+    def fold(self, weights: dict[str, WeightModule], multiplier: float) -> None:
+        """After :meth:`apply`: folds each weight-kind module into its layer, ``W = W0 + s * ΔW``
+        with ``s = multiplier * module.scale`` (ΔW built on the weights' device from the
+        factors); puts back every bias an earlier diff rewrote."""
+        with torch.no_grad():
+            for name in self._biased - set(weights):
+                bias, b0 = self._layers[name].base_bias, self._layers[name].pristine_bias
+                if bias is not None and b0 is not None:
+                    bias.copy_(b0)
+            self._biased = set()
+            for name, module in weights.items():
+                layer = self._layers[name]
+                folded = self._folded(layer, module, multiplier * module.scale)
+                layer.base_weight.copy_(folded[0])
+                bias = layer.base_bias
+                if len(folded) > 1 and bias is not None:
+                    bias.copy_(folded[1])
+                    self._biased.add(name)

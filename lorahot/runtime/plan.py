@@ -18,11 +18,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lorahot.adapter import Adapter, LoraModule, storage_problem
+from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems
 from lorahot.layers.base import LayerSpec
-from lorahot.resolve.keys import resolve_keys
+from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Pack
+from lorahot.runtime.deltas import delta_shape
 
 __all__ = [
     "WEIGHT_DTYPES",
@@ -56,6 +57,10 @@ class LoadPlan:
         scaled_a: per arena, float64 ``[n_layers]``: ``max|A| * |alpha / r|`` of each layer (0
             if untouched; filled by the value checks; the wide layers, which store ``scale * A``,
             check their dtype's range with it).
+        skipped: tensor keys left out (``strict=False``): those the reader skipped and those
+            of modules that map onto no injected layer.
+        weights: injected layer name -> the LoHa/LoKr/Tucker LoCon/diff module folded into
+            it (merged mode only; their layers hold no LoRA in the arena).
     """
 
     targets: dict[str, LoraModule]
@@ -67,6 +72,8 @@ class LoadPlan:
     nbytes: int
     delta_bound: dict[str, float] = field(default_factory=dict)
     scaled_a: list[torch.Tensor] = field(default_factory=list)
+    skipped: tuple[str, ...] = ()
+    weights: dict[str, WeightModule] = field(default_factory=dict)
 
 
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:
@@ -114,7 +121,7 @@ def check_values(name: str, module: LoraModule) -> list[str]:
     return []
 
 
-def _where(name: str, module: LoraModule) -> str:
+def _where(name: str, module: LoraModule | WeightModule) -> str:
     return f"{name} ({', '.join(module.source_keys or (module.key,))})"
 
 
@@ -123,12 +130,18 @@ WeightOf = Callable[[str], torch.Tensor]
 
 
 def plan_load(
-    adapter: Adapter, buffers: BufferManager, specs: dict[str, LayerSpec], weight_of: WeightOf | None = None
+    adapter: Adapter,
+    buffers: BufferManager,
+    specs: dict[str, LayerSpec],
+    weight_of: WeightOf | None = None,
+    strict: bool = True,
 ) -> LoadPlan:
     """Resolves and checks ``adapter`` for the layers ``specs`` whose storage ``buffers`` holds.
 
     Layers the adapter does not touch get zeros and scale 0. The plan holds the adapter's
-    tensors detached (a tensor that requires grad is read like any other).
+    tensors detached (a tensor that requires grad is read like any other). With
+    ``strict=False`` modules that map onto no injected layer are left out and listed in
+    :attr:`LoadPlan.skipped`; an adapter of which nothing is left is still refused.
 
     Raises:
         AdapterMismatchError: keys that map onto no injected layer (or onto one twice), or
@@ -137,16 +150,25 @@ def plan_load(
         AdapterReadError: values no model could take: non-float dtypes, alpha <= 0 or not
             finite, a scale ``alpha / r`` beyond the range of the layer's scale buffer.
     """
-    targets = resolve_keys(adapter, list(specs))
+    unplaced: list[str] | None = None if strict else []
+    targets, weights = resolve_all(adapter, list(specs), unplaced)
+    if not targets and not weights and unplaced:
+        raise AdapterMismatchError(
+            f"{adapter.source}: no module of the adapter ({adapter.format} naming) maps onto an injected layer "
+            f"(strict=False would skip all {len(unplaced)} keys, e.g. {', '.join(unplaced[:3])}). Inject those "
+            "modules (targets=...), or map the names with prefix=/key_map=."
+        )
     problems = [p for name, m in targets.items() for p in check_module(name, m, specs[name], buffers.max_rank)]
     if weight_of is not None:
         problems += [p for name, m in targets.items() for p in check_base_weight(name, m, weight_of)]
+    problems += [p for name, w in weights.items() for p in check_weight_module(name, w, specs[name])]
     if problems:
         raise AdapterMismatchError(
             format_problems(f"{adapter.source}: adapter does not fit the injected model:", problems)
             + "\nLoad an adapter trained for this model and these target modules, or inject with a larger max_rank."
         )
     unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
+    unreadable += [p for name, w in weights.items() for p in check_weight_values(name, w)]
     if unreadable:
         _raise_unreadable(adapter.source, unreadable)
     entries: list[list[tuple[int, LoraModule]]] = [[] for _ in buffers.arenas]
@@ -161,8 +183,42 @@ def plan_load(
         _raise_unreadable(adapter.source, [p for name, m in targets.items() for p in _check_scale(name, m, buffers)])
     scales = [torch.tensor(values, dtype=torch.float64) for values in per_layer]  # one tensor per arena
     largest = [max(map(abs, values), default=0.0) for values in per_layer]
-    ranks = {n: m.rank for n, m in targets.items()}
-    return LoadPlan(targets, entries, scales, largest, adapter.source, ranks, adapter.nbytes)
+    ranks = {n: m.rank for n, m in targets.items()} | {n: w.rank for n, w in weights.items()}
+    nbytes = sum(m.A.nbytes + m.B.nbytes for m in targets.values()) + sum(w.nbytes for w in weights.values())
+    skipped = (*adapter.skipped, *(unplaced or ()))
+    weights = {n: replace(w, factors={k: t.detach() for k, t in w.factors.items()}) for n, w in weights.items()}
+    return LoadPlan(targets, entries, scales, largest, adapter.source, ranks, nbytes, skipped=skipped, weights=weights)
+
+
+def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> list[str]:
+    """Every problem with folding ``module`` (LoHa, LoKr, Tucker LoCon, diff) into layer ``name``."""
+    where = _where(name, module)
+    if spec.kind not in ("linear", "conv") or spec.groups != 1:
+        return [
+            f"{where}: {module.kind} weights fold only into Linear/Conv1D and ungrouped conv layers, not this "
+            f"{spec.kind} layer"
+        ]
+    expected = (spec.out_dim, *spec.a_row_shape)  # the torch layout [out, in, *kernel]
+    got = delta_shape(module, expected)
+    fits = got is not None and got[0] == spec.out_dim and math.prod(got) == math.prod(expected)
+    bias = module.factors.get("diff_b")
+    if not fits:
+        shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.factors.items())
+        return [f"{where}: its {module.kind} factors ({shapes}) make a weight of shape {got}, expected {expected}"]
+    if bias is not None and tuple(bias.shape) != (spec.out_dim,):
+        return [f"{where}: diff_b has shape {tuple(bias.shape)}, expected ({spec.out_dim},)"]
+    return []
+
+
+def check_weight_values(name: str, module: WeightModule) -> list[str]:
+    """The factors' dtypes and values (finite), and the alpha."""
+    for k, t in module.factors.items():
+        if t.dtype not in WEIGHT_DTYPES or storage_problem(t) is not None:
+            return [f"{_where(name, module)}: {k} is {storage_problem(t) or t.dtype}; weights must be dense floats"]
+    finite = _max_abs(list(module.factors.values()))
+    if not bool(torch.isfinite(finite).all()):
+        return [f"{_where(name, module)}: NaN or Inf in its {module.kind} factors"]
+    return []
 
 
 def _raise_unreadable(source: str, problems: list[str]) -> None:
@@ -264,6 +320,7 @@ def validate(
     *,
     stage: bool,
     weight_of: WeightOf | None = None,
+    strict: bool = True,
 ) -> Checked:
     """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
@@ -271,12 +328,14 @@ def validate(
         stage: move the tensors to the arenas' devices first (``load``); else check them where
             they are (``preload``, which packs them on the host).
         weight_of: the model's weight of an injected layer, to compare with a saved copy.
+        strict: refuse modules that map onto no injected layer (else skip them, see
+            :func:`plan_load`).
 
     Raises:
         AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
             weight, or values beyond the range of the arena's dtype. Nothing has been written.
     """
-    plan = plan_load(adapter, buffers, specs, weight_of)
+    plan = plan_load(adapter, buffers, specs, weight_of, strict)
     entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
     _check_range(plan, buffers, entries)
     return Checked(plan, entries)

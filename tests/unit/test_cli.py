@@ -40,7 +40,8 @@ def test_module_inspect_prints_a_table(kohya_file: Path) -> None:
     assert "ranks:   4 (x1), 8 (x1)" in out.stdout
     assert "dtypes:  float16 (x1), float32 (x1)" in out.stdout
     row = next(line for line in out.stdout.splitlines() if line.startswith("lora_unet_mid_block_resnets_0_conv1"))
-    assert row.split() == ["lora_unet_mid_block_resnets_0_conv1", "8", "8", "1", "8x32x3x3", "32x8x1x1"]
+    assert row.split() == ["lora_unet_mid_block_resnets_0_conv1", "lora", "8", "8", "1", "8x32x3x3", "32x8x1x1"]
+    assert "kinds:   lora (x2)\n" in out.stdout and "components: lora_unet_ (x2)" in out.stdout
 
 
 @pytest.mark.skipif(not SCRIPT.exists(), reason="lorahot is not installed as a console script here")
@@ -53,6 +54,7 @@ def test_console_script_json(kohya_file: Path) -> None:
     assert data["alphas"] == {"2": 1, "8": 1}
     assert data["table"][0] == {
         "module": "lora_unet_mid_block_attentions_0_proj_in",
+        "kind": "lora",
         "rank": 4,
         "alpha": 2.0,
         "scale": 0.5,
@@ -136,3 +138,43 @@ def test_names_with_control_characters_or_lone_surrogates_print_escaped(
     printed = stdout.buffer.getvalue().decode()  # type: ignore[attr-defined]
     assert code == 0 and err == "", err
     assert "lora_unet_a\\ud800b\\x1b[2Jc" in printed and "\x1b" not in printed
+
+
+def test_inspect_names_each_module_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tensors = {
+        "lora_unet_a_to_q.lora_down.weight": torch.randn(2, 8),
+        "lora_unet_a_to_q.lora_up.weight": torch.randn(8, 2),
+        "lora_unet_a_to_k.hada_w1_a": torch.randn(8, 2),
+        "lora_unet_a_to_k.hada_w1_b": torch.randn(2, 8),
+        "lora_unet_a_to_k.hada_w2_a": torch.randn(8, 2),
+        "lora_unet_a_to_k.hada_w2_b": torch.randn(2, 8),
+        "lora_unet_a_to_k.alpha": torch.tensor(1.0),
+        "lora_te1_text_model_fc1.lokr_w1": torch.randn(2, 2),
+        "lora_te1_text_model_fc1.lokr_w2": torch.randn(4, 4),
+        "lora_unet_a_to_v.diff": torch.randn(8, 8),
+        "lora_unet_a_to_v.diff_b": torch.randn(8),
+    }
+    save_file(tensors, str(tmp_path / "mixed.safetensors"))
+    code, text, _ = _main(capsys, "inspect", str(tmp_path / "mixed.safetensors"))
+    assert code == 0
+    assert (
+        "kinds:   diff (x1), loha (x1), lokr (x1), lora (x1)  (diff, loha, lokr: load with inject(..., merged=True))"
+        in text
+    )
+    assert "components: lora_te1_ (x1), lora_unet_ (x3)" in text
+    row = next(line for line in text.splitlines() if line.startswith("lora_unet_a_to_k"))
+    assert row.split() == [
+        "lora_unet_a_to_k",
+        "loha",
+        "2",
+        "1",
+        "0.5",
+        "hada_w1_a=8x2",
+        "hada_w1_b=2x8",
+        "hada_w2_a=8x2",
+        "hada_w2_b=2x8",
+    ]
+    code, text, _ = _main(capsys, "inspect", str(tmp_path / "mixed.safetensors"), "--json")
+    data = json.loads(text)
+    assert data["merged_only"] == ["diff", "loha", "lokr"]
+    assert {r["module"]: r["kind"] for r in data["table"]}["lora_unet_a_to_v"] == "diff"

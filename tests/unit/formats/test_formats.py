@@ -53,7 +53,16 @@ def test_locon_conv_kernel_in_down_and_1x1_up() -> None:
             lorahot.UnknownFormatError,
             r"lora_up\.bias: LoRA bias \(PEFT lora_bias=True\): not supported",
         ),
-        ({"lora_unet_attn_to_q.hada_w1_a": torch.ones(8, 2)}, lorahot.UnknownFormatError, r"hada_w1_a: LyCORIS"),
+        (
+            {"lora_unet_attn_to_q.hada_w1_a": torch.ones(8, 2)},
+            lorahot.UnknownFormatError,
+            r"lora_unet_attn_to_q \(.*hada_w1_a.*\): lacks hada_w1_b, hada_w2_a, hada_w2_b",
+        ),
+        (
+            {"lora_unet_attn_to_q.oft_blocks": torch.ones(8, 2)},
+            lorahot.UnknownFormatError,
+            r"oft_blocks: LyCORIS OFT/BOFT weights: not supported",
+        ),
         (
             {"lora_unet_attn_to_q.alpha": torch.tensor(-1.0)},
             lorahot.AdapterReadError,

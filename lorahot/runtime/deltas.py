@@ -1,0 +1,122 @@
+"""``ΔW`` of the adapter kinds that are not ``B @ A``: LoHa, LoKr, Tucker LoCon and full diffs.
+
+Each builder takes a :class:`~lorahot.adapter.WeightModule`'s factors and returns ``ΔW`` in
+the torch layout ``[out, in, *kernel]`` without its scale (see
+:attr:`~lorahot.adapter.WeightModule.scale`), following LyCORIS' own formulas
+(``lycoris.functional.loha``/``lokr``/``general``) as ComfyUI applies them:
+
+- LoHa: ``(w1_a @ w1_b) * (w2_a @ w2_b)``; with Tucker cores ``t1``/``t2`` each half is
+  ``einsum("i j ..., j r, i p -> p r ...", t, w_b, w_a)``.
+- LoKr: ``kron(w1, w2)``, each half whole or ``w_a @ w_b``; a Tucker ``w2`` is
+  ``einsum("i j ..., i p, j r -> p r ...", t2, w2_a, w2_b)``; a 2-D ``w1`` against a conv
+  ``w2`` gets trailing unit dims.
+- Tucker LoCon: ``einsum("m n ..., i m, n j -> i j ...", lora_mid, lora_up, lora_down)``.
+- diff: ``diff`` itself (and ``diff_b`` for the bias).
+
+Built on meta tensors they give the shape without any arithmetic (the plan's shape check).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorahot.adapter import WeightModule
+
+__all__ = ["build_delta", "delta_shape", "delta_bound"]
+
+
+def build_delta(module: WeightModule, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``ΔW`` of ``module`` (unscaled), in ``dtype`` on ``device``, reshaped to ``shape``.
+
+    Args:
+        shape: the base weight's torch-layout shape ``[out, in, *kernel]``.
+
+    Raises:
+        RuntimeError: the factors do not multiply to ``shape`` (the plan checks this first).
+    """
+    f = {k: t.to(device, dtype) for k, t in module.factors.items() if k != "diff_b"}
+    if module.kind == "diff":
+        delta = f.get("diff")
+        return torch.zeros(shape, dtype=dtype, device=device) if delta is None else delta.reshape(shape)
+    build = {"loha": _loha, "lokr": _lokr, "locon-tucker": _locon_tucker}[module.kind]
+    return build(f, shape).reshape(shape)
+
+
+def delta_shape(module: WeightModule, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape ``ΔW`` has before any reshape (built on meta tensors), or None if the factors
+    do not even multiply; equal numel to ``shape`` means it fits."""
+    try:
+        meta = WeightModule(module.key, module.kind, {k: t.to("meta") for k, t in module.factors.items()})
+        f = {k: t.float() for k, t in meta.factors.items() if k != "diff_b"}
+        if module.kind == "diff":
+            return tuple(f["diff"].shape) if "diff" in f else shape
+        build = {"loha": _loha, "lokr": _lokr, "locon-tucker": _locon_tucker}[module.kind]
+        return tuple(build(f, shape).shape)
+    except (RuntimeError, ValueError, IndexError):
+        return None
+
+
+def delta_bound(module: WeightModule) -> float:
+    """A bound on every entry of the unscaled ``ΔW`` (and of ``diff_b``) from the factors'
+    largest values: one reduction per factor, no product built. A product of an ``[a, r]``
+    and an ``[r, b]`` matrix is at most ``r * max * max``; a Tucker half ``r1 * r2`` times the
+    three maxima; LoHa multiplies its halves entrywise, LoKr's kron multiplies entries."""
+    top = {k: float(t.abs().max()) if t.numel() else 0.0 for k, t in module.factors.items()}
+    rank = {k: int(t.shape[0]) if t.ndim else 1 for k, t in module.factors.items()}
+    f = module.factors
+
+    def low(a: str, b: str, t: str | None = None) -> float:
+        if t is not None and t in f:
+            return rank[t] * int(f[t].shape[1]) * top[t] * top[a] * top[b]
+        return rank[b] * top[a] * top[b]
+
+    if module.kind == "loha":
+        return low("hada_w1_a", "hada_w1_b", "hada_t1") * low("hada_w2_a", "hada_w2_b", "hada_t2")
+    if module.kind == "lokr":
+        w1 = top["lokr_w1"] if "lokr_w1" in f else low("lokr_w1_a", "lokr_w1_b")
+        w2 = top["lokr_w2"] if "lokr_w2" in f else low("lokr_w2_a", "lokr_w2_b", "lokr_t2")
+        return w1 * w2
+    if module.kind == "locon-tucker":
+        return rank["lora_mid"] * int(f["lora_mid"].shape[1]) * top["lora_mid"] * top["lora_up"] * top["lora_down"]
+    return max(top.get("diff", 0.0), top.get("diff_b", 0.0))
+
+
+def _tucker(t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
+    """``[out, in, *k]`` from a core ``t [r1, r2, *k]``, ``w_a [r1, out]``, ``w_b [r2, in]``:
+    LyCORIS' ``einsum("i j ..., i p, j r -> p r ...", t, w_a, w_b)``, as two tensordots (meta
+    tensors run them too)."""
+    tmp: torch.Tensor = torch.tensordot(w_a, t, dims=([0], [0]))  # [out, r2, *k]
+    out: torch.Tensor = torch.tensordot(tmp, w_b, dims=([1], [0]))  # [out, *k, in]
+    return out.movedim(-1, 1).contiguous()  # [out, in, *k]
+
+
+def _loha(f: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    if "hada_t1" in f:
+        return _tucker(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"]) * _tucker(
+            f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"]
+        )
+    w1 = f["hada_w1_a"] @ f["hada_w1_b"].reshape(f["hada_w1_b"].shape[0], -1)  # [out, in * prod(k)]
+    w2 = f["hada_w2_a"] @ f["hada_w2_b"].reshape(f["hada_w2_b"].shape[0], -1)
+    return w1 * w2
+
+
+def _lokr(f: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]  # [o1, i1]
+    if "lokr_w2" in f:
+        w2 = f["lokr_w2"]
+    elif "lokr_t2" in f:
+        w2 = _tucker(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+    else:
+        b = f["lokr_w2_b"]
+        w2 = (f["lokr_w2_a"] @ b.reshape(b.shape[0], -1)).reshape(f["lokr_w2_a"].shape[0], *b.shape[1:])
+        if len(shape) > 2 and w2.ndim == 2:  # a conv's w2 saved flat: [o2, i2 * prod(k)]
+            w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
+    while w1.ndim < w2.ndim:
+        w1 = w1.unsqueeze(-1)
+    return torch.kron(w1, w2)
+
+
+def _locon_tucker(f: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    up = f["lora_up"].reshape(f["lora_up"].shape[0], -1)  # [out, r]
+    down = f["lora_down"].reshape(f["lora_down"].shape[0], -1)  # [r, in]
+    return _tucker(f["lora_mid"], up.t(), down)

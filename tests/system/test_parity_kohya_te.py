@@ -1,0 +1,108 @@
+"""Kohya text-encoder LoRAs on transformers-5 CLIP, against diffusers' own loader.
+
+transformers 5's ``CLIPTextModel`` has no ``text_model.`` level (its layers are
+``encoder.layers.0.self_attn.q_proj``), while kohya files name them
+``lora_te_text_model_encoder_layers_0_self_attn_q_proj``. lorahot resolves them through the
+model's own names (step 5 of :mod:`lorahot.resolve.keys`); the oracle is diffusers'
+``_convert_non_diffusers_lora_to_diffusers`` + ``load_lora_into_text_encoder``, which strips
+``text_model.`` when the encoder lacks it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers  # noqa: E402
+from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def _clip(with_projection: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=16,
+    )
+    cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
+    return cls(config).eval()
+
+
+def _kohya_file(model: nn.Module, component: str, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A kohya LoRA for every target of ``model``, named with kohya's ``text_model_`` level."""
+    g = torch.Generator().manual_seed(1)
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.rpartition(".")[2] in TARGETS:
+            stem = f"{component}_text_model_{name.removeprefix('text_model.').replace('.', '_')}"
+            out[f"{stem}.lora_down.weight"] = torch.randn(rank, mod.in_features, generator=g) * 0.1
+            out[f"{stem}.lora_up.weight"] = torch.randn(mod.out_features, rank, generator=g) * 0.1
+            out[f"{stem}.alpha"] = torch.tensor(float(rank) / 2)
+    return out
+
+
+def _oracle(model: nn.Module, kohya: dict[str, torch.Tensor], te_name: str) -> nn.Module:
+    sd, alphas = _convert_non_diffusers_lora_to_diffusers(dict(kohya))
+    oracle = copy.deepcopy(model)
+    StableDiffusionXLLoraLoaderMixin.load_lora_into_text_encoder(sd, alphas, oracle, prefix=te_name, adapter_name="k")
+    return oracle
+
+
+@pytest.mark.parametrize(
+    ("component", "te_name", "proj"), [("lora_te", "text_encoder", False), ("lora_te2", "text_encoder_2", True)]
+)
+def test_kohya_te_on_transformers5_clip_matches_diffusers(component: str, te_name: str, proj: bool) -> None:
+    model = _clip(proj)
+    assert hasattr(model, "text_model") == proj  # CLIPTextModel lost the level kohya names carry; WithProjection not
+    kohya = _kohya_file(model, component)
+    oracle = _oracle(model, kohya, te_name)
+    runtime = lorahot.inject(model, TARGETS, max_rank=8)
+    info = runtime.load(kohya)
+    assert len(info.ranks) == 2 * len(TARGETS)
+    ids = torch.tensor([[0, 5, 9, 3, 1]])
+    with torch.no_grad():
+        got, want, base = model(ids)[0], oracle(ids)[0], _clip(proj)(ids)[0]
+    assert not torch.allclose(got, base, atol=1e-4)  # the adapter does change the output
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_wrapper_levels_never_drop_a_block_index() -> None:
+    model = _clip()
+    runtime = lorahot.inject(model, TARGETS, max_rank=8)
+    # "layers_7_" carries a number: not a wrapper, so the key must not land on layers.0
+    bad = {
+        "lora_te_layers_7_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(2, 32),
+        "lora_te_layers_7_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(32, 2),
+    }
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"lora_te_layers_7_encoder_layers_0_self_attn_q_proj: matches no"
+    ):
+        runtime.load(bad)
+
+
+def test_wrapper_match_that_is_ambiguous_lists_candidates() -> None:
+    model = nn.ModuleDict(
+        {"a": nn.ModuleDict({"q": nn.Linear(8, 8)}), "b": nn.ModuleDict({"x": nn.ModuleDict({"q": nn.Linear(8, 8)})})}
+    )
+    model["a"]["x"] = nn.ModuleDict({"q": nn.Linear(8, 8)})
+    runtime = lorahot.inject(model, ["q"], max_rank=4)
+    key = "lora_unet_wrap_x_q"
+    tensors = {f"{key}.lora_down.weight": torch.randn(2, 8), f"{key}.lora_up.weight": torch.randn(8, 2)}
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"lora_unet_wrap_x_q: ambiguous, matches a\.x\.q, b\.x\.q"):
+        runtime.load(tensors)

@@ -1,0 +1,255 @@
+"""LyCORIS LoHa, LoKr (Tucker included), Tucker LoCon and full diffs in merged mode, against
+the ``lycoris-lora`` package's own modules as the oracle.
+
+Each case builds a LyCORIS module on a Linear or Conv2d with random factors (every factor,
+not LyCORIS' zero init, so ΔW is not zero), writes its ``custom_state_dict`` under kohya
+names, loads the file into lorahot (``merged=True``) and compares with the LyCORIS module's
+forward (``apply_to``: the module's own ``get_weight`` and scale) and with its
+``get_weight`` ΔW. Alpha differs from the rank where the kind has one.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo.testing
+from safetensors.torch import save_file
+from torch import nn
+
+import lorahot
+from tests.helpers import Conv1D
+
+lycoris = pytest.importorskip("lycoris")
+from lycoris.modules import LoConModule, LohaModule, LokrModule  # noqa: E402 - after the importorskip
+
+CASES = [
+    ("loha-linear", LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0}),
+    ("loha-conv", LohaModule, "conv", {"lora_dim": 4, "alpha": 3.0}),
+    ("loha-conv-tucker", LohaModule, "conv", {"lora_dim": 3, "alpha": 5.0, "use_tucker": True}),
+    ("lokr-linear-full", LokrModule, "linear", {"lora_dim": 64, "alpha": 3.0, "factor": 4}),
+    ("lokr-linear-low", LokrModule, "linear", {"lora_dim": 2, "alpha": 3.0, "factor": 8, "decompose_both": True}),
+    ("lokr-conv-full", LokrModule, "conv", {"lora_dim": 2, "alpha": 1.0, "factor": 4}),
+    ("lokr-conv-low", LokrModule, "wide-conv", {"lora_dim": 2, "alpha": 1.0, "factor": 4}),
+    ("lokr-conv-tucker", LokrModule, "wide-conv", {"lora_dim": 2, "alpha": 7.0, "factor": 4, "use_tucker": True}),
+    ("locon-conv-tucker", LoConModule, "conv", {"lora_dim": 3, "alpha": 2.0, "use_tucker": True}),
+]
+
+
+def _base(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(16, 24)).double()
+    if kind == "wide-conv":  # wide enough for LoKr to decompose its second factor
+        return nn.Sequential(nn.Conv2d(32, 64, 3, padding=1)).double()
+    return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1)).double()
+
+
+def _input(kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    shape = {"linear": (3, 16), "conv": (2, 8, 5, 5), "wide-conv": (2, 32, 5, 5)}[kind]
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def _lycoris(cls: type, kind: str, options: dict) -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
+    """``(oracle model, the LyCORIS module, its state dict under kohya names)``."""
+    model = _base(kind)
+    module = cls("lora_unet_0", model[0], 1.0, **options).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    module.apply_to()
+    sd = {f"lora_unet_0.{k}": v.detach().clone() for k, v in module.custom_state_dict().items()}
+    return model, module, sd
+
+
+def _delta(module: nn.Module) -> torch.Tensor:
+    """LyCORIS' scaled ΔW: LoHa/LoKr ``get_weight`` (which applies ``alpha / r`` once; their
+    ``get_diff_weight`` multiplies by it a second time, so it is not used), LoCon
+    ``get_diff_weight``."""
+    if isinstance(module, LoConModule):
+        return module.get_diff_weight()[0]
+    return module.get_weight(module.shape)
+
+
+@pytest.mark.parametrize(("case", "cls", "kind", "options"), CASES, ids=[c[0] for c in CASES])
+def test_lycoris_kinds_merge_like_lycoris(case: str, cls: type, kind: str, options: dict) -> None:
+    oracle, module, sd = _lycoris(cls, kind, options)
+    x = _input(kind)
+    with torch.no_grad():
+        want = oracle(x)
+        delta = _delta(module).reshape(oracle[0].weight.shape)
+    model = _base(kind)
+    base_out = model(x).detach()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    info = runtime.load(sd, scale=1.0)
+    assert set(info.ranks) == {"0"}
+    with torch.no_grad():
+        torch.testing.assert_close(model[0].weight, _base(kind)[0].weight + delta, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model(x), want, rtol=1e-9, atol=1e-9)
+        assert not torch.allclose(want, base_out)
+    runtime.set_scale(0.5)  # every swap starts from the pristine weights
+    with torch.no_grad():
+        torch.testing.assert_close(model[0].weight, _base(kind)[0].weight + 0.5 * delta, rtol=1e-10, atol=1e-10)
+    runtime.unload()
+    assert torch.equal(model(x), base_out)
+
+
+def test_full_diff_and_bias_diff() -> None:
+    model, x = _base("conv"), _input("conv")
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    g = torch.Generator().manual_seed(3)
+    diff, diff_b = torch.randn(w0.shape, generator=g).double(), torch.randn(b0.shape, generator=g).double()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True, slots=2)
+    runtime.load({"lora_unet_0.diff": diff, "lora_unet_0.diff_b": diff_b}, scale=0.5)
+    want = torch.nn.functional.conv2d(x, w0 + 0.5 * diff, b0 + 0.5 * diff_b, padding=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+    a, b = torch.randn(2, 8, 3, 3, dtype=torch.float64), torch.randn(16, 2, 1, 1, dtype=torch.float64)
+    runtime.load({"lora_unet_0.lora_down.weight": a, "lora_unet_0.lora_up.weight": b}, slot=1)
+    runtime.activate(1)  # a plain LoRA: the bias is pristine again
+    assert torch.equal(model[0].bias, b0)
+    runtime.activate(0)
+    lorahot.eject(model)  # eject puts the pristine weight and bias back
+    assert torch.equal(model[0].weight, w0) and torch.equal(model[0].bias, b0)
+
+
+def test_weight_kinds_refused_unmerged_with_the_fix() -> None:
+    _, _, sd = _lycoris(LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0})
+    model = _base("linear")
+    runtime = lorahot.inject(model, ["0"], max_rank=4)
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"loads only in merged mode:\n  - 0 \(loha: [\s\S]*merged=True"
+    ):
+        runtime.load(sd)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"merged=True"):
+        runtime.preload(sd)
+
+
+def test_wrong_shape_and_missing_factor_are_named() -> None:
+    _, _, sd = _lycoris(LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0})
+    runtime = lorahot.inject(nn.Sequential(nn.Linear(16, 20)).double(), ["0"], max_rank=4, merged=True)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"loha factors \(.*\) make a weight of shape \(24, 16\)"):
+        runtime.load(sd)
+    del sd["lora_unet_0.hada_w2_b"]
+    with pytest.raises(lorahot.UnknownFormatError, match=r"lora_unet_0 \(.*\): lacks hada_w2_b"):
+        lorahot.read_adapter(sd)
+
+
+def test_eject_after_a_merged_lokr_restores_every_weight() -> None:
+    _, _, sd = _lycoris(LokrModule, "linear", {"lora_dim": 2, "alpha": 3.0, "factor": 4})
+    model = _base("linear")
+    snapshot = copy.deepcopy(model.state_dict())
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    runtime.load(sd)
+    runtime.eject()
+    assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+
+
+def test_preloaded_loha_swaps_with_lora_from_the_host_cache(tmp_path: Path) -> None:
+    oracle, _, sd = _lycoris(LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0})
+    path = tmp_path / "loha.safetensors"
+    save_file(sd, str(path))
+    x = _input("linear")
+    model = _base("linear")
+    base_out = model(x).detach()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True, slots=2)
+    runtime.preload(path)
+    lora = {
+        "lora_unet_0.lora_down.weight": torch.randn(2, 16).double(),
+        "lora_unet_0.lora_up.weight": torch.randn(24, 2).double(),
+    }
+    runtime.load(lora, slot=1)
+    runtime.load(path)  # from the cache: the factors are on the host, dW is built at the fold
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), oracle(x), rtol=1e-9, atol=1e-9)
+        runtime.activate(1)
+        lora_out = base_out + x @ lora["lora_unet_0.lora_down.weight"].T @ lora["lora_unet_0.lora_up.weight"].T
+        torch.testing.assert_close(model(x), lora_out, rtol=1e-9, atol=1e-9)
+        runtime.activate(0)
+        torch.testing.assert_close(model(x), oracle(x), rtol=1e-9, atol=1e-9)
+
+
+def test_prefix_and_key_map_rename_weight_kinds_too() -> None:
+    oracle, _, sd = _lycoris(LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0})
+    te = {k.replace("lora_unet_0", "lora_te1_text_model_fc9"): v for k, v in sd.items()}
+    x = _input("linear")
+    for options in ({"prefix": "lora_unet"}, {"key_map": {r"lora_unet_0": "0"}, "strict": False}):
+        model = _base("linear")
+        runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+        info = runtime.load(sd | te, **options)
+        assert set(info.ranks) == {"0"}
+        assert set(info.skipped) == (set(te) if "strict" in options else set())
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), oracle(x), rtol=1e-9, atol=1e-9)
+
+
+def test_compiled_merged_swaps_across_kinds_do_not_recompile() -> None:
+    loha_oracle, _, loha = _lycoris(LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0})
+    lokr_oracle, _, lokr = _lycoris(LokrModule, "linear", {"lora_dim": 2, "alpha": 3.0, "factor": 8})
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(3, 16, generator=g).double(), torch.randn(24, 3, generator=g).double()
+    lora = {"lora_unet_0.lora_down.weight": a, "lora_unet_0.lora_up.weight": b}
+    diff = {"lora_unet_0.diff": torch.randn(24, 16, generator=g).double()}
+    model, x = _base("linear"), _input("linear")
+    base = _base("linear")[0]
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        compiled(x)
+        expected = [
+            (loha, loha_oracle(x)),
+            (lora, base(x) + x @ a.T @ b.T),
+            (lokr, lokr_oracle(x)),
+            (diff, torch.nn.functional.linear(x, base.weight + diff["lora_unet_0.diff"], base.bias)),
+            (loha, loha_oracle(x)),
+        ]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for tensors, want in expected:
+                runtime.load(tensors)
+                torch.testing.assert_close(compiled(x), want, rtol=1e-9, atol=1e-9)
+    assert counter.frame_count == 1
+
+
+def test_loha_on_conv1d_folds_transposed_and_biasless_diff_b_is_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(24, 16)).double()  # weight [in 16, out 24]
+    linear = nn.Linear(16, 24).double()
+    with torch.no_grad():
+        linear.weight.copy_(model[0].weight.t())
+        linear.bias.copy_(model[0].bias)
+    oracle = nn.Sequential(linear)
+    loha = LohaModule("lora_unet_0", linear, 1.0, lora_dim=4, alpha=2.0).double()
+    with torch.no_grad():
+        for p in loha.parameters():
+            p.normal_(0, 0.3)
+    loha.apply_to()
+    sd = {f"lora_unet_0.{k}": v.detach().clone() for k, v in loha.custom_state_dict().items()}
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    runtime.load(sd)
+    x = _input("linear")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), oracle(x), rtol=1e-9, atol=1e-9)
+    biasless = nn.Sequential(nn.Linear(16, 24, bias=False))
+    rt = lorahot.inject(biasless, ["0"], max_rank=4, merged=True)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"a bias diff \(diff_b\) for layers without a bias:\n  - 0"):
+        rt.load({"lora_unet_0.diff_b": torch.randn(24)})
+
+
+def test_merged_weight_kind_that_overflows_float16_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(16, 24)).half()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    w0 = model[0].weight.detach().clone()
+    big = {"lora_unet_0.diff": torch.full((24, 16), 60000.0)}
+    with pytest.raises(
+        lorahot.UsageError, match=r"scale=2: merged weights would overflow the model's dtype in:\n  - 0"
+    ):
+        runtime.load(big, scale=2.0)
+    with pytest.raises(lorahot.AdapterReadError, match=r"merged weights would overflow the model's dtype in:\n  - 0"):
+        runtime.load({"lora_unet_0.diff": torch.full((24, 16), 1e6)})
+    runtime.load(big, scale=0.5)  # within range: loads, folded from the pristine weights
+    assert torch.equal(model[0].weight, (w0.float() + 30000.0).half())

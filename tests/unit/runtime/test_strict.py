@@ -1,0 +1,125 @@
+"""``strict=False``: keys that cannot be placed are skipped and listed; the default refuses them.
+
+The file is an SDXL-like kohya LoRA that carries both text encoders' keys, a LyCORIS OFT block
+and a foreign key; the model has only its "unet" injected. The oracle is a dense float64
+reference of the placed modules only (``W x + b + s * B A x``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import lorahot
+from lorahot.cli import main
+from tests.helpers import lora_pair
+
+UNET = ["lora_unet_attn_to_q", "lora_unet_attn_to_k"]
+TE = ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_text_model_encoder_layers_0_mlp_fc1"]
+FOREIGN = ["lora_unet_attn_to_v.oft_blocks", "some_other_tool.weight_scale"]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.ModuleDict({"attn": nn.ModuleDict({n: nn.Linear(8, 8) for n in ("to_q", "to_k", "to_v")})}).double()
+
+
+def _file() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    out: dict[str, torch.Tensor] = {}
+    for stem in UNET + TE:
+        out |= lora_pair(stem, "lora_down", "lora_up")
+        out[f"{stem}.alpha"] = torch.tensor(1.0)
+    return out | {k: torch.randn(2, 2) for k in FOREIGN}
+
+
+def _reference(tensors: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    model, out = _model(), {}
+    for name, layer in model["attn"].items():
+        y = layer(x)
+        stem = f"lora_unet_attn_{name}"
+        if stem in UNET:
+            a, b = tensors[f"{stem}.lora_down.weight"].double(), tensors[f"{stem}.lora_up.weight"].double()
+            y = y + float(tensors[f"{stem}.alpha"]) / a.shape[0] * x @ a.T @ b.T
+        out[name] = y
+    return out
+
+
+def _skipped_keys(tensors: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in tensors if not k.startswith(tuple(UNET))} | set(FOREIGN[:1])
+
+
+def test_strict_default_refuses_and_lists_the_keys() -> None:
+    model = _model()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v"], max_rank=4)
+    tensors = _file()
+    with pytest.raises(lorahot.UnknownFormatError, match=r"oft_blocks[\s\S]*some_other_tool\.weight_scale"):
+        runtime.load(tensors)
+    del tensors["lora_unet_attn_to_v.oft_blocks"], tensors["some_other_tool.weight_scale"]
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=rf"{TE[0]}: matches no injected layer[\s\S]*{TE[1]}: matches no"
+    ):
+        runtime.load(tensors)
+    assert runtime.info() is None  # nothing loaded
+
+
+def test_strict_false_loads_the_rest_and_lists_what_it_skipped(tmp_path: Path) -> None:
+    model = _model()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v"], max_rank=4)
+    tensors = _file()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    want = _reference(tensors, x)
+    for source in (tensors, _saved(tmp_path, tensors)):
+        info = runtime.load(source, strict=False)
+        assert set(info.ranks) == {"attn.to_q", "attn.to_k"}
+        assert set(info.skipped) == _skipped_keys(tensors)
+        with torch.no_grad():
+            for name, layer in model["attn"].items():
+                torch.testing.assert_close(layer(x), want[name], rtol=1e-12, atol=1e-12)
+    adapter = lorahot.read_adapter(tensors, strict=False)
+    assert set(adapter.skipped) == set(FOREIGN)  # the reader skips what no naming holds; load the rest
+
+
+def test_strict_false_through_preload_and_cache(tmp_path: Path) -> None:
+    model = _model()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v"], max_rank=4, slots=2)
+    tensors = _file()
+    path = _saved(tmp_path, tensors)
+    prepared = runtime.preload(path, strict=False)
+    assert set(prepared.plan.skipped) == _skipped_keys(tensors)
+    info = runtime.load(path, strict=False, slot=1)  # from the host cache
+    assert set(info.skipped) == _skipped_keys(tensors) and set(info.ranks) == {"attn.to_q", "attn.to_k"}
+    with pytest.raises(lorahot.UnknownFormatError):
+        runtime.load(path, slot=1)  # a strict load is another cache entry, and refuses
+
+
+def test_strict_false_with_nothing_placeable_is_still_refused() -> None:
+    runtime = lorahot.inject(_model(), ["to_q"], max_rank=4)
+    only_te = lora_pair(TE[0], "lora_down", "lora_up")
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"no module of the adapter \(kohya naming\) maps onto"):
+        runtime.load(only_te, strict=False)
+    with pytest.raises(lorahot.UnknownFormatError, match=r"none of its 1 tensors is a loadable LoRA weight"):
+        lorahot.read_adapter({"x.oft_blocks": torch.randn(2)}, strict=False)
+    with pytest.raises(lorahot.UsageError, match=r"strict='no' must be"):
+        runtime.load(only_te, strict="no")
+
+
+def test_inspect_no_strict_lists_skipped_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _saved(tmp_path, _file())
+    with pytest.raises(SystemExit, match="2"):
+        main(["inspect", str(path)])
+    assert "oft_blocks" in capsys.readouterr().err
+    assert main(["inspect", str(path), "--no-strict", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert set(shown["skipped"]) == set(FOREIGN) and shown["modules"] == 4
+
+
+def _saved(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    path = tmp_path / "sdxl_like.safetensors"
+    save_file(tensors, str(path))
+    return path
