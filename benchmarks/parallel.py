@@ -97,7 +97,7 @@ class Workers:
             got = self._next(pending, deadline)
             if got is None:
                 for name in pending:
-                    self._fail(name, "late", f"not ready by the deadline ({self._since():.0f} s after the start)")
+                    self.fail(name, "late", f"not ready by the deadline ({self._since():.0f} s after the start)")
                 break
             name, kind, payload = got
             pending.remove(name)
@@ -115,11 +115,11 @@ class Workers:
         try:
             self._conns[name].send(what)
         except (BrokenPipeError, OSError):
-            self._fail(name, "died", f"died before {what!r} (exit code {self._procs[name].exitcode})")
+            self.fail(name, "died", f"died before {what!r} (exit code {self._procs[name].exitcode})")
             return None
         got = self._next([name], deadline)
         if got is None:
-            self._fail(name, "late", f"no answer to {what!r} by the deadline")
+            self.fail(name, "late", f"no answer to {what!r} by the deadline")
             return None
         _, kind, payload = got
         if kind == "answer":
@@ -199,13 +199,14 @@ class Workers:
 
     def _failure(self, name: str, kind: str, payload: Any, during: str) -> None:
         if kind == "error":
-            self._fail(name, "error", f"failed ({during}):\n{payload}")
+            self.fail(name, "error", f"failed ({during}):\n{payload}")
         elif kind == "died":
-            self._fail(name, "died", f"died ({during}; exit code {payload})")
+            self.fail(name, "died", f"died ({during}; exit code {payload})")
         else:
-            self._fail(name, "error", f"sent {kind!r} ({during})")
+            self.fail(name, "error", f"sent {kind!r} ({during})")
 
-    def _fail(self, name: str, kind: str, message: str) -> None:
+    def fail(self, name: str, kind: str, message: str) -> None:
+        """Records a failure of ``kind`` and kills the worker (``strict``: raises)."""
         proc = self._procs[name]
         if proc.is_alive():
             proc.kill()
