@@ -656,7 +656,7 @@ def run_parallel(
             label = mode_label(mode, regional, backend)
             results: dict[str, Any] = out["diffusion"]["modes"].setdefault(label, {})
             specs = {name: (_worker, (str(path), name, mode, regional, backend, repeat)) for name in names}
-            with Workers(f"diffusion {label}", specs) as pool:
+            with Workers(f"diffusion {label}", specs, join_s=10) as pool:  # 10: inside a call's margin
 
                 def ready(name: str, payload: dict[str, Any]) -> None:
                     if payload["checksum"] != expected:

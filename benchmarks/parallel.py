@@ -56,10 +56,14 @@ def _main(prepare: Prepare, args: tuple[Any, ...], conn: Connection) -> None:
 class Workers:
     """Spawns one worker per name at once. ``strict``: the first failure raises
     :class:`WorkerFailed` (with the worker's traceback); otherwise it is recorded in
-    :attr:`failed`, printed, and that worker is left out from then on."""
+    :attr:`failed`, printed, and that worker is left out from then on. Leaving the ``with``
+    block stops the workers, killing those still alive ``join_s`` seconds later."""
 
-    def __init__(self, label: str, specs: dict[str, tuple[Prepare, tuple[Any, ...]]], strict: bool = False) -> None:
+    def __init__(
+        self, label: str, specs: dict[str, tuple[Prepare, tuple[Any, ...]]], strict: bool = False, join_s: float = 30.0
+    ) -> None:
         self.label = label
+        self.join_s = join_s
         self.strict = strict
         self.names = list(specs)
         self.ready: dict[str, Any] = {}
@@ -80,7 +84,7 @@ class Workers:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close(self.join_s)
 
     def live(self, names: list[str] | None = None) -> list[str]:
         """The ready workers not failed since, in the order of ``names`` (default: all)."""
@@ -97,7 +101,9 @@ class Workers:
             got = self._next(pending, deadline)
             if got is None:
                 for name in pending:
-                    self.fail(name, "late", f"not ready by the deadline ({self._since():.0f} s after the start)")
+                    self.fail(
+                        name, "late", f"not ready by the deadline ({self._since():.0f} s after the workers started)"
+                    )
                 break
             name, kind, payload = got
             pending.remove(name)
