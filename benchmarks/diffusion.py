@@ -4,7 +4,7 @@ diffusers/PEFT (``enable_lora_hotswap`` + ``load_lora_adapter(hotswap=True)``) i
 swaps from file; recompiles after a swap; compile time; error against float32.
 
     python -m benchmarks.run --suite diffusion [--configs base,lorahot,lorahot_merged,diffusers]
-        [--modes default,reduce-overhead] [--regional] [--tiny] [--deadline-s 540]
+        [--modes default,reduce-overhead] [--regional] [--tiny] [--deadline-s 540] [--parallel]
 
 Workload: ``UNet2DConditionModel`` from the SDXL base config (:data:`SDXL_UNET`, 2.57 B
 parameters) with random weights in bf16, one CFG step (batch 2) on 128x128 latents (1024 px),
@@ -29,6 +29,10 @@ limit keeps every configuration it finished; with a deadline, a compile that wou
 time for the last rounds is abandoned. Before any compile, the swaps are also timed on
 uncompiled models (the same code), so the comparison with diffusers does not depend on its
 compile fitting in the call.
+
+``--parallel`` (:func:`run_parallel`): every configuration is prepared in its own process, all
+at once, then swapped and timed one process at a time (:mod:`benchmarks.parallel`), so four
+whole-model compiles fit one call; its compile times include the other processes' contention.
 """
 
 from __future__ import annotations
