@@ -4,7 +4,7 @@ diffusers/PEFT (``enable_lora_hotswap`` + ``load_lora_adapter(hotswap=True)``) i
 swaps from file; recompiles after a swap; compile time; error against float32.
 
     python -m benchmarks.run --suite diffusion [--configs base,lorahot,lorahot_merged,diffusers]
-        [--modes default,reduce-overhead] [--regional] [--tiny] [--deadline-s 540]
+        [--modes default,reduce-overhead] [--regional] [--tiny] [--deadline-s 540] [--parallel]
 
 Workload: ``UNet2DConditionModel`` from the SDXL base config (:data:`SDXL_UNET`, 2.57 B
 parameters) with random weights in bf16, one CFG step (batch 2) on 128x128 latents (1024 px),
@@ -29,11 +29,16 @@ limit keeps every configuration it finished; with a deadline, a compile that wou
 time for the last rounds is abandoned. Before any compile, the swaps are also timed on
 uncompiled models (the same code), so the comparison with diffusers does not depend on its
 compile fitting in the call.
+
+``--parallel`` (:func:`run_parallel`): every configuration is prepared in its own process, all
+at once, then swapped and timed one process at a time (:mod:`benchmarks.parallel`), so four
+whole-model compiles fit one call; its compile times include the other processes' contention.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import signal
 import statistics
 import tempfile
@@ -49,6 +54,7 @@ import torch
 
 import lorahot
 from benchmarks.common import median_ms, rel_err, sync
+from benchmarks.parallel import Workers
 
 #: diffusers' UNet2DConditionModel config of stabilityai/stable-diffusion-xl-base-1.0.
 SDXL_UNET: dict[str, Any] = {
@@ -417,6 +423,36 @@ def _alarm(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
+def _dynamo_limits() -> None:
+    torch._dynamo.config.cache_size_limit = 256  # regional lorahot compiles one graph per block
+    for limit in ("recompile_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, 1024)
+
+
+def _names(only: list[str] | None) -> list[str]:
+    names = [c for c in (only or CONFIGS) if c != "base"]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown diffusion configurations {unknown}; choose from {CONFIGS}")
+    return ["base", *names]  # base in every run, first: ratios only hold within one run
+
+
+def _header(w: DiffusionWorkload) -> dict[str, Any]:
+    return {
+        "diffusion": {
+            "model": w.name,
+            "layers": w.layers,
+            "targets": TARGETS,
+            "adapters": {a: {"rank": r, "alpha": al, "bytes": w.adapter_bytes[a]} for a, (r, al) in ADAPTERS.items()},
+            "adapter_dtype": str(w.dtype),
+            "inputs": _shapes(w.inputs),
+            "adapter_effect": adapter_effect(w),
+            "modes": {},
+        }
+    }
+
+
 def run(
     w: DiffusionWorkload,
     repeat: int,
@@ -433,27 +469,9 @@ def run(
     rounds. ``deadline`` (a ``time.perf_counter()`` value): a compile still running when only
     the time for the remaining rounds is left is abandoned (the configuration is reported as
     not compiled in time), and rounds that would end after it are not started."""
-    torch._dynamo.config.cache_size_limit = 256  # regional lorahot compiles one graph per block
-    for limit in ("recompile_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, limit):
-            setattr(torch._dynamo.config, limit, 1024)
-    names = [c for c in (only or CONFIGS) if c != "base"]
-    unknown = [c for c in names if c not in CONFIGS]
-    if unknown:
-        raise ValueError(f"unknown diffusion configurations {unknown}; choose from {CONFIGS}")
-    names = ["base", *names]  # base in every run, first: ratios only hold within one run
-    out: dict[str, Any] = {
-        "diffusion": {
-            "model": w.name,
-            "layers": w.layers,
-            "targets": TARGETS,
-            "adapters": {a: {"rank": r, "alpha": al, "bytes": w.adapter_bytes[a]} for a, (r, al) in ADAPTERS.items()},
-            "adapter_dtype": str(w.dtype),
-            "inputs": _shapes(w.inputs),
-            "adapter_effect": adapter_effect(w),
-            "modes": {},
-        }
-    }
+    _dynamo_limits()
+    names = _names(only)
+    out = _header(w)
     if uncompiled:
         out["diffusion"]["uncompiled"] = uncompiled_swaps(w, [n for n in names if n in ("lorahot", "diffusers")])
         save(out)
@@ -507,6 +525,199 @@ def run(
             save(out)
         del prepared
         _free(w.device)
+    return out
+
+
+# --- the suite, one process per configuration ---------------------------------------------
+
+WORKLOAD_FILE = "workload.pt"
+
+
+def save_workload(w: DiffusionWorkload) -> Path:
+    """Writes what a worker needs to rebuild ``w`` (base weights, inputs, float32 reference
+    outputs) next to the adapter files; returns the file."""
+    path = w.adapters["A"].parent / WORKLOAD_FILE
+    state = {
+        "name": w.name,
+        "config": w.config,
+        "dtype": w.dtype,
+        "base_state": _move(w.base_state, torch.device("cpu")),
+        "adapters": {a: str(d) for a, d in w.adapters.items()},
+        "inputs": _move(w.inputs, torch.device("cpu")),
+        "reference": _move(w.reference, torch.device("cpu")),
+        "layers": w.layers,
+        "adapter_bytes": w.adapter_bytes,
+    }
+    torch.save(state, path)
+    return path
+
+
+def load_workload(path: Path, device: torch.device) -> DiffusionWorkload:
+    """The workload :func:`save_workload` wrote, on ``device``."""
+    s = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return DiffusionWorkload(
+        s["name"],
+        s["config"],
+        device,
+        s["dtype"],
+        _move(s["base_state"], device),
+        {a: Path(d) for a, d in s["adapters"].items()},
+        _move(s["inputs"], device),
+        _move(s["reference"], device),
+        s["layers"],
+        s["adapter_bytes"],
+    )
+
+
+def _move(tree: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: _move(v, device) if isinstance(v, dict) else v.to(device) for k, v in tree.items()}
+
+
+def checksum(w: DiffusionWorkload) -> str:
+    """sha256 of the first and last 8 base weights, the inputs, the reference outputs and
+    the adapter files' bytes: equal in every process that sees the same workload."""
+    h = hashlib.sha256()
+    keys = list(w.base_state)
+    tensors = [w.base_state[k] for k in keys[:8] + keys[-8:]]
+    tensors += [v for _, v in sorted(_flat(w.inputs).items())] + [w.reference[k] for k in sorted(w.reference)]
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for adapter in sorted(w.adapters):
+        h.update(w.file(adapter).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _worker(
+    path: str, name: str, mode: str, regional: bool, backend: str, repeat: int, note: Callable[..., None]
+) -> tuple[dict[str, Any], dict[str, Callable[[], Any]]]:
+    """One configuration (a :class:`benchmarks.parallel.Workers` worker): loads the workload,
+    prepares and checks the configuration (:func:`_prepare`, as the serial suite); then on
+    request ``"swaps"`` (:func:`_swaps`) and ``"time"`` (one step's median)."""
+    _dynamo_limits()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t = time.perf_counter()
+    w = load_workload(Path(path), device)
+    sums = checksum(w)
+    load_s = round(time.perf_counter() - t, 1)
+    note(stage="preparing", since=time.time())
+    t = time.perf_counter()
+    cfg = _prepare(name, w, mode, regional, backend)
+    cfg.info["prepare_s"] = round(time.perf_counter() - t, 1)
+    cfg.info["load_s"] = load_s
+    w.base_state = {}  # the configuration holds its own copy
+    _free(device)
+    handlers: dict[str, Callable[[], Any]] = {
+        "time": lambda: median_ms(cfg.step, w.device, repeat=repeat, warmup=3),
+        "swaps": lambda: _swaps(cfg, w, SWAPS) if cfg.swap is not None else {},
+    }
+    return {"checksum": sums, "info": cfg.info}, handlers
+
+
+def run_parallel(
+    w: DiffusionWorkload,
+    repeat: int,
+    modes: list[str],
+    only: list[str] | None = None,
+    regional: bool = False,
+    backend: str = "inductor",
+    deadline: float | None = None,
+    save: Callable[[dict[str, Any]], None] = lambda r: None,
+    uncompiled: bool = True,
+    reserve_s: float | None = None,
+) -> dict[str, Any]:
+    """:func:`run` with every configuration prepared in its own process, all at once.
+
+    Here, before spawning: the uncompiled swaps (as :func:`run`), then the workload goes to a
+    file next to the adapters (base weights, inputs and the float32 reference outputs: computed
+    once, here) and ``w``'s base weights are dropped. Each worker loads it and sends its
+    :func:`checksum` with its ready payload; a worker whose checksum differs from this
+    process's is left out. Once the workers are ready (or, with a ``deadline``, ``reserve_s``
+    before it: the late ones are killed and reported as not compiled in time), each one in
+    turn does its swaps while the others wait, then all are timed in interleaved rounds, one
+    at a time. The results have the serial suite's fields (no ``compile_order``: all compile
+    at once, contending for the host) and ``"parallel": true``."""
+    names = _names(only)
+    out = _header(w)
+    out["diffusion"]["parallel"] = True
+    if uncompiled:
+        out["diffusion"]["uncompiled"] = uncompiled_swaps(w, [n for n in names if n in ("lorahot", "diffusers")])
+        save(out)
+    path = save_workload(w)
+    expected = checksum(w)
+    w.base_state = {}
+    _free(w.device)
+    if reserve_s is None:  # the swaps and ROUNDS rounds of every configuration, one at a time, and exits
+        reserve_s = 60.0 if w.config is SDXL_UNET else 10.0
+    try:
+        for mode in modes:
+            label = mode_label(mode, regional, backend)
+            results: dict[str, Any] = out["diffusion"]["modes"].setdefault(label, {})
+            specs = {name: (_worker, (str(path), name, mode, regional, backend, repeat)) for name in names}
+            with Workers(f"diffusion {label}", specs, join_s=10) as pool:  # 10: inside a call's margin
+
+                def ready(name: str, payload: dict[str, Any]) -> None:
+                    if payload["checksum"] != expected:
+                        pool.fail(name, "error", f"saw another workload: {payload['checksum']} != {expected}")
+                        results[name] = {"failed": pool.failed[name].message}
+                        return
+                    results[name] = payload["info"]
+                    print(f"[diffusion {label}] {name} ready: {payload['info']}", flush=True)
+                    save(out)
+
+                pool.wait_ready(None if deadline is None else deadline - reserve_s, ready)
+                for name in names:
+                    if name not in pool.failed or name in results:
+                        continue
+                    fail = pool.failed[name]
+                    if fail.kind == "late":
+                        since = pool.notes.get(name, {}).get("since")
+                        waited = round(time.time() - since, 1) if since is not None else 0.0
+                        results[name] = {
+                            "skipped": f"not compiled in time: abandoned after {waited} s (deadline)",
+                            "prepare_s_at_least": waited,
+                        }
+                    else:
+                        results[name] = {"failed": fail.message.strip().splitlines()[-1], "traceback": fail.message}
+                save(out)
+                for name in pool.live(names):
+                    if name == "base":
+                        continue
+                    swaps = pool.request(name, "swaps", deadline)
+                    if swaps is None:
+                        results[name]["failed"] = pool.failed[name].message.strip().splitlines()[-1]
+                        continue
+                    results[name].update(swaps)
+                    print(
+                        f"[diffusion {label}] {name} swap {swaps['swap_ms']:.1f} ms, recompiles {swaps['recompiles']}, "
+                        f"rel err B {swaps['swap_rel_err'].get('B', float('nan')):.3g}",
+                        flush=True,
+                    )
+                    save(out)
+
+                def timed(name: str, ms: float) -> None:
+                    rounds = results[name].setdefault("step_ms_rounds", [])
+                    rounds.append(ms)
+                    results[name]["step_ms"] = statistics.median(rounds)
+
+                def round_done(i: int) -> None:
+                    live = [n for n in names if len(results.get(n, {}).get("step_ms_rounds", ())) > i]
+                    print(
+                        f"[diffusion {label}] step ms: "
+                        + "  ".join(f"{n} {results[n]['step_ms_rounds'][i]:.2f}" for n in live),
+                        flush=True,
+                    )
+                    save(out)
+
+                pool.rounds(names, ROUNDS, on_answer=timed, on_round=round_done, deadline=deadline)
+    finally:
+        path.unlink(missing_ok=True)
     return out
 
 
@@ -575,6 +786,7 @@ def summary(raw: dict[str, Any], run_file: str = "") -> dict[str, Any]:
                 "mode": label,
                 **{c: res.get(c, {}).get("compile_s") for c in CONFIGS},
                 **{f"{c}_at_least": res.get(c, {}).get("prepare_s_at_least") for c in CONFIGS},  # abandoned
+                "parallel": bool(d.get("parallel")),  # compiled side by side: times include contention
             }
         },
     }

@@ -22,19 +22,16 @@ they agree. Preparation times measured that way include the other processes' con
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing as mp
 import statistics
 import time
-import traceback
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
 
 from benchmarks.common import median_ms, rel_err
 from benchmarks.forward import Prepared, base_mode, lorahot_mode, peft_mode
+from benchmarks.parallel import Workers
 from benchmarks.workload import Workload, build
 
 #: row label -> input ids shape (sequences, tokens)
@@ -153,16 +150,10 @@ def run_parallel(
     save: Callable[[dict[str, Any]], None] = lambda r: None,
 ) -> dict[str, Any]:
     """:func:`run` with each configuration prepared in its own process, all at once; timing
-    rounds run one process at a time (see the module docstring)."""
+    rounds run one process at a time (see the module docstring). Any worker's failure ends the
+    run with its traceback."""
     labels = [r for r in ROWS if not rows or r in rows]
     names = ["base", *[c for c in CONFIGS if (not only or c in only) and c != "base"]]
-    ctx = mp.get_context("spawn")
-    workers: dict[str, tuple[Any, Connection]] = {}
-    for name in names:
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(small, name, labels, repeat, child), daemon=True)
-        proc.start()
-        workers[name] = (proc, parent)
     out: dict[str, Any] = {
         "forward_rows_ms": {},
         "forward_rows_rel_err": {},
@@ -170,75 +161,58 @@ def run_parallel(
         "forward_rows_parallel": True,
     }
     rounds: dict[tuple[str, str], list[float]] = {}
-    try:
+    specs = {name: (_worker, (small, name, labels, repeat)) for name in names}
+    with Workers("rows", specs, strict=True) as pool:
+        ready = pool.wait_ready()
         checksums = {}
         for name in names:
-            ready = _receive(name, workers[name])
-            checksums[name] = ready["checksum"]
-            out["forward_rows_prepare_s"][name] = ready["prepare_s"]
-            for label, err in ready["rel_err"].items():
+            checksums[name] = ready[name]["checksum"]
+            out["forward_rows_prepare_s"][name] = ready[name]["prepare_s"]
+            for label, err in ready[name]["rel_err"].items():
                 out["forward_rows_rel_err"].setdefault(label, {})[name] = err
-            print(f"[rows {name} ready in {ready['prepare_s']} s]", flush=True)
+            print(f"[rows {name} ready in {ready[name]['prepare_s']} s]", flush=True)
         if len(set(checksums.values())) != 1:
             raise RuntimeError(f"the workers built different models: {checksums}")
-        for _ in range(ROUNDS):
-            for name in names:
-                workers[name][1].send("time")
-                for label, ms in _receive(name, workers[name]).items():
-                    rounds.setdefault((label, name), []).append(ms)
-                    out["forward_rows_ms"].setdefault(label, {})[name] = statistics.median(rounds[(label, name)])
+
+        def timed(name: str, times: dict[str, float]) -> None:
+            for label, ms in times.items():
+                rounds.setdefault((label, name), []).append(ms)
+                out["forward_rows_ms"].setdefault(label, {})[name] = statistics.median(rounds[(label, name)])
+
+        def round_done(i: int) -> None:
             line = "  ".join(
                 f"{label}: " + " ".join(f"{n} {out['forward_rows_ms'][label][n]:.3f}" for n in names)
                 for label in labels
             )
             print(f"[rows] {line}", flush=True)
             save(out)
-    finally:
-        for proc, conn in workers.values():
-            with contextlib.suppress(BrokenPipeError, OSError):
-                conn.send("stop")
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+
+        pool.rounds(names, ROUNDS, on_answer=timed, on_round=round_done)
     return out
 
 
-def _receive(name: str, worker: tuple[Any, Connection]) -> Any:
-    """The worker's next message; raises with its traceback if it failed or died."""
-    proc, conn = worker
-    while not conn.poll(1.0):
-        if not proc.is_alive():
-            raise RuntimeError(f"rows worker {name} died (exit code {proc.exitcode})")
-    kind, payload = conn.recv()
-    if kind == "error":
-        raise RuntimeError(f"rows worker {name} failed:\n{payload}")
-    return payload
+def _worker(
+    small: bool, name: str, labels: list[str], repeat: int, note: Callable[..., None]
+) -> tuple[dict[str, Any], dict[str, Callable[[], Any]]]:
+    """One configuration (a :class:`benchmarks.parallel.Workers` worker): build, reference,
+    prepare and check; then times every row shape on request."""
+    from benchmarks.swap import eager_reference
 
+    torch._dynamo.config.cache_size_limit = 64
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 64
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    w = build(small, device)
+    checksum = round(sum(float(v.float().sum()) for v in list(w.base_state.values())[:8]), 3)
+    ids = {label: _ids(w, ROWS[label]) for label in labels}
+    reference = _reference(w, ids)
+    refs = {64: eager_reference(w, 64)}
+    t = time.perf_counter()
+    call = _builders(w, refs)[name]()[0]
+    errs = {label: rel_err(_last(call(ids[label]), label).float(), reference[label]) for label in labels}
+    prepare_s = round(time.perf_counter() - t, 1)
 
-def _worker(small: bool, name: str, labels: list[str], repeat: int, conn: Connection) -> None:
-    """One configuration: build, reference, prepare and check, then time on request."""
-    try:
-        from benchmarks.swap import eager_reference
+    def timing() -> dict[str, float]:
+        return {label: median_ms(lambda x=ids[label]: call(x), w.device, repeat=repeat, warmup=3) for label in labels}
 
-        torch._dynamo.config.cache_size_limit = 64
-        if hasattr(torch._dynamo.config, "recompile_limit"):
-            torch._dynamo.config.recompile_limit = 64
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        w = build(small, device)
-        checksum = round(sum(float(v.float().sum()) for v in list(w.base_state.values())[:8]), 3)
-        ids = {label: _ids(w, ROWS[label]) for label in labels}
-        reference = _reference(w, ids)
-        refs = {64: eager_reference(w, 64)}
-        t = time.perf_counter()
-        call = _builders(w, refs)[name]()[0]
-        errs = {label: rel_err(_last(call(ids[label]), label).float(), reference[label]) for label in labels}
-        prepare_s = round(time.perf_counter() - t, 1)
-        conn.send(("ready", {"checksum": checksum, "prepare_s": prepare_s, "rel_err": errs}))
-        while conn.recv() == "time":
-            times = {}
-            for label in labels:
-                x = ids[label]
-                times[label] = median_ms(lambda x=x: call(x), w.device, repeat=repeat, warmup=3)
-            conn.send(("timed", times))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
+    return {"checksum": checksum, "prepare_s": prepare_s, "rel_err": errs}, {"time": timing}

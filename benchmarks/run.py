@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rows", default="", help="rows suite: only these row labels (e.g. 1,256,prefill2048)")
     parser.add_argument(
-        "--parallel", action="store_true", help="rows suite: prepare each configuration in its own process"
+        "--parallel",
+        action="store_true",
+        help="rows and diffusion suites: prepare each configuration in its own process, all at once",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
@@ -231,6 +233,7 @@ def _diffusion(
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "workload": w.name,
+        "parallel": bool(args.parallel),
     }
     runs = args.out.parent / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -250,7 +253,7 @@ def _diffusion(
         fields["diffusion_run"] = {**{k: merged[k] for k in raw}, "run_file": run_file.name}
         latest = merge_results(out, fields)
 
-    result = diffusion.run(
+    result = (diffusion.run_parallel if args.parallel else diffusion.run)(
         w,
         args.repeat,
         modes,
