@@ -4,12 +4,13 @@ Also the in-memory naming with the adapter name (``lora_A.default.weight``) and 
 (``lora_embedding_A`` ``[r, num]`` / ``lora_embedding_B`` ``[dim, r]``). Ranks and alphas
 come from ``adapter_config.json``. For LoRA on ``embed_tokens``/``lm_head`` PEFT also saves the
 base layer's weight (``<module>.base_layer.weight``, ``save_embedding_layers="auto"``); it is
-read as the module's ``base_weight``.
+read as the module's ``base_weight``. DoRA's ``<module>.lora_magnitude_vector`` and the bias of
+``lora_B`` (``lora_B.bias``, ``lora_bias=True``) are read as the module's ``magnitude`` and ``bias``.
 """
 
 from __future__ import annotations
 
-from lorahot.formats.table import REFUSED, KeyFormat, Rule
+from lorahot.formats.table import REFUSED, REFUSED_BIAS, REFUSED_DORA, KeyFormat, Rule
 
 __all__ = ["FORMAT", "NAME"]
 
@@ -24,9 +25,11 @@ FORMAT = KeyFormat(
         Rule(rf"(?P<module>.+)\.lora_embedding_A{_ADAPTER}", "A"),
         Rule(rf"(?P<module>.+)\.lora_embedding_B{_ADAPTER}", "B"),
         Rule(r"(?P<module>.+)\.base_layer\.weight", "base"),
+        Rule(rf"(?P<module>.+)\.lora_magnitude_vector{_ADAPTER}(?:\.weight)?", "magnitude"),
+        Rule(rf"(?P<module>.+)\.lora_B{_ADAPTER}\.bias", "bias"),
     ),
     prefixes=("base_model.model.",),
     renames=((r"^base_model\.model\.", ""),),  # PEFT's wrapper, never part of the model's names
-    refuse=REFUSED,
+    refuse=tuple(r for r in REFUSED if r not in (REFUSED_DORA, REFUSED_BIAS)),
     example="base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
 )

@@ -1,9 +1,9 @@
 """The declarative description of an adapter naming, and the one routine that applies it.
 
 Each format is a :class:`KeyFormat`: a table of :class:`Rule` (a regex over a tensor key and
-the role the tensor plays: ``A``, ``B``, ``alpha`` or ``base``), the component prefixes files put
-in front of module paths, the separator that replaced the model's dots, and the keys it knows
-but lorahot refuses (DoRA, LoRA biases, LyCORIS variants, PEFT's trainable tokens, parameter
+the role the tensor plays: ``A``, ``B``, ``alpha``, ``base``, ``magnitude`` or ``bias``), the
+component prefixes files put in front of module paths, the separator that replaced the model's
+dots, and the keys it knows but lorahot refuses (DoRA, LoRA biases, LyCORIS variants, PEFT's trainable tokens, parameter
 LoRA and module copies). Detection and grouping are driven by these tables only; no format has
 code of its own.
 
@@ -47,7 +47,8 @@ class Rule:
     Attributes:
         pattern: the regex over the whole tensor key.
         role: ``"A"`` (down), ``"B"`` (up), ``"alpha"`` (a scalar alpha for the module) or
-            ``"base"`` (a copy of the base layer's weight, see :attr:`lorahot.LoraModule.base_weight`).
+            ``"base"`` (a copy of the base layer's weight, see :attr:`lorahot.LoraModule.base_weight`),
+            ``"magnitude"`` (DoRA) or ``"bias"`` (the bias of B).
     """
 
     pattern: str
@@ -188,15 +189,19 @@ def group_keys(fmt: KeyFormat, tensors: dict[str, torch.Tensor], source: str) ->
 
 
 #: Keys every format may carry for features lorahot refuses, with the reason and the fix.
+#: DoRA magnitude vectors: loaded in PEFT naming only (see :mod:`lorahot.formats.peft`).
+REFUSED_DORA = (
+    r"(lora_magnitude_vector|dora_scale)",
+    "DoRA magnitude vector: DoRA is loaded in PEFT naming only (lora_magnitude_vector); save the adapter with PEFT",
+)
+#: LoRA biases: loaded in PEFT naming only.
+REFUSED_BIAS = (
+    r"(lora_B|lora_up|lora\.up|lora_linear_layer\.up)(\.[^.]+)?\.bias$",
+    "LoRA bias (PEFT lora_bias=True): loaded in PEFT naming only (lora_B.bias); save the adapter with PEFT",
+)
 REFUSED: tuple[tuple[str, str], ...] = (
-    (
-        r"(lora_magnitude_vector|dora_scale)",
-        "DoRA magnitude vector: DoRA adapters are not supported; use a plain LoRA adapter",
-    ),
-    (
-        r"(lora_B|lora_up|lora\.up|lora_linear_layer\.up)(\.[^.]+)?\.bias$",
-        "LoRA bias (PEFT lora_bias=True): not supported; re-train without a LoRA bias",
-    ),
+    REFUSED_DORA,
+    REFUSED_BIAS,
     (
         r"\.(hada_w\d_[ab]|hada_t\d|lokr_w\d(_[ab])?|lokr_t\d|lora_mid\.weight|oft_blocks|diff|diff_b)$",
         "LyCORIS (LoHa/LoKr/Tucker/OFT/diff) weights: only plain LoRA is supported",
