@@ -9,9 +9,9 @@ LoRA bias, ``g`` and the magnitude ``m`` are the four rows of the layer's *extra
 adapter, so swaps between DoRA and plain LoRA never recompile. Its ``lora_A``, ``lora_B``,
 ``lora_scale`` and ``lora_extras`` are views into the :class:`~lorahot.runtime.buffers.Arena`
 that the runtime allocated once at ``max_rank``; the layer never allocates, reallocates or
-rebinds them, so a compiled graph (or a captured CUDA graph) keeps reading the same addresses after every swap. The layer
-reaches the arena tensors through one global handle (:mod:`lorahot.layers.tensor_handles`), and a compiled
-graph rebuilds the views from them.
+rebinds them, so a compiled graph (or a captured CUDA graph) keeps reading the same addresses
+after every swap. The layer reaches the arena tensors through one global handle
+(:mod:`lorahot.layers.tensor_handles`), and a compiled graph rebuilds the views from them.
 
 State dicts: the wrapper keeps the original module as ``base_layer`` but saves and loads its
 state under the original keys, so a model with LoRA layers injected still round-trips its base
