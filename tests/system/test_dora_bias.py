@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorahot
+from lorahot.runtime import wide
 
 TARGETS = ["q", "n", "g", "c", "e"]
 
@@ -79,12 +80,16 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("widened", [False, True], ids=["library", "wide"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_dora_matches_peft(tmp_path: Path, dtype: torch.dtype) -> None:
+def test_dora_matches_peft(tmp_path: Path, dtype: torch.dtype, widened: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if widened:  # the one-GEMM path of CUDA, run on the CPU (see tests/unit/runtime/test_wide.py)
+        monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
     base, inputs = _base(dtype), _inputs(dtype)
     peft = _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
     model = copy.deepcopy(base)
     runtime = lorahot.inject(model, TARGETS, max_rank=4)
+    assert runtime.layers["q"].wide == widened and runtime.layers["n"].wide == widened
     runtime.load(tmp_path / "dora")
     with torch.no_grad():
         _close(model(*inputs), peft(*inputs))
@@ -93,13 +98,19 @@ def test_dora_matches_peft(tmp_path: Path, dtype: torch.dtype) -> None:
         _close(model(*inputs), peft(*inputs))
 
 
+@pytest.mark.parametrize("widened", [False, True], ids=["library", "wide"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_lora_bias_matches_peft(tmp_path: Path, dtype: torch.dtype) -> None:
+def test_lora_bias_matches_peft(
+    tmp_path: Path, dtype: torch.dtype, widened: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if widened:
+        monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
     targets = ["q", "g", "c"]  # PEFT allows lora_bias only where the base layer has a bias
     base, inputs = _base(dtype), _inputs(dtype)
     peft = _peft(base, tmp_path / "bias", 2, targets, lora_bias=True)
     model = copy.deepcopy(base)
     runtime = lorahot.inject(model, targets, max_rank=4)
+    assert runtime.layers["q"].wide == widened
     runtime.load(tmp_path / "bias")
     with torch.no_grad():
         _close(model(*inputs), peft(*inputs))
@@ -108,7 +119,12 @@ def test_lora_bias_matches_peft(tmp_path: Path, dtype: torch.dtype) -> None:
         _close(model(*inputs), peft(*inputs))
 
 
-def test_dora_lora_dora_swaps_on_a_compiled_model_do_not_recompile(tmp_path: Path) -> None:
+@pytest.mark.parametrize("widened", [False, True], ids=["library", "wide"])
+def test_dora_lora_dora_swaps_on_a_compiled_model_do_not_recompile(
+    tmp_path: Path, widened: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if widened:
+        monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
     base, inputs = _base(), _inputs()
     oracles = {
         "dora1": _peft(base, tmp_path / "dora1", 1, TARGETS, use_dora=True),
