@@ -117,6 +117,8 @@ class LoRALayer(nn.Module):
     wide: bool = False
     #: In merged mode, the base weight as it was at inject time (what eject puts back).
     pristine_weight: torch.Tensor | None = None
+    #: In merged mode, the base bias as it was at inject time (None without a bias).
+    pristine_bias: torch.Tensor | None = None
     #: Shared with the runtime that bound the layer (see :mod:`lorahot.layers.state`).
     state: RuntimeState | None = None
     #: ``(A, B, scale, extras)`` views, set by :meth:`bind`.
@@ -244,10 +246,15 @@ class LoRALayer(nn.Module):
         the last dimension; convs override)."""
         return rows.view(EXTRA_ROWS, self.spec.out_dim)
 
+    def channel_dim(self) -> int:
+        """Which dimension of the base weight flattened to 2-D (the layout of
+        :meth:`merge_operands`) runs over the output channels: 0 (rows) unless the subclass
+        says otherwise."""
+        return 0
+
     def dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """``[out]``: the L2 norm of each output channel of ``weight`` in the 2-D layout of
-        :meth:`merge_operands` (rows are output channels unless the subclass says otherwise)."""
-        norm: torch.Tensor = torch.linalg.vector_norm(weight, dim=1)
+        """``[out]``: the L2 norm of each output channel of ``weight`` (2-D, see :meth:`channel_dim`)."""
+        norm: torch.Tensor = torch.linalg.vector_norm(weight, dim=1 - self.channel_dim())
         return norm
 
     def dora_refusal(self) -> str | None:

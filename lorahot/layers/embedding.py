@@ -58,10 +58,9 @@ class LoRAEmbedding(LoRALayer):
             delta = delta * (factor.to(delta.dtype) if isinstance(factor, torch.Tensor) else factor)
         return delta
 
-    def dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
+    def channel_dim(self) -> int:
         """Weight ``[num, dim]``: PEFT's DoRA norms each embedding dimension over the vocabulary."""
-        norm: torch.Tensor = torch.linalg.vector_norm(weight, dim=0)
-        return norm
+        return 1
 
     def merge_refusal(self) -> str | None:
         max_norm = getattr(self.base_layer, "max_norm", None)

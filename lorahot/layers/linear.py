@@ -175,10 +175,9 @@ class LoRALinear(LoRALayer):
             return f"{kind} overrides forward and does not compute the linear map of its weight ({mismatch})"
         return None
 
-    def dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """Per output channel: rows of a linear weight ``[out, in]``, columns of a Conv1D's ``[in, out]``."""
-        norm: torch.Tensor = torch.linalg.vector_norm(weight, dim=0 if is_conv1d(self.base_layer) else 1)
-        return norm
+    def channel_dim(self) -> int:
+        """Rows of a linear weight ``[out, in]``, columns of a Conv1D's ``[in, out]``."""
+        return 1 if is_conv1d(self.base_layer) else 0
 
     def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Linear weight ``[out, in]``: ``B @ A``; Conv1D weight ``[in, out]``: ``A.T @ B.T``."""

@@ -255,19 +255,22 @@ class LoraRuntime:
         return layer.pristine_weight if layer.pristine_weight is not None else layer.base_weight
 
     def _base_bias(self, name: str) -> torch.Tensor | None:
-        """The model's own bias of layer ``name``, or None (never rewritten: merged mode
-        refuses LoRA biases and DoRA)."""
-        bias = getattr(self.layers[name].base_layer, "bias", None)
+        """The model's own bias of layer ``name`` (the pristine one in merged mode), or None."""
+        layer = self.layers[name]
+        if layer.pristine_bias is not None:
+            return layer.pristine_bias
+        bias = getattr(layer.base_layer, "bias", None)
         return bias if isinstance(bias, torch.Tensor) else None
 
     def _extras_refusal(self, name: str, module: LoraModule) -> str | None:
         """Why ``module``'s DoRA magnitude or LoRA bias cannot run on layer ``name``, or None."""
-        if self._merger is not None:
+        layer = self.layers[name]
+        if self._merger is not None and module.bias is not None and layer.pristine_bias is None:
             return (
-                "merged mode does not fold DoRA or LoRA biases (lora_bias) into the weights; inject without "
-                "merged=True to load this adapter"
+                "merged mode folds the LoRA bias (lora_bias) into the base layer's bias, and this layer has none; "
+                "inject without merged=True to load this adapter"
             )
-        return self.layers[name].dora_refusal() if module.magnitude is not None else None
+        return layer.dora_refusal() if module.magnitude is not None else None
 
     def _refresh_dora(self, slot: int, plan: LoadPlan, live: bool) -> None:
         """Computes the DoRA factors of ``slot`` (and of the live region if it mirrors the slot)

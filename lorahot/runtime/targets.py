@@ -181,6 +181,9 @@ def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
         if layer.pristine_weight is not None:
             with torch.no_grad():
                 layer.base_weight.copy_(layer.pristine_weight)
+                bias = getattr(layer.base_layer, "bias", None)
+                if layer.pristine_bias is not None and isinstance(bias, torch.Tensor):
+                    bias.copy_(layer.pristine_bias)
         layer.unwiden()
         if _submodule(model, name) is layer:
             _set_submodule(model, name, layer.base_layer)

@@ -238,14 +238,40 @@ def test_failed_load_changes_nothing_including_the_extras(tmp_path: Path) -> Non
     assert torch.equal(model(*inputs), out)
 
 
-def test_merged_mode_refuses_dora_and_lora_bias(tmp_path: Path) -> None:
-    base = _base()
-    _peft(base, tmp_path / "dora", 1, ["q"], use_dora=True)
-    _peft(base, tmp_path / "bias", 1, ["q"], lora_bias=True)
-    runtime = lorahot.inject(copy.deepcopy(base), ["q"], max_rank=4, merged=True)
-    for name in ("dora", "bias"):
-        with pytest.raises(lorahot.AdapterMismatchError, match=r"q \(.*\): merged mode does not fold DoRA or LoRA"):
+def test_merged_mode_folds_dora_and_lora_bias_as_peft_computes(tmp_path: Path) -> None:
+    base, inputs = _base(), _inputs()
+    oracles = {
+        "dora": _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True),
+        "bias": _peft(base, tmp_path / "bias", 2, ["q", "g", "c"], lora_bias=True),
+        "lora": _peft(base, tmp_path / "lora", 3, TARGETS),
+    }
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, merged=True, slots=2)
+    with torch.no_grad():
+        for name in ("dora", "bias", "lora", "dora"):
             runtime.load(tmp_path / name)
+            _close(model(*inputs), oracles[name](*inputs))
+        runtime.set_scale(0.5)
+        _scale_peft(oracles["dora"], 0.5)
+        _close(model(*inputs), oracles["dora"](*inputs))
+        runtime.load(tmp_path / "bias", slot=1)
+        runtime.activate(1)
+        _close(model(*inputs), oracles["bias"](*inputs))
+    lorahot.eject(model)
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), base.state_dict().values()))
+
+
+def test_merged_mode_refuses_a_lora_bias_on_a_layer_without_bias(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(8, 6, bias=False))
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    tensors = {
+        "base_model.model.0.lora_A.weight": torch.randn(2, 8),
+        "base_model.model.0.lora_B.weight": torch.randn(6, 2),
+        "base_model.model.0.lora_B.bias": torch.randn(6),
+    }
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"0 \(.*\): merged mode folds the LoRA bias"):
+        runtime.load(tensors)
+    lorahot.inject(nn.Sequential(nn.Linear(8, 6, bias=False)), ["0"], max_rank=4).load(tensors)  # unmerged: fine
 
 
 def test_dora_on_a_grouped_conv_is_refused() -> None:
