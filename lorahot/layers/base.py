@@ -115,6 +115,10 @@ class LoRALayer(nn.Module):
     fused: bool = False
     #: Set by :meth:`widen` where the layer runs base and shrink as one GEMM; constant after.
     wide: bool = False
+    #: Set at bind time: whether the forward applies the extras (DoRA factor, LoRA bias);
+    #: constant after. Without them (``inject(..., extras=False)``) the forward is
+    #: ``base(x) + scale * B(A(x))`` with no elementwise work past the kernel's.
+    extras: bool = True
     #: In merged mode, the base weight as it was at inject time (what eject puts back).
     pristine_weight: torch.Tensor | None = None
     #: In merged mode, the base bias as it was at inject time (None without a bias).
@@ -159,6 +163,7 @@ class LoRALayer(nn.Module):
         handle: TensorHandle | None = None,
         fused: bool = True,
         state: RuntimeState | None = None,
+        extras: bool = True,
     ) -> None:
         """Attaches the live views; called once by the runtime at inject time, never again.
 
@@ -171,7 +176,10 @@ class LoRALayer(nn.Module):
         :class:`~lorahot.layers.state.RuntimeState`, which ``lorahot.eject`` marks.
         ``lora_extras`` is the ``[4, out]`` view of the layer's extras (see the module
         docstring); without one the layer gets its own, holding the no-adapter values.
+        ``extras`` False makes the forward skip them (the runtime then refuses DoRA and LoRA
+        biases).
         """
+        self.extras = extras
         if lora_extras is None:
             lora_extras = torch.tensor(EXTRA_DEFAULTS, dtype=lora_scale.dtype, device=lora_scale.device)
             lora_extras = lora_extras[:, None].repeat(1, self.spec.out_dim)
@@ -268,21 +276,27 @@ class LoRALayer(nn.Module):
             out: torch.Tensor = self._base(x, *args, **kwargs)
             return out
         a, b, scale, e = self._views()
-        f, lora_bias, g = e[0], e[1], e[2]
         if not args and not kwargs:
             if self.fused and self.can_fuse(x, a):
-                z = self.fused_forward(x, a, b, scale)  # base(x) + scale * B(A(x))
-                return torch.addcmul(g, f, z + lora_bias * scale).to(z.dtype)
+                return self._finish(self.fused_forward(x, a, b, scale), e, scale)  # base(x) + scale * B(A(x))
             if self.wide and self.can_widen(x):
-                z = self.wide_forward(x, b)
-                return torch.addcmul(g, f, z + lora_bias * scale).to(z.dtype)
+                return self._finish(self.wide_forward(x, b), e, scale)
         y: torch.Tensor = self._base(x, *args, **kwargs)
-        # The scale, the LoRA bias and the DoRA factor apply next to the add, where the
+        # The scale (and the LoRA bias and the DoRA factor) apply next to the add, where the
         # compiler fuses them into one elementwise pass (usually into the consumer of y as
-        # well): no extra kernel per layer. With plain LoRA (f = 1, bias = g = 0) this is
-        # ``y + scale * delta``, bitwise in float32.
-        d = (self.lora_delta(x, a, b) + lora_bias) * scale
-        return torch.addcmul(g, f, y + d).to(y.dtype)
+        # well): no extra kernel per layer. With plain LoRA (f = 1, bias = g = 0) the extras
+        # give ``y + scale * delta`` bitwise in float32.
+        if not self.extras:
+            return y + (self.lora_delta(x, a, b) * scale).to(y.dtype)
+        d = (self.lora_delta(x, a, b) + e[EXTRA_BIAS]) * scale
+        return torch.addcmul(e[EXTRA_G], e[EXTRA_F], y + d).to(y.dtype)
+
+    def _finish(self, z: torch.Tensor, e: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``f * (z + scale * lora_bias) + g`` for ``z = base(x) + scale * B(A(x))`` from a
+        kernel path (one elementwise pass after it); ``z`` itself without extras."""
+        if not self.extras:
+            return z
+        return torch.addcmul(e[EXTRA_G], e[EXTRA_F], z + e[EXTRA_BIAS] * scale).to(z.dtype)
 
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``B(A(x))`` without the scale, with the shape of ``base_layer(x)``, for live views

@@ -78,8 +78,10 @@ class LoraRuntime:
         cache_bytes: int = 2 << 30,
         merged: bool = False,
         fused: bool = True,
+        extras: bool = True,
     ) -> None:
         self.model = model
+        self._extras = extras
         self.layers = layers
         self.buffers = buffers
         self._active = 0
@@ -87,10 +89,12 @@ class LoraRuntime:
         self._plans: list[LoadPlan | None] = [None] * buffers.slots  # what each slot holds: scales per arena
         self._state = RuntimeState()  # shared with the layers: lorahot.eject(model) marks it
         for name, layer in layers.items():
-            a_rows, b_rows, scale, extras, handle = buffers.live_rows(name)
+            a_rows, b_rows, scale, extras_view, handle = buffers.live_rows(name)
             a, b = layer.live_views(a_rows, b_rows)
             # merged: base kernels only
-            layer.bind(a, b, scale, extras, handle=handle, fused=fused and not merged, state=self._state)
+            layer.bind(
+                a, b, scale, extras_view, handle=handle, fused=fused and not merged, state=self._state, extras=extras
+            )
         if fused and not merged:
             widen_layers(layers, buffers)
         self._wide = WideWeights(layers, buffers)
@@ -265,6 +269,11 @@ class LoraRuntime:
     def _extras_refusal(self, name: str, module: LoraModule) -> str | None:
         """Why ``module``'s DoRA magnitude or LoRA bias cannot run on layer ``name``, or None."""
         layer = self.layers[name]
+        if not self._extras:
+            return (
+                "this runtime was injected with extras=False, which runs no DoRA or LoRA bias (lora_bias); inject "
+                "with extras=True (the default) to load this adapter"
+            )
         if self._merger is not None and module.bias is not None and layer.pristine_bias is None:
             return (
                 "merged mode folds the LoRA bias (lora_bias) into the base layer's bias, and this layer has none; "

@@ -274,6 +274,24 @@ def test_merged_mode_refuses_a_lora_bias_on_a_layer_without_bias(tmp_path: Path)
     lorahot.inject(nn.Sequential(nn.Linear(8, 6, bias=False)), ["0"], max_rank=4).load(tensors)  # unmerged: fine
 
 
+def test_extras_false_refuses_dora_and_bias_and_computes_plain_lora_alike(tmp_path: Path) -> None:
+    base, inputs = _base(), _inputs()
+    _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    _peft(base, tmp_path / "bias", 1, ["q"], lora_bias=True)
+    _peft(base, tmp_path / "lora", 2, TARGETS)
+    plain, full = copy.deepcopy(base), copy.deepcopy(base)
+    runtime = lorahot.inject(plain, TARGETS, max_rank=4, extras=False)
+    for name in ("dora", "bias"):
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"injected with extras=False"):
+            runtime.load(tmp_path / name)
+    runtime.load(tmp_path / "lora")
+    lorahot.inject(full, TARGETS, max_rank=4).load(tmp_path / "lora")
+    with torch.no_grad():
+        assert torch.equal(plain(*inputs), full(*inputs))  # float32: the extras change no bit
+    with pytest.raises(lorahot.UsageError, match=r"extras='yes' must be True or False"):
+        lorahot.inject(copy.deepcopy(base), TARGETS, max_rank=4, extras="yes")
+
+
 def test_dora_on_a_grouped_conv_is_refused() -> None:
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     runtime = lorahot.inject(model, ["0"], max_rank=4)
@@ -284,3 +302,54 @@ def test_dora_on_a_grouped_conv_is_refused() -> None:
     }
     with pytest.raises(lorahot.AdapterMismatchError, match=r"DoRA on a conv with groups=2 is not supported"):
         runtime.load(tensors)
+
+
+# -- GPU: the fused kernel (<= 16 rows) and the wide GEMM (many rows), compiled ----------------
+
+
+class _Linears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(256, 128)
+        self.n = nn.Linear(128, 256, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.n(self.q(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_fused_and_wide_paths_match_peft_through_dora_swaps(tmp_path: Path, mode: str) -> None:
+    torch.manual_seed(0)
+    base = _Linears().cuda().to(torch.bfloat16)
+    oracle_base = copy.deepcopy(base).float()  # the same weights, computed in float32
+    oracles = {
+        "dora1": _peft(oracle_base, tmp_path / "dora1", 1, ["q", "n"], use_dora=True),
+        "lora": _peft(oracle_base, tmp_path / "lora", 2, ["q", "n"]),
+        "bias": _peft(oracle_base, tmp_path / "bias", 3, ["q"], lora_bias=True),
+        "dora2": _peft(oracle_base, tmp_path / "dora2", 4, ["q", "n"], use_dora=True),
+    }
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["q", "n"], max_rank=8)
+    assert all(layer.fused and layer.wide for layer in runtime.layers.values())
+    inputs = [
+        torch.randn(rows, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(rows)) for rows in (4, 512)
+    ]
+    compiled = torch.compile(model, mode=None if mode == "default" else mode)
+    with torch.no_grad(), torch._inductor.config.patch("triton.cudagraph_support_input_mutation", False):
+        for _ in range(3):
+            for x in inputs:
+                compiled(x.bfloat16()).clone()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for name in ("dora1", "lora", "dora2", "bias", "dora1"):
+                runtime.load(tmp_path / name)
+                for x in inputs:
+                    want = oracles[name](x)
+                    got = compiled(x.bfloat16()).float()
+                    err = float((got - want).norm() / want.norm())
+                    assert err < 2e-2, (name, x.shape[0], err)
+            runtime.set_scale(0.5)
+            _scale_peft(oracles["dora1"], 0.5)
+            for x in inputs:
+                want, got = oracles["dora1"](x), compiled(x.bfloat16()).float()
+                assert float((got - want).norm() / want.norm()) < 2e-2
