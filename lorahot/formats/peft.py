@@ -10,7 +10,7 @@ read as the module's ``base_weight``. DoRA's ``<module>.lora_magnitude_vector`` 
 
 from __future__ import annotations
 
-from lorahot.formats.table import REFUSED, REFUSED_BIAS, REFUSED_DORA, KeyFormat, Rule
+from lorahot.formats.table import EXTRA_RULES, REFUSED_BUT_EXTRAS, KeyFormat, Rule
 
 __all__ = ["FORMAT", "NAME"]
 
@@ -25,11 +25,10 @@ FORMAT = KeyFormat(
         Rule(rf"(?P<module>.+)\.lora_embedding_A{_ADAPTER}", "A"),
         Rule(rf"(?P<module>.+)\.lora_embedding_B{_ADAPTER}", "B"),
         Rule(r"(?P<module>.+)\.base_layer\.weight", "base"),
-        Rule(rf"(?P<module>.+)\.lora_magnitude_vector{_ADAPTER}(?:\.weight)?", "magnitude"),
-        Rule(rf"(?P<module>.+)\.lora_B{_ADAPTER}\.bias", "bias"),
+        *EXTRA_RULES,
     ),
     prefixes=("base_model.model.",),
     renames=((r"^base_model\.model\.", ""),),  # PEFT's wrapper, never part of the model's names
-    refuse=tuple(r for r in REFUSED if r not in (REFUSED_DORA, REFUSED_BIAS)),
+    refuse=REFUSED_BUT_EXTRAS,
     example="base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
 )

@@ -189,15 +189,17 @@ def group_keys(fmt: KeyFormat, tensors: dict[str, torch.Tensor], source: str) ->
 
 
 #: Keys every format may carry for features lorahot refuses, with the reason and the fix.
-#: DoRA magnitude vectors: loaded in PEFT naming only (see :mod:`lorahot.formats.peft`).
+#: DoRA magnitude vectors: loaded in PEFT and diffusers namings only (:data:`EXTRA_RULES`).
 REFUSED_DORA = (
     r"(lora_magnitude_vector|dora_scale)",
-    "DoRA magnitude vector: DoRA is loaded in PEFT naming only (lora_magnitude_vector); save the adapter with PEFT",
+    "DoRA magnitude vector: DoRA is loaded in PEFT and diffusers namings only (lora_magnitude_vector); save the "
+    "adapter with PEFT",
 )
-#: LoRA biases: loaded in PEFT naming only.
+#: LoRA biases: loaded in PEFT and diffusers namings only.
 REFUSED_BIAS = (
     r"(lora_B|lora_up|lora\.up|lora_linear_layer\.up)(\.[^.]+)?\.bias$",
-    "LoRA bias (PEFT lora_bias=True): loaded in PEFT naming only (lora_B.bias); save the adapter with PEFT",
+    "LoRA bias (PEFT lora_bias=True): loaded in PEFT and diffusers namings only (lora_B.bias); save the adapter "
+    "with PEFT",
 )
 REFUSED: tuple[tuple[str, str], ...] = (
     REFUSED_DORA,
@@ -220,6 +222,15 @@ REFUSED: tuple[tuple[str, str], ...] = (
         "a full module copy (PEFT modules_to_save): lorahot loads only LoRA weights",
     ),
 )
+
+#: DoRA magnitudes and LoRA biases as PEFT names them (an optional adapter name after the role),
+#: read by the namings that use PEFT's roles (PEFT, diffusers).
+EXTRA_RULES = (
+    Rule(r"(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?", "magnitude"),
+    Rule(r"(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias", "bias"),
+)
+#: :data:`REFUSED` less DoRA and LoRA biases, for the namings of :data:`EXTRA_RULES`.
+REFUSED_BUT_EXTRAS = tuple(r for r in REFUSED if r not in (REFUSED_DORA, REFUSED_BIAS))
 
 #: A key no rule parses that names a whole module's parameter: PEFT's modules_to_save, trained
 #: biases, or a resized embedding saved whole.

@@ -292,6 +292,26 @@ def test_extras_false_refuses_dora_and_bias_and_computes_plain_lora_alike(tmp_pa
         lorahot.inject(copy.deepcopy(base), TARGETS, max_rank=4, extras="yes")
 
 
+def test_diffusers_naming_loads_dora_and_bias_as_peft_naming_does(tmp_path: Path) -> None:
+    """diffusers saves PEFT's roles under a component prefix (``unet.<module>.lora_magnitude_vector``)."""
+    from safetensors.torch import load_file
+
+    base, inputs = _base(), _inputs()
+    holder, twin = nn.Module(), nn.Module()
+    holder.unet, twin.unet = copy.deepcopy(base), copy.deepcopy(base)
+    for name, config in (("dora", {"use_dora": True}), ("bias", {"lora_bias": True})):
+        _peft(base, tmp_path / name, 1, ["q", "g", "c"], **config)
+        peft_named = load_file(tmp_path / name / "adapter_model.safetensors")
+        diffusers_named = {"unet." + k.removeprefix("base_model.model."): v for k, v in peft_named.items()}
+        assert lorahot.read_adapter(diffusers_named).format == "diffusers"
+        lorahot.inject(holder, ["q", "g", "c"], max_rank=4).load(diffusers_named)
+        lorahot.inject(twin.unet, ["q", "g", "c"], max_rank=4).load(peft_named)
+        with torch.no_grad():
+            assert torch.equal(holder.unet(*inputs), twin.unet(*inputs))
+        lorahot.eject(holder)
+        lorahot.eject(twin.unet)
+
+
 def test_dora_on_a_grouped_conv_is_refused() -> None:
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     runtime = lorahot.inject(model, ["0"], max_rank=4)

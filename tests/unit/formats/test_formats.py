@@ -46,12 +46,12 @@ def test_locon_conv_kernel_in_down_and_1x1_up() -> None:
         (
             {"lora_unet_attn_to_q.dora_scale": torch.ones(8, 1)},
             lorahot.UnknownFormatError,
-            r"lora_unet_attn_to_q\.dora_scale: DoRA magnitude vector: DoRA is loaded in PEFT naming only",
+            r"lora_unet_attn_to_q\.dora_scale: DoRA magnitude vector: DoRA is loaded in PEFT and diffusers namings",
         ),
         (
             {"lora_unet_attn_to_q.lora_up.bias": torch.ones(8)},
             lorahot.UnknownFormatError,
-            r"lora_up\.bias: LoRA bias \(PEFT lora_bias=True\): loaded in PEFT naming only",
+            r"lora_up\.bias: LoRA bias \(PEFT lora_bias=True\): loaded in PEFT and diffusers namings only",
         ),
         ({"lora_unet_attn_to_q.hada_w1_a": torch.ones(8, 2)}, lorahot.UnknownFormatError, r"hada_w1_a: LyCORIS"),
         (
