@@ -39,6 +39,12 @@ class LoraModule:
             is in ``source_keys``. It is not part of the update ``B @ A``: the runtime compares it
             with the model's own weight (equal: nothing to do; different: the adapter was trained
             on another vocabulary). Renames (``prefix``, ``key_map``) carry it along.
+        magnitude: DoRA's magnitude vector (PEFT ``lora_magnitude_vector``), one value per
+            output channel (``[out]``, or ``[1, out, 1, ...]`` for convs as PEFT saves it); None
+            for plain LoRA. The layer then computes ``m / ||W0 + scale * B @ A||`` per output
+            channel times ``base(x) - bias + scale * (B(A(x)) + lora_bias)``, plus the bias.
+        bias: the bias of PEFT's ``lora_B`` (``lora_bias=True``), ``[out]``; the layer adds
+            ``scale * bias``. None when the adapter has none.
     """
 
     key: str
@@ -48,6 +54,8 @@ class LoraModule:
     use_rslora: bool = False
     source_keys: tuple[str, ...] = ()
     base_weight: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:

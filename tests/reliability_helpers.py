@@ -115,7 +115,7 @@ class Snapshot:
 
 def snapshot(rig: Rig) -> Snapshot:
     manager = rig.runtime.buffers
-    buffers = [t.detach().clone() for a in manager.arenas for t in (a.A, a.B, a.S)]
+    buffers = [t.detach().clone() for a in manager.arenas for t in (a.A, a.B, a.S, a.E)]
     extents = [(list(a.a_extent), list(a.b_extent)) for a in manager.arenas]
     infos = [rig.runtime.info(s) for s in range(rig.runtime.slots)]
     return Snapshot(buffers, extents, infos, rig.runtime.active_slot, rig.runtime.cache.keys(), rig.output())

@@ -8,7 +8,7 @@ Both may carry network alphas as ``<module>.alpha`` scalars, and the current one
 
 from __future__ import annotations
 
-from lorahot.formats.table import REFUSED, KeyFormat, Rule
+from lorahot.formats.table import EXTRA_RULES, REFUSED, REFUSED_BUT_EXTRAS, KeyFormat, Rule
 
 __all__ = ["FORMAT", "OLD_FORMAT", "COMPONENTS", "METADATA_KEY"]
 
@@ -24,11 +24,12 @@ FORMAT = KeyFormat(
     rules=(
         Rule(r"(?P<module>.+)\.lora_A(?:\.[^.]+)?\.weight", "A"),
         Rule(r"(?P<module>.+)\.lora_B(?:\.[^.]+)?\.weight", "B"),
+        *EXTRA_RULES,  # DoRA magnitudes and LoRA biases, as diffusers' PEFT integration saves them
         _ALPHA,
     ),
     prefixes=COMPONENTS,
     require_prefix=True,
-    refuse=REFUSED,
+    refuse=REFUSED_BUT_EXTRAS,
     example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
 )
 

@@ -4,12 +4,13 @@ Also the in-memory naming with the adapter name (``lora_A.default.weight``) and 
 (``lora_embedding_A`` ``[r, num]`` / ``lora_embedding_B`` ``[dim, r]``). Ranks and alphas
 come from ``adapter_config.json``. For LoRA on ``embed_tokens``/``lm_head`` PEFT also saves the
 base layer's weight (``<module>.base_layer.weight``, ``save_embedding_layers="auto"``); it is
-read as the module's ``base_weight``.
+read as the module's ``base_weight``. DoRA's ``<module>.lora_magnitude_vector`` and the bias of
+``lora_B`` (``lora_B.bias``, ``lora_bias=True``) are read as the module's ``magnitude`` and ``bias``.
 """
 
 from __future__ import annotations
 
-from lorahot.formats.table import REFUSED, KeyFormat, Rule
+from lorahot.formats.table import EXTRA_RULES, REFUSED_BUT_EXTRAS, KeyFormat, Rule
 
 __all__ = ["FORMAT", "NAME"]
 
@@ -24,9 +25,10 @@ FORMAT = KeyFormat(
         Rule(rf"(?P<module>.+)\.lora_embedding_A{_ADAPTER}", "A"),
         Rule(rf"(?P<module>.+)\.lora_embedding_B{_ADAPTER}", "B"),
         Rule(r"(?P<module>.+)\.base_layer\.weight", "base"),
+        *EXTRA_RULES,
     ),
     prefixes=("base_model.model.",),
     renames=((r"^base_model\.model\.", ""),),  # PEFT's wrapper, never part of the model's names
-    refuse=REFUSED,
+    refuse=REFUSED_BUT_EXTRAS,
     example="base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
 )

@@ -1,9 +1,9 @@
 """The declarative description of an adapter naming, and the one routine that applies it.
 
 Each format is a :class:`KeyFormat`: a table of :class:`Rule` (a regex over a tensor key and
-the role the tensor plays: ``A``, ``B``, ``alpha`` or ``base``), the component prefixes files put
-in front of module paths, the separator that replaced the model's dots, and the keys it knows
-but lorahot refuses (DoRA, LoRA biases, LyCORIS variants, PEFT's trainable tokens, parameter
+the role the tensor plays: ``A``, ``B``, ``alpha``, ``base``, ``magnitude`` or ``bias``), the
+component prefixes files put in front of module paths, the separator that replaced the model's
+dots, and the keys it knows but lorahot refuses (DoRA, LoRA biases, LyCORIS variants, PEFT's trainable tokens, parameter
 LoRA and module copies). Detection and grouping are driven by these tables only; no format has
 code of its own.
 
@@ -57,7 +57,8 @@ class Rule:
         pattern: the regex over the whole tensor key.
         role: ``"A"`` (down), ``"B"`` (up), ``"alpha"`` (a scalar alpha for the module),
             ``"base"`` (a copy of the base layer's weight, see :attr:`lorahot.LoraModule.base_weight`),
-            a LyCORIS factor name, or ``""``: the key's last component (``hada_w1_a``).
+            ``"magnitude"`` (DoRA), ``"bias"`` (the bias of B), a LyCORIS factor name, or ``""``:
+            the key's last component (``hada_w1_a``).
     """
 
     pattern: str
@@ -211,15 +212,21 @@ def group_keys(
 
 
 #: Keys every format may carry for features lorahot refuses, with the reason and the fix.
+#: DoRA magnitude vectors: loaded in PEFT and diffusers namings only (:data:`EXTRA_RULES`).
+REFUSED_DORA = (
+    r"(lora_magnitude_vector|dora_scale)",
+    "DoRA magnitude vector: DoRA is loaded in PEFT and diffusers namings only (lora_magnitude_vector); save the "
+    "adapter with PEFT",
+)
+#: LoRA biases: loaded in PEFT and diffusers namings only.
+REFUSED_BIAS = (
+    r"(lora_B|lora_up|lora\.up|lora_linear_layer\.up)(\.[^.]+)?\.bias$",
+    "LoRA bias (PEFT lora_bias=True): loaded in PEFT and diffusers namings only (lora_B.bias); save the adapter "
+    "with PEFT",
+)
 REFUSED: tuple[tuple[str, str], ...] = (
-    (
-        r"(lora_magnitude_vector|dora_scale)",
-        "DoRA magnitude vector: DoRA adapters are not supported; use a plain LoRA adapter",
-    ),
-    (
-        r"(lora_B|lora_up|lora\.up|lora_linear_layer\.up)(\.[^.]+)?\.bias$",
-        "LoRA bias (PEFT lora_bias=True): not supported; re-train without a LoRA bias",
-    ),
+    REFUSED_DORA,
+    REFUSED_BIAS,
     (
         r"\.(hada_w\d_[ab]|hada_t\d|lokr_w\d(_[ab])?|lokr_t\d|lora_mid\.weight|diff|diff_b)$",
         "LyCORIS (LoHa/LoKr/Tucker/diff) weights: lorahot loads them in kohya or ComfyUI naming, into a model "
@@ -277,6 +284,15 @@ def lycoris_rules(module: str) -> tuple[Rule, ...]:
         Rule(rf"{module}\.lora_mid\.weight", "lora_mid"),
     )
 
+
+#: DoRA magnitudes and LoRA biases as PEFT names them (an optional adapter name after the role),
+#: read by the namings that use PEFT's roles (PEFT, diffusers).
+EXTRA_RULES = (
+    Rule(r"(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?", "magnitude"),
+    Rule(r"(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias", "bias"),
+)
+#: :data:`REFUSED` less DoRA and LoRA biases, for the namings of :data:`EXTRA_RULES`.
+REFUSED_BUT_EXTRAS = tuple(r for r in REFUSED if r not in (REFUSED_DORA, REFUSED_BIAS))
 
 #: A key no rule parses that names a whole module's parameter: PEFT's modules_to_save, trained
 #: biases, or a resized embedding saved whole.

@@ -4,7 +4,8 @@
 them per module, each key a regex matched as PEFT matches it: a module whose name ends with
 ``.<pattern>`` (or equals it) takes the first matching entry. The patterns come from files, so
 they are evaluated in linear time (:mod:`lorahot.io.patterns`). ``use_rslora`` divides by
-``sqrt(r)`` instead of ``r``. Fields that switch on features lorahot does not load (DoRA,
+``sqrt(r)`` instead of ``r``; ``use_dora`` and ``lora_bias`` need no handling (the tensors
+carry the magnitude vectors and biases). Fields that switch on features lorahot does not load (
 ``modules_to_save``, ``target_parameters``, trainable tokens, ...) are listed in
 :data:`UNSUPPORTED` and named when refused.
 """
@@ -31,7 +32,6 @@ _MAX_RANK = 1 << 16  # no real adapter comes close; larger values are treated as
 #: PEFT config fields that switch on what lorahot does not load: field -> why. A field counts
 #: as set unless it is absent, null, false, empty or "none".
 UNSUPPORTED: dict[str, str] = {
-    "use_dora": "DoRA adapters are not supported",
     "target_parameters": "LoRA on parameters such as MoE experts (PEFT's ParamWrapper) is not supported; its A and "
     "B hold every expert's rank",
     "modules_to_save": "full copies of these modules are saved beside the LoRA weights, and lorahot loads only "
@@ -41,7 +41,6 @@ UNSUPPORTED: dict[str, str] = {
     "layer_replication": "layer replication changes the model's layer stack; not supported",
     "use_qalora": "QA-LoRA (which pools the layer input) is not supported",
     "bias": "biases of the base model were trained and saved beside the LoRA weights; not supported",
-    "lora_bias": "LoRA biases on lora_B are not supported",
 }
 
 
@@ -55,7 +54,7 @@ class AdapterConfig:
         rank_pattern: regex -> rank overrides.
         alpha_pattern: regex -> alpha overrides.
         use_rslora: scale by ``alpha / sqrt(r)``.
-        use_dora: DoRA adapters are refused (not supported yet).
+        use_dora: recorded only: the magnitude vectors in the file decide which modules are DoRA.
         fan_in_fan_out: recorded only. PEFT saves A ``[r, in]`` and B ``[out, r]`` whatever
             the base layout; lorahot's linear layer reads a ``Conv1D`` base the right way itself.
         target_modules: the module names (or a regex) the adapter was trained on; used in

@@ -151,8 +151,14 @@ def _malformed(key: Any, m: Any) -> list[str]:
         return [f"maps a {type(key).__name__} to a {type(m).__name__}, not a str to a LoraModule"]
     found = [
         f"{role} is a {type(t).__name__}, not a torch.Tensor"
-        for role, t in (("A", m.A), ("B", m.B), ("base_weight", m.base_weight))
-        if not isinstance(t, torch.Tensor) and (role != "base_weight" or t is not None)
+        for role, t in (
+            ("A", m.A),
+            ("B", m.B),
+            ("base_weight", m.base_weight),
+            ("magnitude", m.magnitude),
+            ("bias", m.bias),
+        )
+        if not isinstance(t, torch.Tensor) and (role in ("A", "B") or t is not None)
     ]
     if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)):
         found.append(f"alpha is {m.alpha!r:.40}, not a number")
@@ -294,7 +300,9 @@ def _assemble(
             alpha = cfg.alpha_for(pattern_name)
         base = roles["base"][1] if "base" in roles else None
         alpha = float(rank) if alpha is None else alpha
-        modules[module] = LoraModule(module, a, b, alpha, cfg.use_rslora, keys, base)
+        magnitude = roles["magnitude"][1] if "magnitude" in roles else None
+        bias = roles["bias"][1] if "bias" in roles else None
+        modules[module] = LoraModule(module, a, b, alpha, cfg.use_rslora, keys, base, magnitude, bias)
     if unreadable:
         raise AdapterReadError(
             format_problems(f"{source}: values that cannot be LoRA weights:", unreadable)
@@ -395,7 +403,11 @@ def _unreadable(
     module: str, keys: tuple[str, ...], roles: dict[str, tuple[str, torch.Tensor]], problems: list[str]
 ) -> bool:
     """Appends a problem for each weight of ``module`` that is no tensor with data (sparse, meta)."""
-    bad = [(role, why) for role in ("A", "B", "base") if role in roles and (why := storage_problem(roles[role][1]))]
+    bad = [
+        (role, why)
+        for role in ("A", "B", "base", "magnitude", "bias")
+        if role in roles and (why := storage_problem(roles[role][1]))
+    ]
     for role, why in bad:
         which = "the base-layer copy" if role == "base" else role
         problems.append(f"{module} ({', '.join(keys)}): {which} is {why}; LoRA weights must be dense tensors with data")

@@ -1,11 +1,17 @@
 """What every LoRA layer shares: the wrapped base module, its geometry, and the live buffers.
 
-A LoRA layer computes ``base(x) + scale * B(A(x))``. Its ``lora_A``, ``lora_B`` and
-``lora_scale`` are views into the :class:`~lorahot.runtime.buffers.Arena` that the runtime allocated once
-at ``max_rank``; the layer never allocates, reallocates or rebinds them, so a compiled graph
-(or a captured CUDA graph) keeps reading the same addresses after every swap. The layer
-reaches the arena tensors through one global handle (:mod:`lorahot.layers.tensor_handles`), and a compiled
-graph rebuilds the views from them.
+A LoRA layer computes ``base(x) + scale * B(A(x))``; in general (DoRA, LoRA bias)
+``f * (base(x) + scale * (B(A(x)) + lora_bias)) + g`` per output channel, with ``f`` the DoRA
+factor ``m / ||W0 + scale * B @ A||`` (1 for plain LoRA) and ``g = (1 - f) * bias`` (0 for
+plain LoRA), which is PEFT's ``f * (W0 x + scale * (B A x + lora_bias)) + bias``. ``f``, the
+LoRA bias, ``g`` and the magnitude ``m`` are the four rows of the layer's *extras*
+``[4, out]``, device data like A and B: the forward computes the same graph whatever the
+adapter, so swaps between DoRA and plain LoRA never recompile. Its ``lora_A``, ``lora_B``,
+``lora_scale`` and ``lora_extras`` are views into the :class:`~lorahot.runtime.buffers.Arena`
+that the runtime allocated once at ``max_rank``; the layer never allocates, reallocates or
+rebinds them, so a compiled graph (or a captured CUDA graph) keeps reading the same addresses
+after every swap. The layer reaches the arena tensors through one global handle
+(:mod:`lorahot.layers.tensor_handles`), and a compiled graph rebuilds the views from them.
 
 State dicts: the wrapper keeps the original module as ``base_layer`` but saves and loads its
 state under the original keys, so a model with LoRA layers injected still round-trips its base
@@ -26,10 +32,27 @@ from lorahot.errors import UsageError
 from lorahot.layers.state import RuntimeState
 from lorahot.layers.tensor_handles import TENSORS, TensorHandle
 
-__all__ = ["LayerSpec", "LoRALayer", "overrides_forward", "forward_mismatch", "WIDE_BUFFER"]
+__all__ = [
+    "LayerSpec",
+    "LoRALayer",
+    "overrides_forward",
+    "forward_mismatch",
+    "WIDE_BUFFER",
+    "EXTRA_F",
+    "EXTRA_BIAS",
+    "EXTRA_G",
+    "EXTRA_M",
+    "EXTRA_ROWS",
+    "EXTRA_DEFAULTS",
+]
 
 #: Buffer names under which a layer registers the arena tensors its live views belong to.
-_ARENA_BUFFERS = ("_lora_arena_A", "_lora_arena_B", "_lora_arena_S")
+_ARENA_BUFFERS = ("_lora_arena_A", "_lora_arena_B", "_lora_arena_S", "_lora_arena_E")
+#: The rows of a layer's extras ``[4, out]``: the DoRA factor ``f``, the LoRA bias, ``g =
+#: (1 - f) * base bias``, the DoRA magnitude ``m``; and the values with no adapter.
+EXTRA_F, EXTRA_BIAS, EXTRA_G, EXTRA_M = range(4)
+EXTRA_ROWS = 4
+EXTRA_DEFAULTS = (1.0, 0.0, 0.0, 0.0)
 #: Buffer under which a widened layer keeps its base weight with the live A beneath it.
 WIDE_BUFFER = "_lora_wide"
 
@@ -92,6 +115,10 @@ class LoRALayer(nn.Module):
     fused: bool = False
     #: Set by :meth:`widen` where the layer runs base and shrink as one GEMM; constant after.
     wide: bool = False
+    #: Set at bind time: whether the forward applies the extras (DoRA factor, LoRA bias);
+    #: constant after. Without them (``inject(..., extras=False)``) the forward is
+    #: ``base(x) + scale * B(A(x))`` with no elementwise work past the kernel's.
+    extras: bool = True
     #: In merged mode, the base weight as it was at inject time (what eject puts back).
     pristine_weight: torch.Tensor | None = None
     #: In merged mode, the base bias as it was at inject time, if the layer has one (diffs
@@ -99,8 +126,8 @@ class LoRALayer(nn.Module):
     pristine_bias: torch.Tensor | None = None
     #: Shared with the runtime that bound the layer (see :mod:`lorahot.layers.state`).
     state: RuntimeState | None = None
-    #: ``(A, B, scale)`` views, set by :meth:`bind`.
-    _live: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    #: ``(A, B, scale, extras)`` views, set by :meth:`bind`.
+    _live: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
         super().__init__()
@@ -132,10 +159,12 @@ class LoRALayer(nn.Module):
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
         lora_scale: torch.Tensor,
+        lora_extras: torch.Tensor | None = None,
         *,
         handle: TensorHandle | None = None,
         fused: bool = True,
         state: RuntimeState | None = None,
+        extras: bool = True,
     ) -> None:
         """Attaches the live views; called once by the runtime at inject time, never again.
 
@@ -146,8 +175,17 @@ class LoRALayer(nn.Module):
         ``fused`` allows a fused kernel where the layer has one that applies (:meth:`fusable`;
         see :mod:`lorahot.kernels.lora_linear`). ``state`` is the runtime's
         :class:`~lorahot.layers.state.RuntimeState`, which ``lorahot.eject`` marks.
+        ``lora_extras`` is the ``[4, out]`` view of the layer's extras (see the module
+        docstring); without one the layer gets its own, holding the no-adapter values.
+        ``extras`` False makes the forward skip them (the runtime then refuses DoRA and LoRA
+        biases).
         """
-        self._live = (lora_A, lora_B, lora_scale)
+        self.extras = extras
+        if lora_extras is None:
+            lora_extras = torch.tensor(EXTRA_DEFAULTS, dtype=lora_scale.dtype, device=lora_scale.device)
+            lora_extras = lora_extras[:, None].repeat(1, self.spec.out_dim)
+        lora_extras = self.live_extras(lora_extras)
+        self._live = (lora_A, lora_B, lora_scale, lora_extras)
         roots = tuple(view if view._base is None else view._base for view in self._live)
         if handle is None or any(r is not t for r, t in zip(roots, TENSORS.get(handle.key, ()))):
             handle = TensorHandle(roots)
@@ -187,9 +225,9 @@ class LoRALayer(nn.Module):
         (Conv1D transposes; Linear and conv reshape)."""
         return delta.reshape(self.base_weight.shape)
 
-    def _views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(A, B, scale)``: the live views eagerly; rebuilt from the global arena tensors
-        under ``torch.compile`` (free in the graph). The forward takes all three at once."""
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, B, scale, extras)``: the live views eagerly; rebuilt from the global arena
+        tensors under ``torch.compile`` (free in the graph). The forward takes all at once."""
         if not torch.compiler.is_compiling():
             live = self._live
             if live is None:
@@ -198,9 +236,9 @@ class LoRALayer(nn.Module):
                     "constructed by hand."
                 )
             return live
-        a, b, s = TENSORS[self._key]
-        ga, gb, gs = self._geometry
-        return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs)
+        a, b, s, e = TENSORS[self._key]
+        ga, gb, gs, ge = self._geometry
+        return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
 
     @property
     def lora_A(self) -> torch.Tensor:
@@ -217,22 +255,60 @@ class LoRALayer(nn.Module):
         """Live scale, a 0-d view into the arena's scale tensor."""
         return self._views()[2]
 
+    @property
+    def lora_extras(self) -> torch.Tensor:
+        """Live extras ``[4, out, *ones]`` (DoRA factor, LoRA bias, ``g``, magnitude), a view
+        into the arena; shaped to broadcast over the output's channel dimension."""
+        return self._views()[3]
+
+    def live_extras(self, rows: torch.Tensor) -> torch.Tensor:
+        """The ``[4, out]`` extras as the forward broadcasts them (``[4, out]`` where channels are
+        the last dimension; convs override)."""
+        return rows.view(EXTRA_ROWS, self.spec.out_dim)
+
+    def channel_dim(self) -> int:
+        """Which dimension of the base weight flattened to 2-D (the layout of
+        :meth:`merge_operands`) runs over the output channels: 0 (rows) unless the subclass
+        says otherwise."""
+        return 0
+
+    def dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[out]``: the L2 norm of each output channel of ``weight`` (2-D, see :meth:`channel_dim`)."""
+        norm: torch.Tensor = torch.linalg.vector_norm(weight, dim=1 - self.channel_dim())
+        return norm
+
+    def dora_refusal(self) -> str | None:
+        """Why DoRA cannot run on this layer, or None."""
+        return None
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
         # layer: keep them few (see lorahot.layers.tensor_handles).
         if self.merged:
             out: torch.Tensor = self._base(x, *args, **kwargs)
             return out
-        a, b, scale = self._views()
+        a, b, scale, e = self._views()
         if not args and not kwargs:
             if self.fused and self.can_fuse(x, a):
-                return self.fused_forward(x, a, b, scale)
+                return self._finish(self.fused_forward(x, a, b, scale), e, scale)  # base(x) + scale * B(A(x))
             if self.wide and self.can_widen(x):
-                return self.wide_forward(x, b)
+                return self._finish(self.wide_forward(x, b), e, scale)
         y: torch.Tensor = self._base(x, *args, **kwargs)
-        # The scale multiplies B(A(x)) next to the add, where the compiler fuses both into one
-        # elementwise pass (usually into the consumer of y as well): no extra kernel per layer.
-        return y + (self.lora_delta(x, a, b) * scale).to(y.dtype)
+        # The scale (and the LoRA bias and the DoRA factor) apply next to the add, where the
+        # compiler fuses them into one elementwise pass (usually into the consumer of y as
+        # well): no extra kernel per layer. With plain LoRA (f = 1, bias = g = 0) the extras
+        # give ``y + scale * delta`` bitwise in float32.
+        if not self.extras:
+            return y + (self.lora_delta(x, a, b) * scale).to(y.dtype)
+        d = (self.lora_delta(x, a, b) + e[EXTRA_BIAS]) * scale
+        return torch.addcmul(e[EXTRA_G], e[EXTRA_F], y + d).to(y.dtype)
+
+    def _finish(self, z: torch.Tensor, e: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``f * (z + scale * lora_bias) + g`` for ``z = base(x) + scale * B(A(x))`` from a
+        kernel path (one elementwise pass after it); ``z`` itself without extras."""
+        if not self.extras:
+            return z
+        return torch.addcmul(e[EXTRA_G], e[EXTRA_F], z + e[EXTRA_BIAS] * scale).to(z.dtype)
 
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``B(A(x))`` without the scale, with the shape of ``base_layer(x)``, for live views

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorahot.errors import UsageError
-from lorahot.layers.base import LayerSpec, LoRALayer, forward_mismatch, overrides_forward
+from lorahot.layers.base import EXTRA_ROWS, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
 
 __all__ = ["LoRAConv"]
 
@@ -59,6 +59,17 @@ class LoRAConv(LoRALayer):
         a = a_rows.view(rank, *spec.a_row_shape)
         b = b_rows[: rank // spec.groups].t()  # [out, R/g]
         return a, b[(...,) + (None,) * len(spec.b_trailing)]
+
+    def live_extras(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[4, out, 1, ...]``: channels are the output's dimension -1 - nd."""
+        return rows.view(EXTRA_ROWS, self.spec.out_dim, *(1,) * self._nd)
+
+    def dora_refusal(self) -> str | None:
+        if self.spec.groups > 1:
+            return (
+                f"DoRA on a conv with groups={self.spec.groups} is not supported (PEFT's weight norm assumes groups=1)"
+            )
+        return None
 
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         x = x.to(a.dtype)

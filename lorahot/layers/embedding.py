@@ -58,6 +58,10 @@ class LoRAEmbedding(LoRALayer):
             delta = delta * (factor.to(delta.dtype) if isinstance(factor, torch.Tensor) else factor)
         return delta
 
+    def channel_dim(self) -> int:
+        """Weight ``[num, dim]``: PEFT's DoRA norms each embedding dimension over the vocabulary."""
+        return 1
+
     def merge_refusal(self) -> str | None:
         max_norm = getattr(self.base_layer, "max_norm", None)
         if max_norm is not None:

@@ -177,6 +177,10 @@ class LoRALinear(LoRALayer):
             return f"{kind} overrides forward and does not compute the linear map of its weight ({mismatch})"
         return None
 
+    def channel_dim(self) -> int:
+        """Rows of a linear weight ``[out, in]``, columns of a Conv1D's ``[in, out]``."""
+        return 1 if is_conv1d(self.base_layer) else 0
+
     def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Linear weight ``[out, in]``: ``B @ A``; Conv1D weight ``[in, out]``: ``A.T @ B.T``."""
         return (a.t(), bt) if is_conv1d(self.base_layer) else (bt.t(), a)

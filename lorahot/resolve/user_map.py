@@ -258,6 +258,9 @@ def _unfusable(key: str, present: list[LoraModule]) -> str | None:
         return f"{key}: parts read different input sizes {[tuple(m.A.shape) for m in present]}"
     if len({t.device for m in present for t in (m.A, m.B)}) != 1:
         return f"{key}: parts lie on different devices {sorted({str(m.A.device) for m in present})}"
+    extras = [m.key for m in present if m.magnitude is not None or m.bias is not None]
+    if extras:
+        return f"{key}: parts {extras} are DoRA or carry a LoRA bias, which fuse= does not combine; inject the parts"
     carrying = [m.key for m in present if m.base_weight is not None]
     if carrying:
         return f"{key}: parts {carrying} carry a base-layer weight copy, which cannot be fused"

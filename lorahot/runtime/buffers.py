@@ -8,6 +8,10 @@ tensors, region-major (a region is a slot, plus one live region when there are s
   view in the live region.
 - ``B [regions, b_total]``: B transposed, ``[R, out_dim]`` blocks laid out the same way.
 - ``S [regions, n_layers]`` (float32, or float64 for float64 layers): each layer's scale.
+- ``E [regions, e_total]`` (the scales' dtype): each layer's *extras*, a ``[4, out_dim]`` block:
+  the DoRA factor (1 without DoRA), the LoRA bias (0 without), ``g = (1 - f) * base bias`` and
+  the DoRA magnitude (see :mod:`lorahot.layers.base`). A load writes the magnitudes and biases
+  the adapter has; the factors are computed on the device from them (:mod:`lorahot.runtime.dora`).
 
 Every layer's A and B are contiguous, so the forward's matrix products run on plain
 row-major operands. A rank-``r`` adapter fills the first ``r`` rows of each block (for grouped
@@ -28,14 +32,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorahot.layers.base import LayerSpec
+from lorahot.layers.base import EXTRA_DEFAULTS, EXTRA_ROWS, LayerSpec
 from lorahot.layers.tensor_handles import TensorHandle
 
-__all__ = ["Arena", "Pack", "Rows", "BufferManager"]
+__all__ = ["Arena", "Pack", "Rows", "BufferManager", "Entry", "Extra"]
 
 _ALIGN = 64  # elements; every block starts 128-byte aligned (bf16) for fast matmuls
 
 Entry = tuple[int, torch.Tensor, torch.Tensor]  # (layer index, A [r, ...], B [out, r/g, ...])
+Extra = tuple[int, int, torch.Tensor]  # (layer index, row of its extras, values [out])
 
 
 def _round_up(n: int, k: int) -> int:
@@ -135,6 +140,10 @@ class Pack:
     dsts: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
     #: the pieces of :attr:`data` when it is written from where it is (a CPU arena)
     srcs: list[torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    #: ``(layer, row)`` of each extras row the pack writes (DoRA magnitudes, LoRA biases), in order
+    extra_rows: list[tuple[int, int]] = field(default_factory=list)
+    #: ``(start, stop)`` bytes of those rows in :attr:`data` (the arena's scale dtype)
+    extra_bytes: tuple[int, int] = (0, 0)
 
     @property
     def nbytes(self) -> int:
@@ -154,11 +163,15 @@ class Arena:
         self.dtype = dtype
         self.a_off, a_total = self._offsets([max_rank * s.in_dim for s in specs])
         self.b_off, b_total = self._offsets([max_rank * s.out_dim for s in specs])
+        self.e_off, e_total = self._offsets([EXTRA_ROWS * s.out_dim for s in specs])
+        sdtype = self.scale_dtype(dtype)
         with torch.inference_mode(False), torch.no_grad():
             self.A = torch.zeros(regions, a_total, device=device, dtype=dtype)
             self.B = torch.zeros(regions, b_total, device=device, dtype=dtype)
-            self.S = torch.zeros(regions, len(specs), device=device, dtype=self.scale_dtype(dtype))
-        self.handle = TensorHandle((self.A, self.B, self.S))  # how compiled graphs reach the buffers
+            self.S = torch.zeros(regions, len(specs), device=device, dtype=sdtype)
+            self.E = torch.zeros(regions, e_total, device=device, dtype=sdtype)
+        self.handle = TensorHandle((self.A, self.B, self.S, self.E))  # how compiled graphs reach the buffers
+        self.e_dirty = [False] * regions  # whether a region's extras differ from e_default
         self.a_extent = [0] * regions  # most rows of A any layer uses; rows past it are zero
         self.b_extent = [0] * regions
         self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -171,6 +184,15 @@ class Arena:
         self.by_rows = device.type == "cuda"
         with torch.inference_mode(False):
             self._region = [(self.A[r], self.B[r], self.S[r]) for r in range(regions)]  # flat views per region
+            self._e_region = [self.E[r] for r in range(regions)]
+            #: per region, the rows of the extras that are not 0 without an adapter, and their values
+            self._e_ones = [
+                [self.extras(i, r)[row] for i in range(len(specs)) for row, v in enumerate(EXTRA_DEFAULTS) if v]
+                for r in range(regions)
+            ]
+        self._default_values = [v for _ in specs for v in EXTRA_DEFAULTS if v]
+        for r in range(regions):
+            self._reset_extras(r)
 
     @staticmethod
     def scale_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -183,7 +205,8 @@ class Arena:
         """Bytes an arena of these layers would allocate, computed before allocating."""
         a_total = cls._offsets([max_rank * s.in_dim for s in specs])[1]
         b_total = cls._offsets([max_rank * s.out_dim for s in specs])[1]
-        scales = len(specs) * cls.scale_dtype(dtype).itemsize
+        e_total = cls._offsets([EXTRA_ROWS * s.out_dim for s in specs])[1]
+        scales = (len(specs) + e_total) * cls.scale_dtype(dtype).itemsize
         return regions * ((a_total + b_total) * dtype.itemsize + scales)
 
     @staticmethod
@@ -197,7 +220,7 @@ class Arena:
     @property
     def nbytes(self) -> int:
         """Bytes this arena allocated (every region)."""
-        return self.A.nbytes + self.B.nbytes + self.S.nbytes
+        return self.A.nbytes + self.B.nbytes + self.S.nbytes + self.E.nbytes
 
     def rows(self, layer: int, region: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous views ``[R, in_dim]`` and ``[R, out_dim]`` of one layer's A and B^T."""
@@ -209,6 +232,26 @@ class Arena:
     def scale(self, layer: int, region: int) -> torch.Tensor:
         """0-d view of one layer's scale in ``region``."""
         return self.S[region, layer]
+
+    def extras(self, layer: int, region: int) -> torch.Tensor:
+        """``[4, out_dim]`` view of one layer's extras in ``region`` (see the module docstring)."""
+        n = self.specs[layer].out_dim
+        return self.E[region, self.e_off[layer] : self.e_off[layer] + EXTRA_ROWS * n].view(EXTRA_ROWS, n)
+
+    def _reset_extras(self, region: int) -> None:
+        """Sets ``region``'s extras to their values without an adapter (factor 1, the rest 0)."""
+        with torch.no_grad():
+            self._e_region[region].zero_()
+            torch._foreach_add_(self._e_ones[region], self._default_values)
+
+    def _write_extras(self, region: int, rows: list[tuple[int, int]], srcs: list[torch.Tensor]) -> None:
+        """Resets ``region``'s extras to no adapter (where they differ), then writes the
+        ``(layer, row)`` rows from ``srcs``; the DoRA factors are computed afterwards."""
+        if self.e_dirty[region] or rows:
+            self._reset_extras(region)
+        if rows:
+            torch._foreach_copy_([self.extras(i, region)[row] for i, row in rows], srcs)
+        self.e_dirty[region] = bool(rows)
 
     @staticmethod
     def a_rows_for(spec: LayerSpec, rank: int, max_rank: int) -> int:
@@ -254,10 +297,12 @@ class Arena:
             found = self._flat[key] = [*(g.reshape(-1) for g in a.unbind(0)), b.reshape(-1)]
         return found
 
-    def pack(self, entries: list[Entry], scales: torch.Tensor, *, pin: bool) -> Pack:
+    def pack(self, entries: list[Entry], scales: torch.Tensor, *, pin: bool, extras: list[Extra] | None = None) -> Pack:
         """Packs ``(layer, A, B)`` triples and their per-layer ``scales`` (float64 ``[n_layers]``)
-        into one host buffer (pinned if ``pin``), laid out as :class:`Pack` describes."""
+        into one host buffer (pinned if ``pin``), laid out as :class:`Pack` describes, with the
+        ``(layer, row, values)`` extras rows after the scales."""
         ranks = {i: a.shape[0] for i, a, _ in entries}
+        extras = extras or []
         a_pieces, b_pieces = self._pieces(ranks)
         size = self.dtype.itemsize
         a_end = sum(n for _, n in a_pieces) * size
@@ -275,7 +320,9 @@ class Arena:
                 pos = _round_up(pos + indices[-1].nbytes, _PACK_ALIGN)
             rows = (found[0], found[1])
         scale_bytes = (pos, pos + len(self.specs) * 8)
-        data = torch.empty(scale_bytes[1], dtype=torch.uint8, pin_memory=pin)
+        start = _round_up(scale_bytes[1], _PACK_ALIGN)
+        extra_bytes = (start, start + sum(t.numel() for _, _, t in extras) * self.E.element_size())
+        data = torch.empty(extra_bytes[1], dtype=torch.uint8, pin_memory=pin)
         pieces = iter(data[: weights[1]].view(self.dtype).split([n for _, n in a_pieces + b_pieces]))
         for i, a, b in entries:  # every layer's A groups first
             for group in self.sources(i, a, b)[0].unbind(0):
@@ -285,8 +332,12 @@ class Arena:
             next(pieces).view_as(src_b).copy_(src_b)
         for section, index in zip(rows or (), indices):
             data[section.index[0] : section.index[1]].view(torch.int64).copy_(index)
-        packed_scales = data[scale_bytes[0] :].view(torch.float64)
+        packed_scales = data[scale_bytes[0] : scale_bytes[1]].view(torch.float64)
         packed_scales.copy_(scales)
+        if extras:
+            flat = data[extra_bytes[0] : extra_bytes[1]].view(self.E.dtype)
+            for piece, (_, _, t) in zip(flat.split([t.numel() for _, _, t in extras]), extras):
+                piece.copy_(t.reshape(-1))
         a_rows, b_rows = self.extents(ranks)
         return Pack(
             data,
@@ -300,6 +351,8 @@ class Arena:
             rows=rows,
             cover=self._cover(list(ranks.items())),
             pinned=pin,
+            extra_rows=[(i, row) for i, row, _ in extras],
+            extra_bytes=extra_bytes,
         )
 
     def _pieces(self, ranks: dict[int, int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -350,6 +403,11 @@ class Arena:
                         pack.srcs = srcs
                 torch._foreach_copy_(dsts, srcs)
             torch.mul(staged[pack.scale_bytes[0] : pack.scale_bytes[1]].view(torch.float64), multiplier, out=s)
+            sizes = [self.specs[i].out_dim for i, _ in pack.extra_rows]
+            srcs = (
+                list(staged[pack.extra_bytes[0] : pack.extra_bytes[1]].view(self.E.dtype).split(sizes)) if sizes else []
+            )
+            self._write_extras(region, pack.extra_rows, srcs)
         self.a_extent[region], self.b_extent[region] = pack.a_rows, pack.b_rows
 
     def _grid(self, which: int, region: int, rows: Rows) -> torch.Tensor:
@@ -370,8 +428,16 @@ class Arena:
         views = [self.flat_views(i, region, r) for i, r in ranks]
         return [piece for v in views for piece in v[:-1]] + [v[-1] for v in views]
 
-    def write_staged(self, region: int, entries: list[Entry], scales: torch.Tensor, multiplier: float) -> None:
-        """Writes ``(layer, A, B)`` triples (already on this device) straight into ``region``."""
+    def write_staged(
+        self,
+        region: int,
+        entries: list[Entry],
+        scales: torch.Tensor,
+        multiplier: float,
+        extras: list[Extra] | None = None,
+    ) -> None:
+        """Writes ``(layer, A, B)`` triples and ``(layer, row, values)`` extras (already on this
+        device) straight into ``region``."""
         dsts: list[torch.Tensor] = []
         srcs: list[torch.Tensor] = []
         for i, a, b in entries:
@@ -380,6 +446,9 @@ class Arena:
         ranks = [(i, a.shape[0]) for i, a, _ in entries]
         a_rows, b_rows = self.extents(dict(ranks))
         self._write(region, dsts, srcs, scales * multiplier, ranks, a_rows, b_rows)
+        with torch.no_grad():
+            extras = extras or []
+            self._write_extras(region, [(i, row) for i, row, _ in extras], [t.reshape(-1) for _, _, t in extras])
 
     def _cover(self, ranks: list[tuple[int, int]]) -> int:
         """The largest extent a write of ``(layer, rank)`` pairs overwrites wholly: its least
@@ -426,15 +495,17 @@ class Arena:
     def copy_region(self, src: int, dst: int) -> None:
         """Makes ``dst`` an exact copy of ``src``: one device copy per buffer."""
         with torch.no_grad():
-            for t in (self.A, self.B, self.S):
+            for t in (self.A, self.B, self.S, self.E):
                 t[dst].copy_(t[src])
         self.a_extent[dst], self.b_extent[dst] = self.a_extent[src], self.b_extent[src]
+        self.e_dirty[dst] = self.e_dirty[src]
 
     def clear(self, region: int) -> None:
         """Zeroes ``region``."""
         with torch.no_grad():
             for t in (self.A, self.B, self.S):
                 t[region].zero_()
+            self._write_extras(region, [], [])
         self.a_extent[region] = self.b_extent[region] = 0
 
 
@@ -489,12 +560,13 @@ class BufferManager:
         """Bytes of adapter storage allocated, all arenas and regions together."""
         return sum(a.nbytes for a in self.arenas)
 
-    def live_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TensorHandle]:
-        """The live ``A`` rows, ``B^T`` rows and scale views of layer ``name``, and the handle
-        of its arena."""
+    def live_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, TensorHandle]:
+        """The live ``A`` rows, ``B^T`` rows, scale and extras views of layer ``name``, and the
+        handle of its arena."""
         arena, idx = self.where[name]
-        a, b = self.arenas[arena].rows(idx, self.live)
-        return a, b, self.arenas[arena].scale(idx, self.live), self.arenas[arena].handle
+        at = self.arenas[arena]
+        a, b = at.rows(idx, self.live)
+        return a, b, at.scale(idx, self.live), at.extras(idx, self.live), at.handle
 
     def _mirrored(self, slot: int, live: bool) -> bool:
         """Whether a change to ``slot`` must also reach the live region: the slot is active,
@@ -512,11 +584,18 @@ class BufferManager:
                 arena.copy_region(slot, self.live)
 
     def write_staged(
-        self, slot: int, staged: list[list[Entry]], scales: list[torch.Tensor], multiplier: float, *, live: bool
+        self,
+        slot: int,
+        staged: list[list[Entry]],
+        scales: list[torch.Tensor],
+        multiplier: float,
+        *,
+        live: bool,
+        extras: list[list[Extra]] | None = None,
     ) -> None:
-        """Writes staged ``(layer, A, B)`` triples, one list per arena, into ``slot``."""
-        for arena, entries, s in zip(self.arenas, staged, scales):
-            arena.write_staged(slot, entries, s, multiplier)
+        """Writes staged ``(layer, A, B)`` triples and extras rows, one list per arena, into ``slot``."""
+        for k, (arena, entries, s) in enumerate(zip(self.arenas, staged, scales)):
+            arena.write_staged(slot, entries, s, multiplier, extras[k] if extras else [])
             if self._mirrored(slot, live):
                 arena.copy_region(slot, self.live)
 

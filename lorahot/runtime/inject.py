@@ -35,6 +35,7 @@ def inject(
     cache_bytes: int = 2 << 30,
     merged: bool = False,
     fused: bool = True,
+    extras: bool = True,
 ) -> LoraRuntime:
     """Wraps the targeted modules of ``model`` in LoRA layers and allocates their buffers.
 
@@ -53,6 +54,10 @@ def inject(
             rewrite the targeted weights from a pristine copy). See :mod:`lorahot.runtime.merge`.
         fused: run each ``nn.Linear`` LoRA layer as one fused CUDA kernel where it applies
             (fp16/bf16 on CUDA with Triton, inference). See :mod:`lorahot.kernels.lora_linear`.
+        extras: let the layers run DoRA and LoRA biases (PEFT ``use_dora`` / ``lora_bias``):
+            one elementwise pass per layer applies each layer's DoRA factor and LoRA bias
+            (1 and 0 for plain LoRA). False skips that pass (plain LoRA only; such adapters are
+            then refused). See :mod:`lorahot.runtime.dora`.
 
     Returns:
         The runtime that loads and swaps adapters. Right after inject the model's outputs
@@ -65,7 +70,7 @@ def inject(
             merged mode a weight tied to another module; buffers the device cannot hold. The
             model is then as it was.
     """
-    _check_arguments(model, max_rank, slots, dtype, cache_bytes, merged, fused)
+    _check_arguments(model, max_rank, slots, dtype, cache_bytes, merged, fused, extras)
     names = match_targets(model, targets)
     if merged:
         check_untied(model, names)
@@ -81,14 +86,21 @@ def inject(
             if merged:
                 check_mergeable(name, layer, dtype)
             specs[name] = (layer.spec, *layer_placement(layer, dtype, name))
-        return LoraRuntime(model, layers, _allocate(specs, max_rank, slots), cache_bytes, merged, fused)
+        return LoraRuntime(model, layers, _allocate(specs, max_rank, slots), cache_bytes, merged, fused, extras)
     except BaseException:
         unwrap_modules(model, layers)
         raise
 
 
 def _check_arguments(
-    model: object, max_rank: object, slots: object, dtype: object, cache_bytes: object, merged: object, fused: object
+    model: object,
+    max_rank: object,
+    slots: object,
+    dtype: object,
+    cache_bytes: object,
+    merged: object,
+    fused: object,
+    extras: object = True,
 ) -> None:
     """Every argument of :func:`inject` but ``targets``, before anything is touched."""
     if not isinstance(model, nn.Module):
@@ -105,7 +117,7 @@ def _check_arguments(
         )
     if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
         raise UsageError(f"cache_bytes={cache_bytes!r} must be an int number of bytes >= 0 (e.g. 2 << 30 for 2 GiB).")
-    for value, name in ((merged, "merged"), (fused, "fused")):
+    for value, name in ((merged, "merged"), (fused, "fused"), (extras, "extras")):
         if not isinstance(value, bool):
             raise UsageError(f"{name}={value!r} must be True or False.")
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorahot.adapter import Adapter
+from lorahot.adapter import Adapter, LoraModule
 from lorahot.errors import AdapterMismatchError, UsageError, format_problems, public_api
 from lorahot.io.identity import source_identity
 from lorahot.io.loader import read_adapter
@@ -30,6 +30,7 @@ from lorahot.io.sources import Source
 from lorahot.layers import LoRALayer, RuntimeState
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
+from lorahot.runtime.dora import DoraFactors
 from lorahot.runtime.merge import Merger
 from lorahot.runtime.plan import LoadPlan, check_multiplier, pack_host, validate
 from lorahot.runtime.targets import unwrap_modules
@@ -80,8 +81,10 @@ class LoraRuntime:
         cache_bytes: int = 2 << 30,
         merged: bool = False,
         fused: bool = True,
+        extras: bool = True,
     ) -> None:
         self.model = model
+        self._extras = extras
         self.layers = layers
         self.buffers = buffers
         self._active = 0
@@ -89,10 +92,12 @@ class LoraRuntime:
         self._plans: list[LoadPlan | None] = [None] * buffers.slots  # what each slot holds: scales per arena
         self._state = RuntimeState()  # shared with the layers: lorahot.eject(model) marks it
         for name, layer in layers.items():
-            a_rows, b_rows, scale, handle = buffers.live_rows(name)
+            a_rows, b_rows, scale, extras_view, handle = buffers.live_rows(name)
             a, b = layer.live_views(a_rows, b_rows)
             # merged: base kernels only
-            layer.bind(a, b, scale, handle=handle, fused=fused and not merged, state=self._state)
+            layer.bind(
+                a, b, scale, extras_view, handle=handle, fused=fused and not merged, state=self._state, extras=extras
+            )
         if fused and not merged:
             widen_layers(layers, buffers)
         self._wide = WideWeights(layers, buffers)
@@ -110,6 +115,7 @@ class LoraRuntime:
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
         self.cache = AdapterCache(cache_bytes)
         self._merger = Merger(layers, buffers) if merged else None
+        self._dora = DoraFactors(layers, buffers, self._base_weight, self._base_bias)
         for layer in layers.values():
             layer.merged = merged
         self._executor: ThreadPoolExecutor | None = None
@@ -188,12 +194,19 @@ class LoraRuntime:
         else:
             adapter = read_adapter(source, device=self._read_device, **read_kwargs)  # type: ignore[arg-type]
             checked = validate(
-                adapter, self.buffers, self._specs, stage=True, weight_of=self._base_weight, strict=_strict(read_kwargs)
+                adapter,
+                self.buffers,
+                self._specs,
+                stage=True,
+                weight_of=self._base_weight,
+                strict=_strict(read_kwargs),
+                extras_refusal=self._extras_refusal,
             )
             plan = checked.plan
             self._check_kinds(plan)
             self._check_scales(plan, multiplier)
-            self.buffers.write_staged(slot, checked.entries, plan.scales, multiplier, live=live)
+            self.buffers.write_staged(slot, checked.entries, plan.scales, multiplier, live=live, extras=checked.extras)
+        self._refresh_dora(slot, plan, live)
         self._plans[slot] = plan
         info = AdapterInfo(adapter.source, adapter.format, slot, multiplier, plan.ranks, plan.nbytes, plan.skipped)
         self._infos[slot] = info
@@ -218,7 +231,13 @@ class LoraRuntime:
         identity = _cache_key(source, read_kwargs)
         adapter = read_adapter(source, **read_kwargs)
         checked = validate(
-            adapter, self.buffers, self._specs, stage=False, weight_of=self._base_weight, strict=_strict(read_kwargs)
+            adapter,
+            self.buffers,
+            self._specs,
+            stage=False,
+            weight_of=self._base_weight,
+            strict=_strict(read_kwargs),
+            extras_refusal=self._extras_refusal,
         )
         self._check_kinds(checked.plan)
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
@@ -247,6 +266,38 @@ class LoraRuntime:
         """The model's own weight of layer ``name`` (the pristine one in merged mode)."""
         layer = self.layers[name]
         return layer.pristine_weight if layer.pristine_weight is not None else layer.base_weight
+
+    def _base_bias(self, name: str) -> torch.Tensor | None:
+        """The model's own bias of layer ``name`` (the pristine one in merged mode), or None."""
+        layer = self.layers[name]
+        if layer.pristine_bias is not None:
+            return layer.pristine_bias
+        bias = getattr(layer.base_layer, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
+    def _extras_refusal(self, name: str, module: LoraModule) -> str | None:
+        """Why ``module``'s DoRA magnitude or LoRA bias cannot run on layer ``name``, or None."""
+        layer = self.layers[name]
+        if not self._extras:
+            return (
+                "this runtime was injected with extras=False, which runs no DoRA or LoRA bias (lora_bias); inject "
+                "with extras=True (the default) to load this adapter"
+            )
+        if self._merger is not None and module.bias is not None and layer.pristine_bias is None:
+            return (
+                "merged mode folds the LoRA bias (lora_bias) into the base layer's bias, and this layer has none; "
+                "inject without merged=True to load this adapter"
+            )
+        return layer.dora_refusal() if module.magnitude is not None else None
+
+    def _refresh_dora(self, slot: int, plan: LoadPlan, live: bool) -> None:
+        """Computes the DoRA factors of ``slot`` (and of the live region if it mirrors the slot)
+        after its A, B, scales or magnitudes changed (see :mod:`lorahot.runtime.dora`)."""
+        if not any(plan.dora):
+            return
+        self._dora.refresh(slot, plan.dora)
+        if live and slot != self.buffers.live:
+            self._dora.refresh(self.buffers.live, plan.dora)
 
     def _cached(
         self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any]
@@ -309,6 +360,7 @@ class LoraRuntime:
             raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
         self._check_scales(plan, value)
         self.buffers.set_scales(s, [b * value for b in plan.scales], live=s == self._active)
+        self._refresh_dora(s, plan, s == self._active)
         self._infos[s] = replace(info, slot=s, scale=value)
         self._remerge(s)
 

@@ -5,6 +5,10 @@ Each swap recomputes every targeted weight from a pristine copy kept at inject t
 however many swaps run. The adapter itself still lives in the arena (the slots), and the
 forward reads only the base weights: no LoRA work per token at all.
 
+DoRA and LoRA biases fold too: ``W = f * (W0 + scale * dW)`` with the live DoRA factor ``f``
+per output channel, and ``b = b0 + f * scale * c`` for the LoRA bias ``c`` (a layer without a
+base bias cannot take a LoRA bias in merged mode: the load is refused).
+
 Costs: one extra copy of every targeted base weight, and a swap that rewrites those weights
 (a few ms for a 1B model on a GPU). Grouped convolutions cannot be merged (their LoRA mixes
 all input channels), and only modules whose weight layout lorahot knows are accepted.
@@ -20,6 +24,7 @@ from torch import nn
 from lorahot.adapter import WeightModule
 from lorahot.errors import AdapterReadError, UsageError, format_problems
 from lorahot.layers import LoRALayer
+from lorahot.layers.base import EXTRA_BIAS, EXTRA_F
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.deltas import build_delta, delta_bound
 from lorahot.runtime.plan import LoadPlan
@@ -95,9 +100,12 @@ class Merger:
         self._pristine_max: dict[str, float] = {}  # max |W0| per layer, for the range check
         for name, layer in layers.items():
             weight = layer.base_weight
+            bias = getattr(layer.base_layer, "bias", None)
             with torch.no_grad():
                 pristine = weight.detach().clone()
                 self._pristine_max[name] = float(pristine.abs().max()) if pristine.numel() else 0.0
+                if isinstance(bias, torch.Tensor):
+                    layer.pristine_bias = bias.detach().clone()
             layer.pristine_weight = pristine  # eject puts it back, even without this runtime
             bias = layer.base_bias
             layer.pristine_bias = None if bias is None else bias.detach().clone()
@@ -190,6 +198,8 @@ class Merger:
                 s = 0.0 if scales is None else float(scales[arena_idx][index])
                 arena = self._buffers.arenas[arena_idx]
                 rows = max(arena.a_extent[live], arena.b_extent[live])
+                extras = arena.extras(index, live) if arena.e_dirty[live] and s != 0.0 else None
+                self._fold_bias(layer, extras, s)
                 if s == 0.0 or rows == 0:
                     weight.copy_(pristine)
                     continue
@@ -197,6 +207,21 @@ class Merger:
                 m1, m2 = layer.merge_operands(a[:rows], bt[:rows])
                 flat_w, flat_p = weight.view(weight.shape[0], -1), pristine.view(pristine.shape[0], -1)
                 torch.addmm(flat_p, m1, m2, alpha=s, out=flat_w)
+                if extras is not None:  # DoRA: each output channel times its factor (1 elsewhere)
+                    f = extras[EXTRA_F]
+                    flat_w.mul_((f[:, None] if layer.channel_dim() == 0 else f[None, :]).to(flat_w.dtype))
+
+    @staticmethod
+    def _fold_bias(layer: LoRALayer, extras: torch.Tensor | None, s: float) -> None:
+        """Sets the base bias to ``b0 + f * s * c`` (``b0`` alone without extras)."""
+        bias = getattr(layer.base_layer, "bias", None)
+        if layer.pristine_bias is None or not isinstance(bias, torch.Tensor):
+            return
+        if extras is None:
+            bias.copy_(layer.pristine_bias)
+        else:
+            folded = layer.pristine_bias.to(extras.dtype) + extras[EXTRA_F] * extras[EXTRA_BIAS] * s
+            bias.copy_(folded)
 
     def fold(self, weights: dict[str, WeightModule], multiplier: float) -> None:
         """After :meth:`apply`: folds each weight-kind module into its layer, ``W = W0 + s * ΔW``

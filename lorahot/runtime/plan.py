@@ -20,9 +20,9 @@ import torch
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems
-from lorahot.layers.base import LayerSpec
+from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, LayerSpec
 from lorahot.resolve.keys import resolve_all
-from lorahot.runtime.buffers import Arena, BufferManager, Entry, Pack
+from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
 from lorahot.runtime.deltas import delta_shape
 
 __all__ = [
@@ -61,6 +61,8 @@ class LoadPlan:
             of modules that map onto no injected layer.
         weights: injected layer name -> the LoHa/LoKr/Tucker LoCon/diff module folded into
             it (merged mode only; their layers hold no LoRA in the arena).
+        dora: per arena, the indices of the layers the adapter loads DoRA into (their factors
+            are computed after the write, and again after every ``set_scale``).
     """
 
     targets: dict[str, LoraModule]
@@ -74,6 +76,22 @@ class LoadPlan:
     scaled_a: list[torch.Tensor] = field(default_factory=list)
     skipped: tuple[str, ...] = ()
     weights: dict[str, WeightModule] = field(default_factory=dict)
+    dora: list[list[int]] = field(default_factory=list)
+
+
+def check_extras(name: str, module: LoraModule, spec: LayerSpec, refusal: str | None) -> list[str]:
+    """A DoRA magnitude or LoRA bias must hold one value per output channel, and the runtime
+    must be able to run it on the layer (``refusal``: why not, or None)."""
+    problems = []
+    for which, t in (("DoRA magnitude vector", module.magnitude), ("LoRA bias", module.bias)):
+        if t is not None and t.numel() != spec.out_dim:
+            problems.append(
+                f"{_where(name, module)}: {which} has shape {tuple(t.shape)}, expected {spec.out_dim} values (one per "
+                "output channel)"
+            )
+    if refusal is not None:
+        problems.append(f"{_where(name, module)}: {refusal}")
+    return problems
 
 
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:
@@ -107,7 +125,10 @@ WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_values(name: str, module: LoraModule) -> list[str]:
     """Problems with ``module``'s content that no model could accept: dtype, storage, alpha
     (messages are built only for a module that has one)."""
-    for t, which in ((module.A, "A"), (module.B, "B")):
+    tensors = [(module.A, "A"), (module.B, "B"), (module.magnitude, "the DoRA magnitude"), (module.bias, "the bias")]
+    for t, which in tensors:
+        if t is None:
+            continue
         if t.dtype not in WEIGHT_DTYPES:
             return [
                 f"{_where(name, module)}: {which} has dtype {t.dtype}; LoRA weights must be float16, bfloat16, "
@@ -127,6 +148,9 @@ def _where(name: str, module: LoraModule | WeightModule) -> str:
 
 #: The model's own weight of an injected layer, by name (for adapters that carry a copy of it).
 WeightOf = Callable[[str], torch.Tensor]
+#: Why the runtime cannot run a module's DoRA magnitude or LoRA bias on an injected layer (or
+#: None), by the layer's name and the module.
+ExtrasRefusal = Callable[[str, LoraModule], str | None]
 
 
 def plan_load(
@@ -135,6 +159,7 @@ def plan_load(
     specs: dict[str, LayerSpec],
     weight_of: WeightOf | None = None,
     strict: bool = True,
+    extras_refusal: ExtrasRefusal | None = None,
 ) -> LoadPlan:
     """Resolves and checks ``adapter`` for the layers ``specs`` whose storage ``buffers`` holds.
 
@@ -162,6 +187,12 @@ def plan_load(
     if weight_of is not None:
         problems += [p for name, m in targets.items() for p in check_base_weight(name, m, weight_of)]
     problems += [p for name, w in weights.items() for p in check_weight_module(name, w, specs[name])]
+    problems += [
+        p
+        for name, m in targets.items()
+        if m.magnitude is not None or m.bias is not None
+        for p in check_extras(name, m, specs[name], extras_refusal(name, m) if extras_refusal else None)
+    ]
     if problems:
         raise AdapterMismatchError(
             format_problems(f"{adapter.source}: adapter does not fit the injected model:", problems)
@@ -173,10 +204,13 @@ def plan_load(
         _raise_unreadable(adapter.source, unreadable)
     entries: list[list[tuple[int, LoraModule]]] = [[] for _ in buffers.arenas]
     per_layer = [[0.0] * len(a.specs) for a in buffers.arenas]
+    dora: list[list[int]] = [[] for _ in buffers.arenas]
     for name, m in targets.items():  # one pass: the usual adapter passes every check below
         arena, index = buffers.where[name]
         targets[name] = m = _detached(m)
         entries[arena].append((index, m))
+        if m.magnitude is not None:
+            dora[arena].append(index)
         per_layer[arena][index] = float(m.scale)
     tops = [_FINITE_MAX[a.S.dtype] for a in buffers.arenas]
     if not all(abs(v) <= top for values, top in zip(per_layer, tops) for v in values):  # NaN fails too
@@ -187,7 +221,9 @@ def plan_load(
     nbytes = sum(m.A.nbytes + m.B.nbytes for m in targets.values()) + sum(w.nbytes for w in weights.values())
     skipped = (*adapter.skipped, *(unplaced or ()))
     weights = {n: replace(w, factors={k: t.detach() for k, t in w.factors.items()}) for n, w in weights.items()}
-    return LoadPlan(targets, entries, scales, largest, adapter.source, ranks, nbytes, skipped=skipped, weights=weights)
+    return LoadPlan(
+        targets, entries, scales, largest, adapter.source, ranks, nbytes, skipped=skipped, weights=weights, dora=dora
+    )
 
 
 def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> list[str]:
@@ -229,9 +265,10 @@ def _raise_unreadable(source: str, problems: list[str]) -> None:
 
 
 def _detached(m: LoraModule) -> LoraModule:
-    """``m`` with A and B out of any autograd graph (a copy only where one requires grad)."""
-    if m.A.requires_grad or m.B.requires_grad:
-        return replace(m, A=m.A.detach(), B=m.B.detach())
+    """``m`` with its tensors out of any autograd graph (a copy only where one requires grad)."""
+    if any(t is not None and t.requires_grad for t in (m.A, m.B, m.magnitude, m.bias)):
+        detach = lambda t: None if t is None else t.detach()  # noqa: E731
+        return replace(m, A=m.A.detach(), B=m.B.detach(), magnitude=detach(m.magnitude), bias=detach(m.bias))
     return m
 
 
@@ -311,6 +348,7 @@ class Checked:
 
     plan: LoadPlan
     entries: Staged
+    extras: list[list[Extra]] = field(default_factory=list)
 
 
 def validate(
@@ -321,6 +359,7 @@ def validate(
     stage: bool,
     weight_of: WeightOf | None = None,
     strict: bool = True,
+    extras_refusal: ExtrasRefusal | None = None,
 ) -> Checked:
     """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
@@ -330,15 +369,59 @@ def validate(
         weight_of: the model's weight of an injected layer, to compare with a saved copy.
         strict: refuse modules that map onto no injected layer (else skip them, see
             :func:`plan_load`).
+        extras_refusal: why the runtime cannot run a module's DoRA magnitude or LoRA bias on
+            an injected layer, or None.
 
     Raises:
         AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
             weight, or values beyond the range of the arena's dtype. Nothing has been written.
     """
-    plan = plan_load(adapter, buffers, specs, weight_of, strict)
+    plan = plan_load(adapter, buffers, specs, weight_of, strict, extras_refusal)
     entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
+    extras = _extras(plan, buffers, stage)
     _check_range(plan, buffers, entries)
-    return Checked(plan, entries)
+    _check_extras(plan, buffers, extras)
+    return Checked(plan, entries, extras)
+
+
+def _extras(plan: LoadPlan, buffers: BufferManager, stage: bool) -> list[list[Extra]]:
+    """Per arena, the ``(layer, row, values [out])`` extras rows the adapter writes: DoRA
+    magnitudes and LoRA biases, flattened (on the arena's device if ``stage``)."""
+    out: list[list[Extra]] = []
+    with torch.no_grad():
+        for arena, entries in zip(buffers.arenas, plan.entries):
+            rows: list[Extra] = []
+            for i, m in entries:
+                for row, t in ((EXTRA_M, m.magnitude), (EXTRA_BIAS, m.bias)):
+                    if t is not None:
+                        rows.append((i, row, t.reshape(-1).to(arena.device) if stage else t.reshape(-1)))
+            out.append(rows)
+    return out
+
+
+def _check_extras(plan: LoadPlan, buffers: BufferManager, extras: list[list[Extra]]) -> None:
+    """DoRA magnitudes and LoRA biases finite and within the scales' dtype.
+
+    Raises:
+        AdapterReadError: naming the modules with NaN, Inf or values out of range.
+    """
+    names = {(a, i): n for n, (a, i) in buffers.where.items()}
+    bad: list[str] = []
+    for a, (arena, rows) in enumerate(zip(buffers.arenas, extras)):
+        if not rows:
+            continue
+        top = torch.finfo(arena.E.dtype).max
+        largest = _max_abs([t for _, _, t in rows])
+        bad += [
+            f"{names[(a, i)]}: {'DoRA magnitude' if row == EXTRA_M else 'LoRA bias'} has largest |value| {v:.6g}"
+            for (i, row, _), v in zip(rows, largest.tolist())
+            if not v <= top  # NaN fails too
+        ]
+    if bad:
+        raise AdapterReadError(
+            format_problems(f"{plan.source}: NaN, Inf or out-of-range values in:", bad)
+            + "\nThe adapter is corrupt; re-train or re-download it."
+        )
 
 
 def stage_entries(plan: LoadPlan, buffers: BufferManager) -> Staged:
@@ -413,6 +496,7 @@ def pack_host(checked: Checked, buffers: BufferManager) -> list[Pack]:
     """Packs a checked adapter into one host buffer per arena (pinned for GPU arenas)."""
     packs = []
     with torch.no_grad():
-        for arena, entries, scales in zip(buffers.arenas, checked.entries, checked.plan.scales):
-            packs.append(arena.pack(entries, scales, pin=arena.device.type == "cuda"))
+        for k, (arena, entries, scales) in enumerate(zip(buffers.arenas, checked.entries, checked.plan.scales)):
+            extras = checked.extras[k] if checked.extras else []
+            packs.append(arena.pack(entries, scales, pin=arena.device.type == "cuda", extras=extras))
     return packs

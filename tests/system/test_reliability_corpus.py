@@ -388,10 +388,24 @@ def _(tmp, rig):
     return _tensors_dir(tmp, {"foo.bar.weight": torch.randn(4, 16), "foo.baz.weight": torch.randn(16, 4)})
 
 
-@case("dora_magnitude", UnknownFormatError, r"DoRA")
+@case("dora_magnitude_wrong_length", AdapterMismatchError, r"DoRA magnitude vector has shape \(17,\), expected 16")
 def _(tmp, rig):
     tensors = valid_tensors(rig.model, 4)
-    tensors[P + Q0 + ".lora_magnitude_vector"] = torch.ones(16)
+    tensors[P + Q0 + ".lora_magnitude_vector"] = torch.ones(17)
+    return _tensors_dir(tmp, tensors)
+
+
+@case("dora_magnitude_nan", AdapterReadError, r"DoRA magnitude has largest \|value\| nan")
+def _(tmp, rig):
+    tensors = valid_tensors(rig.model, 4)
+    tensors[P + Q0 + ".lora_magnitude_vector"] = torch.full((16,), float("nan"))
+    return _tensors_dir(tmp, tensors)
+
+
+@case("lora_bias_inf", AdapterReadError, r"LoRA bias has largest \|value\| inf")
+def _(tmp, rig):
+    tensors = valid_tensors(rig.model, 4)
+    tensors[P + Q0 + ".lora_B.bias"] = torch.full((16,), float("inf"))
     return _tensors_dir(tmp, tensors)
 
 

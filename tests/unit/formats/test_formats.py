@@ -46,12 +46,12 @@ def test_locon_conv_kernel_in_down_and_1x1_up() -> None:
         (
             {"lora_unet_attn_to_q.dora_scale": torch.ones(8, 1)},
             lorahot.UnknownFormatError,
-            r"lora_unet_attn_to_q\.dora_scale: DoRA magnitude vector: DoRA adapters are not supported",
+            r"lora_unet_attn_to_q\.dora_scale: DoRA magnitude vector: DoRA is loaded in PEFT and diffusers namings",
         ),
         (
             {"lora_unet_attn_to_q.lora_up.bias": torch.ones(8)},
             lorahot.UnknownFormatError,
-            r"lora_up\.bias: LoRA bias \(PEFT lora_bias=True\): not supported",
+            r"lora_up\.bias: LoRA bias \(PEFT lora_bias=True\): loaded in PEFT and diffusers namings only",
         ),
         (
             {"lora_unet_attn_to_q.hada_w1_a": torch.ones(8, 2)},
@@ -75,9 +75,15 @@ def test_refused_features_are_named(extra, error, message) -> None:
         lorahot.read_adapter(lora_pair("lora_unet_attn_to_q", "lora_down", "lora_up") | extra)
 
 
-def test_dora_config_is_refused() -> None:
-    with pytest.raises(lorahot.UnknownFormatError, match=r"use_dora=true; DoRA adapters are not supported"):
-        lorahot.read_adapter(lora_pair("base_model.model.x", "lora_A", "lora_B"), config={"use_dora": True})
+def test_dora_and_lora_bias_read_in_peft_naming() -> None:
+    tensors = lora_pair("base_model.model.x", "lora_A", "lora_B")
+    tensors |= {
+        "base_model.model.x.lora_magnitude_vector": torch.ones(8),
+        "base_model.model.x.lora_B.bias": torch.ones(8),
+    }
+    adapter = lorahot.read_adapter(tensors, config={"use_dora": True, "lora_bias": True})
+    module = adapter.modules["x"]
+    assert module.magnitude is not None and module.bias is not None
 
 
 def test_unknown_naming_names_the_keys() -> None:
@@ -143,7 +149,6 @@ _PAIR = lora_pair("base_model.model.layers.0.q_proj", "lora_A", "lora_B")
         ({"layer_replication": [[0, 2]]}, r"layer_replication=\[\[0, 2\]\]; layer replication"),
         ({"use_qalora": True}, r"use_qalora=true; QA-LoRA"),
         ({"bias": "all"}, r'bias="all"; biases of the base model were trained'),
-        ({"lora_bias": True}, r"lora_bias=true; LoRA biases"),
     ],
 )
 def test_config_features_are_named(tmp_path: Path, config: dict, message: str) -> None:

@@ -48,9 +48,9 @@ def test_worth_it_follows_the_measured_rule() -> None:
     assert not fused.worth_it(257, 256, wide=True) and not fused.worth_it(1024, 256, wide=True)
 
 
-def test_compiled_graph_has_three_adapter_inputs_per_arena_not_per_layer() -> None:
+def test_compiled_graph_has_four_adapter_inputs_per_arena_not_per_layer() -> None:
     """Each LoRA layer reaches the arena through one global handle, so a compiled model gets
-    (and guards) A, B and S once, whatever the number of layers."""
+    (and guards) A, B, S and E (the extras) once, whatever the number of layers."""
     counts = {}
     for injected in (False, True):
         model = _mlp()
@@ -65,7 +65,7 @@ def test_compiled_graph_has_three_adapter_inputs_per_arena_not_per_layer() -> No
         torch._dynamo.reset()
         with torch.no_grad():
             torch.compile(model, backend=backend)(torch.randn(2, 48))
-    assert counts[True] == counts[False] + 3
+    assert counts[True] == counts[False] + 4
 
 
 def test_tensor_handle_entry_lives_with_the_layers_and_goes_with_them() -> None:

@@ -144,7 +144,7 @@ def test_nbytes_counts_every_region() -> None:
     _, one = _inject(slots=1)
     _, three = _inject(slots=3)
     assert three.nbytes == 4 * one.nbytes
-    assert one.nbytes == sum(t.nbytes for a in one.buffers.arenas for t in (a.A, a.B, a.S))
+    assert one.nbytes == sum(t.nbytes for a in one.buffers.arenas for t in (a.A, a.B, a.S, a.E))
 
 
 class Linears(nn.Module):

@@ -1,0 +1,375 @@
+"""DoRA and LoRA bias against PEFT: tiny models, PEFT ``use_dora=True`` / ``lora_bias=True``
+adapters with random nonzero weights (magnitudes perturbed away from the base norm), saved by
+``save_pretrained``, loaded by lorahot; outputs equal PEFT's within rounding. Also: set_scale on
+a DoRA slot, DoRA -> LoRA -> DoRA swaps on a compiled model with no recompile, several slots,
+a failed load that changes nothing (the extras included), and the host cache writing bitwise
+what a file load writes.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lorahot
+from lorahot.runtime import wide
+
+TARGETS = ["q", "n", "g", "c", "e"]
+
+
+class _Model(nn.Module):
+    """Linear with and without bias, transformers Conv1D, Conv2d, Embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 6)
+        self.n = nn.Linear(8, 6, bias=False)
+        self.g = Conv1D(6, 8)  # weight [in=8, out=6]
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.e = nn.Embedding(10, 5)
+
+    def forward(self, x: torch.Tensor, img: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        parts = (self.q(x), self.n(x), self.g(x), self.c(img), self.e(ids))
+        return torch.cat([p.reshape(-1) for p in parts])
+
+
+def _base(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    model = _Model().to(dtype)
+    with torch.no_grad():
+        model.g.bias.normal_()
+    return model
+
+
+def _inputs(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 8, generator=g).to(dtype)
+    img = torch.randn(2, 3, 6, 6, generator=g).to(dtype)
+    return x, img, torch.randint(0, 10, (4,), generator=g)
+
+
+def _peft(base: nn.Module, path: Path, seed: int, targets: list[str], **config) -> nn.Module:
+    """A PEFT model with random nonzero LoRA weights (magnitudes perturbed), saved to ``path``."""
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=3, target_modules=targets, **config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+                p.copy_(p * (1 + 0.3 * noise) if "magnitude" in name else 0.3 * noise)
+    model.eval()
+    model.save_pretrained(path)
+    return model
+
+
+def _scale_peft(model: nn.Module, factor: float) -> None:
+    for module in model.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and "default" in scaling:
+            scaling["default"] *= factor
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    tol = 1e-12 if want.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("widened", [False, True], ids=["library", "wide"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dora_matches_peft(tmp_path: Path, dtype: torch.dtype, widened: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if widened:  # the one-GEMM path of CUDA, run on the CPU (see tests/unit/runtime/test_wide.py)
+        monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    base, inputs = _base(dtype), _inputs(dtype)
+    peft = _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4)
+    assert runtime.layers["q"].wide == widened and runtime.layers["n"].wide == widened
+    runtime.load(tmp_path / "dora")
+    with torch.no_grad():
+        _close(model(*inputs), peft(*inputs))
+        runtime.set_scale(0.4)
+        _scale_peft(peft, 0.4)
+        _close(model(*inputs), peft(*inputs))
+
+
+@pytest.mark.parametrize("widened", [False, True], ids=["library", "wide"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lora_bias_matches_peft(
+    tmp_path: Path, dtype: torch.dtype, widened: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if widened:
+        monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    targets = ["q", "g", "c"]  # PEFT allows lora_bias only where the base layer has a bias
+    base, inputs = _base(dtype), _inputs(dtype)
+    peft = _peft(base, tmp_path / "bias", 2, targets, lora_bias=True)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, targets, max_rank=4)
+    assert runtime.layers["q"].wide == widened
+    runtime.load(tmp_path / "bias")
+    with torch.no_grad():
+        _close(model(*inputs), peft(*inputs))
+        runtime.set_scale(-1.5)
+        _scale_peft(peft, -1.5)
+        _close(model(*inputs), peft(*inputs))
+
+
+@pytest.mark.parametrize("widened", [False, True], ids=["library", "wide"])
+def test_dora_lora_dora_swaps_on_a_compiled_model_do_not_recompile(
+    tmp_path: Path, widened: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if widened:
+        monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    base, inputs = _base(), _inputs()
+    oracles = {
+        "dora1": _peft(base, tmp_path / "dora1", 1, TARGETS, use_dora=True),
+        "lora": _peft(base, tmp_path / "lora", 2, TARGETS),
+        "bias": _peft(base, tmp_path / "bias", 3, ["q", "g", "c"], lora_bias=True),
+        "dora2": _peft(base, tmp_path / "dora2", 4, TARGETS, use_dora=True),
+    }
+    with torch.no_grad():
+        want = {k: m(*inputs) for k, m in oracles.items()}
+        want["none"] = base(*inputs)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=2)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        _close(compiled(*inputs), want["none"])  # compiled once, with no adapter
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for name in ("dora1", "lora", "dora2", "bias", "dora1"):
+                runtime.load(tmp_path / name)
+                _close(compiled(*inputs), want[name])
+            runtime.load(tmp_path / "lora", slot=1)
+            runtime.activate(1)
+            _close(compiled(*inputs), want["lora"])
+            runtime.activate(0)
+            _close(compiled(*inputs), want["dora1"])
+            runtime.set_scale(0.5)
+            _scale_peft(oracles["dora1"], 0.5)
+            _close(compiled(*inputs), oracles["dora1"](*inputs))
+            runtime.unload(0)
+            _close(compiled(*inputs), want["none"])
+
+
+def test_dora_slots_and_activate_match_peft(tmp_path: Path) -> None:
+    base, inputs = _base(), _inputs()
+    one = _peft(base, tmp_path / "one", 1, TARGETS, use_dora=True)
+    two = _peft(base, tmp_path / "two", 5, TARGETS, use_dora=True)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=3)
+    runtime.load(tmp_path / "one", slot=0)
+    runtime.load(tmp_path / "two", slot=2, scale=0.5)  # not active: the factors use its own scale
+    _scale_peft(two, 0.5)
+    with torch.no_grad():
+        _close(model(*inputs), one(*inputs))
+        runtime.activate(2)
+        _close(model(*inputs), two(*inputs))
+        runtime.set_scale(1.0, slot=0)  # inactive slot: the live region keeps slot 2
+        _close(model(*inputs), two(*inputs))
+        runtime.activate(0)
+        _close(model(*inputs), one(*inputs))
+
+
+def test_plain_lora_after_dora_is_bitwise_a_fresh_load(tmp_path: Path) -> None:
+    base, inputs = _base(), _inputs()
+    _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    _peft(base, tmp_path / "lora", 2, TARGETS)
+    swapped, fresh = copy.deepcopy(base), copy.deepcopy(base)
+    runtime = lorahot.inject(swapped, TARGETS, max_rank=4)
+    runtime.load(tmp_path / "dora")
+    runtime.load(tmp_path / "lora")
+    lorahot.inject(fresh, TARGETS, max_rank=4).load(tmp_path / "lora")
+    with torch.no_grad():
+        assert torch.equal(swapped(*inputs), fresh(*inputs))
+    runtime.unload()
+    with torch.no_grad():
+        assert torch.equal(swapped(*inputs), base(*inputs))
+    extras = runtime.buffers.arenas[0].E
+    assert torch.equal(extras, lorahot.inject(copy.deepcopy(base), TARGETS, max_rank=4).buffers.arenas[0].E)
+
+
+def _buffers(runtime: lorahot.LoraRuntime) -> list[torch.Tensor]:
+    return [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_host_cache_writes_bitwise_what_a_file_load_writes(tmp_path: Path, slots: int) -> None:
+    base = _base()
+    _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    _peft(base, tmp_path / "bias", 3, ["q", "g", "c"], lora_bias=True)
+    runtimes = [lorahot.inject(copy.deepcopy(base), TARGETS, max_rank=4, slots=slots) for _ in range(2)]
+    for name in ("dora", "bias", "dora"):
+        runtimes[0].load(tmp_path / name, scale=0.7)
+        runtimes[1].preload(tmp_path / name)
+        runtimes[1].load(tmp_path / name, scale=0.7)
+        assert all(torch.equal(t, u) for t, u in zip(_buffers(runtimes[0]), _buffers(runtimes[1])))
+
+
+def test_failed_load_changes_nothing_including_the_extras(tmp_path: Path) -> None:
+    base, inputs = _base(), _inputs()
+    _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=2)
+    runtime.load(tmp_path / "dora")
+    runtime.load(tmp_path / "dora", slot=1, scale=0.3)
+    before, out = _buffers(runtime), model(*inputs).detach()
+    tensors = lorahot.read_adapter(tmp_path / "dora")
+    bad = {
+        "wrong length": {"base_model.model.q.lora_magnitude_vector": torch.ones(7)},
+        "nan": {"base_model.model.c.lora_magnitude_vector": torch.full((1, 4, 1, 1), float("nan"))},
+        "inf bias": {"base_model.model.q.lora_B.bias": torch.full((6,), float("inf"))},
+    }
+    from safetensors.torch import load_file
+
+    good = load_file(tmp_path / "dora" / "adapter_model.safetensors")
+    assert tensors.modules["q"].magnitude is not None
+    for edit in bad.values():
+        for slot in (0, 1):
+            with pytest.raises(lorahot.LoraError):
+                runtime.load(good | edit, slot=slot)
+            with pytest.raises(lorahot.LoraError):
+                runtime.preload(good | edit)
+    assert all(torch.equal(t, u) for t, u in zip(before, _buffers(runtime)))
+    assert torch.equal(model(*inputs), out)
+
+
+def test_merged_mode_folds_dora_and_lora_bias_as_peft_computes(tmp_path: Path) -> None:
+    base, inputs = _base(), _inputs()
+    oracles = {
+        "dora": _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True),
+        "bias": _peft(base, tmp_path / "bias", 2, ["q", "g", "c"], lora_bias=True),
+        "lora": _peft(base, tmp_path / "lora", 3, TARGETS),
+    }
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, merged=True, slots=2)
+    with torch.no_grad():
+        for name in ("dora", "bias", "lora", "dora"):
+            runtime.load(tmp_path / name)
+            _close(model(*inputs), oracles[name](*inputs))
+        runtime.set_scale(0.5)
+        _scale_peft(oracles["dora"], 0.5)
+        _close(model(*inputs), oracles["dora"](*inputs))
+        runtime.load(tmp_path / "bias", slot=1)
+        runtime.activate(1)
+        _close(model(*inputs), oracles["bias"](*inputs))
+    lorahot.eject(model)
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), base.state_dict().values()))
+
+
+def test_merged_mode_refuses_a_lora_bias_on_a_layer_without_bias(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(8, 6, bias=False))
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    tensors = {
+        "base_model.model.0.lora_A.weight": torch.randn(2, 8),
+        "base_model.model.0.lora_B.weight": torch.randn(6, 2),
+        "base_model.model.0.lora_B.bias": torch.randn(6),
+    }
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"0 \(.*\): merged mode folds the LoRA bias"):
+        runtime.load(tensors)
+    lorahot.inject(nn.Sequential(nn.Linear(8, 6, bias=False)), ["0"], max_rank=4).load(tensors)  # unmerged: fine
+
+
+def test_extras_false_refuses_dora_and_bias_and_computes_plain_lora_alike(tmp_path: Path) -> None:
+    base, inputs = _base(), _inputs()
+    _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    _peft(base, tmp_path / "bias", 1, ["q"], lora_bias=True)
+    _peft(base, tmp_path / "lora", 2, TARGETS)
+    plain, full = copy.deepcopy(base), copy.deepcopy(base)
+    runtime = lorahot.inject(plain, TARGETS, max_rank=4, extras=False)
+    for name in ("dora", "bias"):
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"injected with extras=False"):
+            runtime.load(tmp_path / name)
+    runtime.load(tmp_path / "lora")
+    lorahot.inject(full, TARGETS, max_rank=4).load(tmp_path / "lora")
+    with torch.no_grad():
+        assert torch.equal(plain(*inputs), full(*inputs))  # float32: the extras change no bit
+    with pytest.raises(lorahot.UsageError, match=r"extras='yes' must be True or False"):
+        lorahot.inject(copy.deepcopy(base), TARGETS, max_rank=4, extras="yes")
+
+
+def test_diffusers_naming_loads_dora_and_bias_as_peft_naming_does(tmp_path: Path) -> None:
+    """diffusers saves PEFT's roles under a component prefix (``unet.<module>.lora_magnitude_vector``)."""
+    from safetensors.torch import load_file
+
+    base, inputs = _base(), _inputs()
+    holder, twin = nn.Module(), nn.Module()
+    holder.unet, twin.unet = copy.deepcopy(base), copy.deepcopy(base)
+    for name, config in (("dora", {"use_dora": True}), ("bias", {"lora_bias": True})):
+        _peft(base, tmp_path / name, 1, ["q", "g", "c"], **config)
+        peft_named = load_file(tmp_path / name / "adapter_model.safetensors")
+        diffusers_named = {"unet." + k.removeprefix("base_model.model."): v for k, v in peft_named.items()}
+        assert lorahot.read_adapter(diffusers_named).format == "diffusers"
+        lorahot.inject(holder, ["q", "g", "c"], max_rank=4).load(diffusers_named)
+        lorahot.inject(twin.unet, ["q", "g", "c"], max_rank=4).load(peft_named)
+        with torch.no_grad():
+            assert torch.equal(holder.unet(*inputs), twin.unet(*inputs))
+        lorahot.eject(holder)
+        lorahot.eject(twin.unet)
+
+
+def test_dora_on_a_grouped_conv_is_refused() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    runtime = lorahot.inject(model, ["0"], max_rank=4)
+    tensors = {
+        "base_model.model.0.lora_A.weight": torch.randn(2, 4, 3, 3),
+        "base_model.model.0.lora_B.weight": torch.randn(4, 1, 1, 1),
+        "base_model.model.0.lora_magnitude_vector": torch.ones(1, 4, 1, 1),
+    }
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"DoRA on a conv with groups=2 is not supported"):
+        runtime.load(tensors)
+
+
+# -- GPU: the fused kernel (<= 16 rows) and the wide GEMM (many rows), compiled ----------------
+
+
+class _Linears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(256, 128)
+        self.n = nn.Linear(128, 256, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.n(self.q(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_fused_and_wide_paths_match_peft_through_dora_swaps(tmp_path: Path, mode: str) -> None:
+    torch.manual_seed(0)
+    base = _Linears().cuda().to(torch.bfloat16)
+    oracle_base = copy.deepcopy(base).float()  # the same weights, computed in float32
+    oracles = {
+        "dora1": _peft(oracle_base, tmp_path / "dora1", 1, ["q", "n"], use_dora=True),
+        "lora": _peft(oracle_base, tmp_path / "lora", 2, ["q", "n"]),
+        "bias": _peft(oracle_base, tmp_path / "bias", 3, ["q"], lora_bias=True),
+        "dora2": _peft(oracle_base, tmp_path / "dora2", 4, ["q", "n"], use_dora=True),
+    }
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["q", "n"], max_rank=8)
+    assert all(layer.fused and layer.wide for layer in runtime.layers.values())
+    inputs = [
+        torch.randn(rows, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(rows)) for rows in (4, 512)
+    ]
+    compiled = torch.compile(model, mode=None if mode == "default" else mode)
+    with torch.no_grad(), torch._inductor.config.patch("triton.cudagraph_support_input_mutation", False):
+        for _ in range(3):
+            for x in inputs:
+                compiled(x.bfloat16()).clone()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for name in ("dora1", "lora", "dora2", "bias", "dora1"):
+                runtime.load(tmp_path / name)
+                for x in inputs:
+                    want = oracles[name](x)
+                    got = compiled(x.bfloat16()).float()
+                    err = float((got - want).norm() / want.norm())
+                    assert err < 2e-2, (name, x.shape[0], err)
+            runtime.set_scale(0.5)
+            _scale_peft(oracles["dora1"], 0.5)
+            for x in inputs:
+                want, got = oracles["dora1"](x), compiled(x.bfloat16()).float()
+                assert float((got - want).norm() / want.norm()) < 2e-2
