@@ -123,7 +123,8 @@ def _placed(key: str, module: LoraModule, rules: tuple[Split | Reorder, ...], pr
         sizes = _sizes(module, shares)
         problem = _share_problem(module, shares) if sizes is None else _unsplittable(module, sizes)
         if sizes is None or problem is not None:
-            problems.append(f"{_where(module)}: {problem}")
+            targets = [m.expand(t) for t, _ in rule.parts] if isinstance(rule, Split) else [m.expand(rule.target)]
+            problems.append(f"{_where(module)} -> {', '.join(targets)}: {problem}")
             return []
         if isinstance(rule, Split):
             return split_module(module, [(m.expand(t), n) for (t, _), n in zip(rule.parts, sizes)])
