@@ -74,10 +74,13 @@ class Split:
         parts: ``(template, share)`` per part, in B's row order: the part's module key (a
             ``re.Match.expand`` template) and its share of B's rows (``1, 1, 1, 4`` for Flux's
             ``linear1``: the rows divide into 7 equal units, ``D`` each).
+        exact: the numbers in ``parts`` are the parts' output sizes themselves, not shares
+            (``split=`` of :func:`lorahot.read_adapter`).
     """
 
     pattern: str
     parts: tuple[tuple[str, int], ...]
+    exact: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,15 +28,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from lorahot.adapter import LoraModule
-from lorahot.errors import AdapterMismatchError, format_problems
+from lorahot.errors import AdapterMismatchError, UsageError, format_problems
 from lorahot.formats.table import KeyFormat, Reorder, Split
 
-__all__ = ["split_module", "reorder_module", "apply_splits"]
+__all__ = ["SplitSpec", "split_module", "reorder_module", "apply_splits", "split_by_user", "place"]
+
+#: ``split=``: ``{fused: [(part, out_features), ...]}``, the parts in the fused B's row order.
+SplitSpec = Mapping[str, Sequence[tuple[str, int]]]
 
 
 def split_module(module: LoraModule, parts: Sequence[tuple[str, int]]) -> list[LoraModule]:
@@ -89,15 +92,45 @@ def apply_splits(modules: dict[str, LoraModule], fmt: KeyFormat, source: str) ->
     Sizes come from the declared shares: B's rows divide into ``sum(shares)`` equal units.
 
     Raises:
-        AdapterMismatchError: every module that cannot be split (rows that do not divide by
-            the shares, A and B of different ranks, conv modules), and parts that land on a
-            module key the file also holds; all listed at once.
+        AdapterMismatchError: as :func:`place`.
+    """
+    return place(modules, fmt.splits, source, fmt.name)
+
+
+def split_by_user(modules: dict[str, LoraModule], split: SplitSpec, source: str, sep: str) -> dict[str, LoraModule]:
+    """``split=``: each module key ``<parent><sep><fused>`` (or ``<fused>``) placed onto
+    ``<parent><sep><part>``, one per ``(part, out_features)``.
+
+    Raises:
+        UsageError: a malformed ``split`` argument.
+        AdapterMismatchError: as :func:`place`.
+    """
+    rules = tuple(
+        Split(
+            rf"(?P<head>(?:.*{re.escape(sep)})?){re.escape(fused)}",
+            tuple((r"\g<head>" + _literal(part), n) for part, n in parts),
+            exact=True,
+        )
+        for fused, parts in _split_spec(split).items()
+    )
+    return place(modules, rules, source, "split=")
+
+
+def place(
+    modules: dict[str, LoraModule], rules: tuple[Split | Reorder, ...], source: str, what: str
+) -> dict[str, LoraModule]:
+    """Every module that a rule fully matches, placed as the rule says; the others unchanged.
+
+    Raises:
+        AdapterMismatchError: every module that cannot be split (sizes that do not add up to
+            B's rows or rows that do not divide by the shares, A and B of different ranks, conv
+            modules), and parts that land on a module key the file also holds; all listed at once.
     """
     out: dict[str, LoraModule] = {}
     origin: dict[str, str] = {}
     problems: list[str] = []
     for key, module in modules.items():
-        placed = _placed(key, module, fmt.splits, problems)
+        placed = _placed(key, module, rules, problems)
         for new in placed:
             if new.key in out:
                 problems.append(f"{_where(new)}: lands on {new.key!r}, which {origin[new.key]} already fills")
@@ -106,7 +139,7 @@ def apply_splits(modules: dict[str, LoraModule], fmt: KeyFormat, source: str) ->
     if problems:
         raise AdapterMismatchError(
             format_problems(
-                f"{source}: fused modules that cannot be placed onto the model's layers ({fmt.name}):", problems
+                f"{source}: fused modules that cannot be placed onto the model's layers ({what}):", problems
             )
             + f"\n{_FIX}"
         )
@@ -120,7 +153,7 @@ def _placed(key: str, module: LoraModule, rules: tuple[Split | Reorder, ...], pr
         if m is None:
             continue
         shares = [s for _, s in rule.parts] if isinstance(rule, Split) else list(rule.shares)
-        sizes = _sizes(module, shares)
+        sizes = shares if isinstance(rule, Split) and rule.exact else _sizes(module, shares)
         problem = _share_problem(module, shares) if sizes is None else _unsplittable(module, sizes)
         if sizes is None or problem is not None:
             targets = [m.expand(t) for t, _ in rule.parts] if isinstance(rule, Split) else [m.expand(rule.target)]
@@ -187,6 +220,45 @@ def _part(module: LoraModule, key: str, a: torch.Tensor, b: torch.Tensor, alpha:
     return dataclasses.replace(
         module, key=key, A=a, B=b.contiguous(), alpha=alpha, source_keys=module.source_keys or (module.key,)
     )
+
+
+#: the largest out_features split= may give a part
+_MAX_PART = 1 << 20
+
+
+def _split_spec(split: object) -> dict[str, list[tuple[str, int]]]:
+    example = "{'qkv': [('to_q', 3072), ('to_k', 3072), ('to_v', 3072)]}"
+    if not isinstance(split, Mapping) or not split:
+        raise UsageError(f"split must be a non-empty mapping like {example}, got {_short(split)}.")
+    spec = {}
+    for fused, parts in split.items():
+        ok = isinstance(fused, str) and bool(fused) and isinstance(parts, (list, tuple)) and len(parts) >= 2
+        parsed = [_split_part(p) for p in parts] if ok else []
+        if not ok or None in parsed:
+            raise UsageError(
+                f"split: each entry maps a fused module name to two or more (part name, out_features) pairs with "
+                f"1 <= out_features <= {_MAX_PART}, like {example}; got {_short(fused)}: {_short(parts)}."
+            )
+        spec[fused] = [p for p in parsed if p is not None]
+    return spec
+
+
+def _split_part(p: object) -> tuple[str, int] | None:
+    if isinstance(p, (list, tuple)) and len(p) == 2:
+        name, size = p
+        if isinstance(name, str) and name and type(size) is int and 0 < size <= _MAX_PART:
+            return name, size
+    return None
+
+
+def _literal(text: str) -> str:
+    """``text`` as a ``re.Match.expand`` template that expands to itself."""
+    return text.replace("\\", "\\\\")
+
+
+def _short(v: object, limit: int = 80) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _where(module: LoraModule) -> str:

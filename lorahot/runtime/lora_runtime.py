@@ -156,7 +156,7 @@ class LoraRuntime:
             scale: a multiplier on every module's ``alpha / r``: a finite real number.
             read_kwargs: passed to :func:`lorahot.read_adapter`: ``revision``, ``subfolder``,
                 ``token``, ``weight_name`` (where to read), ``config`` (PEFT config fields),
-                ``prefix``, ``key_map`` and ``fuse`` (how module keys map onto the layers).
+                ``prefix``, ``key_map``, ``fuse`` and ``split`` (how module keys map onto the layers).
 
         Returns:
             What the slot now holds.
@@ -386,7 +386,7 @@ class LoraRuntime:
 
 #: Options :func:`lorahot.read_adapter` takes through ``load``/``preload``/``prefetch``
 #: (``device`` is the runtime's choice).
-READ_OPTIONS = ("revision", "subfolder", "token", "weight_name", "config", "prefix", "key_map", "fuse")
+READ_OPTIONS = ("revision", "subfolder", "token", "weight_name", "config", "prefix", "key_map", "fuse", "split")
 _anonymous = itertools.count()
 
 
@@ -415,6 +415,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "prefix": (str,),
     "key_map": (Mapping,),
     "fuse": (Mapping,),
+    "split": (Mapping,),
 }
 
 
@@ -448,7 +449,7 @@ def _cache_key(source: Any, read_kwargs: dict[str, Any]) -> str | None:
     identity = source_identity(source, **read_kwargs)
     if identity is None:
         return None
-    shaping = {k: v for k, v in read_kwargs.items() if k in ("config", "prefix", "key_map", "fuse")}
+    shaping = {k: v for k, v in read_kwargs.items() if k in ("config", "prefix", "key_map", "fuse", "split")}
     try:
         return identity + "".join(f"|{k}={shaping[k]!r}" for k in sorted(shaping))
     except Exception:  # a user object whose repr fails: not cached

@@ -182,3 +182,68 @@ def test_rank_mismatch_in_a_fused_module_is_refused_and_changes_nothing() -> Non
     _failed_load_changes_nothing(
         tensors, lorahot.AdapterMismatchError, r"A \(2, 4\) and B \(28, 3\) disagree on the rank"
     )
+
+
+# -- split=: the same mechanism for any naming ------------------------------------------------
+
+
+def _fused_peft(rows: int, rank: int = 2, seed: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "base_model.model.single_transformer_blocks.0.linear1.lora_A.weight": torch.randn(rank, 4, generator=g),
+        "base_model.model.single_transformer_blocks.0.linear1.lora_B.weight": torch.randn(rows, rank, generator=g),
+    }
+
+
+_PARTS = [("attn.to_q", 4), ("attn.to_k", 4), ("attn.to_v", 4), ("proj_mlp", 16)]
+
+
+def test_split_option_places_a_fused_peft_module() -> None:
+    torch.manual_seed(0)
+    model = _Model()
+    x = torch.randn(3, 4)
+    base = model(x)
+    sd = _fused_peft(28)
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4)
+    runtime.load(sd, split={"linear1": _PARTS})
+    a, b = (
+        sd["base_model.model.single_transformer_blocks.0.linear1.lora_A.weight"],
+        sd["base_model.model.single_transformer_blocks.0.linear1.lora_B.weight"],
+    )
+    torch.testing.assert_close(model(x), base + x @ a.T @ b.T, rtol=1e-5, atol=1e-6)
+
+
+def test_split_option_sizes_that_do_not_add_up_are_refused_and_change_nothing() -> None:
+    torch.manual_seed(0)
+    model = _Model()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4)
+    runtime.load(_linear1(28, seed=1))
+    x = torch.randn(3, 4)
+    before = model(x)
+    arenas = [(t.A.clone(), t.B.clone(), t.S.clone()) for t in runtime.buffers.arenas]
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"single_transformer_blocks\.0\.linear1 .* -> .*attn\.to_q, .*proj_mlp: B has 28 output rows, but the "
+        r"parts' sizes \[4, 4, 4, 12\] add up to 24",
+    ):
+        runtime.load(_fused_peft(28), split={"linear1": [*_PARTS[:3], ("proj_mlp", 12)]})
+    assert torch.equal(model(x), before)
+    for arena, (a, b, s) in zip(runtime.buffers.arenas, arenas):
+        assert torch.equal(arena.A, a) and torch.equal(arena.B, b) and torch.equal(arena.S, s)
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        {},
+        [("q", 1)],
+        {"qkv": [("q", 4)]},
+        {"qkv": [("q", 0), ("k", 4)]},
+        {"qkv": ["q", "k"]},
+        {"": [("q", 1), ("k", 1)]},
+    ],
+    ids=["empty", "list", "one-part", "zero-size", "no-sizes", "no-name"],
+)
+def test_malformed_split_option_is_a_usage_error(split: object) -> None:
+    with pytest.raises(lorahot.UsageError, match=r"split"):
+        lorahot.read_adapter(_fused_peft(28), split=split)  # type: ignore[arg-type]
