@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo.testing
 from safetensors.torch import save_file
 
 import lorahot
@@ -292,3 +293,34 @@ def test_fal_kontext_full_size_matches_diffusers_conversion() -> None:
     theirs = _probe_deltas(diffusers.FluxPipeline.lora_state_dict(dict(sd)), probes)
     _assert_same_deltas(_lorahot_deltas(adapter, probes), theirs)
     assert math.isclose(adapter.modules["transformer_blocks.0.attn.to_q"].scale, 1.0)
+
+
+def test_compiled_swaps_across_flux_namings_match_diffusers_without_recompiling(tmp_path: Path) -> None:
+    """One compiled transformer, adapters in three namings swapped in (their splits landing on
+    the same layers at different ranks), each against diffusers' output: no recompile."""
+    files = {
+        "kohya": kohya_file(random_weights(MODEL_MODULES, seed=8, sparse=SPARSE)),
+        "xlabs": xlabs_file(seed=9),
+        "bfl": bfl_file(random_weights(MODEL_MODULES, seed=10), ("lora_A", "lora_B")),
+    }
+    oracles = {
+        "kohya": files["kohya"],
+        "xlabs": files["xlabs"],
+        "bfl": bfl_file(random_weights(MODEL_MODULES, seed=10)),
+    }
+    model = tiny_flux()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        base = compiled(**flux_inputs(), return_dict=False)[0]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for name in ["kohya", "xlabs", "bfl", "kohya"]:
+                path = tmp_path / f"{name}.safetensors"
+                save_file(files[name], str(path))
+                runtime.load(path)
+                out = compiled(**flux_inputs(), return_dict=False)[0]
+                torch.testing.assert_close(out, diffusers_output(oracles[name]), rtol=1e-4, atol=1e-5)
+            runtime.unload()
+            assert torch.equal(compiled(**flux_inputs(), return_dict=False)[0], base)
+    assert counter.frame_count == 1
