@@ -56,13 +56,18 @@ _OUTSIDE = {
     "final_layer.linear": "proj_out",
 }
 
-_HEAD = r"(?P<head>(?:.*\.)?)"  # a component prefix (``diffusion_model.``), kept for the resolver
+#: a component prefix (``diffusion_model.``, ``lora_unet_``), kept for ``prefix=`` and the resolver
+_HEAD = r"(?P<head>(?:.*[._])?)"
+_START = r"(?<![^._])"  # a name starts here: at the key's start, or after a "." or "_"
 
 #: original module names -> diffusers', one layer each (applied to module keys, in order)
 _RENAMES: tuple[tuple[str, str], ...] = (
-    *((rf"\bdouble_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _DOUBLE.items()),
-    *((rf"\bsingle_blocks\.(\d+)\.{re.escape(k)}$", rf"single_transformer_blocks.\1.{v}") for k, v in _SINGLE.items()),
-    *((rf"(^|\.){re.escape(k)}$", rf"\g<1>{v}") for k, v in _OUTSIDE.items()),
+    *((rf"{_START}double_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _DOUBLE.items()),
+    *(
+        (rf"{_START}single_blocks\.(\d+)\.{re.escape(k)}$", rf"single_transformer_blocks.\1.{v}")
+        for k, v in _SINGLE.items()
+    ),
+    *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
 )
 
 
@@ -87,15 +92,18 @@ SPLITS: tuple[Split | Reorder, ...] = (
     Reorder(_HEAD + r"final_layer\.adaLN_modulation\.1", r"\g<head>norm_out.linear", (1, 1), (1, 0)),
 )
 
-#: sd-scripts' underscore names of the original modules -> the dotted ones
+#: sd-scripts' underscore names of the original modules -> the dotted ones (``lora_unet_`` kept:
+#: ``prefix="lora_unet"`` selects them, and the resolver drops it)
 _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
-    (r"^lora_unet_double_blocks_(\d+)_(img|txt)_(attn|mlp|mod)_(qkv|proj|0|2|lin)$", r"double_blocks.\1.\2_\3.\4"),
-    (r"^lora_unet_single_blocks_(\d+)_(linear1|linear2)$", r"single_blocks.\1.\2"),
-    (r"^lora_unet_single_blocks_(\d+)_modulation_lin$", r"single_blocks.\1.modulation.lin"),
-    (r"^lora_unet_final_layer_adaLN_modulation_1$", "final_layer.adaLN_modulation.1"),
-    (r"^lora_unet_final_layer_linear$", "final_layer.linear"),
-    (r"^lora_unet_(time|vector|guidance)_in_(in|out)_layer$", r"\1_in.\2_layer"),
-    (r"^lora_unet_(img_in|txt_in)$", r"\1"),
+    (
+        r"^lora_unet_double_blocks_(\d+)_(img|txt)_(attn|mlp|mod)_(qkv|proj|0|2|lin)$",
+        r"lora_unet_double_blocks.\1.\2_\3.\4",
+    ),
+    (r"^lora_unet_single_blocks_(\d+)_(linear1|linear2)$", r"lora_unet_single_blocks.\1.\2"),
+    (r"^lora_unet_single_blocks_(\d+)_modulation_lin$", r"lora_unet_single_blocks.\1.modulation.lin"),
+    (r"^lora_unet_final_layer_adaLN_modulation_1$", "lora_unet_final_layer.adaLN_modulation.1"),
+    (r"^lora_unet_final_layer_linear$", "lora_unet_final_layer.linear"),
+    (r"^lora_unet_(time|vector|guidance)_in_(in|out)_layer$", r"lora_unet_\1_in.\2_layer"),
 )
 
 KOHYA = KeyFormat(
@@ -138,12 +146,12 @@ BFL = KeyFormat(
 #: xlabs' attention-processor LoRAs: ``qkv_lora1``/``proj_lora1`` on the image stream,
 #: ``qkv_lora2``/``proj_lora2`` on the text stream; single blocks have ``qkv_lora``/``proj_lora``.
 _XLABS_RENAMES: tuple[tuple[str, str], ...] = (
-    (r"\bdouble_blocks\.(\d+)\.processor\.qkv_lora1$", r"double_blocks.\1.img_attn.qkv"),
-    (r"\bdouble_blocks\.(\d+)\.processor\.qkv_lora2$", r"double_blocks.\1.txt_attn.qkv"),
-    (r"\bdouble_blocks\.(\d+)\.processor\.proj_lora1$", r"transformer_blocks.\1.attn.to_out.0"),
-    (r"\bdouble_blocks\.(\d+)\.processor\.proj_lora2$", r"transformer_blocks.\1.attn.to_add_out"),
-    (r"\bsingle_blocks\.(\d+)\.processor\.qkv_lora$", r"single_blocks.\1.attn.qkv"),
-    (r"\bsingle_blocks\.(\d+)\.processor\.proj_lora$", r"single_transformer_blocks.\1.proj_out"),
+    (rf"{_START}double_blocks\.(\d+)\.processor\.qkv_lora1$", r"double_blocks.\1.img_attn.qkv"),
+    (rf"{_START}double_blocks\.(\d+)\.processor\.qkv_lora2$", r"double_blocks.\1.txt_attn.qkv"),
+    (rf"{_START}double_blocks\.(\d+)\.processor\.proj_lora1$", r"transformer_blocks.\1.attn.to_out.0"),
+    (rf"{_START}double_blocks\.(\d+)\.processor\.proj_lora2$", r"transformer_blocks.\1.attn.to_add_out"),
+    (rf"{_START}single_blocks\.(\d+)\.processor\.qkv_lora$", r"single_blocks.\1.attn.qkv"),
+    (rf"{_START}single_blocks\.(\d+)\.processor\.proj_lora$", r"single_transformer_blocks.\1.proj_out"),
 )
 
 XLABS = KeyFormat(

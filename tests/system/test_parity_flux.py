@@ -272,7 +272,7 @@ def test_kohya_full_size_linear1_split_matches_diffusers_conversion(sparse: bool
         sd |= {f"{key}.lora_down.weight": torch.randn(r, fan_in, generator=g), f"{key}.lora_up.weight": b}
         sd[f"{key}.alpha"] = torch.tensor(float(r) * (1.5 + i))
     probes = {n: torch.randn(n, 2, generator=g, dtype=torch.float64) for n in (FULL_D, FULL_D + FULL_MLP)}
-    adapter = lorahot.read_adapter(dict(sd))
+    adapter = lorahot.read_adapter(dict(sd), prefix="lora_unet")
     theirs = _probe_deltas(diffusers.FluxPipeline.lora_state_dict(dict(sd)), probes)
     _assert_same_deltas(_lorahot_deltas(adapter, probes), theirs)
     if sparse:  # each part gets its own chunk of A: a third (a quarter) of the rank
@@ -324,3 +324,20 @@ def test_compiled_swaps_across_flux_namings_match_diffusers_without_recompiling(
             runtime.unload()
             assert torch.equal(compiled(**flux_inputs(), return_dict=False)[0], base)
     assert counter.frame_count == 1
+
+
+def test_kohya_flux_file_with_text_encoder_keys_loads_the_transformer_with_prefix(tmp_path: Path) -> None:
+    """sd-scripts files often carry CLIP modules (``lora_te1_``); ``prefix="lora_unet"`` takes the transformer's."""
+    sd = kohya_file(random_weights(MODEL_MODULES, seed=11))
+    clip = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    extra = {f"{clip}.lora_down.weight": torch.randn(2, 8), f"{clip}.lora_up.weight": torch.randn(8, 2)}
+    path = tmp_path / "with_te.safetensors"
+    save_file(sd | extra, str(path))
+    model = tiny_flux()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"{clip}: matches no injected layer"):
+        runtime.load(path)
+    runtime.load(path, prefix="lora_unet")
+    with torch.no_grad():
+        out = model(**flux_inputs(), return_dict=False)[0]
+    torch.testing.assert_close(out, diffusers_output(sd), rtol=1e-4, atol=1e-5)

@@ -155,9 +155,9 @@ def test_rows_that_do_not_divide_by_the_shares_are_refused_and_change_nothing() 
     _failed_load_changes_nothing(
         _linear1(27),
         lorahot.AdapterMismatchError,
-        r"single_blocks\.0\.linear1 \(lora_unet_single_blocks_0_linear1\.lora_down\.weight.*\) -> "
-        r"single_transformer_blocks\.0\.attn\.to_q, .*, single_transformer_blocks\.0\.proj_mlp: B has shape "
-        r"\(27, 2\); its rows split in the ratio 1:1:1:4, which needs a positive multiple of 7 rows",
+        r"lora_unet_single_blocks\.0\.linear1 \(lora_unet_single_blocks_0_linear1\.lora_down\.weight.*\) -> "
+        r"lora_unet_single_transformer_blocks\.0\.attn\.to_q, .*, lora_unet_single_transformer_blocks\.0\.proj_mlp: B "
+        r"has shape \(27, 2\); its rows split in the ratio 1:1:1:4, which needs a positive multiple of 7 rows",
     )
 
 
