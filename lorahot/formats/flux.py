@@ -4,9 +4,11 @@ diffusers-named ``FluxTransformer2DModel``.
 The original model fuses what diffusers keeps apart: ``img_attn.qkv`` is ``to_q``/``to_k``/
 ``to_v``, ``txt_attn.qkv`` is ``add_q_proj``/``add_k_proj``/``add_v_proj``, and a single
 block's ``linear1`` is ``to_q``, ``to_k``, ``to_v`` and ``proj_mlp`` (``D, D, D, 4 D`` rows).
-Those modules are :class:`~lorahot.formats.table.Split` onto the separate layers; the final
-adaLN projection's ``(shift, scale)`` rows are swapped to diffusers' ``(scale, shift)``
-(:class:`~lorahot.formats.table.Reorder`). Every other module is a rename.
+Module keys keep the original names (a model with those names takes them as they are). On a
+diffusers-named model, a fused module is :class:`~lorahot.formats.table.Split` onto the separate
+layers, the final adaLN projection's ``(shift, scale)`` rows are swapped to diffusers'
+``(scale, shift)`` (:class:`~lorahot.formats.table.Reorder`), and every other module is an
+alias (``double_blocks.0.img_attn.proj`` -> ``transformer_blocks.0.attn.to_out.0``).
 
 The namings, each a table sharing that map:
 
@@ -60,8 +62,9 @@ _OUTSIDE = {
 _HEAD = r"(?P<head>(?:.*[._])?)"
 _START = r"(?<![^._])"  # a name starts here: at the key's start, or after a "." or "_"
 
-#: original module names -> diffusers', one layer each (applied to module keys, in order)
-_RENAMES: tuple[tuple[str, str], ...] = (
+#: original module names -> diffusers', one layer each: tried on a module key that names no
+#: injected layer (a model with the original names takes the file's keys as they are)
+_ALIASES: tuple[tuple[str, str], ...] = (
     *((rf"{_START}double_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _DOUBLE.items()),
     *(
         (rf"{_START}single_blocks\.(\d+)\.{re.escape(k)}$", rf"single_transformer_blocks.\1.{v}")
@@ -115,7 +118,8 @@ KOHYA = KeyFormat(
     ),
     prefixes=COMPONENTS,
     separator="_",
-    renames=_KOHYA_TO_DOTTED + _RENAMES,
+    renames=_KOHYA_TO_DOTTED,
+    aliases=_ALIASES,
     refuse=REFUSED,
     marker=r"^lora_unet_(?:double_blocks|single_blocks)_\d+_",
     splits=SPLITS,
@@ -136,7 +140,7 @@ BFL = KeyFormat(
         Rule(r"(?P<module>.+)\.alpha", "alpha"),
     ),
     prefixes=("diffusion_model.", "model.diffusion_model.", "transformer."),
-    renames=_RENAMES,
+    aliases=_ALIASES,
     refuse=REFUSED,
     marker=_BFL_MARKER,
     splits=SPLITS,
@@ -148,10 +152,10 @@ BFL = KeyFormat(
 _XLABS_RENAMES: tuple[tuple[str, str], ...] = (
     (rf"{_START}double_blocks\.(\d+)\.processor\.qkv_lora1$", r"double_blocks.\1.img_attn.qkv"),
     (rf"{_START}double_blocks\.(\d+)\.processor\.qkv_lora2$", r"double_blocks.\1.txt_attn.qkv"),
-    (rf"{_START}double_blocks\.(\d+)\.processor\.proj_lora1$", r"transformer_blocks.\1.attn.to_out.0"),
-    (rf"{_START}double_blocks\.(\d+)\.processor\.proj_lora2$", r"transformer_blocks.\1.attn.to_add_out"),
+    (rf"{_START}double_blocks\.(\d+)\.processor\.proj_lora1$", r"double_blocks.\1.img_attn.proj"),
+    (rf"{_START}double_blocks\.(\d+)\.processor\.proj_lora2$", r"double_blocks.\1.txt_attn.proj"),
     (rf"{_START}single_blocks\.(\d+)\.processor\.qkv_lora$", r"single_blocks.\1.attn.qkv"),
-    (rf"{_START}single_blocks\.(\d+)\.processor\.proj_lora$", r"single_transformer_blocks.\1.proj_out"),
+    (rf"{_START}single_blocks\.(\d+)\.processor\.proj_lora$", r"single_blocks.\1.linear2"),
 )
 
 XLABS = KeyFormat(
@@ -162,6 +166,7 @@ XLABS = KeyFormat(
     ),
     prefixes=("diffusion_model.",),
     renames=_XLABS_RENAMES,
+    aliases=_ALIASES,
     refuse=REFUSED,
     marker=r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\.processor\.",
     splits=(*SPLITS, _qkv(r"single_blocks\.(?P<n>\d+)\.attn\.qkv", "single_transformer_blocks", _QKV)),
@@ -175,7 +180,7 @@ FAL = KeyFormat(
         Rule(r"base_model\.model\.(?P<module>.+)\.lora_A\.weight", "A"),
         Rule(r"base_model\.model\.(?P<module>.+)\.lora_B\.weight", "B"),
     ),
-    renames=_RENAMES,
+    aliases=_ALIASES,
     refuse=REFUSED,
     marker=r"^base_model\.model\.(?:double_blocks|single_blocks)\.\d+\.",
     splits=SPLITS,

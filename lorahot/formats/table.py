@@ -122,7 +122,8 @@ class KeyFormat:
         aliases: ``(regex, replacement)`` tried on a module key that names no injected layer
             (``to_q`` -> ``q_proj`` where one spelling served several model families).
         splits: fused modules placed onto several layers, or with their rows re-ordered; applied
-            after the module's A, B and alpha are assembled, before the user's ``prefix=``/``key_map=``.
+            at load time to a module key that names no injected layer, not even through an alias
+            (a model with the fused layer takes the module whole).
         roles: what the format calls A and B, for messages.
         example: an example key, for documentation (the tests detect each format from it).
     """

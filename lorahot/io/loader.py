@@ -3,8 +3,7 @@
 The steps are: check the call, open the source (:mod:`lorahot.io.sources`, :mod:`lorahot.io.hub`),
 parse its configs (refusing features lorahot does not load), detect the naming
 (:mod:`lorahot.formats`), group tensors by module and role, give each module its alpha (a
-``.alpha`` tensor, else the config, else the rank), place fused modules onto the model's
-separate layers where the naming says so (:mod:`lorahot.resolve.split`), then apply the user's ``prefix``,
+``.alpha`` tensor, else the config, else the rank), then apply the user's ``prefix``,
 ``key_map``, ``split`` and ``fuse``. Matching module keys to the model's layers happens at load time
 (:mod:`lorahot.resolve.keys`), where the model's names are known.
 """
@@ -33,7 +32,7 @@ from lorahot.io.config import CONFIG_NAME, AdapterConfig
 from lorahot.io.patterns import budget_problem
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json, short
 from lorahot.io.sources import RawAdapter, Source, open_source
-from lorahot.resolve.split import SplitSpec, apply_splits, split_by_user
+from lorahot.resolve.split import SplitSpec, split_by_user
 from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
 
 __all__ = ["read_adapter"]
@@ -181,8 +180,6 @@ def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None) -> Adapter:
     fmt = detect(keys) or _closest_format(keys)
     parts = group_keys(fmt, raw.tensors, raw.source)  # raises, naming the keys, if fmt was a guess
     modules = _assemble(parts, fmt, configs, raw.source, check_storage=not raw.dense)
-    if fmt.splits:
-        modules = apply_splits(modules, fmt, raw.source)  # fused modules onto the model's separate layers
     cfg_dict = {**(raw.config or {}), **(overrides or {})}
     if len(configs) > 1:
         cfg_dict[METADATA_KEY] = header_configs

@@ -9,6 +9,9 @@ For each key, in order:
 4. the underscore form: every injected layer's name with ``.`` -> ``_`` (kohya names, and
    LDM block names mapped to diffusers ones), exactly or as a ``_``-suffix.
 
+A key that matches nothing and that the format declares fused (Flux's ``img_attn.qkv``) is
+split into its parts (:mod:`lorahot.resolve.split`), which are then matched in its place.
+
 The first step with any hit decides; more than one hit is an error listing the candidates.
 Component prefixes end with their naming's separator (``unet.``, ``lora_te1_``), so stripping
 one never cuts a name component in two (``text_encoder.`` does not strip ``text_encoder_2.``).
@@ -17,6 +20,7 @@ Lookups are memoized within a byte budget (keys come from files).
 
 from __future__ import annotations
 
+import collections
 import difflib
 import functools
 import re
@@ -26,6 +30,7 @@ from lorahot.errors import AdapterMismatchError, format_problems
 from lorahot.formats import FORMATS, KeyFormat, format_named
 from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
+from lorahot.resolve.split import placed
 
 __all__ = ["resolve_keys"]
 
@@ -166,19 +171,28 @@ def resolve_keys(adapter: Adapter, names: list[str]) -> dict[str, LoraModule]:
     out: dict[str, LoraModule] = {}
     origin: dict[str, str] = {}
     problems: list[str] = []
-    for key, module in adapter.modules.items():
+    pending = collections.deque((key, module, key) for key, module in adapter.modules.items())
+    while pending:
+        key, module, shown = pending.popleft()  # shown: the key, or "<part> (part of <fused key>)"
         hits = _lookup(key, fmt, index)
+        if not hits and fmt.splits:
+            parts = placed(key, module, fmt.splits, problems)
+            if not (len(parts) == 1 and parts[0] is module):  # fused: its parts resolve in its place
+                pending.extendleft((p.key, p, f"{p.key} (part of {key})") for p in reversed(parts))
+                continue
         if not hits:
             close = _closest(key, fmt, index) if len(problems) < _SHOWN else []  # the rest are not shown
-            problems.append(f"{key}: matches no injected layer" + (f" (closest: {', '.join(close)})" if close else ""))
+            problems.append(
+                f"{shown}: matches no injected layer" + (f" (closest: {', '.join(close)})" if close else "")
+            )
         elif len(hits) > 1:
             problems.append(
-                f"{key}: ambiguous, matches {', '.join(hits[:6])}; pass key_map={{{key!r}: '<layer name>'}}"
+                f"{shown}: ambiguous, matches {', '.join(hits[:6])}; pass key_map={{{key!r}: '<layer name>'}}"
             )
         elif hits[0] in out:
-            problems.append(f"{key}: lands on {hits[0]}, which {origin[hits[0]]} already fills")
+            problems.append(f"{shown}: lands on {hits[0]}, which {origin[hits[0]]} already fills")
         else:
-            out[hits[0]], origin[hits[0]] = module, key
+            out[hits[0]], origin[hits[0]] = module, shown
     if problems:
         raise AdapterMismatchError(
             format_problems(

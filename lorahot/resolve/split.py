@@ -34,9 +34,9 @@ import torch
 
 from lorahot.adapter import LoraModule
 from lorahot.errors import AdapterMismatchError, UsageError, format_problems
-from lorahot.formats.table import KeyFormat, Reorder, Split
+from lorahot.formats.table import Reorder, Split
 
-__all__ = ["SplitSpec", "split_module", "reorder_module", "apply_splits", "split_by_user", "place"]
+__all__ = ["SplitSpec", "split_module", "reorder_module", "placed", "split_by_user", "place"]
 
 #: ``split=``: ``{fused: [(part, out_features), ...]}``, the parts in the fused B's row order.
 SplitSpec = Mapping[str, Sequence[tuple[str, int]]]
@@ -86,17 +86,6 @@ def reorder_module(module: LoraModule, key: str, sizes: Sequence[int], order: Se
     return _part(module, key, module.A, torch.cat([blocks[i] for i in order]), module.alpha)
 
 
-def apply_splits(modules: dict[str, LoraModule], fmt: KeyFormat, source: str) -> dict[str, LoraModule]:
-    """Applies ``fmt.splits`` to every module key a :class:`Split` or :class:`Reorder` fully matches.
-
-    Sizes come from the declared shares: B's rows divide into ``sum(shares)`` equal units.
-
-    Raises:
-        AdapterMismatchError: as :func:`place`.
-    """
-    return place(modules, fmt.splits, source, fmt.name)
-
-
 def split_by_user(modules: dict[str, LoraModule], split: SplitSpec, source: str, sep: str) -> dict[str, LoraModule]:
     """``split=``: each module key ``<parent><sep><fused>`` (or ``<fused>``) placed onto
     ``<parent><sep><part>``, one per ``(part, out_features)``.
@@ -130,8 +119,8 @@ def place(
     origin: dict[str, str] = {}
     problems: list[str] = []
     for key, module in modules.items():
-        placed = _placed(key, module, rules, problems)
-        for new in placed:
+        placed_ = placed(key, module, rules, problems)
+        for new in placed_:
             if new.key in out:
                 problems.append(f"{_where(new)}: lands on {new.key!r}, which {origin[new.key]} already fills")
                 continue
@@ -146,8 +135,9 @@ def place(
     return out
 
 
-def _placed(key: str, module: LoraModule, rules: tuple[Split | Reorder, ...], problems: list[str]) -> list[LoraModule]:
-    """``module`` as the rule matching ``key`` places it (itself if none does); [] on a problem."""
+def placed(key: str, module: LoraModule, rules: tuple[Split | Reorder, ...], problems: list[str]) -> list[LoraModule]:
+    """``module`` as the first rule fully matching ``key`` places it: ``[module]`` if none matches,
+    ``[]`` after appending to ``problems`` if it cannot be placed (sizes, ranks, a conv module)."""
     for rule in rules:
         m = re.fullmatch(rule.pattern, key)
         if m is None:

@@ -172,7 +172,9 @@ def test_a_split_part_colliding_with_a_module_of_the_file_is_refused_and_changes
     _failed_load_changes_nothing(
         tensors,
         lorahot.AdapterMismatchError,
-        r"lands on 'diffusion_model\.single_transformer_blocks\.0\.attn\.to_k', which .* already fills",
+        r"diffusion_model\.single_transformer_blocks\.0\.attn\.to_k: lands on "
+        r"single_transformer_blocks\.0\.attn\.to_k, which diffusion_model\.single_transformer_blocks\.0\.attn\.to_k "
+        r"\(part of diffusion_model\.single_blocks\.0\.linear1\) already fills",
     )
 
 
@@ -247,3 +249,33 @@ def test_split_option_sizes_that_do_not_add_up_are_refused_and_change_nothing() 
 def test_malformed_split_option_is_a_usage_error(split: object) -> None:
     with pytest.raises(lorahot.UsageError, match=r"split"):
         lorahot.read_adapter(_fused_peft(28), split=split)  # type: ignore[arg-type]
+
+
+def test_a_model_with_the_fused_layer_takes_the_module_whole() -> None:
+    """Splitting is the fallback: a model named as the original Flux (fused qkv) takes the file's keys as they are."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.double_blocks = nn.ModuleList([nn.Module()])
+    model.double_blocks[0].img_attn = nn.Module()
+    model.double_blocks[0].img_attn.qkv = qkv = nn.Linear(4, 12)
+    model.double_blocks[0].img_attn.proj = proj = nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    base_qkv, base_proj = qkv(x), proj(x)
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for name, rows in (("qkv", 12), ("proj", 4)):
+        key = f"lora_unet_double_blocks_0_img_attn_{name}"
+        sd |= {
+            f"{key}.lora_down.weight": torch.randn(3, 4, generator=g),
+            f"{key}.lora_up.weight": torch.randn(rows, 3, generator=g),
+        }
+        sd[f"{key}.alpha"] = torch.tensor(6.0)
+    runtime = lorahot.inject(model, ["qkv", "proj"], max_rank=4)
+    runtime.load(sd)
+    attn = model.double_blocks[0].img_attn
+    for layer, base, name in ((attn.qkv, base_qkv, "qkv"), (attn.proj, base_proj, "proj")):
+        a, b = (
+            sd[f"lora_unet_double_blocks_0_img_attn_{name}.lora_down.weight"],
+            sd[f"lora_unet_double_blocks_0_img_attn_{name}.lora_up.weight"],
+        )
+        torch.testing.assert_close(layer(x), base + 2.0 * (x @ a.T @ b.T), rtol=1e-5, atol=1e-6)
