@@ -58,6 +58,25 @@ _OUTSIDE = {
     "final_layer.linear": "proj_out",
 }
 
+#: Flux.2's diffusers names where they differ from Flux.1's (its single block keeps ``linear1``
+#: fused as ``to_qkv_mlp_proj``, so nothing is split there)
+_DOUBLE2 = {
+    "img_mlp.0": "ff.linear_in",
+    "img_mlp.2": "ff.linear_out",
+    "txt_mlp.0": "ff_context.linear_in",
+    "txt_mlp.2": "ff_context.linear_out",
+}
+_SINGLE2 = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out"}
+_OUTSIDE2 = {
+    "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+    "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+    "single_stream_modulation.lin": "single_stream_modulation.linear",
+    "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+}
+
 #: a component prefix (``diffusion_model.``, ``lora_unet_``), kept for ``prefix=`` and the resolver
 _HEAD = r"(?P<head>(?:.*[._])?)"
 _START = r"(?<![^._])"  # a name starts here: at the key's start, or after a "." or "_"
@@ -71,6 +90,13 @@ _ALIASES: tuple[tuple[str, str], ...] = (
         for k, v in _SINGLE.items()
     ),
     *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
+    # Flux.2, whose files use the same original names: tried alongside, the model has one of them
+    *((rf"{_START}double_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _DOUBLE2.items()),
+    *(
+        (rf"{_START}single_blocks\.(\d+)\.{re.escape(k)}$", rf"single_transformer_blocks.\1.{v}")
+        for k, v in _SINGLE2.items()
+    ),
+    *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE2.items()),
 )
 
 
@@ -107,6 +133,10 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
     (r"^lora_unet_final_layer_adaLN_modulation_1$", "lora_unet_final_layer.adaLN_modulation.1"),
     (r"^lora_unet_final_layer_linear$", "lora_unet_final_layer.linear"),
     (r"^lora_unet_(time|vector|guidance)_in_(in|out)_layer$", r"lora_unet_\1_in.\2_layer"),
+    (
+        r"^lora_unet_(single_stream_modulation|double_stream_modulation_img|double_stream_modulation_txt)_lin$",
+        r"lora_unet_\1.lin",
+    ),
 )
 
 KOHYA = KeyFormat(

@@ -1,4 +1,4 @@
-"""lorahot against diffusers' own Flux.1 loaders as the oracle: adapters in the original
+"""lorahot against diffusers' own Flux.1 (and Flux.2) loaders as the oracle: adapters in the original
 model's names (kohya, BFL/ComfyUI, xlabs, fal Kontext), whose fused modules lorahot splits onto a
 diffusers-named ``FluxTransformer2DModel``.
 
@@ -347,3 +347,75 @@ def test_kohya_flux_file_with_text_encoder_keys_loads_the_transformer_with_prefi
     with torch.no_grad():
         out = model(**flux_inputs(), return_dict=False)[0]
     torch.testing.assert_close(out, diffusers_output(sd), rtol=1e-4, atol=1e-5)
+
+
+# Flux.2: the same original names, other diffusers names, linear1 kept fused.
+
+FLUX2_MODULES = {
+    **{
+        f"double_blocks.0.{s}_{m}": shape
+        for s in ("img", "txt")
+        for m, shape in (("attn.qkv", (D, 3 * D)), ("attn.proj", (D, D)), ("mlp.0", (D, 6 * D)), ("mlp.2", (3 * D, D)))
+    },
+    "single_blocks.0.linear1": (D, 3 * D + 6 * D),
+    "single_blocks.0.linear2": (D + 3 * D, D),
+    "img_in": (16, D),
+    "txt_in": (D, D),
+    "time_in.in_layer": (D, D),
+    "time_in.out_layer": (D, D),
+    "guidance_in.in_layer": (D, D),
+    "guidance_in.out_layer": (D, D),
+    "single_stream_modulation.lin": (D, 3 * D),
+    "double_stream_modulation_img.lin": (D, 6 * D),
+    "double_stream_modulation_txt.lin": (D, 6 * D),
+    "final_layer.linear": (D, 16),
+}
+
+
+def tiny_flux2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=D // HEADS,
+        num_attention_heads=HEADS,
+        joint_attention_dim=D,
+        timestep_guidance_channels=D,
+        axes_dims_rope=(4, 4, 4, 4),
+    ).eval()
+
+
+def flux2_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, 12, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, 5, D, generator=g),
+        "timestep": torch.tensor([0.7]),
+        "guidance": torch.tensor([3.5]),
+        "img_ids": torch.randint(0, 8, (1, 12, 4), generator=g).float(),
+        "txt_ids": torch.zeros(1, 5, 4),
+    }
+
+
+def test_flux2_bfl_matches_diffusers(tmp_path: Path) -> None:
+    """diffusers' Flux.2 conversion takes no alphas (scale 1) and maps ``final_layer.adaLN_modulation.1``
+    without the shift/scale swap its own checkpoint conversion makes; that module is left out."""
+    weights = random_weights(FLUX2_MODULES, seed=12, sparse=SPARSE)
+    sd = bfl_file({k: (a, b, None) for k, (a, b, _) in weights.items()}, ("lora_A", "lora_B"))
+    path = tmp_path / "flux2.safetensors"
+    save_file(sd, str(path))
+    with torch.no_grad():
+        oracle = tiny_flux2()
+        converted = diffusers.Flux2Pipeline.lora_state_dict(dict(sd))
+        oracle.load_lora_adapter(converted, prefix="transformer", adapter_name="oracle")
+        expected = oracle(**flux2_inputs(), return_dict=False)[0]
+        model = tiny_flux2()
+        base = model(**flux2_inputs(), return_dict=False)[0]
+        runtime = lorahot.inject(model, "all-linear", max_rank=8)
+        runtime.load(path)
+        ours = model(**flux2_inputs(), return_dict=False)[0]
+    assert lorahot.read_adapter(path).format == "flux-bfl"
+    assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
