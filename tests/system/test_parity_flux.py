@@ -419,3 +419,24 @@ def test_flux2_bfl_matches_diffusers(tmp_path: Path) -> None:
     assert lorahot.read_adapter(path).format == "flux-bfl"
     assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_flux2_kohya_matches_diffusers(tmp_path: Path) -> None:
+    """sd-scripts' Flux.2 files: kohya module spellings, alphas folded as for Flux.1; diffusers'
+    Flux.2 kohya conversion knows the blocks, img_in, txt_in, time_in and final_layer.linear."""
+    known = {
+        k: v for k, v in FLUX2_MODULES.items() if not k.startswith(("guidance_in", "single_stream", "double_stream"))
+    }
+    sd = kohya_file(random_weights(known, seed=13, sparse=SPARSE))
+    path = tmp_path / "flux2_kohya.safetensors"
+    save_file(sd, str(path))
+    with torch.no_grad():
+        oracle = tiny_flux2()
+        oracle.load_lora_adapter(diffusers.Flux2Pipeline.lora_state_dict(dict(sd)), prefix="transformer")
+        expected = oracle(**flux2_inputs(), return_dict=False)[0]
+        model = tiny_flux2()
+        runtime = lorahot.inject(model, "all-linear", max_rank=8)
+        runtime.load(path)
+        ours = model(**flux2_inputs(), return_dict=False)[0]
+    assert lorahot.read_adapter(path).format == "flux-kohya"
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
