@@ -8,7 +8,7 @@ keys themselves.
 
 from __future__ import annotations
 
-from lorahot.formats import comfyui, diffusers, flux, kohya, peft
+from lorahot.formats import comfyui, diffusers, flux, kohya, peft, wan
 from lorahot.formats.table import KeyFormat, Reorder, Rule, Split, group_keys
 from lorahot.memo import BoundedMemo, digest
 
@@ -21,6 +21,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     flux.XLABS,  # before diffusers-old, whose processor keys look alike
     flux.FAL,  # before PEFT, whose keys look alike
     flux.BFL,
+    wan.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike
     comfyui.FORMAT,
     diffusers.FORMAT,
     diffusers.OLD_FORMAT,

@@ -293,6 +293,9 @@ def test_peft_embedding_base_layer_copies_are_carried(tmp_path: Path) -> None:
         ("base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight", "flux-fal"),
         ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "peft"),
         ("transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight", "diffusers"),
+        ("diffusion_model.blocks.0.self_attn.q.lora_A.weight", "wan"),
+        ("diffusion_model.blocks.3.ffn.0.lora_down.weight", "wan"),
+        ("diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight", "comfyui"),
     ],
 )
 def test_flux_namings_and_the_others_are_told_apart(key: str, name: str) -> None:
