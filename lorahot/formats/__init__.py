@@ -17,6 +17,7 @@ __all__ = ["FORMATS", "KeyFormat", "Reorder", "Rule", "Split", "detect", "format
 #: Every known naming, in detection order.
 FORMATS: tuple[KeyFormat, ...] = (
     flux.KOHYA,  # before kohya: original Flux block names, which only its renames and splits place
+    wan.MUSUBI,  # before kohya: original Wan block names
     kohya.FORMAT,
     flux.XLABS,  # before diffusers-old, whose processor keys look alike
     flux.FAL,  # before PEFT, whose keys look alike

@@ -5,15 +5,19 @@
 Module keys keep the original names; the diffusers names are aliases
 (``blocks.0.self_attn.q`` -> ``blocks.0.attn1.to_q``, ``cross_attn`` -> ``attn2``,
 ``ffn.0`` -> ``ffn.net.0.proj``, ``head.head`` -> ``proj_out``, the embedders). Nothing is fused.
+
+``wan-musubi`` is musubi-tuner's kohya spelling of the same names
+(``lora_unet_blocks_0_self_attn_q.lora_down.weight``, ``.alpha`` per module).
 """
 
 from __future__ import annotations
 
 import re
 
+from lorahot.formats.kohya import COMPONENTS
 from lorahot.formats.table import REFUSED, KeyFormat, Rule
 
-__all__ = ["FORMAT"]
+__all__ = ["FORMAT", "MUSUBI"]
 
 _START = r"(?<![^._])"  # a name starts here: at the key's start, or after a "." or "_"
 
@@ -38,6 +42,11 @@ _OUTSIDE = {
     "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
 }
 
+_ALIASES: tuple[tuple[str, str], ...] = (
+    *((rf"{_START}blocks\.(\d+)\.{re.escape(k)}$", rf"blocks.\1.{v}") for k, v in _BLOCK.items()),
+    *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
+)
+
 FORMAT = KeyFormat(
     name="wan",
     rules=(
@@ -49,9 +58,26 @@ FORMAT = KeyFormat(
     require_prefix=True,
     refuse=REFUSED,
     marker=r"^diffusion_model\.blocks\.\d+\.(?:self_attn|cross_attn|ffn)\.",
-    aliases=(
-        *((rf"{_START}blocks\.(\d+)\.{re.escape(k)}$", rf"blocks.\1.{v}") for k, v in _BLOCK.items()),
-        *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
-    ),
+    aliases=_ALIASES,
     example="diffusion_model.blocks.0.self_attn.q.lora_A.weight",
+)
+
+MUSUBI = KeyFormat(
+    name="wan-musubi",
+    rules=(
+        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_down\.weight", "A"),
+        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_up\.weight", "B"),
+        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.alpha", "alpha"),
+    ),
+    prefixes=COMPONENTS,
+    separator="_",
+    renames=(  # to the dotted original names, lora_unet_ kept for prefix= and the resolver
+        (r"^lora_unet_blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img)$", r"lora_unet_blocks.\1.\2.\3"),
+        (r"^lora_unet_blocks_(\d+)_ffn_(0|2)$", r"lora_unet_blocks.\1.ffn.\2"),
+    ),
+    refuse=REFUSED,
+    marker=r"^lora_unet_blocks_\d+_(?:self_attn|cross_attn|ffn)_",
+    aliases=_ALIASES,
+    roles=("lora_down", "lora_up"),
+    example="lora_unet_blocks_0_self_attn_q.lora_down.weight",
 )

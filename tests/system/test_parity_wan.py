@@ -90,3 +90,29 @@ def test_wan_matches_diffusers(spelling: tuple[str, str], tmp_path: Path) -> Non
     assert lorahot.read_adapter(path).format == "wan"
     assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_wan_musubi_matches_diffusers(tmp_path: Path) -> None:
+    """musubi-tuner's kohya spelling; diffusers' musubi conversion wants q, k, v, o of both
+    attentions and both FFN layers of every block, each with an alpha."""
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for i, (name, (fan_in, fan_out, _)) in enumerate(MODULES.items()):
+        if not name.startswith("blocks."):
+            continue
+        r, key = 2 + i % 3, "lora_unet_" + name.replace(".", "_")
+        sd[f"{key}.lora_down.weight"] = torch.randn(r, fan_in, generator=g) * 0.3
+        sd[f"{key}.lora_up.weight"] = torch.randn(fan_out, r, generator=g) * 0.3
+        sd[f"{key}.alpha"] = torch.tensor(float(r) * (0.5 + i % 3))
+    path = tmp_path / "wan_musubi.safetensors"
+    save_file(sd, str(path))
+    with torch.no_grad():
+        oracle = tiny_wan()
+        oracle.load_lora_adapter(diffusers.WanPipeline.lora_state_dict(dict(sd)), prefix="transformer")
+        expected = oracle(**wan_inputs(), return_dict=False)[0]
+        model = tiny_wan()
+        runtime = lorahot.inject(model, "all-linear", max_rank=8)
+        runtime.load(path)
+        ours = model(**wan_inputs(), return_dict=False)[0]
+    assert lorahot.read_adapter(path).format == "wan-musubi"
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
