@@ -8,14 +8,26 @@ keys themselves.
 
 from __future__ import annotations
 
-from lorahot.formats import comfyui, diffusers, kohya, peft
-from lorahot.formats.table import KeyFormat, Rule, group_keys
+from lorahot.formats import comfyui, diffusers, flux, kohya, peft, wan
+from lorahot.formats.table import KeyFormat, Reorder, Rule, Split, group_keys
 from lorahot.memo import BoundedMemo, digest
 
-__all__ = ["FORMATS", "KeyFormat", "Rule", "detect", "format_named", "group_keys"]
+__all__ = ["FORMATS", "KeyFormat", "Reorder", "Rule", "Split", "detect", "format_named", "group_keys"]
 
 #: Every known naming, in detection order.
-FORMATS: tuple[KeyFormat, ...] = (kohya.FORMAT, comfyui.FORMAT, diffusers.FORMAT, diffusers.OLD_FORMAT, peft.FORMAT)
+FORMATS: tuple[KeyFormat, ...] = (
+    flux.KOHYA,  # before kohya: original Flux block names, which only its renames and splits place
+    wan.MUSUBI,  # before kohya: original Wan block names
+    kohya.FORMAT,
+    flux.XLABS,  # before diffusers-old, whose processor keys look alike
+    flux.FAL,  # before PEFT, whose keys look alike
+    flux.BFL,
+    wan.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike
+    comfyui.FORMAT,
+    diffusers.FORMAT,
+    diffusers.OLD_FORMAT,
+    peft.FORMAT,
+)
 
 
 #: digest of a key list -> its format (about 300 bytes an entry)

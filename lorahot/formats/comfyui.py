@@ -1,6 +1,6 @@
-"""ComfyUI namings: ``diffusion_model.<module>`` with ``.lora_A``/``.lora_B`` or
-``.lora.down``/``.lora.up`` (and ``.alpha``). SD/SDXL files use the original LDM block names
-(``input_blocks.4.1...``), which the resolver maps to diffusers block names.
+"""ComfyUI namings: ``diffusion_model.<module>`` with ``.lora_A``/``.lora_B``,
+``.lora.down``/``.lora.up`` or ``.lora_down``/``.lora_up`` (and ``.alpha``). SD/SDXL files use the
+original LDM block names (``input_blocks.4.1...``), which the resolver maps to diffusers block names.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ FORMAT = KeyFormat(
         Rule(r"(?P<module>.+)\.lora_B(?:\.[^.]+)?\.weight", "B"),
         Rule(r"(?P<module>.+)\.lora\.down\.weight", "A"),
         Rule(r"(?P<module>.+)\.lora\.up\.weight", "B"),
+        Rule(r"(?P<module>.+)\.lora_down\.weight", "A"),  # kohya's roles under ComfyUI's prefix
+        Rule(r"(?P<module>.+)\.lora_up\.weight", "B"),
         Rule(r"(?P<module>.+)\.alpha", "alpha"),
         *lycoris_rules(r"(?P<module>.+)"),
     ),

@@ -3,9 +3,10 @@
 Each format is a :class:`KeyFormat`: a table of :class:`Rule` (a regex over a tensor key and
 the role the tensor plays: ``A``, ``B``, ``alpha``, ``base``, ``magnitude`` or ``bias``), the
 component prefixes files put in front of module paths, the separator that replaced the model's
-dots, and the keys it knows but lorahot refuses (DoRA, LoRA biases, LyCORIS variants, PEFT's trainable tokens, parameter
-LoRA and module copies). Detection and grouping are driven by these tables only; no format has
-code of its own.
+dots, the fused modules whose rows belong to several of the model's layers (:class:`Split`,
+:class:`Reorder`), and the keys it knows but lorahot refuses (DoRA and LoRA biases outside
+PEFT's namings, LyCORIS variants, PEFT's trainable tokens, parameter LoRA and module copies).
+Detection and grouping are driven by these tables only; no format has code of its own.
 
 Parsing a key is memoized (a server swapping among the same adapters parses each key once),
 within a byte budget: keys come from files, and a count bound alone would let hostile long
@@ -25,6 +26,8 @@ from lorahot.memo import BoundedMemo, str_bytes
 
 __all__ = [
     "Rule",
+    "Split",
+    "Reorder",
     "KeyFormat",
     "Parts",
     "group_keys",
@@ -73,6 +76,50 @@ class Rule:
         return self.role or key.rpartition(".")[2]
 
 
+@dataclass(frozen=True)
+class Split:
+    """A fused module whose output rows belong to several layers of the model.
+
+    A file trained on one fused projection (Flux's ``img_attn.qkv`` ``[3 D, D]``, or
+    ``single_blocks.N.linear1``: q, k, v and the MLP input, ``[D, D, D, 4 D]``) is placed onto the
+    model's separate layers: A goes to every part, B's rows are cut by the parts' sizes (see
+    :func:`lorahot.resolve.split.split_module`, which also handles the block-sparse layout).
+
+    Attributes:
+        pattern: the regex that must fully match the module key (after the format's renames);
+            its groups feed the templates.
+        parts: ``(template, share)`` per part, in B's row order: the part's module key (a
+            ``re.Match.expand`` template) and its share of B's rows (``1, 1, 1, 4`` for Flux's
+            ``linear1``: the rows divide into 7 equal units, ``D`` each).
+        exact: the numbers in ``parts`` are the parts' output sizes themselves, not shares
+            (``split=`` of :func:`lorahot.read_adapter`).
+    """
+
+    pattern: str
+    parts: tuple[tuple[str, int], ...]
+    exact: bool = False
+
+
+@dataclass(frozen=True)
+class Reorder:
+    """A module whose output rows come in another order in the model's layer.
+
+    Flux's final adaLN projection is ``(shift, scale)`` in the original layout and
+    ``(scale, shift)`` in diffusers' ``norm_out.linear``; B's row blocks are re-stacked.
+
+    Attributes:
+        pattern: the regex that must fully match the module key (after renames).
+        target: the module key in the model's naming (a ``re.Match.expand`` template).
+        shares: the row blocks of B in the file's order, as shares of its rows (``1, 1``: halves).
+        order: the file's blocks in the model's order (``1, 0``: swap the halves).
+    """
+
+    pattern: str
+    target: str
+    shares: tuple[int, ...]
+    order: tuple[int, ...]
+
+
 @dataclass(frozen=True, eq=False)  # identity hash: the memoized methods hash self on every call
 class KeyFormat:
     """One adapter naming, as data.
@@ -91,6 +138,9 @@ class KeyFormat:
             it apart from a naming whose rules it shares).
         aliases: ``(regex, replacement)`` tried on a module key that names no injected layer
             (``to_q`` -> ``q_proj`` where one spelling served several model families).
+        splits: fused modules placed onto several layers, or with their rows re-ordered; applied
+            at load time to a module key that names no injected layer, not even through an alias
+            (a model with the fused layer takes the module whole).
         roles: what the format calls A and B, for messages.
         example: an example key, for documentation (the tests detect each format from it).
     """
@@ -104,6 +154,7 @@ class KeyFormat:
     refuse: tuple[tuple[str, str], ...] = ()
     marker: str = ""
     aliases: tuple[tuple[str, str], ...] = ()
+    splits: tuple[Split | Reorder, ...] = ()
     roles: tuple[str, str] = ("lora_A", "lora_B")
     example: str = ""
 

@@ -4,7 +4,7 @@ The steps are: check the call, open the source (:mod:`lorahot.io.sources`, :mod:
 parse its configs (refusing features lorahot does not load), detect the naming
 (:mod:`lorahot.formats`), group tensors by module and role, give each module its alpha (a
 ``.alpha`` tensor, else the config, else the rank), then apply the user's ``prefix``,
-``key_map`` and ``fuse``. Matching module keys to the model's layers happens at load time
+``key_map``, ``split`` and ``fuse``. Matching module keys to the model's layers happens at load time
 (:mod:`lorahot.resolve.keys`), where the model's names are known.
 """
 
@@ -32,6 +32,7 @@ from lorahot.io.config import CONFIG_NAME, AdapterConfig
 from lorahot.io.patterns import budget_problem
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json, short
 from lorahot.io.sources import RawAdapter, Source, open_source
+from lorahot.resolve.split import SplitSpec, split_by_user
 from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
 
 __all__ = ["read_adapter"]
@@ -49,6 +50,7 @@ def read_adapter(
     prefix: str | None = None,
     key_map: Mapping[str, str] | None = None,
     fuse: Fuse | None = None,
+    split: SplitSpec | None = None,
     device: str | torch.device | None = None,
     strict: bool = True,
 ) -> Adapter:
@@ -72,6 +74,12 @@ def read_adapter(
         fuse: ``{fused: [part, ...]}`` merging part LoRAs into a fused projection, e.g.
             ``{"qkv_proj": ["q_proj", "k_proj", "v_proj"]}``; a part the adapter lacks can be
             given as ``(name, out_features)`` and is filled with zeros.
+        split: ``{fused: [(part, out_features), ...]}`` placing a LoRA trained on a fused
+            projection onto the model's separate layers (the reverse of ``fuse``), e.g.
+            ``{"qkv": [("to_q", 3072), ("to_k", 3072), ("to_v", 3072)]}``: A goes to every part,
+            B's rows are cut by the sizes, in order (they must add up to B's rows); a
+            block-sparse B (zero outside its diagonal blocks) gives each part its chunk of A.
+            The Flux namings split their fused modules without it.
         device: where tensors read from files land (default: the CPU). ``runtime.load``
             passes its buffers' device, so a GPU receives a file in one transfer.
         strict: refuse the whole file for one key that cannot be loaded (the default). With
@@ -103,7 +111,7 @@ def read_adapter(
             need_config=overrides is None,
         )
         adapter = _normalize(raw, overrides, strict)
-    return _user_mapping(adapter, prefix, key_map, fuse)
+    return _user_mapping(adapter, prefix, key_map, fuse, split)
 
 
 def _check_overrides(config: Any) -> dict[str, Any] | None:
@@ -431,9 +439,13 @@ def _alpha(entry: tuple[str, torch.Tensor] | None, problems: list[str]) -> float
 
 
 def _user_mapping(
-    adapter: Adapter, prefix: str | None, key_map: Mapping[str, str] | None, fuse: Fuse | None
+    adapter: Adapter,
+    prefix: str | None,
+    key_map: Mapping[str, str] | None,
+    fuse: Fuse | None,
+    split: SplitSpec | None = None,
 ) -> Adapter:
-    if prefix is None and key_map is None and fuse is None:
+    if prefix is None and key_map is None and fuse is None and split is None:
         return adapter
     fmt = format_named(adapter.format)
     both: dict[str, LoraModule | WeightModule] = {**adapter.modules, **adapter.weights}  # renamed alike
@@ -443,6 +455,8 @@ def _user_mapping(
         both = apply_key_map(both, key_map, adapter.source)
     modules = {k: m for k, m in both.items() if isinstance(m, LoraModule)}
     weights = {k: m for k, m in both.items() if isinstance(m, WeightModule)}
+    if split is not None:
+        modules = split_by_user(modules, split, adapter.source, fmt.separator)
     if fuse is not None:
         modules = fuse_modules(modules, fuse, adapter.source, fmt)
     return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped, weights)

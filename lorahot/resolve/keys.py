@@ -12,7 +12,11 @@ For each key, in order:
    (``text_model_encoder_layers_0_self_attn_q_proj`` on transformers-5 CLIP, whose layers are
    ``encoder.layers.0.self_attn.q_proj``): the longest ``_``-suffix of the key that step 4
    would match, dropping only leading segments without a number (wrappers such as
-   ``text_model`` or ``model``, never a block index), so no table per model is needed.
+   ``text_model`` or ``model``, never a block index) and keeping at least one named segment,
+   so no table per model is needed.
+
+A key that matches nothing and that the format declares fused (Flux's ``img_attn.qkv``) is
+split into its parts (:mod:`lorahot.resolve.split`), which are then matched in its place.
 
 The first step with any hit decides; more than one hit is an error listing the candidates.
 Component prefixes end with their naming's separator (``unet.``, ``lora_te1_``), so stripping
@@ -22,6 +26,7 @@ Lookups are memoized within a byte budget (keys come from files).
 
 from __future__ import annotations
 
+import collections
 import difflib
 import functools
 import re
@@ -31,6 +36,7 @@ from lorahot.errors import AdapterMismatchError, format_problems
 from lorahot.formats import FORMATS, KeyFormat, format_named
 from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
+from lorahot.resolve.split import placed
 
 __all__ = ["resolve_keys", "resolve_all"]
 
@@ -89,6 +95,8 @@ class _Names:
             if any(c.isdigit() for c in u[:i]):
                 return []  # a dropped segment would carry a block index: not a wrapper
             tail = u[i + 1 :]
+            if all(any(c.isdigit() for c in seg) for seg in tail.split("_")):
+                return []  # only indices left (``adaLN_modulation_1`` -> ``1``): no name to match
             hits = self.underscore.get(tail) or self.underscore_tails.get(tail)
             if hits:
                 return hits
@@ -200,21 +208,32 @@ def resolve_all(
     origin: dict[str, str] = {}
     problems: list[str] = []
     entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
-    for key, module in entries:
+    pending: collections.deque[tuple[str, LoraModule | WeightModule, str]] = collections.deque(
+        (key, module, key) for key, module in entries
+    )
+    while pending:
+        key, module, shown = pending.popleft()  # shown: the key, or "<part> (part of <fused key>)"
         hits = _lookup(key, fmt, index)
+        if not hits and fmt.splits and isinstance(module, LoraModule):
+            parts = placed(key, module, fmt.splits, problems)
+            if not (len(parts) == 1 and parts[0] is module):  # fused: its parts resolve in its place
+                pending.extendleft((p.key, p, f"{p.key} (part of {key})") for p in reversed(parts))
+                continue
         if not hits and skipped is not None:
             skipped.extend(module.source_keys or (key,))
         elif not hits:
             close = _closest(key, fmt, index) if len(problems) < _SHOWN else []  # the rest are not shown
-            problems.append(f"{key}: matches no injected layer" + (f" (closest: {', '.join(close)})" if close else ""))
+            problems.append(
+                f"{shown}: matches no injected layer" + (f" (closest: {', '.join(close)})" if close else "")
+            )
         elif len(hits) > 1:
             problems.append(
-                f"{key}: ambiguous, matches {', '.join(hits[:6])}; pass key_map={{{key!r}: '<layer name>'}}"
+                f"{shown}: ambiguous, matches {', '.join(hits[:6])}; pass key_map={{{key!r}: '<layer name>'}}"
             )
         elif hits[0] in out:
-            problems.append(f"{key}: lands on {hits[0]}, which {origin[hits[0]]} already fills")
+            problems.append(f"{shown}: lands on {hits[0]}, which {origin[hits[0]]} already fills")
         else:
-            out[hits[0]], origin[hits[0]] = module, key
+            out[hits[0]], origin[hits[0]] = module, shown
     if problems:
         raise AdapterMismatchError(
             format_problems(

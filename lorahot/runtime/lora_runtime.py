@@ -165,9 +165,9 @@ class LoraRuntime:
             scale: a multiplier on every module's ``alpha / r``: a finite real number.
             read_kwargs: passed to :func:`lorahot.read_adapter`: ``revision``, ``subfolder``,
                 ``token``, ``weight_name`` (where to read), ``config`` (PEFT config fields),
-                ``prefix``, ``key_map`` and ``fuse`` (how module keys map onto the layers), and
-                ``strict`` (``False``: keys that cannot be placed are skipped and listed in
-                :attr:`AdapterInfo.skipped` instead of refusing the file).
+                ``prefix``, ``key_map``, ``fuse`` and ``split`` (how module keys map onto the
+                layers), and ``strict`` (``False``: keys that cannot be placed are skipped and
+                listed in :attr:`AdapterInfo.skipped` instead of refusing the file).
 
         Returns:
             What the slot now holds.
@@ -473,7 +473,18 @@ class LoraRuntime:
 
 #: Options :func:`lorahot.read_adapter` takes through ``load``/``preload``/``prefetch``
 #: (``device`` is the runtime's choice).
-READ_OPTIONS = ("revision", "subfolder", "token", "weight_name", "config", "prefix", "key_map", "fuse", "strict")
+READ_OPTIONS = (
+    "revision",
+    "subfolder",
+    "token",
+    "weight_name",
+    "config",
+    "prefix",
+    "key_map",
+    "fuse",
+    "strict",
+    "split",
+)
 _anonymous = itertools.count()
 
 
@@ -503,6 +514,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "key_map": (Mapping,),
     "fuse": (Mapping,),
     "strict": (bool,),
+    "split": (Mapping,),
 }
 
 
@@ -540,7 +552,7 @@ def _cache_key(source: Any, read_kwargs: dict[str, Any]) -> str | None:
     identity = source_identity(source, **read_kwargs)
     if identity is None:
         return None
-    shaping = {k: v for k, v in read_kwargs.items() if k in ("config", "prefix", "key_map", "fuse", "strict")}
+    shaping = {k: v for k, v in read_kwargs.items() if k in ("config", "prefix", "key_map", "fuse", "strict", "split")}
     try:
         return identity + "".join(f"|{k}={shaping[k]!r}" for k in sorted(shaping))
     except Exception:  # a user object whose repr fails: not cached

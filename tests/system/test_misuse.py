@@ -116,7 +116,7 @@ MISUSES = [
            r"scale buffers \(max 3\.403e\+38\)\. Pass a scale of at most 3\.403e\+38 in magnitude\.$"),
     Misuse("load_unknown_option", lambda rig, tmp: rig.runtime.load(_t(rig), foo=1), UsageError,
            r"^unknown read option 'foo'; the read options are revision, subfolder, token, weight_name, config, "
-           r"prefix, key_map, fuse, strict\.$"),
+           r"prefix, key_map, fuse, strict, split\.$"),
     Misuse("load_device_option", lambda rig, tmp: rig.runtime.load(_t(rig), device="cpu"), UsageError,
            r"^unknown read option 'device'; .* \(device is where the runtime's buffers are; it is not an option\)\.$"),
     Misuse("load_config_not_mapping", lambda rig, tmp: rig.runtime.load(_t(rig), config="r=4"), UsageError,

@@ -106,3 +106,13 @@ def test_wrapper_match_that_is_ambiguous_lists_candidates() -> None:
     tensors = {f"{key}.lora_down.weight": torch.randn(2, 8), f"{key}.lora_up.weight": torch.randn(8, 2)}
     with pytest.raises(lorahot.AdapterMismatchError, match=r"lora_unet_wrap_x_q: ambiguous, matches a\.x\.q, b\.x\.q"):
         runtime.load(tensors)
+
+
+def test_wrapper_levels_never_leave_only_an_index() -> None:
+    # dropping "final_layer_adaLN_modulation" would leave "1", a suffix of every "..._1" layer
+    model = nn.ModuleDict({"embed": nn.ModuleDict({"linear_1": nn.Linear(8, 8)}), "proj_1": nn.Linear(8, 8)})
+    runtime = lorahot.inject(model, ["linear_1", "proj_1"], max_rank=4)
+    key = "lora_unet_final_layer_adaLN_modulation_1"
+    tensors = {f"{key}.lora_down.weight": torch.randn(2, 8), f"{key}.lora_up.weight": torch.randn(8, 2)}
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"{key}: matches no injected layer"):
+        runtime.load(tensors)

@@ -289,3 +289,30 @@ def test_peft_embedding_base_layer_copies_are_carried(tmp_path: Path) -> None:
     }
     with pytest.raises(lorahot.AdapterMismatchError, match=r"carry a base-layer weight copy, which cannot be fused"):
         lorahot.read_adapter(lorahot.Adapter(parts, "peft", "<mapping>"), fuse={"qk": ["q", "k"]})
+
+
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [
+        ("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "flux-kohya"),
+        ("lora_unet_single_blocks_3_linear1.lora_down.weight", "flux-kohya"),
+        ("lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight", "kohya"),
+        ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "kohya"),
+        ("diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight", "flux-bfl"),
+        ("double_blocks.0.img_attn.qkv.lora_A.weight", "flux-bfl"),
+        ("diffusion_model.input_blocks.4.1.proj_in.lora_A.weight", "comfyui"),
+        ("double_blocks.0.processor.qkv_lora1.down.weight", "flux-xlabs"),
+        ("single_blocks.1.processor.proj_lora.down.weight", "flux-xlabs"),
+        ("unet.mid_block.attentions.0.processor.to_q_lora.down.weight", "diffusers-old"),
+        ("base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight", "flux-fal"),
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "peft"),
+        ("transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight", "diffusers"),
+        ("diffusion_model.blocks.0.self_attn.q.lora_A.weight", "wan"),
+        ("diffusion_model.blocks.3.ffn.0.lora_down.weight", "wan"),
+        ("diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight", "comfyui"),
+    ],
+)
+def test_flux_namings_and_the_others_are_told_apart(key: str, name: str) -> None:
+    up = key.replace("lora_A", "lora_B").replace("lora_down", "lora_up").replace(".down.", ".up.")
+    fmt = detect([key, up])
+    assert fmt is not None and fmt.name == name

@@ -1,0 +1,218 @@
+"""Flux.1 namings: adapters trained on Black Forest Labs' original module names, for a
+diffusers-named ``FluxTransformer2DModel``.
+
+The original model fuses what diffusers keeps apart: ``img_attn.qkv`` is ``to_q``/``to_k``/
+``to_v``, ``txt_attn.qkv`` is ``add_q_proj``/``add_k_proj``/``add_v_proj``, and a single
+block's ``linear1`` is ``to_q``, ``to_k``, ``to_v`` and ``proj_mlp`` (``D, D, D, 4 D`` rows).
+Module keys keep the original names (a model with those names takes them as they are). On a
+diffusers-named model, a fused module is :class:`~lorahot.formats.table.Split` onto the separate
+layers, the final adaLN projection's ``(shift, scale)`` rows are swapped to diffusers'
+``(scale, shift)`` (:class:`~lorahot.formats.table.Reorder`), and every other module is an
+alias (``double_blocks.0.img_attn.proj`` -> ``transformer_blocks.0.attn.to_out.0``).
+
+The namings, each a table sharing that map:
+
+- ``flux-kohya`` (sd-scripts): ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``,
+  ``lora_unet_single_blocks_0_linear1``, with ``.alpha`` (scale ``alpha / r``); text-encoder
+  modules (``lora_te1_...``) resolve as in the kohya naming.
+- ``flux-bfl`` (BFL / ComfyUI): ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``,
+  or ``.lora_down``/``.lora_up``; ``.alpha`` if present.
+- ``flux-xlabs``: ``double_blocks.0.processor.qkv_lora1.down.weight`` (``qkv_lora2``: the text
+  stream, ``proj_lora1/2``: the output projections); no alpha (scale 1).
+- ``flux-fal`` (fal's Kontext trainer, PEFT-saved): ``base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight``;
+  no alpha (scale 1).
+"""
+
+from __future__ import annotations
+
+import re
+
+from lorahot.formats.kohya import COMPONENTS
+from lorahot.formats.table import REFUSED, KeyFormat, Reorder, Rule, Split
+
+__all__ = ["KOHYA", "BFL", "XLABS", "FAL", "SPLITS"]
+
+#: double block module (after ``double_blocks.N.``) -> diffusers' (after ``transformer_blocks.N.``)
+_DOUBLE = {
+    "img_attn.proj": "attn.to_out.0",
+    "img_mlp.0": "ff.net.0.proj",
+    "img_mlp.2": "ff.net.2",
+    "img_mod.lin": "norm1.linear",
+    "txt_attn.proj": "attn.to_add_out",
+    "txt_mlp.0": "ff_context.net.0.proj",
+    "txt_mlp.2": "ff_context.net.2",
+    "txt_mod.lin": "norm1_context.linear",
+}
+#: single block module -> diffusers' (after ``single_transformer_blocks.N.``)
+_SINGLE = {"linear2": "proj_out", "modulation.lin": "norm.linear"}
+#: modules outside the blocks
+_OUTSIDE = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+}
+
+#: Flux.2's diffusers names where they differ from Flux.1's (its single block keeps ``linear1``
+#: fused as ``to_qkv_mlp_proj``, so nothing is split there)
+_DOUBLE2 = {
+    "img_mlp.0": "ff.linear_in",
+    "img_mlp.2": "ff.linear_out",
+    "txt_mlp.0": "ff_context.linear_in",
+    "txt_mlp.2": "ff_context.linear_out",
+}
+_SINGLE2 = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out"}
+_OUTSIDE2 = {
+    "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+    "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+    "single_stream_modulation.lin": "single_stream_modulation.linear",
+    "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+}
+
+#: a component prefix (``diffusion_model.``, ``lora_unet_``), kept for ``prefix=`` and the resolver
+_HEAD = r"(?P<head>(?:.*[._])?)"
+_START = r"(?<![^._])"  # a name starts here: at the key's start, or after a "." or "_"
+
+#: original module names -> diffusers', one layer each: tried on a module key that names no
+#: injected layer (a model with the original names takes the file's keys as they are)
+_ALIASES: tuple[tuple[str, str], ...] = (
+    *((rf"{_START}double_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _DOUBLE.items()),
+    *(
+        (rf"{_START}single_blocks\.(\d+)\.{re.escape(k)}$", rf"single_transformer_blocks.\1.{v}")
+        for k, v in _SINGLE.items()
+    ),
+    *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
+    # Flux.2, whose files use the same original names: tried alongside, the model has one of them
+    *((rf"{_START}double_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _DOUBLE2.items()),
+    *(
+        (rf"{_START}single_blocks\.(\d+)\.{re.escape(k)}$", rf"single_transformer_blocks.\1.{v}")
+        for k, v in _SINGLE2.items()
+    ),
+    *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE2.items()),
+)
+
+
+def _qkv(pattern: str, block: str, names: tuple[str, ...]) -> Split:
+    return Split(_HEAD + pattern, tuple((rf"\g<head>{block}.\g<n>.{n}", 1) for n in names))
+
+
+_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
+_ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+
+#: the fused modules of the original model, in its names
+SPLITS: tuple[Split | Reorder, ...] = (
+    _qkv(r"double_blocks\.(?P<n>\d+)\.img_attn\.qkv", "transformer_blocks", _QKV),
+    _qkv(r"double_blocks\.(?P<n>\d+)\.txt_attn\.qkv", "transformer_blocks", _ADD_QKV),
+    Split(
+        _HEAD + r"single_blocks\.(?P<n>\d+)\.linear1",
+        (
+            *((rf"\g<head>single_transformer_blocks.\g<n>.{n}", 1) for n in _QKV),
+            (r"\g<head>single_transformer_blocks.\g<n>.proj_mlp", 4),
+        ),
+    ),
+    Reorder(_HEAD + r"final_layer\.adaLN_modulation\.1", r"\g<head>norm_out.linear", (1, 1), (1, 0)),
+)
+
+#: sd-scripts' underscore names of the original modules -> the dotted ones (``lora_unet_`` kept:
+#: ``prefix="lora_unet"`` selects them, and the resolver drops it)
+_KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
+    (
+        r"^lora_unet_double_blocks_(\d+)_(img|txt)_(attn|mlp|mod)_(qkv|proj|0|2|lin)$",
+        r"lora_unet_double_blocks.\1.\2_\3.\4",
+    ),
+    (r"^lora_unet_single_blocks_(\d+)_(linear1|linear2)$", r"lora_unet_single_blocks.\1.\2"),
+    (r"^lora_unet_single_blocks_(\d+)_modulation_lin$", r"lora_unet_single_blocks.\1.modulation.lin"),
+    (r"^lora_unet_final_layer_adaLN_modulation_1$", "lora_unet_final_layer.adaLN_modulation.1"),
+    (r"^lora_unet_final_layer_linear$", "lora_unet_final_layer.linear"),
+    (r"^lora_unet_(time|vector|guidance)_in_(in|out)_layer$", r"lora_unet_\1_in.\2_layer"),
+    (
+        r"^lora_unet_(single_stream_modulation|double_stream_modulation_img|double_stream_modulation_txt)_lin$",
+        r"lora_unet_\1.lin",
+    ),
+)
+
+KOHYA = KeyFormat(
+    name="flux-kohya",
+    rules=(
+        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_down\.weight", "A"),
+        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_up\.weight", "B"),
+        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.alpha", "alpha"),
+    ),
+    prefixes=COMPONENTS,
+    separator="_",
+    renames=_KOHYA_TO_DOTTED,
+    aliases=_ALIASES,
+    refuse=REFUSED,
+    marker=r"^lora_unet_(?:double_blocks|single_blocks)_\d+_",
+    splits=SPLITS,
+    roles=("lora_down", "lora_up"),
+    example="lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+)
+
+#: a module key of the original model, with an optional component prefix
+_BFL_MARKER = r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\."
+
+BFL = KeyFormat(
+    name="flux-bfl",
+    rules=(
+        Rule(r"(?P<module>.+)\.lora_A\.weight", "A"),
+        Rule(r"(?P<module>.+)\.lora_B\.weight", "B"),
+        Rule(r"(?P<module>.+)\.lora_down\.weight", "A"),
+        Rule(r"(?P<module>.+)\.lora_up\.weight", "B"),
+        Rule(r"(?P<module>.+)\.alpha", "alpha"),
+    ),
+    prefixes=("diffusion_model.", "model.diffusion_model.", "transformer."),
+    aliases=_ALIASES,
+    refuse=REFUSED,
+    marker=_BFL_MARKER,
+    splits=SPLITS,
+    example="diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight",
+)
+
+#: xlabs' attention-processor LoRAs: ``qkv_lora1``/``proj_lora1`` on the image stream,
+#: ``qkv_lora2``/``proj_lora2`` on the text stream; single blocks have ``qkv_lora``/``proj_lora``.
+_XLABS_RENAMES: tuple[tuple[str, str], ...] = (
+    (rf"{_START}double_blocks\.(\d+)\.processor\.qkv_lora1$", r"double_blocks.\1.img_attn.qkv"),
+    (rf"{_START}double_blocks\.(\d+)\.processor\.qkv_lora2$", r"double_blocks.\1.txt_attn.qkv"),
+    (rf"{_START}double_blocks\.(\d+)\.processor\.proj_lora1$", r"double_blocks.\1.img_attn.proj"),
+    (rf"{_START}double_blocks\.(\d+)\.processor\.proj_lora2$", r"double_blocks.\1.txt_attn.proj"),
+    (rf"{_START}single_blocks\.(\d+)\.processor\.qkv_lora$", r"single_blocks.\1.attn.qkv"),
+    (rf"{_START}single_blocks\.(\d+)\.processor\.proj_lora$", r"single_blocks.\1.linear2"),
+)
+
+XLABS = KeyFormat(
+    name="flux-xlabs",
+    rules=(
+        Rule(r"(?P<module>.+\.processor\.(?:qkv|proj)_lora[12]?)\.down\.weight", "A"),
+        Rule(r"(?P<module>.+\.processor\.(?:qkv|proj)_lora[12]?)\.up\.weight", "B"),
+    ),
+    prefixes=("diffusion_model.",),
+    renames=_XLABS_RENAMES,
+    aliases=_ALIASES,
+    refuse=REFUSED,
+    marker=r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\.processor\.",
+    splits=(*SPLITS, _qkv(r"single_blocks\.(?P<n>\d+)\.attn\.qkv", "single_transformer_blocks", _QKV)),
+    roles=("down", "up"),
+    example="double_blocks.0.processor.qkv_lora1.down.weight",
+)
+
+FAL = KeyFormat(
+    name="flux-fal",
+    rules=(
+        Rule(r"base_model\.model\.(?P<module>.+)\.lora_A\.weight", "A"),
+        Rule(r"base_model\.model\.(?P<module>.+)\.lora_B\.weight", "B"),
+    ),
+    aliases=_ALIASES,
+    refuse=REFUSED,
+    marker=r"^base_model\.model\.(?:double_blocks|single_blocks)\.\d+\.",
+    splits=SPLITS,
+    example="base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight",
+)

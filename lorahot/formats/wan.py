@@ -1,0 +1,83 @@
+"""Wan 2.x naming: adapters trained on the original Wan module names
+(``diffusion_model.blocks.0.self_attn.q.lora_A.weight``, or ``.lora_down``/``.lora_up``, with
+``.alpha``), for a diffusers-named ``WanTransformer3DModel``.
+
+Module keys keep the original names; the diffusers names are aliases
+(``blocks.0.self_attn.q`` -> ``blocks.0.attn1.to_q``, ``cross_attn`` -> ``attn2``,
+``ffn.0`` -> ``ffn.net.0.proj``, ``head.head`` -> ``proj_out``, the embedders). Nothing is fused.
+
+``wan-musubi`` is musubi-tuner's kohya spelling of the same names
+(``lora_unet_blocks_0_self_attn_q.lora_down.weight``, ``.alpha`` per module).
+"""
+
+from __future__ import annotations
+
+import re
+
+from lorahot.formats.kohya import COMPONENTS
+from lorahot.formats.table import REFUSED, KeyFormat, Rule
+
+__all__ = ["FORMAT", "MUSUBI"]
+
+_START = r"(?<![^._])"  # a name starts here: at the key's start, or after a "." or "_"
+
+#: block module (after ``blocks.N.``) -> diffusers' (after ``blocks.N.``)
+_BLOCK = {
+    **{f"self_attn.{o}": f"attn1.{c}" for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+    **{f"cross_attn.{o}": f"attn2.{c}" for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+    "cross_attn.k_img": "attn2.add_k_proj",
+    "cross_attn.v_img": "attn2.add_v_proj",
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
+}
+#: modules outside the blocks
+_OUTSIDE = {
+    "time_projection.1": "condition_embedder.time_proj",
+    "head.head": "proj_out",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+}
+
+_ALIASES: tuple[tuple[str, str], ...] = (
+    *((rf"{_START}blocks\.(\d+)\.{re.escape(k)}$", rf"blocks.\1.{v}") for k, v in _BLOCK.items()),
+    *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
+)
+
+FORMAT = KeyFormat(
+    name="wan",
+    rules=(
+        Rule(r"(?P<module>.+)\.(?:lora_A|lora_down)\.weight", "A"),
+        Rule(r"(?P<module>.+)\.(?:lora_B|lora_up)\.weight", "B"),
+        Rule(r"(?P<module>.+)\.alpha", "alpha"),
+    ),
+    prefixes=("diffusion_model.",),
+    require_prefix=True,
+    refuse=REFUSED,
+    marker=r"^diffusion_model\.blocks\.\d+\.(?:self_attn|cross_attn|ffn)\.",
+    aliases=_ALIASES,
+    example="diffusion_model.blocks.0.self_attn.q.lora_A.weight",
+)
+
+MUSUBI = KeyFormat(
+    name="wan-musubi",
+    rules=(
+        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_down\.weight", "A"),
+        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_up\.weight", "B"),
+        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.alpha", "alpha"),
+    ),
+    prefixes=COMPONENTS,
+    separator="_",
+    renames=(  # to the dotted original names, lora_unet_ kept for prefix= and the resolver
+        (r"^lora_unet_blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img)$", r"lora_unet_blocks.\1.\2.\3"),
+        (r"^lora_unet_blocks_(\d+)_ffn_(0|2)$", r"lora_unet_blocks.\1.ffn.\2"),
+    ),
+    refuse=REFUSED,
+    marker=r"^lora_unet_blocks_\d+_(?:self_attn|cross_attn|ffn)_",
+    aliases=_ALIASES,
+    roles=("lora_down", "lora_up"),
+    example="lora_unet_blocks_0_self_attn_q.lora_down.weight",
+)

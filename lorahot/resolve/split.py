@@ -1,0 +1,255 @@
+"""Placing a fused adapter module onto several separate layers: the reverse of ``fuse=``.
+
+A file trained on one fused projection (Flux's ``img_attn.qkv`` ``[3 D, D]``) meets a model
+that has the parts as separate layers (``to_q``, ``to_k``, ``to_v``). With ``A [r, in]`` and
+``B [sum out_j, r]``, part ``j`` receives::
+
+    A_j = A                     # [r, in], shared
+    B_j = B[o_j : o_j + out_j]  # [out_j, r], rows cut by the declared output sizes
+
+so that ``B_j @ A_j`` is exactly the fused delta's rows of part ``j``, with the module's scale.
+**Block-sparse** files (kohya's qkv with rank ``r = k r'``) train each part on its own chunk of
+A's rows: B is zero outside the diagonal blocks ``B[o_j : o_j + out_j, j r' : (j + 1) r']``.
+When the rank divides by the number of parts and every off-diagonal block is exactly zero,
+part ``j`` receives ``A[j r' : (j + 1) r']`` and that diagonal block, of rank ``r'``: the same
+delta at a ``k``-th of the rank. Either way the scale ``alpha / r`` of the file is kept (the
+part's alpha is rescaled to its rank), so nothing is folded into the weights.
+
+:class:`~lorahot.formats.table.Reorder` re-stacks B's row blocks onto one layer (Flux's final
+adaLN ``(shift, scale)`` -> diffusers' ``(scale, shift)``).
+
+Every problem (sizes that do not add up to B's rows, an A that does not match B's rank, a
+conv module, a part that lands on a module the file also holds) is collected and raised once,
+before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from lorahot.adapter import LoraModule
+from lorahot.errors import AdapterMismatchError, UsageError, format_problems
+from lorahot.formats.table import Reorder, Split
+
+__all__ = ["SplitSpec", "split_module", "reorder_module", "placed", "split_by_user", "place"]
+
+#: ``split=``: ``{fused: [(part, out_features), ...]}``, the parts in the fused B's row order.
+SplitSpec = Mapping[str, Sequence[tuple[str, int]]]
+
+
+def split_module(module: LoraModule, parts: Sequence[tuple[str, int]]) -> list[LoraModule]:
+    """``module`` (a fused linear LoRA) as one LoRA per part, each with its output rows.
+
+    Args:
+        module: ``A [r, in]``, ``B [sum(sizes), r]``, its alpha and rsLoRA flag.
+        parts: ``(module key, out_features)`` per part, in B's row order.
+
+    Returns:
+        One module per part: ``A`` (or, block-sparse, its ``j``-th chunk of rows), ``B``'s rows
+        of the part (or its diagonal block), the same scale; the fused module's source keys.
+
+    Raises:
+        AdapterMismatchError: the sizes do not add up to B's rows, A and B disagree on the rank,
+            or the module is not linear (2-D A and B) or carries a base-weight copy.
+    """
+    problem = _unsplittable(module, [size for _, size in parts])
+    if problem is not None:
+        raise AdapterMismatchError(f"{_where(module)}: {problem}. {_FIX}")
+    sizes = [size for _, size in parts]
+    a, b = module.A, module.B  # [r, in], [sum(sizes), r]
+    if _block_sparse(b, sizes):
+        rank = a.shape[0] // len(sizes)
+        alpha = _alpha_for(module, rank)
+        rows = _offsets(sizes)
+        return [
+            _part(module, key, a[j * rank : (j + 1) * rank], b[o : o + n, j * rank : (j + 1) * rank], alpha)
+            for j, ((key, n), o) in enumerate(zip(parts, rows))
+        ]
+    return [_part(module, key, a, rows, module.alpha) for (key, _), rows in zip(parts, torch.split(b, sizes))]
+
+
+def reorder_module(module: LoraModule, key: str, sizes: Sequence[int], order: Sequence[int]) -> LoraModule:
+    """``module`` with B's row blocks (of ``sizes``, in the file's order) re-stacked in ``order``.
+
+    Raises:
+        AdapterMismatchError: the sizes do not add up to B's rows, or the module is not linear.
+    """
+    problem = _unsplittable(module, list(sizes))
+    if problem is not None:
+        raise AdapterMismatchError(f"{_where(module)}: {problem}. {_FIX}")
+    blocks = torch.split(module.B, list(sizes))
+    return _part(module, key, module.A, torch.cat([blocks[i] for i in order]), module.alpha)
+
+
+def split_by_user(modules: dict[str, LoraModule], split: SplitSpec, source: str, sep: str) -> dict[str, LoraModule]:
+    """``split=``: each module key ``<parent><sep><fused>`` (or ``<fused>``) placed onto
+    ``<parent><sep><part>``, one per ``(part, out_features)``.
+
+    Raises:
+        UsageError: a malformed ``split`` argument.
+        AdapterMismatchError: as :func:`place`.
+    """
+    rules = tuple(
+        Split(
+            rf"(?P<head>(?:.*{re.escape(sep)})?){re.escape(fused)}",
+            tuple((r"\g<head>" + _literal(part), n) for part, n in parts),
+            exact=True,
+        )
+        for fused, parts in _split_spec(split).items()
+    )
+    return place(modules, rules, source, "split=")
+
+
+def place(
+    modules: dict[str, LoraModule], rules: tuple[Split | Reorder, ...], source: str, what: str
+) -> dict[str, LoraModule]:
+    """Every module that a rule fully matches, placed as the rule says; the others unchanged.
+
+    Raises:
+        AdapterMismatchError: every module that cannot be split (sizes that do not add up to
+            B's rows or rows that do not divide by the shares, A and B of different ranks, conv
+            modules), and parts that land on a module key the file also holds; all listed at once.
+    """
+    out: dict[str, LoraModule] = {}
+    origin: dict[str, str] = {}
+    problems: list[str] = []
+    for key, module in modules.items():
+        placed_ = placed(key, module, rules, problems)
+        for new in placed_:
+            if new.key in out:
+                problems.append(f"{_where(new)}: lands on {new.key!r}, which {origin[new.key]} already fills")
+                continue
+            out[new.key], origin[new.key] = new, ", ".join(new.source_keys or (key,))
+    if problems:
+        raise AdapterMismatchError(
+            format_problems(
+                f"{source}: fused modules that cannot be placed onto the model's layers ({what}):", problems
+            )
+            + f"\n{_FIX}"
+        )
+    return out
+
+
+def placed(key: str, module: LoraModule, rules: tuple[Split | Reorder, ...], problems: list[str]) -> list[LoraModule]:
+    """``module`` as the first rule fully matching ``key`` places it: ``[module]`` if none matches,
+    ``[]`` after appending to ``problems`` if it cannot be placed (sizes, ranks, a conv module)."""
+    for rule in rules:
+        m = re.fullmatch(rule.pattern, key)
+        if m is None:
+            continue
+        shares = [s for _, s in rule.parts] if isinstance(rule, Split) else list(rule.shares)
+        sizes = shares if isinstance(rule, Split) and rule.exact else _sizes(module, shares)
+        problem = _share_problem(module, shares) if sizes is None else _unsplittable(module, sizes)
+        if sizes is None or problem is not None:
+            targets = [m.expand(t) for t, _ in rule.parts] if isinstance(rule, Split) else [m.expand(rule.target)]
+            problems.append(f"{_where(module)} -> {', '.join(targets)}: {problem}")
+            return []
+        if isinstance(rule, Split):
+            return split_module(module, [(m.expand(t), n) for (t, _), n in zip(rule.parts, sizes)])
+        return [reorder_module(module, m.expand(rule.target), sizes, rule.order)]
+    return [module]
+
+
+def _sizes(module: LoraModule, shares: list[int]) -> list[int] | None:
+    """Each part's rows: B's rows in ``sum(shares)`` equal units; None if they do not divide."""
+    rows = int(module.B.shape[0]) if module.B.ndim else 0
+    unit, rest = divmod(rows, sum(shares))
+    return None if rest or not unit else [unit * s for s in shares]
+
+
+def _share_problem(module: LoraModule, shares: list[int]) -> str:
+    ratio = ":".join(map(str, shares))
+    return (
+        f"B has shape {tuple(module.B.shape)}; its rows split in the ratio {ratio}, which needs a positive multiple "
+        f"of {sum(shares)} rows"
+    )
+
+
+def _unsplittable(module: LoraModule, sizes: list[int]) -> str | None:
+    """Why ``module`` cannot be cut into rows of ``sizes``, or None."""
+    a, b = module.A, module.B
+    if a.ndim != 2 or b.ndim != 2:
+        return f"only linear modules can be split; got A {tuple(a.shape)}, B {tuple(b.shape)}"
+    if a.shape[0] != b.shape[1] or a.shape[0] == 0:
+        return f"A {tuple(a.shape)} and B {tuple(b.shape)} disagree on the rank"
+    if any(n <= 0 for n in sizes) or sum(sizes) != b.shape[0]:
+        return f"B has {b.shape[0]} output rows, but the parts' sizes {sizes} add up to {sum(sizes)}"
+    if module.base_weight is not None:
+        return "it carries a base-layer weight copy, which cannot be split"
+    return None
+
+
+def _block_sparse(b: torch.Tensor, sizes: list[int]) -> bool:
+    """Whether B ``[sum(sizes), k r']`` is zero outside its ``k`` diagonal blocks (exactly; one
+    device read)."""
+    k, rank = len(sizes), b.shape[1]
+    if rank % k:
+        return False
+    diagonal = torch.block_diag(*[torch.ones(n, rank // k, dtype=torch.bool, device=b.device) for n in sizes])
+    return not bool(b.masked_fill(diagonal, 0).any())
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    return [sum(sizes[:j]) for j in range(len(sizes))]
+
+
+def _alpha_for(module: LoraModule, rank: int) -> float:
+    """The alpha that gives a part of ``rank`` the scale of ``module``."""
+    return module.scale * (math.sqrt(rank) if module.use_rslora else rank)
+
+
+def _part(module: LoraModule, key: str, a: torch.Tensor, b: torch.Tensor, alpha: float) -> LoraModule:
+    return dataclasses.replace(
+        module, key=key, A=a, B=b.contiguous(), alpha=alpha, source_keys=module.source_keys or (module.key,)
+    )
+
+
+#: the largest out_features split= may give a part
+_MAX_PART = 1 << 20
+
+
+def _split_spec(split: object) -> dict[str, list[tuple[str, int]]]:
+    example = "{'qkv': [('to_q', 3072), ('to_k', 3072), ('to_v', 3072)]}"
+    if not isinstance(split, Mapping) or not split:
+        raise UsageError(f"split must be a non-empty mapping like {example}, got {_short(split)}.")
+    spec = {}
+    for fused, parts in split.items():
+        ok = isinstance(fused, str) and bool(fused) and isinstance(parts, (list, tuple)) and len(parts) >= 2
+        parsed = [_split_part(p) for p in parts] if ok else []
+        if not ok or None in parsed:
+            raise UsageError(
+                f"split: each entry maps a fused module name to two or more (part name, out_features) pairs with "
+                f"1 <= out_features <= {_MAX_PART}, like {example}; got {_short(fused)}: {_short(parts)}."
+            )
+        spec[fused] = [p for p in parsed if p is not None]
+    return spec
+
+
+def _split_part(p: object) -> tuple[str, int] | None:
+    if isinstance(p, (list, tuple)) and len(p) == 2:
+        name, size = p
+        if isinstance(name, str) and name and type(size) is int and 0 < size <= _MAX_PART:
+            return name, size
+    return None
+
+
+def _literal(text: str) -> str:
+    """``text`` as a ``re.Match.expand`` template that expands to itself."""
+    return text.replace("\\", "\\\\")
+
+
+def _short(v: object, limit: int = 80) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _where(module: LoraModule) -> str:
+    return f"{module.key} ({', '.join(module.source_keys or (module.key,))})"
+
+
+_FIX = "Load an adapter trained for this model (a fused module's output rows must be the parts' output rows)."

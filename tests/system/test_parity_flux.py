@@ -1,0 +1,442 @@
+"""lorahot against diffusers' own Flux.1 (and Flux.2) loaders as the oracle: adapters in the original
+model's names (kohya, BFL/ComfyUI, xlabs, fal Kontext), whose fused modules lorahot splits onto a
+diffusers-named ``FluxTransformer2DModel``.
+
+Two kinds of checks:
+
+- **Model outputs** on a tiny transformer from config: diffusers reads the file with
+  ``FluxPipeline.lora_state_dict`` (its real conversion code) and loads it with
+  ``load_lora_adapter``; lorahot injects and loads the same file; the outputs agree within fp32
+  rounding. diffusers' kohya conversion hard-codes a single block's ``linear1`` sizes at the
+  full model's (``3072, 3072, 3072, 12288``) and drops the ``.alpha`` of ``final_layer``
+  modules, and its fal converter needs all 19 + 38 blocks at full width; so these files leave
+  out ``linear1`` and the final layers' alphas, and fal has no model check.
+- **Conversions at full Flux.1 size** (rank 2, so cheap): for every layer, diffusers' converted
+  ``B @ A`` and lorahot's ``scale * B @ A`` applied to the same random probe agree. This covers
+  ``linear1``'s four-way split (dense and block-sparse), kohya alphas and fal Kontext.
+
+diffusers' kohya conversion names the modules outside the blocks without ``transformer.``, so
+its loaders drop them (silently); the oracle adds the prefix to its converted keys and loads those.
+
+diffusers has no Flux.1 conversion for BFL keys spelled ``.lora_A``/``.lora_B`` (it passes them
+through unconverted), so that spelling is checked against diffusers on the same file respelled
+``.lora_down``/``.lora_up``, which diffusers converts as ComfyUI's.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo.testing
+from safetensors.torch import save_file
+
+import lorahot
+from lorahot.resolve.keys import resolve_keys
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+D, MLP, HEADS = 32, 128, 2  # tiny width: 2 heads of 16
+
+
+#: every LoRA-able module of the original model: name -> (in, out), at width d and MLP width m
+def original_modules(
+    d: int, mlp: int, double: int = 1, single: int = 1, linear1: bool = True
+) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    for i in range(double):
+        for s in ("img", "txt"):
+            out |= {
+                f"double_blocks.{i}.{s}_attn.qkv": (d, 3 * d),
+                f"double_blocks.{i}.{s}_attn.proj": (d, d),
+                f"double_blocks.{i}.{s}_mlp.0": (d, mlp),
+                f"double_blocks.{i}.{s}_mlp.2": (mlp, d),
+                f"double_blocks.{i}.{s}_mod.lin": (d, 6 * d),
+            }
+    for i in range(single):
+        if linear1:
+            out[f"single_blocks.{i}.linear1"] = (d, 3 * d + mlp)
+        out |= {f"single_blocks.{i}.linear2": (d + mlp, d), f"single_blocks.{i}.modulation.lin": (d, 3 * d)}
+    return out
+
+
+OUTSIDE = {
+    "img_in": (16, D),
+    "txt_in": (D, D),
+    "time_in.in_layer": (256, D),
+    "time_in.out_layer": (D, D),
+    "vector_in.in_layer": (D, D),
+    "vector_in.out_layer": (D, D),
+    "guidance_in.in_layer": (256, D),
+    "guidance_in.out_layer": (D, D),
+    "final_layer.linear": (D, 16),
+    "final_layer.adaLN_modulation.1": (D, 2 * D),
+}
+
+
+def random_weights(
+    modules: dict[str, tuple[int, int]], seed: int, sparse: tuple[str, ...] = ()
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
+    """name -> (A [r, in], B [out, r], alpha or None), ranks 2-6, alphas != rank; the modules in
+    ``sparse`` block-sparse (rank 2 per third of B's rows)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (name, (fan_in, fan_out)) in enumerate(modules.items()):
+        r = 6 if name in sparse else 2 + i % 4
+        a, b = torch.randn(r, fan_in, generator=g) * 0.2, torch.randn(fan_out, r, generator=g) * 0.2
+        if name in sparse:
+            mask = torch.block_diag(*[torch.ones(fan_out // 3, 2)] * 3)
+            b = b * mask
+        alpha = None if name.startswith("final_layer") else float(r) * (0.5 + i % 3)
+        out[name] = (a, b, alpha)
+    return out
+
+
+def kohya_file(weights) -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, (a, b, alpha) in weights.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = a, b
+        if alpha is not None:
+            sd[f"{key}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def bfl_file(weights, spelling: tuple[str, str] = ("lora_down", "lora_up")) -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, (a, b, alpha) in weights.items():
+        key = "diffusion_model." + name
+        sd[f"{key}.{spelling[0]}.weight"], sd[f"{key}.{spelling[1]}.weight"] = a, b
+        if alpha is not None:
+            sd[f"{key}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def xlabs_file(seed: int) -> dict[str, torch.Tensor]:
+    """xlabs' processor LoRAs on every attention of the tiny model (xlabs writes no alpha)."""
+    shapes = {
+        "double_blocks.0.processor.qkv_lora1": (D, 3 * D),
+        "double_blocks.0.processor.qkv_lora2": (D, 3 * D),
+        "double_blocks.0.processor.proj_lora1": (D, D),
+        "double_blocks.0.processor.proj_lora2": (D, D),
+        "single_blocks.0.processor.qkv_lora": (D, 3 * D),
+        "single_blocks.0.processor.proj_lora": (D + MLP, D),  # diffusers maps it onto proj_out
+    }
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i, (name, (fan_in, fan_out)) in enumerate(shapes.items()):
+        r = 2 + i % 3
+        sd[f"{name}.down.weight"] = torch.randn(r, fan_in, generator=g) * 0.2
+        sd[f"{name}.up.weight"] = torch.randn(fan_out, r, generator=g) * 0.2
+    return sd
+
+
+def tiny_flux() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=D // HEADS,
+        num_attention_heads=HEADS,
+        joint_attention_dim=D,
+        pooled_projection_dim=D,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def flux_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, 12, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, 5, D, generator=g),
+        "pooled_projections": torch.randn(1, D, generator=g),
+        "timestep": torch.tensor([0.7]),
+        "guidance": torch.tensor([3.5]),
+        "img_ids": torch.randint(0, 8, (12, 3), generator=g).float(),
+        "txt_ids": torch.zeros(5, 3),
+    }
+
+
+def _prefixed(key: str) -> str:
+    """diffusers' kohya conversion names the modules outside the blocks (``x_embedder``,
+    ``time_text_embed.*``, ``proj_out``, ``norm_out.linear``) without the ``transformer.`` it
+    gives the others, so its own loaders drop them; the oracle puts it back."""
+    return key if key.startswith("transformer.") else "transformer." + key
+
+
+@torch.no_grad()
+def diffusers_output(sd: dict[str, torch.Tensor]) -> torch.Tensor:
+    model = tiny_flux()
+    state_dict, alphas = diffusers.FluxPipeline.lora_state_dict(dict(sd), return_alphas=True)
+    state_dict = {_prefixed(k): v for k, v in state_dict.items()}
+    model.load_lora_adapter(state_dict, network_alphas=alphas, prefix="transformer", adapter_name="oracle")
+    return model(**flux_inputs(), return_dict=False)[0]
+
+
+@torch.no_grad()
+def lorahot_output(path: Path) -> tuple[torch.Tensor, torch.Tensor, lorahot.Adapter]:
+    model = tiny_flux()
+    base = model(**flux_inputs(), return_dict=False)[0]
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    runtime.load(path)
+    return base, model(**flux_inputs(), return_dict=False)[0], lorahot.read_adapter(path)
+
+
+def _check(sd: dict[str, torch.Tensor], oracle_sd: dict[str, torch.Tensor], tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / "flux_lora.safetensors"
+    save_file(sd, str(path))
+    base, ours, adapter = lorahot_output(path)
+    expected = diffusers_output(oracle_sd)
+    assert adapter.format == fmt
+    assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)  # the adapter changes the output
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+MODEL_MODULES = {**original_modules(D, MLP, linear1=False), **OUTSIDE}
+SPARSE = ("double_blocks.0.img_attn.qkv",)
+
+
+def test_kohya_flux_matches_diffusers(tmp_path: Path) -> None:
+    sd = kohya_file(random_weights(MODEL_MODULES, seed=2, sparse=SPARSE))
+    _check(sd, sd, tmp_path, "flux-kohya")
+
+
+def test_bfl_comfyui_lora_down_matches_diffusers(tmp_path: Path) -> None:
+    sd = bfl_file(random_weights(MODEL_MODULES, seed=3, sparse=SPARSE))
+    _check(sd, sd, tmp_path, "flux-bfl")
+
+
+def test_bfl_lora_a_spelling_matches_diffusers_on_its_lora_down_twin(tmp_path: Path) -> None:
+    weights = random_weights(MODEL_MODULES, seed=4)
+    _check(bfl_file(weights, ("lora_A", "lora_B")), bfl_file(weights), tmp_path, "flux-bfl")
+
+
+def test_xlabs_flux_matches_diffusers(tmp_path: Path) -> None:
+    sd = xlabs_file(seed=5)
+    _check(sd, sd, tmp_path, "flux-xlabs")
+
+
+# Conversions at full Flux.1 size: every converted layer against diffusers' converter.
+
+FULL_D, FULL_MLP = 3072, 12288
+
+
+def _probe_deltas(state_dict: dict[str, torch.Tensor], probes: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' converted ``transformer.<name>.lora_A/B`` -> ``B @ (A @ probe)`` per name (scale folded in)."""
+    out = {}
+    for key, a in state_dict.items():
+        if key.endswith(".lora_A.weight"):
+            name = _prefixed(key)[len("transformer.") : -len(".lora_A.weight")]
+            b = state_dict[key.replace(".lora_A.", ".lora_B.")]
+            out[name] = b.double() @ (a.double() @ probes[a.shape[1]])
+    return out
+
+
+def _lorahot_deltas(
+    adapter: lorahot.Adapter, names: list[str], probes: dict[int, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """lorahot's ``scale * B @ (A @ probe)`` per layer of a model with these ``names`` (the
+    modules as ``load`` places them: fused ones split)."""
+    placed = resolve_keys(adapter, names)
+    return {k: m.scale * (m.B.double() @ (m.A.double() @ probes[m.A.shape[1]])) for k, m in placed.items()}
+
+
+def _full_size_modules(blocks: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    modules = original_modules(FULL_D, FULL_MLP, *blocks)
+    return modules | {"final_layer.linear": (FULL_D, 64)}
+
+
+def _assert_same_deltas(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        scale = float(theirs[name].abs().max())  # diffusers folds alpha in fp32: rounding of that size
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "block-sparse"])
+def test_kohya_full_size_linear1_split_matches_diffusers_conversion(sparse: bool) -> None:
+    modules = {
+        "double_blocks.0.img_attn.qkv": (FULL_D, 3 * FULL_D),
+        "single_blocks.0.linear1": (FULL_D, 3 * FULL_D + FULL_MLP),
+        "single_blocks.1.linear2": (FULL_D + FULL_MLP, FULL_D),
+    }
+    g = torch.Generator().manual_seed(6)
+    sd: dict[str, torch.Tensor] = {}
+    for i, (name, (fan_in, fan_out)) in enumerate(modules.items()):
+        key, parts = "lora_unet_" + name.replace(".", "_"), 4 if name.endswith("linear1") else 3
+        r = parts * 2 if sparse else 3
+        b = torch.randn(fan_out, r, generator=g)
+        if sparse and not name.endswith("linear2"):
+            sizes = [FULL_D] * 3 + ([FULL_MLP] if parts == 4 else [])
+            b = b * torch.block_diag(*[torch.ones(n, 2) for n in sizes])
+        sd |= {f"{key}.lora_down.weight": torch.randn(r, fan_in, generator=g), f"{key}.lora_up.weight": b}
+        sd[f"{key}.alpha"] = torch.tensor(float(r) * (1.5 + i))
+    probes = {n: torch.randn(n, 2, generator=g, dtype=torch.float64) for n in (FULL_D, FULL_D + FULL_MLP)}
+    adapter = lorahot.read_adapter(dict(sd), prefix="lora_unet")
+    theirs = _probe_deltas(diffusers.FluxPipeline.lora_state_dict(dict(sd)), probes)
+    _assert_same_deltas(_lorahot_deltas(adapter, sorted(theirs), probes), theirs)
+    if sparse:  # each part gets its own chunk of A: a third (a quarter) of the rank
+        assert resolve_keys(adapter, sorted(theirs))["single_transformer_blocks.0.proj_mlp"].rank == 2
+
+
+def test_fal_kontext_full_size_matches_diffusers_conversion() -> None:
+    """fal's converter needs every block of Flux.1 (19 double, 38 single): rank 1 keeps it small."""
+    g = torch.Generator().manual_seed(7)
+    modules = _full_size_modules((19, 38))
+    sd = {}
+    for name, (fan_in, fan_out) in modules.items():
+        sd[f"base_model.model.{name}.lora_A.weight"] = torch.randn(1, fan_in, generator=g)
+        sd[f"base_model.model.{name}.lora_B.weight"] = torch.randn(fan_out, 1, generator=g)
+    probes = {n: torch.randn(n, 1, generator=g, dtype=torch.float64) for n in (FULL_D, FULL_MLP, FULL_D + FULL_MLP)}
+    adapter = lorahot.read_adapter(dict(sd))
+    assert adapter.format == "flux-fal"
+    theirs = _probe_deltas(diffusers.FluxPipeline.lora_state_dict(dict(sd)), probes)
+    _assert_same_deltas(_lorahot_deltas(adapter, sorted(theirs), probes), theirs)
+    assert math.isclose(adapter.modules["double_blocks.0.img_attn.qkv"].scale, 1.0)
+
+
+def test_compiled_swaps_across_flux_namings_match_diffusers_without_recompiling(tmp_path: Path) -> None:
+    """One compiled transformer, adapters in three namings swapped in (their splits landing on
+    the same layers at different ranks), each against diffusers' output: no recompile."""
+    files = {
+        "kohya": kohya_file(random_weights(MODEL_MODULES, seed=8, sparse=SPARSE)),
+        "xlabs": xlabs_file(seed=9),
+        "bfl": bfl_file(random_weights(MODEL_MODULES, seed=10), ("lora_A", "lora_B")),
+    }
+    oracles = {
+        "kohya": files["kohya"],
+        "xlabs": files["xlabs"],
+        "bfl": bfl_file(random_weights(MODEL_MODULES, seed=10)),
+    }
+    model = tiny_flux()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        base = compiled(**flux_inputs(), return_dict=False)[0]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for name in ["kohya", "xlabs", "bfl", "kohya"]:
+                path = tmp_path / f"{name}.safetensors"
+                save_file(files[name], str(path))
+                runtime.load(path)
+                out = compiled(**flux_inputs(), return_dict=False)[0]
+                torch.testing.assert_close(out, diffusers_output(oracles[name]), rtol=1e-4, atol=1e-5)
+            runtime.unload()
+            assert torch.equal(compiled(**flux_inputs(), return_dict=False)[0], base)
+    assert counter.frame_count == 1
+
+
+def test_kohya_flux_file_with_text_encoder_keys_loads_the_transformer_with_prefix(tmp_path: Path) -> None:
+    """sd-scripts files often carry CLIP modules (``lora_te1_``); ``prefix="lora_unet"`` takes the transformer's."""
+    sd = kohya_file(random_weights(MODEL_MODULES, seed=11))
+    clip = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    extra = {f"{clip}.lora_down.weight": torch.randn(2, 8), f"{clip}.lora_up.weight": torch.randn(8, 2)}
+    path = tmp_path / "with_te.safetensors"
+    save_file(sd | extra, str(path))
+    model = tiny_flux()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"{clip}: matches no injected layer"):
+        runtime.load(path)
+    runtime.load(path, prefix="lora_unet")
+    with torch.no_grad():
+        out = model(**flux_inputs(), return_dict=False)[0]
+    torch.testing.assert_close(out, diffusers_output(sd), rtol=1e-4, atol=1e-5)
+
+
+# Flux.2: the same original names, other diffusers names, linear1 kept fused.
+
+FLUX2_MODULES = {
+    **{
+        f"double_blocks.0.{s}_{m}": shape
+        for s in ("img", "txt")
+        for m, shape in (("attn.qkv", (D, 3 * D)), ("attn.proj", (D, D)), ("mlp.0", (D, 6 * D)), ("mlp.2", (3 * D, D)))
+    },
+    "single_blocks.0.linear1": (D, 3 * D + 6 * D),
+    "single_blocks.0.linear2": (D + 3 * D, D),
+    "img_in": (16, D),
+    "txt_in": (D, D),
+    "time_in.in_layer": (D, D),
+    "time_in.out_layer": (D, D),
+    "guidance_in.in_layer": (D, D),
+    "guidance_in.out_layer": (D, D),
+    "single_stream_modulation.lin": (D, 3 * D),
+    "double_stream_modulation_img.lin": (D, 6 * D),
+    "double_stream_modulation_txt.lin": (D, 6 * D),
+    "final_layer.linear": (D, 16),
+}
+
+
+def tiny_flux2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=D // HEADS,
+        num_attention_heads=HEADS,
+        joint_attention_dim=D,
+        timestep_guidance_channels=D,
+        axes_dims_rope=(4, 4, 4, 4),
+    ).eval()
+
+
+def flux2_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, 12, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, 5, D, generator=g),
+        "timestep": torch.tensor([0.7]),
+        "guidance": torch.tensor([3.5]),
+        "img_ids": torch.randint(0, 8, (1, 12, 4), generator=g).float(),
+        "txt_ids": torch.zeros(1, 5, 4),
+    }
+
+
+def test_flux2_bfl_matches_diffusers(tmp_path: Path) -> None:
+    """diffusers' Flux.2 conversion takes no alphas (scale 1) and maps ``final_layer.adaLN_modulation.1``
+    without the shift/scale swap its own checkpoint conversion makes; that module is left out."""
+    weights = random_weights(FLUX2_MODULES, seed=12, sparse=SPARSE)
+    sd = bfl_file({k: (a, b, None) for k, (a, b, _) in weights.items()}, ("lora_A", "lora_B"))
+    path = tmp_path / "flux2.safetensors"
+    save_file(sd, str(path))
+    with torch.no_grad():
+        oracle = tiny_flux2()
+        converted = diffusers.Flux2Pipeline.lora_state_dict(dict(sd))
+        oracle.load_lora_adapter(converted, prefix="transformer", adapter_name="oracle")
+        expected = oracle(**flux2_inputs(), return_dict=False)[0]
+        model = tiny_flux2()
+        base = model(**flux2_inputs(), return_dict=False)[0]
+        runtime = lorahot.inject(model, "all-linear", max_rank=8)
+        runtime.load(path)
+        ours = model(**flux2_inputs(), return_dict=False)[0]
+    assert lorahot.read_adapter(path).format == "flux-bfl"
+    assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_flux2_kohya_matches_diffusers(tmp_path: Path) -> None:
+    """sd-scripts' Flux.2 files: kohya module spellings, alphas folded as for Flux.1; diffusers'
+    Flux.2 kohya conversion knows the blocks, img_in, txt_in, time_in and final_layer.linear."""
+    known = {
+        k: v for k, v in FLUX2_MODULES.items() if not k.startswith(("guidance_in", "single_stream", "double_stream"))
+    }
+    sd = kohya_file(random_weights(known, seed=13, sparse=SPARSE))
+    path = tmp_path / "flux2_kohya.safetensors"
+    save_file(sd, str(path))
+    with torch.no_grad():
+        oracle = tiny_flux2()
+        oracle.load_lora_adapter(diffusers.Flux2Pipeline.lora_state_dict(dict(sd)), prefix="transformer")
+        expected = oracle(**flux2_inputs(), return_dict=False)[0]
+        model = tiny_flux2()
+        runtime = lorahot.inject(model, "all-linear", max_rank=8)
+        runtime.load(path)
+        ours = model(**flux2_inputs(), return_dict=False)[0]
+    assert lorahot.read_adapter(path).format == "flux-kohya"
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)

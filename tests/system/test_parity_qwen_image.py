@@ -1,0 +1,96 @@
+"""lorahot against diffusers' own Qwen-Image loader as the oracle, on a tiny diffusers
+``QwenImageTransformer2DModel`` from config. Qwen-Image files outside diffusers use diffusers'
+module names under ComfyUI's ``diffusion_model.`` (``.lora_A`` or ``.lora_down``) or in kohya's
+underscore form (``lora_unet_transformer_blocks_0_attn_to_q``), with ``.alpha`` per module:
+lorahot reads them with its ComfyUI and kohya namings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lorahot
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+D = 16
+
+#: module name -> (in, out)
+MODULES = {
+    **{f"transformer_blocks.0.attn.{n}": (D, D) for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj")},
+    "transformer_blocks.0.attn.add_v_proj": (D, D),
+    "transformer_blocks.0.attn.to_out.0": (D, D),
+    "transformer_blocks.0.attn.to_add_out": (D, D),
+    "transformer_blocks.0.img_mod.1": (D, 6 * D),
+    "transformer_blocks.0.txt_mod.1": (D, 6 * D),
+    "transformer_blocks.0.img_mlp.net.0.proj": (D, 4 * D),
+    "transformer_blocks.0.img_mlp.net.2": (4 * D, D),
+    "transformer_blocks.0.txt_mlp.net.0.proj": (D, 4 * D),
+    "transformer_blocks.0.txt_mlp.net.2": (4 * D, D),
+    "img_in": (16, D),
+    "txt_in": (D, D),
+    "norm_out.linear": (D, 2 * D),
+    "proj_out": (D, 16),
+}
+
+
+def qwen_file(spelling: str, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    down, up = ("lora_A", "lora_B") if spelling == "lora_A" else ("lora_down", "lora_up")
+    sd = {}
+    for i, (name, (fan_in, fan_out)) in enumerate(MODULES.items()):
+        r = 2 + i % 3
+        key = "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
+        sd[f"{key}.{down}.weight"] = torch.randn(r, fan_in, generator=g) * 0.3
+        sd[f"{key}.{up}.weight"] = torch.randn(fan_out, r, generator=g) * 0.3
+        sd[f"{key}.alpha"] = torch.tensor(float(r) * (0.5 + i % 3))
+    return sd
+
+
+def tiny_qwen() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=D,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+def qwen_inputs() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, 12, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, 5, D, generator=g),
+        "encoder_hidden_states_mask": torch.ones(1, 5, dtype=torch.long),
+        "timestep": torch.tensor([0.5]),
+        "img_shapes": [(1, 3, 4)],
+    }
+
+
+@pytest.mark.parametrize(("spelling", "fmt"), [("lora_A", "comfyui"), ("lora_down", "comfyui"), ("kohya", "kohya")])
+def test_qwen_image_matches_diffusers(spelling: str, fmt: str, tmp_path: Path) -> None:
+    sd = qwen_file(spelling, seed=3)
+    path = tmp_path / "qwen_lora.safetensors"
+    save_file(sd, str(path))
+    with torch.no_grad():
+        oracle = tiny_qwen()
+        oracle.load_lora_adapter(diffusers.QwenImagePipeline.lora_state_dict(dict(sd)), prefix="transformer")
+        expected = oracle(**qwen_inputs(), return_dict=False)[0]
+        model = tiny_qwen()
+        base = model(**qwen_inputs(), return_dict=False)[0]
+        runtime = lorahot.inject(model, "all-linear", max_rank=8)
+        runtime.load(path)
+        ours = model(**qwen_inputs(), return_dict=False)[0]
+    assert lorahot.read_adapter(path).format == fmt
+    assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,118 @@
+"""lorahot against diffusers' own Wan loader as the oracle: an adapter in the original Wan
+names (``diffusion_model.blocks.0.self_attn.q.lora_A.weight``, and the ``.lora_down`` spelling),
+on a tiny diffusers ``WanTransformer3DModel`` from config.
+
+diffusers' Wan conversion folds ``.alpha`` into the block modules only (an alpha anywhere else
+is an error there), so the test gives alphas to the block modules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lorahot
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+D, FFN = 16, 32
+
+#: original module name -> (in, out), and whether it carries an alpha
+MODULES = {
+    **{f"blocks.0.{a}.{o}": (D, D, True) for a in ("self_attn", "cross_attn") for o in "qkvo"},
+    "blocks.0.ffn.0": (D, FFN, True),
+    "blocks.0.ffn.2": (FFN, D, True),
+    "time_projection.1": (D, 6 * D, False),
+    "head.head": (D, 16, False),
+    "text_embedding.0": (D, D, False),
+    "text_embedding.2": (D, D, False),
+    "time_embedding.0": (D, D, False),
+    "time_embedding.2": (D, D, False),
+}
+
+
+def wan_file(spelling: tuple[str, str], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i, (name, (fan_in, fan_out, alpha)) in enumerate(MODULES.items()):
+        r = 2 + i % 3
+        key = f"diffusion_model.{name}"
+        sd[f"{key}.{spelling[0]}.weight"] = torch.randn(r, fan_in, generator=g) * 0.3
+        sd[f"{key}.{spelling[1]}.weight"] = torch.randn(fan_out, r, generator=g) * 0.3
+        if alpha:
+            sd[f"{key}.alpha"] = torch.tensor(float(r) * (0.5 + i % 3))
+    return sd
+
+
+def tiny_wan() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=D // 2,
+        in_channels=4,
+        out_channels=4,
+        text_dim=D,
+        freq_dim=D,
+        ffn_dim=FFN,
+        num_layers=1,
+        rope_max_seq_len=32,
+    ).eval()
+
+
+def wan_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, 4, 2, 4, 4, generator=g),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 5, D, generator=g),
+    }
+
+
+@pytest.mark.parametrize("spelling", [("lora_A", "lora_B"), ("lora_down", "lora_up")], ids=["lora_A", "lora_down"])
+def test_wan_matches_diffusers(spelling: tuple[str, str], tmp_path: Path) -> None:
+    sd = wan_file(spelling, seed=2)
+    path = tmp_path / "wan_lora.safetensors"
+    save_file(sd, str(path))
+    with torch.no_grad():
+        oracle = tiny_wan()
+        oracle.load_lora_adapter(diffusers.WanPipeline.lora_state_dict(dict(sd)), prefix="transformer")
+        expected = oracle(**wan_inputs(), return_dict=False)[0]
+        model = tiny_wan()
+        base = model(**wan_inputs(), return_dict=False)[0]
+        runtime = lorahot.inject(model, "all-linear", max_rank=8)
+        runtime.load(path)
+        ours = model(**wan_inputs(), return_dict=False)[0]
+    assert lorahot.read_adapter(path).format == "wan"
+    assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_wan_musubi_matches_diffusers(tmp_path: Path) -> None:
+    """musubi-tuner's kohya spelling; diffusers' musubi conversion wants q, k, v, o of both
+    attentions and both FFN layers of every block, each with an alpha."""
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for i, (name, (fan_in, fan_out, _)) in enumerate(MODULES.items()):
+        if not name.startswith("blocks."):
+            continue
+        r, key = 2 + i % 3, "lora_unet_" + name.replace(".", "_")
+        sd[f"{key}.lora_down.weight"] = torch.randn(r, fan_in, generator=g) * 0.3
+        sd[f"{key}.lora_up.weight"] = torch.randn(fan_out, r, generator=g) * 0.3
+        sd[f"{key}.alpha"] = torch.tensor(float(r) * (0.5 + i % 3))
+    path = tmp_path / "wan_musubi.safetensors"
+    save_file(sd, str(path))
+    with torch.no_grad():
+        oracle = tiny_wan()
+        oracle.load_lora_adapter(diffusers.WanPipeline.lora_state_dict(dict(sd)), prefix="transformer")
+        expected = oracle(**wan_inputs(), return_dict=False)[0]
+        model = tiny_wan()
+        runtime = lorahot.inject(model, "all-linear", max_rank=8)
+        runtime.load(path)
+        ours = model(**wan_inputs(), return_dict=False)[0]
+    assert lorahot.read_adapter(path).format == "wan-musubi"
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,281 @@
+"""Placing fused modules onto separate layers (:mod:`lorahot.resolve.split`): against a dense
+float64 reference, the block-sparse layout, re-ordered rows, and every refusal (typed, with
+nothing changed after a failed load)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lorahot
+from lorahot.adapter import LoraModule
+from lorahot.resolve.split import reorder_module, split_module
+
+
+def _delta(m: LoraModule) -> torch.Tensor:
+    return m.scale * (m.B.double() @ m.A.double())
+
+
+@st.composite
+def fused(draw: st.DrawFn) -> tuple[LoraModule, list[int], bool]:
+    """A fused module with 2-4 parts of 1-6 rows, rank 1-3 per part, maybe block-sparse."""
+    sizes = draw(st.lists(st.integers(1, 6), min_size=2, max_size=4))
+    per_part, fan_in = draw(st.integers(1, 3)), draw(st.integers(1, 7))
+    sparse, rslora = draw(st.booleans()), draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    rank = per_part * len(sizes) if sparse else draw(st.integers(1, 5))
+    a, b = torch.randn(rank, fan_in, generator=g), torch.randn(sum(sizes), rank, generator=g)
+    if sparse:
+        b = b * torch.block_diag(*[torch.ones(n, per_part) for n in sizes])
+    alpha = draw(st.floats(0.25, 32.0))
+    return LoraModule("fused", a, b, alpha, rslora, ("fused.lora_A.weight", "fused.lora_B.weight")), sizes, sparse
+
+
+@settings(max_examples=150, deadline=None)
+@given(fused())
+def test_split_parts_are_the_fused_delta_rows(case: tuple[LoraModule, list[int], bool]) -> None:
+    module, sizes, sparse = case
+    parts = split_module(module, [(f"p{j}", n) for j, n in enumerate(sizes)])
+    whole = _delta(module)  # [sum(sizes), in]
+    rows = torch.split(whole, sizes)
+    for j, (part, expected) in enumerate(zip(parts, rows)):
+        assert part.key == f"p{j}" and part.source_keys == module.source_keys
+        torch.testing.assert_close(_delta(part), expected, rtol=1e-12, atol=1e-12)
+        assert part.rank == (module.rank // len(sizes) if sparse else module.rank)
+        assert math.isclose(part.scale, module.scale, rel_tol=1e-12)
+
+
+def test_dense_split_shares_a_and_views_b() -> None:
+    a, b = torch.randn(2, 3), torch.randn(7, 2)
+    q, mlp = split_module(LoraModule("m", a, b, 4.0), [("q", 3), ("mlp", 4)])
+    assert q.A is a and mlp.A is a and q.alpha == 4.0
+    assert torch.equal(q.B, b[:3]) and torch.equal(mlp.B, b[3:])
+
+
+def test_one_nonzero_off_diagonal_entry_keeps_the_dense_split() -> None:
+    b = torch.block_diag(torch.ones(2, 1), torch.ones(2, 1))
+    b[0, 1] = 1e-30
+    parts = split_module(LoraModule("m", torch.randn(2, 3), b, 2.0), [("x", 2), ("y", 2)])
+    assert [p.rank for p in parts] == [2, 2]
+
+
+def test_reorder_swaps_the_row_halves() -> None:
+    a, b = torch.randn(2, 3), torch.randn(8, 2)
+    m = reorder_module(LoraModule("final", a, b, 1.0), "norm_out.linear", [4, 4], [1, 0])
+    assert m.key == "norm_out.linear"
+    assert torch.equal(m.B, torch.cat([b[4:], b[:4]]))
+
+
+@pytest.mark.parametrize(
+    ("module", "sizes", "message"),
+    [
+        (LoraModule("m", torch.randn(2, 3), torch.randn(7, 2), 1.0), [3, 3], r"7 output rows, but .* add up to 6"),
+        (LoraModule("m", torch.randn(2, 3), torch.randn(6, 3), 1.0), [3, 3], r"disagree on the rank"),
+        (LoraModule("m", torch.randn(2, 3, 1, 1), torch.randn(6, 2, 1, 1), 1.0), [3, 3], r"only linear modules"),
+    ],
+    ids=["sizes", "rank", "conv"],
+)
+def test_split_refusals_are_typed(module: LoraModule, sizes: list[int], message: str) -> None:
+    with pytest.raises(lorahot.AdapterMismatchError, match=message):
+        split_module(module, [(f"p{j}", n) for j, n in enumerate(sizes)])
+
+
+# -- through a naming: the Flux tables ---------------------------------------------------------
+
+
+class _Single(nn.Module):
+    """The layers of a Flux single block under diffusers' names, width 4 (MLP 16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.to_q, self.attn.to_k, self.attn.to_v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.proj_mlp = nn.Linear(4, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.attn.to_q(x), self.attn.to_k(x), self.attn.to_v(x), self.proj_mlp(x)], -1)
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.single_transformer_blocks = nn.ModuleList([_Single()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.single_transformer_blocks[0](x)
+
+
+def _linear1(rows: int, rank: int = 2, alpha: float = 3.0, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    key = "lora_unet_single_blocks_0_linear1"
+    return {
+        f"{key}.lora_down.weight": torch.randn(rank, 4, generator=g),
+        f"{key}.lora_up.weight": torch.randn(rows, rank, generator=g),
+        f"{key}.alpha": torch.tensor(alpha),
+    }
+
+
+def test_kohya_linear1_splits_four_ways_with_alpha() -> None:
+    torch.manual_seed(0)
+    model = _Model()
+    x = torch.randn(3, 4)
+    base = model(x)
+    sd = _linear1(28)
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4)
+    runtime.load(sd)
+    a, b = (
+        sd["lora_unet_single_blocks_0_linear1.lora_down.weight"],
+        sd["lora_unet_single_blocks_0_linear1.lora_up.weight"],
+    )
+    torch.testing.assert_close(model(x), base + 1.5 * (x @ a.T @ b.T), rtol=1e-5, atol=1e-6)
+
+
+def _failed_load_changes_nothing(tensors: dict[str, torch.Tensor], error: type[Exception], message: str) -> None:
+    torch.manual_seed(0)
+    model = _Model()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4)
+    runtime.load(_linear1(28, seed=1))
+    x = torch.randn(3, 4)
+    before = model(x)
+    arenas = [(t.A.clone(), t.B.clone(), t.S.clone()) for t in runtime.buffers.arenas]
+    with pytest.raises(error, match=message):
+        runtime.load(tensors)
+    assert torch.equal(model(x), before)
+    for arena, (a, b, s) in zip(runtime.buffers.arenas, arenas):
+        assert torch.equal(arena.A, a) and torch.equal(arena.B, b) and torch.equal(arena.S, s)
+
+
+def test_rows_that_do_not_divide_by_the_shares_are_refused_and_change_nothing() -> None:
+    _failed_load_changes_nothing(
+        _linear1(27),
+        lorahot.AdapterMismatchError,
+        r"lora_unet_single_blocks\.0\.linear1 \(lora_unet_single_blocks_0_linear1\.lora_down\.weight.*\) -> "
+        r"lora_unet_single_transformer_blocks\.0\.attn\.to_q, .*, lora_unet_single_transformer_blocks\.0\.proj_mlp: B "
+        r"has shape \(27, 2\); its rows split in the ratio 1:1:1:4, which needs a positive multiple of 7 rows",
+    )
+
+
+def test_a_split_part_colliding_with_a_module_of_the_file_is_refused_and_changes_nothing() -> None:
+    tensors = {
+        f"diffusion_model.{k[len('lora_unet_') :].replace('_0_linear1', '.0.linear1')}": v
+        for k, v in _linear1(28).items()
+    }
+    tensors = {k.replace("lora_down", "lora_A").replace("lora_up", "lora_B"): v for k, v in tensors.items()}
+    tensors["diffusion_model.single_transformer_blocks.0.attn.to_k.lora_A.weight"] = torch.randn(2, 4)
+    tensors["diffusion_model.single_transformer_blocks.0.attn.to_k.lora_B.weight"] = torch.randn(4, 2)
+    _failed_load_changes_nothing(
+        tensors,
+        lorahot.AdapterMismatchError,
+        r"diffusion_model\.single_transformer_blocks\.0\.attn\.to_k: lands on "
+        r"single_transformer_blocks\.0\.attn\.to_k, which diffusion_model\.single_transformer_blocks\.0\.attn\.to_k "
+        r"\(part of diffusion_model\.single_blocks\.0\.linear1\) already fills",
+    )
+
+
+def test_rank_mismatch_in_a_fused_module_is_refused_and_changes_nothing() -> None:
+    tensors = _linear1(28)
+    tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"] = torch.randn(28, 3)
+    _failed_load_changes_nothing(
+        tensors, lorahot.AdapterMismatchError, r"A \(2, 4\) and B \(28, 3\) disagree on the rank"
+    )
+
+
+# -- split=: the same mechanism for any naming ------------------------------------------------
+
+
+def _fused_peft(rows: int, rank: int = 2, seed: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "base_model.model.single_transformer_blocks.0.linear1.lora_A.weight": torch.randn(rank, 4, generator=g),
+        "base_model.model.single_transformer_blocks.0.linear1.lora_B.weight": torch.randn(rows, rank, generator=g),
+    }
+
+
+_PARTS = [("attn.to_q", 4), ("attn.to_k", 4), ("attn.to_v", 4), ("proj_mlp", 16)]
+
+
+def test_split_option_places_a_fused_peft_module() -> None:
+    torch.manual_seed(0)
+    model = _Model()
+    x = torch.randn(3, 4)
+    base = model(x)
+    sd = _fused_peft(28)
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4)
+    runtime.load(sd, split={"linear1": _PARTS})
+    a, b = (
+        sd["base_model.model.single_transformer_blocks.0.linear1.lora_A.weight"],
+        sd["base_model.model.single_transformer_blocks.0.linear1.lora_B.weight"],
+    )
+    torch.testing.assert_close(model(x), base + x @ a.T @ b.T, rtol=1e-5, atol=1e-6)
+
+
+def test_split_option_sizes_that_do_not_add_up_are_refused_and_change_nothing() -> None:
+    torch.manual_seed(0)
+    model = _Model()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4)
+    runtime.load(_linear1(28, seed=1))
+    x = torch.randn(3, 4)
+    before = model(x)
+    arenas = [(t.A.clone(), t.B.clone(), t.S.clone()) for t in runtime.buffers.arenas]
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"single_transformer_blocks\.0\.linear1 .* -> .*attn\.to_q, .*proj_mlp: B has 28 output rows, but the "
+        r"parts' sizes \[4, 4, 4, 12\] add up to 24",
+    ):
+        runtime.load(_fused_peft(28), split={"linear1": [*_PARTS[:3], ("proj_mlp", 12)]})
+    assert torch.equal(model(x), before)
+    for arena, (a, b, s) in zip(runtime.buffers.arenas, arenas):
+        assert torch.equal(arena.A, a) and torch.equal(arena.B, b) and torch.equal(arena.S, s)
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        {},
+        [("q", 1)],
+        {"qkv": [("q", 4)]},
+        {"qkv": [("q", 0), ("k", 4)]},
+        {"qkv": ["q", "k"]},
+        {"": [("q", 1), ("k", 1)]},
+    ],
+    ids=["empty", "list", "one-part", "zero-size", "no-sizes", "no-name"],
+)
+def test_malformed_split_option_is_a_usage_error(split: object) -> None:
+    with pytest.raises(lorahot.UsageError, match=r"split"):
+        lorahot.read_adapter(_fused_peft(28), split=split)  # type: ignore[arg-type]
+
+
+def test_a_model_with_the_fused_layer_takes_the_module_whole() -> None:
+    """Splitting is the fallback: a model named as the original Flux (fused qkv) takes the file's keys as they are."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.double_blocks = nn.ModuleList([nn.Module()])
+    model.double_blocks[0].img_attn = nn.Module()
+    model.double_blocks[0].img_attn.qkv = qkv = nn.Linear(4, 12)
+    model.double_blocks[0].img_attn.proj = proj = nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    base_qkv, base_proj = qkv(x), proj(x)
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for name, rows in (("qkv", 12), ("proj", 4)):
+        key = f"lora_unet_double_blocks_0_img_attn_{name}"
+        sd |= {
+            f"{key}.lora_down.weight": torch.randn(3, 4, generator=g),
+            f"{key}.lora_up.weight": torch.randn(rows, 3, generator=g),
+        }
+        sd[f"{key}.alpha"] = torch.tensor(6.0)
+    runtime = lorahot.inject(model, ["qkv", "proj"], max_rank=4)
+    runtime.load(sd)
+    attn = model.double_blocks[0].img_attn
+    for layer, base, name in ((attn.qkv, base_qkv, "qkv"), (attn.proj, base_proj, "proj")):
+        a, b = (
+            sd[f"lora_unet_double_blocks_0_img_attn_{name}.lora_down.weight"],
+            sd[f"lora_unet_double_blocks_0_img_attn_{name}.lora_up.weight"],
+        )
+        torch.testing.assert_close(layer(x), base + 2.0 * (x @ a.T @ b.T), rtol=1e-5, atol=1e-6)
