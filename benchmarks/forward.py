@@ -71,11 +71,13 @@ def lorahot_mode(
     merged: bool = False,
     fused: bool = True,
     swaps: int = 30,
+    extras: bool = True,
 ) -> Prepared:
     """Compiles a lorahot model, swaps ``swaps`` times among ranks (checking each against the
-    eager reference and counting recompiles), then leaves the rank-64 adapter active."""
+    eager reference and counting recompiles), then leaves the rank-64 adapter active.
+    ``extras=False`` injects without the DoRA / LoRA-bias pass (what that pass costs)."""
     model = w.fresh_base()
-    runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, merged=merged, fused=fused)
+    runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, merged=merged, fused=fused, extras=extras)
     call = _compiled(model, mode, fullgraph)
     call(w.prefill), call(w.decode)  # compile before any adapter is loaded
     graphs = _unique_graphs()

@@ -13,7 +13,13 @@ from pathlib import Path
 from benchmarks.common import RESULTS
 from benchmarks.rows import ROWS
 
-LABELS = {"lorahot": "lorahot", "lorahot_merged": "lorahot merged", "peft_bf16": "PEFT (bf16)", "peft": "PEFT"}
+LABELS = {
+    "lorahot": "lorahot",
+    "lorahot_merged": "lorahot merged",
+    "lorahot_noextras": "lorahot, extras=False",
+    "peft_bf16": "PEFT (bf16)",
+    "peft": "PEFT",
+}
 
 
 def ratios(data: dict) -> dict[str, list[tuple[int, float]]]:

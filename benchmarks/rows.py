@@ -44,7 +44,7 @@ ROWS: dict[str, tuple[int, int]] = {
     "prefill2048": (1, 2048),
     "prefill8192": (1, 8192),
 }
-CONFIGS = ("base", "lorahot", "lorahot_merged", "peft_bf16")
+CONFIGS = ("base", "lorahot", "lorahot_merged", "peft_bf16", "lorahot_noextras")
 ROUNDS = 3
 
 
@@ -76,6 +76,8 @@ def _builders(w: Workload, refs: dict[int, torch.Tensor]) -> dict[str, Callable[
         "base": lambda: base_mode(w, mode),
         "lorahot": lambda: lorahot_mode(w, mode, refs, swaps=0),  # swaps and recompiles: the forward suite
         "lorahot_merged": lambda: lorahot_mode(w, mode, refs, merged=True, swaps=0),
+        # without the DoRA / LoRA-bias elementwise pass: what that pass costs plain LoRA
+        "lorahot_noextras": lambda: lorahot_mode(w, mode, refs, swaps=0, extras=False),
         "peft_bf16": lambda: peft_mode(w, mode, refs, bf16=True),
         "peft": lambda: peft_mode(w, mode, refs, bf16=False),
     }
