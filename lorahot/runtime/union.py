@@ -80,7 +80,13 @@ def plan_targets(
             onto a device).
 
     Returns:
-        The plan: ``lorahot.inject(model, plan.targets, max_rank=plan.max_rank)``.
+        The plan: ``lorahot.inject(model, plan.targets, max_rank=plan.max_rank)``. Its
+        ``max_rank`` is exact but for fused modules a naming splits onto several layers (Flux's
+        ``qkv``): with no values read, a block-diagonal B cannot be told from a dense one, so
+        every part is counted at the fused module's full rank (an upper bound).
+
+    A Hub repo id is fetched as ``read_adapter`` fetches it (``huggingface_hub`` downloads the
+    file into its cache); of the file, only the header is read.
 
     Raises:
         UsageError: ``sources`` is empty or not a list of sources; an unknown option; the
