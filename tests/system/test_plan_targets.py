@@ -295,3 +295,19 @@ def test_keys_and_shapes_that_do_not_fit_the_model_are_refused(two_llama_adapter
     skipped = lorahot.plan_targets([path_a, stranger], base, strict=False)
     assert skipped.skipped == ("blocks.0.attn.lora_A.weight", "blocks.0.attn.lora_B.weight")
     assert skipped.max_rank == 12
+
+
+def test_flux_fused_modules_plan_onto_their_parts(tmp_path: Path) -> None:
+    """Flux's fused ``qkv`` splits onto to_q/to_k/to_v from shapes alone; a block-diagonal B
+    (unknowable without its values) is counted at the full rank, an upper bound."""
+    from tests.system.test_parity_flux import MODEL_MODULES, SPARSE, kohya_file, random_weights, tiny_flux
+
+    path = tmp_path / "flux.safetensors"
+    save_file(kohya_file(random_weights(MODEL_MODULES, 3, sparse=SPARSE)), str(path))
+    model = tiny_flux()
+    plan = lorahot.plan_targets([path], model)
+    runtime = lorahot.inject(model, plan.targets, max_rank=plan.max_rank)
+    info = runtime.load(path)
+    assert sorted(info.ranks) == sorted(plan.targets)
+    assert all(info.ranks[t] <= plan.ranks[t] for t in plan.targets)
+    assert plan.max_rank == 6  # the sparse qkv's 6; loaded, each of its parts has rank 2
