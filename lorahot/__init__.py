@@ -29,11 +29,22 @@ from lorahot.errors import (
 )
 from lorahot.io import read_adapter
 from lorahot.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
-from lorahot.runtime import AdapterCache, AdapterInfo, LoraRuntime, PreparedAdapter, eject, inject
+from lorahot.runtime import (
+    AdapterCache,
+    AdapterInfo,
+    LoraRuntime,
+    PreparedAdapter,
+    TargetPlan,
+    eject,
+    inject,
+    plan_targets,
+)
 
 __all__ = [
     "inject",
     "eject",
+    "plan_targets",
+    "TargetPlan",
     "read_adapter",
     "LoraRuntime",
     "AdapterInfo",

@@ -81,7 +81,11 @@ def read_adapter(
             block-sparse B (zero outside its diagonal blocks) gives each part its chunk of A.
             The Flux namings split their fused modules without it.
         device: where tensors read from files land (default: the CPU). ``runtime.load``
-            passes its buffers' device, so a GPU receives a file in one transfer.
+            passes its buffers' device, so a GPU receives a file in one transfer. ``"meta"``
+            reads only the safetensors header and the config: A and B are meta tensors of the
+            file's shapes (ranks, dtypes, no values), and a ``.alpha`` tensor's value is not
+            read (alpha comes from the config, else the rank). :func:`lorahot.plan_targets`
+            reads this way.
         strict: refuse the whole file for one key that cannot be loaded (the default). With
             ``False``, keys of no known naming, refused features (LyCORIS, DoRA, ...) and a
             module's A without its B are left out and listed in :attr:`Adapter.skipped`;
@@ -193,7 +197,7 @@ def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool =
     fmt = detect(keys) or _closest_format(keys)
     skipped: list[str] | None = None if strict else []
     parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
-    weights = _weight_modules(parts, raw.source, strict)  # LyCORIS kinds and diffs: out of parts
+    weights = _weight_modules(parts, raw.source, strict, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
     if skipped is not None:
         incomplete = [m for m, r in parts.items() if "A" not in r or "B" not in r]
         skipped += [k for m in incomplete for k, _ in parts.pop(m).values()]
@@ -202,7 +206,7 @@ def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool =
             f"{raw.source}: none of its {len(keys)} tensors is a loadable LoRA weight (strict=False skipped them all, "
             f"e.g. {', '.join(keys[:3])}). Point lorahot at a LoRA adapter."
         )
-    modules = _assemble(parts, fmt, configs, raw.source, check_storage=not raw.dense)
+    modules = _assemble(parts, fmt, configs, raw.source, not raw.dense, raw.shapes_only)
     cfg_dict = {**(raw.config or {}), **(overrides or {})}
     if len(configs) > 1:
         cfg_dict[METADATA_KEY] = header_configs
@@ -284,7 +288,12 @@ def _config_for(module: str, fmt: KeyFormat, configs: dict[str, AdapterConfig]) 
 
 
 def _assemble(
-    parts: Parts, fmt: KeyFormat, configs: dict[str, AdapterConfig], source: str, check_storage: bool = True
+    parts: Parts,
+    fmt: KeyFormat,
+    configs: dict[str, AdapterConfig],
+    source: str,
+    check_storage: bool = True,
+    shapes_only: bool = False,
 ) -> dict[str, LoraModule]:
     modules: dict[str, LoraModule] = {}
     problems: list[str] = []
@@ -303,7 +312,7 @@ def _assemble(
         if declared is not None and rank != declared:
             problems.append(f"{module}: {origin} says r={declared}, but {ka} has shape {tuple(a.shape)} (rank {rank})")
             continue
-        alpha = _alpha(roles.get("alpha"), unreadable)
+        alpha = None if shapes_only else _alpha(roles.get("alpha"), unreadable)
         if alpha is None:
             alpha = cfg.alpha_for(pattern_name)
         base = roles["base"][1] if "base" in roles else None
@@ -353,7 +362,7 @@ def _kind(roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:
     return None
 
 
-def _weight_modules(parts: Parts, source: str, strict: bool) -> dict[str, WeightModule]:
+def _weight_modules(parts: Parts, source: str, strict: bool, shapes_only: bool = False) -> dict[str, WeightModule]:
     """Takes the LyCORIS and diff modules out of ``parts`` as :class:`WeightModule` objects.
 
     Raises:
@@ -381,7 +390,7 @@ def _weight_modules(parts: Parts, source: str, strict: bool) -> dict[str, Weight
             continue
         roles = parts.pop(module)
         factors = {_FACTOR.get(r, r): t for r, (_, t) in roles.items() if r != "alpha"}
-        alpha = _alpha(roles.get("alpha"), unreadable)
+        alpha = None if shapes_only else _alpha(roles.get("alpha"), unreadable)
         out[module] = WeightModule(module, kind, factors, alpha, tuple(k for k, _ in roles.values()))
     if unreadable:
         raise AdapterReadError(

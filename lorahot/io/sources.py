@@ -54,6 +54,7 @@ class RawAdapter:
     metadata: dict[str, str] = field(default_factory=dict)
     config_path: str | None = None  # the config file, for messages
     dense: bool = False  # every tensor is a dense view of data read from a file (no check needed)
+    shapes_only: bool = False  # read onto the meta device: shapes and dtypes from the header, no values
 
 
 def open_source(
@@ -248,7 +249,8 @@ def _from_file(path: Path, device: torch.device | None = None) -> RawAdapter:
     config_path = path.parent / CONFIG_NAME
     config = read_config(config_path)
     config_file = str(config_path) if config is not None else None
-    return RawAdapter(tensors, str(path), config, metadata, config_file, dense=True)
+    shapes_only = device is not None and device.type == "meta"
+    return RawAdapter(tensors, str(path), config, metadata, config_file, dense=True, shapes_only=shapes_only)
 
 
 def read_safetensors(path: Path, device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -39,10 +39,19 @@ def read_tensors(
         fd: the descriptor the header was checked on: the same file is read, whatever happens to
             the path meanwhile.
 
+    With ``device`` the meta device, nothing past the header is read: the tensors are meta
+    tensors of the header's shapes and dtypes (what planning needs, see
+    :func:`lorahot.plan_targets`).
+
     Raises:
         AdapterReadError: the file changed or shrank since its header was checked; its data is
             larger than the machine's memory, or cannot be allocated.
     """
+    if device is not None and device.type == "meta":
+        return {
+            k: torch.empty(shape, dtype=TORCH_DTYPES[dt], device=device)
+            for k, (dt, shape, _, _) in header.entries.items()
+        }
     on_gpu = device is not None and device.type == "cuda"
     memory = _physical_memory()
     if memory is not None and header.data_size > memory:  # a sparse file can claim terabytes cheaply

@@ -186,9 +186,10 @@ def _unsplittable(module: LoraModule, sizes: list[int]) -> str | None:
 
 def _block_sparse(b: torch.Tensor, sizes: list[int]) -> bool:
     """Whether B ``[sum(sizes), k r']`` is zero outside its ``k`` diagonal blocks (exactly; one
-    device read)."""
+    device read). A meta B (shapes only) counts as dense: each part then keeps the whole rank,
+    an upper bound."""
     k, rank = len(sizes), b.shape[1]
-    if rank % k:
+    if rank % k or b.device.type == "meta":
         return False
     diagonal = torch.block_diag(*[torch.ones(n, rank // k, dtype=torch.bool, device=b.device) for n in sizes])
     return not bool(b.masked_fill(diagonal, 0).any())

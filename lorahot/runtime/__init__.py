@@ -4,6 +4,7 @@
 - :mod:`~lorahot.runtime.inject`: :func:`inject` and :func:`eject`;
 - :mod:`~lorahot.runtime.buffers`: the rank-padded buffer manager (one arena per device and dtype);
 - :mod:`~lorahot.runtime.plan`: every check of a load, before anything is written;
+- :mod:`~lorahot.runtime.union`: :func:`plan_targets`, the targets and max_rank covering a set of adapters;
 - :mod:`~lorahot.runtime.cache`: prepared adapters in host memory;
 - :mod:`~lorahot.runtime.merge`: merged mode;
 - :mod:`~lorahot.runtime.lora_runtime`: :class:`LoraRuntime` (load, activate, scale, unload).
@@ -12,5 +13,15 @@
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from lorahot.runtime.inject import eject, inject
 from lorahot.runtime.lora_runtime import AdapterInfo, LoraRuntime
+from lorahot.runtime.union import TargetPlan, plan_targets
 
-__all__ = ["inject", "eject", "LoraRuntime", "AdapterInfo", "AdapterCache", "PreparedAdapter"]
+__all__ = [
+    "inject",
+    "eject",
+    "plan_targets",
+    "TargetPlan",
+    "LoraRuntime",
+    "AdapterInfo",
+    "AdapterCache",
+    "PreparedAdapter",
+]

@@ -176,3 +176,25 @@ def test_data_larger_than_the_machines_memory_is_refused_before_allocating(
     monkeypatch.setattr(tensorfile, "_physical_memory", lambda: 100)
     with pytest.raises(lorahot.AdapterReadError, match=r"its tensor data is 112 bytes, more than this machine's 100"):
         lorahot.read_adapter(tmp_path)
+
+
+def test_meta_device_reads_shapes_from_the_header_and_alpha_from_the_config(tmp_path: Path) -> None:
+    """``device="meta"``: A and B are meta tensors of the file's shapes; a ``.alpha`` tensor is
+    data, so it is not read (the config's alpha, else the rank, stands in)."""
+    tensors = {
+        "base_model.model.q.lora_A.weight": torch.randn(4, 8, dtype=torch.float16),
+        "base_model.model.q.lora_B.weight": torch.randn(6, 4, dtype=torch.float16),
+        "base_model.model.k.lora_A.weight": torch.randn(2, 8),
+        "base_model.model.k.lora_B.weight": torch.randn(6, 2),
+    }
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "rank_pattern": {"k": 2}}))
+    adapter = lorahot.read_adapter(tmp_path, device="meta")
+    q, k = adapter.modules["q"], adapter.modules["k"]
+    assert q.A.device.type == "meta" and q.A.shape == (4, 8) and q.B.shape == (6, 4) and q.A.dtype == torch.float16
+    assert (q.rank, k.rank, q.alpha, k.alpha) == (4, 2, 8.0, 8.0)
+    kohya = {"lora_unet_q.lora_down.weight": torch.randn(3, 8), "lora_unet_q.lora_up.weight": torch.randn(6, 3)}
+    (tmp_path / "kohya").mkdir()
+    save_file({**kohya, "lora_unet_q.alpha": torch.tensor(1.5)}, tmp_path / "kohya" / "k.safetensors")
+    read = lorahot.read_adapter(tmp_path / "kohya" / "k.safetensors", device="meta")
+    assert next(iter(read.modules.values())).alpha == 3.0  # the rank: 1.5 is not read

@@ -1,0 +1,187 @@
+"""``plan_targets``: the targets and ``max_rank`` that cover a known set of adapters.
+
+Inject allocates every layer's buffers at ``max_rank`` once; an adapter that touches a layer
+inject did not wrap, or has a larger rank, is refused at load. For a set of adapters known up
+front, :func:`plan_targets` computes what to inject so that every one of them loads:
+
+    plan = lorahot.plan_targets(["style/", "character.safetensors"], model)
+    runtime = lorahot.inject(model, plan.targets, max_rank=plan.max_rank)
+
+It reads headers and configs only (:func:`lorahot.read_adapter` with ``device="meta"``): the
+safetensors header gives every A's shape, so the rank; ``adapter_config.json`` and diffusers'
+header metadata give ``r`` and ``rank_pattern``, checked against those shapes as a load would.
+No tensor data is read. With a model, keys are matched to its layers exactly as ``load`` matches
+them, and each module's shapes are checked against the layer it lands on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from lorahot.adapter import Adapter, LoraModule, WeightModule
+from lorahot.errors import AdapterMismatchError, UsageError, format_problems, public_api
+from lorahot.formats import format_named
+from lorahot.io.loader import read_adapter
+from lorahot.io.sources import Source
+from lorahot.layers import LoRALayer, layer_class_for
+from lorahot.resolve.keys import resolve_all
+from lorahot.runtime.inject import MAX_RANK_LIMIT
+from lorahot.runtime.plan import check_module
+
+__all__ = ["TargetPlan", "plan_targets"]
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """What to inject so that every planned adapter loads.
+
+    Attributes:
+        targets: module names, in a form :func:`lorahot.inject` accepts: the model's qualified
+            names when planned against a model (in model order), else the adapters' module
+            paths without their component prefix (``base_model.model.``, ``unet.``), in first-seen
+            order. Underscore namings (kohya) need a model to become module names.
+        max_rank: the largest rank any adapter loads into any target (at least 1), rounded up to
+            a multiple of every targeted grouped conv's ``groups``.
+        ranks: target -> the largest rank any adapter has there (0 for LyCORIS kinds and diffs,
+            which load only with ``merged=True`` and take no LoRA buffer rows).
+        sources: each adapter's source, in the order given.
+        skipped: tensor keys left out (only with ``strict=False``).
+    """
+
+    targets: list[str]
+    max_rank: int
+    ranks: dict[str, int]
+    sources: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+
+
+@public_api
+def plan_targets(
+    sources: Sequence[Source | Adapter] | Source | Adapter,
+    model: nn.Module | None = None,
+    **read_options: Any,
+) -> TargetPlan:
+    """The targets and ``max_rank`` that let every adapter in ``sources`` load, from headers.
+
+    Args:
+        sources: adapters, each anything :func:`lorahot.read_adapter` reads (a directory, a
+            ``.safetensors`` file, a Hub repo id, a mapping of tensors, an :class:`Adapter`);
+            one source alone is taken as a list of one.
+        model: the model to inject into, not yet injected. With it, the adapters' keys are
+            matched to its layers as ``load`` matches them, and the plan names its modules.
+        **read_options: passed to :func:`lorahot.read_adapter` for every source (``prefix``,
+            ``key_map``, ``fuse``, ``split``, ``config``, ``weight_name``, ``subfolder``,
+            ``revision``, ``token``, ``strict``); ``device`` is not accepted (nothing is read
+            onto a device).
+
+    Returns:
+        The plan: ``lorahot.inject(model, plan.targets, max_rank=plan.max_rank)``. Its
+        ``max_rank`` is exact but for fused modules a naming splits onto several layers (Flux's
+        ``qkv``): with no values read, a block-diagonal B cannot be told from a dense one, so
+        every part is counted at the fused module's full rank (an upper bound).
+
+    A Hub repo id is fetched as ``read_adapter`` fetches it (``huggingface_hub`` downloads the
+    file into its cache); of the file, only the header is read.
+
+    Raises:
+        UsageError: ``sources`` is empty or not a list of sources; an unknown option; the
+            model is not an ``nn.Module``.
+        lorahot.LoraError: what reading an adapter raises (:func:`lorahot.read_adapter`), and
+            with a model an :class:`AdapterMismatchError` listing every key that matches no
+            layer (or several) and every module whose shapes do not fit its layer.
+    """
+    items = _source_list(sources)
+    if "device" in read_options:
+        raise UsageError("plan_targets reads headers only; drop device=.")
+    if model is not None and not isinstance(model, nn.Module):
+        raise UsageError(f"model must be a torch.nn.Module or None, got {type(model).__name__}.")
+    strict = read_options.get("strict", True)
+    adapters = [read_adapter(s, device="meta", **read_options) for s in items]
+    skipped = [k for a in adapters for k in a.skipped]
+    if model is None:
+        ranks = _file_ranks(adapters)
+        groups = [1]
+    else:
+        layers = _wrappable(model)
+        ranks = _model_ranks(adapters, layers, skipped if strict is False else None)
+        ranks = {n: ranks[n] for n in layers if n in ranks}  # model order
+        groups = [layers[n].spec.groups for n in ranks]
+    return TargetPlan(
+        list(ranks), _covering_rank(ranks, groups), ranks, tuple(a.source for a in adapters), tuple(skipped)
+    )
+
+
+def _source_list(sources: Any) -> list[Any]:
+    if isinstance(sources, (str, Mapping, Adapter)) or not isinstance(sources, Sequence):
+        items = [sources]
+    else:
+        items = list(sources)
+    if not items:
+        raise UsageError("sources is empty; pass the adapters to plan for (paths, Hub ids, mappings).")
+    return items
+
+
+def _module_rank(m: LoraModule | WeightModule) -> int:
+    return m.rank if isinstance(m, LoraModule) else 0
+
+
+def _file_ranks(adapters: list[Adapter]) -> dict[str, int]:
+    """File-side module path (component prefix stripped) -> the largest rank there."""
+    ranks: dict[str, int] = {}
+    for adapter in adapters:
+        fmt = format_named(adapter.format)
+        entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
+        for key, m in entries:
+            name = fmt.strip_prefix(key)
+            ranks[name] = max(ranks.get(name, 0), _module_rank(m))
+    return ranks
+
+
+def _wrappable(model: nn.Module) -> dict[str, LoRALayer]:
+    """A throwaway LoRA wrapper (for its spec) of every module inject could wrap; the model is
+    not changed."""
+    out: dict[str, LoRALayer] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            raise UsageError(f"{name}: already a {type(module).__name__}; plan against the model before inject.")
+        cls = layer_class_for(module)
+        if not name or cls is None:
+            continue
+        try:
+            out[name] = cls(module)
+        except UsageError:
+            continue  # inject would refuse it too; a key landing here matches no layer
+    return out
+
+
+def _model_ranks(adapters: list[Adapter], layers: dict[str, LoRALayer], skipped: list[str] | None) -> dict[str, int]:
+    """Model module name -> the largest rank any adapter loads there, after checking every
+    adapter's keys and shapes against the model as ``load`` would."""
+    names = list(layers)
+    ranks: dict[str, int] = {}
+    problems: list[str] = []
+    for adapter in adapters:
+        lora, weights = resolve_all(adapter, names, skipped)  # unknown or ambiguous keys raise here
+        for name, m in lora.items():
+            problems += [f"{adapter.source}: {p}" for p in check_module(name, m, layers[name].spec, MAX_RANK_LIMIT)]
+            ranks[name] = max(ranks.get(name, 0), m.rank)
+        for name in weights:
+            ranks.setdefault(name, 0)
+    if problems:
+        raise AdapterMismatchError(
+            format_problems("adapters whose shapes do not fit the model's layers:", problems)
+            + "\nPlan with adapters made for this model, or map their keys with prefix=/key_map=."
+        )
+    return ranks
+
+
+def _covering_rank(ranks: dict[str, int], groups: list[int]) -> int:
+    """The largest rank (at least 1), rounded up to a multiple of every conv's groups."""
+    top = max(ranks.values(), default=0) or 1
+    step = math.lcm(*groups) if groups else 1
+    return -(-top // step) * step

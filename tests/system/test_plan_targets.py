@@ -1,0 +1,313 @@
+"""``plan_targets``: one inject covers a known set of adapters, planned from headers only.
+
+PEFT writes the Llama adapters (``save_pretrained``), diffusers' converter the kohya file;
+PEFT's own models are the output oracle.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import lorahot
+import lorahot.io.tensorfile as tensorfile
+from lorahot.io.safety import check_safetensors
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+diffusers = pytest.importorskip("diffusers")
+from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya  # noqa: E402 - after the importorskip
+
+TINY = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32,
+}
+
+
+def _llama() -> nn.Module:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+
+
+def _peft_adapter(base: nn.Module, path: Path, seed: int, **config) -> nn.Module:
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    ids = torch.randint(0, TINY["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def two_llama_adapters(tmp_path_factory):
+    """A tiny Llama and two PEFT adapters on disjoint modules with different ranks (one with a
+    rank_pattern), with PEFT's models as oracles."""
+    root = tmp_path_factory.mktemp("union")
+    base = _llama()
+    a = _peft_adapter(
+        base, root / "a", 1, r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"layers.1.self_attn.v_proj": 12}
+    )
+    b = _peft_adapter(base, root / "b", 2, r=6, lora_alpha=3, target_modules=["k_proj", "o_proj", "down_proj"])
+    return base, (root / "a", a), (root / "b", b)
+
+
+def test_union_of_two_peft_adapters_injects_once_and_loads_both(two_llama_adapters) -> None:
+    base, (path_a, peft_a), (path_b, peft_b) = two_llama_adapters
+    model = copy.deepcopy(base)
+    plan = lorahot.plan_targets([path_a, path_b], model)
+    layers = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj")]
+    layers += [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.v_proj", "self_attn.o_proj")]
+    layers += [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    assert sorted(plan.targets) == sorted(layers)
+    assert plan.max_rank == 12  # the rank_pattern entry, not r
+    assert plan.ranks["model.layers.1.self_attn.v_proj"] == 12
+    assert plan.ranks["model.layers.0.self_attn.v_proj"] == 4
+    assert plan.ranks["model.layers.0.mlp.down_proj"] == 6
+    assert plan.sources == (str(path_a / "adapter_model.safetensors"), str(path_b / "adapter_model.safetensors"))
+
+    runtime = lorahot.inject(model, plan.targets, max_rank=plan.max_rank, slots=2)
+    runtime.load(path_a, slot=0)
+    runtime.load(path_b, slot=1)
+    runtime.activate(0)
+    assert _rel(_logits(model), _logits(peft_a)) < 1e-5
+    runtime.activate(1)
+    assert _rel(_logits(model), _logits(peft_b)) < 1e-5
+
+
+def test_without_a_model_the_plan_names_file_paths_inject_accepts(two_llama_adapters) -> None:
+    base, (path_a, _), (path_b, peft_b) = two_llama_adapters
+    plan = lorahot.plan_targets([path_a, path_b])
+    assert "model.layers.1.self_attn.v_proj" in plan.targets  # base_model.model. stripped
+    assert plan.max_rank == 12
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, plan.targets, max_rank=plan.max_rank)
+    assert sorted(runtime.layers) == sorted(lorahot.plan_targets([path_a, path_b], base).targets)
+    runtime.load(path_b)
+    assert _rel(_logits(model), _logits(peft_b)) < 1e-5
+
+
+def test_one_source_is_a_list_of_one(two_llama_adapters) -> None:
+    _, (path_a, _), _ = two_llama_adapters
+    assert lorahot.plan_targets(path_a).max_rank == 12
+
+
+# -- headers only ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names the file behind a descriptor through /proc")
+def test_plans_from_the_header_without_reading_tensor_data(tmp_path: Path, two_llama_adapters, monkeypatch) -> None:
+    """The data section is overwritten with garbage, and every read past the header fails."""
+    base, (path_a, _), _ = two_llama_adapters
+    work = tmp_path / "a"
+    work.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (work / name).write_bytes((path_a / name).read_bytes())
+    file = work / "adapter_model.safetensors"
+    header = check_safetensors(file)
+    with open(file, "r+b") as f:  # NaN bytes everywhere after the header
+        f.seek(header.data_start)
+        f.write(b"\xff" * header.data_size)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("plan_targets read tensor data")
+
+    real_pread = os.pread
+    reads: list[tuple[int, int]] = []  # (offset, size) of every read of the weights file
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")) == file.resolve():
+            reads.append((offset, n))
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(tensorfile, "_read_into", no_data)
+    monkeypatch.setattr(os, "preadv", no_data)
+    monkeypatch.setattr(os, "pread", pread)
+    plan = lorahot.plan_targets([work], base)
+    assert plan.max_rank == 12
+    assert reads == [(0, 8), (8, header.data_start - 8)]  # the length, then the header: nothing after
+
+
+def test_kohya_alpha_values_are_not_read(tmp_path: Path) -> None:
+    """A kohya ``.alpha`` is tensor data too: plan_targets never reads it, so a garbage alpha
+    (which load refuses) still plans."""
+    lin = nn.Sequential()
+    lin.add_module("proj", nn.Linear(8, 8))
+    tensors = {
+        "lora_unet_proj.lora_down.weight": torch.randn(3, 8),
+        "lora_unet_proj.lora_up.weight": torch.randn(8, 3),
+        "lora_unet_proj.alpha": torch.tensor(float("nan")),
+    }
+    save_file(tensors, tmp_path / "k.safetensors")
+    plan = lorahot.plan_targets([tmp_path / "k.safetensors"], lin)
+    assert plan.targets == ["proj"] and plan.max_rank == 3
+    with pytest.raises(lorahot.AdapterReadError, match="alpha"):
+        lorahot.read_adapter(tmp_path / "k.safetensors")
+
+
+# -- diffusion: kohya and diffusers files on a UNet -------------------------------------------
+
+
+def _unet() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+
+
+def _unet_lora(base: nn.Module, seed: int, **config) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    oracle = copy.deepcopy(base)
+    oracle.add_adapter(peft.LoraConfig(init_lora_weights=False, **config))
+    with torch.no_grad():
+        for name, p in oracle.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    state = {f"unet.{k}": v.detach().clone() for k, v in peft.get_peft_model_state_dict(oracle).items()}
+    return oracle, state
+
+
+def _run_unet(model: nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        return model(
+            torch.randn(2, 4, 8, 8, generator=g), 7, encoder_hidden_states=torch.randn(2, 5, 16, generator=g)
+        ).sample
+
+
+def test_kohya_and_diffusers_files_on_a_unet(tmp_path: Path) -> None:
+    base = _unet()
+    cfg_d = {"r": 4, "lora_alpha": 4, "target_modules": ["to_q", "to_v", "conv1"], "rank_pattern": {"conv1": 2}}
+    oracle_d, state_d = _unet_lora(base, 1, **cfg_d)
+    meta = {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in cfg_d.items()})}
+    save_file(state_d, tmp_path / "d.safetensors", metadata=meta)
+    oracle_k, state_k = _unet_lora(base, 2, r=8, lora_alpha=8, target_modules=["to_k", "to_out.0", "conv2"])
+    kohya = convert_state_dict_to_kohya(state_k)
+    kohya = {k: torch.tensor(8.0) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
+    save_file(kohya, tmp_path / "k.safetensors")
+
+    model = copy.deepcopy(base)
+    plan = lorahot.plan_targets([tmp_path / "d.safetensors", tmp_path / "k.safetensors"], model)
+    names = {n for n, m in model.named_modules()}
+    assert set(plan.targets) <= names
+    assert {t.rsplit(".", 1)[-1] for t in plan.targets} == {"to_q", "to_v", "to_k", "0", "conv1", "conv2"}
+    assert plan.max_rank == 8
+    assert all(plan.ranks[t] == 2 for t in plan.targets if t.endswith("conv1"))
+
+    runtime = lorahot.inject(model, plan.targets, max_rank=plan.max_rank, slots=2)
+    runtime.load(tmp_path / "d.safetensors", slot=0)
+    runtime.load(tmp_path / "k.safetensors", slot=1)
+    runtime.activate(0)
+    assert _rel(_run_unet(model), _run_unet(oracle_d)) < 1e-5
+    runtime.activate(1)
+    assert _rel(_run_unet(model), _run_unet(oracle_k)) < 1e-5
+
+
+def test_grouped_conv_rounds_max_rank_up_to_its_groups(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=4), nn.Flatten(), nn.Linear(8, 4))
+    tensors = {
+        "0.lora_A.weight": torch.randn(8, 8, 3, 3),
+        "0.lora_B.weight": torch.randn(8, 2, 1, 1),  # rank 8, groups 4
+        "2.lora_A.weight": torch.randn(10, 8),
+        "2.lora_B.weight": torch.randn(4, 10),
+    }
+    plan = lorahot.plan_targets([tensors], model)
+    assert plan.max_rank == 12  # 10, up to a multiple of 4
+    lorahot.inject(model, plan.targets, max_rank=plan.max_rank).load(tensors)
+
+
+# -- typed errors ---------------------------------------------------------------------------
+
+
+def test_bad_sources_raise_the_readers_errors(tmp_path: Path, two_llama_adapters) -> None:
+    _, (path_a, _), _ = two_llama_adapters
+    with pytest.raises(lorahot.SourceNotFoundError):
+        lorahot.plan_targets([path_a, tmp_path / "missing.safetensors"])
+    (tmp_path / "x.bin").write_bytes(b"\x80\x02")
+    with pytest.raises(lorahot.AdapterReadError, match="pickle"):
+        lorahot.plan_targets([tmp_path / "x.bin"])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(lorahot.AdapterReadError):
+        lorahot.plan_targets([tmp_path / "bad.safetensors"])
+    with pytest.raises(lorahot.UsageError, match="empty"):
+        lorahot.plan_targets([])
+    with pytest.raises(lorahot.UsageError, match="device"):
+        lorahot.plan_targets([path_a], device="cpu")
+    with pytest.raises(lorahot.UsageError, match=r"nn\.Module"):
+        lorahot.plan_targets([path_a], model="llama")
+
+
+def test_config_rank_disagreeing_with_the_header_is_refused(tmp_path: Path, two_llama_adapters) -> None:
+    _, (path_a, _), _ = two_llama_adapters
+    work = tmp_path / "a"
+    work.mkdir()
+    (work / "adapter_model.safetensors").write_bytes((path_a / "adapter_model.safetensors").read_bytes())
+    config = json.loads((path_a / "adapter_config.json").read_text())
+    config["rank_pattern"] = {}
+    (work / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(lorahot.AdapterMismatchError, match="says r=4"):
+        lorahot.plan_targets([work])
+
+
+def test_keys_and_shapes_that_do_not_fit_the_model_are_refused(two_llama_adapters) -> None:
+    base, (path_a, _), _ = two_llama_adapters
+    stranger = {"blocks.0.attn.lora_A.weight": torch.randn(2, 32), "blocks.0.attn.lora_B.weight": torch.randn(32, 2)}
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"blocks\.0\.attn: matches no injected layer"):
+        lorahot.plan_targets([path_a, stranger], base)
+    wide = {
+        "model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 40),
+        "model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(32, 2),
+    }
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"A has shape \(2, 40\)"):
+        lorahot.plan_targets([wide], base)
+    skipped = lorahot.plan_targets([path_a, stranger], base, strict=False)
+    assert skipped.skipped == ("blocks.0.attn.lora_A.weight", "blocks.0.attn.lora_B.weight")
+    assert skipped.max_rank == 12
+
+
+def test_flux_fused_modules_plan_onto_their_parts(tmp_path: Path) -> None:
+    """Flux's fused ``qkv`` splits onto to_q/to_k/to_v from shapes alone; a block-diagonal B
+    (unknowable without its values) is counted at the full rank, an upper bound."""
+    from tests.system.test_parity_flux import MODEL_MODULES, SPARSE, kohya_file, random_weights, tiny_flux
+
+    path = tmp_path / "flux.safetensors"
+    save_file(kohya_file(random_weights(MODEL_MODULES, 3, sparse=SPARSE)), str(path))
+    model = tiny_flux()
+    plan = lorahot.plan_targets([path], model)
+    runtime = lorahot.inject(model, plan.targets, max_rank=plan.max_rank)
+    info = runtime.load(path)
+    assert sorted(info.ranks) == sorted(plan.targets)
+    assert all(info.ranks[t] <= plan.ranks[t] for t in plan.targets)
+    assert plan.max_rank == 6  # the sparse qkv's 6; loaded, each of its parts has rank 2
