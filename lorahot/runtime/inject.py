@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from torch import nn
 from lorahot.errors import UsageError, public_api
 from lorahot.layers import LayerSpec, LoRALayer
 from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.components import components_of, is_several, match_components
 from lorahot.runtime.lora_runtime import LoraRuntime
 from lorahot.runtime.merge import check_mergeable, check_untied
 from lorahot.runtime.plan import WEIGHT_DTYPES
@@ -26,8 +29,8 @@ MAX_SLOTS = 4096
 
 @public_api
 def inject(
-    model: nn.Module,
-    targets: Targets,
+    model: nn.Module | Mapping[str, nn.Module] | Any,
+    targets: Targets | Mapping[str, Targets],
     *,
     max_rank: int,
     slots: int = 1,
@@ -40,10 +43,17 @@ def inject(
     """Wraps the targeted modules of ``model`` in LoRA layers and allocates their buffers.
 
     Args:
-        model: any ``nn.Module``; modified in place.
+        model: any ``nn.Module``; modified in place. Or several models: a dict of component
+            name -> ``nn.Module`` (``{"unet": unet, "text_encoder": te}``), or an object with a
+            ``components`` mapping (a diffusers pipeline: its ``nn.Module`` components that
+            ``targets`` matches). One runtime then serves them all: layers are named
+            ``<component>.<module path>``, ``load`` routes each module of a file to its
+            component by its prefix (``unet.``, ``text_encoder_2.``, ``lora_te1_``, ...;
+            :mod:`lorahot.resolve.components`), and ``runtime.eject()`` restores each one.
         targets: module names (a module matches if its name equals an entry or ends with
             ``"." + entry``), a regex (full match), ``"all-linear"``, or a callable
-            ``(name, module) -> bool``.
+            ``(name, module) -> bool``. For several models: one of those for every component,
+            or a dict component -> one of those (only those components are injected).
         max_rank: the largest rank any adapter will have; buffers are allocated at this rank
             (1 to 65536).
         slots: how many adapters to keep resident at once (1 to 4096).
@@ -70,11 +80,19 @@ def inject(
             merged mode a weight tied to another module; buffers the device cannot hold. The
             model is then as it was.
     """
-    _check_arguments(model, max_rank, slots, dtype, cache_bytes, merged, fused, extras)
-    names = match_targets(model, targets)
+    components: tuple[str, ...] = ()
+    if not is_several(model):
+        _check_arguments(model, max_rank, slots, dtype, cache_bytes, merged, fused, extras)
+        root: nn.Module = model  # type: ignore[assignment]  # checked just above
+        names = match_targets(root, targets)  # type: ignore[arg-type]
+    else:
+        modules, named = components_of(model)
+        _check_arguments(nn.Module(), max_rank, slots, dtype, cache_bytes, merged, fused, extras)
+        root, names = match_components(modules, targets, named)
+        components = tuple(root._modules)
     if merged:
-        check_untied(model, names)
-    layers = wrap_modules(model, names)
+        check_untied(root, names)
+    layers = wrap_modules(root, names)
     try:
         specs = {}
         for name, layer in layers.items():
@@ -86,9 +104,10 @@ def inject(
             if merged:
                 check_mergeable(name, layer, dtype)
             specs[name] = (layer.spec, *layer_placement(layer, dtype, name))
-        return LoraRuntime(model, layers, _allocate(specs, max_rank, slots), cache_bytes, merged, fused, extras)
+        buffers = _allocate(specs, max_rank, slots)
+        return LoraRuntime(root, layers, buffers, cache_bytes, merged, fused, extras, components)
     except BaseException:
-        unwrap_modules(model, layers)
+        unwrap_modules(root, layers)
         raise
 
 
@@ -158,15 +177,20 @@ def _capacity(device: torch.device) -> int | None:
 
 
 @public_api
-def eject(model: nn.Module) -> nn.Module:
+def eject(model: nn.Module | Mapping[str, nn.Module] | Any) -> Any:
     """Puts every original module back in place of its LoRA wrapper; returns ``model``.
 
     The base weights were never modified (merged mode puts its pristine copy back), so the
     model computes bitwise what it did before ``inject``. Every runtime whose layers were found
     is ejected with them: its other layers (anywhere in its own model) are unwrapped too, its
     prefetch thread stops, and each of its operations raises :class:`UsageError` from now on.
+    A dict of models or a pipeline (what :func:`inject` takes) ejects each of its components.
     """
     if not isinstance(model, nn.Module):
+        if is_several(model):
+            for module in components_of(model)[0].values():
+                eject(module)
+            return model
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     found = {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
     states = {id(layer.state): layer.state for layer in found.values() if layer.state is not None}

@@ -16,7 +16,7 @@ import operator
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -52,6 +52,9 @@ class AdapterInfo:
         nbytes: bytes of adapter weights copied in (before padding).
         skipped: tensor keys left out by a ``strict=False`` load (keys of no known naming,
             refused features, modules that map onto no injected layer); empty otherwise.
+        components: for a runtime over several models, component -> how many of its layers
+            the adapter loads into (0 for a component it does not touch, which then computes
+            its base output); empty for a single model.
     """
 
     source: str
@@ -61,15 +64,18 @@ class AdapterInfo:
     ranks: dict[str, int]
     nbytes: int
     skipped: tuple[str, ...] = ()
+    components: dict[str, int] = field(default_factory=dict)
 
 
 class LoraRuntime:
     """Owns the LoRA layers injected into one model and the buffers behind them.
 
-    Create it with :func:`lorahot.inject`. Slot ``i`` holds one adapter; the model computes with the
-    active slot. All methods run on a compiled model without recompiling. Every method checks
-    its arguments and the runtime's state before it changes anything; once the runtime is
-    ejected (``runtime.eject()`` or ``lorahot.eject(model)``), every method raises
+    Create it with :func:`lorahot.inject`. Over several models (a pipeline's components), its
+    layers are named ``<component>.<module path>`` and :attr:`model` is a
+    :class:`~lorahot.runtime.components.Components` holding them. Slot ``i`` holds one
+    adapter; the model computes with the active slot. All methods run on a compiled model
+    without recompiling. Every method checks its arguments and the runtime's state before it
+    changes anything; once the runtime is ejected (``runtime.eject()`` or ``lorahot.eject(model)``), every method raises
     :class:`~lorahot.UsageError`.
     """
 
@@ -82,8 +88,10 @@ class LoraRuntime:
         merged: bool = False,
         fused: bool = True,
         extras: bool = True,
+        components: tuple[str, ...] = (),
     ) -> None:
         self.model = model
+        self.components = components  # empty for a single model
         self._extras = extras
         self.layers = layers
         self.buffers = buffers
@@ -201,6 +209,7 @@ class LoraRuntime:
                 weight_of=self._base_weight,
                 strict=_strict(read_kwargs),
                 extras_refusal=self._extras_refusal,
+                components=self.components,
             )
             plan = checked.plan
             self._check_kinds(plan)
@@ -208,7 +217,9 @@ class LoraRuntime:
             self.buffers.write_staged(slot, checked.entries, plan.scales, multiplier, live=live, extras=checked.extras)
         self._refresh_dora(slot, plan, live)
         self._plans[slot] = plan
-        info = AdapterInfo(adapter.source, adapter.format, slot, multiplier, plan.ranks, plan.nbytes, plan.skipped)
+        info = AdapterInfo(
+            adapter.source, adapter.format, slot, multiplier, plan.ranks, plan.nbytes, plan.skipped, self._counts(plan)
+        )
         self._infos[slot] = info
         self._remerge(slot)
         return info
@@ -238,6 +249,7 @@ class LoraRuntime:
             weight_of=self._base_weight,
             strict=_strict(read_kwargs),
             extras_refusal=self._extras_refusal,
+            components=self.components,
         )
         self._check_kinds(checked.plan)
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
@@ -261,6 +273,13 @@ class LoraRuntime:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahot-prefetch")
             return self._executor.submit(self.preload, source, key=key, **read_kwargs)
+
+    def _counts(self, plan: LoadPlan) -> dict[str, int]:
+        """Per component, how many of its layers ``plan`` loads into (empty for a single model)."""
+        counts = dict.fromkeys(self.components, 0)
+        for name in plan.ranks if self.components else ():
+            counts[name.partition(".")[0]] += 1
+        return counts
 
     def _base_weight(self, name: str) -> torch.Tensor:
         """The model's own weight of layer ``name`` (the pristine one in merged mode)."""

@@ -21,6 +21,7 @@ import torch
 from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems
 from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, LayerSpec
+from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
 from lorahot.runtime.deltas import delta_shape
@@ -160,13 +161,17 @@ def plan_load(
     weight_of: WeightOf | None = None,
     strict: bool = True,
     extras_refusal: ExtrasRefusal | None = None,
+    components: tuple[str, ...] = (),
 ) -> LoadPlan:
     """Resolves and checks ``adapter`` for the layers ``specs`` whose storage ``buffers`` holds.
 
     Layers the adapter does not touch get zeros and scale 0. The plan holds the adapter's
     tensors detached (a tensor that requires grad is read like any other). With
     ``strict=False`` modules that map onto no injected layer are left out and listed in
-    :attr:`LoadPlan.skipped`; an adapter of which nothing is left is still refused.
+    :attr:`LoadPlan.skipped`; an adapter of which nothing is left is still refused. With
+    ``components`` (a runtime over several models, layers named ``<component>.<path>``) each
+    module is first routed to its component by its prefix
+    (:func:`lorahot.resolve.components.resolve_components`).
 
     Raises:
         AdapterMismatchError: keys that map onto no injected layer (or onto one twice), or
@@ -176,7 +181,10 @@ def plan_load(
             finite, a scale ``alpha / r`` beyond the range of the layer's scale buffer.
     """
     unplaced: list[str] | None = None if strict else []
-    targets, weights = resolve_all(adapter, list(specs), unplaced)
+    if components:
+        targets, weights = resolve_components(adapter, list(specs), components, unplaced)
+    else:
+        targets, weights = resolve_all(adapter, list(specs), unplaced)
     if not targets and not weights and unplaced:
         raise AdapterMismatchError(
             f"{adapter.source}: no module of the adapter ({adapter.format} naming) maps onto an injected layer "
@@ -360,6 +368,7 @@ def validate(
     weight_of: WeightOf | None = None,
     strict: bool = True,
     extras_refusal: ExtrasRefusal | None = None,
+    components: tuple[str, ...] = (),
 ) -> Checked:
     """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
@@ -371,12 +380,13 @@ def validate(
             :func:`plan_load`).
         extras_refusal: why the runtime cannot run a module's DoRA magnitude or LoRA bias on
             an injected layer, or None.
+        components: the runtime's component names (a runtime over several models), or empty.
 
     Raises:
         AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
             weight, or values beyond the range of the arena's dtype. Nothing has been written.
     """
-    plan = plan_load(adapter, buffers, specs, weight_of, strict, extras_refusal)
+    plan = plan_load(adapter, buffers, specs, weight_of, strict, extras_refusal, components)
     entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
     extras = _extras(plan, buffers, stage)
     _check_range(plan, buffers, entries)

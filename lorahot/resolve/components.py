@@ -1,0 +1,129 @@
+"""Routing an adapter's modules to the components of a pipeline runtime.
+
+A runtime injected into several models (``lorahot.inject({"unet": ..., "text_encoder": ...})``)
+names its layers ``<component>.<module path>``. A file names its components with prefixes:
+diffusers ``unet.``/``transformer.``/``text_encoder.``/``text_encoder_2.``, kohya
+``lora_unet_``/``lora_te_``/``lora_te1_``/``lora_te2_``, BFL/ComfyUI ``diffusion_model.``.
+Each module goes to the component its prefix names (:data:`ROUTES`), and is then resolved
+against that component's layers only, exactly as on a single model (:mod:`lorahot.resolve.keys`),
+so two components with the same module paths (two CLIP encoders) never compete for a key.
+Prefixes end with their naming's separator: ``text_encoder.`` never takes ``text_encoder_2.``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lorahot.adapter import Adapter, LoraModule, WeightModule
+from lorahot.errors import AdapterMismatchError, format_problems
+from lorahot.resolve.keys import resolve_all
+
+__all__ = ["ROUTES", "DENOISER", "route", "resolve_components"]
+
+#: The denoiser a prefix without a fixed component (``lora_unet_`` is Flux's transformer too)
+#: or a key without any prefix goes to: the first of these the runtime has.
+DENOISER = ("unet", "transformer")
+
+#: File prefix -> component (``None``: the denoiser), longest prefixes first.
+ROUTES: tuple[tuple[str, str | None], ...] = tuple(
+    sorted(
+        {
+            "unet.": "unet",
+            "transformer.": "transformer",
+            "text_encoder.": "text_encoder",
+            "text_encoder_2.": "text_encoder_2",
+            "text_encoder_3.": "text_encoder_3",
+            "lora_unet_": None,
+            "lora_transformer_": "transformer",
+            "lora_te_": "text_encoder",
+            "lora_te1_": "text_encoder",
+            "lora_te2_": "text_encoder_2",
+            "lora_te3_": "text_encoder_3",
+            "diffusion_model.": None,
+            "model.diffusion_model.": None,
+            "base_model.model.": None,
+        }.items(),
+        key=lambda kv: len(kv[0]),
+        reverse=True,
+    )
+)
+
+
+def route(key: str, components: tuple[str, ...]) -> tuple[str | None, str]:
+    """``(component, prefix)`` for a module key: the component is None when the runtime lacks
+    the one the prefix names (``prefix`` says which; ``""`` for a key without a prefix)."""
+    prefix, target = next(((p, c) for p, c in ROUTES if key.startswith(p)), ("", None))
+    if target is None:
+        target = next((c for c in DENOISER if c in components), DENOISER[0] + "/" + DENOISER[1])
+    return (target if target in components else None), prefix
+
+
+Module = LoraModule | WeightModule
+
+
+def resolve_components(
+    adapter: Adapter, names: list[str], components: tuple[str, ...], skipped: list[str] | None = None
+) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
+    """:func:`lorahot.resolve.keys.resolve_all` over the layers ``<component>.<path>``.
+
+    Args:
+        names: the injected layers' names, each ``<component>.<module path>``.
+        components: the runtime's component names.
+        skipped: if given (``strict=False``), modules routed to a component the runtime does
+            not have, and those matching no layer of their component, are listed here.
+
+    Raises:
+        AdapterMismatchError: modules for a component the runtime lacks (naming the prefix,
+            the component and the fix), or what ``resolve_all`` raises, per component.
+    """
+    groups: dict[str, list[tuple[str, Module]]] = {c: [] for c in components}
+    missing: dict[str, list[str]] = {}
+    entries: list[tuple[str, Module]] = [*adapter.modules.items(), *adapter.weights.items()]
+    for key, module in entries:
+        component, prefix = route(key, components)
+        if component is not None:
+            groups[component].append((key, module))
+        elif skipped is not None:
+            skipped.extend(module.source_keys or (key,))
+        else:
+            missing.setdefault(prefix, []).append(key)
+    if missing:
+        raise AdapterMismatchError(_missing_message(adapter.source, missing, components))
+    lora: dict[str, LoraModule] = {}
+    weights: dict[str, WeightModule] = {}
+    problems: list[str] = []
+    for component, routed in groups.items():
+        if not routed:
+            continue
+        head = component + "."
+        part = dataclasses.replace(
+            adapter,
+            modules={k: m for k, m in routed if isinstance(m, LoraModule)},
+            weights={k: m for k, m in routed if isinstance(m, WeightModule)},
+        )
+        own = [n[len(head) :] for n in names if n.startswith(head)]
+        try:
+            found, folded = resolve_all(part, own, skipped)
+        except AdapterMismatchError as exc:
+            problems.append(f"[{component}] {exc}")
+            continue
+        lora.update({head + n: m for n, m in found.items()})
+        weights.update({head + n: w for n, w in folded.items()})
+    if problems:
+        raise AdapterMismatchError("\n".join(problems))
+    return lora, weights
+
+
+def _missing_message(source: str, missing: dict[str, list[str]], components: tuple[str, ...]) -> str:
+    lines = []
+    for prefix, keys in missing.items():
+        target = dict(ROUTES).get(prefix) if prefix else None
+        wanted = target or " or ".join(DENOISER)
+        shown = f"prefix {prefix!r}" if prefix else "no component prefix"
+        lines.append(f"{len(keys)} module(s) with {shown} (e.g. {keys[0]}) go to {wanted}, which was not injected")
+    return (
+        format_problems(f"{source}: adapter modules for components this runtime lacks:", lines)
+        + f"\nThis runtime has components {', '.join(components)}. Inject the missing component too "
+        "(lorahot.inject({..., 'text_encoder_2': pipe.text_encoder_2}, ...)), or load with strict=False to skip "
+        "those modules."
+    )

@@ -1,0 +1,123 @@
+"""One runtime over several models: a pipeline's components as one module tree.
+
+``lorahot.inject({"unet": unet, "text_encoder": te}, targets, max_rank=...)`` (or a diffusers
+pipeline, duck-typed through its ``components`` mapping) holds the components in a
+:class:`Components` module, so their layers are named ``<component>.<module path>`` and share
+one buffer manager, one set of slots and atomic loads. The components themselves are wrapped
+in place: the user keeps calling ``pipe.unet`` and ``pipe.text_encoder``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from lorahot.errors import UsageError
+from lorahot.runtime.targets import Targets, _check_single_path, match_targets
+
+__all__ = ["Components", "is_several", "components_of", "match_components"]
+
+
+class Components(nn.Module):
+    """The injected components of a pipeline, as children named by component.
+
+    It only holds them (the runtime's ``model``); call the components themselves.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        for name, module in modules.items():
+            try:
+                self.add_module(name, module)
+            except (KeyError, TypeError) as exc:
+                raise UsageError(
+                    f"component name {name!r} cannot name a module ({exc}); use a plain name such as 'unet'."
+                ) from None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise UsageError("Components only holds a pipeline's components; call the components themselves.")
+
+
+def is_several(model: object) -> bool:
+    """Whether ``model`` is several models: a dict, or an object with a ``components`` mapping."""
+    return not isinstance(model, nn.Module) and (
+        isinstance(model, Mapping) or isinstance(getattr(model, "components", None), Mapping)
+    )
+
+
+def components_of(model: object) -> tuple[dict[str, nn.Module], bool]:
+    """The components of a dict of models or of an object with a ``components`` mapping (a
+    diffusers pipeline), and whether the user named each one (a dict: each must take LoRA).
+
+    Raises:
+        UsageError: ``model`` is neither, or a dict entry is not an ``nn.Module``.
+    """
+    if isinstance(model, Mapping):
+        bad = [k for k, v in model.items() if not (isinstance(k, str) and k and isinstance(v, nn.Module))]
+        if bad or not model:
+            raise UsageError(
+                f"a dict of components must map non-empty names to torch.nn.Modules; got {bad[:3] or 'an empty dict'}."
+            )
+        return dict(model), True
+    found = getattr(model, "components", None)
+    if isinstance(found, Mapping):
+        modules = {k: v for k, v in found.items() if isinstance(k, str) and k and isinstance(v, nn.Module)}
+        if modules:
+            return modules, False
+    raise UsageError(
+        f"model must be a torch.nn.Module, a dict of component name -> nn.Module, or an object with a `components` "
+        f"mapping of modules (a diffusers pipeline); got {type(model).__name__}."
+    )
+
+
+def match_components(
+    modules: dict[str, nn.Module], targets: Targets | Mapping[str, Targets], named: bool
+) -> tuple[Components, list[str]]:
+    """The container of the components that take LoRA and its matched names
+    (``<component>.<path>``).
+
+    ``targets`` is one spec for every component, or a dict per component (which picks the
+    components). A component one spec matches nothing in is an error when the user ``named``
+    it (a dict of models), else left out (a pipeline's VAE, its scheduler).
+
+    Raises:
+        UsageError: a targets key that names no component; a component with no match (named,
+            or given its own targets); no match at all; what :func:`match_targets` raises,
+            with the component in front.
+    """
+    if isinstance(targets, Mapping):
+        unknown = [k for k in targets if k not in modules]
+        if unknown or not targets:
+            raise UsageError(
+                f"targets names component {unknown[0] if unknown else 'nothing'}; the components are "
+                f"{', '.join(modules)}. Key the targets dict by those names."
+            )
+        specs: dict[str, Targets] = dict(targets)
+        required = True
+    else:
+        specs, required = dict.fromkeys(modules, targets), named
+    found: dict[str, list[str]] = {}
+    for component, spec in specs.items():
+        try:
+            found[component] = match_targets(modules[component], spec)
+        except UsageError as exc:
+            if required or "matched no module" not in str(exc):
+                raise UsageError(
+                    f"component {component!r}: {exc}"
+                    + (
+                        " Give it its own targets (a dict keyed by component), or leave it out."
+                        if "matched no module" in str(exc)
+                        else ""
+                    )
+                ) from None
+    if not found:
+        raise UsageError(
+            f"targets={targets!r} matched no module in any component ({', '.join(modules)}); pass the module names "
+            "of the components you want LoRA in."
+        )
+    container = Components({c: modules[c] for c in found})
+    names = [f"{c}.{n}" for c, ns in found.items() for n in ns]
+    _check_single_path(container, names, dict(container.named_modules(remove_duplicate=False)))
+    return container, names
