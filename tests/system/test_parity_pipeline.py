@@ -1,0 +1,162 @@
+"""One lorahot runtime over a whole tiny SDXL pipeline (UNet and both CLIP text encoders),
+against diffusers' own ``pipe.load_lora_weights`` as the oracle, for a diffusers-named and a
+kohya-named file (diffusers' ``convert_state_dict_to_kohya``, with alphas of half the rank).
+
+The pipeline is built offline from configs; it has no VAE, tokenizers or scheduler (the
+components are called directly), which diffusers' constructor accepts as None.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya  # noqa: E402
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+TARGETS = {"unet": UNET_TARGETS, "text_encoder": TE_TARGETS, "text_encoder_2": TE_TARGETS}
+RANK = 4
+
+
+def _pipeline() -> diffusers.StableDiffusionXLPipeline:
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+    config = transformers.CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=16,
+    )
+    te = transformers.CLIPTextModel(config).eval()
+    te2 = transformers.CLIPTextModelWithProjection(config).eval()
+    return diffusers.StableDiffusionXLPipeline(
+        vae=None, text_encoder=te, text_encoder_2=te2, tokenizer=None, tokenizer_2=None, unet=unet, scheduler=None
+    )
+
+
+@pytest.fixture(scope="module")
+def pipe() -> diffusers.StableDiffusionXLPipeline:
+    return _pipeline()
+
+
+def _diffusers_file(pipe, components: list[str], seed: int = 1) -> dict[str, torch.Tensor]:
+    """A diffusers-named LoRA (``<component>.<module>.lora_A.weight``) on every target of ``components``."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for c in components:
+        targets = TARGETS[c]
+        for name, mod in getattr(pipe, c).named_modules():
+            if isinstance(mod, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+                out[f"{c}.{name}.lora_A.weight"] = torch.randn(RANK, mod.in_features, generator=g) * 0.2
+                out[f"{c}.{name}.lora_B.weight"] = torch.randn(mod.out_features, RANK, generator=g) * 0.2
+    return out
+
+
+def _kohya_file(pipe, components: list[str], seed: int = 1) -> dict[str, torch.Tensor]:
+    out = convert_state_dict_to_kohya(_diffusers_file(pipe, components, seed))
+    return {k: torch.tensor(RANK / 2) if k.endswith(".alpha") else v for k, v in out.items()}
+
+
+FILES = {"diffusers": _diffusers_file, "kohya": _kohya_file}
+
+
+def _run(pipe) -> dict[str, torch.Tensor]:
+    return _call({c: getattr(pipe, c) for c in TARGETS})
+
+
+def _call(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[0, 5, 9, 3, 1]])
+    g = torch.Generator().manual_seed(3)
+    sample, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        return {
+            "unet": models["unet"](sample, 7, encoder_hidden_states=context).sample,
+            "text_encoder": models["text_encoder"](ids)[0],
+            "text_encoder_2": models["text_encoder_2"](ids)[0],
+        }
+
+
+def _oracle(pipe, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    oracle = copy.deepcopy(pipe)
+    oracle.load_lora_weights(dict(source))
+    return _run(oracle)
+
+
+@pytest.mark.parametrize("naming", FILES)
+def test_one_runtime_pipeline_matches_load_lora_weights(pipe, naming: str) -> None:
+    source = FILES[naming](pipe, list(TARGETS))
+    want, base = _oracle(pipe, source), _run(pipe)
+    ours = copy.deepcopy(pipe)
+    runtime = lorahot.inject(ours, TARGETS, max_rank=8)  # the pipeline itself, duck-typed
+    info = runtime.load(source)
+    assert info.format == naming
+    assert info.components == {"unet": 32, "text_encoder": 12, "text_encoder_2": 12}
+    got = _run(ours)
+    for c in TARGETS:
+        assert not torch.allclose(got[c], base[c], atol=1e-4), c  # the file does change every component
+        torch.testing.assert_close(got[c], want[c], rtol=1e-5, atol=1e-5, msg=c)
+
+
+@pytest.mark.parametrize("naming", FILES)
+def test_unet_only_file_leaves_text_encoders_at_base_bitwise(pipe, naming: str) -> None:
+    ours = copy.deepcopy(pipe)
+    base = _run(ours)
+    runtime = lorahot.inject(
+        {"unet": ours.unet, "text_encoder": ours.text_encoder, "text_encoder_2": ours.text_encoder_2},
+        TARGETS,
+        max_rank=8,
+    )
+    runtime.load(FILES[naming](pipe, list(TARGETS)))
+    unet_only = FILES[naming](pipe, ["unet"], seed=2)
+    info = runtime.load(unet_only)
+    assert info.components == {"unet": 32, "text_encoder": 0, "text_encoder_2": 0}
+    got = _run(ours)
+    assert torch.equal(got["text_encoder"], base["text_encoder"])
+    assert torch.equal(got["text_encoder_2"], base["text_encoder_2"])
+    torch.testing.assert_close(got["unet"], _oracle(pipe, unet_only)["unet"], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_components_swap_without_recompiling(pipe) -> None:
+    ours = copy.deepcopy(pipe)
+    runtime = lorahot.inject(ours, TARGETS, max_rank=8)
+    full, unet_only = _kohya_file(pipe, list(TARGETS)), _diffusers_file(pipe, ["unet"], seed=2)
+    eager = {}
+    for key, source in (("full", full), ("unet", unet_only)):
+        runtime.load(source)
+        eager[key] = _run(ours)
+    # CPU inductor on the text encoders; the UNet through AOTAutograd only (its inductor
+    # compile takes over a minute on the CPU; the guards and graph breaks are dynamo's either way)
+    compiled = {c: torch.compile(getattr(ours, c), backend="aot_eager" if c == "unet" else "inductor") for c in TARGETS}
+    runtime.load(full)
+    _call(compiled)  # compiles each component once
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for key, source in (("unet", unet_only), ("full", full), ("unet", unet_only)):
+            runtime.load(source)
+            got = _call(compiled)
+            for c in TARGETS:
+                torch.testing.assert_close(got[c], eager[key][c], rtol=1e-5, atol=1e-5, msg=f"{key} {c}")

@@ -1,0 +1,226 @@
+"""One runtime over several models: inject a dict of components or a pipeline-like object,
+route each module of a file to its component by prefix (tiny purpose-built components)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+from lorahot import AdapterMismatchError, UsageError
+from lorahot.resolve.components import route
+
+
+def _encoder() -> nn.Module:
+    return nn.ModuleDict({"layers": nn.ModuleList([nn.ModuleDict({"q_proj": nn.Linear(8, 8)}) for _ in range(2)])})
+
+
+def _models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {
+        "unet": nn.ModuleDict({"to_q": nn.Linear(8, 8), "conv": nn.Linear(8, 8)}),
+        "text_encoder": _encoder(),
+        "text_encoder_2": _encoder(),
+    }
+
+
+def _run(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    out = {}
+    with torch.no_grad():
+        for c, m in models.items():
+            if c == "unet":
+                out[c] = m["conv"](m["to_q"](x))
+            else:
+                out[c] = m["layers"][1]["q_proj"](m["layers"][0]["q_proj"](x))
+    return out
+
+
+def _lora(keys: list[str], seed: int = 1, rank: int = 2, kohya: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k in keys:
+        down, up = ("lora_down", "lora_up") if kohya else ("lora_A", "lora_B")
+        out[f"{k}.{down}.weight"] = torch.randn(rank, 8, generator=g)
+        out[f"{k}.{up}.weight"] = torch.randn(8, rank, generator=g)
+    return out
+
+
+FULL = ["unet.to_q", "text_encoder.layers.0.q_proj", "text_encoder_2.layers.1.q_proj"]
+TARGETS = {"unet": ["to_q"], "text_encoder": ["q_proj"], "text_encoder_2": ["q_proj"]}
+
+
+def test_dict_of_models_one_runtime_named_by_component() -> None:
+    models = _models()
+    runtime = lorahot.inject(models, TARGETS, max_rank=4)
+    assert list(runtime.layers) == [
+        "unet.to_q",
+        "text_encoder.layers.0.q_proj",
+        "text_encoder.layers.1.q_proj",
+        "text_encoder_2.layers.0.q_proj",
+        "text_encoder_2.layers.1.q_proj",
+    ]
+    assert isinstance(models["unet"]["to_q"], lorahot.LoRALinear)  # the user's module, wrapped in place
+    info = runtime.load(_lora(FULL))
+    assert info.components == {"unet": 1, "text_encoder": 1, "text_encoder_2": 1}
+    assert set(info.ranks) == set(FULL)
+
+
+def test_text_encoder_prefix_never_takes_text_encoder_2() -> None:
+    models = _models()
+    base = _run(models)
+    runtime = lorahot.inject(models, "q_proj|.*\\.q_proj|to_q", max_rank=4)
+    info = runtime.load(_lora(["text_encoder.layers.0.q_proj"]))
+    assert info.components == {"unet": 0, "text_encoder": 1, "text_encoder_2": 0}
+    out = _run(models)
+    assert not torch.equal(out["text_encoder"], base["text_encoder"])
+    assert torch.equal(out["text_encoder_2"], base["text_encoder_2"])
+    assert torch.equal(out["unet"], base["unet"])
+
+
+@pytest.mark.parametrize(
+    ("key", "component"),
+    [
+        ("lora_te_layers_0_q_proj", "text_encoder"),
+        ("lora_te1_layers_0_q_proj", "text_encoder"),
+        ("lora_te2_layers_0_q_proj", "text_encoder_2"),
+        ("lora_unet_to_q", "unet"),
+    ],
+)
+def test_kohya_prefixes_route_to_their_component(key: str, component: str) -> None:
+    runtime = lorahot.inject(_models(), TARGETS, max_rank=4)
+    info = runtime.load(_lora([key], kohya=True))
+    assert info.components[component] == 1
+    assert sum(info.components.values()) == 1
+
+
+def test_flux_prefixes_route_to_the_transformer() -> None:
+    assert route("lora_unet_double_blocks_0_img_attn_qkv", ("transformer", "text_encoder")) == (
+        "transformer",
+        "lora_unet_",
+    )
+    assert route("diffusion_model.double_blocks.0.img_attn.qkv", ("transformer",)) == (
+        "transformer",
+        "diffusion_model.",
+    )
+    assert route("lora_unet_x", ("unet", "transformer")) == ("unet", "lora_unet_")
+    assert route("down_blocks.0.to_q", ("unet",)) == ("unet", "")  # no prefix: the denoiser, as diffusers
+    models = {"transformer": nn.ModuleDict({"to_q": nn.Linear(8, 8)})}
+    runtime = lorahot.inject(models, ["to_q"], max_rank=4)
+    assert runtime.load(_lora(["lora_unet_to_q"], kohya=True)).components == {"transformer": 1}
+
+
+class _Pipe:
+    """Duck-typed like a diffusers pipeline: a ``components`` dict of anything."""
+
+    def __init__(self, models: dict[str, nn.Module]) -> None:
+        self.components = {**models, "vae": nn.Conv2d(1, 1, 1), "tokenizer": object(), "scheduler": None}
+
+
+def test_pipeline_like_object_takes_its_matched_module_components() -> None:
+    models = _models()
+    runtime = lorahot.inject(_Pipe(models), ["q_proj", "to_q"], max_rank=4)
+    assert runtime.components == ("unet", "text_encoder", "text_encoder_2")  # no vae: nothing matched there
+    assert runtime.load(_lora(FULL)).components == {"unet": 1, "text_encoder": 1, "text_encoder_2": 1}
+    lorahot.eject(_Pipe(models))
+    assert type(models["unet"]["to_q"]) is nn.Linear
+
+
+def test_a_component_the_file_does_not_touch_returns_to_base_bitwise() -> None:
+    models = _models()
+    base = _run(models)
+    runtime = lorahot.inject(models, TARGETS, max_rank=4)
+    runtime.load(_lora(FULL))
+    runtime.load(_lora(["unet.to_q"], seed=2))
+    out = _run(models)
+    assert not torch.equal(out["unet"], base["unet"])
+    for c in ("text_encoder", "text_encoder_2"):
+        assert torch.equal(out[c], base[c])
+
+
+def test_failed_load_changes_no_component() -> None:
+    models = _models()
+    runtime = lorahot.inject(models, TARGETS, max_rank=4)
+    runtime.load(_lora(FULL))
+    before = _run(models)
+    bad = _lora(["unet.to_q", "text_encoder.layers.0.q_proj"], seed=3)
+    bad["text_encoder_2.layers.0.q_proj.lora_A.weight"] = torch.randn(2, 5)  # wrong in_features
+    bad["text_encoder_2.layers.0.q_proj.lora_B.weight"] = torch.randn(8, 2)
+    with pytest.raises(AdapterMismatchError, match=r"text_encoder_2\.layers\.0\.q_proj"):
+        runtime.load(bad)
+    after = _run(models)
+    assert all(torch.equal(before[c], after[c]) for c in before)
+
+
+def test_prefix_for_a_component_not_injected() -> None:
+    models = _models()
+    runtime = lorahot.inject(
+        {"unet": models["unet"], "text_encoder": models["text_encoder"]}, ["to_q", "q_proj"], max_rank=4
+    )
+    source = _lora(FULL)
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"prefix 'text_encoder_2\.' \(e\.g\. text_encoder_2\.layers\.1\.q_proj\) go to text_encoder_2, which "
+        r"was not injected(.|\n)*Inject the missing component too(.|\n)*strict=False",
+    ):
+        runtime.load(source)
+    info = runtime.load(source, strict=False)
+    assert info.components == {"unet": 1, "text_encoder": 1}
+    assert set(info.skipped) == {k for k in source if k.startswith("text_encoder_2.")}
+
+
+def test_key_matching_no_layer_of_its_component_names_the_component() -> None:
+    runtime = lorahot.inject(_models(), TARGETS, max_rank=4)
+    with pytest.raises(
+        AdapterMismatchError, match=r"\[text_encoder\] (.|\n)*text_encoder\.layers\.7\.q_proj: matches no"
+    ):
+        runtime.load(_lora(["text_encoder.layers.7.q_proj"]))
+
+
+def test_targets_dict_naming_an_unknown_component() -> None:
+    with pytest.raises(UsageError, match=r"targets names component vae; the components are unet, text_encoder"):
+        lorahot.inject(_models(), {"vae": ["to_q"]}, max_rank=4)
+
+
+def test_named_component_without_a_match() -> None:
+    models = _models()
+    with pytest.raises(UsageError, match=r"component 'unet': targets=\['q_proj'\] matched no module.*its own targets"):
+        lorahot.inject(models, ["q_proj"], max_rank=4)
+    assert all(type(m) is nn.Linear for c in models.values() for m in c.modules() if isinstance(m, nn.Linear))
+    with pytest.raises(UsageError, match=r"component 'text_encoder': targets=\['nope'\] matched no module"):
+        lorahot.inject(models, {"unet": ["to_q"], "text_encoder": ["nope"]}, max_rank=4)
+
+
+def test_targets_dict_injects_only_its_components() -> None:
+    models = _models()
+    runtime = lorahot.inject(models, {"text_encoder_2": ["q_proj"]}, max_rank=4)
+    assert runtime.components == ("text_encoder_2",)
+    assert type(models["unet"]["to_q"]) is nn.Linear
+
+
+def test_bad_component_dicts() -> None:
+    with pytest.raises(UsageError, match=r"must map non-empty names to torch\.nn\.Modules"):
+        lorahot.inject({"unet": "not a module"}, ["to_q"], max_rank=4)
+    with pytest.raises(UsageError, match=r"^model must be a torch\.nn\.Module, got str\.$"):
+        lorahot.inject("model", ["to_q"], max_rank=4)
+
+
+def test_eject_restores_every_component() -> None:
+    models = _models()
+    base = _run(models)
+    runtime = lorahot.inject(models, TARGETS, max_rank=4)
+    runtime.load(_lora(FULL))
+    runtime.eject()
+    assert all(type(m) is nn.Linear for c in models.values() for m in c.modules() if isinstance(m, nn.Linear))
+    out = _run(models)
+    assert all(torch.equal(base[c], out[c]) for c in base)
+    with pytest.raises(UsageError, match="ejected"):
+        runtime.load(_lora(FULL))
+
+
+def test_module_dict_is_still_one_model() -> None:
+    model = nn.ModuleDict(_models())
+    runtime = lorahot.inject(model, ["to_q"], max_rank=4)
+    assert runtime.components == ()
+    assert runtime.load(_lora(["to_q"])).components == {}
