@@ -2,6 +2,7 @@
 
 - :mod:`~lorahot.runtime.targets`: which modules take LoRA; wrapping and unwrapping them;
 - :mod:`~lorahot.runtime.inject`: :func:`inject` and :func:`eject`;
+- :mod:`~lorahot.runtime.components`: one runtime over several models (a pipeline's components);
 - :mod:`~lorahot.runtime.buffers`: the rank-padded buffer manager (one arena per device and dtype);
 - :mod:`~lorahot.runtime.plan`: every check of a load, before anything is written;
 - :mod:`~lorahot.runtime.union`: :func:`plan_targets`, the targets and max_rank covering a set of adapters;

@@ -191,7 +191,7 @@ class LoraRuntime:
         self, source: Source | Adapter | PreparedAdapter, slot: int, scale: float, read_kwargs: dict[str, Any]
     ) -> AdapterInfo:
         slot, multiplier = self._slot(slot), _multiplier(scale)
-        _check_read_options(read_kwargs)
+        _check_read_options(read_kwargs, self.components)
         prepared = self._cached(source, read_kwargs)
         self._check_usable(every_layer=prepared is None)  # every layer: cheap next to reading a file
         live = slot == self._active
@@ -235,7 +235,7 @@ class LoraRuntime:
         buffer and one write of the scales, none blocking the host. Safe to call from any thread.
         Raises what :meth:`load` raises.
         """
-        _check_read_options(read_kwargs)
+        _check_read_options(read_kwargs, self.components)
         if key is not None and not (isinstance(key, str) and key):
             raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
         self._check_usable()
@@ -265,7 +265,7 @@ class LoraRuntime:
         """:meth:`preload` on a background thread; the future raises what preload raises.
 
         The call itself checks the runtime and the options (and raises at once)."""
-        _check_read_options(read_kwargs)
+        _check_read_options(read_kwargs, self.components)
         if key is not None and not (isinstance(key, str) and key):
             raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
         with self._executor_lock:
@@ -507,14 +507,21 @@ READ_OPTIONS = (
 _anonymous = itertools.count()
 
 
-def _check_read_options(read_kwargs: dict[str, Any]) -> None:
-    """The read options' names and types; their values are the reader's to check."""
+def _check_read_options(read_kwargs: dict[str, Any], components: tuple[str, ...] = ()) -> None:
+    """The read options' names and types; their values are the reader's to check. A runtime
+    over several models routes component prefixes itself, so it takes no ``prefix``."""
     unknown = sorted(set(read_kwargs) - set(READ_OPTIONS))
     if unknown:
         raise UsageError(
             f"unknown read option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; the read options "
             f"are {', '.join(READ_OPTIONS)}"
             + (" (device is where the runtime's buffers are; it is not an option)." if "device" in unknown else ".")
+        )
+    if components and read_kwargs.get("prefix") is not None:
+        raise UsageError(
+            f"prefix={read_kwargs['prefix']!r}: this runtime serves components {', '.join(components)} and sends each "
+            "module of a file to its component by its prefix itself; load without prefix= (strict=False skips the "
+            "modules of components it lacks)."
         )
     for name, value in read_kwargs.items():
         kinds = _OPTION_TYPES[name]

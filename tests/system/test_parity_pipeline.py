@@ -160,3 +160,5 @@ def test_compiled_components_swap_without_recompiling(pipe) -> None:
             got = _call(compiled)
             for c in TARGETS:
                 torch.testing.assert_close(got[c], eager[key][c], rtol=1e-5, atol=1e-5, msg=f"{key} {c}")
+        with pytest.raises(torch._dynamo.exc.RecompileError), torch.no_grad():  # negative control
+            compiled["text_encoder"](torch.tensor([[0, 5, 9, 3, 1, 1]]))  # a new shape does recompile

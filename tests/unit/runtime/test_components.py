@@ -224,3 +224,21 @@ def test_module_dict_is_still_one_model() -> None:
     runtime = lorahot.inject(model, ["to_q"], max_rank=4)
     assert runtime.components == ()
     assert runtime.load(_lora(["to_q"])).components == {}
+
+
+def test_prefix_option_is_refused_on_a_component_runtime() -> None:
+    runtime = lorahot.inject(_models(), TARGETS, max_rank=4)
+    with pytest.raises(UsageError, match=r"prefix='text_encoder': this runtime serves components unet, text_encoder"):
+        runtime.load(_lora(FULL), prefix="text_encoder")
+
+
+def test_preload_routes_like_load() -> None:
+    models = _models()
+    runtime = lorahot.inject(models, TARGETS, max_rank=4)
+    runtime.load(_lora(FULL))
+    want = _run(models)
+    runtime.unload()
+    prepared = runtime.preload(_lora(FULL))
+    assert runtime.load(prepared).components == {"unet": 1, "text_encoder": 1, "text_encoder_2": 1}
+    got = _run(models)
+    assert all(torch.equal(want[c], got[c]) for c in want)
