@@ -242,3 +242,21 @@ def test_preload_routes_like_load() -> None:
     assert runtime.load(prepared).components == {"unet": 1, "text_encoder": 1, "text_encoder_2": 1}
     got = _run(models)
     assert all(torch.equal(want[c], got[c]) for c in want)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_slots_and_merged_mode_span_every_component(merged: bool) -> None:
+    models = _models()
+    base = _run(models)
+    runtime = lorahot.inject(models, TARGETS, max_rank=4, slots=2, merged=merged)
+    runtime.load(_lora(FULL), slot=0)
+    runtime.load(_lora(["unet.to_q"], seed=2), slot=1)
+    full = _run(models)
+    runtime.activate(1)
+    unet_only = _run(models)
+    assert not torch.equal(unet_only["unet"], full["unet"])
+    assert all(torch.equal(unet_only[c], base[c]) for c in ("text_encoder", "text_encoder_2"))
+    runtime.activate(0)
+    assert all(torch.equal(full[c], out) for c, out in _run(models).items())
+    runtime.eject()
+    assert all(torch.equal(base[c], out) for c, out in _run(models).items())
