@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/hotswap_demo.py
 	$(BIN)/python examples/generate_demo.py
+	$(BIN)/python examples/pipeline_demo.py
 
 # lint: ruff (lint and format) over the code, mypy over the package; configured in pyproject.toml.
 lint: $(STAMP)

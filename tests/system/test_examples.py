@@ -7,6 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -28,3 +29,16 @@ def test_generate_demo_swaps_without_recompiling() -> None:
     assert tokens["A"] != tokens["base"] and tokens["B"] != tokens["A"] and tokens["B x0.5"] != tokens["B"]
     assert tokens["A (reloaded)"] == tokens["A"]
     assert tokens["unloaded"] == tokens["base"]
+
+
+def test_pipeline_demo_swaps_without_recompiling() -> None:
+    """main() raises on a recompile after warm-up, on no compile at all, if the text encoders are
+    not bitwise base after the unet-only file, and if unload does not give everything back;
+    here the outputs also show each swap took effect."""
+    pytest.importorskip("diffusers")
+    out = _example("pipeline_demo").main(quiet=True)
+    for phase in ("diffusers", "kohya", "kohya x0.5"):
+        for key in ("latents", "text_encoder", "text_encoder_2"):
+            assert not torch.equal(out[phase][key], out["base"][key]), (phase, key)
+    assert not torch.allclose(out["kohya x0.5"]["latents"], out["kohya"]["latents"])
+    assert not torch.allclose(out["unet-only"]["latents"], out["base"]["latents"])
