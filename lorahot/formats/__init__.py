@@ -8,7 +8,7 @@ keys themselves.
 
 from __future__ import annotations
 
-from lorahot.formats import comfyui, diffusers, flux, kohya, peft, wan
+from lorahot.formats import comfyui, diffusers, flux, hunyuan, kohya, peft, wan
 from lorahot.formats.table import KeyFormat, Reorder, Rule, Split, group_keys
 from lorahot.memo import BoundedMemo, digest
 
@@ -21,6 +21,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     kohya.FORMAT,
     flux.XLABS,  # before diffusers-old, whose processor keys look alike
     flux.FAL,  # before PEFT, whose keys look alike
+    hunyuan.FORMAT,  # before flux-bfl: the same block names, spelled apart (img_attn_qkv)
     flux.BFL,
     wan.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike
     comfyui.FORMAT,

@@ -310,6 +310,12 @@ def test_peft_embedding_base_layer_copies_are_carried(tmp_path: Path) -> None:
         ("diffusion_model.blocks.0.self_attn.q.lora_A.weight", "wan"),
         ("diffusion_model.blocks.3.ffn.0.lora_down.weight", "wan"),
         ("diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight", "comfyui"),
+        ("diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight", "hunyuan-video"),
+        ("transformer.double_blocks.1.txt_mlp.fc2.lora_A.weight", "hunyuan-video"),
+        ("single_blocks.0.modulation.linear.lora_A.weight", "hunyuan-video"),
+        ("txt_in.individual_token_refiner.blocks.0.self_attn_qkv.lora_A.weight", "hunyuan-video"),
+        ("diffusion_model.time_in.mlp.0.lora_A.weight", "hunyuan-video"),
+        ("diffusion_model.single_blocks.0.modulation.lin.lora_A.weight", "flux-bfl"),
     ],
 )
 def test_flux_namings_and_the_others_are_told_apart(key: str, name: str) -> None:

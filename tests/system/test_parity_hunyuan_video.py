@@ -1,0 +1,174 @@
+"""lorahot against diffusers' own HunyuanVideo loader as the oracle: an adapter in the original
+HunyuanVideo names (``diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight``), whose fused
+modules lorahot splits onto a diffusers-named ``HunyuanVideoTransformer3DModel``.
+
+- **Model outputs** on a tiny transformer from config: diffusers reads the file with
+  ``HunyuanVideoPipeline.lora_state_dict`` (its real conversion code) and loads it with
+  ``load_lora_adapter``; lorahot injects and loads the same file. diffusers' conversion
+  hard-codes a single block's ``linear1`` sizes at the full model's (``3072, 3072, 3072, 12288``),
+  so the tiny file leaves ``linear1`` out; and it cuts a token-refiner block's ``self_attn_qkv``
+  A into thirds along the rank (so its A and B disagree and PEFT refuses them), so the file
+  leaves that out too (lorahot splits it as it splits ``img_attn_qkv``). For the final adaLN
+  projection diffusers swaps the halves of A's rows (the rank) as well as B's (the shift and
+  scale rows), which is B's swap alone only when A's halves are equal: the file's A is so.
+- **Conversion at full size** (rank 2, so cheap): ``linear1``'s four-way split, diffusers'
+  converted ``B @ A`` against lorahot's ``scale * B @ A`` on a random probe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lorahot
+from lorahot.resolve.keys import resolve_keys
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+D, MLP, TEXT, POOLED = 16, 64, 16, 8
+
+
+def original_modules(linear1: bool) -> dict[str, tuple[int, int]]:
+    """Original module name -> (in, out) of the tiny model."""
+    out = {
+        "img_in.proj": (0, 0),  # placeholder removed below: a conv, left out
+        "time_in.mlp.0": (256, D),
+        "time_in.mlp.2": (D, D),
+        "guidance_in.mlp.0": (256, D),
+        "guidance_in.mlp.2": (D, D),
+        "vector_in.in_layer": (POOLED, D),
+        "vector_in.out_layer": (D, D),
+        "txt_in.input_embedder": (TEXT, D),
+        "txt_in.t_embedder.mlp.0": (256, D),
+        "txt_in.t_embedder.mlp.2": (D, D),
+        "txt_in.c_embedder.linear_1": (TEXT, D),
+        "txt_in.c_embedder.linear_2": (D, D),
+        "txt_in.individual_token_refiner.blocks.0.self_attn_proj": (D, D),
+        "txt_in.individual_token_refiner.blocks.0.mlp.fc1": (D, MLP),
+        "txt_in.individual_token_refiner.blocks.0.mlp.fc2": (MLP, D),
+        "txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1": (D, 2 * D),
+        "final_layer.linear": (D, 4),
+        "final_layer.adaLN_modulation.1": (D, 2 * D),
+        "single_blocks.0.linear2": (D + MLP, D),
+        "single_blocks.0.modulation.linear": (D, 3 * D),
+    }
+    del out["img_in.proj"]
+    for s in ("img", "txt"):
+        out |= {
+            f"double_blocks.0.{s}_attn_qkv": (D, 3 * D),
+            f"double_blocks.0.{s}_attn_proj": (D, D),
+            f"double_blocks.0.{s}_mlp.fc1": (D, MLP),
+            f"double_blocks.0.{s}_mlp.fc2": (MLP, D),
+            f"double_blocks.0.{s}_mod.linear": (D, 6 * D),
+        }
+    if linear1:
+        out["single_blocks.0.linear1"] = (D, 3 * D + MLP)
+    return out
+
+
+def hunyuan_file(modules: dict[str, tuple[int, int]], prefix: str, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i, (name, (fan_in, fan_out)) in enumerate(modules.items()):
+        r = 2 + i % 3
+        sd[f"{prefix}{name}.lora_A.weight"] = torch.randn(r, fan_in, generator=g) * 0.3
+        sd[f"{prefix}{name}.lora_B.weight"] = torch.randn(fan_out, r, generator=g) * 0.3
+        if name == "final_layer.adaLN_modulation.1":  # see the module docstring
+            sd[f"{prefix}{name}.lora_A.weight"] = torch.randn(2, fan_in, generator=g).repeat(2, 1) * 0.3
+            sd[f"{prefix}{name}.lora_B.weight"] = torch.randn(fan_out, 4, generator=g) * 0.3
+    return sd
+
+
+def tiny_hunyuan() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=D // 2,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=TEXT,
+        pooled_projection_dim=POOLED,
+        rope_axes_dim=(2, 2, 4),
+    ).eval()
+
+
+def hunyuan_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, 4, 2, 4, 4, generator=g),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 5, TEXT, generator=g),
+        "encoder_attention_mask": torch.ones(1, 5, dtype=torch.long),
+        "pooled_projections": torch.randn(1, POOLED, generator=g),
+        "guidance": torch.tensor([3500.0]),
+    }
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", "transformer.", ""])
+def test_hunyuan_video_matches_diffusers(prefix: str, tmp_path: Path) -> None:
+    sd = hunyuan_file(original_modules(linear1=False), prefix, seed=2)
+    path = tmp_path / "hunyuan_lora.safetensors"
+    save_file(sd, str(path))
+    with torch.no_grad():
+        oracle = tiny_hunyuan()
+        oracle.load_lora_adapter(diffusers.HunyuanVideoPipeline.lora_state_dict(dict(sd)), prefix="transformer")
+        expected = oracle(**hunyuan_inputs(), return_dict=False)[0]
+        model = tiny_hunyuan()
+        base = model(**hunyuan_inputs(), return_dict=False)[0]
+        runtime = lorahot.inject(model, "all-linear", max_rank=8)
+        runtime.load(path)
+        ours = model(**hunyuan_inputs(), return_dict=False)[0]
+    assert lorahot.read_adapter(path).format == "hunyuan-video"
+    assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_hunyuan_video_refiner_qkv_splits_like_img_attn_qkv(tmp_path: Path) -> None:
+    """The token refiner's fused ``self_attn_qkv``: each of q, k, v gets A and its third of B's rows."""
+    sd = hunyuan_file({"txt_in.individual_token_refiner.blocks.0.self_attn_qkv": (D, 3 * D)}, "", seed=3)
+    names = [n for n, m in tiny_hunyuan().named_modules() if isinstance(m, torch.nn.Linear)]
+    placed = resolve_keys(lorahot.read_adapter(dict(sd)), names)
+    a, b = (
+        sd["txt_in.individual_token_refiner.blocks.0.self_attn_qkv.lora_A.weight"],
+        sd["txt_in.individual_token_refiner.blocks.0.self_attn_qkv.lora_B.weight"],
+    )
+    for j, part in enumerate(("to_q", "to_k", "to_v")):
+        m = placed[f"context_embedder.token_refiner.refiner_blocks.0.attn.{part}"]
+        torch.testing.assert_close(m.scale * m.B @ m.A, b[j * D : (j + 1) * D] @ a)
+
+
+def test_hunyuan_video_full_size_linear1_split_matches_diffusers_conversion() -> None:
+    full_d, full_mlp = 3072, 12288
+    modules = {
+        "double_blocks.0.img_attn_qkv": (full_d, 3 * full_d),
+        "single_blocks.0.linear1": (full_d, 3 * full_d + full_mlp),
+        "single_blocks.0.linear2": (full_d + full_mlp, full_d),
+    }
+    g = torch.Generator().manual_seed(6)
+    sd = {}
+    for name, (fan_in, fan_out) in modules.items():
+        sd[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(2, fan_in, generator=g)
+        sd[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(fan_out, 2, generator=g)
+    probes = {n: torch.randn(n, 2, generator=g, dtype=torch.float64) for n in (full_d, full_d + full_mlp)}
+    theirs = {}
+    converted = diffusers.HunyuanVideoPipeline.lora_state_dict(dict(sd))
+    for key, a in converted.items():
+        if key.endswith(".lora_A.weight"):
+            b = converted[key.replace(".lora_A.", ".lora_B.")]
+            theirs[key[len("transformer.") : -len(".lora_A.weight")]] = b.double() @ (a.double() @ probes[a.shape[1]])
+    adapter = lorahot.read_adapter(dict(sd))
+    assert adapter.format == "hunyuan-video"
+    placed = resolve_keys(adapter, sorted(theirs))
+    ours = {k: m.scale * (m.B.double() @ (m.A.double() @ probes[m.A.shape[1]])) for k, m in placed.items()}
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-6, msg=name)
