@@ -8,7 +8,7 @@ keys themselves.
 
 from __future__ import annotations
 
-from lorahot.formats import comfyui, diffusers, flux, hunyuan, kohya, peft, wan
+from lorahot.formats import comfyui, diffusers, flux, hunyuan, kohya, lumina2, peft, wan
 from lorahot.formats.table import KeyFormat, Reorder, Rule, Split, group_keys
 from lorahot.memo import BoundedMemo, digest
 
@@ -23,6 +23,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     flux.FAL,  # before PEFT, whose keys look alike
     hunyuan.FORMAT,  # before flux-bfl: the same block names, spelled apart (img_attn_qkv)
     flux.BFL,
+    lumina2.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike
     wan.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike
     comfyui.FORMAT,
     diffusers.FORMAT,

@@ -316,6 +316,9 @@ def test_peft_embedding_base_layer_copies_are_carried(tmp_path: Path) -> None:
         ("txt_in.individual_token_refiner.blocks.0.self_attn_qkv.lora_A.weight", "hunyuan-video"),
         ("diffusion_model.time_in.mlp.0.lora_A.weight", "hunyuan-video"),
         ("diffusion_model.single_blocks.0.modulation.lin.lora_A.weight", "flux-bfl"),
+        ("diffusion_model.layers.0.attention.qkv.lora_A.weight", "lumina2"),
+        ("diffusion_model.noise_refiner.1.feed_forward.w2.lora_down.weight", "lumina2"),
+        ("diffusion_model.layers.0.attn.to_q.lora_A.weight", "comfyui"),
     ],
 )
 def test_flux_namings_and_the_others_are_told_apart(key: str, name: str) -> None:

@@ -1,0 +1,61 @@
+"""Lumina2 naming: adapters trained on the original Lumina-Image 2.0 module names
+(``diffusion_model.layers.0.attention.qkv.lora_A.weight``, or ``.lora_down``/``.lora_up``, with
+``.alpha``), for a diffusers-named ``Lumina2Transformer2DModel``.
+
+The original attention fuses q, k and v (``attention.qkv``: ``24 + 8 + 8`` heads of grouped-query
+attention, rows ``3 : 1 : 1``); on a diffusers-named model it is
+:class:`~lorahot.formats.table.Split` onto ``attn.to_q``/``to_k``/``to_v``. Every other module is an
+alias (``attention.out`` -> ``attn.to_out.0``, ``feed_forward.w1`` -> ``feed_forward.linear_1``,
+``adaLN_modulation.1`` -> ``norm1.linear``), in the main ``layers`` and the ``noise_refiner`` and
+``context_refiner`` blocks alike.
+"""
+
+from __future__ import annotations
+
+import re
+
+from lorahot.formats.table import REFUSED, KeyFormat, Reorder, Rule, Split
+
+__all__ = ["FORMAT", "SPLITS"]
+
+_START = r"(?<![^._])"  # a name starts here: at the key's start, or after a "." or "_"
+_HEAD = r"(?P<head>(?:.*[._])?)"  # a component prefix, kept for the resolver
+_BLOCKS = r"(?P<blocks>layers|noise_refiner|context_refiner)\.(?P<n>\d+)"
+
+#: block module (after ``<blocks>.N.``) -> diffusers' (after ``<blocks>.N.``)
+_BLOCK = {
+    "attention.out": "attn.to_out.0",
+    "feed_forward.w1": "feed_forward.linear_1",
+    "feed_forward.w2": "feed_forward.linear_2",
+    "feed_forward.w3": "feed_forward.linear_3",
+    "adaLN_modulation.1": "norm1.linear",
+}
+
+_ALIASES: tuple[tuple[str, str], ...] = tuple(
+    (rf"{_START}(layers|noise_refiner|context_refiner)\.(\d+)\.{re.escape(k)}$", rf"\1.\2.{v}")
+    for k, v in _BLOCK.items()
+)
+
+#: the fused attention input: q (all heads), then k and v (the key-value heads), rows 3 : 1 : 1
+SPLITS: tuple[Split | Reorder, ...] = (
+    Split(
+        _HEAD + _BLOCKS + r"\.attention\.qkv",
+        tuple((rf"\g<head>\g<blocks>.\g<n>.attn.{n}", s) for n, s in (("to_q", 3), ("to_k", 1), ("to_v", 1))),
+    ),
+)
+
+FORMAT = KeyFormat(
+    name="lumina2",
+    rules=(
+        Rule(r"(?P<module>.+)\.(?:lora_A|lora_down)\.weight", "A"),
+        Rule(r"(?P<module>.+)\.(?:lora_B|lora_up)\.weight", "B"),
+        Rule(r"(?P<module>.+)\.alpha", "alpha"),
+    ),
+    prefixes=("diffusion_model.",),
+    require_prefix=True,
+    refuse=REFUSED,
+    marker=r"^diffusion_model\.(?:layers|noise_refiner|context_refiner)\.\d+\.(?:attention\.(?:qkv|out)|feed_forward\.w[123])\.",
+    aliases=_ALIASES,
+    splits=SPLITS,
+    example="diffusion_model.layers.0.attention.qkv.lora_A.weight",
+)
