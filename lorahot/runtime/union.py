@@ -11,7 +11,14 @@ It reads headers and configs only (:func:`lorahot.read_adapter` with ``device="m
 safetensors header gives every A's shape, so the rank; ``adapter_config.json`` and diffusers'
 header metadata give ``r`` and ``rank_pattern``, checked against those shapes as a load would.
 No tensor data is read. With a model, keys are matched to its layers exactly as ``load`` matches
-them, and each module's shapes are checked against the layer it lands on.
+them, and each module's shapes are checked against the layer it lands on. The model can be
+several models, as :func:`lorahot.inject` takes them (a dict of component name -> module, or a
+diffusers pipeline): each file's modules are routed to components by their prefixes exactly as
+``load`` routes them (:func:`lorahot.resolve.components.resolve_components`), and the plan's
+targets are a dict keyed by component:
+
+    plan = lorahot.plan_targets(["sdxl_lora.safetensors", "kohya_unet.safetensors"], model=pipe)
+    runtime = lorahot.inject(pipe, plan.targets, max_rank=plan.max_rank)
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ from lorahot.formats import format_named
 from lorahot.io.loader import read_adapter
 from lorahot.io.sources import Source
 from lorahot.layers import LoRALayer, layer_class_for
+from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
+from lorahot.runtime.components import components_of, is_several
 from lorahot.runtime.inject import MAX_RANK_LIMIT
 from lorahot.runtime.plan import check_module
 
@@ -44,16 +53,20 @@ class TargetPlan:
         targets: module names, in a form :func:`lorahot.inject` accepts: the model's qualified
             names when planned against a model (in model order), else the adapters' module
             paths without their component prefix (``base_model.model.``, ``unet.``), in first-seen
-            order. Underscore namings (kohya) need a model to become module names.
+            order. Underscore namings (kohya) need a model to become module names. Planned
+            against several models (a dict of components, a pipeline): a dict component ->
+            its module names, holding only the components some adapter loads into, in the
+            components' order (the per-component form of ``inject``'s ``targets``).
         max_rank: the largest rank any adapter loads into any target (at least 1), rounded up to
             a multiple of every targeted grouped conv's ``groups``.
         ranks: target -> the largest rank any adapter has there (0 for LyCORIS kinds and diffs,
-            which load only with ``merged=True`` and take no LoRA buffer rows).
+            which load only with ``merged=True`` and take no LoRA buffer rows). With several
+            models it is keyed ``<component>.<module name>``, as the runtime names its layers.
         sources: each adapter's source, in the order given.
         skipped: tensor keys left out (only with ``strict=False``).
     """
 
-    targets: list[str]
+    targets: list[str] | dict[str, list[str]]
     max_rank: int
     ranks: dict[str, int]
     sources: tuple[str, ...]
@@ -63,7 +76,7 @@ class TargetPlan:
 @public_api
 def plan_targets(
     sources: Sequence[Source | Adapter] | Source | Adapter,
-    model: nn.Module | None = None,
+    model: nn.Module | Mapping[str, nn.Module] | Any | None = None,
     **read_options: Any,
 ) -> TargetPlan:
     """The targets and ``max_rank`` that let every adapter in ``sources`` load, from headers.
@@ -74,6 +87,11 @@ def plan_targets(
             one source alone is taken as a list of one.
         model: the model to inject into, not yet injected. With it, the adapters' keys are
             matched to its layers as ``load`` matches them, and the plan names its modules.
+            Or several models, as :func:`lorahot.inject` takes them: a dict of component name
+            -> ``nn.Module``, or an object with a ``components`` mapping (a diffusers
+            pipeline). Each module of a file then goes to the component its prefix names
+            (``unet.``, ``text_encoder_2.``, ``lora_te1_``, ...) exactly as ``load`` routes it,
+            and ``plan.targets`` is a dict keyed by component.
         **read_options: passed to :func:`lorahot.read_adapter` for every source (``prefix``,
             ``key_map``, ``fuse``, ``split``, ``config``, ``weight_name``, ``subfolder``,
             ``revision``, ``token``, ``strict``); ``device`` is not accepted (nothing is read
@@ -90,16 +108,23 @@ def plan_targets(
 
     Raises:
         UsageError: ``sources`` is empty or not a list of sources; an unknown option; the
-            model is not an ``nn.Module``.
+            model is not an ``nn.Module``, a dict of them or an object with a ``components``
+            mapping of them.
         lorahot.LoraError: what reading an adapter raises (:func:`lorahot.read_adapter`), and
             with a model an :class:`AdapterMismatchError` listing every key that matches no
-            layer (or several) and every module whose shapes do not fit its layer.
+            layer (or several) and every module whose shapes do not fit its layer; with several
+            models, also the modules whose prefix names a component the model lacks (with
+            ``strict=False`` those are skipped, as ``load`` skips them).
     """
     items = _source_list(sources)
     if "device" in read_options:
         raise UsageError("plan_targets reads headers only; drop device=.")
-    if model is not None and not isinstance(model, nn.Module):
-        raise UsageError(f"model must be a torch.nn.Module or None, got {type(model).__name__}.")
+    several = model is not None and is_several(model)
+    if model is not None and not several and not isinstance(model, nn.Module):
+        raise UsageError(
+            "model must be a torch.nn.Module, a dict of component name -> nn.Module, an object with a `components` "
+            f"mapping (a diffusers pipeline), or None; got {type(model).__name__}."
+        )
     strict = read_options.get("strict", True)
     adapters = [read_adapter(s, device="meta", **read_options) for s in items]
     skipped = [k for a in adapters for k in a.skipped]
@@ -107,13 +132,25 @@ def plan_targets(
         ranks = _file_ranks(adapters)
         groups = [1]
     else:
-        layers = _wrappable(model)
-        ranks = _model_ranks(adapters, layers, skipped if strict is False else None)
+        components: tuple[str, ...] = ()
+        if several:
+            modules = components_of(model)[0]
+            components = tuple(modules)
+            layers = {f"{c}.{n}": layer for c, m in modules.items() for n, layer in _wrappable(m).items()}
+        else:
+            assert isinstance(model, nn.Module)  # checked above
+            layers = _wrappable(model)
+        ranks = _model_ranks(adapters, layers, skipped if strict is False else None, components)
         ranks = {n: ranks[n] for n in layers if n in ranks}  # model order
         groups = [layers[n].spec.groups for n in ranks]
-    return TargetPlan(
-        list(ranks), _covering_rank(ranks, groups), ranks, tuple(a.source for a in adapters), tuple(skipped)
-    )
+    targets: list[str] | dict[str, list[str]] = list(ranks)
+    if several:
+        per: dict[str, list[str]] = {}
+        for name in ranks:
+            component, _, path = name.partition(".")
+            per.setdefault(component, []).append(path)
+        targets = per
+    return TargetPlan(targets, _covering_rank(ranks, groups), ranks, tuple(a.source for a in adapters), tuple(skipped))
 
 
 def _source_list(sources: Any) -> list[Any]:
@@ -159,14 +196,22 @@ def _wrappable(model: nn.Module) -> dict[str, LoRALayer]:
     return out
 
 
-def _model_ranks(adapters: list[Adapter], layers: dict[str, LoRALayer], skipped: list[str] | None) -> dict[str, int]:
+def _model_ranks(
+    adapters: list[Adapter], layers: dict[str, LoRALayer], skipped: list[str] | None, components: tuple[str, ...] = ()
+) -> dict[str, int]:
     """Model module name -> the largest rank any adapter loads there, after checking every
-    adapter's keys and shapes against the model as ``load`` would."""
+    adapter's keys and shapes against the model as ``load`` would. With ``components`` (layers
+    named ``<component>.<path>``) each module is first routed to its component as ``load``
+    routes it."""
     names = list(layers)
     ranks: dict[str, int] = {}
     problems: list[str] = []
     for adapter in adapters:
-        lora, weights = resolve_all(adapter, names, skipped)  # unknown or ambiguous keys raise here
+        # unknown, ambiguous or unroutable keys raise here
+        if components:
+            lora, weights = resolve_components(adapter, names, components, skipped)
+        else:
+            lora, weights = resolve_all(adapter, names, skipped)
         for name, m in lora.items():
             problems += [f"{adapter.source}: {p}" for p in check_module(name, m, layers[name].spec, MAX_RANK_LIMIT)]
             ranks[name] = max(ranks.get(name, 0), m.rank)

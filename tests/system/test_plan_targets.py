@@ -311,3 +311,72 @@ def test_flux_fused_modules_plan_onto_their_parts(tmp_path: Path) -> None:
     assert sorted(info.ranks) == sorted(plan.targets)
     assert all(info.ranks[t] <= plan.ranks[t] for t in plan.targets)
     assert plan.max_rank == 6  # the sparse qkv's 6; loaded, each of its parts has rank 2
+
+
+# -- several models: a pipeline ---------------------------------------------------------------
+
+
+def test_pipeline_plan_routes_each_file_to_its_components(tmp_path: Path) -> None:
+    """A diffusers file on the UNet and both text encoders and a kohya UNet-only file of a larger
+    rank, planned against the whole tiny SDXL pipeline: the plan is keyed by component, both
+    files load into ``inject(pipe, plan.targets, ...)``, and the outputs are those of an inject
+    with the targets written out."""
+    from tests.system import test_parity_pipeline as sdxl
+
+    pipe = sdxl._pipeline()
+    both = sdxl._diffusers_file(pipe, ["unet", "text_encoder", "text_encoder_2"], seed=1)
+    save_file(both, tmp_path / "d.safetensors")
+    unet_only = sdxl._kohya_file(pipe, ["unet"], seed=2)
+    unet_only = {k: v.contiguous() for k, v in unet_only.items()}
+    save_file(unet_only, tmp_path / "k.safetensors")
+    files = [tmp_path / "d.safetensors", tmp_path / "k.safetensors"]
+
+    plan = lorahot.plan_targets(files, model=pipe)
+    assert isinstance(plan.targets, dict)
+    assert set(plan.targets) == {"unet", "text_encoder", "text_encoder_2"}
+    for component, names in plan.targets.items():
+        modules = dict(getattr(pipe, component).named_modules())
+        assert names and all(n in modules for n in names)
+        assert {n.rsplit(".", 1)[-1] for n in names} <= {"to_q", "to_k", "to_v", "0", "q_proj", "k_proj"} | {
+            "v_proj",
+            "out_proj",
+            "fc1",
+            "fc2",
+        }
+    assert plan.max_rank == sdxl.RANK
+    assert all(k.split(".", 1)[0] in plan.targets for k in plan.ranks)
+
+    outputs = []
+    for targets, max_rank in ((plan.targets, plan.max_rank), (sdxl.TARGETS, sdxl.RANK)):
+        model = copy.deepcopy(pipe)
+        runtime = lorahot.inject(model, targets, max_rank=max_rank, slots=2)
+        runtime.load(files[0], slot=0)
+        runtime.load(files[1], slot=1)
+        got = []
+        for slot in (0, 1):
+            runtime.activate(slot)
+            got.append(sdxl._run(model))
+        outputs.append(got)
+    base = sdxl._run(pipe)
+    for planned, explicit in zip(*outputs):
+        for c in planned:
+            torch.testing.assert_close(planned[c], explicit[c], rtol=0, atol=0)
+    assert not torch.equal(outputs[0][0]["text_encoder"], base["text_encoder"])
+    assert not torch.equal(outputs[0][1]["unet"], base["unet"])
+
+
+def test_components_dict_plan_and_routing_errors(tmp_path: Path) -> None:
+    """A dict of components plans as a pipeline does; a file with modules for a component the
+    dict lacks is refused as ``load`` refuses it, and skipped with ``strict=False``."""
+    from tests.system import test_parity_pipeline as sdxl
+
+    pipe = sdxl._pipeline()
+    save_file(sdxl._diffusers_file(pipe, ["unet", "text_encoder"], seed=3), tmp_path / "d.safetensors")
+    models = {"unet": pipe.unet, "text_encoder_2": pipe.text_encoder_2}
+    with pytest.raises(lorahot.AdapterMismatchError, match="text_encoder"):
+        lorahot.plan_targets([tmp_path / "d.safetensors"], model=models)
+    plan = lorahot.plan_targets([tmp_path / "d.safetensors"], model=models, strict=False)
+    assert list(plan.targets) == ["unet"]
+    assert plan.skipped and all(k.startswith("text_encoder.") for k in plan.skipped)
+    with pytest.raises(lorahot.UsageError, match="components"):
+        lorahot.plan_targets([tmp_path / "d.safetensors"], model=42)
