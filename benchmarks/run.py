@@ -250,7 +250,7 @@ def _diffusion(
         fields = diffusion.summary(
             merged, run_file.name
         )  # the top-level device / workload fields describe the LLM figures
-        fields["diffusion_run"] = {**{k: merged[k] for k in raw}, "run_file": run_file.name}
+        fields["diffusion_run"] = {**fields.get("diffusion_run", {}), **{k: merged[k] for k in raw}}
         latest = merge_results(out, fields)
 
     result = (diffusion.run_parallel if args.parallel else diffusion.run)(
