@@ -31,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.experiments.forward_probe import graph_us, log
 from lorahot.kernels import triton_lora_linear as K
 
 dev, dt, R = torch.device("cuda"), torch.bfloat16, 64
@@ -40,29 +41,6 @@ PER_STEP = {"qo": 44, "kv": 44, "gate/up": 44, "down": 22}
 #: base model forward, ms, reduce-overhead, H200 (runs/20261130T082538-rows.json)
 BASE_MS = {1: 2.13, 8: 2.16, 64: 2.72, 256: 4.78, 1024: 14.14, 2048: 11.57, 8192: 81.71}
 N_SETS = 22
-
-
-def log(*a) -> None:
-    print(*a, flush=True)
-
-
-def graph_us(fn, calls: int) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(5):
-        g.replay()
-    ts = []
-    for _ in range(30):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record(); g.replay(); e1.record(); torch.cuda.synchronize()  # fmt: skip
-        ts.append(e0.elapsed_time(e1))
-    return statistics.median(ts) * 1e3 / calls
 
 
 def host_us(fn, calls: int) -> float:

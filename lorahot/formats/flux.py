@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import re
 
+from lorahot.formats import kohya
 from lorahot.formats.kohya import COMPONENTS
-from lorahot.formats.table import REFUSED, KeyFormat, Reorder, Rule, Split
+from lorahot.formats.table import COMPONENT_HEAD as _HEAD
+from lorahot.formats.table import NAME_START as _START
+from lorahot.formats.table import REFUSED, KeyFormat, Reorder, Rule, Split, lora_rules
 
 __all__ = ["KOHYA", "BFL", "XLABS", "FAL", "SPLITS"]
 
@@ -78,8 +81,6 @@ _OUTSIDE2 = {
 }
 
 #: a component prefix (``diffusion_model.``, ``lora_unet_``), kept for ``prefix=`` and the resolver
-_HEAD = r"(?P<head>(?:.*[._])?)"
-_START = r"(?<![^._])"  # a name starts here: at the key's start, or after a "." or "_"
 
 #: original module names -> diffusers', one layer each: tried on a module key that names no
 #: injected layer (a model with the original names takes the file's keys as they are)
@@ -100,21 +101,22 @@ _ALIASES: tuple[tuple[str, str], ...] = (
 )
 
 
-def _qkv(pattern: str, block: str, names: tuple[str, ...]) -> Split:
+def qkv_split(pattern: str, block: str, names: tuple[str, ...]) -> Split:
+    """A fused ``pattern`` (block number as group ``n``) split evenly onto ``<block>.<n>.<name>``."""
     return Split(_HEAD + pattern, tuple((rf"\g<head>{block}.\g<n>.{n}", 1) for n in names))
 
 
-_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
-_ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
+ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
 
 #: the fused modules of the original model, in its names
 SPLITS: tuple[Split | Reorder, ...] = (
-    _qkv(r"double_blocks\.(?P<n>\d+)\.img_attn\.qkv", "transformer_blocks", _QKV),
-    _qkv(r"double_blocks\.(?P<n>\d+)\.txt_attn\.qkv", "transformer_blocks", _ADD_QKV),
+    qkv_split(r"double_blocks\.(?P<n>\d+)\.img_attn\.qkv", "transformer_blocks", QKV),
+    qkv_split(r"double_blocks\.(?P<n>\d+)\.txt_attn\.qkv", "transformer_blocks", ADD_QKV),
     Split(
         _HEAD + r"single_blocks\.(?P<n>\d+)\.linear1",
         (
-            *((rf"\g<head>single_transformer_blocks.\g<n>.{n}", 1) for n in _QKV),
+            *((rf"\g<head>single_transformer_blocks.\g<n>.{n}", 1) for n in QKV),
             (r"\g<head>single_transformer_blocks.\g<n>.proj_mlp", 4),
         ),
     ),
@@ -141,11 +143,7 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
 
 KOHYA = KeyFormat(
     name="flux-kohya",
-    rules=(
-        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_down\.weight", "A"),
-        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_up\.weight", "B"),
-        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.alpha", "alpha"),
-    ),
+    rules=kohya.RULES,
     prefixes=COMPONENTS,
     separator="_",
     renames=_KOHYA_TO_DOTTED,
@@ -162,13 +160,7 @@ _BFL_MARKER = r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\."
 
 BFL = KeyFormat(
     name="flux-bfl",
-    rules=(
-        Rule(r"(?P<module>.+)\.lora_A\.weight", "A"),
-        Rule(r"(?P<module>.+)\.lora_B\.weight", "B"),
-        Rule(r"(?P<module>.+)\.lora_down\.weight", "A"),
-        Rule(r"(?P<module>.+)\.lora_up\.weight", "B"),
-        Rule(r"(?P<module>.+)\.alpha", "alpha"),
-    ),
+    rules=lora_rules(),
     prefixes=("diffusion_model.", "model.diffusion_model.", "transformer."),
     aliases=_ALIASES,
     refuse=REFUSED,
@@ -199,7 +191,7 @@ XLABS = KeyFormat(
     aliases=_ALIASES,
     refuse=REFUSED,
     marker=r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\.processor\.",
-    splits=(*SPLITS, _qkv(r"single_blocks\.(?P<n>\d+)\.attn\.qkv", "single_transformer_blocks", _QKV)),
+    splits=(*SPLITS, qkv_split(r"single_blocks\.(?P<n>\d+)\.attn\.qkv", "single_transformer_blocks", QKV)),
     roles=("down", "up"),
     example="double_blocks.0.processor.qkv_lora1.down.weight",
 )

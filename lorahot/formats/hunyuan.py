@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import re
 
-from lorahot.formats.table import REFUSED, KeyFormat, Reorder, Rule, Split
+from lorahot.formats.flux import ADD_QKV, QKV, qkv_split
+from lorahot.formats.table import COMPONENT_HEAD as _HEAD
+from lorahot.formats.table import NAME_START as _START
+from lorahot.formats.table import REFUSED, KeyFormat, Reorder, Split, lora_rules
 
 __all__ = ["FORMAT", "SPLITS"]
 
-_START = r"(?<![^._])"  # a name starts here: at the key's start, or after a "." or "_"
-_HEAD = r"(?P<head>(?:.*[._])?)"  # a component prefix, kept for the resolver
 
 #: double block module (after ``double_blocks.N.``) -> diffusers' (after ``transformer_blocks.N.``)
 _DOUBLE = {
@@ -85,26 +86,19 @@ _ALIASES: tuple[tuple[str, str], ...] = (
 )
 
 
-def _qkv(pattern: str, block: str, names: tuple[str, ...]) -> Split:
-    return Split(_HEAD + pattern, tuple((rf"\g<head>{block}.\g<n>.{n}", 1) for n in names))
-
-
-_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
-_ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
-
 #: the fused modules of the original model, in its names
 SPLITS: tuple[Split | Reorder, ...] = (
-    _qkv(r"double_blocks\.(?P<n>\d+)\.img_attn_qkv", "transformer_blocks", _QKV),
-    _qkv(r"double_blocks\.(?P<n>\d+)\.txt_attn_qkv", "transformer_blocks", _ADD_QKV),
-    _qkv(
+    qkv_split(r"double_blocks\.(?P<n>\d+)\.img_attn_qkv", "transformer_blocks", QKV),
+    qkv_split(r"double_blocks\.(?P<n>\d+)\.txt_attn_qkv", "transformer_blocks", ADD_QKV),
+    qkv_split(
         r"txt_in\.individual_token_refiner\.blocks\.(?P<n>\d+)\.self_attn_qkv",
         "context_embedder.token_refiner.refiner_blocks",
-        _QKV,
+        QKV,
     ),
     Split(
         _HEAD + r"single_blocks\.(?P<n>\d+)\.linear1",
         (
-            *((rf"\g<head>single_transformer_blocks.\g<n>.{n}", 1) for n in _QKV),
+            *((rf"\g<head>single_transformer_blocks.\g<n>.{n}", 1) for n in QKV),
             (r"\g<head>single_transformer_blocks.\g<n>.proj_mlp", 4),
         ),
     ),
@@ -121,11 +115,7 @@ _MARKER = (
 
 FORMAT = KeyFormat(
     name="hunyuan-video",
-    rules=(
-        Rule(r"(?P<module>.+)\.(?:lora_A|lora_down)\.weight", "A"),
-        Rule(r"(?P<module>.+)\.(?:lora_B|lora_up)\.weight", "B"),
-        Rule(r"(?P<module>.+)\.alpha", "alpha"),
-    ),
+    rules=lora_rules(),
     prefixes=("diffusion_model.", "transformer."),
     aliases=_ALIASES,
     refuse=REFUSED,

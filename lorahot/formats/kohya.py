@@ -15,14 +15,18 @@ __all__ = ["FORMAT", "COMPONENTS"]
 #: kohya's component prefixes (``lora_te_`` is SD1's single text encoder).
 COMPONENTS = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
 
+#: a kohya module key: its component prefix and the module's underscore name
+MODULE = r"(?P<module>lora_[a-z0-9]+_[^.]+)"
+#: kohya's A, B and alpha (also the rules of the kohya spellings of other models' names)
+RULES = (
+    Rule(rf"{MODULE}\.lora_down\.weight", "A"),
+    Rule(rf"{MODULE}\.lora_up\.weight", "B"),
+    Rule(rf"{MODULE}\.alpha", "alpha"),
+)
+
 FORMAT = KeyFormat(
     name="kohya",
-    rules=(
-        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_down\.weight", "A"),
-        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_up\.weight", "B"),
-        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.alpha", "alpha"),
-        *lycoris_rules(r"(?P<module>lora_[a-z0-9]+_[^.]+)"),
-    ),
+    rules=(*RULES, *lycoris_rules(MODULE)),
     prefixes=COMPONENTS,
     require_prefix=True,
     separator="_",

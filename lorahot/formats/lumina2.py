@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import re
 
-from lorahot.formats.table import REFUSED, KeyFormat, Reorder, Rule, Split
+from lorahot.formats.table import COMPONENT_HEAD as _HEAD
+from lorahot.formats.table import NAME_START as _START
+from lorahot.formats.table import REFUSED, KeyFormat, Reorder, Split, lora_rules
 
 __all__ = ["FORMAT", "SPLITS"]
 
-_START = r"(?<![^._])"  # a name starts here: at the key's start, or after a "." or "_"
-_HEAD = r"(?P<head>(?:.*[._])?)"  # a component prefix, kept for the resolver
 _BLOCKS = r"(?P<blocks>layers|noise_refiner|context_refiner)\.(?P<n>\d+)"
 
 #: block module (after ``<blocks>.N.``) -> diffusers' (after ``<blocks>.N.``)
@@ -46,11 +46,7 @@ SPLITS: tuple[Split | Reorder, ...] = (
 
 FORMAT = KeyFormat(
     name="lumina2",
-    rules=(
-        Rule(r"(?P<module>.+)\.(?:lora_A|lora_down)\.weight", "A"),
-        Rule(r"(?P<module>.+)\.(?:lora_B|lora_up)\.weight", "B"),
-        Rule(r"(?P<module>.+)\.alpha", "alpha"),
-    ),
+    rules=lora_rules(),
     prefixes=("diffusion_model.",),
     require_prefix=True,
     refuse=REFUSED,

@@ -29,6 +29,9 @@ __all__ = [
     "Split",
     "Reorder",
     "KeyFormat",
+    "NAME_START",
+    "COMPONENT_HEAD",
+    "lora_rules",
     "Parts",
     "group_keys",
     "REFUSED",
@@ -260,6 +263,22 @@ def group_keys(
             + "\nRemove them, or convert the adapter to plain LoRA (lora_A/lora_B or lora_down/lora_up)."
         )
     return parts
+
+
+#: Where a module name starts inside a key: at its start, or after a ``.`` or ``_`` (for aliases).
+NAME_START = r"(?<![^._])"
+#: A component prefix in front of a module, kept (``\g<head>``) for the resolver (for splits).
+COMPONENT_HEAD = r"(?P<head>(?:.*[._])?)"
+
+
+def lora_rules(module: str = r"(?P<module>.+)") -> tuple[Rule, ...]:
+    """A, B and alpha after ``module`` in either spelling (``lora_A``/``lora_B`` or
+    ``lora_down``/``lora_up``), as the namings of original model names write them."""
+    return (
+        Rule(rf"{module}\.(?:lora_A|lora_down)\.weight", "A"),
+        Rule(rf"{module}\.(?:lora_B|lora_up)\.weight", "B"),
+        Rule(rf"{module}\.alpha", "alpha"),
+    )
 
 
 #: Keys every format may carry for features lorahot refuses, with the reason and the fix.

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import re
 
+from lorahot.formats import kohya
 from lorahot.formats.kohya import COMPONENTS
-from lorahot.formats.table import REFUSED, KeyFormat, Rule
+from lorahot.formats.table import NAME_START as _START
+from lorahot.formats.table import REFUSED, KeyFormat, lora_rules
 
 __all__ = ["FORMAT", "MUSUBI"]
 
-_START = r"(?<![^._])"  # a name starts here: at the key's start, or after a "." or "_"
 
 #: block module (after ``blocks.N.``) -> diffusers' (after ``blocks.N.``)
 _BLOCK = {
@@ -49,11 +50,7 @@ _ALIASES: tuple[tuple[str, str], ...] = (
 
 FORMAT = KeyFormat(
     name="wan",
-    rules=(
-        Rule(r"(?P<module>.+)\.(?:lora_A|lora_down)\.weight", "A"),
-        Rule(r"(?P<module>.+)\.(?:lora_B|lora_up)\.weight", "B"),
-        Rule(r"(?P<module>.+)\.alpha", "alpha"),
-    ),
+    rules=lora_rules(),
     prefixes=("diffusion_model.",),
     require_prefix=True,
     refuse=REFUSED,
@@ -64,11 +61,7 @@ FORMAT = KeyFormat(
 
 MUSUBI = KeyFormat(
     name="wan-musubi",
-    rules=(
-        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_down\.weight", "A"),
-        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.lora_up\.weight", "B"),
-        Rule(r"(?P<module>lora_[a-z0-9]+_[^.]+)\.alpha", "alpha"),
-    ),
+    rules=kohya.RULES,
     prefixes=COMPONENTS,
     separator="_",
     renames=(  # to the dotted original names, lora_unet_ kept for prefix= and the resolver
