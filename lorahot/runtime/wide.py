@@ -58,6 +58,8 @@ class WideWeights:
             indices.append(index)
             wide.append(layer.wide_rows())
             live.append(live_a)
+        # the layer indices as index tensors, built once: every load, swap and set_scale reads them
+        self._index = [torch.tensor(indices, dtype=torch.long) for indices, _, _ in self.groups]
         self.extent = [0] * len(buffers.arenas)  # rows of the wide buffers that may be nonzero
         self._views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
@@ -81,7 +83,7 @@ class WideWeights:
             if not indices or len(plan.scaled_a) <= a:
                 continue
             top = torch.finfo(self.buffers.arenas[a].dtype).max
-            values = plan.scaled_a[a][indices]
+            values = plan.scaled_a[a][self._index[a]]
             worst = int(values.argmax())
             largest = float(values[worst])
             if largest * abs(multiplier) > top:
@@ -108,7 +110,7 @@ class WideWeights:
                 if scales is None:
                     torch._foreach_zero_(wide)
                 else:
-                    per_layer = scales[a][indices].tolist()
+                    per_layer = scales[a][self._index[a]].tolist()
                     torch._foreach_copy_(wide, live)
                     torch._foreach_mul_(wide, per_layer)
                 self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live] if scales is not None else 0
