@@ -150,10 +150,15 @@ def run_parallel(
     only: list[str] | None = None,
     rows: list[str] | None = None,
     save: Callable[[dict[str, Any]], None] = lambda r: None,
+    deadline: float | None = None,
+    reserve_s: float = 120.0,
 ) -> dict[str, Any]:
     """:func:`run` with each configuration prepared in its own process, all at once; timing
-    rounds run one process at a time (see the module docstring). Any worker's failure ends the
-    run with its traceback."""
+    rounds run one process at a time (see the module docstring). Without a ``deadline`` any
+    worker's failure ends the run with its traceback. With one (a ``time.perf_counter()``
+    value), a configuration not prepared ``reserve_s`` seconds before it is killed and recorded
+    under ``forward_rows_skipped`` (the base must be ready), and no round starts that would end
+    after the deadline."""
     labels = [r for r in ROWS if not rows or r in rows]
     names = ["base", *[c for c in CONFIGS if (not only or c in only) and c != "base"]]
     out: dict[str, Any] = {
@@ -164,8 +169,13 @@ def run_parallel(
     }
     rounds: dict[tuple[str, str], list[float]] = {}
     specs = {name: (_worker, (small, name, labels, repeat)) for name in names}
-    with Workers("rows", specs, strict=True) as pool:
-        ready = pool.wait_ready()
+    with Workers("rows", specs, strict=deadline is None) as pool:
+        ready = pool.wait_ready(None if deadline is None else deadline - reserve_s)
+        if "base" not in ready:
+            raise RuntimeError(f"the base configuration was not prepared: {pool.failed.get('base')}")
+        if pool.failed:
+            out["forward_rows_skipped"] = {n: f"{f.kind}: {f.message[-400:]}" for n, f in pool.failed.items()}
+        names = [n for n in names if n in ready]
         checksums = {}
         for name in names:
             checksums[name] = ready[name]["checksum"]
@@ -189,7 +199,7 @@ def run_parallel(
             print(f"[rows] {line}", flush=True)
             save(out)
 
-        pool.rounds(names, ROUNDS, on_answer=timed, on_round=round_done)
+        pool.rounds(names, ROUNDS, on_answer=timed, on_round=round_done, deadline=deadline)
     return out
 
 

@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         "--deadline-s",
         type=float,
         default=None,
-        help="diffusion suite: seconds after the start by which the run must be done; a compile that would leave "
-        "no time for the timing rounds is abandoned, its configuration reported as not compiled in time",
+        help="diffusion and parallel rows suites: seconds after the start by which the run must be done; a compile "
+        "that would leave no time for the timing rounds is abandoned, its configuration reported as not compiled in time",
     )
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per figure (median)")
     parser.add_argument(
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 only=[c for c in args.configs.split(",") if c],
                 rows=[r for r in args.rows.split(",") if r],
                 save=save_partial,
+                deadline=None if args.deadline_s is None else start + args.deadline_s,
             )
             if args.parallel
             else rows.run(
