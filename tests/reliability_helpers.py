@@ -42,7 +42,7 @@ class Rig:
 def build_rig(tmp: Path, *, slots: int = 2, max_rank: int = MAX_RANK, seed: int = 0) -> Rig:
     """The runtime every reliability case starts from: slot 0 (active) rank 4, slot 1 rank 8."""
     model = tiny_lm(seed=seed, vocab=VOCAB)
-    runtime = lorahot.inject(model, TARGETS, max_rank=max_rank, slots=slots)
+    runtime = lorahot.inject(model, TARGETS, max_rank=max_rank, slots=slots, extras=True)
     rig = Rig(model, runtime, token_ids((2, 5), VOCAB, seed=seed))
     for slot in range(slots):
         rank = (4, 8)[slot % 2]

@@ -38,7 +38,7 @@ def inject(
     cache_bytes: int = 2 << 30,
     merged: bool = False,
     fused: bool = True,
-    extras: bool = True,
+    extras: bool = False,
 ) -> LoraRuntime:
     """Wraps the targeted modules of ``model`` in LoRA layers and allocates their buffers.
 
@@ -64,10 +64,13 @@ def inject(
             rewrite the targeted weights from a pristine copy). See :mod:`lorahot.runtime.merge`.
         fused: run each ``nn.Linear`` LoRA layer as one fused CUDA kernel where it applies
             (fp16/bf16 on CUDA with Triton, inference). See :mod:`lorahot.kernels.lora_linear`.
-        extras: let the layers run DoRA and LoRA biases (PEFT ``use_dora`` / ``lora_bias``):
-            one elementwise pass per layer applies each layer's DoRA factor and LoRA bias
-            (1 and 0 for plain LoRA). False skips that pass (plain LoRA only; such adapters are
-            then refused). See :mod:`lorahot.runtime.dora`.
+        extras: let the layers run DoRA and LoRA biases (PEFT ``use_dora`` / ``lora_bias``)
+            unmerged: one elementwise pass per layer then applies each layer's DoRA factor and
+            LoRA bias (1 and 0 for plain LoRA). It costs every forward a pass per layer and the
+            compiler a kernel per layer, so it is off by default: without it such adapters are
+            refused at load, naming this flag. :func:`lorahot.plan_targets` says whether a set
+            of adapters needs it (``plan.extras``). Merged mode folds DoRA and LoRA biases into
+            the weights either way. See :mod:`lorahot.runtime.dora`.
 
     Returns:
         The runtime that loads and swaps adapters. Right after inject the model's outputs

@@ -297,10 +297,11 @@ class LoraRuntime:
     def _extras_refusal(self, name: str, module: LoraModule) -> str | None:
         """Why ``module``'s DoRA magnitude or LoRA bias cannot run on layer ``name``, or None."""
         layer = self.layers[name]
-        if not self._extras:
+        if not self._extras and self._merger is None:
             return (
-                "this runtime was injected with extras=False, which runs no DoRA or LoRA bias (lora_bias); inject "
-                "with extras=True (the default) to load this adapter"
+                "this runtime was injected with extras=False (the default), which runs no DoRA or LoRA bias "
+                "(lora_bias) unmerged; inject with extras=True (lorahot.plan_targets tells which adapters need it) "
+                "or merged=True to load this adapter"
             )
         if self._merger is not None and module.bias is not None and layer.pristine_bias is None:
             return (

@@ -64,6 +64,12 @@ class TargetPlan:
             models it is keyed ``<component>.<module name>``, as the runtime names its layers.
         sources: each adapter's source, in the order given.
         skipped: tensor keys left out (only with ``strict=False``).
+        extras: whether some adapter has a DoRA magnitude or a LoRA bias, which run unmerged
+            only with ``inject(..., extras=True)``.
+        merged_only: whether some adapter holds LyCORIS kinds or full diffs, which load only
+            with ``inject(..., merged=True)``.
+        stacked: whether the ranks are sums over the adapters (``plan_targets(..., stack=True)``:
+            room to load them all into one slot together) rather than maxima.
     """
 
     targets: list[str] | dict[str, list[str]]
@@ -71,12 +77,27 @@ class TargetPlan:
     ranks: dict[str, int]
     sources: tuple[str, ...]
     skipped: tuple[str, ...] = ()
+    extras: bool = False
+    merged_only: bool = False
+    stacked: bool = False
+
+    def inject_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`lorahot.inject` this plan needs:
+        ``lorahot.inject(model, plan.targets, **plan.inject_options())``."""
+        options: dict[str, Any] = {"max_rank": self.max_rank}
+        if self.extras and not self.merged_only:
+            options["extras"] = True
+        if self.merged_only:
+            options["merged"] = True
+        return options
 
 
 @public_api
 def plan_targets(
     sources: Sequence[Source | Adapter] | Source | Adapter,
     model: nn.Module | Mapping[str, nn.Module] | Any | None = None,
+    *,
+    stack: bool = False,
     **read_options: Any,
 ) -> TargetPlan:
     """The targets and ``max_rank`` that let every adapter in ``sources`` load, from headers.
@@ -92,13 +113,17 @@ def plan_targets(
             pipeline). Each module of a file then goes to the component its prefix names
             (``unet.``, ``text_encoder_2.``, ``lora_te1_``, ...) exactly as ``load`` routes it,
             and ``plan.targets`` is a dict keyed by component.
+        stack: plan for loading all of ``sources`` into one slot together
+            (``runtime.load([a, b, ...])``): each target's rank is the sum of the adapters'
+            ranks there, not the largest.
         **read_options: passed to :func:`lorahot.read_adapter` for every source (``prefix``,
             ``key_map``, ``fuse``, ``split``, ``config``, ``weight_name``, ``subfolder``,
             ``revision``, ``token``, ``strict``); ``device`` is not accepted (nothing is read
             onto a device).
 
     Returns:
-        The plan: ``lorahot.inject(model, plan.targets, max_rank=plan.max_rank)``. Its
+        The plan: ``lorahot.inject(model, plan.targets, **plan.inject_options())`` (its
+        ``max_rank``, and ``extras=True`` / ``merged=True`` where an adapter needs them). Its
         ``max_rank`` is exact but for fused modules a naming splits onto several layers (Flux's
         ``qkv``): with no values read, a block-diagonal B cannot be told from a dense one, so
         every part is counted at the fused module's full rank (an upper bound).
@@ -125,11 +150,13 @@ def plan_targets(
             "model must be a torch.nn.Module, a dict of component name -> nn.Module, an object with a `components` "
             f"mapping (a diffusers pipeline), or None; got {type(model).__name__}."
         )
+    if not isinstance(stack, bool):
+        raise UsageError(f"stack={stack!r} must be True or False.")
     strict = read_options.get("strict", True)
     adapters = [read_adapter(s, device="meta", **read_options) for s in items]
     skipped = [k for a in adapters for k in a.skipped]
     if model is None:
-        ranks = _file_ranks(adapters)
+        ranks = _file_ranks(adapters, stack)
         groups = [1]
     else:
         components: tuple[str, ...] = ()
@@ -140,7 +167,7 @@ def plan_targets(
         else:
             assert isinstance(model, nn.Module)  # checked above
             layers = _wrappable(model)
-        ranks = _model_ranks(adapters, layers, skipped if strict is False else None, components)
+        ranks = _model_ranks(adapters, layers, skipped if strict is False else None, components, stack)
         ranks = {n: ranks[n] for n in layers if n in ranks}  # model order
         groups = [layers[n].spec.groups for n in ranks]
     targets: list[str] | dict[str, list[str]] = list(ranks)
@@ -150,7 +177,16 @@ def plan_targets(
             component, _, path = name.partition(".")
             per.setdefault(component, []).append(path)
         targets = per
-    return TargetPlan(targets, _covering_rank(ranks, groups), ranks, tuple(a.source for a in adapters), tuple(skipped))
+    return TargetPlan(
+        targets,
+        _covering_rank(ranks, groups),
+        ranks,
+        tuple(a.source for a in adapters),
+        tuple(skipped),
+        extras=any(m.magnitude is not None or m.bias is not None for a in adapters for m in a.modules.values()),
+        merged_only=any(a.weights for a in adapters),
+        stacked=stack,
+    )
 
 
 def _source_list(sources: Any) -> list[Any]:
@@ -167,15 +203,20 @@ def _module_rank(m: LoraModule | WeightModule) -> int:
     return m.rank if isinstance(m, LoraModule) else 0
 
 
-def _file_ranks(adapters: list[Adapter]) -> dict[str, int]:
-    """File-side module path (component prefix stripped) -> the largest rank there."""
+def _combine(ranks: dict[str, int], name: str, rank: int, stack: bool) -> None:
+    """Adds one adapter's ``rank`` at ``name``: summed when stacking, else the largest."""
+    ranks[name] = ranks.get(name, 0) + rank if stack else max(ranks.get(name, 0), rank)
+
+
+def _file_ranks(adapters: list[Adapter], stack: bool = False) -> dict[str, int]:
+    """File-side module path (component prefix stripped) -> the largest rank there (the sum
+    with ``stack``)."""
     ranks: dict[str, int] = {}
     for adapter in adapters:
         fmt = format_named(adapter.format)
         entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
         for key, m in entries:
-            name = fmt.strip_prefix(key)
-            ranks[name] = max(ranks.get(name, 0), _module_rank(m))
+            _combine(ranks, fmt.strip_prefix(key), _module_rank(m), stack)
     return ranks
 
 
@@ -197,9 +238,14 @@ def _wrappable(model: nn.Module) -> dict[str, LoRALayer]:
 
 
 def _model_ranks(
-    adapters: list[Adapter], layers: dict[str, LoRALayer], skipped: list[str] | None, components: tuple[str, ...] = ()
+    adapters: list[Adapter],
+    layers: dict[str, LoRALayer],
+    skipped: list[str] | None,
+    components: tuple[str, ...] = (),
+    stack: bool = False,
 ) -> dict[str, int]:
-    """Model module name -> the largest rank any adapter loads there, after checking every
+    """Model module name -> the largest rank any adapter loads there (the sum with
+    ``stack``), after checking every
     adapter's keys and shapes against the model as ``load`` would. With ``components`` (layers
     named ``<component>.<path>``) each module is first routed to its component as ``load``
     routes it."""
@@ -214,7 +260,7 @@ def _model_ranks(
             lora, weights = resolve_all(adapter, names, skipped)
         for name, m in lora.items():
             problems += [f"{adapter.source}: {p}" for p in check_module(name, m, layers[name].spec, MAX_RANK_LIMIT)]
-            ranks[name] = max(ranks.get(name, 0), m.rank)
+            _combine(ranks, name, m.rank, stack)
         for name in weights:
             ranks.setdefault(name, 0)
     if problems:

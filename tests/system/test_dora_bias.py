@@ -61,7 +61,7 @@ def _peft(base: nn.Module, path: Path, seed: int, targets: list[str], **config) 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
-                noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype)
                 p.copy_(p * (1 + 0.3 * noise) if "magnitude" in name else 0.3 * noise)
     model.eval()
     model.save_pretrained(path)
@@ -88,7 +88,7 @@ def test_dora_matches_peft(tmp_path: Path, dtype: torch.dtype, widened: bool, mo
     base, inputs = _base(dtype), _inputs(dtype)
     peft = _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
     model = copy.deepcopy(base)
-    runtime = lorahot.inject(model, TARGETS, max_rank=4)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, extras=True)
     assert runtime.layers["q"].wide == widened and runtime.layers["n"].wide == widened
     runtime.load(tmp_path / "dora")
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_lora_bias_matches_peft(
     base, inputs = _base(dtype), _inputs(dtype)
     peft = _peft(base, tmp_path / "bias", 2, targets, lora_bias=True)
     model = copy.deepcopy(base)
-    runtime = lorahot.inject(model, targets, max_rank=4)
+    runtime = lorahot.inject(model, targets, max_rank=4, extras=True)
     assert runtime.layers["q"].wide == widened
     runtime.load(tmp_path / "bias")
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_dora_lora_dora_swaps_on_a_compiled_model_do_not_recompile(
         want = {k: m(*inputs) for k, m in oracles.items()}
         want["none"] = base(*inputs)
     model = copy.deepcopy(base)
-    runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=2)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, extras=True, slots=2)
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         _close(compiled(*inputs), want["none"])  # compiled once, with no adapter
@@ -161,7 +161,7 @@ def test_dora_slots_and_activate_match_peft(tmp_path: Path) -> None:
     one = _peft(base, tmp_path / "one", 1, TARGETS, use_dora=True)
     two = _peft(base, tmp_path / "two", 5, TARGETS, use_dora=True)
     model = copy.deepcopy(base)
-    runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=3)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, extras=True, slots=3)
     runtime.load(tmp_path / "one", slot=0)
     runtime.load(tmp_path / "two", slot=2, scale=0.5)  # not active: the factors use its own scale
     _scale_peft(two, 0.5)
@@ -180,17 +180,19 @@ def test_plain_lora_after_dora_is_bitwise_a_fresh_load(tmp_path: Path) -> None:
     _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
     _peft(base, tmp_path / "lora", 2, TARGETS)
     swapped, fresh = copy.deepcopy(base), copy.deepcopy(base)
-    runtime = lorahot.inject(swapped, TARGETS, max_rank=4)
+    runtime = lorahot.inject(swapped, TARGETS, max_rank=4, extras=True)
     runtime.load(tmp_path / "dora")
     runtime.load(tmp_path / "lora")
-    lorahot.inject(fresh, TARGETS, max_rank=4).load(tmp_path / "lora")
+    lorahot.inject(fresh, TARGETS, max_rank=4, extras=True).load(tmp_path / "lora")
     with torch.no_grad():
         assert torch.equal(swapped(*inputs), fresh(*inputs))
     runtime.unload()
     with torch.no_grad():
         assert torch.equal(swapped(*inputs), base(*inputs))
     extras = runtime.buffers.arenas[0].E
-    assert torch.equal(extras, lorahot.inject(copy.deepcopy(base), TARGETS, max_rank=4).buffers.arenas[0].E)
+    assert torch.equal(
+        extras, lorahot.inject(copy.deepcopy(base), TARGETS, max_rank=4, extras=True).buffers.arenas[0].E
+    )
 
 
 def _buffers(runtime: lorahot.LoraRuntime) -> list[torch.Tensor]:
@@ -202,7 +204,7 @@ def test_host_cache_writes_bitwise_what_a_file_load_writes(tmp_path: Path, slots
     base = _base()
     _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
     _peft(base, tmp_path / "bias", 3, ["q", "g", "c"], lora_bias=True)
-    runtimes = [lorahot.inject(copy.deepcopy(base), TARGETS, max_rank=4, slots=slots) for _ in range(2)]
+    runtimes = [lorahot.inject(copy.deepcopy(base), TARGETS, max_rank=4, extras=True, slots=slots) for _ in range(2)]
     for name in ("dora", "bias", "dora"):
         runtimes[0].load(tmp_path / name, scale=0.7)
         runtimes[1].preload(tmp_path / name)
@@ -214,7 +216,7 @@ def test_failed_load_changes_nothing_including_the_extras(tmp_path: Path) -> Non
     base, inputs = _base(), _inputs()
     _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
     model = copy.deepcopy(base)
-    runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=2)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, extras=True, slots=2)
     runtime.load(tmp_path / "dora")
     runtime.load(tmp_path / "dora", slot=1, scale=0.3)
     before, out = _buffers(runtime), model(*inputs).detach()
@@ -271,7 +273,9 @@ def test_merged_mode_refuses_a_lora_bias_on_a_layer_without_bias(tmp_path: Path)
     }
     with pytest.raises(lorahot.AdapterMismatchError, match=r"0 \(.*\): merged mode folds the LoRA bias"):
         runtime.load(tensors)
-    lorahot.inject(nn.Sequential(nn.Linear(8, 6, bias=False)), ["0"], max_rank=4).load(tensors)  # unmerged: fine
+    lorahot.inject(nn.Sequential(nn.Linear(8, 6, bias=False)), ["0"], max_rank=4, extras=True).load(
+        tensors
+    )  # unmerged: fine
 
 
 def test_extras_false_refuses_dora_and_bias_and_computes_plain_lora_alike(tmp_path: Path) -> None:
@@ -280,12 +284,15 @@ def test_extras_false_refuses_dora_and_bias_and_computes_plain_lora_alike(tmp_pa
     _peft(base, tmp_path / "bias", 1, ["q"], lora_bias=True)
     _peft(base, tmp_path / "lora", 2, TARGETS)
     plain, full = copy.deepcopy(base), copy.deepcopy(base)
-    runtime = lorahot.inject(plain, TARGETS, max_rank=4, extras=False)
+    runtime = lorahot.inject(plain, TARGETS, max_rank=4)  # extras=False is the default
     for name in ("dora", "bias"):
-        with pytest.raises(lorahot.AdapterMismatchError, match=r"injected with extras=False"):
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"injected with extras=False \(the default\)"):
             runtime.load(tmp_path / name)
+        plan = lorahot.plan_targets([tmp_path / name, tmp_path / "lora"])
+        assert plan.extras and plan.inject_options() == {"max_rank": plan.max_rank, "extras": True}
+    assert not lorahot.plan_targets(tmp_path / "lora").extras
     runtime.load(tmp_path / "lora")
-    lorahot.inject(full, TARGETS, max_rank=4).load(tmp_path / "lora")
+    lorahot.inject(full, TARGETS, max_rank=4, extras=True).load(tmp_path / "lora")
     with torch.no_grad():
         assert torch.equal(plain(*inputs), full(*inputs))  # float32: the extras change no bit
     with pytest.raises(lorahot.UsageError, match=r"extras='yes' must be True or False"):
@@ -304,8 +311,8 @@ def test_diffusers_naming_loads_dora_and_bias_as_peft_naming_does(tmp_path: Path
         peft_named = load_file(tmp_path / name / "adapter_model.safetensors")
         diffusers_named = {"unet." + k.removeprefix("base_model.model."): v for k, v in peft_named.items()}
         assert lorahot.read_adapter(diffusers_named).format == "diffusers"
-        lorahot.inject(holder, ["q", "g", "c"], max_rank=4).load(diffusers_named)
-        lorahot.inject(twin.unet, ["q", "g", "c"], max_rank=4).load(peft_named)
+        lorahot.inject(holder, ["q", "g", "c"], max_rank=4, extras=True).load(diffusers_named)
+        lorahot.inject(twin.unet, ["q", "g", "c"], max_rank=4, extras=True).load(peft_named)
         with torch.no_grad():
             assert torch.equal(holder.unet(*inputs), twin.unet(*inputs))
         lorahot.eject(holder)
@@ -314,7 +321,7 @@ def test_diffusers_naming_loads_dora_and_bias_as_peft_naming_does(tmp_path: Path
 
 def test_dora_on_a_grouped_conv_is_refused() -> None:
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    runtime = lorahot.inject(model, ["0"], max_rank=4)
+    runtime = lorahot.inject(model, ["0"], max_rank=4, extras=True)
     tensors = {
         "base_model.model.0.lora_A.weight": torch.randn(2, 4, 3, 3),
         "base_model.model.0.lora_B.weight": torch.randn(4, 1, 1, 1),
@@ -350,7 +357,7 @@ def test_gpu_fused_and_wide_paths_match_peft_through_dora_swaps(tmp_path: Path, 
         "dora2": _peft(oracle_base, tmp_path / "dora2", 4, ["q", "n"], use_dora=True),
     }
     model = copy.deepcopy(base)
-    runtime = lorahot.inject(model, ["q", "n"], max_rank=8)
+    runtime = lorahot.inject(model, ["q", "n"], max_rank=8, extras=True)
     assert all(layer.fused and layer.wide for layer in runtime.layers.values())
     inputs = [
         torch.randn(rows, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(rows)) for rows in (4, 512)

@@ -115,6 +115,24 @@ def test_one_source_is_a_list_of_one(two_llama_adapters) -> None:
     assert lorahot.plan_targets(path_a).max_rank == 12
 
 
+def test_stack_sums_the_ranks_where_adapters_share_a_module(tmp_path: Path, two_llama_adapters) -> None:
+    base, (path_a, _), (path_b, _) = two_llama_adapters
+    c = _peft_adapter(base, tmp_path / "c", 3, r=8, target_modules=["v_proj", "down_proj"])
+    del c
+    plan = lorahot.plan_targets([path_a, path_b, tmp_path / "c"], base, stack=True)
+    assert plan.stacked and not lorahot.plan_targets([path_a, tmp_path / "c"], base).stacked
+    assert plan.ranks["model.layers.1.self_attn.v_proj"] == 12 + 8  # a's rank_pattern entry plus c's
+    assert plan.ranks["model.layers.0.self_attn.v_proj"] == 4 + 8
+    assert plan.ranks["model.layers.0.mlp.down_proj"] == 6 + 8  # b's plus c's
+    assert plan.ranks["model.layers.0.self_attn.q_proj"] == 4  # a alone
+    assert plan.max_rank == 20
+    assert lorahot.plan_targets([path_a, path_b, tmp_path / "c"], stack=True).max_rank == 20  # from files alone
+    assert lorahot.plan_targets([path_a, path_b, tmp_path / "c"], base).max_rank == 12  # one at a time: the largest
+    assert plan.inject_options() == {"max_rank": 20}  # plain LoRA: no extras, not merged-only
+    with pytest.raises(lorahot.UsageError, match=r"stack='yes' must be True or False"):
+        lorahot.plan_targets(path_a, stack="yes")
+
+
 # -- headers only ---------------------------------------------------------------------------
 
 
@@ -380,3 +398,15 @@ def test_components_dict_plan_and_routing_errors(tmp_path: Path) -> None:
     assert plan.skipped and all(k.startswith("text_encoder.") for k in plan.skipped)
     with pytest.raises(lorahot.UsageError, match="components"):
         lorahot.plan_targets([tmp_path / "d.safetensors"], model=42)
+
+
+def test_plan_says_which_inject_options_the_adapters_need() -> None:
+    g = torch.Generator().manual_seed(0)
+    loha = {
+        f"lora_unet_proj.hada_w{i}_{ab}": torch.randn(shape, generator=g)
+        for i in (1, 2)
+        for ab, shape in (("a", (8, 2)), ("b", (2, 8)))
+    }
+    plan = lorahot.plan_targets(loha)
+    assert plan.merged_only and not plan.extras
+    assert plan.inject_options() == {"max_rank": 1, "merged": True}

@@ -159,7 +159,8 @@ def test_fused_layers_after_swaps_compiled_match_reference_without_recompiles(mo
     x = torch.randn(4, 48, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         _, code = run_and_get_code(compiled, x)
-        assert "_lora_linear_kernel" in "\n".join(code), "the compiled model does not launch the fused kernel"
+        # the fused kernel is an opaque op: the compiled code calls it once per layer
+        assert "\n".join(code).count("torch.ops.lorahot.lora_linear.default(") >= len(NAMES), "no fused kernel"
         for _ in range(3):
             compiled(x)
         with torch._dynamo.config.patch(error_on_recompile=True):
