@@ -72,3 +72,26 @@ def merge_results(path: Path, new: dict[str, Any]) -> dict[str, Any]:
     merged = merge(old, new)
     path.write_text(json.dumps(merged, indent=1, sort_keys=True))
     return merged
+
+
+def kernel_profile(fn: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
+    """What one call of ``fn`` runs on a CUDA device: kernels launched, their summed GPU time
+    (µs) and the five kernels taking the most time (µs per call). Wall time well above the
+    summed kernel time is host or launch overhead; more kernels or kernel time is the graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per: dict[str, float] = {}
+    for e in kernels:
+        per[e.name] = per.get(e.name, 0.0) + e.device_time / calls
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:5]
+    return {
+        "kernels_per_call": len(kernels) / calls,
+        "gpu_us_per_call": round(sum(per.values()), 1),
+        "top_us": {name[:100]: round(us, 1) for name, us in top},
+    }

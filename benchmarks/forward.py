@@ -71,11 +71,11 @@ def lorahot_mode(
     merged: bool = False,
     fused: bool = True,
     swaps: int = 30,
-    extras: bool = True,
+    extras: bool = False,
 ) -> Prepared:
     """Compiles a lorahot model, swaps ``swaps`` times among ranks (checking each against the
     eager reference and counting recompiles), then leaves the rank-64 adapter active.
-    ``extras=False`` injects without the DoRA / LoRA-bias pass (what that pass costs)."""
+    ``extras=True`` injects with the DoRA / LoRA-bias pass (what that pass costs plain LoRA)."""
     model = w.fresh_base()
     runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, merged=merged, fused=fused, extras=extras)
     call = _compiled(model, mode, fullgraph)

@@ -16,7 +16,7 @@ from benchmarks.rows import ROWS
 LABELS = {
     "lorahot": "lorahot",
     "lorahot_merged": "lorahot merged",
-    "lorahot_noextras": "lorahot, extras=False",
+    "lorahot_extras": "lorahot, extras=True",
     "peft_bf16": "PEFT (bf16)",
     "peft": "PEFT",
 }

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import median_ms, rel_err
+from benchmarks.common import kernel_profile, median_ms, rel_err
 from benchmarks.forward import Prepared, base_mode, lorahot_mode, peft_mode
 from benchmarks.parallel import Workers
 from benchmarks.workload import Workload, build
@@ -44,7 +44,7 @@ ROWS: dict[str, tuple[int, int]] = {
     "prefill2048": (1, 2048),
     "prefill8192": (1, 8192),
 }
-CONFIGS = ("base", "lorahot", "lorahot_merged", "peft_bf16", "lorahot_noextras")
+CONFIGS = ("base", "lorahot", "lorahot_merged", "peft_bf16", "lorahot_extras")
 ROUNDS = 3
 
 
@@ -76,8 +76,8 @@ def _builders(w: Workload, refs: dict[int, torch.Tensor]) -> dict[str, Callable[
         "base": lambda: base_mode(w, mode),
         "lorahot": lambda: lorahot_mode(w, mode, refs, swaps=0),  # swaps and recompiles: the forward suite
         "lorahot_merged": lambda: lorahot_mode(w, mode, refs, merged=True, swaps=0),
-        # without the DoRA / LoRA-bias elementwise pass: what that pass costs plain LoRA
-        "lorahot_noextras": lambda: lorahot_mode(w, mode, refs, swaps=0, extras=False),
+        # with the DoRA / LoRA-bias elementwise pass (inject(..., extras=True)): what it costs plain LoRA
+        "lorahot_extras": lambda: lorahot_mode(w, mode, refs, swaps=0, extras=True),
         "peft_bf16": lambda: peft_mode(w, mode, refs, bf16=True),
         "peft": lambda: peft_mode(w, mode, refs, bf16=False),
     }
@@ -200,6 +200,17 @@ def run_parallel(
             save(out)
 
         pool.rounds(names, ROUNDS, on_answer=timed, on_round=round_done, deadline=deadline)
+        if torch.cuda.is_available():  # what each configuration launches, from the same compiled models
+            for name in pool.live(names):
+                profile = pool.request(name, "profile", deadline)
+                if profile is not None:
+                    out.setdefault("forward_rows_profile", {})[name] = profile
+                    line = "  ".join(
+                        f"{label}: {p['kernels_per_call']:.0f} kernels {p['gpu_us_per_call'] / 1e3:.3f} ms"
+                        for label, p in profile.items()
+                    )
+                    print(f"[rows profile {name}] {line}", flush=True)
+            save(out)
     return out
 
 
@@ -227,4 +238,7 @@ def _worker(
     def timing() -> dict[str, float]:
         return {label: median_ms(lambda x=ids[label]: call(x), w.device, repeat=repeat, warmup=3) for label in labels}
 
-    return {"checksum": checksum, "prepare_s": prepare_s, "rel_err": errs}, {"time": timing}
+    def profile() -> dict[str, Any]:
+        return {label: kernel_profile(lambda x=ids[label]: call(x)) for label in labels}
+
+    return {"checksum": checksum, "prepare_s": prepare_s, "rel_err": errs}, {"time": timing, "profile": profile}
