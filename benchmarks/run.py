@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import diffusion, forward, rows, swap
+from benchmarks import diffusion, forward, rows, stack, swap
 from benchmarks.common import RESULTS, device_name, merge_results
 from benchmarks.workload import RANKS, build
 
@@ -30,7 +30,15 @@ from benchmarks.workload import RANKS, build
 def summary(raw: dict[str, Any]) -> dict[str, Any]:
     """The fields of ``latest.json`` that come from this run."""
     out: dict[str, Any] = {k: raw[k] for k in ("device", "torch", "peft", "date", "command", "workload") if k in raw}
-    for key in ("swap_from_file_ms", "swap_from_host_ms", "activate_slot_ms", "memory"):
+    for key in (
+        "swap_from_file_ms",
+        "swap_from_host_ms",
+        "activate_slot_ms",
+        "memory",
+        "stack_reweight_ms",
+        "stack_forward_ms",
+        "stack_rel_err",
+    ):
         if key in raw:
             out[key] = raw[key]
     fwd = raw.get("forward", {})
@@ -104,7 +112,9 @@ def table(latest: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["swap", "forward", "fullgraph", "rows", "diffusion", "all"], default="all")
+    parser.add_argument(
+        "--suite", choices=["swap", "forward", "fullgraph", "rows", "stack", "diffusion", "all"], default="all"
+    )
     parser.add_argument("--small", action="store_true", help="2-layer model (CPU friendly)")
     parser.add_argument("--tiny", action="store_true", help="diffusion suite: a tiny UNet (the default on a CPU)")
     parser.add_argument(
@@ -185,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             only=[c for c in args.configs.split(",") if c],
         ),
         "fullgraph": lambda: forward.run_fullgraph(w, refs, args.repeat),
+        "stack": lambda: stack.run(w, args.repeat),
         "rows": lambda: (
             rows.run_parallel(
                 args.small,
@@ -206,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     for name, step in steps.items():
-        if args.suite != name and (args.suite != "all" or name == "rows"):  # rows, diffusion: their own calls
+        if args.suite != name and (args.suite != "all" or name in ("rows", "stack")):  # their own calls
             continue
         merge_dict(raw, step())
         run_file.write_text(json.dumps(raw, indent=1))  # saved after every suite
