@@ -1,16 +1,19 @@
-"""Keeps the wide layers' ``scale * A`` rows equal to the live adapter.
+"""Keeps the wide layers' ``s[:, None] * A`` rows equal to the live adapter.
 
 A widened layer (:mod:`lorahot.layers.linear`) computes its base output and its shrink in one
-GEMM over ``[W; scale * A]``. Those A rows are a second copy of the live region's A, with the
-layer's scale folded in, so whatever changes the live region or its scales (load, activate,
+GEMM over ``[W; s[:, None] * A]``. Those A rows are a second copy of the live region's A, each
+row times its scale, so whatever changes the live region or its scales (load, activate,
 set_scale, unload) ends with :meth:`WideWeights.apply`: per arena, one batched copy of the
-live A rows into the wide buffers and one batched multiply by the per-layer scales, both over
-only the rows any adapter has used since the last refresh (a rank-8 swap after a rank-8 swap
-touches 8 rows per layer, not ``max_rank``).
+live A rows into the wide buffers and one multiply by the scales, both over only the rows any
+adapter has used since the last refresh (a rank-8 swap after a rank-8 swap touches 8 rows per
+layer, not ``max_rank``).
 
-The scales come from the host (the runtime knows each slot's plan and multiplier), so the
-multiply is one multi-tensor launch with no device-to-host read. Shapes and addresses of the
-wide buffers never change; a compiled graph or a captured CUDA graph reads them in place.
+With one adapter live every row of a layer has the layer's scale: the runtime passes those
+per-layer scales from the host, and the multiply is one multi-tensor launch with no
+device-to-host read. With a stack live (:mod:`lorahot.runtime.stack`) the rows of each part
+have their own scales: the multiply reads them from the live region's per-row scales, on the
+device (one launch per layer). Shapes and addresses of the wide buffers never change; a
+compiled graph or a captured CUDA graph reads them in place.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class WideWeights:
         # the layer indices as index tensors, built once: every load, swap and set_scale reads them
         self._index = [torch.tensor(indices, dtype=torch.long) for indices, _, _ in self.groups]
         self.extent = [0] * len(buffers.arenas)  # rows of the wide buffers that may be nonzero
-        self._views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -75,6 +78,7 @@ class WideWeights:
     def check(self, plan: LoadPlan, multiplier: float, names: list[list[str]]) -> None:
         """Refuses a ``multiplier`` under which some wide layer's ``scale * A`` would leave its
         dtype's range (float16 tops out at 65504; the plain formula scales after the products).
+        Each part of a stack is checked with its own weight: its rows hold only its own A.
 
         Raises:
             UsageError: naming the layer, the largest value and the largest multiplier allowed.
@@ -95,10 +99,17 @@ class WideWeights:
                     "inject with fused=False (the plain formula scales after the products)."
                 )
 
-    def apply(self, scales: list[torch.Tensor] | None) -> None:
-        """Sets every wide layer's A rows to the live A times ``scales`` (per arena, float64
-        ``[n_layers]`` on the host, user multiplier included), or to zero for None (no
-        adapter live)."""
+    def apply(self, live: bool, scales: list[torch.Tensor] | None = None) -> None:
+        """Sets every wide layer's A rows to the live A times its per-row scales, or to zero
+        when no adapter is ``live``.
+
+        Args:
+            live: whether an adapter (or a stack) is live.
+            scales: per arena, float64 ``[n_layers]`` on the host (user multiplier included)
+                when every row of a layer has the same scale (one adapter): one batched
+                multiply by host numbers. None: each row's own scale, read from the live
+                region on the device (a stack).
+        """
         with torch.no_grad():
             for a, (indices, _, _) in enumerate(self.groups):
                 if not indices:
@@ -106,20 +117,25 @@ class WideWeights:
                 rows = max(self.extent[a], self.buffers.arenas[a].a_extent[self.buffers.live])
                 if rows == 0:
                     continue
-                wide, live = self._rows(a, rows)
-                if scales is None:
+                wide, live_a, row_scales = self._rows(a, rows)
+                if not live:
                     torch._foreach_zero_(wide)
                 else:
-                    per_layer = scales[a][self._index[a]].tolist()
-                    torch._foreach_copy_(wide, live)
-                    torch._foreach_mul_(wide, per_layer)
-                self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live] if scales is not None else 0
+                    torch._foreach_copy_(wide, live_a)
+                    if scales is not None:
+                        torch._foreach_mul_(wide, scales[a][self._index[a]].tolist())
+                    else:
+                        torch._foreach_mul_(wide, row_scales)  # [rows, in] * [rows, 1]: one launch per layer
+                self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live] if live else 0
 
-    def _rows(self, arena: int, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The first ``rows`` rows of arena ``arena``'s wide and live A blocks (memoized)."""
+    def _rows(self, arena: int, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """The first ``rows`` rows of arena ``arena``'s wide and live A blocks, and of their
+        live scales as ``[rows, 1]`` columns (memoized)."""
         key = (arena, rows)
         found = self._views.get(key)
         if found is None:
-            _, wide, live = self.groups[arena]
-            found = self._views[key] = ([w[:rows] for w in wide], [t[:rows] for t in live])
+            indices, wide, live = self.groups[arena]
+            at = self.buffers.arenas[arena]
+            scales = [at.scale(i, self.buffers.live)[:rows, None] for i in indices]
+            found = self._views[key] = ([w[:rows] for w in wide], [t[:rows] for t in live], scales)
         return found

@@ -174,7 +174,7 @@ def test_negative_control_rebinding_a_different_rank_buffer_recompiles() -> None
     runtime = lorahot.inject(model, ["0"], max_rank=4)
     layer = runtime.layers["0"]
     # what lorahot never does: bind the layer to buffers of another rank
-    _assert_change_recompiles(model, lambda: layer.bind(torch.zeros(2, 6), torch.zeros(2, 6), torch.tensor(1.0)))
+    _assert_change_recompiles(model, lambda: layer.bind(torch.zeros(2, 6), torch.zeros(2, 6), torch.ones(2)))
 
 
 def test_positive_control_same_counter_sees_no_recompile_for_lorahot_swaps() -> None:
