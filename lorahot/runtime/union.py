@@ -19,12 +19,17 @@ targets are a dict keyed by component:
 
     plan = lorahot.plan_targets(["sdxl_lora.safetensors", "kohya_unet.safetensors"], model=pipe)
     runtime = lorahot.inject(pipe, plan.targets, max_rank=plan.max_rank)
+
+Adapters meant to be loaded together in one slot (``runtime.load([a, b])``, a stack) each
+occupy their own rows of a layer, so with ``stacked=True`` a target's rank is the sum of the
+adapters' ranks there instead of the largest.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,10 +63,12 @@ class TargetPlan:
             its module names, holding only the components some adapter loads into, in the
             components' order (the per-component form of ``inject``'s ``targets``).
         max_rank: the largest rank any adapter loads into any target (at least 1), rounded up to
-            a multiple of every targeted grouped conv's ``groups``.
+            a multiple of every targeted grouped conv's ``groups``; planned ``stacked``, the
+            largest sum of the adapters' ranks in one target.
         ranks: target -> the largest rank any adapter has there (0 for LyCORIS kinds and diffs,
-            which load only with ``merged=True`` and take no LoRA buffer rows). With several
-            models it is keyed ``<component>.<module name>``, as the runtime names its layers.
+            which load only with ``merged=True`` and take no LoRA buffer rows); planned
+            ``stacked``, the sum of their ranks there. With several models it is keyed
+            ``<component>.<module name>``, as the runtime names its layers.
         sources: each adapter's source, in the order given.
         skipped: tensor keys left out (only with ``strict=False``).
     """
@@ -77,6 +84,8 @@ class TargetPlan:
 def plan_targets(
     sources: Sequence[Source | Adapter] | Source | Adapter,
     model: nn.Module | Mapping[str, nn.Module] | Any | None = None,
+    *,
+    stacked: bool = False,
     **read_options: Any,
 ) -> TargetPlan:
     """The targets and ``max_rank`` that let every adapter in ``sources`` load, from headers.
@@ -92,6 +101,9 @@ def plan_targets(
             pipeline). Each module of a file then goes to the component its prefix names
             (``unet.``, ``text_encoder_2.``, ``lora_te1_``, ...) exactly as ``load`` routes it,
             and ``plan.targets`` is a dict keyed by component.
+        stacked: plan for loading all of ``sources`` together into one slot
+            (``runtime.load(sources)``): each target's rank is the sum of the adapters' ranks
+            there, not the largest.
         **read_options: passed to :func:`lorahot.read_adapter` for every source (``prefix``,
             ``key_map``, ``fuse``, ``split``, ``config``, ``weight_name``, ``subfolder``,
             ``revision``, ``token``, ``strict``); ``device`` is not accepted (nothing is read
@@ -117,6 +129,9 @@ def plan_targets(
             ``strict=False`` those are skipped, as ``load`` skips them).
     """
     items = _source_list(sources)
+    if not isinstance(stacked, bool):
+        raise UsageError(f"stacked={stacked!r} must be True or False.")
+    combine: Combine = operator.add if stacked else max
     if "device" in read_options:
         raise UsageError("plan_targets reads headers only; drop device=.")
     several = model is not None and is_several(model)
@@ -129,7 +144,7 @@ def plan_targets(
     adapters = [read_adapter(s, device="meta", **read_options) for s in items]
     skipped = [k for a in adapters for k in a.skipped]
     if model is None:
-        ranks = _file_ranks(adapters)
+        ranks = _file_ranks(adapters, combine)
         groups = [1]
     else:
         components: tuple[str, ...] = ()
@@ -140,7 +155,7 @@ def plan_targets(
         else:
             assert isinstance(model, nn.Module)  # checked above
             layers = _wrappable(model)
-        ranks = _model_ranks(adapters, layers, skipped if strict is False else None, components)
+        ranks = _model_ranks(adapters, layers, skipped if strict is False else None, components, combine)
         ranks = {n: ranks[n] for n in layers if n in ranks}  # model order
         groups = [layers[n].spec.groups for n in ranks]
     targets: list[str] | dict[str, list[str]] = list(ranks)
@@ -167,15 +182,20 @@ def _module_rank(m: LoraModule | WeightModule) -> int:
     return m.rank if isinstance(m, LoraModule) else 0
 
 
-def _file_ranks(adapters: list[Adapter]) -> dict[str, int]:
-    """File-side module path (component prefix stripped) -> the largest rank there."""
+#: How the ranks of several adapters on one target combine: the largest, or (stacked) the sum.
+Combine = Callable[[int, int], int]
+
+
+def _file_ranks(adapters: list[Adapter], combine: Combine = max) -> dict[str, int]:
+    """File-side module path (component prefix stripped) -> the largest rank there (``combine``
+    of the ranks)."""
     ranks: dict[str, int] = {}
     for adapter in adapters:
         fmt = format_named(adapter.format)
         entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
         for key, m in entries:
             name = fmt.strip_prefix(key)
-            ranks[name] = max(ranks.get(name, 0), _module_rank(m))
+            ranks[name] = combine(ranks.get(name, 0), _module_rank(m))
     return ranks
 
 
@@ -197,12 +217,16 @@ def _wrappable(model: nn.Module) -> dict[str, LoRALayer]:
 
 
 def _model_ranks(
-    adapters: list[Adapter], layers: dict[str, LoRALayer], skipped: list[str] | None, components: tuple[str, ...] = ()
+    adapters: list[Adapter],
+    layers: dict[str, LoRALayer],
+    skipped: list[str] | None,
+    components: tuple[str, ...] = (),
+    combine: Combine = max,
 ) -> dict[str, int]:
-    """Model module name -> the largest rank any adapter loads there, after checking every
-    adapter's keys and shapes against the model as ``load`` would. With ``components`` (layers
-    named ``<component>.<path>``) each module is first routed to its component as ``load``
-    routes it."""
+    """Model module name -> the largest rank any adapter loads there (``combine`` of the
+    ranks), after checking every adapter's keys and shapes against the model as ``load`` would.
+    With ``components`` (layers named ``<component>.<path>``) each module is first routed to its
+    component as ``load`` routes it."""
     names = list(layers)
     ranks: dict[str, int] = {}
     problems: list[str] = []
@@ -214,7 +238,7 @@ def _model_ranks(
             lora, weights = resolve_all(adapter, names, skipped)
         for name, m in lora.items():
             problems += [f"{adapter.source}: {p}" for p in check_module(name, m, layers[name].spec, MAX_RANK_LIMIT)]
-            ranks[name] = max(ranks.get(name, 0), m.rank)
+            ranks[name] = combine(ranks.get(name, 0), m.rank)
         for name in weights:
             ranks.setdefault(name, 0)
     if problems:
