@@ -185,7 +185,7 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
             ranks.append(f"{name}: ranks {parts} = {total} > max_rank {buffers.max_rank}")
         if len(items) < 2:
             continue
-        others = ", ".join(f"part {p}" for p, _ in items)
+        others = ", ".join(str(p) for p, _ in items)
         for p, m in lora:
             if m.magnitude is not None:
                 extras.append(
