@@ -250,7 +250,7 @@ class LoraRuntime:
         weights = _weights(scale, len(sources)) if listed else (_multiplier(scale),)
         _check_read_options(read_kwargs, self.components)
         found = [self._cached(s, read_kwargs) for s in sources]
-        self._check_usable(every_layer=None in found)  # every layer: cheap next to reading a file
+        self._check_usable(every_layer=any(p is None for p in found))  # every layer: cheap next to reading a file
         live = slot == self._active
         prepared = found[0]
         if len(found) == 1 and prepared is not None:  # from the host cache: one copy per arena

@@ -42,3 +42,5 @@ def test_pipeline_demo_swaps_without_recompiling() -> None:
             assert not torch.equal(out[phase][key], out["base"][key]), (phase, key)
     assert not torch.allclose(out["kohya x0.5"]["latents"], out["kohya"]["latents"])
     assert not torch.allclose(out["unet-only"]["latents"], out["base"]["latents"])
+    for key in ("latents", "text_encoder", "text_encoder_2"):  # the re-weighting took effect everywhere
+        assert not torch.allclose(out["stack 0.8/0.5"][key], out["stack 0.3/1.2"][key]), key
