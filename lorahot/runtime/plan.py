@@ -7,7 +7,9 @@ values (NaN, Inf, beyond the buffers' dtype) are checked where the tensors are: 
 arenas' devices for ``load`` (after :func:`stage` moved them there), where they were read for
 ``preload``. What passes is then written (``load``) or packed into one compact host buffer per
 arena (:func:`pack_host`, ``preload``); neither can fail on the adapter's content any more.
-:func:`check_multiplier` checks the user's scale on top, for ``load`` and ``set_scale``.
+:func:`check_multiplier` checks the user's scale on top, for ``load`` and ``set_scale``. Each part
+of a stack passes the same checks (a preloaded part's tensors are moved to the arenas' devices by
+:func:`restage`), then :func:`lorahot.runtime.stack.check_parts` checks the parts together.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class LoadPlan:
     Attributes:
         targets: injected layer name -> the adapter module loaded into it.
         entries: per arena (the buffer manager's order), ``(layer index, module)`` pairs.
-        scales: per arena, float64 ``[n_layers]``: each layer's ``alpha / r`` (0 if untouched).
+        scales: per arena, float64 ``[n_layers]``: each layer's ``alpha / r`` (0 if untouched);
+            the slot's per-row scales are built from them (:class:`~lorahot.runtime.stack.Stack`).
         largest: per arena, the largest ``|alpha / r|`` (what the user's scale multiplies).
         source: where the adapter came from, for messages.
         ranks: injected layer name -> the rank loaded into it.

@@ -32,7 +32,7 @@ import torch
 
 from lorahot.adapter import LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems
-from lorahot.runtime.buffers import BufferManager, Extra
+from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra
 from lorahot.runtime.plan import Checked, LoadPlan, Staged
 
 __all__ = ["Stack", "Placement", "build", "check_parts"]
@@ -129,36 +129,39 @@ def build(parts: list[Checked], buffers: BufferManager) -> tuple[Stack, Placemen
         extras = parts[0].extras or [[] for _ in buffers.arenas]
         return Stack.of(plans[0], buffers.max_rank), Placement(parts[0].entries, None, extras)
     check_parts(plans, buffers)
-    entries: Staged = []
-    offsets: list[list[int]] = []
-    rows: list[torch.Tensor] = []
-    for a, arena in enumerate(buffers.arenas):
-        on_layer: dict[int, list[tuple[int, tuple[int, torch.Tensor, torch.Tensor], LoraModule]]] = {}
-        for p, checked in enumerate(parts):
-            for (i, m), entry in zip(checked.plan.entries[a], checked.entries[a]):
-                on_layer.setdefault(i, []).append((p, entry, m))
-        table = torch.zeros(len(parts), len(arena.specs), buffers.max_rank, dtype=torch.float64)
-        placed, starts = [], []
-        for i, items in on_layer.items():
-            items.sort(key=lambda item: item[2].bias is None)  # the part with a LoRA bias first: row 0 scales it
-            groups = arena.specs[i].groups
-            offset = 0
-            for p, entry, m in items:
-                per_group = table[p, i].view(groups, buffers.max_rank // groups)  # [g, R/g]
-                per_group[:, offset // groups : (offset + m.rank) // groups] = plans[p].scales[a][i]
-                placed.append(entry)
-                starts.append(offset)
-                offset += m.rank
-        entries.append(placed)
-        offsets.append(starts)
-        rows.append(table)
-    extras = [[row for c in parts if c.extras for row in c.extras[a]] for a in range(len(buffers.arenas))]
+    laid = [_lay_out(parts, a, arena, buffers.max_rank) for a, arena in enumerate(buffers.arenas)]
+    arenas = range(len(buffers.arenas))
+    extras = [[row for c in parts if c.extras for row in c.extras[a]] for a in arenas]
     ranks: dict[str, int] = {}
     for plan in plans:
         for name, r in plan.ranks.items():
             ranks[name] = ranks.get(name, 0) + r
-    dora = [sorted({i for plan in plans if plan.dora for i in plan.dora[a]}) for a in range(len(rows))]
-    return Stack(tuple(plans), rows, ranks, dora), Placement(entries, offsets, extras)
+    dora = [sorted({i for plan in plans if plan.dora for i in plan.dora[a]}) for a in arenas]
+    stack = Stack(tuple(plans), [table for _, _, table in laid], ranks, dora)
+    return stack, Placement([e for e, _, _ in laid], [o for _, o, _ in laid], extras)
+
+
+def _lay_out(parts: list[Checked], a: int, arena: Arena, max_rank: int) -> tuple[list[Entry], list[int], torch.Tensor]:
+    """Arena ``a``'s staged entries of every part, each one's first row in its layer, and the
+    parts' scale table ``[parts, n_layers, R]``: in each layer the parts follow one another in
+    part order, except that a part with a LoRA bias comes first (row 0's scale scales the bias)."""
+    on_layer: dict[int, list[tuple[int, Entry, LoraModule]]] = {}
+    for p, checked in enumerate(parts):
+        for (i, m), entry in zip(checked.plan.entries[a], checked.entries[a]):
+            on_layer.setdefault(i, []).append((p, entry, m))
+    table = torch.zeros(len(parts), len(arena.specs), max_rank, dtype=torch.float64)
+    entries, offsets = [], []
+    for i, items in on_layer.items():
+        items.sort(key=lambda item: item[2].bias is None)  # stable: part order otherwise
+        groups = arena.specs[i].groups
+        offset = 0
+        for p, entry, m in items:
+            per_group = table[p, i].view(groups, max_rank // groups)  # [g, R/g]: each group's slice
+            per_group[:, offset // groups : (offset + m.rank) // groups] = parts[p].plan.scales[a][i]
+            entries.append(entry)
+            offsets.append(offset)
+            offset += m.rank
+    return entries, offsets, table
 
 
 def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
@@ -174,45 +177,55 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
     for p, plan in enumerate(plans):
         for name, m in _modules(plan):
             by_layer.setdefault(name, []).append((p, m))
-    ranks, extras = [], []
-    top = 0
-    for name, items in by_layer.items():
-        lora = [(p, m) for p, m in items if isinstance(m, LoraModule)]
-        total = sum(m.rank for _, m in lora)
-        if total > buffers.max_rank:
-            top = max(top, total)
-            parts = " + ".join(f"{m.rank} ({sources[p]})" for p, m in lora)
-            ranks.append(f"{name}: ranks {parts} = {total} > max_rank {buffers.max_rank}")
-        if len(items) < 2:
-            continue
-        others = ", ".join(str(p) for p, _ in items)
-        for p, m in lora:
-            if m.magnitude is not None:
-                extras.append(
-                    f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has DoRA (a magnitude vector) on a "
-                    f"layer parts {others} all load into; PEFT computes one DoRA factor per adapter, over that "
-                    "adapter's update alone"
-                )
-        biased = [p for p, m in lora if m.bias is not None]
-        if len(biased) > 1:
-            extras.append(
-                f"{name}: parts {', '.join(map(str, biased))} each carry a LoRA bias (lora_B.bias); a layer holds one"
-            )
-    if not ranks and not extras:
+    over = {name: total for name, items in by_layer.items() if (total := _rows(items)) > buffers.max_rank}
+    ranks = [
+        f"{name}: ranks {' + '.join(f'{m.rank} ({sources[p]})' for p, m in _lora(by_layer[name]))} = {total} > "
+        f"max_rank {buffers.max_rank}"
+        for name, total in over.items()
+    ]
+    shared = [p for name, items in by_layer.items() if len(items) > 1 for p in _shared(name, items, sources)]
+    if not ranks and not shared:
         return
     fixes = []
     if ranks:
         fixes.append(
-            f"Inject with max_rank >= {top}: a stack needs the sum of its parts' ranks in each layer "
+            f"Inject with max_rank >= {max(over.values())}: a stack needs the sum of its parts' ranks in each layer "
             "(lorahot.plan_targets(sources, model, stacked=True) plans it), or stack fewer adapters."
         )
-    if extras:
+    if shared:
         fixes.append("Load an adapter with DoRA or a LoRA bias alone, or stack it with adapters that leave its layers.")
     raise AdapterMismatchError(
-        format_problems(f"a stack of {len(plans)} adapters does not fit together in one slot:", ranks + extras)
+        format_problems(f"a stack of {len(plans)} adapters does not fit together in one slot:", ranks + shared)
         + "\n"
         + "\n".join(fixes)
     )
+
+
+def _lora(items: list[tuple[int, LoraModule | WeightModule]]) -> list[tuple[int, LoraModule]]:
+    return [(p, m) for p, m in items if isinstance(m, LoraModule)]
+
+
+def _rows(items: list[tuple[int, LoraModule | WeightModule]]) -> int:
+    """The rows of the rank the parts' LoRA modules take in one layer."""
+    return sum(m.rank for _, m in _lora(items))
+
+
+def _shared(name: str, items: list[tuple[int, LoraModule | WeightModule]], sources: list[str]) -> list[str]:
+    """What cannot share layer ``name`` with other parts: DoRA (PEFT computes one factor per
+    adapter, over its own update), a second LoRA bias (a layer holds one)."""
+    others = ", ".join(str(p) for p, _ in items)
+    problems = [
+        f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has DoRA (a magnitude vector) on a layer "
+        f"parts {others} all load into; PEFT computes one DoRA factor per adapter, over that adapter's update alone"
+        for p, m in _lora(items)
+        if m.magnitude is not None
+    ]
+    biased = [p for p, m in _lora(items) if m.bias is not None]
+    if len(biased) > 1:
+        problems.append(
+            f"{name}: parts {', '.join(map(str, biased))} each carry a LoRA bias (lora_B.bias); a layer holds one"
+        )
+    return problems
 
 
 def _modules(plan: LoadPlan) -> list[tuple[str, LoraModule | WeightModule]]:
