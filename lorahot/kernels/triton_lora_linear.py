@@ -13,8 +13,8 @@ A layer with few output tiles (narrow, or deep in K) leaves most of the GPU idle
 program per tile, and makes each program stream all of ``A``. There the K loop is split
 (``split`` in :data:`Config`): each program covers one K chunk, adds its share of the base
 product and of the expand (the shrink and its scaling are linear in K, so partial shrinks
-expand to partial outputs), and stores a float32 partial; :func:`_split_k_sum` adds the partials and rounds once.
-That is two launches for such layers, as cuBLAS itself does for them.
+expand to partial outputs), and stores a float32 partial; :func:`_split_k_sum` adds the
+partials and rounds once. That is two launches for such layers, as cuBLAS itself does for them.
 
 The op is a plain custom op, opaque to the compiler, not a ``triton_op``: the compiler works
 out which arguments a visible Triton kernel writes by compiling it to TTIR and walking it,
