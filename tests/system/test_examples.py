@@ -28,6 +28,7 @@ def test_generate_demo_swaps_without_recompiling() -> None:
     tokens = _example("generate_demo").main(quiet=True)
     assert tokens["A"] != tokens["base"] and tokens["B"] != tokens["A"] and tokens["B x0.5"] != tokens["B"]
     assert tokens["A (reloaded)"] == tokens["A"]
+    assert tokens["A+B x0.5"] not in (tokens["A"], tokens["B x0.5"]) and tokens["A x0.25+B"] != tokens["A+B x0.5"]
     assert tokens["unloaded"] == tokens["base"]
 
 
