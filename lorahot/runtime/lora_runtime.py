@@ -569,7 +569,7 @@ class LoraRuntime:
             self._merger.apply(None if stack is None else stack.scales(weights), stack is None or stack.single)
             self._merger.fold({} if stack is None else stack.weight_terms(weights))
         else:
-            self._wide.apply(stack is not None, None if stack is None else stack.layer_scales(weights))
+            self._wide.apply(stack, weights)
 
     # -- checks -----------------------------------------------------------------------------
 

@@ -35,7 +35,10 @@ from lorahot.errors import AdapterMismatchError, format_problems
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra
 from lorahot.runtime.plan import Checked, LoadPlan, Staged
 
-__all__ = ["Stack", "Placement", "build", "check_parts"]
+__all__ = ["Stack", "Placement", "Run", "build", "check_parts"]
+
+#: ``(layer index, first row, rows, part)``: a part's contiguous rows in one layer (or group slice)
+Run = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,15 @@ class Stack:
             past the rank hold zeros in A and B).
         ranks: injected layer name -> the sum of its parts' ranks there.
         dora: per arena, the indices of the layers that load DoRA (each holds one part).
+        runs: per arena, ``(layer index, first row, rows, part)`` of every part's contiguous
+            rows (one per layer, one per group slice of a grouped conv); empty for one adapter.
     """
 
     parts: tuple[LoadPlan, ...]
     rows: list[torch.Tensor]
     ranks: dict[str, int]
     dora: list[list[int]] = field(default_factory=list)
+    runs: list[list[Run]] = field(default_factory=list)
 
     @classmethod
     def of(cls, plan: LoadPlan, max_rank: int) -> Stack:
@@ -73,13 +79,6 @@ class Stack:
         ``weights`` (one per part). Exact: a row belongs to at most one part."""
         w = torch.tensor(weights, dtype=torch.float64).view(-1, 1, 1)
         return [(w * rows).sum(0) for rows in self.rows]
-
-    def layer_scales(self, weights: Sequence[float]) -> list[torch.Tensor] | None:
-        """For one adapter, per arena float64 ``[n_layers]``: each layer's scale times the
-        weight (the value on every row); None for a stack, whose rows differ."""
-        if not self.single:
-            return None
-        return [s * weights[0] for s in self.parts[0].scales]
 
     @functools.cached_property
     def terms(self) -> dict[str, list[tuple[int, LoraModule | WeightModule]]]:
@@ -137,31 +136,35 @@ def build(parts: list[Checked], buffers: BufferManager) -> tuple[Stack, Placemen
         for name, r in plan.ranks.items():
             ranks[name] = ranks.get(name, 0) + r
     dora = [sorted({i for plan in plans if plan.dora for i in plan.dora[a]}) for a in arenas]
-    stack = Stack(tuple(plans), [table for _, _, table in laid], ranks, dora)
-    return stack, Placement([e for e, _, _ in laid], [o for _, o, _ in laid], extras)
+    stack = Stack(tuple(plans), [t for _, _, t, _ in laid], ranks, dora, [r for _, _, _, r in laid])
+    return stack, Placement([e for e, _, _, _ in laid], [o for _, o, _, _ in laid], extras)
 
 
-def _lay_out(parts: list[Checked], a: int, arena: Arena, max_rank: int) -> tuple[list[Entry], list[int], torch.Tensor]:
-    """Arena ``a``'s staged entries of every part, each one's first row in its layer, and the
-    parts' scale table ``[parts, n_layers, R]``: in each layer the parts follow one another in
-    part order, except that a part with a LoRA bias comes first (row 0's scale scales the bias)."""
+def _lay_out(
+    parts: list[Checked], a: int, arena: Arena, max_rank: int
+) -> tuple[list[Entry], list[int], torch.Tensor, list[Run]]:
+    """Arena ``a``'s staged entries of every part, each one's first row in its layer, the
+    parts' scale table ``[parts, n_layers, R]`` and their runs of rows: in each layer the parts
+    follow one another in part order, except that a part with a LoRA bias comes first (row 0's
+    scale scales the bias)."""
     on_layer: dict[int, list[tuple[int, Entry, LoraModule]]] = {}
     for p, checked in enumerate(parts):
         for (i, m), entry in zip(checked.plan.entries[a], checked.entries[a]):
             on_layer.setdefault(i, []).append((p, entry, m))
     table = torch.zeros(len(parts), len(arena.specs), max_rank, dtype=torch.float64)
-    entries, offsets = [], []
+    entries, offsets, runs = [], [], []
     for i, items in on_layer.items():
         items.sort(key=lambda item: item[2].bias is None)  # stable: part order otherwise
         groups = arena.specs[i].groups
-        offset = 0
+        cap, offset = max_rank // groups, 0
         for p, entry, m in items:
-            per_group = table[p, i].view(groups, max_rank // groups)  # [g, R/g]: each group's slice
-            per_group[:, offset // groups : (offset + m.rank) // groups] = parts[p].plan.scales[a][i]
+            start, n = offset // groups, m.rank // groups
+            table[p, i].view(groups, cap)[:, start : start + n] = parts[p].plan.scales[a][i]  # each group's slice
+            runs += [(i, j * cap + start, n, p) for j in range(groups)]
             entries.append(entry)
             offsets.append(offset)
             offset += m.rank
-    return entries, offsets, table
+    return entries, offsets, table, runs
 
 
 def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
