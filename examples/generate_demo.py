@@ -3,8 +3,9 @@ recompiling.
 
 Builds a tiny Llama from a config (no download), writes two PEFT-style adapters on different
 modules and ranks, plans one inject that covers both (:func:`lorahot.plan_targets`, from the
-files' headers), then generates greedily with adapter A, with B, with B at half strength, and
-with none, printing the tokens and the recompiles after warm-up (0; the swaps run under
+files' headers, for the two loaded together too), then generates greedily with adapter A, with
+B, with B at half strength, with A and B stacked in one slot (then re-weighted), and with none,
+printing the tokens and the recompiles after warm-up (0; the swaps run under
 ``torch._dynamo.config.patch(error_on_recompile=True)``).
 
 How generate() gets compiled: ``torch.compile(model)`` returns a wrapper whose ``generate``
@@ -101,7 +102,7 @@ def main(backend: str = "aot_eager", quiet: bool = False) -> dict[str, list[int]
         save_adapter(model, a, ["q_proj", "v_proj"], 4, 1, rank_pattern={"layers.1.self_attn.v_proj": 16})
         save_adapter(model, b, ["k_proj", "o_proj", "down_proj"], 8, 2)
 
-        plan = lorahot.plan_targets([a, b], model)  # headers and configs only
+        plan = lorahot.plan_targets([a, b], model, stacked=True)  # headers and configs only; A and B together
         say(f"plan: {len(plan.targets)} targets, max_rank={plan.max_rank}")
         base = generate()  # eager, before inject: the reference for unload
         runtime = lorahot.inject(model, plan.targets, max_rank=plan.max_rank, slots=2)
@@ -124,6 +125,10 @@ def main(backend: str = "aot_eager", quiet: bool = False) -> dict[str, list[int]
             tokens["B x0.5"] = generate()
             runtime.load(a, slot=1)  # a swap by load: copies into the same buffers
             tokens["A (reloaded)"] = generate()
+            runtime.load([a, b], slot=1, scale=[1.0, 0.5])  # both active together
+            tokens["A+B x0.5"] = generate()
+            runtime.set_scale([0.25, 1.0])  # re-weighted: scales only
+            tokens["A x0.25+B"] = generate()
             runtime.unload()
             tokens["unloaded"] = generate()
         recompiles = graphs() - after_warmup

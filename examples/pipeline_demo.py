@@ -1,5 +1,6 @@
 """One lorahot runtime over a whole diffusers pipeline (UNet and both text encoders), compiled,
-swapping a diffusers-named file, a kohya-named file and a unet-only file without recompiling.
+swapping a diffusers-named file, a kohya-named file and a unet-only file, then stacking two of
+them in one slot and re-weighting them, without recompiling.
 
 Builds a tiny SDXL pipeline from configs (no download; no VAE or tokenizers: the components are
 called directly, with fixed token ids), writes a diffusers-named LoRA over the UNet and both text
@@ -9,11 +10,10 @@ inject with :func:`lorahot.plan_targets` (headers only), injects into the pipeli
 (duck-typed through ``pipe.components``: lorahot never imports diffusers), compiles the UNet and
 the text encoders, and then runs one denoising step (DDIM) per phase: the diffusers file, the
 kohya file, the kohya file at 0.5, the unet-only file (the text encoders are then bitwise their
-base model) and no adapter (``unload``: everything is base again). After the warm-up, all of it
-runs under ``torch._dynamo.config.patch(error_on_recompile=True)``: 0 recompiles.
-
-Stacking several adapters in one slot at different strengths (issue 14, item 1) is not built
-yet; this demo swaps one adapter at a time.
+base model), the diffusers file and the unet-only file stacked in one slot at 0.8 and 0.5 (the
+UNet adds both, the text encoders take the diffusers file's part), the same stack re-weighted
+to 0.3 and 1.2, and no adapter (``unload``: everything is base again). After the warm-up, all of
+it runs under ``torch._dynamo.config.patch(error_on_recompile=True)``: 0 recompiles.
 
 Run: ``python examples/pipeline_demo.py`` (CPU, a few seconds; ``--backend inductor`` to compile
 with Inductor instead of the default ``aot_eager``, much slower to compile on the CPU).
@@ -140,9 +140,10 @@ def main(backend: str = "aot_eager", quiet: bool = False) -> dict[str, dict[str,
         files = write_files(pipe, Path(tmp))
         base = step()  # eager, before inject: the reference for the unet-only file and unload
 
-        # max_rank from the headers of every file this runtime will see; the targets are given
-        # per component (plan.targets, from a file alone, are component-relative module paths)
-        plan = lorahot.plan_targets(list(files.values()))
+        # max_rank from the headers of the two files stacked later (their ranks summed per module:
+        # it covers every file alone too); the targets are given per component (plan.targets,
+        # from files alone, are component-relative module paths)
+        plan = lorahot.plan_targets([files["diffusers"], files["unet-only"]], stacked=True)
         say(f"plan: {len(plan.targets)} modules over the files, max_rank={plan.max_rank}")
         runtime = lorahot.inject(pipe, TARGETS, max_rank=plan.max_rank)  # the pipeline itself
 
@@ -164,17 +165,21 @@ def main(backend: str = "aot_eager", quiet: bool = False) -> dict[str, dict[str,
             out["kohya x0.5"] = step()
             infos["unet-only"] = runtime.load(files["unet-only"])
             out["unet-only"] = step()
+            infos["stack"] = runtime.load([files["diffusers"], files["unet-only"]], scale=[0.8, 0.5])
+            out["stack 0.8/0.5"] = step()
+            runtime.set_scale([0.3, 1.2])  # re-weights the stack: scales only
+            out["stack 0.3/1.2"] = step()
             runtime.unload()
             out["unloaded"] = step()
         recompiles = graphs() - after_warmup
 
-    say(f"{'phase':>11} | {'format':>9} | layers per component | max |diff| from base: unet step, te, te2")
+    say(f"{'phase':>13} | {'format':>9} | layers per component | max |diff| from base: unet step, te, te2")
     for phase, got in out.items():
         info = infos.get(phase.split(" ")[0])
         fmt = info.format if info and phase != "unloaded" else "-"
         layers = "/".join(str(info.components[c]) for c in COMPONENTS) if info else "-"
         diffs = ", ".join(f"{(got[k] - base[k]).abs().max().item():.2e}" for k in ("latents", *COMPONENTS[1:]))
-        say(f"{phase:>11} | {fmt:>9} | {layers:>20} | {diffs}")
+        say(f"{phase:>13} | {fmt:>9} | {layers:>20} | {diffs}")
     say(f"recompiles: {recompiles}")
 
     if recompiles:

@@ -3,6 +3,8 @@
     runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=64)
     model = torch.compile(model)
     runtime.load("path/to/adapter")      # copies into preallocated buffers: no recompile
+    runtime.load(["style/", "character/"], scale=[0.8, 0.5])  # two adapters active together
+    runtime.set_scale([0.6, 1.0])        # re-weights them: no recompile
 
 The package is layered; each folder imports only from the ones above it in this list:
 
@@ -12,8 +14,8 @@ The package is layered; each folder imports only from the ones above it in this 
 - :mod:`lorahot.io`: reading adapters from files, directories, mappings and the Hub;
 - :mod:`lorahot.kernels`: the fused CUDA kernel;
 - :mod:`lorahot.layers`: the LoRA layers and the global handles compiled graphs read;
-- :mod:`lorahot.runtime`: inject, the buffer manager, load planning, the cache, merged mode
-  and :class:`LoraRuntime`;
+- :mod:`lorahot.runtime`: inject, the buffer manager, load planning, stacks, the cache, merged
+  mode and :class:`LoraRuntime`;
 - :mod:`lorahot.cli`: ``lorahot inspect``.
 """
 
@@ -33,6 +35,7 @@ from lorahot.runtime import (
     AdapterCache,
     AdapterInfo,
     LoraRuntime,
+    PartInfo,
     PreparedAdapter,
     TargetPlan,
     eject,
@@ -48,6 +51,7 @@ __all__ = [
     "read_adapter",
     "LoraRuntime",
     "AdapterInfo",
+    "PartInfo",
     "PreparedAdapter",
     "AdapterCache",
     "Adapter",

@@ -157,15 +157,24 @@ def model_reference(
     model: nn.Module, x: torch.Tensor, loras: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
 ) -> torch.Tensor:
     """A (non-injected) model's output in float64 with ``name -> (A, B, scale)`` added densely."""
+    return stack_reference(model, x, [loras])
+
+
+def stack_reference(
+    model: nn.Module, x: torch.Tensor, parts: list[Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]]
+) -> torch.Tensor:
+    """A (non-injected) model's output in float64 with every part's ``name -> (A, B, scale)``
+    added densely: the parts' deltas summed (several adapters active together)."""
     ref = copy.deepcopy(model).double()
     hooks = []
-    for name, (a, b, scale) in loras.items():
-        mod = ref.get_submodule(name)
+    for loras in parts:
+        for name, (a, b, scale) in loras.items():
+            mod = ref.get_submodule(name)
 
-        def hook(m, args, out, a=a, b=b, scale=scale):
-            return out + scale * dense_delta(m, args[0], a, b)
+            def hook(m, args, out, a=a, b=b, scale=scale):
+                return out + scale * dense_delta(m, args[0], a, b)
 
-        hooks.append(mod.register_forward_hook(hook))
+            hooks.append(mod.register_forward_hook(hook))  # hooks chain: each adds its own delta
     xin = x if not x.is_floating_point() else x.double()
     with torch.no_grad():
         y = ref(xin)

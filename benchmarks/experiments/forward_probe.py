@@ -59,7 +59,7 @@ def check() -> None:
             a = torch.randn(r, k, device=dev, dtype=dtype, generator=g) / k**0.5
             bt = torch.randn(r, n, device=dev, dtype=dtype, generator=g) / r**0.5
             b = torch.randn(n, device=dev, dtype=dtype, generator=g) if bias else None
-            s = torch.tensor(0.7, device=dev)
+            s = torch.full((r,), 0.7, device=dev)  # one scale per row of A
             d = lambda t: t.double()
             ref = d(x) @ d(w).T + 0.7 * (d(x) @ d(a).T) @ d(bt) + (d(b) if bias else 0)
             for split in (0, 1, 3, 8):  # 0: the op's own configuration
@@ -127,7 +127,7 @@ def sweep() -> None:
             As = [torch.randn(R, k, device=dev, dtype=dt) / k**0.5 for _ in range(n_sets)]
             Bs = [torch.randn(R, n, device=dev, dtype=dt) / R**0.5 for _ in range(n_sets)]
             x = torch.randn(m, k, device=dev, dtype=dt)
-            s = torch.tensor(0.5, device=dev)
+            s = torch.full((R,), 0.5, device=dev)  # one scale per row of A
             outs = [torch.empty(m, n, device=dev, dtype=dt) for _ in range(n_sets)]
             row = {}
 

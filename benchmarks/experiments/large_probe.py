@@ -80,8 +80,10 @@ def formulas(x, w, wa, a, ap, b, s, sb, n):
         y = yc[:, :n]
         return y.addmm_(yc[:, n:], b)
 
+    rows = s.expand(a.shape[0]).contiguous()  # the kernel takes one scale per row of A
+
     def fused():
-        return K.lora_linear(x, w, None, a, b, s)
+        return K.lora_linear(x, w, None, a, b, rows)
 
     out = {"base": base, "lib": lib, "addmm_s": addmm_s, "addmm_pre": addmm_pre, "cat_pre": cat_pre}
     if x.shape[0] <= 1024:

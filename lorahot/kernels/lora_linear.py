@@ -1,4 +1,4 @@
-"""The fused LoRA linear: base product, shrink, expand, scale and bias in one CUDA kernel.
+"""The fused LoRA linear: base product, shrink, per-row scale, expand and bias in one CUDA kernel.
 
 A LoRA linear written with library calls launches the base GEMM, the shrink ``x @ A.T`` and
 the expand ``h @ B`` (plus an elementwise add the compiler can fuse away): three kernels where
@@ -94,8 +94,9 @@ def lora_linear(
     bt: torch.Tensor,
     scale: torch.Tensor,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias + scale * (x @ a.T) @ bt`` on CUDA in fp16/bf16: one kernel, two
-    where K is split.
+    """``x @ weight.T + bias + ((x @ a.T) * scale) @ bt`` on CUDA in fp16/bf16: one kernel, two
+    where K is split. ``scale`` is ``[R]`` (float32), one per row of ``a``: the shrink's
+    column ``k`` is scaled by ``scale[k]`` before the expand.
 
     Calls the registered op directly (registered by :func:`available`, which
     :func:`supports` runs at bind time), so the compiler traces nothing but the op.

@@ -1,18 +1,20 @@
 """The Triton kernel behind :mod:`lorahot.kernels.lora_linear` (imported only where Triton and CUDA exist).
 
-One program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``y = x @ W.T + bias + s * (x @ A.T) @ Bt``:
-its K loop accumulates the base product and the whole ``[BLOCK_M, R]`` shrink ``x @ A.T`` from
-the same loads of ``x``; the expand ``h @ Bt[:, tile]`` and the scale run in the epilogue; the
-output is rounded once. Each program recomputes the shrink for its rows, which costs
-``R / BLOCK_N`` times the tile's weight reads again (from L2, A being small) and saves the
-separate shrink and expand launches that dominate a small-batch LoRA forward.
+One program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``y = x @ W.T + bias + ((x @ A.T) * s) @ Bt``,
+``s [R]`` a scale per row of A (per column of the shrink): its K loop accumulates the base
+product and the whole ``[BLOCK_M, R]`` shrink ``x @ A.T`` from the same loads of ``x``; the
+epilogue scales the float32 shrink by ``s`` (one ``R``-vector load), rounds it to the weights'
+dtype and runs the expand ``h @ Bt[:, tile]``; the output is rounded once. Each program
+recomputes the shrink for its rows, which costs ``R / BLOCK_N`` times the tile's weight reads
+again (from L2, A being small) and saves the separate shrink and expand launches that dominate
+a small-batch LoRA forward.
 
 A layer with few output tiles (narrow, or deep in K) leaves most of the GPU idle with one
 program per tile, and makes each program stream all of ``A``. There the K loop is split
 (``split`` in :data:`Config`): each program covers one K chunk, adds its share of the base
-product and of the expand (the shrink is linear in K, so partial shrinks expand to partial
-outputs), and stores a float32 partial; :func:`_split_k_sum` adds the partials and rounds once.
-That is two launches for such layers, as cuBLAS itself does for them.
+product and of the expand (the shrink and its scaling are linear in K, so partial shrinks
+expand to partial outputs), and stores a float32 partial; :func:`_split_k_sum` adds the
+partials and rounds once. That is two launches for such layers, as cuBLAS itself does for them.
 
 The op is a plain custom op, opaque to the compiler, not a ``triton_op``: the compiler works
 out which arguments a visible Triton kernel writes by compiling it to TTIR and walking it,
@@ -65,9 +67,10 @@ def _lora_linear_kernel(
         x_ptr += BLOCK_K
         w_ptr += BLOCK_K
         a_ptr += BLOCK_K
-    h = hacc.to(BT.dtype.element_ty)
+    s = tl.load(S + rr, mask=r_ok, other=0.0).to(tl.float32)  # [R_PAD]: the scale of each row of A
+    h = (hacc * s[None, :]).to(BT.dtype.element_ty)
     bt = tl.load(BT + rr[:, None] * stride_bm + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-    acc += tl.dot(h, bt) * tl.load(S).to(tl.float32)
+    acc = tl.dot(h, bt, acc)
     if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
         if pid_s == 0:
             acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -128,7 +131,8 @@ def launch(
     out: torch.Tensor,
     config: Config,
 ) -> None:
-    """Runs the kernel on 2-D ``x [M, K]`` into ``out [M, N]`` (rows contiguous)."""
+    """Runs the kernel on 2-D ``x [M, K]`` into ``out [M, N]`` (rows contiguous), with
+    ``scale [R]`` contiguous, one per row of ``a``."""
     m, k = x.shape
     n = weight.shape[0]
     r = a.shape[0]
@@ -158,7 +162,8 @@ def lora_linear(
     bt: torch.Tensor,
     scale: torch.Tensor,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias + scale * (x @ a.T) @ bt``, ``x [..., K]``: one kernel, two with split K."""
+    """``x @ weight.T + bias + ((x @ a.T) * scale) @ bt``, ``x [..., K]``, ``scale [R]``: one
+    kernel, two with split K."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -1,9 +1,14 @@
 """What every LoRA layer shares: the wrapped base module, its geometry, and the live buffers.
 
-A LoRA layer computes ``base(x) + scale * B(A(x))``; in general (DoRA, LoRA bias)
-``f * (base(x) + scale * (B(A(x)) + lora_bias)) + g`` per output channel, with ``f`` the DoRA
-factor ``m / ||W0 + scale * B @ A||`` (1 for plain LoRA) and ``g = (1 - f) * bias`` (0 for
-plain LoRA), which is PEFT's ``f * (W0 x + scale * (B A x + lora_bias)) + bias``. ``f``, the
+A LoRA layer computes ``base(x) + B(s * A(x))``, with ``s [R]`` a scale per row of the rank:
+``alpha / r`` times the user's scale on every row for one adapter, each part's own on its rows
+for several adapters stacked in one slot (:mod:`lorahot.runtime.stack`), so one layer computes
+their sum ``B diag(s) A``. The scale multiplies the rank-wide intermediate, which is cheaper
+than scaling the output-wide delta. In general (DoRA, LoRA bias)
+``f * (base(x) + B(s * A(x)) + s[0] * lora_bias) + g`` per output channel, with ``f`` the DoRA
+factor ``m / ||W0 + B diag(s) A||`` (1 for plain LoRA) and ``g = (1 - f) * bias`` (0 for
+plain LoRA), which is PEFT's ``f * (W0 x + scale * (B A x + lora_bias)) + bias`` (a LoRA bias
+belongs to the part in the first rows; a DoRA layer holds one part). ``f``, the
 LoRA bias, ``g`` and the magnitude ``m`` are the four rows of the layer's *extras*
 ``[4, out]``, device data like A and B: the forward computes the same graph whatever the
 adapter, so swaps between DoRA and plain LoRA never recompile. Its ``lora_A``, ``lora_B``,
@@ -117,7 +122,7 @@ class LoRALayer(nn.Module):
     wide: bool = False
     #: Set at bind time: whether the forward applies the extras (DoRA factor, LoRA bias);
     #: constant after. Without them (``inject(..., extras=False)``) the forward is
-    #: ``base(x) + scale * B(A(x))`` with no elementwise work past the kernel's.
+    #: ``base(x) + B(s * A(x))`` with no elementwise work past the kernel's.
     extras: bool = True
     #: In merged mode, the base weight as it was at inject time (what eject puts back).
     pristine_weight: torch.Tensor | None = None
@@ -175,6 +180,7 @@ class LoRALayer(nn.Module):
         ``fused`` allows a fused kernel where the layer has one that applies (:meth:`fusable`;
         see :mod:`lorahot.kernels.lora_linear`). ``state`` is the runtime's
         :class:`~lorahot.layers.state.RuntimeState`, which ``lorahot.eject`` marks.
+        ``lora_scale`` is the ``[R]`` view of the layer's per-row scales.
         ``lora_extras`` is the ``[4, out]`` view of the layer's extras (see the module
         docstring); without one the layer gets its own, holding the no-adapter values.
         ``extras`` False makes the forward skip them (the runtime then refuses DoRA and LoRA
@@ -252,7 +258,8 @@ class LoRALayer(nn.Module):
 
     @property
     def lora_scale(self) -> torch.Tensor:
-        """Live scale, a 0-d view into the arena's scale tensor."""
+        """Live per-row scales ``[R]``, a view into the arena's scale tensor: row ``k`` of A is
+        scaled by ``lora_scale[k]`` (one value on every row for a single adapter)."""
         return self._views()[2]
 
     @property
@@ -290,29 +297,29 @@ class LoRALayer(nn.Module):
         a, b, scale, e = self._views()
         if not args and not kwargs:
             if self.fused and self.can_fuse(x, a):
-                return self._finish(self.fused_forward(x, a, b, scale), e, scale)  # base(x) + scale * B(A(x))
+                return self._finish(self.fused_forward(x, a, b, scale), e, scale)  # base(x) + B(s * A(x))
             if self.wide and self.can_widen(x):
                 return self._finish(self.wide_forward(x, b), e, scale)
         y: torch.Tensor = self._base(x, *args, **kwargs)
-        # The scale (and the LoRA bias and the DoRA factor) apply next to the add, where the
-        # compiler fuses them into one elementwise pass (usually into the consumer of y as
-        # well): no extra kernel per layer. With plain LoRA (f = 1, bias = g = 0) the extras
-        # give ``y + scale * delta`` bitwise in float32.
+        # The LoRA bias and the DoRA factor apply next to the add, where the compiler fuses
+        # them into one elementwise pass (usually into the consumer of y as well): no extra
+        # kernel per layer. With plain LoRA (f = 1, bias = g = 0) the extras give ``y + delta``
+        # bitwise in float32.
         if not self.extras:
-            return y + (self.lora_delta(x, a, b) * scale).to(y.dtype)
-        d = (self.lora_delta(x, a, b) + e[EXTRA_BIAS]) * scale
+            return y + self.lora_delta(x, a, b, scale).to(y.dtype)
+        d = self.lora_delta(x, a, b, scale) + e[EXTRA_BIAS] * scale[0]
         return torch.addcmul(e[EXTRA_G], e[EXTRA_F], y + d).to(y.dtype)
 
     def _finish(self, z: torch.Tensor, e: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``f * (z + scale * lora_bias) + g`` for ``z = base(x) + scale * B(A(x))`` from a
-        kernel path (one elementwise pass after it); ``z`` itself without extras."""
+        """``f * (z + s[0] * lora_bias) + g`` for ``z = base(x) + B(s * A(x))`` from a kernel
+        path (one elementwise pass after it); ``z`` itself without extras."""
         if not self.extras:
             return z
-        return torch.addcmul(e[EXTRA_G], e[EXTRA_F], z + e[EXTRA_BIAS] * scale).to(z.dtype)
+        return torch.addcmul(e[EXTRA_G], e[EXTRA_F], z + e[EXTRA_BIAS] * scale[0]).to(z.dtype)
 
-    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``B(A(x))`` without the scale, with the shape of ``base_layer(x)``, for live views
-        ``a`` and ``b``."""
+    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``B(scale * A(x))``, the per-row ``scale [R]`` applied to the rank-wide intermediate,
+        with the shape of ``base_layer(x)``, for live views ``a``, ``b`` and ``scale``."""
         raise NotImplementedError
 
     def fusable(self, lora_A: torch.Tensor) -> bool:
@@ -337,7 +344,8 @@ class LoRALayer(nn.Module):
         raise NotImplementedError
 
     def wide_rows(self) -> torch.Tensor:
-        """The ``[max_rank, in_dim]`` rows of the wide buffer that hold ``scale * A``."""
+        """The ``[max_rank, in_dim]`` rows of the wide buffer that hold ``s[:, None] * A``
+        (each row of A times its scale)."""
         raise NotImplementedError
 
     def unwiden(self) -> None:

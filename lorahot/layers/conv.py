@@ -2,9 +2,10 @@
 
 A is a convolution with the base kernel, stride, padding and dilation (groups 1), weight
 ``[r, in, *kernel]``; B is a 1x1 convolution with the base's groups, weight
-``[out, r / groups, 1, ...]``. The sum equals the base convolution plus ``scale * dW`` where
-``dW[o] = B[o] @ A[slice of o's group]``, which is how a merged weight would compute it
-(the base's padding mode applies to both).
+``[out, r / groups, 1, ...]``; the per-row scales multiply A's output channels before B.
+The sum equals the base convolution plus ``dW`` where ``dW[o] = B[o] @ diag(s) A[slice of o's
+group]``, which is how a merged weight would compute it (the base's padding mode applies to
+both).
 
 Padding the rank from ``r`` to ``R`` keeps each group's slice aligned: group ``j`` of the rank
 occupies rows ``[j * R/g, j * R/g + r/g)`` of A, and B keeps ``[out, R/g]``.
@@ -31,7 +32,8 @@ class LoRAConv(LoRALayer):
     """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``.
 
     Buffers (views into the arena): ``lora_A [R, in, *kernel]``,
-    ``lora_B [out, R / groups, 1, ...]`` and ``lora_scale`` (0-d; float32, float64 for float64 layers).
+    ``lora_B [out, R / groups, 1, ...]`` and ``lora_scale`` (``[R]``, one per row of A; float32,
+    float64 for float64 layers).
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -71,11 +73,12 @@ class LoRAConv(LoRALayer):
             )
         return None
 
-    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         x = x.to(a.dtype)
         if self._pad_mode is not None:
             x = F.pad(x, self._pad, mode=self._pad_mode)
-        h = self._conv(x, a, None, self._stride, self._padding, self._dilation, 1)
+        h = self._conv(x, a, None, self._stride, self._padding, self._dilation, 1)  # ([N,] R, *spatial)
+        h = (h * scale.view(-1, *(1,) * self._nd)).to(h.dtype)
         return self._conv(h, b, None, 1, 0, 1, self._groups)
 
     def merge_refusal(self) -> str | None:

@@ -1,7 +1,7 @@
 """``LoRAEmbedding``: LoRA on ``nn.Embedding``, in PEFT's layout.
 
 Files store ``lora_embedding_A [r, num_embeddings]`` and ``lora_embedding_B [dim, r]``; the
-output is ``base(ids) + scale * A.T[ids] @ B.T``.
+output is ``base(ids) + (A.T[ids] * s) @ B.T`` with ``s`` the per-row scales.
 
 Scaled embeddings: some models' embeddings scale their own output (transformers' Gemma,
 Gemma2 and Gemma3 ``*ScaledWordEmbedding``: ``super().forward(ids) * self.embed_scale``).
@@ -31,7 +31,7 @@ class LoRAEmbedding(LoRALayer):
     """LoRA on ``nn.Embedding``.
 
     Buffers (views into the arena): ``lora_A [R, num_embeddings]``, ``lora_B [R, dim]``
-    (B stored transposed) and ``lora_scale`` (0-d; float32, float64 for float64 layers).
+    (B stored transposed) and ``lora_scale`` (``[R]``; float32, float64 for float64 layers).
 
     Raises:
         UsageError: ``base_layer`` is not an ``nn.Embedding``, or its class overrides
@@ -50,9 +50,9 @@ class LoRAEmbedding(LoRALayer):
         """Arena rows ``[R, num]``, ``[R, dim]`` are used as they are."""
         return a_rows, b_rows
 
-    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         h = F.embedding(x, a.t())  # (..., R)
-        delta = torch.matmul(h, b)  # (..., dim)
+        delta = torch.matmul((h * scale).to(h.dtype), b)  # (..., dim)
         if self._scaled:  # the base scales its output: the delta of its table is scaled too
             factor = self._base.embed_scale
             delta = delta * (factor.to(delta.dtype) if isinstance(factor, torch.Tensor) else factor)

@@ -1,13 +1,13 @@
 """``LoRALinear``: LoRA on anything that maps ``(..., in)`` to ``(..., out)``.
 
 Above the fused kernel's sizes, an ``nn.Linear`` layer runs *wide*: at inject its weight moves
-into a ``[out + R, in]`` buffer whose last ``R`` rows hold the live ``scale * A`` (the weight
+into a ``[out + R, in]`` buffer whose last ``R`` rows hold the live ``s[:, None] * A`` (the weight
 parameter stays, as a view of the first ``out`` rows, so state dicts, merged writes and user
 code see the same tensor). One GEMM then gives the base output and the shrink together,
 reading ``x`` once, and a second GEMM accumulates the expand ``h @ B.T``
 into its output in place: one extra kernel per layer instead of two, and no scale multiply,
-the scale being folded into A (see :mod:`lorahot.runtime.wide`, which keeps those
-rows equal to the live A times its scale after every load, activation and scale change).
+the per-row scales being folded into A (see :mod:`lorahot.runtime.wide`, which keeps those
+rows equal to the live A times its scales after every load, activation and scale change).
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ def linear_features(module: nn.Module) -> tuple[int, int] | None:
 
 
 class LoRALinear(LoRALayer):
-    """``base(x) + scale * (x @ A.T) @ B.T`` on a linear-like ``base_layer``.
+    """``base(x) + ((x @ A.T) * s) @ B.T`` on a linear-like ``base_layer``.
 
     Buffers (views into the arena): ``lora_A [R, in]``, ``lora_B [R, out]`` (B stored
-    transposed, so a rank prefix is contiguous), ``lora_scale`` a 0-d tensor (float32; float64 for float64 layers).
+    transposed, so a rank prefix is contiguous), ``lora_scale`` the per-row scales ``[R]``
+    (float32; float64 for float64 layers).
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -84,9 +85,9 @@ class LoRALinear(LoRALayer):
         base = self._base
         return fused_kernel.lora_linear(x, base.weight, base.bias, a, b, scale)
 
-    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         h = torch.matmul(x.to(a.dtype), a.t())  # (..., R)
-        return torch.matmul(h, b)  # (..., out)
+        return torch.matmul((h * scale).to(h.dtype), b)  # (..., out)
 
     def widenable(self, max_rank: int, dtype: torch.dtype) -> bool:
         """An exact ``nn.Linear`` whose weight is a plain contiguous tensor of the buffers'
@@ -145,7 +146,7 @@ class LoRALinear(LoRALayer):
         return x.dtype == self.base_weight.dtype and not _needs_grad(x, self._base)
 
     def wide_forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``[y | h] = x @ [W; s*A].T`` in one GEMM, then ``y += h @ B.T`` in place
+        """``[y | h] = x @ [W; s[:, None] * A].T`` in one GEMM, then ``y += h @ B.T`` in place
         (:mod:`lorahot.kernels.wide_linear`); the bias is added in the elementwise pass the
         compiler fuses with what follows."""
         y: torch.Tensor = wide_kernel.wide_linear(x, getattr(self, WIDE_BUFFER), b)

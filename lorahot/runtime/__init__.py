@@ -5,15 +5,16 @@
 - :mod:`~lorahot.runtime.components`: one runtime over several models (a pipeline's components);
 - :mod:`~lorahot.runtime.buffers`: the rank-padded buffer manager (one arena per device and dtype);
 - :mod:`~lorahot.runtime.plan`: every check of a load, before anything is written;
+- :mod:`~lorahot.runtime.stack`: several adapters in one slot, their rows side by side;
 - :mod:`~lorahot.runtime.union`: :func:`plan_targets`, the targets and max_rank covering a set of adapters;
 - :mod:`~lorahot.runtime.cache`: prepared adapters in host memory;
 - :mod:`~lorahot.runtime.merge`: merged mode;
-- :mod:`~lorahot.runtime.lora_runtime`: :class:`LoraRuntime` (load, activate, scale, unload).
+- :mod:`~lorahot.runtime.lora_runtime`: :class:`LoraRuntime` (load, stack, activate, scale, unload).
 """
 
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from lorahot.runtime.inject import eject, inject
-from lorahot.runtime.lora_runtime import AdapterInfo, LoraRuntime
+from lorahot.runtime.lora_runtime import AdapterInfo, LoraRuntime, PartInfo
 from lorahot.runtime.union import TargetPlan, plan_targets
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "TargetPlan",
     "LoraRuntime",
     "AdapterInfo",
+    "PartInfo",
     "AdapterCache",
     "PreparedAdapter",
 ]

@@ -7,7 +7,11 @@ tensors, region-major (a region is a slot, plus one live region when there are s
   ``[a_off[l], a_off[l] + R * in_dim[l])``, viewed ``[R, in_dim]``; its live ``lora_A`` is that
   view in the live region.
 - ``B [regions, b_total]``: B transposed, ``[R, out_dim]`` blocks laid out the same way.
-- ``S [regions, n_layers]`` (float32, or float64 for float64 layers): each layer's scale.
+- ``S [regions, n_layers, R]`` (float32, or float64 for float64 layers): each layer's
+  per-row scales: row ``k`` of A is scaled by ``S[.., l, k]`` before the expand, so the layer
+  computes ``B diag(s) A``. One adapter gives every row of a layer its ``alpha / r`` times the
+  user's scale; several adapters stacked in one slot (:mod:`lorahot.runtime.stack`) each give
+  their own rows their own.
 - ``E [regions, e_total]`` (the scales' dtype): each layer's *extras*, a ``[4, out_dim]`` block:
   the DoRA factor (1 without DoRA), the LoRA bias (0 without), ``g = (1 - f) * base bias`` and
   the DoRA magnitude (see :mod:`lorahot.layers.base`). A load writes the magnitudes and biases
@@ -15,7 +19,9 @@ tensors, region-major (a region is a slot, plus one live region when there are s
 
 Every layer's A and B are contiguous, so the forward's matrix products run on plain
 row-major operands. A rank-``r`` adapter fills the first ``r`` rows of each block (for grouped
-convs, the first ``r / g`` rows of each of the ``g`` group slices); the rest stays zero.
+convs, the first ``r / g`` rows of each of the ``g`` group slices); the rest stays zero. The
+parts of a stack follow one another: part ``p`` fills rows ``[o_p, o_p + r_p)`` (for grouped
+convs, ``[o_p / g, (o_p + r_p) / g)`` of each group slice).
 Loads zero the region (skipped when the adapter rewrites every row that can be nonzero) and
 copy every layer in one batched call. A preloaded adapter (:class:`Pack`) travels to the
 device as one compact buffer holding its weights, its scales and, where the pieces share a
@@ -112,7 +118,8 @@ class Pack:
             order of :meth:`Arena._pieces`).
         ranks: ``(layer, rank)`` of every layer the adapter touches, in packing order.
         scales: ``[n_layers]`` float64 per-layer scale (before the user's multiplier), 0 where
-            the adapter does not touch a layer: a view of the end of :attr:`data`.
+            the adapter does not touch a layer: a view of the end of :attr:`data`. A write gives
+            it to every row of the layer (rows past the rank scale zeros).
         a_rows, b_rows: the most rows of A / B^T any layer uses.
         weights: ``(start, stop)`` bytes of the A and B^T sections in :attr:`data`.
         scale_bytes: ``(start, stop)`` bytes of the scales in :attr:`data`.
@@ -168,13 +175,13 @@ class Arena:
         with torch.inference_mode(False), torch.no_grad():
             self.A = torch.zeros(regions, a_total, device=device, dtype=dtype)
             self.B = torch.zeros(regions, b_total, device=device, dtype=dtype)
-            self.S = torch.zeros(regions, len(specs), device=device, dtype=sdtype)
+            self.S = torch.zeros(regions, len(specs), max_rank, device=device, dtype=sdtype)
             self.E = torch.zeros(regions, e_total, device=device, dtype=sdtype)
         self.handle = TensorHandle((self.A, self.B, self.S, self.E))  # how compiled graphs reach the buffers
         self.e_dirty = [False] * regions  # whether a region's extras differ from e_default
         self.a_extent = [0] * regions  # most rows of A any layer uses; rows past it are zero
         self.b_extent = [0] * regions
-        self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._flat: dict[tuple[int, int, int], list[torch.Tensor]] = {}
         self._grids: dict[tuple[int, int, int, torch.dtype], torch.Tensor] = {}
         #: whether packs made from now on land by rows (:class:`Rows`) where they can: on CUDA,
@@ -206,7 +213,7 @@ class Arena:
         a_total = cls._offsets([max_rank * s.in_dim for s in specs])[1]
         b_total = cls._offsets([max_rank * s.out_dim for s in specs])[1]
         e_total = cls._offsets([EXTRA_ROWS * s.out_dim for s in specs])[1]
-        scales = (len(specs) + e_total) * cls.scale_dtype(dtype).itemsize
+        scales = (len(specs) * max_rank + e_total) * cls.scale_dtype(dtype).itemsize
         return regions * ((a_total + b_total) * dtype.itemsize + scales)
 
     @staticmethod
@@ -230,7 +237,7 @@ class Arena:
         return a, b
 
     def scale(self, layer: int, region: int) -> torch.Tensor:
-        """0-d view of one layer's scale in ``region``."""
+        """``[R]`` view of one layer's per-row scales in ``region``."""
         return self.S[region, layer]
 
     def extras(self, layer: int, region: int) -> torch.Tensor:
@@ -265,21 +272,22 @@ class Arena:
         b = max((r // self.specs[i].groups for i, r in ranks.items()), default=0)
         return a, b
 
-    def views(self, layer: int, region: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where a rank-``rank`` adapter of ``layer`` goes in ``region`` (memoized).
+    def views(self, layer: int, region: int, rank: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a rank-``rank`` adapter of ``layer`` goes in ``region``, after the first
+        ``offset`` rows of the rank (a later part of a stack), memoized.
 
         Returns ``[groups, r/groups, in_dim]`` (group ``j`` starting at row ``j * R/groups``,
         so every group's slice stays aligned when the rank is padded) and
         ``[r/groups, out_dim]``.
         """
-        key = (layer, region, rank)
+        key = (layer, region, rank, offset)
         found = self._views.get(key)
         if found is None:
             spec = self.specs[layer]
-            per, cap = rank // spec.groups, self.rank // spec.groups
+            start, stop, cap = offset // spec.groups, (offset + rank) // spec.groups, self.rank // spec.groups
             a_rows, b_rows = self.rows(layer, region)
-            a = a_rows.view(spec.groups, cap, spec.in_dim)[:, :per]
-            found = self._views[key] = (a, b_rows[:per])
+            a = a_rows.view(spec.groups, cap, spec.in_dim)[:, start:stop]
+            found = self._views[key] = (a, b_rows[start:stop])
         return found
 
     def sources(self, layer: int, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,7 +385,8 @@ class Arena:
     def write(self, region: int, pack: Pack, staged: torch.Tensor, multiplier: float) -> None:
         """Copies ``pack`` (``staged``: its data on this device, from :meth:`stage`) into
         ``region`` in place: a zero fill unless the pack covers the region, one ``index_copy_``
-        per section (or one batched copy of the pieces), one write of the scales.
+        per section (or one batched copy of the pieces), one write of the scales (each layer's
+        times ``multiplier``, on every row of the layer).
 
         The caller has validated everything before: nothing here can fail on bad input.
         """
@@ -402,7 +411,8 @@ class Arena:
                     if staged is pack.data:
                         pack.srcs = srcs
                 torch._foreach_copy_(dsts, srcs)
-            torch.mul(staged[pack.scale_bytes[0] : pack.scale_bytes[1]].view(torch.float64), multiplier, out=s)
+            per_layer = staged[pack.scale_bytes[0] : pack.scale_bytes[1]].view(torch.float64)  # [n_layers]
+            torch.mul(per_layer[:, None].expand(s.shape), multiplier, out=s)  # [n_layers, R]
             sizes = [self.specs[i].out_dim for i, _ in pack.extra_rows]
             srcs = (
                 list(staged[pack.extra_bytes[0] : pack.extra_bytes[1]].view(self.E.dtype).split(sizes)) if sizes else []
@@ -433,19 +443,23 @@ class Arena:
         region: int,
         entries: list[Entry],
         scales: torch.Tensor,
-        multiplier: float,
         extras: list[Extra] | None = None,
+        offsets: list[int] | None = None,
     ) -> None:
         """Writes ``(layer, A, B)`` triples and ``(layer, row, values)`` extras (already on this
-        device) straight into ``region``."""
+        device) straight into ``region``, with the per-row ``scales`` (float64 host tensor
+        ``[n_layers, R]``, the user's scales included). ``offsets`` (one per entry; default 0)
+        place the parts of a stack after one another in a layer's rows."""
         dsts: list[torch.Tensor] = []
         srcs: list[torch.Tensor] = []
-        for i, a, b in entries:
-            dsts += self.views(i, region, a.shape[0])
+        used: dict[int, int] = {}  # layer -> rows of the rank it uses
+        for k, (i, a, b) in enumerate(entries):
+            offset = offsets[k] if offsets else 0
+            dsts += self.views(i, region, a.shape[0], offset)
             srcs += self.sources(i, a, b)
-        ranks = [(i, a.shape[0]) for i, a, _ in entries]
-        a_rows, b_rows = self.extents(dict(ranks))
-        self._write(region, dsts, srcs, scales * multiplier, ranks, a_rows, b_rows)
+            used[i] = max(used.get(i, 0), offset + a.shape[0])
+        a_rows, b_rows = self.extents(used)
+        self._write(region, dsts, srcs, scales, list(used.items()), a_rows, b_rows)
         with torch.no_grad():
             extras = extras or []
             self._write_extras(region, [(i, row) for i, row, _ in extras], [t.reshape(-1) for _, _, t in extras])
@@ -488,7 +502,7 @@ class Arena:
         self.a_extent[region], self.b_extent[region] = a_rows, b_rows
 
     def set_scales(self, region: int, scales: torch.Tensor) -> None:
-        """Overwrites the per-layer scales of ``region`` (float64 host tensor ``[n_layers]``)."""
+        """Overwrites the per-row scales of ``region`` (float64 host tensor ``[n_layers, R]``)."""
         with torch.no_grad():
             self.S[region].copy_(scales)
 
@@ -588,19 +602,22 @@ class BufferManager:
         slot: int,
         staged: list[list[Entry]],
         scales: list[torch.Tensor],
-        multiplier: float,
         *,
         live: bool,
         extras: list[list[Extra]] | None = None,
+        offsets: list[list[int]] | None = None,
     ) -> None:
-        """Writes staged ``(layer, A, B)`` triples and extras rows, one list per arena, into ``slot``."""
+        """Writes staged ``(layer, A, B)`` triples and extras rows, one list per arena, into
+        ``slot``, with per-row ``scales`` (one float64 host tensor ``[n_layers, R]`` per arena)
+        and, for a stack, each entry's row ``offsets``."""
         for k, (arena, entries, s) in enumerate(zip(self.arenas, staged, scales)):
-            arena.write_staged(slot, entries, s, multiplier, extras[k] if extras else [])
+            arena.write_staged(slot, entries, s, extras[k] if extras else [], offsets[k] if offsets else None)
             if self._mirrored(slot, live):
                 arena.copy_region(slot, self.live)
 
     def set_scales(self, slot: int, scales: list[torch.Tensor], *, live: bool) -> None:
-        """Overwrites the per-layer scales of ``slot`` (one float64 host tensor per arena)."""
+        """Overwrites the per-row scales of ``slot`` (one float64 host tensor ``[n_layers, R]``
+        per arena): one copy per arena (two when the slot is live)."""
         for arena, s in zip(self.arenas, scales):
             arena.set_scales(slot, s)
             if self._mirrored(slot, live):

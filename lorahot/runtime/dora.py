@@ -9,7 +9,9 @@ change: after a load and after ``set_scale``; ``activate`` copies it with the re
 
 The factor lives in row 0 of each layer's extras (:mod:`lorahot.runtime.buffers`) and
 ``g = (1 - f) * b0`` in row 2, so the forward ``f * (base(x) + scale * (delta + lora_bias)) + g``
-is PEFT's formula whatever the layer's path (the base output includes ``b0``). Computed from
+is PEFT's formula whatever the layer's path (the base output includes ``b0``). A DoRA layer
+holds one adapter (a stack refuses DoRA on a layer another part touches: PEFT computes a
+factor per adapter), so every row it uses has one scale, its row 0's. Computed from
 the region's own A, B, scale and magnitude rows, on the device, with the pristine base weight:
 a load from a file and one from the host cache compute bitwise the same factors. The norm is
 computed in the scales' dtype (float32, float64 for float64 layers); PEFT computes it in the
@@ -64,7 +66,8 @@ class DoraFactors:
                 for index in indices:
                     layer, name = self._items[(a, index)]
                     e = arena.extras(index, region)
-                    f = e[EXTRA_M] / self.norm(layer, name, arena.rows(index, region), arena.S[region, index], rows)
+                    scale = arena.S[region, index, 0]  # 0-d: every row in use has it
+                    f = e[EXTRA_M] / self.norm(layer, name, arena.rows(index, region), scale, rows)
                     e[EXTRA_F].copy_(f)
                     bias = self._bias_of(name)
                     if bias is None:

@@ -1,8 +1,9 @@
-"""``LoraRuntime``: load, swap, activate, scale and unload adapters on an injected model.
+"""``LoraRuntime``: load, swap, stack, activate, scale and unload adapters on an injected model.
 
 Every operation writes in place into buffers allocated at inject time, so a compiled model
 (CUDA graphs included) sees new weights without recompiling. A load is validated and packed
-completely before the first byte is written; when it raises, every slot is as it was.
+completely before the first byte is written; when it raises, every slot is as it was. A slot
+holds one adapter or a stack of several, active together (:mod:`lorahot.runtime.stack`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import numbers
 import operator
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,39 +33,74 @@ from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from lorahot.runtime.dora import DoraFactors
 from lorahot.runtime.merge import Merger
-from lorahot.runtime.plan import LoadPlan, check_multiplier, pack_host, validate
+from lorahot.runtime.plan import Checked, LoadPlan, check_multiplier, pack_host, restage, validate
+from lorahot.runtime.stack import Stack, build
 from lorahot.runtime.targets import unwrap_modules
 from lorahot.runtime.wide import WideWeights, widen_layers
 
-__all__ = ["AdapterInfo", "LoraRuntime"]
+__all__ = ["AdapterInfo", "PartInfo", "LoraRuntime"]
+
+#: What ``load`` takes as one adapter.
+One = Source | Adapter | PreparedAdapter
 
 
 @dataclass(frozen=True)
-class AdapterInfo:
-    """What a slot holds after :meth:`LoraRuntime.load`.
+class PartInfo:
+    """One adapter of what a slot holds (the only one, or one part of a stack).
 
     Attributes:
         source: where the adapter came from.
         format: its detected naming.
-        slot: the slot it was loaded into.
-        scale: the user multiplier on top of each module's ``alpha / r``.
-        ranks: injected layer name -> rank, for the layers the adapter touches.
-        nbytes: bytes of adapter weights copied in (before padding).
-        skipped: tensor keys left out by a ``strict=False`` load (keys of no known naming,
-            refused features, modules that map onto no injected layer); empty otherwise.
+        scale: the user's weight on top of each of its modules' ``alpha / r``.
+        ranks: injected layer name -> its rank there, for the layers it touches.
+        nbytes: bytes of its weights copied in (before padding).
+        skipped: tensor keys of it left out by a ``strict=False`` load.
         components: for a runtime over several models, component -> how many of its layers
-            the adapter loads into (0 for a component it does not touch, which then computes
-            its base output); empty for a single model.
+            this adapter loads into; empty for a single model.
     """
 
     source: str
     format: str
-    slot: int
     scale: float
     ranks: dict[str, int]
     nbytes: int
     skipped: tuple[str, ...] = ()
     components: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What a slot holds after :meth:`LoraRuntime.load`: one adapter, or a stack of several.
+
+    Attributes:
+        source: where the adapter came from; for a stack, the parts' sources joined by
+            ``" + "``.
+        format: its detected naming; for a stack, the parts' namings, each once, joined by
+            ``"+"``.
+        slot: the slot it was loaded into.
+        scale: the user multiplier on top of each module's ``alpha / r``; for a stack (a list
+            given to ``load``), the tuple of the parts' weights.
+        ranks: injected layer name -> rank, for the layers the adapter touches; for a stack,
+            the sum of the parts' ranks there (the rows it uses).
+        nbytes: bytes of adapter weights copied in (before padding), all parts together.
+        skipped: tensor keys left out by a ``strict=False`` load (keys of no known naming,
+            refused features, modules that map onto no injected layer); empty otherwise.
+        components: for a runtime over several models, component -> how many of its layers
+            the adapter (or the stack) loads into (0 for a component it does not touch, which
+            then computes its base output); empty for a single model.
+        parts: each adapter the slot holds, in the order given, with its own source, format,
+            weight and ranks (one part for a single adapter).
+    """
+
+    source: str
+    format: str
+    slot: int
+    scale: float | tuple[float, ...]
+    ranks: dict[str, int]
+    nbytes: int
+    skipped: tuple[str, ...] = ()
+    components: dict[str, int] = field(default_factory=dict)
+    parts: tuple[PartInfo, ...] = ()
 
 
 class LoraRuntime:
@@ -73,7 +109,8 @@ class LoraRuntime:
     Create it with :func:`lorahot.inject`. Over several models (a pipeline's components), its
     layers are named ``<component>.<module path>`` and :attr:`model` is a
     :class:`~lorahot.runtime.components.Components` holding them. Slot ``i`` holds one
-    adapter; the model computes with the active slot. All methods run on a compiled model
+    adapter, or a stack of several active together (their updates summed, each at its own
+    weight); the model computes with the active slot. All methods run on a compiled model
     without recompiling. Every method checks its arguments and the runtime's state before it
     changes anything; once the runtime is ejected (``runtime.eject()`` or ``lorahot.eject(model)``), every method raises
     :class:`~lorahot.UsageError`.
@@ -97,7 +134,8 @@ class LoraRuntime:
         self.buffers = buffers
         self._active = 0
         self._infos: list[AdapterInfo | None] = [None] * buffers.slots
-        self._plans: list[LoadPlan | None] = [None] * buffers.slots  # what each slot holds: scales per arena
+        self._stacks: list[Stack | None] = [None] * buffers.slots  # what each slot holds: its parts' plans and rows
+        self._weights: list[tuple[float, ...]] = [()] * buffers.slots  # each slot's user weights, one per part
         self._state = RuntimeState()  # shared with the layers: lorahot.eject(model) marks it
         for name, layer in layers.items():
             a_rows, b_rows, scale, extras_view, handle = buffers.live_rows(name)
@@ -160,69 +198,133 @@ class LoraRuntime:
 
     @public_api
     def load(
-        self, source: Source | Adapter | PreparedAdapter, *, slot: int = 0, scale: float = 1.0, **read_kwargs: Any
+        self,
+        source: One | Sequence[One],
+        *,
+        slot: int = 0,
+        scale: float | Sequence[float] = 1.0,
+        **read_kwargs: Any,
     ) -> AdapterInfo:
-        """Copies an adapter into ``slot`` in place; the model uses it if ``slot`` is active.
+        """Copies an adapter, or a stack of several, into ``slot`` in place; the model uses it
+        if ``slot`` is active.
 
         Args:
             source: anything :func:`lorahot.read_adapter` accepts, an :class:`Adapter`, a
                 :class:`PreparedAdapter` from :meth:`preload`, or the ``key`` given to
                 :meth:`preload`. A local path or Hub id preloaded with the same read options is
                 taken from the host cache while its files are unchanged (same size and mtime).
+                Or a list (or tuple) of those: a *stack*, all active together (the model adds
+                their updates). Each part keeps its own per-module ``alpha / r`` (PEFT
+                patterns, rsLoRA, kohya alphas) and occupies its own rows of each layer's
+                buffers, so in every layer the parts' ranks must add up to at most
+                ``max_rank`` (:func:`lorahot.plan_targets` with ``stacked=True`` plans that).
             slot: which slot to fill.
-            scale: a multiplier on every module's ``alpha / r``: a finite real number.
-            read_kwargs: passed to :func:`lorahot.read_adapter`: ``revision``, ``subfolder``,
-                ``token``, ``weight_name`` (where to read), ``config`` (PEFT config fields),
-                ``prefix``, ``key_map``, ``fuse`` and ``split`` (how module keys map onto the
-                layers), and ``strict`` (``False``: keys that cannot be placed are skipped and
-                listed in :attr:`AdapterInfo.skipped` instead of refusing the file).
+            scale: a multiplier on every module's ``alpha / r``: a finite real number. For a
+                stack, one number for every part, or a sequence of one weight per part.
+            read_kwargs: passed to :func:`lorahot.read_adapter` (for a stack, for every part):
+                ``revision``, ``subfolder``, ``token``, ``weight_name`` (where to read),
+                ``config`` (PEFT config fields), ``prefix``, ``key_map``, ``fuse`` and
+                ``split`` (how module keys map onto the layers), and ``strict`` (``False``:
+                keys that cannot be placed are skipped and listed in
+                :attr:`AdapterInfo.skipped` instead of refusing the file).
 
         Returns:
-            What the slot now holds.
+            What the slot now holds (for a stack, :attr:`AdapterInfo.parts` describes each).
 
         Raises:
             lorahot.LoraError: the adapter cannot be read or does not fit (its values out of
-                the buffers' range included); UsageError for a bad call. Nothing changed.
+                the buffers' range included); for a stack, any part, or the parts together
+                (ranks over ``max_rank`` in a layer, DoRA on a layer another part touches,
+                two LoRA biases on one layer: :class:`AdapterMismatchError`); UsageError for
+                a bad call (a ``scale`` sequence whose length is not the number of parts).
+                Every part is checked before anything is written: nothing changed.
         """
         with _gc_paused():
             return self._load(source, slot, scale, read_kwargs)
 
     def _load(
-        self, source: Source | Adapter | PreparedAdapter, slot: int, scale: float, read_kwargs: dict[str, Any]
+        self, source: One | Sequence[One], slot: int, scale: float | Sequence[float], read_kwargs: dict[str, Any]
     ) -> AdapterInfo:
-        slot, multiplier = self._slot(slot), _multiplier(scale)
+        slot = self._slot(slot)
+        sources, listed = _parts(source)
+        weights = _weights(scale, len(sources)) if listed else (_multiplier(scale),)
         _check_read_options(read_kwargs, self.components)
-        prepared = self._cached(source, read_kwargs)
-        self._check_usable(every_layer=prepared is None)  # every layer: cheap next to reading a file
+        found = [self._cached(s, read_kwargs) for s in sources]
+        self._check_usable(every_layer=any(p is None for p in found))  # every layer: cheap next to reading a file
         live = slot == self._active
-        if prepared is not None:
-            adapter, plan = prepared.adapter, prepared.plan
-            self._check_scales(plan, multiplier)
-            self.buffers.write(slot, prepared.packs, multiplier, live=live)
+        prepared = found[0]
+        if len(found) == 1 and prepared is not None:  # from the host cache: one copy per arena
+            adapters, stack = [prepared.adapter], Stack.of(prepared.plan, self.max_rank)
+            self._check_scales(stack, weights)
+            self.buffers.write(slot, prepared.packs, weights[0], live=live)
         else:
-            adapter = read_adapter(source, device=self._read_device, **read_kwargs)  # type: ignore[arg-type]
-            checked = validate(
-                adapter,
-                self.buffers,
-                self._specs,
-                stage=True,
-                weight_of=self._base_weight,
-                strict=_strict(read_kwargs),
-                extras_refusal=self._extras_refusal,
-                components=self.components,
+            adapters, parts = [], []
+            for s, hit in zip(sources, found):
+                adapter, checked = self._part(s, hit, read_kwargs)
+                adapters.append(adapter)
+                parts.append(checked)
+            stack, placement = build(parts, self.buffers)
+            self._check_scales(stack, weights)
+            self.buffers.write_staged(
+                slot,
+                placement.entries,
+                stack.scales(weights),
+                live=live,
+                extras=placement.extras,
+                offsets=placement.offsets,
             )
-            plan = checked.plan
-            self._check_kinds(plan)
-            self._check_scales(plan, multiplier)
-            self.buffers.write_staged(slot, checked.entries, plan.scales, multiplier, live=live, extras=checked.extras)
-        self._refresh_dora(slot, plan, live)
-        self._plans[slot] = plan
-        info = AdapterInfo(
-            adapter.source, adapter.format, slot, multiplier, plan.ranks, plan.nbytes, plan.skipped, self._counts(plan)
-        )
+        self._refresh_dora(slot, stack.dora, live)
+        self._stacks[slot], self._weights[slot] = stack, weights
+        info = self._info(slot, adapters, stack, weights, listed)
         self._infos[slot] = info
         self._remerge(slot)
         return info
+
+    def _part(
+        self, source: One, prepared: PreparedAdapter | None, read_kwargs: dict[str, Any]
+    ) -> tuple[Adapter, Checked]:
+        """One adapter of a load, checked and on the arenas' devices: from the host cache, or
+        read and validated."""
+        if prepared is not None:
+            return prepared.adapter, restage(prepared.plan, self.buffers)
+        adapter = read_adapter(source, device=self._read_device, **read_kwargs)  # type: ignore[arg-type]
+        checked = validate(
+            adapter,
+            self.buffers,
+            self._specs,
+            stage=True,
+            weight_of=self._base_weight,
+            strict=_strict(read_kwargs),
+            extras_refusal=self._extras_refusal,
+            components=self.components,
+        )
+        self._check_kinds(checked.plan)
+        return adapter, checked
+
+    def _info(
+        self, slot: int, adapters: list[Adapter], stack: Stack, weights: tuple[float, ...], listed: bool
+    ) -> AdapterInfo:
+        """What ``slot`` holds: each part's own description, and the slot's summary."""
+        parts = tuple(
+            PartInfo(a.source, a.format, w, p.ranks, p.nbytes, p.skipped, self._counts(p.ranks))
+            for a, p, w in zip(adapters, stack.parts, weights)
+        )
+        if not listed:
+            one = parts[0]
+            return AdapterInfo(
+                one.source, one.format, slot, one.scale, one.ranks, one.nbytes, one.skipped, one.components, parts
+            )
+        return AdapterInfo(
+            " + ".join(p.source for p in parts),
+            "+".join(dict.fromkeys(p.format for p in parts)),
+            slot,
+            weights,
+            stack.ranks,
+            stack.nbytes,
+            tuple(dict.fromkeys(k for p in parts for k in p.skipped)),
+            self._counts(stack.ranks),
+            parts,
+        )
 
     @public_api
     def preload(self, source: Source | Adapter, *, key: str | None = None, **read_kwargs: Any) -> PreparedAdapter:
@@ -233,8 +335,10 @@ class LoraRuntime:
         Hub id with the same read options, its files unchanged since) or ``load(prepared)``
         then only copies: one host-to-device copy per arena, then (on a GPU) one row copy per
         buffer and one write of the scales, none blocking the host. Safe to call from any thread.
-        Raises what :meth:`load` raises.
+        Takes one adapter (preload each part of a stack, then ``load([...])`` stacks them
+        from the cache). Raises what :meth:`load` raises.
         """
+        _refuse_stack(source, "preload")
         _check_read_options(read_kwargs, self.components)
         if key is not None and not (isinstance(key, str) and key):
             raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
@@ -265,6 +369,7 @@ class LoraRuntime:
         """:meth:`preload` on a background thread; the future raises what preload raises.
 
         The call itself checks the runtime and the options (and raises at once)."""
+        _refuse_stack(source, "prefetch")
         _check_read_options(read_kwargs, self.components)
         if key is not None and not (isinstance(key, str) and key):
             raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
@@ -274,10 +379,10 @@ class LoraRuntime:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahot-prefetch")
             return self._executor.submit(self.preload, source, key=key, **read_kwargs)
 
-    def _counts(self, plan: LoadPlan) -> dict[str, int]:
-        """Per component, how many of its layers ``plan`` loads into (empty for a single model)."""
+    def _counts(self, ranks: dict[str, int]) -> dict[str, int]:
+        """Per component, how many of the layers in ``ranks`` it has (empty for a single model)."""
         counts = dict.fromkeys(self.components, 0)
-        for name in plan.ranks if self.components else ():
+        for name in ranks if self.components else ():
             counts[name.partition(".")[0]] += 1
         return counts
 
@@ -310,14 +415,15 @@ class LoraRuntime:
             )
         return layer.dora_refusal() if module.magnitude is not None else None
 
-    def _refresh_dora(self, slot: int, plan: LoadPlan, live: bool) -> None:
-        """Computes the DoRA factors of ``slot`` (and of the live region if it mirrors the slot)
-        after its A, B, scales or magnitudes changed (see :mod:`lorahot.runtime.dora`)."""
-        if not any(plan.dora):
+    def _refresh_dora(self, slot: int, dora: list[list[int]], live: bool) -> None:
+        """Computes the DoRA factors of the layers ``dora`` (per arena) in ``slot`` (and in the
+        live region if it mirrors the slot) after its A, B, scales or magnitudes changed (see
+        :mod:`lorahot.runtime.dora`)."""
+        if not any(dora):
             return
-        self._dora.refresh(slot, plan.dora)
+        self._dora.refresh(slot, dora)
         if live and slot != self.buffers.live:
-            self._dora.refresh(self.buffers.live, plan.dora)
+            self._dora.refresh(self.buffers.live, dora)
 
     def _cached(
         self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any]
@@ -361,27 +467,43 @@ class LoraRuntime:
         for s in range(self.slots) if slot is None else [self._slot(slot)]:
             self.buffers.clear(s, live=s == self._active)
             self._infos[s] = None
-            self._plans[s] = None
+            self._stacks[s], self._weights[s] = None, ()
             self._remerge(s)
 
     @public_api
-    def set_scale(self, value: float, slot: int | None = None) -> None:
+    def set_scale(self, value: float | Sequence[float], slot: int | None = None) -> None:
         """Sets the user multiplier of ``slot`` (default: the active slot). 0 disables it.
 
+        ``value`` is one number (for a stack: the weight of every part) or a sequence of one
+        weight per part of the slot (a stack re-weighted). Only the slot's per-row scales are
+        rewritten (one copy per arena), with what follows from them (the wide layers' scaled
+        rows, merged weights, DoRA factors): no file is read, no A or B is copied, a compiled
+        model does not recompile.
+
         Raises:
-            UsageError: ``value`` is not a finite real number, or times the adapter's
-                ``alpha / r`` it leaves the scale buffers' range; the slot is empty.
+            UsageError: ``value`` is not a finite real number (or a sequence of them as long as
+                the slot has parts), or times an adapter's ``alpha / r`` it leaves the scale
+                buffers' range; the slot is empty. Nothing changed.
         """
         self._check_usable()
         s = self._slot(self._active if slot is None else slot)
-        value = _multiplier(value)
-        plan, info = self._plans[s], self._infos[s]
-        if plan is None or info is None:
+        if not _is_sequence(value):
+            value = _multiplier(value)
+        stack, info = self._stacks[s], self._infos[s]
+        if stack is None or info is None:
             raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
-        self._check_scales(plan, value)
-        self.buffers.set_scales(s, [b * value for b in plan.scales], live=s == self._active)
-        self._refresh_dora(s, plan, s == self._active)
-        self._infos[s] = replace(info, slot=s, scale=value)
+        weights = _weights(value, len(stack.parts), f"slot {s} holds")
+        self._check_scales(stack, weights)
+        live = s == self._active
+        self.buffers.set_scales(s, stack.scales(weights), live=live)
+        self._refresh_dora(s, stack.dora, live)
+        self._weights[s] = weights
+        self._infos[s] = replace(
+            info,
+            slot=s,
+            scale=weights if isinstance(info.scale, tuple) else weights[0],
+            parts=tuple(replace(p, scale=w) for p, w in zip(info.parts, weights)),
+        )
         self._remerge(s)
 
     @public_api
@@ -426,28 +548,29 @@ class LoraRuntime:
                 "adapter to plain LoRA."
             )
 
-    def _check_scales(self, plan: LoadPlan, multiplier: float) -> None:
-        """The user's multiplier keeps every scale in its buffer's range, and (merged mode)
+    def _check_scales(self, stack: Stack, weights: tuple[float, ...]) -> None:
+        """The user's weights keep every scale in its buffer's range (each part's rows at its
+        own weight), every wide layer's scaled rows in their dtype's range, and (merged mode)
         every merged weight in the weights' range."""
-        check_multiplier(plan, multiplier, self.buffers)
-        if not self._wide.empty:
-            self._wide.check(plan, multiplier, self._arena_names)
+        several = not stack.single
+        for plan, w in zip(stack.parts, weights):
+            check_multiplier(plan, w, self.buffers, part=plan.source if several else None)
+            if not self._wide.empty:
+                self._wide.check(plan, w, self._arena_names)
         if self._merger is not None:
-            self._merger.check(plan, multiplier)
+            self._merger.check(stack, weights)
 
     def _remerge(self, slot: int) -> None:
         """After ``slot`` changed, if it is live: rewrites the base weights in merged mode, and
-        the wide layers' ``scale * A`` rows otherwise."""
+        the wide layers' ``s * A`` rows otherwise."""
         if slot != self._active or (self._merger is None and self._wide.empty):
             return
-        plan, info = self._plans[slot], self._infos[slot]
-        scales = None if plan is None else [b * (info.scale if info else 1.0) for b in plan.scales]
+        stack, weights = self._stacks[slot], self._weights[slot]
         if self._merger is not None:
-            self._merger.apply(scales)
-            weights = {} if plan is None else plan.weights
-            self._merger.fold(weights, info.scale if info else 1.0)
+            self._merger.apply(None if stack is None else stack.scales(weights), stack is None or stack.single)
+            self._merger.fold({} if stack is None else stack.weight_terms(weights))
         else:
-            self._wide.apply(scales)
+            self._wide.apply(stack, weights)
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -485,9 +608,11 @@ class LoraRuntime:
             )
 
     def __repr__(self) -> str:
+        held = self._infos[self._active]
+        now = "empty" if held is None else " + ".join(f"{_tail(p.source)} x{p.scale:g}" for p in held.parts)
         return (
             f"LoraRuntime(layers={len(self.layers)}, max_rank={self.max_rank}, slots={self.slots}, "
-            f"active={self._active}, nbytes={self.nbytes})"
+            f"active={self._active}: {now}, nbytes={self.nbytes})"
         )
 
 
@@ -602,6 +727,62 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _parts(source: object) -> tuple[list[Any], bool]:
+    """The adapters of a load, and whether they were given as a list (a stack).
+
+    Raises:
+        UsageError: an empty list, or a list inside the list.
+    """
+    if not isinstance(source, (list, tuple)):
+        return [source], False
+    if not source:
+        raise UsageError(
+            "load([]) has no adapter to load; pass a source or a list of sources (runtime.unload(slot) empties a slot)."
+        )
+    nested = [i for i, s in enumerate(source) if isinstance(s, (list, tuple))]
+    if nested:
+        raise UsageError(
+            f"source[{nested[0]}] is a {type(source[nested[0]]).__name__}; a stack's parts are single adapters "
+            "(paths, Hub ids, mappings, Adapters, PreparedAdapters or preload keys), listed once."
+        )
+    return list(source), True
+
+
+def _refuse_stack(source: object, verb: str) -> None:
+    if isinstance(source, (list, tuple)):
+        raise UsageError(
+            f"{verb} takes one adapter, got a {type(source).__name__}; {verb} each one, then load([...]) stacks them "
+            "from the host cache."
+        )
+
+
+def _is_sequence(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _weights(value: object, n: int, holder: str = "the stack has") -> tuple[float, ...]:
+    """One finite weight per part: ``value`` is one number (every part's) or a sequence of
+    ``n`` numbers.
+
+    Raises:
+        UsageError: not a number nor a sequence of numbers, or a sequence of another length.
+    """
+    if not _is_sequence(value):
+        return (_multiplier(value),) * n
+    assert isinstance(value, Sequence)  # for mypy: checked just above
+    if len(value) != n:
+        raise UsageError(
+            f"scale has {len(value)} weight{'s' if len(value) != 1 else ''} but {holder} {n} "
+            f"part{'s' if n != 1 else ''}; pass one weight per part (in the order loaded), or one number for all."
+        )
+    return tuple(_multiplier(v, f"scale[{i}]") for i, v in enumerate(value))
+
+
+def _tail(text: str, width: int = 40) -> str:
+    """``text`` cut to its last ``width`` characters, for the repr."""
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
 
 
 def _multiplier(value: object, name: str = "scale") -> float:

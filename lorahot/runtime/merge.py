@@ -1,9 +1,12 @@
-"""Merged mode: fold ``scale * B @ A`` into the base weights, for forward speed equal to the base.
+"""Merged mode: fold ``B diag(s) A`` into the base weights, for forward speed equal to the base.
 
 Each swap recomputes every targeted weight from a pristine copy kept at inject time,
-``W = W0 + scale * dW``, in one fused multiply-add per layer, so rounding never accumulates
-however many swaps run. The adapter itself still lives in the arena (the slots), and the
-forward reads only the base weights: no LoRA work per token at all.
+``W = W0 + B diag(s) A`` (``W0 + s * B @ A`` for one adapter, whose rows share one scale), in
+one fused multiply-add per layer, so rounding never accumulates however many swaps run. The
+adapter itself still lives in the arena (the slots), and the forward reads only the base
+weights: no LoRA work per token at all. A stack (:mod:`lorahot.runtime.stack`) merges the same
+way, each row of A scaled by its part's scale first; the LyCORIS and diff modules of its
+parts are then added, each times its own scale and its part's weight.
 
 DoRA and LoRA biases fold too: ``W = f * (W0 + scale * dW)`` with the live DoRA factor ``f``
 per output channel, and ``b = b0 + f * scale * c`` for the LoRA bias ``c`` (a layer without a
@@ -17,17 +20,18 @@ all input channels), and only modules whose weight layout lorahot knows are acce
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from lorahot.adapter import WeightModule
+from lorahot.adapter import LoraModule, WeightModule
 from lorahot.errors import AdapterReadError, UsageError, format_problems
 from lorahot.layers import LoRALayer
 from lorahot.layers.base import EXTRA_BIAS, EXTRA_F
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.deltas import build_delta, delta_bound
-from lorahot.runtime.plan import LoadPlan
+from lorahot.runtime.stack import Stack
 
 __all__ = ["Merger", "check_mergeable", "check_untied"]
 
@@ -112,101 +116,118 @@ class Merger:
             arena, index = buffers.where[name]
             self._items.append((layer, weight, pristine, arena, index))
 
-    def check(self, plan: LoadPlan, multiplier: float) -> None:
-        """Refuses a plan whose merged weights ``W0 + multiplier * alpha/r * B @ A`` would leave
-        the weights' dtype range (they would turn into inf). Reads no weight for the usual
-        adapter: ``max|W0| + |s| * r * max|A| * max|B|`` bounds every entry; only a layer whose
-        bound reaches the limit gets its merged maximum computed exactly (in float32).
+    def check(self, stack: Stack, weights: Sequence[float]) -> None:
+        """Refuses weights under which a merged weight ``W0 + sum_p w_p * scale_p * dW_p``
+        would leave the weights' dtype range (it would turn into inf). Reads no weight for the
+        usual adapter: ``max|W0| + sum_p |w_p * scale_p| * bound_p`` (``bound_p``:
+        ``r * max|A| * max|B|``, or :func:`~lorahot.runtime.deltas.delta_bound`) bounds every
+        entry; only a layer whose bound reaches the limit gets its merged weight computed
+        exactly (in float32, or float64).
 
         Raises:
-            AdapterReadError: the adapter overflows at its own scale (``multiplier`` 1).
-            UsageError: it overflows only at the user's ``multiplier``.
+            AdapterReadError: a part overflows alone at its own scale (weight 1).
+            UsageError: it overflows only at the user's weights.
         """
-        over = [name for name in [*plan.targets, *plan.weights] if self._overflows_any(plan, name, multiplier)]
+        terms = stack.terms
+        over = [name for name, items in terms.items() if self._overflows(stack, name, items, weights)]
         if not over:
             return
-        at_own_scale = [name for name in over if self._overflows_any(plan, name, 1.0)]
-        if at_own_scale:
-            raise AdapterReadError(
-                format_problems(f"{plan.source}: merged weights would overflow the model's dtype in:", at_own_scale)
-                + "\nThe adapter's values are too large for merged mode; inject without merged=True, or re-save it."
-            )
+        ones = [1.0] * len(stack.parts)
+        for p, plan in enumerate(stack.parts):
+            own = [n for n in over if self._overflows(stack, n, [t for t in terms[n] if t[0] == p], ones)]
+            if own:
+                raise AdapterReadError(
+                    format_problems(f"{plan.source}: merged weights would overflow the model's dtype in:", own)
+                    + "\nThe adapter's values are too large for merged mode; inject without merged=True, or re-save it."
+                )
+        shown = f"{weights[0]:g}" if stack.single else "[" + ", ".join(f"{w:g}" for w in weights) + "]"
         raise UsageError(
-            format_problems(
-                f"scale={multiplier:g}: merged weights would overflow the model's dtype in:", [str(n) for n in over]
-            )
+            format_problems(f"scale={shown}: merged weights would overflow the model's dtype in:", over)
             + "\nPass a smaller scale."
         )
 
-    def _overflows(self, plan: LoadPlan, name: str, multiplier: float) -> bool:
-        module = plan.targets[name]
+    def _overflows(
+        self,
+        stack: Stack,
+        name: str,
+        items: list[tuple[int, LoraModule | WeightModule]],
+        weights: Sequence[float],
+    ) -> bool:
+        """Whether layer ``name`` merged with ``items`` (``(part, module)``) at ``weights``
+        leaves its dtype's range: the bound decides for the usual adapter (NaN or inf: exact)."""
         layer = self._layers[name]
         top = torch.finfo(layer.base_weight.dtype).max
-        s = abs(float(module.scale) * multiplier)
-        if self._pristine_max[name] + s * plan.delta_bound.get(name, math.inf) < top:
-            return False
-        pristine = layer.pristine_weight
-        assert pristine is not None  # set in __init__
-        with torch.no_grad():
-            a2 = module.A.reshape(module.A.shape[0], -1).to(pristine.device, torch.float32)  # [r, in_dim]
-            bt2 = module.B.reshape(module.B.shape[0], -1).t().to(pristine.device, torch.float32)  # [r, out_dim]
-            m1, m2 = layer.merge_operands(a2, bt2)
-            merged = pristine.view(pristine.shape[0], -1).float() + s * (m1 @ m2)
-            return not bool(merged.abs().max() <= top)  # NaN/inf compare False
-
-    def _overflows_any(self, plan: LoadPlan, name: str, multiplier: float) -> bool:
-        if name in plan.weights:
-            return self._weight_overflows(plan.weights[name], name, multiplier)
-        return self._overflows(plan, name, multiplier)
-
-    def _weight_overflows(self, module: WeightModule, name: str, multiplier: float) -> bool:
-        """Whether ``W0 + multiplier * scale * ΔW`` (or the bias with ``diff_b``) leaves the
-        weights' dtype range. The bound of :func:`~lorahot.runtime.deltas.delta_bound` decides
-        for the usual adapter; only a layer whose bound reaches the limit is computed exactly
-        (in float32, or float64)."""
-        layer = self._layers[name]
-        top = torch.finfo(layer.base_weight.dtype).max
+        start = self._pristine_max[name]
         b0 = layer.pristine_bias
-        start = max(self._pristine_max[name], float(b0.abs().max()) if b0 is not None and b0.numel() else 0.0)
-        if start + abs(multiplier * module.scale) * delta_bound(module) < top:  # NaN or inf: exact check
+        if b0 is not None and b0.numel() and any(isinstance(m, WeightModule) for _, m in items):
+            start = max(start, float(b0.abs().max()))  # a diff_b adds to the bias
+        bound = start
+        for p, m in items:
+            size = stack.parts[p].delta_bound.get(name, math.inf) if isinstance(m, LoraModule) else delta_bound(m)
+            bound += abs(weights[p] * m.scale) * size
+        if bound < top:
             return False
-        merged = self._folded(layer, module, multiplier * module.scale)
-        return any(not bool(t.abs().max() <= top) for t in merged if t.numel())
+        merged = self._merged(layer, [(m, weights[p] * m.scale) for p, m in items])
+        return any(not bool(t.abs().max() <= top) for t in merged if t.numel())  # NaN/inf compare False
 
-    def _folded(self, layer: LoRALayer, module: WeightModule, s: float) -> list[torch.Tensor]:
-        """``[W0 + s * ΔW, b0 + s * diff_b]`` (the bias only with a ``diff_b``), computed in
-        at least float32 on the weights' device."""
+    def _merged(self, layer: LoRALayer, items: list[tuple[LoraModule | WeightModule, float]]) -> list[torch.Tensor]:
+        """``[W0 + sum s * dW]`` (the base weight flattened to 2-D), and ``b0 + sum s * diff_b``
+        where a ``diff_b`` is among them, computed in at least float32 on the weights' device."""
         pristine = layer.pristine_weight
         assert pristine is not None  # set in __init__
         dtype = torch.promote_types(pristine.dtype, torch.float32)
+        device = pristine.device
         with torch.no_grad():
-            shape = (layer.spec.out_dim, *layer.spec.a_row_shape)  # torch layout [out, in, *kernel]
-            delta = layer.weight_delta(build_delta(module, shape, dtype, pristine.device))
-            out = [pristine.to(dtype) + s * delta]
-            db, b0 = module.factors.get("diff_b"), layer.pristine_bias
-            if db is not None and b0 is not None:
-                out.append(b0.to(dtype) + s * db.to(pristine.device, dtype))
-        return out
+            weight = pristine.reshape(pristine.shape[0], -1).to(dtype)
+            bias = None
+            for m, s in items:
+                if isinstance(m, LoraModule):
+                    a2 = m.A.reshape(m.A.shape[0], -1).to(device, dtype)  # [r, in_dim]
+                    bt2 = m.B.reshape(m.B.shape[0], -1).t().to(device, dtype)  # [r, out_dim]
+                    m1, m2 = layer.merge_operands(a2, bt2)
+                    weight = weight + s * (m1 @ m2)
+                    continue
+                shape = (layer.spec.out_dim, *layer.spec.a_row_shape)  # torch layout [out, in, *kernel]
+                delta = layer.weight_delta(build_delta(m, shape, dtype, device))
+                weight = weight + s * delta.reshape(weight.shape)
+                db, b0 = m.factors.get("diff_b"), layer.pristine_bias
+                if db is not None and b0 is not None:
+                    bias = (b0.to(dtype) if bias is None else bias) + s * db.to(device, dtype)
+        return [weight] if bias is None else [weight, bias]
 
-    def apply(self, scales: list[torch.Tensor] | None) -> None:
-        """Sets every weight to ``W0 + scale * dW`` from the live region (``scales``: per arena
-        float64 ``[n_layers]`` host tensors, already including the user's multiplier; None
-        means no adapter)."""
+    def apply(self, scales: list[torch.Tensor] | None, uniform: bool = True) -> None:
+        """Sets every weight to ``W0 + B diag(s) A`` from the live region.
+
+        Args:
+            scales: per arena, float64 ``[n_layers, R]`` host tensors of the live per-row
+                scales (the user's included); None means no adapter.
+            uniform: every row of a layer has the same scale (one adapter): one multiply-add
+                ``W0 + s * B @ A``. Otherwise (a stack) each row of A is first scaled by its
+                own scale, read from the live region on the device.
+        """
         live = self._buffers.live
+        firsts = None if scales is None else [s[:, 0].tolist() for s in scales]  # row 0's scale: the LoRA bias's
+        used = None if scales is None else [s.abs().amax(1).tolist() for s in scales] if not uniform else firsts
         with torch.no_grad():
             for layer, weight, pristine, arena_idx, index in self._items:
-                s = 0.0 if scales is None else float(scales[arena_idx][index])
+                s = 0.0 if firsts is None else float(firsts[arena_idx][index])
+                nonzero = used is not None and used[arena_idx][index] != 0.0
                 arena = self._buffers.arenas[arena_idx]
                 rows = max(arena.a_extent[live], arena.b_extent[live])
-                extras = arena.extras(index, live) if arena.e_dirty[live] and s != 0.0 else None
+                extras = arena.extras(index, live) if arena.e_dirty[live] and nonzero else None
                 self._fold_bias(layer, extras, s)
-                if s == 0.0 or rows == 0:
+                if not nonzero or rows == 0:
                     weight.copy_(pristine)
                     continue
                 a, bt = arena.rows(index, live)
-                m1, m2 = layer.merge_operands(a[:rows], bt[:rows])
                 flat_w, flat_p = weight.view(weight.shape[0], -1), pristine.view(pristine.shape[0], -1)
-                torch.addmm(flat_p, m1, m2, alpha=s, out=flat_w)
+                if uniform:
+                    m1, m2 = layer.merge_operands(a[:rows], bt[:rows])
+                    torch.addmm(flat_p, m1, m2, alpha=s, out=flat_w)
+                else:
+                    scaled = (a[:rows] * arena.scale(index, live)[:rows, None]).to(a.dtype)  # diag(s) A
+                    m1, m2 = layer.merge_operands(scaled, bt[:rows])
+                    torch.addmm(flat_p, m1, m2, out=flat_w)
                 if extras is not None:  # DoRA: each output channel times its factor (1 elsewhere)
                     f = extras[EXTRA_F]
                     flat_w.mul_((f[:, None] if layer.channel_dim() == 0 else f[None, :]).to(flat_w.dtype))
@@ -223,21 +244,31 @@ class Merger:
             folded = layer.pristine_bias.to(extras.dtype) + extras[EXTRA_F] * extras[EXTRA_BIAS] * s
             bias.copy_(folded)
 
-    def fold(self, weights: dict[str, WeightModule], multiplier: float) -> None:
-        """After :meth:`apply`: folds each weight-kind module into its layer, ``W = W0 + s * ΔW``
-        with ``s = multiplier * module.scale`` (ΔW built on the weights' device from the
-        factors); puts back every bias an earlier diff rewrote."""
+    def fold(self, terms: dict[str, list[tuple[WeightModule, float]]]) -> None:
+        """After :meth:`apply`: adds each weight-kind module's ``s * ΔW`` to its layer's weight
+        (``W0``, or ``W0`` plus the LoRA parts of a stack), ``s`` the module's scale times its
+        part's weight (ΔW built on the weights' device from the factors); puts back every bias
+        an earlier diff rewrote."""
         with torch.no_grad():
-            for name in self._biased - set(weights):
+            for name in self._biased - set(terms):
                 bias, b0 = self._layers[name].base_bias, self._layers[name].pristine_bias
                 if bias is not None and b0 is not None:
                     bias.copy_(b0)
             self._biased = set()
-            for name, module in weights.items():
+            for name, items in terms.items():
                 layer = self._layers[name]
-                folded = self._folded(layer, module, multiplier * module.scale)
-                layer.base_weight.copy_(folded[0])
-                bias = layer.base_bias
-                if len(folded) > 1 and bias is not None:
-                    bias.copy_(folded[1])
+                weight, bias = layer.base_weight, layer.base_bias
+                dtype = torch.promote_types(weight.dtype, torch.float32)
+                shape = (layer.spec.out_dim, *layer.spec.a_row_shape)  # torch layout [out, in, *kernel]
+                folded = weight.to(dtype)  # what apply wrote
+                folded_bias = None
+                for module, s in items:
+                    folded = folded + s * layer.weight_delta(build_delta(module, shape, dtype, weight.device))
+                    db = module.factors.get("diff_b")
+                    if db is not None and bias is not None:
+                        base = bias.to(dtype) if folded_bias is None else folded_bias
+                        folded_bias = base + s * db.to(weight.device, dtype)
+                weight.copy_(folded)
+                if folded_bias is not None and bias is not None:
+                    bias.copy_(folded_bias)
                     self._biased.add(name)

@@ -7,7 +7,9 @@ values (NaN, Inf, beyond the buffers' dtype) are checked where the tensors are: 
 arenas' devices for ``load`` (after :func:`stage` moved them there), where they were read for
 ``preload``. What passes is then written (``load``) or packed into one compact host buffer per
 arena (:func:`pack_host`, ``preload``); neither can fail on the adapter's content any more.
-:func:`check_multiplier` checks the user's scale on top, for ``load`` and ``set_scale``.
+:func:`check_multiplier` checks the user's scale on top, for ``load`` and ``set_scale``. Each part
+of a stack passes the same checks (a preloaded part's tensors are moved to the arenas' devices by
+:func:`restage`), then :func:`lorahot.runtime.stack.check_parts` checks the parts together.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "check_values",
     "check_multiplier",
     "stage_entries",
+    "restage",
     "pack_host",
 ]
 
@@ -48,7 +51,8 @@ class LoadPlan:
     Attributes:
         targets: injected layer name -> the adapter module loaded into it.
         entries: per arena (the buffer manager's order), ``(layer index, module)`` pairs.
-        scales: per arena, float64 ``[n_layers]``: each layer's ``alpha / r`` (0 if untouched).
+        scales: per arena, float64 ``[n_layers]``: each layer's ``alpha / r`` (0 if untouched);
+            the slot's per-row scales are built from them (:class:`~lorahot.runtime.stack.Stack`).
         largest: per arena, the largest ``|alpha / r|`` (what the user's scale multiplies).
         source: where the adapter came from, for messages.
         ranks: injected layer name -> the rank loaded into it.
@@ -328,9 +332,11 @@ def _check_scale(name: str, module: LoraModule, buffers: BufferManager) -> list[
     ]
 
 
-def check_multiplier(plan: LoadPlan, multiplier: float, buffers: BufferManager) -> None:
+def check_multiplier(plan: LoadPlan, multiplier: float, buffers: BufferManager, part: str | None = None) -> None:
     """The user's ``multiplier`` on the plan's per-layer scales must keep every scale within
-    its buffer's range (Python floats only: cheap enough for every ``set_scale``).
+    its buffer's range (Python floats only: cheap enough for every ``set_scale``). Each part of
+    a stack is checked with its own weight (its rows hold only its own scales); ``part`` names
+    it in the message.
 
     Raises:
         UsageError: naming the scale, the largest product and the largest scale allowed.
@@ -338,10 +344,11 @@ def check_multiplier(plan: LoadPlan, multiplier: float, buffers: BufferManager) 
     for arena, largest in zip(buffers.arenas, plan.largest):
         top = torch.finfo(arena.S.dtype).max
         if largest * abs(multiplier) > top:  # a Python float: overflow shows as inf
+            where = f"{part}: " if part else ""
             raise UsageError(
-                f"scale={multiplier:g} times the adapter's largest alpha/r ({largest:g}) is {largest * multiplier:g}, "
-                f"beyond the range of the {arena.S.dtype} scale buffers (max {top:.4g}). Pass a scale of at most "
-                f"{top / largest:.4g} in magnitude."
+                f"{where}scale={multiplier:g} times the adapter's largest alpha/r ({largest:g}) is "
+                f"{largest * multiplier:g}, beyond the range of the {arena.S.dtype} scale buffers (max {top:.4g}). "
+                f"Pass a scale of at most {top / largest:.4g} in magnitude."
             )
 
 
@@ -441,6 +448,13 @@ def stage_entries(plan: LoadPlan, buffers: BufferManager) -> Staged:
             [(i, m.A.to(arena.device), m.B.to(arena.device)) for i, m in entries]
             for arena, entries in zip(buffers.arenas, plan.entries)
         ]
+
+
+def restage(plan: LoadPlan, buffers: BufferManager) -> Checked:
+    """A plan that passed :func:`validate` already (a prepared adapter's, from the host cache)
+    with its tensors and extras moved to the arenas' devices, ready to write as a part of a
+    stack (no check is repeated)."""
+    return Checked(plan, stage_entries(plan, buffers), _extras(plan, buffers, stage=True))
 
 
 def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None:

@@ -19,12 +19,17 @@ targets are a dict keyed by component:
 
     plan = lorahot.plan_targets(["sdxl_lora.safetensors", "kohya_unet.safetensors"], model=pipe)
     runtime = lorahot.inject(pipe, plan.targets, max_rank=plan.max_rank)
+
+Adapters meant to be loaded together in one slot (``runtime.load([a, b])``, a stack) each
+occupy their own rows of a layer, so with ``stacked=True`` a target's rank is the sum of the
+adapters' ranks there instead of the largest.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,17 +63,19 @@ class TargetPlan:
             its module names, holding only the components some adapter loads into, in the
             components' order (the per-component form of ``inject``'s ``targets``).
         max_rank: the largest rank any adapter loads into any target (at least 1), rounded up to
-            a multiple of every targeted grouped conv's ``groups``.
+            a multiple of every targeted grouped conv's ``groups``; planned ``stacked``, the
+            largest sum of the adapters' ranks in one target.
         ranks: target -> the largest rank any adapter has there (0 for LyCORIS kinds and diffs,
-            which load only with ``merged=True`` and take no LoRA buffer rows). With several
-            models it is keyed ``<component>.<module name>``, as the runtime names its layers.
+            which load only with ``merged=True`` and take no LoRA buffer rows); planned
+            ``stacked``, the sum of their ranks there. With several models it is keyed
+            ``<component>.<module name>``, as the runtime names its layers.
         sources: each adapter's source, in the order given.
         skipped: tensor keys left out (only with ``strict=False``).
         extras: whether some adapter has a DoRA magnitude or a LoRA bias, which run unmerged
             only with ``inject(..., extras=True)``.
         merged_only: whether some adapter holds LyCORIS kinds or full diffs, which load only
             with ``inject(..., merged=True)``.
-        stacked: whether the ranks are sums over the adapters (``plan_targets(..., stack=True)``:
+        stacked: whether the ranks are sums over the adapters (``plan_targets(..., stacked=True)``:
             room to load them all into one slot together) rather than maxima.
     """
 
@@ -97,7 +104,7 @@ def plan_targets(
     sources: Sequence[Source | Adapter] | Source | Adapter,
     model: nn.Module | Mapping[str, nn.Module] | Any | None = None,
     *,
-    stack: bool = False,
+    stacked: bool = False,
     **read_options: Any,
 ) -> TargetPlan:
     """The targets and ``max_rank`` that let every adapter in ``sources`` load, from headers.
@@ -113,9 +120,9 @@ def plan_targets(
             pipeline). Each module of a file then goes to the component its prefix names
             (``unet.``, ``text_encoder_2.``, ``lora_te1_``, ...) exactly as ``load`` routes it,
             and ``plan.targets`` is a dict keyed by component.
-        stack: plan for loading all of ``sources`` into one slot together
-            (``runtime.load([a, b, ...])``): each target's rank is the sum of the adapters'
-            ranks there, not the largest.
+        stacked: plan for loading all of ``sources`` together into one slot
+            (``runtime.load(sources)``): each target's rank is the sum of the adapters' ranks
+            there, not the largest.
         **read_options: passed to :func:`lorahot.read_adapter` for every source (``prefix``,
             ``key_map``, ``fuse``, ``split``, ``config``, ``weight_name``, ``subfolder``,
             ``revision``, ``token``, ``strict``); ``device`` is not accepted (nothing is read
@@ -142,6 +149,9 @@ def plan_targets(
             ``strict=False`` those are skipped, as ``load`` skips them).
     """
     items = _source_list(sources)
+    if not isinstance(stacked, bool):
+        raise UsageError(f"stacked={stacked!r} must be True or False.")
+    combine: Combine = operator.add if stacked else max
     if "device" in read_options:
         raise UsageError("plan_targets reads headers only; drop device=.")
     several = model is not None and is_several(model)
@@ -150,13 +160,11 @@ def plan_targets(
             "model must be a torch.nn.Module, a dict of component name -> nn.Module, an object with a `components` "
             f"mapping (a diffusers pipeline), or None; got {type(model).__name__}."
         )
-    if not isinstance(stack, bool):
-        raise UsageError(f"stack={stack!r} must be True or False.")
     strict = read_options.get("strict", True)
     adapters = [read_adapter(s, device="meta", **read_options) for s in items]
     skipped = [k for a in adapters for k in a.skipped]
     if model is None:
-        ranks = _file_ranks(adapters, stack)
+        ranks = _file_ranks(adapters, combine)
         groups = [1]
     else:
         components: tuple[str, ...] = ()
@@ -167,7 +175,7 @@ def plan_targets(
         else:
             assert isinstance(model, nn.Module)  # checked above
             layers = _wrappable(model)
-        ranks = _model_ranks(adapters, layers, skipped if strict is False else None, components, stack)
+        ranks = _model_ranks(adapters, layers, skipped if strict is False else None, components, combine)
         ranks = {n: ranks[n] for n in layers if n in ranks}  # model order
         groups = [layers[n].spec.groups for n in ranks]
     targets: list[str] | dict[str, list[str]] = list(ranks)
@@ -185,7 +193,7 @@ def plan_targets(
         tuple(skipped),
         extras=any(m.magnitude is not None or m.bias is not None for a in adapters for m in a.modules.values()),
         merged_only=any(a.weights for a in adapters),
-        stacked=stack,
+        stacked=stacked,
     )
 
 
@@ -203,20 +211,20 @@ def _module_rank(m: LoraModule | WeightModule) -> int:
     return m.rank if isinstance(m, LoraModule) else 0
 
 
-def _combine(ranks: dict[str, int], name: str, rank: int, stack: bool) -> None:
-    """Adds one adapter's ``rank`` at ``name``: summed when stacking, else the largest."""
-    ranks[name] = ranks.get(name, 0) + rank if stack else max(ranks.get(name, 0), rank)
+#: How the ranks of several adapters on one target combine: the largest, or (stacked) the sum.
+Combine = Callable[[int, int], int]
 
 
-def _file_ranks(adapters: list[Adapter], stack: bool = False) -> dict[str, int]:
-    """File-side module path (component prefix stripped) -> the largest rank there (the sum
-    with ``stack``)."""
+def _file_ranks(adapters: list[Adapter], combine: Combine = max) -> dict[str, int]:
+    """File-side module path (component prefix stripped) -> the largest rank there (``combine``
+    of the ranks)."""
     ranks: dict[str, int] = {}
     for adapter in adapters:
         fmt = format_named(adapter.format)
         entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
         for key, m in entries:
-            _combine(ranks, fmt.strip_prefix(key), _module_rank(m), stack)
+            name = fmt.strip_prefix(key)
+            ranks[name] = combine(ranks.get(name, 0), _module_rank(m))
     return ranks
 
 
@@ -242,13 +250,12 @@ def _model_ranks(
     layers: dict[str, LoRALayer],
     skipped: list[str] | None,
     components: tuple[str, ...] = (),
-    stack: bool = False,
+    combine: Combine = max,
 ) -> dict[str, int]:
-    """Model module name -> the largest rank any adapter loads there (the sum with
-    ``stack``), after checking every
-    adapter's keys and shapes against the model as ``load`` would. With ``components`` (layers
-    named ``<component>.<path>``) each module is first routed to its component as ``load``
-    routes it."""
+    """Model module name -> the largest rank any adapter loads there (``combine`` of the
+    ranks), after checking every adapter's keys and shapes against the model as ``load`` would.
+    With ``components`` (layers named ``<component>.<path>``) each module is first routed to its
+    component as ``load`` routes it."""
     names = list(layers)
     ranks: dict[str, int] = {}
     problems: list[str] = []
@@ -260,7 +267,7 @@ def _model_ranks(
             lora, weights = resolve_all(adapter, names, skipped)
         for name, m in lora.items():
             problems += [f"{adapter.source}: {p}" for p in check_module(name, m, layers[name].spec, MAX_RANK_LIMIT)]
-            _combine(ranks, name, m.rank, stack)
+            ranks[name] = combine(ranks.get(name, 0), m.rank)
         for name in weights:
             ranks.setdefault(name, 0)
     if problems:

@@ -1,19 +1,24 @@
-"""Keeps the wide layers' ``scale * A`` rows equal to the live adapter.
+"""Keeps the wide layers' ``s[:, None] * A`` rows equal to the live adapter.
 
 A widened layer (:mod:`lorahot.layers.linear`) computes its base output and its shrink in one
-GEMM over ``[W; scale * A]``. Those A rows are a second copy of the live region's A, with the
-layer's scale folded in, so whatever changes the live region or its scales (load, activate,
+GEMM over ``[W; s[:, None] * A]``. Those A rows are a second copy of the live region's A, each
+row times its scale, so whatever changes the live region or its scales (load, activate,
 set_scale, unload) ends with :meth:`WideWeights.apply`: per arena, one batched copy of the
-live A rows into the wide buffers and one batched multiply by the per-layer scales, both over
-only the rows any adapter has used since the last refresh (a rank-8 swap after a rank-8 swap
-touches 8 rows per layer, not ``max_rank``).
+live A rows into the wide buffers and one multiply by the scales, both over only the rows any
+adapter has used since the last refresh (a rank-8 swap after a rank-8 swap touches 8 rows per
+layer, not ``max_rank``).
 
-The scales come from the host (the runtime knows each slot's plan and multiplier), so the
-multiply is one multi-tensor launch with no device-to-host read. Shapes and addresses of the
-wide buffers never change; a compiled graph or a captured CUDA graph reads them in place.
+With one adapter live every row of a layer has the layer's scale; with a stack live
+(:mod:`lorahot.runtime.stack`) each part's rows of a (linear, ungrouped) layer are one run
+with the part's scale. Either way the scales are numbers the host computes from the slot's
+plan and weights, and the multiply is one multi-tensor launch (over the layers, or over each
+part's run of rows) with no device-to-host read. Shapes and addresses of the wide buffers
+never change; a compiled graph or a captured CUDA graph reads them in place.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -21,8 +26,12 @@ from lorahot.errors import UsageError
 from lorahot.layers import LoRALayer
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.plan import LoadPlan
+from lorahot.runtime.stack import Stack
 
 __all__ = ["WideWeights", "widen_layers", "DEVICE_TYPES"]
+
+#: one arena's runs of a stack: the wide rows of each part's run, its part, its ``alpha / r``
+Runs = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
 
 #: Devices whose layers are widened. On CUDA the wide GEMM saves a kernel launch and a pass
 #: over the input per layer; on the CPU it saves little, and the plain formula keeps the
@@ -62,6 +71,8 @@ class WideWeights:
         self._index = [torch.tensor(indices, dtype=torch.long) for indices, _, _ in self.groups]
         self.extent = [0] * len(buffers.arenas)  # rows of the wide buffers that may be nonzero
         self._views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        #: the last stack's runs (see :meth:`_runs`): re-weighting one stack finds them here
+        self._runs_of: tuple[Stack, list[Runs]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -75,6 +86,7 @@ class WideWeights:
     def check(self, plan: LoadPlan, multiplier: float, names: list[list[str]]) -> None:
         """Refuses a ``multiplier`` under which some wide layer's ``scale * A`` would leave its
         dtype's range (float16 tops out at 65504; the plain formula scales after the products).
+        Each part of a stack is checked with its own weight: its rows hold only its own A.
 
         Raises:
             UsageError: naming the layer, the largest value and the largest multiplier allowed.
@@ -95,10 +107,11 @@ class WideWeights:
                     "inject with fused=False (the plain formula scales after the products)."
                 )
 
-    def apply(self, scales: list[torch.Tensor] | None) -> None:
-        """Sets every wide layer's A rows to the live A times ``scales`` (per arena, float64
-        ``[n_layers]`` on the host, user multiplier included), or to zero for None (no
+    def apply(self, stack: Stack | None, weights: Sequence[float] = ()) -> None:
+        """Sets every wide layer's A rows to the live A times its per-row scales: those of
+        ``stack`` (what the live region holds) at the parts' ``weights``, or zero for None (no
         adapter live)."""
+        runs = None if stack is None or stack.single else self._runs(stack)
         with torch.no_grad():
             for a, (indices, _, _) in enumerate(self.groups):
                 if not indices:
@@ -107,13 +120,17 @@ class WideWeights:
                 if rows == 0:
                     continue
                 wide, live = self._rows(a, rows)
-                if scales is None:
+                if stack is None:
                     torch._foreach_zero_(wide)
-                else:
-                    per_layer = scales[a][self._index[a]].tolist()
+                elif runs is None:  # one adapter: every row of a layer has the layer's scale
                     torch._foreach_copy_(wide, live)
-                    torch._foreach_mul_(wide, per_layer)
-                self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live] if scales is not None else 0
+                    torch._foreach_mul_(wide, (stack.parts[0].scales[a][self._index[a]] * weights[0]).tolist())
+                else:  # a stack: each part's run of rows has the part's scale
+                    views, parts, own = runs[a]
+                    torch._foreach_copy_(wide, live)
+                    if views:
+                        torch._foreach_mul_(views, (torch.tensor(weights, dtype=torch.float64)[parts] * own).tolist())
+                self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live] if stack is not None else 0
 
     def _rows(self, arena: int, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The first ``rows`` rows of arena ``arena``'s wide and live A blocks (memoized)."""
@@ -123,3 +140,20 @@ class WideWeights:
             _, wide, live = self.groups[arena]
             found = self._views[key] = ([w[:rows] for w in wide], [t[:rows] for t in live])
         return found
+
+    def _runs(self, stack: Stack) -> list[Runs]:
+        """Per arena, for every part's run of rows in a wide layer (:attr:`Stack.runs`): the
+        wide rows it fills, the part, and its ``alpha / r`` there. Memoized for the last stack,
+        which ``set_scale`` re-weights."""
+        if self._runs_of is not None and self._runs_of[0] is stack:
+            return self._runs_of[1]
+        out: list[Runs] = []
+        for a, (indices, wide, _) in enumerate(self.groups):
+            at = {i: j for j, i in enumerate(indices)}  # layer index -> its wide buffer
+            mine = [(at[i], start, n, p) for i, start, n, p in stack.runs[a] if i in at]
+            views = [wide[j][start : start + n] for j, start, n, _ in mine]
+            parts = torch.tensor([p for *_, p in mine], dtype=torch.long)
+            own = torch.tensor([float(stack.parts[p].scales[a][indices[j]]) for j, *_, p in mine], dtype=torch.float64)
+            out.append((views, parts, own))
+        self._runs_of = (stack, out)
+        return out

@@ -20,7 +20,15 @@ from torch import nn
 import lorahot
 from lorahot.layers.tensor_handles import TENSORS
 from lorahot.runtime import wide as wide_layers
-from tests.helpers import ScaledEmbedding, make_adapter, model_reference, tiny_convnet, tiny_lm, token_ids
+from tests.helpers import (
+    ScaledEmbedding,
+    make_adapter,
+    model_reference,
+    stack_reference,
+    tiny_convnet,
+    tiny_lm,
+    token_ids,
+)
 
 MAX_RANK = 4
 NAMES = ("embed", "conv", "proj")
@@ -134,6 +142,53 @@ def test_compiled_after_load_swaps_across_ranks_without_recompiling(
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("mode", ["library", "wide", "merged"])
+def test_stacks_load_and_reweight_without_recompiling(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two adapters of different ranks and alphas in one slot, re-weighted, swapped with a
+    stack in the other slot and with a single adapter: one graph (``fullgraph=True``) for all.
+    The negative control, a new input length, does recompile under the same patch."""
+    if mode == "wide":
+        monkeypatch.setattr(wide_layers, "DEVICE_TYPES", {"cpu"})
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj", "v_proj", "embed_tokens"], max_rank=8, slots=2, merged=mode == "merged")
+    assert runtime.layers["layers.0.self_attn.q_proj"].wide == (mode == "wide")
+    names = list(runtime.layers)
+    (ta, aba), (tb, abb) = (
+        make_adapter(model, dict.fromkeys(names[:4], 3)),
+        make_adapter(model, dict.fromkeys(names[2:], 5)),
+    )
+    a, b = lorahot.read_adapter(ta, config={"lora_alpha": 6}), lorahot.read_adapter(tb, config={"lora_alpha": 2.5})
+    own = {"a": (aba, 6 / 3), "b": (abb, 2.5 / 5)}
+
+    def expected(*weighted: tuple[str, float]) -> torch.Tensor:
+        parts = [{n: (x, y, w * own[k][1]) for n, (x, y) in own[k][0].items()} for k, w in weighted]
+        return stack_reference(tiny_lm(), ids, parts)
+
+    ids = token_ids((2, 6), 32, seed=1)
+    runtime.load([a, b], scale=[0.5, 1.0])
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).double(), expected(("a", 0.5), ("b", 1.0)), rtol=1e-4, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for weights in ([2.0, -0.5], 0.25, [0.0, 1.5]):
+                runtime.set_scale(weights)
+                w = weights if isinstance(weights, list) else [weights] * 2
+                torch.testing.assert_close(
+                    compiled(ids).double(), expected(("a", w[0]), ("b", w[1])), rtol=1e-4, atol=1e-5
+                )
+            runtime.load([b, a], slot=1, scale=[-1.0, 0.75])
+            runtime.activate(1)
+            torch.testing.assert_close(compiled(ids).double(), expected(("b", -1.0), ("a", 0.75)), rtol=1e-4, atol=1e-5)
+            runtime.load(a, slot=1, scale=3.0)  # a single adapter into the stacked slot
+            torch.testing.assert_close(compiled(ids).double(), expected(("a", 3.0)), rtol=1e-4, atol=1e-5)
+            runtime.activate(0)
+            torch.testing.assert_close(compiled(ids).double(), expected(("a", 0.0), ("b", 1.5)), rtol=1e-4, atol=1e-5)
+            with pytest.raises(torch._dynamo.exc.RecompileError):  # negative control
+                compiled(token_ids((2, 7), 32, seed=1))
+    assert counter.frame_count == 1
+
+
 # -- negative controls: what lorahot avoids does recompile ------------------------------------
 
 
@@ -174,7 +229,7 @@ def test_negative_control_rebinding_a_different_rank_buffer_recompiles() -> None
     runtime = lorahot.inject(model, ["0"], max_rank=4)
     layer = runtime.layers["0"]
     # what lorahot never does: bind the layer to buffers of another rank
-    _assert_change_recompiles(model, lambda: layer.bind(torch.zeros(2, 6), torch.zeros(2, 6), torch.tensor(1.0)))
+    _assert_change_recompiles(model, lambda: layer.bind(torch.zeros(2, 6), torch.zeros(2, 6), torch.ones(2)))
 
 
 def test_positive_control_same_counter_sees_no_recompile_for_lorahot_swaps() -> None:

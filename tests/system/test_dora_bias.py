@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -154,6 +155,50 @@ def test_dora_lora_dora_swaps_on_a_compiled_model_do_not_recompile(
             _close(compiled(*inputs), oracles["dora1"](*inputs))
             runtime.unload(0)
             _close(compiled(*inputs), want["none"])
+
+
+def _both_active(base: nn.Module, paths: dict[str, Path], weights: dict[str, float]) -> nn.Module:
+    """PEFT with several adapters active together, each weighted (``set_scale`` per layer)."""
+    names = list(paths)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), paths[names[0]], adapter_name=names[0]).eval()
+    for name in names[1:]:
+        model.load_adapter(paths[name], adapter_name=name)
+    model.base_model.set_adapter(names)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, w in weights.items():
+                module.set_scale(name, w)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["library", "wide", "merged"])
+def test_stacked_with_dora_and_lora_bias_parts_matches_peft_active_together(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DoRA adapter on layers no other part touches, a LoRA-bias adapter and a plain one
+    sharing layers (the bias's part is laid first in those rows), against PEFT running the
+    three as active adapters: each DoRA factor over its own adapter, each bias times its own
+    scale. Re-weighted, and in merged mode (layers with a base bias only take a LoRA bias)."""
+    if mode == "wide":
+        monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    base, inputs = _base(), _inputs()
+    _peft(base, tmp_path / "dora", 1, ["n", "e"], use_dora=True)
+    _peft(base, tmp_path / "bias", 2, ["q", "g"], lora_bias=True)
+    _peft(base, tmp_path / "plain", 3, ["q", "g", "c"])
+    paths = {k: tmp_path / k for k in ("plain", "dora", "bias")}
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, merged=mode == "merged", extras=True)
+    assert runtime.layers["q"].wide == (mode == "wide")
+    runtime.load(list(paths.values()), scale=[0.7, 1.3, -0.6])
+    assert runtime.info().ranks == {"q": 4, "g": 4, "c": 2, "n": 2, "e": 2}
+    for weights in ([0.7, 1.3, -0.6], [-1.1, 0.4, 2.0]):
+        runtime.set_scale(weights)
+        peft = _both_active(base, paths, dict(zip(paths, weights)))
+        with torch.no_grad():
+            _close(model(*inputs), peft(*inputs))
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"  - q \(.*\): part 1: .*has DoRA"):
+        _peft(base, tmp_path / "dora_q", 4, ["q"], use_dora=True)
+        runtime.load([paths["plain"], tmp_path / "dora_q"])
 
 
 def test_dora_slots_and_activate_match_peft(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ def test_generate_demo_swaps_without_recompiling() -> None:
     tokens = _example("generate_demo").main(quiet=True)
     assert tokens["A"] != tokens["base"] and tokens["B"] != tokens["A"] and tokens["B x0.5"] != tokens["B"]
     assert tokens["A (reloaded)"] == tokens["A"]
+    assert tokens["A+B x0.5"] not in (tokens["A"], tokens["B x0.5"]) and tokens["A x0.25+B"] != tokens["A+B x0.5"]
     assert tokens["unloaded"] == tokens["base"]
 
 
@@ -42,3 +43,5 @@ def test_pipeline_demo_swaps_without_recompiling() -> None:
             assert not torch.equal(out[phase][key], out["base"][key]), (phase, key)
     assert not torch.allclose(out["kohya x0.5"]["latents"], out["kohya"]["latents"])
     assert not torch.allclose(out["unet-only"]["latents"], out["base"]["latents"])
+    for key in ("latents", "text_encoder", "text_encoder_2"):  # the re-weighting took effect everywhere
+        assert not torch.allclose(out["stack 0.8/0.5"][key], out["stack 0.3/1.2"][key]), key

@@ -69,7 +69,7 @@ MISUSES = [
            r"^slots=1000000000000 is absurd; it must be at most 4096\.$"),
     Misuse("inject_slots_str", _inject(slots="2"), UsageError, r"^slots='2' must be an integer >= 1\.$"),
     Misuse("inject_buffers_beyond_memory", _beyond_memory, UsageError,
-           r"^the LoRA buffers need 1,126,175,859,818,756 bytes on cpu \(max_rank=65536, slots=4096\), "
+           r"^the LoRA buffers need 1,126,176,933,806,336 bytes on cpu \(max_rank=65536, slots=4096\), "
            r"more than its [\d,]+ bytes of memory\. Inject with a smaller max_rank or fewer slots\.$"),
     Misuse("inject_dtype_float8", _inject(dtype=torch.float8_e4m3fn), UsageError,
            r"^dtype=torch\.float8_e4m3fn must be a floating-point torch\.dtype LoRA weights can use: torch\.float16, "

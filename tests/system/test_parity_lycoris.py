@@ -98,6 +98,31 @@ def test_lycoris_kinds_merge_like_lycoris(case: str, cls: type, kind: str, optio
     assert torch.equal(model(x), base_out)
 
 
+def test_stacked_loha_lokr_and_lora_add_their_weighted_deltas() -> None:
+    """A LoHa, a LoKr (each against LyCORIS' own ``get_weight``) and a plain LoCon LoRA in one
+    slot: the merged weight is ``W0`` plus each part's ΔW at its weight, re-weighted in place."""
+    loha, loha_module, loha_sd = _lycoris(LohaModule, "conv", {"lora_dim": 4, "alpha": 3.0})
+    _, lokr_module, lokr_sd = _lycoris(LokrModule, "conv", {"lora_dim": 2, "alpha": 1.0, "factor": 4})
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 8, 3, 3, generator=g, dtype=torch.float64), torch.randn(16, 2, 1, 1, generator=g).double()
+    lora = {"lora_unet_0.lora_down.weight": a, "lora_unet_0.lora_up.weight": b, "lora_unet_0.alpha": torch.tensor(1.0)}
+    with torch.no_grad():
+        shape = loha[0].weight.shape
+        deltas = [_delta(loha_module).reshape(shape), _delta(lokr_module).reshape(shape)]
+        deltas.append(0.5 * (b.reshape(16, 2) @ a.reshape(2, -1)).reshape(shape))
+    model = _base("conv")
+    w0 = model[0].weight.detach().clone()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    info = runtime.load([loha_sd, lokr_sd, lora], scale=[0.5, -1.0, 2.0])
+    assert [p.format for p in info.parts] == ["kohya"] * 3 and info.ranks == {"0": 4 + 0 + 2}  # a full LoKr: no rank
+    for weights in ([0.5, -1.0, 2.0], [1.0, 0.25, 0.0]):
+        runtime.set_scale(weights)
+        want = w0 + sum(w * d for w, d in zip(weights, deltas))
+        torch.testing.assert_close(model[0].weight, want, rtol=1e-10, atol=1e-10)
+    runtime.unload()
+    assert torch.equal(model[0].weight, w0)
+
+
 def test_full_diff_and_bias_diff() -> None:
     model, x = _base("conv"), _input("conv")
     w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()

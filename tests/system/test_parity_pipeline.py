@@ -162,3 +162,26 @@ def test_compiled_components_swap_without_recompiling(pipe) -> None:
                 torch.testing.assert_close(got[c], eager[key][c], rtol=1e-5, atol=1e-5, msg=f"{key} {c}")
         with pytest.raises(torch._dynamo.exc.RecompileError), torch.no_grad():  # negative control
             compiled["text_encoder"](torch.tensor([[0, 5, 9, 3, 1, 1]]))  # a new shape does recompile
+
+
+@pytest.mark.parametrize("naming", FILES)
+def test_a_stack_of_a_full_and_a_unet_only_file_matches_set_adapters(pipe, naming: str) -> None:
+    """One slot holds a unet + text encoders file and a unet-only file, each at its weight:
+    each part is routed to its components as a load routes it, and the text encoders take the
+    full file's part only, as diffusers' ``set_adapters`` computes them."""
+    full, unet_only = FILES[naming](pipe, list(TARGETS)), FILES[naming](pipe, ["unet"], seed=2)
+    oracle = copy.deepcopy(pipe)
+    oracle.load_lora_weights(dict(full), adapter_name="full")
+    oracle.load_lora_weights(dict(unet_only), adapter_name="unet_only")
+    ours = copy.deepcopy(pipe)
+    runtime = lorahot.inject(ours, TARGETS, max_rank=8)
+    info = runtime.load([full, unet_only], scale=[0.6, 1.4])
+    assert info.components == {"unet": 32, "text_encoder": 12, "text_encoder_2": 12}
+    assert [p.components for p in info.parts] == [info.components, {"unet": 32, "text_encoder": 0, "text_encoder_2": 0}]
+    assert info.ranks["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == 2 * RANK
+    for weights in ([0.6, 1.4], [-0.5, 0.8]):
+        runtime.set_scale(weights)
+        oracle.set_adapters(["full", "unet_only"], adapter_weights=weights)
+        got, want = _run(ours), _run(oracle)
+        for c in TARGETS:
+            torch.testing.assert_close(got[c], want[c], rtol=1e-5, atol=1e-5, msg=f"{weights} {c}")

@@ -110,6 +110,22 @@ def test_without_a_model_the_plan_names_file_paths_inject_accepts(two_llama_adap
     assert _rel(_logits(model), _logits(peft_b)) < 1e-5
 
 
+def test_stacked_plans_the_sum_of_the_ranks_a_stack_loads_into_each_target(two_llama_adapters) -> None:
+    """Adapters loaded together into one slot take each their own rows: ``stacked=True`` sums
+    their ranks per target (here the same adapter twice, at half weight each: itself)."""
+    base, (path_a, peft_a), (path_b, _) = two_llama_adapters
+    model = copy.deepcopy(base)
+    plan = lorahot.plan_targets([path_a, path_a, path_b], model, stacked=True)
+    assert plan.max_rank == 24 and plan.ranks["model.layers.0.self_attn.q_proj"] == 8
+    assert plan.ranks["model.layers.0.mlp.down_proj"] == 6
+    assert lorahot.plan_targets([path_a, path_a], stacked=True).max_rank == 24  # from the files alone too
+    runtime = lorahot.inject(model, plan.targets, max_rank=plan.max_rank)
+    runtime.load([path_a, path_a], scale=0.5)
+    assert _rel(_logits(model), _logits(peft_a)) < 1e-5
+    with pytest.raises(lorahot.UsageError, match=r"^stacked='yes' must be True or False\.$"):
+        lorahot.plan_targets([path_a], stacked="yes")  # type: ignore[arg-type]
+
+
 def test_one_source_is_a_list_of_one(two_llama_adapters) -> None:
     _, (path_a, _), _ = two_llama_adapters
     assert lorahot.plan_targets(path_a).max_rank == 12
@@ -119,18 +135,18 @@ def test_stack_sums_the_ranks_where_adapters_share_a_module(tmp_path: Path, two_
     base, (path_a, _), (path_b, _) = two_llama_adapters
     c = _peft_adapter(base, tmp_path / "c", 3, r=8, target_modules=["v_proj", "down_proj"])
     del c
-    plan = lorahot.plan_targets([path_a, path_b, tmp_path / "c"], base, stack=True)
+    plan = lorahot.plan_targets([path_a, path_b, tmp_path / "c"], base, stacked=True)
     assert plan.stacked and not lorahot.plan_targets([path_a, tmp_path / "c"], base).stacked
     assert plan.ranks["model.layers.1.self_attn.v_proj"] == 12 + 8  # a's rank_pattern entry plus c's
     assert plan.ranks["model.layers.0.self_attn.v_proj"] == 4 + 8
     assert plan.ranks["model.layers.0.mlp.down_proj"] == 6 + 8  # b's plus c's
     assert plan.ranks["model.layers.0.self_attn.q_proj"] == 4  # a alone
     assert plan.max_rank == 20
-    assert lorahot.plan_targets([path_a, path_b, tmp_path / "c"], stack=True).max_rank == 20  # from files alone
+    assert lorahot.plan_targets([path_a, path_b, tmp_path / "c"], stacked=True).max_rank == 20  # from files alone
     assert lorahot.plan_targets([path_a, path_b, tmp_path / "c"], base).max_rank == 12  # one at a time: the largest
     assert plan.inject_options() == {"max_rank": 20}  # plain LoRA: no extras, not merged-only
-    with pytest.raises(lorahot.UsageError, match=r"stack='yes' must be True or False"):
-        lorahot.plan_targets(path_a, stack="yes")
+    with pytest.raises(lorahot.UsageError, match=r"stacked='yes' must be True or False"):
+        lorahot.plan_targets(path_a, stacked="yes")
 
 
 # -- headers only ---------------------------------------------------------------------------

@@ -958,7 +958,7 @@ def test_missing_config_is_not_an_error(tmp_path: Path) -> None:
     info = rig.runtime.load(directory, slot=1)
     assert info.ranks == {Q0: 4, V1: 4}
     arena, idx = rig.runtime.buffers.arenas[rig.runtime.buffers.where[Q0][0]], rig.runtime.buffers.where[Q0][1]
-    assert float(arena.S[1, idx]) == 1.0
+    assert set(arena.S[1, idx].tolist()) == {1.0}  # every row of the layer
 
 
 def test_report_corpus(request: pytest.FixtureRequest) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 import lorahot
 from lorahot.kernels import lora_linear as fused
 from lorahot.layers.tensor_handles import TENSORS
-from tests.helpers import make_adapter, model_reference
+from tests.helpers import make_adapter, model_reference, stack_reference
 
 NAMES = ("0", "2", "4")
 
@@ -87,9 +87,17 @@ def test_tensor_handle_entry_lives_with_the_layers_and_goes_with_them() -> None:
 
 
 def _ref(x, w, b, a, bt, s):
+    """float64 ``x @ w.T + ((x @ a.T) * s) @ bt + b``, ``s [r]`` one scale per row of ``a``."""
     d = torch.Tensor.double
-    y = d(x) @ d(w).T + s * (d(x) @ d(a).T) @ d(bt)
+    y = d(x) @ d(w).T + ((d(x) @ d(a).T) * d(s)) @ d(bt)
     return y if b is None else y + d(b)
+
+
+def _poison_allocator(nbytes: int) -> None:
+    """Fills and frees ``nbytes`` of CUDA memory with NaN: the caching allocator hands the same
+    block to the next allocation of that size, so an output element a kernel does not write
+    stays NaN."""
+    torch.full((nbytes // 2 + 1,), float("nan"), device="cuda", dtype=torch.float16)
 
 
 @pytest.mark.gpu
@@ -106,7 +114,8 @@ def _ref(x, w, b, a, bt, s):
 def test_kernel_matches_float64_reference(
     m: int, k: int, n: int, r: int, bias: bool, half: bool, split: int, seed: int
 ) -> None:
-    """The op's own tile choice (``split=0``) and explicit split-K configurations; the output
+    """The op's own tile choice (``split=0``) and explicit split-K configurations, with a
+    different scale on every row of A (as a stack of adapters has, zero on some); the output
     starts as NaN, so an element the kernel does not write fails the check."""
     assert fused.available()
     dtype = torch.float16 if half else torch.bfloat16
@@ -116,17 +125,19 @@ def test_kernel_matches_float64_reference(
     a = torch.randn(r, k, device="cuda", dtype=dtype, generator=g) / k**0.5
     bt = torch.randn(r, n, device="cuda", dtype=dtype, generator=g) / r**0.5
     b = torch.randn(n, device="cuda", dtype=dtype, generator=g) if bias else None
-    scale = torch.tensor(0.75, device="cuda")
+    scale = torch.empty(r, device="cuda").uniform_(-2, 2, generator=g)  # float32 [r], as the arena holds it
+    scale[::3] = 0.0  # rows of a part at weight 0 (and padding)
     if split and m:
         from lorahot.kernels import triton_lora_linear
 
         y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         triton_lora_linear.launch(x, w, b, a, bt, scale, y, (16, 32, 64, 4, 4, split))
     else:
+        _poison_allocator(m * n * x.element_size())
         y = fused.lora_linear(x, w, b, a, bt, scale)
     assert y.shape == (m, n) and y.dtype == dtype
     if m:
-        ref = _ref(x, w, b, a, bt, 0.75)
+        ref = _ref(x, w, b, a, bt, scale)
         assert torch.isfinite(y).all()
         assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
 
@@ -140,9 +151,11 @@ def test_kernel_reads_strided_input_rows_and_3d_batches() -> None:
     w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16, generator=g) / 8
     a = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16, generator=g) / 8
     bt = torch.randn(16, 32, device="cuda", dtype=torch.bfloat16, generator=g) / 4
-    y = fused.lora_linear(x, w, None, a, bt, torch.tensor(1.0, device="cuda"))
-    ref = _ref(x.reshape(-1, 64), w, None, a, bt, 1.0).view(2, 3, 32)
-    assert y.shape == (2, 3, 32)
+    scale = torch.linspace(-1.0, 1.5, 16, device="cuda")
+    _poison_allocator(6 * 32 * 2)
+    y = fused.lora_linear(x, w, None, a, bt, scale)
+    ref = _ref(x.reshape(-1, 64), w, None, a, bt, scale).view(2, 3, 32)
+    assert y.shape == (2, 3, 32) and torch.isfinite(y).all()
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
 
 
@@ -218,3 +231,33 @@ def test_fused_layers_under_dynamic_shapes_match_reference_without_recompiles() 
                     reference_model, x.float(), {n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()}
                 )
                 assert float((y.double() - expected).norm() / expected.norm()) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_fused_layers_holding_a_stack_follow_every_reweighting_without_recompiles(mode: str) -> None:
+    """Two adapters of different ranks in one slot: the kernel reads each row's own scale
+    (part 0's rows, part 1's, zero padding), through re-weightings, on a compiled model."""
+    model = _mlp(torch.bfloat16, "cuda")
+    reference_model = _mlp(torch.float32, "cuda")
+    runtime = lorahot.inject(model, list(NAMES), max_rank=16)
+    assert all(layer.fused for layer in runtime.layers.values())
+    (ta, aba), (tb, abb) = make_adapter(model, {"0": 5, "2": 8}, seed=1), make_adapter(model, {"0": 9, "4": 3}, seed=2)
+    a, b = lorahot.read_adapter(ta, config={"lora_alpha": 10}), lorahot.read_adapter(tb, config={"lora_alpha": 3})
+    runtime.load([a, b], scale=[0.5, 1.5])
+    x = torch.randn(4, 48, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(model, mode=None if mode == "default" else mode)
+    with torch.inference_mode():
+        for _ in range(3):
+            compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for weights in ([0.5, 1.5], [-1.0, 0.0], [2.0, -0.75]):
+                runtime.set_scale(weights)
+                y = compiled(x).clone()
+                parts = [
+                    {n: (p.cuda(), q.cuda(), w * alpha / p.shape[0]) for n, (p, q) in ab.items()}
+                    for ab, alpha, w in ((aba, 10, weights[0]), (abb, 3, weights[1]))
+                ]
+                expected = stack_reference(reference_model, x.float(), parts)
+                assert torch.isfinite(y).all()
+                assert float((y.double() - expected).norm() / expected.norm()) < 2e-2, weights

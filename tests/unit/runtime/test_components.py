@@ -153,6 +153,43 @@ def test_failed_load_changes_no_component() -> None:
     assert all(torch.equal(before[c], after[c]) for c in before)
 
 
+def test_a_stack_routes_each_part_to_its_components() -> None:
+    """A unet + text-encoder file stacked with a unet-only file: the unet's to_q adds both
+    parts (each at its weight), the text encoders only the first; a part for a component
+    that is not injected is refused with nothing changed, or skipped with strict=False."""
+    models = _models()
+    base = _run(models)
+    runtime = lorahot.inject(
+        {"unet": models["unet"], "text_encoder": models["text_encoder"]}, ["to_q", "q_proj"], max_rank=4
+    )
+    full, unet_only = _lora(FULL[:2], seed=1), _lora(["unet.to_q"], seed=2)
+    info = runtime.load([full, unet_only], scale=[0.5, 2.0])
+    assert info.components == {"unet": 1, "text_encoder": 1}
+    assert [p.components for p in info.parts] == [{"unet": 1, "text_encoder": 1}, {"unet": 1, "text_encoder": 0}]
+    assert info.ranks == {"unet.to_q": 4, "text_encoder.layers.0.q_proj": 2}
+
+    def delta(source: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+        return source[f"{key}.lora_B.weight"] @ source[f"{key}.lora_A.weight"]  # alpha = rank: scale 1
+
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    to_q, conv = models["unet"]["to_q"].base_layer, models["unet"]["conv"]
+    w = to_q.weight + 0.5 * delta(full, "unet.to_q") + 2.0 * delta(unet_only, "unet.to_q")
+    te = models["text_encoder"]["layers"]
+    w_te = te[0]["q_proj"].base_layer.weight + 0.5 * delta(full, "text_encoder.layers.0.q_proj")
+    out = _run(models)
+    with torch.no_grad():
+        torch.testing.assert_close(out["unet"], conv(x @ w.T + to_q.bias))
+        h = x @ w_te.T + te[0]["q_proj"].base_layer.bias
+        torch.testing.assert_close(out["text_encoder"], te[1]["q_proj"](h))
+    assert torch.equal(out["text_encoder_2"], base["text_encoder_2"])  # never injected
+    with pytest.raises(AdapterMismatchError, match=r"text_encoder_2, which was not injected"):
+        runtime.load([unet_only, _lora(FULL)])
+    after = _run(models)
+    assert all(torch.equal(out[c], after[c]) for c in out)
+    info = runtime.load([unet_only, _lora(FULL)], strict=False)
+    assert info.parts[1].skipped == info.skipped and all(k.startswith("text_encoder_2.") for k in info.skipped)
+
+
 def test_prefix_for_a_component_not_injected() -> None:
     models = _models()
     runtime = lorahot.inject(

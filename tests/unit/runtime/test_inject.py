@@ -337,13 +337,13 @@ def test_buffers_beyond_the_devices_memory_are_refused_before_allocating(monkeyp
     model = tiny_lm()
     with pytest.raises(
         lorahot.UsageError,
-        match=r"^the LoRA buffers need 1,544 bytes on cpu \(max_rank=4, slots=1\), more than its 1,000 bytes of "
+        match=r"^the LoRA buffers need 1,568 bytes on cpu \(max_rank=4, slots=1\), more than its 1,000 bytes of "
         r"memory\. Inject with a smaller max_rank or fewer slots\.$",
     ):
         lorahot.inject(model, ["q_proj"], max_rank=4)
     assert _wrapped(model) == []
     monkeypatch.undo()
-    assert lorahot.inject(model, ["q_proj"], max_rank=4).nbytes == 1544  # the estimate is exact
+    assert lorahot.inject(model, ["q_proj"], max_rank=4).nbytes == 1568  # the estimate is exact
 
 
 def test_an_allocation_failure_is_a_usage_error_with_the_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -357,7 +357,7 @@ def test_an_allocation_failure_is_a_usage_error_with_the_bytes(monkeypatch: pyte
     model = tiny_lm()
     with pytest.raises(
         lorahot.UsageError,
-        match=r"^allocating the LoRA buffers \(1,544 bytes on cpu; max_rank=4, slots=1\) failed: CUDA out of memory\. "
+        match=r"^allocating the LoRA buffers \(1,568 bytes on cpu; max_rank=4, slots=1\) failed: CUDA out of memory\. "
         r"Tried to allocate 8 GiB\. Inject with a smaller max_rank or fewer slots, or free memory\.$",
     ):
         lorahot.inject(model, ["q_proj"], max_rank=4)

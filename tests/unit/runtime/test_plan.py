@@ -48,7 +48,7 @@ def test_alpha_that_fits_float64_scales_loads_into_float64_buffers() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4).double())
     runtime = lorahot.inject(model, ["0"], max_rank=2)
     runtime.load(make_adapter(model, {"0": 2}, seed=1, dtype=torch.float64)[0], config={"lora_alpha": 1e300})
-    assert float(runtime.layers["0"].lora_scale) == 5e299
+    assert set(runtime.layers["0"].lora_scale.tolist()) == {5e299}
 
 
 @pytest.mark.parametrize(

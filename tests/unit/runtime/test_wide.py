@@ -251,6 +251,55 @@ def test_gpu_wide_layers_under_cuda_graphs_follow_every_swap(rows: int) -> None:
             assert float((compiled(x).double() - want).norm() / want.norm()) < 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [8, 300])  # the fused kernel's size, then the wide GEMM's
+def test_gpu_wide_layers_holding_a_stack_follow_every_reweighting(rows: int) -> None:
+    """Two adapters in one slot on bf16 CUDA layers: the wide rows hold each row of A times
+    its own scale (checked against float64), and the compiled model (CUDA graphs) follows
+    every re-weighting without recompiling."""
+    torch.manual_seed(0)
+    dims = (256, 512, 256)
+    model = nn.Sequential(nn.Linear(dims[0], dims[1]), nn.GELU(), nn.Linear(dims[1], dims[2], bias=False))
+    model = model.to("cuda", torch.bfloat16)
+    weights = {k: v.double() for k, v in model.state_dict().items()}
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=64)
+    g = torch.Generator().manual_seed(1)
+    parts = []
+    for rank, alpha in ((24, 48.0), (40, 10.0)):
+        ab = {
+            n: (torch.randn(rank, fin, generator=g) / fin**0.5, torch.randn(fout, rank, generator=g) / rank**0.5)
+            for n, (fin, fout) in {"0": dims[:2], "2": dims[1:]}.items()
+        }
+        tensors = {f"{n}.lora_{k}.weight": t for n, (a, b) in ab.items() for k, t in (("A", a), ("B", b))}
+        parts.append((lorahot.read_adapter(tensors, config={"lora_alpha": alpha}), ab, alpha / rank))
+    runtime.load([p for p, _, _ in parts], scale=[1.0, 1.0])
+    x = torch.randn(rows, dims[0], device="cuda", dtype=torch.bfloat16)
+
+    def expected(ws: list[float]) -> torch.Tensor:
+        def w(n: str) -> torch.Tensor:
+            delta = sum(wt * s * (ab[n][1].double() @ ab[n][0].double()) for (_, ab, s), wt in zip(parts, ws))
+            return weights[f"{n}.weight"] + delta.cuda()
+
+        h = torch.nn.functional.gelu(x.double() @ w("0").T + weights["0.bias"])
+        return h @ w("2").T
+
+    compiled = torch.compile(model, mode="reduce-overhead")
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for ws in ([1.0, 1.0], [0.5, -2.0], [0.0, 1.5]):
+                runtime.set_scale(ws)
+                layer = runtime.layers["0"]
+                scaled = layer.lora_A.double() * layer.lora_scale.double()[:, None]
+                torch.testing.assert_close(layer.wide_rows().double(), scaled, rtol=1e-2, atol=1e-3)
+                assert layer.lora_scale[:24].unique().tolist() == [ws[0] * 2.0]
+                got = compiled(x).double()
+                assert torch.isfinite(got).all()
+                want = expected(ws)
+                assert float((got - want).norm() / want.norm()) < 1e-2, (rows, ws)
+
+
 def test_inject_under_inference_mode_then_swaps_outside_it() -> None:
     model = _model()
     weights = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,238 @@
+"""Several adapters in one slot, active together: their rows side by side along the rank.
+
+``runtime.load([a, b], scale=[w_a, w_b])`` puts a *stack* in one slot. Each part is read and
+checked exactly as ``load`` checks one adapter (:func:`lorahot.runtime.plan.validate`); then,
+in every layer, the parts' A and B rows follow one another along the rank: part 0 in rows
+``[0, r_0)``, part 1 in ``[r_0, r_0 + r_1)``, ... (for a grouped conv, within each group's
+slice: ``[o_p / g, (o_p + r_p) / g)`` of every group). Each row gets its part's ``alpha / r``
+for that module (PEFT patterns, rsLoRA, kohya per-module alphas) times the part's weight, so
+the layer's ``B diag(s) A`` (see :mod:`lorahot.layers.base`) is
+``sum_p w_p * alpha_p / r_p * B_p A_p``: the parts' updates summed, in the same buffers and
+the same compiled graph as one adapter. One adapter is a stack of one part.
+
+Re-weighting (``set_scale([...])``) computes the per-row scales on the host,
+``s = sum_p w_p * rows_p`` over :attr:`Stack.rows` ``[parts, n_layers, R]`` (tensor operations,
+no per-layer Python), and writes them with one copy per arena: no A or B is copied.
+
+What a stack refuses, before anything is written (:func:`check_parts`): a layer whose parts'
+ranks add up past ``max_rank``; DoRA on a layer another part also touches (PEFT computes one
+DoRA factor per adapter, over that adapter's update alone); two parts with a LoRA bias on one
+layer (a layer has one bias row, scaled by its first row's scale, so the part that has a bias
+is laid first). In merged mode LyCORIS kinds and diffs stack too: their weighted ``ΔW`` are
+added to the merged weight.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lorahot.adapter import LoraModule, WeightModule
+from lorahot.errors import AdapterMismatchError, format_problems
+from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra
+from lorahot.runtime.plan import Checked, LoadPlan, Staged
+
+__all__ = ["Stack", "Placement", "Run", "build", "check_parts"]
+
+#: ``(layer index, first row, rows, part)``: a part's contiguous rows in one layer (or group slice)
+Run = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What one slot holds: one adapter, or several stacked (see the module docstring).
+
+    Attributes:
+        parts: each part's checked plan, in the order given.
+        rows: per arena, float64 ``[parts, n_layers, R]``: part ``p``'s ``alpha / r`` on the
+            rows it occupies in each layer (in the arena's layout), 0 elsewhere. For one
+            adapter, its per-layer scales on every row of the layer (a broadcast view; rows
+            past the rank hold zeros in A and B).
+        ranks: injected layer name -> the sum of its parts' ranks there.
+        dora: per arena, the indices of the layers that load DoRA (each holds one part).
+        runs: per arena, ``(layer index, first row, rows, part)`` of every part's contiguous
+            rows (one per layer, one per group slice of a grouped conv); empty for one adapter.
+    """
+
+    parts: tuple[LoadPlan, ...]
+    rows: list[torch.Tensor]
+    ranks: dict[str, int]
+    dora: list[list[int]] = field(default_factory=list)
+    runs: list[list[Run]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, plan: LoadPlan, max_rank: int) -> Stack:
+        """One adapter: its per-layer scales on every row (views, nothing copied)."""
+        rows = [s.view(1, -1, 1).expand(1, s.shape[0], max_rank) for s in plan.scales]
+        return cls((plan,), rows, plan.ranks, plan.dora)
+
+    @property
+    def single(self) -> bool:
+        """One part: every row of a layer has one scale (the layer's ``alpha / r``)."""
+        return len(self.parts) == 1
+
+    def scales(self, weights: Sequence[float]) -> list[torch.Tensor]:
+        """Per arena, float64 ``[n_layers, R]`` on the host: each row's scale for the parts'
+        ``weights`` (one per part). Exact: a row belongs to at most one part."""
+        w = torch.tensor(weights, dtype=torch.float64).view(-1, 1, 1)
+        return [(w * rows).sum(0) for rows in self.rows]
+
+    @functools.cached_property
+    def terms(self) -> dict[str, list[tuple[int, LoraModule | WeightModule]]]:
+        """Injected layer name -> ``(part, module)`` of every part that loads into it (LoRA
+        modules and, merged mode only, LyCORIS/diff modules), in part order."""
+        out: dict[str, list[tuple[int, LoraModule | WeightModule]]] = {}
+        for p, plan in enumerate(self.parts):
+            for name, m in _modules(plan):
+                out.setdefault(name, []).append((p, m))
+        return out
+
+    def weight_terms(self, weights: Sequence[float]) -> dict[str, list[tuple[WeightModule, float]]]:
+        """Injected layer name -> each LyCORIS/diff module folded into it (merged mode) and its
+        scale: the module's own times its part's weight."""
+        out: dict[str, list[tuple[WeightModule, float]]] = {}
+        for p, plan in enumerate(self.parts):
+            for name, w in plan.weights.items():
+                out.setdefault(name, []).append((w, weights[p] * w.scale))
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of adapter weights copied in, all parts together (before padding)."""
+        return sum(plan.nbytes for plan in self.parts)
+
+
+@dataclass
+class Placement:
+    """Where a stack's rows go: per arena, the staged ``(layer, A, B)`` triples of every
+    part, each entry's first row in its layer (``offsets``, None for one adapter: all 0),
+    and the extras rows (DoRA magnitudes, LoRA biases)."""
+
+    entries: Staged
+    offsets: list[list[int]] | None
+    extras: list[list[Extra]]
+
+
+def build(parts: list[Checked], buffers: BufferManager) -> tuple[Stack, Placement]:
+    """The stack of ``parts`` (each checked as one adapter) and where its rows go.
+
+    Raises:
+        AdapterMismatchError: the parts do not fit together (see :func:`check_parts`).
+            Nothing has been written.
+    """
+    plans = [c.plan for c in parts]
+    if len(parts) == 1:
+        extras = parts[0].extras or [[] for _ in buffers.arenas]
+        return Stack.of(plans[0], buffers.max_rank), Placement(parts[0].entries, None, extras)
+    check_parts(plans, buffers)
+    laid = [_lay_out(parts, a, arena, buffers.max_rank) for a, arena in enumerate(buffers.arenas)]
+    arenas = range(len(buffers.arenas))
+    extras = [[row for c in parts if c.extras for row in c.extras[a]] for a in arenas]
+    ranks: dict[str, int] = {}
+    for plan in plans:
+        for name, r in plan.ranks.items():
+            ranks[name] = ranks.get(name, 0) + r
+    dora = [sorted({i for plan in plans if plan.dora for i in plan.dora[a]}) for a in arenas]
+    stack = Stack(tuple(plans), [t for _, _, t, _ in laid], ranks, dora, [r for _, _, _, r in laid])
+    return stack, Placement([e for e, _, _, _ in laid], [o for _, o, _, _ in laid], extras)
+
+
+def _lay_out(
+    parts: list[Checked], a: int, arena: Arena, max_rank: int
+) -> tuple[list[Entry], list[int], torch.Tensor, list[Run]]:
+    """Arena ``a``'s staged entries of every part, each one's first row in its layer, the
+    parts' scale table ``[parts, n_layers, R]`` and their runs of rows: in each layer the parts
+    follow one another in part order, except that a part with a LoRA bias comes first (row 0's
+    scale scales the bias)."""
+    on_layer: dict[int, list[tuple[int, Entry, LoraModule]]] = {}
+    for p, checked in enumerate(parts):
+        for (i, m), entry in zip(checked.plan.entries[a], checked.entries[a]):
+            on_layer.setdefault(i, []).append((p, entry, m))
+    table = torch.zeros(len(parts), len(arena.specs), max_rank, dtype=torch.float64)
+    entries, offsets, runs = [], [], []
+    for i, items in on_layer.items():
+        items.sort(key=lambda item: item[2].bias is None)  # stable: part order otherwise
+        groups = arena.specs[i].groups
+        cap, offset = max_rank // groups, 0
+        for p, entry, m in items:
+            start, n = offset // groups, m.rank // groups
+            table[p, i].view(groups, cap)[:, start : start + n] = parts[p].plan.scales[a][i]  # each group's slice
+            runs += [(i, j * cap + start, n, p) for j in range(groups)]
+            entries.append(entry)
+            offsets.append(offset)
+            offset += m.rank
+    return entries, offsets, table, runs
+
+
+def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
+    """Whether checked adapters can share one slot: every layer's ranks add up to at most
+    ``max_rank``; a DoRA module is alone on its layer; at most one LoRA bias per layer.
+
+    Raises:
+        AdapterMismatchError: naming every layer that does not fit, each part there (its
+            rank, its source) and the fix.
+    """
+    sources = [f"part {p}: {plan.source}" for p, plan in enumerate(plans)]
+    by_layer: dict[str, list[tuple[int, LoraModule | WeightModule]]] = {}
+    for p, plan in enumerate(plans):
+        for name, m in _modules(plan):
+            by_layer.setdefault(name, []).append((p, m))
+    over = {name: total for name, items in by_layer.items() if (total := _rows(items)) > buffers.max_rank}
+    ranks = [
+        f"{name}: ranks {' + '.join(f'{m.rank} ({sources[p]})' for p, m in _lora(by_layer[name]))} = {total} > "
+        f"max_rank {buffers.max_rank}"
+        for name, total in over.items()
+    ]
+    shared = [p for name, items in by_layer.items() if len(items) > 1 for p in _shared(name, items, sources)]
+    if not ranks and not shared:
+        return
+    fixes = []
+    if ranks:
+        fixes.append(
+            f"Inject with max_rank >= {max(over.values())}: a stack needs the sum of its parts' ranks in each layer "
+            "(lorahot.plan_targets(sources, model, stacked=True) plans it), or stack fewer adapters."
+        )
+    if shared:
+        fixes.append("Load an adapter with DoRA or a LoRA bias alone, or stack it with adapters that leave its layers.")
+    raise AdapterMismatchError(
+        format_problems(f"a stack of {len(plans)} adapters does not fit together in one slot:", ranks + shared)
+        + "\n"
+        + "\n".join(fixes)
+    )
+
+
+def _lora(items: list[tuple[int, LoraModule | WeightModule]]) -> list[tuple[int, LoraModule]]:
+    return [(p, m) for p, m in items if isinstance(m, LoraModule)]
+
+
+def _rows(items: list[tuple[int, LoraModule | WeightModule]]) -> int:
+    """The rows of the rank the parts' LoRA modules take in one layer."""
+    return sum(m.rank for _, m in _lora(items))
+
+
+def _shared(name: str, items: list[tuple[int, LoraModule | WeightModule]], sources: list[str]) -> list[str]:
+    """What cannot share layer ``name`` with other parts: DoRA (PEFT computes one factor per
+    adapter, over its own update), a second LoRA bias (a layer holds one)."""
+    others = ", ".join(str(p) for p, _ in items)
+    problems = [
+        f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has DoRA (a magnitude vector) on a layer "
+        f"parts {others} all load into; PEFT computes one DoRA factor per adapter, over that adapter's update alone"
+        for p, m in _lora(items)
+        if m.magnitude is not None
+    ]
+    biased = [p for p, m in _lora(items) if m.bias is not None]
+    if len(biased) > 1:
+        problems.append(
+            f"{name}: parts {', '.join(map(str, biased))} each carry a LoRA bias (lora_B.bias); a layer holds one"
+        )
+    return problems
+
+
+def _modules(plan: LoadPlan) -> list[tuple[str, LoraModule | WeightModule]]:
+    """``(layer, module)`` of every module ``plan`` loads: LoRA, then LyCORIS/diff (merged mode)."""
+    out: list[tuple[str, LoraModule | WeightModule]] = [*plan.targets.items()]
+    out += plan.weights.items()
+    return out
