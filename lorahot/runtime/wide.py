@@ -12,8 +12,11 @@ With one adapter live every row of a layer has the layer's scale; with a stack l
 (:mod:`lorahot.runtime.stack`) each part's rows of a (linear, ungrouped) layer are one run
 with the part's scale. Either way the scales are numbers the host computes from the slot's
 plan and weights, and the multiply is one multi-tensor launch (over the layers, or over each
-part's run of rows) with no device-to-host read. Shapes and addresses of the wide buffers
-never change; a compiled graph or a captured CUDA graph reads them in place.
+part's run of rows) with no device-to-host read. On CUDA with Triton, one kernel launch
+(:mod:`lorahot.kernels.row_scale`) does the copy and the multiply for every layer at once,
+reading the per-row scales the live region already holds: no per-layer host work. Shapes and
+addresses of the wide buffers never change; a compiled graph or a captured CUDA graph reads them
+in place.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from collections.abc import Sequence
 import torch
 
 from lorahot.errors import UsageError
+from lorahot.kernels import row_scale
+from lorahot.kernels.row_scale import RowScaler
 from lorahot.layers import LoRALayer
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.plan import LoadPlan
@@ -73,6 +78,12 @@ class WideWeights:
         self._views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         #: the last stack's runs (see :meth:`_runs`): re-weighting one stack finds them here
         self._runs_of: tuple[Stack, list[Runs]] | None = None
+        #: per arena, on CUDA: one launch that rewrites every wide layer's rows from the live
+        #: per-row scales on the device (None: the library-call path below)
+        self._scalers: list[RowScaler | None] = [
+            RowScaler(wide, live, indices) if indices and row_scale.available(wide[0].device, wide[0].dtype) else None
+            for indices, wide, live in self.groups
+        ]
 
     @property
     def nbytes(self) -> int:
@@ -118,6 +129,11 @@ class WideWeights:
                     continue
                 rows = max(self.extent[a], self.buffers.arenas[a].a_extent[self.buffers.live])
                 if rows == 0:
+                    continue
+                scaler = self._scalers[a]
+                if stack is not None and scaler is not None:  # the live scales are on the device already
+                    scaler(self.buffers.arenas[a].S[self.buffers.live], rows)
+                    self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live]
                     continue
                 wide, live = self._rows(a, rows)
                 if stack is None:

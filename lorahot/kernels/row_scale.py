@@ -1,0 +1,66 @@
+"""Scaled copies of many row blocks in one launch: ``dst[l][k] = src[l][k] * s[layer[l], k]``.
+
+The wide layers (:mod:`lorahot.runtime.wide`) keep a copy of the live A under each base weight,
+every row multiplied by its per-row scale. After every load, activation, re-weighting and unload
+all of them are rewritten: with a copy and a multiply per layer (or two multi-tensor calls over
+lists of 154 views and a host-computed scale per view), the host work alone took 0.3-0.6 ms per
+swap on an H200, several times the swap's own copy. :class:`RowScaler` does it with one kernel
+launch that reads the per-row scales from the device: the layers' addresses are fixed after
+inject, so it builds their tables once and each refresh is a single call with no host loop.
+It applies on CUDA where Triton is available (:func:`available`); elsewhere the caller keeps its
+library-call path.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+__all__ = ["available", "RowScaler"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The Triton module, or None where Triton (or CUDA) is missing."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from lorahot.kernels import triton_row_scale
+    except Exception:  # no Triton, or a Triton this torch cannot use
+        return None
+    return triton_row_scale
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :class:`RowScaler` runs for tensors of ``device`` and ``dtype``."""
+    return device.type == "cuda" and dtype in _DTYPES and _kernel() is not None
+
+
+class RowScaler:
+    """``dst[l][:rows] = src[l][:rows] * scales[layer[l], :rows, None]`` for every pair, in one
+    launch. ``dst`` and ``src`` are lists of contiguous ``[R, cols_l]`` blocks (same dtype and
+    device; their addresses must not change afterwards), ``layer[l]`` the row of ``scales``
+    (``[n_layers, R]``, contiguous rows) holding block ``l``'s per-row scales."""
+
+    def __init__(self, dst: list[torch.Tensor], src: list[torch.Tensor], layer: list[int]) -> None:
+        device, dtype = dst[0].device, dst[0].dtype
+        for d, s in zip(dst, src, strict=True):  # lorahot's own buffers: a mismatch is a bug, not bad input
+            same = d.shape == s.shape and d.dtype == s.dtype == dtype
+            if not (same and d.is_contiguous() and s.is_contiguous()):
+                raise ValueError(f"row blocks must be contiguous {dtype} pairs of one shape; got {d.shape}, {s.shape}")
+        self.dtype = dtype
+        self.max_cols = max(d.shape[1] for d in dst)
+        self._dst = torch.tensor([d.data_ptr() for d in dst], dtype=torch.int64, device=device)
+        self._src = torch.tensor([s.data_ptr() for s in src], dtype=torch.int64, device=device)
+        self._layer = torch.tensor(layer, dtype=torch.int64, device=device)
+        self._cols = torch.tensor([d.shape[1] for d in dst], dtype=torch.int32, device=device)
+        self._keep = (dst, src)  # the blocks the tables point into stay alive with them
+
+    def __call__(self, scales: torch.Tensor, rows: int) -> None:
+        """Rewrites the first ``rows`` rows of every destination block."""
+        if rows > 0:
+            _kernel().launch(self._dst, self._src, scales, self._layer, self._cols, rows, self.max_cols, self.dtype)

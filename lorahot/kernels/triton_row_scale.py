@@ -1,0 +1,48 @@
+"""The Triton kernel behind :mod:`lorahot.kernels.row_scale` (imported only where Triton and CUDA exist).
+
+One program scales one ``BLOCK``-column piece of one row of one layer: it reads the layer's
+source and destination addresses from two int64 tables (the grouped-GEMM pattern: pointers as
+data), the row's scale from the per-row scale tensor, and writes
+``dst[row, cols] = round(src[row, cols] * s)`` with the product in float32, as a PyTorch
+multiply of a half-precision tensor by a scale computes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["launch"]
+
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_BLOCK = 1024
+
+
+@triton.jit
+def _row_scale_kernel(DST, SRC, S, LAYER, COLS, s_stride, BLOCK: tl.constexpr, DTYPE: tl.constexpr):
+    g = tl.program_id(0)
+    row = tl.program_id(1)
+    n = tl.load(COLS + g)
+    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dst = tl.load(DST + g).to(tl.pointer_type(DTYPE))
+    src = tl.load(SRC + g).to(tl.pointer_type(DTYPE))
+    s = tl.load(S + tl.load(LAYER + g) * s_stride + row).to(tl.float32)
+    x = tl.load(src + row * n + offs, mask=mask)
+    tl.store(dst + row * n + offs, (x.to(tl.float32) * s).to(DTYPE), mask=mask)
+
+
+def launch(
+    dst: torch.Tensor,
+    src: torch.Tensor,
+    scales: torch.Tensor,
+    layer: torch.Tensor,
+    cols: torch.Tensor,
+    rows: int,
+    max_cols: int,
+    dtype: torch.dtype,
+) -> None:
+    """See :func:`lorahot.kernels.row_scale.scale_rows`."""
+    grid = (dst.numel(), rows, triton.cdiv(max_cols, _BLOCK))
+    _row_scale_kernel[grid](dst, src, scales, layer, cols, scales.stride(0), BLOCK=_BLOCK, DTYPE=_TL[dtype])

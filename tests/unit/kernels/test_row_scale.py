@@ -1,0 +1,83 @@
+"""The one-launch scaled row copy behind the wide layers' refresh (CUDA with Triton only)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+from lorahot.kernels import row_scale
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_every_block_gets_its_rows_times_its_scales_and_nothing_else(dtype: torch.dtype) -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    R, widths, layers = 16, [64, 1000, 2048 + 3, 5], [3, 0, 2, 3]
+    src = [torch.randn(R, w, device="cuda", generator=g).to(dtype) for w in widths]
+    dst = [torch.full((R, w), float("nan"), device="cuda", dtype=dtype) for w in widths]
+    scales = torch.randn(4, R, device="cuda", generator=g)
+    scales[0, 5] = 0.0
+    scaler = row_scale.RowScaler(dst, src, layers)
+    assert row_scale.available(dst[0].device, dtype)
+    for rows in (5, R):
+        scaler(scales, rows)
+        for d, s, layer in zip(dst, src, layers):
+            want = (s[:rows].float() * scales[layer, :rows, None]).to(dtype)  # PyTorch's own half-precision multiply
+            assert torch.equal(d[:rows], want)
+            if rows < R:
+                assert torch.isnan(d[rows:]).all()  # rows past the count untouched
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_wide_rows_from_the_kernel_equal_the_library_path_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same loads, stack, re-weighting and activations on two models, one refreshing its
+    wide rows with the kernel and one with multi-tensor library calls: every wide row equal."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128, bias=False)).to("cuda", torch.bfloat16)
+    models, runtimes = [], []
+    for kernel in (True, False):
+        with monkeypatch.context() as m:
+            if not kernel:
+                m.setattr(row_scale, "available", lambda device, dtype: False)
+            model = copy.deepcopy(base)
+            runtimes.append(lorahot.inject(model, ["0", "2"], max_rank=32, slots=2))
+            models.append(model)
+    assert models[0][0].wide and models[1][2].wide
+    g = torch.Generator().manual_seed(1)
+
+    def adapter(rank: int) -> dict[str, torch.Tensor]:
+        return {
+            f"{n}.lora_{k}.weight": torch.randn(shape, generator=g)
+            for n, (fin, fout) in {"0": (256, 512), "2": (512, 128)}.items()
+            for k, shape in (("A", (rank, fin)), ("B", (fout, rank)))
+        }
+
+    a, b, c = adapter(8), adapter(16), adapter(32)
+
+    def same() -> None:
+        for name in ("0", "2"):
+            rows = [m[int(name)].wide_rows() for m in models]
+            assert torch.equal(rows[0], rows[1]), name
+
+    steps = [
+        lambda rt: rt.load(a, config={"lora_alpha": 16}),
+        lambda rt: rt.load([b, a], scale=[0.7, -1.5], slot=1),
+        lambda rt: rt.activate(1),
+        lambda rt: rt.set_scale([2.0, 0.25]),
+        lambda rt: rt.load(c, slot=1, scale=0.5),
+        lambda rt: rt.activate(0),
+        lambda rt: rt.set_scale(3.0),
+        lambda rt: rt.unload(0),
+    ]
+    for step in steps:
+        for rt in runtimes:
+            step(rt)
+        same()
