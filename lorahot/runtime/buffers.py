@@ -189,6 +189,9 @@ class Arena:
         #: is the faster one (memcpy; the CPU's ``index_copy_`` is about 3x slower), and other
         #: devices keep the batched copy of the pieces they were tested with.
         self.by_rows = device.type == "cuda"
+        #: on CUDA, the pinned host copy the per-row scales travel through (see :meth:`_upload_scales`)
+        self._s_stage: torch.Tensor | None = None
+        self._s_sent: torch.cuda.Event | None = None
         with torch.inference_mode(False):
             self._region = [(self.A[r], self.B[r], self.S[r]) for r in range(regions)]  # flat views per region
             self._e_region = [self.E[r] for r in range(regions)]
@@ -498,13 +501,32 @@ class Arena:
                 self.B[region].zero_()
             if dsts:
                 torch._foreach_copy_(dsts, srcs)
-            self.S[region].copy_(scales)
+            self._upload_scales(region, scales)
         self.a_extent[region], self.b_extent[region] = a_rows, b_rows
 
     def set_scales(self, region: int, scales: torch.Tensor) -> None:
         """Overwrites the per-row scales of ``region`` (float64 host tensor ``[n_layers, R]``)."""
         with torch.no_grad():
+            self._upload_scales(region, scales)
+
+    def _upload_scales(self, region: int, scales: torch.Tensor) -> None:
+        """``S[region] = scales`` from the host. On CUDA through a pinned staging copy in the
+        scales' dtype, so the upload is queued without waiting for the device: a copy from
+        pageable memory returns only once the stream has reached it, which made every
+        ``set_scale`` wait for the work queued before it. The staging copy is reused once the
+        previous upload from it has been carried out (an event, normally long past)."""
+        if not self.S.is_cuda:
             self.S[region].copy_(scales)
+            return
+        if self._s_stage is None:
+            with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode
+                self._s_stage = torch.empty(self.S.shape[1:], dtype=self.S.dtype).pin_memory()
+        elif self._s_sent is not None:
+            self._s_sent.synchronize()
+        self._s_stage.copy_(scales)  # float64 -> the scales' dtype, rounded as a direct copy rounds
+        self.S[region].copy_(self._s_stage, non_blocking=True)
+        self._s_sent = torch.cuda.Event()
+        self._s_sent.record()
 
     def copy_region(self, src: int, dst: int) -> None:
         """Makes ``dst`` an exact copy of ``src``: one device copy per buffer."""
@@ -617,11 +639,13 @@ class BufferManager:
 
     def set_scales(self, slot: int, scales: list[torch.Tensor], *, live: bool) -> None:
         """Overwrites the per-row scales of ``slot`` (one float64 host tensor ``[n_layers, R]``
-        per arena): one copy per arena (two when the slot is live)."""
+        per arena): one upload per arena, and a device copy into the live region when the slot
+        is live."""
         for arena, s in zip(self.arenas, scales):
             arena.set_scales(slot, s)
             if self._mirrored(slot, live):
-                arena.set_scales(self.live, s)
+                with torch.no_grad():
+                    arena.S[self.live].copy_(arena.S[slot])  # on the device, behind the upload
 
     def activate(self, slot: int) -> None:
         """Makes the live region a copy of ``slot``."""
