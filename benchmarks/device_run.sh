@@ -37,7 +37,7 @@ for step in "${@:-gpu-tests swap forward fullgraph}"; do
     echo "=== $s $(date +%T)"
     case $s in
       gpu-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=short tests 2>&1 | tail -25 ;;
-      swap|forward|fullgraph|rows|diffusion) timeout 560 python3 -m benchmarks.run --suite "$s" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-$s.log" | grep -v '^ ' | tail -40 ;;
+      swap|forward|fullgraph|rows|stack|mixed|diffusion) timeout 560 python3 -m benchmarks.run --suite "$s" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-$s.log" | grep -v '^ ' | tail -40 ;;
     esac
   done
 done

@@ -5,7 +5,7 @@
 
 Suites: ``swap`` (file / host cache / slot activation / memory), ``forward`` (compiled latency
 and recompiles, default and reduce-overhead), ``fullgraph`` (recompiles with fullgraph=True),
-``all``; ``rows`` and ``diffusion`` (an SDXL-shaped UNet, ``--tiny`` on a CPU) run on their
+``all``; ``rows``, ``stack``, ``mixed`` (one adapter per batch row) and ``diffusion`` (an SDXL-shaped UNet, ``--tiny`` on a CPU) run on their
 own. Each run's full JSON goes to ``results/runs/``; ``latest.json`` merges the newest figure of
 every field, in the schema the README table reads.
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import diffusion, forward, rows, stack, swap
+from benchmarks import diffusion, forward, mixed, rows, stack, swap
 from benchmarks.common import RESULTS, device_name, merge_results
 from benchmarks.workload import RANKS, build
 
@@ -38,6 +38,10 @@ def summary(raw: dict[str, Any]) -> dict[str, Any]:
         "stack_reweight_ms",
         "stack_forward_ms",
         "stack_rel_err",
+        "mixed_batch_ms",
+        "mixed_batch_single_ms",
+        "mixed_batch_rel_err_vs_peft",
+        "mixed_batch_recompiles",
     ):
         if key in raw:
             out[key] = raw[key]
@@ -113,7 +117,9 @@ def table(latest: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--suite", choices=["swap", "forward", "fullgraph", "rows", "stack", "diffusion", "all"], default="all"
+        "--suite",
+        choices=["swap", "forward", "fullgraph", "rows", "stack", "mixed", "diffusion", "all"],
+        default="all",
     )
     parser.add_argument("--small", action="store_true", help="2-layer model (CPU friendly)")
     parser.add_argument("--tiny", action="store_true", help="diffusion suite: a tiny UNet (the default on a CPU)")
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "fullgraph": lambda: forward.run_fullgraph(w, refs, args.repeat),
         "stack": lambda: stack.run(w, args.repeat),
+        "mixed": lambda: mixed.run(w, args.repeat, small=args.small),
         "rows": lambda: (
             rows.run_parallel(
                 args.small,
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     for name, step in steps.items():
-        if args.suite != name and (args.suite != "all" or name in ("rows", "stack")):  # their own calls
+        if args.suite != name and (args.suite != "all" or name in ("rows", "stack", "mixed")):  # their own calls
             continue
         merge_dict(raw, step())
         run_file.write_text(json.dumps(raw, indent=1))  # saved after every suite

@@ -18,6 +18,12 @@ rebinds them, so a compiled graph (or a captured CUDA graph) keeps reading the s
 after every swap. The layer reaches the arena tensors through one global handle
 (:mod:`lorahot.layers.tensor_handles`), and a compiled graph rebuilds the views from them.
 
+Per-row routing (``runtime.activate([slot, ...])``, :mod:`lorahot.layers.routing`): while the
+arena's entry in :data:`~lorahot.layers.tensor_handles.ROUTES` holds a routing, the forward
+reads every slot's region (the *slot views*, ``[slots, ...]``, rebuilt like the live views) and
+gives each row of the batch its own slot's update and extras; the fused and wide paths are
+skipped (a wide layer's weight is a view of its base rows, so its base output is unchanged).
+
 State dicts: the wrapper keeps the original module as ``base_layer`` but saves and loads its
 state under the original keys, so a model with LoRA layers injected still round-trips its base
 checkpoint unchanged. The LoRA buffers are not persistent.
@@ -34,8 +40,9 @@ import torch
 from torch import nn
 
 from lorahot.errors import UsageError
+from lorahot.layers import routing
 from lorahot.layers.state import RuntimeState
-from lorahot.layers.tensor_handles import TENSORS, TensorHandle
+from lorahot.layers.tensor_handles import ROUTES, TENSORS, TensorHandle
 
 __all__ = [
     "LayerSpec",
@@ -133,6 +140,8 @@ class LoRALayer(nn.Module):
     state: RuntimeState | None = None
     #: ``(A, B, scale, extras)`` views, set by :meth:`bind`.
     _live: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    #: The same views over every slot (``[slots, ...]``), set by :meth:`bind`.
+    _slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
         super().__init__()
@@ -199,6 +208,8 @@ class LoRALayer(nn.Module):
         self._key = handle.key
         # plain ints: the graph rebuilds each view from its arena tensor without touching it
         self._geometry = tuple((tuple(v.shape), v.stride(), v.storage_offset()) for v in self._live)
+        self._slot_geometry = tuple(routing.slot_geometry(v, r) for v, r in zip(self._live, roots))
+        self._slots = tuple(r.as_strided(*g) for r, g in zip(roots, self._slot_geometry))  # type: ignore[assignment]
         for name, root in zip(_ARENA_BUFFERS, roots):
             self.register_buffer(name, root, persistent=False)
         self.fused = fused and self.fusable(lora_A)
@@ -244,6 +255,15 @@ class LoRALayer(nn.Module):
             return live
         a, b, s, e = TENSORS[self._key]
         ga, gb, gs, ge = self._geometry
+        return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
+
+    def _slot_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, B, scale, extras)`` over every slot, ``[slots, ...]`` each (see :meth:`_views`)."""
+        if not torch.compiler.is_compiling():
+            assert self._slots is not None  # bound: _views ran first
+            return self._slots
+        a, b, s, e = TENSORS[self._key]
+        ga, gb, gs, ge = self._slot_geometry
         return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
 
     @property
@@ -295,6 +315,9 @@ class LoRALayer(nn.Module):
             out: torch.Tensor = self._base(x, *args, **kwargs)
             return out
         a, b, scale, e = self._views()
+        route = ROUTES[self._key]
+        if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
+            return self._routed_forward(x, route, *args, **kwargs)
         if not args and not kwargs:
             if self.fused and self.can_fuse(x, a):
                 return self._finish(self.fused_forward(x, a, b, scale), e, scale)  # base(x) + B(s * A(x))
@@ -316,6 +339,65 @@ class LoRALayer(nn.Module):
         if not self.extras:
             return z
         return torch.addcmul(e[EXTRA_G], e[EXTRA_F], z + e[EXTRA_BIAS] * scale[0]).to(z.dtype)
+
+    def _routed_forward(self, x: torch.Tensor, route: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base output plus each row's own slot's update (and extras), ``route [L]`` giving
+        each row's slot (see :mod:`lorahot.layers.routing`)."""
+        a, b, s, e = self._slot_views()
+        length = route.shape[0]
+        routing.check_rows(x, length, self.spec.kind, self.row_dims(x), self._describe())
+        y: torch.Tensor = self._base(x, *args, **kwargs)
+        z = self.routed_sum(x, y, a, b, s, route)
+        if not self.extras:
+            return z
+        return self._routed_extras(z, e, s, route)
+
+    def _routed_extras(self, z: torch.Tensor, e: torch.Tensor, s: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """``f * (z + s[0] * lora_bias) + g`` with each row's own extras from the slot views
+        ``e [slots, 4, out, *ones]`` and ``s [slots, R]``; ``-1`` rows take the no-adapter
+        values (``f = 1``, the rest 0), so they keep ``z`` as it is."""
+        length = route.shape[0]
+        on, index, s0 = routing.row_scales(s[:, :1], route)  # s0 [L, 1]: zero for no slot
+        rows = e[index]  # [L, 4, out, *ones]
+        flag = on.view(length, *(1,) * (rows.dim() - 2))  # [L, 1, *ones]
+        f = torch.where(flag, rows[:, EXTRA_F], torch.ones_like(rows[:, EXTRA_F]))
+        g = rows[:, EXTRA_G] * flag.to(rows.dtype)
+        bias = rows[:, EXTRA_BIAS] * s0.view(flag.shape)
+        shape = self.row_shape(length)
+        out = torch.addcmul(g.reshape(shape), f.reshape(shape), self.row_view(z, length) + bias.reshape(shape))
+        return out.reshape(z.shape).to(z.dtype)
+
+    def routed_sum(
+        self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor
+    ) -> torch.Tensor:
+        """``y`` (the base output) plus each row's update ``B_k(s_k * A_k(x_row))``, ``k`` its
+        slot in ``route [L]`` (none for -1), from the slot views ``a``, ``b``, ``s [slots, R]``.
+        The library formula; a subclass with a kernel overrides it."""
+        _, index, scales = routing.row_scales(s, route)
+        return y + self.routed_delta(x, a, b, scales, index).to(y.dtype)
+
+    def routed_delta(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """Each row's update, shaped like ``base(x)``: row ``i`` computes with the slot views
+        ``a[index[i]]``, ``b[index[i]]`` and its scales ``scales [L, R]`` (zero for no slot)."""
+        raise NotImplementedError
+
+    def row_dims(self, x: torch.Tensor) -> int:
+        """Trailing dimensions of the input that are not rows (1: a linear's ``in``)."""
+        return 1
+
+    def row_view(self, t: torch.Tensor, length: int) -> torch.Tensor:
+        """An output ``t`` with its ``length`` rows first and its channels last: ``[L, T, out]``."""
+        return t.reshape(length, -1, t.shape[-1])
+
+    def row_shape(self, length: int) -> tuple[int, ...]:
+        """How one value per row and output channel broadcasts against :meth:`row_view`."""
+        return (length, 1, self.spec.out_dim)
+
+    def _describe(self) -> str:
+        s = self.spec
+        return f"{type(self).__name__} over {type(self.base_layer).__name__} ({s.in_dim} -> {s.out_dim})"
 
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``B(scale * A(x))``, the per-row ``scale [R]`` applied to the rank-wide intermediate,

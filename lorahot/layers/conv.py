@@ -81,6 +81,38 @@ class LoRAConv(LoRALayer):
         h = (h * scale.view(-1, *(1,) * self._nd)).to(h.dtype)
         return self._conv(h, b, None, 1, 0, 1, self._groups)
 
+    def routed_delta(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """Each image of the batch convolved with its own slot's A and B: the batch folded into
+        the channels, and the convolutions grouped by image (groups ``L`` for A, ``L * groups``
+        for B), so one call serves every slot."""
+        length = index.shape[0]
+        x = x.to(a.dtype)
+        if self._pad_mode is not None:
+            x = F.pad(x, self._pad, mode=self._pad_mode)
+        a_rows = a[index]  # (L, R, in, *k)
+        rank = a_rows.shape[1]
+        folded = x.reshape(1, -1, *x.shape[2:])  # (1, L * in, *spatial)
+        h = self._conv(folded, a_rows.flatten(0, 1), None, self._stride, self._padding, self._dilation, length)
+        h = h.view(length, rank, *h.shape[2:]) * scales.view(length, rank, *(1,) * self._nd)  # (L, R, *spatial)
+        b_rows = b[index]  # (L, out, R / g, 1, ...)
+        out = self._conv(
+            h.reshape(1, -1, *h.shape[2:]).to(a.dtype), b_rows.flatten(0, 1), None, 1, 0, 1, length * self._groups
+        )
+        return out.view(length, -1, *out.shape[2:])
+
+    def row_dims(self, x: torch.Tensor) -> int:
+        """Channels and spatial dimensions; the batch dimension is the row."""
+        return 1 + self._nd
+
+    def row_view(self, t: torch.Tensor, length: int) -> torch.Tensor:
+        """The output ``[L, out, *spatial]`` already has its rows first."""
+        return t
+
+    def row_shape(self, length: int) -> tuple[int, ...]:
+        return (length, self.spec.out_dim, *(1,) * self._nd)
+
     def merge_refusal(self) -> str | None:
         """Grouped convs cannot be merged; a subclass that overrides ``forward`` must still
         compute its torch class's convolution (checked on a probe input)."""

@@ -58,6 +58,23 @@ class LoRAEmbedding(LoRALayer):
             delta = delta * (factor.to(delta.dtype) if isinstance(factor, torch.Tensor) else factor)
         return delta
 
+    def routed_delta(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """Ids ``[L, T]`` (``x`` split into ``L`` groups) look up their own slot's ``A.T``."""
+        length = index.shape[0]
+        ids = x.reshape(length, -1)  # (L, T)
+        h = a.transpose(1, 2)[index[:, None], ids]  # (L, T, R)
+        delta = torch.bmm((h * scales[:, None, :]).to(h.dtype), b[index]).reshape(*x.shape, b.shape[-1])
+        if self._scaled:
+            factor = self._base.embed_scale
+            delta = delta * (factor.to(delta.dtype) if isinstance(factor, torch.Tensor) else factor)
+        return delta
+
+    def row_dims(self, x: torch.Tensor) -> int:
+        """Every dimension of the ids is a row dimension."""
+        return 0
+
     def channel_dim(self) -> int:
         """Weight ``[num, dim]``: PEFT's DoRA norms each embedding dimension over the vocabulary."""
         return 1

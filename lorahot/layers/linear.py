@@ -17,6 +17,7 @@ from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.kernels import lora_linear as fused_kernel
+from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.kernels import wide_linear as wide_kernel
 from lorahot.layers.base import WIDE_BUFFER, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
 
@@ -70,8 +71,9 @@ class LoRALinear(LoRALayer):
         return a_rows, b_rows
 
     def fusable(self, lora_A: torch.Tensor) -> bool:
-        """:mod:`lorahot.kernels.lora_linear` applies: CUDA, fp16/bf16, an ``nn.Linear`` base."""
-        return fused_kernel.supports(self.base_layer, lora_A)
+        """:mod:`lorahot.kernels.lora_linear` applies: CUDA, fp16/bf16, an ``nn.Linear`` base.
+        Then the routed kernels (:mod:`lorahot.kernels.routed_lora`) serve per-row routing too."""
+        return fused_kernel.supports(self.base_layer, lora_A) and routed_kernel.available()
 
     def can_fuse(self, x: torch.Tensor, a: torch.Tensor) -> bool:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -88,6 +90,26 @@ class LoRALinear(LoRALayer):
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         h = torch.matmul(x.to(a.dtype), a.t())  # (..., R)
         return torch.matmul((h * scale).to(h.dtype), b)  # (..., out)
+
+    def routed_delta(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows ``[L, T, in]`` (``x``'s leading dims split into ``L`` groups) times their own
+        slot's ``A [R, in]`` and ``B [R, out]`` (gathered): two batched products."""
+        length = index.shape[0]
+        x3 = x.reshape(length, -1, x.shape[-1]).to(a.dtype)  # (L, T, in)
+        h = torch.bmm(x3, a[index].transpose(1, 2))  # (L, T, R)
+        h = (h * scales[:, None, :]).to(h.dtype)
+        return torch.bmm(h, b[index]).reshape(*x.shape[:-1], b.shape[-1])  # (..., out)
+
+    def routed_sum(
+        self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor
+    ) -> torch.Tensor:
+        """The routed kernel (:mod:`lorahot.kernels.routed_lora`) where the fused kernel applies
+        (CUDA, fp16/bf16, no autograd); the library formula elsewhere."""
+        if self.fused and x.dtype == a.dtype == y.dtype and not _needs_grad(x, self._base):
+            return routed_kernel.routed_lora(x, y, a, b, s, route)
+        return super().routed_sum(x, y, a, b, s, route)
 
     def widenable(self, max_rank: int, dtype: torch.dtype) -> bool:
         """An exact ``nn.Linear`` whose weight is a plain contiguous tensor of the buffers'

@@ -10,7 +10,10 @@ address too, so CUDA graphs read it in place. Marking imports ``torch._dynamo`` 
 once on a CPU box), which ``torch.compile`` imports anyway.
 
 A :class:`TensorHandle` owns one entry of :data:`TENSORS` and removes it when collected; the
-arena and every layer bound to it hold the handle.
+arena and every layer bound to it hold the handle. It owns the same key of :data:`ROUTES`: None
+while the whole batch computes with the live region, else the per-row routing (an int64 device
+tensor ``[L]``, one slot per row, -1 for none; see :mod:`lorahot.layers.routing`). Only the
+runtime writes it, in place for a new routing of the same length.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import weakref
 
 import torch
 
-__all__ = ["TensorHandle", "TENSORS"]
+__all__ = ["TensorHandle", "TENSORS", "ROUTES"]
 
 #: key -> tensors; read by the layers' forward under ``torch.compile`` (see :mod:`lorahot.layers.base`).
 TENSORS: dict[int, tuple[torch.Tensor, ...]] = {}
+#: key -> the per-row routing of the layers bound to that arena, or None (the whole batch reads
+#: the live region). A compiled graph guards on which of the two it is, and on the routing's length.
+ROUTES: dict[int, torch.Tensor | None] = {}
 _ids = itertools.count()
 
 
@@ -33,7 +39,9 @@ class TensorHandle:
     def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
         self.key = next(_ids)
         TENSORS[self.key] = tensors
+        ROUTES[self.key] = None
         weakref.finalize(self, TENSORS.pop, self.key, None)
+        weakref.finalize(self, ROUTES.pop, self.key, None)
         from torch._dynamo import mark_static, mark_static_address
 
         for t in tensors:

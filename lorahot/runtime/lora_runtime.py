@@ -34,6 +34,7 @@ from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from lorahot.runtime.dora import DoraFactors
 from lorahot.runtime.merge import Merger
 from lorahot.runtime.plan import Checked, LoadPlan, check_multiplier, pack_host, restage, validate
+from lorahot.runtime.routing import Routing, check_routing
 from lorahot.runtime.stack import Stack, build
 from lorahot.runtime.targets import unwrap_modules
 from lorahot.runtime.wide import WideWeights, widen_layers
@@ -147,6 +148,7 @@ class LoraRuntime:
         if fused and not merged:
             widen_layers(layers, buffers)
         self._wide = WideWeights(layers, buffers)
+        self._routing = Routing(buffers)
         self._arena_names = [[""] * len(a.specs) for a in buffers.arenas]  # for messages
         for name, (arena, index) in buffers.where.items():
             self._arena_names[arena][index] = name
@@ -180,7 +182,15 @@ class LoraRuntime:
 
     @property
     def active_slot(self) -> int:
+        """The slot the whole batch computes with (the last ``activate(k)``; while a per-row
+        routing is in force, see :attr:`routing`)."""
         return self._active
+
+    @property
+    def routing(self) -> tuple[int, ...] | None:
+        """The per-row routing in force (one slot per row, or per token with ``lengths``;
+        -1 for the base model only), or None while the whole batch uses :attr:`active_slot`."""
+        return self._routing.rows
 
     @property
     def nbytes(self) -> int:
@@ -452,13 +462,54 @@ class LoraRuntime:
         return hit
 
     @public_api
-    def activate(self, slot: int) -> None:
-        """Makes the model compute with ``slot`` (an empty slot means no adapter)."""
+    def activate(
+        self, slot: int | Sequence[int] | torch.Tensor, *, lengths: Sequence[int] | torch.Tensor | None = None
+    ) -> None:
+        """Chooses the adapter the model computes with: one slot for the whole batch, or one
+        slot per row of the batch (a *mixed batch*).
+
+        Args:
+            slot: an int: every row computes with that slot (an empty slot means no adapter).
+                Or a sequence of ints or a 1-D integer tensor (any device), one per row: row
+                ``i`` computes with slot ``slot[i]``, ``-1`` with the base model only. A row is
+                a sequence of the batch: the input's first dimension (a conv's batch); for a
+                linear or an embedding, its leading dimensions split into equal groups, so
+                flattened tokens ``[B * T, in]`` follow their row, and one entry per token
+                routes packed input.
+            lengths: with a sequence of slots: the number of tokens of each entry's row in a
+                packed input (rows concatenated along the tokens, ``[N, in]`` or ``[1, N]``
+                ids); each entry is repeated for its row's tokens.
+
+        The routing is device data of a fixed shape, written in place: on a compiled model
+        (CUDA graphs included) a new routing of the same length never recompiles. The first
+        switch between whole-batch and per-row mode compiles a graph for the other mode, kept
+        beside the first (later switches recompile nothing); a routing of another length comes
+        with a batch of another size, which recompiles unless compiled with dynamic shapes.
+        Loads, ``set_scale`` and ``unload`` of any slot take effect on its rows at once.
+
+        Raises:
+            UsageError: a slot out of range (-1 .. slots - 1) or empty for a per-row routing;
+                a routing that is not a non-empty sequence of ints or 1-D integer tensor;
+                ``lengths`` not one count (int >= 0) per entry; a per-row routing in merged
+                mode (the adapter is folded into weights every row shares). Nothing changed.
+                A batch whose shape does not fit the routing raises when the model runs.
+        """
         self._check_usable()
-        slot = self._slot(slot)
-        self.buffers.activate(slot)
-        self._active = slot
-        self._remerge(slot)
+        if isinstance(slot, int) and lengths is not None:
+            raise UsageError(
+                f"lengths={lengths!r:.40} applies to a per-row routing (a sequence of slots), not to "
+                f"activate({slot!r})."
+            )
+        if not isinstance(slot, (Sequence, torch.Tensor)) or isinstance(slot, (str, bytes)):
+            slot = self._slot(slot)  # type: ignore[arg-type]  # an int, or the error saying what it must be
+            self.buffers.activate(slot)
+            self._active = slot
+            self._remerge(slot)
+            self._routing.clear()
+            return
+        filled = [info is not None for info in self._infos]
+        route = check_routing(slot, lengths, self.slots, filled, merged=self._merger is not None)
+        self._routing.set(route)
 
     @public_api
     def unload(self, slot: int | None = None) -> None:
@@ -610,6 +661,9 @@ class LoraRuntime:
     def __repr__(self) -> str:
         held = self._infos[self._active]
         now = "empty" if held is None else " + ".join(f"{_tail(p.source)} x{p.scale:g}" for p in held.parts)
+        if self._routing.rows is not None:
+            rows = self._routing.rows
+            now = f"per row {list(rows[:8])}{'...' if len(rows) > 8 else ''}"
         return (
             f"LoraRuntime(layers={len(self.layers)}, max_rank={self.max_rank}, slots={self.slots}, "
             f"active={self._active}: {now}, nbytes={self.nbytes})"

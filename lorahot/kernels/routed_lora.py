@@ -1,0 +1,118 @@
+"""The routed LoRA linear: each row of a batch adds its own slot's update, in one op per layer.
+
+``routed_lora(x, y, a, bt, s, route)`` returns ``y + B_k(s_k * A_k x)`` row by row, ``k`` the
+row's slot (``-1``: none, the row is ``y`` as it is), for the slot views of a layer's arena
+(``a [slots, R, in]``, ``bt [slots, R, out]``, ``s [slots, R]``) and ``y`` the base output. It
+is the custom op ``lorahot::routed_lora``: opaque to the compiler (one node per layer, not a
+``triton_op``, for the reason :mod:`lorahot.kernels.triton_lora_linear` gives), shape-stable
+for CUDA graphs, with a registered fake.
+
+On CUDA (fp16/bf16, Triton present) it runs one of two Triton kernel pairs
+(:mod:`lorahot.kernels.triton_routed_lora`), each a shrink then an expand:
+
+- *gather* (as Punica's BGMV) for decode-sized inputs, at most :data:`GATHER_ROWS` rows: one
+  program per row reads its own slot's A and B. Few rows read little, and nothing is sorted.
+- *segmented* (as Punica's SGMV) above that: the rows are grouped by slot on the device (a
+  stable sort of the slot indices, counts and starts; no host sync, so CUDA graphs capture it),
+  and each program multiplies a tile of up to 16 rows that share a slot by that slot's A or B
+  with tensor-core dots: a slot's weights are read once per tile of rows, not once per row.
+
+Elsewhere it runs the library formula (gather + batched products), which is also the reference
+the kernels are tested against. Rows are ``x``'s leading dimensions flattened; ``route [L]``
+gives each of ``L`` equal consecutive groups of them its slot (one per sequence, or per token).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+__all__ = ["GATHER_ROWS", "available", "routed_lora", "reference", "token_route"]
+
+#: Up to this many rows the gather kernels run; above it, the segmented ones. A starting point
+#: from the bytes: with more rows than slots, rows share slots and the gather kernels re-read
+#: each shared slot's A and B once per row (from L2 at best).
+GATHER_ROWS = 8
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The Triton module, or None where Triton (or CUDA) is missing."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from lorahot.kernels import triton_routed_lora
+    except Exception:  # no Triton, or a Triton this torch cannot use
+        return None
+    return triton_routed_lora
+
+
+def available() -> bool:
+    """Whether the routed kernels can run on this machine (CUDA and Triton present)."""
+    return _kernel() is not None
+
+
+def token_route(route: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[rows]``: the slot of each row of the flattened input, ``route [L]`` spread over ``L``
+    equal consecutive groups (``rows`` a multiple of ``L``); no host sync."""
+    length = route.shape[0]
+    if rows == length:
+        return route
+    return route[:, None].expand(length, rows // length).reshape(rows)
+
+
+def reference(
+    x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, s: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """The library formula on 2-D ``x [M, in]``, ``y [M, out]`` and ``tokens [M]``: each row's
+    slot's A and B gathered, two batched products, the scales zero for ``-1`` rows."""
+    on = tokens >= 0
+    index = tokens.clamp_min(0)
+    h = torch.bmm(x[:, None, :].to(a.dtype), a[index].transpose(1, 2))[:, 0]  # (M, R)
+    h = h * (s[index] * on[:, None].to(s.dtype))
+    return y + torch.bmm(h.to(a.dtype)[:, None, :], bt[index])[:, 0].to(y.dtype)
+
+
+@torch.library.custom_op("lorahot::routed_lora", mutates_args=())
+def _routed_lora(
+    x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, s: torch.Tensor, route: torch.Tensor
+) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    y2 = y.reshape(-1, y.shape[-1])
+    tokens = token_route(route, x2.shape[0])
+    kernel = _kernel() if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
+    if kernel is None or x2.shape[0] == 0:
+        return reference(x2, y2, a, bt, s, tokens).view(y.shape)
+    x2, y2 = x2.contiguous(), y2.contiguous()
+    out = torch.empty_like(y2)
+    kernel.launch(x2, y2, a, bt, s, tokens, out, gather=x2.shape[0] <= GATHER_ROWS)
+    return out.view(y.shape)
+
+
+@_routed_lora.register_fake
+def _(
+    x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, s: torch.Tensor, route: torch.Tensor
+) -> torch.Tensor:
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def routed_lora(
+    x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, s: torch.Tensor, route: torch.Tensor
+) -> torch.Tensor:
+    """``y`` plus each row's own slot's update (see the module docstring).
+
+    Args:
+        x: ``[..., in]`` the layer's input.
+        y: ``[..., out]`` its base output.
+        a: ``[slots, R, in]`` every slot's A (rows of each slot contiguous).
+        bt: ``[slots, R, out]`` every slot's B transposed.
+        s: ``[slots, R]`` every slot's per-rank-row scales (float32).
+        route: ``[L]`` int64, each group of rows' slot or -1; ``x``'s rows a multiple of ``L``.
+
+    Returns:
+        ``[..., out]`` in ``y``'s dtype.
+    """
+    out: torch.Tensor = torch.ops.lorahot.routed_lora(x, y, a, bt, s, route)
+    return out

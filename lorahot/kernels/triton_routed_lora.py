@@ -1,0 +1,198 @@
+"""The Triton kernels behind :mod:`lorahot.kernels.routed_lora` (imported only where Triton and CUDA exist).
+
+Both pairs compute ``out[m] = y[m] + (s_k * (x[m] @ A_k.T)) @ Bt_k`` with ``k = tokens[m]`` the
+row's slot (``-1``: ``out[m] = y[m]``), through a float32 workspace ``H [M, R_PAD]`` holding the
+scaled shrink of every row:
+
+- gather (BGMV): :func:`_gather_shrink` runs one program per (row, 16 rank rows), summing
+  ``A_k[r] * x[m]`` over K; :func:`_gather_expand` one per (row, output tile). Each row reads its
+  own slot's weights: right for a handful of rows, wasteful when many rows share a slot.
+- segmented (SGMV): the rows are sorted by slot first (``order``; ``starts`` and ``counts`` per
+  slot, the rows of no slot last, under index ``slots``). :func:`_segment_shrink` runs one program
+  per (tile of up to ``BLOCK_M`` rows of one slot, slot) and :func:`_segment_expand` one per
+  (such a tile, output tile, slot), each a tensor-core dot of the tile's gathered rows with the
+  slot's A or B: a slot's weights are read once per tile. The grids are sized for the worst case
+  (every row in one slot); programs past their slot's rows return at once. The expand's programs
+  of the no-slot segment copy ``y``.
+
+The shrink is rounded to the weights' dtype before the expand in the segmented kernels (a dot
+of two fp16/bf16 tiles, as the fused kernel does) and kept in float32 in the gather kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["launch", "segments"]
+
+
+@triton.jit
+def _gather_shrink(
+    X, A, S, TOK, H,
+    K, R,
+    stride_xm, stride_as, stride_ar, stride_ss, stride_hm,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    m = tl.program_id(0)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    slot = tl.load(TOK + m)
+    if slot < 0:
+        return
+    r_ok = rr < R
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        kk = k * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        x = tl.load(X + m.to(tl.int64) * stride_xm + kk, mask=k_ok, other=0.0).to(tl.float32)
+        a = tl.load(
+            A + slot * stride_as + rr[:, None] * stride_ar + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0
+        ).to(tl.float32)
+        acc += tl.sum(a * x[None, :], axis=1)
+    s = tl.load(S + slot * stride_ss + rr, mask=r_ok, other=0.0).to(tl.float32)
+    tl.store(H + m.to(tl.int64) * stride_hm + rr, acc * s, mask=r_ok)
+
+
+@triton.jit
+def _gather_expand(
+    Y, H, BT, TOK, OUT,
+    N, R,
+    stride_ym, stride_hm, stride_bs, stride_br, stride_om,
+    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    m = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    slot = tl.load(TOK + m)
+    acc = tl.load(Y + m.to(tl.int64) * stride_ym + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if slot >= 0:
+        rr = tl.arange(0, R_PAD)
+        r_ok = rr < R
+        h = tl.load(H + m.to(tl.int64) * stride_hm + rr, mask=r_ok, other=0.0)
+        bt = tl.load(
+            BT + slot * stride_bs + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0
+        ).to(tl.float32)
+        acc += tl.sum(h[:, None] * bt, axis=0)
+    tl.store(OUT + m.to(tl.int64) * stride_om + rn, acc.to(OUT.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _segment_shrink(
+    X, A, S, ORDER, STARTS, COUNTS, H,
+    K, R,
+    stride_xm, stride_as, stride_ar, stride_ss, stride_hm,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    slot = tl.program_id(1)
+    count = tl.load(COUNTS + slot)
+    if pid_m * BLOCK_M >= count:
+        return
+    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs < count
+    rows = tl.load(ORDER + tl.load(STARTS + slot) + offs, mask=m_ok, other=0).to(tl.int64)
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < R
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        kk = k * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        x = tl.load(X + rows[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(
+            A + slot * stride_as + rr[None, :] * stride_ar + kk[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0
+        )
+        acc = tl.dot(x, a, acc)
+    s = tl.load(S + slot * stride_ss + rr, mask=r_ok, other=0.0).to(tl.float32)
+    tl.store(H + rows[:, None] * stride_hm + rr[None, :], acc * s[None, :], mask=m_ok[:, None])
+
+
+@triton.jit
+def _segment_expand(
+    Y, H, BT, ORDER, STARTS, COUNTS, OUT,
+    N, R, SLOTS,
+    stride_ym, stride_hm, stride_bs, stride_br, stride_om,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.program_id(2)
+    count = tl.load(COUNTS + slot)
+    if pid_m * BLOCK_M >= count:
+        return
+    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs < count
+    rows = tl.load(ORDER + tl.load(STARTS + slot) + offs, mask=m_ok, other=0).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    mask = m_ok[:, None] & n_ok[None, :]
+    acc = tl.load(Y + rows[:, None] * stride_ym + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    if slot < SLOTS:
+        rr = tl.arange(0, R_PAD)
+        r_ok = rr < R
+        h = tl.load(H + rows[:, None] * stride_hm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        bt = tl.load(
+            BT + slot * stride_bs + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0
+        )
+        acc = tl.dot(h.to(BT.dtype.element_ty), bt, acc)
+    tl.store(OUT + rows[:, None] * stride_om + rn[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+def segments(tokens: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(order, starts, counts)``: the rows sorted by slot (stable), and where each slot's run
+    starts and how long it is, for ``slots + 1`` segments (the rows of no slot last). Device
+    operations of fixed shapes only: no host sync, capturable in a CUDA graph."""
+    seg = torch.where(tokens < 0, slots, tokens)
+    order = torch.argsort(seg, stable=True)
+    counts = torch.zeros(slots + 1, dtype=torch.int64, device=tokens.device)
+    counts.scatter_add_(0, seg, torch.ones_like(seg))
+    starts = torch.cumsum(counts, 0) - counts
+    return order, starts, counts
+
+
+def launch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    s: torch.Tensor,
+    tokens: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    gather: bool,
+) -> None:
+    """Runs the gather or the segmented kernels on 2-D ``x [M, K]``, ``y [M, N]`` (rows
+    contiguous) into ``out [M, N]``; ``a [slots, R, K]`` and ``bt [slots, R, N]`` with contiguous
+    rows, ``s [slots, R]``, ``tokens [M]`` int64."""
+    m, k = x.shape
+    n = y.shape[1]
+    slots, r = a.shape[0], a.shape[1]
+    r_pad = max(16, triton.next_power_of_2(r))
+    h = torch.empty((m, r_pad), device=x.device, dtype=torch.float32)
+    if gather:
+        _gather_shrink[(m, triton.cdiv(r, 16))](
+            x, a, s, tokens, h, k, r,
+            x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(0),
+            BLOCK_R=16, BLOCK_K=128, num_warps=4,
+        )  # fmt: skip
+        block_n = 128
+        _gather_expand[(m, triton.cdiv(n, block_n))](
+            y, h, bt, tokens, out, n, r,
+            y.stride(0), h.stride(0), bt.stride(0), bt.stride(1), out.stride(0),
+            R_PAD=r_pad, BLOCK_N=block_n, num_warps=4,
+        )  # fmt: skip
+        return
+    order, starts, counts = segments(tokens, slots)
+    block_m = 16 if m <= 256 else 64
+    tiles = triton.cdiv(m, block_m)
+    _segment_shrink[(tiles, slots)](
+        x, a, s, order, starts, counts, h, k, r,
+        x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(0),
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=64, num_warps=4,
+    )  # fmt: skip
+    block_n = 64 if n <= 1024 else 128
+    _segment_expand[(tiles, triton.cdiv(n, block_n), slots + 1)](
+        y, h, bt, order, starts, counts, out, n, r, slots,
+        y.stride(0), h.stride(0), bt.stride(0), bt.stride(1), out.stride(0),
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip

@@ -1,0 +1,98 @@
+"""Per-row routing inside a layer: row ``i`` of a batch computes with slot ``route[i]``.
+
+The runtime publishes a routing (``runtime.activate([2, 0, -1, 2])``) as an int64 device tensor
+``route [L]`` under the arena's key in :data:`~lorahot.layers.tensor_handles.ROUTES`; ``-1``
+means the base model only. A layer then reads every slot's region of the arena at once (its
+*slot views*: ``A [slots, R, ...]``, ``B``, ``S [slots, R]``, extras ``[slots, 4, out, ...]``,
+rebuilt from the arena tensors like the live views) and gives each row its own slot's update.
+
+Which part of the layer's input is a "row" (:func:`check_rows`):
+
+- a convolution: its batch dimension, so ``x.shape[0] == L`` (batched input only);
+- a linear or an embedding: the leading dimensions (all but ``in`` for a linear, all for the
+  ids of an embedding), flattened and split into ``L`` equal consecutive groups. ``[B, T, in]``
+  with ``L = B`` routes each sequence; ``[B * T, in]`` (tokens flattened, rows outermost) with
+  ``L = B`` gives each row's ``T`` tokens its slot; ``[N, in]`` or ``[1, N, in]`` with ``L = N``
+  routes each token (packed variable-length input: one entry per token, see
+  ``activate(..., lengths=...)``). An input that splits into no such groups raises
+  :class:`~lorahot.errors.UsageError` when the layer runs.
+
+The rank-wide per-row scales ``s[route[i]]`` are zero on ``-1`` rows, so their update is exactly
+zero, and their extras (DoRA factor, LoRA bias) take the no-adapter values: such a row computes
+the base output bitwise. The library formula gathers each row's A and B (one batched product
+per layer, the graph the same for any slot count); on CUDA a linear layer takes the routed
+kernel (:mod:`lorahot.kernels.routed_lora`), which reads each slot's weights once per tile of
+rows instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lorahot.errors import UsageError
+
+__all__ = ["slot_geometry", "check_rows", "row_scales"]
+
+#: ``(shape, stride, storage offset)`` of a view of an arena tensor.
+Geometry = tuple[tuple[int, ...], tuple[int, ...], int]
+
+
+def slot_geometry(view: torch.Tensor, root: torch.Tensor) -> Geometry:
+    """The geometry of ``view`` (a layer's view of one region of ``root [regions, ...]``) over
+    every slot: a leading dimension of ``slots`` regions (``regions - 1`` when a live region
+    follows them, else 1), the slot's region at the same place as the view in its own. A view
+    that covers all of its root is one slot."""
+    if view.numel() == root.numel():  # the view is all of its tensor (bound by hand, or one region): one slot
+        return (1, *view.shape), (0, *view.stride()), int(view.storage_offset())
+    regions = root.shape[0]
+    slots = regions - 1 if regions > 1 else 1
+    step = root.stride(0)
+    return (slots, *view.shape), (step, *view.stride()), int(view.storage_offset()) % step
+
+
+def check_rows(x: torch.Tensor, length: int, kind: str, dims: int, what: str) -> None:
+    """Checks that ``x`` splits into ``length`` routed rows (see the module docstring).
+
+    Args:
+        x: the layer's input.
+        length: entries of the routing.
+        kind: the layer kind (``"conv"`` routes the batch dimension only).
+        dims: trailing dimensions that are not rows (1 for a linear's ``in``, 0 for ids, the
+            channels and spatial dimensions for a conv).
+        what: the layer, for the message.
+
+    Raises:
+        UsageError: naming the input's shape, the routing's length and the fix.
+    """
+    shape = tuple(x.shape)
+    leading = shape[: len(shape) - dims]
+    if kind == "conv":
+        if len(leading) == 1 and leading[0] == length:
+            return
+    elif leading and leading[0] == length:
+        return
+    elif leading:
+        n = math.prod(leading)
+        if n % length == 0 and (leading[0] % length == 0 or length % leading[0] == 0):
+            return
+    rule = (
+        "a conv routes its batch dimension, so its input must be batched with one row per entry"
+        if kind == "conv"
+        else "its leading dimensions must split into that many equal groups (one entry per sequence, or per "
+        "token of flattened or packed input, rows outermost)"
+    )
+    raise UsageError(
+        f"{what}: its input {shape} does not fit the routing of {length} row{'s' if length != 1 else ''}: {rule}. "
+        "Call runtime.activate with one slot per row of this batch (activate(slots, lengths=...) expands them to "
+        "packed tokens), or runtime.activate(k) to run the whole batch with slot k."
+    )
+
+
+def row_scales(scales: torch.Tensor, route: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(on [L] bool, index [L] int64, s [L, R])``: whether each row has a slot, its slot (0 for
+    none) and its per-rank-row scales (zero for none), from ``scales [slots, R]``."""
+    on = route >= 0
+    index = route.clamp_min(0)
+    return on, index, scales[index] * on[:, None].to(scales.dtype)

@@ -1,0 +1,157 @@
+"""Per-row routing: which slot each row of a batch computes with (``runtime.activate([...])``).
+
+A routing is one slot index per row (``-1``: the base model only). :func:`check_routing` turns
+what the user passed into a host int64 tensor ``[L]``, or raises before anything changes;
+:class:`Routing` publishes it to the layers: per arena, an int64 device tensor of exactly ``L``
+entries, allocated the first time a routing of that length is set and written in place ever
+after, under the arena's key in :data:`~lorahot.layers.tensor_handles.ROUTES`. The layers read
+it there (:mod:`lorahot.layers.routing`).
+
+What a compiled model sees:
+
+- a new routing of the same length is new data in the same tensor: no recompile, and a
+  captured CUDA graph reads it (the routing is a graph input, copied in at each replay);
+- switching between whole-batch (``activate(k)``: the entry is None) and per-row mode changes
+  what the forward computes: the first switch each way compiles a second graph, kept beside the
+  first, so later switches recompile nothing;
+- a routing of another length goes with a batch of another size: a new input shape, which
+  recompiles unless the model was compiled with dynamic shapes (or the compiler made the batch
+  size dynamic after seeing two); the routing's length is a dynamic size like the batch's, so
+  the graph is not specialized to it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+from lorahot.errors import UsageError, format_problems
+from lorahot.layers.tensor_handles import ROUTES
+from lorahot.runtime.buffers import BufferManager
+
+__all__ = ["Routing", "check_routing"]
+
+
+def check_routing(
+    slots: object, lengths: object, count: int, filled: Sequence[bool], merged: bool = False
+) -> torch.Tensor:
+    """The routing as a host int64 tensor ``[L]``: ``slots`` one entry per row, or, with
+    ``lengths``, each entry repeated for its row's tokens (packed input).
+
+    Args:
+        slots: a sequence of ints or a 1-D integer tensor (any device: read back once).
+        lengths: None, or one token count (int >= 0) per entry of ``slots``.
+        count: the runtime's number of slots.
+        filled: per slot, whether it holds an adapter.
+        merged: whether the runtime runs merged (which cannot route).
+
+    Raises:
+        UsageError: merged mode; not a sequence or 1-D integer tensor, or empty; an entry not
+            an int in ``-1 .. count - 1``; an entry naming an empty slot; ``lengths`` of the
+            wrong length or with a negative or non-int entry, or with no token at all.
+    """
+    if merged:
+        raise UsageError(
+            "activate([...]) routes each row of a batch to its own slot, but this runtime was injected with "
+            "merged=True: the active adapter is folded into the base weights, which every row shares. Inject without "
+            "merged=True to serve mixed batches, or run one batch per adapter with activate(k)."
+        )
+    route = _as_tensor(slots)
+    bad = [(i, v) for i, v in enumerate(route.tolist()) if not -1 <= v < count]
+    if bad:
+        raise UsageError(
+            format_problems(
+                f"routing entries out of range (slots 0..{count - 1}, or -1 for the base model only):",
+                [f"row {i}: {v}" for i, v in bad],
+            )
+        )
+    empty = sorted({v for v in route.tolist() if v >= 0 and not filled[v]})
+    if empty:
+        raise UsageError(
+            f"the routing sends rows to empty slot{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))}; load "
+            "an adapter there first, or route those rows to -1 (the base model only)."
+        )
+    if lengths is None:
+        return route
+    return route.repeat_interleave(_lengths(lengths, route.shape[0]))
+
+
+def _as_tensor(slots: object) -> torch.Tensor:
+    """``slots`` as a host int64 ``[L]`` (L >= 1), or a :class:`UsageError` saying what it is."""
+    if isinstance(slots, torch.Tensor):
+        if slots.dim() != 1 or slots.is_floating_point() or slots.is_complex() or slots.dtype == torch.bool:
+            raise UsageError(
+                f"a routing tensor must be 1-D with an integer dtype (one slot per row), got {slots.dtype} of shape "
+                f"{tuple(slots.shape)}; pass e.g. torch.tensor([0, 2, -1]) or a list of ints."
+            )
+        route = slots.detach().to("cpu", torch.int64)
+    elif isinstance(slots, Sequence) and not isinstance(slots, (str, bytes)):
+        wrong = [i for i, v in enumerate(slots) if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+        if wrong:
+            raise UsageError(
+                f"routing entry {wrong[0]} is {slots[wrong[0]]!r:.40} ({type(slots[wrong[0]]).__name__}); each entry "
+                "is a slot index (an int), or -1 for the base model only."
+            )
+        route = torch.tensor([int(v) for v in slots], dtype=torch.int64)
+    else:
+        raise UsageError(
+            "activate takes a slot (an int) for the whole batch, or a sequence or 1-D integer tensor of slots, one "
+            f"per row; got {type(slots).__name__}."
+        )
+    if route.numel() == 0:
+        raise UsageError("the routing is empty; pass one slot per row of the batch (or activate(k) for all rows).")
+    return route
+
+
+def _lengths(lengths: object, rows: int) -> torch.Tensor:
+    """``lengths`` as a host int64 ``[rows]`` of token counts (>= 0, at least one token)."""
+    if isinstance(lengths, torch.Tensor):
+        values = lengths.detach().cpu().tolist() if lengths.dim() == 1 and not lengths.is_floating_point() else None
+    elif isinstance(lengths, Sequence) and not isinstance(lengths, (str, bytes)):
+        values = list(lengths)
+    else:
+        values = None
+    if (
+        values is None
+        or len(values) != rows
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0 for v in values)
+        or sum(values) == 0
+    ):
+        raise UsageError(
+            f"lengths={lengths!r:.80} must hold one token count (an int >= 0) per entry of the routing ({rows}), "
+            "with at least one token: the packed input's tokens, row after row."
+        )
+    return torch.tensor([int(v) for v in values], dtype=torch.int64)
+
+
+class Routing:
+    """The published routing of one runtime's arenas (see the module docstring)."""
+
+    def __init__(self, buffers: BufferManager) -> None:
+        self._arenas = buffers.arenas
+        self._tensors: dict[tuple[int, int], torch.Tensor] = {}  # (arena, length) -> its routing tensor
+        #: The routing in force (one slot per row, or per token with ``lengths``), or None.
+        self.rows: tuple[int, ...] | None = None
+
+    def set(self, route: torch.Tensor) -> None:
+        """Publishes ``route`` (host int64 ``[L]``, checked): written in place into each arena's
+        tensor of that length (allocated on first use)."""
+        length = route.shape[0]
+        with torch.no_grad():
+            for i, arena in enumerate(self._arenas):
+                target = self._tensors.get((i, length))
+                if target is None:
+                    with torch.inference_mode(False):
+                        target = torch.empty(length, dtype=torch.int64, device=arena.device)
+                    self._tensors[(i, length)] = target
+                target.copy_(route)
+                ROUTES[arena.handle.key] = target
+        self.rows = tuple(route.tolist())
+
+    def clear(self) -> None:
+        """Back to whole-batch mode: every layer reads the live region."""
+        for arena in self._arenas:
+            ROUTES[arena.handle.key] = None
+        self.rows = None

@@ -1,0 +1,158 @@
+"""The compile contract for mixed batches: a new per-row routing of the same length never
+recompiles (``error_on_recompile=True``), a switch between whole-batch and per-row mode compiles
+each mode's graph once, and a new batch size does recompile under static shapes (the negative
+control) but not under dynamic shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+import lorahot
+from lorahot.runtime import wide as wide_layers
+from tests.helpers import make_adapter, model_reference, tiny_convnet, tiny_lm, token_ids
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "embed_tokens"]
+
+
+def _setup(slots: int = 3) -> tuple[torch.nn.Module, lorahot.LoraRuntime, list[dict]]:
+    model = tiny_lm()
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=slots)
+    names = list(runtime.layers)
+    held = []
+    for k in range(slots):
+        ranks = {n: 1 + (k + i) % 4 for i, n in enumerate(names) if (k + i) % 3}
+        tensors, ab = make_adapter(model, ranks, seed=k)
+        runtime.load(tensors, slot=k)
+        held.append({n: (a, b, 1.0) for n, (a, b) in ab.items()})
+    return model, runtime, held
+
+
+def _expected(ids: torch.Tensor, route: list[int], held: list[dict]) -> torch.Tensor:
+    reference = tiny_lm()
+    rows = [model_reference(reference, ids[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate(route)]
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_new_routings_and_mode_switches_do_not_recompile(wide: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if wide:  # the CUDA one-GEMM layers on the CPU: the routed path uses their base rows
+        monkeypatch.setattr(wide_layers, "DEVICE_TYPES", {"cpu"})
+    model, runtime, held = _setup()
+    assert runtime.layers["layers.0.self_attn.q_proj"].wide == wide
+    ids = token_ids((4, 6), 32, seed=1)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        compiled(ids)  # whole batch, slot 0
+        runtime.activate([0, 1, 2, -1])
+        torch.testing.assert_close(compiled(ids).double(), _expected(ids, [0, 1, 2, -1], held), rtol=1e-4, atol=1e-5)
+        assert counter.frame_count == 2  # one graph per mode
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for route in ([2, 2, 0, 1], [-1, -1, -1, 0], torch.tensor([1, 0, 1, 2])):
+                runtime.activate(route)
+                want = _expected(ids, list(map(int, route)), held)
+                torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
+            runtime.load(make_adapter(model, {"layers.1.mlp.up_proj": 3}, seed=9)[0], slot=1)  # a routed slot changes
+            held[1] = {
+                "layers.1.mlp.up_proj": (
+                    *make_adapter(model, {"layers.1.mlp.up_proj": 3}, seed=9)[1]["layers.1.mlp.up_proj"],
+                    1.0,
+                )
+            }
+            torch.testing.assert_close(compiled(ids).double(), _expected(ids, [1, 0, 1, 2], held), rtol=1e-4, atol=1e-5)
+            runtime.activate(2)  # back to the whole batch: its graph is kept
+            torch.testing.assert_close(compiled(ids).double(), _expected(ids, [2] * 4, held), rtol=1e-4, atol=1e-5)
+            runtime.activate([0, 0, 1, 1])
+            torch.testing.assert_close(compiled(ids).double(), _expected(ids, [0, 0, 1, 1], held), rtol=1e-4, atol=1e-5)
+            with pytest.raises(torch._dynamo.exc.RecompileError):  # negative control: a new batch size
+                runtime.activate([0, 1])
+                compiled(ids[:2])
+    assert counter.frame_count == 2
+
+
+def test_negative_control_a_first_mode_switch_compiles_once() -> None:
+    model, runtime, _ = _setup()
+    ids = token_ids((2, 5), 32, seed=2)
+    compiled = torch.compile(model, dynamic=False)
+    with torch.no_grad():
+        compiled(ids)
+        runtime.activate([0, 1])
+        with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(torch._dynamo.exc.RecompileError):
+            compiled(ids)
+
+
+def test_dynamic_shapes_serve_every_batch_size_with_one_routed_graph() -> None:
+    model, runtime, held = _setup()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        runtime.activate([0, 1, 2])
+        compiled(token_ids((3, 4), 32, seed=0))
+        frames = counter.frame_count
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for rows, length in ((5, 4), (2, 7), (6, 3)):
+                route = [(i % 4) - 1 for i in range(rows)]
+                runtime.activate(route)
+                ids = token_ids((rows, length), 32, seed=rows)
+                torch.testing.assert_close(compiled(ids).double(), _expected(ids, route, held), rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == frames
+
+
+def test_conv_model_routes_under_compile_without_recompiling() -> None:
+    model = tiny_convnet()
+    runtime = lorahot.inject(model, ["embed", "conv", "proj"], max_rank=4, slots=2)
+    held = []
+    for k in range(2):
+        tensors, ab = make_adapter(model, {"embed": 3, "conv": 2 * (k + 1), "proj": 2}, seed=k)
+        runtime.load(tensors, slot=k)
+        held.append({n: (a, b, 1.0) for n, (a, b) in ab.items()})
+    ids = token_ids((3, 5, 5), 16, seed=3)
+    runtime.activate([1, -1, 0])
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        compiled(ids)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for route in ([0, 1, 1], [-1, 0, -1]):
+                runtime.activate(route)
+                want = torch.cat(
+                    [
+                        model_reference(tiny_convnet(), ids[i : i + 1], held[s] if s >= 0 else {})
+                        for i, s in enumerate(route)
+                    ]
+                )
+                torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_reduce_overhead_routings_replay_without_recompiling(dtype: torch.dtype) -> None:
+    """CUDA graphs: the routing is a graph input, so each replay reads the new routing."""
+    model = tiny_lm(vocab=64, dim=64, hidden=128).to("cuda", dtype)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj", "up_proj", "down_proj"], max_rank=16, slots=4)
+    names = list(runtime.layers)
+    held = []
+    for k in range(4):
+        tensors, ab = make_adapter(model, dict.fromkeys(names, 4 * (k + 1)), seed=k)
+        runtime.load(tensors, slot=k)
+        held.append({n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()})
+    assert runtime.layers[names[0]].fused
+    compiled = torch.compile(model, mode="reduce-overhead")
+    reference = tiny_lm(vocab=64, dim=64, hidden=128).cuda()
+    for rows in (4, 40):  # the gather kernels, then the segmented ones
+        ids = token_ids((rows, 3), 64, seed=rows).cuda()
+        runtime.activate([k % 5 - 1 for k in range(rows)])
+        for _ in range(3):
+            with torch.no_grad():
+                compiled(ids)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for shift in range(3):
+                route = [(k * 3 + shift) % 5 - 1 for k in range(rows)]
+                runtime.activate(route)
+                with torch.no_grad():
+                    got = compiled(ids).clone()
+                want = torch.cat(
+                    [model_reference(reference, ids[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate(route)]
+                )
+                torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)

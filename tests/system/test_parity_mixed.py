@@ -1,0 +1,126 @@
+"""Mixed batches against two oracles: PEFT's ``adapter_names=`` forward on a tiny Llama with
+three adapters of different ranks and targets, and each row run alone with its slot active on
+a conv model (plain LoRA, DoRA and LoRA bias)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorahot
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TINY = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32,
+}
+
+#: Three adapters: different ranks, targets (attention only, everything, MLP and embedding) and alphas.
+ADAPTERS = {
+    "a": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "b": {
+        "r": 8,
+        "lora_alpha": 4,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "rank_pattern": {"k_proj": 2},
+    },
+    "c": {"r": 2, "lora_alpha": 6, "target_modules": ["up_proj", "down_proj", "embed_tokens"]},
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
+
+
+def _llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+
+
+def _save(base: torch.nn.Module, path: Path, seed: int, **config) -> Path:
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return path
+
+
+def test_mixed_batch_matches_peft_adapter_names_per_row(tmp_path: Path) -> None:
+    base = _llama()
+    paths = {name: _save(base, tmp_path / name, seed, **cfg) for seed, (name, cfg) in enumerate(ADAPTERS.items())}
+    oracle = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths["a"], adapter_name="a").eval()
+    for name in ("b", "c"):
+        oracle.load_adapter(paths[name], adapter_name=name)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=8, slots=3)
+    for slot, name in enumerate(ADAPTERS):
+        runtime.load(paths[name], slot=slot)
+    ids = torch.randint(0, 64, (6, 9), generator=torch.Generator().manual_seed(1))
+    names = ["a", "__base__", "c", "b", "a", "c"]
+    runtime.activate([{"a": 0, "b": 1, "c": 2}.get(n, -1) for n in names])
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        want = oracle(input_ids=ids, adapter_names=names).logits
+        plain = base(input_ids=ids).logits
+    for i in range(len(names)):
+        err = float((got[i] - want[i]).norm() / want[i].norm())
+        assert err < 1e-5, (i, names[i], err)
+        if names[i] != "__base__":
+            assert float((want[i] - plain[i]).norm() / plain[i].norm()) > 1e-3  # the adapter matters
+    assert torch.equal(got[1], plain[1])  # the base row: bitwise the base model
+
+
+class _ConvEmbed(torch.nn.Module):
+    """Embedding, Conv2d (with a bias) and Linear, outputs per image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 12)
+        self.conv = torch.nn.Conv2d(3, 12, kernel_size=3, stride=2, padding=1)
+        self.head = torch.nn.Linear(12, 10)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        image = self.conv(pixel_values).mean(dim=(-2, -1))  # (B, 12)
+        return self.head(self.embed(input_ids).mean(dim=1) + image)  # (B, 10)
+
+
+def test_conv_model_rows_equal_each_row_alone_with_dora_and_lora_bias(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = _ConvEmbed().double().eval()
+    configs = [
+        {"r": 4, "lora_alpha": 6, "target_modules": ["embed", "conv", "head"]},
+        {"r": 2, "lora_alpha": 3, "target_modules": ["conv", "head"], "use_dora": True},
+        {"r": 3, "lora_alpha": 2, "target_modules": ["conv", "head"], "lora_bias": True},
+    ]
+    paths = [_save(base, tmp_path / str(k), 10 + k, **cfg) for k, cfg in enumerate(configs)]
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["embed", "conv", "head"], max_rank=4, slots=3, extras=True)
+    for slot, path in enumerate(paths):
+        runtime.load(path, slot=slot, scale=0.5 + slot)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 64, (5, 7), generator=g)
+    pixels = torch.randn(5, 3, 8, 8, generator=g, dtype=torch.float64)
+    route = [2, 0, -1, 1, 2]
+    runtime.activate(route)
+    with torch.no_grad():
+        mixed = model(ids, pixels)
+        plain = base(ids, pixels)
+        for i, slot in enumerate(route):
+            runtime.activate(slot if slot >= 0 else 0)
+            if slot < 0:
+                runtime.set_scale(0.0, slot=0)
+            alone = model(ids[i : i + 1], pixels[i : i + 1])
+            if slot < 0:
+                runtime.set_scale(0.5, slot=0)
+                assert torch.equal(mixed[i], plain[i])  # the base row: bitwise the base model
+            torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,191 @@
+"""Per-row routing in every layer kind (lorahot.layers.routing): each row of a routed batch
+equals that row run alone with its slot active, in float64; -1 rows are the base bitwise."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+from lorahot.layers import routing
+from tests.helpers import Conv1D, ScaledEmbedding, make_adapter, token_ids
+
+DT = torch.float64
+
+
+class _Rows(nn.Module):
+    """Every layer kind, each output flattened per row: Linear (with and without bias),
+    transformers Conv1D, Conv1d (reflect padding), Conv2d, grouped Conv3d, Embedding, and a
+    scaled embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 6)
+        self.n = nn.Linear(8, 6, bias=False)
+        self.g = Conv1D(6, 8)
+        self.c1 = nn.Conv1d(3, 4, 3, padding=1, padding_mode="reflect")
+        self.c2 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.c3 = nn.Conv3d(2, 4, 2, groups=2)
+        self.e = nn.Embedding(10, 5)
+        self.s = ScaledEmbedding(10, 3, 2.5)
+
+    def forward(self, x: torch.Tensor, i1: torch.Tensor, i2: torch.Tensor, i3: torch.Tensor, ids: torch.Tensor):
+        parts = (self.q(x), self.n(x), self.g(x), self.c1(i1), self.c2(i2), self.c3(i3), self.e(ids), self.s(ids))
+        return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
+
+
+NAMES = ("q", "n", "g", "c1", "c2", "c3", "e", "s")
+GROUPS = {"c3": 2}
+
+
+def _model() -> _Rows:
+    torch.manual_seed(0)
+    return _Rows().to(DT)
+
+
+def _inputs(rows: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(rows, 3, 8, generator=g, dtype=DT),
+        torch.randn(rows, 3, 7, generator=g, dtype=DT),
+        torch.randn(rows, 3, 6, 6, generator=g, dtype=DT),
+        torch.randn(rows, 2, 3, 3, 3, generator=g, dtype=DT),
+        token_ids((rows, 4), 10, seed=seed),
+    )
+
+
+def _row(inputs: tuple[torch.Tensor, ...], i: int) -> tuple[torch.Tensor, ...]:
+    return tuple(t[i : i + 1] for t in inputs)
+
+
+def _runtime(model: nn.Module, slots: int = 3, **kwargs) -> lorahot.LoraRuntime:
+    runtime = lorahot.inject(model, list(NAMES), max_rank=4, slots=slots, **kwargs)
+    for k in range(slots):
+        ranks = {n: GROUPS.get(n, 1) * (1 + (k + j) % 2) for j, n in enumerate(NAMES) if (k + j) % 3}
+        runtime.load(make_adapter(model, ranks, seed=k, dtype=DT)[0], slot=k, scale=0.5 + k)
+    return runtime
+
+
+def _alone(model: nn.Module, runtime: lorahot.LoraRuntime, inputs: tuple, route: list[int]) -> list[torch.Tensor]:
+    """Each row run alone, the whole batch on its slot (-1: the model before inject)."""
+    base = lorahot.eject(copy.deepcopy(model))
+    out = []
+    with torch.no_grad():
+        for i, slot in enumerate(route):
+            if slot < 0:
+                out.append(base(*_row(inputs, i)))
+            else:
+                runtime.activate(slot)
+                out.append(model(*_row(inputs, i)))
+    return out
+
+
+@pytest.mark.parametrize("route", [[2, -1, 0, 1, 0], [1], [-1, -1], [0, 0, 0]])
+def test_every_layer_kind_routes_each_row_to_its_slot(route: list[int]) -> None:
+    model = _model()
+    runtime = _runtime(model)
+    inputs = _inputs(len(route))
+    runtime.activate(route)
+    with torch.no_grad():
+        mixed = model(*inputs)
+    assert runtime.routing == tuple(route)
+    for i, want in enumerate(_alone(model, runtime, inputs, route)):
+        if route[i] < 0:
+            assert torch.equal(mixed[i : i + 1], want)  # the base output, bitwise
+        else:
+            torch.testing.assert_close(mixed[i : i + 1], want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_routing_tensor_on_the_device_and_a_list_give_the_same_output() -> None:
+    model = _model()
+    runtime = _runtime(model)
+    inputs = _inputs(3)
+    runtime.activate([1, 0, 2])
+    with torch.no_grad():
+        a = model(*inputs)
+        runtime.activate(torch.tensor([1, 0, 2], dtype=torch.int32))
+        b = model(*inputs)
+    assert torch.equal(a, b)
+
+
+def test_stacked_slot_routes_with_its_own_per_row_scales() -> None:
+    model = _model()
+    runtime = _runtime(model, slots=2)
+    first, second = (
+        lorahot.read_adapter(make_adapter(model, dict.fromkeys(NAMES[:3], 2), seed=s, dtype=DT)[0]) for s in (7, 8)
+    )
+    runtime.load([first, second], slot=1, scale=[0.5, -2.0])
+    inputs = _inputs(3)
+    route = [1, 0, 1]
+    runtime.activate(route)
+    with torch.no_grad():
+        mixed = model(*inputs)
+    for i, want in enumerate(_alone(model, runtime, inputs, route)):
+        torch.testing.assert_close(mixed[i : i + 1], want, rtol=1e-12, atol=1e-12)
+
+
+def test_whole_batch_activate_ends_the_routing() -> None:
+    model = _model()
+    runtime = _runtime(model)
+    inputs = _inputs(2)
+    runtime.activate(1)
+    with torch.no_grad():
+        whole = model(*inputs)
+        runtime.activate([0, 2])
+        runtime.activate(1)
+        assert runtime.routing is None and runtime.active_slot == 1
+        assert torch.equal(model(*inputs), whole)
+
+
+def _lm() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(12, 8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 5)).to(DT)
+
+
+def test_flattened_tokens_follow_their_row_and_packed_tokens_route_per_token() -> None:
+    """``[B * T, in]`` with one entry per row gives each row's T tokens its slot; a packed
+    ``[1, N]`` input with ``lengths`` gives each sequence's tokens its slot."""
+    model = _lm()
+    runtime = lorahot.inject(model, ["0", "1", "3"], max_rank=4, slots=2)
+    for k in range(2):
+        runtime.load(make_adapter(model, {"0": 2, "1": 3, "3": 4}, seed=k, dtype=DT)[0], slot=k)
+    ids = token_ids((3, 4), 12, seed=3)
+    runtime.activate([1, -1, 0])
+    with torch.no_grad():
+        rows = model(ids)  # [3, 4, 5]
+        flat = model(ids.reshape(12))  # [12, 5]: every layer sees 12 rows, 4 per entry
+        torch.testing.assert_close(flat.view(3, 4, 5), rows, rtol=1e-12, atol=1e-12)
+        lengths = [4, 2, 3]
+        packed = torch.cat([ids[i, :n] for i, n in enumerate(lengths)])[None]  # [1, 9]
+        runtime.activate([1, -1, 0], lengths=lengths)
+        assert runtime.routing == (1,) * 4 + (-1,) * 2 + (0,) * 3
+        out = model(packed)[0]
+        starts = [0, 4, 6]
+        for i, n in enumerate(lengths):  # tokens are independent in this model
+            torch.testing.assert_close(out[starts[i] : starts[i] + n], rows[i, :n], rtol=1e-12, atol=1e-12)
+
+
+def test_an_input_that_does_not_fit_the_routing_raises_naming_the_layer_and_shape() -> None:
+    model = _model()
+    runtime = _runtime(model)
+    runtime.activate([0, 1])
+    with pytest.raises(lorahot.UsageError, match=r"LoRALinear over Linear \(8 -> 6\): its input \(3, 3, 8\)"):
+        model(*_inputs(3))
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3))
+    rt = lorahot.inject(conv, ["0"], max_rank=2)
+    rt.load(make_adapter(conv, {"0": 2})[0])
+    rt.activate([0, 0])
+    with pytest.raises(lorahot.UsageError, match="a conv routes its batch dimension"):
+        conv(torch.randn(4, 3, 5, 5))
+
+
+def test_slot_geometry_spans_every_slot_region_but_the_live_one() -> None:
+    root = torch.zeros(4, 10)  # 3 slots and the live region
+    view = root[3, 2:8].view(2, 3)
+    shape, stride, offset = routing.slot_geometry(view, root)
+    assert shape == (3, 2, 3) and stride == (10, 3, 1) and offset == 2
+    alone = torch.zeros(2, 3)
+    assert routing.slot_geometry(alone, alone) == ((1, 2, 3), (0, 3, 1), 0)

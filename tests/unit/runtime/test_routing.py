@@ -1,0 +1,127 @@
+"""``runtime.activate`` with one slot per row (lorahot.runtime.routing): refusals that change
+nothing, the routing tensors written in place, and the property that any routing of any batch
+equals the per-row float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lorahot
+from lorahot.layers.tensor_handles import ROUTES
+from tests.helpers import make_adapter, model_reference, tiny_lm, token_ids
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "embed_tokens"]
+
+
+def _runtime(
+    slots: int = 3, merged: bool = False, filled: int = 2
+) -> tuple[torch.nn.Module, lorahot.LoraRuntime, list]:
+    model = tiny_lm(dtype=torch.float64)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=slots, merged=merged)
+    names = list(runtime.layers)
+    held = []
+    for k in range(filled):
+        ranks = {n: 1 + (k + i) % 4 for i, n in enumerate(names) if (k + i) % 3}
+        tensors, ab = make_adapter(model, ranks, seed=k, dtype=torch.float64)
+        runtime.load(tensors, slot=k, scale=0.5 * (k + 1))
+        held.append({n: (a, b, 0.5 * (k + 1)) for n, (a, b) in ab.items()})
+    return model, runtime, held
+
+
+def _snapshot(runtime: lorahot.LoraRuntime, model: torch.nn.Module) -> tuple:
+    keys = [a.handle.key for a in runtime.buffers.arenas]
+    routes = [None if ROUTES[k] is None else ROUTES[k].clone() for k in keys]
+    arenas = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+    weights = [p.detach().clone() for p in model.parameters()]
+    return runtime.routing, runtime.active_slot, routes, arenas, weights
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    if a[:2] != b[:2]:
+        return False
+    pairs = list(zip(a[3] + a[4], b[3] + b[4])) + [(x, y) for x, y in zip(a[2], b[2]) if x is not None]
+    return all(torch.equal(x, y) for x, y in pairs) and [x is None for x in a[2]] == [y is None for y in b[2]]
+
+
+REFUSALS = [
+    ([0, 3], {}, r"routing entries out of range \(slots 0\.\.2, or -1 for the base model only\):\n  - row 1: 3"),
+    ([-2], {}, "row 0: -2"),
+    ([0, 2], {}, "the routing sends rows to empty slot 2; load an adapter there first"),
+    ([], {}, "the routing is empty"),
+    ([0, 1.0], {}, r"routing entry 1 is 1\.0 \(float\)"),
+    ([True], {}, r"routing entry 0 is True \(bool\)"),
+    (torch.tensor([[0, 1]]), {}, r"1-D with an integer dtype .* got torch.int64 of shape \(1, 2\)"),
+    (torch.tensor([0.0, 1.0]), {}, "got torch.float32"),
+    (torch.tensor(1), {}, r"of shape \(\)"),
+    ("01", {}, "slot=.01. is out of range"),
+    ([0, 1], {"lengths": [3]}, "one token count"),
+    ([0, 1], {"lengths": [3, -1]}, "one token count"),
+    ([0, 1], {"lengths": [0, 0]}, "at least one token"),
+    (1, {"lengths": [3]}, r"applies to a per-row routing .* not to activate\(1\)"),
+    (5, {}, r"slot=5 is out of range"),
+]
+
+
+@pytest.mark.parametrize(("slots", "kwargs", "match"), REFUSALS)
+def test_bad_routings_raise_typed_errors_and_change_nothing(slots: object, kwargs: dict, match: str) -> None:
+    model, runtime, _ = _runtime()
+    runtime.activate([1, -1])
+    before = _snapshot(runtime, model)
+    with pytest.raises(lorahot.UsageError, match=match):
+        runtime.activate(slots, **kwargs)
+    assert _same(before, _snapshot(runtime, model))
+
+
+def test_merged_mode_refuses_a_routing_saying_why_and_what_to_do() -> None:
+    model, runtime, _ = _runtime(merged=True)
+    before = _snapshot(runtime, model)
+    with pytest.raises(lorahot.UsageError, match="merged=True: the active adapter is folded into the base weights"):
+        runtime.activate([0, 1])
+    assert _same(before, _snapshot(runtime, model))
+
+
+def test_a_routing_of_the_same_length_is_written_in_place() -> None:
+    _, runtime, _ = _runtime()
+    key = runtime.buffers.arenas[0].handle.key
+    runtime.activate([0, 1, -1])
+    first = ROUTES[key]
+    runtime.activate(torch.tensor([1, 1, 0]))
+    assert ROUTES[key] is first and first.tolist() == [1, 1, 0]
+    runtime.activate([0])  # another length: its own tensor
+    assert ROUTES[key] is not first and ROUTES[key].shape == (1,)
+    runtime.activate([0, 0, 0])
+    assert ROUTES[key] is first
+    runtime.activate(0)
+    assert ROUTES[key] is None and runtime.routing is None
+
+
+def test_loads_scales_and_unloads_reach_routed_rows_at_once() -> None:
+    model, runtime, _ = _runtime()
+    ids = token_ids((2, 5), 32, seed=4)
+    runtime.activate([1, 0])
+    runtime.set_scale(0.0, slot=1)
+    runtime.unload(0)
+    with torch.no_grad():
+        out = model(ids)
+    base = model_reference(tiny_lm(dtype=torch.float64), ids, {})
+    torch.testing.assert_close(out, base, rtol=1e-12, atol=1e-12)
+
+
+_ROUTING = st.integers(1, 5).flatmap(lambda n: st.lists(st.integers(-1, 2), min_size=n, max_size=n))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(route=_ROUTING, length=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_any_routing_of_any_batch_equals_the_per_row_reference(route: list[int], length: int, seed: int) -> None:
+    model, runtime, held = _runtime(filled=3)
+    ids = token_ids((len(route), length), 32, seed=seed)
+    runtime.activate(route)
+    with torch.no_grad():
+        out = model(ids)
+    reference = tiny_lm(dtype=torch.float64)
+    for i, slot in enumerate(route):
+        want = model_reference(reference, ids[i : i + 1], held[slot] if slot >= 0 else {})
+        torch.testing.assert_close(out[i : i + 1], want, rtol=1e-10, atol=1e-10)
