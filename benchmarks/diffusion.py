@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 import lorahot
-from benchmarks.common import median_ms, rel_err, sync
+from benchmarks.common import kernel_profile, median_ms, rel_err, sync
 from benchmarks.parallel import Workers
 
 #: diffusers' UNet2DConditionModel config of stabilityai/stable-diffusion-xl-base-1.0.
@@ -616,6 +616,7 @@ def _worker(
     handlers: dict[str, Callable[[], Any]] = {
         "time": lambda: median_ms(cfg.step, w.device, repeat=repeat, warmup=3),
         "swaps": lambda: _swaps(cfg, w, SWAPS) if cfg.swap is not None else {},
+        "profile": lambda: kernel_profile(cfg.step, calls=3),
     }
     return {"checksum": sums, "info": cfg.info}, handlers
 
@@ -716,6 +717,19 @@ def run_parallel(
                     save(out)
 
                 pool.rounds(names, ROUNDS, on_answer=timed, on_round=round_done, deadline=deadline)
+                if w.device.type == "cuda":  # what each compiled step launches (after the timing)
+                    for name in pool.live(names):
+                        if deadline is not None and time.perf_counter() > deadline - 5:
+                            break
+                        profile = pool.request(name, "profile", deadline)
+                        if profile is not None:
+                            results[name]["profile"] = profile
+                            print(
+                                f"[diffusion {label}] {name} profile: {profile['kernels_per_call']:.0f} kernels, "
+                                f"{profile['gpu_us_per_call'] / 1e3:.2f} ms GPU, top {list(profile['top_us'].items())[:3]}",
+                                flush=True,
+                            )
+                    save(out)
     finally:
         path.unlink(missing_ok=True)
     return out
