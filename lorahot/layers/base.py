@@ -101,6 +101,10 @@ class LayerSpec:
         return (self.out_dim, rank // self.groups, *self.b_trailing)
 
 
+#: The attributes :attr:`LoRALayer._plan` gathers for the forward.
+_PLANNED = frozenset({"merged", "fused", "wide", "extras", "_key", "_geometry"})
+
+
 class LoRALayer(nn.Module):
     """Base class of the LoRA layers: wraps ``base_layer`` and owns no storage of its own.
 
@@ -143,6 +147,12 @@ class LoRALayer(nn.Module):
     #: The same views over every slot (``[slots, ...]``), set by :meth:`bind`.
     _slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
+    #: What the forward branches on, as one tuple: ``(merged, fused, wide, extras, arena key,
+    #: view geometry)``, kept equal to those attributes by :meth:`__setattr__`. A compiled model
+    #: re-checks every attribute its forward reads on each call, per layer (one guard or more
+    #: each): read as one constant tuple they cost one check instead of a dozen.
+    _plan: tuple[Any, ...] = (False, False, False, True, -1, ())
+
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -162,6 +172,15 @@ class LoRALayer(nn.Module):
             if name == "base_layer":
                 raise
             return getattr(self.base_layer, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _PLANNED:
+            seen = self.__dict__
+            plan = (self.merged, self.fused, self.wide, self.extras, seen.get("_key", -1), seen.get("_geometry", ()))
+            if self.merged:  # the forward reads nothing else: the smallest constant to compare
+                plan = (True, False, False, False, -1, ())
+            object.__setattr__(self, "_plan", plan)
 
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's ``(lora_A, lora_B)`` views of its arena rows ``[R, in_dim]`` (A) and
@@ -253,8 +272,9 @@ class LoRALayer(nn.Module):
                     "constructed by hand."
                 )
             return live
-        a, b, s, e = TENSORS[self._key]
-        ga, gb, gs, ge = self._geometry
+        *_, key, geometry = self._plan
+        a, b, s, e = TENSORS[key]
+        ga, gb, gs, ge = geometry
         return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
 
     def _slot_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -262,7 +282,7 @@ class LoRALayer(nn.Module):
         if not torch.compiler.is_compiling():
             assert self._slots is not None  # bound: _views ran first
             return self._slots
-        a, b, s, e = TENSORS[self._key]
+        a, b, s, e = TENSORS[self._plan[4]]
         ga, gb, gs, ge = self._slot_geometry
         return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
 
@@ -311,24 +331,25 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
         # layer: keep them few (see lorahot.layers.tensor_handles).
-        if self.merged:
+        merged, fused, wide, extras, key, _ = self._plan
+        if merged:
             out: torch.Tensor = self._base(x, *args, **kwargs)
             return out
         a, b, scale, e = self._views()
-        route = ROUTES[self._key]
+        route = ROUTES[key]
         if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
             return self._routed_forward(x, route, *args, **kwargs)
         if not args and not kwargs:
-            if self.fused and self.can_fuse(x, a):
+            if fused and self.can_fuse(x, a):
                 return self._finish(self.fused_forward(x, a, b, scale), e, scale)  # base(x) + B(s * A(x))
-            if self.wide and self.can_widen(x):
+            if wide and self.can_widen(x):
                 return self._finish(self.wide_forward(x, b), e, scale)
         y: torch.Tensor = self._base(x, *args, **kwargs)
         # The LoRA bias and the DoRA factor apply next to the add, where the compiler fuses
         # them into one elementwise pass (usually into the consumer of y as well): no extra
         # kernel per layer. With plain LoRA (f = 1, bias = g = 0) the extras give ``y + delta``
         # bitwise in float32.
-        if not self.extras:
+        if not extras:
             return y + self.lora_delta(x, a, b, scale).to(y.dtype)
         d = self.lora_delta(x, a, b, scale) + e[EXTRA_BIAS] * scale[0]
         return torch.addcmul(e[EXTRA_G], e[EXTRA_F], y + d).to(y.dtype)
@@ -336,7 +357,7 @@ class LoRALayer(nn.Module):
     def _finish(self, z: torch.Tensor, e: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``f * (z + s[0] * lora_bias) + g`` for ``z = base(x) + B(s * A(x))`` from a kernel
         path (one elementwise pass after it); ``z`` itself without extras."""
-        if not self.extras:
+        if not self._plan[3]:  # extras
             return z
         return torch.addcmul(e[EXTRA_G], e[EXTRA_F], z + e[EXTRA_BIAS] * scale[0]).to(z.dtype)
 
@@ -348,7 +369,7 @@ class LoRALayer(nn.Module):
         routing.check_rows(x, length, self.spec.kind, self.row_dims(x), self._describe())
         y: torch.Tensor = self._base(x, *args, **kwargs)
         z = self.routed_sum(x, y, a, b, s, route)
-        if not self.extras:
+        if not self._plan[3]:  # extras
             return z
         return self._routed_extras(z, e, s, route)
 

@@ -78,7 +78,7 @@ class LoRALinear(LoRALayer):
     def can_fuse(self, x: torch.Tensor, a: torch.Tensor) -> bool:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         return (
-            fused_kernel.worth_it(rows, self.spec.out_dim, wide=self.wide)
+            fused_kernel.worth_it(rows, self.spec.out_dim, wide=self._plan[2])
             and x.dtype == a.dtype
             and not _needs_grad(x, self._base)
         )
@@ -107,7 +107,7 @@ class LoRALinear(LoRALayer):
     ) -> torch.Tensor:
         """The routed kernel (:mod:`lorahot.kernels.routed_lora`) where the fused kernel applies
         (CUDA, fp16/bf16, no autograd); the library formula elsewhere."""
-        if self.fused and x.dtype == a.dtype == y.dtype and not _needs_grad(x, self._base):
+        if self._plan[1] and x.dtype == a.dtype == y.dtype and not _needs_grad(x, self._base):  # fused
             return routed_kernel.routed_lora(x, y, a, b, s, route)
         return super().routed_sum(x, y, a, b, s, route)
 

@@ -220,3 +220,29 @@ def test_transformers_conv1d_is_wrapped_as_linear() -> None:
     with torch.no_grad():
         y = holder(x)
     torch.testing.assert_close(y, reference(base.layer, x, *ab["layer"], 1.0), rtol=1e-10, atol=1e-12)
+
+
+def test_forward_plan_follows_every_flag_it_gathers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forward reads its branches from one constant tuple (one guard per layer under
+    compile, not one per flag): it must equal the flags after inject, widen, unwiden and in
+    merged mode."""
+    from lorahot.runtime import wide
+
+    monkeypatch.setattr(wide, "DEVICE_TYPES", ("cpu", "cuda"))
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    lorahot.inject(model, ["0", "1"], max_rank=4, extras=True)
+    layers = list(model)
+    for layer in layers:
+        assert layer.wide
+        assert layer._plan == (False, layer.fused, True, True, layer._key, layer._geometry)
+    lorahot.eject(model)
+    assert all(layer._plan[2] is False for layer in layers)  # unwidened
+    merged = nn.Sequential(nn.Linear(8, 8))
+    lorahot.inject(merged, ["0"], max_rank=4, merged=True)
+    assert merged[0]._plan == (True, False, False, False, -1, ())
+    plain = nn.Sequential(nn.Linear(8, 8))
+    lorahot.inject(plain, ["0"], max_rank=4, fused=False)
+    layer = plain[0]
+    assert layer._plan == (False, False, False, False, layer._key, layer._geometry)
+    layer.wide = True  # any later change of a gathered flag reaches the plan
+    assert layer._plan[2] is True
