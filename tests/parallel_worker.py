@@ -14,6 +14,7 @@ import json
 import sys
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -287,7 +288,8 @@ def main() -> None:
 
     scenario, rank, world, folder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=rank, world_size=world)
+    store = f"file://{folder / 'store'}"  # a bounded wait: a rank left alone gives up
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     check = Checks()
     try:
         SCENARIOS[scenario](init_device_mesh("cpu", (world,)), folder, check)
