@@ -30,7 +30,7 @@ from lorahot.errors import (
     UsageError,
 )
 from lorahot.io import read_adapter
-from lorahot.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
+from lorahot.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, ShardedLoRALinear
 from lorahot.runtime import (
     AdapterCache,
     AdapterInfo,
@@ -60,6 +60,7 @@ __all__ = [
     "LoRALinear",
     "LoRAConv",
     "LoRAEmbedding",
+    "ShardedLoRALinear",
     "LoraError",
     "AdapterReadError",
     "UnknownFormatError",

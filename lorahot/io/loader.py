@@ -11,7 +11,7 @@ parse its configs (refusing features lorahot does not load), detect the naming
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -32,10 +32,15 @@ from lorahot.io.config import CONFIG_NAME, AdapterConfig
 from lorahot.io.patterns import budget_problem
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json, short
 from lorahot.io.sources import RawAdapter, Source, open_source
+from lorahot.io.tensorfile import Slices
 from lorahot.resolve.split import SplitSpec, split_by_user
 from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
 
-__all__ = ["read_adapter"]
+__all__ = ["read_adapter", "read_adapter_sliced", "Slicer"]
+
+#: Which slice of each tensor of a file to read, given the adapter read from the file's header
+#: (meta tensors) and each of those tensors' key by ``id``.
+Slicer = Callable[[Adapter, Mapping[int, str]], Slices]
 
 
 @public_api
@@ -53,6 +58,8 @@ def read_adapter(
     split: SplitSpec | None = None,
     device: str | torch.device | None = None,
     strict: bool = True,
+    _slices: Slices | None = None,
+    _keys: dict[str, torch.Tensor] | None = None,
 ) -> Adapter:
     """Reads an adapter in any supported naming and normalizes it.
 
@@ -91,6 +98,9 @@ def read_adapter(
             module's A without its B are left out and listed in :attr:`Adapter.skipped`;
             unreadable values (NaN, bad dtypes) still refuse the file.
 
+    ``_slices`` and ``_keys`` serve :func:`read_adapter_sliced`: the slices of a file's tensors
+    to read, and a dict that receives the file's tensors by key.
+
     Returns:
         The adapter: per module key, ``A [r, in...]``, ``B [out, r/g, ...]``, alpha and
         rsLoRA flag (so the scale), the base-weight copy if the file has one, the detected
@@ -113,9 +123,33 @@ def read_adapter(
             token=token,
             device=_device(device),
             need_config=overrides is None,
+            slices=_slices,
         )
+        if _keys is not None:
+            _keys.update(raw.tensors)
         adapter = _normalize(raw, overrides, strict)
     return _user_mapping(adapter, prefix, key_map, fuse, split)
+
+
+@public_api
+def read_adapter_sliced(
+    source: Source | Adapter, slicer: Slicer, *, device: str | torch.device | None = None, **options: Any
+) -> Adapter:
+    """:func:`read_adapter` reading only part of the tensors a file holds: what a rank of a
+    tensor-parallel model needs.
+
+    The file's header is read first (meta tensors, as ``device="meta"``), ``slicer`` says from
+    that adapter which slice of which tensor (by key) to read, and the file is read again with
+    only those slices of those tensors: the adapter holds every tensor in its full shape, with
+    zeros outside the slices read. An :class:`Adapter` or a mapping (already in memory) is
+    read as :func:`read_adapter` reads it. ``options`` are :func:`read_adapter`'s.
+    """
+    if isinstance(source, (Adapter, Mapping)):
+        return read_adapter(source, device=device, **options)
+    tensors: dict[str, torch.Tensor] = {}  # the file's meta tensors by key, alive while their ids are used
+    meta = read_adapter(source, device="meta", _keys=tensors, **options)
+    keys = {id(t): k for k, t in tensors.items()}
+    return read_adapter(source, device=device, _slices=slicer(meta, keys), **options)
 
 
 def _check_overrides(config: Any) -> dict[str, Any] | None:

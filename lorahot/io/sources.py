@@ -33,7 +33,7 @@ from lorahot.io.safety import (
     read_json_file,
     short,
 )
-from lorahot.io.tensorfile import read_tensors
+from lorahot.io.tensorfile import Slices, read_tensors
 
 __all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_config"]
 
@@ -66,6 +66,7 @@ def open_source(
     token: str | bool | None = None,
     device: torch.device | None = None,
     need_config: bool = True,
+    slices: Slices | None = None,
 ) -> RawAdapter:
     """Reads ``source`` into a :class:`RawAdapter`.
 
@@ -80,6 +81,9 @@ def open_source(
             transfer from pinned memory.
         need_config: False when the caller supplies the config, so a Hub config that cannot be
             fetched is no error.
+        slices: for a safetensors file, tensor key -> :class:`~lorahot.io.tensorfile.TensorSlice`:
+            only that slice of the tensor is read, the rest of it is zeros (a tensor-parallel
+            rank reads its part; see :func:`lorahot.io.tensorfile.read_tensors`).
 
     Raises:
         UsageError: ``source`` is not a path, repo id or mapping, or is empty; a Hub argument
@@ -95,7 +99,7 @@ def open_source(
     text = _source_text(source)
     path = Path(text)
     if _mode(path) is not None:
-        return _from_path(path / subfolder if subfolder else path, weight_name, device)
+        return _from_path(path / subfolder if subfolder else path, weight_name, device, slices)
     if _looks_local(text):
         raise SourceNotFoundError(
             f"{cut(text)}: no such file or directory. Pass an adapter directory, a .safetensors file, a Hub repo id "
@@ -105,7 +109,7 @@ def open_source(
     fetched = fetch(
         text, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name, need_config=need_config
     )
-    raw = _from_path(fetched, None, device)
+    raw = _from_path(fetched, None, device, slices)
     inside = "/".join(p for p in (subfolder, Path(raw.source).name) if p)
     raw.source = f"{text}{'@' + revision if revision else ''}/{inside}"
     return raw
@@ -158,14 +162,16 @@ def _looks_local(text: str) -> bool:
     )
 
 
-def _from_path(path: Path, weight_name: str | None, device: torch.device | None = None) -> RawAdapter:
+def _from_path(
+    path: Path, weight_name: str | None, device: torch.device | None = None, slices: Slices | None = None
+) -> RawAdapter:
     mode = _mode(path)
     if mode is None:
         raise SourceNotFoundError(f"{cut(str(path))}: no such file or directory. Check subfolder= and the path.")
     if stat.S_ISDIR(mode):
-        return _from_file(_weight_file(path, weight_name), device)
+        return _from_file(_weight_file(path, weight_name), device, slices)
     if stat.S_ISREG(mode):
-        return _from_file(path, device)
+        return _from_file(path, device, slices)
     raise SourceNotFoundError(
         f"{cut(str(path))}: is {file_kind(mode)}, not an adapter file or directory. Pass a .safetensors file or a "
         "directory."
@@ -239,13 +245,13 @@ def _listdir(directory: Path) -> list[str]:
         raise path_error(directory, "adapter directory", exc) from None
 
 
-def _from_file(path: Path, device: torch.device | None = None) -> RawAdapter:
+def _from_file(path: Path, device: torch.device | None = None, slices: Slices | None = None) -> RawAdapter:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise AdapterReadError(
             f"{path}: {path.suffix} files are pickles, and lorahot never unpickles. Convert it to .safetensors "
             "(safetensors.torch.save_file) and load that."
         )
-    tensors, metadata = read_safetensors(path, device)
+    tensors, metadata = read_safetensors(path, device, slices)
     config_path = path.parent / CONFIG_NAME
     config = read_config(config_path)
     config_file = str(config_path) if config is not None else None
@@ -253,8 +259,11 @@ def _from_file(path: Path, device: torch.device | None = None) -> RawAdapter:
     return RawAdapter(tensors, str(path), config, metadata, config_file, dense=True, shapes_only=shapes_only)
 
 
-def read_safetensors(path: Path, device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors (on ``device``, default the CPU) and the header metadata of a safetensors file.
+def read_safetensors(
+    path: Path, device: torch.device | None = None, slices: Slices | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors (on ``device``, default the CPU) and the header metadata of a safetensors file
+    (of the tensors in ``slices``, only those slices are read; the rest of them is zeros).
 
     The file is opened once (a regular file, else :class:`AdapterReadError`); its header is
     checked first (:func:`lorahot.io.safety.check_safetensors`), then the data is read from the
@@ -263,7 +272,7 @@ def read_safetensors(path: Path, device: torch.device | None = None) -> tuple[di
     fd = open_regular(path, "safetensors file")
     try:
         header = check_safetensors(path, fd)  # refuses damaged or hostile headers before anything is allocated
-        return read_tensors(path, header, device, fd), header.metadata
+        return read_tensors(path, header, device, fd, slices), header.metadata
     finally:
         os.close(fd)
 

@@ -5,14 +5,22 @@ the data section exactly), the whole data section is read with a few large posit
 into one buffer (pinned when the tensors are headed for a GPU), copied to the device in one
 transfer if asked, and every tensor becomes a view of that buffer. Nothing is unpickled, and
 no per-tensor allocation or transfer happens.
+
+A rank of a tensor-parallel model reads only its slice of the tensors it shards (``slices``):
+the buffer is zeroed, each sliced tensor's slice is read into its place (one positioned read
+per contiguous run: one for a slice of rows, one per row for a slice of columns), and every
+other tensor whole. The tensors keep their shapes; only the values outside their slices are
+zeros instead of the file's.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,14 +29,31 @@ from lorahot.errors import AdapterReadError
 from lorahot.io.dtypes import TORCH_DTYPES
 from lorahot.io.safety import SafetensorsHeader, open_regular
 
-__all__ = ["read_tensors"]
+__all__ = ["read_tensors", "TensorSlice", "Slices"]
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Indices ``[start, stop)`` along dimension ``dim`` of one tensor of a file."""
+
+    dim: int
+    start: int
+    stop: int
+
+
+#: tensor key -> the slice of it to read
+Slices = Mapping[str, TensorSlice]
 
 
 _CHUNK = 16 << 20  # bytes per positioned read; several run at once for large files
 
 
 def read_tensors(
-    path: Path, header: SafetensorsHeader, device: torch.device | None = None, fd: int | None = None
+    path: Path,
+    header: SafetensorsHeader,
+    device: torch.device | None = None,
+    fd: int | None = None,
+    slices: Slices | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of ``path`` as a view of one buffer, on ``device`` (default: the CPU).
 
@@ -38,6 +63,8 @@ def read_tensors(
         device: where the tensors land.
         fd: the descriptor the header was checked on: the same file is read, whatever happens to
             the path meanwhile.
+        slices: tensor key -> the slice of it to read; the rest of such a tensor is zeros. A
+            slice outside its tensor's shape reads the tensor whole.
 
     With ``device`` the meta device, nothing past the header is read: the tensors are meta
     tensors of the header's shapes and dtypes (what planning needs, see
@@ -59,12 +86,13 @@ def read_tensors(
             f"{path}: its tensor data is {header.data_size} bytes, more than this machine's {memory} bytes of memory. "
             "Load it on a larger machine, or check the file (is it an adapter?)."
         )
-    buf = _allocate(path, header.data_size, lambda: torch.empty(header.data_size, dtype=torch.uint8, pin_memory=on_gpu))
+    make = torch.zeros if slices else torch.empty
+    buf = _allocate(path, header.data_size, lambda: make(header.data_size, dtype=torch.uint8, pin_memory=on_gpu))
     if header.data_size:
         own = fd is None
         fd = open_regular(path, "safetensors file") if fd is None else fd
         try:
-            _read_into(fd, path, header.data_start, buf)
+            _read_into(fd, path, header.data_start, buf, _spans(header, slices) if slices else None)
         finally:
             if own:
                 os.close(fd)
@@ -94,10 +122,38 @@ def _allocate(path: Path, nbytes: int, make: Callable[[], torch.Tensor]) -> torc
         ) from None
 
 
-def _read_into(fd: int, path: Path, start: int, buf: torch.Tensor) -> None:
-    """Fills ``buf`` from ``fd`` at ``start`` with large positioned reads, several at once."""
+def _spans(header: SafetensorsHeader, slices: Slices) -> list[tuple[int, int]]:
+    """``(offset, length)`` bytes of the data section to read: every tensor whole, but only the
+    slice of a sliced one; adjacent runs merged, long ones cut into :data:`_CHUNK` pieces."""
+    runs: list[tuple[int, int]] = []
+    for key, (dtype, shape, begin, end) in sorted(header.entries.items(), key=lambda item: item[1][2]):
+        cut = slices.get(key)
+        if cut is None or not (0 <= cut.dim < len(shape) and 0 <= cut.start <= cut.stop <= shape[cut.dim]):
+            runs.append((begin, end - begin))
+            continue
+        inner = math.prod(shape[cut.dim + 1 :]) * TORCH_DTYPES[dtype].itemsize  # bytes per index of the dim
+        step = shape[cut.dim] * inner
+        runs += [
+            (begin + o * step + cut.start * inner, (cut.stop - cut.start) * inner)
+            for o in range(math.prod(shape[: cut.dim]))
+        ]
+    merged: list[tuple[int, int]] = []
+    for off, size in runs:
+        if merged and merged[-1][0] + merged[-1][1] == off:
+            merged[-1] = (merged[-1][0], merged[-1][1] + size)
+        elif size:
+            merged.append((off, size))
+    return [(o + k, min(_CHUNK, size - k)) for o, size in merged for k in range(0, size, _CHUNK)]
+
+
+def _read_into(fd: int, path: Path, start: int, buf: torch.Tensor, spans: list[tuple[int, int]] | None = None) -> None:
+    """Fills ``buf`` from ``fd`` at ``start`` with large positioned reads, several at once
+    (only the ``(offset, length)`` ``spans`` of it, if given)."""
     view = memoryview(buf.numpy()).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
-    spans = [(off, min(_CHUNK, len(view) - off)) for off in range(0, len(view), _CHUNK)]
+    if spans is None:
+        spans = [(off, min(_CHUNK, len(view) - off)) for off in range(0, len(view), _CHUNK)]
+    if not spans:
+        return
 
     def read(span: tuple[int, int]) -> int:
         off, size = span

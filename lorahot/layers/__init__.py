@@ -6,10 +6,11 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lorahot.layers.base import LayerSpec, LoRALayer
+from lorahot.layers.base import LayerSpec, LoRALayer, Shard
 from lorahot.layers.conv import LoRAConv
 from lorahot.layers.embedding import LoRAEmbedding
 from lorahot.layers.linear import LoRALinear, linear_features
+from lorahot.layers.sharded import ShardedLoRALinear, is_sharded
 from lorahot.layers.state import RuntimeState
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "LoRALinear",
     "LoRAConv",
     "LoRAEmbedding",
+    "ShardedLoRALinear",
+    "Shard",
     "RuntimeState",
     "layer_class_for",
     "SUPPORTED",
@@ -25,6 +28,7 @@ __all__ = [
 
 #: What lorahot wraps, in the order it is tried: (description, predicate, layer class).
 SUPPORTED: tuple[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], LoRALayer]], ...] = (
+    ("tensor-parallel Linear (DTensor weight, ColwiseParallel / RowwiseParallel)", is_sharded, ShardedLoRALinear),
     ("Conv1d/2d/3d", lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), LoRAConv),
     ("Embedding", lambda m: isinstance(m, nn.Embedding), LoRAEmbedding),
     ("Linear-like (Linear, Conv1D, in_features/out_features)", lambda m: linear_features(m) is not None, LoRALinear),

@@ -45,6 +45,7 @@ from lorahot.layers.state import RuntimeState
 from lorahot.layers.tensor_handles import ROUTES, TENSORS, TensorHandle
 
 __all__ = [
+    "Shard",
     "LayerSpec",
     "LoRALayer",
     "overrides_forward",
@@ -70,6 +71,29 @@ WIDE_BUFFER = "_lora_wide"
 
 
 @dataclass(frozen=True)
+class Shard:
+    """The slice of a tensor-parallel layer's weight that this rank holds (see
+    :mod:`lorahot.layers.sharded`).
+
+    Attributes:
+        dim: ``"out"`` for a column-parallel layer (weight ``Shard(0)``: this rank computes
+            output channels ``[start, stop)``, and holds those rows of B); ``"in"`` for a
+            row-parallel one (weight ``Shard(1)``: it reads input features ``[start, stop)``,
+            and holds those columns of A).
+        start, stop: the slice of the full dimension, as ``torch.chunk`` cuts it.
+        size: the full dimension (what adapter files hold).
+        rank, ranks: this rank's coordinate in the 1-D device mesh, and the mesh's size.
+    """
+
+    dim: str
+    start: int
+    stop: int
+    size: int
+    rank: int
+    ranks: int
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """The geometry of one LoRA layer, as the arena and the loader see it.
 
@@ -83,6 +107,9 @@ class LayerSpec:
         b_trailing: trailing singleton dims of B in files (``(1,) * nd`` for convs).
         groups: groups of the base conv (1 otherwise). The rank is split into ``groups``
             equal slices, slice ``j`` feeding output group ``j``.
+        shard: for a tensor-parallel layer, the slice of its weight this rank holds; then
+            ``in_dim``, ``out_dim`` and ``a_row_shape`` are this rank's (what its buffers hold),
+            and :meth:`full_dims` gives the layer's whole ``(in, out)`` (what files hold).
     """
 
     kind: str
@@ -91,6 +118,14 @@ class LayerSpec:
     a_row_shape: tuple[int, ...]
     b_trailing: tuple[int, ...] = ()
     groups: int = 1
+    shard: Shard | None = None
+
+    def full_dims(self) -> tuple[int, int]:
+        """``(in, out)`` of the whole layer: this rank's unless the layer is sharded."""
+        s = self.shard
+        if s is None:
+            return self.in_dim, self.out_dim
+        return (s.size, self.out_dim) if s.dim == "in" else (self.in_dim, s.size)
 
     def a_shape(self, rank: int) -> tuple[int, ...]:
         """Shape of A in an adapter file for ``rank``: ``[r, *a_row_shape]``."""
@@ -234,6 +269,14 @@ class LoRALayer(nn.Module):
         self.fused = fused and self.fusable(lora_A)
         self.state = state
 
+    def attach(self) -> None:
+        """Called once when the layer takes its base module's place in the model (after every
+        wrapper of an inject was built); a no-op unless the subclass needs it."""
+
+    def detach(self) -> None:
+        """Called when the base module goes back in its place (eject, or an inject that
+        failed): undoes :meth:`attach`."""
+
     def bound_address(self) -> tuple[int, ...]:
         """Addresses of the tensors the layer computes with that something outside lorahot could
         replace: the arena tensor of its A buffer (and, widened, its wide buffer and the base
@@ -326,6 +369,10 @@ class LoRALayer(nn.Module):
 
     def dora_refusal(self) -> str | None:
         """Why DoRA cannot run on this layer, or None."""
+        return None
+
+    def lora_bias_refusal(self) -> str | None:
+        """Why a LoRA bias (PEFT ``lora_bias``) cannot run on this layer, or None."""
         return None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

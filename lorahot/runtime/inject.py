@@ -11,6 +11,7 @@ from torch import nn
 
 from lorahot.errors import UsageError, public_api
 from lorahot.layers import LayerSpec, LoRALayer
+from lorahot.layers.sharded import is_sharded
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.components import components_of, is_several, match_components
 from lorahot.runtime.lora_runtime import LoraRuntime
@@ -94,6 +95,7 @@ def inject(
         root, names = match_components(modules, targets, named)
         components = tuple(root._modules)
     if merged:
+        _refuse_sharded(root, names)
         check_untied(root, names)
     layers = wrap_modules(root, names)
     try:
@@ -112,6 +114,16 @@ def inject(
     except BaseException:
         unwrap_modules(root, layers)
         raise
+
+
+def _refuse_sharded(model: nn.Module, names: list[str]) -> None:
+    """Merged mode rewrites base weights in place, which lorahot does not do to DTensors."""
+    sharded = [n for n in names if is_sharded(model.get_submodule(n))]
+    if sharded:
+        raise UsageError(
+            f"{sharded[0]}: merged mode does not rewrite tensor-parallel (DTensor) weights; inject without "
+            "merged=True (the LoRA layers then shard their buffers like the base layers)."
+        )
 
 
 def _check_arguments(

@@ -15,10 +15,10 @@ import math
 import numbers
 import operator
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -26,20 +26,25 @@ from torch import nn
 from lorahot.adapter import Adapter, LoraModule
 from lorahot.errors import AdapterMismatchError, UsageError, format_problems, public_api
 from lorahot.io.identity import source_identity
-from lorahot.io.loader import read_adapter
+from lorahot.io.loader import read_adapter, read_adapter_sliced
 from lorahot.io.sources import Source
+from lorahot.io.tensorfile import Slices
 from lorahot.layers import LoRALayer, RuntimeState
+from lorahot.runtime.agreement import Agreement
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from lorahot.runtime.dora import DoraFactors
 from lorahot.runtime.merge import Merger
 from lorahot.runtime.plan import Checked, LoadPlan, check_multiplier, pack_host, restage, validate
 from lorahot.runtime.routing import Routing, check_routing
+from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.stack import Stack, build
 from lorahot.runtime.targets import unwrap_modules
 from lorahot.runtime.wide import WideWeights, widen_layers
 
 __all__ = ["AdapterInfo", "PartInfo", "LoraRuntime"]
+
+_T = TypeVar("_T")
 
 #: What ``load`` takes as one adapter.
 One = Source | Adapter | PreparedAdapter
@@ -128,6 +133,7 @@ class LoraRuntime:
         extras: bool = True,
         components: tuple[str, ...] = (),
     ) -> None:
+        self._agreement = Agreement.of(layers)  # tensor-parallel layers: their ranks agree before each write
         self.model = model
         self.components = components  # empty for a single model
         self._extras = extras
@@ -255,26 +261,47 @@ class LoraRuntime:
     def _load(
         self, source: One | Sequence[One], slot: int, scale: float | Sequence[float], read_kwargs: dict[str, Any]
     ) -> AdapterInfo:
+        checked = self._agreed(lambda: self._check_load(source, slot, scale, read_kwargs), "load")
+        slot, adapters, stack, weights, listed, write = checked
+        live = slot == self._active
+        write(live)
+        self._refresh_dora(slot, stack.dora, live)
+        self._stacks[slot], self._weights[slot] = stack, weights
+        info = self._info(slot, adapters, stack, weights, listed)
+        self._infos[slot] = info
+        self._remerge(slot)
+        return info
+
+    def _check_load(
+        self, source: One | Sequence[One], slot: int, scale: float | Sequence[float], read_kwargs: dict[str, Any]
+    ) -> tuple[int, list[Adapter], Stack, tuple[float, ...], bool, Callable[[bool], None]]:
+        """Every check of a load, nothing written: the slot, the adapters, the stack, the
+        weights, whether a list was given, and the write (given whether the slot is live)."""
         slot = self._slot(slot)
         sources, listed = _parts(source)
         weights = _weights(scale, len(sources)) if listed else (_multiplier(scale),)
         _check_read_options(read_kwargs, self.components)
         found = [self._cached(s, read_kwargs) for s in sources]
         self._check_usable(every_layer=any(p is None for p in found))  # every layer: cheap next to reading a file
-        live = slot == self._active
         prepared = found[0]
         if len(found) == 1 and prepared is not None:  # from the host cache: one copy per arena
-            adapters, stack = [prepared.adapter], Stack.of(prepared.plan, self.max_rank)
+            stack = Stack.of(prepared.plan, self.max_rank)
             self._check_scales(stack, weights)
-            self.buffers.write(slot, prepared.packs, weights[0], live=live)
-        else:
-            adapters, parts = [], []
-            for s, hit in zip(sources, found):
-                adapter, checked = self._part(s, hit, read_kwargs)
-                adapters.append(adapter)
-                parts.append(checked)
-            stack, placement = build(parts, self.buffers)
-            self._check_scales(stack, weights)
+            packs = prepared.packs
+
+            def write_packs(live: bool) -> None:
+                self.buffers.write(slot, packs, weights[0], live=live)
+
+            return slot, [prepared.adapter], stack, weights, listed, write_packs
+        adapters, parts = [], []
+        for s, hit in zip(sources, found):
+            adapter, checked = self._part(s, hit, read_kwargs)
+            adapters.append(adapter)
+            parts.append(checked)
+        stack, placement = build(parts, self.buffers)
+        self._check_scales(stack, weights)
+
+        def write_staged(live: bool) -> None:
             self.buffers.write_staged(
                 slot,
                 placement.entries,
@@ -283,12 +310,26 @@ class LoraRuntime:
                 extras=placement.extras,
                 offsets=placement.offsets,
             )
-        self._refresh_dora(slot, stack.dora, live)
-        self._stacks[slot], self._weights[slot] = stack, weights
-        info = self._info(slot, adapters, stack, weights, listed)
-        self._infos[slot] = info
-        self._remerge(slot)
-        return info
+
+        return slot, adapters, stack, weights, listed, write_staged
+
+    def _agreed(self, check: Callable[[], _T], what: str) -> _T:
+        """``check()``, and on a tensor-parallel model every rank's agreement that it passed
+        everywhere (see :mod:`lorahot.runtime.agreement`) before anything is written."""
+        if self._agreement is None:
+            return check()
+        return self._agreement.run(check, what)
+
+    def _read(self, source: Source | Adapter, device: torch.device | None, read_kwargs: dict[str, Any]) -> Adapter:
+        """The adapter ``source`` holds; on a tensor-parallel model, each rank reads only its
+        slice of the sharded factors from a file (:mod:`lorahot.runtime.sharding`)."""
+        if self._agreement is None:
+            return read_adapter(source, device=device, **read_kwargs)
+
+        def slicer(meta: Adapter, keys: Mapping[int, str]) -> Slices:
+            return file_slices(meta, keys, self._specs, self.components)
+
+        return read_adapter_sliced(source, slicer, device=device, **read_kwargs)
 
     def _part(
         self, source: One, prepared: PreparedAdapter | None, read_kwargs: dict[str, Any]
@@ -297,7 +338,7 @@ class LoraRuntime:
         read and validated."""
         if prepared is not None:
             return prepared.adapter, restage(prepared.plan, self.buffers)
-        adapter = read_adapter(source, device=self._read_device, **read_kwargs)  # type: ignore[arg-type]
+        adapter = self._read(source, self._read_device, read_kwargs)  # type: ignore[arg-type]
         checked = validate(
             adapter,
             self.buffers,
@@ -348,13 +389,22 @@ class LoraRuntime:
         Takes one adapter (preload each part of a stack, then ``load([...])`` stacks them
         from the cache). Raises what :meth:`load` raises.
         """
+        prepared, cache = self._agreed(lambda: self._preload(source, key, read_kwargs), "preload")
+        if cache:
+            self.cache.put(prepared)
+        return prepared
+
+    def _preload(
+        self, source: Source | Adapter, key: str | None, read_kwargs: dict[str, Any]
+    ) -> tuple[PreparedAdapter, bool]:
+        """Every check of :meth:`preload`: the prepared adapter, and whether to cache it."""
         _refuse_stack(source, "preload")
         _check_read_options(read_kwargs, self.components)
         if key is not None and not (isinstance(key, str) and key):
             raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
         self._check_usable()
         identity = _cache_key(source, read_kwargs)
-        adapter = read_adapter(source, **read_kwargs)
+        adapter = self._read(source, None, read_kwargs)
         checked = validate(
             adapter,
             self.buffers,
@@ -368,9 +418,8 @@ class LoraRuntime:
         self._check_kinds(checked.plan)
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
         prepared = PreparedAdapter(cache_key, adapter, checked.plan, pack_host(checked, self.buffers), self.buffers)
-        if key is not None or identity is None or _cache_key(source, read_kwargs) == identity:
-            self.cache.put(prepared)  # (a file that changed while it was read is not cached)
-        return prepared
+        # (a file that changed while it was read is not cached)
+        return prepared, key is not None or identity is None or _cache_key(source, read_kwargs) == identity
 
     @public_api
     def prefetch(
@@ -380,6 +429,12 @@ class LoraRuntime:
 
         The call itself checks the runtime and the options (and raises at once)."""
         _refuse_stack(source, "prefetch")
+        if self._agreement is not None:
+            raise UsageError(
+                "prefetch reads on a background thread, but on a tensor-parallel model every rank's checks agree "
+                "through a collective, which must run on the thread that serves, in step with the other ranks; call "
+                "runtime.preload(...) on every rank instead."
+            )
         _check_read_options(read_kwargs, self.components)
         if key is not None and not (isinstance(key, str) and key):
             raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
@@ -399,7 +454,9 @@ class LoraRuntime:
     def _base_weight(self, name: str) -> torch.Tensor:
         """The model's own weight of layer ``name`` (the pristine one in merged mode)."""
         layer = self.layers[name]
-        return layer.pristine_weight if layer.pristine_weight is not None else layer.base_weight
+        weight = layer.pristine_weight if layer.pristine_weight is not None else layer.base_weight
+        to_local = getattr(weight, "to_local", None)  # a tensor-parallel layer's: this rank's shard
+        return to_local() if callable(to_local) else weight
 
     def _base_bias(self, name: str) -> torch.Tensor | None:
         """The model's own bias of layer ``name`` (the pristine one in merged mode), or None."""
@@ -423,6 +480,8 @@ class LoraRuntime:
                 "merged mode folds the LoRA bias (lora_bias) into the base layer's bias, and this layer has none; "
                 "inject without merged=True to load this adapter"
             )
+        if module.bias is not None and layer.lora_bias_refusal() is not None:
+            return layer.lora_bias_refusal()
         return layer.dora_refusal() if module.magnitude is not None else None
 
     def _refresh_dora(self, slot: int, dora: list[list[int]], live: bool) -> None:
@@ -536,15 +595,7 @@ class LoraRuntime:
                 the slot has parts), or times an adapter's ``alpha / r`` it leaves the scale
                 buffers' range; the slot is empty. Nothing changed.
         """
-        self._check_usable()
-        s = self._slot(self._active if slot is None else slot)
-        if not _is_sequence(value):
-            value = _multiplier(value)
-        stack, info = self._stacks[s], self._infos[s]
-        if stack is None or info is None:
-            raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
-        weights = _weights(value, len(stack.parts), f"slot {s} holds")
-        self._check_scales(stack, weights)
+        s, stack, info, weights = self._agreed(lambda: self._check_set_scale(value, slot), "set_scale")
         live = s == self._active
         self.buffers.set_scales(s, stack.scales(weights), live=live)
         self._refresh_dora(s, stack.dora, live)
@@ -556,6 +607,21 @@ class LoraRuntime:
             parts=tuple(replace(p, scale=w) for p, w in zip(info.parts, weights)),
         )
         self._remerge(s)
+
+    def _check_set_scale(
+        self, value: float | Sequence[float], slot: int | None
+    ) -> tuple[int, Stack, AdapterInfo, tuple[float, ...]]:
+        """Every check of :meth:`set_scale`: the slot, what it holds, and the new weights."""
+        self._check_usable()
+        s = self._slot(self._active if slot is None else slot)
+        if not _is_sequence(value):
+            value = _multiplier(value)
+        stack, info = self._stacks[s], self._infos[s]
+        if stack is None or info is None:
+            raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
+        weights = _weights(value, len(stack.parts), f"slot {s} holds")
+        self._check_scales(stack, weights)
+        return s, stack, info, weights
 
     @public_api
     def eject(self) -> nn.Module:

@@ -27,6 +27,7 @@ from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
 from lorahot.runtime.deltas import delta_shape
+from lorahot.runtime.sharding import localize
 
 __all__ = [
     "WEIGHT_DTYPES",
@@ -195,7 +196,14 @@ def plan_load(
             f"(strict=False would skip all {len(unplaced)} keys, e.g. {', '.join(unplaced[:3])}). Inject those "
             "modules (targets=...), or map the names with prefix=/key_map=."
         )
-    problems = [p for name, m in targets.items() for p in check_module(name, m, specs[name], buffers.max_rank)]
+    misfits = _localize(targets, specs)
+    problems = [p for found in misfits.values() for p in found]
+    problems += [
+        p
+        for name, m in targets.items()
+        if name not in misfits
+        for p in check_module(name, m, specs[name], buffers.max_rank)
+    ]
     if weight_of is not None:
         problems += [p for name, m in targets.items() for p in check_base_weight(name, m, weight_of)]
     problems += [p for name, w in weights.items() for p in check_weight_module(name, w, specs[name])]
@@ -236,6 +244,19 @@ def plan_load(
     return LoadPlan(
         targets, entries, scales, largest, adapter.source, ranks, nbytes, skipped=skipped, weights=weights, dora=dora
     )
+
+
+def _localize(targets: dict[str, LoraModule], specs: dict[str, LayerSpec]) -> dict[str, list[str]]:
+    """Replaces each module bound for a tensor-parallel layer by this rank's part of it
+    (:func:`lorahot.runtime.sharding.localize`); returns, by layer, the problems with the
+    full shapes of those that do not fit."""
+    misfits: dict[str, list[str]] = {}
+    for name, m in targets.items():
+        if specs[name].shard is not None:
+            targets[name], found = localize(name, m, specs[name])
+            if found:
+                misfits[name] = found
+    return misfits
 
 
 def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> list[str]:

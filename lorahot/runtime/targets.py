@@ -165,6 +165,7 @@ def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
             raise UsageError(f"{name}: {exc}") from None
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
+        layer.attach()
     return layers
 
 
@@ -185,6 +186,7 @@ def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
                 if layer.pristine_bias is not None and bias is not None:
                     bias.copy_(layer.pristine_bias)
         layer.unwiden()
+        layer.detach()
         if _submodule(model, name) is layer:
             _set_submodule(model, name, layer.base_layer)
         else:

@@ -1,0 +1,220 @@
+"""``ShardedLoRALinear``: LoRA on a linear that ``torch.distributed.tensor.parallel`` sharded.
+
+``parallelize_module`` turns a linear's weight into a DTensor on a 1-D device mesh and puts two
+hooks on the module: one makes the input a DTensor of the layout the style wants, the other
+redistributes the output (and, with ``use_local_output``, hands back a plain tensor):
+
+- ``ColwiseParallel``: weight ``Shard(0)``, input replicated, output sharded on its last
+  dimension (``Shard(-1)``);
+- ``RowwiseParallel``: weight ``Shard(1)``, input sharded on its last dimension, output
+  ``Partial`` (each rank holds a partial sum) until the output hook reduces it (all-reduce
+  to ``Replicate``, or reduce-scatter to ``Shard(1)`` under sequence parallelism).
+
+The LoRA layer sits *inside* those hooks: at inject the module's forward hooks move to the
+wrapper (and move back at eject), so the wrapper receives the DTensor the pre-hook made and
+returns a DTensor with the base output's placement, which the output hook then
+redistributes. Each rank holds only its part of the adapter, in buffers of its local shape:
+
+- column-parallel (``Shard(0)``, :attr:`Shard.dim` ``"out"``): A whole (replicated), B's rows
+  of this rank's output channels. ``x`` is replicated, so ``B_local(s * A(x))`` is exactly this
+  rank's slice of the delta: no communication at all;
+- row-parallel (``Shard(1)``, ``"in"``): A's columns of this rank's input features, B whole.
+  ``h = x_local @ A_local^T`` is a partial sum of the shrink, and since the expand is linear,
+  ``B(s * h_partial)`` is this rank's partial sum of the delta: it is added to the base's
+  partial output *before* the output hook's reduction, which then sums base and LoRA in the
+  one collective it runs anyway. No extra collective; exact up to summation order. (Where the
+  base output is already reduced, the rank-sized ``h`` is all-reduced instead.)
+
+The arithmetic runs on the local tensors (``to_local``), with the same views and formulas as
+:class:`~lorahot.layers.linear.LoRALinear`, per-row routing included. Not supported on a
+sharded layer: the fused and wide paths (they need a plain ``nn.Linear`` weight), merged mode,
+DoRA and LoRA biases (their per-channel terms would need the whole weight's norms, or would
+be summed once per rank); each is refused with the reason.
+
+lorahot never imports ``torch.distributed.tensor`` itself: a DTensor can only exist once the
+user's code has imported it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorahot.errors import UsageError
+from lorahot.layers import routing
+from lorahot.layers.base import LayerSpec, Shard
+from lorahot.layers.linear import LoRALinear
+from lorahot.layers.tensor_handles import ROUTES
+
+__all__ = ["ShardedLoRALinear", "is_sharded", "shard_of", "mesh_of"]
+
+#: The forward hooks of a module, as ``nn.Module`` keeps them (dicts swapped whole, so the
+#: handles ``register_forward_hook`` returned keep working on whichever module holds them).
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor`` if the user's code imported it, else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
+def _is_dtensor(t: object) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is a DTensor (a module ``parallelize_module`` distributed)."""
+    return _is_dtensor(getattr(module, "weight", None))
+
+
+def mesh_of(module: nn.Module) -> Any:
+    """The device mesh of ``module``'s DTensor weight."""
+    weight: Any = module.weight
+    return weight.device_mesh
+
+
+def shard_of(module: nn.Module) -> Shard:
+    """The slice of ``module``'s weight (a DTensor) this rank holds.
+
+    Raises:
+        UsageError: the module is not an ``nn.Linear``; the mesh is not 1-D; the weight is not
+            ``Shard(0)`` (column-parallel) or ``Shard(1)`` (row-parallel); the local shard is
+            not the ``torch.chunk`` slice DTensor makes.
+    """
+    weight: Any = module.weight
+    kind = type(module).__name__
+    if not isinstance(module, nn.Linear):
+        raise UsageError(
+            f"cannot add LoRA to a tensor-parallel {kind} (weight placements {weight.placements}); lorahot shards "
+            "LoRA with nn.Linear layers only (ColwiseParallel / RowwiseParallel). Exclude it from targets."
+        )
+    mesh = weight.device_mesh
+    placements = tuple(weight.placements)
+    dims = {0: "out", 1: "in"}
+    placement = placements[0] if len(placements) == 1 else None
+    dim = getattr(placement, "dim", None) if type(placement).__name__ == "Shard" else None
+    if mesh.ndim != 1 or dim not in dims:
+        raise UsageError(
+            f"{kind} weight is a DTensor on a {mesh.ndim}-D mesh with placements {placements}; lorahot supports "
+            "tensor-parallel linears on a 1-D mesh, sharded Shard(0) (ColwiseParallel) or Shard(1) (RowwiseParallel). "
+            "Exclude this module from targets."
+        )
+    size, ranks, rank = int(weight.shape[dim]), mesh.size(), mesh.get_local_rank()
+    chunk = -(-size // ranks)  # torch.chunk: ceil(size / ranks) per rank, the last ones shorter or empty
+    start, stop = min(rank * chunk, size), min((rank + 1) * chunk, size)
+    local = int(weight.to_local().shape[dim])
+    if local != stop - start:
+        raise UsageError(
+            f"{kind} weight is sharded unevenly in a way lorahot does not follow: rank {rank} of {ranks} holds {local} "
+            f"of {size} along dim {dim}, expected {stop - start}. Shard with parallelize_module's default layouts."
+        )
+    return Shard(dims[dim], start, stop, size, rank, ranks)
+
+
+def _local(t: Any) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[no-any-return]
+
+
+class ShardedLoRALinear(LoRALinear):
+    """LoRA on a tensor-parallel ``nn.Linear``; see the module docstring.
+
+    Buffers (views into the arena, this rank's part only): ``lora_A [R, in_local]``,
+    ``lora_B [R, out_local]`` (B transposed), ``lora_scale [R]``; ``in_local`` is the whole
+    ``in`` for a column-parallel layer, ``out_local`` the whole ``out`` for a row-parallel one.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        shard = shard_of(base_layer)
+        weight: Any = base_layer.weight
+        local = weight.to_local()
+        out, fin = int(local.shape[0]), int(local.shape[1])
+        LoRALinear.__init__(self, base_layer)
+        self.spec = LayerSpec("linear", fin, out, (fin,), shard=shard)
+        object.__setattr__(self, "_mesh", mesh_of(base_layer))
+        object.__setattr__(self, "_hooks_taken", False)
+
+    @property
+    def mesh(self) -> Any:
+        """The 1-D device mesh the base weight lives on."""
+        return self._mesh
+
+    def attach(self) -> None:
+        """Takes over the base module's forward hooks (``parallelize_module``'s input and
+        output redistribution), so that they run around base *and* LoRA."""
+        if not self._hooks_taken:
+            self._swap_hooks()
+
+    def detach(self) -> None:
+        """Gives the forward hooks back to the base module (once, however often it is called)."""
+        if self._hooks_taken:
+            self._swap_hooks()
+
+    def _swap_hooks(self) -> None:
+        object.__setattr__(self, "_hooks_taken", not self._hooks_taken)
+        for name in _HOOK_DICTS:
+            mine, theirs = getattr(self, name), getattr(self.base_layer, name)
+            object.__setattr__(self, name, theirs)
+            object.__setattr__(self.base_layer, name, mine)
+
+    def fusable(self, lora_A: torch.Tensor) -> bool:
+        return False
+
+    def widenable(self, max_rank: int, dtype: torch.dtype) -> bool:
+        return False
+
+    def merge_refusal(self) -> str | None:
+        return "merged mode does not rewrite tensor-parallel (DTensor) weights; inject without merged=True"
+
+    def dora_refusal(self) -> str | None:
+        return (
+            "DoRA does not run on a tensor-parallel layer (its factor needs the norm of each output channel of the "
+            "whole weight); load it on an unsharded model"
+        )
+
+    def lora_bias_refusal(self) -> str | None:
+        return "a LoRA bias (lora_bias) does not run on a tensor-parallel layer; load it on an unsharded model"
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # ``x`` is the DTensor the input hook made; the base computes its output DTensor
+        # (column-parallel: Shard(-1); row-parallel: Partial); the LoRA part joins it locally.
+        y = self._base(x, *args, **kwargs)
+        x_local, y_local = _local(x), _local(y)
+        if self._reduced(y):
+            raise UsageError(
+                f"{self._describe()}: the row-parallel base output is already reduced ({y.placements}); lorahot adds "
+                "each rank's partial LoRA delta before the output hook's reduction and needs it Partial. Parallelize "
+                "with RowwiseParallel."
+            )
+        route = ROUTES[self._plan[4]]
+        if route is not None:  # one slot per row, from the slot views
+            sa, sb, ss, _ = self._slot_views()
+            routing.check_rows(x_local, route.shape[0], self.spec.kind, self.row_dims(x_local), self._describe())
+            z = self.routed_sum(x_local, y_local, sa, sb, ss, route)
+        else:
+            a, b, scale, _ = self._views()
+            z = y_local + self.lora_delta(x_local, a, b, scale).to(y_local.dtype)
+        if not _is_dtensor(y):
+            return z
+        out: torch.Tensor = type(y).from_local(
+            z, y.device_mesh, y.placements, run_check=False, shape=y.shape, stride=y.stride()
+        )
+        return out
+
+    def _reduced(self, y: Any) -> bool:
+        """Whether a row-parallel layer's base output is already reduced (not ``Partial``):
+        then a partial delta could not ride in the output hook's reduction."""
+        shard = self.spec.shard
+        if shard is None or shard.dim != "in" or not _is_dtensor(y):
+            return False
+        return not any(p.is_partial() for p in y.placements)

@@ -1,0 +1,109 @@
+"""Every rank of a tensor-parallel model decides together whether an operation goes ahead.
+
+On a sharded model each rank runs ``load`` (and ``set_scale``, ``preload``) itself, on its own
+part of the adapter; a check can fail on one rank only (its slice holds a NaN, its file
+changed, it ran out of memory). Before the first write each rank therefore reports whether
+its checks passed, in one all-reduce of a flag over the model's process group. If any rank
+failed, none writes: the failed ranks raise their own error, the others an error of the same
+lorahot type naming the rank and its message (gathered only then), so every rank stays
+bitwise as it was. Every rank must make the same calls in the same order, as with any
+collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from lorahot.errors import LoraError, UnexpectedError, UsageError
+from lorahot.layers import LoRALayer
+from lorahot.layers.sharded import ShardedLoRALinear
+
+__all__ = ["Agreement"]
+
+_T = TypeVar("_T")
+
+
+class Agreement:
+    """The process group of a sharded runtime's layers, and :meth:`run` over it."""
+
+    def __init__(self, mesh: Any) -> None:
+        self.mesh = mesh
+        self.group = mesh.get_group()
+        self.ranks = mesh.size()
+        self.rank = mesh.get_local_rank()
+        kind = mesh.device_type
+        self.device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
+
+    @classmethod
+    def of(cls, layers: dict[str, LoRALayer]) -> Agreement | None:
+        """The agreement over the mesh of ``layers``' tensor-parallel layers, or None when none is.
+
+        Raises:
+            UsageError: the sharded layers live on different meshes.
+        """
+        meshes: dict[int, tuple[str, Any]] = {}
+        for name, layer in layers.items():
+            if isinstance(layer, ShardedLoRALinear):
+                meshes.setdefault(id(layer.mesh), (name, layer.mesh))
+        if len(meshes) > 1:
+            (first, a), (second, b) = list(meshes.values())[:2]
+            if a != b:
+                raise UsageError(
+                    f"{first} and {second} are sharded over different device meshes ({a} and {b}); lorahot keeps one "
+                    "runtime's ranks in step over one mesh. Inject each tensor-parallel group separately."
+                )
+        if not meshes:
+            return None
+        return cls(next(iter(meshes.values()))[1])
+
+    def run(self, check: Callable[[], _T], what: str) -> _T:
+        """``check()`` on every rank; its result if it passed on every rank, else raises.
+
+        Raises:
+            LoraError: ``check``'s own error on a rank where it failed; on the others an error
+                of the same type naming the failed rank and its message. Any other exception
+                of ``check`` is re-raised on its rank after the agreement.
+        """
+        try:
+            result, error = check(), None
+        except Exception as exc:
+            result, error = None, exc
+        failures = self._failures(error)
+        if error is not None:
+            raise error
+        if failures:
+            rank, kind, message = failures[0]
+            raise _error_type(kind)(
+                f"{what} failed on rank {rank} of {self.ranks}, so no rank changed anything (this rank passed every "
+                f"check). Rank {rank}: {message}"
+            )
+        return result  # type: ignore[return-value]  # set when no error
+
+    def _failures(self, error: BaseException | None) -> list[tuple[int, str, str]]:
+        """``(rank, error type, message)`` of every rank whose check failed: one all-reduce of a
+        flag; the messages are gathered only when some rank failed."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, group=self.group)
+        if int(flag.item()) == 0:
+            return []
+        mine = None if error is None else (self.rank, type(error).__name__, str(error))
+        gathered: list[Any] = [None] * self.ranks
+        dist.all_gather_object(gathered, mine, group=self.group)
+        return [entry for entry in gathered if entry is not None]
+
+
+def _error_type(name: str) -> type[LoraError]:
+    """The lorahot error class called ``name`` (what another rank raised), else
+    :class:`UnexpectedError`."""
+    pending: list[type[LoraError]] = [LoraError]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == name:
+            return cls
+        pending += cls.__subclasses__()
+    return UnexpectedError

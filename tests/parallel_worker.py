@@ -1,0 +1,303 @@
+"""One rank of a tensor-parallel test scenario (run by :func:`tests.parallel_helpers.run_ranks`).
+
+``python -m tests.parallel_worker <scenario> <rank> <world> <folder>``: joins the gloo group
+through a file store in ``folder``, runs the scenario and writes ``rank<r>.json`` (check name
+-> ``"ok"`` or what went wrong). The adapters it loads were written into ``folder`` by the test.
+Each rank builds the same model from the same seed, keeps an unsharded copy as the reference
+(with its own lorahot runtime, given the same calls) and parallelizes the other.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import lorahot
+from lorahot.layers import ShardedLoRALinear
+from tests.parallel_helpers import TARGETS, tiny_llama, tp_plan
+
+MAX_RANK = 8
+
+
+class Checks:
+    """Named checks of one rank; a failing one records its message and the run goes on."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, str] = {}
+
+    def __call__(self, name: str, fn: Callable[[], object]) -> None:
+        try:
+            out = fn()
+            self.results[name] = "ok" if out is None or out is True else f"failed: {out}"
+        except Exception as exc:
+            self.results[name] = f"raised {type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}"
+
+
+def same(got: torch.Tensor, want: torch.Tensor) -> str | None:
+    """None when ``got`` equals ``want`` to float64 rounding, else the largest difference."""
+    if got.shape != want.shape:
+        return f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+    diff = float((got - want).abs().max())
+    return None if diff <= 1e-9 * max(1.0, float(want.abs().max())) else f"max diff {diff:.3g}"
+
+
+def raises(kind: type[Exception], fn: Callable[[], object], *words: str) -> str | None:
+    """None when ``fn()`` raises ``kind`` with every one of ``words`` in its message."""
+    try:
+        fn()
+    except kind as exc:
+        missing = [w for w in words if w not in str(exc)]
+        return f"message lacks {missing}: {exc}" if missing else None
+    except Exception as exc:
+        return f"raised {type(exc).__name__} instead of {kind.__name__}: {exc}"
+    return f"did not raise {kind.__name__}"
+
+
+class Rig:
+    """The sharded model and its unsharded reference, each with a runtime."""
+
+    def __init__(self, mesh: object, folder: Path, sequence_parallel: bool = False, slots: int = 2) -> None:
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        self.folder = folder
+        self.ref = tiny_llama()
+        self.tp = copy.deepcopy(self.ref)
+        parallelize_module(self.tp, mesh, tp_plan(self.tp, sequence_parallel))  # type: ignore[arg-type]
+        self.sp = sequence_parallel
+        self.ids = torch.randint(0, 40, (3, 6), generator=torch.Generator().manual_seed(1))
+        self.rt = lorahot.inject(self.tp, TARGETS, max_rank=MAX_RANK, slots=slots)
+        self.rr = lorahot.inject(self.ref, TARGETS, max_rank=MAX_RANK, slots=slots)
+
+    def both(self, call: Callable[[lorahot.LoraRuntime], object]) -> None:
+        call(self.rt)
+        call(self.rr)
+
+    def parity(self) -> str | None:
+        with torch.no_grad():
+            got, want = self.tp(self.ids), self.ref(self.ids)
+        if self.sp:  # each rank holds its share of the sequence
+            rank, world = dist.get_rank(), dist.get_world_size()
+            want = want.chunk(world, dim=1)[rank]
+        return same(got, want)
+
+    def path(self, name: str) -> str:
+        return str(self.folder / name)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        tensors = [t.clone() for a in self.rt.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+        with torch.no_grad():
+            return [*tensors, self.tp(self.ids)]
+
+    def unchanged(self, before: list[torch.Tensor]) -> str | None:
+        after = self.snapshot()
+        bad = [i for i, (x, y) in enumerate(zip(before, after)) if not torch.equal(x, y)]
+        return f"tensors {bad} changed" if bad else None
+
+
+def scenario_parity(mesh: object, folder: Path, check: Checks) -> None:
+    rig = Rig(mesh, folder)
+    check("inject keeps the outputs", rig.parity)
+    layer = rig.rt.layers["layers.0.mlp.down_proj"]
+    check("row-parallel layer holds its columns of A", lambda: layer.lora_A.shape == (MAX_RANK, 25))
+    gate = rig.rt.layers["layers.0.mlp.gate_proj"]
+    check("column-parallel layer holds its rows of B", lambda: gate.lora_B.shape == (MAX_RANK, 25))
+    check("layers are sharded wrappers", lambda: isinstance(layer, ShardedLoRALinear) and layer.spec.shard is not None)
+    rig.both(lambda r: r.load(rig.path("a")))
+    check("load", rig.parity)
+    rig.both(lambda r: r.load(rig.path("b"), slot=1))
+    rig.both(lambda r: r.activate(1))
+    check("swap to another slot", rig.parity)
+    rig.both(lambda r: r.load(rig.path("b"), slot=1, scale=-0.5))
+    check("swap in place", rig.parity)
+    rig.both(lambda r: r.load([rig.path("a"), rig.path("b")], slot=0, scale=[0.7, -0.4]))
+    rig.both(lambda r: r.activate(0))
+    check("stack", rig.parity)
+    rig.both(lambda r: r.set_scale([0.2, 1.3]))
+    check("set_scale of a stack", rig.parity)
+    rig.both(lambda r: r.activate([0, 1, -1]))
+    check("per-row routing", rig.parity)
+    rig.both(lambda r: r.activate([1, -1, 0]))
+    check("per-row routing rewritten", rig.parity)
+    rig.both(lambda r: r.activate(0))
+    rig.both(lambda r: r.preload(rig.path("c"), key="c"))
+    rig.both(lambda r: r.load("c"))
+    check("load from the host cache", rig.parity)
+    rig.both(lambda r: r.load(["c", rig.path("a")], scale=[1.0, 0.5]))
+    check("stack from the host cache and a file", rig.parity)
+    rig.both(lambda r: r.unload())
+    check("unload", rig.parity)
+    o_proj = rig.tp.get_submodule("layers.0.self_attn.o_proj")
+    check("the wrapper runs the parallelize hooks", lambda: len(o_proj._forward_pre_hooks) == 1)
+    rig.both(lambda r: r.eject())
+    check(
+        "eject gives the hooks back",
+        lambda: (
+            len(o_proj._forward_pre_hooks) == 0
+            and len(o_proj.base_layer._forward_pre_hooks) == 1
+            and rig.tp.get_submodule("layers.0.self_attn.o_proj") is o_proj.base_layer
+        ),
+    )
+    check("eject restores the model", rig.parity)
+
+
+def scenario_atomic(mesh: object, folder: Path, check: Checks) -> None:
+    rig = Rig(mesh, folder)
+    rank = dist.get_rank()
+    rig.both(lambda r: r.load(rig.path("a")))
+    rig.both(lambda r: r.load(rig.path("b"), slot=1))
+    before = rig.snapshot()
+    check(
+        "NaN in rank 1's slice only",
+        lambda: raises(
+            lorahot.AdapterReadError,
+            lambda: rig.rt.load(rig.path("nan_rank1")),
+            *(["rank 1"] if rank == 0 else ["NaN"]),
+        ),
+    )
+    check("unchanged after the NaN slice", lambda: rig.unchanged(before))
+    check(
+        "NaN in rank 1's slice, in a stack",
+        lambda: raises(lorahot.AdapterReadError, lambda: rig.rt.load([rig.path("b"), rig.path("nan_rank1")], slot=1)),
+    )
+    check("unchanged after the stack", lambda: rig.unchanged(before))
+    check(
+        "a file only rank 1 lacks",
+        lambda: raises(
+            lorahot.SourceNotFoundError,
+            lambda: rig.rt.load(rig.path("b") if rank == 0 else rig.path("missing")),
+            *(["rank 1"] if rank == 0 else []),
+        ),
+    )
+    check("unchanged after the missing file", lambda: rig.unchanged(before))
+    check("an overflowing scale", lambda: raises(lorahot.UsageError, lambda: rig.rt.load(rig.path("b"), scale=1e308)))
+    check("unchanged after the scale", lambda: rig.unchanged(before))
+    check(
+        "an overflowing set_scale on rank 1",
+        lambda: raises(
+            lorahot.UsageError,
+            lambda: rig.rt.set_scale(1.0 if rank == 0 else 1e308),
+            "rank 1" if rank == 0 else "scale",
+        ),
+    )
+    check("unchanged after set_scale", lambda: rig.unchanged(before))
+    check(
+        "an adapter for another model",
+        lambda: raises(lorahot.AdapterMismatchError, lambda: rig.rt.load(rig.path("wide")), "tensor-parallel"),
+    )
+    check("unchanged after the mismatch", lambda: rig.unchanged(before))
+    check(
+        "a preload failing on rank 1",
+        lambda: raises(lorahot.AdapterReadError, lambda: rig.rt.preload(rig.path("nan_rank1"), key="bad")),
+    )
+    check("nothing cached after it", lambda: rig.rt.cache.get("bad") is None)
+    check("prefetch is refused", lambda: raises(lorahot.UsageError, lambda: rig.rt.prefetch(rig.path("a")), "preload"))
+    check("a good load still works", lambda: rig.rt.load(rig.path("b")) and None)
+    rig.rr.load(rig.path("b"))
+    check("and computes the reference", rig.parity)
+    refusals(mesh, check)
+
+
+def refusals(mesh: object, check: Checks) -> None:
+    """What lorahot refuses on a sharded model, with the reason."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    model = tiny_llama()
+    plan = {**tp_plan(model), "embed_tokens": RowwiseParallel(input_layouts=Replicate())}
+    parallelize_module(model, mesh, plan)  # type: ignore[arg-type]
+
+    def inject(targets: list[str], **kwargs: object) -> lorahot.LoraRuntime:
+        return lorahot.inject(model, targets, max_rank=4, **kwargs)  # type: ignore[arg-type]
+
+    check(
+        "merged mode is refused", lambda: raises(lorahot.UsageError, lambda: inject(["o_proj"], merged=True), "merged")
+    )
+    check(
+        "a sharded embedding is refused",
+        lambda: raises(lorahot.UsageError, lambda: inject(["embed_tokens"]), "tensor-parallel Embedding"),
+    )
+    runtime = inject(["o_proj"], extras=True)
+    gen = torch.Generator().manual_seed(0)
+    a, b = (
+        torch.randn(4, 32, generator=gen, dtype=torch.float64),
+        torch.randn(32, 4, generator=gen, dtype=torch.float64),
+    )
+    for what, extra in (("magnitude", "DoRA"), ("bias", "LoRA bias")):
+        module = lorahot.LoraModule(
+            "layers.0.self_attn.o_proj", a, b, 4.0, **{what: torch.ones(32, dtype=torch.float64)}
+        )
+        adapter = lorahot.Adapter({module.key: module}, "peft", "<memory>")
+        check(
+            f"{extra} on a sharded layer is refused",
+            lambda adapter=adapter, extra=extra: raises(
+                lorahot.AdapterMismatchError, lambda: runtime.load(adapter), extra, "tensor-parallel"
+            ),
+        )
+
+
+def scenario_sequence(mesh: object, folder: Path, check: Checks) -> None:
+    rig = Rig(mesh, folder, sequence_parallel=True)
+    check("inject keeps the outputs", rig.parity)
+    rig.both(lambda r: r.load(rig.path("a")))
+    check("load", rig.parity)
+    rig.both(lambda r: r.load([rig.path("a"), rig.path("b")], scale=[0.3, 0.9]))
+    check("stack", rig.parity)
+
+
+def scenario_compile(mesh: object, folder: Path, check: Checks) -> None:
+    rig = Rig(mesh, folder)
+    rig.both(lambda r: r.load(rig.path("a")))
+    compiled = torch.compile(rig.tp, backend="aot_eager")
+    eager = rig.tp
+
+    def parity() -> str | None:
+        rig.tp = compiled
+        try:
+            return rig.parity()
+        finally:
+            rig.tp = eager
+
+    check("compiled", parity)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rig.both(lambda r: r.load(rig.path("b")))
+        check("swap without recompiling", parity)
+        rig.both(lambda r: r.load([rig.path("a"), rig.path("b")], scale=[0.5, 2.0]))
+        check("stack without recompiling", parity)
+        rig.both(lambda r: r.set_scale([1.5, -1.0]))
+        check("set_scale without recompiling", parity)
+
+
+SCENARIOS = {
+    "parity": scenario_parity,
+    "atomic": scenario_atomic,
+    "sequence": scenario_sequence,
+    "compile": scenario_compile,
+}
+
+
+def main() -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    scenario, rank, world, folder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    torch.set_num_threads(1)
+    store = f"file://{folder / 'store'}"  # a bounded wait: a rank left alone gives up
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    check = Checks()
+    try:
+        SCENARIOS[scenario](init_device_mesh("cpu", (world,)), folder, check)
+    except Exception as exc:  # the scenario itself broke: report it as a check
+        check.results["scenario"] = f"raised {type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
+    (folder / f"rank{rank}.json").write_text(json.dumps(check.results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""LoRA on a tensor-parallel model: two CPU processes over gloo, a tiny Llama parallelized with
+ColwiseParallel on q/k/v/gate/up and RowwiseParallel on o/down (and sequence parallelism).
+
+Every output of the sharded model, after loads, swaps, stacks, scales, per-row routing and the
+host cache, equals the unsharded model's with the same adapters; a load that fails on one rank
+only leaves every rank bitwise unchanged. Each scenario runs once per module (a few seconds:
+two fresh interpreters) and every check is its own test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import make_adapter, save_peft
+from tests.parallel_helpers import TinyLlama, run_ranks, tiny_llama
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
+)
+
+LINEARS = [
+    f"layers.{i}.{name}"
+    for i in range(2)
+    for name in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+]
+
+
+def _write_adapters(folder: Path) -> None:
+    """PEFT adapters for the tiny Llama: ``a`` (rank 4 everywhere), ``b`` (rank 3, not on the
+    head), ``c`` (rank 2); ``nan_rank1``: ``a`` with NaN only in what rank 1 reads of two
+    row-parallel layers; ``wide``: an adapter for a wider model."""
+    model = tiny_llama()
+    a, _ = make_adapter(model, dict.fromkeys([*LINEARS, "lm_head"], 4), seed=1, dtype=torch.float64)
+    save_peft(folder / "a", a, r=4, lora_alpha=8)
+    b, _ = make_adapter(model, dict.fromkeys(LINEARS, 3), seed=2, dtype=torch.float64)
+    save_peft(folder / "b", b, r=3, lora_alpha=6)
+    c, _ = make_adapter(model, dict.fromkeys(LINEARS[:5], 2), seed=3, dtype=torch.float64)
+    save_peft(folder / "c", c, r=2, lora_alpha=2)
+    bad = {k: v.clone() for k, v in a.items()}
+    bad["base_model.model.layers.1.mlp.down_proj.lora_A.weight"][1, 40] = float("nan")  # rank 1: inputs 25:50
+    bad["base_model.model.layers.0.self_attn.o_proj.lora_A.weight"][0, 20] = float("nan")  # rank 1: inputs 16:32
+    save_peft(folder / "nan_rank1", bad, r=4, lora_alpha=8)
+    wide, _ = make_adapter(TinyLlama(dim=48).double(), dict.fromkeys(LINEARS, 4), seed=4, dtype=torch.float64)
+    save_peft(folder / "wide", wide, r=4, lora_alpha=8)
+
+
+def _scenario(name: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    folder = tmp_path_factory.mktemp(name)
+    _write_adapters(folder)
+    return run_ranks(name, folder)
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    return _scenario("parity", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def atomic(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    return _scenario("atomic", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sequence(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    return _scenario("sequence", tmp_path_factory)
+
+
+def _assert_check(results: list[dict[str, str]], name: str) -> None:
+    for rank, checks in enumerate(results):
+        assert "scenario" not in checks, f"rank {rank}: {checks['scenario']}"
+        assert checks.get(name) == "ok", f"rank {rank}, {name}: {checks.get(name, 'not run')}"
+
+
+PARITY = [
+    "inject keeps the outputs",
+    "row-parallel layer holds its columns of A",
+    "column-parallel layer holds its rows of B",
+    "layers are sharded wrappers",
+    "load",
+    "swap to another slot",
+    "swap in place",
+    "stack",
+    "set_scale of a stack",
+    "per-row routing",
+    "per-row routing rewritten",
+    "load from the host cache",
+    "stack from the host cache and a file",
+    "unload",
+    "the wrapper runs the parallelize hooks",
+    "eject gives the hooks back",
+    "eject restores the model",
+]
+
+
+@pytest.mark.parametrize("name", PARITY)
+def test_sharded_model_computes_the_unsharded_one(parity: list[dict[str, str]], name: str) -> None:
+    _assert_check(parity, name)
+
+
+ATOMIC = [
+    "NaN in rank 1's slice only",
+    "unchanged after the NaN slice",
+    "NaN in rank 1's slice, in a stack",
+    "unchanged after the stack",
+    "a file only rank 1 lacks",
+    "unchanged after the missing file",
+    "an overflowing scale",
+    "unchanged after the scale",
+    "an overflowing set_scale on rank 1",
+    "unchanged after set_scale",
+    "an adapter for another model",
+    "unchanged after the mismatch",
+    "a preload failing on rank 1",
+    "nothing cached after it",
+    "prefetch is refused",
+    "a good load still works",
+    "and computes the reference",
+    "merged mode is refused",
+    "a sharded embedding is refused",
+    "DoRA on a sharded layer is refused",
+    "LoRA bias on a sharded layer is refused",
+]
+
+
+@pytest.mark.parametrize("name", ATOMIC)
+def test_a_load_failing_on_one_rank_changes_no_rank(atomic: list[dict[str, str]], name: str) -> None:
+    _assert_check(atomic, name)
+
+
+@pytest.mark.parametrize("name", ["inject keeps the outputs", "load", "stack"])
+def test_sequence_parallel_model_computes_the_unsharded_one(sequence: list[dict[str, str]], name: str) -> None:
+    _assert_check(sequence, name)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    return _scenario("compile", tmp_path_factory)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["compiled", "swap without recompiling", "stack without recompiling", "set_scale without recompiling"],
+)
+def test_compiled_sharded_model_swaps_without_recompiling(compiled: list[dict[str, str]], name: str) -> None:
+    _assert_check(compiled, name)
