@@ -19,7 +19,7 @@ import sys
 from collections import Counter
 from typing import Any, NoReturn
 
-from lorahot.adapter import Adapter, WeightModule
+from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import LoraError
 from lorahot.formats import format_named
 from lorahot.io.loader import read_adapter
@@ -32,7 +32,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
     modules = [
         {
             "module": key,
-            "kind": "lora",
+            "kind": _lora_kind(m),
             "rank": m.rank,
             "alpha": m.alpha,
             "scale": m.scale,
@@ -49,6 +49,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
         "modules": len(modules),
         "kinds": _counts(m["kind"] for m in modules),
         "merged_only": sorted({w.kind for w in adapter.weights.values()}),
+        "needs_extras": sorted({k for k in map(_lora_kind, adapter.modules.values()) if k != "lora"}),
         "components": _counts(next((p for p in prefixes if m["module"].startswith(p)), "-") for m in modules),
         "ranks": _counts(m["rank"] for m in modules),
         "alphas": _counts(m["alpha"] for m in modules),
@@ -58,6 +59,13 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
         "skipped": list(adapter.skipped),
         "table": modules,
     }
+
+
+def _lora_kind(m: LoraModule) -> str:
+    """``lora``, or ``dora`` / ``lora+bias`` / ``dora+bias`` for a module with a DoRA magnitude
+    or a LoRA bias (which run unmerged only with ``inject(..., extras=True)``)."""
+    kind = "dora" if m.magnitude is not None else "lora"
+    return kind + "+bias" if m.bias is not None else kind
 
 
 def _weight_row(key: str, w: WeightModule) -> dict[str, Any]:
@@ -98,7 +106,12 @@ def _render(s: dict[str, Any]) -> str:
         f"format:  {s['format']}",
         f"modules: {s['modules']}",
         f"kinds:   {counts(s['kinds'])}"
-        + (f"  ({', '.join(s['merged_only'])}: load with inject(..., merged=True))" if s["merged_only"] else ""),
+        + (f"  ({', '.join(s['merged_only'])}: load with inject(..., merged=True))" if s["merged_only"] else "")
+        + (
+            f"  ({', '.join(s['needs_extras'])}: load unmerged with inject(..., extras=True))"
+            if s["needs_extras"]
+            else ""
+        ),
         f"components: {counts({_escaped(k): n for k, n in s['components'].items()})}",
         f"ranks:   {counts(s['ranks'])}",
         f"alphas:  {counts(s['alphas'])}" + ("  (rsLoRA: alpha / sqrt(r))" if s["rslora"] else ""),

@@ -178,3 +178,29 @@ def test_inspect_names_each_module_kind(tmp_path: Path, capsys: pytest.CaptureFi
     data = json.loads(text)
     assert data["merged_only"] == ["diff", "loha", "lokr"]
     assert {r["module"]: r["kind"] for r in data["table"]}["lora_unet_a_to_v"] == "diff"
+
+
+def test_inspect_names_dora_and_lora_bias_modules_and_the_flag_they_need(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tensors = {
+        "base_model.model.q.lora_A.weight": torch.randn(2, 8),
+        "base_model.model.q.lora_B.weight": torch.randn(6, 2),
+        "base_model.model.q.lora_magnitude_vector": torch.rand(6) + 0.5,
+        "base_model.model.v.lora_A.weight": torch.randn(2, 8),
+        "base_model.model.v.lora_B.weight": torch.randn(6, 2),
+        "base_model.model.v.lora_B.bias": torch.randn(6),
+        "base_model.model.k.lora_A.weight": torch.randn(2, 8),
+        "base_model.model.k.lora_B.weight": torch.randn(6, 2),
+    }
+    save_file(tensors, str(tmp_path / "dora.safetensors"))
+    code, text, _ = _main(capsys, "inspect", str(tmp_path / "dora.safetensors"))
+    assert code == 0
+    assert (
+        "kinds:   dora (x1), lora (x1), lora+bias (x1)  (dora, lora+bias: load unmerged with inject(..., extras=True))"
+        in text
+    )
+    code, text, _ = _main(capsys, "inspect", str(tmp_path / "dora.safetensors"), "--json")
+    data = json.loads(text)
+    assert data["needs_extras"] == ["dora", "lora+bias"]
+    assert {r["module"]: r["kind"] for r in data["table"]} == {"q": "dora", "v": "lora+bias", "k": "lora"}
