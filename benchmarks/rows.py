@@ -182,7 +182,12 @@ def run_parallel(
             out["forward_rows_prepare_s"][name] = ready[name]["prepare_s"]
             for label, err in ready[name]["rel_err"].items():
                 out["forward_rows_rel_err"].setdefault(label, {})[name] = err
-            print(f"[rows {name} ready in {ready[name]['prepare_s']} s]", flush=True)
+            print(
+                f"[rows {name} ready in {ready[name]['prepare_s']} s] {ready[name].get('triton_kernels') or ''}",
+                flush=True,
+            )
+            if ready[name].get("triton_kernels"):
+                out.setdefault("forward_rows_triton_kernels", {})[name] = ready[name]["triton_kernels"]
         if len(set(checksums.values())) != 1:
             raise RuntimeError(f"the workers built different models: {checksums}")
 
@@ -241,4 +246,20 @@ def _worker(
     def profile() -> dict[str, Any]:
         return {label: kernel_profile(lambda x=ids[label]: call(x)) for label in labels}
 
-    return {"checksum": checksum, "prepare_s": prepare_s, "rel_err": errs}, {"time": timing, "profile": profile}
+    ready = {"checksum": checksum, "prepare_s": prepare_s, "rel_err": errs, "triton_kernels": _triton_kernels()}
+    return ready, {"time": timing, "profile": profile}
+
+
+def _triton_kernels() -> dict[str, int]:
+    """How many binaries of each of lorahot's own Triton kernels this process compiled (each a
+    JIT compile, cold with caches off: a part of the preparation time the compiler does not own)."""
+    import sys
+
+    out = {}
+    for module in ("triton_lora_linear", "triton_row_scale", "triton_routed_lora"):
+        mod = sys.modules.get(f"lorahot.kernels.{module}")
+        for name, fn in vars(mod).items() if mod is not None else ():
+            caches = getattr(fn, "device_caches", None)  # a Triton JITFunction (Triton 3.x)
+            if isinstance(name, str) and caches is not None:
+                out[f"{module}.{name}"] = sum(len(entry[0]) for entry in caches.values())
+    return out
