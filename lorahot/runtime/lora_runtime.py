@@ -11,13 +11,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
-import math
-import numbers
 import operator
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import torch
@@ -25,15 +23,25 @@ from torch import nn
 
 from lorahot.adapter import Adapter, LoraModule
 from lorahot.errors import AdapterMismatchError, UsageError, format_problems, public_api
-from lorahot.io.identity import source_identity
 from lorahot.io.loader import read_adapter, read_adapter_sliced
 from lorahot.io.sources import Source
 from lorahot.io.tensorfile import Slices
 from lorahot.layers import LoRALayer, RuntimeState
 from lorahot.runtime.agreement import Agreement
+from lorahot.runtime.arguments import (
+    check_read_options,
+    is_sequence,
+    is_strict,
+    multiplier,
+    parts_of,
+    refuse_stack,
+    source_key,
+    weights_of,
+)
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from lorahot.runtime.dora import DoraFactors
+from lorahot.runtime.info import AdapterInfo, PartInfo
 from lorahot.runtime.merge import Merger
 from lorahot.runtime.plan import Checked, LoadPlan, check_multiplier, pack_host, restage, validate
 from lorahot.runtime.routing import Routing, check_routing
@@ -48,65 +56,6 @@ _T = TypeVar("_T")
 
 #: What ``load`` takes as one adapter.
 One = Source | Adapter | PreparedAdapter
-
-
-@dataclass(frozen=True)
-class PartInfo:
-    """One adapter of what a slot holds (the only one, or one part of a stack).
-
-    Attributes:
-        source: where the adapter came from.
-        format: its detected naming.
-        scale: the user's weight on top of each of its modules' ``alpha / r``.
-        ranks: injected layer name -> its rank there, for the layers it touches.
-        nbytes: bytes of its weights copied in (before padding).
-        skipped: tensor keys of it left out by a ``strict=False`` load.
-        components: for a runtime over several models, component -> how many of its layers
-            this adapter loads into; empty for a single model.
-    """
-
-    source: str
-    format: str
-    scale: float
-    ranks: dict[str, int]
-    nbytes: int
-    skipped: tuple[str, ...] = ()
-    components: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What a slot holds after :meth:`LoraRuntime.load`: one adapter, or a stack of several.
-
-    Attributes:
-        source: where the adapter came from; for a stack, the parts' sources joined by
-            ``" + "``.
-        format: its detected naming; for a stack, the parts' namings, each once, joined by
-            ``"+"``.
-        slot: the slot it was loaded into.
-        scale: the user multiplier on top of each module's ``alpha / r``; for a stack (a list
-            given to ``load``), the tuple of the parts' weights.
-        ranks: injected layer name -> rank, for the layers the adapter touches; for a stack,
-            the sum of the parts' ranks there (the rows it uses).
-        nbytes: bytes of adapter weights copied in (before padding), all parts together.
-        skipped: tensor keys left out by a ``strict=False`` load (keys of no known naming,
-            refused features, modules that map onto no injected layer); empty otherwise.
-        components: for a runtime over several models, component -> how many of its layers
-            the adapter (or the stack) loads into (0 for a component it does not touch, which
-            then computes its base output); empty for a single model.
-        parts: each adapter the slot holds, in the order given, with its own source, format,
-            weight and ranks (one part for a single adapter).
-    """
-
-    source: str
-    format: str
-    slot: int
-    scale: float | tuple[float, ...]
-    ranks: dict[str, int]
-    nbytes: int
-    skipped: tuple[str, ...] = ()
-    components: dict[str, int] = field(default_factory=dict)
-    parts: tuple[PartInfo, ...] = ()
 
 
 class LoraRuntime:
@@ -278,9 +227,9 @@ class LoraRuntime:
         """Every check of a load, nothing written: the slot, the adapters, the stack, the
         weights, whether a list was given, and the write (given whether the slot is live)."""
         slot = self._slot(slot)
-        sources, listed = _parts(source)
-        weights = _weights(scale, len(sources)) if listed else (_multiplier(scale),)
-        _check_read_options(read_kwargs, self.components)
+        sources, listed = parts_of(source)
+        weights = weights_of(scale, len(sources)) if listed else (multiplier(scale),)
+        check_read_options(read_kwargs, self.components)
         found = [self._cached(s, read_kwargs) for s in sources]
         self._check_usable(every_layer=any(p is None for p in found))  # every layer: cheap next to reading a file
         prepared = found[0]
@@ -345,7 +294,7 @@ class LoraRuntime:
             self._specs,
             stage=True,
             weight_of=self._base_weight,
-            strict=_strict(read_kwargs),
+            strict=is_strict(read_kwargs),
             extras_refusal=self._extras_refusal,
             components=self.components,
         )
@@ -398,12 +347,12 @@ class LoraRuntime:
         self, source: Source | Adapter, key: str | None, read_kwargs: dict[str, Any]
     ) -> tuple[PreparedAdapter, bool]:
         """Every check of :meth:`preload`: the prepared adapter, and whether to cache it."""
-        _refuse_stack(source, "preload")
-        _check_read_options(read_kwargs, self.components)
+        refuse_stack(source, "preload")
+        check_read_options(read_kwargs, self.components)
         if key is not None and not (isinstance(key, str) and key):
             raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
         self._check_usable()
-        identity = _cache_key(source, read_kwargs)
+        identity = source_key(source, read_kwargs)
         adapter = self._read(source, None, read_kwargs)
         checked = validate(
             adapter,
@@ -411,7 +360,7 @@ class LoraRuntime:
             self._specs,
             stage=False,
             weight_of=self._base_weight,
-            strict=_strict(read_kwargs),
+            strict=is_strict(read_kwargs),
             extras_refusal=self._extras_refusal,
             components=self.components,
         )
@@ -419,7 +368,7 @@ class LoraRuntime:
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
         prepared = PreparedAdapter(cache_key, adapter, checked.plan, pack_host(checked, self.buffers), self.buffers)
         # (a file that changed while it was read is not cached)
-        return prepared, key is not None or identity is None or _cache_key(source, read_kwargs) == identity
+        return prepared, key is not None or identity is None or source_key(source, read_kwargs) == identity
 
     @public_api
     def prefetch(
@@ -428,14 +377,14 @@ class LoraRuntime:
         """:meth:`preload` on a background thread; the future raises what preload raises.
 
         The call itself checks the runtime and the options (and raises at once)."""
-        _refuse_stack(source, "prefetch")
+        refuse_stack(source, "prefetch")
         if self._agreement is not None:
             raise UsageError(
                 "prefetch reads on a background thread, but on a tensor-parallel model every rank's checks agree "
                 "through a collective, which must run on the thread that serves, in step with the other ranks; call "
                 "runtime.preload(...) on every rank instead."
             )
-        _check_read_options(read_kwargs, self.components)
+        check_read_options(read_kwargs, self.components)
         if key is not None and not (isinstance(key, str) and key):
             raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
         with self._executor_lock:
@@ -511,7 +460,7 @@ class LoraRuntime:
         if isinstance(source, str) and not read_kwargs:
             hit = self.cache.get(source)  # a key given to preload
         if hit is None:
-            cache_key = _cache_key(source, read_kwargs)
+            cache_key = source_key(source, read_kwargs)
             hit = self.cache.get(cache_key) if cache_key is not None else None
         if hit is not None and hit.owner is not self.buffers:
             raise UsageError(
@@ -614,12 +563,12 @@ class LoraRuntime:
         """Every check of :meth:`set_scale`: the slot, what it holds, and the new weights."""
         self._check_usable()
         s = self._slot(self._active if slot is None else slot)
-        if not _is_sequence(value):
-            value = _multiplier(value)
+        if not is_sequence(value):
+            value = multiplier(value)
         stack, info = self._stacks[s], self._infos[s]
         if stack is None or info is None:
             raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
-        weights = _weights(value, len(stack.parts), f"slot {s} holds")
+        weights = weights_of(value, len(stack.parts), f"slot {s} holds")
         self._check_scales(stack, weights)
         return s, stack, info, weights
 
@@ -736,62 +685,7 @@ class LoraRuntime:
         )
 
 
-#: Options :func:`lorahot.read_adapter` takes through ``load``/``preload``/``prefetch``
-#: (``device`` is the runtime's choice).
-READ_OPTIONS = (
-    "revision",
-    "subfolder",
-    "token",
-    "weight_name",
-    "config",
-    "prefix",
-    "key_map",
-    "fuse",
-    "strict",
-    "split",
-)
 _anonymous = itertools.count()
-
-
-def _check_read_options(read_kwargs: dict[str, Any], components: tuple[str, ...] = ()) -> None:
-    """The read options' names and types; their values are the reader's to check. A runtime
-    over several models routes component prefixes itself, so it takes no ``prefix``."""
-    unknown = sorted(set(read_kwargs) - set(READ_OPTIONS))
-    if unknown:
-        raise UsageError(
-            f"unknown read option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; the read options "
-            f"are {', '.join(READ_OPTIONS)}"
-            + (" (device is where the runtime's buffers are; it is not an option)." if "device" in unknown else ".")
-        )
-    if components and read_kwargs.get("prefix") is not None:
-        raise UsageError(
-            f"prefix={read_kwargs['prefix']!r}: this runtime serves components {', '.join(components)} and sends each "
-            "module of a file to its component by its prefix itself; load without prefix= (strict=False skips the "
-            "modules of components it lacks)."
-        )
-    for name, value in read_kwargs.items():
-        kinds = _OPTION_TYPES[name]
-        if value is not None and not isinstance(value, kinds):
-            wanted = " or ".join("a mapping" if k is Mapping else k.__name__ for k in kinds)
-            raise UsageError(f"{name}={value!r:.80} must be {wanted} (or None), not {type(value).__name__}.")
-
-
-_OPTION_TYPES: dict[str, tuple[type, ...]] = {
-    "revision": (str,),
-    "subfolder": (str,),
-    "token": (str, bool),
-    "weight_name": (str,),
-    "config": (Mapping,),
-    "prefix": (str,),
-    "key_map": (Mapping,),
-    "fuse": (Mapping,),
-    "strict": (bool,),
-    "split": (Mapping,),
-}
-
-
-def _strict(read_kwargs: dict[str, Any]) -> bool:
-    return read_kwargs.get("strict") is not False
 
 
 def _links(model: nn.Module, layers: dict[str, LoRALayer]) -> list[tuple[dict[str, Any], str, nn.Module]]:
@@ -817,20 +711,6 @@ def _at(model: nn.Module, name: str) -> nn.Module | None:
     return module
 
 
-def _cache_key(source: Any, read_kwargs: dict[str, Any]) -> str | None:
-    """Cache key of a local path or Hub id: its identity (which files, their size and mtime;
-    :func:`lorahot.io.identity.source_identity`) and the options that shape what is read.
-    None for in-memory sources and sources that cannot be found."""
-    identity = source_identity(source, **read_kwargs)
-    if identity is None:
-        return None
-    shaping = {k: v for k, v in read_kwargs.items() if k in ("config", "prefix", "key_map", "fuse", "strict", "split")}
-    try:
-        return identity + "".join(f"|{k}={shaping[k]!r}" for k in sorted(shaping))
-    except Exception:  # a user object whose repr fails: not cached
-        return None
-
-
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
     """Pauses Python's cyclic garbage collector around a swap (if it was on).
@@ -849,81 +729,6 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _parts(source: object) -> tuple[list[Any], bool]:
-    """The adapters of a load, and whether they were given as a list (a stack).
-
-    Raises:
-        UsageError: an empty list, or a list inside the list.
-    """
-    if not isinstance(source, (list, tuple)):
-        return [source], False
-    if not source:
-        raise UsageError(
-            "load([]) has no adapter to load; pass a source or a list of sources (runtime.unload(slot) empties a slot)."
-        )
-    nested = [i for i, s in enumerate(source) if isinstance(s, (list, tuple))]
-    if nested:
-        raise UsageError(
-            f"source[{nested[0]}] is a {type(source[nested[0]]).__name__}; a stack's parts are single adapters "
-            "(paths, Hub ids, mappings, Adapters, PreparedAdapters or preload keys), listed once."
-        )
-    return list(source), True
-
-
-def _refuse_stack(source: object, verb: str) -> None:
-    if isinstance(source, (list, tuple)):
-        raise UsageError(
-            f"{verb} takes one adapter, got a {type(source).__name__}; {verb} each one, then load([...]) stacks them "
-            "from the host cache."
-        )
-
-
-def _is_sequence(value: object) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
-
-
-def _weights(value: object, n: int, holder: str = "the stack has") -> tuple[float, ...]:
-    """One finite weight per part: ``value`` is one number (every part's) or a sequence of
-    ``n`` numbers.
-
-    Raises:
-        UsageError: not a number nor a sequence of numbers, or a sequence of another length.
-    """
-    if not _is_sequence(value):
-        return (_multiplier(value),) * n
-    assert isinstance(value, Sequence)  # for mypy: checked just above
-    if len(value) != n:
-        raise UsageError(
-            f"scale has {len(value)} weight{'s' if len(value) != 1 else ''} but {holder} {n} "
-            f"part{'s' if n != 1 else ''}; pass one weight per part (in the order loaded), or one number for all."
-        )
-    return tuple(_multiplier(v, f"scale[{i}]") for i, v in enumerate(value))
-
-
 def _tail(text: str, width: int = 40) -> str:
     """``text`` cut to its last ``width`` characters, for the repr."""
     return text if len(text) <= width else "..." + text[-(width - 3) :]
-
-
-def _multiplier(value: object, name: str = "scale") -> float:
-    """The user's scale as a float: a finite real number (not a bool, a str or a tensor)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UsageError(
-            f"{name}={_shown(value)} is not a number: pass a finite real number (a float), not {type(value).__name__}."
-        )
-    try:
-        v = float(value)
-    except (OverflowError, ValueError, TypeError):
-        raise UsageError(f"{name}={_shown(value)} is too large for a float; pass a finite number.") from None
-    if not math.isfinite(v):
-        raise UsageError(f"{name}={_shown(value)} must be finite.")
-    return v
-
-
-def _shown(value: object) -> str:
-    """``repr(value)`` cut to 40 characters, for messages (never raises)."""
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= 40 else text[:37] + "..."

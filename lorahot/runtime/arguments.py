@@ -1,0 +1,175 @@
+"""The arguments of the runtime's calls, checked before anything else runs: read options,
+a load's sources (one adapter or a stack), its weights and scales, and the host-cache key of a
+source. Each raises :class:`~lorahot.errors.UsageError` with what was passed and what to pass.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lorahot.errors import UsageError
+from lorahot.io.identity import source_identity
+
+__all__ = [
+    "READ_OPTIONS",
+    "check_read_options",
+    "is_strict",
+    "source_key",
+    "parts_of",
+    "refuse_stack",
+    "is_sequence",
+    "weights_of",
+    "multiplier",
+    "shown",
+]
+
+
+#: Options :func:`lorahot.read_adapter` takes through ``load``/``preload``/``prefetch``
+
+
+#: (``device`` is the runtime's choice).
+READ_OPTIONS = (
+    "revision",
+    "subfolder",
+    "token",
+    "weight_name",
+    "config",
+    "prefix",
+    "key_map",
+    "fuse",
+    "strict",
+    "split",
+)
+
+
+def check_read_options(read_kwargs: dict[str, Any], components: tuple[str, ...] = ()) -> None:
+    """The read options' names and types; their values are the reader's to check. A runtime
+    over several models routes component prefixes itself, so it takes no ``prefix``."""
+    unknown = sorted(set(read_kwargs) - set(READ_OPTIONS))
+    if unknown:
+        raise UsageError(
+            f"unknown read option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; the read options "
+            f"are {', '.join(READ_OPTIONS)}"
+            + (" (device is where the runtime's buffers are; it is not an option)." if "device" in unknown else ".")
+        )
+    if components and read_kwargs.get("prefix") is not None:
+        raise UsageError(
+            f"prefix={read_kwargs['prefix']!r}: this runtime serves components {', '.join(components)} and sends each "
+            "module of a file to its component by its prefix itself; load without prefix= (strict=False skips the "
+            "modules of components it lacks)."
+        )
+    for name, value in read_kwargs.items():
+        kinds = _OPTION_TYPES[name]
+        if value is not None and not isinstance(value, kinds):
+            wanted = " or ".join("a mapping" if k is Mapping else k.__name__ for k in kinds)
+            raise UsageError(f"{name}={value!r:.80} must be {wanted} (or None), not {type(value).__name__}.")
+
+
+_OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "revision": (str,),
+    "subfolder": (str,),
+    "token": (str, bool),
+    "weight_name": (str,),
+    "config": (Mapping,),
+    "prefix": (str,),
+    "key_map": (Mapping,),
+    "fuse": (Mapping,),
+    "strict": (bool,),
+    "split": (Mapping,),
+}
+
+
+def is_strict(read_kwargs: dict[str, Any]) -> bool:
+    return read_kwargs.get("strict") is not False
+
+
+def source_key(source: Any, read_kwargs: dict[str, Any]) -> str | None:
+    """Cache key of a local path or Hub id: its identity (which files, their size and mtime;
+    :func:`lorahot.io.identity.source_identity`) and the options that shape what is read.
+    None for in-memory sources and sources that cannot be found."""
+    identity = source_identity(source, **read_kwargs)
+    if identity is None:
+        return None
+    shaping = {k: v for k, v in read_kwargs.items() if k in ("config", "prefix", "key_map", "fuse", "strict", "split")}
+    try:
+        return identity + "".join(f"|{k}={shaping[k]!r}" for k in sorted(shaping))
+    except Exception:  # a user object whose repr fails: not cached
+        return None
+
+
+def parts_of(source: object) -> tuple[list[Any], bool]:
+    """The adapters of a load, and whether they were given as a list (a stack).
+
+    Raises:
+        UsageError: an empty list, or a list inside the list.
+    """
+    if not isinstance(source, (list, tuple)):
+        return [source], False
+    if not source:
+        raise UsageError(
+            "load([]) has no adapter to load; pass a source or a list of sources (runtime.unload(slot) empties a slot)."
+        )
+    nested = [i for i, s in enumerate(source) if isinstance(s, (list, tuple))]
+    if nested:
+        raise UsageError(
+            f"source[{nested[0]}] is a {type(source[nested[0]]).__name__}; a stack's parts are single adapters "
+            "(paths, Hub ids, mappings, Adapters, PreparedAdapters or preload keys), listed once."
+        )
+    return list(source), True
+
+
+def refuse_stack(source: object, verb: str) -> None:
+    if isinstance(source, (list, tuple)):
+        raise UsageError(
+            f"{verb} takes one adapter, got a {type(source).__name__}; {verb} each one, then load([...]) stacks them "
+            "from the host cache."
+        )
+
+
+def is_sequence(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def weights_of(value: object, n: int, holder: str = "the stack has") -> tuple[float, ...]:
+    """One finite weight per part: ``value`` is one number (every part's) or a sequence of
+    ``n`` numbers.
+
+    Raises:
+        UsageError: not a number nor a sequence of numbers, or a sequence of another length.
+    """
+    if not is_sequence(value):
+        return (multiplier(value),) * n
+    assert isinstance(value, Sequence)  # for mypy: checked just above
+    if len(value) != n:
+        raise UsageError(
+            f"scale has {len(value)} weight{'s' if len(value) != 1 else ''} but {holder} {n} "
+            f"part{'s' if n != 1 else ''}; pass one weight per part (in the order loaded), or one number for all."
+        )
+    return tuple(multiplier(v, f"scale[{i}]") for i, v in enumerate(value))
+
+
+def multiplier(value: object, name: str = "scale") -> float:
+    """The user's scale as a float: a finite real number (not a bool, a str or a tensor)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UsageError(
+            f"{name}={shown(value)} is not a number: pass a finite real number (a float), not {type(value).__name__}."
+        )
+    try:
+        v = float(value)
+    except (OverflowError, ValueError, TypeError):
+        raise UsageError(f"{name}={shown(value)} is too large for a float; pass a finite number.") from None
+    if not math.isfinite(v):
+        raise UsageError(f"{name}={shown(value)} must be finite.")
+    return v
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` cut to 40 characters, for messages (never raises)."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 40 else text[:37] + "..."
