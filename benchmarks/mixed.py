@@ -120,7 +120,8 @@ def run(w: Workload, repeat: int, small: bool = False) -> dict[str, Any]:
                     runtime.activate(route)
                     timed(label, str(d), "lorahot", lambda x=x: call(x))
                     timed(label, str(d), "peft", lambda x=x, route=route: peft(x, route))
-    out: dict[str, Any] = {"mixed_batch_ms": {}, "mixed_batch_single_ms": {}}
+    # the labels are the full run's; with --small the prefill is 8 x 64 tokens: the shapes say so
+    out: dict[str, Any] = {"mixed_batch_ms": {}, "mixed_batch_single_ms": {}, "mixed_batch_shapes": dict(shapes)}
     med = {key: statistics.median(v) for key, v in rounds.items()}
     for (label, distinct, name), ms in med.items():
         if name in ("lorahot", "peft"):

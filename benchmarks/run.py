@@ -42,6 +42,7 @@ def summary(raw: dict[str, Any]) -> dict[str, Any]:
         "mixed_batch_single_ms",
         "mixed_batch_rel_err_vs_peft",
         "mixed_batch_recompiles",
+        "mixed_batch_shapes",
     ):
         if key in raw:
             out[key] = raw[key]
