@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from lorahot.kernels.device_guard import launching_on
+
 __all__ = ["GATHER_ROWS", "available", "routed_lora", "reference", "token_route"]
 
 #: Up to this many rows the gather kernels run; above it, the segmented ones. A starting point
@@ -87,7 +89,8 @@ def _routed_lora(
         return reference(x2, y2, a, bt, s, tokens).view(y.shape)
     x2, y2 = x2.contiguous(), y2.contiguous()
     out = torch.empty_like(y2)
-    kernel.launch(x2, y2, a, bt, s, tokens, out, gather=x2.shape[0] <= GATHER_ROWS)
+    with launching_on(x.device):
+        kernel.launch(x2, y2, a, bt, s, tokens, out, gather=x2.shape[0] <= GATHER_ROWS)
     return out.view(y.shape)
 
 

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lorahot.kernels.device_guard import launching_on
+
 __all__ = ["lora_linear", "launch", "config_for"]
 
 
@@ -171,7 +173,8 @@ def lora_linear(
     out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
     if x2.shape[0] == 0:
         return out.view(*x.shape[:-1], n)
-    launch(x2, weight, bias, a, bt, scale, out, config_for(x2.shape[0], n, x2.shape[1]))
+    with launching_on(x.device):
+        launch(x2, weight, bias, a, bt, scale, out, config_for(x2.shape[0], n, x2.shape[1]))
     return out.view(*x.shape[:-1], n)
 
 

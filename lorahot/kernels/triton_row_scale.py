@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lorahot.kernels.device_guard import launching_on
+
 __all__ = ["launch"]
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -45,4 +47,5 @@ def launch(
 ) -> None:
     """See :func:`lorahot.kernels.row_scale.scale_rows`."""
     grid = (dst.numel(), rows, triton.cdiv(max_cols, _BLOCK))
-    _row_scale_kernel[grid](dst, src, scales, layer, cols, scales.stride(0), BLOCK=_BLOCK, DTYPE=_TL[dtype])
+    with launching_on(dst.device):
+        _row_scale_kernel[grid](dst, src, scales, layer, cols, scales.stride(0), BLOCK=_BLOCK, DTYPE=_TL[dtype])
