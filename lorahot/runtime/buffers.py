@@ -524,9 +524,9 @@ class Arena:
         elif self._s_sent is not None:
             self._s_sent.synchronize()
         self._s_stage.copy_(scales)  # float64 -> the scales' dtype, rounded as a direct copy rounds
-        self.S[region].copy_(self._s_stage, non_blocking=True)
+        self.S[region].copy_(self._s_stage, non_blocking=True)  # on the current stream of S's device
         self._s_sent = torch.cuda.Event()
-        self._s_sent.record()
+        self._s_sent.record(torch.cuda.current_stream(self.S.device))
 
     def copy_region(self, src: int, dst: int) -> None:
         """Makes ``dst`` an exact copy of ``src``: one device copy per buffer."""
