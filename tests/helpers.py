@@ -342,3 +342,24 @@ class ScaledEmbedding(nn.Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         scale = self.embed_scale
         return super().forward(ids) * (scale.to(self.weight.dtype) if isinstance(scale, torch.Tensor) else scale)
+
+
+def tiny_unet(seed: int = 0, cross_attention_dim: int = 16, layers_per_block: int = 1) -> nn.Module:
+    """A diffusers ``UNet2DConditionModel`` small enough for the CPU (one cross-attention down
+    block and one up block, 16/32 channels), seeded, in eval mode. Imports diffusers."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    unet: nn.Module = diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=layers_per_block,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+    return unet

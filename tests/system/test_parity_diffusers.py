@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorahot
+from tests.helpers import tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -43,19 +44,7 @@ PER_BLOCK = 2
 @pytest.fixture(scope="module")
 def unet():
     """``(base, oracle, peft_state_dict, config)``: a tiny UNet and PEFT's LoRA on it."""
-    torch.manual_seed(0)
-    base = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=PER_BLOCK,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
+    base = tiny_unet(layers_per_block=PER_BLOCK)
     config = peft.LoraConfig(
         r=4, lora_alpha=ALPHA, target_modules=TARGETS, rank_pattern={"conv2": 2}, init_lora_weights=False
     )

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import lorahot
+from tests.helpers import tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -28,19 +29,7 @@ RANK = 4
 
 
 def _pipeline() -> diffusers.StableDiffusionXLPipeline:
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
+    unet = tiny_unet(cross_attention_dim=32)
     config = transformers.CLIPTextConfig(
         hidden_size=32,
         intermediate_size=48,

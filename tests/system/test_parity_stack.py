@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorahot
+from tests.helpers import tiny_unet
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -124,19 +125,7 @@ UNET_B |= {"alpha_pattern": {"to_v": 1.5, "to_out.0": 9.0}}
 @pytest.fixture(scope="module")
 def unet():
     """``(base, oracle, {name: (state, config)})``: a tiny UNet with adapters a and b added."""
-    torch.manual_seed(0)
-    base = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
+    base = tiny_unet()
     oracle = copy.deepcopy(base)
     adapters = {}
     for name, fields in (("a", UNET_A), ("b", UNET_B)):

@@ -19,6 +19,7 @@ from torch import nn
 import lorahot
 import lorahot.io.tensorfile as tensorfile
 from lorahot.io.safety import check_safetensors
+from tests.helpers import tiny_unet
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -206,19 +207,7 @@ def test_kohya_alpha_values_are_not_read(tmp_path: Path) -> None:
 
 
 def _unet() -> nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
+    return tiny_unet()
 
 
 def _unet_lora(base: nn.Module, seed: int, **config) -> tuple[nn.Module, dict[str, torch.Tensor]]:
