@@ -122,7 +122,6 @@ class WideWeights:
         """Sets every wide layer's A rows to the live A times its per-row scales: those of
         ``stack`` (what the live region holds) at the parts' ``weights``, or zero for None (no
         adapter live)."""
-        runs = None if stack is None or stack.single else self._runs(stack)
         with torch.no_grad():
             for a, (indices, _, _) in enumerate(self.groups):
                 if not indices:
@@ -138,11 +137,11 @@ class WideWeights:
                 wide, live = self._rows(a, rows)
                 if stack is None:
                     torch._foreach_zero_(wide)
-                elif runs is None:  # one adapter: every row of a layer has the layer's scale
+                elif stack.single:  # one adapter: every row of a layer has the layer's scale
                     torch._foreach_copy_(wide, live)
                     torch._foreach_mul_(wide, (stack.parts[0].scales[a][self._index[a]] * weights[0]).tolist())
-                else:  # a stack: each part's run of rows has the part's scale
-                    views, parts, own = runs[a]
+                else:  # a stack: each part's run of rows has the part's scale (the runs only this path needs)
+                    views, parts, own = self._runs(stack)[a]
                     torch._foreach_copy_(wide, live)
                     if views:
                         torch._foreach_mul_(views, (torch.tensor(weights, dtype=torch.float64)[parts] * own).tolist())
