@@ -91,6 +91,20 @@ def formulas(x, w, wa, a, ap, b, s, sb, n):
     return out
 
 
+def operands(m: int, k: int, n: int) -> tuple[list, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sets, x, s, sb)``: :data:`N_SETS` random ``(W [n, k], A [R, k], Bt [R, n])`` weight
+    sets, an input of ``m`` rows, the scale 0.5 (float32) and the same in the weights' dtype."""
+    sets = []
+    for _ in range(N_SETS):
+        w = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
+        a = torch.randn(R, k, device=dev, dtype=dt) / k**0.5
+        b = torch.randn(R, n, device=dev, dtype=dt) / R**0.5
+        sets.append((w, a, b))
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    s = torch.tensor(0.5, device=dev)
+    return sets, x, s, s.to(dt)
+
+
 def main() -> None:
     log("torch", torch.__version__, torch.cuda.get_device_name(), "triton", __import__("triton").__version__)
     ms = [int(v) for v in os.environ.get("PROBE_M", "1,64,256,1024,2048,8192").split(",")]
@@ -98,15 +112,7 @@ def main() -> None:
     worst = 0.0
     for m in ms:
         for name, (k, n) in SHAPES.items():
-            sets = []
-            for _ in range(N_SETS):
-                w = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
-                a = torch.randn(R, k, device=dev, dtype=dt) / k**0.5
-                b = torch.randn(R, n, device=dev, dtype=dt) / R**0.5
-                sets.append((w, a, b))
-            x = torch.randn(m, k, device=dev, dtype=dt)
-            s = torch.tensor(0.5, device=dev)
-            sb = s.to(dt)
+            sets, x, s, sb = operands(m, k, n)
             fns: dict[str, list] = {}
             for w, a, b in sets:
                 ap = (a * sb).to(dt)

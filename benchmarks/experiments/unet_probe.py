@@ -26,7 +26,7 @@ import os
 import torch
 
 from benchmarks.experiments.forward_probe import graph_us, log
-from benchmarks.experiments.large_probe import N_SETS, R, dev, dt, formulas, host_us
+from benchmarks.experiments.large_probe import N_SETS, dt, formulas, host_us, operands
 from lorahot.kernels import wide_linear as W
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -62,15 +62,7 @@ def main() -> None:
     gpu_extra = {"lib": 0.0, "cat_pre": 0.0, "wide_op": 0.0}
     host_extra = dict(gpu_extra)
     for name, (m, k, n, count) in SHAPES.items():
-        sets = []
-        for _ in range(N_SETS):
-            w = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
-            a = torch.randn(R, k, device=dev, dtype=dt) / k**0.5
-            b = torch.randn(R, n, device=dev, dtype=dt) / R**0.5
-            sets.append((w, a, b))
-        x = torch.randn(m, k, device=dev, dtype=dt)
-        s = torch.tensor(0.5, device=dev)
-        sb = s.to(dt)
+        sets, x, s, sb = operands(m, k, n)
         fns: dict[str, list] = {}
         for w, a, b in sets:
             ap = (a * sb).to(dt)
