@@ -260,6 +260,6 @@ def _triton_kernels() -> dict[str, int]:
         mod = sys.modules.get(f"lorahot.kernels.{module}")
         for name, fn in vars(mod).items() if mod is not None else ():
             caches = getattr(fn, "device_caches", None)  # a Triton JITFunction (Triton 3.x)
-            if isinstance(name, str) and caches is not None:
+            if caches is not None:
                 out[f"{module}.{name}"] = sum(len(entry[0]) for entry in caches.values())
     return out

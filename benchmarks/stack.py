@@ -14,6 +14,7 @@ adapter, on the benchmark workload (TinyLlama-shaped, 154 LoRA layers).
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from typing import Any
 
@@ -75,10 +76,10 @@ def run(w: Workload, repeat: int) -> dict[str, Any]:
 def _reweight(w: Workload, runtime: lorahot.LoraRuntime, repeat: int) -> dict[str, float]:
     """set_scale on the active stacked slot: per-part weights, one weight, and the floor (the
     same number of per-row scales copied host to device)."""
-    flip = iter(range(10**9))
+    alternating = itertools.cycle(WEIGHTS)  # every call writes new values
 
-    def weights() -> list[float]:  # alternating, so every call writes new values
-        return WEIGHTS[next(flip) % 2]
+    def weights() -> list[float]:
+        return next(alternating)
 
     rows = sum(a.S[0].numel() for a in runtime.buffers.arenas)  # one region's per-row scales
     host = torch.ones(rows, dtype=torch.float32).pin_memory() if w.device.type == "cuda" else torch.ones(rows)
