@@ -363,3 +363,18 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 16, layers_per_block: in
         norm_num_groups=8,
     ).eval()
     return unet
+
+
+class ConvEmbed(nn.Module):
+    """An Embedding, a Conv2d (with a bias) and a Linear, one output per image: a model whose
+    every LoRA layer kind but Conv1D is exercised by two inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 12)
+        self.conv = nn.Conv2d(3, 12, kernel_size=3, stride=2, padding=1)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        image = self.conv(pixel_values).mean(dim=(-2, -1))  # (B, 12)
+        return self.head(self.embed(input_ids).mean(dim=1) + image)  # (B, 10)

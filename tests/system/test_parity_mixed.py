@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lorahot
+from tests.helpers import ConvEmbed
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -80,23 +81,9 @@ def test_mixed_batch_matches_peft_adapter_names_per_row(tmp_path: Path) -> None:
     assert torch.equal(got[1], plain[1])  # the base row: bitwise the base model
 
 
-class _ConvEmbed(torch.nn.Module):
-    """Embedding, Conv2d (with a bias) and Linear, outputs per image."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(64, 12)
-        self.conv = torch.nn.Conv2d(3, 12, kernel_size=3, stride=2, padding=1)
-        self.head = torch.nn.Linear(12, 10)
-
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        image = self.conv(pixel_values).mean(dim=(-2, -1))  # (B, 12)
-        return self.head(self.embed(input_ids).mean(dim=1) + image)  # (B, 10)
-
-
 def test_conv_model_rows_equal_each_row_alone_with_dora_and_lora_bias(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    base = _ConvEmbed().double().eval()
+    base = ConvEmbed().double().eval()
     configs = [
         {"r": 4, "lora_alpha": 6, "target_modules": ["embed", "conv", "head"]},
         {"r": 2, "lora_alpha": 3, "target_modules": ["conv", "head"], "use_dora": True},

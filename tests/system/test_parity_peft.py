@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lorahot
+from tests.helpers import ConvEmbed
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -60,23 +61,9 @@ def _gpt2() -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-class _ConvEmbed(torch.nn.Module):
-    """A tiny model with an Embedding, a Conv2d and a Linear (LoRA on all three)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(64, 12)
-        self.conv = torch.nn.Conv2d(3, 12, kernel_size=3, stride=2, padding=1)
-        self.head = torch.nn.Linear(12, 10)
-
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        image = self.conv(pixel_values).mean(dim=(-2, -1))  # (B, 12)
-        return self.head(self.embed(input_ids).mean(dim=1) + image)  # (B, 10)
-
-
 def _conv_embed() -> torch.nn.Module:
     torch.manual_seed(0)
-    return _ConvEmbed().eval()
+    return ConvEmbed().eval()
 
 
 def _tokens(seed: int = 1) -> dict[str, torch.Tensor]:
