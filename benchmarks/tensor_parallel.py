@@ -31,6 +31,8 @@ import datetime
 import json
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +70,21 @@ def _sharded_llama(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
     return model
 
 
+def _progress(rank: int, start: float) -> Callable[[str], None]:
+    """A logger for rank 0: each phase with the seconds since the start (a long compile shows)."""
+
+    def log(phase: str) -> None:
+        if rank == 0:
+            print(f"[tensor_parallel] {time.perf_counter() - start:7.1f} s  {phase}", flush=True)
+
+    return log
+
+
 def run(small: bool, backend: str, compile_backend: str) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    log = _progress(rank, time.perf_counter())
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -81,11 +94,14 @@ def run(small: bool, backend: str, compile_backend: str) -> dict[str, Any]:
     mode = {"backend": compile_backend}
     out: dict[str, Any] = {"ranks": world, "backend": backend, "compile": compile_backend}
 
+    log("workload built")
     base = _sharded_llama(work.fresh_base(), mesh)
     compiled_base = torch.compile(base, **mode)
     with torch.no_grad():
         out["base_decode_ms"] = median_ms(lambda: compiled_base(work.decode), device)
+        log("base decode compiled and timed")
         out["base_prefill_ms"] = median_ms(lambda: compiled_base(work.prefill), device)
+        log("base prefill compiled and timed")
     del compiled_base, base
     torch._dynamo.reset()
 
@@ -94,7 +110,10 @@ def run(small: bool, backend: str, compile_backend: str) -> dict[str, Any]:
     compiled = torch.compile(model, **mode)
     runtime.load(files[0])
     with torch.no_grad():
-        compiled(work.decode), compiled(work.prefill)  # compile both shapes once
+        compiled(work.decode)
+        log("lorahot decode compiled")
+        compiled(work.prefill)  # both shapes compiled once
+        log("lorahot prefill compiled")
         with torch._dynamo.config.patch(error_on_recompile=True):
             out["lorahot_decode_ms"] = median_ms(lambda: compiled(work.decode), device)
             out["lorahot_prefill_ms"] = median_ms(lambda: compiled(work.prefill), device)
@@ -105,6 +124,7 @@ def run(small: bool, backend: str, compile_backend: str) -> dict[str, Any]:
             out["swap_from_host_ms"] = median_ms(lambda: runtime.load("ab"[next(turn) % 2]), device, repeat=20)
             compiled(work.decode), compiled(work.prefill)
     out["recompiles"] = 0  # error_on_recompile raised otherwise
+    log("timed, swapped, no recompile")
     runtime.load(files[0])
     whole = work.fresh_base()
     lorahot.inject(whole, TARGETS, max_rank=MAX_RANK).load(files[0])
