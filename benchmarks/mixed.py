@@ -9,7 +9,7 @@ with reduce-overhead (CUDA graphs) on a GPU, the default mode on a CPU.
   on adapter ``i % d``);
 - ``prefill8x256``: 8 sequences of 256 tokens, each with its own adapter.
 
-Each configuration is compiled once per shape: lorahot's routings of one shape are written in
+Each configuration is compiled once per shape, with static shapes: lorahot's routings of one shape are written in
 place and timed on the same graph under ``error_on_recompile`` (its whole-batch graphs, the
 single-adapter path, are compiled first, so the first routing is the one mode switch). PEFT
 runs its ``adapter_names=`` forward eagerly with the adapters cast to bf16 (its per-adapter
@@ -24,6 +24,7 @@ import json
 import shutil
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,16 @@ def run(w: Workload, repeat: int, small: bool = False) -> dict[str, Any]:
     torch._dynamo.config.cache_size_limit = 64
     torch._dynamo.reset()
 
+    start = time.perf_counter()
+
+    def log(phase: str) -> None:
+        print(f"[mixed] {time.perf_counter() - start:7.1f} s  {phase}", flush=True)
+
     base = w.fresh_base()
     base_call = _compiled(base, mode)
     for x in ids.values():
         base_call(x), base_call(x)
+    log("base compiled")
 
     model = w.fresh_base()
     runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, slots=SLOTS)
@@ -91,11 +98,14 @@ def run(w: Workload, repeat: int, small: bool = False) -> dict[str, Any]:
     runtime.activate(0)
     for x in ids.values():  # the single-adapter (whole-batch) graphs
         call(x), call(x)
+    log("lorahot single-adapter graphs compiled")
     for x in ids.values():  # the routed graphs: one per shape
         runtime.activate(_route(x.shape[0], SLOTS))
         call(x), call(x)
+    log("lorahot routed graphs compiled")
 
     peft = _peft(w, paths)
+    log("PEFT loaded")
     errs = {}
     with torch._dynamo.config.patch(error_on_recompile=True):
         for label, x in ids.items():
@@ -120,6 +130,7 @@ def run(w: Workload, repeat: int, small: bool = False) -> dict[str, Any]:
                     runtime.activate(route)
                     timed(label, str(d), "lorahot", lambda x=x: call(x))
                     timed(label, str(d), "peft", lambda x=x, route=route: peft(x, route))
+        log("timed")
     # the labels are the full run's; with --small the prefill is 8 x 64 tokens: the shapes say so
     out: dict[str, Any] = {"mixed_batch_ms": {}, "mixed_batch_single_ms": {}, "mixed_batch_shapes": dict(shapes)}
     med = {key: statistics.median(v) for key, v in rounds.items()}
@@ -137,7 +148,9 @@ def run(w: Workload, repeat: int, small: bool = False) -> dict[str, Any]:
 
 
 def _compiled(model: torch.nn.Module, mode: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    compiled = torch.compile(model, mode=mode)
+    """Compiled with static shapes: each shape gets its own specialized graph at once, instead
+    of a second, dynamic compile (slower to build) when the second shape arrives."""
+    compiled = torch.compile(model, mode=mode, dynamic=False)
 
     def call(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

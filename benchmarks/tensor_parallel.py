@@ -91,7 +91,7 @@ def run(small: bool, backend: str, compile_backend: str) -> dict[str, Any]:
     mesh = init_device_mesh(device.type, (world,))
     work = build(small, device, Path(tempfile.mkdtemp(prefix=f"lorahot-tp{rank}-")))
     files = [work.adapters[64], work.adapters[16]]
-    mode = {"backend": compile_backend}
+    mode = {"backend": compile_backend, "dynamic": False}  # one static graph per shape, built at once
     out: dict[str, Any] = {"ranks": world, "backend": backend, "compile": compile_backend}
 
     log("workload built")

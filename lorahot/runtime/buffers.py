@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lorahot.layers.base import EXTRA_DEFAULTS, EXTRA_ROWS, LayerSpec
@@ -523,7 +524,9 @@ class Arena:
                 self._s_stage = torch.empty(self.S.shape[1:], dtype=self.S.dtype).pin_memory()
         elif self._s_sent is not None:
             self._s_sent.synchronize()
-        self._s_stage.copy_(scales)  # float64 -> the scales' dtype, rounded as a direct copy rounds
+        # float64 -> the scales' dtype, rounded to nearest as torch rounds; in NumPy, one thread
+        # (see Stack.scales: torch would split a copy of a large model's scales across threads)
+        np.copyto(self._s_stage.numpy(), scales.numpy(), casting="same_kind")
         self.S[region].copy_(self._s_stage, non_blocking=True)  # on the current stream of S's device
         self._s_sent = torch.cuda.Event()
         self._s_sent.record(torch.cuda.current_stream(self.S.device))
