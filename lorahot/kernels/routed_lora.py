@@ -12,10 +12,11 @@ On CUDA (fp16/bf16, Triton present) it runs one of two Triton kernel pairs
 
 - *gather* (as Punica's BGMV) for decode-sized inputs, at most :data:`GATHER_ROWS` rows: one
   program per row reads its own slot's A and B. Few rows read little, and nothing is sorted.
-- *segmented* (as Punica's SGMV) above that: the rows are grouped by slot on the device (a
-  stable sort of the slot indices, counts and starts; no host sync, so CUDA graphs capture it),
-  and each program multiplies a tile of up to 16 rows that share a slot by that slot's A or B
-  with tensor-core dots: a slot's weights are read once per tile of rows, not once per row.
+- *segmented* (as Punica's SGMV) above that: the rows grouped by slot (:func:`segments`, a
+  stable sort of the routing's entries with each slot's start and count; the runtime computes
+  it once per routing, at ``activate``, and every layer reads it), and each program multiplies
+  a tile of up to 16 rows that share a slot by that slot's A or B with tensor-core dots: a
+  slot's weights are read once per tile of rows, not once per row.
 
 Elsewhere it runs the library formula (gather + batched products), which is also the reference
 the kernels are tested against. Rows are ``x``'s leading dimensions flattened; ``route [L]``
@@ -31,7 +32,7 @@ import torch
 
 from lorahot.kernels.device_guard import launching_on
 
-__all__ = ["GATHER_ROWS", "available", "routed_lora", "reference", "token_route"]
+__all__ = ["GATHER_ROWS", "available", "routed_lora", "reference", "segments", "token_route"]
 
 #: Up to this many rows the gather kernels run; above it, the segmented ones. A starting point
 #: from the bytes: with more rows than slots, rows share slots and the gather kernels re-read
@@ -65,6 +66,18 @@ def token_route(route: torch.Tensor, rows: int) -> torch.Tensor:
     return route[:, None].expand(length, rows // length).reshape(rows)
 
 
+def segments(route: torch.Tensor, slots: int) -> torch.Tensor:
+    """The routing ``route [L]`` grouped by slot, as one int64 tensor ``[2 * (slots + 1) + L]``:
+    each segment's first position and its count (``slots + 1`` segments, the entries of no slot
+    last), then the entries' indices in slot order (stable). Fixed shapes and no host sync, on
+    the host (the runtime, once per routing) or the device."""
+    seg = torch.where(route < 0, slots, route)
+    order = torch.argsort(seg, stable=True)
+    counts = torch.zeros(slots + 1, dtype=torch.int64, device=route.device)
+    counts.scatter_add_(0, seg, torch.ones_like(seg))
+    return torch.cat([torch.cumsum(counts, 0) - counts, counts, order])
+
+
 def reference(
     x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, s: torch.Tensor, tokens: torch.Tensor
 ) -> torch.Tensor:
@@ -79,30 +92,47 @@ def reference(
 
 @torch.library.custom_op("lorahot::routed_lora", mutates_args=())
 def _routed_lora(
-    x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, s: torch.Tensor, route: torch.Tensor
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    s: torch.Tensor,
+    route: torch.Tensor,
+    segs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     y2 = y.reshape(-1, y.shape[-1])
-    tokens = token_route(route, x2.shape[0])
     kernel = _kernel() if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
     if kernel is None or x2.shape[0] == 0:
-        return reference(x2, y2, a, bt, s, tokens).view(y.shape)
+        return reference(x2, y2, a, bt, s, token_route(route, x2.shape[0])).view(y.shape)
     x2, y2 = x2.contiguous(), y2.contiguous()
     out = torch.empty_like(y2)
     with launching_on(x.device):
-        kernel.launch(x2, y2, a, bt, s, tokens, out, gather=x2.shape[0] <= GATHER_ROWS)
+        kernel.launch(x2, y2, a, bt, s, route, out, gather=x2.shape[0] <= GATHER_ROWS, segs=segs)
     return out.view(y.shape)
 
 
 @_routed_lora.register_fake
 def _(
-    x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, s: torch.Tensor, route: torch.Tensor
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    s: torch.Tensor,
+    route: torch.Tensor,
+    segs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
 def routed_lora(
-    x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, s: torch.Tensor, route: torch.Tensor
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    s: torch.Tensor,
+    route: torch.Tensor,
+    segs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y`` plus each row's own slot's update (see the module docstring).
 
@@ -113,9 +143,13 @@ def routed_lora(
         bt: ``[slots, R, out]`` every slot's B transposed.
         s: ``[slots, R]`` every slot's per-rank-row scales (float32).
         route: ``[L]`` int64, each group of rows' slot or -1; ``x``'s rows a multiple of ``L``.
+        segs: ``segments(route, slots)``, where the caller keeps it per routing (else the
+            segmented kernels compute it).
 
     Returns:
         ``[..., out]`` in ``y``'s dtype.
     """
-    out: torch.Tensor = torch.ops.lorahot.routed_lora(x, y, a, bt, s, route)
+    if segs is not None and segs.shape[0] != 2 * (a.shape[0] + 1) + route.shape[0]:
+        raise ValueError(f"segs of {segs.shape[0]} entries do not go with {a.shape[0]} slots and {route.shape[0]} rows")
+    out: torch.Tensor = torch.ops.lorahot.routed_lora(x, y, a, bt, s, route, segs)
     return out

@@ -7,13 +7,15 @@ scaled shrink of every row:
 - gather (BGMV): :func:`_gather_shrink` runs one program per (row, 16 rank rows), summing
   ``A_k[r] * x[m]`` over K; :func:`_gather_expand` one per (row, output tile). Each row reads its
   own slot's weights: right for a handful of rows, wasteful when many rows share a slot.
-- segmented (SGMV): the rows are sorted by slot first (``order``; ``starts`` and ``counts`` per
-  slot, the rows of no slot last, under index ``slots``). :func:`_segment_shrink` runs one program
-  per (tile of up to ``BLOCK_M`` rows of one slot, slot) and :func:`_segment_expand` one per
-  (such a tile, output tile, slot), each a tensor-core dot of the tile's gathered rows with the
-  slot's A or B: a slot's weights are read once per tile. The grids are sized for the worst case
-  (every row in one slot); programs past their slot's rows return at once. The expand's programs
-  of the no-slot segment copy ``y``.
+- segmented (SGMV): the rows grouped by slot (``segs``: each slot's start and count and the
+  routing's entries in slot order, :func:`~lorahot.kernels.routed_lora.segments`, computed once
+  per routing by the runtime rather than in every layer: that sort cost 23 us per layer on an
+  H200). :func:`_segment_shrink` runs one program per (tile of up to ``BLOCK_M`` rows of one
+  slot, slot, share of K) and :func:`_segment_expand` one per (such a tile, output tile, slot),
+  each a tensor-core dot of the tile's gathered rows with the slot's A or B: a slot's weights are
+  read once per tile. With K split, the shrink's programs add their partial sums to a zeroed
+  workspace. The grids are sized for the worst case (every row in one slot); programs past their
+  slot's rows return at once. The expand's programs of the no-slot segment copy ``y``.
 
 The shrink is rounded to the weights' dtype before the expand in the segmented kernels (a dot
 of two fp16/bf16 tiles, as the fused kernel does) and kept in float32 in the gather kernels.
@@ -25,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["launch", "segments"]
+from lorahot.kernels.routed_lora import segments, token_route
+
+__all__ = ["launch"]
 
 
 @triton.jit
@@ -78,25 +82,36 @@ def _gather_expand(
 
 
 @triton.jit
+def _segment_rows(SEG, slot, pid_m, SLOTS, T, BLOCK_M: tl.constexpr):
+    """The rows of tile ``pid_m`` of ``slot``'s segment, from the routing's segments (see
+    :func:`lorahot.kernels.routed_lora.segments`): entry ``e`` of the routing covers rows
+    ``e * T .. e * T + T - 1``. Returns ``(rows int64, in range, the segment is past)``."""
+    count = tl.load(SEG + SLOTS + 1 + slot) * T
+    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs < count
+    j = tl.load(SEG + slot) * T + offs  # position among the rows sorted by slot
+    entry = tl.load(SEG + 2 * (SLOTS + 1) + j // T, mask=m_ok, other=0)
+    return (entry * T + j % T).to(tl.int64), m_ok, pid_m * BLOCK_M >= count
+
+
+@triton.jit
 def _segment_shrink(
-    X, A, S, ORDER, STARTS, COUNTS, H,
-    K, R,
+    X, A, S, SEG, H,
+    K, R, SLOTS, T,
     stride_xm, stride_as, stride_ar, stride_ss, stride_hm,
-    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
-    count = tl.load(COUNTS + slot)
-    if pid_m * BLOCK_M >= count:
+    rows, m_ok, past = _segment_rows(SEG, slot, pid_m, SLOTS, T, BLOCK_M)
+    if past:
         return
-    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs < count
-    rows = tl.load(ORDER + tl.load(STARTS + slot) + offs, mask=m_ok, other=0).to(tl.int64)
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        kk = k * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(2)  # this program's share of K: every SPLITS-th block of BLOCK_K
+    for k in range(0, tl.cdiv(K, BLOCK_K * SPLITS)):
+        kk = (k * SPLITS + split) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = kk < K
         x = tl.load(X + rows[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a = tl.load(
@@ -104,25 +119,26 @@ def _segment_shrink(
         )
         acc = tl.dot(x, a, acc)
     s = tl.load(S + slot * stride_ss + rr, mask=r_ok, other=0.0).to(tl.float32)
-    tl.store(H + rows[:, None] * stride_hm + rr[None, :], acc * s[None, :], mask=m_ok[:, None])
+    where = H + rows[:, None] * stride_hm + rr[None, :]
+    if SPLITS > 1:  # K split over programs: each adds its partial sum to the zeroed workspace
+        tl.atomic_add(where, acc * s[None, :], mask=m_ok[:, None])
+    else:
+        tl.store(where, acc * s[None, :], mask=m_ok[:, None])
 
 
 @triton.jit
 def _segment_expand(
-    Y, H, BT, ORDER, STARTS, COUNTS, OUT,
-    N, R, SLOTS,
+    Y, H, BT, SEG, OUT,
+    N, R, SLOTS, T,
     stride_ym, stride_hm, stride_bs, stride_br, stride_om,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = tl.program_id(2)
-    count = tl.load(COUNTS + slot)
-    if pid_m * BLOCK_M >= count:
+    rows, m_ok, past = _segment_rows(SEG, slot, pid_m, SLOTS, T, BLOCK_M)
+    if past:
         return
-    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs < count
-    rows = tl.load(ORDER + tl.load(STARTS + slot) + offs, mask=m_ok, other=0).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     mask = m_ok[:, None] & n_ok[None, :]
@@ -138,38 +154,31 @@ def _segment_expand(
     tl.store(OUT + rows[:, None] * stride_om + rn[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-def segments(tokens: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(order, starts, counts)``: the rows sorted by slot (stable), and where each slot's run
-    starts and how long it is, for ``slots + 1`` segments (the rows of no slot last). Device
-    operations of fixed shapes only: no host sync, capturable in a CUDA graph."""
-    seg = torch.where(tokens < 0, slots, tokens)
-    order = torch.argsort(seg, stable=True)
-    counts = torch.zeros(slots + 1, dtype=torch.int64, device=tokens.device)
-    counts.scatter_add_(0, seg, torch.ones_like(seg))
-    starts = torch.cumsum(counts, 0) - counts
-    return order, starts, counts
-
-
 def launch(
     x: torch.Tensor,
     y: torch.Tensor,
     a: torch.Tensor,
     bt: torch.Tensor,
     s: torch.Tensor,
-    tokens: torch.Tensor,
+    route: torch.Tensor,
     out: torch.Tensor,
     *,
     gather: bool,
+    segs: torch.Tensor | None = None,
 ) -> None:
     """Runs the gather or the segmented kernels on 2-D ``x [M, K]``, ``y [M, N]`` (rows
     contiguous) into ``out [M, N]``; ``a [slots, R, K]`` and ``bt [slots, R, N]`` with contiguous
-    rows, ``s [slots, R]``, ``tokens [M]`` int64."""
+    rows, ``s [slots, R]``; ``route [L]`` int64 gives each of ``L`` equal consecutive groups of
+    rows its slot. ``segs`` is ``route`` grouped by slot (:func:`~lorahot.kernels.routed_lora.segments`),
+    computed once per routing by the runtime; without it the segmented path computes it here."""
     m, k = x.shape
     n = y.shape[1]
     slots, r = a.shape[0], a.shape[1]
+    t = m // route.shape[0]  # rows per routing entry
     r_pad = max(16, triton.next_power_of_2(r))
-    h = torch.empty((m, r_pad), device=x.device, dtype=torch.float32)
     if gather:
+        tokens = token_route(route, m)
+        h = torch.empty((m, r_pad), device=x.device, dtype=torch.float32)
         _gather_shrink[(m, triton.cdiv(r, 16))](
             x, a, s, tokens, h, k, r,
             x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(0),
@@ -182,17 +191,35 @@ def launch(
             R_PAD=r_pad, BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
         return
-    order, starts, counts = segments(tokens, slots)
-    block_m = 16 if m <= 256 else 64
+    if segs is None:
+        segs = segments(route, slots)
+    block_m, block_k = (16 if m <= 256 else 64), 64
     tiles = triton.cdiv(m, block_m)
-    _segment_shrink[(tiles, slots)](
-        x, a, s, order, starts, counts, h, k, r,
+    splits = _splits(k, tiles, block_k)
+    h = (torch.zeros if splits > 1 else torch.empty)((m, r_pad), device=x.device, dtype=torch.float32)
+    _segment_shrink[(tiles, slots, splits)](
+        x, a, s, segs, h, k, r, slots, t,
         x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(0),
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=64, num_warps=4,
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, SPLITS=splits, num_warps=4,
     )  # fmt: skip
     block_n = 64 if n <= 1024 else 128
     _segment_expand[(tiles, triton.cdiv(n, block_n), slots + 1)](
-        y, h, bt, order, starts, counts, out, n, r, slots,
+        y, h, bt, segs, out, n, r, slots, t,
         y.stride(0), h.stride(0), bt.stride(0), bt.stride(1), out.stride(0),
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
+
+
+def _splits(k: int, tiles: int, block_k: int) -> int:
+    """Programs per tile of the segmented shrink, a power of two: K is split until the tiles of
+    the worst case (every row in one slot) give about :data:`_SHRINK_PROGRAMS` programs, each
+    with at least two ``block_k`` steps. At 64 decode rows, 4 tiles of 16 rows each looped over
+    all of K alone, on 4 of an H200's 132 SMs."""
+    splits = 1
+    while splits * 2 * tiles <= _SHRINK_PROGRAMS and splits * 2 * 2 * block_k <= k:
+        splits *= 2
+    return splits
+
+
+#: programs the segmented shrink aims for when one slot holds every row (see :func:`_split_k`)
+_SHRINK_PROGRAMS = 64

@@ -20,6 +20,7 @@ from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.kernels import wide_linear as wide_kernel
 from lorahot.layers.base import WIDE_BUFFER, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
+from lorahot.layers.tensor_handles import SEGMENTS
 
 __all__ = ["LoRALinear", "linear_features", "is_conv1d"]
 
@@ -108,7 +109,7 @@ class LoRALinear(LoRALayer):
         """The routed kernel (:mod:`lorahot.kernels.routed_lora`) where the fused kernel applies
         (CUDA, fp16/bf16, no autograd); the library formula elsewhere."""
         if self._plan[1] and x.dtype == a.dtype == y.dtype and not _needs_grad(x, self._base):  # fused
-            return routed_kernel.routed_lora(x, y, a, b, s, route)
+            return routed_kernel.routed_lora(x, y, a, b, s, route, SEGMENTS[self._plan[4]])
         return super().routed_sum(x, y, a, b, s, route)
 
     def widenable(self, max_rank: int, dtype: torch.dtype) -> bool:

@@ -12,8 +12,9 @@ once on a CPU box), which ``torch.compile`` imports anyway.
 A :class:`TensorHandle` owns one entry of :data:`TENSORS` and removes it when collected; the
 arena and every layer bound to it hold the handle. It owns the same key of :data:`ROUTES`: None
 while the whole batch computes with the live region, else the per-row routing (an int64 device
-tensor ``[L]``, one slot per row, -1 for none; see :mod:`lorahot.layers.routing`). Only the
-runtime writes it, in place for a new routing of the same length.
+tensor ``[L]``, one slot per row, -1 for none; see :mod:`lorahot.layers.routing`), and the same
+key of :data:`SEGMENTS`: that routing grouped by slot, for the segmented kernels. Only the
+runtime writes them, in place for a new routing of the same length.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ import weakref
 
 import torch
 
-__all__ = ["TensorHandle", "TENSORS", "ROUTES"]
+__all__ = ["TensorHandle", "TENSORS", "ROUTES", "SEGMENTS"]
 
 #: key -> tensors; read by the layers' forward under ``torch.compile`` (see :mod:`lorahot.layers.base`).
 TENSORS: dict[int, tuple[torch.Tensor, ...]] = {}
 #: key -> the per-row routing of the layers bound to that arena, or None (the whole batch reads
 #: the live region). A compiled graph guards on which of the two it is, and on the routing's length.
 ROUTES: dict[int, torch.Tensor | None] = {}
+#: key -> the routing in :data:`ROUTES` grouped by slot (:func:`lorahot.kernels.routed_lora.segments`),
+#: computed once per routing so that no layer sorts it again; None with no routing.
+SEGMENTS: dict[int, torch.Tensor | None] = {}
 _ids = itertools.count()
 
 
@@ -39,9 +43,10 @@ class TensorHandle:
     def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
         self.key = next(_ids)
         TENSORS[self.key] = tensors
-        ROUTES[self.key] = None
+        ROUTES[self.key] = SEGMENTS[self.key] = None
         weakref.finalize(self, TENSORS.pop, self.key, None)
         weakref.finalize(self, ROUTES.pop, self.key, None)
+        weakref.finalize(self, SEGMENTS.pop, self.key, None)
         from torch._dynamo import mark_static, mark_static_address
 
         for t in tensors:

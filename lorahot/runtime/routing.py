@@ -28,7 +28,8 @@ from collections.abc import Sequence
 import torch
 
 from lorahot.errors import UsageError, format_problems
-from lorahot.layers.tensor_handles import ROUTES
+from lorahot.kernels.routed_lora import segments
+from lorahot.layers.tensor_handles import ROUTES, SEGMENTS
 from lorahot.runtime.buffers import BufferManager
 
 __all__ = ["Routing", "check_routing"]
@@ -131,27 +132,36 @@ class Routing:
 
     def __init__(self, buffers: BufferManager) -> None:
         self._arenas = buffers.arenas
-        self._tensors: dict[tuple[int, int], torch.Tensor] = {}  # (arena, length) -> its routing tensor
+        self._slots = buffers.slots
+        #: (arena, length) -> its routing tensor and that routing grouped by slot
+        self._tensors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         #: The routing in force (one slot per row, or per token with ``lengths``), or None.
         self.rows: tuple[int, ...] | None = None
 
     def set(self, route: torch.Tensor) -> None:
-        """Publishes ``route`` (host int64 ``[L]``, checked): written in place into each arena's
-        tensor of that length (allocated on first use)."""
+        """Publishes ``route`` (host int64 ``[L]``, checked) and its segments (the entries
+        grouped by slot, sorted here once on the host): written in place into each arena's
+        tensors of that length (allocated on first use)."""
         length = route.shape[0]
+        grouped = segments(route, self._slots)
         with torch.no_grad():
             for i, arena in enumerate(self._arenas):
-                target = self._tensors.get((i, length))
-                if target is None:
+                found = self._tensors.get((i, length))
+                if found is None:
                     with torch.inference_mode(False):
-                        target = torch.empty(length, dtype=torch.int64, device=arena.device)
-                    self._tensors[(i, length)] = target
+                        found = (
+                            torch.empty(length, dtype=torch.int64, device=arena.device),
+                            torch.empty(grouped.shape[0], dtype=torch.int64, device=arena.device),
+                        )
+                    self._tensors[(i, length)] = found
+                target, segs = found
                 target.copy_(route)
-                ROUTES[arena.handle.key] = target
+                segs.copy_(grouped)
+                ROUTES[arena.handle.key], SEGMENTS[arena.handle.key] = target, segs
         self.rows = tuple(route.tolist())
 
     def clear(self) -> None:
         """Back to whole-batch mode: every layer reads the live region."""
         for arena in self._arenas:
-            ROUTES[arena.handle.key] = None
+            ROUTES[arena.handle.key] = SEGMENTS[arena.handle.key] = None
         self.rows = None

@@ -94,28 +94,54 @@ def test_gpu_kernels_match_float64_reference(shape: tuple[int, ...], dtype: torc
         torch.full((rows,), -1),  # none
     ):
         tokens = tokens.cuda()
-        out = torch.full_like(y, float("nan"))
-        kernels.launch(x, y, a, bt, s, tokens, out, gather=gather)
-        want = _per_row(x, y, a, bt, s, tokens)
-        assert not out.isnan().any()
-        tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
-        torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
-        off = tokens < 0
-        assert torch.equal(out[off], y[off])
+        for segs in (None, routed.segments(tokens, slots)):  # computed here, or given once per routing
+            out = torch.full_like(y, float("nan"))
+            kernels.launch(x, y, a, bt, s, tokens, out, gather=gather, segs=segs)
+            want = _per_row(x, y, a, bt, s, tokens)
+            assert not out.isnan().any()
+            tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+            torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+            off = tokens < 0
+            assert torch.equal(out[off], y[off])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "segmented"])
+def test_gpu_kernels_route_groups_of_rows(gather: bool) -> None:
+    """A routing of ``L`` entries over ``L * T`` rows (one entry per sequence of ``T`` tokens)."""
+    from lorahot.kernels import triton_routed_lora as kernels
+
+    x, y, a, bt, s = _operands(6 * 40, 2048, 512, 64, 8, torch.bfloat16, "cuda", seed=3)
+    route = torch.tensor([3, -1, 0, 3, 7, 0], device="cuda")
+    out = torch.full_like(y, float("nan"))
+    kernels.launch(x, y, a, bt, s, route, out, gather=gather, segs=routed.segments(route, 8))
+    want = _per_row(x, y, a, bt, s, routed.token_route(route, x.shape[0]))
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
+def test_segments_group_entries_by_slot_stably_with_no_slot_last() -> None:
+    segs = routed.segments(torch.tensor([2, -1, 0, 2, 2, -1, 1]), 3)
+    starts, counts, order = segs[:4], segs[4:8], segs[8:]
+    assert counts.tolist() == [1, 1, 3, 2] and starts.tolist() == [0, 1, 2, 5]
+    assert order.tolist() == [2, 6, 0, 3, 4, 1, 5]
+
+
+def test_op_refuses_segments_of_another_routing() -> None:
+    x, y, a, bt, s = _operands(4, 8, 5, 4, 2, torch.float32)
+    route = torch.tensor([1, 0, -1, 1])
+    with pytest.raises(ValueError, match="segs of 9 entries"):
+        routed.routed_lora(x, y, a, bt, s, route, routed.segments(route[:3], 2))
 
 
 @pytest.mark.gpu
 def test_gpu_segments_group_rows_by_slot_without_a_host_sync() -> None:
-    from lorahot.kernels import triton_routed_lora as kernels
-
     tokens = torch.tensor([2, -1, 0, 2, 2, -1, 1], device="cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:
-        order, starts, counts = kernels.segments(tokens, 3)
+        segs = routed.segments(tokens, 3)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert counts.tolist() == [1, 1, 3, 2] and starts.tolist() == [0, 1, 2, 5]
-    assert order.tolist() == [2, 6, 0, 3, 4, 1, 5]
+    assert segs.tolist() == routed.segments(tokens.cpu(), 3).tolist()
 
 
 @pytest.mark.gpu

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorahot
-from lorahot.layers.tensor_handles import ROUTES
+from lorahot.kernels.routed_lora import segments
+from lorahot.layers.tensor_handles import ROUTES, SEGMENTS
 from tests.helpers import make_adapter, model_reference, tiny_lm, token_ids
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "embed_tokens"]
@@ -33,7 +34,7 @@ def _runtime(
 
 def _snapshot(runtime: lorahot.LoraRuntime, model: torch.nn.Module) -> tuple:
     keys = [a.handle.key for a in runtime.buffers.arenas]
-    routes = [None if ROUTES[k] is None else ROUTES[k].clone() for k in keys]
+    routes = [None if d[k] is None else d[k].clone() for k in keys for d in (ROUTES, SEGMENTS)]
     arenas = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
     weights = [p.detach().clone() for p in model.parameters()]
     return runtime.routing, runtime.active_slot, routes, arenas, weights
@@ -96,6 +97,20 @@ def test_a_routing_of_the_same_length_is_written_in_place() -> None:
     assert ROUTES[key] is first
     runtime.activate(0)
     assert ROUTES[key] is None and runtime.routing is None
+
+
+def test_routing_is_grouped_by_slot_once_and_written_in_place() -> None:
+    """The segmented kernels read the routing's segments from the runtime, computed at activate,
+    rather than sorting it again in every layer."""
+    _, runtime, _ = _runtime()
+    key = runtime.buffers.arenas[0].handle.key
+    runtime.activate([1, -1, 0, 1])
+    first = SEGMENTS[key]
+    assert first.tolist() == segments(torch.tensor([1, -1, 0, 1]), 3).tolist()
+    runtime.activate([0, 0, -1, 1])
+    assert SEGMENTS[key] is first and first.tolist() == segments(torch.tensor([0, 0, -1, 1]), 3).tolist()
+    runtime.activate(1)
+    assert SEGMENTS[key] is None
 
 
 def test_loads_scales_and_unloads_reach_routed_rows_at_once() -> None:
