@@ -12,6 +12,7 @@ collective.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -84,17 +85,30 @@ class Agreement:
 
     def _failures(self, error: BaseException | None) -> list[tuple[int, str, str]]:
         """``(rank, error type, message)`` of every rank whose check failed: one all-reduce of a
-        flag; the messages are gathered only when some rank failed."""
+        flag; the messages are gathered only when some rank failed, as UTF-8 JSON in byte
+        tensors (nothing is unpickled)."""
         import torch.distributed as dist
 
         flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, group=self.group)
         if int(flag.item()) == 0:
             return []
-        mine = None if error is None else (self.rank, type(error).__name__, str(error))
-        gathered: list[Any] = [None] * self.ranks
-        dist.all_gather_object(gathered, mine, group=self.group)
-        return [entry for entry in gathered if entry is not None]
+        mine = b"" if error is None else json.dumps([self.rank, type(error).__name__, str(error)]).encode()
+        size = torch.tensor([len(mine)], dtype=torch.int64, device=self.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.ranks)]
+        dist.all_gather(sizes, size, group=self.group)
+        longest = max(int(n.item()) for n in sizes)
+        data = torch.zeros(longest, dtype=torch.uint8)
+        data[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8) if mine else data[:0]
+        data = data.to(self.device)
+        everyone = [torch.empty_like(data) for _ in range(self.ranks)]
+        dist.all_gather(everyone, data, group=self.group)
+        out = []
+        for n, got in zip(sizes, everyone):
+            if int(n.item()):
+                rank, kind, message = json.loads(bytes(got[: int(n.item())].cpu().tolist()).decode())
+                out.append((int(rank), str(kind), str(message)))
+        return out
 
 
 def _error_type(name: str) -> type[LoraError]:

@@ -157,7 +157,21 @@ class LoraRuntime:
     def info(self, slot: int | None = None) -> AdapterInfo | None:
         """What ``slot`` (default: the active one) holds, or None if it is empty."""
         self._check_usable(placement=False)
-        return self._infos[self._slot(self._active if slot is None else slot)]
+        return self._current_info(self._slot(self._active if slot is None else slot))
+
+    def _current_info(self, s: int) -> AdapterInfo | None:
+        """What slot ``s`` holds, with the weights of its last ``set_scale`` (which leaves
+        rebuilding the record to the first call that asks: re-weighting stays cheap)."""
+        info, weights = self._infos[s], self._weights[s]
+        if info is None or tuple(p.scale for p in info.parts) == weights:
+            return info
+        info = replace(
+            info,
+            scale=weights if isinstance(info.scale, tuple) else weights[0],
+            parts=tuple(replace(p, scale=w) for p, w in zip(info.parts, weights)),
+        )
+        self._infos[s] = info
+        return info
 
     # -- operations -------------------------------------------------------------------------
 
@@ -544,17 +558,11 @@ class LoraRuntime:
                 the slot has parts), or times an adapter's ``alpha / r`` it leaves the scale
                 buffers' range; the slot is empty. Nothing changed.
         """
-        s, stack, info, weights = self._agreed(lambda: self._check_set_scale(value, slot), "set_scale")
+        s, stack, _, weights = self._agreed(lambda: self._check_set_scale(value, slot), "set_scale")
         live = s == self._active
         self.buffers.set_scales(s, stack.scales(weights), live=live)
         self._refresh_dora(s, stack.dora, live)
-        self._weights[s] = weights
-        self._infos[s] = replace(
-            info,
-            slot=s,
-            scale=weights if isinstance(info.scale, tuple) else weights[0],
-            parts=tuple(replace(p, scale=w) for p, w in zip(info.parts, weights)),
-        )
+        self._weights[s] = weights  # info(s) reports them from here
         self._remerge(s)
 
     def _check_set_scale(
@@ -674,7 +682,7 @@ class LoraRuntime:
             )
 
     def __repr__(self) -> str:
-        held = self._infos[self._active]
+        held = self._current_info(self._active)
         now = "empty" if held is None else " + ".join(f"{_tail(p.source)} x{p.scale:g}" for p in held.parts)
         if self._routing.rows is not None:
             rows = self._routing.rows

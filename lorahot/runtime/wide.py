@@ -21,6 +21,7 @@ in place.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -76,6 +77,9 @@ class WideWeights:
         self._index = [torch.tensor(indices, dtype=torch.long) for indices, _, _ in self.groups]
         self.extent = [0] * len(buffers.arenas)  # rows of the wide buffers that may be nonzero
         self._views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        #: id(plan) -> (a weak reference to it, its largest scaled A rows per arena), see
+        #: :meth:`_worst` (weak: a plan holds its adapter's tensors)
+        self._worst_of: dict[int, tuple[weakref.ref[LoadPlan], list[tuple[int, list[int], int, float]]]] = {}
         #: the last stack's runs (see :meth:`_runs`): re-weighting one stack finds them here
         self._runs_of: tuple[Stack, list[Runs]] | None = None
         #: per arena, on CUDA: one launch that rewrites every wide layer's rows from the live
@@ -102,13 +106,8 @@ class WideWeights:
         Raises:
             UsageError: naming the layer, the largest value and the largest multiplier allowed.
         """
-        for a, (indices, _, _) in enumerate(self.groups):
-            if not indices or len(plan.scaled_a) <= a:
-                continue
+        for a, indices, worst, largest in self._worst(plan):
             top = torch.finfo(self.buffers.arenas[a].dtype).max
-            values = plan.scaled_a[a][self._index[a]]
-            worst = int(values.argmax())
-            largest = float(values[worst])
             if largest * abs(multiplier) > top:
                 layer = names[a][indices[worst]] if a < len(names) else f"layer {indices[worst]}"
                 raise UsageError(
@@ -117,6 +116,25 @@ class WideWeights:
                     f"of the layer's scaled A rows. Pass a scale of at most {top / largest:.4g} in magnitude, or "
                     "inject with fused=False (the plain formula scales after the products)."
                 )
+
+    def _worst(self, plan: LoadPlan) -> list[tuple[int, list[int], int, float]]:
+        """Per arena with wide layers: the arena, its wide layers' indices, the position among them of the
+        largest ``max|A| * |alpha / r|`` of ``plan``, and that value. Memoized per plan (each
+        ``set_scale`` checks the same plans again; a host tensor op each took several
+        microseconds)."""
+        found = self._worst_of.get(id(plan))
+        if found is not None and found[0]() is plan:
+            return found[1]
+        out = []
+        for a, (indices, _, _) in enumerate(self.groups):
+            if indices and len(plan.scaled_a) > a:
+                values = plan.scaled_a[a][self._index[a]]
+                worst = int(values.argmax())
+                out.append((a, indices, worst, float(values[worst])))
+        if len(self._worst_of) >= 64:  # plans of adapters long gone
+            self._worst_of = {k: v for k, v in self._worst_of.items() if v[0]() is not None}
+        self._worst_of[id(plan)] = (weakref.ref(plan), out)
+        return out
 
     def apply(self, stack: Stack | None, weights: Sequence[float] = ()) -> None:
         """Sets every wide layer's A rows to the live A times its per-row scales: those of
