@@ -109,7 +109,10 @@ class LoRALinear(LoRALayer):
         """The routed kernel (:mod:`lorahot.kernels.routed_lora`) where the fused kernel applies
         (CUDA, fp16/bf16, no autograd); the library formula elsewhere."""
         if self._plan[1] and x.dtype == a.dtype == y.dtype and not _needs_grad(x, self._base):  # fused
-            return routed_kernel.routed_lora(x, y, a, b, s, route, SEGMENTS[self._plan[4]])
+            segs = SEGMENTS[self._plan[4]]
+            if segs is not None and segs.shape[0] != 2 * (a.shape[0] + 1) + route.shape[0]:
+                segs = None  # grouped for another slot count (a layer bound by hand): the kernel groups
+            return routed_kernel.routed_lora(x, y, a, b, s, route, segs)
         return super().routed_sum(x, y, a, b, s, route)
 
     def widenable(self, max_rank: int, dtype: torch.dtype) -> bool:

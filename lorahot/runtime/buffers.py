@@ -526,7 +526,7 @@ class Arena:
             self._s_sent.synchronize()
         # float64 -> the scales' dtype, rounded to nearest as torch rounds; in NumPy, one thread
         # (see Stack.scales: torch would split a copy of a large model's scales across threads)
-        np.copyto(self._s_stage.numpy(), scales.numpy(), casting="same_kind")
+        np.copyto(self._s_stage.numpy(), scales.detach().cpu().numpy(), casting="same_kind")
         self.S[region].copy_(self._s_stage, non_blocking=True)  # on the current stream of S's device
         self._s_sent = torch.cuda.Event()
         self._s_sent.record(torch.cuda.current_stream(self.S.device))
