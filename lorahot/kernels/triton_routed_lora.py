@@ -13,9 +13,11 @@ scaled shrink of every row:
   H200). :func:`_segment_shrink` runs one program per (tile of up to ``BLOCK_M`` rows of one
   slot, slot, share of K) and :func:`_segment_expand` one per (such a tile, output tile, slot),
   each a tensor-core dot of the tile's gathered rows with the slot's A or B: a slot's weights are
-  read once per tile. With K split, the shrink's programs add their partial sums to a zeroed
-  workspace. The grids are sized for the worst case (every row in one slot); programs past their
-  slot's rows return at once. The expand's programs of the no-slot segment copy ``y``.
+  read once per tile. With K split (up to 256 programs per slot, :func:`_splits`), the shrink's
+  programs add their partial sums to a zeroed workspace, in no fixed order: the last bits of
+  the float32 sum can differ between runs. The grids are sized for the worst case (every row in
+  one slot); programs past their slot's rows return at once. The expand's programs of the
+  no-slot segment copy ``y``.
 
 The shrink is rounded to the weights' dtype before the expand in the segmented kernels (a dot
 of two fp16/bf16 tiles, as the fused kernel does) and kept in float32 in the gather kernels.
@@ -211,15 +213,16 @@ def launch(
 
 
 def _splits(k: int, tiles: int, block_k: int) -> int:
-    """Programs per tile of the segmented shrink, a power of two: K is split until the tiles of
-    the worst case (every row in one slot) give about :data:`_SHRINK_PROGRAMS` programs, each
+    """Programs per tile of the segmented shrink, a power of two: K is split until the grid's
+    tiles (sized for every row in one slot) give about :data:`_SHRINK_PROGRAMS` programs, each
     with at least two ``block_k`` steps. At 64 decode rows, 4 tiles of 16 rows each looped over
-    all of K alone, on 4 of an H200's 132 SMs."""
+    all of K alone, on 4 of an H200's 132 SMs. With the rows spread over several slots, each
+    slot fills only some of its tiles and the rest return at once, so the budget is generous."""
     splits = 1
     while splits * 2 * tiles <= _SHRINK_PROGRAMS and splits * 2 * 2 * block_k <= k:
         splits *= 2
     return splits
 
 
-#: programs the segmented shrink aims for when one slot holds every row (see :func:`_split_k`)
-_SHRINK_PROGRAMS = 64
+#: programs of the segmented shrink's grid per slot (see :func:`_splits`)
+_SHRINK_PROGRAMS = 256
