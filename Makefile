@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test lint test-gpu bench clean
+.PHONY: demo test lint test-gpu test-interpret bench clean
 
 $(STAMP): pyproject.toml
 	@if $(PY) -c "import torch" 2>/dev/null; then \
@@ -41,8 +41,18 @@ test: lint
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
 
+# The Triton kernels on a CPU, in Triton's interpreter (tests/unit/kernels/test_interpreted.py):
+# Triton and a NumPy it runs with go to .interp/, ahead of the venv's on the path.
+INTERP := .interp
+$(INTERP)/.installed:
+	$(BIN)/pip install -q --no-deps --target $(INTERP) "triton==3.5.1" "numpy==2.1.3"
+	touch $@
+
+test-interpret: $(STAMP) $(INTERP)/.installed
+	TRITON_INTERPRET=1 PYTHONPATH=$(INTERP) $(BIN)/python -m pytest -q -p no:cacheprovider -m interpret tests/unit/kernels
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --suite all
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(INTERP) .pytest_cache .hypothesis

@@ -1,0 +1,71 @@
+"""lorahot's Triton kernels on the CPU, in Triton's interpreter (``make test-interpret``).
+
+A CPU box has no GPU to run the kernels on, but Triton's interpreter (``TRITON_INTERPRET=1``)
+runs the same kernel code on CPU tensors with NumPy: indexing, masks, splits and atomics are
+checked before a device call, against the same float64 references the GPU tests use. Float16
+only (the interpreter's bfloat16 is not reliable), and no timing. Skipped unless the
+interpreter is on and Triton imports; ``make test`` skips it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lorahot.kernels import routed_lora as routed
+from tests.unit.kernels.test_routed_lora import _operands, _per_row
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [pytest.mark.interpret, pytest.mark.skipif(not INTERPRETING, reason="run by make test-interpret")]
+
+SHAPES = [  # rows, in, out, rank, slots
+    (5, 300, 130, 16, 3),
+    (40, 256, 512, 64, 4),
+    (64, 2048, 64, 64, 8),  # K split 16 ways at decode size
+    (300, 1000, 200, 20, 8),
+]
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "segmented"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_routed_kernels_match_float64_reference(shape: tuple[int, ...], gather: bool) -> None:
+    kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
+    rows, k, n, rank, slots = shape
+    x, y, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=rows)
+    g = torch.Generator().manual_seed(1)
+    for tokens in (torch.randint(-1, slots, (rows,), generator=g), torch.full((rows,), slots - 1)):
+        for segs in (None, routed.segments(tokens, slots)):
+            out = torch.full_like(y, float("nan"))
+            kernels.launch(x, y, a, bt, s, tokens, out, gather=gather, segs=segs)
+            want = _per_row(x, y, a, bt, s, tokens)
+            assert not out.isnan().any()
+            torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+            assert torch.equal(out[tokens < 0], y[tokens < 0])
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "segmented"])
+def test_routed_kernels_route_groups_of_rows(gather: bool) -> None:
+    kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
+    x, y, a, bt, s = _operands(6 * 5, 300, 64, 16, 8, torch.float16, seed=3)
+    route = torch.tensor([3, -1, 0, 3, 7, 0])
+    out = torch.full_like(y, float("nan"))
+    kernels.launch(x, y, a, bt, s, route, out, gather=gather, segs=routed.segments(route, 8))
+    want = _per_row(x, y, a, bt, s, routed.token_route(route, 30))
+    torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+
+
+def test_row_scale_writes_each_block_its_rows_times_its_scales() -> None:
+    kernel = pytest.importorskip("lorahot.kernels.triton_row_scale")
+    g = torch.Generator().manual_seed(0)
+    rank, widths, layers = 16, [64, 1000, 5], [3, 0, 3]
+    src = [torch.randn(rank, w, generator=g).half() for w in widths]
+    dst = [torch.full((rank, w), float("nan"), dtype=torch.float16) for w in widths]
+    scales = torch.randn(4, rank, generator=g)
+    tables = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (dst, src)]
+    cols = torch.tensor(widths, dtype=torch.int32)
+    kernel.launch(tables[0], tables[1], scales, torch.tensor(layers), cols, 5, max(widths), torch.float16)
+    for d, s_, layer in zip(dst, src, layers):
+        assert torch.equal(d[:5], (s_[:5].float() * scales[layer, :5, None]).half())
+        assert torch.isnan(d[5:]).all()
