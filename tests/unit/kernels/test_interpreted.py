@@ -1,4 +1,5 @@
-"""lorahot's Triton kernels on the CPU, in Triton's interpreter (``make test-interpret``).
+"""lorahot's Triton kernels (routed, row-scale, fused linear) on the CPU, in Triton's interpreter
+(``make test-interpret``).
 
 A CPU box has no GPU to run the kernels on, but Triton's interpreter (``TRITON_INTERPRET=1``)
 runs the same kernel code on CPU tensors with NumPy: indexing, masks, splits and atomics are
@@ -69,3 +70,23 @@ def test_row_scale_writes_each_block_its_rows_times_its_scales() -> None:
     for d, s_, layer in zip(dst, src, layers):
         assert torch.equal(d[:5], (s_[:5].float() * scales[layer, :5, None]).half())
         assert torch.isnan(d[5:]).all()
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 2048, 256), (5, 300, 130), (40, 256, 512)], ids=lambda v: str(v))
+def test_fused_lora_linear_matches_float64_reference(m: int, k: int, n: int) -> None:
+    """The fused kernel, split over K or not (``config_for`` picks), with a bias."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    g = torch.Generator().manual_seed(m)
+    rank = 16
+    x = torch.randn(m, k, generator=g).half()
+    weight = (torch.randn(n, k, generator=g) / k**0.5).half()
+    bias = torch.randn(n, generator=g).half()
+    a = (torch.randn(rank, k, generator=g) / k**0.5).half()
+    bt = torch.randn(rank, n, generator=g).half()
+    scale = torch.rand(rank, generator=g)
+    out = torch.full((m, n), float("nan"), dtype=torch.float16)
+    config = kernel.config_for(m, n, k)
+    kernel.launch(x, weight, bias, a, bt, scale, out, config)
+    xd = x.double()
+    want = xd @ weight.double().T + bias.double() + ((xd @ a.double().T) * scale.double()) @ bt.double()
+    torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
