@@ -31,29 +31,41 @@ import triton
 import triton.language as tl
 
 from lorahot.kernels.device_guard import launching_on
+from lorahot.kernels.triton_routed_lora import _segment_rows
 
 __all__ = ["lora_linear", "launch", "config_for"]
 
 
 @triton.jit
 def _lora_linear_kernel(
-    X, W, A, BT, BIAS, S, Y, WS,
-    M, N, K, R, K_CHUNK,
-    stride_xm, stride_wn, stride_am, stride_bm, stride_ym,
+    X, W, A, BT, BIAS, S, Y, WS, SEG,
+    M, N, K, R, K_CHUNK, SLOTS, T,
+    stride_xm, stride_wn, stride_am, stride_bm, stride_ym, stride_as, stride_bs, stride_ss,
     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUTED: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, R_PAD)
-    k0 = pid_s * K_CHUNK
-    rk = k0 + tl.arange(0, BLOCK_K)
-    m_ok = rm < M
     n_ok = rn < N
     r_ok = rr < R
+    if ROUTED:  # a tile of rows that share a slot (the routing's segments), that slot's A, B, scales
+        pid_s = tl.program_id(2) % SPLIT
+        slot = tl.program_id(2) // SPLIT
+        rm, m_ok, past = _segment_rows(SEG, slot, pid_m, SLOTS, T, BLOCK_M)
+        if past:
+            return
+        r_ok = r_ok & (slot < SLOTS)  # the rows of no slot: the base product alone
+        A += slot.to(tl.int64) * stride_as
+        BT += slot.to(tl.int64) * stride_bs
+        S += slot.to(tl.int64) * stride_ss
+    else:
+        pid_s = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+    k0 = pid_s * K_CHUNK
+    rk = k0 + tl.arange(0, BLOCK_K)
     x_ptr = X + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
     w_ptr = W + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
     a_ptr = A + rr[None, :] * stride_am + rk[:, None]
@@ -132,23 +144,31 @@ def launch(
     scale: torch.Tensor,
     out: torch.Tensor,
     config: Config,
+    routing: tuple[torch.Tensor, int] | None = None,
 ) -> None:
     """Runs the kernel on 2-D ``x [M, K]`` into ``out [M, N]`` (rows contiguous), with
-    ``scale [R]`` contiguous, one per row of ``a``."""
+    ``scale [R]`` contiguous, one per row of ``a``.
+
+    With ``routing = (segs, rows per entry)`` each row computes with its own slot (see
+    :func:`lorahot.kernels.routed_lora.segments`): ``a [slots, R, K]``, ``bt [slots, R, N]`` and
+    ``scale [slots, R]`` are every slot's, and each program's tile holds rows of one slot."""
     m, k = x.shape
     n = weight.shape[0]
-    r = a.shape[0]
+    r = a.shape[-2]
     bm, bn, bk, warps, stages, split = config
     chunk = triton.cdiv(triton.cdiv(k, bk), split) * bk
     split = triton.cdiv(k, chunk)  # no empty chunks
     ws = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+    slots = a.shape[0] if routing is not None else 0
+    segs, t = routing if routing is not None else (x, 1)  # unused placeholders without routing
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split * (slots + 1 if routing is not None else 1))
     _lora_linear_kernel[grid](
-        x, weight, a, bt, bias if bias is not None else weight, scale, out, ws,
-        m, n, k, r, chunk,
-        x.stride(0), weight.stride(0), a.stride(0), bt.stride(0), out.stride(0),
+        x, weight, a, bt, bias if bias is not None else weight, scale, out, ws, segs,
+        m, n, k, r, chunk, slots, t,
+        x.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), out.stride(0),
+        a.stride(0), bt.stride(0), scale.stride(0),
         HAS_BIAS=bias is not None, R_PAD=max(16, triton.next_power_of_2(r)), SPLIT=split,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ROUTED=routing is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split > 1:
         block = 1024

@@ -414,8 +414,10 @@ class LoRALayer(nn.Module):
         a, b, s, e = self._slot_views()
         length = route.shape[0]
         routing.check_rows(x, length, self.spec.kind, self.row_dims(x), self._describe())
-        y: torch.Tensor = self._base(x, *args, **kwargs)
-        z = self.routed_sum(x, y, a, b, s, route)
+        z = self.routed_fused(x, a, b, s, route) if not args and not kwargs else None
+        if z is None:
+            y: torch.Tensor = self._base(x, *args, **kwargs)
+            z = self.routed_sum(x, y, a, b, s, route)
         if not self._plan[3]:  # extras
             return z
         return self._routed_extras(z, e, s, route)
@@ -434,6 +436,13 @@ class LoRALayer(nn.Module):
         shape = self.row_shape(length)
         out = torch.addcmul(g.reshape(shape), f.reshape(shape), self.row_view(z, length) + bias.reshape(shape))
         return out.reshape(z.shape).to(z.dtype)
+
+    def routed_fused(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The base output and each row's update in one kernel, where a subclass has one that
+        applies to ``x``; None (the default) for the base layer then :meth:`routed_sum`."""
+        return None
 
     def routed_sum(
         self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor

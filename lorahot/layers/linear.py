@@ -17,6 +17,7 @@ from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.kernels import lora_linear as fused_kernel
+from lorahot.kernels import routed_linear
 from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.kernels import wide_linear as wide_kernel
 from lorahot.layers.base import WIDE_BUFFER, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
@@ -103,17 +104,32 @@ class LoRALinear(LoRALayer):
         h = (h * scales[:, None, :]).to(h.dtype)
         return torch.bmm(h, b[index]).reshape(*x.shape[:-1], b.shape[-1])  # (..., out)
 
+    def routed_fused(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The fused kernel over tiles of rows grouped by slot (:mod:`lorahot.kernels.routed_linear`)
+        where the fused kernel pays for this many rows (as in whole-batch mode), else None."""
+        if not (self._plan[1] and self.can_fuse(x, a)):
+            return None
+        base = self._base
+        return routed_linear.routed_lora_linear(x, base.weight, base.bias, a, b, s, route, self._segments(a, route))
+
     def routed_sum(
         self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor
     ) -> torch.Tensor:
         """The routed kernel (:mod:`lorahot.kernels.routed_lora`) where the fused kernel applies
         (CUDA, fp16/bf16, no autograd); the library formula elsewhere."""
         if self._plan[1] and x.dtype == a.dtype == y.dtype and not _needs_grad(x, self._base):  # fused
-            segs = SEGMENTS[self._plan[4]]
-            if segs is not None and segs.shape[0] != 2 * (a.shape[0] + 1) + route.shape[0]:
-                segs = None  # grouped for another slot count (a layer bound by hand): the kernel groups
-            return routed_kernel.routed_lora(x, y, a, b, s, route, segs)
+            return routed_kernel.routed_lora(x, y, a, b, s, route, self._segments(a, route))
         return super().routed_sum(x, y, a, b, s, route)
+
+    def _segments(self, a: torch.Tensor, route: torch.Tensor) -> torch.Tensor | None:
+        """The routing grouped by slot, as the runtime published it; None where it was grouped
+        for another slot count (a layer bound by hand): the kernels group it themselves."""
+        segs = SEGMENTS[self._plan[4]]
+        if segs is not None and segs.shape[0] != 2 * (a.shape[0] + 1) + route.shape[0]:
+            return None
+        return segs
 
     def widenable(self, max_rank: int, dtype: torch.dtype) -> bool:
         """An exact ``nn.Linear`` whose weight is a plain contiguous tensor of the buffers'

@@ -90,3 +90,27 @@ def test_fused_lora_linear_matches_float64_reference(m: int, k: int, n: int) -> 
     xd = x.double()
     want = xd @ weight.double().T + bias.double() + ((xd @ a.double().T) * scale.double()) @ bt.double()
     torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("shape", [(1, 2048, 256, 16, 3), (40, 256, 512, 64, 4), (64, 700, 96, 20, 8)], ids=str)
+def test_routed_fused_linear_matches_float64_reference(shape: tuple[int, ...], bias: bool) -> None:
+    """Base and each row's slot's LoRA in the fused kernel over tiles grouped by slot, split over
+    K or not (``config_for`` picks), routed per row and per group of rows."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    rows, k, n, rank, slots = shape
+    x, _, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=rows)
+    g = torch.Generator().manual_seed(2)
+    weight = (torch.randn(n, k, generator=g) / k**0.5).half()
+    b = torch.randn(n, generator=g).half() if bias else None
+    base = x.double() @ weight.double().T + (b.double() if b is not None else 0.0)
+    groups = [torch.randint(-1, slots, (rows,), generator=g), torch.full((rows,), slots - 1)]
+    if rows % 4 == 0:
+        groups.append(torch.tensor([slots - 1, -1, 0, slots - 1]))  # one entry per quarter of the rows
+    for route in groups:
+        out = torch.full((rows, n), float("nan"), dtype=torch.float16)
+        t = rows // route.shape[0]
+        config = kernel.config_for(rows, n, k)
+        kernel.launch(x, weight, b, a, bt, s, out, config, routing=(routed.segments(route, slots), t))
+        want = _per_row(x, base, a, bt, s, routed.token_route(route, rows))
+        torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))

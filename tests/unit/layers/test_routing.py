@@ -189,3 +189,41 @@ def test_slot_geometry_spans_every_slot_region_but_the_live_one() -> None:
     assert shape == (3, 2, 3) and stride == (10, 3, 1) and offset == 2
     alone = torch.zeros(2, 3)
     assert routing.slot_geometry(alone, alone) == ((1, 2, 3), (0, 3, 1), 0)
+
+
+@pytest.mark.parametrize("rows", [5, 130], ids=["decode: one fused kernel", "larger: base, then the routed sum"])
+def test_a_fusable_linear_routes_through_the_fused_op_up_to_its_row_limit(
+    rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the fused kernel applies, a routed linear runs base and LoRA in one op for as many
+    rows as the fused kernel takes in whole-batch mode, and the routed sum above. Both equal the
+    library path (the ops' CPU formula stands in for the kernels here)."""
+    from lorahot.kernels import lora_linear, routed_linear
+    from lorahot.kernels import routed_lora as routed_kernel
+
+    calls: list[str] = []
+    for module, name in ((routed_linear, "routed_lora_linear"), (routed_kernel, "routed_lora")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4, bias=False)).to(DT)
+    fused = copy.deepcopy(plain)
+    runtimes = [lorahot.inject(plain, ["0", "1"], max_rank=4, slots=2)]
+    with monkeypatch.context() as m:
+        m.setattr(lora_linear, "supports", lambda base, a: True)
+        m.setattr(routed_kernel, "available", lambda: True)
+        runtimes.append(lorahot.inject(fused, ["0", "1"], max_rank=4, slots=2))
+    assert fused[0]._plan[1] and not plain[0]._plan[1]  # the fused flag
+    for k in range(2):
+        tensors = make_adapter(plain, {"0": 2 + k, "1": 3}, seed=k, dtype=DT)[0]
+        for runtime in runtimes:
+            runtime.load(tensors, slot=k)
+    route = [(i % 3) - 1 for i in range(rows)]
+    x = torch.randn(rows, 8, dtype=DT, generator=torch.Generator().manual_seed(1))
+    outs = []
+    with torch.no_grad():
+        for model, runtime in zip((plain, fused), runtimes):
+            runtime.activate(route)
+            outs.append(model(x))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    assert calls == (["routed_lora_linear"] * 2 if rows <= 128 else ["routed_lora"] * 2)

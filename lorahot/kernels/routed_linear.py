@@ -1,0 +1,95 @@
+"""The routed fused linear: the base product and each row's own slot's LoRA in one kernel.
+
+``routed_lora_linear(x, weight, bias, a, bt, s, route, segs)`` computes, row by row,
+``x @ weight.T + bias + ((x @ A_k.T) * s_k) @ Bt_k`` with ``k`` the row's slot (``-1``: the
+base product alone), for the slot views of a layer's arena (``a [slots, R, in]``,
+``bt [slots, R, out]``, ``s [slots, R]``). It is the fused kernel of
+:mod:`lorahot.kernels.lora_linear` run over tiles of rows grouped by slot (the routing's
+segments, :func:`lorahot.kernels.routed_lora.segments`, computed once per routing): each
+program reads its tile's slot's A and B, so the routed decode costs what the single-adapter
+decode costs, one kernel per layer (two where K is split), instead of the base GEMM plus the
+routed shrink and expand (:mod:`lorahot.kernels.routed_lora`), which serve larger inputs.
+
+The custom op ``lorahot::routed_lora_linear`` is opaque to the compiler and shape-stable for
+CUDA graphs. Where the fused kernel does not run (no CUDA or Triton, other dtypes) it computes
+the base linear plus :func:`lorahot.kernels.routed_lora.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorahot.kernels import lora_linear as fused
+from lorahot.kernels.device_guard import launching_on
+from lorahot.kernels.routed_lora import reference, segments, token_route
+
+__all__ = ["routed_lora_linear"]
+
+
+@torch.library.custom_op("lorahot::routed_lora_linear", mutates_args=())
+def _routed_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    s: torch.Tensor,
+    route: torch.Tensor,
+    segs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    n = weight.shape[0]
+    kernel = fused._kernel() if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
+    if kernel is None or x2.shape[0] == 0:
+        y = torch.nn.functional.linear(x2, weight, bias)
+        return reference(x2, y, a, bt, s, token_route(route, x2.shape[0])).view(*x.shape[:-1], n)
+    x2 = x2.contiguous()
+    out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
+    grouped = segments(route, a.shape[0]) if segs is None else segs
+    with launching_on(x.device):
+        config = kernel.config_for(x2.shape[0], n, x2.shape[1])
+        kernel.launch(x2, weight, bias, a, bt, s, out, config, routing=(grouped, x2.shape[0] // route.shape[0]))
+    return out.view(*x.shape[:-1], n)
+
+
+@_routed_lora_linear.register_fake
+def _(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    s: torch.Tensor,
+    route: torch.Tensor,
+    segs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def routed_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    s: torch.Tensor,
+    route: torch.Tensor,
+    segs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The base linear plus each row's own slot's update, in one kernel on CUDA (see the module
+    docstring).
+
+    Args:
+        x: ``[..., in]`` the layer's input; its rows a multiple of ``route``'s length.
+        weight: ``[out, in]`` the base weight; bias: ``[out]`` or None.
+        a: ``[slots, R, in]``; bt: ``[slots, R, out]``; s: ``[slots, R]`` (float32).
+        route: ``[L]`` int64, each group of rows' slot or -1.
+        segs: ``segments(route, slots)`` where the caller keeps it per routing (else computed here).
+
+    Returns:
+        ``[..., out]`` in ``x``'s dtype.
+    """
+    if segs is not None and segs.shape[0] != 2 * (a.shape[0] + 1) + route.shape[0]:
+        raise ValueError(f"segs of {segs.shape[0]} entries do not go with {a.shape[0]} slots and {route.shape[0]} rows")
+    out: torch.Tensor = torch.ops.lorahot.routed_lora_linear(x, weight, bias, a, bt, s, route, segs)
+    return out
