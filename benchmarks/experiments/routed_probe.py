@@ -7,7 +7,11 @@ CUDA graph over 22 weight sets (weights stream from HBM as in the model), in us 
 
 - ``base``: the base GEMM alone; ``lora``: base plus the library shrink/expand of one adapter;
 - ``segments``: the slot sort the segmented kernels run first (argsort, counts, starts);
-- ``segmented`` / ``gather``: ``launch`` with routes over 1 and 8 distinct slots.
+- ``segmented`` / ``gather``: ``launch`` with routes over 1 and 8 distinct slots (on top of
+  the base GEMM);
+- ``fused``: the fused kernel over tiles grouped by slot (``lorahot::routed_lora_linear``'s
+  kernel), base product included, routes over 1 and 8 slots, segments given as the runtime
+  gives them.
 
     PYTHONPATH=. python3 -m benchmarks.experiments.routed_probe
 """
@@ -17,6 +21,8 @@ from __future__ import annotations
 import torch
 
 from benchmarks.experiments.forward_probe import graph_us
+from lorahot.kernels import routed_lora
+from lorahot.kernels import triton_lora_linear as F
 from lorahot.kernels import triton_routed_lora as T
 
 SHAPES = {"q/o": (2048, 2048), "k/v": (2048, 256), "gate/up": (2048, 5632), "down": (5632, 2048)}
@@ -55,9 +61,17 @@ def main() -> None:
             for yi, ai, bi in zip(y, a, bt):
                 T.launch(x, yi, ai, bi, s, routes[d], out, gather=gather)
 
+        grouped = {d: routed_lora.segments(r, SLOTS) for d, r in routes.items()}
+        config = F.config_for(M, n, k)
+
+        def fused(d: int) -> None:
+            for wi, ai, bi in zip(w, a, bt):
+                F.launch(x, wi, None, ai, bi, s, out, config, routing=(grouped[d], 1))
+
         row = [graph_us(f, SETS) for f in (base, lora, segs)]
         row += [graph_us(lambda d=d, g=g: routed(d, g), SETS) for g in (False, True) for d in (1, 8)]
-        print(f"{name:8s} " + " ".join(f"{v:7.1f}" for v in row), flush=True)
+        row += [graph_us(lambda d=d: fused(d), SETS) for d in (1, 8)]
+        print(f"{name:8s} " + " ".join(f"{v:8.1f}" for v in row), flush=True)
 
 
 if __name__ == "__main__":
