@@ -6,7 +6,8 @@ layer. This probe splits it, per TinyLlama projection shape, at 64 rows, slots=8
 CUDA graph over 22 weight sets (weights stream from HBM as in the model), in us per call:
 
 - ``base``: the base GEMM alone; ``lora``: base plus the library shrink/expand of one adapter;
-- ``segments``: the slot sort the segmented kernels run first (argsort, counts, starts);
+- ``segments``: the slot sort (argsort, counts, starts) the segmented kernels once ran in every
+  layer, now once per routing;
 - ``segmented`` / ``gather``: ``launch`` with routes over 1 and 8 distinct slots (on top of
   the base GEMM);
 - ``fused``: the fused kernel over tiles grouped by slot (``lorahot::routed_lora_linear``'s
@@ -43,6 +44,7 @@ def main() -> None:
         y = [x @ wi.T for wi in w]
         out = torch.empty(M, n, device=dev, dtype=dt)
         routes = {d: torch.tensor([i % d for i in range(M)], device=dev) for d in (1, 8)}
+        grouped = {d: routed_lora.segments(r, SLOTS) for d, r in routes.items()}  # as activate publishes it
 
         def base() -> None:
             for wi in w:
@@ -59,9 +61,8 @@ def main() -> None:
 
         def routed(d: int, gather: bool) -> None:
             for yi, ai, bi in zip(y, a, bt):
-                T.launch(x, yi, ai, bi, s, routes[d], out, gather=gather)
+                T.launch(x, yi, ai, bi, s, routes[d], out, gather=gather, segs=grouped[d])
 
-        grouped = {d: routed_lora.segments(r, SLOTS) for d, r in routes.items()}
         config = F.config_for(M, n, k)
 
         def fused(d: int) -> None:
