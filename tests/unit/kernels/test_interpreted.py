@@ -14,6 +14,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lorahot.kernels import routed_lora as routed
 from tests.unit.kernels.test_routed_lora import _operands, _per_row
@@ -114,3 +116,35 @@ def test_routed_fused_linear_matches_float64_reference(shape: tuple[int, ...], b
         kernel.launch(x, weight, b, a, bt, s, out, config, routing=(routed.segments(route, slots), t))
         want = _per_row(x, base, a, bt, s, routed.token_route(route, rows))
         torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(1, 40),
+    k=st.integers(1, 300),
+    n=st.integers(1, 130),
+    rank=st.integers(1, 32),
+    slots=st.integers(1, 5),
+    per_group=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_routing_of_any_shape_matches_the_per_row_reference(
+    rows: int, k: int, n: int, rank: int, slots: int, per_group: int, seed: int
+) -> None:
+    """The fused routed kernel and the segmented pair after it, on random shapes and routings
+    (one entry per row or per group of rows, -1 included)."""
+    fused = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
+    rows *= per_group
+    x, y, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=seed)
+    weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k**0.5).half()
+    route = torch.randint(-1, slots, (rows // per_group,), generator=torch.Generator().manual_seed(seed + 1))
+    segs, tokens = routed.segments(route, slots), routed.token_route(route, rows)
+    out = torch.full((rows, n), float("nan"), dtype=torch.float16)
+    fused.launch(x, weight, None, a, bt, s, out, fused.config_for(rows, n, k), routing=(segs, per_group))
+    want = _per_row(x, x.double() @ weight.double().T, a, bt, s, tokens)
+    torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()) + 1e-3)
+    out = torch.full_like(y, float("nan"))
+    kernels.launch(x, y, a, bt, s, route, out, gather=False, segs=segs)
+    want = _per_row(x, y, a, bt, s, tokens)
+    torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()) + 1e-3)
