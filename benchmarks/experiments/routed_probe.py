@@ -63,7 +63,7 @@ def main() -> None:
             for yi, ai, bi in zip(y, a, bt):
                 T.launch(x, yi, ai, bi, s, routes[d], out, gather=gather, segs=grouped[d])
 
-        config = F.config_for(M, n, k)
+        config = F.config_for(M, n, k, routed=True)
 
         def fused(d: int) -> None:
             for wi, ai, bi in zip(w, a, bt):

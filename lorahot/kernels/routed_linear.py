@@ -47,7 +47,7 @@ def _routed_lora_linear(
     out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
     grouped = segments(route, a.shape[0]) if segs is None else segs
     with launching_on(x.device):
-        config = kernel.config_for(x2.shape[0], n, x2.shape[1])
+        config = kernel.config_for(x2.shape[0], n, x2.shape[1], routed=True)
         kernel.launch(x2, weight, bias, a, bt, s, out, config, routing=(grouped, x2.shape[0] // route.shape[0]))
     return out.view(*x.shape[:-1], n)
 

@@ -113,8 +113,10 @@ def _split_k_sum(WS, Y, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexp
 Config = tuple[int, int, int, int, int, int]
 
 
-def config_for(m: int, n: int, k: int) -> Config:
-    """The tile configuration for ``m`` rows, ``n`` outputs and ``k`` inputs.
+def config_for(m: int, n: int, k: int, *, routed: bool = False) -> Config:
+    """The tile configuration for ``m`` rows, ``n`` outputs and ``k`` inputs (``routed``: over
+    tiles of rows grouped by slot, which take 16 rows whatever ``m``: with the rows spread over
+    several slots, a 64-row tile would be mostly empty; not yet measured).
 
     Measured on an H100 (132 SMs) over the Llama projection shapes
     (``benchmarks/experiments/forward_probe.py``, each call alone in a CUDA graph): a layer with
@@ -123,7 +125,7 @@ def config_for(m: int, n: int, k: int) -> Config:
     at 128 rows the kernel runs 11.2 / 5.9 / 19.9 / 21.5 us for q-o / k-v / gate-up / down, where
     cuBLAS base + shrink + expand takes 15.7 / 13.6 / 21.1 / 24.1 us.
     """
-    small = m <= 16
+    small = m <= 16 or routed
     bm = 16 if small else 64
     bn = 32 if n <= 512 else 64
     tiles = -(-m // bm) * -(-n // bn)

@@ -112,7 +112,7 @@ def test_routed_fused_linear_matches_float64_reference(shape: tuple[int, ...], b
     for route in groups:
         out = torch.full((rows, n), float("nan"), dtype=torch.float16)
         t = rows // route.shape[0]
-        config = kernel.config_for(rows, n, k)
+        config = kernel.config_for(rows, n, k, routed=True)
         kernel.launch(x, weight, b, a, bt, s, out, config, routing=(routed.segments(route, slots), t))
         want = _per_row(x, base, a, bt, s, routed.token_route(route, rows))
         torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
@@ -141,7 +141,7 @@ def test_any_routing_of_any_shape_matches_the_per_row_reference(
     route = torch.randint(-1, slots, (rows // per_group,), generator=torch.Generator().manual_seed(seed + 1))
     segs, tokens = routed.segments(route, slots), routed.token_route(route, rows)
     out = torch.full((rows, n), float("nan"), dtype=torch.float16)
-    fused.launch(x, weight, None, a, bt, s, out, fused.config_for(rows, n, k), routing=(segs, per_group))
+    fused.launch(x, weight, None, a, bt, s, out, fused.config_for(rows, n, k, routed=True), routing=(segs, per_group))
     want = _per_row(x, x.double() @ weight.double().T, a, bt, s, tokens)
     torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()) + 1e-3)
     out = torch.full_like(y, float("nan"))
