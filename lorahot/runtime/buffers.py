@@ -528,7 +528,8 @@ class Arena:
         # (see Stack.scales: torch would split a copy of a large model's scales across threads)
         np.copyto(self._s_stage.numpy(), scales.detach().cpu().numpy(), casting="same_kind")
         self.S[region].copy_(self._s_stage, non_blocking=True)  # on the current stream of S's device
-        self._s_sent = torch.cuda.Event()
+        if self._s_sent is None:  # one event, recorded again after each upload
+            self._s_sent = torch.cuda.Event()
         self._s_sent.record(torch.cuda.current_stream(self.S.device))
 
     def copy_region(self, src: int, dst: int) -> None:
