@@ -140,7 +140,7 @@ def test_gpu_reduce_overhead_routings_replay_without_recompiling(dtype: torch.dt
     assert runtime.layers[names[0]].fused
     compiled = torch.compile(model, mode="reduce-overhead")
     reference = tiny_lm(vocab=64, dim=64, hidden=128).cuda()
-    for rows in (4, 40):  # the gather kernels, then the segmented ones
+    for rows in (4, 40, 60):  # 12 and 120 tokens: the fused routed kernel; 180: base GEMM, then the segmented pair
         ids = token_ids((rows, 3), 64, seed=rows).cuda()
         runtime.activate([k % 5 - 1 for k in range(rows)])
         for _ in range(3):
