@@ -21,7 +21,7 @@ import torch
 
 from lorahot.kernels import lora_linear as fused
 from lorahot.kernels.device_guard import launching_on
-from lorahot.kernels.routed_lora import reference, segments, token_route
+from lorahot.kernels.routed_lora import check_segments, reference, segments, token_route
 
 __all__ = ["routed_lora_linear"]
 
@@ -89,7 +89,6 @@ def routed_lora_linear(
     Returns:
         ``[..., out]`` in ``x``'s dtype.
     """
-    if segs is not None and segs.shape[0] != 2 * (a.shape[0] + 1) + route.shape[0]:
-        raise ValueError(f"segs of {segs.shape[0]} entries do not go with {a.shape[0]} slots and {route.shape[0]} rows")
+    check_segments(segs, a.shape[0], route.shape[0])
     out: torch.Tensor = torch.ops.lorahot.routed_lora_linear(x, weight, bias, a, bt, s, route, segs)
     return out

@@ -32,7 +32,16 @@ import torch
 
 from lorahot.kernels.device_guard import launching_on
 
-__all__ = ["GATHER_ROWS", "available", "routed_lora", "reference", "segments", "token_route"]
+__all__ = [
+    "GATHER_ROWS",
+    "available",
+    "check_segments",
+    "routed_lora",
+    "reference",
+    "segments",
+    "segments_fit",
+    "token_route",
+]
 
 #: Up to this many rows the gather kernels run; above it, the segmented ones. A starting point
 #: from the bytes: with more rows than slots, rows share slots and the gather kernels re-read
@@ -76,6 +85,18 @@ def segments(route: torch.Tensor, slots: int) -> torch.Tensor:
     counts = torch.zeros(slots + 1, dtype=torch.int64, device=route.device)
     counts.scatter_add_(0, seg, torch.ones_like(seg))
     return torch.cat([torch.cumsum(counts, 0) - counts, counts, order])
+
+
+def segments_fit(segs: torch.Tensor, slots: int, length: int) -> bool:
+    """Whether ``segs`` is :func:`segments` of a routing of ``length`` entries over ``slots`` slots
+    (by its size: a shape, so a compiled graph decides it when it is traced)."""
+    return segs.shape[0] == 2 * (slots + 1) + length
+
+
+def check_segments(segs: torch.Tensor | None, slots: int, length: int) -> None:
+    """Raises ValueError when ``segs`` is given and does not fit (see :func:`segments_fit`)."""
+    if segs is not None and not segments_fit(segs, slots, length):
+        raise ValueError(f"segs of {segs.shape[0]} entries do not go with {slots} slots and {length} rows")
 
 
 def reference(
@@ -149,7 +170,6 @@ def routed_lora(
     Returns:
         ``[..., out]`` in ``y``'s dtype.
     """
-    if segs is not None and segs.shape[0] != 2 * (a.shape[0] + 1) + route.shape[0]:
-        raise ValueError(f"segs of {segs.shape[0]} entries do not go with {a.shape[0]} slots and {route.shape[0]} rows")
+    check_segments(segs, a.shape[0], route.shape[0])
     out: torch.Tensor = torch.ops.lorahot.routed_lora(x, y, a, bt, s, route, segs)
     return out

@@ -127,9 +127,7 @@ class LoRALinear(LoRALayer):
         """The routing grouped by slot, as the runtime published it; None where it was grouped
         for another slot count (a layer bound by hand): the kernels group it themselves."""
         segs = SEGMENTS[self._plan[4]]
-        if segs is not None and segs.shape[0] != 2 * (a.shape[0] + 1) + route.shape[0]:
-            return None
-        return segs
+        return segs if segs is not None and routed_kernel.segments_fit(segs, a.shape[0], route.shape[0]) else None
 
     def widenable(self, max_rank: int, dtype: torch.dtype) -> bool:
         """An exact ``nn.Linear`` whose weight is a plain contiguous tensor of the buffers'
