@@ -41,6 +41,7 @@ import torch
 
 from lorahot.layers.base import EXTRA_DEFAULTS, EXTRA_ROWS, LayerSpec
 from lorahot.layers.tensor_handles import TensorHandle
+from lorahot.runtime.staging import Staging
 
 __all__ = ["Arena", "Pack", "Rows", "BufferManager", "Entry", "Extra"]
 
@@ -191,8 +192,7 @@ class Arena:
         #: devices keep the batched copy of the pieces they were tested with.
         self.by_rows = device.type == "cuda"
         #: on CUDA, the pinned host copy the per-row scales travel through (see :meth:`_upload_scales`)
-        self._s_stage: torch.Tensor | None = None
-        self._s_sent: torch.cuda.Event | None = None
+        self._s_stage: Staging | None = None
         with torch.inference_mode(False):
             self._region = [(self.A[r], self.B[r], self.S[r]) for r in range(regions)]  # flat views per region
             self._e_region = [self.E[r] for r in range(regions)]
@@ -511,26 +511,18 @@ class Arena:
             self._upload_scales(region, scales)
 
     def _upload_scales(self, region: int, scales: torch.Tensor) -> None:
-        """``S[region] = scales`` from the host. On CUDA through a pinned staging copy in the
-        scales' dtype, so the upload is queued without waiting for the device: a copy from
-        pageable memory returns only once the stream has reached it, which made every
-        ``set_scale`` wait for the work queued before it. The staging copy is reused once the
-        previous upload from it has been carried out (an event, normally long past)."""
+        """``S[region] = scales`` from the host; on CUDA through a pinned staging copy in the
+        scales' dtype, queued without waiting for the device (:class:`Staging`)."""
         if not self.S.is_cuda:
             self.S[region].copy_(scales)
             return
         if self._s_stage is None:
-            with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode
-                self._s_stage = torch.empty(self.S.shape[1:], dtype=self.S.dtype).pin_memory()
-        elif self._s_sent is not None:
-            self._s_sent.synchronize()
+            self._s_stage = Staging(self.S[region].numel(), self.S.dtype, self.S.device)
+        stage = self._s_stage.acquire().view(self.S.shape[1:])
         # float64 -> the scales' dtype, rounded to nearest as torch rounds; in NumPy, one thread
         # (see Stack.scales: torch would split a copy of a large model's scales across threads)
-        np.copyto(self._s_stage.numpy(), scales.detach().cpu().numpy(), casting="same_kind")
-        self.S[region].copy_(self._s_stage, non_blocking=True)  # on the current stream of S's device
-        if self._s_sent is None:  # one event, recorded again after each upload
-            self._s_sent = torch.cuda.Event()
-        self._s_sent.record(torch.cuda.current_stream(self.S.device))
+        np.copyto(stage.numpy(), scales.detach().cpu().numpy(), casting="same_kind")
+        self._s_stage.send([(self.S[region], stage)])
 
     def copy_region(self, src: int, dst: int) -> None:
         """Makes ``dst`` an exact copy of ``src``: one device copy per buffer."""

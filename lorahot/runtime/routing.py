@@ -31,6 +31,7 @@ from lorahot.errors import UsageError, format_problems
 from lorahot.kernels.routed_lora import segments
 from lorahot.layers.tensor_handles import ROUTES, SEGMENTS
 from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.staging import Staging
 
 __all__ = ["Routing", "check_routing"]
 
@@ -133,31 +134,34 @@ class Routing:
     def __init__(self, buffers: BufferManager) -> None:
         self._arenas = buffers.arenas
         self._slots = buffers.slots
-        #: (arena, length) -> its routing tensor and that routing grouped by slot
-        self._tensors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        #: (arena, length) -> its routing tensor, that routing grouped by slot, and the host
+        #: buffer both travel through
+        self._tensors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, Staging]] = {}
         #: The routing in force (one slot per row, or per token with ``lengths``), or None.
         self.rows: tuple[int, ...] | None = None
 
     def set(self, route: torch.Tensor) -> None:
         """Publishes ``route`` (host int64 ``[L]``, checked) and its segments (the entries
         grouped by slot, sorted here once on the host): written in place into each arena's
-        tensors of that length (allocated on first use)."""
+        tensors of that length (allocated on first use), uploaded without waiting for the
+        device (:class:`~lorahot.runtime.staging.Staging`)."""
         length = route.shape[0]
         grouped = segments(route, self._slots)
-        with torch.no_grad():
-            for i, arena in enumerate(self._arenas):
-                found = self._tensors.get((i, length))
-                if found is None:
-                    with torch.inference_mode(False):
-                        found = (
-                            torch.empty(length, dtype=torch.int64, device=arena.device),
-                            torch.empty(grouped.shape[0], dtype=torch.int64, device=arena.device),
-                        )
-                    self._tensors[(i, length)] = found
-                target, segs = found
-                target.copy_(route)
-                segs.copy_(grouped)
-                ROUTES[arena.handle.key], SEGMENTS[arena.handle.key] = target, segs
+        for i, arena in enumerate(self._arenas):
+            found = self._tensors.get((i, length))
+            if found is None:
+                with torch.inference_mode(False):
+                    found = (
+                        torch.empty(length, dtype=torch.int64, device=arena.device),
+                        torch.empty(grouped.shape[0], dtype=torch.int64, device=arena.device),
+                        Staging(length + grouped.shape[0], torch.int64, arena.device),
+                    )
+                self._tensors[(i, length)] = found
+            target, segs, staging = found
+            host = staging.acquire().numpy()
+            host[:length], host[length:] = route.numpy(), grouped.numpy()
+            staging.send([(target, staging.buffer[:length]), (segs, staging.buffer[length:])])
+            ROUTES[arena.handle.key], SEGMENTS[arena.handle.key] = target, segs
         self.rows = tuple(route.tolist())
 
     def clear(self) -> None:
