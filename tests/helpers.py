@@ -344,6 +344,50 @@ class ScaledEmbedding(nn.Embedding):
         return super().forward(ids) * (scale.to(self.weight.dtype) if isinstance(scale, torch.Tensor) else scale)
 
 
+#: The tiny decoder shape the transformers parity tests build (Llama, and others of its kind).
+TINY_DECODER = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32,
+}
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    """transformers' ``LlamaForCausalLM`` of the :data:`TINY_DECODER` shape, seeded, in eval
+    mode. Imports transformers."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model: nn.Module = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER)).eval()
+    return model
+
+
+def tiny_clip(with_projection: bool = False) -> nn.Module:
+    """A two-layer transformers CLIP text encoder (width 32, vocabulary 64; with a 16-wide
+    projection when ``with_projection``, as SDXL's second encoder), in eval mode, not seeded.
+    Imports transformers."""
+    import transformers
+
+    config = transformers.CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=16,
+    )
+    cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
+    model: nn.Module = cls(config).eval()
+    return model
+
+
 def tiny_unet(seed: int = 0, cross_attention_dim: int = 16, layers_per_block: int = 1) -> nn.Module:
     """A diffusers ``UNet2DConditionModel`` small enough for the CPU (one cross-attention down
     block and one up block, 16/32 channels), seeded, in eval mode. Imports diffusers."""

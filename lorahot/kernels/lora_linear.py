@@ -18,27 +18,21 @@ plain library-call formula, which is also the reference the kernel is tested aga
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from torch import nn
+
+from lorahot.kernels.triton_import import triton_module
 
 __all__ = ["available", "supports", "worth_it", "lora_linear"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-@functools.cache
 def _kernel() -> Any:
     """The Triton module, or None where Triton (or CUDA) is missing."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from lorahot.kernels import triton_lora_linear
-    except Exception:  # no Triton, or a Triton this torch cannot use
-        return None
-    return triton_lora_linear
+    return triton_module("triton_lora_linear")
 
 
 def available() -> bool:

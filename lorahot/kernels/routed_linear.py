@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from lorahot.kernels import lora_linear as fused
 from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.routed_lora import check_segments, reference, segments, token_route
+from lorahot.kernels.triton_import import triton_module
 
 __all__ = ["routed_lora_linear"]
 
@@ -39,7 +39,7 @@ def _routed_lora_linear(
 ) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     n = weight.shape[0]
-    kernel = fused._kernel() if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
+    kernel = triton_module("triton_lora_linear") if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
     if kernel is None or x2.shape[0] == 0:
         y = torch.nn.functional.linear(x2, weight, bias)
         return reference(x2, y, a, bt, s, token_route(route, x2.shape[0])).view(*x.shape[:-1], n)

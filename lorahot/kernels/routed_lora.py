@@ -25,12 +25,12 @@ gives each of ``L`` equal consecutive groups of them its slot (one per sequence,
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from lorahot.kernels.device_guard import launching_on
+from lorahot.kernels.triton_import import triton_module
 
 __all__ = [
     "GATHER_ROWS",
@@ -49,16 +49,9 @@ __all__ = [
 GATHER_ROWS = 8
 
 
-@functools.cache
 def _kernel() -> Any:
     """The Triton module, or None where Triton (or CUDA) is missing."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from lorahot.kernels import triton_routed_lora
-    except Exception:  # no Triton, or a Triton this torch cannot use
-        return None
-    return triton_routed_lora
+    return triton_module("triton_routed_lora")
 
 
 def available() -> bool:

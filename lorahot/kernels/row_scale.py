@@ -13,26 +13,20 @@ library-call path.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
+
+from lorahot.kernels.triton_import import triton_module
 
 __all__ = ["available", "RowScaler"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.cache
 def _kernel() -> Any:
     """The Triton module, or None where Triton (or CUDA) is missing."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from lorahot.kernels import triton_row_scale
-    except Exception:  # no Triton, or a Triton this torch cannot use
-        return None
-    return triton_row_scale
+    return triton_module("triton_row_scale")
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:

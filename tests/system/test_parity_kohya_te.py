@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import lorahot
+from tests.helpers import tiny_clip
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -29,19 +30,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 def _clip(with_projection: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=64,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        projection_dim=16,
-    )
-    cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
-    return cls(config).eval()
+    return tiny_clip(with_projection)
 
 
 def _kohya_file(model: nn.Module, component: str, rank: int = 4) -> dict[str, torch.Tensor]:

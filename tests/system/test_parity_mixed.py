@@ -11,20 +11,11 @@ import pytest
 import torch
 
 import lorahot
-from tests.helpers import ConvEmbed
+from tests.helpers import ConvEmbed, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-TINY = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 32,
-}
 
 #: Three adapters: different ranks, targets (attention only, everything, MLP and embedding) and alphas.
 ADAPTERS = {
@@ -40,11 +31,6 @@ ADAPTERS = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
 
 
-def _llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
-
-
 def _save(base: torch.nn.Module, path: Path, seed: int, **config) -> Path:
     torch.manual_seed(seed)
     model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **config))
@@ -57,7 +43,7 @@ def _save(base: torch.nn.Module, path: Path, seed: int, **config) -> Path:
 
 
 def test_mixed_batch_matches_peft_adapter_names_per_row(tmp_path: Path) -> None:
-    base = _llama()
+    base = tiny_llama()
     paths = {name: _save(base, tmp_path / name, seed, **cfg) for seed, (name, cfg) in enumerate(ADAPTERS.items())}
     oracle = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths["a"], adapter_name="a").eval()
     for name in ("b", "c"):

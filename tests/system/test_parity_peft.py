@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lorahot
-from tests.helpers import ConvEmbed
+from tests.helpers import TINY_DECODER, ConvEmbed, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -36,23 +36,6 @@ def _peft_adapter(base: torch.nn.Module, path: Path, seed: int, **config) -> tor
 
 def _fresh_peft(base: torch.nn.Module, path: Path) -> torch.nn.Module:
     return peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
-
-
-#: The tiny decoder shape every transformers model here is built with.
-TINY = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 32,
-}
-
-
-def _llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
 
 
 def _gpt2() -> torch.nn.Module:
@@ -87,7 +70,7 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 CASES = {
     "llama_patterns": (
-        _llama,
+        tiny_llama,
         _logits,
         {
             "r": 4,
@@ -98,7 +81,7 @@ CASES = {
         },
     ),
     "llama_rslora": (
-        _llama,
+        tiny_llama,
         _logits,
         {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_TARGETS, "use_rslora": True, "rank_pattern": {"o_proj": 6}},
     ),
@@ -136,7 +119,7 @@ def test_peft_saved_adapter_matches_peft(tmp_path: Path, case: str) -> None:
 
 
 def test_rank_pattern_adapter_after_another_matches_fresh_peft(tmp_path: Path) -> None:
-    base = _llama()
+    base = tiny_llama()
     _peft_adapter(base, tmp_path / "uniform", seed=4, r=8, lora_alpha=32, target_modules=LLAMA_TARGETS)
     _peft_adapter(base, tmp_path / "pattern", seed=5, **CASES["llama_patterns"][2])
     model = copy.deepcopy(base)
@@ -148,7 +131,7 @@ def test_rank_pattern_adapter_after_another_matches_fresh_peft(tmp_path: Path) -
 
 def test_fused_qkv_matches_separate_projections(tmp_path: Path) -> None:
     """A q/k/v (and gate/up) adapter loads into a model whose projections are fused."""
-    base = _llama()
+    base = tiny_llama()
     config = {
         "r": 4,
         "lora_alpha": 8,
@@ -170,7 +153,7 @@ def test_fused_qkv_matches_separate_projections(tmp_path: Path) -> None:
 
 
 def test_fused_part_missing_needs_its_size(tmp_path: Path) -> None:
-    base = _llama()
+    base = tiny_llama()
     oracle = _peft_adapter(base, tmp_path, seed=7, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     fused = _fuse_llama(copy.deepcopy(base))
     runtime = lorahot.inject(fused, ["qkv_proj"], max_rank=8)
@@ -234,7 +217,7 @@ GEMMAS = {
 def _gemma(kind: str, tie: bool = True) -> torch.nn.Module:
     config_cls, model_cls = (getattr(transformers, n) for n in GEMMAS[kind])
     torch.manual_seed(0)
-    return model_cls(config_cls(**TINY, head_dim=8, tie_word_embeddings=tie)).eval()
+    return model_cls(config_cls(**TINY_DECODER, head_dim=8, tie_word_embeddings=tie)).eval()
 
 
 @pytest.mark.parametrize("kind", list(GEMMAS))
@@ -282,7 +265,7 @@ def test_saved_copy_of_the_embedding_weight_loads_when_it_is_the_models(tmp_path
     gives PEFT's outputs, in plain and merged mode."""
     from safetensors.torch import load_file
 
-    base = _llama()
+    base = tiny_llama()
     oracle = _peft_adapter(base, tmp_path, seed=4, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert "base_model.model.model.embed_tokens.base_layer.weight" in saved  # what PEFT writes by default
@@ -310,7 +293,7 @@ def test_saved_copy_of_the_embedding_weight_loads_when_it_is_the_models(tmp_path
 def test_saved_copy_of_another_embedding_weight_is_refused(tmp_path: Path, edit, message: str) -> None:
     from safetensors.torch import load_file, save_file
 
-    base = _llama()
+    base = tiny_llama()
     _peft_adapter(base, tmp_path, seed=4, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
     path = tmp_path / "adapter_model.safetensors"
     tensors = load_file(path)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import lorahot
-from tests.helpers import tiny_unet
+from tests.helpers import tiny_clip, tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -30,19 +30,7 @@ RANK = 4
 
 def _pipeline() -> diffusers.StableDiffusionXLPipeline:
     unet = tiny_unet(cross_attention_dim=32)
-    config = transformers.CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=64,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        projection_dim=16,
-    )
-    te = transformers.CLIPTextModel(config).eval()
-    te2 = transformers.CLIPTextModelWithProjection(config).eval()
+    te, te2 = tiny_clip(), tiny_clip(with_projection=True)  # drawn in this order after the unet's seed
     return diffusers.StableDiffusionXLPipeline(
         vae=None, text_encoder=te, text_encoder_2=te2, tokenizer=None, tokenizer_2=None, unet=unet, scheduler=None
     )

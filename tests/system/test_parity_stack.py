@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorahot
-from tests.helpers import tiny_unet
+from tests.helpers import tiny_llama, tiny_unet
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -49,15 +49,6 @@ def _weigh(model: torch.nn.Module, weights: dict[str, float]) -> None:
 
 # -- PEFT, tiny Llama ------------------------------------------------------------------------
 
-LLAMA = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 32,
-}
 #: a: attention and MLP, rank and alpha patterns; b: attention only (q, v, o), rsLoRA, another rank
 CONFIG_A = {
     "r": 4,
@@ -67,11 +58,6 @@ CONFIG_A = {
     "alpha_pattern": {"v_proj": 3.0, "up_proj": 20},
 }
 CONFIG_B = {"r": 2, "lora_alpha": 5, "target_modules": ["q_proj", "v_proj", "o_proj"], "use_rslora": True}
-
-
-def _llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
 
 
 def _saved(base: torch.nn.Module, path: Path, seed: int, config: dict) -> Path:
@@ -92,7 +78,7 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def test_stack_matches_peft_multiple_active_adapters(tmp_path: Path) -> None:
-    base = _llama()
+    base = tiny_llama()
     a, b = _saved(base, tmp_path / "a", 3, CONFIG_A), _saved(base, tmp_path / "b", 4, CONFIG_B)
     oracle = peft.PeftModel.from_pretrained(copy.deepcopy(base), a, adapter_name="a").eval()
     oracle.load_adapter(b, adapter_name="b")

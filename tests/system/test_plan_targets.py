@@ -19,27 +19,12 @@ from torch import nn
 import lorahot
 import lorahot.io.tensorfile as tensorfile
 from lorahot.io.safety import check_safetensors
-from tests.helpers import tiny_unet
+from tests.helpers import TINY_DECODER, tiny_llama, tiny_unet
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya  # noqa: E402 - after the importorskip
-
-TINY = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 32,
-}
-
-
-def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
 
 
 def _peft_adapter(base: nn.Module, path: Path, seed: int, **config) -> nn.Module:
@@ -54,7 +39,7 @@ def _peft_adapter(base: nn.Module, path: Path, seed: int, **config) -> nn.Module
 
 
 def _logits(model: nn.Module) -> torch.Tensor:
-    ids = torch.randint(0, TINY["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, TINY_DECODER["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return model(input_ids=ids).logits
 
@@ -68,7 +53,7 @@ def two_llama_adapters(tmp_path_factory):
     """A tiny Llama and two PEFT adapters on disjoint modules with different ranks (one with a
     rank_pattern), with PEFT's models as oracles."""
     root = tmp_path_factory.mktemp("union")
-    base = _llama()
+    base = tiny_llama()
     a = _peft_adapter(
         base, root / "a", 1, r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"layers.1.self_attn.v_proj": 12}
     )
