@@ -10,9 +10,9 @@ CUDA graph over 22 weight sets (weights stream from HBM as in the model), in us 
   layer, now once per routing;
 - ``segmented`` / ``gather``: ``launch`` with routes over 1 and 8 distinct slots (on top of
   the base GEMM);
-- ``fused``: the fused kernel over tiles grouped by slot (``lorahot::routed_lora_linear``'s
-  kernel), base product included, routes over 1 and 8 slots, segments given as the runtime
-  gives them.
+- ``fused``: ``lorahot::routed_lora_linear``'s kernels (the segmented shrink, then the fused
+  kernel with the base product and each slot's expand), routes over 1 and 8 slots, segments
+  given as the runtime gives them.
 
     PYTHONPATH=. python3 -m benchmarks.experiments.routed_probe
 """
@@ -34,6 +34,7 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(
         f"{'shape':8s} {'base':>7s} {'lora':>7s} {'segments':>9s} {'seg d1':>7s} {'seg d8':>7s} {'gat d1':>7s} {'gat d8':>7s}"
+        f" {'fus d1':>7s} {'fus d8':>7s}"
     )
     for name, (k, n) in SHAPES.items():
         w = [torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
@@ -63,11 +64,11 @@ def main() -> None:
             for yi, ai, bi in zip(y, a, bt):
                 T.launch(x, yi, ai, bi, s, routes[d], out, gather=gather, segs=grouped[d])
 
-        config = F.config_for(M, n, k, routed=True)
+        config = F.config_for(M, n, k)
 
         def fused(d: int) -> None:
             for wi, ai, bi in zip(w, a, bt):
-                F.launch(x, wi, None, ai, bi, s, out, config, routing=(grouped[d], 1))
+                F.launch(x, wi, None, ai, bi, s, out, config, routing=(grouped[d], routes[d], 1))
 
         row = [graph_us(f, SETS) for f in (base, lora, segs)]
         row += [graph_us(lambda d=d, g=g: routed(d, g), SETS) for g in (False, True) for d in (1, 8)]

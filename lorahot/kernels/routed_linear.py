@@ -1,14 +1,22 @@
-"""The routed fused linear: the base product and each row's own slot's LoRA in one kernel.
+"""The routed fused linear: the base product and each row's own slot's LoRA, the base weight read once.
 
 ``routed_lora_linear(x, weight, bias, a, bt, s, route, segs)`` computes, row by row,
 ``x @ weight.T + bias + ((x @ A_k.T) * s_k) @ Bt_k`` with ``k`` the row's slot (``-1``: the
 base product alone), for the slot views of a layer's arena (``a [slots, R, in]``,
-``bt [slots, R, out]``, ``s [slots, R]``). It is the fused kernel of
-:mod:`lorahot.kernels.lora_linear` run over tiles of rows grouped by slot (the routing's
-segments, :func:`lorahot.kernels.routed_lora.segments`, computed once per routing): each
-program reads its tile's slot's A and B, so the routed decode costs what the single-adapter
-decode costs, one kernel per layer (two where K is split), instead of the base GEMM plus the
-routed shrink and expand (:mod:`lorahot.kernels.routed_lora`), which serve larger inputs.
+``bt [slots, R, out]``, ``s [slots, R]``). The segmented shrink
+(:func:`lorahot.kernels.triton_routed_lora.shrink`) first writes every row's scaled shrink
+with its own slot's A (a slot's A read once per tile of its rows); then the fused kernel of
+:mod:`lorahot.kernels.lora_linear` tiles the rows as it does for one adapter, so the base
+weight is read once for the whole batch, and adds for each slot its tile's rows use the expand
+with that slot's B (the slots shared among the programs of a split K). Two or three launches
+per layer, where the base GEMM plus the routed shrink and expand
+(:mod:`lorahot.kernels.routed_lora`), which serve larger inputs, take three or four.
+
+An earlier version grouped the rows by slot into 16-row tiles inside the fused kernel: each
+slot's tiles read the whole base weight again and gave up the split K, and at 64 decode rows
+on an H200 it cost 17.6 / 7.0 / 32.9 / 40.9 us per q-o / k-v / gate-up / down call, with one
+adapter, against 6.4 / 5.2 / 9.7 / 12.0 for the base GEMM alone
+(``benchmarks/experiments/routed_probe.py``).
 
 The custom op ``lorahot::routed_lora_linear`` is opaque to the compiler and shape-stable for
 CUDA graphs. Where the fused kernel does not run (no CUDA or Triton, other dtypes) it computes
@@ -47,8 +55,8 @@ def _routed_lora_linear(
     out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
     grouped = segments(route, a.shape[0]) if segs is None else segs
     with launching_on(x.device):
-        config = kernel.config_for(x2.shape[0], n, x2.shape[1], routed=True)
-        kernel.launch(x2, weight, bias, a, bt, s, out, config, routing=(grouped, x2.shape[0] // route.shape[0]))
+        config = kernel.config_for(x2.shape[0], n, x2.shape[1])
+        kernel.launch(x2, weight, bias, a, bt, s, out, config, routing=(grouped, route, x2.shape[0] // route.shape[0]))
     return out.view(*x.shape[:-1], n)
 
 

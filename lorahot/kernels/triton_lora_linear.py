@@ -16,6 +16,11 @@ product and of the expand (the shrink and its scaling are linear in K, so partia
 expand to partial outputs), and stores a float32 partial; :func:`_split_k_sum` adds the
 partials and rounds once. That is two launches for such layers, as cuBLAS itself does for them.
 
+Routed (``ROUTED``, :mod:`lorahot.kernels.routed_linear`): each row has its own slot. The K loop
+then computes the base product alone; the rows' scaled shrinks come from a workspace ``H`` the
+segmented shrink wrote, and the epilogue adds, for each slot the tile's rows use, the expand
+``where(row in slot, H, 0) @ Bt_slot``, the slots dealt round the programs of a split K.
+
 The op is a plain custom op, opaque to the compiler, not a ``triton_op``: the compiler works
 out which arguments a visible Triton kernel writes by compiling it to TTIR and walking it,
 tens of milliseconds each time, at several stages and at every call site (pytorch#193227).
@@ -31,39 +36,28 @@ import triton
 import triton.language as tl
 
 from lorahot.kernels.device_guard import launching_on
-from lorahot.kernels.triton_routed_lora import _segment_rows
+from lorahot.kernels.triton_routed_lora import shrink
 
 __all__ = ["lora_linear", "launch", "config_for"]
 
 
 @triton.jit
 def _lora_linear_kernel(
-    X, W, A, BT, BIAS, S, Y, WS, SEG,
+    X, W, A, BT, BIAS, S, Y, WS, H, ROUTE,
     M, N, K, R, K_CHUNK, SLOTS, T,
-    stride_xm, stride_wn, stride_am, stride_bm, stride_ym, stride_as, stride_bs, stride_ss,
+    stride_xm, stride_wn, stride_am, stride_bm, stride_ym, stride_bs, stride_hm,
     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUTED: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, R_PAD)
+    m_ok = rm < M
     n_ok = rn < N
     r_ok = rr < R
-    if ROUTED:  # a tile of rows that share a slot (the routing's segments), that slot's A, B, scales
-        pid_s = tl.program_id(2) % SPLIT
-        slot = tl.program_id(2) // SPLIT
-        rm, m_ok, past = _segment_rows(SEG, slot, pid_m, SLOTS, T, BLOCK_M)
-        if past:
-            return
-        r_ok = r_ok & (slot < SLOTS)  # the rows of no slot: the base product alone
-        A += slot.to(tl.int64) * stride_as
-        BT += slot.to(tl.int64) * stride_bs
-        S += slot.to(tl.int64) * stride_ss
-    else:
-        pid_s = tl.program_id(2)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = rm < M
     k0 = pid_s * K_CHUNK
     rk = k0 + tl.arange(0, BLOCK_K)
     x_ptr = X + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
@@ -75,16 +69,30 @@ def _lora_linear_kernel(
         k_ok = rk < tl.minimum(K, k0 + K_CHUNK) - k * BLOCK_K
         x = tl.load(x_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        a = tl.load(a_ptr, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(x, w, acc)
-        hacc = tl.dot(x, a, hacc)
+        if not ROUTED:  # one adapter: its shrink from the same loads of x
+            a = tl.load(a_ptr, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            hacc = tl.dot(x, a, hacc)
         x_ptr += BLOCK_K
         w_ptr += BLOCK_K
         a_ptr += BLOCK_K
-    s = tl.load(S + rr, mask=r_ok, other=0.0).to(tl.float32)  # [R_PAD]: the scale of each row of A
-    h = (hacc * s[None, :]).to(BT.dtype.element_ty)
-    bt = tl.load(BT + rr[:, None] * stride_bm + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-    acc = tl.dot(h, bt, acc)
+    if ROUTED:  # each row's scaled shrink is in H; each slot of the tile's rows adds its expand
+        slot_of = tl.load(ROUTE + rm // T, mask=m_ok, other=-1)
+        h_ptr = H + rm[:, None].to(tl.int64) * stride_hm + rr[None, :]
+        h = tl.load(h_ptr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        for slot in range(0, SLOTS):
+            if slot % SPLIT == pid_s:  # the split programs share the slots' expands
+                hit = slot_of == slot
+                if tl.max(hit.to(tl.int32), axis=0) > 0:
+                    hs = tl.where(hit[:, None], h, 0.0).to(BT.dtype.element_ty)
+                    bt_ptr = BT + tl.cast(slot, tl.int64) * stride_bs + rr[:, None] * stride_bm + rn[None, :]
+                    bt = tl.load(bt_ptr, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                    acc = tl.dot(hs, bt, acc)
+    else:
+        s = tl.load(S + rr, mask=r_ok, other=0.0).to(tl.float32)  # [R_PAD]: the scale of each row of A
+        h = (hacc * s[None, :]).to(BT.dtype.element_ty)
+        bt = tl.load(BT + rr[:, None] * stride_bm + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(h, bt, acc)
     if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
         if pid_s == 0:
             acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -113,10 +121,8 @@ def _split_k_sum(WS, Y, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexp
 Config = tuple[int, int, int, int, int, int]
 
 
-def config_for(m: int, n: int, k: int, *, routed: bool = False) -> Config:
-    """The tile configuration for ``m`` rows, ``n`` outputs and ``k`` inputs (``routed``: over
-    tiles of rows grouped by slot, which take 16 rows whatever ``m``: with the rows spread over
-    several slots, a 64-row tile would be mostly empty; not yet measured).
+def config_for(m: int, n: int, k: int) -> Config:
+    """The tile configuration for ``m`` rows, ``n`` outputs and ``k`` inputs.
 
     Measured on an H100 (132 SMs) over the Llama projection shapes
     (``benchmarks/experiments/forward_probe.py``, each call alone in a CUDA graph): a layer with
@@ -125,7 +131,7 @@ def config_for(m: int, n: int, k: int, *, routed: bool = False) -> Config:
     at 128 rows the kernel runs 11.2 / 5.9 / 19.9 / 21.5 us for q-o / k-v / gate-up / down, where
     cuBLAS base + shrink + expand takes 15.7 / 13.6 / 21.1 / 24.1 us.
     """
-    small = m <= 16 or routed
+    small = m <= 16
     bm = 16 if small else 64
     bn = 32 if n <= 512 else 64
     tiles = -(-m // bm) * -(-n // bn)
@@ -146,14 +152,19 @@ def launch(
     scale: torch.Tensor,
     out: torch.Tensor,
     config: Config,
-    routing: tuple[torch.Tensor, int] | None = None,
+    routing: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> None:
     """Runs the kernel on 2-D ``x [M, K]`` into ``out [M, N]`` (rows contiguous), with
     ``scale [R]`` contiguous, one per row of ``a``.
 
-    With ``routing = (segs, rows per entry)`` each row computes with its own slot (see
+    With ``routing = (segs, route, rows per entry)`` each row computes with its own slot (``route``
+    int64, ``-1`` for none; ``segs`` its grouping by slot, see
     :func:`lorahot.kernels.routed_lora.segments`): ``a [slots, R, K]``, ``bt [slots, R, N]`` and
-    ``scale [slots, R]`` are every slot's, and each program's tile holds rows of one slot."""
+    ``scale [slots, R]`` are every slot's. The segmented shrink
+    (:func:`lorahot.kernels.triton_routed_lora.shrink`) first writes each row's scaled shrink to
+    a float32 workspace, which costs two more launches (a zero fill where its K is split); this
+    kernel then tiles the rows as for one adapter (the base product read once for the whole
+    batch) and adds, for each slot its tile's rows use, the expand with that slot's B."""
     m, k = x.shape
     n = weight.shape[0]
     r = a.shape[-2]
@@ -161,14 +172,17 @@ def launch(
     chunk = triton.cdiv(triton.cdiv(k, bk), split) * bk
     split = triton.cdiv(k, chunk)  # no empty chunks
     ws = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-    slots = a.shape[0] if routing is not None else 0
-    segs, t = routing if routing is not None else (x, 1)  # unused placeholders without routing
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split * (slots + 1 if routing is not None else 1))
+    if routing is not None:
+        segs, route, t = routing
+        slots = a.shape[0]
+        h = shrink(x, a, scale, segs, t)
+    else:
+        route, t, slots, h = x, 1, 0, x  # unused placeholders without routing
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     _lora_linear_kernel[grid](
-        x, weight, a, bt, bias if bias is not None else weight, scale, out, ws, segs,
+        x, weight, a, bt, bias if bias is not None else weight, scale, out, ws, h, route,
         m, n, k, r, chunk, slots, t,
-        x.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), out.stride(0),
-        a.stride(0), bt.stride(0), scale.stride(0),
+        x.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), out.stride(0), bt.stride(0), h.stride(0),
         HAS_BIAS=bias is not None, R_PAD=max(16, triton.next_power_of_2(r)), SPLIT=split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ROUTED=routing is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from lorahot.kernels.routed_lora import segments, token_route
 
-__all__ = ["launch"]
+__all__ = ["launch", "shrink"]
 
 
 @triton.jit
@@ -195,6 +195,24 @@ def launch(
         return
     if segs is None:
         segs = segments(route, slots)
+    h = shrink(x, a, s, segs, t)
+    block_m = 16 if m <= 256 else 64
+    tiles = triton.cdiv(m, block_m)
+    block_n = 64 if n <= 1024 else 128
+    _segment_expand[(tiles, triton.cdiv(n, block_n), slots + 1)](
+        y, h, bt, segs, out, n, r, slots, t,
+        y.stride(0), h.stride(0), bt.stride(0), bt.stride(1), out.stride(0),
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+
+
+def shrink(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, segs: torch.Tensor, t: int) -> torch.Tensor:
+    """Each row's scaled shrink with its own slot's A, ``H[m] = s_k * (x[m] @ A_k.T)``, float32
+    ``[M, R_PAD]`` (the segmented shrink; rows of no slot are left unset). ``segs`` is the
+    routing grouped by slot, ``t`` the rows per routing entry."""
+    m, k = x.shape
+    slots, r = a.shape[0], a.shape[1]
+    r_pad = max(16, triton.next_power_of_2(r))
     block_m, block_k = (16 if m <= 256 else 64), 64
     tiles = triton.cdiv(m, block_m)
     splits = _splits(k, tiles, block_k)
@@ -204,12 +222,7 @@ def launch(
         x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(0),
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, SPLITS=splits, num_warps=4,
     )  # fmt: skip
-    block_n = 64 if n <= 1024 else 128
-    _segment_expand[(tiles, triton.cdiv(n, block_n), slots + 1)](
-        y, h, bt, segs, out, n, r, slots, t,
-        y.stride(0), h.stride(0), bt.stride(0), bt.stride(1), out.stride(0),
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-    )  # fmt: skip
+    return h
 
 
 def _splits(k: int, tiles: int, block_k: int) -> int:

@@ -107,8 +107,9 @@ class LoRALinear(LoRALayer):
     def routed_fused(
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor
     ) -> torch.Tensor | None:
-        """The fused kernel over tiles of rows grouped by slot (:mod:`lorahot.kernels.routed_linear`)
-        where the fused kernel pays for this many rows (as in whole-batch mode), else None."""
+        """The routed fused linear (:mod:`lorahot.kernels.routed_linear`: the segmented shrink,
+        then base and each slot's expand in one kernel) where the fused kernel pays for this
+        many rows (as in whole-batch mode), else None."""
         if not (self._plan[1] and self.can_fuse(x, a)):
             return None
         base = self._base

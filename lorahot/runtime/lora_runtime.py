@@ -45,6 +45,7 @@ from lorahot.runtime.info import AdapterInfo, PartInfo
 from lorahot.runtime.merge import Merger
 from lorahot.runtime.plan import Checked, LoadPlan, check_multiplier, pack_host, restage, validate
 from lorahot.runtime.routing import Routing, check_routing
+from lorahot.runtime.scale_replay import ScaleReplay
 from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.stack import Stack, build
 from lorahot.runtime.targets import unwrap_modules
@@ -103,6 +104,7 @@ class LoraRuntime:
         if fused and not merged:
             widen_layers(layers, buffers)
         self._wide = WideWeights(layers, buffers)
+        self._replay = ScaleReplay(buffers, self._wide)
         self._routing = Routing(buffers)
         self._arena_names = [[""] * len(a.specs) for a in buffers.arenas]  # for messages
         for name, (arena, index) in buffers.where.items():
@@ -560,9 +562,12 @@ class LoraRuntime:
         """
         s, stack, _, weights = self._agreed(lambda: self._check_set_scale(value, slot), "set_scale")
         live = s == self._active
-        self.buffers.set_scales(s, stack.scales(weights), live=live)
-        self._refresh_dora(s, stack.dora, live)
+        scales = stack.scales(weights)
         self._weights[s] = weights  # info(s) reports them from here
+        if self._merger is None and self._replay(s, live, stack, scales):
+            return  # on CUDA: the upload, live copy and wide refresh in one graph replay
+        self.buffers.set_scales(s, scales, live=live)
+        self._refresh_dora(s, stack.dora, live)
         self._remerge(s)
 
     def _check_set_scale(

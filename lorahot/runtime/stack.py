@@ -11,8 +11,10 @@ the layer's ``B diag(s) A`` (see :mod:`lorahot.layers.base`) is
 the same compiled graph as one adapter. One adapter is a stack of one part.
 
 Re-weighting (``set_scale([...])``) computes the per-row scales on the host,
-``s = sum_p w_p * rows_p`` over :attr:`Stack.rows` ``[parts, n_layers, R]`` (tensor operations,
-no per-layer Python), and writes them with one copy per arena: no A or B is copied.
+``s = sum_p w_p * rows_p`` over :attr:`Stack.rows` ``[parts, n_layers, R]`` (as one gather and
+one multiply, :attr:`Stack.owners`; no per-layer Python), and writes them with one copy per
+arena: no A or B is copied. On CUDA the copy and what follows from it run as one CUDA graph
+replay (:mod:`lorahot.runtime.scale_replay`).
 
 What a stack refuses, before anything is written (:func:`check_parts`): a layer whose parts'
 ranks add up past ``max_rank``; DoRA on a layer another part also touches (PEFT computes one
@@ -28,6 +30,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lorahot.adapter import LoraModule, WeightModule
@@ -76,18 +79,24 @@ class Stack:
 
     def scales(self, weights: Sequence[float]) -> list[torch.Tensor]:
         """Per arena, float64 ``[n_layers, R]`` on the host: each row's scale for the parts'
-        ``weights`` (one per part). Exact: a row belongs to at most one part.
+        ``weights`` (one per part), ``own * w[part]`` over :attr:`owners`. Exact: a row belongs
+        to at most one part, so this equals ``sum_p w_p * rows_p`` bit for bit.
 
         Computed with NumPy, one thread: torch splits an elementwise op over more than 32768
         elements (four parts of 154 layers at rank 64) across its CPU threads, and on a GPU
         host with busy cores that made each ``set_scale`` cost 16 ms instead of 0.04."""
+        w = np.asarray(weights, dtype=np.float64)
+        return [torch.from_numpy(own * w[part]) for own, part in self.owners]
+
+    @functools.cached_property
+    def owners(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per arena, ``(own, part)`` of every row, ``[n_layers, R]`` each: its part's
+        ``alpha / r`` (0 where no part has the row) and that part's index. Built once per
+        stack: a re-weighting then costs one gather and one multiply, whatever the parts."""
         out = []
         for rows in self.rows:
             r = rows.numpy()
-            acc = r[0] * float(weights[0])
-            for p in range(1, len(self.parts)):
-                acc += r[p] * float(weights[p])
-            out.append(torch.from_numpy(acc))
+            out.append((r.sum(axis=0), np.argmax(r != 0, axis=0)))
         return out
 
     @functools.cached_property

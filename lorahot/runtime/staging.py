@@ -38,6 +38,12 @@ class Staging:
         with torch.no_grad():
             for dst, src in copies:
                 dst.copy_(src, non_blocking=True)
+        self.record()
+
+    def record(self) -> None:
+        """Marks the buffer in use by the work queued so far on the device's current stream
+        (the copies :meth:`send` queued, or a CUDA graph replayed that reads the buffer):
+        :meth:`acquire` waits for it."""
         if self.device.type == "cuda":
             if self._sent is None:  # one event, recorded again after each upload
                 self._sent = torch.cuda.Event()

@@ -165,6 +165,28 @@ class WideWeights:
                         torch._foreach_mul_(views, (torch.tensor(weights, dtype=torch.float64)[parts] * own).tolist())
                 self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live] if stack is not None else 0
 
+    def device_calls(self) -> list[tuple[RowScaler, torch.Tensor, int]] | None:
+        """The device work :meth:`apply` does for a live adapter, where every arena's refresh is
+        one :class:`RowScaler` launch reading the live scales (CUDA with Triton): per arena with
+        rows to rewrite, ``(scaler, the live S, rows)``. None where an arena takes the
+        library-call path. After running the calls, :meth:`settle` records what they rewrote."""
+        out = []
+        for a, (indices, _, _) in enumerate(self.groups):
+            rows = max(self.extent[a], self.buffers.arenas[a].a_extent[self.buffers.live]) if indices else 0
+            if rows == 0:
+                continue
+            scaler = self._scalers[a]
+            if scaler is None:
+                return None
+            out.append((scaler, self.buffers.arenas[a].S[self.buffers.live], rows))
+        return out
+
+    def settle(self) -> None:
+        """After :meth:`device_calls` ran: the wide rows now hold the live adapter's."""
+        for a, (indices, _, _) in enumerate(self.groups):
+            if indices:
+                self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live]
+
     def _rows(self, arena: int, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The first ``rows`` rows of arena ``arena``'s wide and live A blocks (memoized)."""
         key = (arena, rows)

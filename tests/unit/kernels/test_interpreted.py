@@ -97,8 +97,8 @@ def test_fused_lora_linear_matches_float64_reference(m: int, k: int, n: int) -> 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("shape", [(1, 2048, 256, 16, 3), (40, 256, 512, 64, 4), (64, 700, 96, 20, 8)], ids=str)
 def test_routed_fused_linear_matches_float64_reference(shape: tuple[int, ...], bias: bool) -> None:
-    """Base and each row's slot's LoRA in the fused kernel over tiles grouped by slot, split over
-    K or not (``config_for`` picks), routed per row and per group of rows."""
+    """Base and each row's slot's LoRA: the segmented shrink, then the fused kernel adding each
+    slot's expand, split over K or not (``config_for`` picks), routed per row and per group of rows."""
     kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
     rows, k, n, rank, slots = shape
     x, _, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=rows)
@@ -112,8 +112,8 @@ def test_routed_fused_linear_matches_float64_reference(shape: tuple[int, ...], b
     for route in groups:
         out = torch.full((rows, n), float("nan"), dtype=torch.float16)
         t = rows // route.shape[0]
-        config = kernel.config_for(rows, n, k, routed=True)
-        kernel.launch(x, weight, b, a, bt, s, out, config, routing=(routed.segments(route, slots), t))
+        config = kernel.config_for(rows, n, k)
+        kernel.launch(x, weight, b, a, bt, s, out, config, routing=(routed.segments(route, slots), route, t))
         want = _per_row(x, base, a, bt, s, routed.token_route(route, rows))
         torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
 
@@ -141,7 +141,7 @@ def test_any_routing_of_any_shape_matches_the_per_row_reference(
     route = torch.randint(-1, slots, (rows // per_group,), generator=torch.Generator().manual_seed(seed + 1))
     segs, tokens = routed.segments(route, slots), routed.token_route(route, rows)
     out = torch.full((rows, n), float("nan"), dtype=torch.float16)
-    fused.launch(x, weight, None, a, bt, s, out, fused.config_for(rows, n, k, routed=True), routing=(segs, per_group))
+    fused.launch(x, weight, None, a, bt, s, out, fused.config_for(rows, n, k), routing=(segs, route, per_group))
     want = _per_row(x, x.double() @ weight.double().T, a, bt, s, tokens)
     torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()) + 1e-3)
     out = torch.full_like(y, float("nan"))

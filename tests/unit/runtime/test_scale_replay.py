@@ -1,0 +1,140 @@
+"""set_scale's device steps as a CUDA graph replay (lorahot.runtime.scale_replay): after every
+re-weighting, swap and activation, the scale buffers and the wide rows are bitwise those of the
+ordinary path; a capture that fails falls back to it with a warning."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+
+DIMS = (256, 512, 256)
+
+
+def _model(device: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(DIMS[0], DIMS[1]), nn.GELU(), nn.Linear(DIMS[1], DIMS[2], bias=False))
+    return model.to(device, torch.bfloat16 if device == "cuda" else torch.float32)
+
+
+def _adapter(rank: int, seed: int, alpha: float) -> lorahot.Adapter:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for n, (fin, fout) in {"0": DIMS[:2], "2": DIMS[1:]}.items():
+        tensors[f"{n}.lora_A.weight"] = torch.randn(rank, fin, generator=g) / fin**0.5
+        tensors[f"{n}.lora_B.weight"] = torch.randn(fout, rank, generator=g) / rank**0.5
+    return lorahot.read_adapter(tensors, config={"r": rank, "lora_alpha": alpha})
+
+
+def test_the_cpu_takes_the_ordinary_path() -> None:
+    runtime = lorahot.inject(_model("cpu"), ["0", "2"], max_rank=64)
+    runtime.load([_adapter(8, 1, 16.0), _adapter(16, 2, 4.0)], scale=[1.0, 1.0])
+    assert runtime._replay.device is None
+    runtime.set_scale([0.5, 2.0])
+    assert runtime.layers["0"].lora_scale[:8].unique().tolist() == [0.5 * 2.0]
+    assert runtime.layers["0"].lora_scale[8:24].unique().tolist() == [2.0 * 0.25]
+
+
+def _state(runtime: lorahot.LoraRuntime) -> list[torch.Tensor]:
+    """Every scale region and every wide layer's rows."""
+    out = [arena.S.clone() for arena in runtime.buffers.arenas]
+    out += [layer.wide_rows().clone() for layer in runtime.layers.values() if layer.wide]
+    return out
+
+
+def _same(mine: lorahot.LoraRuntime, ref: lorahot.LoraRuntime) -> None:
+    torch.cuda.synchronize()
+    for a, b in zip(_state(mine), _state(ref), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_replays_leave_what_the_ordinary_path_leaves() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    models = [_model("cuda"), _model("cuda")]
+    runtimes = [lorahot.inject(m, ["0", "2"], max_rank=64, slots=2) for m in models]
+    runtimes[1]._replay.device = None  # the reference: the ordinary path only
+    assert models[0][0].wide and runtimes[0]._replay.device is not None
+    stack = [_adapter(24, 1, 48.0), _adapter(40, 2, 10.0)]
+    x = torch.randn(8, DIMS[0], device="cuda", dtype=torch.bfloat16)
+
+    def both(step: Callable[[lorahot.LoraRuntime], None]) -> None:
+        for r in runtimes:
+            step(r)
+        _same(*runtimes)
+        with torch.no_grad():
+            assert torch.equal(models[0](x), models[1](x))
+
+    both(lambda r: r.load(stack, scale=[1.0, 1.0], slot=0))
+    both(lambda r: r.load(_adapter(8, 3, 16.0), slot=1))
+    for ws in ([0.5, -2.0], [0.0, 1.5], [3.0, 0.25], [1.0, 1.0], [-1.0, 0.5]):  # live: upload, copy, refresh
+        both(lambda r, ws=ws: r.set_scale(list(ws), slot=0))
+    for w in (0.5, 2.0, -1.0):  # a slot not live: the upload alone
+        both(lambda r, w=w: r.set_scale(w, slot=1))
+    both(lambda r: r.activate(1))
+    for w in (0.25, 4.0, 1.0):
+        both(lambda r, w=w: r.set_scale(w))
+    both(lambda r: r.load(_adapter(64, 4, 8.0), slot=1))  # more rows for the wide refresh: a new key
+    for w in (0.5, 2.0, 1.5):
+        both(lambda r, w=w: r.set_scale(w))
+    assert len(runtimes[0]._replay._graphs) >= 4  # the replays ran: one graph per key seen twice
+    assert not runtimes[1]._replay._graphs
+
+
+@pytest.mark.gpu
+def test_gpu_reweighting_a_compiled_model_replays_without_recompiling() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model, reference = _model("cuda"), _model("cuda")
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=64)
+    ordinary = lorahot.inject(reference, ["0", "2"], max_rank=64)
+    ordinary._replay.device = None
+    parts = [_adapter(24, 1, 48.0), _adapter(40, 2, 10.0)]
+    for r in (runtime, ordinary):
+        r.load(parts, scale=[1.0, 1.0])
+    x = torch.randn(8, DIMS[0], device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for ws in ([0.5, -2.0], [0.0, 1.5], [3.0, 0.25], [0.5, -2.0]):
+                runtime.set_scale(ws)
+                ordinary.set_scale(ws)
+                got, want = compiled(x).double(), reference(x).double()
+                assert float((got - want).norm() / want.norm()) < 1e-2, ws
+    assert runtime._replay._graphs
+
+
+@pytest.mark.gpu
+def test_gpu_a_failed_capture_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    runtime = lorahot.inject(_model("cuda"), ["0", "2"], max_rank=64)
+    ordinary = lorahot.inject(_model("cuda"), ["0", "2"], max_rank=64)
+    ordinary._replay.device = None
+    for r in (runtime, ordinary):
+        r.load([_adapter(24, 1, 48.0), _adapter(40, 2, 10.0)], scale=[1.0, 1.0])
+        r.set_scale([0.5, 1.0])  # the key's first call: the ordinary path
+    scaler = type(runtime._wide._scalers[0])
+    launch = scaler.__call__
+
+    def refuses_capture(self: object, *args: object) -> None:  # as a launch that cannot be captured
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("operation not permitted when stream is capturing")
+        launch(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scaler, "__call__", refuses_capture)
+    with pytest.warns(RuntimeWarning, match="could not capture"):
+        runtime.set_scale([2.0, -1.0])  # the second call captures, fails, and takes the ordinary path
+    ordinary.set_scale([2.0, -1.0])
+    assert runtime._replay.device is None and not runtime._replay._graphs
+    _same(runtime, ordinary)
+    runtime.set_scale([0.25, 3.0])
+    ordinary.set_scale([0.25, 3.0])
+    _same(runtime, ordinary)
