@@ -17,7 +17,7 @@ run, on every rank at once (rank 0 reports):
 
 Two GPUs with NCCL (NVLink multicast left off, as the machine's notes ask):
 
-    torchrun --nproc-per-node 2 -m benchmarks.tensor_parallel
+    torchrun --nproc-per-node 2 -m benchmarks.tensor_parallel [--mode reduce-overhead]
 
 The plumbing on a CPU (gloo, the 2-layer shape, a compile backend that needs no C++ compiler):
 
@@ -81,11 +81,11 @@ def _progress(rank: int, start: float, out: dict[str, Any]) -> Callable[[str], N
     return log
 
 
-def run(small: bool, backend: str, compile_backend: str) -> dict[str, Any]:
+def run(small: bool, backend: str, compile_backend: str, compile_mode: str = "default") -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    out: dict[str, Any] = {"ranks": world, "backend": backend, "compile": compile_backend}
+    out: dict[str, Any] = {"ranks": world, "backend": backend, "compile": compile_backend, "mode": compile_mode}
     log = _progress(rank, time.perf_counter(), out)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
@@ -93,7 +93,9 @@ def run(small: bool, backend: str, compile_backend: str) -> dict[str, Any]:
     mesh = init_device_mesh(device.type, (world,))
     work = build(small, device, Path(tempfile.mkdtemp(prefix=f"lorahot-tp{rank}-")))
     files = [work.adapters[64], work.adapters[16]]
-    mode = {"backend": compile_backend, "dynamic": False}  # one static graph per shape, built at once
+    mode: dict[str, Any] = {"backend": compile_backend, "dynamic": False}  # one static graph per shape, built at once
+    if compile_mode != "default":
+        mode["mode"] = compile_mode  # reduce-overhead: CUDA graphs, the collectives captured in them
 
     log("workload built")
     base = _sharded_llama(work.fresh_base(), mesh)
@@ -144,10 +146,11 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="the 2-layer shape (CPU)")
     parser.add_argument("--backend", default="nccl", choices=("nccl", "gloo"))
     parser.add_argument("--compile", default="inductor", help="torch.compile backend")
+    parser.add_argument("--mode", default="default", help="torch.compile mode (default, reduce-overhead)")
     args = parser.parse_args()
     dist.init_process_group(args.backend)
     try:
-        result = run(args.small, args.backend, args.compile)
+        result = run(args.small, args.backend, args.compile, args.mode)
         if dist.get_rank() == 0:
             result |= {
                 "device": device_name(torch.device("cuda")) if args.backend == "nccl" else "cpu",
