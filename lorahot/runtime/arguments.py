@@ -153,6 +153,8 @@ def weights_of(value: object, n: int, holder: str = "the stack has") -> tuple[fl
 
 def multiplier(value: object, name: str = "scale") -> float:
     """The user's scale as a float: a finite real number (not a bool, a str or a tensor)."""
+    if type(value) is float and math.isfinite(value):  # the common case, checked in one step
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise UsageError(
             f"{name}={shown(value)} is not a number: pass a finite real number (a float), not {type(value).__name__}."

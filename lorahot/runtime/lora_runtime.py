@@ -562,10 +562,10 @@ class LoraRuntime:
         """
         s, stack, _, weights = self._agreed(lambda: self._check_set_scale(value, slot), "set_scale")
         live = s == self._active
-        scales = stack.scales(weights)
         self._weights[s] = weights  # info(s) reports them from here
-        if self._merger is None and self._replay(s, live, stack, scales):
-            return  # on CUDA: the upload, live copy and wide refresh in one graph replay
+        if self._merger is None and self._replay(s, live, stack, weights):
+            return  # on CUDA: the scales, live copy and wide refresh in one graph replay
+        scales = stack.scales(weights)
         self.buffers.set_scales(s, scales, live=live)
         self._refresh_dora(s, stack.dora, live)
         self._remerge(s)

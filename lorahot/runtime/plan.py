@@ -14,6 +14,7 @@ of a stack passes the same checks (a preloaded part's tensors are moved to the a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -353,6 +354,11 @@ def _check_scale(name: str, module: LoraModule, buffers: BufferManager) -> list[
     ]
 
 
+@functools.cache
+def _largest_of(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
 def check_multiplier(plan: LoadPlan, multiplier: float, buffers: BufferManager, part: str | None = None) -> None:
     """The user's ``multiplier`` on the plan's per-layer scales must keep every scale within
     its buffer's range (Python floats only: cheap enough for every ``set_scale``). Each part of
@@ -363,7 +369,7 @@ def check_multiplier(plan: LoadPlan, multiplier: float, buffers: BufferManager, 
         UsageError: naming the scale, the largest product and the largest scale allowed.
     """
     for arena, largest in zip(buffers.arenas, plan.largest):
-        top = torch.finfo(arena.S.dtype).max
+        top = _largest_of(arena.S.dtype)
         if largest * abs(multiplier) > top:  # a Python float: overflow shows as inf
             where = f"{part}: " if part else ""
             raise UsageError(

@@ -1,18 +1,23 @@
 """``set_scale``'s device work on CUDA as one CUDA graph replay.
 
 Re-weighting a slot changes nothing but its per-row scales (:mod:`lorahot.runtime.stack`), yet
-on the device that is several steps, each a host-side launch: per arena, the upload of the new
-scales from their pinned staging buffer, the copy into the live region when the slot is live,
-and the wide layers' refresh of their scaled A rows (:class:`~lorahot.kernels.row_scale.RowScaler`).
-Each launch costs the host tens of microseconds, more than the device work itself.
+the ordinary path is several steps, each host work or a launch: the scales computed on the host
+(a gather and a multiply over every row of every layer), their upload from a pinned staging
+buffer, the copy into the live region when the slot is live, and the wide layers' refresh of
+their scaled A rows (:class:`~lorahot.kernels.row_scale.RowScaler`). On an H200's host the
+steps after the checks took about 0.17 ms, more than the device work itself.
 
-Every address those steps touch is fixed once the runtime exists: the scale buffers, the
-staging buffer, the wide rows and the scaler's tables. Only three things vary: the slot, whether
-it is live, and how many rows each arena's refresh covers. :class:`ScaleReplay` therefore
-captures the steps once per such key as a CUDA graph, and a re-weighting is: write the scales
-into the staging buffer (once its last upload is done), one replay, one event. The first call
-with a key runs the ordinary path (it compiles the scaler's kernel, and a key seen once may
-never come back); the second captures and replays.
+Each row's scale is its part's ``alpha / r`` times its part's weight (:attr:`Stack.owners`),
+so for a given stack only the weights vary. :class:`ScaleReplay` captures, once per
+:data:`Key` (slot, whether it is live, the rows each wide refresh covers, and the stack), a CUDA
+graph that uploads the weights (one number per part) from a pinned buffer, computes
+``S[slot] = own * w[part]`` on the device (float64, rounded to the scales' dtype as the host
+path rounds: bit for bit the same), copies it to the live region and refreshes the wide rows.
+A re-weighting is then: the checks, the weights written to the pinned buffer (once its last
+upload is done), one replay, one event. The first call with a key runs the ordinary path (it
+also compiles the scaler's kernel, and a key seen once may never come back); the second
+captures and replays. Every address a graph reads is fixed for the runtime's life, and each
+graph keeps its own device copy of its stack's ``own`` and ``part``.
 
 Where it does not apply it does nothing and says so, and the caller takes the ordinary path:
 arenas not all on one CUDA device, DoRA layers in the slot (their factors are recomputed from
@@ -23,22 +28,40 @@ capturing (the caller's own CUDA graph).
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lorahot.kernels.row_scale import RowScaler
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.stack import Stack
+from lorahot.runtime.staging import Staging
 from lorahot.runtime.wide import WideWeights
 
 __all__ = ["ScaleReplay"]
 
-#: ``(slot, mirrored into the live region, rows each wide refresh covers)``
-Key = tuple[int, bool, tuple[int, ...]]
+#: ``(slot, mirrored into the live region, rows each wide refresh covers, id of the stack)``
+Key = tuple[int, bool, tuple[int, ...], int]
 
-#: graphs kept: keys differ only by slot, liveness and the live adapter's rank, so a few suffice
+#: graphs kept (each holds its stack's rows on the device, about 1.5x one region's scales)
 _KEEP = 16
+
+#: keys remembered as seen once, before the memory of them is cleared
+_SEEN = 256
+
+
+@dataclass
+class _Replay:
+    """One captured graph, the stack it was captured for, and the pinned weights it uploads."""
+
+    graph: torch.cuda.CUDAGraph
+    stack: weakref.ref[Stack]
+    weights: Staging
+    keep: list[torch.Tensor]  # the device tensors the graph reads and writes
 
 
 class ScaleReplay:
@@ -51,53 +74,62 @@ class ScaleReplay:
         self.device = devices.pop() if len(devices) == 1 else None
         if self.device is not None and self.device.type != "cuda":
             self.device = None
-        self._graphs: OrderedDict[Key, torch.cuda.CUDAGraph] = OrderedDict()
+        self._graphs: OrderedDict[Key, _Replay] = OrderedDict()
         self._seen: set[Key] = set()
         self._stream: torch.cuda.Stream | None = None
 
-    def __call__(self, slot: int, live: bool, stack: Stack, scales: list[torch.Tensor]) -> bool:
-        """Writes ``scales`` (per arena, float64 ``[n_layers, R]`` on the host) into ``slot``,
-        and into the live region and the wide rows if ``live``, as :meth:`BufferManager.set_scales`
-        and :meth:`WideWeights.apply` would. Returns False, having changed nothing, where a
-        replay does not apply or the key is new: the caller then takes the ordinary path."""
+    def __call__(self, slot: int, live: bool, stack: Stack, weights: Sequence[float]) -> bool:
+        """Sets the per-row scales of ``slot`` to ``stack`` at ``weights`` (one per part), and
+        the live region's and the wide rows if ``live``, as :meth:`BufferManager.set_scales` and
+        :meth:`WideWeights.apply` would. Returns False, having changed nothing, where a replay
+        does not apply or the key is new: the caller then takes the ordinary path."""
         if self.device is None or any(stack.dora) or torch.cuda.is_current_stream_capturing():
             return False
         calls = self.wide.device_calls() if live else []
         if calls is None:
             return False
         mirrored = self.buffers._mirrored(slot, live)
-        key = (slot, mirrored, tuple(rows for _, _, rows in calls))
-        graph = self._graphs.get(key)
-        if graph is None and key not in self._seen:
-            self._seen.add(key)
-            return False
-        staged = [arena.stage_scales(s) for arena, s in zip(self.buffers.arenas, scales)]
-        if graph is None:
-            graph = self._capture(slot, mirrored, staged, calls)
-            if graph is None:
+        key = (slot, mirrored, tuple(rows for _, _, rows in calls), id(stack))
+        replay = self._graphs.get(key)
+        if replay is not None and replay.stack() is not stack:  # another stack at a reused id
+            del self._graphs[key]
+            replay = None
+        if replay is None:
+            if key not in self._seen:
+                if len(self._seen) >= _SEEN:
+                    self._seen.clear()
+                self._seen.add(key)
                 return False
-            self._graphs[key] = graph
+            replay = self._capture(slot, mirrored, stack, calls)
+            if replay is None:
+                return False
+            self._graphs[key] = replay
             if len(self._graphs) > _KEEP:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
+        host = replay.weights.acquire()
+        host.numpy()[:] = np.asarray(weights, dtype=np.float64)
         with torch.cuda.device(self.device):
-            graph.replay()
-        for arena in self.buffers.arenas:
-            arena.scale_staging.record()
+            replay.graph.replay()
+        replay.weights.record()
         if live:
             self.wide.settle()
         return True
 
     def _capture(
-        self,
-        slot: int,
-        mirrored: bool,
-        staged: list[torch.Tensor],
-        calls: list[tuple[RowScaler, torch.Tensor, int]],
-    ) -> torch.cuda.CUDAGraph | None:
+        self, slot: int, mirrored: bool, stack: Stack, calls: list[tuple[RowScaler, torch.Tensor, int]]
+    ) -> _Replay | None:
         """Captures the steps on a side stream (capturing runs nothing: the caller replays). A
         capture that fails turns the replays off, with a warning, and returns None: nothing
         ran, and the ordinary path stays correct, only slower."""
+        assert self.device is not None
+        staging = Staging(len(stack.parts), torch.float64, self.device)
+        weights = torch.zeros(len(stack.parts), dtype=torch.float64, device=self.device)
+        rows = [
+            (torch.from_numpy(own).to(self.device), torch.from_numpy(part).to(self.device, torch.int64))
+            for own, part in stack.owners
+        ]
+        keep = [weights, *(t for pair in rows for t in pair)]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(self.device):
             if self._stream is None:
@@ -108,12 +140,13 @@ class ScaleReplay:
                 with torch.cuda.stream(self._stream), torch.no_grad():
                     graph.capture_begin(capture_error_mode="thread_local")
                     try:
-                        for arena, stage in zip(self.buffers.arenas, staged):
-                            arena.S[slot].copy_(stage, non_blocking=True)
+                        weights.copy_(staging.buffer, non_blocking=True)
+                        for arena, (own, part) in zip(self.buffers.arenas, rows):
+                            arena.S[slot].copy_(own * weights[part])  # float64, rounded once
                             if mirrored:
                                 arena.S[self.buffers.live].copy_(arena.S[slot])
-                        for scaler, live_scales, rows in calls:
-                            scaler(live_scales, rows)
+                        for scaler, live_scales, n in calls:
+                            scaler(live_scales, n)
                     finally:
                         graph.capture_end()
             except RuntimeError as e:
@@ -127,4 +160,4 @@ class ScaleReplay:
                 return None
             finally:
                 current.wait_stream(self._stream)
-        return graph
+        return _Replay(graph, weakref.ref(stack), staging, keep)

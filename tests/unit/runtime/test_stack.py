@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,6 +106,23 @@ def test_set_scale_rewrites_the_row_scales_only(tmp_path: Path, monkeypatch: pyt
     assert torch.equal(_out(model), before)
     runtime.activate(1)
     _close(_out(model), _expected(*parts, weights=[0.0, 0.0, 5.0]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(weights=st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=3, max_size=3))
+def test_scales_are_each_rows_part_weight_times_its_own_scale_bit_for_bit(weights: list[float]) -> None:
+    """Stack.scales (own * w[part], also what set_scale's CUDA graph computes on the device)
+    equals the sum over parts of w_p * rows_p, the definition, in every bit."""
+    model, runtime = _setup()
+    sources, _ = _three_parts(Path(tempfile.mkdtemp()), model)
+    runtime.load(sources, scale=[1.0, 1.0, 1.0])
+    stack = runtime._stacks[0]
+    assert stack is not None and len(stack.parts) == 3
+    for rows, got, (own, part) in zip(stack.rows, stack.scales(weights), stack.owners):
+        want = sum(rows[p] * weights[p] for p in range(3))
+        assert torch.equal(got, want)
+        on_device = torch.from_numpy(own) * torch.tensor(weights, dtype=torch.float64)[torch.from_numpy(part)]
+        assert torch.equal(on_device.float(), want.float())
 
 
 def test_a_list_of_one_writes_what_a_single_load_writes() -> None:
