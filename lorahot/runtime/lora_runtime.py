@@ -13,6 +13,7 @@ import gc
 import itertools
 import operator
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -43,7 +44,7 @@ from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from lorahot.runtime.dora import DoraFactors
 from lorahot.runtime.info import AdapterInfo, PartInfo
 from lorahot.runtime.merge import Merger
-from lorahot.runtime.plan import Checked, LoadPlan, check_multiplier, pack_host, restage, validate
+from lorahot.runtime.plan import Checked, LoadPlan, check_multiplier, dtype_max, pack_host, restage, validate
 from lorahot.runtime.routing import Routing, check_routing
 from lorahot.runtime.scale_replay import ScaleReplay
 from lorahot.runtime.sharding import file_slices
@@ -105,6 +106,8 @@ class LoraRuntime:
             widen_layers(layers, buffers)
         self._wide = WideWeights(layers, buffers)
         self._replay = ScaleReplay(buffers, self._wide)
+        #: the last stack whose weights were range-checked, and its limits (:meth:`_within_range`)
+        self._ranges: tuple[weakref.ref[Stack], list[list[tuple[float, float]]]] | None = None
         self._routing = Routing(buffers)
         self._arena_names = [[""] * len(a.specs) for a in buffers.arenas]  # for messages
         for name, (arena, index) in buffers.where.items():
@@ -631,6 +634,8 @@ class LoraRuntime:
         """The user's weights keep every scale in its buffer's range (each part's rows at its
         own weight), every wide layer's scaled rows in their dtype's range, and (merged mode)
         every merged weight in the weights' range."""
+        if self._merger is None and self._within_range(stack, weights):
+            return  # the common case: every product below its limit, no message to build
         several = not stack.single
         for plan, w in zip(stack.parts, weights):
             check_multiplier(plan, w, self.buffers, part=plan.source if several else None)
@@ -638,6 +643,25 @@ class LoraRuntime:
                 self._wide.check(plan, w, self._arena_names)
         if self._merger is not None:
             self._merger.check(stack, weights)
+
+    def _within_range(self, stack: Stack, weights: tuple[float, ...]) -> bool:
+        """Whether every part's weight passes the range checks of :meth:`_check_scales`
+        (:func:`check_multiplier`, :meth:`WideWeights.check`): the same products against the
+        same limits, read from ``(largest, limit)`` pairs memoized for the last stack checked,
+        so a re-weighting does not walk the plans. False sends the caller to the full checks,
+        which raise with the message."""
+        memo = self._ranges
+        if memo is None or memo[0]() is not stack:
+            pairs = []
+            for plan in stack.parts:
+                mine = [(largest, dtype_max(a.S.dtype)) for a, largest in zip(self.buffers.arenas, plan.largest)]
+                if not self._wide.empty:
+                    mine += [
+                        (largest, dtype_max(self.buffers.arenas[a].dtype)) for a, *_, largest in self._wide._worst(plan)
+                    ]
+                pairs.append(mine)
+            memo = self._ranges = (weakref.ref(stack), pairs)
+        return all(largest * abs(w) <= top for mine, w in zip(memo[1], weights) for largest, top in mine)
 
     def _remerge(self, slot: int) -> None:
         """After ``slot`` changed, if it is live: rewrites the base weights in merged mode, and

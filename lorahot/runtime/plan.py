@@ -355,7 +355,8 @@ def _check_scale(name: str, module: LoraModule, buffers: BufferManager) -> list[
 
 
 @functools.cache
-def _largest_of(dtype: torch.dtype) -> float:
+def dtype_max(dtype: torch.dtype) -> float:
+    """The largest finite value of a floating dtype, as a Python float."""
     return float(torch.finfo(dtype).max)
 
 
@@ -369,7 +370,7 @@ def check_multiplier(plan: LoadPlan, multiplier: float, buffers: BufferManager, 
         UsageError: naming the scale, the largest product and the largest scale allowed.
     """
     for arena, largest in zip(buffers.arenas, plan.largest):
-        top = _largest_of(arena.S.dtype)
+        top = dtype_max(arena.S.dtype)
         if largest * abs(multiplier) > top:  # a Python float: overflow shows as inf
             where = f"{part}: " if part else ""
             raise UsageError(

@@ -117,6 +117,11 @@ class WideWeights:
                     "inject with fused=False (the plain formula scales after the products)."
                 )
 
+    def limits(self, plan: LoadPlan) -> list[tuple[float, float]]:
+        """Per arena with wide layers, ``(largest, top)``: :meth:`check` refuses a multiplier
+        ``m`` where ``largest * abs(m) > top``."""
+        return [(largest, torch.finfo(self.buffers.arenas[a].dtype).max) for a, _, _, largest in self._worst(plan)]
+
     def _worst(self, plan: LoadPlan) -> list[tuple[int, list[int], int, float]]:
         """Per arena with wide layers: the arena, its wide layers' indices, the position among them of the
         largest ``max|A| * |alpha / r|`` of ``plan``, and that value. Memoized per plan (each

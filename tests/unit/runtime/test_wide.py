@@ -164,6 +164,45 @@ def test_a_scale_that_would_overflow_the_scaled_rows_is_refused_before_anything_
     assert torch.equal(model[0].wide_rows(), rows)
 
 
+def test_set_scale_refuses_exactly_what_the_full_range_checks_refuse() -> None:
+    """The memoized range check of set_scale (one product per part and limit) against the full
+    checks it stands in for, at weights on both sides of every part's limit: the same verdict,
+    and a refused weight changes nothing."""
+    model = _model(torch.float16)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=R)
+    parts = []
+    for rank, seed, alpha, big in ((4, 1, 4.0, 1000.0), (3, 2, 12.0, 300.0)):
+        adapter = {k: v.half() if isinstance(v, torch.Tensor) else v for k, v in _adapter(rank, seed, alpha).items()}
+        adapter["0.lora_A.weight"][0, 0] = big
+        tensors = {k: v for k, v in adapter.items() if k != "alpha"}
+        parts.append(lorahot.read_adapter(tensors, config={"r": rank, "lora_alpha": alpha}))
+    runtime.load(parts, scale=[1.0, 1.0])
+    stack = runtime._stacks[0]
+    assert stack is not None
+    runtime._within_range(stack, (1.0, 1.0))
+    limits = [min(top / largest for largest, top in mine) for mine in runtime._ranges[1]]  # type: ignore[index]
+    for p in range(2):
+        for f in (0.999, 1.0, 1.001, -1.0, -1.001):
+            weights = [0.5, 0.5]
+            weights[p] = limits[p] * f
+            fast = runtime._within_range(stack, tuple(weights))
+            try:
+                with pytest.MonkeyPatch.context() as m:  # the full checks alone
+                    m.setattr(runtime, "_within_range", lambda *a: False)
+                    runtime._check_scales(stack, tuple(weights))
+                full = True
+            except lorahot.UsageError:
+                full = False
+            assert fast == full, (p, f)
+            rows = model[0].wide_rows().clone()
+            if not full:
+                with pytest.raises(lorahot.UsageError, match="scale of at most"):
+                    runtime.set_scale(weights)
+                assert torch.equal(model[0].wide_rows(), rows)
+            else:
+                runtime.set_scale(weights)
+
+
 def test_weights_that_share_memory_or_subclasses_are_not_widened() -> None:
     class Shifted(nn.Linear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
