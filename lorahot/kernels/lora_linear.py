@@ -6,7 +6,7 @@ the base model has one. At small batch sizes, decode in particular, each of thos
 costs a few microseconds of latency however small it is, and on a 154-layer model that adds
 up to more than the base model's whole forward. :func:`lora_linear` does it all in one Triton
 kernel (see :mod:`lorahot.kernels.triton_lora_linear`; layers with few output tiles add a small kernel that
-sums split-K partials), registered as the custom op ``lorahot::lora_linear`` so that
+sums split-K partials), registered as the operator ``lorahot::lora_linear`` so that
 ``torch.compile`` and CUDA graphs treat it as one opaque, shape-stable call.
 
 It is used where it applies (:func:`supports`: CUDA tensors, float16 or bfloat16, an

@@ -18,9 +18,10 @@ on an H200 it cost 17.6 / 7.0 / 32.9 / 40.9 us per q-o / k-v / gate-up / down ca
 adapter, against 6.4 / 5.2 / 9.7 / 12.0 for the base GEMM alone
 (``benchmarks/experiments/routed_probe.py``).
 
-The custom op ``lorahot::routed_lora_linear`` is opaque to the compiler and shape-stable for
-CUDA graphs. Where the fused kernel does not run (no CUDA or Triton, other dtypes) it computes
-the base linear plus :func:`lorahot.kernels.routed_lora.reference`.
+The operator ``lorahot::routed_lora_linear`` (:mod:`lorahot.kernels.op_registry`) is opaque to
+the compiler and shape-stable for CUDA graphs. Where the fused kernel does not run (no CUDA or
+Triton, other dtypes) it computes the base linear plus
+:func:`lorahot.kernels.routed_lora.reference`.
 """
 
 from __future__ import annotations
@@ -28,13 +29,31 @@ from __future__ import annotations
 import torch
 
 from lorahot.kernels.device_guard import launching_on
+from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.routed_lora import check_segments, reference, segments, token_route
 from lorahot.kernels.triton_import import triton_module
 
 __all__ = ["routed_lora_linear"]
 
 
-@torch.library.custom_op("lorahot::routed_lora_linear", mutates_args=())
+def _fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    s: torch.Tensor,
+    route: torch.Tensor,
+    segs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@define(
+    "routed_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor bt, Tensor s, Tensor route, "
+    "Tensor? segs=None) -> Tensor",
+    _fake,
+)
 def _routed_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -45,6 +64,7 @@ def _routed_lora_linear(
     route: torch.Tensor,
     segs: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    refuse_grad("routed_lora_linear", x, weight, bias, a, bt)
     x2 = x.reshape(-1, x.shape[-1])
     n = weight.shape[0]
     kernel = triton_module("triton_lora_linear") if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
@@ -58,20 +78,6 @@ def _routed_lora_linear(
         config = kernel.config_for(x2.shape[0], n, x2.shape[1])
         kernel.launch(x2, weight, bias, a, bt, s, out, config, routing=(grouped, route, x2.shape[0] // route.shape[0]))
     return out.view(*x.shape[:-1], n)
-
-
-@_routed_lora_linear.register_fake
-def _(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    a: torch.Tensor,
-    bt: torch.Tensor,
-    s: torch.Tensor,
-    route: torch.Tensor,
-    segs: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def routed_lora_linear(

@@ -3,9 +3,10 @@
 ``routed_lora(x, y, a, bt, s, route)`` returns ``y + B_k(s_k * A_k x)`` row by row, ``k`` the
 row's slot (``-1``: none, the row is ``y`` as it is), for the slot views of a layer's arena
 (``a [slots, R, in]``, ``bt [slots, R, out]``, ``s [slots, R]``) and ``y`` the base output. It
-is the custom op ``lorahot::routed_lora``: opaque to the compiler (one node per layer, not a
-``triton_op``, for the reason :mod:`lorahot.kernels.triton_lora_linear` gives), shape-stable
-for CUDA graphs, with a registered fake.
+is the operator ``lorahot::routed_lora`` (:mod:`lorahot.kernels.op_registry`): opaque to the
+compiler (one node per layer, not a ``triton_op``, for the reason
+:mod:`lorahot.kernels.triton_lora_linear` gives), shape-stable for CUDA graphs, with a
+registered fake.
 
 On CUDA (fp16/bf16, Triton present) it runs one of two Triton kernel pairs
 (:mod:`lorahot.kernels.triton_routed_lora`), each a shrink then an expand:
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from lorahot.kernels.device_guard import launching_on
+from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.triton_import import triton_module
 
 __all__ = [
@@ -104,7 +106,21 @@ def reference(
     return y + torch.bmm(h.to(a.dtype)[:, None, :], bt[index])[:, 0].to(y.dtype)
 
 
-@torch.library.custom_op("lorahot::routed_lora", mutates_args=())
+def _fake(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    s: torch.Tensor,
+    route: torch.Tensor,
+    segs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@define(
+    "routed_lora(Tensor x, Tensor y, Tensor a, Tensor bt, Tensor s, Tensor route, Tensor? segs=None) -> Tensor", _fake
+)
 def _routed_lora(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -114,6 +130,7 @@ def _routed_lora(
     route: torch.Tensor,
     segs: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    refuse_grad("routed_lora", x, y, a, bt)
     x2 = x.reshape(-1, x.shape[-1])
     y2 = y.reshape(-1, y.shape[-1])
     kernel = _kernel() if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
@@ -124,19 +141,6 @@ def _routed_lora(
     with launching_on(x.device):
         kernel.launch(x2, y2, a, bt, s, route, out, gather=x2.shape[0] <= GATHER_ROWS, segs=segs)
     return out.view(y.shape)
-
-
-@_routed_lora.register_fake
-def _(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    a: torch.Tensor,
-    bt: torch.Tensor,
-    s: torch.Tensor,
-    route: torch.Tensor,
-    segs: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
 def routed_lora(

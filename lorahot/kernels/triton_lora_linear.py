@@ -21,12 +21,12 @@ then computes the base product alone; the rows' scaled shrinks come from a works
 segmented shrink wrote, and the epilogue adds, for each slot the tile's rows use, the expand
 ``where(row in slot, H, 0) @ Bt_slot``, the slots dealt round the programs of a split K.
 
-The op is a plain custom op, opaque to the compiler, not a ``triton_op``: the compiler works
-out which arguments a visible Triton kernel writes by compiling it to TTIR and walking it,
-tens of milliseconds each time, at several stages and at every call site (pytorch#193227).
-With 154 call sites per graph and one graph per input shape, that took most of lorahot's
-compile time on an H200 (a 7-shape run: 442 s against the base model's 99 s). Opaque, the
-kernel compiles once per tile configuration, at its first launch.
+The op is a plain operator (:mod:`lorahot.kernels.op_registry`), opaque to the compiler, not a
+``triton_op``: the compiler works out which arguments a visible Triton kernel writes by
+compiling it to TTIR and walking it, tens of milliseconds each time, at several stages and at
+every call site (pytorch#193227). With 154 call sites per graph and one graph per input shape,
+that took most of lorahot's compile time on an H200 (a 7-shape run: 442 s against the base
+model's 99 s). Opaque, the kernel compiles once per tile configuration, at its first launch.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from lorahot.kernels.device_guard import launching_on
+from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.triton_routed_lora import shrink
 
 __all__ = ["lora_linear", "launch", "config_for"]
@@ -191,7 +192,18 @@ def launch(
         _split_k_sum[(triton.cdiv(m * n, block),)](ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4)
 
 
-@torch.library.custom_op("lorahot::lora_linear", mutates_args=())
+def _fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@define("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor bt, Tensor scale) -> Tensor", _fake)
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -201,7 +213,8 @@ def lora_linear(
     scale: torch.Tensor,
 ) -> torch.Tensor:
     """``x @ weight.T + bias + ((x @ a.T) * scale) @ bt``, ``x [..., K]``, ``scale [R]``: one
-    kernel, two with split K."""
+    kernel, two with split K (the operator ``lorahot::lora_linear``)."""
+    refuse_grad("lora_linear", x, weight, bias, a, bt)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -212,15 +225,3 @@ def lora_linear(
     with launching_on(x.device):
         launch(x2, weight, bias, a, bt, scale, out, config_for(x2.shape[0], n, x2.shape[1]))
     return out.view(*x.shape[:-1], n)
-
-
-@lora_linear.register_fake
-def _(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    a: torch.Tensor,
-    bt: torch.Tensor,
-    scale: torch.Tensor,
-) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -148,3 +148,28 @@ def test_any_routing_of_any_shape_matches_the_per_row_reference(
     kernels.launch(x, y, a, bt, s, route, out, gather=False, segs=segs)
     want = _per_row(x, y, a, bt, s, tokens)
     torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()) + 1e-3)
+
+
+def test_the_fused_operator_dispatches_compiles_and_refuses_gradients() -> None:
+    """``lorahot::lora_linear`` as the layers call it: through the dispatcher, inside a compiled
+    graph (fullgraph: one opaque node), and refused where a gradient would flow through it."""
+    pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    g = torch.Generator().manual_seed(5)
+    m, k, n, rank = 6, 96, 40, 8
+    x = torch.randn(2, m // 2, k, generator=g).half()
+    weight = (torch.randn(n, k, generator=g) / k**0.5).half()
+    bias = torch.randn(n, generator=g).half()
+    a = (torch.randn(rank, k, generator=g) / k**0.5).half()
+    bt = torch.randn(rank, n, generator=g).half()
+    scale = torch.rand(rank, generator=g)
+    xd = x.double()
+    want = xd @ weight.double().T + bias.double() + ((xd @ a.double().T) * scale.double()) @ bt.double()
+    got = torch.ops.lorahot.lora_linear(x, weight, bias, a, bt, scale)
+    assert got.shape == (2, m // 2, n)
+    torch.testing.assert_close(got.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+    compiled = torch.compile(lambda *t: torch.ops.lorahot.lora_linear(*t), backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x, weight, bias, a, bt, scale), got)
+    with pytest.raises(RuntimeError, match="lorahot::lora_linear has no backward"):
+        torch.ops.lorahot.lora_linear(x, weight.requires_grad_(), bias, a, bt, scale)
+    with torch.no_grad():
+        assert torch.equal(torch.ops.lorahot.lora_linear(x, weight, bias, a, bt, scale), got)

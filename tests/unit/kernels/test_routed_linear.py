@@ -1,6 +1,6 @@
 """The routed fused linear op (lorahot.kernels.routed_linear): the base linear plus each row's
 own slot's update, the library formula on the CPU, one opaque node in a compiled graph, and on
-the GPU the fused kernel over tiles grouped by slot against a float64 reference."""
+the GPU the segmented shrink then the fused kernel, against a float64 reference."""
 
 from __future__ import annotations
 

@@ -63,3 +63,17 @@ def test_gpu_matches_float64_reference_output_poisoned(m: int, k: int, n: int, r
     assert y.shape == (m, n) and torch.isfinite(y).all()
     ref = _reference(x, w, a, bt, s)
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_the_operator_compiles_as_one_node_and_refuses_gradients() -> None:
+    """``lorahot::wide_linear`` inside a compiled graph (fullgraph) equals the eager call; where
+    a gradient would flow through it (it has no backward) it is refused, not run."""
+    x, *_, bt, _, wide = _operands(5, 24, 16, 8, torch.float32, "cpu", seed=3)
+    x3 = x.reshape(5, 1, 24)
+    want = wide_kernel.wide_linear(x3, wide, bt)
+    compiled = torch.compile(lambda *t: wide_kernel.wide_linear(*t), backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x3, wide, bt), want)
+    with pytest.raises(RuntimeError, match="lorahot::wide_linear has no backward"):
+        wide_kernel.wide_linear(x, wide.requires_grad_(), bt)
+    with torch.no_grad():
+        assert torch.equal(wide_kernel.wide_linear(x3, wide, bt), want)
