@@ -611,7 +611,7 @@ class BufferManager:
         a, b = at.rows(idx, self.live)
         return a, b, at.scale(idx, self.live), at.extras(idx, self.live), at.handle
 
-    def _mirrored(self, slot: int, live: bool) -> bool:
+    def mirrors(self, slot: int, live: bool) -> bool:
         """Whether a change to ``slot`` must also reach the live region: the slot is active,
         and the live region is a separate copy (several slots)."""
         return live and slot != self.live
@@ -623,7 +623,7 @@ class BufferManager:
         staged = [arena.stage(pack) for arena, pack in zip(self.arenas, packs)]
         for arena, pack, data in zip(self.arenas, packs, staged):
             arena.write(slot, pack, data, multiplier)
-            if self._mirrored(slot, live):
+            if self.mirrors(slot, live):
                 arena.copy_region(slot, self.live)
 
     def write_staged(
@@ -641,7 +641,7 @@ class BufferManager:
         and, for a stack, each entry's row ``offsets``."""
         for k, (arena, entries, s) in enumerate(zip(self.arenas, staged, scales)):
             arena.write_staged(slot, entries, s, extras[k] if extras else [], offsets[k] if offsets else None)
-            if self._mirrored(slot, live):
+            if self.mirrors(slot, live):
                 arena.copy_region(slot, self.live)
 
     def set_scales(self, slot: int, scales: list[torch.Tensor], *, live: bool) -> None:
@@ -650,13 +650,13 @@ class BufferManager:
         is live."""
         for arena, s in zip(self.arenas, scales):
             arena.set_scales(slot, s)
-            if self._mirrored(slot, live):
+            if self.mirrors(slot, live):
                 with torch.no_grad():
                     arena.S[self.live].copy_(arena.S[slot])  # on the device, behind the upload
 
     def activate(self, slot: int) -> None:
         """Makes the live region a copy of ``slot``."""
-        if self._mirrored(slot, True):
+        if self.mirrors(slot, True):
             for arena in self.arenas:
                 arena.copy_region(slot, self.live)
 
@@ -664,5 +664,5 @@ class BufferManager:
         """Zeroes ``slot``, and the live region if ``live``."""
         for arena in self.arenas:
             arena.clear(slot)
-            if self._mirrored(slot, live):
+            if self.mirrors(slot, live):
                 arena.clear(self.live)

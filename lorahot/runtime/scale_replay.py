@@ -88,7 +88,7 @@ class ScaleReplay:
         calls = self.wide.device_calls() if live else []
         if calls is None:
             return False
-        mirrored = self.buffers._mirrored(slot, live)
+        mirrored = self.buffers.mirrors(slot, live)
         key = (slot, mirrored, tuple(rows for _, _, rows in calls), id(stack))
         replay = self._graphs.get(key)
         if replay is not None and replay.stack() is not stack:  # another stack at a reused id
