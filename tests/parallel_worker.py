@@ -276,11 +276,77 @@ def scenario_compile(mesh: object, folder: Path, check: Checks) -> None:
         check("set_scale without recompiling", parity)
 
 
+def scenario_fused(mesh: object, folder: Path, check: Checks) -> None:
+    """The sharded layers' fused path (the fused kernels on each rank's shards, the result
+    wrapped as the base's output DTensor) on the CPU: the CUDA kernel replaced by a library
+    stand-in that computes the same formula, the routed op on its own CPU path. The row-parallel
+    layer with a bias keeps the library formula."""
+    from lorahot.kernels import lora_linear as fused_kernel
+    from lorahot.kernels import routed_linear
+    from lorahot.kernels import routed_lora as routed_kernel
+
+    calls = {"whole": 0, "routed": 0}
+    routed = routed_linear.routed_lora_linear
+
+    def whole(x, weight, bias, a, bt, scale):  # type: ignore[no-untyped-def]
+        if not torch.compiler.is_compiling():  # counted eagerly; a compiled graph guards on nothing here
+            calls["whole"] += 1
+        return torch.nn.functional.linear(x, weight, bias) + ((x @ a.T) * scale).to(x.dtype) @ bt
+
+    def per_row(*args):  # type: ignore[no-untyped-def]
+        if not torch.compiler.is_compiling():
+            calls["routed"] += 1
+        return routed(*args)
+
+    fused_kernel.lora_linear = whole
+    routed_linear.routed_lora_linear = per_row
+    fused_kernel.supports_tensors = lambda *args: True  # what the sharded layers ask
+    fused_kernel.supports = lambda *args: False  # what the unsharded reference asks: it stays library
+    routed_kernel.available = lambda: True
+    rig = Rig(mesh, folder)
+    sharded = {n: layer for n, layer in rig.rt.layers.items() if isinstance(layer, ShardedLoRALinear)}
+    biased_rows = "layers.0.mlp.down_proj"
+    check(
+        "the sharded layers take the fused path, but a row-parallel one with a bias",
+        lambda: (
+            all(layer.fused == (n.split(".", 2)[2] != "mlp.down_proj") for n, layer in sharded.items())
+            and not sharded[biased_rows].fused
+        ),
+    )
+    rig.both(lambda r: r.load(rig.path("a")))
+    check("load", rig.parity)
+    check("the fused stand-in ran", lambda: calls["whole"] > 0)
+    rig.both(lambda r: r.load([rig.path("a"), rig.path("b")], scale=[0.7, -0.4]))
+    check("stack", rig.parity)
+    rig.both(lambda r: r.set_scale([0.2, 1.3]))
+    check("set_scale of a stack", rig.parity)
+    rig.both(lambda r: r.load(rig.path("c"), slot=1))
+    rig.both(lambda r: r.activate([0, 1, -1]))
+    check("per-row routing", rig.parity)
+    check("the routed op ran", lambda: calls["routed"] > 0)
+    rig.both(lambda r: r.activate(0))
+    compiled = torch.compile(rig.tp, backend="aot_eager")
+    eager = rig.tp
+
+    def parity() -> str | None:
+        rig.tp = compiled
+        try:
+            return rig.parity()
+        finally:
+            rig.tp = eager
+
+    check("compiled", parity)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rig.both(lambda r: r.load(rig.path("b")))
+        check("swap without recompiling", parity)
+
+
 SCENARIOS = {
     "parity": scenario_parity,
     "atomic": scenario_atomic,
     "sequence": scenario_sequence,
     "compile": scenario_compile,
+    "fused": scenario_fused,
 }
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from lorahot.kernels.triton_import import triton_module
 
-__all__ = ["available", "supports", "worth_it", "lora_linear"]
+__all__ = ["available", "supports", "supports_tensors", "worth_it", "lora_linear"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -44,10 +44,14 @@ def supports(base: nn.Module, lora_A: torch.Tensor) -> bool:
     """Whether a LoRA linear over ``base`` with live buffer ``lora_A`` can use the kernel."""
     weight = getattr(base, "weight", None)
     bias = getattr(base, "bias", None)
+    return type(base) is nn.Linear and isinstance(weight, torch.Tensor) and supports_tensors(weight, bias, lora_A)
+
+
+def supports_tensors(weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor) -> bool:
+    """Whether the kernel runs on these plain tensors: a linear's ``weight [out, in]`` (rows
+    contiguous) and ``bias``, and the live ``lora_A``, on CUDA in one fp16/bf16 dtype."""
     return (
-        type(base) is nn.Linear
-        and isinstance(weight, torch.Tensor)
-        and weight.is_cuda
+        weight.is_cuda
         and weight.dtype in _DTYPES
         and weight.dtype == lora_A.dtype
         and weight.stride(-1) == 1

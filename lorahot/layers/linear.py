@@ -86,8 +86,13 @@ class LoRALinear(LoRALayer):
         )
 
     def fused_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.kernel_weights()
+        return fused_kernel.lora_linear(x, weight, bias, a, b, scale)
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base ``weight`` and ``bias`` the fused kernels read (the base module's own)."""
         base = self._base
-        return fused_kernel.lora_linear(x, base.weight, base.bias, a, b, scale)
+        return base.weight, base.bias
 
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         h = torch.matmul(x.to(a.dtype), a.t())  # (..., R)
@@ -112,8 +117,8 @@ class LoRALinear(LoRALayer):
         many rows (as in whole-batch mode), else None."""
         if not (self._plan[1] and self.can_fuse(x, a)):
             return None
-        base = self._base
-        return routed_linear.routed_lora_linear(x, base.weight, base.bias, a, b, s, route, self._segments(a, route))
+        weight, bias = self.kernel_weights()
+        return routed_linear.routed_lora_linear(x, weight, bias, a, b, s, route, self._segments(a, route))
 
     def routed_sum(
         self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor

@@ -26,10 +26,15 @@ redistributes. Each rank holds only its part of the adapter, in buffers of its l
   base output is already reduced, the rank-sized ``h`` is all-reduced instead.)
 
 The arithmetic runs on the local tensors (``to_local``), with the same views and formulas as
-:class:`~lorahot.layers.linear.LoRALinear`, per-row routing included. Not supported on a
-sharded layer: the fused and wide paths (they need a plain ``nn.Linear`` weight), merged mode,
-DoRA and LoRA biases (their per-channel terms would need the whole weight's norms, or would
-be summed once per rank); each is refused with the reason.
+:class:`~lorahot.layers.linear.LoRALinear`, per-row routing included. On CUDA in fp16/bf16 the
+fused kernels run on this rank's shards where they pay for the rows (decode and short
+prefill): base and LoRA of the local weight, A and B in one kernel per layer (or the routed
+pair), the result wrapped as the output DTensor the base would have made (``Shard(-1)``, or
+``Partial`` for the output hook to reduce); a row-parallel layer with a bias keeps the library
+formula, its bias being added once after the reduction. Not supported on a sharded layer: the
+wide path (it moves the weight into a buffer of its own), merged mode, DoRA and LoRA biases
+(their per-channel terms would need the whole weight's norms, or would be summed once per
+rank); each is refused with the reason.
 
 lorahot never imports ``torch.distributed.tensor`` itself: a DTensor can only exist once the
 user's code has imported it.
@@ -44,6 +49,8 @@ import torch
 from torch import nn
 
 from lorahot.errors import UsageError
+from lorahot.kernels import lora_linear as fused_kernel
+from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.layers import routing
 from lorahot.layers.base import LayerSpec, Shard
 from lorahot.layers.linear import LoRALinear
@@ -168,7 +175,22 @@ class ShardedLoRALinear(LoRALinear):
             object.__setattr__(self.base_layer, name, mine)
 
     def fusable(self, lora_A: torch.Tensor) -> bool:
-        return False
+        """The fused kernels run on this rank's shards (:meth:`kernel_weights`) where they run
+        on plain tensors; a row-parallel layer with a bias keeps the library formula (its bias
+        is added once, after the reduction, not on every rank)."""
+        base = self.base_layer
+        bias = getattr(base, "bias", None)
+        rows_split = self.spec.shard is not None and self.spec.shard.dim == "in"
+        if type(base) is not nn.Linear or (rows_split and bias is not None):
+            return False
+        weight, local_bias = self.kernel_weights()
+        return fused_kernel.supports_tensors(weight, local_bias, lora_A) and routed_kernel.available()
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's shard of the weight (and of a column-parallel layer's bias)."""
+        base = self._base
+        bias = base.bias
+        return _local(base.weight), None if bias is None else _local(bias)
 
     def widenable(self, max_rank: int, dtype: torch.dtype) -> bool:
         return False
@@ -188,8 +210,13 @@ class ShardedLoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # ``x`` is the DTensor the input hook made; the base computes its output DTensor
         # (column-parallel: Shard(-1); row-parallel: Partial); the LoRA part joins it locally.
+        x_local = _local(x)
+        if self._plan[1] and not args and not kwargs:  # the fused kernels, on this rank's shards
+            z = self._fused_local(x_local)
+            if z is not None:
+                return self._as_output(x, z)
         y = self._base(x, *args, **kwargs)
-        x_local, y_local = _local(x), _local(y)
+        y_local = _local(y)
         if self._reduced(y):
             raise UsageError(
                 f"{self._describe()}: the row-parallel base output is already reduced ({y.placements}); lorahot adds "
@@ -208,6 +235,37 @@ class ShardedLoRALinear(LoRALinear):
             return z
         out: torch.Tensor = type(y).from_local(
             z, y.device_mesh, y.placements, run_check=False, shape=y.shape, stride=y.stride()
+        )
+        return out
+
+    def _fused_local(self, x_local: torch.Tensor) -> torch.Tensor | None:
+        """Base and LoRA of this rank's shards in the fused kernels (whole batch or routed per
+        row), where they pay for this many rows; None otherwise."""
+        route = ROUTES[self._plan[4]]
+        if route is not None:
+            sa, sb, ss, _ = self._slot_views()
+            routing.check_rows(x_local, route.shape[0], self.spec.kind, self.row_dims(x_local), self._describe())
+            return self.routed_fused(x_local, sa, sb, ss, route)
+        a, b, scale, _ = self._views()
+        return self.fused_forward(x_local, a, b, scale) if self.can_fuse(x_local, a) else None
+
+    def _as_output(self, x: Any, z: torch.Tensor) -> torch.Tensor:
+        """The local result ``z`` as the output DTensor the base would have made: sharded on its
+        last dimension (column-parallel) or a partial sum that the output hook reduces
+        (row-parallel), with the base output's global shape and contiguous strides."""
+        if not _is_dtensor(x):
+            return z
+        placements: Any = sys.modules["torch.distributed.tensor"]
+        shard = self.spec.shard
+        columns = shard is not None and shard.dim == "out"
+        placement = placements.Shard(z.dim() - 1) if columns else placements.Partial()
+        shape = (*z.shape[:-1], shard.size if columns and shard is not None else z.shape[-1])
+        stride, step = [], 1
+        for size in reversed(shape):
+            stride.append(step)
+            step *= size
+        out: torch.Tensor = type(x).from_local(
+            z, x.device_mesh, (placement,), run_check=False, shape=torch.Size(shape), stride=tuple(reversed(stride))
         )
         return out
 

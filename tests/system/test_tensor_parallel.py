@@ -154,3 +154,26 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
 )
 def test_compiled_sharded_model_swaps_without_recompiling(compiled: list[dict[str, str]], name: str) -> None:
     _assert_check(compiled, name)
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    return _scenario("fused", tmp_path_factory)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "the sharded layers take the fused path, but a row-parallel one with a bias",
+        "load",
+        "the fused stand-in ran",
+        "stack",
+        "set_scale of a stack",
+        "per-row routing",
+        "the routed op ran",
+        "compiled",
+        "swap without recompiling",
+    ],
+)
+def test_the_fused_path_on_the_shards_computes_the_unsharded_model(fused: list[dict[str, str]], name: str) -> None:
+    _assert_check(fused, name)
