@@ -89,6 +89,20 @@ class Rig:
             want = want.chunk(world, dim=1)[rank]
         return same(got, want)
 
+    def compiled_parity(self) -> Callable[[], str | None]:
+        """A check like :meth:`parity` that runs the sharded model compiled (``aot_eager``)."""
+        compiled = torch.compile(self.tp, backend="aot_eager")
+        eager = self.tp
+
+        def parity() -> str | None:
+            self.tp = compiled
+            try:
+                return self.parity()
+            finally:
+                self.tp = eager
+
+        return parity
+
     def path(self, name: str) -> str:
         return str(self.folder / name)
 
@@ -256,16 +270,7 @@ def scenario_sequence(mesh: object, folder: Path, check: Checks) -> None:
 def scenario_compile(mesh: object, folder: Path, check: Checks) -> None:
     rig = Rig(mesh, folder)
     rig.both(lambda r: r.load(rig.path("a")))
-    compiled = torch.compile(rig.tp, backend="aot_eager")
-    eager = rig.tp
-
-    def parity() -> str | None:
-        rig.tp = compiled
-        try:
-            return rig.parity()
-        finally:
-            rig.tp = eager
-
+    parity = rig.compiled_parity()
     check("compiled", parity)
     with torch._dynamo.config.patch(error_on_recompile=True):
         rig.both(lambda r: r.load(rig.path("b")))
@@ -325,16 +330,7 @@ def scenario_fused(mesh: object, folder: Path, check: Checks) -> None:
     check("per-row routing", rig.parity)
     check("the routed op ran", lambda: calls["routed"] > 0)
     rig.both(lambda r: r.activate(0))
-    compiled = torch.compile(rig.tp, backend="aot_eager")
-    eager = rig.tp
-
-    def parity() -> str | None:
-        rig.tp = compiled
-        try:
-            return rig.parity()
-        finally:
-            rig.tp = eager
-
+    parity = rig.compiled_parity()
     check("compiled", parity)
     with torch._dynamo.config.patch(error_on_recompile=True):
         rig.both(lambda r: r.load(rig.path("b")))
