@@ -81,8 +81,8 @@ def routed_lora_linear(
     route: torch.Tensor,
     segs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The base linear plus each row's own slot's update, in one kernel on CUDA (see the module
-    docstring).
+    """The base linear plus each row's own slot's update: on CUDA the segmented shrink, then
+    the fused kernel (see the module docstring).
 
     Args:
         x: ``[..., in]`` the layer's input; its rows a multiple of ``route``'s length.

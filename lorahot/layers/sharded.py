@@ -211,8 +211,14 @@ class ShardedLoRALinear(LoRALinear):
         # ``x`` is the DTensor the input hook made; the base computes its output DTensor
         # (column-parallel: Shard(-1); row-parallel: Partial); the LoRA part joins it locally.
         x_local = _local(x)
+        route = ROUTES[self._plan[4]]
+        if route is not None:  # one slot per row, from the slot views
+            a, b, s, _ = self._slot_views()
+            routing.check_rows(x_local, route.shape[0], self.spec.kind, self.row_dims(x_local), self._describe())
+        else:
+            a, b, s, _ = self._views()
         if self._plan[1] and not args and not kwargs:  # the fused kernels, on this rank's shards
-            z = self._fused_local(x_local)
+            z = self._fused_local(x_local, a, b, s, route)
             if z is not None:
                 return self._as_output(x, z)
         y = self._base(x, *args, **kwargs)
@@ -223,14 +229,10 @@ class ShardedLoRALinear(LoRALinear):
                 "each rank's partial LoRA delta before the output hook's reduction and needs it Partial. Parallelize "
                 "with RowwiseParallel."
             )
-        route = ROUTES[self._plan[4]]
-        if route is not None:  # one slot per row, from the slot views
-            sa, sb, ss, _ = self._slot_views()
-            routing.check_rows(x_local, route.shape[0], self.spec.kind, self.row_dims(x_local), self._describe())
-            z = self.routed_sum(x_local, y_local, sa, sb, ss, route)
+        if route is not None:
+            z = self.routed_sum(x_local, y_local, a, b, s, route)
         else:
-            a, b, scale, _ = self._views()
-            z = y_local + self.lora_delta(x_local, a, b, scale).to(y_local.dtype)
+            z = y_local + self.lora_delta(x_local, a, b, s).to(y_local.dtype)
         if not _is_dtensor(y):
             return z
         out: torch.Tensor = type(y).from_local(
@@ -238,16 +240,14 @@ class ShardedLoRALinear(LoRALinear):
         )
         return out
 
-    def _fused_local(self, x_local: torch.Tensor) -> torch.Tensor | None:
-        """Base and LoRA of this rank's shards in the fused kernels (whole batch or routed per
-        row), where they pay for this many rows; None otherwise."""
-        route = ROUTES[self._plan[4]]
+    def _fused_local(
+        self, x_local: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Base and LoRA of this rank's shards in the fused kernels (routed per row where
+        ``route`` is given, over the slot views), where they pay for this many rows; else None."""
         if route is not None:
-            sa, sb, ss, _ = self._slot_views()
-            routing.check_rows(x_local, route.shape[0], self.spec.kind, self.row_dims(x_local), self._describe())
-            return self.routed_fused(x_local, sa, sb, ss, route)
-        a, b, scale, _ = self._views()
-        return self.fused_forward(x_local, a, b, scale) if self.can_fuse(x_local, a) else None
+            return self.routed_fused(x_local, a, b, s, route)
+        return self.fused_forward(x_local, a, b, s) if self.can_fuse(x_local, a) else None
 
     def _as_output(self, x: Any, z: torch.Tensor) -> torch.Tensor:
         """The local result ``z`` as the output DTensor the base would have made: sharded on its

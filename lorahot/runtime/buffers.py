@@ -516,24 +516,13 @@ class Arena:
         if not self.S.is_cuda:
             self.S[region].copy_(scales)
             return
-        stage = self.stage_scales(scales)
-        self.scale_staging.send([(self.S[region], stage)])
-
-    @property
-    def scale_staging(self) -> Staging:
-        """The pinned host buffer (one region's scales) the per-row scales travel through."""
         if self._s_stage is None:
-            self._s_stage = Staging(self.S[0].numel(), self.S.dtype, self.S.device)
-        return self._s_stage
-
-    def stage_scales(self, scales: torch.Tensor) -> torch.Tensor:
-        """Writes ``scales`` (float64 host ``[n_layers, R]``) into :attr:`scale_staging`, once
-        its last upload is done, and returns it viewed as one region's ``S``."""
-        stage = self.scale_staging.acquire().view(self.S.shape[1:])
+            self._s_stage = Staging(self.S[region].numel(), self.S.dtype, self.S.device)
+        stage = self._s_stage.acquire().view(self.S.shape[1:])
         # float64 -> the scales' dtype, rounded to nearest as torch rounds; in NumPy, one thread
         # (see Stack.scales: torch would split a copy of a large model's scales across threads)
         np.copyto(stage.numpy(), scales.detach().cpu().numpy(), casting="same_kind")
-        return stage
+        self._s_stage.send([(self.S[region], stage)])
 
     def copy_region(self, src: int, dst: int) -> None:
         """Makes ``dst`` an exact copy of ``src``: one device copy per buffer."""

@@ -656,9 +656,7 @@ class LoraRuntime:
             for plan in stack.parts:
                 mine = [(largest, dtype_max(a.S.dtype)) for a, largest in zip(self.buffers.arenas, plan.largest)]
                 if not self._wide.empty:
-                    mine += [
-                        (largest, dtype_max(self.buffers.arenas[a].dtype)) for a, *_, largest in self._wide._worst(plan)
-                    ]
+                    mine += self._wide.limits(plan)
                 pairs.append(mine)
             memo = self._ranges = (weakref.ref(stack), pairs)
         return all(largest * abs(w) <= top for mine, w in zip(memo[1], weights) for largest, top in mine)
