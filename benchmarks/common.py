@@ -76,22 +76,38 @@ def merge_results(path: Path, new: dict[str, Any]) -> dict[str, Any]:
 
 def kernel_profile(fn: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
     """What one call of ``fn`` runs on a CUDA device: kernels launched, their summed GPU time
-    (µs) and the five kernels taking the most time (µs per call). Wall time well above the
-    summed kernel time is host or launch overhead; more kernels or kernel time is the graph."""
+    (µs), the twelve kernels taking the most time (µs and launches per call), and which host
+    ops issued copies (``aten::copy_`` under its parent op, with shapes: a copy nobody asked
+    for is a layout the graph did not plan). Wall time well above the summed kernel time is
+    host or launch overhead; more kernels or kernel time is the graph."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    per: dict[str, float] = {}
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    per: dict[str, list[float]] = {}
     for e in kernels:
-        per[e.name] = per.get(e.name, 0.0) + e.device_time / calls
-    top = sorted(per.items(), key=lambda kv: -kv[1])[:5]
+        slot = per.setdefault(e.name, [0.0, 0.0])
+        slot[0] += e.device_time / calls
+        slot[1] += 1 / calls
+    top = sorted(per.items(), key=lambda kv: -kv[1][0])[:12]
+    copies: dict[str, float] = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name == "aten::copy_":
+            chain, up = [], e.cpu_parent
+            while up is not None and len(chain) < 4:  # through clone / contiguous / to, up to who asked
+                chain.append(up.name)
+                up = up.cpu_parent
+            key = f"{'<'.join(chain) or '-'} {e.input_shapes}"[:200]
+            copies[key] = copies.get(key, 0.0) + 1 / calls
     return {
         "kernels_per_call": len(kernels) / calls,
-        "gpu_us_per_call": round(sum(per.values()), 1),
-        "top_us": {name[:100]: round(us, 1) for name, us in top},
+        "gpu_us_per_call": round(sum(v[0] for v in per.values()), 1),
+        "top_us": {name[:100]: round(v[0], 1) for name, v in top[:5]},
+        "top": [[name[:100], round(v[0], 1), round(v[1], 1)] for name, v in top],
+        "copies_per_call": dict(sorted(copies.items(), key=lambda kv: -kv[1])[:10]),
     }

@@ -4,9 +4,10 @@
 an autograd dispatch that checks for gradients, a frame guard that keeps dynamo out of the
 implementation, a check that no output aliases an input. In default mode (no CUDA graphs) a
 compiled model calls a LoRA op once per layer per step, so those layers are paid hundreds of
-times a step: on the CPU box the wide op cost 16.6 us per layer that way against 12.4 us
+times a step: on the CPU box a LoRA op cost 16.6 us per layer that way against 12.4 us
 registered here (100 compiled layers, ``benchmarks/experiments/op_host_probe.py``; the base
-linear costs 1.7).
+linear costs 1.7). Where the formula is plain GEMMs, lorahot does not wrap it in an operator
+at all (:mod:`lorahot.kernels.wide_linear`).
 
 :func:`define` registers the implementation for every backend (``CompositeExplicitAutograd``)
 and the fake the compiler traces with. The autograd key falls through to the implementation,

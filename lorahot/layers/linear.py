@@ -4,9 +4,10 @@ Above the fused kernel's sizes, an ``nn.Linear`` layer runs *wide*: at inject it
 into a ``[out + R, in]`` buffer whose last ``R`` rows hold the live ``s[:, None] * A`` (the weight
 parameter stays, as a view of the first ``out`` rows, so state dicts, merged writes and user
 code see the same tensor). One GEMM then gives the base output and the shrink together,
-reading ``x`` once, and a second GEMM accumulates the expand ``h @ B.T``
-into its output in place: one extra kernel per layer instead of two, and no scale multiply,
-the per-row scales being folded into A (see :mod:`lorahot.runtime.wide`, which keeps those
+reading ``x`` once, and a second GEMM adds the expand ``h @ B.T`` (in place when eager; as an
+add the compiler fuses with the output's consumer when compiled, see
+:mod:`lorahot.kernels.wide_linear`): one extra GEMM per layer instead of two, and no scale
+multiply, the per-row scales being folded into A (see :mod:`lorahot.runtime.wide`, which keeps those
 rows equal to the live A times its scales after every load, activation and scale change).
 """
 
@@ -192,7 +193,7 @@ class LoRALinear(LoRALayer):
         return x.dtype == self.base_weight.dtype and not _needs_grad(x, self._base)
 
     def wide_forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``[y | h] = x @ [W; s[:, None] * A].T`` in one GEMM, then ``y += h @ B.T`` in place
+        """``[y | h] = x @ [W; s[:, None] * A].T`` in one GEMM, then ``y + h @ B.T``
         (:mod:`lorahot.kernels.wide_linear`); the bias is added in the elementwise pass the
         compiler fuses with what follows."""
         y: torch.Tensor = wide_kernel.wide_linear(x, getattr(self, WIDE_BUFFER), b)

@@ -1,7 +1,8 @@
-"""The wide linear op (``lorahot.kernels.wide_linear``): base and shrink in one GEMM over
-``[W; s[:, None] * A]``, the expand accumulated in place, against a float64 reference, with a
-different scale on every row of A (a stack's rows: each part's own, zero on padding rows).
-The op is plain torch, so it runs on the CPU too; on CUDA its output is poisoned with NaN first.
+"""The wide linear (``lorahot.kernels.wide_linear``): base and shrink in one GEMM over
+``[W; s[:, None] * A]``, then the expand (in place eagerly, traced library calls compiled),
+against a float64 reference, with a different scale on every row of A (a stack's rows: each
+part's own, zero on padding rows). It is plain torch, so it runs on the CPU too; on CUDA its
+output is poisoned with NaN first.
 """
 
 from __future__ import annotations
@@ -58,22 +59,41 @@ def test_matches_float64_reference_with_per_row_scales(m: int, k: int, n: int, r
 @pytest.mark.parametrize(("m", "k", "n", "r"), [(1, 256, 512, 64), (300, 512, 256, 24), (1024, 2048, 2048, 64)])
 def test_gpu_matches_float64_reference_output_poisoned(m: int, k: int, n: int, r: int, dtype: torch.dtype) -> None:
     x, w, a, bt, s, wide = _operands(m, k, n, r, dtype, "cuda", seed=m + r)
-    torch.full((m * (n + r) + 1,), float("nan"), device="cuda", dtype=dtype)  # freed: the op's output reuses it
+    torch.full((m * (n + r) + 1,), float("nan"), device="cuda", dtype=dtype)  # freed: the output reuses it
     y = wide_kernel.wide_linear(x, wide, bt)
     assert y.shape == (m, n) and torch.isfinite(y).all()
     ref = _reference(x, w, a, bt, s)
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
 
 
-def test_the_operator_compiles_as_one_node_and_refuses_gradients() -> None:
-    """``lorahot::wide_linear`` inside a compiled graph (fullgraph) equals the eager call; where
-    a gradient would flow through it (it has no backward) it is refused, not run."""
-    x, *_, bt, _, wide = _operands(5, 24, 16, 8, torch.float32, "cpu", seed=3)
-    x3 = x.reshape(5, 1, 24)
-    want = wide_kernel.wide_linear(x3, wide, bt)
-    compiled = torch.compile(lambda *t: wide_kernel.wide_linear(*t), backend="aot_eager", fullgraph=True)
-    assert torch.equal(compiled(x3, wide, bt), want)
-    with pytest.raises(RuntimeError, match="lorahot::wide_linear has no backward"):
-        wide_kernel.wide_linear(x, wide.requires_grad_(), bt)
-    with torch.no_grad():
-        assert torch.equal(wide_kernel.wide_linear(x3, wide, bt), want)
+def test_compiled_it_is_library_calls_equal_to_the_eager_in_place_form() -> None:
+    """Compiled (fullgraph), the formula is traced, not an opaque call: two products and an add
+    the compiler can fuse with the consumer. It equals the eager in-place form to float32
+    rounding, for 2-D and 3-D inputs."""
+    x, *_, bt, _, wide = _operands(6, 24, 16, 8, torch.float32, "cpu", seed=3)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(lambda *t: wide_kernel.wide_linear(*t), backend=record, fullgraph=True)
+    for xi in (x, x.reshape(2, 3, 24)):
+        want = wide_kernel.wide_linear(xi, wide, bt)
+        got = compiled(xi, wide, bt)
+        assert got.shape == want.shape == (*xi.shape[:-1], 16)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    calls = [node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    assert not any(isinstance(t, torch._ops.OpOverloadPacket | torch._ops.OpOverload) for t in calls)
+    products = [t for t in calls if getattr(t, "__name__", "") in ("linear", "matmul")]
+    assert len(products) == 2 * len(graphs)
+
+
+def test_gradients_flow_eager_and_compiled() -> None:
+    """Plain torch, so differentiable: float64 gradients match finite differences, eagerly (the
+    in-place accumulate into a view) and compiled."""
+    x, *_, bt, _, wide = _operands(3, 5, 4, 2, torch.float64, "cpu", seed=5)
+    args = tuple(t.clone().requires_grad_() for t in (x, wide, bt))
+    assert torch.autograd.gradcheck(wide_kernel.wide_linear, args)
+    compiled = torch.compile(wide_kernel.wide_linear, backend="aot_eager", fullgraph=True)
+    assert torch.autograd.gradcheck(compiled, args)
