@@ -5,6 +5,7 @@
 #   bash benchmarks/device_pair.sh "gpu-tests stack" "mixed"
 # Each list is what benchmarks/device_run.sh takes. The two share the host's cores: host-timed
 # figures (swaps, set_scale) read high while the other GPU's process compiles; time those alone.
+# ARGS0 / ARGS1 set BENCH_ARGS for one side (else both take BENCH_ARGS).
 # DEADLINE_S (default 570) bounds each side; a side cut short still leaves the run files its
 # finished suites wrote, which the archive takes from benchmarks/results/runs.
 set -uo pipefail
@@ -16,7 +17,8 @@ export PYTHONPATH=/tmp/site
 deadline=${DEADLINE_S:-570}
 SECONDS=0
 side() {  # GPU, steps
-  CUDA_VISIBLE_DEVICES=$1 OUT=$work/g$1 SUITE_TIMEOUT=$deadline TESTS_TIMEOUT=$deadline \
+  local args_var="ARGS$1"
+  BENCH_ARGS=${!args_var:-${BENCH_ARGS:-}} CUDA_VISIBLE_DEVICES=$1 OUT=$work/g$1 SUITE_TIMEOUT=$deadline TESTS_TIMEOUT=$deadline \
     timeout "$deadline" bash benchmarks/device_run.sh $2 > "$work/g$1.log" 2>&1
 }
 side 0 "${1:-gpu-tests}" &
