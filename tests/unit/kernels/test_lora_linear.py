@@ -261,3 +261,46 @@ def test_fused_layers_holding_a_stack_follow_every_reweighting_without_recompile
                 expected = stack_reference(reference_model, x.float(), parts)
                 assert torch.isfinite(y).all()
                 assert float((y.double() - expected).norm() / expected.norm()) < 2e-2, weights
+
+
+@pytest.mark.gpu
+def test_split_k_counters_stay_right_over_the_ring_and_under_graph_capture() -> None:
+    """Split-K launches sum their partials in the kernel, counting finished programs in a ring
+    of counter regions: 1,100 launches (past the ring's 1,024 regions) all give the bits of the
+    two-launch sum, and the ring is zero after. A graph captured before any eager launch on
+    the device (no ring yet) takes the two-launch sum and replays to the same bits."""
+    from lorahot.kernels import triton_lora_linear as kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    m, k, n, rank = 4, 5632, 2048, 64
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5
+    a = torch.randn(rank, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5
+    bt = torch.randn(rank, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    scale = torch.rand(rank, device="cuda")
+    config = kernel.config_for(m, n, k)
+    assert config[-1] > 1
+    saved = dict(kernel._rings)
+    kernel._rings.clear()  # no ring: the capture below must fall back
+    try:
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.cuda.graph(graph):
+            kernel.launch(x, weight, None, a, bt, scale, out, config)
+        torch.cuda.current_stream().wait_stream(side)
+        assert not kernel._rings
+        out.fill_(float("nan"))
+        graph.replay()
+        want = out.clone()
+        assert torch.isfinite(want).all()
+        for _ in range(1100):
+            got = torch.full_like(want, float("nan"))
+            kernel.launch(x, weight, None, a, bt, scale, got, config)
+            assert torch.equal(got, want)
+        torch.cuda.synchronize()
+        index = x.device.index or 0
+        assert all(not region.any() for region in kernel._rings[index])
+    finally:
+        kernel._rings.update({i: r for i, r in saved.items() if i not in kernel._rings})
