@@ -13,11 +13,8 @@ A layer with few output tiles (narrow, or deep in K) leaves most of the GPU idle
 program per tile, and makes each program stream all of ``A``. There the K loop is split
 (``split`` in :data:`Config`): each program covers one K chunk, adds its share of the base
 product and of the expand (the shrink and its scaling are linear in K, so partial shrinks
-expand to partial outputs), and stores a float32 partial. The tile's last program to finish
-(counted with an atomic on a per-launch region of :data:`_rings`) adds the partials and
-rounds once, so such a layer is still one launch; where no counters are at hand (a CUDA graph
-captured before any eager launch on its device) :func:`_split_k_sum` adds them in a second
-launch, in the same order, to the same bits.
+expand to partial outputs), and stores a float32 partial; :func:`_split_k_sum` adds the
+partials and rounds once. That is two launches for such layers, as cuBLAS itself does for them.
 
 Routed (``ROUTED``, :mod:`lorahot.kernels.routed_linear`): each row has its own slot. The K loop
 then computes the base product alone; the rows' scaled shrinks come from a workspace ``H`` the
@@ -34,8 +31,6 @@ model's 99 s). Opaque, the kernel compiles once per tile configuration, at its f
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
@@ -49,12 +44,11 @@ __all__ = ["lora_linear", "launch", "config_for"]
 
 @triton.jit
 def _lora_linear_kernel(
-    X, W, A, BT, BIAS, S, Y, WS, H, ROUTE, COUNT,
+    X, W, A, BT, BIAS, S, Y, WS, H, ROUTE,
     M, N, K, R, K_CHUNK, SLOTS, T,
     stride_xm, stride_wn, stride_am, stride_bm, stride_ym, stride_bs, stride_hm,
     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUTED: tl.constexpr,
-    SUM_HERE: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -106,21 +100,9 @@ def _lora_linear_kernel(
     if SPLIT == 1:
         y_ptr = Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
         tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-    else:  # this split's partial sum, in float32
-        ok = m_ok[:, None] & n_ok[None, :]
+    else:  # this split's partial sum, in float32; _split_k_sum adds them up
         ws_ptr = WS + (pid_s * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
-        tl.store(ws_ptr, acc, mask=ok)
-        if SUM_HERE:  # the tile's last program to finish adds the partials (else _split_k_sum does)
-            tl.debug_barrier()  # every thread's partial stored before the count is published
-            tile = COUNT + pid_m * tl.num_programs(1) + pid_n
-            if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in tl.static_range(SPLIT):  # the order _split_k_sum adds them in: the same bits
-                    part = WS + (s * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
-                    total += tl.load(part, mask=ok, other=0.0, cache_modifier=".cg")
-                y_ptr = Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
-                tl.store(y_ptr, total.to(Y.dtype.element_ty), mask=ok)
-                tl.atomic_xchg(tile, 0)  # the counter back to zero for the next launch
+        tl.store(ws_ptr, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -191,51 +173,23 @@ def launch(
     chunk = triton.cdiv(triton.cdiv(k, bk), split) * bk
     split = triton.cdiv(k, chunk)  # no empty chunks
     ws = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-    count = _counters(x.device, grid[0] * grid[1]) if split > 1 else None
     if routing is not None:
         segs, route, t = routing
         slots = a.shape[0]
         h = shrink(x, a, scale, segs, t)
     else:
         route, t, slots, h = x, 1, 0, x  # unused placeholders without routing
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     _lora_linear_kernel[grid](
         x, weight, a, bt, bias if bias is not None else weight, scale, out, ws, h, route,
-        count if count is not None else x,
         m, n, k, r, chunk, slots, t,
         x.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), out.stride(0), bt.stride(0), h.stride(0),
         HAS_BIAS=bias is not None, R_PAD=max(16, triton.next_power_of_2(r)), SPLIT=split,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ROUTED=routing is not None, SUM_HERE=count is not None,
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ROUTED=routing is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if split > 1 and count is None:
+    if split > 1:
         block = 1024
         _split_k_sum[(triton.cdiv(m * n, block),)](ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4)
-
-
-#: Split-K tile counters: a ring of regions per device, one region per launch, zeroed once.
-#: A launch's last program per tile sets its counter back to zero, so every region is zero
-#: between launches. Consecutive launches take consecutive regions: two launches in flight at
-#: once (on two streams) share one only if 1024 launches apart. A captured CUDA graph keeps the
-#: regions it was captured with, so one graph replayed on two streams at once would share
-#: them, as it shares its own intermediate buffers.
-_RING_REGIONS, _REGION = 1024, 64
-_rings: dict[int, list[torch.Tensor]] = {}
-_turn = itertools.count()
-
-
-def _counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """This launch's ``[_REGION]`` zeroed int32 counters, or None: more tiles than a region
-    holds (:func:`config_for` splits only layers of at most 64 tiles), or no ring yet while a
-    CUDA graph is being captured (one is allocated outside captures; the launch then sums
-    its partials with :func:`_split_k_sum`)."""
-    regions = _rings.get(device.index or 0)
-    if regions is None:
-        if tiles > _REGION or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            return None
-        ring = torch.zeros(_RING_REGIONS * _REGION, dtype=torch.int32, device=device)
-        regions = _rings[device.index or 0] = list(ring.split(_REGION))
-    return regions[next(_turn) % _RING_REGIONS] if tiles <= _REGION else None
 
 
 def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
