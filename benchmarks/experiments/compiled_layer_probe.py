@@ -4,7 +4,8 @@ The SDXL-shaped UNet's default-mode step measured 2.95x the base's (diffusers' h
 on that host every extra call in the compiled wrapper costs tens of microseconds, and the UNet
 has 700 LoRA layers. This probe compiles ``SETS`` layers of one shape into one function
 (inductor, default mode, static shapes), each followed by a GELU (the elementwise consumer most
-LoRA outputs meet: an activation, a residual add), and measures per layer:
+LoRA outputs meet: an activation, a residual add; ``PROBE_CONSUMER=rope`` puts a rotary-style
+``cat`` there instead, as attention's q and k meet), and measures per layer:
 
 - ``wall``: calls issued back to back, synced at the end: what a default-mode step pays, the
   larger of host and GPU time;
@@ -14,8 +15,8 @@ LoRA outputs meet: an activation, a residual add), and measures per layer:
 Formulations (``s`` folded into A, as the runtime keeps it):
 
 - ``base``: ``gelu(x @ W.T)``;
-- ``op``: ``gelu(lorahot::wide_linear(x, [W; s*A], Bt))``, the opaque operator (one GEMM for base
-  and shrink, the expand accumulated in place);
+- ``op``: ``gelu(wide_linear(x, [W; s*A], Bt))`` behind an opaque operator (one GEMM for base
+  and shrink, the expand accumulated in place), as lorahot ran it until commit d41e5ae;
 - ``traced``: the same formula as library calls: ``yh = x @ [W; s*A].T``, then
   ``gelu(yh[:, :n] + yh[:, n:] @ Bt)``: the add fuses into the consumer;
 - ``traced_c``: ``traced`` with the rank-wide ``h`` made contiguous before the expand;
@@ -38,7 +39,6 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.experiments.forward_probe import graph_us, log
-from lorahot.kernels import wide_linear as W
 
 dev, dt, R = torch.device("cuda"), torch.bfloat16, 64
 OUT = os.environ.get("OUT", "/tmp")
@@ -56,25 +56,57 @@ SHAPES = {
     "llm down 1024": (1024, 5632, 2048),
 }
 FORMULAS = os.environ.get("PROBE_FORMULAS", "base,op,traced,traced_c,lib").split(",")
+#: what consumes each layer's output: ``gelu`` (elementwise: the traced add folds into it) or
+#: ``rope`` (a rotary-style ``cat``, not elementwise: the compiler rewrites the traced
+#: ``y + h @ Bt`` into an ``addmm``, which copies ``y`` first)
+CONSUMER = os.environ.get("PROBE_CONSUMER", "gelu")
+
+
+_LIB = torch.library.Library("lorahot_probe", "FRAGMENT")
+_LIB.define("wide_linear(Tensor x, Tensor wide, Tensor bt) -> Tensor")
+
+
+def _opaque_wide(x: torch.Tensor, wide: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """The wide layer as lorahot ran it until commit d41e5ae: an opaque operator whose body is
+    the GEMM over ``[W; s*A]`` and the in-place accumulate of the expand."""
+    n, r = bt.shape[1], bt.shape[0]
+    yh = F.linear(x, wide)
+    return yh.narrow(1, 0, n).addmm_(yh.narrow(1, n, r), bt)
+
+
+def _opaque_wide_fake(x: torch.Tensor, wide: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], wide.shape[0]))[:, : bt.shape[1]]
+
+
+_LIB.impl("wide_linear", _opaque_wide, "CompositeExplicitAutograd")
+_LIB.impl("wide_linear", torch.library.fallthrough_kernel, "Autograd")
+torch.library.register_fake("lorahot_probe::wide_linear", _opaque_wide_fake, lib=_LIB)
+
+
+def _consume(y: torch.Tensor) -> torch.Tensor:
+    if CONSUMER == "gelu":
+        return F.gelu(y)
+    half = y.shape[-1] // 2
+    return y * 0.5 + torch.cat((-y[:, half:], y[:, :half]), dim=-1) * 0.25
 
 
 def _layer(name: str, n: int) -> Callable[..., torch.Tensor]:
     def base(x, w, wa, ap, b):
-        return F.gelu(F.linear(x, w))
+        return _consume(F.linear(x, w))
 
     def op(x, w, wa, ap, b):
-        return F.gelu(W.wide_linear(x, wa, b))
+        return _consume(torch.ops.lorahot_probe.wide_linear(x, wa, b))
 
     def traced(x, w, wa, ap, b):
         yh = F.linear(x, wa)
-        return F.gelu(yh[:, :n] + yh[:, n:] @ b)
+        return _consume(yh[:, :n] + yh[:, n:] @ b)
 
     def traced_c(x, w, wa, ap, b):
         yh = F.linear(x, wa)
-        return F.gelu(yh[:, :n] + yh[:, n:].contiguous() @ b)
+        return _consume(yh[:, :n] + yh[:, n:].contiguous() @ b)
 
     def lib(x, w, wa, ap, b):
-        return F.gelu(F.linear(x, w) + F.linear(x, ap) @ b)
+        return _consume(F.linear(x, w) + F.linear(x, ap) @ b)
 
     return {"base": base, "op": op, "traced": traced, "traced_c": traced_c, "lib": lib}[name]
 
@@ -115,7 +147,7 @@ def main() -> None:
         was = [torch.cat([w, ap]) for w, ap in zip(ws, aps)]
         x = torch.randn(m, k, device=dev, dtype=dt, generator=g)
         ref = x.double() @ ws[0].double().T + (x.double() @ aps[0].double().T) @ bs[0].double()
-        ref = F.gelu(ref)
+        ref = _consume(ref)
         row: dict = {}
         for name in FORMULAS:
             layer = _layer(name, n)
@@ -150,7 +182,7 @@ def main() -> None:
         table[shape] = row
     path = os.path.join(OUT, f"{time.strftime('%Y%m%dT%H%M%S')}-compiled-layer-probe.json")
     with open(path, "w") as f:
-        json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "sets": SETS,
+        json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "sets": SETS, "consumer": CONSUMER,
                    "table": table}, f, indent=1)  # fmt: skip
     log("wrote", path)
 
