@@ -20,6 +20,8 @@ Formulations (``s`` folded into A, as the runtime keeps it):
 - ``traced``: the same formula as library calls: ``yh = x @ [W; s*A].T``, then
   ``gelu(yh[:, :n] + yh[:, n:] @ Bt)``: the add fuses into the consumer;
 - ``traced_c``: ``traced`` with the rank-wide ``h`` made contiguous before the expand;
+- ``expand_op``: the GEMM traced, the in-place expand alone behind an opaque mutating operator
+  (one kernel, no copy, one Python call per layer);
 - ``lib``: ``gelu(x @ W.T + (x @ (s*A).T) @ Bt)``, three GEMMs (what PEFT's layers compile to).
 
 Every formulation is checked against float64 first.
@@ -55,7 +57,7 @@ SHAPES = {
     "llm gate/up 1024": (1024, 2048, 5632),
     "llm down 1024": (1024, 5632, 2048),
 }
-FORMULAS = os.environ.get("PROBE_FORMULAS", "base,op,traced,traced_c,lib").split(",")
+FORMULAS = os.environ.get("PROBE_FORMULAS", "base,op,traced,traced_c,expand_op,lib").split(",")
 #: what consumes each layer's output: ``gelu`` (elementwise: the traced add folds into it) or
 #: ``rope`` (a rotary-style ``cat``, not elementwise: the compiler rewrites the traced
 #: ``y + h @ Bt`` into an ``addmm``, which copies ``y`` first)
@@ -78,6 +80,18 @@ def _opaque_wide_fake(x: torch.Tensor, wide: torch.Tensor, bt: torch.Tensor) -> 
     return x.new_empty((x.shape[0], wide.shape[0]))[:, : bt.shape[1]]
 
 
+_LIB.define("expand_(Tensor(a!) yh, Tensor bt) -> ()")
+
+
+def _expand_in_place(yh: torch.Tensor, bt: torch.Tensor) -> None:
+    """``yh[:, :n] += yh[:, n:] @ bt`` in place: the expand alone behind an opaque operator."""
+    n, r = bt.shape[1], bt.shape[0]
+    yh.narrow(1, 0, n).addmm_(yh.narrow(1, n, r), bt)
+
+
+_LIB.impl("expand_", _expand_in_place, "CompositeExplicitAutograd")
+_LIB.impl("expand_", torch.library.fallthrough_kernel, "Autograd")
+torch.library.register_fake("lorahot_probe::expand_", lambda yh, bt: None, lib=_LIB)
 _LIB.impl("wide_linear", _opaque_wide, "CompositeExplicitAutograd")
 _LIB.impl("wide_linear", torch.library.fallthrough_kernel, "Autograd")
 torch.library.register_fake("lorahot_probe::wide_linear", _opaque_wide_fake, lib=_LIB)
@@ -105,10 +119,15 @@ def _layer(name: str, n: int) -> Callable[..., torch.Tensor]:
         yh = F.linear(x, wa)
         return _consume(yh[:, :n] + yh[:, n:].contiguous() @ b)
 
+    def expand_op(x, w, wa, ap, b):
+        yh = F.linear(x, wa)
+        torch.ops.lorahot_probe.expand_(yh, b)
+        return _consume(yh[:, :n])
+
     def lib(x, w, wa, ap, b):
         return _consume(F.linear(x, w) + F.linear(x, ap) @ b)
 
-    return {"base": base, "op": op, "traced": traced, "traced_c": traced_c, "lib": lib}[name]
+    return {"base": base, "op": op, "traced": traced, "traced_c": traced_c, "expand_op": expand_op, "lib": lib}[name]
 
 
 def _host_us(fn: Callable[[], object]) -> float:
