@@ -23,6 +23,11 @@ input: 182 against 214 us, the add folded into the GELU instead of reading and w
 output once more), and less wall time back to back where the host is the bound (the LLM's
 gate/up at 1024 rows: 79 against 126 us; the base GEMM alone 45).
 
+Where the output's consumer is not elementwise (attention's q and k after a rotary ``cat``,
+SDPA), the compiler rewrites ``y + h @ Bt`` into ``addmm(y, h, Bt)``, and ATen's ``addmm``
+copies ``y`` into its output first: a copy kernel the in-place accumulate did not need (44
+per forward of the 22-block Llama at 1024 rows; ``benchmarks/README.md``, fifth session).
+
 The input is flattened to two dimensions first, so the expand is a plain 2-D product over the
 strided ``h`` (row stride ``out + R``).
 """
