@@ -84,6 +84,7 @@ class LoRALinear(LoRALayer):
             fused_kernel.worth_it(rows, self.spec.out_dim, wide=self._plan[2])
             and x.dtype == a.dtype
             and not _needs_grad(x, self._base)
+            and not _autocast_recasts(x, a.dtype)
         )
 
     def fused_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -190,7 +191,8 @@ class LoRALinear(LoRALayer):
         return (*super().bound_address(), 0 if wide is None else wide.data_ptr(), self.base_weight.data_ptr())
 
     def can_widen(self, x: torch.Tensor) -> bool:
-        return x.dtype == self.base_weight.dtype and not _needs_grad(x, self._base)
+        dtype = self.base_weight.dtype
+        return x.dtype == dtype and not _needs_grad(x, self._base) and not _autocast_recasts(x, dtype)
 
     def wide_forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``[y | h] = x @ [W; s[:, None] * A].T`` in one GEMM, then ``y + h @ B.T``
@@ -236,6 +238,16 @@ class LoRALinear(LoRALayer):
     def weight_delta(self, delta: torch.Tensor) -> torch.Tensor:
         """``delta [out, in]`` as the base weight lays it out (``[in, out]`` for Conv1D)."""
         return delta.t() if is_conv1d(self.base_layer) else delta.reshape(self.base_weight.shape)
+
+
+def _autocast_recasts(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether autocast is on for ``x``'s device with a dtype other than ``dtype``, the one the
+    layer's weights have. Autocast then runs the base layer's product in its own dtype; the
+    fused kernel (an operator autocast does not enter) and the wide path (whose in-place
+    accumulate would mix the two dtypes) would not follow, so the layer takes the library
+    formula, which autocast governs as it governs the base layer."""
+    device = x.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != dtype
 
 
 def _needs_grad(x: torch.Tensor, base: nn.Module) -> bool:

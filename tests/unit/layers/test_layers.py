@@ -246,3 +246,54 @@ def test_forward_plan_follows_every_flag_it_gathers(monkeypatch: pytest.MonkeyPa
     assert layer._plan == (False, False, False, False, layer._key, layer._geometry)
     layer.wide = True  # any later change of a gathered flag reaches the plan
     assert layer._plan[2] is True
+
+
+def _autocast_pair(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    """The same adapter on a widened model (the wide path forced onto the CPU) and on a
+    ``fused=False`` one (the library formula), weights in ``dtype``."""
+    from lorahot.runtime import wide
+
+    monkeypatch.setattr(wide, "DEVICE_TYPES", ("cpu", "cuda"))
+    models = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16)).eval().to(dtype)
+        runtime = lorahot.inject(model, ["0", "2"], max_rank=8, fused=fused)
+        runtime.load(make_adapter(model, {"0": 8, "2": 4}, seed=1, dtype=dtype)[0])
+        assert model[0].wide == fused
+        models.append(model)
+    return models[0], models[1]
+
+
+def test_autocast_to_another_dtype_takes_the_library_formula_as_the_base_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under autocast to a dtype other than the weights', the base layer's product runs in
+    autocast's dtype; a widened layer then takes the library formula (the wide path's in-place
+    accumulate would mix the two dtypes and raise): eagerly the same bits as a ``fused=False``
+    model, in autocast's dtype as the base layer's output is, and compiled the same values."""
+    widened, plain = _autocast_pair(monkeypatch, torch.float32)
+    x = torch.randn(4, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = widened(x), plain(x)
+        assert got.dtype == want.dtype == torch.bfloat16
+        assert torch.equal(got, want)
+        compiled = torch.compile(widened, fullgraph=True)(x)
+    torch.testing.assert_close(compiled.float(), want.float(), rtol=2e-2, atol=2e-2)
+    with torch.no_grad():  # autocast off again: the wide path, float32
+        assert widened(x).dtype == torch.float32
+
+
+def test_autocast_to_the_weights_dtype_keeps_the_wide_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autocast to the weights' own dtype changes nothing the layer computes: the wide path
+    stays, and gives the bits it gives without autocast."""
+    from lorahot.kernels import wide_linear
+
+    widened, _ = _autocast_pair(monkeypatch, torch.bfloat16)
+    calls = []
+    real = wide_linear.wide_linear
+    monkeypatch.setattr(wide_linear, "wide_linear", lambda *t: calls.append(1) or real(*t))
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = widened(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = widened(x)
+    assert len(calls) == 4 and torch.equal(got, want)
