@@ -245,8 +245,11 @@ def _autocast_recasts(x: torch.Tensor, dtype: torch.dtype) -> bool:
     layer's weights have. Autocast then runs the base layer's product in its own dtype; the
     fused kernel (an operator autocast does not enter) and the wide path (whose in-place
     accumulate would mix the two dtypes) would not follow, so the layer takes the library
-    formula, which autocast governs as it governs the base layer."""
+    formula, which autocast governs as it governs the base layer. Only CUDA and the CPU are
+    asked (the fast paths run nowhere else; autocast refuses to be asked about ``meta``)."""
     device = x.device.type
+    if device not in ("cuda", "cpu"):
+        return False
     return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != dtype
 
 
