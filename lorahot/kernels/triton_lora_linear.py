@@ -169,6 +169,8 @@ def launch(
     m, k = x.shape
     n = weight.shape[0]
     r = a.shape[-2]
+    if bias is not None and bias.stride(0) != 1:  # the kernel reads the bias as one contiguous row
+        bias = bias.contiguous()
     bm, bn, bk, warps, stages, split = config
     chunk = triton.cdiv(triton.cdiv(k, bk), split) * bk
     split = triton.cdiv(k, chunk)  # no empty chunks

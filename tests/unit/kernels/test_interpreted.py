@@ -150,6 +150,36 @@ def test_any_routing_of_any_shape_matches_the_per_row_reference(
     torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()) + 1e-3)
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-adapter", "routed"])
+def test_fused_kernels_read_a_strided_bias_right(per_row: bool) -> None:
+    """A bias that is a strided view (every other element of a packed tensor) gives the
+    result of its contiguous copy: the kernel reads the bias as one contiguous row."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    g = torch.Generator().manual_seed(11)
+    m, k, n, rank, slots = 5, 64, 48, 8, 3
+    x = torch.randn(m, k, generator=g).half()
+    weight = (torch.randn(n, k, generator=g) / k**0.5).half()
+    packed = torch.randn(2 * n, generator=g).half()
+    bias = packed[::2]
+    assert bias.stride(0) == 2
+    shape = (slots, rank) if per_row else (rank,)
+    a = (torch.randn(*shape, k, generator=g) / k**0.5).half()
+    bt = torch.randn(*shape, n, generator=g).half()
+    scale = torch.rand(*shape, generator=g)
+    outs = []
+    for b in (bias, bias.contiguous()):
+        out = torch.full((m, n), float("nan"), dtype=torch.float16)
+        config = kernel.config_for(m, n, k)
+        if per_row:
+            route = torch.tensor([0, 2, -1, 1, 0])
+            segs = routed.segments(route, slots)
+            kernel.launch(x, weight, b, a, bt, scale, out, config, routing=(segs, route, 1))
+        else:
+            kernel.launch(x, weight, b, a, bt, scale, out, config)
+        outs.append(out)
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+
+
 def test_the_fused_operator_dispatches_compiles_and_refuses_gradients() -> None:
     """``lorahot::lora_linear`` as the layers call it: through the dispatcher, inside a compiled
     graph (fullgraph: one opaque node), and refused where a gradient would flow through it."""

@@ -261,3 +261,24 @@ def test_fused_layers_holding_a_stack_follow_every_reweighting_without_recompile
                 expected = stack_reference(reference_model, x.float(), parts)
                 assert torch.isfinite(y).all()
                 assert float((y.double() - expected).norm() / expected.norm()) < 2e-2, weights
+
+
+@pytest.mark.gpu
+def test_layer_with_a_strided_bias_matches_the_library_formula() -> None:
+    """An ``nn.Linear`` whose bias is a strided view (every other element of a packed tensor):
+    the fused path gives what the library formula gives, within bf16 rounding."""
+    g = torch.Generator("cuda").manual_seed(3)
+    packed = torch.randn(2 * 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    x = torch.randn(3, 48, device="cuda", dtype=torch.bfloat16, generator=g)
+    outs = []
+    for fused_path in (True, False):
+        model = _mlp(torch.bfloat16, "cuda")
+        model[0].bias = nn.Parameter(packed[::2], requires_grad=False)
+        assert model[0].bias.stride(0) == 2
+        runtime = lorahot.inject(model, list(NAMES), max_rank=8, fused=fused_path)
+        runtime.load(make_adapter(model, dict.fromkeys(NAMES, 8), seed=4)[0])
+        assert model[0].fused == fused_path
+        with torch.inference_mode():
+            outs.append(model(x))
+    assert torch.isfinite(outs[0]).all()
+    assert float((outs[0].double() - outs[1].double()).norm() / outs[1].double().norm()) < 1e-2
