@@ -169,7 +169,11 @@ def launch(
     m, k = x.shape
     n = weight.shape[0]
     r = a.shape[-2]
-    if bias is not None and bias.stride(0) != 1:  # the kernel reads the bias as one contiguous row
+    # the base layer's own tensors, whatever their layout: the kernel reads the weight's rows
+    # and the bias as contiguous runs
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     bm, bn, bk, warps, stages, split = config
     chunk = triton.cdiv(triton.cdiv(k, bk), split) * bk

@@ -151,9 +151,10 @@ def test_any_routing_of_any_shape_matches_the_per_row_reference(
 
 
 @pytest.mark.parametrize("per_row", [False, True], ids=["one-adapter", "routed"])
-def test_fused_kernels_read_a_strided_bias_right(per_row: bool) -> None:
-    """A bias that is a strided view (every other element of a packed tensor) gives the
-    result of its contiguous copy: the kernel reads the bias as one contiguous row."""
+def test_fused_kernels_read_a_strided_weight_and_bias_right(per_row: bool) -> None:
+    """A bias that is a strided view (every other element of a packed tensor) and a weight
+    stored transposed give the result of their contiguous copies: the kernel reads the bias and
+    each weight row as contiguous runs."""
     kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
     g = torch.Generator().manual_seed(11)
     m, k, n, rank, slots = 5, 64, 48, 8, 3
@@ -167,15 +168,17 @@ def test_fused_kernels_read_a_strided_bias_right(per_row: bool) -> None:
     bt = torch.randn(*shape, n, generator=g).half()
     scale = torch.rand(*shape, generator=g)
     outs = []
-    for b in (bias, bias.contiguous()):
+    strided_weight = weight.t().contiguous().t()
+    assert strided_weight.stride(-1) != 1
+    for w, b in ((strided_weight, bias), (weight, bias.contiguous())):
         out = torch.full((m, n), float("nan"), dtype=torch.float16)
         config = kernel.config_for(m, n, k)
         if per_row:
             route = torch.tensor([0, 2, -1, 1, 0])
             segs = routed.segments(route, slots)
-            kernel.launch(x, weight, b, a, bt, scale, out, config, routing=(segs, route, 1))
+            kernel.launch(x, w, b, a, bt, scale, out, config, routing=(segs, route, 1))
         else:
-            kernel.launch(x, weight, b, a, bt, scale, out, config)
+            kernel.launch(x, w, b, a, bt, scale, out, config)
         outs.append(out)
     assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
 
