@@ -37,7 +37,7 @@ import triton.language as tl
 
 from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.op_registry import define, refuse_grad
-from lorahot.kernels.triton_routed_lora import shrink
+from lorahot.kernels.triton_routed_lora import rank_pad, shrink
 
 __all__ = ["lora_linear", "launch", "config_for"]
 
@@ -190,7 +190,7 @@ def launch(
         x, weight, a, bt, bias if bias is not None else weight, scale, out, ws, h, route,
         m, n, k, r, chunk, slots, t,
         x.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), out.stride(0), bt.stride(0), h.stride(0),
-        HAS_BIAS=bias is not None, R_PAD=max(16, triton.next_power_of_2(r)), SPLIT=split,
+        HAS_BIAS=bias is not None, R_PAD=rank_pad(r), SPLIT=split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ROUTED=routing is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split > 1:

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from lorahot.kernels.routed_lora import segments, token_route
 
-__all__ = ["launch", "shrink"]
+__all__ = ["launch", "shrink", "rank_pad"]
 
 
 @triton.jit
@@ -177,7 +177,7 @@ def launch(
     n = y.shape[1]
     slots, r = a.shape[0], a.shape[1]
     t = m // route.shape[0]  # rows per routing entry
-    r_pad = max(16, triton.next_power_of_2(r))
+    r_pad = rank_pad(r)
     if gather:
         tokens = token_route(route, m)
         h = torch.empty((m, r_pad), device=x.device, dtype=torch.float32)
@@ -196,7 +196,7 @@ def launch(
     if segs is None:
         segs = segments(route, slots)
     h = shrink(x, a, s, segs, t)
-    block_m = 16 if m <= 256 else 64
+    block_m = _block_m(m)
     tiles = triton.cdiv(m, block_m)
     block_n = 64 if n <= 1024 else 128
     _segment_expand[(tiles, triton.cdiv(n, block_n), slots + 1)](
@@ -212,8 +212,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, segs: torch.Tensor
     routing grouped by slot, ``t`` the rows per routing entry."""
     m, k = x.shape
     slots, r = a.shape[0], a.shape[1]
-    r_pad = max(16, triton.next_power_of_2(r))
-    block_m, block_k = (16 if m <= 256 else 64), 64
+    r_pad = rank_pad(r)
+    block_m, block_k = _block_m(m), 64
     tiles = triton.cdiv(m, block_m)
     splits = _splits(k, tiles, block_k)
     h = (torch.zeros if splits > 1 else torch.empty)((m, r_pad), device=x.device, dtype=torch.float32)
@@ -223,6 +223,17 @@ def shrink(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, segs: torch.Tensor
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, SPLITS=splits, num_warps=4,
     )  # fmt: skip
     return h
+
+
+def rank_pad(r: int) -> int:
+    """The rank as the kernels hold it: a power of two, at least 16 (a tensor-core dot's
+    smallest side); the shrink workspace ``H`` has this many columns."""
+    return max(16, int(triton.next_power_of_2(r)))
+
+
+def _block_m(m: int) -> int:
+    """Rows per tile of the segmented kernels: 16 up to 256 rows, 64 above."""
+    return 16 if m <= 256 else 64
 
 
 def _splits(k: int, tiles: int, block_k: int) -> int:

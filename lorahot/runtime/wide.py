@@ -31,7 +31,7 @@ from lorahot.kernels import row_scale
 from lorahot.kernels.row_scale import RowScaler
 from lorahot.layers import LoRALayer
 from lorahot.runtime.buffers import BufferManager
-from lorahot.runtime.plan import LoadPlan
+from lorahot.runtime.plan import LoadPlan, dtype_max
 from lorahot.runtime.stack import Stack
 
 __all__ = ["WideWeights", "widen_layers", "DEVICE_TYPES"]
@@ -107,7 +107,7 @@ class WideWeights:
             UsageError: naming the layer, the largest value and the largest multiplier allowed.
         """
         for a, indices, worst, largest in self._worst(plan):
-            top = torch.finfo(self.buffers.arenas[a].dtype).max
+            top = dtype_max(self.buffers.arenas[a].dtype)
             if largest * abs(multiplier) > top:
                 layer = names[a][indices[worst]] if a < len(names) else f"layer {indices[worst]}"
                 raise UsageError(
@@ -120,7 +120,7 @@ class WideWeights:
     def limits(self, plan: LoadPlan) -> list[tuple[float, float]]:
         """Per arena with wide layers, ``(largest, top)``: :meth:`check` refuses a multiplier
         ``m`` where ``largest * abs(m) > top``."""
-        return [(largest, torch.finfo(self.buffers.arenas[a].dtype).max) for a, _, _, largest in self._worst(plan)]
+        return [(largest, dtype_max(self.buffers.arenas[a].dtype)) for a, _, _, largest in self._worst(plan)]
 
     def _worst(self, plan: LoadPlan) -> list[tuple[int, list[int], int, float]]:
         """Per arena with wide layers: the arena, its wide layers' indices, the position among them of the
@@ -146,10 +146,8 @@ class WideWeights:
         ``stack`` (what the live region holds) at the parts' ``weights``, or zero for None (no
         adapter live)."""
         with torch.no_grad():
-            for a, (indices, _, _) in enumerate(self.groups):
-                if not indices:
-                    continue
-                rows = max(self.extent[a], self.buffers.arenas[a].a_extent[self.buffers.live])
+            for a in range(len(self.groups)):
+                rows = self._span(a)
                 if rows == 0:
                     continue
                 scaler = self._scalers[a]
@@ -176,8 +174,8 @@ class WideWeights:
         rows to rewrite, ``(scaler, the live S, rows)``. None where an arena takes the
         library-call path. After running the calls, :meth:`settle` records what they rewrote."""
         out = []
-        for a, (indices, _, _) in enumerate(self.groups):
-            rows = max(self.extent[a], self.buffers.arenas[a].a_extent[self.buffers.live]) if indices else 0
+        for a in range(len(self.groups)):
+            rows = self._span(a)
             if rows == 0:
                 continue
             scaler = self._scalers[a]
@@ -191,6 +189,13 @@ class WideWeights:
         for a, (indices, _, _) in enumerate(self.groups):
             if indices:
                 self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live]
+
+    def _span(self, arena: int) -> int:
+        """Rows of arena ``arena``'s wide layers a refresh rewrites: those that may be nonzero
+        now or in the live adapter; 0 where the arena has no wide layer."""
+        if not self.groups[arena][0]:
+            return 0
+        return max(self.extent[arena], self.buffers.arenas[arena].a_extent[self.buffers.live])
 
     def _rows(self, arena: int, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The first ``rows`` rows of arena ``arena``'s wide and live A blocks (memoized)."""
