@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the benchmark suites. Run from the repo root:
 #   bash benchmarks/device_run.sh [SUITES...]      (default: gpu-tests swap forward fullgraph)
+# A step probe:NAME[:ARG,ARG] runs benchmarks/experiments/NAME.py with those arguments (its printout
+# in $OUT/NAME[-ARG-ARG].log).
 # Wheels for packages the device lacks (google-re2; pytest/hypothesis where missing; diffusers and
 # what it imports that torch/transformers/peft do not bring: Pillow, requests and its four, and
 # huggingface_hub >= 1.32) travel in .whl/ (name it in the call's carry). A wheel is installed only
@@ -38,6 +40,8 @@ for step in "${@:-gpu-tests swap forward fullgraph}"; do
     echo "=== $s $(date +%T)"
     case $s in
       gpu-tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=short tests 2>&1 | tail -25 ;;
+      probe:*) p=${s#probe:}; name=${p%%:*}; args=; [ "$p" != "$name" ] && args=${p#*:}
+        timeout ${SUITE_TIMEOUT:-560} python3 -m "benchmarks.experiments.$name" ${args//,/ } 2>&1 | tee "$OUT/$name${args:+-${args//,/-}}.log" | grep -v '^ ' | tail -40 ;;
       swap|forward|fullgraph|rows|stack|mixed|diffusion) timeout ${SUITE_TIMEOUT:-560} python3 -m benchmarks.run --suite "$s" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-$s.log" | grep -v '^ ' | tail -40 ;;
     esac
   done

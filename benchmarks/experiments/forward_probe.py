@@ -89,6 +89,13 @@ DECODE_CFGS = [
     for bk in (64, 128, 256)
     for sp in (1, 2, 4, 8, 16)
 ]
+MID_CFGS = [
+    (bm, bn, bk, 4, 4 if bm == 16 else 3, sp)
+    for bm in (16, 32, 64)
+    for bn in (32, 64, 128)
+    for bk in (64, 128)
+    for sp in (1, 2, 4, 8)
+]
 PREFILL_CFGS = [
     (bm, bn, bk, 4 if bm * bn <= 4096 else 8, 3, sp)
     for bm in (64, 128)
@@ -140,9 +147,17 @@ def sweep() -> None:
                     y = F.linear(x, ws[i])
                     outs[i] = y.addmm_(x @ As[i].T, Bs[i])
 
+            wides = [torch.cat([ws[i], As[i] * 0.5]) for i in range(n_sets)]
+
+            def wide():  # the wide layer's eager formula: [y | h] in one GEMM, then y += h @ Bt
+                for i in range(n_sets):
+                    yh = F.linear(x, wides[i])
+                    outs[i] = yh.narrow(1, 0, n).addmm_(yh.narrow(1, n, R), Bs[i])
+
             row["cublas_base"] = graph_us(base, n_sets)
             row["cublas_lora"] = graph_us(cublas_lora, n_sets)
-            for cfg in DECODE_CFGS if m == 1 else PREFILL_CFGS:
+            row["wide"] = graph_us(wide, n_sets)
+            for cfg in DECODE_CFGS if m <= 16 else MID_CFGS if m <= 64 else PREFILL_CFGS:
 
                 def fused(cfg=cfg):
                     for i in range(n_sets):
@@ -156,11 +171,11 @@ def sweep() -> None:
             best = min((v, c) for c, v in row.items() if c.startswith("(") and v is not None)
             table[f"m{m} {name}"] = row
             log(
-                f"m={m:3d} {name:8s} base {row['cublas_base']:6.2f} us  cublas lora {row['cublas_lora']:6.2f}  fused default {row[str(K.config_for(m, n, k))] if str(K.config_for(m, n, k)) in row else float('nan'):6.2f}  best {best[0]:6.2f} {best[1]}"
+                f"m={m:3d} {name:8s} base {row['cublas_base']:6.2f} us  cublas lora {row['cublas_lora']:6.2f}  wide {row['wide']:6.2f}  fused default {row[str(K.config_for(m, n, k))] if str(K.config_for(m, n, k)) in row else float('nan'):6.2f}  best {best[0]:6.2f} {best[1]}"
             )
             results["sweep"] = table
             save()
-            del ws, As, Bs, outs
+            del ws, As, Bs, outs, wides
 
 
 # -- 3. the model ------------------------------------------------------------------------------

@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lorahot.kernels.triton_import import triton_module
 
-__all__ = ["available", "supports", "supports_tensors", "worth_it", "lora_linear"]
+__all__ = ["available", "supports", "supports_tensors", "worth_it", "decidable", "lora_linear", "lora_linear_into"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -75,13 +76,26 @@ def worth_it(rows: int, out_features: int, *, wide: bool = False) -> bool:
 
     Against base + shrink + expand the kernel wins up to 128 rows (H100, same probe).
     """
-    if rows <= 16:
+    if rows <= _ROW_LIMITS[0]:
         return True
     if not wide:
-        return rows <= 128
-    if rows <= 128:
+        return rows <= _ROW_LIMITS[1]
+    if rows <= _ROW_LIMITS[1]:
         return out_features < 4096
-    return rows <= 256 and out_features <= 512
+    return rows <= _ROW_LIMITS[2] and out_features <= 512
+
+
+#: the row counts at which :func:`worth_it` changes its answer
+_ROW_LIMITS = (16, 128, 256)
+
+
+def decidable(rows: int | torch.SymInt) -> bool:
+    """Whether :func:`worth_it` can answer for ``rows`` without a guard: always eagerly, and
+    under ``torch.compile`` where the row count is a constant of the graph, or symbolic but
+    known to lie between two of its limits. Where it is not, asking would make the compiler
+    guard on the answer, and compile one graph per range of row counts where the base model
+    compiles one for all (:meth:`lorahot.layers.linear.LoRALinear.dynamic_rows`)."""
+    return all(statically_known_true(rows <= t) or statically_known_true(rows > t) for t in _ROW_LIMITS)
 
 
 def lora_linear(
@@ -101,3 +115,22 @@ def lora_linear(
     """
     y: torch.Tensor = torch.ops.lorahot.lora_linear(x, weight, bias, a, bt, scale)
     return y
+
+
+def lora_linear_into(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    scale: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """:func:`lora_linear` without bias on 2-D ``x2 [M, K]``, written into ``out [M, N]``
+    (columns contiguous, any row stride); called eagerly, from inside another operator. Where
+    the kernel cannot run (no CUDA or Triton), the library formula stands in for it."""
+    kernel = _kernel()
+    if kernel is not None and x2.is_cuda:
+        kernel.run_into(x2, weight, None, a, bt, scale, out)
+        return
+    h = (x2 @ a.t() * scale).to(x2.dtype)
+    out.copy_(x2 @ weight.t() + h @ bt)

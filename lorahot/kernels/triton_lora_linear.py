@@ -39,7 +39,7 @@ from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.triton_routed_lora import rank_pad, shrink
 
-__all__ = ["lora_linear", "launch", "config_for"]
+__all__ = ["lora_linear", "launch", "run_into", "config_for"]
 
 
 @triton.jit
@@ -125,20 +125,24 @@ Config = tuple[int, int, int, int, int, int]
 def config_for(m: int, n: int, k: int) -> Config:
     """The tile configuration for ``m`` rows, ``n`` outputs and ``k`` inputs.
 
-    Measured on an H100 (132 SMs) over the Llama projection shapes
-    (``benchmarks/experiments/forward_probe.py``, each call alone in a CUDA graph): a layer with
-    few output tiles is split along K until about 256 programs run, a wide one is not. At decode
-    size (1 row) that took 2048 -> 256 from 8.95 to 4.53 us and 5632 -> 2048 from 20.7 to 13.4 us;
-    at 128 rows the kernel runs 11.2 / 5.9 / 19.9 / 21.5 us for q-o / k-v / gate-up / down, where
-    cuBLAS base + shrink + expand takes 15.7 / 13.6 / 21.1 / 24.1 us.
+    A layer with few output tiles is split along K until about 256-384 programs run (a power
+    of two; a wide one is not split). Measured on an H200 over the Llama projection shapes at
+    rank 64 (``benchmarks/experiments/forward_probe.py sweep``, each call in a CUDA graph with 22
+    weight sets, us; the base GEMM in brackets):
+
+    - 1 row: q/o 7.59 (6.30), k/v 4.62 (5.22), gate/up 11.28 (8.66), down 11.20 (11.37). Split in
+      4, gate/up went from 12.86 to 11.28 (88 tiles were left unsplit under the earlier 256-program
+      rule).
+    - 64 rows: q/o 9.28 (6.59), k/v 5.28 (5.26), down 13.75 (12.01).
+    - 256 rows, k/v: 6.35 with 64-column tiles against 6.82 with 32 (5.88).
     """
     small = m <= 16
     bm = 16 if small else 64
-    bn = 32 if n <= 512 else 64
+    bn = 32 if n <= 512 and m <= 64 else 64
     tiles = -(-m // bm) * -(-n // bn)
     split = 1
-    if tiles <= 64:
-        split = min(16 if small else 8, 256 // tiles, max(1, k // 128))
+    if tiles <= 192:
+        split = min(16 if small else 8, 384 // tiles, max(1, k // 128))
         split = 1 << (split.bit_length() - 1)  # a power of two
     bk = 128 if small and split == 1 else 64
     return (bm, bn, bk, 4, 4 if small else 3, split)
@@ -215,12 +219,26 @@ def lora_linear(
     kernel, two with split K (the operator ``lorahot::lora_linear``)."""
     refuse_grad("lora_linear", x, weight, bias, a, bt)
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     n = weight.shape[0]
     out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
-    if x2.shape[0] == 0:
-        return out.view(*x.shape[:-1], n)
-    with launching_on(x.device):
-        launch(x2, weight, bias, a, bt, scale, out, config_for(x2.shape[0], n, x2.shape[1]))
+    run_into(x2, weight, bias, a, bt, scale, out)
     return out.view(*x.shape[:-1], n)
+
+
+def run_into(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    scale: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """The kernel on 2-D ``x2 [M, K]`` into ``out [M, N]`` (columns contiguous, any row stride),
+    with the tile configuration :func:`config_for` picks."""
+    if x2.shape[0] == 0:
+        return
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    with launching_on(x2.device):
+        launch(x2, weight, bias, a, bt, scale, out, config_for(x2.shape[0], weight.shape[0], x2.shape[1]))

@@ -30,13 +30,27 @@ per forward of the 22-block Llama at 1024 rows; ``benchmarks/README.md``, fifth 
 
 The input is flattened to two dimensions first, so the expand is a plain 2-D product over the
 strided ``h`` (row stride ``out + R``).
+
+**Symbolic row counts.** Under dynamic shapes (``torch.compile(dynamic=True)``, or the automatic
+dynamic shapes a second input size turns on) the row count is a symbol of the graph. Choosing
+between the fused kernel (:mod:`lorahot.kernels.lora_linear`, best up to a few hundred rows)
+and the wide GEMMs in Python would make the compiler guard on the choice and compile one graph
+per range of row counts: on an H200 the rows suite's nine shapes took lorahot 7 graphs and 297 s
+against the base model's 4 graphs and 127 s (``benchmarks/experiments/compile_probe.py``).
+There :func:`wide_linear_dynamic` makes the choice at run time inside one opaque operator,
+``lorahot::wide_linear_dynamic``, so one graph serves every row count, as it does for the base
+model. Its output has the wide GEMM's layout whichever path ran (row stride ``out + R``), as
+its fake says.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["wide_linear"]
+from lorahot.kernels import lora_linear as fused_kernel
+from lorahot.kernels.op_registry import define, refuse_grad
+
+__all__ = ["wide_linear", "wide_linear_dynamic"]
 
 
 def wide_linear(x: torch.Tensor, wide: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
@@ -55,3 +69,42 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     """Whether autograd records this call: an in-place write into ``yh`` would then overwrite
     the ``h`` its backward needs."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _dynamic_fake(
+    x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, fused: bool
+) -> torch.Tensor:
+    n = bt.shape[1]
+    yh = x.new_empty((x.numel() // x.shape[-1] if x.shape[-1] else 0, wide.shape[0]))
+    return yh[:, :n].view(*x.shape[:-1], n)
+
+
+@define(
+    "wide_linear_dynamic(Tensor x, Tensor wide, Tensor a, Tensor bt, Tensor scale, bool fused) -> Tensor",
+    _dynamic_fake,
+)
+def _wide_linear_dynamic(
+    x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, fused: bool
+) -> torch.Tensor:
+    refuse_grad("wide_linear_dynamic", x, wide, a, bt)
+    n, r = bt.shape[1], bt.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    if fused and fused_kernel.worth_it(x2.shape[0], n, wide=True):
+        y = x2.new_empty((x2.shape[0], n + r)).narrow(1, 0, n)
+        fused_kernel.lora_linear_into(x2, wide.narrow(0, 0, n), a, bt, scale, y)
+    else:
+        yh = torch.nn.functional.linear(x2, wide)
+        y = yh.narrow(1, 0, n).addmm_(yh.narrow(1, n, r), bt)
+    return y.view(*x.shape[:-1], n)
+
+
+def wide_linear_dynamic(
+    x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, *, fused: bool
+) -> torch.Tensor:
+    """:func:`wide_linear` for an input whose row count the compiler keeps symbolic (see the
+    module docstring): where ``fused`` (the layer's fused kernel applies) and
+    :func:`lorahot.kernels.lora_linear.worth_it` says so for the rows of this call, the fused
+    kernel over the weight ``wide[:n]``, the live ``a [R, in]`` and its per-row ``scale [R]``;
+    else the wide GEMM and the in-place expand. One opaque operator either way; no gradient."""
+    out: torch.Tensor = torch.ops.lorahot.wide_linear_dynamic(x, wide, a, bt, scale, fused)
+    return out

@@ -387,6 +387,8 @@ class LoRALayer(nn.Module):
         if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
             return self._routed_forward(x, route, *args, **kwargs)
         if not args and not kwargs:
+            if fused and wide and self.dynamic_rows(x):  # compiled, rows symbolic: one op decides per call
+                return self._finish(self.dynamic_forward(x, a, b, scale), e, scale)
             if fused and self.can_fuse(x, a):
                 return self._finish(self.fused_forward(x, a, b, scale), e, scale)  # base(x) + B(s * A(x))
             if wide and self.can_widen(x):
@@ -516,6 +518,15 @@ class LoRALayer(nn.Module):
 
     def wide_forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The whole layer from the wide buffer, where the subclass has one."""
+        raise NotImplementedError
+
+    def dynamic_rows(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`dynamic_forward` applies to ``x`` (only asked of a layer both fused and
+        wide): compiled with a row count the kernel choice cannot be decided on without a guard."""
+        return False
+
+    def dynamic_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The whole layer, the fused kernel or the wide GEMMs chosen per call inside one operator."""
         raise NotImplementedError
 
     def merge_refusal(self) -> str | None:

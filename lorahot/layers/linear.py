@@ -202,6 +202,24 @@ class LoRALinear(LoRALayer):
         bias = self._base.bias
         return y if bias is None else y + bias
 
+    def dynamic_rows(self, x: torch.Tensor) -> bool:
+        """Compiled with a symbolic row count (dynamic shapes) that the fused kernel's row limits
+        cannot be decided on without a guard, where the wide path applies: the layer then runs
+        :meth:`dynamic_forward`, and one graph serves every row count (see
+        :mod:`lorahot.kernels.wide_linear`)."""
+        if not torch.compiler.is_compiling():
+            return False
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        return not fused_kernel.decidable(rows) and self.can_widen(x)
+
+    def dynamic_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The fused kernel or the wide GEMMs, whichever pays for the rows of each call, chosen at
+        run time inside the operator ``lorahot::wide_linear_dynamic``; the bias added outside it,
+        in the elementwise pass the compiler fuses with what follows."""
+        y = wide_kernel.wide_linear_dynamic(x, getattr(self, WIDE_BUFFER), a, b, scale, fused=True)
+        bias = self._base.bias
+        return y if bias is None else y + bias
+
     def merge_refusal(self) -> str | None:
         """Merged mode folds the LoRA into the weight, which is right only where the base computes
         ``F.linear(x, weight, bias)`` (``x @ weight + bias`` for Conv1D): checked on a probe

@@ -416,3 +416,66 @@ def test_negative_control_a_python_number_embed_scale_changed_recompiles() -> No
             compiled(ids)
         torch.testing.assert_close(compiled(ids), model(ids))
     assert counter.frame_count == 2
+
+
+def _fused_wide_mlp(monkeypatch: pytest.MonkeyPatch) -> tuple[nn.Module, nn.Module, dict]:
+    """A two-linear model whose layers are both fused and wide, as on CUDA: the fused kernel's
+    op has its library formula standing in for it on the CPU. Returns the lorahot model (an
+    adapter loaded), an untouched base copy, and the adapter's ``(A, B, scale)`` per layer."""
+    from lorahot.kernels import lora_linear as fused_kernel
+    from lorahot.kernels import routed_lora
+
+    def formula(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, *lora: torch.Tensor) -> torch.Tensor:
+        a, bt, s = lora
+        return torch.nn.functional.linear(x, w, bias) + ((x @ a.t()) * s).to(x.dtype) @ bt
+
+    monkeypatch.setattr(fused_kernel, "supports", lambda base, a: True)
+    monkeypatch.setattr(fused_kernel, "lora_linear", formula)
+    monkeypatch.setattr(routed_lora, "available", lambda: True)
+    monkeypatch.setattr(wide_layers, "DEVICE_TYPES", {"cpu"})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 4, bias=False))
+    base = nn.Sequential(nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 4, bias=False))
+    base.load_state_dict(model.state_dict())
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4)
+    assert all(layer._plan[1] and layer.wide for layer in runtime.layers.values())  # fused and wide
+    tensors, ab = make_adapter(model, {"0": 2, "2": 3}, seed=0)
+    runtime.load(tensors)
+    return model, base, {n: (a, b, 1.0) for n, (a, b) in ab.items()}
+
+
+# Row counts as a server sees them: the first two shapes turn on dynamic shapes, then decode
+# batches across the fused kernel's row limits, then prefills; 3-D inputs too.
+_ROW_SHAPES = [(3, 8), (5, 8), (1, 8), (12, 8), (40, 8), (200, 8), (300, 8), (2, 7, 8), (4, 300, 8)]
+
+
+def _frames(model: nn.Module, check: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> int:
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        for shape in _ROW_SHAPES:
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape) * 1000 + shape[0]))
+            out = compiled(x)
+            if check is not None:
+                check(x, out)
+    return counter.frame_count
+
+
+def test_dynamic_row_counts_compile_no_more_graphs_than_the_base_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled with automatic dynamic shapes, a layer that chooses between the fused kernel
+    and the wide GEMMs by row count makes that choice at run time, inside one operator: the
+    model compiles as many graphs as the base model over the same inputs, each output equal to
+    the float64 reference. The negative control decides in Python (as static shapes do) and
+    compiles a graph per range of row counts."""
+    model, base, loras = _fused_wide_mlp(monkeypatch)
+
+    def check(x: torch.Tensor, out: torch.Tensor) -> None:
+        torch.testing.assert_close(out.double(), model_reference(base, x, loras), rtol=1e-4, atol=1e-5)
+
+    base_frames = _frames(base)
+    assert _frames(model, check) == base_frames
+    from lorahot.kernels import lora_linear as fused_kernel
+
+    monkeypatch.setattr(fused_kernel, "decidable", lambda rows: True)
+    assert _frames(model, check) > base_frames

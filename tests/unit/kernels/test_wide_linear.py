@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -97,3 +98,63 @@ def test_gradients_flow_eager_and_compiled() -> None:
     assert torch.autograd.gradcheck(wide_kernel.wide_linear, args)
     compiled = torch.compile(wide_kernel.wide_linear, backend="aot_eager", fullgraph=True)
     assert torch.autograd.gradcheck(compiled, args)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(0, 300),
+    k=st.integers(1, 24),
+    n=st.integers(1, 40),
+    r=st.integers(1, 8),
+    fused=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_dynamic_op_matches_float64_reference_on_either_path(
+    m: int, k: int, n: int, r: int, fused: bool, seed: int
+) -> None:
+    """``lorahot::wide_linear_dynamic`` picks the fused kernel (here its CPU stand-in) or the
+    wide GEMMs by the rows of each call; either way the result is the layer's formula, laid out
+    as its fake says (row stride ``n + r``), so a compiled consumer reads it right."""
+    x, w, a, bt, s, wide = _operands(m, k, n, r, torch.float64, "cpu", seed)
+    y = wide_kernel.wide_linear_dynamic(x.reshape(1, m, k), wide, a, bt, s, fused=fused)
+    assert y.shape == (1, m, n)
+    if m > 1:
+        assert y.stride() == (m * (n + r), n + r, 1)
+    if m:
+        torch.testing.assert_close(y[0], _reference(x, w, a, bt, s), rtol=1e-10, atol=1e-10)
+
+
+def test_dynamic_op_fake_agrees_with_the_real_output_and_refuses_gradients() -> None:
+    x, *_, a, bt, s, wide = _operands(20, 12, 10, 4, torch.float32, "cpu", seed=7)
+    for fused in (False, True):
+        torch.library.opcheck(
+            torch.ops.lorahot.wide_linear_dynamic.default,
+            (x.reshape(4, 5, 12), wide, a, bt, s, fused),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+    with pytest.raises(RuntimeError, match="no backward"):
+        wide_kernel.wide_linear_dynamic(x.requires_grad_(), wide, a, bt, s, fused=False)
+
+
+def test_compiled_with_symbolic_rows_the_op_takes_the_fused_path_only_where_it_pays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Compiled with dynamic shapes, one graph holds the op, and each call's rows choose the
+    path at run time: the fused kernel up to its limit (16 rows into a wide output here), the
+    wide GEMMs above."""
+    from lorahot.kernels import lora_linear as fused_kernel
+
+    paths: list[int] = []
+    real = fused_kernel.lora_linear_into
+    monkeypatch.setattr(fused_kernel, "lora_linear_into", lambda x2, *t: paths.append(x2.shape[0]) or real(x2, *t))
+    *_, a, bt, s, wide = _operands(1, 12, 4096, 4, torch.float32, "cpu", seed=8)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(
+        lambda x: wide_kernel.wide_linear_dynamic(x, wide, a, bt, s, fused=True), backend=counter, dynamic=True
+    )
+    for rows in (3, 16, 17, 200):
+        x = torch.randn(rows, 12)
+        want = wide_kernel.wide_linear_dynamic(x, wide, a, bt, s, fused=False)
+        torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-4)
+    assert counter.frame_count == 1
+    assert paths == [3, 16]  # the compiled calls of up to 16 rows (the eager reference is the wide path)
