@@ -47,7 +47,6 @@ class RowScaler:
             if not (same and d.is_contiguous() and s.is_contiguous()):
                 raise ValueError(f"row blocks must be contiguous {dtype} pairs of one shape; got {d.shape}, {s.shape}")
         self.dtype = dtype
-        self.max_cols = max(d.shape[1] for d in dst)
         self._dst = torch.tensor([d.data_ptr() for d in dst], dtype=torch.int64, device=device)
         self._src = torch.tensor([s.data_ptr() for s in src], dtype=torch.int64, device=device)
         self._layer = torch.tensor(layer, dtype=torch.int64, device=device)
@@ -57,4 +56,4 @@ class RowScaler:
     def __call__(self, scales: torch.Tensor, rows: int) -> None:
         """Rewrites the first ``rows`` rows of every destination block."""
         if rows > 0:
-            _kernel().launch(self._dst, self._src, scales, self._layer, self._cols, rows, self.max_cols, self.dtype)
+            _kernel().launch(self._dst, self._src, scales, self._layer, self._cols, rows, self.dtype)
