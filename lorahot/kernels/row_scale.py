@@ -19,7 +19,7 @@ import torch
 
 from lorahot.kernels.triton_import import triton_module
 
-__all__ = ["available", "RowScaler"]
+__all__ = ["available", "RowScaler", "stack_scales"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -57,3 +57,18 @@ class RowScaler:
         """Rewrites the first ``rows`` rows of every destination block."""
         if rows > 0:
             _kernel().launch(self._dst, self._src, scales, self._layer, self._cols, rows, self.dtype)
+
+
+def stack_scales(
+    own: torch.Tensor, part: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, mirror: torch.Tensor | None = None
+) -> None:
+    """``out[i] = own[i] * weights[part[i]]`` (float64, rounded once to ``out``'s dtype, as the
+    host computes a stack's per-row scales), and the same into ``mirror`` where given: one
+    kernel on CUDA with Triton, where the library calls take a gather, a multiply and a copy per
+    output. All contiguous and of one shape, ``own`` and ``weights`` float64, ``part`` int64."""
+    if out.is_cuda and _kernel() is not None:
+        _kernel().stack_scales(own, part, weights, out, mirror)
+        return
+    out.copy_(own * weights[part])
+    if mirror is not None:
+        mirror.copy_(out)

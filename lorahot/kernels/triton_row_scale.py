@@ -17,7 +17,7 @@ import triton.language as tl
 
 from lorahot.kernels.device_guard import launching_on
 
-__all__ = ["launch"]
+__all__ = ["launch", "stack_scales"]
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _BLOCK = 1024
@@ -36,6 +36,29 @@ def _row_scale_kernel(DST, SRC, S, LAYER, COLS, s_stride, BLOCK: tl.constexpr, D
         mask = offs < n
         x = tl.load(src + offs, mask=mask)
         tl.store(dst + offs, (x.to(tl.float32) * s).to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _stack_scales_kernel(OWN, PART, W, S0, S1, N, MIRROR: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    own = tl.load(OWN + offs, mask=ok, other=0.0)
+    w = tl.load(W + tl.load(PART + offs, mask=ok, other=0), mask=ok, other=0.0)
+    s = (own * w).to(S0.dtype.element_ty)  # float64 product, rounded once
+    tl.store(S0 + offs, s, mask=ok)
+    if MIRROR:
+        tl.store(S1 + offs, s, mask=ok)
+
+
+def stack_scales(
+    own: torch.Tensor, part: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, mirror: torch.Tensor | None
+) -> None:
+    """See :func:`lorahot.kernels.row_scale.stack_scales`."""
+    n = out.numel()
+    with launching_on(out.device):
+        _stack_scales_kernel[(triton.cdiv(n, _BLOCK),)](
+            own, part, weights, out, out if mirror is None else mirror, n, MIRROR=mirror is not None, BLOCK=_BLOCK
+        )
 
 
 def launch(

@@ -11,8 +11,9 @@ Each row's scale is its part's ``alpha / r`` times its part's weight (:attr:`Sta
 so for a given stack only the weights vary. :class:`ScaleReplay` captures, once per
 :data:`Key` (slot, whether it is live, the rows each wide refresh covers, and the stack), a CUDA
 graph that uploads the weights (one number per part) from a pinned buffer, computes
-``S[slot] = own * w[part]`` on the device (float64, rounded to the scales' dtype as the host
-path rounds: bit for bit the same), copies it to the live region and refreshes the wide rows.
+``S[slot] = own * w[part]`` on the device and writes it to the live region too (one kernel,
+:func:`~lorahot.kernels.row_scale.stack_scales`: float64, rounded to the scales' dtype as the
+host path rounds, bit for bit the same), and refreshes the wide rows.
 A re-weighting is then: the checks, the weights written to the pinned buffer (once its last
 upload is done), one replay, one event. The first call with a key runs the ordinary path (it
 also compiles the scaler's kernel, and a key seen once may never come back); the second
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lorahot.kernels.row_scale import RowScaler
+from lorahot.kernels.row_scale import RowScaler, stack_scales
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.stack import Stack
 from lorahot.runtime.staging import Staging
@@ -141,10 +142,9 @@ class ScaleReplay:
                     graph.capture_begin(capture_error_mode="thread_local")
                     try:
                         weights.copy_(staging.buffer, non_blocking=True)
-                        for arena, (own, part) in zip(self.buffers.arenas, rows):
-                            arena.S[slot].copy_(own * weights[part])  # float64, rounded once
-                            if mirrored:
-                                arena.S[self.buffers.live].copy_(arena.S[slot])
+                        live = self.buffers.live
+                        for arena, (own, part) in zip(self.buffers.arenas, rows):  # float64, rounded once
+                            stack_scales(own, part, weights, arena.S[slot], arena.S[live] if mirrored else None)
                         for scaler, live_scales, n in calls:
                             scaler(live_scales, n)
                     finally:

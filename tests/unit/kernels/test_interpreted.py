@@ -74,6 +74,25 @@ def test_row_scale_writes_each_block_its_rows_times_its_scales() -> None:
         assert torch.isnan(d[5:]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stack_scales_equal_the_host_formula_bitwise_in_both_regions(dtype: torch.dtype) -> None:
+    """A stack's per-row scales computed by one kernel: ``own * w[part]`` in float64, rounded
+    once, into the slot's region and its mirror, bit for bit the library formula."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_row_scale")
+    g = torch.Generator().manual_seed(3)
+    own = torch.randn(37, 64, generator=g, dtype=torch.float64)
+    own[:, 50:] = 0.0  # rows no part holds
+    part = torch.randint(0, 3, (37, 64), generator=g)
+    weights = torch.tensor([0.8, -1.7, 1 / 3], dtype=torch.float64)
+    out, mirror = (torch.full((37, 64), float("nan"), dtype=dtype) for _ in range(2))
+    kernel.stack_scales(own, part, weights, out, mirror)
+    want = (own * weights[part]).to(dtype)
+    assert torch.equal(out, want) and torch.equal(mirror, want)
+    alone = torch.full((37, 64), float("nan"), dtype=dtype)
+    kernel.stack_scales(own, part, weights, alone, None)
+    assert torch.equal(alone, want)
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 2048, 256), (5, 300, 130), (40, 256, 512)], ids=lambda v: str(v))
 def test_fused_lora_linear_matches_float64_reference(m: int, k: int, n: int) -> None:
     """The fused kernel, split over K or not (``config_for`` picks), with a bias."""

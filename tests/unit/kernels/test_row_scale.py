@@ -81,3 +81,13 @@ def test_gpu_wide_rows_from_the_kernel_equal_the_library_path_bitwise(monkeypatc
         for rt in runtimes:
             step(rt)
         same()
+
+
+def test_stack_scales_library_path_writes_both_regions() -> None:
+    """Where the kernel does not run (the CPU), the library calls compute the same formula."""
+    own = torch.tensor([[0.5, 2.0, 0.0]], dtype=torch.float64)
+    part = torch.tensor([[1, 0, 0]])
+    weights = torch.tensor([3.0, -0.25], dtype=torch.float64)
+    out, mirror = torch.full((1, 3), float("nan")), torch.full((1, 3), float("nan"))
+    row_scale.stack_scales(own, part, weights, out, mirror)
+    assert torch.equal(out, torch.tensor([[-0.125, 6.0, 0.0]])) and torch.equal(mirror, out)

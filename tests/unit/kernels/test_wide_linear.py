@@ -67,6 +67,20 @@ def test_gpu_matches_float64_reference_output_poisoned(m: int, k: int, n: int, r
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 100, 300])
+def test_gpu_dynamic_op_runs_the_fused_kernel_into_the_wide_layout(m: int, dtype: torch.dtype) -> None:
+    """On CUDA the dynamic operator runs the real fused kernel (split K included, into the
+    strided wide layout) up to its row limits and the wide GEMMs above; output poisoned first."""
+    x, w, a, bt, s, wide = _operands(m, 2048, 256, 64, dtype, "cuda", seed=m)
+    torch.full((m * (256 + 64) + 1,), float("nan"), device="cuda", dtype=dtype)  # freed: the output reuses it
+    y = wide_kernel.wide_linear_dynamic(x, wide, a, bt, s.float(), fused=True)
+    assert y.shape == (m, 256) and y.stride(0) == 256 + 64 and torch.isfinite(y).all()
+    ref = _reference(x, w, a, bt, s)
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
 def test_compiled_it_is_library_calls_equal_to_the_eager_in_place_form() -> None:
     """Compiled (fullgraph), the formula is traced, not an opaque call: two products and an add
     the compiler can fuse with the consumer. It equals the eager in-place form to float32
