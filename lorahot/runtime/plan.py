@@ -538,10 +538,26 @@ def _max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
         else:
             by_device.setdefault(t.device, []).append(k)
     with torch.no_grad():
-        for ks in by_device.values():
-            norms = torch._foreach_norm([tensors[k] for k in ks], float("inf"))
-            out[ks] = torch.stack(norms).double().cpu()  # one cast and one transfer, not one per tensor
+        for device, ks in by_device.items():
+            group = [tensors[k] for k in ks]
+            if device.type == "cpu":
+                norms = _cpu_max_abs(group)
+            else:
+                norms = torch.stack(torch._foreach_norm(group, float("inf")))
+            out[ks] = norms.double().cpu()  # one cast and one transfer, not one per tensor
     return out
+
+
+def _cpu_max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The largest ``|value|`` of each CPU tensor (NaN if it holds one), ``[n]``.
+
+    As ``max(-min, max)`` from one ``aminmax`` pass per tensor: the CPU's infinity norm is
+    about ten times slower (13 ms against 1.2 ms for a 154-layer rank-8 adapter on the CPU
+    box). Both propagate NaN, so the range checks see the same values."""
+    pairs = [torch.aminmax(t) for t in tensors]
+    low = torch.stack([lo for lo, _ in pairs])
+    high = torch.stack([hi for _, hi in pairs])
+    return torch.maximum(low.neg(), high)
 
 
 def pack_host(checked: Checked, buffers: BufferManager) -> list[Pack]:

@@ -149,3 +149,23 @@ def test_preloaded_adapter_loads_bitwise_like_a_direct_load(tmp_path: Path) -> N
     assert all(
         torch.equal(t, u) for t, u in zip((t for a in rig.runtime.buffers.arenas for t in (a.A, a.B, a.S)), direct)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_largest_values_on_the_cpu_are_the_infinity_norms(dtype: torch.dtype) -> None:
+    """The CPU's max|x| (one aminmax per tensor) equals the infinity norm the other devices
+    take, NaN, Inf, a negative extreme, a transposed view and an empty tensor included."""
+    from lorahot.runtime.plan import _max_abs
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(4, 6, generator=gen).to(dtype) for _ in range(6)]
+    tensors[1][2, 3] = float("nan")
+    tensors[2][0, 0] = float("inf")
+    tensors[3][1, 1] = float("-inf")
+    tensors[4][3, 5] = -1000.0
+    tensors[5] = tensors[5].t()
+    tensors.append(torch.empty(0, 3, dtype=dtype))
+    got = _max_abs(tensors)
+    expected = [float(torch.linalg.vector_norm(t.double(), float("inf"))) if t.numel() else 0.0 for t in tensors]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=0, equal_nan=True)
