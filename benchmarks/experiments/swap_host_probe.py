@@ -13,7 +13,9 @@ Environment: ``PROBE_DTYPE`` the model's dtype (``bfloat16``, the default, as on
 ``float32``), ``PROBE_WORKDIR`` a folder for the adapters (kept; when it already holds them the
 model is built from the config with random weights instead of by the workload, which is faster:
 the timing does not depend on the base weights), ``PROBE_REPS`` loads per median (20),
-``PROBE_PROFILE`` loads under cProfile (20; 0 skips), ``PROBE_TOP`` rows per listing (25).
+``PROBE_PROFILE`` loads under cProfile (20; 0 skips), ``PROBE_TOP`` rows per listing (25),
+``PROBE_RANKS`` the ranks timed (``16,64,8``), ``PROBE_THREADS`` torch's threads (default: torch's
+own; 1 keeps the figures steady while another process holds a core of the 2-core box).
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def main() -> None:
     reps = int(os.environ.get("PROBE_REPS", "20"))
     profiled = int(os.environ.get("PROBE_PROFILE", "20"))
     top = int(os.environ.get("PROBE_TOP", "25"))
+    ranks = [int(r) for r in os.environ.get("PROBE_RANKS", "16,64,8").split(",")]
+    if "PROBE_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["PROBE_THREADS"]))
     t0 = time.perf_counter()
     model, adapters = model_and_adapters(dtype, workdir)
     runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK)
@@ -70,7 +75,7 @@ def main() -> None:
         f"built in {time.perf_counter() - t0:.0f} s: {len(runtime.layers)} layers, {dtype}, "
         f"torch threads {torch.get_num_threads()}"
     )
-    for rank in (16, 64, 8):  # benchmarks/swap.py's order
+    for rank in ranks:  # by default benchmarks/swap.py's order
         path, f = adapters[rank], adapter_file(adapters[rank])
         floor = median_ms(lambda: load_file(f), reps)
         ours = median_ms(lambda: runtime.load(path), reps)
