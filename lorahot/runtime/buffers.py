@@ -95,6 +95,10 @@ def layer_kinds(names: list[str]) -> list[int]:
 _NUMBER = re.compile(r"\d+")
 
 
+#: A load's blocks of one buffer and shape: an A and a B of that buffer (to view it through),
+#: and per block the ``(source, destination)`` offsets of its A and of its B.
+_Blocks = tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], list[tuple[int, int]]]
+
 #: A run of evenly spaced blocks: ``(count, source start, source step, destination start,
 #: destination step)``, in elements of each side's storage.
 Run = tuple[int, int, int, int, int]
@@ -224,6 +228,11 @@ class Arena:
         self.a_off, a_total = self._offsets([max_rank * s.in_dim for s in specs])
         self.b_off, b_total = self._offsets([max_rank * s.out_dim for s in specs])
         self.e_off, e_total = self._offsets([EXTRA_ROWS * s.out_dim for s in specs])
+        #: per layer, what a load's copies need: A's and B's offsets, in and out, kind, grouped
+        self._layout = [
+            (self.a_off[i], self.b_off[i], s.in_dim, s.out_dim, self.kinds[i], s.groups != 1)
+            for i, s in enumerate(specs)
+        ]
         sdtype = self.scale_dtype(dtype)
         with torch.inference_mode(False), torch.no_grad():
             self.A = torch.zeros(regions, a_total, device=device, dtype=dtype)
@@ -530,33 +539,32 @@ class Arena:
         dsts: list[torch.Tensor] = []
         srcs: list[torch.Tensor] = []
         used: dict[int, int] = {}  # layer -> rows of the rank it uses
-        #: (section: 0 for A, 1 for B; the buffer; dtype; kind; rank; row length) -> a tensor
-        #: of that buffer and dtype, and the (source, destination) offsets of its blocks
-        runs: dict[tuple[int, int, torch.dtype, int, int, int], tuple[torch.Tensor, list[tuple[int, int]]]] = {}
+        #: (buffer, A's and B's dtypes, kind, rank, in, out) -> an A and a B of that buffer and
+        #: dtypes, and per block the offsets of its A and B in the buffer and in the region
+        runs: dict[tuple[int, torch.dtype, torch.dtype, int, int, int, int], _Blocks] = {}
         a_region, b_region = region * self.A.shape[1], region * self.B.shape[1]
         for k, (i, a, b) in enumerate(entries):
-            offset, rank, spec = offsets[k] if offsets else 0, a.shape[0], self.specs[i]
-            used[i] = max(used.get(i, 0), offset + rank)
-            sides = (
-                (a, a_region + self.a_off[i] + offset * spec.in_dim, spec.in_dim),
-                (b, b_region + self.b_off[i] + offset * spec.out_dim, spec.out_dim),
-            )
-            for section, (t, at, width) in enumerate(sides):
-                base = t._base
-                if base is None or spec.groups != 1 or not t.is_contiguous():
-                    dsts.append(self.views(i, region, rank, offset)[section])
-                    srcs.append(self.sources(i, a, b)[section])
-                    continue
-                key = (section, id(base), t.dtype, self.kinds[i], rank, width)
-                runs.setdefault(key, (t, []))[1].append((int(t.storage_offset()), at))
-        for (section, _, _, _, rank, width), (first, pairs) in runs.items():
-            for n, src, src_step, dst, dst_step in strided_runs(pairs):
-                if section == 0:  # A [r, in] -> rows [r, in]
-                    srcs.append(first.as_strided((n, rank * width), (src_step, 1), src))
-                    dsts.append(self.A.as_strided((n, rank * width), (dst_step, 1), dst))
-                else:  # B [out, r] -> B^T rows [r, out]
-                    srcs.append(first.as_strided((n, rank, width), (src_step, 1, rank), src))
-                    dsts.append(self.B.as_strided((n, rank, width), (dst_step, width, 1), dst))
+            offset, rank = offsets[k] if offsets else 0, a.shape[0]
+            if used.get(i, 0) < offset + rank:
+                used[i] = offset + rank
+            a_off, b_off, in_dim, out_dim, kind, grouped = self._layout[i]
+            base = a._base
+            if grouped or base is None or b._base is not base or not (a.is_contiguous() and b.is_contiguous()):
+                dsts += self.views(i, region, rank, offset)
+                srcs += self.sources(i, a, b)
+                continue
+            blocks = runs.get(key := (id(base), a.dtype, b.dtype, kind, rank, in_dim, out_dim))
+            if blocks is None:
+                blocks = runs[key] = (a, b, [], [])
+            blocks[2].append((int(a.storage_offset()), a_region + a_off + offset * in_dim))
+            blocks[3].append((int(b.storage_offset()), b_region + b_off + offset * out_dim))
+        for (_, _, _, _, rank, in_dim, out_dim), (a, b, a_pairs, b_pairs) in runs.items():
+            for n, src, src_step, dst, dst_step in strided_runs(a_pairs):  # A [r, in] -> rows [r, in]
+                srcs.append(a.as_strided((n, rank * in_dim), (src_step, 1), src))
+                dsts.append(self.A.as_strided((n, rank * in_dim), (dst_step, 1), dst))
+            for n, src, src_step, dst, dst_step in strided_runs(b_pairs):  # B [out, r] -> B^T rows [r, out]
+                srcs.append(b.as_strided((n, rank, out_dim), (src_step, 1, rank), src))
+                dsts.append(self.B.as_strided((n, rank, out_dim), (dst_step, out_dim, 1), dst))
         return dsts, srcs, used
 
     def _cover(self, ranks: list[tuple[int, int]]) -> int:
