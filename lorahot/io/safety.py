@@ -91,6 +91,9 @@ class SafetensorsHeader:
             contiguous strides and the offset in elements of the dtype, -1 where the tensor
             does not start on an element boundary. What a reader needs to make each tensor
             one view of the data, computed once per distinct header (the header is memoized).
+        identity: the digest of the header's bytes and the file's size: equal for two files
+            exactly when their keys, dtypes, shapes, offsets and metadata are (what memos of
+            a file's structure are keyed by; the tensors' values are not part of it).
     """
 
     data_start: int
@@ -98,6 +101,7 @@ class SafetensorsHeader:
     entries: dict[str, tuple[str, tuple[int, ...], int, int]]
     metadata: dict[str, str]
     layout: tuple[tuple[str, str, tuple[int, ...], tuple[int, ...], int], ...]
+    identity: tuple[bytes, int]
 
 
 #: (blake2b of the header bytes, file size) -> the checked header
@@ -143,11 +147,11 @@ def check_safetensors(path: Path, fd: int | None = None) -> SafetensorsHeader:
     if n > size - 8:
         raise _error(path, f"header declares {n} bytes but only {size - 8} follow (truncated file)")
     raw = _pread(fd, n, 8, path)
-    key = (hashlib.blake2b(raw, digest_size=32).digest(), size)
+    key = _identity(raw, size)
     checked = _HEADERS.get(key, _check_header, path, raw, size)
     # each caller gets its own dicts: the memoized ones stay as checked
     return SafetensorsHeader(
-        checked.data_start, checked.data_size, dict(checked.entries), dict(checked.metadata), checked.layout
+        checked.data_start, checked.data_size, dict(checked.entries), dict(checked.metadata), checked.layout, key
     )
 
 
@@ -171,7 +175,12 @@ def _check_header(path: Path, raw: bytes, size: int) -> SafetensorsHeader:
     _check_tiling(path, spans, size - 8 - n)
     entries = {k: (e["dtype"], tuple(e["shape"]), *e["data_offsets"]) for k, e in header.items()}
     layout = tuple(_layout(k, *entry) for k, entry in entries.items())
-    return SafetensorsHeader(8 + n, size - 8 - n, entries, dict(metadata or {}), layout)
+    return SafetensorsHeader(8 + n, size - 8 - n, entries, dict(metadata or {}), layout, _identity(raw, size))
+
+
+def _identity(raw: bytes, size: int) -> tuple[bytes, int]:
+    """:attr:`SafetensorsHeader.identity` of header bytes ``raw`` in a ``size``-byte file."""
+    return hashlib.blake2b(raw, digest_size=32).digest(), size
 
 
 def _layout(
