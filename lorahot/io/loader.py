@@ -63,6 +63,7 @@ def read_adapter(
     strict: bool = True,
     _slices: Slices | None = None,
     _keys: dict[str, torch.Tensor] | None = None,
+    _recipe: list[object] | None = None,
 ) -> Adapter:
     """Reads an adapter in any supported naming and normalizes it.
 
@@ -102,7 +103,9 @@ def read_adapter(
             unreadable values (NaN, bad dtypes) still refuse the file.
 
     ``_slices`` and ``_keys`` serve :func:`read_adapter_sliced`: the slices of a file's tensors
-    to read, and a dict that receives the file's tensors by key.
+    to read, and a dict that receives the file's tensors by key. ``_recipe`` serves the runtime:
+    a list that receives the recipe the adapter was assembled from (see :class:`_Recipe`), when
+    it was and no renaming option changed it; the same recipe means the same structure.
 
     Returns:
         The adapter: per module key, ``A [r, in...]``, ``B [out, r/g, ...]``, alpha and
@@ -130,7 +133,9 @@ def read_adapter(
         )
         if _keys is not None:
             _keys.update(raw.tensors)
-        adapter = _normalize(raw, overrides, strict)
+        adapter, recipe = _normalize(raw, overrides, strict)
+        if _recipe is not None and recipe is not None and (prefix, key_map, fuse, split) == (None, None, None, None):
+            _recipe.append(recipe)
     return _user_mapping(adapter, prefix, key_map, fuse, split)
 
 
@@ -225,15 +230,20 @@ def _device(device: Any) -> torch.device | None:
     return out
 
 
-def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool = True) -> Adapter:
-    """The adapter ``raw`` holds. A file whose structure was worked out before (the same header
-    and config, see :class:`_Recipe`) is assembled from its recipe: new tensors, the grouping,
-    the alphas and the checks on them not repeated (they depend on nothing else)."""
+def _normalize(
+    raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool = True
+) -> tuple[Adapter, _Recipe | None]:
+    """The adapter ``raw`` holds, and the recipe it was assembled from, if any. A file whose
+    structure was worked out before (the same header and config, see :class:`_Recipe`) is
+    assembled from its recipe: new tensors, the grouping, the alphas and the checks on them not
+    repeated (they depend on nothing else)."""
     key = _recipe_key(raw, overrides, strict)
     if key is None:
-        return _normalize_fully(raw, overrides, strict)
+        return _normalize_fully(raw, overrides, strict), None
     recipe = _RECIPES.get(key, _recipe_of, raw, strict)
-    return _normalize_fully(raw, None, strict) if recipe is None else _cooked(recipe, raw)
+    if recipe is None:
+        return _normalize_fully(raw, None, strict), None
+    return _cooked(recipe, raw), recipe
 
 
 #: One module of a :class:`_Recipe`: its key; the tensor keys of its A, B, base-weight copy,

@@ -404,6 +404,7 @@ def validate(
     strict: bool = True,
     extras_refusal: ExtrasRefusal | None = None,
     components: tuple[str, ...] = (),
+    planned: LoadPlan | None = None,
 ) -> Checked:
     """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
@@ -416,12 +417,15 @@ def validate(
         extras_refusal: why the runtime cannot run a module's DoRA magnitude or LoRA bias on
             an injected layer, or None.
         components: the runtime's component names (a runtime over several models), or empty.
+        planned: the plan :func:`plan_load` makes for ``adapter`` with these arguments, known
+            already (from its structure, see :mod:`lorahot.runtime.skeleton`); its values are
+            checked all the same.
 
     Raises:
         AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
             weight, or values beyond the range of the arena's dtype. Nothing has been written.
     """
-    plan = plan_load(adapter, buffers, specs, weight_of, strict, extras_refusal, components)
+    plan = planned or plan_load(adapter, buffers, specs, weight_of, strict, extras_refusal, components)
     entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
     extras = _extras(plan, buffers, stage)
     _check_range(plan, buffers, entries)
