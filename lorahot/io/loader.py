@@ -10,8 +10,10 @@ parse its configs (refusing features lorahot does not load), detect the naming
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from lorahot.io.patterns import budget_problem
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json, short
 from lorahot.io.sources import RawAdapter, Source, open_source
 from lorahot.io.tensorfile import Slices
+from lorahot.memo import BoundedMemo
 from lorahot.resolve.split import SplitSpec, split_by_user
 from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
 
@@ -60,6 +63,7 @@ def read_adapter(
     strict: bool = True,
     _slices: Slices | None = None,
     _keys: dict[str, torch.Tensor] | None = None,
+    _recipe: list[object] | None = None,
 ) -> Adapter:
     """Reads an adapter in any supported naming and normalizes it.
 
@@ -99,7 +103,9 @@ def read_adapter(
             unreadable values (NaN, bad dtypes) still refuse the file.
 
     ``_slices`` and ``_keys`` serve :func:`read_adapter_sliced`: the slices of a file's tensors
-    to read, and a dict that receives the file's tensors by key.
+    to read, and a dict that receives the file's tensors by key. ``_recipe`` serves the runtime:
+    a list that receives the recipe the adapter was assembled from (see :class:`_Recipe`), when
+    it was and no renaming option changed it; the same recipe means the same structure.
 
     Returns:
         The adapter: per module key, ``A [r, in...]``, ``B [out, r/g, ...]``, alpha and
@@ -127,7 +133,9 @@ def read_adapter(
         )
         if _keys is not None:
             _keys.update(raw.tensors)
-        adapter = _normalize(raw, overrides, strict)
+        adapter, recipe = _normalize(raw, overrides, strict)
+        if _recipe is not None and recipe is not None and (prefix, key_map, fuse, split) == (None, None, None, None):
+            _recipe.append(recipe)
     return _user_mapping(adapter, prefix, key_map, fuse, split)
 
 
@@ -222,7 +230,111 @@ def _device(device: Any) -> torch.device | None:
     return out
 
 
-def _normalize(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool = True) -> Adapter:
+def _normalize(
+    raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool = True
+) -> tuple[Adapter, _Recipe | None]:
+    """The adapter ``raw`` holds, and the recipe it was assembled from, if any. A file whose
+    structure was worked out before (the same header and config, see :class:`_Recipe`) is
+    assembled from its recipe: new tensors, the grouping, the alphas and the checks on them not
+    repeated (they depend on nothing else)."""
+    key = _recipe_key(raw, overrides, strict)
+    if key is None:
+        return _normalize_fully(raw, overrides, strict), None
+    recipe = _RECIPES.get(key, _recipe_of, raw, strict)
+    if recipe is None:
+        return _normalize_fully(raw, None, strict), None
+    return _cooked(recipe, raw), recipe
+
+
+#: One module of a :class:`_Recipe`: its key; the tensor keys of its A, B, base-weight copy,
+#: DoRA magnitude and LoRA bias (None where absent); its alpha, rsLoRA flag and source keys.
+_Dish = tuple[str, str, str, str | None, str | None, str | None, float, bool, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """The structure :func:`_normalize_fully` found in a file: its format, its modules (each a
+    :data:`_Dish`) and the keys it skipped.
+
+    All of it follows from the header (keys, dtypes, shapes, metadata), the config and
+    ``strict`` alone, which key it in :data:`_RECIPES`; a file whose structure depends on its
+    values (an ``.alpha`` tensor, LyCORIS factors) gets no recipe and is worked out on every
+    read.
+    """
+
+    format: str
+    modules: tuple[_Dish, ...]
+    skipped: tuple[str, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it keeps alive, about (the strings and a few hundred per module)."""
+        text = sum(len(k) for dish in self.modules for k in (dish[0], *dish[8])) + sum(map(len, self.skipped))
+        return text + 300 * len(self.modules)
+
+
+#: (the header's identity, the config as canonical JSON, strict) -> the file's recipe, or None
+#: for a file that has none
+_RECIPES: BoundedMemo[tuple[tuple[bytes, int], str, bool], _Recipe | None] = BoundedMemo(
+    16 << 20, lambda key, recipe: 64 if recipe is None else recipe.nbytes
+)
+
+
+def _recipe_key(
+    raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool
+) -> tuple[tuple[bytes, int], str, bool] | None:
+    """What a file's recipe is keyed by; None where there is none (no file, shapes only, or
+    ``config=`` given: the reader works the adapter out in full)."""
+    if raw.header is None or raw.shapes_only or overrides is not None:
+        return None
+    return raw.header, json.dumps(raw.config, sort_keys=True), strict
+
+
+def _recipe_of(raw: RawAdapter, strict: bool) -> _Recipe | None:
+    """The recipe of ``raw``'s structure, or None where it depends on the values: worked out in
+    full and written down by tensor key (raises what the full read raises)."""
+    adapter = _normalize_fully(raw, None, strict)
+    if adapter.weights:
+        return None
+    keys = {id(t): k for k, t in raw.tensors.items()}
+    dishes = []
+    for name, m in adapter.modules.items():
+        tensors = (m.A, m.B, m.base_weight, m.magnitude, m.bias)
+        found = [None if t is None else keys.get(id(t)) for t in tensors]
+        a, b, base, magnitude, bias = found
+        if a is None or b is None or set(m.source_keys) != {k for k in found if k is not None}:
+            return None  # a tensor that is not the file's own, or a key read for its value (.alpha)
+        dishes.append((name, a, b, base, magnitude, bias, m.alpha, m.use_rslora, m.source_keys))
+    return _Recipe(adapter.format, tuple(dishes), adapter.skipped)
+
+
+def _cooked(recipe: _Recipe, raw: RawAdapter) -> Adapter:
+    """The adapter of ``recipe`` made of ``raw``'s tensors (its config, and the header's
+    per-component configs, as :func:`_normalize_fully` gives them)."""
+    t = raw.tensors
+    modules = {
+        name: LoraModule(
+            name,
+            t[a],
+            t[b],
+            alpha,
+            rslora,
+            keys,
+            None if base is None else t[base],
+            None if magnitude is None else t[magnitude],
+            None if bias is None else t[bias],
+        )
+        for name, a, b, base, magnitude, bias, alpha, rslora, keys in recipe.modules
+    }
+    config = dict(raw.config or {})
+    header_configs = _header_configs(raw)
+    if header_configs:
+        config[METADATA_KEY] = header_configs
+    return Adapter(modules, recipe.format, raw.source, config, recipe.skipped)
+
+
+def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool = True) -> Adapter:
+    """Works out the adapter ``raw`` holds: its format, modules, alphas and configs, checked."""
     keys = list(raw.tensors)
     if not keys:
         raise UnknownFormatError(f"{raw.source}: holds no tensors. Point lorahot at a LoRA adapter.")

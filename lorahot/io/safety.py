@@ -87,12 +87,21 @@ class SafetensorsHeader:
         data_size: bytes in the data section (the tensors tile it exactly).
         entries: ``key -> (dtype, shape, begin, end)``, offsets relative to ``data_start``.
         metadata: ``__metadata__`` (str -> str).
+        layout: per entry, in the same order, ``(key, dtype, shape, strides, offset)``: the
+            contiguous strides and the offset in elements of the dtype, -1 where the tensor
+            does not start on an element boundary. What a reader needs to make each tensor
+            one view of the data, computed once per distinct header (the header is memoized).
+        identity: the digest of the header's bytes and the file's size: equal for two files
+            exactly when their keys, dtypes, shapes, offsets and metadata are (what memos of
+            a file's structure are keyed by; the tensors' values are not part of it).
     """
 
     data_start: int
     data_size: int
     entries: dict[str, tuple[str, tuple[int, ...], int, int]]
     metadata: dict[str, str]
+    layout: tuple[tuple[str, str, tuple[int, ...], tuple[int, ...], int], ...]
+    identity: tuple[bytes, int]
 
 
 #: (blake2b of the header bytes, file size) -> the checked header
@@ -138,16 +147,18 @@ def check_safetensors(path: Path, fd: int | None = None) -> SafetensorsHeader:
     if n > size - 8:
         raise _error(path, f"header declares {n} bytes but only {size - 8} follow (truncated file)")
     raw = _pread(fd, n, 8, path)
-    key = (hashlib.blake2b(raw, digest_size=32).digest(), size)
+    key = _identity(raw, size)
     checked = _HEADERS.get(key, _check_header, path, raw, size)
     # each caller gets its own dicts: the memoized ones stay as checked
-    return SafetensorsHeader(checked.data_start, checked.data_size, dict(checked.entries), dict(checked.metadata))
+    return SafetensorsHeader(
+        checked.data_start, checked.data_size, dict(checked.entries), dict(checked.metadata), checked.layout, key
+    )
 
 
 def _header_cost(header: SafetensorsHeader) -> int:
     """Bytes a checked header keeps alive: its parsed entries take about three times their JSON
-    (measured), so four times the header's length."""
-    return 4 * (header.data_start - 8)
+    (measured), its layout about as much again, so seven times the header's length."""
+    return 7 * (header.data_start - 8)
 
 
 def _check_header(path: Path, raw: bytes, size: int) -> SafetensorsHeader:
@@ -163,7 +174,24 @@ def _check_header(path: Path, raw: bytes, size: int) -> SafetensorsHeader:
     spans = [_check_entry(path, key, entry) for key, entry in header.items()]
     _check_tiling(path, spans, size - 8 - n)
     entries = {k: (e["dtype"], tuple(e["shape"]), *e["data_offsets"]) for k, e in header.items()}
-    return SafetensorsHeader(8 + n, size - 8 - n, entries, dict(metadata or {}))
+    layout = tuple(_layout(k, *entry) for k, entry in entries.items())
+    return SafetensorsHeader(8 + n, size - 8 - n, entries, dict(metadata or {}), layout, _identity(raw, size))
+
+
+def _identity(raw: bytes, size: int) -> tuple[bytes, int]:
+    """:attr:`SafetensorsHeader.identity` of header bytes ``raw`` in a ``size``-byte file."""
+    return hashlib.blake2b(raw, digest_size=32).digest(), size
+
+
+def _layout(
+    key: str, dtype: str, shape: tuple[int, ...], begin: int, end: int
+) -> tuple[str, str, tuple[int, ...], tuple[int, ...], int]:
+    """``(key, dtype, shape, strides, offset)`` of a checked entry (see :class:`SafetensorsHeader`)."""
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    size = DTYPE_BYTES[dtype]
+    return key, dtype, shape, tuple(strides), -1 if begin % size else begin // size
 
 
 # -- opening files -----------------------------------------------------------------------------

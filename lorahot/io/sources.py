@@ -25,6 +25,7 @@ from lorahot.io.config import CONFIG_NAME
 from lorahot.io.hub import check_relative, fetch
 from lorahot.io.safety import (
     MAX_KEY_CHARS,
+    SafetensorsHeader,
     check_safetensors,
     cut,
     file_kind,
@@ -55,6 +56,7 @@ class RawAdapter:
     config_path: str | None = None  # the config file, for messages
     dense: bool = False  # every tensor is a dense view of data read from a file (no check needed)
     shapes_only: bool = False  # read onto the meta device: shapes and dtypes from the header, no values
+    header: tuple[bytes, int] | None = None  # a file's SafetensorsHeader.identity: its keys, shapes, dtypes
 
 
 def open_source(
@@ -251,19 +253,20 @@ def _from_file(path: Path, device: torch.device | None = None, slices: Slices | 
             f"{path}: {path.suffix} files are pickles, and lorahot never unpickles. Convert it to .safetensors "
             "(safetensors.torch.save_file) and load that."
         )
-    tensors, metadata = read_safetensors(path, device, slices)
+    tensors, header = read_safetensors(path, device, slices)
     config_path = path.parent / CONFIG_NAME
     config = read_config(config_path)
     config_file = str(config_path) if config is not None else None
     shapes_only = device is not None and device.type == "meta"
-    return RawAdapter(tensors, str(path), config, metadata, config_file, dense=True, shapes_only=shapes_only)
+    return RawAdapter(tensors, str(path), config, header.metadata, config_file, True, shapes_only, header.identity)
 
 
 def read_safetensors(
     path: Path, device: torch.device | None = None, slices: Slices | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors (on ``device``, default the CPU) and the header metadata of a safetensors file
-    (of the tensors in ``slices``, only those slices are read; the rest of them is zeros).
+) -> tuple[dict[str, torch.Tensor], SafetensorsHeader]:
+    """All tensors (on ``device``, default the CPU) and the checked header (its metadata and
+    identity) of a safetensors file (of the tensors in ``slices``, only those slices are read;
+    the rest of them is zeros).
 
     The file is opened once (a regular file, else :class:`AdapterReadError`); its header is
     checked first (:func:`lorahot.io.safety.check_safetensors`), then the data is read from the
@@ -272,7 +275,7 @@ def read_safetensors(
     fd = open_regular(path, "safetensors file")
     try:
         header = check_safetensors(path, fd)  # refuses damaged or hostile headers before anything is allocated
-        return read_tensors(path, header, device, fd, slices), header.metadata
+        return read_tensors(path, header, device, fd, slices), header
     finally:
         os.close(fd)
 

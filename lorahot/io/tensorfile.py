@@ -99,8 +99,7 @@ def read_tensors(
     if device is not None and device.type != "cpu":
         host = buf
         buf = _allocate(path, header.data_size, lambda: host.to(device, non_blocking=on_gpu))
-    typed: dict[str, torch.Tensor] = {}
-    return {k: _view(buf, typed, *entry) for k, entry in header.entries.items()}
+    return _views(buf, header)
 
 
 def _physical_memory() -> int | None:
@@ -174,22 +173,30 @@ def _readers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=4, thread_name_prefix="lorahot-read")
 
 
-def _view(
-    buf: torch.Tensor, typed: dict[str, torch.Tensor], dtype: str, shape: tuple[int, ...], begin: int, end: int
-) -> torch.Tensor:
-    """Tensor ``[begin, end)`` of ``buf`` as ``dtype`` and ``shape`` (a copy if misaligned).
+def _views(buf: torch.Tensor, header: SafetensorsHeader) -> dict[str, torch.Tensor]:
+    """Every tensor of ``header`` as a view of its data ``buf``, in the header's order.
 
-    ``typed`` memoizes ``buf`` reinterpreted as each dtype, so that an aligned tensor costs one
-    ``as_strided`` instead of a slice and two views (308 tensors: about 1 ms on a CPU).
+    An aligned tensor is one ``as_strided`` of ``buf`` reinterpreted as its dtype, with the
+    strides and offset :attr:`SafetensorsHeader.layout` computed once per distinct header
+    (308 tensors: 0.3 ms on the CPU box, against 1.2 ms computing them on every read); one
+    that does not start on an element boundary is a copy.
     """
+    typed = {dtype: _typed(buf, dtype) for dtype in {entry[1] for entry in header.layout}}
+    out = {
+        key: typed[dtype].as_strided(shape, strides, offset)
+        for key, dtype, shape, strides, offset in header.layout
+        if offset >= 0
+    }
+    if len(out) == len(header.layout):
+        return out
+    for key, dtype, shape, _, offset in header.layout:  # a view must start on an element boundary
+        if offset < 0:
+            begin, end = header.entries[key][2:]
+            out[key] = buf[begin:end].clone().view(TORCH_DTYPES[dtype]).view(shape)
+    return {key: out[key] for key, *_ in header.layout}  # the header's order
+
+
+def _typed(buf: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``buf`` (bytes) reinterpreted as ``dtype``, its tail short of one element left out."""
     t = TORCH_DTYPES[dtype]
-    size = t.itemsize
-    if begin % size:
-        return buf[begin:end].clone().view(t).view(shape)  # a view must start on an element boundary
-    whole = typed.get(dtype)
-    if whole is None:
-        whole = typed[dtype] = buf[: len(buf) - len(buf) % size].view(t)
-    strides = [1] * len(shape)
-    for i in range(len(shape) - 2, -1, -1):
-        strides[i] = strides[i + 1] * shape[i + 1]
-    return whole.as_strided(shape, strides, begin // size)
+    return buf[: len(buf) - len(buf) % t.itemsize].view(t)

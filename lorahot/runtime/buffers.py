@@ -34,6 +34,7 @@ addresses never change after construction.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,6 +82,51 @@ def _row_index(pieces: list[tuple[int, int]], unit: int) -> torch.Tensor:
     counts = torch.tensor([length // unit for _, length in pieces], dtype=torch.int64)
     firsts = torch.cumsum(counts, 0) - counts
     return torch.repeat_interleave(starts - firsts, counts) + torch.arange(int(counts.sum()))
+
+
+def layer_kinds(names: list[str]) -> list[int]:
+    """Per layer name, an id shared by the names that differ only in their numbers: the same
+    module of different blocks (``layers.3.self_attn.q_proj`` and ``layers.4.self_attn.q_proj``),
+    whose blocks a file and an arena both space evenly."""
+    ids: dict[str, int] = {}
+    return [ids.setdefault(_NUMBER.sub("#", name), len(ids)) for name in names]
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+#: A load's blocks of one buffer and shape: an A and a B of that buffer (to view it through),
+#: and per block the ``(source, destination)`` offsets of its A and of its B.
+_Blocks = tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], list[tuple[int, int]]]
+
+#: A run of evenly spaced blocks: ``(count, source start, source step, destination start,
+#: destination step)``, in elements of each side's storage.
+Run = tuple[int, int, int, int, int]
+
+
+def strided_runs(pairs: list[tuple[int, int]]) -> list[Run]:
+    """Groups ``(source offset, destination offset)`` pairs of same-shaped blocks into runs
+    whose offsets step evenly on both sides, so each run is one strided view per side.
+
+    Every pair lands in exactly one run (sorted by source offset; a run of one has steps 0).
+    A run's destination step is positive: the destination blocks (distinct, never overlapping:
+    the caller's promise) come out in increasing order. Its source step may be 0 (one source
+    block copied to several places, as a split does).
+    """
+    pairs = sorted(pairs)
+    runs: list[Run] = []
+    k = 0
+    while k < len(pairs):
+        src, dst = pairs[k]
+        n, src_step, dst_step = 1, 0, 0
+        if k + 1 < len(pairs) and pairs[k + 1][1] > dst:
+            src_step, dst_step = pairs[k + 1][0] - src, pairs[k + 1][1] - dst
+            n = 2
+            while k + n < len(pairs) and pairs[k + n] == (src + n * src_step, dst + n * dst_step):
+                n += 1
+        runs.append((n, src, src_step, dst, dst_step))
+        k += n
+    return runs
 
 
 @dataclass(frozen=True)
@@ -163,9 +209,18 @@ class Arena:
     """All LoRA storage for the layers of one device and dtype. See the module docstring."""
 
     def __init__(
-        self, specs: list[LayerSpec], max_rank: int, regions: int, device: torch.device, dtype: torch.dtype
+        self,
+        specs: list[LayerSpec],
+        max_rank: int,
+        regions: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        kinds: list[int] | None = None,
     ) -> None:
         self.specs = specs
+        #: per layer, an id shared by the layers of one kind (the same module of different
+        #: blocks, :func:`layer_kinds`): the copies of a load are batched within a kind
+        self.kinds = kinds if kinds is not None else [0] * len(specs)
         self.rank = max_rank
         self.regions = regions
         self.device = device
@@ -173,6 +228,11 @@ class Arena:
         self.a_off, a_total = self._offsets([max_rank * s.in_dim for s in specs])
         self.b_off, b_total = self._offsets([max_rank * s.out_dim for s in specs])
         self.e_off, e_total = self._offsets([EXTRA_ROWS * s.out_dim for s in specs])
+        #: per layer, what a load's copies need: A's and B's offsets, in and out, kind, grouped
+        self._layout = [
+            (self.a_off[i], self.b_off[i], s.in_dim, s.out_dim, self.kinds[i], s.groups != 1)
+            for i, s in enumerate(specs)
+        ]
         sdtype = self.scale_dtype(dtype)
         with torch.inference_mode(False), torch.no_grad():
             self.A = torch.zeros(regions, a_total, device=device, dtype=dtype)
@@ -454,19 +514,58 @@ class Arena:
         device) straight into ``region``, with the per-row ``scales`` (float64 host tensor
         ``[n_layers, R]``, the user's scales included). ``offsets`` (one per entry; default 0)
         place the parts of a stack after one another in a layer's rows."""
-        dsts: list[torch.Tensor] = []
-        srcs: list[torch.Tensor] = []
-        used: dict[int, int] = {}  # layer -> rows of the rank it uses
-        for k, (i, a, b) in enumerate(entries):
-            offset = offsets[k] if offsets else 0
-            dsts += self.views(i, region, a.shape[0], offset)
-            srcs += self.sources(i, a, b)
-            used[i] = max(used.get(i, 0), offset + a.shape[0])
+        dsts, srcs, used = self._copies(region, entries, offsets)
         a_rows, b_rows = self.extents(used)
         self._write(region, dsts, srcs, scales, list(used.items()), a_rows, b_rows)
         with torch.no_grad():
             extras = extras or []
             self._write_extras(region, [(i, row) for i, row, _ in extras], [t.reshape(-1) for _, _, t in extras])
+
+    def _copies(
+        self, region: int, entries: list[Entry], offsets: list[int] | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[int, int]]:
+        """The ``(destinations, sources)`` that write ``entries`` into ``region`` (row
+        ``offsets`` as :meth:`write_staged` takes them), and the rows each layer uses.
+
+        A file's tensors are views of the one buffer it was read into, laid out module after
+        module, block after block, as the arena lays out its layers: the A (or B) of one kind
+        of layer in consecutive blocks sits at evenly spaced offsets on both sides. Such
+        blocks are copied as one strided view per side (:func:`strided_runs`): for a
+        154-layer model about 70 copies instead of 308 A and B pairs, each of which is a launch
+        on CUDA, and on the CPU a narrow B is transposed far faster many at once. Tensors that
+        are not contiguous views of a buffer (clones, a fused module), and grouped convs, are
+        copied one by one.
+        """
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
+        used: dict[int, int] = {}  # layer -> rows of the rank it uses
+        #: (buffer, A's and B's dtypes, kind, rank, in, out) -> an A and a B of that buffer and
+        #: dtypes, and per block the offsets of its A and B in the buffer and in the region
+        runs: dict[tuple[int, torch.dtype, torch.dtype, int, int, int, int], _Blocks] = {}
+        a_region, b_region = region * self.A.shape[1], region * self.B.shape[1]
+        for k, (i, a, b) in enumerate(entries):
+            offset, rank = offsets[k] if offsets else 0, a.shape[0]
+            if used.get(i, 0) < offset + rank:
+                used[i] = offset + rank
+            a_off, b_off, in_dim, out_dim, kind, grouped = self._layout[i]
+            base = a._base
+            if grouped or base is None or b._base is not base or not (a.is_contiguous() and b.is_contiguous()):
+                dsts += self.views(i, region, rank, offset)
+                srcs += self.sources(i, a, b)
+                continue
+            blocks = runs.get(key := (id(base), a.dtype, b.dtype, kind, rank, in_dim, out_dim))
+            if blocks is None:
+                blocks = runs[key] = (a, b, [], [])
+            blocks[2].append((int(a.storage_offset()), a_region + a_off + offset * in_dim))
+            blocks[3].append((int(b.storage_offset()), b_region + b_off + offset * out_dim))
+        for (_, _, _, _, rank, in_dim, out_dim), (a, b, a_pairs, b_pairs) in runs.items():
+            for n, src, src_step, dst, dst_step in strided_runs(a_pairs):  # A [r, in] -> rows [r, in]
+                srcs.append(a.as_strided((n, rank * in_dim), (src_step, 1), src))
+                dsts.append(self.A.as_strided((n, rank * in_dim), (dst_step, 1), dst))
+            for n, src, src_step, dst, dst_step in strided_runs(b_pairs):  # B [out, r] -> B^T rows [r, out]
+                srcs.append(b.as_strided((n, rank, out_dim), (src_step, 1, rank), src))
+                dsts.append(self.B.as_strided((n, rank, out_dim), (dst_step, out_dim, 1), dst))
+        return dsts, srcs, used
 
     def _cover(self, ranks: list[tuple[int, int]]) -> int:
         """The largest extent a write of ``(layer, rank)`` pairs overwrites wholly: its least
@@ -559,7 +658,9 @@ class BufferManager:
         self.where: dict[str, tuple[int, int]] = {}
         for (device, dtype), names in self.groups(specs).items():
             self.where.update({n: (len(self.arenas), i) for i, n in enumerate(names)})
-            self.arenas.append(Arena([specs[n][0] for n in names], max_rank, self.regions, device, dtype))
+            self.arenas.append(
+                Arena([specs[n][0] for n in names], max_rank, self.regions, device, dtype, layer_kinds(names))
+            )
 
     @staticmethod
     def regions_for(slots: int) -> int:

@@ -48,6 +48,7 @@ from lorahot.runtime.plan import Checked, LoadPlan, check_multiplier, dtype_max,
 from lorahot.runtime.routing import Routing, check_routing
 from lorahot.runtime.scale_replay import ScaleReplay
 from lorahot.runtime.sharding import file_slices
+from lorahot.runtime.skeleton import Skeleton, Skeletons
 from lorahot.runtime.stack import Stack, build
 from lorahot.runtime.targets import unwrap_modules
 from lorahot.runtime.wide import WideWeights, widen_layers
@@ -122,6 +123,7 @@ class LoraRuntime:
         devices = {a.device for a in buffers.arenas}
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
         self.cache = AdapterCache(cache_bytes)
+        self._skeletons = Skeletons()  # the plans' structures by the reader's recipe
         self._merger = Merger(layers, buffers) if merged else None
         self._dora = DoraFactors(layers, buffers, self._base_weight, self._base_bias)
         for layer in layers.values():
@@ -288,16 +290,42 @@ class LoraRuntime:
             return check()
         return self._agreement.run(check, what)
 
-    def _read(self, source: Source | Adapter, device: torch.device | None, read_kwargs: dict[str, Any]) -> Adapter:
-        """The adapter ``source`` holds; on a tensor-parallel model, each rank reads only its
-        slice of the sharded factors from a file (:mod:`lorahot.runtime.sharding`)."""
+    def _read(
+        self, source: Source | Adapter, device: torch.device | None, read_kwargs: dict[str, Any]
+    ) -> tuple[Adapter, object | None]:
+        """The adapter ``source`` holds, and the reader's recipe it was assembled from (or
+        None); on a tensor-parallel model, each rank reads only its slice of the sharded
+        factors from a file (:mod:`lorahot.runtime.sharding`)."""
         if self._agreement is None:
-            return read_adapter(source, device=device, **read_kwargs)
+            recipe: list[object] = []
+            adapter = read_adapter(source, device=device, _recipe=recipe, **read_kwargs)
+            return adapter, recipe[0] if recipe else None
 
         def slicer(meta: Adapter, keys: Mapping[int, str]) -> Slices:
             return file_slices(meta, keys, self._specs, self.components)
 
-        return read_adapter_sliced(source, slicer, device=device, **read_kwargs)
+        return read_adapter_sliced(source, slicer, device=device, **read_kwargs), None
+
+    def _validated(self, adapter: Adapter, recipe: object | None, stage: bool, read_kwargs: dict[str, Any]) -> Checked:
+        """:func:`validate` of a read adapter (with the plan of its recipe's skeleton, if
+        known: :mod:`lorahot.runtime.skeleton`), then :meth:`_check_kinds`."""
+        strict = is_strict(read_kwargs)
+        known, skeleton = self._skeletons.lookup(recipe, strict) if recipe is not None else (True, None)
+        checked = validate(
+            adapter,
+            self.buffers,
+            self._specs,
+            stage=stage,
+            weight_of=self._base_weight,
+            strict=strict,
+            extras_refusal=self._extras_refusal,
+            components=self.components,
+            planned=None if skeleton is None else skeleton.plan(adapter),
+        )
+        self._check_kinds(checked.plan)
+        if not known:
+            self._skeletons.put(recipe, strict, Skeleton.of(checked.plan, adapter))
+        return checked
 
     def _part(
         self, source: One, prepared: PreparedAdapter | None, read_kwargs: dict[str, Any]
@@ -306,19 +334,8 @@ class LoraRuntime:
         read and validated."""
         if prepared is not None:
             return prepared.adapter, restage(prepared.plan, self.buffers)
-        adapter = self._read(source, self._read_device, read_kwargs)  # type: ignore[arg-type]
-        checked = validate(
-            adapter,
-            self.buffers,
-            self._specs,
-            stage=True,
-            weight_of=self._base_weight,
-            strict=is_strict(read_kwargs),
-            extras_refusal=self._extras_refusal,
-            components=self.components,
-        )
-        self._check_kinds(checked.plan)
-        return adapter, checked
+        adapter, recipe = self._read(source, self._read_device, read_kwargs)  # type: ignore[arg-type]
+        return adapter, self._validated(adapter, recipe, True, read_kwargs)
 
     def _info(
         self, slot: int, adapters: list[Adapter], stack: Stack, weights: tuple[float, ...], listed: bool
@@ -372,18 +389,8 @@ class LoraRuntime:
             raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
         self._check_usable()
         identity = source_key(source, read_kwargs)
-        adapter = self._read(source, None, read_kwargs)
-        checked = validate(
-            adapter,
-            self.buffers,
-            self._specs,
-            stage=False,
-            weight_of=self._base_weight,
-            strict=is_strict(read_kwargs),
-            extras_refusal=self._extras_refusal,
-            components=self.components,
-        )
-        self._check_kinds(checked.plan)
+        adapter, recipe = self._read(source, None, read_kwargs)
+        checked = self._validated(adapter, recipe, False, read_kwargs)
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
         prepared = PreparedAdapter(cache_key, adapter, checked.plan, pack_host(checked, self.buffers), self.buffers)
         # (a file that changed while it was read is not cached)

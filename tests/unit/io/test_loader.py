@@ -198,3 +198,103 @@ def test_meta_device_reads_shapes_from_the_header_and_alpha_from_the_config(tmp_
     save_file({**kohya, "lora_unet_q.alpha": torch.tensor(1.5)}, tmp_path / "kohya" / "k.safetensors")
     read = lorahot.read_adapter(tmp_path / "kohya" / "k.safetensors", device="meta")
     assert next(iter(read.modules.values())).alpha == 3.0  # the rank: 1.5 is not read
+
+
+# -- a file read again is assembled from its recipe -------------------------------------------
+
+_QK = {
+    "base_model.model.q.lora_A.weight": torch.randn(4, 8),
+    "base_model.model.q.lora_B.weight": torch.randn(6, 4),
+    "base_model.model.k.lora_A.weight": torch.randn(2, 8, dtype=torch.float16),
+    "base_model.model.k.lora_B.weight": torch.randn(6, 2, dtype=torch.float16),
+}
+_DORA = {
+    "base_model.model.x.lora_A.weight": torch.randn(2, 8),
+    "base_model.model.x.lora_B.weight": torch.randn(8, 2),
+    "base_model.model.x.lora_magnitude_vector": torch.ones(8),
+    "base_model.model.x.lora_B.bias": torch.ones(8),
+}
+_KOHYA = {
+    "lora_unet_q.lora_down.weight": torch.randn(3, 8),
+    "lora_unet_q.lora_up.weight": torch.randn(6, 3),
+    "lora_unet_q.alpha": torch.tensor(1.5),
+}
+_META = '{"unet.r": 4, "unet.lora_alpha": 8, "unet.rank_pattern": {"to_out.0": 2}}'
+RECIPE_CASES = {
+    "peft patterns rslora": (_QK, {"r": 4, "lora_alpha": 8, "rank_pattern": {"k": 2}, "use_rslora": True}, {}, True),
+    "dora and lora bias": (_DORA, {"r": 2, "lora_alpha": 2, "use_dora": True, "lora_bias": True}, {}, True),
+    "strict=False skips a key": (_QK | {"model.weird.tensor": torch.ones(2)}, {"rank_pattern": {"k": 2}}, {}, False),
+    "diffusers components": (
+        {
+            "unet.attn.to_q.lora_A.weight": torch.randn(4, 8),
+            "unet.attn.to_q.lora_B.weight": torch.randn(8, 4),
+            "unet.attn.to_out.0.lora_A.weight": torch.randn(2, 8),
+            "unet.attn.to_out.0.lora_B.weight": torch.randn(8, 2),
+        },
+        None,
+        {"lora_adapter_metadata": _META},
+        True,
+    ),
+    "kohya alphas (values: no recipe)": (_KOHYA, None, {}, True),
+}
+
+
+def _contents(adapter: lorahot.Adapter) -> tuple:
+    """Everything an adapter holds, tensors as their values."""
+
+    def value(t: torch.Tensor | None) -> object:
+        return None if t is None else (t.dtype, tuple(t.shape), t.tolist())
+
+    modules = [
+        (k, m.key, value(m.A), value(m.B), m.alpha, m.use_rslora, m.source_keys, value(m.magnitude), value(m.bias))
+        for k, m in adapter.modules.items()
+    ]
+    return adapter.format, adapter.source, adapter.config, adapter.skipped, modules, adapter.weights
+
+
+@pytest.mark.parametrize("case", list(RECIPE_CASES))
+def test_a_file_read_again_is_assembled_from_its_recipe_as_it_was_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """A read writes down the file's recipe and assembles the adapter from it; a second read
+    assembles it again without working the file out: both are what the full read gives
+    (modules, alphas, configs, skipped keys), and where the structure depends on the values
+    (kohya's alpha tensors) every read works it out in full."""
+    import lorahot.io.loader as loader
+
+    tensors, config, metadata, strict = RECIPE_CASES[case]
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata=metadata or None)
+    if config is not None:
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with monkeypatch.context() as patch:
+        patch.setattr(loader, "_recipe_key", lambda *args: None)  # no recipe: the full read
+        full = _contents(lorahot.read_adapter(tmp_path, strict=strict))
+    loader._RECIPES.clear()
+    first = lorahot.read_adapter(tmp_path, strict=strict)
+    calls: list[int] = []
+    fully = loader._normalize_fully
+    monkeypatch.setattr(loader, "_normalize_fully", lambda *args: calls.append(1) or fully(*args))
+    second = lorahot.read_adapter(tmp_path, strict=strict)
+    assert _contents(first) == full and _contents(second) == full
+    assert calls == ([1] if case.startswith("kohya") else [])
+    assert not any(m.A.data_ptr() == n.A.data_ptr() for m, n in zip(first.modules.values(), second.modules.values()))
+    if case.startswith("strict"):
+        assert second.skipped == ("model.weird.tensor",)
+
+
+def test_a_recipe_holds_for_the_same_header_and_config_only(tmp_path: Path) -> None:
+    """New values under the same header are read; a new config gives new alphas; a new rank
+    (another header) gives new modules."""
+    path = tmp_path / "adapter_model.safetensors"
+    save_file(_peft(2), path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    assert lorahot.read_adapter(tmp_path).modules["proj"].scale == 2.0
+    values = _peft(2)
+    save_file(values, path)
+    again = lorahot.read_adapter(tmp_path).modules["proj"]
+    assert torch.equal(again.A, values["base_model.model.proj.lora_A.weight"]) and again.scale == 2.0
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 1}))
+    assert lorahot.read_adapter(tmp_path).modules["proj"].scale == 0.5
+    save_file(_peft(3), path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"lora_alpha": 1}))
+    assert lorahot.read_adapter(tmp_path).modules["proj"].rank == 3

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 from torch import nn
 
 import lorahot
-from lorahot.runtime.buffers import Arena
-from tests.helpers import make_adapter
+from lorahot.runtime.buffers import Arena, layer_kinds, strided_runs
+from tests.helpers import PREFIX, make_adapter, save_peft, tiny_lm
 
 
 class Net(nn.Module):
@@ -195,3 +200,61 @@ def test_zero_fill_is_skipped_only_when_the_write_covers_the_region() -> None:
     _, grouped = _inject(slots=1)
     conv = grouped.buffers.arenas[0]
     assert not conv._covers(0, [(i, 8) for i in range(len(conv.specs))])  # group slices leave gaps
+
+
+# -- a file's tensors copied in strided runs ----------------------------------------------------
+
+
+@given(
+    blocks=st.lists(st.integers(0, 40), min_size=1, max_size=30, unique=True),
+    sources=st.lists(st.integers(0, 12), min_size=30, max_size=30),
+)
+def test_strided_runs_cover_every_pair_once_with_increasing_destinations(blocks: list, sources: list) -> None:
+    pairs = [(5 * s, 7 * d) for s, d in zip(sources, blocks)]  # distinct destinations, sources may repeat
+    runs = strided_runs(pairs)
+    members = [(src + k * src_step, dst + k * dst_step) for n, src, src_step, dst, dst_step in runs for k in range(n)]
+    assert sorted(members) == sorted(pairs)
+    assert all(n == 1 or (dst_step > 0 and src_step >= 0) for n, _, src_step, _, dst_step in runs)
+
+
+def test_layer_kinds_are_names_up_to_their_numbers() -> None:
+    names = ["layers.0.attn.q", "layers.0.attn.k", "layers.1.attn.q", "layers.12.attn.k", "head"]
+    assert layer_kinds(names) == [0, 1, 0, 1, 2]
+
+
+@pytest.mark.parametrize(("stacked", "uniform"), [(False, True), (True, True), (False, False), (True, False)])
+def test_a_file_lands_in_few_copies_exactly_as_its_tensors_one_by_one(
+    tmp_path: Path, stacked: bool, uniform: bool
+) -> None:
+    """A file read into one buffer (its tensors views of it, blocks in the file's order: layers
+    0, 1, 10, 11, 2, ...) is copied in strided runs, and the region is bitwise what the same
+    tensors copied one by one (clones, views of nothing) give; for a stack too (row offsets).
+    Not ``uniform``: a module of another rank and one of another dtype break the even spacing."""
+    model = tiny_lm(layers=12)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    names = [n for n, _ in model.named_modules() if n.split(".")[-1] in targets]
+    runtime = lorahot.inject(model, targets, max_rank=8, slots=2)
+    ranks = {n: 2 if n == "layers.3.mlp.up_proj" and not uniform else 3 for n in names}
+    first = make_adapter(model, ranks, seed=1)[0]
+    if not uniform:
+        half = f"{PREFIX}layers.5.self_attn.v_proj.lora_A.weight"
+        first[half] = first[half].half()
+    files = [save_peft(tmp_path / "a", first), save_peft(tmp_path / "b", make_adapter(model, ranks, seed=2)[0])]
+    clones = [{k: v.clone() for k, v in load_file(f / "adapter_model.safetensors").items()} for f in files]
+    arena = runtime.buffers.arenas[0]
+    counted: list[int] = []
+    copies = arena._copies
+
+    def counting(*args: Any) -> Any:
+        found = copies(*args)
+        counted.append(len(found[0]))
+        return found
+
+    arena._copies = counting  # type: ignore[method-assign]
+    runtime.load(files if stacked else files[0], slot=0)
+    runtime.load(clones if stacked else clones[0], slot=1)
+    assert torch.equal(arena.A[0], arena.A[1]) and torch.equal(arena.B[0], arena.B[1])
+    assert torch.equal(arena.S[0], arena.S[1]) and bool(arena.A[0].any())
+    pairs = 2 * len(names) * (2 if stacked else 1)
+    assert counted[1] == pairs  # the clones one by one
+    assert counted[0] <= pairs / 4 if uniform else counted[0] < pairs  # the file in runs

@@ -149,3 +149,106 @@ def test_preloaded_adapter_loads_bitwise_like_a_direct_load(tmp_path: Path) -> N
     assert all(
         torch.equal(t, u) for t, u in zip((t for a in rig.runtime.buffers.arenas for t in (a.A, a.B, a.S)), direct)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_largest_values_on_the_cpu_are_the_infinity_norms(dtype: torch.dtype) -> None:
+    """The CPU's max|x| (one aminmax per tensor) equals the infinity norm the other devices
+    take, NaN, Inf, a negative extreme, a transposed view and an empty tensor included."""
+    from lorahot.runtime.plan import _max_abs
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(4, 6, generator=gen).to(dtype) for _ in range(6)]
+    tensors[1][2, 3] = float("nan")
+    tensors[2][0, 0] = float("inf")
+    tensors[3][1, 1] = float("-inf")
+    tensors[4][3, 5] = -1000.0
+    tensors[5] = tensors[5].t()
+    tensors.append(torch.empty(0, 3, dtype=dtype))
+    got = _max_abs(tensors)
+    expected = [float(torch.linalg.vector_norm(t.double(), float("inf"))) if t.numel() else 0.0 for t in tensors]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=0, equal_nan=True)
+
+
+# -- a file loaded again is planned from its skeleton ------------------------------------------
+
+
+def _plan_fields(plan) -> tuple:
+    """Everything a plan holds, modules by their key and tensors' values."""
+
+    def module(m) -> tuple:
+        return m.key, m.A.tolist(), m.B.tolist(), m.alpha, m.use_rslora, m.source_keys
+
+    return (
+        [(n, module(m)) for n, m in plan.targets.items()],
+        [[(i, m.key) for i, m in e] for e in plan.entries],
+        [s.tolist() for s in plan.scales],
+        plan.largest,
+        plan.source,
+        plan.ranks,
+        plan.nbytes,
+        plan.delta_bound,
+        [s.tolist() for s in plan.scaled_a],
+        plan.skipped,
+        plan.weights,
+        plan.dora,
+    )
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_file_loaded_again_is_planned_from_its_skeleton_as_in_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strict: bool
+) -> None:
+    """The second load and preload of a file take the plan of its recipe's skeleton (plan_load
+    does not run), and every plan equals plan_load's, skipped keys (strict=False) included."""
+    import lorahot.runtime.plan as plan_module
+
+    rig = build_rig(tmp_path / "rig")
+    names = (Q0, V1) if strict else (Q0, V1, "layers.1.self_attn.k_proj")  # k_proj is not injected
+    tensors = valid_tensors(rig.model, 4, names=names)
+    source = save_peft(tmp_path / "ad", tensors, r=4, lora_alpha=2.0)
+    planned: list[object] = []
+    full = plan_module.plan_load
+    monkeypatch.setattr(plan_module, "plan_load", lambda *args: planned.append(full(*args)) or planned[-1])
+    rig.runtime.load(source, strict=strict)
+    rig.runtime.load(source, slot=1, strict=strict)
+    stacks = rig.runtime._stacks
+    plans = [stacks[0].parts[0], stacks[1].parts[0], rig.runtime.preload(source, strict=strict).plan]
+    assert len(planned) == 1  # the first load's
+    for plan in plans:
+        assert _plan_fields(plan) == _plan_fields(planned[0])
+    assert plans[1].skipped == (() if strict else tuple(k for k in tensors if "k_proj" in k))
+
+
+def test_values_are_checked_on_every_load_of_a_planned_file(tmp_path: Path) -> None:
+    """New values under the same header (a NaN, a value beyond float16) are refused though the
+    plan comes from the skeleton; nothing changes."""
+    rig = _fp16_rig(tmp_path)
+    tensors = valid_tensors(rig.model, 4)
+    source = save_peft(tmp_path / "ad", tensors, r=4, lora_alpha=8.0)
+    rig.runtime.load(source, slot=1)
+    before = snapshot(rig)
+    for value, message in ((float("nan"), "NaN or Inf in LoRA weights of"), (70000.0, "larger|too large")):
+        bad = {k: v.clone() for k, v in tensors.items()}
+        bad[f"base_model.model.{V1}.lora_B.weight"][0, 0] = value
+        save_peft(tmp_path / "ad", bad, r=4, lora_alpha=8.0)
+        for call in _both(rig, source):
+            with pytest.raises(lorahot.AdapterReadError, match=message):
+                call()
+            assert_unchanged(rig, before)
+
+
+def test_an_adapter_changed_after_it_was_read_is_planned_in_full(tmp_path: Path) -> None:
+    """An Adapter passed to load is planned as it is now, even if it was read from a file whose
+    recipe has a skeleton: a module taken out of it leaves its layer empty."""
+    rig = build_rig(tmp_path / "rig")
+    source = save_peft(tmp_path / "ad", valid_tensors(rig.model, 4), r=4, lora_alpha=2.0)
+    rig.runtime.load(source, slot=1)
+    adapter = lorahot.read_adapter(source)
+    del adapter.modules[next(k for k in adapter.modules if "v_proj" in k)]
+    info = rig.runtime.load(adapter, slot=1)
+    assert set(info.ranks) == {Q0}
+    arena, index = rig.runtime.buffers.where[V1]
+    a_rows, b_rows = rig.runtime.buffers.arenas[arena].rows(index, 1)
+    assert not a_rows.any() and not b_rows.any()
