@@ -76,7 +76,8 @@ def test_gpu_dynamic_op_runs_the_fused_kernel_into_the_wide_layout(m: int, dtype
     x, w, a, bt, s, wide = _operands(m, 2048, 256, 64, dtype, "cuda", seed=m)
     torch.full((m * (256 + 64) + 1,), float("nan"), device="cuda", dtype=dtype)  # freed: the output reuses it
     y = wide_kernel.wide_linear_dynamic(x, wide, a, bt, s.float(), fused=True)
-    assert y.shape == (m, 256) and y.stride(0) == 256 + 64 and torch.isfinite(y).all()
+    assert y.shape == (m, 256) and torch.isfinite(y).all()
+    assert m == 1 or y.stride(0) == 256 + 64  # (a dimension of size 1 reports the stride of a contiguous one)
     ref = _reference(x, w, a, bt, s)
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
 
@@ -132,7 +133,7 @@ def test_dynamic_op_matches_float64_reference_on_either_path(
     x, w, a, bt, s, wide = _operands(m, k, n, r, torch.float64, "cpu", seed)
     y = wide_kernel.wide_linear_dynamic(x.reshape(1, m, k), wide, a, bt, s, fused=fused)
     assert y.shape == (1, m, n)
-    if m > 1:
+    if m > 1:  # a dimension of size 1 reports the stride of a contiguous one
         assert y.stride() == (m * (n + r), n + r, 1)
     if m:
         torch.testing.assert_close(y[0], _reference(x, w, a, bt, s), rtol=1e-10, atol=1e-10)
