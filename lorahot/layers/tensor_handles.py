@@ -9,8 +9,12 @@ sizes would otherwise be tied to it, and a later batch size would recompile), an
 address too, so CUDA graphs read it in place. Marking imports ``torch._dynamo`` (about 1.4 s
 once on a CPU box), which ``torch.compile`` imports anyway.
 
-A :class:`TensorHandle` owns one entry of :data:`TENSORS` and removes it when collected; the
-arena and every layer bound to it hold the handle. It owns the same key of :data:`ROUTES`: None
+A :class:`TensorHandle` owns one entry of :data:`TENSORS`; the arena and every layer bound to
+it hold the handle. When the handle is collected its entries are emptied in place (the tensors
+released; the dictionaries keep their size) and removed when the next handle is made. A
+collection can run in the middle of the compiler's tracing of another model, while it iterates
+over these dictionaries: removing the entry then made the trace fail with "dictionary changed
+size during iteration". It owns the same key of :data:`ROUTES`: None
 while the whole batch computes with the live region, else the per-row routing (an int64 device
 tensor ``[L]``, one slot per row, -1 for none; see :mod:`lorahot.layers.routing`), and the same
 key of :data:`SEGMENTS`: that routing grouped by slot, for the segmented kernels. Only the
@@ -35,21 +39,42 @@ ROUTES: dict[int, torch.Tensor | None] = {}
 #: computed once per routing so that no layer sorts it again; None with no routing.
 SEGMENTS: dict[int, torch.Tensor | None] = {}
 _ids = itertools.count()
+#: keys of collected handles, emptied in place, to remove at the next safe point
+_retired: list[int] = []
 
 
 class TensorHandle:
     """Keeps ``tensors`` in :data:`TENSORS` under :attr:`key` for as long as it lives."""
 
     def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        _purge()  # a safe point: inject, not a compiled model's trace
         self.key = next(_ids)
         TENSORS[self.key] = tensors
         ROUTES[self.key] = SEGMENTS[self.key] = None
-        weakref.finalize(self, TENSORS.pop, self.key, None)
-        weakref.finalize(self, ROUTES.pop, self.key, None)
-        weakref.finalize(self, SEGMENTS.pop, self.key, None)
+        weakref.finalize(self, _retire, self.key)
         from torch._dynamo import mark_static, mark_static_address
 
         for t in tensors:
             mark_static(t)
             if t.is_cuda:
                 mark_static_address(t, guard=False)
+
+
+def _retire(key: int) -> None:
+    """A collected handle's entries emptied in place: its tensors and routing released, no
+    dictionary resized (see the module docstring)."""
+    if key in TENSORS:
+        TENSORS[key] = ()
+    if key in ROUTES:
+        ROUTES[key] = None
+    if key in SEGMENTS:
+        SEGMENTS[key] = None
+    _retired.append(key)
+
+
+def _purge() -> None:
+    """Removes the entries of collected handles."""
+    while _retired:
+        key = _retired.pop()
+        for table in (TENSORS, ROUTES, SEGMENTS):
+            table.pop(key, None)

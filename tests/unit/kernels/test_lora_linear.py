@@ -80,6 +80,8 @@ def test_tensor_handle_entry_lives_with_the_layers_and_goes_with_them() -> None:
     assert key in TENSORS  # the model's layers still read it
     lorahot.eject(model)
     gc.collect()
+    assert TENSORS.get(key, ()) == ()  # released (the entry itself goes when the next handle is made)
+    lorahot.inject(_mlp(), list(NAMES), max_rank=4)
     assert key not in TENSORS
 
 
