@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import torch
 
+from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.op_registry import define, refuse_grad
-from lorahot.kernels.routed_lora import check_segments, reference, segments, token_route
+from lorahot.kernels.routed_lora import check_segments, reference, routed_lora, segments, token_route
 from lorahot.kernels.triton_import import triton_module
 
 __all__ = ["routed_lora_linear"]
@@ -42,7 +43,7 @@ def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
 
 @define(
     "routed_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor bt, Tensor s, Tensor route, "
-    "Tensor? segs=None) -> Tensor",
+    "Tensor? segs=None, bool sized=False, bool wide=False) -> Tensor",
     _fake,
 )
 def _routed_lora_linear(
@@ -54,10 +55,15 @@ def _routed_lora_linear(
     s: torch.Tensor,
     route: torch.Tensor,
     segs: torch.Tensor | None = None,
+    sized: bool = False,
+    wide: bool = False,
 ) -> torch.Tensor:
     refuse_grad("routed_lora_linear", x, weight, bias, a, bt)
     x2 = x.reshape(-1, x.shape[-1])
     n = weight.shape[0]
+    if sized and not fused_kernel.worth_it(x2.shape[0], n, wide=wide):  # the base GEMM, then the routed sum
+        y = torch.nn.functional.linear(x2, weight, bias)
+        return routed_lora(x2, y, a, bt, s, route, segs).view(*x.shape[:-1], n)
     kernel = triton_module("triton_lora_linear") if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
     if kernel is None or x2.shape[0] == 0:
         y = torch.nn.functional.linear(x2, weight, bias)
@@ -80,9 +86,16 @@ def routed_lora_linear(
     s: torch.Tensor,
     route: torch.Tensor,
     segs: torch.Tensor | None = None,
+    *,
+    sized: bool = False,
+    wide: bool = False,
 ) -> torch.Tensor:
     """The base linear plus each row's own slot's update: on CUDA the segmented shrink, then
-    the fused kernel (see the module docstring).
+    the fused kernel (see the module docstring). With ``sized`` (compiled, the row count
+    symbolic: see :mod:`lorahot.kernels.wide_linear`), the operator itself asks
+    :func:`lorahot.kernels.lora_linear.worth_it` (``wide`` as the layer's) for the rows of each
+    call, and above its limits runs the base GEMM and :func:`lorahot.kernels.routed_lora.routed_lora`,
+    as the layer would: one graph for every row count.
 
     Args:
         x: ``[..., in]`` the layer's input; its rows a multiple of ``route``'s length.
@@ -95,5 +108,5 @@ def routed_lora_linear(
         ``[..., out]`` in ``x``'s dtype.
     """
     check_segments(segs, a.shape[0], route.shape[0])
-    out: torch.Tensor = torch.ops.lorahot.routed_lora_linear(x, weight, bias, a, bt, s, route, segs)
+    out: torch.Tensor = torch.ops.lorahot.routed_lora_linear(x, weight, bias, a, bt, s, route, segs, sized, wide)
     return out

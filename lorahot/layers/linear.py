@@ -79,13 +79,11 @@ class LoRALinear(LoRALayer):
         return fused_kernel.supports(self.base_layer, lora_A) and routed_kernel.available()
 
     def can_fuse(self, x: torch.Tensor, a: torch.Tensor) -> bool:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return (
-            fused_kernel.worth_it(rows, self.spec.out_dim, wide=self._plan[2])
-            and x.dtype == a.dtype
-            and not _needs_grad(x, self._base)
-            and not _autocast_recasts(x, a.dtype)
-        )
+        return fused_kernel.worth_it(_rows(x), self.spec.out_dim, wide=self._plan[2]) and self._fusable_input(x, a)
+
+    def _fusable_input(self, x: torch.Tensor, a: torch.Tensor) -> bool:
+        """The fused kernel's conditions on ``x`` other than its row count."""
+        return x.dtype == a.dtype and not _needs_grad(x, self._base) and not _autocast_recasts(x, a.dtype)
 
     def fused_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         weight, bias = self.kernel_weights()
@@ -117,10 +115,14 @@ class LoRALinear(LoRALayer):
         """The routed fused linear (:mod:`lorahot.kernels.routed_linear`: the segmented shrink,
         then base and each slot's expand in one kernel) where the fused kernel pays for this
         many rows (as in whole-batch mode), else None."""
-        if not (self._plan[1] and self.can_fuse(x, a)):
+        if not self._plan[1]:
+            return None
+        sized = _symbolic_rows(x)  # compiled, rows symbolic: the operator decides per call
+        if not (self._fusable_input(x, a) if sized else self.can_fuse(x, a)):
             return None
         weight, bias = self.kernel_weights()
-        return routed_linear.routed_lora_linear(x, weight, bias, a, b, s, route, self._segments(a, route))
+        segs = self._segments(a, route)
+        return routed_linear.routed_lora_linear(x, weight, bias, a, b, s, route, segs, sized=sized, wide=self._plan[2])
 
     def routed_sum(
         self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor
@@ -207,10 +209,7 @@ class LoRALinear(LoRALayer):
         cannot be decided on without a guard, where the wide path applies: the layer then runs
         :meth:`dynamic_forward`, and one graph serves every row count (see
         :mod:`lorahot.kernels.wide_linear`)."""
-        if not torch.compiler.is_compiling():
-            return False
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return not fused_kernel.decidable(rows) and self.can_widen(x)
+        return _symbolic_rows(x) and self.can_widen(x)
 
     def dynamic_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The fused kernel or the wide GEMMs, whichever pays for the rows of each call, chosen at
@@ -269,6 +268,18 @@ def _autocast_recasts(x: torch.Tensor, dtype: torch.dtype) -> bool:
     if device not in ("cuda", "cpu"):
         return False
     return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != dtype
+
+
+def _rows(x: torch.Tensor) -> int:
+    """The rows of ``x``: every dimension but the last."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _symbolic_rows(x: torch.Tensor) -> bool:
+    """Whether ``x`` is traced by the compiler with a row count that the fused kernel's row
+    limits cannot be decided on without a guard (dynamic shapes; see
+    :func:`lorahot.kernels.lora_linear.decidable`)."""
+    return torch.compiler.is_compiling() and not fused_kernel.decidable(_rows(x))
 
 
 def _needs_grad(x: torch.Tensor, base: nn.Module) -> bool:

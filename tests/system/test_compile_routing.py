@@ -83,8 +83,26 @@ def test_negative_control_a_first_mode_switch_compiles_once() -> None:
             compiled(ids)
 
 
-def test_dynamic_shapes_serve_every_batch_size_with_one_routed_graph() -> None:
+def _fused_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers injected from here on take the fused routed path, its operator's CPU formula
+    standing in for the kernels, with the fused kernel's row limits."""
+    from lorahot.kernels import lora_linear, routed_lora
+
+    monkeypatch.setattr(lora_linear, "supports", lambda base, a: True)
+    monkeypatch.setattr(routed_lora, "available", lambda: True)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dynamic_shapes_serve_every_batch_size_with_one_routed_graph(
+    fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One graph for every batch size. Where the fused routed path applies, the row counts
+    cross its limits (16 and 128 rows: 12 to 200 here) and its operator chooses per call, so
+    that too compiles once."""
+    if fused:
+        _fused_on_the_cpu(monkeypatch)
     model, runtime, held = _setup()
+    assert runtime.layers["layers.0.self_attn.q_proj"]._plan[1] == fused
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
     with torch.no_grad():
@@ -92,12 +110,29 @@ def test_dynamic_shapes_serve_every_batch_size_with_one_routed_graph() -> None:
         compiled(token_ids((3, 4), 32, seed=0))
         frames = counter.frame_count
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for rows, length in ((5, 4), (2, 7), (6, 3)):
+            for rows, length in ((5, 4), (2, 7), (6, 3), (40, 5)):
                 route = [(i % 4) - 1 for i in range(rows)]
                 runtime.activate(route)
                 ids = token_ids((rows, length), 32, seed=rows)
                 torch.testing.assert_close(compiled(ids).double(), _expected(ids, route, held), rtol=1e-4, atol=1e-5)
     assert counter.frame_count == frames
+
+
+def test_negative_control_routed_row_limits_decided_in_python_recompile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with the fused path's row limits asked in Python: a batch past a limit
+    recompiles."""
+    from lorahot.kernels import lora_linear
+
+    _fused_on_the_cpu(monkeypatch)
+    monkeypatch.setattr(lora_linear, "decidable", lambda rows: True)
+    model, runtime, _ = _setup()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        runtime.activate([0, 1, 2])
+        compiled(token_ids((3, 4), 32, seed=0))
+        runtime.activate([(i % 4) - 1 for i in range(40)])
+        with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(torch._dynamo.exc.RecompileError):
+            compiled(token_ids((40, 5), 32, seed=40))
 
 
 def test_conv_model_routes_under_compile_without_recompiling() -> None:

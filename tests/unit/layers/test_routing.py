@@ -204,7 +204,7 @@ def test_a_fusable_linear_routes_through_the_fused_op_up_to_its_row_limit(
     calls: list[str] = []
     for module, name in ((routed_linear, "routed_lora_linear"), (routed_kernel, "routed_lora")):
         real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4, bias=False)).to(DT)
     fused = copy.deepcopy(plain)
