@@ -298,10 +298,10 @@ def scenario_fused(mesh: object, folder: Path, check: Checks) -> None:
             calls["whole"] += 1
         return torch.nn.functional.linear(x, weight, bias) + ((x @ a.T) * scale).to(x.dtype) @ bt
 
-    def per_row(*args):  # type: ignore[no-untyped-def]
+    def per_row(*args, **kwargs):  # type: ignore[no-untyped-def]
         if not torch.compiler.is_compiling():
             calls["routed"] += 1
-        return routed(*args)
+        return routed(*args, **kwargs)
 
     fused_kernel.lora_linear = whole
     routed_linear.routed_lora_linear = per_row
