@@ -41,7 +41,8 @@ test: lint
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
 
-# The Triton kernels on a CPU, in Triton's interpreter (tests/unit/kernels/test_interpreted.py):
+# The Triton kernels on a CPU, in Triton's interpreter (tests/unit/kernels/test_interpreted.py),
+# then compiled ahead of time for sm90 without running (tests/unit/kernels/test_sm90_compile.py):
 # Triton and a NumPy it runs with go to .interp/, ahead of the venv's on the path.
 INTERP := .interp
 $(INTERP)/.installed:
@@ -50,6 +51,7 @@ $(INTERP)/.installed:
 
 test-interpret: $(STAMP) $(INTERP)/.installed
 	TRITON_INTERPRET=1 PYTHONPATH=$(INTERP) $(BIN)/python -m pytest -q -p no:cacheprovider -m interpret tests/unit/kernels
+	LORAHOT_SM90_COMPILE=1 PYTHONPATH=$(INTERP) $(BIN)/python -m pytest -q -p no:cacheprovider -m sm90 tests/unit/kernels
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --suite all
