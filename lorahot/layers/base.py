@@ -378,10 +378,14 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
         # layer: keep them few (see lorahot.layers.tensor_handles).
-        merged, fused, wide, extras, key, _ = self._plan
+        merged, fused, wide, extras, key, geometry = self._plan
         if merged:
             out: torch.Tensor = self._base(x, *args, **kwargs)
             return out
+        if wide and not extras and not args and not kwargs and torch.compiler.is_compiling() and ROUTES[key] is None:
+            z = self.compiled_wide(x, fused, key, geometry)  # the common compiled case in one call
+            if z is not None:
+                return z
         a, b, scale, e = self._views()
         route = ROUTES[key]
         if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
@@ -519,6 +523,11 @@ class LoRALayer(nn.Module):
     def wide_forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The whole layer from the wide buffer, where the subclass has one."""
         raise NotImplementedError
+
+    def compiled_wide(self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...]) -> torch.Tensor | None:
+        """Under ``torch.compile``, for a wide layer without extras: the wide path in one call, or
+        None where another path applies (the general forward then decides)."""
+        return None
 
     def dynamic_rows(self, x: torch.Tensor) -> bool:
         """Whether :meth:`dynamic_forward` applies to ``x`` (only asked of a layer both fused and

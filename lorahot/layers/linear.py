@@ -13,6 +13,8 @@ rows equal to the live A times its scales after every load, activation and scale
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -22,7 +24,7 @@ from lorahot.kernels import routed_linear
 from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.kernels import wide_linear as wide_kernel
 from lorahot.layers.base import WIDE_BUFFER, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
-from lorahot.layers.tensor_handles import SEGMENTS
+from lorahot.layers.tensor_handles import SEGMENTS, TENSORS
 
 __all__ = ["LoRALinear", "linear_features", "is_conv1d"]
 
@@ -203,6 +205,23 @@ class LoRALinear(LoRALayer):
         """``[y | h] = x @ [W; s[:, None] * A].T`` in one GEMM, then ``y + h @ B.T``
         (:mod:`lorahot.kernels.wide_linear`); the bias is added in the elementwise pass the
         compiler fuses with what follows."""
+        y: torch.Tensor = wide_kernel.wide_linear(x, self._buffers[WIDE_BUFFER], b)  # type: ignore[arg-type]
+        bias = self._base.bias
+        return y if bias is None else y + bias
+
+    def compiled_wide(self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...]) -> torch.Tensor | None:
+        """The wide path as the general forward would take it (not the fused kernel, not the
+        dynamic-shapes operator; the checks of :meth:`can_widen`), in one function: the compiler
+        traces the forward of every layer of every graph, and each call it inlines costs it
+        milliseconds (``benchmarks/experiments/trace_cost_probe.py``). Only B's view is made."""
+        weight = self._base.weight
+        if x.dtype != weight.dtype or _needs_grad(x, self._base) or _autocast_recasts(x, weight.dtype):
+            return None
+        if fused:  # the fused kernel for these rows, or a choice per call: the general forward's
+            rows = _rows(x)
+            if not fused_kernel.decidable(rows) or fused_kernel.worth_it(rows, self.spec.out_dim, wide=True):
+                return None
+        b = TENSORS[key][1].as_strided(*geometry[1])
         y: torch.Tensor = wide_kernel.wide_linear(x, self._buffers[WIDE_BUFFER], b)  # type: ignore[arg-type]
         bias = self._base.bias
         return y if bias is None else y + bias

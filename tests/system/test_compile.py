@@ -479,3 +479,36 @@ def test_dynamic_row_counts_compile_no_more_graphs_than_the_base_model(monkeypat
 
     monkeypatch.setattr(fused_kernel, "decidable", lambda rows: True)
     assert _frames(model, check) > base_frames
+
+
+def test_a_compiled_wide_layer_traces_one_arena_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The common compiled case (wide, no extras, whole batch) is traced through one call that
+    makes only B's view of the arena, fused or not (rows above the fused kernel's limits). The
+    compiler traces every layer's forward in every graph, so what it inlines there is compile
+    time (``benchmarks/experiments/trace_cost_probe.py``). The control, with extras, takes the
+    general path: four views per layer."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
+    def views(model: nn.Module) -> int:
+        torch._dynamo.reset()
+        x = torch.randn(300, 8)
+        with torch.no_grad():
+            got = torch.compile(model, backend=record, fullgraph=True, dynamic=False)(x)
+            torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+        return sum(1 for n in graphs[-1].graph.nodes if n.op == "call_method" and n.target == "as_strided")
+
+    def plain(extras: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 4, bias=False))
+        runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=extras)
+        runtime.load(make_adapter(model, {"0": 2, "2": 3}, seed=0)[0])
+        return model
+
+    monkeypatch.setattr(wide_layers, "DEVICE_TYPES", {"cpu"})
+    assert views(plain(extras=False)) == 2  # one per layer
+    assert views(plain(extras=True)) == 8  # the control: the general path
+    assert views(_fused_wide_mlp(monkeypatch)[0]) == 2
