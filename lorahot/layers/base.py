@@ -383,7 +383,7 @@ class LoRALayer(nn.Module):
             out: torch.Tensor = self._base(x, *args, **kwargs)
             return out
         if wide and not extras and not args and not kwargs and torch.compiler.is_compiling() and ROUTES[key] is None:
-            z = self.compiled_wide(x, fused, key, geometry)  # the common compiled case in one call
+            z = self.compiled_forward(x, fused, key, geometry)  # the common compiled cases in one call
             if z is not None:
                 return z
         a, b, scale, e = self._views()
@@ -524,9 +524,11 @@ class LoRALayer(nn.Module):
         """The whole layer from the wide buffer, where the subclass has one."""
         raise NotImplementedError
 
-    def compiled_wide(self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...]) -> torch.Tensor | None:
-        """Under ``torch.compile``, for a wide layer without extras: the wide path in one call, or
-        None where another path applies (the general forward then decides)."""
+    def compiled_forward(
+        self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...]
+    ) -> torch.Tensor | None:
+        """Under ``torch.compile``, for a wide layer without extras: its fused or wide path in one
+        call, or None where another path applies (the general forward then decides)."""
         return None
 
     def dynamic_rows(self, x: torch.Tensor) -> bool:

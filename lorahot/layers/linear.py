@@ -209,21 +209,35 @@ class LoRALinear(LoRALayer):
         bias = self._base.bias
         return y if bias is None else y + bias
 
-    def compiled_wide(self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...]) -> torch.Tensor | None:
-        """The wide path as the general forward would take it (not the fused kernel, not the
-        dynamic-shapes operator; the checks of :meth:`can_widen`), in one function: the compiler
+    def compiled_forward(
+        self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...]
+    ) -> torch.Tensor | None:
+        """The fused kernel or the wide path, as the general forward would choose between them
+        (the checks of :meth:`can_fuse` and :meth:`can_widen`), in one function: the compiler
         traces the forward of every layer of every graph, and each call it inlines costs it
-        milliseconds (``benchmarks/experiments/trace_cost_probe.py``). Only B's view is made."""
-        weight = self._base.weight
-        if x.dtype != weight.dtype or _needs_grad(x, self._base) or _autocast_recasts(x, weight.dtype):
+        milliseconds (``benchmarks/experiments/trace_cost_probe.py``). Only the arena views the
+        path reads are made. None where the row count is symbolic (the dynamic-shapes operator)
+        or the checks fail: the general forward then decides."""
+        base = self._base
+        weight = base.weight
+        if x.dtype != weight.dtype or _needs_grad(x, base) or _autocast_recasts(x, weight.dtype):
             return None
-        if fused:  # the fused kernel for these rows, or a choice per call: the general forward's
+        arena = TENSORS[key]
+        if fused:
             rows = _rows(x)
-            if not fused_kernel.decidable(rows) or fused_kernel.worth_it(rows, self.spec.out_dim, wide=True):
+            if not fused_kernel.decidable(rows):  # a choice per call: the general forward's operator
                 return None
-        b = TENSORS[key][1].as_strided(*geometry[1])
+            if fused_kernel.worth_it(rows, self.spec.out_dim, wide=True):  # the fused kernel
+                a, b, s = (
+                    arena[0].as_strided(*geometry[0]),
+                    arena[1].as_strided(*geometry[1]),
+                    arena[2].as_strided(*geometry[2]),
+                )
+                z: torch.Tensor = fused_kernel.lora_linear(x, weight, base.bias, a, b, s)
+                return z
+        b = arena[1].as_strided(*geometry[1])
         y: torch.Tensor = wide_kernel.wide_linear(x, self._buffers[WIDE_BUFFER], b)  # type: ignore[arg-type]
-        bias = self._base.bias
+        bias = base.bias
         return y if bias is None else y + bias
 
     def dynamic_rows(self, x: torch.Tensor) -> bool:

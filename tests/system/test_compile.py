@@ -481,9 +481,10 @@ def test_dynamic_row_counts_compile_no_more_graphs_than_the_base_model(monkeypat
     assert _frames(model, check) > base_frames
 
 
-def test_a_compiled_wide_layer_traces_one_arena_view(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_compiled_layer_traces_only_the_arena_views_its_path_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """The common compiled case (wide, no extras, whole batch) is traced through one call that
-    makes only B's view of the arena, fused or not (rows above the fused kernel's limits). The
+    makes only the arena views its path reads: B's on the wide path (fused or not, rows above the
+    fused kernel's limits), A's, B's and the scales' on the fused kernel's. The
     compiler traces every layer's forward in every graph, so what it inlines there is compile
     time (``benchmarks/experiments/trace_cost_probe.py``). The control, with extras, takes the
     general path: four views per layer."""
@@ -493,9 +494,9 @@ def test_a_compiled_wide_layer_traces_one_arena_view(monkeypatch: pytest.MonkeyP
         graphs.append(gm)
         return gm
 
-    def views(model: nn.Module) -> int:
+    def views(model: nn.Module, rows: int = 300) -> int:
         torch._dynamo.reset()
-        x = torch.randn(300, 8)
+        x = torch.randn(rows, 8)
         with torch.no_grad():
             got = torch.compile(model, backend=record, fullgraph=True, dynamic=False)(x)
             torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
@@ -511,4 +512,6 @@ def test_a_compiled_wide_layer_traces_one_arena_view(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(wide_layers, "DEVICE_TYPES", {"cpu"})
     assert views(plain(extras=False)) == 2  # one per layer
     assert views(plain(extras=True)) == 8  # the control: the general path
-    assert views(_fused_wide_mlp(monkeypatch)[0]) == 2
+    fused = _fused_wide_mlp(monkeypatch)[0]
+    assert views(fused) == 2
+    assert views(fused, rows=8) == 6  # the fused kernel's rows: A, B and the scales of each layer
