@@ -93,8 +93,7 @@ def _wide_linear_dynamic(
         y = x2.new_empty((x2.shape[0], n + r)).narrow(1, 0, n)
         fused_kernel.lora_linear_into(x2, wide.narrow(0, 0, n), a, bt, scale, y)
     else:
-        yh = torch.nn.functional.linear(x2, wide)
-        y = yh.narrow(1, 0, n).addmm_(yh.narrow(1, n, r), bt)
+        y = wide_linear(x2, wide, bt)  # eagerly, no gradient: the in-place accumulate
     return y.view(*x.shape[:-1], n)
 
 

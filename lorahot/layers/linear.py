@@ -218,10 +218,9 @@ class LoRALinear(LoRALayer):
         milliseconds (``benchmarks/experiments/trace_cost_probe.py``). Only the arena views the
         path reads are made. None where the row count is symbolic (the dynamic-shapes operator)
         or the checks fail: the general forward then decides."""
-        base = self._base
-        weight = base.weight
-        if x.dtype != weight.dtype or _needs_grad(x, base) or _autocast_recasts(x, weight.dtype):
+        if not self.can_widen(x):  # for a fused, wide layer also the fused kernel's conditions on x
             return None
+        base = self._base
         arena = TENSORS[key]
         if fused:
             rows = _rows(x)
@@ -233,7 +232,7 @@ class LoRALinear(LoRALayer):
                     arena[1].as_strided(*geometry[1]),
                     arena[2].as_strided(*geometry[2]),
                 )
-                z: torch.Tensor = fused_kernel.lora_linear(x, weight, base.bias, a, b, s)
+                z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s)
                 return z
         b = arena[1].as_strided(*geometry[1])
         y: torch.Tensor = wide_kernel.wide_linear(x, self._buffers[WIDE_BUFFER], b)  # type: ignore[arg-type]
