@@ -16,9 +16,8 @@ CUDA graph over 22 weight sets (weights stream from HBM as in the model), in us 
 
 - ``wide``: the single-adapter wide formula (one GEMM over ``[W; s*A]``, the expand
   accumulated in place), for reference;
-- ``stk8``: the routed prefill plan of ``benchmarks/README.md`` ("Where the time goes"), emulated:
-  one GEMM over ``[W; s*A_0 .. s*A_7]``, each row's own slot's shrink gathered (a copy the
-  planned kernel would not need), then the segmented expand; routes over 8 slots.
+(A ``stk8`` column, the routed prefill plan emulated with the old segmented expand, measured
+65.9 / 22.4 / 153.6 / 116.6 us at 2048 rows: ``runs/20261130T194808-routed-probe-m2048.log``.)
 
 ``PROBE_M`` sets the rows (default 64) and ``PROBE_T`` the rows per routing entry (default 1:
 one slot per row; ``PROBE_M=2048 PROBE_T=256`` is the mixed suite's prefill, 8 sequences of
@@ -47,7 +46,7 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(
         f"{'shape':8s} {'base':>7s} {'lora':>7s} {'segments':>9s} {'seg d1':>7s} {'seg d8':>7s} {'gat d1':>7s} {'gat d8':>7s}"
-        f" {'fus d1':>7s} {'fus d8':>7s} {'wide':>7s} {'stk8':>7s}"
+        f" {'fus d1':>7s} {'fus d8':>7s} {'wide':>7s}"
     )
     for name, (k, n) in SHAPES.items():
         w = [torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
@@ -91,31 +90,12 @@ def main() -> None:
                 yh = torch.nn.functional.linear(x, wa)
                 yh[:, :n].addmm_(yh[:, n:], bi[0])
 
-        stacked = [torch.cat([wi, (ai.reshape(SLOTS * R, k) * 0.5).to(dt)]) for wi, ai in zip(w, a)]
-        row_slot = routes[8].repeat_interleave(T_ROWS)  # each row's slot
-        pick = (row_slot[:, None] * R + torch.arange(R, device=dev)[None, :]).contiguous()
-        r_pad = max(16, 1 << (R - 1).bit_length())
-        block_m = 16 if M <= 256 else 64
-        block_n = 64 if n <= 1024 else 128
-        grid = (-(-M // block_m), -(-n // block_n), SLOTS + 1)
-
-        def stacked_wide() -> None:
-            for sw, bi in zip(stacked, bt):
-                yh = torch.nn.functional.linear(x, sw)
-                h = torch.gather(yh[:, n:], 1, pick)  # [M, R]: each row's own slot's scaled shrink
-                yv = yh[:, :n]
-                T._segment_expand[grid](
-                    yv, h, bi, grouped[8], out, n, R, SLOTS, T_ROWS,
-                    yv.stride(0), h.stride(0), bi.stride(0), bi.stride(1), out.stride(0),
-                    R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-                )  # fmt: skip
-
         nan = float("nan")
         row = [graph_us(f, SETS) for f in (base, lora, segs)]
         row += [graph_us(lambda d=d: routed(d, False), SETS) for d in (1, 8)]
         row += [graph_us(lambda d=d: routed(d, True), SETS) if M <= 64 else nan for d in (1, 8)]
         row += [graph_us(lambda d=d: fused(d), SETS) for d in (1, 8)]
-        row += [graph_us(wide_single, SETS), graph_us(stacked_wide, SETS)]
+        row += [graph_us(wide_single, SETS)]
         print(f"{name:8s} " + " ".join(f"{v:8.1f}" for v in row), flush=True)
 
 

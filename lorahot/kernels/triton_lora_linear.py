@@ -186,7 +186,7 @@ def launch(
     if routing is not None:
         segs, route, t = routing
         slots = a.shape[0]
-        h = shrink(x, a, scale, segs, t)
+        h = shrink(x, a, scale, segs, t)[0]
     else:
         route, t, slots, h = x, 1, 0, x  # unused placeholders without routing
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)

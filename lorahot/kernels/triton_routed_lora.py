@@ -1,8 +1,8 @@
 """The Triton kernels behind :mod:`lorahot.kernels.routed_lora` (imported only where Triton and CUDA exist).
 
 Both pairs compute ``out[m] = y[m] + (s_k * (x[m] @ A_k.T)) @ Bt_k`` with ``k = tokens[m]`` the
-row's slot (``-1``: ``out[m] = y[m]``), through a float32 workspace ``H [M, R_PAD]`` holding the
-scaled shrink of every row:
+row's slot (``-1``: ``out[m] = y[m]``), through a float32 workspace ``H`` holding the scaled
+shrink of every row:
 
 - gather (BGMV): :func:`_gather_shrink` runs one program per (row, 16 rank rows), summing
   ``A_k[r] * x[m]`` over K; :func:`_gather_expand` one per (row, output tile). Each row reads its
@@ -10,14 +10,22 @@ scaled shrink of every row:
 - segmented (SGMV): the rows grouped by slot (``segs``: each slot's start and count and the
   routing's entries in slot order, :func:`~lorahot.kernels.routed_lora.segments`, computed once
   per routing by the runtime rather than in every layer: that sort cost 23 us per layer on an
-  H200). :func:`_segment_shrink` runs one program per (tile of up to ``BLOCK_M`` rows of one
-  slot, slot, share of K) and :func:`_segment_expand` one per (such a tile, output tile, slot),
-  each a tensor-core dot of the tile's gathered rows with the slot's A or B: a slot's weights are
-  read once per tile. With K split (up to 256 programs per slot, :func:`_splits`), the shrink's
-  programs add their partial sums to a zeroed workspace, in no fixed order: the last bits of
-  the float32 sum can differ between runs. The grids are sized for the worst case (every row in
-  one slot); programs past their slot's rows return at once. The expand's programs of the
-  no-slot segment copy ``y``.
+  H200). Each segment is cut into tiles of up to ``BLOCK_M`` rows, numbered segment after
+  segment (:func:`_segment_rows`), so the grids hold ``cdiv(M, BLOCK_M) + slots + 1`` tiles
+  for any routing. :func:`_segment_shrink` runs one program per (tile, share of K) and
+  :func:`_segment_expand` one per (tile, share of N's tiles), looping over its share: each a
+  tensor-core dot of the tile's gathered rows with the slot's A or B, a slot's weights read
+  once per tile. The expand's programs of the no-slot segment copy ``y``.
+
+  An earlier grid held one program per (tile, output tile, slot), sized for every row in one
+  slot: at 2048 rows on an H200 the expand then cost 15-50 us per layer where its bytes take 1-12,
+  about 2 ns per program, most of which returned at once
+  (``benchmarks/experiments/segment_probe.py``).
+
+  K is split over the shrink's programs (:func:`_splits`). For the segmented expand each share
+  writes its own partial, which the expand adds in a fixed order; for the fused routed kernel
+  (:mod:`lorahot.kernels.triton_lora_linear`) the shares are added atomically into one zeroed
+  workspace, in no fixed order: the last bits of that float32 sum can differ between runs.
 
 The shrink is rounded to the weights' dtype before the expand in the segmented kernels (a dot
 of two fp16/bf16 tiles, as the fused kernel does) and kept in float32 in the gather kernels.
@@ -84,34 +92,44 @@ def _gather_expand(
 
 
 @triton.jit
-def _segment_rows(SEG, slot, pid_m, SLOTS, T, BLOCK_M: tl.constexpr):
-    """The rows of tile ``pid_m`` of ``slot``'s segment, from the routing's segments (see
-    :func:`lorahot.kernels.routed_lora.segments`): entry ``e`` of the routing covers rows
-    ``e * T .. e * T + T - 1``. Returns ``(rows int64, in range, the segment is past)``."""
-    count = tl.load(SEG + SLOTS + 1 + slot) * T
-    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _segment_rows(SEG, pid, SLOTS, T, BLOCK_M: tl.constexpr, SLOTS_PAD: tl.constexpr):
+    """Tile ``pid`` of the rows sorted by slot, from the routing's segments (see
+    :func:`lorahot.kernels.routed_lora.segments`): each of the ``SLOTS + 1`` segments (the last
+    one the rows of no slot) is cut into tiles of ``BLOCK_M`` rows, and the tiles are numbered
+    segment after segment, so a grid of ``cdiv(M, BLOCK_M) + SLOTS + 1`` programs covers every
+    routing. Entry ``e`` of the routing covers rows ``e * T .. e * T + T - 1``. Returns
+    ``(slot, rows int64, in range, the program has no tile)``."""
+    seg = tl.arange(0, SLOTS_PAD)
+    on = seg <= SLOTS
+    counts = tl.load(SEG + SLOTS + 1 + seg, mask=on, other=0) * T
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(tiles, axis=0)
+    slot = tl.sum((ends <= pid).to(tl.int32), axis=0)  # the segment this tile falls in
+    here = seg == slot
+    first = tl.sum(tl.where(here, ends - tiles, 0), axis=0)  # the segment's first tile
+    count = tl.sum(tl.where(here, counts, 0), axis=0)
+    offs = (pid - first) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs < count
-    j = tl.load(SEG + slot) * T + offs  # position among the rows sorted by slot
+    j = tl.load(SEG + slot, mask=slot <= SLOTS, other=0) * T + offs  # position among the rows sorted by slot
     entry = tl.load(SEG + 2 * (SLOTS + 1) + j // T, mask=m_ok, other=0)
-    return (entry * T + j % T).to(tl.int64), m_ok, pid_m * BLOCK_M >= count
+    return slot, (entry * T + j % T).to(tl.int64), m_ok, slot > SLOTS
 
 
 @triton.jit
 def _segment_shrink(
     X, A, S, SEG, H,
     K, R, SLOTS, T,
-    stride_xm, stride_as, stride_ar, stride_ss, stride_hm,
+    stride_xm, stride_as, stride_ar, stride_ss, stride_hm, stride_hp,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
+    SLOTS_PAD: tl.constexpr, ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    slot = tl.program_id(1)
-    rows, m_ok, past = _segment_rows(SEG, slot, pid_m, SLOTS, T, BLOCK_M)
-    if past:
+    slot, rows, m_ok, past = _segment_rows(SEG, tl.program_id(0), SLOTS, T, BLOCK_M, SLOTS_PAD)
+    if past or slot == SLOTS:  # no tile, or the rows of no slot: nothing to shrink
         return
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    split = tl.program_id(2)  # this program's share of K: every SPLITS-th block of BLOCK_K
+    split = tl.program_id(1)  # this program's share of K: every SPLITS-th block of BLOCK_K
     for k in range(0, tl.cdiv(K, BLOCK_K * SPLITS)):
         kk = (k * SPLITS + split) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = kk < K
@@ -121,39 +139,43 @@ def _segment_shrink(
         )
         acc = tl.dot(x, a, acc)
     s = tl.load(S + slot * stride_ss + rr, mask=r_ok, other=0.0).to(tl.float32)
-    where = H + rows[:, None] * stride_hm + rr[None, :]
-    if SPLITS > 1:  # K split over programs: each adds its partial sum to the zeroed workspace
+    where = H + split * stride_hp + rows[:, None] * stride_hm + rr[None, :]
+    if ATOMIC:  # K split over programs that add their partial sums to one zeroed workspace
         tl.atomic_add(where, acc * s[None, :], mask=m_ok[:, None])
-    else:
+    else:  # one partial per split (stride_hp apart), summed in a fixed order by the reader
         tl.store(where, acc * s[None, :], mask=m_ok[:, None])
 
 
 @triton.jit
 def _segment_expand(
     Y, H, BT, SEG, OUT,
-    N, R, SLOTS, T,
+    M, N, R, SLOTS, T,
     stride_ym, stride_hm, stride_bs, stride_br, stride_om,
-    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS_PAD: tl.constexpr,
+    PARTIALS: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    slot = tl.program_id(2)
-    rows, m_ok, past = _segment_rows(SEG, slot, pid_m, SLOTS, T, BLOCK_M)
+    slot, rows, m_ok, past = _segment_rows(SEG, tl.program_id(0), SLOTS, T, BLOCK_M, SLOTS_PAD)
     if past:
         return
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    mask = m_ok[:, None] & n_ok[None, :]
-    acc = tl.load(Y + rows[:, None] * stride_ym + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    if slot < SLOTS:
-        rr = tl.arange(0, R_PAD)
-        r_ok = rr < R
-        h = tl.load(H + rows[:, None] * stride_hm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        bt = tl.load(
-            BT + slot * stride_bs + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0
-        )
-        acc = tl.dot(h.to(BT.dtype.element_ty), bt, acc)
-    tl.store(OUT + rows[:, None] * stride_om + rn[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < R
+    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if slot < SLOTS:  # the tile's scaled shrink, its partials added in order, read once for all of N
+        for p in tl.static_range(PARTIALS):
+            h += tl.load(
+                H + (p * M + rows[:, None]) * stride_hm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
+            )
+    hb = h.to(BT.dtype.element_ty)
+    bt_base = BT + tl.maximum(slot, 0).to(tl.int64) * stride_bs
+    for nt in range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1)):  # this program's share of N
+        rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        mask = m_ok[:, None] & n_ok[None, :]
+        acc = tl.load(Y + rows[:, None] * stride_ym + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        if slot < SLOTS:
+            bt = tl.load(bt_base + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(hb, bt, acc)
+        tl.store(OUT + rows[:, None] * stride_om + rn[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 def launch(
@@ -195,32 +217,44 @@ def launch(
         return
     if segs is None:
         segs = segments(route, slots)
-    h = shrink(x, a, s, segs, t)
+    h = shrink(x, a, s, segs, t, partials=True)
     block_m = _block_m(m)
-    tiles = triton.cdiv(m, block_m)
+    tiles = _tiles(m, block_m, slots)
     block_n = 64 if n <= 1024 else 128
-    _segment_expand[(tiles, triton.cdiv(n, block_n), slots + 1)](
-        y, h, bt, segs, out, n, r, slots, t,
-        y.stride(0), h.stride(0), bt.stride(0), bt.stride(1), out.stride(0),
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    n_tiles = triton.cdiv(n, block_n)
+    groups = min(n_tiles, max(1, triton.cdiv(_EXPAND_PROGRAMS, triton.cdiv(m, block_m))))
+    _segment_expand[(tiles, groups)](
+        y, h, bt, segs, out, m, n, r, slots, t,
+        y.stride(0), h.stride(1), bt.stride(0), bt.stride(1), out.stride(0),
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, SLOTS_PAD=_slots_pad(slots), PARTIALS=h.shape[0],
+        num_warps=4, num_stages=3,
     )  # fmt: skip
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, segs: torch.Tensor, t: int) -> torch.Tensor:
-    """Each row's scaled shrink with its own slot's A, ``H[m] = s_k * (x[m] @ A_k.T)``, float32
-    ``[M, R_PAD]`` (the segmented shrink; rows of no slot are left unset). ``segs`` is the
-    routing grouped by slot, ``t`` the rows per routing entry."""
+def shrink(
+    x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, segs: torch.Tensor, t: int, *, partials: bool = False
+) -> torch.Tensor:
+    """Each row's scaled shrink with its own slot's A, ``H[m] = s_k * (x[m] @ A_k.T)``, float32,
+    by the segmented shrink (rows of no slot are left unset). ``segs`` is the routing grouped by
+    slot, ``t`` the rows per routing entry.
+
+    Returns ``[P, M, R_PAD]``: with ``partials``, K's ``P`` shares each in its own ``[M, R_PAD]``
+    (the reader adds them, in a fixed order: no zero fill, no atomics, the same bits on every
+    run); without, ``P = 1`` and the shares are added atomically into one zeroed workspace
+    (the order of the float32 additions varies between runs)."""
     m, k = x.shape
     slots, r = a.shape[0], a.shape[1]
     r_pad = rank_pad(r)
     block_m, block_k = _block_m(m), 64
-    tiles = triton.cdiv(m, block_m)
-    splits = _splits(k, tiles, block_k)
-    h = (torch.zeros if splits > 1 else torch.empty)((m, r_pad), device=x.device, dtype=torch.float32)
-    _segment_shrink[(tiles, slots, splits)](
+    splits = _splits(k, triton.cdiv(m, block_m), block_k, _PARTIAL_PROGRAMS if partials else _SHRINK_PROGRAMS)
+    atomic = splits > 1 and not partials
+    shape = (splits if partials else 1, m, r_pad)
+    h = (torch.zeros if atomic else torch.empty)(shape, device=x.device, dtype=torch.float32)
+    _segment_shrink[(_tiles(m, block_m, slots), splits)](
         x, a, s, segs, h, k, r, slots, t,
-        x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(0),
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, SPLITS=splits, num_warps=4,
+        x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(1), h.stride(0) if partials else 0,
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, SPLITS=splits, SLOTS_PAD=_slots_pad(slots), ATOMIC=atomic,
+        num_warps=4,
     )  # fmt: skip
     return h
 
@@ -236,17 +270,33 @@ def _block_m(m: int) -> int:
     return 16 if m <= 256 else 64
 
 
-def _splits(k: int, tiles: int, block_k: int) -> int:
-    """Programs per tile of the segmented shrink, a power of two: K is split until the grid's
-    tiles (sized for every row in one slot) give about :data:`_SHRINK_PROGRAMS` programs, each
-    with at least two ``block_k`` steps. At 64 decode rows, 4 tiles of 16 rows each looped over
-    all of K alone, on 4 of an H200's 132 SMs. With the rows spread over several slots, each
-    slot fills only some of its tiles and the rest return at once, so the budget is generous."""
+def _tiles(m: int, block_m: int, slots: int) -> int:
+    """Programs along the rows: every segment's tiles, the slots' and the no-slot rows', for any
+    routing (each segment adds at most one partial tile; see ``_segment_rows``)."""
+    return triton.cdiv(m, block_m) + slots + 1
+
+
+def _slots_pad(slots: int) -> int:
+    """The segments (``slots + 1``) as a power of two, for the kernels' vector of counts."""
+    return int(triton.next_power_of_2(slots + 1))
+
+
+def _splits(k: int, tiles: int, block_k: int, programs: int) -> int:
+    """Programs per tile of the segmented shrink, a power of two: K is split until the row
+    tiles give about ``programs`` programs, each with at least two ``block_k`` steps. At 64
+    decode rows, 4 tiles of 16 rows each looped over all of K alone, on 4 of an H200's 132 SMs."""
     splits = 1
-    while splits * 2 * tiles <= _SHRINK_PROGRAMS and splits * 2 * 2 * block_k <= k:
+    while splits * 2 * tiles <= programs and splits * 2 * 2 * block_k <= k:
         splits *= 2
     return splits
 
 
-#: programs of the segmented shrink's grid per slot (see :func:`_splits`)
+#: programs of the segmented shrink that the fused routed kernel reads (atomic shares; see :func:`_splits`)
 _SHRINK_PROGRAMS = 256
+#: programs of the segmented shrink whose partials the segmented expand adds (each partial is
+#: one more ``[BLOCK_M, R_PAD]`` read per expand program, so fewer)
+_PARTIAL_PROGRAMS = 128
+#: programs of the segmented expand, about: each loops over its share of N's tiles, so a
+#: tile's rows, its shrink and its segment are looked up once (one program per output tile
+#: cost about 2 ns each on an H200, most of the pair's time at 2048 rows)
+_EXPAND_PROGRAMS = 264

@@ -137,6 +137,23 @@ def test_routed_fused_linear_matches_float64_reference(shape: tuple[int, ...], b
         torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("programs", [1, 3], ids=["one-program", "three-programs"])
+def test_segmented_expand_programs_loop_over_their_share_of_the_outputs(
+    programs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With fewer expand programs than output tiles, each loops over its share (every
+    ``programs``-th tile of N): the output equals the per-row reference, every column written."""
+    kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
+    monkeypatch.setattr(kernels, "_EXPAND_PROGRAMS", programs)
+    x, y, a, bt, s = _operands(300, 260, 330, 24, 3, torch.float16, seed=5)  # 6 column tiles of 64
+    route = torch.randint(-1, 3, (300,), generator=torch.Generator().manual_seed(2))
+    out = torch.full_like(y, float("nan"))
+    kernels.launch(x, y, a, bt, s, route, out, gather=False, segs=routed.segments(route, 3))
+    want = _per_row(x, y, a, bt, s, route)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     rows=st.integers(1, 40),
