@@ -298,5 +298,8 @@ _SHRINK_PROGRAMS = 256
 _PARTIAL_PROGRAMS = 128
 #: programs of the segmented expand, about: each loops over its share of N's tiles, so a
 #: tile's rows, its shrink and its segment are looked up once (one program per output tile
-#: cost about 2 ns each on an H200, most of the pair's time at 2048 rows)
-_EXPAND_PROGRAMS = 264
+#: cost about 2 ns each on an H200, most of the pair's time at 2048 rows). One per SM of an
+#: H200: at 2048 rows over 8 adapters the pair took 44.5 / 33.7 / 24.0 / 14.2 us (gate-up / down
+#: / q-o / k-v) with 132, against 50.0 / 35.3 / 23.0 / 14.1 with 264 and 45.5 / 34.0 / 24.9 /
+#: 14.1 with 528 (``runs/20261130T200400-segment-probe.json``)
+_EXPAND_PROGRAMS = 132
