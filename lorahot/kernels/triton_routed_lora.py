@@ -273,7 +273,7 @@ def _block_m(m: int) -> int:
 def _tiles(m: int, block_m: int, slots: int) -> int:
     """Programs along the rows: every segment's tiles, the slots' and the no-slot rows', for any
     routing (each segment adds at most one partial tile; see ``_segment_rows``)."""
-    return triton.cdiv(m, block_m) + slots + 1
+    return int(triton.cdiv(m, block_m)) + slots + 1
 
 
 def _slots_pad(slots: int) -> int:
