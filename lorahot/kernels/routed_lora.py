@@ -16,8 +16,8 @@ On CUDA (fp16/bf16, Triton present) it runs one of two Triton kernel pairs
 - *segmented* (as Punica's SGMV) above that: the rows grouped by slot (:func:`segments`, a
   stable sort of the routing's entries with each slot's start and count; the runtime computes
   it once per routing, at ``activate``, and every layer reads it), and each program multiplies
-  a tile of up to 16 rows that share a slot by that slot's A or B with tensor-core dots: a
-  slot's weights are read once per tile of rows, not once per row.
+  a tile of rows that share a slot (16 rows up to 256 in all, 64 above) by that slot's A or B
+  with tensor-core dots: a slot's weights are read once per tile of rows, not once per row.
 
 Elsewhere it runs the library formula (gather + batched products), which is also the reference
 the kernels are tested against. Rows are ``x``'s leading dimensions flattened; ``route [L]``
