@@ -218,16 +218,13 @@ def launch(
     if segs is None:
         segs = segments(route, slots)
     h = shrink(x, a, s, segs, t, partials=True)
-    block_m = _block_m(m)
-    tiles = _tiles(m, block_m, slots)
-    block_n = 64 if n <= 1024 else 128
-    n_tiles = triton.cdiv(n, block_n)
-    groups = min(n_tiles, max(1, triton.cdiv(_EXPAND_PROGRAMS, triton.cdiv(m, block_m))))
-    _segment_expand[(tiles, groups)](
+    block_m, block_n, warps, stages = _expand_config(m, n)
+    groups = min(triton.cdiv(n, block_n), max(1, triton.cdiv(_EXPAND_PROGRAMS, triton.cdiv(m, block_m))))
+    _segment_expand[(_tiles(m, block_m, slots), groups)](
         y, h, bt, segs, out, m, n, r, slots, t,
         y.stride(0), h.stride(1), bt.stride(0), bt.stride(1), out.stride(0),
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, SLOTS_PAD=_slots_pad(slots), PARTIALS=h.shape[0],
-        num_warps=4, num_stages=3,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
@@ -245,7 +242,7 @@ def shrink(
     m, k = x.shape
     slots, r = a.shape[0], a.shape[1]
     r_pad = rank_pad(r)
-    block_m, block_k = _block_m(m), 64
+    block_m, block_k, warps, stages = _shrink_config(m) if partials else (_block_m(m), 64, 4, 3)
     splits = _splits(k, triton.cdiv(m, block_m), block_k, _PARTIAL_PROGRAMS if partials else _SHRINK_PROGRAMS)
     atomic = splits > 1 and not partials
     shape = (splits if partials else 1, m, r_pad)
@@ -254,7 +251,7 @@ def shrink(
         x, a, s, segs, h, k, r, slots, t,
         x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(1), h.stride(0) if partials else 0,
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, SPLITS=splits, SLOTS_PAD=_slots_pad(slots), ATOMIC=atomic,
-        num_warps=4,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return h
 
@@ -268,6 +265,21 @@ def rank_pad(r: int) -> int:
 def _block_m(m: int) -> int:
     """Rows per tile of the segmented kernels: 16 up to 256 rows, 64 above."""
     return 16 if m <= 256 else 64
+
+
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the segmented expand, or (BLOCK_M, BLOCK_K,
+#: num_warps, num_stages) of the segmented shrink writing partials
+TileConfig = tuple[int, int, int, int]
+
+
+def _expand_config(m: int, n: int) -> TileConfig:
+    """The segmented expand's tiles for ``m`` rows and ``n`` outputs."""
+    return (_block_m(m), 64 if n <= 1024 else 128, 4, 3)
+
+
+def _shrink_config(m: int) -> TileConfig:
+    """The tiles of the segmented shrink that writes partials (the segmented pair's), for ``m`` rows."""
+    return (_block_m(m), 64, 4, 3)
 
 
 def _tiles(m: int, block_m: int, slots: int) -> int:

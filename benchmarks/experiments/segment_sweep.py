@@ -1,0 +1,125 @@
+"""Probe: tile configurations of the segmented routed kernels at the mixed suite's prefill.
+
+After the grid rework (``segment_probe``, ``runs/20261130T200400-segment-probe.json``) the pair
+still runs above its bytes at 2048 rows over 8 adapters: the shrink 7-15 us for 2-6 us of
+bytes, the gate/up expand about 36 us for 11.5. This sweep times, per TinyLlama projection
+shape, in a CUDA graph over 22 weight sets (us per call):
+
+- the pair (``launch``: the shrink at its default, then the expand) for each (BLOCK_M, BLOCK_N, warps, stages)
+  of :data:`EXPAND` and each ``_EXPAND_PROGRAMS`` of :data:`PROGRAMS`;
+- the shrink writing partials alone, for each (BLOCK_M, BLOCK_K, warps, stages) of
+  :data:`SHRINK` and each ``_PARTIAL_PROGRAMS`` of :data:`PARTIALS`;
+
+each configuration's output checked against the default configuration's first (a mismatch
+prints and records NaN). It prints the best of each against the default (``PROBE_CPU=1`` with ``TRITON_INTERPRET=1``: a smoke
+run of the probe on the CPU, small shapes, untimed).
+``PROBE_M`` / ``PROBE_T`` / ``PROBE_D``: rows, rows per routing entry, distinct adapters
+(default 2048 / 256 / 8).
+
+    PYTHONPATH=. python3 -m benchmarks.experiments.segment_sweep
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import torch
+
+from benchmarks.experiments.forward_probe import graph_us
+from lorahot.kernels import routed_lora
+from lorahot.kernels import triton_routed_lora as T
+
+SHAPES = {"q/o": (2048, 2048), "k/v": (2048, 256), "gate/up": (2048, 5632), "down": (5632, 2048)}
+SETS, SLOTS, R = 22, 8, 64
+EXPAND = [(bm, bn, 8 if bm * bn >= 16384 else 4, 3) for bm, bn in itertools.product((32, 64, 128), (64, 128, 256))]
+PROGRAMS = (132, 264)
+SHRINK = [(bm, bk, 8 if bm >= 128 else 4, 3) for bm, bk in itertools.product((32, 64, 128), (64, 128))]
+#: PROBE_CPU=1 with TRITON_INTERPRET=1: a smoke run of the probe itself on small shapes, untimed
+CPU = os.environ.get("PROBE_CPU") == "1"
+if CPU:
+    SHAPES, SETS = {"q/o": (128, 96), "down": (256, 64)}, 2
+PARTIALS = (64, 128, 256)
+
+
+def _timed(fn) -> float:
+    if CPU:
+        fn()
+        return 0.0
+    try:
+        return graph_us(fn, SETS)
+    except Exception as e:  # a probe: say why and go on
+        print("failed:", type(e).__name__, str(e)[:160], flush=True)
+        torch.cuda.synchronize()
+        return float("nan")
+
+
+def main() -> None:
+    dev, dt = (torch.device("cpu"), torch.float16) if CPU else (torch.device("cuda"), torch.bfloat16)
+    m, t, d = (int(os.environ.get(k, v)) for k, v in (("PROBE_M", "2048"), ("PROBE_T", "256"), ("PROBE_D", "8")))
+    print(torch.__version__, "cpu" if CPU else torch.cuda.get_device_name(), f"m={m} t={t} d={d}", flush=True)
+    default_expand, default_shrink = T._expand_config, T._shrink_config
+    table: dict[str, dict[str, float]] = {}
+    for name, (k, n) in SHAPES.items():
+        a = [torch.randn(SLOTS, R, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
+        bt = [torch.randn(SLOTS, R, n, device=dev, dtype=dt) / R**0.5 for _ in range(SETS)]
+        s = torch.full((SLOTS, R), 0.5, device=dev)
+        x = torch.randn(m, k, device=dev, dtype=dt)
+        y = torch.randn(m, n, device=dev, dtype=dt)
+        out = torch.empty(m, n, device=dev, dtype=dt)
+        route = torch.tensor([i % d for i in range(m // t)], device=dev)
+        segs = routed_lora.segments(route, SLOTS)
+        T._expand_config, T._shrink_config = default_expand, default_shrink
+        T.launch(x, y, a[0], bt[0], s, route, out, gather=False, segs=segs)
+        want = out.clone()
+        h_want = T.shrink(x, a[0], s, segs, t, partials=True).sum(0)
+        row: dict[str, float] = {}
+        for cfg, programs in itertools.product(EXPAND, PROGRAMS):
+            T._expand_config, T._EXPAND_PROGRAMS = (lambda m_, n_, c=cfg: c), programs
+            out.fill_(float("nan"))
+            try:
+                T.launch(x, y, a[0], bt[0], s, route, out, gather=False, segs=segs)
+                ok = float((out.float() - want.float()).norm() / want.float().norm()) < 1e-3
+            except Exception as e:  # a probe: say why and go on
+                print("failed:", cfg, type(e).__name__, str(e)[:160], flush=True)
+                ok = False
+
+            def pair() -> None:
+                for ai, bi in zip(a, bt):
+                    T.launch(x, y, ai, bi, s, route, out, gather=False, segs=segs)
+
+            row[f"pair {cfg} e{programs}"] = _timed(pair) if ok else float("nan")
+        T._expand_config, T._EXPAND_PROGRAMS = default_expand, 132
+        for cfg, partials in itertools.product(SHRINK, PARTIALS):
+            T._shrink_config, T._PARTIAL_PROGRAMS = (lambda m_, c=cfg: c), partials
+            try:
+                got = T.shrink(x, a[0], s, segs, t, partials=True).sum(0)
+                err = float((got - h_want).norm() / h_want.norm())
+            except Exception as e:  # a probe: say why and go on
+                print("failed:", cfg, type(e).__name__, str(e)[:160], flush=True)
+                err = float("inf")
+
+            def shrink() -> None:
+                for ai in a:
+                    T.shrink(x, ai, s, segs, t, partials=True)
+
+            row[f"shrink {cfg} p{partials}"] = _timed(shrink) if err < 1e-4 else float("nan")
+        T._shrink_config, T._PARTIAL_PROGRAMS = default_shrink, 128
+        table[name] = row
+        ex = {k2: v for k2, v in row.items() if k2.startswith("pair") and v == v}
+        sh = {k2: v for k2, v in row.items() if k2.startswith("shrink") and v == v}
+        d_ex = row.get(f"pair {default_expand(m, n)} e132", float("nan"))
+        d_sh = row.get(f"shrink {default_shrink(m)} p128", float("nan"))
+        best_ex, best_sh = min(ex, key=ex.get), min(sh, key=sh.get)
+        print(f"{name}: pair (by expand tiles) default {d_ex:.1f} best {best_ex} {ex[best_ex]:.1f}", flush=True)
+        print(f"{name}: shrink default {d_sh:.1f} best {best_sh} {sh[best_sh]:.1f}", flush=True)
+        for k2 in sorted(ex, key=ex.get)[:5] + sorted(sh, key=sh.get)[:5]:
+            print(f"   {name} {k2} {row[k2]:.1f}", flush=True)
+    path = os.path.join(os.environ.get("OUT", "/tmp"), "segment_sweep.json")
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
