@@ -273,13 +273,23 @@ TileConfig = tuple[int, int, int, int]
 
 
 def _expand_config(m: int, n: int) -> TileConfig:
-    """The segmented expand's tiles for ``m`` rows and ``n`` outputs."""
-    return (_block_m(m), 64 if n <= 1024 else 128, 4, 3)
+    """The segmented expand's tiles for ``m`` rows and ``n`` outputs. Above 256 rows, 32 x 128:
+    the best or within 0.4 us of it on every TinyLlama shape at 2048 rows over 8 adapters on an
+    H200, the pair 21.3 / 13.6 / 41.5 / 30.9 us (q-o / k-v / gate-up / down) against 23.7 / 14.1 /
+    44.5 / 33.2 with 64-row tiles (``benchmarks/experiments/segment_sweep.py``,
+    ``runs/20261130T203400-segment-sweep.json``; 18 configurations)."""
+    if m <= 256:
+        return (16, 64 if n <= 1024 else 128, 4, 3)
+    return (32, 128, 4, 3)
 
 
 def _shrink_config(m: int) -> TileConfig:
-    """The tiles of the segmented shrink that writes partials (the segmented pair's), for ``m`` rows."""
-    return (_block_m(m), 64, 4, 3)
+    """The tiles of the segmented shrink that writes partials (the segmented pair's), for ``m``
+    rows. Above 256 rows, 64 x 128 steps of K: 7.9 / 7.8 / 7.6 / 11.7 us against 8.3 / 8.4 / 8.3 /
+    14.4 with 64-wide steps, same sweep (18 configurations)."""
+    if m <= 256:
+        return (16, 64, 4, 3)
+    return (64, 128, 4, 3)
 
 
 def _tiles(m: int, block_m: int, slots: int) -> int:
@@ -311,7 +321,7 @@ _PARTIAL_PROGRAMS = 128
 #: programs of the segmented expand, about: each loops over its share of N's tiles, so a
 #: tile's rows, its shrink and its segment are looked up once (one program per output tile
 #: cost about 2 ns each on an H200, most of the pair's time at 2048 rows). One per SM of an
-#: H200: at 2048 rows over 8 adapters the pair took 44.5 / 33.7 / 24.0 / 14.2 us (gate-up / down
-#: / q-o / k-v) with 132, against 50.0 / 35.3 / 23.0 / 14.1 with 264 and 45.5 / 34.0 / 24.9 /
-#: 14.1 with 528 (``runs/20261130T200400-segment-probe.json``)
-_EXPAND_PROGRAMS = 132
+#: H200 was best with 64-row tiles (``runs/20261130T200400-segment-probe.json``); with the
+#: 32-row tiles of :func:`_expand_config`, 264 (``runs/20261130T203400-segment-sweep.json``:
+#: the pair 41.5 against 50.4 us with 132 for gate-up, 30.9 against 33.8 for down)
+_EXPAND_PROGRAMS = 264
