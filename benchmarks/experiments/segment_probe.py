@@ -38,6 +38,19 @@ BW = 4.0e12  # bytes/s, a round H200 figure for the bytes' column
 KNOBS = [(264, 128), (132, 128), (528, 128), (264, 32), (264, 64), (264, 256)]
 
 
+def operands(m: int, k: int, n: int, t: int, d: int, dev: torch.device, dt: torch.dtype, sets: int) -> tuple:
+    """A layer's routed operands over ``SLOTS`` slots of rank ``R``: ``sets`` weight sets of every
+    slot's A and Bt, the scales, ``x [m, k]``, ``y`` and ``out [m, n]``, a routing of ``m // t``
+    entries over ``d`` slots (entry ``i`` on slot ``i % d``) and its segments."""
+    a = [torch.randn(SLOTS, R, k, device=dev, dtype=dt) / k**0.5 for _ in range(sets)]
+    bt = [torch.randn(SLOTS, R, n, device=dev, dtype=dt) / R**0.5 for _ in range(sets)]
+    s = torch.full((SLOTS, R), 0.5, device=dev)
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    y = torch.randn(m, n, device=dev, dtype=dt)
+    route = torch.tensor([i % d for i in range(m // t)], device=dev)
+    return a, bt, s, x, y, torch.empty(m, n, device=dev, dtype=dt), route, routed_lora.segments(route, SLOTS)
+
+
 def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     ms = [int(v) for v in os.environ.get("PROBE_M", "2048,64").split(",")]
@@ -45,15 +58,8 @@ def main() -> None:
     print(torch.__version__, torch.cuda.get_device_name())
     table: dict[str, dict[str, float]] = {}
     for (m, t), d, (name, (k, n)) in itertools.product(zip(ms, ts), (1, 8), SHAPES.items()):
-        a = [torch.randn(SLOTS, R, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
-        bt = [torch.randn(SLOTS, R, n, device=dev, dtype=dt) / R**0.5 for _ in range(SETS)]
+        a, bt, s, x, y, out, route, segs = operands(m, k, n, t, d, dev, dt, SETS)
         w = [torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
-        s = torch.full((SLOTS, R), 0.5, device=dev)
-        x = torch.randn(m, k, device=dev, dtype=dt)
-        y = torch.randn(m, n, device=dev, dtype=dt)
-        out = torch.empty(m, n, device=dev, dtype=dt)
-        route = torch.tensor([i % d for i in range(m // t)], device=dev)
-        segs = routed_lora.segments(route, SLOTS)
         slot = route.repeat_interleave(t)
         want = y.double()
         for sl in range(d):

@@ -28,19 +28,19 @@ import os
 import torch
 
 from benchmarks.experiments.forward_probe import graph_us
-from lorahot.kernels import routed_lora
+from benchmarks.experiments.segment_probe import operands
 from lorahot.kernels import triton_routed_lora as T
 
 SHAPES = {"q/o": (2048, 2048), "k/v": (2048, 256), "gate/up": (2048, 5632), "down": (5632, 2048)}
-SETS, SLOTS, R = 22, 8, 64
+SETS = 22
 EXPAND = [(bm, bn, 8 if bm * bn >= 16384 else 4, 3) for bm, bn in itertools.product((32, 64, 128), (64, 128, 256))]
 PROGRAMS = (132, 264)
 SHRINK = [(bm, bk, 8 if bm >= 128 else 4, 3) for bm, bk in itertools.product((32, 64, 128), (64, 128))]
+PARTIALS = (64, 128, 256)
 #: PROBE_CPU=1 with TRITON_INTERPRET=1: a smoke run of the probe itself on small shapes, untimed
 CPU = os.environ.get("PROBE_CPU") == "1"
 if CPU:
     SHAPES, SETS = {"q/o": (128, 96), "down": (256, 64)}, 2
-PARTIALS = (64, 128, 256)
 
 
 def _timed(fn) -> float:
@@ -60,16 +60,10 @@ def main() -> None:
     m, t, d = (int(os.environ.get(k, v)) for k, v in (("PROBE_M", "2048"), ("PROBE_T", "256"), ("PROBE_D", "8")))
     print(torch.__version__, "cpu" if CPU else torch.cuda.get_device_name(), f"m={m} t={t} d={d}", flush=True)
     default_expand, default_shrink = T._expand_config, T._shrink_config
+    default_programs, default_partials = T._EXPAND_PROGRAMS, T._PARTIAL_PROGRAMS
     table: dict[str, dict[str, float]] = {}
     for name, (k, n) in SHAPES.items():
-        a = [torch.randn(SLOTS, R, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
-        bt = [torch.randn(SLOTS, R, n, device=dev, dtype=dt) / R**0.5 for _ in range(SETS)]
-        s = torch.full((SLOTS, R), 0.5, device=dev)
-        x = torch.randn(m, k, device=dev, dtype=dt)
-        y = torch.randn(m, n, device=dev, dtype=dt)
-        out = torch.empty(m, n, device=dev, dtype=dt)
-        route = torch.tensor([i % d for i in range(m // t)], device=dev)
-        segs = routed_lora.segments(route, SLOTS)
+        a, bt, s, x, y, out, route, segs = operands(m, k, n, t, d, dev, dt, SETS)
         T._expand_config, T._shrink_config = default_expand, default_shrink
         T.launch(x, y, a[0], bt[0], s, route, out, gather=False, segs=segs)
         want = out.clone()
@@ -90,7 +84,7 @@ def main() -> None:
                     T.launch(x, y, ai, bi, s, route, out, gather=False, segs=segs)
 
             row[f"pair {cfg} e{programs}"] = _timed(pair) if ok else float("nan")
-        T._expand_config, T._EXPAND_PROGRAMS = default_expand, 132
+        T._expand_config, T._EXPAND_PROGRAMS = default_expand, default_programs
         for cfg, partials in itertools.product(SHRINK, PARTIALS):
             T._shrink_config, T._PARTIAL_PROGRAMS = (lambda m_, c=cfg: c), partials
             try:
@@ -105,12 +99,12 @@ def main() -> None:
                     T.shrink(x, ai, s, segs, t, partials=True)
 
             row[f"shrink {cfg} p{partials}"] = _timed(shrink) if err < 1e-4 else float("nan")
-        T._shrink_config, T._PARTIAL_PROGRAMS = default_shrink, 128
+        T._shrink_config, T._PARTIAL_PROGRAMS = default_shrink, default_partials
         table[name] = row
         ex = {k2: v for k2, v in row.items() if k2.startswith("pair") and v == v}
         sh = {k2: v for k2, v in row.items() if k2.startswith("shrink") and v == v}
-        d_ex = row.get(f"pair {default_expand(m, n)} e132", float("nan"))
-        d_sh = row.get(f"shrink {default_shrink(m)} p128", float("nan"))
+        d_ex = row.get(f"pair {default_expand(m, n)} e{default_programs}", float("nan"))
+        d_sh = row.get(f"shrink {default_shrink(m)} p{default_partials}", float("nan"))
         best_ex, best_sh = min(ex, key=ex.get), min(sh, key=sh.get)
         print(f"{name}: pair (by expand tiles) default {d_ex:.1f} best {best_ex} {ex[best_ex]:.1f}", flush=True)
         print(f"{name}: shrink default {d_sh:.1f} best {best_sh} {sh[best_sh]:.1f}", flush=True)
