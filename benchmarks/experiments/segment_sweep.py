@@ -5,7 +5,8 @@ still runs above its bytes at 2048 rows over 8 adapters: the shrink 7-15 us for 
 bytes, the gate/up expand about 36 us for 11.5. This sweep times, per TinyLlama projection
 shape, in a CUDA graph over 22 weight sets (us per call):
 
-- the pair (``launch``: the shrink at its default, then the expand) for each (BLOCK_M, BLOCK_N, warps, stages)
+- the pair (``launch``: the shrink at its default, then the expand), for each expand kernel of
+  :data:`FORMS` (the library's, and a variant with its slot test hoisted out of the loop), each (BLOCK_M, BLOCK_N, warps, stages)
   of :data:`EXPAND` and each ``_EXPAND_PROGRAMS`` of :data:`PROGRAMS`;
 - the shrink writing partials alone, for each (BLOCK_M, BLOCK_K, warps, stages) of
   :data:`SHRINK` and each ``_PARTIAL_PROGRAMS`` of :data:`PARTIALS`;
@@ -26,6 +27,8 @@ import json
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 from benchmarks.experiments.forward_probe import graph_us
 from benchmarks.experiments.segment_probe import operands
@@ -55,6 +58,99 @@ def _timed(fn) -> float:
         return float("nan")
 
 
+@triton.jit
+def _expand_hoisted(
+    Y, H, BT, SEG, OUT,
+    M, N, R, SLOTS, T_,
+    stride_ym, stride_hm, stride_bs, stride_br, stride_om,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS_PAD: tl.constexpr,
+    PARTIALS: tl.constexpr,
+):  # fmt: skip
+    """``_segment_expand`` with the slot test outside the loop over N: compiled for sm90, the
+    kernel's loop holds the dot under an ``if`` and is neither pipelined (no ``cp.async``) nor
+    on ``wgmma`` (mma v2, two layout conversions per tile); with one loop per branch the
+    pipeliner can take the loads. The question for the device: does that close the pair's gap
+    to its bytes?"""
+    slot, rows, m_ok, past = T._segment_rows(SEG, tl.program_id(0), SLOTS, T_, BLOCK_M, SLOTS_PAD)
+    if past:
+        return
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    if slot < SLOTS:
+        rr = tl.arange(0, R_PAD)
+        r_ok = rr < R
+        h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for p in tl.static_range(PARTIALS):
+            h += tl.load(
+                H + (p * M + rows[:, None]) * stride_hm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
+            )
+        hb = h.to(BT.dtype.element_ty)
+        bt_base = BT + slot.to(tl.int64) * stride_bs
+        for nt in range(tl.program_id(1), n_tiles, tl.num_programs(1)):
+            rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = rn < N
+            mask = m_ok[:, None] & n_ok[None, :]
+            bt = tl.load(bt_base + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.load(Y + rows[:, None] * stride_ym + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc = tl.dot(hb, bt, acc)
+            tl.store(OUT + rows[:, None] * stride_om + rn[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        for nt in range(tl.program_id(1), n_tiles, tl.num_programs(1)):
+            rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask = m_ok[:, None] & (rn < N)[None, :]
+            v = tl.load(Y + rows[:, None] * stride_ym + rn[None, :], mask=mask, other=0.0)
+            tl.store(OUT + rows[:, None] * stride_om + rn[None, :], v, mask=mask)
+
+
+@triton.jit
+def _expand_prefetch(
+    Y, H, BT, SEG, OUT,
+    M, N, R, SLOTS, T_,
+    stride_ym, stride_hm, stride_bs, stride_br, stride_om,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS_PAD: tl.constexpr,
+    PARTIALS: tl.constexpr,
+):  # fmt: skip
+    """:func:`_expand_hoisted` with the next tile's ``y`` loaded before this tile's dot: compiled
+    for sm90, the hoisted loop pipelines Bt's loads (``cp.async``) but still waits on each
+    tile's ``y`` load, which feeds the accumulator. Rows of no slot are left to the hoisted form
+    (this variant serves routings without -1 only)."""
+    slot, rows, m_ok, past = T._segment_rows(SEG, tl.program_id(0), SLOTS, T_, BLOCK_M, SLOTS_PAD)
+    if past or slot >= SLOTS:
+        return
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    step = tl.num_programs(1)
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < R
+    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for p in tl.static_range(PARTIALS):
+        h += tl.load(
+            H + (p * M + rows[:, None]) * stride_hm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
+        )
+    hb = h.to(BT.dtype.element_ty)
+    bt_base = BT + slot.to(tl.int64) * stride_bs
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    y_next = tl.load(Y + rows[:, None] * stride_ym + rn[None, :], mask=m_ok[:, None] & (rn < N)[None, :], other=0.0)
+    for nt in range(tl.program_id(1), n_tiles, step):
+        rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        y_cur = y_next
+        rn2 = rn + step * BLOCK_N
+        y_next = tl.load(
+            Y + rows[:, None] * stride_ym + rn2[None, :], mask=m_ok[:, None] & (rn2 < N)[None, :], other=0.0
+        )
+        bt = tl.load(bt_base + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(hb, bt, y_cur.to(tl.float32))
+        tl.store(
+            OUT + rows[:, None] * stride_om + rn[None, :],
+            acc.to(OUT.dtype.element_ty),
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
+
+
+#: the expand kernels the sweep compares: the library's, and the probe's variants above (the
+#: sweep's routings have no -1 rows, which ``prefetch`` leaves out)
+FORMS = {"loop-if": T._segment_expand, "hoisted": _expand_hoisted, "prefetch": _expand_prefetch}
+
+
 def main() -> None:
     dev, dt = (torch.device("cpu"), torch.float16) if CPU else (torch.device("cuda"), torch.bfloat16)
     m, t, d = (int(os.environ.get(k, v)) for k, v in (("PROBE_M", "2048"), ("PROBE_T", "256"), ("PROBE_D", "8")))
@@ -69,7 +165,8 @@ def main() -> None:
         want = out.clone()
         h_want = T.shrink(x, a[0], s, segs, t, partials=True).sum(0)
         row: dict[str, float] = {}
-        for cfg, programs in itertools.product(EXPAND, PROGRAMS):
+        for form, cfg, programs in itertools.product(FORMS, EXPAND, PROGRAMS):
+            T._segment_expand = FORMS[form]
             T._expand_config, T._EXPAND_PROGRAMS = (lambda m_, n_, c=cfg: c), programs
             out.fill_(float("nan"))
             try:
@@ -83,7 +180,8 @@ def main() -> None:
                 for ai, bi in zip(a, bt):
                     T.launch(x, y, ai, bi, s, route, out, gather=False, segs=segs)
 
-            row[f"pair {cfg} e{programs}"] = _timed(pair) if ok else float("nan")
+            row[f"pair {form} {cfg} e{programs}"] = _timed(pair) if ok else float("nan")
+        T._segment_expand = FORMS["loop-if"]
         T._expand_config, T._EXPAND_PROGRAMS = default_expand, default_programs
         for cfg, partials in itertools.product(SHRINK, PARTIALS):
             T._shrink_config, T._PARTIAL_PROGRAMS = (lambda m_, c=cfg: c), partials
@@ -103,7 +201,7 @@ def main() -> None:
         table[name] = row
         ex = {k2: v for k2, v in row.items() if k2.startswith("pair") and v == v}
         sh = {k2: v for k2, v in row.items() if k2.startswith("shrink") and v == v}
-        d_ex = row.get(f"pair {default_expand(m, n)} e{default_programs}", float("nan"))
+        d_ex = row.get(f"pair loop-if {default_expand(m, n)} e{default_programs}", float("nan"))
         d_sh = row.get(f"shrink {default_shrink(m)} p{default_partials}", float("nan"))
         best_ex, best_sh = min(ex, key=ex.get), min(sh, key=sh.get)
         print(f"{name}: pair (by expand tiles) default {d_ex:.1f} best {best_ex} {ex[best_ex]:.1f}", flush=True)
