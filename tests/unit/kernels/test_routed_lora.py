@@ -119,6 +119,25 @@ def test_gpu_kernels_route_groups_of_rows(gather: bool) -> None:
     torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("programs", [1, 3], ids=["one-program", "three-programs"])
+def test_gpu_segmented_expand_programs_loop_over_their_share_of_the_outputs(
+    programs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer expand programs than output tiles: each loops over every ``programs``-th tile of N
+    (at the model's sizes each program takes several; the shapes above give one each)."""
+    from lorahot.kernels import triton_routed_lora as kernels
+
+    monkeypatch.setattr(kernels, "_EXPAND_PROGRAMS", programs)
+    x, y, a, bt, s = _operands(300, 1000, 700, 20, 8, torch.bfloat16, "cuda", seed=11)
+    tokens = torch.randint(-1, 8, (300,), generator=torch.Generator().manual_seed(4)).cuda()
+    out = torch.full_like(y, float("nan"))
+    kernels.launch(x, y, a, bt, s, tokens, out, gather=False, segs=routed.segments(tokens, 8))
+    want = _per_row(x, y, a, bt, s, tokens)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
 def test_segments_group_entries_by_slot_stably_with_no_slot_last() -> None:
     segs = routed.segments(torch.tensor([2, -1, 0, 2, 2, -1, 1]), 3)
     starts, counts, order = segs[:4], segs[4:8], segs[8:]
