@@ -12,6 +12,11 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+#: The configurations the performance issue names in ``latest.json``'s ``forward_rows_ms`` rows
+#: and ``compile_s`` entries: those dicts hold exactly these keys (suites outside the project
+#: read them as written); every other configuration a run times goes to a sibling field.
+ROW_CONFIGS = ("base", "lorahot", "lorahot_merged", "peft_bf16")
+COMPILE_CONFIGS = ("base", "lorahot")
 
 
 def sync(device: torch.device) -> None:
@@ -58,6 +63,11 @@ def d2d_ms(nbytes: int, device: torch.device) -> float:
     a = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     return median_ms(lambda: b.copy_(a), device, repeat=50)
+
+
+def split_fields(figures: dict[str, Any], keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``figures`` as two dicts: the entries under ``keys`` (in that order), and the rest."""
+    return {k: figures[k] for k in keys if k in figures}, {k: v for k, v in figures.items() if k not in keys}
 
 
 def merge_results(path: Path, new: dict[str, Any]) -> dict[str, Any]:

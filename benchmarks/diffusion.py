@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 import lorahot
-from benchmarks.common import kernel_profile, median_ms, rel_err, sync
+from benchmarks.common import COMPILE_CONFIGS, kernel_profile, median_ms, rel_err, sync
 from benchmarks.parallel import Workers
 
 #: diffusers' UNet2DConditionModel config of stabilityai/stable-diffusion-xl-base-1.0.
@@ -791,7 +791,8 @@ def summary(raw: dict[str, Any], run_file: str = "") -> dict[str, Any]:
             **errs,
             **{f"{c}_after_swap": res.get(c, {}).get("swap_rel_err", {}).get("B") for c in CONFIGS if c != "base"},
         },
-        "compile_s": {"unet": {c: res.get(c, {}).get("compile_s") for c in CONFIGS}},
+        "compile_s": {"unet": {c: res.get(c, {}).get("compile_s") for c in COMPILE_CONFIGS}},
+        "compile_s_all": {"unet": {c: res.get(c, {}).get("compile_s") for c in CONFIGS}},
         "diffusion_run": {
             "mode": label,
             "run_file": run_file,

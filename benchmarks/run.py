@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from benchmarks import diffusion, forward, mixed, rows, stack, swap
-from benchmarks.common import RESULTS, device_name, merge_results
+from benchmarks.common import COMPILE_CONFIGS, RESULTS, ROW_CONFIGS, device_name, merge_results, split_fields
 from benchmarks.workload import RANKS, build
 
 
@@ -70,11 +70,17 @@ def summary(raw: dict[str, Any]) -> dict[str, Any]:
             }
             for phase in ("decode", "prefill")
         }
-    for key in ("forward_rows_ms", "forward_rows_rel_err"):
-        if key in raw:
-            out[key] = raw[key]
+    if "forward_rows_ms" in raw:  # the configurations, the others beside them
+        split = {row: split_fields(ms, ROW_CONFIGS) for row, ms in raw["forward_rows_ms"].items()}
+        out["forward_rows_ms"] = {row: named for row, (named, _) in split.items()}
+        if any(other for _, other in split.values()):
+            out["forward_rows_other_ms"] = {row: other for row, (_, other) in split.items()}
+    if "forward_rows_rel_err" in raw:
+        out["forward_rows_rel_err"] = raw["forward_rows_rel_err"]
     if "forward_rows_prepare_s" in raw:  # compile and capture of every row shape, per configuration
-        out["compile_s"] = {"llm": dict(raw["forward_rows_prepare_s"])}
+        named, _ = split_fields(raw["forward_rows_prepare_s"], COMPILE_CONFIGS)
+        out["compile_s"] = {"llm": named}
+        out["compile_s_all"] = {"llm": dict(raw["forward_rows_prepare_s"])}
     errs = list(raw.get("rel_err", {}).values())
     for m in fwd.values():
         for _k, v in m.items():

@@ -1,0 +1,35 @@
+"""The benchmark summaries write the fields the issues name with exactly the issues' keys
+(``benchmarks/results/latest.json``: suites outside the project read them as written), every
+other configuration a run timed beside them."""
+
+from __future__ import annotations
+
+from benchmarks import diffusion
+from benchmarks.run import summary
+
+
+def test_rows_summary_keeps_the_issue_keys_and_moves_other_configurations_beside_them() -> None:
+    ms = {"base": 1.0, "lorahot": 1.1, "lorahot_merged": 1.0, "peft_bf16": 2.0, "lorahot_extras": 1.2}
+    prepare = {"base": 100.0, "lorahot": 120.0, "lorahot_merged": 99.0, "peft_bf16": 150.0, "lorahot_extras": 200.0}
+    out = summary({"forward_rows_ms": {"1": ms, "prefill2048": ms}, "forward_rows_prepare_s": prepare})
+    for row in ("1", "prefill2048"):
+        assert list(out["forward_rows_ms"][row]) == ["base", "lorahot", "lorahot_merged", "peft_bf16"]
+        assert out["forward_rows_other_ms"][row] == {"lorahot_extras": 1.2}
+    assert out["compile_s"] == {"llm": {"base": 100.0, "lorahot": 120.0}}
+    assert out["compile_s_all"] == {"llm": prepare}
+
+
+def test_rows_summary_of_the_issue_configurations_alone_has_no_other_field() -> None:
+    ms = {"base": 1.0, "lorahot": 1.1}
+    out = summary({"forward_rows_ms": {"1": ms}})
+    assert out["forward_rows_ms"] == {"1": ms}
+    assert "forward_rows_other_ms" not in out
+
+
+def test_diffusion_summary_compile_times_hold_base_and_lorahot() -> None:
+    res = {c: {"compile_s": 10.0 + i, "step_ms": 1.0} for i, c in enumerate(diffusion.CONFIGS)}
+    raw = {"diffusion": {"model": "m", "adapter_effect": 0.1, "modes": {"default": res}}}
+    out = diffusion.summary(raw)
+    assert out["compile_s"] == {"unet": {"base": 10.0, "lorahot": 11.0}}
+    assert out["compile_s_all"]["unet"] == {c: 10.0 + i for i, c in enumerate(diffusion.CONFIGS)}
+    assert set(out["diffusion_step_ms"]) == {"model", "mode", "base", "lorahot", "lorahot_merged", "diffusers"}
