@@ -78,12 +78,7 @@ def _expand_hoisted(
     if slot < SLOTS:
         rr = tl.arange(0, R_PAD)
         r_ok = rr < R
-        h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for p in tl.static_range(PARTIALS):
-            h += tl.load(
-                H + (p * M + rows[:, None]) * stride_hm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
-            )
-        hb = h.to(BT.dtype.element_ty)
+        hb = T._tile_shrink(H, rows, m_ok, M, R, stride_hm, R_PAD, BLOCK_M, PARTIALS).to(BT.dtype.element_ty)
         bt_base = BT + slot.to(tl.int64) * stride_bs
         for nt in range(tl.program_id(1), n_tiles, tl.num_programs(1)):
             rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,12 +115,7 @@ def _expand_prefetch(
     step = tl.num_programs(1)
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
-    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for p in tl.static_range(PARTIALS):
-        h += tl.load(
-            H + (p * M + rows[:, None]) * stride_hm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
-        )
-    hb = h.to(BT.dtype.element_ty)
+    hb = T._tile_shrink(H, rows, m_ok, M, R, stride_hm, R_PAD, BLOCK_M, PARTIALS).to(BT.dtype.element_ty)
     bt_base = BT + slot.to(tl.int64) * stride_bs
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     y_next = tl.load(Y + rows[:, None] * stride_ym + rn[None, :], mask=m_ok[:, None] & (rn < N)[None, :], other=0.0)

@@ -147,6 +147,20 @@ def _segment_shrink(
 
 
 @triton.jit
+def _tile_shrink(
+    H, rows, m_ok, M, R, stride_hm, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, PARTIALS: tl.constexpr
+):  # fmt: skip
+    """The scaled shrink of a tile's ``rows``, ``[BLOCK_M, R_PAD]`` float32: the ``PARTIALS``
+    shares of K the segmented shrink wrote (``H [PARTIALS, M, R_PAD]``), added in order."""
+    rr = tl.arange(0, R_PAD)
+    mask = m_ok[:, None] & (rr < R)[None, :]
+    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for p in tl.static_range(PARTIALS):
+        h += tl.load(H + (p * M + rows[:, None]) * stride_hm + rr[None, :], mask=mask, other=0.0)
+    return h
+
+
+@triton.jit
 def _segment_expand(
     Y, H, BT, SEG, OUT,
     M, N, R, SLOTS, T,
@@ -160,11 +174,8 @@ def _segment_expand(
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
     h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    if slot < SLOTS:  # the tile's scaled shrink, its partials added in order, read once for all of N
-        for p in tl.static_range(PARTIALS):
-            h += tl.load(
-                H + (p * M + rows[:, None]) * stride_hm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
-            )
+    if slot < SLOTS:  # read once for all of N
+        h = _tile_shrink(H, rows, m_ok, M, R, stride_hm, R_PAD, BLOCK_M, PARTIALS)
     hb = h.to(BT.dtype.element_ty)
     bt_base = BT + tl.maximum(slot, 0).to(tl.int64) * stride_bs
     for nt in range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1)):  # this program's share of N

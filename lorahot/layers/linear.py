@@ -220,7 +220,6 @@ class LoRALinear(LoRALayer):
         or the checks fail: the general forward then decides."""
         if not self.can_widen(x):  # for a fused, wide layer also the fused kernel's conditions on x
             return None
-        base = self._base
         arena = TENSORS[key]
         if fused:
             rows = _rows(x)
@@ -232,12 +231,10 @@ class LoRALinear(LoRALayer):
                     arena[1].as_strided(*geometry[1]),
                     arena[2].as_strided(*geometry[2]),
                 )
+                base = self._base
                 z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s)
                 return z
-        b = arena[1].as_strided(*geometry[1])
-        y: torch.Tensor = wide_kernel.wide_linear(x, self._buffers[WIDE_BUFFER], b)  # type: ignore[arg-type]
-        bias = base.bias
-        return y if bias is None else y + bias
+        return self.wide_forward(x, arena[1].as_strided(*geometry[1]))
 
     def dynamic_rows(self, x: torch.Tensor) -> bool:
         """Compiled with a symbolic row count (dynamic shapes) that the fused kernel's row limits
