@@ -5,7 +5,8 @@ on that host every extra call in the compiled wrapper costs tens of microseconds
 has 700 LoRA layers. This probe compiles ``SETS`` layers of one shape into one function
 (inductor, default mode, static shapes), each followed by a GELU (the elementwise consumer most
 LoRA outputs meet: an activation, a residual add; ``PROBE_CONSUMER=rope`` puts a rotary-style
-``cat`` there instead, as attention's q and k meet), and measures per layer:
+``cat`` there instead, as attention's q and k meet; ``sdpa`` attention itself, as the UNet's
+q, k and v meet), and measures per layer:
 
 - ``wall``: calls issued back to back, synced at the end: what a default-mode step pays, the
   larger of host and GPU time;
@@ -22,7 +23,10 @@ Formulations (``s`` folded into A, as the runtime keeps it):
 - ``traced_c``: ``traced`` with the rank-wide ``h`` made contiguous before the expand;
 - ``expand_op``: the GEMM traced, the in-place expand alone behind an opaque mutating operator
   (one kernel, no copy, one Python call per layer);
-- ``lib``: ``gelu(x @ W.T + (x @ (s*A).T) @ Bt)``, three GEMMs (what PEFT's layers compile to).
+- ``lib``: ``gelu(x @ W.T + (x @ (s*A).T) @ Bt)``, three GEMMs (what PEFT's layers compile to);
+- ``kcat``: ``h = x @ (s*A).T``, then one GEMM over K + R: ``[x | h] @ [W | B].T``: the
+  expand summed in the base GEMM's own accumulator (no output pass of its own), at the cost of
+  the shrink, the concatenation and R / K more arithmetic.
 
 Every formulation is checked against float64 first.
 
@@ -60,8 +64,13 @@ SHAPES = {
 FORMULAS = os.environ.get("PROBE_FORMULAS", "base,op,traced,traced_c,expand_op,lib").split(",")
 #: what consumes each layer's output: ``gelu`` (elementwise: the traced add folds into it) or
 #: ``rope`` (a rotary-style ``cat``, not elementwise: the compiler rewrites the traced
-#: ``y + h @ Bt`` into an ``addmm``, which copies ``y`` first)
+#: ``y + h @ Bt`` into an ``addmm``, which copies ``y`` first), or ``sdpa`` (attention over
+#: 64-row sequences, q = k = v = the output: the UNet's q, k and v)
 CONSUMER = os.environ.get("PROBE_CONSUMER", "gelu")
+#: what produces each layer's input: ``none`` (the graph's input) or ``silu`` (see ``_produce``)
+PRODUCER = os.environ.get("PROBE_PRODUCER", "none")
+if os.environ.get("PROBE_SHAPES"):  # a comma-separated subset of SHAPES' names
+    SHAPES = {k: SHAPES[k] for k in os.environ["PROBE_SHAPES"].split(",")}
 
 
 _LIB = torch.library.Library("lorahot_probe", "FRAGMENT")
@@ -100,11 +109,25 @@ torch.library.register_fake("lorahot_probe::wide_linear", _opaque_wide_fake, lib
 def _consume(y: torch.Tensor) -> torch.Tensor:
     if CONSUMER == "gelu":
         return F.gelu(y)
+    if CONSUMER == "sdpa":  # attention over 64-row sequences, 64-wide heads, q = k = v = y
+        q = y.view(-1, 64, y.shape[-1] // 64, 64).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(y.shape)
     half = y.shape[-1] // 2
     return y * 0.5 + torch.cat((-y[:, half:], y[:, :half]), dim=-1) * 0.25
 
 
+def _produce(x: torch.Tensor) -> torch.Tensor:
+    """Each layer's input: ``x`` itself, or (``PROBE_PRODUCER=silu``) an elementwise op's output
+    computed in the graph, as a norm's output is in a model (the compiler can then write it
+    straight into a concatenation's buffer)."""
+    return F.silu(x) if PRODUCER == "silu" else x
+
+
 def _layer(name: str, n: int) -> Callable[..., torch.Tensor]:
+    def kcat(x, w, wa, ap, b, wk):
+        x = _produce(x)
+        return _consume(F.linear(torch.cat([x, F.linear(x, ap)], dim=-1), wk))
+
     def base(x, w, wa, ap, b):
         return _consume(F.linear(x, w))
 
@@ -127,7 +150,14 @@ def _layer(name: str, n: int) -> Callable[..., torch.Tensor]:
     def lib(x, w, wa, ap, b):
         return _consume(F.linear(x, w) + F.linear(x, ap) @ b)
 
-    return {"base": base, "op": op, "traced": traced, "traced_c": traced_c, "expand_op": expand_op, "lib": lib}[name]
+    forms = {"base": base, "op": op, "traced": traced, "traced_c": traced_c, "expand_op": expand_op, "lib": lib}
+    if name == "kcat":
+        return kcat
+
+    def layer(x, w, wa, ap, b, wk):
+        return forms[name](_produce(x), w, wa, ap, b)
+
+    return layer
 
 
 def _host_us(fn: Callable[[], object]) -> float:
@@ -164,15 +194,17 @@ def main() -> None:
         aps = [(0.5 * torch.randn(R, k, device=dev, dtype=dt, generator=g) / k**0.5) for _ in range(SETS)]
         bs = [torch.randn(R, n, device=dev, dtype=dt, generator=g) / R**0.5 for _ in range(SETS)]
         was = [torch.cat([w, ap]) for w, ap in zip(ws, aps)]
+        wks = [torch.cat([w, b.T], dim=1) for w, b in zip(ws, bs)]  # [W | B]: K grows by R
         x = torch.randn(m, k, device=dev, dtype=dt, generator=g)
-        ref = x.double() @ ws[0].double().T + (x.double() @ aps[0].double().T) @ bs[0].double()
+        xd = _produce(x.double())
+        ref = xd @ ws[0].double().T + (xd @ aps[0].double().T) @ bs[0].double()
         ref = _consume(ref)
         row: dict = {}
         for name in FORMULAS:
             layer = _layer(name, n)
 
             def model(x, layer=layer):
-                return [layer(x, ws[i], was[i], aps[i], bs[i]) for i in range(SETS)]
+                return [layer(x, ws[i], was[i], aps[i], bs[i], wks[i]) for i in range(SETS)]
 
             torch._dynamo.reset()
             compiled = torch.compile(model, dynamic=False)

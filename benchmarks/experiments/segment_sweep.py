@@ -6,7 +6,7 @@ bytes, the gate/up expand about 36 us for 11.5. This sweep times, per TinyLlama 
 shape, in a CUDA graph over 22 weight sets (us per call):
 
 - the pair (``launch``: the shrink at its default, then the expand), for each expand kernel of
-  :data:`FORMS` (the library's, and a variant with its slot test hoisted out of the loop), each (BLOCK_M, BLOCK_N, warps, stages)
+  :data:`FORMS` (the library's, and the same without its ``y`` prefetch), each (BLOCK_M, BLOCK_N, warps, stages)
   of :data:`EXPAND` and each ``_EXPAND_PROGRAMS`` of :data:`PROGRAMS`;
 - the shrink writing partials alone, for each (BLOCK_M, BLOCK_K, warps, stages) of
   :data:`SHRINK` and each ``_PARTIAL_PROGRAMS`` of :data:`PARTIALS`;
@@ -96,49 +96,11 @@ def _expand_hoisted(
             tl.store(OUT + rows[:, None] * stride_om + rn[None, :], v, mask=mask)
 
 
-@triton.jit
-def _expand_prefetch(
-    Y, H, BT, SEG, OUT,
-    M, N, R, SLOTS, T_,
-    stride_ym, stride_hm, stride_bs, stride_br, stride_om,
-    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS_PAD: tl.constexpr,
-    PARTIALS: tl.constexpr,
-):  # fmt: skip
-    """:func:`_expand_hoisted` with the next tile's ``y`` loaded before this tile's dot: compiled
-    for sm90, the hoisted loop pipelines Bt's loads (``cp.async``) but still waits on each
-    tile's ``y`` load, which feeds the accumulator. Rows of no slot are left to the hoisted form
-    (this variant serves routings without -1 only)."""
-    slot, rows, m_ok, past = T._segment_rows(SEG, tl.program_id(0), SLOTS, T_, BLOCK_M, SLOTS_PAD)
-    if past or slot >= SLOTS:
-        return
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    step = tl.num_programs(1)
-    rr = tl.arange(0, R_PAD)
-    r_ok = rr < R
-    hb = T._tile_shrink(H, rows, m_ok, M, R, stride_hm, R_PAD, BLOCK_M, PARTIALS).to(BT.dtype.element_ty)
-    bt_base = BT + slot.to(tl.int64) * stride_bs
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    y_next = tl.load(Y + rows[:, None] * stride_ym + rn[None, :], mask=m_ok[:, None] & (rn < N)[None, :], other=0.0)
-    for nt in range(tl.program_id(1), n_tiles, step):
-        rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
-        y_cur = y_next
-        rn2 = rn + step * BLOCK_N
-        y_next = tl.load(
-            Y + rows[:, None] * stride_ym + rn2[None, :], mask=m_ok[:, None] & (rn2 < N)[None, :], other=0.0
-        )
-        bt = tl.load(bt_base + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(hb, bt, y_cur.to(tl.float32))
-        tl.store(
-            OUT + rows[:, None] * stride_om + rn[None, :],
-            acc.to(OUT.dtype.element_ty),
-            mask=m_ok[:, None] & n_ok[None, :],
-        )
-
-
-#: the expand kernels the sweep compares: the library's, and the probe's variants above (the
-#: sweep's routings have no -1 rows, which ``prefetch`` leaves out)
-FORMS = {"loop-if": T._segment_expand, "hoisted": _expand_hoisted, "prefetch": _expand_prefetch}
+#: the expand kernels the sweep compares: the library's (the hoisted form with each tile's ``y``
+#: loaded one iteration ahead: the ``prefetch`` variant of ``runs/20261130T211252-segment-sweep.json``,
+#: which beat ``hoisted`` and the earlier ``loop-if``, the slot test inside the loop), and the
+#: hoisted form without the prefetch
+FORMS = {"library": T._segment_expand, "hoisted": _expand_hoisted}
 
 
 def main() -> None:
@@ -171,7 +133,7 @@ def main() -> None:
                     T.launch(x, y, ai, bi, s, route, out, gather=False, segs=segs)
 
             row[f"pair {form} {cfg} e{programs}"] = _timed(pair) if ok else float("nan")
-        T._segment_expand = FORMS["loop-if"]
+        T._segment_expand = FORMS["library"]
         T._expand_config, T._EXPAND_PROGRAMS = default_expand, default_programs
         for cfg, partials in itertools.product(SHRINK, PARTIALS):
             T._shrink_config, T._PARTIAL_PROGRAMS = (lambda m_, c=cfg: c), partials
@@ -191,7 +153,7 @@ def main() -> None:
         table[name] = row
         ex = {k2: v for k2, v in row.items() if k2.startswith("pair") and v == v}
         sh = {k2: v for k2, v in row.items() if k2.startswith("shrink") and v == v}
-        d_ex = row.get(f"pair loop-if {default_expand(m, n)} e{default_programs}", float("nan"))
+        d_ex = row.get(f"pair library {default_expand(m, n)} e{default_programs}", float("nan"))
         d_sh = row.get(f"shrink {default_shrink(m)} p{default_partials}", float("nan"))
         best_ex, best_sh = min(ex, key=ex.get), min(sh, key=sh.get)
         print(f"{name}: pair (by expand tiles) default {d_ex:.1f} best {best_ex} {ex[best_ex]:.1f}", flush=True)
