@@ -1,7 +1,8 @@
 """Scaled copies of many row blocks in one launch: ``dst[l][k] = src[l][k] * s[layer[l], k]``.
 
-The wide layers (:mod:`lorahot.runtime.wide`) keep a copy of the live A under each base weight,
-every row multiplied by its per-row scale. After every load, activation, re-weighting and unload
+The wide layers (:mod:`lorahot.runtime.wide`) keep a copy of the live B beside each base weight,
+every rank row multiplied by its per-row scale (a destination block is then a transposed view:
+its rows 1 apart, its columns a weight row apart). After every load, activation, re-weighting and unload
 all of them are rewritten: with a copy and a multiply per layer (or two multi-tensor calls over
 lists of 154 views and a host-computed scale per view), the host work alone took 0.3-0.6 ms per
 swap on an H200, several times the swap's own copy. :class:`RowScaler` does it with one kernel
@@ -36,27 +37,49 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 
 class RowScaler:
     """``dst[l][:rows] = src[l][:rows] * scales[layer[l], :rows, None]`` for every pair, in one
-    launch. ``dst`` and ``src`` are lists of contiguous ``[R, cols_l]`` blocks (same dtype and
-    device; their addresses must not change afterwards), ``layer[l]`` the row of ``scales``
-    (``[n_layers, R]``, contiguous rows) holding block ``l``'s per-row scales."""
+    launch. ``src`` is a list of contiguous ``[R, cols_l]`` blocks, ``dst`` a list of blocks of
+    the same shapes, all contiguous or all transposed views (``stride(0) == 1``, the columns
+    ``stride(1)`` apart: the wide layers' B columns), same dtype and device; their addresses must
+    not change afterwards. ``layer[l]`` is the row of ``scales`` (``[n_layers, R]``, contiguous
+    rows) holding block ``l``'s per-row scales."""
 
     def __init__(self, dst: list[torch.Tensor], src: list[torch.Tensor], layer: list[int]) -> None:
         device, dtype = dst[0].device, dst[0].dtype
+        self.transposed = _transposed(dst[0])
         for d, s in zip(dst, src, strict=True):  # lorahot's own buffers: a mismatch is a bug, not bad input
             same = d.shape == s.shape and d.dtype == s.dtype == dtype
-            if not (same and d.is_contiguous() and s.is_contiguous()):
-                raise ValueError(f"row blocks must be contiguous {dtype} pairs of one shape; got {d.shape}, {s.shape}")
+            layout = _transposed(d) if self.transposed else d.is_contiguous()
+            if not (same and layout and s.is_contiguous()):
+                raise ValueError(
+                    f"row blocks must be {dtype} pairs of one shape, the sources contiguous and the destinations "
+                    f"all contiguous or all transposed; got {d.shape} {d.stride()}, {s.shape} {s.stride()}"
+                )
         self.dtype = dtype
         self._dst = torch.tensor([d.data_ptr() for d in dst], dtype=torch.int64, device=device)
         self._src = torch.tensor([s.data_ptr() for s in src], dtype=torch.int64, device=device)
         self._layer = torch.tensor(layer, dtype=torch.int64, device=device)
         self._cols = torch.tensor([d.shape[1] for d in dst], dtype=torch.int32, device=device)
+        self._ld = torch.tensor([d.stride(1) for d in dst], dtype=torch.int64, device=device)
+        self._widest = max(d.shape[1] for d in dst)
         self._keep = (dst, src)  # the blocks the tables point into stay alive with them
 
     def __call__(self, scales: torch.Tensor, rows: int) -> None:
         """Rewrites the first ``rows`` rows of every destination block."""
-        if rows > 0:
+        if rows <= 0:
+            return
+        if self.transposed:
+            _kernel().launch_transposed(
+                self._dst, self._src, scales, self._layer, self._cols, self._ld, rows, self._widest, self.dtype
+            )
+        else:
             _kernel().launch(self._dst, self._src, scales, self._layer, self._cols, rows, self.dtype)
+
+
+def _transposed(t: torch.Tensor) -> bool:
+    """Whether a 2-D block is a transposed view: rows 1 apart, columns at least a row's length apart."""
+    return (
+        t.dim() == 2 and (t.shape[0] <= 1 or t.stride(0) == 1) and t.stride(1) >= t.shape[0] and not t.is_contiguous()
+    )
 
 
 def stack_scales(

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from lorahot.kernels.device_guard import launching_on
 
-__all__ = ["launch", "stack_scales"]
+__all__ = ["launch", "launch_transposed", "stack_scales"]
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _BLOCK = 1024
@@ -36,6 +36,36 @@ def _row_scale_kernel(DST, SRC, S, LAYER, COLS, s_stride, BLOCK: tl.constexpr, D
         mask = offs < n
         x = tl.load(src + offs, mask=mask)
         tl.store(dst + offs, (x.to(tl.float32) * s).to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _col_scale_kernel(
+    DST, SRC, S, LAYER, COLS, LD, s_stride, rows,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
+):  # fmt: skip
+    """Transposed destinations: block ``g``'s element ``(r, c)`` lives at ``dst + r + c * ld``.
+    One program covers ``BLOCK_N`` columns of one block and all ``rows`` rows, ``BLOCK_R`` at a
+    time: it reads the source along its rows (contiguous) and writes the destination along its
+    columns (each of the destination's rows holds ``rows`` consecutive values)."""
+    g = tl.program_id(0)
+    n = tl.load(COLS + g)
+    cc = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if tl.program_id(1) * BLOCK_N >= n:
+        return
+    c_ok = cc < n
+    ld = tl.load(LD + g)
+    dst = tl.load(DST + g).to(tl.pointer_type(DTYPE))
+    src = tl.load(SRC + g).to(tl.pointer_type(DTYPE))
+    s_row = S + tl.load(LAYER + g) * s_stride
+    for r0 in range(0, rows, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < rows
+        mask = r_ok[:, None] & c_ok[None, :]
+        s = tl.load(s_row + rr, mask=r_ok, other=0.0).to(tl.float32)
+        x = tl.load(src + rr[:, None].to(tl.int64) * n + cc[None, :], mask=mask, other=0.0)
+        tl.store(
+            dst + rr[:, None] + cc[None, :].to(tl.int64) * ld, (x.to(tl.float32) * s[:, None]).to(DTYPE), mask=mask
+        )
 
 
 @triton.jit
@@ -74,3 +104,23 @@ def launch(
     grid = (dst.numel(), rows)
     with launching_on(dst.device):
         _row_scale_kernel[grid](dst, src, scales, layer, cols, scales.stride(0), BLOCK=_BLOCK, DTYPE=_TL[dtype])
+
+
+def launch_transposed(
+    dst: torch.Tensor,
+    src: torch.Tensor,
+    scales: torch.Tensor,
+    layer: torch.Tensor,
+    cols: torch.Tensor,
+    ld: torch.Tensor,
+    rows: int,
+    widest: int,
+    dtype: torch.dtype,
+) -> None:
+    """See :class:`lorahot.kernels.row_scale.RowScaler` (transposed destinations)."""
+    block_n = 64
+    grid = (dst.numel(), triton.cdiv(widest, block_n))
+    with launching_on(dst.device):
+        _col_scale_kernel[grid](
+            dst, src, scales, layer, cols, ld, scales.stride(0), rows, BLOCK_R=32, BLOCK_N=block_n, DTYPE=_TL[dtype]
+        )

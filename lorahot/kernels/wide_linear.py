@@ -1,35 +1,31 @@
-"""The wide LoRA linear: base and shrink in one GEMM, then the expand.
+"""The wide LoRA linear: the expand summed in the base GEMM's own accumulator.
 
-For a layer whose weight lives in ``wide = [W; scale * A]`` (``[out + R, in]``, see
-:mod:`lorahot.layers.linear`), :func:`wide_linear` computes ``[y | h] = x @ wide.T`` with one
-GEMM, reading ``x`` once, then adds the expand ``h @ Bt`` to ``y``. How it adds depends on who
-runs it:
+A widened layer (:mod:`lorahot.layers.linear`) keeps its weight in ``wide = [W | B_s]``
+(``[out, in + R]``): the base weight's rows with the live adapter's scaled B beside them,
+``B_s[:, r] = s_r * B[:, r]`` (:mod:`lorahot.runtime.wide` keeps those columns equal to the
+live adapter). :func:`wide_linear` computes the shrink ``h = x @ A.T`` (``[M, R]``), then one
+GEMM over ``K = in + R``::
 
-- **Eagerly**, where no gradient flows, the expand accumulates into ``y`` in place (cuBLAS
-  ``beta = 1``): two kernels where the base model has one. The result is a view with row
-  stride ``out + R``.
-- **Under** ``torch.compile`` (or where autograd records the call), it is plain library calls:
-  the GEMM, the expand as a product of its own, and ``y + expand`` as an elementwise add that
-  the compiler fuses with whatever consumes the output (the bias, an activation, a residual
-  add). The compiled wrapper then calls two extern GEMMs per layer and no Python: in default
-  mode (no CUDA graphs) every Python-level call costs the host tens of microseconds on a GPU
-  machine.
+    y = [x | h] @ wide.T + bias = x @ W.T + (h * s) @ B.T + bias
 
-Measured on an H200 (``benchmarks/experiments/compiled_layer_probe.py``,
-``runs/20261130T160640-compiled-layer-probe.json``; each layer followed by a GELU, compiled in
-default mode, per layer): the traced form costs the same GPU time as the in-place accumulate
-behind an opaque operator, or less where the output is wide (SDXL's 640-channel feed-forward
-input: 182 against 214 us, the add folded into the GELU instead of reading and writing the
-output once more), and less wall time back to back where the host is the bound (the LLM's
-gate/up at 1024 rows: 79 against 126 us; the base GEMM alone 45).
+The expand costs the base GEMM ``R / in`` more arithmetic and no output pass of its own: ``y``
+comes out of one GEMM, contiguous, with the bias in its epilogue, as the base layer's does.
+Under ``torch.compile`` the concatenation costs nothing where ``x`` comes from an elementwise
+kernel (a norm, an activation): the compiler has that kernel write ``x`` into the left of the
+concatenation's buffer, and the shrink's GEMM write ``h`` into its right.
 
-Where the output's consumer is not elementwise (attention's q and k after a rotary ``cat``,
-SDPA), the compiler rewrites ``y + h @ Bt`` into ``addmm(y, h, Bt)``, and ATen's ``addmm``
-copies ``y`` into its output first: a copy kernel the in-place accumulate did not need (44
-per forward of the 22-block Llama at 1024 rows; ``benchmarks/README.md``, fifth session).
+Measured on an H200, 12 layers of one shape in one compiled function (default mode), each input
+from a SiLU, us per layer of GPU time (``benchmarks/experiments/compiled_layer_probe.py``,
+``runs/20261130T211441-`` and ``211546-compiled-layer-probe.json``), against the form this
+replaced (``[W; s * A]`` in one GEMM, then the expand as a GEMM of its own added by the compiler):
 
-The input is flattened to two dimensions first, so the expand is a plain 2-D product over the
-strided ``h`` (row stride ``out + R``).
+- feeding attention (not elementwise: the compiler then rewrote the add into an ``addmm``,
+  which copies ``y`` first): SDXL 640 q/k/v at 8192 rows 55.2 against 61.0 (base 43.2), 1280 at
+  2048 rows 38.4 against 42.4 (29.9), the LLM's q/o at 1024 rows 37.6 against 40.9 (30.0);
+- feeding a GELU (the add folded into it, but the expand's output written and read once
+  more): SDXL's feed-forward input, 640 to 5120 at 8192 rows, 162.7 against 187.6 (145.9), 1280
+  to 10240 at 2048 rows 119.2 against 132.0 (108.0); the LLM's gate/up at 1024 rows 52.5
+  against 52.8 (43.8).
 
 **Symbolic row counts.** Under dynamic shapes (``torch.compile(dynamic=True)``, or the automatic
 dynamic shapes a second input size turns on) the row count is a symbol of the graph. Choosing
@@ -39,8 +35,7 @@ per range of row counts: on an H200 the rows suite's nine shapes took lorahot 7 
 against the base model's 4 graphs and 127 s (``benchmarks/experiments/compile_probe.py``).
 There :func:`wide_linear_dynamic` makes the choice at run time inside one opaque operator,
 ``lorahot::wide_linear_dynamic``, so one graph serves every row count, as it does for the base
-model. Its output has the wide GEMM's layout whichever path ran (row stride ``out + R``), as
-its fake says.
+model.
 """
 
 from __future__ import annotations
@@ -53,30 +48,19 @@ from lorahot.kernels.op_registry import define, refuse_grad
 __all__ = ["wide_linear", "wide_linear_dynamic"]
 
 
-def wide_linear(x: torch.Tensor, wide: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
-    """``x @ wide[:n].T + (x @ wide[n:].T) @ bt`` for ``x [..., in]``, ``wide [n + R, in]``,
-    ``bt [R, n]``, as two GEMMs (see the module docstring). Differentiable: plain torch."""
-    n, r = bt.shape[1], bt.shape[0]
-    yh = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), wide)
-    if torch.compiler.is_compiling() or _needs_grad(x, wide, bt):
-        y = yh[:, :n] + yh[:, n:] @ bt
-    else:
-        y = yh.narrow(1, 0, n).addmm_(yh.narrow(1, n, r), bt)  # narrow, not [:, a:b]: less host time
-    return y.view(*x.shape[:-1], n)
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records this call: an in-place write into ``yh`` would then overwrite
-    the ``h`` its backward needs."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def wide_linear(x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``[x | x @ a.T] @ wide.T + bias`` for ``x [..., in]``, ``a [R, in]``, ``wide [out, in + R]``
+    (see the module docstring): the shrink, then one GEMM. Differentiable: plain torch."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xh = torch.cat([x2, torch.nn.functional.linear(x2, a)], dim=-1)
+    y = torch.nn.functional.linear(xh, wide, bias)
+    return y.view(*x.shape[:-1], wide.shape[0])
 
 
 def _dynamic_fake(
     x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, fused: bool
 ) -> torch.Tensor:
-    n = bt.shape[1]
-    yh = x.new_empty((x.numel() // x.shape[-1] if x.shape[-1] else 0, wide.shape[0]))
-    return yh[:, :n].view(*x.shape[:-1], n)
+    return x.new_empty((*x.shape[:-1], wide.shape[0]))
 
 
 @define(
@@ -87,13 +71,13 @@ def _wide_linear_dynamic(
     x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, fused: bool
 ) -> torch.Tensor:
     refuse_grad("wide_linear_dynamic", x, wide, a, bt)
-    n, r = bt.shape[1], bt.shape[0]
+    n = wide.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     if fused and fused_kernel.worth_it(x2.shape[0], n, wide=True):
-        y = x2.new_empty((x2.shape[0], n + r)).narrow(1, 0, n)
-        fused_kernel.lora_linear_into(x2, wide.narrow(0, 0, n), a, bt, scale, y)
+        y = x2.new_empty((x2.shape[0], n))
+        fused_kernel.lora_linear_into(x2, wide.narrow(1, 0, x2.shape[1]), a, bt, scale, y)
     else:
-        y = wide_linear(x2, wide, bt)  # eagerly, no gradient: the in-place accumulate
+        y = wide_linear(x2, wide, a)
     return y.view(*x.shape[:-1], n)
 
 
@@ -103,7 +87,8 @@ def wide_linear_dynamic(
     """:func:`wide_linear` for an input whose row count the compiler keeps symbolic (see the
     module docstring): where ``fused`` (the layer's fused kernel applies) and
     :func:`lorahot.kernels.lora_linear.worth_it` says so for the rows of this call, the fused
-    kernel over the weight ``wide[:n]``, the live ``a [R, in]`` and its per-row ``scale [R]``;
-    else the wide GEMM and the in-place expand. One opaque operator either way; no gradient."""
+    kernel over the weight ``wide[:, :in]``, the live ``a [R, in]``, ``bt [R, out]`` and the
+    per-row ``scale [R]``; else :func:`wide_linear`. One opaque operator either way, its output
+    contiguous; no gradient."""
     out: torch.Tensor = torch.ops.lorahot.wide_linear_dynamic(x, wide, a, bt, scale, fused)
     return out

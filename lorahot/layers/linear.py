@@ -1,14 +1,14 @@
 """``LoRALinear``: LoRA on anything that maps ``(..., in)`` to ``(..., out)``.
 
 Above the fused kernel's sizes, an ``nn.Linear`` layer runs *wide*: at inject its weight moves
-into a ``[out + R, in]`` buffer whose last ``R`` rows hold the live ``s[:, None] * A`` (the weight
-parameter stays, as a view of the first ``out`` rows, so state dicts, merged writes and user
-code see the same tensor). One GEMM then gives the base output and the shrink together,
-reading ``x`` once, and a second GEMM adds the expand ``h @ B.T`` (in place when eager; as an
-add the compiler fuses with the output's consumer when compiled, see
-:mod:`lorahot.kernels.wide_linear`): one extra GEMM per layer instead of two, and no scale
-multiply, the per-row scales being folded into A (see :mod:`lorahot.runtime.wide`, which keeps those
-rows equal to the live A times its scales after every load, activation and scale change).
+into a ``[out, in + R]`` buffer whose last ``R`` columns hold the live B, each column times its
+rank row's scale (the weight parameter stays, as a view of the first ``in`` columns, so state
+dicts, merged writes and user code see the same tensor; its rows are ``in + R`` apart). The
+shrink ``h = x @ A.T`` then feeds one GEMM over ``[x | h]`` that adds the expand in the base
+product's own accumulator (see :mod:`lorahot.kernels.wide_linear`): one extra GEMM per layer
+(the shrink) and no output pass of the expand's own, the per-row scales folded into B (see
+:mod:`lorahot.runtime.wide`, which keeps those columns equal to the live B times its scales
+after every load, activation and scale change).
 """
 
 from __future__ import annotations
@@ -160,31 +160,32 @@ class LoRALinear(LoRALayer):
         )
 
     def widen(self, max_rank: int) -> None:
-        """Moves the weight into ``[out + max_rank, in]`` (A rows zero) and makes the parameter
-        a view of its first ``out`` rows, in place: the parameter object stays the same."""
+        """Moves the weight into ``[out, in + max_rank]`` (B columns zero) and makes the
+        parameter a view of its first ``in`` columns, in place: the parameter object stays the
+        same."""
         weight = self.base_weight
-        n = self.spec.out_dim
+        k = self.spec.in_dim
         # a normal tensor even when inject runs under inference_mode: every later write to it
         # (loads, swaps, merged mode) happens outside, where inference tensors are read-only
         with torch.inference_mode(False), torch.no_grad():
-            wide = torch.empty((n + max_rank, self.spec.in_dim), device=weight.device, dtype=weight.dtype)
-            wide[:n].copy_(weight)
-            wide[n:].zero_()
-            weight.data = wide[:n]
+            wide = torch.empty((self.spec.out_dim, k + max_rank), device=weight.device, dtype=weight.dtype)
+            wide[:, :k].copy_(weight)
+            wide[:, k:].zero_()
+            weight.data = wide[:, :k]
         self.register_buffer(WIDE_BUFFER, wide, persistent=False)
         self.wide = True
 
     def wide_rows(self) -> torch.Tensor:
         wide: torch.Tensor = self._buffers[WIDE_BUFFER]  # type: ignore[assignment]
-        return wide[self.spec.out_dim :]
+        return wide[:, self.spec.in_dim :].t()
 
     def unwiden(self) -> None:
-        """The weight gets a copy of its rows as its own storage; the wide buffer goes."""
+        """The weight gets a contiguous copy of its columns as its own storage; the wide buffer goes."""
         if not self.wide:
             return
         weight = self.base_weight
         with torch.inference_mode(False), torch.no_grad():
-            weight.data = weight.detach().clone()
+            weight.data = weight.detach().clone(memory_format=torch.contiguous_format)
         self._buffers.pop(WIDE_BUFFER, None)
         self.wide = False
 
@@ -201,13 +202,11 @@ class LoRALinear(LoRALayer):
         dtype = self._base.weight.dtype
         return x.dtype == dtype and not _needs_grad(x, self._base) and not _autocast_recasts(x, dtype)
 
-    def wide_forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``[y | h] = x @ [W; s[:, None] * A].T`` in one GEMM, then ``y + h @ B.T``
-        (:mod:`lorahot.kernels.wide_linear`); the bias is added in the elementwise pass the
-        compiler fuses with what follows."""
-        y: torch.Tensor = wide_kernel.wide_linear(x, self._buffers[WIDE_BUFFER], b)  # type: ignore[arg-type]
-        bias = self._base.bias
-        return y if bias is None else y + bias
+    def wide_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``h = x @ A.T``, then ``[x | h] @ [W | B_s].T + bias`` in one GEMM
+        (:mod:`lorahot.kernels.wide_linear`), for the live ``a [R, in]``."""
+        y: torch.Tensor = wide_kernel.wide_linear(x, self._buffers[WIDE_BUFFER], a, self._base.bias)  # type: ignore[arg-type]
+        return y
 
     def compiled_forward(
         self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...]
@@ -234,7 +233,7 @@ class LoRALinear(LoRALayer):
                 base = self._base
                 z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s)
                 return z
-        return self.wide_forward(x, arena[1].as_strided(*geometry[1]))
+        return self.wide_forward(x, arena[0].as_strided(*geometry[0]))
 
     def dynamic_rows(self, x: torch.Tensor) -> bool:
         """Compiled with a symbolic row count (dynamic shapes) that the fused kernel's row limits

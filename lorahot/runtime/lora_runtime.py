@@ -156,8 +156,8 @@ class LoraRuntime:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of adapter storage this runtime allocated (padded, every slot, and the scaled A
-        rows beneath the wide layers' weights)."""
+        """Bytes of adapter storage this runtime allocated (padded, every slot, and the scaled B
+        columns beside the wide layers' weights)."""
         return self.buffers.nbytes + self._wide.nbytes
 
     @public_api

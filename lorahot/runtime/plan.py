@@ -61,8 +61,8 @@ class LoadPlan:
         nbytes: bytes of adapter weights (before padding).
         delta_bound: injected layer name -> ``r * max|A| * max|B|``, a bound on every entry of
             ``B @ A`` (filled by the value checks; merged mode checks its weights' range with it).
-        scaled_a: per arena, float64 ``[n_layers]``: ``max|A| * |alpha / r|`` of each layer (0
-            if untouched; filled by the value checks; the wide layers, which store ``scale * A``,
+        scaled_b: per arena, float64 ``[n_layers]``: ``max|B| * |alpha / r|`` of each layer (0
+            if untouched; filled by the value checks; the wide layers, which store ``scale * B``,
             check their dtype's range with it).
         skipped: tensor keys left out (``strict=False``): those the reader skipped and those
             of modules that map onto no injected layer.
@@ -80,7 +80,7 @@ class LoadPlan:
     ranks: dict[str, int]
     nbytes: int
     delta_bound: dict[str, float] = field(default_factory=dict)
-    scaled_a: list[torch.Tensor] = field(default_factory=list)
+    scaled_b: list[torch.Tensor] = field(default_factory=list)
     skipped: tuple[str, ...] = ()
     weights: dict[str, WeightModule] = field(default_factory=dict)
     dora: list[list[int]] = field(default_factory=list)
@@ -498,7 +498,7 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
     names = {(a, i): n for n, (a, i) in buffers.where.items()}
     bad_values: list[str] = []
     too_large: list[str] = []
-    plan.scaled_a = [torch.zeros(len(arena.specs), dtype=torch.float64) for arena in buffers.arenas]
+    plan.scaled_b = [torch.zeros(len(arena.specs), dtype=torch.float64) for arena in buffers.arenas]
     for a, (arena, entries) in enumerate(zip(buffers.arenas, staged)):
         tensors = [t for _, A, B in entries for t in (A, B)]
         if not tensors:
@@ -508,7 +508,7 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
         bounds = (largest[0::2] * largest[1::2]).tolist()
         plan.delta_bound.update({names[(a, i)]: A.shape[0] * b for (i, A, _), b in zip(entries, bounds)})
         index = torch.tensor([i for i, _, _ in entries])
-        plan.scaled_a[a][index] = largest[0::2] * plan.scales[a][index].abs()
+        plan.scaled_b[a][index] = largest[1::2] * plan.scales[a][index].abs()
         if bool((largest <= top).all()):  # NaN compares False
             continue
         for k, (i, _, _) in enumerate(entries):

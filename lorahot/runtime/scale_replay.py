@@ -4,7 +4,7 @@ Re-weighting a slot changes nothing but its per-row scales (:mod:`lorahot.runtim
 the ordinary path is several steps, each host work or a launch: the scales computed on the host
 (a gather and a multiply over every row of every layer), their upload from a pinned staging
 buffer, the copy into the live region when the slot is live, and the wide layers' refresh of
-their scaled A rows (:class:`~lorahot.kernels.row_scale.RowScaler`). On an H200's host the
+their scaled B columns (:class:`~lorahot.kernels.row_scale.RowScaler`). On an H200's host the
 steps after the checks took about 0.17 ms, more than the device work itself.
 
 Each row's scale is its part's ``alpha / r`` times its part's weight (:attr:`Stack.owners`),

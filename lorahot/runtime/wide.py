@@ -1,12 +1,14 @@
-"""Keeps the wide layers' ``s[:, None] * A`` rows equal to the live adapter.
+"""Keeps the wide layers' scaled B columns equal to the live adapter.
 
-A widened layer (:mod:`lorahot.layers.linear`) computes its base output and its shrink in one
-GEMM over ``[W; s[:, None] * A]``. Those A rows are a second copy of the live region's A, each
-row times its scale, so whatever changes the live region or its scales (load, activate,
-set_scale, unload) ends with :meth:`WideWeights.apply`: per arena, one batched copy of the
-live A rows into the wide buffers and one multiply by the scales, both over only the rows any
-adapter has used since the last refresh (a rank-8 swap after a rank-8 swap touches 8 rows per
-layer, not ``max_rank``).
+A widened layer (:mod:`lorahot.layers.linear`) computes its base output and its expand in one
+GEMM over ``[W | B_s]``, ``B_s[:, r] = s_r * B[:, r]``. Those columns are a second copy of the
+live region's B (``Bt [R, out]``, rank rows), each rank row times its scale, so whatever
+changes the live region or its scales (load, activate, set_scale, unload) ends with
+:meth:`WideWeights.apply`: per arena, one batched copy of the live B rows into the wide
+buffers' columns and one multiply by the scales, both over only the rank rows any adapter has
+used since the last refresh (a rank-8 swap after a rank-8 swap touches 8 columns per layer,
+not ``max_rank``). Below, a layer's "wide rows" are those columns seen as ``[R, out]``
+(:meth:`~lorahot.layers.LoRALayer.wide_rows`: a transposed view).
 
 With one adapter live every row of a layer has the layer's scale; with a stack live
 (:mod:`lorahot.runtime.stack`) each part's rows of a (linear, ungrouped) layer are one run
@@ -39,10 +41,10 @@ __all__ = ["WideWeights", "widen_layers", "DEVICE_TYPES"]
 #: one arena's runs of a stack: the wide rows of each part's run, its part, its ``alpha / r``
 Runs = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
 
-#: Devices whose layers are widened. On CUDA the wide GEMM saves a kernel launch and a pass
-#: over the input per layer; on the CPU it saves little, and the plain formula keeps the
-#: outputs right after inject bitwise those of the base model (a GEMM with more output columns
-#: may sum in another order). The tests widen CPU layers too, to exercise the mechanism.
+#: Devices whose layers are widened. On CUDA the wide GEMM adds the expand in the base
+#: product's accumulator, saving the expand's pass over the output; on the CPU it saves little,
+#: and the plain formula keeps the outputs right after inject bitwise those of the base model
+#: (a GEMM over a longer K may sum in another order). The tests widen CPU layers too, to exercise the mechanism.
 DEVICE_TYPES = {"cuda"}
 
 
@@ -60,7 +62,7 @@ class WideWeights:
 
     def __init__(self, layers: dict[str, LoRALayer], buffers: BufferManager) -> None:
         self.buffers = buffers
-        #: per arena: (layer indices, wide A rows, live A rows), in the same order
+        #: per arena: (layer indices, wide B rows, live B rows), in the same order
         self.groups: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = [
             ([], [], []) for _ in buffers.arenas
         ]
@@ -68,16 +70,16 @@ class WideWeights:
             if not layer.wide:
                 continue
             arena, index = buffers.where[name]
-            live_a, _ = buffers.arenas[arena].rows(index, buffers.live)
+            _, live_b = buffers.arenas[arena].rows(index, buffers.live)
             indices, wide, live = self.groups[arena]
             indices.append(index)
             wide.append(layer.wide_rows())
-            live.append(live_a)
+            live.append(live_b)
         # the layer indices as index tensors, built once: every load, swap and set_scale reads them
         self._index = [torch.tensor(indices, dtype=torch.long) for indices, _, _ in self.groups]
         self.extent = [0] * len(buffers.arenas)  # rows of the wide buffers that may be nonzero
         self._views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        #: id(plan) -> (a weak reference to it, its largest scaled A rows per arena), see
+        #: id(plan) -> (a weak reference to it, its largest scaled B rows per arena), see
         #: :meth:`_worst` (weak: a plan holds its adapter's tensors)
         self._worst_of: dict[int, tuple[weakref.ref[LoadPlan], list[tuple[int, list[int], int, float]]]] = {}
         #: the last stack's runs (see :meth:`_runs`): re-weighting one stack finds them here
@@ -91,7 +93,7 @@ class WideWeights:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the wide buffers added to the model (their A rows; the weights moved in)."""
+        """Bytes the wide buffers added to the model (their B columns; the weights moved in)."""
         return sum(w.nbytes for _, wide, _ in self.groups for w in wide)
 
     @property
@@ -99,9 +101,9 @@ class WideWeights:
         return not any(indices for indices, _, _ in self.groups)
 
     def check(self, plan: LoadPlan, multiplier: float, names: list[list[str]]) -> None:
-        """Refuses a ``multiplier`` under which some wide layer's ``scale * A`` would leave its
+        """Refuses a ``multiplier`` under which some wide layer's ``scale * B`` would leave its
         dtype's range (float16 tops out at 65504; the plain formula scales after the products).
-        Each part of a stack is checked with its own weight: its rows hold only its own A.
+        Each part of a stack is checked with its own weight: its rank rows hold only its own B.
 
         Raises:
             UsageError: naming the layer, the largest value and the largest multiplier allowed.
@@ -111,9 +113,9 @@ class WideWeights:
             if largest * abs(multiplier) > top:
                 layer = names[a][indices[worst]] if a < len(names) else f"layer {indices[worst]}"
                 raise UsageError(
-                    f"{plan.source}, {layer}: scale={multiplier:g} times alpha/r times max|A| is "
+                    f"{plan.source}, {layer}: scale={multiplier:g} times alpha/r times max|B| is "
                     f"{largest * abs(multiplier):.4g}, beyond the {self.buffers.arenas[a].dtype} range (max {top:.4g}) "
-                    f"of the layer's scaled A rows. Pass a scale of at most {top / largest:.4g} in magnitude, or "
+                    f"of the layer's scaled B columns. Pass a scale of at most {top / largest:.4g} in magnitude, or "
                     "inject with fused=False (the plain formula scales after the products)."
                 )
 
@@ -124,7 +126,7 @@ class WideWeights:
 
     def _worst(self, plan: LoadPlan) -> list[tuple[int, list[int], int, float]]:
         """Per arena with wide layers: the arena, its wide layers' indices, the position among them of the
-        largest ``max|A| * |alpha / r|`` of ``plan``, and that value. Memoized per plan (each
+        largest ``max|B| * |alpha / r|`` of ``plan``, and that value. Memoized per plan (each
         ``set_scale`` checks the same plans again; a host tensor op each took several
         microseconds)."""
         found = self._worst_of.get(id(plan))
@@ -132,8 +134,8 @@ class WideWeights:
             return found[1]
         out = []
         for a, (indices, _, _) in enumerate(self.groups):
-            if indices and len(plan.scaled_a) > a:
-                values = plan.scaled_a[a][self._index[a]]
+            if indices and len(plan.scaled_b) > a:
+                values = plan.scaled_b[a][self._index[a]]
                 worst = int(values.argmax())
                 out.append((a, indices, worst, float(values[worst])))
         if len(self._worst_of) >= 64:  # plans of adapters long gone
@@ -142,7 +144,7 @@ class WideWeights:
         return out
 
     def apply(self, stack: Stack | None, weights: Sequence[float] = ()) -> None:
-        """Sets every wide layer's A rows to the live A times its per-row scales: those of
+        """Sets every wide layer's B columns to the live B times its per-row scales: those of
         ``stack`` (what the live region holds) at the parts' ``weights``, or zero for None (no
         adapter live)."""
         with torch.no_grad():
@@ -198,7 +200,7 @@ class WideWeights:
         return max(self.extent[arena], self.buffers.arenas[arena].a_extent[self.buffers.live])
 
     def _rows(self, arena: int, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The first ``rows`` rows of arena ``arena``'s wide and live A blocks (memoized)."""
+        """The first ``rows`` rank rows of arena ``arena``'s wide and live B blocks (memoized)."""
         key = (arena, rows)
         found = self._views.get(key)
         if found is None:

@@ -74,6 +74,28 @@ def test_row_scale_writes_each_block_its_rows_times_its_scales() -> None:
         assert torch.isnan(d[5:]).all()
 
 
+def test_row_scale_writes_transposed_blocks_its_rows_times_its_scales() -> None:
+    """The wide layers' B columns: each destination a transposed view into a wider buffer
+    (rows 1 apart, columns a buffer row apart), rank rows past the count and the buffer's own
+    columns left alone."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_row_scale")
+    g = torch.Generator().manual_seed(0)
+    rank, widths, layers, k = 40, [64, 150, 5], [3, 0, 3], 24  # 40 rows: two row blocks of 32
+    src = [torch.randn(rank, w, generator=g).half() for w in widths]
+    bufs = [torch.full((w, k + rank), float("nan"), dtype=torch.float16) for w in widths]
+    dst = [b[:, k:].t() for b in bufs]  # [rank, w], strides (1, k + rank)
+    scales = torch.randn(4, rank, generator=g)
+    tables = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (dst, src)]
+    cols = torch.tensor(widths, dtype=torch.int32)
+    ld = torch.tensor([d.stride(1) for d in dst])
+    kernel.launch_transposed(
+        tables[0], tables[1], scales, torch.tensor(layers), cols, ld, 37, max(widths), torch.float16
+    )
+    for d, b, s_, layer in zip(dst, bufs, src, layers):
+        assert torch.equal(d[:37], (s_[:37].float() * scales[layer, :37, None]).half())
+        assert torch.isnan(d[37:]).all() and torch.isnan(b[:, :k]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_stack_scales_equal_the_host_formula_bitwise_in_both_regions(dtype: torch.dtype) -> None:
     """A stack's per-row scales computed by one kernel: ``own * w[part]`` in float64, rounded

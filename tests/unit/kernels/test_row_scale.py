@@ -37,6 +37,36 @@ def test_gpu_every_block_gets_its_rows_times_its_scales_and_nothing_else(dtype: 
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_transposed_blocks_get_their_rows_times_their_scales_and_nothing_else(dtype: torch.dtype) -> None:
+    """Destinations as the wide layers' B columns: transposed views into ``[cols, k + R]`` buffers."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    R, widths, layers, k = 64, [64, 1000, 2048 + 3, 5], [3, 0, 2, 3], 40
+    src = [torch.randn(R, w, device="cuda", generator=g).to(dtype) for w in widths]
+    bufs = [torch.full((w, k + R), float("nan"), device="cuda", dtype=dtype) for w in widths]
+    dst = [b[:, k:].t() for b in bufs]
+    scales = torch.randn(4, R, device="cuda", generator=g)
+    scaler = row_scale.RowScaler(dst, src, layers)
+    assert scaler.transposed
+    for rows in (5, 33, R):
+        scaler(scales, rows)
+        for d, b, s, layer in zip(dst, bufs, src, layers):
+            assert torch.equal(d[:rows], (s[:rows].float() * scales[layer, :rows, None]).to(dtype))
+            assert torch.isnan(b[:, :k]).all()
+            if rows < R:
+                assert torch.isnan(d[rows:]).all()
+
+
+def test_blocks_of_mixed_layouts_are_refused() -> None:
+    """lorahot's own buffers: a layout the kernel does not handle is a bug, said at construction."""
+    src = [torch.zeros(4, 6), torch.zeros(4, 6)]
+    dst = [torch.zeros(6, 9)[:, 5:].t(), torch.zeros(4, 6)]
+    with pytest.raises(ValueError, match="all contiguous or all transposed"):
+        row_scale.RowScaler(dst, src, [0, 1])
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_wide_rows_from_the_kernel_equal_the_library_path_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same loads, stack, re-weighting and activations on two models, one refreshing its
     wide rows with the kernel and one with multi-tensor library calls: every wide row equal."""

@@ -189,7 +189,7 @@ def _plan_fields(plan) -> tuple:
         plan.ranks,
         plan.nbytes,
         plan.delta_bound,
-        [s.tolist() for s in plan.scaled_a],
+        [s.tolist() for s in plan.scaled_b],
         plan.skipped,
         plan.weights,
         plan.dora,

@@ -336,7 +336,7 @@ def test_wide_rows_hold_each_row_times_its_own_scale(tmp_path: Path, widen_on_cp
         _close(_out(model), _expected(*parts, weights=scale[::-1]))
         for name in (Q0, V1, UP0):
             layer = runtime.layers[name]
-            assert torch.equal(layer.wide_rows(), layer.lora_A * layer.lora_scale[:, None]), name
+            assert torch.equal(layer.wide_rows(), layer.lora_B * layer.lora_scale[:, None]), name
     runtime.load(sources[0])  # one adapter again: the rows past its rank go back to zero
     assert not runtime.layers[Q0].wide_rows()[2:].any()
     _close(_out(model), _expected(parts[0], weights=[1.0]))

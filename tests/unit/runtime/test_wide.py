@@ -1,4 +1,4 @@
-"""The wide layers: base weight and ``scale * A`` in one buffer, kept equal to the live adapter.
+"""The wide layers: base weight and ``scale * B`` in one buffer, kept equal to the live adapter.
 
 Widening is a CUDA path; these tests widen CPU layers too (``DEVICE_TYPES``) to check the
 mechanism against dense float64 references after every kind of runtime operation.
@@ -71,13 +71,15 @@ def test_inject_widens_in_place_and_eject_gives_the_weight_its_storage_back() ->
     assert layer.wide and model[2].wide
     assert layer.weight is param  # the same parameter object, now a view into the wide buffer
     wide_buffer = layer._buffers["_lora_wide"]
-    assert param.data_ptr() == wide_buffer.data_ptr() and wide_buffer.shape == (HID + R, IN)
+    assert param.data_ptr() == wide_buffer.data_ptr() and wide_buffer.shape == (HID, IN + R)
+    assert param.stride() == (IN + R, 1)  # the weight's rows, B's scaled columns beside them
     assert set(model.state_dict()) == set(before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     _load(runtime, _adapter(4, 1, 8.0))
     runtime.eject()
     assert model[0].weight is param
     assert param.untyped_storage().nbytes() == param.numel() * param.element_size()  # its own storage again
+    assert param.is_contiguous()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
@@ -153,7 +155,7 @@ def test_a_scale_that_would_overflow_the_scaled_rows_is_refused_before_anything_
     model = _model(torch.float16)
     runtime = lorahot.inject(model, ["0", "2"], max_rank=R)
     adapter = {k: v.half() if isinstance(v, torch.Tensor) else v for k, v in _adapter(4, 1, 4.0).items()}
-    adapter["0.lora_A.weight"][0, 0] = 1000.0
+    adapter["0.lora_B.weight"][0, 0] = 1000.0
     _load(runtime, adapter)
     rows = model[0].wide_rows().clone()
     with pytest.raises(lorahot.UsageError, match=r"0: scale=100 .*float16"):
@@ -173,7 +175,7 @@ def test_set_scale_refuses_exactly_what_the_full_range_checks_refuse() -> None:
     parts = []
     for rank, seed, alpha, big in ((4, 1, 4.0, 1000.0), (3, 2, 12.0, 300.0)):
         adapter = {k: v.half() if isinstance(v, torch.Tensor) else v for k, v in _adapter(rank, seed, alpha).items()}
-        adapter["0.lora_A.weight"][0, 0] = big
+        adapter["0.lora_B.weight"][0, 0] = big
         tensors = {k: v for k, v in adapter.items() if k != "alpha"}
         parts.append(lorahot.read_adapter(tensors, config={"r": rank, "lora_alpha": alpha}))
     runtime.load(parts, scale=[1.0, 1.0])
