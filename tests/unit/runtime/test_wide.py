@@ -295,8 +295,8 @@ def test_gpu_wide_layers_under_cuda_graphs_follow_every_swap(rows: int) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [8, 300])  # the fused kernel's size, then the wide GEMM's
 def test_gpu_wide_layers_holding_a_stack_follow_every_reweighting(rows: int) -> None:
-    """Two adapters in one slot on bf16 CUDA layers: the wide rows hold each row of A times
-    its own scale (checked against float64), and the compiled model (CUDA graphs) follows
+    """Two adapters in one slot on bf16 CUDA layers: the wide columns hold each rank row of B
+    times its own scale (checked against float64), and the compiled model (CUDA graphs) follows
     every re-weighting without recompiling."""
     torch.manual_seed(0)
     dims = (256, 512, 256)
@@ -332,7 +332,7 @@ def test_gpu_wide_layers_holding_a_stack_follow_every_reweighting(rows: int) -> 
             for ws in ([1.0, 1.0], [0.5, -2.0], [0.0, 1.5]):
                 runtime.set_scale(ws)
                 layer = runtime.layers["0"]
-                scaled = layer.lora_A.double() * layer.lora_scale.double()[:, None]
+                scaled = layer.lora_B.double() * layer.lora_scale.double()[:, None]
                 torch.testing.assert_close(layer.wide_rows().double(), scaled, rtol=1e-2, atol=1e-3)
                 assert layer.lora_scale[:24].unique().tolist() == [ws[0] * 2.0]
                 got = compiled(x).double()
