@@ -38,28 +38,29 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 class RowScaler:
     """``dst[l][:rows] = src[l][:rows] * scales[layer[l], :rows, None]`` for every pair, in one
     launch. ``src`` is a list of contiguous ``[R, cols_l]`` blocks, ``dst`` a list of blocks of
-    the same shapes, all contiguous or all transposed views (``stride(0) == 1``, the columns
-    ``stride(1)`` apart: the wide layers' B columns), same dtype and device; their addresses must
-    not change afterwards. ``layer[l]`` is the row of ``scales`` (``[n_layers, R]``, contiguous
-    rows) holding block ``l``'s per-row scales."""
+    the same shapes, all of contiguous rows (``stride(1) == 1``, the rows ``stride(0)`` apart: the
+    wide layers' A rows) or all transposed views (``stride(0) == 1``, the columns ``stride(1)``
+    apart: their B columns), same dtype and device; their addresses must not change afterwards.
+    ``layer[l]`` is the row of ``scales`` (``[n_layers, R]``, contiguous rows) holding block
+    ``l``'s per-row scales."""
 
     def __init__(self, dst: list[torch.Tensor], src: list[torch.Tensor], layer: list[int]) -> None:
         device, dtype = dst[0].device, dst[0].dtype
         self.transposed = _transposed(dst[0])
         for d, s in zip(dst, src, strict=True):  # lorahot's own buffers: a mismatch is a bug, not bad input
             same = d.shape == s.shape and d.dtype == s.dtype == dtype
-            layout = _transposed(d) if self.transposed else d.is_contiguous()
+            layout = _transposed(d) if self.transposed else _rows(d)
             if not (same and layout and s.is_contiguous()):
                 raise ValueError(
                     f"row blocks must be {dtype} pairs of one shape, the sources contiguous and the destinations "
-                    f"all contiguous or all transposed; got {d.shape} {d.stride()}, {s.shape} {s.stride()}"
+                    f"all of contiguous rows or all transposed; got {d.shape} {d.stride()}, {s.shape} {s.stride()}"
                 )
         self.dtype = dtype
         self._dst = torch.tensor([d.data_ptr() for d in dst], dtype=torch.int64, device=device)
         self._src = torch.tensor([s.data_ptr() for s in src], dtype=torch.int64, device=device)
         self._layer = torch.tensor(layer, dtype=torch.int64, device=device)
         self._cols = torch.tensor([d.shape[1] for d in dst], dtype=torch.int32, device=device)
-        self._ld = torch.tensor([d.stride(1) for d in dst], dtype=torch.int64, device=device)
+        self._ld = torch.tensor([d.stride(1 if self.transposed else 0) for d in dst], dtype=torch.int64, device=device)
         self._widest = max(d.shape[1] for d in dst)
         self._keep = (dst, src)  # the blocks the tables point into stay alive with them
 
@@ -72,7 +73,12 @@ class RowScaler:
                 self._dst, self._src, scales, self._layer, self._cols, self._ld, rows, self._widest, self.dtype
             )
         else:
-            _kernel().launch(self._dst, self._src, scales, self._layer, self._cols, rows, self.dtype)
+            _kernel().launch(self._dst, self._src, scales, self._layer, self._cols, self._ld, rows, self.dtype)
+
+
+def _rows(t: torch.Tensor) -> bool:
+    """Whether a 2-D block's rows are contiguous runs, each at least a row's length after the last."""
+    return t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1) and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1])
 
 
 def _transposed(t: torch.Tensor) -> bool:

@@ -24,11 +24,11 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _row_scale_kernel(DST, SRC, S, LAYER, COLS, s_stride, BLOCK: tl.constexpr, DTYPE: tl.constexpr):
+def _row_scale_kernel(DST, SRC, S, LAYER, COLS, LD, s_stride, BLOCK: tl.constexpr, DTYPE: tl.constexpr):
     g = tl.program_id(0)
     row = tl.program_id(1)
     n = tl.load(COLS + g)
-    dst = tl.load(DST + g).to(tl.pointer_type(DTYPE)) + row * n
+    dst = tl.load(DST + g).to(tl.pointer_type(DTYPE)) + row * tl.load(LD + g)  # the block's rows LD apart
     src = tl.load(SRC + g).to(tl.pointer_type(DTYPE)) + row * n
     s = tl.load(S + tl.load(LAYER + g) * s_stride + row).to(tl.float32)
     for start in range(0, n, BLOCK):
@@ -97,13 +97,15 @@ def launch(
     scales: torch.Tensor,
     layer: torch.Tensor,
     cols: torch.Tensor,
+    ld: torch.Tensor,
     rows: int,
     dtype: torch.dtype,
 ) -> None:
-    """See :func:`lorahot.kernels.row_scale.scale_rows`."""
+    """See :class:`lorahot.kernels.row_scale.RowScaler` (destinations of contiguous rows, ``ld``
+    apart)."""
     grid = (dst.numel(), rows)
     with launching_on(dst.device):
-        _row_scale_kernel[grid](dst, src, scales, layer, cols, scales.stride(0), BLOCK=_BLOCK, DTYPE=_TL[dtype])
+        _row_scale_kernel[grid](dst, src, scales, layer, cols, ld, scales.stride(0), BLOCK=_BLOCK, DTYPE=_TL[dtype])
 
 
 def launch_transposed(

@@ -1,31 +1,50 @@
-"""The wide LoRA linear: the expand summed in the base GEMM's own accumulator.
+"""The wide LoRA linear: base product and expand in one GEMM when compiled, base and shrink in one eagerly.
 
-A widened layer (:mod:`lorahot.layers.linear`) keeps its weight in ``wide = [W | B_s]``
-(``[out, in + R]``): the base weight's rows with the live adapter's scaled B beside them,
-``B_s[:, r] = s_r * B[:, r]`` (:mod:`lorahot.runtime.wide` keeps those columns equal to the
-live adapter). :func:`wide_linear` computes the shrink ``h = x @ A.T`` (``[M, R]``), then one
-GEMM over ``K = in + R``::
+A widened layer (:mod:`lorahot.layers.linear`) keeps its weight in one buffer laid out as ::
 
-    y = [x | h] @ wide.T + bias = x @ W.T + (h * s) @ B.T + bias
+    wide = [[W, B_s],      # [out + R, in + R]: W [out, in], B_s [out, R]
+            [A, 0  ]]      #                    A [R, in]
 
-The expand costs the base GEMM ``R / in`` more arithmetic and no output pass of its own: ``y``
-comes out of one GEMM, contiguous, with the bias in its epilogue, as the base layer's does.
-Under ``torch.compile`` the concatenation costs nothing where ``x`` comes from an elementwise
-kernel (a norm, an activation): the compiler has that kernel write ``x`` into the left of the
-concatenation's buffer, and the shrink's GEMM write ``h`` into its right.
+with the live adapter's A and its B, each rank row's column times its scale,
+``B_s[:, r] = s_r * B[:, r]`` (:mod:`lorahot.runtime.wide` keeps both equal to the live
+adapter). Two formulas read it, each the cheaper one where it runs:
+
+- **Traced** (under ``torch.compile``, or where autograd records the call): the shrink
+  ``h = x @ A.T``, then one GEMM over ``K = in + R``::
+
+      y = [x | h] @ [W, B_s].T + bias = x @ W.T + (h * s) @ B.T + bias
+
+  The expand costs the base GEMM ``R / in`` more arithmetic and no output pass of its own:
+  ``y`` comes out of one GEMM, contiguous, the bias in its epilogue, as the base layer's does.
+  The concatenation costs nothing where ``x`` comes from an elementwise kernel (a norm, an
+  activation): the compiler has that kernel write ``x`` into the left of the concatenation's
+  buffer, and the shrink's GEMM write ``h`` into its right.
+- **Eager** (no gradient; also inside ``lorahot::wide_linear_dynamic``): ``[y | h] = x @
+  [W; A].T`` in one GEMM, reading ``x`` once, then the expand accumulated into ``y`` in place
+  (cuBLAS ``beta = 1``): two kernels, no copy. The result is a view with row stride ``out + R``.
+  Eagerly the concatenation would be a copy of ``x`` of its own: in the rows suite, where the
+  row count is symbolic and every layer runs eagerly inside the operator, it cost 154 copy
+  kernels per forward at 2048 rows and put GPU time at 1.13-1.23x the base's at 64-2048 rows,
+  against 1.06-1.14x for this form (H200, ``runs/20261130T214118-rows.json`` against
+  ``runs/20261130T195205-rows.json``).
 
 Measured on an H200, 12 layers of one shape in one compiled function (default mode), each input
 from a SiLU, us per layer of GPU time (``benchmarks/experiments/compiled_layer_probe.py``,
-``runs/20261130T211441-`` and ``211546-compiled-layer-probe.json``), against the form this
-replaced (``[W; s * A]`` in one GEMM, then the expand as a GEMM of its own added by the compiler):
+``runs/20261130T211441-`` and ``211546-compiled-layer-probe.json``), the traced formula against
+the one it replaced (one GEMM over ``[W; s * A]``, then the expand as a GEMM of its own that the
+compiler adds to ``y``):
 
-- feeding attention (not elementwise: the compiler then rewrote the add into an ``addmm``,
-  which copies ``y`` first): SDXL 640 q/k/v at 8192 rows 55.2 against 61.0 (base 43.2), 1280 at
+- feeding attention (not elementwise: the compiler rewrote that add into an ``addmm``, which
+  copies ``y`` first): SDXL 640 q/k/v at 8192 rows 55.2 against 61.0 (base 43.2), 1280 at
   2048 rows 38.4 against 42.4 (29.9), the LLM's q/o at 1024 rows 37.6 against 40.9 (30.0);
 - feeding a GELU (the add folded into it, but the expand's output written and read once
   more): SDXL's feed-forward input, 640 to 5120 at 8192 rows, 162.7 against 187.6 (145.9), 1280
   to 10240 at 2048 rows 119.2 against 132.0 (108.0); the LLM's gate/up at 1024 rows 52.5
   against 52.8 (43.8).
+
+In the SDXL UNet (700 layers) that took a compiled step from 1.34x to 1.24x the base's in
+default mode and from 1.32x to 1.20x in reduce-overhead (``runs/20261130T213356-`` and
+``213609-diffusion.json``).
 
 **Symbolic row counts.** Under dynamic shapes (``torch.compile(dynamic=True)``, or the automatic
 dynamic shapes a second input size turns on) the row count is a symbol of the graph. Choosing
@@ -35,7 +54,8 @@ per range of row counts: on an H200 the rows suite's nine shapes took lorahot 7 
 against the base model's 4 graphs and 127 s (``benchmarks/experiments/compile_probe.py``).
 There :func:`wide_linear_dynamic` makes the choice at run time inside one opaque operator,
 ``lorahot::wide_linear_dynamic``, so one graph serves every row count, as it does for the base
-model.
+model. Its output has the eager formula's layout whichever path ran (row stride ``out + R``),
+as its fake says.
 """
 
 from __future__ import annotations
@@ -48,19 +68,44 @@ from lorahot.kernels.op_registry import define, refuse_grad
 __all__ = ["wide_linear", "wide_linear_dynamic"]
 
 
-def wide_linear(x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``[x | x @ a.T] @ wide.T + bias`` for ``x [..., in]``, ``a [R, in]``, ``wide [out, in + R]``
-    (see the module docstring): the shrink, then one GEMM. Differentiable: plain torch."""
-    x2 = x.reshape(-1, x.shape[-1])
-    xh = torch.cat([x2, torch.nn.functional.linear(x2, a)], dim=-1)
-    y = torch.nn.functional.linear(xh, wide, bias)
-    return y.view(*x.shape[:-1], wide.shape[0])
+def wide_linear(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + (x @ A.T) @ B_s.T + bias`` for ``x [..., in]`` and the wide buffer ``wide
+    [out + R, in + R]`` (see the module docstring): traced, the shrink then one GEMM over
+    ``[x | h]``; eagerly without gradient, one GEMM over ``[W; A]`` then the expand in place.
+    Differentiable: plain torch."""
+    k = x.shape[-1]
+    n = wide.shape[0] - (wide.shape[1] - k)
+    x2 = x.reshape(-1, k)
+    if torch.compiler.is_compiling() or _needs_grad(x, wide, bias):
+        xh = torch.cat([x2, torch.nn.functional.linear(x2, wide[n:, :k])], dim=-1)
+        y = torch.nn.functional.linear(xh, wide[:n], bias)
+    else:
+        y = _in_place(x2, wide, n, k)
+        if bias is not None:
+            y.add_(bias)
+    return y.view(*x.shape[:-1], n)
+
+
+def _in_place(x2: torch.Tensor, wide: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``[y | h] = x2 @ [W; A].T``, then ``y += h @ B_s.T`` in place; ``y`` a view with row
+    stride ``n + R`` (``narrow``, not ``[:, a:b]``: less host time)."""
+    yh = torch.nn.functional.linear(x2, wide.narrow(1, 0, k))
+    r = wide.shape[0] - n
+    return yh.narrow(1, 0, n).addmm_(yh.narrow(1, n, r), wide.narrow(0, 0, n).narrow(1, k, r).t())
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records this call: an in-place write into ``yh`` would then overwrite
+    the ``h`` its backward needs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _dynamic_fake(
     x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, fused: bool
 ) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], wide.shape[0]))
+    n = bt.shape[1]
+    yh = x.new_empty((x.numel() // x.shape[-1] if x.shape[-1] else 0, wide.shape[0]))
+    return yh[:, :n].view(*x.shape[:-1], n)
 
 
 @define(
@@ -71,13 +116,13 @@ def _wide_linear_dynamic(
     x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, fused: bool
 ) -> torch.Tensor:
     refuse_grad("wide_linear_dynamic", x, wide, a, bt)
-    n = wide.shape[0]
-    x2 = x.reshape(-1, x.shape[-1])
+    n, k = bt.shape[1], x.shape[-1]
+    x2 = x.reshape(-1, k)
     if fused and fused_kernel.worth_it(x2.shape[0], n, wide=True):
-        y = x2.new_empty((x2.shape[0], n))
-        fused_kernel.lora_linear_into(x2, wide.narrow(1, 0, x2.shape[1]), a, bt, scale, y)
+        y = x2.new_empty((x2.shape[0], wide.shape[0])).narrow(1, 0, n)
+        fused_kernel.lora_linear_into(x2, wide.narrow(0, 0, n).narrow(1, 0, k), a, bt, scale, y)
     else:
-        y = wide_linear(x2, wide, a)
+        y = _in_place(x2, wide, n, k)  # eagerly, no gradient
     return y.view(*x.shape[:-1], n)
 
 
@@ -87,8 +132,8 @@ def wide_linear_dynamic(
     """:func:`wide_linear` for an input whose row count the compiler keeps symbolic (see the
     module docstring): where ``fused`` (the layer's fused kernel applies) and
     :func:`lorahot.kernels.lora_linear.worth_it` says so for the rows of this call, the fused
-    kernel over the weight ``wide[:, :in]``, the live ``a [R, in]``, ``bt [R, out]`` and the
-    per-row ``scale [R]``; else :func:`wide_linear`. One opaque operator either way, its output
-    contiguous; no gradient."""
+    kernel over the weight ``W`` in ``wide``, the live ``a [R, in]``, ``bt [R, out]`` and the
+    per-row ``scale [R]``; else the eager :func:`wide_linear`. One opaque operator either way,
+    its output with row stride ``out + R``; no gradient."""
     out: torch.Tensor = torch.ops.lorahot.wide_linear_dynamic(x, wide, a, bt, scale, fused)
     return out

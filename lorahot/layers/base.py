@@ -396,7 +396,7 @@ class LoRALayer(nn.Module):
             if fused and self.can_fuse(x, a):
                 return self._finish(self.fused_forward(x, a, b, scale), e, scale)  # base(x) + B(s * A(x))
             if wide and self.can_widen(x):
-                return self._finish(self.wide_forward(x, a), e, scale)
+                return self._finish(self.wide_forward(x), e, scale)
         y: torch.Tensor = self._base(x, *args, **kwargs)
         # The LoRA bias and the DoRA factor apply next to the add, where the compiler fuses
         # them into one elementwise pass (usually into the consumer of y as well): no extra
@@ -504,14 +504,20 @@ class LoRALayer(nn.Module):
         return False
 
     def widen(self, max_rank: int) -> None:
-        """Moves the base weight into a buffer with ``max_rank`` columns of scaled B beside it (see
-        :mod:`lorahot.layers.linear`); only where :meth:`widenable`."""
+        """Moves the base weight into a buffer with ``max_rank`` columns of scaled B beside it and
+        ``max_rank`` rows of A beneath it (see :mod:`lorahot.layers.linear`); only where
+        :meth:`widenable`."""
         raise NotImplementedError
 
     def wide_rows(self) -> torch.Tensor:
         """The ``[max_rank, out_dim]`` view (transposed: rows 1 apart, columns ``in_dim + max_rank``)
         of the wide buffer's columns that hold ``s[:, None] * Bt`` (each rank row of B times its
         scale)."""
+        raise NotImplementedError
+
+    def wide_a_rows(self) -> torch.Tensor:
+        """The ``[max_rank, in_dim]`` rows of the wide buffer that hold the live A (rows
+        ``in_dim + max_rank`` apart)."""
         raise NotImplementedError
 
     def unwiden(self) -> None:
@@ -521,8 +527,8 @@ class LoRALayer(nn.Module):
         """Whether :meth:`wide_forward` applies to ``x`` (only called when :attr:`wide`)."""
         return False
 
-    def wide_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """The whole layer from the wide buffer and the live ``a``, where the subclass has one."""
+    def wide_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole layer from the wide buffer, where the subclass has one."""
         raise NotImplementedError
 
     def compiled_forward(

@@ -1,14 +1,15 @@
 """``LoRALinear``: LoRA on anything that maps ``(..., in)`` to ``(..., out)``.
 
 Above the fused kernel's sizes, an ``nn.Linear`` layer runs *wide*: at inject its weight moves
-into a ``[out, in + R]`` buffer whose last ``R`` columns hold the live B, each column times its
-rank row's scale (the weight parameter stays, as a view of the first ``in`` columns, so state
-dicts, merged writes and user code see the same tensor; its rows are ``in + R`` apart). The
-shrink ``h = x @ A.T`` then feeds one GEMM over ``[x | h]`` that adds the expand in the base
-product's own accumulator (see :mod:`lorahot.kernels.wide_linear`): one extra GEMM per layer
-(the shrink) and no output pass of the expand's own, the per-row scales folded into B (see
-:mod:`lorahot.runtime.wide`, which keeps those columns equal to the live B times its scales
-after every load, activation and scale change).
+into an ``[out + R, in + R]`` buffer ``[[W, B_s], [A, 0]]`` holding beside it the live B, each
+column times its rank row's scale, and beneath it the live A (the weight parameter stays, as a
+view of the ``W`` block, so state dicts, merged writes and user code see the same tensor; its
+rows are ``in + R`` apart). Compiled, the shrink ``h = x @ A.T`` feeds one GEMM over ``[x | h]``
+that adds the expand in the base product's own accumulator; eagerly, one GEMM gives the base
+output and the shrink, and the expand accumulates in place (see
+:mod:`lorahot.kernels.wide_linear`). Either way one extra GEMM per layer and no scale
+multiply, the per-row scales folded into B (see :mod:`lorahot.runtime.wide`, which keeps both
+blocks equal to the live adapter after every load, activation and scale change).
 """
 
 from __future__ import annotations
@@ -160,24 +161,27 @@ class LoRALinear(LoRALayer):
         )
 
     def widen(self, max_rank: int) -> None:
-        """Moves the weight into ``[out, in + max_rank]`` (B columns zero) and makes the
-        parameter a view of its first ``in`` columns, in place: the parameter object stays the
-        same."""
+        """Moves the weight into ``[[W, B_s], [A, 0]]`` (``[out + max_rank, in + max_rank]``, the
+        adapter's blocks zero; see :mod:`lorahot.kernels.wide_linear`) and makes the parameter a
+        view of its ``W`` block, in place: the parameter object stays the same."""
         weight = self.base_weight
-        k = self.spec.in_dim
+        n, k = self.spec.out_dim, self.spec.in_dim
         # a normal tensor even when inject runs under inference_mode: every later write to it
         # (loads, swaps, merged mode) happens outside, where inference tensors are read-only
         with torch.inference_mode(False), torch.no_grad():
-            wide = torch.empty((self.spec.out_dim, k + max_rank), device=weight.device, dtype=weight.dtype)
-            wide[:, :k].copy_(weight)
-            wide[:, k:].zero_()
-            weight.data = wide[:, :k]
+            wide = torch.zeros((n + max_rank, k + max_rank), device=weight.device, dtype=weight.dtype)
+            wide[:n, :k].copy_(weight)
+            weight.data = wide[:n, :k]
         self.register_buffer(WIDE_BUFFER, wide, persistent=False)
         self.wide = True
 
     def wide_rows(self) -> torch.Tensor:
         wide: torch.Tensor = self._buffers[WIDE_BUFFER]  # type: ignore[assignment]
-        return wide[:, self.spec.in_dim :].t()
+        return wide[: self.spec.out_dim, self.spec.in_dim :].t()
+
+    def wide_a_rows(self) -> torch.Tensor:
+        wide: torch.Tensor = self._buffers[WIDE_BUFFER]  # type: ignore[assignment]
+        return wide[self.spec.out_dim :, : self.spec.in_dim]
 
     def unwiden(self) -> None:
         """The weight gets a contiguous copy of its columns as its own storage; the wide buffer goes."""
@@ -202,10 +206,11 @@ class LoRALinear(LoRALayer):
         dtype = self._base.weight.dtype
         return x.dtype == dtype and not _needs_grad(x, self._base) and not _autocast_recasts(x, dtype)
 
-    def wide_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """``h = x @ A.T``, then ``[x | h] @ [W | B_s].T + bias`` in one GEMM
-        (:mod:`lorahot.kernels.wide_linear`), for the live ``a [R, in]``."""
-        y: torch.Tensor = wide_kernel.wide_linear(x, self._buffers[WIDE_BUFFER], a, self._base.bias)  # type: ignore[arg-type]
+    def wide_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer from its wide buffer (:mod:`lorahot.kernels.wide_linear`): compiled, the
+        shrink then ``[x | h] @ [W | B_s].T + bias`` in one GEMM; eagerly, ``[y | h] = x @
+        [W; A].T`` then the expand in place and the bias."""
+        y: torch.Tensor = wide_kernel.wide_linear(x, self._buffers[WIDE_BUFFER], self._base.bias)  # type: ignore[arg-type]
         return y
 
     def compiled_forward(
@@ -233,7 +238,7 @@ class LoRALinear(LoRALayer):
                 base = self._base
                 z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s)
                 return z
-        return self.wide_forward(x, arena[0].as_strided(*geometry[0]))
+        return self.wide_forward(x)
 
     def dynamic_rows(self, x: torch.Tensor) -> bool:
         """Compiled with a symbolic row count (dynamic shapes) that the fused kernel's row limits

@@ -1,13 +1,14 @@
-"""Keeps the wide layers' scaled B columns equal to the live adapter.
+"""Keeps the wide layers' A rows and scaled B columns equal to the live adapter.
 
-A widened layer (:mod:`lorahot.layers.linear`) computes its base output and its expand in one
-GEMM over ``[W | B_s]``, ``B_s[:, r] = s_r * B[:, r]``. Those columns are a second copy of the
-live region's B (``Bt [R, out]``, rank rows), each rank row times its scale, so whatever
-changes the live region or its scales (load, activate, set_scale, unload) ends with
-:meth:`WideWeights.apply`: per arena, one batched copy of the live B rows into the wide
-buffers' columns and one multiply by the scales, both over only the rank rows any adapter has
-used since the last refresh (a rank-8 swap after a rank-8 swap touches 8 columns per layer,
-not ``max_rank``). Below, a layer's "wide rows" are those columns seen as ``[R, out]``
+A widened layer (:mod:`lorahot.layers.linear`) keeps its weight in ``[[W, B_s], [A, 0]]``
+(:mod:`lorahot.kernels.wide_linear`), ``B_s[:, r] = s_r * B[:, r]``. Those blocks are second
+copies of the live region's A and B (``Bt [R, out]``, rank rows), B's each rank row times its
+scale, so whatever changes the live region or its scales (load, activate, set_scale, unload)
+ends with :meth:`WideWeights.apply`: per arena, one batched copy of the live A rows, and one
+of the live B rows into the wide buffers' columns with a multiply by the scales, all over only
+the rank rows any adapter has used since the last refresh (a rank-8 swap after a rank-8 swap
+touches 8 rows and 8 columns per layer, not ``max_rank``). ``set_scale`` rewrites the B
+columns alone. Below, a layer's "wide rows" are its B columns seen as ``[R, out]``
 (:meth:`~lorahot.layers.LoRALayer.wide_rows`: a transposed view).
 
 With one adapter live every row of a layer has the layer's scale; with a stack live
@@ -16,7 +17,8 @@ with the part's scale. Either way the scales are numbers the host computes from 
 plan and weights, and the multiply is one multi-tensor launch (over the layers, or over each
 part's run of rows) with no device-to-host read. On CUDA with Triton, one kernel launch
 (:mod:`lorahot.kernels.row_scale`) does the copy and the multiply for every layer at once,
-reading the per-row scales the live region already holds: no per-layer host work. Shapes and
+reading the per-row scales the live region already holds, and one more copies the A rows: no
+per-layer host work. Shapes and
 addresses of the wide buffers never change; a compiled graph or a captured CUDA graph reads them
 in place.
 """
@@ -66,15 +68,19 @@ class WideWeights:
         self.groups: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = [
             ([], [], []) for _ in buffers.arenas
         ]
+        #: per arena: (wide A rows, live A rows), in the order of :attr:`groups`
+        self.a_groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in buffers.arenas]
         for name, layer in layers.items():
             if not layer.wide:
                 continue
             arena, index = buffers.where[name]
-            _, live_b = buffers.arenas[arena].rows(index, buffers.live)
+            live_a, live_b = buffers.arenas[arena].rows(index, buffers.live)
             indices, wide, live = self.groups[arena]
             indices.append(index)
             wide.append(layer.wide_rows())
             live.append(live_b)
+            self.a_groups[arena][0].append(layer.wide_a_rows())
+            self.a_groups[arena][1].append(live_a)
         # the layer indices as index tensors, built once: every load, swap and set_scale reads them
         self._index = [torch.tensor(indices, dtype=torch.long) for indices, _, _ in self.groups]
         self.extent = [0] * len(buffers.arenas)  # rows of the wide buffers that may be nonzero
@@ -90,11 +96,24 @@ class WideWeights:
             RowScaler(wide, live, indices) if indices and row_scale.available(wide[0].device, wide[0].dtype) else None
             for indices, wide, live in self.groups
         ]
+        #: per arena, on CUDA: one launch that copies every wide layer's A rows (the same
+        #: kernel, every scale one), with its scales; None: library calls
+        self._copiers: list[tuple[RowScaler, torch.Tensor] | None] = [
+            (
+                RowScaler(wide_a, live_a, list(range(len(wide_a)))),
+                torch.ones(len(wide_a), buffers.max_rank, device=wide_a[0].device),
+            )
+            if scaler is not None
+            else None
+            for scaler, (wide_a, live_a) in zip(self._scalers, self.a_groups)
+        ]
 
     @property
     def nbytes(self) -> int:
-        """Bytes the wide buffers added to the model (their B columns; the weights moved in)."""
-        return sum(w.nbytes for _, wide, _ in self.groups for w in wide)
+        """Bytes the wide buffers added to the model (their B columns and A rows; the weights moved in)."""
+        return sum(w.nbytes for _, wide, _ in self.groups for w in wide) + sum(
+            w.nbytes for wide_a, _ in self.a_groups for w in wide_a
+        )
 
     @property
     def empty(self) -> bool:
@@ -145,13 +164,14 @@ class WideWeights:
 
     def apply(self, stack: Stack | None, weights: Sequence[float] = ()) -> None:
         """Sets every wide layer's B columns to the live B times its per-row scales: those of
-        ``stack`` (what the live region holds) at the parts' ``weights``, or zero for None (no
-        adapter live)."""
+        ``stack`` (what the live region holds) at the parts' ``weights``, and its A rows to the
+        live A; zero for None (no adapter live)."""
         with torch.no_grad():
             for a in range(len(self.groups)):
                 rows = self._span(a)
                 if rows == 0:
                     continue
+                self._copy_a(a, rows, stack is None)
                 scaler = self._scalers[a]
                 if stack is not None and scaler is not None:  # the live scales are on the device already
                     scaler(self.buffers.arenas[a].S[self.buffers.live], rows)
@@ -170,11 +190,23 @@ class WideWeights:
                         torch._foreach_mul_(views, (torch.tensor(weights, dtype=torch.float64)[parts] * own).tolist())
                 self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live] if stack is not None else 0
 
+    def _copy_a(self, arena: int, rows: int, zero: bool) -> None:
+        """The first ``rows`` A rows of arena ``arena``'s wide layers: the live A's, or zero."""
+        wide_a, live_a = self.a_groups[arena]
+        copier = self._copiers[arena]
+        if zero:
+            torch._foreach_zero_([w[:rows] for w in wide_a])
+        elif copier is not None:
+            copier[0](copier[1], rows)
+        else:
+            torch._foreach_copy_([w[:rows] for w in wide_a], [t[:rows] for t in live_a])
+
     def device_calls(self) -> list[tuple[RowScaler, torch.Tensor, int]] | None:
-        """The device work :meth:`apply` does for a live adapter, where every arena's refresh is
-        one :class:`RowScaler` launch reading the live scales (CUDA with Triton): per arena with
-        rows to rewrite, ``(scaler, the live S, rows)``. None where an arena takes the
-        library-call path. After running the calls, :meth:`settle` records what they rewrote."""
+        """The device work :meth:`apply` does for a live adapter's new scales (``set_scale``:
+        the A rows do not change), where every arena's refresh is one :class:`RowScaler` launch
+        reading the live scales (CUDA with Triton): per arena with rows to rewrite, ``(scaler,
+        the live S, rows)``. None where an arena takes the library-call path. After running the
+        calls, :meth:`settle` records what they rewrote."""
         out = []
         for a in range(len(self.groups)):
             rows = self._span(a)

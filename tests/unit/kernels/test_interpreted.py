@@ -68,7 +68,7 @@ def test_row_scale_writes_each_block_its_rows_times_its_scales() -> None:
     scales = torch.randn(4, rank, generator=g)
     tables = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (dst, src)]
     cols = torch.tensor(widths, dtype=torch.int32)
-    kernel.launch(tables[0], tables[1], scales, torch.tensor(layers), cols, 5, torch.float16)
+    kernel.launch(tables[0], tables[1], scales, torch.tensor(layers), cols, cols.long(), 5, torch.float16)
     for d, s_, layer in zip(dst, src, layers):
         assert torch.equal(d[:5], (s_[:5].float() * scales[layer, :5, None]).half())
         assert torch.isnan(d[5:]).all()

@@ -61,7 +61,7 @@ def test_blocks_of_mixed_layouts_are_refused() -> None:
     """lorahot's own buffers: a layout the kernel does not handle is a bug, said at construction."""
     src = [torch.zeros(4, 6), torch.zeros(4, 6)]
     dst = [torch.zeros(6, 9)[:, 5:].t(), torch.zeros(4, 6)]
-    with pytest.raises(ValueError, match="all contiguous or all transposed"):
+    with pytest.raises(ValueError, match="all of contiguous rows or all transposed"):
         row_scale.RowScaler(dst, src, [0, 1])
 
 

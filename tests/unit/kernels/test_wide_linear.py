@@ -1,8 +1,8 @@
-"""The wide linear (``lorahot.kernels.wide_linear``): the shrink ``h = x @ A.T``, then one GEMM
-over ``[x | h]`` and ``[W | B_s]`` (B's columns times their rank rows' scales), against a float64
-reference, with a different scale on every rank row (a stack's rows: each part's own, zero on
-padding rows). It is plain torch, so it runs on the CPU too; on CUDA its output is poisoned
-with NaN first.
+"""The wide linear (``lorahot.kernels.wide_linear``) over ``[[W, B_s], [A, 0]]`` (B's columns
+times their rank rows' scales): traced, the shrink then one GEMM over ``[x | h]``; eagerly, one
+GEMM over ``[W; A]`` then the expand in place. Both against a float64 reference, with a
+different scale on every rank row (a stack's rows: each part's own, zero on padding rows). It is
+plain torch, so it runs on the CPU too; on CUDA its output is poisoned with NaN first.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from lorahot.kernels import wide_linear as wide_kernel
 
 
 def _operands(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: str, seed: int) -> tuple[torch.Tensor, ...]:
-    """``x, w, a, bt, s`` and the wide buffer ``[w | (s[:, None] * bt).T]`` as the runtime writes
-    it (the product in float32, then rounded to the weights' dtype)."""
+    """``x, w, a, bt, s`` and the wide buffer ``[[w, (s[:, None] * bt).T], [a, 0]]`` as the
+    runtime writes it (the product in float32, then rounded to the weights' dtype)."""
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(m, k, device=device, dtype=dtype, generator=g)
     w = torch.randn(n, k, device=device, dtype=dtype, generator=g) / k**0.5
@@ -26,7 +26,8 @@ def _operands(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: str, s
     bt = torch.randn(r, n, device=device, dtype=dtype, generator=g) / r**0.5
     s = torch.empty(r, device=device, dtype=torch.promote_types(dtype, torch.float32)).uniform_(-2, 2, generator=g)
     s[::3] = 0.0
-    wide = torch.cat([w, (bt * s[:, None]).to(dtype).T], dim=1)  # [n, k + r]
+    wide = torch.zeros(n + r, k + r, device=device, dtype=dtype)
+    wide[:n, :k], wide[:n, k:], wide[n:, :k] = w, (bt * s[:, None]).to(dtype).T, a
     return x, w, a, bt, s, wide
 
 
@@ -47,12 +48,16 @@ def _reference(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, bt: torch.Tens
 def test_matches_float64_reference_with_per_row_scales(m: int, k: int, n: int, r: int, double: bool, seed: int) -> None:
     dtype = torch.float64 if double else torch.float32
     x, w, a, bt, s, wide = _operands(m, k, n, r, dtype, "cpu", seed)
-    y = wide_kernel.wide_linear(x, wide, a)
-    assert y.shape == (m, n) and y.dtype == dtype
-    if m:
-        torch.testing.assert_close(
-            y.double(), _reference(x, w, a, bt, s), rtol=1e-4 if not double else 1e-10, atol=1e-4
-        )
+    bias = torch.randn(n, dtype=dtype)
+    for b in (None, bias):
+        y = wide_kernel.wide_linear(x, wide, b)  # eager: [W; A] then the expand in place
+        assert y.shape == (m, n) and y.dtype == dtype
+        if m:
+            want = _reference(x, w, a, bt, s) + (0 if b is None else b.double())
+            torch.testing.assert_close(y.double(), want, rtol=1e-4 if not double else 1e-10, atol=1e-4)
+            traced = wide_kernel.wide_linear(x.requires_grad_(), wide, b)  # autograd records: [x | h] @ [W | B_s].T
+            x.requires_grad_(False)
+            torch.testing.assert_close(traced.double(), want, rtol=1e-4 if not double else 1e-10, atol=1e-4)
 
 
 @pytest.mark.gpu
@@ -61,9 +66,13 @@ def test_matches_float64_reference_with_per_row_scales(m: int, k: int, n: int, r
 def test_gpu_matches_float64_reference_output_poisoned(m: int, k: int, n: int, r: int, dtype: torch.dtype) -> None:
     x, w, a, bt, s, wide = _operands(m, k, n, r, dtype, "cuda", seed=m + r)
     torch.full((m * (n + k + r) + 1,), float("nan"), device="cuda", dtype=dtype)  # freed: the output reuses it
-    y = wide_kernel.wide_linear(x, wide, a)
-    assert y.shape == (m, n) and y.is_contiguous() and torch.isfinite(y).all()
     ref = _reference(x, w, a, bt, s)
+    y = wide_kernel.wide_linear(x, wide)  # eager: [W; A], the expand in place
+    assert y.shape == (m, n) and torch.isfinite(y).all()
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+    with torch.enable_grad():  # autograd records: the shrink, then one GEMM over [x | h]
+        y = wide_kernel.wide_linear(x.clone().requires_grad_(), wide).detach()
+    assert y.shape == (m, n) and y.is_contiguous() and torch.isfinite(y).all()
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
 
 
@@ -77,7 +86,8 @@ def test_gpu_dynamic_op_runs_the_fused_kernel_into_the_wide_layout(m: int, dtype
     x, w, a, bt, s, wide = _operands(m, 2048, 256, 64, dtype, "cuda", seed=m)
     torch.full((m * 256 * 4 + 1,), float("nan"), device="cuda", dtype=dtype)  # freed: the output reuses it
     y = wide_kernel.wide_linear_dynamic(x, wide, a, bt, s.float(), fused=True)
-    assert y.shape == (m, 256) and y.is_contiguous() and torch.isfinite(y).all()
+    assert y.shape == (m, 256) and torch.isfinite(y).all()
+    assert m == 1 or y.stride(0) == 256 + 64  # (a dimension of size 1 reports the stride of a contiguous one)
     ref = _reference(x, w, a, bt, s)
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
 
@@ -86,7 +96,7 @@ def test_compiled_it_is_library_calls_equal_to_the_eager_form() -> None:
     """Compiled (fullgraph), the formula is traced, not an opaque call: two products and a
     concatenation the compiler can have the input's producer write into. It equals the eager
     form to float32 rounding, for 2-D and 3-D inputs, with and without a bias."""
-    x, _, a, _, _, wide = _operands(6, 24, 16, 8, torch.float32, "cpu", seed=3)
+    x, *_, wide = _operands(6, 24, 16, 8, torch.float32, "cpu", seed=3)
     bias = torch.randn(16)
     graphs: list[torch.fx.GraphModule] = []
 
@@ -97,8 +107,8 @@ def test_compiled_it_is_library_calls_equal_to_the_eager_form() -> None:
     compiled = torch.compile(lambda *t: wide_kernel.wide_linear(*t), backend=record, fullgraph=True)
     for xi in (x, x.reshape(2, 3, 24)):
         for b in (None, bias):
-            want = wide_kernel.wide_linear(xi, wide, a, b)
-            got = compiled(xi, wide, a, b)
+            want = wide_kernel.wide_linear(xi, wide, b)
+            got = compiled(xi, wide, b)
             assert got.shape == want.shape == (*xi.shape[:-1], 16)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     calls = [node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
@@ -110,8 +120,8 @@ def test_compiled_it_is_library_calls_equal_to_the_eager_form() -> None:
 def test_gradients_flow_eager_and_compiled() -> None:
     """Plain torch, so differentiable: float64 gradients match finite differences, eagerly and
     compiled."""
-    x, _, a, _, _, wide = _operands(3, 5, 4, 2, torch.float64, "cpu", seed=5)
-    args = tuple(t.clone().requires_grad_() for t in (x, wide, a))
+    x, *_, wide = _operands(3, 5, 4, 2, torch.float64, "cpu", seed=5)
+    args = tuple(t.clone().requires_grad_() for t in (x, wide))
     assert torch.autograd.gradcheck(wide_kernel.wide_linear, args)
     compiled = torch.compile(wide_kernel.wide_linear, backend="aot_eager", fullgraph=True)
     assert torch.autograd.gradcheck(compiled, args)
@@ -131,10 +141,12 @@ def test_dynamic_op_matches_float64_reference_on_either_path(
 ) -> None:
     """``lorahot::wide_linear_dynamic`` picks the fused kernel (here its CPU stand-in) or the
     wide GEMMs by the rows of each call; either way the result is the layer's formula, laid out
-    as its fake says (contiguous), so a compiled consumer reads it right."""
+    as its fake says (row stride ``n + r``), so a compiled consumer reads it right."""
     x, w, a, bt, s, wide = _operands(m, k, n, r, torch.float64, "cpu", seed)
     y = wide_kernel.wide_linear_dynamic(x.reshape(1, m, k), wide, a, bt, s, fused=fused)
-    assert y.shape == (1, m, n) and y.is_contiguous()
+    assert y.shape == (1, m, n)
+    if m > 1:  # a dimension of size 1 reports the stride of a contiguous one
+        assert y.stride() == (m * (n + r), n + r, 1)
     if m:
         torch.testing.assert_close(y[0], _reference(x, w, a, bt, s), rtol=1e-10, atol=1e-10)
 

@@ -71,8 +71,8 @@ def test_inject_widens_in_place_and_eject_gives_the_weight_its_storage_back() ->
     assert layer.wide and model[2].wide
     assert layer.weight is param  # the same parameter object, now a view into the wide buffer
     wide_buffer = layer._buffers["_lora_wide"]
-    assert param.data_ptr() == wide_buffer.data_ptr() and wide_buffer.shape == (HID, IN + R)
-    assert param.stride() == (IN + R, 1)  # the weight's rows, B's scaled columns beside them
+    assert param.data_ptr() == wide_buffer.data_ptr() and wide_buffer.shape == (HID + R, IN + R)
+    assert param.stride() == (IN + R, 1)  # the weight's rows, B's scaled columns beside them, A beneath
     assert set(model.state_dict()) == set(before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     _load(runtime, _adapter(4, 1, 8.0))
@@ -134,8 +134,10 @@ def test_a_rank_8_swap_after_a_rank_2_one_clears_the_stale_rows() -> None:
         _load(runtime, adapter)
         with torch.no_grad():
             assert torch.allclose(model(x), _reference(weights, adapter, 1.0, x), rtol=1e-10, atol=1e-10)
-        rows = model[0].wide_rows()
-        assert torch.count_nonzero(rows[rank:]) == 0
+        layer = model[0]
+        assert torch.count_nonzero(layer.wide_rows()[rank:]) == 0
+        assert torch.equal(layer.wide_a_rows(), layer.lora_A)  # A beneath the weight: the live A, zero past the rank
+        assert torch.count_nonzero(layer.wide_a_rows()[rank:]) == 0
 
 
 def test_a_failed_load_leaves_every_wide_buffer_bitwise_unchanged() -> None:
