@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +82,27 @@ def test_inject_widens_in_place_and_eject_gives_the_weight_its_storage_back() ->
     assert param.untyped_storage().nbytes() == param.numel() * param.element_size()  # its own storage again
     assert param.is_contiguous()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_widened_weight_is_saved_as_the_view_it_is(tmp_path: Path) -> None:
+    """The state-dict entry of a widened weight is the parameter's own strided view (it aliases
+    the model, as a state dict does), ``torch.save`` round-trips its values, and safetensors'
+    ``save_file`` refuses it with its own error until made contiguous (the README says so)."""
+    from safetensors.torch import load_file, save_file
+
+    model = _model()
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=R)
+    _load(runtime, _adapter(4, 1, 4.0))
+    state = model.state_dict()
+    weight = state["0.weight"]
+    assert weight.data_ptr() == model[0].weight.data_ptr() and weight.stride() == (IN + R, 1)
+    torch.save(state, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    with pytest.raises(ValueError, match="non contiguous"):
+        save_file(state, str(tmp_path / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(t, state[k]) for k, t in load_file(str(tmp_path / "model.safetensors")).items())
 
 
 OPS = st.one_of(
