@@ -1,0 +1,214 @@
+"""Probe: the routed decode layer as one kernel, each program computing its rows' shrinks itself.
+
+The mixed suite's decode (64 rows, one slot per row, 8 slots, rank 64) runs 1.70-1.75x the base
+model whether the rows use 1 or 8 adapters, where the single-adapter path runs 1.28x
+(``runs/20261130T214206-mixed.json``). ``routed_probe`` puts the library's routed layer at
+15.4 / 11.3 / 19.8 / 20.1 us per q-o / k-v / gate-up / down call, against a base GEMM of
+6.5 / 5.4 / 9.6 / 11.5. The cost does not follow the adapters' bytes: it is the layer's
+launches. The segmented shrink writes every row's shrink into a zeroed float32 workspace (a
+fill, then atomics), then the fused kernel adds each slot's expand, then a small kernel sums
+the split-K partials: four launches, where the single-adapter fused kernel runs one or two.
+
+This probe times a kernel that needs no workspace. Each program (a tile of rows, a tile of
+outputs, a chunk of K) runs the base product over its chunk. Then, for each slot its rows use,
+it runs that slot's shrink over the same chunk with the other rows' ``x`` masked to zero, and
+that slot's expand of the partial shrink into the partial output (the shrink is linear in K, as
+in the single-adapter kernel's split K). One launch, or two with split K, as for one adapter.
+
+- **What it costs:** for each slot present in a tile, one more pass over that tile's ``x``
+  chunk and the slot's A chunk. With one adapter that is the single-adapter kernel's work. With
+  8 adapters over 64 rows, every tile holds all 8: 8 dots of the tile's 64 rows, where 8 rows
+  each would do.
+- **The prediction:** with 1 adapter, near the single-adapter kernel (9.3 / 5.3 / 13-18 /
+  13.8 us at 64 rows). With 8, between that and the library's, bound by L2 reads of the A
+  chunks.
+
+Columns (us per call in a CUDA graph over 22 weight sets, 64 rows): ``base`` the base GEMM;
+``lib d1`` / ``lib d8`` the library's routed layer (``lorahot::routed_lora_linear``'s kernels)
+over 1 and 8 distinct slots; ``inline d1`` / ``inline d8`` this kernel. Each output is checked
+against the float64 per-row reference first.
+
+    PYTHONPATH=. python3 -m benchmarks.experiments.routed_inline_probe
+    PROBE_CPU=1 TRITON_INTERPRET=1 PYTHONPATH=.interp:. python3 -m benchmarks.experiments.routed_inline_probe
+
+``PROBE_CPU=1`` (with Triton's interpreter) runs small shapes on the CPU, checked and not timed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lorahot.kernels import routed_lora
+from lorahot.kernels import triton_lora_linear as F
+from lorahot.kernels.triton_routed_lora import rank_pad
+
+CPU = os.environ.get("PROBE_CPU") == "1"
+SHAPES = {"q/o": (2048, 2048), "k/v": (2048, 256), "gate/up": (2048, 5632), "down": (5632, 2048)}
+SETS, SLOTS, R, M = 22, 8, 64, int(os.environ.get("PROBE_M", "64"))
+
+
+@triton.jit
+def _routed_inline_kernel(
+    X, W, A, BT, S, Y, WS, ROUTE,
+    M, N, K, R, K_CHUNK, SLOTS, T,
+    stride_xm, stride_wn, stride_as, stride_am, stride_bs, stride_bm, stride_ss, stride_ym,
+    R_PAD: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``y = x @ W.T + (s_k * (x @ A_k.T)) @ Bt_k`` per row, ``k`` the row's slot (no bias: the
+    probe's layers have none). See the module docstring."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, R_PAD)
+    m_ok = rm < M
+    n_ok = rn < N
+    r_ok = rr < R
+    k0 = pid_s * K_CHUNK
+    k_end = tl.minimum(K, k0 + K_CHUNK)
+    steps = tl.cdiv(k_end - k0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, steps):  # the base product over this program's chunk of K
+        kk = k0 + k * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = kk < k_end
+        x = tl.load(
+            X + rm[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        w = tl.load(
+            W + rn[None, :].to(tl.int64) * stride_wn + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0
+        )
+        acc = tl.dot(x, w, acc)
+    slot_of = tl.load(ROUTE + rm // T, mask=m_ok, other=-1)
+    for slot in range(0, SLOTS):  # each slot the tile's rows use: its shrink over the chunk, then its expand
+        hit = (slot_of == slot) & m_ok
+        if tl.max(hit.to(tl.int32), axis=0) > 0:
+            hacc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            a_base = A + tl.cast(slot, tl.int64) * stride_as
+            for k in range(0, steps):
+                kk = k0 + k * BLOCK_K + tl.arange(0, BLOCK_K)
+                k_ok = kk < k_end
+                x = tl.load(
+                    X + rm[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=hit[:, None] & k_ok[None, :], other=0.0
+                )
+                a = tl.load(
+                    a_base + rr[None, :] * stride_am + kk[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0
+                )
+                hacc = tl.dot(x, a, hacc)
+            s = tl.load(S + slot * stride_ss + rr, mask=r_ok, other=0.0).to(tl.float32)
+            h = (hacc * s[None, :]).to(BT.dtype.element_ty)
+            bt = tl.load(
+                BT + tl.cast(slot, tl.int64) * stride_bs + rr[:, None] * stride_bm + rn[None, :],
+                mask=r_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(h, bt, acc)
+    if SPLIT == 1:
+        tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
+    else:  # this chunk's partial sum, float32; the library's _split_k_sum adds them up
+        tl.store(WS + (pid_s * M + rm[:, None]).to(tl.int64) * N + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def launch_inline(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    s: torch.Tensor,
+    route: torch.Tensor,
+    out: torch.Tensor,
+    config: F.Config,
+) -> None:
+    """The kernel on ``x [M, K]``, ``w [N, K]``, every slot's ``a [slots, R, K]``, ``bt [slots,
+    R, N]``, ``s [slots, R]``, ``route [L]`` (``M`` a multiple of ``L``), into ``out [M, N]``,
+    tiled as the library's fused kernel tiles one adapter (``config``)."""
+    m, k = x.shape
+    n = w.shape[0]
+    bm, bn, bk, warps, stages, split = config
+    chunk = triton.cdiv(triton.cdiv(k, bk), split) * bk
+    split = triton.cdiv(k, chunk)
+    ws = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    _routed_inline_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
+        x, w, a, bt, s, out, ws, route,
+        m, n, k, a.shape[1], chunk, a.shape[0], m // route.shape[0],
+        x.stride(0), w.stride(0), a.stride(0), a.stride(1), bt.stride(0), bt.stride(1), s.stride(0), out.stride(0),
+        R_PAD=rank_pad(a.shape[1]), SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    if split > 1:
+        F._split_k_sum[(triton.cdiv(m * n, 1024),)](ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=1024, num_warps=4)
+
+
+def _reference(
+    x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, s: torch.Tensor, route: torch.Tensor
+) -> torch.Tensor:
+    d = torch.Tensor.double
+    y = d(x) @ d(w).T
+    return routed_lora.reference(d(x), y, d(a), d(bt), d(s), routed_lora.token_route(route, x.shape[0]))
+
+
+def _check(dev: torch.device, dt: torch.dtype, shapes: dict[str, tuple[int, int]], m: int) -> None:
+    """Every shape, routes over 1 and several slots and with rows of no slot, against float64."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name, (k, n) in shapes.items():
+        w = (torch.randn(n, k, device=dev, generator=g) / k**0.5).to(dt)
+        a = (torch.randn(SLOTS, R, k, device=dev, generator=g) / k**0.5).to(dt)
+        bt = (torch.randn(SLOTS, R, n, device=dev, generator=g) / R**0.5).to(dt)
+        s = torch.rand(SLOTS, R, device=dev, generator=g) + 0.5
+        x = torch.randn(m, k, device=dev, generator=g).to(dt)
+        for route in (torch.zeros(m, dtype=torch.long), torch.arange(m) % SLOTS, torch.arange(m) % (SLOTS + 1) - 1):
+            route = route.to(dev)
+            out = torch.full((m, n), float("nan"), device=dev, dtype=dt)
+            launch_inline(x, w, a, bt, s, route, out, F.config_for(m, n, k))
+            want = _reference(x, w, a, bt, s, route)
+            err = float((out.double() - want).norm() / want.norm())
+            assert err < 1e-2, (name, route.tolist()[:8], err)
+        print(f"{name}: matches the float64 reference (3 routings)", flush=True)
+
+
+def main() -> None:
+    if CPU:
+        _check(torch.device("cpu"), torch.float16, {"small": (300, 130), "split": (2048, 64)}, 40)
+        return
+    from benchmarks.experiments.forward_probe import graph_us
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    print(torch.__version__, torch.cuda.get_device_name(), "triton", triton.__version__, f"m={M}", flush=True)
+    _check(dev, dt, SHAPES, M)
+    print(f"{'shape':8s} {'base':>8s} {'lib d1':>8s} {'lib d8':>8s} {'inline d1':>10s} {'inline d8':>10s}")
+    for name, (k, n) in SHAPES.items():
+        w = [torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
+        a = [torch.randn(SLOTS, R, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
+        bt = [torch.randn(SLOTS, R, n, device=dev, dtype=dt) / R**0.5 for _ in range(SETS)]
+        s = torch.full((SLOTS, R), 0.5, device=dev)
+        x = torch.randn(M, k, device=dev, dtype=dt)
+        out = torch.empty(M, n, device=dev, dtype=dt)
+        routes = {d: torch.tensor([i % d for i in range(M)], device=dev) for d in (1, 8)}
+        grouped = {d: routed_lora.segments(r, SLOTS) for d, r in routes.items()}
+        config = F.config_for(M, n, k)
+
+        def base() -> None:
+            for wi in w:
+                torch.mm(x, wi.T, out=out)
+
+        def library(d: int) -> None:
+            for wi, ai, bi in zip(w, a, bt):
+                F.launch(x, wi, None, ai, bi, s, out, config, routing=(grouped[d], routes[d], 1))
+
+        def inline(d: int) -> None:
+            for wi, ai, bi in zip(w, a, bt):
+                launch_inline(x, wi, ai, bi, s, routes[d], out, config)
+
+        row = [graph_us(base, SETS)]
+        row += [graph_us(lambda d=d: library(d), SETS) for d in (1, 8)]
+        row += [graph_us(lambda d=d: inline(d), SETS) for d in (1, 8)]
+        print(f"{name:8s} {row[0]:8.1f} {row[1]:8.1f} {row[2]:8.1f} {row[3]:10.1f} {row[4]:10.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
