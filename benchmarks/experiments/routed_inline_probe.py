@@ -42,13 +42,13 @@ import torch
 import triton
 import triton.language as tl
 
+from benchmarks.experiments.routed_probe import SETS, SHAPES, SLOTS, R, weight_sets
 from lorahot.kernels import routed_lora
 from lorahot.kernels import triton_lora_linear as F
 from lorahot.kernels.triton_routed_lora import rank_pad
 
 CPU = os.environ.get("PROBE_CPU") == "1"
-SHAPES = {"q/o": (2048, 2048), "k/v": (2048, 256), "gate/up": (2048, 5632), "down": (5632, 2048)}
-SETS, SLOTS, R, M = 22, 8, 64, int(os.environ.get("PROBE_M", "64"))
+M = int(os.environ.get("PROBE_M", "64"))
 
 
 @triton.jit
@@ -182,11 +182,7 @@ def main() -> None:
     _check(dev, dt, SHAPES, M)
     print(f"{'shape':8s} {'base':>8s} {'lib d1':>8s} {'lib d8':>8s} {'inline d1':>10s} {'inline d8':>10s}")
     for name, (k, n) in SHAPES.items():
-        w = [torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
-        a = [torch.randn(SLOTS, R, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
-        bt = [torch.randn(SLOTS, R, n, device=dev, dtype=dt) / R**0.5 for _ in range(SETS)]
-        s = torch.full((SLOTS, R), 0.5, device=dev)
-        x = torch.randn(M, k, device=dev, dtype=dt)
+        w, a, bt, s, x = weight_sets(k, n, M, dev, dt)
         out = torch.empty(M, n, device=dev, dtype=dt)
         routes = {d: torch.tensor([i % d for i in range(M)], device=dev) for d in (1, 8)}
         grouped = {d: routed_lora.segments(r, SLOTS) for d, r in routes.items()}

@@ -42,6 +42,17 @@ SETS, SLOTS, R = 22, 8, 64
 M, T_ROWS = int(os.environ.get("PROBE_M", "64")), int(os.environ.get("PROBE_T", "1"))
 
 
+def weight_sets(
+    k: int, n: int, m: int, dev: torch.device, dt: torch.dtype
+) -> tuple[list, list, list, torch.Tensor, torch.Tensor]:
+    """``(w, a, bt, s, x)``: :data:`SETS` random base weights ``[n, k]`` and every slot's A and
+    Bt, the scales 0.5, and an input of ``m`` rows (weights stream from HBM as in the model)."""
+    w = [torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
+    a = [torch.randn(SLOTS, R, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
+    bt = [torch.randn(SLOTS, R, n, device=dev, dtype=dt) / R**0.5 for _ in range(SETS)]
+    return w, a, bt, torch.full((SLOTS, R), 0.5, device=dev), torch.randn(m, k, device=dev, dtype=dt)
+
+
 def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(
@@ -49,11 +60,7 @@ def main() -> None:
         f" {'fus d1':>7s} {'fus d8':>7s} {'wide':>7s}"
     )
     for name, (k, n) in SHAPES.items():
-        w = [torch.randn(n, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
-        a = [torch.randn(SLOTS, R, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]
-        bt = [torch.randn(SLOTS, R, n, device=dev, dtype=dt) / R**0.5 for _ in range(SETS)]
-        s = torch.full((SLOTS, R), 0.5, device=dev)
-        x = torch.randn(M, k, device=dev, dtype=dt)
+        w, a, bt, s, x = weight_sets(k, n, M, dev, dt)
         y = [x @ wi.T for wi in w]
         out = torch.empty(M, n, device=dev, dtype=dt)
         entries = M // T_ROWS
