@@ -68,12 +68,8 @@ class RowScaler:
         """Rewrites the first ``rows`` rows of every destination block."""
         if rows <= 0:
             return
-        if self.transposed:
-            _kernel().launch_transposed(
-                self._dst, self._src, scales, self._layer, self._cols, self._ld, rows, self._widest, self.dtype
-            )
-        else:
-            _kernel().launch(self._dst, self._src, scales, self._layer, self._cols, self._ld, rows, self.dtype)
+        widest = self._widest if self.transposed else 0
+        _kernel().launch(self._dst, self._src, scales, self._layer, self._cols, self._ld, rows, self.dtype, widest)
 
 
 def _rows(t: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from lorahot.kernels.device_guard import launching_on
 
-__all__ = ["launch", "launch_transposed", "stack_scales"]
+__all__ = ["launch", "stack_scales"]
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _BLOCK = 1024
@@ -100,29 +100,18 @@ def launch(
     ld: torch.Tensor,
     rows: int,
     dtype: torch.dtype,
+    widest: int = 0,
 ) -> None:
-    """See :class:`lorahot.kernels.row_scale.RowScaler` (destinations of contiguous rows, ``ld``
-    apart)."""
-    grid = (dst.numel(), rows)
+    """See :class:`lorahot.kernels.row_scale.RowScaler`: destinations of contiguous rows ``ld``
+    apart, or with ``widest`` (the most columns of any block) transposed ones, their columns
+    ``ld`` apart."""
     with launching_on(dst.device):
-        _row_scale_kernel[grid](dst, src, scales, layer, cols, ld, scales.stride(0), BLOCK=_BLOCK, DTYPE=_TL[dtype])
-
-
-def launch_transposed(
-    dst: torch.Tensor,
-    src: torch.Tensor,
-    scales: torch.Tensor,
-    layer: torch.Tensor,
-    cols: torch.Tensor,
-    ld: torch.Tensor,
-    rows: int,
-    widest: int,
-    dtype: torch.dtype,
-) -> None:
-    """See :class:`lorahot.kernels.row_scale.RowScaler` (transposed destinations)."""
-    block_n = 64
-    grid = (dst.numel(), triton.cdiv(widest, block_n))
-    with launching_on(dst.device):
-        _col_scale_kernel[grid](
+        if not widest:
+            _row_scale_kernel[(dst.numel(), rows)](
+                dst, src, scales, layer, cols, ld, scales.stride(0), BLOCK=_BLOCK, DTYPE=_TL[dtype]
+            )
+            return
+        block_n = 64
+        _col_scale_kernel[(dst.numel(), triton.cdiv(widest, block_n))](
             dst, src, scales, layer, cols, ld, scales.stride(0), rows, BLOCK_R=32, BLOCK_N=block_n, DTYPE=_TL[dtype]
         )

@@ -88,9 +88,7 @@ def test_row_scale_writes_transposed_blocks_its_rows_times_its_scales() -> None:
     tables = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (dst, src)]
     cols = torch.tensor(widths, dtype=torch.int32)
     ld = torch.tensor([d.stride(1) for d in dst])
-    kernel.launch_transposed(
-        tables[0], tables[1], scales, torch.tensor(layers), cols, ld, 37, max(widths), torch.float16
-    )
+    kernel.launch(tables[0], tables[1], scales, torch.tensor(layers), cols, ld, 37, torch.float16, max(widths))
     for d, b, s_, layer in zip(dst, bufs, src, layers):
         assert torch.equal(d[:37], (s_[:37].float() * scales[layer, :37, None]).half())
         assert torch.isnan(d[37:]).all() and torch.isnan(b[:, :k]).all()

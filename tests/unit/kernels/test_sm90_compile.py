@@ -156,8 +156,8 @@ def test_row_scale_and_stack_scales_compile(compiler: _Compiler) -> None:
         torch.bfloat16,
     )
     ld = torch.tensor([40, 40])  # transposed destinations: columns of [cols, 40] buffers
-    kernel.launch_transposed(tables[0], tables[1], torch.ones(2, 16), torch.tensor([0, 1]),
-                             torch.tensor([64, 2500], dtype=torch.int32), ld, 5, 2500, torch.bfloat16)  # fmt: skip
+    kernel.launch(tables[0], tables[1], torch.ones(2, 16), torch.tensor([0, 1]),
+                  torch.tensor([64, 2500], dtype=torch.int32), ld, 5, torch.bfloat16, 2500)  # fmt: skip
     own, part = torch.ones(4, 16, dtype=torch.float64), torch.zeros(4, 16, dtype=torch.int64)
     kernel.stack_scales(own, part, torch.ones(2, dtype=torch.float64), torch.empty(4, 16), torch.empty(4, 16))
     assert [name for name, _ in compiler.compiled] == ["_row_scale_kernel", "_col_scale_kernel", "_stack_scales_kernel"]
