@@ -26,7 +26,9 @@ Formulations (``s`` folded into A, as the runtime keeps it):
 - ``lib``: ``gelu(x @ W.T + (x @ (s*A).T) @ Bt)``, three GEMMs (what PEFT's layers compile to);
 - ``kcat``: ``h = x @ (s*A).T``, then one GEMM over K + R: ``[x | h] @ [W | B].T``: the
   expand summed in the base GEMM's own accumulator (no output pass of its own), at the cost of
-  the shrink, the concatenation and R / K more arithmetic.
+  the shrink, the concatenation and R / K more arithmetic;
+- ``kcat_shared`` and ``kcat3`` (see :data:`GROUPED`): layers in groups of three sharing one
+  input, each with its own shrink or with one shrink over the three A stacked.
 
 Every formulation is checked against float64 first.
 
@@ -116,6 +118,31 @@ def _consume(y: torch.Tensor) -> torch.Tensor:
     return y * 0.5 + torch.cat((-y[:, half:], y[:, :half]), dim=-1) * 0.25
 
 
+#: forms over groups of three layers that share one input (attention's q, k and v): ``kcat_shared``
+#: is ``kcat`` with the input produced once per group, ``kcat3`` that with one shrink over the
+#: three layers' A stacked (``[A_q; A_k; A_v]``, reading ``x`` once), each layer's ``[x | h]``
+#: taking its slice of the stacked ``h``
+GROUPED = ("kcat_shared", "kcat3")
+
+
+def _grouped(
+    name: str, ws: list[torch.Tensor], aps: list[torch.Tensor], a3: list[torch.Tensor], wks: list[torch.Tensor]
+) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    r = aps[0].shape[0]
+
+    def model(x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for g in range(0, len(ws), 3):
+            xp = _produce(x)
+            h3 = F.linear(xp, a3[g // 3]) if name == "kcat3" else None
+            for j in range(min(3, len(ws) - g)):
+                h = h3[:, j * r : (j + 1) * r] if h3 is not None else F.linear(xp, aps[g + j])
+                outs.append(_consume(F.linear(torch.cat([xp, h], dim=-1), wks[g + j])))
+        return outs
+
+    return model
+
+
 def _produce(x: torch.Tensor) -> torch.Tensor:
     """Each layer's input: ``x`` itself, or (``PROBE_PRODUCER=silu``) an elementwise op's output
     computed in the graph, as a norm's output is in a model (the compiler can then write it
@@ -200,11 +227,15 @@ def main() -> None:
         ref = xd @ ws[0].double().T + (xd @ aps[0].double().T) @ bs[0].double()
         ref = _consume(ref)
         row: dict = {}
+        a3 = [torch.cat(aps[i : i + 3]) for i in range(0, SETS, 3)]  # three projections' A, stacked
         for name in FORMULAS:
             layer = _layer(name, n)
 
             def model(x, layer=layer):
                 return [layer(x, ws[i], was[i], aps[i], bs[i], wks[i]) for i in range(SETS)]
+
+            if name in GROUPED:
+                model = _grouped(name, ws, aps, a3, wks)
 
             torch._dynamo.reset()
             compiled = torch.compile(model, dynamic=False)
