@@ -224,12 +224,12 @@ class LoRALinear(LoRALayer):
         or the checks fail: the general forward then decides."""
         if not self.can_widen(x):  # for a fused, wide layer also the fused kernel's conditions on x
             return None
-        arena = TENSORS[key]
         if fused:
             rows = _rows(x)
             if not fused_kernel.decidable(rows):  # a choice per call: the general forward's operator
                 return None
             if fused_kernel.worth_it(rows, self.spec.out_dim, wide=True):  # the fused kernel
+                arena = TENSORS[key]
                 a, b, s = (
                     arena[0].as_strided(*geometry[0]),
                     arena[1].as_strided(*geometry[1]),

@@ -84,7 +84,7 @@ class WideWeights:
         # the layer indices as index tensors, built once: every load, swap and set_scale reads them
         self._index = [torch.tensor(indices, dtype=torch.long) for indices, _, _ in self.groups]
         self.extent = [0] * len(buffers.arenas)  # rows of the wide buffers that may be nonzero
-        self._views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._views: dict[tuple[int, int, bool], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         #: id(plan) -> (a weak reference to it, its largest scaled B rows per arena), see
         #: :meth:`_worst` (weak: a plan holds its adapter's tensors)
         self._worst_of: dict[int, tuple[weakref.ref[LoadPlan], list[tuple[int, list[int], int, float]]]] = {}
@@ -192,14 +192,15 @@ class WideWeights:
 
     def _copy_a(self, arena: int, rows: int, zero: bool) -> None:
         """The first ``rows`` A rows of arena ``arena``'s wide layers: the live A's, or zero."""
-        wide_a, live_a = self.a_groups[arena]
         copier = self._copiers[arena]
-        if zero:
-            torch._foreach_zero_([w[:rows] for w in wide_a])
-        elif copier is not None:
+        if copier is not None and not zero:
             copier[0](copier[1], rows)
+            return
+        wide_a, live_a = self._rows(arena, rows, a=True)
+        if zero:
+            torch._foreach_zero_(wide_a)
         else:
-            torch._foreach_copy_([w[:rows] for w in wide_a], [t[:rows] for t in live_a])
+            torch._foreach_copy_(wide_a, live_a)
 
     def device_calls(self) -> list[tuple[RowScaler, torch.Tensor, int]] | None:
         """The device work :meth:`apply` does for a live adapter's new scales (``set_scale``:
@@ -231,12 +232,13 @@ class WideWeights:
             return 0
         return max(self.extent[arena], self.buffers.arenas[arena].a_extent[self.buffers.live])
 
-    def _rows(self, arena: int, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The first ``rows`` rank rows of arena ``arena``'s wide and live B blocks (memoized)."""
-        key = (arena, rows)
+    def _rows(self, arena: int, rows: int, a: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The first ``rows`` rank rows of arena ``arena``'s wide and live B blocks, or with
+        ``a`` its A blocks (memoized)."""
+        key = (arena, rows, a)
         found = self._views.get(key)
         if found is None:
-            _, wide, live = self.groups[arena]
+            wide, live = self.a_groups[arena] if a else self.groups[arena][1:]
             found = self._views[key] = ([w[:rows] for w in wide], [t[:rows] for t in live])
         return found
 
