@@ -22,8 +22,12 @@ from benchmarks.common import median_ms, rel_err, sync
 from benchmarks.workload import MAX_RANK, RANKS, TARGETS, Workload
 
 
-def _compiled(model: torch.nn.Module, mode: str, fullgraph: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    compiled = torch.compile(model, mode=None if mode == "default" else mode, fullgraph=fullgraph)
+def _compiled(
+    model: torch.nn.Module, mode: str, fullgraph: bool = False, dynamic: bool | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``dynamic=False``: one graph per input shape (static row counts), else the compiler's default
+    (a second input shape makes the row count symbolic)."""
+    compiled = torch.compile(model, mode=None if mode == "default" else mode, fullgraph=fullgraph, dynamic=dynamic)
 
     def call(ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -72,14 +76,16 @@ def lorahot_mode(
     fused: bool = True,
     swaps: int = 30,
     extras: bool = False,
+    dynamic: bool | None = None,
 ) -> Prepared:
     """Compiles a lorahot model, swaps ``swaps`` times among ranks (checking each against the
     eager reference and counting recompiles), then leaves the rank-64 adapter active.
     ``extras=True`` injects with the DoRA / LoRA-bias pass (what that pass costs plain LoRA)."""
     model = w.fresh_base()
     runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, merged=merged, fused=fused, extras=extras)
-    call = _compiled(model, mode, fullgraph)
-    call(w.prefill), call(w.decode)  # compile before any adapter is loaded
+    call = _compiled(model, mode, fullgraph, dynamic)
+    if dynamic is not False:
+        call(w.prefill), call(w.decode)  # compile before any adapter is loaded
     graphs = _unique_graphs()
     rng = random.Random(0)
     errs: dict[str, float] = {}
@@ -96,20 +102,23 @@ def lorahot_mode(
     return call, info, (model, runtime)
 
 
-def peft_mode(w: Workload, mode: str, refs: dict[int, torch.Tensor], bf16: bool) -> Prepared:
+def peft_mode(
+    w: Workload, mode: str, refs: dict[int, torch.Tensor], bf16: bool, dynamic: bool | None = None
+) -> Prepared:
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(w.fresh_base(), str(w.adapters[64]), autocast_adapter_dtype=not bf16).eval()
     if bf16:
         model = model.to(w.dtype)
-    call = _compiled(model, mode)
+    call = _compiled(model, mode, dynamic=dynamic)
     return call, {"rel_err": rel_err(call(w.prefill), refs[64])}, model
 
 
-def base_mode(w: Workload, mode: str) -> Prepared:
+def base_mode(w: Workload, mode: str, dynamic: bool | None = None) -> Prepared:
     model = w.fresh_base()
-    call = _compiled(model, mode)
-    call(w.prefill), call(w.decode)
+    call = _compiled(model, mode, dynamic=dynamic)
+    if dynamic is not False:
+        call(w.prefill), call(w.decode)
     return call, {}, model
 
 

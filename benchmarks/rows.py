@@ -70,16 +70,21 @@ def _last(logits: torch.Tensor, label: str) -> torch.Tensor:
     return logits[:, -1] if label.startswith("prefill") else logits
 
 
-def _builders(w: Workload, refs: dict[int, torch.Tensor]) -> dict[str, Callable[[], Prepared]]:
+def _builders(w: Workload, refs: dict[int, torch.Tensor], static: bool = False) -> dict[str, Callable[[], Prepared]]:
+    """``static``: one graph per row shape (``torch.compile(dynamic=False)``), where the
+    compiled layers trace the wide formula; else the row count is symbolic from the second
+    shape on (one graph for every count, the layers' dynamic-shapes operator)."""
     mode = "reduce-overhead" if w.device.type == "cuda" else "default"
+    dyn = False if static else None
     return {
-        "base": lambda: base_mode(w, mode),
-        "lorahot": lambda: lorahot_mode(w, mode, refs, swaps=0),  # swaps and recompiles: the forward suite
-        "lorahot_merged": lambda: lorahot_mode(w, mode, refs, merged=True, swaps=0),
+        "base": lambda: base_mode(w, mode, dynamic=dyn),
+        # swaps and recompiles: the forward suite
+        "lorahot": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn),
+        "lorahot_merged": lambda: lorahot_mode(w, mode, refs, merged=True, swaps=0, dynamic=dyn),
         # with the DoRA / LoRA-bias elementwise pass (inject(..., extras=True)): what it costs plain LoRA
-        "lorahot_extras": lambda: lorahot_mode(w, mode, refs, swaps=0, extras=True),
-        "peft_bf16": lambda: peft_mode(w, mode, refs, bf16=True),
-        "peft": lambda: peft_mode(w, mode, refs, bf16=False),
+        "lorahot_extras": lambda: lorahot_mode(w, mode, refs, swaps=0, extras=True, dynamic=dyn),
+        "peft_bf16": lambda: peft_mode(w, mode, refs, bf16=True, dynamic=dyn),
+        "peft": lambda: peft_mode(w, mode, refs, bf16=False, dynamic=dyn),
     }
 
 
@@ -90,8 +95,10 @@ def run(
     only: list[str] | None = None,
     rows: list[str] | None = None,
     save: Callable[[dict[str, Any]], None] = lambda r: None,
+    static: bool = False,
 ) -> dict[str, Any]:
-    """``{"forward_rows_ms": {row: {config: ms}}, "forward_rows_rel_err": {...}, ...}``."""
+    """``{"forward_rows_ms": {row: {config: ms}}, "forward_rows_rel_err": {...}, ...}``;
+    ``static``: one graph per row shape (see :func:`_builders`)."""
     torch._dynamo.config.cache_size_limit = 64
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 64
@@ -102,9 +109,11 @@ def run(
     names = [c for c in CONFIGS if not only or c in only]
     names = ["base", *[n for n in names if n != "base"]]  # base in every run: ratios within one run
     out: dict[str, Any] = {"forward_rows_ms": {}, "forward_rows_rel_err": {}, "forward_rows_prepare_s": {}}
+    if static:
+        out["forward_rows_static"] = True
     rounds: dict[tuple[str, str], list[float]] = {}
     prepared: dict[str, Prepared] = {}
-    builders = _builders(w, refs)
+    builders = _builders(w, refs, static)
     for name in names:
         t = time.perf_counter()
         prepared[name] = builders[name]()
@@ -152,6 +161,7 @@ def run_parallel(
     save: Callable[[dict[str, Any]], None] = lambda r: None,
     deadline: float | None = None,
     reserve_s: float = 120.0,
+    static: bool = False,
 ) -> dict[str, Any]:
     """:func:`run` with each configuration prepared in its own process, all at once; timing
     rounds run one process at a time (see the module docstring). Without a ``deadline`` any
@@ -167,8 +177,10 @@ def run_parallel(
         "forward_rows_prepare_s": {},
         "forward_rows_parallel": True,
     }
+    if static:
+        out["forward_rows_static"] = True
     rounds: dict[tuple[str, str], list[float]] = {}
-    specs = {name: (_worker, (small, name, labels, repeat)) for name in names}
+    specs = {name: (_worker, (small, name, labels, repeat, static)) for name in names}
     with Workers("rows", specs, strict=deadline is None) as pool:
         ready = pool.wait_ready(None if deadline is None else deadline - reserve_s)
         if "base" not in ready:
@@ -220,7 +232,7 @@ def run_parallel(
 
 
 def _worker(
-    small: bool, name: str, labels: list[str], repeat: int, note: Callable[..., None]
+    small: bool, name: str, labels: list[str], repeat: int, static: bool, note: Callable[..., None]
 ) -> tuple[dict[str, Any], dict[str, Callable[[], Any]]]:
     """One configuration (a :class:`benchmarks.parallel.Workers` worker): build, reference,
     prepare and check; then times every row shape on request."""
@@ -236,7 +248,7 @@ def _worker(
     reference = _reference(w, ids)
     refs = {64: eager_reference(w, 64)}
     t = time.perf_counter()
-    call = _builders(w, refs)[name]()[0]
+    call = _builders(w, refs, static)[name]()[0]
     errs = {label: rel_err(_last(call(ids[label]), label).float(), reference[label]) for label in labels}
     prepare_s = round(time.perf_counter() - t, 1)
 

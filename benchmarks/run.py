@@ -159,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rows", default="", help="rows suite: only these row labels (e.g. 1,256,prefill2048)")
     parser.add_argument(
+        "--static",
+        action="store_true",
+        help="rows suite: compile one graph per row shape (dynamic=False), not one with a symbolic row count",
+    )
+    parser.add_argument(
         "--parallel",
         action="store_true",
         help="rows and diffusion suites: prepare each configuration in its own process, all at once",
@@ -218,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows=[r for r in args.rows.split(",") if r],
                 save=save_partial,
                 deadline=None if args.deadline_s is None else start + args.deadline_s,
+                static=args.static,
             )
             if args.parallel
             else rows.run(
@@ -227,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 only=[c for c in args.configs.split(",") if c],
                 rows=[r for r in args.rows.split(",") if r],
                 save=save_partial,
+                static=args.static,
             )
         ),
     }
