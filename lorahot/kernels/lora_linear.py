@@ -26,24 +26,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lorahot.kernels.triton_import import triton_module
 
-__all__ = [
-    "TICKETS",
-    "available",
-    "supports",
-    "supports_tensors",
-    "worth_it",
-    "decidable",
-    "lora_linear",
-    "lora_linear_into",
-]
+__all__ = ["available", "supports", "supports_tensors", "worth_it", "decidable", "lora_linear", "lora_linear_into"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
-
-#: The split-K tickets each fused layer owns (``[TICKETS]`` int32 in its arena, zero between
-#: launches): one per output tile of a launch whose K is split, which the kernel's tile
-#: configuration allows up to 192 tiles. With them the split's partials are added by the
-#: tile's last program, in the same launch (see :mod:`lorahot.kernels.triton_lora_linear`).
-TICKETS = 256
 
 
 def _kernel() -> Any:
@@ -127,17 +112,15 @@ def lora_linear(
     a: torch.Tensor,
     bt: torch.Tensor,
     scale: torch.Tensor,
-    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias + ((x @ a.T) * scale) @ bt`` on CUDA in fp16/bf16: one kernel (two
-    where K is split and no ``tickets [TICKETS]`` are given, see :data:`TICKETS`). ``scale`` is
-    ``[R]`` (float32), one per row of ``a``: the shrink's column ``k`` is scaled by
-    ``scale[k]`` before the expand.
+    """``x @ weight.T + bias + ((x @ a.T) * scale) @ bt`` on CUDA in fp16/bf16: one kernel, two
+    where K is split. ``scale`` is ``[R]`` (float32), one per row of ``a``: the shrink's
+    column ``k`` is scaled by ``scale[k]`` before the expand.
 
     Calls the registered op directly (registered by :func:`available`, which
     :func:`supports` runs at bind time), so the compiler traces nothing but the op.
     """
-    y: torch.Tensor = torch.ops.lorahot.lora_linear(x, weight, bias, a, bt, scale, tickets)
+    y: torch.Tensor = torch.ops.lorahot.lora_linear(x, weight, bias, a, bt, scale)
     return y
 
 
@@ -148,14 +131,13 @@ def lora_linear_into(
     bt: torch.Tensor,
     scale: torch.Tensor,
     out: torch.Tensor,
-    tickets: torch.Tensor | None = None,
 ) -> None:
     """:func:`lora_linear` without bias on 2-D ``x2 [M, K]``, written into ``out [M, N]``
     (columns contiguous, any row stride); called eagerly, from inside another operator. Where
     the kernel cannot run (no CUDA or Triton), the library formula stands in for it."""
     kernel = _kernel()
     if kernel is not None and x2.is_cuda:
-        kernel.run_into(x2, weight, None, a, bt, scale, out, tickets)
+        kernel.run_into(x2, weight, None, a, bt, scale, out)
         return
     h = (x2 @ a.t() * scale).to(x2.dtype)
     out.copy_(x2 @ weight.t() + h @ bt)

@@ -43,7 +43,7 @@ def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
 
 @define(
     "routed_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor bt, Tensor s, Tensor route, "
-    "Tensor? segs=None, bool sized=False, bool wide=False, Tensor? tickets=None) -> Tensor",
+    "Tensor? segs=None, bool sized=False, bool wide=False) -> Tensor",
     _fake,
 )
 def _routed_lora_linear(
@@ -57,7 +57,6 @@ def _routed_lora_linear(
     segs: torch.Tensor | None = None,
     sized: bool = False,
     wide: bool = False,
-    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     refuse_grad("routed_lora_linear", x, weight, bias, a, bt)
     x2 = x.reshape(-1, x.shape[-1])
@@ -74,8 +73,7 @@ def _routed_lora_linear(
     grouped = segments(route, a.shape[0]) if segs is None else segs
     with launching_on(x.device):
         config = kernel.config_for(x2.shape[0], n, x2.shape[1])
-        routing = (grouped, route, x2.shape[0] // route.shape[0])
-        kernel.launch(x2, weight, bias, a, bt, s, out, config, routing=routing, tickets=tickets)
+        kernel.launch(x2, weight, bias, a, bt, s, out, config, routing=(grouped, route, x2.shape[0] // route.shape[0]))
     return out.view(*x.shape[:-1], n)
 
 
@@ -91,7 +89,6 @@ def routed_lora_linear(
     *,
     sized: bool = False,
     wide: bool = False,
-    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The base linear plus each row's own slot's update: on CUDA the segmented shrink, then
     the fused kernel (see the module docstring). With ``sized`` (compiled, the row count
@@ -106,14 +103,10 @@ def routed_lora_linear(
         a: ``[slots, R, in]``; bt: ``[slots, R, out]``; s: ``[slots, R]`` (float32).
         route: ``[L]`` int64, each group of rows' slot or -1.
         segs: ``segments(route, slots)`` where the caller keeps it per routing (else computed here).
-        tickets: the layer's split-K tickets (see :data:`lorahot.kernels.lora_linear.TICKETS`), or
-            None (a split K then takes a second launch).
 
     Returns:
         ``[..., out]`` in ``x``'s dtype.
     """
     check_segments(segs, a.shape[0], route.shape[0])
-    out: torch.Tensor = torch.ops.lorahot.routed_lora_linear(
-        x, weight, bias, a, bt, s, route, segs, sized, wide, tickets
-    )
+    out: torch.Tensor = torch.ops.lorahot.routed_lora_linear(x, weight, bias, a, bt, s, route, segs, sized, wide)
     return out

@@ -13,14 +13,8 @@ A layer with few output tiles (narrow, or deep in K) leaves most of the GPU idle
 program per tile, and makes each program stream all of ``A``. There the K loop is split
 (``split`` in :data:`Config`): each program covers one K chunk, adds its share of the base
 product and of the expand (the shrink and its scaling are linear in K, so partial shrinks
-expand to partial outputs), and stores a float32 partial. Given a tile's *tickets* (``[TICKETS]``
-int32, zero between launches; each layer owns its own, in the arena), the reduction is serial:
-each program stores its partial, then takes a ticket on its tile (an atomic add, acquire and
-release at GPU scope), and the program that takes the last one adds the partials in split order,
-rounds once, stores the tile and sets its ticket back to zero. One launch, and the same sums
-bitwise as the second kernel, :func:`_split_k_sum`, that adds them without tickets (two
-launches, as cuBLAS does for such layers). Two launches over one layer's tickets must not run at
-the same time (on two streams): the runtime's layers run one at a time on one stream.
+expand to partial outputs), and stores a float32 partial; :func:`_split_k_sum` adds the
+partials and rounds once. That is two launches for such layers, as cuBLAS itself does for them.
 
 Routed (``ROUTED``, :mod:`lorahot.kernels.routed_linear`): each row has its own slot. The K loop
 then computes the base product alone; the rows' scaled shrinks come from a workspace ``H`` the
@@ -50,10 +44,10 @@ __all__ = ["lora_linear", "launch", "run_into", "config_for"]
 
 @triton.jit
 def _lora_linear_kernel(
-    X, W, A, BT, BIAS, S, Y, WS, H, ROUTE, TICKETS,
+    X, W, A, BT, BIAS, S, Y, WS, H, ROUTE,
     M, N, K, R, K_CHUNK, SLOTS, T,
     stride_xm, stride_wn, stride_am, stride_bm, stride_ym, stride_bs, stride_hm,
-    HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUTED: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -106,32 +100,9 @@ def _lora_linear_kernel(
     if SPLIT == 1:
         y_ptr = Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
         tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-    else:  # this split's partial sum, in float32; the tile's last program (or _split_k_sum) adds them up
-        mask = m_ok[:, None] & n_ok[None, :]
-        tl.store(WS + (pid_s * M + rm[:, None]).to(tl.int64) * N + rn[None, :], acc, mask=mask)
-        if SERIAL:
-            _last_adds_up(WS, Y, TICKETS, M, N, stride_ym, rm, rn, mask, SPLIT, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _last_adds_up(
-    WS, Y, TICKETS, M, N, stride_ym, rm, rn, mask,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """The serial split-K reduction (see the module docstring): after every thread's store of
-    this program's partial, a ticket on the tile; the last of the tile's ``SPLIT`` programs
-    reads the partials (past L1, which another SM's stores do not reach), adds them in split
-    order and stores the tile, then puts the ticket back to zero for the next launch."""
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    tl.debug_barrier()
-    taken = tl.atomic_add(TICKETS + tile, 1, sem="acq_rel", scope="gpu")
-    if taken == SPLIT - 1:
-        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in tl.static_range(SPLIT):
-            part = WS + (s * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
-            total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], total.to(Y.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(TICKETS + tile, 0, sem="relaxed", scope="gpu")
+    else:  # this split's partial sum, in float32; _split_k_sum adds them up
+        ws_ptr = WS + (pid_s * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
+        tl.store(ws_ptr, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -146,9 +117,8 @@ def _split_k_sum(WS, Y, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexp
 
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split): ``split`` > 1 cuts K into that
-#: many chunks, each program summing one chunk into a float32 workspace that the tile's last
-#: program (with tickets) or a second small kernel adds up (more programs for narrow or deep
-#: layers, and fewer re-reads of ``A``).
+#: many chunks, each program summing one chunk into a float32 workspace that a second small
+#: kernel adds up (more programs for narrow or deep layers, and fewer re-reads of ``A``).
 Config = tuple[int, int, int, int, int, int]
 
 
@@ -188,12 +158,9 @@ def launch(
     out: torch.Tensor,
     config: Config,
     routing: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-    tickets: torch.Tensor | None = None,
 ) -> None:
     """Runs the kernel on 2-D ``x [M, K]`` into ``out [M, N]`` (rows contiguous), with
-    ``scale [R]`` contiguous, one per row of ``a``. ``tickets`` (int32, zero, at least one per
-    output tile; the layer's own) make a split K one launch (see the module docstring);
-    without them a second kernel adds the partials.
+    ``scale [R]`` contiguous, one per row of ``a``.
 
     With ``routing = (segs, route, rows per entry)`` each row computes with its own slot (``route``
     int64, ``-1`` for none; ``segs`` its grouping by slot, see
@@ -223,16 +190,14 @@ def launch(
     else:
         route, t, slots, h = x, 1, 0, x  # unused placeholders without routing
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-    serial = split > 1 and tickets is not None and grid[0] * grid[1] <= tickets.numel()
     _lora_linear_kernel[grid](
         x, weight, a, bt, bias if bias is not None else weight, scale, out, ws, h, route,
-        tickets if serial else ws,
         m, n, k, r, chunk, slots, t,
         x.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), out.stride(0), bt.stride(0), h.stride(0),
-        HAS_BIAS=bias is not None, R_PAD=rank_pad(r), SPLIT=split, SERIAL=serial,
+        HAS_BIAS=bias is not None, R_PAD=rank_pad(r), SPLIT=split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ROUTED=routing is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if split > 1 and not serial:
+    if split > 1:
         block = 1024
         _split_k_sum[(triton.cdiv(m * n, block),)](ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4)
 
@@ -241,11 +206,7 @@ def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@define(
-    "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor bt, Tensor scale, Tensor? tickets=None) "
-    "-> Tensor",
-    _fake,
-)
+@define("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor bt, Tensor scale) -> Tensor", _fake)
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -253,16 +214,14 @@ def lora_linear(
     a: torch.Tensor,
     bt: torch.Tensor,
     scale: torch.Tensor,
-    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T + bias + ((x @ a.T) * scale) @ bt``, ``x [..., K]``, ``scale [R]``: one
-    kernel, two with split K and no ``tickets`` (the operator ``lorahot::lora_linear``). The
-    tickets are zero before and after the call (the schema does not mark them written)."""
+    kernel, two with split K (the operator ``lorahot::lora_linear``)."""
     refuse_grad("lora_linear", x, weight, bias, a, bt)
     x2 = x.reshape(-1, x.shape[-1])
     n = weight.shape[0]
     out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
-    run_into(x2, weight, bias, a, bt, scale, out, tickets)
+    run_into(x2, weight, bias, a, bt, scale, out)
     return out.view(*x.shape[:-1], n)
 
 
@@ -274,15 +233,12 @@ def run_into(
     bt: torch.Tensor,
     scale: torch.Tensor,
     out: torch.Tensor,
-    tickets: torch.Tensor | None = None,
 ) -> None:
     """The kernel on 2-D ``x2 [M, K]`` into ``out [M, N]`` (columns contiguous, any row stride),
-    with the tile configuration :func:`config_for` picks (and the layer's ``tickets``, see
-    :func:`launch`)."""
+    with the tile configuration :func:`config_for` picks."""
     if x2.shape[0] == 0:
         return
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     with launching_on(x2.device):
-        config = config_for(x2.shape[0], weight.shape[0], x2.shape[1])
-        launch(x2, weight, bias, a, bt, scale, out, config, tickets=tickets)
+        launch(x2, weight, bias, a, bt, scale, out, config_for(x2.shape[0], weight.shape[0], x2.shape[1]))

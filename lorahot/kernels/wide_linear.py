@@ -101,13 +101,7 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 
 def _dynamic_fake(
-    x: torch.Tensor,
-    wide: torch.Tensor,
-    a: torch.Tensor,
-    bt: torch.Tensor,
-    scale: torch.Tensor,
-    fused: bool,
-    tickets: torch.Tensor | None = None,
+    x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, fused: bool
 ) -> torch.Tensor:
     n = bt.shape[1]
     yh = x.new_empty((x.numel() // x.shape[-1] if x.shape[-1] else 0, wide.shape[0]))
@@ -115,46 +109,31 @@ def _dynamic_fake(
 
 
 @define(
-    "wide_linear_dynamic(Tensor x, Tensor wide, Tensor a, Tensor bt, Tensor scale, bool fused, "
-    "Tensor? tickets=None) -> Tensor",
+    "wide_linear_dynamic(Tensor x, Tensor wide, Tensor a, Tensor bt, Tensor scale, bool fused) -> Tensor",
     _dynamic_fake,
 )
 def _wide_linear_dynamic(
-    x: torch.Tensor,
-    wide: torch.Tensor,
-    a: torch.Tensor,
-    bt: torch.Tensor,
-    scale: torch.Tensor,
-    fused: bool,
-    tickets: torch.Tensor | None = None,
+    x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, fused: bool
 ) -> torch.Tensor:
     refuse_grad("wide_linear_dynamic", x, wide, a, bt)
     n, k = bt.shape[1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if fused and fused_kernel.worth_it(x2.shape[0], n, wide=True):
         y = x2.new_empty((x2.shape[0], wide.shape[0])).narrow(1, 0, n)
-        fused_kernel.lora_linear_into(x2, wide.narrow(0, 0, n).narrow(1, 0, k), a, bt, scale, y, tickets)
+        fused_kernel.lora_linear_into(x2, wide.narrow(0, 0, n).narrow(1, 0, k), a, bt, scale, y)
     else:
         y = _in_place(x2, wide, n, k)  # eagerly, no gradient
     return y.view(*x.shape[:-1], n)
 
 
 def wide_linear_dynamic(
-    x: torch.Tensor,
-    wide: torch.Tensor,
-    a: torch.Tensor,
-    bt: torch.Tensor,
-    scale: torch.Tensor,
-    *,
-    fused: bool,
-    tickets: torch.Tensor | None = None,
+    x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, *, fused: bool
 ) -> torch.Tensor:
     """:func:`wide_linear` for an input whose row count the compiler keeps symbolic (see the
     module docstring): where ``fused`` (the layer's fused kernel applies) and
     :func:`lorahot.kernels.lora_linear.worth_it` says so for the rows of this call, the fused
     kernel over the weight ``W`` in ``wide``, the live ``a [R, in]``, ``bt [R, out]`` and the
-    per-row ``scale [R]`` (and the layer's split-K ``tickets``, see
-    :data:`lorahot.kernels.lora_linear.TICKETS`); else the eager :func:`wide_linear`. One opaque
-    operator either way, its output with row stride ``out + R``; no gradient."""
-    out: torch.Tensor = torch.ops.lorahot.wide_linear_dynamic(x, wide, a, bt, scale, fused, tickets)
+    per-row ``scale [R]``; else the eager :func:`wide_linear`. One opaque operator either way,
+    its output with row stride ``out + R``; no gradient."""
+    out: torch.Tensor = torch.ops.lorahot.wide_linear_dynamic(x, wide, a, bt, scale, fused)
     return out

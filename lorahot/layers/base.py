@@ -40,7 +40,6 @@ import torch
 from torch import nn
 
 from lorahot.errors import UsageError
-from lorahot.kernels.lora_linear import TICKETS
 from lorahot.layers import routing
 from lorahot.layers.state import RuntimeState
 from lorahot.layers.tensor_handles import ROUTES, TENSORS, TensorHandle
@@ -180,8 +179,6 @@ class LoRALayer(nn.Module):
     state: RuntimeState | None = None
     #: ``(A, B, scale, extras)`` views, set by :meth:`bind`.
     _live: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    #: The layer's split-K tickets (``[TICKETS]`` int32, zero between launches), set by :meth:`bind`.
-    _live_tickets: torch.Tensor
     #: The same views over every slot (``[slots, ...]``), set by :meth:`bind`.
     _slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -236,7 +233,6 @@ class LoRALayer(nn.Module):
         fused: bool = True,
         state: RuntimeState | None = None,
         extras: bool = True,
-        tickets: torch.Tensor | None = None,
     ) -> None:
         """Attaches the live views; called once by the runtime at inject time, never again.
 
@@ -251,26 +247,21 @@ class LoRALayer(nn.Module):
         ``lora_extras`` is the ``[4, out]`` view of the layer's extras (see the module
         docstring); without one the layer gets its own, holding the no-adapter values.
         ``extras`` False makes the forward skip them (the runtime then refuses DoRA and LoRA
-        biases). ``tickets`` is the layer's ``[TICKETS]`` int32 view of its arena's split-K
-        tickets (:data:`lorahot.kernels.lora_linear.TICKETS`; zero, made here if not given),
-        which its fused kernels take to add a split K's partials in one launch.
+        biases).
         """
         self.extras = extras
         if lora_extras is None:
             lora_extras = torch.tensor(EXTRA_DEFAULTS, dtype=lora_scale.dtype, device=lora_scale.device)
             lora_extras = lora_extras[:, None].repeat(1, self.spec.out_dim)
         lora_extras = self.live_extras(lora_extras)
-        if tickets is None:
-            tickets = torch.zeros(TICKETS, dtype=torch.int32, device=lora_A.device)
         self._live = (lora_A, lora_B, lora_scale, lora_extras)
-        self._live_tickets = tickets
-        roots = tuple(view if view._base is None else view._base for view in (*self._live, tickets))
-        if handle is None or any(r is not t for r, t in zip(roots, TENSORS.get(handle.key, ()), strict=True)):
+        roots = tuple(view if view._base is None else view._base for view in self._live)
+        if handle is None or any(r is not t for r, t in zip(roots, TENSORS.get(handle.key, ()))):
             handle = TensorHandle(roots)
         self._handle = handle  # keeps the TENSORS entry alive as long as the layer
         self._key = handle.key
         # plain ints: the graph rebuilds each view from its arena tensor without touching it
-        self._geometry = tuple((tuple(v.shape), v.stride(), v.storage_offset()) for v in (*self._live, tickets))
+        self._geometry = tuple((tuple(v.shape), v.stride(), v.storage_offset()) for v in self._live)
         self._slot_geometry = tuple(routing.slot_geometry(v, r) for v, r in zip(self._live, roots))
         self._slots = tuple(r.as_strided(*g) for r, g in zip(roots, self._slot_geometry))  # type: ignore[assignment]
         for name, root in zip(_ARENA_BUFFERS, roots):
@@ -325,24 +316,16 @@ class LoRALayer(nn.Module):
                 )
             return live
         *_, key, geometry = self._plan
-        a, b, s, e, _ = TENSORS[key]
-        ga, gb, gs, ge, _ = geometry
+        a, b, s, e = TENSORS[key]
+        ga, gb, gs, ge = geometry
         return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
-
-    def _tickets(self) -> torch.Tensor:
-        """The layer's split-K tickets for its fused kernels (see :meth:`bind`): the view eagerly,
-        rebuilt from the arena's tensor under ``torch.compile`` (as :meth:`_views`)."""
-        if not torch.compiler.is_compiling():
-            return self._live_tickets
-        *_, key, geometry = self._plan
-        return TENSORS[key][4].as_strided(*geometry[4])
 
     def _slot_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(A, B, scale, extras)`` over every slot, ``[slots, ...]`` each (see :meth:`_views`)."""
         if not torch.compiler.is_compiling():
             assert self._slots is not None  # bound: _views ran first
             return self._slots
-        a, b, s, e, _ = TENSORS[self._plan[4]]
+        a, b, s, e = TENSORS[self._plan[4]]
         ga, gb, gs, ge = self._slot_geometry
         return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
 

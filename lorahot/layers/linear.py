@@ -90,7 +90,7 @@ class LoRALinear(LoRALayer):
 
     def fused_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         weight, bias = self.kernel_weights()
-        return fused_kernel.lora_linear(x, weight, bias, a, b, scale, self._tickets())
+        return fused_kernel.lora_linear(x, weight, bias, a, b, scale)
 
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The base ``weight`` and ``bias`` the fused kernels read (the base module's own)."""
@@ -125,9 +125,7 @@ class LoRALinear(LoRALayer):
             return None
         weight, bias = self.kernel_weights()
         segs = self._segments(a, route)
-        return routed_linear.routed_lora_linear(
-            x, weight, bias, a, b, s, route, segs, sized=sized, wide=self._plan[2], tickets=self._tickets()
-        )
+        return routed_linear.routed_lora_linear(x, weight, bias, a, b, s, route, segs, sized=sized, wide=self._plan[2])
 
     def routed_sum(
         self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor
@@ -232,14 +230,13 @@ class LoRALinear(LoRALayer):
                 return None
             if fused_kernel.worth_it(rows, self.spec.out_dim, wide=True):  # the fused kernel
                 arena = TENSORS[key]
-                a, b, s, t = (
+                a, b, s = (
                     arena[0].as_strided(*geometry[0]),
                     arena[1].as_strided(*geometry[1]),
                     arena[2].as_strided(*geometry[2]),
-                    arena[4].as_strided(*geometry[4]),
                 )
                 base = self._base
-                z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s, t)
+                z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s)
                 return z
         return self.wide_forward(x)
 
@@ -254,8 +251,7 @@ class LoRALinear(LoRALayer):
         """The fused kernel or the wide GEMMs, whichever pays for the rows of each call, chosen at
         run time inside the operator ``lorahot::wide_linear_dynamic``; the bias added outside it,
         in the elementwise pass the compiler fuses with what follows."""
-        wide = self._buffers[WIDE_BUFFER]
-        y = wide_kernel.wide_linear_dynamic(x, wide, a, b, scale, fused=True, tickets=self._tickets())  # type: ignore[arg-type]
+        y = wide_kernel.wide_linear_dynamic(x, self._buffers[WIDE_BUFFER], a, b, scale, fused=True)  # type: ignore[arg-type]
         bias = self._base.bias
         return y if bias is None else y + bias
 

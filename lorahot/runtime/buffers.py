@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lorahot.kernels.lora_linear import TICKETS
 from lorahot.layers.base import EXTRA_DEFAULTS, EXTRA_ROWS, LayerSpec
 from lorahot.layers.tensor_handles import TensorHandle
 from lorahot.runtime.staging import Staging
@@ -240,10 +239,7 @@ class Arena:
             self.B = torch.zeros(regions, b_total, device=device, dtype=dtype)
             self.S = torch.zeros(regions, len(specs), max_rank, device=device, dtype=sdtype)
             self.E = torch.zeros(regions, e_total, device=device, dtype=sdtype)
-            # each layer's split-K tickets for its fused kernels, zero between launches (one
-            # set per layer, not per region: only the kernels write them, and put them back)
-            self.T = torch.zeros(len(specs), TICKETS, device=device, dtype=torch.int32)
-        self.handle = TensorHandle((self.A, self.B, self.S, self.E, self.T))  # how compiled graphs reach the buffers
+        self.handle = TensorHandle((self.A, self.B, self.S, self.E))  # how compiled graphs reach the buffers
         self.e_dirty = [False] * regions  # whether a region's extras differ from e_default
         self.a_extent = [0] * regions  # most rows of A any layer uses; rows past it are zero
         self.b_extent = [0] * regions
@@ -697,15 +693,13 @@ class BufferManager:
         """Bytes of adapter storage allocated, all arenas and regions together."""
         return sum(a.nbytes for a in self.arenas)
 
-    def live_rows(
-        self, name: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, TensorHandle]:
-        """The live ``A`` rows, ``B^T`` rows, scale and extras views of layer ``name``, its
-        split-K tickets, and the handle of its arena."""
+    def live_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, TensorHandle]:
+        """The live ``A`` rows, ``B^T`` rows, scale and extras views of layer ``name``, and the
+        handle of its arena."""
         arena, idx = self.where[name]
         at = self.arenas[arena]
         a, b = at.rows(idx, self.live)
-        return a, b, at.scale(idx, self.live), at.extras(idx, self.live), at.T[idx], at.handle
+        return a, b, at.scale(idx, self.live), at.extras(idx, self.live), at.handle
 
     def mirrors(self, slot: int, live: bool) -> bool:
         """Whether a change to ``slot`` must also reach the live region: the slot is active,

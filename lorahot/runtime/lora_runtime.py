@@ -97,18 +97,11 @@ class LoraRuntime:
         self._weights: list[tuple[float, ...]] = [()] * buffers.slots  # each slot's user weights, one per part
         self._state = RuntimeState()  # shared with the layers: lorahot.eject(model) marks it
         for name, layer in layers.items():
-            a_rows, b_rows, scale, extras_view, tickets, handle = buffers.live_rows(name)
+            a_rows, b_rows, scale, extras_view, handle = buffers.live_rows(name)
             a, b = layer.live_views(a_rows, b_rows)
+            # merged: base kernels only
             layer.bind(
-                a,
-                b,
-                scale,
-                extras_view,
-                handle=handle,
-                fused=fused and not merged,  # merged: base kernels only
-                state=self._state,
-                extras=extras,
-                tickets=tickets,
+                a, b, scale, extras_view, handle=handle, fused=fused and not merged, state=self._state, extras=extras
             )
         if fused and not merged:
             widen_layers(layers, buffers)

@@ -108,26 +108,6 @@ def test_fused_lora_linear_compiles_onto_the_matrix_units(compiler: _Compiler, r
     assert "wgmma" in _ptx(compiler.compiled[0][1]) or "mma" in _ptx(compiler.compiled[0][1])
 
 
-def test_split_k_with_tickets_is_one_launch_with_an_acquire_release_ticket(compiler: _Compiler) -> None:
-    """At one row K is split: with the layer's tickets the partials are added by the tile's
-    last program (no ``_split_k_sum``), which takes its ticket with a GPU-scope acquire-release
-    atomic and reads the other programs' partials past L1."""
-    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
-    from lorahot.kernels.lora_linear import TICKETS
-
-    k, n, r = 2048, 2048, 64
-    x, w = torch.zeros(1, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.bfloat16)
-    a, bt = torch.zeros(r, k, dtype=torch.bfloat16), torch.zeros(r, n, dtype=torch.bfloat16)
-    out = torch.empty(1, n, dtype=torch.bfloat16)
-    config = kernel.config_for(1, n, k)
-    assert config[-1] > 1
-    kernel.launch(x, w, None, a, bt, torch.ones(r), out, config, tickets=torch.zeros(TICKETS, dtype=torch.int32))
-    assert [name for name, _ in compiler.compiled] == ["_lora_linear_kernel"]
-    ptx = _ptx(compiler.compiled[0][1])
-    assert "atom.global.gpu.acq_rel.add" in ptx
-    assert "ld.global.cg" in ptx
-
-
 def test_routed_fused_linear_compiles(compiler: _Compiler) -> None:
     kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
     from lorahot.kernels import routed_lora as routed
