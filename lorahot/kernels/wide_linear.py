@@ -68,16 +68,20 @@ from lorahot.kernels.op_registry import define, refuse_grad
 __all__ = ["wide_linear", "wide_linear_dynamic"]
 
 
-def wide_linear(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def wide_linear(
+    x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None = None, a: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x @ W.T + (x @ A.T) @ B_s.T + bias`` for ``x [..., in]`` and the wide buffer ``wide
     [out + R, in + R]`` (see the module docstring): traced, the shrink then one GEMM over
     ``[x | h]``; eagerly without gradient, one GEMM over ``[W; A]`` then the expand in place.
-    Differentiable: plain torch."""
+    ``a`` is the same ``A [R, in]`` as the buffer's, where the traced shrink should read it
+    (the layer's arena view, which :mod:`lorahot.kernels.stacked_shrinks` stacks with its
+    neighbours'). Differentiable: plain torch."""
     k = x.shape[-1]
     n = wide.shape[0] - (wide.shape[1] - k)
     x2 = x.reshape(-1, k)
     if torch.compiler.is_compiling() or _needs_grad(x, wide, bias):
-        xh = torch.cat([x2, torch.nn.functional.linear(x2, wide[n:, :k])], dim=-1)
+        xh = torch.cat([x2, torch.nn.functional.linear(x2, wide[n:, :k] if a is None else a)], dim=-1)
         y = torch.nn.functional.linear(xh, wide[:n], bias)
     else:
         y = _in_place(x2, wide, n, k)

@@ -206,11 +206,13 @@ class LoRALinear(LoRALayer):
         dtype = self._base.weight.dtype
         return x.dtype == dtype and not _needs_grad(x, self._base) and not _autocast_recasts(x, dtype)
 
-    def wide_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def wide_forward(self, x: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
         """The layer from its wide buffer (:mod:`lorahot.kernels.wide_linear`): compiled, the
-        shrink then ``[x | h] @ [W | B_s].T + bias`` in one GEMM; eagerly, ``[y | h] = x @
-        [W; A].T`` then the expand in place and the bias."""
-        y: torch.Tensor = wide_kernel.wide_linear(x, self._buffers[WIDE_BUFFER], self._base.bias)  # type: ignore[arg-type]
+        shrink then ``[x | h] @ [W | B_s].T + bias`` in one GEMM (the shrink over ``a``, the live
+        A's arena view, where given); eagerly, ``[y | h] = x @ [W; A].T`` then the expand in
+        place and the bias."""
+        wide = self._buffers[WIDE_BUFFER]
+        y: torch.Tensor = wide_kernel.wide_linear(x, wide, self._base.bias, a)  # type: ignore[arg-type]
         return y
 
     def compiled_forward(
@@ -238,7 +240,7 @@ class LoRALinear(LoRALayer):
                 base = self._base
                 z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s)
                 return z
-        return self.wide_forward(x)
+        return self.wide_forward(x, TENSORS[key][0].as_strided(*geometry[0]))
 
     def dynamic_rows(self, x: torch.Tensor) -> bool:
         """Compiled with a symbolic row count (dynamic shapes) that the fused kernel's row limits

@@ -27,6 +27,7 @@ from lorahot.errors import AdapterMismatchError, UsageError, format_problems, pu
 from lorahot.io.loader import read_adapter, read_adapter_sliced
 from lorahot.io.sources import Source
 from lorahot.io.tensorfile import Slices
+from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LoRALayer, RuntimeState
 from lorahot.runtime.agreement import Agreement
 from lorahot.runtime.arguments import (
@@ -105,6 +106,8 @@ class LoraRuntime:
             )
         if fused and not merged:
             widen_layers(layers, buffers)
+        if not merged:  # compiled, layers sharing an input share one shrink GEMM
+            stacked_shrinks.install()
         self._wide = WideWeights(layers, buffers)
         self._replay = ScaleReplay(buffers, self._wide)
         #: the last stack whose weights were range-checked, and its limits (:meth:`_within_range`)

@@ -1,0 +1,191 @@
+"""One shrink GEMM for the LoRA layers that share an input: a compiler pass.
+
+Attention's q, k and v projections (and an MLP's gate and up) read the same input. Compiled,
+each LoRA layer computes its own shrink ``h = x @ A.T``: a GEMM with ``R`` outputs that reads
+all of ``x`` for little arithmetic, so each costs about as much as reading ``x`` (4-6 us per
+layer on an H200 at the UNet's and a prefill's sizes). Three layers over one ``x`` can read it
+once: ``[h_q | h_k | h_v] = x @ [A_q; A_k; A_v].T``, then each layer takes its columns.
+
+The stacked ``A`` costs nothing to build: the arena keeps every layer's live ``A [R, in]``
+contiguous, one layer after the other in the order they were injected (a module's q, k and v
+are neighbours), so the rows of consecutive layers form one ``[n R, in]`` view of the same
+buffer. Under ``torch.compile`` the layers read their ``A`` as ``as_strided`` views of the
+arena tensor (:mod:`lorahot.layers.tensor_handles`), which the compiler's post-grad graph keeps
+as ``mm(x, permute(as_strided(arena, [R, in], [in, 1], offset), [1, 0]))``. This pass finds
+those shrinks, groups them by input and arena, and rewrites every run of two or more whose
+``A`` views are adjacent into one ``mm`` over the stacked view, each old result becoming a
+column slice of the new one. Nothing else changes: the slices feed what the shrinks fed (the
+wide layers' ``[x | h]`` concatenation, or the library formula's scale and expand), and the
+arena stays the only copy of ``A``, so swaps need no extra write.
+
+Measured on an H200 before it was written (``benchmarks/experiments/compiled_layer_probe.py``,
+``runs/20261130T232749-compiled-layer-probe.json``; groups of three layers over one input that
+a SiLU made, each output into attention, GPU us per layer): SDXL 640 at 8192 rows 48.7 against
+54.3 with a shrink each (base 43.2), SDXL 1280 at 2048 rows 33.6 against 37.9 (30.6), the LLM's
+q/o shape at 1024 rows 33.4 against 37.8 (29.9): half or more of the wide layers' cost over the
+base.
+
+:func:`install` puts the pass in inductor's ``post_grad_custom_pre_pass`` (beside a pass
+already there, which runs first); :func:`lorahot.inject` installs it when it binds layers. It
+rewrites only ``mm`` nodes of that exact form over graph inputs, so a graph without lorahot's
+layers passes through unchanged; its ``uuid`` (a hash of this file and of the pass before it)
+keeps inductor's cache of compiled graphs valid.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+__all__ = ["StackShrinks", "install", "stack_shrinks"]
+
+_aten = torch.ops.aten
+#: ops that give another view of the same rows (a layer reshapes its input to 2-D)
+_VIEWS = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
+
+#: ``(input, arena, rows, columns)`` -> shrinks of that input over that arena: ``(offset, mm node)``
+Groups = dict[tuple[Any, ...], list[tuple[int, torch.fx.Node]]]
+
+
+class StackShrinks(CustomGraphPass):
+    """The pass (see the module docstring), after ``before`` (a pass that was installed first)."""
+
+    def __init__(self, before: Any = None) -> None:
+        self.before = before
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.before is not None:
+            self.before(graph)
+        stack_shrinks(graph)
+
+    def uuid(self) -> Any:
+        before = None if self.before is None else getattr(self.before, "uuid", lambda: None)()
+        return (get_hash_for_files((__file__,)), before)
+
+
+def install() -> None:
+    """Puts :class:`StackShrinks` in inductor's post-grad passes, once (a pass already there
+    keeps running, before it)."""
+    current = inductor_config.post_grad_custom_pre_pass
+    if isinstance(current, StackShrinks):
+        return
+    inductor_config.post_grad_custom_pre_pass = StackShrinks(current)
+
+
+def stack_shrinks(graph: torch.fx.Graph) -> int:
+    """Rewrites every run of adjacent shrinks over one input into one ``mm``; returns how many
+    shrinks it removed."""
+    removed = 0
+    for (_, _, rows, cols), members in _groups(graph).items():
+        members.sort(key=lambda m: m[0])
+        run = [members[0]]
+        for member in members[1:]:
+            if member[0] == run[-1][0] + rows * cols:
+                run.append(member)
+                continue
+            removed += _stack(graph, run, rows, cols)
+            run = [member]
+        removed += _stack(graph, run, rows, cols)
+    return removed
+
+
+def _groups(graph: torch.fx.Graph) -> Groups:
+    groups: Groups = defaultdict(list)
+    for node in graph.nodes:
+        found = _shrink(node)
+        if found is not None:
+            key, offset = found
+            groups[key].append((offset, node))
+    return groups
+
+
+def _shrink(node: torch.fx.Node) -> tuple[tuple[Any, ...], int] | None:
+    """``((input, arena, rows, columns), offset)`` where ``node`` is ``mm(x, permute(as_strided(
+    arena, [rows, columns], [columns, 1], offset), [1, 0]))`` with ``arena`` a graph input."""
+    if node.op != "call_function" or node.target is not _aten.mm.default:
+        return None
+    lhs, rhs = node.args
+    if not (isinstance(lhs, torch.fx.Node) and isinstance(rhs, torch.fx.Node)):
+        return None
+    if rhs.target is not _aten.permute.default or list(rhs.args[1]) != [1, 0]:  # type: ignore[arg-type]
+        return None
+    view = rhs.args[0]
+    if not isinstance(view, torch.fx.Node) or view.target is not _aten.as_strided.default:
+        return None
+    arena, size, stride = view.args[:3]
+    offset = view.args[3] if len(view.args) > 3 else view.kwargs.get("storage_offset", 0)
+    if not (isinstance(arena, torch.fx.Node) and arena.op == "placeholder"):
+        return None
+    if not (isinstance(size, (list, tuple)) and isinstance(stride, (list, tuple)) and isinstance(offset, int)):
+        return None
+    if len(size) != 2 or not all(isinstance(v, int) for v in (*size, *stride)):
+        return None
+    rows, cols = size
+    if list(stride) != [cols, 1]:
+        return None
+    return (_source(lhs), arena, rows, cols), offset
+
+
+def _source(node: torch.fx.Node) -> tuple[Any, ...]:
+    """What ``node`` reads, up to reshapes, and its shape: two layers reshaping one input to
+    2-D make two view nodes of the same rows."""
+    shape = str(tuple(node.meta["val"].shape)) if "val" in node.meta else None
+    while node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return (node, shape)
+
+
+def _stack(graph: torch.fx.Graph, run: list[tuple[int, torch.fx.Node]], rows: int, cols: int) -> int:
+    """One ``mm`` over the run's stacked rows; each shrink becomes a column slice of it."""
+    if len(run) < 2:
+        return 0
+    first = min((node for _, node in run), key=_position(graph))
+    lhs = first.args[0]
+    arena = run[0][1].args[1].args[0].args[0]  # type: ignore[union-attr]
+    fake = _fake_mode(first)
+    with graph.inserting_before(first):
+        view = graph.call_function(_aten.as_strided.default, (arena, [rows * len(run), cols], [cols, 1], run[0][0]))
+        stacked = graph.call_function(_aten.permute.default, (view, [1, 0]))
+        product = graph.call_function(_aten.mm.default, (lhs, stacked))
+        _meta(fake, view, stacked, product)
+        for i, (_, node) in enumerate(run):
+            part = graph.call_function(_aten.slice.Tensor, (product, 1, i * rows, (i + 1) * rows))
+            _meta(fake, part)
+            node.replace_all_uses_with(part)
+    for _, node in run:
+        _erase(graph, node)
+    return len(run) - 1
+
+
+def _position(graph: torch.fx.Graph) -> Any:
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
+def _erase(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """``node`` and the views only it used (its transposed view of the arena, an input reshape)."""
+    inputs = [a for a in node.all_input_nodes if a.target in (*_VIEWS, _aten.permute.default, _aten.as_strided.default)]
+    graph.erase_node(node)
+    for a in inputs:
+        if not a.users:
+            _erase(graph, a)
+
+
+def _fake_mode(node: torch.fx.Node) -> Any:
+    val = node.meta.get("val")
+    return getattr(val, "fake_mode", None)
+
+
+def _meta(fake: Any, *nodes: torch.fx.Node) -> None:
+    """Gives new nodes the ``val`` (a fake tensor) later passes read, by running them in the
+    graph's fake mode."""
+    if fake is None:
+        return
+    with fake:
+        for node in nodes:
+            args = torch.fx.node.map_arg(node.args, lambda n: n.meta["val"])
+            node.meta["val"] = node.target(*args)  # type: ignore[operator]

@@ -1,0 +1,186 @@
+"""The compiler pass that gives layers sharing an input one shrink GEMM
+(:mod:`lorahot.kernels.stacked_shrinks`).
+
+Compiled with inductor on the CPU: the generated code is counted (one ``mm`` for the run of
+q, k and v where they had three), the outputs are held to a float64 eager reference through
+swaps with ``error_on_recompile=True``, and the pass is switched off as a negative control. The
+same block on CUDA (wide layers, CUDA graphs) runs with the GPU tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+from torch._inductor import config as inductor_config
+from torch._inductor.utils import run_and_get_code
+
+import lorahot
+from lorahot.kernels import stacked_shrinks
+from lorahot.runtime import wide
+from tests.helpers import make_adapter
+
+D, R = 32, 8
+NAMES = ["q", "k", "v", "o"]
+
+
+class _Attention(nn.Module):
+    """q, k and v over one input (a SiLU's output, as a norm feeds them), o over another."""
+
+    def __init__(self, gap: bool = False) -> None:
+        super().__init__()
+        self.q = nn.Linear(D, D)
+        if gap:  # a layer between q and k in module order: their A rows are not neighbours
+            self.gate = nn.Linear(D, D)
+        self.k = nn.Linear(D, D)
+        self.v = nn.Linear(D, D)
+        self.o = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(x)
+        y = self.q(h) * self.k(h) + self.v(h)
+        if hasattr(self, "gate"):
+            y = y * torch.sigmoid(self.gate(x))
+        return self.o(y)
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler() -> Iterator[None]:
+    """No compiled code from another test, and inductor's pass slot as it was afterwards."""
+    torch._dynamo.reset()
+    with inductor_config.patch(post_grad_custom_pre_pass=None):
+        yield
+    torch._dynamo.reset()
+
+
+def _inject(
+    model: nn.Module, names: list[str], wide_layers: bool, monkeypatch: pytest.MonkeyPatch
+) -> lorahot.LoraRuntime:
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"} if wide_layers else {"cuda"})
+    return lorahot.inject(model, names, max_rank=R, extras=False)
+
+
+def _mm_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    with torch.no_grad():
+        out, code = run_and_get_code(torch.compile(model), x)
+    src = "\n".join(code)
+    return src.count("extern_kernels.mm("), src.count("extern_kernels.addmm("), out
+
+
+@pytest.mark.parametrize("wide_layers", [True, False], ids=["wide", "library-formula"])
+def test_layers_sharing_an_input_share_one_shrink(wide_layers: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """q, k and v read one input and their A rows are neighbours in the arena: one shrink for
+    the three, one for o; without the pass (the negative control) four. The output matches the
+    eager model's, and after two swaps it still does, with no recompile."""
+    counts = {}
+    for passes in (True, False):
+        torch._dynamo.reset()
+        inductor_config.post_grad_custom_pre_pass = None
+        if not passes:
+            monkeypatch.setattr(stacked_shrinks, "install", lambda: None)
+        torch.manual_seed(0)
+        model = _Attention().double()
+        runtime = _inject(model, NAMES, wide_layers, monkeypatch)
+        adapters = [make_adapter(model, dict.fromkeys(NAMES, r), seed=s)[0] for r, s in ((4, 0), (8, 1), (2, 2))]
+        runtime.load(adapters[0])
+        x = torch.randn(2, 5, D, dtype=torch.float64)
+        mm, addmm, out = _mm_counts(model, x)
+        counts[passes] = mm
+        with torch.no_grad():
+            torch.testing.assert_close(out, _eager(model, x), rtol=1e-9, atol=1e-9)
+            compiled = torch.compile(model)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for adapter in adapters[1:]:
+                    runtime.load(adapter)
+                    torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+        assert addmm == 4  # the base GEMMs (the wide ones take the expand too)
+        lorahot.eject(model)
+    expands = 0 if wide_layers else 4  # the library formula's expands are mm too
+    assert counts == {True: 2 + expands, False: 4 + expands}
+
+
+def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out: torch.Tensor = model(x)
+    return out
+
+
+def test_layers_whose_a_rows_are_not_neighbours_keep_their_own_shrinks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LoRA layer over another input between q and k in module order (and so in the arena):
+    only k and v are stacked, and the output is still the eager one."""
+    torch.manual_seed(0)
+    model = _Attention(gap=True).double()
+    names = ["q", "gate", "k", "v", "o"]
+    runtime = _inject(model, names, True, monkeypatch)
+    runtime.load(make_adapter(model, dict.fromkeys(names, 4))[0])
+    x = torch.randn(3, D, dtype=torch.float64)
+    mm, _, out = _mm_counts(model, x)
+    assert mm == 4  # q, gate, k+v, o
+    torch.testing.assert_close(out, _eager(model, x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("wide_layers", [True, False], ids=["wide", "library-formula"])
+def test_a_symbolic_row_count_stacks_the_same_shrinks(wide_layers: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under dynamic shapes the row count is a symbol of the graph: the same stacking, one
+    graph for both sizes, each output the eager one."""
+    torch.manual_seed(0)
+    model = _Attention().double()
+    runtime = _inject(model, NAMES, wide_layers, monkeypatch)
+    runtime.load(make_adapter(model, dict.fromkeys(NAMES, 4))[0])
+    compiled = torch.compile(model, dynamic=True)
+    with torch.no_grad():
+        for rows in (3, 11):
+            x = torch.randn(rows, D, dtype=torch.float64)
+            out, code = run_and_get_code(compiled, x) if rows == 3 else (compiled(x), [])
+            if code and wide_layers:  # (the library formula's expands take other forms here)
+                assert "\n".join(code).count("extern_kernels.mm(") == 2
+            torch.testing.assert_close(out, _eager(model, x), rtol=1e-9, atol=1e-9)
+
+
+def test_install_is_idempotent_and_runs_a_pass_installed_before_it() -> None:
+    seen = []
+
+    class Before:
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            seen.append(len(graph.nodes))
+
+        def uuid(self) -> str:
+            return "before"
+
+    before = Before()
+    inductor_config.post_grad_custom_pre_pass = before
+    stacked_shrinks.install()
+    installed = inductor_config.post_grad_custom_pre_pass
+    stacked_shrinks.install()
+    assert inductor_config.post_grad_custom_pre_pass is installed
+    assert isinstance(installed, stacked_shrinks.StackShrinks) and installed.before is before
+    assert installed.uuid()[1] == "before"
+    graph = torch.fx.Graph()
+    graph.output(graph.placeholder("x"))
+    installed(graph)
+    assert seen == [2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_wide_layers_sharing_an_input_follow_swaps(mode: str) -> None:
+    """The same block on CUDA in bf16 (wide layers; CUDA graphs in reduce-overhead) with 512
+    rows (past the fused kernel's): the stacked shrink gives the eager model's output through
+    swaps, no recompile."""
+    torch.manual_seed(0)
+    model = _Attention().cuda().to(torch.bfloat16)
+    runtime = lorahot.inject(model, NAMES, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(NAMES, r), seed=s)[0] for r, s in ((4, 0), (8, 1))]
+    runtime.load(adapters[0])
+    x = torch.randn(512, D, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(model, mode=None if mode == "default" else mode)
+    with torch.no_grad():
+        compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for adapter in adapters:
+                runtime.load(adapter)
+                got = compiled(x).float().clone()
+                want = _eager(model, x).float()
+                assert float((got - want).norm() / want.norm()) < 1e-2
