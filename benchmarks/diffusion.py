@@ -55,6 +55,7 @@ import torch
 import lorahot
 from benchmarks.common import COMPILE_CONFIGS, kernel_profile, median_ms, rel_err, sync
 from benchmarks.parallel import Workers
+from lorahot.kernels import stacked_shrinks
 
 #: diffusers' UNet2DConditionModel config of stabilityai/stable-diffusion-xl-base-1.0.
 SDXL_UNET: dict[str, Any] = {
@@ -125,6 +126,10 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 ADAPTERS = {"A": (64, 64), "B": (32, 64)}  # name -> (rank, lora_alpha)
 MAX_RANK = 64
 CONFIGS = ("base", "lorahot", "lorahot_merged", "diffusers")
+#: configurations beside the issue's, in ``diffusion_step_other_ms``: ``lorahot_unstacked`` is
+#: lorahot compiled without the stacked-shrink pass (:mod:`lorahot.kernels.stacked_shrinks`;
+#: the pass is process-wide, so with ``--parallel``, or prepared last)
+OTHER_CONFIGS = ("lorahot_unstacked",)
 DIFFUSERS_ADAPTER = "default_0"
 ROUNDS = 3
 SWAPS = 6  # timed swaps per configuration (B, A, B, A, ...), each followed by a step
@@ -305,8 +310,10 @@ def _prepare(name: str, w: DiffusionWorkload, mode: str, regional: bool, backend
     info: dict[str, Any] = {}
     swap: Callable[[str], None] | None = None
     keep: Any = unet
-    if name in ("lorahot", "lorahot_merged"):
+    if name in ("lorahot", "lorahot_merged", "lorahot_unstacked"):
         runtime = lorahot.inject(unet, TARGETS, max_rank=MAX_RANK, merged=name == "lorahot_merged")
+        if name == "lorahot_unstacked":
+            stacked_shrinks.uninstall()
         info["layers"] = len(runtime.layers)
         runtime.load(w.file("A"))
 
@@ -331,7 +338,7 @@ def _prepare(name: str, w: DiffusionWorkload, mode: str, regional: bool, backend
             )
 
     elif name != "base":
-        raise ValueError(f"unknown diffusion configuration {name!r}; choose from {CONFIGS}")
+        raise ValueError(f"unknown diffusion configuration {name!r}; choose from {CONFIGS + OTHER_CONFIGS}")
     step = _stepper(unet if backend is None else _compile(unet, mode, regional, backend), w.inputs)
     graphs = _unique_graphs()
     sync(w.device)
@@ -432,9 +439,9 @@ def _dynamo_limits() -> None:
 
 def _names(only: list[str] | None) -> list[str]:
     names = [c for c in (only or CONFIGS) if c != "base"]
-    unknown = [c for c in names if c not in CONFIGS]
+    unknown = [c for c in names if c not in CONFIGS + OTHER_CONFIGS]
     if unknown:
-        raise ValueError(f"unknown diffusion configurations {unknown}; choose from {CONFIGS}")
+        raise ValueError(f"unknown diffusion configurations {unknown}; choose from {CONFIGS + OTHER_CONFIGS}")
     return ["base", *names]  # base in every run, first: ratios only hold within one run
 
 
@@ -779,9 +786,14 @@ def summary(raw: dict[str, Any], run_file: str = "") -> dict[str, Any]:
     errs = {c: res.get(c, {}).get("rel_err", {}).get("A" if c != "base" else "base") for c in CONFIGS}
     # the fields the performance issue names hold exactly its keys; how they were taken goes to
     # diffusion_run
+    other = {
+        lab: {c: r[c]["step_ms"] for c in OTHER_CONFIGS if r.get(c, {}).get("step_ms") is not None}
+        for lab, r in d["modes"].items()
+    }
     return {
         "diffusion_step_ms": by_mode[label],
         "diffusion_step_ms_by_mode": by_mode,
+        **({"diffusion_step_other_ms": other} if any(other.values()) else {}),
         "diffusion_swap_ms": {c: res.get(c, {}).get("swap_ms") for c in ("lorahot", "diffusers")},
         "diffusion_swap_uncompiled_ms": uncompiled,
         "diffusion_recompiles": {c: res.get(c, {}).get("recompiles") for c in CONFIGS if c != "base"},

@@ -20,6 +20,7 @@ import torch
 import lorahot
 from benchmarks.common import median_ms, rel_err, sync
 from benchmarks.workload import MAX_RANK, RANKS, TARGETS, Workload
+from lorahot.kernels import stacked_shrinks
 
 
 def _compiled(
@@ -77,12 +78,17 @@ def lorahot_mode(
     swaps: int = 30,
     extras: bool = False,
     dynamic: bool | None = None,
+    stacked: bool = True,
 ) -> Prepared:
     """Compiles a lorahot model, swaps ``swaps`` times among ranks (checking each against the
     eager reference and counting recompiles), then leaves the rank-64 adapter active.
-    ``extras=True`` injects with the DoRA / LoRA-bias pass (what that pass costs plain LoRA)."""
+    ``extras=True`` injects with the DoRA / LoRA-bias pass (what that pass costs plain LoRA);
+    ``stacked=False`` compiles without the stacked-shrink pass (what it saves; the pass is
+    process-wide, so a configuration of its own process)."""
     model = w.fresh_base()
     runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, merged=merged, fused=fused, extras=extras)
+    if not stacked:
+        stacked_shrinks.uninstall()
     call = _compiled(model, mode, fullgraph, dynamic)
     if dynamic is not False:
         call(w.prefill), call(w.decode)  # compile before any adapter is loaded

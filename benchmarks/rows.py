@@ -44,7 +44,7 @@ ROWS: dict[str, tuple[int, int]] = {
     "prefill2048": (1, 2048),
     "prefill8192": (1, 8192),
 }
-CONFIGS = ("base", "lorahot", "lorahot_merged", "peft_bf16", "lorahot_extras")
+CONFIGS = ("base", "lorahot", "lorahot_merged", "peft_bf16", "lorahot_extras", "lorahot_unstacked")
 ROUNDS = 3
 
 
@@ -83,6 +83,8 @@ def _builders(w: Workload, refs: dict[int, torch.Tensor], static: bool = False) 
         "lorahot_merged": lambda: lorahot_mode(w, mode, refs, merged=True, swaps=0, dynamic=dyn),
         # with the DoRA / LoRA-bias elementwise pass (inject(..., extras=True)): what it costs plain LoRA
         "lorahot_extras": lambda: lorahot_mode(w, mode, refs, swaps=0, extras=True, dynamic=dyn),
+        # without the stacked-shrink pass (what it saves; the pass is process-wide: --parallel)
+        "lorahot_unstacked": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn, stacked=False),
         "peft_bf16": lambda: peft_mode(w, mode, refs, bf16=True, dynamic=dyn),
         "peft": lambda: peft_mode(w, mode, refs, bf16=False, dynamic=dyn),
     }

@@ -26,7 +26,8 @@ q/o shape at 1024 rows 33.4 against 37.8 (29.9): half or more of the wide layers
 base.
 
 :func:`install` puts the pass in inductor's ``post_grad_custom_pre_pass`` (beside a pass
-already there, which runs first); :func:`lorahot.inject` installs it when it binds layers. It
+already there, which runs first); :func:`lorahot.inject` installs it when it binds layers, and
+:func:`uninstall` takes it out again (for graphs compiled from then on, until the next inject). It
 rewrites only ``mm`` nodes of that exact form over graph inputs, so a graph without lorahot's
 layers passes through unchanged; its ``uuid`` (a hash of this file and of the pass before it)
 keeps inductor's cache of compiled graphs valid.
@@ -41,7 +42,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-__all__ = ["StackShrinks", "install", "stack_shrinks"]
+__all__ = ["StackShrinks", "install", "uninstall", "stack_shrinks"]
 
 _aten = torch.ops.aten
 #: ops that give another view of the same rows (a layer reshapes its input to 2-D)
@@ -74,6 +75,14 @@ def install() -> None:
     if isinstance(current, StackShrinks):
         return
     inductor_config.post_grad_custom_pre_pass = StackShrinks(current)
+
+
+def uninstall() -> None:
+    """Takes :class:`StackShrinks` out of inductor's post-grad passes (the pass that was there
+    before it stays); graphs compiled from then on keep a shrink per layer."""
+    current = inductor_config.post_grad_custom_pre_pass
+    if isinstance(current, StackShrinks):
+        inductor_config.post_grad_custom_pre_pass = current.before
 
 
 def stack_shrinks(graph: torch.fx.Graph) -> int:

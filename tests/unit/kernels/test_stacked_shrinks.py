@@ -78,11 +78,11 @@ def test_layers_sharing_an_input_share_one_shrink(wide_layers: bool, monkeypatch
     for passes in (True, False):
         torch._dynamo.reset()
         inductor_config.post_grad_custom_pre_pass = None
-        if not passes:
-            monkeypatch.setattr(stacked_shrinks, "install", lambda: None)
         torch.manual_seed(0)
         model = _Attention().double()
         runtime = _inject(model, NAMES, wide_layers, monkeypatch)
+        if not passes:
+            stacked_shrinks.uninstall()
         adapters = [make_adapter(model, dict.fromkeys(NAMES, r), seed=s)[0] for r, s in ((4, 0), (8, 1), (2, 2))]
         runtime.load(adapters[0])
         x = torch.randn(2, 5, D, dtype=torch.float64)
@@ -139,7 +139,7 @@ def test_a_symbolic_row_count_stacks_the_same_shrinks(wide_layers: bool, monkeyp
             torch.testing.assert_close(out, _eager(model, x), rtol=1e-9, atol=1e-9)
 
 
-def test_install_is_idempotent_and_runs_a_pass_installed_before_it() -> None:
+def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls() -> None:
     seen = []
 
     class Before:
@@ -161,6 +161,10 @@ def test_install_is_idempotent_and_runs_a_pass_installed_before_it() -> None:
     graph.output(graph.placeholder("x"))
     installed(graph)
     assert seen == [2]
+    stacked_shrinks.uninstall()
+    assert inductor_config.post_grad_custom_pre_pass is before
+    stacked_shrinks.uninstall()  # nothing of ours left: a no-op
+    assert inductor_config.post_grad_custom_pre_pass is before
 
 
 @pytest.mark.gpu
