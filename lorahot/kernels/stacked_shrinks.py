@@ -53,19 +53,29 @@ Groups = dict[tuple[Any, ...], list[tuple[int, torch.fx.Node]]]
 
 
 class StackShrinks(CustomGraphPass):
-    """The pass (see the module docstring), after ``before`` (a pass that was installed first)."""
+    """The pass (see the module docstring), after ``before``: what the slot held when it was
+    installed (None, a pass, or a list of passes, as inductor takes them)."""
 
     def __init__(self, before: Any = None) -> None:
         self.before = before
 
+    def _before(self) -> list[Any]:
+        if self.before is None:
+            return []
+        return list(self.before) if isinstance(self.before, (list, tuple)) else [self.before]
+
     def __call__(self, graph: torch.fx.Graph) -> None:
-        if self.before is not None:
-            self.before(graph)
+        for earlier in self._before():
+            earlier(graph)
         stack_shrinks(graph)
 
     def uuid(self) -> Any:
-        before = None if self.before is None else getattr(self.before, "uuid", lambda: None)()
-        return (get_hash_for_files((__file__,)), before)
+        """This file's hash and the earlier passes' ids; None (no caching of compiled graphs,
+        as inductor does for such a pass) where an earlier pass has no id."""
+        earlier = [getattr(p, "uuid", lambda: None)() for p in self._before()]
+        if any(u is None for u in earlier):
+            return None
+        return (get_hash_for_files((__file__,)), *earlier)
 
 
 def install() -> None:

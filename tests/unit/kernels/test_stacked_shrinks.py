@@ -183,10 +183,15 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls() 
     assert inductor_config.post_grad_custom_pre_pass is installed
     assert isinstance(installed, stacked_shrinks.StackShrinks) and installed.before is before
     assert installed.uuid()[1] == "before"
+    # an earlier pass without an id turns inductor's cache off, as it would on its own
+    assert stacked_shrinks.StackShrinks(lambda graph: None).uuid() is None
+    assert stacked_shrinks.StackShrinks([before, before]).uuid()[1:] == ("before", "before")
     graph = torch.fx.Graph()
     graph.output(graph.placeholder("x"))
     installed(graph)
     assert seen == [2]
+    stacked_shrinks.StackShrinks([before, before])(graph)  # a list, as inductor also takes
+    assert seen == [2, 2, 2]
     stacked_shrinks.uninstall()
     assert inductor_config.post_grad_custom_pre_pass is before
     stacked_shrinks.uninstall()  # nothing of ours left: a no-op
