@@ -165,6 +165,26 @@ def test_a_diffusers_unet_stacks_three_shrinks_per_transformer_block(monkeypatch
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_a_model_without_lorahot_layers_compiles_to_the_same_code() -> None:
+    """The pass is process-wide: a plain model whose q, k and v share an input (their weights
+    graph inputs, as parameters are) keeps its three GEMMs, and its generated code is the same
+    with the pass as without."""
+    torch.manual_seed(0)
+    model = _Attention().double()
+    x = torch.randn(4, D, dtype=torch.float64)
+    codes = []
+    for installed in (False, True):
+        torch._dynamo.reset()
+        inductor_config.post_grad_custom_pre_pass = None
+        if installed:
+            stacked_shrinks.install()
+        with torch.no_grad():
+            out, code = run_and_get_code(torch.compile(model), x)
+        torch.testing.assert_close(out, _eager(model, x))
+        codes.append("\n".join(line for line in "\n".join(code).splitlines() if "extern_kernels" in line))
+    assert codes[0] == codes[1] and codes[0].count("extern_kernels.addmm(") == 4
+
+
 def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls() -> None:
     seen = []
 
