@@ -48,9 +48,13 @@ class _Attention(nn.Module):
 
 @pytest.fixture(autouse=True)
 def fresh_compiler() -> Iterator[None]:
-    """No compiled code from another test, and inductor's pass slot as it was afterwards."""
+    """No compiled code from another test or an earlier run (a graph from inductor's on-disk
+    cache skips the post-grad passes), and inductor's pass slot as it was afterwards."""
     torch._dynamo.reset()
-    with inductor_config.patch(post_grad_custom_pre_pass=None):
+    with (
+        inductor_config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
         yield
     torch._dynamo.reset()
 
