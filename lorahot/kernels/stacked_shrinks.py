@@ -99,16 +99,17 @@ def stack_shrinks(graph: torch.fx.Graph) -> int:
     """Rewrites every run of adjacent shrinks over one input into one ``mm``; returns how many
     shrinks it removed."""
     removed = 0
-    for (_, _, rows, cols), members in _groups(graph).items():
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for (_, arena, rows, cols), members in _groups(graph).items():
         members.sort(key=lambda m: m[0])
         run = [members[0]]
         for member in members[1:]:
             if member[0] == run[-1][0] + rows * cols:
                 run.append(member)
                 continue
-            removed += _stack(graph, run, rows, cols)
+            removed += _stack(graph, run, arena, rows, cols, order)
             run = [member]
-        removed += _stack(graph, run, rows, cols)
+        removed += _stack(graph, run, arena, rows, cols, order)
     return removed
 
 
@@ -158,13 +159,20 @@ def _source(node: torch.fx.Node) -> tuple[Any, ...]:
     return (node, shape)
 
 
-def _stack(graph: torch.fx.Graph, run: list[tuple[int, torch.fx.Node]], rows: int, cols: int) -> int:
-    """One ``mm`` over the run's stacked rows; each shrink becomes a column slice of it."""
+def _stack(
+    graph: torch.fx.Graph,
+    run: list[tuple[int, torch.fx.Node]],
+    arena: torch.fx.Node,
+    rows: int,
+    cols: int,
+    order: dict[torch.fx.Node, int],
+) -> int:
+    """One ``mm`` over the run's stacked rows of ``arena``, before the run's first shrink in
+    the graph's ``order``; each shrink becomes a column slice of it."""
     if len(run) < 2:
         return 0
-    first = min((node for _, node in run), key=_position(graph))
+    first = min((node for _, node in run), key=order.__getitem__)
     lhs = first.args[0]
-    arena = run[0][1].args[1].args[0].args[0]  # type: ignore[union-attr]
     fake = _fake_mode(first)
     with graph.inserting_before(first):
         view = graph.call_function(_aten.as_strided.default, (arena, [rows * len(run), cols], [cols, 1], run[0][0]))
@@ -178,11 +186,6 @@ def _stack(graph: torch.fx.Graph, run: list[tuple[int, torch.fx.Node]], rows: in
     for _, node in run:
         _erase(graph, node)
     return len(run) - 1
-
-
-def _position(graph: torch.fx.Graph) -> Any:
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    return order.__getitem__
 
 
 def _erase(graph: torch.fx.Graph, node: torch.fx.Node) -> None:

@@ -396,7 +396,7 @@ class LoRALayer(nn.Module):
             if fused and self.can_fuse(x, a):
                 return self._finish(self.fused_forward(x, a, b, scale), e, scale)  # base(x) + B(s * A(x))
             if wide and self.can_widen(x):
-                return self._finish(self.wide_forward(x), e, scale)
+                return self._finish(self.wide_forward(x, a), e, scale)
         y: torch.Tensor = self._base(x, *args, **kwargs)
         # The LoRA bias and the DoRA factor apply next to the add, where the compiler fuses
         # them into one elementwise pass (usually into the consumer of y as well): no extra
@@ -527,8 +527,9 @@ class LoRALayer(nn.Module):
         """Whether :meth:`wide_forward` applies to ``x`` (only called when :attr:`wide`)."""
         return False
 
-    def wide_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole layer from the wide buffer, where the subclass has one."""
+    def wide_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The whole layer from the wide buffer, where the subclass has one (``a`` the live A
+        view, which the compiled shrink reads)."""
         raise NotImplementedError
 
     def compiled_forward(

@@ -206,11 +206,11 @@ class LoRALinear(LoRALayer):
         dtype = self._base.weight.dtype
         return x.dtype == dtype and not _needs_grad(x, self._base) and not _autocast_recasts(x, dtype)
 
-    def wide_forward(self, x: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
+    def wide_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The layer from its wide buffer (:mod:`lorahot.kernels.wide_linear`): compiled, the
-        shrink then ``[x | h] @ [W | B_s].T + bias`` in one GEMM (the shrink over ``a``, the live
-        A's arena view, where given); eagerly, ``[y | h] = x @ [W; A].T`` then the expand in
-        place and the bias."""
+        shrink over ``a`` (the live A's arena view, which the stacked-shrink pass joins with its
+        neighbours') then ``[x | h] @ [W | B_s].T + bias`` in one GEMM; eagerly, ``[y | h] = x @
+        [W; A].T`` then the expand in place and the bias."""
         wide = self._buffers[WIDE_BUFFER]
         y: torch.Tensor = wide_kernel.wide_linear(x, wide, self._base.bias, a)  # type: ignore[arg-type]
         return y
