@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -86,7 +87,8 @@ def merge_results(path: Path, new: dict[str, Any]) -> dict[str, Any]:
 
 def kernel_profile(fn: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
     """What one call of ``fn`` runs on a CUDA device: kernels launched, their summed GPU time
-    (µs), the twelve kernels taking the most time (µs and launches per call), and which host
+    (µs), the kernels taking the most time (µs and launches per call; twelve, or ``PROFILE_TOP``
+    from the environment), and which host
     ops issued copies (``aten::copy_`` under its parent op, with shapes: a copy nobody asked
     for is a layout the graph did not plan). Wall time well above the summed kernel time is
     host or launch overhead; more kernels or kernel time is the graph."""
@@ -104,7 +106,7 @@ def kernel_profile(fn: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
         slot = per.setdefault(e.name, [0.0, 0.0])
         slot[0] += e.device_time / calls
         slot[1] += 1 / calls
-    top = sorted(per.items(), key=lambda kv: -kv[1][0])[:12]
+    top = sorted(per.items(), key=lambda kv: -kv[1][0])[: int(os.environ.get("PROFILE_TOP", "12"))]
     copies: dict[str, float] = {}
     for e in events:
         if e.device_type == torch.autograd.DeviceType.CPU and e.name == "aten::copy_":

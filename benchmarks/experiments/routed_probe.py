@@ -16,6 +16,9 @@ CUDA graph over 22 weight sets (weights stream from HBM as in the model), in us 
 
 - ``wide``: the single-adapter wide formula (one GEMM over ``[W; s*A]``, the expand
   accumulated in place), for reference;
+- ``shr d1`` / ``shr d8``: the first part of ``fused`` alone (the zero fill and the segmented
+  shrink), so ``fused - shr`` is the fused kernel with its split-K sum; ``one``: the
+  single-adapter fused kernel (slot 0) with its split-K sum, what ``fused d1`` is held to;
 (A ``stk8`` column, the routed prefill plan emulated with the old segmented expand, measured
 65.9 / 22.4 / 153.6 / 116.6 us at 2048 rows: ``runs/20261130T194808-routed-probe-m2048.log``.)
 
@@ -57,7 +60,7 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(
         f"{'shape':8s} {'base':>7s} {'lora':>7s} {'segments':>9s} {'seg d1':>7s} {'seg d8':>7s} {'gat d1':>7s} {'gat d8':>7s}"
-        f" {'fus d1':>7s} {'fus d8':>7s} {'wide':>7s}"
+        f" {'fus d1':>7s} {'fus d8':>7s} {'wide':>7s} {'shr d1':>7s} {'shr d8':>7s} {'one':>7s}"
     )
     for name, (k, n) in SHAPES.items():
         w, a, bt, s, x = weight_sets(k, n, M, dev, dt)
@@ -97,12 +100,22 @@ def main() -> None:
                 yh = torch.nn.functional.linear(x, wa)
                 yh[:, :n].addmm_(yh[:, n:], bi[0])
 
+        def shrink_only(d: int) -> None:  # the fused path's first part: zero fill and segmented shrink
+            for ai in a:
+                T.shrink(x, ai, s, grouped[d], T_ROWS)
+
+        def single() -> None:  # the single-adapter fused kernel (slot 0), split-K sum included
+            for wi, ai, bi in zip(w, a, bt):
+                F.launch(x, wi, None, ai[0], bi[0], s[0], out, config)
+
         nan = float("nan")
         row = [graph_us(f, SETS) for f in (base, lora, segs)]
         row += [graph_us(lambda d=d: routed(d, False), SETS) for d in (1, 8)]
         row += [graph_us(lambda d=d: routed(d, True), SETS) if M <= 64 else nan for d in (1, 8)]
         row += [graph_us(lambda d=d: fused(d), SETS) for d in (1, 8)]
         row += [graph_us(wide_single, SETS)]
+        row += [graph_us(lambda d=d: shrink_only(d), SETS) for d in (1, 8)]
+        row += [graph_us(single, SETS)]
         print(f"{name:8s} " + " ".join(f"{v:8.1f}" for v in row), flush=True)
 
 
