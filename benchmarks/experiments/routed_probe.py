@@ -19,6 +19,8 @@ CUDA graph over 22 weight sets (weights stream from HBM as in the model), in us 
 - ``shr d1`` / ``shr d8``: the first part of ``fused`` alone (the zero fill and the segmented
   shrink), so ``fused - shr`` is the fused kernel with its split-K sum; ``one``: the
   single-adapter fused kernel (slot 0) with its split-K sum, what ``fused d1`` is held to;
+- ``uns d1`` / ``uns d8``: ``fused`` with the shrink's K not split (one program per tile of
+  rows over all of K): no zero fill and no atomics, one launch fewer, far fewer programs;
 (A ``stk8`` column, the routed prefill plan emulated with the old segmented expand, measured
 65.9 / 22.4 / 153.6 / 116.6 us at 2048 rows: ``runs/20261130T194808-routed-probe-m2048.log``.)
 
@@ -60,7 +62,7 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(
         f"{'shape':8s} {'base':>7s} {'lora':>7s} {'segments':>9s} {'seg d1':>7s} {'seg d8':>7s} {'gat d1':>7s} {'gat d8':>7s}"
-        f" {'fus d1':>7s} {'fus d8':>7s} {'wide':>7s} {'shr d1':>7s} {'shr d8':>7s} {'one':>7s}"
+        f" {'fus d1':>7s} {'fus d8':>7s} {'wide':>7s} {'shr d1':>7s} {'shr d8':>7s} {'one':>7s} {'uns d1':>7s} {'uns d8':>7s}"
     )
     for name, (k, n) in SHAPES.items():
         w, a, bt, s, x = weight_sets(k, n, M, dev, dt)
@@ -108,6 +110,22 @@ def main() -> None:
             for wi, ai, bi in zip(w, a, bt):
                 F.launch(x, wi, None, ai[0], bi[0], s[0], out, config)
 
+        def unsplit(d: int) -> None:  # ``fused`` with the shrink's K unsplit: no zero fill, no atomics
+            saved = T._SHRINK_PROGRAMS
+            T._SHRINK_PROGRAMS = 1
+            try:
+                fused(d)
+            finally:
+                T._SHRINK_PROGRAMS = saved
+
+        for d in (1, 8):  # the unsplit shrink computes the same layer
+            out.fill_(float("nan"))
+            fused(d)
+            split_out = out.clone()
+            out.fill_(float("nan"))
+            unsplit(d)
+            torch.testing.assert_close(out, split_out, rtol=2e-2, atol=2e-2)
+
         nan = float("nan")
         row = [graph_us(f, SETS) for f in (base, lora, segs)]
         row += [graph_us(lambda d=d: routed(d, False), SETS) for d in (1, 8)]
@@ -116,6 +134,7 @@ def main() -> None:
         row += [graph_us(wide_single, SETS)]
         row += [graph_us(lambda d=d: shrink_only(d), SETS) for d in (1, 8)]
         row += [graph_us(single, SETS)]
+        row += [graph_us(lambda d=d: unsplit(d), SETS) for d in (1, 8)]
         print(f"{name:8s} " + " ".join(f"{v:8.1f}" for v in row), flush=True)
 
 
