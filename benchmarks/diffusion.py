@@ -55,7 +55,7 @@ import torch
 import lorahot
 from benchmarks.common import COMPILE_CONFIGS, kernel_profile, median_ms, rel_err, sync
 from benchmarks.parallel import Workers
-from lorahot.kernels import stacked_shrinks
+from lorahot.kernels import extern_inputs, stacked_shrinks
 
 #: diffusers' UNet2DConditionModel config of stabilityai/stable-diffusion-xl-base-1.0.
 SDXL_UNET: dict[str, Any] = {
@@ -127,9 +127,11 @@ ADAPTERS = {"A": (64, 64), "B": (32, 64)}  # name -> (rank, lora_alpha)
 MAX_RANK = 64
 CONFIGS = ("base", "lorahot", "lorahot_merged", "diffusers")
 #: configurations beside the issue's, in ``diffusion_step_other_ms``: ``lorahot_unstacked`` is
-#: lorahot compiled without the stacked-shrink pass (:mod:`lorahot.kernels.stacked_shrinks`;
+#: lorahot compiled without the stacked-shrink pass (:mod:`lorahot.kernels.stacked_shrinks`),
+#: ``lorahot_extern`` with the rewrite of :mod:`lorahot.kernels.extern_inputs` on (both
+#: process-wide switches;
 #: the pass is process-wide, so with ``--parallel``, or prepared last)
-OTHER_CONFIGS = ("lorahot_unstacked",)
+OTHER_CONFIGS = ("lorahot_unstacked", "lorahot_extern")
 DIFFUSERS_ADAPTER = "default_0"
 ROUNDS = 3
 SWAPS = 6  # timed swaps per configuration (B, A, B, A, ...), each followed by a step
@@ -310,10 +312,11 @@ def _prepare(name: str, w: DiffusionWorkload, mode: str, regional: bool, backend
     info: dict[str, Any] = {}
     swap: Callable[[str], None] | None = None
     keep: Any = unet
-    if name in ("lorahot", "lorahot_merged", "lorahot_unstacked"):
+    if name in ("lorahot", "lorahot_merged", *OTHER_CONFIGS):
         runtime = lorahot.inject(unet, TARGETS, max_rank=MAX_RANK, merged=name == "lorahot_merged")
         if name == "lorahot_unstacked":
             stacked_shrinks.uninstall()
+        extern_inputs.ENABLED = name == "lorahot_extern"
         info["layers"] = len(runtime.layers)
         runtime.load(w.file("A"))
 

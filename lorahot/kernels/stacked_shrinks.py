@@ -29,6 +29,11 @@ of GPU time per step under CUDA graphs and 0.92 ms in default mode (1.18x to 1.1
 buffers by one kernel, where each shrink wrote its own ``h`` there
 (``runs/20261201T031958-`` and ``033141-diffusion.json``).
 
+Before stacking, where :data:`lorahot.kernels.extern_inputs.ENABLED` (off until measured), the
+pass runs :func:`lorahot.kernels.extern_inputs.rewrite_extern_inputs`, which gives the layers
+whose input the compiler would have to copy into ``[x | h]`` (attention's output, a graph input)
+the formula without that buffer.
+
 :func:`install` puts the pass in inductor's ``post_grad_custom_pre_pass`` (beside a pass
 already there, which runs first); :func:`lorahot.inject` installs it when it binds layers, and
 :func:`uninstall` takes it out again (for graphs compiled from then on, until the next inject). It
@@ -45,6 +50,8 @@ from typing import Any
 import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from lorahot.kernels import extern_inputs
 
 __all__ = ["StackShrinks", "install", "uninstall", "stack_shrinks"]
 
@@ -71,15 +78,18 @@ class StackShrinks(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         for earlier in self._before():
             earlier(graph)
+        if extern_inputs.ENABLED:  # first: the layers it rewrites have no shrink left to stack
+            extern_inputs.rewrite_extern_inputs(graph)
         stack_shrinks(graph)
 
     def uuid(self) -> Any:
-        """This file's hash and the earlier passes' ids; None (no caching of compiled graphs,
-        as inductor does for such a pass) where an earlier pass has no id."""
+        """This file's and :mod:`~lorahot.kernels.extern_inputs`' hash, whether the latter is on,
+        and the earlier passes' ids; None (no caching of compiled graphs, as inductor does for
+        such a pass) where an earlier pass has no id."""
         earlier = [getattr(p, "uuid", lambda: None)() for p in self._before()]
         if any(u is None for u in earlier):
             return None
-        return (get_hash_for_files((__file__,)), *earlier)
+        return (get_hash_for_files((__file__, extern_inputs.__file__)), extern_inputs.ENABLED, *earlier)
 
 
 def install() -> None:

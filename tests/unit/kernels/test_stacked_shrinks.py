@@ -18,7 +18,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.utils import run_and_get_code
 
 import lorahot
-from lorahot.kernels import stacked_shrinks
+from lorahot.kernels import extern_inputs, stacked_shrinks
 from lorahot.runtime import wide
 from tests.helpers import make_adapter
 
@@ -189,7 +189,9 @@ def test_a_model_without_lorahot_layers_compiles_to_the_same_code() -> None:
     assert codes[0] == codes[1] and codes[0].count("extern_kernels.addmm(") == 4
 
 
-def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls() -> None:
+def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     seen = []
 
     class Before:
@@ -206,10 +208,12 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls() 
     stacked_shrinks.install()
     assert inductor_config.post_grad_custom_pre_pass is installed
     assert isinstance(installed, stacked_shrinks.StackShrinks) and installed.before is before
-    assert installed.uuid()[1] == "before"
+    assert installed.uuid()[1:] == (False, "before")  # the input rewrite (off by default), the pass before
+    monkeypatch.setattr(extern_inputs, "ENABLED", True)
+    assert installed.uuid()[1:] == (True, "before")  # a graph compiled with it is another graph
     # an earlier pass without an id turns inductor's cache off, as it would on its own
     assert stacked_shrinks.StackShrinks(lambda graph: None).uuid() is None
-    assert stacked_shrinks.StackShrinks([before, before]).uuid()[1:] == ("before", "before")
+    assert stacked_shrinks.StackShrinks([before, before]).uuid()[2:] == ("before", "before")
     graph = torch.fx.Graph()
     graph.output(graph.placeholder("x"))
     installed(graph)

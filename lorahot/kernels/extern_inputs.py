@@ -1,0 +1,232 @@
+"""Compiled wide layers whose input no generated kernel writes: one GEMM over ``[W; A]`` and an expand, no copy.
+
+Compiled, a wide layer (:mod:`lorahot.kernels.wide_linear`) computes ``h = x @ A.T``, then one
+GEMM over ``[x | h]`` and ``[W | B_s]``. The concatenation is free when ``x`` comes from a
+kernel the compiler generates (a norm, an activation): that kernel writes ``x`` straight into
+the buffer. When ``x`` comes from a kernel the compiler calls instead (attention, a GEMM, a
+convolution) or is the graph's input, the compiler copies it into the buffer: one more kernel
+per layer. On the SDXL-shaped UNet those are the 140 ``to_out.0`` layers after attention:
+0.42 ms of GPU time per step and, in default mode, where each launch costs the host about
+20 us, about 2.8 ms of the step (``benchmarks/README.md``, tenth session).
+
+This pass rewrites such a layer into the formula that needs no buffer::
+
+    [y | h] = x @ [W; A].T          # one GEMM, x read once (the wide buffer's first columns)
+    out = y + h @ B_s.T (+ bias)    # the expand, its add folded into the output's consumer
+
+Two launches, the shrink's and the copy's gone and the expand's added: one fewer per layer.
+The GEMM is ``R`` outputs wider, and the expand's output is written and read once more, so it
+only pays where the copy it saves is a launch: where the consumer is elementwise (a residual
+add, as after ``to_out.0``), the add costs no kernel of its own.
+
+A layer whose input feeds other wide layers too (cross-attention's k and v over the text
+states) keeps the concatenated form: the stacked-shrink pass gives the group one shrink and one
+copy kernel, ``g + 2`` launches for ``g`` layers where this form takes ``2 g``.
+
+It runs in :class:`lorahot.kernels.stacked_shrinks.StackShrinks`, before the shrinks are
+stacked, and matches only the wide layer's traced form::
+
+    addmm(bias, cat([x, mm(x, permute(as_strided(arena, [R, in], ...)))]), permute(slice(wide, 0, 0, out)))
+
+(``mm`` without a bias) with ``wide`` a graph input of shape ``[out + R, in + R]``, so a graph
+without lorahot's layers passes through unchanged. The pass's cache id includes :data:`ENABLED`.
+
+**Off by default: not yet measured.** Predicted on the SDXL-shaped UNet: 140 fewer launches
+per step, about -2.8 ms in default mode (the stacked shrinks' 140 fewer launches measured -2.4
+to -3.0 ms there). The GPU time may go either way: the GEMM's ``R`` more outputs can cost a
+wave of tiles (at 2048 rows the LLM's 2048-wide layers took 44 us over 2112 outputs against
+36 over 2048, eighth session), where the copy it saves cost 3 us per layer on the UNet. The
+benchmarks' ``lorahot_extern`` configuration turns it on in its own process.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, TypeGuard
+
+import torch
+
+__all__ = ["ENABLED", "rewrite_extern_inputs", "needs_copy"]
+
+#: whether :class:`~lorahot.kernels.stacked_shrinks.StackShrinks` runs this rewrite: off until a
+#: device run measures it (see the module docstring)
+ENABLED = False
+
+_aten = torch.ops.aten
+#: ops that give another view of the same data: the producer is looked for behind them
+_VIEWS = frozenset(
+    {
+        _aten.view.default,
+        _aten.reshape.default,
+        _aten._unsafe_view.default,
+        _aten.permute.default,
+        _aten.transpose.int,
+        _aten.t.default,
+        _aten.slice.Tensor,
+        _aten.expand.default,
+        _aten.squeeze.dim,
+        _aten.unsqueeze.default,
+        _aten.as_strided.default,
+    }
+)
+#: ops that give the same rows another shape (a layer reshapes its input to 2-D)
+_RESHAPES = frozenset({_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default})
+#: producers the compiler calls rather than generates (default mode: library GEMMs,
+#: convolutions, attention); a custom operator's output is one too (see :func:`needs_copy`)
+_EXTERN = frozenset(
+    {
+        _aten.mm.default,
+        _aten.addmm.default,
+        _aten.bmm.default,
+        _aten.baddbmm.default,
+        _aten.convolution.default,
+        _aten._scaled_dot_product_efficient_attention.default,
+        _aten._scaled_dot_product_flash_attention.default,
+        _aten._scaled_dot_product_cudnn_attention.default,
+        _aten._scaled_dot_product_flash_attention_for_cpu.default,
+        _aten._efficient_attention_forward.default,
+        _aten._flash_attention_forward.default,
+    }
+)
+
+
+def needs_copy(node: torch.fx.Node) -> bool:
+    """Whether the compiler must copy ``node``'s data to put it in a concatenation: it is the
+    graph's input, or (behind views) the output of a kernel the compiler calls rather than
+    generates (:data:`_EXTERN`, an item of such an op's outputs, a custom operator)."""
+    while node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    if node.op == "placeholder":
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]  # one output of a multi-output op (attention's)
+    target = node.target
+    if target in _EXTERN:
+        return True
+    namespace = getattr(target, "namespace", None)
+    return namespace is not None and namespace not in ("aten", "prims")
+
+
+def rewrite_extern_inputs(graph: torch.fx.Graph) -> int:
+    """Rewrites every compiled wide layer whose input :func:`needs_copy` and feeds no other
+    wide layer (see the module docstring); returns how many. Layers that share an input keep
+    the concatenated form: their shrinks are stacked into one GEMM and the copies into one
+    kernel, ``g + 2`` launches for ``g`` layers where this form takes ``2 g``."""
+    found = [(node, match) for node in graph.nodes if (match := _match(node)) is not None]
+    sharing: dict[tuple[Any, ...], int] = {}
+    for _, match in found:
+        sharing[_root(match[0])] = sharing.get(_root(match[0]), 0) + 1
+    done = 0
+    for node, match in found:
+        if sharing[_root(match[0])] == 1 and needs_copy(match[0]):
+            _rewrite(graph, node, *match)
+            done += 1
+    return done
+
+
+def _root(node: torch.fx.Node) -> tuple[Any, ...]:
+    """What ``node`` reads, up to reshapes, with its shape: two layers reshaping one input
+    make two view nodes of the same rows."""
+    shape = str(_shape(node))  # a symbolic row count is not hashable
+    while node.op == "call_function" and node.target in _RESHAPES and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return (node, shape)
+
+
+#: ``(x, shrink, wide, bias, out, in, rank)`` of a matched layer
+Match = tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node, Any, int, int, int]
+
+
+def _match(node: torch.fx.Node) -> Match | None:
+    """The parts of a wide layer's main GEMM ``node`` (see the module docstring), or None."""
+    if node.op != "call_function" or node.target not in (_aten.addmm.default, _aten.mm.default):
+        return None
+    args: Any = node.args  # the graph's arguments, checked below
+    bias, cat, weight = (None, *args) if node.target is _aten.mm.default else args[:3]
+    if node.kwargs or len(node.args) > (2 if bias is None else 3):  # beta / alpha given
+        return None
+    if not (_is(cat, _aten.cat.default) and _is(weight, _aten.permute.default)) or len(cat.users) != 1:
+        return None
+    parts, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
+    if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and dim in (1, -1)):
+        return None
+    x, shrink = parts
+    if not (isinstance(x, torch.fx.Node) and _is(shrink, _aten.mm.default)) or shrink.args[0] is not x:
+        return None
+    if len(shrink.users) != 1 or not _is(shrink.args[1], _aten.permute.default):
+        return None
+    if not _is(shrink.args[1].args[0], _aten.as_strided.default):
+        return None
+    rows = weight.args[0]  # slice(wide, 0, 0, out)
+    order: Any = weight.args[1]
+    if not _is(rows, _aten.slice.Tensor) or list(order) != [1, 0]:
+        return None
+    wide, dim0, start, stop = (*rows.args, None, None, None)[:4]
+    if not (isinstance(wide, torch.fx.Node) and wide.op == "placeholder" and dim0 == 0 and start == 0):
+        return None
+    shapes = [_shape(n) for n in (x, shrink, wide)]
+    if any(s is None or len(s) != 2 for s in shapes):
+        return None
+    (_, k), (_, r), (rows_total, cols_total) = shapes  # type: ignore[misc]
+    n = rows_total - r
+    if cols_total != k + r or stop != n or not all(isinstance(v, int) for v in (k, r, n)):
+        return None
+    return x, shrink, wide, bias, n, k, r
+
+
+def _rewrite(graph: torch.fx.Graph, main: torch.fx.Node, x: torch.fx.Node, shrink: torch.fx.Node,
+             wide: torch.fx.Node, bias: Any, n: int, k: int, r: int) -> None:  # fmt: skip
+    """``main`` (the GEMM over ``[x | h]``) becomes ``[y | h] = x @ wide[:, :k].T``, then
+    ``y + h @ wide[:n, k:].T (+ bias)``."""
+    cat: Any = main.args[1] if bias is not None else main.args[0]
+    new: list[torch.fx.Node] = []
+
+    def call(target: Any, *args: Any) -> torch.fx.Node:
+        node = graph.call_function(target, args)
+        new.append(node)
+        return node
+
+    with graph.inserting_before(main):
+        columns = call(_aten.slice.Tensor, wide, 1, 0, k)  # [W; A]
+        both = call(_aten.mm.default, x, call(_aten.permute.default, columns, [1, 0]))
+        y = call(_aten.slice.Tensor, both, 1, 0, n)
+        h = call(_aten.slice.Tensor, both, 1, n, n + r)
+        b_s = call(_aten.slice.Tensor, call(_aten.slice.Tensor, wide, 0, 0, n), 1, k, k + r)
+        out = call(_aten.add.Tensor, y, call(_aten.mm.default, h, call(_aten.permute.default, b_s, [1, 0])))
+        if bias is not None:
+            out = call(_aten.add.Tensor, out, bias)
+    _meta(getattr(main.meta.get("val"), "fake_mode", None), new)
+    main.replace_all_uses_with(out)
+    for old in (main, cat, shrink):
+        _erase(graph, old)
+
+
+def _is(node: Any, target: Any) -> TypeGuard[torch.fx.Node]:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _meta(fake: Any, nodes: list[torch.fx.Node]) -> None:
+    """Gives new nodes the fake values later passes read, by running them in the graph's fake mode."""
+    if fake is None:
+        return
+    with fake:
+        for node in nodes:
+            args = torch.fx.node.map_arg(node.args, lambda a: a.meta["val"])
+            node.meta["val"] = node.target(*args)  # type: ignore[operator]
+
+
+def _erase(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """``node``, if nothing uses it, and the views only it used."""
+    if node.users:
+        return
+    inputs = [a for a in node.all_input_nodes if a.target in (*_VIEWS, _aten.as_strided.default)]
+    graph.erase_node(node)
+    for a in inputs:
+        _erase(graph, a)

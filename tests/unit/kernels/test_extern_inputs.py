@@ -1,0 +1,178 @@
+"""The rewrite of compiled wide layers whose input the compiler would copy into ``[x | h]``
+(:mod:`lorahot.kernels.extern_inputs`; off by default, switched on here).
+
+Compiled with inductor on the CPU, wide layers forced on: a layer after a batched GEMM is
+rewritten, one after an elementwise op and two sharing a graph input are not; the outputs are
+held to a float64 eager reference through swaps with ``error_on_recompile=True``, with the
+rewrite switched off as the negative control.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+from torch._inductor import config as inductor_config
+
+import lorahot
+from lorahot.kernels import extern_inputs, stacked_shrinks
+from lorahot.runtime import wide
+from tests.helpers import make_adapter
+
+D, R = 16, 4
+_aten = torch.ops.aten
+
+
+class _Block(nn.Module):
+    """``o`` after a batched GEMM (the compiler calls it: its output must be copied into a
+    concatenation), ``p`` after a ReLU (generated: written straight into one), ``k`` and ``v``
+    over the second input (a graph input, shared: their shrinks are stacked instead)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.o = nn.Linear(D, D)
+        self.p = nn.Linear(D, D)
+        self.k = nn.Linear(D, D)
+        self.v = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mixed = torch.bmm(x, y)
+        shared = self.k(y) * self.v(y)
+        return self.o(mixed) + x + self.p(torch.relu(x)) * shared.sum()
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler() -> Iterator[None]:
+    """No compiled code from another test or an earlier run (a graph from inductor's on-disk
+    cache skips the post-grad passes), and inductor's pass slot as it was afterwards."""
+    torch._dynamo.reset()
+    with (
+        inductor_config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
+        yield
+    torch._dynamo.reset()
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
+    """Records each graph's rewrites and, after them, its concatenations."""
+    rewrites: list[int] = []
+    cats: list[int] = []
+    rewrite, stack = extern_inputs.rewrite_extern_inputs, stacked_shrinks.stack_shrinks
+
+    def counted_rewrite(graph: torch.fx.Graph) -> int:
+        rewrites.append(rewrite(graph))
+        return rewrites[-1]
+
+    def counted_stack(graph: torch.fx.Graph) -> int:
+        cats.append(sum(1 for n in graph.nodes if n.target is _aten.cat.default))
+        return stack(graph)
+
+    monkeypatch.setattr(extern_inputs, "rewrite_extern_inputs", counted_rewrite)
+    monkeypatch.setattr(stacked_shrinks, "stack_shrinks", counted_stack)
+    return rewrites, cats
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["rewritten", "negative-control"])
+def test_a_layer_after_a_library_gemm_drops_its_concatenation(enabled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only ``o`` is rewritten (its input comes from ``bmm``): three concatenations are left
+    (``p``'s, ``k``'s and ``v``'s) where there were four. Compiled, the block equals the eager
+    one, and after two swaps it still does, with no recompile; so it does with the rewrite off."""
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    monkeypatch.setattr(extern_inputs, "ENABLED", enabled)
+    rewrites, cats = _spy(monkeypatch)
+    torch.manual_seed(0)
+    model = _Block().double().eval()
+    names = ["o", "p", "k", "v"]
+    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(names, r), seed=s)[0] for r, s in ((4, 0), (2, 1), (3, 2))]
+    runtime.load(adapters[0])
+    x = torch.randn(3, 5, D, dtype=torch.float64)
+    y = torch.randn(3, D, D, dtype=torch.float64) / D**0.5  # k and v read it as 3 x 16 rows
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, y), model(x, y), rtol=1e-9, atol=1e-9)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for adapter in adapters[1:]:
+                runtime.load(adapter)
+                torch.testing.assert_close(compiled(x, y), model(x, y), rtol=1e-9, atol=1e-9)
+    assert rewrites == ([1] if enabled else [])
+    assert cats == ([3] if enabled else [4])
+
+
+def test_what_needs_a_copy() -> None:
+    """A graph input, a library GEMM's output, one output of attention and a custom
+    operator's, behind views or not, need a copy; an elementwise op's output does not."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    bmm = graph.call_function(_aten.bmm.default, (x, x))
+    permuted = graph.call_function(_aten.permute.default, (bmm, [1, 0, 2]))
+    view = graph.call_function(_aten.view.default, (permuted, [4, 4]))
+    relu = graph.call_function(_aten.relu.default, (x,))
+    attention = graph.call_function(_aten._scaled_dot_product_flash_attention_for_cpu.default, (x, x, x))
+    out = graph.call_function(operator.getitem, (attention, 0))
+    custom = graph.call_function(torch.ops.lorahot.wide_linear_dynamic.default, (x, x, x, x, x, True))
+    assert extern_inputs.needs_copy(x) and extern_inputs.needs_copy(view) and extern_inputs.needs_copy(out)
+    assert extern_inputs.needs_copy(custom)
+    assert not extern_inputs.needs_copy(relu)
+    assert not extern_inputs.needs_copy(graph.call_function(_aten.view.default, (relu, [4, 4])))
+
+
+def test_a_diffusers_unet_rewrites_the_projections_after_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a diffusers UNet (wide layers on the CPU) the rewrite takes the two ``to_out.0``
+    of every transformer block, whose input is attention's output; the stacked shrinks stay
+    three fewer per block (cross-attention's k and v, over the text states, keep the
+    concatenated form together). The compiled step equals the eager one."""
+    pytest.importorskip("diffusers")
+    from tests.helpers import tiny_unet
+
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    monkeypatch.setattr(extern_inputs, "ENABLED", True)
+    rewrites, _ = _spy(monkeypatch)
+    removed: list[int] = []
+    stack = stacked_shrinks.stack_shrinks
+    monkeypatch.setattr(stacked_shrinks, "stack_shrinks", lambda graph: removed.append(stack(graph)) or 0)
+    unet = tiny_unet()
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    runtime = lorahot.inject(unet, targets, max_rank=R, extras=False)
+    blocks = sum(1 for name, _ in unet.named_modules() if name.endswith("attn1"))
+    runtime.load(make_adapter(unet, {n: 4 for n, _ in runtime.layers.items()})[0])
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    text = torch.randn(2, 5, 16, generator=g)
+    with torch.no_grad():
+        got = torch.compile(unet)(sample, 10, encoder_hidden_states=text).sample
+        want = unet(sample, 10, encoder_hidden_states=text).sample
+    assert blocks > 0 and rewrites == [2 * blocks] and removed == [3 * blocks]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_a_rewritten_layer_follows_swaps(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block on CUDA in bf16 (wide layers; CUDA graphs in reduce-overhead), 2 x 256 rows
+    (past the fused kernel's), the rewrite on: one layer rewritten, and the compiled block
+    gives the eager one's output through swaps, no recompile."""
+    monkeypatch.setattr(extern_inputs, "ENABLED", True)
+    rewrites, _ = _spy(monkeypatch)
+    torch.manual_seed(0)
+    model = _Block().cuda().to(torch.bfloat16).eval()
+    names = ["o", "p", "k", "v"]
+    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(names, r), seed=s)[0] for r, s in ((4, 0), (2, 1))]
+    runtime.load(adapters[0])
+    x = torch.randn(2, 256, D, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(2, D, D, device="cuda", dtype=torch.bfloat16) / D**0.5
+    compiled = torch.compile(model, mode=None if mode == "default" else mode)
+    with torch.no_grad():
+        compiled(x, y)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for adapter in adapters:
+                runtime.load(adapter)
+                got = compiled(x, y).float().clone()
+                want = model(x, y).float()
+                assert float((got - want).norm() / want.norm()) < 2e-2
+    assert rewrites and all(r == 1 for r in rewrites)
