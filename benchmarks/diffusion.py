@@ -365,23 +365,40 @@ def _swaps(cfg: Config, w: DiffusionWorkload, swaps: int) -> dict[str, Any]:
     compiled meanwhile (0 = no recompile)."""
     assert cfg.swap is not None
     graphs = _unique_graphs()
-    times, errs = [], {}
+    times, errs, allocs = [], {}, []
     order = ["B" if i % 2 == 0 else "A" for i in range(max(2, swaps + swaps % 2))]
     for adapter in order:
         sync(w.device)
+        before = _alloc_calls(w.device)
         t = time.perf_counter()
         cfg.swap(adapter)
         sync(w.device)
         times.append((time.perf_counter() - t) * 1e3)
+        allocs.append({k: v - before.get(k, 0) for k, v in _alloc_calls(w.device).items()})
         out = cfg.step()
         if adapter not in errs:
             errs[adapter] = rel_err(out.float(), w.reference[adapter])
     return {
         "swap_ms": statistics.median(times),
         "swap_ms_all": times,
+        "swap_alloc_calls": allocs,
         "recompiles": _unique_graphs() - graphs,
         "swap_rel_err": errs,
     }
+
+
+def _alloc_calls(device: torch.device) -> dict[str, int]:
+    """The CUDA caching allocators' calls to the driver so far: device allocations (``cudaMalloc``)
+    and pinned host blocks (``cudaHostAlloc``). Their growth over a swap says whether it waited
+    on fresh memory (under CUDA graphs the first swaps took 150-200 ms, the later ones 40-50:
+    tenth session)."""
+    if device.type != "cuda":
+        return {}
+    out = {"device": int(torch.cuda.memory_stats(device).get("num_device_alloc", 0))}
+    host = getattr(torch.cuda, "host_memory_stats", None)
+    if host is not None:
+        out["host"] = int(host().get("num_host_alloc", 0))
+    return out
 
 
 # --- the suite ------------------------------------------------------------------------------
