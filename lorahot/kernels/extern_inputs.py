@@ -42,9 +42,12 @@ benchmarks' ``lorahot_extern`` configuration turns it on in its own process.
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from typing import Any, TypeGuard
 
 import torch
+
+from lorahot.kernels.fx_graph import erase_unused, fake_mode, set_fake_values, source
 
 __all__ = ["ENABLED", "rewrite_extern_inputs", "needs_copy"]
 
@@ -69,8 +72,6 @@ _VIEWS = frozenset(
         _aten.as_strided.default,
     }
 )
-#: ops that give the same rows another shape (a layer reshapes its input to 2-D)
-_RESHAPES = frozenset({_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default})
 #: producers the compiler calls rather than generates (default mode: library GEMMs,
 #: convolutions, attention); a custom operator's output is one too (see :func:`needs_copy`)
 _EXTERN = frozenset(
@@ -115,24 +116,13 @@ def rewrite_extern_inputs(graph: torch.fx.Graph) -> int:
     the concatenated form: their shrinks are stacked into one GEMM and the copies into one
     kernel, ``g + 2`` launches for ``g`` layers where this form takes ``2 g``."""
     found = [(node, match) for node in graph.nodes if (match := _match(node)) is not None]
-    sharing: dict[tuple[Any, ...], int] = {}
-    for _, match in found:
-        sharing[_root(match[0])] = sharing.get(_root(match[0]), 0) + 1
+    sharing = Counter(source(match[0]) for _, match in found)
     done = 0
     for node, match in found:
-        if sharing[_root(match[0])] == 1 and needs_copy(match[0]):
+        if sharing[source(match[0])] == 1 and needs_copy(match[0]):
             _rewrite(graph, node, *match)
             done += 1
     return done
-
-
-def _root(node: torch.fx.Node) -> tuple[Any, ...]:
-    """What ``node`` reads, up to reshapes, with its shape: two layers reshaping one input
-    make two view nodes of the same rows."""
-    shape = str(_shape(node))  # a symbolic row count is not hashable
-    while node.op == "call_function" and node.target in _RESHAPES and isinstance(node.args[0], torch.fx.Node):
-        node = node.args[0]
-    return (node, shape)
 
 
 #: ``(x, shrink, wide, bias, out, in, rank)`` of a matched layer
@@ -197,10 +187,10 @@ def _rewrite(graph: torch.fx.Graph, main: torch.fx.Node, x: torch.fx.Node, shrin
         out = call(_aten.add.Tensor, y, call(_aten.mm.default, h, call(_aten.permute.default, b_s, [1, 0])))
         if bias is not None:
             out = call(_aten.add.Tensor, out, bias)
-    _meta(getattr(main.meta.get("val"), "fake_mode", None), new)
+    set_fake_values(fake_mode(main), new)
     main.replace_all_uses_with(out)
     for old in (main, cat, shrink):
-        _erase(graph, old)
+        erase_unused(graph, old, _VIEWS)
 
 
 def _is(node: Any, target: Any) -> TypeGuard[torch.fx.Node]:
@@ -210,23 +200,3 @@ def _is(node: Any, target: Any) -> TypeGuard[torch.fx.Node]:
 def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
     val = node.meta.get("val")
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def _meta(fake: Any, nodes: list[torch.fx.Node]) -> None:
-    """Gives new nodes the fake values later passes read, by running them in the graph's fake mode."""
-    if fake is None:
-        return
-    with fake:
-        for node in nodes:
-            args = torch.fx.node.map_arg(node.args, lambda a: a.meta["val"])
-            node.meta["val"] = node.target(*args)  # type: ignore[operator]
-
-
-def _erase(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
-    """``node``, if nothing uses it, and the views only it used."""
-    if node.users:
-        return
-    inputs = [a for a in node.all_input_nodes if a.target in (*_VIEWS, _aten.as_strided.default)]
-    graph.erase_node(node)
-    for a in inputs:
-        _erase(graph, a)

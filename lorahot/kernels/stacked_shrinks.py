@@ -52,13 +52,14 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from lorahot.kernels import extern_inputs
+from lorahot.kernels.fx_graph import RESHAPES, erase_unused, fake_mode, set_fake_values, source
 
 __all__ = ["StackShrinks", "install", "uninstall", "stack_shrinks"]
 
 _aten = torch.ops.aten
-#: ops that give another view of the same rows (a layer reshapes its input to 2-D)
-_VIEWS = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
 
+#: what a stacked shrink leaves unused, erased with it
+_REMOVABLE = RESHAPES | {_aten.permute.default, _aten.as_strided.default}
 #: ``(input, arena, rows, columns)`` -> shrinks of that input over that arena: ``(offset, mm node)``
 Groups = dict[tuple[Any, ...], list[tuple[int, torch.fx.Node]]]
 
@@ -161,16 +162,7 @@ def _shrink(node: torch.fx.Node) -> tuple[tuple[Any, ...], int] | None:
     rows, cols = size
     if list(stride) != [cols, 1]:
         return None
-    return (_source(lhs), arena, rows, cols), offset
-
-
-def _source(node: torch.fx.Node) -> tuple[Any, ...]:
-    """What ``node`` reads, up to reshapes, and its shape: two layers reshaping one input to
-    2-D make two view nodes of the same rows."""
-    shape = str(tuple(node.meta["val"].shape)) if "val" in node.meta else None
-    while node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], torch.fx.Node):
-        node = node.args[0]
-    return (node, shape)
+    return (source(lhs), arena, rows, cols), offset
 
 
 def _stack(
@@ -187,41 +179,16 @@ def _stack(
         return 0
     first = min((node for _, node in run), key=order.__getitem__)
     lhs = first.args[0]
-    fake = _fake_mode(first)
+    fake = fake_mode(first)
     with graph.inserting_before(first):
         view = graph.call_function(_aten.as_strided.default, (arena, [rows * len(run), cols], [cols, 1], run[0][0]))
         stacked = graph.call_function(_aten.permute.default, (view, [1, 0]))
         product = graph.call_function(_aten.mm.default, (lhs, stacked))
-        _meta(fake, view, stacked, product)
+        set_fake_values(fake, (view, stacked, product))
         for i, (_, node) in enumerate(run):
             part = graph.call_function(_aten.slice.Tensor, (product, 1, i * rows, (i + 1) * rows))
-            _meta(fake, part)
+            set_fake_values(fake, (part,))
             node.replace_all_uses_with(part)
-    for _, node in run:
-        _erase(graph, node)
+    for _, node in run:  # each shrink, its transposed view of the arena, an input reshape
+        erase_unused(graph, node, _REMOVABLE)
     return len(run) - 1
-
-
-def _erase(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
-    """``node`` and the views only it used (its transposed view of the arena, an input reshape)."""
-    inputs = [a for a in node.all_input_nodes if a.target in (*_VIEWS, _aten.permute.default, _aten.as_strided.default)]
-    graph.erase_node(node)
-    for a in inputs:
-        if not a.users:
-            _erase(graph, a)
-
-
-def _fake_mode(node: torch.fx.Node) -> Any:
-    val = node.meta.get("val")
-    return getattr(val, "fake_mode", None)
-
-
-def _meta(fake: Any, *nodes: torch.fx.Node) -> None:
-    """Gives new nodes the ``val`` (a fake tensor) later passes read, by running them in the
-    graph's fake mode."""
-    if fake is None:
-        return
-    with fake:
-        for node in nodes:
-            args = torch.fx.node.map_arg(node.args, lambda n: n.meta["val"])
-            node.meta["val"] = node.target(*args)  # type: ignore[operator]

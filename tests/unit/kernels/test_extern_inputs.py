@@ -10,17 +10,17 @@ rewrite switched off as the negative control.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
-from torch._inductor import config as inductor_config
 
 import lorahot
 from lorahot.kernels import extern_inputs, stacked_shrinks
 from lorahot.runtime import wide
 from tests.helpers import make_adapter
+
+pytestmark = pytest.mark.usefixtures("fresh_compiler")  # tests/unit/kernels/conftest.py
 
 D, R = 16, 4
 _aten = torch.ops.aten
@@ -42,19 +42,6 @@ class _Block(nn.Module):
         mixed = torch.bmm(x, y)
         shared = self.k(y) * self.v(y)
         return self.o(mixed) + x + self.p(torch.relu(x)) * shared.sum()
-
-
-@pytest.fixture(autouse=True)
-def fresh_compiler() -> Iterator[None]:
-    """No compiled code from another test or an earlier run (a graph from inductor's on-disk
-    cache skips the post-grad passes), and inductor's pass slot as it was afterwards."""
-    torch._dynamo.reset()
-    with (
-        inductor_config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False),
-        torch._functorch.config.patch(enable_autograd_cache=False),
-    ):
-        yield
-    torch._dynamo.reset()
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:

@@ -9,8 +9,6 @@ same block on CUDA (wide layers, CUDA graphs) runs with the GPU tests.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -21,6 +19,8 @@ import lorahot
 from lorahot.kernels import extern_inputs, stacked_shrinks
 from lorahot.runtime import wide
 from tests.helpers import make_adapter
+
+pytestmark = pytest.mark.usefixtures("fresh_compiler")  # tests/unit/kernels/conftest.py
 
 D, R = 32, 8
 NAMES = ["q", "k", "v", "o"]
@@ -44,19 +44,6 @@ class _Attention(nn.Module):
         if hasattr(self, "gate"):
             y = y * torch.sigmoid(self.gate(x))
         return self.o(y)
-
-
-@pytest.fixture(autouse=True)
-def fresh_compiler() -> Iterator[None]:
-    """No compiled code from another test or an earlier run (a graph from inductor's on-disk
-    cache skips the post-grad passes), and inductor's pass slot as it was afterwards."""
-    torch._dynamo.reset()
-    with (
-        inductor_config.patch(post_grad_custom_pre_pass=None, fx_graph_cache=False),
-        torch._functorch.config.patch(enable_autograd_cache=False),
-    ):
-        yield
-    torch._dynamo.reset()
 
 
 def _inject(
