@@ -16,13 +16,20 @@ CUDA graph over 22 weight sets (weights stream from HBM as in the model), in us 
 
 - ``wide``: the single-adapter wide formula (one GEMM over ``[W; s*A]``, the expand
   accumulated in place), for reference;
-- ``shr d1`` / ``shr d8``: the first part of ``fused`` alone (the segmented shrink), so ``fused - shr`` is the fused kernel with its split-K sum; ``one``: the
+- ``shr d1`` / ``shr d8``: the first part of ``fused`` alone (the zero fill and the segmented
+  shrink), so ``fused - shr`` is the fused kernel with its split-K sum; ``one``: the
   single-adapter fused kernel (slot 0) with its split-K sum, what ``fused d1`` is held to;
-- ``pN d1`` / ``pN d8``: ``fused`` with the shrink writing at most ``N`` shares of K
-  (``triton_lora_linear.FUSED_PARTIALS``, 4 by default): fewer make the shrink's programs
-  fewer and longer, more make the fused kernel's reads of the shares longer. (Until the
-  eleventh session the shares were added atomically into a zeroed workspace, a zero fill and
-  a shrink per layer: ``shr`` was 5.3-6.2 us, ``runs/20261201T034630-routed-probe-m64.log``.)
+- ``uns d1`` / ``uns d8``: ``fused`` with the shrink's K not split (one program per tile of
+  rows over all of K): no zero fill and no atomics, one launch fewer, far fewer programs;
+  slower (eleventh session, as a branch's ``p1`` columns: 23.9 / 15.8 / 28.1 / 51.4 us with 1
+  adapter against ``fused``'s 15.1 / 11.1 / 19.6 / 20.1 the session before);
+(A branch tried in the eleventh session, measured and reverted: the shrink writing at most
+4 shares of K without atomics, added by the fused kernel, so no zero fill. The shrink fell
+from 5.4 to 4.1-4.3 us (q/o), but every output tile's program then read 4 float32 tiles of
+the shares where it had read one, and ``fus d1`` rose to 16.2-16.8 / 10.9-11.7 / 22.9-24.9 /
+25.9-26.8 us; with 2, 8 or 16 shares it was slower still. ``runs/20261201T044700-routed-probe-m64-shares.log``,
+``runs/20261201T050900-routed-probe-m64-shares-once.log``; the mixed suite's decode went from 1.75-1.80x to
+1.80-1.84x, ``runs/20261201T045150-mixed.json``.)
 (A ``stk8`` column, the routed prefill plan emulated with the old segmented expand, measured
 65.9 / 22.4 / 153.6 / 116.6 us at 2048 rows: ``runs/20261130T194808-routed-probe-m2048.log``.)
 
@@ -46,7 +53,6 @@ from lorahot.kernels import triton_routed_lora as T
 
 SHAPES = {"q/o": (2048, 2048), "k/v": (2048, 256), "gate/up": (2048, 5632), "down": (5632, 2048)}
 SETS, SLOTS, R = 22, 8, 64
-PARTIALS = (1, 2, 8, 16)  # the pN columns' share counts, beside the default's in ``fus``
 M, T_ROWS = int(os.environ.get("PROBE_M", "64")), int(os.environ.get("PROBE_T", "1"))
 
 
@@ -65,8 +71,7 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(
         f"{'shape':8s} {'base':>7s} {'lora':>7s} {'segments':>9s} {'seg d1':>7s} {'seg d8':>7s} {'gat d1':>7s} {'gat d8':>7s}"
-        f" {'fus d1':>7s} {'fus d8':>7s} {'wide':>7s} {'shr d1':>7s} {'shr d8':>7s} {'one':>7s}"
-        + "".join(f" {f'p{p} d{d}':>7s}" for p in PARTIALS for d in (1, 8))
+        f" {'fus d1':>7s} {'fus d8':>7s} {'wide':>7s} {'shr d1':>7s} {'shr d8':>7s} {'one':>7s} {'uns d1':>7s} {'uns d8':>7s}"
     )
     for name, (k, n) in SHAPES.items():
         w, a, bt, s, x = weight_sets(k, n, M, dev, dt)
@@ -106,30 +111,29 @@ def main() -> None:
                 yh = torch.nn.functional.linear(x, wa)
                 yh[:, :n].addmm_(yh[:, n:], bi[0])
 
-        def shrink_only(d: int) -> None:  # the fused path's first part: the segmented shrink
+        def shrink_only(d: int) -> None:  # the fused path's first part: zero fill and segmented shrink
             for ai in a:
-                T.shrink(x, ai, s, grouped[d], T_ROWS, most=F.FUSED_PARTIALS)
+                T.shrink(x, ai, s, grouped[d], T_ROWS)
 
         def single() -> None:  # the single-adapter fused kernel (slot 0), split-K sum included
             for wi, ai, bi in zip(w, a, bt):
                 F.launch(x, wi, None, ai[0], bi[0], s[0], out, config)
 
-        def shares(d: int, most: int) -> None:  # ``fused`` with at most ``most`` shares of K
-            saved = F.FUSED_PARTIALS
-            F.FUSED_PARTIALS = most
+        def unsplit(d: int) -> None:  # ``fused`` with the shrink's K unsplit: no zero fill, no atomics
+            saved = T._SHRINK_PROGRAMS
+            T._SHRINK_PROGRAMS = 1
             try:
                 fused(d)
             finally:
-                F.FUSED_PARTIALS = saved
+                T._SHRINK_PROGRAMS = saved
 
-        for d in (1, 8):  # every share count computes the same layer
+        for d in (1, 8):  # the unsplit shrink computes the same layer
             out.fill_(float("nan"))
             fused(d)
-            want = out.clone()
-            for most in PARTIALS:
-                out.fill_(float("nan"))
-                shares(d, most)
-                torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+            split_out = out.clone()
+            out.fill_(float("nan"))
+            unsplit(d)
+            torch.testing.assert_close(out, split_out, rtol=2e-2, atol=2e-2)
 
         nan = float("nan")
         row = [graph_us(f, SETS) for f in (base, lora, segs)]
@@ -139,7 +143,7 @@ def main() -> None:
         row += [graph_us(wide_single, SETS)]
         row += [graph_us(lambda d=d: shrink_only(d), SETS) for d in (1, 8)]
         row += [graph_us(single, SETS)]
-        row += [graph_us(lambda d=d, p=p: shares(d, p), SETS) for p in PARTIALS for d in (1, 8)]
+        row += [graph_us(lambda d=d: unsplit(d), SETS) for d in (1, 8)]
         print(f"{name:8s} " + " ".join(f"{v:8.1f}" for v in row), flush=True)
 
 

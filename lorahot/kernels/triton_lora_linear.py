@@ -17,10 +17,9 @@ expand to partial outputs), and stores a float32 partial; :func:`_split_k_sum` a
 partials and rounds once. That is two launches for such layers, as cuBLAS itself does for them.
 
 Routed (``ROUTED``, :mod:`lorahot.kernels.routed_linear`): each row has its own slot. The K loop
-then computes the base product alone; the rows' scaled shrinks come from the ``PARTIALS`` shares
-of K the segmented shrink wrote (``H [PARTIALS, M, R_PAD]``), and the epilogue adds, for each
-slot the tile's rows use, the expand ``where(row in slot, sum of H's shares, 0) @ Bt_slot``,
-loading only that slot's rows, the slots dealt round the programs of a split K.
+then computes the base product alone; the rows' scaled shrinks come from a workspace ``H`` the
+segmented shrink wrote, and the epilogue adds, for each slot the tile's rows use, the expand
+``where(row in slot, H, 0) @ Bt_slot``, the slots dealt round the programs of a split K.
 
 The op is a plain operator (:mod:`lorahot.kernels.op_registry`), opaque to the compiler, not a
 ``triton_op``: the compiler works out which arguments a visible Triton kernel writes by
@@ -47,10 +46,9 @@ __all__ = ["lora_linear", "launch", "run_into", "config_for"]
 def _lora_linear_kernel(
     X, W, A, BT, BIAS, S, Y, WS, H, ROUTE,
     M, N, K, R, K_CHUNK, SLOTS, T,
-    stride_xm, stride_wn, stride_am, stride_bm, stride_ym, stride_bs, stride_hm, stride_hp,
+    stride_xm, stride_wn, stride_am, stride_bm, stride_ym, stride_bs, stride_hm,
     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUTED: tl.constexpr,
-    PARTIALS: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -82,15 +80,12 @@ def _lora_linear_kernel(
     if ROUTED:  # each row's scaled shrink is in H; each slot of the tile's rows adds its expand
         slot_of = tl.load(ROUTE + rm // T, mask=m_ok, other=-1)
         h_ptr = H + rm[:, None].to(tl.int64) * stride_hm + rr[None, :]
+        h = tl.load(h_ptr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         for slot in range(0, SLOTS):
             if slot % SPLIT == pid_s:  # the split programs share the slots' expands
                 hit = slot_of == slot
                 if tl.max(hit.to(tl.int32), axis=0) > 0:
-                    # the slot's rows of the shrink's K shares, added in order (other rows read nothing)
-                    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-                    for p in tl.static_range(PARTIALS):
-                        h += tl.load(h_ptr + p * stride_hp, mask=hit[:, None] & r_ok[None, :], other=0.0)
-                    hs = h.to(BT.dtype.element_ty)
+                    hs = tl.where(hit[:, None], h, 0.0).to(BT.dtype.element_ty)
                     bt_ptr = BT + tl.cast(slot, tl.int64) * stride_bs + rr[:, None] * stride_bm + rn[None, :]
                     bt = tl.load(bt_ptr, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
                     acc = tl.dot(hs, bt, acc)
@@ -119,12 +114,6 @@ def _split_k_sum(WS, Y, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexp
     for s in tl.static_range(SPLIT):
         acc += tl.load(WS + s * M * N + offs, mask=ok, other=0.0)
     tl.store(Y + (offs // N) * stride_ym + offs % N, acc.to(Y.dtype.element_ty), mask=ok)
-
-
-#: the most shares of K the segmented shrink writes for the routed kernel: each of its programs
-#: that expands a slot reads that many ``[BLOCK_M, R_PAD]`` float32 tiles of the slot's rows,
-#: so more shares make the shrink's programs more and shorter and the expand's reads longer
-FUSED_PARTIALS = 4
 
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split): ``split`` > 1 cuts K into that
@@ -177,11 +166,10 @@ def launch(
     int64, ``-1`` for none; ``segs`` its grouping by slot, see
     :func:`lorahot.kernels.routed_lora.segments`): ``a [slots, R, K]``, ``bt [slots, R, N]`` and
     ``scale [slots, R]`` are every slot's. The segmented shrink
-    (:func:`lorahot.kernels.triton_routed_lora.shrink`) first writes each row's scaled shrink,
-    in at most :data:`FUSED_PARTIALS` float32 shares of K,
-    one launch more; this kernel then tiles the rows as for one adapter (the base product read
-    once for the whole batch) and adds, for each slot its tile's rows use, the expand with that
-    slot's B of the sum of that slot's rows' shares."""
+    (:func:`lorahot.kernels.triton_routed_lora.shrink`) first writes each row's scaled shrink to
+    a float32 workspace, which costs two more launches (a zero fill where its K is split); this
+    kernel then tiles the rows as for one adapter (the base product read once for the whole
+    batch) and adds, for each slot its tile's rows use, the expand with that slot's B."""
     m, k = x.shape
     n = weight.shape[0]
     r = a.shape[-2]
@@ -198,18 +186,16 @@ def launch(
     if routing is not None:
         segs, route, t = routing
         slots = a.shape[0]
-        h = shrink(x, a, scale, segs, t, most=FUSED_PARTIALS)
+        h = shrink(x, a, scale, segs, t)[0]
     else:
-        route, t, slots, h = x, 1, 0, x.view(1, *x.shape)  # unused placeholders without routing
+        route, t, slots, h = x, 1, 0, x  # unused placeholders without routing
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     _lora_linear_kernel[grid](
         x, weight, a, bt, bias if bias is not None else weight, scale, out, ws, h, route,
         m, n, k, r, chunk, slots, t,
-        x.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), out.stride(0), bt.stride(0), h.stride(1),
-        h.stride(0),
+        x.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), out.stride(0), bt.stride(0), h.stride(0),
         HAS_BIAS=bias is not None, R_PAD=rank_pad(r), SPLIT=split,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ROUTED=routing is not None, PARTIALS=h.shape[0],
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ROUTED=routing is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split > 1:
         block = 1024

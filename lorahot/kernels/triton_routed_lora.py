@@ -22,12 +22,10 @@ shrink of every row:
   about 2 ns per program, most of which returned at once
   (``benchmarks/experiments/segment_probe.py``).
 
-  K is split over the shrink's programs (:func:`_splits`). Each share writes its own partial,
-  which the reader (the segmented expand, or the fused routed kernel of
-  :mod:`lorahot.kernels.triton_lora_linear`, which asks for at most ``FUSED_PARTIALS``) adds
-  in a fixed order: the same bits on every run. (The fused kernel's shares were once added
-  atomically into a zeroed workspace: a zero fill per layer, one launch more, and float32
-  sums in no fixed order.)
+  K is split over the shrink's programs (:func:`_splits`). For the segmented expand each share
+  writes its own partial, which the expand adds in a fixed order; for the fused routed kernel
+  (:mod:`lorahot.kernels.triton_lora_linear`) the shares are added atomically into one zeroed
+  workspace, in no fixed order: the last bits of that float32 sum can differ between runs.
 
 The shrink is rounded to the weights' dtype before the expand in the segmented kernels (a dot
 of two fp16/bf16 tiles, as the fused kernel does) and kept in float32 in the gather kernels.
@@ -123,7 +121,7 @@ def _segment_shrink(
     K, R, SLOTS, T,
     stride_xm, stride_as, stride_ar, stride_ss, stride_hm, stride_hp,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-    SLOTS_PAD: tl.constexpr,
+    SLOTS_PAD: tl.constexpr, ATOMIC: tl.constexpr,
 ):  # fmt: skip
     slot, rows, m_ok, past = _segment_rows(SEG, tl.program_id(0), SLOTS, T, BLOCK_M, SLOTS_PAD)
     if past or slot == SLOTS:  # no tile, or the rows of no slot: nothing to shrink
@@ -141,8 +139,11 @@ def _segment_shrink(
         )
         acc = tl.dot(x, a, acc)
     s = tl.load(S + slot * stride_ss + rr, mask=r_ok, other=0.0).to(tl.float32)
-    # one partial per split (stride_hp apart), summed in a fixed order by the reader
-    tl.store(H + split * stride_hp + rows[:, None] * stride_hm + rr[None, :], acc * s[None, :], mask=m_ok[:, None])
+    where = H + split * stride_hp + rows[:, None] * stride_hm + rr[None, :]
+    if ATOMIC:  # K split over programs that add their partial sums to one zeroed workspace
+        tl.atomic_add(where, acc * s[None, :], mask=m_ok[:, None])
+    else:  # one partial per split (stride_hp apart), summed in a fixed order by the reader
+        tl.store(where, acc * s[None, :], mask=m_ok[:, None])
 
 
 @triton.jit
@@ -248,7 +249,7 @@ def launch(
         return
     if segs is None:
         segs = segments(route, slots)
-    h = shrink(x, a, s, segs, t)
+    h = shrink(x, a, s, segs, t, partials=True)
     block_m, block_n, warps, stages = _expand_config(m, n)
     groups = min(triton.cdiv(n, block_n), max(1, triton.cdiv(_EXPAND_PROGRAMS, triton.cdiv(m, block_m))))
     _segment_expand[(_tiles(m, block_m, slots), groups)](
@@ -260,27 +261,28 @@ def launch(
 
 
 def shrink(
-    x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, segs: torch.Tensor, t: int, *, most: int | None = None
+    x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, segs: torch.Tensor, t: int, *, partials: bool = False
 ) -> torch.Tensor:
     """Each row's scaled shrink with its own slot's A, ``H[m] = s_k * (x[m] @ A_k.T)``, float32,
     by the segmented shrink (rows of no slot are left unset). ``segs`` is the routing grouped by
     slot, ``t`` the rows per routing entry.
 
-    Returns ``[P, M, R_PAD]``: K's ``P`` shares, each in its own ``[M, R_PAD]``, which the reader
-    adds in a fixed order (no zero fill, no atomics: the same bits on every run). ``P`` is what
-    :func:`_splits` gives for the segmented expand's programs, at most ``most``."""
+    Returns ``[P, M, R_PAD]``: with ``partials``, K's ``P`` shares each in its own ``[M, R_PAD]``
+    (the reader adds them, in a fixed order: no zero fill, no atomics, the same bits on every
+    run); without, ``P = 1`` and the shares are added atomically into one zeroed workspace
+    (the order of the float32 additions varies between runs)."""
     m, k = x.shape
     slots, r = a.shape[0], a.shape[1]
     r_pad = rank_pad(r)
-    block_m, block_k, warps, stages = _shrink_config(m)
-    splits = _splits(k, triton.cdiv(m, block_m), block_k, _PARTIAL_PROGRAMS)
-    if most is not None:
-        splits = min(splits, most)
-    h = torch.empty((splits, m, r_pad), device=x.device, dtype=torch.float32)
+    block_m, block_k, warps, stages = _shrink_config(m) if partials else (_block_m(m), 64, 4, 3)
+    splits = _splits(k, triton.cdiv(m, block_m), block_k, _PARTIAL_PROGRAMS if partials else _SHRINK_PROGRAMS)
+    atomic = splits > 1 and not partials
+    shape = (splits if partials else 1, m, r_pad)
+    h = (torch.zeros if atomic else torch.empty)(shape, device=x.device, dtype=torch.float32)
     _segment_shrink[(_tiles(m, block_m, slots), splits)](
         x, a, s, segs, h, k, r, slots, t,
-        x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(1), h.stride(0),
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, SPLITS=splits, SLOTS_PAD=_slots_pad(slots),
+        x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(1), h.stride(0) if partials else 0,
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, SPLITS=splits, SLOTS_PAD=_slots_pad(slots), ATOMIC=atomic,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return h
@@ -290,6 +292,11 @@ def rank_pad(r: int) -> int:
     """The rank as the kernels hold it: a power of two, at least 16 (a tensor-core dot's
     smallest side); the shrink workspace ``H`` has this many columns."""
     return max(16, int(triton.next_power_of_2(r)))
+
+
+def _block_m(m: int) -> int:
+    """Rows per tile of the segmented kernels: 16 up to 256 rows, 64 above."""
+    return 16 if m <= 256 else 64
 
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the segmented expand, or (BLOCK_M, BLOCK_K,
@@ -338,6 +345,8 @@ def _splits(k: int, tiles: int, block_k: int, programs: int) -> int:
     return splits
 
 
+#: programs of the segmented shrink that the fused routed kernel reads (atomic shares; see :func:`_splits`)
+_SHRINK_PROGRAMS = 256
 #: programs of the segmented shrink whose partials the segmented expand adds (each partial is
 #: one more ``[BLOCK_M, R_PAD]`` read per expand program, so fewer)
 _PARTIAL_PROGRAMS = 128

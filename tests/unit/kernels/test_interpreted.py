@@ -157,35 +157,6 @@ def test_routed_fused_linear_matches_float64_reference(shape: tuple[int, ...], b
         torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("most", [1, 2, 8], ids=lambda p: f"at-most-{p}-shares")
-def test_routed_fused_linear_adds_the_shrinks_shares_of_k(most: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The segmented shrink writes up to ``FUSED_PARTIALS`` shares of K for the fused routed
-    kernel, no zero fill: whatever their number, the kernel adds each slot's rows' shares (and
-    only those: the other rows' are never written) to the per-row reference, over a workspace
-    poisoned with NaN first."""
-    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
-    kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
-    monkeypatch.setattr(kernel, "FUSED_PARTIALS", most)
-    rows, k, n, rank, slots = 24, 2048, 96, 16, 3
-    x, _, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=most)
-    weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(3)) / k**0.5).half()
-    route = torch.tensor([0, -1, 2] * 8)
-    segs = routed.segments(route, slots)
-    shares = kernels.shrink(x, a, s, segs, 1, most=most)
-    assert shares.shape[0] == most  # k = 2048 over two tiles of 16 rows gives 8 shares before the cap
-    real_empty = torch.empty
-
-    def empty_nan(*shape: object, **kw: object) -> torch.Tensor:  # every workspace starts as NaN
-        t = real_empty(*shape, **kw)  # type: ignore[call-overload]
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(kernels.torch, "empty", empty_nan)
-    out = torch.full((rows, n), float("nan"), dtype=torch.float16)
-    kernel.launch(x, weight, None, a, bt, s, out, kernel.config_for(rows, n, k), routing=(segs, route, 1))
-    want = _per_row(x, x.double() @ weight.double().T, a, bt, s, routed.token_route(route, rows))
-    torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
-
-
 @pytest.mark.parametrize("programs", [1, 3], ids=["one-program", "three-programs"])
 def test_segmented_expand_programs_loop_over_their_share_of_the_outputs(
     programs: int, monkeypatch: pytest.MonkeyPatch
