@@ -128,10 +128,9 @@ MAX_RANK = 64
 CONFIGS = ("base", "lorahot", "lorahot_merged", "diffusers")
 #: configurations beside the issue's, in ``diffusion_step_other_ms``: ``lorahot_unstacked`` is
 #: lorahot compiled without the stacked-shrink pass (:mod:`lorahot.kernels.stacked_shrinks`),
-#: ``lorahot_extern`` with the rewrite of :mod:`lorahot.kernels.extern_inputs` on (both
-#: process-wide switches;
-#: the pass is process-wide, so with ``--parallel``, or prepared last)
-OTHER_CONFIGS = ("lorahot_unstacked", "lorahot_extern")
+#: ``lorahot_noextern`` without the rewrite of :mod:`lorahot.kernels.extern_inputs` (on by
+#: default); both are process-wide switches, so with ``--parallel``, or prepared last
+OTHER_CONFIGS = ("lorahot_unstacked", "lorahot_noextern")
 DIFFUSERS_ADAPTER = "default_0"
 ROUNDS = 3
 SWAPS = 6  # timed swaps per configuration (B, A, B, A, ...), each followed by a step
@@ -316,7 +315,7 @@ def _prepare(name: str, w: DiffusionWorkload, mode: str, regional: bool, backend
         runtime = lorahot.inject(unet, TARGETS, max_rank=MAX_RANK, merged=name == "lorahot_merged")
         if name == "lorahot_unstacked":
             stacked_shrinks.uninstall()
-        extern_inputs.ENABLED = name == "lorahot_extern"
+        extern_inputs.ENABLED = name != "lorahot_noextern"
         info["layers"] = len(runtime.layers)
         runtime.load(w.file("A"))
 

@@ -79,14 +79,14 @@ def lorahot_mode(
     extras: bool = False,
     dynamic: bool | None = None,
     stacked: bool = True,
-    extern: bool = False,
+    extern: bool = True,
 ) -> Prepared:
     """Compiles a lorahot model, swaps ``swaps`` times among ranks (checking each against the
     eager reference and counting recompiles), then leaves the rank-64 adapter active.
     ``extras=True`` injects with the DoRA / LoRA-bias pass (what that pass costs plain LoRA);
     ``stacked=False`` compiles without the stacked-shrink pass (what it saves; the pass is
-    process-wide, so a configuration of its own process); ``extern=True`` with the rewrite of
-    :mod:`lorahot.kernels.extern_inputs` on (process-wide too)."""
+    process-wide, so a configuration of its own process); ``extern=False`` without the rewrite of
+    :mod:`lorahot.kernels.extern_inputs` (on by default; process-wide too)."""
     model = w.fresh_base()
     runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, merged=merged, fused=fused, extras=extras)
     if not stacked:

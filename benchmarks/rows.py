@@ -44,7 +44,7 @@ ROWS: dict[str, tuple[int, int]] = {
     "prefill2048": (1, 2048),
     "prefill8192": (1, 8192),
 }
-CONFIGS = ("base", "lorahot", "lorahot_merged", "peft_bf16", "lorahot_extras", "lorahot_unstacked", "lorahot_extern")
+CONFIGS = ("base", "lorahot", "lorahot_merged", "peft_bf16", "lorahot_extras", "lorahot_unstacked", "lorahot_noextern")
 ROUNDS = 3
 
 
@@ -85,8 +85,8 @@ def _builders(w: Workload, refs: dict[int, torch.Tensor], static: bool = False) 
         "lorahot_extras": lambda: lorahot_mode(w, mode, refs, swaps=0, extras=True, dynamic=dyn),
         # without the stacked-shrink pass (what it saves; the pass is process-wide: --parallel)
         "lorahot_unstacked": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn, stacked=False),
-        # with the rewrite of lorahot.kernels.extern_inputs (process-wide too; static graphs only)
-        "lorahot_extern": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn, extern=True),
+        # without the rewrite of lorahot.kernels.extern_inputs (process-wide too; it acts on static graphs only)
+        "lorahot_noextern": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn, extern=False),
         "peft_bf16": lambda: peft_mode(w, mode, refs, bf16=True, dynamic=dyn),
         "peft": lambda: peft_mode(w, mode, refs, bf16=False, dynamic=dyn),
     }

@@ -31,12 +31,16 @@ stacked, and matches only the wide layer's traced form::
 (``mm`` without a bias) with ``wide`` a graph input of shape ``[out + R, in + R]``, so a graph
 without lorahot's layers passes through unchanged. The pass's cache id includes :data:`ENABLED`.
 
-**Off by default: not yet measured.** Predicted on the SDXL-shaped UNet: 140 fewer launches
-per step, about -2.8 ms in default mode (the stacked shrinks' 140 fewer launches measured -2.4
-to -3.0 ms there). The GPU time may go either way: the GEMM's ``R`` more outputs can cost a
-wave of tiles (at 2048 rows the LLM's 2048-wide layers took 44 us over 2112 outputs against
-36 over 2048, eighth session), where the copy it saves cost 3 us per layer on the UNet. The
-benchmarks' ``lorahot_extern`` configuration turns it on in its own process.
+**On by default, measured on the SDXL-shaped UNet** (H200, torch 2.11, the rest of lorahot the
+same, ``benchmarks/README.md``, eleventh session): 140 fewer kernels per step (2534 to 2394); GPU
+time 34.31 to 34.08 ms under CUDA graphs and 35.05 / 35.02 to 34.64 ms in default mode; the
+step under CUDA graphs 39.83 to 39.36 ms (base 33.84). In default mode the steps of those runs
+spread too widely (44-63 ms) to confirm the predicted -2.8 ms. Not measured on an LLM compiled
+with static shapes, where its attention output projections at 2048 rows would take a GEMM
+``R`` outputs wider (a 2048-wide layer took 44 us over 2112 outputs against 36 over 2048,
+eighth session); with dynamic shapes (the default there) the layers run the wide operator,
+which this pass does not match. ``ENABLED = True`` turns it off (the benchmarks'
+``lorahot_noextern`` configuration does, in its own process).
 """
 
 from __future__ import annotations
@@ -51,9 +55,9 @@ from lorahot.kernels.fx_graph import erase_unused, fake_mode, set_fake_values, s
 
 __all__ = ["ENABLED", "rewrite_extern_inputs", "needs_copy"]
 
-#: whether :class:`~lorahot.kernels.stacked_shrinks.StackShrinks` runs this rewrite: off until a
-#: device run measures it (see the module docstring)
-ENABLED = False
+#: whether :class:`~lorahot.kernels.stacked_shrinks.StackShrinks` runs this rewrite (on: see
+#: the module docstring for what it was measured to save)
+ENABLED = True
 
 _aten = torch.ops.aten
 #: ops that give another view of the same data: the producer is looked for behind them

@@ -29,7 +29,7 @@ of GPU time per step under CUDA graphs and 0.92 ms in default mode (1.18x to 1.1
 buffers by one kernel, where each shrink wrote its own ``h`` there
 (``runs/20261201T031958-`` and ``033141-diffusion.json``).
 
-Before stacking, where :data:`lorahot.kernels.extern_inputs.ENABLED` (off until measured), the
+Before stacking, where :data:`lorahot.kernels.extern_inputs.ENABLED` (on by default), the
 pass runs :func:`lorahot.kernels.extern_inputs.rewrite_extern_inputs`, which gives the layers
 whose input the compiler would have to copy into ``[x | h]`` (attention's output, a graph input)
 the formula without that buffer.

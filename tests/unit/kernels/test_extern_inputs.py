@@ -1,5 +1,5 @@
 """The rewrite of compiled wide layers whose input the compiler would copy into ``[x | h]``
-(:mod:`lorahot.kernels.extern_inputs`; off by default, switched on here).
+(:mod:`lorahot.kernels.extern_inputs`; on by default, switched explicitly here).
 
 Compiled with inductor on the CPU, wide layers forced on: a layer after a batched GEMM is
 rewritten, one after an elementwise op and two sharing a graph input are not; the outputs are

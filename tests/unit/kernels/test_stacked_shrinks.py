@@ -195,9 +195,9 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
     stacked_shrinks.install()
     assert inductor_config.post_grad_custom_pre_pass is installed
     assert isinstance(installed, stacked_shrinks.StackShrinks) and installed.before is before
-    assert installed.uuid()[1:] == (False, "before")  # the input rewrite (off by default), the pass before
-    monkeypatch.setattr(extern_inputs, "ENABLED", True)
-    assert installed.uuid()[1:] == (True, "before")  # a graph compiled with it is another graph
+    assert installed.uuid()[1:] == (True, "before")  # the input rewrite (on by default), the pass before
+    monkeypatch.setattr(extern_inputs, "ENABLED", False)
+    assert installed.uuid()[1:] == (False, "before")  # a graph compiled without it is another graph
     # an earlier pass without an id turns inductor's cache off, as it would on its own
     assert stacked_shrinks.StackShrinks(lambda graph: None).uuid() is None
     assert stacked_shrinks.StackShrinks([before, before]).uuid()[2:] == ("before", "before")
