@@ -4,7 +4,8 @@ After :func:`lorahot.io.safety.check_safetensors` has validated the header (ever
 the data section exactly), the whole data section is read with a few large positioned reads
 into one buffer (pinned when the tensors are headed for a GPU), copied to the device in one
 transfer if asked, and every tensor becomes a view of that buffer. Nothing is unpickled, and
-no per-tensor allocation or transfer happens.
+no per-tensor allocation or transfer happens. Where a runtime lends its own buffers for the
+read (:mod:`lorahot.io.read_buffers`), the data lands in those, and nothing is allocated.
 
 A rank of a tensor-parallel model reads only its slice of the tensors it shards (``slices``):
 the buffer is zeroed, each sliced tensor's slice is read into its place (one positioned read
@@ -27,6 +28,7 @@ import torch
 
 from lorahot.errors import AdapterReadError
 from lorahot.io.dtypes import TORCH_DTYPES
+from lorahot.io.read_buffers import lent
 from lorahot.io.safety import SafetensorsHeader, open_regular
 
 __all__ = ["read_tensors", "TensorSlice", "Slices"]
@@ -86,20 +88,38 @@ def read_tensors(
             f"{path}: its tensor data is {header.data_size} bytes, more than this machine's {memory} bytes of memory. "
             "Load it on a larger machine, or check the file (is it an adapter?)."
         )
+    borrowed = None if slices else lent(device)
+    if borrowed is not None and header.data_size:  # a runtime's own buffers (lorahot.io.read_buffers)
+        buffers, part = borrowed
+
+        def fill(host: torch.Tensor) -> None:
+            _read_fd(path, fd, header.data_start, host)
+
+        def allocate(make: Callable[[], torch.Tensor]) -> torch.Tensor:
+            return _allocate(path, header.data_size, make)
+
+        return _views(buffers.read(part, header.data_size, fill, allocate), header)
     make = torch.zeros if slices else torch.empty
     buf = _allocate(path, header.data_size, lambda: make(header.data_size, dtype=torch.uint8, pin_memory=on_gpu))
     if header.data_size:
-        own = fd is None
-        fd = open_regular(path, "safetensors file") if fd is None else fd
-        try:
-            _read_into(fd, path, header.data_start, buf, _spans(header, slices) if slices else None)
-        finally:
-            if own:
-                os.close(fd)
+        _read_fd(path, fd, header.data_start, buf, _spans(header, slices) if slices else None)
     if device is not None and device.type != "cpu":
         host = buf
         buf = _allocate(path, header.data_size, lambda: host.to(device, non_blocking=on_gpu))
     return _views(buf, header)
+
+
+def _read_fd(
+    path: Path, fd: int | None, start: int, buf: torch.Tensor, spans: list[tuple[int, int]] | None = None
+) -> None:
+    """:func:`_read_into` from ``fd`` or, if None, from ``path`` opened here."""
+    own = fd is None
+    fd = open_regular(path, "safetensors file") if fd is None else fd
+    try:
+        _read_into(fd, path, start, buf, spans)
+    finally:
+        if own:
+            os.close(fd)
 
 
 def _physical_memory() -> int | None:

@@ -25,6 +25,7 @@ from torch import nn
 from lorahot.adapter import Adapter, LoraModule
 from lorahot.errors import AdapterMismatchError, UsageError, format_problems, public_api
 from lorahot.io.loader import read_adapter, read_adapter_sliced
+from lorahot.io.read_buffers import ReadBuffers
 from lorahot.io.sources import Source
 from lorahot.io.tensorfile import Slices
 from lorahot.kernels import stacked_shrinks
@@ -45,7 +46,16 @@ from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from lorahot.runtime.dora import DoraFactors
 from lorahot.runtime.info import AdapterInfo, PartInfo
 from lorahot.runtime.merge import Merger
-from lorahot.runtime.plan import Checked, LoadPlan, check_multiplier, dtype_max, pack_host, restage, validate
+from lorahot.runtime.plan import (
+    Checked,
+    LoadPlan,
+    check_multiplier,
+    dtype_max,
+    forget_values,
+    pack_host,
+    restage,
+    validate,
+)
 from lorahot.runtime.routing import Routing, check_routing
 from lorahot.runtime.scale_replay import ScaleReplay
 from lorahot.runtime.sharding import file_slices
@@ -128,6 +138,9 @@ class LoraRuntime:
         self.cache = AdapterCache(cache_bytes)
         self._skeletons = Skeletons()  # the plans' structures by the reader's recipe
         self._merger = Merger(layers, buffers) if merged else None
+        #: the host (and device) buffers files are read into, reused from load to load; not in
+        #: merged mode, which recomputes the merged weights from the plans' tensors
+        self._read_buffers = ReadBuffers(self._read_device) if self._read_device is not None and not merged else None
         self._dora = DoraFactors(layers, buffers, self._base_weight, self._base_bias)
         for layer in layers.values():
             layer.merged = merged
@@ -160,7 +173,9 @@ class LoraRuntime:
     @property
     def nbytes(self) -> int:
         """Bytes of adapter storage this runtime allocated (padded, every slot, and the scaled B
-        columns beside the wide layers' weights)."""
+        columns beside the wide layers' weights). Not counted: the buffers files are read into
+        (:mod:`lorahot.io.read_buffers`), which hold the largest file loaded, once on the host
+        (pinned on CUDA) and once on the device, per part of the largest stack."""
         return self.buffers.nbytes + self._wide.nbytes
 
     @public_api
@@ -228,8 +243,22 @@ class LoraRuntime:
                 a bad call (a ``scale`` sequence whose length is not the number of parts).
                 Every part is checked before anything is written: nothing changed.
         """
-        with _gc_paused():
+        with _gc_paused(), self._reading():
             return self._load(source, slot, scale, read_kwargs)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A load's hold on the read buffers: one load at a time reads into them, and whatever
+        it queued on the device (its transfers, checks and writes) is waited for before the
+        next transfer into them, whether the load succeeded or not."""
+        if self._read_buffers is None:
+            yield
+            return
+        with self._read_buffers.lock:
+            try:
+                yield
+            finally:
+                self._read_buffers.used()
 
     def _load(
         self, source: One | Sequence[One], slot: int, scale: float | Sequence[float], read_kwargs: dict[str, Any]
@@ -266,11 +295,13 @@ class LoraRuntime:
                 self.buffers.write(slot, packs, weights[0], live=live)
 
             return slot, [prepared.adapter], stack, weights, listed, write_packs
-        adapters, parts = [], []
-        for s, hit in zip(sources, found):
-            adapter, checked = self._part(s, hit, read_kwargs)
+        adapters, parts, fresh = [], [], []
+        for k, (s, hit) in enumerate(zip(sources, found)):
+            adapter, checked = self._part(s, hit, read_kwargs, k)
             adapters.append(adapter)
             parts.append(checked)
+            if hit is None:
+                fresh.append(checked.plan)
         stack, placement = build(parts, self.buffers)
         self._check_scales(stack, weights)
 
@@ -283,6 +314,9 @@ class LoraRuntime:
                 extras=placement.extras,
                 offsets=placement.offsets,
             )
+            if self._read_buffers is not None:  # the arena holds the values; the read buffers are reused
+                for plan in fresh:
+                    forget_values(plan)
 
         return slot, adapters, stack, weights, listed, write_staged
 
@@ -294,14 +328,21 @@ class LoraRuntime:
         return self._agreement.run(check, what)
 
     def _read(
-        self, source: Source | Adapter, device: torch.device | None, read_kwargs: dict[str, Any]
+        self,
+        source: Source | Adapter,
+        device: torch.device | None,
+        read_kwargs: dict[str, Any],
+        part: int | None = None,
     ) -> tuple[Adapter, object | None]:
         """The adapter ``source`` holds, and the reader's recipe it was assembled from (or
         None); on a tensor-parallel model, each rank reads only its slice of the sharded
-        factors from a file (:mod:`lorahot.runtime.sharding`)."""
+        factors from a file (:mod:`lorahot.runtime.sharding`). With ``part`` (a load's), a
+        file lands in the runtime's read buffers for that part (:mod:`lorahot.io.read_buffers`)."""
         if self._agreement is None:
             recipe: list[object] = []
-            adapter = read_adapter(source, device=device, _recipe=recipe, **read_kwargs)
+            lent = self._read_buffers.lend(part) if self._read_buffers is not None and part is not None else None
+            with lent or contextlib.nullcontext():
+                adapter = read_adapter(source, device=device, _recipe=recipe, **read_kwargs)
             return adapter, recipe[0] if recipe else None
 
         def slicer(meta: Adapter, keys: Mapping[int, str]) -> Slices:
@@ -331,13 +372,13 @@ class LoraRuntime:
         return checked
 
     def _part(
-        self, source: One, prepared: PreparedAdapter | None, read_kwargs: dict[str, Any]
+        self, source: One, prepared: PreparedAdapter | None, read_kwargs: dict[str, Any], part: int
     ) -> tuple[Adapter, Checked]:
-        """One adapter of a load, checked and on the arenas' devices: from the host cache, or
-        read and validated."""
+        """Part ``part`` of a load, checked and on the arenas' devices: from the host cache, or
+        read (into the read buffers of that part) and validated."""
         if prepared is not None:
             return prepared.adapter, restage(prepared.plan, self.buffers)
-        adapter, recipe = self._read(source, self._read_device, read_kwargs)  # type: ignore[arg-type]
+        adapter, recipe = self._read(source, self._read_device, read_kwargs, part)  # type: ignore[arg-type]
         return adapter, self._validated(adapter, recipe, True, read_kwargs)
 
     def _info(

@@ -40,6 +40,7 @@ __all__ = [
     "check_module",
     "check_values",
     "check_multiplier",
+    "forget_values",
     "stage_entries",
     "restage",
     "pack_host",
@@ -471,6 +472,33 @@ def _check_extras(plan: LoadPlan, buffers: BufferManager, extras: list[list[Extr
             format_problems(f"{plan.source}: NaN, Inf or out-of-range values in:", bad)
             + "\nThe adapter is corrupt; re-train or re-download it."
         )
+
+
+def forget_values(plan: LoadPlan) -> None:
+    """Replaces, in place, the tensors of ``plan``'s LoRA modules with meta tensors of the same
+    shapes and dtypes, once the arena holds their values: they may be views of a buffer the
+    next read reuses (:mod:`lorahot.io.read_buffers`), and a read of them would now fail
+    loudly instead of seeing another file's bytes. Shapes, ranks and every host-side figure
+    (scales, ranges) stay. Not for merged mode, which recomputes from the values."""
+    new: dict[int, LoraModule] = {}
+    metas: dict[tuple[torch.Size, torch.dtype], torch.Tensor] = {}  # one per shape: layers repeat theirs
+
+    def meta(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        key = (t.shape, t.dtype)
+        if key not in metas:
+            metas[key] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        return metas[key]
+
+    def forgotten(m: LoraModule) -> LoraModule:
+        if id(m) not in new:
+            tensors = {f: meta(getattr(m, f)) for f in ("A", "B", "base_weight", "magnitude", "bias")}
+            new[id(m)] = replace(m, **tensors)  # type: ignore[arg-type]
+        return new[id(m)]
+
+    plan.targets = {name: forgotten(m) for name, m in plan.targets.items()}
+    plan.entries = [[(i, forgotten(m)) for i, m in entries] for entries in plan.entries]
 
 
 def stage_entries(plan: LoadPlan, buffers: BufferManager) -> Staged:
