@@ -23,10 +23,24 @@ in the single-adapter kernel's split K). One launch, or two with split K, as for
   13.8 us at 64 rows). With 8, between that and the library's, bound by L2 reads of the A
   chunks.
 
+**Wide tiles (eleventh session, not yet run).** The ninth session's run (``inline`` columns:
+12.1 / 7.9 / 26.2 / 18.8 us with 1 adapter, 33.7 / 27.4 / 90.0 / 60.7 with 8, against the
+library's 15.0 / 11.0 / 19.6 / 20.2 and 15.3 / 12.4 / 21.2 / 21.4) lost where every program
+streams many slots' A chunks: each of the 32-64-wide output tiles recomputes the shrinks of
+its rows. With ``bn``-wide tiles (``wide_config``, the ``wNNN`` columns) each program's shrinks
+serve ``bn`` outputs, so the A chunks are read ``bn / 64`` times less often. Predicted at
+256: with 1 adapter, near the single-adapter kernel (``routed_probe``'s ``one``: 9.1 / 5.5 /
+13.6 / 13.4); with 8, q-o and k-v near 12-14 us and gate-up and down within 2 us of the
+library's (their A chunks, 8 x 64 rows, still outweigh the 256 rows of W a program reads).
+If that holds, the routed decode would drop the shrink's launch and its zero fill wherever
+the rows use few adapters: about 0.85 ms of the 1.24 ms between the routed and the
+single-adapter decode.
+
 Columns (us per call in a CUDA graph over 22 weight sets, 64 rows): ``base`` the base GEMM;
 ``lib d1`` / ``lib d8`` the library's routed layer (``lorahot::routed_lora_linear``'s kernels)
-over 1 and 8 distinct slots; ``inline d1`` / ``inline d8`` this kernel. Each output is checked
-against the float64 per-row reference first.
+over 1 and 8 distinct slots; ``inline d1`` / ``inline d8`` this kernel, tiled as the library
+tiles one adapter; ``w128`` / ``w256`` this kernel with wider tiles. Each output is checked
+against the float64 per-row reference first, every tiling.
 
     PYTHONPATH=. python3 -m benchmarks.experiments.routed_inline_probe
     PROBE_CPU=1 TRITON_INTERPRET=1 PYTHONPATH=.interp:. python3 -m benchmarks.experiments.routed_inline_probe
@@ -49,6 +63,19 @@ from lorahot.kernels.triton_routed_lora import rank_pad
 
 CPU = os.environ.get("PROBE_CPU") == "1"
 M = int(os.environ.get("PROBE_M", "64"))
+#: output tile widths of the ``wide`` columns (the library's tiles are 32-64 wide at decode)
+WIDE = (128, 256)
+
+
+def wide_config(m: int, n: int, k: int, bn: int) -> F.Config:
+    """``bn``-wide output tiles, K split until about 128-256 programs run (a power of two, at
+    least 128 of K per chunk): each program's shrinks over its chunk serve ``bn`` outputs, so
+    the slots' A chunks are read ``bn / 64`` times less often than with the library's tiles."""
+    bm = 16 if m <= 16 else 64
+    tiles = -(-m // bm) * -(-n // bn)
+    split = max(1, min(16, 256 // tiles, k // 128))
+    split = 1 << (split.bit_length() - 1)
+    return (bm, bn, 64, 8 if bn >= 256 else 4, 3, split)
 
 
 @triton.jit
@@ -163,12 +190,13 @@ def _check(dev: torch.device, dt: torch.dtype, shapes: dict[str, tuple[int, int]
         x = torch.randn(m, k, device=dev, generator=g).to(dt)
         for route in (torch.zeros(m, dtype=torch.long), torch.arange(m) % SLOTS, torch.arange(m) % (SLOTS + 1) - 1):
             route = route.to(dev)
-            out = torch.full((m, n), float("nan"), device=dev, dtype=dt)
-            launch_inline(x, w, a, bt, s, route, out, F.config_for(m, n, k))
             want = _reference(x, w, a, bt, s, route)
-            err = float((out.double() - want).norm() / want.norm())
-            assert err < 1e-2, (name, route.tolist()[:8], err)
-        print(f"{name}: matches the float64 reference (3 routings)", flush=True)
+            for config in (F.config_for(m, n, k), *(wide_config(m, n, k, bn) for bn in WIDE)):
+                out = torch.full((m, n), float("nan"), device=dev, dtype=dt)
+                launch_inline(x, w, a, bt, s, route, out, config)
+                err = float((out.double() - want).norm() / want.norm())
+                assert err < 1e-2, (name, config, route.tolist()[:8], err)
+        print(f"{name}: matches the float64 reference (3 routings, {1 + len(WIDE)} tilings)", flush=True)
 
 
 def main() -> None:
@@ -180,7 +208,10 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(torch.__version__, torch.cuda.get_device_name(), "triton", triton.__version__, f"m={M}", flush=True)
     _check(dev, dt, SHAPES, M)
-    print(f"{'shape':8s} {'base':>8s} {'lib d1':>8s} {'lib d8':>8s} {'inline d1':>10s} {'inline d8':>10s}")
+    print(
+        f"{'shape':8s} {'base':>8s} {'lib d1':>8s} {'lib d8':>8s} {'inline d1':>10s} {'inline d8':>10s}"
+        + "".join(f" {f'w{bn} d{d}':>9s}" for bn in WIDE for d in (1, 8))
+    )
     for name, (k, n) in SHAPES.items():
         w, a, bt, s, x = weight_sets(k, n, M, dev, dt)
         out = torch.empty(M, n, device=dev, dtype=dt)
@@ -203,7 +234,18 @@ def main() -> None:
         row = [graph_us(base, SETS)]
         row += [graph_us(lambda d=d: library(d), SETS) for d in (1, 8)]
         row += [graph_us(lambda d=d: inline(d), SETS) for d in (1, 8)]
-        print(f"{name:8s} {row[0]:8.1f} {row[1]:8.1f} {row[2]:8.1f} {row[3]:10.1f} {row[4]:10.1f}", flush=True)
+
+        def wide(d: int, bn: int) -> None:
+            cfg = wide_config(M, n, k, bn)
+            for wi, ai, bi in zip(w, a, bt):
+                launch_inline(x, wi, ai, bi, s, routes[d], out, cfg)
+
+        row += [graph_us(lambda d=d, bn=bn: wide(d, bn), SETS) for bn in WIDE for d in (1, 8)]
+        print(
+            f"{name:8s} {row[0]:8.1f} {row[1]:8.1f} {row[2]:8.1f} {row[3]:10.1f} {row[4]:10.1f}"
+            + "".join(f" {v:9.1f}" for v in row[5:]),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
