@@ -1,4 +1,4 @@
-"""Buffers a runtime lends the file reader, so that a warm load from file allocates nothing.
+"""Buffers a runtime lends the file reader, so that a warm load allocates nothing.
 
 A load from a safetensors file reads the file's bytes into host memory (pinned when the
 tensors are headed for a GPU), copies them to the device in one transfer, and views the tensors
@@ -14,7 +14,8 @@ the read.
 writes any), one host buffer and on CUDA one device buffer, grown to the largest file read and
 never shrunk. The runtime lends them for its reads (:meth:`ReadBuffers.lend`: a context
 variable that :func:`lorahot.io.tensorfile.read_tensors` consults, so nothing in between
-changes) and holds :attr:`ReadBuffers.lock` for the whole load.
+changes) and holds :attr:`ReadBuffers.lock` for the whole load. A load from the host cache
+copies its pinned packs into the device buffers too (:meth:`ReadBuffers.upload`).
 
 What makes reuse safe:
 
@@ -84,9 +85,7 @@ class ReadBuffers:
         that length; returns them on :attr:`device` (``uint8 [nbytes]``, a view of the part's
         buffer). ``make(allocate)`` runs an allocation (the reader's, which names the file when
         memory runs out)."""
-        while len(self._parts) <= part:
-            self._parts.append(_Part())
-        held = self._parts[part]
+        held = self._part(part)
         cuda = self.device.type == "cuda"
         if held.copied is not None:
             held.copied.synchronize()  # the last transfer out of the host buffer is done
@@ -95,6 +94,25 @@ class ReadBuffers:
         fill(host)
         if not cuda:
             return host
+        return self._to_device(held, host, make)
+
+    def upload(self, part: int, host: torch.Tensor) -> torch.Tensor:
+        """``host`` (pinned bytes that their owner keeps unchanged, such as a pack of the host
+        cache) on :attr:`device`, in the device buffer of ``part``: a view of it, valid until
+        the next read or upload of that part."""
+        return self._to_device(self._part(part), host, lambda allocate: allocate())
+
+    def _part(self, part: int) -> _Part:
+        while len(self._parts) <= part:
+            self._parts.append(_Part())
+        return self._parts[part]
+
+    def _to_device(
+        self, held: _Part, host: torch.Tensor, make: Callable[[Callable[[], torch.Tensor]], torch.Tensor]
+    ) -> torch.Tensor:
+        """``host`` copied, without blocking the host, into ``held``'s device buffer (grown if
+        need be), after the last load's work on the device buffers."""
+        nbytes = host.numel()
         held.device = _grown(held.device, nbytes, lambda n: make(lambda: _empty(n, device=self.device)))
         stream = torch.cuda.current_stream(self.device)
         if self._used is not None:

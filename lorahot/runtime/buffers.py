@@ -33,8 +33,10 @@ addresses never change after construction.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -439,11 +441,15 @@ class Arena:
             b_pieces.append((self.b_off[i], per * spec.out_dim))
         return a_pieces, b_pieces
 
-    def stage(self, pack: Pack) -> torch.Tensor:
+    def stage(self, pack: Pack, upload: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """``pack.data`` on this arena's device: one copy (none on the CPU), which does not
-        block the host when the pack is pinned. Safe: a pack's data is never written, and
-        torch's pinned-memory allocator keeps a block that a copy still reads until the copy
-        is done, even if the pack is dropped meanwhile."""
+        block the host when the pack is pinned; into ``upload``'s buffer where given (a pinned
+        pack only: see :meth:`lorahot.io.read_buffers.ReadBuffers.upload`), else into a new
+        one. Safe: a pack's data is never written, and torch's pinned-memory allocator keeps a
+        block that a copy still reads until the copy is done, even if the pack is dropped
+        meanwhile."""
+        if upload is not None and pack.pinned:
+            return upload(pack.data)
         return pack.data.to(self.device, non_blocking=pack.pinned)
 
     def write(self, region: int, pack: Pack, staged: torch.Tensor, multiplier: float) -> None:
@@ -706,11 +712,24 @@ class BufferManager:
         and the live region is a separate copy (several slots)."""
         return live and slot != self.live
 
-    def write(self, slot: int, packs: list[Pack], multiplier: float, *, live: bool) -> None:
+    def write(
+        self,
+        slot: int,
+        packs: list[Pack],
+        multiplier: float,
+        *,
+        live: bool,
+        upload: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         """Copies one pack per arena into ``slot``, and into the live region if ``live``.
+        ``upload(k, data)``, where given, puts arena ``k``'s pinned pack on the device in a
+        buffer the caller keeps (:meth:`Arena.stage`).
 
         Every pack is staged on its device first, so a failed allocation changes nothing."""
-        staged = [arena.stage(pack) for arena, pack in zip(self.arenas, packs)]
+        staged = [
+            arena.stage(pack, None if upload is None else functools.partial(upload, k))
+            for k, (arena, pack) in enumerate(zip(self.arenas, packs))
+        ]
         for arena, pack, data in zip(self.arenas, packs, staged):
             arena.write(slot, pack, data, multiplier)
             if self.mirrors(slot, live):

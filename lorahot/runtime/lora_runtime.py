@@ -291,8 +291,11 @@ class LoraRuntime:
             self._check_scales(stack, weights)
             packs = prepared.packs
 
-            def write_packs(live: bool) -> None:
-                self.buffers.write(slot, packs, weights[0], live=live)
+            buffers = self._read_buffers
+            upload = buffers.upload if buffers is not None and buffers.device.type == "cuda" else None
+
+            def write_packs(live: bool) -> None:  # on CUDA through the read buffers: no allocation
+                self.buffers.write(slot, packs, weights[0], live=live, upload=upload)
 
             return slot, [prepared.adapter], stack, weights, listed, write_packs
         adapters, parts, fresh = [], [], []

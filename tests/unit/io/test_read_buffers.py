@@ -172,10 +172,10 @@ def test_growth_rounds_up_and_keeps_a_quarter_more(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.gpu
 def test_gpu_warm_loads_call_the_driver_for_no_memory(tmp_path: Path) -> None:
-    """On CUDA, once the buffers hold the largest file, loads from file into any slot make no
-    ``cudaMalloc`` or ``cudaHostAlloc`` (the caching allocators' counts stay), and every slot
-    computes its own adapter: the device buffer's next transfer waits for the last load's
-    reads of it."""
+    """On CUDA, once the buffers hold the largest file, loads from file or from the host cache
+    into any slot make no ``cudaMalloc`` or ``cudaHostAlloc`` (the caching allocators' counts
+    stay), and every slot computes its own adapter: the device buffer's next transfer waits
+    for the last load's reads of it."""
     model = tiny_lm(dtype=torch.float64).cuda()
     runtime = lorahot.inject(model, TARGETS, max_rank=8, slots=2)
     files = [_adapter(tmp_path, tiny_lm(dtype=torch.float64), f"a{i}", 4 + 4 * (i % 2), seed=i) for i in range(4)]
@@ -186,9 +186,12 @@ def test_gpu_warm_loads_call_the_driver_for_no_memory(tmp_path: Path) -> None:
 
     runtime.load(files[1][0], slot=1)  # the largest first: the buffers reach their size
     runtime.load(files[0][0], slot=0)  # (and the allocators' small blocks for the checks theirs)
+    cached = [runtime.preload(source) for source, _ in files[:2]]  # packs: pinned, allocated here
+    runtime.load(cached[1], slot=1)
     torch.cuda.synchronize()
     warm = calls()
     for i, (source, _) in enumerate(files):
+        runtime.load(cached[i % 2], slot=i % 2)
         runtime.load(source, slot=i % 2)
     torch.cuda.synchronize()
     assert calls() == warm

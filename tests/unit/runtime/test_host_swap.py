@@ -6,6 +6,8 @@ failed swap changes nothing."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from hypothesis import given
@@ -167,11 +169,11 @@ def test_a_failed_host_swap_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> 
     calls: list[int] = []
     real = buffers.Arena.stage
 
-    def stage(self: buffers.Arena, pack: buffers.Pack) -> torch.Tensor:
+    def stage(self: buffers.Arena, pack: buffers.Pack, upload: Callable | None = None) -> torch.Tensor:
         calls.append(1)
         if len(calls) == 2:  # the second arena's staging fails (out of device memory)
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(self, pack)
+        return real(self, pack, upload)
 
     monkeypatch.setattr(buffers.Arena, "stage", stage)
     with pytest.raises(lorahot.LoraError, match="out of memory"):
