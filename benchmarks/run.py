@@ -168,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="rows and diffusion suites: prepare each configuration in its own process, all at once",
     )
+    parser.add_argument(
+        "--routed-inline",
+        action="store_true",
+        help="mixed suite: the routed layers in one kernel (lorahot.kernels.routed_linear.INLINE), "
+        "its figures under mixed_batch_inline_* in the run file only",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -214,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "fullgraph": lambda: forward.run_fullgraph(w, refs, args.repeat),
         "stack": lambda: stack.run(w, args.repeat),
-        "mixed": lambda: mixed.run(w, args.repeat, small=args.small),
+        "mixed": lambda: mixed.run(w, args.repeat, small=args.small, inline=args.routed_inline),
         "rows": lambda: (
             rows.run_parallel(
                 args.small,

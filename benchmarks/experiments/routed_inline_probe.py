@@ -9,7 +9,8 @@ launches. The segmented shrink writes every row's shrink into a zeroed float32 w
 fill, then atomics), then the fused kernel adds each slot's expand, then a small kernel sums
 the split-K partials: four launches, where the single-adapter fused kernel runs one or two.
 
-This probe times a kernel that needs no workspace. Each program (a tile of rows, a tile of
+This probe times a kernel that needs no workspace (since the eleventh session the library's
+lorahot.kernels.triton_routed_inline, off by default). Each program (a tile of rows, a tile of
 outputs, a chunk of K) runs the base product over its chunk. Then, for each slot its rows use,
 it runs that slot's shrink over the same chunk with the other rows' ``x`` masked to zero, and
 that slot's expand of the partial shrink into the partial output (the shrink is linear in K, as
@@ -54,12 +55,11 @@ import os
 
 import torch
 import triton
-import triton.language as tl
 
 from benchmarks.experiments.routed_probe import SETS, SHAPES, SLOTS, R, weight_sets
 from lorahot.kernels import routed_lora
 from lorahot.kernels import triton_lora_linear as F
-from lorahot.kernels.triton_routed_lora import rank_pad
+from lorahot.kernels import triton_routed_inline as routed_inline
 
 CPU = os.environ.get("PROBE_CPU") == "1"
 M = int(os.environ.get("PROBE_M", "64"))
@@ -68,78 +68,8 @@ WIDE = (128, 256)
 
 
 def wide_config(m: int, n: int, k: int, bn: int) -> F.Config:
-    """``bn``-wide output tiles, K split until about 128-256 programs run (a power of two, at
-    least 128 of K per chunk): each program's shrinks over its chunk serve ``bn`` outputs, so
-    the slots' A chunks are read ``bn / 64`` times less often than with the library's tiles."""
-    bm = 16 if m <= 16 else 64
-    tiles = -(-m // bm) * -(-n // bn)
-    split = max(1, min(16, 256 // tiles, k // 128))
-    split = 1 << (split.bit_length() - 1)
-    return (bm, bn, 64, 8 if bn >= 256 else 4, 3, split)
-
-
-@triton.jit
-def _routed_inline_kernel(
-    X, W, A, BT, S, Y, WS, ROUTE,
-    M, N, K, R, K_CHUNK, SLOTS, T,
-    stride_xm, stride_wn, stride_as, stride_am, stride_bs, stride_bm, stride_ss, stride_ym,
-    R_PAD: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """``y = x @ W.T + (s_k * (x @ A_k.T)) @ Bt_k`` per row, ``k`` the row's slot (no bias: the
-    probe's layers have none). See the module docstring."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, R_PAD)
-    m_ok = rm < M
-    n_ok = rn < N
-    r_ok = rr < R
-    k0 = pid_s * K_CHUNK
-    k_end = tl.minimum(K, k0 + K_CHUNK)
-    steps = tl.cdiv(k_end - k0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, steps):  # the base product over this program's chunk of K
-        kk = k0 + k * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = kk < k_end
-        x = tl.load(
-            X + rm[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        w = tl.load(
-            W + rn[None, :].to(tl.int64) * stride_wn + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0
-        )
-        acc = tl.dot(x, w, acc)
-    slot_of = tl.load(ROUTE + rm // T, mask=m_ok, other=-1)
-    for slot in range(0, SLOTS):  # each slot the tile's rows use: its shrink over the chunk, then its expand
-        hit = (slot_of == slot) & m_ok
-        if tl.max(hit.to(tl.int32), axis=0) > 0:
-            hacc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-            a_base = A + tl.cast(slot, tl.int64) * stride_as
-            for k in range(0, steps):
-                kk = k0 + k * BLOCK_K + tl.arange(0, BLOCK_K)
-                k_ok = kk < k_end
-                x = tl.load(
-                    X + rm[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=hit[:, None] & k_ok[None, :], other=0.0
-                )
-                a = tl.load(
-                    a_base + rr[None, :] * stride_am + kk[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0
-                )
-                hacc = tl.dot(x, a, hacc)
-            s = tl.load(S + slot * stride_ss + rr, mask=r_ok, other=0.0).to(tl.float32)
-            h = (hacc * s[None, :]).to(BT.dtype.element_ty)
-            bt = tl.load(
-                BT + tl.cast(slot, tl.int64) * stride_bs + rr[:, None] * stride_bm + rn[None, :],
-                mask=r_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(h, bt, acc)
-    if SPLIT == 1:
-        tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
-    else:  # this chunk's partial sum, float32; the library's _split_k_sum adds them up
-        tl.store(WS + (pid_s * M + rm[:, None]).to(tl.int64) * N + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+    """``bn``-wide output tiles (:func:`lorahot.kernels.triton_routed_inline.config`)."""
+    return routed_inline.config(m, n, k, bn)
 
 
 def launch_inline(
@@ -152,23 +82,8 @@ def launch_inline(
     out: torch.Tensor,
     config: F.Config,
 ) -> None:
-    """The kernel on ``x [M, K]``, ``w [N, K]``, every slot's ``a [slots, R, K]``, ``bt [slots,
-    R, N]``, ``s [slots, R]``, ``route [L]`` (``M`` a multiple of ``L``), into ``out [M, N]``,
-    tiled as the library's fused kernel tiles one adapter (``config``)."""
-    m, k = x.shape
-    n = w.shape[0]
-    bm, bn, bk, warps, stages, split = config
-    chunk = triton.cdiv(triton.cdiv(k, bk), split) * bk
-    split = triton.cdiv(k, chunk)
-    ws = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-    _routed_inline_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
-        x, w, a, bt, s, out, ws, route,
-        m, n, k, a.shape[1], chunk, a.shape[0], m // route.shape[0],
-        x.stride(0), w.stride(0), a.stride(0), a.stride(1), bt.stride(0), bt.stride(1), s.stride(0), out.stride(0),
-        R_PAD=rank_pad(a.shape[1]), SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    if split > 1:
-        F._split_k_sum[(triton.cdiv(m * n, 1024),)](ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=1024, num_warps=4)
+    """The library's inline kernel (:mod:`lorahot.kernels.triton_routed_inline`) with ``config``'s tiles."""
+    routed_inline.launch(x, w, None, a, bt, s, route, out, tiles=config)
 
 
 def _reference(

@@ -34,7 +34,13 @@ from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.routed_lora import check_segments, reference, routed_lora, segments, token_route
 from lorahot.kernels.triton_import import triton_module
 
-__all__ = ["routed_lora_linear"]
+__all__ = ["routed_lora_linear", "INLINE"]
+
+#: whether the fused routed path runs :mod:`lorahot.kernels.triton_routed_inline` (one kernel,
+#: each program computing its rows' shrinks) in place of the segmented shrink and the fused
+#: kernel: off until a device run measures it. Read at each call, so a model captured in CUDA
+#: graphs keeps what it was captured with.
+INLINE = False
 
 
 def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
@@ -70,6 +76,11 @@ def _routed_lora_linear(
         return reference(x2, y, a, bt, s, token_route(route, x2.shape[0])).view(*x.shape[:-1], n)
     x2 = x2.contiguous()
     out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
+    inline = triton_module("triton_routed_inline") if INLINE else None
+    if inline is not None:
+        with launching_on(x.device):
+            inline.launch(x2, weight, bias, a, bt, s, route, out)
+        return out.view(*x.shape[:-1], n)
     grouped = segments(route, a.shape[0]) if segs is None else segs
     with launching_on(x.device):
         config = kernel.config_for(x2.shape[0], n, x2.shape[1])

@@ -53,10 +53,26 @@ def test_compiled_op_is_one_opaque_node() -> None:
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_op_with_the_inline_kernel_switched_on_computes_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``INLINE`` picks the one-kernel path where Triton runs; elsewhere the op keeps its
+    library-call path, the same numbers."""
+    x, _, a, bt, s = _operands(6, 8, 5, 4, 2, torch.float64, seed=4)
+    weight, bias = _weights(8, 5, torch.float64, "cpu")
+    route = torch.tensor([0, -1, 1, 1, 0, -1])
+    off = routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route)
+    monkeypatch.setattr(routed_linear, "INLINE", True)
+    on = routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route)
+    assert torch.equal(on, off)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("inline", [False, True], ids=["segmented-shrink", "inline"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 2048, 256, 64, 8), (64, 2048, 2048, 64, 8), (100, 1000, 700, 20, 4)], ids=str)
-def test_gpu_fused_routed_linear_matches_float64_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+def test_gpu_fused_routed_linear_matches_float64_reference(
+    shape: tuple[int, ...], dtype: torch.dtype, inline: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(routed_linear, "INLINE", inline)
     rows, k, n, rank, slots = shape
     x, _, a, bt, s = _operands(rows, k, n, rank, slots, dtype, "cuda", seed=rows)
     weight, bias = _weights(k, n, dtype, "cuda")
