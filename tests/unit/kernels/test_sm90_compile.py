@@ -161,3 +161,21 @@ def test_row_scale_and_stack_scales_compile(compiler: _Compiler) -> None:
     own, part = torch.ones(4, 16, dtype=torch.float64), torch.zeros(4, 16, dtype=torch.int64)
     kernel.stack_scales(own, part, torch.ones(2, dtype=torch.float64), torch.empty(4, 16), torch.empty(4, 16))
     assert [name for name, _ in compiler.compiled] == ["_row_scale_kernel", "_col_scale_kernel", "_stack_scales_kernel"]
+
+
+@pytest.mark.parametrize("shape", [(2048, 2048), (2048, 256), (2048, 5632), (5632, 2048)], ids=str)
+def test_routed_inline_linear_compiles_within_the_shared_memory(compiler: _Compiler, shape: tuple[int, int]) -> None:
+    """The one-kernel routed linear at the decode shapes (64 rows, 8 slots, rank 64), with its
+    256-wide tiles: onto the matrix units, in the shared memory an H100/H200 program may use
+    (227 KB), the split-K sum after it where K is split."""
+    inline = pytest.importorskip("lorahot.kernels.triton_routed_inline")
+    k, n = shape
+    rows, r, slots = 64, 64, 8
+    x, w = torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.bfloat16)
+    a, bt = torch.zeros(slots, r, k, dtype=torch.bfloat16), torch.zeros(slots, r, n, dtype=torch.bfloat16)
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    inline.launch(x, w, torch.zeros(n, dtype=torch.bfloat16), a, bt, torch.ones(slots, r), torch.arange(rows) % 8, out)
+    name, kernel = compiler.compiled[0]
+    assert name == "_routed_inline_kernel" and "wgmma" in _ptx(kernel)
+    assert kernel.metadata.shared <= 232448, kernel.metadata.shared
+    assert {n for n, _ in compiler.compiled[1:]} <= {"_split_k_sum"}
