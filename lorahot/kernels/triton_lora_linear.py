@@ -39,7 +39,7 @@ from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.triton_routed_lora import rank_pad, shrink
 
-__all__ = ["lora_linear", "launch", "run_into", "config_for"]
+__all__ = ["lora_linear", "launch", "run_into", "config_for", "split_k", "sum_splits"]
 
 
 @triton.jit
@@ -180,9 +180,7 @@ def launch(
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     bm, bn, bk, warps, stages, split = config
-    chunk = triton.cdiv(triton.cdiv(k, bk), split) * bk
-    split = triton.cdiv(k, chunk)  # no empty chunks
-    ws = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    chunk, split, ws = split_k(k, bk, split, out)
     if routing is not None:
         segs, route, t = routing
         slots = a.shape[0]
@@ -197,9 +195,27 @@ def launch(
         HAS_BIAS=bias is not None, R_PAD=rank_pad(r), SPLIT=split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ROUTED=routing is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if split > 1:
-        block = 1024
-        _split_k_sum[(triton.cdiv(m * n, block),)](ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4)
+    sum_splits(ws, out)
+
+
+def split_k(k: int, block_k: int, split: int, out: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """K cut into at most ``split`` chunks of whole ``block_k`` steps, none empty: ``(chunk,
+    split, workspace)``, the workspace where the chunks' partial outputs go (``out`` itself
+    when K is not split, else float32 ``[split, M, N]`` for :func:`sum_splits`)."""
+    chunk = triton.cdiv(triton.cdiv(k, block_k), split) * block_k
+    split = triton.cdiv(k, chunk)
+    m, n = out.shape
+    return chunk, split, out if split == 1 else torch.empty((split, m, n), device=out.device, dtype=torch.float32)
+
+
+def sum_splits(ws: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = ws.sum(0)`` rounded once (:func:`_split_k_sum`), where ``ws`` is a split-K
+    workspace of :func:`split_k`; nothing where it is ``out`` itself."""
+    if ws is out:
+        return
+    m, n = out.shape
+    split, block = ws.shape[0], 1024
+    _split_k_sum[(triton.cdiv(m * n, block),)](ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4)
 
 
 def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:

@@ -11,7 +11,7 @@ Each program (a tile of rows, a tile of outputs, a chunk of K) runs the base pro
 chunk; then, for each slot its rows use, that slot's shrink over the same chunk with the other
 rows' ``x`` masked to zero, and that slot's expand of the partial shrink into the partial
 output (the shrink is linear in K, as in the single-adapter kernel's split K). The chunks'
-partial outputs are added by :func:`lorahot.kernels.triton_lora_linear._split_k_sum`: one
+partial outputs are added by :func:`lorahot.kernels.triton_lora_linear.sum_splits`: one
 launch, or two with split K, as for one adapter.
 
 What it costs: every program reads the A chunk of every slot its rows use, so the slots' A are
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorahot.kernels.triton_lora_linear import _split_k_sum
+from lorahot.kernels.triton_lora_linear import split_k, sum_splits
 from lorahot.kernels.triton_routed_lora import rank_pad
 
 __all__ = ["launch", "config"]
@@ -126,9 +126,7 @@ def launch(
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     bm, bn, bk, warps, stages, split = tiles or config(m, n, k)
-    chunk = triton.cdiv(triton.cdiv(k, bk), split) * bk
-    split = triton.cdiv(k, chunk)  # no empty chunks
-    ws = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    chunk, split, ws = split_k(k, bk, split, out)
     _routed_inline_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
         x, weight, bias if bias is not None else weight, a, bt, s, out, ws, route,
         m, n, k, a.shape[1], chunk, a.shape[0], m // route.shape[0],
@@ -136,6 +134,4 @@ def launch(
         HAS_BIAS=bias is not None, R_PAD=rank_pad(a.shape[1]), SPLIT=split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if split > 1:
-        block = 1024
-        _split_k_sum[(triton.cdiv(m * n, block),)](ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4)
+    sum_splits(ws, out)
