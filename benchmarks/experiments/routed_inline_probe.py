@@ -28,7 +28,7 @@ in the single-adapter kernel's split K). One launch, or two with split K, as for
 12.1 / 7.9 / 26.2 / 18.8 us with 1 adapter, 33.7 / 27.4 / 90.0 / 60.7 with 8, against the
 library's 15.0 / 11.0 / 19.6 / 20.2 and 15.3 / 12.4 / 21.2 / 21.4) lost where every program
 streams many slots' A chunks: each of the 32-64-wide output tiles recomputes the shrinks of
-its rows. With ``bn``-wide tiles (``wide_config``, the ``wNNN`` columns) each program's shrinks
+its rows. With ``bn``-wide tiles (``routed_inline.config``, the ``wNNN`` columns) each program's shrinks
 serve ``bn`` outputs, so the A chunks are read ``bn / 64`` times less often. Predicted at
 256: with 1 adapter, near the single-adapter kernel (``routed_probe``'s ``one``: 9.1 / 5.5 /
 13.6 / 13.4); with 8, q-o and k-v near 12-14 us and gate-up and down within 2 us of the
@@ -67,25 +67,6 @@ M = int(os.environ.get("PROBE_M", "64"))
 WIDE = (128, 256)
 
 
-def wide_config(m: int, n: int, k: int, bn: int) -> F.Config:
-    """``bn``-wide output tiles (:func:`lorahot.kernels.triton_routed_inline.config`)."""
-    return routed_inline.config(m, n, k, bn)
-
-
-def launch_inline(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    a: torch.Tensor,
-    bt: torch.Tensor,
-    s: torch.Tensor,
-    route: torch.Tensor,
-    out: torch.Tensor,
-    config: F.Config,
-) -> None:
-    """The library's inline kernel (:mod:`lorahot.kernels.triton_routed_inline`) with ``config``'s tiles."""
-    routed_inline.launch(x, w, None, a, bt, s, route, out, tiles=config)
-
-
 def _reference(
     x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, s: torch.Tensor, route: torch.Tensor
 ) -> torch.Tensor:
@@ -106,9 +87,9 @@ def _check(dev: torch.device, dt: torch.dtype, shapes: dict[str, tuple[int, int]
         for route in (torch.zeros(m, dtype=torch.long), torch.arange(m) % SLOTS, torch.arange(m) % (SLOTS + 1) - 1):
             route = route.to(dev)
             want = _reference(x, w, a, bt, s, route)
-            for config in (F.config_for(m, n, k), *(wide_config(m, n, k, bn) for bn in WIDE)):
+            for config in (F.config_for(m, n, k), *(routed_inline.config(m, n, k, bn) for bn in WIDE)):
                 out = torch.full((m, n), float("nan"), device=dev, dtype=dt)
-                launch_inline(x, w, a, bt, s, route, out, config)
+                routed_inline.launch(x, w, None, a, bt, s, route, out, config)
                 err = float((out.double() - want).norm() / want.norm())
                 assert err < 1e-2, (name, config, route.tolist()[:8], err)
         print(f"{name}: matches the float64 reference (3 routings, {1 + len(WIDE)} tilings)", flush=True)
@@ -144,16 +125,16 @@ def main() -> None:
 
         def inline(d: int) -> None:
             for wi, ai, bi in zip(w, a, bt):
-                launch_inline(x, wi, ai, bi, s, routes[d], out, config)
+                routed_inline.launch(x, wi, None, ai, bi, s, routes[d], out, config)
 
         row = [graph_us(base, SETS)]
         row += [graph_us(lambda d=d: library(d), SETS) for d in (1, 8)]
         row += [graph_us(lambda d=d: inline(d), SETS) for d in (1, 8)]
 
         def wide(d: int, bn: int) -> None:
-            cfg = wide_config(M, n, k, bn)
+            cfg = routed_inline.config(M, n, k, bn)
             for wi, ai, bi in zip(w, a, bt):
-                launch_inline(x, wi, ai, bi, s, routes[d], out, cfg)
+                routed_inline.launch(x, wi, None, ai, bi, s, routes[d], out, cfg)
 
         row += [graph_us(lambda d=d, bn=bn: wide(d, bn), SETS) for bn in WIDE for d in (1, 8)]
         print(

@@ -130,13 +130,6 @@ class ReadBuffers:
             self._used = self._used or torch.cuda.Event()
             self._used.record(torch.cuda.current_stream(self.device))
 
-    @property
-    def nbytes(self) -> tuple[int, int]:
-        """Bytes held: ``(host, device)``."""
-        host = sum(p.host.nbytes for p in self._parts if p.host is not None)
-        device = sum(p.device.nbytes for p in self._parts if p.device is not None)
-        return host, device
-
 
 def lent(device: torch.device | None) -> tuple[ReadBuffers, int] | None:
     """The buffers and part lent for a read onto ``device`` in this context, if any."""

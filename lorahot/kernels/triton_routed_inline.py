@@ -29,13 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lorahot.kernels.triton_lora_linear import split_k, sum_splits
+from lorahot.kernels.triton_lora_linear import Config, split_k, sum_splits
 from lorahot.kernels.triton_routed_lora import rank_pad
 
 __all__ = ["launch", "config"]
-
-#: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split), as for the single-adapter kernel
-Config = tuple[int, int, int, int, int, int]
 
 
 @triton.jit
