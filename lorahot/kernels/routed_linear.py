@@ -38,7 +38,8 @@ __all__ = ["routed_lora_linear", "INLINE"]
 
 #: whether the fused routed path runs :mod:`lorahot.kernels.triton_routed_inline` (one kernel,
 #: each program computing its rows' shrinks) in place of the segmented shrink and the fused
-#: kernel: off until a device run measures it. Read at each call, so a model captured in CUDA
+#: kernel. Off: on an H200 it wins with one adapter on narrow layers and loses 2-4x with eight
+#: (benchmarks/README.md, "Twelfth session"). Read at each call, so a model captured in CUDA
 #: graphs keeps what it was captured with.
 INLINE = False
 
