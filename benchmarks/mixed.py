@@ -72,11 +72,14 @@ def _route(rows: int, distinct: int) -> list[int]:
     return [i % distinct for i in range(rows)]
 
 
-def run(w: Workload, repeat: int, small: bool = False, inline: bool = False) -> dict[str, Any]:
+def run(
+    w: Workload, repeat: int, small: bool = False, inline: bool = False, variant: str | None = None
+) -> dict[str, Any]:
     """The suite; with ``inline``, the routed layers run :mod:`lorahot.kernels.triton_routed_inline`
     (``routed_linear.INLINE``, set for the whole process before anything compiles) and every
     ``mixed_batch_*`` field is named ``mixed_batch_inline_*``, so ``latest.json`` keeps the
-    default path's figures."""
+    default path's figures. ``variant`` names another such departure the caller set up for the
+    process (``nopdl``: :mod:`lorahot.kernels.pdl` off), its fields ``mixed_batch_<variant>_*``."""
     routed_linear.INLINE = inline
     mode = "reduce-overhead" if w.device.type == "cuda" else None
     shapes = _shapes(small)
@@ -149,8 +152,9 @@ def run(w: Workload, repeat: int, small: bool = False, inline: bool = False) -> 
             out["mixed_batch_single_ms"][label] = ms
     out["mixed_batch_rel_err_vs_peft"] = errs
     out["mixed_batch_recompiles"] = 0  # error_on_recompile above would have raised
-    if inline:
-        out = {key.replace("mixed_batch_", "mixed_batch_inline_", 1): value for key, value in out.items()}
+    variant = "inline" if inline else variant
+    if variant:
+        out = {key.replace("mixed_batch_", f"mixed_batch_{variant}_", 1): value for key, value in out.items()}
     print(f"[mixed] {json.dumps(out)}", flush=True)
     return out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from benchmarks import diffusion, forward, mixed, rows, stack, swap
 from benchmarks.common import COMPILE_CONFIGS, RESULTS, ROW_CONFIGS, device_name, merge_results, split_fields
 from benchmarks.workload import RANKS, build
+from lorahot.kernels import pdl
 
 
 def summary(raw: dict[str, Any]) -> dict[str, Any]:
@@ -174,8 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         help="mixed suite: the routed layers in one kernel (lorahot.kernels.routed_linear.INLINE), "
         "its figures under mixed_batch_inline_* in the run file only",
     )
+    parser.add_argument(
+        "--no-pdl",
+        action="store_true",
+        help="mixed suite: lorahot's kernels launched in stream order (lorahot.kernels.pdl off, "
+        "LORAHOT_PDL=0 for worker processes), its figures under mixed_batch_nopdl_* in the run file only",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
+    if args.no_pdl:
+        os.environ["LORAHOT_PDL"] = "0"
+        pdl.ENABLED = False
     start = time.perf_counter()
 
     import peft
@@ -192,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(device),
         "torch": torch.__version__,
         "peft": peft.__version__,
+        "pdl": pdl.ENABLED,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "workload": "small 2-layer Llama" if args.small else "TinyLlama-1.1B shape, 154 LoRA layers",
@@ -220,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "fullgraph": lambda: forward.run_fullgraph(w, refs, args.repeat),
         "stack": lambda: stack.run(w, args.repeat),
-        "mixed": lambda: mixed.run(w, args.repeat, small=args.small, inline=args.routed_inline),
+        "mixed": lambda: mixed.run(
+            w, args.repeat, small=args.small, inline=args.routed_inline, variant="nopdl" if args.no_pdl else None
+        ),
         "rows": lambda: (
             rows.run_parallel(
                 args.small,
@@ -269,6 +283,7 @@ def _diffusion(
         "torch": torch.__version__,
         "peft": peft.__version__,
         "diffusers": diffusers.__version__,
+        "pdl": pdl.ENABLED,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "workload": w.name,

@@ -121,7 +121,7 @@ def main() -> None:
 
         def library(d: int) -> None:
             for wi, ai, bi in zip(w, a, bt):
-                F.launch(x, wi, None, ai, bi, s, out, config, routing=(grouped[d], routes[d], 1))
+                F.launch(x, wi, None, ai, bi, s, out, config, routing=(grouped[d], routes[d], 1, None))
 
         def inline(d: int) -> None:
             for wi, ai, bi in zip(w, a, bt):

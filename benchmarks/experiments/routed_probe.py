@@ -102,7 +102,7 @@ def main() -> None:
 
         def fused(d: int) -> None:
             for wi, ai, bi in zip(w, a, bt):
-                F.launch(x, wi, None, ai, bi, s, out, config, routing=(grouped[d], routes[d], T_ROWS))
+                F.launch(x, wi, None, ai, bi, s, out, config, routing=(grouped[d], routes[d], T_ROWS, None))
 
         wide = [torch.cat([wi, (ai[0] * 0.5).to(dt)]) for wi, ai in zip(w, a)]
 

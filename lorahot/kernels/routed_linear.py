@@ -34,7 +34,7 @@ from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.routed_lora import check_segments, reference, routed_lora, segments, token_route
 from lorahot.kernels.triton_import import triton_module
 
-__all__ = ["routed_lora_linear", "INLINE"]
+__all__ = ["routed_lora_linear", "workspace", "INLINE", "WORKSPACE_ROWS"]
 
 #: whether the fused routed path runs :mod:`lorahot.kernels.triton_routed_inline` (one kernel,
 #: each program computing its rows' shrinks) in place of the segmented shrink and the fused
@@ -44,13 +44,32 @@ __all__ = ["routed_lora_linear", "INLINE"]
 INLINE = False
 
 
+#: rows of :func:`workspace`: the most the fused routed path takes (``lora_linear.worth_it``)
+WORKSPACE_ROWS = 256
+
+
+def workspace(rank: int, device: torch.device) -> torch.Tensor:
+    """A zeroed float32 ``[WORKSPACE_ROWS, rank padded]`` workspace for :func:`routed_lora_linear`
+    on ``device`` (the runtime keeps one per arena, at a fixed address).
+
+    The routed decode's shrink adds its shares of K into a zeroed float32 workspace. Without
+    one, each call zeroes a fresh one: one more kernel per layer, which a CUDA graph replays
+    at a host cost of about 1.8 us per node on an H200 host, besides its GPU time
+    (``benchmarks/experiments/mixed_profile_probe.py``). With one, the split-K sum that ends
+    the call zeroes it again once the fused kernel has read it, so it is zero whenever no call
+    is running. Calls that share a workspace must therefore not run at the same time (two
+    streams): a runtime's forwards already share its routing."""
+    pad = max(16, 1 << (max(rank, 1) - 1).bit_length())  # as the kernels pad the rank
+    return torch.zeros((WORKSPACE_ROWS, pad), device=device, dtype=torch.float32)
+
+
 def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @define(
     "routed_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor bt, Tensor s, Tensor route, "
-    "Tensor? segs=None, bool sized=False, bool wide=False) -> Tensor",
+    "Tensor? segs=None, bool sized=False, bool wide=False, Tensor? workspace=None) -> Tensor",
     _fake,
 )
 def _routed_lora_linear(
@@ -64,6 +83,7 @@ def _routed_lora_linear(
     segs: torch.Tensor | None = None,
     sized: bool = False,
     wide: bool = False,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     refuse_grad("routed_lora_linear", x, weight, bias, a, bt)
     x2 = x.reshape(-1, x.shape[-1])
@@ -85,7 +105,8 @@ def _routed_lora_linear(
     grouped = segments(route, a.shape[0]) if segs is None else segs
     with launching_on(x.device):
         config = kernel.config_for(x2.shape[0], n, x2.shape[1])
-        kernel.launch(x2, weight, bias, a, bt, s, out, config, routing=(grouped, route, x2.shape[0] // route.shape[0]))
+        routing = (grouped, route, x2.shape[0] // route.shape[0], workspace)
+        kernel.launch(x2, weight, bias, a, bt, s, out, config, routing=routing)
     return out.view(*x.shape[:-1], n)
 
 
@@ -101,6 +122,7 @@ def routed_lora_linear(
     *,
     sized: bool = False,
     wide: bool = False,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The base linear plus each row's own slot's update: on CUDA the segmented shrink, then
     the fused kernel (see the module docstring). With ``sized`` (compiled, the row count
@@ -115,10 +137,15 @@ def routed_lora_linear(
         a: ``[slots, R, in]``; bt: ``[slots, R, out]``; s: ``[slots, R]`` (float32).
         route: ``[L]`` int64, each group of rows' slot or -1.
         segs: ``segments(route, slots)`` where the caller keeps it per routing (else computed here).
+        workspace: a :func:`workspace` for ``a``'s rank, zero, that no other call uses at the
+            same time; the kernels use it where it holds the rows (and leave it zero), else zero
+            their own.
 
     Returns:
         ``[..., out]`` in ``x``'s dtype.
     """
     check_segments(segs, a.shape[0], route.shape[0])
-    out: torch.Tensor = torch.ops.lorahot.routed_lora_linear(x, weight, bias, a, bt, s, route, segs, sized, wide)
+    out: torch.Tensor = torch.ops.lorahot.routed_lora_linear(
+        x, weight, bias, a, bt, s, route, segs, sized, wide, workspace
+    )
     return out

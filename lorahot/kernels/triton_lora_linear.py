@@ -35,9 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
+from lorahot.kernels import pdl
 from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.op_registry import define, refuse_grad
-from lorahot.kernels.triton_routed_lora import rank_pad, shrink
+from lorahot.kernels.triton_routed_lora import gdc_launch_dependents, gdc_wait, rank_pad, shrink
 
 __all__ = ["lora_linear", "launch", "run_into", "config_for", "split_k", "sum_splits"]
 
@@ -49,7 +50,12 @@ def _lora_linear_kernel(
     stride_xm, stride_wn, stride_am, stride_bm, stride_ym, stride_bs, stride_hm,
     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUTED: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # launched early (lorahot.kernels.pdl): the split-K sum may launch now and wait for this
+        if not ROUTED:  # x comes from the kernel before: wait for it
+            gdc_wait()
+        gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -78,6 +84,8 @@ def _lora_linear_kernel(
         w_ptr += BLOCK_K
         a_ptr += BLOCK_K
     if ROUTED:  # each row's scaled shrink is in H; each slot of the tile's rows adds its expand
+        if PDL:  # the base product above ran beside the shrink; H is its result
+            gdc_wait()
         slot_of = tl.load(ROUTE + rm // T, mask=m_ok, other=-1)
         h_ptr = H + rm[:, None].to(tl.int64) * stride_hm + rr[None, :]
         h = tl.load(h_ptr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
@@ -106,14 +114,25 @@ def _lora_linear_kernel(
 
 
 @triton.jit
-def _split_k_sum(WS, Y, M, N, stride_ym, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """``Y = sum(WS[s] for s in range(SPLIT))``, rounded once; WS is ``[SPLIT, M, N]`` float32."""
+def _split_k_sum(
+    WS, Y, M, N, stride_ym, ZERO, ZERO_NUMEL,
+    SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, ZEROES: tl.constexpr,
+):  # fmt: skip
+    """``Y = sum(WS[s] for s in range(SPLIT))``, rounded once; WS is ``[SPLIT, M, N]`` float32.
+    ``ZEROES``: then ``ZERO[:ZERO_NUMEL] = 0`` (the routed shrink's workspace, which the kernel
+    before has read), so that the workspace is zero again when the call ends."""
+    if PDL:  # launched early: the partials are the kernel before's
+        gdc_wait()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLIT):
         acc += tl.load(WS + s * M * N + offs, mask=ok, other=0.0)
     tl.store(Y + (offs // N) * stride_ym + offs % N, acc.to(Y.dtype.element_ty), mask=ok)
+    if ZEROES:
+        for start in range(tl.program_id(0) * BLOCK, ZERO_NUMEL, tl.num_programs(0) * BLOCK):
+            z = start + tl.arange(0, BLOCK)
+            tl.store(ZERO + z, tl.zeros((BLOCK,), dtype=tl.float32), mask=z < ZERO_NUMEL)
 
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split): ``split`` > 1 cuts K into that
@@ -157,19 +176,21 @@ def launch(
     scale: torch.Tensor,
     out: torch.Tensor,
     config: Config,
-    routing: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    routing: tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None = None,
 ) -> None:
     """Runs the kernel on 2-D ``x [M, K]`` into ``out [M, N]`` (rows contiguous), with
     ``scale [R]`` contiguous, one per row of ``a``.
 
-    With ``routing = (segs, route, rows per entry)`` each row computes with its own slot (``route``
-    int64, ``-1`` for none; ``segs`` its grouping by slot, see
+    With ``routing = (segs, route, rows per entry, workspace)`` each row computes with its own
+    slot (``route`` int64, ``-1`` for none; ``segs`` its grouping by slot, see
     :func:`lorahot.kernels.routed_lora.segments`): ``a [slots, R, K]``, ``bt [slots, R, N]`` and
     ``scale [slots, R]`` are every slot's. The segmented shrink
     (:func:`lorahot.kernels.triton_routed_lora.shrink`) first writes each row's scaled shrink to
-    a float32 workspace, which costs two more launches (a zero fill where its K is split); this
-    kernel then tiles the rows as for one adapter (the base product read once for the whole
-    batch) and adds, for each slot its tile's rows use, the expand with that slot's B."""
+    a float32 workspace, which costs one more launch (two where its K is split and it must
+    zero a fresh workspace: ``workspace``, zero and large enough, saves that one, and the
+    split-K sum zeroes it again); this kernel then tiles the rows as for one adapter (the base
+    product read once for the whole batch) and adds, for each slot its tile's rows use, the
+    expand with that slot's B."""
     m, k = x.shape
     n = weight.shape[0]
     r = a.shape[-2]
@@ -181,21 +202,40 @@ def launch(
         bias = bias.contiguous()
     bm, bn, bk, warps, stages, split = config
     chunk, split, ws = split_k(k, bk, split, out)
-    if routing is not None:
-        segs, route, t = routing
-        slots = a.shape[0]
-        h = shrink(x, a, scale, segs, t)[0]
-    else:
-        route, t, slots, h = x, 1, 0, x  # unused placeholders without routing
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-    _lora_linear_kernel[grid](
-        x, weight, a, bt, bias if bias is not None else weight, scale, out, ws, h, route,
-        m, n, k, r, chunk, slots, t,
-        x.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), out.stride(0), bt.stride(0), h.stride(0),
-        HAS_BIAS=bias is not None, R_PAD=rank_pad(r), SPLIT=split,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ROUTED=routing is not None, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    sum_splits(ws, out)
+    early = pdl.active(x.device)
+    kept = _workspace(routing, split, m, r)
+    try:
+        if routing is not None:
+            segs, route, t, _ = routing
+            slots = a.shape[0]
+            h = shrink(x, a, scale, segs, t, early=early, workspace=kept)[0]
+        else:
+            route, t, slots, h = x, 1, 0, x  # unused placeholders without routing
+        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+        _lora_linear_kernel[grid](
+            x, weight, a, bt, bias if bias is not None else weight, scale, out, ws, h, route,
+            m, n, k, r, chunk, slots, t,
+            x.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), out.stride(0), bt.stride(0), h.stride(0),
+            HAS_BIAS=bias is not None, R_PAD=rank_pad(r), SPLIT=split,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ROUTED=routing is not None, PDL=early,
+            num_warps=warps, num_stages=stages, launch_pdl=early,
+        )  # fmt: skip
+        sum_splits(ws, out, early=early, zero=kept)
+    except BaseException:  # a launch failed, perhaps after the shrink added into the workspace
+        if kept is not None:
+            kept.zero_()
+        raise
+
+
+def _workspace(
+    routing: tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None, split: int, m: int, r: int
+) -> torch.Tensor | None:
+    """The part of the routing's zeroed workspace a call of ``m`` rows uses, where it can: K
+    split (the sum kernel that zeroes it again runs) and the rows fitting; else None."""
+    workspace = None if routing is None else routing[3]
+    if workspace is None or split == 1 or workspace.numel() < m * rank_pad(r):
+        return None
+    return workspace.view(-1)[: m * rank_pad(r)]
 
 
 def split_k(k: int, block_k: int, split: int, out: torch.Tensor) -> tuple[int, int, torch.Tensor]:
@@ -208,14 +248,19 @@ def split_k(k: int, block_k: int, split: int, out: torch.Tensor) -> tuple[int, i
     return chunk, split, out if split == 1 else torch.empty((split, m, n), device=out.device, dtype=torch.float32)
 
 
-def sum_splits(ws: torch.Tensor, out: torch.Tensor) -> None:
+def sum_splits(ws: torch.Tensor, out: torch.Tensor, *, early: bool = False, zero: torch.Tensor | None = None) -> None:
     """``out = ws.sum(0)`` rounded once (:func:`_split_k_sum`), where ``ws`` is a split-K
-    workspace of :func:`split_k`; nothing where it is ``out`` itself."""
+    workspace of :func:`split_k`; nothing where it is ``out`` itself. ``early``: launched with
+    programmatic dependent launch (:mod:`lorahot.kernels.pdl`) after the kernel that wrote ``ws``.
+    ``zero``: a contiguous float32 tensor the same kernel zeroes (``ws`` must then be split)."""
     if ws is out:
         return
     m, n = out.shape
     split, block = ws.shape[0], 1024
-    _split_k_sum[(triton.cdiv(m * n, block),)](ws, out, m, n, out.stride(0), SPLIT=split, BLOCK=block, num_warps=4)
+    _split_k_sum[(triton.cdiv(m * n, block),)](
+        ws, out, m, n, out.stride(0), ws if zero is None else zero, 0 if zero is None else zero.numel(),
+        SPLIT=split, BLOCK=block, PDL=early, ZEROES=zero is not None, num_warps=4, launch_pdl=early,
+    )  # fmt: skip
 
 
 def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:

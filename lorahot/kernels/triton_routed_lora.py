@@ -39,7 +39,23 @@ import triton.language as tl
 
 from lorahot.kernels.routed_lora import segments, token_route
 
-__all__ = ["launch", "shrink", "rank_pad"]
+try:  # programmatic dependent launch (lorahot.kernels.pdl): sm90 intrinsics of newer Tritons
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - an older Triton: pdl.active() is then False
+    gdc_launch_dependents = gdc_wait = None
+
+__all__ = ["launch", "shrink", "rank_pad", "gdc_launch_dependents", "gdc_wait"]
+
+
+@triton.jit
+def _zero_kernel(H, NUMEL, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """``H[:NUMEL] = 0``. Launched early (``PDL``): it waits for the kernels before it (its
+    memory may be what they read last), then lets the shrink launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(H + offs, tl.zeros((BLOCK,), dtype=H.dtype.element_ty), mask=offs < NUMEL)
 
 
 @triton.jit
@@ -121,10 +137,19 @@ def _segment_shrink(
     K, R, SLOTS, T,
     stride_xm, stride_as, stride_ar, stride_ss, stride_hm, stride_hp,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-    SLOTS_PAD: tl.constexpr, ATOMIC: tl.constexpr,
+    SLOTS_PAD: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr, WAIT_FIRST: tl.constexpr,
 ):  # fmt: skip
+    # PDL (lorahot.kernels.pdl): launched early. After the zero fill (not WAIT_FIRST) it reads
+    # x and A at once and waits only to add into H; first in its op (WAIT_FIRST) it waits at
+    # once, x being the kernel before's. Either way the next kernel may launch now.
+    if PDL:
+        if WAIT_FIRST:
+            gdc_wait()
+        gdc_launch_dependents()
     slot, rows, m_ok, past = _segment_rows(SEG, tl.program_id(0), SLOTS, T, BLOCK_M, SLOTS_PAD)
     if past or slot == SLOTS:  # no tile, or the rows of no slot: nothing to shrink
+        if PDL and not WAIT_FIRST:  # every program waits, so this kernel ends after the fill
+            gdc_wait()
         return
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
@@ -139,6 +164,8 @@ def _segment_shrink(
         )
         acc = tl.dot(x, a, acc)
     s = tl.load(S + slot * stride_ss + rr, mask=r_ok, other=0.0).to(tl.float32)
+    if PDL and not WAIT_FIRST:  # H's zero fill
+        gdc_wait()
     where = H + split * stride_hp + rows[:, None] * stride_hm + rr[None, :]
     if ATOMIC:  # K split over programs that add their partial sums to one zeroed workspace
         tl.atomic_add(where, acc * s[None, :], mask=m_ok[:, None])
@@ -261,7 +288,15 @@ def launch(
 
 
 def shrink(
-    x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, segs: torch.Tensor, t: int, *, partials: bool = False
+    x: torch.Tensor,
+    a: torch.Tensor,
+    s: torch.Tensor,
+    segs: torch.Tensor,
+    t: int,
+    *,
+    partials: bool = False,
+    early: bool = False,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each row's scaled shrink with its own slot's A, ``H[m] = s_k * (x[m] @ A_k.T)``, float32,
     by the segmented shrink (rows of no slot are left unset). ``segs`` is the routing grouped by
@@ -270,7 +305,12 @@ def shrink(
     Returns ``[P, M, R_PAD]``: with ``partials``, K's ``P`` shares each in its own ``[M, R_PAD]``
     (the reader adds them, in a fixed order: no zero fill, no atomics, the same bits on every
     run); without, ``P = 1`` and the shares are added atomically into one zeroed workspace
-    (the order of the float32 additions varies between runs)."""
+    (the order of the float32 additions varies between runs).
+
+    ``early``: its kernels launch with programmatic dependent launch (:mod:`lorahot.kernels.pdl`),
+    and so may the kernel that follows them: it must wait before it reads the result.
+    ``workspace``: float32, zero, at least ``M * R_PAD`` elements: the atomic shares go there
+    (no zero fill); the caller zeroes it again after reading."""
     m, k = x.shape
     slots, r = a.shape[0], a.shape[1]
     r_pad = rank_pad(r)
@@ -278,12 +318,19 @@ def shrink(
     splits = _splits(k, triton.cdiv(m, block_m), block_k, _PARTIAL_PROGRAMS if partials else _SHRINK_PROGRAMS)
     atomic = splits > 1 and not partials
     shape = (splits if partials else 1, m, r_pad)
-    h = (torch.zeros if atomic else torch.empty)(shape, device=x.device, dtype=torch.float32)
+    filled = atomic and workspace is None  # a fresh workspace, zeroed by a kernel of its own
+    if atomic and workspace is not None:
+        h = workspace[: m * r_pad].view(shape)
+    else:
+        h = torch.empty(shape, device=x.device, dtype=torch.float32)
+    if filled:
+        grid = (triton.cdiv(h.numel(), _ZERO_BLOCK),)
+        _zero_kernel[grid](h, h.numel(), BLOCK=_ZERO_BLOCK, PDL=early, launch_pdl=early)
     _segment_shrink[(_tiles(m, block_m, slots), splits)](
         x, a, s, segs, h, k, r, slots, t,
         x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(1), h.stride(0) if partials else 0,
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, SPLITS=splits, SLOTS_PAD=_slots_pad(slots), ATOMIC=atomic,
-        num_warps=warps, num_stages=stages,
+        PDL=early, WAIT_FIRST=not filled, num_warps=warps, num_stages=stages, launch_pdl=early,
     )  # fmt: skip
     return h
 
@@ -344,6 +391,9 @@ def _splits(k: int, tiles: int, block_k: int, programs: int) -> int:
         splits *= 2
     return splits
 
+
+#: elements per program of the shrink workspace's zero fill
+_ZERO_BLOCK = 1024
 
 #: programs of the segmented shrink that the fused routed kernel reads (atomic shares; see :func:`_splits`)
 _SHRINK_PROGRAMS = 256

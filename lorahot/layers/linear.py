@@ -25,7 +25,7 @@ from lorahot.kernels import routed_linear
 from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.kernels import wide_linear as wide_kernel
 from lorahot.layers.base import WIDE_BUFFER, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
-from lorahot.layers.tensor_handles import SEGMENTS, TENSORS
+from lorahot.layers.tensor_handles import SEGMENTS, TENSORS, WORKSPACES
 
 __all__ = ["LoRALinear", "linear_features", "is_conv1d"]
 
@@ -125,7 +125,10 @@ class LoRALinear(LoRALayer):
             return None
         weight, bias = self.kernel_weights()
         segs = self._segments(a, route)
-        return routed_linear.routed_lora_linear(x, weight, bias, a, b, s, route, segs, sized=sized, wide=self._plan[2])
+        workspace = WORKSPACES[self._plan[4]]
+        return routed_linear.routed_lora_linear(
+            x, weight, bias, a, b, s, route, segs, sized=sized, wide=self._plan[2], workspace=workspace
+        )
 
     def routed_sum(
         self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor

@@ -17,8 +17,10 @@ over these dictionaries: removing the entry then made the trace fail with "dicti
 size during iteration". It owns the same key of :data:`ROUTES`: None
 while the whole batch computes with the live region, else the per-row routing (an int64 device
 tensor ``[L]``, one slot per row, -1 for none; see :mod:`lorahot.layers.routing`), and the same
-key of :data:`SEGMENTS`: that routing grouped by slot, for the segmented kernels. Only the
-runtime writes them, in place for a new routing of the same length.
+key of :data:`SEGMENTS`: that routing grouped by slot, for the segmented kernels, and of
+:data:`WORKSPACES`: a float32 workspace, zero between calls, that the routed decode's shrink adds
+into (:mod:`lorahot.kernels.routed_linear`). Only the runtime writes them, in place for a new
+routing of the same length; it makes the workspace once, with the first routing.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import weakref
 
 import torch
 
-__all__ = ["TensorHandle", "TENSORS", "ROUTES", "SEGMENTS"]
+__all__ = ["TensorHandle", "TENSORS", "ROUTES", "SEGMENTS", "WORKSPACES", "publish_workspace"]
 
 #: key -> tensors; read by the layers' forward under ``torch.compile`` (see :mod:`lorahot.layers.base`).
 TENSORS: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -38,6 +40,9 @@ ROUTES: dict[int, torch.Tensor | None] = {}
 #: key -> the routing in :data:`ROUTES` grouped by slot (:func:`lorahot.kernels.routed_lora.segments`),
 #: computed once per routing so that no layer sorts it again; None with no routing.
 SEGMENTS: dict[int, torch.Tensor | None] = {}
+#: key -> the routed shrink's workspace (float32 ``[rows, rank]``, all zero whenever no layer is
+#: running; see :mod:`lorahot.kernels.routed_linear`), or None (the kernels then zero one per call).
+WORKSPACES: dict[int, torch.Tensor | None] = {}
 _ids = itertools.count()
 #: keys of collected handles, emptied in place, to remove at the next safe point
 _retired: list[int] = []
@@ -50,7 +55,7 @@ class TensorHandle:
         _purge()  # a safe point: inject, not a compiled model's trace
         self.key = next(_ids)
         TENSORS[self.key] = tensors
-        ROUTES[self.key] = SEGMENTS[self.key] = None
+        ROUTES[self.key] = SEGMENTS[self.key] = WORKSPACES[self.key] = None
         weakref.finalize(self, _retire, self.key)
         from torch._dynamo import mark_static, mark_static_address
 
@@ -69,6 +74,8 @@ def _retire(key: int) -> None:
         ROUTES[key] = None
     if key in SEGMENTS:
         SEGMENTS[key] = None
+    if key in WORKSPACES:
+        WORKSPACES[key] = None
     _retired.append(key)
 
 
@@ -76,5 +83,16 @@ def _purge() -> None:
     """Removes the entries of collected handles."""
     while _retired:
         key = _retired.pop()
-        for table in (TENSORS, ROUTES, SEGMENTS):
+        for table in (TENSORS, ROUTES, SEGMENTS, WORKSPACES):
             table.pop(key, None)
+
+
+def publish_workspace(key: int, workspace: torch.Tensor) -> None:
+    """Publishes ``workspace`` (zeroed) under ``key`` in :data:`WORKSPACES`, its address static
+    for CUDA graphs (read in place, not copied in at each replay)."""
+    from torch._dynamo import mark_static, mark_static_address
+
+    mark_static(workspace)
+    if workspace.is_cuda:
+        mark_static_address(workspace, guard=False)
+    WORKSPACES[key] = workspace

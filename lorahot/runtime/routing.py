@@ -28,8 +28,9 @@ from collections.abc import Sequence
 import torch
 
 from lorahot.errors import UsageError, format_problems
+from lorahot.kernels.routed_linear import workspace
 from lorahot.kernels.routed_lora import segments
-from lorahot.layers.tensor_handles import ROUTES, SEGMENTS
+from lorahot.layers.tensor_handles import ROUTES, SEGMENTS, WORKSPACES, publish_workspace
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.staging import Staging
 
@@ -148,7 +149,8 @@ class Routing:
         """Publishes ``route`` (host int64 ``[L]``, checked) and its segments (the entries
         grouped by slot, sorted here once on the host): written in place into each arena's
         tensors of that length (allocated on first use), uploaded without waiting for the
-        device (:class:`~lorahot.runtime.staging.Staging`)."""
+        device (:class:`~lorahot.runtime.staging.Staging`). A CUDA arena also gets, once, the
+        routed decode's zeroed workspace (:func:`lorahot.kernels.routed_linear.workspace`)."""
         length = route.shape[0]
         grouped = segments(route, self._slots)
         for i, arena in enumerate(self._arenas):
@@ -166,6 +168,9 @@ class Routing:
             host[:length], host[length:] = route.numpy(), grouped.numpy()
             staging.send([(target, staging.buffer[:length]), (segs, staging.buffer[length:])])
             ROUTES[arena.handle.key], SEGMENTS[arena.handle.key] = target, segs
+            if WORKSPACES[arena.handle.key] is None and arena.device.type == "cuda":
+                with torch.inference_mode(False):
+                    publish_workspace(arena.handle.key, workspace(arena.rank, arena.device))
         self.rows = tuple(route.tolist())
 
     def clear(self) -> None:

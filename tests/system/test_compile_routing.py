@@ -193,3 +193,42 @@ def test_gpu_reduce_overhead_routings_replay_without_recompiling(dtype: torch.dt
                     [model_reference(reference, ids[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate(route)]
                 )
                 torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_routed_decode_workspace_is_published_once_and_left_zero() -> None:
+    """Wide enough that the routed decode splits K (the shrink then adds into the arena's
+    zeroed workspace, which the sum kernel zeroes again): the routing publishes one workspace
+    per arena, at one address for every routing, zero after every forward (eager and
+    replayed), and the outputs match the per-row float64 reference."""
+    from lorahot.layers.tensor_handles import WORKSPACES
+
+    dtype = torch.bfloat16
+    model = tiny_lm(vocab=64, dim=512, hidden=1024).to("cuda", dtype)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj", "up_proj", "down_proj"], max_rank=16, slots=3)
+    names = list(runtime.layers)
+    held = []
+    for k in range(3):
+        tensors, ab = make_adapter(model, dict.fromkeys(names, 8 * (k + 1)), seed=k)
+        runtime.load(tensors, slot=k)
+        held.append({n: (a.to("cuda", dtype), b.to("cuda", dtype), 1.0) for n, (a, b) in ab.items()})
+    reference = tiny_lm(vocab=64, dim=512, hidden=1024).to("cuda", dtype)
+    ids = token_ids((8, 2), 64, seed=1).cuda()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    runtime.activate([0] * 8)
+    keys = [arena.handle.key for arena in runtime.buffers.arenas]
+    spaces = [WORKSPACES[key] for key in keys]
+    assert all(w is not None and w.dtype == torch.float32 and not w.any() for w in spaces)
+    for step in range(4):
+        route = [(k + step) % 4 - 1 for k in range(8)]
+        runtime.activate(route)
+        assert all(WORKSPACES[key] is w for key, w in zip(keys, spaces))  # the same tensors, not new ones
+        with torch.no_grad():
+            eager = model(ids).clone()
+            got = compiled(ids).clone()
+        assert not any(w.any() for w in spaces)
+        want = torch.cat(
+            [model_reference(reference, ids[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate(route)]
+        )
+        torch.testing.assert_close(eager.double(), want, rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)

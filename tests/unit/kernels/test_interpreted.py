@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorahot.kernels import routed_lora as routed
+from lorahot.kernels.routed_linear import workspace as make_workspace
 from tests.unit.kernels.test_routed_lora import _operands, _per_row
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -133,12 +134,15 @@ def test_fused_lora_linear_matches_float64_reference(m: int, k: int, n: int) -> 
     torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("workspace", [False, True], ids=["own-zero-fill", "workspace"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("shape", [(1, 2048, 256, 16, 3), (40, 256, 512, 64, 4), (64, 700, 96, 20, 8)], ids=str)
-def test_routed_fused_linear_matches_float64_reference(shape: tuple[int, ...], bias: bool) -> None:
+def test_routed_fused_linear_matches_float64_reference(shape: tuple[int, ...], bias: bool, workspace: bool) -> None:
     """Base and each row's slot's LoRA: the segmented shrink, then the fused kernel adding each
-    slot's expand, split over K or not (``config_for`` picks), routed per row and per group of rows."""
+    slot's expand, split over K or not (``config_for`` picks), routed per row and per group of
+    rows; with the runtime's zeroed workspace, which every call leaves zero."""
     kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+
     rows, k, n, rank, slots = shape
     x, _, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=rows)
     g = torch.Generator().manual_seed(2)
@@ -148,13 +152,43 @@ def test_routed_fused_linear_matches_float64_reference(shape: tuple[int, ...], b
     groups = [torch.randint(-1, slots, (rows,), generator=g), torch.full((rows,), slots - 1)]
     if rows % 4 == 0:
         groups.append(torch.tensor([slots - 1, -1, 0, slots - 1]))  # one entry per quarter of the rows
+    scratch = make_workspace(rank, torch.device("cpu")) if workspace else None
     for route in groups:
         out = torch.full((rows, n), float("nan"), dtype=torch.float16)
         t = rows // route.shape[0]
         config = kernel.config_for(rows, n, k)
-        kernel.launch(x, weight, b, a, bt, s, out, config, routing=(routed.segments(route, slots), route, t))
+        kernel.launch(x, weight, b, a, bt, s, out, config, routing=(routed.segments(route, slots), route, t, scratch))
         want = _per_row(x, base, a, bt, s, routed.token_route(route, rows))
         torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+        assert scratch is None or not scratch.any()
+
+
+def test_routed_fused_linear_adds_into_the_workspace_and_leaves_it_zero() -> None:
+    """With K split the shrink adds into the caller's workspace instead of zeroing its own:
+    a workspace that was not zero shows in the result (which is why the runtime's must be), and
+    the split-K sum leaves it zero. Where K is not split, the workspace is not touched."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    rows, k, n, rank, slots = 8, 1024, 64, 16, 2
+    x, _, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=3)
+    weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(3)) / k**0.5).half()
+    route = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1])
+    routing = (routed.segments(route, slots), route, 1)
+    config = kernel.config_for(rows, n, k)
+    assert config[-1] > 1
+    outs = []
+    for dirt in (0.0, 1.0):
+        scratch = make_workspace(rank, torch.device("cpu"))
+        scratch[:rows] = dirt
+        out = torch.full((rows, n), float("nan"), dtype=torch.float16)
+        kernel.launch(x, weight, None, a, bt, s, out, config, routing=(*routing, scratch))
+        assert not scratch.any()
+        outs.append(out)
+    assert torch.equal(outs[0][route < 0], outs[1][route < 0]) and not torch.equal(outs[0], outs[1])
+    scratch = make_workspace(rank, torch.device("cpu")).fill_(2.0)
+    unsplit = (*config[:-1], 1)
+    kernel.launch(x, weight, None, a, bt, s, out, unsplit, routing=(*routing, scratch))
+    torch.testing.assert_close(out.double(), outs[0].double(), rtol=2e-3, atol=2e-3)
+    assert (scratch == 2.0).all()
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -235,10 +269,14 @@ def test_any_routing_of_any_shape_matches_the_per_row_reference(
     weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k**0.5).half()
     route = torch.randint(-1, slots, (rows // per_group,), generator=torch.Generator().manual_seed(seed + 1))
     segs, tokens = routed.segments(route, slots), routed.token_route(route, rows)
-    out = torch.full((rows, n), float("nan"), dtype=torch.float16)
-    fused.launch(x, weight, None, a, bt, s, out, fused.config_for(rows, n, k), routing=(segs, route, per_group))
     want = _per_row(x, x.double() @ weight.double().T, a, bt, s, tokens)
-    torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()) + 1e-3)
+    scratch = make_workspace(rank, torch.device("cpu"))
+    for kept in (None, scratch):
+        out = torch.full((rows, n), float("nan"), dtype=torch.float16)
+        config = fused.config_for(rows, n, k)
+        fused.launch(x, weight, None, a, bt, s, out, config, routing=(segs, route, per_group, kept))
+        torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()) + 1e-3)
+    assert not scratch.any()
     out = torch.full((rows, n), float("nan"), dtype=torch.float16)
     inline.launch(x, weight, None, a, bt, s, route, out, inline.config(rows, n, k, 64))
     torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()) + 1e-3)
@@ -274,7 +312,7 @@ def test_fused_kernels_read_a_strided_weight_and_bias_right(per_row: bool) -> No
         if per_row:
             route = torch.tensor([0, 2, -1, 1, 0])
             segs = routed.segments(route, slots)
-            kernel.launch(x, w, b, a, bt, scale, out, config, routing=(segs, route, 1))
+            kernel.launch(x, w, b, a, bt, scale, out, config, routing=(segs, route, 1, None))
         else:
             kernel.launch(x, w, b, a, bt, scale, out, config)
         outs.append(out)

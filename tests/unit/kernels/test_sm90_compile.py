@@ -120,7 +120,7 @@ def test_routed_fused_linear_compiles(compiler: _Compiler) -> None:
     out = torch.empty(rows, n, dtype=torch.bfloat16)
     config = kernel.config_for(rows, n, k)
     kernel.launch(
-        x, w, None, a, bt, torch.ones(slots, r), out, config, routing=(routed.segments(route, slots), route, 1)
+        x, w, None, a, bt, torch.ones(slots, r), out, config, routing=(routed.segments(route, slots), route, 1, None)
     )
     names = {name for name, _ in compiler.compiled}
     assert "_lora_linear_kernel" in names and len(compiler.compiled) >= 2  # the segmented shrink before it
@@ -179,3 +179,39 @@ def test_routed_inline_linear_compiles_within_the_shared_memory(compiler: _Compi
     assert name == "_routed_inline_kernel" and "wgmma" in _ptx(kernel)
     assert kernel.metadata.shared <= 232448, kernel.metadata.shared
     assert {n for n, _ in compiler.compiled[1:]} <= {"_split_k_sum"}
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["single", "routed"])
+def test_early_launches_compile_with_their_waits(
+    compiler: _Compiler, monkeypatch: pytest.MonkeyPatch, routed: bool
+) -> None:
+    """With programmatic dependent launch on (:mod:`lorahot.kernels.pdl`), every kernel of the
+    fused path at the decode shape (64 rows, K split) is compiled for an early launch and
+    holds the wait that keeps it after the kernel before it; the routed fused kernel still puts
+    its products on the matrix units."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    from lorahot.kernels import pdl
+    from lorahot.kernels import routed_lora as routed_ops
+
+    monkeypatch.setattr(pdl, "active", lambda device: True)
+    rows, k, n, r, slots = 64, 2048, 2048, 64, 8
+    x, w = torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.bfloat16)
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    config = kernel.config_for(rows, n, k)
+    assert config[-1] > 1  # split K: the sum kernel follows
+    if routed:
+        a, bt = torch.zeros(slots, r, k, dtype=torch.bfloat16), torch.zeros(slots, r, n, dtype=torch.bfloat16)
+        route = torch.arange(rows) % slots
+        routing = (routed_ops.segments(route, slots), route, 1)
+        kernel.launch(x, w, None, a, bt, torch.ones(slots, r), out, config, routing=routing)
+        expected = ["_zero_kernel", "_segment_shrink", "_lora_linear_kernel", "_split_k_sum"]
+    else:
+        a, bt = torch.zeros(r, k, dtype=torch.bfloat16), torch.zeros(r, n, dtype=torch.bfloat16)
+        kernel.launch(x, w, None, a, bt, torch.ones(r), out, config)
+        expected = ["_lora_linear_kernel", "_split_k_sum"]
+    assert [name for name, _ in compiler.compiled] == expected
+    for name, compiled in compiler.compiled:
+        assert compiled.metadata.launch_pdl, name
+        assert "griddepcontrol.wait" in _ptx(compiled), name
+    fused = dict(compiler.compiled)["_lora_linear_kernel"]
+    assert "griddepcontrol.launch_dependents" in _ptx(fused) and "wgmma" in _ptx(fused)

@@ -1,0 +1,56 @@
+"""Programmatic dependent launch: a kernel of a LoRA layer starts before the one it follows ends.
+
+A LoRA layer of the fused path runs two to four kernels back to back (the routed decode: a zero
+fill, the segmented shrink, the fused kernel, the split-K sum). Each waits, by the stream's
+order, for the whole of the one before it: its launch, its prologue and, in the routed fused
+kernel, its whole base product over K, which needs nothing the shrink writes. On an sm90 GPU
+(H100/H200) a kernel launched with programmatic stream serialization may start as soon as every
+program of the kernel before it has signalled (``griddepcontrol.launch_dependents``) or ended,
+and then waits (``griddepcontrol.wait``) only where it first needs that kernel's results. CUDA
+graphs keep such edges when a stream is captured.
+
+The rules the kernels follow, so that an early start never reads or overwrites what it must
+not (:mod:`lorahot.kernels.triton_lora_linear`, :mod:`lorahot.kernels.triton_routed_lora`):
+
+- every program of a kernel launched this way waits before its first store, and before its
+  first load of anything the kernels before it in the stream may still be writing; a program
+  that ends early waits too, so that the kernel's end implies the end of every kernel before it;
+- the only loads before the wait are of the layer's input ``x`` (whose writer ended before the
+  first kernel of the op was launched, or passed its own wait), the base weight, the adapter's
+  slots and the routing (written by swaps and ``activate``, which end before a forward begins);
+- the first kernel of an op waits before it signals, so nothing after it can start before the
+  kernels before the op have ended.
+
+:func:`active` decides per call (read at each launch, so a captured graph keeps what it was
+captured with): on when :data:`ENABLED`, the device is sm90 or newer, and Triton has the
+``griddepcontrol`` intrinsics. ``LORAHOT_PDL=0`` in the environment turns it off for a process.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["ENABLED", "active"]
+
+#: Whether lorahot's kernels launch with programmatic dependent launch where the GPU supports it
+#: (see the module docstring). ``LORAHOT_PDL=0`` sets it off at import; set it before a model is
+#: compiled or captured, as the graphs keep the launches they were captured with.
+ENABLED = os.environ.get("LORAHOT_PDL", "1") != "0"
+
+
+@functools.cache
+def _supported(index: int) -> bool:
+    if torch.cuda.get_device_capability(index) < (9, 0):
+        return False
+    return importlib.util.find_spec("triton.language.extra.cuda.gdc") is not None
+
+
+def active(device: torch.device) -> bool:
+    """Whether a launch on ``device`` uses programmatic dependent launch now."""
+    if not ENABLED or device.type != "cuda":
+        return False
+    return _supported(device.index if device.index is not None else torch.cuda.current_device())
