@@ -209,7 +209,7 @@ def test_gpu_routed_decode_workspace_is_published_once_and_left_zero() -> None:
     names = list(runtime.layers)
     held = []
     for k in range(3):
-        tensors, ab = make_adapter(model, dict.fromkeys(names, 8 * (k + 1)), seed=k)
+        tensors, ab = make_adapter(model, dict.fromkeys(names, 4 * (k + 2)), seed=k)
         runtime.load(tensors, slot=k)
         held.append({n: (a.to("cuda", dtype), b.to("cuda", dtype), 1.0) for n, (a, b) in ab.items()})
     reference = tiny_lm(vocab=64, dim=512, hidden=1024).to("cuda", dtype)

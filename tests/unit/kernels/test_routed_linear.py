@@ -85,3 +85,16 @@ def test_gpu_fused_routed_linear_matches_float64_reference(
             want = _per_row(x, base, a, bt, s, route)
             tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
             torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_workspace_holds_every_row_count_the_fused_path_takes() -> None:
+    """The runtime's workspace covers the largest input the routed fused path runs on (so no
+    such call falls back to a zero fill of its own), the rank padded as the kernels pad it."""
+    from lorahot.kernels import lora_linear as fused
+
+    limit = max(r for r in range(1, 1024) if fused.routed_worth_it(r, 256, wide=True))
+    assert limit <= routed_linear.WORKSPACE_ROWS
+    for rank, pad in ((1, 16), (16, 16), (17, 32), (64, 64), (100, 128)):
+        space = routed_linear.workspace(rank, torch.device("cpu"))
+        assert space.shape == (routed_linear.WORKSPACE_ROWS, pad) and space.dtype == torch.float32
+        assert not space.any()
