@@ -79,7 +79,7 @@ def run(
     (``routed_linear.INLINE``, set for the whole process before anything compiles) and every
     ``mixed_batch_*`` field is named ``mixed_batch_inline_*``, so ``latest.json`` keeps the
     default path's figures. ``variant`` names another such departure the caller set up for the
-    process (``nopdl``: :mod:`lorahot.kernels.pdl` off), its fields ``mixed_batch_<variant>_*``."""
+    process (``pdl``: :mod:`lorahot.kernels.pdl` on), its fields ``mixed_batch_<variant>_*``."""
     routed_linear.INLINE = inline
     mode = "reduce-overhead" if w.device.type == "cuda" else None
     shapes = _shapes(small)

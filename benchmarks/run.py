@@ -177,16 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         "its figures under mixed_batch_inline_* in the run file only",
     )
     parser.add_argument(
-        "--no-pdl",
+        "--pdl",
         action="store_true",
-        help="mixed suite: lorahot's kernels launched in stream order (lorahot.kernels.pdl off, "
-        "LORAHOT_PDL=0 for worker processes), its figures under mixed_batch_nopdl_* in the run file only",
+        help="lorahot's kernels launched early (lorahot.kernels.pdl, off by default; LORAHOT_PDL=1 for "
+        "worker processes); the mixed suite's figures under mixed_batch_pdl_* in the run file only",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
-    if args.no_pdl:
-        os.environ["LORAHOT_PDL"] = "0"
-        pdl.ENABLED = False
+    if args.pdl:
+        os.environ["LORAHOT_PDL"] = "1"
+        pdl.ENABLED = True
     start = time.perf_counter()
 
     import peft
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "fullgraph": lambda: forward.run_fullgraph(w, refs, args.repeat),
         "stack": lambda: stack.run(w, args.repeat),
         "mixed": lambda: mixed.run(
-            w, args.repeat, small=args.small, inline=args.routed_inline, variant="nopdl" if args.no_pdl else None
+            w, args.repeat, small=args.small, inline=args.routed_inline, variant="pdl" if args.pdl else None
         ),
         "rows": lambda: (
             rows.run_parallel(

@@ -19,6 +19,13 @@ against ``one`` 9.1 / 5.5 / 13.6 / 13.4): the fused kernel's base product runs b
 shrink, and three launch gaps close, so ``fus`` falls by about the shrink's 4-5 us plus 1 us a
 gap; ``one`` by about 1 us. Each configuration's output is checked against the other's.
 
+(Measured in the thirteenth session, ``runs/20261201T103642-pdl-probe.log`` and
+``runs/20261201T105848-pdl-probe.log``: ``fus`` fell by 3.4-4.3 us, ``one`` by 0.7-1.3; the
+workspace took 0.6-0.9 us more off ``fus``, and the fused path beat the pair by 3-8 us on
+gate/up and down with early launches on; the routed layers still choose as before, since
+without them the two are within 0.6 us.) Early launches are off by default
+(``lorahot.kernels.pdl``).
+
     PYTHONPATH=. python3 -m benchmarks.experiments.pdl_probe
 """
 
@@ -37,7 +44,7 @@ M = 64
 
 def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
-    print(f"pdl supported on this device: {pdl.active(dev)}")
+    print(f"pdl supported on this device: {pdl._supported(torch.cuda.current_device())}")
     cols = ["base"] + [f"{c} {p}" for c in ("one", "fus d1", "fus d8") for p in ("off", "on")]
     cols += ["ws d1", "ws d8", "pair d1", "pair d8"]
     print(f"{'shape':8s} " + " ".join(f"{c:>10s}" for c in cols))
@@ -89,7 +96,7 @@ def main() -> None:
             pdl.ENABLED = on
             checks[on] = results()
             timed[on] = [graph_us(single, SETS), graph_us(lambda: fused(1), SETS), graph_us(lambda: fused(8), SETS)]
-        pdl.ENABLED = True
+        pdl.ENABLED = True  # the ws and pair columns: early launches on (off by default in the library)
         for off_out, on_out in zip(checks[False], checks[True]):
             torch.testing.assert_close(on_out, off_out, rtol=2e-2, atol=2e-2)
         for got, want in zip(checks[True][3:], checks[True][1:3]):  # the workspace: the same layer

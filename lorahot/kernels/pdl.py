@@ -23,7 +23,15 @@ not (:mod:`lorahot.kernels.triton_lora_linear`, :mod:`lorahot.kernels.triton_rou
 
 :func:`active` decides per call (read at each launch, so a captured graph keeps what it was
 captured with): on when :data:`ENABLED`, the device is sm90 or newer, and Triton has the
-``griddepcontrol`` intrinsics. ``LORAHOT_PDL=0`` in the environment turns it off for a process.
+``griddepcontrol`` intrinsics.
+
+**Off by default, opt-in with** ``LORAHOT_PDL=1``. On an H200 it took the mixed suite's routed
+decode from 1.69-1.79x the base model to 1.56-1.64x and the single-adapter decode from 1.25x to
+1.21x (``benchmarks/README.md``, "Thirteenth session"), and its kernels compile with every wait
+where the rules put it (checked in the SASS: each ``ACQBULK`` before the first load it guards).
+But its GPU test, a chain of early-launched layers against the same chain in stream order,
+failed once in three runs (``tests/unit/kernels/test_pdl.py``), and the run kept no detail. A
+wrong number is worse than a slower one: it stays off until that failure is explained.
 """
 
 from __future__ import annotations
@@ -37,9 +45,9 @@ import torch
 __all__ = ["ENABLED", "active"]
 
 #: Whether lorahot's kernels launch with programmatic dependent launch where the GPU supports it
-#: (see the module docstring). ``LORAHOT_PDL=0`` sets it off at import; set it before a model is
+#: (see the module docstring): off unless ``LORAHOT_PDL=1`` at import. Set it before a model is
 #: compiled or captured, as the graphs keep the launches they were captured with.
-ENABLED = os.environ.get("LORAHOT_PDL", "1") != "0"
+ENABLED = os.environ.get("LORAHOT_PDL", "0") == "1"
 
 
 @functools.cache
