@@ -39,7 +39,7 @@ for step in "${@:-gpu-tests swap forward fullgraph}"; do
   for s in $step; do
     echo "=== $s $(date +%T)"
     case $s in
-      gpu-tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=short tests 2>&1 | tail -25 ;;
+      gpu-tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=short tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
       probe:*) p=${s#probe:}; name=${p%%:*}; args=; [ "$p" != "$name" ] && args=${p#*:}
         timeout ${SUITE_TIMEOUT:-560} python3 -m "benchmarks.experiments.$name" ${args//,/ } 2>&1 | tee "$OUT/$name${args:+-${args//,/-}}.log" | grep -v '^ ' | tail -40 ;;
       swap|forward|fullgraph|rows|stack|mixed|diffusion) timeout ${SUITE_TIMEOUT:-560} python3 -m benchmarks.run --suite "$s" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-$s.log" | grep -v '^ ' | tail -40 ;;

@@ -33,27 +33,65 @@ def test_off_by_default_and_on_only_when_asked_at_import(monkeypatch: pytest.Mon
         importlib.reload(pdl)
 
 
+#: the chain's layers: routed (r) or single-adapter (1); the first two routed back to back, as
+#: q, k and v read one input, the rest separated by a library op (as norms and activations are)
+_KINDS = "rr1r1r1"
+
+
+def _layer(
+    kind: str,
+    h: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    route: torch.Tensor,
+    segs: torch.Tensor,
+    workspace: torch.Tensor | None,
+) -> torch.Tensor:
+    w, a, bt, s = weights
+    if kind == "r":
+        return routed_linear.routed_lora_linear(h, w, None, a, bt, s, route, segs, workspace=workspace)
+    return fused.lora_linear(h, w, None, a[0], bt[0], s[0])
+
+
 def _chain(
     x: torch.Tensor,
     layers: list[tuple[torch.Tensor, ...]],
     route: torch.Tensor,
     segs: torch.Tensor,
     workspace: torch.Tensor | None,
-) -> torch.Tensor:
-    """Alternating routed and single-adapter fused layers, each fed the last one's output
-    through a library op (as a model's norms and activations sit between its projections); the
-    first two routed layers back to back, as q, k and v read one input. The routed layers share
-    ``workspace`` as a runtime's arena does."""
+) -> list[torch.Tensor]:
+    """The chain of :data:`_KINDS` on ``x``, the routed layers sharing ``workspace`` as a
+    runtime's arena does: every layer's input, then the last output."""
+    seen = [x]
     h = x
-    for i, (w, a, bt, s) in enumerate(layers):
-        if i == 0:
-            h = routed_linear.routed_lora_linear(h, w, None, a, bt, s, route, segs, workspace=workspace)
-        if i % 2 == 0:
-            h = routed_linear.routed_lora_linear(h, w, None, a, bt, s, route, segs, workspace=workspace)
+    for i, (kind, weights) in enumerate(zip(_KINDS, layers)):
+        h = _layer(kind, h, weights, route, segs, workspace)
+        if i + 1 < len(_KINDS) and _KINDS[i + 1] == "r" and kind == "r":
+            seen.append(h)  # straight into the next layer
         else:
-            h = fused.lora_linear(h, w, None, a[0], bt[0], s[0])
-        h = torch.tanh(h)
-    return h
+            h = torch.tanh(h)
+            seen.append(h)
+    return seen
+
+
+def _check_layers(
+    seen: list[torch.Tensor], layers: list[tuple[torch.Tensor, ...]], route: torch.Tensor, segs: torch.Tensor
+) -> None:
+    """Each layer's output in ``seen`` against that layer recomputed in stream order (a zero
+    fill of its own) from its own recorded input. The single-adapter layers and the routed
+    layers' rows of no slot have no atomics: bitwise. The other rows differ at most by the
+    order of the shrink's atomic adds, which can flip a rounding of the shrink, not more."""
+    off = route < 0
+    for i, (kind, weights) in enumerate(zip(_KINDS, layers)):
+        want = _layer(kind, seen[i], weights, route, segs, None)
+        nxt = i + 1 < len(_KINDS) and _KINDS[i + 1] == "r" and kind == "r"
+        want = want if nxt else torch.tanh(want)
+        got = seen[i + 1]
+        assert torch.isfinite(got).all(), f"layer {i}"
+        if kind == "1":
+            assert torch.equal(got, want), f"layer {i}"
+        else:
+            assert torch.equal(got[off], want[off]), f"layer {i}: rows of no slot"
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()), msg=f"layer {i}")
 
 
 @pytest.mark.gpu
@@ -64,8 +102,9 @@ def _chain(
         pytest.param(
             True,
             marks=pytest.mark.xfail(
-                reason="failed once in three H200 runs (thirteenth session, no detail kept); "
-                "why pdl.ENABLED is off by default",
+                reason="an earlier form of this test (whole-chain outputs, rounding flips compounding "
+                "through seven layers) failed once in three H200 runs with no detail kept; this "
+                "layer-by-layer form has not run on a GPU yet, and pdl.ENABLED stays off until it has",
                 strict=False,
             ),
         ),
@@ -76,9 +115,11 @@ def test_gpu_chain_computes_what_stream_order_computes(monkeypatch: pytest.Monke
     """64 decode rows over 8 slots, K split (the shrink, fused kernel and sum of each routed
     layer, the fused kernel and sum of each single one), the routed layers sharing a zeroed
     workspace, which must be zero after every chain; eagerly and replayed from a CUDA graph,
-    each replay on a new input, against the same chain with a zero fill per call. With
-    ``early``, the kernels launch early (:mod:`lorahot.kernels.pdl`): one that read its input,
-    or wrote its output, before the one before it ended would show as a difference."""
+    each replay on a new input. Each layer is checked against itself recomputed in stream
+    order from its recorded input (:func:`_check_layers`), so a layer that read its input, or
+    wrote its output, before the one before it ended shows at that layer, and a rounding flip
+    from the atomics' order does not compound down the chain. With ``early``, the kernels
+    launch early (:mod:`lorahot.kernels.pdl`)."""
     if not fused.available():
         pytest.skip("needs CUDA and Triton")
     if early and not pdl._supported(torch.cuda.current_device()):
@@ -93,15 +134,13 @@ def test_gpu_chain_computes_what_stream_order_computes(monkeypatch: pytest.Monke
     layers = [
         (randn(k, k, scale=k**-0.5), randn(slots, rank, k, scale=k**-0.5), randn(slots, rank, k, scale=0.5),
          torch.rand(slots, rank, device="cuda", generator=g))
-        for _ in range(6)
+        for _ in _KINDS
     ]  # fmt: skip
     route = torch.randint(-1, slots, (rows,), device="cuda", generator=g)
     segs = routed.segments(route, slots)
     inputs = [randn(rows, k, scale=1.0) for _ in range(6)]
 
     workspace = routed_linear.workspace(rank, torch.device("cuda"))
-    monkeypatch.setattr(pdl, "ENABLED", False)
-    ordered = [_chain(x, layers, route, segs, None) for x in inputs]
     monkeypatch.setattr(pdl, "ENABLED", early)
     eager = [_chain(x, layers, route, segs, workspace) for x in inputs]
     assert not workspace.any()
@@ -114,17 +153,16 @@ def test_gpu_chain_computes_what_stream_order_computes(monkeypatch: pytest.Monke
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = _chain(static, layers, route, segs, workspace)
+        outs = _chain(static, layers, route, segs, workspace)
     replayed = []
     for x in inputs:
         static.copy_(x)
-        out.fill_(float("nan"))  # the graph's own output: a row it does not write stays NaN
+        for t in outs[1:]:
+            t.fill_(float("nan"))  # the graph's own outputs: an element it does not write stays NaN
         graph.replay()
-        replayed.append(out.clone())
+        replayed.append([t.clone() for t in outs])
     torch.cuda.synchronize()
     assert not workspace.any()
-    for want, got_eager, got_graph in zip(ordered, eager, replayed):
-        assert torch.isfinite(got_graph).all()
-        # the shrink's atomic adds come in any order: the last bits may differ, no more
-        torch.testing.assert_close(got_eager, want, rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(got_graph, want, rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    for seen in eager + replayed:
+        _check_layers(seen, layers, route, segs)
