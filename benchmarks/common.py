@@ -40,6 +40,19 @@ def median_ms(fn: Callable[[], Any], device: torch.device, *, repeat: int = 20, 
     return statistics.median(times)
 
 
+def pipelined_ms(fn: Callable[[], Any], device: torch.device, *, calls: int = 50) -> float:
+    """Time per call of ``calls`` calls issued back to back, one sync at the end: the device's
+    time when the host keeps ahead of it (with CUDA graphs, without the host's launch of each
+    replay, which a synced call waits for: see ``experiments/mixed_profile_probe.py``)."""
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) * 1e3 / calls
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm())

@@ -160,19 +160,28 @@ def test_conv_model_routes_under_compile_without_recompiling() -> None:
                 torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
 
 
+def _gpu_routed_lm(
+    dtype: torch.dtype, dim: int, hidden: int, ranks: list[int]
+) -> tuple[torch.nn.Module, lorahot.LoraRuntime, list[dict]]:
+    """A tiny LM on the GPU, one slot per rank in ``ranks`` (max_rank 16) each loaded with its
+    own adapter, and those adapters' factors on the GPU for the float64 reference."""
+    model = tiny_lm(vocab=64, dim=dim, hidden=hidden).to("cuda", dtype)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj", "up_proj", "down_proj"], max_rank=16, slots=len(ranks))
+    names = list(runtime.layers)
+    held = []
+    for k, rank in enumerate(ranks):
+        tensors, ab = make_adapter(model, dict.fromkeys(names, rank), seed=k)
+        runtime.load(tensors, slot=k)
+        held.append({n: (a.to("cuda", dtype), b.to("cuda", dtype), 1.0) for n, (a, b) in ab.items()})
+    return model, runtime, held
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_reduce_overhead_routings_replay_without_recompiling(dtype: torch.dtype) -> None:
     """CUDA graphs: the routing is a graph input, so each replay reads the new routing."""
-    model = tiny_lm(vocab=64, dim=64, hidden=128).to("cuda", dtype)
-    runtime = lorahot.inject(model, ["q_proj", "v_proj", "up_proj", "down_proj"], max_rank=16, slots=4)
-    names = list(runtime.layers)
-    held = []
-    for k in range(4):
-        tensors, ab = make_adapter(model, dict.fromkeys(names, 4 * (k + 1)), seed=k)
-        runtime.load(tensors, slot=k)
-        held.append({n: (a.to("cuda", dtype), b.to("cuda", dtype), 1.0) for n, (a, b) in ab.items()})
-    assert runtime.layers[names[0]].fused
+    model, runtime, held = _gpu_routed_lm(dtype, 64, 128, [4, 8, 12, 16])
+    assert runtime.layers[next(iter(runtime.layers))].fused
     compiled = torch.compile(model, mode="reduce-overhead")
     # the float64 reference starts from the same rounded weights, so what is left is the
     # kernels' rounding of activations, not the cast of the weights
@@ -204,14 +213,7 @@ def test_gpu_routed_decode_workspace_is_published_once_and_left_zero() -> None:
     from lorahot.layers.tensor_handles import WORKSPACES
 
     dtype = torch.bfloat16
-    model = tiny_lm(vocab=64, dim=512, hidden=1024).to("cuda", dtype)
-    runtime = lorahot.inject(model, ["q_proj", "v_proj", "up_proj", "down_proj"], max_rank=16, slots=3)
-    names = list(runtime.layers)
-    held = []
-    for k in range(3):
-        tensors, ab = make_adapter(model, dict.fromkeys(names, 4 * (k + 2)), seed=k)
-        runtime.load(tensors, slot=k)
-        held.append({n: (a.to("cuda", dtype), b.to("cuda", dtype), 1.0) for n, (a, b) in ab.items()})
+    model, runtime, held = _gpu_routed_lm(dtype, 512, 1024, [8, 12, 16])
     reference = tiny_lm(vocab=64, dim=512, hidden=1024).to("cuda", dtype)
     ids = token_ids((8, 2), 64, seed=1).cuda()
     compiled = torch.compile(model, mode="reduce-overhead")
