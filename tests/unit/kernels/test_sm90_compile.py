@@ -181,9 +181,9 @@ def test_routed_inline_linear_compiles_within_the_shared_memory(compiler: _Compi
     assert {n for n, _ in compiler.compiled[1:]} <= {"_split_k_sum"}
 
 
-@pytest.mark.parametrize("routed", [False, True], ids=["single", "routed"])
+@pytest.mark.parametrize("routed", [None, "zero-fill", "workspace"], ids=["single", "routed", "routed-workspace"])
 def test_early_launches_compile_with_their_waits(
-    compiler: _Compiler, monkeypatch: pytest.MonkeyPatch, routed: bool
+    compiler: _Compiler, monkeypatch: pytest.MonkeyPatch, routed: str | None
 ) -> None:
     """With programmatic dependent launch on (:mod:`lorahot.kernels.pdl`), every kernel of the
     fused path at the decode shape (64 rows, K split) is compiled for an early launch and
@@ -202,9 +202,14 @@ def test_early_launches_compile_with_their_waits(
     if routed:
         a, bt = torch.zeros(slots, r, k, dtype=torch.bfloat16), torch.zeros(slots, r, n, dtype=torch.bfloat16)
         route = torch.arange(rows) % slots
-        routing = (routed_ops.segments(route, slots), route, 1)
+        from lorahot.kernels.routed_linear import workspace
+
+        kept = workspace(r, torch.device("cpu")) if routed == "workspace" else None
+        routing = (routed_ops.segments(route, slots), route, 1, kept)
         kernel.launch(x, w, None, a, bt, torch.ones(slots, r), out, config, routing=routing)
-        expected = ["_zero_kernel", "_segment_shrink", "_lora_linear_kernel", "_split_k_sum"]
+        expected = ["_segment_shrink", "_lora_linear_kernel", "_split_k_sum"]
+        if kept is None:  # a fresh workspace, zeroed by a kernel of its own
+            expected.insert(0, "_zero_kernel")
     else:
         a, bt = torch.zeros(r, k, dtype=torch.bfloat16), torch.zeros(r, n, dtype=torch.bfloat16)
         kernel.launch(x, w, None, a, bt, torch.ones(r), out, config)
