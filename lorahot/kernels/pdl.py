@@ -30,8 +30,10 @@ decode from 1.69-1.79x the base model to 1.56-1.64x and the single-adapter decod
 1.21x (``benchmarks/README.md``, "Thirteenth session"), and its kernels compile with every wait
 where the rules put it (checked in the SASS: each ``ACQBULK`` before the first load it guards).
 But its GPU test, a chain of early-launched layers against the same chain in stream order,
-failed once in three runs (``tests/unit/kernels/test_pdl.py``), and the run kept no detail. A
-wrong number is worse than a slower one: it stays off until that failure is explained.
+failed once in three runs, and the run kept no detail. That form of the test let a rounding
+flip from the shrink's atomic order compound through seven layers, which would explain it; it
+now checks each layer against itself (``tests/unit/kernels/test_pdl.py``). A wrong number is
+worse than a slower one: early launches stay off until that test has held on a GPU.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ with its own slot's A (a slot's A read once per tile of its rows); then the fuse
 weight is read once for the whole batch, and adds for each slot its tile's rows use the expand
 with that slot's B (the slots shared among the programs of a split K). Two or three launches
 per layer, where the base GEMM plus the routed shrink and expand
-(:mod:`lorahot.kernels.routed_lora`), which serve larger inputs, take three or four.
+(:mod:`lorahot.kernels.routed_lora`), which serve larger inputs, take three or four. Where K is
+split the shrink adds its shares into a zeroed float32 :func:`workspace` the runtime keeps per
+arena, and the split-K sum zeroes it again: no zero fill of its own per call.
 
 An earlier version grouped the rows by slot into 16-row tiles inside the fused kernel: each
 slot's tiles read the whole base weight again and gave up the split K, and at 64 decode rows

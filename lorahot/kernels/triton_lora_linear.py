@@ -21,6 +21,10 @@ then computes the base product alone; the rows' scaled shrinks come from a works
 segmented shrink wrote, and the epilogue adds, for each slot the tile's rows use, the expand
 ``where(row in slot, H, 0) @ Bt_slot``, the slots dealt round the programs of a split K.
 
+Every kernel here takes ``PDL``: launched early (:mod:`lorahot.kernels.pdl`, off by default),
+it waits for the kernel before it only where it needs its results (the routed kernel after its
+K loop, the others before their first load).
+
 The op is a plain operator (:mod:`lorahot.kernels.op_registry`), opaque to the compiler, not a
 ``triton_op``: the compiler works out which arguments a visible Triton kernel writes by
 compiling it to TTIR and walking it, tens of milliseconds each time, at several stages and at
