@@ -73,14 +73,22 @@ def _route(rows: int, distinct: int) -> list[int]:
 
 
 def run(
-    w: Workload, repeat: int, small: bool = False, inline: bool = False, variant: str | None = None
+    w: Workload,
+    repeat: int,
+    small: bool = False,
+    inline: bool = False,
+    leading: bool = False,
+    variant: str | None = None,
 ) -> dict[str, Any]:
     """The suite; with ``inline``, the routed layers run :mod:`lorahot.kernels.triton_routed_inline`
     (``routed_linear.INLINE``, set for the whole process before anything compiles) and every
     ``mixed_batch_*`` field is named ``mixed_batch_inline_*``, so ``latest.json`` keeps the
-    default path's figures. ``variant`` names another such departure the caller set up for the
-    process (``pdl``: :mod:`lorahot.kernels.pdl` on), its fields ``mixed_batch_<variant>_*``."""
+    default path's figures; ``leading`` likewise runs :mod:`lorahot.kernels.triton_routed_leading`
+    (``routed_linear.LEADING``), its fields ``mixed_batch_leading_*``. ``variant`` names another
+    such departure the caller set up for the process (``pdl``: :mod:`lorahot.kernels.pdl` on),
+    its fields ``mixed_batch_<variant>_*``."""
     routed_linear.INLINE = inline
+    routed_linear.LEADING = leading
     mode = "reduce-overhead" if w.device.type == "cuda" else None
     shapes = _shapes(small)
     ids = {label: _ids(w, shape, seed) for seed, (label, shape) in enumerate(shapes.items())}
@@ -160,7 +168,7 @@ def run(
     }
     out["mixed_batch_rel_err_vs_peft"] = errs
     out["mixed_batch_recompiles"] = 0  # error_on_recompile above would have raised
-    variant = "inline" if inline else variant
+    variant = "inline" if inline else "leading" if leading else variant
     if variant:
         out = {key.replace("mixed_batch_", f"mixed_batch_{variant}_", 1): value for key, value in out.items()}
     print(f"[mixed] {json.dumps(out)}", flush=True)

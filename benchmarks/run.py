@@ -177,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         "its figures under mixed_batch_inline_* in the run file only",
     )
     parser.add_argument(
+        "--routed-leading",
+        action="store_true",
+        help="mixed suite: the routed layers' shrink in leading programs of the fused launch "
+        "(lorahot.kernels.routed_linear.LEADING), its figures under mixed_batch_leading_* in the run file only",
+    )
+    parser.add_argument(
         "--pdl",
         action="store_true",
         help="lorahot's kernels launched early (lorahot.kernels.pdl, off by default; LORAHOT_PDL=1 for "
@@ -233,7 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         "fullgraph": lambda: forward.run_fullgraph(w, refs, args.repeat),
         "stack": lambda: stack.run(w, args.repeat),
         "mixed": lambda: mixed.run(
-            w, args.repeat, small=args.small, inline=args.routed_inline, variant="pdl" if args.pdl else None
+            w,
+            args.repeat,
+            small=args.small,
+            inline=args.routed_inline,
+            leading=args.routed_leading,
+            variant="pdl" if args.pdl else None,
         ),
         "rows": lambda: (
             rows.run_parallel(

@@ -10,6 +10,9 @@ per call, with the early launches off and on in the same process:
   split-K sum) with routes over 1 and 8 distinct slots;
 - ``ws d1`` / ``ws d8`` (early launches on): the same with the runtime's zeroed workspace
   (no zero fill; the split-K sum zeroes it again): one kernel fewer per layer;
+- ``lead d1`` / ``lead d8`` (early launches off): the shrink in leading programs of the fused
+  kernel's own launch (``lorahot.kernels.triton_routed_leading``, ``routed_linear.LEADING``):
+  two kernels per layer, as for one adapter (added after the thirteenth session's calls);
 - ``pair d1`` / ``pair d8`` (on): the base GEMM, then the segmented shrink and expand
   (``routed_lora``), what the routed layers run where the fused kernel does not pay
   (``lora_linear.worth_it``: at 64 rows, gate/up).
@@ -37,6 +40,7 @@ from benchmarks.experiments.forward_probe import graph_us
 from benchmarks.experiments.routed_probe import SETS, SHAPES, SLOTS, weight_sets
 from lorahot.kernels import pdl, routed_linear, routed_lora
 from lorahot.kernels import triton_lora_linear as F
+from lorahot.kernels import triton_routed_leading as L
 from lorahot.kernels import triton_routed_lora as T
 
 M = 64
@@ -46,7 +50,7 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(f"pdl supported on this device: {pdl._supported(torch.cuda.current_device())}")
     cols = ["base"] + [f"{c} {p}" for c in ("one", "fus d1", "fus d8") for p in ("off", "on")]
-    cols += ["ws d1", "ws d8", "pair d1", "pair d8"]
+    cols += ["ws d1", "ws d8", "pair d1", "pair d8", "lead d1", "lead d8"]
     print(f"{'shape':8s} " + " ".join(f"{c:>10s}" for c in cols))
     for name, (k, n) in SHAPES.items():
         w, a, bt, s, x = weight_sets(k, n, M, dev, dt)
@@ -69,6 +73,10 @@ def main() -> None:
         def fused(d: int, kept: torch.Tensor | None = None) -> None:
             for wi, ai, bi in zip(w, a, bt):
                 F.launch(x, wi, None, ai, bi, s, out, config, routing=(grouped[d], routes[d], 1, kept))
+
+        def lead(d: int) -> None:
+            for wi, ai, bi in zip(w, a, bt):
+                L.launch(x, wi, None, ai, bi, s, routes[d], grouped[d], out, workspace, config)
 
         def pair(d: int) -> None:
             for wi, yi, ai, bi in zip(w, y, a, bt):
@@ -106,7 +114,13 @@ def main() -> None:
             row += [timed[False][i], timed[True][i]]
         row += [graph_us(lambda d=d: fused(d, workspace), SETS) for d in (1, 8)]
         row += [graph_us(lambda d=d: pair(d), SETS) for d in (1, 8)]
-        assert not workspace.any()
+        pdl.ENABLED = False
+        for d, want in ((1, checks[False][1]), (8, checks[False][2])):  # the leading shrink: the same layer
+            out.fill_(float("nan"))
+            lead(d)
+            torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+        row += [graph_us(lambda d=d: lead(d), SETS) for d in (1, 8)]
+        assert not workspace[: routed_linear.WORKSPACE_ROWS].any() and not workspace[-1].any()
         print(f"{name:8s} " + " ".join(f"{v:10.1f}" for v in row), flush=True)
 
 

@@ -36,7 +36,7 @@ from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.routed_lora import check_segments, reference, routed_lora, segments, token_route
 from lorahot.kernels.triton_import import triton_module
 
-__all__ = ["routed_lora_linear", "workspace", "INLINE", "WORKSPACE_ROWS"]
+__all__ = ["routed_lora_linear", "workspace", "INLINE", "LEADING", "WORKSPACE_ROWS", "LEADING_SPLITS"]
 
 #: whether the fused routed path runs :mod:`lorahot.kernels.triton_routed_inline` (one kernel,
 #: each program computing its rows' shrinks) in place of the segmented shrink and the fused
@@ -46,23 +46,37 @@ __all__ = ["routed_lora_linear", "workspace", "INLINE", "WORKSPACE_ROWS"]
 INLINE = False
 
 
-#: rows of :func:`workspace`: the most the fused routed path takes (``lora_linear.worth_it``)
+#: whether the fused routed path runs :mod:`lorahot.kernels.triton_routed_leading` (the shrink in
+#: leading programs of the fused kernel's own launch: two kernels per layer, not three) where
+#: the layer's K is split and the runtime's workspace is given. Off: not yet measured on a GPU.
+#: Read at each call, so a model captured in CUDA graphs keeps what it was captured with.
+LEADING = False
+
+#: rows of :func:`workspace` per region: the most the fused routed path takes (``lora_linear.worth_it``)
 WORKSPACE_ROWS = 256
+#: the most K chunks a fused layer is split into (``triton_lora_linear.config_for``): the
+#: leading-shrink path keeps one region of partial shrinks per chunk
+LEADING_SPLITS = 16
 
 
 def workspace(rank: int, device: torch.device) -> torch.Tensor:
-    """A zeroed float32 ``[WORKSPACE_ROWS, rank padded]`` workspace for :func:`routed_lora_linear`
-    on ``device`` (the runtime keeps one per arena, at a fixed address).
+    """A zeroed float32 workspace for :func:`routed_lora_linear` on ``device`` (the runtime keeps
+    one per arena, at a fixed address): ``[WORKSPACE_ROWS * (1 + LEADING_SPLITS) + 1, rank padded]``.
 
-    The routed decode's shrink adds its shares of K into a zeroed float32 workspace. Without
-    one, each call zeroes a fresh one: one more kernel per layer, which a CUDA graph replays
-    at a host cost of about 1.8 us per node on an H200 host, besides its GPU time
-    (``benchmarks/experiments/mixed_profile_probe.py``). With one, the split-K sum that ends
-    the call zeroes it again once the fused kernel has read it, so it is zero whenever no call
-    is running. Calls that share a workspace must therefore not run at the same time (two
-    streams): a runtime's forwards already share its routing."""
+    - Its first ``WORKSPACE_ROWS`` rows: the routed decode's shrink adds its shares of K there.
+      Without a workspace each call zeroes a fresh one: one more kernel per layer, which a CUDA
+      graph replays at a host cost of about 1.8 us per node on an H200 host, besides its GPU
+      time (``benchmarks/experiments/mixed_profile_probe.py``). The split-K sum that ends the
+      call zeroes them again once the fused kernel has read them, so they are zero whenever no
+      call is running.
+    - The next ``LEADING_SPLITS * WORKSPACE_ROWS`` rows: the partial shrinks of
+      :data:`LEADING`'s path, one block per K chunk, overwritten by every call.
+    - Its last row: that path's counters, zero between calls (its split-K sum zeroes them).
+
+    Calls that share a workspace must therefore not run at the same time (two streams): a
+    runtime's forwards already share its routing."""
     pad = max(16, 1 << (max(rank, 1) - 1).bit_length())  # as the kernels pad the rank
-    return torch.zeros((WORKSPACE_ROWS, pad), device=device, dtype=torch.float32)
+    return torch.zeros((WORKSPACE_ROWS * (1 + LEADING_SPLITS) + 1, pad), device=device, dtype=torch.float32)
 
 
 def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
@@ -105,8 +119,12 @@ def _routed_lora_linear(
             inline.launch(x2, weight, bias, a, bt, s, route, out)
         return out.view(*x.shape[:-1], n)
     grouped = segments(route, a.shape[0]) if segs is None else segs
+    leading = triton_module("triton_routed_leading") if LEADING else None
     with launching_on(x.device):
         config = kernel.config_for(x2.shape[0], n, x2.shape[1])
+        if leading is not None and leading.fits(workspace, x2.shape[0], a.shape[1]):  # noqa: SIM102
+            if leading.launch(x2, weight, bias, a, bt, s, route, grouped, out, workspace, config):
+                return out.view(*x.shape[:-1], n)  # else K is not split: the two-kernel path below
         routing = (grouped, route, x2.shape[0] // route.shape[0], workspace)
         kernel.launch(x2, weight, bias, a, bt, s, out, config, routing=routing)
     return out.view(*x.shape[:-1], n)

@@ -239,7 +239,7 @@ def _workspace(
     workspace = None if routing is None else routing[3]
     if workspace is None or split == 1 or workspace.numel() < m * rank_pad(r):
         return None
-    return workspace.view(-1)[: m * rank_pad(r)]
+    return workspace.view(-1)[: m * rank_pad(r)]  # its first region (routed_linear.workspace)
 
 
 def split_k(k: int, block_k: int, split: int, out: torch.Tensor) -> tuple[int, int, torch.Tensor]:

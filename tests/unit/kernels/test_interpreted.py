@@ -193,6 +193,40 @@ def test_routed_fused_linear_adds_into_the_workspace_and_leaves_it_zero() -> Non
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize(
+    "shape", [(1, 2048, 256, 16, 3), (40, 256, 512, 64, 4), (64, 700, 96, 20, 8), (64, 2048, 64, 64, 8)], ids=str
+)
+def test_routed_leading_linear_matches_float64_reference(shape: tuple[int, ...], bias: bool) -> None:
+    """The shrink in leading programs of the fused launch (``routed_linear.LEADING``): each
+    chunk's partial shrinks written, counted, waited for and expanded; routed per row and per
+    group of rows, -1 included, call after call on one workspace (stale partial shrinks of the
+    last call never read, the counters zero after each)."""
+    leading = pytest.importorskip("lorahot.kernels.triton_routed_leading")
+    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    rows, k, n, rank, slots = shape
+    x, _, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=rows + 1)
+    g = torch.Generator().manual_seed(4)
+    weight = (torch.randn(n, k, generator=g) / k**0.5).half()
+    b = torch.randn(n, generator=g).half() if bias else None
+    base = x.double() @ weight.double().T + (b.double() if b is not None else 0.0)
+    scratch = make_workspace(rank, torch.device("cpu"))
+    assert leading.fits(scratch, rows, rank)
+    config = kernel.config_for(rows, n, k)
+    groups = [torch.randint(-1, slots, (rows,), generator=g), torch.full((rows,), slots - 1)]
+    if rows % 4 == 0:
+        groups.append(torch.tensor([slots - 1, -1, 0, slots - 1]))
+    for route in groups:
+        out = torch.full((rows, n), float("nan"), dtype=torch.float16)
+        ran = leading.launch(x, weight, b, a, bt, s, route, routed.segments(route, slots), out, scratch, config)
+        assert ran == (config[-1] > 1)
+        if not ran:
+            continue
+        want = _per_row(x, base, a, bt, s, routed.token_route(route, rows))
+        torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+        assert not scratch[-1].any() and not scratch[:256].any()  # the counters, and the atomic path's region
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize(
     "shape", [(1, 2048, 256, 16, 3), (40, 256, 512, 64, 4), (64, 700, 96, 20, 8), (70, 300, 300, 8, 2)], ids=str
 )
 def test_routed_inline_linear_matches_float64_reference(shape: tuple[int, ...], bias: bool) -> None:

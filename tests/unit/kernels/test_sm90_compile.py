@@ -220,3 +220,26 @@ def test_early_launches_compile_with_their_waits(
         assert "griddepcontrol.wait" in _ptx(compiled), name
     fused = dict(compiler.compiled)["_lora_linear_kernel"]
     assert "griddepcontrol.launch_dependents" in _ptx(fused) and "wgmma" in _ptx(fused)
+
+
+def test_routed_leading_linear_compiles_with_its_counts(compiler: _Compiler) -> None:
+    """The shrink in leading programs of the fused launch, at the decode shape (64 rows, 8
+    slots, K split 8 ways): onto the matrix units, the counts released and acquired at GPU
+    scope, then the split-K sum that zeroes them."""
+    leading = pytest.importorskip("lorahot.kernels.triton_routed_leading")
+    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    from lorahot.kernels import routed_lora as routed_ops
+    from lorahot.kernels.routed_linear import workspace
+
+    rows, k, n, r, slots = 64, 2048, 2048, 64, 8
+    x, w = torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.bfloat16)
+    a, bt = torch.zeros(slots, r, k, dtype=torch.bfloat16), torch.zeros(slots, r, n, dtype=torch.bfloat16)
+    route = torch.arange(rows) % slots
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    config = kernel.config_for(rows, n, k)
+    space = workspace(r, torch.device("cpu"))
+    segs = routed_ops.segments(route, slots)
+    assert leading.launch(x, w, None, a, bt, torch.ones(slots, r), route, segs, out, space, config)
+    assert [name for name, _ in compiler.compiled] == ["_routed_leading_kernel", "_split_k_sum"]
+    ptx = _ptx(compiler.compiled[0][1])
+    assert "wgmma" in ptx and "gpu.release" in ptx and "gpu.acquire" in ptx
