@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import collections
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 import lorahot
 from benchmarks.experiments.llama import TARGETS, llama
+from benchmarks.experiments.profile_probe import measure
 from lorahot.kernels import pdl
 
 dev, dt, R, SLOTS, ROWS = torch.device(os.environ.get("PROBE_DEVICE", "cuda")), torch.bfloat16, 64, 8, 64
@@ -36,26 +35,6 @@ BLOCKS = int(os.environ.get("PROBE_BLOCKS", "22"))  # PROBE_DEVICE=cpu PROBE_BLO
 def sync() -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
-
-
-def measure(call: Callable[[], object]) -> dict[str, float]:
-    rows: dict[str, list[float]] = {"latency": [], "host": [], "pipelined": []}
-    for _ in range(3):
-        for _ in range(30):
-            sync()
-            t = time.perf_counter()
-            call()
-            h = time.perf_counter()
-            sync()
-            rows["host"].append((h - t) * 1e3)
-            rows["latency"].append((time.perf_counter() - t) * 1e3)
-        sync()
-        t = time.perf_counter()
-        for _ in range(100):
-            call()
-        sync()
-        rows["pipelined"].append((time.perf_counter() - t) * 10)
-    return {f: statistics.median(v) for f, v in rows.items()}
 
 
 def profile(call: Callable[[], object], n: int = 20) -> tuple[float, float, list[tuple[str, float, float]]]:
@@ -117,7 +96,7 @@ def main() -> None:
             setup()
             fn = base if name == "base" else call
             fn(), fn()
-            results[name] = (measure(fn), profile(fn))
+            results[name] = (measure({name: fn})[name], profile(fn))
     for name, (_, (count, us, top)) in results.items():
         print(f"--- {name}: {count:.1f} kernels, {us:.1f} us of kernels per call")
         for k, v, c in top:

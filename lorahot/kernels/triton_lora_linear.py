@@ -93,14 +93,8 @@ def _lora_linear_kernel(
         slot_of = tl.load(ROUTE + rm // T, mask=m_ok, other=-1)
         h_ptr = H + rm[:, None].to(tl.int64) * stride_hm + rr[None, :]
         h = tl.load(h_ptr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        for slot in range(0, SLOTS):
-            if slot % SPLIT == pid_s:  # the split programs share the slots' expands
-                hit = slot_of == slot
-                if tl.max(hit.to(tl.int32), axis=0) > 0:
-                    hs = tl.where(hit[:, None], h, 0.0).to(BT.dtype.element_ty)
-                    bt_ptr = BT + tl.cast(slot, tl.int64) * stride_bs + rr[:, None] * stride_bm + rn[None, :]
-                    bt = tl.load(bt_ptr, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                    acc = tl.dot(hs, bt, acc)
+        # the split programs share the slots' expands
+        acc = slot_expands(acc, h, slot_of, BT, rr, rn, r_ok, n_ok, SLOTS, pid_s, SPLIT, stride_bs, stride_bm)
     else:
         s = tl.load(S + rr, mask=r_ok, other=0.0).to(tl.float32)  # [R_PAD]: the scale of each row of A
         h = (hacc * s[None, :]).to(BT.dtype.element_ty)
@@ -115,6 +109,21 @@ def _lora_linear_kernel(
     else:  # this split's partial sum, in float32; _split_k_sum adds them up
         ws_ptr = WS + (pid_s * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
         tl.store(ws_ptr, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def slot_expands(acc, h, slot_of, BT, rr, rn, r_ok, n_ok, SLOTS, first, step, stride_bs, stride_bm):
+    """``acc`` plus, for each slot ``first, first + step, ...`` that some row uses (``slot_of``),
+    the expand ``where(row in slot, h, 0) @ Bt_slot[:, rn]``: ``h`` the rows' float32 scaled
+    shrink ``[BLOCK_M, R_PAD]``, rounded to ``BT``'s dtype for the dot."""
+    for slot in range(first, SLOTS, step):
+        hit = slot_of == slot
+        if tl.max(hit.to(tl.int32), axis=0) > 0:
+            hs = tl.where(hit[:, None], h, 0.0).to(BT.dtype.element_ty)
+            bt_ptr = BT + tl.cast(slot, tl.int64) * stride_bs + rr[:, None] * stride_bm + rn[None, :]
+            bt = tl.load(bt_ptr, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(hs, bt, acc)
+    return acc
 
 
 @triton.jit

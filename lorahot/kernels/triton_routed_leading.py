@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from lorahot.kernels.routed_linear import LEADING_SPLITS, WORKSPACE_ROWS
-from lorahot.kernels.triton_lora_linear import Config, split_k, sum_splits
+from lorahot.kernels.triton_lora_linear import Config, slot_expands, split_k, sum_splits
 from lorahot.kernels.triton_routed_lora import _block_m, _segment_rows, _slots_pad, _tiles, rank_pad
 
 __all__ = ["launch", "fits"]
@@ -129,13 +129,8 @@ def _fused_program(
     slot_of = tl.load(ROUTE + rm // T, mask=m_ok, other=-1)
     h_ptr = H + pid_s * stride_hs + rm[:, None].to(tl.int64) * R_PAD + rr[None, :]
     h = tl.load(h_ptr, mask=m_ok[:, None] & r_ok[None, :], other=0.0, cache_modifier=".cg")
-    for slot in range(0, SLOTS):  # each slot this tile's rows use: its expand of the chunk's shrink
-        hit = slot_of == slot
-        if tl.max(hit.to(tl.int32), axis=0) > 0:
-            hs = tl.where(hit[:, None], h, 0.0).to(BT.dtype.element_ty)
-            bt_ptr = BT + tl.cast(slot, tl.int64) * stride_bs + rr[:, None] * stride_bm + rn[None, :]
-            bt = tl.load(bt_ptr, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(hs, bt, acc)
+    # each slot this tile's rows use: its expand of the chunk's partial shrink
+    acc = slot_expands(acc, h, slot_of, BT, rr, rn, r_ok, n_ok, SLOTS, 0, 1, stride_bs, stride_bm)
     if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
         if pid_s == 0:
             acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]

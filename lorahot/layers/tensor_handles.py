@@ -57,12 +57,18 @@ class TensorHandle:
         TENSORS[self.key] = tensors
         ROUTES[self.key] = SEGMENTS[self.key] = WORKSPACES[self.key] = None
         weakref.finalize(self, _retire, self.key)
-        from torch._dynamo import mark_static, mark_static_address
-
         for t in tensors:
-            mark_static(t)
-            if t.is_cuda:
-                mark_static_address(t, guard=False)
+            _mark_static(t)
+
+
+def _mark_static(t: torch.Tensor) -> None:
+    """``t``'s shape static for the compiler, and on CUDA its address too (CUDA graphs read it
+    in place, not copied in at each replay)."""
+    from torch._dynamo import mark_static, mark_static_address
+
+    mark_static(t)
+    if t.is_cuda:
+        mark_static_address(t, guard=False)
 
 
 def _retire(key: int) -> None:
@@ -88,11 +94,7 @@ def _purge() -> None:
 
 
 def publish_workspace(key: int, workspace: torch.Tensor) -> None:
-    """Publishes ``workspace`` (zeroed) under ``key`` in :data:`WORKSPACES`, its address static
-    for CUDA graphs (read in place, not copied in at each replay)."""
-    from torch._dynamo import mark_static, mark_static_address
-
-    mark_static(workspace)
-    if workspace.is_cuda:
-        mark_static_address(workspace, guard=False)
+    """Publishes ``workspace`` (zeroed) under ``key`` in :data:`WORKSPACES`, marked as the
+    arena tensors are (:func:`_mark_static`)."""
+    _mark_static(workspace)
     WORKSPACES[key] = workspace
