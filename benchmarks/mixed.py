@@ -85,7 +85,7 @@ def run(
     ``mixed_batch_*`` field is named ``mixed_batch_inline_*``, so ``latest.json`` keeps the
     default path's figures; ``leading`` likewise runs :mod:`lorahot.kernels.triton_routed_leading`
     (``routed_linear.LEADING``), its fields ``mixed_batch_leading_*``. ``variant`` names another
-    such departure the caller set up for the process (``pdl``: :mod:`lorahot.kernels.pdl` on),
+    such departure the caller set up for the process (``nopdl``: :mod:`lorahot.kernels.pdl` off),
     its fields ``mixed_batch_<variant>_*``."""
     routed_linear.INLINE = inline
     routed_linear.LEADING = leading

@@ -183,16 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         "(lorahot.kernels.routed_linear.LEADING), its figures under mixed_batch_leading_* in the run file only",
     )
     parser.add_argument(
-        "--pdl",
+        "--no-pdl",
         action="store_true",
-        help="lorahot's kernels launched early (lorahot.kernels.pdl, off by default; LORAHOT_PDL=1 for "
-        "worker processes); the mixed suite's figures under mixed_batch_pdl_* in the run file only",
+        help="lorahot's kernels not launched early (lorahot.kernels.pdl, on by default; LORAHOT_PDL=0 for "
+        "worker processes); the mixed suite's figures under mixed_batch_nopdl_* in the run file only",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
-    if args.pdl:
-        os.environ["LORAHOT_PDL"] = "1"
-        pdl.ENABLED = True
+    if args.no_pdl:
+        os.environ["LORAHOT_PDL"] = "0"
+        pdl.ENABLED = False
     start = time.perf_counter()
 
     import peft
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             small=args.small,
             inline=args.routed_inline,
             leading=args.routed_leading,
-            variant="pdl" if args.pdl else None,
+            variant="nopdl" if args.no_pdl else None,
         ),
         "rows": lambda: (
             rows.run_parallel(

@@ -104,7 +104,7 @@ def main() -> None:
             pdl.ENABLED = on
             checks[on] = results()
             timed[on] = [graph_us(single, SETS), graph_us(lambda: fused(1), SETS), graph_us(lambda: fused(8), SETS)]
-        pdl.ENABLED = True  # the ws and pair columns: early launches on (off by default in the library)
+        pdl.ENABLED = True  # the ws and pair columns: early launches on (as by default)
         for off_out, on_out in zip(checks[False], checks[True]):
             torch.testing.assert_close(on_out, off_out, rtol=2e-2, atol=2e-2)
         for got, want in zip(checks[True][3:], checks[True][1:3]):  # the workspace: the same layer

@@ -26,7 +26,16 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lorahot.kernels.triton_import import triton_module
 
-__all__ = ["available", "supports", "supports_tensors", "worth_it", "decidable", "lora_linear", "lora_linear_into"]
+__all__ = [
+    "available",
+    "supports",
+    "supports_tensors",
+    "worth_it",
+    "routed_worth_it",
+    "decidable",
+    "lora_linear",
+    "lora_linear_into",
+]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -83,6 +92,18 @@ def worth_it(rows: int, out_features: int, *, wide: bool = False) -> bool:
     if rows <= _ROW_LIMITS[1]:
         return out_features < 4096
     return rows <= _ROW_LIMITS[2] and out_features <= 512
+
+
+def routed_worth_it(rows: int, out_features: int, *, wide: bool = False) -> bool:
+    """Whether the routed fused path (:mod:`lorahot.kernels.routed_linear`) beats the base GEMM
+    plus the segmented pair for ``rows`` tokens into ``out_features``: where the kernel beats
+    the library formula (up to 128 rows at any width; the wide GEMM serves one adapter only,
+    so it is no alternative here), and on a widened layer wherever it beats the wide GEMM too.
+    At 64 rows on an H200, us per gate/up layer with one and eight adapters, early launches on
+    (:mod:`lorahot.kernels.pdl`): 13.7 / 15.9 against the pair's 18.5 / 19.9; with them off the
+    fused path is within 0.6 us of the pair on the GPU and launches one kernel fewer
+    (``benchmarks/experiments/pdl_probe.py``)."""
+    return worth_it(rows, out_features, wide=False) or worth_it(rows, out_features, wide=wide)
 
 
 #: the row counts at which :func:`worth_it` changes its answer

@@ -104,7 +104,7 @@ def _routed_lora_linear(
     refuse_grad("routed_lora_linear", x, weight, bias, a, bt)
     x2 = x.reshape(-1, x.shape[-1])
     n = weight.shape[0]
-    if sized and not fused_kernel.worth_it(x2.shape[0], n, wide=wide):  # the base GEMM, then the routed sum
+    if sized and not fused_kernel.routed_worth_it(x2.shape[0], n, wide=wide):  # the base GEMM, then the routed sum
         y = torch.nn.functional.linear(x2, weight, bias)
         return routed_lora(x2, y, a, bt, s, route, segs).view(*x.shape[:-1], n)
     kernel = triton_module("triton_lora_linear") if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
@@ -147,7 +147,7 @@ def routed_lora_linear(
     """The base linear plus each row's own slot's update: on CUDA the segmented shrink, then
     the fused kernel (see the module docstring). With ``sized`` (compiled, the row count
     symbolic: see :mod:`lorahot.kernels.wide_linear`), the operator itself asks
-    :func:`lorahot.kernels.lora_linear.worth_it` (``wide`` as the layer's) for the rows of each
+    :func:`lorahot.kernels.lora_linear.routed_worth_it` (``wide`` as the layer's) for the rows of each
     call, and above its limits runs the base GEMM and :func:`lorahot.kernels.routed_lora.routed_lora`,
     as the layer would: one graph for every row count.
 

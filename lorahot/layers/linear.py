@@ -116,12 +116,14 @@ class LoRALinear(LoRALayer):
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor
     ) -> torch.Tensor | None:
         """The routed fused linear (:mod:`lorahot.kernels.routed_linear`: the segmented shrink,
-        then base and each slot's expand in one kernel) where the fused kernel pays for this
-        many rows (as in whole-batch mode), else None."""
+        then base and each slot's expand in one kernel) where it pays for this many rows
+        against the base GEMM and the segmented pair (:func:`lorahot.kernels.lora_linear.routed_worth_it`),
+        else None."""
         if not self._plan[1]:
             return None
         sized = _symbolic_rows(x)  # compiled, rows symbolic: the operator decides per call
-        if not (self._fusable_input(x, a) if sized else self.can_fuse(x, a)):
+        pays = sized or fused_kernel.routed_worth_it(_rows(x), self.spec.out_dim, wide=self._plan[2])
+        if not (pays and self._fusable_input(x, a)):
             return None
         weight, bias = self.kernel_weights()
         segs = self._segments(a, route)

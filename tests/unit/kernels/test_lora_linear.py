@@ -48,6 +48,15 @@ def test_worth_it_follows_the_measured_rule() -> None:
     assert not fused.worth_it(257, 256, wide=True) and not fused.worth_it(1024, 256, wide=True)
 
 
+def test_routed_worth_it_weighs_the_kernel_against_the_segmented_pair() -> None:
+    """The routed path has no wide GEMM to fall back on: the kernel up to 128 rows at any width
+    (gate/up at decode too), and past that where it beats the wide GEMM on a widened layer."""
+    assert fused.routed_worth_it(64, 5632, wide=True) and not fused.worth_it(64, 5632, wide=True)
+    assert fused.routed_worth_it(128, 5632) and not fused.routed_worth_it(129, 5632, wide=True)
+    assert fused.routed_worth_it(256, 256, wide=True) and not fused.routed_worth_it(256, 256)
+    assert not fused.routed_worth_it(2048, 256, wide=True)
+
+
 def test_compiled_graph_has_four_adapter_inputs_per_arena_not_per_layer() -> None:
     """Each LoRA layer reaches the arena through one global handle, so a compiled model gets
     (and guards) A, B, S and E (the extras) once, whatever the number of layers."""

@@ -101,7 +101,7 @@ def test_workspace_holds_every_row_count_the_fused_path_takes() -> None:
     counters."""
     from lorahot.kernels import lora_linear as fused
 
-    limit = max(r for r in range(1, 1024) if fused.worth_it(r, 256, wide=True))
+    limit = max(r for r in range(1, 1024) if fused.routed_worth_it(r, 256, wide=True))
     assert limit <= routed_linear.WORKSPACE_ROWS
     for rank, pad in ((1, 16), (16, 16), (17, 32), (64, 64), (100, 128)):
         space = routed_linear.workspace(rank, torch.device("cpu"))
