@@ -35,7 +35,6 @@ from safetensors.torch import load_file, save_file
 import lorahot
 from benchmarks.common import median_ms, pipelined_ms, rel_err
 from benchmarks.workload import MAX_RANK, TARGETS, Workload, adapter_file
-from lorahot.kernels import routed_linear
 
 SLOTS = 8
 DISTINCT = (1, 2, 4, 8)
@@ -76,19 +75,12 @@ def run(
     w: Workload,
     repeat: int,
     small: bool = False,
-    inline: bool = False,
-    leading: bool = False,
     variant: str | None = None,
 ) -> dict[str, Any]:
-    """The suite; with ``inline``, the routed layers run :mod:`lorahot.kernels.triton_routed_inline`
-    (``routed_linear.INLINE``, set for the whole process before anything compiles) and every
-    ``mixed_batch_*`` field is named ``mixed_batch_inline_*``, so ``latest.json`` keeps the
-    default path's figures; ``leading`` likewise runs :mod:`lorahot.kernels.triton_routed_leading`
-    (``routed_linear.LEADING``), its fields ``mixed_batch_leading_*``. ``variant`` names another
-    such departure the caller set up for the process (``nopdl``: :mod:`lorahot.kernels.pdl` off),
-    its fields ``mixed_batch_<variant>_*``."""
-    routed_linear.INLINE = inline
-    routed_linear.LEADING = leading
+    """The suite; ``variant`` names a departure from the defaults the caller set up for the
+    whole process before anything compiles (``nopdl``: :mod:`lorahot.kernels.pdl` off): every
+    ``mixed_batch_*`` field is then named ``mixed_batch_<variant>_*``, so ``latest.json`` keeps
+    the default path's figures."""
     mode = "reduce-overhead" if w.device.type == "cuda" else None
     shapes = _shapes(small)
     ids = {label: _ids(w, shape, seed) for seed, (label, shape) in enumerate(shapes.items())}
@@ -168,7 +160,6 @@ def run(
     }
     out["mixed_batch_rel_err_vs_peft"] = errs
     out["mixed_batch_recompiles"] = 0  # error_on_recompile above would have raised
-    variant = "inline" if inline else "leading" if leading else variant
     if variant:
         out = {key.replace("mixed_batch_", f"mixed_batch_{variant}_", 1): value for key, value in out.items()}
     print(f"[mixed] {json.dumps(out)}", flush=True)

@@ -171,18 +171,6 @@ def main(argv: list[str] | None = None) -> int:
         help="rows and diffusion suites: prepare each configuration in its own process, all at once",
     )
     parser.add_argument(
-        "--routed-inline",
-        action="store_true",
-        help="mixed suite: the routed layers in one kernel (lorahot.kernels.routed_linear.INLINE), "
-        "its figures under mixed_batch_inline_* in the run file only",
-    )
-    parser.add_argument(
-        "--routed-leading",
-        action="store_true",
-        help="mixed suite: the routed layers' shrink in leading programs of the fused launch "
-        "(lorahot.kernels.routed_linear.LEADING), its figures under mixed_batch_leading_* in the run file only",
-    )
-    parser.add_argument(
         "--no-pdl",
         action="store_true",
         help="lorahot's kernels not launched early (lorahot.kernels.pdl, on by default; LORAHOT_PDL=0 for "
@@ -242,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
             w,
             args.repeat,
             small=args.small,
-            inline=args.routed_inline,
-            leading=args.routed_leading,
             variant="nopdl" if args.no_pdl else None,
         ),
         "rows": lambda: (

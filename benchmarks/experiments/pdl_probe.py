@@ -10,9 +10,6 @@ per call, with the early launches off and on in the same process:
   split-K sum) with routes over 1 and 8 distinct slots;
 - ``ws d1`` / ``ws d8`` (early launches on): the same with the runtime's zeroed workspace
   (no zero fill; the split-K sum zeroes it again): one kernel fewer per layer;
-- ``lead d1`` / ``lead d8`` (early launches off): the shrink in leading programs of the fused
-  kernel's own launch (``lorahot.kernels.triton_routed_leading``, ``routed_linear.LEADING``):
-  two kernels per layer, as for one adapter (added after the thirteenth session's calls);
 - ``pair d1`` / ``pair d8`` (on): the base GEMM, then the segmented shrink and expand
   (``routed_lora``), what the routed layers run where the fused kernel does not pay
   (``lora_linear.worth_it``: at 64 rows, gate/up).
@@ -25,9 +22,9 @@ gap; ``one`` by about 1 us. Each configuration's output is checked against the o
 (Measured in the thirteenth session, ``runs/20261201T103642-pdl-probe.log`` and
 ``runs/20261201T105848-pdl-probe.log``: ``fus`` fell by 3.4-4.3 us, ``one`` by 0.7-1.3; the
 workspace took 0.6-0.9 us more off ``fus``, and the fused path beat the pair by 3-8 us on
-gate/up and down with early launches on; the routed layers still choose as before, since
-without them the two are within 0.6 us.) Early launches are off by default
-(``lorahot.kernels.pdl``).
+gate/up and down with early launches on. In the fourteenth session early launches went on by
+default (``lorahot.kernels.pdl``) and routed gate/up layers onto the fused path.) The ``lead`` columns (the shrink in leading programs of the fused
+launch) went with that path, measured and removed (``benchmarks/README.md``, "Fourteenth session").
 
     PYTHONPATH=. python3 -m benchmarks.experiments.pdl_probe
 """
@@ -40,7 +37,6 @@ from benchmarks.experiments.forward_probe import graph_us
 from benchmarks.experiments.routed_probe import SETS, SHAPES, SLOTS, weight_sets
 from lorahot.kernels import pdl, routed_linear, routed_lora
 from lorahot.kernels import triton_lora_linear as F
-from lorahot.kernels import triton_routed_leading as L
 from lorahot.kernels import triton_routed_lora as T
 
 M = 64
@@ -50,7 +46,7 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(f"pdl supported on this device: {pdl._supported(torch.cuda.current_device())}")
     cols = ["base"] + [f"{c} {p}" for c in ("one", "fus d1", "fus d8") for p in ("off", "on")]
-    cols += ["ws d1", "ws d8", "pair d1", "pair d8", "lead d1", "lead d8"]
+    cols += ["ws d1", "ws d8", "pair d1", "pair d8"]
     print(f"{'shape':8s} " + " ".join(f"{c:>10s}" for c in cols))
     for name, (k, n) in SHAPES.items():
         w, a, bt, s, x = weight_sets(k, n, M, dev, dt)
@@ -73,10 +69,6 @@ def main() -> None:
         def fused(d: int, kept: torch.Tensor | None = None) -> None:
             for wi, ai, bi in zip(w, a, bt):
                 F.launch(x, wi, None, ai, bi, s, out, config, routing=(grouped[d], routes[d], 1, kept))
-
-        def lead(d: int) -> None:
-            for wi, ai, bi in zip(w, a, bt):
-                L.launch(x, wi, None, ai, bi, s, routes[d], grouped[d], out, workspace, config)
 
         def pair(d: int) -> None:
             for wi, yi, ai, bi in zip(w, y, a, bt):
@@ -114,13 +106,7 @@ def main() -> None:
             row += [timed[False][i], timed[True][i]]
         row += [graph_us(lambda d=d: fused(d, workspace), SETS) for d in (1, 8)]
         row += [graph_us(lambda d=d: pair(d), SETS) for d in (1, 8)]
-        pdl.ENABLED = False
-        for d, want in ((1, checks[False][1]), (8, checks[False][2])):  # the leading shrink: the same layer
-            out.fill_(float("nan"))
-            lead(d)
-            torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
-        row += [graph_us(lambda d=d: lead(d), SETS) for d in (1, 8)]
-        assert not workspace[: routed_linear.WORKSPACE_ROWS].any() and not workspace[-1].any()
+        assert not workspace.any()
         print(f"{name:8s} " + " ".join(f"{v:10.1f}" for v in row), flush=True)
 
 

@@ -18,7 +18,10 @@ An earlier version grouped the rows by slot into 16-row tiles inside the fused k
 slot's tiles read the whole base weight again and gave up the split K, and at 64 decode rows
 on an H200 it cost 17.6 / 7.0 / 32.9 / 40.9 us per q-o / k-v / gate-up / down call, with one
 adapter, against 6.4 / 5.2 / 9.7 / 12.0 for the base GEMM alone
-(``benchmarks/experiments/routed_probe.py``).
+(``benchmarks/experiments/routed_probe.py``). Two other forms were measured on an H200 and
+removed: the layer in one kernel, each program computing its rows' shrinks (2-4x slower with
+eight adapters: ``benchmarks/README.md``, "Twelfth session"), and the shrink in leading programs
+of the fused kernel's own launch (slower than this path with early launches: "Fourteenth session").
 
 The operator ``lorahot::routed_lora_linear`` (:mod:`lorahot.kernels.op_registry`) is opaque to
 the compiler and shape-stable for CUDA graphs. Where the fused kernel does not run (no CUDA or
@@ -36,47 +39,25 @@ from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.routed_lora import check_segments, reference, routed_lora, segments, token_route
 from lorahot.kernels.triton_import import triton_module
 
-__all__ = ["routed_lora_linear", "workspace", "INLINE", "LEADING", "WORKSPACE_ROWS", "LEADING_SPLITS"]
+__all__ = ["routed_lora_linear", "workspace", "WORKSPACE_ROWS"]
 
-#: whether the fused routed path runs :mod:`lorahot.kernels.triton_routed_inline` (one kernel,
-#: each program computing its rows' shrinks) in place of the segmented shrink and the fused
-#: kernel. Off: on an H200 it wins with one adapter on narrow layers and loses 2-4x with eight
-#: (benchmarks/README.md, "Twelfth session"). Read at each call, so a model captured in CUDA
-#: graphs keeps what it was captured with.
-INLINE = False
-
-
-#: whether the fused routed path runs :mod:`lorahot.kernels.triton_routed_leading` (the shrink in
-#: leading programs of the fused kernel's own launch: two kernels per layer, not three) where
-#: the layer's K is split and the runtime's workspace is given. Off: not yet measured on a GPU.
-#: Read at each call, so a model captured in CUDA graphs keeps what it was captured with.
-LEADING = False
-
-#: rows of :func:`workspace` per region: the most the fused routed path takes (``lora_linear.worth_it``)
+#: rows of :func:`workspace`: the most the fused routed path takes (``lora_linear.routed_worth_it``)
 WORKSPACE_ROWS = 256
-#: the most K chunks a fused layer is split into (``triton_lora_linear.config_for``): the
-#: leading-shrink path keeps one region of partial shrinks per chunk
-LEADING_SPLITS = 16
 
 
 def workspace(rank: int, device: torch.device) -> torch.Tensor:
-    """A zeroed float32 workspace for :func:`routed_lora_linear` on ``device`` (the runtime keeps
-    one per arena, at a fixed address): ``[WORKSPACE_ROWS * (1 + LEADING_SPLITS) + 1, rank padded]``.
+    """A zeroed float32 ``[WORKSPACE_ROWS, rank padded]`` workspace for :func:`routed_lora_linear`
+    on ``device`` (the runtime keeps one per arena, at a fixed address).
 
-    - Its first ``WORKSPACE_ROWS`` rows: the routed decode's shrink adds its shares of K there.
-      Without a workspace each call zeroes a fresh one: one more kernel per layer, which a CUDA
-      graph replays at a host cost of about 1.8 us per node on an H200 host, besides its GPU
-      time (``benchmarks/experiments/mixed_profile_probe.py``). The split-K sum that ends the
-      call zeroes them again once the fused kernel has read them, so they are zero whenever no
-      call is running.
-    - The next ``LEADING_SPLITS * WORKSPACE_ROWS`` rows: the partial shrinks of
-      :data:`LEADING`'s path, one block per K chunk, overwritten by every call.
-    - Its last row: that path's counters, zero between calls (its split-K sum zeroes them).
-
-    Calls that share a workspace must therefore not run at the same time (two streams): a
-    runtime's forwards already share its routing."""
+    The routed decode's shrink adds its shares of K into it. Without one, each call zeroes a
+    fresh buffer: one more kernel per layer, which a CUDA graph replays
+    at a host cost of about 1.8 us per node on an H200 host, besides its GPU time
+    (``benchmarks/experiments/mixed_profile_probe.py``). With one, the split-K sum that ends
+    the call zeroes it again once the fused kernel has read it, so it is zero whenever no call
+    is running. Calls that share a workspace must therefore not run at the same time (two
+    streams): a runtime's forwards already share its routing."""
     pad = max(16, 1 << (max(rank, 1) - 1).bit_length())  # as the kernels pad the rank
-    return torch.zeros((WORKSPACE_ROWS * (1 + LEADING_SPLITS) + 1, pad), device=device, dtype=torch.float32)
+    return torch.zeros((WORKSPACE_ROWS, pad), device=device, dtype=torch.float32)
 
 
 def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
@@ -113,18 +94,9 @@ def _routed_lora_linear(
         return reference(x2, y, a, bt, s, token_route(route, x2.shape[0])).view(*x.shape[:-1], n)
     x2 = x2.contiguous()
     out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
-    inline = triton_module("triton_routed_inline") if INLINE else None
-    if inline is not None:
-        with launching_on(x.device):
-            inline.launch(x2, weight, bias, a, bt, s, route, out)
-        return out.view(*x.shape[:-1], n)
     grouped = segments(route, a.shape[0]) if segs is None else segs
-    leading = triton_module("triton_routed_leading") if LEADING else None
     with launching_on(x.device):
         config = kernel.config_for(x2.shape[0], n, x2.shape[1])
-        if leading is not None and leading.fits(workspace, x2.shape[0], a.shape[1]):  # noqa: SIM102
-            if leading.launch(x2, weight, bias, a, bt, s, route, grouped, out, workspace, config):
-                return out.view(*x.shape[:-1], n)  # else K is not split: the two-kernel path below
         routing = (grouped, route, x2.shape[0] // route.shape[0], workspace)
         kernel.launch(x2, weight, bias, a, bt, s, out, config, routing=routing)
     return out.view(*x.shape[:-1], n)

@@ -248,7 +248,7 @@ def _workspace(
     workspace = None if routing is None else routing[3]
     if workspace is None or split == 1 or workspace.numel() < m * rank_pad(r):
         return None
-    return workspace.view(-1)[: m * rank_pad(r)]  # its first region (routed_linear.workspace)
+    return workspace.view(-1)[: m * rank_pad(r)]  # routed_linear.workspace: its first m rows
 
 
 def split_k(k: int, block_k: int, split: int, out: torch.Tensor) -> tuple[int, int, torch.Tensor]:

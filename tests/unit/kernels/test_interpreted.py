@@ -191,78 +191,6 @@ def test_routed_fused_linear_adds_into_the_workspace_and_leaves_it_zero() -> Non
     assert (scratch == 2.0).all()
 
 
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize(
-    "shape", [(1, 2048, 256, 16, 3), (40, 256, 512, 64, 4), (64, 700, 96, 20, 8), (64, 2048, 64, 64, 8)], ids=str
-)
-def test_routed_leading_linear_matches_float64_reference(shape: tuple[int, ...], bias: bool) -> None:
-    """The shrink in leading programs of the fused launch (``routed_linear.LEADING``): each
-    chunk's partial shrinks written, counted, waited for and expanded; routed per row and per
-    group of rows, -1 included, call after call on one workspace (stale partial shrinks of the
-    last call never read, the counters zero after each)."""
-    leading = pytest.importorskip("lorahot.kernels.triton_routed_leading")
-    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
-    rows, k, n, rank, slots = shape
-    x, _, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=rows + 1)
-    g = torch.Generator().manual_seed(4)
-    weight = (torch.randn(n, k, generator=g) / k**0.5).half()
-    b = torch.randn(n, generator=g).half() if bias else None
-    base = x.double() @ weight.double().T + (b.double() if b is not None else 0.0)
-    scratch = make_workspace(rank, torch.device("cpu"))
-    assert leading.fits(scratch, rows, rank)
-    config = kernel.config_for(rows, n, k)
-    groups = [torch.randint(-1, slots, (rows,), generator=g), torch.full((rows,), slots - 1)]
-    if rows % 4 == 0:
-        groups.append(torch.tensor([slots - 1, -1, 0, slots - 1]))
-    for route in groups:
-        out = torch.full((rows, n), float("nan"), dtype=torch.float16)
-        ran = leading.launch(x, weight, b, a, bt, s, route, routed.segments(route, slots), out, scratch, config)
-        assert ran == (config[-1] > 1)
-        if not ran:
-            continue
-        want = _per_row(x, base, a, bt, s, routed.token_route(route, rows))
-        torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
-        assert not scratch[-1].any() and not scratch[:256].any()  # the counters, and the atomic path's region
-
-
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize(
-    "shape", [(1, 2048, 256, 16, 3), (40, 256, 512, 64, 4), (64, 700, 96, 20, 8), (70, 300, 300, 8, 2)], ids=str
-)
-def test_routed_inline_linear_matches_float64_reference(shape: tuple[int, ...], bias: bool) -> None:
-    """The routed linear in one kernel (``triton_routed_inline``): base, bias and each row's
-    slot's LoRA, every program computing its rows' shrinks, K split or not (its ``config``
-    and the single-adapter kernel's narrower tiles), routed per row and per group of rows,
-    rows of no slot included, over an output poisoned with NaN."""
-    inline = pytest.importorskip("lorahot.kernels.triton_routed_inline")
-    fused = pytest.importorskip("lorahot.kernels.triton_lora_linear")
-    rows, k, n, rank, slots = shape
-    x, _, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=rows + 1)
-    g = torch.Generator().manual_seed(3)
-    weight = (torch.randn(n, k, generator=g) / k**0.5).half()
-    b = torch.randn(n, generator=g).half() if bias else None
-    base = x.double() @ weight.double().T + (b.double() if b is not None else 0.0)
-    routes = [torch.randint(-1, slots, (rows,), generator=g), torch.full((rows,), slots - 1)]
-    if rows % 2 == 0:
-        routes.append(torch.tensor([-1, slots - 1]))  # two groups of rows
-    for route in routes:
-        want = _per_row(x, base, a, bt, s, routed.token_route(route, rows))
-        for tiles in (None, fused.config_for(rows, n, k), inline.config(rows, n, k, 64)):
-            out = torch.full((rows, n), float("nan"), dtype=torch.float16)
-            inline.launch(x, weight, b, a, bt, s, route, out, tiles)
-            torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
-
-
-def test_routed_inline_config_splits_k_to_fill_the_device() -> None:
-    """Decode shapes (64 rows, the TinyLlama projections): 256-wide tiles, K split to 128-256
-    programs, each chunk at least 128 of K."""
-    inline = pytest.importorskip("lorahot.kernels.triton_routed_inline")
-    for n, k in ((2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)):
-        bm, bn, _, _, _, split = inline.config(64, n, k)
-        programs = -(-64 // bm) * -(-n // bn) * split
-        assert bn == 256 and (programs >= 128 or split == 16) and programs <= 512 and k // split >= 128
-
-
 @pytest.mark.parametrize("programs", [1, 3], ids=["one-program", "three-programs"])
 def test_segmented_expand_programs_loop_over_their_share_of_the_outputs(
     programs: int, monkeypatch: pytest.MonkeyPatch
@@ -293,10 +221,9 @@ def test_segmented_expand_programs_loop_over_their_share_of_the_outputs(
 def test_any_routing_of_any_shape_matches_the_per_row_reference(
     rows: int, k: int, n: int, rank: int, slots: int, per_group: int, seed: int
 ) -> None:
-    """The fused routed kernel, the inline one and the segmented pair after it, on random
-    shapes and routings (one entry per row or per group of rows, -1 included)."""
+    """The fused routed kernel (with and without the runtime's workspace) and the segmented pair
+    after it, on random shapes and routings (one entry per row or per group of rows, -1 included)."""
     fused = pytest.importorskip("lorahot.kernels.triton_lora_linear")
-    inline = pytest.importorskip("lorahot.kernels.triton_routed_inline")
     kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
     rows *= per_group
     x, y, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=seed)
@@ -311,9 +238,6 @@ def test_any_routing_of_any_shape_matches_the_per_row_reference(
         fused.launch(x, weight, None, a, bt, s, out, config, routing=(segs, route, per_group, kept))
         torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()) + 1e-3)
     assert not scratch.any()
-    out = torch.full((rows, n), float("nan"), dtype=torch.float16)
-    inline.launch(x, weight, None, a, bt, s, route, out, inline.config(rows, n, k, 64))
-    torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()) + 1e-3)
     out = torch.full_like(y, float("nan"))
     kernels.launch(x, y, a, bt, s, route, out, gather=False, segs=segs)
     want = _per_row(x, y, a, bt, s, tokens)

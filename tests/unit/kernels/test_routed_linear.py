@@ -53,31 +53,12 @@ def test_compiled_op_is_one_opaque_node() -> None:
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("switch", ["INLINE", "LEADING"])
-def test_op_with_another_kernel_switched_on_computes_the_same(switch: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``INLINE`` and ``LEADING`` pick other kernel paths where Triton runs; elsewhere the op
-    keeps its library-call path, the same numbers."""
-    x, _, a, bt, s = _operands(6, 8, 5, 4, 2, torch.float64, seed=4)
-    weight, bias = _weights(8, 5, torch.float64, "cpu")
-    route = torch.tensor([0, -1, 1, 1, 0, -1])
-    space = routed_linear.workspace(4, torch.device("cpu"))
-    off = routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route, workspace=space)
-    monkeypatch.setattr(routed_linear, switch, True)
-    on = routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route, workspace=space)
-    assert torch.equal(on, off)
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["segmented-shrink", "inline", "leading"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 2048, 256, 64, 8), (64, 2048, 2048, 64, 8), (100, 1000, 700, 20, 4)], ids=str)
-def test_gpu_fused_routed_linear_matches_float64_reference(
-    shape: tuple[int, ...], dtype: torch.dtype, path: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each fused routed path, with the runtime's workspace (left zero where it must be),
-    against the per-row float64 reference."""
-    monkeypatch.setattr(routed_linear, "INLINE", path == "inline")
-    monkeypatch.setattr(routed_linear, "LEADING", path == "leading")
+def test_gpu_fused_routed_linear_matches_float64_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """The fused routed path (the segmented shrink, then the fused kernel), with the runtime's
+    workspace (left zero), against the per-row float64 reference."""
     rows, k, n, rank, slots = shape
     x, _, a, bt, s = _operands(rows, k, n, rank, slots, dtype, "cuda", seed=rows)
     weight, bias = _weights(k, n, dtype, "cuda")
@@ -91,20 +72,18 @@ def test_gpu_fused_routed_linear_matches_float64_reference(
             want = _per_row(x, base, a, bt, s, route)
             tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
             torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
-            assert not space[: routed_linear.WORKSPACE_ROWS].any() and not space[-1].any()
+            assert not space.any()
 
 
 def test_workspace_holds_every_row_count_the_fused_path_takes() -> None:
     """The runtime's workspace covers the largest input the routed fused path runs on (so no
-    such call falls back to a zero fill of its own), the rank padded as the kernels pad it: the
-    atomic shares' region, one region of partial shrinks per K chunk for ``LEADING``, a row of
-    counters."""
+    such call falls back to a zero fill of its own), the rank padded as the kernels pad it: one
+    row per input row, where the segmented shrink adds its shares of K."""
     from lorahot.kernels import lora_linear as fused
 
     limit = max(r for r in range(1, 1024) if fused.routed_worth_it(r, 256, wide=True))
     assert limit <= routed_linear.WORKSPACE_ROWS
     for rank, pad in ((1, 16), (16, 16), (17, 32), (64, 64), (100, 128)):
         space = routed_linear.workspace(rank, torch.device("cpu"))
-        rows = routed_linear.WORKSPACE_ROWS * (1 + routed_linear.LEADING_SPLITS) + 1  # three regions
-        assert space.shape == (rows, pad) and space.dtype == torch.float32
+        assert space.shape == (routed_linear.WORKSPACE_ROWS, pad) and space.dtype == torch.float32
         assert not space.any()

@@ -163,24 +163,6 @@ def test_row_scale_and_stack_scales_compile(compiler: _Compiler) -> None:
     assert [name for name, _ in compiler.compiled] == ["_row_scale_kernel", "_col_scale_kernel", "_stack_scales_kernel"]
 
 
-@pytest.mark.parametrize("shape", [(2048, 2048), (2048, 256), (2048, 5632), (5632, 2048)], ids=str)
-def test_routed_inline_linear_compiles_within_the_shared_memory(compiler: _Compiler, shape: tuple[int, int]) -> None:
-    """The one-kernel routed linear at the decode shapes (64 rows, 8 slots, rank 64), with its
-    256-wide tiles: onto the matrix units, in the shared memory an H100/H200 program may use
-    (227 KB), the split-K sum after it where K is split."""
-    inline = pytest.importorskip("lorahot.kernels.triton_routed_inline")
-    k, n = shape
-    rows, r, slots = 64, 64, 8
-    x, w = torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.bfloat16)
-    a, bt = torch.zeros(slots, r, k, dtype=torch.bfloat16), torch.zeros(slots, r, n, dtype=torch.bfloat16)
-    out = torch.empty(rows, n, dtype=torch.bfloat16)
-    inline.launch(x, w, torch.zeros(n, dtype=torch.bfloat16), a, bt, torch.ones(slots, r), torch.arange(rows) % 8, out)
-    name, kernel = compiler.compiled[0]
-    assert name == "_routed_inline_kernel" and "wgmma" in _ptx(kernel)
-    assert kernel.metadata.shared <= 232448, kernel.metadata.shared
-    assert {n for n, _ in compiler.compiled[1:]} <= {"_split_k_sum"}
-
-
 @pytest.mark.parametrize("routed", [None, "zero-fill", "workspace"], ids=["single", "routed", "routed-workspace"])
 def test_early_launches_compile_with_their_waits(
     compiler: _Compiler, monkeypatch: pytest.MonkeyPatch, routed: str | None
@@ -220,26 +202,3 @@ def test_early_launches_compile_with_their_waits(
         assert "griddepcontrol.wait" in _ptx(compiled), name
     fused = dict(compiler.compiled)["_lora_linear_kernel"]
     assert "griddepcontrol.launch_dependents" in _ptx(fused) and "wgmma" in _ptx(fused)
-
-
-def test_routed_leading_linear_compiles_with_its_counts(compiler: _Compiler) -> None:
-    """The shrink in leading programs of the fused launch, at the decode shape (64 rows, 8
-    slots, K split 8 ways): onto the matrix units, the counts released and acquired at GPU
-    scope, then the split-K sum that zeroes them."""
-    leading = pytest.importorskip("lorahot.kernels.triton_routed_leading")
-    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
-    from lorahot.kernels import routed_lora as routed_ops
-    from lorahot.kernels.routed_linear import workspace
-
-    rows, k, n, r, slots = 64, 2048, 2048, 64, 8
-    x, w = torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.bfloat16)
-    a, bt = torch.zeros(slots, r, k, dtype=torch.bfloat16), torch.zeros(slots, r, n, dtype=torch.bfloat16)
-    route = torch.arange(rows) % slots
-    out = torch.empty(rows, n, dtype=torch.bfloat16)
-    config = kernel.config_for(rows, n, k)
-    space = workspace(r, torch.device("cpu"))
-    segs = routed_ops.segments(route, slots)
-    assert leading.launch(x, w, None, a, bt, torch.ones(slots, r), route, segs, out, space, config)
-    assert [name for name, _ in compiler.compiled] == ["_routed_leading_kernel", "_split_k_sum"]
-    ptx = _ptx(compiler.compiled[0][1])
-    assert "wgmma" in ptx and "gpu.release" in ptx and "gpu.acquire" in ptx
