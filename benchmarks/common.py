@@ -98,13 +98,23 @@ def merge_results(path: Path, new: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _is_range(event: Any) -> bool:
+    """Whether a profiler event on the device is an annotated range rather than a kernel."""
+    return bool(getattr(event, "is_user_annotation", False)) or event.name.startswith("## ")
+
+
 def kernel_profile(fn: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
     """What one call of ``fn`` runs on a CUDA device: kernels launched, their summed GPU time
     (µs), the kernels taking the most time (µs and launches per call; twelve, or ``PROFILE_TOP``
     from the environment), and which host
     ops issued copies (``aten::copy_`` under its parent op, with shapes: a copy nobody asked
     for is a layout the graph did not plan). Wall time well above the summed kernel time is
-    host or launch overhead; more kernels or kernel time is the graph."""
+    host or launch overhead; more kernels or kernel time is the graph. Device-side ranges (a
+    compiled graph's ``## Call CompiledFxGraph`` range spans its kernels and the gaps between
+    them) are not kernels: their time per call is ``annotated_span_us_per_call``. With early
+    launches (:mod:`lorahot.kernels.pdl`) a kernel waiting for the one before it counts as
+    running, so the summed kernel time overstates the GPU time; time calls back to back
+    (:func:`pipelined_ms`) instead."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -113,7 +123,11 @@ def kernel_profile(fn: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
             fn()
         torch.cuda.synchronize()
     events = prof.events()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    # a compiled graph's "## Call CompiledFxGraph ... ##" range also shows on the device, spanning
+    # its kernels and the gaps between them: kept apart, not summed with the kernels
+    ranges = [e for e in on_device if _is_range(e)]
+    kernels = [e for e in on_device if not _is_range(e)]
     per: dict[str, list[float]] = {}
     for e in kernels:
         slot = per.setdefault(e.name, [0.0, 0.0])
@@ -132,6 +146,7 @@ def kernel_profile(fn: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
     return {
         "kernels_per_call": len(kernels) / calls,
         "gpu_us_per_call": round(sum(v[0] for v in per.values()), 1),
+        "annotated_span_us_per_call": round(sum(e.device_time for e in ranges) / calls, 1),
         "top_us": {name[:100]: round(v[0], 1) for name, v in top[:5]},
         "top": [[name[:100], round(v[0], 1), round(v[1], 1)] for name, v in top],
         "copies_per_call": dict(sorted(copies.items(), key=lambda kv: -kv[1])[:10]),

@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("input rows (tokens in one forward)")
     ax.set_ylabel("latency / base model latency")
-    title = f"{raw.get('device', '?')}, torch {raw.get('torch', '?')}, {raw.get('date', '')}: {raw.get('workload', '')}"
+    meta = raw.get("forward_rows_run", raw)  # latest.json names the run its forward_rows_ms come from
+    title = f"{meta.get('device', '?')}, torch {meta.get('torch', '?')}, {meta.get('date', '')}, reduce-overhead"
+    if "run_file" in meta:
+        title += f": runs/{meta['run_file']}"
     ax.set_title(title + (f"\n{args.note}" if args.note else ""), fontsize=8)
     ax.legend()
     fig.tight_layout()
