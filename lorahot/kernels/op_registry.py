@@ -30,14 +30,15 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _LIB = torch.library.Library("lorahot", "FRAGMENT")
 
 
-def define(schema: str, fake: Callable[..., Any]) -> Callable[[_F], _F]:
+def define(schema: str, fake: Callable[..., Any], tags: tuple[torch.Tag, ...] = ()) -> Callable[[_F], _F]:
     """Decorator: defines ``lorahot::<schema>`` (``"name(Tensor x, ...) -> Tensor"``), with the
-    decorated function as its implementation on every backend and ``fake`` for the compiler.
-    The function is returned unchanged; call the op as ``torch.ops.lorahot.<name>``."""
+    decorated function as its implementation on every backend and ``fake`` for the compiler,
+    and ``tags`` on the op. The function is returned unchanged; call the op as
+    ``torch.ops.lorahot.<name>``."""
     name = schema.split("(", 1)[0]
 
     def register(impl: _F) -> _F:
-        _LIB.define(schema)
+        _LIB.define(schema, tags=tags)
         _LIB.impl(name, impl, "CompositeExplicitAutograd")
         _LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
         torch.library.register_fake(f"lorahot::{name}", fake, lib=_LIB)

@@ -41,6 +41,7 @@ from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.layers import routing
+from lorahot.layers.refusal import refuse
 from lorahot.layers.state import RuntimeState
 from lorahot.layers.tensor_handles import ROUTES, TENSORS, TensorHandle
 
@@ -181,6 +182,8 @@ class LoRALayer(nn.Module):
     _live: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     #: The same views over every slot (``[slots, ...]``), set by :meth:`bind`.
     _slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    #: The layer's module path in the model, set by :meth:`bind` (for messages).
+    _path: str = ""
 
     #: What the forward branches on, as one tuple: ``(merged, fused, wide, extras, arena key,
     #: view geometry)``, kept equal to those attributes by :meth:`__setattr__`. A compiled model
@@ -233,6 +236,7 @@ class LoRALayer(nn.Module):
         fused: bool = True,
         state: RuntimeState | None = None,
         extras: bool = True,
+        path: str = "",
     ) -> None:
         """Attaches the live views; called once by the runtime at inject time, never again.
 
@@ -247,8 +251,9 @@ class LoRALayer(nn.Module):
         ``lora_extras`` is the ``[4, out]`` view of the layer's extras (see the module
         docstring); without one the layer gets its own, holding the no-adapter values.
         ``extras`` False makes the forward skip them (the runtime then refuses DoRA and LoRA
-        biases).
+        biases). ``path`` is the layer's module path, which its errors name.
         """
+        object.__setattr__(self, "_path", path)
         self.extras = extras
         if lora_extras is None:
             lora_extras = torch.tensor(EXTRA_DEFAULTS, dtype=lora_scale.dtype, device=lora_scale.device)
@@ -419,7 +424,9 @@ class LoRALayer(nn.Module):
         each row's slot (see :mod:`lorahot.layers.routing`)."""
         a, b, s, e = self._slot_views()
         length = route.shape[0]
-        routing.check_rows(x, length, self.spec.kind, self.row_dims(x), self._describe())
+        misfit = routing.row_misfit(x, length, self.spec.kind, self.row_dims(x), self._describe())
+        if misfit is not None:
+            return refuse(misfit, lambda: self._base(x, *args, **kwargs))
         z = self.routed_fused(x, a, b, s, route) if not args and not kwargs else None
         if z is None:
             y: torch.Tensor = self._base(x, *args, **kwargs)
@@ -480,7 +487,8 @@ class LoRALayer(nn.Module):
 
     def _describe(self) -> str:
         s = self.spec
-        return f"{type(self).__name__} over {type(self.base_layer).__name__} ({s.in_dim} -> {s.out_dim})"
+        kind = f"{type(self).__name__} over {type(self.base_layer).__name__} ({s.in_dim} -> {s.out_dim})"
+        return f"{self._path} ({kind})" if self._path else kind
 
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``B(scale * A(x))``, the per-row ``scale [R]`` applied to the rank-wide intermediate,

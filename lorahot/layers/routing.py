@@ -6,16 +6,23 @@ means the base model only. A layer then reads every slot's region of the arena a
 *slot views*: ``A [slots, R, ...]``, ``B``, ``S [slots, R]``, extras ``[slots, 4, out, ...]``,
 rebuilt from the arena tensors like the live views) and gives each row its own slot's update.
 
-Which part of the layer's input is a "row" (:func:`check_rows`):
+Which part of the layer's input is a "row" (:func:`row_misfit`):
 
 - a convolution: its batch dimension, so ``x.shape[0] == L`` (batched input only);
-- a linear or an embedding: the leading dimensions (all but ``in`` for a linear, all for the
-  ids of an embedding), flattened and split into ``L`` equal consecutive groups. ``[B, T, in]``
-  with ``L = B`` routes each sequence; ``[B * T, in]`` (tokens flattened, rows outermost) with
-  ``L = B`` gives each row's ``T`` tokens its slot; ``[N, in]`` or ``[1, N, in]`` with ``L = N``
-  routes each token (packed variable-length input: one entry per token, see
-  ``activate(..., lengths=...)``). An input that splits into no such groups raises
-  :class:`~lorahot.errors.UsageError` when the layer runs.
+- a linear or an embedding: its leading dimensions (all but ``in`` for a linear, all for the
+  ids of an embedding), rows outermost. The first of them is the batch: ``[B, T, in]`` or
+  ``[B, H, T, d]`` with ``L = B`` routes each sequence, and ``[N, in]`` with ``L = N`` each
+  token. Tokens flattened to one leading dimension, ``[B * T, in]`` with ``L = B``, split into
+  ``L`` equal consecutive groups: each row's ``T`` tokens take its slot. Otherwise ``L`` must be
+  every leading position, one entry per token (``[1, N, in]`` with ``L = N``: packed
+  variable-length input, see ``activate(..., lengths=...)``).
+
+Anything else (a routing left from a batch of another size, a batch doubled for
+classifier-free guidance with the routing not doubled, sequence-first input, packed input
+whose ``lengths`` do not add up to its tokens) would give rows the wrong slots, so it is
+refused with :class:`~lorahot.errors.UsageError` when the layer runs
+(:func:`lorahot.layers.refusal.refuse`: under ``torch.compile`` too, without breaking the
+compiled model for the inputs that fit).
 
 The rank-wide per-row scales ``s[route[i]]`` are zero on ``-1`` rows, so their update is exactly
 zero, and their extras (DoRA factor, LoRA bias) take the no-adapter values: such a row computes
@@ -31,9 +38,7 @@ import math
 
 import torch
 
-from lorahot.errors import UsageError
-
-__all__ = ["slot_geometry", "check_rows", "row_scales"]
+__all__ = ["slot_geometry", "row_misfit", "row_scales"]
 
 #: ``(shape, stride, storage offset)`` of a view of an arena tensor.
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]
@@ -52,8 +57,9 @@ def slot_geometry(view: torch.Tensor, root: torch.Tensor) -> Geometry:
     return (slots, *view.shape), (step, *view.stride()), int(view.storage_offset()) % step
 
 
-def check_rows(x: torch.Tensor, length: int, kind: str, dims: int, what: str) -> None:
-    """Checks that ``x`` splits into ``length`` routed rows (see the module docstring).
+def row_misfit(x: torch.Tensor, length: int, kind: str, dims: int, what: str) -> str | None:
+    """Why ``x`` does not split into ``length`` routed rows (see the module docstring), as the
+    message of the :class:`~lorahot.errors.UsageError` to raise, or None where it does.
 
     Args:
         x: the layer's input.
@@ -61,32 +67,31 @@ def check_rows(x: torch.Tensor, length: int, kind: str, dims: int, what: str) ->
         kind: the layer kind (``"conv"`` routes the batch dimension only).
         dims: trailing dimensions that are not rows (1 for a linear's ``in``, 0 for ids, the
             channels and spatial dimensions for a conv).
-        what: the layer, for the message.
-
-    Raises:
-        UsageError: naming the input's shape, the routing's length and the fix.
+        what: the layer (its module path and kind), for the message.
     """
     shape = tuple(x.shape)
     leading = shape[: len(shape) - dims]
     if kind == "conv":
         if len(leading) == 1 and leading[0] == length:
-            return
+            return None
     elif leading and leading[0] == length:
-        return
-    elif leading:
-        n = math.prod(leading)
-        if n % length == 0 and (leading[0] % length == 0 or length % leading[0] == 0):
-            return
+        return None
+    elif len(leading) == 1:
+        if leading[0] % length == 0:  # tokens flattened, rows outermost
+            return None
+    elif leading and math.prod(leading) == length:  # one entry per token
+        return None
     rule = (
         "a conv routes its batch dimension, so its input must be batched with one row per entry"
         if kind == "conv"
-        else "its leading dimensions must split into that many equal groups (one entry per sequence, or per "
-        "token of flattened or packed input, rows outermost)"
+        else "one entry per row of its first dimension (the batch), per token, or, with the tokens flattened to one "
+        "dimension, per equal group of them, rows outermost"
     )
-    raise UsageError(
+    return (
         f"{what}: its input {shape} does not fit the routing of {length} row{'s' if length != 1 else ''}: {rule}. "
-        "Call runtime.activate with one slot per row of this batch (activate(slots, lengths=...) expands them to "
-        "packed tokens), or runtime.activate(k) to run the whole batch with slot k."
+        "Call runtime.activate with one slot per row of this batch (a batch doubled for classifier-free guidance "
+        "needs the routing doubled too; activate(slots, lengths=...) expands the slots to packed tokens), or "
+        "runtime.activate(k) to run the whole batch with slot k."
     )
 
 

@@ -54,6 +54,7 @@ from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.layers import routing
 from lorahot.layers.base import LayerSpec, Shard
 from lorahot.layers.linear import LoRALinear
+from lorahot.layers.refusal import refuse
 from lorahot.layers.tensor_handles import ROUTES
 
 __all__ = ["ShardedLoRALinear", "is_sharded", "shard_of", "mesh_of"]
@@ -214,7 +215,10 @@ class ShardedLoRALinear(LoRALinear):
         route = ROUTES[self._plan[4]]
         if route is not None:  # one slot per row, from the slot views
             a, b, s, _ = self._slot_views()
-            routing.check_rows(x_local, route.shape[0], self.spec.kind, self.row_dims(x_local), self._describe())
+            length = route.shape[0]
+            misfit = routing.row_misfit(x_local, length, self.spec.kind, self.row_dims(x_local), self._describe())
+            if misfit is not None:  # the local base output as what the graph carries on with
+                return self._as_output(x, refuse(misfit, lambda: _local(self._base(x, *args, **kwargs))))
         else:
             a, b, s, _ = self._views()
         if self._plan[1] and not args and not kwargs:  # the fused kernels, on this rank's shards

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import numbers
 import operator
 import threading
 import weakref
@@ -19,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -112,7 +114,15 @@ class LoraRuntime:
             a, b = layer.live_views(a_rows, b_rows)
             # merged: base kernels only
             layer.bind(
-                a, b, scale, extras_view, handle=handle, fused=fused and not merged, state=self._state, extras=extras
+                a,
+                b,
+                scale,
+                extras_view,
+                handle=handle,
+                fused=fused and not merged,
+                state=self._state,
+                extras=extras,
+                path=name,
             )
         if fused and not merged:
             widen_layers(layers, buffers)
@@ -544,19 +554,22 @@ class LoraRuntime:
 
     @public_api
     def activate(
-        self, slot: int | Sequence[int] | torch.Tensor, *, lengths: Sequence[int] | torch.Tensor | None = None
+        self,
+        slot: int | Sequence[int] | torch.Tensor | np.ndarray,
+        *,
+        lengths: Sequence[int] | torch.Tensor | np.ndarray | None = None,
     ) -> None:
         """Chooses the adapter the model computes with: one slot for the whole batch, or one
         slot per row of the batch (a *mixed batch*).
 
         Args:
             slot: an int: every row computes with that slot (an empty slot means no adapter).
-                Or a sequence of ints or a 1-D integer tensor (any device), one per row: row
-                ``i`` computes with slot ``slot[i]``, ``-1`` with the base model only. A row is
-                a sequence of the batch: the input's first dimension (a conv's batch); for a
-                linear or an embedding, its leading dimensions split into equal groups, so
-                flattened tokens ``[B * T, in]`` follow their row, and one entry per token
-                routes packed input.
+                Or a sequence of ints, a 1-D integer tensor (any device) or array, one per row:
+                row ``i`` computes with slot ``slot[i]``, ``-1`` with the base model only. A row
+                is a sequence of the batch, the input's first dimension; for a linear or an
+                embedding also one entry per token, and with the tokens flattened to one
+                dimension (``[B * T, in]``) equal groups of them, rows outermost
+                (:mod:`lorahot.layers.routing`).
             lengths: with a sequence of slots: the number of tokens of each entry's row in a
                 packed input (rows concatenated along the tokens, ``[N, in]`` or ``[1, N]``
                 ids); each entry is repeated for its row's tokens.
@@ -570,19 +583,22 @@ class LoraRuntime:
 
         Raises:
             UsageError: a slot out of range (-1 .. slots - 1) or empty for a per-row routing;
-                a routing that is not a non-empty sequence of ints or 1-D integer tensor;
-                ``lengths`` not one count (int >= 0) per entry; a per-row routing in merged
+                a routing that is not a non-empty sequence of ints, 1-D integer tensor or array;
+                ``lengths`` not one count (int >= 0) per entry, or more than
+                :data:`~lorahot.runtime.routing.MAX_TOKENS` in all; a per-row routing in merged
                 mode (the adapter is folded into weights every row shares). Nothing changed.
-                A batch whose shape does not fit the routing raises when the model runs.
+                A batch that does not fit the routing raises when the model runs, compiled or
+                not (:mod:`lorahot.layers.refusal`).
         """
         self._check_usable()
-        if isinstance(slot, int) and lengths is not None:
+        per_row = isinstance(slot, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(slot, (str, bytes))
+        if not per_row and lengths is not None:
             raise UsageError(
                 f"lengths={lengths!r:.40} applies to a per-row routing (a sequence of slots), not to "
-                f"activate({slot!r})."
+                f"activate({slot!r:.40})."
             )
-        if not isinstance(slot, (Sequence, torch.Tensor)) or isinstance(slot, (str, bytes)):
-            slot = self._slot(slot)  # type: ignore[arg-type]  # an int, or the error saying what it must be
+        if not per_row:
+            slot = self._slot(slot)  # an int, or the error saying what it must be
             self.buffers.activate(slot)
             self._active = slot
             self._remerge(slot)
@@ -729,13 +745,16 @@ class LoraRuntime:
 
     # -- checks -----------------------------------------------------------------------------
 
-    def _slot(self, slot: int) -> int:
-        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.slots:
+    def _slot(self, slot: object) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, numbers.Integral):
+            raise UsageError(f"slot={slot!r:.60} is a {type(slot).__name__}; a slot is an int in 0..{self.slots - 1}.")
+        index = int(slot)
+        if not 0 <= index < self.slots:
             raise UsageError(
                 f"slot={slot!r} is out of range; this runtime has slots 0..{self.slots - 1} (inject(..., slots=N) "
                 "for more)."
             )
-        return slot
+        return index
 
     def _check_usable(self, *, placement: bool = True, every_layer: bool = False) -> None:
         """Raises :class:`UsageError` unless the runtime serves: not ejected, and (``placement``)

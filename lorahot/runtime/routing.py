@@ -7,6 +7,9 @@ entries, allocated the first time a routing of that length is set and written in
 after, under the arena's key in :data:`~lorahot.layers.tensor_handles.ROUTES`. The layers read
 it there (:mod:`lorahot.layers.routing`).
 
+The tensors of the :data:`KEPT_LENGTHS` lengths set most recently are kept (packed input makes
+each new total of tokens a new length); a length set again after that gets new ones.
+
 What a compiled model sees:
 
 - a new routing of the same length is new data in the same tensor: no recompile, and a
@@ -25,6 +28,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from lorahot.errors import UsageError, format_problems
@@ -34,7 +38,12 @@ from lorahot.layers.tensor_handles import ROUTES, SEGMENTS, WORKSPACES, publish_
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.staging import Staging
 
-__all__ = ["Routing", "check_routing"]
+__all__ = ["Routing", "check_routing", "KEPT_LENGTHS", "MAX_TOKENS"]
+
+#: the most tokens a packed routing (``activate(slots, lengths=...)``) spans: one forward's
+#: input, far above any batch a model runs at once
+MAX_TOKENS = 1 << 24
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def check_routing(
@@ -83,7 +92,16 @@ def check_routing(
 
 def _as_tensor(slots: object) -> torch.Tensor:
     """``slots`` as a host int64 ``[L]`` (L >= 1), or a :class:`UsageError` saying what it is."""
+    if isinstance(slots, np.ndarray):
+        if slots.dtype.kind not in "iu":
+            raise UsageError(
+                f"a routing array must be 1-D with an integer dtype (one slot per row), got {slots.dtype} of shape "
+                f"{slots.shape}; pass e.g. np.array([0, 2, -1]) or a list of ints."
+            )
+        slots = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64))
     if isinstance(slots, torch.Tensor):
+        if slots.is_meta:
+            raise UsageError("the routing tensor is on the meta device, so it has no values; pass real slot indices.")
         if slots.dim() != 1 or slots.is_floating_point() or slots.is_complex() or slots.dtype == torch.bool:
             raise UsageError(
                 f"a routing tensor must be 1-D with an integer dtype (one slot per row), got {slots.dtype} of shape "
@@ -101,7 +119,14 @@ def _as_tensor(slots: object) -> torch.Tensor:
                 f"routing entry {wrong[0]} is {slots[wrong[0]]!r:.40} ({type(slots[wrong[0]]).__name__}); each entry "
                 "is a slot index (an int), or -1 for the base model only."
             )
-        route = torch.tensor([int(v) for v in slots], dtype=torch.int64)
+        values = [int(v) for v in slots]
+        huge = [i for i, v in enumerate(values) if not _INT64[0] <= v <= _INT64[1]]
+        if huge:
+            raise UsageError(
+                f"routing entry {huge[0]} is {values[huge[0]]}, out of range; each entry is a slot index, or -1 for "
+                "the base model only."
+            )
+        route = torch.tensor(values, dtype=torch.int64)
     else:
         raise UsageError(
             "activate takes a slot (an int) for the whole batch, or a sequence or 1-D integer tensor of slots, one "
@@ -113,9 +138,13 @@ def _as_tensor(slots: object) -> torch.Tensor:
 
 
 def _lengths(lengths: object, rows: int) -> torch.Tensor:
-    """``lengths`` as a host int64 ``[rows]`` of token counts (>= 0, at least one token)."""
+    """``lengths`` as a host int64 ``[rows]`` of token counts (>= 0, at least one token, at
+    most :data:`MAX_TOKENS` in all)."""
+    if isinstance(lengths, np.ndarray):
+        lengths = torch.from_numpy(lengths) if lengths.dtype.kind in "iu" else None
     if isinstance(lengths, torch.Tensor):
-        values = lengths.detach().cpu().tolist() if lengths.dim() == 1 and not lengths.is_floating_point() else None
+        usable = lengths.dim() == 1 and not lengths.is_meta and not lengths.is_floating_point()
+        values = lengths.detach().cpu().tolist() if usable and not lengths.is_complex() else None
     elif isinstance(lengths, Sequence) and not isinstance(lengths, (str, bytes)):
         values = list(lengths)
     else:
@@ -124,13 +153,18 @@ def _lengths(lengths: object, rows: int) -> torch.Tensor:
         values is None
         or len(values) != rows
         or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0 for v in values)
-        or sum(values) == 0
+        or not 0 < sum(values) <= MAX_TOKENS
     ):
         raise UsageError(
             f"lengths={lengths!r:.80} must hold one token count (an int >= 0) per entry of the routing ({rows}), "
-            "with at least one token: the packed input's tokens, row after row."
+            f"with at least one token and at most {MAX_TOKENS} in all: the packed input's tokens, row after row."
         )
     return torch.tensor([int(v) for v in values], dtype=torch.int64)
+
+
+#: how many routing lengths a runtime keeps tensors for (the most recently set): packed input
+#: routes one entry per token, so each new total of tokens is a new length
+KEPT_LENGTHS = 16
 
 
 class Routing:
@@ -139,9 +173,10 @@ class Routing:
     def __init__(self, buffers: BufferManager) -> None:
         self._arenas = buffers.arenas
         self._slots = buffers.slots
-        #: (arena, length) -> its routing tensor, that routing grouped by slot, and the host
-        #: buffer both travel through
-        self._tensors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, Staging]] = {}
+        #: length -> per arena, its routing tensor, that routing grouped by slot, and the host
+        #: buffer both travel through; the most recently set length last, at most
+        #: :data:`KEPT_LENGTHS` of them
+        self._tensors: dict[int, list[tuple[torch.Tensor, torch.Tensor, Staging]]] = {}
         #: The routing in force (one slot per row, or per token with ``lengths``), or None.
         self.rows: tuple[int, ...] | None = None
 
@@ -153,17 +188,8 @@ class Routing:
         routed decode's zeroed workspace (:func:`lorahot.kernels.routed_linear.workspace`)."""
         length = route.shape[0]
         grouped = segments(route, self._slots)
-        for i, arena in enumerate(self._arenas):
-            found = self._tensors.get((i, length))
-            if found is None:
-                with torch.inference_mode(False):
-                    found = (
-                        torch.empty(length, dtype=torch.int64, device=arena.device),
-                        torch.empty(grouped.shape[0], dtype=torch.int64, device=arena.device),
-                        Staging(length + grouped.shape[0], torch.int64, arena.device),
-                    )
-                self._tensors[(i, length)] = found
-            target, segs, staging = found
+        kept = self._kept(length, grouped.shape[0])
+        for arena, (target, segs, staging) in zip(self._arenas, kept):
             host = staging.acquire().numpy()
             host[:length], host[length:] = route.numpy(), grouped.numpy()
             staging.send([(target, staging.buffer[:length]), (segs, staging.buffer[length:])])
@@ -172,6 +198,29 @@ class Routing:
                 with torch.inference_mode(False):
                     publish_workspace(arena.handle.key, workspace(arena.rank, arena.device))
         self.rows = tuple(route.tolist())
+
+    def _kept(self, length: int, grouped: int) -> list[tuple[torch.Tensor, torch.Tensor, Staging]]:
+        """Each arena's tensors for routings of ``length`` entries (``grouped`` entries grouped
+        by slot), made on first use; the least recently set length is dropped past
+        :data:`KEPT_LENGTHS`. Dropping is safe: the layers reach the routing in force through
+        :data:`~lorahot.layers.tensor_handles.ROUTES`, a compiled graph takes it as an input
+        (copied into a CUDA graph at each replay), and the allocators keep a buffer an upload
+        still reads until it is done."""
+        found = self._tensors.pop(length, None)
+        if found is None:
+            with torch.inference_mode(False):
+                found = [
+                    (
+                        torch.empty(length, dtype=torch.int64, device=arena.device),
+                        torch.empty(grouped, dtype=torch.int64, device=arena.device),
+                        Staging(length + grouped, torch.int64, arena.device),
+                    )
+                    for arena in self._arenas
+                ]
+            while len(self._tensors) >= KEPT_LENGTHS:
+                del self._tensors[next(iter(self._tensors))]
+        self._tensors[length] = found  # the most recent last
+        return found
 
     def clear(self) -> None:
         """Back to whole-batch mode: every layer reads the live region."""

@@ -172,7 +172,7 @@ def test_an_input_that_does_not_fit_the_routing_raises_naming_the_layer_and_shap
     model = _model()
     runtime = _runtime(model)
     runtime.activate([0, 1])
-    with pytest.raises(lorahot.UsageError, match=r"LoRALinear over Linear \(8 -> 6\): its input \(3, 3, 8\)"):
+    with pytest.raises(lorahot.UsageError, match=r"q \(LoRALinear over Linear \(8 -> 6\)\): its input \(3, 3, 8\)"):
         model(*_inputs(3))
     conv = nn.Sequential(nn.Conv2d(3, 4, 3))
     rt = lorahot.inject(conv, ["0"], max_rank=2)
@@ -180,6 +180,52 @@ def test_an_input_that_does_not_fit_the_routing_raises_naming_the_layer_and_shap
     rt.activate([0, 0])
     with pytest.raises(lorahot.UsageError, match="a conv routes its batch dimension"):
         conv(torch.randn(4, 3, 5, 5))
+
+
+@pytest.mark.parametrize(
+    ("shape", "length", "fits"),
+    [
+        ((4, 5, 8), 4, True),  # one entry per sequence
+        ((4, 2, 3, 8), 4, True),  # [B, H, T, d]: the batch first
+        ((20, 8), 4, True),  # tokens flattened, rows outermost: 5 tokens per entry
+        ((20, 8), 20, True),  # one entry per token
+        ((1, 20, 8), 20, True),  # packed input, one entry per token
+        ((4, 5, 8), 20, True),  # one entry per token of a batch
+        ((4, 5, 8), 2, False),  # a routing left from a batch of 2
+        ((8, 5, 8), 4, False),  # a batch doubled for classifier-free guidance, the routing not
+        ((5, 4, 8), 4, False),  # sequence-first input
+        ((1, 24, 8), 12, False),  # packed input whose lengths add up to 12 tokens
+        ((1, 20, 8), 4, False),  # packed input routed per sequence without lengths
+        ((21, 8), 4, False),  # flattened tokens that do not split into equal groups
+    ],
+)
+def test_a_linear_routes_its_batch_its_tokens_or_equal_groups_of_flattened_tokens_and_nothing_else(
+    shape: tuple[int, ...], length: int, fits: bool
+) -> None:
+    """What would give rows the wrong slots is refused, not split into equal groups."""
+    misfit = routing.row_misfit(torch.empty(shape), length, "linear", 1, "layer.q (LoRALinear)")
+    assert (misfit is None) is fits
+    if not fits:
+        assert misfit is not None and f"layer.q (LoRALinear): its input {shape}" in misfit
+        assert f"routing of {length} rows" in misfit and "classifier-free guidance" in misfit
+
+
+def test_a_batch_doubled_for_guidance_is_refused_and_the_doubled_routing_runs() -> None:
+    """A batch ``[uncond; cond]`` with the routing of the undoubled batch raises, naming the
+    layer; the routing doubled gives each half its rows' slots."""
+    model = _model()
+    runtime = _runtime(model)
+    inputs = _inputs(2)
+    doubled = tuple(torch.cat([t, t]) for t in inputs)
+    runtime.activate([0, 2])
+    with torch.no_grad(), pytest.raises(lorahot.UsageError, match=r"^q \(LoRALinear.*classifier-free guidance"):
+        model(*doubled)
+    runtime.activate([0, 2, 0, 2])
+    with torch.no_grad():
+        out = model(*doubled)
+    want = _alone(model, runtime, doubled, [0, 2, 0, 2])
+    for i, w in enumerate(want):
+        torch.testing.assert_close(out[i : i + 1], w, rtol=1e-12, atol=1e-12)
 
 
 def test_slot_geometry_spans_every_slot_region_but_the_live_one() -> None:

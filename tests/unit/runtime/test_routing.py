@@ -4,6 +4,7 @@ equals the per-row float64 reference."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -57,7 +58,13 @@ REFUSALS = [
     (torch.tensor([[0, 1]]), {}, r"1-D with an integer dtype .* got torch.int64 of shape \(1, 2\)"),
     (torch.tensor([0.0, 1.0]), {}, "got torch.float32"),
     (torch.tensor(1), {}, r"of shape \(\)"),
-    ("01", {}, "slot=.01. is out of range"),
+    ("01", {}, "slot=.01. is a str; a slot is an int"),
+    (None, {}, "slot=None is a NoneType; a slot is an int"),
+    (np.array([0.0, 1.0]), {}, "routing array must be 1-D with an integer dtype"),
+    (torch.empty(2, dtype=torch.int64, device="meta"), {}, "on the meta device"),
+    ([2**70], {}, r"routing entry 0 is 1180591620717411303424, out of range"),
+    ([0, 1], {"lengths": [2**40, 1]}, r"at most 16777216 in all"),
+    (np.int64(1), {"lengths": [3]}, r"applies to a per-row routing"),
     ([0, 1], {"lengths": [3]}, "one token count"),
     ([0, 1], {"lengths": [3, -1]}, "one token count"),
     ([0, 1], {"lengths": [0, 0]}, "at least one token"),
@@ -140,3 +147,33 @@ def test_any_routing_of_any_batch_equals_the_per_row_reference(route: list[int],
     for i, slot in enumerate(route):
         want = model_reference(reference, ids[i : i + 1], held[slot] if slot >= 0 else {})
         torch.testing.assert_close(out[i : i + 1], want, rtol=1e-10, atol=1e-10)
+
+
+def test_numpy_routings_and_slots_are_taken_as_their_ints() -> None:
+    _, runtime, _ = _runtime()
+    runtime.activate(np.array([1, -1, 0], dtype=np.int32))
+    assert runtime.routing == (1, -1, 0)
+    runtime.activate(np.int64(1))
+    assert runtime.routing is None and runtime.active_slot == 1
+
+
+def test_the_tensors_of_the_most_recent_lengths_are_kept_and_older_ones_dropped() -> None:
+    """Packed input makes each new token total a new routing length: the runtime keeps tensors
+    for the KEPT_LENGTHS lengths set last (a routing of one of them is written in place), and
+    a length dropped gets new tensors, with the right values, when it comes back."""
+    from lorahot.runtime.routing import KEPT_LENGTHS
+
+    _, runtime, _ = _runtime()
+    key = runtime.buffers.arenas[0].handle.key
+    runtime.activate([0, 1], lengths=[1, 1])
+    first = ROUTES[key]
+    for total in range(3, 3 + KEPT_LENGTHS - 1):  # the first length stays among the most recent
+        runtime.activate([0, 1], lengths=[1, total - 1])
+    runtime.activate([1, 0], lengths=[1, 1])
+    assert ROUTES[key] is first and first.tolist() == [1, 0]
+    for total in range(100, 100 + KEPT_LENGTHS):  # now it is dropped
+        runtime.activate([0, -1], lengths=[total - 1, 1])
+        assert ROUTES[key].tolist() == [0] * (total - 1) + [-1]
+    runtime.activate([-1, 1], lengths=[1, 1])
+    assert ROUTES[key] is not first and ROUTES[key].tolist() == [-1, 1]
+    assert runtime.routing == (-1, 1)

@@ -1,0 +1,53 @@
+"""Refusing a forward, eagerly or inside a compiled model, without breaking the compiled model.
+
+A layer refuses an input it cannot compute right (a batch that does not fit the routing in
+force) with :class:`~lorahot.errors.UsageError`. Eagerly that is a plain ``raise``. While
+``torch.compile`` traces the forward, a ``raise`` is an exception the compiler meets in the
+middle of a frame it is compiling: it gives up on that frame and runs it eagerly from then on,
+so every later call of the compiled model, with any input, recompiles the functions inside it
+one by one (as many as dynamo's recompile limit allows) instead of running the graphs it had.
+
+So under compilation :func:`refuse` traces the operator ``lorahot::refuse`` instead: the frame
+compiles, as a graph of its own guarded on the shapes that do not fit, and that graph raises
+the same ``UsageError`` each time it runs, before it returns anything. The graphs compiled for
+the inputs that do fit stay as they were. The operator is tagged so that CUDA graphs (mode
+``reduce-overhead``) do not capture the graph it is in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lorahot.errors import UsageError
+from lorahot.kernels.op_registry import define
+
+__all__ = ["refuse"]
+
+
+def _fake(like: torch.Tensor, message: str) -> torch.Tensor:
+    return torch.empty_like(like)
+
+
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@define("refuse(Tensor like, str message) -> Tensor", _fake, tags=_TAGS)
+def _refuse(like: torch.Tensor, message: str) -> torch.Tensor:
+    raise UsageError(message)
+
+
+def refuse(message: str, like: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Raises :class:`~lorahot.errors.UsageError` with ``message``: at once eagerly; under
+    ``torch.compile``, from the compiled graph each time it runs (see the module docstring).
+    ``like`` makes a tensor of the shape the refusing layer would have returned (its base
+    output), called only under compilation: what the graph carries on with while it is traced.
+
+    Raises:
+        UsageError: ``message``.
+    """
+    if torch.compiler.is_compiling():
+        out: torch.Tensor = torch.ops.lorahot.refuse(like(), message)
+        return out
+    raise UsageError(message)
