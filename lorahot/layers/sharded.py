@@ -228,11 +228,12 @@ class ShardedLoRALinear(LoRALinear):
         y = self._base(x, *args, **kwargs)
         y_local = _local(y)
         if self._reduced(y):
-            raise UsageError(
+            reduced = (
                 f"{self._describe()}: the row-parallel base output is already reduced ({y.placements}); lorahot adds "
                 "each rank's partial LoRA delta before the output hook's reduction and needs it Partial. Parallelize "
                 "with RowwiseParallel."
             )
+            return self._as_output(x, refuse(reduced, lambda: y_local))
         if route is not None:
             z = self.routed_sum(x_local, y_local, a, b, s, route)
         else:
