@@ -17,12 +17,14 @@ Which part of the layer's input is a "row" (:func:`row_misfit`):
   every leading position, one entry per token (``[1, N, in]`` with ``L = N``: packed
   variable-length input, see ``activate(..., lengths=...)``).
 
-Anything else (a routing left from a batch of another size, a batch doubled for
-classifier-free guidance with the routing not doubled, sequence-first input, packed input
-whose ``lengths`` do not add up to its tokens) would give rows the wrong slots, so it is
-refused with :class:`~lorahot.errors.UsageError` when the layer runs
-(:func:`lorahot.layers.refusal.refuse`: under ``torch.compile`` too, without breaking the
-compiled model for the inputs that fit).
+Anything else (a routing left from a batch of another size, a batch expanded after the
+routing was set, sequence-first input, packed input whose ``lengths`` do not add up to its
+tokens) could give rows the wrong slots, so it is refused. A batch of ``k * L`` rows may have
+been expanded either way: doubled for classifier-free guidance (``[uncond; cond]``, routed
+``slots + slots``) or with each row repeated in place (beam search, routed with each entry
+repeated); lorahot cannot tell which, so it asks for the routing as expanded. The refusal is
+a :class:`~lorahot.errors.UsageError` when the layer runs (:func:`lorahot.layers.refusal.refuse`:
+under ``torch.compile`` too, without breaking the compiled model for the inputs that fit).
 
 The rank-wide per-row scales ``s[route[i]]`` are zero on ``-1`` rows, so their update is exactly
 zero, and their extras (DoRA factor, LoRA bias) take the no-adapter values: such a row computes
