@@ -424,9 +424,9 @@ class LoRALayer(nn.Module):
         each row's slot (see :mod:`lorahot.layers.routing`)."""
         a, b, s, e = self._slot_views()
         length = route.shape[0]
-        misfit = routing.row_misfit(x, length, self.spec.kind, self.row_dims(x), self._describe())
-        if misfit is not None:
-            return refuse(misfit, lambda: self._base(x, *args, **kwargs))
+        if routing.row_misfit(x, length, self.spec.kind, self.row_dims(x)):
+            message = routing.misfit_message(self._describe(), self.spec.kind)
+            return refuse(message, lambda: self._base(x, *args, **kwargs), x, route)
         z = self.routed_fused(x, a, b, s, route) if not args and not kwargs else None
         if z is None:
             y: torch.Tensor = self._base(x, *args, **kwargs)

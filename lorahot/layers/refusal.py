@@ -9,14 +9,16 @@ one by one (as many as dynamo's recompile limit allows) instead of running the g
 
 So under compilation :func:`refuse` traces the operator ``lorahot::refuse`` instead: the frame
 compiles, as a graph of its own guarded on the shapes that do not fit, and that graph raises
-the same ``UsageError`` each time it runs, before it returns anything. The graphs compiled for
+the ``UsageError`` each time it runs, before it returns anything. The message names the shapes
+the graph runs on: the operator fills them in when it raises (under dynamic shapes they are
+symbols while the graph is traced, and formatting them there would break the graph). The graphs compiled for
 the inputs that do fit stay as they were. The operator is tagged so that CUDA graphs (mode
 ``reduce-overhead``) do not capture the graph it is in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,28 +28,40 @@ from lorahot.kernels.op_registry import define
 __all__ = ["refuse"]
 
 
-def _fake(like: torch.Tensor, message: str) -> torch.Tensor:
+def _fake(like: torch.Tensor, shaped: list[torch.Tensor], template: str) -> torch.Tensor:
     return torch.empty_like(like)
 
 
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
-@define("refuse(Tensor like, str message) -> Tensor", _fake, tags=_TAGS)
-def _refuse(like: torch.Tensor, message: str) -> torch.Tensor:
-    raise UsageError(message)
+def _message(template: str, shaped: Sequence[torch.Tensor]) -> str:
+    return template.format(*(tuple(t.shape) for t in shaped))
 
 
-def refuse(message: str, like: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Raises :class:`~lorahot.errors.UsageError` with ``message``: at once eagerly; under
-    ``torch.compile``, from the compiled graph each time it runs (see the module docstring).
-    ``like`` makes a tensor of the shape the refusing layer would have returned (its base
-    output), called only under compilation: what the graph carries on with while it is traced.
+@define("refuse(Tensor like, Tensor[] shaped, str template) -> Tensor", _fake, tags=_TAGS)
+def _refuse(like: torch.Tensor, shaped: list[torch.Tensor], template: str) -> torch.Tensor:
+    raise UsageError(_message(template, shaped))
+
+
+def refuse(template: str, like: Callable[[], torch.Tensor], *shaped: torch.Tensor) -> torch.Tensor:
+    """Raises :class:`~lorahot.errors.UsageError`: at once eagerly; under ``torch.compile``,
+    from the compiled graph each time it runs (see the module docstring).
+
+    Args:
+        template: the message, with ``{0}``, ``{1}``, ... standing for the shapes of
+            ``shaped`` (as tuples: ``{1[0]}`` is the first size of the second), filled in
+            when it is raised: under dynamic shapes a size is known only then. Other braces
+            doubled.
+        like: makes a tensor of the shape the refusing layer would have returned (its base
+            output), called only under compilation: what the graph carries on with while it
+            is traced.
+        shaped: the tensors whose shapes the message names.
 
     Raises:
-        UsageError: ``message``.
+        UsageError: the message.
     """
     if torch.compiler.is_compiling():
-        out: torch.Tensor = torch.ops.lorahot.refuse(like(), message)
+        out: torch.Tensor = torch.ops.lorahot.refuse(like(), list(shaped), template)
         return out
-    raise UsageError(message)
+    raise UsageError(_message(template, shaped))

@@ -6,7 +6,7 @@ means the base model only. A layer then reads every slot's region of the arena a
 *slot views*: ``A [slots, R, ...]``, ``B``, ``S [slots, R]``, extras ``[slots, 4, out, ...]``,
 rebuilt from the arena tensors like the live views) and gives each row its own slot's update.
 
-Which part of the layer's input is a "row" (:func:`row_misfit`):
+Which part of the layer's input is a "row" (:func:`row_misfit`, :func:`misfit_message`):
 
 - a convolution: its batch dimension, so ``x.shape[0] == L`` (batched input only);
 - a linear or an embedding: its leading dimensions (all but ``in`` for a linear, all for the
@@ -40,7 +40,7 @@ import math
 
 import torch
 
-__all__ = ["slot_geometry", "row_misfit", "row_scales"]
+__all__ = ["slot_geometry", "row_misfit", "misfit_message", "row_scales"]
 
 #: ``(shape, stride, storage offset)`` of a view of an arena tensor.
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]
@@ -59,9 +59,8 @@ def slot_geometry(view: torch.Tensor, root: torch.Tensor) -> Geometry:
     return (slots, *view.shape), (step, *view.stride()), int(view.storage_offset()) % step
 
 
-def row_misfit(x: torch.Tensor, length: int, kind: str, dims: int, what: str) -> str | None:
-    """Why ``x`` does not split into ``length`` routed rows (see the module docstring), as the
-    message of the :class:`~lorahot.errors.UsageError` to raise, or None where it does.
+def row_misfit(x: torch.Tensor, length: int, kind: str, dims: int) -> bool:
+    """Whether ``x`` does not split into ``length`` routed rows (see the module docstring).
 
     Args:
         x: the layer's input.
@@ -69,31 +68,34 @@ def row_misfit(x: torch.Tensor, length: int, kind: str, dims: int, what: str) ->
         kind: the layer kind (``"conv"`` routes the batch dimension only).
         dims: trailing dimensions that are not rows (1 for a linear's ``in``, 0 for ids, the
             channels and spatial dimensions for a conv).
-        what: the layer (its module path and kind), for the message.
     """
-    shape = tuple(x.shape)
-    leading = shape[: len(shape) - dims]
+    leading = tuple(x.shape)[: x.dim() - dims]
     if kind == "conv":
-        if len(leading) == 1 and leading[0] == length:
-            return None
-    elif leading and leading[0] == length:
-        return None
-    elif len(leading) == 1:
-        if leading[0] % length == 0:  # tokens flattened, rows outermost
-            return None
-    elif leading and math.prod(leading) == length:  # one entry per token
-        return None
+        return not (len(leading) == 1 and leading[0] == length)
+    if leading and leading[0] == length:
+        return False
+    if len(leading) == 1:
+        return leading[0] % length != 0  # tokens flattened, rows outermost
+    return not (leading and math.prod(leading) == length)  # one entry per token
+
+
+def misfit_message(what: str, kind: str) -> str:
+    """The message of the :class:`~lorahot.errors.UsageError` for an input that does not fit
+    the routing (:func:`row_misfit`), as a :func:`lorahot.layers.refusal.refuse` template:
+    ``{0}`` the input's shape, ``{1[0]}`` the routing's length. ``what``: the layer (its module
+    path and kind)."""
     rule = (
         "a conv routes its batch dimension, so its input must be batched with one row per entry"
         if kind == "conv"
         else "one entry per row of its first dimension (the batch), per token, or, with the tokens flattened to one "
         "dimension, per equal group of them, rows outermost"
     )
+    layer = what.replace("{", "{{").replace("}", "}}")
     return (
-        f"{what}: its input {shape} does not fit the routing of {length} row{'s' if length != 1 else ''}: {rule}. "
-        "Call runtime.activate with one slot per row of this batch (a batch doubled for classifier-free guidance "
-        "needs the routing doubled too; activate(slots, lengths=...) expands the slots to packed tokens), or "
-        "runtime.activate(k) to run the whole batch with slot k."
+        f"{layer}: its input {{0}} does not fit a routing of {{1[0]}} entries: {rule}. Call runtime.activate with one "
+        "slot per row of this batch (a batch expanded after the routing was set needs the routing expanded the same "
+        "way: doubled for classifier-free guidance, each entry repeated for beams; activate(slots, lengths=...) "
+        "expands the slots to packed tokens), or runtime.activate(k) to run the whole batch with slot k."
     )
 
 

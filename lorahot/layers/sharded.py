@@ -215,10 +215,10 @@ class ShardedLoRALinear(LoRALinear):
         route = ROUTES[self._plan[4]]
         if route is not None:  # one slot per row, from the slot views
             a, b, s, _ = self._slot_views()
-            length = route.shape[0]
-            misfit = routing.row_misfit(x_local, length, self.spec.kind, self.row_dims(x_local), self._describe())
-            if misfit is not None:  # the local base output as what the graph carries on with
-                return self._as_output(x, refuse(misfit, lambda: _local(self._base(x, *args, **kwargs))))
+            if routing.row_misfit(x_local, route.shape[0], self.spec.kind, self.row_dims(x_local)):
+                message = routing.misfit_message(self._describe(), self.spec.kind)
+                local = refuse(message, lambda: _local(self._base(x, *args, **kwargs)), x_local, route)
+                return self._as_output(x, local)  # the local base output as what the graph carries on with
         else:
             a, b, s, _ = self._views()
         if self._plan[1] and not args and not kwargs:  # the fused kernels, on this rank's shards
@@ -233,7 +233,7 @@ class ShardedLoRALinear(LoRALinear):
                 "each rank's partial LoRA delta before the output hook's reduction and needs it Partial. Parallelize "
                 "with RowwiseParallel."
             )
-            return self._as_output(x, refuse(reduced, lambda: y_local))
+            return self._as_output(x, refuse(reduced.replace("{", "{{").replace("}", "}}"), lambda: y_local))
         if route is not None:
             z = self.routed_sum(x_local, y_local, a, b, s, route)
         else:

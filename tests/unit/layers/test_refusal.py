@@ -14,12 +14,12 @@ from lorahot.layers.refusal import refuse
 from tests.helpers import make_adapter
 
 
-def test_eagerly_it_raises_at_once_without_computing_the_stand_in() -> None:
+def test_eagerly_it_raises_at_once_naming_the_shapes_without_computing_the_stand_in() -> None:
     def never() -> torch.Tensor:
         raise AssertionError("the stand-in is for tracing only")
 
-    with pytest.raises(lorahot.UsageError, match=r"^no$"):
-        refuse("no", never)
+    with pytest.raises(lorahot.UsageError, match=r"^no: \(2, 3\) \{literal\}$"):
+        refuse("no: {0} {{literal}}", never, torch.empty(2, 3))
 
 
 def _routed() -> tuple[nn.Module, lorahot.LoraRuntime]:
@@ -85,4 +85,26 @@ def test_gpu_reduce_overhead_refuses_a_misfit_and_replays_its_graph_after() -> N
         with dynamo.config.patch(error_on_recompile=True):
             rt.activate([0, -1, 0, 0])
             torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
+    dynamo.reset()
+
+
+def test_under_dynamic_shapes_the_message_names_the_shapes_of_each_call_and_the_graphs_stay() -> None:
+    """With the batch size symbolic, each refusal names its own call's shapes (filled in when
+    the graph raises), and a batch that fits afterwards runs with no recompile."""
+    dynamo.reset()
+    model, runtime = _routed()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+    with torch.no_grad():
+        for rows in (4, 6):
+            runtime.activate([0] * rows)
+            compiled(torch.randn(rows, 3, 8))
+        for rows, length in ((4, 3), (6, 5), (10, 7)):
+            runtime.activate([0] * length)
+            with pytest.raises(
+                lorahot.UsageError, match=rf"its input \({rows}, 3, 8\) does not fit a routing of {length} "
+            ):
+                compiled(torch.randn(rows, 3, 8))
+        with dynamo.config.patch(error_on_recompile=True):
+            runtime.activate([0, -1, 0, 0, 0])
+            compiled(torch.randn(5, 3, 8))
     dynamo.reset()

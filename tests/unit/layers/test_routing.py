@@ -11,6 +11,7 @@ from torch import nn
 
 import lorahot
 from lorahot.layers import routing
+from lorahot.layers.refusal import refuse
 from tests.helpers import Conv1D, ScaledEmbedding, make_adapter, token_ids
 
 DT = torch.float64
@@ -202,12 +203,15 @@ def test_an_input_that_does_not_fit_the_routing_raises_naming_the_layer_and_shap
 def test_a_linear_routes_its_batch_its_tokens_or_equal_groups_of_flattened_tokens_and_nothing_else(
     shape: tuple[int, ...], length: int, fits: bool
 ) -> None:
-    """What would give rows the wrong slots is refused, not split into equal groups."""
-    misfit = routing.row_misfit(torch.empty(shape), length, "linear", 1, "layer.q (LoRALinear)")
-    assert (misfit is None) is fits
-    if not fits:
-        assert misfit is not None and f"layer.q (LoRALinear): its input {shape}" in misfit
-        assert f"routing of {length} rows" in misfit and "classifier-free guidance" in misfit
+    """What would give rows the wrong slots is refused, not split into equal groups; the
+    message names the layer, the input's shape and the routing's length."""
+    x, route = torch.empty(shape), torch.zeros(length, dtype=torch.int64)
+    assert routing.row_misfit(x, length, "linear", 1) is not fits
+    with pytest.raises(lorahot.UsageError) as refused:
+        refuse(routing.misfit_message("layer.q (LoRALinear)", "linear"), lambda: x, x, route)
+    message = str(refused.value)
+    assert message.startswith(f"layer.q (LoRALinear): its input {shape} does not fit a routing of {length} entries")
+    assert "classifier-free guidance" in message
 
 
 def test_a_batch_doubled_for_guidance_is_refused_and_the_doubled_routing_runs() -> None:
