@@ -13,7 +13,8 @@ the ``UsageError`` each time it runs, before it returns anything. The message na
 the graph runs on: the operator fills them in when it raises (under dynamic shapes they are
 symbols while the graph is traced, and formatting them there would break the graph). The graphs compiled for
 the inputs that do fit stay as they were. The operator is tagged so that CUDA graphs (mode
-``reduce-overhead``) do not capture the graph it is in.
+``reduce-overhead``) do not capture the graph it is in, and marked as having a side effect, so
+that the compiler keeps it where nothing uses its result.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.fx
 
 from lorahot.errors import UsageError
 from lorahot.kernels.op_registry import define
@@ -42,6 +44,10 @@ def _message(template: str, shaped: Sequence[torch.Tensor]) -> str:
 @define("refuse(Tensor like, Tensor[] shaped, str template) -> Tensor", _fake, tags=_TAGS)
 def _refuse(like: torch.Tensor, shaped: list[torch.Tensor], template: str) -> torch.Tensor:
     raise UsageError(_message(template, shaped))
+
+
+# its result may go unused (a layer whose output only lends its shape): kept, not removed as dead code
+torch.fx.node.has_side_effect(torch.ops.lorahot.refuse.default)
 
 
 def refuse(template: str, like: Callable[[], torch.Tensor], *shaped: torch.Tensor) -> torch.Tensor:

@@ -93,13 +93,13 @@ def check_routing(
 def _as_tensor(slots: object) -> torch.Tensor:
     """``slots`` as a host int64 ``[L]`` (L >= 1), or a :class:`UsageError` saying what it is."""
     if isinstance(slots, np.ndarray):
-        if slots.dtype.kind not in "iu":
+        if slots.ndim != 1 or slots.dtype.kind not in "iu":
             raise UsageError(
                 f"a routing array must be 1-D with an integer dtype (one slot per row), got {slots.dtype} of shape "
                 f"{slots.shape}; pass e.g. np.array([0, 2, -1]) or a list of ints."
             )
-        slots = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64))
-    if isinstance(slots, torch.Tensor):
+        route = _exact(slots.tolist())  # Python ints: a uint64 does not wrap
+    elif isinstance(slots, torch.Tensor):
         if slots.is_meta:
             raise UsageError("the routing tensor is on the meta device, so it has no values; pass real slot indices.")
         if slots.dim() != 1 or slots.is_floating_point() or slots.is_complex() or slots.dtype == torch.bool:
@@ -107,7 +107,8 @@ def _as_tensor(slots: object) -> torch.Tensor:
                 f"a routing tensor must be 1-D with an integer dtype (one slot per row), got {slots.dtype} of shape "
                 f"{tuple(slots.shape)}; pass e.g. torch.tensor([0, 2, -1]) or a list of ints."
             )
-        route = slots.detach().to("cpu", torch.int64)
+        wide = slots.dtype not in _FITS_INT64
+        route = _exact(slots.detach().cpu().tolist()) if wide else slots.detach().to("cpu", torch.int64)
     elif isinstance(slots, Sequence) and not isinstance(slots, (str, bytes)):
         wrong = [  # a plain int passes at once: an ABC check per entry was half of activate's host time
             i
@@ -119,30 +120,39 @@ def _as_tensor(slots: object) -> torch.Tensor:
                 f"routing entry {wrong[0]} is {slots[wrong[0]]!r:.40} ({type(slots[wrong[0]]).__name__}); each entry "
                 "is a slot index (an int), or -1 for the base model only."
             )
-        values = [int(v) for v in slots]
-        huge = [i for i, v in enumerate(values) if not _INT64[0] <= v <= _INT64[1]]
-        if huge:
-            raise UsageError(
-                f"routing entry {huge[0]} is {values[huge[0]]}, out of range; each entry is a slot index, or -1 for "
-                "the base model only."
-            )
-        route = torch.tensor(values, dtype=torch.int64)
+        route = _exact([int(v) for v in slots])
     else:
         raise UsageError(
-            "activate takes a slot (an int) for the whole batch, or a sequence or 1-D integer tensor of slots, one "
-            f"per row; got {type(slots).__name__}."
+            "activate takes a slot (an int) for the whole batch, or a sequence, 1-D integer tensor or array of slots, "
+            f"one per row; got {type(slots).__name__}."
         )
     if route.numel() == 0:
         raise UsageError("the routing is empty; pass one slot per row of the batch (or activate(k) for all rows).")
     return route
 
 
+#: the integer dtypes whose every value an int64 holds
+_FITS_INT64 = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _exact(values: list[int]) -> torch.Tensor:
+    """Python ints as an int64 tensor, or a :class:`UsageError` naming the first that no slot
+    index can be (beyond int64: it would wrap)."""
+    huge = [i for i, v in enumerate(values) if not _INT64[0] <= v <= _INT64[1]]
+    if huge:
+        raise UsageError(
+            f"routing entry {huge[0]} is {values[huge[0]]}, out of range; each entry is a slot index, or -1 for the "
+            "base model only."
+        )
+    return torch.tensor(values, dtype=torch.int64)
+
+
 def _lengths(lengths: object, rows: int) -> torch.Tensor:
     """``lengths`` as a host int64 ``[rows]`` of token counts (>= 0, at least one token, at
     most :data:`MAX_TOKENS` in all)."""
     if isinstance(lengths, np.ndarray):
-        lengths = torch.from_numpy(lengths) if lengths.dtype.kind in "iu" else None
-    if isinstance(lengths, torch.Tensor):
+        values = lengths.tolist() if lengths.ndim == 1 and lengths.dtype.kind in "iu" else None
+    elif isinstance(lengths, torch.Tensor):
         usable = lengths.dim() == 1 and not lengths.is_meta and not lengths.is_floating_point()
         values = lengths.detach().cpu().tolist() if usable and not lengths.is_complex() else None
     elif isinstance(lengths, Sequence) and not isinstance(lengths, (str, bytes)):

@@ -60,6 +60,35 @@ def test_a_compiled_model_refuses_a_misfit_every_time_and_keeps_its_graphs(backe
     dynamo.reset()
 
 
+class _Unused(nn.Module):
+    """A model that feeds one layer a sequence-first view and uses only its output's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return self.a(x), self.b(x.transpose(0, 1)).shape[0]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_refusal_whose_result_nothing_uses_still_raises_when_compiled(backend: str) -> None:
+    """The refusing op is side-effecting: the compiler keeps it though the layer's output is
+    dead (only its shape read)."""
+    dynamo.reset()
+    torch.manual_seed(0)
+    model = _Unused().eval()
+    runtime = lorahot.inject(model, ["a", "b"], max_rank=2, slots=2)
+    runtime.load(make_adapter(model, {"a": 2, "b": 2}, seed=1)[0], slot=0)
+    runtime.activate([0, -1, 0, 0])
+    x = torch.randn(4, 3, 8)
+    with torch.no_grad():
+        for run in (model, torch.compile(model, backend=backend)):
+            with pytest.raises(lorahot.UsageError, match=r"^b \(LoRALinear.*its input \(3, 4, 8\)"):
+                run(x)
+    dynamo.reset()
+
+
 @pytest.mark.gpu
 def test_gpu_reduce_overhead_refuses_a_misfit_and_replays_its_graph_after() -> None:
     """Under CUDA graphs (the refusing graph is not captured: its op is tagged
