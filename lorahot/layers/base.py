@@ -487,7 +487,8 @@ class LoRALayer(nn.Module):
 
     def _describe(self) -> str:
         s = self.spec
-        kind = f"{type(self).__name__} over {type(self.base_layer).__name__} ({s.in_dim} -> {s.out_dim})"
+        local = " on this rank" if s.shard is not None else ""  # a tensor-parallel layer's spec is its shard's
+        kind = f"{type(self).__name__} over {type(self.base_layer).__name__} ({s.in_dim} -> {s.out_dim}{local})"
         return f"{self._path} ({kind})" if self._path else kind
 
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
