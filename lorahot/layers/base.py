@@ -422,11 +422,10 @@ class LoRALayer(nn.Module):
     def _routed_forward(self, x: torch.Tensor, route: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base output plus each row's own slot's update (and extras), ``route [L]`` giving
         each row's slot (see :mod:`lorahot.layers.routing`)."""
+        refused = self._misfit(x, route, lambda: self._base(x, *args, **kwargs))
+        if refused is not None:
+            return refused
         a, b, s, e = self._slot_views()
-        length = route.shape[0]
-        if routing.row_misfit(x, length, self.spec.kind, self.row_dims(x)):
-            message = routing.misfit_message(self._describe(), self.spec.kind)
-            return refuse(message, lambda: self._base(x, *args, **kwargs), x, route)
         z = self.routed_fused(x, a, b, s, route) if not args and not kwargs else None
         if z is None:
             y: torch.Tensor = self._base(x, *args, **kwargs)
@@ -434,6 +433,14 @@ class LoRALayer(nn.Module):
         if not self._plan[3]:  # extras
             return z
         return self._routed_extras(z, e, s, route)
+
+    def _misfit(self, x: torch.Tensor, route: torch.Tensor, like: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """None where ``x`` fits ``route`` (:func:`lorahot.layers.routing.row_misfit`); else the
+        refusal (:func:`lorahot.layers.refusal.refuse`, ``like`` the layer's base output), which
+        raises when it runs."""
+        if not routing.row_misfit(x, route.shape[0], self.spec.kind, self.row_dims(x)):
+            return None
+        return refuse(routing.misfit_message(self._describe(), self.spec.kind), like, x, route)
 
     def _routed_extras(self, z: torch.Tensor, e: torch.Tensor, s: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         """``f * (z + s[0] * lora_bias) + g`` with each row's own extras from the slot views

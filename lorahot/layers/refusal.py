@@ -27,7 +27,7 @@ import torch.fx
 from lorahot.errors import UsageError
 from lorahot.kernels.op_registry import define
 
-__all__ = ["refuse"]
+__all__ = ["refuse", "literal"]
 
 
 def _fake(like: torch.Tensor, shaped: list[torch.Tensor], template: str) -> torch.Tensor:
@@ -50,6 +50,11 @@ def _refuse(like: torch.Tensor, shaped: list[torch.Tensor], template: str) -> to
 torch.fx.node.has_side_effect(torch.ops.lorahot.refuse.default)
 
 
+def literal(text: str) -> str:
+    """``text`` as a :func:`refuse` template that names no shapes (its braces doubled)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 def refuse(template: str, like: Callable[[], torch.Tensor], *shaped: torch.Tensor) -> torch.Tensor:
     """Raises :class:`~lorahot.errors.UsageError`: at once eagerly; under ``torch.compile``,
     from the compiled graph each time it runs (see the module docstring).
@@ -58,7 +63,7 @@ def refuse(template: str, like: Callable[[], torch.Tensor], *shaped: torch.Tenso
         template: the message, with ``{0}``, ``{1}``, ... standing for the shapes of
             ``shaped`` (as tuples: ``{1[0]}`` is the first size of the second), filled in
             when it is raised: under dynamic shapes a size is known only then. Other braces
-            doubled.
+            doubled (:func:`literal`).
         like: makes a tensor of the shape the refusing layer would have returned (its base
             output), called only under compilation: what the graph carries on with while it
             is traced.

@@ -40,6 +40,8 @@ import math
 
 import torch
 
+from lorahot.layers.refusal import literal
+
 __all__ = ["slot_geometry", "row_misfit", "misfit_message", "row_scales"]
 
 #: ``(shape, stride, storage offset)`` of a view of an arena tensor.
@@ -90,12 +92,12 @@ def misfit_message(what: str, kind: str) -> str:
         else "one entry per row of its first dimension (the batch), per token, or, with the tokens flattened to one "
         "dimension, per equal group of them, rows outermost"
     )
-    layer = what.replace("{", "{{").replace("}", "}}")
     return (
-        f"{layer}: its input {{0}} does not fit a routing of {{1[0]}} entries: {rule}. Call runtime.activate with one "
-        "slot per row of this batch (a batch expanded after the routing was set needs the routing expanded the same "
-        "way: doubled for classifier-free guidance, each entry repeated for beams; activate(slots, lengths=...) "
-        "expands the slots to packed tokens), or runtime.activate(k) to run the whole batch with slot k."
+        f"{literal(what)}: its input {{0}} does not fit a routing of {{1[0]}} entries: {rule}. Call runtime.activate "
+        "with one slot per row of this batch (a batch expanded after the routing was set needs the routing expanded "
+        "the same way: doubled for classifier-free guidance, each entry repeated for beams; "
+        "activate(slots, lengths=...) expands the slots to packed tokens), or runtime.activate(k) to run the whole "
+        "batch with slot k."
     )
 
 

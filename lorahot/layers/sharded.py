@@ -51,10 +51,9 @@ from torch import nn
 from lorahot.errors import UsageError
 from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels import routed_lora as routed_kernel
-from lorahot.layers import routing
 from lorahot.layers.base import LayerSpec, Shard
 from lorahot.layers.linear import LoRALinear
-from lorahot.layers.refusal import refuse
+from lorahot.layers.refusal import literal, refuse
 from lorahot.layers.tensor_handles import ROUTES
 
 __all__ = ["ShardedLoRALinear", "is_sharded", "shard_of", "mesh_of"]
@@ -214,11 +213,10 @@ class ShardedLoRALinear(LoRALinear):
         x_local = _local(x)
         route = ROUTES[self._plan[4]]
         if route is not None:  # one slot per row, from the slot views
+            refused = self._misfit(x_local, route, lambda: _local(self._base(x, *args, **kwargs)))
+            if refused is not None:  # the local base output as what the graph carries on with
+                return self._as_output(x, refused)
             a, b, s, _ = self._slot_views()
-            if routing.row_misfit(x_local, route.shape[0], self.spec.kind, self.row_dims(x_local)):
-                message = routing.misfit_message(self._describe(), self.spec.kind)
-                local = refuse(message, lambda: _local(self._base(x, *args, **kwargs)), x_local, route)
-                return self._as_output(x, local)  # the local base output as what the graph carries on with
         else:
             a, b, s, _ = self._views()
         if self._plan[1] and not args and not kwargs:  # the fused kernels, on this rank's shards
@@ -233,7 +231,7 @@ class ShardedLoRALinear(LoRALinear):
                 "each rank's partial LoRA delta before the output hook's reduction and needs it Partial. Parallelize "
                 "with RowwiseParallel."
             )
-            return self._as_output(x, refuse(reduced.replace("{", "{{").replace("}", "}}"), lambda: y_local))
+            return self._as_output(x, refuse(literal(reduced), lambda: y_local))
         if route is not None:
             z = self.routed_sum(x_local, y_local, a, b, s, route)
         else:

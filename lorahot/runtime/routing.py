@@ -43,7 +43,7 @@ __all__ = ["Routing", "check_routing", "KEPT_LENGTHS", "MAX_TOKENS"]
 #: the most tokens a packed routing (``activate(slots, lengths=...)``) spans: one forward's
 #: input, far above any batch a model runs at once
 MAX_TOKENS = 1 << 24
-_INT64 = (-(1 << 63), (1 << 63) - 1)
+_INT64 = (torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max)
 
 
 def check_routing(
