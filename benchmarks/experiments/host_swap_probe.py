@@ -15,7 +15,9 @@ separately and prints their spread:
 
 The swap suite's workload (TinyLlama shape, 154 layers, ``max_rank`` 64), its adapters of ranks
 16, 64 and 8 loaded once from file first, as the suite does. ``PROBE_LOADS`` loads per rank (200)
-and ``PROBE_RANKS`` (``8``). Run it in a few processes to compare them:
+and ``PROBE_RANKS`` (``8``). ``PROBE_PROFILE=1`` then profiles the loads on the host: cProfile's
+functions by their own time, and the profiler's operators by their own host time. Run it in a
+few processes to compare them:
 
     PYTHONPATH=. python3 -m benchmarks.experiments.host_swap_probe
 """
@@ -85,11 +87,42 @@ def main() -> None:
         dst = torch.empty(data.numel(), dtype=torch.uint8, device=device)
         floor = timed(lambda: dst.copy_(data, non_blocking=True), loads, device)
         ours = timed(lambda: runtime.load(prepared), loads, device)
-        print(f"r{rank}: {data.numel() / 1e6:.1f} MB pinned={data.is_pinned()}")
+        replays = getattr(getattr(runtime, "_load_replay", None), "replays", None)
+        print(f"r{rank}: {data.numel() / 1e6:.1f} MB pinned={data.is_pinned()}, graph replays {replays}")
         for part in ("host", "device", "total", "gpu"):
             if ours[part]:
                 print(f"  {part:7s} load {spread(ours[part]):>36s}   floor {spread(floor[part]):>36s}")
         print(f"  median total over floor: {statistics.median(ours['total']) / statistics.median(floor['total']):.2f}x")
+        if os.environ.get("PROBE_PROFILE"):
+            profile(lambda: runtime.load(prepared), loads, device)
+
+
+def profile(fn: Callable[[], object], loads: int, device: torch.device) -> None:
+    """Prints where ``loads`` calls of ``fn`` spend host time: cProfile's top functions by their
+    own time, then the profiler's operators by their own host time (per call, us)."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(loads):
+        fn()
+    prof.disable()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as trace:
+        for _ in range(loads):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for event in sorted(trace.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]:
+        print(
+            f"  {event.key[:48]:48s} {event.count / loads:5.1f} calls {event.self_cpu_time_total / loads:8.1f} us self"
+        )
 
 
 if __name__ == "__main__":

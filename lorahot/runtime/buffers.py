@@ -462,7 +462,7 @@ class Arena:
         """
         a, b, s = self._region[region]
         with torch.no_grad():
-            if max(self.a_extent[region], self.b_extent[region]) > pack.cover:
+            if self.needs_zero(region, pack):
                 a.zero_()
                 b.zero_()
             if pack.rows is not None:
@@ -488,7 +488,18 @@ class Arena:
                 list(staged[pack.extra_bytes[0] : pack.extra_bytes[1]].view(self.E.dtype).split(sizes)) if sizes else []
             )
             self._write_extras(region, pack.extra_rows, srcs)
+        self.wrote(region, pack)
+
+    def needs_zero(self, region: int, pack: Pack) -> bool:
+        """Whether :meth:`write` of ``pack`` into ``region`` zeroes it first: rows of the
+        region's last adapter lie beyond what the pack overwrites."""
+        return max(self.a_extent[region], self.b_extent[region]) > pack.cover
+
+    def wrote(self, region: int, pack: Pack) -> None:
+        """The host's record of ``region`` after :meth:`write` of ``pack`` (its extents, and
+        whether its extras differ from the defaults), without the device work."""
         self.a_extent[region], self.b_extent[region] = pack.a_rows, pack.b_rows
+        self.e_dirty[region] = bool(pack.extra_rows)
 
     def _grid(self, which: int, region: int, rows: Rows) -> torch.Tensor:
         """``region`` of A (``which`` 0) or B (1) viewed as rows of ``rows.unit`` elements,
@@ -634,6 +645,10 @@ class Arena:
         with torch.no_grad():
             for t in (self.A, self.B, self.S, self.E):
                 t[dst].copy_(t[src])
+        self.copied(src, dst)
+
+    def copied(self, src: int, dst: int) -> None:
+        """The host's record of ``dst`` after :meth:`copy_region` from ``src``, without the device work."""
         self.a_extent[dst], self.b_extent[dst] = self.a_extent[src], self.b_extent[src]
         self.e_dirty[dst] = self.e_dirty[src]
 
@@ -720,20 +735,37 @@ class BufferManager:
         *,
         live: bool,
         upload: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        staged: list[torch.Tensor] | None = None,
     ) -> None:
         """Copies one pack per arena into ``slot``, and into the live region if ``live``.
         ``upload(k, data)``, where given, puts arena ``k``'s pinned pack on the device in a
-        buffer the caller keeps (:meth:`Arena.stage`).
+        buffer the caller keeps (:meth:`Arena.stage`); ``staged``, where given, is what
+        :meth:`stage` returned for these packs.
 
         Every pack is staged on its device first, so a failed allocation changes nothing."""
-        staged = [
-            arena.stage(pack, None if upload is None else functools.partial(upload, k))
-            for k, (arena, pack) in enumerate(zip(self.arenas, packs))
-        ]
+        if staged is None:
+            staged = self.stage(packs, upload)
         for arena, pack, data in zip(self.arenas, packs, staged):
             arena.write(slot, pack, data, multiplier)
             if self.mirrors(slot, live):
                 arena.copy_region(slot, self.live)
+
+    def stage(
+        self, packs: list[Pack], upload: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """Each arena's pack on its device (:meth:`Arena.stage`; ``upload`` as for :meth:`write`)."""
+        return [
+            arena.stage(pack, None if upload is None else functools.partial(upload, k))
+            for k, (arena, pack) in enumerate(zip(self.arenas, packs))
+        ]
+
+    def wrote(self, slot: int, packs: list[Pack], live: bool) -> None:
+        """The host's record of the arenas after :meth:`write` of ``packs``, without the device
+        work (which a replayed CUDA graph did: :mod:`lorahot.runtime.load_replay`)."""
+        for arena, pack in zip(self.arenas, packs):
+            arena.wrote(slot, pack)
+            if self.mirrors(slot, live):
+                arena.copied(slot, self.live)
 
     def write_staged(
         self,

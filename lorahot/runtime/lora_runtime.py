@@ -47,6 +47,7 @@ from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from lorahot.runtime.dora import DoraFactors
 from lorahot.runtime.info import AdapterInfo, PartInfo
+from lorahot.runtime.load_replay import LoadReplay
 from lorahot.runtime.merge import Merger
 from lorahot.runtime.plan import (
     Checked,
@@ -130,6 +131,7 @@ class LoraRuntime:
             stacked_shrinks.install()
         self._wide = WideWeights(layers, buffers)
         self._replay = ScaleReplay(buffers, self._wide)
+        self._load_replay = LoadReplay(buffers, self._wide)
         #: the last stack whose weights were range-checked, and its limits (:meth:`_within_range`)
         self._ranges: tuple[weakref.ref[Stack], list[list[tuple[float, float]]]] | None = None
         self._routing = Routing(buffers)
@@ -276,17 +278,18 @@ class LoraRuntime:
         checked = self._agreed(lambda: self._check_load(source, slot, scale, read_kwargs), "load")
         slot, adapters, stack, weights, listed, write = checked
         live = slot == self._active
-        write(live)
+        refreshed = write(live)
         self._refresh_dora(slot, stack.dora, live)
         self._stacks[slot], self._weights[slot] = stack, weights
         info = self._info(slot, adapters, stack, weights, listed)
         self._infos[slot] = info
-        self._remerge(slot)
+        if not refreshed:  # a replayed load (lorahot.runtime.load_replay) refreshed the wide rows itself
+            self._remerge(slot)
         return info
 
     def _check_load(
         self, source: One | Sequence[One], slot: int, scale: float | Sequence[float], read_kwargs: dict[str, Any]
-    ) -> tuple[int, list[Adapter], Stack, tuple[float, ...], bool, Callable[[bool], None]]:
+    ) -> tuple[int, list[Adapter], Stack, tuple[float, ...], bool, Callable[[bool], bool]]:
         """Every check of a load, nothing written: the slot, the adapters, the stack, the
         weights, whether a list was given, and the write (given whether the slot is live)."""
         slot = self._slot(slot)
@@ -297,15 +300,24 @@ class LoraRuntime:
         self._check_usable(every_layer=any(p is None for p in found))  # every layer: cheap next to reading a file
         prepared = found[0]
         if len(found) == 1 and prepared is not None:  # from the host cache: one copy per arena
-            stack = Stack.of(prepared.plan, self.max_rank)
-            self._check_scales(stack, weights)
             packs = prepared.packs
-
             buffers = self._read_buffers
             upload = buffers.upload if buffers is not None and buffers.device.type == "cuda" else None
+            # on CUDA the upload first, into the read buffers (nothing the model reads), so that
+            # the checks below run while it is under way
+            staged = self.buffers.stage(packs, upload) if upload is not None else None
+            stack = Stack.of(prepared.plan, self.max_rank)
+            self._check_scales(stack, weights)
 
-            def write_packs(live: bool) -> None:  # on CUDA through the read buffers: no allocation
-                self.buffers.write(slot, packs, weights[0], live=live, upload=upload)
+            def write_packs(live: bool) -> bool:  # on CUDA through the read buffers: no allocation
+                nonlocal staged
+                if staged is None:
+                    staged = self.buffers.stage(packs, upload)
+                merged = self._merger is not None
+                if upload is not None and self._load_replay(slot, live, packs, staged, weights[0], stack, merged):
+                    return True  # the writes and the wide refresh as one graph replay
+                self.buffers.write(slot, packs, weights[0], live=live, staged=staged)
+                return False
 
             return slot, [prepared.adapter], stack, weights, listed, write_packs
         adapters, parts, fresh = [], [], []
@@ -318,7 +330,7 @@ class LoraRuntime:
         stack, placement = build(parts, self.buffers)
         self._check_scales(stack, weights)
 
-        def write_staged(live: bool) -> None:
+        def write_staged(live: bool) -> bool:
             self.buffers.write_staged(
                 slot,
                 placement.entries,
@@ -330,6 +342,7 @@ class LoraRuntime:
             if self._read_buffers is not None:  # the arena holds the values; the read buffers are reused
                 for plan in fresh:
                     forget_values(plan)
+            return False
 
         return slot, adapters, stack, weights, listed, write_staged
 

@@ -219,6 +219,22 @@ class WideWeights:
             out.append((scaler, self.buffers.arenas[a].S[self.buffers.live], rows))
         return out
 
+    def replayable(self) -> bool:
+        """Whether :meth:`apply` for a live adapter is device launches alone, with no value the
+        host computes: every arena with wide layers has its :class:`RowScaler` and its copier
+        (CUDA with Triton). A captured CUDA graph can then replay it
+        (:mod:`lorahot.runtime.load_replay`)."""
+        return all(
+            self._scalers[a] is not None and self._copiers[a] is not None
+            for a, (indices, _, _) in enumerate(self.groups)
+            if indices
+        )
+
+    def spans(self, a_rows: Sequence[int]) -> tuple[int, ...]:
+        """The rows :meth:`apply` rewrites per arena once the live region's A extents are
+        ``a_rows`` (one per arena); 0 where an arena has no wide layer."""
+        return tuple(max(self.extent[a], a_rows[a]) if self.groups[a][0] else 0 for a in range(len(self.groups)))
+
     def settle(self) -> None:
         """After :meth:`device_calls` ran: the wide rows now hold the live adapter's."""
         for a, (indices, _, _) in enumerate(self.groups):
