@@ -290,22 +290,24 @@ class LoraRuntime:
     def _check_load(
         self, source: One | Sequence[One], slot: int, scale: float | Sequence[float], read_kwargs: dict[str, Any]
     ) -> tuple[int, list[Adapter], Stack, tuple[float, ...], bool, Callable[[bool], bool]]:
-        """Every check of a load, nothing written: the slot, the adapters, the stack, the
-        weights, whether a list was given, and the write (given whether the slot is live)."""
+        """Every check of a load, nothing written (a prepared adapter's upload into the read
+        buffers starts here, beside the checks: the model reads nothing there): the slot, the
+        adapters, the stack, the weights, whether a list was given, and the write (given
+        whether the slot is live)."""
         slot = self._slot(slot)
         sources, listed = parts_of(source)
         weights = weights_of(scale, len(sources)) if listed else (multiplier(scale),)
         check_read_options(read_kwargs, self.components)
         found = [self._cached(s, read_kwargs) for s in sources]
+        prepared = found[0] if len(found) == 1 else None
+        buffers = self._read_buffers
+        upload = buffers.upload if buffers is not None and buffers.device.type == "cuda" else None
+        # from the host cache on CUDA: the upload first, into the read buffers (nothing the
+        # model reads), so that the checks run while it is under way
+        staged = self.buffers.stage(prepared.packs, upload) if prepared is not None and upload is not None else None
         self._check_usable(every_layer=any(p is None for p in found))  # every layer: cheap next to reading a file
-        prepared = found[0]
-        if len(found) == 1 and prepared is not None:  # from the host cache: one copy per arena
+        if prepared is not None:  # from the host cache: one copy per arena
             packs = prepared.packs
-            buffers = self._read_buffers
-            upload = buffers.upload if buffers is not None and buffers.device.type == "cuda" else None
-            # on CUDA the upload first, into the read buffers (nothing the model reads), so that
-            # the checks below run while it is under way
-            staged = self.buffers.stage(packs, upload) if upload is not None else None
             stack = Stack.of(prepared.plan, self.max_rank)
             self._check_scales(stack, weights)
 
