@@ -26,7 +26,7 @@ import torch
 from benchmarks import diffusion, forward, mixed, rows, stack, swap
 from benchmarks.common import COMPILE_CONFIGS, RESULTS, ROW_CONFIGS, device_name, merge_results, split_fields
 from benchmarks.workload import RANKS, build
-from lorahot.kernels import pdl
+from lorahot.kernels import pdl, routed_linear
 
 
 def summary(raw: dict[str, Any]) -> dict[str, Any]:
@@ -176,11 +176,21 @@ def main(argv: list[str] | None = None) -> int:
         help="lorahot's kernels not launched early (lorahot.kernels.pdl, on by default; LORAHOT_PDL=0 for "
         "worker processes); the mixed suite's figures under mixed_batch_nopdl_* in the run file only",
     )
+    parser.add_argument(
+        "--routed-accumulate",
+        action="store_true",
+        help="routed layers above the fused path's rows write the slots' updates first and let the base GEMM "
+        "accumulate onto them (lorahot.kernels.routed_linear.ACCUMULATE, off by default); the mixed suite's "
+        "figures under mixed_batch_accumulate_* in the run file only",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
     if args.no_pdl:
         os.environ["LORAHOT_PDL"] = "0"
         pdl.ENABLED = False
+    if args.routed_accumulate:
+        os.environ["LORAHOT_ROUTED_ACCUMULATE"] = "1"
+        routed_linear.ACCUMULATE = True
     start = time.perf_counter()
 
     import peft
@@ -198,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "peft": peft.__version__,
         "pdl": pdl.ENABLED,
+        "routed_accumulate": routed_linear.ACCUMULATE,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "workload": "small 2-layer Llama" if args.small else "TinyLlama-1.1B shape, 154 LoRA layers",
@@ -230,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             w,
             args.repeat,
             small=args.small,
-            variant="nopdl" if args.no_pdl else None,
+            variant="_".join(v for v, on in (("nopdl", args.no_pdl), ("accumulate", args.routed_accumulate)) if on)
+            or None,
         ),
         "rows": lambda: (
             rows.run_parallel(

@@ -17,9 +17,14 @@ entry (256), in a CUDA graph over 22 weight sets, us per call:
 - ``pair d1`` / ``pair d8``: the base GEMM, then the segmented pair, routes over 1 and 8 slots
   (what the layer runs now);
 - ``shrink``: the fused path's first part alone (the zero fill and the segmented shrink, d8);
-- for each (BLOCK_M, BLOCK_N, warps, stages) of :data:`CONFIGS`: the fused path (the shrink,
-  then the fused kernel, its K split by ``config_for``'s rule), d1 and d8; each checked against
-  the pair's output first.
+- ``acc d1`` / ``acc d8``: the accumulated form (``routed_linear._accumulated``: the pair
+  writing each row's update alone, then cuBLAS's GEMM accumulating onto it with ``beta = 1``),
+  checked against the pair's output first;
+- with ``PROBE_SWEEP=1``, for each (BLOCK_M, BLOCK_N, warps, stages) of :data:`CONFIGS`: the
+  fused path (the shrink, then the fused kernel, its K split by ``config_for``'s rule), d1 and
+  d8; each checked against the pair's output first. Measured in the fifteenth session
+  (``runs/20261201T140231-prefill-probe.log``): no configuration beat the pair, the Triton base
+  product running 1.2-1.3x cuBLAS's GEMM.
 
     PYTHONPATH=. python3 -m benchmarks.experiments.prefill_probe
 """
@@ -32,7 +37,7 @@ import torch
 
 from benchmarks.experiments.forward_probe import graph_us
 from benchmarks.experiments.routed_probe import SETS, SHAPES, SLOTS, weight_sets
-from lorahot.kernels import routed_lora
+from lorahot.kernels import routed_linear, routed_lora
 from lorahot.kernels import triton_lora_linear as F
 from lorahot.kernels import triton_routed_lora as T
 
@@ -63,9 +68,9 @@ def config(m: int, n: int, k: int, bm: int, bn: int, warps: int, stages: int) ->
 def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(f"{M} rows, {T_ROWS} per routing entry, {SLOTS} slots, rank 64, us per call")
-    head = ["base", "wide", "pair d1", "pair d8", "shrink"] + [
-        f"{c[0]}x{c[1]}w{c[2]}s{c[3]} d{d}" for c in CONFIGS for d in (1, 8)
-    ]
+    sweep = CONFIGS if os.environ.get("PROBE_SWEEP") == "1" else []
+    head = ["base", "wide", "pair d1", "pair d8", "shrink", "acc d1", "acc d8"]
+    head += [f"{c[0]}x{c[1]}w{c[2]}s{c[3]} d{d}" for c in sweep for d in (1, 8)]
     print(f"{'shape':8s} " + " ".join(f"{h:>18s}" for h in head))
     for name, (k, n) in SHAPES.items():
         w, a, bt, s, x = weight_sets(k, n, M, dev, dt)
@@ -99,10 +104,22 @@ def main() -> None:
             for wi, ai, bi in zip(w, a, bt):
                 F.launch(x, wi, None, ai, bi, s, out, cfg, routing=(grouped[d], routes[d], T_ROWS, None))
 
+        def accumulated(d: int) -> None:
+            for wi, ai, bi in zip(w, a, bt):
+                routed_linear._accumulated(x, wi, None, ai, bi, s, routes[d], grouped[d])
+
         row = [graph_us(f, SETS) for f in (base, wide_single)]
         row += [graph_us(lambda d=d: pair(d), SETS) for d in (1, 8)]
         row += [graph_us(shrink_only, SETS)]
-        for c in CONFIGS:
+        for d in (1, 8):  # the first weight set against the pair's output
+            out.fill_(float("nan"))
+            T.launch(x, x @ w[0].T, a[0], bt[0], s, routes[d], out, gather=False, segs=grouped[d])
+            got = routed_linear._accumulated(x, w[0], None, a[0], bt[0], s, routes[d], grouped[d])
+            ok = torch.allclose(got, out, rtol=3e-2, atol=3e-2)
+            if not ok:
+                print(f"  {name} accumulated d{d}: differs from the pair by {(got - out).abs().max().item():.3g}")
+            row.append(graph_us(lambda d=d: accumulated(d), SETS) if ok else float("nan"))
+        for c in sweep:
             cfg = config(M, n, k, *c)
             for d in (1, 8):  # the first weight set against the pair's output
                 out.fill_(float("nan"))

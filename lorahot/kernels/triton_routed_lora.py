@@ -189,11 +189,11 @@ def _tile_shrink(
 
 @triton.jit
 def _segment_expand(
-    Y, H, BT, SEG, OUT,
+    Y, H, BT, SEG, OUT, BIAS,
     M, N, R, SLOTS, T,
     stride_ym, stride_hm, stride_bs, stride_br, stride_om,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS_PAD: tl.constexpr,
-    PARTIALS: tl.constexpr,
+    PARTIALS: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     """One tile of rows, a share of N's tiles: ``out = y + h @ Bt_slot`` per output tile, or
     ``out = y`` for the rows of no slot. The slot test sits outside the loops, so the loop with
@@ -201,7 +201,11 @@ def _segment_expand(
     with the test inside, neither), and each output tile's ``y`` is loaded one iteration
     ahead, before the dot that waits on it: at 2048 rows over 8 adapters on an H200 the pair went
     from 20.6 / 12.9 / 40.2 / 27.4 us (q-o / k-v / gate-up / down) to 18.4 / 12.5 / 31.4 / 24.6
-    (``benchmarks/experiments/segment_sweep.py``, ``runs/20261130T211252-segment-sweep.json``)."""
+    (``benchmarks/experiments/segment_sweep.py``, ``runs/20261130T211252-segment-sweep.json``).
+
+    Without ``HAS_Y`` there is no base output to read: ``out = h @ Bt_slot`` (plus the bias
+    with ``HAS_BIAS``), and the bias alone (or zeros) for the rows of no slot, for a GEMM to
+    accumulate onto (see :func:`launch`)."""
     slot, rows, m_ok, past = _segment_rows(SEG, tl.program_id(0), SLOTS, T, BLOCK_M, SLOTS_PAD)
     if past:
         return
@@ -212,34 +216,60 @@ def _segment_expand(
         r_ok = rr < R
         hb = _tile_shrink(H, rows, m_ok, M, R, stride_hm, R_PAD, BLOCK_M, PARTIALS).to(BT.dtype.element_ty)
         bt_base = BT + slot.to(tl.int64) * stride_bs
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        y_next = tl.load(Y + rows[:, None] * stride_ym + rn[None, :], mask=m_ok[:, None] & (rn < N)[None, :], other=0.0)
-        for nt in range(tl.program_id(1), n_tiles, step):  # this program's share of N
-            rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = rn < N
-            y_cur = y_next
-            ahead = rn + step * BLOCK_N  # the next tile's y, loaded before this tile's dot
+        if HAS_Y:
+            rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             y_next = tl.load(
-                Y + rows[:, None] * stride_ym + ahead[None, :], mask=m_ok[:, None] & (ahead < N)[None, :], other=0.0
+                Y + rows[:, None] * stride_ym + rn[None, :], mask=m_ok[:, None] & (rn < N)[None, :], other=0.0
             )
-            bt = tl.load(bt_base + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(hb, bt, y_cur.to(tl.float32))
-            tl.store(
-                OUT + rows[:, None] * stride_om + rn[None, :],
-                acc.to(OUT.dtype.element_ty),
-                mask=m_ok[:, None] & n_ok[None, :],
-            )
-    else:  # the rows of no slot: out = y
+            for nt in range(tl.program_id(1), n_tiles, step):  # this program's share of N
+                rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_ok = rn < N
+                y_cur = y_next
+                ahead = rn + step * BLOCK_N  # the next tile's y, loaded before this tile's dot
+                y_next = tl.load(
+                    Y + rows[:, None] * stride_ym + ahead[None, :], mask=m_ok[:, None] & (ahead < N)[None, :], other=0.0
+                )
+                bt = tl.load(
+                    bt_base + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0
+                )
+                acc = tl.dot(hb, bt, y_cur.to(tl.float32))
+                tl.store(
+                    OUT + rows[:, None] * stride_om + rn[None, :],
+                    acc.to(OUT.dtype.element_ty),
+                    mask=m_ok[:, None] & n_ok[None, :],
+                )
+        else:
+            for nt in range(tl.program_id(1), n_tiles, step):
+                rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_ok = rn < N
+                bt = tl.load(
+                    bt_base + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0
+                )
+                acc = tl.dot(hb, bt)
+                if HAS_BIAS:
+                    acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                tl.store(
+                    OUT + rows[:, None] * stride_om + rn[None, :],
+                    acc.to(OUT.dtype.element_ty),
+                    mask=m_ok[:, None] & n_ok[None, :],
+                )
+    else:  # the rows of no slot: out = y (or the bias, or zeros)
         for nt in range(tl.program_id(1), n_tiles, step):
             rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
             mask = m_ok[:, None] & (rn < N)[None, :]
-            v = tl.load(Y + rows[:, None] * stride_ym + rn[None, :], mask=mask, other=0.0)
+            if HAS_Y:
+                v = tl.load(Y + rows[:, None] * stride_ym + rn[None, :], mask=mask, other=0.0)
+            elif HAS_BIAS:
+                b = tl.load(BIAS + rn, mask=rn < N, other=0.0)
+                v = tl.zeros((BLOCK_M, BLOCK_N), dtype=OUT.dtype.element_ty) + b[None, :].to(OUT.dtype.element_ty)
+            else:
+                v = tl.zeros((BLOCK_M, BLOCK_N), dtype=OUT.dtype.element_ty)
             tl.store(OUT + rows[:, None] * stride_om + rn[None, :], v, mask=mask)
 
 
 def launch(
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: torch.Tensor | None,
     a: torch.Tensor,
     bt: torch.Tensor,
     s: torch.Tensor,
@@ -248,18 +278,25 @@ def launch(
     *,
     gather: bool,
     segs: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> None:
     """Runs the gather or the segmented kernels on 2-D ``x [M, K]``, ``y [M, N]`` (rows
     contiguous) into ``out [M, N]``; ``a [slots, R, K]`` and ``bt [slots, R, N]`` with contiguous
     rows, ``s [slots, R]``; ``route [L]`` int64 gives each of ``L`` equal consecutive groups of
     rows its slot. ``segs`` is ``route`` grouped by slot (:func:`~lorahot.kernels.routed_lora.segments`),
-    computed once per routing by the runtime; without it the segmented path computes it here."""
+    computed once per routing by the runtime; without it the segmented path computes it here.
+
+    Segmented only: ``y`` None writes each row's update alone, plus ``bias [N]`` (contiguous)
+    where given, and the bias (or zeros) for rows of no slot: a GEMM then adds the base
+    product onto ``out`` (cuBLAS's ``beta = 1``) without a pass of its own over the output."""
     m, k = x.shape
-    n = y.shape[1]
+    n = out.shape[1]
     slots, r = a.shape[0], a.shape[1]
     t = m // route.shape[0]  # rows per routing entry
     r_pad = rank_pad(r)
     if gather:
+        if y is None:
+            raise ValueError("the gather kernels add into a base output: pass y, or use the segmented kernels")
         tokens = token_route(route, m)
         h = torch.empty((m, r_pad), device=x.device, dtype=torch.float32)
         _gather_shrink[(m, triton.cdiv(r, 16))](
@@ -280,10 +317,10 @@ def launch(
     block_m, block_n, warps, stages = _expand_config(m, n)
     groups = min(triton.cdiv(n, block_n), max(1, triton.cdiv(_EXPAND_PROGRAMS, triton.cdiv(m, block_m))))
     _segment_expand[(_tiles(m, block_m, slots), groups)](
-        y, h, bt, segs, out, m, n, r, slots, t,
-        y.stride(0), h.stride(1), bt.stride(0), bt.stride(1), out.stride(0),
+        out if y is None else y, h, bt, segs, out, out if bias is None else bias, m, n, r, slots, t,
+        out.stride(0) if y is None else y.stride(0), h.stride(1), bt.stride(0), bt.stride(1), out.stride(0),
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, SLOTS_PAD=_slots_pad(slots), PARTIALS=h.shape[0],
-        num_warps=warps, num_stages=stages,
+        HAS_Y=y is not None, HAS_BIAS=bias is not None and y is None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 

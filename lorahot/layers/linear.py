@@ -121,7 +121,9 @@ class LoRALinear(LoRALayer):
         else None."""
         if not self._plan[1]:
             return None
-        sized = _symbolic_rows(x)  # compiled, rows symbolic: the operator decides per call
+        # the operator decides per call: compiled with symbolic rows, or where it has its own form
+        # above the fused path's rows (routed_linear.ACCUMULATE)
+        sized = _symbolic_rows(x) or routed_linear.ACCUMULATE
         pays = sized or fused_kernel.routed_worth_it(_rows(x), self.spec.out_dim, wide=self._plan[2])
         if not (pays and self._fusable_input(x, a)):
             return None

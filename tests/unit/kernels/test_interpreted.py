@@ -191,6 +191,30 @@ def test_routed_fused_linear_adds_into_the_workspace_and_leaves_it_zero() -> Non
     assert (scratch == 2.0).all()
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_segmented_expand_without_a_base_output_leaves_the_gemm_its_accumulator(bias: bool) -> None:
+    """Without ``y`` the segmented pair writes each row's update alone (plus the bias), the bias
+    or zeros for the rows of no slot, every element of ``out``: a GEMM accumulating onto it then
+    gives the routed layer (``routed_linear._accumulated``)."""
+    kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
+    x, _, a, bt, s = _operands(300, 260, 330, 24, 3, torch.float16, seed=9)
+    g = torch.Generator().manual_seed(4)
+    weight = (torch.randn(330, 260, generator=g) / 260**0.5).half()
+    b = torch.randn(330, generator=g).half() if bias else None
+    for route in (torch.randint(-1, 3, (300,), generator=g), torch.full((300,), -1), torch.full((30,), 2)):
+        out = torch.full((300, 330), float("nan"), dtype=torch.float16)
+        kernels.launch(x, None, a, bt, s, route, out, gather=False, segs=routed.segments(route, 3), bias=b)
+        assert not out.isnan().any()
+        tokens = routed.token_route(route, 300)
+        zero = torch.zeros(300, 330, dtype=torch.float64) + (0 if b is None else b.double())
+        torch.testing.assert_close(out.double()[tokens < 0], zero[tokens < 0], rtol=0, atol=0)
+        got = out.double() + x.double() @ weight.double().T  # the GEMM's beta = 1, in float64
+        want = _per_row(x, x.double() @ weight.double().T + zero, a, bt, s, tokens)
+        torch.testing.assert_close(got, want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="gather kernels add into a base output"):
+        kernels.launch(x, None, a, bt, s, route, out, gather=True)
+
+
 @pytest.mark.parametrize("programs", [1, 3], ids=["one-program", "three-programs"])
 def test_segmented_expand_programs_loop_over_their_share_of_the_outputs(
     programs: int, monkeypatch: pytest.MonkeyPatch

@@ -87,3 +87,73 @@ def test_workspace_holds_every_row_count_the_fused_path_takes() -> None:
         space = routed_linear.workspace(rank, torch.device("cpu"))
         assert space.shape == (routed_linear.WORKSPACE_ROWS, pad) and space.dtype == torch.float32
         assert not space.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_entry", [1, 256], ids=["per-row", "per-sequence"])
+def test_gpu_accumulated_routed_linear_matches_float64_reference(
+    per_entry: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above the fused path's rows, with ACCUMULATE on: the slots' updates (and the bias)
+    written first, the base GEMM accumulated onto them, against the per-row float64 reference
+    and against the default path (the base GEMM, then the segmented pair); its negative
+    control, ACCUMULATE off, takes the default path."""
+    rows, k, n, rank, slots = 2048, 1024, 768, 64, 8
+    x, _, a, bt, s = _operands(rows, k, n, rank, slots, dtype, "cuda", seed=7)
+    weight, bias = _weights(k, n, dtype, "cuda")
+    base = x.double() @ weight.double().T + bias.double()
+    g = torch.Generator().manual_seed(3)
+    route = torch.randint(-1, slots, (rows // per_entry,), generator=g).cuda()
+    segs = routed.segments(route, slots)
+    want = _per_row(x, base, a, bt, s, routed.token_route(route, rows))
+    calls: list[int] = []
+    accumulated = routed_linear._accumulated
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return accumulated(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(routed_linear, "_accumulated", counted)
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(routed_linear, "ACCUMULATE", on)
+        outs[on] = routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route, segs, sized=True)
+        assert len(calls) == int(on)
+        tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+        torch.testing.assert_close(outs[on].double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+    err = {on: float((outs[on].double() - want).norm() / want.norm()) for on in outs}
+    assert err[True] <= 1.5 * err[False] + 1e-4, err  # as close to the reference as the default path
+
+
+@pytest.mark.gpu
+def test_gpu_a_routed_layer_takes_the_accumulated_form_where_it_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through a runtime (eager, static shapes): with ACCUMULATE on, a routed layer on 2048 rows
+    runs the accumulated form once per call and computes what it computes with it off."""
+    import lorahot
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 768)).to("cuda", torch.bfloat16)
+    runtime = lorahot.inject(model, ["0"], max_rank=16, slots=4)
+    g = torch.Generator().manual_seed(2)
+    for slot, rank in enumerate((4, 8, 16, 8)):
+        tensors = {"0.lora_A.weight": torch.randn(rank, 512, generator=g) / 512**0.5}
+        tensors["0.lora_B.weight"] = torch.randn(768, rank, generator=g) / rank**0.5
+        runtime.load(lorahot.read_adapter(tensors, config={"r": rank, "lora_alpha": 2 * rank}), slot=slot)
+    runtime.activate([0, 1, 2, 3, -1, 0, 1, 2])  # 8 sequences of 256 tokens
+    x = torch.randn(8, 256, 512, device="cuda", dtype=torch.bfloat16)
+    calls: list[int] = []
+    accumulated = routed_linear._accumulated
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return accumulated(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(routed_linear, "_accumulated", counted)
+    with torch.no_grad():
+        off = model(x)
+        assert not calls
+        monkeypatch.setattr(routed_linear, "ACCUMULATE", True)
+        on = model(x)
+    assert len(calls) == 1
+    assert float((on.double() - off.double()).norm() / off.double().norm()) < 1e-2

@@ -140,6 +140,24 @@ def test_routed_kernels_compile(compiler: _Compiler, gather: bool) -> None:
     assert len(compiler.compiled) >= 2 and all(_ptx(kernel) for _, kernel in compiler.compiled)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_segmented_expand_without_a_base_output_compiles(compiler: _Compiler, bias: bool) -> None:
+    """The segmented pair writing the updates alone (``routed_linear._accumulated``'s), at the
+    mixed suite's prefill size."""
+    kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
+    from lorahot.kernels import routed_lora as routed
+
+    rows, k, n, r, slots = 2048, 2048, 2048, 64, 8
+    x, out = torch.zeros(rows, k, dtype=torch.bfloat16), torch.empty(rows, n, dtype=torch.bfloat16)
+    a, bt = torch.zeros(slots, r, k, dtype=torch.bfloat16), torch.zeros(slots, r, n, dtype=torch.bfloat16)
+    route = torch.arange(8) % slots
+    b = torch.zeros(n, dtype=torch.bfloat16) if bias else None
+    segs = routed.segments(route, slots)
+    kernels.launch(x, None, a, bt, torch.ones(slots, r), route, out, gather=False, segs=segs, bias=b)
+    expand = [kernel for name, kernel in compiler.compiled if name == "_segment_expand"]
+    assert expand and "mma" in _ptx(expand[0])  # 32-row tiles: mma.sync, as the pair with y
+
+
 def test_row_scale_and_stack_scales_compile(compiler: _Compiler) -> None:
     kernel = pytest.importorskip("lorahot.kernels.triton_row_scale")
     src = [torch.zeros(16, w, dtype=torch.bfloat16) for w in (64, 2500)]
