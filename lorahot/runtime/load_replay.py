@@ -29,14 +29,13 @@ wide layers refreshed by library calls, no read buffers, or a stream already cap
 
 from __future__ import annotations
 
-import warnings
 import weakref
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
 from lorahot.runtime.buffers import BufferManager, Pack
+from lorahot.runtime.graph_replays import Captured, GraphReplays
 from lorahot.runtime.stack import Stack
 from lorahot.runtime.wide import WideWeights
 
@@ -49,33 +48,16 @@ Key = tuple[int, int, bool, tuple[int, ...] | None, str, tuple[bool, ...], tuple
 #: graphs kept (a graph holds no memory of its own: its writes go to the arenas)
 _KEEP = 32
 
-#: keys remembered as seen once, before the memory of them is cleared
-_SEEN = 256
+#: the host's record a write changes: every arena's extents and extras flags, and the wide rows' extents
+Record = tuple[list[tuple[list[int], list[int], list[bool]]], list[int]]
 
 
-@dataclass
-class _Replay:
-    """One captured graph and the packs it was captured for."""
-
-    graph: torch.cuda.CUDAGraph
-    packs: weakref.ref[Pack]
-
-
-class LoadReplay:
+class LoadReplay(GraphReplays[Key]):
     """The captured device writes of a load from the host cache, per :data:`Key` (see the module docstring)."""
 
     def __init__(self, buffers: BufferManager, wide: WideWeights) -> None:
-        self.buffers = buffers
+        super().__init__(buffers, _KEEP, "a load from the host cache")
         self.wide = wide
-        devices = {arena.device for arena in buffers.arenas}
-        self.device = devices.pop() if len(devices) == 1 else None
-        if self.device is not None and self.device.type != "cuda":
-            self.device = None
-        self._graphs: OrderedDict[Key, _Replay] = OrderedDict()
-        self._seen: set[Key] = set()
-        self._stream: torch.cuda.Stream | None = None
-        #: loads that replayed a graph (for tests and probes)
-        self.replays = 0
 
     def __call__(
         self,
@@ -92,36 +74,31 @@ class LoadReplay:
         as :meth:`BufferManager.write` then :meth:`WideWeights.apply` would. Returns False,
         having changed nothing, where a replay does not apply or the key is new: the caller
         then takes the ordinary path. ``merged``: the runtime is in merged mode."""
-        if self.device is None or merged or any(stack.dora) or not packs or torch.cuda.is_current_stream_capturing():
+        if not self.applies() or merged or any(stack.dora) or not packs:
             return False
         refresh = live and not self.wide.empty
         if refresh and not self.wide.replayable():
             return False
         key = self._key(slot, live, packs, staged, multiplier, refresh)
-        replay = self._graphs.get(key)
-        if replay is not None and replay.packs() is not packs[0]:  # other packs at a reused id
-            del self._graphs[key]
-            replay = None
-        if replay is None:
-            if key not in self._seen:
-                if len(self._seen) >= _SEEN:
-                    self._seen.clear()
-                self._seen.add(key)
+        captured = self.found(key, packs[0])
+        if captured is None:
+            if self.first_use(key):
                 return False
-            replay = self._capture(slot, live, packs, staged, multiplier, stack, refresh)
-            if replay is None:
+
+            def steps() -> None:  # the ordinary writes
+                self.buffers.write(slot, packs, multiplier, live=live, staged=staged)
+                if refresh:
+                    self.wide.apply(stack, (multiplier,))
+
+            captured = self._capture(steps, packs[0])
+            if captured is None:
                 return False
-            self._graphs[key] = replay
-            if len(self._graphs) > _KEEP:
-                self._graphs.popitem(last=False)
+            self.store(key, captured)
         else:  # the capture recorded the host's side as it went; a replay records it here
             self.buffers.wrote(slot, packs, live)
             if refresh:
                 self.wide.settle()
-        self._graphs.move_to_end(key)
-        with torch.cuda.device(self.device):
-            replay.graph.replay()
-        self.replays += 1
+        self.replay(key, captured)
         return True
 
     def _key(
@@ -140,58 +117,22 @@ class LoadReplay:
             tuple(t.data_ptr() for t in staged),
         )
 
-    def _capture(
-        self,
-        slot: int,
-        live: bool,
-        packs: list[Pack],
-        staged: list[torch.Tensor],
-        multiplier: float,
-        stack: Stack,
-        refresh: bool,
-    ) -> _Replay | None:
-        """Captures the ordinary writes on a side stream. Capturing runs nothing on the device
-        (the caller replays) but runs the host's side of the writes, their record of extents:
-        a capture that fails puts that record back, turns the replays off with a warning, and
-        returns None, so the ordinary path then runs from the state it expects."""
-        assert self.device is not None
+    def _capture(self, steps: Callable[[], None], owner: Pack) -> Captured | None:
+        """``steps`` captured. Capturing runs the host's side of the writes, their record of
+        extents, as it goes: a capture that fails puts that record back, so the ordinary path
+        then runs from the state it expects, and returns None."""
         saved = self._record()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(self.device):
-            if self._stream is None:
-                self._stream = torch.cuda.Stream()
-            current = torch.cuda.current_stream()
-            self._stream.wait_stream(current)
-            try:
-                with torch.cuda.stream(self._stream), torch.no_grad():
-                    graph.capture_begin(capture_error_mode="thread_local")
-                    try:
-                        self.buffers.write(slot, packs, multiplier, live=live, staged=staged)
-                        if refresh:
-                            self.wide.apply(stack, (multiplier,))
-                    finally:
-                        graph.capture_end()
-            except RuntimeError as e:
-                self._restore(saved)
-                self.device = None
-                self._graphs.clear()
-                warnings.warn(
-                    f"lorahot: a load from the host cache could not capture its device writes as a CUDA graph ({e}); "
-                    "loads keep the ordinary launches from now on (same results, more host time).",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                return None
-            finally:
-                current.wait_stream(self._stream)
-        return _Replay(graph, weakref.ref(packs[0]))
+        graph = self.capture(steps, stacklevel=4)
+        if graph is None:
+            self._restore(saved)
+            return None
+        return Captured(graph, weakref.ref(owner))
 
-    def _record(self) -> tuple[list[tuple[list[int], list[int], list[bool]]], list[int]]:
-        """The host's record a write changes: every arena's extents and extras flags, and the wide rows' extents."""
+    def _record(self) -> Record:
         arenas = [(list(a.a_extent), list(a.b_extent), list(a.e_dirty)) for a in self.buffers.arenas]
         return arenas, list(self.wide.extent)
 
-    def _restore(self, saved: tuple[list[tuple[list[int], list[int], list[bool]]], list[int]]) -> None:
+    def _restore(self, saved: Record) -> None:
         for arena, (a, b, e) in zip(self.buffers.arenas, saved[0]):
             arena.a_extent[:], arena.b_extent[:], arena.e_dirty[:] = a, b, e
         self.wide.extent[:] = saved[1]

@@ -28,17 +28,15 @@ capturing (the caller's own CUDA graph).
 
 from __future__ import annotations
 
-import warnings
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lorahot.kernels.row_scale import RowScaler, stack_scales
 from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.graph_replays import Captured, GraphReplays
 from lorahot.runtime.stack import Stack
 from lorahot.runtime.staging import Staging
 from lorahot.runtime.wide import WideWeights
@@ -51,78 +49,49 @@ Key = tuple[int, bool, tuple[int, ...], int]
 #: graphs kept (each holds its stack's rows on the device, about 1.5x one region's scales)
 _KEEP = 16
 
-#: keys remembered as seen once, before the memory of them is cleared
-_SEEN = 256
 
-
-@dataclass
-class _Replay:
-    """One captured graph, the stack it was captured for, and the pinned weights it uploads."""
-
-    graph: torch.cuda.CUDAGraph
-    stack: weakref.ref[Stack]
-    weights: Staging
-    keep: list[torch.Tensor]  # the device tensors the graph reads and writes
-
-
-class ScaleReplay:
+class ScaleReplay(GraphReplays[Key]):
     """The captured device steps of re-weighting, per :data:`Key` (see the module docstring)."""
 
     def __init__(self, buffers: BufferManager, wide: WideWeights) -> None:
-        self.buffers = buffers
+        super().__init__(buffers, _KEEP, "set_scale")
         self.wide = wide
-        devices = {arena.device for arena in buffers.arenas}
-        self.device = devices.pop() if len(devices) == 1 else None
-        if self.device is not None and self.device.type != "cuda":
-            self.device = None
-        self._graphs: OrderedDict[Key, _Replay] = OrderedDict()
-        self._seen: set[Key] = set()
-        self._stream: torch.cuda.Stream | None = None
 
     def __call__(self, slot: int, live: bool, stack: Stack, weights: Sequence[float]) -> bool:
         """Sets the per-row scales of ``slot`` to ``stack`` at ``weights`` (one per part), and
         the live region's and the wide rows if ``live``, as :meth:`BufferManager.set_scales` and
         :meth:`WideWeights.apply` would. Returns False, having changed nothing, where a replay
         does not apply or the key is new: the caller then takes the ordinary path."""
-        if self.device is None or any(stack.dora) or torch.cuda.is_current_stream_capturing():
+        if not self.applies() or any(stack.dora):
             return False
         calls = self.wide.device_calls() if live else []
         if calls is None:
             return False
         mirrored = self.buffers.mirrors(slot, live)
         key = (slot, mirrored, tuple(rows for _, _, rows in calls), id(stack))
-        replay = self._graphs.get(key)
-        if replay is not None and replay.stack() is not stack:  # another stack at a reused id
-            del self._graphs[key]
-            replay = None
-        if replay is None:
-            if key not in self._seen:
-                if len(self._seen) >= _SEEN:
-                    self._seen.clear()
-                self._seen.add(key)
+        captured = self.found(key, stack)
+        if captured is None:
+            if self.first_use(key):
                 return False
-            replay = self._capture(slot, mirrored, stack, calls)
-            if replay is None:
+            captured = self._capture(slot, mirrored, stack, calls)
+            if captured is None:
                 return False
-            self._graphs[key] = replay
-            if len(self._graphs) > _KEEP:
-                self._graphs.popitem(last=False)
-        self._graphs.move_to_end(key)
-        host = replay.weights.acquire()
+            self.store(key, captured)
+        staging, _ = captured.keep
+        host = staging.acquire()
         host.numpy()[:] = np.asarray(weights, dtype=np.float64)
-        with torch.cuda.device(self.device):
-            replay.graph.replay()
-        replay.weights.record()
+        self.replay(key, captured)
+        staging.record()
         if live:
             self.wide.settle()
         return True
 
     def _capture(
         self, slot: int, mirrored: bool, stack: Stack, calls: list[tuple[RowScaler, torch.Tensor, int]]
-    ) -> _Replay | None:
-        """Captures the steps on a side stream (capturing runs nothing: the caller replays). A
-        capture that fails turns the replays off, with a warning, and returns None: nothing
-        ran, and the ordinary path stays correct, only slower."""
+    ) -> Captured | None:
+        """The steps captured: the weights uploaded from a pinned buffer of the graph's own,
+        every row's scale computed on the device (float64, rounded once) into the slot and the
+        live region, and the wide rows refreshed. None where the capture failed."""
         assert self.device is not None
         staging = Staging(len(stack.parts), torch.float64, self.device)
         weights = torch.zeros(len(stack.parts), dtype=torch.float64, device=self.device)
@@ -130,34 +99,16 @@ class ScaleReplay:
             (torch.from_numpy(own).to(self.device), torch.from_numpy(part).to(self.device, torch.int64))
             for own, part in stack.owners
         ]
-        keep = [weights, *(t for pair in rows for t in pair)]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(self.device):
-            if self._stream is None:
-                self._stream = torch.cuda.Stream()
-            current = torch.cuda.current_stream()
-            self._stream.wait_stream(current)
-            try:
-                with torch.cuda.stream(self._stream), torch.no_grad():
-                    graph.capture_begin(capture_error_mode="thread_local")
-                    try:
-                        weights.copy_(staging.buffer, non_blocking=True)
-                        live = self.buffers.live
-                        for arena, (own, part) in zip(self.buffers.arenas, rows):  # float64, rounded once
-                            stack_scales(own, part, weights, arena.S[slot], arena.S[live] if mirrored else None)
-                        for scaler, live_scales, n in calls:
-                            scaler(live_scales, n)
-                    finally:
-                        graph.capture_end()
-            except RuntimeError as e:
-                self.device = None
-                warnings.warn(
-                    f"lorahot: set_scale could not capture its device steps as a CUDA graph ({e}); it keeps "
-                    "the ordinary launches from now on (same results, more host time).",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                return None
-            finally:
-                current.wait_stream(self._stream)
-        return _Replay(graph, weakref.ref(stack), staging, keep)
+
+        def steps() -> None:
+            weights.copy_(staging.buffer, non_blocking=True)
+            live = self.buffers.live
+            for arena, (own, part) in zip(self.buffers.arenas, rows):
+                stack_scales(own, part, weights, arena.S[slot], arena.S[live] if mirrored else None)
+            for scaler, live_scales, n in calls:
+                scaler(live_scales, n)
+
+        graph = self.capture(steps, stacklevel=4)
+        if graph is None:
+            return None
+        return Captured(graph, weakref.ref(stack), (staging, [weights, *(t for pair in rows for t in pair)]))

@@ -89,6 +89,19 @@ def test_workspace_holds_every_row_count_the_fused_path_takes() -> None:
         assert not space.any()
 
 
+def _count_accumulated(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at each call of ``routed_linear._accumulated`` (which still runs)."""
+    calls: list[int] = []
+    accumulated = routed_linear._accumulated
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return accumulated(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(routed_linear, "_accumulated", counted)
+    return calls
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("per_entry", [1, 256], ids=["per-row", "per-sequence"])
@@ -107,14 +120,7 @@ def test_gpu_accumulated_routed_linear_matches_float64_reference(
     route = torch.randint(-1, slots, (rows // per_entry,), generator=g).cuda()
     segs = routed.segments(route, slots)
     want = _per_row(x, base, a, bt, s, routed.token_route(route, rows))
-    calls: list[int] = []
-    accumulated = routed_linear._accumulated
-
-    def counted(*args: object) -> torch.Tensor:
-        calls.append(1)
-        return accumulated(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(routed_linear, "_accumulated", counted)
+    calls = _count_accumulated(monkeypatch)
     outs = {}
     for on in (False, True):
         monkeypatch.setattr(routed_linear, "ACCUMULATE", on)
@@ -142,14 +148,7 @@ def test_gpu_a_routed_layer_takes_the_accumulated_form_where_it_is_on(monkeypatc
         runtime.load(lorahot.read_adapter(tensors, config={"r": rank, "lora_alpha": 2 * rank}), slot=slot)
     runtime.activate([0, 1, 2, 3, -1, 0, 1, 2])  # 8 sequences of 256 tokens
     x = torch.randn(8, 256, 512, device="cuda", dtype=torch.bfloat16)
-    calls: list[int] = []
-    accumulated = routed_linear._accumulated
-
-    def counted(*args: object) -> torch.Tensor:
-        calls.append(1)
-        return accumulated(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(routed_linear, "_accumulated", counted)
+    calls = _count_accumulated(monkeypatch)
     with torch.no_grad():
         off = model(x)
         assert not calls

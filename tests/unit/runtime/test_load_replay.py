@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import lorahot
+from tests.unit.runtime.test_graph_replays import refuse_captures
 
 DIMS = (256, 512, 256)
 
@@ -147,15 +148,7 @@ def test_gpu_a_failed_capture_falls_back_with_a_warning(monkeypatch: pytest.Monk
         r.load(p[0])
         r.load(p[1])  # the key's first load: the ordinary path
         r.load(p[0])
-    scaler = type(runtimes[0]._wide._scalers[0])
-    launch = scaler.__call__
-
-    def refuses_capture(self: object, *args: object) -> None:  # as a launch that cannot be captured
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("operation not permitted when stream is capturing")
-        launch(self, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(scaler, "__call__", refuses_capture)
+    refuse_captures(monkeypatch, type(runtimes[0]._wide._scalers[0]))
     with pytest.warns(RuntimeWarning, match="could not capture"):
         runtimes[0].load(prepared[0][1])  # the second load of the key captures, fails, takes the ordinary path
     runtimes[1].load(prepared[1][1])

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lorahot
+from tests.unit.runtime.test_graph_replays import refuse_captures
 
 DIMS = (256, 512, 256)
 
@@ -121,15 +122,7 @@ def test_gpu_a_failed_capture_falls_back_with_a_warning(monkeypatch: pytest.Monk
     for r in (runtime, ordinary):
         r.load([_adapter(24, 1, 48.0), _adapter(40, 2, 10.0)], scale=[1.0, 1.0])
         r.set_scale([0.5, 1.0])  # the key's first call: the ordinary path
-    scaler = type(runtime._wide._scalers[0])
-    launch = scaler.__call__
-
-    def refuses_capture(self: object, *args: object) -> None:  # as a launch that cannot be captured
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("operation not permitted when stream is capturing")
-        launch(self, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(scaler, "__call__", refuses_capture)
+    refuse_captures(monkeypatch, type(runtime._wide._scalers[0]))
     with pytest.warns(RuntimeWarning, match="could not capture"):
         runtime.set_scale([2.0, -1.0])  # the second call captures, fails, and takes the ordinary path
     ordinary.set_scale([2.0, -1.0])
