@@ -53,6 +53,31 @@ def pipelined_ms(fn: Callable[[], Any], device: torch.device, *, calls: int = 50
     return (time.perf_counter() - t) * 1e3 / calls
 
 
+def host_ms(fn: Callable[[], Any], device: torch.device, *, calls: int = 30) -> float:
+    """Median time until a call of ``fn`` returns, each after a sync: the host's part of a
+    synced call (with CUDA graphs, its checks and the replay's launch), which differs between
+    processes on the same machine by up to 2x (``experiments/host_swap_probe.py``)."""
+    fn()
+    times = []
+    for _ in range(calls):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    sync(device)
+    return statistics.median(times)
+
+
+def pinned_core() -> int | None:
+    """Pins the calling thread to the core ``LORAHOT_BENCH_CORE`` names, where set (so that
+    processes timed one after another run their host part on the same core); returns it."""
+    core = os.environ.get("LORAHOT_BENCH_CORE")
+    if core is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    os.sched_setaffinity(0, {int(core)})
+    return int(core)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm())

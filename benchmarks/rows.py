@@ -14,7 +14,9 @@ all seven shapes under reduce-overhead, lorahot over 200 s), so one process cann
 configurations in a 10-minute device call. ``--parallel`` prepares each configuration in its
 own process, all at once (compiling is mostly single-threaded host work), then times them in
 interleaved rounds, one process at a time while the others wait: the ratios stay within one
-run on one idle GPU. Each process rebuilds the same seeded workload; a weight checksum shows
+run on one idle GPU. ``LORAHOT_BENCH_CORE=N`` pins each process's timing to core ``N``, so that
+their host parts run on the same core (the host's speed differs between processes by up to 2x
+on the H200 machines: ``benchmarks/README.md``, fifteenth session). Each process rebuilds the same seeded workload; a weight checksum shows
 they agree. Preparation times measured that way include the other processes' contention.
 
     python -m benchmarks.run --suite rows --parallel
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import kernel_profile, median_ms, pipelined_ms, rel_err
+from benchmarks.common import host_ms, kernel_profile, median_ms, pinned_core, pipelined_ms, rel_err
 from benchmarks.forward import Prepared, base_mode, lorahot_mode, peft_mode
 from benchmarks.parallel import Workers
 from benchmarks.workload import Workload, build
@@ -228,7 +230,7 @@ def run_parallel(
                     out.setdefault("forward_rows_profile", {})[name] = profile
                     line = "  ".join(
                         f"{label}: {p['kernels_per_call']:.0f} kernels {p['gpu_us_per_call'] / 1e3:.3f} ms"
-                        f" back to back {p['pipelined_ms']:.3f} ms"
+                        f" back to back {p['pipelined_ms']:.3f} ms host {p['host_ms']:.3f} ms"
                         for label, p in profile.items()
                     )
                     print(f"[rows profile {name}] {line}", flush=True)
@@ -258,15 +260,18 @@ def _worker(
     prepare_s = round(time.perf_counter() - t, 1)
 
     def timing() -> dict[str, float]:
+        pinned_core()  # LORAHOT_BENCH_CORE: every process times on the same core
         return {label: median_ms(lambda x=ids[label]: call(x), w.device, repeat=repeat, warmup=3) for label in labels}
 
     def profile() -> dict[str, Any]:
-        """Per shape, the kernel profile and the time per call of calls issued back to back:
-        the GPU's time (with early launches the summed kernel times overstate it)."""
+        """Per shape, the kernel profile, the time per call of calls issued back to back (the
+        GPU's time: with early launches the summed kernel times overstate it), and the host's
+        part of a synced call (which differs between processes)."""
         found = {}
         for label in labels:
             found[label] = kernel_profile(lambda x=ids[label]: call(x))
             found[label]["pipelined_ms"] = pipelined_ms(lambda x=ids[label]: call(x), w.device)
+            found[label]["host_ms"] = host_ms(lambda x=ids[label]: call(x), w.device)
         return found
 
     ready = {"checksum": checksum, "prepare_s": prepare_s, "rel_err": errs, "triton_kernels": _triton_kernels()}

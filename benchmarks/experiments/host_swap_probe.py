@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 import lorahot
+from benchmarks.common import pinned_core
 from benchmarks.workload import MAX_RANK, TARGETS, build
 
 
@@ -73,13 +74,17 @@ def timed(fn: Callable[[], object], loads: int, device: torch.device) -> dict[st
 
 def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    core = pinned_core()  # LORAHOT_BENCH_CORE: is the host's spread between processes the scheduler's?
     loads = int(os.environ.get("PROBE_LOADS", "200"))
     ranks = [int(r) for r in os.environ.get("PROBE_RANKS", "8").split(",")]
     w = build(small=device.type != "cuda", device=device)
     runtime = lorahot.inject(w.fresh_base(), TARGETS, max_rank=MAX_RANK)
     for rank in (16, 64, 8):  # as the swap suite: each from file once
         runtime.load(w.adapters[rank])
-    print(f"{device}, torch {torch.__version__}, {len(runtime.layers)} layers, {loads} loads per figure")
+    print(
+        f"{device}, torch {torch.__version__}, {len(runtime.layers)} layers, {loads} loads per figure"
+        + ("" if core is None else f", pinned to core {core}")
+    )
     print("ms: p10 / median / p90 / max")
     for rank in ranks:
         prepared = runtime.preload(w.adapters[rank])
