@@ -1,7 +1,8 @@
 """Device steps captured as a CUDA graph once per key, and replayed after.
 
-The mechanism behind ``set_scale``'s replays (:mod:`lorahot.runtime.scale_replay`) and those of
-loads from the host cache (:mod:`lorahot.runtime.load_replay`). Issuing a few small device
+The mechanism behind the replays of ``set_scale`` (:mod:`lorahot.runtime.scale_replay`), of
+loads from the host cache (:mod:`lorahot.runtime.load_replay`) and of ``activate``
+(:mod:`lorahot.runtime.activate_replay`). Issuing a few small device
 steps costs the host more than the device takes to run them; one replay of the captured steps
 costs it one launch.
 
@@ -28,6 +29,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.wide import WideWeights
 
 __all__ = ["GraphReplays", "Captured"]
 
@@ -118,6 +120,22 @@ class GraphReplays(Generic[K]):
                 return None
             finally:
                 current.wait_stream(self._stream)
+        return graph
+
+    def capture_writes(
+        self, steps: Callable[[], None], wide: WideWeights, stacklevel: int
+    ) -> torch.cuda.CUDAGraph | None:
+        """:meth:`capture` for ``steps`` that write the arenas and the wide rows through their
+        ordinary code: capturing runs the host's side of those writes (the record of extents
+        and extras) as it goes, so a capture that fails puts that record back, and the caller's
+        ordinary path then runs from the state it expects."""
+        arenas = [(list(a.a_extent), list(a.b_extent), list(a.e_dirty)) for a in self.buffers.arenas]
+        extent = list(wide.extent)
+        graph = self.capture(steps, stacklevel + 1)
+        if graph is None:
+            for arena, (a, b, e) in zip(self.buffers.arenas, arenas):
+                arena.a_extent[:], arena.b_extent[:], arena.e_dirty[:] = a, b, e
+            wide.extent[:] = extent
         return graph
 
     def store(self, key: K, captured: Captured) -> None:

@@ -48,9 +48,6 @@ Key = tuple[int, int, bool, tuple[int, ...] | None, str, tuple[bool, ...], tuple
 #: graphs kept (a graph holds no memory of its own: its writes go to the arenas)
 _KEEP = 32
 
-#: the host's record a write changes: every arena's extents and extras flags, and the wide rows' extents
-Record = tuple[list[tuple[list[int], list[int], list[bool]]], list[int]]
-
 
 class LoadReplay(GraphReplays[Key]):
     """The captured device writes of a load from the host cache, per :data:`Key` (see the module docstring)."""
@@ -118,21 +115,5 @@ class LoadReplay(GraphReplays[Key]):
         )
 
     def _capture(self, steps: Callable[[], None], owner: Pack) -> Captured | None:
-        """``steps`` captured. Capturing runs the host's side of the writes, their record of
-        extents, as it goes: a capture that fails puts that record back, so the ordinary path
-        then runs from the state it expects, and returns None."""
-        saved = self._record()
-        graph = self.capture(steps, stacklevel=4)
-        if graph is None:
-            self._restore(saved)
-            return None
-        return Captured(graph, weakref.ref(owner))
-
-    def _record(self) -> Record:
-        arenas = [(list(a.a_extent), list(a.b_extent), list(a.e_dirty)) for a in self.buffers.arenas]
-        return arenas, list(self.wide.extent)
-
-    def _restore(self, saved: Record) -> None:
-        for arena, (a, b, e) in zip(self.buffers.arenas, saved[0]):
-            arena.a_extent[:], arena.b_extent[:], arena.e_dirty[:] = a, b, e
-        self.wide.extent[:] = saved[1]
+        graph = self.capture_writes(steps, self.wide, stacklevel=7)  # the warning names the caller of load
+        return None if graph is None else Captured(graph, weakref.ref(owner))

@@ -32,6 +32,7 @@ from lorahot.io.sources import Source
 from lorahot.io.tensorfile import Slices
 from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LoRALayer, RuntimeState
+from lorahot.runtime.activate_replay import ActivateReplay
 from lorahot.runtime.agreement import Agreement
 from lorahot.runtime.arguments import (
     check_read_options,
@@ -132,6 +133,7 @@ class LoraRuntime:
         self._wide = WideWeights(layers, buffers)
         self._replay = ScaleReplay(buffers, self._wide)
         self._load_replay = LoadReplay(buffers, self._wide)
+        self._activate_replay = ActivateReplay(buffers, self._wide)
         #: the last stack whose weights were range-checked, and its limits (:meth:`_within_range`)
         self._ranges: tuple[weakref.ref[Stack], list[list[tuple[float, float]]]] | None = None
         self._routing = Routing(buffers)
@@ -614,9 +616,13 @@ class LoraRuntime:
             )
         if not per_row:
             slot = self._slot(slot)  # an int, or the error saying what it must be
-            self.buffers.activate(slot)
-            self._active = slot
-            self._remerge(slot)
+            merged = self._merger is not None
+            if self._activate_replay(slot, self._stacks[slot], self._weights[slot], merged):
+                self._active = slot  # the copy and the wide refresh as one graph replay
+            else:
+                self.buffers.activate(slot)
+                self._active = slot
+                self._remerge(slot)
             self._routing.clear()
             return
         filled = [info is not None for info in self._infos]

@@ -108,7 +108,7 @@ class ScaleReplay(GraphReplays[Key]):
             for scaler, live_scales, n in calls:
                 scaler(live_scales, n)
 
-        graph = self.capture(steps, stacklevel=4)
+        graph = self.capture(steps, stacklevel=5)  # the warning names the caller of set_scale
         if graph is None:
             return None
         return Captured(graph, weakref.ref(stack), (staging, [weights, *(t for pair in rows for t in pair)]))
