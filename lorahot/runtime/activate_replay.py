@@ -48,9 +48,11 @@ class ActivateReplay(GraphReplays[Key]):
             return False
         mirrored = self.buffers.mirrors(slot, True)
         refresh = not self.wide.empty
-        if not (mirrored or refresh) or (refresh and not self.wide.replayable()):
+        if refresh and not self.wide.replayable():
             return False
         spans = self.wide.spans([arena.a_extent[slot] for arena in self.buffers.arenas]) if refresh else None
+        if not mirrored and not any(spans or ()):  # nothing to do on the device: a graph would be empty
+            return False
         key = (slot, stack is None, spans)
         captured = self.found(key, self.buffers)  # nothing named by id: the buffers own every graph
         if captured is None:
@@ -67,11 +69,12 @@ class ActivateReplay(GraphReplays[Key]):
                 return False
             captured = Captured(graph, weakref.ref(self.buffers))
             self.store(key, captured)
-        else:  # the capture recorded the host's side as it went; a replay records it here
-            if mirrored:
-                for arena in self.buffers.arenas:
-                    arena.copied(slot, self.buffers.live)
-            if refresh:
-                self.wide.settle()
+            self.replay(key, captured)
+            return True  # the capture recorded the host's side as it went
         self.replay(key, captured)
+        if mirrored:
+            for arena in self.buffers.arenas:
+                arena.copied(slot, self.buffers.live)
+        if refresh:
+            self.wide.settle(empty=stack is None)
         return True

@@ -91,11 +91,12 @@ class LoadReplay(GraphReplays[Key]):
             if captured is None:
                 return False
             self.store(key, captured)
-        else:  # the capture recorded the host's side as it went; a replay records it here
-            self.buffers.wrote(slot, packs, live)
-            if refresh:
-                self.wide.settle()
+            self.replay(key, captured)
+            return True  # the capture recorded the host's side as it went
         self.replay(key, captured)
+        self.buffers.wrote(slot, packs, live)
+        if refresh:
+            self.wide.settle()
         return True
 
     def _key(

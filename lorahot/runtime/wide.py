@@ -235,11 +235,12 @@ class WideWeights:
         ``a_rows`` (one per arena); 0 where an arena has no wide layer."""
         return tuple(max(self.extent[a], a_rows[a]) if self.groups[a][0] else 0 for a in range(len(self.groups)))
 
-    def settle(self) -> None:
-        """After :meth:`device_calls` ran: the wide rows now hold the live adapter's."""
+    def settle(self, empty: bool = False) -> None:
+        """After :meth:`device_calls` ran (or a replay of :meth:`apply`): the wide rows now hold
+        the live adapter's, or (``empty``) zeros, as :meth:`apply` with no adapter leaves them."""
         for a, (indices, _, _) in enumerate(self.groups):
             if indices:
-                self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live]
+                self.extent[a] = 0 if empty else self.buffers.arenas[a].a_extent[self.buffers.live]
 
     def _span(self, arena: int) -> int:
         """Rows of arena ``arena``'s wide layers a refresh rewrites: those that may be nonzero

@@ -98,3 +98,38 @@ def test_gpu_a_failed_capture_falls_back_with_a_warning(monkeypatch: pytest.Monk
     for r in runtimes:
         r.activate(0)
     _same(*runtimes)
+
+
+@pytest.mark.gpu
+def test_gpu_one_slot_activates_with_nothing_to_capture_until_it_has_rows() -> None:
+    """With one slot there is no live copy: an empty slot whose wide rows are zero has nothing
+    to do on the device, so nothing is captured (an empty graph would warn); once the slot holds
+    an adapter, its refresh is captured and replayed, as the ordinary path computes."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    models, runtimes = _pair(1)
+    runtimes[1]._activate_replay.device = None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            for r in runtimes:
+                r.activate(0)
+        assert runtimes[0]._activate_replay.replays == 0 and not runtimes[0]._activate_replay._graphs
+        for r in runtimes:
+            r.load(_adapter(16, 5, 8.0))
+        for _ in range(3):
+            for r in runtimes:
+                r.activate(0)
+            _same(*runtimes)
+        for r in runtimes:
+            r.unload()
+        for _ in range(3):
+            for r in runtimes:
+                r.activate(0)  # the wide rows zeroed once (the ordinary path's refresh), then nothing to do
+            _same(*runtimes)
+    assert runtimes[0]._activate_replay.replays >= 1
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(models[0](x), models[1](x))

@@ -60,3 +60,74 @@ def test_a_graph_is_found_for_its_owner_only_and_the_least_recent_go() -> None:
     assert replays.found(1, owners[1]) is not None and replays.found(2, owners[2]) is not None
     assert replays.found(1, _Owner()) is None  # another object at the key: dropped
     assert replays.found(1, owners[1]) is None
+
+
+class _FakeGraph:
+    """Stands in for ``torch.cuda.CUDAGraph`` on a CPU box: capturing runs the steps' host side."""
+
+    def capture_begin(self, **_: object) -> None:
+        pass
+
+    def capture_end(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Enough of ``torch.cuda`` for :meth:`GraphReplays.capture` to run its host side on a CPU box."""
+    from contextlib import nullcontext
+
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+
+def _writer() -> tuple[GraphReplays[Any], SimpleNamespace, SimpleNamespace]:
+    arena = SimpleNamespace(device=torch.device("cuda:0"), a_extent=[64, 0], b_extent=[64, 0], e_dirty=[True, False])
+    replays: GraphReplays[Any] = GraphReplays(SimpleNamespace(arenas=[arena]), 2, "a test")  # type: ignore[arg-type]
+    return replays, arena, SimpleNamespace(extent=[64])
+
+
+def _steps(arena: SimpleNamespace, wide: SimpleNamespace, fail: bool) -> Any:
+    def steps() -> None:  # the host's side of a write, then (``fail``) a launch that cannot be captured
+        arena.a_extent[0], arena.b_extent[0], arena.e_dirty[0] = 8, 8, False
+        wide.extent[0] = 8
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    return steps
+
+
+@pytest.mark.usefixtures("fake_cuda")
+def test_a_capture_keeps_the_record_its_writes_left() -> None:
+    replays, arena, wide = _writer()
+    assert replays.capture_writes(_steps(arena, wide, fail=False), wide, 1) is not None  # type: ignore[arg-type]
+    assert (arena.a_extent, arena.b_extent, arena.e_dirty, wide.extent) == ([8, 0], [8, 0], [False, False], [8])
+    assert replays.device is not None
+
+
+@pytest.mark.usefixtures("fake_cuda")
+def test_a_failed_capture_puts_the_record_back_and_turns_replays_off() -> None:
+    replays, arena, wide = _writer()
+    with pytest.warns(RuntimeWarning, match="a test could not capture"):
+        assert replays.capture_writes(_steps(arena, wide, fail=True), wide, 1) is None  # type: ignore[arg-type]
+    assert (arena.a_extent, arena.b_extent, arena.e_dirty, wide.extent) == ([64, 0], [64, 0], [True, False], [64])
+    assert replays.device is None and not replays.applies()
+
+
+@pytest.mark.usefixtures("fake_cuda")
+def test_a_failed_capture_puts_the_record_back_where_warnings_are_errors() -> None:
+    """The fallback's warning raised (``-W error``) still leaves the record as it was."""
+    import warnings
+
+    replays, arena, wide = _writer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="could not capture"):
+            replays.capture_writes(_steps(arena, wide, fail=True), wide, 1)  # type: ignore[arg-type]
+    assert (arena.a_extent, arena.b_extent, arena.e_dirty, wide.extent) == ([64, 0], [64, 0], [True, False], [64])
+    assert replays.device is None

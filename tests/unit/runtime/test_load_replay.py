@@ -66,10 +66,12 @@ def _same(mine: lorahot.LoraRuntime, ref: lorahot.LoraRuntime) -> None:
 
 
 def _pair(slots: int) -> tuple[list[nn.Module], list[lorahot.LoraRuntime]]:
-    """Two runtimes on equal models: the first replays, the second takes the ordinary path only."""
+    """Two runtimes on equal models: the first replays, the second takes the ordinary path only
+    (loads, activations and re-weightings alike)."""
     models = [_model("cuda"), _model("cuda")]
     runtimes = [lorahot.inject(m, ["0", "2"], max_rank=64, slots=slots, extras=True) for m in models]
-    runtimes[1]._load_replay.device = None
+    for replays in (runtimes[1]._load_replay, runtimes[1]._activate_replay, runtimes[1]._replay):
+        replays.device = None
     assert models[0][0].wide and runtimes[0]._load_replay.device is not None
     return models, runtimes
 
