@@ -48,11 +48,17 @@ __all__ = ["routed_lora_linear", "workspace", "WORKSPACE_ROWS"]
 WORKSPACE_ROWS = 256
 
 #: Above the fused path's rows, whether the routed linear writes the slots' updates first and
-#: lets the base GEMM accumulate onto them (:func:`_accumulated`: no output pass of its own)
-#: instead of the base GEMM, then the segmented pair reading its output back. Predicted at the
-#: mixed suite's prefill (2048 rows, 8 adapters) from the pair's bytes: about 0.8 ms less GPU
-#: time per forward (the expand no longer reads the base output: 8 MB on q/o, 23 MB on gate/up).
-#: Not yet measured on a GPU, so off unless ``LORAHOT_ROUTED_ACCUMULATE=1``.
+#: lets the base GEMM accumulate onto them (:func:`_accumulated`) instead of the base GEMM, then
+#: the segmented pair reading its output back. Both forms pass over the output three times; this
+#: one moves the read of it from the memory-bound expand into the compute-bound GEMM's epilogue
+#: (cuBLAS's ``C`` with ``beta = 1``), where it may be hidden behind the arithmetic. Predicted at
+#: the mixed suite's prefill (2048 rows, 8 adapters), if it is hidden and ``beta = 1`` costs the
+#: GEMM nothing else: about 0.8 ms less GPU time per forward (8 MB less for the expand to read on
+#: q/o, 23 MB on gate/up). Not yet measured on a GPU, so off unless
+#: ``LORAHOT_ROUTED_ACCUMULATE=1``. With it on: rows of no slot equal the base output up to
+#: cuBLAS's choice of algorithm for ``beta = 1`` (not guaranteed bitwise, as they are without
+#: it), and forward hooks on the wrapped linear do not run for inputs this form takes (as for
+#: those the fused kernel takes).
 ACCUMULATE = os.environ.get("LORAHOT_ROUTED_ACCUMULATE") == "1"
 
 
@@ -92,11 +98,10 @@ def _accumulated(
     route: torch.Tensor,
     segs: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The routed layer on many rows with no pass over the output of its own: the segmented
-    shrink, the segmented expand writing each row's update (plus the bias) alone, then the base
-    GEMM accumulating onto it (cuBLAS's ``beta = 1``, the output read in its epilogue). Where
-    the base GEMM, then the pair, read the base output back and write it again (see
-    :data:`ACCUMULATE`)."""
+    """The routed layer on many rows, the base output never read back by a kernel of its own:
+    the segmented shrink, the segmented expand writing each row's update (plus the bias) alone,
+    then the base GEMM accumulating onto it (cuBLAS's ``beta = 1``, the update read in its
+    epilogue). See :data:`ACCUMULATE`."""
     kernels = triton_module("triton_routed_lora")
     assert kernels is not None  # _accumulates said so
     x2 = x2.contiguous()
