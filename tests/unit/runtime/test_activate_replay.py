@@ -24,6 +24,40 @@ def test_the_cpu_takes_the_ordinary_path() -> None:
     assert runtime.layers["0"].lora_scale[:8].unique().tolist() == [2.0]
 
 
+@pytest.mark.usefixtures("replaying_cuda")
+def test_replays_simulated_on_the_cpu_leave_what_the_ordinary_path_leaves() -> None:
+    """The replay code paths on a CPU box, with a stand-in CUDA graph that repeats the device
+    side of the captured steps (``test_graph_replays.replaying_cuda``): the copies into the live
+    region (CPU layers are not widened), the keys, the record after each replay."""
+    torch.manual_seed(0)
+    models = [_model("cpu"), _model("cpu")]
+    runtimes = [lorahot.inject(m, ["0", "2"], max_rank=64, slots=3, extras=True) for m in models]
+    runtimes[0]._activate_replay.device = torch.device("cpu")  # as on one CUDA device
+    x = torch.randn(8, 256)
+    for slot, adapter in enumerate((_adapter(8, 1, 16.0), _adapter(64, 2, 32.0), _adapter(16, 3, 8.0, bias=True))):
+        for r in runtimes:
+            r.load(adapter, slot=slot)
+    for step in ("1", "0", "1", "2", "0", "2", "u1", "1", "0", "1", "l1", "2", "1", "2", "1"):
+        for r in runtimes:
+            if step == "u1":
+                r.unload(1)
+            elif step == "l1":
+                r.load(_adapter(32, 4, 64.0), slot=1)
+            else:
+                r.activate(int(step))
+        _same_on_cpu(*runtimes)
+        with torch.no_grad():
+            assert torch.equal(models[0](x), models[1](x)), step
+    assert runtimes[0]._activate_replay.replays >= 5 and runtimes[1]._activate_replay.replays == 0
+
+
+def _same_on_cpu(mine: lorahot.LoraRuntime, ref: lorahot.LoraRuntime) -> None:
+    for a, b in zip(mine.buffers.arenas, ref.buffers.arenas, strict=True):
+        for t, u in zip((a.A, a.B, a.S, a.E), (b.A, b.B, b.S, b.E)):
+            assert torch.equal(t, u)
+        assert (a.a_extent, a.b_extent, a.e_dirty) == (b.a_extent, b.b_extent, b.e_dirty)
+
+
 @pytest.mark.gpu
 def test_gpu_replays_leave_what_the_ordinary_path_leaves() -> None:
     if not torch.cuda.is_available():

@@ -62,30 +62,6 @@ def test_a_graph_is_found_for_its_owner_only_and_the_least_recent_go() -> None:
     assert replays.found(1, owners[1]) is None
 
 
-class _FakeGraph:
-    """Stands in for ``torch.cuda.CUDAGraph`` on a CPU box: capturing runs the steps' host side."""
-
-    def capture_begin(self, **_: object) -> None:
-        pass
-
-    def capture_end(self) -> None:
-        pass
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Enough of ``torch.cuda`` for :meth:`GraphReplays.capture` to run its host side on a CPU box."""
-    from contextlib import nullcontext
-
-    stream = SimpleNamespace(wait_stream=lambda other: None)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-
-
 def _writer() -> tuple[GraphReplays[Any], SimpleNamespace, SimpleNamespace]:
     arena = SimpleNamespace(device=torch.device("cuda:0"), a_extent=[64, 0], b_extent=[64, 0], e_dirty=[True, False])
     replays: GraphReplays[Any] = GraphReplays(SimpleNamespace(arenas=[arena]), 2, "a test")  # type: ignore[arg-type]

@@ -1,0 +1,70 @@
+"""Stand-ins for the CUDA runtime, so that the keyed graph replays (lorahot.runtime.graph_replays)
+run their host side, and with :class:`_ReplayingGraph` their replays, on a CPU box."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from lorahot.runtime.graph_replays import GraphReplays
+
+
+class _FakeGraph:
+    """Stands in for ``torch.cuda.CUDAGraph`` on a CPU box: capturing runs the steps' host side."""
+
+    def capture_begin(self, **_: object) -> None:
+        pass
+
+    def capture_end(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Enough of ``torch.cuda`` for :meth:`GraphReplays.capture` to run its host side on a CPU box."""
+    from contextlib import nullcontext
+
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+
+class _ReplayingGraph(_FakeGraph):
+    """A stand-in CUDA graph that replays on a CPU box: the CPU has no queue, so its capture ran
+    the steps' device side at once, and a replay runs the steps again with the host's record of
+    the arenas and the wide rows put back after, as a replay repeats only the device's side."""
+
+    steps: Any = None
+    owner: Any = None
+
+    def replay(self) -> None:
+        arenas = self.owner.buffers.arenas
+        record = [(list(a.a_extent), list(a.b_extent), list(a.e_dirty)) for a in arenas]
+        extent = list(self.owner.wide.extent)
+        self.steps()
+        for arena, (a, b, e) in zip(arenas, record):
+            arena.a_extent[:], arena.b_extent[:], arena.e_dirty[:] = a, b, e
+        self.owner.wide.extent[:] = extent
+
+
+@pytest.fixture
+def replaying_cuda(fake_cuda: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """:func:`fake_cuda` with graphs that replay (:class:`_ReplayingGraph`) on the CPU."""
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _ReplayingGraph)
+    capture = GraphReplays.capture
+
+    def keeping_steps(self: GraphReplays[Any], steps: Any, stacklevel: int, undo: Any = None) -> Any:
+        graph = capture(self, steps, stacklevel + 1, undo)
+        if graph is not None:
+            graph.steps, graph.owner = steps, self
+        return graph
+
+    monkeypatch.setattr(GraphReplays, "capture", keeping_steps)
