@@ -40,7 +40,10 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 class _ReplayingGraph(_FakeGraph):
     """A stand-in CUDA graph that replays on a CPU box: the CPU has no queue, so its capture ran
     the steps' device side at once, and a replay runs the steps again with the host's record of
-    the arenas and the wide rows put back after, as a replay repeats only the device's side."""
+    the arenas and the wide rows put back after, as a replay repeats only the device's side.
+    Its replay decides the steps' branches again from the state at the time, where a real one
+    repeats those of its capture: it checks the replay paths and the record they leave, not
+    that a key holds everything the steps depend on (the GPU tests do)."""
 
     steps: Any = None
     owner: Any = None
