@@ -43,6 +43,72 @@ def test_the_cpu_takes_the_ordinary_path() -> None:
     assert runtime.layers["0"].lora_scale[:8].unique().tolist() == [2.0]
 
 
+class _HostUploads:
+    """Stands in for a CUDA runtime's read buffers on a CPU box: each arena's pack is "uploaded"
+    into a buffer of its own that is kept, as the read buffers keep their device memory, so a
+    load of the same packs lands at the same address (a :class:`LoadReplay` key)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.device = torch.device("cuda")  # what the runtime asks of read buffers that upload
+        self.lock = threading.Lock()
+        self._held: dict[int, torch.Tensor] = {}
+
+    def upload(self, part: int, host: torch.Tensor) -> torch.Tensor:
+        held = self._held.get(part)
+        if held is None or held.numel() < host.numel():
+            held = self._held[part] = torch.empty(max(host.numel(), 1 << 20), dtype=torch.uint8)
+        out = held[: host.numel()]
+        out.copy_(host)
+        return out
+
+    def used(self) -> None:
+        pass
+
+    def lend(self, part: int) -> object:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+@pytest.mark.usefixtures("replaying_cuda")
+@pytest.mark.parametrize("slots", [1, 3])
+def test_replays_simulated_on_the_cpu_leave_what_the_ordinary_path_leaves(slots: int) -> None:
+    """The load replay's code paths on a CPU box, with a stand-in CUDA graph that repeats the
+    device side of the captured steps and stand-in read buffers (CPU layers are not widened):
+    bitwise the ordinary path after every load from the host cache, across ranks (zero fills),
+    multipliers, LoRA biases (extras), slots and activations."""
+    torch.manual_seed(0)
+    models = [_model("cpu"), _model("cpu")]
+    runtimes = [lorahot.inject(m, ["0", "2"], max_rank=64, slots=slots, extras=True) for m in models]
+    for r in runtimes:
+        r._read_buffers = _HostUploads()  # type: ignore[assignment]
+    runtimes[0]._load_replay.device = torch.device("cpu")  # as on one CUDA device
+    adapters = {"r8": _adapter(8, 1, 16.0), "r64": _adapter(64, 3, 64.0), "bias": _adapter(8, 4, 8.0, bias=True)}
+    prepared = [{k: r.preload(a) for k, a in adapters.items()} for r in runtimes]
+    x = torch.randn(8, DIMS[0])
+    steps = [("r8", 0, 1.0)] * 3 + [("r64", 0, 1.0), ("r8", 0, 1.0)] * 4  # replays that change the record
+    steps += [("bias", 0, 1.0), ("r8", 0, 1.0)] * 3 + [("r8", 0, 0.5), ("r8", 0, 0.5), ("r8", 0, -2.0)]
+    if slots > 1:
+        steps += [("r64", 1, 1.0), ("r8", 1, 1.0), ("r64", 1, 1.0), ("activate", 1, 0.0), ("r8", 1, 1.0)]
+        steps += [("r64", 1, 1.0), ("r8", 1, 1.0), ("bias", 2, 1.0), ("bias", 2, 1.0), ("activate", 2, 0.0)]
+        steps += [("r8", 2, 1.0), ("bias", 2, 1.0), ("r8", 2, 1.0)]
+    for name, slot, scale in steps:
+        for r, p in zip(runtimes, prepared):
+            if name == "activate":
+                r.activate(slot)
+            else:
+                r.load(p[name], slot=slot, scale=scale)
+        for a, b in zip(runtimes[0].buffers.arenas, runtimes[1].buffers.arenas, strict=True):
+            for t, u in zip((a.A, a.B, a.S, a.E), (b.A, b.B, b.S, b.E)):
+                assert torch.equal(t, u), (name, slot, scale)
+            assert (a.a_extent, a.b_extent, a.e_dirty) == (b.a_extent, b.b_extent, b.e_dirty)
+        with torch.no_grad():
+            assert torch.equal(models[0](x), models[1](x))
+    assert runtimes[0]._load_replay.replays >= 8 and runtimes[1]._load_replay.replays == 0
+
+
 def _state(runtime: lorahot.LoraRuntime) -> list[object]:
     """Every arena's buffers and record, every wide layer's rows, the wide rows' record."""
     torch.cuda.synchronize()
