@@ -289,6 +289,8 @@ def launch(
     Segmented only: ``y`` None writes each row's update alone, plus ``bias [N]`` (contiguous)
     where given, and the bias (or zeros) for rows of no slot: a GEMM then adds the base
     product onto ``out`` (cuBLAS's ``beta = 1``) without a pass of its own over the output."""
+    if bias is not None and y is not None:
+        raise ValueError("the bias goes with y=None (the updates alone); a base output y already holds it")
     m, k = x.shape
     n = out.shape[1]
     slots, r = a.shape[0], a.shape[1]
@@ -320,7 +322,7 @@ def launch(
         out if y is None else y, h, bt, segs, out, out if bias is None else bias, m, n, r, slots, t,
         out.stride(0) if y is None else y.stride(0), h.stride(1), bt.stride(0), bt.stride(1), out.stride(0),
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, SLOTS_PAD=_slots_pad(slots), PARTIALS=h.shape[0],
-        HAS_Y=y is not None, HAS_BIAS=bias is not None and y is None, num_warps=warps, num_stages=stages,
+        HAS_Y=y is not None, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 

@@ -213,6 +213,9 @@ def test_segmented_expand_without_a_base_output_leaves_the_gemm_its_accumulator(
         torch.testing.assert_close(got, want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
     with pytest.raises(ValueError, match="gather kernels add into a base output"):
         kernels.launch(x, None, a, bt, s, route, out, gather=True)
+    if b is not None:
+        with pytest.raises(ValueError, match="the bias goes with y=None"):
+            kernels.launch(x, out, a, bt, s, route, out, gather=False, bias=b)
 
 
 @pytest.mark.parametrize("programs", [1, 3], ids=["one-program", "three-programs"])
