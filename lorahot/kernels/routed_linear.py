@@ -38,8 +38,7 @@ import torch
 from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.op_registry import define, refuse_grad
-from lorahot.kernels.routed_lora import GATHER_ROWS, check_segments, reference, routed_lora, segments, token_route
-from lorahot.kernels.routed_lora import available as routed_kernels_available
+from lorahot.kernels.routed_lora import available, check_segments, reference, routed_lora, segments, token_route
 from lorahot.kernels.triton_import import triton_module
 
 __all__ = ["routed_lora_linear", "workspace", "WORKSPACE_ROWS"]
@@ -79,13 +78,7 @@ def workspace(rank: int, device: torch.device) -> torch.Tensor:
 
 def _accumulates(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`_accumulated` can run: the segmented kernels on CUDA, a weight cuBLAS reads as it is."""
-    return (
-        x2.is_cuda
-        and x2.dtype in (torch.float16, torch.bfloat16)
-        and weight.dtype == x2.dtype
-        and x2.shape[0] > GATHER_ROWS
-        and routed_kernels_available()
-    )
+    return x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x2.dtype and available()
 
 
 def _accumulated(

@@ -72,9 +72,7 @@ class ActivateReplay(GraphReplays[Key]):
             self.replay(key, captured)
             return True  # the capture recorded the host's side as it went
         self.replay(key, captured)
-        if mirrored:
-            for arena in self.buffers.arenas:
-                arena.copied(slot, self.buffers.live)
+        self.buffers.activated(slot)
         if refresh:
             self.wide.settle(empty=stack is None)
         return True

@@ -759,6 +759,13 @@ class BufferManager:
             for k, (arena, pack) in enumerate(zip(self.arenas, packs))
         ]
 
+    def activated(self, slot: int) -> None:
+        """The host's record of the live region after :meth:`activate` of ``slot``, without the
+        device work (which a replayed CUDA graph did: :mod:`lorahot.runtime.activate_replay`)."""
+        if self.mirrors(slot, True):
+            for arena in self.arenas:
+                arena.copied(slot, self.live)
+
     def wrote(self, slot: int, packs: list[Pack], live: bool) -> None:
         """The host's record of the arenas after :meth:`write` of ``packs``, without the device
         work (which a replayed CUDA graph did: :mod:`lorahot.runtime.load_replay`)."""

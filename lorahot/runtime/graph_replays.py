@@ -90,13 +90,11 @@ class GraphReplays(Generic[K]):
         self._seen.add(key)
         return True
 
-    def capture(
-        self, steps: Callable[[], None], stacklevel: int, undo: Callable[[], None] | None = None
-    ) -> torch.cuda.CUDAGraph | None:
+    def capture(self, steps: Callable[[], None], stacklevel: int) -> torch.cuda.CUDAGraph | None:
         """``steps`` captured as a CUDA graph on a side stream (capturing runs nothing on the
-        device; the caller replays), or None where the capture failed: ``undo`` runs first, then
-        replays are turned off (the work queued before is waited for, so that no graph dropped
-        here is still reading a buffer it keeps), with a warning at ``stacklevel``."""
+        device; the caller replays), or None where the capture failed: replays are then turned
+        off (the work queued before is waited for, so that no graph dropped here is still
+        reading a buffer it keeps), with a warning at ``stacklevel``."""
         assert self.device is not None
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(self.device):
@@ -112,8 +110,6 @@ class GraphReplays(Generic[K]):
                     finally:
                         graph.capture_end()
             except RuntimeError as e:
-                if undo is not None:
-                    undo()
                 torch.cuda.synchronize(self.device)
                 self.device = None
                 self._graphs.clear()
@@ -137,18 +133,14 @@ class GraphReplays(Generic[K]):
         ordinary path then runs from the state it expects."""
         arenas = [(list(a.a_extent), list(a.b_extent), list(a.e_dirty)) for a in self.buffers.arenas]
         extent = list(wide.extent)
-
-        def undo() -> None:
-            for arena, (a, b, e) in zip(self.buffers.arenas, arenas):
-                arena.a_extent[:], arena.b_extent[:], arena.e_dirty[:] = a, b, e
-            wide.extent[:] = extent
-
         graph = None
         try:
-            graph = self.capture(steps, stacklevel + 1, undo)
+            graph = self.capture(steps, stacklevel + 1)
         finally:
             if graph is None:  # failed, or raised (the warning, where warnings are errors)
-                undo()
+                for arena, (a, b, e) in zip(self.buffers.arenas, arenas):
+                    arena.a_extent[:], arena.b_extent[:], arena.e_dirty[:] = a, b, e
+                wide.extent[:] = extent
         return graph
 
     def store(self, key: K, captured: Captured) -> None:

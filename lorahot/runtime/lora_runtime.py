@@ -314,11 +314,8 @@ class LoraRuntime:
             self._check_scales(stack, weights)
 
             def write_packs(live: bool) -> bool:  # on CUDA through the read buffers: no allocation
-                nonlocal staged
-                if staged is None:
-                    staged = self.buffers.stage(packs, upload)
                 merged = self._merger is not None
-                if upload is not None and self._load_replay(slot, live, packs, staged, weights[0], stack, merged):
+                if staged is not None and self._load_replay(slot, live, packs, staged, weights[0], stack, merged):
                     return True  # the writes and the wide refresh as one graph replay
                 self.buffers.write(slot, packs, weights[0], live=live, staged=staged)
                 return False

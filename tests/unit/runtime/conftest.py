@@ -64,8 +64,8 @@ def replaying_cuda(fake_cuda: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _ReplayingGraph)
     capture = GraphReplays.capture
 
-    def keeping_steps(self: GraphReplays[Any], steps: Any, stacklevel: int, undo: Any = None) -> Any:
-        graph = capture(self, steps, stacklevel + 1, undo)
+    def keeping_steps(self: GraphReplays[Any], steps: Any, stacklevel: int) -> Any:
+        graph = capture(self, steps, stacklevel + 1)
         if graph is not None:
             graph.steps, graph.owner = steps, self
         return graph
