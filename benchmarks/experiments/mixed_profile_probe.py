@@ -9,6 +9,12 @@ latency (as the suite times it), host time (until the call returns), pipelined t
 (100 calls, one sync: the GPU's time when the host keeps ahead), and from the profiler the
 kernels per call, their summed time, and the top kernels.
 
+With ``PROBE_PYPROFILE=1`` it also runs 50 synced calls of each configuration under cProfile and
+prints the functions with the most own time per call: what the host does before and after the
+replay (dynamo's guards, the CUDA-graph tree's checks of its inputs, the replay's launch), which
+``graph_launch_probe`` showed is not the driver's launch of the replay (a few us whatever the
+graph's nodes).
+
 Configurations: ``base``; ``single`` (``activate(0)``); ``d1`` and ``d8`` (64 rows routed over 1
 and 8 distinct slots), one compiled lorahot model, static shapes.
 
@@ -55,6 +61,28 @@ def profile(call: Callable[[], object], n: int = 20) -> tuple[float, float, list
     return sum(counts.values()), sum(kernels.values()), top
 
 
+def host_profile(call: Callable[[], object], n: int = 50, top: int = 14) -> list[str]:
+    """The functions with the most own time over ``n`` synced calls, us per call."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    for _ in range(n):
+        sync()
+        prof.enable()
+        call()
+        prof.disable()
+    sync()
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]  # type: ignore[attr-defined]
+    total = sum(v[2] for v in stats.stats.values()) * 1e6 / n  # type: ignore[attr-defined]
+    out = [f"  {total:8.1f} us own time per call in all"]
+    for (file, line, func), (_, calls, tottime, cumtime, _) in rows:
+        where = f"{os.path.basename(file)}:{line}:{func}"[-70:]
+        out.append(f"  {tottime * 1e6 / n:8.1f} us own {cumtime * 1e6 / n:8.1f} cum  x{calls / n:5.1f}  {where}")
+    return out
+
+
 def main() -> None:
     torch._dynamo.config.cache_size_limit = 64
     print(f"pdl: {pdl.active(dev)}", flush=True)
@@ -97,6 +125,9 @@ def main() -> None:
             fn = base if name == "base" else call
             fn(), fn()
             results[name] = (measure({name: fn})[name], profile(fn))
+            if os.environ.get("PROBE_PYPROFILE") == "1":
+                print(f"--- {name}: host, cProfile", flush=True)
+                print("\n".join(host_profile(fn)), flush=True)
     for name, (_, (count, us, top)) in results.items():
         print(f"--- {name}: {count:.1f} kernels, {us:.1f} us of kernels per call")
         for k, v, c in top:
