@@ -138,7 +138,7 @@ class LayerSpec:
 
 
 #: The attributes :attr:`LoRALayer._plan` gathers for the forward.
-_PLANNED = frozenset({"merged", "fused", "wide", "extras", "_key", "_geometry"})
+_PLANNED = frozenset({"merged", "fused", "wide", "extras", "_key", "_geometry", "_slot_geometry"})
 
 
 class LoRALayer(nn.Module):
@@ -186,10 +186,10 @@ class LoRALayer(nn.Module):
     _path: str = ""
 
     #: What the forward branches on, as one tuple: ``(merged, fused, wide, extras, arena key,
-    #: view geometry)``, kept equal to those attributes by :meth:`__setattr__`. A compiled model
+    #: view geometry, slot views' geometry)``, kept equal to those attributes by :meth:`__setattr__`. A compiled model
     #: re-checks every attribute its forward reads on each call, per layer (one guard or more
     #: each): read as one constant tuple they cost one check instead of a dozen.
-    _plan: tuple[Any, ...] = (False, False, False, True, -1, ())
+    _plan: tuple[Any, ...] = (False, False, False, True, -1, (), ())
 
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
         super().__init__()
@@ -215,9 +215,10 @@ class LoRALayer(nn.Module):
         super().__setattr__(name, value)
         if name in _PLANNED:
             seen = self.__dict__
-            plan = (self.merged, self.fused, self.wide, self.extras, seen.get("_key", -1), seen.get("_geometry", ()))
+            geometry, slots = seen.get("_geometry", ()), seen.get("_slot_geometry", ())
+            plan = (self.merged, self.fused, self.wide, self.extras, seen.get("_key", -1), geometry, slots)
             if self.merged:  # the forward reads nothing else: the smallest constant to compare
-                plan = (True, False, False, False, -1, ())
+                plan = (True, False, False, False, -1, (), ())
             object.__setattr__(self, "_plan", plan)
 
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,7 +321,7 @@ class LoRALayer(nn.Module):
                     "constructed by hand."
                 )
             return live
-        *_, key, geometry = self._plan
+        key, geometry = self._plan[4:6]
         a, b, s, e = TENSORS[key]
         ga, gb, gs, ge = geometry
         return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
@@ -331,7 +332,7 @@ class LoRALayer(nn.Module):
             assert self._slots is not None  # bound: _views ran first
             return self._slots
         a, b, s, e = TENSORS[self._plan[4]]
-        ga, gb, gs, ge = self._slot_geometry
+        ga, gb, gs, ge = self._plan[6]
         return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
 
     @property
@@ -383,16 +384,21 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
         # layer: keep them few (see lorahot.layers.tensor_handles).
-        merged, fused, wide, extras, key, geometry = self._plan
+        merged, fused, wide, extras, key, geometry, slot_geometry = self._plan
         if merged:
             out: torch.Tensor = self._base(x, *args, **kwargs)
             return out
-        if wide and not extras and not args and not kwargs and torch.compiler.is_compiling() and ROUTES[key] is None:
-            z = self.compiled_forward(x, fused, key, geometry)  # the common compiled cases in one call
+        route = ROUTES[key]
+        if not extras and not args and not kwargs and torch.compiler.is_compiling():
+            if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
+                z = self.compiled_routed(x, route, fused, wide, key, slot_geometry)
+            elif wide:
+                z = self.compiled_forward(x, fused, key, geometry)  # the common compiled cases in one call
+            else:
+                z = None
             if z is not None:
                 return z
         a, b, scale, e = self._views()
-        route = ROUTES[key]
         if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
             return self._routed_forward(x, route, *args, **kwargs)
         if not args and not kwargs:
@@ -553,6 +559,15 @@ class LoRALayer(nn.Module):
     ) -> torch.Tensor | None:
         """Under ``torch.compile``, for a wide layer without extras: its fused or wide path in one
         call, or None where another path applies (the general forward then decides)."""
+        return None
+
+    def compiled_routed(
+        self, x: torch.Tensor, route: torch.Tensor, fused: bool, wide: bool, key: int, slot_geometry: tuple[Any, ...]
+    ) -> torch.Tensor | None:
+        """Under ``torch.compile``, for a routed layer without extras: its routed kernel path in
+        one call, or None where another path applies (the general routed forward then decides,
+        or refuses). Every method the general path calls on the layer is one more guard per layer
+        that a compiled call checks (:meth:`compiled_forward` does the same for one adapter)."""
         return None
 
     def dynamic_rows(self, x: torch.Tensor) -> bool:

@@ -24,6 +24,7 @@ from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels import routed_linear
 from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.kernels import wide_linear as wide_kernel
+from lorahot.layers import routing
 from lorahot.layers.base import WIDE_BUFFER, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
 from lorahot.layers.tensor_handles import SEGMENTS, TENSORS, WORKSPACES
 
@@ -248,6 +249,34 @@ class LoRALinear(LoRALayer):
                 z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s)
                 return z
         return self.wide_forward(x, TENSORS[key][0].as_strided(*geometry[0]))
+
+    def compiled_routed(
+        self, x: torch.Tensor, route: torch.Tensor, fused: bool, wide: bool, key: int, slot_geometry: tuple[Any, ...]
+    ) -> torch.Tensor | None:
+        """The routed fused linear (:meth:`routed_fused`'s operator) in one function, the checks of
+        :meth:`_routed_forward` and :meth:`routed_fused` inlined: each method the general routed
+        path calls on the layer adds guards a compiled call re-checks for every layer (about 20 per
+        layer; on an H200 host the routed decode's guards took 0.28 ms more per call than the
+        base model's, ``benchmarks/experiments/mixed_profile_probe.py``). None where an input
+        does not fit the routing (the general path refuses it) or the operator does not apply."""
+        if not fused or routing.row_misfit(x, route.shape[0], "linear", 1):
+            return None
+        base = self._base
+        weight, bias = base.weight, base.bias
+        sized = _symbolic_rows(x) or routed_linear.ACCUMULATE  # the operator decides per call
+        if not (sized or fused_kernel.routed_worth_it(_rows(x), weight.shape[0], wide=wide)):
+            return None
+        arena = TENSORS[key]
+        ga, gb, gs, _ = slot_geometry
+        a, b, s = arena[0].as_strided(*ga), arena[1].as_strided(*gb), arena[2].as_strided(*gs)
+        if x.dtype != a.dtype or _needs_grad(x, base) or _autocast_recasts(x, a.dtype):
+            return None
+        segs = SEGMENTS[key]
+        if segs is not None and not routed_kernel.segments_fit(segs, a.shape[0], route.shape[0]):
+            segs = None  # grouped for another slot count: the kernels group it themselves
+        return routed_linear.routed_lora_linear(
+            x, weight, bias, a, b, s, route, segs, sized=sized, wide=wide, workspace=WORKSPACES[key]
+        )
 
     def dynamic_rows(self, x: torch.Tensor) -> bool:
         """Compiled with a symbolic row count (dynamic shapes) that the fused kernel's row limits

@@ -234,16 +234,16 @@ def test_forward_plan_follows_every_flag_it_gathers(monkeypatch: pytest.MonkeyPa
     layers = list(model)
     for layer in layers:
         assert layer.wide
-        assert layer._plan == (False, layer.fused, True, True, layer._key, layer._geometry)
+        assert layer._plan == (False, layer.fused, True, True, layer._key, layer._geometry, layer._slot_geometry)
     lorahot.eject(model)
     assert all(layer._plan[2] is False for layer in layers)  # unwidened
     merged = nn.Sequential(nn.Linear(8, 8))
     lorahot.inject(merged, ["0"], max_rank=4, merged=True)
-    assert merged[0]._plan == (True, False, False, False, -1, ())
+    assert merged[0]._plan == (True, False, False, False, -1, (), ())
     plain = nn.Sequential(nn.Linear(8, 8))
     lorahot.inject(plain, ["0"], max_rank=4, fused=False)
     layer = plain[0]
-    assert layer._plan == (False, False, False, False, layer._key, layer._geometry)
+    assert layer._plan == (False, False, False, False, layer._key, layer._geometry, layer._slot_geometry)
     layer.wide = True  # any later change of a gathered flag reaches the plan
     assert layer._plan[2] is True
 
