@@ -53,11 +53,12 @@ WORKSPACE_ROWS = 256
 #: (cuBLAS's ``C`` with ``beta = 1``), where it may be hidden behind the arithmetic. Predicted at
 #: the mixed suite's prefill (2048 rows, 8 adapters), if it is hidden and ``beta = 1`` costs the
 #: GEMM nothing else: about 0.8 ms less GPU time per forward (8 MB less for the expand to read on
-#: q/o, 23 MB on gate/up). Not yet measured on a GPU, so off unless
-#: ``LORAHOT_ROUTED_ACCUMULATE=1``. With it on: rows of no slot equal the base output up to
-#: cuBLAS's choice of algorithm for ``beta = 1`` (not guaranteed bitwise, as they are without
-#: it), and forward hooks on the wrapped linear do not run for inputs this form takes (as for
-#: those the fused kernel takes).
+#: q/o, 23 MB on gate/up). Measured on an H200: 0.13 ms less (1.34x the base's GPU time against
+#: 1.37x, ``runs/20261201T154411-mixed.json``), 2-5 us per layer (``experiments/prefill_probe.py``):
+#: the read is not hidden. So off unless ``LORAHOT_ROUTED_ACCUMULATE=1``. With it on: rows of
+#: no slot equal the base output up to cuBLAS's choice of algorithm for ``beta = 1`` (not
+#: guaranteed bitwise, as they are without it), and forward hooks on the wrapped linear do not
+#: run for inputs this form takes (as for those the fused kernel takes).
 ACCUMULATE = os.environ.get("LORAHOT_ROUTED_ACCUMULATE") == "1"
 
 
@@ -66,9 +67,10 @@ def workspace(rank: int, device: torch.device) -> torch.Tensor:
     on ``device`` (the runtime keeps one per arena, at a fixed address).
 
     The routed decode's shrink adds its shares of K into it. Without one, each call zeroes a
-    fresh buffer: one more kernel per layer, which a CUDA graph replays
-    at a host cost of about 1.8 us per node on an H200 host, besides its GPU time
-    (``benchmarks/experiments/mixed_profile_probe.py``). With one, the split-K sum that ends
+    fresh buffer: one more kernel per layer, which costs a replayed CUDA graph about 0.9 us of
+    the device's time besides its work (0.6 with early launches) and the replay's launch about
+    0.5 us of host time on an H200 host (``benchmarks/experiments/graph_launch_probe.py``,
+    ``mixed_profile_probe.py``). With one, the split-K sum that ends
     the call zeroes it again once the fused kernel has read it, so it is zero whenever no call
     is running. Calls that share a workspace must therefore not run at the same time (two
     streams): a runtime's forwards already share its routing."""
