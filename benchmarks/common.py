@@ -40,6 +40,39 @@ def median_ms(fn: Callable[[], Any], device: torch.device, *, repeat: int = 20, 
     return statistics.median(times)
 
 
+def paired_ms(
+    calls: dict[str, tuple[Callable[[], Any] | None, Callable[[], Any]]],
+    device: torch.device,
+    *,
+    repeat: int = 20,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Median wall time in ms of each ``calls[key] = (setup, fn)``, the configurations taken in
+    turn call by call (``setup`` untimed before each call, then ``fn`` timed between two device
+    syncs), the order rotated each repeat.
+
+    A synced call at decode sizes is mostly the host's part, which drifts by tenths of a
+    millisecond within one process (round medians of the same graph 1.71-2.08 ms,
+    ``results/runs/20261201T155131-rows.json``). Configurations timed one block after another
+    each catch a different stretch of that drift; taken in turn, every configuration sees the
+    same stretches, so their ratio keeps the host work each adds and loses the drift. Each
+    configuration is called ``warmup`` times in turn first."""
+    keys = list(calls)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for i in range(warmup + repeat):
+        for k in keys[i % len(keys) :] + keys[: i % len(keys)]:
+            setup, fn = calls[k]
+            if setup is not None:
+                setup()
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            if i >= warmup:
+                times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def pipelined_ms(fn: Callable[[], Any], device: torch.device, *, calls: int = 50) -> float:
     """Time per call of ``calls`` calls issued back to back, one sync at the end: the device's
     time when the host keeps ahead of it (with CUDA graphs, without the host's launch of each

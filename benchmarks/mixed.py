@@ -14,6 +14,10 @@ place and timed on the same graph under ``error_on_recompile`` (its whole-batch 
 single-adapter path, are compiled first, so the first routing is the one mode switch). PEFT
 runs its ``adapter_names=`` forward eagerly with the adapters cast to bf16 (its per-adapter
 Python loop is what the comparison is about). Figures are medians over interleaved rounds.
+The run file also has ``mixed_batch_paired_ms``: the base, the single-adapter path and each
+routing taken in turn call by call (:func:`benchmarks.common.paired_ms`), so that the host's
+drift within the process falls on all of them alike, and ``mixed_batch_pipelined_ms``: the same
+calls back to back, the GPU's time.
 
     python -m benchmarks.run --suite mixed [--small]
 """
@@ -33,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorahot
-from benchmarks.common import median_ms, pipelined_ms, rel_err
+from benchmarks.common import median_ms, paired_ms, pipelined_ms, rel_err
 from benchmarks.workload import MAX_RANK, TARGETS, Workload, adapter_file
 
 SLOTS = 8
@@ -131,6 +135,7 @@ def run(
             if name != "peft":  # PEFT's eager loop: its synced time is its time
                 piped.setdefault((label, distinct, name), []).append(pipelined_ms(fn, w.device, calls=2 * repeat))
 
+        paired: dict[str, list[float]] = {}
         for _ in range(ROUNDS):
             for label, x in ids.items():
                 counts = DISTINCT if label == "decode64" else (SLOTS,)
@@ -142,6 +147,10 @@ def run(
                     runtime.activate(route)
                     timed(label, str(d), "lorahot", lambda x=x: call(x))
                     timed(label, str(d), "peft", lambda x=x, route=route: peft(x, route))
+                for key, ms in paired_ms(
+                    _turns(label, x, counts, base_call, call, runtime), w.device, repeat=repeat
+                ).items():
+                    paired.setdefault(key, []).append(ms)
         log("timed")
     # the labels are the full run's; with --small the prefill is 8 x 64 tokens: the shapes say so
     out: dict[str, Any] = {"mixed_batch_ms": {}, "mixed_batch_single_ms": {}, "mixed_batch_shapes": dict(shapes)}
@@ -158,12 +167,36 @@ def run(
     out["mixed_batch_pipelined_ms"] = {
         f"{label}/{distinct}/{name}": statistics.median(v) for (label, distinct, name), v in piped.items()
     }
+    # base, single adapter and each routing taken in turn call by call (benchmarks.common.paired_ms):
+    # the same host drift for all; in the run file only, beside the blocks above
+    out["mixed_batch_paired_ms"] = {key: statistics.median(v) for key, v in paired.items()}
     out["mixed_batch_rel_err_vs_peft"] = errs
     out["mixed_batch_recompiles"] = 0  # error_on_recompile above would have raised
     if variant:
         out = {key.replace("mixed_batch_", f"mixed_batch_{variant}_", 1): value for key, value in out.items()}
     print(f"[mixed] {json.dumps(out)}", flush=True)
     return out
+
+
+def _turns(
+    label: str,
+    x: torch.Tensor,
+    counts: tuple[int, ...],
+    base_call: Callable[[torch.Tensor], Any],
+    call: Callable[[torch.Tensor], Any],
+    runtime: lorahot.LoraRuntime,
+) -> dict[str, tuple[Callable[[], Any] | None, Callable[[], Any]]]:
+    """``label/distinct/name -> (setup, call)`` for :func:`benchmarks.common.paired_ms`: the base, the
+    single-adapter path (``activate(0)`` before each call) and each routing (``activate`` of it:
+    a write of the same shape, so the same graph)."""
+    turns: dict[str, tuple[Callable[[], Any] | None, Callable[[], Any]]] = {
+        f"{label}/-/base": (None, lambda: base_call(x)),
+        f"{label}/-/single": (lambda: runtime.activate(0), lambda: call(x)),
+    }
+    for d in counts:
+        route = _route(x.shape[0], d)
+        turns[f"{label}/{d}/lorahot"] = (lambda route=route: runtime.activate(route), lambda: call(x))
+    return turns
 
 
 def _compiled(model: torch.nn.Module, mode: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
