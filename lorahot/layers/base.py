@@ -388,7 +388,7 @@ class LoRALayer(nn.Module):
         if merged:
             out: torch.Tensor = self._base(x, *args, **kwargs)
             return out
-        route = ROUTES[key]
+        route = ROUTES.get(key)  # an unbound layer has no entry: _views() below says so
         if not extras and not args and not kwargs and torch.compiler.is_compiling():
             if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
                 z = self.compiled_routed(x, route, fused, wide, key, slot_geometry)

@@ -119,6 +119,58 @@ def test_the_fused_routed_path_compiles_once_for_every_routing_with_static_shape
         torch.compile(model, dynamic=False)(ids)
 
 
+def _linear_model(extras: bool) -> tuple[torch.nn.Module, lorahot.LoraRuntime]:
+    """Two routed linears (slots 0 and 1; slot 0's first layer with a LoRA bias where ``extras``)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.GELU(), torch.nn.Linear(6, 4))
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, slots=2, extras=extras)
+    for k in range(2):
+        g = torch.Generator().manual_seed(k)
+        tensors = {}
+        for n, (fin, fout) in {"0": (8, 6), "2": (6, 4)}.items():
+            tensors[f"{n}.lora_A.weight"] = torch.randn(3, fin, generator=g)
+            tensors[f"{n}.lora_B.weight"] = torch.randn(fout, 3, generator=g)
+        if extras and k == 0:
+            tensors["0.lora_B.bias"] = torch.randn(6, generator=g)
+        runtime.load(lorahot.read_adapter(tensors, config={"r": 3, "lora_alpha": 3, "lora_bias": extras}), slot=k)
+    return model, runtime
+
+
+@pytest.mark.parametrize("case", ["lora bias", "autograd"])
+def test_the_compiled_routed_path_leaves_what_it_does_not_serve_to_the_general_path(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compiled, a routed linear on the fused path takes its one-call form only without extras
+    and without autograd (the operator has neither): a LoRA bias, or a forward autograd must
+    see, gives the general path's output, as eagerly."""
+    _fused_on_the_cpu(monkeypatch)
+    model, runtime = _linear_model(extras=case == "lora bias")
+    assert model[0]._plan[1]
+    runtime.activate([0, 1, -1])
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(2))
+    with torch.enable_grad() if case == "autograd" else torch.no_grad():
+        want = model(x)
+        got = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got.requires_grad == (case == "autograd")
+
+
+def test_a_compiled_routed_linear_refuses_an_input_that_does_not_fit_the_routing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Linear layers only (no other layer kind to refuse for them): a batch of 2 sequences of 4
+    tokens against a routing of 4 entries is refused, compiled as eagerly."""
+    _fused_on_the_cpu(monkeypatch)
+    model, runtime = _linear_model(extras=False)
+    runtime.activate([0, -1, 0, -1])
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        with pytest.raises(lorahot.UsageError, match="does not fit a routing of 4 entries"):
+            model(x)
+        with pytest.raises(lorahot.UsageError, match="does not fit a routing of 4 entries"):
+            torch.compile(model, backend="aot_eager", dynamic=False)(x)
+
+
 def _q_proj_guards(fused: bool, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The guards a compiled routed forward of the tiny model puts on its first q_proj."""
     with monkeypatch.context() as m:

@@ -222,6 +222,12 @@ def test_transformers_conv1d_is_wrapped_as_linear() -> None:
     torch.testing.assert_close(y, reference(base.layer, x, *ab["layer"], 1.0), rtol=1e-10, atol=1e-12)
 
 
+def test_a_layer_made_by_hand_and_never_bound_says_how_layers_are_made() -> None:
+    layer = lorahot.LoRALinear(nn.Linear(4, 3))
+    with pytest.raises(lorahot.UsageError, match=r"bound by lorahot\.inject"):
+        layer(torch.randn(2, 4))
+
+
 def test_forward_plan_follows_every_flag_it_gathers(monkeypatch: pytest.MonkeyPatch) -> None:
     """The forward reads its branches from one constant tuple (one guard per layer under
     compile, not one per flag): it must equal the flags after inject, widen, unwiden and in
@@ -246,6 +252,9 @@ def test_forward_plan_follows_every_flag_it_gathers(monkeypatch: pytest.MonkeyPa
     assert layer._plan == (False, False, False, False, layer._key, layer._geometry, layer._slot_geometry)
     layer.wide = True  # any later change of a gathered flag reaches the plan
     assert layer._plan[2] is True
+    moved = (((1, 4, 8), (32, 8, 1), 0),) * 4
+    layer._slot_geometry = moved  # and of a geometry
+    assert layer._plan[6] == moved
 
 
 def _autocast_pair(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
