@@ -16,6 +16,17 @@ with and without early launches, and ``torch.cuda.CUDAGraph.replay`` timed alone
 ``PROBE_NODES`` sets the node counts (``100,300,600``). Read ``host / N`` for the per-node cost
 and the ``pdl`` rows against the plain ones for what early launches add.
 
+Its first run (``runs/20261201T154143-graph-launch-probe.log``) found the launch a few us whatever
+the nodes, while the model's real graphs took about 0.5 us per node to launch (0.10 ms for the
+base decode's 336, 0.25 for the routed one's 622; ``mixed_profile_probe``). So the chains now
+vary in what a real graph has and the plain chain lacks (``PROBE_KINDS``, all by default):
+
+- ``one``: one small kernel repeated (the first run's chain);
+- ``distinct``: eight different kernels in turn (a model's graph has about fifty);
+- ``args``: a kernel with 16 tensor arguments (lorahot's kernels take 10-20);
+- ``gemm``: a small cuBLAS GEMM every fourth node (the base model's products);
+- ``alloc``: each node writing a fresh output from the graph's pool (as compiled graphs do).
+
     PYTHONPATH=. python3 -m benchmarks.experiments.graph_launch_probe
 """
 
@@ -41,20 +52,47 @@ def _step(X, N: tl.constexpr, PDL: tl.constexpr):
     tl.store(X + offs, tl.load(X + offs) + 1.0)
 
 
-def _chain(x: torch.Tensor, nodes: int, pdl: bool) -> None:
-    for _ in range(nodes):
-        _step[(1,)](x, N=x.numel(), PDL=pdl, num_warps=1, launch_pdl=pdl)
+@triton.jit
+def _step_args(X, A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12, A13, A14, N: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    offs = tl.arange(0, N)
+    tl.store(X + offs, tl.load(X + offs) + tl.load(A7 + offs))
 
 
-def _graph(x: torch.Tensor, nodes: int, pdl: bool) -> torch.cuda.CUDAGraph:
+#: the chains' kinds (see the module docstring)
+KINDS = ("one", "distinct", "args", "gemm", "alloc")
+
+
+def _chain(x: torch.Tensor, nodes: int, pdl: bool, kind: str, extra: list[torch.Tensor]) -> None:
+    n = x.numel()
+    for i in range(nodes):
+        if kind == "distinct":  # eight kernels: each constexpr N is a kernel of its own
+            _step[(1,)](x, N=n >> (i % 8), PDL=pdl, num_warps=1, launch_pdl=pdl)
+        elif kind == "args":
+            _step_args[(1,)](x, *extra[:15], N=n, PDL=pdl, num_warps=1, launch_pdl=pdl)
+        elif kind == "gemm" and i % 4 == 3:
+            torch.mm(extra[15], extra[16], out=extra[17])
+        elif kind == "alloc":
+            y = torch.empty_like(x)
+            _step[(1,)](y, N=n, PDL=pdl, num_warps=1, launch_pdl=pdl)
+        else:
+            _step[(1,)](x, N=n, PDL=pdl, num_warps=1, launch_pdl=pdl)
+
+
+def _graph(x: torch.Tensor, nodes: int, pdl: bool, kind: str = "one") -> torch.cuda.CUDAGraph:
+    extra = [torch.zeros(128, 128, device=x.device) for _ in range(15)]  # _step_args' inputs
+    extra += [torch.randn(64, 64, device=x.device) for _ in range(3)]  # the GEMM's
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        _chain(x, nodes, pdl)  # compiles the kernel outside the capture
+        _chain(x, nodes, pdl, kind, extra)  # compiles the kernels outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _chain(x, nodes, pdl)
+        _chain(x, nodes, pdl, kind, extra)
+    graph.extra = extra  # type: ignore[attr-defined]  # kept alive with the graph
     return graph
 
 
@@ -81,20 +119,26 @@ def _timed(graph: torch.cuda.CUDAGraph, calls: int = 60) -> tuple[float, float, 
 
 def main() -> None:
     nodes = [int(n) for n in os.environ.get("PROBE_NODES", "100,300,600").split(",")]
+    kinds = os.environ.get("PROBE_KINDS", ",".join(KINDS)).split(",")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; ms per replay")
-    print(f"{'nodes':>6s} {'pdl':>5s} {'host':>8s} {'us/node':>8s} {'latency':>8s} {'pipelined':>10s}")
-    for n in nodes:
-        for pdl in (False, True):
-            if pdl and gdc_wait is None:
-                continue
-            x = torch.zeros(128, device="cuda")
-            graph = _graph(x, n, pdl)
-            host, latency, pipelined = _timed(graph)
-            print(f"{n:6d} {pdl!s:>5s} {host:8.3f} {host / n * 1e3:8.2f} {latency:8.3f} {pipelined:10.3f}", flush=True)
-            before = float(x[0])
-            graph.replay()
-            torch.cuda.synchronize()
-            assert float(x[0]) == before + n, "the chain ran out of order"
+    print(f"{'kind':>9s} {'nodes':>6s} {'pdl':>5s} {'host':>8s} {'us/node':>8s} {'latency':>8s} {'pipelined':>10s}")
+    for kind in kinds:
+        for n in nodes:
+            for pdl in (False, True):
+                if pdl and gdc_wait is None:
+                    continue
+                x = torch.zeros(128, device="cuda")
+                graph = _graph(x, n, pdl, kind)
+                host, latency, pipelined = _timed(graph)
+                print(
+                    f"{kind:>9s} {n:6d} {pdl!s:>5s} {host:8.3f} {host / n * 1e3:8.2f} {latency:8.3f} {pipelined:10.3f}",
+                    flush=True,
+                )
+                if kind == "one":  # the chain's order: each node added one to the same element
+                    before = float(x[0])
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    assert float(x[0]) == before + n, "the chain ran out of order"
 
 
 if __name__ == "__main__":
