@@ -26,7 +26,7 @@ import torch
 from benchmarks import diffusion, forward, mixed, rows, stack, swap
 from benchmarks.common import COMPILE_CONFIGS, RESULTS, ROW_CONFIGS, device_name, merge_results, split_fields
 from benchmarks.workload import RANKS, build
-from lorahot.kernels import pdl, routed_linear
+from lorahot.kernels import pdl, routed_linear, stacked_routed
 
 
 def summary(raw: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         "accumulate onto them (lorahot.kernels.routed_linear.ACCUMULATE, off by default); the mixed suite's "
         "figures under mixed_batch_accumulate_* in the run file only",
     )
+    parser.add_argument(
+        "--stack-routed",
+        action="store_true",
+        help="one routed shrink for the routed layers that share an input (lorahot.kernels.stacked_routed, off by "
+        "default); the mixed suite's figures under mixed_batch_stacked_* in the run file only",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
     if args.no_pdl:
@@ -191,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.routed_accumulate:
         os.environ["LORAHOT_ROUTED_ACCUMULATE"] = "1"
         routed_linear.ACCUMULATE = True
+    if args.stack_routed:
+        os.environ["LORAHOT_STACK_ROUTED"] = "1"
+        stacked_routed.ENABLED = True
     start = time.perf_counter()
 
     import peft
@@ -209,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "peft": peft.__version__,
         "pdl": pdl.ENABLED,
         "routed_accumulate": routed_linear.ACCUMULATE,
+        "stack_routed": stacked_routed.ENABLED,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "workload": "small 2-layer Llama" if args.small else "TinyLlama-1.1B shape, 154 LoRA layers",
@@ -241,7 +251,15 @@ def main(argv: list[str] | None = None) -> int:
             w,
             args.repeat,
             small=args.small,
-            variant="_".join(v for v, on in (("nopdl", args.no_pdl), ("accumulate", args.routed_accumulate)) if on)
+            variant="_".join(
+                v
+                for v, on in (
+                    ("nopdl", args.no_pdl),
+                    ("accumulate", args.routed_accumulate),
+                    ("stacked", args.stack_routed),
+                )
+                if on
+            )
             or None,
         ),
         "rows": lambda: (

@@ -19,7 +19,11 @@ not (:mod:`lorahot.kernels.triton_lora_linear`, :mod:`lorahot.kernels.triton_rou
   first kernel of the op was launched, or passed its own wait), the base weight, the adapter's
   slots and the routing (written by swaps and ``activate``, which end before a forward begins);
 - the first kernel of an op waits before it signals, so nothing after it can start before the
-  kernels before the op have ended.
+  kernels before the op have ended. One exception: a routed linear given a stacked shrink's
+  result (``h``, :mod:`lorahot.kernels.stacked_routed`) starts with its fused kernel, which
+  signals at once and waits before it reads ``h``; the kernels between the stacked shrink and
+  it (the earlier layers of its group) each waited in turn, so that wait still implies the end
+  of everything before the stacked shrink.
 
 :func:`active` decides per call (read at each launch, so a captured graph keeps what it was
 captured with): on when :data:`ENABLED`, the device is sm90 or newer, and Triton has the

@@ -27,6 +27,11 @@ The operator ``lorahot::routed_lora_linear`` (:mod:`lorahot.kernels.op_registry`
 the compiler and shape-stable for CUDA graphs. Where the fused kernel does not run (no CUDA or
 Triton, other dtypes) it computes the base linear plus
 :func:`lorahot.kernels.routed_lora.reference`.
+
+The shrink is also an operator of its own, ``lorahot::routed_shrink`` (:func:`routed_shrink`),
+whose result the linear takes as ``h`` instead of shrinking itself: one call over the stacked
+A of several layers that read the same input serves them all. The compiler pass
+:mod:`lorahot.kernels.stacked_routed` writes that into compiled graphs (off by default).
 """
 
 from __future__ import annotations
@@ -36,12 +41,13 @@ import os
 import torch
 
 from lorahot.kernels import lora_linear as fused_kernel
+from lorahot.kernels import pdl
 from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.routed_lora import available, check_segments, reference, routed_lora, segments, token_route
 from lorahot.kernels.triton_import import triton_module
 
-__all__ = ["routed_lora_linear", "workspace", "WORKSPACE_ROWS"]
+__all__ = ["routed_lora_linear", "routed_shrink", "workspace", "WORKSPACE_ROWS", "rank_pad"]
 
 #: rows of :func:`workspace`: the most the fused routed path takes (``lora_linear.routed_worth_it``)
 WORKSPACE_ROWS = 256
@@ -62,6 +68,71 @@ WORKSPACE_ROWS = 256
 ACCUMULATE = os.environ.get("LORAHOT_ROUTED_ACCUMULATE") == "1"
 
 
+def rank_pad(rank: int) -> int:
+    """The rank as the kernels hold it: a power of two, at least 16 (as
+    :func:`lorahot.kernels.triton_routed_lora.rank_pad`, without Triton)."""
+    return max(16, 1 << (max(rank, 1) - 1).bit_length())
+
+
+def _shrink_fake(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, *_: object) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty((rows, rank_pad(a.shape[-2])), dtype=torch.promote_types(a.dtype, s.dtype))
+
+
+@define("routed_shrink(Tensor x, Tensor a, Tensor s, Tensor route, Tensor? segs=None) -> Tensor", _shrink_fake)
+def _routed_shrink(
+    x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, route: torch.Tensor, segs: torch.Tensor | None = None
+) -> torch.Tensor:
+    refuse_grad("routed_shrink", x, a)
+    x2 = x.reshape(-1, x.shape[-1])
+    r = a.shape[-2]
+    kernels = triton_module("triton_routed_lora") if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
+    if kernels is None or x2.shape[0] == 0 or s.dtype != torch.float32:
+        tokens = token_route(route, x2.shape[0])
+        on = tokens >= 0
+        index = tokens.clamp_min(0)
+        h = torch.bmm(x2[:, None, :].to(a.dtype), a[index].transpose(1, 2))[:, 0]  # (M, R)
+        h = h * (s[index] * on[:, None].to(s.dtype))
+        out = h.new_zeros((x2.shape[0], rank_pad(r)))
+        out[:, :r] = h
+        return out
+    grouped = segments(route, a.shape[0]) if segs is None else segs
+    with launching_on(x.device):
+        # K split: shares added into a zero fill of its own; else each row written once (rows of
+        # no slot are left unset: every reader masks them)
+        early = pdl.active(x.device)  # as the fused kernel's own shrink launches: it waits to read the result
+        t = x2.shape[0] // route.shape[0]
+        stacked: torch.Tensor = kernels.shrink(x2.contiguous(), a, s, grouped, t, early=early)[0]
+    return stacked
+
+
+def routed_shrink(
+    x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, route: torch.Tensor, segs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each row's scaled shrink with its own slot's A, ``h[m] = s_k * (x[m] @ A_k.T)`` (``k`` the
+    row's slot; ``-1`` rows zero on the CPU, unset on CUDA), ``[rows, rank_pad(R)]`` in
+    ``promote(a.dtype, s.dtype)`` (float32 under the kernels): the first launch of the routed
+    fused linear, for ``a [slots, R, in]`` and ``s [slots, R]`` over several layers at once.
+
+    The layers that share an input (q/k/v, gate/up) keep their A rows next to each other in the
+    arena, so one call over their stacked view computes all their shrinks, each layer's its
+    ``R_layer`` columns; :func:`routed_lora_linear` takes them as ``h``. The compiler pass
+    :func:`lorahot.kernels.stacked_routed.stack_routed` writes that (where
+    :data:`lorahot.kernels.stacked_routed.ENABLED` is on)."""
+    check_segments(segs, a.shape[0], route.shape[0])
+    out: torch.Tensor = torch.ops.lorahot.routed_shrink(x, a, s, route, segs)
+    return out
+
+
+def _reference_h(y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``y`` plus each row's expand of its given scaled shrink ``h [M, >= R]`` (the library
+    formula of :func:`lorahot.kernels.routed_lora.reference` after its shrink; -1 rows: ``y``)."""
+    on = tokens >= 0
+    index = tokens.clamp_min(0)
+    hr = torch.where(on[:, None], h[:, : bt.shape[-2]], 0)  # rows of no slot may be unset (NaN): not a product
+    return y + torch.bmm(hr.to(bt.dtype)[:, None, :], bt[index])[:, 0].to(y.dtype)
+
+
 def workspace(rank: int, device: torch.device) -> torch.Tensor:
     """A zeroed float32 ``[WORKSPACE_ROWS, rank padded]`` workspace for :func:`routed_lora_linear`
     on ``device`` (the runtime keeps one per arena, at a fixed address).
@@ -74,8 +145,7 @@ def workspace(rank: int, device: torch.device) -> torch.Tensor:
     the call zeroes it again once the fused kernel has read it, so it is zero whenever no call
     is running. Calls that share a workspace must therefore not run at the same time (two
     streams): a runtime's forwards already share its routing."""
-    pad = max(16, 1 << (max(rank, 1) - 1).bit_length())  # as the kernels pad the rank
-    return torch.zeros((WORKSPACE_ROWS, pad), device=device, dtype=torch.float32)
+    return torch.zeros((WORKSPACE_ROWS, rank_pad(rank)), device=device, dtype=torch.float32)
 
 
 def _accumulates(x2: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -115,7 +185,7 @@ def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
 
 @define(
     "routed_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor bt, Tensor s, Tensor route, "
-    "Tensor? segs=None, bool sized=False, bool wide=False, Tensor? workspace=None) -> Tensor",
+    "Tensor? segs=None, bool sized=False, bool wide=False, Tensor? workspace=None, Tensor? h=None) -> Tensor",
     _fake,
 )
 def _routed_lora_linear(
@@ -130,6 +200,7 @@ def _routed_lora_linear(
     sized: bool = False,
     wide: bool = False,
     workspace: torch.Tensor | None = None,
+    h: torch.Tensor | None = None,
 ) -> torch.Tensor:
     refuse_grad("routed_lora_linear", x, weight, bias, a, bt)
     x2 = x.reshape(-1, x.shape[-1])
@@ -142,14 +213,18 @@ def _routed_lora_linear(
     kernel = triton_module("triton_lora_linear") if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
     if kernel is None or x2.shape[0] == 0:
         y = torch.nn.functional.linear(x2, weight, bias)
-        return reference(x2, y, a, bt, s, token_route(route, x2.shape[0])).view(*x.shape[:-1], n)
+        tokens = token_route(route, x2.shape[0])
+        z = reference(x2, y, a, bt, s, tokens) if h is None else _reference_h(y, h, bt, tokens)
+        return z.view(*x.shape[:-1], n)
     x2 = x2.contiguous()
     out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
     grouped = segments(route, a.shape[0]) if segs is None else segs
     with launching_on(x.device):
         config = kernel.config_for(x2.shape[0], n, x2.shape[1])
-        routing = (grouped, route, x2.shape[0] // route.shape[0], workspace)
-        kernel.launch(x2, weight, bias, a, bt, s, out, config, routing=routing)
+        routing = (grouped, route, x2.shape[0] // route.shape[0], None if h is not None else workspace)
+        if h is not None and (h.dtype != torch.float32 or h.stride(-1) != 1):
+            h = h.float().contiguous()  # the kernel reads float32 rows with contiguous columns
+        kernel.launch(x2, weight, bias, a, bt, s, out, config, routing=routing, h=h)
     return out.view(*x.shape[:-1], n)
 
 
@@ -166,6 +241,7 @@ def routed_lora_linear(
     sized: bool = False,
     wide: bool = False,
     workspace: torch.Tensor | None = None,
+    h: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The base linear plus each row's own slot's update: on CUDA the segmented shrink, then
     the fused kernel (see the module docstring). With ``sized`` (compiled, the row count
@@ -183,12 +259,20 @@ def routed_lora_linear(
         workspace: a :func:`workspace` for ``a``'s rank, zero, that no other call uses at the
             same time; the kernels use it where it holds the rows (and leave it zero), else zero
             their own.
+        h: the rows' scaled shrinks already computed (:func:`routed_shrink`, ``[rows, >= R]``,
+            its rows ``h.stride(0)`` apart: a layer's columns of a stacked shrink): the shrink
+            is not run again where the fused path or the library formula runs (the base GEMM
+            and the segmented pair above the fused path's rows compute their own).
 
     Returns:
         ``[..., out]`` in ``x``'s dtype.
     """
     check_segments(segs, a.shape[0], route.shape[0])
+    if h is not None:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if h.dim() != 2 or h.shape[0] != rows or h.shape[1] < a.shape[-2]:
+            raise ValueError(f"h of shape {tuple(h.shape)} does not give {rows} rows at least {a.shape[-2]} ranks each")
     out: torch.Tensor = torch.ops.lorahot.routed_lora_linear(
-        x, weight, bias, a, bt, s, route, segs, sized, wide, workspace
+        x, weight, bias, a, bt, s, route, segs, sized, wide, workspace, h
     )
     return out

@@ -51,7 +51,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from lorahot.kernels import extern_inputs
+from lorahot.kernels import extern_inputs, stacked_routed
 from lorahot.kernels.fx_graph import RESHAPES, erase_unused, fake_mode, set_fake_values, source
 
 __all__ = ["StackShrinks", "install", "uninstall", "stack_shrinks"]
@@ -82,15 +82,18 @@ class StackShrinks(CustomGraphPass):
         if extern_inputs.ENABLED:  # first: the layers it rewrites have no shrink left to stack
             extern_inputs.rewrite_extern_inputs(graph)
         stack_shrinks(graph)
+        if stacked_routed.ENABLED:
+            stacked_routed.stack_routed(graph)
 
     def uuid(self) -> Any:
-        """This file's and :mod:`~lorahot.kernels.extern_inputs`' hash, whether the latter is on,
-        and the earlier passes' ids; None (no caching of compiled graphs, as inductor does for
-        such a pass) where an earlier pass has no id."""
+        """This file's, :mod:`~lorahot.kernels.extern_inputs`' and :mod:`~lorahot.kernels.stacked_routed`'s
+        hash, whether the latter two are on, and the earlier passes' ids; None (no caching of
+        compiled graphs, as inductor does for such a pass) where an earlier pass has no id."""
         earlier = [getattr(p, "uuid", lambda: None)() for p in self._before()]
         if any(u is None for u in earlier):
             return None
-        return (get_hash_for_files((__file__, extern_inputs.__file__)), extern_inputs.ENABLED, *earlier)
+        files = (__file__, extern_inputs.__file__, stacked_routed.__file__)
+        return (get_hash_for_files(files), extern_inputs.ENABLED, stacked_routed.ENABLED, *earlier)
 
 
 def install() -> None:
@@ -152,7 +155,8 @@ def _shrink(node: torch.fx.Node) -> tuple[tuple[Any, ...], int] | None:
     if not isinstance(view, torch.fx.Node) or view.target is not _aten.as_strided.default:
         return None
     arena, size, stride = view.args[:3]
-    offset = view.args[3] if len(view.args) > 3 else view.kwargs.get("storage_offset", 0)
+    # without one, as_strided keeps its input's own offset, which the graph does not show
+    offset = view.args[3] if len(view.args) > 3 else view.kwargs.get("storage_offset")
     if not (isinstance(arena, torch.fx.Node) and arena.op == "placeholder"):
         return None
     if not (isinstance(size, (list, tuple)) and isinstance(stride, (list, tuple)) and isinstance(offset, int)):

@@ -190,6 +190,7 @@ def launch(
     out: torch.Tensor,
     config: Config,
     routing: tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None = None,
+    h: torch.Tensor | None = None,
 ) -> None:
     """Runs the kernel on 2-D ``x [M, K]`` into ``out [M, N]`` (rows contiguous), with
     ``scale [R]`` contiguous, one per row of ``a``.
@@ -203,7 +204,10 @@ def launch(
     zero a fresh workspace: ``workspace``, zero and large enough, saves that one, and the
     split-K sum zeroes it again); this kernel then tiles the rows as for one adapter (the base
     product read once for the whole batch) and adds, for each slot its tile's rows use, the
-    expand with that slot's B."""
+    expand with that slot's B. ``h``: the rows' scaled shrinks already computed (float32 ``[M,
+    >= R]``, columns contiguous, rows ``h.stride(0)`` apart; see
+    :func:`lorahot.kernels.routed_linear.routed_shrink`): no shrink runs and no workspace is
+    used."""
     m, k = x.shape
     n = weight.shape[0]
     r = a.shape[-2]
@@ -216,12 +220,13 @@ def launch(
     bm, bn, bk, warps, stages, split = config
     chunk, split, ws = split_k(k, bk, split, out)
     early = pdl.active(x.device)
-    kept = _workspace(routing, split, m, r)
+    kept = None if h is not None else _workspace(routing, split, m, r)
     try:
         if routing is not None:
             segs, route, t, _ = routing
             slots = a.shape[0]
-            h = shrink(x, a, scale, segs, t, early=early, workspace=kept)[0]
+            if h is None:
+                h = shrink(x, a, scale, segs, t, early=early, workspace=kept)[0]
         else:
             route, t, slots, h = x, 1, 0, x  # unused placeholders without routing
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)

@@ -171,6 +171,61 @@ def test_a_compiled_routed_linear_refuses_an_input_that_does_not_fit_the_routing
             torch.compile(model, backend="aot_eager", dynamic=False)(x)
 
 
+def _routed_ops(model: torch.nn.Module, ids: torch.Tensor, dynamic: bool) -> tuple[list[str], torch.nn.Module]:
+    """The lorahot operators of the compiled model's post-grad graph (after lorahot's own
+    passes), and the compiled model (first called on ``ids``)."""
+    seen: list[str] = []
+
+    def record(graph: torch.fx.Graph) -> None:
+        for node in graph.nodes:
+            if node.op == "call_function" and "lorahot" in str(node.target):
+                seen.append(f"{node.target}{'+h' if node.kwargs.get('h') is not None else ''}")
+
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=record, fx_graph_cache=False), torch.no_grad():
+        compiled(ids)
+    return sorted(seen), compiled
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "control: the pass off"])
+def test_routed_layers_sharing_an_input_share_one_shrink(stacked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``LORAHOT_STACK_ROUTED`` on (``stacked_routed.ENABLED``), the routed q_proj and
+    v_proj of each block (their A rows adjacent in the arena, one input) take one routed shrink
+    and each its columns of it; up_proj alone keeps its own. Every routing's output equals the
+    per-row reference on one graph (the operators' CPU formulas standing in for the kernels:
+    the layers' expands read the stacked shrink's columns there too)."""
+    from lorahot.kernels import stacked_routed
+
+    _fused_on_the_cpu(monkeypatch)
+    monkeypatch.setattr(stacked_routed, "ENABLED", stacked)
+    model, runtime, held = _setup()
+    ids = token_ids((4, 6), 32, seed=1)
+    runtime.activate([0, 1, 2, -1])
+    ops, compiled = _routed_ops(model, ids, dynamic=False)
+    linear, shrink = "lorahot.routed_lora_linear.default", "lorahot.routed_shrink.default"
+    if stacked:
+        assert ops == [linear] * 2 + [f"{linear}+h"] * 4 + [shrink] * 2
+    else:
+        assert ops == [linear] * 6
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for route in ([0, 1, 2, -1], [2, 2, 0, 1], [-1, -1, -1, 0]):
+            runtime.activate(route)
+            torch.testing.assert_close(compiled(ids).double(), _expected(ids, route, held), rtol=1e-4, atol=1e-5)
+
+
+def test_routed_shrinks_are_not_stacked_for_symbolic_row_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamic shapes: the operator chooses per call between the fused path and the segmented
+    pair (which shrinks for itself), so the pass leaves each layer its own shrink."""
+    from lorahot.kernels import stacked_routed
+
+    _fused_on_the_cpu(monkeypatch)
+    monkeypatch.setattr(stacked_routed, "ENABLED", True)
+    model, runtime, _ = _setup()
+    runtime.activate([0, 1, 2])
+    ops, _ = _routed_ops(model, token_ids((3, 4), 32, seed=0), dynamic=True)
+    assert ops == ["lorahot.routed_lora_linear.default"] * 6
+
+
 def _q_proj_guards(fused: bool, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The guards a compiled routed forward of the tiny model puts on its first q_proj."""
     with monkeypatch.context() as m:
@@ -309,6 +364,37 @@ def test_gpu_reduce_overhead_routings_replay_without_recompiling(dtype: torch.dt
                     [model_reference(reference, ids[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate(route)]
                 )
                 torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_stacked_routed_shrinks_match_the_layers_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the GPU, reduce-overhead, decode-sized batches: with the routed shrinks of q_proj and
+    v_proj stacked (``stacked_routed.ENABLED``), the output equals the float64 per-row
+    reference, and every new routing replays the same graph."""
+    from lorahot.kernels import stacked_routed
+
+    monkeypatch.setattr(stacked_routed, "ENABLED", True)
+    torch._dynamo.reset()
+    dtype = torch.bfloat16
+    model, runtime, held = _gpu_routed_lm(dtype, 256, 512, [4, 8, 16])
+    reference = tiny_lm(vocab=64, dim=256, hidden=512).to("cuda", dtype)
+    ids = token_ids((24, 2), 64, seed=3).cuda()
+    runtime.activate([k % 4 - 1 for k in range(24)])
+    ops, _ = _routed_ops(model, ids, dynamic=False)
+    assert ops.count("lorahot.routed_shrink.default") == 2
+    compiled = torch.compile(model, mode="reduce-overhead", dynamic=False)
+    with torch.no_grad():
+        compiled(ids), compiled(ids)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for shift in range(3):
+            route = [(k * 3 + shift) % 4 - 1 for k in range(24)]
+            runtime.activate(route)
+            with torch.no_grad():
+                got = compiled(ids).clone()
+            want = torch.cat(
+                [model_reference(reference, ids[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate(route)]
+            )
+            torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.gpu

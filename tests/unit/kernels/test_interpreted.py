@@ -327,3 +327,29 @@ def test_the_fused_operator_dispatches_compiles_and_refuses_gradients() -> None:
         torch.ops.lorahot.lora_linear(x, weight.requires_grad_(), bias, a, bt, scale)
     with torch.no_grad():
         assert torch.equal(torch.ops.lorahot.lora_linear(x, weight, bias, a, bt, scale), got)
+
+
+@pytest.mark.parametrize("shape", [(40, 256, (96, 64), 16, 4), (64, 512, (64, 32, 48), 64, 8)], ids=str)
+def test_stacked_shrink_feeds_each_layers_fused_routed_linear(shape: tuple) -> None:
+    """The segmented shrink over several layers' stacked A (``routed_linear.routed_shrink``'s
+    kernel), each layer's fused kernel reading its columns of it (``h``: rows the stacked
+    rank's padding apart), against the float64 reference; no workspace is touched."""
+    kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
+    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    from tests.unit.kernels.test_routed_linear import _stacked
+
+    rows, k, ns, rank, slots = shape
+    x, a_all, s_all, layers = _stacked(rows, k, list(ns), rank, slots, torch.float16, seed=rows)
+    route = torch.randint(-1, slots, (rows,), generator=torch.Generator().manual_seed(4))
+    segs = routed.segments(route, slots)
+    h = kernels.shrink(x, a_all, s_all, segs, 1)[0]
+    assert h.shape == (rows, kernels.rank_pad(len(ns) * rank))
+    for j, (a, bt, s) in enumerate(layers):
+        n = bt.shape[-1]
+        weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(j)) / k**0.5).half()
+        out = torch.full((rows, n), float("nan"), dtype=torch.float16)
+        config = kernel.config_for(rows, n, k)
+        part = h[:, j * rank : (j + 1) * rank]
+        kernel.launch(x, weight, None, a, bt, s, out, config, routing=(segs, route, 1, None), h=part)
+        want = _per_row(x, x.double() @ weight.double().T, a, bt, s, route)
+        torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))

@@ -158,3 +158,77 @@ def test_gpu_a_routed_layer_takes_the_accumulated_form_where_it_is_on(monkeypatc
         on = model(x)
     assert len(calls) == 1
     assert float((on.double() - off.double()).norm() / off.double().norm()) < 1e-2
+
+
+def _stacked(rows: int, k: int, ns: list[int], rank: int, slots: int, dtype: torch.dtype, seed: int = 0) -> tuple:
+    """``x`` and several layers' slot views as an arena keeps them: their A rows and scales next
+    to each other in every slot's region. Returns ``(x, a_all, s_all, [(a, bt, s) per layer])``."""
+    g = torch.Generator().manual_seed(seed)
+    n_layers = len(ns)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    big_a = (torch.randn(slots + 1, n_layers * rank * k + 64, generator=g) / k**0.5).to(dtype)
+    big_s = torch.rand(slots + 1, n_layers * rank + 8, generator=g) + 0.5
+    a_all = big_a.as_strided((slots, n_layers * rank, k), (big_a.stride(0), k, 1), 64)
+    s_all = big_s.as_strided((slots, n_layers * rank), (big_s.stride(0), 1), 8)
+    if dtype == torch.float64:
+        s_all = s_all.double()
+    layers = []
+    for j, n in enumerate(ns):
+        bt = torch.randn(slots, rank, n, generator=g).to(dtype)
+        layers.append((a_all[:, j * rank : (j + 1) * rank], bt, s_all[:, j * rank : (j + 1) * rank]))
+    return x, a_all, s_all, layers
+
+
+def test_a_stacked_shrink_gives_each_layer_what_its_own_would() -> None:
+    """One routed shrink over two layers' stacked A: each layer given its columns as ``h``
+    equals the layer computing its own shrink, and the per-row float64 reference (-1 rows the
+    base output, bitwise)."""
+    x, a_all, s_all, layers = _stacked(6, 8, [5, 3], 4, 3, torch.float64)
+    route = torch.tensor([2, -1, 0, 1, 0, -1])
+    h = routed_linear.routed_shrink(x, a_all, s_all, route)
+    assert h.shape == (6, 16) and h.dtype == torch.float64
+    for j, (a, bt, s) in enumerate(layers):
+        weight, bias = _weights(8, bt.shape[-1], torch.float64)
+        got = routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route, h=h[:, j * 4 : (j + 1) * 4])
+        alone = routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route)
+        torch.testing.assert_close(got, alone, rtol=1e-12, atol=1e-12)
+        base = x @ weight.T + bias
+        torch.testing.assert_close(got, _per_row(x, base, a, bt, s, route), rtol=1e-12, atol=1e-12)
+        assert torch.equal(got[route < 0], base[route < 0])
+
+
+def test_a_given_shrink_is_read_only_on_rows_of_a_slot_and_must_fit_the_rows() -> None:
+    """The kernels leave the stacked shrink's rows of no slot unset: whatever they hold (NaN
+    here) does not reach the output. An ``h`` with too few rows or ranks is refused."""
+    x, a_all, s_all, layers = _stacked(4, 8, [5], 4, 2, torch.float64)
+    a, bt, s = layers[0]
+    weight, bias = _weights(8, 5, torch.float64)
+    route = torch.tensor([1, -1, 0, -1])
+    h = routed_linear.routed_shrink(x, a_all, s_all, route)
+    h[route < 0] = float("nan")
+    got = routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route, h=h)
+    torch.testing.assert_close(got, routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route))
+    for bad in (h[:3], h[:, :3]):
+        with pytest.raises(ValueError, match="does not give 4 rows"):
+            routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route, h=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 64, 100])
+def test_gpu_stacked_shrink_feeds_the_fused_routed_linear(rows: int) -> None:
+    """On the GPU: the segmented shrink over three layers' stacked A (rank 64: 192 columns,
+    padded to 256), each layer's fused kernel reading its columns, against the float64
+    reference."""
+    x, a_all, s_all, layers = _stacked(rows, 2048, [2048, 256, 256], 64, 8, torch.bfloat16, seed=rows)
+    x, a_all, s_all = x.cuda(), a_all.cuda(), s_all.cuda()
+    route = torch.tensor([i % 9 - 1 for i in range(rows)], device="cuda")
+    segs = routed.segments(route, 8)
+    h = routed_linear.routed_shrink(x, a_all, s_all, route, segs)
+    assert h.shape == (rows, 256) and h.dtype == torch.float32
+    for j, (a, bt, s) in enumerate(layers):
+        a, bt, s = a.cuda(), bt.cuda(), s.cuda()
+        weight, bias = _weights(2048, bt.shape[-1], torch.bfloat16, "cuda")
+        got = routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route, segs, h=h[:, j * 64 : (j + 1) * 64])
+        base = x.double() @ weight.double().T + bias.double()
+        want = _per_row(x, base, a, bt, s, route)
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
