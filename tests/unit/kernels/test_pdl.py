@@ -151,3 +151,82 @@ def test_gpu_chain_computes_what_stream_order_computes(monkeypatch: pytest.Monke
     monkeypatch.setattr(pdl, "ENABLED", False)
     for seen in eager + replayed:
         _check_layers(seen, layers, route, segs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("early", [False, True], ids=["stream-order", "early-launch"])
+def test_gpu_a_stacked_routed_shrinks_group_computes_what_stream_order_computes(
+    monkeypatch: pytest.MonkeyPatch, early: bool
+) -> None:
+    """Three routed layers on one input, as q/k/v (their A rows and scales one stacked view, as
+    the arena keeps them), after a routed layer and a library op, with one routed shrink for the
+    three (``routed_linear.routed_shrink``), each layer reading its columns
+    (:mod:`lorahot.kernels.stacked_routed` writes this into compiled graphs). A member's fused
+    kernel signals at once and waits only before it reads its columns, so the second and third
+    rely on the wait of the one before. Eagerly and replayed from a CUDA graph on new inputs,
+    each member against itself with its own shrink in stream order: bitwise on rows of no slot,
+    up to the atomics' order elsewhere."""
+    if not fused.available():
+        pytest.skip("needs CUDA and Triton")
+    if early and not pdl._supported(torch.cuda.current_device()):
+        pytest.skip("needs an sm90 GPU and a Triton with griddepcontrol")
+    rows, k, rank, slots = 64, 1024, 64, 8
+    g = torch.Generator(device="cuda").manual_seed(4)
+    dt = torch.bfloat16
+
+    def randn(*shape: int, scale: float) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=dt, generator=g) * scale
+
+    first = (randn(k, k, scale=k**-0.5), randn(slots, rank, k, scale=k**-0.5), randn(slots, rank, k, scale=0.5),
+             torch.rand(slots, rank, device="cuda", generator=g))  # fmt: skip
+    a_all = randn(slots, 3 * rank, k, scale=k**-0.5)
+    s_all = torch.rand(slots, 3 * rank, device="cuda", generator=g)
+    members = [
+        (randn(k, k, scale=k**-0.5), a_all[:, j * rank : (j + 1) * rank], randn(slots, rank, k, scale=0.5),
+         s_all[:, j * rank : (j + 1) * rank])
+        for j in range(3)
+    ]  # fmt: skip
+    route = torch.randint(-1, slots, (rows,), device="cuda", generator=g)
+    segs = routed.segments(route, slots)
+    inputs = [randn(rows, k, scale=1.0) for _ in range(4)]
+
+    def group(x: torch.Tensor) -> list[torch.Tensor]:
+        w, a, bt, s = first
+        h0 = torch.tanh(routed_linear.routed_lora_linear(x, w, None, a, bt, s, route, segs))
+        stacked = routed_linear.routed_shrink(h0, a_all, s_all, route, segs)
+        cols = [stacked[:, j * rank : (j + 1) * rank] for j in range(3)]
+        outs = [
+            routed_linear.routed_lora_linear(h0, w, None, a, bt, s, route, segs, h=c)
+            for c, (w, a, bt, s) in zip(cols, members)
+        ]
+        return [h0, *outs]
+
+    monkeypatch.setattr(pdl, "ENABLED", early)
+    eager = [group(x) for x in inputs]
+    static = inputs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        group(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = group(static)
+    replayed = []
+    for x in inputs:
+        static.copy_(x)
+        for t in outs:
+            t.fill_(float("nan"))
+        graph.replay()
+        replayed.append([t.clone() for t in outs])
+    torch.cuda.synchronize()
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    off = route < 0
+    for seen in eager + replayed:
+        h0 = seen[0]
+        for j, (w, a, bt, s) in enumerate(members):
+            want = routed_linear.routed_lora_linear(h0, w, None, a, bt, s, route, segs)
+            got = seen[1 + j]
+            assert torch.isfinite(got).all(), f"member {j}"
+            assert torch.equal(got[off], want[off]), f"member {j}: rows of no slot"
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()), msg=f"member {j}")
