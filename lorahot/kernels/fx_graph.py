@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RESHAPES", "erase_unused", "fake_mode", "set_fake_values", "source"]
+__all__ = ["RESHAPES", "arena_view", "erase_unused", "fake_mode", "set_fake_values", "source"]
 
 _aten = torch.ops.aten
 #: ops that give the same rows another shape (a layer reshapes its input to 2-D)
@@ -23,6 +23,26 @@ def source(node: torch.fx.Node) -> tuple[Any, ...]:
     while node.op == "call_function" and node.target in RESHAPES and isinstance(node.args[0], torch.fx.Node):
         node = node.args[0]
     return (node, shape)
+
+
+def arena_view(node: Any, dims: int) -> tuple[torch.fx.Node, list[int], list[int], int] | None:
+    """``(arena, size, stride, offset)`` where ``node`` is ``as_strided(arena, size, stride,
+    offset)`` of a graph input (how a compiled layer reads its arena view), ``dims`` integer
+    dimensions, the last contiguous; else None. Without an offset ``as_strided`` keeps its
+    input's own, which the graph does not show: None too."""
+    if not (isinstance(node, torch.fx.Node) and node.target is _aten.as_strided.default):
+        return None
+    arena, size, stride = node.args[:3]
+    offset = node.args[3] if len(node.args) > 3 else node.kwargs.get("storage_offset")
+    if not (isinstance(arena, torch.fx.Node) and arena.op == "placeholder" and isinstance(offset, int)):
+        return None
+    if not (isinstance(size, (list, tuple)) and isinstance(stride, (list, tuple))):
+        return None
+    if len(size) != dims or len(stride) != dims or not all(isinstance(v, int) for v in (*size, *stride)):
+        return None
+    if stride[-1] != 1:
+        return None
+    return arena, list(size), list(stride), offset
 
 
 def fake_mode(node: torch.fx.Node) -> Any:

@@ -44,10 +44,20 @@ from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels import pdl
 from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.op_registry import define, refuse_grad
-from lorahot.kernels.routed_lora import available, check_segments, reference, routed_lora, segments, token_route
+from lorahot.kernels.routed_lora import (
+    available,
+    check_segments,
+    rank_pad,
+    reference,
+    reference_expand,
+    reference_shrink,
+    routed_lora,
+    segments,
+    token_route,
+)
 from lorahot.kernels.triton_import import triton_module
 
-__all__ = ["routed_lora_linear", "routed_shrink", "workspace", "WORKSPACE_ROWS", "rank_pad"]
+__all__ = ["routed_lora_linear", "routed_shrink", "workspace", "WORKSPACE_ROWS"]
 
 #: rows of :func:`workspace`: the most the fused routed path takes (``lora_linear.routed_worth_it``)
 WORKSPACE_ROWS = 256
@@ -68,12 +78,6 @@ WORKSPACE_ROWS = 256
 ACCUMULATE = os.environ.get("LORAHOT_ROUTED_ACCUMULATE") == "1"
 
 
-def rank_pad(rank: int) -> int:
-    """The rank as the kernels hold it: a power of two, at least 16 (as
-    :func:`lorahot.kernels.triton_routed_lora.rank_pad`, without Triton)."""
-    return max(16, 1 << (max(rank, 1) - 1).bit_length())
-
-
 def _shrink_fake(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, *_: object) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return x.new_empty((rows, rank_pad(a.shape[-2])), dtype=torch.promote_types(a.dtype, s.dtype))
@@ -88,14 +92,8 @@ def _routed_shrink(
     r = a.shape[-2]
     kernels = triton_module("triton_routed_lora") if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
     if kernels is None or x2.shape[0] == 0 or s.dtype != torch.float32:
-        tokens = token_route(route, x2.shape[0])
-        on = tokens >= 0
-        index = tokens.clamp_min(0)
-        h = torch.bmm(x2[:, None, :].to(a.dtype), a[index].transpose(1, 2))[:, 0]  # (M, R)
-        h = h * (s[index] * on[:, None].to(s.dtype))
-        out = h.new_zeros((x2.shape[0], rank_pad(r)))
-        out[:, :r] = h
-        return out
+        h = reference_shrink(x2, a, s, token_route(route, x2.shape[0]))
+        return torch.nn.functional.pad(h, (0, rank_pad(r) - r))  # the kernels' columns
     grouped = segments(route, a.shape[0]) if segs is None else segs
     with launching_on(x.device):
         # K split: shares added into a zero fill of its own; else each row written once (rows of
@@ -122,15 +120,6 @@ def routed_shrink(
     check_segments(segs, a.shape[0], route.shape[0])
     out: torch.Tensor = torch.ops.lorahot.routed_shrink(x, a, s, route, segs)
     return out
-
-
-def _reference_h(y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """``y`` plus each row's expand of its given scaled shrink ``h [M, >= R]`` (the library
-    formula of :func:`lorahot.kernels.routed_lora.reference` after its shrink; -1 rows: ``y``)."""
-    on = tokens >= 0
-    index = tokens.clamp_min(0)
-    hr = torch.where(on[:, None], h[:, : bt.shape[-2]], 0)  # rows of no slot may be unset (NaN): not a product
-    return y + torch.bmm(hr.to(bt.dtype)[:, None, :], bt[index])[:, 0].to(y.dtype)
 
 
 def workspace(rank: int, device: torch.device) -> torch.Tensor:
@@ -214,7 +203,7 @@ def _routed_lora_linear(
     if kernel is None or x2.shape[0] == 0:
         y = torch.nn.functional.linear(x2, weight, bias)
         tokens = token_route(route, x2.shape[0])
-        z = reference(x2, y, a, bt, s, tokens) if h is None else _reference_h(y, h, bt, tokens)
+        z = reference(x2, y, a, bt, s, tokens) if h is None else reference_expand(y, h, bt, tokens)
         return z.view(*x.shape[:-1], n)
     x2 = x2.contiguous()
     out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)

@@ -38,8 +38,11 @@ __all__ = [
     "GATHER_ROWS",
     "available",
     "check_segments",
+    "rank_pad",
     "routed_lora",
     "reference",
+    "reference_expand",
+    "reference_shrink",
     "segments",
     "segments_fit",
     "token_route",
@@ -94,16 +97,34 @@ def check_segments(segs: torch.Tensor | None, slots: int, length: int) -> None:
         raise ValueError(f"segs of {segs.shape[0]} entries do not go with {slots} slots and {length} rows")
 
 
+def rank_pad(rank: int) -> int:
+    """The rank as the routed kernels hold it: a power of two, at least 16 (a tensor-core dot's
+    smallest side); a shrink's result ``H`` has this many columns."""
+    return max(16, 1 << (max(rank, 1) - 1).bit_length())
+
+
 def reference(
     x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, s: torch.Tensor, tokens: torch.Tensor
 ) -> torch.Tensor:
     """The library formula on 2-D ``x [M, in]``, ``y [M, out]`` and ``tokens [M]``: each row's
     slot's A and B gathered, two batched products, the scales zero for ``-1`` rows."""
+    return reference_expand(y, reference_shrink(x, a, s, tokens), bt, tokens)
+
+
+def reference_shrink(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """:func:`reference`'s first half: each row's ``s_k * (x @ A_k.T)`` ``[M, R]``, zero on ``-1`` rows."""
     on = tokens >= 0
     index = tokens.clamp_min(0)
     h = torch.bmm(x[:, None, :].to(a.dtype), a[index].transpose(1, 2))[:, 0]  # (M, R)
-    h = h * (s[index] * on[:, None].to(s.dtype))
-    return y + torch.bmm(h.to(a.dtype)[:, None, :], bt[index])[:, 0].to(y.dtype)
+    return h * (s[index] * on[:, None].to(s.dtype))
+
+
+def reference_expand(y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """:func:`reference`'s second half: ``y`` plus each row's expand of its scaled shrink ``h [M,
+    >= R]``; ``-1`` rows keep ``y`` whatever ``h`` holds there (a kernel may leave them unset)."""
+    index = tokens.clamp_min(0)
+    hr = torch.where((tokens >= 0)[:, None], h[:, : bt.shape[-2]], 0)  # not a product: unset rows may be NaN
+    return y + torch.bmm(hr.to(bt.dtype)[:, None, :], bt[index])[:, 0].to(y.dtype)
 
 
 def _fake(x: torch.Tensor, y: torch.Tensor, *_: object) -> torch.Tensor:

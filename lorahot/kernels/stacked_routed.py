@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
-from lorahot.kernels import routed_linear
-from lorahot.kernels.fx_graph import fake_mode, set_fake_values, source
+from lorahot.kernels import routed_linear  # noqa: F401 - defines the operators this pass reads and writes
+from lorahot.kernels.fx_graph import arena_view, fake_mode, set_fake_values, source
+from lorahot.kernels.routed_lora import rank_pad
 
 __all__ = ["ENABLED", "MAX_STACKED_RANK", "stack_routed"]
 
@@ -77,7 +78,7 @@ def stack_routed(graph: torch.fx.Graph) -> int:
         run = [members[0]]
         for member in members[1:]:
             adjacent = member[0] == run[-1][0] + rank * fan_in and member[1] == run[-1][1] + rank
-            if adjacent and routed_linear.rank_pad((len(run) + 1) * rank) <= MAX_STACKED_RANK:
+            if adjacent and rank_pad((len(run) + 1) * rank) <= MAX_STACKED_RANK:
                 run.append(member)
                 continue
             removed += _stack(graph, run, key, order)
@@ -94,25 +95,6 @@ def _args(node: torch.fx.Node) -> dict[str, Any]:
     return args
 
 
-def _view(node: Any, dims: int) -> tuple[torch.fx.Node, list[int], list[int], int] | None:
-    """``(arena, size, stride, offset)`` where ``node`` is ``as_strided(arena, size, stride,
-    offset)`` of a graph input with ``dims`` integer dimensions, its last contiguous."""
-    if not (isinstance(node, torch.fx.Node) and node.target is _aten.as_strided.default):
-        return None
-    arena, size, stride = node.args[:3]
-    # without one, as_strided keeps its input's own offset, which the graph does not show
-    offset = node.args[3] if len(node.args) > 3 else node.kwargs.get("storage_offset")
-    if not (isinstance(arena, torch.fx.Node) and arena.op == "placeholder" and isinstance(offset, int)):
-        return None
-    if not (isinstance(size, (list, tuple)) and isinstance(stride, (list, tuple))):
-        return None
-    if len(size) != dims or len(stride) != dims or not all(isinstance(v, int) for v in (*size, *stride)):
-        return None
-    if stride[-1] != 1:
-        return None
-    return arena, list(size), list(stride), offset
-
-
 def _member(node: torch.fx.Node) -> tuple[tuple[Any, ...], int, int] | None:
     """``(group key, A's offset, S's offset)`` for a routed call the pass may stack, else None."""
     args = _args(node)
@@ -125,7 +107,7 @@ def _member(node: torch.fx.Node) -> tuple[tuple[Any, ...], int, int] | None:
     rows = math.prod(value.shape[:-1])
     if rows == 0 or rows > MAX_ROWS:
         return None
-    a, s = _view(args["a"], 3), _view(args["s"], 2)
+    a, s = arena_view(args["a"], 3), arena_view(args["s"], 2)
     if a is None or s is None:
         return None
     a_arena, (slots, rank, fan_in), a_stride, a_off = a

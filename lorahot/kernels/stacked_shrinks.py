@@ -52,7 +52,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from lorahot.kernels import extern_inputs, stacked_routed
-from lorahot.kernels.fx_graph import RESHAPES, erase_unused, fake_mode, set_fake_values, source
+from lorahot.kernels.fx_graph import RESHAPES, arena_view, erase_unused, fake_mode, set_fake_values, source
 
 __all__ = ["StackShrinks", "install", "uninstall", "stack_shrinks"]
 
@@ -151,20 +151,11 @@ def _shrink(node: torch.fx.Node) -> tuple[tuple[Any, ...], int] | None:
         return None
     if rhs.target is not _aten.permute.default or list(rhs.args[1]) != [1, 0]:  # type: ignore[arg-type]
         return None
-    view = rhs.args[0]
-    if not isinstance(view, torch.fx.Node) or view.target is not _aten.as_strided.default:
+    view = arena_view(rhs.args[0], 2)
+    if view is None:
         return None
-    arena, size, stride = view.args[:3]
-    # without one, as_strided keeps its input's own offset, which the graph does not show
-    offset = view.args[3] if len(view.args) > 3 else view.kwargs.get("storage_offset")
-    if not (isinstance(arena, torch.fx.Node) and arena.op == "placeholder"):
-        return None
-    if not (isinstance(size, (list, tuple)) and isinstance(stride, (list, tuple)) and isinstance(offset, int)):
-        return None
-    if len(size) != 2 or not all(isinstance(v, int) for v in (*size, *stride)):
-        return None
-    rows, cols = size
-    if list(stride) != [cols, 1]:
+    arena, (rows, cols), stride, offset = view
+    if stride != [cols, 1]:
         return None
     return (source(lhs), arena, rows, cols), offset
 

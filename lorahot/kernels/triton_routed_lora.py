@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorahot.kernels.routed_lora import segments, token_route
+from lorahot.kernels.routed_lora import rank_pad, segments, token_route
 
 try:  # programmatic dependent launch (lorahot.kernels.pdl): sm90 intrinsics of newer Tritons
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -372,12 +372,6 @@ def shrink(
         PDL=early, WAIT_FIRST=not filled, num_warps=warps, num_stages=stages, launch_pdl=early,
     )  # fmt: skip
     return h
-
-
-def rank_pad(r: int) -> int:
-    """The rank as the kernels hold it: a power of two, at least 16 (a tensor-core dot's
-    smallest side); the shrink workspace ``H`` has this many columns."""
-    return max(16, int(triton.next_power_of_2(r)))
 
 
 def _block_m(m: int) -> int:

@@ -83,11 +83,8 @@ class LoRALinear(LoRALayer):
         return fused_kernel.supports(self.base_layer, lora_A) and routed_kernel.available()
 
     def can_fuse(self, x: torch.Tensor, a: torch.Tensor) -> bool:
-        return fused_kernel.worth_it(_rows(x), self.spec.out_dim, wide=self._plan[2]) and self._fusable_input(x, a)
-
-    def _fusable_input(self, x: torch.Tensor, a: torch.Tensor) -> bool:
-        """The fused kernel's conditions on ``x`` other than its row count."""
-        return x.dtype == a.dtype and not _needs_grad(x, self._base) and not _autocast_recasts(x, a.dtype)
+        rows_pay = fused_kernel.worth_it(_rows(x), self.spec.out_dim, wide=self._plan[2])
+        return rows_pay and _kernel_input(x, a.dtype, self._base)
 
     def fused_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         weight, bias = self.kernel_weights()
@@ -122,18 +119,8 @@ class LoRALinear(LoRALayer):
         else None."""
         if not self._plan[1]:
             return None
-        # the operator decides per call: compiled with symbolic rows, or where it has its own form
-        # above the fused path's rows (routed_linear.ACCUMULATE)
-        sized = _symbolic_rows(x) or routed_linear.ACCUMULATE
-        pays = sized or fused_kernel.routed_worth_it(_rows(x), self.spec.out_dim, wide=self._plan[2])
-        if not (pays and self._fusable_input(x, a)):
-            return None
         weight, bias = self.kernel_weights()
-        segs = self._segments(a, route)
-        workspace = WORKSPACES[self._plan[4]]
-        return routed_linear.routed_lora_linear(
-            x, weight, bias, a, b, s, route, segs, sized=sized, wide=self._plan[2], workspace=workspace
-        )
+        return _routed_op(x, weight, bias, self._base, a, b, s, route, self._plan[4], self._plan[2])
 
     def routed_sum(
         self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor
@@ -141,14 +128,8 @@ class LoRALinear(LoRALayer):
         """The routed kernel (:mod:`lorahot.kernels.routed_lora`) where the fused kernel applies
         (CUDA, fp16/bf16, no autograd); the library formula elsewhere."""
         if self._plan[1] and x.dtype == a.dtype == y.dtype and not _needs_grad(x, self._base):  # fused
-            return routed_kernel.routed_lora(x, y, a, b, s, route, self._segments(a, route))
+            return routed_kernel.routed_lora(x, y, a, b, s, route, _published_segments(self._plan[4], a, route))
         return super().routed_sum(x, y, a, b, s, route)
-
-    def _segments(self, a: torch.Tensor, route: torch.Tensor) -> torch.Tensor | None:
-        """The routing grouped by slot, as the runtime published it; None where it was grouped
-        for another slot count (a layer bound by hand): the kernels group it themselves."""
-        segs = SEGMENTS[self._plan[4]]
-        return segs if segs is not None and routed_kernel.segments_fit(segs, a.shape[0], route.shape[0]) else None
 
     def widenable(self, max_rank: int, dtype: torch.dtype) -> bool:
         """An exact ``nn.Linear`` whose weight is a plain contiguous tensor of the buffers'
@@ -211,8 +192,7 @@ class LoRALinear(LoRALayer):
         # self._base and self._buffers, not base_weight or the buffer's attribute: those go through
         # this class's __getattr__, which the compiler traces in every layer (on the CPU box, 200
         # wide layers traced in 4.4 s with them, 3.7 s without; the base model's 0.9 s)
-        dtype = self._base.weight.dtype
-        return x.dtype == dtype and not _needs_grad(x, self._base) and not _autocast_recasts(x, dtype)
+        return _kernel_input(x, self._base.weight.dtype, self._base)
 
     def wide_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The layer from its wide buffer (:mod:`lorahot.kernels.wide_linear`): compiled, the
@@ -253,30 +233,19 @@ class LoRALinear(LoRALayer):
     def compiled_routed(
         self, x: torch.Tensor, route: torch.Tensor, fused: bool, wide: bool, key: int, slot_geometry: tuple[Any, ...]
     ) -> torch.Tensor | None:
-        """The routed fused linear (:meth:`routed_fused`'s operator) in one function, the checks of
-        :meth:`_routed_forward` and :meth:`routed_fused` inlined: each method the general routed
+        """The routed fused linear (:meth:`routed_fused`'s operator) in one method, the misfit check
+        of :meth:`_routed_forward` and the slot views inlined: each method the general routed
         path calls on the layer adds guards a compiled call re-checks for every layer (about 20 per
         layer; on an H200 host the routed decode's guards took 0.28 ms more per call than the
         base model's, ``benchmarks/experiments/mixed_profile_probe.py``). None where an input
         does not fit the routing (the general path refuses it) or the operator does not apply."""
         if not fused or routing.row_misfit(x, route.shape[0], "linear", 1):
             return None
-        base = self._base
-        weight, bias = base.weight, base.bias
-        sized = _symbolic_rows(x) or routed_linear.ACCUMULATE  # the operator decides per call
-        if not (sized or fused_kernel.routed_worth_it(_rows(x), weight.shape[0], wide=wide)):
-            return None
         arena = TENSORS[key]
         ga, gb, gs, _ = slot_geometry
         a, b, s = arena[0].as_strided(*ga), arena[1].as_strided(*gb), arena[2].as_strided(*gs)
-        if x.dtype != a.dtype or _needs_grad(x, base) or _autocast_recasts(x, a.dtype):
-            return None
-        segs = SEGMENTS[key]
-        if segs is not None and not routed_kernel.segments_fit(segs, a.shape[0], route.shape[0]):
-            segs = None  # grouped for another slot count: the kernels group it themselves
-        return routed_linear.routed_lora_linear(
-            x, weight, bias, a, b, s, route, segs, sized=sized, wide=wide, workspace=WORKSPACES[key]
-        )
+        base = self._base
+        return _routed_op(x, base.weight, base.bias, base, a, b, s, route, key, wide)
 
     def dynamic_rows(self, x: torch.Tensor) -> bool:
         """Compiled with a symbolic row count (dynamic shapes) that the fused kernel's row limits
@@ -342,6 +311,48 @@ def _autocast_recasts(x: torch.Tensor, dtype: torch.dtype) -> bool:
     if device not in ("cuda", "cpu"):
         return False
     return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != dtype
+
+
+def _routed_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    base: nn.Module,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    s: torch.Tensor,
+    route: torch.Tensor,
+    key: int,
+    wide: bool,
+) -> torch.Tensor | None:
+    """The routed fused linear (:mod:`lorahot.kernels.routed_linear`: the segmented shrink, then
+    base and each slot's expand in one kernel) over the slot views, where it pays for this many
+    rows against the base GEMM and the segmented pair (:func:`lorahot.kernels.lora_linear.routed_worth_it`)
+    and takes ``x``; else None. A function, not a method: the compiler guards a method per layer."""
+    # the operator decides per call: compiled with symbolic rows, or where it has its own form
+    # above the fused path's rows (routed_linear.ACCUMULATE)
+    sized = _symbolic_rows(x) or routed_linear.ACCUMULATE
+    if not (sized or fused_kernel.routed_worth_it(_rows(x), weight.shape[0], wide=wide)):
+        return None
+    if not _kernel_input(x, a.dtype, base):
+        return None
+    segs = _published_segments(key, a, route)
+    return routed_linear.routed_lora_linear(
+        x, weight, bias, a, b, s, route, segs, sized=sized, wide=wide, workspace=WORKSPACES[key]
+    )
+
+
+def _published_segments(key: int, a: torch.Tensor, route: torch.Tensor) -> torch.Tensor | None:
+    """The routing grouped by slot, as the runtime published it for arena ``key``; None where it
+    was grouped for another slot count (a layer bound by hand): the kernels group it themselves."""
+    segs = SEGMENTS[key]
+    return segs if segs is not None and routed_kernel.segments_fit(segs, a.shape[0], route.shape[0]) else None
+
+
+def _kernel_input(x: torch.Tensor, dtype: torch.dtype, base: nn.Module) -> bool:
+    """The kernels' conditions on ``x`` other than its row count: the layer's ``dtype``, no
+    autograd to record, no autocast to another dtype."""
+    return x.dtype == dtype and not _needs_grad(x, base) and not _autocast_recasts(x, dtype)
 
 
 def _rows(x: torch.Tensor) -> int:

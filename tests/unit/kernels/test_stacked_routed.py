@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from lorahot.kernels import routed_linear, stacked_routed  # importing them registers the operators
+from lorahot.kernels import routed_linear, routed_lora, stacked_routed  # noqa: F401 - routed_linear defines the operators
 
 _aten = torch.ops.aten
 LINEAR = torch.ops.lorahot.routed_lora_linear.default
@@ -87,7 +87,7 @@ def test_a_run_is_cut_where_the_stacked_rank_would_pad_past_the_limit() -> None:
     """Rank 128: two layers stack to 256, a third would pad to 512, so it keeps its own."""
     r = 128
     g, calls = _graph([{"a": i * r * IN, "s": i * r, "rank": r} for i in range(3)])
-    assert routed_linear.rank_pad(3 * r) > stacked_routed.MAX_STACKED_RANK >= routed_linear.rank_pad(2 * r)
+    assert routed_lora.rank_pad(3 * r) > stacked_routed.MAX_STACKED_RANK >= routed_lora.rank_pad(2 * r)
     assert stacked_routed.stack_routed(g) == 1
     assert len(_stacked(g)) == 1
     assert [c.kwargs.get("h") is not None for c in calls] == [True, True, False]
