@@ -29,8 +29,12 @@ def _setup(slots: int = 3) -> tuple[torch.nn.Module, lorahot.LoraRuntime, list[d
     return model, runtime, held
 
 
-def _expected(ids: torch.Tensor, route: list[int], held: list[dict]) -> torch.Tensor:
-    reference = tiny_lm()
+def _expected(
+    ids: torch.Tensor, route: list[int], held: list[dict], reference: torch.nn.Module | None = None
+) -> torch.Tensor:
+    """Each row alone through the float64 reference (``reference``, else the tiny LM) with its
+    slot's adapter, or none for -1."""
+    reference = tiny_lm() if reference is None else reference
     rows = [model_reference(reference, ids[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate(route)]
     return torch.cat(rows)
 
@@ -360,10 +364,7 @@ def test_gpu_reduce_overhead_routings_replay_without_recompiling(dtype: torch.dt
                 runtime.activate(route)
                 with torch.no_grad():
                     got = compiled(ids).clone()
-                want = torch.cat(
-                    [model_reference(reference, ids[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate(route)]
-                )
-                torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)
+                torch.testing.assert_close(got.double(), _expected(ids, route, held, reference), rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.gpu
@@ -391,10 +392,7 @@ def test_gpu_stacked_routed_shrinks_match_the_layers_own(monkeypatch: pytest.Mon
             runtime.activate(route)
             with torch.no_grad():
                 got = compiled(ids).clone()
-            want = torch.cat(
-                [model_reference(reference, ids[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate(route)]
-            )
-            torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)
+            torch.testing.assert_close(got.double(), _expected(ids, route, held, reference), rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.gpu
@@ -422,8 +420,6 @@ def test_gpu_routed_decode_workspace_is_published_once_and_left_zero() -> None:
             eager = model(ids).clone()
             got = compiled(ids).clone()
         assert not any(w.any() for w in spaces)
-        want = torch.cat(
-            [model_reference(reference, ids[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate(route)]
-        )
+        want = _expected(ids, route, held, reference)
         torch.testing.assert_close(eager.double(), want, rtol=3e-2, atol=3e-2)
         torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)

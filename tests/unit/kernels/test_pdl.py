@@ -5,6 +5,8 @@ eagerly and replayed from a CUDA graph."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -94,6 +96,33 @@ def _check_layers(
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()), msg=f"layer {i}")
 
 
+def _replayed(
+    run: Callable[[torch.Tensor], list[torch.Tensor]], inputs: list[torch.Tensor], outputs_from: int
+) -> list[list[torch.Tensor]]:
+    """``run`` captured in a CUDA graph on a static input (after a warm-up on a side stream),
+    then replayed on each of ``inputs``: what each replay leaves in ``run``'s tensors, those from
+    ``outputs_from`` on (the graph's own outputs) poisoned with NaN before it, so an element it
+    does not write stays NaN."""
+    static = inputs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run(static)
+    replayed = []
+    for x in inputs:
+        static.copy_(x)
+        for t in outs[outputs_from:]:
+            t.fill_(float("nan"))
+        graph.replay()
+        replayed.append([t.clone() for t in outs])
+    torch.cuda.synchronize()
+    return replayed
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("early", [False, True], ids=["stream-order", "early-launch"])
 def test_gpu_chain_computes_what_stream_order_computes(monkeypatch: pytest.MonkeyPatch, early: bool) -> None:
@@ -130,23 +159,7 @@ def test_gpu_chain_computes_what_stream_order_computes(monkeypatch: pytest.Monke
     eager = [_chain(x, layers, route, segs, workspace) for x in inputs]
     assert not workspace.any()
 
-    static = inputs[0].clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        _chain(static, layers, route, segs, workspace)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = _chain(static, layers, route, segs, workspace)
-    replayed = []
-    for x in inputs:
-        static.copy_(x)
-        for t in outs[1:]:
-            t.fill_(float("nan"))  # the graph's own outputs: an element it does not write stays NaN
-        graph.replay()
-        replayed.append([t.clone() for t in outs])
-    torch.cuda.synchronize()
+    replayed = _replayed(lambda x: _chain(x, layers, route, segs, workspace), inputs, outputs_from=1)
     assert not workspace.any()
     monkeypatch.setattr(pdl, "ENABLED", False)
     for seen in eager + replayed:
@@ -203,23 +216,7 @@ def test_gpu_a_stacked_routed_shrinks_group_computes_what_stream_order_computes(
 
     monkeypatch.setattr(pdl, "ENABLED", early)
     eager = [group(x) for x in inputs]
-    static = inputs[0].clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        group(static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = group(static)
-    replayed = []
-    for x in inputs:
-        static.copy_(x)
-        for t in outs:
-            t.fill_(float("nan"))
-        graph.replay()
-        replayed.append([t.clone() for t in outs])
-    torch.cuda.synchronize()
+    replayed = _replayed(group, inputs, outputs_from=0)
     monkeypatch.setattr(pdl, "ENABLED", False)
     off = route < 0
     for seen in eager + replayed:

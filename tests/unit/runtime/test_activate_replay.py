@@ -5,14 +5,12 @@ capture that fails falls back to the ordinary path with a warning, from the stat
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
 
 import lorahot
 from tests.unit.runtime.test_graph_replays import refuse_captures
-from tests.unit.runtime.test_load_replay import _adapter, _model, _pair, _same
+from tests.unit.runtime.test_load_replay import _adapter, _model, _pair, _same, lockstep
 
 
 def test_the_cpu_takes_the_ordinary_path() -> None:
@@ -66,12 +64,7 @@ def test_gpu_replays_leave_what_the_ordinary_path_leaves() -> None:
     runtimes[1]._activate_replay.device = None  # the reference: the ordinary path only
     x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
 
-    def both(step: Callable[[lorahot.LoraRuntime], None]) -> None:
-        for r in runtimes:
-            step(r)
-        _same(*runtimes)
-        with torch.no_grad():
-            assert torch.equal(models[0](x), models[1](x))
+    both = lockstep(models, runtimes, x, _same)
 
     both(lambda r: r.load(_adapter(8, 1, 16.0), slot=0))
     both(lambda r: r.load(_adapter(64, 2, 32.0), slot=1))

@@ -131,6 +131,22 @@ def _same(mine: lorahot.LoraRuntime, ref: lorahot.LoraRuntime) -> None:
             assert a == b
 
 
+def lockstep(
+    models: list[nn.Module], runtimes: list[lorahot.LoraRuntime], x: torch.Tensor, same: Callable[..., None]
+) -> Callable[[Callable[[lorahot.LoraRuntime], None]], None]:
+    """``step(runtime)`` on both runtimes, then their state compared (``same``) and the models'
+    outputs on ``x`` bitwise."""
+
+    def both(step: Callable[[lorahot.LoraRuntime], None]) -> None:
+        for r in runtimes:
+            step(r)
+        same(*runtimes)
+        with torch.no_grad():
+            assert torch.equal(models[0](x), models[1](x))
+
+    return both
+
+
 def _pair(slots: int) -> tuple[list[nn.Module], list[lorahot.LoraRuntime]]:
     """Two runtimes on equal models: the first replays, the second takes the ordinary path only
     (loads, activations and re-weightings alike)."""

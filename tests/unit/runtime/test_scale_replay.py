@@ -4,31 +4,12 @@ ordinary path; a capture that fails falls back to it with a warning."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
-from torch import nn
 
 import lorahot
 from tests.unit.runtime.test_graph_replays import refuse_captures
-
-DIMS = (256, 512, 256)
-
-
-def _model(device: str) -> nn.Sequential:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(DIMS[0], DIMS[1]), nn.GELU(), nn.Linear(DIMS[1], DIMS[2], bias=False))
-    return model.to(device, torch.bfloat16 if device == "cuda" else torch.float32)
-
-
-def _adapter(rank: int, seed: int, alpha: float) -> lorahot.Adapter:
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for n, (fin, fout) in {"0": DIMS[:2], "2": DIMS[1:]}.items():
-        tensors[f"{n}.lora_A.weight"] = torch.randn(rank, fin, generator=g) / fin**0.5
-        tensors[f"{n}.lora_B.weight"] = torch.randn(fout, rank, generator=g) / rank**0.5
-    return lorahot.read_adapter(tensors, config={"r": rank, "lora_alpha": alpha})
+from tests.unit.runtime.test_load_replay import DIMS, _adapter, _model, lockstep
 
 
 def test_the_cpu_takes_the_ordinary_path() -> None:
@@ -64,12 +45,7 @@ def test_gpu_replays_leave_what_the_ordinary_path_leaves() -> None:
     stack = [_adapter(24, 1, 48.0), _adapter(40, 2, 10.0)]
     x = torch.randn(8, DIMS[0], device="cuda", dtype=torch.bfloat16)
 
-    def both(step: Callable[[lorahot.LoraRuntime], None]) -> None:
-        for r in runtimes:
-            step(r)
-        _same(*runtimes)
-        with torch.no_grad():
-            assert torch.equal(models[0](x), models[1](x))
+    both = lockstep(models, runtimes, x, _same)
 
     both(lambda r: r.load(stack, scale=[1.0, 1.0], slot=0))
     both(lambda r: r.load(_adapter(8, 3, 16.0), slot=1))
