@@ -800,6 +800,10 @@ def summary(raw: dict[str, Any], run_file: str = "") -> dict[str, Any]:
     by_mode = {}
     for label, res in d["modes"].items():
         by_mode[label] = {"model": d["model"], "mode": label, **{c: res.get(c, {}).get("step_ms") for c in CONFIGS}}
+    gpu = {  # the profiled steps' kernel time (ms per step): the ratios without the host's drift
+        lab: {c: r[c]["profile"]["gpu_us_per_call"] / 1000 for c in CONFIGS if "profile" in r.get(c, {})}
+        for lab, r in d["modes"].items()
+    }
     label, res = next(iter(d["modes"].items()))
     uncompiled = {c: d.get("uncompiled", {}).get(c, {}).get("swap_ms") for c in ("lorahot", "diffusers")}
     errs = {c: res.get(c, {}).get("rel_err", {}).get("A" if c != "base" else "base") for c in CONFIGS}
@@ -813,6 +817,7 @@ def summary(raw: dict[str, Any], run_file: str = "") -> dict[str, Any]:
         "diffusion_step_ms": by_mode[label],
         "diffusion_step_ms_by_mode": by_mode,
         **({"diffusion_step_other_ms": other} if any(other.values()) else {}),
+        **({"diffusion_gpu_ms_by_mode": gpu} if any(gpu.values()) else {}),
         "diffusion_swap_ms": {c: res.get(c, {}).get("swap_ms") for c in ("lorahot", "diffusers")},
         "diffusion_swap_uncompiled_ms": uncompiled,
         "diffusion_recompiles": {c: res.get(c, {}).get("recompiles") for c in CONFIGS if c != "base"},

@@ -42,6 +42,7 @@ def summary(raw: dict[str, Any]) -> dict[str, Any]:
         "stack_rel_err",
         "mixed_batch_ms",
         "mixed_batch_single_ms",
+        "mixed_batch_pipelined_ms",
         "mixed_batch_rel_err_vs_peft",
         "mixed_batch_recompiles",
         "mixed_batch_shapes",

@@ -15,6 +15,9 @@ replay (dynamo's guards, the CUDA-graph tree's checks of its inputs, the replay'
 ``graph_launch_probe`` showed is not the driver's launch of the replay (a few us whatever the
 graph's nodes).
 
+``LORAHOT_STACK_ROUTED=1`` compiles the routed graphs with the stacked routed shrink
+(:mod:`lorahot.kernels.stacked_routed`); ``PROBE_TOP`` sets how many kernels each profile lists.
+
 Configurations: ``base``; ``single`` (``activate(0)``); ``d1`` and ``d8`` (64 rows routed over 1
 and 8 distinct slots), one compiled lorahot model, static shapes.
 
@@ -32,7 +35,7 @@ import torch
 import lorahot
 from benchmarks.experiments.llama import TARGETS, llama
 from benchmarks.experiments.profile_probe import measure
-from lorahot.kernels import pdl
+from lorahot.kernels import pdl, stacked_routed
 
 dev, dt, R, SLOTS, ROWS = torch.device(os.environ.get("PROBE_DEVICE", "cuda")), torch.bfloat16, 64, 8, 64
 BLOCKS = int(os.environ.get("PROBE_BLOCKS", "22"))  # PROBE_DEVICE=cpu PROBE_BLOCKS=2: a smoke test
@@ -57,7 +60,7 @@ def profile(call: Callable[[], object], n: int = 20) -> tuple[float, float, list
         if e.device_type == torch.autograd.DeviceType.CUDA or dev.type == "cpu":
             kernels[e.name[:70]] += e.device_time / n
             counts[e.name[:70]] += 1 / n
-    top = [(k, v, counts[k]) for k, v in kernels.most_common(10)]
+    top = [(k, v, counts[k]) for k, v in kernels.most_common(int(os.environ.get("PROBE_TOP", "10")))]
     return sum(counts.values()), sum(kernels.values()), top
 
 
@@ -85,7 +88,7 @@ def host_profile(call: Callable[[], object], n: int = 50, top: int = 14) -> list
 
 def main() -> None:
     torch._dynamo.config.cache_size_limit = 64
-    print(f"pdl: {pdl.active(dev)}", flush=True)
+    print(f"pdl: {pdl.active(dev)}, stacked routed shrink: {stacked_routed.ENABLED}", flush=True)
     fresh, adapter = llama(BLOCKS, dev, dt, R)
     ids = torch.randint(0, 32000, (ROWS, 1), device=dev)
 

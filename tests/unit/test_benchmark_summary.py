@@ -33,3 +33,22 @@ def test_diffusion_summary_compile_times_hold_base_and_lorahot() -> None:
     assert out["compile_s"] == {"unet": {"base": 10.0, "lorahot": 11.0}}
     assert out["compile_s_all"]["unet"] == {c: 10.0 + i for i, c in enumerate(diffusion.CONFIGS)}
     assert set(out["diffusion_step_ms"]) == {"model", "mode", "base", "lorahot", "lorahot_merged", "diffusers"}
+
+
+def test_diffusion_summary_gives_each_mode_s_profiled_gpu_time_in_ms() -> None:
+    profiled = {"base": 30000.0, "lorahot": 34500.0}
+    res = {
+        c: {
+            "compile_s": 1.0,
+            "step_ms": 1.0,
+            **({"profile": {"gpu_us_per_call": profiled[c]}} if c in profiled else {}),
+        }
+        for c in diffusion.CONFIGS
+    }
+    raw = {"diffusion": {"model": "m", "adapter_effect": 0.1, "modes": {"default": res, "reduce-overhead": {}}}}
+    out = diffusion.summary(raw)
+    assert out["diffusion_gpu_ms_by_mode"] == {"default": {"base": 30.0, "lorahot": 34.5}, "reduce-overhead": {}}
+    unprofiled = {
+        "diffusion": {"model": "m", "adapter_effect": 0.1, "modes": {"default": {c: {} for c in diffusion.CONFIGS}}}
+    }
+    assert "diffusion_gpu_ms_by_mode" not in diffusion.summary(unprofiled)
