@@ -24,8 +24,17 @@ dependency, so no state passes between the calls outside the graph. Runs are cut
 stacked rank would pad past :data:`MAX_STACKED_RANK` (the shrink's tiles must fit the GPU's
 shared memory).
 
-Off unless ``LORAHOT_STACK_ROUTED=1`` (:data:`ENABLED`) until a GPU run measures it; it runs in
-:class:`lorahot.kernels.stacked_shrinks.StackShrinks`, whose cache key includes it.
+Measured in the model, it loses, so it is off unless ``LORAHOT_STACK_ROUTED=1``
+(:data:`ENABLED`); it runs in :class:`lorahot.kernels.stacked_shrinks.StackShrinks`, whose cache
+key includes it. On an H200 (``benchmarks/README.md``, "Seventeenth session") the mixed suite's
+64-row decode took 2.80 / 2.99 ms of GPU time per call (1 / 8 adapters) with it against 2.70 /
+2.88 without (``runs/20261201T174640-mixed.json`` against ``174158``; the base 2.17 in both),
+where 0.13 ms less was predicted. The pass did fire: 88 shrinks per call instead of 154, plus 44
+zero fills, 600 kernels against 622 (``runs/20261201T180600-mixed-profile-probe.log``). The
+probe that predicted the gain timed each kernel alone; in the model, with early launches
+(:mod:`lorahot.kernels.pdl`), each layer's own shrink runs while its fused kernel streams the
+base weight, so it was mostly hidden, while the stacked shrink and its fill sit in front of the
+group's first layer.
 """
 
 from __future__ import annotations
