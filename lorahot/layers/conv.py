@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorahot.errors import UsageError
+from lorahot.layers import routing
 from lorahot.layers.base import EXTRA_ROWS, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
 
 __all__ = ["LoRAConv"]
@@ -86,11 +87,19 @@ class LoRAConv(LoRALayer):
     ) -> torch.Tensor:
         """Each image of the batch convolved with its own slot's A and B: the batch folded into
         the channels, and the convolutions grouped by image (groups ``L`` for A, ``L * groups``
-        for B), so one call serves every slot."""
+        for B), so one call serves every slot.
+
+        Under dynamic shapes ``L`` is a symbol, and a group count cannot be one: the compiler's
+        convolution fixes it, which would compile a graph per batch size. There
+        (:meth:`_symbolic_delta`) every slot's A runs over the whole batch in one ungrouped
+        convolution, each image keeps its own slot's channels, and the expand is a batched
+        product."""
         length = index.shape[0]
         x = x.to(a.dtype)
         if self._pad_mode is not None:
             x = F.pad(x, self._pad, mode=self._pad_mode)
+        if not routing.constant(length):
+            return self._symbolic_delta(x, a, b, scales, index)
         a_rows = a[index]  # (L, R, in, *k)
         rank = a_rows.shape[1]
         folded = x.reshape(1, -1, *x.shape[2:])  # (1, L * in, *spatial)
@@ -101,6 +110,22 @@ class LoRAConv(LoRALayer):
             h.reshape(1, -1, *h.shape[2:]).to(a.dtype), b_rows.flatten(0, 1), None, 1, 0, 1, length * self._groups
         )
         return out.view(length, -1, *out.shape[2:])
+
+    def _symbolic_delta(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`routed_delta` without the batch in a group count (``x`` padded and cast): the
+        shrinks of all ``S`` slots over every image (``S`` times the shrink's work), each image's
+        own slot's ``R`` channels taken, then ``[out/g, R/g] @ [R/g, pixels]`` per image and
+        group."""
+        length, (slots, rank), groups = index.shape[0], a.shape[:2], self._groups
+        h = self._conv(x, a.flatten(0, 1), None, self._stride, self._padding, self._dilation, 1)  # (L, S*R, *sp)
+        spatial = h.shape[2:]
+        h = h.view(length, slots, rank, *spatial)[torch.arange(length, device=index.device), index]  # (L, R, *sp)
+        h = (h * scales.view(length, rank, *(1,) * self._nd)).to(a.dtype)
+        b_rows = b[index].reshape(length, groups, -1, rank // groups)  # (L, g, out/g, R/g)
+        out = torch.einsum("lgor,lgrp->lgop", b_rows, h.reshape(length, groups, rank // groups, -1))
+        return out.reshape(length, -1, *spatial)
 
     def row_dims(self, x: torch.Tensor) -> int:
         """Channels and spatial dimensions; the batch dimension is the row."""

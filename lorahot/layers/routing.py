@@ -39,10 +39,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lorahot.layers.refusal import literal
 
-__all__ = ["slot_geometry", "row_misfit", "misfit_message", "row_scales"]
+__all__ = ["slot_geometry", "row_misfit", "misfit_message", "row_scales", "constant"]
 
 #: ``(shape, stride, storage offset)`` of a view of an arena tensor.
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]
@@ -107,3 +108,11 @@ def row_scales(scales: torch.Tensor, route: torch.Tensor) -> tuple[torch.Tensor,
     on = route >= 0
     index = route.clamp_min(0)
     return on, index, scales[index] * on[:, None].to(scales.dtype)
+
+
+def constant(size: int | torch.SymInt) -> bool:
+    """Whether ``size`` is a constant: always eagerly, and under ``torch.compile`` with static
+    shapes; not for a symbolic batch under dynamic shapes. Asked without a guard: a symbol's
+    known range never settles its parity, a constant's always does (``isinstance`` cannot tell,
+    the compiler answers it as for an ``int``)."""
+    return statically_known_true(size % 2 == 0) or statically_known_true(size % 2 == 1)

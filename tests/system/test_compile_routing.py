@@ -326,6 +326,58 @@ def test_conv_model_routes_under_compile_without_recompiling() -> None:
                 torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
 
 
+def _routed_convnet() -> tuple[torch.nn.Module, lorahot.LoraRuntime, list[dict]]:
+    model = tiny_convnet()
+    runtime = lorahot.inject(model, ["conv"], max_rank=4, slots=2)
+    held = []
+    for k in range(2):
+        tensors, ab = make_adapter(model, {"conv": 2 * (k + 1)}, seed=k)
+        runtime.load(tensors, slot=k)
+        held.append({n: (a, b, 1.0) for n, (a, b) in ab.items()})
+    return model, runtime, held
+
+
+def test_dynamic_shapes_serve_every_batch_size_of_a_routed_conv_with_one_graph() -> None:
+    """A routed conv folds the batch into a group count, which a compiled convolution fixes:
+    under dynamic shapes it takes a form without it (``LoRAConv._symbolic_delta``)."""
+    model, runtime, held = _routed_convnet()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        runtime.activate([1, -1])
+        compiled(token_ids((2, 5, 5), 16, seed=2))
+        frames = counter.frame_count
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for rows in (3, 4, 7):
+                route = [(i % 3) - 1 for i in range(rows)]
+                runtime.activate(route)
+                ids = token_ids((rows, 5, 5), 16, seed=rows)
+                want = torch.cat(
+                    [
+                        model_reference(tiny_convnet(), ids[i : i + 1], held[s] if s >= 0 else {})
+                        for i, s in enumerate(route)
+                    ]
+                )
+                torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == frames
+
+
+def test_negative_control_a_routed_conv_grouped_by_a_symbolic_batch_recompiles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lorahot.layers import routing
+
+    monkeypatch.setattr(routing, "constant", lambda size: True)  # the batch as a group count
+    model, runtime, _ = _routed_convnet()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        runtime.activate([1, -1])
+        compiled(token_ids((2, 5, 5), 16, seed=2))
+        runtime.activate([0, 1, -1])
+        with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(torch._dynamo.exc.RecompileError):
+            compiled(token_ids((3, 5, 5), 16, seed=3))
+
+
 def _gpu_routed_lm(
     dtype: torch.dtype, dim: int, hidden: int, ranks: list[int]
 ) -> tuple[torch.nn.Module, lorahot.LoraRuntime, list[dict]]:

@@ -100,6 +100,32 @@ def test_every_layer_kind_routes_each_row_to_its_slot(route: list[int]) -> None:
             torch.testing.assert_close(mixed[i : i + 1], want, rtol=1e-12, atol=1e-12)
 
 
+def test_convs_route_each_row_without_the_batch_as_a_group_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The form a symbolic batch takes under dynamic shapes (``LoRAConv._symbolic_delta``: every
+    slot's shrink over the whole batch, each row keeping its own), forced eagerly: every row of
+    every layer kind still equals it run alone (the grouped Conv3d included)."""
+    monkeypatch.setattr(routing, "constant", lambda size: False)
+    route = [2, -1, 0, 1, 0]
+    model = _model()
+    runtime = _runtime(model)
+    inputs = _inputs(len(route))
+    runtime.activate(route)
+    with torch.no_grad():
+        mixed = model(*inputs)
+    for i, want in enumerate(_alone(model, runtime, inputs, route)):
+        torch.testing.assert_close(mixed[i : i + 1], want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_size_is_constant_eagerly_and_under_static_shapes_only() -> None:
+    def kind(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if routing.constant(x.shape[0]) else x - 1
+
+    assert routing.constant(5) and routing.constant(0)
+    x = torch.zeros(3)
+    assert torch.compile(kind, backend="eager", dynamic=False)(x)[0] == 1
+    assert torch.compile(kind, backend="eager", dynamic=True)(x)[0] == -1
+
+
 def test_a_routing_tensor_on_the_device_and_a_list_give_the_same_output() -> None:
     model = _model()
     runtime = _runtime(model)
