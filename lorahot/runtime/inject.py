@@ -12,6 +12,7 @@ from torch import nn
 from lorahot.errors import UsageError, public_api
 from lorahot.layers import LayerSpec, LoRALayer
 from lorahot.layers.sharded import is_sharded
+from lorahot.runtime import peft_arguments
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.components import components_of, is_several, match_components
 from lorahot.runtime.lora_runtime import LoraRuntime
@@ -212,4 +213,5 @@ def eject(model: nn.Module | Mapping[str, nn.Module] | Any) -> Any:
     for state in states.values():
         state.mark_ejected("lorahot.eject(model)")  # its runtime unwraps its own layers
     unwrap_modules(model, found)  # layers no runtime took out (or that moved within the model)
+    peft_arguments.release(model)  # a copy of an injected model keeps the hook
     return model

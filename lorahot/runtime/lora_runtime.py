@@ -32,6 +32,7 @@ from lorahot.io.sources import Source
 from lorahot.io.tensorfile import Slices
 from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LoRALayer, RuntimeState
+from lorahot.runtime import peft_arguments
 from lorahot.runtime.activate_replay import ActivateReplay
 from lorahot.runtime.agreement import Agreement
 from lorahot.runtime.arguments import (
@@ -160,7 +161,13 @@ class LoraRuntime:
             layer.merged = merged
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        for root in self._roots():
+            peft_arguments.install(root)
         self._state.on_eject(self._detach)
+
+    def _roots(self) -> list[nn.Module]:
+        """The modules a user calls: the model, or each component."""
+        return [self.model._modules[c] for c in self.components] if self.components else [self.model]  # type: ignore[misc]
 
     # -- properties -------------------------------------------------------------------------
 
@@ -691,6 +698,8 @@ class LoraRuntime:
     def _detach(self) -> None:
         """Run once when the shared state is marked ejected, by either eject."""
         unwrap_modules(self.model, self.layers)
+        for root in self._roots():
+            peft_arguments.release(root)
         with self._executor_lock:
             executor, self._executor = self._executor, None
         if executor is not None:
