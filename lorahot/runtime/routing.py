@@ -102,6 +102,11 @@ def _as_tensor(slots: object) -> torch.Tensor:
     elif isinstance(slots, torch.Tensor):
         if slots.is_meta:
             raise UsageError("the routing tensor is on the meta device, so it has no values; pass real slot indices.")
+        if not _plain(slots):
+            raise UsageError(
+                f"a routing tensor must be a plain dense tensor, got a {_kind(slots)} one; pass e.g. "
+                "torch.tensor([0, 2, -1]) (or .to_dense() / .dequantize() it first)."
+            )
         if slots.dim() != 1 or slots.is_floating_point() or slots.is_complex() or slots.dtype == torch.bool:
             raise UsageError(
                 f"a routing tensor must be 1-D with an integer dtype (one slot per row), got {slots.dtype} of shape "
@@ -109,7 +114,7 @@ def _as_tensor(slots: object) -> torch.Tensor:
             )
         wide = slots.dtype not in _FITS_INT64
         route = _exact(slots.detach().cpu().tolist()) if wide else slots.detach().to("cpu", torch.int64)
-    elif isinstance(slots, Sequence) and not isinstance(slots, (str, bytes)):
+    elif isinstance(slots, Sequence) and not isinstance(slots, _BYTES):
         wrong = [  # a plain int passes at once: an ABC check per entry was half of activate's host time
             i
             for i, v in enumerate(slots)
@@ -129,6 +134,19 @@ def _as_tensor(slots: object) -> torch.Tensor:
     if route.numel() == 0:
         raise UsageError("the routing is empty; pass one slot per row of the batch (or activate(k) for all rows).")
     return route
+
+
+#: text and raw bytes: sequences, but not of slot indices
+_BYTES = (str, bytes, bytearray, memoryview)
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a dense, unquantized, non-nested tensor (what ``tolist`` reads as is)."""
+    return t.layout == torch.strided and not t.is_quantized and not t.is_nested
+
+
+def _kind(t: torch.Tensor) -> str:
+    return "nested" if t.is_nested else "quantized" if t.is_quantized else str(t.layout).removeprefix("torch.")
 
 
 #: the integer dtypes whose every value an int64 holds
@@ -153,9 +171,9 @@ def _lengths(lengths: object, rows: int) -> torch.Tensor:
     if isinstance(lengths, np.ndarray):
         values = lengths.tolist() if lengths.ndim == 1 and lengths.dtype.kind in "iu" else None
     elif isinstance(lengths, torch.Tensor):
-        usable = lengths.dim() == 1 and not lengths.is_meta and not lengths.is_floating_point()
+        usable = _plain(lengths) and lengths.dim() == 1 and not lengths.is_meta and not lengths.is_floating_point()
         values = lengths.detach().cpu().tolist() if usable and not lengths.is_complex() else None
-    elif isinstance(lengths, Sequence) and not isinstance(lengths, (str, bytes)):
+    elif isinstance(lengths, Sequence) and not isinstance(lengths, _BYTES):
         values = list(lengths)
     else:
         values = None

@@ -4,6 +4,8 @@ equals the per-row float64 reference."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -48,6 +50,12 @@ def _same(a: tuple, b: tuple) -> bool:
     return all(torch.equal(x, y) for x, y in pairs) and [x is None for x in a[2]] == [y is None for y in b[2]]
 
 
+def _quantized(values: list[float]) -> torch.Tensor:
+    with warnings.catch_warnings():  # torch warns that its quantized tensors are deprecated
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(torch.tensor(values), 1.0, 0, torch.quint8)
+
+
 REFUSALS = [
     ([0, 3], {}, r"routing entries out of range \(slots 0\.\.2, or -1 for the base model only\):\n  - row 1: 3"),
     ([-2], {}, "row 0: -2"),
@@ -74,6 +82,12 @@ REFUSALS = [
     ([0, 1], {"lengths": [0, 0]}, "at least one token"),
     (1, {"lengths": [3]}, r"applies to a per-row routing .* not to activate\(1\)"),
     (5, {}, r"slot=5 is out of range"),
+    (torch.tensor([0, 1]).to_sparse(), {}, "must be a plain dense tensor, got a sparse_coo one"),
+    (_quantized([0.0, 1.0]), {}, "got a quantized one"),
+    (bytearray([0, 1]), {}, "got bytearray"),
+    (memoryview(bytes([0, 1])), {}, "got memoryview"),
+    ([0, 1], {"lengths": torch.tensor([2, 3]).to_sparse()}, "one token count"),
+    ([0, 1], {"lengths": bytearray([2, 3])}, "one token count"),
 ]
 
 
