@@ -19,7 +19,10 @@ Which part of the layer's input is a "row" (:func:`row_misfit`, :func:`misfit_me
 
 Anything else (a routing left from a batch of another size, a batch expanded after the
 routing was set, sequence-first input, packed input whose ``lengths`` do not add up to its
-tokens) could give rows the wrong slots, so it is refused. A batch of ``k * L`` rows may have
+tokens) could give rows the wrong slots, so it is refused. The shape alone cannot catch a
+routing left from another batch whose length equals this batch's token count ``B * T`` (or, for
+tokens flattened to one dimension, divides it): that reads as one entry per token (per equal
+group), so each batch's routing is set before its forward. A batch of ``k * L`` rows may have
 been expanded either way: doubled for classifier-free guidance (``[uncond; cond]``, routed
 ``slots + slots``) or with each row repeated in place (beam search, routed with each entry
 repeated); lorahot cannot tell which, so it asks for the routing as expanded. The refusal is
