@@ -275,6 +275,14 @@ class LoRALayer(nn.Module):
         self.fused = fused and self.fusable(lora_A)
         self.state = state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copied layer (``deepcopy``, unpickled) reads its own copied handle's key, not the
+        original's (:meth:`lorahot.layers.tensor_handles.TensorHandle.__reduce__`)."""
+        super().__setstate__(state)
+        handle = self.__dict__.get("_handle")
+        if handle is not None and self.__dict__.get("_key") != handle.key:
+            self._key = handle.key
+
     def attach(self) -> None:
         """Called once when the layer takes its base module's place in the model (after every
         wrapper of an inject was built); a no-op unless the subclass needs it."""

@@ -20,7 +20,8 @@ tensor ``[L]``, one slot per row, -1 for none; see :mod:`lorahot.layers.routing`
 key of :data:`SEGMENTS`: that routing grouped by slot, for the segmented kernels, and of
 :data:`WORKSPACES`: a float32 workspace, zero between calls, that the routed decode's shrink adds
 into (:mod:`lorahot.kernels.routed_linear`). Only the runtime writes them, in place for a new
-routing of the same length; it makes the workspace once, with the first routing.
+routing of the same length; it makes the workspace once, with the first routing. A copy of a
+handle (a copied or pickled model's) owns a new key, over the copied tensors, with no routing.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ class TensorHandle:
         weakref.finalize(self, _retire, self.key)
         for t in tensors:
             _mark_static(t)
+
+    def __reduce__(self) -> tuple[type[TensorHandle], tuple[tuple[torch.Tensor, ...]]]:
+        """A copy (``deepcopy``, ``torch.save`` of the model) is a handle of its own, on the
+        copied tensors: sharing this key, a copy's compiled forward would read the original's
+        arena and its forward the original's routing."""
+        return (TensorHandle, (TENSORS.get(self.key, ()),))
 
 
 def _mark_static(t: torch.Tensor) -> None:
