@@ -19,6 +19,7 @@ all input channels), and only modules whose weight layout lorahot knows are acce
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -33,7 +34,7 @@ from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.deltas import build_delta, delta_bound
 from lorahot.runtime.stack import Stack
 
-__all__ = ["Merger", "check_mergeable", "check_untied"]
+__all__ = ["Merger", "check_mergeable", "check_untied", "writing"]
 
 
 def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> None:
@@ -93,6 +94,15 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def writing(tensors: Sequence[torch.Tensor | None]) -> contextlib.AbstractContextManager[None]:
+    """The mode to rewrite ``tensors`` in place in: ``torch.inference_mode()`` where one is an
+    inference tensor (weights made under it, as serving stacks load them, can be written only
+    there), else ``torch.no_grad()``."""
+    if any(t is not None and t.is_inference() for t in tensors):
+        return torch.inference_mode()
+    return torch.no_grad()
+
+
 class Merger:
     """Keeps pristine base weights and rewrites the live weights from the live adapter."""
 
@@ -115,6 +125,8 @@ class Merger:
             layer.pristine_bias = None if bias is None else bias.detach().clone()
             arena, index = buffers.where[name]
             self._items.append((layer, weight, pristine, arena, index))
+        #: the weights and biases it rewrites, for :func:`writing`
+        self._targets = [t for layer in layers.values() for t in (layer.base_weight, layer.base_bias)]
 
     def check(self, stack: Stack, weights: Sequence[float]) -> None:
         """Refuses weights under which a merged weight ``W0 + sum_p w_p * scale_p * dW_p``
@@ -208,7 +220,7 @@ class Merger:
         live = self._buffers.live
         firsts = None if scales is None else [s[:, 0].tolist() for s in scales]  # row 0's scale: the LoRA bias's
         used = None if scales is None else [s.abs().amax(1).tolist() for s in scales] if not uniform else firsts
-        with torch.no_grad():
+        with writing(self._targets):
             for layer, weight, pristine, arena_idx, index in self._items:
                 s = 0.0 if firsts is None else float(firsts[arena_idx][index])
                 nonzero = used is not None and used[arena_idx][index] != 0.0
@@ -249,7 +261,7 @@ class Merger:
         (``W0``, or ``W0`` plus the LoRA parts of a stack), ``s`` the module's scale times its
         part's weight (ΔW built on the weights' device from the factors); puts back every bias
         an earlier diff rewrote."""
-        with torch.no_grad():
+        with writing(self._targets):
             for name in self._biased - set(terms):
                 bias, b0 = self._layers[name].base_bias, self._layers[name].pristine_bias
                 if bias is not None and b0 is not None:

@@ -16,6 +16,7 @@ from torch import nn
 from lorahot.errors import UsageError
 from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
 from lorahot.layers.linear import is_conv1d
+from lorahot.runtime.merge import writing
 from lorahot.runtime.plan import WEIGHT_DTYPES
 
 __all__ = ["Targets", "match_targets", "wrap_modules", "unwrap_modules", "layer_placement"]
@@ -180,7 +181,7 @@ def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
     gone = []
     for name, layer in layers.items():
         if layer.pristine_weight is not None:
-            with torch.no_grad():
+            with writing([layer.base_weight, layer.base_bias]):
                 layer.base_weight.copy_(layer.pristine_weight)
                 bias = layer.base_bias
                 if layer.pristine_bias is not None and bias is not None:

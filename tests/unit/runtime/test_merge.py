@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lorahot
-from tests.helpers import make_adapter, tiny_lm, token_ids
+from tests.helpers import make_adapter, model_reference, tiny_lm, token_ids
 
 
 def _pair(slots: int = 1) -> tuple[nn.Module, nn.Module, lorahot.LoraRuntime, lorahot.LoraRuntime]:
@@ -176,3 +176,25 @@ def test_the_range_check_is_exact_where_the_bound_is_not() -> None:
         tensors[key][1::2] *= -1  # rows 1 and 3 negated: B @ A sums +v*v - v*v + v*v - v*v = 0
     runtime.load(tensors)
     assert all(bool(torch.isfinite(w).all()) for w in _weights(model))
+
+
+def test_merged_mode_rewrites_weights_made_under_inference_mode_from_outside_it() -> None:
+    """Weights made under ``torch.inference_mode()`` (as serving stacks load them) can be
+    written in place only inside it: loads and eject outside it still rewrite every weight,
+    each load matching the float64 reference, eject giving the base output back bitwise."""
+    ids = token_ids((2, 6), 32, seed=1)
+    with torch.inference_mode():
+        model = tiny_lm()
+        base = model(ids).clone()
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4, merged=True)
+    names = list(runtime.layers)
+    for seed, rank in ((1, 2), (2, 3)):
+        tensors, ab = make_adapter(model, dict.fromkeys(names, rank), seed=seed)
+        runtime.load(tensors)
+        with torch.inference_mode():
+            got = model(ids).double()
+        want = model_reference(tiny_lm(), ids, {n: (a, b, 1.0) for n, (a, b) in ab.items()})
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    lorahot.eject(model)
+    with torch.inference_mode():
+        assert torch.equal(model(ids), base)
