@@ -22,7 +22,7 @@ from lorahot.errors import AdapterReadError
 from lorahot.io.patterns import PatternSet
 from lorahot.io.safety import short
 
-__all__ = ["AdapterConfig", "CONFIG_NAME", "UNSUPPORTED"]
+__all__ = ["AdapterConfig", "CONFIG_NAME", "UNSUPPORTED", "REWRITING_INITS", "PEFT_DEFAULT_ALPHA"]
 
 #: The file PEFT writes beside the weights.
 CONFIG_NAME = "adapter_config.json"
@@ -41,7 +41,16 @@ UNSUPPORTED: dict[str, str] = {
     "layer_replication": "layer replication changes the model's layer stack; not supported",
     "use_qalora": "QA-LoRA (which pools the layer input) is not supported",
     "bias": "biases of the base model were trained and saved beside the LoRA weights; not supported",
+    "kasa_config": "KaSA (a singular-value diagonal between B and A, over a truncated base weight) is not supported",
 }
+
+#: ``init_lora_weights`` values with which PEFT rewrites the base weights when it loads the
+#: adapter (PiSSA, OLoRA, CorDA: the base minus the adapter's initial product; LoftQ: a
+#: quantized residual), so B @ A alone over the original base is not what PEFT computes
+REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+#: PEFT's ``LoraConfig.lora_alpha`` default, which a config without the field takes
+PEFT_DEFAULT_ALPHA = 8.0
 
 
 @dataclass(frozen=True)
@@ -50,16 +59,19 @@ class AdapterConfig:
 
     Attributes:
         r: default rank (None when the config does not say; the tensors decide then).
-        lora_alpha: default alpha (None: alpha equals the module's rank, so scale 1).
+        lora_alpha: default alpha: PEFT's default (8) for a config without the field, None with
+            no config at all (alpha then equals the module's rank, so scale 1).
         rank_pattern: regex -> rank overrides.
         alpha_pattern: regex -> alpha overrides.
         use_rslora: scale by ``alpha / sqrt(r)``.
-        use_dora: recorded only: the magnitude vectors in the file decide which modules are DoRA.
+        use_dora: the magnitude vectors in the file decide which modules are DoRA; a module
+            without one is refused (PEFT would run it as DoRA with the base's own norms).
         fan_in_fan_out: recorded only. PEFT saves A ``[r, in]`` and B ``[out, r]`` whatever
             the base layout; lorahot's linear layer reads a ``Conv1D`` base the right way itself.
         target_modules: the module names (or a regex) the adapter was trained on; used in
             messages only, never matched.
         unsupported: ``"field=value; why"`` for each set :data:`UNSUPPORTED` field.
+        alpha_stated: whether the config names ``lora_alpha`` itself (else the default applies).
     """
 
     r: int | None = None
@@ -71,6 +83,7 @@ class AdapterConfig:
     fan_in_fan_out: bool = False
     target_modules: tuple[str, ...] | str | None = None
     unsupported: tuple[str, ...] = ()
+    alpha_stated: bool = False
     _rank_set: PatternSet | None = field(default=None, compare=False, repr=False)
     _alpha_set: PatternSet | None = field(default=None, compare=False, repr=False)
 
@@ -104,6 +117,10 @@ class AdapterConfig:
         problems: list[str] = []
         r = _opt_int(raw.get("r"), "r", problems)
         alpha = _opt_alpha(raw.get("lora_alpha"), "lora_alpha", problems)
+        if "lora_alpha" not in raw:  # as PEFT reads a config without it
+            alpha = PEFT_DEFAULT_ALPHA
+        elif raw["lora_alpha"] is None:
+            problems.append("lora_alpha is null (PEFT cannot scale with it either); set it to the adapter's alpha")
         rank_pattern, rank_set = _pattern(raw.get("rank_pattern"), "rank_pattern", _opt_int, problems)
         alpha_pattern, alpha_set = _pattern(raw.get("alpha_pattern"), "alpha_pattern", _opt_alpha, problems)
         flags = {k: raw.get(k, False) for k in ("use_rslora", "use_dora", "fan_in_fan_out")}
@@ -113,9 +130,16 @@ class AdapterConfig:
                 flags[k] = False
         targets = _targets(raw.get("target_modules"), problems)
         unsupported = tuple(f"{k}={_json(raw[k])}; {why}" for k, why in UNSUPPORTED.items() if _set(raw.get(k)))
+        init = raw.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(REWRITING_INITS):
+            unsupported += (
+                f"init_lora_weights={_json(init)}; PEFT rewrites the base weights with this initialization when it "
+                "loads the adapter, which lorahot does not (PEFT converts such an adapter to plain LoRA with "
+                "save_pretrained(..., path_initial_model_for_weight_conversion=...))",
+            )
         config = cls(
             r, alpha, rank_pattern, alpha_pattern, **flags, target_modules=targets, unsupported=unsupported,
-            _rank_set=rank_set, _alpha_set=alpha_set,
+            alpha_stated="lora_alpha" in raw, _rank_set=rank_set, _alpha_set=alpha_set,
         )  # fmt: skip
         return config, problems
 
@@ -123,6 +147,10 @@ class AdapterConfig:
         """The rank the config declares for ``module``, or None if it declares none."""
         key = self._rank_set.first(module) if self._rank_set is not None else None
         return self.rank_pattern[key] if key is not None else self.r
+
+    def states_alpha(self, module: str) -> bool:
+        """Whether the config itself gives ``module``'s alpha (``lora_alpha`` or a pattern)."""
+        return self.alpha_stated or (self._alpha_set is not None and self._alpha_set.first(module) is not None)
 
     def alpha_for(self, module: str) -> float | None:
         """The alpha the config declares for ``module``, or None if it declares none."""

@@ -339,8 +339,9 @@ def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: 
     if not keys:
         raise UnknownFormatError(f"{raw.source}: holds no tensors. Point lorahot at a LoRA adapter.")
     header_configs = _header_configs(raw)
-    configs = _component_configs(raw, header_configs, overrides)
     fmt = detect(keys) or _closest_format(keys)
+    _check_config_applies(raw, fmt)
+    configs = _component_configs(raw, header_configs, overrides, fmt.name in _PEFT_NAMED)
     skipped: list[str] | None = None if strict else []
     parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
     weights = _weight_modules(parts, raw.source, strict, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
@@ -359,31 +360,54 @@ def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: 
     return Adapter(modules, fmt.name, raw.source, cfg_dict, tuple(skipped or ()), weights)
 
 
+#: the namings PEFT's adapter_config.json describes (lora_A / lora_B under PEFT's module names)
+_PEFT_NAMED = ("peft", "diffusers")
+
+
+def _check_config_applies(raw: RawAdapter, fmt: KeyFormat) -> None:
+    """An adapter_config.json found beside weights of another naming (kohya, BFL, ...) whose
+    loaders ignore it: refused where it would decide a rank or scale, rather than applied
+    (a wrong scale) or ignored (a file the user may have meant)."""
+    if raw.config is None or raw.config_path is None or fmt.name in _PEFT_NAMED:
+        return
+    deciding = [k for k in _DECIDING if k in raw.config]
+    if deciding:
+        raise AdapterMismatchError(
+            f"{raw.source}: its weights are in the {fmt.name} naming, whose loaders ignore the {CONFIG_NAME} beside "
+            f"them ({raw.config_path}), but that file sets {', '.join(deciding)}. Move it away (kohya-style files "
+            "carry their alphas as .alpha tensors), or pass config= to apply its values on purpose."
+        )
+
+
 def _closest_format(keys: list[str]) -> KeyFormat:
     """The format that accounts for most keys; its grouping then names the keys it cannot."""
     return max(FORMATS, key=lambda f: f.score(keys))
 
 
 def _component_configs(
-    raw: RawAdapter, header_configs: dict[str, dict[str, Any]], overrides: dict[str, Any] | None
+    raw: RawAdapter, header_configs: dict[str, dict[str, Any]], overrides: dict[str, Any] | None, peft_named: bool
 ) -> dict[str, AdapterConfig]:
     """Config per component prefix (``""``: every module). diffusers' header metadata holds
     one PEFT config per component (``"unet.r"``, ``"text_encoder.lora_alpha"``); ``config=``
-    overrides every one of them.
+    overrides every one of them. The adapter_config.json beside the weights counts only for
+    PEFT's naming (``peft_named``), as for the other namings' own loaders.
 
     Raises:
         AdapterReadError: a config value is invalid.
         UnknownFormatError: a config turns on a feature lorahot does not load (DoRA,
             ``modules_to_save``, ``target_parameters``, trainable tokens, ...).
     """
-    configs = {"": {**(raw.config or {}), **(overrides or {})}}
+    file_config = raw.config if peft_named else None
+    configs = {"": {**(file_config or {}), **(overrides or {})}}
     for component, fields in header_configs.items():
+        if not component and file_config is not None:
+            fields = _agreed(raw, fields)
         configs[component] = {**fields, **(overrides or {})}
     too_many = budget_problem(list(configs.values()))
     if too_many is not None:
         raise AdapterReadError(f"{raw.source}: {too_many}. Write fewer, plainer pattern keys.")
     parsed = {c: _parse_config(raw, c, d) for c, d in configs.items()}
-    origin = {"": CONFIG_NAME if raw.config is not None else "config="}
+    origin = {"": CONFIG_NAME if file_config is not None else "config="}
     refused = [
         f"{origin.get(c) or _origin(c)}: {'; '.join(cfg.unsupported)}" for c, cfg in parsed.items() if cfg.unsupported
     ]
@@ -394,6 +418,26 @@ def _component_configs(
             "without these options."
         )
     return parsed
+
+
+#: the config fields that decide a module's rank or scale
+_DECIDING = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora")
+
+
+def _agreed(raw: RawAdapter, header: dict[str, Any]) -> dict[str, Any]:
+    """The file's config and the header's config for every module (no component prefix) as
+    one, or an :class:`AdapterMismatchError` where they disagree on a field that decides a
+    rank or scale (PEFT reads the file, diffusers the header: no answer is both's)."""
+    config = raw.config or {}
+    clash = [k for k in _DECIDING if k in config and k in header and config[k] != header[k]]
+    if clash:
+        raise AdapterMismatchError(
+            f"{raw.source}: {CONFIG_NAME} and the {METADATA_KEY} in its safetensors header disagree: "
+            + "; ".join(f"{k} {short(config[k])} against {short(header[k])}" for k in clash)
+            + ". PEFT reads the first, diffusers the second; delete the wrong one, or pass config= with the right "
+            "values."
+        )
+    return {**config, **header}
 
 
 def _parse_config(raw: RawAdapter, component: str, fields: dict[str, Any]) -> AdapterConfig:
@@ -459,11 +503,25 @@ def _assemble(
             problems.append(f"{module}: {origin} says r={declared}, but {ka} has shape {tuple(a.shape)} (rank {rank})")
             continue
         alpha = None if shapes_only else _alpha(roles.get("alpha"), unreadable)
+        if alpha is not None and cfg.states_alpha(pattern_name):
+            stated = cfg.alpha_for(pattern_name)
+            if stated is not None and not math.isclose(alpha, stated, rel_tol=1e-6):
+                problems.append(
+                    f"{module}: its {roles['alpha'][0]} is {alpha:g}, but {origin} says alpha {stated:g} (kohya's "
+                    "loaders read the first, PEFT and diffusers the second)"
+                )
+                continue
         if alpha is None:
             alpha = cfg.alpha_for(pattern_name)
         base = roles["base"][1] if "base" in roles else None
         alpha = float(rank) if alpha is None else alpha
         magnitude = roles["magnitude"][1] if "magnitude" in roles else None
+        if cfg.use_dora and magnitude is None:
+            problems.append(
+                f"{module}: {origin} says use_dora, but the file has no lora_magnitude_vector for it (PEFT would run "
+                "it as DoRA with the base weight's own norms, which lorahot does not)"
+            )
+            continue
         bias = roles["bias"][1] if "bias" in roles else None
         modules[module] = LoraModule(module, a, b, alpha, cfg.use_rslora, keys, base, magnitude, bias)
     if unreadable:

@@ -298,3 +298,85 @@ def test_a_recipe_holds_for_the_same_header_and_config_only(tmp_path: Path) -> N
     save_file(_peft(3), path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"lora_alpha": 1}))
     assert lorahot.read_adapter(tmp_path).modules["proj"].rank == 3
+
+
+def _dir(tmp_path: Path, tensors: dict[str, torch.Tensor], config: dict | None, header: dict | None = None) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    metadata = None if header is None else {"lora_adapter_metadata": json.dumps(header)}
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata=metadata)
+    if config is not None:
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_a_config_without_lora_alpha_takes_peft_s_default_and_a_null_one_is_refused(tmp_path: Path) -> None:
+    """PEFT's LoraConfig defaults lora_alpha to 8; alpha = rank holds only with no config."""
+    assert lorahot.read_adapter(_dir(tmp_path, _peft(4), {"r": 4})).modules["proj"].scale == 2.0
+    assert lorahot.read_adapter(_peft(4), config={"r": 4}).modules["proj"].scale == 2.0
+    assert lorahot.read_adapter(_peft(4)).modules["proj"].scale == 1.0
+    with pytest.raises(lorahot.AdapterReadError, match="lora_alpha is null"):
+        lorahot.read_adapter(_dir(tmp_path / "null", _peft(4), {"r": 4, "lora_alpha": None}))
+    with pytest.raises(lorahot.UsageError, match="lora_alpha is null"):
+        lorahot.read_adapter(_peft(4), config={"r": 4, "lora_alpha": None})
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"init_lora_weights": "pissa_niter_4"}, r"init_lora_weights=\"pissa_niter_4\"; PEFT rewrites the base"),
+        ({"init_lora_weights": "olora"}, 'init_lora_weights="olora"'),
+        ({"init_lora_weights": "corda"}, 'init_lora_weights="corda"'),
+        ({"init_lora_weights": "loftq"}, 'init_lora_weights="loftq"'),
+        ({"kasa_config": {}}, None),
+        ({"kasa_config": {"x": 1}}, "kasa_config=.*KaSA"),
+    ],
+)
+def test_configs_whose_peft_load_rewrites_the_base_are_refused(fields: dict, match: str | None) -> None:
+    config = {"r": 2, "lora_alpha": 2, **fields}
+    if match is None:  # an empty kasa_config is PEFT's "off"
+        lorahot.read_adapter(_peft(), config=config)
+        return
+    with pytest.raises(lorahot.UnknownFormatError, match=match):
+        lorahot.read_adapter(_peft(), config=config)
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "orthogonal", "eva", "lora_ga"])
+def test_initializations_that_leave_the_base_alone_load(init: object) -> None:
+    adapter = lorahot.read_adapter(_peft(), config={"r": 2, "lora_alpha": 2, "init_lora_weights": init})
+    assert adapter.modules["proj"].scale == 1.0
+
+
+def test_use_dora_without_a_magnitude_vector_is_refused() -> None:
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"proj: adapter_config\.json says use_dora, but the file has no"
+    ):
+        lorahot.read_adapter(_peft(), config={"r": 2, "lora_alpha": 2, "use_dora": True})
+
+
+def test_the_file_config_and_the_header_config_agree_or_the_adapter_is_refused(tmp_path: Path) -> None:
+    config = {"r": 2, "lora_alpha": 16}
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"disagree: lora_alpha 16 against 4\. PEFT reads the first"):
+        lorahot.read_adapter(_dir(tmp_path / "a", _peft(), config, {"r": 2, "lora_alpha": 4}))
+    agreed = lorahot.read_adapter(_dir(tmp_path / "b", _peft(), config, {"lora_alpha": 16, "use_rslora": False}))
+    assert agreed.modules["proj"].scale == 8.0
+
+
+def test_alpha_tensors_and_a_stated_alpha_agree_or_the_adapter_is_refused(tmp_path: Path) -> None:
+    tensors = {
+        "unet.proj.lora_A.weight": torch.randn(2, 8),
+        "unet.proj.lora_B.weight": torch.randn(6, 2),
+        "unet.proj.alpha": torch.tensor(8.0),
+    }
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"its unet\.proj\.alpha is 8, but lora_adapter_metadata"):
+        lorahot.read_adapter(_dir(tmp_path / "a", tensors, None, {"unet.r": 2, "unet.lora_alpha": 2}))
+    agreed = lorahot.read_adapter(_dir(tmp_path / "b", tensors, None, {"unet.r": 2, "unet.lora_alpha": 8}))
+    assert agreed.modules["unet.proj"].scale == 4.0
+
+
+def test_a_peft_config_beside_kohya_weights_is_refused_unless_passed_on_purpose(tmp_path: Path) -> None:
+    kohya = {"lora_unet_proj.lora_down.weight": torch.randn(2, 8), "lora_unet_proj.lora_up.weight": torch.randn(6, 2)}
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"kohya naming, whose loaders ignore the adapter_config"):
+        lorahot.read_adapter(_dir(tmp_path, kohya, {"r": 2, "lora_alpha": 16}))
+    assert lorahot.read_adapter(kohya, config={"lora_alpha": 16}).modules["lora_unet_proj"].scale == 8.0
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["proj"]}))
+    assert lorahot.read_adapter(tmp_path).modules["lora_unet_proj"].scale == 1.0

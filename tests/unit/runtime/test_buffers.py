@@ -252,7 +252,8 @@ def test_a_file_lands_in_few_copies_exactly_as_its_tensors_one_by_one(
 
     arena._copies = counting  # type: ignore[method-assign]
     runtime.load(files if stacked else files[0], slot=0)
-    runtime.load(clones if stacked else clones[0], slot=1)
+    # the files' config names no lora_alpha, so PEFT's default (8) applies to them
+    runtime.load(clones if stacked else clones[0], slot=1, config={"lora_alpha": 8})
     assert torch.equal(arena.A[0], arena.A[1]) and torch.equal(arena.B[0], arena.B[1])
     assert torch.equal(arena.S[0], arena.S[1]) and bool(arena.A[0].any())
     pairs = 2 * len(names) * (2 if stacked else 1)
