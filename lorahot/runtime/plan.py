@@ -271,7 +271,7 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
         ]
     expected = (spec.out_dim, *spec.a_row_shape)  # the torch layout [out, in, *kernel]
     got = delta_shape(module, expected)
-    fits = got is not None and got[0] == spec.out_dim and math.prod(got) == math.prod(expected)
+    fits = got is not None and len(got) > 0 and got[0] == spec.out_dim and math.prod(got) == math.prod(expected)
     bias = module.factors.get("diff_b")
     if not fits:
         shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.factors.items())

@@ -43,6 +43,7 @@ from lorahot.io.sources import Source
 from lorahot.layers import LoRALayer, layer_class_for
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
+from lorahot.runtime.arguments import check_read_options
 from lorahot.runtime.components import components_of, is_several
 from lorahot.runtime.inject import MAX_RANK_LIMIT
 from lorahot.runtime.plan import check_module
@@ -154,6 +155,7 @@ def plan_targets(
     combine: Combine = operator.add if stacked else max
     if "device" in read_options:
         raise UsageError("plan_targets reads headers only; drop device=.")
+    check_read_options(read_options)
     several = model is not None and is_several(model)
     if model is not None and not several and not isinstance(model, nn.Module):
         raise UsageError(

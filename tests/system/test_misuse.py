@@ -131,6 +131,13 @@ MISUSES = [
            UsageError,
            r"^<built>: not a usable lorahot\.Adapter:\n  - 'layers\.0\.self_attn\.q_proj': alpha is '8', not a "
            r"number\n"),
+    Misuse("load_adapter_alpha_beyond_float", lambda rig, tmp: rig.runtime.load(_hand_built(rig, alpha=10**400)),
+           UsageError, r"^<built>: not a usable lorahot\.Adapter:\n  - 'layers\.0\.self_attn\.q_proj': alpha is "
+           r"1000.*, not a finite float\n"),
+    Misuse("preload_adapter_rslora_str", lambda rig, tmp: rig.runtime.preload(_hand_built(rig, use_rslora="yes")),
+           UsageError, r"use_rslora is 'yes', not True or False\n"),
+    Misuse("plan_unknown_option", lambda rig, tmp: lorahot.plan_targets([_t(rig)], foo=1), UsageError,
+           r"^unknown read option 'foo'; the read options are"),
     Misuse("preload_adapter_a_not_tensor", lambda rig, tmp: rig.runtime.preload(_hand_built(rig, A=[[0.0]])),
            UsageError, r"^<built>: not a usable lorahot\.Adapter:\n  - 'layers\.0\.self_attn\.q_proj': A is a list, "
            r"not a torch\.Tensor\n"),

@@ -261,3 +261,23 @@ def test_an_adapter_changed_after_it_was_read_is_planned_in_full(tmp_path: Path)
     arena, index = rig.runtime.buffers.where[V1]
     a_rows, b_rows = rig.runtime.buffers.arenas[arena].rows(index, 1)
     assert not a_rows.any() and not b_rows.any()
+
+
+@pytest.mark.parametrize("merged", [True, False])
+@pytest.mark.parametrize(
+    "factors",
+    [
+        {"lora_unet_0.diff": torch.tensor(0.5)},
+        {"lora_unet_0.lokr_w1": torch.tensor(0.5), "lora_unet_0.lokr_w2": torch.tensor(0.5)},
+    ],
+    ids=["diff", "lokr"],
+)
+def test_zero_dimensional_weight_factors_are_a_mismatch_naming_their_shape(factors: dict, merged: bool) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24))
+    runtime = lorahot.inject(model, ["0"], max_rank=8, merged=merged)
+    x = torch.randn(2, 16)
+    before = model(x)
+    for call in (runtime.load, runtime.preload):
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"make a weight of shape \(\), expected \(24, 16\)"):
+            call(factors)
+    assert torch.equal(model(x), before)
