@@ -176,6 +176,9 @@ class LoRALayer(nn.Module):
     #: In merged mode, the base bias as it was at inject time, if the layer has one (diffs
     #: with ``diff_b`` rewrite it; eject puts it back).
     pristine_bias: torch.Tensor | None = None
+    #: In merged mode, ``(positions, bytes)``: a few elements of the weight as lorahot last wrote
+    #: it, to notice a weight replaced since (:func:`lorahot.runtime.merge.replaced`).
+    written_probe: tuple[torch.Tensor, torch.Tensor] | None = None
     #: Shared with the runtime that bound the layer (see :mod:`lorahot.layers.state`).
     state: RuntimeState | None = None
     #: ``(A, B, scale, extras)`` views, set by :meth:`bind`.

@@ -800,6 +800,8 @@ class LoraRuntime:
                 "after inject), so a load would change nothing the model computes. Call runtime.eject(), then "
                 "inject into the model as it is now."
             )
+        if self._merger is not None:
+            self._merger.check_base()
         names = list(self.layers) if every_layer else (self._first,)
         moved = [n for n in names if self.layers[n].bound_address() != self._addresses[n]]
         if moved:

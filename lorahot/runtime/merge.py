@@ -34,7 +34,7 @@ from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.deltas import build_delta, delta_bound
 from lorahot.runtime.stack import Stack
 
-__all__ = ["Merger", "check_mergeable", "check_untied", "writing"]
+__all__ = ["Merger", "check_mergeable", "check_untied", "writing", "record", "replaced"]
 
 
 def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> None:
@@ -103,6 +103,39 @@ def writing(tensors: Sequence[torch.Tensor | None]) -> contextlib.AbstractContex
     return torch.no_grad()
 
 
+#: elements of each merged weight compared to notice a base checkpoint loaded after inject
+PROBE_ELEMENTS = 16
+
+
+def _probe_now(layer: LoRALayer, positions: torch.Tensor) -> torch.Tensor:
+    """The weight's elements at ``positions``, as bytes (NaN compares equal to itself)."""
+    return layer.base_weight.detach().reshape(-1)[positions].contiguous().view(torch.uint8)
+
+
+def record(layer: LoRALayer) -> None:
+    """Notes a few elements of ``layer``'s weight as lorahot has just written it."""
+    weight = layer.base_weight
+    count = min(PROBE_ELEMENTS, weight.numel())
+    positions = torch.linspace(0, max(weight.numel() - 1, 0), count, device=weight.device).long()
+    layer.written_probe = (positions, _probe_now(layer, positions).clone())
+
+
+def replaced(layers: Sequence[LoRALayer]) -> list[bool]:
+    """Per layer, whether its weight is no longer what lorahot last wrote there (a base
+    checkpoint loaded after inject, in merged mode): one read back per device."""
+    flags = [False] * len(layers)
+    by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for i, layer in enumerate(layers):
+        if layer.written_probe is not None:
+            positions, written = layer.written_probe
+            differs = (_probe_now(layer, positions) != written).any()
+            by_device.setdefault(differs.device, []).append((i, differs))
+    for found in by_device.values():
+        for (i, _), d in zip(found, torch.stack([d for _, d in found]).tolist()):
+            flags[i] = bool(d)
+    return flags
+
+
 class Merger:
     """Keeps pristine base weights and rewrites the live weights from the live adapter."""
 
@@ -127,6 +160,29 @@ class Merger:
             self._items.append((layer, weight, pristine, arena, index))
         #: the weights and biases it rewrites, for :func:`writing`
         self._targets = [t for layer in layers.values() for t in (layer.base_weight, layer.base_bias)]
+        self._record()
+
+    def _record(self) -> None:
+        for layer in self._layers.values():
+            record(layer)
+
+    def check_base(self) -> None:
+        """Raises :class:`UsageError` where a targeted weight is no longer what lorahot wrote
+        (a base checkpoint loaded after inject): every rewrite starts from the base weights
+        copied at inject, so it would silently throw the checkpoint away."""
+        names = list(self._layers)
+        changed = [n for n, flag in zip(names, replaced(list(self._layers.values()))) if flag]
+        if changed:
+            raise UsageError(
+                format_problems(
+                    "in merged mode, targeted weights changed since lorahot last wrote them (load_state_dict or a "
+                    "checkpoint load after inject?):",
+                    changed,
+                )
+                + "\nEvery merged weight is rebuilt from the base weights copied at inject, so this call would throw "
+                "the new weights away. Load base checkpoints before inject, or eject (which keeps the new weights), "
+                "load, and inject again."
+            )
 
     def check(self, stack: Stack, weights: Sequence[float]) -> None:
         """Refuses weights under which a merged weight ``W0 + sum_p w_p * scale_p * dW_p``
@@ -243,6 +299,7 @@ class Merger:
                 if extras is not None:  # DoRA: each output channel times its factor (1 elsewhere)
                     f = extras[EXTRA_F]
                     flat_w.mul_((f[:, None] if layer.channel_dim() == 0 else f[None, :]).to(flat_w.dtype))
+        self._record()
 
     @staticmethod
     def _fold_bias(layer: LoRALayer, extras: torch.Tensor | None, s: float) -> None:
@@ -284,3 +341,4 @@ class Merger:
                 if folded_bias is not None and bias is not None:
                     bias.copy_(folded_bias)
                     self._biased.add(name)
+                record(layer)

@@ -16,7 +16,7 @@ from torch import nn
 from lorahot.errors import UsageError
 from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
 from lorahot.layers.linear import is_conv1d
-from lorahot.runtime.merge import writing
+from lorahot.runtime.merge import replaced, writing
 from lorahot.runtime.plan import WEIGHT_DTYPES
 
 __all__ = ["Targets", "match_targets", "wrap_modules", "unwrap_modules", "layer_placement"]
@@ -173,14 +173,17 @@ def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
 def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
     """Puts each wrapper's base module back in its place; the inverse of :func:`wrap_modules`.
 
-    A merged-mode layer first gets its pristine base weight back, a widened one its weight in
-    its own storage (wherever the layer is now).
+    A merged-mode layer first gets its pristine base weight back (unless its weight was
+    replaced since lorahot last wrote it: a base checkpoint loaded after inject stays), a
+    widened one its weight in its own storage (wherever the layer is now).
     A name where ``model`` no longer holds the wrapper (the model was edited since) is left
     alone; returns those names.
     """
     gone = []
+    merged = [layer for layer in layers.values() if layer.pristine_weight is not None]
+    kept = {id(layer) for layer, flag in zip(merged, replaced(merged)) if flag}  # a checkpoint loaded since
     for name, layer in layers.items():
-        if layer.pristine_weight is not None:
+        if layer.pristine_weight is not None and id(layer) not in kept:
             with writing([layer.base_weight, layer.base_bias]):
                 layer.base_weight.copy_(layer.pristine_weight)
                 bias = layer.base_bias

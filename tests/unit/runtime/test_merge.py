@@ -198,3 +198,24 @@ def test_merged_mode_rewrites_weights_made_under_inference_mode_from_outside_it(
     lorahot.eject(model)
     with torch.inference_mode():
         assert torch.equal(model(ids), base)
+
+
+def test_a_base_checkpoint_loaded_after_inject_is_neither_thrown_away_nor_mixed() -> None:
+    """Merged mode rebuilds each weight from the base copied at inject: after a checkpoint
+    load the next call refuses (naming the layers) and changes nothing, and eject keeps it."""
+    ids = token_ids((2, 6), 32, seed=1)
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4, merged=True)
+    names = list(runtime.layers)
+    runtime.load(make_adapter(model, dict.fromkeys(names, 2), seed=1)[0])
+    checkpoint = tiny_lm(seed=5)
+    model.load_state_dict(checkpoint.state_dict())
+    with torch.no_grad():
+        want = checkpoint(ids)
+        assert torch.equal(model(ids), want)
+        for call in (lambda: runtime.load(make_adapter(model, dict.fromkeys(names, 2), seed=2)[0]), runtime.unload):
+            with pytest.raises(lorahot.UsageError, match=r"targeted weights changed since lorahot last wrote them"):
+                call()
+            assert torch.equal(model(ids), want)
+        lorahot.eject(model)
+        assert torch.equal(model(ids), want)
