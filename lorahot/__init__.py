@@ -28,6 +28,7 @@ from lorahot.errors import (
     UnexpectedError,
     UnknownFormatError,
     UsageError,
+    WriteError,
 )
 from lorahot.io import read_adapter
 from lorahot.layers import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear, ShardedLoRALinear
@@ -68,6 +69,7 @@ __all__ = [
     "SourceNotFoundError",
     "UsageError",
     "UnexpectedError",
+    "WriteError",
 ]
 
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ __all__ = [
     "SourceNotFoundError",
     "UsageError",
     "UnexpectedError",
+    "WriteError",
     "public_api",
 ]
 
@@ -57,6 +58,12 @@ class UnexpectedError(LoraError):
     catching :class:`LoraError` still survives it; the original is its ``__cause__``. Every
     check runs before the first write, so nothing was changed. Please report it: it means a
     check is missing."""
+
+
+class WriteError(LoraError):
+    """A write failed after every check had passed (out of device memory, a device fault). The
+    slot it was writing is emptied, as by ``unload``, so that no mix of two adapters serves; the
+    message says so (or that emptying failed too). The original is its ``__cause__``."""
 
 
 _P = ParamSpec("_P")

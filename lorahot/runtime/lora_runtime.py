@@ -18,14 +18,14 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from lorahot.adapter import Adapter, LoraModule
-from lorahot.errors import AdapterMismatchError, UsageError, format_problems, public_api
+from lorahot.errors import AdapterMismatchError, UsageError, WriteError, format_problems, public_api
 from lorahot.io.loader import read_adapter, read_adapter_sliced
 from lorahot.io.read_buffers import ReadBuffers
 from lorahot.io.sources import Source
@@ -287,14 +287,36 @@ class LoraRuntime:
         checked = self._agreed(lambda: self._check_load(source, slot, scale, read_kwargs), "load")
         slot, adapters, stack, weights, listed, write = checked
         live = slot == self._active
-        refreshed = write(live)
-        self._refresh_dora(slot, stack.dora, live)
-        self._stacks[slot], self._weights[slot] = stack, weights
-        info = self._info(slot, adapters, stack, weights, listed)
-        self._infos[slot] = info
-        if not refreshed:  # a replayed load (lorahot.runtime.load_replay) refreshed the wide rows itself
-            self._remerge(slot)
+        try:
+            refreshed = write(live)
+            self._refresh_dora(slot, stack.dora, live)
+            self._stacks[slot], self._weights[slot] = stack, weights
+            info = self._info(slot, adapters, stack, weights, listed)
+            self._infos[slot] = info
+            if not refreshed:  # a replayed load (lorahot.runtime.load_replay) refreshed the wide rows itself
+                self._remerge(slot)
+        except Exception as exc:
+            self._failed_write("load", slot, exc)
         return info
+
+    def _failed_write(self, what: str, slot: int, exc: Exception) -> NoReturn:
+        """A write that failed after every check passed (out of memory, a device fault): the
+        slot is emptied, as by :meth:`unload`, so that no mix of two adapters serves, and a
+        :class:`WriteError` says so."""
+        try:
+            self.buffers.clear(slot, live=slot == self._active)
+            self._infos[slot] = None
+            self._stacks[slot], self._weights[slot] = None, ()
+            self._remerge(slot)
+            state = f"slot {slot} was emptied (unloaded), so that it holds no mix of two adapters; {what} it again"
+        except Exception:  # the first failure is the one to report
+            state = (
+                f"emptying slot {slot} failed too, so it may hold parts of two adapters: call runtime.unload({slot})"
+            )
+        raise WriteError(
+            f"LoraRuntime.{what}: {type(exc).__name__} while writing slot {slot} after every check had passed: "
+            f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else '(no message)'}. {state}."
+        ) from exc
 
     def _check_load(
         self, source: One | Sequence[One], slot: int, scale: float | Sequence[float], read_kwargs: dict[str, Any]
@@ -660,13 +682,16 @@ class LoraRuntime:
         """
         s, stack, _, weights = self._agreed(lambda: self._check_set_scale(value, slot), "set_scale")
         live = s == self._active
-        self._weights[s] = weights  # info(s) reports them from here
-        if self._merger is None and self._replay(s, live, stack, weights):
-            return  # on CUDA: the scales, live copy and wide refresh in one graph replay
-        scales = stack.scales(weights)
-        self.buffers.set_scales(s, scales, live=live)
-        self._refresh_dora(s, stack.dora, live)
-        self._remerge(s)
+        try:
+            self._weights[s] = weights  # info(s) reports them from here
+            if self._merger is None and self._replay(s, live, stack, weights):
+                return  # on CUDA: the scales, live copy and wide refresh in one graph replay
+            scales = stack.scales(weights)
+            self.buffers.set_scales(s, scales, live=live)
+            self._refresh_dora(s, stack.dora, live)
+            self._remerge(s)
+        except Exception as exc:
+            self._failed_write("set_scale", s, exc)
 
     def _check_set_scale(
         self, value: float | Sequence[float], slot: int | None

@@ -1,0 +1,83 @@
+"""A write that fails after every check passed (out of device memory, a device fault) empties
+the slot it was writing, as ``unload`` does, and raises :class:`lorahot.WriteError` saying so:
+the model then computes its base output bitwise, never a mix of two adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+from lorahot.runtime import buffers, merge
+from tests.helpers import make_adapter, tiny_lm, token_ids
+
+
+def _two_arenas() -> nn.Module:
+    """A tiny LM whose second block and head run in float64: two arenas, written one after the other."""
+    model = tiny_lm()
+    model.layers[1].double()
+    model.layers[1].register_forward_pre_hook(lambda m, a: (a[0].double(),))
+    model.lm_head.double()
+    return model
+
+
+def test_a_load_failing_in_its_second_arena_empties_the_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _two_arenas()
+    ids = token_ids((2, 6), 32, seed=1)
+    with torch.no_grad():
+        base = model(ids)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4)
+    names = list(runtime.layers)
+    assert len(runtime.buffers.arenas) == 2
+    runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=1)[0])
+    calls: list[int] = []
+    write = buffers.Arena.write_staged
+
+    def failing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("no memory for the second arena")
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(buffers.Arena, "write_staged", failing)
+    with pytest.raises(
+        lorahot.WriteError, match=r"MemoryError while writing slot 0 .* slot 0 was emptied \(unloaded\)"
+    ):
+        runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=2)[0])
+    monkeypatch.undo()
+    assert runtime.info(0) is None
+    with torch.no_grad():
+        assert torch.equal(model(ids), base)
+    runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=2)[0])  # and it serves again
+    assert runtime.info(0) is not None
+
+
+def test_a_merged_load_failing_while_folding_a_diff_puts_the_base_weights_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 8)).double()
+    weights = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(1)
+
+    def lora() -> dict[str, torch.Tensor]:
+        shapes = {"0": (16, 24), "1": (24, 8)}
+        return {
+            f"{n}.lora_{r}.weight": torch.randn(*((4, i) if r == "A" else (o, 4)), generator=g, dtype=torch.float64)
+            for n, (i, o) in shapes.items()
+            for r in "AB"
+        }
+
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=8, merged=True)
+    runtime.load(lora())
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise MemoryError("no memory for the diff's delta")
+
+    monkeypatch.setattr(merge, "build_delta", out_of_memory)
+    diff = {"lora_unet_1.diff": torch.randn(8, 24, generator=g, dtype=torch.float64)}
+    with pytest.raises(lorahot.WriteError, match="slot 0 was emptied"):
+        runtime.load([lora(), diff])
+    assert runtime.info(0) is None
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
