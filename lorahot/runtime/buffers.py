@@ -677,6 +677,9 @@ class BufferManager:
         self.live = self.regions - 1
         self.arenas: list[Arena] = []
         self.where: dict[str, tuple[int, int]] = {}
+        #: whether a write (:meth:`write` past its staging, :meth:`write_staged`, :meth:`set_scales`)
+        #: has begun since the runtime last reset it: a failure before then changed nothing
+        self.touched = False
         for (device, dtype), names in self.groups(specs).items():
             self.where.update({n: (len(self.arenas), i) for i, n in enumerate(names)})
             self.arenas.append(
@@ -745,6 +748,7 @@ class BufferManager:
         Every pack is staged on its device first, so a failed allocation changes nothing."""
         if staged is None:
             staged = self.stage(packs, upload)
+        self.touched = True
         for arena, pack, data in zip(self.arenas, packs, staged):
             arena.write(slot, pack, data, multiplier)
             if self.mirrors(slot, live):
@@ -787,6 +791,7 @@ class BufferManager:
         """Writes staged ``(layer, A, B)`` triples and extras rows, one list per arena, into
         ``slot``, with per-row ``scales`` (one float64 host tensor ``[n_layers, R]`` per arena)
         and, for a stack, each entry's row ``offsets``."""
+        self.touched = True
         for k, (arena, entries, s) in enumerate(zip(self.arenas, staged, scales)):
             arena.write_staged(slot, entries, s, extras[k] if extras else [], offsets[k] if offsets else None)
             if self.mirrors(slot, live):
@@ -796,6 +801,7 @@ class BufferManager:
         """Overwrites the per-row scales of ``slot`` (one float64 host tensor ``[n_layers, R]``
         per arena): one upload per arena, and a device copy into the live region when the slot
         is live."""
+        self.touched = True
         for arena, s in zip(self.arenas, scales):
             arena.set_scales(slot, s)
             if self.mirrors(slot, live):

@@ -287,6 +287,7 @@ class LoraRuntime:
         checked = self._agreed(lambda: self._check_load(source, slot, scale, read_kwargs), "load")
         slot, adapters, stack, weights, listed, write = checked
         live = slot == self._active
+        self.buffers.touched = False
         try:
             refreshed = write(live)
             self._refresh_dora(slot, stack.dora, live)
@@ -302,7 +303,10 @@ class LoraRuntime:
     def _failed_write(self, what: str, slot: int, exc: Exception) -> NoReturn:
         """A write that failed after every check passed (out of memory, a device fault): the
         slot is emptied, as by :meth:`unload`, so that no mix of two adapters serves, and a
-        :class:`WriteError` says so."""
+        :class:`WriteError` says so. A failure before the first write (staging its data)
+        changed nothing and propagates as it is."""
+        if not self.buffers.touched:
+            raise exc
         try:
             self.buffers.clear(slot, live=slot == self._active)
             self._infos[slot] = None
@@ -344,6 +348,7 @@ class LoraRuntime:
 
             def write_packs(live: bool) -> bool:  # on CUDA through the read buffers: no allocation
                 merged = self._merger is not None
+                self.buffers.touched = staged is not None  # a replay writes too
                 if staged is not None and self._load_replay(slot, live, packs, staged, weights[0], stack, merged):
                     return True  # the writes and the wide refresh as one graph replay
                 self.buffers.write(slot, packs, weights[0], live=live, staged=staged)
@@ -682,8 +687,10 @@ class LoraRuntime:
         """
         s, stack, _, weights = self._agreed(lambda: self._check_set_scale(value, slot), "set_scale")
         live = s == self._active
+        self.buffers.touched = False
         try:
             self._weights[s] = weights  # info(s) reports them from here
+            self.buffers.touched = True  # a replay writes too
             if self._merger is None and self._replay(s, live, stack, weights):
                 return  # on CUDA: the scales, live copy and wide refresh in one graph replay
             scales = stack.scales(weights)
