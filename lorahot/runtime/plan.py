@@ -537,6 +537,7 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
         plan.delta_bound.update({names[(a, i)]: A.shape[0] * b for (i, A, _), b in zip(entries, bounds)})
         index = torch.tensor([i for i, _, _ in entries])
         plan.scaled_b[a][index] = largest[1::2] * plan.scales[a][index].abs()
+        _check_precision(plan, arena, [names[(a, i)] for i, _, _ in entries], largest)
         if bool((largest <= top).all()):  # NaN compares False
             continue
         for k, (i, _, _) in enumerate(entries):
@@ -552,6 +553,28 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
         raise AdapterReadError(
             format_problems(f"{plan.source}: NaN or Inf in LoRA weights of:", lines)
             + "\nThe adapter is corrupt; re-train or re-download it."
+        )
+
+
+def _check_precision(plan: LoadPlan, arena: Arena, layers: list[str], largest: torch.Tensor) -> None:
+    """Refuses factors (``largest``: each layer's A and B largest ``|value|``, interleaved) whose
+    every value lies below the arena dtype's smallest normal number: stored there they would
+    keep a few bits or none (float16 from 6.1e-5 down). PEFT keeps adapters in float32."""
+    tiny = torch.finfo(arena.dtype).tiny
+    pairs = largest.view(-1, 2)
+    lost = ((pairs > 0) & (pairs < tiny)).any(dim=1).tolist()
+    if any(lost):
+        raise AdapterMismatchError(
+            format_problems(
+                f"{plan.source}: factors whose every value is below the smallest normal {_dtype_name(arena)} "
+                f"({tiny:.3g}), so they would lose their precision in this model's LoRA buffers:",
+                [
+                    f"{n}: largest |value| {float(pair[pair > 0].min()):.3g}"
+                    for n, pair, x in zip(layers, pairs, lost)
+                    if x
+                ],
+            )
+            + "\nInject with dtype=torch.float32 (the LoRA buffers' dtype); PEFT keeps adapters in float32 too."
         )
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lorahot
-from tests.helpers import make_adapter, save_peft
+from tests.helpers import make_adapter, save_peft, tiny_lm
 from tests.reliability_helpers import Q0, V1, assert_unchanged, build_rig, snapshot, valid_tensors
 
 
@@ -281,3 +281,29 @@ def test_zero_dimensional_weight_factors_are_a_mismatch_naming_their_shape(facto
         with pytest.raises(lorahot.AdapterMismatchError, match=r"make a weight of shape \(\), expected \(24, 16\)"):
             call(factors)
     assert torch.equal(model(x), before)
+
+
+def test_factors_below_the_buffers_smallest_normal_are_refused_unless_kept_in_float32() -> None:
+    """float16 keeps a few bits of a value under 6.1e-5 and none under 6e-8: an A of 1e-8
+    (with a B large enough to matter) would lose its update there, where PEFT computes it in
+    float32."""
+    model = tiny_lm(dtype=torch.float16)
+    names = ["layers.0.self_attn.q_proj"]
+    tensors = make_adapter(model, dict.fromkeys(names, 2), seed=1, dtype=torch.float32)[0]
+    tiny = {k: v * (1e-8 if ".lora_A." in k else 1e6) for k, v in tensors.items()}
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+    before = snapshot_of(runtime)
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"below the smallest normal float16 \(6\.1e-05\).*\n  - "
+        r"layers\.0\.self_attn\.q_proj: largest \|value\| \d\.\d+e-0\d\nInject with dtype=torch\.float32",
+    ):
+        runtime.load(tiny)
+    assert snapshot_of(runtime) == before
+    runtime.load(tensors)  # ordinary values load
+    kept = lorahot.inject(tiny_lm(dtype=torch.float16), ["q_proj"], max_rank=4, dtype=torch.float32)
+    kept.load(tiny)
+
+
+def snapshot_of(runtime: lorahot.LoraRuntime) -> list[bytes]:
+    return [t.cpu().numpy().tobytes() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S)]
