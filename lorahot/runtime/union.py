@@ -46,7 +46,7 @@ from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.arguments import check_read_options
 from lorahot.runtime.components import components_of, is_several
 from lorahot.runtime.inject import MAX_RANK_LIMIT
-from lorahot.runtime.plan import check_module
+from lorahot.runtime.plan import check_module, check_weight_module
 
 __all__ = ["TargetPlan", "plan_targets"]
 
@@ -270,7 +270,8 @@ def _model_ranks(
         for name, m in lora.items():
             problems += [f"{adapter.source}: {p}" for p in check_module(name, m, layers[name].spec, MAX_RANK_LIMIT)]
             ranks[name] = combine(ranks.get(name, 0), m.rank)
-        for name in weights:
+        for name, w in weights.items():
+            problems += [f"{adapter.source}: {p}" for p in check_weight_module(name, w, layers[name].spec)]
             ranks.setdefault(name, 0)
     if problems:
         raise AdapterMismatchError(

@@ -400,3 +400,17 @@ def test_plan_says_which_inject_options_the_adapters_need() -> None:
     plan = lorahot.plan_targets(loha)
     assert plan.merged_only and not plan.extras
     assert plan.inject_options() == {"max_rank": 1, "merged": True}
+
+
+def test_a_model_plan_checks_lycoris_factor_shapes_as_load_does() -> None:
+    model = nn.Sequential(nn.Linear(16, 24))
+    fits = {"lora_unet_0.lokr_w1": torch.randn(4, 4), "lora_unet_0.lokr_w2": torch.randn(6, 4)}  # (24, 16)
+    plan = lorahot.plan_targets(fits, model=model)
+    assert plan.targets == ["0"] and plan.merged_only
+    wrong = {"lora_unet_0.lokr_w1": torch.randn(2, 2), "lora_unet_0.lokr_w2": torch.randn(5, 5)}  # (10, 10)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"make a weight of shape \(10, 10\), expected \(24, 16\)"):
+        lorahot.plan_targets(wrong, model=model)
+    runtime = lorahot.inject(model, ["0"], max_rank=1, merged=True)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"make a weight of shape \(10, 10\), expected \(24, 16\)"):
+        runtime.load(wrong)  # as load says
+    runtime.load(fits)
