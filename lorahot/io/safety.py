@@ -136,7 +136,12 @@ def check_safetensors(path: Path, fd: int | None = None) -> SafetensorsHeader:
     size = _fd_size(fd, path)
     head = _pread(fd, 8, 0, path)
     if len(head) < 8:
-        raise _error(path, f"{size} bytes, too short to hold the 8-byte header length (empty or truncated file)")
+        found = len(head) if len(head) < size else size
+        raise _error(
+            path,
+            f"{found} bytes, too short to hold the 8-byte header length (empty or truncated file"
+            + (", or it shrank while lorahot read it)" if len(head) < min(size, 8) else ")"),
+        )
     n = int.from_bytes(head, "little")
     if n > MAX_HEADER_BYTES:
         raise _error(
@@ -145,7 +150,7 @@ def check_safetensors(path: Path, fd: int | None = None) -> SafetensorsHeader:
             "file, or damaged)",
         )
     if n > size - 8:
-        raise _error(path, f"header declares {n} bytes but only {size - 8} follow (truncated file)")
+        raise _error(path, f"header declares {n} bytes but only {max(size - 8, 0)} follow (truncated file)")
     raw = _pread(fd, n, 8, path)
     key = _identity(raw, size)
     checked = _HEADERS.get(key, _check_header, path, raw, size)

@@ -127,3 +127,13 @@ _JSON = st.recursive(
 def test_the_depth_scan_agrees_with_a_character_loop(value: object) -> None:
     for text in (json.dumps(value), json.dumps(value, ensure_ascii=False)):
         assert safety._max_depth(text.encode()) == _reference_depth(text), text
+
+
+def test_a_file_that_shrinks_while_read_is_named_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The size is taken before the header is read: a file truncated in between gets a
+    message about the bytes found, not the stale size."""
+    path = tmp_path / "a.safetensors"
+    save_file({"x": torch.ones(4)}, path)
+    monkeypatch.setattr(safety, "_pread", lambda fd, n, offset, p: b"\x01\x02")  # truncated to 2 bytes meanwhile
+    with pytest.raises(lorahot.AdapterReadError, match=r": 2 bytes, too short .* or it shrank while lorahot read it\)"):
+        safety.check_safetensors(path)
