@@ -282,10 +282,15 @@ class Merger:
                 nonzero = used is not None and used[arena_idx][index] != 0.0
                 arena = self._buffers.arenas[arena_idx]
                 rows = max(arena.a_extent[live], arena.b_extent[live])
-                extras = arena.extras(index, live) if arena.e_dirty[live] and nonzero else None
+                # DoRA's per-channel factor applies at any weight, 0 included (m / |W0| there)
+                extras = arena.extras(index, live) if arena.e_dirty[live] and scales is not None else None
                 self._fold_bias(layer, extras, s)
                 if not nonzero or rows == 0:
                     weight.copy_(pristine)
+                    if extras is not None:
+                        f = extras[EXTRA_F]
+                        flat = weight.view(weight.shape[0], -1)
+                        flat.mul_((f[:, None] if layer.channel_dim() == 0 else f[None, :]).to(flat.dtype))
                     continue
                 a, bt = arena.rows(index, live)
                 flat_w, flat_p = weight.view(weight.shape[0], -1), pristine.view(pristine.shape[0], -1)

@@ -308,6 +308,25 @@ def test_merged_mode_folds_dora_and_lora_bias_as_peft_computes(tmp_path: Path) -
     assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), base.state_dict().values()))
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_dora_at_weight_zero_keeps_its_magnitude_rescale_as_peft_does(tmp_path: Path, merged: bool) -> None:
+    """At weight 0 PEFT still scales each output channel by m / |W0|: a DoRA adapter is not
+    the base model there, in merged mode too (set_scale(0) and load(scale=0) alike)."""
+    base, inputs = _base(), _inputs()
+    oracle = _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    _scale_peft(oracle, 0.0)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, merged=merged, extras=True)
+    with torch.no_grad():
+        want = oracle(*inputs)
+        assert not torch.allclose(want, base(*inputs))
+        runtime.load(tmp_path / "dora", scale=0.0)
+        _close(model(*inputs), want)
+        runtime.set_scale(1.0)
+        runtime.set_scale(0.0)
+        _close(model(*inputs), want)
+
+
 def test_merged_mode_refuses_a_lora_bias_on_a_layer_without_bias(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(8, 6, bias=False))
     runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
