@@ -672,7 +672,8 @@ class LoraRuntime:
 
     @public_api
     def set_scale(self, value: float | Sequence[float], slot: int | None = None) -> None:
-        """Sets the user multiplier of ``slot`` (default: the active slot). 0 disables it.
+        """Sets the user multiplier of ``slot`` (default: the active slot). 0 turns its update
+        off (a DoRA part keeps its magnitude rescale, as in PEFT).
 
         ``value`` is one number (for a stack: the weight of every part) or a sequence of one
         weight per part of the slot (a stack re-weighted). Only the slot's per-row scales are
