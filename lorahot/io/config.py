@@ -22,7 +22,7 @@ from lorahot.errors import AdapterReadError
 from lorahot.io.patterns import PatternSet
 from lorahot.io.safety import short
 
-__all__ = ["AdapterConfig", "CONFIG_NAME", "UNSUPPORTED", "REWRITING_INITS", "PEFT_DEFAULT_ALPHA"]
+__all__ = ["AdapterConfig", "CONFIG_NAME", "UNSUPPORTED", "REWRITING_INITS", "PEFT_DEFAULT_ALPHA", "finite"]
 
 #: The file PEFT writes beside the weights.
 CONFIG_NAME = "adapter_config.json"
@@ -207,11 +207,16 @@ def _opt_alpha(v: Any, name: str, problems: list[str]) -> float | None:
     return float(v)
 
 
-def _finite_positive(v: int | float) -> bool:
+def finite(v: int | float) -> bool:
+    """Whether the real number ``v`` is a finite float (an int beyond float range is not)."""
     try:
-        return math.isfinite(v) and v > 0  # an int beyond float range raises OverflowError
+        return math.isfinite(v)  # an int beyond float range raises OverflowError
     except OverflowError:
         return False
+
+
+def _finite_positive(v: int | float) -> bool:
+    return finite(v) and v > 0
 
 
 def _pattern(

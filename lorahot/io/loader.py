@@ -30,7 +30,7 @@ from lorahot.errors import (
 from lorahot.formats import FORMATS, KeyFormat, detect, format_named, group_keys
 from lorahot.formats.diffusers import METADATA_KEY
 from lorahot.formats.table import Parts
-from lorahot.io.config import CONFIG_NAME, AdapterConfig
+from lorahot.io.config import CONFIG_NAME, AdapterConfig, finite
 from lorahot.io.patterns import budget_problem
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json, short
 from lorahot.io.sources import RawAdapter, Source, open_source
@@ -216,19 +216,12 @@ def _malformed(key: Any, m: Any) -> list[str]:
     ]
     if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)):
         found.append(f"alpha is {m.alpha!r:.40}, not a number")
-    elif not _finite(m.alpha):
+    elif not finite(m.alpha):
         found.append(f"alpha is {str(m.alpha)[:40]}, not a finite float")
     rslora: object = m.use_rslora  # typed as a bool, but built by the caller
     if not isinstance(rslora, bool):
         found.append(f"use_rslora is {rslora!r:.40}, not True or False")
     return found
-
-
-def _finite(v: int | float) -> bool:
-    try:
-        return math.isfinite(float(v))  # an int beyond float range raises OverflowError
-    except OverflowError:
-        return False
 
 
 def _device(device: Any) -> torch.device | None:

@@ -285,26 +285,21 @@ class Merger:
                 # DoRA's per-channel factor applies at any weight, 0 included (m / |W0| there)
                 extras = arena.extras(index, live) if arena.e_dirty[live] and scales is not None else None
                 self._fold_bias(layer, extras, s)
+                flat_w, flat_p = weight.view(weight.shape[0], -1), pristine.view(pristine.shape[0], -1)
                 if not nonzero or rows == 0:
                     weight.copy_(pristine)
-                    if extras is not None:
-                        f = extras[EXTRA_F]
-                        flat = weight.view(weight.shape[0], -1)
-                        flat.mul_((f[:, None] if layer.channel_dim() == 0 else f[None, :]).to(flat.dtype))
-                    continue
-                a, bt = arena.rows(index, live)
-                flat_w, flat_p = weight.view(weight.shape[0], -1), pristine.view(pristine.shape[0], -1)
-                if uniform:
+                elif uniform:
+                    a, bt = arena.rows(index, live)
                     m1, m2 = layer.merge_operands(a[:rows], bt[:rows])
                     torch.addmm(flat_p, m1, m2, alpha=s, out=flat_w)
                 else:
+                    a, bt = arena.rows(index, live)
                     scaled = (a[:rows] * arena.scale(index, live)[:rows, None]).to(a.dtype)  # diag(s) A
                     m1, m2 = layer.merge_operands(scaled, bt[:rows])
                     torch.addmm(flat_p, m1, m2, out=flat_w)
                 if extras is not None:  # DoRA: each output channel times its factor (1 elsewhere)
                     f = extras[EXTRA_F]
                     flat_w.mul_((f[:, None] if layer.channel_dim() == 0 else f[None, :]).to(flat_w.dtype))
-        self._record()
 
     @staticmethod
     def _fold_bias(layer: LoRALayer, extras: torch.Tensor | None, s: float) -> None:
@@ -322,7 +317,7 @@ class Merger:
         """After :meth:`apply`: adds each weight-kind module's ``s * ΔW`` to its layer's weight
         (``W0``, or ``W0`` plus the LoRA parts of a stack), ``s`` the module's scale times its
         part's weight (ΔW built on the weights' device from the factors); puts back every bias
-        an earlier diff rewrote."""
+        an earlier diff rewrote. Then notes every weight as written (:func:`record`)."""
         with writing(self._targets):
             for name in self._biased - set(terms):
                 bias, b0 = self._layers[name].base_bias, self._layers[name].pristine_bias
@@ -346,4 +341,4 @@ class Merger:
                 if folded_bias is not None and bias is not None:
                     bias.copy_(folded_bias)
                     self._biased.add(name)
-                record(layer)
+        self._record()  # what apply and this wrote, for check_base

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from lorahot.adapter import storage_problem
 from lorahot.errors import UsageError, format_problems
 from lorahot.kernels.routed_linear import workspace
 from lorahot.kernels.routed_lora import segments
@@ -102,7 +103,7 @@ def _as_tensor(slots: object) -> torch.Tensor:
     elif isinstance(slots, torch.Tensor):
         if slots.is_meta:
             raise UsageError("the routing tensor is on the meta device, so it has no values; pass real slot indices.")
-        if not _plain(slots):
+        if storage_problem(slots) is not None:
             raise UsageError(
                 f"a routing tensor must be a plain dense tensor, got a {_kind(slots)} one; pass e.g. "
                 "torch.tensor([0, 2, -1]) (or .to_dense() / .dequantize() it first)."
@@ -140,11 +141,6 @@ def _as_tensor(slots: object) -> torch.Tensor:
 _BYTES = (str, bytes, bytearray, memoryview)
 
 
-def _plain(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a dense, unquantized, non-nested tensor (what ``tolist`` reads as is)."""
-    return t.layout == torch.strided and not t.is_quantized and not t.is_nested
-
-
 def _kind(t: torch.Tensor) -> str:
     return "nested" if t.is_nested else "quantized" if t.is_quantized else str(t.layout).removeprefix("torch.")
 
@@ -171,7 +167,7 @@ def _lengths(lengths: object, rows: int) -> torch.Tensor:
     if isinstance(lengths, np.ndarray):
         values = lengths.tolist() if lengths.ndim == 1 and lengths.dtype.kind in "iu" else None
     elif isinstance(lengths, torch.Tensor):
-        usable = _plain(lengths) and lengths.dim() == 1 and not lengths.is_meta and not lengths.is_floating_point()
+        usable = storage_problem(lengths) is None and lengths.dim() == 1 and not lengths.is_floating_point()
         values = lengths.detach().cpu().tolist() if usable and not lengths.is_complex() else None
     elif isinstance(lengths, Sequence) and not isinstance(lengths, _BYTES):
         values = list(lengths)

@@ -96,6 +96,21 @@ def _check_layers(
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()), msg=f"layer {i}")
 
 
+def _gpu_random(early: bool, seed: int) -> tuple[torch.Generator, Callable[..., torch.Tensor]]:
+    """Skips without the kernels (or, ``early``, without early launches); else a seeded CUDA
+    generator and ``randn(*shape, scale=)``: bf16 normals times ``scale`` drawn from it."""
+    if not fused.available():
+        pytest.skip("needs CUDA and Triton")
+    if early and not pdl._supported(torch.cuda.current_device()):
+        pytest.skip("needs an sm90 GPU and a Triton with griddepcontrol")
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape: int, scale: float) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g) * scale
+
+    return g, randn
+
+
 def _replayed(
     run: Callable[[torch.Tensor], list[torch.Tensor]], inputs: list[torch.Tensor], outputs_from: int
 ) -> list[list[torch.Tensor]]:
@@ -134,16 +149,8 @@ def test_gpu_chain_computes_what_stream_order_computes(monkeypatch: pytest.Monke
     wrote its output, before the one before it ended shows at that layer, and a rounding flip
     from the atomics' order does not compound down the chain. With ``early``, the kernels
     launch early (:mod:`lorahot.kernels.pdl`)."""
-    if not fused.available():
-        pytest.skip("needs CUDA and Triton")
-    if early and not pdl._supported(torch.cuda.current_device()):
-        pytest.skip("needs an sm90 GPU and a Triton with griddepcontrol")
+    g, randn = _gpu_random(early, seed=3)
     rows, k, rank, slots = 64, 1024, 64, 8
-    g = torch.Generator(device="cuda").manual_seed(3)
-    dt = torch.bfloat16
-
-    def randn(*shape: int, scale: float) -> torch.Tensor:
-        return torch.randn(*shape, device="cuda", dtype=dt, generator=g) * scale
 
     layers = [
         (randn(k, k, scale=k**-0.5), randn(slots, rank, k, scale=k**-0.5), randn(slots, rank, k, scale=0.5),
@@ -179,16 +186,8 @@ def test_gpu_a_stacked_routed_shrinks_group_computes_what_stream_order_computes(
     rely on the wait of the one before. Eagerly and replayed from a CUDA graph on new inputs,
     each member against itself with its own shrink in stream order: bitwise on rows of no slot,
     up to the atomics' order elsewhere."""
-    if not fused.available():
-        pytest.skip("needs CUDA and Triton")
-    if early and not pdl._supported(torch.cuda.current_device()):
-        pytest.skip("needs an sm90 GPU and a Triton with griddepcontrol")
+    g, randn = _gpu_random(early, seed=4)
     rows, k, rank, slots = 64, 1024, 64, 8
-    g = torch.Generator(device="cuda").manual_seed(4)
-    dt = torch.bfloat16
-
-    def randn(*shape: int, scale: float) -> torch.Tensor:
-        return torch.randn(*shape, device="cuda", dtype=dt, generator=g) * scale
 
     first = (randn(k, k, scale=k**-0.5), randn(slots, rank, k, scale=k**-0.5), randn(slots, rank, k, scale=0.5),
              torch.rand(slots, rank, device="cuda", generator=g))  # fmt: skip

@@ -84,15 +84,9 @@ def _alone(model: nn.Module, runtime: lorahot.LoraRuntime, inputs: tuple, route:
     return out
 
 
-@pytest.mark.parametrize("route", [[2, -1, 0, 1, 0], [1], [-1, -1], [0, 0, 0]])
-def test_every_layer_kind_routes_each_row_to_its_slot(route: list[int]) -> None:
-    model = _model()
-    runtime = _runtime(model)
-    inputs = _inputs(len(route))
-    runtime.activate(route)
-    with torch.no_grad():
-        mixed = model(*inputs)
-    assert runtime.routing == tuple(route)
+def _assert_each_row_alone(mixed: torch.Tensor, model: nn.Module, runtime: lorahot.LoraRuntime, inputs: tuple,
+                           route: list[int]) -> None:  # fmt: skip
+    """Each row of the routed batch's output ``mixed`` equals it run alone (-1: bitwise the base)."""
     for i, want in enumerate(_alone(model, runtime, inputs, route)):
         if route[i] < 0:
             assert torch.equal(mixed[i : i + 1], want)  # the base output, bitwise
@@ -100,20 +94,24 @@ def test_every_layer_kind_routes_each_row_to_its_slot(route: list[int]) -> None:
             torch.testing.assert_close(mixed[i : i + 1], want, rtol=1e-12, atol=1e-12)
 
 
-def test_convs_route_each_row_without_the_batch_as_a_group_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The form a symbolic batch takes under dynamic shapes (``LoRAConv._symbolic_delta``: every
-    slot's shrink over the whole batch, each row keeping its own), forced eagerly: every row of
-    every layer kind still equals it run alone (the grouped Conv3d included)."""
-    monkeypatch.setattr(routing, "constant", lambda size: False)
-    route = [2, -1, 0, 1, 0]
+@pytest.mark.parametrize("symbolic", [False, True], ids=["grouped", "symbolic-batch"])
+@pytest.mark.parametrize("route", [[2, -1, 0, 1, 0], [1], [-1, -1], [0, 0, 0]])
+def test_every_layer_kind_routes_each_row_to_its_slot(
+    route: list[int], symbolic: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``symbolic``: convs take the form a symbolic batch takes under dynamic shapes
+    (``LoRAConv._symbolic_delta``: every slot's shrink over the whole batch, each row keeping
+    its own), forced eagerly (the grouped Conv3d included)."""
+    if symbolic:
+        monkeypatch.setattr(routing, "constant", lambda size: False)
     model = _model()
     runtime = _runtime(model)
     inputs = _inputs(len(route))
     runtime.activate(route)
     with torch.no_grad():
         mixed = model(*inputs)
-    for i, want in enumerate(_alone(model, runtime, inputs, route)):
-        torch.testing.assert_close(mixed[i : i + 1], want, rtol=1e-12, atol=1e-12)
+    assert runtime.routing == tuple(route)
+    _assert_each_row_alone(mixed, model, runtime, inputs, route)
 
 
 def test_a_size_is_constant_eagerly_and_under_static_shapes_only() -> None:
@@ -150,8 +148,7 @@ def test_stacked_slot_routes_with_its_own_per_row_scales() -> None:
     runtime.activate(route)
     with torch.no_grad():
         mixed = model(*inputs)
-    for i, want in enumerate(_alone(model, runtime, inputs, route)):
-        torch.testing.assert_close(mixed[i : i + 1], want, rtol=1e-12, atol=1e-12)
+    _assert_each_row_alone(mixed, model, runtime, inputs, route)
 
 
 def test_whole_batch_activate_ends_the_routing() -> None:
