@@ -22,7 +22,8 @@ next to how far the adapter moves the reference (``adapter_effect``).
 
 Compiling: ``torch.compile(unet)`` on the whole model (what a user writes), or with
 ``--regional`` each ``BasicTransformerBlock`` in place (what diffusers'
-``compile_repeated_blocks`` does: the UNet's ``_repeated_blocks``). Each configuration is
+``compile_repeated_blocks`` does: the UNet's ``_repeated_blocks``; lorahot injected with
+``regional=True``, so that identical blocks share a graph). Each configuration is
 compiled once (``compile_s``: its first call), timed for one round, swapped and checked, and
 saved; then every configuration is timed in interleaved rounds. A call cut off by its time
 limit keeps every configuration it finished; with a deadline, a compile that would leave no
@@ -312,7 +313,7 @@ def _prepare(name: str, w: DiffusionWorkload, mode: str, regional: bool, backend
     swap: Callable[[str], None] | None = None
     keep: Any = unet
     if name in ("lorahot", "lorahot_merged", *OTHER_CONFIGS):
-        runtime = lorahot.inject(unet, TARGETS, max_rank=MAX_RANK, merged=name == "lorahot_merged")
+        runtime = lorahot.inject(unet, TARGETS, max_rank=MAX_RANK, merged=name == "lorahot_merged", regional=regional)
         if name == "lorahot_unstacked":
             stacked_shrinks.uninstall()
         extern_inputs.ENABLED = name != "lorahot_noextern"
@@ -450,7 +451,9 @@ def _alarm(seconds: float | None) -> Iterator[None]:
 
 
 def _dynamo_limits() -> None:
-    torch._dynamo.config.cache_size_limit = 256  # regional lorahot compiles one graph per block
+    # the whole-model compiles' graph breaks and shapes; a regional lorahot without regional=True
+    # would compile one graph per block
+    torch._dynamo.config.cache_size_limit = 256
     for limit in ("recompile_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(torch._dynamo.config, limit):
             setattr(torch._dynamo.config, limit, 1024)

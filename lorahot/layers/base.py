@@ -138,7 +138,7 @@ class LayerSpec:
 
 
 #: The attributes :attr:`LoRALayer._plan` gathers for the forward.
-_PLANNED = frozenset({"merged", "fused", "wide", "extras", "_key", "_geometry", "_slot_geometry"})
+_PLANNED = frozenset({"merged", "fused", "wide", "extras", "regional", "_key", "_geometry", "_slot_geometry"})
 
 
 class LoRALayer(nn.Module):
@@ -171,6 +171,11 @@ class LoRALayer(nn.Module):
     #: constant after. Without them (``inject(..., extras=False)``) the forward is
     #: ``base(x) + B(s * A(x))`` with no elementwise work past the kernel's.
     extras: bool = True
+    #: Set at bind time for models compiled block by block (``inject(..., regional=True)``):
+    #: under the compiler the layer hands its own views to the graph as inputs, instead of
+    #: rebuilding them from the arena at offsets the graph holds as constants, so that identical
+    #: blocks share one compiled graph; constant after.
+    regional: bool = False
     #: In merged mode, the base weight as it was at inject time (what eject puts back).
     pristine_weight: torch.Tensor | None = None
     #: In merged mode, the base bias as it was at inject time, if the layer has one (diffs
@@ -191,7 +196,9 @@ class LoRALayer(nn.Module):
     #: What the forward branches on, as one tuple: ``(merged, fused, wide, extras, arena key,
     #: view geometry, slot views' geometry)``, kept equal to those attributes by :meth:`__setattr__`. A compiled model
     #: re-checks every attribute its forward reads on each call, per layer (one guard or more
-    #: each): read as one constant tuple they cost one check instead of a dozen.
+    #: each): read as one constant tuple they cost one check instead of a dozen. Both
+    #: geometries are None for a :attr:`regional` layer: the graph then reads the layer's own
+    #: views, and the plan holds nothing that differs between the layers of identical blocks.
     _plan: tuple[Any, ...] = (False, False, False, True, -1, (), ())
 
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
@@ -219,6 +226,8 @@ class LoRALayer(nn.Module):
         if name in _PLANNED:
             seen = self.__dict__
             geometry, slots = seen.get("_geometry", ()), seen.get("_slot_geometry", ())
+            if self.regional:  # the graph reads the layer's own views (see regional)
+                geometry = slots = None
             plan = (self.merged, self.fused, self.wide, self.extras, seen.get("_key", -1), geometry, slots)
             if self.merged:  # the forward reads nothing else: the smallest constant to compare
                 plan = (True, False, False, False, -1, (), ())
@@ -241,6 +250,7 @@ class LoRALayer(nn.Module):
         state: RuntimeState | None = None,
         extras: bool = True,
         path: str = "",
+        regional: bool = False,
     ) -> None:
         """Attaches the live views; called once by the runtime at inject time, never again.
 
@@ -255,7 +265,9 @@ class LoRALayer(nn.Module):
         ``lora_extras`` is the ``[4, out]`` view of the layer's extras (see the module
         docstring); without one the layer gets its own, holding the no-adapter values.
         ``extras`` False makes the forward skip them (the runtime then refuses DoRA and LoRA
-        biases). ``path`` is the layer's module path, which its errors name.
+        biases). ``path`` is the layer's module path, which its errors name. ``regional``: see
+        :attr:`regional`; the views are then marked as static addresses, so that CUDA graphs
+        read them in place rather than copying them into each replay.
         """
         object.__setattr__(self, "_path", path)
         self.extras = extras
@@ -272,11 +284,16 @@ class LoRALayer(nn.Module):
         # plain ints: the graph rebuilds each view from its arena tensor without touching it
         self._geometry = tuple((tuple(v.shape), v.stride(), v.storage_offset()) for v in self._live)
         self._slot_geometry = tuple(routing.slot_geometry(v, r) for v, r in zip(self._live, roots))
-        self._slots = tuple(r.as_strided(*g) for r, g in zip(roots, self._slot_geometry))  # type: ignore[assignment]
+        routing_views = tuple(r.as_strided(*g) for r, g in zip(roots, self._slot_geometry))
+        self._slots = routing_views  # type: ignore[assignment]
         for name, root in zip(_ARENA_BUFFERS, roots):
             self.register_buffer(name, root, persistent=False)
         self.fused = fused and self.fusable(lora_A)
         self.state = state
+        self.regional = regional
+        if regional:  # graph inputs at fixed addresses, whose values loads rewrite in place
+            for view in (*self._live, *routing_views):
+                torch._dynamo.mark_static_address(view, guard=False)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copied layer (``deepcopy``, unpickled) reads its own copied handle's key, not the
@@ -333,6 +350,9 @@ class LoRALayer(nn.Module):
                 )
             return live
         key, geometry = self._plan[4:6]
+        if geometry is None:  # regional: the layer's own views, inputs of the graph
+            assert self._live is not None
+            return self._live
         a, b, s, e = TENSORS[key]
         ga, gb, gs, ge = geometry
         return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
@@ -341,6 +361,9 @@ class LoRALayer(nn.Module):
         """``(A, B, scale, extras)`` over every slot, ``[slots, ...]`` each (see :meth:`_views`)."""
         if not torch.compiler.is_compiling():
             assert self._slots is not None  # bound: _views ran first
+            return self._slots
+        if self._plan[6] is None:  # regional: the layer's own views, inputs of the graph
+            assert self._slots is not None
             return self._slots
         a, b, s, e = TENSORS[self._plan[4]]
         ga, gb, gs, ge = self._plan[6]
@@ -566,14 +589,20 @@ class LoRALayer(nn.Module):
         raise NotImplementedError
 
     def compiled_forward(
-        self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...]
+        self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...] | None
     ) -> torch.Tensor | None:
         """Under ``torch.compile``, for a wide layer without extras: its fused or wide path in one
         call, or None where another path applies (the general forward then decides)."""
         return None
 
     def compiled_routed(
-        self, x: torch.Tensor, route: torch.Tensor, fused: bool, wide: bool, key: int, slot_geometry: tuple[Any, ...]
+        self,
+        x: torch.Tensor,
+        route: torch.Tensor,
+        fused: bool,
+        wide: bool,
+        key: int,
+        slot_geometry: tuple[Any, ...] | None,
     ) -> torch.Tensor | None:
         """Under ``torch.compile``, for a routed layer without extras: its routed kernel path in
         one call, or None where another path applies (the general routed forward then decides,

@@ -204,7 +204,7 @@ class LoRALinear(LoRALayer):
         return y
 
     def compiled_forward(
-        self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...]
+        self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...] | None
     ) -> torch.Tensor | None:
         """The fused kernel or the wide path, as the general forward would choose between them
         (the checks of :meth:`can_fuse` and :meth:`can_widen`), in one function: the compiler
@@ -219,19 +219,30 @@ class LoRALinear(LoRALayer):
             if not fused_kernel.decidable(rows):  # a choice per call: the general forward's operator
                 return None
             if fused_kernel.worth_it(rows, self.spec.out_dim, wide=True):  # the fused kernel
-                arena = TENSORS[key]
-                a, b, s = (
-                    arena[0].as_strided(*geometry[0]),
-                    arena[1].as_strided(*geometry[1]),
-                    arena[2].as_strided(*geometry[2]),
-                )
+                if geometry is None:  # regional: the layer's own views
+                    a, b, s, _ = self._live  # type: ignore[misc]
+                else:
+                    arena = TENSORS[key]
+                    a, b, s = (
+                        arena[0].as_strided(*geometry[0]),
+                        arena[1].as_strided(*geometry[1]),
+                        arena[2].as_strided(*geometry[2]),
+                    )
                 base = self._base
                 z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s)
                 return z
+        if geometry is None:  # regional: the layer's own view
+            return self.wide_forward(x, self._live[0])  # type: ignore[index]
         return self.wide_forward(x, TENSORS[key][0].as_strided(*geometry[0]))
 
     def compiled_routed(
-        self, x: torch.Tensor, route: torch.Tensor, fused: bool, wide: bool, key: int, slot_geometry: tuple[Any, ...]
+        self,
+        x: torch.Tensor,
+        route: torch.Tensor,
+        fused: bool,
+        wide: bool,
+        key: int,
+        slot_geometry: tuple[Any, ...] | None,
     ) -> torch.Tensor | None:
         """The routed fused linear (:meth:`routed_fused`'s operator) in one method, the misfit check
         of :meth:`_routed_forward` and the slot views inlined: each method the general routed
@@ -241,9 +252,12 @@ class LoRALinear(LoRALayer):
         does not fit the routing (the general path refuses it) or the operator does not apply."""
         if not fused or routing.row_misfit(x, route.shape[0], "linear", 1):
             return None
-        arena = TENSORS[key]
-        ga, gb, gs, _ = slot_geometry
-        a, b, s = arena[0].as_strided(*ga), arena[1].as_strided(*gb), arena[2].as_strided(*gs)
+        if slot_geometry is None:  # regional: the layer's own views
+            a, b, s, _ = self._slots  # type: ignore[misc]
+        else:
+            arena = TENSORS[key]
+            ga, gb, gs, _ = slot_geometry
+            a, b, s = arena[0].as_strided(*ga), arena[1].as_strided(*gb), arena[2].as_strided(*gs)
         base = self._base
         return _routed_op(x, base.weight, base.bias, base, a, b, s, route, key, wide)
 

@@ -41,6 +41,7 @@ def inject(
     merged: bool = False,
     fused: bool = True,
     extras: bool = False,
+    regional: bool = False,
 ) -> LoraRuntime:
     """Wraps the targeted modules of ``model`` in LoRA layers and allocates their buffers.
 
@@ -73,6 +74,14 @@ def inject(
             refused at load, naming this flag. :func:`lorahot.plan_targets` says whether a set
             of adapters needs it (``plan.extras``). Merged mode folds DoRA and LoRA biases into
             the weights either way. See :mod:`lorahot.runtime.dora`.
+        regional: the model will be compiled block by block (diffusers'
+            ``compile_repeated_blocks``, ``torch.compile`` on each decoder layer or transformer
+            block) rather than whole. Each LoRA layer then hands its buffers to the compiled
+            graph as inputs, so that identical blocks share one graph: without it every block
+            compiles its own (each layer's buffer offsets are constants of its graph), and past
+            ``torch._dynamo.config.recompile_limit`` (8) the remaining blocks run uncompiled.
+            It costs a compiled call a few more guards per layer; a whole-model compile does
+            not need it.
 
     Returns:
         The runtime that loads and swaps adapters. Right after inject the model's outputs
@@ -87,12 +96,12 @@ def inject(
     """
     components: tuple[str, ...] = ()
     if not is_several(model):
-        _check_arguments(model, max_rank, slots, dtype, cache_bytes, merged, fused, extras)
+        _check_arguments(model, max_rank, slots, dtype, cache_bytes, merged, fused, extras, regional)
         root: nn.Module = model  # type: ignore[assignment]  # checked just above
         names = match_targets(root, targets)  # type: ignore[arg-type]
     else:
         modules, named = components_of(model)
-        _check_arguments(nn.Module(), max_rank, slots, dtype, cache_bytes, merged, fused, extras)
+        _check_arguments(nn.Module(), max_rank, slots, dtype, cache_bytes, merged, fused, extras, regional)
         root, names = match_components(modules, targets, named)
         components = tuple(root._modules)
     if merged:
@@ -111,7 +120,7 @@ def inject(
                 check_mergeable(name, layer, dtype)
             specs[name] = (layer.spec, *layer_placement(layer, dtype, name))
         buffers = _allocate(specs, max_rank, slots)
-        return LoraRuntime(root, layers, buffers, cache_bytes, merged, fused, extras, components)
+        return LoraRuntime(root, layers, buffers, cache_bytes, merged, fused, extras, components, regional)
     except BaseException:
         unwrap_modules(root, layers)
         raise
@@ -136,6 +145,7 @@ def _check_arguments(
     merged: object,
     fused: object,
     extras: object = True,
+    regional: object = False,
 ) -> None:
     """Every argument of :func:`inject` but ``targets``, before anything is touched."""
     if not isinstance(model, nn.Module):
@@ -152,7 +162,7 @@ def _check_arguments(
         )
     if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
         raise UsageError(f"cache_bytes={cache_bytes!r} must be an int number of bytes >= 0 (e.g. 2 << 30 for 2 GiB).")
-    for value, name in ((merged, "merged"), (fused, "fused"), (extras, "extras")):
+    for value, name in ((merged, "merged"), (fused, "fused"), (extras, "extras"), (regional, "regional")):
         if not isinstance(value, bool):
             raise UsageError(f"{name}={value!r} must be True or False.")
 

@@ -100,6 +100,7 @@ class LoraRuntime:
         fused: bool = True,
         extras: bool = True,
         components: tuple[str, ...] = (),
+        regional: bool = False,
     ) -> None:
         self._agreement = Agreement.of(layers)  # tensor-parallel layers: their ranks agree before each write
         self.model = model
@@ -126,6 +127,7 @@ class LoraRuntime:
                 state=self._state,
                 extras=extras,
                 path=name,
+                regional=regional,
             )
         if fused and not merged:
             widen_layers(layers, buffers)
