@@ -143,16 +143,12 @@ class Merger:
         self._buffers = buffers
         self._layers = layers
         self._items: list[tuple[LoRALayer, torch.Tensor, torch.Tensor, int, int]] = []
-        self._biased: set[str] = set()  # layers whose bias a diff_b rewrote
         self._pristine_max: dict[str, float] = {}  # max |W0| per layer, for the range check
         for name, layer in layers.items():
             weight = layer.base_weight
-            bias = getattr(layer.base_layer, "bias", None)
             with torch.no_grad():
                 pristine = weight.detach().clone()
                 self._pristine_max[name] = float(pristine.abs().max()) if pristine.numel() else 0.0
-                if isinstance(bias, torch.Tensor):
-                    layer.pristine_bias = bias.detach().clone()
             layer.pristine_weight = pristine  # eject puts it back, even without this runtime
             bias = layer.base_bias
             layer.pristine_bias = None if bias is None else bias.detach().clone()
@@ -316,14 +312,10 @@ class Merger:
     def fold(self, terms: dict[str, list[tuple[WeightModule, float]]]) -> None:
         """After :meth:`apply`: adds each weight-kind module's ``s * ΔW`` to its layer's weight
         (``W0``, or ``W0`` plus the LoRA parts of a stack), ``s`` the module's scale times its
-        part's weight (ΔW built on the weights' device from the factors); puts back every bias
-        an earlier diff rewrote. Then notes every weight as written (:func:`record`)."""
+        part's weight (ΔW built on the weights' device from the factors), and each ``diff_b`` to
+        the bias :meth:`apply` wrote (``b0``, plus a LoRA bias). Then notes every weight as
+        written (:func:`record`)."""
         with writing(self._targets):
-            for name in self._biased - set(terms):
-                bias, b0 = self._layers[name].base_bias, self._layers[name].pristine_bias
-                if bias is not None and b0 is not None:
-                    bias.copy_(b0)
-            self._biased = set()
             for name, items in terms.items():
                 layer = self._layers[name]
                 weight, bias = layer.base_weight, layer.base_bias
@@ -340,5 +332,4 @@ class Merger:
                 weight.copy_(folded)
                 if folded_bias is not None and bias is not None:
                     bias.copy_(folded_bias)
-                    self._biased.add(name)
         self._record()  # what apply and this wrote, for check_base

@@ -219,3 +219,36 @@ def test_a_base_checkpoint_loaded_after_inject_is_neither_thrown_away_nor_mixed(
             assert torch.equal(model(ids), want)
         lorahot.eject(model)
         assert torch.equal(model(ids), want)
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_a_lora_bias_after_a_bias_diff_is_folded_not_reset(slots: int) -> None:
+    """Merged mode: a full diff with ``diff_b``, then a LoRA with ``lora_B.bias`` (in the same
+    slot, or in another one activated): the bias is ``b0 + c``, nothing of the diff left (the
+    bias the diff had rewritten was put back to ``b0`` after the LoRA bias was folded)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    gen = torch.Generator().manual_seed(1)
+    diff = {"lora_unet_0.diff": torch.randn(3, 4, generator=gen), "lora_unet_0.diff_b": torch.randn(3, generator=gen)}
+    a, b, c = torch.randn(2, 4, generator=gen), torch.randn(3, 2, generator=gen), torch.randn(3, generator=gen)
+    lora = {
+        "base_model.model.0.lora_A.weight": a,
+        "base_model.model.0.lora_B.weight": b,
+        "base_model.model.0.lora_B.bias": c,
+    }
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True, slots=slots)
+    runtime.load(diff)
+    runtime.load(lora, slot=slots - 1)
+    if slots == 2:
+        runtime.activate(1)
+    with torch.no_grad():
+        torch.testing.assert_close(model[0].weight, w0 + b.double() @ a.double())
+        torch.testing.assert_close(model[0].bias, b0 + c.double())
+        runtime.activate(0)
+        if slots == 2:  # the diff again, bias and all
+            torch.testing.assert_close(model[0].weight, w0 + diff["lora_unet_0.diff"].double())
+            torch.testing.assert_close(model[0].bias, b0 + diff["lora_unet_0.diff_b"].double())
+        runtime.unload()
+        torch.testing.assert_close(model[0].weight, w0)
+        torch.testing.assert_close(model[0].bias, b0)
