@@ -13,6 +13,7 @@ Prefixes end with their naming's separator: ``text_encoder.`` never takes ``text
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems
@@ -62,7 +63,11 @@ Module = LoraModule | WeightModule
 
 
 def resolve_components(
-    adapter: Adapter, names: list[str], components: tuple[str, ...], skipped: list[str] | None = None
+    adapter: Adapter,
+    names: list[str],
+    components: tuple[str, ...],
+    skipped: list[str] | None = None,
+    others: Sequence[str] = (),
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """:func:`lorahot.resolve.keys.resolve_all` over the layers ``<component>.<path>``.
 
@@ -71,6 +76,8 @@ def resolve_components(
         components: the runtime's component names.
         skipped: if given (``strict=False``), modules routed to a component the runtime does
             not have, and those matching no layer of their component, are listed here.
+        others: the other module paths of the models, ``<component>.<path>`` (see
+            :func:`~lorahot.resolve.keys.resolve_all`).
 
     Raises:
         AdapterMismatchError: modules for a component the runtime lacks (naming the prefix,
@@ -102,8 +109,9 @@ def resolve_components(
             weights={k: m for k, m in routed if isinstance(m, WeightModule)},
         )
         own = [n[len(head) :] for n in names if n.startswith(head)]
+        beside = [n[len(head) :] for n in others if n.startswith(head)]
         try:
-            found, folded = resolve_all(part, own, skipped)
+            found, folded = resolve_all(part, own, skipped, beside)
         except AdapterMismatchError as exc:
             problems.append(f"[{component}] {exc}")
             continue

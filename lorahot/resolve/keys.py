@@ -19,6 +19,11 @@ A key that matches nothing and that the format declares fused (Flux's ``img_attn
 split into its parts (:mod:`lorahot.resolve.split`), which are then matched in its place.
 
 The first step with any hit decides; more than one hit is an error listing the candidates.
+Where the model's other modules are known (``others``: every module path that is not an
+injected layer), the steps run over the injected layers and those modules together, so a key
+that names a module which is not injected matches nothing, rather than a neighbour its
+underscore form also fits (kohya's ``single_transformer_blocks_0_attn_to_q`` is no
+``transformer_blocks.0.attn.to_q`` when the single blocks are not injected, nor the reverse).
 Component prefixes end with their naming's separator (``unet.``, ``lora_te1_``), so stripping
 one never cuts a name component in two (``text_encoder.`` does not strip ``text_encoder_2.``).
 Lookups are memoized within a byte budget (keys come from files).
@@ -30,6 +35,7 @@ import collections
 import difflib
 import functools
 import re
+from collections.abc import Sequence
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems
@@ -38,7 +44,7 @@ from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
 from lorahot.resolve.split import placed
 
-__all__ = ["resolve_keys", "resolve_all"]
+__all__ = ["resolve_keys", "resolve_all", "outside"]
 
 #: Every component prefix any format knows, longest first.
 _PREFIXES = tuple(sorted({p for f in FORMATS for p in f.prefixes}, key=len, reverse=True))
@@ -62,6 +68,8 @@ class _Names:
         self.dotted_tails = _tails({n: [n] for n in names}, ".")  # "b.c" -> names ending in ".b.c"
         self.underscore_tails = _tails(self.underscore, "_")  # "b_c" -> names whose form ends in "_b_c"
         self.per_block = ldm.layers_per_block(names)
+        #: the injected names with the model's other modules, where those are known (_index)
+        self.whole: _Names | None = None
         # (key, format) -> the names it matches; per index, so it goes with the index
         self.lookups: BoundedMemo[tuple[str, KeyFormat], tuple[str, ...]] = BoundedMemo(
             _LOOKUP_BYTES, lambda k, v: str_bytes(k[0]) + 8 * len(v)
@@ -104,6 +112,23 @@ class _Names:
         return []
 
 
+def outside(modules: Sequence[str], layers: Sequence[str]) -> tuple[str, ...]:
+    """The module paths of ``modules`` (a model's, ``named_modules`` order) that are neither
+    one of the injected ``layers`` nor inside one (its wrapped base module), nor the root: the
+    ``others`` of :func:`resolve_all`."""
+    injected = set(layers)
+    out = []
+    for name in modules:
+        if not name or name in injected:
+            continue
+        head, dot, _ = name.rpartition(".")
+        while dot and head not in injected:
+            head, dot, _ = head.rpartition(".")
+        if not dot:
+            out.append(name)
+    return tuple(out)
+
+
 def _tails(forms: dict[str, list[str]], sep: str) -> dict[str, list[str]]:
     """Every suffix of each form after a ``sep``, to the names of that form."""
     out: dict[str, list[str]] = {}
@@ -136,14 +161,24 @@ _LOOKUP_BYTES = 2 << 20
 
 
 @functools.lru_cache(maxsize=16)
-def _index(names: tuple[str, ...]) -> _Names:
-    """The lookup index of one model's injected names (built once per name list)."""
-    return _Names(list(names))
+def _index(names: tuple[str, ...], others: tuple[str, ...] = ()) -> _Names:
+    """The lookup index of one model's injected names and its other module paths (built once
+    per pair of lists)."""
+    index = _Names(list(names))
+    if others:
+        index.whole = _Names([*names, *others])
+    return index
 
 
 def _lookup(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
-    """The injected names ``key`` matches (memoized in the index, within its byte budget)."""
-    return names.lookups.get((key, fmt), _match, key, fmt, names)
+    """The injected names ``key`` matches (memoized in the index, within its byte budget):
+    none where, among every module of the model, it matches only modules that are not
+    injected; all of them (ambiguous) where it matches injected and other modules alike."""
+    whole = names.whole
+    if whole is None:
+        return names.lookups.get((key, fmt), _match, key, fmt, names)
+    hits = whole.lookups.get((key, fmt), _match, key, fmt, whole)
+    return hits if any(h in names.exact for h in hits) else ()
 
 
 def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
@@ -176,13 +211,15 @@ def _closest(key: str, fmt: KeyFormat, names: _Names) -> list[str]:
     return [names.underscore[c][0] for c in close]
 
 
-def resolve_keys(adapter: Adapter, names: list[str], skipped: list[str] | None = None) -> dict[str, LoraModule]:
+def resolve_keys(
+    adapter: Adapter, names: list[str], skipped: list[str] | None = None, others: Sequence[str] = ()
+) -> dict[str, LoraModule]:
     """The LoRA modules of :func:`resolve_all` (see there)."""
-    return resolve_all(adapter, names, skipped)[0]
+    return resolve_all(adapter, names, skipped, others)[0]
 
 
 def resolve_all(
-    adapter: Adapter, names: list[str], skipped: list[str] | None = None
+    adapter: Adapter, names: list[str], skipped: list[str] | None = None, others: Sequence[str] = ()
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """Maps each adapter module key (LoRA and weight kinds) to one injected layer name (see
     the module docstring).
@@ -193,6 +230,9 @@ def resolve_all(
         skipped: if given (``strict=False``), the tensor keys of modules that match no layer
             are appended here instead of raised (ambiguous keys and two keys on one layer
             still raise: they need a ``key_map``, not silence).
+        others: the model's other module paths (not injected layers, nor inside one), so that
+            a key naming one of them matches nothing (see the module docstring); empty where
+            unknown.
 
     Returns:
         injected layer name -> the LoRA module loaded into it, and the same for the weight
@@ -203,7 +243,7 @@ def resolve_all(
             keys matching several layers (with the candidates), or two keys on one layer.
     """
     fmt = format_named(adapter.format)
-    index = _index(tuple(names))
+    index = _index(tuple(names), tuple(others))
     out: dict[str, LoraModule | WeightModule] = {}
     origin: dict[str, str] = {}
     problems: list[str] = []

@@ -32,6 +32,7 @@ from lorahot.io.sources import Source
 from lorahot.io.tensorfile import Slices
 from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LoRALayer, RuntimeState
+from lorahot.resolve.keys import outside
 from lorahot.runtime import peft_arguments
 from lorahot.runtime.activate_replay import ActivateReplay
 from lorahot.runtime.agreement import Agreement
@@ -150,6 +151,8 @@ class LoraRuntime:
         self._link_modules = [module for _, _, module in links]
         self._first = next(iter(layers))
         self._specs = {name: layer.spec for name, layer in layers.items()}
+        # the model's other modules: a key naming one of them is not placed on a neighbour
+        self._others = outside([name for name, _ in model.named_modules()], list(layers))
         devices = {a.device for a in buffers.arenas}
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
         self.cache = AdapterCache(cache_bytes)
@@ -409,7 +412,7 @@ class LoraRuntime:
             return adapter, recipe[0] if recipe else None
 
         def slicer(meta: Adapter, keys: Mapping[int, str]) -> Slices:
-            return file_slices(meta, keys, self._specs, self.components)
+            return file_slices(meta, keys, self._specs, self.components, self._others)
 
         return read_adapter_sliced(source, slicer, device=device, **read_kwargs), None
 
@@ -428,6 +431,7 @@ class LoraRuntime:
             extras_refusal=self._extras_refusal,
             components=self.components,
             planned=None if skeleton is None else skeleton.plan(adapter),
+            others=self._others,
         )
         self._check_kinds(checked.plan)
         if not known:

@@ -169,6 +169,7 @@ def plan_load(
     strict: bool = True,
     extras_refusal: ExtrasRefusal | None = None,
     components: tuple[str, ...] = (),
+    others: tuple[str, ...] = (),
 ) -> LoadPlan:
     """Resolves and checks ``adapter`` for the layers ``specs`` whose storage ``buffers`` holds.
 
@@ -178,7 +179,9 @@ def plan_load(
     :attr:`LoadPlan.skipped`; an adapter of which nothing is left is still refused. With
     ``components`` (a runtime over several models, layers named ``<component>.<path>``) each
     module is first routed to its component by its prefix
-    (:func:`lorahot.resolve.components.resolve_components`).
+    (:func:`lorahot.resolve.components.resolve_components`). ``others``: the model's module
+    paths that are not injected layers, which keys may name but never land beside
+    (:func:`lorahot.resolve.keys.resolve_all`).
 
     Raises:
         AdapterMismatchError: keys that map onto no injected layer (or onto one twice), or
@@ -189,9 +192,9 @@ def plan_load(
     """
     unplaced: list[str] | None = None if strict else []
     if components:
-        targets, weights = resolve_components(adapter, list(specs), components, unplaced)
+        targets, weights = resolve_components(adapter, list(specs), components, unplaced, others)
     else:
-        targets, weights = resolve_all(adapter, list(specs), unplaced)
+        targets, weights = resolve_all(adapter, list(specs), unplaced, others)
     if not targets and not weights and unplaced:
         raise AdapterMismatchError(
             f"{adapter.source}: no module of the adapter ({adapter.format} naming) maps onto an injected layer "
@@ -406,6 +409,7 @@ def validate(
     extras_refusal: ExtrasRefusal | None = None,
     components: tuple[str, ...] = (),
     planned: LoadPlan | None = None,
+    others: tuple[str, ...] = (),
 ) -> Checked:
     """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
@@ -421,12 +425,13 @@ def validate(
         planned: the plan :func:`plan_load` makes for ``adapter`` with these arguments, known
             already (from its structure, see :mod:`lorahot.runtime.skeleton`); its values are
             checked all the same.
+        others: the model's module paths that are not injected layers (see :func:`plan_load`).
 
     Raises:
         AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
             weight, or values beyond the range of the arena's dtype. Nothing has been written.
     """
-    plan = planned or plan_load(adapter, buffers, specs, weight_of, strict, extras_refusal, components)
+    plan = planned or plan_load(adapter, buffers, specs, weight_of, strict, extras_refusal, components, others)
     entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
     extras = _extras(plan, buffers, stage)
     _check_range(plan, buffers, entries)

@@ -67,7 +67,11 @@ def localize(name: str, module: LoraModule, spec: LayerSpec) -> tuple[LoraModule
 
 
 def file_slices(
-    adapter: Adapter, keys: Mapping[int, str], specs: Mapping[str, LayerSpec], components: tuple[str, ...] = ()
+    adapter: Adapter,
+    keys: Mapping[int, str],
+    specs: Mapping[str, LayerSpec],
+    components: tuple[str, ...] = (),
+    others: tuple[str, ...] = (),
 ) -> Slices:
     """Which slice of which tensor of a file this rank reads: for every module of ``adapter``
     (read from the file's header: meta tensors, ``keys`` giving each one's key by ``id``) bound
@@ -78,9 +82,9 @@ def file_slices(
     names = list(specs)
     try:
         if components:
-            targets, _ = resolve_components(adapter, names, components, [])
+            targets, _ = resolve_components(adapter, names, components, [], others)
         else:
-            targets, _ = resolve_all(adapter, names, [])
+            targets, _ = resolve_all(adapter, names, [], others)
     except Exception:  # the planner reports it, with the values read
         return {}
     slices: dict[str, TensorSlice] = {}

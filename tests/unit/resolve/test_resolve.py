@@ -182,3 +182,58 @@ def test_many_unmatched_keys_against_many_layers_stay_fast() -> None:
         with pytest.raises(lorahot.AdapterMismatchError, match=r"and 19980 more"):
             resolve_keys(adapter, names)
         assert time.perf_counter() - start < 3
+
+
+class _Flux(nn.Module):
+    """Flux's two kinds of block, whose names one underscore form nests in the other
+    (``single_transformer_blocks_0_attn_to_q`` ends with ``transformer_blocks_0_attn_to_q``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        attn = lambda: nn.ModuleDict({"attn": nn.ModuleDict({"to_q": nn.Linear(8, 8)})})  # noqa: E731
+        self.transformer_blocks = nn.ModuleList([attn()])
+        self.single_transformer_blocks = nn.ModuleList([attn()])
+
+
+@pytest.mark.parametrize(
+    ("injected", "key"),
+    [
+        ("transformer_blocks.0.attn.to_q", "lora_transformer_single_transformer_blocks_0_attn_to_q"),
+        ("single_transformer_blocks.0.attn.to_q", "lora_transformer_transformer_blocks_0_attn_to_q"),
+    ],
+)
+def test_a_key_naming_a_module_that_is_not_injected_lands_nowhere(injected: str, key: str) -> None:
+    """The key names the other block's layer, which is not injected: it matches nothing (and
+    strict=False skips it), where its underscore form also fit the injected layer (dropping
+    ``single`` as a wrapper, or as a ``_``-suffix) and it was loaded there silently."""
+    model = _Flux()
+    runtime = lorahot.inject(model, [injected], max_rank=4)
+    x = torch.randn(2, 8)
+    layer = model.get_submodule(injected)
+    before = layer(x)
+    stray = lora_pair(key, "lora_down", "lora_up")
+    with pytest.raises(lorahot.AdapterMismatchError, match=f"{key}: matches no injected layer"):
+        runtime.load(stray)
+    assert torch.equal(layer(x), before)
+    own = lora_pair("lora_transformer_" + injected.replace(".", "_"), "lora_down", "lora_up")
+    info = runtime.load(stray | own, strict=False)
+    assert set(info.ranks) == {injected}
+    assert set(info.skipped) == set(stray)
+
+
+def test_keys_naming_other_modules_are_not_matched_by_the_resolver() -> None:
+    """``resolve_keys`` with the model's other module paths: the key resolves onto the injected
+    layer without them (the old guess) and onto nothing with them."""
+    from lorahot.resolve.keys import outside
+
+    model = _Flux()
+    names = ["transformer_blocks.0.attn.to_q"]
+    stray = lora_pair("lora_transformer_single_transformer_blocks_0_attn_to_q", "lora_down", "lora_up")
+    adapter = lorahot.read_adapter(stray)
+    assert list(resolve_keys(adapter, names)) == names
+    others = outside([n for n, _ in model.named_modules()], names)
+    assert "single_transformer_blocks.0.attn.to_q" in others
+    assert names[0] not in others and "" not in others
+    skipped: list[str] = []
+    assert resolve_keys(adapter, names, skipped, others) == {}
+    assert set(skipped) == set(stray)
