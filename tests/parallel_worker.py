@@ -217,7 +217,46 @@ def scenario_atomic(mesh: object, folder: Path, check: Checks) -> None:
     check("a good load still works", lambda: rig.rt.load(rig.path("b")) and None)
     rig.rr.load(rig.path("b"))
     check("and computes the reference", rig.parity)
+    writes_failing_on_one_rank(rig, check)
     refusals(mesh, check)
+
+
+def writes_failing_on_one_rank(rig: Rig, check: Checks) -> None:
+    """A write that fails on rank 1 only, after every check passed on every rank (out of
+    memory mid-write): every rank empties the slot and raises WriteError, so no rank keeps an
+    adapter the others lack. Slot 0 holds ``b`` and is active."""
+    rank = dist.get_rank()
+    buffers = rig.rt.buffers
+
+    def failing(method: str) -> Callable[[], object]:
+        original = getattr(buffers, method)
+
+        def write(*args: object, **kwargs: object) -> object:
+            if rank != 1:
+                return original(*args, **kwargs)
+            buffers.touched = True  # part of the slot written, then the device fails
+            raise RuntimeError("CUDA error: out of memory (simulated on rank 1)")
+
+        def call() -> None:
+            setattr(buffers, method, write)
+            try:
+                rig.rt.load(rig.path("a")) if method == "write_staged" else rig.rt.set_scale(0.5)
+            finally:
+                delattr(buffers, method)
+
+        return call
+
+    for method, what in (("write_staged", "load"), ("set_scales", "set_scale")):
+        check(
+            f"a {what} whose write fails on rank 1 only",
+            lambda method=method: raises(
+                lorahot.WriteError, failing(method), "rank 1 of 2" if rank == 0 else "out of memory", "emptied"
+            ),
+        )
+        check(f"every rank emptied the slot after the {what}", lambda: None if rig.rt.info(0) is None else "not empty")
+        rig.rr.unload(0)
+        check(f"and computes the base model after the {what}", rig.parity)
+        rig.both(lambda r: r.load(rig.path("b")))
 
 
 def refusals(mesh: object, check: Checks) -> None:

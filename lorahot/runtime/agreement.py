@@ -6,8 +6,10 @@ changed, it ran out of memory). Before the first write each rank therefore repor
 its checks passed, in one all-reduce of a flag over the model's process group. If any rank
 failed, none writes: the failed ranks raise their own error, the others an error of the same
 lorahot type naming the rank and its message (gathered only then), so every rank stays
-bitwise as it was. Every rank must make the same calls in the same order, as with any
-collective.
+bitwise as it was. A write can still fail on one rank after every check passed (out of
+memory): the ranks then agree again, after writing (:meth:`Agreement.settle`), and where any
+rank's write failed every rank empties the slot, so that no rank serves another adapter than
+the rest. Every rank must make the same calls in the same order, as with any collective.
 """
 
 from __future__ import annotations
@@ -83,16 +85,33 @@ class Agreement:
             )
         return result  # type: ignore[return-value]  # set when no error
 
+    def settle(self, error: BaseException | None, touched: bool) -> tuple[list[tuple[int, str, str]], bool]:
+        """After a write: ``(rank, error type, message)`` of every rank whose write failed
+        (``error`` this rank's, or None), and whether any rank wrote anything (``touched``
+        this rank's). One all-reduce of two flags; the messages only when some rank failed."""
+        import torch.distributed as dist
+
+        flags = torch.tensor([0 if error is None else 1, int(touched)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        failed, wrote = (int(v) for v in flags.tolist())
+        return (self._messages(error) if failed else []), bool(wrote)
+
     def _failures(self, error: BaseException | None) -> list[tuple[int, str, str]]:
         """``(rank, error type, message)`` of every rank whose check failed: one all-reduce of a
-        flag; the messages are gathered only when some rank failed, as UTF-8 JSON in byte
-        tensors (nothing is unpickled)."""
+        flag; the messages are gathered only when some rank failed (:meth:`_messages`)."""
         import torch.distributed as dist
 
         flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, group=self.group)
         if int(flag.item()) == 0:
             return []
+        return self._messages(error)
+
+    def _messages(self, error: BaseException | None) -> list[tuple[int, str, str]]:
+        """Every failed rank's ``(rank, error type, message)``, gathered as UTF-8 JSON in byte
+        tensors (nothing is unpickled); every rank calls it together."""
+        import torch.distributed as dist
+
         mine = b"" if error is None else json.dumps([self.rank, type(error).__name__, str(error)]).encode()
         size = torch.tensor([len(mine)], dtype=torch.int64, device=self.device)
         sizes = [torch.zeros_like(size) for _ in range(self.ranks)]

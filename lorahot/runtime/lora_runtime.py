@@ -78,6 +78,11 @@ _T = TypeVar("_T")
 One = Source | Adapter | PreparedAdapter
 
 
+class _OtherRankFailed(RuntimeError):
+    """On a tensor-parallel model, what a rank whose own write went through reports when
+    another rank's failed (:meth:`LoraRuntime._written`)."""
+
+
 class LoraRuntime:
     """Owns the LoRA layers injected into one model and the buffers behind them.
 
@@ -292,8 +297,8 @@ class LoraRuntime:
         checked = self._agreed(lambda: self._check_load(source, slot, scale, read_kwargs), "load")
         slot, adapters, stack, weights, listed, write = checked
         live = slot == self._active
-        self.buffers.touched = False
-        try:
+
+        def write_all() -> AdapterInfo:
             refreshed = write(live)
             self._refresh_dora(slot, stack.dora, live)
             self._stacks[slot], self._weights[slot] = stack, weights
@@ -301,9 +306,35 @@ class LoraRuntime:
             self._infos[slot] = info
             if not refreshed:  # a replayed load (lorahot.runtime.load_replay) refreshed the wide rows itself
                 self._remerge(slot)
+            return info
+
+        return self._written("load", slot, write_all)
+
+    def _written(self, what: str, slot: int, write: Callable[[], _T]) -> _T:
+        """``write()``, run once every check has passed (on every rank); if it fails,
+        :meth:`_failed_write`. On a tensor-parallel model every rank then learns how the others'
+        writes went (:meth:`lorahot.runtime.agreement.Agreement.settle`): where any rank's
+        failed, every rank empties the slot and raises :class:`WriteError`, so that no rank
+        serves another adapter than the rest."""
+        self.buffers.touched = False
+        result: _T | None = None
+        error: Exception | None = None
+        try:
+            result = write()
         except Exception as exc:
-            self._failed_write("load", slot, exc)
-        return info
+            error = exc
+        if self._agreement is not None:
+            failures, touched = self._agreement.settle(error, self.buffers.touched)
+            if failures:
+                self.buffers.touched = touched  # a rank wrote: every rank empties the slot
+                if error is None:
+                    rank, kind, message = failures[0]
+                    error = _OtherRankFailed(
+                        f"rank {rank} of {self._agreement.ranks} failed its write ({kind}: {message})"
+                    )
+        if error is not None:
+            self._failed_write(what, slot, error)
+        return result  # type: ignore[return-value]  # set when no error
 
     def _failed_write(self, what: str, slot: int, exc: Exception) -> NoReturn:
         """A write that failed after every check passed (out of memory, a device fault): the
@@ -694,8 +725,8 @@ class LoraRuntime:
         """
         s, stack, _, weights = self._agreed(lambda: self._check_set_scale(value, slot), "set_scale")
         live = s == self._active
-        self.buffers.touched = False
-        try:
+
+        def write_scales() -> None:
             self._weights[s] = weights  # info(s) reports them from here
             self.buffers.touched = True  # a replay writes too
             if self._merger is None and self._replay(s, live, stack, weights):
@@ -704,8 +735,8 @@ class LoraRuntime:
             self.buffers.set_scales(s, scales, live=live)
             self._refresh_dora(s, stack.dora, live)
             self._remerge(s)
-        except Exception as exc:
-            self._failed_write("set_scale", s, exc)
+
+        self._written("set_scale", s, write_scales)
 
     def _check_set_scale(
         self, value: float | Sequence[float], slot: int | None

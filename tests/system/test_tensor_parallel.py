@@ -126,6 +126,15 @@ ATOMIC = [
     "prefetch is refused",
     "a good load still works",
     "and computes the reference",
+    *(
+        check
+        for what in ("load", "set_scale")
+        for check in (
+            f"a {what} whose write fails on rank 1 only",
+            f"every rank emptied the slot after the {what}",
+            f"and computes the base model after the {what}",
+        )
+    ),
     "merged mode is refused",
     "a sharded embedding is refused",
     "DoRA on a sharded layer is refused",
