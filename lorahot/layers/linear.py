@@ -28,7 +28,7 @@ from lorahot.layers import routing
 from lorahot.layers.base import WIDE_BUFFER, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
 from lorahot.layers.tensor_handles import SEGMENTS, TENSORS, WORKSPACES
 
-__all__ = ["LoRALinear", "linear_features", "is_conv1d"]
+__all__ = ["LoRALinear", "linear_features", "is_conv1d", "computes_as_stored"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -80,7 +80,8 @@ class LoRALinear(LoRALayer):
     def fusable(self, lora_A: torch.Tensor) -> bool:
         """:mod:`lorahot.kernels.lora_linear` applies: CUDA, fp16/bf16, an ``nn.Linear`` base.
         Then the routed kernels (:mod:`lorahot.kernels.routed_lora`) serve per-row routing too."""
-        return fused_kernel.supports(self.base_layer, lora_A) and routed_kernel.available()
+        base = self.base_layer
+        return fused_kernel.supports(base, lora_A) and routed_kernel.available() and computes_as_stored(base)
 
     def can_fuse(self, x: torch.Tensor, a: torch.Tensor) -> bool:
         rows_pay = fused_kernel.worth_it(_rows(x), self.spec.out_dim, wide=self._plan[2])
@@ -137,7 +138,7 @@ class LoRALinear(LoRALayer):
         where it is: moving it would untie it)."""
         base = self.base_layer
         weight = getattr(base, "weight", None)
-        if type(base) is not nn.Linear or not isinstance(weight, torch.Tensor):
+        if type(base) is not nn.Linear or not isinstance(weight, torch.Tensor) or not computes_as_stored(base):
             return False
         return (
             type(weight) in (nn.Parameter, torch.Tensor)
@@ -361,6 +362,21 @@ def _published_segments(key: int, a: torch.Tensor, route: torch.Tensor) -> torch
     was grouped for another slot count (a layer bound by hand): the kernels group it themselves."""
     segs = SEGMENTS[key]
     return segs if segs is not None and routed_kernel.segments_fit(segs, a.shape[0], route.shape[0]) else None
+
+
+def computes_as_stored(base: nn.Module) -> bool:
+    """Whether ``F.linear(x, base.weight, base.bias)`` is what calling ``base`` gives, as the
+    fused kernel and the wide path compute it without calling ``base``: no forward hooks or
+    pre-hooks on it (registered before inject: the wrapper's own hooks run either way), no
+    ``forward`` of the instance's own (accelerate's offloading hooks set one), and a weight
+    stored as a parameter (not recomputed by a parametrization or weight_norm's pre-hook).
+    Other layers take the library path, which calls ``base``."""
+    return (
+        not base._forward_hooks
+        and not base._forward_pre_hooks
+        and "forward" not in base.__dict__
+        and "weight" in base._parameters
+    )
 
 
 def _kernel_input(x: torch.Tensor, dtype: torch.dtype, base: nn.Module) -> bool:

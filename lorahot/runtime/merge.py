@@ -42,6 +42,13 @@ def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> N
     refusal = layer.merge_refusal()
     if refusal is not None:
         raise UsageError(f"{name}: {refusal}; inject without merged=True.")
+    base = layer.base_layer
+    if "weight" not in base._parameters:  # a parametrization's property, weight_norm's attribute
+        raise UsageError(
+            f"{name}: its weight is computed from other tensors on each call (a parametrization or weight_norm), not "
+            "stored, so merged mode has no weight to rewrite: the adapter would be dropped. Inject without "
+            "merged=True, or remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) first."
+        )
     weight = layer.base_weight
     if dtype is not None and dtype != weight.dtype:
         raise UsageError(f"merged mode computes in the base weights' dtype ({weight.dtype}); drop dtype={dtype}.")

@@ -43,12 +43,28 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     return out
 
 
+#: Modules that read some of their children's weights directly instead of calling them, so a
+#: LoRA wrapped around such a child would never run: ``nn.MultiheadAttention`` passes
+#: ``out_proj.weight`` to ``F.multi_head_attention_forward``, and ``nn.TransformerEncoderLayer``'s
+#: inference fast path (``torch._transformer_encoder_layer_fwd``) reads ``linear1`` and ``linear2``.
+_READ_DIRECTLY: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def _bypassed(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
+    """The parent of module ``name`` if it computes with that module's weight without calling
+    it (:data:`_READ_DIRECTLY`), else None."""
+    parent = modules.get(name.rpartition(".")[0])
+    return parent if isinstance(parent, _READ_DIRECTLY) else None
+
+
 def _matcher(model: nn.Module, targets: Targets) -> Callable[[str, nn.Module], bool]:
     if callable(targets):
         return _guarded(targets)
     if isinstance(targets, str):
-        if targets == "all-linear":
+        if targets == "all-linear":  # no output layer, nothing whose parent never calls it
             skip = _output_layer_names(model)
+            modules = dict(model.named_modules())
+            skip |= {n for n in modules if n and _bypassed(modules, n) is not None}
             return lambda name, m: _is_plain_linear(m) and name not in skip
         try:
             pattern = re.compile(targets)
@@ -99,10 +115,17 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
     """
     match = _matcher(model, targets)
     names = [n for n, m in model.named_modules() if n and match(n, m)]
-    if not names:
-        sample = [n for n, _ in model.named_modules() if n][:12]
-        raise UsageError(f"targets={targets!r} matched no module. Some module names: {', '.join(sample)}.")
     modules = dict(model.named_modules())
+    if not names:
+        sample = [n for n in modules if n][:12]
+        left = [n for n, m in modules.items() if n and _is_plain_linear(m) and _bypassed(modules, n) is not None]
+        why = (
+            f" ('all-linear' leaves out {', '.join(left[:3])}{', ...' if len(left) > 3 else ''}: their parents compute "
+            "with their weights directly instead of calling them, so a LoRA there would never apply)"
+            if targets == "all-linear" and left
+            else ""
+        )
+        raise UsageError(f"targets={targets!r} matched no module{why}. Some module names: {', '.join(sample)}.")
     wrapped = [w for w, m in modules.items() if isinstance(m, LoRALayer)]
     for n in names:
         m = modules[n]
@@ -115,6 +138,13 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
             raise UsageError(
                 f"{n}: cannot add LoRA to {type(m).__name__}. Supported: {', '.join(d for d, _, _ in SUPPORTED)}. "
                 "Narrow targets to exclude it."
+            )
+        parent = _bypassed(modules, n)
+        if parent is not None:
+            raise UsageError(
+                f"{n}: its parent {type(parent).__name__} computes with its weight directly (in its own functional or "
+                "fused path) instead of calling it, so a LoRA there would never apply. Narrow targets to exclude it "
+                "('all-linear' leaves it out)."
             )
     nested = [(p, c) for p in names for c in names if c.startswith(p + ".")]
     if nested:
@@ -160,6 +190,11 @@ def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
         wrapper = layer_class_for(base)
         if wrapper is None:  # match_targets checked every name; a model changed since
             raise UsageError(f"{name}: cannot add LoRA to {type(base).__name__}.")
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in base._parameters.values()):
+            raise UsageError(
+                f"{name}: {type(base).__name__} has not been materialized yet (its weight's shape is unknown until its "
+                "first call); run one forward of the model before inject."
+            )
         try:
             layers[name] = wrapper(base)
         except UsageError as exc:

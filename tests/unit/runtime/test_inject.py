@@ -398,3 +398,111 @@ def test_a_refused_wrapper_leaves_every_earlier_module_in_place() -> None:
     with pytest.raises(lorahot.UsageError, match=r"^embed_tokens: Shifted overrides nn\.Embedding\.forward"):
         lorahot.inject(model, ["q_proj", "embed_tokens"], max_rank=4)
     assert _wrapped(model) == []
+
+
+# -- modules whose parent reads their weight without calling them ------------------------------
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.attn(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize(
+    ("model", "target"),
+    [
+        (_Attention(), "attn.out_proj"),
+        (nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1), "linear1"),
+    ],
+)
+def test_a_linear_its_parent_never_calls_is_refused(model: nn.Module, target: str) -> None:
+    """nn.MultiheadAttention computes with out_proj.weight in F.multi_head_attention_forward, and
+    nn.TransformerEncoderLayer's inference fast path reads linear1/linear2 itself: a LoRA there
+    loaded and changed nothing."""
+    with pytest.raises(lorahot.UsageError, match="computes with its weight directly"):
+        lorahot.inject(model, [target], max_rank=2)
+    assert not any(isinstance(m, lorahot.LoRALayer) for m in model.modules())
+
+
+def test_all_linear_leaves_out_linears_their_parents_never_call() -> None:
+    model = _Attention()
+    runtime = lorahot.inject(model, "all-linear", max_rank=2)
+    assert list(runtime.layers) == ["proj"]
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1)
+    with pytest.raises(lorahot.UsageError, match=r"leaves out layers\.0\.self_attn\.out_proj, layers\.0\.linear1"):
+        lorahot.inject(encoder, "all-linear", max_rank=2)
+
+
+# -- weights computed on each call, hooks, lazy modules ------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["parametrizations", "hook"])
+def test_merged_mode_refuses_a_weight_norm_weight_and_unmerged_applies_the_adapter(kind: str) -> None:
+    """A weight a parametrization (or weight_norm's pre-hook) recomputes on each call: merged mode
+    wrote the adapter into a tensor the next call threw away (the output stayed the base's)."""
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 4))
+        if kind == "parametrizations":
+            torch.nn.utils.parametrizations.weight_norm(net[0])
+        else:
+            with pytest.warns(FutureWarning):
+                torch.nn.utils.weight_norm(net[0])
+        return net
+
+    with pytest.raises(lorahot.UsageError, match="computed from other tensors on each call"):
+        lorahot.inject(model(), "0", max_rank=2, merged=True)
+    net, x = model(), torch.randn(3, 6)
+    with torch.no_grad():
+        base = net(x)
+    runtime = lorahot.inject(net, "0", max_rank=2)  # a regex: "0" alone, not the parametrization's "...weight.0"
+    tensors, ab = make_adapter(net, {"0": 2}, seed=1)
+    runtime.load(tensors)
+    a, b = ab["0"]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), base + x @ a.T @ b.T)
+
+
+def test_a_lazy_module_is_refused_until_materialized() -> None:
+    model = nn.Sequential(nn.LazyLinear(4))
+    with pytest.raises(lorahot.UsageError, match="not been materialized"):
+        lorahot.inject(model, ["0"], max_rank=2)
+    model(torch.randn(2, 6))
+    assert list(lorahot.inject(model, ["0"], max_rank=2).layers) == ["0"]
+
+
+@pytest.mark.parametrize("hooked", ["pre-hook", "hook", "forward"])
+def test_a_linear_with_hooks_is_not_widened_and_its_hooks_run(hooked: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wide path (CUDA; widened on the CPU here) computes F.linear from the weight without
+    calling the base module: its hooks, or an instance forward (accelerate's), were skipped."""
+    from lorahot.runtime import wide
+
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8))
+    plain = net[0].forward
+    if hooked == "pre-hook":
+        net[0].register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    elif hooked == "hook":
+        net[0].register_forward_hook(lambda m, args, out: out + 100.0)
+    else:
+        net[0].forward = lambda x: plain(x) + 100.0  # type: ignore[method-assign]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = net(x)
+    runtime = lorahot.inject(net, ["0"], max_rank=2)
+    runtime.load(
+        {"base_model.model.0.lora_A.weight": torch.zeros(2, 8), "base_model.model.0.lora_B.weight": torch.zeros(8, 2)}
+    )
+    assert not net[0].wide
+    with torch.no_grad():
+        assert torch.equal(net(x), want)
+    plain_net = nn.Sequential(nn.Linear(8, 8))
+    lorahot.inject(plain_net, ["0"], max_rank=2)
+    assert plain_net[0].wide  # the control: a plain linear is widened here
