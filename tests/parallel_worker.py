@@ -376,7 +376,40 @@ def scenario_fused(mesh: object, folder: Path, check: Checks) -> None:
         check("swap without recompiling", parity)
 
 
+def scenario_empty_shard(mesh: object, folder: Path, check: Checks) -> None:
+    """Four channels over three ranks (``torch.chunk``: 2, 2, 0): the last rank's shards of a
+    column-parallel layer's output and a row-parallel layer's input are empty. Whole-batch and
+    per-row routing equal the unsharded model (the routed product reshaped an empty shard with
+    a -1 dimension and raised)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 5)).double()
+    tp = copy.deepcopy(ref)
+    parallelize_module(tp, mesh, {"0": ColwiseParallel(use_local_output=False), "2": RowwiseParallel()})  # type: ignore[arg-type]
+    runtimes = [lorahot.inject(m, ["0", "2"], max_rank=4, slots=2) for m in (tp, ref)]
+    gen = torch.Generator().manual_seed(3)
+    for slot, rank in enumerate((2, 3)):
+        tensors = {}
+        for name, fin, fout in (("0", 6, 4), ("2", 4, 5)):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, fin, generator=gen)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(fout, rank, generator=gen)
+        for runtime in runtimes:
+            runtime.load(tensors, slot=slot)
+    x = torch.randn(3, 6, dtype=torch.float64, generator=gen)
+
+    def parity() -> str | None:
+        with torch.no_grad():
+            return same(tp(x), ref(x))
+
+    check("an empty shard, whole batch", parity)
+    for runtime in runtimes:
+        runtime.activate([1, -1, 0])
+    check("an empty shard, per-row routing", parity)
+
+
 SCENARIOS = {
+    "empty_shard": scenario_empty_shard,
     "parity": scenario_parity,
     "atomic": scenario_atomic,
     "sequence": scenario_sequence,

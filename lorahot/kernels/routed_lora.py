@@ -26,6 +26,7 @@ gives each of ``L`` equal consecutive groups of them its slot (one per sequence,
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -144,8 +145,8 @@ def _routed_lora(
     segs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     refuse_grad("routed_lora", x, y, a, bt)
-    x2 = x.reshape(-1, x.shape[-1])
-    y2 = y.reshape(-1, y.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # no -1: a shard's in or out may be 0
+    y2 = y.reshape(math.prod(y.shape[:-1]), y.shape[-1])
     kernel = _kernel() if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
     if kernel is None or x2.shape[0] == 0:
         return reference(x2, y2, a, bt, s, token_route(route, x2.shape[0])).view(y.shape)

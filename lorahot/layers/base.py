@@ -526,7 +526,7 @@ class LoRALayer(nn.Module):
 
     def row_view(self, t: torch.Tensor, length: int) -> torch.Tensor:
         """An output ``t`` with its ``length`` rows first and its channels last: ``[L, T, out]``."""
-        return t.reshape(length, -1, t.shape[-1])
+        return t.reshape(length, math.prod(t.shape[:-1]) // length, t.shape[-1])  # no -1: out may be 0 (a shard)
 
     def row_shape(self, length: int) -> tuple[int, ...]:
         """How one value per row and output channel broadcasts against :meth:`row_view`."""

@@ -14,6 +14,7 @@ blocks equal to the live adapter after every load, activation and scale change).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -106,7 +107,7 @@ class LoRALinear(LoRALayer):
         """Rows ``[L, T, in]`` (``x``'s leading dims split into ``L`` groups) times their own
         slot's ``A [R, in]`` and ``B [R, out]`` (gathered): two batched products."""
         length = index.shape[0]
-        x3 = x.reshape(length, -1, x.shape[-1]).to(a.dtype)  # (L, T, in)
+        x3 = x.reshape(length, math.prod(x.shape[:-1]) // length, x.shape[-1]).to(a.dtype)  # (L, T, in); in may be 0
         h = torch.bmm(x3, a[index].transpose(1, 2))  # (L, T, R)
         h = (h * scales[:, None, :]).to(h.dtype)
         return torch.bmm(h, b[index]).reshape(*x.shape[:-1], b.shape[-1])  # (..., out)

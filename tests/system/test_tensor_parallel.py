@@ -186,3 +186,9 @@ def fused(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
 )
 def test_the_fused_path_on_the_shards_computes_the_unsharded_model(fused: list[dict[str, str]], name: str) -> None:
     _assert_check(fused, name)
+
+
+def test_an_empty_shard_computes_the_unsharded_model(tmp_path: Path) -> None:
+    results = run_ranks("empty_shard", tmp_path, world=3)
+    for name in ("an empty shard, whole batch", "an empty shard, per-row routing"):
+        _assert_check(results, name)
