@@ -376,6 +376,10 @@ def scenario_fused(mesh: object, folder: Path, check: Checks) -> None:
         check("swap without recompiling", parity)
 
 
+def same_list(targets: object) -> str | None:
+    return None if targets == ["0", "2"] else f"targets {targets}"
+
+
 def scenario_empty_shard(mesh: object, folder: Path, check: Checks) -> None:
     """Four channels over three ranks (``torch.chunk``: 2, 2, 0): the last rank's shards of a
     column-parallel layer's output and a row-parallel layer's input are empty. Whole-batch and
@@ -387,13 +391,23 @@ def scenario_empty_shard(mesh: object, folder: Path, check: Checks) -> None:
     ref = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 5)).double()
     tp = copy.deepcopy(ref)
     parallelize_module(tp, mesh, {"0": ColwiseParallel(use_local_output=False), "2": RowwiseParallel()})  # type: ignore[arg-type]
-    runtimes = [lorahot.inject(m, ["0", "2"], max_rank=4, slots=2) for m in (tp, ref)]
     gen = torch.Generator().manual_seed(3)
-    for slot, rank in enumerate((2, 3)):
+
+    def adapter(rank: int, hidden: int = 4) -> dict[str, torch.Tensor]:
         tensors = {}
-        for name, fin, fout in (("0", 6, 4), ("2", 4, 5)):
+        for name, fin, fout in (("0", 6, hidden), ("2", hidden, 5)):
             tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, fin, generator=gen)
             tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(fout, rank, generator=gen)
+        return tensors
+
+    adapters = [adapter(2), adapter(3)]
+    check("plan_targets checks the whole layers", lambda: same_list(lorahot.plan_targets(adapters[0], tp).targets))
+    check(
+        "plan_targets refuses an adapter that fits a shard only",
+        lambda: raises(lorahot.AdapterMismatchError, lambda: lorahot.plan_targets(adapter(2, hidden=2), tp), "(r, 4)"),
+    )
+    runtimes = [lorahot.inject(m, ["0", "2"], max_rank=4, slots=2) for m in (tp, ref)]
+    for slot, tensors in enumerate(adapters):
         for runtime in runtimes:
             runtime.load(tensors, slot=slot)
     x = torch.randn(3, 6, dtype=torch.float64, generator=gen)

@@ -47,6 +47,7 @@ from lorahot.runtime.arguments import check_read_options
 from lorahot.runtime.components import components_of, is_several
 from lorahot.runtime.inject import MAX_RANK_LIMIT
 from lorahot.runtime.plan import check_module, check_weight_module
+from lorahot.runtime.sharding import localize
 
 __all__ = ["TargetPlan", "plan_targets"]
 
@@ -268,8 +269,14 @@ def _model_ranks(
         else:
             lora, weights = resolve_all(adapter, names, skipped)
         for name, m in lora.items():
-            problems += [f"{adapter.source}: {p}" for p in check_module(name, m, layers[name].spec, MAX_RANK_LIMIT)]
-            ranks[name] = combine(ranks.get(name, 0), m.rank)
+            spec, rank = layers[name].spec, m.rank
+            if spec.shard is not None:  # a tensor-parallel layer: the whole layer's shapes, then its shard's part
+                m, found = localize(name, m, spec)
+                if found:
+                    problems += [f"{adapter.source}: {p}" for p in found]
+                    continue
+            problems += [f"{adapter.source}: {p}" for p in check_module(name, m, spec, MAX_RANK_LIMIT)]
+            ranks[name] = combine(ranks.get(name, 0), rank)
         for name, w in weights.items():
             problems += [f"{adapter.source}: {p}" for p in check_weight_module(name, w, layers[name].spec)]
             ranks.setdefault(name, 0)
