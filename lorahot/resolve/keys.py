@@ -5,7 +5,9 @@ For each key, in order:
 1. the key itself, then the key without a known component prefix (``base_model.model.``,
    ``unet.``, ``diffusion_model.``, ...): a layer of exactly that name;
 2. the format's aliases of those (``to_q`` -> ``q_proj``), exactly;
-3. a layer whose name ends with ``"." + key`` or the key ends with ``"." + name``;
+3. a layer whose name ends with ``"." + key`` or the key ends with ``"." + name`` (the key, then
+   its aliases: an old diffusers ``text_model.encoder...to_q_lora`` key on a transformers-5 CLIP
+   without the ``text_model`` level);
 4. the underscore form: every injected layer's name with ``.`` -> ``_`` (kohya names, and
    LDM block names mapped to diffusers ones), exactly or as a ``_``-suffix;
 5. the underscore form of a key that carries wrapper levels the model lacks
@@ -187,7 +189,7 @@ def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     steps = (
         lambda: [c for c in cands if c in names.exact][:1],
         lambda: [c for c in aliased if c in names.exact][:1],
-        lambda: _first(names.dotted(c) for c in cands[1:] + cands[:1]),
+        lambda: _first(names.dotted(c) for c in cands[1:] + cands[:1] + aliased),
         lambda: _first(names.by_underscore(c) for c in cands[1:] + cands[:1]),
         lambda: _first(names.unwrapped(c) for c in cands[1:]) if fmt.separator == "_" else [],
     )

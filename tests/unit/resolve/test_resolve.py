@@ -237,3 +237,31 @@ def test_keys_naming_other_modules_are_not_matched_by_the_resolver() -> None:
     skipped: list[str] = []
     assert resolve_keys(adapter, names, skipped, others) == {}
     assert set(skipped) == set(stray)
+
+
+def test_old_diffusers_text_encoder_keys_reach_a_model_without_their_wrapper_level() -> None:
+    """diffusers' attention-processor naming (``...self_attn.to_q_lora.down``) of a text encoder
+    with a ``text_model.`` level, on a transformers-5 CLIP without it: the aliases (``to_q`` ->
+    ``q_proj``) apply to the suffix match too, which is what skips the missing level."""
+    model = nn.ModuleDict(
+        {
+            "encoder": nn.ModuleDict(
+                {
+                    "layers": nn.ModuleList(
+                        [
+                            nn.ModuleDict(
+                                {"self_attn": nn.ModuleDict({"q_proj": nn.Linear(8, 8), "out_proj": nn.Linear(8, 8)})}
+                            )
+                        ]
+                    )
+                }
+            )
+        }
+    )
+    runtime = lorahot.inject(model, ["q_proj", "out_proj"], max_rank=4)
+    stem = "text_encoder.text_model.encoder.layers.0.self_attn"
+    tensors = lora_pair(f"{stem}.to_q_lora", "down", "up") | lora_pair(f"{stem}.to_out_lora", "down", "up")
+    assert set(runtime.load(tensors).ranks) == {
+        "encoder.layers.0.self_attn.q_proj",
+        "encoder.layers.0.self_attn.out_proj",
+    }
