@@ -651,7 +651,13 @@ def _alpha(entry: tuple[str, torch.Tensor] | None, problems: list[str]) -> float
     value = float(t.reshape(-1)[0]) if why is None and t.numel() == 1 else math.nan
     if why is not None or not (math.isfinite(value) and value > 0):
         got = why or f"shape {tuple(t.shape)} value {t.reshape(-1)[:3].tolist()}"
-        problems.append(f"{key}: alpha must be one finite number > 0, got {got}")
+        zero = (
+            " (kohya's trainer reads an alpha of 0 as alpha = rank, diffusers' loader as a scale of 0: drop the .alpha "
+            "tensors, or set them to the rank or to the alpha the adapter was trained with)"
+            if why is None and value == 0
+            else ""
+        )
+        problems.append(f"{key}: alpha must be one finite number > 0, got {got}{zero}")
         return None
     return value
 

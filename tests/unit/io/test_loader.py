@@ -101,6 +101,7 @@ def test_tensors_without_data_are_refused_when_read(convert, what: str) -> None:
         (torch.tensor(True), r"got dtype torch\.bool"),
         (torch.tensor(2.0, device="meta"), r"got a torch\.strided tensor on meta"),
         (torch.tensor([2.0]).to_sparse(), r"got a torch\.sparse_coo tensor on cpu"),
+        (torch.tensor(0.0), r"got shape \(\) value \[0\.0\] \(kohya's trainer reads an alpha of 0 as alpha = rank"),
     ],
 )
 def test_alpha_tensors_must_be_one_real_number(alpha: torch.Tensor, got: str) -> None:
