@@ -34,13 +34,19 @@ class LoRAEmbedding(LoRALayer):
     (B stored transposed) and ``lora_scale`` (``[R]``; float32, float64 for float64 layers).
 
     Raises:
-        UsageError: ``base_layer`` is not an ``nn.Embedding``, or its class overrides
-            ``forward`` with anything but a verified ``embed_scale`` output scale.
+        UsageError: ``base_layer`` is not an ``nn.Embedding``, has a ``max_norm``, or its class
+            overrides ``forward`` with anything but a verified ``embed_scale`` output scale.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
         if not isinstance(base_layer, nn.Embedding):
             raise UsageError(f"{type(base_layer).__name__} is not an nn.Embedding")
+        if base_layer.max_norm is not None:  # PEFT renormalizes the looked-up rows of A.T in place too
+            raise UsageError(
+                f"nn.Embedding with max_norm={base_layer.max_norm} renormalizes the rows each call looks up, in place; "
+                "PEFT does so to the LoRA's A as well, so the output would depend on which ids earlier calls read. "
+                "lorahot does not reproduce that: target other modules, or set max_norm=None on the embedding"
+            )
         scaled = embedding_output_scale(base_layer)
         num, dim = base_layer.num_embeddings, base_layer.embedding_dim
         super().__init__(base_layer, LayerSpec("embedding", num, dim, (num,)))
@@ -78,15 +84,6 @@ class LoRAEmbedding(LoRALayer):
     def channel_dim(self) -> int:
         """Weight ``[num, dim]``: PEFT's DoRA norms each embedding dimension over the vocabulary."""
         return 1
-
-    def merge_refusal(self) -> str | None:
-        max_norm = getattr(self.base_layer, "max_norm", None)
-        if max_norm is not None:
-            return (
-                f"an embedding with max_norm={max_norm} renormalizes its (merged) table in its "
-                "forward, so merged and unmerged outputs would differ"
-            )
-        return None
 
     def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedding weight ``[num, dim]``: ``A.T @ B.T``."""

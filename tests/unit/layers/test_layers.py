@@ -306,3 +306,13 @@ def test_autocast_to_the_weights_dtype_keeps_the_wide_path(monkeypatch: pytest.M
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = widened(x)
     assert len(calls) == 4 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_an_embedding_with_max_norm_is_refused(merged: bool) -> None:
+    """max_norm renormalizes the looked-up rows in place on each call, PEFT's LoRA A among them,
+    so PEFT's output depends on which ids earlier calls read: refused, not approximated."""
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0))
+    with pytest.raises(lorahot.UsageError, match=r"max_norm=1\.0"):
+        lorahot.inject(model, ["0"], max_rank=2, merged=merged)
+    assert type(model[0]) is nn.Embedding
