@@ -210,6 +210,7 @@ class LoRALayer(nn.Module):
         self.spec = spec
         self.register_state_dict_post_hook(_drop_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
+        self.register_load_state_dict_post_hook(_report_base_keys)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapper lacks come from ``base_layer`` (``weight``, ``in_features``,
@@ -678,3 +679,15 @@ def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: An
     own = {prefix + n for n in (*_ARENA_BUFFERS, WIDE_BUFFER)}
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner) and k not in own]:
         state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
+    module.__dict__["_loading_prefix"] = prefix  # for _report_base_keys
+
+
+def _report_base_keys(module: nn.Module, incompatible: Any) -> None:
+    """Load post hook: missing and unexpected keys are reported as the checkpoint names them
+    (``<prefix>k``), not as :func:`_add_base_prefix` renamed them; ``strict`` checks the same."""
+    prefix = module.__dict__.pop("_loading_prefix", None)
+    if prefix is None:
+        return
+    inner = prefix + "base_layer."
+    for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
+        keys[:] = [prefix + k[len(inner) :] if k.startswith(inner) else k for k in keys]

@@ -85,6 +85,10 @@ class LoRAEmbedding(LoRALayer):
         """Weight ``[num, dim]``: PEFT's DoRA norms each embedding dimension over the vocabulary."""
         return 1
 
+    def merge_refusal(self) -> str | None:
+        """None: an embedding's table takes ``A.T @ B.T`` (one with ``max_norm`` is refused at inject)."""
+        return None
+
     def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedding weight ``[num, dim]``: ``A.T @ B.T``."""
         return a.t(), bt

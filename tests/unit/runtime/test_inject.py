@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -506,3 +507,27 @@ def test_a_linear_with_hooks_is_not_widened_and_its_hooks_run(hooked: str, monke
     plain_net = nn.Sequential(nn.Linear(8, 8))
     lorahot.inject(plain_net, ["0"], max_rank=2)
     assert plain_net[0].wide  # the control: a plain linear is widened here
+
+
+def test_load_state_dict_reports_keys_as_the_checkpoint_names_them() -> None:
+    """Missing and unexpected keys of a wrapped module read as on the plain model (they read
+    ``0.base_layer.bias``), and strict loading names them so too."""
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model = copy.deepcopy(plain)
+    lorahot.inject(model, ["0"], max_rank=2)
+    part = {
+        "0.weight": torch.zeros(4, 4),
+        "0.extra": torch.zeros(1),
+        "1.weight": torch.zeros(2, 4),
+        "1.bias": torch.zeros(2),
+    }
+    want = plain.load_state_dict(dict(part), strict=False)
+    got = model.load_state_dict(dict(part), strict=False)
+    assert (
+        (got.missing_keys, got.unexpected_keys)
+        == (want.missing_keys, want.unexpected_keys)
+        == (["0.bias"], ["0.extra"])
+    )
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "0\.bias"') as info:
+        model.load_state_dict(dict(part))
+    assert "base_layer" not in str(info.value)
