@@ -323,6 +323,10 @@ class LoraRuntime:
             result = write()
         except Exception as exc:
             error = exc
+        except BaseException:  # KeyboardInterrupt, SystemExit: no half-written slot is left, then it goes on
+            if self.buffers.touched:
+                self._empty(slot)
+            raise
         if self._agreement is not None:
             failures, touched = self._agreement.settle(error, self.buffers.touched)
             if failures:
@@ -344,10 +348,7 @@ class LoraRuntime:
         if not self.buffers.touched:
             raise exc
         try:
-            self.buffers.clear(slot, live=slot == self._active)
-            self._infos[slot] = None
-            self._stacks[slot], self._weights[slot] = None, ()
-            self._remerge(slot)
+            self._empty(slot)
             state = f"slot {slot} was emptied (unloaded), so that it holds no mix of two adapters; {what} it again"
         except Exception:  # the first failure is the one to report
             state = (
@@ -357,6 +358,13 @@ class LoraRuntime:
             f"LoraRuntime.{what}: {type(exc).__name__} while writing slot {slot} after every check had passed: "
             f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else '(no message)'}. {state}."
         ) from exc
+
+    def _empty(self, slot: int) -> None:
+        """Empties ``slot``, as :meth:`unload` does."""
+        self.buffers.clear(slot, live=slot == self._active)
+        self._infos[slot] = None
+        self._stacks[slot], self._weights[slot] = None, ()
+        self._remerge(slot)
 
     def _check_load(
         self, source: One | Sequence[One], slot: int, scale: float | Sequence[float], read_kwargs: dict[str, Any]
@@ -685,12 +693,19 @@ class LoraRuntime:
         if not per_row:
             slot = self._slot(slot)  # an int, or the error saying what it must be
             merged = self._merger is not None
-            if self._activate_replay(slot, self._stacks[slot], self._weights[slot], merged):
-                self._active = slot  # the copy and the wide refresh as one graph replay
-            else:
-                self.buffers.activate(slot)
-                self._active = slot
-                self._remerge(slot)
+            before = self._active
+            try:
+                if self._activate_replay(slot, self._stacks[slot], self._weights[slot], merged):
+                    self._active = slot  # the copy and the wide refresh as one graph replay
+                else:
+                    self.buffers.activate(slot)
+                    self._active = slot
+                    self._remerge(slot)
+            except BaseException:  # interrupted mid-copy (KeyboardInterrupt): the slot active before, whole
+                self.buffers.activate(before)
+                self._active = before
+                self._remerge(before)
+                raise
             self._routing.clear()
             return
         filled = [info is not None for info in self._infos]
@@ -702,10 +717,11 @@ class LoraRuntime:
         """Empties ``slot``, or every slot if None. An emptied active slot means no adapter."""
         self._check_usable()
         for s in range(self.slots) if slot is None else [self._slot(slot)]:
-            self.buffers.clear(s, live=s == self._active)
-            self._infos[s] = None
-            self._stacks[s], self._weights[s] = None, ()
-            self._remerge(s)
+            try:
+                self._empty(s)
+            except BaseException:  # interrupted (KeyboardInterrupt): the slot is emptied all the same
+                self._empty(s)
+                raise
 
     @public_api
     def set_scale(self, value: float | Sequence[float], slot: int | None = None) -> None:

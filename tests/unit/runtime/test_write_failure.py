@@ -81,3 +81,83 @@ def test_a_merged_load_failing_while_folding_a_diff_puts_the_base_weights_back(m
         runtime.load([lora(), diff])
     assert runtime.info(0) is None
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+# -- interrupted writes (KeyboardInterrupt from Ctrl-C or a signal handler) ----------------------
+
+
+def _interrupting(monkeypatch: pytest.MonkeyPatch, cls: type, method: str, after: int) -> None:
+    """``cls.method`` runs ``after`` times as it is, then once more and raises KeyboardInterrupt
+    (having written its part: an interrupt between two writes of one call)."""
+    original = getattr(cls, method)
+    calls: list[int] = []
+
+    def interrupted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == after + 1:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(cls, method, interrupted)
+
+
+def _served(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+@pytest.mark.parametrize("call", ["load", "set_scale"])
+def test_an_interrupted_write_empties_the_slot_and_the_interrupt_goes_on(
+    call: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt after the first arena's write left it holding the new adapter, the
+    second the old one, and info() naming the old: the slot is emptied and the interrupt raised."""
+    model = _two_arenas()
+    ids = token_ids((2, 6), 32, seed=1)
+    base = _served(model, ids)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4)
+    names = list(runtime.layers)
+    runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=1)[0])
+    method = "write_staged" if call == "load" else "set_scales"
+    _interrupting(monkeypatch, buffers.Arena, method, after=0)
+    with pytest.raises(KeyboardInterrupt):
+        if call == "load":
+            runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=2)[0])
+        else:
+            runtime.set_scale(0.5)
+    monkeypatch.undo()
+    assert runtime.info(0) is None
+    assert torch.equal(_served(model, ids), base)
+
+
+def test_an_interrupted_activate_keeps_the_slot_active_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _two_arenas()
+    ids = token_ids((2, 6), 32, seed=1)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4, slots=2)
+    names = list(runtime.layers)
+    for slot in (0, 1):
+        runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=slot + 1)[0], slot=slot)
+    first = _served(model, ids)
+    _interrupting(monkeypatch, buffers.Arena, "copy_region", after=0)  # the first arena copied, then interrupted
+    with pytest.raises(KeyboardInterrupt):
+        runtime.activate(1)
+    monkeypatch.undo()
+    assert runtime.active_slot == 0
+    assert torch.equal(_served(model, ids), first)
+    runtime.activate(1)
+    assert not torch.equal(_served(model, ids), first)
+
+
+def test_an_interrupted_unload_still_empties_the_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _two_arenas()
+    ids = token_ids((2, 6), 32, seed=1)
+    base = _served(model, ids)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4)
+    runtime.load(make_adapter(model, dict.fromkeys(runtime.layers, 4), seed=1)[0])
+    _interrupting(monkeypatch, buffers.Arena, "clear", after=0)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.unload()
+    monkeypatch.undo()
+    assert runtime.info(0) is None
+    assert torch.equal(_served(model, ids), base)
