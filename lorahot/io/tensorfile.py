@@ -16,22 +16,53 @@ zeros instead of the file's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lorahot.errors import AdapterReadError
+from lorahot.errors import AdapterMismatchError, AdapterReadError
 from lorahot.io.dtypes import TORCH_DTYPES
 from lorahot.io.read_buffers import lent
 from lorahot.io.safety import SafetensorsHeader, open_regular
 
-__all__ = ["read_tensors", "TensorSlice", "Slices"]
+__all__ = ["read_tensors", "TensorSlice", "Slices", "largest_tensor"]
+
+_LARGEST: ContextVar[int | None] = ContextVar("lorahot_largest_tensor", default=None)
+
+
+@contextlib.contextmanager
+def largest_tensor(numel: int) -> Iterator[None]:
+    """Within the block, a file whose header declares a tensor of more than ``numel`` elements
+    is refused before its data is read (a runtime sets the most any factor of its layers could
+    hold, with a margin): a sparse file of a few kilobytes can declare gigabytes."""
+    token = _LARGEST.set(numel)
+    try:
+        yield
+    finally:
+        _LARGEST.reset(token)
+
+
+def _check_sizes(path: Path, header: SafetensorsHeader) -> None:
+    """Raises :class:`AdapterMismatchError` for a tensor larger than :func:`largest_tensor` allows."""
+    limit = _LARGEST.get()
+    if limit is None:
+        return
+    for key, (_, shape, _, _) in header.entries.items():
+        numel = math.prod(shape)
+        if numel > limit:
+            raise AdapterMismatchError(
+                f"{path}: {key!r:.200} declares shape {tuple(shape)} ({numel} elements), more than any LoRA, LyCORIS "
+                f"or diff factor of the injected layers could hold ({limit}, with a margin); the file's data was not "
+                "read. Load an adapter made for this model (is the file an adapter?)."
+            )
 
 
 @dataclass(frozen=True)
@@ -75,12 +106,14 @@ def read_tensors(
     Raises:
         AdapterReadError: the file changed or shrank since its header was checked; its data is
             larger than the machine's memory, or cannot be allocated.
+        AdapterMismatchError: a tensor larger than :func:`largest_tensor` allows.
     """
     if device is not None and device.type == "meta":
         return {
             k: torch.empty(shape, dtype=TORCH_DTYPES[dt], device=device)
             for k, (dt, shape, _, _) in header.entries.items()
         }
+    _check_sizes(path, header)
     on_gpu = device is not None and device.type == "cuda"
     memory = _physical_memory()
     if memory is not None and header.data_size > memory:  # a sparse file can claim terabytes cheaply

@@ -15,7 +15,7 @@ import numbers
 import operator
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, NoReturn, TypeVar
@@ -29,9 +29,9 @@ from lorahot.errors import AdapterMismatchError, UsageError, WriteError, format_
 from lorahot.io.loader import read_adapter, read_adapter_sliced
 from lorahot.io.read_buffers import ReadBuffers
 from lorahot.io.sources import Source
-from lorahot.io.tensorfile import Slices
+from lorahot.io.tensorfile import Slices, largest_tensor
 from lorahot.kernels import stacked_shrinks
-from lorahot.layers import LoRALayer, RuntimeState
+from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.resolve.keys import outside
 from lorahot.runtime import peft_arguments
 from lorahot.runtime.activate_replay import ActivateReplay
@@ -76,6 +76,22 @@ _T = TypeVar("_T")
 
 #: What ``load`` takes as one adapter.
 One = Source | Adapter | PreparedAdapter
+
+
+#: how many times the largest factor a layer could take a file's tensor may be (LoKr and full
+#: diffs of layers of other components, which strict=False skips, are no larger in practice)
+_LARGEST_MARGIN = 4
+
+
+def _largest_factor(specs: Iterable[LayerSpec], max_rank: int) -> int:
+    """The most elements a file's tensor may have for these layers (see
+    :func:`lorahot.io.tensorfile.largest_tensor`): :data:`_LARGEST_MARGIN` times the largest of
+    a full weight diff, a rank-``max_rank`` A plus B, and a Tucker core, over the whole layers."""
+    most = 1
+    for spec in specs:
+        fin, fout = spec.full_dims()
+        most = max(most, fin * fout, max_rank * (fin + fout), max_rank * max_rank * fin)
+    return _LARGEST_MARGIN * most
 
 
 class _OtherRankFailed(RuntimeError):
@@ -156,6 +172,7 @@ class LoraRuntime:
         self._link_modules = [module for _, _, module in links]
         self._first = next(iter(layers))
         self._specs = {name: layer.spec for name, layer in layers.items()}
+        self._largest = _largest_factor(self._specs.values(), buffers.max_rank)
         # the model's other modules: a key naming one of them is not placed on a neighbour
         self._others = outside([name for name, _ in model.named_modules()], list(layers))
         devices = {a.device for a in buffers.arenas}
@@ -446,14 +463,15 @@ class LoraRuntime:
         if self._agreement is None:
             recipe: list[object] = []
             lent = self._read_buffers.lend(part) if self._read_buffers is not None and part is not None else None
-            with lent or contextlib.nullcontext():
+            with lent or contextlib.nullcontext(), largest_tensor(self._largest):
                 adapter = read_adapter(source, device=device, _recipe=recipe, **read_kwargs)
             return adapter, recipe[0] if recipe else None
 
         def slicer(meta: Adapter, keys: Mapping[int, str]) -> Slices:
             return file_slices(meta, keys, self._specs, self.components, self._others)
 
-        return read_adapter_sliced(source, slicer, device=device, **read_kwargs), None
+        with largest_tensor(self._largest):
+            return read_adapter_sliced(source, slicer, device=device, **read_kwargs), None
 
     def _validated(self, adapter: Adapter, recipe: object | None, stage: bool, read_kwargs: dict[str, Any]) -> Checked:
         """:func:`validate` of a read adapter (with the plan of its recipe's skeleton, if

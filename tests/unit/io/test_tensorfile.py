@@ -110,3 +110,33 @@ def test_a_slice_outside_its_tensor_reads_it_whole(tmp_path: Path) -> None:
     save_file({"a": torch.randn(3, 8)}, str(path))
     got = read_tensors(path, check_safetensors(path), slices={"a": TensorSlice(1, 6, 9)})
     assert torch.equal(got["a"], load_file(str(path))["a"])
+
+
+def test_a_sparse_file_declaring_a_huge_tensor_is_refused_before_its_data_is_read(tmp_path: Path) -> None:
+    """A few kilobytes on disk that declare 2 GiB of factor under an injected layer's key: the
+    runtime refuses it from the header (the load read and allocated the whole 2 GiB, 6 GiB in
+    the audit's case, before the rank check failed)."""
+    import json
+    import time
+
+    rows = 1 << 26  # x 8 float32 columns: 2 GiB
+    header = json.dumps(
+        {
+            "base_model.model.0.lora_A.weight": {"dtype": "F32", "shape": [rows, 8], "data_offsets": [0, rows * 32]},
+            "base_model.model.0.lora_B.weight": {
+                "dtype": "F32",
+                "shape": [4, 2],
+                "data_offsets": [rows * 32, rows * 32 + 32],
+            },
+        }
+    ).encode()
+    path = tmp_path / "adapter_model.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + rows * 32 + 32)  # sparse: nothing written
+    runtime = lorahot.inject(torch.nn.Sequential(torch.nn.Linear(8, 4)), ["0"], max_rank=4)
+    start = time.perf_counter()
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"declares shape \(67108864, 8\) \(536870912 elements\)"):
+        runtime.load(path)
+    assert time.perf_counter() - start < 5
+    assert runtime.info(0) is None
