@@ -100,9 +100,12 @@ class _Names:
         """Step 5: names matched by the longest ``_``-suffix of ``key`` after leading wrapper
         segments (segments without digits) are dropped; empty if none matches."""
         u = key.replace(".", "_")
-        i = u.find("_")
+        digit = next((k for k, c in enumerate(u) if c.isdigit()), len(u))
+        # tails longer than every name match none: start where they fit (linear in the key,
+        # whatever its length; a hostile file's keys are up to 1,024 characters)
+        i = u.find("_", max(0, len(u) - self.longest - 1))
         while i >= 0:
-            if any(c.isdigit() for c in u[:i]):
+            if i > digit:
                 return []  # a dropped segment would carry a block index: not a wrapper
             tail = u[i + 1 :]
             if all(any(c.isdigit() for c in seg) for seg in tail.split("_")):
