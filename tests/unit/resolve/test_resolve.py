@@ -184,7 +184,6 @@ def test_many_unmatched_keys_against_many_layers_stay_fast() -> None:
         assert time.perf_counter() - start < 3
 
 
-
 def test_long_underscore_keys_without_digits_stay_fast() -> None:
     """The wrapper-dropping step tested every ``_`` of a key and rescanned the key each time,
     quadratic in its length: 3,600 kohya keys of about 1,000 characters (within every cap on
