@@ -8,6 +8,7 @@ raises never changes a byte of the model or of any adapter slot.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -73,10 +74,12 @@ _R = TypeVar("_R")
 def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Marks a public entry point: whatever it raises is a :class:`LoraError`.
 
-    lorahot's own errors pass through; any other ``Exception`` (a missed check, a library
-    error) becomes an :class:`UnexpectedError` naming the call. ``KeyboardInterrupt`` and
-    ``SystemExit`` pass through untouched.
+    lorahot's own errors pass through; arguments the call's signature does not take (missing,
+    unknown, too many) are a :class:`UsageError`; any other ``Exception`` (a missed check, a
+    library error) becomes an :class:`UnexpectedError` naming the call. ``KeyboardInterrupt``
+    and ``SystemExit`` pass through untouched.
     """
+    signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -85,6 +88,10 @@ def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
         except LoraError:
             raise
         except Exception as exc:
+            try:  # only on failure: a call that binds costs nothing more
+                signature.bind(*args, **kwargs)
+            except TypeError as wrong:
+                raise UsageError(f"{fn.__qualname__}: {wrong}. See help({fn.__qualname__}).") from None
             raise UnexpectedError(
                 f"{fn.__qualname__}: unexpected {type(exc).__name__}: {_first_line(exc)}. Nothing was changed. "
                 "This is a gap in lorahot's checks: please report it with the adapter or call that caused it."

@@ -123,7 +123,10 @@ def _source_text(source: Any) -> str:
         raise UsageError(
             f"source={short(source)} must be a path, a Hub repo id, a mapping of tensors or a lorahot.Adapter."
         )
-    text = os.fspath(source)
+    try:
+        text = os.fspath(source)
+    except TypeError as exc:  # an __fspath__ returning neither str nor bytes
+        raise UsageError(f"source={short(source)} is not a usable path: {exc}") from None
     if not isinstance(text, str):
         raise UsageError(f"source={short(source)} must be a str path, not {type(text).__name__}.")
     if not text.strip():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -97,11 +98,13 @@ def inject(
     components: tuple[str, ...] = ()
     if not is_several(model):
         _check_arguments(model, max_rank, slots, dtype, cache_bytes, merged, fused, extras, regional)
+        max_rank, slots = int(max_rank), int(slots)  # a NumPy integer too
         root: nn.Module = model  # type: ignore[assignment]  # checked just above
         names = match_targets(root, targets)  # type: ignore[arg-type]
     else:
         modules, named = components_of(model)
         _check_arguments(nn.Module(), max_rank, slots, dtype, cache_bytes, merged, fused, extras, regional)
+        max_rank, slots = int(max_rank), int(slots)
         root, names = match_components(modules, targets, named)
         components = tuple(root._modules)
     if merged:
@@ -151,9 +154,9 @@ def _check_arguments(
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     for value, name, top in ((max_rank, "max_rank", MAX_RANK_LIMIT), (slots, "slots", MAX_SLOTS)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
             raise UsageError(f"{name}={value!r} must be an integer >= 1.")
-        if value > top:
+        if int(value) > top:
             raise UsageError(f"{name}={value} is absurd; it must be at most {top}.")
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise UsageError(

@@ -226,3 +226,45 @@ def test_bad_call_raises_and_changes_nothing(misuse: Misuse, tmp_path: Path) -> 
     assert [(n, id(m)) for n, m in rig.model.named_modules()] == modules
     assert {t.name for t in threading.enumerate()} <= threads, "a bad prefetch started a thread"
     assert rig.runtime.cache.budget_bytes == 2 << 30
+
+
+class _IntPath:
+    def __fspath__(self) -> int:
+        return 3
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda rt: lorahot.inject(torch.nn.Linear(4, 4), [""]), "inject: missing a required argument: 'max_rank'"),
+        (
+            lambda rt: lorahot.inject(torch.nn.Linear(4, 4), ["x"], max_rank=4, rank=4),
+            "unexpected keyword argument 'rank'",
+        ),
+        (lambda rt: rt.load(), "LoraRuntime.load: missing a required argument: 'source'"),
+        (lambda rt: rt.load(valid_tensors(rt.model), 0), "LoraRuntime.load: too many positional arguments"),
+        (lambda rt: rt.activate(), "LoraRuntime.activate: missing a required argument: 'slot'"),
+        (lambda rt: rt.set_scale(), "LoraRuntime.set_scale: missing a required argument: 'value'"),
+        (lambda rt: lorahot.read_adapter(), "read_adapter: missing a required argument: 'source'"),
+        (lambda rt: rt.load(_IntPath()), "is not a usable path"),
+    ],
+)
+def test_calls_the_signature_does_not_take_are_usage_errors(
+    call: Callable[[Any], object], message: str, tmp_path: Path
+) -> None:
+    """Missing, unknown or extra arguments (and a path object that is no path) are bad calls: a
+    UsageError, which is also a TypeError, not an UnexpectedError asking for a bug report."""
+    rig = build_rig(tmp_path)
+    before = snapshot(rig)
+    with pytest.raises(UsageError, match=message) as info:
+        call(rig.runtime)
+    assert isinstance(info.value, TypeError)
+    assert_unchanged(rig, before)
+
+
+def test_numpy_integers_are_integers() -> None:
+    import numpy as np
+
+    runtime = lorahot.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"], max_rank=np.int64(4), slots=np.int32(2))
+    assert (runtime.max_rank, runtime.slots) == (4, 2)
+    assert type(runtime.max_rank) is int
