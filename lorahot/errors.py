@@ -26,7 +26,14 @@ __all__ = [
 
 
 class LoraError(Exception):
-    """Base class of every error lorahot raises for bad input or bad use."""
+    """Base class of every error lorahot raises for bad input or bad use.
+
+    Its message is printable: characters a file or a caller put in a key or a path that a
+    terminal or a UTF-8 log cannot take (control characters, lone surrogates) appear as their
+    Python escapes, so that ``print(error)`` in an ``except`` block never raises itself."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(_printable(a) if isinstance(a, str) else a for a in args))
 
 
 class AdapterReadError(LoraError):
@@ -98,6 +105,13 @@ def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
             ) from exc
 
     return wrapper
+
+
+def _printable(text: str) -> str:
+    """``text`` with every unprintable character but newlines and tabs as its Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -381,3 +381,20 @@ def test_a_peft_config_beside_kohya_weights_is_refused_unless_passed_on_purpose(
     assert lorahot.read_adapter(kohya, config={"lora_alpha": 16}).modules["lora_unet_proj"].scale == 8.0
     (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["proj"]}))
     assert lorahot.read_adapter(tmp_path).modules["lora_unet_proj"].scale == 1.0
+
+
+@pytest.mark.parametrize("odd", ["\ud800", "\x00", "\x1b[31m"])
+def test_error_messages_print_whatever_the_keys_hold(odd: str) -> None:
+    """A key with a lone surrogate or control characters: the error names it escaped, so that
+    printing it or writing it to a UTF-8 log does not raise in the caller's except block."""
+    runtime = lorahot.inject(torch.nn.Sequential(torch.nn.Linear(8, 6)), ["0"], max_rank=4)
+    tensors = {
+        f"base_model.model.x{odd}.lora_A.weight": torch.randn(2, 8),
+        f"base_model.model.x{odd}.lora_B.weight": torch.randn(6, 2),
+    }
+    with pytest.raises(lorahot.LoraError) as info:
+        runtime.load(tensors)
+    text = str(info.value)
+    text.encode("utf-8")
+    assert odd.encode("unicode_escape").decode("ascii") in text
+    assert "\n" in str(lorahot.AdapterMismatchError("two\nlines")) and "\t" in str(lorahot.UsageError("a\tb"))
