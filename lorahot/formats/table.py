@@ -193,6 +193,13 @@ class KeyFormat:
         why = self.refusal(key)
         if why is not None:
             return why
+        role = _compiled(_LORA_ROLE).fullmatch(key)
+        if role is not None:  # LoRA weights, spelled as another naming spells them
+            return (
+                f"a LoRA {role['role']} key that the {self.name} naming does not spell this way (its keys look like "
+                f"{self.example}); the file mixes namings, or uses one lorahot does not know: rename the keys to one "
+                "naming (key_map=), or report the naming"
+            )
         full = _compiled(_FULL_WEIGHT).fullmatch(key)
         if full is not None:
             return (
@@ -367,3 +374,5 @@ REFUSED_BUT_EXTRAS = tuple(r for r in REFUSED if r not in (REFUSED_DORA, REFUSED
 #: A key no rule parses that names a whole module's parameter: PEFT's modules_to_save, trained
 #: biases, or a resized embedding saved whole.
 _FULL_WEIGHT = r"(?P<module>.+)\.(weight|bias)"
+#: A key no rule of a naming parses that still names a LoRA factor (another naming's role).
+_LORA_ROLE = r".+\.(?P<role>lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|alpha)(\.[^.]+)?(\.weight)?"
