@@ -420,6 +420,14 @@ def scenario_empty_shard(mesh: object, folder: Path, check: Checks) -> None:
     for runtime in runtimes:
         runtime.activate([1, -1, 0])
     check("an empty shard, per-row routing", parity)
+    late = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 5)).double()
+    late_runtime = lorahot.inject(late, ["0", "2"], max_rank=4)
+    plan = {"0.base_layer": ColwiseParallel(use_local_output=False), "2.base_layer": RowwiseParallel()}
+    parallelize_module(late, mesh, plan)  # type: ignore[arg-type]
+    check(
+        "parallelizing after inject is refused at the next load",
+        lambda: raises(lorahot.UsageError, lambda: late_runtime.load(adapters[0]), "parallelized", "then inject"),
+    )
 
 
 SCENARIOS = {

@@ -32,6 +32,7 @@ from lorahot.io.sources import Source
 from lorahot.io.tensorfile import Slices, largest_tensor
 from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
+from lorahot.layers.sharded import is_sharded
 from lorahot.resolve.keys import outside
 from lorahot.runtime import peft_arguments
 from lorahot.runtime.activate_replay import ActivateReplay
@@ -173,6 +174,7 @@ class LoraRuntime:
         self._first = next(iter(layers))
         self._specs = {name: layer.spec for name, layer in layers.items()}
         self._largest = _largest_factor(self._specs.values(), buffers.max_rank)
+        self._sharded = {name: is_sharded(layer.base_layer) for name, layer in layers.items()}
         # the model's other modules: a key naming one of them is not placed on a neighbour
         self._others = outside([name for name, _ in model.named_modules()], list(layers))
         devices = {a.device for a in buffers.arenas}
@@ -907,6 +909,15 @@ class LoraRuntime:
         if self._merger is not None:
             self._merger.check_base()
         names = list(self.layers) if every_layer else (self._first,)
+        parallelized = [n for n in names if is_sharded(self.layers[n].base_layer) != self._sharded[n]]
+        if parallelized:
+            name = parallelized[0]
+            now = "no longer" if self._sharded[name] else "now"
+            raise UsageError(
+                f"{name}: its base layer was parallelized (or gathered) after inject: its weight is {now} a DTensor, "
+                "and lorahot shards the LoRA buffers like the base layer at inject. Call runtime.eject(), parallelize "
+                "the model, then inject."
+            )
         moved = [n for n in names if self.layers[n].bound_address() != self._addresses[n]]
         if moved:
             raise UsageError(

@@ -195,5 +195,6 @@ def test_an_empty_shard_computes_the_unsharded_model(tmp_path: Path) -> None:
         "plan_targets refuses an adapter that fits a shard only",
         "an empty shard, whole batch",
         "an empty shard, per-row routing",
+        "parallelizing after inject is refused at the next load",
     ):
         _assert_check(results, name)
