@@ -72,15 +72,13 @@ def check_routing(
             "merged=True to serve mixed batches, or run one batch per adapter with activate(k)."
         )
     route = _as_tensor(slots)
-    bad = [(i, v) for i, v in enumerate(route.tolist()) if not -1 <= v < count]
-    if bad:
-        raise UsageError(
-            format_problems(
-                f"routing entries out of range (slots 0..{count - 1}, or -1 for the base model only):",
-                [f"row {i}: {v}" for i, v in bad],
-            )
-        )
-    empty = sorted({v for v in route.tolist() if v >= 0 and not filled[v]})
+    out = ((route < -1) | (route >= count)).nonzero().flatten()  # on tensors: a packed routing has 2**24 entries
+    if out.numel():
+        problems = [f"row {i}: {int(route[i])}" for i in out[:20].tolist()]
+        more = f"\n  ... and {out.numel() - 20} more" if out.numel() > 20 else ""
+        title = f"routing entries out of range (slots 0..{count - 1}, or -1 for the base model only):"
+        raise UsageError(format_problems(title, problems) + more)
+    empty = sorted(v for v in torch.unique(route).tolist() if v >= 0 and not filled[v])
     if empty:
         raise UsageError(
             f"the routing sends rows to empty slot{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))}; load "
@@ -164,26 +162,27 @@ def _exact(values: list[int]) -> torch.Tensor:
 def _lengths(lengths: object, rows: int) -> torch.Tensor:
     """``lengths`` as a host int64 ``[rows]`` of token counts (>= 0, at least one token, at
     most :data:`MAX_TOKENS` in all)."""
+    counts: torch.Tensor | None = None
     if isinstance(lengths, np.ndarray):
-        values = lengths.tolist() if lengths.ndim == 1 and lengths.dtype.kind in "iu" else None
+        if lengths.ndim == 1 and lengths.dtype.kind in "iu":
+            counts = (
+                _exact(lengths.tolist()) if lengths.dtype == np.uint64 else torch.from_numpy(lengths.astype(np.int64))
+            )
     elif isinstance(lengths, torch.Tensor):
         usable = storage_problem(lengths) is None and lengths.dim() == 1 and not lengths.is_floating_point()
-        values = lengths.detach().cpu().tolist() if usable and not lengths.is_complex() else None
+        if usable and not lengths.is_complex() and lengths.dtype != torch.bool:
+            wide = lengths.dtype not in _FITS_INT64
+            counts = _exact(lengths.detach().cpu().tolist()) if wide else lengths.detach().to("cpu", torch.int64)
     elif isinstance(lengths, Sequence) and not isinstance(lengths, _BYTES):
         values = list(lengths)
-    else:
-        values = None
-    if (
-        values is None
-        or len(values) != rows
-        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0 for v in values)
-        or not 0 < sum(values) <= MAX_TOKENS
-    ):
+        if all(type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Integral)) for v in values):
+            counts = _exact([int(v) for v in values])
+    if counts is None or counts.shape[0] != rows or bool((counts < 0).any()) or not 0 < int(counts.sum()) <= MAX_TOKENS:
         raise UsageError(
             f"lengths={lengths!r:.80} must hold one token count (an int >= 0) per entry of the routing ({rows}), "
             f"with at least one token and at most {MAX_TOKENS} in all: the packed input's tokens, row after row."
         )
-    return torch.tensor([int(v) for v in values], dtype=torch.int64)
+    return counts
 
 
 #: how many routing lengths a runtime keeps tensors for (the most recently set): packed input
