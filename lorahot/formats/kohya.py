@@ -4,6 +4,9 @@
 ``lora_up`` is 1x1), and ``<name>.alpha`` is the module's alpha; without it alpha equals the
 rank. Module names are the model's names with every ``.`` turned into ``_``; the resolver
 finds them by building the underscore form of each injected layer's name.
+
+LyCORIS's own network wrapper (``lycoris.create_lycoris`` on any model) saves the same
+spelling under the prefix ``lycoris_`` (``lycoris_0.lora_down.weight``, ``lycoris_blocks_0_attn_q.hada_w1_a``).
 """
 
 from __future__ import annotations
@@ -24,10 +27,18 @@ RULES = (
     Rule(rf"{MODULE}\.alpha", "alpha"),
 )
 
+#: kohya's module key, or LyCORIS's wrapper's (``lycoris_<module with _ for .>``)
+_MODULE = r"(?P<module>(?:lora_[a-z0-9]+|lycoris)_[^.]+)"
+
 FORMAT = KeyFormat(
     name="kohya",
-    rules=(*RULES, *lycoris_rules(MODULE)),
-    prefixes=COMPONENTS,
+    rules=(
+        Rule(rf"{_MODULE}\.lora_down\.weight", "A"),
+        Rule(rf"{_MODULE}\.lora_up\.weight", "B"),
+        Rule(rf"{_MODULE}\.alpha", "alpha"),
+        *lycoris_rules(_MODULE),
+    ),
+    prefixes=(*COMPONENTS, "lycoris_"),
     require_prefix=True,
     separator="_",
     refuse=REFUSED_MERGEABLE,

@@ -35,6 +35,7 @@ ROUTES: tuple[tuple[str, str | None], ...] = tuple(
             "text_encoder_2.": "text_encoder_2",
             "text_encoder_3.": "text_encoder_3",
             "lora_unet_": None,
+            "lycoris_": None,
             "lora_transformer_": "transformer",
             "lora_te_": "text_encoder",
             "lora_te1_": "text_encoder",

@@ -278,3 +278,29 @@ def test_merged_weight_kind_that_overflows_float16_is_refused() -> None:
         runtime.load({"lora_unet_0.diff": torch.full((24, 16), 1e6)})
     runtime.load(big, scale=0.5)  # within range: loads, folded from the pristine weights
     assert torch.equal(model[0].weight, (w0.float() + 30000.0).half())
+
+
+@pytest.mark.parametrize(("algo", "merged"), [("lora", False), ("lora", True), ("loha", True), ("lokr", True)])
+def test_files_of_lycoris_own_network_wrapper_load(algo: str, merged: bool, tmp_path: Path) -> None:
+    """``lycoris.create_lycoris`` on any model saves kohya's spelling under the prefix
+    ``lycoris_`` (``lycoris_0.lora_down.weight``); they were refused as an unknown naming."""
+    from lycoris import create_lycoris
+
+    base = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8)).double()
+    oracle = copy.deepcopy(base)
+    network = create_lycoris(oracle, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, factor=4).double()
+    network.apply_to()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    tensors = {k: v.detach().float().contiguous() for k, v in network.state_dict().items()}
+    assert all(k.startswith("lycoris_") for k in tensors)
+    save_file(tensors, tmp_path / "net.safetensors")
+    x = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        want = oracle(x)
+    model = copy.deepcopy(base)
+    lorahot.inject(model, ["0", "2"], max_rank=8, merged=merged).load(tmp_path / "net.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
