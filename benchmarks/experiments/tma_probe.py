@@ -95,20 +95,10 @@ def _tma_gemm(x_desc, w_desc, y_desc, H, BT, ROUTE, M, N, K, T, stride_h, stride
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
-    if PERSISTENT:
-        for t in tl.range(tl.program_id(0), num_m * num_n, PROGRAMS, flatten=True):
-            pid_m, pid_n = _tile_of(t, num_m, num_n, GROUP_M)
-            off_m, off_n = pid_m * BM, pid_n * BN
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for kk in range(k_tiles):
-                acc = tl.dot(x_desc.load([off_m, kk * BK]), w_desc.load([off_n, kk * BK]).T, acc)
-            if LORA:
-                acc = _expand_into(
-                    acc, H, BT, ROUTE, off_m, off_n, M, N, T, stride_h, stride_bs, stride_br, R, BM, BN, SLOTS
-                )
-            y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
-    else:
-        pid_m, pid_n = _tile_of(tl.program_id(0), num_m, num_n, GROUP_M)
+    # one tile per program where not persistent (the grid has a program per tile); a loop over
+    # tiles, flattened with the K loop so loads run ahead across tiles, where persistent
+    for t in tl.range(tl.program_id(0), num_m * num_n, PROGRAMS, flatten=PERSISTENT):
+        pid_m, pid_n = _tile_of(t, num_m, num_n, GROUP_M)
         off_m, off_n = pid_m * BM, pid_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for kk in range(k_tiles):
