@@ -6,6 +6,12 @@ Module keys keep the original names; the diffusers names are aliases
 (``blocks.0.self_attn.q`` -> ``blocks.0.attn1.to_q``, ``cross_attn`` -> ``attn2``,
 ``ffn.0`` -> ``ffn.net.0.proj``, ``head.head`` -> ``proj_out``, the embedders). Nothing is fused.
 
+A module's ``.diff_b`` beside its LoRA (CausVid, lightx2v) is a bias added at the adapter's
+weight, unscaled by ``alpha / r``, as diffusers (``lora_B.bias`` of A and B it pre-scales) and
+ComfyUI apply it: read as the module's LoRA bias (role ``diff_bias``, which the loader divides by
+``alpha / r``), so it needs ``inject(..., extras=True)`` or merged mode. A ``.diff`` (full
+weight) stays refused in this naming.
+
 ``wan-musubi`` is musubi-tuner's kohya spelling of the same names
 (``lora_unet_blocks_0_self_attn_q.lora_down.weight``, ``.alpha`` per module).
 """
@@ -17,7 +23,7 @@ import re
 from lorahot.formats import kohya
 from lorahot.formats.kohya import COMPONENTS
 from lorahot.formats.table import NAME_START as _START
-from lorahot.formats.table import REFUSED, KeyFormat, lora_rules
+from lorahot.formats.table import REFUSED, KeyFormat, Rule, lora_rules
 
 __all__ = ["FORMAT", "MUSUBI"]
 
@@ -48,12 +54,16 @@ _ALIASES: tuple[tuple[str, str], ...] = (
     *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
 )
 
+#: :data:`REFUSED` without ``.diff_b``, which this naming reads as a LoRA bias
+_REFUSED = tuple((p.replace("|diff|diff_b)", "|diff)"), why) for p, why in REFUSED)
+assert _REFUSED != REFUSED  # the pattern above still names diff_b
+
 FORMAT = KeyFormat(
     name="wan",
-    rules=lora_rules(),
+    rules=(*lora_rules(), Rule(r"(?P<module>.+)\.diff_b", "diff_bias")),
     prefixes=("diffusion_model.",),
     require_prefix=True,
-    refuse=REFUSED,
+    refuse=_REFUSED,
     marker=r"^diffusion_model\.blocks\.\d+\.(?:self_attn|cross_attn|ffn)\.",
     aliases=_ALIASES,
     example="diffusion_model.blocks.0.self_attn.q.lora_A.weight",

@@ -528,6 +528,12 @@ def _assemble(
             )
             continue
         bias = roles["bias"][1] if "bias" in roles else None
+        if "diff_bias" in roles:  # a bias applied at the adapter's weight alone (wan's .diff_b)
+            if bias is not None:
+                problems.append(f"{module}: both {roles['bias'][0]} and {roles['diff_bias'][0]} give it a LoRA bias")
+                continue
+            scale = alpha / (math.sqrt(rank) if cfg.use_rslora else rank) if rank else 1.0
+            bias = roles["diff_bias"][1] / scale  # the runtime applies a LoRA bias at alpha / r, as PEFT does
         modules[module] = LoraModule(module, a, b, alpha, cfg.use_rslora, keys, base, magnitude, bias)
     if unreadable:
         raise AdapterReadError(

@@ -116,3 +116,42 @@ def test_wan_musubi_matches_diffusers(tmp_path: Path) -> None:
         ours = model(**wan_inputs(), return_dict=False)[0]
     assert lorahot.read_adapter(path).format == "wan-musubi"
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [{"extras": True}, {"merged": True}], ids=["extras", "merged"])
+def test_wan_diff_b_is_a_bias_at_the_adapter_weight_as_diffusers_applies_it(mode: dict, tmp_path: Path) -> None:
+    """CausVid / lightx2v files carry ``.diff_b`` beside the LoRA of each module: diffusers loads
+    it as ``lora_B.bias`` of A and B it pre-scales by ``alpha / r``, so the bias moves the output
+    by ``weight * diff_b`` whatever the alpha. lorahot refused these files in every mode."""
+    sd = wan_file(("lora_down", "lora_up"), seed=5)
+    g = torch.Generator().manual_seed(6)
+    for name, (_, fan_out, _) in MODULES.items():
+        if name.startswith("blocks."):
+            sd[f"diffusion_model.{name}.diff_b"] = torch.randn(fan_out, generator=g) * 0.3
+    path = tmp_path / "wan_diff_b.safetensors"
+    save_file(sd, str(path))
+    with torch.no_grad():
+        oracle = tiny_wan()
+        oracle.load_lora_adapter(
+            diffusers.WanPipeline.lora_state_dict(dict(sd)), prefix="transformer", adapter_name="a"
+        )
+        expected = oracle(**wan_inputs(), return_dict=False)[0]
+        oracle.set_adapters(["a"], weights=[0.5])
+        halved = oracle(**wan_inputs(), return_dict=False)[0]
+        model = tiny_wan()
+        runtime = lorahot.inject(model, "all-linear", max_rank=8, **mode)
+        runtime.load(path)
+        ours = model(**wan_inputs(), return_dict=False)[0]
+        runtime.set_scale(0.5)
+        ours_halved = model(**wan_inputs(), return_dict=False)[0]
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_halved, halved, rtol=1e-4, atol=1e-5)
+
+
+def test_wan_diff_b_without_extras_names_the_flag(tmp_path: Path) -> None:
+    sd = wan_file(("lora_A", "lora_B"), seed=7)
+    sd["diffusion_model.blocks.0.self_attn.q.diff_b"] = torch.randn(D)
+    model = tiny_wan()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    with pytest.raises(lorahot.LoraError, match="extras=True"):
+        runtime.load(sd)
