@@ -405,8 +405,9 @@ def _component_configs(
     file_config = raw.config if peft_named else None
     configs = {"": {**(file_config or {}), **(overrides or {})}}
     for component, fields in header_configs.items():
-        if not component and file_config is not None:
-            fields = _agreed(raw, fields)
+        if file_config is not None:  # each component's config must agree with the file's too
+            agreed = _agreed(raw, fields, component)
+            fields = fields if component else agreed
         configs[component] = {**fields, **(overrides or {})}
     too_many = budget_problem(list(configs.values()))
     if too_many is not None:
@@ -429,16 +430,19 @@ def _component_configs(
 _DECIDING = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora")
 
 
-def _agreed(raw: RawAdapter, header: dict[str, Any]) -> dict[str, Any]:
-    """The file's config and the header's config for every module (no component prefix) as
-    one, or an :class:`AdapterMismatchError` where they disagree on a field that decides a
-    rank or scale (PEFT reads the file, diffusers the header: no answer is both's)."""
+def _agreed(raw: RawAdapter, header: dict[str, Any], component: str = "") -> dict[str, Any]:
+    """The file's config and the header's config for ``component``'s modules (``""``: every
+    module) as one, or an :class:`AdapterMismatchError` where they disagree on a field that
+    decides a rank or scale (PEFT reads the file, diffusers the header: no answer is both's)."""
     config = raw.config or {}
     clash = [k for k in _DECIDING if k in config and k in header and config[k] != header[k]]
     if clash:
+        fields = "; ".join(
+            f"{k} {short(config[k])} against {f'{component}{k} ' if component else ''}{short(header[k])}" for k in clash
+        )
         raise AdapterMismatchError(
             f"{raw.source}: {CONFIG_NAME} and the {METADATA_KEY} in its safetensors header disagree: "
-            + "; ".join(f"{k} {short(config[k])} against {short(header[k])}" for k in clash)
+            + fields
             + ". PEFT reads the first, diffusers the second; delete the wrong one, or pass config= with the right "
             "values."
         )

@@ -362,6 +362,17 @@ def test_the_file_config_and_the_header_config_agree_or_the_adapter_is_refused(t
     assert agreed.modules["proj"].scale == 8.0
 
 
+def test_a_component_header_config_agrees_with_the_file_config_or_the_adapter_is_refused(tmp_path: Path) -> None:
+    """diffusers writes its metadata per component (``unet.lora_alpha``): a file config beside it
+    that says otherwise was ignored for that component's modules, a silently other scale."""
+    tensors = {"unet.proj.lora_A.weight": torch.randn(2, 8), "unet.proj.lora_B.weight": torch.randn(6, 2)}
+    config = {"r": 2, "lora_alpha": 8}
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"disagree: lora_alpha 8 against unet\.lora_alpha 16"):
+        lorahot.read_adapter(_dir(tmp_path / "a", tensors, config, {"unet.r": 2, "unet.lora_alpha": 16}))
+    agreed = lorahot.read_adapter(_dir(tmp_path / "b", tensors, config, {"unet.r": 2, "unet.lora_alpha": 8}))
+    assert agreed.modules["unet.proj"].scale == 4.0
+
+
 def test_alpha_tensors_and_a_stated_alpha_agree_or_the_adapter_is_refused(tmp_path: Path) -> None:
     tensors = {
         "unet.proj.lora_A.weight": torch.randn(2, 8),
