@@ -146,10 +146,10 @@ def fuse_modules(modules: dict[str, LoraModule], fuse: Fuse, source: str, fmt: K
     problems: list[str] = []
     for fused, parts in spec.items():
         for parent in _parents(modules, [p for p, _ in parts], fmt.separator):
-            found = {p: modules.get(f"{parent}{fmt.separator}{p}") for p, _ in parts}
+            found = {p: modules.get(_child(parent, fmt.separator, p)) for p, _ in parts}
             for p in found:
-                out.pop(f"{parent}{fmt.separator}{p}", None)
-            key = f"{parent}{fmt.separator}{fused}"
+                out.pop(_child(parent, fmt.separator, p), None)
+            key = _child(parent, fmt.separator, fused)
             module = _fuse_one(key, [(p, size, found[p]) for p, size in parts], problems)
             if module is not None:
                 out[key] = module
@@ -195,13 +195,21 @@ def _fuse_part(fused: str, p: object) -> tuple[str, int | None]:
 
 
 def _parents(modules: dict[str, LoraModule], parts: list[str], sep: str) -> list[str]:
-    """The parent of every module key ending in ``sep`` + one of ``parts``, in file order."""
+    """The parent of every module key ending in ``sep`` + one of ``parts``, in file order
+    (``""`` for a part at the model's root)."""
     seen: dict[str, None] = {}
     for key in modules:
         for part in parts:
-            if key.endswith(sep + part):
+            if key == part:
+                seen[""] = None
+            elif key.endswith(sep + part):
                 seen[key[: -len(sep + part)]] = None
     return list(seen)
+
+
+def _child(parent: str, sep: str, name: str) -> str:
+    """The key of ``name`` under ``parent`` (``""``: the root)."""
+    return f"{parent}{sep}{name}" if parent else name
 
 
 def _fuse_one(

@@ -45,7 +45,9 @@ class AdapterInfo:
         scale: the user multiplier on top of each module's ``alpha / r``; for a stack (a list
             given to ``load``), the tuple of the parts' weights.
         ranks: injected layer name -> rank, for the layers the adapter touches; for a stack,
-            the sum of the parts' ranks there (the rows it uses).
+            the sum of the parts' ranks there. A LyCORIS or diff part (merged mode) counts its
+            own rank though it takes no rows of the buffers (its update is folded into the
+            weight), so this is the adapters' rank, not the rows in use.
         nbytes: bytes of adapter weights copied in (before padding), all parts together.
         skipped: tensor keys left out by a ``strict=False`` load (keys of no known naming,
             refused features, modules that map onto no injected layer); empty otherwise.

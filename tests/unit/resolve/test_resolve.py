@@ -279,3 +279,24 @@ def test_old_diffusers_text_encoder_keys_reach_a_model_without_their_wrapper_lev
         "encoder.layers.0.self_attn.q_proj",
         "encoder.layers.0.self_attn.out_proj",
     }
+
+
+def test_fuse_reaches_a_fused_layer_at_the_model_root() -> None:
+    """Parts whose keys have no parent (``q_proj`` on the root module) fuse into the root's
+    ``qkv_proj``: only keys under a parent were looked for."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"qkv_proj": nn.Linear(8, 24)})
+    runtime = lorahot.inject(model, ["qkv_proj"], max_rank=8)
+    tensors = lora_pair("base_model.model.q_proj", "lora_A", "lora_B") | lora_pair(
+        "base_model.model.v_proj", "lora_A", "lora_B"
+    )
+    info = runtime.load(tensors, fuse={"qkv_proj": ["q_proj", ("k_proj", 8), "v_proj"]})
+    assert info.ranks == {"qkv_proj": 4}
+    x = torch.randn(3, 8)
+    q, v = (
+        tensors[f"base_model.model.{n}.lora_B.weight"] @ tensors[f"base_model.model.{n}.lora_A.weight"]
+        for n in ("q_proj", "v_proj")
+    )
+    delta = torch.cat([x @ q.T, torch.zeros(3, 8), x @ v.T], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model["qkv_proj"](x), model["qkv_proj"].base_layer(x) + delta)
