@@ -292,9 +292,13 @@ class LoRALayer(nn.Module):
         self.fused = fused and self.fusable(lora_A)
         self.state = state
         self.regional = regional
-        if regional:  # graph inputs at fixed addresses, whose values loads rewrite in place
+        if regional:  # graph inputs of fixed shapes, at fixed addresses, whose values loads rewrite in place
             for view in (*self._live, *routing_views):
-                torch._dynamo.mark_static_address(view, guard=False)
+                # static shapes: under dynamic=True a view's size that equals the batch (or another
+                # view's offset) would otherwise become a guard, which the next block or batch breaks
+                torch._dynamo.mark_static(view)
+                if view.is_cuda:
+                    torch._dynamo.mark_static_address(view, guard=False)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copied layer (``deepcopy``, unpickled) reads its own copied handle's key, not the
