@@ -185,13 +185,6 @@ def main(argv: list[str] | None = None) -> int:
         "figures under mixed_batch_accumulate_* in the run file only",
     )
     parser.add_argument(
-        "--routed-tma",
-        action="store_true",
-        help="routed layers above the fused path's rows run the segmented shrink, then one TMA GEMM with each row "
-        "tile's expand in its accumulator (lorahot.kernels.routed_linear.TMA, off by default); the mixed suite's "
-        "figures under mixed_batch_tma_* in the run file only",
-    )
-    parser.add_argument(
         "--stack-routed",
         action="store_true",
         help="one routed shrink for the routed layers that share an input (lorahot.kernels.stacked_routed, off by "
@@ -205,9 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.routed_accumulate:
         os.environ["LORAHOT_ROUTED_ACCUMULATE"] = "1"
         routed_linear.ACCUMULATE = True
-    if args.routed_tma:
-        os.environ["LORAHOT_ROUTED_TMA"] = "1"
-        routed_linear.TMA = True
     if args.stack_routed:
         os.environ["LORAHOT_STACK_ROUTED"] = "1"
         stacked_routed.ENABLED = True
@@ -229,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
         "peft": peft.__version__,
         "pdl": pdl.ENABLED,
         "routed_accumulate": routed_linear.ACCUMULATE,
-        "routed_tma": routed_linear.TMA,
         "stack_routed": stacked_routed.ENABLED,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -268,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
                 for v, on in (
                     ("nopdl", args.no_pdl),
                     ("accumulate", args.routed_accumulate),
-                    ("tma", args.routed_tma),
                     ("stacked", args.stack_routed),
                 )
                 if on

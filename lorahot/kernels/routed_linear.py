@@ -78,16 +78,6 @@ WORKSPACE_ROWS = 256
 #: run for inputs this form takes (as for those the fused kernel takes).
 ACCUMULATE = os.environ.get("LORAHOT_ROUTED_ACCUMULATE") == "1"
 
-#: Above the fused path's rows, whether the routed linear runs the segmented shrink, then one
-#: GEMM that loads ``x`` and ``W`` through tensor descriptors (TMA, sm90 and newer) and adds each
-#: row tile's slot expand in its accumulator (:mod:`lorahot.kernels.triton_tma_linear`): the
-#: output written once, never read back, where the base GEMM and the segmented pair pass over it
-#: three times. Predicted at the mixed suite's prefill (2048 rows, 8 adapters), if the kernel's
-#: base product comes within 5% of cuBLAS's: about -1.9 ms of GPU time per forward, 1.39x to about
-#: 1.17x the base's (``benchmarks/README.md``, "Eighteenth session"). Not yet measured: off unless
-#: ``LORAHOT_ROUTED_TMA=1``; ``benchmarks/experiments/tma_probe.py`` decides.
-TMA = os.environ.get("LORAHOT_ROUTED_TMA") == "1"
-
 
 def _shrink_fake(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, *_: object) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -179,35 +169,6 @@ def _accumulated(
     return out
 
 
-def _tma(
-    x2: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    a: torch.Tensor,
-    bt: torch.Tensor,
-    s: torch.Tensor,
-    route: torch.Tensor,
-    segs: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """The routed layer on many rows as the segmented shrink, then one TMA GEMM with each row
-    tile's expand in its accumulator (see :data:`TMA`); None where it does not run."""
-    kernel = triton_module("triton_tma_linear")
-    shrinks = triton_module("triton_routed_lora")
-    if kernel is None or shrinks is None or s.dtype != torch.float32 or x2.shape[0] == 0:
-        return None
-    x2 = x2.contiguous()
-    out = torch.empty((x2.shape[0], weight.shape[0]), device=x2.device, dtype=x2.dtype)
-    if not kernel.supports(x2, weight, out) or (bias is not None and bias.dtype != x2.dtype):
-        return None
-    grouped = segments(route, a.shape[0]) if segs is None else segs
-    t = x2.shape[0] // route.shape[0]
-    with launching_on(x2.device):
-        h = shrinks.shrink(x2, a, s, grouped, t)[0]
-        config = kernel.config_for(x2.shape[0], weight.shape[0])
-        kernel.launch(x2, weight, None if bias is None else bias.contiguous(), h, bt, route, t, out, config)
-    return out
-
-
 def _fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -235,10 +196,6 @@ def _routed_lora_linear(
     x2 = x.reshape(-1, x.shape[-1])
     n = weight.shape[0]
     if sized and not fused_kernel.routed_worth_it(x2.shape[0], n, wide=wide):  # the base GEMM, then the routed sum
-        if TMA:
-            out = _tma(x2, weight, bias, a, bt, s, route, segs)
-            if out is not None:
-                return out.view(*x.shape[:-1], n)
         if ACCUMULATE and _accumulates(x2, weight):
             return _accumulated(x2, weight, bias, a, bt, s, route, segs).view(*x.shape[:-1], n)
         y = torch.nn.functional.linear(x2, weight, bias)

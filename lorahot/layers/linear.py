@@ -346,8 +346,8 @@ def _routed_op(
     rows against the base GEMM and the segmented pair (:func:`lorahot.kernels.lora_linear.routed_worth_it`)
     and takes ``x``; else None. A function, not a method: the compiler guards a method per layer."""
     # the operator decides per call: compiled with symbolic rows, or where it has its own form
-    # above the fused path's rows (routed_linear.ACCUMULATE, routed_linear.TMA)
-    sized = _symbolic_rows(x) or routed_linear.ACCUMULATE or routed_linear.TMA
+    # above the fused path's rows (routed_linear.ACCUMULATE)
+    sized = _symbolic_rows(x) or routed_linear.ACCUMULATE
     if not (sized or fused_kernel.routed_worth_it(_rows(x), weight.shape[0], wide=wide)):
         return None
     if not _kernel_input(x, a.dtype, base):

@@ -353,34 +353,3 @@ def test_stacked_shrink_feeds_each_layers_fused_routed_linear(shape: tuple) -> N
         kernel.launch(x, weight, None, a, bt, s, out, config, routing=(segs, route, 1, None), h=part)
         want = _per_row(x, x.double() @ weight.double().T, a, bt, s, route)
         torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
-
-
-@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-tile"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("shape", [(64, 96, 80, 16, 3), (96, 64, 48, 20, 8)], ids=lambda s: "x".join(map(str, s)))
-def test_tma_routed_linear_matches_float64_reference(shape: tuple[int, ...], bias: bool, persistent: bool) -> None:
-    """The TMA GEMM with each row tile's slot expand (``routed_linear.TMA``): the segmented
-    shrink, then base, expands and bias in one kernel; row tiles of one slot, of several slots
-    (routing entries shorter than a tile, or straddling it) and of no slot; a rank below its
-    padding; output tiles past the edge (80 and 48 outputs in 32-column tiles)."""
-    kernel = pytest.importorskip("lorahot.kernels.triton_tma_linear")
-    shrinks = pytest.importorskip("lorahot.kernels.triton_routed_lora")
-
-    rows, k, n, rank, slots = shape
-    x, _, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=rows)
-    g = torch.Generator().manual_seed(3)
-    weight = (torch.randn(n, k, generator=g) / k**0.5).half()
-    b = torch.randn(n, generator=g).half() if bias else None
-    base = x.double() @ weight.double().T + (b.double() if b is not None else 0.0)
-    routes = [
-        torch.randint(-1, slots, (rows // 8,), generator=g),  # 8 rows an entry: several slots per tile
-        torch.tensor([slots - 1, -1]),  # half the rows each: tiles of one slot, tiles of none
-        torch.tensor([0, 2, 2, 1, -1, 0]) % slots if rows % 6 == 0 else torch.tensor([1, 0, 2, 1]) % slots,
-    ]
-    for route in routes:
-        t = rows // route.shape[0]
-        h = shrinks.shrink(x, a, s, routed.segments(route, slots), t)[0]
-        out = torch.full((rows, n), float("nan"), dtype=torch.float16)
-        kernel.launch(x, weight, b, h, bt, route, t, out, (32, 32, 32, 2, 4, persistent))
-        want = _per_row(x, base, a, bt, s, routed.token_route(route, rows))
-        torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))

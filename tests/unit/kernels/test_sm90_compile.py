@@ -73,8 +73,6 @@ class _Compiler:
                     attrs[(i,)] = [["tt.divisibility", 16]]
             elif isinstance(value, float):
                 signature[p.name] = "fp32"
-            elif type(value).__name__ == "TensorDescriptor":  # a host-side TMA descriptor
-                signature[p.name] = f"tensordesc<{_TYPES[value.base.dtype]}{list(value.block_shape)}>"
             else:
                 raise TypeError(f"{fn.__name__}: argument {p.name} of type {type(value).__name__}")
         source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
@@ -222,26 +220,3 @@ def test_early_launches_compile_with_their_waits(
         assert "griddepcontrol.wait" in _ptx(compiled), name
     fused = dict(compiler.compiled)["_lora_linear_kernel"]
     assert "griddepcontrol.launch_dependents" in _ptx(fused) and "wgmma" in _ptx(fused)
-
-
-@pytest.mark.parametrize("persistent", [True, False])
-def test_tma_routed_linear_compiles_onto_the_matrix_units_with_tensor_descriptors(
-    compiler: _Compiler, persistent: bool
-) -> None:
-    """The TMA GEMM of ``routed_linear.TMA``: its tiles loaded by the tensor memory accelerator
-    (``cp.async.bulk.tensor``), its products and the expands on ``wgmma``."""
-    kernel = pytest.importorskip("lorahot.kernels.triton_tma_linear")
-    m, k, n, r, slots = 256, 512, 384, 64, 8
-    x = torch.empty(m, k, dtype=torch.bfloat16)
-    weight = torch.empty(n, k, dtype=torch.bfloat16)
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    h = torch.empty(m, r, dtype=torch.float32)
-    bt = torch.empty(slots, r, n, dtype=torch.bfloat16)
-    route = torch.zeros(m // 128, dtype=torch.int64)
-    kernel.launch(
-        x, weight, torch.empty(n, dtype=torch.bfloat16), h, bt, route, 128, out, (128, 128, 64, 4, 8, persistent)
-    )
-    ((name, compiled),) = compiler.compiled
-    assert name == "_tma_linear"
-    ptx = _ptx(compiled)
-    assert "cp.async.bulk.tensor" in ptx and "wgmma" in ptx
