@@ -26,6 +26,9 @@ FORMAT = KeyFormat(
         Rule(r"(?P<module>.+)\.lora_B(?:\.[^.]+)?\.weight", "B"),
         *EXTRA_RULES,  # DoRA magnitudes and LoRA biases, as diffusers' PEFT integration saves them
         _ALPHA,
+        # the same keys spelled lora_down / lora_up, which diffusers' Flux converter renames
+        Rule(r"(?P<module>.+)\.lora_down\.weight", "A"),
+        Rule(r"(?P<module>.+)\.lora_up\.weight", "B"),
     ),
     prefixes=COMPONENTS,
     require_prefix=True,

@@ -6,6 +6,11 @@ come from ``adapter_config.json``. For LoRA on ``embed_tokens``/``lm_head`` PEFT
 base layer's weight (``<module>.base_layer.weight``, ``save_embedding_layers="auto"``); it is
 read as the module's ``base_weight``. DoRA's ``<module>.lora_magnitude_vector`` and the bias of
 ``lora_B`` (``lora_B.bias``, ``lora_bias=True``) are read as the module's ``magnitude`` and ``bias``.
+
+Model names without any prefix are read here too, as some trainers write them for diffusion
+transformers (Qwen-Image): ``lora_down``/``lora_up`` for A and B, and ``<module>.alpha`` network
+alphas, which diffusers' converters fold into A and B as ``alpha / r`` (an alpha a config also
+states must agree with it).
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ FORMAT = KeyFormat(
         Rule(rf"(?P<module>.+)\.lora_embedding_B{_ADAPTER}", "B"),
         Rule(r"(?P<module>.+)\.base_layer\.weight", "base"),
         *EXTRA_RULES,
+        Rule(r"(?P<module>.+)\.lora_down\.weight", "A"),
+        Rule(r"(?P<module>.+)\.lora_up\.weight", "B"),
+        Rule(r"(?P<module>.+)\.alpha", "alpha"),
     ),
     prefixes=("base_model.model.",),
     renames=((r"^base_model\.model\.", ""),),  # PEFT's wrapper, never part of the model's names

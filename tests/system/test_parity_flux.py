@@ -440,3 +440,19 @@ def test_flux2_kohya_matches_diffusers(tmp_path: Path) -> None:
         ours = model(**flux2_inputs(), return_dict=False)[0]
     assert lorahot.read_adapter(path).format == "flux-kohya"
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_diffusers_names_spelled_lora_down_match_diffusers(tmp_path: Path) -> None:
+    """``transformer.<diffusers name>.lora_down.weight`` (kohya's roles under diffusers' prefix,
+    which diffusers' Flux converter renames to lora_A / lora_B): refused before as an unknown
+    naming."""
+    g = torch.Generator().manual_seed(9)
+    sd = {}
+    for name in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k", "proj_out"):
+        fan_in, fan_out = (
+            tiny_flux().get_submodule(name).weight.shape[1],
+            tiny_flux().get_submodule(name).weight.shape[0],
+        )
+        sd[f"transformer.{name}.lora_down.weight"] = torch.randn(2, fan_in, generator=g) * 0.3
+        sd[f"transformer.{name}.lora_up.weight"] = torch.randn(fan_out, 2, generator=g) * 0.3
+    _check(sd, sd, tmp_path, "diffusers")

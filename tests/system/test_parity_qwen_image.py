@@ -41,11 +41,12 @@ MODULES = {
 
 def qwen_file(spelling: str, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    down, up = ("lora_A", "lora_B") if spelling == "lora_A" else ("lora_down", "lora_up")
+    down, up = ("lora_A", "lora_B") if spelling.endswith("lora_A") else ("lora_down", "lora_up")
     sd = {}
     for i, (name, (fan_in, fan_out)) in enumerate(MODULES.items()):
         r = 2 + i % 3
         key = "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
+        key = name if spelling.startswith("bare") else key  # the model's names, no prefix at all
         sd[f"{key}.{down}.weight"] = torch.randn(r, fan_in, generator=g) * 0.3
         sd[f"{key}.{up}.weight"] = torch.randn(fan_out, r, generator=g) * 0.3
         sd[f"{key}.alpha"] = torch.tensor(float(r) * (0.5 + i % 3))
@@ -77,7 +78,16 @@ def qwen_inputs() -> dict:
     }
 
 
-@pytest.mark.parametrize(("spelling", "fmt"), [("lora_A", "comfyui"), ("lora_down", "comfyui"), ("kohya", "kohya")])
+@pytest.mark.parametrize(
+    ("spelling", "fmt"),
+    [
+        ("lora_A", "comfyui"),
+        ("lora_down", "comfyui"),
+        ("kohya", "kohya"),
+        ("bare lora_A", "peft"),  # no prefix, with .alpha: refused before as an unknown naming
+        ("bare lora_down", "peft"),
+    ],
+)
 def test_qwen_image_matches_diffusers(spelling: str, fmt: str, tmp_path: Path) -> None:
     sd = qwen_file(spelling, seed=3)
     path = tmp_path / "qwen_lora.safetensors"

@@ -328,14 +328,11 @@ def test_flux_namings_and_the_others_are_told_apart(key: str, name: str) -> None
 
 
 def test_a_lora_key_spelled_as_another_naming_is_not_called_full_weights() -> None:
-    """``...to_q.lora_down.weight`` under a diffusers prefix ends in ``.weight``: it was
-    explained as a full module weight (modules_to_save), which misread the file."""
-    tensors = {
-        "transformer.blocks.0.to_q.lora_down.weight": torch.randn(2, 8),
-        "transformer.blocks.0.to_q.lora_up.weight": torch.randn(8, 2),
-        "transformer.blocks.0.to_q.lora_A.weight": torch.randn(2, 8),
-        "transformer.blocks.0.to_q.lora_B.weight": torch.randn(8, 2),
-    }
-    with pytest.raises(lorahot.UnknownFormatError, match="a LoRA lora_down key that the") as info:
-        lorahot.read_adapter(tensors)
-    assert "full weights" not in str(info.value)
+    """A key ending in a LoRA role this naming does not spell (``lora.up``, diffusers-old's) ends
+    in ``.weight`` too: it was explained as a full module weight (modules_to_save)."""
+    from lorahot.formats import format_named
+
+    why = format_named("peft").explain("base_model.model.blocks.0.to_q.lora.up.weight")
+    assert "a LoRA lora.up key that the peft naming does not spell this way" in why
+    assert "full weights" not in why
+    assert "full weights" in format_named("peft").explain("base_model.model.blocks.0.to_q.weight")
