@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any, NoReturn
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
-from lorahot.errors import LoraError
+from lorahot.errors import LoraError, printable
 from lorahot.formats import format_named
 from lorahot.io.loader import read_adapter
 
@@ -91,10 +91,8 @@ def _num(v: Any) -> str:
 
 
 def _escaped(text: str) -> str:
-    """``text`` with every unprintable character (control, lone surrogate) as its Python escape."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    """``text`` on one line: every unprintable character (newlines too) as its Python escape."""
+    return printable(text, keep="")
 
 
 def _render(s: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ __all__ = [
     "UnexpectedError",
     "WriteError",
     "public_api",
+    "printable",
 ]
 
 
@@ -33,7 +34,7 @@ class LoraError(Exception):
     Python escapes, so that ``print(error)`` in an ``except`` block never raises itself."""
 
     def __init__(self, *args: object) -> None:
-        super().__init__(*(_printable(a) if isinstance(a, str) else a for a in args))
+        super().__init__(*(printable(a) if isinstance(a, str) else a for a in args))
 
 
 class AdapterReadError(LoraError):
@@ -107,11 +108,12 @@ def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
-def _printable(text: str) -> str:
-    """``text`` with every unprintable character but newlines and tabs as its Python escape."""
+def printable(text: str, keep: str = "\n\t") -> str:
+    """``text`` with every unprintable character (control, lone surrogate) but those in ``keep``
+    as its Python escape: safe to print or write to a UTF-8 log whatever a file put in it."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii") for c in text)
+    return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _first_line(exc: BaseException) -> str:

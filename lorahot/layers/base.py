@@ -43,7 +43,7 @@ from lorahot.errors import UsageError
 from lorahot.layers import routing
 from lorahot.layers.refusal import refuse
 from lorahot.layers.state import RuntimeState
-from lorahot.layers.tensor_handles import ROUTES, TENSORS, TensorHandle
+from lorahot.layers.tensor_handles import ROUTES, TENSORS, TensorHandle, mark_static
 
 __all__ = [
     "Shard",
@@ -296,9 +296,7 @@ class LoRALayer(nn.Module):
             for view in (*self._live, *routing_views):
                 # static shapes: under dynamic=True a view's size that equals the batch (or another
                 # view's offset) would otherwise become a guard, which the next block or batch breaks
-                torch._dynamo.mark_static(view)
-                if view.is_cuda:
-                    torch._dynamo.mark_static_address(view, guard=False)
+                mark_static(view)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copied layer (``deepcopy``, unpickled) reads its own copied handle's key, not the

@@ -31,7 +31,7 @@ import weakref
 
 import torch
 
-__all__ = ["TensorHandle", "TENSORS", "ROUTES", "SEGMENTS", "WORKSPACES", "publish_workspace"]
+__all__ = ["TensorHandle", "TENSORS", "ROUTES", "SEGMENTS", "WORKSPACES", "publish_workspace", "mark_static"]
 
 #: key -> tensors; read by the layers' forward under ``torch.compile`` (see :mod:`lorahot.layers.base`).
 TENSORS: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -59,7 +59,7 @@ class TensorHandle:
         ROUTES[self.key] = SEGMENTS[self.key] = WORKSPACES[self.key] = None
         weakref.finalize(self, _retire, self.key)
         for t in tensors:
-            _mark_static(t)
+            mark_static(t)
 
     def __reduce__(self) -> tuple[type[TensorHandle], tuple[tuple[torch.Tensor, ...]]]:
         """A copy (``deepcopy``, ``torch.save`` of the model) is a handle of its own, on the
@@ -68,12 +68,13 @@ class TensorHandle:
         return (TensorHandle, (TENSORS.get(self.key, ()),))
 
 
-def _mark_static(t: torch.Tensor) -> None:
+def mark_static(t: torch.Tensor) -> None:
     """``t``'s shape static for the compiler, and on CUDA its address too (CUDA graphs read it
     in place, not copied in at each replay)."""
-    from torch._dynamo import mark_static, mark_static_address
+    from torch._dynamo import mark_static as static_shape
+    from torch._dynamo import mark_static_address
 
-    mark_static(t)
+    static_shape(t)
     if t.is_cuda:
         mark_static_address(t, guard=False)
 
@@ -102,6 +103,6 @@ def _purge() -> None:
 
 def publish_workspace(key: int, workspace: torch.Tensor) -> None:
     """Publishes ``workspace`` (zeroed) under ``key`` in :data:`WORKSPACES`, marked as the
-    arena tensors are (:func:`_mark_static`)."""
-    _mark_static(workspace)
+    arena tensors are (:func:`mark_static`)."""
+    mark_static(workspace)
     WORKSPACES[key] = workspace

@@ -98,15 +98,14 @@ def inject(
     components: tuple[str, ...] = ()
     if not is_several(model):
         _check_arguments(model, max_rank, slots, dtype, cache_bytes, merged, fused, extras, regional)
-        max_rank, slots = int(max_rank), int(slots)  # a NumPy integer too
         root: nn.Module = model  # type: ignore[assignment]  # checked just above
         names = match_targets(root, targets)  # type: ignore[arg-type]
     else:
         modules, named = components_of(model)
         _check_arguments(nn.Module(), max_rank, slots, dtype, cache_bytes, merged, fused, extras, regional)
-        max_rank, slots = int(max_rank), int(slots)
         root, names = match_components(modules, targets, named)
         components = tuple(root._modules)
+    max_rank, slots = int(max_rank), int(slots)  # checked: a NumPy integer too
     if merged:
         _refuse_sharded(root, names)
         check_untied(root, names)
