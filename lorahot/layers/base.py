@@ -513,8 +513,14 @@ class LoRALayer(nn.Module):
         """``y`` (the base output) plus each row's update ``B_k(s_k * A_k(x_row))``, ``k`` its
         slot in ``route [L]`` (none for -1), from the slot views ``a``, ``b``, ``s [slots, R]``.
         The library formula; a subclass with a kernel overrides it."""
-        _, index, scales = routing.row_scales(s, route)
-        return y + self.routed_delta(x, a, b, scales, index).to(y.dtype)
+        on, index, scales = routing.row_scales(s, route)
+        z = y + self.routed_delta(x, a, b, scales, index).to(y.dtype)
+        # rows of no slot keep y itself: their zero scales do not zero an update that
+        # overflowed (inf * 0 is NaN), whatever adapter slot 0 holds
+        length = route.shape[0]
+        rows = self.row_view(y, length)
+        keep = on.view(length, *(1,) * (rows.dim() - 1))
+        return torch.where(keep, self.row_view(z, length), rows).reshape(y.shape)
 
     def routed_delta(
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor

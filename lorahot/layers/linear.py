@@ -105,12 +105,25 @@ class LoRALinear(LoRALayer):
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
         """Rows ``[L, T, in]`` (``x``'s leading dims split into ``L`` groups) times their own
-        slot's ``A [R, in]`` and ``B [R, out]`` (gathered): two batched products."""
+        slot's ``A [R, in]`` and ``B [R, out]``.
+
+        Up to one entry per slot, each entry's A and B are gathered: two batched products. More
+        entries (a batch larger than the slots, one entry per token of packed input) would copy
+        a slot's weights once per entry, ``L * R * (in + out)`` elements (gigabytes per layer for
+        thousands of tokens at a width of 4096); there every slot's shrink runs over every row,
+        each row keeps its own slot's columns (selected, not multiplied: another slot's
+        overflow stays out), and one product with every slot's B expands them."""
         length = index.shape[0]
         x3 = x.reshape(length, math.prod(x.shape[:-1]) // length, x.shape[-1]).to(a.dtype)  # (L, T, in); in may be 0
-        h = torch.bmm(x3, a[index].transpose(1, 2))  # (L, T, R)
-        h = (h * scales[:, None, :]).to(h.dtype)
-        return torch.bmm(h, b[index]).reshape(*x.shape[:-1], b.shape[-1])  # (..., out)
+        slots, rank = a.shape[0], a.shape[1]
+        if routing.constant(length) and length <= slots:
+            h = torch.bmm(x3, a[index].transpose(1, 2))  # (L, T, R)
+            h = (h * scales[:, None, :]).to(h.dtype)
+            return torch.bmm(h, b[index]).reshape(*x.shape[:-1], b.shape[-1])  # (..., out)
+        h = torch.matmul(x3, a.reshape(slots * rank, -1).t()).unflatten(-1, (slots, rank))  # (L, T, S, R)
+        own = (index[:, None] == torch.arange(slots, device=index.device))[:, None, :, None]  # (L, 1, S, 1)
+        h = torch.where(own, h * scales[:, None, None, :], 0).to(h.dtype).flatten(-2)  # (L, T, S * R)
+        return torch.matmul(h, b.reshape(slots * rank, -1)).reshape(*x.shape[:-1], b.shape[-1])  # (..., out)
 
     def routed_fused(
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor

@@ -29,12 +29,15 @@ repeated); lorahot cannot tell which, so it asks for the routing as expanded. Th
 a :class:`~lorahot.errors.UsageError` when the layer runs (:func:`lorahot.layers.refusal.refuse`:
 under ``torch.compile`` too, without breaking the compiled model for the inputs that fit).
 
-The rank-wide per-row scales ``s[route[i]]`` are zero on ``-1`` rows, so their update is exactly
-zero, and their extras (DoRA factor, LoRA bias) take the no-adapter values: such a row computes
-the base output bitwise. The library formula gathers each row's A and B (one batched product
-per layer, the graph the same for any slot count); on CUDA a linear layer takes the routed
-kernel (:mod:`lorahot.kernels.routed_lora`), which reads each slot's weights once per tile of
-rows instead.
+The rank-wide per-row scales ``s[route[i]]`` are zero on ``-1`` rows, their extras (DoRA
+factor, LoRA bias) take the no-adapter values, and the library formula keeps their base output
+as it is (selected, not added: an update that overflowed would not be zeroed by a zero scale),
+so such a row computes the base output bitwise. The library formula gathers each entry's A and
+B where there are at most as many entries as slots (one batched product per layer); with more
+(a large batch, one entry per token of packed input) a linear runs every slot's shrink over
+every row and keeps each row's own slot's columns, so no slot's weights are copied per entry.
+On CUDA a linear layer takes the routed kernel (:mod:`lorahot.kernels.routed_lora`), which
+reads each slot's weights once per tile of rows.
 """
 
 from __future__ import annotations

@@ -150,12 +150,20 @@ _FITS_INT64 = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 def _exact(values: list[int]) -> torch.Tensor:
     """Python ints as an int64 tensor, or a :class:`UsageError` naming the first that no slot
     index can be (beyond int64: it would wrap)."""
-    huge = [i for i, v in enumerate(values) if not _INT64[0] <= v <= _INT64[1]]
-    if huge:
+    route = _int64(values)
+    if route is None:
+        huge = next(i for i, v in enumerate(values) if not _INT64[0] <= v <= _INT64[1])
         raise UsageError(
-            f"routing entry {huge[0]} is {values[huge[0]]}, out of range; each entry is a slot index, or -1 for the "
+            f"routing entry {huge} is {values[huge]}, out of range; each entry is a slot index, or -1 for the "
             "base model only."
         )
+    return route
+
+
+def _int64(values: list[int]) -> torch.Tensor | None:
+    """Python ints as an int64 tensor; None where one lies beyond int64 (it would wrap)."""
+    if not all(_INT64[0] <= v <= _INT64[1] for v in values):
+        return None
     return torch.tensor(values, dtype=torch.int64)
 
 
@@ -166,18 +174,24 @@ def _lengths(lengths: object, rows: int) -> torch.Tensor:
     if isinstance(lengths, np.ndarray):
         if lengths.ndim == 1 and lengths.dtype.kind in "iu":
             counts = (
-                _exact(lengths.tolist()) if lengths.dtype == np.uint64 else torch.from_numpy(lengths.astype(np.int64))
+                _int64(lengths.tolist()) if lengths.dtype == np.uint64 else torch.from_numpy(lengths.astype(np.int64))
             )
     elif isinstance(lengths, torch.Tensor):
         usable = storage_problem(lengths) is None and lengths.dim() == 1 and not lengths.is_floating_point()
         if usable and not lengths.is_complex() and lengths.dtype != torch.bool:
             wide = lengths.dtype not in _FITS_INT64
-            counts = _exact(lengths.detach().cpu().tolist()) if wide else lengths.detach().to("cpu", torch.int64)
+            counts = _int64(lengths.detach().cpu().tolist()) if wide else lengths.detach().to("cpu", torch.int64)
     elif isinstance(lengths, Sequence) and not isinstance(lengths, _BYTES):
         values = list(lengths)
         if all(type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Integral)) for v in values):
-            counts = _exact([int(v) for v in values])
-    if counts is None or counts.shape[0] != rows or bool((counts < 0).any()) or not 0 < int(counts.sum()) <= MAX_TOKENS:
+            counts = _int64([int(v) for v in values])
+    # each count bounded before the sum: int64 counts near 2**63 add up past it and wrap
+    if (
+        counts is None
+        or counts.shape[0] != rows
+        or bool(((counts < 0) | (counts > MAX_TOKENS)).any())
+        or not 0 < int(counts.sum()) <= MAX_TOKENS
+    ):
         raise UsageError(
             f"lengths={lengths!r:.80} must hold one token count (an int >= 0) per entry of the routing ({rows}), "
             f"with at least one token and at most {MAX_TOKENS} in all: the packed input's tokens, row after row."

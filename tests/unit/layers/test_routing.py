@@ -300,3 +300,70 @@ def test_a_fusable_linear_routes_through_the_fused_op_up_to_its_row_limit(
             outs.append(model(x))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
     assert calls == (["routed_lora_linear"] * 2 if rows <= 128 else ["routed_lora"] * 2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d-transformers", "conv2d"])
+@pytest.mark.parametrize("route", [[-1, 1], [-1, 1, 1]], ids=["gathered", "every-slot"])
+def test_a_base_row_stays_the_base_output_where_slot_0_overflows(kind: str, route: list[int]) -> None:
+    """A -1 row is the base output bitwise even where slot 0's shrink of it overflows float16
+    (a zero scale times inf is NaN); the other rows keep their own slot's finite update. Two
+    routings: up to one entry per slot (each entry's weights gathered) and more (every slot's
+    shrink over every row)."""
+    torch.manual_seed(0)
+    layer = {"linear": nn.Linear(64, 8), "conv1d-transformers": Conv1D(8, 64), "conv2d": nn.Conv2d(64, 8, 1)}[kind]
+    with torch.no_grad():
+        layer.weight.mul_(0.01)
+    base = nn.Sequential(layer).half()
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["0"], max_rank=4, slots=2)
+    big = {k: torch.full_like(v, 1.5) if "lora_A" in k else v for k, v in make_adapter(model, {"0": 4})[0].items()}
+    runtime.load({k: v.half() for k, v in big.items()}, slot=0)
+    runtime.load({k: v.half() for k, v in make_adapter(model, {"0": 4}, seed=1)[0].items()}, slot=1)
+    shape = (len(route), 64) if kind != "conv2d" else (len(route), 64, 1, 1)
+    x = torch.randn(shape).half()
+    x[0] = 1000.0  # slot 0's shrink of this row: 64 * 1.5 * 1000 > float16's 65504
+    runtime.activate(route)
+    with torch.no_grad():
+        got, want = model(x), base(x)
+        runtime.activate(1)
+        own = model(x)
+    assert torch.isfinite(want).all() and torch.equal(got[0], want[0])
+    assert torch.isfinite(got[1:]).all() and torch.equal(got[1:], own[1:])
+
+
+def test_packed_tokens_do_not_copy_a_slot_s_weights_per_token() -> None:
+    """Packed input routed per token (one entry per token, far more entries than slots): no
+    intermediate holds a copy of A or B per token (``tokens * R * width`` elements), and each
+    token still computes with its own slot."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48)).to(DT)
+    runtime = lorahot.inject(model, ["0"], max_rank=4, slots=2)
+    for k in range(2):
+        runtime.load(make_adapter(model, {"0": 4}, seed=k, dtype=DT)[0], slot=k)
+    tokens = 256
+    x = torch.randn(1, tokens, 32, dtype=DT)
+    route = [k % 3 - 1 for k in range(8)]  # -1, 0, 1, ...
+    lengths = [tokens // 8] * 8
+    runtime.activate(route, lengths=lengths)
+    with torch.no_grad(), Largest() as seen:
+        got = model(x)
+    assert seen.numel < tokens * 4 * 32  # a per-token copy of A alone would be that large
+    per_token = [slot for slot, n in zip(route, lengths) for _ in range(n)]
+    for slot in (-1, 0, 1):
+        rows = torch.tensor([i for i, s in enumerate(per_token) if s == slot])
+        runtime.activate(slot) if slot >= 0 else None
+        with torch.no_grad():
+            want = lorahot.eject(copy.deepcopy(model))(x) if slot < 0 else model(x)
+        torch.testing.assert_close(got[0, rows], want[0, rows], rtol=1e-12, atol=1e-12)

@@ -89,7 +89,12 @@ REFUSALS = [
     ([0, 1], {"lengths": torch.tensor([2, 3]).to_sparse()}, "one token count"),
     ([0, 1], {"lengths": bytearray([2, 3])}, "one token count"),
     ([0, 1], {"lengths": torch.tensor([True, True])}, "one token count"),
-    ([0, 1], {"lengths": np.array([1, 2**64 - 1], dtype=np.uint64)}, "out of range"),
+    ([0, 1], {"lengths": np.array([1, 2**64 - 1], dtype=np.uint64)}, r"lengths=.* must hold one token count"),
+    ([0, 1], {"lengths": torch.tensor([1, 2**63], dtype=torch.uint64)}, r"lengths=.* must hold one token count"),
+    ([0, 1], {"lengths": [1, 2**64]}, r"lengths=.* must hold one token count"),
+    # counts whose int64 sum wraps round to a small total (2**64 + 1): each count is bounded first
+    ([0, 1, 0], {"lengths": [2**63 - 1, 2**63 - 1, 3]}, r"at most 16777216 in all"),
+    ([0, 1, 0], {"lengths": torch.tensor([2**63 - 1, 2**63 - 1, 3])}, r"at most 16777216 in all"),
     ([3] * 25, {}, r"row 19: 3\n  \.\.\. and 5 more"),
 ]
 
