@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from lorahot.errors import UsageError
+from lorahot.kernels import compile_mode, routed_linear
 from lorahot.kernels import lora_linear as fused_kernel
-from lorahot.kernels import routed_linear
 from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.kernels import wide_linear as wide_kernel
 from lorahot.layers import routing
@@ -85,8 +85,10 @@ class LoRALinear(LoRALayer):
         return fused_kernel.supports(base, lora_A) and routed_kernel.available() and computes_as_stored(base)
 
     def can_fuse(self, x: torch.Tensor, a: torch.Tensor) -> bool:
+        # compiled without CUDA graphs the operator's body would run on every call: the
+        # compiler's own formulas cost the host less (lorahot.kernels.compile_mode)
         rows_pay = fused_kernel.worth_it(_rows(x), self.spec.out_dim, wide=self._plan[2])
-        return rows_pay and _kernel_input(x, a.dtype, self._base)
+        return rows_pay and _kernel_input(x, a.dtype, self._base) and not compile_mode.launched_per_call()
 
     def fused_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         weight, bias = self.kernel_weights()
@@ -229,7 +231,7 @@ class LoRALinear(LoRALayer):
         or the checks fail: the general forward then decides."""
         if not self.can_widen(x):  # for a fused, wide layer also the fused kernel's conditions on x
             return None
-        if fused:
+        if fused and not compile_mode.launched_per_call():  # not replayed: the wide GEMMs (compile_mode)
             rows = _rows(x)
             if not fused_kernel.decidable(rows):  # a choice per call: the general forward's operator
                 return None
@@ -287,7 +289,8 @@ class LoRALinear(LoRALayer):
         """The fused kernel or the wide GEMMs, whichever pays for the rows of each call, chosen at
         run time inside the operator ``lorahot::wide_linear_dynamic``; the bias added outside it,
         in the elementwise pass the compiler fuses with what follows."""
-        y = wide_kernel.wide_linear_dynamic(x, self._buffers[WIDE_BUFFER], a, b, scale, fused=True)  # type: ignore[arg-type]
+        fused = not compile_mode.launched_per_call()  # not replayed: the GEMMs alone (compile_mode)
+        y = wide_kernel.wide_linear_dynamic(x, self._buffers[WIDE_BUFFER], a, b, scale, fused=fused)  # type: ignore[arg-type]
         bias = self._base.bias
         return y if bias is None else y + bias
 

@@ -183,8 +183,14 @@ def test_fused_layers_after_swaps_compiled_match_reference_without_recompiles(mo
     x = torch.randn(4, 48, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         _, code = run_and_get_code(compiled, x)
-        # the fused kernel is an opaque op: the compiled code calls it once per layer
-        assert "\n".join(code).count("torch.ops.lorahot.lora_linear.default(") >= len(NAMES), "no fused kernel"
+        # the fused kernel is an opaque op: under CUDA graphs the compiled code calls it once per
+        # layer; launched per call (default mode) the layers take the compiler's own GEMMs
+        # (lorahot.kernels.compile_mode), whose launches cost the host far less than the op's body
+        calls = "\n".join(code).count("torch.ops.lorahot.lora_linear.default(")
+        if mode == "default":
+            assert calls == 0, "the fused operator in a default-mode graph"
+        else:
+            assert calls >= len(NAMES), "no fused kernel"
         for _ in range(3):
             compiled(x)
         with torch._dynamo.config.patch(error_on_recompile=True):

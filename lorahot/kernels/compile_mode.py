@@ -1,0 +1,60 @@
+"""Whether the graph being compiled launches its kernels from the host on every call.
+
+The fused LoRA kernel (:mod:`lorahot.kernels.lora_linear`) is an opaque operator whose Python body
+picks the tiles and launches Triton kernels. Under CUDA graphs (``torch.compile(mode=
+"reduce-overhead")``, ``"max-autotune"``) that body runs once, at capture, and every later call
+replays the launches: there the kernel's one or two launches beat the wide layer's GEMMs. In
+``torch.compile``'s default mode nothing is replayed: every call runs the compiled wrapper on
+the host, and each fused layer runs the operator's body again, which costs far more host time
+than the launches the compiler itself writes. Measured on an H200 host
+(``benchmarks/experiments/launch_host_probe.py``, ``runs/20261201T223722-launch-host-probe.log``;
+one decode row, TinyLlama shapes): the operator 126-186 us per call against 23.5-30.7 for the
+base layer's ``F.linear``, two blocks of the model 206 us of host time per LoRA layer over the
+base model in default mode. Over 154 layers the forward suite's default-mode decode read 33.9 ms
+against the base model's 5.9 (``runs/20261201T223025-forward.json``).
+
+So where the graph being compiled is not replayed, the layers take the formulas the compiler
+writes itself (the wide layer's shrink and one GEMM, or the library formula), whose launches
+cost the host what the base model's own do. :func:`launched_per_call` tells the two apart at
+trace time: the backend ``torch.compile`` was given, if it is inductor, states whether it
+captures CUDA graphs (its ``triton.cudagraphs`` option, which the modes set, else inductor's
+global setting). The answer is a constant of the graph, not a guard: a model compiled in each
+mode traces each on its own. Under any other backend, and eagerly, the answer is False and
+nothing changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["launched_per_call"]
+
+
+@torch._dynamo.assume_constant_result
+def launched_per_call() -> bool:
+    """Whether the graph being traced runs on inductor without CUDA graphs (default mode,
+    ``max-autotune-no-cudagraphs``): each call then launches every kernel from the host. False
+    eagerly, under other backends, and where the backend cannot be read."""
+    config = _inductor_options()  # not ``is_compiling()``: the compiler runs this function as plain Python
+    if config is None:
+        return False
+    from torch._inductor import config as inductor_config
+
+    return not bool(config.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
+
+
+def _inductor_options() -> dict[str, Any] | None:
+    """The options of the inductor backend the current trace compiles for (``torch.compile``'s
+    mode and ``options=``), or None for another backend or outside a trace."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()  # None, or unset, outside a trace
+        backend = getattr(getattr(tx, "output", None), "compiler_fn", None)
+        get = getattr(backend, "get_compiler_config", None)
+        config = get() if callable(get) else None
+    except Exception:  # an internal of the compiler that moved: keep the kernels
+        return None
+    return config if isinstance(config, dict) else None
