@@ -20,7 +20,12 @@ trace time: the backend ``torch.compile`` was given, if it is inductor, states w
 captures CUDA graphs (its ``triton.cudagraphs`` option, which the modes set, else inductor's
 global setting). The answer is a constant of the graph, not a guard: a model compiled in each
 mode traces each on its own. Under any other backend, and eagerly, the answer is False and
-nothing changes.
+nothing changes. That includes inductor reached other than through ``torch.compile``'s own
+wrapper (``torch._dynamo.optimize("inductor")``, a backend that calls ``compile_fx`` itself):
+those state no options, so the layers keep the fused operator there, as before.
+
+Per-row routed layers (:mod:`lorahot.layers.routing`) keep their routed operators in every mode:
+the same host cost applies to them in default mode, not yet measured or changed.
 """
 
 from __future__ import annotations

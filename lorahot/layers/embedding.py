@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorahot.errors import UsageError
+from lorahot.layers import routing
 from lorahot.layers.base import LayerSpec, LoRALayer, forward_mismatch, overrides_forward
 
 __all__ = ["LoRAEmbedding", "embedding_output_scale"]
@@ -67,11 +68,18 @@ class LoRAEmbedding(LoRALayer):
     def routed_delta(
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
-        """Ids ``[L, T]`` (``x`` split into ``L`` groups) look up their own slot's ``A.T``."""
+        """Ids ``[L, T]`` (``x`` split into ``L`` groups) look up their own slot's ``A.T``, then
+        each entry's B gathered, or, where that would copy a slot's B for every id or two
+        (:func:`lorahot.layers.routing.gathers`: packed tokens), one product with every slot's B
+        (:func:`lorahot.layers.routing.every_slot_expand`)."""
         length = index.shape[0]
         ids = x.reshape(length, -1)  # (L, T)
         h = a.transpose(1, 2)[index[:, None], ids]  # (L, T, R)
-        delta = torch.bmm((h * scales[:, None, :]).to(h.dtype), b[index]).reshape(*x.shape, b.shape[-1])
+        if routing.gathers(length, ids.shape[1], b.shape[0]):
+            delta = torch.bmm((h * scales[:, None, :]).to(h.dtype), b[index])
+        else:  # each id's row in its own slot's place among the slots' (L, T, S, R), zero elsewhere
+            delta = routing.every_slot_expand(h[:, :, None, :].expand(-1, -1, b.shape[0], -1), b, scales, index)
+        delta = delta.reshape(*x.shape, b.shape[-1])
         if self._scaled:
             factor = self._base.embed_scale
             delta = delta * (factor.to(delta.dtype) if isinstance(factor, torch.Tensor) else factor)

@@ -86,9 +86,12 @@ class LoRALinear(LoRALayer):
 
     def can_fuse(self, x: torch.Tensor, a: torch.Tensor) -> bool:
         # compiled without CUDA graphs the operator's body would run on every call: the
-        # compiler's own formulas cost the host less (lorahot.kernels.compile_mode)
+        # compiler's own formulas cost the host less (lorahot.kernels.compile_mode). Asked
+        # first: the row limits of a symbolic row count would make the compiler guard on them.
+        if compile_mode.launched_per_call():
+            return False
         rows_pay = fused_kernel.worth_it(_rows(x), self.spec.out_dim, wide=self._plan[2])
-        return rows_pay and _kernel_input(x, a.dtype, self._base) and not compile_mode.launched_per_call()
+        return rows_pay and _kernel_input(x, a.dtype, self._base)
 
     def fused_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         weight, bias = self.kernel_weights()
@@ -107,25 +110,22 @@ class LoRALinear(LoRALayer):
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
         """Rows ``[L, T, in]`` (``x``'s leading dims split into ``L`` groups) times their own
-        slot's ``A [R, in]`` and ``B [R, out]``.
-
-        Up to one entry per slot, each entry's A and B are gathered: two batched products. More
-        entries (a batch larger than the slots, one entry per token of packed input) would copy
-        a slot's weights once per entry, ``L * R * (in + out)`` elements (gigabytes per layer for
-        thousands of tokens at a width of 4096); there every slot's shrink runs over every row,
-        each row keeps its own slot's columns (selected, not multiplied: another slot's
-        overflow stays out), and one product with every slot's B expands them."""
+        slot's ``A [R, in]`` and ``B [R, out]``: each entry's A and B gathered, two batched
+        products; or, where that would copy a slot's weights for every row or two
+        (:func:`lorahot.layers.routing.gathers`; ``L * R * (in + out)`` elements, gigabytes per
+        layer for thousands of packed tokens at a width of 4096), every slot's shrink over every
+        row, each row keeping its own slot's columns (selected, not multiplied: another slot's
+        overflow stays out), and one product with every slot's B."""
         length = index.shape[0]
         x3 = x.reshape(length, math.prod(x.shape[:-1]) // length, x.shape[-1]).to(a.dtype)  # (L, T, in); in may be 0
-        slots, rank = a.shape[0], a.shape[1]
-        if routing.constant(length) and length <= slots:
+        slots, rank = b.shape[0], b.shape[1]  # an A arena with no elements (in = 0) has one slot's view
+        if routing.gathers(length, x3.shape[1], slots):
             h = torch.bmm(x3, a[index].transpose(1, 2))  # (L, T, R)
             h = (h * scales[:, None, :]).to(h.dtype)
             return torch.bmm(h, b[index]).reshape(*x.shape[:-1], b.shape[-1])  # (..., out)
-        h = torch.matmul(x3, a.reshape(slots * rank, -1).t()).unflatten(-1, (slots, rank))  # (L, T, S, R)
-        own = (index[:, None] == torch.arange(slots, device=index.device))[:, None, :, None]  # (L, 1, S, 1)
-        h = torch.where(own, h * scales[:, None, None, :], 0).to(h.dtype).flatten(-2)  # (L, T, S * R)
-        return torch.matmul(h, b.reshape(slots * rank, -1)).reshape(*x.shape[:-1], b.shape[-1])  # (..., out)
+        k = x.shape[-1]
+        h = torch.matmul(x3, a.expand(slots, rank, k).reshape(slots * rank, k).t()).unflatten(-1, (slots, rank))
+        return routing.every_slot_expand(h, b, scales, index).reshape(*x.shape[:-1], b.shape[-1])  # (..., out)
 
     def routed_fused(
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor

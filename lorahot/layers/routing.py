@@ -33,9 +33,10 @@ The rank-wide per-row scales ``s[route[i]]`` are zero on ``-1`` rows, their extr
 factor, LoRA bias) take the no-adapter values, and the library formula keeps their base output
 as it is (selected, not added: an update that overflowed would not be zeroed by a zero scale),
 so such a row computes the base output bitwise. The library formula gathers each entry's A and
-B where there are at most as many entries as slots (one batched product per layer); with more
-(a large batch, one entry per token of packed input) a linear runs every slot's shrink over
-every row and keeps each row's own slot's columns, so no slot's weights are copied per entry.
+B where that copy is shared by enough rows (:func:`gathers`); one row per entry beyond the
+slots (a decode batch, one entry per token of packed input) a linear or an embedding instead
+runs every slot's shrink over every row and keeps each row's own slot's columns, so no slot's
+weights are copied per entry.
 On CUDA a linear layer takes the routed kernel (:mod:`lorahot.kernels.routed_lora`), which
 reads each slot's weights once per tile of rows.
 """
@@ -49,7 +50,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lorahot.layers.refusal import literal
 
-__all__ = ["slot_geometry", "row_misfit", "misfit_message", "row_scales", "constant"]
+__all__ = ["slot_geometry", "row_misfit", "misfit_message", "row_scales", "gathers", "every_slot_expand", "constant"]
 
 #: ``(shape, stride, storage offset)`` of a view of an arena tensor.
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]
@@ -114,6 +115,30 @@ def row_scales(scales: torch.Tensor, route: torch.Tensor) -> tuple[torch.Tensor,
     on = route >= 0
     index = route.clamp_min(0)
     return on, index, scales[index] * on[:, None].to(scales.dtype)
+
+
+def gathers(length: int | torch.SymInt, rows: int | torch.SymInt, slots: int) -> bool:
+    """Whether the library formula gathers each of ``length`` entries' A and B (a copy of a
+    slot's weights per entry, two batched products), rather than running every slot's shrink
+    over every row and keeping each row's own (``slots`` times the shrink's work, no copy): where
+    the entries are no more than the slots, or each holds at least as many ``rows`` as there are
+    slots (the copy shared by them), or the rows per entry are symbolic (sequences of any
+    length). One row per entry beyond the slots (a decode batch, per-token routing of packed
+    input: thousands of entries) takes the other form. Asked without a guard."""
+    if constant(length) and length <= slots:
+        return True
+    return not (constant(rows) and rows < slots)
+
+
+def every_slot_expand(h: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[L, T, out]``: each row's own slot's columns of ``h [L, T, slots, R]`` (every slot's
+    shrink of every row; selected, not multiplied, so another slot's overflow stays out) times
+    its per-rank-row ``scales [L, R]``, expanded by one product with every slot's ``b [slots, R,
+    out]`` (the other slots' columns zero); ``index [L]`` each entry's slot."""
+    slots, rank = b.shape[0], b.shape[1]
+    own = (index[:, None] == torch.arange(slots, device=index.device))[:, None, :, None]  # (L, 1, S, 1)
+    h = torch.where(own, h * scales[:, None, None, :], 0).to(h.dtype).flatten(-2)  # (L, T, S * R)
+    return torch.matmul(h, b.reshape(slots * rank, b.shape[-1]))
 
 
 def constant(size: int | torch.SymInt) -> bool:

@@ -110,3 +110,34 @@ def test_compiled_without_cuda_graphs_the_layers_leave_the_fused_operator(
         _CALLS["n"] = 0
         torch.testing.assert_close(model(x).double(), want, rtol=1e-5, atol=1e-5)
     assert _CALLS["n"] == 2
+
+
+def test_default_mode_compiles_one_graph_for_every_row_count_where_the_kernel_would_choose(
+    fused_on_cpu: None, tmp_path: Path
+) -> None:
+    """Dynamic shapes, layers fused but not widened: in default mode the fused kernel's row
+    limits are never asked, so the compiler does not guard on them and one graph serves row
+    counts on both sides of them, as for the base model; under CUDA graphs the kernel's choice
+    by rows still splits them (the negative control)."""
+    from torch._dynamo.utils import counters
+
+    def graphs(model: nn.Module, mode: str | None) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, mode=mode, dynamic=True)
+        with torch.no_grad():
+            for rows in (2, 3, 8, 17, 40, 130, 300, 5):
+                compiled(torch.randn(rows, 16))
+        return int(counters["stats"]["unique_graphs"])
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8)).eval()
+    model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8)).eval()
+    model.load_state_dict(base.state_dict())
+    tensors, _ = make_adapter(model, {"0": 8, "2": 8})
+    save_peft(tmp_path / "a", tensors, r=8, lora_alpha=16)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=8)
+    runtime.load(str(tmp_path / "a"))
+    assert all(layer.fused and not layer.wide for layer in runtime.layers.values())
+    assert graphs(model, None) == graphs(base, None)
+    assert graphs(model, "reduce-overhead") > graphs(base, "reduce-overhead")

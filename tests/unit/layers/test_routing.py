@@ -331,7 +331,8 @@ def test_a_base_row_stays_the_base_output_where_slot_0_overflows(kind: str, rout
     assert torch.isfinite(got[1:]).all() and torch.equal(got[1:], own[1:])
 
 
-def test_packed_tokens_do_not_copy_a_slot_s_weights_per_token() -> None:
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_packed_tokens_do_not_copy_a_slot_s_weights_per_token(kind: str) -> None:
     """Packed input routed per token (one entry per token, far more entries than slots): no
     intermediate holds a copy of A or B per token (``tokens * R * width`` elements), and each
     token still computes with its own slot."""
@@ -348,12 +349,12 @@ def test_packed_tokens_do_not_copy_a_slot_s_weights_per_token() -> None:
             return out
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 48)).to(DT)
+    model = nn.Sequential(nn.Linear(32, 48) if kind == "linear" else nn.Embedding(40, 32)).to(DT)
     runtime = lorahot.inject(model, ["0"], max_rank=4, slots=2)
     for k in range(2):
         runtime.load(make_adapter(model, {"0": 4}, seed=k, dtype=DT)[0], slot=k)
     tokens = 256
-    x = torch.randn(1, tokens, 32, dtype=DT)
+    x = torch.randn(1, tokens, 32, dtype=DT) if kind == "linear" else token_ids((1, tokens), 40)
     route = [k % 3 - 1 for k in range(8)]  # -1, 0, 1, ...
     lengths = [tokens // 8] * 8
     runtime.activate(route, lengths=lengths)
@@ -367,3 +368,26 @@ def test_packed_tokens_do_not_copy_a_slot_s_weights_per_token() -> None:
         with torch.no_grad():
             want = lorahot.eject(copy.deepcopy(model))(x) if slot < 0 else model(x)
         torch.testing.assert_close(got[0, rows], want[0, rows], rtol=1e-12, atol=1e-12)
+
+
+def test_the_library_formula_copies_a_slot_s_weights_only_where_rows_share_the_copy() -> None:
+    """Gathered where the entries are no more than the slots, or each holds at least as many
+    rows as there are slots, or a symbolic count of them; every slot's shrink where one row per
+    entry goes beyond the slots."""
+    assert routing.gathers(4, 1, 4) and routing.gathers(17, 256, 16) and routing.gathers(9, 8, 8)
+    assert not routing.gathers(9, 1, 8) and not routing.gathers(4096, 1, 2) and not routing.gathers(17, 15, 16)
+
+
+@pytest.mark.parametrize("route", [[0, 1], [0, 1, -1, 1, 0]])
+def test_a_linear_with_no_inputs_routes_to_its_bias(route: list[int]) -> None:
+    """``Linear(0, n)`` alone in its arena (whose A has no elements, one slot's view): every row
+    is the bias, whichever slot it names."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(0, 8))
+    runtime = lorahot.inject(model, ["0"], max_rank=2, slots=2)
+    for k in range(2):
+        runtime.load(make_adapter(model, {"0": 2}, seed=k)[0], slot=k)
+    runtime.activate(route)
+    with torch.no_grad():
+        y = model(torch.randn(len(route), 0))
+    assert torch.equal(y, model[0].base_layer.bias.expand(len(route), 8))
