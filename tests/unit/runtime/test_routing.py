@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import lorahot
 from lorahot.kernels.routed_lora import segments
+from lorahot.layers import routing as layer_routing
 from lorahot.layers.tensor_handles import ROUTES, SEGMENTS
 from tests.helpers import make_adapter, model_reference, tiny_lm, token_ids
 
@@ -161,9 +162,16 @@ def test_loads_scales_and_unloads_reach_routed_rows_at_once() -> None:
 _ROUTING = st.integers(1, 5).flatmap(lambda n: st.lists(st.integers(-1, 2), min_size=n, max_size=n))
 
 
+@pytest.mark.parametrize("form", ["chosen", "gathered", "every-slot"])
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(route=_ROUTING, length=st.integers(1, 6), seed=st.integers(0, 2**16))
-def test_any_routing_of_any_batch_equals_the_per_row_reference(route: list[int], length: int, seed: int) -> None:
+def test_any_routing_of_any_batch_equals_the_per_row_reference(
+    route: list[int], length: int, seed: int, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each row against its own float64 reference, for the library formula's choice between
+    its two forms (``lorahot.layers.routing.gathers``) and for each form forced."""
+    if form != "chosen":
+        monkeypatch.setattr(layer_routing, "gathers", lambda *args: form == "gathered")
     model, runtime, held = _runtime(filled=3)
     ids = token_ids((len(route), length), 32, seed=seed)
     runtime.activate(route)
