@@ -17,7 +17,12 @@ row, per TinyLlama shape (q/o: one launch; k/v: K split, two launches):
 - the pieces of the body: ``pdl.active``, ``launching_on``, ``config_for``, a ``torch.empty``.
 
 Part 2: two TinyLlama-shaped blocks (14 LoRA layers) compiled in default mode, base and lorahot
-with a rank-64 adapter, host time per decode call, and cProfile's top functions for lorahot.
+with a rank-64 adapter, host time per decode call, and cProfile's top functions for lorahot;
+before it, what :func:`lorahot.kernels.compile_mode.launched_per_call` answers per mode.
+
+Part 3 (:func:`floors`): the least an opaque operator can cost the host (an empty body; the
+kernel's binary launched directly, split and unsplit). ``PROBE_PART`` picks the parts
+(default ``123``).
 
     PYTHONPATH=. python3 -m benchmarks.experiments.launch_host_probe
 """
@@ -119,6 +124,74 @@ def part1() -> None:
         print(f"{name:8s} " + " ".join(f"{v:8.1f}" for v in row) + f"   launch-op {err:.3g}", flush=True)
 
 
+def floors() -> None:
+    """What an opaque operator costs the host at the least, against ``F.linear``: the dispatcher
+    into a Python body that does nothing (returns a tensor made beforehand), and the fused
+    kernel's compiled binary launched through its own ``run`` with every argument prepared
+    (no binding, no runner closure), unsplit (one launch) and split as ``config_for`` has it.
+    A lean operator (cached binaries, one launch) would cost about the first plus the second."""
+    from lorahot.kernels.op_registry import define
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    keep: dict[str, torch.Tensor] = {}
+
+    @define("probe_empty(Tensor x, Tensor w) -> Tensor", lambda x, w: x.new_empty((x.shape[0], w.shape[0])))
+    def _empty(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return keep["out"]
+
+    print("host us per call, 1 row: floors of an opaque operator")
+    head = ["linear", "empty op", "run split", "run unsplit"]
+    print(f"{'shape':8s} " + " ".join(f"{h:>11s}" for h in head), flush=True)
+    for name, (k, n) in SHAPES.items():
+        x = torch.randn(1, k, device=dev, dtype=dt)
+        w = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
+        a = torch.randn(64, k, device=dev, dtype=dt) / k**0.5
+        bt = torch.randn(64, n, device=dev, dtype=dt) / 8
+        s = torch.full((64,), 0.5, device=dev)
+        keep["out"] = torch.empty(1, n, device=dev, dtype=dt)
+        early = pdl.active(dev)
+        row = [
+            per_call_us(lambda: torch.nn.functional.linear(x, w)),
+            per_call_us(lambda: torch.ops.lorahot.probe_empty.default(x, w)),
+        ]
+        want = torch.ops.lorahot.lora_linear(x, w, None, a, bt, s)
+        for split_wanted in (None, 1):
+            bm, bn, bk, warps, stages, split = K.config_for(1, n, k)
+            split = split if split_wanted is None else 1
+            out = torch.empty(1, n, device=dev, dtype=dt)
+            chunk, split, ws = K.split_k(k, bk, split, out)
+            grid = (triton_cdiv(1, bm), triton_cdiv(n, bn), split)
+            args = (
+                x, w, a, bt, w, s, out, ws, x, x, 1, n, k, 64, chunk, 0, 1,
+                x.stride(0), w.stride(0), a.stride(-2), bt.stride(-2), out.stride(0), bt.stride(0), x.stride(0),
+                False, 64, split, bm, bn, bk, False, early,
+            )  # fmt: skip
+            names = ("HAS_BIAS", "R_PAD", "SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "ROUTED", "PDL")
+            compiled = K._lora_linear_kernel[grid](
+                *args[:-8], **dict(zip(names, args[-8:])), num_warps=warps, num_stages=stages, launch_pdl=early
+            )
+            stream = torch.cuda.current_stream().cuda_stream
+
+            def direct() -> None:
+                compiled.run(
+                    grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                    *args,
+                )  # fmt: skip
+
+            try:
+                direct()
+                if split > 1:
+                    K.sum_splits(ws, out)
+                torch.cuda.synchronize()
+                err = (out.float() - want.float()).abs().max().item()
+                row.append(per_call_us(direct))
+                print(f"  {name} split {split}: direct launch against the operator {err:.3g}")
+            except Exception as e:
+                print(f"  {name} split {split}: direct launch failed: {type(e).__name__}: {e}")
+                row.append(float("nan"))
+        print(f"{name:8s} " + " ".join(f"{v:11.1f}" for v in row), flush=True)
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -196,7 +269,11 @@ def detection() -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("PROBE_PART", "12") != "2":
+    parts = os.environ.get("PROBE_PART", "123")
+    if "1" in parts:
         part1()
-    detection()
-    part2()
+    if "3" in parts:
+        floors()
+    if "2" in parts:
+        detection()
+        part2()
