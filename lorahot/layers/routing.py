@@ -33,10 +33,10 @@ The rank-wide per-row scales ``s[route[i]]`` are zero on ``-1`` rows, their extr
 factor, LoRA bias) take the no-adapter values, and the library formula keeps their base output
 as it is (selected, not added: an update that overflowed would not be zeroed by a zero scale),
 so such a row computes the base output bitwise. The library formula gathers each entry's A and
-B where that copy is shared by enough rows (:func:`gathers`); one row per entry beyond the
-slots (a decode batch, one entry per token of packed input) a linear or an embedding instead
-runs every slot's shrink over every row and keeps each row's own slot's columns, so no slot's
-weights are copied per entry.
+B where that copy is shared by enough rows (:func:`gathers`); where the entries outnumber the
+slots and each holds fewer rows than there are slots (a decode batch, one entry per token of
+packed input) a linear or an embedding instead runs every slot's shrink over every row and
+keeps each row's own slot's columns, so no slot's weights are copied per entry.
 On CUDA a linear layer takes the routed kernel (:mod:`lorahot.kernels.routed_lora`), which
 reads each slot's weights once per tile of rows.
 """
@@ -123,8 +123,9 @@ def gathers(length: int | torch.SymInt, rows: int | torch.SymInt, slots: int) ->
     over every row and keeping each row's own (``slots`` times the shrink's work, no copy): where
     the entries are no more than the slots, or each holds at least as many ``rows`` as there are
     slots (the copy shared by them), or the rows per entry are symbolic (sequences of any
-    length). One row per entry beyond the slots (a decode batch, per-token routing of packed
-    input: thousands of entries) takes the other form. Asked without a guard."""
+    length). More entries than slots, each with fewer rows than there are slots (a decode
+    batch, per-token routing of packed input: thousands of entries), take the other form.
+    Asked without a guard."""
     if constant(length) and length <= slots:
         return True
     return not (constant(rows) and rows < slots)
