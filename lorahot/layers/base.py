@@ -184,6 +184,9 @@ class LoRALayer(nn.Module):
     #: In merged mode, ``(positions, bytes)``: a few elements of the weight as lorahot last wrote
     #: it, to notice a weight replaced since (:func:`lorahot.runtime.merge.replaced`).
     written_probe: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: In merged mode, whether ``load_state_dict`` brought a base weight or bias that differs
+    #: from the one lorahot last wrote (compared in full when it loads: :func:`_add_base_prefix`).
+    checkpoint_loaded: bool = False
     #: Shared with the runtime that bound the layer (see :mod:`lorahot.layers.state`).
     state: RuntimeState | None = None
     #: ``(A, B, scale, extras)`` views, set by :meth:`bind`.
@@ -682,12 +685,30 @@ def _drop_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_me
 
 
 def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Load pre hook: ``<prefix>k`` is loaded into ``<prefix>base_layer.k``."""
+    """Load pre hook: ``<prefix>k`` is loaded into ``<prefix>base_layer.k``. In merged mode it
+    also notes whether the weight or bias about to be loaded differs from what lorahot wrote
+    there (:attr:`LoRALayer.checkpoint_loaded`): the next rewrite would start from the copies
+    taken at inject and throw it away, so the runtime refuses instead, and eject keeps it."""
     inner = prefix + "base_layer."
     own = {prefix + n for n in (*_ARENA_BUFFERS, WIDE_BUFFER)}
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner) and k not in own]:
         state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
     module.__dict__["_loading_prefix"] = prefix  # for _report_base_keys
+    if isinstance(module, LoRALayer) and module.pristine_weight is not None:
+        base = module.base_layer
+        for name in ("weight", "bias"):
+            new, now = state_dict.get(inner + name), getattr(base, name, None)
+            if isinstance(new, torch.Tensor) and isinstance(now, torch.Tensor) and not _same_values(new, now):
+                module.checkpoint_loaded = True
+
+
+def _same_values(new: torch.Tensor, now: torch.Tensor) -> bool:
+    """Whether loading ``new`` into ``now`` (``copy_``: cast to its dtype and device) leaves its
+    values as they are (a shape that differs is load_state_dict's own error)."""
+    if tuple(new.shape) != tuple(now.shape):
+        return True
+    with torch.no_grad():
+        return bool(torch.equal(new.detach().to(now.device, now.dtype), now.detach()))
 
 
 def _report_base_keys(module: nn.Module, incompatible: Any) -> None:

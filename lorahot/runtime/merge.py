@@ -121,6 +121,7 @@ def _probe_now(layer: LoRALayer, positions: torch.Tensor) -> torch.Tensor:
 
 def record(layer: LoRALayer) -> None:
     """Notes a few elements of ``layer``'s weight as lorahot has just written it."""
+    layer.checkpoint_loaded = False
     weight = layer.base_weight
     count = min(PROBE_ELEMENTS, weight.numel())
     positions = torch.linspace(0, max(weight.numel() - 1, 0), count, device=weight.device).long()
@@ -128,9 +129,11 @@ def record(layer: LoRALayer) -> None:
 
 
 def replaced(layers: Sequence[LoRALayer]) -> list[bool]:
-    """Per layer, whether its weight is no longer what lorahot last wrote there (a base
-    checkpoint loaded after inject, in merged mode): one read back per device."""
-    flags = [False] * len(layers)
+    """Per layer, whether its weight or bias is no longer what lorahot last wrote there (a base
+    checkpoint loaded after inject, in merged mode): noted in full by ``load_state_dict``
+    (:attr:`~lorahot.layers.base.LoRALayer.checkpoint_loaded`), and a few of the weight's
+    elements read back (one read per device) for a weight written otherwise."""
+    flags = [layer.checkpoint_loaded for layer in layers]
     by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     for i, layer in enumerate(layers):
         if layer.written_probe is not None:
@@ -139,7 +142,7 @@ def replaced(layers: Sequence[LoRALayer]) -> list[bool]:
             by_device.setdefault(differs.device, []).append((i, differs))
     for found in by_device.values():
         for (i, _), d in zip(found, torch.stack([d for _, d in found]).tolist()):
-            flags[i] = bool(d)
+            flags[i] = flags[i] or bool(d)
     return flags
 
 
@@ -178,8 +181,8 @@ class Merger:
         if changed:
             raise UsageError(
                 format_problems(
-                    "in merged mode, targeted weights changed since lorahot last wrote them (load_state_dict or a "
-                    "checkpoint load after inject?):",
+                    "in merged mode, targeted weights or biases changed since lorahot last wrote them "
+                    "(load_state_dict or a checkpoint load after inject?):",
                     changed,
                 )
                 + "\nEvery merged weight is rebuilt from the base weights copied at inject, so this call would throw "

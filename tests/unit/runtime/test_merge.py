@@ -214,11 +214,44 @@ def test_a_base_checkpoint_loaded_after_inject_is_neither_thrown_away_nor_mixed(
         want = checkpoint(ids)
         assert torch.equal(model(ids), want)
         for call in (lambda: runtime.load(make_adapter(model, dict.fromkeys(names, 2), seed=2)[0]), runtime.unload):
-            with pytest.raises(lorahot.UsageError, match=r"targeted weights changed since lorahot last wrote them"):
+            with pytest.raises(lorahot.UsageError, match=r"weights or biases changed since lorahot last wrote"):
                 call()
             assert torch.equal(model(ids), want)
         lorahot.eject(model)
         assert torch.equal(model(ids), want)
+
+
+@pytest.mark.parametrize("change", ["bias only", "weight, one element", "the same values"])
+def test_any_element_a_checkpoint_changes_is_noticed_and_an_identical_one_is_not(change: str) -> None:
+    """Merged mode: ``load_state_dict`` is compared in full as it loads, so a checkpoint that
+    changes only a bias (a BitFit fine-tune) or one element of a weight is refused at the next
+    call, nothing changed, and eject keeps it; one that reloads the values lorahot wrote is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    pristine = {k: v.clone() for k, v in model.state_dict().items()}
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, merged=True)
+    runtime.load(make_adapter(model, {"0": 2, "2": 2}, seed=1)[0])
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    if change == "bias only":
+        checkpoint["0.bias"] += 1.0
+    elif change == "weight, one element":
+        checkpoint["2.weight"][3, 7] += 0.5
+    model.load_state_dict(checkpoint)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = model(x)
+    if change == "the same values":
+        runtime.set_scale(0.5)
+        assert not torch.equal(model(x), want)
+        return
+    with pytest.raises(lorahot.UsageError, match=r"weights or biases changed since lorahot last wrote them"):
+        runtime.set_scale(0.5)
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+    lorahot.eject(model)  # the layer the checkpoint changed keeps it; the other gets its base back
+    changed = "0" if change == "bias only" else "2"
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, checkpoint[key] if key.startswith(changed) else pristine[key]), key
 
 
 @pytest.mark.parametrize("slots", [1, 2])
