@@ -239,14 +239,29 @@ class Merger:
         for p, m in items:
             size = stack.parts[p].delta_bound.get(name, math.inf) if isinstance(m, LoraModule) else delta_bound(m)
             bound += abs(weights[p] * m.scale) * size
-        if bound < top:
+        biases = [(m.bias, weights[p] * m.scale) for p, m in items if isinstance(m, LoraModule) and m.bias is not None]
+        if biases:  # a LoRA bias folds into the bias: b0 + sum s * c
+            folded = float(b0.abs().max()) if b0 is not None and b0.numel() else 0.0
+            bound = max(bound, folded + sum(abs(s) * float(c.abs().max()) for c, s in biases if c.numel()))
+        # the buffers hold A and B rounded to their dtype: a product of rounded factors can
+        # exceed the file's by a few of its ulps, which the margin covers
+        if bound * (1.0 + 8.0 * torch.finfo(self._buffer_dtype(name)).eps) < top:
             return False
-        merged = self._merged(layer, [(m, weights[p] * m.scale) for p, m in items])
+        merged = self._merged(layer, [(m, weights[p] * m.scale) for p, m in items], self._buffer_dtype(name))
         return any(not bool(t.abs().max() <= top) for t in merged if t.numel())  # NaN/inf compare False
 
-    def _merged(self, layer: LoRALayer, items: list[tuple[LoraModule | WeightModule, float]]) -> list[torch.Tensor]:
+    def _buffer_dtype(self, name: str) -> torch.dtype:
+        """The dtype of the arena that holds layer ``name``'s A and B."""
+        arena, _ = self._buffers.where[name]
+        return self._buffers.arenas[arena].A.dtype
+
+    def _merged(
+        self, layer: LoRALayer, items: list[tuple[LoraModule | WeightModule, float]], rounded: torch.dtype
+    ) -> list[torch.Tensor]:
         """``[W0 + sum s * dW]`` (the base weight flattened to 2-D), and ``b0 + sum s * diff_b``
-        where a ``diff_b`` is among them, computed in at least float32 on the weights' device."""
+        where a ``diff_b`` is among them (``b0 + sum s * c`` where a LoRA bias ``c`` is), computed
+        in at least float32 on the weights' device from A and B rounded to ``rounded`` (the
+        buffers' dtype, as :meth:`apply` reads them)."""
         pristine = layer.pristine_weight
         assert pristine is not None  # set in __init__
         dtype = torch.promote_types(pristine.dtype, torch.float32)
@@ -256,10 +271,13 @@ class Merger:
             bias = None
             for m, s in items:
                 if isinstance(m, LoraModule):
-                    a2 = m.A.reshape(m.A.shape[0], -1).to(device, dtype)  # [r, in_dim]
-                    bt2 = m.B.reshape(m.B.shape[0], -1).t().to(device, dtype)  # [r, out_dim]
+                    a2 = m.A.reshape(m.A.shape[0], -1).to(device, rounded).to(dtype)  # [r, in_dim]
+                    bt2 = m.B.reshape(m.B.shape[0], -1).t().to(device, rounded).to(dtype)  # [r, out_dim]
                     m1, m2 = layer.merge_operands(a2, bt2)
                     weight = weight + s * (m1 @ m2)
+                    b0 = layer.pristine_bias
+                    if m.bias is not None and b0 is not None:
+                        bias = (b0.to(dtype) if bias is None else bias) + s * m.bias.to(device, dtype).reshape(-1)
                     continue
                 shape = (layer.spec.out_dim, *layer.spec.a_row_shape)  # torch layout [out, in, *kernel]
                 delta = layer.weight_delta(build_delta(m, shape, dtype, device))
@@ -292,20 +310,29 @@ class Merger:
                 extras = arena.extras(index, live) if arena.e_dirty[live] and scales is not None else None
                 self._fold_bias(layer, extras, s)
                 flat_w, flat_p = weight.view(weight.shape[0], -1), pristine.view(pristine.shape[0], -1)
-                if not nonzero or rows == 0:
+                if (not nonzero or rows == 0) and extras is None:
                     weight.copy_(pristine)
-                elif uniform:
+                    continue
+                if uniform and extras is None:  # one adapter: one GEMM in the weights' dtype, rounded once
                     a, bt = arena.rows(index, live)
                     m1, m2 = layer.merge_operands(a[:rows], bt[:rows])
                     torch.addmm(flat_p, m1, m2, alpha=s, out=flat_w)
-                else:
+                    continue
+                # a stack's per-row scales and DoRA's per-channel factor apply in at least
+                # float32, the weight rounded once: each may leave float16's range on its own
+                # (a part's weight of 1e5 times its A, a factor m / |W| of 3e5) where the merged
+                # weight does not
+                wide = torch.promote_types(flat_w.dtype, torch.float32)
+                merged = flat_p.to(wide)
+                if nonzero and rows:
                     a, bt = arena.rows(index, live)
-                    scaled = (a[:rows] * arena.scale(index, live)[:rows, None]).to(a.dtype)  # diag(s) A
-                    m1, m2 = layer.merge_operands(scaled, bt[:rows])
-                    torch.addmm(flat_p, m1, m2, out=flat_w)
+                    row_scales = arena.scale(index, live)[:rows, None].to(wide) if not uniform else s
+                    m1, m2 = layer.merge_operands(a[:rows].to(wide) * row_scales, bt[:rows].to(wide))
+                    merged = torch.addmm(merged, m1, m2)
                 if extras is not None:  # DoRA: each output channel times its factor (1 elsewhere)
-                    f = extras[EXTRA_F]
-                    flat_w.mul_((f[:, None] if layer.channel_dim() == 0 else f[None, :]).to(flat_w.dtype))
+                    f = extras[EXTRA_F].to(wide)
+                    merged = merged * (f[:, None] if layer.channel_dim() == 0 else f[None, :])
+                flat_w.copy_(merged)
 
     @staticmethod
     def _fold_bias(layer: LoRALayer, extras: torch.Tensor | None, s: float) -> None:

@@ -285,3 +285,71 @@ def test_a_lora_bias_after_a_bias_diff_is_folded_not_reset(slots: int) -> None:
         runtime.unload()
         torch.testing.assert_close(model[0].weight, w0)
         torch.testing.assert_close(model[0].bias, b0)
+
+
+def _fp16_linear(scale_weight: float = 1.0) -> nn.Sequential:
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 16)
+    with torch.no_grad():
+        layer.weight.mul_(scale_weight)
+    return nn.Sequential(layer).half()
+
+
+def _peft(a: torch.Tensor, b: torch.Tensor, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = {"base_model.model.0.lora_A.weight": a, "base_model.model.0.lora_B.weight": b}
+    return out | {f"base_model.model.0.{k}": v for k, v in extra.items()}
+
+
+def test_float16_stacks_and_dora_merge_in_float32_where_a_factor_alone_leaves_the_range() -> None:
+    """Merged float16: a stack part's weight of 1e5 (its scaled A is past float16's range, its
+    product is 200) and a DoRA factor m / |W| of about 3e5 (the merged weight at most |m|) both
+    give finite merged weights, equal to the float64 formula to float16's rounding."""
+    model = _fp16_linear()
+    runtime = lorahot.inject(model, ["0"], max_rank=8, merged=True)
+    w0 = runtime.layers["0"].pristine_weight.double()
+    big = _peft(torch.ones(2, 16, dtype=torch.float16), torch.full((16, 2), 1e-3, dtype=torch.float16))
+    small = _peft(torch.full((2, 16), 0.5, dtype=torch.float16), torch.full((16, 2), 0.5, dtype=torch.float16))
+    runtime.load([big, small], scale=[1e5, 1.0])
+    want = w0 + sum(
+        w * (t["base_model.model.0.lora_B.weight"].double() @ t["base_model.model.0.lora_A.weight"].double())
+        for t, w in ((big, 1e5), (small, 1.0))
+    )
+    torch.testing.assert_close(model[0].weight.double(), want, rtol=2e-3, atol=2e-3)
+
+    model = _fp16_linear(0.2)
+    runtime = lorahot.inject(model, ["0"], max_rank=8, merged=True)
+    w0 = runtime.layers["0"].pristine_weight.double()
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(2, 16, generator=g) * 0.1).half(), (torch.randn(16, 2, generator=g) * 0.1).half()
+    m = torch.full((16,), 30000.0, dtype=torch.float16)
+    runtime.load(_peft(a, b, lora_magnitude_vector=m), config={"use_dora": True, "lora_alpha": 2})
+    wd = w0 + b.double() @ a.double()
+    want = m.double()[:, None] * wd / wd.norm(dim=1, keepdim=True)
+    assert float((m.double() / wd.norm(dim=1)).max()) > 65504  # the factor alone leaves float16's range
+    torch.testing.assert_close(model[0].weight.double(), want, rtol=2e-3, atol=1.0)
+
+
+@pytest.mark.parametrize("case", ["lora bias", "rounded factors"])
+def test_float16_merges_that_would_overflow_are_refused_with_nothing_changed(case: str) -> None:
+    """A LoRA bias folded past float16's range (``b0 + 100 * 1000``), and a product that fits
+    with the file's float32 factors (65499.97) but not with the float16 ones the buffers hold
+    (65535.9): refused, the model as it was."""
+    model = _fp16_linear()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if case == "lora bias":
+        g = torch.Generator().manual_seed(1)
+        a, b = (torch.randn(2, 16, generator=g) * 0.1).half(), (torch.randn(16, 2, generator=g) * 0.1).half()
+        adapter = _peft(a, b, **{"lora_B.bias": torch.full((16,), 1000.0, dtype=torch.float16)})
+        call = lambda: runtime.load(adapter, config={"lora_bias": True, "lora_alpha": 2}, scale=100.0)  # noqa: E731
+    else:
+        with torch.no_grad():
+            model[0].weight.zero_()
+        runtime = lorahot.inject(lorahot.eject(model), ["0"], max_rank=4, merged=True)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        a, b = torch.zeros(1, 16), torch.zeros(16, 1)
+        a[0, 0], b[0, 0] = 1.0006, 65460.7  # float16 rounds them to 1.000977 and 65472
+        call = lambda: runtime.load(_peft(a, b))  # noqa: E731
+    with pytest.raises(lorahot.LoraError, match="merged weights would overflow the model's dtype"):
+        call()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
