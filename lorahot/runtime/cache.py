@@ -14,9 +14,13 @@ on any thread. Loads, activations and forwards must still be issued from one thr
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+import torch
 
 from lorahot.adapter import Adapter
 from lorahot.errors import UsageError, public_api
@@ -36,14 +40,32 @@ class PreparedAdapter:
     packs: list[Pack]  # one per arena, in host (pinned on GPU) memory
     owner: object  # the BufferManager the plan was made for
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
-        """Host bytes the packed adapter occupies."""
-        return sum(p.nbytes for p in self.packs)
+        """Host bytes the entry keeps alive: its packs, and the storage of the adapter's own
+        tensors, which the plan keeps for stacks and merged mode (a float32 file for a float16
+        model holds twice its packs), each storage counted once."""
+        storages: dict[int, int] = {}
+        for t in _tensors(self.adapter, self.plan):
+            if not t.is_meta and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(p.nbytes for p in self.packs) + sum(storages.values())
+
+
+def _tensors(adapter: Adapter, plan: LoadPlan) -> Iterator[torch.Tensor]:
+    """Every tensor of ``adapter``'s and ``plan``'s modules."""
+    for m in (*adapter.modules.values(), *plan.targets.values()):
+        for t in (m.A, m.B, m.magnitude, m.bias, m.base_weight):
+            if isinstance(t, torch.Tensor):
+                yield t
+    for w in (*adapter.weights.values(), *plan.weights.values()):
+        yield from w.factors.values()
 
 
 class AdapterCache:
-    """An LRU of :class:`PreparedAdapter`, bounded by ``budget_bytes`` of packed data.
+    """An LRU of :class:`PreparedAdapter`, bounded by ``budget_bytes`` of the host memory its
+    entries keep alive (:attr:`PreparedAdapter.nbytes`).
 
     Raises:
         UsageError: a budget that is not an int >= 0, a key that is not a str, an entry that

@@ -172,3 +172,23 @@ def test_an_entry_prepared_for_another_runtime_is_refused(tmp_path: Path) -> Non
     with pytest.raises(lorahot.UsageError, match=r"^the cache entry 'theirs' was prepared for another runtime"):
         runtime.load("theirs")
     assert torch.equal(runtime.layers[Q0].lora_A, before)
+
+
+def test_an_entry_counts_the_tensors_it_keeps_alive_besides_its_packs() -> None:
+    """A float32 file for a float16 model: the entry keeps the file's tensors (for stacks and
+    merged mode) beside its float16 packs, and counts both, each storage once, so the cache's
+    budget bounds the host memory its entries hold."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)).half()
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=8, cache_bytes=1 << 20)
+    tensors = {
+        f"base_model.model.{n}.lora_{k}.weight": torch.randn(shape)
+        for n in ("0", "1")
+        for k, shape in (("A", (8, 64)), ("B", (64, 8)))
+    }
+    runtime.preload(tensors, key="a")
+    entry = runtime.cache.get("a")
+    packs = sum(p.nbytes for p in entry.packs)
+    files = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert entry.nbytes >= packs + files
+    assert runtime.cache.nbytes == entry.nbytes
