@@ -244,8 +244,10 @@ class Merger:
             folded = float(b0.abs().max()) if b0 is not None and b0.numel() else 0.0
             bound = max(bound, folded + sum(abs(s) * float(c.abs().max()) for c, s in biases if c.numel()))
         # the buffers hold A and B rounded to their dtype: a product of rounded factors can
-        # exceed the file's by a few of its ulps, which the margin covers
-        if bound * (1.0 + 8.0 * torch.finfo(self._buffer_dtype(name)).eps) < top:
+        # exceed the file's by a few of its ulps, which the margin covers. DoRA rescales each
+        # output channel to its magnitude (any size): no bound, the merged weight itself
+        dora = any(isinstance(m, LoraModule) and m.magnitude is not None for _, m in items)
+        if not dora and bound * (1.0 + 8.0 * torch.finfo(self._buffer_dtype(name)).eps) < top:
             return False
         merged = self._merged(layer, [(m, weights[p] * m.scale) for p, m in items], self._buffer_dtype(name))
         return any(not bool(t.abs().max() <= top) for t in merged if t.numel())  # NaN/inf compare False
@@ -275,9 +277,15 @@ class Merger:
                     bt2 = m.B.reshape(m.B.shape[0], -1).t().to(device, rounded).to(dtype)  # [r, out_dim]
                     m1, m2 = layer.merge_operands(a2, bt2)
                     weight = weight + s * (m1 @ m2)
+                    f = None
+                    if m.magnitude is not None:  # DoRA (alone on its layer): m / ||W0 + s B A|| per channel
+                        dim = layer.channel_dim()
+                        f = m.magnitude.to(device, dtype).reshape(-1) / weight.norm(dim=1 - dim)
+                        weight = weight * (f[:, None] if dim == 0 else f[None, :])
                     b0 = layer.pristine_bias
                     if m.bias is not None and b0 is not None:
-                        bias = (b0.to(dtype) if bias is None else bias) + s * m.bias.to(device, dtype).reshape(-1)
+                        c = s * m.bias.to(device, dtype).reshape(-1)
+                        bias = (b0.to(dtype) if bias is None else bias) + (c if f is None else f * c)
                     continue
                 shape = (layer.spec.out_dim, *layer.spec.a_row_shape)  # torch layout [out, in, *kernel]
                 delta = layer.weight_delta(build_delta(m, shape, dtype, device))
