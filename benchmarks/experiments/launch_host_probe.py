@@ -63,17 +63,23 @@ def per_call_us(fn: Callable[[], object], n: int = 200, rounds: int = 7) -> floa
     return statistics.median(ts)
 
 
+def decode_layer(k: int, n: int) -> tuple[torch.Tensor, ...]:
+    """``(x, w, a, bt, s)``: one bf16 decode row, a ``[n, k]`` weight and a rank-64 adapter on CUDA."""
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    x = torch.randn(1, k, device=dev, dtype=dt)
+    w = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
+    a = torch.randn(64, k, device=dev, dtype=dt) / k**0.5
+    bt = torch.randn(64, n, device=dev, dtype=dt) / 8
+    return x, w, a, bt, torch.full((64,), 0.5, device=dev)
+
+
 def part1() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     head = ["linear", "op", "launch", "jit", "runner", "pdl", "on", "config", "empty"]
     print("host us per call, 1 row")
     print(f"{'shape':8s} " + " ".join(f"{h:>8s}" for h in head), flush=True)
     for name, (k, n) in SHAPES.items():
-        x = torch.randn(1, k, device=dev, dtype=dt)
-        w = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
-        a = torch.randn(64, k, device=dev, dtype=dt) / k**0.5
-        bt = torch.randn(64, n, device=dev, dtype=dt) / 8
-        s = torch.full((64,), 0.5, device=dev)
+        x, w, a, bt, s = decode_layer(k, n)
         out = torch.empty(1, n, device=dev, dtype=dt)
         cfg = K.config_for(1, n, k)
         early = pdl.active(dev)
@@ -143,11 +149,7 @@ def floors() -> None:
     head = ["linear", "empty op", "run split", "run unsplit"]
     print(f"{'shape':8s} " + " ".join(f"{h:>11s}" for h in head), flush=True)
     for name, (k, n) in SHAPES.items():
-        x = torch.randn(1, k, device=dev, dtype=dt)
-        w = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
-        a = torch.randn(64, k, device=dev, dtype=dt) / k**0.5
-        bt = torch.randn(64, n, device=dev, dtype=dt) / 8
-        s = torch.full((64,), 0.5, device=dev)
+        x, w, a, bt, s = decode_layer(k, n)
         keep["out"] = torch.empty(1, n, device=dev, dtype=dt)
         early = pdl.active(dev)
         row = [

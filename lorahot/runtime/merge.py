@@ -146,6 +146,12 @@ def replaced(layers: Sequence[LoRALayer]) -> list[bool]:
     return flags
 
 
+def _per_channel(layer: LoRALayer, weight: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``weight`` (flattened to 2-D, see :meth:`~lorahot.layers.base.LoRALayer.channel_dim`)
+    with each output channel times its ``f [out]``."""
+    return weight * (f[:, None] if layer.channel_dim() == 0 else f[None, :])
+
+
 class Merger:
     """Keeps pristine base weights and rewrites the live weights from the live adapter."""
 
@@ -247,9 +253,10 @@ class Merger:
         # exceed the file's by a few of its ulps, which the margin covers. DoRA rescales each
         # output channel to its magnitude (any size): no bound, the merged weight itself
         dora = any(isinstance(m, LoraModule) and m.magnitude is not None for _, m in items)
-        if not dora and bound * (1.0 + 8.0 * torch.finfo(self._buffer_dtype(name)).eps) < top:
+        rounded = self._buffer_dtype(name)
+        if not dora and bound * (1.0 + 8.0 * torch.finfo(rounded).eps) < top:
             return False
-        merged = self._merged(layer, [(m, weights[p] * m.scale) for p, m in items], self._buffer_dtype(name))
+        merged = self._merged(layer, [(m, weights[p] * m.scale) for p, m in items], rounded)
         return any(not bool(t.abs().max() <= top) for t in merged if t.numel())  # NaN/inf compare False
 
     def _buffer_dtype(self, name: str) -> torch.dtype:
@@ -279,9 +286,8 @@ class Merger:
                     weight = weight + s * (m1 @ m2)
                     f = None
                     if m.magnitude is not None:  # DoRA (alone on its layer): m / ||W0 + s B A|| per channel
-                        dim = layer.channel_dim()
-                        f = m.magnitude.to(device, dtype).reshape(-1) / weight.norm(dim=1 - dim)
-                        weight = weight * (f[:, None] if dim == 0 else f[None, :])
+                        f = m.magnitude.to(device, dtype).reshape(-1) / layer.dora_norm(weight)
+                        weight = _per_channel(layer, weight, f)
                     b0 = layer.pristine_bias
                     if m.bias is not None and b0 is not None:
                         c = s * m.bias.to(device, dtype).reshape(-1)
@@ -338,8 +344,7 @@ class Merger:
                     m1, m2 = layer.merge_operands(a[:rows].to(wide) * row_scales, bt[:rows].to(wide))
                     merged = torch.addmm(merged, m1, m2)
                 if extras is not None:  # DoRA: each output channel times its factor (1 elsewhere)
-                    f = extras[EXTRA_F].to(wide)
-                    merged = merged * (f[:, None] if layer.channel_dim() == 0 else f[None, :])
+                    merged = _per_channel(layer, merged, extras[EXTRA_F].to(wide))
                 flat_w.copy_(merged)
 
     @staticmethod
