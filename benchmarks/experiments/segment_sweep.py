@@ -33,6 +33,7 @@ import triton.language as tl
 from benchmarks.experiments.forward_probe import graph_us
 from benchmarks.experiments.segment_probe import operands
 from lorahot.kernels import triton_routed_lora as T
+from lorahot.kernels.direct_launch import Launcher
 
 SHAPES = {"q/o": (2048, 2048), "k/v": (2048, 256), "gate/up": (2048, 5632), "down": (5632, 2048)}
 SETS = 22
@@ -109,6 +110,7 @@ def main() -> None:
     print(torch.__version__, "cpu" if CPU else torch.cuda.get_device_name(), f"m={m} t={t} d={d}", flush=True)
     default_expand, default_shrink = T._expand_config, T._shrink_config
     default_programs, default_partials = T._EXPAND_PROGRAMS, T._PARTIAL_PROGRAMS
+    library = T._SEGMENT_EXPAND
     table: dict[str, dict[str, float]] = {}
     for name, (k, n) in SHAPES.items():
         a, bt, s, x, y, out, route, segs = operands(m, k, n, t, d, dev, dt, SETS)
@@ -118,7 +120,7 @@ def main() -> None:
         h_want = T.shrink(x, a[0], s, segs, t, partials=True).sum(0)
         row: dict[str, float] = {}
         for form, cfg, programs in itertools.product(FORMS, EXPAND, PROGRAMS):
-            T._segment_expand = FORMS[form]
+            T._SEGMENT_EXPAND = Launcher(FORMS[form])  # the launches go through the module's launcher
             T._expand_config, T._EXPAND_PROGRAMS = (lambda m_, n_, c=cfg: c), programs
             out.fill_(float("nan"))
             try:
@@ -133,7 +135,7 @@ def main() -> None:
                     T.launch(x, y, ai, bi, s, route, out, gather=False, segs=segs)
 
             row[f"pair {form} {cfg} e{programs}"] = _timed(pair) if ok else float("nan")
-        T._segment_expand = FORMS["library"]
+        T._SEGMENT_EXPAND = library
         T._expand_config, T._EXPAND_PROGRAMS = default_expand, default_programs
         for cfg, partials in itertools.product(SHRINK, PARTIALS):
             T._shrink_config, T._PARTIAL_PROGRAMS = (lambda m_, c=cfg: c), partials

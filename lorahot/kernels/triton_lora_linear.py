@@ -30,10 +30,13 @@ The op is a plain operator (:mod:`lorahot.kernels.op_registry`), opaque to the c
 compiling it to TTIR and walking it, tens of milliseconds each time, at several stages and at
 every call site (pytorch#193227). With 154 call sites per graph and one graph per input shape,
 that took most of lorahot's compile time on an H200 (a 7-shape run: 442 s against the base
-model's 99 s). Opaque, the kernel compiles once per tile configuration, at its first launch.
+model's 99 s). Opaque, the kernel compiles once per tile configuration, at its first launch;
+later launches of that binary skip Triton's argument binding (:mod:`lorahot.kernels.direct_launch`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -41,6 +44,7 @@ import triton.language as tl
 
 from lorahot.kernels import pdl
 from lorahot.kernels.device_guard import launching_on
+from lorahot.kernels.direct_launch import Launcher, cdiv
 from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.triton_routed_lora import gdc_launch_dependents, gdc_wait, rank_pad, shrink
 
@@ -128,7 +132,7 @@ def slot_expands(acc, h, slot_of, BT, rr, rn, r_ok, n_ok, SLOTS, first, step, st
 
 @triton.jit
 def _split_k_sum(
-    WS, Y, M, N, stride_ym, ZERO, ZERO_NUMEL,
+    WS, Y, ZERO, M, N, stride_ym, ZERO_NUMEL,
     SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, ZEROES: tl.constexpr,
 ):  # fmt: skip
     """``Y = sum(WS[s] for s in range(SPLIT))``, rounded once; WS is ``[SPLIT, M, N]`` float32.
@@ -148,12 +152,18 @@ def _split_k_sum(
             tl.store(ZERO + z, tl.zeros((BLOCK,), dtype=tl.float32), mask=z < ZERO_NUMEL)
 
 
+#: the kernels' launches (:mod:`lorahot.kernels.direct_launch`: each compiled binary launched
+#: directly after its first launch, at a fraction of ``kernel[grid]``'s host cost)
+_LINEAR = Launcher(_lora_linear_kernel)
+_SUM = Launcher(_split_k_sum)
+
 #: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split): ``split`` > 1 cuts K into that
 #: many chunks, each program summing one chunk into a float32 workspace that a second small
 #: kernel adds up (more programs for narrow or deep layers, and fewer re-reads of ``A``).
 Config = tuple[int, int, int, int, int, int]
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every call of the operator
 def config_for(m: int, n: int, k: int) -> Config:
     """The tile configuration for ``m`` rows, ``n`` outputs and ``k`` inputs.
 
@@ -229,13 +239,16 @@ def launch(
                 h = shrink(x, a, scale, segs, t, early=early, workspace=kept)[0]
         else:
             route, t, slots, h = x, 1, 0, x  # unused placeholders without routing
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-        _lora_linear_kernel[grid](
-            x, weight, a, bt, bias if bias is not None else weight, scale, out, ws, h, route,
-            m, n, k, r, chunk, slots, t,
-            x.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), out.stride(0), bt.stride(0), h.stride(0),
-            HAS_BIAS=bias is not None, R_PAD=rank_pad(r), SPLIT=split,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ROUTED=routing is not None, PDL=early,
+        grid = (cdiv(m, bm), cdiv(n, bn), split)
+        _LINEAR(
+            grid,
+            (x, weight, a, bt, bias if bias is not None else weight, scale, out, ws, h, route),
+            (
+                m, n, k, r, chunk, slots, t,
+                x.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), out.stride(0), bt.stride(0), h.stride(0),
+                # HAS_BIAS, R_PAD, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, ROUTED, PDL
+                bias is not None, rank_pad(r), split, bm, bn, bk, routing is not None, early,
+            ),
             num_warps=warps, num_stages=stages, launch_pdl=early,
         )  # fmt: skip
         sum_splits(ws, out, early=early, zero=kept)
@@ -260,8 +273,8 @@ def split_k(k: int, block_k: int, split: int, out: torch.Tensor) -> tuple[int, i
     """K cut into at most ``split`` chunks of whole ``block_k`` steps, none empty: ``(chunk,
     split, workspace)``, the workspace where the chunks' partial outputs go (``out`` itself
     when K is not split, else float32 ``[split, M, N]`` for :func:`sum_splits`)."""
-    chunk = triton.cdiv(triton.cdiv(k, block_k), split) * block_k
-    split = triton.cdiv(k, chunk)
+    chunk = cdiv(cdiv(k, block_k), split) * block_k
+    split = cdiv(k, chunk)
     m, n = out.shape
     return chunk, split, out if split == 1 else torch.empty((split, m, n), device=out.device, dtype=torch.float32)
 
@@ -275,9 +288,12 @@ def sum_splits(ws: torch.Tensor, out: torch.Tensor, *, early: bool = False, zero
         return
     m, n = out.shape
     split, block = ws.shape[0], 1024
-    _split_k_sum[(triton.cdiv(m * n, block),)](
-        ws, out, m, n, out.stride(0), ws if zero is None else zero, 0 if zero is None else zero.numel(),
-        SPLIT=split, BLOCK=block, PDL=early, ZEROES=zero is not None, num_warps=4, launch_pdl=early,
+    _SUM(
+        (cdiv(m * n, block), 1, 1),
+        (ws, out, ws if zero is None else zero),
+        # M, N, stride_ym, ZERO_NUMEL, SPLIT, BLOCK, PDL, ZEROES
+        (m, n, out.stride(0), 0 if zero is None else zero.numel(), split, block, early, zero is not None),
+        num_warps=4, num_stages=3, launch_pdl=early,
     )  # fmt: skip
 
 

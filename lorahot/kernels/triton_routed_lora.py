@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lorahot.kernels.direct_launch import Launcher, cdiv, next_power_of_2
 from lorahot.kernels.routed_lora import rank_pad, segments, token_route
 
 try:  # programmatic dependent launch (lorahot.kernels.pdl): sm90 intrinsics of newer Tritons
@@ -301,28 +302,37 @@ def launch(
             raise ValueError("the gather kernels add into a base output: pass y, or use the segmented kernels")
         tokens = token_route(route, m)
         h = torch.empty((m, r_pad), device=x.device, dtype=torch.float32)
-        _gather_shrink[(m, triton.cdiv(r, 16))](
-            x, a, s, tokens, h, k, r,
-            x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(0),
-            BLOCK_R=16, BLOCK_K=128, num_warps=4,
+        _GATHER_SHRINK(
+            (m, cdiv(r, 16), 1),
+            (x, a, s, tokens, h),
+            # K, R, strides, BLOCK_R, BLOCK_K
+            (k, r, x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(0), 16, 128),
+            num_warps=4, num_stages=3,
         )  # fmt: skip
         block_n = 128
-        _gather_expand[(m, triton.cdiv(n, block_n))](
-            y, h, bt, tokens, out, n, r,
-            y.stride(0), h.stride(0), bt.stride(0), bt.stride(1), out.stride(0),
-            R_PAD=r_pad, BLOCK_N=block_n, num_warps=4,
+        _GATHER_EXPAND(
+            (m, cdiv(n, block_n), 1),
+            (y, h, bt, tokens, out),
+            # N, R, strides, R_PAD, BLOCK_N
+            (n, r, y.stride(0), h.stride(0), bt.stride(0), bt.stride(1), out.stride(0), r_pad, block_n),
+            num_warps=4, num_stages=3,
         )  # fmt: skip
         return
     if segs is None:
         segs = segments(route, slots)
     h = shrink(x, a, s, segs, t, partials=True)
     block_m, block_n, warps, stages = _expand_config(m, n)
-    groups = min(triton.cdiv(n, block_n), max(1, triton.cdiv(_EXPAND_PROGRAMS, triton.cdiv(m, block_m))))
-    _segment_expand[(_tiles(m, block_m, slots), groups)](
-        out if y is None else y, h, bt, segs, out, out if bias is None else bias, m, n, r, slots, t,
-        out.stride(0) if y is None else y.stride(0), h.stride(1), bt.stride(0), bt.stride(1), out.stride(0),
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, SLOTS_PAD=_slots_pad(slots), PARTIALS=h.shape[0],
-        HAS_Y=y is not None, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
+    groups = min(cdiv(n, block_n), max(1, cdiv(_EXPAND_PROGRAMS, cdiv(m, block_m))))
+    _SEGMENT_EXPAND(
+        (_tiles(m, block_m, slots), groups, 1),
+        (out if y is None else y, h, bt, segs, out, out if bias is None else bias),
+        (
+            m, n, r, slots, t,
+            out.stride(0) if y is None else y.stride(0), h.stride(1), bt.stride(0), bt.stride(1), out.stride(0),
+            # R_PAD, BLOCK_M, BLOCK_N, SLOTS_PAD, PARTIALS, HAS_Y, HAS_BIAS
+            r_pad, block_m, block_n, _slots_pad(slots), h.shape[0], y is not None, bias is not None,
+        ),
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
@@ -354,7 +364,7 @@ def shrink(
     slots, r = a.shape[0], a.shape[1]
     r_pad = rank_pad(r)
     block_m, block_k, warps, stages = _shrink_config(m) if partials else (_block_m(m), 64, 4, 3)
-    splits = _splits(k, triton.cdiv(m, block_m), block_k, _PARTIAL_PROGRAMS if partials else _SHRINK_PROGRAMS)
+    splits = _splits(k, cdiv(m, block_m), block_k, _PARTIAL_PROGRAMS if partials else _SHRINK_PROGRAMS)
     atomic = splits > 1 and not partials
     shape = (splits if partials else 1, m, r_pad)
     filled = atomic and workspace is None  # a fresh workspace, zeroed by a kernel of its own
@@ -363,15 +373,29 @@ def shrink(
     else:
         h = torch.empty(shape, device=x.device, dtype=torch.float32)
     if filled:
-        grid = (triton.cdiv(h.numel(), _ZERO_BLOCK),)
-        _zero_kernel[grid](h, h.numel(), BLOCK=_ZERO_BLOCK, PDL=early, launch_pdl=early)
-    _segment_shrink[(_tiles(m, block_m, slots), splits)](
-        x, a, s, segs, h, k, r, slots, t,
-        x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(1), h.stride(0) if partials else 0,
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, SPLITS=splits, SLOTS_PAD=_slots_pad(slots), ATOMIC=atomic,
-        PDL=early, WAIT_FIRST=not filled, num_warps=warps, num_stages=stages, launch_pdl=early,
+        grid = (cdiv(h.numel(), _ZERO_BLOCK), 1, 1)
+        # NUMEL, BLOCK, PDL
+        _ZERO(grid, (h,), (h.numel(), _ZERO_BLOCK, early), num_warps=4, num_stages=3, launch_pdl=early)
+    _SEGMENT_SHRINK(
+        (_tiles(m, block_m, slots), splits, 1),
+        (x, a, s, segs, h),
+        (
+            k, r, slots, t,
+            x.stride(0), a.stride(0), a.stride(1), s.stride(0), h.stride(1), h.stride(0) if partials else 0,
+            # R_PAD, BLOCK_M, BLOCK_K, SPLITS, SLOTS_PAD, ATOMIC, PDL, WAIT_FIRST
+            r_pad, block_m, block_k, splits, _slots_pad(slots), atomic, early, not filled,
+        ),
+        num_warps=warps, num_stages=stages, launch_pdl=early,
     )  # fmt: skip
     return h
+
+
+#: the kernels' launches (:mod:`lorahot.kernels.direct_launch`)
+_ZERO = Launcher(_zero_kernel)
+_GATHER_SHRINK = Launcher(_gather_shrink)
+_GATHER_EXPAND = Launcher(_gather_expand)
+_SEGMENT_SHRINK = Launcher(_segment_shrink)
+_SEGMENT_EXPAND = Launcher(_segment_expand)
 
 
 def _block_m(m: int) -> int:
@@ -407,12 +431,12 @@ def _shrink_config(m: int) -> TileConfig:
 def _tiles(m: int, block_m: int, slots: int) -> int:
     """Programs along the rows: every segment's tiles, the slots' and the no-slot rows', for any
     routing (each segment adds at most one partial tile; see ``_segment_rows``)."""
-    return int(triton.cdiv(m, block_m)) + slots + 1
+    return int(cdiv(m, block_m)) + slots + 1
 
 
 def _slots_pad(slots: int) -> int:
     """The segments (``slots + 1``) as a power of two, for the kernels' vector of counts."""
-    return int(triton.next_power_of_2(slots + 1))
+    return int(next_power_of_2(slots + 1))
 
 
 def _splits(k: int, tiles: int, block_k: int, programs: int) -> int:
