@@ -11,13 +11,17 @@ row, per TinyLlama shape (q/o: one launch; k/v: K split, two launches):
 
 - ``linear``: ``F.linear``, the base layer's own cost;
 - ``op``: ``torch.ops.lorahot.lora_linear`` as the compiled wrapper calls it;
+- ``op (jit)``: the same with every launch bound by ``kernel[grid]`` (no direct launches,
+  :mod:`lorahot.kernels.direct_launch`), as before 2026-12-02;
 - ``launch``: :func:`lorahot.kernels.triton_lora_linear.launch`, the op's body without the dispatcher;
 - ``jit``: the Triton kernel's ``kernel[grid](...)`` alone (one launch, no split-K sum);
 - ``runner``: the compiled kernel's own runner (``CompiledKernel[grid](*args)``), no argument binding;
 - the pieces of the body: ``pdl.active``, ``launching_on``, ``config_for``, a ``torch.empty``.
 
 Part 2: two TinyLlama-shaped blocks (14 LoRA layers) compiled in default mode, base and lorahot
-with a rank-64 adapter, host time per decode call, and cProfile's top functions for lorahot;
+with a rank-64 adapter, host time per decode call and launches: lorahot with its fused
+operator (direct launches) and with the wide GEMMs default mode takes without them, the base
+model measured first and last;
 before it, what :func:`lorahot.kernels.compile_mode.launched_per_call` answers per mode.
 
 Part 3 (:func:`floors`): the least an opaque operator can cost the host (an empty body; the
@@ -75,7 +79,7 @@ def decode_layer(k: int, n: int) -> tuple[torch.Tensor, ...]:
 
 def part1() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
-    head = ["linear", "op", "launch", "jit", "runner", "pdl", "on", "config", "empty"]
+    head = ["linear", "op", "op (jit)", "launch", "jit", "runner", "pdl", "on", "config", "empty"]
     print("host us per call, 1 row")
     print(f"{'shape':8s} " + " ".join(f"{h:>8s}" for h in head), flush=True)
     for name, (k, n) in SHAPES.items():
@@ -116,6 +120,7 @@ def part1() -> None:
         row = [
             per_call_us(lambda: torch.nn.functional.linear(x, w)),
             per_call_us(lambda: torch.ops.lorahot.lora_linear.default(x, w, None, a, bt, s)),
+            jit_bound(lambda: torch.ops.lorahot.lora_linear.default(x, w, None, a, bt, s)),
             per_call_us(lambda: K.launch(x, w, None, a, bt, s, out, cfg)),
             per_call_us(jit),
             per_call_us(lambda: run(*args, *consts.values())) if runner_ok else float("nan"),
@@ -128,6 +133,28 @@ def part1() -> None:
         torch.cuda.synchronize()
         err = (out.float() - want.float()).abs().max().item()
         print(f"{name:8s} " + " ".join(f"{v:8.1f}" for v in row) + f"   launch-op {err:.3g}", flush=True)
+        if name == "k/v":  # where the operator's host time goes, by function
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(2000):
+                torch.ops.lorahot.lora_linear.default(x, w, None, a, bt, s)
+            prof.disable()
+            torch.cuda.synchronize()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+            print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[:3500], flush=True)
+
+
+def jit_bound(fn: Callable[[], object]) -> float:
+    """:func:`per_call_us` of ``fn`` with every launch bound by ``kernel[grid]`` (no direct launches)."""
+    from lorahot.kernels import direct_launch
+
+    keep = direct_launch.available
+    direct_launch.available = lambda: False  # type: ignore[assignment]
+    try:
+        return per_call_us(fn)
+    finally:
+        direct_launch.available = keep  # type: ignore[assignment]
 
 
 def floors() -> None:
@@ -219,12 +246,21 @@ def part2() -> None:
     )
     peft_model.save_pretrained(tmp / "a")
     ids = torch.tensor([[5]], device=dev)
+    from lorahot.kernels import compile_mode, direct_launch
+
+    per_call = compile_mode.launched_per_call
+    print(f"direct launches available: {direct_launch.available()}", flush=True)
+    runtime = None
     rows = []
-    for name in ("base", "lorahot"):
+    # lorahot with the fused operator (the layers told the graph is replayed, so they keep it;
+    # its launches direct), then with the wide GEMMs default mode takes; base first and last,
+    # to see the host's drift
+    for name in ("base", "fused", "wide", "fused", "base"):
         model = base
-        if name == "lorahot":
+        if name != "base" and runtime is None:
             runtime = lorahot.inject(base, TARGETS, max_rank=64)
             runtime.load(str(tmp / "a"))
+        compile_mode.launched_per_call = per_call if name != "fused" else (lambda: False)  # type: ignore[assignment]
         torch._dynamo.reset()
         compiled = torch.compile(model)
 
@@ -235,26 +271,31 @@ def part2() -> None:
         for _ in range(3):
             call()
         host = []
-        for _ in range(30):
+        for _ in range(40):
             torch.cuda.synchronize()
             t = time.perf_counter()
             call()
             host.append((time.perf_counter() - t) * 1e3)
         torch.cuda.synchronize()
         rows.append((name, statistics.median(host)))
-        if name == "lorahot":
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(20):
-                call()
-            prof.disable()
-            torch.cuda.synchronize()
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
-            print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[:6000])
-    for name, ms in rows:
-        print(f"2 blocks, default mode, {name}: host {ms:.3f} ms per decode call", flush=True)
-    print(f"lorahot extra per LoRA layer: {(rows[1][1] - rows[0][1]) * 1e3 / 14:.1f} us", flush=True)
+        print(f"{name}: host {rows[-1][1]:.3f} ms per decode call; launches {launches(call)}", flush=True)
+    compile_mode.launched_per_call = per_call  # type: ignore[assignment]
+    base_ms = (rows[0][1] + rows[-1][1]) / 2
+    for name, ms in rows[1:-1]:
+        print(
+            f"2 blocks, default mode, {name}: {(ms - base_ms) * 1e3 / 14:.1f} us per LoRA layer over the base",
+            flush=True,
+        )
+
+
+def launches(call: Callable[[], None]) -> dict[str, int]:
+    """The host's launch calls in one ``call()``, by runtime function (the profiler's count)."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        call()
+        torch.cuda.synchronize()
+    return {e.key: e.count for e in prof.key_averages() if "Launch" in e.key or "Memset" in e.key}
 
 
 def detection() -> None:
