@@ -217,8 +217,36 @@ def scenario_atomic(mesh: object, folder: Path, check: Checks) -> None:
     check("a good load still works", lambda: rig.rt.load(rig.path("b")) and None)
     rig.rr.load(rig.path("b"))
     check("and computes the reference", rig.parity)
+    disagreements(rig, check)
     writes_failing_on_one_rank(rig, check)
     refusals(mesh, check)
+
+
+def disagreements(rig: Rig, check: Checks) -> None:
+    """Calls that pass every check on every rank, but would leave the ranks holding different
+    adapters (another file, alpha, scale or slot on rank 1): every rank refuses with a
+    UsageError naming what differs, and nothing changes; the same contents at another path
+    load (the negative control). Slot 0 holds ``b`` and is active, and is left so."""
+    rank = dist.get_rank()
+    before = rig.snapshot()
+    mine = "a" if rank == 0 else "a_values"
+    cases = [
+        ("another file on rank 1", lambda: rig.rt.load(rig.path(mine)), "values"),
+        ("another alpha on rank 1", lambda: rig.rt.load(rig.path("a" if rank == 0 else "a_alpha")), "modules"),
+        ("another scale on rank 1", lambda: rig.rt.load(rig.path("b"), scale=1.0 if rank == 0 else 0.5), "arguments"),
+        ("another slot on rank 1", lambda: rig.rt.load(rig.path("b"), slot=rank), "arguments"),
+        ("another set_scale on rank 1", lambda: rig.rt.set_scale(1.0 if rank == 0 else 0.7), "arguments"),
+        ("a preload of another file on rank 1", lambda: rig.rt.preload(rig.path(mine), key="k"), "values"),
+    ]
+    for name, call, aspect in cases:
+        check(name, lambda call=call, aspect=aspect: raises(lorahot.UsageError, call, aspect, "rank 1", "no rank"))
+        check(f"unchanged after {name}", lambda: rig.unchanged(before))
+    check("nothing cached after the preloads", lambda: rig.rt.cache.get("k") is None)
+    same = rig.path("a" if rank == 0 else "a_copy")
+    check("the same contents at another path load", lambda: rig.rt.load(same) and None)
+    rig.rr.load(rig.path("a"))
+    check("and compute the reference", rig.parity)
+    rig.both(lambda r: r.load(rig.path("b")))
 
 
 def writes_failing_on_one_rank(rig: Rig, check: Checks) -> None:

@@ -7,6 +7,7 @@
 - :mod:`~lorahot.runtime.plan`: every check of a load, before anything is written;
 - :mod:`~lorahot.runtime.sharding`: an adapter's part for one rank of a tensor-parallel model;
 - :mod:`~lorahot.runtime.agreement`: the ranks of a tensor-parallel model agree before each write;
+- :mod:`~lorahot.runtime.fingerprint`: digests of what a write would put on a rank, which they compare;
 - :mod:`~lorahot.runtime.stack`: several adapters in one slot, their rows side by side;
 - :mod:`~lorahot.runtime.union`: :func:`plan_targets`, the targets and max_rank covering a set of adapters;
 - :mod:`~lorahot.runtime.cache`: prepared adapters in host memory;

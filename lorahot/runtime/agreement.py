@@ -2,9 +2,12 @@
 
 On a sharded model each rank runs ``load`` (and ``set_scale``, ``preload``) itself, on its own
 part of the adapter; a check can fail on one rank only (its slice holds a NaN, its file
-changed, it ran out of memory). Before the first write each rank therefore reports whether
-its checks passed, in one all-reduce of a flag over the model's process group. If any rank
-failed, none writes: the failed ranks raise their own error, the others an error of the same
+changed, it ran out of memory), and the checks can pass everywhere while the ranks were given
+different things (another file on one node, another slot or scale). Before the first write
+each rank therefore reports whether its checks passed and digests of what it would write
+(:mod:`lorahot.runtime.fingerprint`), in one all-gather over the model's process group. If the
+digests differ, none writes and every rank raises a UsageError naming what differs. If any
+rank failed, none writes: the failed ranks raise their own error, the others an error of the same
 lorahot type naming the rank and its message (gathered only then), so every rank stays
 bitwise as it was. A write can still fail on one rank after every check passed (out of
 memory): the ranks then agree again, after writing (:meth:`Agreement.settle`), and where any
@@ -23,6 +26,7 @@ import torch
 from lorahot.errors import LoraError, UnexpectedError, UsageError
 from lorahot.layers import LoRALayer
 from lorahot.layers.sharded import ShardedLoRALinear
+from lorahot.runtime.fingerprint import ASPECTS, digest
 
 __all__ = ["Agreement"]
 
@@ -62,19 +66,26 @@ class Agreement:
             return None
         return cls(next(iter(meshes.values()))[1])
 
-    def run(self, check: Callable[[], _T], what: str) -> _T:
-        """``check()`` on every rank; its result if it passed on every rank, else raises.
+    def run(
+        self, check: Callable[[], _T], what: str, fingerprint: Callable[[_T], dict[str, bytes]] | None = None
+    ) -> _T:
+        """``check()`` on every rank; its result if it passed on every rank and, with
+        ``fingerprint``, every rank's fingerprint of that result (what it would write, by aspect
+        of :data:`lorahot.runtime.fingerprint.ASPECTS`) is the same; else raises.
 
         Raises:
             LoraError: ``check``'s own error on a rank where it failed; on the others an error
                 of the same type naming the failed rank and its message. Any other exception
                 of ``check`` is re-raised on its rank after the agreement.
+            UsageError: every check passed, but the ranks would write different things (on
+                every rank, naming the aspect and the ranks that differ from rank 0).
         """
         try:
             result, error = check(), None
+            digests = _digests(fingerprint(result) if fingerprint is not None else {})
         except Exception as exc:
-            result, error = None, exc
-        failures = self._failures(error)
+            result, error, digests = None, exc, [0] * len(ASPECTS)
+        failures, rows = self._failures(error, digests)
         if error is not None:
             raise error
         if failures:
@@ -83,6 +94,16 @@ class Agreement:
                 f"{what} failed on rank {rank} of {self.ranks}, so no rank changed anything (this rank passed every "
                 f"check). Rank {rank}: {message}"
             )
+        for i, aspect in enumerate(ASPECTS):
+            differ = [r for r, row in enumerate(rows) if row[i] != rows[0][i]]
+            if differ:
+                raise UsageError(
+                    f"{what} would leave the ranks of this tensor-parallel model holding different adapters: the "
+                    f"{_ASPECT_TEXT[aspect]} on rank{'s' if len(differ) > 1 else ''} "
+                    f"{', '.join(map(str, differ))} differ from rank 0's, so no rank changed anything (every rank "
+                    f"passed its checks). Every rank must {what} the same adapter (the same files, unchanged between "
+                    "the ranks' reads) with the same slot, scale and options."
+                )
         return result  # type: ignore[return-value]  # set when no error
 
     def settle(self, error: BaseException | None, touched: bool) -> tuple[list[tuple[int, str, str]], bool]:
@@ -96,16 +117,21 @@ class Agreement:
         failed, wrote = (int(v) for v in flags.tolist())
         return (self._messages(error) if failed else []), bool(wrote)
 
-    def _failures(self, error: BaseException | None) -> list[tuple[int, str, str]]:
-        """``(rank, error type, message)`` of every rank whose check failed: one all-reduce of a
-        flag; the messages are gathered only when some rank failed (:meth:`_messages`)."""
+    def _failures(
+        self, error: BaseException | None, digests: list[int]
+    ) -> tuple[list[tuple[int, str, str]], list[list[int]]]:
+        """``(rank, error type, message)`` of every rank whose check failed, and every rank's
+        digests: one all-gather of a flag and the digests; the messages are gathered only when
+        some rank failed (:meth:`_messages`)."""
         import torch.distributed as dist
 
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, group=self.group)
-        if int(flag.item()) == 0:
-            return []
-        return self._messages(error)
+        mine = torch.tensor([0 if error is None else 1, *digests], dtype=torch.int64, device=self.device)
+        everyone = [torch.empty_like(mine) for _ in range(self.ranks)]
+        dist.all_gather(everyone, mine, group=self.group)
+        rows = [[int(v) for v in row.tolist()] for row in everyone]
+        if not any(row[0] for row in rows):
+            return [], [row[1:] for row in rows]
+        return self._messages(error), []
 
     def _messages(self, error: BaseException | None) -> list[tuple[int, str, str]]:
         """Every failed rank's ``(rank, error type, message)``, gathered as UTF-8 JSON in byte
@@ -128,6 +154,19 @@ class Agreement:
                 rank, kind, message = json.loads(bytes(got[: int(n.item())].cpu().tolist()).decode())
                 out.append((int(rank), str(kind), str(message)))
         return out
+
+
+#: how a refusal names each aspect of :mod:`lorahot.runtime.fingerprint`
+_ASPECT_TEXT = {
+    "arguments": "call's arguments (slot, scale, key)",
+    "modules": "adapter's modules (target layers, ranks, alphas, the shapes of the factors every rank holds whole)",
+    "values": "adapter's values (sampled from the factors every rank holds whole)",
+}
+
+
+def _digests(aspects: dict[str, bytes]) -> list[int]:
+    """One digest per aspect of :data:`~lorahot.runtime.fingerprint.ASPECTS` (0 where absent)."""
+    return [digest(aspects[a]) if a in aspects else 0 for a in ASPECTS]
 
 
 def _error_type(name: str) -> type[LoraError]:

@@ -34,7 +34,7 @@ from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.layers.sharded import is_sharded
 from lorahot.resolve.keys import outside
-from lorahot.runtime import peft_arguments
+from lorahot.runtime import fingerprint, peft_arguments
 from lorahot.runtime.activate_replay import ActivateReplay
 from lorahot.runtime.agreement import Agreement
 from lorahot.runtime.arguments import (
@@ -313,7 +313,14 @@ class LoraRuntime:
     def _load(
         self, source: One | Sequence[One], slot: int, scale: float | Sequence[float], read_kwargs: dict[str, Any]
     ) -> AdapterInfo:
-        checked = self._agreed(lambda: self._check_load(source, slot, scale, read_kwargs), "load")
+        checked = self._agreed(
+            lambda: self._check_load(source, slot, scale, read_kwargs),
+            "load",
+            lambda c: {
+                "arguments": fingerprint.arguments(c[0], c[3], c[4]),  # slot, weights, listed
+                **fingerprint.plans(c[2].parts, self.layers),
+            },
+        )
         slot, adapters, stack, weights, listed, write = checked
         live = slot == self._active
 
@@ -444,12 +451,14 @@ class LoraRuntime:
 
         return slot, adapters, stack, weights, listed, write_staged
 
-    def _agreed(self, check: Callable[[], _T], what: str) -> _T:
+    def _agreed(self, check: Callable[[], _T], what: str, writes: Callable[[_T], dict[str, bytes]]) -> _T:
         """``check()``, and on a tensor-parallel model every rank's agreement that it passed
-        everywhere (see :mod:`lorahot.runtime.agreement`) before anything is written."""
+        everywhere and that every rank would write the same (``writes``: the result's
+        fingerprint, :mod:`lorahot.runtime.fingerprint`) before anything is written (see
+        :mod:`lorahot.runtime.agreement`)."""
         if self._agreement is None:
             return check()
-        return self._agreement.run(check, what)
+        return self._agreement.run(check, what, writes)
 
     def _read(
         self,
@@ -544,7 +553,11 @@ class LoraRuntime:
         Takes one adapter (preload each part of a stack, then ``load([...])`` stacks them
         from the cache). Raises what :meth:`load` raises.
         """
-        prepared, cache = self._agreed(lambda: self._preload(source, key, read_kwargs), "preload")
+        prepared, cache = self._agreed(
+            lambda: self._preload(source, key, read_kwargs),
+            "preload",
+            lambda p: {"arguments": fingerprint.arguments(key, p[1]), **fingerprint.plans([p[0].plan], self.layers)},
+        )
         if cache:
             self.cache.put(prepared)
         return prepared
@@ -759,7 +772,11 @@ class LoraRuntime:
                 the slot has parts), or times an adapter's ``alpha / r`` it leaves the scale
                 buffers' range; the slot is empty. Nothing changed.
         """
-        s, stack, _, weights = self._agreed(lambda: self._check_set_scale(value, slot), "set_scale")
+        s, stack, _, weights = self._agreed(
+            lambda: self._check_set_scale(value, slot),
+            "set_scale",
+            lambda c: {"arguments": fingerprint.arguments(c[0], c[3])},
+        )
         live = s == self._active
 
         def write_scales() -> None:

@@ -39,7 +39,8 @@ LINEARS = [
 def _write_adapters(folder: Path) -> None:
     """PEFT adapters for the tiny Llama: ``a`` (rank 4 everywhere), ``b`` (rank 3, not on the
     head), ``c`` (rank 2); ``nan_rank1``: ``a`` with NaN only in what rank 1 reads of two
-    row-parallel layers; ``wide``: an adapter for a wider model."""
+    row-parallel layers; ``wide``: an adapter for a wider model; ``a_values``, ``a_alpha`` and
+    ``a_copy``: ``a``'s modules with other values, ``a``'s values with another alpha, ``a``."""
     model = tiny_llama()
     a, _ = make_adapter(model, dict.fromkeys([*LINEARS, "lm_head"], 4), seed=1, dtype=torch.float64)
     save_peft(folder / "a", a, r=4, lora_alpha=8)
@@ -53,6 +54,10 @@ def _write_adapters(folder: Path) -> None:
     save_peft(folder / "nan_rank1", bad, r=4, lora_alpha=8)
     wide, _ = make_adapter(TinyLlama(dim=48).double(), dict.fromkeys(LINEARS, 4), seed=4, dtype=torch.float64)
     save_peft(folder / "wide", wide, r=4, lora_alpha=8)
+    other, _ = make_adapter(model, dict.fromkeys([*LINEARS, "lm_head"], 4), seed=5, dtype=torch.float64)
+    save_peft(folder / "a_values", other, r=4, lora_alpha=8)  # a's modules, other values
+    save_peft(folder / "a_alpha", a, r=4, lora_alpha=16)  # a's values, another alpha
+    save_peft(folder / "a_copy", a, r=4, lora_alpha=8)  # a at another path
 
 
 def _scenario(name: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
@@ -126,6 +131,21 @@ ATOMIC = [
     "prefetch is refused",
     "a good load still works",
     "and computes the reference",
+    *(
+        check
+        for what in (
+            "another file on rank 1",
+            "another alpha on rank 1",
+            "another scale on rank 1",
+            "another slot on rank 1",
+            "another set_scale on rank 1",
+            "a preload of another file on rank 1",
+        )
+        for check in (what, f"unchanged after {what}")
+    ),
+    "nothing cached after the preloads",
+    "the same contents at another path load",
+    "and compute the reference",
     *(
         check
         for what in ("load", "set_scale")
