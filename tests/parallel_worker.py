@@ -68,7 +68,7 @@ class Rig:
     def __init__(self, mesh: object, folder: Path, sequence_parallel: bool = False, slots: int = 2) -> None:
         from torch.distributed.tensor.parallel import parallelize_module
 
-        self.folder = folder
+        self.folder, self.mesh = folder, mesh
         self.ref = tiny_llama()
         self.tp = copy.deepcopy(self.ref)
         parallelize_module(self.tp, mesh, tp_plan(self.tp, sequence_parallel))  # type: ignore[arg-type]
@@ -246,7 +246,42 @@ def disagreements(rig: Rig, check: Checks) -> None:
     check("the same contents at another path load", lambda: rig.rt.load(same) and None)
     rig.rr.load(rig.path("a"))
     check("and compute the reference", rig.parity)
+    rig.rt.preload(rig.path("c"))
+    if rank == 1:  # rank 0 loads from its host cache, rank 1 reads the file: the same write
+        rig.rt.cache.clear()
+    check("a cache hit on rank 0 and a read on rank 1 load", lambda: rig.rt.load(rig.path("c")) and None)
+    rig.rr.load(rig.path("c"))
+    check("and compute the reference too", rig.parity)
     rig.both(lambda r: r.load(rig.path("b")))
+    extras_disagreements(rig.mesh, check)
+
+
+def extras_disagreements(mesh: object, check: Checks) -> None:
+    """A LoRA bias or a DoRA magnitude that differs on rank 1, on an unsharded layer (the
+    head, which takes extras; sharded layers refuse them): refused, nothing changed."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    rank = dist.get_rank()
+    model = tiny_llama()
+    parallelize_module(model, mesh, tp_plan(model))  # type: ignore[arg-type]
+    runtime = lorahot.inject(model, ["lm_head", "o_proj"], max_rank=4, extras=True)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 32, generator=g, dtype=torch.float64), torch.randn(40, 4, generator=g, dtype=torch.float64)
+    for what in ("bias", "magnitude"):
+        value = torch.full((40,), 1.0 if rank == 0 else 5.0, dtype=torch.float64)
+        module = lorahot.LoraModule("lm_head", a, b, 4.0, **{what: value})  # type: ignore[arg-type]
+        adapter = lorahot.Adapter({module.key: module}, "peft", "<memory>")
+        before = [t.clone() for arena in runtime.buffers.arenas for t in (arena.A, arena.B, arena.S, arena.E)]
+
+        def unchanged(before: list[torch.Tensor] = before) -> str | None:
+            after = [t for arena in runtime.buffers.arenas for t in (arena.A, arena.B, arena.S, arena.E)]
+            return None if all(torch.equal(x, y) for x, y in zip(before, after)) else "changed"
+
+        check(
+            f"another LoRA {what} on rank 1",
+            lambda a=adapter: raises(lorahot.UsageError, lambda: runtime.load(a), "values", "rank 1"),
+        )
+        check(f"unchanged after another LoRA {what} on rank 1", unchanged)
 
 
 def writes_failing_on_one_rank(rig: Rig, check: Checks) -> None:

@@ -94,16 +94,15 @@ class Agreement:
                 f"{what} failed on rank {rank} of {self.ranks}, so no rank changed anything (this rank passed every "
                 f"check). Rank {rank}: {message}"
             )
-        for i, aspect in enumerate(ASPECTS):
-            differ = [r for r, row in enumerate(rows) if row[i] != rows[0][i]]
-            if differ:
-                raise UsageError(
-                    f"{what} would leave the ranks of this tensor-parallel model holding different adapters: the "
-                    f"{_ASPECT_TEXT[aspect]} on rank{'s' if len(differ) > 1 else ''} "
-                    f"{', '.join(map(str, differ))} differ from rank 0's, so no rank changed anything (every rank "
-                    f"passed its checks). Every rank must {what} the same adapter (the same files, unchanged between "
-                    "the ranks' reads) with the same slot, scale and options."
-                )
+        differing = [_split(aspect, [row[i] for row in rows]) for i, aspect in enumerate(ASPECTS)]
+        differing = [text for text in differing if text]
+        if differing:
+            raise UsageError(
+                f"{what} would leave the ranks of this tensor-parallel model holding different adapters, so no rank "
+                f"changed anything (every rank passed its checks): {'; '.join(differing)}. Every rank must {what} "
+                "the same adapter (the same files, unchanged between the ranks' reads) with the same slot, scale and "
+                "options."
+            )
         return result  # type: ignore[return-value]  # set when no error
 
     def settle(self, error: BaseException | None, touched: bool) -> tuple[list[tuple[int, str, str]], bool]:
@@ -158,10 +157,26 @@ class Agreement:
 
 #: how a refusal names each aspect of :mod:`lorahot.runtime.fingerprint`
 _ASPECT_TEXT = {
-    "arguments": "call's arguments (slot, scale, key)",
-    "modules": "adapter's modules (target layers, ranks, alphas, the shapes of the factors every rank holds whole)",
-    "values": "adapter's values (sampled from the factors every rank holds whole)",
+    "arguments": "call's arguments (slot and scale, or a preload's key)",
+    "modules": "adapter's modules (target layers, ranks, alphas, the shapes of the tensors every rank holds whole)",
+    "values": "adapter's values (sampled from the tensors every rank holds whole)",
 }
+
+
+def _split(aspect: str, digests: list[int]) -> str:
+    """How the ranks split over one aspect (``"the call's arguments (...) differ: ranks 0, 2
+    hold one, rank 1 holds another"``), or "" where they all agree."""
+    groups: dict[int, list[int]] = {}
+    for rank, d in enumerate(digests):
+        groups.setdefault(d, []).append(rank)
+    if len(groups) == 1:
+        return ""
+    held = [
+        f"{'ranks' if len(g) > 1 else 'rank'} {', '.join(map(str, g))} {'hold' if len(g) > 1 else 'holds'} "
+        f"{'one' if i == 0 else 'another'}"
+        for i, g in enumerate(groups.values())
+    ]
+    return f"the {_ASPECT_TEXT[aspect]} differ: {', '.join(held)}"
 
 
 def _digests(aspects: dict[str, bytes]) -> list[int]:

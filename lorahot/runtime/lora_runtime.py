@@ -317,7 +317,7 @@ class LoraRuntime:
             lambda: self._check_load(source, slot, scale, read_kwargs),
             "load",
             lambda c: {
-                "arguments": fingerprint.arguments(c[0], c[3], c[4]),  # slot, weights, listed
+                "arguments": fingerprint.arguments(c[0], c[3]),  # slot, weights
                 **fingerprint.plans(c[2].parts, self.layers),
             },
         )
@@ -556,7 +556,7 @@ class LoraRuntime:
         prepared, cache = self._agreed(
             lambda: self._preload(source, key, read_kwargs),
             "preload",
-            lambda p: {"arguments": fingerprint.arguments(key, p[1]), **fingerprint.plans([p[0].plan], self.layers)},
+            lambda p: {"arguments": fingerprint.arguments(key), **fingerprint.plans([p[0].plan], self.layers)},
         )
         if cache:
             self.cache.put(prepared)

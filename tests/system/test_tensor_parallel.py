@@ -146,6 +146,13 @@ ATOMIC = [
     "nothing cached after the preloads",
     "the same contents at another path load",
     "and compute the reference",
+    "a cache hit on rank 0 and a read on rank 1 load",
+    "and compute the reference too",
+    *(
+        check
+        for what in ("bias", "magnitude")
+        for check in (f"another LoRA {what} on rank 1", f"unchanged after another LoRA {what} on rank 1")
+    ),
     *(
         check
         for what in ("load", "set_scale")

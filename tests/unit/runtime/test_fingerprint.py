@@ -90,3 +90,29 @@ def test_plans_tell_alphas_ranks_targets_and_parts_apart() -> None:
 def test_digests_are_signed_64_bit_and_differ_for_different_data() -> None:
     d = [fingerprint.digest(bytes([i])) for i in range(256)]
     assert all(-(2**63) <= x < 2**63 for x in d) and len(set(d)) == 256
+
+
+def test_a_plan_is_sampled_once_while_it_lives() -> None:
+    """A prepared adapter's plan is fingerprinted at each load from the host cache: the second
+    time from memory (its tensors do not change), and the memory goes with the plan."""
+    import gc
+
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    plan, layers = _plan(a, b), {"q": _layer(None)}
+    first = fingerprint.plans([plan], layers)
+    a.zero_()  # not read again: the plan's tensors are taken not to change
+    assert fingerprint.plans([plan], layers) == first
+    assert fingerprint.plans([_plan(a, b)], layers)["values"] != first["values"]  # a new plan is sampled
+    key = (id(plan), id(layers))
+    assert key in fingerprint._MEMO
+    del plan
+    gc.collect()
+    assert key not in fingerprint._MEMO
+
+
+def test_values_already_moved_to_the_arena_are_not_read() -> None:
+    """Meta tensors (a plan whose values the arena holds, plan.forget_values) give no samples
+    and no error."""
+    meta = _plan(torch.empty(4, 8, device="meta"), torch.empty(8, 4, device="meta"))
+    got = fingerprint.plans([meta], {"q": _layer(None)})
+    assert got["values"] == b"" and got["modules"]
