@@ -183,7 +183,7 @@ class LoRALayer(nn.Module):
     pristine_bias: torch.Tensor | None = None
     #: In merged mode, ``(positions, bytes)``: a few elements of the weight as lorahot last wrote
     #: it, to notice a weight replaced since (:func:`lorahot.runtime.merge.replaced`).
-    written_probe: tuple[torch.Tensor, torch.Tensor] | None = None
+    written_probe: tuple[torch.Tensor, torch.Tensor, int] | None = None
     #: In merged mode, whether ``load_state_dict`` brought a base weight or bias that differs
     #: from the one lorahot last wrote (compared in full when it loads: :func:`_add_base_prefix`).
     checkpoint_loaded: bool = False

@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, SupportsIndex, TypeVar
 
 import numpy as np
 import torch
@@ -98,6 +98,16 @@ def _largest_factor(specs: Iterable[LayerSpec], max_rank: int) -> int:
 class _OtherRankFailed(RuntimeError):
     """On a tensor-parallel model, what a rank whose own write went through reports when
     another rank's failed (:meth:`LoraRuntime._written`)."""
+
+
+#: why a runtime is not copied or pickled (a copy would share the model's buffers, with slots
+#: and an active adapter of its own)
+_NOT_COPIED = (
+    "a LoraRuntime cannot be copied or pickled: a copy would write the same model's LoRA buffers with its own idea "
+    "of what each slot holds and which is active. Copy the model instead (copy.deepcopy(model), torch.save(model): "
+    "the copy keeps the LoRA layers and the adapters loaded, and has no runtime) and call lorahot.inject on a fresh "
+    "copy of the base model for a second runtime."
+)
 
 
 class LoraRuntime:
@@ -923,8 +933,6 @@ class LoraRuntime:
                 "after inject), so a load would change nothing the model computes. Call runtime.eject(), then "
                 "inject into the model as it is now."
             )
-        if self._merger is not None:
-            self._merger.check_base()
         names = list(self.layers) if every_layer else (self._first,)
         parallelized = [n for n in names if is_sharded(self.layers[n].base_layer) != self._sharded[n]]
         if parallelized:
@@ -941,6 +949,17 @@ class LoraRuntime:
                 f"{moved[0]}: its LoRA buffers were replaced (model.to()/load_state_dict(assign=True) after "
                 "inject?). Move the model first, then inject."
             )
+        if self._merger is not None:  # after the moves: a move is no checkpoint load
+            self._merger.check_base()
+
+    def __copy__(self) -> NoReturn:
+        raise UsageError(_NOT_COPIED)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> NoReturn:
+        raise UsageError(_NOT_COPIED)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        raise UsageError(_NOT_COPIED)
 
     def __repr__(self) -> str:
         held = self._current_info(self._active)

@@ -114,31 +114,44 @@ def writing(tensors: Sequence[torch.Tensor | None]) -> contextlib.AbstractContex
 PROBE_ELEMENTS = 16
 
 
-def _probe_now(layer: LoRALayer, positions: torch.Tensor) -> torch.Tensor:
-    """The weight's elements at ``positions``, as bytes (NaN compares equal to itself)."""
-    return layer.base_weight.detach().reshape(-1)[positions].contiguous().view(torch.uint8)
-
-
 def record(layer: LoRALayer) -> None:
-    """Notes a few elements of ``layer``'s weight as lorahot has just written it."""
+    """Notes a few elements of ``layer``'s weight as lorahot has just written it (and how many
+    elements it had)."""
     layer.checkpoint_loaded = False
-    weight = layer.base_weight
+    weight = layer.base_weight.detach()
     count = min(PROBE_ELEMENTS, weight.numel())
     positions = torch.linspace(0, max(weight.numel() - 1, 0), count, device=weight.device).long()
-    layer.written_probe = (positions, _probe_now(layer, positions).clone())
+    layer.written_probe = (positions, weight.reshape(-1)[positions].clone(), weight.numel())
+
+
+def _differs(layer: LoRALayer) -> torch.Tensor | bool:
+    """Whether the weight's probed elements are no longer what :func:`record` noted, compared
+    as bytes (NaN equals itself) where the weight is now, after the conversion a move of the
+    model (``model.half()``, ``.to(device)``) applies to it: such a move changes nothing lorahot
+    wrote. A weight of another size, or one on the meta device, has changed."""
+    positions, written, numel = layer.written_probe  # type: ignore[misc]  # the caller checked it is set
+    weight = layer.base_weight.detach()
+    if weight.is_meta or weight.numel() != numel:
+        return True
+    now = weight.reshape(-1)[positions.to(weight.device)]
+    then = written.to(weight.device, weight.dtype)
+    return (now.contiguous().view(torch.uint8) != then.contiguous().view(torch.uint8)).any()
 
 
 def replaced(layers: Sequence[LoRALayer]) -> list[bool]:
     """Per layer, whether its weight or bias is no longer what lorahot last wrote there (a base
     checkpoint loaded after inject, in merged mode): noted in full by ``load_state_dict``
     (:attr:`~lorahot.layers.base.LoRALayer.checkpoint_loaded`), and a few of the weight's
-    elements read back (one read per device) for a weight written otherwise."""
+    elements read back (one read per device) for a weight written otherwise. A move of the
+    model to another dtype or device is not a change (see :func:`_differs`)."""
     flags = [layer.checkpoint_loaded for layer in layers]
     by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     for i, layer in enumerate(layers):
         if layer.written_probe is not None:
-            positions, written = layer.written_probe
-            differs = (_probe_now(layer, positions) != written).any()
+            differs = _differs(layer)
+            if isinstance(differs, bool):
+                flags[i] = flags[i] or differs
+                continue
             by_device.setdefault(differs.device, []).append((i, differs))
     for found in by_device.values():
         for (i, _), d in zip(found, torch.stack([d for _, d in found]).tolist()):

@@ -367,3 +367,32 @@ def test_load_pauses_the_garbage_collector_and_restores_its_state() -> None:
         assert not gc.isenabled()  # a caller's choice is kept
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle", "torch.save"])
+def test_a_runtime_is_not_copied_and_a_copied_model_keeps_its_adapter(how: str) -> None:
+    """A copy of a runtime would write the same buffers with its own idea of the active slot
+    (an independent audit: after the copy's activate(1), the original's set_scale scaled slot
+    1's adapter): refused with a UsageError, nothing changed; the model itself copies, with its
+    adapter, and the original runtime keeps working."""
+    import copy
+    import io
+    import pickle
+
+    model, runtime = _setup(slots=2)
+    tensors, ab = make_adapter(model, {Q0: 4}, seed=1, dtype=torch.float64)
+    runtime.load(tensors)
+    before = _out(model).clone()
+    copier = {
+        "copy": copy.copy,
+        "deepcopy": copy.deepcopy,
+        "pickle": pickle.dumps,
+        "torch.save": lambda r: torch.save(r, io.BytesIO()),
+    }[how]
+    with pytest.raises(lorahot.UsageError, match="cannot be copied or pickled"):
+        copier(runtime)
+    twin = copy.deepcopy(model)
+    assert torch.equal(_out(twin), before) and torch.equal(_out(model), before)
+    runtime.set_scale(0.5)
+    _close(_out(model), _expected(ab, 0.5))
+    assert torch.equal(_out(twin), before)  # the copy's buffers are its own

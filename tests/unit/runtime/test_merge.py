@@ -359,3 +359,26 @@ def test_float16_merges_that_would_overflow_are_refused_with_nothing_changed(cas
     with pytest.raises(lorahot.LoraError, match="merged weights would overflow the model's dtype"):
         call()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("move", ["half", "bfloat16", "meta"])
+@pytest.mark.parametrize("eject", ["runtime", "module"])
+def test_a_merged_model_moved_after_inject_is_refused_and_ejects_to_its_base(move: str, eject: str) -> None:
+    """``model.half()`` (or another dtype, or the meta device) after a merged load: runtime
+    calls refuse with the move's UsageError, not a crash of the base check, and eject puts the
+    base weights back, converted as the move converted the rest (an independent audit found
+    every call, eject included, raising UnexpectedError, and a failed eject marking the runtime
+    ejected with its layers still in place)."""
+    _, merged, _, rt = _pair()
+    base = copy.deepcopy(merged)
+    rt.load(make_adapter(merged, dict.fromkeys(rt.layers, 4), seed=1, dtype=torch.float64)[0])
+    to = {"half": torch.float16, "bfloat16": torch.bfloat16, "meta": torch.device("meta")}[move]
+    merged.to(to)
+    base.to(to)
+    with pytest.raises(lorahot.UsageError, match="LoRA buffers were replaced"):
+        rt.load(make_adapter(merged, dict.fromkeys(rt.layers, 2), seed=2, dtype=torch.float64)[0])
+    rt.eject() if eject == "runtime" else lorahot.eject(merged)
+    assert not any(isinstance(m, lorahot.LoRALayer) for m in merged.modules())
+    if move != "meta":  # every weight is the base model's again, in the new dtype, bitwise
+        for (name, got), want in zip(merged.state_dict().items(), base.state_dict().values()):
+            assert torch.equal(got, want), name
