@@ -129,10 +129,12 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
     wrapped = [w for w, m in modules.items() if isinstance(m, LoRALayer)]
     for n in names:
         m = modules[n]
-        owner = next((w for w in wrapped if n == w or n.startswith(w + ".")), None)  # its base_layer too
+        # its base_layer too, and anything inside a model that is itself a LoRA layer ("")
+        owner = next((w for w in wrapped if not w or n == w or n.startswith(w + ".")), None)
         if owner is not None:
+            where = owner or "the model given to inject"
             raise UsageError(
-                f"{owner}: already a {type(modules[owner]).__name__}; call lorahot.eject(model) before injecting again."
+                f"{where}: already a {type(modules[owner]).__name__}; call lorahot.eject(model) before injecting again."
             )
         if layer_class_for(m) is None:
             raise UsageError(

@@ -125,6 +125,17 @@ def test_injecting_twice_is_refused() -> None:
         lorahot.inject(model, ["q_proj"], max_rank=4)
 
 
+def test_a_lora_layer_given_as_the_model_is_refused() -> None:
+    """inject(model.layer, ["base_layer"]) on a layer lorahot wrapped would put a LoRA layer
+    inside another, which no load of a file for the model reaches (an independent audit)."""
+    model = tiny_lm()
+    lorahot.inject(model, ["q_proj"], max_rank=4)
+    layer = model.get_submodule("layers.0.self_attn.q_proj")
+    with pytest.raises(TypeError, match=r"^the model given to inject: already a LoRALinear; call lorahot\.eject"):
+        lorahot.inject(layer, ["base_layer"], max_rank=4)
+    assert type(layer.base_layer) is nn.Linear
+
+
 @pytest.mark.parametrize(
     "targets", ["all-linear", lambda name, m: isinstance(m, nn.Linear)], ids=["all-linear", "callable"]
 )
