@@ -439,6 +439,12 @@ class LoRALayer(nn.Module):
             if z is not None:
                 return z
         a, b, scale, e = self._views()
+        if x.device != a.device:  # a constant of a compiled graph: no guard, no cost there
+            raise UsageError(
+                f"this {type(self).__name__}'s input is on {x.device} and its LoRA buffers on {a.device}: the model "
+                "was moved to another device after inject, or its input does not reach the layer's device. Move the "
+                "model first, then inject (or eject, move, and inject again)."
+            )
         if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
             return self._routed_forward(x, route, *args, **kwargs)
         if not args and not kwargs:

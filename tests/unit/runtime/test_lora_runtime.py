@@ -396,3 +396,18 @@ def test_a_runtime_is_not_copied_and_a_copied_model_keeps_its_adapter(how: str) 
     runtime.set_scale(0.5)
     _close(_out(model), _expected(ab, 0.5))
     assert torch.equal(_out(twin), before)  # the copy's buffers are its own
+
+
+def test_a_forward_after_a_move_to_another_device_is_a_usage_error() -> None:
+    """The LoRA buffers stay where inject put them when the model is moved: a forward on the
+    new device raises a UsageError saying so, where torch raised a device mismatch from inside
+    the layer (found by an independent audit); a move to another dtype keeps computing."""
+    model, runtime = _setup()
+    tensors, ab = make_adapter(model, {Q0: 4}, seed=1, dtype=torch.float64)
+    runtime.load(tensors)
+    moved = model.to("meta")
+    with pytest.raises(lorahot.UsageError, match=r"input is on meta and its LoRA buffers on cpu.*Move the model first"):
+        moved(IDS.to("meta"))
+    model2, runtime2 = _setup()
+    runtime2.load(tensors)
+    torch.testing.assert_close(_out(model2.float()), _expected(ab).float(), rtol=1e-5, atol=1e-5)
