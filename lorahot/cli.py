@@ -202,15 +202,33 @@ def _inspect(args: argparse.Namespace) -> str:
 
 
 def _write(text: str) -> int:
-    """Writes ``text`` to stdout; 1, quietly, if the reader has gone (``| head -1``)."""
+    """Writes ``text`` to stdout; 1, quietly, if the reader has gone (``| head -1``); 1, with a
+    line on stderr, if stdout cannot be written (closed, ``>&-``; a full disk, ``>/dev/full``)."""
+    out = sys.stdout
     try:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
+        if out is None:
+            raise OSError("stdout is closed")
+        out.write(text + "\n")
+        out.flush()
     except BrokenPipeError:
         # Python would report the pipe again when it flushes stdout at exit: point stdout at
         # /dev/null so that flush succeeds (the Python docs' recipe for SIGPIPE).
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _silence_stdout()
+        return 1
+    except (OSError, ValueError) as exc:  # ValueError: a closed file object
+        _silence_stdout()
+        if sys.stderr is not None:
+            sys.stderr.write(f"lorahot: cannot write the output: {exc}\n")
         return 1
     return 0
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null, so that Python's flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open until exit
+    except OSError:
+        pass

@@ -15,7 +15,7 @@ import os
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
 import torch
@@ -107,7 +107,7 @@ def open_source(
             f"{cut(text)}: no such file or directory. Pass an adapter directory, a .safetensors file, a Hub repo id "
             "or a mapping of tensors."
         )
-    _check_hub_args(revision, token)
+    _check_hub_args(revision, token, weight_name)
     fetched = fetch(
         text, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name, need_config=need_config
     )
@@ -137,11 +137,31 @@ def _source_text(source: Any) -> str:
     return text
 
 
-def _check_hub_args(revision: Any, token: Any) -> None:
+def _check_hub_args(revision: Any, token: Any, weight_name: str | None) -> None:
+    """The Hub arguments before any request: ``revision`` a branch, tag or commit name that
+    cannot leave the cache (``huggingface_hub`` joins it onto paths in its cache: ``..`` there
+    read and wrote files outside it, found by an independent audit), and no pickle asked for
+    by ``weight_name`` (refused before it is downloaded, not after)."""
     if revision is not None and (not isinstance(revision, str) or not revision.strip()):
         raise UsageError(f"revision={short(revision)} must be a branch, tag or commit name.")
+    if revision is not None and (
+        revision.startswith("/")
+        or "\\" in revision
+        or any(ord(ch) < 32 or ord(ch) == 127 for ch in revision)
+        or any(part in ("", ".", "..") for part in revision.split("/"))
+    ):
+        raise UsageError(
+            f"revision={short(revision)} must be a branch, tag or commit name (like 'main', 'v1.0', 'refs/pr/1' or a "
+            "commit hash): no '..' or '.' parts, no leading '/', no backslashes or control characters."
+        )
     if token is not None and not isinstance(token, (str, bool)):
         raise UsageError(f"token must be a string, True, False or None, not {type(token).__name__}.")
+    if weight_name is not None and PurePosixPath(weight_name).suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterReadError(
+            f"weight_name={short(weight_name)}: {PurePosixPath(weight_name).suffix} files are pickles, and lorahot "
+            "never unpickles (nor downloads them). Load a .safetensors file of the repo, or convert it "
+            "(safetensors.torch.save_file)."
+        )
 
 
 def _mode(path: Path) -> int | None:

@@ -204,3 +204,19 @@ def test_inspect_names_dora_and_lora_bias_modules_and_the_flag_they_need(
     data = json.loads(text)
     assert data["needs_extras"] == ["dora", "lora+bias"]
     assert {r["module"]: r["kind"] for r in data["table"]} == {"q": "dora", "v": "lora+bias", "k": "lora"}
+
+
+@pytest.mark.parametrize("redirect", [">&-", ">/dev/full"])
+def test_an_unwritable_stdout_is_one_line_on_stderr_not_a_traceback(tmp_path: Path, redirect: str) -> None:
+    """stdout closed, or on a full device: exit 1 with one line saying so (an independent
+    audit found a traceback); a pipe whose reader left stays quiet (above)."""
+    if redirect == ">/dev/full" and not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    save_file(
+        {"lora_unet_a.lora_down.weight": torch.ones(1, 2), "lora_unet_a.lora_up.weight": torch.ones(2, 1)},
+        tmp_path / "a.safetensors",
+    )
+    command = f"'{sys.executable}' -m lorahot inspect '{tmp_path / 'a.safetensors'}' {redirect}"
+    out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.startswith("lorahot: cannot write the output:") and out.stderr.count("\n") == 1, out.stderr

@@ -158,3 +158,46 @@ def test_offline_without_a_cached_answer_is_an_error(hub_cache: Path) -> None:
     ):
         lorahot.read_adapter(REPO, subfolder="other", weight_name="w.safetensors")
     assert lorahot.read_adapter(REPO, subfolder="kohya", weight_name="style.safetensors").format == "kohya"  # .no_exist
+
+
+@pytest.mark.parametrize(
+    "revision",
+    ["../../outside", "main/../../x", "/etc", "refs/./main", "a\\b", "main\n", "main\x00", "refs//main", "..", "x/"],
+)
+def test_a_revision_that_could_leave_the_cache_is_refused_before_any_request(
+    hub_cache: Path, tmp_path: Path, revision: str
+) -> None:
+    """huggingface_hub joins the revision onto paths in its cache: with '..' in it an
+    independent audit read a file outside the cache offline (a planted ref) and wrote one
+    outside it online. Refused before the Hub is asked, naming the argument."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    save_file(_peft_tensors(4), outside / "adapter_model.safetensors")
+    ref = hub_cache / f"models--{REPO.replace('/', '--')}" / "refs" / "evil"
+    ref.write_text("../../../outside")  # a planted ref, as the audit's read went through
+    with pytest.raises(lorahot.UsageError, match=r"must be a branch, tag or commit name.*no '\.\.'"):
+        lorahot.read_adapter(REPO, revision=revision)
+
+
+@pytest.mark.parametrize("revision", ["main", "v1.0", "refs/pr/1", COMMIT])
+def test_branch_tag_pr_and_commit_revisions_pass_the_check(hub_cache: Path, revision: str) -> None:
+    try:
+        lorahot.read_adapter(REPO, revision=revision)
+    except lorahot.SourceNotFoundError:
+        pass  # not in this cache: the Hub's answer, after the check
+    except lorahot.UsageError as exc:
+        pytest.fail(f"{revision!r} refused: {exc}")
+
+
+@pytest.mark.parametrize("weight_name", ["adapter_model.bin", "model.PT", "sub/x.ckpt"])
+def test_a_pickle_weight_name_is_refused_before_it_is_downloaded(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch, weight_name: str
+) -> None:
+    from lorahot.io import hub
+
+    def no_request(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the Hub was asked for a pickle")
+
+    monkeypatch.setattr(hub, "_download", no_request)
+    with pytest.raises(lorahot.AdapterReadError, match=r"pickles, and lorahot never unpickles \(nor downloads them\)"):
+        lorahot.read_adapter(REPO, weight_name=weight_name)
