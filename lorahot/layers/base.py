@@ -525,11 +525,17 @@ class LoRALayer(nn.Module):
         on, index, scales = routing.row_scales(s, route)
         z = y + self.routed_delta(x, a, b, scales, index).to(y.dtype)
         # rows of no slot keep y itself: their zero scales do not zero an update that
-        # overflowed (inf * 0 is NaN), whatever adapter slot 0 holds
-        length = route.shape[0]
-        rows = self.row_view(y, length)
-        keep = on.view(length, *(1,) * (rows.dim() - 1))
-        return torch.where(keep, self.row_view(z, length), rows).reshape(y.shape)
+        # overflowed (inf * 0 is NaN), whatever adapter slot 0 holds. Selected in y's own
+        # shape, so the output is no view: a view's base would be guarded on by a block
+        # compiled on its own that takes it as input (regional=True)
+        return torch.where(self.row_mask(on, y), z, y)
+
+    def row_mask(self, on: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``on [L]`` (one flag per routing entry) as a mask that broadcasts against the output
+        ``y``: each entry covers its ``T`` consecutive rows of :meth:`row_view`."""
+        length = on.shape[0]
+        rows = math.prod(y.shape[:-1]) // length
+        return torch.repeat_interleave(on, rows, output_size=length * rows).view(*y.shape[:-1], 1)
 
     def routed_delta(
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor

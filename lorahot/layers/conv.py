@@ -138,6 +138,10 @@ class LoRAConv(LoRALayer):
     def row_shape(self, length: int) -> tuple[int, ...]:
         return (length, self.spec.out_dim, *(1,) * self._nd)
 
+    def row_mask(self, on: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch dimension is the row: ``on`` as ``[L, 1, ...]``."""
+        return on.view(on.shape[0], *(1,) * (y.dim() - 1))
+
     def merge_refusal(self) -> str | None:
         """Grouped convs cannot be merged; a subclass that overrides ``forward`` must still
         compute its torch class's convolution (checked on a probe input)."""

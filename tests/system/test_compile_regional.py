@@ -200,3 +200,37 @@ def test_gpu_regional_blocks_bf16() -> None:
                 want = _expected(pristine, x, held)
                 torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
     assert counter.frame_count == 2  # one graph per row count, shared by the ten blocks
+
+
+def test_a_routed_embedding_before_regional_blocks_adds_no_graph() -> None:
+    """A routed embedding's output feeds the first compiled block: as a view its base was
+    guarded on, and the first routed packed call compiled one graph more with the embedding
+    targeted than without (an independent audit); now the same count either way, and the routed
+    embedding's output is no view."""
+    from tests.helpers import tiny_lm, token_ids
+
+    def frames(embedding: bool) -> int:
+        torch._dynamo.reset()
+        model = tiny_lm(layers=4)
+        targets = ["q_proj", "v_proj", "up_proj", *(["embed_tokens"] if embedding else [])]
+        runtime = lorahot.inject(model, targets, max_rank=4, slots=3, regional=True)
+        for k in range(3):
+            runtime.load(make_adapter(model, dict.fromkeys(runtime.layers, 1 + k), seed=k)[0], slot=k)
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        for block in model.layers:
+            block.compile(backend=counter)
+        with torch.no_grad():
+            model(token_ids((4, 5), 32, seed=3))
+            runtime.activate([0, 1, 2, -1])
+            model(token_ids((4, 5), 32, seed=3))
+            runtime.activate([1, 2], lengths=[5, 7])
+            packed = token_ids((1, 12), 32, seed=4)
+            out = model.embed_tokens(packed)
+            assert out._base is None, "the routed output is a view"
+            model(packed)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                runtime.activate([2, 0], lengths=[9, 3])
+                model(packed)
+        return int(counter.frame_count)
+
+    assert frames(embedding=True) == frames(embedding=False)
