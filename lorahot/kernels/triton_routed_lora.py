@@ -431,12 +431,12 @@ def _shrink_config(m: int) -> TileConfig:
 def _tiles(m: int, block_m: int, slots: int) -> int:
     """Programs along the rows: every segment's tiles, the slots' and the no-slot rows', for any
     routing (each segment adds at most one partial tile; see ``_segment_rows``)."""
-    return int(cdiv(m, block_m)) + slots + 1
+    return cdiv(m, block_m) + slots + 1
 
 
 def _slots_pad(slots: int) -> int:
     """The segments (``slots + 1``) as a power of two, for the kernels' vector of counts."""
-    return int(next_power_of_2(slots + 1))
+    return next_power_of_2(slots + 1)
 
 
 def _splits(k: int, tiles: int, block_k: int, programs: int) -> int:

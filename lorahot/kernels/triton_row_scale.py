@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from lorahot.kernels.device_guard import launching_on
+from lorahot.kernels.direct_launch import cdiv
 
 __all__ = ["launch", "stack_scales"]
 
@@ -86,7 +87,7 @@ def stack_scales(
     """See :func:`lorahot.kernels.row_scale.stack_scales`."""
     n = out.numel()
     with launching_on(out.device):
-        _stack_scales_kernel[(triton.cdiv(n, _BLOCK),)](
+        _stack_scales_kernel[(cdiv(n, _BLOCK),)](
             own, part, weights, out, out if mirror is None else mirror, n, MIRROR=mirror is not None, BLOCK=_BLOCK
         )
 
@@ -112,6 +113,6 @@ def launch(
             )
             return
         block_n = 64
-        _col_scale_kernel[(dst.numel(), triton.cdiv(widest, block_n))](
+        _col_scale_kernel[(dst.numel(), cdiv(widest, block_n))](
             dst, src, scales, layer, cols, ld, scales.stride(0), rows, BLOCK_R=32, BLOCK_N=block_n, DTYPE=_TL[dtype]
         )
