@@ -1,0 +1,161 @@
+"""Probe: where the whole model's default-mode decode time goes, base against lorahot.
+
+The forward suite's default mode (``torch.compile(model)``, no CUDA graphs) read lorahot's decode
+at 1.60x and 2.53x the base model's on two days (``runs/20261201T225544-forward.json``,
+``runs/20261202T004403-forward.json``), about 32-68 us per LoRA layer, where two blocks compiled
+alone read 4.3 us per layer (``runs/20261201T225424-launch-host-probe.log``). This probe builds
+the suite's own configurations (the TinyLlama-shaped workload, 154 rank-64 layers, compiled
+with ``fullgraph=True`` after a prefill call, as the suite does) and, per configuration:
+
+- synced latency and host time per decode call, in interleaved rounds (drift control);
+- launches per decode call, by the profiler;
+- a cProfile of 50 decode calls, the top functions by own time, and the count of the wrapper's
+  calls that matter per call (``mm``/``addmm``, ``reinterpret_tensor``, allocations, Triton runs);
+- Python's garbage collections during the timed calls.
+
+Configurations: ``base``; ``lorahot`` (as the suite: its decode layers in the reduction form,
+:mod:`lorahot.kernels.reduction_linear`); ``lorahot, wide GEMMs`` (that form off,
+``reduction_linear.ROWS = 0``, as before 2026-12-02; the setting is a constant the compiler
+guards on, so it is set before every call of each configuration). Each lorahot configuration's
+compiled decode logits are checked against the same model run eagerly.
+
+    PYTHONPATH=. python3 -m benchmarks.experiments.default_mode_probe
+"""
+
+from __future__ import annotations
+
+import cProfile
+import gc
+import io
+import pstats
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import lorahot
+from benchmarks.workload import MAX_RANK, TARGETS, build
+from lorahot.kernels import reduction_linear
+
+Call = Callable[[], object]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+#: per configuration, what reduction_linear.ROWS is while it compiles and runs
+ROWS = {"base": reduction_linear.ROWS, "lorahot": reduction_linear.ROWS, "lorahot, wide GEMMs": 0}
+
+
+def compiled(name: str, model: torch.nn.Module, ids: dict[str, torch.Tensor]) -> Call:
+    c = torch.compile(model, fullgraph=True)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        reduction_linear.ROWS = ROWS[name]
+        with torch.inference_mode():
+            out: torch.Tensor = c(input_ids=x).logits
+            return out
+
+    call(ids["prefill"])
+    got = call(ids["decode"]).float()
+    if name != "base":
+        with torch.inference_mode():
+            want = model(input_ids=ids["decode"]).logits.float()
+        err = ((got - want).norm() / want.norm()).item()
+        print(f"{name}: compiled decode against eager, relative error {err:.3g}", flush=True)
+    return lambda: call(ids["decode"])
+
+
+def host_and_synced(call: Call, n: int = 30) -> tuple[float, float]:
+    host, synced = [], []
+    for _ in range(n):
+        sync()
+        t = time.perf_counter()
+        call()
+        host.append(time.perf_counter() - t)
+        sync()
+        synced.append(time.perf_counter() - t)
+    return statistics.median(host) * 1e3, statistics.median(synced) * 1e3
+
+
+def launches(call: Call) -> int:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        call()
+        sync()
+    return sum(e.count for e in prof.key_averages() if "Launch" in e.key)
+
+
+def profile(name: str, call: Call, n: int = 50) -> None:
+    prof = cProfile.Profile()
+    sync()
+    prof.enable()
+    for _ in range(n):
+        call()
+    prof.disable()
+    sync()
+    stats = pstats.Stats(prof)
+    per: dict[str, float] = {}
+    total = 0.0
+    for (file, _line, fn), (_cc, nc, tt, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        total += tt
+        fn = fn.strip("<>").split()[-1]  # "<built-in method torch.mm>" -> "torch.mm"
+        for key in ("mm", "addmm", "_reinterpret_tensor", "_empty_strided_cuda", "assert_size_stride", "run", "inner"):
+            if (fn == key and (key != "run" or "triton" in file)) or fn.endswith(f".{key}"):
+                per[f"{key} calls"] = per.get(f"{key} calls", 0) + nc / n
+                per[f"{key} us"] = per.get(f"{key} us", 0) + tt / n * 1e6
+    print(f"--- {name}: cProfile, {total / n * 1e3:.2f} ms per call under the profiler", flush=True)
+    print("    " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(per.items())), flush=True)
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()][-15:]
+    print("\n".join("    " + ln[:160] for ln in lines), flush=True)
+
+
+def main() -> None:
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    w = build(small=dev.type == "cpu", device=dev)  # small on the CPU: a check of the script
+    ids = {"prefill": w.prefill, "decode": w.decode}
+    calls: dict[str, Call] = {}
+    keep = []
+    for name in ROWS:
+        t = time.perf_counter()
+        model = w.fresh_base()
+        if name != "base":
+            runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK)
+            runtime.load(w.adapters[64])
+            keep.append(runtime)
+        keep.append(model)
+        calls[name] = compiled(name, model, ids)
+        print(f"{name}: compiled in {time.perf_counter() - t:.1f} s", flush=True)
+    for call in calls.values():
+        for _ in range(10):
+            call()
+    rows: dict[str, list[tuple[float, float]]] = {k: [] for k in calls}
+    collections = dict.fromkeys(calls, 0)
+    for _ in range(3):
+        for name, call in calls.items():
+            before = sum(s["collections"] for s in gc.get_stats())
+            rows[name].append(host_and_synced(call))
+            collections[name] += sum(s["collections"] for s in gc.get_stats()) - before
+    print("decode, default mode: host ms / synced ms per call, 3 interleaved rounds (median of 30)")
+    base_host = statistics.median(h for h, _ in rows["base"])
+    base_sync = statistics.median(s for _, s in rows["base"])
+    for name, r in rows.items():
+        h = statistics.median(x for x, _ in r)
+        s = statistics.median(y for _, y in r)
+        print(
+            f"{name:20s} host {h:7.3f} synced {s:7.3f} ({s / base_sync:.2f}x; host +{(h - base_host) * 1e3 / 154:.1f} "
+            f"us per LoRA layer) rounds {' '.join(f'{y:.2f}' for _, y in r)} launches {launches(calls[name])} "
+            f"gc collections {collections[name]}",
+            flush=True,
+        )
+    for name, call in calls.items():
+        profile(name, call)
+
+
+if __name__ == "__main__":
+    main()
