@@ -23,7 +23,6 @@ from torch import nn
 from lorahot.errors import UsageError
 from lorahot.kernels import compile_mode, routed_linear
 from lorahot.kernels import lora_linear as fused_kernel
-from lorahot.kernels import reduction_linear as reduction_kernel
 from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.kernels import wide_linear as wide_kernel
 from lorahot.layers import routing
@@ -232,39 +231,26 @@ class LoRALinear(LoRALayer):
         or the checks fail: the general forward then decides."""
         if not self.can_widen(x):  # for a fused, wide layer also the fused kernel's conditions on x
             return None
-        per_call = compile_mode.launched_per_call()
-        if per_call and reduction_kernel.applies(_rows(x)):  # a few rows, launched per call: no GEMM added
-            a, b, s = self._arena_views(key, geometry)
-            base = self._base
-            y: torch.Tensor = reduction_kernel.reduction_linear(x, base.weight, base.bias, a, b, s)
-            return y
-        if fused and not per_call:  # not replayed: the wide GEMMs (compile_mode)
+        if fused and not compile_mode.launched_per_call():  # not replayed: the wide GEMMs (compile_mode)
             rows = _rows(x)
             if not fused_kernel.decidable(rows):  # a choice per call: the general forward's operator
                 return None
             if fused_kernel.worth_it(rows, self.spec.out_dim, wide=True):  # the fused kernel
-                a, b, s = self._arena_views(key, geometry)
+                if geometry is None:  # regional: the layer's own views
+                    a, b, s, _ = self._live  # type: ignore[misc]
+                else:
+                    arena = TENSORS[key]
+                    a, b, s = (
+                        arena[0].as_strided(*geometry[0]),
+                        arena[1].as_strided(*geometry[1]),
+                        arena[2].as_strided(*geometry[2]),
+                    )
                 base = self._base
                 z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s)
                 return z
         if geometry is None:  # regional: the layer's own view
             return self.wide_forward(x, self._live[0])  # type: ignore[index]
         return self.wide_forward(x, TENSORS[key][0].as_strided(*geometry[0]))
-
-    def _arena_views(
-        self, key: int, geometry: tuple[Any, ...] | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The live ``A``, ``Bt`` and scales a compiled path reads: the layer's own views where
-        compiled regionally (``geometry`` None), else views of the arena by its handle."""
-        if geometry is None:
-            a, b, s, _ = self._live  # type: ignore[misc]
-            return a, b, s
-        arena = TENSORS[key]
-        return (
-            arena[0].as_strided(*geometry[0]),
-            arena[1].as_strided(*geometry[1]),
-            arena[2].as_strided(*geometry[2]),
-        )
 
     def compiled_routed(
         self,
