@@ -108,8 +108,10 @@ class Rig:
 
     def snapshot(self) -> list[torch.Tensor]:
         tensors = [t.clone() for a in self.rt.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+        routing = self.rt.routing
+        state = torch.tensor([self.rt.active_slot, *([-2] if routing is None else routing)])  # -2: no routing
         with torch.no_grad():
-            return [*tensors, self.tp(self.ids)]
+            return [*tensors, state, self.tp(self.ids)]
 
     def unchanged(self, before: list[torch.Tensor]) -> str | None:
         after = self.snapshot()
@@ -224,7 +226,8 @@ def scenario_atomic(mesh: object, folder: Path, check: Checks) -> None:
 
 def disagreements(rig: Rig, check: Checks) -> None:
     """Calls that pass every check on every rank, but would leave the ranks holding different
-    adapters (another file, alpha, scale or slot on rank 1): every rank refuses with a
+    adapters (another file, alpha, scale or slot on rank 1) or computing with different slots
+    (another ``activate``, routing or ``unload`` on rank 1): every rank refuses with a
     UsageError naming what differs, and nothing changes; the same contents at another path
     load (the negative control). Slot 0 holds ``b`` and is active, and is left so."""
     rank = dist.get_rank()
@@ -237,6 +240,10 @@ def disagreements(rig: Rig, check: Checks) -> None:
         ("another slot on rank 1", lambda: rig.rt.load(rig.path("b"), slot=rank), "arguments"),
         ("another set_scale on rank 1", lambda: rig.rt.set_scale(1.0 if rank == 0 else 0.7), "arguments"),
         ("a preload of another file on rank 1", lambda: rig.rt.preload(rig.path(mine), key="k"), "values"),
+        ("another activate on rank 1", lambda: rig.rt.activate(rank), "arguments"),
+        ("another routing on rank 1", lambda: rig.rt.activate([0, 1] if rank == 0 else [1, 0]), "arguments"),
+        ("another unload on rank 1", lambda: rig.rt.unload(rank), "arguments"),
+        ("an unload of every slot on rank 1 only", lambda: rig.rt.unload(0 if rank == 0 else None), "arguments"),
     ]
     for name, call, aspect in cases:
         check(name, lambda call=call, aspect=aspect: raises(lorahot.UsageError, call, aspect, "rank 1", "no rank"))

@@ -1,9 +1,9 @@
 """Every rank of a tensor-parallel model decides together whether an operation goes ahead.
 
-On a sharded model each rank runs ``load`` (and ``set_scale``, ``preload``) itself, on its own
-part of the adapter; a check can fail on one rank only (its slice holds a NaN, its file
+On a sharded model each rank runs ``load`` (and ``set_scale``, ``preload``, ``activate``,
+``unload``) itself, on its own part of the adapter; a check can fail on one rank only (its slice holds a NaN, its file
 changed, it ran out of memory), and the checks can pass everywhere while the ranks were given
-different things (another file on one node, another slot or scale). Before the first write
+different things (another file on one node, another slot, scale or routing). Before the first write
 each rank therefore reports whether its checks passed and digests of what it would write
 (:mod:`lorahot.runtime.fingerprint`), in one all-gather over the model's process group. If the
 digests differ, none writes and every rank raises a UsageError naming what differs. If any

@@ -8,7 +8,8 @@ and no error. So before a write, besides whether its checks passed, each rank re
 digests of what it is about to write (:class:`lorahot.runtime.agreement.Agreement` compares
 them), one per aspect, so that a refusal can say which one differs:
 
-- ``arguments``: the slot and the weights (scales) of a load or ``set_scale``, a preload's key;
+- ``arguments``: the slot and the weights (scales) of a load or ``set_scale``, a preload's key,
+  the slot or per-row routing of ``activate``, the slots ``unload`` empties;
 - ``modules``: per part of the stack, each target layer's name, rank, alpha and the dtype and
   shape of the tensors every rank holds whole, each arena's ``alpha / r`` per layer, the keys
   left out;

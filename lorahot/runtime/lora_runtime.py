@@ -722,7 +722,11 @@ class LoraRuntime:
                 a routing that is not a non-empty sequence of ints, 1-D integer tensor or array;
                 ``lengths`` not one count (int >= 0) per entry, or more than
                 :data:`~lorahot.runtime.routing.MAX_TOKENS` in all; a per-row routing in merged
-                mode (the adapter is folded into weights every row shares). Nothing changed.
+                mode (the adapter is folded into weights every row shares). On a
+                tensor-parallel model also where another rank's check failed, or the ranks
+                were given different slots or routings (naming ``arguments`` and the ranks):
+                a rank computing with another adapter than the rest would add up the wrong
+                partial products. Nothing changed, on any rank.
                 A batch that does not fit the routing raises when the model runs, compiled or
                 not (:mod:`lorahot.layers.refusal`).
         """
@@ -734,7 +738,10 @@ class LoraRuntime:
                 f"activate({slot!r:.40})."
             )
         if not per_row:
-            slot = self._slot(slot)  # an int, or the error saying what it must be
+            whole = slot
+            slot = self._agreed(  # an int, or the error saying what it must be
+                lambda: self._slot(whole), "activate", lambda s: {"arguments": fingerprint.arguments("activate", s)}
+            )
             merged = self._merger is not None
             before = self._active
             try:
@@ -752,14 +759,30 @@ class LoraRuntime:
             self._routing.clear()
             return
         filled = [info is not None for info in self._infos]
-        route = check_routing(slot, lengths, self.slots, filled, merged=self._merger is not None)
+        rows = slot
+        route = self._agreed(
+            lambda: check_routing(rows, lengths, self.slots, filled, merged=self._merger is not None),
+            "activate",
+            lambda r: {"arguments": fingerprint.arguments("activate rows", r.tolist())},
+        )
         self._routing.set(route)
 
     @public_api
     def unload(self, slot: int | None = None) -> None:
-        """Empties ``slot``, or every slot if None. An emptied active slot means no adapter."""
+        """Empties ``slot``, or every slot if None. An emptied active slot means no adapter.
+
+        Raises:
+            UsageError: ``slot`` out of range; on a tensor-parallel model also where another
+                rank's check failed or the ranks were given different slots (naming
+                ``arguments`` and the ranks). Nothing changed, on any rank.
+        """
         self._check_usable()
-        for s in range(self.slots) if slot is None else [self._slot(slot)]:
+        emptied = self._agreed(
+            lambda: list(range(self.slots)) if slot is None else [self._slot(slot)],
+            "unload",
+            lambda e: {"arguments": fingerprint.arguments("unload", e)},
+        )
+        for s in emptied:
             try:
                 self._empty(s)
             except BaseException:  # interrupted (KeyboardInterrupt): the slot is emptied all the same

@@ -140,6 +140,10 @@ ATOMIC = [
             "another slot on rank 1",
             "another set_scale on rank 1",
             "a preload of another file on rank 1",
+            "another activate on rank 1",
+            "another routing on rank 1",
+            "another unload on rank 1",
+            "an unload of every slot on rank 1 only",
         )
         for check in (what, f"unchanged after {what}")
     ),
