@@ -18,22 +18,42 @@ row, per TinyLlama shape (q/o: one launch; k/v: K split, two launches):
 - ``runner``: the compiled kernel's own runner (``CompiledKernel[grid](*args)``), no argument binding;
 - the pieces of the body: ``pdl.active``, ``launching_on``, ``config_for``, a ``torch.empty``.
 
-Part 2: two TinyLlama-shaped blocks (14 LoRA layers) compiled in default mode, base and lorahot
-with a rank-64 adapter, host time per decode call and launches: lorahot with its fused
-operator (direct launches) and with the wide GEMMs default mode takes without them, the base
-model measured first and last;
-before it, what :func:`lorahot.kernels.compile_mode.launched_per_call` answers per mode.
+Part 2: two TinyLlama-shaped blocks (14 LoRA layers) compiled in default mode, the base model
+and a copy of it with lorahot and a rank-64 adapter, host time per decode call in five
+interleaved rounds, and launches: lorahot with its fused operator (direct launches), with the
+wide GEMMs default mode takes, and with the lean operator of part 4; before it, what
+:func:`lorahot.kernels.compile_mode.launched_per_call` answers per mode. (Until 2026-12-02 the
+"base" measured last was the injected model itself, so it read as the wide one:
+``runs/20261202T034419-launch-host-probe.log``.)
+
+Part 4 (:func:`lean`): a lean operator, ``lorahot::probe_lean``, the floor of the fused kernel as
+one opaque call: K never split (one launch, no workspace), the compiled binary's runner and its
+integer arguments kept per layer and row count (keyed by the weight's address, the row count,
+the input's row stride and the 16-byte alignment of input and output), its body an output
+allocation, a key and the runner. Per shape: ``F.linear``, the lean operator, its body without
+the dispatcher, and ``lorahot::lora_linear`` as it is. In part 2 the same operator then runs in
+every LoRA layer of the two compiled blocks (``lean``): if it costs the host about what the
+base layer's GEMM does, a default-mode layer would add no launch and little host time. Part 2
+also runs ``visible``: the same kernel as a ``torch.library.triton_op``
+(``lorahot::probe_visible``), launched by the compiled wrapper itself. Measured on an H200
+(``runs/20261202T034419-``, ``034804-`` and ``035134-launch-host-probe.log``): the lean
+operator 24-36 us per call against ``F.linear``'s 15-26; in the two blocks, us per LoRA layer
+over the base model, wide GEMMs +10.1 and +26.1 (two runs), lean +21.2 and +40.2, visible
++20.3 (compiling 8.7 s against the wide form's 4.7): neither beats the wide GEMMs
+(``benchmarks/README.md``, "Twenty-first session").
 
 Part 3 (:func:`floors`): the least an opaque operator can cost the host (an empty body; the
 kernel's binary launched directly, split and unsplit). ``PROBE_PART`` picks the parts
-(default ``123``).
+(default ``1234``).
 
     PYTHONPATH=. python3 -m benchmarks.experiments.launch_host_probe
 """
 
 from __future__ import annotations
 
+import copy
 import cProfile
+import functools
 import io
 import os
 import pstats
@@ -42,6 +62,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -250,45 +271,219 @@ def part2() -> None:
 
     per_call = compile_mode.launched_per_call
     print(f"direct launches available: {direct_launch.available()}", flush=True)
-    runtime = None
-    rows = []
-    # lorahot with the fused operator (the layers told the graph is replayed, so they keep it;
-    # its launches direct), then with the wide GEMMs default mode takes; base first and last,
-    # to see the host's drift
-    for name in ("base", "fused", "wide", "fused", "base"):
-        model = base
-        if name != "base" and runtime is None:
-            runtime = lorahot.inject(base, TARGETS, max_rank=64)
-            runtime.load(str(tmp / "a"))
-        compile_mode.launched_per_call = per_call if name != "fused" else (lambda: False)  # type: ignore[assignment]
-        torch._dynamo.reset()
+    from lorahot.kernels import lora_linear as fused_kernel
+
+    fused_op = fused_kernel.lora_linear
+    register_lean()
+    lmodel = copy.deepcopy(base)
+    runtime = lorahot.inject(lmodel, TARGETS, max_rank=64)
+    runtime.load(str(tmp / "a"))
+
+    def never() -> bool:
+        return False
+
+    # per configuration: the model, what the layers are told about the graph ("fused" and
+    # "lean": replayed, so they take the fused path) and the fused path's operator. Both are
+    # module globals the compiler guards on, so each configuration's graph is its own cache
+    # entry, selected by setting them before each call (checked by the launch counts).
+    configs = {
+        "base": (base, per_call, fused_op),
+        "wide": (lmodel, per_call, fused_op),
+        "lean": (lmodel, never, lean_op),
+        "visible": (lmodel, never, visible_op),
+    }
+    if os.environ.get("PROBE_FUSED"):
+        configs["fused"] = (lmodel, never, fused_op)
+    torch._dynamo.reset()
+    calls: dict[str, Callable[[], torch.Tensor]] = {}
+    for name, (model, told, op) in configs.items():
         compiled = torch.compile(model)
+        start = time.perf_counter()
 
-        def call() -> None:
+        def call(compiled: Callable[..., Any] = compiled, told: Any = told, op: Any = op) -> torch.Tensor:
+            compile_mode.launched_per_call = told  # type: ignore[assignment]
+            fused_kernel.lora_linear = op  # type: ignore[assignment]
             with torch.inference_mode():
-                compiled(input_ids=ids)
+                out: torch.Tensor = compiled(input_ids=ids).logits
+                return out
 
-        for _ in range(3):
+        try:
             call()
-        host = []
-        for _ in range(40):
+        except Exception as e:  # a configuration that does not compile: reported, the others run
+            print(f"{name}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            continue
+        print(f"{name}: compiled (first call) in {time.perf_counter() - start:.1f} s", flush=True)
+        for _ in range(2):
+            call()
+        calls[name] = call
+    outs = {name: call().float() for name, call in calls.items()}
+    for name in [n for n in ("fused", "lean", "visible") if n in outs]:
+        err = ((outs[name] - outs["wide"]).norm() / outs["wide"].norm()).item()
+        print(f"{name} against wide: relative difference of the logits {err:.3g}", flush=True)
+    host: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(5):  # interleaved rounds: the host drifts
+        for name, call in calls.items():
+            times = []
+            for _ in range(40):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                call()
+                times.append((time.perf_counter() - t) * 1e3)
             torch.cuda.synchronize()
-            t = time.perf_counter()
-            call()
-            host.append((time.perf_counter() - t) * 1e3)
-        torch.cuda.synchronize()
-        rows.append((name, statistics.median(host)))
-        print(f"{name}: host {rows[-1][1]:.3f} ms per decode call; launches {launches(call)}", flush=True)
-    compile_mode.launched_per_call = per_call  # type: ignore[assignment]
-    base_ms = (rows[0][1] + rows[-1][1]) / 2
-    for name, ms in rows[1:-1]:
+            host[name].append(statistics.median(times))
+    base_ms = statistics.median(host["base"])
+    for name, call in calls.items():
+        ms = statistics.median(host[name])
         print(
-            f"2 blocks, default mode, {name}: {(ms - base_ms) * 1e3 / 14:.1f} us per LoRA layer over the base",
+            f"2 blocks, default mode, {name}: host {ms:.3f} ms per decode call (rounds "
+            f"{' '.join(f'{v:.3f}' for v in host[name])}), {(ms - base_ms) * 1e3 / 14:.1f} us per LoRA layer over "
+            f"the base; launches {launches(call)}",
             flush=True,
         )
+    compile_mode.launched_per_call = per_call  # type: ignore[assignment]
+    fused_kernel.lora_linear = fused_op  # type: ignore[assignment]
 
 
-def launches(call: Callable[[], None]) -> dict[str, int]:
+#: per (weight address, rows, input row stride, input and output alignment): the binary's
+#: runner, its arguments after the tensors, and the device index
+_LEAN: dict[tuple[int, ...], tuple[Callable[..., object], tuple[object, ...], int]] = {}
+
+
+def _lean_fake(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _lean_body(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """The fused kernel, K unsplit, in one launch of its kept runner (see part 4)."""
+    k, n = x.shape[-1], weight.shape[0]
+    out = torch.empty((*x.shape[:-1], n), device=x.device, dtype=x.dtype)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    key = (weight.data_ptr(), m, x2.stride(0), x2.data_ptr() & 15, out.data_ptr() & 15)
+    b = weight if bias is None else bias
+    plan = _LEAN.get(key)
+    if plan is None:
+        from lorahot.kernels.triton_routed_lora import rank_pad
+
+        bm, bn, _, warps, stages, _ = K.config_for(m, n, k)
+        bk = 128 if m <= 16 else 64
+        r = a.shape[-2]
+        grid = (triton_cdiv(m, bm), triton_cdiv(n, bn), 1)
+        rest = (
+            m, n, k, r, triton_cdiv(k, bk) * bk, 0, 1,
+            x2.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), n, bt.stride(0), x2.stride(0),
+            bias is not None, rank_pad(r), 1, bm, bn, bk, False, False,
+        )  # fmt: skip
+        compiled = K._lora_linear_kernel[grid](
+            x2, weight, a, bt, b, scale, out, out, x2, x2, *rest, num_warps=warps, num_stages=stages
+        )
+        _LEAN[key] = (compiled[grid], rest, x.device.index or 0)
+        return out
+    runner, rest, device = plan
+    runner(x2, weight, a, bt, b, scale, out, out, x2, x2, *rest, stream=torch._C._cuda_getCurrentRawStream(device))
+    return out
+
+
+def lean_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """``lorahot::probe_lean`` (:func:`register_lean` first), as ``lora_linear``'s signature."""
+    out: torch.Tensor = torch.ops.lorahot.probe_lean(x, weight, bias, a, bt, scale)
+    return out
+
+
+def visible_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """``lorahot::probe_visible``: the fused kernel, K unsplit, as a ``triton_op`` the compiler
+    sees into and launches from its own wrapper (:func:`register_lean` first)."""
+    out: torch.Tensor = torch.ops.lorahot.probe_visible(x, weight, bias, a, bt, scale)
+    return out
+
+
+def _visible(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    from torch.library import wrap_triton
+
+    from lorahot.kernels.triton_routed_lora import rank_pad
+
+    k, n = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    bm, bn, _, warps, stages, _ = K.config_for(m, n, k)
+    bk = 128 if m <= 16 else 64
+    r = a.shape[-2]
+    grid = (triton_cdiv(m, bm), triton_cdiv(n, bn), 1)
+    b = weight if bias is None else bias
+    wrap_triton(K._lora_linear_kernel)[grid](
+        x2, weight, a, bt, b, scale, out, out, x2, x2,
+        m, n, k, r, triton_cdiv(k, bk) * bk, 0, 1,
+        x2.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), n, bt.stride(0), x2.stride(0),
+        HAS_BIAS=bias is not None, R_PAD=rank_pad(r), SPLIT=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        ROUTED=False, PDL=False, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], n)
+
+
+@functools.cache
+def register_lean() -> None:
+    """Registers ``lorahot::probe_lean`` (outside any trace)."""
+    from lorahot.kernels.op_registry import define
+
+    schema = "probe_lean(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor bt, Tensor scale) -> Tensor"
+    define(schema, _lean_fake)(_lean_body)
+    torch.library.triton_op("lorahot::probe_visible", _visible, mutates_args=())
+
+
+def lean() -> None:
+    """Part 4: the lean operator's host cost per call against ``F.linear`` and the operator."""
+    register_lean()
+    print("host us per call, 1 row: the lean operator (one launch, K unsplit)")
+    head = ["linear", "lean op", "lean body", "op"]
+    print(f"{'shape':8s} " + " ".join(f"{h:>9s}" for h in head), flush=True)
+    for name, (k, n) in SHAPES.items():
+        x, w, a, bt, s = decode_layer(k, n)
+        want = torch.ops.lorahot.lora_linear(x, w, None, a, bt, s)
+        got = lean_op(x, w, None, a, bt, s)  # records the plan
+        got = lean_op(x, w, None, a, bt, s)  # through the runner
+        torch.cuda.synchronize()
+        err = (got.float() - want.float()).abs().max().item()
+        row = [
+            per_call_us(lambda: torch.nn.functional.linear(x, w)),
+            per_call_us(lambda: torch.ops.lorahot.probe_lean.default(x, w, None, a, bt, s)),
+            per_call_us(lambda: _lean_body(x, w, None, a, bt, s)),
+            per_call_us(lambda: torch.ops.lorahot.lora_linear.default(x, w, None, a, bt, s)),
+        ]
+        print(f"{name:8s} " + " ".join(f"{v:9.1f}" for v in row) + f"   lean-op {err:.3g}", flush=True)
+
+
+def launches(call: Callable[[], object]) -> dict[str, int]:
     """The host's launch calls in one ``call()``, by runtime function (the profiler's count)."""
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -312,9 +507,11 @@ def detection() -> None:
 
 
 if __name__ == "__main__":
-    parts = os.environ.get("PROBE_PART", "123")
+    parts = os.environ.get("PROBE_PART", "1234")
     if "1" in parts:
         part1()
+    if "4" in parts:
+        lean()
     if "3" in parts:
         floors()
     if "2" in parts:

@@ -30,6 +30,14 @@ launches are direct (:mod:`lorahot.kernels.direct_launch`), which cut the fused 
 time from 96-136 to 75-100 us per call. That was not enough to bring the fused operator back
 into default mode: with it in every layer, a compiled model's decode read 33.8 ms against the
 wide GEMMs' 17.6 and the base model's 7.0 (``runs/20261202T004403-forward.json``, one run).
+Three other default-mode forms were measured on 2026-12-02 and not kept (``benchmarks/README.md``,
+"Twenty-first session"): the LoRA of decode rows as reductions the compiler generates (more
+launches: 577 per decode call against the wide GEMMs' 489 and the base model's 335), and the
+fused kernel with K unsplit, one launch per layer, either behind a lean operator or as a
+``triton_op`` the compiler launches itself: both fewer launches than the base model, neither
+less host time than the wide GEMMs in two compiled blocks. On these hosts each launch costs
+about 21 us whatever it launches, and the wide form's one extra launch per LoRA layer is what
+its 1.5-1.6x is made of.
 """
 
 from __future__ import annotations
