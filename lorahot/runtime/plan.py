@@ -268,20 +268,49 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
     """Every problem with folding ``module`` (LoHa, LoKr, Tucker LoCon, diff) into layer ``name``."""
     where = _where(name, module)
     if spec.kind not in ("linear", "conv") or spec.groups != 1:
+        this = f"a conv with groups={spec.groups}" if spec.groups != 1 else f"this {spec.kind} layer"
         return [
-            f"{where}: {module.kind} weights fold only into Linear/Conv1D and ungrouped conv layers, not this "
-            f"{spec.kind} layer"
+            f"{where}: {module.kind} weights fold only into Linear/Conv1D and ungrouped conv layers, not {this} "
+            "(convert the adapter to plain LoRA, or leave this module out)"
         ]
+    shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.factors.items())
+    contradiction = _contradiction(module)
+    if contradiction is not None:
+        return [f"{where}: its {module.kind} factors ({shapes}) contradict each other: {contradiction}"]
     expected = (spec.out_dim, *spec.a_row_shape)  # the torch layout [out, in, *kernel]
     got = delta_shape(module, expected)
-    fits = got is not None and len(got) > 0 and got[0] == spec.out_dim and math.prod(got) == math.prod(expected)
+    # a flat [out, in * prod(kernel)] weight is the torch layout read row by row (LyCORIS saves
+    # conv factors of LoHa and LoKr so); one with its own kernel dimensions must match them: a
+    # [16, 8, 1, 9] kernel is not a [16, 8, 3, 3] one, though it has as many elements
+    fits = (
+        got is not None
+        and len(got) > 0
+        and got[0] == spec.out_dim
+        and math.prod(got) == math.prod(expected)
+        and (len(got) == 2 or got == expected)
+    )
     bias = module.factors.get("diff_b")
     if not fits:
-        shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.factors.items())
         return [f"{where}: its {module.kind} factors ({shapes}) make a weight of shape {got}, expected {expected}"]
     if bias is not None and tuple(bias.shape) != (spec.out_dim,):
         return [f"{where}: diff_b has shape {tuple(bias.shape)}, expected ({spec.out_dim},)"]
     return []
+
+
+def _contradiction(module: WeightModule) -> str | None:
+    """What makes ``module``'s factors ambiguous, or None: LoHa halves of different ranks (the
+    alpha divides one rank), or a LoKr half given both whole and as two factors (which one is
+    the weight, and whether the alpha applies, is then undecided). LyCORIS refuses both."""
+    f = module.factors
+    if module.kind == "loha" and "hada_w1_b" in f and "hada_w2_b" in f:
+        r1, r2 = (int(f[k].shape[0]) if f[k].ndim else 0 for k in ("hada_w1_b", "hada_w2_b"))
+        if r1 != r2:
+            return f"the two Hadamard halves have ranks {r1} and {r2}; LoHa's halves share one rank"
+    if module.kind == "lokr":
+        for half in ("lokr_w1", "lokr_w2"):
+            if half in f and (f"{half}_a" in f or f"{half}_b" in f):
+                return f"{half} is given both whole and as {half}_a/{half}_b; keep one form"
+    return None
 
 
 def check_weight_values(name: str, module: WeightModule) -> list[str]:

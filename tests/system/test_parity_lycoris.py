@@ -164,6 +164,122 @@ def test_wrong_shape_and_missing_factor_are_named() -> None:
         lorahot.read_adapter(sd)
 
 
+def _conv_file(kind: str) -> dict[str, torch.Tensor]:
+    """Factors of a ``Conv2d(8, 16, (1, 9))`` (72 kernel entries per output channel, as many as
+    a 3x3 one's over 8 inputs) in LyCORIS' layouts: LoKr with a whole 4-D second half, LoHa with
+    Tucker cores, LoCon with a Tucker middle."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3
+
+    files = {
+        "lokr": {"lokr_w1": r(4, 2), "lokr_w2": r(4, 4, 1, 9)},
+        "loha-tucker": {
+            "hada_w1_a": r(2, 16),
+            "hada_w1_b": r(2, 8),
+            "hada_t1": r(2, 2, 1, 9),
+            "hada_w2_a": r(2, 16),
+            "hada_w2_b": r(2, 8),
+            "hada_t2": r(2, 2, 1, 9),
+        },
+        "locon-tucker": {
+            "lora_down.weight": r(2, 8, 1, 1),
+            "lora_mid.weight": r(2, 2, 1, 9),
+            "lora_up.weight": r(16, 2, 1, 1),
+        },
+    }
+    return {f"lycoris_0.{k}": v for k, v in {**files[kind], "alpha": torch.tensor(2.0)}.items()}
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha-tucker", "locon-tucker"])
+def test_a_kernel_of_another_shape_with_as_many_entries_is_refused(kind: str) -> None:
+    """A ``(1, 9)`` kernel is not a ``(3, 3)`` one: LyCORIS refuses to apply the file to a 3x3
+    conv, and lorahot refuses it too, naming both shapes, where it used to reshape the weight
+    into the layer's kernel (a silent wrong weight). The model stays bitwise as it was."""
+    from lycoris import create_lycoris_from_weights
+
+    sd = _conv_file(kind)
+    model = _base("conv")
+    with pytest.raises(RuntimeError):  # the oracle: the sizes do not match
+        create_lycoris_from_weights(1.0, "", copy.deepcopy(model), weights_sd=dict(sd))
+    before = model[0].weight.detach().clone()
+    runtime = lorahot.inject(model, ["0"], max_rank=8, merged=True)
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"make a weight of shape \(16, 8, 1, 9\), expected \(16, 8, 3, 3\)"
+    ):
+        runtime.load(sd)
+    assert torch.equal(model[0].weight, before)
+
+
+def test_the_same_factors_for_a_kernel_of_their_shape_load_like_lycoris() -> None:
+    """The negative control: the LoKr factors above, on the ``(1, 9)`` conv they were made for,
+    load and fold as LyCORIS folds them."""
+    from lycoris import create_lycoris_from_weights
+
+    sd = _conv_file("lokr")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, (1, 9), padding=(0, 4))).double()
+    oracle = copy.deepcopy(model)
+    network, _ = create_lycoris_from_weights(1.0, "", oracle, weights_sd=dict(sd))
+    network.apply_to()
+    lorahot.inject(model, ["0"], max_rank=8, merged=True).load(sd)
+    x = _input("conv")
+    with torch.no_grad():  # LyCORIS keeps the factors it loads in float32
+        torch.testing.assert_close(model(x), oracle(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["loha-ranks", "lokr-both-forms"])
+def test_factors_that_contradict_each_other_are_refused(case: str) -> None:
+    """LoHa halves of different ranks (which one does the alpha divide?) and a LoKr half given
+    both whole and as two factors (which one is the weight, and is it scaled?): LyCORIS refuses
+    both files, and lorahot did load them, with a scale of its choosing. Now refused, naming
+    the contradiction; nothing changes."""
+    from lycoris import create_lycoris_from_weights
+
+    g = torch.Generator().manual_seed(4)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3
+
+    if case == "loha-ranks":
+        factors = {"hada_w1_a": r(24, 4), "hada_w1_b": r(4, 16), "hada_w2_a": r(24, 2), "hada_w2_b": r(2, 16)}
+        message = r"the two Hadamard halves have ranks 4 and 2"
+    else:
+        factors = {"lokr_w1": r(4, 4), "lokr_w2": r(6, 4), "lokr_w2_a": r(6, 2), "lokr_w2_b": r(2, 4)}
+        message = r"lokr_w2 is given both whole and as lokr_w2_a/lokr_w2_b"
+    sd = {f"lycoris_0.{k}": v for k, v in {**factors, "alpha": torch.tensor(1.0)}.items()}
+    model = _base("linear")
+    with pytest.raises((RuntimeError, AttributeError)):  # the oracle refuses
+        create_lycoris_from_weights(1.0, "", copy.deepcopy(model), weights_sd=dict(sd))
+    before = model[0].weight.detach().clone()
+    runtime = lorahot.inject(model, ["0"], max_rank=8, merged=True)
+    with pytest.raises(lorahot.AdapterMismatchError, match=f"contradict each other: {message}"):
+        runtime.load(sd)
+    assert torch.equal(model[0].weight, before)
+
+
+def test_weight_kinds_on_a_grouped_conv_are_refused_without_sending_to_merged_mode() -> None:
+    """Merged mode cannot fold a LoHa into a grouped conv (its inject refuses the layer), so the
+    refusal names the grouping and says to convert the adapter, not to inject merged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=2)).double()
+    g = torch.Generator().manual_seed(1)
+    factors = {
+        "hada_w1_a": torch.randn(16, 2, generator=g, dtype=torch.float64),
+        "hada_w1_b": torch.randn(2, 36, generator=g, dtype=torch.float64),
+        "hada_w2_a": torch.randn(16, 2, generator=g, dtype=torch.float64),
+        "hada_w2_b": torch.randn(2, 36, generator=g, dtype=torch.float64),
+    }
+    runtime = lorahot.inject(model, ["0"], max_rank=4)
+    with pytest.raises(lorahot.AdapterMismatchError) as refused:
+        runtime.load({f"lycoris_0.{k}": v for k, v in factors.items()})
+    assert "not a conv with groups=2 (convert the adapter to plain LoRA" in str(refused.value)
+    assert "merged=True" not in str(refused.value)
+    with pytest.raises(lorahot.UsageError, match="groups=2 cannot be merged"):
+        lorahot.inject(nn.Sequential(nn.Conv2d(8, 16, 3, groups=2)), ["0"], max_rank=4, merged=True)
+
+
 def test_eject_after_a_merged_lokr_restores_every_weight() -> None:
     _, _, sd = _lycoris(LokrModule, "linear", {"lora_dim": 2, "alpha": 3.0, "factor": 4})
     model = _base("linear")
