@@ -706,6 +706,8 @@ def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: An
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner) and k not in own]:
         state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
     module.__dict__["_loading_prefix"] = prefix  # for _report_base_keys
+    # for _report_base_keys: what the runtime derived from the base weight or bias is recomputed
+    module.__dict__["_loading_base"] = inner + "weight" in state_dict or inner + "bias" in state_dict
     if isinstance(module, LoRALayer) and module.pristine_weight is not None:
         base = module.base_layer
         for name in ("weight", "bias"):
@@ -730,8 +732,12 @@ def _report_base_keys(module: nn.Module, incompatible: Any) -> None:
     """Load post hook: missing and unexpected keys are reported as the checkpoint names them
     (``<prefix>k``), not as :func:`_add_base_prefix` renamed them; ``strict`` checks the same."""
     prefix = module.__dict__.pop("_loading_prefix", None)
+    loaded_base = module.__dict__.pop("_loading_base", False)
     if prefix is None:
         return
     inner = prefix + "base_layer."
     for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
         keys[:] = [prefix + k[len(inner) :] if k.startswith(inner) else k for k in keys]
+    state = module.state if isinstance(module, LoRALayer) else None
+    if loaded_base and state is not None and state.ejected is None and state.base_loaded is not None:
+        state.base_loaded(module)

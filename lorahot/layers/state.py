@@ -22,6 +22,9 @@ class RuntimeState:
         self.ejected: str | None = None
         self._on_eject: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        #: Called with a layer after ``load_state_dict`` wrote its base weight or bias (the
+        #: runtime recomputes what it derived from them: DoRA factors); None where nothing is.
+        self.base_loaded: Callable[[object], None] | None = None
 
     def on_eject(self, callback: Callable[[], None]) -> None:
         """Runs ``callback`` once when the state is marked ejected."""

@@ -6,6 +6,10 @@ layer with weight ``W0`` and bias ``b0``, ``f * (W0 x + scale * (B A x + lora_bi
 with ``f = m / ||W0 + scale * B @ A||`` (the norm detached, over each output channel's
 weights). The factor depends on the scale, so it is recomputed whenever the region's scales
 change: after a load and after ``set_scale``; ``activate`` copies it with the rest of a region.
+It depends on the base weight and bias too: after ``load_state_dict`` writes them, the runtime
+computes the layer's factors again in every region that holds a DoRA adapter for it
+(:meth:`lorahot.runtime.lora_runtime.LoraRuntime._base_loaded`, called from the layer's load
+hook). A write to the base weight by other means (``weight.data.copy_``) is not seen.
 
 The factor lives in row 0 of each layer's extras (:mod:`lorahot.runtime.buffers`) and
 ``g = (1 - f) * b0`` in row 2, so the forward ``f * (base(x) + scale * (delta + lora_bias)) + g``

@@ -203,6 +203,7 @@ class LoraRuntime:
         for root in self._roots():
             peft_arguments.install(root)
         self._state.on_eject(self._detach)
+        self._state.base_loaded = self._base_loaded
 
     def _roots(self) -> list[nn.Module]:
         """The modules a user calls: the model, or each component."""
@@ -651,6 +652,23 @@ class LoraRuntime:
         if module.bias is not None and layer.lora_bias_refusal() is not None:
             return layer.lora_bias_refusal()
         return layer.dora_refusal() if module.magnitude is not None else None
+
+    def _base_loaded(self, layer: object) -> None:
+        """After ``load_state_dict`` wrote ``layer``'s base weight or bias (unmerged: merged mode
+        notes it and refuses its next write), the DoRA factors ``f`` and ``g`` of every region
+        where the layer holds a DoRA adapter are computed again from the new base, as PEFT's
+        forward computes its norm from the weight it has then. Other runtime state does not
+        depend on the base's values."""
+        if self._merger is not None:
+            return
+        name = next((n for n, candidate in self.layers.items() if candidate is layer), None)
+        if name is None:
+            return
+        arena, index = self.buffers.where[name]
+        for slot, stack in enumerate(self._stacks):
+            if stack is not None and index in stack.dora[arena]:
+                mine = [[index] if a == arena else [] for a in range(len(stack.dora))]
+                self._refresh_dora(slot, mine, slot == self._active)  # and the live copy of the active slot
 
     def _refresh_dora(self, slot: int, dora: list[list[int]], live: bool) -> None:
         """Computes the DoRA factors of the layers ``dora`` (per arena) in ``slot`` (and in the

@@ -220,6 +220,39 @@ def test_dora_slots_and_activate_match_peft(tmp_path: Path) -> None:
         _close(model(*inputs), one(*inputs))
 
 
+@pytest.mark.parametrize("widened", [False, True], ids=["library", "wide"])
+def test_a_base_checkpoint_loaded_after_dora_adapters_recomputes_their_factors(
+    tmp_path: Path, widened: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PEFT computes a DoRA layer's norm from the base weight it has at each forward. After a
+    base checkpoint is loaded into the injected model (``load_state_dict``), the DoRA factors
+    of every slot follow the new base: the active slot's and an inactive one's, which is then
+    activated. Before, the factors computed at load were kept, and the output was silently
+    off (by 0.4 on a float64 Linear, found by an independent audit)."""
+    if widened:
+        monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    base, inputs = _base(torch.float64), _inputs(torch.float64)
+    _peft(base, tmp_path / "one", 1, TARGETS, use_dora=True)
+    _peft(base, tmp_path / "two", 5, TARGETS, use_dora=True)
+    new = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, extras=True, slots=2)
+    runtime.load(tmp_path / "one", slot=0)
+    runtime.load(tmp_path / "two", slot=1, scale=0.5)
+    model.load_state_dict(new.state_dict())
+    one = PeftModel.from_pretrained(copy.deepcopy(new), tmp_path / "one").eval()
+    two = PeftModel.from_pretrained(copy.deepcopy(new), tmp_path / "two").eval()
+    _scale_peft(two, 0.5)
+    with torch.no_grad():
+        _close(model(*inputs), one(*inputs))
+        runtime.activate(1)
+        _close(model(*inputs), two(*inputs))
+
+
 def test_plain_lora_after_dora_is_bitwise_a_fresh_load(tmp_path: Path) -> None:
     base, inputs = _base(), _inputs()
     _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
