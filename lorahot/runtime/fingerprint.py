@@ -53,8 +53,8 @@ def digest(data: bytes) -> int:
 
 
 def arguments(*values: object) -> bytes:
-    """The call's arguments (ints, floats, strs, bools, None and sequences of them), exactly:
-    floats by their bits, not their printing."""
+    """The call's arguments (ints, floats, strs, bools, None, integer tensors and sequences of
+    them), exactly: floats by their bits, not their printing."""
     out = bytearray()
     for value in values:
         _encode(value, out)
@@ -156,6 +156,9 @@ def _encode(value: object, out: bytearray) -> None:
     elif isinstance(value, str):
         data = value.encode("utf-8", "surrogatepass")
         out += b"S" + struct.pack("<I", len(data)) + data
+    elif isinstance(value, torch.Tensor):  # a host integer tensor (a routing): its int64 bytes, not one int at a time
+        data = value.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+        out += b"X" + struct.pack("<Q", len(data)) + data
     elif isinstance(value, (tuple, list)):
         out += b"L" + struct.pack("<I", len(value))
         for item in value:

@@ -781,7 +781,7 @@ class LoraRuntime:
         route = self._agreed(
             lambda: check_routing(rows, lengths, self.slots, filled, merged=self._merger is not None),
             "activate",
-            lambda r: {"arguments": fingerprint.arguments("activate rows", r.tolist())},
+            lambda r: {"arguments": fingerprint.arguments("activate rows", r)},
         )
         self._routing.set(route)
 

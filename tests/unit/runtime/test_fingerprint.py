@@ -116,3 +116,15 @@ def test_values_already_moved_to_the_arena_are_not_read() -> None:
     meta = _plan(torch.empty(4, 8, device="meta"), torch.empty(8, 4, device="meta"))
     got = fingerprint.plans([meta], {"q": _layer(None)})
     assert got["values"] == b"" and got["modules"]
+
+
+def test_a_routing_tensor_is_encoded_by_its_values_whatever_its_integer_dtype() -> None:
+    """``activate``'s per-row routing reaches the ranks' agreement as a host integer tensor,
+    encoded from its int64 bytes (a million tokens would take seconds one int at a time):
+    equal routings encode equally in any integer dtype, different ones differently, and a
+    tensor never encodes as the list of its values."""
+    route = torch.tensor([0, 1, -1, 1])
+    assert fingerprint.arguments("rows", route) == fingerprint.arguments("rows", route.to(torch.int32))
+    assert fingerprint.arguments("rows", route) != fingerprint.arguments("rows", route.flip(0))
+    assert fingerprint.arguments("rows", route) != fingerprint.arguments("rows", route[:3])
+    assert fingerprint.arguments("rows", route) != fingerprint.arguments("rows", route.tolist())
