@@ -95,9 +95,12 @@ def _loha(f: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         return _tucker(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"]) * _tucker(
             f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"]
         )
-    w1 = f["hada_w1_a"] @ f["hada_w1_b"].reshape(f["hada_w1_b"].shape[0], -1)  # [out, in * prod(k)]
-    w2 = f["hada_w2_a"] @ f["hada_w2_b"].reshape(f["hada_w2_b"].shape[0], -1)
-    return w1 * w2
+    b1, b2 = f["hada_w1_b"], f["hada_w2_b"]
+    w1 = f["hada_w1_a"] @ b1.reshape(b1.shape[0], -1)  # [out, in * prod(k)]
+    w2 = f["hada_w2_a"] @ b2.reshape(b2.shape[0], -1)
+    delta = w1 * w2
+    # factors that carry their kernel dimensions ([r, in, *k]) keep them, for the shape check
+    return delta.reshape(delta.shape[0], *b1.shape[1:]) if b1.ndim > 2 else delta
 
 
 def _lokr(f: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:

@@ -287,7 +287,7 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
         and len(got) > 0
         and got[0] == spec.out_dim
         and math.prod(got) == math.prod(expected)
-        and (len(got) == 2 or got == expected)
+        and (len(got) == 2 or _unit_kernel_free(got) == _unit_kernel_free(expected))
     )
     bias = module.factors.get("diff_b")
     if not fits:
@@ -295,6 +295,14 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
     if bias is not None and tuple(bias.shape) != (spec.out_dim,):
         return [f"{where}: diff_b has shape {tuple(bias.shape)}, expected ({spec.out_dim},)"]
     return []
+
+
+def _unit_kernel_free(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` without trailing kernel dimensions of 1: a 1x1 conv's ``[out, in, 1, 1]`` weight is
+    a linear's ``[out, in]``."""
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def _contradiction(module: WeightModule) -> str | None:

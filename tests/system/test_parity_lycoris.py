@@ -229,6 +229,36 @@ def test_the_same_factors_for_a_kernel_of_their_shape_load_like_lycoris() -> Non
         torch.testing.assert_close(model(x), oracle(x), rtol=1e-6, atol=1e-6)
 
 
+def test_loha_factors_with_kernel_dimensions_must_match_the_kernel() -> None:
+    """LoHa factors saved with their kernel dimensions (``hada_w*_b [r, in, 1, 9]``) make a
+    (1, 9) kernel: refused on a 3x3 conv, as the LoKr and LoCon forms are, loaded on the (1, 9)
+    conv (found by an independent audit: the flat reshape hid their kernel from the check)."""
+    g = torch.Generator().manual_seed(5)
+    factors = {
+        k: torch.randn(*shape, generator=g, dtype=torch.float64)
+        for k, shape in (
+            ("hada_w1_a", (16, 2)), ("hada_w1_b", (2, 8, 1, 9)), ("hada_w2_a", (16, 2)), ("hada_w2_b", (2, 8, 1, 9))
+        )
+    }  # fmt: skip
+    sd = {f"lycoris_0.{k}": v for k, v in factors.items()}
+    square = lorahot.inject(_base("conv"), ["0"], max_rank=4, merged=True)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"shape \(16, 8, 1, 9\), expected \(16, 8, 3, 3\)"):
+        square.load(sd)
+    lorahot.inject(nn.Sequential(nn.Conv2d(8, 16, (1, 9))).double(), ["0"], max_rank=4, merged=True).load(sd)
+
+
+def test_a_1x1_conv_delta_loads_into_the_equivalent_linear() -> None:
+    """A 1x1 conv's ``[out, in, 1, 1]`` weight delta is a linear's ``[out, in]`` one: a full
+    ``diff`` saved so still loads into a Linear and folds exactly (it did before the kernel
+    check; found by an independent audit)."""
+    g = torch.Generator().manual_seed(6)
+    diff = torch.randn(24, 16, 1, 1, generator=g, dtype=torch.float64)
+    model = _base("linear")
+    want = model[0].weight.detach() + diff.reshape(24, 16)
+    lorahot.inject(model, ["0"], max_rank=4, merged=True).load({"lycoris_0.diff": diff})
+    torch.testing.assert_close(model[0].weight.detach(), want, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize("case", ["loha-ranks", "lokr-both-forms"])
 def test_factors_that_contradict_each_other_are_refused(case: str) -> None:
     """LoHa halves of different ranks (which one does the alpha divide?) and a LoKr half given
