@@ -344,6 +344,12 @@ class LoRALayer(nn.Module):
         (Conv1D transposes; Linear and conv reshape)."""
         return delta.reshape(self.base_weight.shape)
 
+    def holds_dora(self) -> bool:
+        """Whether any slot (or the live region) holds a DoRA adapter for this layer: a nonzero
+        magnitude row in its extras. Reads the device (for a load hook, not a forward)."""
+        live = self._live is not None and bool(self._live[3][EXTRA_M].any())  # [4, out, ...]
+        return live or (self._slots is not None and bool(self._slots[3][:, EXTRA_M].any()))  # [slots, 4, out, ...]
+
     def _views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(A, B, scale, extras)``: the live views eagerly; rebuilt from the global arena
         tensors under ``torch.compile`` (free in the graph). The forward takes all at once."""
@@ -739,5 +745,15 @@ def _report_base_keys(module: nn.Module, incompatible: Any) -> None:
     for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
         keys[:] = [prefix + k[len(inner) :] if k.startswith(inner) else k for k in keys]
     state = module.state if isinstance(module, LoRALayer) else None
-    if loaded_base and state is not None and state.ejected is None and state.base_loaded is not None:
+    if not loaded_base or state is None or state.ejected is not None:
+        return
+    if state.base_loaded is not None:
         state.base_loaded(module)
+    elif isinstance(module, LoRALayer) and not module._plan[0] and module.holds_dora():
+        raise UsageError(
+            f"{module._path or type(module).__name__}: a copy of an injected model (copy.deepcopy) had a base weight "
+            "or bias loaded into a layer holding a DoRA adapter, whose factors depend on that weight; without its "
+            "runtime the copy cannot compute them again, and would compute with the old ones. Load the checkpoint "
+            "into the model the runtime was injected into (then copy it), or inject the copy and load the adapter "
+            "there."
+        )

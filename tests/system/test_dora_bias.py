@@ -253,6 +253,30 @@ def test_a_base_checkpoint_loaded_after_dora_adapters_recomputes_their_factors(
         _close(model(*inputs), two(*inputs))
 
 
+def test_a_copy_of_the_model_refuses_a_base_checkpoint_under_a_dora_adapter(tmp_path: Path) -> None:
+    """A deepcopy of an injected model has no runtime to compute its DoRA factors again: a
+    base checkpoint loaded into it raises instead of leaving the old factors (found by an
+    independent audit), while a copy holding plain LoRA loads it and computes PEFT's output."""
+    base, inputs = _base(torch.float64), _inputs(torch.float64)
+    _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    _peft(base, tmp_path / "plain", 2, TARGETS)
+    new = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.2)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, extras=True)
+    runtime.load(tmp_path / "dora")
+    with pytest.raises(lorahot.UsageError, match="a copy of an injected model"):
+        copy.deepcopy(model).load_state_dict(new.state_dict())
+    runtime.load(tmp_path / "plain")
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(new.state_dict())
+    want = PeftModel.from_pretrained(copy.deepcopy(new), tmp_path / "plain").eval()
+    with torch.no_grad():
+        _close(twin(*inputs), want(*inputs))
+
+
 def test_plain_lora_after_dora_is_bitwise_a_fresh_load(tmp_path: Path) -> None:
     base, inputs = _base(), _inputs()
     _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
