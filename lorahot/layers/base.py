@@ -32,6 +32,7 @@ checkpoint unchanged. The LoRA buffers are not persistent.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -311,11 +312,24 @@ class LoRALayer(nn.Module):
 
     def attach(self) -> None:
         """Called once when the layer takes its base module's place in the model (after every
-        wrapper of an inject was built); a no-op unless the subclass needs it."""
+        wrapper of an inject was built). Hooks the base module's ``load_state_dict``, so that a
+        load of its weight or bias, through the model, this layer or the base module itself,
+        tells the runtime (:attr:`RuntimeState.base_loaded`: DoRA factors depend on them).
+        Subclasses that override it call it too."""
+        if "_base_load_hooks" in self.__dict__:
+            return
+        base = self.base_layer
+        hooks = (
+            base.register_load_state_dict_pre_hook(_BaseLoadHook(self, post=False)),
+            base.register_load_state_dict_post_hook(_BaseLoadHook(self, post=True)),
+        )
+        object.__setattr__(self, "_base_load_hooks", hooks)
 
     def detach(self) -> None:
         """Called when the base module goes back in its place (eject, or an inject that
         failed): undoes :meth:`attach`."""
+        for hook in self.__dict__.pop("_base_load_hooks", ()):
+            hook.remove()
 
     def bound_address(self) -> tuple[int, ...]:
         """Addresses of the tensors the layer computes with that something outside lorahot could
@@ -712,8 +726,12 @@ def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: An
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner) and k not in own]:
         state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
     module.__dict__["_loading_prefix"] = prefix  # for _report_base_keys
-    # for _report_base_keys: what the runtime derived from the base weight or bias is recomputed
+    # for _report_base_keys: whether the load writes the base weight or bias, which the base
+    # module's own hook (_base_loaded) reports unless this is a copy's layer (its hook then
+    # refers to the original's layer and does nothing)
     module.__dict__["_loading_base"] = inner + "weight" in state_dict or inner + "bias" in state_dict
+    if isinstance(module, LoRALayer):
+        module.base_layer.__dict__.pop("_lorahot_reported", None)
     if isinstance(module, LoRALayer) and module.pristine_weight is not None:
         base = module.base_layer
         for name in ("weight", "bias"):
@@ -738,20 +756,58 @@ def _report_base_keys(module: nn.Module, incompatible: Any) -> None:
     """Load post hook: missing and unexpected keys are reported as the checkpoint names them
     (``<prefix>k``), not as :func:`_add_base_prefix` renamed them; ``strict`` checks the same."""
     prefix = module.__dict__.pop("_loading_prefix", None)
-    loaded_base = module.__dict__.pop("_loading_base", False)
+    loaded = module.__dict__.pop("_loading_base", False)
     if prefix is None:
         return
     inner = prefix + "base_layer."
     for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
         keys[:] = [prefix + k[len(inner) :] if k.startswith(inner) else k for k in keys]
-    state = module.state if isinstance(module, LoRALayer) else None
-    if not loaded_base or state is None or state.ejected is not None:
+    if loaded and isinstance(module, LoRALayer) and not module.base_layer.__dict__.pop("_lorahot_reported", False):
+        _base_written(module)
+
+
+class _BaseLoadHook:
+    """A base module's ``load_state_dict`` pre hook (``post=False``: notes whether the load
+    writes its weight or bias) or post hook (then tells the layer that wraps it,
+    :func:`_base_written`), installed by :meth:`LoRALayer.attach`. It refers to the layer
+    weakly; copied or pickled with the model it refers to none and does nothing (the copy's
+    layer has no runtime, and its own load hook covers loads through it)."""
+
+    def __init__(self, layer: LoRALayer | None, *, post: bool = False) -> None:
+        self._ref = None if layer is None else weakref.ref(layer)
+        self._post = post
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        layer = None if self._ref is None else self._ref()
+        if layer is None or layer.base_layer is not module:  # unwrapped since
+            return
+        if not self._post:
+            state_dict, prefix = args[0], args[1]
+            module.__dict__["_lorahot_loading"] = prefix + "weight" in state_dict or prefix + "bias" in state_dict
+            return
+        if module.__dict__.pop("_lorahot_loading", False):
+            module.__dict__["_lorahot_reported"] = True  # for the layer's own hook, if the load came through it
+            _base_written(layer)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_BaseLoadHook, (None,), {"_post": self._post})
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _BaseLoadHook:
+        return _BaseLoadHook(None, post=self._post)
+
+
+def _base_written(layer: LoRALayer) -> None:
+    """``layer``'s base weight or bias was just loaded: its runtime recomputes what it derived
+    from them (DoRA factors); without a runtime (a copy of the model), a layer holding DoRA
+    refuses, since it would compute with factors of the old weight."""
+    state = layer.state
+    if state is None or state.ejected is not None:
         return
     if state.base_loaded is not None:
-        state.base_loaded(module)
-    elif isinstance(module, LoRALayer) and not module._plan[0] and module.holds_dora():
+        state.base_loaded(layer)
+    elif not layer._plan[0] and layer.holds_dora():
         raise UsageError(
-            f"{module._path or type(module).__name__}: a copy of an injected model (copy.deepcopy) had a base weight "
+            f"{layer._path or type(layer).__name__}: a copy of an injected model (copy.deepcopy) had a base weight "
             "or bias loaded into a layer holding a DoRA adapter, whose factors depend on that weight; without its "
             "runtime the copy cannot compute them again, and would compute with the old ones. Load the checkpoint "
             "into the model the runtime was injected into (then copy it), or inject the copy and load the adapter "

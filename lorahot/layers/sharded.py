@@ -159,11 +159,13 @@ class ShardedLoRALinear(LoRALinear):
     def attach(self) -> None:
         """Takes over the base module's forward hooks (``parallelize_module``'s input and
         output redistribution), so that they run around base *and* LoRA."""
+        super().attach()
         if not self._hooks_taken:
             self._swap_hooks()
 
     def detach(self) -> None:
         """Gives the forward hooks back to the base module (once, however often it is called)."""
+        super().detach()
         if self._hooks_taken:
             self._swap_hooks()
 

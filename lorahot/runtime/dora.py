@@ -9,10 +9,11 @@ change: after a load and after ``set_scale``; ``activate`` copies it with the re
 It depends on the base weight and bias too: after ``load_state_dict`` writes them, the runtime
 computes the layer's factors again in every region that holds a DoRA adapter for it
 (:meth:`lorahot.runtime.lora_runtime.LoraRuntime._base_loaded`, called from the layer's load
-hook). A layer of a copy of the model (``copy.deepcopy``, no runtime) refuses such a load with
-a UsageError instead, since it cannot compute them. Not seen: a write to the base weight by
-other means (``weight.data.copy_``, or ``load_state_dict`` called on the wrapped module itself,
-``layer.base_layer``, rather than on the model or the LoRA layer).
+hooks, :meth:`lorahot.layers.LoRALayer.attach`), whether the load went through the model, the
+LoRA layer or the wrapped module itself. A layer of a copy of the model (``copy.deepcopy``, no
+runtime) refuses such a load through it with a UsageError instead, since it cannot compute
+them. Not seen: a write to the base weight by other means (``weight.data.copy_``), and a load
+into a copy's wrapped module itself.
 
 The factor lives in row 0 of each layer's extras (:mod:`lorahot.runtime.buffers`) and
 ``g = (1 - f) * b0`` in row 2, so the forward ``f * (base(x) + scale * (delta + lora_bias)) + g``

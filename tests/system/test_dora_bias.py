@@ -251,6 +251,15 @@ def test_a_base_checkpoint_loaded_after_dora_adapters_recomputes_their_factors(
         _close(model(*inputs), one(*inputs))
         runtime.activate(1)
         _close(model(*inputs), two(*inputs))
+        # a load into the wrapped module itself, not through the model (the base module's hooks)
+        newer = copy.deepcopy(new)
+        newer.q.weight.mul_(1.5)
+        runtime.layers["q"].base_layer.load_state_dict(newer.q.state_dict())
+        two_newer = PeftModel.from_pretrained(copy.deepcopy(newer), tmp_path / "two").eval()
+        _scale_peft(two_newer, 0.5)
+        _close(model(*inputs), two_newer(*inputs))
+    lorahot.eject(model)
+    assert not any(type(h).__name__ == "_BaseLoadHook" for h in model.q._load_state_dict_post_hooks.values())
 
 
 def test_a_copy_of_the_model_refuses_a_base_checkpoint_under_a_dora_adapter(tmp_path: Path) -> None:
