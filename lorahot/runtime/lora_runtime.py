@@ -877,7 +877,10 @@ class LoraRuntime:
         with self._executor_lock:
             executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+            # eject from one of the pool's own threads (a prefetch future's done callback) cannot
+            # wait for that thread: it would join itself. The read it is in has finished.
+            own = threading.current_thread() in getattr(executor, "_threads", ())
+            executor.shutdown(wait=not own, cancel_futures=True)
 
     def _check_kinds(self, plan: LoadPlan) -> None:
         """LoHa, LoKr, Tucker LoCon and diffs load only into a merged runtime.

@@ -75,6 +75,41 @@ def test_module_eject_stops_the_prefetch_thread(tmp_path: Path) -> None:
     assert not any(t.name.startswith("lorahot-prefetch") for t in threading.enumerate())
 
 
+@pytest.mark.parametrize("how", ["runtime", "module"])
+def test_eject_from_a_prefetch_done_callback_ejects(tmp_path: Path, how: str) -> None:
+    """A prefetch future's done callback runs on the prefetch thread; an eject from there must
+    not wait for that thread (it would join itself: an UnexpectedError saying nothing changed,
+    after the model was already unwrapped; found by an independent audit). It ejects, the base
+    model comes back bitwise, and the thread ends."""
+    model = tiny_lm()
+    with torch.no_grad():
+        base = model(IDS)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4)
+    path = save_peft(tmp_path / "ad", make_adapter(model, {Q0: 2}, seed=1)[0])
+    runtime.load(path)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def eject(_: object) -> None:
+        try:
+            runtime.eject() if how == "runtime" else lorahot.eject(model)
+        except BaseException as e:  # reported by the test, not swallowed by the future
+            errors.append(e)
+        done.set()
+
+    runtime.prefetch(path).add_done_callback(eject)
+    assert done.wait(30)
+    assert errors == []
+    with torch.no_grad():
+        assert torch.equal(model(IDS), base)
+    with pytest.raises(lorahot.UsageError, match=r"ejected"):
+        runtime.load(path)
+    for thread in threading.enumerate():
+        if thread.name.startswith("lorahot-prefetch"):
+            thread.join(30)
+    assert not any(t.name.startswith("lorahot-prefetch") for t in threading.enumerate())
+
+
 def test_module_eject_restores_the_base_model_bitwise() -> None:
     model = tiny_lm()
     with torch.no_grad():
