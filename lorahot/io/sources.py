@@ -34,7 +34,7 @@ from lorahot.io.safety import (
     read_json_file,
     short,
 )
-from lorahot.io.tensorfile import Slices, read_tensors
+from lorahot.io.tensorfile import Slices, file_stamp, read_tensors
 
 __all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_config"]
 
@@ -297,8 +297,9 @@ def read_safetensors(
     """
     fd = open_regular(path, "safetensors file")
     try:
+        stamp = file_stamp(fd)  # a write from here to the end of the data read is refused
         header = check_safetensors(path, fd)  # refuses damaged or hostile headers before anything is allocated
-        return read_tensors(path, header, device, fd, slices), header
+        return read_tensors(path, header, device, fd, slices, stamp=stamp), header
     finally:
         os.close(fd)
 

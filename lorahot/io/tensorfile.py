@@ -33,7 +33,7 @@ from lorahot.io.dtypes import TORCH_DTYPES
 from lorahot.io.read_buffers import lent
 from lorahot.io.safety import SafetensorsHeader, open_regular
 
-__all__ = ["read_tensors", "TensorSlice", "Slices", "largest_tensor"]
+__all__ = ["read_tensors", "file_stamp", "TensorSlice", "Slices", "largest_tensor"]
 
 _LARGEST: ContextVar[int | None] = ContextVar("lorahot_largest_tensor", default=None)
 
@@ -87,6 +87,7 @@ def read_tensors(
     device: torch.device | None = None,
     fd: int | None = None,
     slices: Slices | None = None,
+    stamp: tuple[int, int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of ``path`` as a view of one buffer, on ``device`` (default: the CPU).
 
@@ -98,13 +99,16 @@ def read_tensors(
             the path meanwhile.
         slices: tensor key -> the slice of it to read; the rest of such a tensor is zeros. A
             slice outside its tensor's shape reads the tensor whole.
+        stamp: :func:`file_stamp` of ``fd`` when its header was read: the file must still have
+            it after the data is read (default: its stamp just before the data is read).
 
     With ``device`` the meta device, nothing past the header is read: the tensors are meta
     tensors of the header's shapes and dtypes (what planning needs, see
     :func:`lorahot.plan_targets`).
 
     Raises:
-        AdapterReadError: the file changed or shrank since its header was checked; its data is
+        AdapterReadError: the file shrank since its header was checked, or changed while its
+            data was read (its size or modification times moved); its data is
             larger than the machine's memory, or cannot be allocated.
         AdapterMismatchError: a tensor larger than :func:`largest_tensor` allows.
     """
@@ -126,7 +130,7 @@ def read_tensors(
         buffers, part = borrowed
 
         def fill(host: torch.Tensor) -> None:
-            _read_fd(path, fd, header.data_start, host)
+            _read_fd(path, fd, header.data_start, host, stamp=stamp)
 
         def allocate(make: Callable[[], torch.Tensor]) -> torch.Tensor:
             return _allocate(path, header.data_size, make)
@@ -135,7 +139,7 @@ def read_tensors(
     make = torch.zeros if slices else torch.empty
     buf = _allocate(path, header.data_size, lambda: make(header.data_size, dtype=torch.uint8, pin_memory=on_gpu))
     if header.data_size:
-        _read_fd(path, fd, header.data_start, buf, _spans(header, slices) if slices else None)
+        _read_fd(path, fd, header.data_start, buf, _spans(header, slices) if slices else None, stamp=stamp)
     if device is not None and device.type != "cpu":
         host = buf
         buf = _allocate(path, header.data_size, lambda: host.to(device, non_blocking=on_gpu))
@@ -143,16 +147,34 @@ def read_tensors(
 
 
 def _read_fd(
-    path: Path, fd: int | None, start: int, buf: torch.Tensor, spans: list[tuple[int, int]] | None = None
+    path: Path,
+    fd: int | None,
+    start: int,
+    buf: torch.Tensor,
+    spans: list[tuple[int, int]] | None = None,
+    stamp: tuple[int, int, int] | None = None,
 ) -> None:
-    """:func:`_read_into` from ``fd`` or, if None, from ``path`` opened here."""
+    """:func:`_read_into` from ``fd`` or, if None, from ``path`` opened here; refused where the
+    file's :func:`file_stamp` after the read is not ``stamp`` (or its stamp before the read)."""
     own = fd is None
     fd = open_regular(path, "safetensors file") if fd is None else fd
     try:
+        before = file_stamp(fd) if stamp is None or own else stamp
         _read_into(fd, path, start, buf, spans)
+        if file_stamp(fd) != before:  # written meanwhile: the data may mix two versions of the file
+            raise AdapterReadError(
+                f"{path}: the file changed while its tensor data was read (another process writing it?). Load it "
+                "again once it is written."
+            )
     finally:
         if own:
             os.close(fd)
+
+
+def file_stamp(fd: int) -> tuple[int, int, int]:
+    """``(size, mtime, ctime)`` of the open file, in nanoseconds: what a write in place changes."""
+    st = os.fstat(fd)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _physical_memory() -> int | None:
