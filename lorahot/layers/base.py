@@ -31,9 +31,11 @@ checkpoint unchanged. The LoRA buffers are not persistent.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -689,10 +691,12 @@ def forward_mismatch(
 
     They agree when the largest difference is within ``sqrt(eps)`` of the output's dtype times
     the largest expected value: rounding and summation order pass, any real transform fails.
-    Runs under ``torch.no_grad()``; the module is not changed.
+    Runs under ``torch.no_grad()``. The module is left as it was: what a forward may change in
+    it (an observer's or fake-quantizer's buffers, a parametrization's power-iteration vectors, a
+    counter attribute) is put back afterwards (:func:`_kept_state`), whatever the outcome.
     """
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _kept_state(module):
             got, want = module(probe), expected(probe)
     except Exception as exc:  # the module's own forward: anything can happen
         return f"calling it on a probe input raised {type(exc).__name__}: {exc}"
@@ -707,6 +711,39 @@ def forward_mismatch(
             f"on a probe input its output differs from the expected one by up to {diff:.3g} (largest value {size:.3g})"
         )
     return None
+
+
+@contextlib.contextmanager
+def _kept_state(module: nn.Module) -> Iterator[None]:
+    """Restores, on exit, every buffer of ``module`` and its submodules (the tensor objects and
+    their values) and their other plain attributes (top-level values; lists, dicts and sets
+    copied one level deep): the state a probe forward may change. Parameters are not copied
+    (a forward that writes its own weights is refused by its output, or not at all)."""
+    modules = list(module.modules())
+    buffers = [dict(m._buffers) for m in modules]
+    values = [{k: b.detach().clone() for k, b in bufs.items() if b is not None} for bufs in buffers]
+    kept_buffers = [{k: b for k, b in bufs.items() if b is not None} for bufs in buffers]
+    skip = {"_parameters", "_buffers", "_modules"}
+    attrs = [
+        {k: copy.copy(v) if isinstance(v, (list, dict, set)) else v for k, v in m.__dict__.items() if k not in skip}
+        for m in modules
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, bufs, tensors, vals, kept in zip(modules, buffers, kept_buffers, values, attrs):
+                m._buffers.clear()
+                m._buffers.update(bufs)
+                for k, v in vals.items():
+                    b = tensors[k]
+                    if b.shape == v.shape:
+                        b.copy_(v)
+                    else:  # resized in place (an observer's first call): onto the saved copy
+                        b.set_(v.untyped_storage(), v.storage_offset(), v.shape, v.stride())
+                for k in [k for k in m.__dict__ if k not in skip and k not in kept]:
+                    del m.__dict__[k]
+                m.__dict__.update(kept)
 
 
 def _drop_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:

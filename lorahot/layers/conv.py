@@ -54,6 +54,13 @@ class LoRAConv(LoRALayer):
         self._pad_mode = None if zeros else base_layer.padding_mode
         self._pad = tuple(base_layer._reversed_padding_repeated_twice)
         self._nd = nd
+        refusal = self._forward_refusal()
+        if refusal is not None:
+            raise UsageError(
+                f"{refusal}. lorahot adds its LoRA to a convolution's output as the torch convolution computes it "
+                "(PEFT builds its LoRA factors from the subclass itself, a third result): exclude this module from "
+                "targets, or give it the torch class's forward."
+            )
 
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Arena rows ``[R, in*k]``, ``[R, out]`` -> ``[R, in, *k]``, ``[out, R/g, 1, ...]``."""
@@ -147,13 +154,21 @@ class LoRAConv(LoRALayer):
         compute its torch class's convolution (checked on a probe input)."""
         if self.spec.groups > 1:
             return f"a conv with groups={self.spec.groups} cannot be merged (its LoRA mixes all input channels)"
+        return self._forward_refusal()
+
+    def _forward_refusal(self) -> str | None:
+        """Why the base module's ``forward`` is not its torch class's convolution (a subclass that
+        overrides it, checked on a probe input), or None."""
         base = self.base_layer
         torch_cls = _TORCH_CONV[self._nd]
         if not overrides_forward(base, torch_cls):
             return None
         weight = self.base_weight
         if not weight.is_floating_point() or weight.is_meta:
-            return f"merged mode needs floating-point weights with data, got {weight.dtype} on {weight.device}"
+            return (
+                f"{type(base).__name__} overrides forward, which cannot be checked without floating-point weights "
+                f"with data (got {weight.dtype} on {weight.device})"
+            )
         cin, *kernel = self.spec.a_row_shape
         pad = max(self._pad, default=0)
         size = [(k - 1) * d + 1 + 2 * pad + s for k, d, s in zip(kernel, self._dilation, self._stride)]

@@ -91,5 +91,5 @@ class DoraFactors:
         dtype = scale.dtype
         m1, m2 = layer.merge_operands(a[:rows].to(dtype), bt[:rows].to(dtype))
         w0 = self._weight_of(name).detach()
-        weight = w0.reshape(w0.shape[0], -1).to(dtype) + scale * (m1 @ m2)
+        weight = w0.flatten(1).to(dtype) + scale * (m1 @ m2)
         return layer.dora_norm(weight)

@@ -289,12 +289,12 @@ class Merger:
         dtype = torch.promote_types(pristine.dtype, torch.float32)
         device = pristine.device
         with torch.no_grad():
-            weight = pristine.reshape(pristine.shape[0], -1).to(dtype)
+            weight = pristine.flatten(1).to(dtype)
             bias = None
             for m, s in items:
                 if isinstance(m, LoraModule):
-                    a2 = m.A.reshape(m.A.shape[0], -1).to(device, rounded).to(dtype)  # [r, in_dim]
-                    bt2 = m.B.reshape(m.B.shape[0], -1).t().to(device, rounded).to(dtype)  # [r, out_dim]
+                    a2 = m.A.flatten(1).to(device, rounded).to(dtype)  # [r, in_dim]
+                    bt2 = m.B.flatten(1).t().to(device, rounded).to(dtype)  # [r, out_dim]
                     m1, m2 = layer.merge_operands(a2, bt2)
                     weight = weight + s * (m1 @ m2)
                     f = None
@@ -336,7 +336,9 @@ class Merger:
                 # DoRA's per-channel factor applies at any weight, 0 included (m / |W0| there)
                 extras = arena.extras(index, live) if arena.e_dirty[live] and scales is not None else None
                 self._fold_bias(layer, extras, s)
-                flat_w, flat_p = weight.view(weight.shape[0], -1), pristine.view(pristine.shape[0], -1)
+                # views (writes go through), [out, in * prod(kernel)] even where out or in is 0
+                flat_w = weight.view(weight.shape[0], math.prod(weight.shape[1:]))
+                flat_p = pristine.view(pristine.shape[0], math.prod(pristine.shape[1:]))
                 if (not nonzero or rows == 0) and extras is None:
                     weight.copy_(pristine)
                     continue

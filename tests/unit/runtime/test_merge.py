@@ -382,3 +382,22 @@ def test_a_merged_model_moved_after_inject_is_refused_and_ejects_to_its_base(mov
     if move != "meta":  # every weight is the base model's again, in the new dtype, bitwise
         for (name, got), want in zip(merged.state_dict().items(), base.state_dict().values()):
             assert torch.equal(got, want), name
+
+
+def test_a_layer_with_no_outputs_merges_like_it_runs_unmerged() -> None:
+    """``Linear(8, 0)`` (an empty projection) takes an adapter in merged mode as unmerged: the
+    load writes nothing to it and the output stays empty. It used to fail mid-write, after
+    every check had passed, reshaping its empty weight (found by an independent audit)."""
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 0)).double()
+    tensors = make_adapter(model, {"0": 2, "1": 2}, seed=1, dtype=torch.float64)[0]
+    unmerged = copy.deepcopy(model)
+    lorahot.inject(unmerged, ["0", "1"], max_rank=2).load(tensors)
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=2, merged=True)
+    runtime.load(tensors)
+    runtime.set_scale(0.5)
+    runtime.unload()
+    runtime.load(tensors)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert model(x).shape == (3, 0)
+        torch.testing.assert_close(model[0](x), unmerged[0](x), rtol=1e-12, atol=1e-12)
