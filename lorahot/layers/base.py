@@ -32,7 +32,6 @@ checkpoint unchanged. The LoRA buffers are not persistent.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import weakref
 from collections.abc import Callable, Iterator
@@ -715,35 +714,71 @@ def forward_mismatch(
 
 @contextlib.contextmanager
 def _kept_state(module: nn.Module) -> Iterator[None]:
-    """Restores, on exit, every buffer of ``module`` and its submodules (the tensor objects and
-    their values) and their other plain attributes (top-level values; lists, dicts and sets
-    copied one level deep): the state a probe forward may change. Parameters are not copied
-    (a forward that writes its own weights is refused by its output, or not at all)."""
+    """Restores, on exit, what a probe forward may change in ``module`` and its submodules: each
+    buffer (the tensor object and its values) and each other plain attribute (the object, and
+    a list's, dict's or set's items, in place: hook dicts keep their identity, which their
+    handles rely on). Parameters are not copied (a forward that writes its own weights is
+    refused by its output, or not at all)."""
     modules = list(module.modules())
     buffers = [dict(m._buffers) for m in modules]
     values = [{k: b.detach().clone() for k, b in bufs.items() if b is not None} for bufs in buffers]
-    kept_buffers = [{k: b for k, b in bufs.items() if b is not None} for bufs in buffers]
     skip = {"_parameters", "_buffers", "_modules"}
-    attrs = [
-        {k: copy.copy(v) if isinstance(v, (list, dict, set)) else v for k, v in m.__dict__.items() if k not in skip}
-        for m in modules
-    ]
+    attrs = [{k: (v, _items(v)) for k, v in m.__dict__.items() if k not in skip} for m in modules]
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, bufs, tensors, vals, kept in zip(modules, buffers, kept_buffers, values, attrs):
-                m._buffers.clear()
-                m._buffers.update(bufs)
+            for m, bufs, vals, kept in zip(modules, buffers, values, attrs):
+                if any(m._buffers.get(k) is not b for k, b in bufs.items()) or len(m._buffers) != len(bufs):
+                    m._buffers.clear()
+                    m._buffers.update(bufs)
                 for k, v in vals.items():
-                    b = tensors[k]
+                    b = bufs[k]
+                    assert b is not None  # values hold only the buffers that were tensors
                     if b.shape == v.shape:
                         b.copy_(v)
                     else:  # resized in place (an observer's first call): onto the saved copy
                         b.set_(v.untyped_storage(), v.storage_offset(), v.shape, v.stride())
                 for k in [k for k in m.__dict__ if k not in skip and k not in kept]:
                     del m.__dict__[k]
-                m.__dict__.update(kept)
+                for k, (obj, items) in kept.items():
+                    if m.__dict__.get(k) is not obj:
+                        m.__dict__[k] = obj
+                    if items is not None and not _same_items(obj, items):
+                        _put_items(obj, items)
+
+
+def _items(value: object) -> list[Any] | None:
+    """A list's or set's items, a dict's ``(key, value)`` pairs (held, to be put back); None for
+    anything else."""
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, (list, set)):
+        return list(value)
+    return None
+
+
+def _same_items(obj: Any, items: list[Any]) -> bool:
+    """Whether ``obj`` still holds exactly ``items`` (:func:`_items`), compared by identity."""
+    now = _items(obj)
+    if now is None or len(now) != len(items):
+        return False
+    if isinstance(obj, dict):
+        return all(k1 == k2 and v1 is v2 for (k1, v1), (k2, v2) in zip(now, items))
+    if isinstance(obj, set):
+        return {id(v) for v in now} == {id(v) for v in items}
+    return all(a is b for a, b in zip(now, items))
+
+
+def _put_items(obj: Any, items: list[Any]) -> None:
+    """Puts ``items`` (:func:`_items`) back into ``obj``, in place."""
+    obj.clear()
+    if isinstance(obj, dict):
+        obj.update(items)
+    elif isinstance(obj, list):
+        obj.extend(items)
+    else:
+        obj.update(items)
 
 
 def _drop_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:

@@ -219,8 +219,12 @@ def test_the_probe_forward_leaves_a_stateful_module_as_it_was() -> None:
     an independent audit: an observer kept the probe's range after inject and eject)."""
     module = _Observer(6, 5)
     model = nn.Sequential(module)
+    fired: list[int] = []
+    handle = module.register_forward_hook(lambda *_: fired.append(1))
     lorahot.inject(model, ["0"], max_rank=2, merged=True)
     assert float(module.seen) == 0.0 and module.calls == 0
+    handle.remove()  # the hook dict is the one its handle refers to (restored in place, not replaced)
+    assert not module._forward_hooks
     lorahot.eject(model)
     assert model[0] is module and float(module.seen) == 0.0 and module.calls == 0
 
