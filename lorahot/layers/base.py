@@ -799,8 +799,8 @@ def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: An
         state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
     module.__dict__["_loading_prefix"] = prefix  # for _report_base_keys
     # for _report_base_keys: whether the load writes the base weight or bias, which the base
-    # module's own hook (_base_loaded) reports unless this is a copy's layer (its hook then
-    # refers to the original's layer and does nothing)
+    # module's own hook (_BaseLoadHook) reports, unless this is a copy's layer (whose base
+    # module's hooks were copied inert)
     module.__dict__["_loading_base"] = inner + "weight" in state_dict or inner + "bias" in state_dict
     if isinstance(module, LoRALayer):
         module.base_layer.__dict__.pop("_lorahot_reported", None)

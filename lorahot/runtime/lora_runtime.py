@@ -661,8 +661,8 @@ class LoraRuntime:
         depend on the base's values."""
         if self._merger is not None:
             return
-        name = next((n for n, candidate in self.layers.items() if candidate is layer), None)
-        if name is None:
+        name = getattr(layer, "_path", "")  # bound under its name in self.layers
+        if self.layers.get(name) is not layer:
             return
         arena, index = self.buffers.where[name]
         for slot, stack in enumerate(self._stacks):
