@@ -120,7 +120,8 @@ def record(layer: LoRALayer) -> None:
     layer.checkpoint_loaded = False
     weight = layer.base_weight.detach()
     count = min(PROBE_ELEMENTS, weight.numel())
-    positions = torch.linspace(0, max(weight.numel() - 1, 0), count, device=weight.device).long()
+    # in int64: float32 positions (linspace's default) round past the last element above 2**24
+    positions = torch.arange(count, device=weight.device) * (weight.numel() - 1) // max(count - 1, 1)
     layer.written_probe = (positions, weight.reshape(-1)[positions].clone(), weight.numel())
 
 

@@ -401,3 +401,23 @@ def test_a_layer_with_no_outputs_merges_like_it_runs_unmerged() -> None:
     with torch.no_grad():
         assert model(x).shape == (3, 0)
         torch.testing.assert_close(model[0](x), unmerged[0](x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_weight_of_more_than_2_24_elements_merges_and_ejects() -> None:
+    """A merged weight of ``2**24 + 4`` elements (Flux.1's 3072 x 12288 feed-forward has 37.7 M):
+    the few elements merged mode reads back to notice a base checkpoint were placed in float32,
+    which rounds the last position up to one past the end; the inject failed (an index out of
+    bounds; a device-side assert on CUDA), found by the diffusion benchmark on a Flux.1-sized
+    transformer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2**22 + 1, 4, bias=False))  # 2**24 + 4 elements
+    base = model[0].weight.detach().clone()
+    runtime = lorahot.inject(model, ["0"], max_rank=1, merged=True)
+    a, b = torch.randn(1, 2**22 + 1), torch.randn(4, 1)
+    runtime.load({"0.lora_A.weight": a, "0.lora_B.weight": b})
+    x = torch.randn(2, 2**22 + 1)
+    want = x.double() @ (base.double() + b.double() @ a.double()).T
+    got = model(x).double()
+    assert ((got - want).norm() / want.norm()) < 1e-5
+    runtime.eject()
+    assert torch.equal(model[0].weight, base)
