@@ -1,28 +1,39 @@
-"""Diffusion suite: one compiled denoising step of an SDXL-shaped UNet with a rank-64 LoRA on
-its 700 attention and feed-forward linears, for the base model, lorahot, lorahot merged and
-diffusers/PEFT (``enable_lora_hotswap`` + ``load_lora_adapter(hotswap=True)``) in one process;
-swaps from file; recompiles after a swap; compile time; error against float32.
+"""Diffusion suite: one compiled denoising step of a diffusion model (an SDXL-shaped UNet, or a
+Flux.1-shaped transformer) with a rank-64 LoRA on its attention and feed-forward linears, for the
+base model, lorahot, lorahot merged and diffusers/PEFT (``enable_lora_hotswap`` +
+``load_lora_adapter(hotswap=True)``) in one process; swaps from file; recompiles after a swap;
+compile time; error against float32.
 
-    python -m benchmarks.run --suite diffusion [--configs base,lorahot,lorahot_merged,diffusers]
+    python -m benchmarks.run --suite diffusion [--model sdxl|flux] [--configs base,lorahot,lorahot_merged,diffusers]
         [--modes default,reduce-overhead] [--regional] [--tiny] [--deadline-s 540] [--parallel]
 
-Workload: ``UNet2DConditionModel`` from the SDXL base config (:data:`SDXL_UNET`, 2.57 B
-parameters) with random weights in bf16, one CFG step (batch 2) on 128x128 latents (1024 px),
-``encoder_hidden_states [2, 77, 2048]``, ``text_embeds [2, 1280]``, ``time_ids [2, 6]``. On a
-CPU, or with ``--tiny``, a 3-level UNet of the same structure (:data:`TINY_UNET`) in float32.
+Workloads (:data:`FAMILIES`), random weights in bf16:
 
-Adapters: made by PEFT on the UNet (``LoraConfig(target_modules=TARGETS)``, random A and B),
-rounded to the model's dtype and written with diffusers' ``save_lora_weights`` (``unet.``
-prefix, PEFT names, ``lora_adapter_metadata``): ``A`` rank 64 (alpha 64), ``B`` rank 32
-(alpha 64). Every configuration runs with ``A``; swaps go to ``B`` and back, from the file.
+- ``sdxl`` (the default): ``UNet2DConditionModel`` from the SDXL base config (:data:`SDXL_UNET`,
+  2.57 B parameters), one CFG step (batch 2) on 128x128 latents (1024 px),
+  ``encoder_hidden_states [2, 77, 2048]``, ``text_embeds [2, 1280]``, ``time_ids [2, 6]``; LoRA
+  on :data:`TARGETS` (700 layers).
+- ``flux``: ``FluxTransformer2DModel`` from the FLUX.1-dev config (:data:`FLUX_DEV`, 11.9 B
+  parameters), one step at 1024 px (4096 packed latent tokens of 64 channels, 512 T5 tokens,
+  guidance 3.5); LoRA on :data:`FLUX_TARGETS`, the layers diffusers' Flux LoRA training script
+  targets by default (494 layers). Its base weights stay on the host between configurations
+  (each holds 24 GB on the device); compile it with ``--regional`` to fit a call.
+
+On a CPU, or with ``--tiny``, a small model of the same structure (:data:`TINY_UNET`,
+:data:`TINY_FLUX`) in float32.
+
+Adapters: made by PEFT on the model (``LoraConfig(target_modules=...)``, random A and B),
+rounded to the model's dtype and written with the pipeline's ``save_lora_weights`` (``unet.`` or
+``transformer.`` prefix, PEFT names, ``lora_adapter_metadata``): ``A`` rank 64 (alpha 64), ``B``
+rank 32 (alpha 64). Every configuration runs with ``A``; swaps go to ``B`` and back, from the file.
 
 Reference: the same weights in float32 with PEFT's layers injected (the adapter as made),
 eager; every timed configuration's output is compared with it (``||out - ref|| / ||ref||``),
 next to how far the adapter moves the reference (``adapter_effect``).
 
-Compiling: ``torch.compile(unet)`` on the whole model (what a user writes), or with
-``--regional`` each ``BasicTransformerBlock`` in place (what diffusers'
-``compile_repeated_blocks`` does: the UNet's ``_repeated_blocks``; lorahot injected with
+Compiling: ``torch.compile(model)`` on the whole model (what a user writes), or with
+``--regional`` each repeated block in place (what diffusers' ``compile_repeated_blocks`` does:
+the model's ``_repeated_blocks``; lorahot injected with
 ``regional=True``, so that identical blocks share a graph). Each configuration is
 compiled once (``compile_s``: its first call), timed for one round, swapped and checked, and
 saved; then every configuration is timed in interleaved rounds. A call cut off by its time
@@ -124,6 +135,52 @@ TINY_UNET: dict[str, Any] = {
 #: "to_q/to_k/to_v/to_out.0/ff" of the issue: the attention projections of attn1 and attn2,
 #: and the feed-forward's two linears (GEGLU's ``proj`` and the output linear).
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+
+#: diffusers' FluxTransformer2DModel config of black-forest-labs/FLUX.1-dev.
+FLUX_DEV: dict[str, Any] = {
+    "attention_head_dim": 128,
+    "axes_dims_rope": (16, 56, 56),
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "out_channels": None,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+
+#: The same structure, small: one double block, two single blocks, 2 heads of 16.
+TINY_FLUX: dict[str, Any] = {
+    **FLUX_DEV,
+    "attention_head_dim": 16,
+    "axes_dims_rope": (4, 6, 6),
+    "in_channels": 16,
+    "joint_attention_dim": 32,
+    "num_attention_heads": 2,
+    "num_layers": 1,
+    "num_single_layers": 2,
+    "pooled_projection_dim": 32,
+}
+
+#: what diffusers' Flux LoRA training script (``train_dreambooth_lora_flux.py``) targets by
+#: default: every attention projection of the double and single blocks, and the double blocks'
+#: feed-forwards (image and text streams)
+FLUX_TARGETS = [
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+]
 ADAPTERS = {"A": (64, 64), "B": (32, 64)}  # name -> (rank, lora_alpha)
 MAX_RANK = 64
 CONFIGS = ("base", "lorahot", "lorahot_merged", "diffusers")
@@ -138,6 +195,38 @@ SWAPS = 6  # timed swaps per configuration (B, A, B, A, ...), each followed by a
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
+@dataclass(frozen=True)
+class Family:
+    """One kind of diffusion model the suite builds: its diffusers class, configs, LoRA targets,
+    inputs, and the pipeline whose ``save_lora_weights`` writes its adapters (under ``prefix``)."""
+
+    key: str
+    name: str  # the full-size workload's name
+    model_class: str  # a diffusers model class
+    config: dict[str, Any]
+    tiny: dict[str, Any]
+    targets: list[str]
+    prefix: str  # the component's prefix in a pipeline's LoRA file
+    pipeline: str  # a diffusers pipeline class, for its save_lora_weights
+    inputs: Callable[[dict[str, Any], bool, torch.device, torch.dtype], dict[str, Any]]
+    #: keep the base weights on the host between configurations (each holds its own copy on the device)
+    host_weights: bool = False
+
+    def model_type(self) -> Any:
+        import diffusers
+
+        return getattr(diffusers, self.model_class)
+
+    def save(self, directory: Path, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+        import diffusers
+
+        getattr(diffusers, self.pipeline).save_lora_weights(
+            directory,
+            **{f"{self.prefix}_lora_layers": state, f"{self.prefix}_lora_adapter_metadata": metadata},
+            weight_name=WEIGHT_NAME,
+        )
+
+
 @dataclass
 class DiffusionWorkload:
     name: str
@@ -150,15 +239,16 @@ class DiffusionWorkload:
     reference: dict[str, torch.Tensor] = field(default_factory=dict)  # "base", "A", "B": float32
     layers: int = 0
     adapter_bytes: dict[str, int] = field(default_factory=dict)
+    family: str = "sdxl"  # a key of FAMILIES
+    tiny: bool = False
 
-    def fresh_unet(self) -> torch.nn.Module:
-        """A new UNet holding copies of the base weights (built on the meta device: no init)."""
-        from diffusers import UNet2DConditionModel
-
+    def fresh_model(self) -> torch.nn.Module:
+        """A new model holding copies of the base weights on the device (built on the meta
+        device: no init)."""
         with torch.device("meta"):
-            unet = UNet2DConditionModel(**self.config)
-        unet.load_state_dict({k: v.clone() for k, v in self.base_state.items()}, assign=True)
-        return unet.eval().requires_grad_(False)
+            model = FAMILIES[self.family].model_type()(**self.config)
+        model.load_state_dict({k: v.to(self.device, copy=True) for k, v in self.base_state.items()}, assign=True)
+        return model.eval().requires_grad_(False)
 
     def file(self, adapter: str) -> Path:
         return self.adapters[adapter] / WEIGHT_NAME
@@ -175,7 +265,7 @@ def _exact_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _inputs(config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def _unet_inputs(config: dict[str, Any], tiny: bool, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """One CFG step: batch 2 at the config's sample size, 77 text tokens, SDXL's time ids."""
     g = torch.Generator().manual_seed(1)
     size = config["sample_size"]
@@ -192,43 +282,98 @@ def _inputs(config: dict[str, Any], device: torch.device, dtype: torch.dtype) ->
     }
 
 
+def _flux_inputs(config: dict[str, Any], tiny: bool, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """One step at 1024 px as ``FluxPipeline`` calls the transformer (tiny: 4x4 latent tokens,
+    8 text tokens): packed latents ``[1, 4096, 64]``, T5 states ``[1, 512, 4096]``, CLIP's pooled
+    ``[1, 768]``, the latent tokens' (row, column) ids, zero text ids, guidance 3.5."""
+    g = torch.Generator().manual_seed(1)
+    side, text = (4, 8) if tiny else (64, 512)
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+    return {
+        "hidden_states": torch.randn(1, side * side, config["in_channels"], generator=g).to(device, dtype),
+        "encoder_hidden_states": torch.randn(1, text, config["joint_attention_dim"], generator=g).to(device, dtype),
+        "pooled_projections": torch.randn(1, config["pooled_projection_dim"], generator=g).to(device, dtype),
+        "timestep": torch.tensor([0.5], device=device),  # float32, as the pipeline's scheduler gives it
+        "img_ids": ids.reshape(-1, 3).to(device, dtype),
+        "txt_ids": torch.zeros(text, 3).to(device, dtype),
+        "guidance": torch.tensor([3.5], device=device),
+    }
+
+
+FAMILIES: dict[str, Family] = {
+    "sdxl": Family(
+        "sdxl",
+        "SDXL UNet (random weights)",
+        "UNet2DConditionModel",
+        SDXL_UNET,
+        TINY_UNET,
+        TARGETS,
+        "unet",
+        "StableDiffusionXLPipeline",
+        _unet_inputs,
+    ),
+    "flux": Family(
+        "flux",
+        "Flux.1-dev transformer (random weights)",
+        "FluxTransformer2DModel",
+        FLUX_DEV,
+        TINY_FLUX,
+        FLUX_TARGETS,
+        "transformer",
+        "FluxPipeline",
+        _flux_inputs,
+        host_weights=True,
+    ),
+}
+
+#: inputs kept in float32 whatever the model's dtype (as the pipelines pass them)
+_FLOAT32_INPUTS = ("timestep", "guidance")
+
+
 def _to(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in inputs.items():
         if isinstance(v, dict):
             out[k] = _to(v, dtype)
         else:
-            out[k] = v if k == "timestep" else v.to(dtype)
+            out[k] = v if k in _FLOAT32_INPUTS else v.to(dtype)
     return out
 
 
 def build(
-    tiny: bool, device: torch.device, workdir: Path | None = None, dtype: torch.dtype | None = None
+    tiny: bool,
+    device: torch.device,
+    workdir: Path | None = None,
+    dtype: torch.dtype | None = None,
+    family: str = "sdxl",
 ) -> DiffusionWorkload:
-    """Builds the UNet once in float32 (the reference model), rounds its weights to the
+    """Builds the model once in float32 (the reference model), rounds its weights to the
     benchmark dtype, and makes, saves and applies the adapters; keeps the float32 outputs."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
     from peft import LoraConfig, get_peft_model_state_dict
 
+    fam = FAMILIES[family]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    config = TINY_UNET if tiny else SDXL_UNET
-    name = "tiny SDXL-structured UNet" if tiny else "SDXL UNet (random weights)"
+    config = fam.tiny if tiny else fam.config
+    name = f"tiny {fam.key}-structured {fam.model_class}" if tiny else fam.name
     t = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):
-        model = UNet2DConditionModel(**config).eval().requires_grad_(False)  # float32, default init
+        model = fam.model_type()(**config).eval().requires_grad_(False)  # float32, default init
     base_state = {k: v.to(dtype).clone() for k, v in model.state_dict().items()}
     model.load_state_dict(base_state)  # the reference holds exactly the benchmark's weights
-    inputs = _inputs(config, device, dtype)
+    if fam.host_weights and not tiny:
+        base_state = {k: v.cpu() for k, v in base_state.items()}
+    inputs = fam.inputs(config, tiny, device, dtype)
     inputs32 = _to(inputs, torch.float32)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="lorahot-diffusion-"))
-    w = DiffusionWorkload(name, config, device, dtype, base_state, {}, inputs)
+    w = DiffusionWorkload(name, config, device, dtype, base_state, {}, inputs, family=family, tiny=tiny)
     with torch.inference_mode(), _exact_float32():
         w.reference["base"] = model(**inputs32).sample.float()
     for i, (adapter, (rank, alpha)) in enumerate(ADAPTERS.items()):
         torch.manual_seed(100 + i)
-        lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False)
+        lora_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=fam.targets, init_lora_weights=False)
         model.add_adapter(lora_config, adapter_name=adapter)
         model.set_adapter(adapter)
         with torch.no_grad():
@@ -244,9 +389,7 @@ def build(
         w.layers = len(state) // 2
         metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.to_dict().items()}
         w.adapters[adapter] = workdir / adapter
-        StableDiffusionXLLoraLoaderMixin.save_lora_weights(  # what StableDiffusionXLPipeline writes
-            w.adapters[adapter], unet_lora_layers=state, unet_lora_adapter_metadata=metadata, weight_name=WEIGHT_NAME
-        )
+        fam.save(w.adapters[adapter], state, metadata)  # what the pipeline writes
         w.adapter_bytes[adapter] = w.file(adapter).stat().st_size
         with torch.inference_mode(), _exact_float32():
             w.reference[adapter] = model(**inputs32).sample.float()
@@ -255,7 +398,7 @@ def build(
     _free(device)
     print(
         f"[diffusion] {name}: {sum(v.numel() for v in base_state.values()) / 1e9:.3f} B parameters, "
-        f"{w.layers} LoRA layers ({', '.join(TARGETS)}), adapters {w.adapter_bytes} bytes, "
+        f"{w.layers} LoRA layers ({', '.join(fam.targets)}), adapters {w.adapter_bytes} bytes, "
         f"built in {time.perf_counter() - t:.1f} s",
         flush=True,
     )
@@ -270,21 +413,21 @@ def adapter_effect(w: DiffusionWorkload) -> dict[str, float]:
 # --- configurations -------------------------------------------------------------------------
 
 
-def _compile(unet: torch.nn.Module, mode: str, regional: bool, backend: str) -> Callable[..., Any]:
+def _compile(model: torch.nn.Module, mode: str, regional: bool, backend: str) -> Callable[..., Any]:
     kwargs: dict[str, Any] = {"backend": backend}
     if mode != "default":
         kwargs["mode"] = mode
     if not regional:
-        return torch.compile(unet, **kwargs)
-    blocks = getattr(unet, "_repeated_blocks", None) or ["BasicTransformerBlock"]
+        return torch.compile(model, **kwargs)
+    blocks = getattr(model, "_repeated_blocks", None) or ["BasicTransformerBlock"]
     compiled = 0
-    for module in unet.modules():  # what ModelMixin.compile_repeated_blocks does
+    for module in model.modules():  # what ModelMixin.compile_repeated_blocks does
         if type(module).__name__ in blocks:
             module.compile(**kwargs)
             compiled += 1
     if not compiled:
-        raise RuntimeError(f"no {blocks} in {type(unet).__name__}")
-    return unet
+        raise RuntimeError(f"no {blocks} in {type(model).__name__}")
+    return model
 
 
 @dataclass
@@ -308,12 +451,15 @@ def _stepper(model: Callable[..., Any], inputs: dict[str, Any]) -> Callable[[], 
 def _prepare(name: str, w: DiffusionWorkload, mode: str, regional: bool, backend: str | None) -> Config:
     """Builds one configuration with adapter ``A`` loaded and compiles it (the first call;
     ``backend=None``: not compiled)."""
-    unet = w.fresh_unet()
+    model = w.fresh_model()
+    fam = FAMILIES[w.family]
     info: dict[str, Any] = {}
     swap: Callable[[str], None] | None = None
-    keep: Any = unet
+    keep: Any = model
     if name in ("lorahot", "lorahot_merged", *OTHER_CONFIGS):
-        runtime = lorahot.inject(unet, TARGETS, max_rank=MAX_RANK, merged=name == "lorahot_merged", regional=regional)
+        runtime = lorahot.inject(
+            model, fam.targets, max_rank=MAX_RANK, merged=name == "lorahot_merged", regional=regional
+        )
         if name == "lorahot_unstacked":
             stacked_shrinks.uninstall()
         extern_inputs.ENABLED = name != "lorahot_noextern"
@@ -323,18 +469,18 @@ def _prepare(name: str, w: DiffusionWorkload, mode: str, regional: bool, backend
         def swap(adapter: str) -> None:
             runtime.load(w.file(adapter))
 
-        keep = (unet, runtime)
+        keep = (model, runtime)
     elif name == "diffusers":
-        unet.enable_lora_hotswap(target_rank=MAX_RANK)
-        unet.load_lora_adapter(
-            str(w.adapters["A"]), prefix="unet", adapter_name=DIFFUSERS_ADAPTER, weight_name=WEIGHT_NAME
+        model.enable_lora_hotswap(target_rank=MAX_RANK)
+        model.load_lora_adapter(
+            str(w.adapters["A"]), prefix=fam.prefix, adapter_name=DIFFUSERS_ADAPTER, weight_name=WEIGHT_NAME
         )
-        info["lora_dtype"] = str(next(p.dtype for n, p in unet.named_parameters() if "lora_A" in n))
+        info["lora_dtype"] = str(next(p.dtype for n, p in model.named_parameters() if "lora_A" in n))
 
         def swap(adapter: str) -> None:
-            unet.load_lora_adapter(
+            model.load_lora_adapter(
                 str(w.adapters[adapter]),
-                prefix="unet",
+                prefix=fam.prefix,
                 adapter_name=DIFFUSERS_ADAPTER,
                 weight_name=WEIGHT_NAME,
                 hotswap=True,
@@ -342,7 +488,7 @@ def _prepare(name: str, w: DiffusionWorkload, mode: str, regional: bool, backend
 
     elif name != "base":
         raise ValueError(f"unknown diffusion configuration {name!r}; choose from {CONFIGS + OTHER_CONFIGS}")
-    step = _stepper(unet if backend is None else _compile(unet, mode, regional, backend), w.inputs)
+    step = _stepper(model if backend is None else _compile(model, mode, regional, backend), w.inputs)
     graphs = _unique_graphs()
     sync(w.device)
     t = time.perf_counter()
@@ -405,7 +551,7 @@ def _alloc_calls(device: torch.device) -> dict[str, int]:
 
 
 def mode_label(mode: str, regional: bool, backend: str) -> str:
-    how = "regional (each BasicTransformerBlock)" if regional else "whole model"
+    how = "regional (each repeated block)" if regional else "whole model"
     return f"{mode}, {how}" + ("" if backend == "inductor" else f", backend {backend}")
 
 
@@ -472,7 +618,8 @@ def _header(w: DiffusionWorkload) -> dict[str, Any]:
         "diffusion": {
             "model": w.name,
             "layers": w.layers,
-            "targets": TARGETS,
+            "family": w.family,
+            "targets": FAMILIES[w.family].targets,
             "adapters": {a: {"rank": r, "alpha": al, "bytes": w.adapter_bytes[a]} for a, (r, al) in ADAPTERS.items()},
             "adapter_dtype": str(w.dtype),
             "inputs": _shapes(w.inputs),
@@ -576,6 +723,8 @@ def save_workload(w: DiffusionWorkload) -> Path:
         "reference": _move(w.reference, torch.device("cpu")),
         "layers": w.layers,
         "adapter_bytes": w.adapter_bytes,
+        "family": w.family,
+        "tiny": w.tiny,
     }
     torch.save(state, path)
     return path
@@ -584,17 +733,21 @@ def save_workload(w: DiffusionWorkload) -> Path:
 def load_workload(path: Path, device: torch.device) -> DiffusionWorkload:
     """The workload :func:`save_workload` wrote, on ``device``."""
     s = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    family, tiny = s.get("family", "sdxl"), bool(s.get("tiny", False))
+    host = FAMILIES[family].host_weights and not tiny
     return DiffusionWorkload(
         s["name"],
         s["config"],
         device,
         s["dtype"],
-        _move(s["base_state"], device),
+        _move(s["base_state"], torch.device("cpu") if host else device),
         {a: Path(d) for a, d in s["adapters"].items()},
         _move(s["inputs"], device),
         _move(s["reference"], device),
         s["layers"],
         s["adapter_bytes"],
+        family,
+        tiny,
     )
 
 
@@ -684,7 +837,7 @@ def run_parallel(
     w.base_state = {}
     _free(w.device)
     if reserve_s is None:  # the swaps and ROUNDS rounds of every configuration, one at a time, and exits
-        reserve_s = 60.0 if w.config is SDXL_UNET else 10.0
+        reserve_s = 10.0 if w.tiny else 60.0
     try:
         for mode in modes:
             label = mode_label(mode, regional, backend)
@@ -796,10 +949,27 @@ def _time_round(
 
 def summary(raw: dict[str, Any], run_file: str = "") -> dict[str, Any]:
     """The ``latest.json`` fields of a diffusion run: the first mode's figures, every config
-    key present (null where not run), so figures from different runs never mix in one dict."""
+    key present (null where not run), so figures from different runs never mix in one dict.
+    The UNet's fields are the issue's (``diffusion_step_ms``, ``compile_s.unet``, ...); another
+    family's are named after it (``diffusion_flux_step_ms``, ``compile_s.flux``, ...), so that a
+    run of one never overwrites the other's."""
     d = raw.get("diffusion")
     if not d or not d.get("modes"):
         return {}
+    fields = _summary(d, run_file)
+    family = d.get("family", "sdxl")
+    if family == "sdxl":
+        return fields
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key.startswith("compile_s"):
+            out[key] = {family: value["unet"]}
+        else:
+            out[key.replace("diffusion_", f"diffusion_{family}_", 1)] = value
+    return out
+
+
+def _summary(d: dict[str, Any], run_file: str) -> dict[str, Any]:
     by_mode = {}
     for label, res in d["modes"].items():
         by_mode[label] = {"model": d["model"], "mode": label, **{c: res.get(c, {}).get("step_ms") for c in CONFIGS}}

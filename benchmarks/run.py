@@ -5,7 +5,7 @@
 
 Suites: ``swap`` (file / host cache / slot activation / memory), ``forward`` (compiled latency
 and recompiles, default and reduce-overhead), ``fullgraph`` (recompiles with fullgraph=True),
-``all``; ``rows``, ``stack``, ``mixed`` (one adapter per batch row) and ``diffusion`` (an SDXL-shaped UNet, ``--tiny`` on a CPU) run on their
+``all``; ``rows``, ``stack``, ``mixed`` (one adapter per batch row) and ``diffusion`` (an SDXL-shaped UNet or, ``--model flux``, a Flux.1 transformer; ``--tiny`` on a CPU) run on their
 own. Each run's full JSON goes to ``results/runs/``; ``latest.json`` merges the newest figure of
 every field, in the schema the README table reads.
 """
@@ -132,7 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         default="all",
     )
     parser.add_argument("--small", action="store_true", help="2-layer model (CPU friendly)")
-    parser.add_argument("--tiny", action="store_true", help="diffusion suite: a tiny UNet (the default on a CPU)")
+    parser.add_argument("--tiny", action="store_true", help="diffusion suite: a tiny model (the default on a CPU)")
+    parser.add_argument(
+        "--model",
+        default="sdxl",
+        choices=sorted(diffusion.FAMILIES),
+        help="diffusion suite: an SDXL-shaped UNet (default) or a Flux.1-dev-shaped transformer",
+    )
     parser.add_argument(
         "--regional",
         action="store_true",
@@ -305,7 +311,7 @@ def _diffusion(
     import peft
 
     tiny = args.tiny or device.type == "cpu"
-    w = diffusion.build(tiny, device)
+    w = diffusion.build(tiny, device, family=args.model)
     raw: dict[str, Any] = {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -320,7 +326,8 @@ def _diffusion(
     runs = args.out.parent / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    run_file = runs / f"{stamp}-diffusion{'-tiny' if tiny else ''}.json"
+    kind = "" if args.model == "sdxl" else f"-{args.model}"
+    run_file = runs / f"{stamp}-diffusion{kind}{'-tiny' if tiny else ''}.json"
     out = args.out if not tiny or args.out != RESULTS / "latest.json" else RESULTS / "latest-tiny.json"
     latest: dict[str, Any] = {}
 
@@ -332,7 +339,8 @@ def _diffusion(
         fields = diffusion.summary(
             merged, run_file.name
         )  # the top-level device / workload fields describe the LLM figures
-        fields["diffusion_run"] = {**fields.get("diffusion_run", {}), **{k: merged[k] for k in raw}}
+        run_key = "diffusion_run" if args.model == "sdxl" else f"diffusion_{args.model}_run"
+        fields[run_key] = {**fields.get(run_key, {}), **{k: merged[k] for k in raw}}
         latest = merge_results(out, fields)
 
     result = (diffusion.run_parallel if args.parallel else diffusion.run)(
