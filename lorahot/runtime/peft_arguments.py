@@ -12,6 +12,7 @@ dictionary lookup per call, before the forward; it is traced like the forward un
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from torch import nn
@@ -23,6 +24,9 @@ __all__ = ["install", "uninstall", "release", "REFUSED"]
 
 #: PEFT's per-call keyword arguments that lorahot does not read
 REFUSED = ("adapter_names",)
+
+#: the modules :func:`install` hooked, until :func:`release` unhooks them
+_HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _refuse(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -45,6 +49,7 @@ def install(module: nn.Module) -> None:
     """Hooks ``module``'s forward to refuse :data:`REFUSED` (once, however often called)."""
     if not any(hook is _refuse for hook in module._forward_pre_hooks.values()):
         module.register_forward_pre_hook(_refuse, with_kwargs=True)
+    _HOOKED.add(module)
 
 
 def uninstall(module: nn.Module) -> None:
@@ -55,6 +60,13 @@ def uninstall(module: nn.Module) -> None:
 
 
 def release(module: nn.Module) -> None:
-    """:func:`uninstall` once ``module`` holds no LoRA layer (another runtime's may remain)."""
-    if not any(isinstance(m, LoRALayer) for m in module.modules()):
-        uninstall(module)
+    """:func:`uninstall` from ``module`` and from every module :func:`install` hooked, each once
+    it holds no LoRA layer (another runtime's may remain). All of them, not only ``module``:
+    with one runtime injected into a submodule and another into the whole model, whichever is
+    ejected first leaves the other's layers under its hooked module, and the second's eject
+    does not know that module (an independent audit found the hook left behind, refusing
+    ``adapter_names=`` on the ejected model)."""
+    for hooked in [module, *_HOOKED]:
+        if not any(isinstance(m, LoRALayer) for m in hooked.modules()):
+            uninstall(hooked)
+            _HOOKED.discard(hooked)

@@ -398,6 +398,27 @@ def test_a_runtime_is_not_copied_and_a_copied_model_keeps_its_adapter(how: str) 
     assert torch.equal(_out(twin), before)  # the copy's buffers are its own
 
 
+def test_a_move_after_inject_converts_the_shared_arena_once_not_per_layer() -> None:
+    """``model.half()`` after inject: every layer registers the runtime's arena tensors, and
+    ``nn.Module`` converts buffers module by module, so each layer used to get a converted copy
+    of the whole arena (an independent audit: 48 layers, 54 MB after the move for a 3 MB
+    model). Now one copy per arena tensor, shared; the model keeps computing and the runtime
+    still refuses to serve the moved model."""
+    model, runtime = _setup(slots=2)
+    tensors, ab = make_adapter(model, {Q0: 4}, seed=1, dtype=torch.float64)
+    runtime.load(tensors)
+    layers = list(runtime.layers.values())
+    assert len(layers) > 2
+    model.float()
+    for name in ("_lora_arena_A", "_lora_arena_B", "_lora_arena_S"):
+        buffers = {layer._buffers[name].untyped_storage().data_ptr() for layer in layers}
+        assert len(buffers) == 1, name
+        assert layers[0]._buffers[name].dtype == torch.float32
+    torch.testing.assert_close(_out(model), _expected(ab).float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(lorahot.UsageError, match="LoRA buffers were replaced"):
+        runtime.load(tensors)
+
+
 def test_a_forward_after_a_move_to_another_device_is_a_usage_error() -> None:
     """The LoRA buffers stay where inject put them when the model is moved: a forward on the
     new device raises a UsageError saying so, where torch raised a device mismatch from inside

@@ -74,6 +74,36 @@ def test_a_copy_refuses_too_until_lorahot_eject_and_a_second_runtime_keeps_the_h
     model(X, adapter_names=["a"])
 
 
+class _Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Dropping()
+        self.inner.add_module("v", nn.Linear(4, 4))  # not in inner's forward: a layer for the outer runtime
+        self.v = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return self.v(self.inner(x))
+
+
+@pytest.mark.parametrize("how", ["lorahot.eject", "outer first", "inner first"])
+def test_runtimes_in_a_submodule_and_its_parent_leave_no_hook_after_both_ejects(how: str) -> None:
+    """One runtime in ``model.inner``, another in ``model``: whichever was ejected first found
+    the other's layers under the module it had hooked and kept the hook, and the second's eject
+    did not know that module (an independent audit: the ejected model still refused
+    ``adapter_names=``)."""
+    model = _Nested()
+    inner = lorahot.inject(model.inner, ["q"], max_rank=2)
+    outer = lorahot.inject(model, ["v"], max_rank=2)  # model.v and model.inner.v
+    if how == "lorahot.eject":
+        lorahot.eject(model)
+    else:
+        for runtime in (outer, inner) if how == "outer first" else (inner, outer):
+            runtime.eject()
+    assert _hooked(model) == 0 and _hooked(model.inner) == 0
+    model(X, adapter_names=["a"])
+    model.inner(X, adapter_names=["a"])
+
+
 def test_each_component_of_several_models_refuses_it() -> None:
     unet, te = _Dropping(), _Dropping()
     runtime = lorahot.inject({"unet": unet, "text_encoder": te}, {"unet": ["q"], "text_encoder": ["q"]}, max_rank=2)
