@@ -72,6 +72,8 @@ class AdapterConfig:
             messages only, never matched.
         unsupported: ``"field=value; why"`` for each set :data:`UNSUPPORTED` field.
         alpha_stated: whether the config names ``lora_alpha`` itself (else the default applies).
+        origin: where the fields came from, for messages (``adapter_config.json``, the
+            safetensors header's metadata, ``config=``); empty where not known.
     """
 
     r: int | None = None
@@ -84,6 +86,7 @@ class AdapterConfig:
     target_modules: tuple[str, ...] | str | None = None
     unsupported: tuple[str, ...] = ()
     alpha_stated: bool = False
+    origin: str = field(default="", compare=False)
     _rank_set: PatternSet | None = field(default=None, compare=False, repr=False)
     _alpha_set: PatternSet | None = field(default=None, compare=False, repr=False)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -412,11 +412,9 @@ def _component_configs(
     too_many = budget_problem(list(configs.values()))
     if too_many is not None:
         raise AdapterReadError(f"{raw.source}: {too_many}. Write fewer, plainer pattern keys.")
-    parsed = {c: _parse_config(raw, c, d) for c, d in configs.items()}
-    origin = {"": CONFIG_NAME if file_config is not None else "config="}
-    refused = [
-        f"{origin.get(c) or _origin(c)}: {'; '.join(cfg.unsupported)}" for c, cfg in parsed.items() if cfg.unsupported
-    ]
+    root = _root_origin(file_config is not None, "" in header_configs)
+    parsed = {c: _parse_config(raw, c, d, root) for c, d in configs.items()}
+    refused = [f"{cfg.origin}: {'; '.join(cfg.unsupported)}" for cfg in parsed.values() if cfg.unsupported]
     if refused:
         raise UnknownFormatError(
             format_problems(f"{raw.source}: the adapter config turns on features lorahot does not load:", refused)
@@ -449,10 +447,26 @@ def _agreed(raw: RawAdapter, header: dict[str, Any], component: str = "") -> dic
     return {**config, **header}
 
 
-def _parse_config(raw: RawAdapter, component: str, fields: dict[str, Any]) -> AdapterConfig:
-    if component:
-        return AdapterConfig.from_dict(fields, f"{raw.source}: {_origin(component)}", "Re-save the adapter.")
-    return AdapterConfig.from_dict(fields, raw.config_path or raw.source)
+def _root_origin(file_config: bool, header_config: bool) -> str:
+    """Where the config of every module (component ``""``) came from, for messages."""
+    if header_config:
+        return (
+            f"{CONFIG_NAME} and the {METADATA_KEY}" if file_config else f"the {METADATA_KEY} in the safetensors header"
+        )
+    return CONFIG_NAME if file_config else "config="
+
+
+def _parse_config(raw: RawAdapter, component: str, fields: dict[str, Any], root: str) -> AdapterConfig:
+    """``fields`` parsed, with :attr:`~lorahot.io.config.AdapterConfig.origin` set; an invalid
+    value names where it came from and how to fix it there."""
+    if component or root != CONFIG_NAME:
+        origin = _origin(component) if component else root
+        fix = "Fix it, or pass config= with the right values." if origin == "config=" else "Re-save the adapter."
+        config = AdapterConfig.from_dict(fields, f"{raw.source}: {origin}", fix)
+    else:
+        origin = CONFIG_NAME
+        config = AdapterConfig.from_dict(fields, raw.config_path or raw.source)
+    return replace(config, origin=origin)
 
 
 def _origin(component: str) -> str:
@@ -483,7 +497,8 @@ def _config_for(module: str, fmt: KeyFormat, configs: dict[str, AdapterConfig]) 
     """The config governing ``module``, the name PEFT's patterns are matched against, and
     where that config came from (for messages)."""
     component = next((c for c in configs if c and module.startswith(c)), "")
-    return configs[component], fmt.strip_prefix(module), _origin(component)
+    config = configs[component]
+    return config, fmt.strip_prefix(module), config.origin or _origin(component)
 
 
 def _assemble(

@@ -443,6 +443,16 @@ def _check_entry(path: Path, key: str, entry: Any) -> tuple[int, int, str]:
 
 
 def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    # a tensor placed past the end names itself (tiled in order, the gap it leaves would be
+    # blamed on its innocent neighbour)
+    beyond = sorted((b, e, k) for b, e, k in spans if e > data_size)
+    if beyond:
+        begin, end, key = beyond[-1]
+        raise _error(
+            path,
+            f"tensor {short(key)} at bytes [{begin}, {end}) of the data section ends past the end of the file, "
+            f"whose data section holds {data_size} bytes (a truncated file, or data_offsets that are wrong)",
+        )
     pos, prev = 0, "the header"
     for begin, end, key in sorted(spans):
         if begin != pos:

@@ -148,7 +148,9 @@ def plan_targets(
             with a model an :class:`AdapterMismatchError` listing every key that matches no
             layer (or several) and every module whose shapes do not fit its layer; with several
             models, also the modules whose prefix names a component the model lacks (with
-            ``strict=False`` those are skipped, as ``load`` skips them).
+            ``strict=False`` those are skipped, as ``load`` skips them); also, with or without
+            a model, an :class:`AdapterMismatchError` for a rank above 65536 (what ``inject``
+            allocates at most).
     """
     items = _source_list(sources)
     if not isinstance(stacked, bool):
@@ -181,6 +183,16 @@ def plan_targets(
         ranks = _model_ranks(adapters, layers, skipped if strict is False else None, components, combine)
         ranks = {n: ranks[n] for n in layers if n in ranks}  # model order
         groups = [layers[n].spec.groups for n in ranks]
+    max_rank = _covering_rank(ranks, groups)
+    if max_rank > MAX_RANK_LIMIT:  # inject would refuse the plan (with a model, the layer checks said so)
+        over = [f"{n}: rank {r}" for n, r in ranks.items() if r > MAX_RANK_LIMIT] or [f"covering rank {max_rank}"]
+        raise AdapterMismatchError(
+            format_problems(
+                f"{', '.join(a.source for a in adapters)}: ranks above {MAX_RANK_LIMIT}, the most inject allocates:",
+                over,
+            )
+            + "\nNo real adapter has such a rank: the file is probably corrupt. Re-save it, or plan without it."
+        )
     targets: list[str] | dict[str, list[str]] = list(ranks)
     if several:
         per: dict[str, list[str]] = {}
@@ -190,7 +202,7 @@ def plan_targets(
         targets = per
     return TargetPlan(
         targets,
-        _covering_rank(ranks, groups),
+        max_rank,
         ranks,
         tuple(a.source for a in adapters),
         tuple(skipped),

@@ -277,6 +277,23 @@ def test_bad_sources_raise_the_readers_errors(tmp_path: Path, two_llama_adapters
         lorahot.plan_targets([path_a], model="llama")
 
 
+def test_a_rank_inject_would_refuse_is_refused_at_plan_time_without_a_model(tmp_path: Path) -> None:
+    """A module whose A is ``[2**40, 0]`` (no bytes): without a model the plan said max_rank
+    2**40, which inject then refused as absurd (an independent audit); the plan refuses it,
+    naming the module, as it does with a model and as load does."""
+    header = {
+        "base_model.model.layers.0.q_proj.lora_A.weight": {"dtype": "F32", "shape": [2**40, 0], "data_offsets": [0, 0]},
+        "base_model.model.layers.0.q_proj.lora_B.weight": {"dtype": "F32", "shape": [0, 2**40], "data_offsets": [0, 0]},
+    }
+    raw = json.dumps(header).encode()
+    path = tmp_path / "rank.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"ranks above 65536.*\n  - layers\.0\.q_proj: rank 1099511627776"
+    ):
+        lorahot.plan_targets(path)
+
+
 def test_config_rank_disagreeing_with_the_header_is_refused(tmp_path: Path, two_llama_adapters) -> None:
     _, (path_a, _), _ = two_llama_adapters
     work = tmp_path / "a"

@@ -59,7 +59,7 @@ def test_adapter_objects_pass_through_and_take_key_options() -> None:
 def test_config_contradicting_tensors_is_named() -> None:
     with pytest.raises(
         lorahot.AdapterMismatchError,
-        match=r"proj: adapter_config\.json says r=8, but base_model\.model\.proj\.lora_A\.weight has shape \(2, 8\) \(rank 2\)",  # noqa: E501
+        match=r"proj: config= says r=8, but base_model\.model\.proj\.lora_A\.weight has shape \(2, 8\) \(rank 2\)",
     ):
         lorahot.read_adapter(_peft(), config={"r": 8})
 
@@ -348,10 +348,28 @@ def test_initializations_that_leave_the_base_alone_load(init: object) -> None:
 
 
 def test_use_dora_without_a_magnitude_vector_is_refused() -> None:
-    with pytest.raises(
-        lorahot.AdapterMismatchError, match=r"proj: adapter_config\.json says use_dora, but the file has no"
-    ):
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"proj: config= says use_dora, but the file has no"):
         lorahot.read_adapter(_peft(), config={"r": 2, "lora_alpha": 2, "use_dora": True})
+
+
+@pytest.mark.parametrize("where", ["header", "file"])
+def test_a_config_problem_names_where_the_config_came_from(tmp_path: Path, where: str) -> None:
+    """A config in the safetensors header's metadata (no adapter_config.json) was blamed on
+    adapter_config.json, whose fix pointed at a file that does not exist (an independent audit);
+    one in adapter_config.json still names that file."""
+    header, file = ({"r": "x"}, None) if where == "header" else (None, {"r": "x"})
+    path = _dir(tmp_path, _peft(), file, header)
+    name = "the lora_adapter_metadata in the safetensors header" if where == "header" else "adapter_config.json"
+    with pytest.raises(lorahot.AdapterReadError, match=rf"{name}.*invalid adapter config: r must be an integer"):
+        lorahot.read_adapter(path)
+    header, file = (
+        ({"r": 2, "lora_alpha": 2, "use_dora": True}, None)
+        if where == "header"
+        else (None, {"r": 2, "lora_alpha": 2, "use_dora": True})
+    )
+    path = _dir(tmp_path / "dora", _peft(), file, header)
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"proj: {name} says use_dora, but the file has no"):
+        lorahot.read_adapter(path)
 
 
 def test_the_file_config_and_the_header_config_agree_or_the_adapter_is_refused(tmp_path: Path) -> None:

@@ -137,3 +137,20 @@ def test_a_file_that_shrinks_while_read_is_named_so(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(safety, "_pread", lambda fd, n, offset, p: b"\x01\x02")  # truncated to 2 bytes meanwhile
     with pytest.raises(lorahot.AdapterReadError, match=r": 2 bytes, too short .* or it shrank while lorahot read it\)"):
         safety.check_safetensors(path)
+
+
+def test_a_tensor_placed_past_the_end_is_the_one_named(tmp_path: Path) -> None:
+    """``a`` moved past the end of the data: the tiling check found the gap its move left before
+    ``b`` and named ``b``, an innocent key (an independent audit); the tensor that ends past the
+    file is named first."""
+    header = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [10**6, 10**6 + 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+    }
+    raw = json.dumps(header).encode()
+    path = tmp_path / "moved.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 16)
+    with pytest.raises(
+        lorahot.AdapterReadError, match=r"tensor 'a' at bytes \[1000000, 1000008\).*past the end of the file"
+    ):
+        check_safetensors(path)
