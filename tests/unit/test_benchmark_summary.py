@@ -35,6 +35,15 @@ def test_diffusion_summary_compile_times_hold_base_and_lorahot() -> None:
     assert set(out["diffusion_step_ms"]) == {"model", "mode", "base", "lorahot", "lorahot_merged", "diffusers"}
 
 
+def test_a_flux_run_s_fields_are_named_after_it_and_leave_the_unet_s_alone() -> None:
+    res = {c: {"compile_s": 10.0 + i, "step_ms": 1.0} for i, c in enumerate(diffusion.CONFIGS)}
+    raw = {"diffusion": {"model": "m", "family": "flux", "adapter_effect": 0.1, "modes": {"default": res}}}
+    out = diffusion.summary(raw)
+    assert out["compile_s"] == {"flux": {"base": 10.0, "lorahot": 11.0}}
+    assert set(out["diffusion_flux_step_ms"]) == {"model", "mode", "base", "lorahot", "lorahot_merged", "diffusers"}
+    assert not [k for k in out if k.startswith("diffusion_") and not k.startswith("diffusion_flux_")]
+
+
 def test_diffusion_summary_gives_each_mode_s_profiled_gpu_time_in_ms() -> None:
     profiled = {"base": 30000.0, "lorahot": 34500.0}
     res = {
