@@ -8,13 +8,18 @@ preloaded is read again instead of served stale. Nothing here opens a file or re
   ``adapter_config.json`` beside it (or its absence);
 - a local directory (after ``subfolder``): every ``*.safetensors`` in it (or only
   ``weight_name``) and each ``adapter_config.json`` a read would consult, as above;
-- a Hub repo id: the id with ``revision``, ``subfolder`` and ``weight_name``;
+- a Hub repo id: the id with ``revision``, ``subfolder`` and ``weight_name``, and (unless the
+  revision is a commit hash) the stat of the local Hugging Face cache's ref for that revision,
+  which a download of a newer commit rewrites. No network call: a branch that moved on the Hub
+  is seen once something downloads it (a read with ``revision=`` of the new commit, or
+  ``huggingface_hub``);
 - a mapping, an :class:`~lorahot.Adapter`, or a source that cannot be found: None.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -59,8 +64,21 @@ def source_identity(
     except (OSError, ValueError, TypeError):
         return None
     if is_repo_id(text) and all(v is None or isinstance(v, str) for v in (revision, subfolder, weight_name)):
-        return f"hub:{text}@{revision or ''}|subfolder={subfolder or ''}|weight_name={weight_name or ''}"
+        key = f"hub:{text}@{revision or ''}|subfolder={subfolder or ''}|weight_name={weight_name or ''}"
+        return key if _COMMIT.fullmatch(revision or "") else f"{key}|{_stat(_hub_ref(text, revision or 'main'))}"
     return None
+
+
+#: a Hub commit hash: what it names never changes
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _hub_ref(repo_id: str, revision: str) -> Path:
+    """The local Hugging Face cache's file naming the commit ``revision`` of model ``repo_id``
+    was last resolved to (``huggingface_hub`` rewrites it when it downloads a newer one)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "refs" / revision
 
 
 def _relative(value: Any) -> bool:

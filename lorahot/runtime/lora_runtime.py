@@ -277,7 +277,10 @@ class LoraRuntime:
             source: anything :func:`lorahot.read_adapter` accepts, an :class:`Adapter`, a
                 :class:`PreparedAdapter` from :meth:`preload`, or the ``key`` given to
                 :meth:`preload`. A local path or Hub id preloaded with the same read options is
-                taken from the host cache while its files are unchanged (same size and mtime).
+                taken from the host cache while its files are unchanged (same size and mtime;
+                for a Hub id, while the local Hugging Face cache resolves its revision to the
+                same commit: no network call is made, so a branch that moved on the Hub is
+                seen once something downloads the new commit).
                 Or a list (or tuple) of those: a *stack*, all active together (the model adds
                 their updates). Each part keeps its own per-module ``alpha / r`` (PEFT
                 patterns, rsLoRA, kohya alphas) and occupies its own rows of each layer's

@@ -201,3 +201,27 @@ def test_a_pickle_weight_name_is_refused_before_it_is_downloaded(
     monkeypatch.setattr(hub, "_download", no_request)
     with pytest.raises(lorahot.AdapterReadError, match=r"pickles, and lorahot never unpickles \(nor downloads them\)"):
         lorahot.read_adapter(REPO, weight_name=weight_name)
+
+
+def test_a_preloaded_repo_id_is_read_again_once_its_branch_moves_in_the_local_cache(hub_cache: Path) -> None:
+    """The host cache keyed a Hub id by its name and revision only, so after ``main`` moved to a
+    new commit (another download rewrote the cache's ref) ``load(id)`` kept serving the
+    preloaded adapter, 28 off the new one (an independent audit; ``read_adapter`` already read
+    the new commit). The key now holds the ref's stat; a commit hash needs none."""
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(8, 6))
+    runtime = lorahot.inject(model, ["proj"], max_rank=4)
+    runtime.preload(REPO)
+    repo = hub_cache / f"models--{REPO.replace('/', '--')}"
+    new = "f" * 40
+    (repo / "snapshots" / new).mkdir()
+    torch.manual_seed(7)
+    tensors = _peft_tensors(4)
+    save_file(tensors, repo / "snapshots" / new / "adapter_model.safetensors")
+    (repo / "snapshots" / new / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 2}')
+    (repo / "refs" / "main").write_text(new)
+    runtime.load(REPO)
+    x = torch.randn(3, 8)
+    a, b = tensors["base_model.model.proj.lora_A.weight"], tensors["base_model.model.proj.lora_B.weight"]
+    want = model.proj.base_layer(x) + 0.5 * (x @ a.T) @ b.T
+    torch.testing.assert_close(model(x), want)

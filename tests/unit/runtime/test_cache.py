@@ -134,7 +134,11 @@ def test_identity_honours_subfolder_and_weight_name(tmp_path: Path) -> None:
 
 
 def test_identity_of_hub_ids_and_in_memory_sources() -> None:
-    assert source_identity("org/name", revision="v1", subfolder="s") == "hub:org/name@v1|subfolder=s|weight_name="
+    assert source_identity("org/name", revision="v1", subfolder="s").startswith(
+        "hub:org/name@v1|subfolder=s|weight_name=|"
+    )
+    commit = "0123456789abcdef0123456789abcdef01234567"  # immutable: no ref to consult
+    assert source_identity("org/name", revision=commit) == f"hub:org/name@{commit}|subfolder=|weight_name="
     assert source_identity("org/name") != source_identity("org/name", revision="v1")
     assert source_identity({"a": torch.ones(1)}) is None
     assert source_identity("./no/such/dir") is None
