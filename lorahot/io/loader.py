@@ -99,8 +99,12 @@ def read_adapter(
             reads this way.
         strict: refuse the whole file for one key that cannot be loaded (the default). With
             ``False``, keys of no known naming, refused features (LyCORIS, DoRA, ...) and a
-            module's A without its B are left out and listed in :attr:`Adapter.skipped`;
-            unreadable values (NaN, bad dtypes) still refuse the file.
+            module's A without its B are left out and listed in :attr:`Adapter.skipped`.
+
+    The tensors' values are not checked here (beyond an ``.alpha``'s): ``runtime.load`` and
+    ``runtime.preload`` refuse NaN, Inf and non-float A and B, whatever ``strict``, in one
+    batched pass on the buffers' device. To vet a file without a model, load it into a runtime
+    injected for it (:func:`lorahot.plan_targets`).
 
     ``_slices`` and ``_keys`` serve :func:`read_adapter_sliced`: the slices of a file's tensors
     to read, and a dict that receives the file's tensors by key. ``_recipe`` serves the runtime:
