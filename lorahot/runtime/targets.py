@@ -19,11 +19,21 @@ from lorahot.layers.linear import is_conv1d
 from lorahot.runtime.merge import replaced, writing
 from lorahot.runtime.plan import WEIGHT_DTYPES
 
-__all__ = ["Targets", "match_targets", "wrap_modules", "unwrap_modules", "layer_placement"]
+__all__ = ["Targets", "ExactNames", "match_targets", "wrap_modules", "unwrap_modules", "layer_placement"]
 
 #: What ``inject`` accepts as targets: names (PEFT ``target_modules`` semantics), a regex
 #: (full match on the qualified name), ``"all-linear"``, or ``(name, module) -> bool``.
 Targets = Sequence[str] | str | Callable[[str, nn.Module], bool]
+
+
+class ExactNames(list[str]):
+    """Module names that ``inject`` matches exactly, each against the whole qualified name: a
+    plain list matches as PEFT's ``target_modules`` does (a name, or any name ending in
+    ``"." + entry``), so a top-level ``proj_out`` would also wrap every block's ``proj_out``.
+    :func:`lorahot.plan_targets` gives its targets in this form when it plans against a model.
+    Otherwise a list: equal to, and used as, the list of its names."""
+
+    __slots__ = ()
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
@@ -72,6 +82,9 @@ def _matcher(model: nn.Module, targets: Targets) -> Callable[[str, nn.Module], b
             raise UsageError(f"targets={targets!r} is not a valid regex ({exc}).") from None
         return lambda name, m: pattern.fullmatch(name) is not None
     entries = _entries(targets)
+    if isinstance(targets, ExactNames):
+        names = set(entries)
+        return lambda name, m: name in names
     return lambda name, m: any(name == e or name.endswith("." + e) for e in entries)
 
 

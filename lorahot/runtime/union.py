@@ -48,6 +48,7 @@ from lorahot.runtime.components import components_of, is_several
 from lorahot.runtime.inject import MAX_RANK_LIMIT
 from lorahot.runtime.plan import check_module, check_weight_module
 from lorahot.runtime.sharding import localize
+from lorahot.runtime.targets import ExactNames
 
 __all__ = ["TargetPlan", "plan_targets"]
 
@@ -58,7 +59,9 @@ class TargetPlan:
 
     Attributes:
         targets: module names, in a form :func:`lorahot.inject` accepts: the model's qualified
-            names when planned against a model (in model order), else the adapters' module
+            names when planned against a model (in model order; an
+            :class:`~lorahot.runtime.targets.ExactNames` list, which inject matches exactly, not
+            as name suffixes), else the adapters' module
             paths without their component prefix (``base_model.model.``, ``unet.``), in first-seen
             order. Underscore namings (kohya) need a model to become module names. Planned
             against several models (a dict of components, a pipeline): a dict component ->
@@ -193,12 +196,14 @@ def plan_targets(
             )
             + "\nNo real adapter has such a rank: the file is probably corrupt. Re-save it, or plan without it."
         )
-    targets: list[str] | dict[str, list[str]] = list(ranks)
+    # against a model, the exact modules (a plain list would also wrap every module whose name
+    # ends with a planned one: Flux's top-level proj_out, and each single block's)
+    targets: list[str] | dict[str, list[str]] = list(ranks) if model is None else ExactNames(ranks)
     if several:
         per: dict[str, list[str]] = {}
         for name in ranks:
             component, _, path = name.partition(".")
-            per.setdefault(component, []).append(path)
+            per.setdefault(component, ExactNames()).append(path)
         targets = per
     return TargetPlan(
         targets,

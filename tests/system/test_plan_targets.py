@@ -294,6 +294,33 @@ def test_a_rank_inject_would_refuse_is_refused_at_plan_time_without_a_model(tmp_
         lorahot.plan_targets(path)
 
 
+def test_planned_targets_wrap_exactly_the_planned_modules(tmp_path: Path) -> None:
+    """An adapter on a model's top-level ``proj_out`` only (Flux, SD3 and HunyuanVideo also have
+    one in every block): ``inject`` matched the planned names as PEFT's target_modules, as name
+    suffixes, so it also wrapped every block's ``proj_out`` (an independent audit: 38 extra
+    layers on Flux, each with buffers at max_rank). Planned against a model the names are now
+    matched exactly; a plain list still matches as suffixes."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj_out = nn.Linear(8, 8)
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList([Block(), Block()])
+    model.proj_out = nn.Linear(8, 4)
+    save_file(
+        {"proj_out.lora_A.weight": torch.randn(2, 8), "proj_out.lora_B.weight": torch.randn(4, 2)},
+        tmp_path / "a.safetensors",
+    )
+    plan = lorahot.plan_targets(tmp_path / "a.safetensors", copy.deepcopy(model))
+    assert plan.targets == ["proj_out"] and isinstance(plan.targets, lorahot.runtime.targets.ExactNames)
+    runtime = lorahot.inject(copy.deepcopy(model), plan.targets, **plan.inject_options())
+    assert list(runtime.layers) == ["proj_out"]
+    runtime.load(tmp_path / "a.safetensors")
+    assert len(lorahot.inject(model, ["proj_out"], max_rank=2).layers) == 3  # PEFT's semantics for a list
+
+
 def test_config_rank_disagreeing_with_the_header_is_refused(tmp_path: Path, two_llama_adapters) -> None:
     _, (path_a, _), _ = two_llama_adapters
     work = tmp_path / "a"
