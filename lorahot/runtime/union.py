@@ -279,6 +279,8 @@ def _model_ranks(
     names = list(layers)
     ranks: dict[str, int] = {}
     problems: list[str] = []
+    biased: list[str] = []  # LoRA biases on layers without a base bias: no merged runtime takes them
+    merged_only = any(a.weights for a in adapters)
     for adapter in adapters:
         # unknown, ambiguous or unroutable keys raise here
         if components:
@@ -293,13 +295,24 @@ def _model_ranks(
                     problems += [f"{adapter.source}: {p}" for p in found]
                     continue
             problems += [f"{adapter.source}: {p}" for p in check_module(name, m, spec, MAX_RANK_LIMIT)]
+            if m.bias is not None and layers[name].base_bias is None:
+                biased.append(f"{adapter.source}: {name}")
             ranks[name] = combine(ranks.get(name, 0), rank)
         for name, w in weights.items():
             problems += [f"{adapter.source}: {p}" for p in check_weight_module(name, w, layers[name].spec)]
+            if "diff_b" in w.factors and layers[name].base_bias is None:
+                problems.append(f"{adapter.source}: {name}: a bias diff (diff_b) for a layer without a bias")
             ranks.setdefault(name, 0)
+    if merged_only and biased:  # as load refuses each in a merged runtime, the only kind the others load into
+        problems += [
+            f"{b}: a LoRA bias (lora_bias) on a layer without a bias, which merged mode cannot fold, while "
+            "another module needs merged mode (LyCORIS kinds or full diffs): no one runtime loads them all; "
+            "plan them apart"
+            for b in biased
+        ]
     if problems:
         raise AdapterMismatchError(
-            format_problems("adapters whose shapes do not fit the model's layers:", problems)
+            format_problems("adapters that do not fit the model's layers (shapes, biases, the modes they need):", problems)
             + "\nPlan with adapters made for this model, or map their keys with prefix=/key_map=."
         )
     return ranks

@@ -321,6 +321,47 @@ def test_planned_targets_wrap_exactly_the_planned_modules(tmp_path: Path) -> Non
     assert len(lorahot.inject(model, ["proj_out"], max_rank=2).layers) == 3  # PEFT's semantics for a list
 
 
+def test_a_plan_no_runtime_can_load_is_refused_at_plan_time(tmp_path: Path) -> None:
+    """Two plans load refused only after inject (an independent audit): a full diff with a
+    bias diff on a layer without a bias, and a LoHa (merged mode only) planned with a LoRA bias
+    on a layer without a bias (which merged mode cannot fold). plan_targets refuses both,
+    naming the layer."""
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.ModuleDict({"lin": nn.Linear(8, 8, bias=False), "lin2": nn.Linear(8, 8)})
+
+    g = torch.Generator().manual_seed(0)
+    save_file(
+        {"lora_unet_lin.diff": torch.randn(8, 8, generator=g), "lora_unet_lin.diff_b": torch.randn(8, generator=g)},
+        tmp_path / "diff.safetensors",
+    )
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"lin: a bias diff \(diff_b\) for a layer without a bias"):
+        lorahot.plan_targets(tmp_path / "diff.safetensors", model())
+    loha = {
+        f"lora_unet_lin2.hada_w{i}_{s}": torch.randn(*((8, 2) if s == "a" else (2, 8)), generator=g)
+        for i in (1, 2)
+        for s in "ab"
+    }
+    save_file(loha, tmp_path / "loha.safetensors")
+    bias = tmp_path / "bias"
+    bias.mkdir()
+    save_file(
+        {
+            "base_model.model.lin.lora_A.weight": torch.randn(2, 8, generator=g),
+            "base_model.model.lin.lora_B.weight": torch.randn(8, 2, generator=g),
+            "base_model.model.lin.lora_B.bias": torch.randn(8, generator=g),
+        },
+        bias / "adapter_model.safetensors",
+    )
+    (bias / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 2, "lora_bias": True}))
+    assert lorahot.plan_targets(bias, model()).extras  # alone: unmerged with extras=True
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"bias.*: lin: a LoRA bias \(lora_bias\) on a layer without a bias"
+    ):
+        lorahot.plan_targets([tmp_path / "loha.safetensors", bias], model())
+
+
 def test_config_rank_disagreeing_with_the_header_is_refused(tmp_path: Path, two_llama_adapters) -> None:
     _, (path_a, _), _ = two_llama_adapters
     work = tmp_path / "a"
