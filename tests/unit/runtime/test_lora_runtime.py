@@ -298,7 +298,7 @@ FAILURES = {
     "config_r": (
         _config_contradicts,
         lorahot.AdapterMismatchError,
-        rf"{Q1}: adapter_config\.json says r=4, but {_keys(Q1)[0]} has shape \(2, 16\) \(rank 2\)",
+        rf"{Q1}: config= says r=4, but {_keys(Q1)[0]} has shape \(2, 16\) \(rank 2\)",
     ),
     "nan": (_nan, lorahot.AdapterReadError, rf"NaN or Inf in LoRA weights of:\n  - {V0}"),
 }
