@@ -312,7 +312,9 @@ def _model_ranks(
         ]
     if problems:
         raise AdapterMismatchError(
-            format_problems("adapters that do not fit the model's layers (shapes, biases, the modes they need):", problems)
+            format_problems(
+                "adapters that do not fit the model's layers (shapes, biases, the modes they need):", problems
+            )
             + "\nPlan with adapters made for this model, or map their keys with prefix=/key_map=."
         )
     return ranks

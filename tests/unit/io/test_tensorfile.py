@@ -88,7 +88,7 @@ def test_file_rewritten_in_place_while_read_is_a_read_error(
     with pytest.raises(
         lorahot.AdapterReadError, match=r"a\.safetensors: the file changed while its tensor data was read"
     ):
-        lorahot.read_adapter(path)
+        sources.read_safetensors(path)  # the file's tensors are no adapter: read_adapter refuses them first
 
 
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int64, torch.bool]
@@ -176,3 +176,52 @@ def test_a_sparse_file_declaring_a_huge_tensor_is_refused_before_its_data_is_rea
         runtime.load(path)
     assert time.perf_counter() - start < 5
     assert runtime.info(0) is None
+
+
+def test_a_file_whose_tensors_cannot_form_an_adapter_is_refused_before_its_data_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sparse file of a few hundred KB declaring 2,000 unpaired A tensors (32 MB of data): the
+    load allocated and read the whole data section before it found them unpaired (an independent
+    audit: 343 MB for a 1.9 MB file). A file seen the first time is now grouped into modules from
+    its header alone first; a second load of a good file reads its header's recipe only once."""
+    import json
+
+    from lorahot.io import sources
+
+    n, numel = 2000, 2000
+    header = json.dumps(
+        {
+            f"base_model.model.junk.{i}.lora_A.weight": {
+                "dtype": "F64",
+                "shape": [numel],
+                "data_offsets": [i * numel * 8, (i + 1) * numel * 8],
+            }
+            for i in range(n)
+        }
+    ).encode()
+    path = tmp_path / "junk.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + n * numel * 8)
+    read = sources.read_safetensors
+    data_reads: list[object] = []
+
+    def counting(p: object, device: object = None, *args: object) -> object:
+        if device is None or getattr(device, "type", None) != "meta":
+            data_reads.append(p)
+        return read(p, device, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sources, "read_safetensors", counting)
+    runtime = lorahot.inject(torch.nn.Sequential(torch.nn.Linear(8, 4)), ["0"], max_rank=4)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"junk\.0: has lora_A .* but no lora_B"):
+        runtime.load(path)
+    assert data_reads == []
+    good = tmp_path / "good.safetensors"
+    save_file(
+        {"base_model.model.0.lora_A.weight": torch.randn(2, 8), "base_model.model.0.lora_B.weight": torch.randn(4, 2)},
+        good,
+    )
+    runtime.load(good)
+    runtime.load(good)
+    assert len(data_reads) == 2
