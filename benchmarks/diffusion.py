@@ -951,8 +951,9 @@ def summary(raw: dict[str, Any], run_file: str = "") -> dict[str, Any]:
     """The ``latest.json`` fields of a diffusion run: the first mode's figures, every config
     key present (null where not run), so figures from different runs never mix in one dict.
     The UNet's fields are the issue's (``diffusion_step_ms``, ``compile_s.unet``, ...); another
-    family's are named after it (``diffusion_flux_step_ms``, ``compile_s.flux``, ...), so that a
-    run of one never overwrites the other's."""
+    family's are named after it (``diffusion_flux_step_ms``, ``diffusion_flux_compile_s``, ...),
+    so that a run of one never overwrites the other's and the issue's ``compile_s`` keeps
+    exactly its keys (``llm``, ``unet``)."""
     d = raw.get("diffusion")
     if not d or not d.get("modes"):
         return {}
@@ -963,7 +964,7 @@ def summary(raw: dict[str, Any], run_file: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in fields.items():
         if key.startswith("compile_s"):
-            out[key] = {family: value["unet"]}
+            out[f"diffusion_{family}_{key}"] = value["unet"]
         else:
             out[key.replace("diffusion_", f"diffusion_{family}_", 1)] = value
     return out

@@ -39,9 +39,10 @@ def test_a_flux_run_s_fields_are_named_after_it_and_leave_the_unet_s_alone() -> 
     res = {c: {"compile_s": 10.0 + i, "step_ms": 1.0} for i, c in enumerate(diffusion.CONFIGS)}
     raw = {"diffusion": {"model": "m", "family": "flux", "adapter_effect": 0.1, "modes": {"default": res}}}
     out = diffusion.summary(raw)
-    assert out["compile_s"] == {"flux": {"base": 10.0, "lorahot": 11.0}}
+    assert out["diffusion_flux_compile_s"] == {"base": 10.0, "lorahot": 11.0}
+    assert "compile_s" not in out and "compile_s_all" not in out  # the field keeps llm and unet only
     assert set(out["diffusion_flux_step_ms"]) == {"model", "mode", "base", "lorahot", "lorahot_merged", "diffusers"}
-    assert not [k for k in out if k.startswith("diffusion_") and not k.startswith("diffusion_flux_")]
+    assert all(k.startswith("diffusion_flux_") for k in out)
 
 
 def test_diffusion_summary_gives_each_mode_s_profiled_gpu_time_in_ms() -> None:
