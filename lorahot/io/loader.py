@@ -253,9 +253,9 @@ def _structure_first(source: Source, weight_name: str | None, subfolder: str | N
     if not isinstance(source, (str, os.PathLike)) or not _is_local(source):
         return
     shapes = open_source(source, weight_name=weight_name, subfolder=subfolder, device=torch.device("meta"))
-    if shapes.header is None or (shapes.header, json.dumps(shapes.config, sort_keys=True), strict) in _RECIPES:
-        return
-    _normalize_fully(shapes, None, strict)
+    key = _file_key(shapes, strict)
+    if key is not None and key not in _RECIPES:
+        _normalize_fully(shapes, None, strict)
 
 
 def _is_local(source: str | os.PathLike[str]) -> bool:
@@ -320,7 +320,15 @@ def _recipe_key(
 ) -> tuple[tuple[bytes, int], str, bool] | None:
     """What a file's recipe is keyed by; None where there is none (no file, shapes only, or
     ``config=`` given: the reader works the adapter out in full)."""
-    if raw.header is None or raw.shapes_only or overrides is not None:
+    if raw.shapes_only or overrides is not None:
+        return None
+    return _file_key(raw, strict)
+
+
+def _file_key(raw: RawAdapter, strict: bool) -> tuple[tuple[bytes, int], str, bool] | None:
+    """The recipe key of ``raw``'s file (its header, config and ``strict``), whether ``raw``
+    holds the file's data or its header alone; None for no file."""
+    if raw.header is None:
         return None
     return raw.header, json.dumps(raw.config, sort_keys=True), strict
 

@@ -347,15 +347,12 @@ class LoRALayer(nn.Module):
           trip's rounding read as a checkpoint loaded since, and eject kept the adapter merged.
         """
         arenas = {n: self._buffers[n] for n in _ARENA_BUFFERS if self._buffers.get(n) is not None}
-        for name in arenas:
-            self._buffers[name] = None  # nn.Module._apply skips None
+        self._buffers.update(dict.fromkeys(arenas))  # None: nn.Module._apply skips them
         try:
             super()._apply(fn, recurse)
         finally:
-            for name, root in arenas.items():
-                self._buffers[name] = root
-        for name, root in arenas.items():
-            self._buffers[name] = _moved_arena(fn, root)  # type: ignore[arg-type]
+            self._buffers.update(arenas)
+        self._buffers.update({n: _moved_arena(fn, root) for n, root in arenas.items()})  # type: ignore[arg-type]
         if self.pristine_weight is not None:
             self.pristine_weight = fn(self.pristine_weight)
         if self.pristine_bias is not None:
