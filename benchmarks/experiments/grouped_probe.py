@@ -1,0 +1,336 @@
+"""Probe: layers that share an input as one GEMM, in default mode (no CUDA graphs) and under CUDA graphs.
+
+Default mode is launch-bound on the H200 hosts: the compiled wrapper costs about 20 us per
+launch whatever it launches, and lorahot's wide GEMMs add about one launch per LoRA layer
+(489 launches per decode call against the base model's 335: 1.46x from the counts alone,
+``runs/20261202T032445-default-mode-probe.log``). No single-layer form adds less (twenty-first
+session). What is left is fewer launches per *group* of layers that read one input: q/k/v, and
+gate/up. This probe measures that before the library is changed, with the forward suite's
+model (TinyLlama-shaped, bf16, 154 rank-64 layers, one PEFT adapter) and these forms, each an
+opaque operator of its own (``lorahot_probe::wide``) whose body is eager torch:
+
+- ``base``, ``lorahot``: as the forward suite builds them;
+- ``op_each``: every LoRA layer one operator, ``[y | h] = x @ [W; A].T`` then ``y += h @ B_s.T``
+  in place (two GEMMs, the layer's eager formula): what the operator form costs without groups;
+- ``group_rows``: q/k/v (and gate/up) as one operator over the layers' wide buffers stacked by
+  rows, ``[W_q; A_q; W_k; A_k; W_v; A_v]``: one GEMM, then one in-place expand per layer (four
+  GEMMs for q/k/v, three for gate/up). Each layer's own rows stay ``[W; A]``, so this layout
+  keeps every single-layer form as it is;
+- ``group_bd``: the group's W stacked, then its A, ``[W_q; W_k; W_v; A_q; A_k; A_v]``, and one
+  block-diagonal ``B_s``: one GEMM, then one in-place expand for the whole group (two GEMMs for
+  q/k/v, one fewer than the base model's three; two for gate/up, as the base's). The expand
+  does ``k`` times the arithmetic of the layers' own (zeros off the diagonal).
+
+Predicted launches per block over the base model's: ``lorahot`` about +7, ``op_each`` +7,
+``group_rows`` +4, ``group_bd`` +1 (so about 1.07x at decode in default mode, if the operator's
+own host cost is small). Per configuration: relative error of the compiled decode and prefill
+against lorahot's eager output, host and synced milliseconds per call in interleaved rounds,
+the GPU's time (calls back to back), and launches per call.
+
+Measured on an H200 host (torch 2.11, 2026-12-02, ``runs/20261202T071434-grouped-probe.log``;
+medians of 3 interleaved rounds of 30 calls, ms, ratio to the base model in brackets):
+
+============  ========  ==================  ==================  ==================
+form          launches  decode, synced      prefill, synced     decode rounds
+============  ========  ==================  ==================  ==================
+base          335       8.51                7.18                8.67 7.09 8.50
+lorahot       489       13.09 (1.54x)       14.03 (1.95x)       11.58 13.09 26.09
+group_rows    423       11.71 (1.38x)       13.98 (1.95x)       10.84 11.71 16.29
+group_bd      357       14.44 (1.70x)       13.00 (1.81x)       10.72 14.44 19.25
+============  ========  ==================  ==================  ==================
+
+The launch counts are the predicted ones exactly (+154, +88, +22). The times do not follow
+them: ``group_bd`` launches 6% more kernels than the base model and took 1.70x its time. The
+operator's Python body (the narrows, the in-place ``addmm_``, the dispatcher into Python, a
+list of tensors) costs the host more than the launches it saves, and the rounds spread by up
+to 2x. So on these hosts a grouped layer would need the compiler's own wrapper to launch its
+two GEMMs (not an operator with a Python body); the in-place expand has no functional form
+that the compiler keeps in place. Errors against lorahot's eager output: 0.026 (decode) and
+0.031 (prefill), lorahot's own compiled 0.023 / 0.028.
+
+``PROBE_PART``: ``d`` default mode (decode 1 row, prefill 128 rows, compiled after the prefill
+as the forward suite does: the decode graph's rows are symbolic); ``r`` reduce-overhead at 256
+and 2048 rows (static shapes), base, lorahot and the group forms; default ``d``.
+
+    PYTHONPATH=. python3 -m benchmarks.experiments.grouped_probe
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from types import MethodType
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+import lorahot
+from benchmarks.workload import MAX_RANK, RANKS, TARGETS, adapter_file, build
+
+try:  # the probe patches transformers' Llama forwards (imported here: not inside traced code)
+    from transformers.models.llama import modeling_llama as ml
+except ImportError:  # pragma: no cover
+    ml = None
+
+Call = Callable[[], object]
+_lib = torch.library.Library("lorahot_probe", "DEF")
+_lib.define("wide(Tensor x, Tensor g, Tensor[] bs, int[] outs, int rank, bool blocks) -> Tensor")
+
+
+def _wide(
+    x: torch.Tensor, g: torch.Tensor, bs: list[torch.Tensor], outs: list[int], rank: int, blocks: bool
+) -> torch.Tensor:
+    """``x @ G.T`` then the expands in place; the output ``[rows, sum(out) + k * rank]`` holds
+    each layer's ``y`` (and the shrinks) where the layout puts them."""
+    x2 = x.reshape(-1, x.shape[-1])
+    yh = torch.nn.functional.linear(x2, g)
+    if blocks:  # [y_1 .. y_k | h_1 .. h_k], one block-diagonal B_s
+        n = sum(outs)
+        yh.narrow(1, 0, n).addmm_(yh.narrow(1, n, len(outs) * rank), bs[0].t())
+    else:  # [y_1 | h_1 | y_2 | h_2 ...]
+        at = 0
+        for out, b in zip(outs, bs, strict=True):
+            yh.narrow(1, at, out).addmm_(yh.narrow(1, at + out, rank), b.t())
+            at += out + rank
+    return yh.view(*x.shape[:-1], g.shape[0])
+
+
+def _wide_fake(
+    x: torch.Tensor, g: torch.Tensor, bs: list[torch.Tensor], outs: list[int], rank: int, blocks: bool
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], g.shape[0]))
+
+
+_lib.impl("wide", _wide, "CompositeExplicitAutograd")
+torch.library.register_fake("lorahot_probe::wide")(_wide_fake)
+
+
+class Group:
+    """One operator's weights for layers ``mods`` reading one input."""
+
+    def __init__(self, mods: list[torch.nn.Linear], ab: list[tuple[torch.Tensor, torch.Tensor]], blocks: bool) -> None:
+        self.outs = [m.out_features for m in mods]
+        self.blocks = blocks
+        r = ab[0][0].shape[0]
+        self.rank = r
+        ws = [m.weight.detach() for m in mods]
+        if blocks:
+            self.g = torch.cat(ws + [a for a, _ in ab]).contiguous()
+            bd = ws[0].new_zeros((sum(self.outs), r * len(mods)))
+            row = 0
+            for i, (_, b) in enumerate(ab):
+                bd[row : row + b.shape[0], i * r : (i + 1) * r] = b
+                row += b.shape[0]
+            self.bs = [bd]
+        else:
+            self.g = torch.cat([t for w, (a, _) in zip(ws, ab, strict=True) for t in (w, a)]).contiguous()
+            self.bs = [b.contiguous() for _, b in ab]
+        self.splits: list[tuple[int, int]] = []
+        at = 0
+        for out in self.outs:
+            self.splits.append((at, out))
+            at += out if blocks else out + r
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        yh = torch.ops.lorahot_probe.wide(x, self.g, self.bs, self.outs, self.rank, self.blocks)
+        return [yh.narrow(-1, at, out) for at, out in self.splits]
+
+
+def adapter_weights(
+    path: str, dtype: torch.dtype, device: torch.device
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name -> ``(A, s * B)`` from a PEFT file of rank 64 (alpha 128)."""
+    raw = load_file(path)
+    scale = RANKS[MAX_RANK] / MAX_RANK
+    out = {}
+    for key, a in raw.items():
+        if key.endswith("lora_A.weight"):
+            name = key[len("base_model.model.") : -len(".lora_A.weight")]
+            b = raw[key.replace("lora_A", "lora_B")]
+            out[name] = (a.to(device, dtype), (b * scale).to(device, dtype))
+    return out
+
+
+def _attention(
+    self: Any,
+    hidden_states: torch.Tensor,
+    position_embeddings: Any = None,
+    attention_mask: Any = None,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    kwargs.pop("past_key_values", None), kwargs.pop("cache", None), kwargs.pop("past_key_value", None)
+    shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    q, k, v = (t.reshape(shape).transpose(1, 2) for t in self._probe_qkv(hidden_states))
+    cos, sin = position_embeddings
+    q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
+    impl = self.config._attn_implementation
+    fn = ml.eager_attention_forward if impl == "eager" else ml.ALL_ATTENTION_FUNCTIONS[impl]
+    out, weights = fn(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+    out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
+    return self._probe_o(out)[0], weights
+
+
+def _mlp(self: Any, x: torch.Tensor) -> torch.Tensor:
+    gate, up = self._probe_gu(x)
+    out: torch.Tensor = self._probe_down(self.act_fn(gate) * up)[0]
+    return out
+
+
+def grouped(model: torch.nn.Module, ab: dict[str, tuple[torch.Tensor, torch.Tensor]], form: str) -> torch.nn.Module:
+    """Patches every attention and MLP of ``model`` to run its projections as ``form``'s operators."""
+    blocks = form == "group_bd"
+    for name, mod in model.named_modules():
+        if name.endswith("self_attn"):
+            qkv = [mod.q_proj, mod.k_proj, mod.v_proj]
+            w = [ab[f"{name}.{p}"] for p in ("q_proj", "k_proj", "v_proj")]
+            if form == "op_each":
+                gs = [Group([m], [x], False) for m, x in zip(qkv, w, strict=True)]
+                mod._probe_qkv = lambda h, gs=gs: [g(h)[0] for g in gs]
+            else:
+                mod._probe_qkv = Group(qkv, w, blocks)
+            mod._probe_o = Group([mod.o_proj], [ab[f"{name}.o_proj"]], blocks)
+            mod.forward = MethodType(_attention, mod)
+        elif name.endswith("mlp"):
+            gu = [mod.gate_proj, mod.up_proj]
+            w = [ab[f"{name}.{p}"] for p in ("gate_proj", "up_proj")]
+            if form == "op_each":
+                gs = [Group([m], [x], False) for m, x in zip(gu, w, strict=True)]
+                mod._probe_gu = lambda h, gs=gs: [g(h)[0] for g in gs]
+            else:
+                mod._probe_gu = Group(gu, w, blocks)
+            mod._probe_down = Group([mod.down_proj], [ab[f"{name}.down_proj"]], blocks)
+            mod.forward = MethodType(_mlp, mod)
+    return model
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(call: Call, n: int = 30) -> tuple[float, float, float]:
+    """(host, synced, back to back) ms per call, medians."""
+    host, synced = [], []
+    for _ in range(n):
+        sync()
+        t = time.perf_counter()
+        call()
+        host.append(time.perf_counter() - t)
+        sync()
+        synced.append(time.perf_counter() - t)
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        call()
+    sync()
+    return statistics.median(host) * 1e3, statistics.median(synced) * 1e3, (time.perf_counter() - t) / n * 1e3
+
+
+def launches(call: Call) -> int:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        call()
+        sync()
+    return sum(e.count for e in prof.key_averages() if "Launch" in e.key)
+
+
+def make(name: str, w: Any, ab: dict[str, tuple[torch.Tensor, torch.Tensor]], keep: list[Any]) -> torch.nn.Module:
+    model = w.fresh_base()
+    if name == "lorahot":
+        runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK)
+        runtime.load(adapter_file(w.adapters[MAX_RANK]))
+        keep.append(runtime)
+    elif name != "base":
+        grouped(model, ab, name)
+    keep.append(model)
+    return model
+
+
+def part(
+    mode: str,
+    shapes: dict[str, torch.Tensor],
+    w: Any,
+    ab: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    configs: tuple[str, ...],
+) -> None:
+    keep: list[Any] = []
+    ref_model = make("lorahot", w, ab, keep)
+    with torch.inference_mode():
+        want = {k: ref_model(input_ids=ids).logits.float() for k, ids in shapes.items()}
+    calls: dict[str, dict[str, Call]] = {}
+    for name in configs:
+        t = time.perf_counter()
+        model = make(name, w, ab, keep)
+        c = torch.compile(
+            model,
+            fullgraph=True,
+            mode=None if mode == "default" else mode,
+            dynamic=False if mode != "default" else None,
+        )
+
+        def call(ids: torch.Tensor, c: Any = c) -> torch.Tensor:
+            with torch.inference_mode():
+                out: torch.Tensor = c(input_ids=ids).logits
+                return out
+
+        errs = []
+        for shape, ids in shapes.items():
+            for _ in range(3):
+                got = call(ids).float()
+            errs.append(f"{shape} {((got - want[shape]).norm() / want[shape].norm()).item():.4f}")
+        calls[name] = {shape: (lambda ids=ids, call=call: call(ids)) for shape, ids in shapes.items()}
+        print(
+            f"{mode} {name}: compiled in {time.perf_counter() - t:.1f} s; relative error against lorahot eager (base: what the adapter moves): {', '.join(errs) or '-'}",
+            flush=True,
+        )
+    for by in calls.values():
+        for f in by.values():
+            for _ in range(10):
+                f()
+    got: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for _ in range(3):
+        for name, by in calls.items():
+            for shape, f in by.items():
+                got.setdefault((name, shape), []).append(timed(f))
+    print(f"--- {mode}: medians of 3 interleaved rounds (30 calls each); ratio to base in brackets")
+    for shape in shapes:
+        b = got[("base", shape)]
+        b_sync = statistics.median(x[1] for x in b)
+        b_gpu = statistics.median(x[2] for x in b)
+        for name in calls:
+            r = got[(name, shape)]
+            h = statistics.median(x[0] for x in r)
+            s = statistics.median(x[1] for x in r)
+            g = statistics.median(x[2] for x in r)
+            n = launches(calls[name][shape])
+            print(
+                f"{mode:16s} {shape:9s} {name:11s} host {h:7.3f}  synced {s:7.3f} ({s / b_sync:.2f}x)  "
+                f"back to back {g:7.3f} ({g / b_gpu:.2f}x)  launches {n}  rounds {' '.join(f'{x[1]:.2f}' for x in r)}",
+                flush=True,
+            )
+
+
+def main() -> None:
+    # every configuration's model shares the same code objects: one dynamo cache for them all
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    w = build(small=dev.type == "cpu", device=dev)
+    ab = adapter_weights(adapter_file(w.adapters[MAX_RANK]), w.dtype, dev)
+    parts = os.environ.get("PROBE_PART", "d")
+    forms = tuple(os.environ.get("PROBE_FORMS", "base,lorahot,op_each,group_rows,group_bd").split(","))
+    if "d" in parts:
+        part("default", {"decode": w.decode, "prefill": w.prefill}, w, ab, forms)
+    if "r" in parts:
+        gen = torch.Generator().manual_seed(2)
+        vocab = w.config.vocab_size  # type: ignore[attr-defined]
+        shapes = {f"rows{n}": torch.randint(0, vocab, (1, n), generator=gen).to(dev) for n in (256, 2048)}
+        part("reduce-overhead", shapes, w, ab, ("base", "lorahot", "group_rows", "group_bd"))
+
+
+if __name__ == "__main__":
+    main()
