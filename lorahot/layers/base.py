@@ -228,6 +228,13 @@ class LoRALayer(nn.Module):
             return getattr(self.base_layer, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        base = self.__dict__.get("_base")
+        if name in _BASE_PARAMETERS and base is not None and name in base._parameters:
+            # the base layer's parameter, as reading it gives (transformers' tie_weights assigns
+            # the output embedding's weight): set there, and refused there where the layer
+            # could not follow (:func:`_refuse_replaced_weight`)
+            setattr(base, name, value)
+            return
         super().__setattr__(name, value)
         if name in _PLANNED:
             seen = self.__dict__
@@ -325,12 +332,16 @@ class LoRALayer(nn.Module):
             base.register_load_state_dict_post_hook(_BaseLoadHook(self, post=True)),
         )
         object.__setattr__(self, "_base_load_hooks", hooks)
+        _WRAPPERS[base] = weakref.ref(self)  # a new weight for it is checked: _refuse_replaced_weight
 
     def detach(self) -> None:
         """Called when the base module goes back in its place (eject, or an inject that
         failed): undoes :meth:`attach`."""
         for hook in self.__dict__.pop("_base_load_hooks", ()):
             hook.remove()
+        ref = _WRAPPERS.get(self.base_layer)
+        if ref is not None and ref() is self:
+            del _WRAPPERS[self.base_layer]
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LoRALayer:
         """A move of the model (``model.half()``, ``.to(device)``) after inject, as ``nn.Module``
@@ -842,6 +853,46 @@ def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: An
                 module.checkpoint_loaded = True
 
 
+#: the base layer's parameters the wrapper's attribute assignment sets on the base layer
+_BASE_PARAMETERS = ("weight", "bias")
+#: base layer -> its wrapper (weakly: the entry goes with either), for :func:`_refuse_replaced_weight`
+_WRAPPERS: weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType[LoRALayer]] = weakref.WeakKeyDictionary()
+
+
+def _refuse_replaced_weight(module: nn.Module, name: str, param: Any) -> None:
+    """Refuses, before it takes effect, a new parameter for the weight of a base layer wrapped in
+    a model whose layer computes from its own copy of it (a wide layer) or holds the adapter
+    merged in (merged mode; its bias too): the layer would keep computing with the old weight,
+    silently, or eject would write the old weight back over the new one. Other layers call
+    their base layer and take the new parameter as it is. Runs for every parameter registered
+    in the process (``nn.Module.register_parameter``, which attribute assignment calls): one
+    dictionary lookup."""
+    ref = _WRAPPERS.get(module)
+    layer = ref() if ref is not None else None
+    if layer is not None and layer.base_layer is module:
+        refusal = _replacement_refusal(layer, name)
+        if refusal is not None:
+            raise UsageError(refusal)
+
+
+def _replacement_refusal(layer: LoRALayer, name: str) -> str | None:
+    """Why ``layer`` cannot take a new parameter ``name`` for its base layer, or None."""
+    wide = bool(getattr(layer, "wide", False))
+    if not ((name == "weight" and wide) or (name in _BASE_PARAMETERS and layer.merged)):
+        return None
+    own_copy = wide and name == "weight"
+    how = "from its own copy of the weight (a wide layer)" if own_copy else "with the adapter merged in"
+    return (
+        f"{layer._path or type(layer.base_layer).__name__}: its base layer's {name} was replaced after inject "
+        f"(tie_weights, resize_token_embeddings, load_state_dict(assign=True)?). lorahot computes this layer {how}, "
+        "so the new tensor would not be used. The assignment was refused: the layer keeps its weight. Replace or "
+        "tie the weights before inject, or call runtime.eject(), replace them, then inject again."
+    )
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_refuse_replaced_weight)
+
+
 #: per move function (``nn.Module._apply``'s ``fn``, one object for a whole ``model.to()``): the
 #: arena tensors it converted, ``id(root) -> (root, converted)``; dropped with the function
 _MOVES: weakref.WeakKeyDictionary[Any, dict[int, tuple[torch.Tensor, torch.Tensor]]] = weakref.WeakKeyDictionary()
@@ -901,7 +952,18 @@ class _BaseLoadHook:
         if layer is None or layer.base_layer is not module:  # unwrapped since
             return
         if not self._post:
-            state_dict, prefix = args[0], args[1]
+            state_dict, prefix, metadata = args[0], args[1], args[2]
+            if metadata.get("assign_to_params_buffers"):  # torch would catch the refusal per tensor
+                for name in _BASE_PARAMETERS:
+                    refusal = _replacement_refusal(layer, name) if prefix + name in state_dict else None
+                    if refusal is not None:
+                        raise UsageError(
+                            refusal.replace(
+                                "The assignment was refused: the layer keeps its weight",
+                                "load_state_dict stopped at this layer: the modules before it were loaded, this "
+                                "one and those after it were not",
+                            )
+                        )
             module.__dict__["_lorahot_loading"] = prefix + "weight" in state_dict or prefix + "bias" in state_dict
             return
         if module.__dict__.pop("_lorahot_loading", False):

@@ -250,10 +250,16 @@ def test_weights_that_share_memory_or_subclasses_are_not_widened() -> None:
 
 
 def test_a_replaced_weight_is_caught_before_the_next_operation() -> None:
+    """A new parameter for a wide layer's weight is refused where it is assigned
+    (``tests/unit/layers/test_replaced_weight.py``); new storage under the same parameter
+    (``.data``) is caught by the runtime's next operation."""
     model = _model()
     runtime = lorahot.inject(model, ["0", "2"], max_rank=R)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(state, assign=True)
+    with pytest.raises(lorahot.UsageError, match="replaced after inject"):
+        model.load_state_dict(state, assign=True)
+    with torch.no_grad():
+        model[2].base_layer.weight.data = model[2].base_layer.weight.detach().clone()
     with pytest.raises(lorahot.UsageError, match="replaced"):
         _load(runtime, _adapter(2, 1, 2.0))
 

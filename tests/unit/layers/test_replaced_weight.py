@@ -1,0 +1,141 @@
+"""A new parameter for a wrapped base layer's weight after inject (``lm_head.weight = ...``, as
+transformers' ``tie_weights`` assigns it; ``load_state_dict(assign=True)``).
+
+A layer that calls its base layer takes the new weight. A wide layer computes from its own copy
+of the weight, and a merged one holds the adapter merged into it: there the assignment is
+refused before it takes effect, with a typed error, and the model computes what it did. The
+negative control shows what the refusal prevents: without it a wide layer keeps the old weight,
+silently.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+from lorahot.errors import UsageError
+from lorahot.layers import base as layer_base
+from lorahot.runtime import wide
+from tests.helpers import make_adapter
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+
+
+def _injected(monkeypatch: pytest.MonkeyPatch, *, widened: bool, merged: bool = False) -> tuple[nn.Module, object]:
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"} if widened else {"cuda"})
+    model = _model()
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, merged=merged)
+    runtime.load(make_adapter(model, {"0": 4, "2": 2}, dtype=torch.float64)[0])
+    return model, runtime
+
+
+def _new_weight() -> nn.Parameter:
+    return nn.Parameter(torch.randn(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.parametrize("through", ["wrapper", "base layer"])
+def test_a_wide_layer_refuses_a_new_weight_and_nothing_changes(through: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = _injected(monkeypatch, widened=True)
+    layer = model[0]
+    assert layer.wide
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+    old = layer.base_layer.weight
+    target = layer if through == "wrapper" else layer.base_layer
+    with pytest.raises(UsageError, match=r"^0: its base layer's weight was replaced after inject .*wide layer.*eject"):
+        target.weight = _new_weight()
+    assert layer.base_layer.weight is old
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_without_the_refusal_a_wide_layer_keeps_the_old_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: the same assignment with the check taken away goes through, and the
+    layer computes as before, with the old weight."""
+    model, _ = _injected(monkeypatch, widened=True)
+    monkeypatch.setattr(layer_base, "_WRAPPERS", weakref.WeakKeyDictionary())
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        model[0].weight = _new_weight()
+        assert torch.equal(model(x), before)
+
+
+def test_a_wide_layer_takes_a_new_bias(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its bias is read on every call: a new one is used."""
+    model, _ = _injected(monkeypatch, widened=True)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        before = model[0](x)
+        model[0].bias = nn.Parameter(model[0].bias + 1.0)
+        torch.testing.assert_close(model[0](x), before + 1.0)
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_a_merged_layer_refuses_a_new_weight_or_bias(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, runtime = _injected(monkeypatch, widened=False, merged=True)
+    pristine = {k: v.clone() for k, v in _model().state_dict().items()}
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+    old = getattr(model[0].base_layer, name)
+    new = nn.Parameter(old.detach() + 1.0)
+    with pytest.raises(UsageError, match=rf"^0: its base layer's {name} was replaced after inject .*merged in"):
+        setattr(model[0], name, new)
+    assert getattr(model[0].base_layer, name) is old
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    runtime.eject()  # type: ignore[attr-defined]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, pristine[key]), key
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["wide", "merged"])
+def test_load_state_dict_with_assign_stops_at_the_layer_with_a_typed_error(
+    merged: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch collects an exception raised while it assigns a tensor into a ``RuntimeError`` of
+    its own; the refusal comes first, from the base layer's load hook, as lorahot's error."""
+    model, _ = _injected(monkeypatch, widened=not merged, merged=merged)
+    state = {k: v.clone() + 1.0 for k, v in model.state_dict().items()}
+    old = model[0].base_layer.weight
+    with pytest.raises(UsageError, match=r"^0: its base layer's weight was replaced .*stopped at this layer"):
+        model.load_state_dict(state, assign=True)
+    assert model[0].base_layer.weight is old
+
+
+def test_a_layer_that_calls_its_base_takes_the_new_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the wrapper as through the base layer: the model then equals one given the same
+    weight before inject, with the same adapter."""
+    model, _ = _injected(monkeypatch, widened=False)
+    assert not model[0].wide
+    weight = _new_weight()
+    model[0].weight = weight
+    assert model[0].base_layer.weight is weight
+    reference = _model()
+    reference[0].weight = nn.Parameter(weight.detach().clone())
+    runtime = lorahot.inject(reference, ["0", "2"], max_rank=4)
+    runtime.load(make_adapter(_model(), {"0": 4, "2": 2}, dtype=torch.float64)[0])
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-12)
+
+
+def test_after_eject_and_outside_lorahot_weights_are_assigned_as_usual(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, runtime = _injected(monkeypatch, widened=True)
+    runtime.eject()  # type: ignore[attr-defined]
+    weight = _new_weight()
+    model[0].weight = weight
+    assert model[0].weight is weight
+    plain = copy.deepcopy(_model())
+    plain[0].weight = weight
+    assert plain[0].weight is weight
