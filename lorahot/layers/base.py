@@ -867,7 +867,10 @@ def _refuse_replaced_weight(module: nn.Module, name: str, param: Any) -> None:
     their base layer and take the new parameter as it is. Runs for every parameter registered
     in the process (``nn.Module.register_parameter``, which attribute assignment calls): one
     dictionary lookup."""
-    ref = _WRAPPERS.get(module)
+    try:
+        ref = _WRAPPERS.get(module)
+    except TypeError:  # a module class that defines __eq__ without __hash__: never one lorahot wraps
+        return
     layer = ref() if ref is not None else None
     if layer is not None and layer.base_layer is module:
         refusal = _replacement_refusal(layer, name)

@@ -139,3 +139,19 @@ def test_after_eject_and_outside_lorahot_weights_are_assigned_as_usual(monkeypat
     plain = copy.deepcopy(_model())
     plain[0].weight = weight
     assert plain[0].weight is weight
+
+
+def test_the_check_lets_any_module_register_parameters() -> None:
+    """It runs for every module of the process: one whose class makes it unhashable (an
+    ``__eq__`` without ``__hash__``) registers its parameters as it would without lorahot."""
+
+    class Unhashable(nn.Module):
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Unhashable)
+
+        __hash__ = None  # type: ignore[assignment]
+
+    module = Unhashable()
+    weight = nn.Parameter(torch.ones(2))
+    module.weight = weight
+    assert module._parameters["weight"] is weight
