@@ -13,6 +13,7 @@ import gc
 import itertools
 import numbers
 import operator
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -190,6 +191,9 @@ class LoraRuntime:
         devices = {a.device for a in buffers.arenas}
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
         self.cache = AdapterCache(cache_bytes)
+        #: keys given to preload that are not the source itself (the last 4096): a later
+        #: load(key) that misses the cache is refused, not read as a path or Hub id
+        self._preload_keys: dict[str, None] = {}
         self._skeletons = Skeletons()  # the plans' structures by the reader's recipe
         self._merger = Merger(layers, buffers) if merged else None
         #: the host (and device) buffers files are read into, reused from load to load; not in
@@ -560,7 +564,9 @@ class LoraRuntime:
         """Reads, checks and packs an adapter into the host cache without touching the model.
 
         The checks are :meth:`load`'s own (one validation path), so a preloaded adapter always
-        loads. A later ``load(key)`` (when ``key`` is given), ``load(source)`` (a local path or
+        loads. A later ``load(key)`` (when ``key`` is given, while the cache holds the entry: once
+        it is evicted, discarded or larger than the cache, ``load(key)`` raises
+        :class:`UsageError`, since a key is not a source to read again), ``load(source)`` (a local path or
         Hub id with the same read options, its files unchanged since) or ``load(prepared)``
         then only copies: one host-to-device copy per arena, then (on a GPU) one row copy per
         buffer and one write of the scales, none blocking the host. Safe to call from any thread.
@@ -574,6 +580,11 @@ class LoraRuntime:
         )
         if cache:
             self.cache.put(prepared)
+        if key is not None and not (isinstance(source, (str, os.PathLike)) and key == os.fspath(source)):
+            self._preload_keys.pop(key, None)
+            self._preload_keys[key] = None
+            while len(self._preload_keys) > 4096:
+                del self._preload_keys[next(iter(self._preload_keys))]
         return prepared
 
     def _preload(
@@ -699,6 +710,13 @@ class LoraRuntime:
         hit = None
         if isinstance(source, str) and not read_kwargs:
             hit = self.cache.get(source)  # a key given to preload
+            if hit is None and source in self._preload_keys:
+                raise UsageError(
+                    f"{source!r} is a key given to preload, and the host cache does not hold it now (evicted, "
+                    f"discarded, or larger than the cache's {self.cache.budget_bytes} bytes), so there is nothing to "
+                    "load under that name: a key is no path or Hub id to read again. Preload it again, or load what "
+                    "preload returned (runtime.load(prepared)), which does not need the cache."
+                )
         if hit is None:
             cache_key = source_key(source, read_kwargs)
             hit = self.cache.get(cache_key) if cache_key is not None else None

@@ -77,6 +77,47 @@ def test_key_given_to_preload_serves_load_of_that_key(tmp_path: Path, reads, mon
     assert len(reads) == 1 and info.scale == 0.5 and info.source.endswith("adapter_model.safetensors")
 
 
+@pytest.mark.parametrize("gone", ["no cache", "evicted", "discarded"])
+def test_a_preload_key_the_cache_no_longer_holds_is_refused_not_read(
+    gone: str, tmp_path: Path, reads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key is a name, not a source: once its entry is gone (``cache_bytes=0``, evicted by a
+    later preload, discarded), ``load(key)`` is refused with what to do, before anything is
+    written, and nothing is read (it used to be read as a Hub id: a repository of that name
+    would have been loaded in its place). ``load(prepared)`` still works."""
+    model = tiny_lm()
+    tensors, ab = make_adapter(model, {Q0: 4}, seed=1)
+    path = save_peft(tmp_path / "ad", tensors, r=4)
+    budget = 0 if gone == "no cache" else sum(t.numel() * 4 for t in tensors.values()) * 3 // 2
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4, cache_bytes=budget)
+    prepared = runtime.preload(path, key="my-style")
+    if gone == "evicted":
+        runtime.preload(save_peft(tmp_path / "other", make_adapter(model, {Q0: 4}, seed=2)[0], r=4), key="other")
+    elif gone == "discarded":
+        runtime.cache.discard("my-style")
+    assert "my-style" not in runtime.cache
+    before = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reads.clear()
+    with pytest.raises(lorahot.UsageError, match=r"'my-style' is a key given to preload.*runtime.load\(prepared\)"):
+        runtime.load("my-style")
+    after = [t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+    assert reads == [] and all(torch.equal(t, u) for t, u in zip(after, before, strict=True))
+    runtime.load(prepared)
+    assert torch.equal(runtime.layers[Q0].lora_A[:4], ab[Q0][0])
+
+
+def test_a_key_that_is_its_source_s_path_reads_the_file_again(tmp_path: Path, reads) -> None:
+    """Negative control: where the key is the path itself, a miss reads that path, as any
+    load of a path does."""
+    model = tiny_lm()
+    path = save_peft(tmp_path / "ad", make_adapter(model, {Q0: 4}, seed=1)[0], r=4)
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4, cache_bytes=0)
+    runtime.preload(str(path), key=str(path))
+    runtime.load(str(path))
+    assert len(reads) == 2
+
+
 def test_read_options_are_part_of_the_key(tmp_path: Path, reads) -> None:
     _, runtime, path = _setup(tmp_path)
     runtime.preload(path)
