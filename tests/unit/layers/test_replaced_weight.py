@@ -155,3 +155,23 @@ def test_the_check_lets_any_module_register_parameters() -> None:
     weight = nn.Parameter(torch.ones(2))
     module.weight = weight
     assert module._parameters["weight"] is weight
+
+
+@pytest.mark.gpu
+def test_gpu_a_wide_layer_refuses_a_new_weight() -> None:
+    """On CUDA, where layers widen by default: the refusal, and the compiled-free forward
+    bitwise as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).to("cuda", torch.bfloat16)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=16)
+    runtime.load(make_adapter(model, {"0": 16, "2": 8}, dtype=torch.bfloat16)[0])
+    assert model[0].wide and model[2].wide
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = model(x)
+    old = model[2].base_layer.weight
+    with pytest.raises(UsageError, match=r"^2: its base layer's weight was replaced"):
+        model[2].weight = nn.Parameter(torch.zeros_like(old))
+    assert model[2].base_layer.weight is old
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
