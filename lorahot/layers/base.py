@@ -229,6 +229,12 @@ class LoRALayer(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         base = self.__dict__.get("_base")
+        if name == "base_layer" and base is not None and value is not base:
+            raise UsageError(
+                f"{self._path or type(self).__name__}: its base_layer cannot be replaced after inject: the layer "
+                "computes with the module it wrapped (and its LoRA buffers are shaped for it). Call runtime.eject(), "
+                "put the new module in the model, then inject again."
+            )
         if name in _BASE_PARAMETERS and base is not None and name in base._parameters:
             # the base layer's parameter, as reading it gives (transformers' tie_weights assigns
             # the output embedding's weight): set there, and refused there where the layer
@@ -317,6 +323,9 @@ class LoRALayer(nn.Module):
         handle = self.__dict__.get("_handle")
         if handle is not None and self.__dict__.get("_key") != handle.key:
             self._key = handle.key
+        base = self._modules.get("base_layer")
+        if base is not None and "_base_load_hooks" in self.__dict__:  # a copy of an attached layer
+            _WRAPPERS[base] = weakref.ref(self)  # its weights are checked as the original's
 
     def attach(self) -> None:
         """Called once when the layer takes its base module's place in the model (after every
@@ -514,7 +523,7 @@ class LoRALayer(nn.Module):
                 return self._finish(self.dynamic_forward(x, a, b, scale), e, scale)
             if fused and self.can_fuse(x, a):
                 return self._finish(self.fused_forward(x, a, b, scale), e, scale)  # base(x) + B(s * A(x))
-            if wide and self.can_widen(x):
+            if wide and self.can_widen(x) and self.wide_bound():
                 return self._finish(self.wide_forward(x, a), e, scale)
         y: torch.Tensor = self._base(x, *args, **kwargs)
         # The LoRA bias and the DoRA factor apply next to the add, where the compiler fuses
@@ -668,6 +677,11 @@ class LoRALayer(nn.Module):
     def can_widen(self, x: torch.Tensor) -> bool:
         """Whether :meth:`wide_forward` applies to ``x`` (only called when :attr:`wide`)."""
         return False
+
+    def wide_bound(self) -> bool:
+        """Whether the base weight is still the block of the wide buffer that :meth:`wide_forward`
+        reads (asked by the eager forward only; see the subclass)."""
+        return True
 
     def wide_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The whole layer from the wide buffer, where the subclass has one (``a`` the live A
@@ -872,14 +886,23 @@ def _refuse_replaced_weight(module: nn.Module, name: str, param: Any) -> None:
     except TypeError:  # a module class that defines __eq__ without __hash__: never one lorahot wraps
         return
     layer = ref() if ref is not None else None
-    if layer is not None and layer.base_layer is module:
-        refusal = _replacement_refusal(layer, name)
-        if refusal is not None:
-            raise UsageError(refusal)
+    if layer is None or layer.base_layer is not module or param is module._parameters.get(name):
+        return  # not wrapped, or the same parameter again (tie_weights on weights tied already)
+    refusal = _replacement_refusal(layer, name, param)
+    if refusal is not None:
+        raise UsageError(refusal)
 
 
-def _replacement_refusal(layer: LoRALayer, name: str) -> str | None:
-    """Why ``layer`` cannot take a new parameter ``name`` for its base layer, or None."""
+def _replacement_refusal(layer: LoRALayer, name: str, new: Any) -> str | None:
+    """Why ``layer`` cannot take ``new`` as the parameter ``name`` of its base layer, or None."""
+    old = layer.base_layer._parameters.get(name)
+    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and new.shape != old.shape:
+        return (
+            f"{layer._path or type(layer.base_layer).__name__}: its base layer's {name} would change shape after "
+            f"inject, from {tuple(old.shape)} to {tuple(new.shape)} (resize_token_embeddings?): the layer's LoRA "
+            "buffers are shaped for the old one. The assignment was refused: the layer keeps its weight. Resize "
+            "before inject, or call runtime.eject(), resize, then inject again."
+        )
     wide = bool(getattr(layer, "wide", False))
     if not ((name == "weight" and wide) or (name in _BASE_PARAMETERS and layer.merged)):
         return None
@@ -958,7 +981,8 @@ class _BaseLoadHook:
             state_dict, prefix, metadata = args[0], args[1], args[2]
             if metadata.get("assign_to_params_buffers"):  # torch would catch the refusal per tensor
                 for name in _BASE_PARAMETERS:
-                    refusal = _replacement_refusal(layer, name) if prefix + name in state_dict else None
+                    new = state_dict.get(prefix + name)
+                    refusal = _replacement_refusal(layer, name, new) if new is not None else None
                     if refusal is not None:
                         raise UsageError(
                             refusal.replace(

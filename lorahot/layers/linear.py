@@ -211,6 +211,25 @@ class LoRALinear(LoRALayer):
         # wide layers traced in 4.4 s with them, 3.7 s without; the base model's 0.9 s)
         return _kernel_input(x, self._base.weight.dtype, self._base)
 
+    def wide_bound(self) -> bool:
+        """Whether the base weight is still the ``W`` block of the wide buffer (same storage, shape,
+        strides and dtype). Not after edits that bypass attribute assignment: new storage under
+        the same parameter (``weight.data = ...``, ``torch.utils.swap_tensors``, a parameter put in
+        ``_parameters`` directly, as accelerate does, ``torch.func.functional_call``), or a move of
+        the model (``model.float()``), which converts the weight and the buffer apart. The eager
+        forward then calls the base layer, so the output follows the weight the model now has
+        (the runtime's next call refuses, as for any replaced buffer). Two pointer reads per call."""
+        wide = self._buffers.get(WIDE_BUFFER)
+        weight = self._base._parameters.get("weight")
+        return (
+            wide is not None
+            and weight is not None
+            and weight.data_ptr() == wide.data_ptr()
+            and weight.dtype == wide.dtype
+            and weight.shape == (self.spec.out_dim, self.spec.in_dim)
+            and weight.stride() == (wide.stride(0), 1)
+        )
+
     def wide_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The layer from its wide buffer (:mod:`lorahot.kernels.wide_linear`): compiled, the
         shrink over ``a`` (the live A's arena view, which the stacked-shrink pass joins with its

@@ -58,16 +58,15 @@ def test_a_wide_layer_refuses_a_new_weight_and_nothing_changes(through: str, mon
         assert torch.equal(model(x), before)
 
 
-def test_without_the_refusal_a_wide_layer_keeps_the_old_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_refusal_the_runtime_can_no_longer_serve_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Negative control: the same assignment with the check taken away goes through, and the
-    layer computes as before, with the old weight."""
-    model, _ = _injected(monkeypatch, widened=True)
+    runtime's next call refuses the model (its wide layer's weight left the wide buffer); a
+    compiled graph would keep reading the old block. The refusal keeps the model servable."""
+    model, runtime = _injected(monkeypatch, widened=True)
     monkeypatch.setattr(layer_base, "_WRAPPERS", weakref.WeakKeyDictionary())
-    x = torch.randn(3, 8, dtype=torch.float64)
-    with torch.no_grad():
-        before = model(x)
-        model[0].weight = _new_weight()
-        assert torch.equal(model(x), before)
+    model[0].weight = _new_weight()
+    with pytest.raises(UsageError, match="replaced"):
+        runtime.set_scale(1.0)  # type: ignore[attr-defined]
 
 
 def test_a_wide_layer_takes_a_new_bias(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,3 +174,53 @@ def test_gpu_a_wide_layer_refuses_a_new_weight() -> None:
     assert model[2].base_layer.weight is old
     with torch.no_grad():
         assert torch.equal(model(x), before)
+
+
+def _reference(model: nn.Module, ab: dict[str, tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
+    """float64: each layer's base weight and bias as the model now has them, plus ``B @ A``."""
+    h = x
+    for name in ("0", "2"):
+        base, (a, b) = model[int(name)].base_layer, ab[name]
+        h = nn.functional.linear(h, base.weight.detach().double() + b @ a, base.bias.detach().double())
+        h = h.relu() if name == "0" else h
+    return h
+
+
+_BYPASSES = {
+    "data": lambda base, w: setattr(base.weight, "data", w),
+    "_parameters": lambda base, w: base._parameters.__setitem__("weight", nn.Parameter(w)),
+    "swap_tensors": lambda base, w: torch.utils.swap_tensors(base.weight, nn.Parameter(w)),
+}
+
+
+@pytest.mark.parametrize("how", [*_BYPASSES, "move then load"])
+@pytest.mark.parametrize("bound", [True, False], ids=["checked", "negative-control"])
+def test_a_wide_layer_follows_a_weight_changed_past_attribute_assignment(
+    how: str, bound: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New storage under the weight (``.data``, a parameter put in ``_parameters`` as accelerate
+    does, ``swap_tensors``) or a weight loaded after a move (``model.float()`` converts the
+    weight and the wide buffer apart): the eager forward notices the weight is no longer the
+    wide buffer's block and calls the base layer, so the output is the float64 reference of the
+    weights the model now has. With the check forced to pass (negative control) it is not."""
+    model, _ = _injected(monkeypatch, widened=True)
+    ab = {
+        n: tuple(t.double() for t in v)
+        for n, v in make_adapter(_model(), {"0": 4, "2": 2}, dtype=torch.float64)[1].items()
+    }
+    if not bound:
+        monkeypatch.setattr(type(model[0]), "wide_bound", lambda self: True)
+    new = torch.randn(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    if how == "move then load":
+        model.float()
+        state = model.state_dict()
+        state["0.weight"] = new.float()
+        model.load_state_dict(state)
+        x = x.float()
+    else:
+        _BYPASSES[how](model[0].base_layer, new)
+    with torch.no_grad():
+        err = float((model(x).double() - _reference(model, ab, x.double())).abs().max())
+    tolerance = 1e-5 if how == "move then load" else 1e-12
+    assert (err < tolerance) == bound, err
