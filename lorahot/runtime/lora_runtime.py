@@ -9,6 +9,7 @@ holds one adapter or a stack of several, active together (:mod:`lorahot.runtime.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import itertools
 import numbers
@@ -191,8 +192,8 @@ class LoraRuntime:
         devices = {a.device for a in buffers.arenas}
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
         self.cache = AdapterCache(cache_bytes)
-        #: keys given to preload that are not the source itself (the last 4096): a later
-        #: load(key) that misses the cache is refused, not read as a path or Hub id
+        #: keys given to preload that are not the source's own path (the last _PRELOAD_KEYS): a
+        #: later load(key) that misses the cache is refused, not read as a path or Hub id
         self._preload_keys: dict[str, None] = {}
         self._skeletons = Skeletons()  # the plans' structures by the reader's recipe
         self._merger = Merger(layers, buffers) if merged else None
@@ -573,36 +574,40 @@ class LoraRuntime:
         Takes one adapter (preload each part of a stack, then ``load([...])`` stacks them
         from the cache). Raises what :meth:`load` raises.
         """
-        prepared, cache = self._agreed(
+        prepared, cache, named = self._agreed(
             lambda: self._preload(source, key, read_kwargs),
             "preload",
             lambda p: {"arguments": fingerprint.arguments(key), **fingerprint.plans([p[0].plan], self.layers)},
         )
         if cache:
             self.cache.put(prepared)
-        if key is not None and not (isinstance(source, (str, os.PathLike)) and key == os.fspath(source)):
-            self._preload_keys.pop(key, None)
-            self._preload_keys[key] = None
-            while len(self._preload_keys) > 4096:
+        if named is not None:
+            self._preload_keys.pop(named, None)
+            self._preload_keys[named] = None
+            while len(self._preload_keys) > _PRELOAD_KEYS:
                 del self._preload_keys[next(iter(self._preload_keys))]
         return prepared
 
     def _preload(
         self, source: Source | Adapter, key: str | None, read_kwargs: dict[str, Any]
-    ) -> tuple[PreparedAdapter, bool]:
-        """Every check of :meth:`preload`: the prepared adapter, and whether to cache it."""
+    ) -> tuple[PreparedAdapter, bool, str | None]:
+        """Every check of :meth:`preload`: the prepared adapter, whether to cache it, and the key
+        it is cached under if it is a name of its own (not its source's path)."""
         refuse_stack(source, "preload")
         check_read_options(read_kwargs, self.components)
         if key is not None and not (isinstance(key, str) and key):
             raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
         self._check_usable()
+        if key is not None and isinstance(source, (str, os.PathLike)) and _same_path(key, source):
+            key = None  # the source's own name: cached by its identity, so a rewritten file is read again
         identity = source_key(source, read_kwargs)
+        source = _private(source)  # the entry must not change with the caller's tensors
         adapter, recipe = self._read(source, None, read_kwargs)
         checked = self._validated(adapter, recipe, False, read_kwargs)
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
         prepared = PreparedAdapter(cache_key, adapter, checked.plan, pack_host(checked, self.buffers), self.buffers)
         # (a file that changed while it was read is not cached)
-        return prepared, key is not None or identity is None or source_key(source, read_kwargs) == identity
+        return prepared, key is not None or identity is None or source_key(source, read_kwargs) == identity, key
 
     @public_api
     def prefetch(
@@ -708,6 +713,12 @@ class LoraRuntime:
                 )
             return source
         hit = None
+        named = isinstance(source, str) and (source in self._preload_keys or source in self.cache)
+        if named and read_kwargs and isinstance(source, str) and not os.path.exists(source):
+            raise UsageError(
+                f"read options ({', '.join(sorted(read_kwargs))}) do not apply to {source!r}, a key given to preload, "
+                "whose adapter was read already; pass them to preload instead."
+            )
         if isinstance(source, str) and not read_kwargs:
             hit = self.cache.get(source)  # a key given to preload
             if hit is None and source in self._preload_keys:
@@ -1039,6 +1050,27 @@ class LoraRuntime:
 
 
 _anonymous = itertools.count()
+#: how many keys given to preload the runtime remembers (see LoraRuntime._preload_keys)
+_PRELOAD_KEYS = 1 << 16
+
+
+def _same_path(key: str, source: str | os.PathLike[str]) -> bool:
+    """Whether ``key`` names ``source`` itself (the same string, or the same absolute path)."""
+    try:
+        return key == os.fspath(source) or os.path.abspath(key) == os.path.abspath(os.fspath(source))
+    except (TypeError, ValueError):
+        return False
+
+
+def _private(source: Any) -> Any:
+    """``source`` with tensors of its own where it holds the caller's (a mapping of tensors, an
+    :class:`Adapter`): a prepared adapter keeps them for stacks and merged mode, and a caller
+    that reuses its tensors (``fill_``, an optimizer step) must not change what was checked."""
+    if isinstance(source, Adapter):
+        return copy.deepcopy(source)
+    if isinstance(source, Mapping):
+        return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in source.items()}
+    return source
 
 
 def _links(model: nn.Module, layers: dict[str, LoRALayer]) -> list[tuple[dict[str, Any], str, nn.Module]]:

@@ -118,6 +118,47 @@ def test_a_key_that_is_its_source_s_path_reads_the_file_again(tmp_path: Path, re
     assert len(reads) == 2
 
 
+def test_a_key_that_is_its_source_s_path_does_not_outlive_a_rewrite(tmp_path: Path, reads) -> None:
+    """``preload(path, key=path)``: the key is the source's own name, so the entry is kept by
+    the file's identity, and a rewritten file is read again (the key used to serve the old
+    adapter, silently); so is a plain load of a path preloaded under it with a config."""
+    model, runtime, path = _setup(tmp_path)
+    runtime.preload(str(path), key=str(path))
+    fresh, ab = make_adapter(model, {Q0: 4}, seed=9)
+    save_peft(path, fresh, r=4)
+    runtime.load(str(path))
+    assert len(reads) == 2 and torch.equal(runtime.layers[Q0].lora_A[:4], ab[Q0][0])
+    runtime.preload(str(path), key=str(path), config={"r": 4, "lora_alpha": 1})
+    runtime.load(str(path))
+    assert set(runtime.layers[Q0].lora_scale.tolist()) == {2.0}  # save_peft's alpha 8 / r 4, not 1 / 4
+
+
+def test_read_options_with_a_preload_key_are_refused(tmp_path: Path, reads) -> None:
+    """A key's adapter was read already: options for reading it are a mistake, said as such
+    (they used to send the key to the Hub as a repository id)."""
+    _, runtime, path = _setup(tmp_path)
+    runtime.preload(path, key="my-style")
+    with pytest.raises(lorahot.UsageError, match=r"read options \(strict\) do not apply to 'my-style'"):
+        runtime.load("my-style", strict=False)
+    assert len(reads) == 1
+
+
+def test_a_preloaded_mapping_is_the_adapter_as_preloaded(tmp_path: Path) -> None:
+    """The caller's tensors are not the entry's: filled with NaN after preload, they change
+    neither a stack loaded from the prepared adapter (which reads the adapter's own tensors)
+    nor its checks."""
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=8)
+    tensors, ab = make_adapter(model, {Q0: 4}, seed=1)
+    other, ab2 = make_adapter(model, {Q0: 4}, seed=2)
+    want = torch.cat([ab[Q0][0], ab2[Q0][0]])  # before the fill: ab holds the same tensors
+    prepared = runtime.preload(tensors)
+    for t in tensors.values():
+        t.fill_(float("nan"))
+    runtime.load([prepared, other])
+    assert torch.equal(runtime.layers[Q0].lora_A[:8], want)
+
+
 def test_read_options_are_part_of_the_key(tmp_path: Path, reads) -> None:
     _, runtime, path = _setup(tmp_path)
     runtime.preload(path)
