@@ -341,6 +341,9 @@ class LoRALayer(nn.Module):
             base.register_load_state_dict_post_hook(_BaseLoadHook(self, post=True)),
         )
         object.__setattr__(self, "_base_load_hooks", hooks)
+        # the shapes the LoRA buffers were made for: a new weight is checked against them
+        shapes = {n: tuple(p.shape) for n in _BASE_PARAMETERS if (p := base._parameters.get(n)) is not None}
+        object.__setattr__(self, "_base_shapes", shapes)
         _WRAPPERS[base] = weakref.ref(self)  # a new weight for it is checked: _refuse_replaced_weight
 
     def detach(self) -> None:
@@ -886,23 +889,32 @@ def _refuse_replaced_weight(module: nn.Module, name: str, param: Any) -> None:
     except TypeError:  # a module class that defines __eq__ without __hash__: never one lorahot wraps
         return
     layer = ref() if ref is not None else None
-    if layer is None or layer.base_layer is not module or param is module._parameters.get(name):
-        return  # not wrapped, or the same parameter again (tie_weights on weights tied already)
-    refusal = _replacement_refusal(layer, name, param)
+    if layer is None or layer.base_layer is not module:
+        return
+    refusal = _shape_refusal(layer, name, param)
+    if refusal is None and param is not module._parameters.get(name):  # the same one again passes (tie_weights)
+        refusal = _copy_refusal(layer, name)
     if refusal is not None:
         raise UsageError(refusal)
 
 
-def _replacement_refusal(layer: LoRALayer, name: str, new: Any) -> str | None:
-    """Why ``layer`` cannot take ``new`` as the parameter ``name`` of its base layer, or None."""
-    old = layer.base_layer._parameters.get(name)
-    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and new.shape != old.shape:
+def _shape_refusal(layer: LoRALayer, name: str, new: Any) -> str | None:
+    """Why ``layer`` cannot take ``new`` as the parameter ``name`` of its base layer: a shape
+    other than the one its LoRA buffers were made for (recorded by :meth:`LoRALayer.attach`)."""
+    shape = layer.__dict__.get("_base_shapes", {}).get(name)
+    if shape is not None and isinstance(new, torch.Tensor) and tuple(new.shape) != shape:
         return (
             f"{layer._path or type(layer.base_layer).__name__}: its base layer's {name} would change shape after "
-            f"inject, from {tuple(old.shape)} to {tuple(new.shape)} (resize_token_embeddings?): the layer's LoRA "
+            f"inject, from {shape} to {tuple(new.shape)} (resize_token_embeddings?): the layer's LoRA "
             "buffers are shaped for the old one. The assignment was refused: the layer keeps its weight. Resize "
             "before inject, or call runtime.eject(), resize, then inject again."
         )
+    return None
+
+
+def _copy_refusal(layer: LoRALayer, name: str) -> str | None:
+    """Why ``layer`` cannot take a new parameter ``name`` for its base layer, whatever its
+    values: it computes from its own copy of the weight (wide) or holds the adapter merged in."""
     wide = bool(getattr(layer, "wide", False))
     if not ((name == "weight" and wide) or (name in _BASE_PARAMETERS and layer.merged)):
         return None
@@ -982,7 +994,7 @@ class _BaseLoadHook:
             if metadata.get("assign_to_params_buffers"):  # torch would catch the refusal per tensor
                 for name in _BASE_PARAMETERS:
                     new = state_dict.get(prefix + name)
-                    refusal = _replacement_refusal(layer, name, new) if new is not None else None
+                    refusal = None if new is None else _shape_refusal(layer, name, new) or _copy_refusal(layer, name)
                     if refusal is not None:
                         raise UsageError(
                             refusal.replace(

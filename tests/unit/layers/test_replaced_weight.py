@@ -224,3 +224,73 @@ def test_a_wide_layer_follows_a_weight_changed_past_attribute_assignment(
         err = float((model(x).double() - _reference(model, ab, x.double())).abs().max())
     tolerance = 1e-5 if how == "move then load" else 1e-12
     assert (err < tolerance) == bound, err
+
+
+def _tied_llama() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_tie_weights_on_weights_tied_before_inject_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tie_weights()`` assigns the head the parameter it already has: nothing changes, so a
+    widened head takes it (it was refused as a replaced weight)."""
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    model = _tied_llama()
+    lorahot.inject(model, ["lm_head"], max_rank=4)
+    assert model.lm_head.wide and model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        model.tie_weights()
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_a_weight_of_another_shape_is_refused_by_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LoRA buffers are shaped for the weight at inject: a plain layer refuses a new one of
+    another shape, and so does a tied head that ``resize_token_embeddings`` resizes (the
+    forward then failed with torch's shape error, nothing naming the layer)."""
+    model, _ = _injected(monkeypatch, widened=False)
+    old = model[0].base_layer.weight
+    with pytest.raises(UsageError, match=r"^0: its base layer's weight would change shape after inject, from \(6, 8\)"):
+        model[0].weight = nn.Parameter(torch.randn(7, 8, dtype=torch.float64))
+    assert model[0].base_layer.weight is old
+    llama = _tied_llama()
+    lorahot.inject(llama, ["lm_head"], max_rank=4)
+    with pytest.raises(UsageError, match=r"^lm_head: .* from \(64, 16\) to \(72, 16\) \(resize_token_embeddings\?\)"):
+        llama.resize_token_embeddings(72, mean_resizing=False)
+
+
+def test_a_new_base_layer_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forward computes with the module it wrapped: a new one would be ignored, silently."""
+    model, runtime = _injected(monkeypatch, widened=False)
+    layer = model[0]
+    with pytest.raises(UsageError, match=r"^0: its base_layer cannot be replaced after inject"):
+        layer.base_layer = nn.Linear(8, 6).double()
+    layer.base_layer = layer.base_layer  # the same module again passes
+    runtime.eject()  # type: ignore[attr-defined]
+    assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["wide", "merged"])
+def test_a_copy_of_the_model_checks_its_weights_as_the_original(merged: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deepcopy's layers compute as the original's (a widened copy from its own wide
+    buffer): a new weight there is refused too (it was taken, and ignored or unmerged)."""
+    model, _ = _injected(monkeypatch, widened=not merged, merged=merged)
+    clone = copy.deepcopy(model)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        before = clone(x)
+    with pytest.raises(UsageError, match=r"^0: its base layer's weight was replaced"):
+        clone[0].weight = _new_weight()
+    with torch.no_grad():
+        assert torch.equal(clone(x), before)
