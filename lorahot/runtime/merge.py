@@ -116,13 +116,16 @@ PROBE_ELEMENTS = 16
 
 def record(layer: LoRALayer) -> None:
     """Notes a few elements of ``layer``'s weight as lorahot has just written it (and how many
-    elements it had)."""
+    elements it had), and its whole bias (one value per output: an optimizer stepping only the
+    biases changes no weight element)."""
     layer.checkpoint_loaded = False
     weight = layer.base_weight.detach()
     count = min(PROBE_ELEMENTS, weight.numel())
     # in int64: float32 positions (linspace's default) round past the last element above 2**24
     positions = torch.arange(count, device=weight.device) * (weight.numel() - 1) // max(count - 1, 1)
-    layer.written_probe = (positions, weight.reshape(-1)[positions].clone(), weight.numel())
+    bias = layer.base_bias
+    written_bias = None if bias is None else bias.detach().clone()
+    layer.written_probe = (positions, weight.reshape(-1)[positions].clone(), weight.numel(), written_bias)
 
 
 def _differs(layer: LoRALayer) -> torch.Tensor | bool:
@@ -130,12 +133,20 @@ def _differs(layer: LoRALayer) -> torch.Tensor | bool:
     as bytes (NaN equals itself) where the weight is now, after the conversion a move of the
     model (``model.half()``, ``.to(device)``) applies to it: such a move changes nothing lorahot
     wrote. A weight of another size, or one on the meta device, has changed."""
-    positions, written, numel = layer.written_probe  # type: ignore[misc]  # the caller checked it is set
-    weight = layer.base_weight.detach()
-    if weight.is_meta or weight.numel() != numel:
+    positions, written, numel, written_bias = layer.written_probe  # type: ignore[misc]  # the caller checked it
+    weight, bias = layer.base_weight.detach(), layer.base_bias
+    if weight.is_meta or weight.numel() != numel or (bias is None) != (written_bias is None):
         return True
-    now = weight.reshape(-1)[positions.to(weight.device)]
-    then = written.to(weight.device, weight.dtype)
+    differs = _bytes_differ(weight.reshape(-1)[positions.to(weight.device)], written.to(weight.device, weight.dtype))
+    if bias is None or written_bias is None:
+        return differs
+    if bias.is_meta or bias.shape != written_bias.shape:
+        return True
+    return differs | _bytes_differ(bias.detach(), written_bias.to(bias.device, bias.dtype)).to(differs.device)
+
+
+def _bytes_differ(now: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """Whether two tensors of one shape and dtype differ in any byte (NaN equals itself)."""
     return (now.contiguous().view(torch.uint8) != then.contiguous().view(torch.uint8)).any()
 
 

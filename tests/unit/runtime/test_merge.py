@@ -254,6 +254,37 @@ def test_any_element_a_checkpoint_changes_is_noticed_and_an_identical_one_is_not
         assert torch.equal(value, checkpoint[key] if key.startswith(changed) else pristine[key]), key
 
 
+@pytest.mark.parametrize("edit", ["bias in place", "no edit"])
+def test_a_bias_edited_in_place_is_noticed(edit: str) -> None:
+    """Merged mode: a bias changed in place, not through ``load_state_dict`` (an optimizer
+    stepping only the biases), is refused at the next call with nothing changed, and eject
+    keeps it: the whole bias is compared, where only 16 elements of each weight are (the edit
+    used to be thrown away by that call's rebuild from the base copied at inject). Without the
+    edit the call goes through (negative control)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, merged=True)
+    runtime.load(make_adapter(model, {"0": 2, "2": 2}, seed=1)[0])
+    if edit == "bias in place":
+        with torch.no_grad():
+            model[2].bias[5] += 0.25
+    edited = model[2].bias.detach().clone()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = model(x)
+    if edit == "no edit":
+        runtime.set_scale(0.5)
+        with torch.no_grad():
+            assert not torch.equal(model(x), want)
+        return
+    with pytest.raises(lorahot.UsageError, match=r"biases changed since lorahot last wrote them .*:\n  - 2\n"):
+        runtime.set_scale(0.5)
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+    lorahot.eject(model)
+    assert torch.equal(model[2].bias, edited)
+
+
 @pytest.mark.parametrize("slots", [1, 2])
 def test_a_lora_bias_after_a_bias_diff_is_folded_not_reset(slots: int) -> None:
     """Merged mode: a full diff with ``diff_b``, then a LoRA with ``lora_B.bias`` (in the same
