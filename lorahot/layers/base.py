@@ -527,7 +527,7 @@ class LoRALayer(nn.Module):
                 return self._finish(self.dynamic_forward(x, a, b, scale), e, scale)
             if fused and self.can_fuse(x, a):
                 return self._finish(self.fused_forward(x, a, b, scale), e, scale)  # base(x) + B(s * A(x))
-            if wide and self.can_widen(x) and self.wide_bound():
+            if wide and self.can_widen(x) and (torch.compiler.is_compiling() or self.wide_bound()):
                 return self._finish(self.wide_forward(x, a), e, scale)
         y: torch.Tensor = self._base(x, *args, **kwargs)
         # The LoRA bias and the DoRA factor apply next to the add, where the compiler fuses
