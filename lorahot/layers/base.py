@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -863,6 +863,8 @@ def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: An
     module.__dict__["_loading_base"] = inner + "weight" in state_dict or inner + "bias" in state_dict
     if isinstance(module, LoRALayer):
         module.base_layer.__dict__.pop("_lorahot_reported", None)
+        if args and args[0].get("assign_to_params_buffers"):  # local_metadata
+            _refuse_assigned_load(module, state_dict, inner)  # before anything below is noted
     if isinstance(module, LoRALayer) and module.pristine_weight is not None:
         base = module.base_layer
         for name in ("weight", "bias"):
@@ -899,15 +901,45 @@ def _refuse_replaced_weight(module: nn.Module, name: str, param: Any) -> None:
         raise UsageError(refusal)
 
 
+def _refuse_assigned_load(layer: LoRALayer, state_dict: Mapping[str, Any], prefix: str) -> None:
+    """``load_state_dict(assign=True)`` of tensors the layer would refuse (see
+    :func:`_refuse_replaced_weight`), refused from a load pre hook: raised while torch assigns
+    a tensor, the refusal would be folded into torch's own ``RuntimeError``."""
+    for name in _BASE_PARAMETERS:
+        new = state_dict.get(prefix + name)
+        refusal = None if new is None else _shape_refusal(layer, name, new) or _copy_refusal(layer, name)
+        if refusal is not None:
+            raise UsageError(
+                refusal.replace(
+                    "The assignment was refused: the layer keeps its",
+                    "load_state_dict stopped at this layer (the modules before it were loaded, this one and those "
+                    "after it were not): the layer keeps its",
+                )
+            )
+
+
 def _shape_refusal(layer: LoRALayer, name: str, new: Any) -> str | None:
     """Why ``layer`` cannot take ``new`` as the parameter ``name`` of its base layer: a shape
     other than the one its LoRA buffers were made for (recorded by :meth:`LoRALayer.attach`)."""
     shape = layer.__dict__.get("_base_shapes", {}).get(name)
+    now = layer.base_layer._parameters.get(name)
+    if shape is not None and isinstance(now, torch.Tensor) and tuple(now.shape) != shape:
+        if layer.state is not None and layer.state.broken is None:
+            layer.state.broken = (
+                f"{layer._path}: its base layer's {name} was resized in place after inject, from "
+                f"{shape} to {tuple(now.shape)}. Call runtime.eject(), then inject into the model as it is now."
+            )
+        return (
+            f"{layer._path or type(layer.base_layer).__name__}: its base layer's {name} was resized in place after "
+            f"inject, from {shape} to {tuple(now.shape)} (resize_token_embeddings on weights tied before inject?): "
+            "the layer's LoRA buffers are shaped for the old one, so it can no longer compute, and the runtime "
+            "refuses its calls. Call runtime.eject(), resize, then inject again (or resize before inject)."
+        )
     if shape is not None and isinstance(new, torch.Tensor) and tuple(new.shape) != shape:
         return (
             f"{layer._path or type(layer.base_layer).__name__}: its base layer's {name} would change shape after "
             f"inject, from {shape} to {tuple(new.shape)} (resize_token_embeddings?): the layer's LoRA "
-            "buffers are shaped for the old one. The assignment was refused: the layer keeps its weight. Resize "
+            f"buffers are shaped for the old one. The assignment was refused: the layer keeps its {name}. Resize "
             "before inject, or call runtime.eject(), resize, then inject again."
         )
     return None
@@ -924,7 +956,7 @@ def _copy_refusal(layer: LoRALayer, name: str) -> str | None:
     return (
         f"{layer._path or type(layer.base_layer).__name__}: its base layer's {name} was replaced after inject "
         f"(tie_weights, resize_token_embeddings, load_state_dict(assign=True)?). lorahot computes this layer {how}, "
-        "so the new tensor would not be used. The assignment was refused: the layer keeps its weight. Replace or "
+        f"so the new tensor would not be used. The assignment was refused: the layer keeps its {name}. Replace or "
         "tie the weights before inject, or call runtime.eject(), replace them, then inject again."
     )
 
@@ -993,17 +1025,7 @@ class _BaseLoadHook:
         if not self._post:
             state_dict, prefix, metadata = args[0], args[1], args[2]
             if metadata.get("assign_to_params_buffers"):  # torch would catch the refusal per tensor
-                for name in _BASE_PARAMETERS:
-                    new = state_dict.get(prefix + name)
-                    refusal = None if new is None else _shape_refusal(layer, name, new) or _copy_refusal(layer, name)
-                    if refusal is not None:
-                        raise UsageError(
-                            refusal.replace(
-                                "The assignment was refused: the layer keeps its weight",
-                                "load_state_dict stopped at this layer: the modules before it were loaded, this "
-                                "one and those after it were not",
-                            )
-                        )
+                _refuse_assigned_load(layer, state_dict, prefix)
             module.__dict__["_lorahot_loading"] = prefix + "weight" in state_dict or prefix + "bias" in state_dict
             return
         if module.__dict__.pop("_lorahot_loading", False):

@@ -25,6 +25,9 @@ class RuntimeState:
         #: Called with a layer after ``load_state_dict`` wrote its base weight or bias (the
         #: runtime recomputes what it derived from them: DoRA factors); None where nothing is.
         self.base_loaded: Callable[[object], None] | None = None
+        #: Why the model can no longer be served as injected (a layer's base weight resized in
+        #: place), or None: the runtime's calls refuse with it.
+        self.broken: str | None = None
 
     def on_eject(self, callback: Callable[[], None]) -> None:
         """Runs ``callback`` once when the state is marked ejected."""

@@ -9,7 +9,7 @@ holds one adapter or a stack of several, active together (:mod:`lorahot.runtime.
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import gc
 import itertools
 import numbers
@@ -195,6 +195,7 @@ class LoraRuntime:
         #: keys given to preload that are not the source's own path (the last _PRELOAD_KEYS): a
         #: later load(key) that misses the cache is refused, not read as a path or Hub id
         self._preload_keys: dict[str, None] = {}
+        self._keys_lock = threading.Lock()
         self._skeletons = Skeletons()  # the plans' structures by the reader's recipe
         self._merger = Merger(layers, buffers) if merged else None
         #: the host (and device) buffers files are read into, reused from load to load; not in
@@ -579,14 +580,25 @@ class LoraRuntime:
             "preload",
             lambda p: {"arguments": fingerprint.arguments(key), **fingerprint.plans([p[0].plan], self.layers)},
         )
+        if isinstance(source, (str, os.PathLike)):  # now a source preloaded by its name
+            self._forget_key(os.fspath(source))
         if cache:
             self.cache.put(prepared)
         if named is not None:
-            self._preload_keys.pop(named, None)
-            self._preload_keys[named] = None
-            while len(self._preload_keys) > _PRELOAD_KEYS:
-                del self._preload_keys[next(iter(self._preload_keys))]
+            with self._keys_lock:
+                self._preload_keys.pop(named, None)
+                self._preload_keys[named] = None
+                while len(self._preload_keys) > _PRELOAD_KEYS:
+                    del self._preload_keys[next(iter(self._preload_keys))]
         return prepared
+
+    def _forget_key(self, name: str) -> None:
+        """``name`` is a source's path or Hub id, preloaded as such: no longer a key, and no entry
+        a key of that name left in the cache (it would be found before the source's own)."""
+        with self._keys_lock:
+            was_key = self._preload_keys.pop(name, 0) is None
+        if was_key:
+            self.cache.discard(name)
 
     def _preload(
         self, source: Source | Adapter, key: str | None, read_kwargs: dict[str, Any]
@@ -721,16 +733,17 @@ class LoraRuntime:
             )
         if isinstance(source, str) and not read_kwargs:
             hit = self.cache.get(source)  # a key given to preload
-            if hit is None and source in self._preload_keys:
-                raise UsageError(
-                    f"{source!r} is a key given to preload, and the host cache does not hold it now (evicted, "
-                    f"discarded, or larger than the cache's {self.cache.budget_bytes} bytes), so there is nothing to "
-                    "load under that name: a key is no path or Hub id to read again. Preload it again, or load what "
-                    "preload returned (runtime.load(prepared)), which does not need the cache."
-                )
         if hit is None:
             cache_key = source_key(source, read_kwargs)
             hit = self.cache.get(cache_key) if cache_key is not None else None
+        if hit is None and isinstance(source, str) and not read_kwargs and source in self._preload_keys:
+            raise UsageError(
+                f"{source!r} is a key given to preload, and the host cache does not hold it now (evicted, "
+                f"discarded, or larger than the cache's {self.cache.budget_bytes} bytes), so there is nothing to "
+                "load under that name: a key is no path or Hub id to read again. Preload it again, or load what "
+                "preload returned (runtime.load(prepared)), which does not need the cache; to read a path or Hub "
+                "id of that name, preload it as the source (runtime.preload(name))."
+            )
         if hit is not None and hit.owner is not self.buffers:
             raise UsageError(
                 f"the cache entry {hit.key!r} was prepared for another runtime (put into this runtime's cache by "
@@ -1001,6 +1014,8 @@ class LoraRuntime:
             raise UsageError(f"this runtime was ejected; call lorahot.inject again ({how} took its layers out).")
         if not placement:
             return
+        if self._state.broken is not None:
+            raise UsageError(self._state.broken)
         found = map(dict.get, self._link_children, self._link_names)
         if not all(map(operator.is_, found, self._link_modules)):
             name = next(n for n, layer in self.layers.items() if _at(self.model, n) is not layer)
@@ -1067,7 +1082,21 @@ def _private(source: Any) -> Any:
     :class:`Adapter`): a prepared adapter keeps them for stacks and merged mode, and a caller
     that reuses its tensors (``fill_``, an optimizer step) must not change what was checked."""
     if isinstance(source, Adapter):
-        return copy.deepcopy(source)
+
+        def own(t: Any) -> Any:
+            return t.detach().clone() if isinstance(t, torch.Tensor) else t
+
+        modules = {
+            k: dataclasses.replace(
+                m, A=own(m.A), B=own(m.B), base_weight=own(m.base_weight), magnitude=own(m.magnitude), bias=own(m.bias)
+            )
+            for k, m in source.modules.items()
+        }
+        weights = {
+            k: dataclasses.replace(w, factors={n: own(t) for n, t in w.factors.items()})
+            for k, w in source.weights.items()
+        }
+        return dataclasses.replace(source, modules=modules, weights=weights)
     if isinstance(source, Mapping):
         return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in source.items()}
     return source

@@ -98,18 +98,29 @@ def test_a_merged_layer_refuses_a_new_weight_or_bias(name: str, monkeypatch: pyt
         assert torch.equal(value, pristine[key]), key
 
 
+@pytest.mark.parametrize("copied", [False, True], ids=["model", "deepcopy"])
 @pytest.mark.parametrize("merged", [False, True], ids=["wide", "merged"])
 def test_load_state_dict_with_assign_stops_at_the_layer_with_a_typed_error(
-    merged: bool, monkeypatch: pytest.MonkeyPatch
+    merged: bool, copied: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """torch collects an exception raised while it assigns a tensor into a ``RuntimeError`` of
-    its own; the refusal comes first, from the base layer's load hook, as lorahot's error."""
-    model, _ = _injected(monkeypatch, widened=not merged, merged=merged)
-    state = {k: v.clone() + 1.0 for k, v in model.state_dict().items()}
-    old = model[0].base_layer.weight
+    its own; the refusal comes first, from the layer's load hook, as lorahot's error (a copy's
+    too). The runtime then still serves, and in merged mode eject gives back the pristine base
+    (the refused load had left the layer marked as loaded: every call refused, eject kept the
+    adapter merged)."""
+    model, runtime = _injected(monkeypatch, widened=not merged, merged=merged)
+    pristine = _model().state_dict()
+    target = copy.deepcopy(model) if copied else model
+    state = {k: v.clone() + 1.0 for k, v in target.state_dict().items()}
+    old = target[0].base_layer.weight
     with pytest.raises(UsageError, match=r"^0: its base layer's weight was replaced .*stopped at this layer"):
-        model.load_state_dict(state, assign=True)
-    assert model[0].base_layer.weight is old
+        target.load_state_dict(state, assign=True)
+    assert target[0].base_layer.weight is old
+    runtime.set_scale(0.5)  # type: ignore[attr-defined]
+    runtime.eject()  # type: ignore[attr-defined]
+    if merged and not copied:
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, pristine[key]), key
 
 
 def test_a_layer_that_calls_its_base_takes_the_new_weight(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -265,9 +276,11 @@ def test_a_weight_of_another_shape_is_refused_by_every_layer(monkeypatch: pytest
         model[0].weight = nn.Parameter(torch.randn(7, 8, dtype=torch.float64))
     assert model[0].base_layer.weight is old
     llama = _tied_llama()
-    lorahot.inject(llama, ["lm_head"], max_rank=4)
-    with pytest.raises(UsageError, match=r"^lm_head: .* from \(64, 16\) to \(72, 16\) \(resize_token_embeddings\?\)"):
-        llama.resize_token_embeddings(72, mean_resizing=False)
+    runtime = lorahot.inject(llama, ["lm_head"], max_rank=4)
+    with pytest.raises(UsageError, match=r"^lm_head: .* resized in place after inject, from \(64, 16\) to \(72, 16\)"):
+        llama.resize_token_embeddings(72, mean_resizing=False)  # resizes the tied weight in place, then ties
+    with pytest.raises(UsageError, match=r"^lm_head: its base layer's weight was resized in place"):
+        runtime.set_scale(1.0)  # type: ignore[attr-defined]  # the model can no longer be served
 
 
 def test_a_new_base_layer_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ serves a later ``load(key)``."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -157,6 +158,43 @@ def test_a_preloaded_mapping_is_the_adapter_as_preloaded(tmp_path: Path) -> None
         t.fill_(float("nan"))
     runtime.load([prepared, other])
     assert torch.equal(runtime.layers[Q0].lora_A[:8], want)
+
+
+@pytest.mark.parametrize("then", ["discarded", "preloaded again under its own name"])
+def test_a_path_once_used_as_a_key_loads_the_path_once_preloaded_as_one(then: str, tmp_path: Path) -> None:
+    """A path given as the key of another adapter is a key; preloaded as a source afterwards it
+    is that source again: ``load(path)`` serves the file, not the refusal (or the old entry)."""
+    model, runtime, path = _setup(tmp_path)
+    other = make_adapter(model, {Q0: 4}, seed=7)[0]
+    runtime.preload(other, key=str(path))
+    if then == "discarded":
+        runtime.cache.discard(str(path))
+        runtime.preload(path)
+    else:
+        runtime.preload(str(path), key=str(path))
+    runtime.load(str(path))
+    direct = lorahot.inject(tiny_lm(), ["q_proj"], max_rank=4)
+    direct.load(str(path))
+    assert torch.equal(runtime.layers[Q0].lora_A, direct.layers[Q0].lora_A)
+
+
+def test_a_preloaded_adapter_object_is_copied_whatever_its_tensors() -> None:
+    """An :class:`Adapter` whose tensors are not graph leaves preloads (its deep copy was
+    refused by torch), and later changes to its tensors do not reach a stack from the entry."""
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=8)
+    tensors = make_adapter(model, {Q0: 4}, seed=1)[0]
+    gain = torch.ones((), requires_grad=True)
+    read = lorahot.read_adapter(tensors)
+    adapter = dataclasses.replace(
+        read, modules={k: dataclasses.replace(m, A=m.A * gain) for k, m in read.modules.items()}
+    )
+    want = adapter.modules[Q0].A.detach().clone()
+    prepared = runtime.preload(adapter)
+    with torch.no_grad():
+        adapter.modules[Q0].A.mul_(0).add_(float("nan"))
+    runtime.load([prepared, make_adapter(model, {Q0: 4}, seed=2)[0]])
+    assert torch.equal(runtime.layers[Q0].lora_A[:4], want)
 
 
 def test_read_options_are_part_of_the_key(tmp_path: Path, reads) -> None:
