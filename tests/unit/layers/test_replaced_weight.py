@@ -21,7 +21,7 @@ import lorahot
 from lorahot.errors import UsageError
 from lorahot.layers import base as layer_base
 from lorahot.runtime import wide
-from tests.helpers import make_adapter
+from tests.helpers import TINY_DECODER, make_adapter
 
 
 def _model() -> nn.Sequential:
@@ -238,18 +238,12 @@ def test_a_wide_layer_follows_a_weight_changed_past_attribute_assignment(
 
 
 def _tied_llama() -> nn.Module:
+    """The tiny Llama of the test helpers, its head tied to its embeddings."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    config = transformers.LlamaConfig(**TINY_DECODER, tie_word_embeddings=True)
+    model: nn.Module = transformers.LlamaForCausalLM(config).eval()
+    return model
 
 
 def test_tie_weights_on_weights_tied_before_inject_passes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -277,7 +271,7 @@ def test_a_weight_of_another_shape_is_refused_by_every_layer(monkeypatch: pytest
     assert model[0].base_layer.weight is old
     llama = _tied_llama()
     runtime = lorahot.inject(llama, ["lm_head"], max_rank=4)
-    with pytest.raises(UsageError, match=r"^lm_head: .* resized in place after inject, from \(64, 16\) to \(72, 16\)"):
+    with pytest.raises(UsageError, match=r"^lm_head: .* resized in place after inject, from \(64, 32\) to \(72, 32\)"):
         llama.resize_token_embeddings(72, mean_resizing=False)  # resizes the tied weight in place, then ties
     with pytest.raises(UsageError, match=r"^lm_head: its base layer's weight was resized in place"):
         runtime.set_scale(1.0)  # type: ignore[attr-defined]  # the model can no longer be served
