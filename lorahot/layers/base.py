@@ -920,27 +920,33 @@ def _refuse_assigned_load(layer: LoRALayer, state_dict: Mapping[str, Any], prefi
 
 def _shape_refusal(layer: LoRALayer, name: str, new: Any) -> str | None:
     """Why ``layer`` cannot take ``new`` as the parameter ``name`` of its base layer: a shape
-    other than the one its LoRA buffers were made for (recorded by :meth:`LoRALayer.attach`)."""
+    other than the one its LoRA buffers were made for (recorded by :meth:`LoRALayer.attach`).
+    Where the parameter it has was already resized in place (``resize_token_embeddings``
+    resizes a tied weight before it ties it again), the runtime is marked as no longer able to
+    serve the model (:attr:`~lorahot.layers.state.RuntimeState.broken`)."""
     shape = layer.__dict__.get("_base_shapes", {}).get(name)
+    if shape is None:
+        return None
+    where = layer._path or type(layer.base_layer).__name__
     now = layer.base_layer._parameters.get(name)
-    if shape is not None and isinstance(now, torch.Tensor) and tuple(now.shape) != shape:
+    if isinstance(now, torch.Tensor) and tuple(now.shape) != shape:
         if layer.state is not None and layer.state.broken is None:
             layer.state.broken = (
-                f"{layer._path}: its base layer's {name} was resized in place after inject, from "
-                f"{shape} to {tuple(now.shape)}. Call runtime.eject(), then inject into the model as it is now."
+                f"{where}: its base layer's {name} was resized in place after inject, from {shape} to "
+                f"{tuple(now.shape)}. Call runtime.eject(), then inject into the model as it is now."
             )
         return (
-            f"{layer._path or type(layer.base_layer).__name__}: its base layer's {name} was resized in place after "
-            f"inject, from {shape} to {tuple(now.shape)} (resize_token_embeddings on weights tied before inject?): "
-            "the layer's LoRA buffers are shaped for the old one, so it can no longer compute, and the runtime "
-            "refuses its calls. Call runtime.eject(), resize, then inject again (or resize before inject)."
+            f"{where}: its base layer's {name} was resized in place after inject, from {shape} to "
+            f"{tuple(now.shape)} (resize_token_embeddings on weights tied before inject?): the layer's LoRA buffers "
+            "are shaped for the old one, so it can no longer compute, and the runtime refuses its calls. Call "
+            "runtime.eject(), resize, then inject again (or resize before inject)."
         )
-    if shape is not None and isinstance(new, torch.Tensor) and tuple(new.shape) != shape:
+    if isinstance(new, torch.Tensor) and tuple(new.shape) != shape:
         return (
-            f"{layer._path or type(layer.base_layer).__name__}: its base layer's {name} would change shape after "
-            f"inject, from {shape} to {tuple(new.shape)} (resize_token_embeddings?): the layer's LoRA "
-            f"buffers are shaped for the old one. The assignment was refused: the layer keeps its {name}. Resize "
-            "before inject, or call runtime.eject(), resize, then inject again."
+            f"{where}: its base layer's {name} would change shape after inject, from {shape} to "
+            f"{tuple(new.shape)} (resize_token_embeddings?): the layer's LoRA buffers are shaped for the old one. "
+            f"The assignment was refused: the layer keeps its {name}. Resize before inject, or call "
+            "runtime.eject(), resize, then inject again."
         )
     return None
 

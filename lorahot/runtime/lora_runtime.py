@@ -1082,24 +1082,31 @@ def _private(source: Any) -> Any:
     :class:`Adapter`): a prepared adapter keeps them for stacks and merged mode, and a caller
     that reuses its tensors (``fill_``, an optimizer step) must not change what was checked."""
     if isinstance(source, Adapter):
-
-        def own(t: Any) -> Any:
-            return t.detach().clone() if isinstance(t, torch.Tensor) else t
-
-        modules = {
-            k: dataclasses.replace(
-                m, A=own(m.A), B=own(m.B), base_weight=own(m.base_weight), magnitude=own(m.magnitude), bias=own(m.bias)
-            )
-            for k, m in source.modules.items()
-        }
-        weights = {
-            k: dataclasses.replace(w, factors={n: own(t) for n, t in w.factors.items()})
-            for k, w in source.weights.items()
-        }
-        return dataclasses.replace(source, modules=modules, weights=weights)
+        return _owned_adapter(source)
     if isinstance(source, Mapping):
-        return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in source.items()}
+        return {k: _own(v) for k, v in source.items()}
     return source
+
+
+def _owned_adapter(adapter: Adapter) -> Adapter:
+    """``adapter`` with each of its modules' tensors copied (a deep copy refuses tensors that are
+    not graph leaves)."""
+    modules = {
+        k: dataclasses.replace(
+            m, A=_own(m.A), B=_own(m.B), base_weight=_own(m.base_weight), magnitude=_own(m.magnitude), bias=_own(m.bias)
+        )
+        for k, m in adapter.modules.items()
+    }
+    weights = {
+        k: dataclasses.replace(w, factors={n: _own(t) for n, t in w.factors.items()})
+        for k, w in adapter.weights.items()
+    }
+    return dataclasses.replace(adapter, modules=modules, weights=weights)
+
+
+def _own(value: Any) -> Any:
+    """A tensor's detached copy; anything else as it is."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 def _links(model: nn.Module, layers: dict[str, LoRALayer]) -> list[tuple[dict[str, Any], str, nn.Module]]:
