@@ -68,6 +68,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorahot
+from benchmarks.experiments.default_mode_probe import host_and_synced, launches, sync
 from benchmarks.workload import MAX_RANK, RANKS, TARGETS, adapter_file, build
 
 try:  # the probe patches transformers' Llama forwards (imported here: not inside traced code)
@@ -183,59 +184,40 @@ def _mlp(self: Any, x: torch.Tensor) -> torch.Tensor:
 def grouped(model: torch.nn.Module, ab: dict[str, tuple[torch.Tensor, torch.Tensor]], form: str) -> torch.nn.Module:
     """Patches every attention and MLP of ``model`` to run its projections as ``form``'s operators."""
     blocks = form == "group_bd"
+
+    def shared(
+        mod: torch.nn.Module, name: str, projections: tuple[str, ...]
+    ) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+        """The projections of ``mod`` that read one input: one operator, or one each (``op_each``)."""
+        mods = [getattr(mod, p) for p in projections]
+        weights = [ab[f"{name}.{p}"] for p in projections]
+        if form != "op_each":
+            return Group(mods, weights, blocks)
+        each = [Group([m], [w], False) for m, w in zip(mods, weights, strict=True)]
+        return lambda h: [g(h)[0] for g in each]
+
     for name, mod in model.named_modules():
         if name.endswith("self_attn"):
-            qkv = [mod.q_proj, mod.k_proj, mod.v_proj]
-            w = [ab[f"{name}.{p}"] for p in ("q_proj", "k_proj", "v_proj")]
-            if form == "op_each":
-                gs = [Group([m], [x], False) for m, x in zip(qkv, w, strict=True)]
-                mod._probe_qkv = lambda h, gs=gs: [g(h)[0] for g in gs]
-            else:
-                mod._probe_qkv = Group(qkv, w, blocks)
+            mod._probe_qkv = shared(mod, name, ("q_proj", "k_proj", "v_proj"))
             mod._probe_o = Group([mod.o_proj], [ab[f"{name}.o_proj"]], blocks)
             mod.forward = MethodType(_attention, mod)
         elif name.endswith("mlp"):
-            gu = [mod.gate_proj, mod.up_proj]
-            w = [ab[f"{name}.{p}"] for p in ("gate_proj", "up_proj")]
-            if form == "op_each":
-                gs = [Group([m], [x], False) for m, x in zip(gu, w, strict=True)]
-                mod._probe_gu = lambda h, gs=gs: [g(h)[0] for g in gs]
-            else:
-                mod._probe_gu = Group(gu, w, blocks)
+            mod._probe_gu = shared(mod, name, ("gate_proj", "up_proj"))
             mod._probe_down = Group([mod.down_proj], [ab[f"{name}.down_proj"]], blocks)
             mod.forward = MethodType(_mlp, mod)
     return model
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def timed(call: Call, n: int = 30) -> tuple[float, float, float]:
-    """(host, synced, back to back) ms per call, medians."""
-    host, synced = [], []
-    for _ in range(n):
-        sync()
-        t = time.perf_counter()
-        call()
-        host.append(time.perf_counter() - t)
-        sync()
-        synced.append(time.perf_counter() - t)
+    """(host, synced, back to back) ms per call: the first two as the default-mode probe takes
+    them, then ``n`` calls with one sync at the end."""
+    host, synced = host_and_synced(call, n)
     sync()
     t = time.perf_counter()
     for _ in range(n):
         call()
     sync()
-    return statistics.median(host) * 1e3, statistics.median(synced) * 1e3, (time.perf_counter() - t) / n * 1e3
-
-
-def launches(call: Call) -> int:
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        call()
-        sync()
-    return sum(e.count for e in prof.key_averages() if "Launch" in e.key)
+    return host, synced, (time.perf_counter() - t) / n * 1e3
 
 
 def make(name: str, w: Any, ab: dict[str, tuple[torch.Tensor, torch.Tensor]], keep: list[Any]) -> torch.nn.Module:

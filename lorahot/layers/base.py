@@ -527,7 +527,7 @@ class LoRALayer(nn.Module):
                 return self._finish(self.dynamic_forward(x, a, b, scale), e, scale)
             if fused and self.can_fuse(x, a):
                 return self._finish(self.fused_forward(x, a, b, scale), e, scale)  # base(x) + B(s * A(x))
-            if wide and self.can_widen(x) and (torch.compiler.is_compiling() or self.wide_bound()):
+            if wide and self.can_widen(x) and self.wide_bound():
                 return self._finish(self.wide_forward(x, a), e, scale)
         y: torch.Tensor = self._base(x, *args, **kwargs)
         # The LoRA bias and the DoRA factor apply next to the add, where the compiler fuses
@@ -684,7 +684,7 @@ class LoRALayer(nn.Module):
 
     def wide_bound(self) -> bool:
         """Whether the base weight is still the block of the wide buffer that :meth:`wide_forward`
-        reads (asked by the eager forward only; see the subclass)."""
+        reads (see the subclass)."""
         return True
 
     def wide_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -867,7 +867,7 @@ def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: An
             _refuse_assigned_load(module, state_dict, inner)  # before anything below is noted
     if isinstance(module, LoRALayer) and module.pristine_weight is not None:
         base = module.base_layer
-        for name in ("weight", "bias"):
+        for name in _BASE_PARAMETERS:
             new, now = state_dict.get(inner + name), getattr(base, name, None)
             if isinstance(new, torch.Tensor) and isinstance(now, torch.Tensor) and not _same_values(new, now):
                 module.checkpoint_loaded = True
@@ -907,18 +907,21 @@ def _refuse_assigned_load(layer: LoRALayer, state_dict: Mapping[str, Any], prefi
     a tensor, the refusal would be folded into torch's own ``RuntimeError``."""
     for name in _BASE_PARAMETERS:
         new = state_dict.get(prefix + name)
-        refusal = None if new is None else _shape_refusal(layer, name, new) or _copy_refusal(layer, name)
+        if new is None:
+            continue
+        refusal = _shape_refusal(layer, name, new, _LOAD_STOPPED) or _copy_refusal(layer, name, _LOAD_STOPPED)
         if refusal is not None:
-            raise UsageError(
-                refusal.replace(
-                    "The assignment was refused: the layer keeps its",
-                    "load_state_dict stopped at this layer (the modules before it were loaded, this one and those "
-                    "after it were not): the layer keeps its",
-                )
-            )
+            raise UsageError(refusal)
 
 
-def _shape_refusal(layer: LoRALayer, name: str, new: Any) -> str | None:
+#: what a refusal did, for an attribute assignment and for ``load_state_dict(assign=True)``
+_ASSIGNMENT_REFUSED = "The assignment was refused"
+_LOAD_STOPPED = (
+    "load_state_dict stopped at this layer (the modules before it were loaded, this one and those after it were not)"
+)
+
+
+def _shape_refusal(layer: LoRALayer, name: str, new: Any, outcome: str = _ASSIGNMENT_REFUSED) -> str | None:
     """Why ``layer`` cannot take ``new`` as the parameter ``name`` of its base layer: a shape
     other than the one its LoRA buffers were made for (recorded by :meth:`LoRALayer.attach`).
     Where the parameter it has was already resized in place (``resize_token_embeddings``
@@ -945,13 +948,13 @@ def _shape_refusal(layer: LoRALayer, name: str, new: Any) -> str | None:
         return (
             f"{where}: its base layer's {name} would change shape after inject, from {shape} to "
             f"{tuple(new.shape)} (resize_token_embeddings?): the layer's LoRA buffers are shaped for the old one. "
-            f"The assignment was refused: the layer keeps its {name}. Resize before inject, or call "
+            f"{outcome}: the layer keeps its {name}. Resize before inject, or call "
             "runtime.eject(), resize, then inject again."
         )
     return None
 
 
-def _copy_refusal(layer: LoRALayer, name: str) -> str | None:
+def _copy_refusal(layer: LoRALayer, name: str, outcome: str = _ASSIGNMENT_REFUSED) -> str | None:
     """Why ``layer`` cannot take a new parameter ``name`` for its base layer, whatever its
     values: it computes from its own copy of the weight (wide) or holds the adapter merged in."""
     wide = bool(getattr(layer, "wide", False))
@@ -962,7 +965,7 @@ def _copy_refusal(layer: LoRALayer, name: str) -> str | None:
     return (
         f"{layer._path or type(layer.base_layer).__name__}: its base layer's {name} was replaced after inject "
         f"(tie_weights, resize_token_embeddings, load_state_dict(assign=True)?). lorahot computes this layer {how}, "
-        f"so the new tensor would not be used. The assignment was refused: the layer keeps its {name}. Replace or "
+        f"so the new tensor would not be used. {outcome}: the layer keeps its {name}. Replace or "
         "tie the weights before inject, or call runtime.eject(), replace them, then inject again."
     )
 

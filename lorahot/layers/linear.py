@@ -219,7 +219,10 @@ class LoRALinear(LoRALayer):
         the model (``model.float()``), which converts the weight and the buffer apart. The eager
         forward then calls the base layer, so the output follows the weight the model now has
         (the runtime's next call refuses, as for any replaced buffer). Two pointer reads per call,
-        eagerly: a compiled graph computes from what it traced (a pointer is no value it can read)."""
+        eagerly; True while compiling: a compiled graph computes from what it traced (a pointer is
+        no value it can read)."""
+        if torch.compiler.is_compiling():
+            return True
         wide = self._buffers.get(WIDE_BUFFER)
         weight = self._base._parameters.get("weight")
         return (

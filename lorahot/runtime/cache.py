@@ -63,6 +63,10 @@ def _tensors(adapter: Adapter, plan: LoadPlan) -> Iterator[torch.Tensor]:
         yield from w.factors.values()
 
 
+#: how many names given to preload a cache remembers (see :meth:`AdapterCache.name`)
+NAMES_KEPT = 1 << 16
+
+
 class AdapterCache:
     """An LRU of :class:`PreparedAdapter`, bounded by ``budget_bytes`` of the host memory its
     entries keep alive (:attr:`PreparedAdapter.nbytes`).
@@ -75,6 +79,8 @@ class AdapterCache:
     def __init__(self, budget_bytes: int) -> None:
         self._budget = _budget(budget_bytes)
         self._entries: OrderedDict[str, PreparedAdapter] = OrderedDict()
+        #: keys given to preload as names of their own (not a source's path), the last NAMES_KEPT
+        self._names: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -126,6 +132,27 @@ class AdapterCache:
         _key(key)
         with self._lock:
             self._entries.pop(key, None)
+
+    def name(self, key: str) -> None:
+        """Notes ``key`` as a name given to preload, not a source's path or Hub id: once its entry
+        is gone, ``load(key)`` is refused rather than read as a source (:meth:`is_name`)."""
+        with self._lock:
+            self._names.pop(key, None)
+            self._names[key] = None
+            while len(self._names) > NAMES_KEPT:
+                self._names.popitem(last=False)
+
+    def unname(self, key: str) -> None:
+        """``key`` is a source's path or Hub id, preloaded as such: no longer a name, and an entry
+        kept under that name goes (it would be found before the source's own)."""
+        with self._lock:
+            if self._names.pop(key, 0) is None:
+                self._entries.pop(key, None)
+
+    def is_name(self, key: str) -> bool:
+        """Whether ``key`` was given to preload as a name (see :meth:`name`)."""
+        with self._lock:
+            return key in self._names
 
     def clear(self) -> None:
         with self._lock:

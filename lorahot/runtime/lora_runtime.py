@@ -192,10 +192,6 @@ class LoraRuntime:
         devices = {a.device for a in buffers.arenas}
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
         self.cache = AdapterCache(cache_bytes)
-        #: keys given to preload that are not the source's own path (the last _PRELOAD_KEYS): a
-        #: later load(key) that misses the cache is refused, not read as a path or Hub id
-        self._preload_keys: dict[str, None] = {}
-        self._keys_lock = threading.Lock()
         self._skeletons = Skeletons()  # the plans' structures by the reader's recipe
         self._merger = Merger(layers, buffers) if merged else None
         #: the host (and device) buffers files are read into, reused from load to load; not in
@@ -580,25 +576,13 @@ class LoraRuntime:
             "preload",
             lambda p: {"arguments": fingerprint.arguments(key), **fingerprint.plans([p[0].plan], self.layers)},
         )
-        if isinstance(source, (str, os.PathLike)):  # now a source preloaded by its name
-            self._forget_key(os.fspath(source))
+        if isinstance(source, (str, os.PathLike)):  # now a source preloaded by its own name
+            self.cache.unname(os.fspath(source))
         if cache:
             self.cache.put(prepared)
         if named is not None:
-            with self._keys_lock:
-                self._preload_keys.pop(named, None)
-                self._preload_keys[named] = None
-                while len(self._preload_keys) > _PRELOAD_KEYS:
-                    del self._preload_keys[next(iter(self._preload_keys))]
+            self.cache.name(named)
         return prepared
-
-    def _forget_key(self, name: str) -> None:
-        """``name`` is a source's path or Hub id, preloaded as such: no longer a key, and no entry
-        a key of that name left in the cache (it would be found before the source's own)."""
-        with self._keys_lock:
-            was_key = self._preload_keys.pop(name, 0) is None
-        if was_key:
-            self.cache.discard(name)
 
     def _preload(
         self, source: Source | Adapter, key: str | None, read_kwargs: dict[str, Any]
@@ -724,21 +708,20 @@ class LoraRuntime:
                     "read already; pass them to preload instead."
                 )
             return source
-        hit = None
-        named = isinstance(source, str) and (source in self._preload_keys or source in self.cache)
-        if named and read_kwargs and isinstance(source, str) and not os.path.exists(source):
+        name = source if isinstance(source, str) else None  # perhaps a key given to preload
+        options_for_key = name is not None and read_kwargs and (self.cache.is_name(name) or name in self.cache)
+        if name is not None and options_for_key and not os.path.exists(name):
             raise UsageError(
-                f"read options ({', '.join(sorted(read_kwargs))}) do not apply to {source!r}, a key given to preload, "
-                "whose adapter was read already; pass them to preload instead."
+                f"read options ({', '.join(sorted(read_kwargs))}) do not apply to {name!r}, a key given to "
+                "preload, whose adapter was read already; pass them to preload instead."
             )
-        if isinstance(source, str) and not read_kwargs:
-            hit = self.cache.get(source)  # a key given to preload
+        hit = self.cache.get(name) if name is not None and not read_kwargs else None
         if hit is None:
             cache_key = source_key(source, read_kwargs)
             hit = self.cache.get(cache_key) if cache_key is not None else None
-        if hit is None and isinstance(source, str) and not read_kwargs and source in self._preload_keys:
+        if hit is None and name is not None and not read_kwargs and self.cache.is_name(name):
             raise UsageError(
-                f"{source!r} is a key given to preload, and the host cache does not hold it now (evicted, "
+                f"{name!r} is a key given to preload, and the host cache does not hold it now (evicted, "
                 f"discarded, or larger than the cache's {self.cache.budget_bytes} bytes), so there is nothing to "
                 "load under that name: a key is no path or Hub id to read again. Preload it again, or load what "
                 "preload returned (runtime.load(prepared)), which does not need the cache; to read a path or Hub "
@@ -1065,14 +1048,12 @@ class LoraRuntime:
 
 
 _anonymous = itertools.count()
-#: how many keys given to preload the runtime remembers (see LoraRuntime._preload_keys)
-_PRELOAD_KEYS = 1 << 16
 
 
 def _same_path(key: str, source: str | os.PathLike[str]) -> bool:
-    """Whether ``key`` names ``source`` itself (the same string, or the same absolute path)."""
+    """Whether ``key`` names ``source`` itself (the same absolute path)."""
     try:
-        return key == os.fspath(source) or os.path.abspath(key) == os.path.abspath(os.fspath(source))
+        return os.path.abspath(key) == os.path.abspath(os.fspath(source))
     except (TypeError, ValueError):
         return False
 
