@@ -237,6 +237,9 @@ class LoRALayer(nn.Module):
                 "put the new module in the model, then inject again."
             )
         if name in _BASE_PARAMETERS and base is not None and name in base._parameters:
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                _put_plain_tensor(self, name, value)
+                return
             # the base layer's parameter, as reading it gives (transformers' tie_weights assigns
             # the output embedding's weight): set there, and refused there where the layer
             # could not follow (:func:`_refuse_replaced_weight`)
@@ -687,6 +690,11 @@ class LoRALayer(nn.Module):
         reads (see the subclass)."""
         return True
 
+    def is_wide_block(self, weight: Any) -> bool:
+        """Whether ``weight`` is the wide buffer's block that a widened layer computes from (same
+        storage, shape, strides and dtype); False where the layer is not widened."""
+        return False
+
     def wide_forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The whole layer from the wide buffer, where the subclass has one (``a`` the live A
         view, which the compiled shrink reads)."""
@@ -895,10 +903,54 @@ def _refuse_replaced_weight(module: nn.Module, name: str, param: Any) -> None:
     if layer is None or layer.base_layer is not module:
         return
     refusal = _shape_refusal(layer, name, param)
-    if refusal is None and param is not module._parameters.get(name):  # the same one again passes (tie_weights)
+    if refusal is None and not _computed_from(layer, name, param):
         refusal = _copy_refusal(layer, name)
     if refusal is not None:
         raise UsageError(refusal)
+
+
+def _computed_from(layer: LoRALayer, name: str, new: Any) -> bool:
+    """Whether ``new`` holds the very memory ``layer`` computes its base parameter ``name`` from, so
+    putting it in place changes nothing: the parameter it has (``tie_weights`` assigning it
+    again), a tensor over the same storage (a state-dict entry), or a widened layer's own block
+    of the wide buffer (the parameter that ``functional_call`` puts back)."""
+    now = layer.base_layer._parameters.get(name)
+    if new is now:
+        return True
+    if name == "weight" and layer.is_wide_block(new):
+        return True
+    return isinstance(now, torch.Tensor) and isinstance(new, torch.Tensor) and _same_memory(new, now)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same elements: same device, address, dtype, shape and strides."""
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
+
+
+def _put_plain_tensor(layer: LoRALayer, name: str, value: torch.Tensor) -> None:
+    """A plain tensor (not a parameter) for the base layer's parameter ``name``, through the
+    wrapper: what ``torch.func.functional_call`` and ``nn.utils.stateless`` put in place of a
+    parameter for one call. They write it into a module's own ``_parameters``; the wrapper
+    holds none, so it goes into the base layer's, as it would have without inject, after the
+    checks an assigned parameter gets. A weight of another shape is refused. A merged layer
+    refuses any tensor that is not the memory it merged into (a state-dict entry is). A widened
+    layer takes another tensor eagerly (the forward notices it is not the wide block and calls
+    the base layer, :meth:`LoRALayer.wide_bound`) and refuses it while compiling, where the
+    graph would read its block instead."""
+    base = layer.base_layer
+    refusal = _shape_refusal(layer, name, value)
+    moved = refusal is None and not _computed_from(layer, name, value)
+    if moved and (layer.merged or torch.compiler.is_compiling()):
+        refusal = _copy_refusal(layer, name)
+    if refusal is not None:
+        raise UsageError(refusal)
+    base._parameters[name] = value  # type: ignore[assignment]  # as torch's stateless call puts it
 
 
 def _refuse_assigned_load(layer: LoRALayer, state_dict: Mapping[str, Any], prefix: str) -> None:

@@ -223,12 +223,15 @@ class LoRALinear(LoRALayer):
         no value it can read)."""
         if torch.compiler.is_compiling():
             return True
+        return self.is_wide_block(self._base._parameters.get("weight"))
+
+    def is_wide_block(self, weight: Any) -> bool:
         wide = self._buffers.get(WIDE_BUFFER)
-        weight = self._base._parameters.get("weight")
         return (
             wide is not None
-            and weight is not None
+            and isinstance(weight, torch.Tensor)
             and weight.data_ptr() == wide.data_ptr()
+            and weight.device == wide.device
             and weight.dtype == wide.dtype
             and weight.shape == (self.spec.out_dim, self.spec.in_dim)
             and weight.stride() == (wide.stride(0), 1)

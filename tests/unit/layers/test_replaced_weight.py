@@ -301,3 +301,81 @@ def test_a_copy_of_the_model_checks_its_weights_as_the_original(merged: bool, mo
         clone[0].weight = _new_weight()
     with torch.no_grad():
         assert torch.equal(clone(x), before)
+
+
+@pytest.mark.parametrize("kind", ["plain", "wide", "merged"])
+@pytest.mark.parametrize("put", [True, False], ids=["checked", "negative-control"])
+def test_functional_call_with_the_state_dict_computes_what_the_model_does(
+    kind: str, put: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``torch.func.functional_call(model, model.state_dict(), x)`` puts plain tensors where the
+    parameters are, through the wrapper (which holds none of its own). They go to the base
+    layer as they would without inject, and the output is the model's, bitwise; after the call
+    every parameter is back and the runtime still serves. Negative control: the wrapper's
+    plain-tensor path taken away, torch refuses a tensor for a parameter with its own
+    ``TypeError`` (what it raised before)."""
+    model, runtime = _injected(monkeypatch, widened=kind == "wide", merged=kind == "merged")
+    if not put:
+        monkeypatch.setattr(layer_base, "_put_plain_tensor", lambda layer, name, t: setattr(layer._base, name, t))
+    params = dict(model.named_parameters())
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        if not put:
+            with pytest.raises(TypeError):
+                torch.func.functional_call(model, model.state_dict(), (x,))
+            return
+        got = torch.func.functional_call(model, model.state_dict(), (x,))
+    assert torch.equal(got, want)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    runtime.set_scale(0.5)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["plain", "wide"])
+def test_functional_call_with_other_weights_computes_with_them(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other values for the weights (an ensemble, a meta-learning step): the layers compute with
+    them and the live adapter, as the float64 reference of those weights says; the model's own
+    are back afterwards. An eager widened layer notices the weight is not its wide block and
+    calls its base layer."""
+    model, _ = _injected(monkeypatch, widened=kind == "wide")
+    ab = {
+        n: tuple(t.double() for t in v)
+        for n, v in make_adapter(_model(), {"0": 4, "2": 2}, dtype=torch.float64)[1].items()
+    }
+    x = torch.randn(3, 8, dtype=torch.float64)
+    other = {k: v + 0.25 for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(x)
+        got = torch.func.functional_call(model, other, (x,))
+        shifted = _model()
+        shifted.load_state_dict(other)
+        want = _reference(nn.Sequential(*(_Base(m) for m in shifted)), ab, x)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        assert torch.equal(model(x), before)
+
+
+class _Base(nn.Module):
+    """A plain module seen as a wrapper by :func:`_reference` (its ``base_layer`` is itself)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = module
+
+
+@pytest.mark.parametrize("changed", ["0.weight", "2.bias"])
+def test_functional_call_refuses_other_weights_in_merged_mode(changed: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A merged layer holds the adapter merged into its weight and bias: other values would
+    compute without it. Refused with a typed error, and the model is as it was (parameters,
+    output), also where the tensors before the refused one had been put in place (``2.bias``
+    comes last: torch puts the others back through the wrapper, and the check lets them pass)."""
+    model, _ = _injected(monkeypatch, widened=False, merged=True)
+    params = dict(model.named_parameters())
+    x = torch.randn(3, 8, dtype=torch.float64)
+    other = {k: v + 0.25 if k == changed else v for k, v in model.state_dict().items()}
+    layer, name = changed.split(".")
+    with torch.no_grad():
+        before = model(x)
+        with pytest.raises(UsageError, match=rf"^{layer}: its base layer's {name} was replaced .*merged in"):
+            torch.func.functional_call(model, other, (x,))
+        assert torch.equal(model(x), before)
+    assert all(p is params[n] for n, p in model.named_parameters())
