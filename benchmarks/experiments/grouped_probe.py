@@ -48,9 +48,18 @@ two GEMMs (not an operator with a Python body); the in-place expand has no funct
 that the compiler keeps in place. Errors against lorahot's eager output: 0.026 (decode) and
 0.031 (prefill), lorahot's own compiled 0.023 / 0.028.
 
+A form named ``NAME_dyn`` is ``NAME`` compiled with ``dynamic=True`` (the row count symbolic,
+as the rows suite compiles: lorahot's layers then run the dynamic-shapes operator).
+
+Under CUDA graphs (``PROBE_PART=r``; ``runs/20261202T100147-grouped-probe-r256.log``,
+``101839-grouped-probe-r256-dyn.log``, ``101238-grouped-probe-r2048.log``), GPU time per call
+against the base model's: at 256 rows lorahot 1.29x / 1.28x, ``group_rows`` 1.12x, ``group_bd``
+1.04x / 1.04x (two processes); at 2048 rows every form 1.12-1.14x.
+
 ``PROBE_PART``: ``d`` default mode (decode 1 row, prefill 128 rows, compiled after the prefill
 as the forward suite does: the decode graph's rows are symbolic); ``r`` reduce-overhead at 256
-and 2048 rows (static shapes), base, lorahot and the group forms; default ``d``.
+and 2048 rows (static shapes; ``PROBE_ROWS``); default ``d``. ``PROBE_FORMS`` picks the forms
+of either part (default all five).
 
     PYTHONPATH=. python3 -m benchmarks.experiments.grouped_probe
 """
@@ -221,6 +230,7 @@ def timed(call: Call, n: int = 30) -> tuple[float, float, float]:
 
 
 def make(name: str, w: Any, ab: dict[str, tuple[torch.Tensor, torch.Tensor]], keep: list[Any]) -> torch.nn.Module:
+    name = name.removesuffix("_dyn")
     model = w.fresh_base()
     if name == "lorahot":
         runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK)
@@ -251,7 +261,7 @@ def part(
             model,
             fullgraph=True,
             mode=None if mode == "default" else mode,
-            dynamic=False if mode != "default" else None,
+            dynamic=True if name.endswith("_dyn") else False if mode != "default" else None,
         )
 
         def call(ids: torch.Tensor, c: Any = c) -> torch.Tensor:
@@ -310,8 +320,9 @@ def main() -> None:
     if "r" in parts:
         gen = torch.Generator().manual_seed(2)
         vocab = w.config.vocab_size  # type: ignore[attr-defined]
-        shapes = {f"rows{n}": torch.randint(0, vocab, (1, n), generator=gen).to(dev) for n in (256, 2048)}
-        part("reduce-overhead", shapes, w, ab, ("base", "lorahot", "group_rows", "group_bd"))
+        rows = [int(n) for n in os.environ.get("PROBE_ROWS", "256,2048").split(",")]
+        shapes = {f"rows{n}": torch.randint(0, vocab, (1, n), generator=gen).to(dev) for n in rows}
+        part("reduce-overhead", shapes, w, ab, forms)
 
 
 if __name__ == "__main__":
