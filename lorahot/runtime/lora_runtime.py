@@ -1020,8 +1020,10 @@ class LoraRuntime:
         moved = [n for n in names if self.layers[n].bound_address() != self._addresses[n]]
         if moved:
             raise UsageError(
-                f"{moved[0]}: its LoRA buffers were replaced (model.to()/load_state_dict(assign=True) after "
-                "inject?). Move the model first, then inject."
+                f"{moved[0]}: its LoRA buffers were replaced or moved to new memory (model.to(), "
+                "model.share_memory(), load_state_dict(assign=True) or weight.data = ... after inject?), where the "
+                "runtime's writes and captured graphs no longer reach. Move or share the model first, then inject "
+                "(or call runtime.eject() and inject again)."
             )
         if self._merger is not None:  # after the moves: a move is no checkpoint load
             self._merger.check_base()
