@@ -20,7 +20,7 @@ import torch
 import lorahot
 from benchmarks.common import median_ms, rel_err, sync
 from benchmarks.workload import MAX_RANK, RANKS, TARGETS, Workload
-from lorahot.kernels import extern_inputs, stacked_shrinks
+from lorahot.kernels import extern_inputs, stacked_shrinks, wide_groups
 
 
 def _compiled(
@@ -80,18 +80,21 @@ def lorahot_mode(
     dynamic: bool | None = None,
     stacked: bool = True,
     extern: bool = True,
+    grouped: bool = True,
 ) -> Prepared:
     """Compiles a lorahot model, swaps ``swaps`` times among ranks (checking each against the
     eager reference and counting recompiles), then leaves the rank-64 adapter active.
     ``extras=True`` injects with the DoRA / LoRA-bias pass (what that pass costs plain LoRA);
     ``stacked=False`` compiles without the stacked-shrink pass (what it saves; the pass is
     process-wide, so a configuration of its own process); ``extern=False`` without the rewrite of
-    :mod:`lorahot.kernels.extern_inputs` (on by default; process-wide too)."""
+    :mod:`lorahot.kernels.extern_inputs` (on by default; process-wide too); ``grouped=False``
+    without the joining of :mod:`lorahot.kernels.wide_groups` (on by default; process-wide)."""
     model = w.fresh_base()
     runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, merged=merged, fused=fused, extras=extras)
     if not stacked:
         stacked_shrinks.uninstall()
     extern_inputs.ENABLED = extern
+    wide_groups.ENABLED = grouped
     call = _compiled(model, mode, fullgraph, dynamic)
     if dynamic is not False:
         call(w.prefill), call(w.decode)  # compile before any adapter is loaded

@@ -46,7 +46,16 @@ ROWS: dict[str, tuple[int, int]] = {
     "prefill2048": (1, 2048),
     "prefill8192": (1, 8192),
 }
-CONFIGS = ("base", "lorahot", "lorahot_merged", "peft_bf16", "lorahot_extras", "lorahot_unstacked", "lorahot_noextern")
+CONFIGS = (
+    "base",
+    "lorahot",
+    "lorahot_merged",
+    "peft_bf16",
+    "lorahot_extras",
+    "lorahot_unstacked",
+    "lorahot_noextern",
+    "lorahot_ungrouped",
+)
 ROUNDS = 3
 
 
@@ -89,6 +98,8 @@ def _builders(w: Workload, refs: dict[int, torch.Tensor], static: bool = False) 
         "lorahot_unstacked": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn, stacked=False),
         # without the rewrite of lorahot.kernels.extern_inputs (process-wide too; it acts on static graphs only)
         "lorahot_noextern": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn, extern=False),
+        # without joining the wide layers over one input (lorahot.kernels.wide_groups; process-wide too)
+        "lorahot_ungrouped": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn, grouped=False),
         "peft_bf16": lambda: peft_mode(w, mode, refs, bf16=True, dynamic=dyn),
         "peft": lambda: peft_mode(w, mode, refs, bf16=False, dynamic=dyn),
     }

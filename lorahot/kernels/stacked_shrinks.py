@@ -51,7 +51,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from lorahot.kernels import extern_inputs, stacked_routed
+from lorahot.kernels import extern_inputs, stacked_routed, wide_groups
 from lorahot.kernels.fx_graph import RESHAPES, arena_view, erase_unused, fake_mode, set_fake_values, source
 
 __all__ = ["StackShrinks", "install", "uninstall", "stack_shrinks"]
@@ -84,16 +84,20 @@ class StackShrinks(CustomGraphPass):
         stack_shrinks(graph)
         if stacked_routed.ENABLED:
             stacked_routed.stack_routed(graph)
+        if wide_groups.ENABLED:
+            wide_groups.group_wide_layers(graph)
 
     def uuid(self) -> Any:
-        """This file's, :mod:`~lorahot.kernels.extern_inputs`' and :mod:`~lorahot.kernels.stacked_routed`'s
-        hash, whether the latter two are on, and the earlier passes' ids; None (no caching of
+        """This file's, :mod:`~lorahot.kernels.extern_inputs`', :mod:`~lorahot.kernels.stacked_routed`'s
+        and :mod:`~lorahot.kernels.wide_groups`' hash, whether the latter three are on, and the
+        earlier passes' ids; None (no caching of
         compiled graphs, as inductor does for such a pass) where an earlier pass has no id."""
         earlier = [getattr(p, "uuid", lambda: None)() for p in self._before()]
         if any(u is None for u in earlier):
             return None
-        files = (__file__, extern_inputs.__file__, stacked_routed.__file__)
-        return (get_hash_for_files(files), extern_inputs.ENABLED, stacked_routed.ENABLED, *earlier)
+        files = (__file__, extern_inputs.__file__, stacked_routed.__file__, wide_groups.__file__)
+        on = (extern_inputs.ENABLED, stacked_routed.ENABLED, wide_groups.ENABLED)
+        return (get_hash_for_files(files), *on, *earlier)
 
 
 def install() -> None:

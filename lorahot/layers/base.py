@@ -140,7 +140,9 @@ class LayerSpec:
 
 
 #: The attributes :attr:`LoRALayer._plan` gathers for the forward.
-_PLANNED = frozenset({"merged", "fused", "wide", "extras", "regional", "_key", "_geometry", "_slot_geometry"})
+_PLANNED = frozenset(
+    {"merged", "fused", "wide", "extras", "regional", "_key", "_geometry", "_slot_geometry", "_wide_at"}
+)
 
 
 class LoRALayer(nn.Module):
@@ -200,12 +202,19 @@ class LoRALayer(nn.Module):
     _path: str = ""
 
     #: What the forward branches on, as one tuple: ``(merged, fused, wide, extras, arena key,
-    #: view geometry, slot views' geometry)``, kept equal to those attributes by :meth:`__setattr__`. A compiled model
-    #: re-checks every attribute its forward reads on each call, per layer (one guard or more
-    #: each): read as one constant tuple they cost one check instead of a dozen. Both
-    #: geometries are None for a :attr:`regional` layer: the graph then reads the layer's own
-    #: views, and the plan holds nothing that differs between the layers of identical blocks.
-    _plan: tuple[Any, ...] = (False, False, False, True, -1, (), ())
+    #: view geometry, slot views' geometry, wide group)``, kept equal to those attributes by
+    #: :meth:`__setattr__`. A compiled model re-checks every attribute its forward reads on each
+    #: call, per layer (one guard or more each): read as one constant tuple they cost one check
+    #: instead of a dozen. Both geometries and the wide group (see :attr:`_wide_at`) are None
+    #: for a :attr:`regional` layer: the graph then reads the layer's own views, and the plan
+    #: holds nothing that differs between the layers of identical blocks.
+    _plan: tuple[Any, ...] = (False, False, False, True, -1, (), (), None)
+    #: For a wide layer whose buffer is one of a group's, back to back in one allocation
+    #: (:mod:`lorahot.kernels.wide_groups`): ``(handle key, (size, stride, offset), outs)``, the
+    #: geometry of its buffer in the allocation, as the compiled graph reads it, and every
+    #: member's output width (the fused kernel is taken where it pays for all of them); else
+    #: None. Set by :meth:`widen`.
+    _wide_at: tuple[int, tuple[Any, ...], tuple[int, ...]] | None = None
 
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
         super().__init__()
@@ -251,9 +260,10 @@ class LoRALayer(nn.Module):
             geometry, slots = seen.get("_geometry", ()), seen.get("_slot_geometry", ())
             if self.regional:  # the graph reads the layer's own views (see regional)
                 geometry = slots = None
-            plan = (self.merged, self.fused, self.wide, self.extras, seen.get("_key", -1), geometry, slots)
+            wide_at = None if self.regional else seen.get("_wide_at")
+            plan = (self.merged, self.fused, self.wide, self.extras, seen.get("_key", -1), geometry, slots, wide_at)
             if self.merged:  # the forward reads nothing else: the smallest constant to compare
-                plan = (True, False, False, False, -1, (), ())
+                plan = (True, False, False, False, -1, (), (), None)
             object.__setattr__(self, "_plan", plan)
 
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,6 +337,9 @@ class LoRALayer(nn.Module):
         handle = self.__dict__.get("_handle")
         if handle is not None and self.__dict__.get("_key") != handle.key:
             self._key = handle.key
+        group, at = self.__dict__.get("_wide_handle"), self.__dict__.get("_wide_at")
+        if group is not None and at is not None and at[0] != group.key:  # the copy's own allocation
+            self._wide_at = (group.key, *at[1:])
         base = self._modules.get("base_layer")
         if base is not None and "_base_load_hooks" in self.__dict__:  # a copy of an attached layer
             _WRAPPERS[base] = weakref.ref(self)  # its weights are checked as the original's
@@ -502,7 +515,7 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
         # layer: keep them few (see lorahot.layers.tensor_handles).
-        merged, fused, wide, extras, key, geometry, slot_geometry = self._plan
+        merged, fused, wide, extras, key, geometry, slot_geometry, _ = self._plan
         if merged:
             out: torch.Tensor = self._base(x, *args, **kwargs)
             return out
@@ -661,10 +674,11 @@ class LoRALayer(nn.Module):
         """Whether :meth:`widen` applies (the subclass says; none by default)."""
         return False
 
-    def widen(self, max_rank: int) -> None:
+    def widen(self, max_rank: int, block: torch.Tensor | None = None, at: tuple[Any, ...] | None = None) -> None:
         """Moves the base weight into a buffer with ``max_rank`` columns of scaled B beside it and
         ``max_rank`` rows of A beneath it (see :mod:`lorahot.layers.linear`); only where
-        :meth:`widenable`."""
+        :meth:`widenable`. ``block``: that buffer, zero, as one of a group's in one allocation,
+        ``at`` its handle and place there (:attr:`_wide_at`, :func:`lorahot.runtime.wide.widen_layers`)."""
         raise NotImplementedError
 
     def wide_rows(self) -> torch.Tensor:

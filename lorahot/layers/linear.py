@@ -166,19 +166,27 @@ class LoRALinear(LoRALayer):
             and weight._base is None
         )
 
-    def widen(self, max_rank: int) -> None:
+    def widen(self, max_rank: int, block: torch.Tensor | None = None, at: tuple[Any, ...] | None = None) -> None:
         """Moves the weight into ``[[W, B_s], [A, 0]]`` (``[out + max_rank, in + max_rank]``, the
         adapter's blocks zero; see :mod:`lorahot.kernels.wide_linear`) and makes the parameter a
-        view of its ``W`` block, in place: the parameter object stays the same."""
+        view of its ``W`` block, in place: the parameter object stays the same. ``block``: that
+        buffer, zero, one of a group's (``at``: the group's handle, ``(size, stride, offset)`` of
+        the block in its allocation and every member's ``out``, see
+        :mod:`lorahot.kernels.wide_groups`); else the layer's own."""
         weight = self.base_weight
         n, k = self.spec.out_dim, self.spec.in_dim
         # a normal tensor even when inject runs under inference_mode: every later write to it
         # (loads, swaps, merged mode) happens outside, where inference tensors are read-only
         with torch.inference_mode(False), torch.no_grad():
-            wide = torch.zeros((n + max_rank, k + max_rank), device=weight.device, dtype=weight.dtype)
-            wide[:n, :k].copy_(weight)
-            weight.data = wide[:n, :k]
-        self.register_buffer(WIDE_BUFFER, wide, persistent=False)
+            if block is None:
+                block = torch.zeros((n + max_rank, k + max_rank), device=weight.device, dtype=weight.dtype)
+            block[:n, :k].copy_(weight)
+            weight.data = block[:n, :k]
+        self.register_buffer(WIDE_BUFFER, block, persistent=False)
+        if at is not None:
+            handle, geometry, outs = at
+            object.__setattr__(self, "_wide_handle", handle)  # keeps the allocation's entry alive
+            self._wide_at = (handle.key, geometry, outs)
         self.wide = True
 
     def wide_rows(self) -> torch.Tensor:
@@ -197,6 +205,8 @@ class LoRALinear(LoRALayer):
         with torch.inference_mode(False), torch.no_grad():
             weight.data = weight.detach().clone(memory_format=torch.contiguous_format)
         self._buffers.pop(WIDE_BUFFER, None)
+        self.__dict__.pop("_wide_handle", None)
+        self._wide_at = None
         self.wide = False
 
     def bound_address(self) -> tuple[int, ...]:
@@ -261,6 +271,14 @@ class LoRALinear(LoRALayer):
             rows = _rows(x)
             if not fused_kernel.decidable(rows):  # a choice per call: the general forward's operator
                 return None
+            group = self._plan[7]
+            if group is not None and not all(fused_kernel.worth_it(rows, n, wide=True) for n in group[2]):
+                # a member of a wide group under CUDA graphs, at rows where the fused kernel does
+                # not pay for every member: the operator, which the grouping pass joins with its
+                # neighbours' over the same input (lorahot.kernels.wide_groups), and which takes
+                # the one GEMM where they are joined
+                a, b, s, _ = self._views()
+                return self.dynamic_forward(x, a, b, s)
             if fused_kernel.worth_it(rows, self.spec.out_dim, wide=True):  # the fused kernel
                 if geometry is None:  # regional: the layer's own views
                     a, b, s, _ = self._live  # type: ignore[misc]
@@ -316,9 +334,20 @@ class LoRALinear(LoRALayer):
         run time inside the operator ``lorahot::wide_linear_dynamic``; the bias added outside it,
         in the elementwise pass the compiler fuses with what follows."""
         fused = not compile_mode.launched_per_call()  # not replayed: the GEMMs alone (compile_mode)
-        y = wide_kernel.wide_linear_dynamic(x, self._buffers[WIDE_BUFFER], a, b, scale, fused=fused)  # type: ignore[arg-type]
+        y = wide_kernel.wide_linear_dynamic(x, self._wide_input(), a, b, scale, fused=fused)
         bias = self._base.bias
         return y if bias is None else y + bias
+
+    def _wide_input(self) -> torch.Tensor:
+        """The wide buffer as a compiled graph reads it: for a member of a wide group, a view of
+        the group's allocation through its handle (one graph input per group, the offsets
+        constants of the graph, as :func:`lorahot.kernels.wide_groups.group_wide_layers` needs
+        them); else the layer's own buffer."""
+        at = self._plan[7]
+        if at is not None and torch.compiler.is_compiling():
+            return TENSORS[at[0]][0].as_strided(*at[1])
+        wide: torch.Tensor = self._buffers[WIDE_BUFFER]  # type: ignore[assignment]
+        return wide
 
     def merge_refusal(self) -> str | None:
         """Merged mode folds the LoRA into the weight, which is right only where the base computes

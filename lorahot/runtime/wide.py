@@ -34,6 +34,7 @@ from lorahot.errors import UsageError
 from lorahot.kernels import row_scale
 from lorahot.kernels.row_scale import RowScaler
 from lorahot.layers import LoRALayer
+from lorahot.layers.tensor_handles import TensorHandle
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.plan import LoadPlan, dtype_max
 from lorahot.runtime.stack import Stack
@@ -52,11 +53,54 @@ DEVICE_TYPES = {"cuda"}
 
 def widen_layers(layers: dict[str, LoRALayer], buffers: BufferManager) -> None:
     """Widens every layer that can be: on a device of :data:`DEVICE_TYPES`, its weight of the
-    arena's dtype (see :meth:`LoRALayer.widenable`). The others keep the library formula."""
+    arena's dtype (see :meth:`LoRALayer.widenable`). The others keep the library formula.
+    Neighbours that may read one input (see :func:`_groups`) get their wide buffers back to
+    back in one allocation, for :mod:`lorahot.kernels.wide_groups`."""
+    r = buffers.max_rank
+    for group in _groups(layers, buffers):
+        if len(group) == 1:
+            group[0].widen(r)
+            continue
+        weight, cols = group[0].base_weight, group[0].spec.in_dim + r
+        outs = tuple(m.spec.out_dim for m in group)
+        with torch.inference_mode(False):  # written outside inference mode later (see LoRALinear.widen)
+            alloc = torch.zeros((sum(outs) + r * len(group), cols), device=weight.device, dtype=weight.dtype)
+        handle = TensorHandle((alloc,))
+        row = 0
+        for member, out in zip(group, outs, strict=True):
+            geometry = ((out + r, cols), (cols, 1), row * cols)
+            member.widen(r, alloc.narrow(0, row, out + r), (handle, geometry, outs))
+            row += out + r
+
+
+def _groups(layers: dict[str, LoRALayer], buffers: BufferManager) -> list[list[LoRALayer]]:
+    """The layers to widen, in runs of neighbours (in the order they were injected) under one
+    parent module with one input width, on one arena: attention's q, k and v, an MLP's gate
+    and up, and o or down alone. Whether a run's members read one input is the compiler pass's
+    to see; where they do not (a cross-attention's q) the allocation changes nothing. A weight
+    tied to an earlier layer's (one storage) is not widened: widening it too would move the
+    weight out of the first layer's buffer."""
+    out: list[list[LoRALayer]] = []
+    last: tuple[object, ...] | None = None
+    taken: set[int] = set()  # the weights' storages: a weight tied to an earlier layer's stays where it is
     for name, layer in layers.items():
-        arena = buffers.arenas[buffers.where[name][0]]
-        if arena.device.type in DEVICE_TYPES and layer.widenable(buffers.max_rank, arena.dtype):
-            layer.widen(buffers.max_rank)
+        where = buffers.where[name][0]
+        arena = buffers.arenas[where]
+        if arena.device.type not in DEVICE_TYPES or not layer.widenable(buffers.max_rank, arena.dtype):
+            last = None
+            continue
+        storage = layer.base_weight.untyped_storage().data_ptr()
+        if storage in taken:
+            last = None
+            continue
+        taken.add(storage)
+        key = (where, name.rpartition(".")[0], layer.spec.in_dim)
+        if key == last:
+            out[-1].append(layer)
+        else:
+            out.append([layer])
+        last = key
+    return out
 
 
 class WideWeights:

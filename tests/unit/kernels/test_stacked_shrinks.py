@@ -16,7 +16,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.utils import run_and_get_code
 
 import lorahot
-from lorahot.kernels import extern_inputs, stacked_routed, stacked_shrinks
+from lorahot.kernels import extern_inputs, stacked_routed, stacked_shrinks, wide_groups
 from lorahot.runtime import wide
 from tests.helpers import make_adapter
 
@@ -195,15 +195,18 @@ def test_install_is_idempotent_runs_a_pass_installed_before_it_and_uninstalls(
     stacked_shrinks.install()
     assert inductor_config.post_grad_custom_pre_pass is installed
     assert isinstance(installed, stacked_shrinks.StackShrinks) and installed.before is before
-    # the input rewrite (on by default), the routed shrinks' stacking (off by default), the pass before
-    assert installed.uuid()[1:] == (True, False, "before")
+    # the input rewrite (on by default), the routed shrinks' stacking (off by default), the wide
+    # groups (on by default), the pass before
+    assert installed.uuid()[1:] == (True, False, True, "before")
     monkeypatch.setattr(extern_inputs, "ENABLED", False)
-    assert installed.uuid()[1:] == (False, False, "before")  # a graph compiled without it is another graph
+    assert installed.uuid()[1:] == (False, False, True, "before")  # a graph compiled without it is another graph
     monkeypatch.setattr(stacked_routed, "ENABLED", True)
-    assert installed.uuid()[1:] == (False, True, "before")
+    assert installed.uuid()[1:] == (False, True, True, "before")
+    monkeypatch.setattr(wide_groups, "ENABLED", False)
+    assert installed.uuid()[1:] == (False, True, False, "before")
     # an earlier pass without an id turns inductor's cache off, as it would on its own
     assert stacked_shrinks.StackShrinks(lambda graph: None).uuid() is None
-    assert stacked_shrinks.StackShrinks([before, before]).uuid()[3:] == ("before", "before")
+    assert stacked_shrinks.StackShrinks([before, before]).uuid()[4:] == ("before", "before")
     graph = torch.fx.Graph()
     graph.output(graph.placeholder("x"))
     installed(graph)

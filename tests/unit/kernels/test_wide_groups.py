@@ -1,0 +1,282 @@
+"""Wide layers that read one input as one GEMM (:mod:`lorahot.kernels.wide_groups`).
+
+The operator against a float64 reference on both of its paths (the fused kernel's, here its
+CPU stand-in, and the one GEMM with the expands in place), for any number of members and
+shapes. Then the allocation :func:`lorahot.runtime.wide.widen_layers` makes and the compiler
+pass, compiled on the CPU as for CUDA graphs (``mode="reduce-overhead"``: the graph is the one
+CUDA graphs would capture), with the layers' fused flag forced on as it is on CUDA: the pass
+joins the layers over one input, not the others; the output equals the eager model's through
+swaps with ``error_on_recompile=True``; the pass switched off is the negative control.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lorahot
+from lorahot.kernels import wide_groups
+from lorahot.layers import linear as linear_layer
+from lorahot.layers.tensor_handles import TENSORS
+from lorahot.runtime import wide
+from tests.helpers import make_adapter
+
+D, R = 24, 8
+NAMES = ["q", "k", "v", "o"]
+
+
+def _operands(
+    outs: list[int], k: int, r: int, m: int, dtype: torch.dtype, device: str, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+    """``x [m, k]``, the group's allocation (each member's ``[[w, (s * bt).T], [a, 0]]`` in
+    turn) and per member ``(w, a, bt, s)``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(m, k, device=device, dtype=dtype, generator=g)
+    alloc = torch.zeros(sum(n + r for n in outs), k + r, device=device, dtype=dtype)
+    members = []
+    row = 0
+    for n in outs:
+        w = torch.randn(n, k, device=device, dtype=dtype, generator=g) / k**0.5
+        a = torch.randn(r, k, device=device, dtype=dtype, generator=g) / k**0.5
+        bt = torch.randn(r, n, device=device, dtype=dtype, generator=g) / r**0.5
+        s = torch.empty(r, device=device, dtype=torch.promote_types(dtype, torch.float32)).uniform_(-2, 2, generator=g)
+        s[::3] = 0.0
+        block = alloc[row : row + n + r]
+        block[:n, :k], block[:n, k:], block[n:, :k] = w, (bt * s[:, None]).to(dtype).T, a
+        members.append((w, a, bt, s))
+        row += n + r
+    return x, alloc, members
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    d = torch.Tensor.double
+    return d(x) @ d(w).T + ((d(x) @ d(a).T) * d(s)) @ d(bt)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    outs=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    k=st.integers(1, 24),
+    r=st.integers(1, 8),
+    m=st.integers(0, 300),
+    fused=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_the_operator_matches_float64_reference_on_either_path(
+    outs: list[int], k: int, r: int, m: int, fused: bool, seed: int
+) -> None:
+    """Every member's output lies in the columns of its ``W`` rows, equal to its own formula;
+    the shrink columns beside it are the pass's to ignore."""
+    x, alloc, members = _operands(outs, k, r, m, torch.float64, "cpu", seed)
+    a, bt, s = ([mem[i] for mem in members] for i in (1, 2, 3))
+    y = wide_groups.wide_group(x.reshape(1, m, k), alloc, outs, a, bt, s, fused=fused)
+    assert y.shape == (1, m, alloc.shape[0])
+    at = 0
+    for n, member in zip(outs, members, strict=True):
+        if m:
+            torch.testing.assert_close(y[0, :, at : at + n], _reference(x, *member), rtol=1e-10, atol=1e-10)
+        at += n + r
+
+
+def test_the_operator_fake_agrees_with_the_real_output_and_refuses_gradients() -> None:
+    x, alloc, members = _operands([10, 6, 6], 12, 4, 20, torch.float32, "cpu", seed=3)
+    a, bt, s = ([mem[i] for mem in members] for i in (1, 2, 3))
+    for fused in (False, True):
+        torch.library.opcheck(
+            torch.ops.lorahot.wide_group.default,
+            (x.reshape(4, 5, 12), alloc, [10, 6, 6], a, bt, s, fused),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+    with pytest.raises(RuntimeError, match="no backward"):
+        wide_groups.wide_group(x.requires_grad_(), alloc, [10, 6, 6], a, bt, s, fused=False)
+
+
+class _Attention(nn.Module):
+    """q, k and v over one input (a SiLU's output, as a norm feeds them), o over another; with
+    ``ctx``, k and v over it and q over ``x`` (cross-attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(D, D)
+        self.k = nn.Linear(D, D // 2)
+        self.v = nn.Linear(D, D // 2)
+        self.o = nn.Linear(D // 2, D)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.nn.functional.silu(x)
+        c = h if ctx is None else torch.nn.functional.silu(ctx)
+        q = self.q(h)
+        y = q[..., : D // 2] * self.k(c) + self.v(c) * q[..., D // 2 :]
+        return self.o(y)
+
+
+@pytest.fixture
+def as_on_cuda(monkeypatch: pytest.MonkeyPatch, fresh_compiler: None) -> Iterator[list[int]]:
+    """CPU layers widened and flagged fused as CUDA's are (the fused kernel itself never asked
+    for eagerly: the CPU has none); yields the operators the pass removed, per graph."""
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    monkeypatch.setattr(linear_layer.LoRALinear, "fusable", lambda self, a: True)
+    monkeypatch.setattr(linear_layer.LoRALinear, "can_fuse", lambda self, x, a: False)
+    removed: list[int] = []
+    real = wide_groups.group_wide_layers
+    monkeypatch.setattr(wide_groups, "group_wide_layers", lambda graph: removed.append(real(graph)) or 0)
+    yield removed
+
+
+def _model() -> tuple[nn.Module, lorahot.LoraRuntime, list[dict[str, torch.Tensor]]]:
+    torch.manual_seed(0)
+    model = _Attention().double()
+    runtime = lorahot.inject(model, NAMES, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(NAMES, r), seed=s)[0] for r, s in ((4, 0), (8, 1), (2, 2))]
+    runtime.load(adapters[0])
+    return model, runtime, adapters
+
+
+def _eager(model: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out: torch.Tensor = model(*args)
+    return out
+
+
+def test_neighbours_under_one_parent_share_one_allocation_back_to_back(as_on_cuda: list[int]) -> None:
+    """q, k, v and o (one parent, one input width) in one allocation, each layer's wide buffer
+    a block of it in module order, its weight a view there; eject gives every weight its own
+    storage back, bitwise as it was."""
+    torch.manual_seed(0)
+    model = _Attention().double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runtime = lorahot.inject(model, NAMES, max_rank=R, extras=False)
+    q, k, v, o = (getattr(model, n) for n in NAMES)
+    alloc = TENSORS[q._wide_at[0]][0]
+    assert [layer._wide_at[0] for layer in (q, k, v)] == [q._wide_at[0]] * 3
+    assert o._wide_at is None  # another input width: a buffer of its own
+    row = 0
+    for layer in (q, k, v):
+        buffer = layer._buffers["_lora_wide"]
+        assert buffer.untyped_storage().data_ptr() == alloc.untyped_storage().data_ptr()
+        assert buffer.storage_offset() == row * (D + R) == layer._wide_at[1][2]
+        assert layer.base_layer.weight.data_ptr() == buffer.data_ptr()
+        row += layer.spec.out_dim + R
+    assert row == alloc.shape[0]
+    runtime.eject()
+    for name in NAMES:
+        weight = getattr(model, name).weight
+        assert weight.is_contiguous() and weight.untyped_storage().nbytes() == weight.numel() * 8
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["joined", "negative-control"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-rows"])
+def test_layers_over_one_input_run_as_one_operator_through_swaps(
+    dynamic: bool, on: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compiled as for CUDA graphs, past the fused kernel's rows (and, with a symbolic row
+    count, below them too: the operator's fused path): q, k and v become one operator (two
+    removed), and every output equals the eager model's, also after two swaps, with no
+    recompile. With the pass off nothing is removed, and the outputs are the same."""
+    monkeypatch.setattr(wide_groups, "ENABLED", on)
+    model, runtime, adapters = _model()
+    compiled = torch.compile(model, mode="reduce-overhead", dynamic=dynamic, fullgraph=True)
+    shapes = [(2, 150, D), (1, 7, D), (3, 101, D)] if dynamic else [(2, 150, D)]
+    xs = [torch.randn(*shape, dtype=torch.float64) for shape in shapes]
+    with torch.no_grad():
+        for x in xs:
+            torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for adapter in adapters[1:]:
+                runtime.load(adapter)
+                for x in xs:
+                    torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+    assert set(as_on_cuda) == ({2} if on else set())  # per graph compiled; none run with the pass off
+
+
+def test_layers_over_different_inputs_are_not_joined(as_on_cuda: list[int]) -> None:
+    """Cross-attention: q reads ``x``, k and v read ``ctx``. Only k and v are joined (one
+    removed); the output is the eager one."""
+    model, _, _ = _model()
+    x, ctx = torch.randn(2, 150, D, dtype=torch.float64), torch.randn(2, 150, D, dtype=torch.float64)
+    compiled = torch.compile(model, mode="reduce-overhead", dynamic=False, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, ctx), _eager(model, x, ctx), rtol=1e-9, atol=1e-9)
+    assert as_on_cuda == [1]
+
+
+class _Unequal(nn.Module):
+    """q wider than the fused kernel's limit at 129-256 rows (512 outputs), k and v within it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(D, 520)
+        self.k = nn.Linear(D, 12)
+        self.v = nn.Linear(D, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(x)
+        out: torch.Tensor = self.q(h)[..., :12] * self.k(h) + self.v(h)
+        return out
+
+
+def test_a_group_takes_the_fused_kernel_only_where_it_pays_for_every_member(as_on_cuda: list[int]) -> None:
+    """At 200 rows the fused kernel would pay for k and v alone, not for q: the three run as
+    one operator (two removed), where each deciding for itself left q alone in the operator
+    and k and v on the fused kernel (which this CPU does not have: the negative control is
+    that call failing)."""
+    torch.manual_seed(0)
+    model = _Unequal().double()
+    runtime = lorahot.inject(model, ["q", "k", "v"], max_rank=R, extras=False)
+    runtime.load(make_adapter(model, dict.fromkeys(["q", "k", "v"], 4))[0])
+    x = torch.randn(2, 100, D, dtype=torch.float64)
+    with torch.no_grad():
+        got = torch.compile(model, mode="reduce-overhead", dynamic=False, fullgraph=True)(x)
+    torch.testing.assert_close(got, _eager(model, x), rtol=1e-9, atol=1e-9)
+    assert as_on_cuda == [2]
+
+
+def test_a_copy_of_the_model_reads_its_own_allocation(as_on_cuda: list[int]) -> None:
+    """A deepcopy's layers hold a handle of their own over the copied allocation (their plan
+    names its key), so its compiled forward computes the copy's adapter, not the original's
+    after a swap there."""
+    model, runtime, adapters = _model()
+    clone = copy.deepcopy(model)
+    key, copied = model.q._wide_at[0], clone.q._wide_at[0]
+    assert copied != key and clone.q._plan[7][0] == copied
+    storage = clone.q._buffers["_lora_wide"].untyped_storage()
+    assert TENSORS[copied][0].untyped_storage().data_ptr() == storage.data_ptr()
+    x = torch.randn(2, 150, D, dtype=torch.float64)
+    want = _eager(clone, x)
+    runtime.load(adapters[1])  # the original only
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(clone, mode="reduce-overhead")(x), want, rtol=1e-9, atol=1e-9)
+    assert as_on_cuda == [2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-rows"])
+def test_gpu_a_group_follows_swaps_under_cuda_graphs(dynamic: bool) -> None:
+    """On CUDA in bf16 under CUDA graphs: 512 rows (the one GEMM) and, with a symbolic row
+    count, 8 rows (each member's fused kernel inside the operator), through swaps, no
+    recompile, each output near the eager model's."""
+    torch.manual_seed(0)
+    model = _Attention().cuda().to(torch.bfloat16)
+    runtime = lorahot.inject(model, NAMES, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(NAMES, r), seed=s)[0] for r, s in ((4, 0), (8, 1))]
+    runtime.load(adapters[0])
+    shapes = [(512, D), (8, D)] if dynamic else [(512, D)]
+    xs = [torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for shape in shapes]
+    compiled = torch.compile(model, mode="reduce-overhead", dynamic=dynamic)
+    with torch.no_grad():
+        for x in xs:
+            compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for adapter in adapters:
+                runtime.load(adapter)
+                for x in xs:
+                    got = compiled(x).float().clone()
+                    want = _eager(model, x).float()
+                    assert float((got - want).norm() / want.norm()) < 1e-2
