@@ -4,12 +4,14 @@ fake values new nodes need, and erasing what a rewrite left unused."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
-from typing import Any
+from collections.abc import Callable, Collection, Iterable
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["RESHAPES", "arena_view", "erase_unused", "fake_mode", "set_fake_values", "source"]
+__all__ = ["RESHAPES", "adjacent_runs", "arena_view", "erase_unused", "fake_mode", "set_fake_values", "source"]
+
+_T = TypeVar("_T")
 
 _aten = torch.ops.aten
 #: ops that give the same rows another shape (a layer reshapes its input to 2-D)
@@ -43,6 +45,18 @@ def arena_view(node: Any, dims: int) -> tuple[torch.fx.Node, list[int], list[int
     if stride[-1] != 1:
         return None
     return arena, list(size), list(stride), offset
+
+
+def adjacent_runs(members: list[_T], follows: Callable[[_T, _T], bool]) -> list[list[_T]]:
+    """``members`` (in the order of their place in a buffer) cut into runs in which each one
+    ``follows`` the one before it (lies right after it in the buffer)."""
+    runs: list[list[_T]] = []
+    for member in members:
+        if runs and follows(runs[-1][-1], member):
+            runs[-1].append(member)
+        else:
+            runs.append([member])
+    return runs
 
 
 def fake_mode(node: torch.fx.Node) -> Any:

@@ -52,7 +52,15 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from lorahot.kernels import extern_inputs, stacked_routed, wide_groups
-from lorahot.kernels.fx_graph import RESHAPES, arena_view, erase_unused, fake_mode, set_fake_values, source
+from lorahot.kernels.fx_graph import (
+    RESHAPES,
+    adjacent_runs,
+    arena_view,
+    erase_unused,
+    fake_mode,
+    set_fake_values,
+    source,
+)
 
 __all__ = ["StackShrinks", "install", "uninstall", "stack_shrinks"]
 
@@ -124,14 +132,12 @@ def stack_shrinks(graph: torch.fx.Graph) -> int:
     order = {node: i for i, node in enumerate(graph.nodes)}
     for (_, arena, rows, cols), members in _groups(graph).items():
         members.sort(key=lambda m: m[0])
-        run = [members[0]]
-        for member in members[1:]:
-            if member[0] == run[-1][0] + rows * cols:
-                run.append(member)
-                continue
+
+        def follows(a: tuple[int, torch.fx.Node], b: tuple[int, torch.fx.Node], size: int = rows * cols) -> bool:
+            return b[0] == a[0] + size
+
+        for run in adjacent_runs(members, follows):
             removed += _stack(graph, run, arena, rows, cols, order)
-            run = [member]
-        removed += _stack(graph, run, arena, rows, cols, order)
     return removed
 
 

@@ -37,7 +37,15 @@ from typing import Any
 import torch
 
 from lorahot.kernels import lora_linear as fused_kernel
-from lorahot.kernels.fx_graph import RESHAPES, arena_view, erase_unused, fake_mode, set_fake_values, source
+from lorahot.kernels.fx_graph import (
+    RESHAPES,
+    adjacent_runs,
+    arena_view,
+    erase_unused,
+    fake_mode,
+    set_fake_values,
+    source,
+)
 from lorahot.kernels.op_registry import define, refuse_grad
 
 __all__ = ["ENABLED", "wide_group", "group_wide_layers"]
@@ -119,8 +127,10 @@ def wide_group(
     return out
 
 
-#: ``(input, allocation, columns, fused)`` -> the members over it: ``(offset, rows, node)``
-Groups = dict[tuple[Any, ...], list[tuple[int, int, torch.fx.Node]]]
+#: a member of a group: its buffer's offset in the allocation, its rows, its operator's node
+Member = tuple[int, int, torch.fx.Node]
+#: ``(input, allocation, columns, fused)`` -> the members over it
+Groups = dict[tuple[Any, ...], list[Member]]
 
 
 def group_wide_layers(graph: torch.fx.Graph) -> int:
@@ -131,14 +141,12 @@ def group_wide_layers(graph: torch.fx.Graph) -> int:
     order = {node: float(i) for i, node in enumerate(graph.nodes)}
     for (_, alloc, cols, _), members in _groups(graph).items():
         members.sort(key=lambda m: m[0])
-        run = [members[0]]
-        for member in members[1:]:
-            if member[0] == run[-1][0] + run[-1][1] * cols:
-                run.append(member)
-                continue
+
+        def follows(a: Member, b: Member, cols: int = cols) -> bool:
+            return b[0] == a[0] + a[1] * cols
+
+        for run in adjacent_runs(members, follows):
             removed += _join(graph, run, alloc, cols, order)
-            run = [member]
-        removed += _join(graph, run, alloc, cols, order)
     return removed
 
 
@@ -161,7 +169,7 @@ def _groups(graph: torch.fx.Graph) -> Groups:
 
 def _join(
     graph: torch.fx.Graph,
-    run: list[tuple[int, int, torch.fx.Node]],
+    run: list[Member],
     alloc: torch.fx.Node,
     cols: int,
     order: dict[torch.fx.Node, float],
