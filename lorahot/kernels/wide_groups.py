@@ -138,7 +138,6 @@ def group_wide_layers(graph: torch.fx.Graph) -> int:
     whose wide buffers are adjacent views of one graph input into one ``lorahot::wide_group``;
     returns how many operators it removed."""
     removed = 0
-    order = {node: float(i) for i, node in enumerate(graph.nodes)}
     for (_, alloc, cols, _), members in _groups(graph).items():
         members.sort(key=lambda m: m[0])
 
@@ -146,6 +145,9 @@ def group_wide_layers(graph: torch.fx.Graph) -> int:
             return b[0] == a[0] + a[1] * cols
 
         for run in adjacent_runs(members, follows):
+            # the graph's order as it is now: a join before this one made nodes (a member's
+            # output slice) that this run's members may read (layers over a member's output)
+            order = {node: float(i) for i, node in enumerate(graph.nodes)}
             removed += _join(graph, run, alloc, cols, order)
     return removed
 

@@ -342,12 +342,16 @@ class LoRALinear(LoRALayer):
         """The wide buffer as a compiled graph reads it: for a member of a wide group, a view of
         the group's allocation through its handle (one graph input per group, the offsets
         constants of the graph, as :func:`lorahot.kernels.wide_groups.group_wide_layers` needs
-        them); else the layer's own buffer."""
+        them); else, and after a move converted the layer's buffer apart from the allocation
+        (``model.double()``), the layer's own buffer."""
         at = self._plan[7]
-        if at is not None and torch.compiler.is_compiling():
-            return TENSORS[at[0]][0].as_strided(*at[1])
         wide: torch.Tensor = self._buffers[WIDE_BUFFER]  # type: ignore[assignment]
-        return wide
+        if at is None or not torch.compiler.is_compiling():
+            return wide
+        alloc = TENSORS[at[0]][0]
+        if alloc.dtype != wide.dtype or alloc.device != wide.device:  # a move after inject converted the buffer apart
+            return wide
+        return alloc.as_strided(*at[1])
 
     def merge_refusal(self) -> str | None:
         """Merged mode folds the LoRA into the weight, which is right only where the base computes

@@ -238,6 +238,52 @@ def test_a_group_takes_the_fused_kernel_only_where_it_pays_for_every_member(as_o
     assert as_on_cuda == [2]
 
 
+class _Chain(nn.Module):
+    """a and b over ``x``, c and d over a's output: the second group reads the first's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(D, D, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ya = self.a(x)
+        out: torch.Tensor = self.b(x) + self.c(ya) * self.d(ya)
+        return out
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-rows"])
+def test_a_group_over_another_groups_output_is_joined_too(dynamic: bool, as_on_cuda: list[int]) -> None:
+    """The first join makes a's output a slice of its operator, which c and d then read: both
+    runs are joined and the output is the eager one (the pass looked the slice up in the
+    graph's order from before the first join, and raised: an independent review's finding)."""
+    torch.manual_seed(0)
+    model = _Chain().double()
+    runtime = lorahot.inject(model, ["a", "b", "c", "d"], max_rank=R, extras=False)
+    runtime.load(make_adapter(model, dict.fromkeys(["a", "b", "c", "d"], 4))[0])
+    x = torch.randn(300, D, dtype=torch.float64)
+    with torch.no_grad():
+        got = torch.compile(model, mode="reduce-overhead", dynamic=dynamic, fullgraph=True)(x)
+    torch.testing.assert_close(got, _eager(model, x), rtol=1e-9, atol=1e-9)
+    assert as_on_cuda == [2]
+
+
+def test_a_move_after_inject_compiles_with_the_layers_own_buffers(as_on_cuda: list[int]) -> None:
+    """``model.double()`` after inject converts each layer's wide buffer apart from the group's
+    allocation: the compiled layers read their own converted buffers (nothing to join), as
+    before the groups, and compute what the eager model does (the allocation's old dtype had
+    reached the operator: an independent review's finding)."""
+    torch.manual_seed(0)
+    model = _Attention()
+    runtime = lorahot.inject(model, NAMES, max_rank=R, extras=False)
+    runtime.load(make_adapter(model, dict.fromkeys(NAMES, 4))[0])
+    model.double()
+    x = torch.randn(2, 150, D, dtype=torch.float64)
+    with torch.no_grad():
+        got = torch.compile(model, mode="reduce-overhead", dynamic=True, fullgraph=True)(x)
+    torch.testing.assert_close(got, _eager(model, x), rtol=1e-6, atol=1e-6)
+    assert as_on_cuda == [0]
+
+
 def test_a_copy_of_the_model_reads_its_own_allocation(as_on_cuda: list[int]) -> None:
     """A deepcopy's layers hold a handle of their own over the copied allocation (their plan
     names its key), so its compiled forward computes the copy's adapter, not the original's
