@@ -677,8 +677,9 @@ class LoRALayer(nn.Module):
     def widen(self, max_rank: int, block: torch.Tensor | None = None, at: tuple[Any, ...] | None = None) -> None:
         """Moves the base weight into a buffer with ``max_rank`` columns of scaled B beside it and
         ``max_rank`` rows of A beneath it (see :mod:`lorahot.layers.linear`); only where
-        :meth:`widenable`. ``block``: that buffer, zero, as one of a group's in one allocation,
-        ``at`` its handle and place there (:attr:`_wide_at`, :func:`lorahot.runtime.wide.widen_layers`)."""
+        :meth:`widenable`. ``block``: that buffer, zero, as one of a group's in one allocation;
+        ``at``: the group's handle, the block's place in the allocation and the members' output
+        widths (:attr:`_wide_at`, :func:`lorahot.runtime.wide.widen_layers`)."""
         raise NotImplementedError
 
     def wide_rows(self) -> torch.Tensor:
