@@ -1,5 +1,7 @@
 """Plots ``forward_rows_ms`` (from ``latest.json`` or a run file) as cost against the base
-model over input rows, one line per configuration, into ``results/rows.png``.
+model over input rows, one line per configuration, into ``results/rows.png``; beside it, where
+the results have them, ``forward_rows_gpu_ms`` (the GPU time with calls issued back to back,
+from the same processes), which the host's jitter does not move.
 
     python -m benchmarks.plot_rows [RESULTS_JSON] [--out PNG]      (needs matplotlib)
 """
@@ -19,7 +21,11 @@ LABELS = {
     "lorahot_extras": "lorahot, extras=True",
     "peft_bf16": "PEFT (bf16)",
     "peft": "PEFT",
+    "lorahot_ungrouped": "lorahot, wide groups off",
 }
+COLORS = dict(
+    zip(LABELS, ["C0", "C1", "C4", "C3", "C5", "C2"], strict=True)
+)  # one colour per configuration in every panel
 
 
 def ratios(data: dict) -> dict[str, list[tuple[int, float]]]:
@@ -52,21 +58,27 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for config, points in series.items():
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=LABELS.get(config, config))
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.axhline(1.1, color="grey", linewidth=0.8, linestyle="--", label="target 1.10x")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("input rows (tokens in one forward)")
-    ax.set_ylabel("latency / base model latency")
+    gpu = ratios(raw.get("forward_rows_gpu_ms", {}))
+    panels = [("synced call (forward_rows_ms)", series)] + (
+        [("GPU, back to back (forward_rows_gpu_ms)", gpu)] if gpu else []
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), sharey=True, squeeze=False)
+    for ax, (label, data) in zip(axes[0], panels, strict=True):
+        for config, points in data.items():
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=LABELS.get(config, config), color=COLORS.get(config))
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.axhline(1.1, color="grey", linewidth=0.8, linestyle="--", label="target 1.10x")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("input rows (tokens in one forward)")
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("latency / base model latency")
     meta = raw.get("forward_rows_run", raw)  # latest.json names the run its forward_rows_ms come from
     title = f"{meta.get('device', '?')}, torch {meta.get('torch', '?')}, {meta.get('date', '')}, reduce-overhead"
     if "run_file" in meta:
         title += f": runs/{meta['run_file']}"
-    ax.set_title(title + (f"\n{args.note}" if args.note else ""), fontsize=8)
-    ax.legend()
+    fig.suptitle(title + (f"\n{args.note}" if args.note else ""), fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")

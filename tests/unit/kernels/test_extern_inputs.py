@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import lorahot
-from lorahot.kernels import extern_inputs, stacked_shrinks
+from lorahot.kernels import extern_inputs, stacked_shrinks, wide_groups
 from lorahot.runtime import wide
 from tests.helpers import make_adapter
 
@@ -138,11 +138,18 @@ def test_a_diffusers_unet_rewrites_the_projections_after_attention(monkeypatch: 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "reduce-overhead-grouped"])
 def test_gpu_a_rewritten_layer_follows_swaps(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The block on CUDA in bf16 (wide layers; CUDA graphs in reduce-overhead), 2 x 256 rows
     (past the fused kernel's), the rewrite on: one layer rewritten, and the compiled block
     gives the eager one's output through swaps, no recompile.
+
+    The four layers share a parent and an input width, so inject makes them one wide group
+    (:mod:`lorahot.kernels.wide_groups`). In default mode that changes nothing. Under CUDA
+    graphs a group's members run the operator that reads its input in place, so there is no
+    concatenation left to rewrite: ``reduce-overhead-grouped`` checks exactly that (no rewrite,
+    ``k`` and ``v`` joined over their shared input), and ``reduce-overhead`` widens each layer
+    alone, as a layer without neighbours (an MLP's ``down``) is, to test the rewrite there.
 
     ``max_rank=8``: every GEMM's sizes a multiple of 8, so inductor's shape padding has nothing
     to pad. With rank 4 the wide GEMM's ``K`` (16 + 4) and the shrink's ``N`` (4) are not, and
@@ -153,6 +160,12 @@ def test_gpu_a_rewritten_layer_follows_swaps(mode: str, monkeypatch: pytest.Monk
     later runs of the rank-4 form, on two machines, rewrote)."""
     monkeypatch.setattr(extern_inputs, "ENABLED", True)
     rewrites, _ = _spy(monkeypatch)
+    joined: list[int] = []
+    group = wide_groups.group_wide_layers
+    monkeypatch.setattr(wide_groups, "group_wide_layers", lambda graph: joined.append(group(graph)) or 0)
+    if mode == "reduce-overhead":
+        singles = wide._groups
+        monkeypatch.setattr(wide, "_groups", lambda *a: [[m] for g in singles(*a) for m in g])
     torch.manual_seed(0)
     model = _Block().cuda().to(torch.bfloat16).eval()
     names = ["o", "p", "k", "v"]
@@ -161,7 +174,7 @@ def test_gpu_a_rewritten_layer_follows_swaps(mode: str, monkeypatch: pytest.Monk
     runtime.load(adapters[0])
     x = torch.randn(2, 256, D, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(2, D, D, device="cuda", dtype=torch.bfloat16) / D**0.5
-    compiled = torch.compile(model, mode=None if mode == "default" else mode)
+    compiled = torch.compile(model, mode=None if mode == "default" else "reduce-overhead")
     with torch.no_grad():
         compiled(x, y)
         with torch._dynamo.config.patch(error_on_recompile=True):
@@ -170,4 +183,7 @@ def test_gpu_a_rewritten_layer_follows_swaps(mode: str, monkeypatch: pytest.Monk
                 got = compiled(x, y).float().clone()
                 want = model(x, y).float()
                 assert float((got - want).norm() / want.norm()) < 2e-2
-    assert rewrites and all(r == 1 for r in rewrites)
+    if mode == "reduce-overhead-grouped":
+        assert rewrites == [0] and joined == [1]  # k and v: two operators become one
+    else:
+        assert rewrites and all(r == 1 for r in rewrites)
