@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +104,20 @@ class AdapterCache:
             if entry is not None:
                 self._entries.move_to_end(key)
             return entry
+
+    def peek(self, key: str) -> PreparedAdapter | None:
+        """The entry for ``key``, or None, without marking it used: a load looks its parts up
+        before its checks, and marks them (:meth:`touch`) only once it has written them."""
+        _key(key)
+        with self._lock:
+            return self._entries.get(key)
+
+    def touch(self, entries: Sequence[PreparedAdapter]) -> None:
+        """Marks each of ``entries`` most recently used, where the cache still holds it."""
+        with self._lock:
+            for entry in entries:
+                if self._entries.get(entry.key) is entry:
+                    self._entries.move_to_end(entry.key)
 
     @public_api
     def put(self, entry: PreparedAdapter) -> None:

@@ -420,6 +420,7 @@ class LoraRuntime:
         weights = weights_of(scale, len(sources)) if listed else (multiplier(scale),)
         check_read_options(read_kwargs, self.components)
         found = [self._cached(s, read_kwargs) for s in sources]
+        hits = [h for s, h in zip(sources, found, strict=True) if h is not None and not isinstance(s, PreparedAdapter)]
         prepared = found[0] if len(found) == 1 else None
         buffers = self._read_buffers
         upload = buffers.upload if buffers is not None and buffers.device.type == "cuda" else None
@@ -436,8 +437,10 @@ class LoraRuntime:
                 merged = self._merger is not None
                 self.buffers.touched = staged is not None  # a replay writes too
                 if staged is not None and self._load_replay(slot, live, packs, staged, weights[0], stack, merged):
+                    self.cache.touch(hits)  # used: most recently, now that it is written
                     return True  # the writes and the wide refresh as one graph replay
                 self.buffers.write(slot, packs, weights[0], live=live, staged=staged)
+                self.cache.touch(hits)
                 return False
 
             return slot, [prepared.adapter], stack, weights, listed, write_packs
@@ -463,6 +466,7 @@ class LoraRuntime:
             if self._read_buffers is not None:  # the arena holds the values; the read buffers are reused
                 for plan in fresh:
                     forget_values(plan)
+            self.cache.touch(hits)
             return False
 
         return slot, adapters, stack, weights, listed, write_staged
@@ -715,10 +719,11 @@ class LoraRuntime:
                 f"read options ({', '.join(sorted(read_kwargs))}) do not apply to {name!r}, a key given to "
                 "preload, whose adapter was read already; pass them to preload instead."
             )
-        hit = self.cache.get(name) if name is not None and not read_kwargs else None
+        # peek, not get: a load that fails a later check leaves the cache's order as it was
+        hit = self.cache.peek(name) if name is not None and not read_kwargs else None
         if hit is None:
             cache_key = source_key(source, read_kwargs)
-            hit = self.cache.get(cache_key) if cache_key is not None else None
+            hit = self.cache.peek(cache_key) if cache_key is not None else None
         if hit is None and name is not None and not read_kwargs and self.cache.is_name(name):
             raise UsageError(
                 f"{name!r} is a key given to preload, and the host cache does not hold it now (evicted, "

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lorahot
+from lorahot.errors import AdapterMismatchError, SourceNotFoundError
 from lorahot.io import identity
 from lorahot.io.identity import source_identity
 from lorahot.runtime import lora_runtime
@@ -316,3 +317,24 @@ def test_an_entry_counts_the_tensors_it_keeps_alive_besides_its_packs() -> None:
     files = sum(t.numel() * t.element_size() for t in tensors.values())
     assert entry.nbytes >= packs + files
     assert runtime.cache.nbytes == entry.nbytes
+
+
+def test_a_failed_load_leaves_the_cache_order_and_a_load_marks_its_entries(tmp_path: Path) -> None:
+    """Entries are least recently used first. A load that fails after its cache lookup (a part
+    that is not there; a stack over max_rank) leaves the order as it was; a load that succeeds
+    marks its entries most recently used (from the prepared packs, and each part of a list)."""
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=8)
+    for name, rank, seed in (("first", 4, 1), ("second", 4, 2), ("big", 8, 3)):
+        path = save_peft(tmp_path / name, make_adapter(model, {Q0: rank}, seed=seed)[0], r=rank)
+        runtime.preload(path, key=name)
+    assert runtime.cache.keys() == ["first", "second", "big"]
+    with pytest.raises(SourceNotFoundError):
+        runtime.load(["first", str(tmp_path / "missing")])
+    with pytest.raises(AdapterMismatchError, match="max_rank 8"):
+        runtime.load(["first", "big"], scale=[0.5, 0.5])
+    assert runtime.cache.keys() == ["first", "second", "big"]
+    runtime.load("first")
+    assert runtime.cache.keys() == ["second", "big", "first"]
+    runtime.load(["second", "first"], scale=[0.5, 0.5])
+    assert runtime.cache.keys() == ["big", "second", "first"]
