@@ -34,12 +34,13 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lorahot.errors import UsageError
 from lorahot.layers import routing
@@ -53,6 +54,8 @@ __all__ = [
     "LoRALayer",
     "overrides_forward",
     "forward_mismatch",
+    "refuse_assigned_load_under",
+    "kept_parametrizations",
     "WIDE_BUFFER",
     "EXTRA_F",
     "EXTRA_BIAS",
@@ -795,6 +798,21 @@ def forward_mismatch(
 
 
 @contextlib.contextmanager
+def kept_parametrizations(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Restores, on exit, the state of every parametrization in ``models`` (see
+    :func:`_kept_state`): in training mode each read of a parametrized weight runs its
+    parametrization's forward, and spectral norm's advances its power-iteration vectors, so
+    inject's reads of the weights it wraps (their shapes, dtypes, whether they are sharded)
+    would change the model."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            for module in model.modules():
+                if parametrize.is_parametrized(module):
+                    stack.enter_context(_kept_state(module.parametrizations))  # type: ignore[arg-type]
+        yield
+
+
+@contextlib.contextmanager
 def _kept_state(module: nn.Module) -> Iterator[None]:
     """Restores, on exit, what a probe forward may change in ``module`` and its submodules: each
     buffer (the tensor object and its values) and each other plain attribute (the object, and
@@ -968,17 +986,35 @@ def _put_plain_tensor(layer: LoRALayer, name: str, value: torch.Tensor) -> None:
     base._parameters[name] = value  # type: ignore[assignment]  # as torch's stateless call puts it
 
 
-def _refuse_assigned_load(layer: LoRALayer, state_dict: Mapping[str, Any], prefix: str) -> None:
+def _refuse_assigned_load(
+    layer: LoRALayer, state_dict: Mapping[str, Any], prefix: str, outcome: str = "", *, wrapper: str | None = None
+) -> None:
     """``load_state_dict(assign=True)`` of tensors the layer would refuse (see
     :func:`_refuse_replaced_weight`), refused from a load pre hook: raised while torch assigns
-    a tensor, the refusal would be folded into torch's own ``RuntimeError``."""
+    a tensor, the refusal would be folded into torch's own ``RuntimeError``. ``prefix`` is the
+    base layer's; with ``wrapper`` (the layer's own prefix) a key there counts too, as the
+    layer's own hook would move it to the base layer."""
+    outcome = outcome or _LOAD_STOPPED
     for name in _BASE_PARAMETERS:
         new = state_dict.get(prefix + name)
+        if new is None and wrapper is not None:
+            new = state_dict.get(wrapper + name)
         if new is None:
             continue
-        refusal = _shape_refusal(layer, name, new, _LOAD_STOPPED) or _copy_refusal(layer, name, _LOAD_STOPPED)
+        refusal = _shape_refusal(layer, name, new, outcome) or _copy_refusal(layer, name, outcome)
         if refusal is not None:
             raise UsageError(refusal)
+
+
+def refuse_assigned_load_under(module: nn.Module, state_dict: Mapping[str, Any]) -> None:
+    """Before ``module.load_state_dict(state_dict, assign=True)`` touches anything: raises
+    :class:`~lorahot.errors.UsageError` where a LoRA layer under ``module`` would refuse its
+    tensors, so that a refused load loads nothing (the layers' own hooks refuse only when torch
+    reaches them, after the modules before them were loaded)."""
+    for path, layer in module.named_modules():
+        if isinstance(layer, LoRALayer):
+            own = f"{path}." if path else ""
+            _refuse_assigned_load(layer, state_dict, own + "base_layer.", _LOAD_REFUSED, wrapper=own)
 
 
 #: what a refusal did, for an attribute assignment and for ``load_state_dict(assign=True)``
@@ -986,6 +1022,7 @@ _ASSIGNMENT_REFUSED = "The assignment was refused"
 _LOAD_STOPPED = (
     "load_state_dict stopped at this layer (the modules before it were loaded, this one and those after it were not)"
 )
+_LOAD_REFUSED = "load_state_dict was refused before it loaded anything"
 
 
 def _shape_refusal(layer: LoRALayer, name: str, new: Any, outcome: str = _ASSIGNMENT_REFUSED) -> str | None:

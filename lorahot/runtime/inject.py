@@ -12,8 +12,9 @@ from torch import nn
 
 from lorahot.errors import UsageError, public_api
 from lorahot.layers import LayerSpec, LoRALayer
+from lorahot.layers.base import kept_parametrizations
 from lorahot.layers.sharded import is_sharded
-from lorahot.runtime import peft_arguments
+from lorahot.runtime import assigned_loads, peft_arguments
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.components import components_of, is_several, match_components
 from lorahot.runtime.lora_runtime import LoraRuntime
@@ -95,6 +96,25 @@ def inject(
             merged mode a weight tied to another module; buffers the device cannot hold. The
             model is then as it was.
     """
+    # inject reads the weights it wraps; in training mode each read runs a parametrization's
+    # forward (spectral norm's power iteration): its state is put back afterwards
+    with kept_parametrizations(_models_of(model)):
+        return _inject(model, targets, max_rank, slots, dtype, cache_bytes, merged, fused, extras, regional)
+
+
+def _inject(
+    model: nn.Module | Mapping[str, nn.Module] | Any,
+    targets: Targets | Mapping[str, Targets],
+    max_rank: int,
+    slots: int,
+    dtype: torch.dtype | None,
+    cache_bytes: int,
+    merged: bool,
+    fused: bool,
+    extras: bool,
+    regional: bool,
+) -> LoraRuntime:
+    """:func:`inject`'s checks, wrapping and allocation."""
     components: tuple[str, ...] = ()
     if not is_several(model):
         _check_arguments(model, max_rank, slots, dtype, cache_bytes, merged, fused, extras, regional)
@@ -204,6 +224,14 @@ def _capacity(device: torch.device) -> int | None:
     return None
 
 
+def _models_of(model: Any) -> list[nn.Module]:
+    """The modules of what :func:`inject` was given (none where it is neither a module nor
+    several: its checks refuse it)."""
+    if isinstance(model, nn.Module):
+        return [model]
+    return list(components_of(model)[0].values()) if is_several(model) else []
+
+
 @public_api
 def eject(model: nn.Module | Mapping[str, nn.Module] | Any) -> Any:
     """Puts every original module back in place of its LoRA wrapper; returns ``model``.
@@ -226,4 +254,5 @@ def eject(model: nn.Module | Mapping[str, nn.Module] | Any) -> Any:
         state.mark_ejected("lorahot.eject(model)")  # its runtime unwraps its own layers
     unwrap_modules(model, found)  # layers no runtime took out (or that moved within the model)
     peft_arguments.release(model)  # a copy of an injected model keeps the hook
+    assigned_loads.release(model)
     return model

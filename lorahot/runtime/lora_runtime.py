@@ -36,7 +36,7 @@ from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.layers.sharded import is_sharded
 from lorahot.resolve.keys import outside
-from lorahot.runtime import fingerprint, peft_arguments
+from lorahot.runtime import assigned_loads, fingerprint, peft_arguments
 from lorahot.runtime.activate_replay import ActivateReplay
 from lorahot.runtime.agreement import Agreement
 from lorahot.runtime.arguments import (
@@ -204,6 +204,7 @@ class LoraRuntime:
         self._executor_lock = threading.Lock()
         for root in self._roots():
             peft_arguments.install(root)
+            assigned_loads.install(root)
         self._state.on_eject(self._detach)
         self._state.base_loaded = self._base_loaded
 
@@ -907,6 +908,7 @@ class LoraRuntime:
         unwrap_modules(self.model, self.layers)
         for root in self._roots():
             peft_arguments.release(root)
+            assigned_loads.release(root)
         with self._executor_lock:
             executor, self._executor = self._executor, None
         if executor is not None:

@@ -100,20 +100,21 @@ def test_a_merged_layer_refuses_a_new_weight_or_bias(name: str, monkeypatch: pyt
 
 @pytest.mark.parametrize("copied", [False, True], ids=["model", "deepcopy"])
 @pytest.mark.parametrize("merged", [False, True], ids=["wide", "merged"])
-def test_load_state_dict_with_assign_stops_at_the_layer_with_a_typed_error(
+def test_load_state_dict_with_assign_is_refused_with_a_typed_error(
     merged: bool, copied: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """torch collects an exception raised while it assigns a tensor into a ``RuntimeError`` of
-    its own; the refusal comes first, from the layer's load hook, as lorahot's error (a copy's
-    too). The runtime then still serves, and in merged mode eject gives back the pristine base
-    (the refused load had left the layer marked as loaded: every call refused, eject kept the
+    its own; the refusal comes first, from a load hook, as lorahot's error (a copy's too). The
+    runtime then still serves, and in merged mode eject gives back the pristine base (the
+    refused load had left the layer marked as loaded: every call refused, eject kept the
     adapter merged)."""
     model, runtime = _injected(monkeypatch, widened=not merged, merged=merged)
     pristine = _model().state_dict()
     target = copy.deepcopy(model) if copied else model
     state = {k: v.clone() + 1.0 for k, v in target.state_dict().items()}
     old = target[0].base_layer.weight
-    with pytest.raises(UsageError, match=r"^0: its base layer's weight was replaced .*stopped at this layer"):
+    refused = r"^0: its base layer's weight was replaced .*refused before it loaded anything"
+    with pytest.raises(UsageError, match=refused):
         target.load_state_dict(state, assign=True)
     assert target[0].base_layer.weight is old
     runtime.set_scale(0.5)  # type: ignore[attr-defined]
@@ -379,3 +380,67 @@ def test_functional_call_refuses_other_weights_in_merged_mode(changed: str, monk
             torch.func.functional_call(model, other, (x,))
         assert torch.equal(model(x), before)
     assert all(p is params[n] for n, p in model.named_parameters())
+
+
+class _Outer(nn.Module):
+    """A plain layer loaded before the LoRA layers (``first``), then ``inner`` holding them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(8, 8).double()
+        self.inner = _model()
+
+
+@pytest.mark.parametrize("called_on", ["model", "submodule"])
+@pytest.mark.parametrize("guarded", [True, False], ids=["refused-up-front", "negative-control"])
+def test_a_refused_assigned_load_loads_nothing(called_on: str, guarded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``load_state_dict(assign=True)`` that a wide layer refuses, on the model or on the
+    container under it: the refusal names the layer and says nothing was loaded, and every
+    parameter and buffer is the tensor it was, bitwise. ``first`` and ``inner.0`` come before
+    the layer in torch's order. The negative control removes the up-front check: the layer's
+    own hook still refuses, but only after torch loaded the modules before it."""
+    from lorahot.runtime import assigned_loads
+
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    model = _Outer()
+    runtime = lorahot.inject(model, ["inner.2"], max_rank=4)
+    runtime.load(make_adapter(model, {"inner.2": 4}, dtype=torch.float64)[0])
+    if not guarded:  # the runtime's hooks out: only the layers' own are left
+        for module in model.modules():
+            for key in [k for k, h in module._load_state_dict_pre_hooks.items() if assigned_loads._is_check(h)]:
+                del module._load_state_dict_pre_hooks[key]
+    target = model if called_on == "model" else model.inner
+    before = {k: (v, v.clone()) for k, v in target.state_dict(keep_vars=True).items()}
+    first = (model.first.weight, model.first.weight.detach().clone())
+    state = {k: v.detach().clone() + 1.0 for k, v in target.state_dict().items()}
+    stopped = r"stopped at this layer" if not guarded else r"refused before it loaded anything"
+    with pytest.raises(UsageError, match=rf"^inner\.2: its base layer's weight was replaced .*{stopped}"):
+        target.load_state_dict(state, assign=True)
+    now = target.state_dict(keep_vars=True)
+    if guarded:
+        for key, (tensor, value) in before.items():
+            assert now[key] is tensor and torch.equal(now[key], value), key
+        assert model.first.weight is first[0] and torch.equal(model.first.weight, first[1])
+    else:  # what the up-front check prevents: the modules before the layer were loaded
+        loaded = "inner.0.weight" if called_on == "model" else "0.weight"
+        assert now[loaded] is not before[loaded][0] and torch.equal(now[loaded], before[loaded][1] + 1.0)
+    runtime.set_scale(0.5)  # the runtime still serves
+
+
+def test_eject_takes_the_load_hooks_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After eject no module keeps the up-front check, and an assigned load takes every tensor."""
+    from lorahot.runtime import assigned_loads
+
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    model = _Outer()
+    runtime = lorahot.inject(model, ["inner.0", "inner.2"], max_rank=4)
+    hooked = [m for m in model.modules() if any(map(assigned_loads._is_check, m._load_state_dict_pre_hooks.values()))]
+    assert {id(m) for m in hooked} == {id(model), id(model.inner)}
+    runtime.eject()  # type: ignore[attr-defined]
+    assert not any(any(map(assigned_loads._is_check, m._load_state_dict_pre_hooks.values())) for m in model.modules())
+    old = model.state_dict(keep_vars=True)
+    state = {k: v.detach().clone() + 1.0 for k, v in old.items()}
+    model.load_state_dict(state, assign=True)
+    for key, value in model.state_dict(keep_vars=True).items():
+        assert value is not old[key] and torch.equal(value, state[key]), key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 
@@ -210,6 +211,29 @@ def test_outputs_and_state_dict_unchanged_after_inject() -> None:
     assert all(torch.equal(after[k], before[k]) for k in before)
     with torch.no_grad():
         assert torch.equal(model(_ids()), pristine(_ids()))
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "negative-control"])
+def test_inject_in_training_mode_leaves_spectral_norm_state_bitwise(
+    kept: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In training mode every read of a parametrized weight runs spectral norm's power
+    iteration, which advances its vectors; inject reads the weights it wraps (their shapes,
+    dtypes, whether they are sharded), and the state dict after it is bitwise the one before.
+    The negative control lets the reads through: the vectors move."""
+    from torch.nn.utils import parametrizations
+
+    if not kept:  # the module, which the package's inject function hides
+        monkeypatch.setattr(
+            sys.modules["lorahot.runtime.inject"], "kept_parametrizations", lambda models: contextlib.nullcontext()
+        )
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.spectral_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 4)).double()
+    before = {k: v.clone() for k, v in model.train().state_dict().items()}
+    lorahot.inject(model, "0|2", max_rank=4)
+    after = model.state_dict()
+    same = all(torch.equal(after[k], v) for k, v in before.items())
+    assert same == kept
 
 
 def test_base_checkpoint_loads_strictly_into_injected_model() -> None:
