@@ -188,10 +188,13 @@ class LoRALayer(nn.Module):
     #: In merged mode, the base bias as it was at inject time, if the layer has one (diffs
     #: with ``diff_b`` rewrite it; eject puts it back).
     pristine_bias: torch.Tensor | None = None
-    #: In merged mode, ``(positions, values, numel, bias)``: a few elements of the weight and the
-    #: whole bias as lorahot last wrote them, to notice a weight or bias changed since
-    #: (:func:`lorahot.runtime.merge.replaced`).
-    written_probe: tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None = None
+    #: In merged mode, ``(positions, values, numel, bias, version, digest)``: a few elements of
+    #: the weight, the whole bias, the weight's version counter and a digest of all of it as
+    #: lorahot last wrote them, to notice a weight or bias changed since
+    #: (:func:`lorahot.runtime.merge.replaced`); version and digest None after a move.
+    written_probe: (
+        tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None, int | None, torch.Tensor | None] | None
+    ) = None
     #: In merged mode, whether ``load_state_dict`` brought a base weight or bias that differs
     #: from the one lorahot last wrote (compared in full when it loads: :func:`_add_base_prefix`).
     checkpoint_loaded: bool = False
@@ -401,8 +404,10 @@ class LoRALayer(nn.Module):
         if self.pristine_bias is not None:
             self.pristine_bias = fn(self.pristine_bias)
         if self.written_probe is not None:
-            positions, written, numel, bias = self.written_probe
-            self.written_probe = (positions, fn(written), numel, None if bias is None else fn(bias))
+            positions, written, numel, bias, _, _ = self.written_probe
+            # a move converts the bytes: the samples are compared after the same conversion
+            # (see lorahot.runtime.merge._differs), the digest and version no longer apply
+            self.written_probe = (positions, fn(written), numel, None if bias is None else fn(bias), None, None)
         return self
 
     def bound_address(self) -> tuple[int, ...]:

@@ -115,9 +115,12 @@ PROBE_ELEMENTS = 16
 
 
 def record(layer: LoRALayer) -> None:
-    """Notes a few elements of ``layer``'s weight as lorahot has just written it (and how many
-    elements it had), and its whole bias (one value per output: an optimizer stepping only the
-    biases changes no weight element)."""
+    """Notes what lorahot has just written into ``layer``'s weight, to notice a change since
+    (:func:`replaced`): a few of its elements, how many it has, its whole bias (one value per
+    output: an optimizer stepping only the biases changes no weight element), the weight's
+    version counter (torch counts every in-place write through it: ``copy_``, ``w[i] = v``, an
+    optimizer's step; ``None`` for an inference tensor, which has none) and a digest of all of
+    its bytes (:func:`_digest`), which is compared when the version moved or is unknown."""
     layer.checkpoint_loaded = False
     weight = layer.base_weight.detach()
     count = min(PROBE_ELEMENTS, weight.numel())
@@ -125,19 +128,52 @@ def record(layer: LoRALayer) -> None:
     positions = torch.arange(count, device=weight.device) * (weight.numel() - 1) // max(count - 1, 1)
     bias = layer.base_bias
     written_bias = None if bias is None else bias.detach().clone()
-    layer.written_probe = (positions, weight.reshape(-1)[positions].clone(), weight.numel(), written_bias)
+    samples = weight.reshape(-1)[positions].clone()
+    layer.written_probe = (positions, samples, weight.numel(), written_bias, _version(weight), _digest(weight))
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter, or None where it has none (an inference tensor)."""
+    if t.is_inference():
+        return None
+    return int(t._version)
+
+
+def _digest(weight: torch.Tensor) -> torch.Tensor:
+    """Three int64 sums of the weight's bytes read as integers, in one device tensor: the total,
+    the row sums weighted by row number and the column sums weighted by column number (the
+    weight flattened to ``[out, -1]``). A change of one or two elements always changes it; a
+    larger edit leaves it only by an exact cancellation in all three. No copy of the weight:
+    the sums are reductions, the weights of rows and columns as long as one side."""
+    if weight.dim() == 0 or weight.numel() == 0:
+        weight = weight.reshape(1, -1)  # no rows to weight (0 elements: all three sums 0)
+    flat = weight.reshape(weight.shape[0], -1)
+    size = flat.element_size()
+    if size > 4 or not flat.is_contiguous():  # 8-byte elements as two int32 words
+        flat = flat.contiguous()
+    words = flat.view({1: torch.int8, 2: torch.int16}.get(size, torch.int32))
+    rows = words.sum(1, dtype=torch.int64)
+    cols = words.sum(0, dtype=torch.int64)
+    by_row = (rows * torch.arange(1, rows.numel() + 1, device=rows.device)).sum()
+    by_col = (cols * torch.arange(1, cols.numel() + 1, device=cols.device)).sum()
+    return torch.stack([rows.sum(), by_row, by_col])
 
 
 def _differs(layer: LoRALayer) -> torch.Tensor | bool:
-    """Whether the weight's probed elements are no longer what :func:`record` noted, compared
-    as bytes (NaN equals itself) where the weight is now, after the conversion a move of the
-    model (``model.half()``, ``.to(device)``) applies to it: such a move changes nothing lorahot
-    wrote. A weight of another size, or one on the meta device, has changed."""
-    positions, written, numel, written_bias = layer.written_probe  # type: ignore[misc]  # the caller checked it
+    """Whether the weight is no longer what :func:`record` noted: its sampled elements,
+    compared as bytes (NaN equals itself) where the weight is now, after the conversion a move
+    of the model (``model.half()``, ``.to(device)``) applies to it, since such a move changes
+    nothing lorahot wrote; and, where its version counter moved (or it has none) and the layer
+    was not moved since, the digest of all of its bytes. A weight of another size, or one on
+    the meta device, has changed. An edit through ``weight.data`` moves no version counter:
+    it is noticed where it changes a sampled element, or in an inference tensor."""
+    positions, written, numel, written_bias, version, digest = layer.written_probe  # type: ignore[misc]
     weight, bias = layer.base_weight.detach(), layer.base_bias
     if weight.is_meta or weight.numel() != numel or (bias is None) != (written_bias is None):
         return True
     differs = _bytes_differ(weight.reshape(-1)[positions.to(weight.device)], written.to(weight.device, weight.dtype))
+    if digest is not None and (version is None or _version(weight) != version):
+        differs = differs | (_digest(weight) != digest.to(weight.device)).any()
     if bias is None or written_bias is None:
         return differs
     if bias.is_meta or bias.shape != written_bias.shape:
@@ -153,9 +189,10 @@ def _bytes_differ(now: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
 def replaced(layers: Sequence[LoRALayer]) -> list[bool]:
     """Per layer, whether its weight or bias is no longer what lorahot last wrote there (a base
     checkpoint loaded after inject, in merged mode): noted in full by ``load_state_dict``
-    (:attr:`~lorahot.layers.base.LoRALayer.checkpoint_loaded`), and a few of the weight's
-    elements read back (one read per device) for a weight written otherwise. A move of the
-    model to another dtype or device is not a change (see :func:`_differs`)."""
+    (:attr:`~lorahot.layers.base.LoRALayer.checkpoint_loaded`), and for a weight written
+    otherwise a few of its elements read back and, where its version counter moved, a digest of
+    all of it (one read to the host per device). A move of the model to another dtype or device
+    is not a change (see :func:`_differs`)."""
     flags = [layer.checkpoint_loaded for layer in layers]
     by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     for i, layer in enumerate(layers):

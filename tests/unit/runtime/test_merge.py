@@ -258,9 +258,9 @@ def test_any_element_a_checkpoint_changes_is_noticed_and_an_identical_one_is_not
 def test_a_bias_edited_in_place_is_noticed(edit: str) -> None:
     """Merged mode: a bias changed in place, not through ``load_state_dict`` (an optimizer
     stepping only the biases), is refused at the next call with nothing changed, and eject
-    keeps it: the whole bias is compared, where only 16 elements of each weight are (the edit
-    used to be thrown away by that call's rebuild from the base copied at inject). Without the
-    edit the call goes through (negative control)."""
+    keeps it: the whole bias is compared (the edit used to be thrown away by that call's
+    rebuild from the base copied at inject). Without the edit the call goes through (negative
+    control)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
     runtime = lorahot.inject(model, ["0", "2"], max_rank=4, merged=True)
@@ -283,6 +283,76 @@ def test_a_bias_edited_in_place_is_noticed(edit: str) -> None:
         assert torch.equal(model(x), want)
     lorahot.eject(model)
     assert torch.equal(model[2].bias, edited)
+
+
+def _unsampled(weight: torch.Tensor) -> tuple[int, int]:
+    """An element of ``weight`` that :func:`lorahot.runtime.merge.record` does not sample."""
+    from lorahot.runtime import merge
+
+    count = min(merge.PROBE_ELEMENTS, weight.numel())
+    sampled = {int(p) for p in torch.arange(count) * (weight.numel() - 1) // max(count - 1, 1)}
+    flat = next(i for i in range(weight.numel()) if i not in sampled)
+    return divmod(flat, weight.shape[1])
+
+
+@pytest.mark.parametrize(
+    "edit", ["one element in place", "through a detach() view", "two elements that cancel", "the same value", "no edit"]
+)
+def test_a_weight_edited_in_place_anywhere_is_noticed(edit: str) -> None:
+    """Merged mode: a weight changed in place at elements no sample covers (``w[i, j] += v``
+    under ``no_grad``, one through a ``detach()`` view, two elements changed by
+    opposite amounts) is refused at the next call with nothing changed, and eject keeps the
+    edit: the edit moved the weight's version counter, so its digest is compared in full. The
+    same value written back moves the counter too, and the call goes through, as it does
+    without an edit (negative controls)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, merged=True)
+    runtime.load(make_adapter(model, {"0": 2, "2": 2}, seed=1)[0])
+    weight = model[2].weight
+    i, j = _unsampled(weight)
+    with torch.no_grad():
+        if edit == "one element in place":
+            weight[i, j] += 0.25
+        elif edit == "through a detach() view":
+            weight.detach()[i, j].add_(0.25)
+        elif edit == "two elements that cancel":
+            weight[i, j] += 0.25
+            weight[(i + 1) % 16, (j + 3) % 16] -= 0.25
+        elif edit == "the same value":
+            weight[i, j] = weight[i, j].clone()
+    edited = weight.detach().clone()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = model(x)
+    if edit in ("the same value", "no edit"):
+        runtime.set_scale(0.5)
+        with torch.no_grad():
+            assert not torch.equal(model(x), want)
+        return
+    with pytest.raises(
+        lorahot.UsageError, match=r"weights or biases changed since lorahot last wrote them .*:\n  - 2\n"
+    ):
+        runtime.set_scale(0.5)
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+    lorahot.eject(model)
+    assert torch.equal(model[2].weight, edited)
+
+
+def test_a_weight_edited_through_data_is_noticed_where_sampled_only() -> None:
+    """An edit through ``weight.data`` moves no version counter: it is noticed where it changes
+    a sampled element (the first), and not elsewhere, the documented limit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, merged=True)
+    runtime.load(make_adapter(model, {"0": 2, "2": 2}, seed=1)[0])
+    i, j = _unsampled(model[2].weight)
+    model[2].weight.data[i, j] += 0.25
+    runtime.set_scale(0.5)  # not noticed: the call rewrites the weight from the base copied at inject
+    model[2].weight.data[0, 0] += 0.25
+    with pytest.raises(lorahot.UsageError, match=r"weights or biases changed since lorahot last wrote them"):
+        runtime.set_scale(0.25)
 
 
 @pytest.mark.parametrize("slots", [1, 2])
@@ -473,3 +543,20 @@ def test_a_weight_of_more_than_2_24_elements_merges_and_ejects() -> None:
     assert ((got - want).norm() / want.norm()) < 1e-3  # float32 sums of 4 M products; the adapter moves it by ~1
     runtime.eject()
     assert torch.equal(model[0].weight, base)
+
+
+def test_an_inference_weight_edited_in_place_anywhere_is_noticed() -> None:
+    """Weights made under ``torch.inference_mode()`` have no version counter: their digest is
+    compared at every call, so an edit at an element no sample covers is refused, and without
+    one the call goes through."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, merged=True)
+    runtime.load(make_adapter(model, {"0": 2, "2": 2}, seed=1)[0])
+    runtime.set_scale(0.5)
+    i, j = _unsampled(model[2].weight)
+    with torch.inference_mode():
+        model[2].weight[i, j] += 0.25
+    with pytest.raises(lorahot.UsageError, match=r"weights or biases changed since lorahot last wrote them"):
+        runtime.set_scale(0.25)
