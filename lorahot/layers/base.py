@@ -189,11 +189,14 @@ class LoRALayer(nn.Module):
     #: with ``diff_b`` rewrite it; eject puts it back).
     pristine_bias: torch.Tensor | None = None
     #: In merged mode, ``(positions, values, numel, bias, version, digest)``: a few elements of
-    #: the weight, the whole bias, the weight's version counter and a digest of all of it as
+    #: the weight, the whole bias, the weight's version counter and its row and column sums as
     #: lorahot last wrote them, to notice a weight or bias changed since
     #: (:func:`lorahot.runtime.merge.replaced`); version and digest None after a move.
     written_probe: (
-        tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None, int | None, torch.Tensor | None] | None
+        tuple[
+            torch.Tensor, torch.Tensor, int, torch.Tensor | None, int | None, tuple[torch.Tensor, torch.Tensor] | None
+        ]
+        | None
     ) = None
     #: In merged mode, whether ``load_state_dict`` brought a base weight or bias that differs
     #: from the one lorahot last wrote (compared in full when it loads: :func:`_add_base_prefix`).

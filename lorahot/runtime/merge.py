@@ -119,8 +119,9 @@ def record(layer: LoRALayer) -> None:
     (:func:`replaced`): a few of its elements, how many it has, its whole bias (one value per
     output: an optimizer stepping only the biases changes no weight element), the weight's
     version counter (torch counts every in-place write through it: ``copy_``, ``w[i] = v``, an
-    optimizer's step; ``None`` for an inference tensor, which has none) and a digest of all of
-    its bytes (:func:`_digest`), which is compared when the version moved or is unknown."""
+    optimizer's step; ``None`` for an inference tensor, which has none) and its row and column
+    sums (:func:`_digest`), compared when the version moved or is unknown. That costs each
+    write two reductions per layer, a read of the weights it has just written."""
     layer.checkpoint_loaded = False
     weight = layer.base_weight.detach()
     count = min(PROBE_ELEMENTS, weight.numel())
@@ -139,24 +140,19 @@ def _version(t: torch.Tensor) -> int | None:
     return int(t._version)
 
 
-def _digest(weight: torch.Tensor) -> torch.Tensor:
-    """Three int64 sums of the weight's bytes read as integers, in one device tensor: the total,
-    the row sums weighted by row number and the column sums weighted by column number (the
-    weight flattened to ``[out, -1]``). A change of one or two elements always changes it; a
-    larger edit leaves it only by an exact cancellation in all three. No copy of the weight:
-    the sums are reductions, the weights of rows and columns as long as one side."""
+def _digest(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight's row sums and column sums (flattened to ``[out, -1]``), its bytes read as
+    integers and summed in int64: two reductions, no copy of the weight. A change of one
+    element changes its row's sum; two changes that cancel in one row change their columns'
+    sums; an edit leaves both only by cancelling exactly along every row and every column."""
     if weight.dim() == 0 or weight.numel() == 0:
-        weight = weight.reshape(1, -1)  # no rows to weight (0 elements: all three sums 0)
+        weight = weight.reshape(1, -1)  # no rows to sum over (0 elements: empty sums)
     flat = weight.reshape(weight.shape[0], -1)
     size = flat.element_size()
     if size > 4 or not flat.is_contiguous():  # 8-byte elements as two int32 words
         flat = flat.contiguous()
     words = flat.view({1: torch.int8, 2: torch.int16}.get(size, torch.int32))
-    rows = words.sum(1, dtype=torch.int64)
-    cols = words.sum(0, dtype=torch.int64)
-    by_row = (rows * torch.arange(1, rows.numel() + 1, device=rows.device)).sum()
-    by_col = (cols * torch.arange(1, cols.numel() + 1, device=cols.device)).sum()
-    return torch.stack([rows.sum(), by_row, by_col])
+    return words.sum(1, dtype=torch.int64), words.sum(0, dtype=torch.int64)
 
 
 def _differs(layer: LoRALayer) -> torch.Tensor | bool:
@@ -164,7 +160,7 @@ def _differs(layer: LoRALayer) -> torch.Tensor | bool:
     compared as bytes (NaN equals itself) where the weight is now, after the conversion a move
     of the model (``model.half()``, ``.to(device)``) applies to it, since such a move changes
     nothing lorahot wrote; and, where its version counter moved (or it has none) and the layer
-    was not moved since, the digest of all of its bytes. A weight of another size, or one on
+    was not moved since, its row and column sums (:func:`_digest`). A weight of another size, or one on
     the meta device, has changed. An edit through ``weight.data`` moves no version counter:
     it is noticed where it changes a sampled element, or in an inference tensor."""
     positions, written, numel, written_bias, version, digest = layer.written_probe  # type: ignore[misc]
@@ -173,7 +169,8 @@ def _differs(layer: LoRALayer) -> torch.Tensor | bool:
         return True
     differs = _bytes_differ(weight.reshape(-1)[positions.to(weight.device)], written.to(weight.device, weight.dtype))
     if digest is not None and (version is None or _version(weight) != version):
-        differs = differs | (_digest(weight) != digest.to(weight.device)).any()
+        for now, then in zip(_digest(weight), digest, strict=True):
+            differs = differs | (now != then.to(now.device)).any()
     if bias is None or written_bias is None:
         return differs
     if bias.is_meta or bias.shape != written_bias.shape:
@@ -190,8 +187,8 @@ def replaced(layers: Sequence[LoRALayer]) -> list[bool]:
     """Per layer, whether its weight or bias is no longer what lorahot last wrote there (a base
     checkpoint loaded after inject, in merged mode): noted in full by ``load_state_dict``
     (:attr:`~lorahot.layers.base.LoRALayer.checkpoint_loaded`), and for a weight written
-    otherwise a few of its elements read back and, where its version counter moved, a digest of
-    all of it (one read to the host per device). A move of the model to another dtype or device
+    otherwise a few of its elements read back and, where its version counter moved, its row
+    and column sums (one read to the host per device). A move of the model to another dtype or device
     is not a change (see :func:`_differs`)."""
     flags = [layer.checkpoint_loaded for layer in layers]
     by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
