@@ -407,10 +407,15 @@ class LoRALayer(nn.Module):
         if self.pristine_bias is not None:
             self.pristine_bias = fn(self.pristine_bias)
         if self.written_probe is not None:
-            positions, written, numel, bias, _, _ = self.written_probe
-            # a move converts the bytes: the samples are compared after the same conversion
-            # (see lorahot.runtime.merge._differs), the digest and version no longer apply
-            self.written_probe = (positions, fn(written), numel, None if bias is None else fn(bias), None, None)
+            positions, written, numel, bias, version, digest = self.written_probe
+            moved = fn(written)
+            if moved.dtype != written.dtype or digest is None:
+                # a conversion changes the bytes: the samples are compared after the same
+                # conversion (lorahot.runtime.merge._differs), the version and sums no longer apply
+                version, digest = None, None
+            else:  # the same bytes (another device, or no move at all): the sums still apply
+                digest = (digest[0].to(moved.device), digest[1].to(moved.device))
+            self.written_probe = (positions, moved, numel, None if bias is None else fn(bias), version, digest)
         return self
 
     def bound_address(self) -> tuple[int, ...]:
@@ -843,10 +848,11 @@ def _kept_state(module: nn.Module) -> Iterator[None]:
                 for k, v in vals.items():
                     b = bufs[k]
                     assert b is not None  # values hold only the buffers that were tensors
-                    if b.shape == v.shape:
-                        b.copy_(v)
-                    else:  # resized in place (an observer's first call): onto the saved copy
+                    if b.shape != v.shape:  # resized in place (an observer's first call): onto the saved copy
                         b.set_(v.untyped_storage(), v.storage_offset(), v.shape, v.stride())
+                    elif not _same_bytes(b, v):  # an inference tensor is written only inside inference mode
+                        with torch.inference_mode() if b.is_inference() else contextlib.nullcontext():
+                            b.copy_(v)
                 for k in [k for k in m.__dict__ if k not in skip and k not in kept]:
                     del m.__dict__[k]
                 for k, (obj, items) in kept.items():
@@ -854,6 +860,15 @@ def _kept_state(module: nn.Module) -> Iterator[None]:
                         m.__dict__[k] = obj
                     if items is not None and not _same_items(obj, items):
                         _put_items(obj, items)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one shape and dtype hold the same bytes (NaN equals itself)."""
+    if a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.numel() == 0:
+        return True
+    return bool((a.reshape(-1).contiguous().view(torch.uint8) == b.reshape(-1).contiguous().view(torch.uint8)).all())
 
 
 def _items(value: object) -> list[Any] | None:
@@ -913,7 +928,8 @@ def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: An
     if isinstance(module, LoRALayer):
         module.base_layer.__dict__.pop("_lorahot_reported", None)
         if args and args[0].get("assign_to_params_buffers"):  # local_metadata
-            _refuse_assigned_load(module, state_dict, inner)  # before anything below is noted
+            # before anything below is noted; called on the layer itself, nothing was loaded
+            _refuse_assigned_load(module, state_dict, inner, _LOAD_REFUSED if not prefix else "")
     if isinstance(module, LoRALayer) and module.pristine_weight is not None:
         base = module.base_layer
         for name in _BASE_PARAMETERS:
@@ -1014,14 +1030,14 @@ def _refuse_assigned_load(
             raise UsageError(refusal)
 
 
-def refuse_assigned_load_under(module: nn.Module, state_dict: Mapping[str, Any]) -> None:
-    """Before ``module.load_state_dict(state_dict, assign=True)`` touches anything: raises
-    :class:`~lorahot.errors.UsageError` where a LoRA layer under ``module`` would refuse its
-    tensors, so that a refused load loads nothing (the layers' own hooks refuse only when torch
-    reaches them, after the modules before them were loaded)."""
+def refuse_assigned_load_under(module: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> None:
+    """Before a ``load_state_dict(state_dict, assign=True)`` that reaches ``module`` at
+    ``prefix`` touches it: raises :class:`~lorahot.errors.UsageError` where a LoRA layer under
+    ``module`` would refuse its tensors, so that a refused load loads nothing (the layers' own
+    hooks refuse only when torch reaches them, after the modules before them were loaded)."""
     for path, layer in module.named_modules():
         if isinstance(layer, LoRALayer):
-            own = f"{path}." if path else ""
+            own = f"{prefix}{path}." if path else prefix
             _refuse_assigned_load(layer, state_dict, own + "base_layer.", _LOAD_REFUSED, wrapper=own)
 
 
@@ -1146,7 +1162,7 @@ class _BaseLoadHook:
         if not self._post:
             state_dict, prefix, metadata = args[0], args[1], args[2]
             if metadata.get("assign_to_params_buffers"):  # torch would catch the refusal per tensor
-                _refuse_assigned_load(layer, state_dict, prefix)
+                _refuse_assigned_load(layer, state_dict, prefix, _LOAD_REFUSED if not prefix else "")
             module.__dict__["_lorahot_loading"] = prefix + "weight" in state_dict or prefix + "bias" in state_dict
             return
         if module.__dict__.pop("_lorahot_loading", False):

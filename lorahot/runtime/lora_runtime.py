@@ -338,7 +338,7 @@ class LoraRuntime:
                 **fingerprint.plans(c[2].parts, self.layers),
             },
         )
-        slot, adapters, stack, weights, listed, write = checked
+        slot, adapters, stack, weights, listed, write, hits = checked
         live = slot == self._active
 
         def write_all() -> AdapterInfo:
@@ -349,6 +349,7 @@ class LoraRuntime:
             self._infos[slot] = info
             if not refreshed:  # a replayed load (lorahot.runtime.load_replay) refreshed the wide rows itself
                 self._remerge(slot)
+            self.cache.touch(hits)  # the cache entries it took, most recently used now that they are served
             return info
 
         return self._written("load", slot, write_all)
@@ -411,11 +412,11 @@ class LoraRuntime:
 
     def _check_load(
         self, source: One | Sequence[One], slot: int, scale: float | Sequence[float], read_kwargs: dict[str, Any]
-    ) -> tuple[int, list[Adapter], Stack, tuple[float, ...], bool, Callable[[bool], bool]]:
+    ) -> tuple[int, list[Adapter], Stack, tuple[float, ...], bool, Callable[[bool], bool], list[PreparedAdapter]]:
         """Every check of a load, nothing written (a prepared adapter's upload into the read
         buffers starts here, beside the checks: the model reads nothing there): the slot, the
-        adapters, the stack, the weights, whether a list was given, and the write (given
-        whether the slot is live)."""
+        adapters, the stack, the weights, whether a list was given, the write (given whether
+        the slot is live), and the host cache's entries it takes (marked used once it is)."""
         slot = self._slot(slot)
         sources, listed = parts_of(source)
         weights = weights_of(scale, len(sources)) if listed else (multiplier(scale),)
@@ -438,13 +439,11 @@ class LoraRuntime:
                 merged = self._merger is not None
                 self.buffers.touched = staged is not None  # a replay writes too
                 if staged is not None and self._load_replay(slot, live, packs, staged, weights[0], stack, merged):
-                    self.cache.touch(hits)  # used: most recently, now that it is written
                     return True  # the writes and the wide refresh as one graph replay
                 self.buffers.write(slot, packs, weights[0], live=live, staged=staged)
-                self.cache.touch(hits)
                 return False
 
-            return slot, [prepared.adapter], stack, weights, listed, write_packs
+            return slot, [prepared.adapter], stack, weights, listed, write_packs, hits
         adapters, parts, fresh = [], [], []
         for k, (s, hit) in enumerate(zip(sources, found)):
             adapter, checked = self._part(s, hit, read_kwargs, k)
@@ -467,10 +466,9 @@ class LoraRuntime:
             if self._read_buffers is not None:  # the arena holds the values; the read buffers are reused
                 for plan in fresh:
                     forget_values(plan)
-            self.cache.touch(hits)
             return False
 
-        return slot, adapters, stack, weights, listed, write_staged
+        return slot, adapters, stack, weights, listed, write_staged, hits
 
     def _agreed(self, check: Callable[[], _T], what: str, writes: Callable[[_T], dict[str, bytes]]) -> _T:
         """``check()``, and on a tensor-parallel model every rank's agreement that it passed

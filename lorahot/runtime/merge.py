@@ -205,6 +205,18 @@ def replaced(layers: Sequence[LoRALayer]) -> list[bool]:
     return flags
 
 
+def _flat(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as ``[out, in * prod(kernel)]`` in its logical order: a view where its memory
+    allows, else a copy (a conv weight moved to ``channels_last``)."""
+    return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))
+
+
+def _is_view(flat: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``flat`` (from :func:`_flat`) shares ``weight``'s memory, so that a write to it
+    writes the weight."""
+    return flat.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+
+
 def _per_channel(layer: LoRALayer, weight: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """``weight`` (flattened to 2-D, see :meth:`~lorahot.layers.base.LoRALayer.channel_dim`)
     with each output channel times its ``f [out]``."""
@@ -382,16 +394,20 @@ class Merger:
                 # DoRA's per-channel factor applies at any weight, 0 included (m / |W0| there)
                 extras = arena.extras(index, live) if arena.e_dirty[live] and scales is not None else None
                 self._fold_bias(layer, extras, s)
-                # views (writes go through), [out, in * prod(kernel)] even where out or in is 0
-                flat_w = weight.view(weight.shape[0], math.prod(weight.shape[1:]))
-                flat_p = pristine.view(pristine.shape[0], math.prod(pristine.shape[1:]))
+                # [out, in * prod(kernel)] even where out or in is 0: views where the memory
+                # allows (writes go through), else (a conv moved to channels_last) copies
+                flat_w = _flat(weight)
+                flat_p = _flat(pristine)
                 if (not nonzero or rows == 0) and extras is None:
                     weight.copy_(pristine)
                     continue
                 if uniform and extras is None:  # one adapter: one GEMM in the weights' dtype, rounded once
                     a, bt = arena.rows(index, live)
                     m1, m2 = layer.merge_operands(a[:rows], bt[:rows])
-                    torch.addmm(flat_p, m1, m2, alpha=s, out=flat_w)
+                    if _is_view(flat_w, weight):
+                        torch.addmm(flat_p, m1, m2, alpha=s, out=flat_w)
+                    else:
+                        weight.copy_(torch.addmm(flat_p, m1, m2, alpha=s).view(weight.shape))
                     continue
                 # a stack's per-row scales and DoRA's per-channel factor apply in at least
                 # float32, the weight rounded once: each may leave float16's range on its own
@@ -406,7 +422,7 @@ class Merger:
                     merged = torch.addmm(merged, m1, m2)
                 if extras is not None:  # DoRA: each output channel times its factor (1 elsewhere)
                     merged = _per_channel(layer, merged, extras[EXTRA_F].to(wide))
-                flat_w.copy_(merged)
+                weight.copy_(merged.view(weight.shape))
 
     @staticmethod
     def _fold_bias(layer: LoRALayer, extras: torch.Tensor | None, s: float) -> None:

@@ -444,3 +444,23 @@ def test_eject_takes_the_load_hooks_out(monkeypatch: pytest.MonkeyPatch) -> None
     model.load_state_dict(state, assign=True)
     for key, value in model.state_dict(keep_vars=True).items():
         assert value is not old[key] and torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("wrapper", ["torch.compile", "a container"])
+def test_a_refused_assigned_load_through_a_wrapper_made_after_inject_loads_nothing(
+    wrapper: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrapper made after inject is not hooked (``torch.compile``'s keys start with
+    ``_orig_mod.``): the model's own hook checks every layer where the load reaches it, so
+    ``first``, loaded before the refusing layer, keeps its tensor."""
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    model = _Outer()
+    lorahot.inject(model, ["inner.2"], max_rank=4)
+    outer = torch.compile(model) if wrapper == "torch.compile" else nn.Sequential(model)
+    before = {k: (v, v.detach().clone()) for k, v in outer.state_dict(keep_vars=True).items()}
+    state = {k: v.detach().clone() + 1.0 for k, v in outer.state_dict().items()}
+    with pytest.raises(UsageError, match=r"^inner\.2: .*refused before it loaded anything"):
+        outer.load_state_dict(state, assign=True)
+    now = outer.state_dict(keep_vars=True)
+    for key, (tensor, value) in before.items():
+        assert now[key] is tensor and torch.equal(now[key], value), key

@@ -338,3 +338,28 @@ def test_a_failed_load_leaves_the_cache_order_and_a_load_marks_its_entries(tmp_p
     assert runtime.cache.keys() == ["second", "big", "first"]
     runtime.load(["second", "first"], scale=[0.5, 0.5])
     assert runtime.cache.keys() == ["big", "second", "first"]
+
+
+def test_a_load_that_fails_in_its_write_leaves_the_cache_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load that passes every check and then fails while writing (here merged mode's rebuild
+    of the weights: a WriteError, the slot emptied) served nothing: its entries keep their
+    place, and a load that succeeds afterwards marks them."""
+    from lorahot.errors import WriteError
+    from lorahot.runtime import merge
+
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4, merged=True)
+    for name, seed in (("first", 1), ("second", 2)):
+        runtime.preload(save_peft(tmp_path / name, make_adapter(model, {Q0: 4}, seed=seed)[0], r=4), key=name)
+    real = merge.Merger.apply
+
+    def failing(self: merge.Merger, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("device fault")
+
+    monkeypatch.setattr(merge.Merger, "apply", failing)
+    with pytest.raises(WriteError, match="device fault"):
+        runtime.load("first")
+    assert runtime.cache.keys() == ["first", "second"]
+    monkeypatch.setattr(merge.Merger, "apply", real)
+    runtime.load("first")
+    assert runtime.cache.keys() == ["second", "first"]

@@ -236,6 +236,21 @@ def test_inject_in_training_mode_leaves_spectral_norm_state_bitwise(
     assert same == kept
 
 
+def test_inject_into_an_inference_mode_model_with_a_parametrization() -> None:
+    """Inference tensors can be written only inside inference mode: inject (outside it) puts
+    no parametrization state back where nothing changed, so a model made under
+    ``torch.inference_mode()`` with a parametrized module (not a target) injects, unchanged."""
+    from torch.nn.utils import parametrizations
+
+    with torch.inference_mode():
+        model = nn.ModuleDict({"fc": nn.Linear(8, 8), "other": nn.Linear(8, 8), "norm": nn.BatchNorm1d(8)})
+        parametrizations.spectral_norm(model["other"])
+    before = {k: v.clone() for k, v in model.eval().state_dict().items()}
+    lorahot.inject(model, ["fc"], max_rank=4)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_base_checkpoint_loads_strictly_into_injected_model() -> None:
     model, other = tiny_lm(seed=0), tiny_lm(seed=1)
     runtime = lorahot.inject(model, [*ATTN, "embed_tokens"], max_rank=4)

@@ -560,3 +560,44 @@ def test_an_inference_weight_edited_in_place_anywhere_is_noticed() -> None:
         model[2].weight[i, j] += 0.25
     with pytest.raises(lorahot.UsageError, match=r"weights or biases changed since lorahot last wrote them"):
         runtime.set_scale(0.25)
+
+
+@pytest.mark.parametrize("move", ["to its own device", "to its own dtype"])
+def test_an_edit_after_a_move_that_changes_no_byte_is_still_noticed(move: str) -> None:
+    """``model.to(device)`` again (a pipeline moved to where it is) or ``float()`` on a float32
+    model converts no byte: the version and sums still apply, so an edit at an unsampled
+    element after it is refused (before, any move fell back to the samples)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, merged=True)
+    runtime.load(make_adapter(model, {"0": 2, "2": 2}, seed=1)[0])
+    model.to("cpu") if move == "to its own device" else model.float()
+    i, j = _unsampled(model[2].weight)
+    with torch.no_grad():
+        model[2].weight[i, j] += 0.25
+    with pytest.raises(lorahot.UsageError, match=r"weights or biases changed since lorahot last wrote them"):
+        runtime.set_scale(0.5)
+
+
+def test_a_merged_conv_moved_to_channels_last_keeps_merging() -> None:
+    """A conv weight moved to ``channels_last`` after inject has no flat view: each swap
+    computes the merged weight flat and writes it in the weight's own layout. Through swaps and
+    scales the model equals a float64 reference, and eject gives the base weights back bitwise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1)).double()
+    base = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1)).double()
+    base.load_state_dict(model.state_dict())
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for seed, scale in ((1, 1.0), (2, 0.5)):
+        tensors, ab = make_adapter(base, {"0": 4}, seed=seed, dtype=torch.float64)
+        runtime.load(tensors, scale=scale)
+        a, b = ab["0"]
+        delta = (b.flatten(1) @ a.flatten(1)).view_as(base[0].weight) * scale
+        with torch.no_grad():
+            want = nn.functional.conv2d(x, base[0].weight + delta, base[0].bias, padding=1)
+            torch.testing.assert_close(model(x), want, rtol=1e-10, atol=1e-10)
+    assert model[0].base_layer.weight.is_contiguous(memory_format=torch.channels_last)
+    lorahot.eject(model)  # its weight in channels_last, its values the base's (a conv over another layout rounds apart)
+    assert torch.equal(model[0].weight, base[0].weight) and torch.equal(model[0].bias, base[0].bias)
