@@ -65,6 +65,7 @@ def read_adapter(
     _slices: Slices | None = None,
     _keys: dict[str, torch.Tensor] | None = None,
     _recipe: list[object] | None = None,
+    _fits: Callable[[Adapter], None] | None = None,
 ) -> Adapter:
     """Reads an adapter in any supported naming and normalizes it.
 
@@ -111,6 +112,10 @@ def read_adapter(
     to read, and a dict that receives the file's tensors by key. ``_recipe`` serves the runtime:
     a list that receives the recipe the adapter was assembled from (see :class:`_Recipe`), when
     it was and no renaming option changed it; the same recipe means the same structure.
+    ``_fits`` too: it is given the adapter as read from the header alone (meta tensors,
+    ``prefix`` and ``key_map`` applied; not with ``fuse`` or ``split``, which need the values)
+    the first time lorahot reads a local file's header, and raises where the adapter cannot
+    fit, so that such a file is refused before its data is read.
 
     Returns:
         The adapter: per module key, ``A [r, in...]``, ``B [out, r/g, ...]``, alpha and
@@ -128,7 +133,9 @@ def read_adapter(
     else:
         target = _device(device)
         if _slices is None and overrides is None and (target is None or target.type != "meta"):
-            _structure_first(source, weight_name, subfolder, strict)
+            meta = _structure_first(source, weight_name, subfolder, strict)
+            if meta is not None and _fits is not None and fuse is None and split is None:  # those need values
+                _fits(_user_mapping(meta, prefix, key_map, None, None))
         raw = open_source(
             source,
             weight_name=weight_name,
@@ -243,19 +250,21 @@ def _device(device: Any) -> torch.device | None:
     return out
 
 
-def _structure_first(source: Source, weight_name: str | None, subfolder: str | None, strict: bool) -> None:
+def _structure_first(source: Source, weight_name: str | None, subfolder: str | None, strict: bool) -> Adapter | None:
     """For a local file whose header has no recipe yet (first seen): works its structure out
     from the header alone (as ``device="meta"`` reads it), so that tensors which cannot form an
     adapter (an A without its B, no known naming) are refused before the data section is
     allocated and read. A sparse file of a few MB declaring hundreds of MB of junk tensors
     used to be read in full first (an independent audit: 343 MB for a 1.9 MB file). Later
-    reads of the same header skip this (its recipe is memoized); Hub ids are not fetched twice."""
+    reads of the same header skip this (its recipe is memoized); Hub ids are not fetched twice.
+    Returns the adapter so read (meta tensors) where it did, else None."""
     if not isinstance(source, (str, os.PathLike)) or not _is_local(source):
-        return
+        return None
     shapes = open_source(source, weight_name=weight_name, subfolder=subfolder, device=torch.device("meta"))
     key = _file_key(shapes, strict)
     if key is not None and key not in _RECIPES:
-        _normalize_fully(shapes, None, strict)
+        return _normalize_fully(shapes, None, strict)
+    return None
 
 
 def _is_local(source: str | os.PathLike[str]) -> bool:

@@ -58,6 +58,7 @@ from lorahot.runtime.merge import Merger
 from lorahot.runtime.plan import (
     Checked,
     LoadPlan,
+    check_fit,
     check_multiplier,
     dtype_max,
     forget_values,
@@ -493,8 +494,13 @@ class LoraRuntime:
         if self._agreement is None:
             recipe: list[object] = []
             lent = self._read_buffers.lend(part) if self._read_buffers is not None and part is not None else None
+            strict = is_strict(read_kwargs)
+
+            def fits(meta: Adapter) -> None:  # a file's first read: its fit from the header, before its data
+                check_fit(meta, self.buffers, self._specs, strict, self._extras_refusal, self.components, self._others)
+
             with lent or contextlib.nullcontext(), largest_tensor(self._largest):
-                adapter = read_adapter(source, device=device, _recipe=recipe, **read_kwargs)
+                adapter = read_adapter(source, device=device, _recipe=recipe, _fits=fits, **read_kwargs)
             return adapter, recipe[0] if recipe else None
 
         def slicer(meta: Adapter, keys: Mapping[int, str]) -> Slices:

@@ -37,6 +37,7 @@ __all__ = [
     "Checked",
     "validate",
     "plan_load",
+    "check_fit",
     "check_module",
     "check_values",
     "check_multiplier",
@@ -190,6 +191,67 @@ def plan_load(
         AdapterReadError: values no model could take: non-float dtypes, alpha <= 0 or not
             finite, a scale ``alpha / r`` beyond the range of the layer's scale buffer.
     """
+    targets, weights, unplaced = _fit(adapter, buffers, specs, weight_of, strict, extras_refusal, components, others)
+    unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
+    unreadable += [p for name, w in weights.items() for p in check_weight_values(name, w)]
+    if unreadable:
+        _raise_unreadable(adapter.source, unreadable)
+    entries: list[list[tuple[int, LoraModule]]] = [[] for _ in buffers.arenas]
+    per_layer = [[0.0] * len(a.specs) for a in buffers.arenas]
+    dora: list[list[int]] = [[] for _ in buffers.arenas]
+    for name, m in targets.items():  # one pass: the usual adapter passes every check below
+        arena, index = buffers.where[name]
+        targets[name] = m = _detached(m)
+        entries[arena].append((index, m))
+        if m.magnitude is not None:
+            dora[arena].append(index)
+        per_layer[arena][index] = float(m.scale)
+    tops = [_FINITE_MAX[a.S.dtype] for a in buffers.arenas]
+    if not all(abs(v) <= top for values, top in zip(per_layer, tops) for v in values):  # NaN fails too
+        _raise_unreadable(adapter.source, [p for name, m in targets.items() for p in _check_scale(name, m, buffers)])
+    scales = [torch.tensor(values, dtype=torch.float64) for values in per_layer]  # one tensor per arena
+    largest = [max(map(abs, values), default=0.0) for values in per_layer]
+    ranks = {n: m.rank for n, m in targets.items()} | {n: w.rank for n, w in weights.items()}
+    nbytes = sum(m.A.nbytes + m.B.nbytes for m in targets.values()) + sum(w.nbytes for w in weights.values())
+    skipped = (*adapter.skipped, *(unplaced or ()))
+    weights = {n: replace(w, factors={k: t.detach() for k, t in w.factors.items()}) for n, w in weights.items()}
+    return LoadPlan(
+        targets, entries, scales, largest, adapter.source, ranks, nbytes, skipped=skipped, weights=weights, dora=dora
+    )
+
+
+def check_fit(
+    adapter: Adapter,
+    buffers: BufferManager,
+    specs: dict[str, LayerSpec],
+    strict: bool = True,
+    extras_refusal: ExtrasRefusal | None = None,
+    components: tuple[str, ...] = (),
+    others: tuple[str, ...] = (),
+) -> None:
+    """The checks of :func:`plan_load` that read no value: the keys map onto injected layers,
+    and the shapes and ranks fit them. Runs on an adapter read from its header alone
+    (``device="meta"``), so that an adapter made for another model is refused before its data
+    is read.
+
+    Raises:
+        AdapterMismatchError: as :func:`plan_load`.
+    """
+    _fit(adapter, buffers, specs, None, strict, extras_refusal, components, others)
+
+
+def _fit(
+    adapter: Adapter,
+    buffers: BufferManager,
+    specs: dict[str, LayerSpec],
+    weight_of: WeightOf | None,
+    strict: bool,
+    extras_refusal: ExtrasRefusal | None,
+    components: tuple[str, ...],
+    others: tuple[str, ...],
+) -> tuple[dict[str, LoraModule], dict[str, WeightModule], list[str] | None]:
+    """The adapter's modules resolved onto the layers (LoRA, other kinds, the keys left out
+    where not ``strict``), every problem of fit raised at once."""
     unplaced: list[str] | None = None if strict else []
     if components:
         targets, weights = resolve_components(adapter, list(specs), components, unplaced, others)
@@ -223,32 +285,7 @@ def plan_load(
             format_problems(f"{adapter.source}: adapter does not fit the injected model:", problems)
             + "\nLoad an adapter trained for this model and these target modules, or inject with a larger max_rank."
         )
-    unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
-    unreadable += [p for name, w in weights.items() for p in check_weight_values(name, w)]
-    if unreadable:
-        _raise_unreadable(adapter.source, unreadable)
-    entries: list[list[tuple[int, LoraModule]]] = [[] for _ in buffers.arenas]
-    per_layer = [[0.0] * len(a.specs) for a in buffers.arenas]
-    dora: list[list[int]] = [[] for _ in buffers.arenas]
-    for name, m in targets.items():  # one pass: the usual adapter passes every check below
-        arena, index = buffers.where[name]
-        targets[name] = m = _detached(m)
-        entries[arena].append((index, m))
-        if m.magnitude is not None:
-            dora[arena].append(index)
-        per_layer[arena][index] = float(m.scale)
-    tops = [_FINITE_MAX[a.S.dtype] for a in buffers.arenas]
-    if not all(abs(v) <= top for values, top in zip(per_layer, tops) for v in values):  # NaN fails too
-        _raise_unreadable(adapter.source, [p for name, m in targets.items() for p in _check_scale(name, m, buffers)])
-    scales = [torch.tensor(values, dtype=torch.float64) for values in per_layer]  # one tensor per arena
-    largest = [max(map(abs, values), default=0.0) for values in per_layer]
-    ranks = {n: m.rank for n, m in targets.items()} | {n: w.rank for n, w in weights.items()}
-    nbytes = sum(m.A.nbytes + m.B.nbytes for m in targets.values()) + sum(w.nbytes for w in weights.values())
-    skipped = (*adapter.skipped, *(unplaced or ()))
-    weights = {n: replace(w, factors={k: t.detach() for k, t in w.factors.items()}) for n, w in weights.items()}
-    return LoadPlan(
-        targets, entries, scales, largest, adapter.source, ranks, nbytes, skipped=skipped, weights=weights, dora=dora
-    )
+    return targets, weights, unplaced
 
 
 def _localize(targets: dict[str, LoraModule], specs: dict[str, LayerSpec]) -> dict[str, list[str]]:
