@@ -399,6 +399,9 @@ class LoraRuntime:
             state = (
                 f"emptying slot {slot} failed too, so it may hold parts of two adapters: call runtime.unload({slot})"
             )
+            if self._merger is not None:  # the merged weights hold lorahot's own partial rewrite, not an edit
+                with contextlib.suppress(Exception):
+                    self._merger.record_all()
         raise WriteError(
             f"LoraRuntime.{what}: {type(exc).__name__} while writing slot {slot} after every check had passed: "
             f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else '(no message)'}. {state}."

@@ -243,9 +243,12 @@ class Merger:
             self._items.append((layer, weight, pristine, arena, index))
         #: the weights and biases it rewrites, for :func:`writing`
         self._targets = [t for layer in layers.values() for t in (layer.base_weight, layer.base_bias)]
-        self._record()
+        self.record_all()
 
-    def _record(self) -> None:
+    def record_all(self) -> None:
+        """Notes every weight as lorahot has written it (:func:`record`): after each rewrite,
+        and after a rewrite that failed partway, whose partial writes are lorahot's own (the
+        call checked the weights first), so that the unload it advises may rebuild them."""
         for layer in self._layers.values():
             record(layer)
 
@@ -459,4 +462,4 @@ class Merger:
                 weight.copy_(folded)
                 if folded_bias is not None and bias is not None:
                     bias.copy_(folded_bias)
-        self._record()  # what apply and this wrote, for check_base
+        self.record_all()  # what apply and this wrote, for check_base

@@ -83,6 +83,45 @@ def test_a_merged_load_failing_while_folding_a_diff_puts_the_base_weights_back(m
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "negative-control"])
+def test_the_unload_a_failed_merged_write_advises_rebuilds_the_base(
+    recorded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A merged rewrite that fails partway (the first layer written, then a device fault), and
+    whose emptying fails too: the WriteError advises ``runtime.unload(0)``. The weights hold
+    lorahot's own partial write, not an edit, so that unload goes through and gives the base
+    weights back bitwise. The negative control leaves the partial write unrecorded: the unload
+    is refused as if the user had edited the weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 8)).double()
+    weights = [p.detach().clone() for p in model.parameters()]
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=8, merged=True)
+    runtime.load(make_adapter(model, {"0": 4, "1": 4}, seed=1, dtype=torch.float64)[0])
+    first = model[0].weight.detach().clone()
+    real_flat = merge._flat
+    calls: list[int] = []
+
+    def faulting(weight: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) > 2:  # the first layer (its weight and pristine copy) is rewritten, then every step faults
+            raise RuntimeError("device fault")
+        return real_flat(weight)
+
+    monkeypatch.setattr(merge, "_flat", faulting)
+    if not recorded:
+        monkeypatch.setattr(merge.Merger, "record_all", lambda self: None)
+    with pytest.raises(lorahot.WriteError, match=r"emptying slot 0 failed too.*runtime\.unload\(0\)"):
+        runtime.load(make_adapter(model, {"0": 4, "1": 4}, seed=2, dtype=torch.float64)[0])
+    monkeypatch.setattr(merge, "_flat", real_flat)
+    assert not torch.equal(model[0].weight, first)  # the partial write: the first layer holds the new adapter
+    if not recorded:
+        with pytest.raises(lorahot.UsageError, match="changed since lorahot last wrote them"):
+            runtime.unload(0)
+        return
+    runtime.unload(0)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
 # -- interrupted writes (KeyboardInterrupt from Ctrl-C or a signal handler) ----------------------
 
 
