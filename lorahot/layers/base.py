@@ -848,7 +848,9 @@ def _kept_state(module: nn.Module) -> Iterator[None]:
                 for k, v in vals.items():
                     b = bufs[k]
                     assert b is not None  # values hold only the buffers that were tensors
-                    if b.shape != v.shape:  # resized in place (an observer's first call): onto the saved copy
+                    if b.dtype != v.dtype or b.device != v.device:  # converted in place (``buffer.data = ...``)
+                        b.data = v
+                    elif b.shape != v.shape:  # resized in place (an observer's first call): onto the saved copy
                         b.set_(v.untyped_storage(), v.storage_offset(), v.shape, v.stride())
                     elif not _same_bytes(b, v):  # an inference tensor is written only inside inference mode
                         with torch.inference_mode() if b.is_inference() else contextlib.nullcontext():
@@ -863,8 +865,9 @@ def _kept_state(module: nn.Module) -> Iterator[None]:
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors of one shape and dtype hold the same bytes (NaN equals itself)."""
-    if a.dtype != b.dtype or a.device != b.device:
+    """Whether two tensors of one shape and dtype hold the same bytes (NaN equals itself);
+    False for those whose bytes are not read so (meta, quantized, sparse: they are copied)."""
+    if a.dtype != b.dtype or a.device != b.device or a.is_meta or a.is_quantized or a.layout != torch.strided:
         return False
     if a.numel() == 0:
         return True

@@ -230,14 +230,20 @@ def check_fit(
     others: tuple[str, ...] = (),
 ) -> None:
     """The checks of :func:`plan_load` that read no value: the keys map onto injected layers,
-    and the shapes and ranks fit them. Runs on an adapter read from its header alone
-    (``device="meta"``), so that an adapter made for another model is refused before its data
-    is read.
+    and the shapes fit them. Runs on an adapter read from its header alone (``device="meta"``),
+    so that an adapter made for another model is refused before its data is read. The rank
+    against ``max_rank`` is left to the load: a fused module that a split places onto several
+    layers (Flux's ``linear1``) takes each part's rank from its values (a block-sparse B), which
+    the header lacks.
 
     Raises:
         AdapterMismatchError: as :func:`plan_load`.
     """
-    _fit(adapter, buffers, specs, None, strict, extras_refusal, components, others)
+    _fit(adapter, buffers, specs, None, strict, extras_refusal, components, others, rank_limit=_NO_RANK_LIMIT)
+
+
+#: the rank limit :func:`check_fit` checks against: none (see there)
+_NO_RANK_LIMIT = 1 << 62
 
 
 def _fit(
@@ -249,9 +255,12 @@ def _fit(
     extras_refusal: ExtrasRefusal | None,
     components: tuple[str, ...],
     others: tuple[str, ...],
+    rank_limit: int | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule], list[str] | None]:
     """The adapter's modules resolved onto the layers (LoRA, other kinds, the keys left out
-    where not ``strict``), every problem of fit raised at once."""
+    where not ``strict``), every problem of fit raised at once; ranks against ``rank_limit``
+    (default the buffers' ``max_rank``)."""
+    limit = buffers.max_rank if rank_limit is None else rank_limit
     unplaced: list[str] | None = None if strict else []
     if components:
         targets, weights = resolve_components(adapter, list(specs), components, unplaced, others)
@@ -266,10 +275,7 @@ def _fit(
     misfits = _localize(targets, specs)
     problems = [p for found in misfits.values() for p in found]
     problems += [
-        p
-        for name, m in targets.items()
-        if name not in misfits
-        for p in check_module(name, m, specs[name], buffers.max_rank)
+        p for name, m in targets.items() if name not in misfits for p in check_module(name, m, specs[name], limit)
     ]
     if weight_of is not None:
         problems += [p for name, m in targets.items() for p in check_base_weight(name, m, weight_of)]

@@ -172,8 +172,8 @@ def test_a_sparse_file_declaring_a_huge_tensor_is_refused_before_its_data_is_rea
         f.truncate(8 + len(header) + rows * 32 + 32)  # sparse: nothing written
     runtime = lorahot.inject(torch.nn.Sequential(torch.nn.Linear(8, 4)), ["0"], max_rank=4)
     start = time.perf_counter()
-    # the fit planned from the header at the file's first read names the rank
-    with pytest.raises(lorahot.AdapterMismatchError, match=r"rank 67108864 > max_rank 4"):
+    # the fit planned from the header at the file's first read (B's shape does not match A's rank)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"B has shape \(4, 2\), expected \(4, 67108864\)"):
         runtime.load(path)
     assert time.perf_counter() - start < 5
     assert runtime.info(0) is None
@@ -229,12 +229,12 @@ def test_a_file_whose_tensors_cannot_form_an_adapter_is_refused_before_its_data_
 
 
 @pytest.mark.parametrize("checked", [True, False], ids=["header-first", "negative-control"])
-@pytest.mark.parametrize("misfit", ["another model's modules", "a rank over max_rank", "shapes of another width"])
+@pytest.mark.parametrize("misfit", ["another model's modules", "shapes of another width", "another model's DoRA"])
 def test_an_adapter_that_cannot_fit_the_model_is_refused_before_its_data_is_read(
     misfit: str, checked: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A well-formed adapter made for another model (its modules pair, but name no injected
-    layer, or do not fit it): the first read of the file plans its fit from the header alone
+    layer, or their shapes do not fit it): the first read of the file plans its fit from the header alone
     and refuses it with the load's own message before the data is read, each time (a refused
     file's structure is not memoized). The negative control plans nothing from the header:
     the same refusal comes after the whole data was read."""
@@ -243,16 +243,17 @@ def test_an_adapter_that_cannot_fit_the_model_is_refused_before_its_data_is_read
 
     if not checked:
         monkeypatch.setattr(lora_runtime, "check_fit", lambda *args: None)
-    rank, width, name = (8, 8, "0") if misfit == "a rank over max_rank" else (2, 8, "0")
+    width, name = 8, "0"
     if misfit == "another model's modules":
         name = "encoder.layers.3.fc"
     elif misfit == "shapes of another width":
         width = 16
-    path = tmp_path / f"{misfit.replace(' ', '_')}.safetensors"
+    path = tmp_path / "adapter.safetensors"
     prefix = f"base_model.model.{name}"
-    save_file(
-        {f"{prefix}.lora_A.weight": torch.randn(rank, width), f"{prefix}.lora_B.weight": torch.randn(4, rank)}, path
-    )
+    tensors = {f"{prefix}.lora_A.weight": torch.randn(2, width), f"{prefix}.lora_B.weight": torch.randn(4, 2)}
+    if misfit == "another model's DoRA":  # a magnitude of another width
+        tensors[f"{prefix}.lora_magnitude_vector"] = torch.rand(6)
+    save_file(tensors, path)
     read = sources.read_safetensors
     data_reads: list[object] = []
 
@@ -265,7 +266,7 @@ def test_an_adapter_that_cannot_fit_the_model_is_refused_before_its_data_is_read
     runtime = lorahot.inject(torch.nn.Sequential(torch.nn.Linear(8, 4)), ["0"], max_rank=4)
     message = {
         "another model's modules": r"encoder\.layers\.3\.fc",
-        "a rank over max_rank": r"rank 8 > max_rank 4",
+        "another model's DoRA": r"DoRA magnitude vector has shape \(6,\), expected 4 values",
         "shapes of another width": r"A has shape \(2, 16\), expected \(r, 8\)",
     }[misfit]
     for _ in range(2):

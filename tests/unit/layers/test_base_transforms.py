@@ -229,6 +229,41 @@ def test_the_probe_forward_leaves_a_stateful_module_as_it_was() -> None:
     assert model[0] is module and float(module.seen) == 0.0 and module.calls == 0
 
 
+class _Buffered(nn.Linear):
+    """A linear with one extra buffer, which its forward converts in place where ``convert``."""
+
+    def __init__(self, buffer: torch.Tensor, convert: bool = False) -> None:
+        super().__init__(4, 4)
+        self.register_buffer("extra", buffer)
+        self.convert = convert
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.convert:
+            self.extra.data = self.extra.data.double()
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("kind", ["quantized", "meta", "converted in place", "inference"])
+def test_the_probe_forward_puts_back_buffers_of_every_kind(kind: str) -> None:
+    """The probe forward's buffers are put back whatever they hold: a quantized or meta buffer
+    (whose bytes cannot be compared: the comparison crashed the process, or failed and read as
+    the module's own mismatch), one the forward converted in place to another dtype, and an
+    inference tensor (written back only inside inference mode)."""
+    if kind == "quantized":
+        buffer = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.quint8)
+    elif kind == "meta":
+        buffer = torch.empty(3, device="meta")
+    elif kind == "inference":
+        with torch.inference_mode():
+            buffer = torch.randn(3)
+    else:
+        buffer = torch.zeros(3)
+    module = _Buffered(buffer, convert=kind == "converted in place")
+    before = module.extra
+    lorahot.inject(nn.Sequential(module), ["0"], max_rank=2, merged=True)
+    assert module.extra is before and module.extra.dtype == buffer.dtype and module.extra.device == buffer.device
+
+
 def test_merged_mode_accepts_an_override_that_computes_the_same_map() -> None:
     torch.manual_seed(0)
     plain, merged = nn.Sequential(LoggingLinear(6, 5)).double(), nn.Sequential(LoggingLinear(6, 5)).double()

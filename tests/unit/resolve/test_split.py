@@ -5,6 +5,7 @@ nothing changed after a failed load)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +280,33 @@ def test_a_model_with_the_fused_layer_takes_the_module_whole() -> None:
             sd[f"lora_unet_double_blocks_0_img_attn_{name}.lora_up.weight"],
         )
         torch.testing.assert_close(layer(x), base + 2.0 * (x @ a.T @ b.T), rtol=1e-5, atol=1e-6)
+
+
+def test_a_block_sparse_fused_file_loads_as_its_tensors_do(tmp_path: Path) -> None:
+    """A block-sparse ``linear1`` (each part's B in its own columns, rank 2 per part, 8 in all)
+    with ``max_rank=2``: each part's rank comes from B's values, which the header lacks. Loaded
+    from a file, whose first read plans its fit from the header, it loads with the ranks and
+    outputs of the same tensors given as a dict (the header's plan once refused it: rank 8 >
+    max_rank 2)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    key, sizes = "lora_unet_single_blocks_0_linear1", [4, 4, 4, 16]
+    b = torch.randn(28, 8, generator=g) * torch.block_diag(*[torch.ones(n, 2) for n in sizes])
+    tensors = {
+        f"{key}.lora_down.weight": torch.randn(8, 4, generator=g),
+        f"{key}.lora_up.weight": b.contiguous(),
+        f"{key}.alpha": torch.tensor(8.0),
+    }
+    save_file(tensors, tmp_path / "adapter.safetensors")
+    x = torch.randn(3, 4, generator=g)
+    outs, ranks = [], []
+    for source in (tensors, tmp_path / "adapter.safetensors"):
+        torch.manual_seed(0)
+        model = _Model()
+        runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=2)
+        ranks.append(dict(runtime.load(source).ranks))
+        with torch.no_grad():
+            outs.append(model(x))
+    assert ranks[0] == ranks[1] and set(ranks[1].values()) == {2}
+    assert torch.equal(outs[0], outs[1])
