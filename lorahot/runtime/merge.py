@@ -71,12 +71,14 @@ def check_untied(model: nn.Module, names: list[str]) -> None:
     """
     by_storage: dict[tuple[torch.device, int], list[tuple[str, torch.Tensor]]] = {}
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for qualname, t in named:
-        if t.device.type != "meta" and t.numel():
+    for qualname, t in named:  # sparse and other layouts have no storage to share with a dense weight
+        if t.device.type != "meta" and t.numel() and t.layout == torch.strided:
             by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append((qualname, t))
     for name in names:
         weight = getattr(model.get_submodule(name), "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.device.type == "meta" or not weight.numel():
+            continue
+        if weight.layout != torch.strided:  # no storage to tie (check_mergeable refuses such a weight)
             continue
         own = f"{name}.weight"
         for qualname, t in by_storage.get((weight.device, weight.untyped_storage().data_ptr()), []):

@@ -601,3 +601,17 @@ def test_a_merged_conv_moved_to_channels_last_keeps_merging() -> None:
     assert model[0].base_layer.weight.is_contiguous(memory_format=torch.channels_last)
     lorahot.eject(model)  # its weight in channels_last, its values the base's (a conv over another layout rounds apart)
     assert torch.equal(model[0].weight, base[0].weight) and torch.equal(model[0].bias, base[0].bias)
+
+
+def test_merged_inject_into_a_model_with_a_sparse_buffer() -> None:
+    """The tied-weight check reads every tensor's storage; a sparse buffer has none (torch's
+    NotImplementedError, reported as an UnexpectedError): it cannot share a dense weight's
+    memory, so it is passed over, and the merged runtime serves."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    model.register_buffer("mask", torch.eye(4).to_sparse())
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, merged=True)
+    tensors, ab = make_adapter(model, {"0": 2, "2": 2}, seed=1)
+    runtime.load(tensors)
+    a, b = ab["0"]
+    torch.testing.assert_close(model[0].weight, model[0].pristine_weight + b @ a)
