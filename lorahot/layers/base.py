@@ -852,7 +852,7 @@ def _kept_state(module: nn.Module) -> Iterator[None]:
                         b.data = v
                     elif b.shape != v.shape:  # resized in place (an observer's first call): onto the saved copy
                         b.set_(v.untyped_storage(), v.storage_offset(), v.shape, v.stride())
-                    elif not _same_bytes(b, v):  # an inference tensor is written only inside inference mode
+                    else:  # an inference tensor is written only inside inference mode
                         with torch.inference_mode() if b.is_inference() else contextlib.nullcontext():
                             b.copy_(v)
                 for k in [k for k in m.__dict__ if k not in skip and k not in kept]:
@@ -862,16 +862,6 @@ def _kept_state(module: nn.Module) -> Iterator[None]:
                         m.__dict__[k] = obj
                     if items is not None and not _same_items(obj, items):
                         _put_items(obj, items)
-
-
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors of one shape and dtype hold the same bytes (NaN equals itself);
-    False for those whose bytes are not read so (meta, quantized, sparse: they are copied)."""
-    if a.dtype != b.dtype or a.device != b.device or a.is_meta or a.is_quantized or a.layout != torch.strided:
-        return False
-    if a.numel() == 0:
-        return True
-    return bool((a.reshape(-1).contiguous().view(torch.uint8) == b.reshape(-1).contiguous().view(torch.uint8)).all())
 
 
 def _items(value: object) -> list[Any] | None:
@@ -932,7 +922,7 @@ def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: An
         module.base_layer.__dict__.pop("_lorahot_reported", None)
         if args and args[0].get("assign_to_params_buffers"):  # local_metadata
             # before anything below is noted; called on the layer itself, nothing was loaded
-            _refuse_assigned_load(module, state_dict, inner, _LOAD_REFUSED if not prefix else "")
+            _refuse_assigned_load(module, state_dict, inner, _load_outcome(prefix))
     if isinstance(module, LoRALayer) and module.pristine_weight is not None:
         base = module.base_layer
         for name in _BASE_PARAMETERS:
@@ -1013,15 +1003,33 @@ def _put_plain_tensor(layer: LoRALayer, name: str, value: torch.Tensor) -> None:
     base._parameters[name] = value  # type: ignore[assignment]  # as torch's stateless call puts it
 
 
+#: what a refusal did, for an attribute assignment and for ``load_state_dict(assign=True)``
+_ASSIGNMENT_REFUSED = "The assignment was refused"
+_LOAD_STOPPED = (
+    "load_state_dict stopped at this layer (the modules before it were loaded, this one and those after it were not)"
+)
+_LOAD_REFUSED = "load_state_dict was refused before it loaded anything"
+
+
+def _load_outcome(prefix: str) -> str:
+    """What a layer's own hook refusing a load did: nothing loaded where the load was called on
+    the layer (or its base layer) itself, else the modules before it loaded."""
+    return _LOAD_STOPPED if prefix else _LOAD_REFUSED
+
+
 def _refuse_assigned_load(
-    layer: LoRALayer, state_dict: Mapping[str, Any], prefix: str, outcome: str = "", *, wrapper: str | None = None
+    layer: LoRALayer,
+    state_dict: Mapping[str, Any],
+    prefix: str,
+    outcome: str = _LOAD_STOPPED,
+    *,
+    wrapper: str | None = None,
 ) -> None:
     """``load_state_dict(assign=True)`` of tensors the layer would refuse (see
     :func:`_refuse_replaced_weight`), refused from a load pre hook: raised while torch assigns
     a tensor, the refusal would be folded into torch's own ``RuntimeError``. ``prefix`` is the
     base layer's; with ``wrapper`` (the layer's own prefix) a key there counts too, as the
     layer's own hook would move it to the base layer."""
-    outcome = outcome or _LOAD_STOPPED
     for name in _BASE_PARAMETERS:
         new = state_dict.get(prefix + name)
         if new is None and wrapper is not None:
@@ -1042,14 +1050,6 @@ def refuse_assigned_load_under(module: nn.Module, state_dict: Mapping[str, Any],
         if isinstance(layer, LoRALayer):
             own = f"{prefix}{path}." if path else prefix
             _refuse_assigned_load(layer, state_dict, own + "base_layer.", _LOAD_REFUSED, wrapper=own)
-
-
-#: what a refusal did, for an attribute assignment and for ``load_state_dict(assign=True)``
-_ASSIGNMENT_REFUSED = "The assignment was refused"
-_LOAD_STOPPED = (
-    "load_state_dict stopped at this layer (the modules before it were loaded, this one and those after it were not)"
-)
-_LOAD_REFUSED = "load_state_dict was refused before it loaded anything"
 
 
 def _shape_refusal(layer: LoRALayer, name: str, new: Any, outcome: str = _ASSIGNMENT_REFUSED) -> str | None:
@@ -1165,7 +1165,7 @@ class _BaseLoadHook:
         if not self._post:
             state_dict, prefix, metadata = args[0], args[1], args[2]
             if metadata.get("assign_to_params_buffers"):  # torch would catch the refusal per tensor
-                _refuse_assigned_load(layer, state_dict, prefix, _LOAD_REFUSED if not prefix else "")
+                _refuse_assigned_load(layer, state_dict, prefix, _load_outcome(prefix))
             module.__dict__["_lorahot_loading"] = prefix + "weight" in state_dict or prefix + "bias" in state_dict
             return
         if module.__dict__.pop("_lorahot_loading", False):

@@ -161,10 +161,11 @@ def _differs(layer: LoRALayer) -> torch.Tensor | bool:
     """Whether the weight is no longer what :func:`record` noted: its sampled elements,
     compared as bytes (NaN equals itself) where the weight is now, after the conversion a move
     of the model (``model.half()``, ``.to(device)``) applies to it, since such a move changes
-    nothing lorahot wrote; and, where its version counter moved (or it has none) and the layer
-    was not moved since, its row and column sums (:func:`_digest`). A weight of another size, or one on
-    the meta device, has changed. An edit through ``weight.data`` moves no version counter:
-    it is noticed where it changes a sampled element, or in an inference tensor."""
+    nothing lorahot wrote; and, where its version counter moved (or it has none) and no move
+    converted its bytes since, its row and column sums (:func:`_digest`). A weight of another
+    size, or one on the meta device, has changed. An edit through ``weight.data`` moves no
+    version counter: it is noticed where it changes a sampled element, or in an inference
+    tensor."""
     positions, written, numel, written_bias, version, digest = layer.written_probe  # type: ignore[misc]
     weight, bias = layer.base_weight.detach(), layer.base_bias
     if weight.is_meta or weight.numel() != numel or (bias is None) != (written_bias is None):
@@ -190,8 +191,8 @@ def replaced(layers: Sequence[LoRALayer]) -> list[bool]:
     checkpoint loaded after inject, in merged mode): noted in full by ``load_state_dict``
     (:attr:`~lorahot.layers.base.LoRALayer.checkpoint_loaded`), and for a weight written
     otherwise a few of its elements read back and, where its version counter moved, its row
-    and column sums (one read to the host per device). A move of the model to another dtype or device
-    is not a change (see :func:`_differs`)."""
+    and column sums (one read to the host per device). A move of the model to another dtype
+    or device is not a change (see :func:`_differs`)."""
     flags = [layer.checkpoint_loaded for layer in layers]
     by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     for i, layer in enumerate(layers):

@@ -16,6 +16,24 @@ from lorahot.io.safety import check_safetensors
 from lorahot.io.tensorfile import TensorSlice, read_tensors
 
 
+@pytest.fixture
+def data_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The paths whose data section lorahot's reader reads (a read of the header alone, on the
+    meta device, is not one)."""
+    from lorahot.io import sources
+
+    read = sources.read_safetensors
+    reads: list[object] = []
+
+    def counting(p: object, device: object = None, *args: object) -> object:
+        if device is None or getattr(device, "type", None) != "meta":
+            reads.append(p)
+        return read(p, device, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sources, "read_safetensors", counting)
+    return reads
+
+
 def _file(tmp_path: Path) -> Path:
     path = tmp_path / "a.safetensors"
     tensors = {
@@ -180,15 +198,13 @@ def test_a_sparse_file_declaring_a_huge_tensor_is_refused_before_its_data_is_rea
 
 
 def test_a_file_whose_tensors_cannot_form_an_adapter_is_refused_before_its_data_is_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, data_reads: list[object]
 ) -> None:
     """A sparse file of a few hundred KB declaring 2,000 unpaired A tensors (32 MB of data): the
     load allocated and read the whole data section before it found them unpaired (an independent
     audit: 343 MB for a 1.9 MB file). A file seen the first time is now grouped into modules from
     its header alone first; a second load of a good file reads its header's recipe only once."""
     import json
-
-    from lorahot.io import sources
 
     n, numel = 2000, 2000
     header = json.dumps(
@@ -205,15 +221,6 @@ def test_a_file_whose_tensors_cannot_form_an_adapter_is_refused_before_its_data_
     with open(path, "wb") as f:
         f.write(len(header).to_bytes(8, "little") + header)
         f.truncate(8 + len(header) + n * numel * 8)
-    read = sources.read_safetensors
-    data_reads: list[object] = []
-
-    def counting(p: object, device: object = None, *args: object) -> object:
-        if device is None or getattr(device, "type", None) != "meta":
-            data_reads.append(p)
-        return read(p, device, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(sources, "read_safetensors", counting)
     runtime = lorahot.inject(torch.nn.Sequential(torch.nn.Linear(8, 4)), ["0"], max_rank=4)
     with pytest.raises(lorahot.AdapterMismatchError, match=r"junk\.0: has lora_A .* but no lora_B"):
         runtime.load(path)
@@ -231,14 +238,13 @@ def test_a_file_whose_tensors_cannot_form_an_adapter_is_refused_before_its_data_
 @pytest.mark.parametrize("checked", [True, False], ids=["header-first", "negative-control"])
 @pytest.mark.parametrize("misfit", ["another model's modules", "shapes of another width", "another model's DoRA"])
 def test_an_adapter_that_cannot_fit_the_model_is_refused_before_its_data_is_read(
-    misfit: str, checked: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    misfit: str, checked: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_reads: list[object]
 ) -> None:
     """A well-formed adapter made for another model (its modules pair, but name no injected
-    layer, or their shapes do not fit it): the first read of the file plans its fit from the header alone
-    and refuses it with the load's own message before the data is read, each time (a refused
-    file's structure is not memoized). The negative control plans nothing from the header:
+    layer, or their shapes do not fit it): the first read of the file plans its fit from the
+    header alone and refuses it with the load's own message before the data is read, each time
+    (a refused file's structure is not memoized). The negative control plans nothing from the header:
     the same refusal comes after the whole data was read."""
-    from lorahot.io import sources
     from lorahot.runtime import lora_runtime
 
     if not checked:
@@ -254,15 +260,6 @@ def test_an_adapter_that_cannot_fit_the_model_is_refused_before_its_data_is_read
     if misfit == "another model's DoRA":  # a magnitude of another width
         tensors[f"{prefix}.lora_magnitude_vector"] = torch.rand(6)
     save_file(tensors, path)
-    read = sources.read_safetensors
-    data_reads: list[object] = []
-
-    def counting(p: object, device: object = None, *args: object) -> object:
-        if device is None or getattr(device, "type", None) != "meta":
-            data_reads.append(p)
-        return read(p, device, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(sources, "read_safetensors", counting)
     runtime = lorahot.inject(torch.nn.Sequential(torch.nn.Linear(8, 4)), ["0"], max_rank=4)
     message = {
         "another model's modules": r"encoder\.layers\.3\.fc",
