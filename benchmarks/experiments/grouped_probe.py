@@ -53,7 +53,23 @@ the module's forward, no operator: the compiler's wrapper launches the GEMMs, an
 an out-of-place GEMM whose addition to ``y`` the compiler fuses with what follows (RoPE, the
 SiLU product, the residual add). Predicted in default mode: the launch counts of their operator
 forms (+4 and +1 per block, if every addition fuses), at the base model's cost per launch,
-about 1.26x and 1.07x at decode.
+about 1.26x and 1.07x at decode. ``traced_kx`` keeps the library's layout (each member's
+``[[W, B_s], [A, 0]]`` back to back) and does every expand in one batched GEMM over strided
+views, as :func:`lorahot.kernels.wide_groups.expands` does in default mode (written here
+first). Measured (H200, torch 2.11, 2026-12-02; synced ms, ratio to base, launches per call):
+
+- ``runs/20261202T143921-grouped-probe-default-traced-bd.log``: base 5.28 decode, 5.54
+  prefill, 335 launches; lorahot with a shrink and a wide GEMM per layer 10.47 (1.98x), 13.58
+  (2.45x), 489; ``traced_bd`` 7.16 (1.36x), 9.27 (1.67x), 401.
+- ``runs/20261202T150507-grouped-probe-default-library-groups.log``: base 5.67, 6.09, 335;
+  lorahot with :func:`~lorahot.kernels.wide_groups.expands` 6.73 (1.19x), 9.01 (1.48x), 423;
+  ``traced_kx`` 9.78 (1.72x), 8.00 (1.31x), 401.
+
+The rounds spread widely (``traced_kx``'s decode 6.37 / 9.78 / 11.64 ms); the launch counts are
+firm. ``PROBE_PART=k`` lists the kernels of one decode call of the 2-layer model per form
+(``runs/20261202T150345-grouped-probe-kernels-small.log``): base 33, lorahot / ``traced_kx`` /
+``traced_bd`` 39 each: one GEMM and two elementwise kernels more per block, kernels whose names
+show RoPE over the sums ``y + expand`` (the base model's RoPE reads the GEMM's output).
 
 A form named ``NAME_dyn`` is ``NAME`` compiled with ``dynamic=True`` (the row count symbolic,
 as the rows suite compiles: lorahot's layers then run the dynamic-shapes operator).
@@ -64,8 +80,8 @@ against the base model's: at 256 rows lorahot 1.29x / 1.28x, ``group_rows`` 1.12
 1.04x / 1.04x (two processes); at 2048 rows every form 1.12-1.14x.
 
 ``PROBE_PART``: ``d`` default mode (decode 1 row, prefill 128 rows, compiled after the prefill
-as the forward suite does: the decode graph's rows are symbolic); ``r`` reduce-overhead at 256
-and 2048 rows (static shapes; ``PROBE_ROWS``); default ``d``. ``PROBE_FORMS`` picks the forms
+as the forward suite does); ``r`` reduce-overhead at 256 and 2048 rows (static shapes;
+``PROBE_ROWS``); ``k`` the kernel list above; default ``d``. ``PROBE_FORMS`` picks the forms
 of either part (default all five).
 
     PYTHONPATH=. python3 -m benchmarks.experiments.grouped_probe
@@ -128,13 +144,25 @@ torch.library.register_fake("lorahot_probe::wide")(_wide_fake)
 class Group:
     """One operator's weights for layers ``mods`` reading one input."""
 
-    def __init__(self, mods: list[torch.nn.Linear], ab: list[tuple[torch.Tensor, torch.Tensor]], blocks: bool) -> None:
+    def __init__(
+        self, mods: list[torch.nn.Linear], ab: list[tuple[torch.Tensor, torch.Tensor]], blocks: bool, kx: bool = False
+    ) -> None:
         self.outs = [m.out_features for m in mods]
         self.blocks = blocks
+        self.kx = kx
         r = ab[0][0].shape[0]
         self.rank = r
         ws = [m.weight.detach() for m in mods]
-        if blocks:
+        if kx:  # the library's group layout: each member's [[W, B_s], [A, 0]] back to back
+            self.wide = torch.cat(
+                [
+                    torch.cat([torch.cat([w, b], 1), torch.nn.functional.pad(a, (0, r))])
+                    for w, (a, b) in zip(ws, ab, strict=True)
+                ]
+            ).contiguous()
+            self.bs = []
+            self.g = self.wide
+        elif blocks:
             self.g = torch.cat(ws + [a for a, _ in ab]).contiguous()
             bd = ws[0].new_zeros((sum(self.outs), r * len(mods)))
             row = 0
@@ -161,9 +189,11 @@ class Group:
 
     def traced_call(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``x @ G.T`` then the expands out of place, each added to its ``y``: one GEMM per
-        expand (one for the whole group where ``blocks``) and additions the compiler fuses."""
-        yh = torch.nn.functional.linear(x, self.g)
+        expand (one for the whole group where ``blocks`` or ``kx``) and additions the compiler fuses."""
         r = self.rank
+        if self.kx:
+            return self.kx_call(x)
+        yh = torch.nn.functional.linear(x, self.g)
         if self.blocks:
             n = sum(self.outs)
             y = yh[..., :n] + yh[..., n:] @ self.bs[0].t()
@@ -173,11 +203,48 @@ class Group:
             for (at, out), b in zip(self.splits, self.bs, strict=True)
         ]
 
+    def kx_call(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The library's layout ``[[W_1, B_1], [A_1, 0], [W_2, B_2], ...]``: one GEMM over its
+        first ``in`` columns gives ``[y_1 | h_1 | y_2 | h_2 ..]``; the shrinks, evenly spaced
+        where members 2..k have one width, are one strided view ``[k, rows, R]``, and one
+        batched GEMM gives every expand: against each member's own ``B_s`` where all members
+        have one width (the B blocks are then evenly spaced too), else against the B columns
+        of the whole group for every member (``k`` times the expand's arithmetic), of which
+        member i keeps its own block. Views only: no copy at any row count."""
+        r, k = self.rank, len(self.outs)
+        n_in = x.shape[-1]
+        total = self.wide.shape[0]
+        x2 = x.reshape(-1, n_in)
+        yh = torch.nn.functional.linear(x2, self.wide[:, :n_in])
+        if k == 1:
+            n = self.outs[0]
+            return [(yh[:, :n] + yh[:, n:] @ self.wide[:n, n_in:].t()).view(*x.shape[:-1], n)]
+        rows = yh.shape[0]
+        gap = self.outs[-1] + r
+        # [k, rows, R]: the k gaps that end at each shrink (member 1 at least as wide as the rest)
+        h = yh.narrow(1, self.outs[0] + r - gap, k * gap).view(rows, k, gap)[..., gap - r :].transpose(0, 1)
+        bt = self.wide[:, n_in:].t()  # [R, total]
+        out, at = [], 0
+        if all(n == self.outs[0] for n in self.outs):
+            d = torch.bmm(h, bt.view(r, k, gap).transpose(0, 1)[..., : self.outs[0]])  # [k, rows, out]
+            for i, n in enumerate(self.outs):
+                out.append((yh[:, i * gap : i * gap + n] + d[i]).view(*x.shape[:-1], n))
+            return out
+        d = torch.bmm(h, bt.expand(k, r, total))  # [k, rows, total]
+        for i, n in enumerate(self.outs):
+            out.append((yh[:, at : at + n] + d[i, :, at : at + n]).view(*x.shape[:-1], n))
+            at += n + r
+        return out
+
 
 def _group(
-    mods: list[torch.nn.Linear], ab: list[tuple[torch.Tensor, torch.Tensor]], blocks: bool, traced: bool
+    mods: list[torch.nn.Linear],
+    ab: list[tuple[torch.Tensor, torch.Tensor]],
+    blocks: bool,
+    traced: bool,
+    kx: bool = False,
 ) -> Group:
-    group = Group(mods, ab, blocks)
+    group = Group(mods, ab, blocks, kx)
     group.traced = traced
     return group
 
@@ -227,6 +294,7 @@ def grouped(model: torch.nn.Module, ab: dict[str, tuple[torch.Tensor, torch.Tens
     """Patches every attention and MLP of ``model`` to run its projections as ``form``'s operators."""
     blocks = form in ("group_bd", "traced_bd")
     traced = form.startswith("traced_")
+    kx = form == "traced_kx"
 
     def shared(
         mod: torch.nn.Module, name: str, projections: tuple[str, ...]
@@ -235,18 +303,18 @@ def grouped(model: torch.nn.Module, ab: dict[str, tuple[torch.Tensor, torch.Tens
         mods = [getattr(mod, p) for p in projections]
         weights = [ab[f"{name}.{p}"] for p in projections]
         if form != "op_each":
-            return _group(mods, weights, blocks, traced)
+            return _group(mods, weights, blocks, traced, kx)
         each = [Group([m], [w], False) for m, w in zip(mods, weights, strict=True)]
         return lambda h: [g(h)[0] for g in each]
 
     for name, mod in model.named_modules():
         if name.endswith("self_attn"):
             mod._probe_qkv = shared(mod, name, ("q_proj", "k_proj", "v_proj"))
-            mod._probe_o = _group([mod.o_proj], [ab[f"{name}.o_proj"]], blocks, traced)
+            mod._probe_o = _group([mod.o_proj], [ab[f"{name}.o_proj"]], blocks, traced, kx)
             mod.forward = MethodType(_attention, mod)
         elif name.endswith("mlp"):
             mod._probe_gu = shared(mod, name, ("gate_proj", "up_proj"))
-            mod._probe_down = _group([mod.down_proj], [ab[f"{name}.down_proj"]], blocks, traced)
+            mod._probe_down = _group([mod.down_proj], [ab[f"{name}.down_proj"]], blocks, traced, kx)
             mod.forward = MethodType(_mlp, mod)
     return model
 
@@ -340,6 +408,39 @@ def part(
             )
 
 
+def kernels(forms: tuple[str, ...]) -> None:
+    """Prints, per form, the kernels one default-mode decode call of the 2-layer model launches
+    (after a prefill call, as ``part`` compiles), and its error against lorahot's eager output."""
+    from collections import Counter
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    w = build(small=True, device=dev)
+    ab = adapter_weights(adapter_file(w.adapters[MAX_RANK]), w.dtype, dev)
+    keep: list[Any] = []
+    with torch.inference_mode():
+        want = make("lorahot", w, ab, keep)(input_ids=w.decode).logits.float()
+    for name in forms:
+        torch._dynamo.reset()
+        c = torch.compile(make(name, w, ab, keep), fullgraph=True)
+        with torch.inference_mode():
+            c(input_ids=w.prefill)
+            for _ in range(3):
+                got = c(input_ids=w.decode).logits.float()
+            sync()
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as prof:
+                c(input_ids=w.decode)
+                sync()
+        names: Counter[str] = Counter()
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                names[e.name[:90]] += 1
+        err = ((got - want).norm() / want.norm()).item()
+        print(f"kernels {name}: {sum(names.values())} kernels, error {err:.4f}")
+        for k, v in sorted(names.items()):
+            print(f"    {v:3d} {k}")
+
+
 def main() -> None:
     # every configuration's model shares the same code objects: one dynamo cache for them all
     torch._dynamo.config.recompile_limit = 64
@@ -349,6 +450,8 @@ def main() -> None:
     ab = adapter_weights(adapter_file(w.adapters[MAX_RANK]), w.dtype, dev)
     parts = os.environ.get("PROBE_PART", "d")
     forms = tuple(os.environ.get("PROBE_FORMS", "base,lorahot,op_each,group_rows,group_bd").split(","))
+    if "k" in parts:  # the kernels of one decode call per form, on the 2-layer model
+        kernels(forms)
     if "d" in parts:
         part("default", {"decode": w.decode, "prefill": w.prefill}, w, ab, forms)
     if "r" in parts:

@@ -9,7 +9,16 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["RESHAPES", "adjacent_runs", "arena_view", "erase_unused", "fake_mode", "set_fake_values", "source"]
+__all__ = [
+    "RESHAPES",
+    "adjacent_runs",
+    "arena_view",
+    "erase_unused",
+    "fake_mode",
+    "set_fake_values",
+    "source",
+    "splice",
+]
 
 _T = TypeVar("_T")
 
@@ -73,6 +82,24 @@ def set_fake_values(fake: Any, nodes: Iterable[torch.fx.Node]) -> None:
         for node in nodes:
             args = torch.fx.node.map_arg(node.args, lambda n: n.meta["val"])
             node.meta["val"] = node.target(*args)  # type: ignore[operator]
+
+
+def splice(
+    graph: torch.fx.Graph, fn: Callable[..., list[torch.Tensor]], args: tuple[torch.fx.Node, ...], fake: Any
+) -> list[torch.fx.Node]:
+    """``fn`` traced to aten on the fake values of ``args`` (in the graph's fake mode ``fake``,
+    with inductor's decompositions, symbolic sizes read from the inputs), its nodes copied into
+    ``graph`` at the insertion point with ``args`` for its inputs; returns its outputs' nodes."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    values = [a.meta["val"] for a in args]
+    with fake, enable_python_dispatcher():
+        traced = make_fx(fn, select_decomp_table(), tracing_mode="real")(*values)
+    inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    out = graph.graph_copy(traced.graph, dict(zip(inputs, args, strict=True)))
+    return list(out)  # type: ignore[arg-type]
 
 
 def erase_unused(graph: torch.fx.Graph, node: torch.fx.Node, removable: Collection[Any]) -> None:

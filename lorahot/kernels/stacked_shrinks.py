@@ -92,8 +92,7 @@ class StackShrinks(CustomGraphPass):
         stack_shrinks(graph)
         if stacked_routed.ENABLED:
             stacked_routed.stack_routed(graph)
-        if wide_groups.ENABLED:
-            wide_groups.group_wide_layers(graph)
+        wide_groups.group_wide_layers(graph)  # joins where ENABLED; in default mode lowers to aten too
 
     def uuid(self) -> Any:
         """This file's, :mod:`~lorahot.kernels.extern_inputs`', :mod:`~lorahot.kernels.stacked_routed`'s

@@ -27,10 +27,29 @@ more such operators over one input whose buffers lie back to back with one
 choice per call is the members' own: where the fused kernel pays for every member's rows
 (:func:`lorahot.kernels.lora_linear.worth_it`), each member's kernel writes its columns;
 else the one GEMM and the expands. A graph without such operators passes through unchanged.
+
+**Default mode.** Without CUDA graphs each call runs the compiled wrapper on the host, which
+pays about 15-20 us per launch on the H200 hosts whatever it launches, and an operator's Python
+body costs more than the launches it saves (:mod:`lorahot.kernels.compile_mode`). There the
+members of a group run the same operator (``fused=False``), and the pass replaces each run by
+:func:`expands` traced to aten (:func:`lorahot.kernels.fx_graph.splice`), which the compiler
+launches from its own wrapper: one GEMM over the group's rows, then one batched GEMM for every
+member's expand over strided views of the shrinks and of the B columns, whose additions the
+compiler fuses into what reads each output (RoPE, the SiLU product). q/k/v and gate/up then
+cost two launches each where the base model spends three and two; every other such operator
+(a buffer apart from its allocation, a member over another input) becomes its own two GEMMs.
+Measured on an H200 (``benchmarks/experiments/grouped_probe.py``, the forward suite's model,
+154 rank-64 layers, one decode row, 3 interleaved rounds of 30 calls,
+``runs/20261202T150507-grouped-probe-default-library-groups.log``): 423 launches per decode
+call against 489 with a shrink and a wide GEMM per layer and the base model's 335; 6.73 ms
+against the base's 5.67 (1.19x; back to back 1.10x), where the same code before this path
+read 1.98x in another process (``runs/20261202T143921-grouped-probe-default-traced-bd.log``).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -45,10 +64,11 @@ from lorahot.kernels.fx_graph import (
     fake_mode,
     set_fake_values,
     source,
+    splice,
 )
 from lorahot.kernels.op_registry import define, refuse_grad
 
-__all__ = ["ENABLED", "wide_group", "group_wide_layers"]
+__all__ = ["ENABLED", "expands", "wide_group", "group_wide_layers"]
 
 #: Whether :class:`lorahot.kernels.stacked_shrinks.StackShrinks` runs :func:`group_wide_layers`
 #: (for graphs compiled from then on).
@@ -135,21 +155,106 @@ Groups = dict[tuple[Any, ...], list[Member]]
 
 def group_wide_layers(graph: torch.fx.Graph) -> int:
     """Rewrites every run of two or more ``lorahot::wide_linear_dynamic`` nodes over one input
-    whose wide buffers are adjacent views of one graph input into one ``lorahot::wide_group``;
-    returns how many operators it removed."""
+    whose wide buffers are adjacent views of one graph input (where :data:`ENABLED`), and
+    returns how many operators it removed. Where the graph launches its kernels from the host
+    on every call (default mode, whose layers pass ``fused=False``), a run becomes
+    :func:`expands` in aten, which the compiler launches itself, and so does every other such
+    node alone: an operator's Python body costs the host more there than the launches it
+    saves. Elsewhere (CUDA graphs, where the body runs once, at capture) a run becomes one
+    ``lorahot::wide_group``."""
+    per_call = _launched_per_call()
     removed = 0
-    for (_, alloc, cols, _), members in _groups(graph).items():
+    for (_, alloc, cols, fused), members in _groups(graph).items():
         members.sort(key=lambda m: m[0])
+        lower = per_call and not fused
 
         def follows(a: Member, b: Member, cols: int = cols) -> bool:
-            return b[0] == a[0] + a[1] * cols
+            return ENABLED and b[0] == a[0] + a[1] * cols
 
         for run in adjacent_runs(members, follows):
+            if lower:
+                removed += _lower(graph, run, alloc, cols)
+                continue
             # the graph's order as it is now: a join before this one made nodes (a member's
             # output slice) that this run's members may read (layers over a member's output)
             order = {node: float(i) for i, node in enumerate(graph.nodes)}
             removed += _join(graph, run, alloc, cols, order)
+    if per_call:  # the others (a buffer apart from its allocation), each alone
+        target = torch.ops.lorahot.wide_linear_dynamic.default
+        for node in list(graph.nodes):
+            wide = node.args[1] if node.op == "call_function" and node.target is target else None
+            if isinstance(wide, torch.fx.Node) and node.args[-1] is False:
+                removed += _lower(graph, [(0, 0, node)], wide, None)
     return removed
+
+
+def _launched_per_call() -> bool:
+    """Whether the graph being compiled launches its kernels from the host on every call: the
+    inductor options it compiles under (the mode's, patched in for the compile) capture no CUDA
+    graphs. The post-grad passes run inside that patch."""
+    from torch._inductor import config as inductor_config
+
+    return not bool(inductor_config.triton.cudagraphs)
+
+
+def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int]) -> list[torch.Tensor]:
+    """The members' outputs, without bias, from their buffers back to back in ``wide``
+    (``[sum(out_i + R), in + R]``, each ``[[W_i, B_s_i], [A_i, 0]]``), in plain torch for the
+    compiler to launch: one GEMM over the first ``in`` columns, ``[y_1 | h_1 | y_2 | h_2 ..] =
+    x @ [W_1; A_1; W_2; A_2 ..].T``, then the expands, each ``y_i + h_i @ B_s_i.T``, whose
+    additions the compiler fuses with what reads them. Where members 2..k have one width and
+    the first is at least as wide, the shrinks lie evenly spaced, ``[k, rows, R]`` as one view,
+    and every expand is one batched GEMM: against each member's own ``B_s`` where all widths
+    are equal (the B blocks evenly spaced as well), else against the B columns of the whole
+    group for each member, of which it keeps its own block (``k`` times the expand's
+    arithmetic: on the TinyLlama shape's q/k/v about 2.5% of a block's, against two launches
+    fewer). Else one GEMM per expand. Views throughout: no copy at any row count."""
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    r = wide.shape[1] - k
+    total = wide.shape[0]
+    yh = x.reshape(rows, k) @ wide[:, :k].t()
+    bt = wide[:, k:].t()  # [R, sum(out_i + R)]: B_s_i.T in member i's columns, zeros under the A rows
+    gap = outs[-1] + r
+    at = list(itertools.accumulate([0] + [n + r for n in outs[:-1]]))
+    if len(outs) == 1 or not all(n == outs[-1] for n in outs[1:]) or outs[0] < outs[-1]:
+        ys = [yh[:, i : i + n] + yh[:, i + n : i + n + r] @ bt[:, i : i + n] for i, n in zip(at, outs, strict=True)]
+    else:
+        h = yh[:, outs[0] + r - gap :].view(rows, len(outs), gap)[..., gap - r :].transpose(0, 1)
+        if outs[0] == outs[-1]:
+            d = torch.bmm(h, bt.view(r, len(outs), gap).transpose(0, 1)[..., : outs[0]])
+            ys = [yh[:, i : i + n] + d[j] for j, (i, n) in enumerate(zip(at, outs, strict=True))]
+        else:
+            d = torch.bmm(h, bt.expand(len(outs), r, total))
+            ys = [yh[:, i : i + n] + d[j, :, i : i + n] for j, (i, n) in enumerate(zip(at, outs, strict=True))]
+    return [y.view(*lead, n) for y, n in zip(ys, outs, strict=True)]
+
+
+def _lower(graph: torch.fx.Graph, run: list[Member], alloc: torch.fx.Node, cols: int | None) -> int:
+    """Replaces the run's operators by :func:`expands` over the run's rows of ``alloc`` (with
+    ``cols`` columns; None: a lone operator's own buffer, ``alloc``), traced to aten in the
+    graph's fake mode and placed before the first member: the members' input is the first's
+    (one source, the run's key), computed before it."""
+    nodes = [node for _, _, node in run]
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    first = min(nodes, key=order.__getitem__)
+    fake, x = fake_mode(first), first.args[0]
+    if fake is None or not isinstance(x, torch.fx.Node):
+        return 0
+    outs = [int(node.meta["val"].shape[-1]) for node in nodes]
+    with graph.inserting_before(first):
+        if cols is None:
+            wide = alloc
+        else:
+            size = [sum(r for _, r, _ in run), cols]
+            wide = graph.call_function(_aten.as_strided.default, (alloc, size, [cols, 1], run[0][0]))
+            set_fake_values(fake, (wide,))
+        values = splice(graph, lambda x, w: expands(x, w, outs), (x, wide), fake)
+    for node, value in zip(nodes, values, strict=True):
+        node.replace_all_uses_with(value)
+        erase_unused(graph, node, _REMOVABLE)
+    return len(nodes)
 
 
 def _groups(graph: torch.fx.Graph) -> Groups:

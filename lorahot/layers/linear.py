@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lorahot.errors import UsageError
-from lorahot.kernels import compile_mode, routed_linear
+from lorahot.kernels import compile_mode, routed_linear, wide_groups
 from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.kernels import wide_linear as wide_kernel
@@ -267,7 +267,14 @@ class LoRALinear(LoRALayer):
         or the checks fail: the general forward then decides."""
         if not self.can_widen(x):  # for a fused, wide layer also the fused kernel's conditions on x
             return None
-        if fused and not compile_mode.launched_per_call():  # not replayed: the wide GEMMs (compile_mode)
+        per_call = compile_mode.launched_per_call()
+        if per_call and self._plan[7] is not None and wide_groups.ENABLED:
+            # default mode, a member of a wide group: the operator, which the grouping pass
+            # replaces by one GEMM for the group's members over one input and their expands,
+            # in aten the compiler launches itself (lorahot.kernels.wide_groups.expands)
+            a, b, s, _ = self._views()
+            return self.dynamic_forward(x, a, b, s)
+        if fused and not per_call:  # not replayed: the wide GEMMs (compile_mode)
             rows = _rows(x)
             if not fused_kernel.decidable(rows):  # a choice per call: the general forward's operator
                 return None

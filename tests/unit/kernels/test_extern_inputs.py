@@ -69,6 +69,7 @@ def test_a_layer_after_a_library_gemm_drops_its_concatenation(enabled: bool, mon
     (``p``'s, ``k``'s and ``v``'s) where there were four. Compiled, the block equals the eager
     one, and after two swaps it still does, with no recompile; so it does with the rewrite off."""
     monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    monkeypatch.setattr(wide_groups, "ENABLED", False)  # k and v as one GEMM in default mode: no concatenation
     monkeypatch.setattr(extern_inputs, "ENABLED", enabled)
     rewrites, cats = _spy(monkeypatch)
     torch.manual_seed(0)
@@ -117,6 +118,7 @@ def test_a_diffusers_unet_rewrites_the_projections_after_attention(monkeypatch: 
     from tests.helpers import tiny_unet
 
     monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    monkeypatch.setattr(wide_groups, "ENABLED", False)  # q/k/v as one GEMM in default mode: no shrinks to stack
     monkeypatch.setattr(extern_inputs, "ENABLED", True)
     rewrites, _ = _spy(monkeypatch)
     removed: list[int] = []
@@ -145,11 +147,12 @@ def test_gpu_a_rewritten_layer_follows_swaps(mode: str, monkeypatch: pytest.Monk
     gives the eager one's output through swaps, no recompile.
 
     The four layers share a parent and an input width, so inject makes them one wide group
-    (:mod:`lorahot.kernels.wide_groups`). In default mode that changes nothing. Under CUDA
-    graphs a group's members run the operator that reads its input in place (or, at few rows,
-    the fused kernel), so there is no concatenation left to rewrite: ``reduce-overhead-grouped``
-    checks exactly that, and ``reduce-overhead`` widens each layer alone, as a layer without
-    neighbours (an MLP's ``down``) is, to test the rewrite there.
+    (:mod:`lorahot.kernels.wide_groups`). A group's members run the operator that reads its
+    input in place (under CUDA graphs, at few rows, the fused kernel; in default mode the
+    group's formula in aten), so there is no concatenation left to rewrite:
+    ``reduce-overhead-grouped`` checks exactly that, and ``default`` and ``reduce-overhead``
+    widen each layer alone, as a layer without neighbours (an MLP's ``down``) is, to test the
+    rewrite there.
 
     ``max_rank=8``: every GEMM's sizes a multiple of 8, so inductor's shape padding has nothing
     to pad. With rank 4 the wide GEMM's ``K`` (16 + 4) and the shrink's ``N`` (4) are not, and
@@ -163,7 +166,7 @@ def test_gpu_a_rewritten_layer_follows_swaps(mode: str, monkeypatch: pytest.Monk
     joined: list[int] = []
     group = wide_groups.group_wide_layers
     monkeypatch.setattr(wide_groups, "group_wide_layers", lambda graph: joined.append(group(graph)) or 0)
-    if mode == "reduce-overhead":
+    if mode != "reduce-overhead-grouped":
         singles = wide._groups
         monkeypatch.setattr(wide, "_groups", lambda *a: [[m] for g in singles(*a) for m in g])
     torch.manual_seed(0)

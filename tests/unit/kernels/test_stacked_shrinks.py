@@ -50,7 +50,15 @@ def _inject(
     model: nn.Module, names: list[str], wide_layers: bool, monkeypatch: pytest.MonkeyPatch
 ) -> lorahot.LoraRuntime:
     monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"} if wide_layers else {"cuda"})
+    _groups_off(monkeypatch)
     return lorahot.inject(model, names, max_rank=R, extras=False)
+
+
+def _groups_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled in default mode, the members of a wide group run as one GEMM with no shrink of
+    their own (:mod:`lorahot.kernels.wide_groups`, tested there): off here, where the shrinks
+    are the subject."""
+    monkeypatch.setattr(wide_groups, "ENABLED", False)
 
 
 def _mm_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, int, torch.Tensor]:
@@ -138,6 +146,7 @@ def test_a_diffusers_unet_stacks_three_shrinks_per_transformer_block(monkeypatch
     pytest.importorskip("diffusers")
     from tests.helpers import tiny_unet
 
+    _groups_off(monkeypatch)
     removed: list[int] = []
     stack = stacked_shrinks.stack_shrinks
     monkeypatch.setattr(stacked_shrinks, "stack_shrinks", lambda graph: removed.append(stack(graph)) or 0)

@@ -12,6 +12,7 @@ swaps with ``error_on_recompile=True``; the pass switched off is the negative co
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -193,7 +194,7 @@ def test_layers_over_one_input_run_as_one_operator_through_swaps(
                 runtime.load(adapter)
                 for x in xs:
                     torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
-    assert set(as_on_cuda) == ({2} if on else set())  # per graph compiled; none run with the pass off
+    assert set(as_on_cuda) == ({2} if on else {0})  # per graph compiled; with the pass off none removed
 
 
 def test_layers_over_different_inputs_are_not_joined(as_on_cuda: list[int]) -> None:
@@ -303,11 +304,13 @@ def test_a_copy_of_the_model_reads_its_own_allocation(as_on_cuda: list[int]) -> 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["reduce-overhead", "default"])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-rows"])
-def test_gpu_a_group_follows_swaps_under_cuda_graphs(dynamic: bool) -> None:
+def test_gpu_a_group_follows_swaps_under_cuda_graphs(dynamic: bool, mode: str) -> None:
     """On CUDA in bf16 under CUDA graphs: 512 rows (the one GEMM) and, with a symbolic row
     count, 8 rows (each member's fused kernel inside the operator), through swaps, no
-    recompile, each output near the eager model's."""
+    recompile, each output near the eager model's. In default mode the same through the
+    group's formula in aten (one GEMM, one batched expand over a stride-0 B)."""
     torch.manual_seed(0)
     model = _Attention().cuda().to(torch.bfloat16)
     runtime = lorahot.inject(model, NAMES, max_rank=R, extras=False)
@@ -315,7 +318,7 @@ def test_gpu_a_group_follows_swaps_under_cuda_graphs(dynamic: bool) -> None:
     runtime.load(adapters[0])
     shapes = [(512, D), (8, D)] if dynamic else [(512, D)]
     xs = [torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for shape in shapes]
-    compiled = torch.compile(model, mode="reduce-overhead", dynamic=dynamic)
+    compiled = torch.compile(model, mode=None if mode == "default" else mode, dynamic=dynamic)
     with torch.no_grad():
         for x in xs:
             compiled(x)
@@ -326,3 +329,95 @@ def test_gpu_a_group_follows_swaps_under_cuda_graphs(dynamic: bool) -> None:
                     got = compiled(x).float().clone()
                     want = _eager(model, x).float()
                     assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    outs=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    equal=st.booleans(),
+    k=st.integers(1, 24),
+    r=st.integers(1, 8),
+    lead=st.lists(st.integers(0, 40), min_size=1, max_size=2),
+    seed=st.integers(0, 2**16),
+)
+def test_the_default_mode_formula_matches_float64_reference(
+    outs: list[int], equal: bool, k: int, r: int, lead: list[int], seed: int
+) -> None:
+    """:func:`~lorahot.kernels.wide_groups.expands` on each of its three forms (members of one
+    width: one batched expand over their own B; members 2..k of one width and the first wider:
+    one batched expand over the group's B columns; otherwise an expand per member), any leading
+    shape (no rows too): each member's output is its own formula."""
+    if equal:
+        outs = [outs[0]] * len(outs)
+    x, alloc, members = _operands(outs, k, r, math.prod(lead), torch.float64, "cpu", seed)
+    got = wide_groups.expands(x.reshape(*lead, k), alloc, outs)
+    assert len(got) == len(outs)
+    for y, n, member in zip(got, outs, members, strict=True):
+        assert y.shape == (*lead, n)
+        torch.testing.assert_close(y.reshape(-1, n), _reference(x, *member), rtol=1e-10, atol=1e-10)
+
+
+class _Block(nn.Module):
+    """q, k and v over one input (q wider: one batched expand over the group's B columns), gate
+    and up over another (one width: over their own B), o and down alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(D, D), nn.Linear(D, D // 2), nn.Linear(D, D // 2), nn.Linear(D, D)
+        self.gate, self.up, self.down = nn.Linear(D, 32, bias=False), nn.Linear(D, 32, bias=False), nn.Linear(32, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(x)
+        q = self.q(h)
+        z = self.o(torch.cat([q[..., : D // 2] * self.k(h), self.v(h)], -1)) + x
+        out: torch.Tensor = self.down(torch.nn.functional.silu(self.gate(z)) * self.up(z)) + z
+        return out
+
+
+BLOCK = ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def _gemms(code: list[str]) -> dict[str, int]:
+    src = "\n".join(code)
+    assert "lorahot." not in src.replace("lorahot.kernels", "")  # no lorahot operator left to run its body
+    return {op: src.count(f"extern_kernels.{op}(") for op in ("mm", "addmm", "bmm")}
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["joined", "negative-control"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-rows"])
+def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
+    dynamic: bool, on: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compiled in default mode (each call launches every kernel from the host, where an
+    operator's Python body costs more than the launches it saves): q/k/v and gate/up each run
+    as one GEMM over the group's rows and one batched expand, in aten the compiler launches
+    itself, and no lorahot operator is left in the graph. o (in the allocation with q/k/v,
+    one parent and input width, but over another input) runs alone as its GEMM over ``[W; A]``
+    and its expand, and down (another width) keeps the traced formula, a shrink and the wide
+    GEMM: 8 GEMMs where the base model has 7. The outputs equal the
+    eager model's through two swaps with no recompile, with static and with symbolic rows.
+    Negative control, the groups off: a shrink and a wide GEMM per layer, the shrinks of
+    q/k/v and of gate/up stacked: 11 GEMMs."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(wide_groups, "ENABLED", on)
+    torch.manual_seed(0)
+    model = _Block().double()
+    runtime = lorahot.inject(model, BLOCK, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(BLOCK, r), seed=s)[0] for r, s in ((4, 0), (8, 1), (2, 2))]
+    runtime.load(adapters[0])
+    compiled = torch.compile(model, dynamic=dynamic, fullgraph=True)
+    xs = [torch.randn(*shape, dtype=torch.float64) for shape in ([(2, 5, D), (3, 7, D)] if dynamic else [(2, 5, D)])]
+    with torch.no_grad():
+        got, code = run_and_get_code(compiled, xs[0])
+        torch.testing.assert_close(got, _eager(model, xs[0]), rtol=1e-9, atol=1e-9)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for adapter in adapters[1:]:
+                runtime.load(adapter)
+                for x in xs:
+                    torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+    # the base model's seven GEMMs; in each form o and down take a shrink and a wide GEMM
+    # (with the bias: addmm), and gate and up have no bias (mm)
+    want = {"mm": 4, "addmm": 2, "bmm": 2} if on else {"mm": 6, "addmm": 5, "bmm": 0}
+    assert _gemms(code) == want
+    assert as_on_cuda[0] == (6 if on else 0)  # the first graph's operators (o's too), all replaced
