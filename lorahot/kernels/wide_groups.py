@@ -38,6 +38,8 @@ member's expand over strided views of the shrinks and of the B columns, whose ad
 compiler fuses into what reads each output (RoPE, the SiLU product). q/k/v and gate/up then
 cost two launches each where the base model spends three and two; every other such operator
 (a buffer apart from its allocation, a member over another input) becomes its own two GEMMs.
+Above :data:`ROWS` static rows, where a step is bound by the GPU rather than by launches, the
+members keep the traced formula, whose expand adds no pass over the output.
 Measured on an H200 (``benchmarks/experiments/grouped_probe.py``, the forward suite's model,
 154 rank-64 layers, one decode row, 3 interleaved rounds of 30 calls,
 ``runs/20261202T150507-grouped-probe-default-library-groups.log``): 423 launches per decode
@@ -54,6 +56,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels.fx_graph import (
@@ -68,11 +71,17 @@ from lorahot.kernels.fx_graph import (
 )
 from lorahot.kernels.op_registry import define, refuse_grad
 
-__all__ = ["ENABLED", "expands", "wide_group", "group_wide_layers"]
+__all__ = ["ENABLED", "ROWS", "expands", "joins", "wide_group", "group_wide_layers"]
 
-#: Whether :class:`lorahot.kernels.stacked_shrinks.StackShrinks` runs :func:`group_wide_layers`
-#: (for graphs compiled from then on).
+#: Whether :func:`group_wide_layers` joins a group's members (for graphs compiled from then on).
 ENABLED = True
+
+#: In default mode, the row counts above which a group's members keep the traced formula
+#: (:mod:`lorahot.kernels.wide_linear`: the expand inside the wide GEMM's accumulator). There
+#: a step is bound by the GPU, not by launches, and :func:`expands` writes each expand's output
+#: and reads it back (measured per layer on SDXL's q/k/v at 8192 rows, 2026-11-30: 61.0 us for
+#: that form against 55.2 for the traced one). Not measured with the groups.
+ROWS = 512
 
 _aten = torch.ops.aten
 #: what a member's replaced operator leaves unused, erased with it
@@ -195,6 +204,13 @@ def _launched_per_call() -> bool:
     from torch._inductor import config as inductor_config
 
     return not bool(inductor_config.triton.cudagraphs)
+
+
+def joins(rows: int | torch.SymInt) -> bool:
+    """Whether a group's members run as one in default mode at ``rows``: where the groups are
+    :data:`ENABLED` and ``rows`` is not known to exceed :data:`ROWS` (a symbolic row count
+    joins, with no guard)."""
+    return ENABLED and not statically_known_true(rows > ROWS)
 
 
 def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int]) -> list[torch.Tensor]:

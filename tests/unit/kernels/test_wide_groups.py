@@ -421,3 +421,32 @@ def test_in_default_mode_a_group_is_one_gemm_and_one_batched_expand(
     want = {"mm": 4, "addmm": 2, "bmm": 2} if on else {"mm": 6, "addmm": 5, "bmm": 0}
     assert _gemms(code) == want
     assert as_on_cuda[0] == (6 if on else 0)  # the first graph's operators (o's too), all replaced
+
+
+def test_in_default_mode_a_group_above_its_rows_keeps_the_traced_formula(
+    as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Static rows above :data:`~lorahot.kernels.wide_groups.ROWS` (here 8, against 10 rows):
+    each member keeps the traced formula, whose expand runs inside the wide GEMM (11 GEMMs, the
+    groups-off count), the output the eager one; a symbolic row count joins (8 GEMMs) whatever
+    its value, with no guard on it: a second row count compiles nothing new."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(wide_groups, "ROWS", 8)
+    torch.manual_seed(0)
+    model = _Block().double()
+    runtime = lorahot.inject(model, BLOCK, max_rank=R, extras=False)
+    runtime.load(make_adapter(model, dict.fromkeys(BLOCK, 4), seed=0)[0])
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    with torch.no_grad():
+        got, code = run_and_get_code(torch.compile(model, fullgraph=True), x)
+        torch.testing.assert_close(got, _eager(model, x), rtol=1e-9, atol=1e-9)
+        assert _gemms(code) == {"mm": 6, "addmm": 5, "bmm": 0}
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, dynamic=True)
+        got, code = run_and_get_code(compiled, x)
+        assert _gemms(code) == {"mm": 4, "addmm": 2, "bmm": 2}
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for shape in ((3, 3, D), (4, 9, D)):
+                y = torch.randn(*shape, dtype=torch.float64)
+                torch.testing.assert_close(compiled(y), _eager(model, y), rtol=1e-9, atol=1e-9)
