@@ -51,7 +51,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from lorahot.kernels import extern_inputs, stacked_routed, wide_groups
+from lorahot.kernels import extern_inputs, fx_graph, stacked_routed, wide_groups
 from lorahot.kernels.fx_graph import (
     RESHAPES,
     adjacent_runs,
@@ -95,15 +95,16 @@ class StackShrinks(CustomGraphPass):
         wide_groups.group_wide_layers(graph)  # joins where ENABLED; in default mode lowers to aten too
 
     def uuid(self) -> Any:
-        """This file's, :mod:`~lorahot.kernels.extern_inputs`', :mod:`~lorahot.kernels.stacked_routed`'s
-        and :mod:`~lorahot.kernels.wide_groups`' hash, whether the latter three are on, and the
-        earlier passes' ids; None (no caching of
-        compiled graphs, as inductor does for such a pass) where an earlier pass has no id."""
+        """This file's, :mod:`~lorahot.kernels.extern_inputs`', :mod:`~lorahot.kernels.stacked_routed`'s,
+        :mod:`~lorahot.kernels.wide_groups`' and :mod:`~lorahot.kernels.fx_graph`'s hash, whether
+        the three are on (and the groups' row limit), and the earlier passes' ids; None (no
+        caching of compiled graphs, as inductor does for such a pass) where an earlier pass has
+        no id."""
         earlier = [getattr(p, "uuid", lambda: None)() for p in self._before()]
         if any(u is None for u in earlier):
             return None
-        files = (__file__, extern_inputs.__file__, stacked_routed.__file__, wide_groups.__file__)
-        on = (extern_inputs.ENABLED, stacked_routed.ENABLED, wide_groups.ENABLED)
+        files = (__file__, extern_inputs.__file__, stacked_routed.__file__, wide_groups.__file__, fx_graph.__file__)
+        on = (extern_inputs.ENABLED, stacked_routed.ENABLED, wide_groups.ENABLED, wide_groups.ROWS)
         return (get_hash_for_files(files), *on, *earlier)
 
 
