@@ -12,8 +12,10 @@
 - :mod:`~lorahot.runtime.union`: :func:`plan_targets`, the targets and max_rank covering a set of adapters;
 - :mod:`~lorahot.runtime.cache`: prepared adapters in host memory;
 - :mod:`~lorahot.runtime.merge`: merged mode;
-- :mod:`~lorahot.runtime.peft_arguments`, :mod:`~lorahot.runtime.assigned_loads`: hooks that refuse
-  PEFT's per-call arguments, and a ``load_state_dict(assign=True)`` a layer would refuse, up front;
+- :mod:`~lorahot.runtime.peft_arguments`, :mod:`~lorahot.runtime.assigned_loads`,
+  :mod:`~lorahot.runtime.embedding_resize`: hooks that refuse PEFT's per-call arguments, a
+  ``load_state_dict(assign=True)`` a layer would refuse, and transformers'
+  ``resize_token_embeddings`` over wrapped embeddings, up front;
 - :mod:`~lorahot.runtime.lora_runtime`: :class:`LoraRuntime` (load, stack, activate, scale, unload).
 """
 

@@ -14,7 +14,7 @@ from lorahot.errors import UsageError, public_api
 from lorahot.layers import LayerSpec, LoRALayer
 from lorahot.layers.base import kept_parametrizations
 from lorahot.layers.sharded import is_sharded
-from lorahot.runtime import assigned_loads, peft_arguments
+from lorahot.runtime import assigned_loads, embedding_resize, peft_arguments
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.components import components_of, is_several, match_components
 from lorahot.runtime.lora_runtime import LoraRuntime
@@ -255,4 +255,5 @@ def eject(model: nn.Module | Mapping[str, nn.Module] | Any) -> Any:
     unwrap_modules(model, found)  # layers no runtime took out (or that moved within the model)
     peft_arguments.release(model)  # a copy of an injected model keeps the hook
     assigned_loads.release(model)
+    embedding_resize.release(model)
     return model

@@ -36,7 +36,7 @@ from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.layers.sharded import is_sharded
 from lorahot.resolve.keys import outside
-from lorahot.runtime import assigned_loads, fingerprint, peft_arguments
+from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, peft_arguments
 from lorahot.runtime.activate_replay import ActivateReplay
 from lorahot.runtime.agreement import Agreement
 from lorahot.runtime.arguments import (
@@ -206,6 +206,7 @@ class LoraRuntime:
         for root in self._roots():
             peft_arguments.install(root)
             assigned_loads.install(root)
+            embedding_resize.install(root)
         self._state.on_eject(self._detach)
         self._state.base_loaded = self._base_loaded
 
@@ -916,6 +917,7 @@ class LoraRuntime:
         for root in self._roots():
             peft_arguments.release(root)
             assigned_loads.release(root)
+            embedding_resize.release(root)
         with self._executor_lock:
             executor, self._executor = self._executor, None
         if executor is not None:

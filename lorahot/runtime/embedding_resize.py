@@ -1,0 +1,84 @@
+"""transformers' ``resize_token_embeddings`` refused, before it changes anything, where lorahot
+wraps the model's input or output embeddings.
+
+transformers resizes the input embeddings first and the output embeddings (an untied
+``lm_head``) second, and each step refuses a module that is not an ``nn.Embedding`` or
+``nn.Linear`` with a ``TypeError``. With lorahot's layer as the head, the call therefore
+resized the input embeddings and then failed, leaving the model half resized: embeddings of
+the new vocabulary, logits of the old one, and a config that says the old size. :func:`install`
+gives the model (each component) a ``resize_token_embeddings`` of its own that raises
+:class:`~lorahot.errors.UsageError` naming the wrapped modules and the fix, and otherwise calls
+the model's own method; eject takes it away.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from typing import Any
+
+from torch import nn
+
+from lorahot.errors import UsageError
+from lorahot.layers import LoRALayer
+
+__all__ = ["install", "uninstall", "release"]
+
+_NAME = "resize_token_embeddings"
+
+#: the modules :func:`install` gave the method, until :func:`release` takes it away
+_HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _wrapped(module: nn.Module) -> list[str]:
+    """Which of ``module``'s input and output embeddings are lorahot layers, by their paths."""
+    names = {id(m): n for n, m in module.named_modules()}
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            embeddings = getattr(module, getter)()
+        except (AttributeError, NotImplementedError):  # a model that has none
+            continue
+        if isinstance(embeddings, LoRALayer):
+            found.append(names.get(id(embeddings), getter.removeprefix("get_")))
+    return found
+
+
+def _resize(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    wrapped = _wrapped(self)
+    if wrapped:
+        raise UsageError(
+            f"{type(self).__name__}.{_NAME} on a model whose embeddings lorahot wraps ({', '.join(wrapped)}): "
+            "transformers would resize the other embeddings and then refuse lorahot's layer, leaving the model "
+            "half resized. Nothing was changed. Eject first (runtime.eject()), resize, then inject and load again."
+        )
+    return getattr(type(self), _NAME)(self, *args, **kwargs)
+
+
+def _is_ours(method: Any) -> bool:
+    return isinstance(method, types.MethodType) and method.__func__ is _resize
+
+
+def install(module: nn.Module) -> None:
+    """Gives ``module`` the refusing method, where its class has ``resize_token_embeddings``
+    (a transformers model); once, however often called. A ``deepcopy`` binds it to the copy."""
+    if not callable(getattr(type(module), _NAME, None)):
+        return
+    if not _is_ours(module.__dict__.get(_NAME)):
+        module.__dict__[_NAME] = types.MethodType(_resize, module)
+    _HOOKED.add(module)
+
+
+def uninstall(module: nn.Module) -> None:
+    """Takes :func:`install`'s method from ``module`` (a copy's too)."""
+    if _is_ours(module.__dict__.get(_NAME)):
+        del module.__dict__[_NAME]
+
+
+def release(module: nn.Module) -> None:
+    """:func:`uninstall` from ``module`` and from every module :func:`install` changed, each once
+    it holds no LoRA layer (another runtime's may remain)."""
+    for hooked in [module, *_HOOKED]:
+        if not any(isinstance(m, LoRALayer) for m in hooked.modules()):
+            uninstall(hooked)
+            _HOOKED.discard(hooked)
