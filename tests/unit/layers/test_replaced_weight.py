@@ -272,8 +272,12 @@ def test_a_weight_of_another_shape_is_refused_by_every_layer(monkeypatch: pytest
     assert model[0].base_layer.weight is old
     llama = _tied_llama()
     runtime = lorahot.inject(llama, ["lm_head"], max_rank=4)
+    # the model's own method is refused up front (lorahot.runtime.embedding_resize); the class's,
+    # called past it, resizes the tied weight in place, then ties: the layer refuses that
+    with pytest.raises(UsageError, match=r"resize_token_embeddings on a model whose embeddings lorahot wraps"):
+        llama.resize_token_embeddings(72, mean_resizing=False)
     with pytest.raises(UsageError, match=r"^lm_head: .* resized in place after inject, from \(64, 32\) to \(72, 32\)"):
-        llama.resize_token_embeddings(72, mean_resizing=False)  # resizes the tied weight in place, then ties
+        type(llama).resize_token_embeddings(llama, 72, mean_resizing=False)
     with pytest.raises(UsageError, match=r"^lm_head: its base layer's weight was resized in place"):
         runtime.set_scale(1.0)  # type: ignore[attr-defined]  # the model can no longer be served
 
