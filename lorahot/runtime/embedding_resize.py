@@ -6,14 +6,15 @@ transformers resizes the input embeddings first and the output embeddings (an un
 ``nn.Linear`` with a ``TypeError``. With lorahot's layer as the head, the call therefore
 resized the input embeddings and then failed, leaving the model half resized: embeddings of
 the new vocabulary, logits of the old one, and a config that says the old size. :func:`install`
-gives the model (each component) a ``resize_token_embeddings`` of its own that raises
-:class:`~lorahot.errors.UsageError` naming the wrapped modules and the fix, and otherwise calls
-the model's own method; eject takes it away.
+gives the model (each component) a ``resize_token_embeddings`` of its own, an instance
+attribute that raises :class:`~lorahot.errors.UsageError` naming the wrapped modules and the
+fix, and otherwise calls the class's method; eject takes it away. It holds the model (a
+reference cycle the garbage collector frees), so that ``torch.save`` pickles it and
+``deepcopy`` gives the copy its own.
 """
 
 from __future__ import annotations
 
-import types
 import weakref
 from typing import Any
 
@@ -44,34 +45,38 @@ def _wrapped(module: nn.Module) -> list[str]:
     return found
 
 
-def _resize(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    wrapped = _wrapped(self)
-    if wrapped:
-        raise UsageError(
-            f"{type(self).__name__}.{_NAME} on a model whose embeddings lorahot wraps ({', '.join(wrapped)}): "
-            "transformers would resize the other embeddings and then refuse lorahot's layer, leaving the model "
-            "half resized. Nothing was changed. Eject first (runtime.eject()), resize, then inject and load again."
-        )
-    return getattr(type(self), _NAME)(self, *args, **kwargs)
+class _Refusing:
+    """The method :func:`install` gives a model: a callable that holds the model (a plain
+    object, so that ``torch.save`` pickles it and ``deepcopy`` binds it to the copy)."""
 
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
 
-def _is_ours(method: Any) -> bool:
-    return isinstance(method, types.MethodType) and method.__func__ is _resize
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        wrapped = _wrapped(module)
+        if wrapped:
+            raise UsageError(
+                f"{type(module).__name__}.{_NAME} on a model whose embeddings lorahot wraps ({', '.join(wrapped)}): "
+                "transformers would resize the other embeddings and then refuse lorahot's layer, leaving the model "
+                "half resized. Nothing was changed. Eject first (runtime.eject()), resize, then inject and load again."
+            )
+        return getattr(type(module), _NAME)(module, *args, **kwargs)
 
 
 def install(module: nn.Module) -> None:
     """Gives ``module`` the refusing method, where its class has ``resize_token_embeddings``
-    (a transformers model); once, however often called. A ``deepcopy`` binds it to the copy."""
+    (a transformers model); once, however often called."""
     if not callable(getattr(type(module), _NAME, None)):
         return
-    if not _is_ours(module.__dict__.get(_NAME)):
-        module.__dict__[_NAME] = types.MethodType(_resize, module)
+    if not isinstance(module.__dict__.get(_NAME), _Refusing):
+        module.__dict__[_NAME] = _Refusing(module)
     _HOOKED.add(module)
 
 
 def uninstall(module: nn.Module) -> None:
     """Takes :func:`install`'s method from ``module`` (a copy's too)."""
-    if _is_ours(module.__dict__.get(_NAME)):
+    if isinstance(module.__dict__.get(_NAME), _Refusing):
         del module.__dict__[_NAME]
 
 

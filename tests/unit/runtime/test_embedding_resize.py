@@ -6,6 +6,7 @@ embedding is wrapped, and after eject, the model's own method runs."""
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -71,14 +72,18 @@ def test_a_resize_with_no_wrapped_embedding_runs_the_models_own() -> None:
 
 
 def test_a_copy_refuses_on_its_own_and_a_plain_module_gets_nothing() -> None:
-    """A deepcopy of the injected model refuses through its own method (bound to the copy); a
-    module without ``resize_token_embeddings`` is left as it is."""
+    """A deepcopy of the injected model, and one saved and loaded with ``torch.save`` (which
+    pickled the model before the method was added, and must still), refuse through their own
+    method, which holds the copy; a module without ``resize_token_embeddings`` is left as it is."""
     model = tiny_llama()
     lorahot.inject(model, ["lm_head"], max_rank=4)
-    clone = copy.deepcopy(model)
-    assert clone.resize_token_embeddings.__self__ is clone
-    with pytest.raises(lorahot.UsageError, match="lm_head"):
-        clone.resize_token_embeddings(VOCAB + 8)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert clone.resize_token_embeddings.module is clone
+        with pytest.raises(lorahot.UsageError, match="lm_head"):
+            clone.resize_token_embeddings(VOCAB + 8)
     plain = nn.Sequential(nn.Linear(4, 4))
     lorahot.inject(plain, ["0"], max_rank=2)
     assert "resize_token_embeddings" not in plain.__dict__
