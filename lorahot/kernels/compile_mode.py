@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["launched_per_call"]
+__all__ = ["launched_per_call", "lowering_per_call"]
 
 
 @torch._dynamo.assume_constant_result
@@ -78,3 +78,12 @@ def _inductor_options() -> dict[str, Any] | None:
     except Exception:  # an internal of the compiler that moved: keep the kernels
         return None
     return config if isinstance(config, dict) else None
+
+
+def lowering_per_call() -> bool:
+    """:func:`launched_per_call` as inductor's passes ask it, after the trace: the options the
+    graph compiles under (the mode's, patched into inductor's config for the compile, inside
+    which the post-grad passes run) capture no CUDA graphs."""
+    from torch._inductor import config as inductor_config
+
+    return not bool(inductor_config.triton.cudagraphs)

@@ -58,6 +58,7 @@ from typing import Any
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from lorahot.kernels import compile_mode
 from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels.fx_graph import (
     RESHAPES,
@@ -171,7 +172,8 @@ def group_wide_layers(graph: torch.fx.Graph) -> int:
     node alone: an operator's Python body costs the host more there than the launches it
     saves. Elsewhere (CUDA graphs, where the body runs once, at capture) a run becomes one
     ``lorahot::wide_group``."""
-    per_call = _launched_per_call()
+    per_call = compile_mode.lowering_per_call()
+    order = {node: i for i, node in enumerate(graph.nodes)}  # the operators' places, for _lower
     removed = 0
     for (_, alloc, cols, fused), members in _groups(graph).items():
         members.sort(key=lambda m: m[0])
@@ -182,28 +184,19 @@ def group_wide_layers(graph: torch.fx.Graph) -> int:
 
         for run in adjacent_runs(members, follows):
             if lower:
-                removed += _lower(graph, run, alloc, cols)
+                removed += _lower(graph, run, alloc, cols, order)
                 continue
             # the graph's order as it is now: a join before this one made nodes (a member's
             # output slice) that this run's members may read (layers over a member's output)
-            order = {node: float(i) for i, node in enumerate(graph.nodes)}
-            removed += _join(graph, run, alloc, cols, order)
+            now = {node: float(i) for i, node in enumerate(graph.nodes)}
+            removed += _join(graph, run, alloc, cols, now)
     if per_call:  # the others (a buffer apart from its allocation), each alone
         target = torch.ops.lorahot.wide_linear_dynamic.default
         for node in list(graph.nodes):
             wide = node.args[1] if node.op == "call_function" and node.target is target else None
             if isinstance(wide, torch.fx.Node) and node.args[-1] is False:
-                removed += _lower(graph, [(0, 0, node)], wide, None)
+                removed += _lower(graph, [(0, 0, node)], wide, None, order)
     return removed
-
-
-def _launched_per_call() -> bool:
-    """Whether the graph being compiled launches its kernels from the host on every call: the
-    inductor options it compiles under (the mode's, patched in for the compile) capture no CUDA
-    graphs. The post-grad passes run inside that patch."""
-    from torch._inductor import config as inductor_config
-
-    return not bool(inductor_config.triton.cudagraphs)
 
 
 def joins(rows: int | torch.SymInt) -> bool:
@@ -264,13 +257,19 @@ def _evenly_spaced(yh: torch.Tensor, bt: torch.Tensor, start: int, count: int, n
     return torch.bmm(h, bt[:, start : start + count * gap].view(r, count, gap).transpose(0, 1)[..., :n])
 
 
-def _lower(graph: torch.fx.Graph, run: list[Member], alloc: torch.fx.Node, cols: int | None) -> int:
+def _lower(
+    graph: torch.fx.Graph,
+    run: list[Member],
+    alloc: torch.fx.Node,
+    cols: int | None,
+    order: dict[torch.fx.Node, int],
+) -> int:
     """Replaces the run's operators by :func:`expands` over the run's rows of ``alloc`` (with
     ``cols`` columns; None: a lone operator's own buffer, ``alloc``), traced to aten in the
-    graph's fake mode and placed before the first member: the members' input is the first's
-    (one source, the run's key), computed before it."""
+    graph's fake mode and placed before the first member in the graph's ``order`` (taken once:
+    the operators were all there, and lowering others moves none): the members' input is the
+    first's (one source, the run's key), computed before it."""
     nodes = [node for _, _, node in run]
-    order = {node: i for i, node in enumerate(graph.nodes)}
     first = min(nodes, key=order.__getitem__)
     fake, x = fake_mode(first), first.args[0]
     if fake is None or not isinstance(x, torch.fx.Node):

@@ -15,18 +15,18 @@ the refusal.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from torch import nn
 
 from lorahot.layers import LoRALayer
 from lorahot.layers.base import refuse_assigned_load_under
+from lorahot.runtime.hooked import Hooked
 
 __all__ = ["install", "release"]
 
 #: the modules :func:`install` hooked, until :func:`release` unhooks them
-_HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_HOOKED = Hooked()
 
 
 def _check_root(module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict[str, Any], *_: Any) -> None:
@@ -72,13 +72,14 @@ def _hook(module: nn.Module, check: Any) -> None:
 
 
 def release(root: nn.Module) -> None:
-    """Unhooks ``root`` and every module :func:`install` hooked, each once it holds no LoRA
-    layer (another runtime's may remain; a copy of an injected model keeps the hooks)."""
-    for hooked in [*root.modules(), *_HOOKED]:
-        if not any(isinstance(m, LoRALayer) for m in hooked.modules()):
-            for key in [k for k, hook in hooked._load_state_dict_pre_hooks.items() if _is_check(hook)]:
-                del hooked._load_state_dict_pre_hooks[key]
-            _HOOKED.discard(hooked)
+    """Unhooks ``root``, its modules and every module :func:`install` hooked, each once it
+    holds no LoRA layer (:class:`~lorahot.runtime.hooked.Hooked`)."""
+    _HOOKED.release(root.modules(), _unhook)
+
+
+def _unhook(module: nn.Module) -> None:
+    for key in [k for k, hook in module._load_state_dict_pre_hooks.items() if _is_check(hook)]:
+        del module._load_state_dict_pre_hooks[key]
 
 
 def _is_check(hook: Any) -> bool:

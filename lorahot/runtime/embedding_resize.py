@@ -15,20 +15,20 @@ reference cycle the garbage collector frees), so that ``torch.save`` pickles it 
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.layers import LoRALayer
+from lorahot.runtime.hooked import Hooked
 
 __all__ = ["install", "uninstall", "release"]
 
 _NAME = "resize_token_embeddings"
 
 #: the modules :func:`install` gave the method, until :func:`release` takes it away
-_HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_HOOKED = Hooked()
 
 
 def _wrapped(module: nn.Module) -> list[str]:
@@ -82,8 +82,5 @@ def uninstall(module: nn.Module) -> None:
 
 def release(module: nn.Module) -> None:
     """:func:`uninstall` from ``module`` and from every module :func:`install` changed, each once
-    it holds no LoRA layer (another runtime's may remain)."""
-    for hooked in [module, *_HOOKED]:
-        if not any(isinstance(m, LoRALayer) for m in hooked.modules()):
-            uninstall(hooked)
-            _HOOKED.discard(hooked)
+    it holds no LoRA layer (:class:`~lorahot.runtime.hooked.Hooked`)."""
+    _HOOKED.release([module], uninstall)

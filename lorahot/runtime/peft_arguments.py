@@ -12,13 +12,12 @@ dictionary lookup per call, before the forward; it is traced like the forward un
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from torch import nn
 
 from lorahot.errors import UsageError
-from lorahot.layers import LoRALayer
+from lorahot.runtime.hooked import Hooked
 
 __all__ = ["install", "uninstall", "release", "REFUSED"]
 
@@ -26,7 +25,7 @@ __all__ = ["install", "uninstall", "release", "REFUSED"]
 REFUSED = ("adapter_names",)
 
 #: the modules :func:`install` hooked, until :func:`release` unhooks them
-_HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_HOOKED = Hooked()
 
 
 def _refuse(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -61,12 +60,5 @@ def uninstall(module: nn.Module) -> None:
 
 def release(module: nn.Module) -> None:
     """:func:`uninstall` from ``module`` and from every module :func:`install` hooked, each once
-    it holds no LoRA layer (another runtime's may remain). All of them, not only ``module``:
-    with one runtime injected into a submodule and another into the whole model, whichever is
-    ejected first leaves the other's layers under its hooked module, and the second's eject
-    does not know that module (an independent audit found the hook left behind, refusing
-    ``adapter_names=`` on the ejected model)."""
-    for hooked in [module, *_HOOKED]:
-        if not any(isinstance(m, LoRALayer) for m in hooked.modules()):
-            uninstall(hooked)
-            _HOOKED.discard(hooked)
+    it holds no LoRA layer (:class:`~lorahot.runtime.hooked.Hooked`)."""
+    _HOOKED.release([module], uninstall)

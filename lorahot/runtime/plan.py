@@ -191,7 +191,9 @@ def plan_load(
         AdapterReadError: values no model could take: non-float dtypes, alpha <= 0 or not
             finite, a scale ``alpha / r`` beyond the range of the layer's scale buffer.
     """
-    targets, weights, unplaced = _fit(adapter, buffers, specs, weight_of, strict, extras_refusal, components, others)
+    targets, weights, unplaced = _fit(
+        adapter, buffers, specs, weight_of, strict, extras_refusal, components, others, buffers.max_rank
+    )
     unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
     unreadable += [p for name, w in weights.items() for p in check_weight_values(name, w)]
     if unreadable:
@@ -239,7 +241,7 @@ def check_fit(
     Raises:
         AdapterMismatchError: as :func:`plan_load`.
     """
-    _fit(adapter, buffers, specs, None, strict, extras_refusal, components, others, rank_limit=_NO_RANK_LIMIT)
+    _fit(adapter, buffers, specs, None, strict, extras_refusal, components, others, _NO_RANK_LIMIT)
 
 
 #: the rank limit :func:`check_fit` checks against: none (see there)
@@ -255,12 +257,10 @@ def _fit(
     extras_refusal: ExtrasRefusal | None,
     components: tuple[str, ...],
     others: tuple[str, ...],
-    rank_limit: int | None = None,
+    rank_limit: int,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule], list[str] | None]:
     """The adapter's modules resolved onto the layers (LoRA, other kinds, the keys left out
-    where not ``strict``), every problem of fit raised at once; ranks against ``rank_limit``
-    (default the buffers' ``max_rank``)."""
-    limit = buffers.max_rank if rank_limit is None else rank_limit
+    where not ``strict``), every problem of fit raised at once; ranks against ``rank_limit``."""
     unplaced: list[str] | None = None if strict else []
     if components:
         targets, weights = resolve_components(adapter, list(specs), components, unplaced, others)
@@ -275,7 +275,7 @@ def _fit(
     misfits = _localize(targets, specs)
     problems = [p for found in misfits.values() for p in found]
     problems += [
-        p for name, m in targets.items() if name not in misfits for p in check_module(name, m, specs[name], limit)
+        p for name, m in targets.items() if name not in misfits for p in check_module(name, m, specs[name], rank_limit)
     ]
     if weight_of is not None:
         problems += [p for name, m in targets.items() for p in check_base_weight(name, m, weight_of)]
