@@ -66,11 +66,16 @@ first). Measured (H200, torch 2.11, 2026-12-02; synced ms, ratio to base, launch
   ``traced_kx`` 9.78 (1.72x), 8.00 (1.31x), 401.
 
 The rounds spread widely (``traced_kx``'s decode 6.37 / 9.78 / 11.64 ms); the launch counts are
-firm. ``lorahot_lone`` is the library with the one difference left from ``traced_kx``: a wide
-layer outside any group (down) as two GEMMs in default mode too (not yet measured). ``PROBE_PART=k`` lists the kernels of one decode call of the 2-layer model per form
+firm. The one difference left from ``traced_kx`` was a wide layer outside any group (down),
+which took its shrink and the wide GEMM; since then it takes two GEMMs in default mode too
+(:data:`lorahot.kernels.wide_groups.ALONE`; ``lorahot_traced`` is the library with it off). ``PROBE_PART=k`` lists the kernels of one decode call of the 2-layer model per form
 (``runs/20261202T150345-grouped-probe-kernels-small.log``): base 33, lorahot / ``traced_kx`` /
 ``traced_bd`` 39 each: one GEMM and two elementwise kernels more per block, kernels whose names
 show RoPE over the sums ``y + expand`` (the base model's RoPE reads the GEMM's output).
+
+``lorahot_split`` is the library with :data:`lorahot.kernels.wide_groups.ONE_BUFFER` off (a
+group's sums apart, as measured above); since then, a group some output of which is read at
+two places (q and k, by RoPE) writes its sums into one buffer with one kernel.
 
 A form named ``NAME_dyn`` is ``NAME`` compiled with ``dynamic=True`` (the row count symbolic,
 as the rows suite compiles: lorahot's layers then run the dynamic-shapes operator).
@@ -103,8 +108,7 @@ from safetensors.torch import load_file
 import lorahot
 from benchmarks.experiments.default_mode_probe import host_and_synced, launches, sync
 from benchmarks.workload import MAX_RANK, RANKS, TARGETS, adapter_file, build
-from lorahot.kernels import compile_mode
-from lorahot.layers.linear import LoRALinear
+from lorahot.kernels import wide_groups
 
 try:  # the probe patches transformers' Llama forwards (imported here: not inside traced code)
     from transformers.models.llama import modeling_llama as ml
@@ -334,31 +338,22 @@ def timed(call: Call, n: int = 30) -> tuple[float, float, float]:
     return host, synced, (time.perf_counter() - t) / n * 1e3
 
 
-class _AloneAsTwoGemms(LoRALinear):
-    """Form ``lorahot_lone``: in default mode a wide layer outside any group (the MLP's down)
-    runs the operator too, which the pass lowers to two GEMMs (``[W; A]``, then the expand)
-    instead of the traced shrink and wide GEMM; otherwise the library's layer."""
-
-    def compiled_forward(
-        self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...] | None
-    ) -> torch.Tensor | None:
-        if compile_mode.launched_per_call() and self._plan[7] is None and self.can_widen(x):
-            a, b, s, _ = self._views()
-            return self.dynamic_forward(x, a, b, s)
-        return super().compiled_forward(x, fused, key, geometry)
+def switches(name: str) -> None:
+    """Sets the library's switches for form ``name``: read when a model compiles (which follows
+    its ``make``), and ``ALONE`` guarded by the compiled code, so set again before each call."""
+    name = name.removesuffix("_dyn")
+    wide_groups.ONE_BUFFER = name != "lorahot_split"
+    wide_groups.ALONE = name != "lorahot_traced"
 
 
 def make(name: str, w: Any, ab: dict[str, tuple[torch.Tensor, torch.Tensor]], keep: list[Any]) -> torch.nn.Module:
     name = name.removesuffix("_dyn")
     model = w.fresh_base()
-    if name in ("lorahot", "lorahot_lone"):
+    switches(name)
+    if name in ("lorahot", "lorahot_traced", "lorahot_split"):
         runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK)
         runtime.load(adapter_file(w.adapters[MAX_RANK]))
         keep.append(runtime)
-        if name == "lorahot_lone":
-            for layer in model.modules():
-                if isinstance(layer, LoRALinear) and layer.wide and layer._plan[7] is None:
-                    layer.__class__ = _AloneAsTwoGemms
     elif name != "base":
         grouped(model, ab, name)
     keep.append(model)
@@ -387,7 +382,8 @@ def part(
             dynamic=True if name.endswith("_dyn") else False if mode != "default" else None,
         )
 
-        def call(ids: torch.Tensor, c: Any = c) -> torch.Tensor:
+        def call(ids: torch.Tensor, c: Any = c, name: str = name) -> torch.Tensor:
+            switches(name)
             with torch.inference_mode():
                 out: torch.Tensor = c(input_ids=ids).logits
                 return out

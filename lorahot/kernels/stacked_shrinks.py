@@ -97,14 +97,20 @@ class StackShrinks(CustomGraphPass):
     def uuid(self) -> Any:
         """This file's, :mod:`~lorahot.kernels.extern_inputs`', :mod:`~lorahot.kernels.stacked_routed`'s,
         :mod:`~lorahot.kernels.wide_groups`' and :mod:`~lorahot.kernels.fx_graph`'s hash, whether
-        the three are on (and the groups' row limit), and the earlier passes' ids; None (no
+        the three are on (and the groups' row limit and one-buffer switch), and the earlier passes' ids; None (no
         caching of compiled graphs, as inductor does for such a pass) where an earlier pass has
         no id."""
         earlier = [getattr(p, "uuid", lambda: None)() for p in self._before()]
         if any(u is None for u in earlier):
             return None
         files = (__file__, extern_inputs.__file__, stacked_routed.__file__, wide_groups.__file__, fx_graph.__file__)
-        on = (extern_inputs.ENABLED, stacked_routed.ENABLED, wide_groups.ENABLED, wide_groups.ROWS)
+        on = (
+            extern_inputs.ENABLED,
+            stacked_routed.ENABLED,
+            wide_groups.ENABLED,
+            wide_groups.ROWS,
+            wide_groups.ONE_BUFFER,
+        )
         return (get_hash_for_files(files), *on, *earlier)
 
 

@@ -35,9 +35,12 @@ members of a group run the same operator (``fused=False``), and the pass replace
 :func:`expands` traced to aten (:func:`lorahot.kernels.fx_graph.splice`), which the compiler
 launches from its own wrapper: one GEMM over the group's rows, then one batched GEMM for every
 member's expand over strided views of the shrinks and of the B columns, whose additions the
-compiler fuses into what reads each output (RoPE, the SiLU product). q/k/v and gate/up then
-cost two launches each where the base model spends three and two; every other such operator
-(a buffer apart from its allocation, a member over another input) becomes its own two GEMMs.
+compiler fuses into what reads each output (the SiLU product), or, where a member's output is
+read at more than one place (RoPE's q and k), one kernel writes into one buffer
+(:data:`ONE_BUFFER`). q/k/v and gate/up then cost two launches each (three with that kernel)
+where the base model spends three and two; every other such operator (a buffer apart from its
+allocation, a member over another input, and a wide layer in no group: :data:`ALONE`) becomes
+its own two GEMMs.
 Above :data:`ROWS` static rows, where a step is bound by the GPU rather than by launches, the
 members keep the traced formula, whose expand adds no pass over the output.
 Measured on an H200 (``benchmarks/experiments/grouped_probe.py``, the forward suite's model,
@@ -46,6 +49,10 @@ Measured on an H200 (``benchmarks/experiments/grouped_probe.py``, the forward su
 call against 489 with a shrink and a wide GEMM per layer and the base model's 335; 6.73 ms
 against the base's 5.67 (1.19x; back to back 1.10x), where the same code before this path
 read 1.98x in another process (``runs/20261202T143921-grouped-probe-default-traced-bd.log``).
+With a rotated group's sums in one buffer (:data:`ONE_BUFFER`) and down as two GEMMs
+(:data:`ALONE`), ``runs/20261202T172042-grouped-probe-default-one-buffer-alone.log``: 379
+launches; decode 9.83 ms against the base's 8.40 (1.17x), prefill (128 rows) 11.05 against
+9.14 (1.21x), on a slower host than the run before.
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ from lorahot.kernels.fx_graph import (
 )
 from lorahot.kernels.op_registry import define, refuse_grad
 
-__all__ = ["ENABLED", "ROWS", "expands", "joins", "wide_group", "group_wide_layers"]
+__all__ = ["ALONE", "ENABLED", "ONE_BUFFER", "ROWS", "expands", "joins", "wide_group", "group_wide_layers"]
 
 #: Whether :func:`group_wide_layers` joins a group's members (for graphs compiled from then on).
 ENABLED = True
@@ -84,7 +91,41 @@ ENABLED = True
 #: that form against 55.2 for the traced one). Not measured with the groups.
 ROWS = 512
 
+#: In default mode, at rows where :func:`joins`, whether a wide layer in no group (an MLP's down)
+#: runs the operator too, which the pass lowers to its GEMM over ``[W; A]`` and its expand: two
+#: launches, as the traced formula's shrink and wide GEMM (the compiler writes the shrink beside
+#: the input). Measured on an H200 (2026-12-02, the forward suite's model in default mode, one
+#: process): 379 launches per decode call against 401 with the traced formula for down; decode
+#: 1.17x the base model against 1.19x, prefill 1.21x against 1.24x.
+ALONE = True
+
+#: In default mode, whether a group some member's output of which is read at more than one
+#: place (RoPE reads q and k at two places per element) writes the members' outputs with one
+#: kernel into one buffer (:func:`expands`' ``one_buffer``), which the readers then read as they
+#: read the base model's GEMM outputs. Measured on an H200 (2026-12-02): on the forward suite's
+#: model (no KV cache) the compiler otherwise writes a rotation kernel per rotated member, each
+#: recomputing its sum, ahead of attention's input kernels, and one buffer saves a launch per
+#: block (379 launches per decode call against 401; decode 1.17x the base model against 1.22x,
+#: prefill 1.21x against 1.32x, one process). With transformers' KV cache on, the compiler fused
+#: the separate sums into attention's input kernels itself, and one buffer cost one launch per
+#: block at small widths or nothing (``benchmarks/experiments/rope_fusion_probe.py``).
+ONE_BUFFER = True
+
 _aten = torch.ops.aten
+#: ops that read no element: a reader of a member's output through them reads the output
+_VIEWS = RESHAPES | {
+    _aten.permute.default,
+    _aten.transpose.int,
+    _aten.t.default,
+    _aten.unsqueeze.default,
+    _aten.squeeze.dim,
+    _aten.squeeze.dims,
+    _aten.expand.default,
+    _aten.slice.Tensor,
+    _aten.select.int,
+    _aten.alias.default,
+    _aten.as_strided.default,
+}
 #: what a member's replaced operator leaves unused, erased with it
 _REMOVABLE = RESHAPES | {_aten.as_strided.default}
 
@@ -206,7 +247,7 @@ def joins(rows: int | torch.SymInt) -> bool:
     return ENABLED and not statically_known_true(rows > ROWS)
 
 
-def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int]) -> list[torch.Tensor]:
+def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int], *, one_buffer: bool = False) -> list[torch.Tensor]:
     """The members' outputs, without bias, from their buffers back to back in ``wide``
     (``[sum(out_i + R), in + R]``, each ``[[W_i, B_s_i], [A_i, 0]]``), in plain torch for the
     compiler to launch: one GEMM over the first ``in`` columns, ``[y_1 | h_1 | y_2 | h_2 ..] =
@@ -220,6 +261,13 @@ def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int]) -> list[torch.
     temporary, for one launch fewer; above (or with a symbolic row count) the first member's
     expand is a GEMM of its own. Views throughout, no copy.
 
+    With ``one_buffer``, the members' sums are written by one kernel into one buffer ``[rows,
+    sum(out_i + R)]`` laid out as the GEMM's output (each expand placed in its member's
+    columns, an ``as_strided`` of the sum, which the compiler realizes), and each output is a
+    view of it: for members whose output is read more than once (RoPE reads q at two places
+    per element), where the compiler would otherwise write a kernel of its own per member
+    that recomputes ``y_i + expand_i``. The values are the same either way.
+
     Rounding: ``y_i`` and the expand are each rounded to the weights' dtype before the sum
     (three roundings, as PEFT's ``base(x) + lora_B(lora_A(x)) * s`` does), where the eager
     form accumulates the expand into ``y_i`` in place (two). In bf16 that measured about 1.2x
@@ -231,21 +279,44 @@ def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int]) -> list[torch.
     yh = x.reshape(rows, k) @ wide[:, :k].t()
     bt = wide[:, k:].t()  # [R, sum(out_i + R)]: B_s_i.T in member i's columns, zeros under the A rows
     at = list(itertools.accumulate([0] + [n + r for n in outs[:-1]]))
+    parts = _expands(yh, bt, outs, at, r, rows)
+    if one_buffer and len(outs) > 1:
+        total = wide.shape[0]
+        placed = [_placed(d, start, gap, total) for d, start, gap in parts]
+        joined = torch.as_strided(yh + sum(placed[1:], placed[0]), (rows, total), (total, 1))
+        return [joined[:, i : i + o].view(*lead, o) for i, o in zip(at, outs, strict=True)]
+    ds = [d[c] for d, _, _ in parts for c in range(d.shape[0])]
+    return [(yh[:, i : i + o] + d).view(*lead, o) for i, o, d in zip(at, outs, ds, strict=True)]
+
+
+#: expands of members evenly spaced in the group: ``([count, rows, n], first column, spacing)``
+_Part = tuple[torch.Tensor, int, int]
+
+
+def _expands(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int], r: int, rows: int) -> list[_Part]:
+    """Every member's expand, in the members' order, as parts, each a :data:`_Part` (see :func:`expands`
+    for the forms)."""
     n, m = outs[-1], len(outs)
-    ds: list[torch.Tensor] = []
     if m > 1 and all(o == n for o in outs):
-        ds = list(_evenly_spaced(yh, bt, 0, m, n, r))
-    elif m > 1 and all(o == n for o in outs[1:]) and outs[0] > n:
+        return [(_evenly_spaced(yh, bt, 0, m, n, r), 0, n + r)]
+    if m > 1 and all(o == n for o in outs[1:]) and outs[0] > n:
         if statically_known_true(rows <= ROWS):  # every member against the group's B columns
             gap = n + r
             h = yh[:, outs[0] + r - gap :].view(rows, m, gap)[..., gap - r :].transpose(0, 1)
-            d = torch.bmm(h, bt.expand(m, r, wide.shape[0]))
-            ds = [d[j, :, i : i + o] for j, (i, o) in enumerate(zip(at, outs, strict=True))]
-        else:
-            ds = [yh[:, outs[0] : outs[0] + r] @ bt[:, : outs[0]], *_evenly_spaced(yh, bt, at[1], m - 1, n, r)]
-    else:
-        ds = [yh[:, i + o : i + o + r] @ bt[:, i : i + o] for i, o in zip(at, outs, strict=True)]
-    return [(yh[:, i : i + o] + d).view(*lead, o) for i, o, d in zip(at, outs, ds, strict=True)]
+            d = torch.bmm(h, bt.expand(m, r, bt.shape[1]))
+            return [(d[j : j + 1, :, i : i + o], i, o + r) for j, (i, o) in enumerate(zip(at, outs, strict=True))]
+        first = yh[:, outs[0] : outs[0] + r] @ bt[:, : outs[0]]
+        return [(first[None], 0, outs[0] + r), (_evenly_spaced(yh, bt, at[1], m - 1, n, r), at[1], n + r)]
+    return [((yh[:, i + o : i + o + r] @ bt[:, i : i + o])[None], i, o + r) for i, o in zip(at, outs, strict=True)]
+
+
+def _placed(d: torch.Tensor, start: int, gap: int, total: int) -> torch.Tensor:
+    """The expands ``d [count, rows, n]`` of members whose columns begin at ``start`` and every
+    ``gap`` after it, placed in a ``[rows, total]`` of zeros (pads, which the compiler reads as
+    masked loads)."""
+    count, rows, n = d.shape
+    spread = torch.nn.functional.pad(d.transpose(0, 1), (0, gap - n)).reshape(rows, count * gap)
+    return torch.nn.functional.pad(spread, (start, total - start - count * gap))
 
 
 def _evenly_spaced(yh: torch.Tensor, bt: torch.Tensor, start: int, count: int, n: int, r: int) -> torch.Tensor:
@@ -275,6 +346,7 @@ def _lower(
     if fake is None or not isinstance(x, torch.fx.Node):
         return 0
     outs = [int(node.meta["val"].shape[-1]) for node in nodes]
+    one_buffer = ONE_BUFFER and any(len(_places(node)) > 1 for node in nodes)
     with graph.inserting_before(first):
         if cols is None:
             wide = alloc
@@ -282,11 +354,25 @@ def _lower(
             size = [sum(r for _, r, _ in run), cols]
             wide = graph.call_function(_aten.as_strided.default, (alloc, size, [cols, 1], run[0][0]))
             set_fake_values(fake, (wide,))
-        values = splice(graph, lambda x, w: expands(x, w, outs), (x, wide), fake)
+        values = splice(graph, lambda x, w: expands(x, w, outs, one_buffer=one_buffer), (x, wide), fake)
     for node, value in zip(nodes, values, strict=True):
         node.replace_all_uses_with(value)
         erase_unused(graph, node, _REMOVABLE)
     return len(nodes)
+
+
+def _places(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """The views of ``node`` (``node`` itself among them) that something other than a view
+    reads: more than one where its elements are read at more than one place each (RoPE's
+    ``q * cos + rotate_half(q) * sin`` reads q through three), which the compiler does not fuse
+    into one read of a sum; one for readers of the same view (``x * sigmoid(x)``)."""
+    found: set[torch.fx.Node] = set()
+    for user in node.users:
+        if user.op == "call_function" and user.target in _VIEWS:
+            found |= _places(user)
+        else:
+            found.add(node)
+    return found
 
 
 def _groups(graph: torch.fx.Graph) -> Groups:

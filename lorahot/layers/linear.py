@@ -268,11 +268,11 @@ class LoRALinear(LoRALayer):
         if not self.can_widen(x):  # for a fused, wide layer also the fused kernel's conditions on x
             return None
         per_call = compile_mode.launched_per_call()
-        if per_call and self._plan[7] is not None and wide_groups.joins(_rows(x)):
-            # default mode, a member of a wide group, rows where launches bound a step: the
-            # operator, which the grouping pass replaces by one GEMM for the group's members
-            # over one input and their expands, in aten the compiler launches itself
-            # (lorahot.kernels.wide_groups.expands)
+        if per_call and (self._plan[7] is not None or wide_groups.ALONE) and wide_groups.joins(_rows(x)):
+            # default mode, rows where launches bound a step: the operator, which the grouping
+            # pass replaces by one GEMM for a wide group's members over one input and their
+            # expands (a layer alone: its GEMM over [W; A] and its expand), in aten the
+            # compiler launches itself (lorahot.kernels.wide_groups.expands)
             a, b, s, _ = self._views()
             return self.dynamic_forward(x, a, b, s)
         if fused and not per_call:  # not replayed: the wide GEMMs (compile_mode)

@@ -152,7 +152,9 @@ def test_gpu_a_rewritten_layer_follows_swaps(mode: str, monkeypatch: pytest.Monk
     group's formula in aten), so there is no concatenation left to rewrite:
     ``reduce-overhead-grouped`` checks exactly that, and ``default`` and ``reduce-overhead``
     widen each layer alone, as a layer without neighbours (an MLP's ``down``) is, to test the
-    rewrite there.
+    rewrite there; in default mode, where at up to :data:`~lorahot.kernels.wide_groups.ROWS`
+    rows a layer alone runs its GEMM over ``[W; A]`` and its expand, with that off
+    (:data:`~lorahot.kernels.wide_groups.ALONE`), as it is above those rows.
 
     ``max_rank=8``: every GEMM's sizes a multiple of 8, so inductor's shape padding has nothing
     to pad. With rank 4 the wide GEMM's ``K`` (16 + 4) and the shrink's ``N`` (4) are not, and
@@ -166,6 +168,7 @@ def test_gpu_a_rewritten_layer_follows_swaps(mode: str, monkeypatch: pytest.Monk
     joined: list[int] = []
     group = wide_groups.group_wide_layers
     monkeypatch.setattr(wide_groups, "group_wide_layers", lambda graph: joined.append(group(graph)) or 0)
+    monkeypatch.setattr(wide_groups, "ALONE", False)
     if mode != "reduce-overhead-grouped":
         singles = wide._groups
         monkeypatch.setattr(wide, "_groups", lambda *a: [[m] for g in singles(*a) for m in g])
