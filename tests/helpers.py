@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -356,13 +357,14 @@ TINY_DECODER = {
 }
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
-    """transformers' ``LlamaForCausalLM`` of the :data:`TINY_DECODER` shape, seeded, in eval
-    mode. Imports transformers."""
+def tiny_llama(seed: int = 0, **config: Any) -> nn.Module:
+    """transformers' ``LlamaForCausalLM`` of the :data:`TINY_DECODER` shape (with ``config``'s
+    entries over it), seeded, in eval mode. Imports transformers."""
     import transformers
 
     torch.manual_seed(seed)
-    model: nn.Module = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_DECODER)).eval()
+    llama_config = transformers.LlamaConfig(**{**TINY_DECODER, **config})
+    model: nn.Module = transformers.LlamaForCausalLM(llama_config).eval()
     return model
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -576,12 +577,13 @@ def test_in_default_mode_a_group_read_twice_writes_its_outputs_into_one_buffer(
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _llama(device: str, dtype: torch.dtype) -> tuple[nn.Module, lorahot.LoraRuntime]:
-    """The tiny transformers Llama, every projection injected, a rank-8 adapter loaded."""
+def _llama(device: str, dtype: torch.dtype, **config: Any) -> tuple[nn.Module, lorahot.LoraRuntime]:
+    """The tiny transformers Llama (``config`` over its shape), every projection injected, a
+    rank-8 adapter loaded."""
     pytest.importorskip("transformers")
     from tests.helpers import tiny_llama
 
-    model = tiny_llama().to(device=device, dtype=dtype)
+    model = tiny_llama(**config).to(device=device, dtype=dtype)
     runtime = lorahot.inject(model, LLAMA, max_rank=R, extras=False)
     ranks = {name: R for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in LLAMA}
     runtime.load(make_adapter(model, ranks, seed=0)[0])
@@ -621,23 +623,10 @@ def test_gpu_llama_rotary_groups_launch_fewer_kernels_with_one_buffer(monkeypatc
     Shape-dependent: with a KV cache (transformers' default), measured on the same day at
     hidden 32 to 2048, the compiler fused the separate sums into attention's input kernels
     and one buffer cost a launch per block or nothing (41 against 39, 39 against 39)."""
-    import transformers
     from torch._inductor.utils import run_and_get_code
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=1000,
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_cache=False,
-    )
-    model = transformers.LlamaForCausalLM(config).eval().cuda().to(torch.bfloat16)
-    runtime = lorahot.inject(model, LLAMA, max_rank=R, extras=False)
-    ranks = {name: R for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in LLAMA}
-    runtime.load(make_adapter(model, ranks, seed=0)[0])
+    shape = {"vocab_size": 1000, "hidden_size": 128, "intermediate_size": 352, "max_position_embeddings": 2048}
+    model, _ = _llama("cuda", torch.bfloat16, **shape, use_cache=False)
     prefill, decode = (torch.randint(0, 1000, (1, n), device="cuda") for n in (128, 1))
     launches = {}
     with torch.no_grad():
