@@ -235,7 +235,7 @@ def group_wide_layers(graph: torch.fx.Graph) -> int:
         target = torch.ops.lorahot.wide_linear_dynamic.default
         for node in list(graph.nodes):
             wide = node.args[1] if node.op == "call_function" and node.target is target else None
-            if isinstance(wide, torch.fx.Node) and node.args[-1] is False:
+            if isinstance(wide, torch.fx.Node) and node.args[-1] is False and not _strided(node):
                 removed += _lower(graph, [(0, 0, node)], wide, None, order)
     return removed
 
@@ -382,6 +382,20 @@ def _places(node: torch.fx.Node) -> set[torch.fx.Node]:
     return found
 
 
+def _strided(node: torch.fx.Node) -> bool:
+    """Whether an ``as_strided`` reads ``node``'s output (itself or through views): its sizes,
+    strides and offset are the operator's layout at trace time (row stride ``out + R``, from
+    the fake), which a column of a group's output or a sum of the expands does not have, and
+    the compiler's ``as_strided`` reads the storage under any view. Such an operator is left
+    as it is, neither joined nor lowered."""
+    return any(
+        user.op == "call_function"
+        and user.target in _VIEWS
+        and (user.target is _aten.as_strided.default or _strided(user))
+        for user in node.users
+    )
+
+
 def _groups(graph: torch.fx.Graph) -> Groups:
     groups: Groups = defaultdict(list)
     target = torch.ops.lorahot.wide_linear_dynamic.default
@@ -390,7 +404,7 @@ def _groups(graph: torch.fx.Graph) -> Groups:
             continue
         x, wide, *_, fused = node.args
         view = arena_view(wide, 2)
-        if view is None or not isinstance(x, torch.fx.Node) or not isinstance(fused, bool):
+        if view is None or not isinstance(x, torch.fx.Node) or not isinstance(fused, bool) or _strided(node):
             continue
         alloc, (rows, cols), stride, offset = view
         if stride != [cols, 1]:

@@ -76,12 +76,15 @@ def wide_linear(
     ``[x | h]``; eagerly without gradient, one GEMM over ``[W; A]`` then the expand in place.
     ``a`` is the same ``A [R, in]`` as the buffer's, where the traced shrink should read it
     (the layer's arena view, which :mod:`lorahot.kernels.stacked_shrinks` stacks with its
-    neighbours'). Differentiable: plain torch."""
+    neighbours'), unless a move of the model (``model.double()``) left it in another dtype than
+    the buffer's. Differentiable: plain torch."""
     k = x.shape[-1]
     n = wide.shape[0] - (wide.shape[1] - k)
     x2 = x.reshape(-1, k)
     if torch.compiler.is_compiling() or _needs_grad(x, wide, bias):
-        xh = torch.cat([x2, torch.nn.functional.linear(x2, wide[n:, :k] if a is None else a)], dim=-1)
+        if a is None or a.dtype != wide.dtype:  # a move of the model converted the buffer, not the arena
+            a = wide[n:, :k]
+        xh = torch.cat([x2, torch.nn.functional.linear(x2, a)], dim=-1)
         y = torch.nn.functional.linear(xh, wide[:n], bias)
     else:
         y = _in_place(x2, wide, n, k)

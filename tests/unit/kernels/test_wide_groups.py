@@ -269,21 +269,84 @@ def test_a_group_over_another_groups_output_is_joined_too(dynamic: bool, as_on_c
     assert as_on_cuda == [2]
 
 
-def test_a_move_after_inject_compiles_with_the_layers_own_buffers(as_on_cuda: list[int]) -> None:
+class _Strided(nn.Module):
+    """q, k and v over one input; q and k read through ``as_strided`` with the strides their
+    outputs have (a sliding-window view, as Longformer's chunking takes), v plainly; no bias
+    (whose addition would write a new tensor for the view to read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(D, n, bias=False) for n in (D, D // 2, D // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        rows = x.shape[0]
+        windows = q.as_strided((rows - 1, 2, 6), (q.stride(0), q.stride(0), 1))  # rows i and i + 1
+        keys = k.as_strided((rows, 2, 6), (k.stride(0), 3, 1))  # overlapping halves
+        return windows.sum(1).sum(-1)[:, None] * v[:-1] + keys.prod(1).sum(-1)[:-1, None]
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-rows"])
+@pytest.mark.parametrize("guarded", [True, False], ids=["left-alone", "negative-control"])
+def test_an_output_read_through_as_strided_keeps_its_own_operator(
+    guarded: bool, dynamic: bool, mode: str, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``as_strided`` takes the strides and offset the layer's output had when traced (the
+    operator's row stride ``out + R``) and reads the storage under any view, so a member joined
+    into a group or lowered to the expands would be read at the wrong elements (an
+    independent review's finding; out of bounds, as the negative control shows, where the
+    pass ignores such readers). q and k keep their own operators, v alone is rewritten, and
+    the output equals the eager model's through swaps, in both modes, with static and
+    symbolic rows."""
+    if not guarded:
+        monkeypatch.setattr(wide_groups, "_strided", lambda node: False)
+    torch.manual_seed(0)
+    model = _Strided().double()
+    names = ["q", "k", "v"]
+    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(names, r), seed=s)[0] for r, s in ((4, 0), (8, 1))]
+    runtime.load(adapters[0])
+    compiled = torch.compile(model, mode=None if mode == "default" else mode, dynamic=dynamic, fullgraph=True)
+    rows = (300, 9) if dynamic else (300,)  # static: past the fused kernel's rows
+    xs = [torch.randn(m, D, dtype=torch.float64) for m in rows]
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=not dynamic):
+        outs = []
+        for adapter in adapters:
+            runtime.load(adapter)
+            outs += [(compiled(x), _eager(model, x)) for x in xs]
+    if not guarded:  # the negative control: some output read at the wrong elements
+        assert any(not torch.allclose(got, want) for got, want in outs)
+        return
+    for got, want in outs:
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert as_on_cuda[0] == (1 if mode == "default" else 0)  # v lowered alone; no run of two to join
+
+
+@pytest.mark.parametrize(
+    ("mode", "dynamic", "rows"),
+    [("reduce-overhead", True, 300), ("reduce-overhead", False, 300), ("default", False, 300), ("default", False, 600)],
+)
+def test_a_move_after_inject_compiles_with_the_layers_own_buffers(
+    mode: str, dynamic: bool, rows: int, as_on_cuda: list[int]
+) -> None:
     """``model.double()`` after inject converts each layer's wide buffer apart from the group's
     allocation: the compiled layers read their own converted buffers (nothing to join), as
     before the groups, and compute what the eager model does (the allocation's old dtype had
-    reached the operator: an independent review's finding)."""
+    reached the operator, and, with static rows, the traced formula's shrink: an independent
+    review's findings), with a symbolic row count, static rows under CUDA graphs, and static
+    rows in default mode on either side of :data:`~lorahot.kernels.wide_groups.ROWS`."""
     torch.manual_seed(0)
     model = _Attention()
     runtime = lorahot.inject(model, NAMES, max_rank=R, extras=False)
     runtime.load(make_adapter(model, dict.fromkeys(NAMES, 4))[0])
     model.double()
-    x = torch.randn(2, 150, D, dtype=torch.float64)
+    x = torch.randn(rows, D, dtype=torch.float64)
     with torch.no_grad():
-        got = torch.compile(model, mode="reduce-overhead", dynamic=True, fullgraph=True)(x)
+        got = torch.compile(model, mode=None if mode == "default" else mode, dynamic=dynamic, fullgraph=True)(x)
     torch.testing.assert_close(got, _eager(model, x), rtol=1e-6, atol=1e-6)
-    assert as_on_cuda == [0]
+    alone = mode == "default" and rows <= wide_groups.ROWS  # each layer lowered over its own buffer
+    assert as_on_cuda == [len(NAMES) if alone else 0]
 
 
 def test_a_copy_of_the_model_reads_its_own_allocation(as_on_cuda: list[int]) -> None:
