@@ -20,6 +20,11 @@ entry (256), in a CUDA graph over 22 weight sets, us per call:
 - ``acc d1`` / ``acc d8``: the accumulated form (``routed_linear._accumulated``: the pair
   writing each row's update alone, then cuBLAS's GEMM accumulating onto it with ``beta = 1``),
   checked against the pair's output first;
+- ``bmm d1`` / ``bmm d8``: the base GEMM, then :func:`routed_batched` (each
+  routing entry's slot's A and B gathered, two batched cuBLAS GEMMs), checked likewise. Measured
+  on an H200 (``runs/20261202T224612-prefill-probe-bmm.log``): 76.7 / 49.3 / 139.4 / 125.1 us
+  per q-o / k-v / gate-up / down call at d8 against the pair's 43.7 / 19.7 / 99.9 / 88.3, so
+  not built into the library;
 - with ``PROBE_SWEEP=1``, for each (BLOCK_M, BLOCK_N, warps, stages) of :data:`CONFIGS`: the
   fused path (the shrink, then the fused kernel, its K split by ``config_for``'s rule), d1 and
   d8; each checked against the pair's output first. Measured in the fifteenth session
@@ -55,6 +60,33 @@ CONFIGS = [
 ]
 
 
+def routed_batched(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    s: torch.Tensor,
+    route: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The routed update as batched library GEMMs, for 2-D ``x [M, in]`` and ``y [M, out]`` whose
+    ``M`` rows are ``L = len(route)`` runs of ``T`` rows (one sequence each): each run's slot's
+    A and B gathered (``[L, R, in]``, ``[L, R, out]``), its shrinks ``[L, T, R]`` in one batched
+    GEMM, scaled in float32 (zero for ``-1`` runs), and ``y`` plus the expands in a second
+    (``beta = 1``), into ``out`` where given. Every weight a run reads is read once, whatever
+    its slot's other runs."""
+    length, rows = route.shape[0], x.shape[0]
+    t = rows // length
+    index = route.clamp_min(0)
+    h = torch.bmm(x.view(length, t, x.shape[1]), a.index_select(0, index).transpose(1, 2))
+    scale = s.index_select(0, index) * (route >= 0)[:, None].to(s.dtype)
+    h = (h * scale[:, None, :]).to(bt.dtype)  # not in place: the scale in float32, one rounding
+    n = y.shape[1]
+    target = None if out is None else out.view(length, t, n)
+    got = torch.baddbmm(y.view(length, t, n), h, bt.index_select(0, index), out=target)
+    return got.view(rows, n)
+
+
 def config(m: int, n: int, k: int, bm: int, bn: int, warps: int, stages: int) -> F.Config:
     """``config_for``'s split-K rule with these tiles."""
     tiles = -(-m // bm) * -(-n // bn)
@@ -69,7 +101,7 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(f"{M} rows, {T_ROWS} per routing entry, {SLOTS} slots, rank 64, us per call")
     sweep = CONFIGS if os.environ.get("PROBE_SWEEP") == "1" else []
-    head = ["base", "wide", "pair d1", "pair d8", "shrink", "acc d1", "acc d8"]
+    head = ["base", "wide", "pair d1", "pair d8", "shrink", "acc d1", "acc d8", "bmm d1", "bmm d8"]
     head += [f"{c[0]}x{c[1]}w{c[2]}s{c[3]} d{d}" for c in sweep for d in (1, 8)]
     print(f"{'shape':8s} " + " ".join(f"{h:>18s}" for h in head))
     for name, (k, n) in SHAPES.items():
@@ -119,6 +151,21 @@ def main() -> None:
             if not ok:
                 print(f"  {name} accumulated d{d}: differs from the pair by {(got - out).abs().max().item():.3g}")
             row.append(graph_us(lambda d=d: accumulated(d), SETS) if ok else float("nan"))
+
+        def batched(d: int) -> None:
+            for wi, yi, ai, bi in zip(w, ys, a, bt):
+                torch.mm(x, wi.T, out=yi)
+                routed_batched(x, yi, ai, bi, s, routes[d], out)
+
+        for d in (1, 8):  # the first weight set against the pair's output
+            y0 = x @ w[0].T
+            out.fill_(float("nan"))
+            T.launch(x, y0, a[0], bt[0], s, routes[d], out, gather=False, segs=grouped[d])
+            got = routed_batched(x, y0, a[0], bt[0], s, routes[d])
+            ok = torch.allclose(got, out, rtol=3e-2, atol=3e-2)
+            if not ok:
+                print(f"  {name} batched d{d}: differs from the pair by {(got - out).abs().max().item():.3g}")
+            row.append(graph_us(lambda d=d: batched(d), SETS) if ok else float("nan"))
         for c in sweep:
             cfg = config(M, n, k, *c)
             for d in (1, 8):  # the first weight set against the pair's output
