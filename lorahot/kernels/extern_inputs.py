@@ -122,8 +122,11 @@ def rewrite_extern_inputs(graph: torch.fx.Graph) -> int:
     found = [(node, match) for node in graph.nodes if (match := _match(node)) is not None]
     sharing = Counter(source(match[0]) for _, match in found)
     done = 0
-    for node, match in found:
-        if sharing[source(match[0])] == 1 and needs_copy(match[0]):
+    for node, _ in found:
+        # matched again: a rewrite before this one may have replaced this layer's input (a
+        # wide layer over another's output now reads that layer's expand, an addition)
+        match = _match(node)
+        if match is not None and sharing.get(source(match[0]), 1) == 1 and needs_copy(match[0]):
             _rewrite(graph, node, *match)
             done += 1
     return done

@@ -91,6 +91,47 @@ def test_a_layer_after_a_library_gemm_drops_its_concatenation(enabled: bool, mon
     assert cats == ([3] if enabled else [4])
 
 
+class _Chain(nn.Module):
+    """``a`` after a batched GEMM, ``b`` over ``a``'s output alone (a library GEMM's output too,
+    until ``a`` is rewritten)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.b(self.a(torch.bmm(x, y)))
+        return out
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["rewritten", "negative-control"])
+def test_a_layer_over_a_rewritten_layers_output_keeps_its_concatenation(
+    enabled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``a`` is rewritten; ``b`` then reads ``a``'s expand, an addition the compiler generates,
+    and keeps its concatenation (one rewrite). The rewrite of ``b`` had been planned from the
+    graph before ``a``'s and read ``a``'s erased GEMM: the compiler's topological sort raised
+    (found by a CPU trace-cost probe). The chain equals the eager one through a swap."""
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    monkeypatch.setattr(wide_groups, "ENABLED", False)
+    monkeypatch.setattr(extern_inputs, "ENABLED", enabled)
+    rewrites, cats = _spy(monkeypatch)
+    torch.manual_seed(0)
+    model = _Chain().double()
+    runtime = lorahot.inject(model, ["a", "b"], max_rank=R, extras=False)
+    adapters = [make_adapter(model, {"a": r, "b": r}, seed=r)[0] for r in (4, 2)]
+    runtime.load(adapters[0])
+    x, y = torch.randn(3, 5, D, dtype=torch.float64), torch.randn(3, D, D, dtype=torch.float64) / D**0.5
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, y), model(x, y), rtol=1e-9, atol=1e-9)
+        runtime.load(adapters[1])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            torch.testing.assert_close(compiled(x, y), model(x, y), rtol=1e-9, atol=1e-9)
+    assert rewrites == ([1] if enabled else [])
+    assert cats == ([1] if enabled else [2])
+
+
 def test_what_needs_a_copy() -> None:
     """A graph input, a library GEMM's output, one output of attention and a custom
     operator's, behind views or not, need a copy; an elementwise op's output does not."""
