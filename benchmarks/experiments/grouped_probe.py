@@ -427,33 +427,36 @@ def part(
 
 def kernels(forms: tuple[str, ...]) -> None:
     """Prints, per form, the kernels one default-mode decode call of the 2-layer model launches
-    (after a prefill call, as ``part`` compiles), and its error against lorahot's eager output."""
+    (after a prefill call, as ``part`` compiles), and its error against lorahot's eager output;
+    with ``PROBE_KSHAPE=prefill``, those of the prefill call instead."""
     from collections import Counter
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     w = build(small=True, device=dev)
     ab = adapter_weights(adapter_file(w.adapters[MAX_RANK]), w.dtype, dev)
     keep: list[Any] = []
+    shape = os.environ.get("PROBE_KSHAPE", "decode")
+    ids = w.prefill if shape == "prefill" else w.decode
     with torch.inference_mode():
-        want = make("lorahot", w, ab, keep)(input_ids=w.decode).logits.float()
+        want = make("lorahot", w, ab, keep)(input_ids=ids).logits.float()
     for name in forms:
         torch._dynamo.reset()
         c = torch.compile(make(name, w, ab, keep), fullgraph=True)
         with torch.inference_mode():
             c(input_ids=w.prefill)
             for _ in range(3):
-                got = c(input_ids=w.decode).logits.float()
+                got = c(input_ids=ids).logits.float()
             sync()
             activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             with torch.profiler.profile(activities=activities) as prof:
-                c(input_ids=w.decode)
+                c(input_ids=ids)
                 sync()
         names: Counter[str] = Counter()
         for e in prof.events():
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 names[e.name[:90]] += 1
         err = ((got - want).norm() / want.norm()).item()
-        print(f"kernels {name}: {sum(names.values())} kernels, error {err:.4f}")
+        print(f"kernels {name} ({shape}): {sum(names.values())} kernels, error {err:.4f}")
         for k, v in sorted(names.items()):
             print(f"    {v:3d} {k}")
 
