@@ -46,7 +46,7 @@ from lorahot.errors import UsageError
 from lorahot.layers import routing
 from lorahot.layers.refusal import refuse
 from lorahot.layers.state import RuntimeState
-from lorahot.layers.tensor_handles import ROUTES, TENSORS, TensorHandle, mark_static
+from lorahot.layers.tensor_handles import ROUTES, TENSORS, TOKENS, TensorHandle, mark_static
 
 __all__ = [
     "Shard",
@@ -597,9 +597,10 @@ class LoRALayer(nn.Module):
         """None where ``x`` fits ``route`` (:func:`lorahot.layers.routing.row_misfit`); else the
         refusal (:func:`lorahot.layers.refusal.refuse`, ``like`` the layer's base output), which
         raises when it runs."""
-        if not routing.row_misfit(x, route.shape[0], self.spec.kind, self.row_dims(x)):
+        tokens = TOKENS.get(self._plan[4], False)
+        if not routing.row_misfit(x, route.shape[0], self.spec.kind, self.row_dims(x), tokens):
             return None
-        return refuse(routing.misfit_message(self._describe(), self.spec.kind), like, x, route)
+        return refuse(routing.misfit_message(self._describe(), self.spec.kind, tokens), like, x, route)
 
     def _routed_extras(self, z: torch.Tensor, e: torch.Tensor, s: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         """``f * (z + s[0] * lora_bias) + g`` with each row's own extras from the slot views

@@ -27,7 +27,7 @@ from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.kernels import wide_linear as wide_kernel
 from lorahot.layers import routing
 from lorahot.layers.base import WIDE_BUFFER, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
-from lorahot.layers.tensor_handles import SEGMENTS, TENSORS, WORKSPACES
+from lorahot.layers.tensor_handles import SEGMENTS, TENSORS, TOKENS, WORKSPACES
 
 __all__ = ["LoRALinear", "linear_features", "is_conv1d", "computes_as_stored"]
 
@@ -319,7 +319,7 @@ class LoRALinear(LoRALayer):
         layer; on an H200 host the routed decode's guards took 0.28 ms more per call than the
         base model's, ``benchmarks/experiments/mixed_profile_probe.py``). None where an input
         does not fit the routing (the general path refuses it) or the operator does not apply."""
-        if not fused or routing.row_misfit(x, route.shape[0], "linear", 1):
+        if not fused or routing.row_misfit(x, route.shape[0], "linear", 1, TOKENS.get(key, False)):
             return None
         if slot_geometry is None:  # regional: the layer's own views
             a, b, s, _ = self._slots  # type: ignore[misc]

@@ -9,20 +9,27 @@ rebuilt from the arena tensors like the live views) and gives each row its own s
 Which part of the layer's input is a "row" (:func:`row_misfit`, :func:`misfit_message`):
 
 - a convolution: its batch dimension, so ``x.shape[0] == L`` (batched input only);
-- a linear or an embedding: its leading dimensions (all but ``in`` for a linear, all for the
-  ids of an embedding), rows outermost. The first of them is the batch: ``[B, T, in]`` or
-  ``[B, H, T, d]`` with ``L = B`` routes each sequence, and ``[N, in]`` with ``L = N`` each
-  token. Tokens flattened to one leading dimension, ``[B * T, in]`` with ``L = B``, split into
-  ``L`` equal consecutive groups: each row's ``T`` tokens take its slot. Otherwise ``L`` must be
-  every leading position, one entry per token (``[1, N, in]`` with ``L = N``: packed
-  variable-length input, see ``activate(..., lengths=...)``).
+- a linear or an embedding, under a routing of one entry per row (``activate(slots)``): the
+  first of its leading dimensions (all but ``in`` for a linear, all for the ids of an
+  embedding), the batch: ``[B, T, in]`` or ``[B, H, T, d]`` with ``L = B`` routes each
+  sequence, ``[B, in]`` each row. Tokens flattened to one leading dimension, ``[B * T, in]``
+  with ``L = B``, split into ``L`` equal consecutive groups: each row's ``T`` tokens take its
+  slot;
+- a linear or an embedding, under a routing of one entry per token of packed input
+  (``activate(slots, lengths=...)``, ``L`` tokens in all): every leading position, rows
+  outermost (``[1, N, in]``, ``[N, in]`` or ``[B, T, in]`` with ``L = N = B * T``).
 
 Anything else (a routing left from a batch of another size, a batch expanded after the
 routing was set, sequence-first input, packed input whose ``lengths`` do not add up to its
-tokens) could give rows the wrong slots, so it is refused. The shape alone cannot catch a
-routing left from another batch whose length equals this batch's token count ``B * T`` (or, for
-tokens flattened to one dimension, divides it): that reads as one entry per token (per equal
-group), so each batch's routing is set before its forward. A batch of ``k * L`` rows may have
+tokens, an input shared by every row such as position embeddings ``[1, T]`` under a routing of
+``B`` rows, ``T == B`` included) could give rows the wrong slots, so it is refused. A routing of
+one entry per token is only read as such when it says so (``lengths=``): by its shape alone a
+batch of ``B`` rows of ``B`` tokens cannot be told from ``B`` packed tokens.
+The shape alone cannot catch a routing left from another batch whose length equals this
+batch's size (or divides its flattened tokens), so each batch's routing is set before its
+forward; nor rows a layer sees in another order than the batch's, which is why the runtime
+refuses to route the experts of a mixture-of-experts block (each runs on the tokens its router
+picked: :func:`lorahot.runtime.routing.check_experts`). A batch of ``k * L`` rows may have
 been expanded either way: doubled for classifier-free guidance (``[uncond; cond]``, routed
 ``slots + slots``) or with each row repeated in place (beam search, routed with each entry
 repeated); lorahot cannot tell which, so it asks for the routing as expanded. The refusal is
@@ -69,7 +76,7 @@ def slot_geometry(view: torch.Tensor, root: torch.Tensor) -> Geometry:
     return (slots, *view.shape), (step, *view.stride()), int(view.storage_offset()) % step
 
 
-def row_misfit(x: torch.Tensor, length: int, kind: str, dims: int) -> bool:
+def row_misfit(x: torch.Tensor, length: int, kind: str, dims: int, tokens: bool = False) -> bool:
     """Whether ``x`` does not split into ``length`` routed rows (see the module docstring).
 
     Args:
@@ -78,28 +85,37 @@ def row_misfit(x: torch.Tensor, length: int, kind: str, dims: int) -> bool:
         kind: the layer kind (``"conv"`` routes the batch dimension only).
         dims: trailing dimensions that are not rows (1 for a linear's ``in``, 0 for ids, the
             channels and spatial dimensions for a conv).
+        tokens: whether the routing has one entry per token of packed input
+            (``activate(slots, lengths=...)``), not one per row.
     """
     leading = tuple(x.shape)[: x.dim() - dims]
     if kind == "conv":
         return not (len(leading) == 1 and leading[0] == length)
+    if tokens:  # every leading position is one token, rows outermost
+        return not (leading and math.prod(leading) == length)
     if leading and leading[0] == length:
         return False
-    if len(leading) == 1:
-        return leading[0] % length != 0  # tokens flattened, rows outermost
-    return not (leading and math.prod(leading) == length)  # one entry per token
+    return not (len(leading) == 1 and leading[0] % length == 0)  # tokens flattened, rows outermost
 
 
-def misfit_message(what: str, kind: str) -> str:
+def misfit_message(what: str, kind: str, tokens: bool = False) -> str:
     """The message of the :class:`~lorahot.errors.UsageError` for an input that does not fit
     the routing (:func:`row_misfit`), as a :func:`lorahot.layers.refusal.refuse` template:
     ``{0}`` the input's shape, ``{1[0]}`` the routing's length. ``what``: the layer (its module
-    path and kind)."""
-    rule = (
-        "a conv routes its batch dimension, so its input must be batched with one row per entry"
-        if kind == "conv"
-        else "one entry per row of its first dimension (the batch), per token, or, with the tokens flattened to one "
-        "dimension, per equal group of them, rows outermost"
-    )
+    path and kind); ``tokens``: whether the routing has one entry per token of packed input."""
+    if kind == "conv":
+        rule = "a conv routes its batch dimension, so its input must be batched with one row per entry"
+    elif tokens:
+        rule = (
+            "this routing has one entry per token of packed input (activate(slots, lengths=...)), so the input's "
+            "leading dimensions must hold exactly that many tokens, rows outermost"
+        )
+    else:
+        rule = (
+            "one entry per row of its first dimension (the batch) or, with the tokens flattened to one dimension, "
+            "per equal group of them, rows outermost; an input every row shares (position ids [1, T]) cannot take a "
+            "slot per row, and packed input is routed per token with activate(slots, lengths=...)"
+        )
     return (
         f"{literal(what)}: its input {{0}} does not fit a routing of {{1[0]}} entries: {rule}. Call runtime.activate "
         "with one slot per row of this batch (a batch expanded after the routing was set needs the routing expanded "

@@ -17,7 +17,9 @@ over these dictionaries: removing the entry then made the trace fail with "dicti
 size during iteration". It owns the same key of :data:`ROUTES`: None
 while the whole batch computes with the live region, else the per-row routing (an int64 device
 tensor ``[L]``, one slot per row, -1 for none; see :mod:`lorahot.layers.routing`), and the same
-key of :data:`SEGMENTS`: that routing grouped by slot, for the segmented kernels, and of
+key of :data:`TOKENS`: whether that routing has one entry per token of packed input
+(``activate(slots, lengths=...)``) rather than one per row, and of :data:`SEGMENTS`: that routing
+grouped by slot, for the segmented kernels, and of
 :data:`WORKSPACES`: a float32 workspace, zero between calls, that the routed decode's shrink adds
 into (:mod:`lorahot.kernels.routed_linear`). Only the runtime writes them, in place for a new
 routing of the same length; it makes the workspace once, with the first routing. A copy of a
@@ -31,13 +33,17 @@ import weakref
 
 import torch
 
-__all__ = ["TensorHandle", "TENSORS", "ROUTES", "SEGMENTS", "WORKSPACES", "publish_workspace", "mark_static"]
+__all__ = ["TensorHandle", "TENSORS", "ROUTES", "TOKENS", "SEGMENTS", "WORKSPACES", "publish_workspace", "mark_static"]
 
 #: key -> tensors; read by the layers' forward under ``torch.compile`` (see :mod:`lorahot.layers.base`).
 TENSORS: dict[int, tuple[torch.Tensor, ...]] = {}
 #: key -> the per-row routing of the layers bound to that arena, or None (the whole batch reads
 #: the live region). A compiled graph guards on which of the two it is, and on the routing's length.
 ROUTES: dict[int, torch.Tensor | None] = {}
+#: key -> whether the routing in :data:`ROUTES` has one entry per token of packed input
+#: (``activate(slots, lengths=...)``), not one per row: which inputs fit it
+#: (:func:`lorahot.layers.routing.row_misfit`). False with no routing.
+TOKENS: dict[int, bool] = {}
 #: key -> the routing in :data:`ROUTES` grouped by slot (:func:`lorahot.kernels.routed_lora.segments`),
 #: computed once per routing so that no layer sorts it again; None with no routing.
 SEGMENTS: dict[int, torch.Tensor | None] = {}
@@ -57,6 +63,7 @@ class TensorHandle:
         self.key = next(_ids)
         TENSORS[self.key] = tensors
         ROUTES[self.key] = SEGMENTS[self.key] = WORKSPACES[self.key] = None
+        TOKENS[self.key] = False
         weakref.finalize(self, _retire, self.key)
         for t in tensors:
             mark_static(t)
@@ -86,6 +93,8 @@ def _retire(key: int) -> None:
         TENSORS[key] = ()
     if key in ROUTES:
         ROUTES[key] = None
+    if key in TOKENS:
+        TOKENS[key] = False
     if key in SEGMENTS:
         SEGMENTS[key] = None
     if key in WORKSPACES:
@@ -97,7 +106,7 @@ def _purge() -> None:
     """Removes the entries of collected handles."""
     while _retired:
         key = _retired.pop()
-        for table in (TENSORS, ROUTES, SEGMENTS, WORKSPACES):
+        for table in (TENSORS, ROUTES, TOKENS, SEGMENTS, WORKSPACES):
             table.pop(key, None)
 
 

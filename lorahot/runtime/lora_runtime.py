@@ -66,7 +66,7 @@ from lorahot.runtime.plan import (
     restage,
     validate,
 )
-from lorahot.runtime.routing import Routing, check_routing
+from lorahot.runtime.routing import Routing, check_experts, check_routing
 from lorahot.runtime.scale_replay import ScaleReplay
 from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.skeleton import Skeleton, Skeletons
@@ -309,7 +309,10 @@ class LoraRuntime:
                 the buffers' range included); for a stack, any part, or the parts together
                 (ranks over ``max_rank`` in a layer, DoRA on a layer another part touches,
                 two LoRA biases on one layer: :class:`AdapterMismatchError`); UsageError for
-                a bad call (a ``scale`` sequence whose length is not the number of parts).
+                a bad call (a ``scale`` sequence whose length is not the number of parts), or
+                for an adapter with weights on a mixture-of-experts block's experts loaded
+                into a slot the per-row routing in force sends rows to
+                (:func:`lorahot.runtime.routing.check_experts`).
                 Every part is checked before anything is written: nothing changed.
         """
         with _gc_paused(), self._reading():
@@ -448,6 +451,7 @@ class LoraRuntime:
                 self.buffers.write(slot, packs, weights[0], live=live, staged=staged)
                 return False
 
+            self._check_routed(slot, stack)
             return slot, [prepared.adapter], stack, weights, listed, write_packs, hits
         adapters, parts, fresh = [], [], []
         for k, (s, hit) in enumerate(zip(sources, found)):
@@ -458,6 +462,7 @@ class LoraRuntime:
                 fresh.append(checked.plan)
         stack, placement = build(parts, self.buffers)
         self._check_scales(stack, weights)
+        self._check_routed(slot, stack)
 
         def write_staged(live: bool) -> bool:
             self.buffers.write_staged(
@@ -474,6 +479,16 @@ class LoraRuntime:
             return False
 
         return slot, adapters, stack, weights, listed, write_staged, hits
+
+    def _check_routed(self, slot: int, stack: Stack) -> None:
+        """Refuses a load into a slot the routing in force sends rows to where the adapter has
+        weights on a mixture-of-experts block's experts, which a per-row routing cannot follow
+        (:func:`lorahot.runtime.routing.check_experts`)."""
+        rows = self._routing.rows
+        if rows is not None and slot in rows:
+            held: list[Mapping[str, int] | None] = [None] * self.slots
+            held[slot] = stack.ranks
+            check_experts([slot], held)
 
     def _agreed(self, check: Callable[[], _T], what: str, writes: Callable[[_T], dict[str, bytes]]) -> _T:
         """``check()``, and on a tensor-parallel model every rank's agreement that it passed
@@ -763,12 +778,13 @@ class LoraRuntime:
                 Or a sequence of ints, a 1-D integer tensor (any device) or array, one per row:
                 row ``i`` computes with slot ``slot[i]``, ``-1`` with the base model only. A row
                 is a sequence of the batch, the input's first dimension; for a linear or an
-                embedding also one entry per token, and with the tokens flattened to one
-                dimension (``[B * T, in]``) equal groups of them, rows outermost
-                (:mod:`lorahot.layers.routing`).
+                embedding with the tokens flattened to one dimension (``[B * T, in]``), equal
+                groups of them, rows outermost (:mod:`lorahot.layers.routing`).
             lengths: with a sequence of slots: the number of tokens of each entry's row in a
                 packed input (rows concatenated along the tokens, ``[N, in]`` or ``[1, N]``
-                ids); each entry is repeated for its row's tokens.
+                ids); each entry is repeated for its row's tokens, and the routing then has
+                one entry per token (a layer's leading dimensions hold that many tokens).
+                Without ``lengths`` a routing is never read per token.
 
         The routing is device data of a fixed shape, written in place: on a compiled model
         (CUDA graphs included) a new routing of the same length never recompiles. The first
@@ -786,7 +802,10 @@ class LoraRuntime:
                 tensor-parallel model also where another rank's check failed, or the ranks
                 were given different slots or routings (naming ``arguments`` and the ranks):
                 a rank computing with another adapter than the rest would add up the wrong
-                partial products. Nothing changed, on any rank.
+                partial products; a routing that sends rows to a slot whose adapter has
+                weights on a mixture-of-experts block's experts, which run on the tokens their
+                router gathered, not on the batch's rows
+                (:func:`lorahot.runtime.routing.check_experts`). Nothing changed, on any rank.
                 A batch that does not fit the routing raises when the model runs, compiled or
                 not (:mod:`lorahot.layers.refusal`).
         """
@@ -820,12 +839,18 @@ class LoraRuntime:
             return
         filled = [info is not None for info in self._infos]
         rows = slot
+
+        def checked() -> torch.Tensor:
+            route = check_routing(rows, lengths, self.slots, filled, merged=self._merger is not None)
+            check_experts(route, [None if s is None else s.ranks for s in self._stacks])
+            return route
+
         route = self._agreed(
-            lambda: check_routing(rows, lengths, self.slots, filled, merged=self._merger is not None),
+            checked,
             "activate",
             lambda r: {"arguments": fingerprint.arguments("activate rows", r)},
         )
-        self._routing.set(route)
+        self._routing.set(route, tokens=lengths is not None)
 
     @public_api
     def unload(self, slot: int | None = None) -> None:

@@ -4,8 +4,11 @@ A routing is one slot index per row (``-1``: the base model only). :func:`check_
 what the user passed into a host int64 tensor ``[L]``, or raises before anything changes;
 :class:`Routing` publishes it to the layers: per arena, an int64 device tensor of exactly ``L``
 entries, allocated the first time a routing of that length is set and written in place ever
-after, under the arena's key in :data:`~lorahot.layers.tensor_handles.ROUTES`. The layers read
-it there (:mod:`lorahot.layers.routing`).
+after, under the arena's key in :data:`~lorahot.layers.tensor_handles.ROUTES`, and whether it
+has one entry per token of packed input (``lengths``) under the same key of
+:data:`~lorahot.layers.tensor_handles.TOKENS`. The layers read them there
+(:mod:`lorahot.layers.routing`). :func:`check_experts` refuses a routing that would send rows
+to an adapter on a mixture-of-experts block's experts, whose rows are not the batch's.
 
 The tensors of the :data:`KEPT_LENGTHS` lengths set most recently are kept (packed input makes
 each new total of tokens a new length); a length set again after that gets new ones.
@@ -14,6 +17,8 @@ What a compiled model sees:
 
 - a new routing of the same length is new data in the same tensor: no recompile, and a
   captured CUDA graph reads it (the routing is a graph input, copied in at each replay);
+- one entry per row and one per token read the input differently: the compiler guards on
+  which, and the first switch each way compiles a graph, kept beside the first;
 - switching between whole-batch (``activate(k)``: the entry is None) and per-row mode changes
   what the forward computes: the first switch each way compiles a second graph, kept beside the
   first, so later switches recompile nothing;
@@ -26,7 +31,8 @@ What a compiled model sees:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,15 +41,21 @@ from lorahot.adapter import storage_problem
 from lorahot.errors import UsageError, format_problems
 from lorahot.kernels.routed_linear import workspace
 from lorahot.kernels.routed_lora import segments
-from lorahot.layers.tensor_handles import ROUTES, SEGMENTS, WORKSPACES, publish_workspace
+from lorahot.layers.tensor_handles import ROUTES, SEGMENTS, TOKENS, WORKSPACES, publish_workspace
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.staging import Staging
 
-__all__ = ["Routing", "check_routing", "KEPT_LENGTHS", "MAX_TOKENS"]
+__all__ = ["Routing", "check_routing", "check_experts", "expert_layers", "EXPERTS", "KEPT_LENGTHS", "MAX_TOKENS"]
 
 #: the most tokens a packed routing (``activate(slots, lengths=...)``) spans: one forward's
 #: input, far above any batch a model runs at once
 MAX_TOKENS = 1 << 24
+#: the module name under which a mixture-of-experts block keeps its experts, in every
+#: implementation of one that lorahot knows (transformers' Mixtral, Qwen-MoE, DeepSeek, OLMoE,
+#: Jamba, Switch Transformers and NLLB-MoE; diffusers' HiDream): a layer with this component in
+#: its path is an expert's (:func:`expert_layers`). A block's shared experts
+#: (``shared_experts``, ``shared_expert``) run on every token and are not experts here.
+EXPERTS = "experts"
 _INT64 = (torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max)
 
 
@@ -87,6 +99,47 @@ def check_routing(
     if lengths is None:
         return route
     return route.repeat_interleave(_lengths(lengths, route.shape[0]))
+
+
+def expert_layers(names: Sequence[str] | Mapping[str, int]) -> list[str]:
+    """The layers among ``names`` (injected layer names, dotted module paths) that belong to
+    a mixture-of-experts block's experts: an :data:`EXPERTS` component in the path."""
+    return [n for n in names if EXPERTS in re.split(r"[.:/]", n)]
+
+
+def check_experts(route: torch.Tensor | Sequence[int], held: Sequence[Mapping[str, int] | None]) -> None:
+    """Refuses a per-row routing that sends rows to a slot whose adapter has weights on an
+    expert layer (:func:`expert_layers`).
+
+    An expert runs on the tokens its router picked, gathered in the router's order: its rows
+    are a data-dependent selection of the batch's tokens, not the batch's rows. A layer sees
+    only their count, and a count can match the routing's by chance (every token picked, or a
+    subset of exactly ``L``), so the rows would take other rows' slots without any shape
+    telling: wrong numbers. Rows sent to -1 or to slots without weights on the experts need
+    nothing from them and are routed.
+
+    Args:
+        route: the routing (one slot per row or per token, -1 for none).
+        held: per slot, injected layer name -> rank for the layers its adapter (or stack)
+            touches, or None for an empty slot.
+
+    Raises:
+        UsageError: naming the slot, up to five of its expert layers, and what to do instead.
+    """
+    slots = torch.unique(route).tolist() if isinstance(route, torch.Tensor) else sorted(set(route))
+    for slot in slots:
+        ranks = held[slot] if slot >= 0 else None
+        experts = expert_layers([n for n, r in ranks.items() if r > 0]) if ranks else []
+        if experts:
+            more = f" and {len(experts) - 5} more" if len(experts) > 5 else ""
+            shown = ", ".join(repr(n) for n in experts[:5]) + more
+            raise UsageError(
+                f"the routing sends rows to slot {slot}, whose adapter has weights on the experts of a "
+                f"mixture-of-experts block ({shown}). An expert runs on the tokens its router picked, gathered in "
+                "the router's order, not on the batch's rows, so a per-row routing cannot give them their rows' "
+                "slots (the numbers would be wrong). Run that adapter on a batch of its own with "
+                f"runtime.activate({slot}), or route to slots whose adapters leave the expert layers out."
+            )
 
 
 def _as_tensor(slots: object) -> torch.Tensor:
@@ -217,8 +270,9 @@ class Routing:
         #: The routing in force (one slot per row, or per token with ``lengths``), or None.
         self.rows: tuple[int, ...] | None = None
 
-    def set(self, route: torch.Tensor) -> None:
-        """Publishes ``route`` (host int64 ``[L]``, checked) and its segments (the entries
+    def set(self, route: torch.Tensor, tokens: bool = False) -> None:
+        """Publishes ``route`` (host int64 ``[L]``, checked; ``tokens``: one entry per token of
+        packed input, from ``lengths``, not one per row) and its segments (the entries
         grouped by slot, sorted here once on the host): written in place into each arena's
         tensors of that length (allocated on first use), uploaded without waiting for the
         device (:class:`~lorahot.runtime.staging.Staging`). A CUDA arena also gets, once, the
@@ -231,6 +285,7 @@ class Routing:
             host[:length], host[length:] = route.numpy(), grouped.numpy()
             staging.send([(target, staging.buffer[:length]), (segs, staging.buffer[length:])])
             ROUTES[arena.handle.key], SEGMENTS[arena.handle.key] = target, segs
+            TOKENS[arena.handle.key] = tokens
             if WORKSPACES[arena.handle.key] is None and arena.device.type == "cuda":
                 with torch.inference_mode(False):
                     publish_workspace(arena.handle.key, workspace(arena.rank, arena.device))
@@ -263,4 +318,5 @@ class Routing:
         """Back to whole-batch mode: every layer reads the live region."""
         for arena in self._arenas:
             ROUTES[arena.handle.key] = SEGMENTS[arena.handle.key] = None
+            TOKENS[arena.handle.key] = False
         self.rows = None

@@ -175,6 +175,34 @@ def test_a_compiled_routed_linear_refuses_an_input_that_does_not_fit_the_routing
             torch.compile(model, backend="aot_eager", dynamic=False)(x)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_per_row_and_per_token_routings_compile_once_each_and_read_the_batch_as_they_say(
+    fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same batch ``[2, 4]`` routed per row and per token (``lengths=``): one graph each
+    (the compiler guards on which), both equal to the per-row reference, later routings of
+    either kind recompile nothing; a per-row routing of 8 entries is not read as 8 tokens
+    (refused, compiled as eagerly): only ``lengths=`` says a routing is per token."""
+    if fused:
+        _fused_on_the_cpu(monkeypatch)
+    model, runtime, held = _setup()
+    ids = token_ids((2, 4), 32, seed=5)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for route in ([1, 0], [0, 2], [2, -1]):
+            with torch._dynamo.config.patch(error_on_recompile=route != [1, 0]):
+                want = _expected(ids, route, held)
+                runtime.activate(route)
+                torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
+                runtime.activate(route, lengths=[4, 4])
+                torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
+        assert counter.frame_count == 2
+        runtime.activate([1, 1, 1, 1, 0, 0, 0, 0])
+        with pytest.raises(lorahot.UsageError, match="does not fit a routing of 8 entries"):
+            torch.compile(model, backend="aot_eager", dynamic=False)(ids)
+
+
 def _routed_ops(model: torch.nn.Module, ids: torch.Tensor, dynamic: bool) -> tuple[list[str], torch.nn.Module]:
     """The lorahot operators of the compiled model's post-grad graph (after lorahot's own
     passes), and the compiled model (first called on ``ids``)."""

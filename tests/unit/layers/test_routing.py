@@ -207,34 +207,42 @@ def test_an_input_that_does_not_fit_the_routing_raises_naming_the_layer_and_shap
 
 
 @pytest.mark.parametrize(
-    ("shape", "length", "fits"),
+    ("shape", "length", "tokens", "fits"),
     [
-        ((4, 5, 8), 4, True),  # one entry per sequence
-        ((4, 2, 3, 8), 4, True),  # [B, H, T, d]: the batch first
-        ((20, 8), 4, True),  # tokens flattened, rows outermost: 5 tokens per entry
-        ((20, 8), 20, True),  # one entry per token
-        ((1, 20, 8), 20, True),  # packed input, one entry per token
-        ((4, 5, 8), 20, True),  # one entry per token of a batch
-        ((4, 5, 8), 2, False),  # a routing left from a batch of 2
-        ((8, 5, 8), 4, False),  # a batch doubled for classifier-free guidance, the routing not
-        ((5, 4, 8), 4, False),  # sequence-first input
-        ((1, 24, 8), 12, False),  # packed input whose lengths add up to 12 tokens
-        ((1, 20, 8), 4, False),  # packed input routed per sequence without lengths
-        ((21, 8), 4, False),  # flattened tokens that do not split into equal groups
+        ((4, 5, 8), 4, False, True),  # one entry per sequence
+        ((4, 2, 3, 8), 4, False, True),  # [B, H, T, d]: the batch first
+        ((20, 8), 4, False, True),  # tokens flattened, rows outermost: 5 tokens per entry
+        ((20, 8), 20, False, True),  # [B, in]: one entry per row
+        ((1, 20, 8), 20, True, True),  # packed input, one entry per token (lengths=)
+        ((20, 8), 20, True, True),  # packed tokens flattened (lengths=)
+        ((4, 5, 8), 20, True, True),  # one entry per token of a batch (lengths=)
+        ((4, 5, 8), 2, False, False),  # a routing left from a batch of 2
+        ((8, 5, 8), 4, False, False),  # a batch doubled for classifier-free guidance, the routing not
+        ((5, 4, 8), 4, False, False),  # sequence-first input
+        ((1, 24, 8), 12, True, False),  # packed input whose lengths add up to 12 tokens
+        ((1, 20, 8), 4, False, False),  # packed input routed per sequence without lengths
+        ((21, 8), 4, False, False),  # flattened tokens that do not split into equal groups
+        ((1, 4, 8), 4, False, False),  # shared by every row ([1, T] position ids), T equal to the batch of 4
+        ((1, 20, 8), 20, False, False),  # a routing of 20 rows read as 20 tokens: only with lengths=
+        ((4, 5, 8), 20, False, False),  # the same over a batch of 4 sequences
+        ((4, 5, 8), 4, True, False),  # 4 packed tokens, not 4 sequences of 5
+        ((40, 8), 20, True, False),  # 20 packed tokens, 40 rows
     ],
 )
 def test_a_linear_routes_its_batch_its_tokens_or_equal_groups_of_flattened_tokens_and_nothing_else(
-    shape: tuple[int, ...], length: int, fits: bool
+    shape: tuple[int, ...], length: int, tokens: bool, fits: bool
 ) -> None:
-    """What would give rows the wrong slots is refused, not split into equal groups; the
-    message names the layer, the input's shape and the routing's length."""
+    """What would give rows the wrong slots is refused, not split into equal groups; every
+    leading position is a token only under a routing that says it has one entry per token
+    (``lengths=``). The message names the layer, the input's shape and the routing's length."""
     x, route = torch.empty(shape), torch.zeros(length, dtype=torch.int64)
-    assert routing.row_misfit(x, length, "linear", 1) is not fits
+    assert routing.row_misfit(x, length, "linear", 1, tokens) is not fits
     with pytest.raises(lorahot.UsageError) as refused:
-        refuse(routing.misfit_message("layer.q (LoRALinear)", "linear"), lambda: x, x, route)
+        refuse(routing.misfit_message("layer.q (LoRALinear)", "linear", tokens), lambda: x, x, route)
     message = str(refused.value)
     assert message.startswith(f"layer.q (LoRALinear): its input {shape} does not fit a routing of {length} entries")
     assert "classifier-free guidance" in message
+    assert ("one entry per token of packed input" in message) is tokens
 
 
 def test_a_batch_doubled_for_guidance_is_refused_and_the_doubled_routing_runs() -> None:

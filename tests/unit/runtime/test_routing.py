@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 import lorahot
 from lorahot.kernels.routed_lora import segments
 from lorahot.layers import routing as layer_routing
-from lorahot.layers.tensor_handles import ROUTES, SEGMENTS
-from tests.helpers import make_adapter, model_reference, tiny_lm, token_ids
+from lorahot.layers.tensor_handles import ROUTES, SEGMENTS, TOKENS
+from lorahot.runtime.routing import expert_layers
+from tests.helpers import dense_delta, make_adapter, model_reference, tiny_lm, token_ids
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "embed_tokens"]
 
@@ -41,7 +42,7 @@ def _snapshot(runtime: lorahot.LoraRuntime, model: torch.nn.Module) -> tuple:
     routes = [None if d[k] is None else d[k].clone() for k in keys for d in (ROUTES, SEGMENTS)]
     arenas = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
     weights = [p.detach().clone() for p in model.parameters()]
-    return runtime.routing, runtime.active_slot, routes, arenas, weights
+    return (runtime.routing, runtime.active_slot, [TOKENS[k] for k in keys]), None, routes, arenas, weights
 
 
 def _same(a: tuple, b: tuple) -> bool:
@@ -229,3 +230,152 @@ def test_a_packed_routing_of_millions_of_tokens_is_checked_on_tensors() -> None:
     assert time.perf_counter() - start < 10
     runtime.activate([0, 1], lengths=np.array([2, 3], dtype=np.int32))
     assert runtime.info(0) is not None
+
+
+class _Positions(torch.nn.Module):
+    """GPT-2's embeddings: token ids ``[B, T]`` and position ids ``[1, T]`` that every row shares."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(32, 8, dtype=torch.float64)
+        self.wpe = torch.nn.Embedding(16, 8, dtype=torch.float64)
+        self.head = torch.nn.Linear(8, 8, dtype=torch.float64)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1])[None]
+        return self.head(self.wte(ids) + self.wpe(positions))
+
+
+@pytest.mark.parametrize("tokens", [3, 4])
+def test_an_input_every_row_shares_is_refused_even_where_its_tokens_match_the_batch(tokens: int) -> None:
+    """Position ids ``[1, T]`` under a routing of ``B`` rows cannot take a slot per row; with
+    ``T == B`` their shape once read as one entry per token and each position took the slot of
+    the row of its index: silent wrong numbers. A batch of one row (the negative control) runs
+    and matches its float64 reference."""
+    torch.manual_seed(0)
+    model = _Positions()
+    reference = _Positions()
+    reference.load_state_dict(model.state_dict())
+    runtime = lorahot.inject(model, ["wte", "wpe", "head"], max_rank=2, slots=2)
+    tensors, ab = make_adapter(model, {"wte": 2, "wpe": 2, "head": 1}, dtype=torch.float64)
+    runtime.load(tensors, slot=0)
+    runtime.activate([0, -1, 0])
+    with torch.no_grad(), pytest.raises(lorahot.UsageError, match=r"^wpe \(LoRAEmbedding.*position ids \[1, T\]"):
+        model(token_ids((3, tokens), 32, seed=1))
+    runtime.activate([0])
+    ids = token_ids((1, tokens), 32, seed=2)
+    with torch.no_grad():
+        out = model(ids)
+    want = model_reference(reference, ids, {n: (a, b, 1.0) for n, (a, b) in ab.items()})
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_one_entry_per_token_is_read_so_only_with_lengths() -> None:
+    """Packed input ``[1, N]`` routed per token: a routing of ``N`` entries without
+    ``lengths`` is one per row, so it is refused (it cannot be told from ``N`` rows whose
+    input every row shares); with ``lengths`` it runs, and over a batch ``[B, T]`` routed per
+    token it equals the same batch routed per row."""
+    model, runtime, held = _runtime()
+    packed = token_ids((1, 5), 32, seed=3)
+    runtime.activate([0, 0, 1, 1, 1])
+    with torch.no_grad(), pytest.raises(lorahot.UsageError, match=r"packed input is routed per token with activate"):
+        model(packed)
+    runtime.activate([0, 1], lengths=[2, 3])
+    with torch.no_grad():
+        out = model(packed)
+    torch.testing.assert_close(out, _per_token_reference(packed, torch.tensor([0, 0, 1, 1, 1]), held))
+    batch = token_ids((2, 4), 32, seed=4)
+    runtime.activate([1, 0])
+    with torch.no_grad():
+        per_row = model(batch)
+    runtime.activate([1, 0], lengths=[4, 4])
+    with torch.no_grad():
+        per_token = model(batch)
+    torch.testing.assert_close(per_token, per_row, rtol=1e-12, atol=1e-12)
+
+
+def _per_token_reference(ids: torch.Tensor, slots: torch.Tensor, held: list) -> torch.Tensor:
+    """The float64 reference of ``tiny_lm`` where token ``i`` (of the flattened ids) takes slot
+    ``slots[i]``'s update in every layer (attention mixes the tokens, so no token runs alone)."""
+    reference = tiny_lm(dtype=torch.float64)
+
+    def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor, name: str) -> torch.Tensor:
+        for slot, loras in enumerate(held):
+            if name in loras:
+                a, b, scale = loras[name]
+                own = (slots == slot).reshape(out.shape[:-1])[..., None]
+                out = out + own * scale * dense_delta(module, args[0], a, b)
+        return out
+
+    for name in {n for loras in held for n in loras}:
+        reference.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
+    with torch.no_grad():
+        return reference(ids)
+
+
+class _MoE(torch.nn.Module):
+    """A Switch-style mixture-of-experts block: a router picks one expert per token, each expert
+    runs on the tokens it was given (gathered), a shared expert on every token."""
+
+    def __init__(self, experts: int = 2) -> None:
+        super().__init__()
+        self.router = torch.nn.Linear(8, experts, dtype=torch.float64)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(8, 8, dtype=torch.float64) for _ in range(experts))
+        self.shared_experts = torch.nn.Linear(8, 8, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        choice = self.router(flat).argmax(-1)
+        out = self.shared_experts(flat)
+        for e, expert in enumerate(self.experts):
+            picked = (choice == e).nonzero().flatten()
+            out = out.index_add(0, picked, expert(flat[picked]))
+        return out.reshape(x.shape)
+
+
+def test_expert_layers_are_an_experts_component_not_shared_experts() -> None:
+    names = [
+        "model.layers.0.block_sparse_moe.experts.3.w1",
+        "encoder.block.1.layer.1.mlp.experts.expert_0.wi",
+        "model.layers.0.mlp.shared_experts.gate_proj",
+        "model.layers.0.mlp.shared_expert.up_proj",
+        "experts_router",
+        "unet:experts.0",
+    ]
+    assert expert_layers(names) == [names[0], names[1], names[5]]
+
+
+def test_a_routing_to_an_adapter_on_moe_experts_is_refused_and_the_rest_routes() -> None:
+    """An expert sees the tokens its router gathered, in its order: a per-row routing cannot
+    follow them (a subset of exactly ``L`` tokens, or every token, fits the routing's length
+    by shape). A routing that sends rows to an adapter with weights on the experts is refused,
+    and so is a load of one into a routed slot, changing nothing; routings to an adapter on
+    the router and the shared expert only (flattened tokens, in order) run and match each row
+    run alone."""
+    torch.manual_seed(0)
+    model = _MoE()
+    runtime = lorahot.inject(model, ["router", "experts.0", "experts.1", "shared_experts"], max_rank=2, slots=3)
+    on_experts, _ = make_adapter(model, {"experts.0": 2, "shared_experts": 1}, seed=1, dtype=torch.float64)
+    elsewhere, _ = make_adapter(model, {"router": 2, "shared_experts": 2}, seed=2, dtype=torch.float64)
+    runtime.load(on_experts, slot=0)
+    runtime.load(elsewhere, slot=1)
+    runtime.activate([1, -1])
+    before = _snapshot(runtime, model)
+    with pytest.raises(lorahot.UsageError, match=r"slot 0, whose adapter has weights on the experts .*'experts.0'"):
+        runtime.activate([1, 0])
+    with pytest.raises(lorahot.UsageError, match=r"slot 0, .*activate\(0\)"):
+        runtime.activate([0], lengths=[3])
+    assert _same(before, _snapshot(runtime, model))
+    with pytest.raises(lorahot.UsageError, match=r"slot 1, whose adapter has weights on the experts"):
+        runtime.load(on_experts, slot=1)
+    assert _same(before, _snapshot(runtime, model))
+    runtime.load(on_experts, slot=2)  # a slot the routing does not use
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    route = [1, -1, -1, 1]
+    runtime.activate(route)
+    with torch.no_grad():
+        out = model(x)
+        runtime.unload(2)
+        for i, slot in enumerate(route):
+            runtime.activate(slot if slot >= 0 else 2)
+            torch.testing.assert_close(out[i : i + 1], model(x[i : i + 1]), rtol=1e-12, atol=1e-12)
