@@ -28,8 +28,14 @@ stacked, and matches only the wide layer's traced form::
 
     addmm(bias, cat([x, mm(x, permute(as_strided(arena, [R, in], ...)))]), permute(slice(wide, 0, 0, out)))
 
-(``mm`` without a bias) with ``wide`` a graph input of shape ``[out + R, in + R]``, so a graph
-without lorahot's layers passes through unchanged. The pass's cache id includes :data:`ENABLED`.
+(``mm`` without a bias) with ``wide`` a graph input of shape ``[out + R, in + R]``. The rewrite
+reads ``A`` from ``wide``'s last rows, not from the view the shrink reads: the two hold the same
+values only for lorahot's own layers (the runtime keeps them equal), so the pass matches only
+the geometry of a live wide layer (:func:`register`: the buffer's shape and dtype, the arena's
+shape, the A view's size, strides and offset in it). A graph that merely has the shape of the
+formula (a user's ``cat([x, x @ bank.as_strided(...).T]) @ mat[:n].T``) passes through unchanged:
+rewritten, it would read ``mat``'s rows for ``A`` and give wrong numbers. The pass's cache id
+includes :data:`ENABLED`.
 
 **On by default, measured on the SDXL-shaped UNet** (H200, torch 2.11, the rest of lorahot the
 same, ``benchmarks/README.md``, eleventh session): 140 fewer kernels per step (2534 to 2394); GPU
@@ -50,10 +56,11 @@ from collections import Counter
 from typing import Any, TypeGuard
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lorahot.kernels.fx_graph import erase_unused, fake_mode, set_fake_values, source
 
-__all__ = ["ENABLED", "rewrite_extern_inputs", "needs_copy"]
+__all__ = ["ENABLED", "rewrite_extern_inputs", "needs_copy", "register"]
 
 #: whether :class:`~lorahot.kernels.stacked_shrinks.StackShrinks` runs this rewrite (on: see
 #: the module docstring for what it was measured to save)
@@ -95,6 +102,22 @@ _EXTERN = frozenset(
 )
 
 
+#: ``(wide shape, wide dtype, arena shape, A size, A strides, A offset)``: how a wide layer's
+#: compiled forward reads its buffer and its live A (an ``as_strided`` view of the arena tensor)
+Signature = tuple[tuple[int, ...], torch.dtype, tuple[int, ...], tuple[int, ...], tuple[int, ...], int]
+#: every live wide layer's buffer -> its :data:`Signature` (gone with the buffer)
+_LAYERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def register(wide: torch.Tensor, root: torch.Tensor, a: tuple[tuple[int, ...], tuple[int, ...], int]) -> None:
+    """Marks ``wide`` as a wide layer's buffer whose compiled forward reads its live A as
+    ``root.as_strided(*a)`` (``root``: the arena tensor), where the runtime keeps the same
+    values as ``wide``'s last rows: the rewrite, which reads them there, matches only graphs of
+    such a geometry (see the module docstring)."""
+    size, stride, offset = a
+    _LAYERS[wide] = (tuple(wide.shape), wide.dtype, tuple(root.shape), tuple(size), tuple(stride), int(offset))
+
+
 def needs_copy(node: torch.fx.Node) -> bool:
     """Whether the compiler must copy ``node``'s data to put it in a concatenation: it is the
     graph's input, or (behind views) the output of a kernel the compiler calls rather than
@@ -119,13 +142,16 @@ def rewrite_extern_inputs(graph: torch.fx.Graph) -> int:
     wide layer (see the module docstring); returns how many. Layers that share an input keep
     the concatenated form: their shrinks are stacked into one GEMM and the copies into one
     kernel, ``g + 2`` launches for ``g`` layers where this form takes ``2 g``."""
-    found = [(node, match) for node in graph.nodes if (match := _match(node)) is not None]
+    known = set(_LAYERS.values())
+    if not known:
+        return 0
+    found = [(node, match) for node in graph.nodes if (match := _match(node, known)) is not None]
     sharing = Counter(source(match[0]) for _, match in found)
     done = 0
     for node, _ in found:
         # matched again: a rewrite before this one may have replaced this layer's input (a
         # wide layer over another's output now reads that layer's expand, an addition)
-        match = _match(node)
+        match = _match(node, known)
         if match is not None and sharing.get(source(match[0]), 1) == 1 and needs_copy(match[0]):
             _rewrite(graph, node, *match)
             done += 1
@@ -136,8 +162,9 @@ def rewrite_extern_inputs(graph: torch.fx.Graph) -> int:
 Match = tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node, Any, int, int, int]
 
 
-def _match(node: torch.fx.Node) -> Match | None:
-    """The parts of a wide layer's main GEMM ``node`` (see the module docstring), or None."""
+def _match(node: torch.fx.Node, known: set[Signature]) -> Match | None:
+    """The parts of a wide layer's main GEMM ``node`` (see the module docstring), or None;
+    ``known``: the live wide layers' geometries (:func:`register`)."""
     if node.op != "call_function" or node.target not in (_aten.addmm.default, _aten.mm.default):
         return None
     args: Any = node.args  # the graph's arguments, checked below
@@ -154,7 +181,8 @@ def _match(node: torch.fx.Node) -> Match | None:
         return None
     if len(shrink.users) != 1 or not _is(shrink.args[1], _aten.permute.default):
         return None
-    if not _is(shrink.args[1].args[0], _aten.as_strided.default):
+    strided = shrink.args[1].args[0]
+    if not _is(strided, _aten.as_strided.default) or not isinstance(strided.args[0], torch.fx.Node):
         return None
     rows = weight.args[0]  # slice(wide, 0, 0, out)
     order: Any = weight.args[1]
@@ -170,7 +198,24 @@ def _match(node: torch.fx.Node) -> Match | None:
     n = rows_total - r
     if cols_total != k + r or stop != n or not all(isinstance(v, int) for v in (k, r, n)):
         return None
+    if _signature(wide, strided) not in known:  # the formula's shape, not a lorahot layer's reads
+        return None
     return x, shrink, wide, bias, n, k, r
+
+
+def _signature(wide: torch.fx.Node, strided: torch.fx.Node) -> Signature | None:
+    """The :data:`Signature` of a matched GEMM's ``wide`` input and its shrink's ``as_strided``
+    A, as the graph reads them; None where a size is symbolic or missing."""
+    root = strided.args[0]
+    val, base = wide.meta.get("val"), root.meta.get("val") if isinstance(root, torch.fx.Node) else None
+    args: Any = (*strided.args[1:], 0)[:3]
+    if not (isinstance(val, torch.Tensor) and isinstance(base, torch.Tensor)):
+        return None
+    try:
+        size, stride, offset = (tuple(int(v) for v in args[0]), tuple(int(v) for v in args[1]), int(args[2]))
+        return (tuple(int(v) for v in val.shape), val.dtype, tuple(int(v) for v in base.shape), size, stride, offset)
+    except (TypeError, ValueError):  # a symbolic size (the compiler's own) or an argument of another kind
+        return None
 
 
 def _rewrite(graph: torch.fx.Graph, main: torch.fx.Node, x: torch.fx.Node, shrink: torch.fx.Node,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lorahot.errors import UsageError
-from lorahot.kernels import compile_mode, routed_linear, wide_groups
+from lorahot.kernels import compile_mode, extern_inputs, routed_linear, wide_groups
 from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.kernels import wide_linear as wide_kernel
@@ -183,6 +183,9 @@ class LoRALinear(LoRALayer):
             block[:n, :k].copy_(weight)
             weight.data = block[:n, :k]
         self.register_buffer(WIDE_BUFFER, block, persistent=False)
+        geometry = self.__dict__.get("_geometry")
+        if geometry:  # a graph input the extern-input rewrite matches (a group's block too, read as one)
+            extern_inputs.register(block, TENSORS[self._key][0], geometry[0])
         if at is not None:
             handle, geometry, outs = at
             object.__setattr__(self, "_wide_handle", handle)  # keeps the allocation's entry alive

@@ -132,6 +132,45 @@ def test_a_layer_over_a_rewritten_layers_output_keeps_its_concatenation(
     assert cats == ([1] if enabled else [2])
 
 
+class _Lookalike(nn.Module):
+    """No lorahot layer: the traced formula of a wide layer after a library GEMM, over the
+    user's own tensors, whose ``A`` (a view of ``bank``) is not ``mat``'s last rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("bank", torch.randn(3, R * D, dtype=torch.float64))
+        self.register_buffer("mat", torch.randn(D + R, D + R, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z = torch.bmm(x, y).reshape(-1, D)
+        h = z @ self.bank.as_strided((R, D), (D, 1), R * D).t()
+        return torch.nn.functional.linear(torch.cat([z, h], dim=-1), self.mat[:D])
+
+
+@pytest.mark.parametrize("registered", [False, True], ids=["a user's graph", "negative-control: registered"])
+def test_a_graph_that_only_looks_like_a_wide_layer_is_left_as_it_is(
+    registered: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The passes are installed for every compiled graph once a runtime exists; a user's graph
+    of the formula's shape, beside a runtime's wide layer, is not rewritten and keeps its
+    numbers. Registered as a wide layer's geometry (the negative control), the rewrite takes
+    it and reads ``mat``'s rows for ``A``: wrong numbers, which the test sees."""
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    monkeypatch.setattr(extern_inputs, "ENABLED", True)
+    rewrites, _ = _spy(monkeypatch)
+    torch.manual_seed(0)
+    chain = _Chain().double()
+    lorahot.inject(chain, ["a"], max_rank=R, extras=False)  # a live wide layer: the passes installed
+    user = _Lookalike()
+    if registered:
+        extern_inputs.register(user.mat, user.bank, ((R, D), (D, 1), R * D))
+    x, y = torch.randn(3, 5, D, dtype=torch.float64), torch.randn(3, D, D, dtype=torch.float64)
+    with torch.no_grad():
+        got, want = torch.compile(user)(x, y), user(x, y)
+    assert rewrites == ([1] if registered else [0])
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9) is not registered
+
+
 def test_what_needs_a_copy() -> None:
     """A graph input, a library GEMM's output, one output of attention and a custom
     operator's, behind views or not, need a copy; an elementwise op's output does not."""
