@@ -66,7 +66,7 @@ from lorahot.runtime.plan import (
     restage,
     validate,
 )
-from lorahot.runtime.routing import Routing, check_experts, check_routing
+from lorahot.runtime.routing import Routing, check_experts, check_routing, one_slot
 from lorahot.runtime.scale_replay import ScaleReplay
 from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.skeleton import Skeleton, Skeletons
@@ -485,7 +485,7 @@ class LoraRuntime:
         weights on a mixture-of-experts block's experts, which a per-row routing cannot follow
         (:func:`lorahot.runtime.routing.check_experts`)."""
         rows = self._routing.rows
-        if rows is not None and slot in rows:
+        if rows is not None and not self._routing.whole and slot in rows:
             held: list[Mapping[str, int] | None] = [None] * self.slots
             held[slot] = stack.ranks
             check_experts([slot], held)
@@ -821,20 +821,7 @@ class LoraRuntime:
             slot = self._agreed(  # an int, or the error saying what it must be
                 lambda: self._slot(whole), "activate", lambda s: {"arguments": fingerprint.arguments("activate", s)}
             )
-            merged = self._merger is not None
-            before = self._active
-            try:
-                if self._activate_replay(slot, self._stacks[slot], self._weights[slot], merged):
-                    self._active = slot  # the copy and the wide refresh as one graph replay
-                else:
-                    self.buffers.activate(slot)
-                    self._active = slot
-                    self._remerge(slot)
-            except BaseException:  # interrupted mid-copy (KeyboardInterrupt): the slot active before, whole
-                self.buffers.activate(before)
-                self._active = before
-                self._remerge(before)
-                raise
+            self._make_live(slot)
             self._routing.clear()
             return
         filled = [info is not None for info in self._infos]
@@ -842,7 +829,8 @@ class LoraRuntime:
 
         def checked() -> torch.Tensor:
             route = check_routing(rows, lengths, self.slots, filled, merged=self._merger is not None)
-            check_experts(route, [None if s is None else s.ranks for s in self._stacks])
+            if one_slot(route) is None:  # one slot for every row runs as the whole batch: no row to misplace
+                check_experts(route, [None if s is None else s.ranks for s in self._stacks])
             return route
 
         route = self._agreed(
@@ -850,7 +838,32 @@ class LoraRuntime:
             "activate",
             lambda r: {"arguments": fingerprint.arguments("activate rows", r)},
         )
+        one = one_slot(route)
+        if one is not None:  # every row on one slot: the whole batch on it, with the whole-batch kernels
+            if one != self._active:  # else the live region already holds it (loads into it write there too)
+                self._make_live(one)
+            self._routing.one_slot(route)
+            return
         self._routing.set(route, tokens=lengths is not None)
+
+    def _make_live(self, slot: int) -> None:
+        """Copies ``slot`` into the live region (and refreshes the merged weights or the wide
+        layers' rows), which the whole batch then computes with; ``slot`` becomes
+        :attr:`active_slot`. Interrupted mid-copy, the slot active before is restored whole."""
+        merged = self._merger is not None
+        before = self._active
+        try:
+            if self._activate_replay(slot, self._stacks[slot], self._weights[slot], merged):
+                self._active = slot  # the copy and the wide refresh as one graph replay
+            else:
+                self.buffers.activate(slot)
+                self._active = slot
+                self._remerge(slot)
+        except BaseException:  # interrupted mid-copy (KeyboardInterrupt): the slot active before, whole
+            self.buffers.activate(before)
+            self._active = before
+            self._remerge(before)
+            raise
 
     @public_api
     def unload(self, slot: int | None = None) -> None:

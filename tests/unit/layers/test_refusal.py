@@ -43,7 +43,7 @@ def test_a_compiled_model_refuses_a_misfit_every_time_and_keeps_its_graphs(backe
     with torch.no_grad():
         runtime.activate([0, -1, 0, 0])
         want = compiled(x).clone()
-        runtime.activate([0, 0, 0])
+        runtime.activate([0, -1, 0])  # not one slot for every row, which would run as the whole batch
         for _ in range(2):
             with pytest.raises(
                 lorahot.UsageError, match=r"^0 \(LoRALinear over Linear \(8 -> 8\)\): its input \(4, 8\)"
@@ -107,7 +107,7 @@ def test_gpu_reduce_overhead_refuses_a_misfit_and_replays_its_graph_after() -> N
         rt.activate([0, -1, 0, 0])
         for _ in range(3):  # warm-up and capture
             want = compiled(x).clone()
-        rt.activate([0, 0, 0])
+        rt.activate([0, -1, 0])
         for _ in range(2):
             with pytest.raises(lorahot.UsageError, match=r"^0 \(LoRALinear"):
                 compiled(x)
@@ -125,10 +125,10 @@ def test_under_dynamic_shapes_the_message_names_the_shapes_of_each_call_and_the_
     compiled = torch.compile(model, backend="aot_eager", dynamic=True)
     with torch.no_grad():
         for rows in (4, 6):
-            runtime.activate([0] * rows)
+            runtime.activate([0, -1] * (rows // 2))
             compiled(torch.randn(rows, 3, 8))
         for rows, length in ((4, 3), (6, 5), (10, 7)):
-            runtime.activate([0] * length)
+            runtime.activate([-1] + [0] * (length - 1))
             with pytest.raises(
                 lorahot.UsageError, match=rf"its input \({rows}, 3, 8\) does not fit a routing of {length} "
             ):

@@ -201,7 +201,7 @@ def test_an_input_that_does_not_fit_the_routing_raises_naming_the_layer_and_shap
     conv = nn.Sequential(nn.Conv2d(3, 4, 3))
     rt = lorahot.inject(conv, ["0"], max_rank=2)
     rt.load(make_adapter(conv, {"0": 2})[0])
-    rt.activate([0, 0])
+    rt.activate([0, -1])
     with pytest.raises(lorahot.UsageError, match="a conv routes its batch dimension"):
         conv(torch.randn(4, 3, 5, 5))
 

@@ -126,9 +126,9 @@ def test_a_routing_of_the_same_length_is_written_in_place() -> None:
     first = ROUTES[key]
     runtime.activate(torch.tensor([1, 1, 0]))
     assert ROUTES[key] is first and first.tolist() == [1, 1, 0]
-    runtime.activate([0])  # another length: its own tensor
-    assert ROUTES[key] is not first and ROUTES[key].shape == (1,)
-    runtime.activate([0, 0, 0])
+    runtime.activate([0, -1])  # another length: its own tensor
+    assert ROUTES[key] is not first and ROUTES[key].shape == (2,)
+    runtime.activate([0, -1, 0])
     assert ROUTES[key] is first
     runtime.activate(0)
     assert ROUTES[key] is None and runtime.routing is None
@@ -364,7 +364,7 @@ def test_a_routing_to_an_adapter_on_moe_experts_is_refused_and_the_rest_routes()
     with pytest.raises(lorahot.UsageError, match=r"slot 0, whose adapter has weights on the experts .*'experts.0'"):
         runtime.activate([1, 0])
     with pytest.raises(lorahot.UsageError, match=r"slot 0, .*activate\(0\)"):
-        runtime.activate([0], lengths=[3])
+        runtime.activate([0, -1], lengths=[3, 2])
     assert _same(before, _snapshot(runtime, model))
     with pytest.raises(lorahot.UsageError, match=r"slot 1, whose adapter has weights on the experts"):
         runtime.load(on_experts, slot=1)
@@ -375,7 +375,46 @@ def test_a_routing_to_an_adapter_on_moe_experts_is_refused_and_the_rest_routes()
     runtime.activate(route)
     with torch.no_grad():
         out = model(x)
+        runtime.activate([0, 0, 0, 0])  # every row on the expert adapter: the whole batch on it
+        every = model(x)
+        assert runtime.routing == (0, 0, 0, 0) and runtime.active_slot == 0
         runtime.unload(2)
         for i, slot in enumerate(route):
             runtime.activate(slot if slot >= 0 else 2)
             torch.testing.assert_close(out[i : i + 1], model(x[i : i + 1]), rtol=1e-12, atol=1e-12)
+        runtime.activate(0)
+        torch.testing.assert_close(every, model(x), rtol=0, atol=0)
+
+
+def test_a_routing_of_one_slot_for_every_row_runs_as_the_whole_batch_on_it() -> None:
+    """Every row on slot k computes what ``activate(k)`` does for any batch (no row can take
+    another's slot), so the runtime runs it so: nothing is published to the layers, the live
+    region holds k (copied only when another slot was live), ``routing`` still reports the
+    routing and ``active_slot`` is k. Bitwise the whole-batch output, also over a batch of
+    another size or layout (which a per-row routing would refuse); a load into k reaches it at
+    once; a routing with a -1 among its entries is per row again."""
+    model, runtime, held = _runtime()
+    keys = [a.handle.key for a in runtime.buffers.arenas]
+    ids = token_ids((3, 4), 32, seed=6)
+    with torch.no_grad():
+        runtime.activate(1)
+        whole = model(ids)
+        runtime.activate([0, -1, 1])
+        runtime.activate(torch.tensor([1, 1, 1]))
+        assert runtime.routing == (1, 1, 1) and runtime.active_slot == 1
+        assert all(ROUTES[k] is None and not TOKENS[k] for k in keys)
+        assert torch.equal(model(ids), whole)
+        assert torch.equal(model(ids[:2]), whole[:2])  # a batch of 2 under a routing of 3 entries
+        runtime.activate([1, 1], lengths=[5, 7])  # packed, every token on slot 1
+        packed = ids.reshape(1, -1)
+        got = model(packed)
+        runtime.activate(1)
+        assert torch.equal(got, model(packed))
+        runtime.activate([0, 0, 0])  # another slot: copied into the live region
+        torch.testing.assert_close(model(ids[:1]), model_reference(tiny_lm(dtype=torch.float64), ids[:1], held[0]))
+        tensors, ab = make_adapter(model, dict.fromkeys(runtime.layers, 2), seed=9, dtype=torch.float64)
+        runtime.load(tensors, slot=0)
+        want = model_reference(tiny_lm(dtype=torch.float64), ids, {n: (a, b, 1.0) for n, (a, b) in ab.items()})
+        torch.testing.assert_close(model(ids), want, rtol=1e-10, atol=1e-10)
+        runtime.activate([0, 0, -1])
+        assert all(ROUTES[k] is not None for k in keys) and runtime.routing == (0, 0, -1)
