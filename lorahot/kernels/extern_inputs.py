@@ -34,8 +34,10 @@ values only for lorahot's own layers (the runtime keeps them equal), so the pass
 the geometry of a live wide layer (:func:`register`: the buffer's shape and dtype, the arena's
 shape, the A view's size, strides and offset in it). A graph that merely has the shape of the
 formula (a user's ``cat([x, x @ bank.as_strided(...).T]) @ mat[:n].T``) passes through unchanged:
-rewritten, it would read ``mat``'s rows for ``A`` and give wrong numbers. The pass's cache id
-includes :data:`ENABLED`.
+rewritten, it would read ``mat``'s rows for ``A`` and give wrong numbers. That is a match of
+geometry, not of identity: a user's graph of exactly a live layer's sizes, strides and offset
+(built for it: nothing in a model computes such a thing by chance) would still be rewritten. The
+pass's cache id includes :data:`ENABLED` and the registered geometries (:func:`signatures`).
 
 **On by default, measured on the SDXL-shaped UNet** (H200, torch 2.11, the rest of lorahot the
 same, ``benchmarks/README.md``, eleventh session): 140 fewer kernels per step (2534 to 2394); GPU
@@ -60,7 +62,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lorahot.kernels.fx_graph import erase_unused, fake_mode, set_fake_values, source
 
-__all__ = ["ENABLED", "rewrite_extern_inputs", "needs_copy", "register"]
+__all__ = ["ENABLED", "rewrite_extern_inputs", "needs_copy", "register", "unregister", "signatures"]
 
 #: whether :class:`~lorahot.kernels.stacked_shrinks.StackShrinks` runs this rewrite (on: see
 #: the module docstring for what it was measured to save)
@@ -116,6 +118,18 @@ def register(wide: torch.Tensor, root: torch.Tensor, a: tuple[tuple[int, ...], t
     such a geometry (see the module docstring)."""
     size, stride, offset = a
     _LAYERS[wide] = (tuple(wide.shape), wide.dtype, tuple(root.shape), tuple(size), tuple(stride), int(offset))
+
+
+def unregister(wide: torch.Tensor) -> None:
+    """Forgets ``wide`` (its layer was unwidened or ejected; something may still hold it)."""
+    _LAYERS.pop(wide, None)
+
+
+def signatures() -> tuple[Signature, ...]:
+    """The live wide layers' geometries, sorted: part of the passes' cache id
+    (:meth:`lorahot.kernels.stacked_shrinks.StackShrinks.uuid`), so that a graph compiled where
+    the rewrite applied is not taken from inductor's cache into a process where it would not."""
+    return tuple(sorted(set(_LAYERS.values()), key=repr))
 
 
 def needs_copy(node: torch.fx.Node) -> bool:

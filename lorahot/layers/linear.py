@@ -183,14 +183,26 @@ class LoRALinear(LoRALayer):
             block[:n, :k].copy_(weight)
             weight.data = block[:n, :k]
         self.register_buffer(WIDE_BUFFER, block, persistent=False)
-        geometry = self.__dict__.get("_geometry")
-        if geometry:  # a graph input the extern-input rewrite matches (a group's block too, read as one)
-            extern_inputs.register(block, TENSORS[self._key][0], geometry[0])
+        self._register_wide()
         if at is not None:
             handle, geometry, outs = at
             object.__setattr__(self, "_wide_handle", handle)  # keeps the allocation's entry alive
             self._wide_at = (handle.key, geometry, outs)
         self.wide = True
+
+    def _register_wide(self) -> None:
+        """Registers the wide buffer's geometry with the extern-input rewrite
+        (:func:`lorahot.kernels.extern_inputs.register`): a graph input it matches, a group's
+        block too (read as one)."""
+        geometry, wide = self.__dict__.get("_geometry"), self._buffers.get(WIDE_BUFFER)
+        if geometry and wide is not None and self.__dict__.get("_key") in TENSORS:
+            extern_inputs.register(wide, TENSORS[self._key][0], geometry[0])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (``deepcopy``, unpickled) registers its own wide buffer (:meth:`_register_wide`)."""
+        super().__setstate__(state)
+        if self.__dict__.get("wide"):
+            self._register_wide()
 
     def wide_rows(self) -> torch.Tensor:
         wide: torch.Tensor = self._buffers[WIDE_BUFFER]  # type: ignore[assignment]
@@ -207,7 +219,9 @@ class LoRALinear(LoRALayer):
         weight = self.base_weight
         with torch.inference_mode(False), torch.no_grad():
             weight.data = weight.detach().clone(memory_format=torch.contiguous_format)
-        self._buffers.pop(WIDE_BUFFER, None)
+        wide = self._buffers.pop(WIDE_BUFFER, None)
+        if wide is not None:  # the runtime may keep views of it: no rewrite reads it as a layer's any more
+            extern_inputs.unregister(wide)
         self.__dict__.pop("_wide_handle", None)
         self._wide_at = None
         self.wide = False

@@ -171,6 +171,36 @@ def test_a_graph_that_only_looks_like_a_wide_layer_is_left_as_it_is(
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-9) is not registered
 
 
+def test_the_registered_geometries_follow_the_wide_layers_and_key_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Widening registers a layer's geometry, a copy of the model registers its own buffers, and
+    eject forgets them even while the runtime (which keeps views of the buffers) lives on; the
+    passes' cache id changes with them, so inductor's cache cannot carry a rewrite into a
+    process whose layers have other geometries."""
+    import copy
+    import gc
+
+    from lorahot.layers.base import WIDE_BUFFER
+
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    model = nn.Sequential(nn.Linear(13, 11), nn.ReLU(), nn.Linear(11, 7)).double()  # sizes no other test uses
+    before = set(extern_inputs.signatures())
+    uuid = stacked_shrinks.StackShrinks(None).uuid()
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=3, extras=False)
+    buffers = [layer._buffers[WIDE_BUFFER] for layer in runtime.layers.values()]
+    assert all(b in extern_inputs._LAYERS for b in buffers)
+    mine = set(extern_inputs.signatures()) - before
+    assert len(mine) == 2 and stacked_shrinks.StackShrinks(None).uuid() != uuid
+    twin = copy.deepcopy(model)
+    copied = [twin.get_submodule(n)._buffers[WIDE_BUFFER] for n in ("0", "2")]
+    assert all(b in extern_inputs._LAYERS for b in copied)
+    runtime.eject()
+    assert not any(b in extern_inputs._LAYERS for b in buffers)
+    assert all(b in extern_inputs._LAYERS for b in copied)
+    del twin, copied
+    gc.collect()
+    assert not mine & set(extern_inputs.signatures())
+
+
 def test_what_needs_a_copy() -> None:
     """A graph input, a library GEMM's output, one output of attention and a custom
     operator's, behind views or not, need a copy; an elementwise op's output does not."""
