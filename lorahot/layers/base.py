@@ -211,13 +211,14 @@ class LoRALayer(nn.Module):
     _path: str = ""
 
     #: What the forward branches on, as one tuple: ``(merged, fused, wide, extras, arena key,
-    #: view geometry, slot views' geometry, wide group)``, kept equal to those attributes by
+    #: view geometry, slot views' geometry, wide group, expert)``, kept equal to those attributes by
     #: :meth:`__setattr__`. A compiled model re-checks every attribute its forward reads on each
     #: call, per layer (one guard or more each): read as one constant tuple they cost one check
     #: instead of a dozen. Both geometries and the wide group (see :attr:`_wide_at`) are None
     #: for a :attr:`regional` layer: the graph then reads the layer's own views, and the plan
-    #: holds nothing that differs between the layers of identical blocks.
-    _plan: tuple[Any, ...] = (False, False, False, True, -1, (), (), None)
+    #: holds nothing that differs between the layers of identical blocks. ``expert``: the layer
+    #: belongs to a mixture-of-experts block's experts (:func:`lorahot.layers.routing.is_expert`).
+    _plan: tuple[Any, ...] = (False, False, False, True, -1, (), (), None, False)
     #: For a wide layer whose buffer is one of a group's, back to back in one allocation
     #: (:mod:`lorahot.kernels.wide_groups`): ``(handle key, (size, stride, offset), outs)``, the
     #: geometry of its buffer in the allocation, as the compiled graph reads it, and every
@@ -270,9 +271,20 @@ class LoRALayer(nn.Module):
             if self.regional:  # the graph reads the layer's own views (see regional)
                 geometry = slots = None
             wide_at = None if self.regional else seen.get("_wide_at")
-            plan = (self.merged, self.fused, self.wide, self.extras, seen.get("_key", -1), geometry, slots, wide_at)
+            expert = routing.is_expert(seen.get("_path", ""))
+            plan = (
+                self.merged,
+                self.fused,
+                self.wide,
+                self.extras,
+                seen.get("_key", -1),
+                geometry,
+                slots,
+                wide_at,
+                expert,
+            )
             if self.merged:  # the forward reads nothing else: the smallest constant to compare
-                plan = (True, False, False, False, -1, (), (), None)
+                plan = (True, False, False, False, -1, (), (), None, False)
             object.__setattr__(self, "_plan", plan)
 
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -531,11 +543,14 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
         # layer: keep them few (see lorahot.layers.tensor_handles).
-        merged, fused, wide, extras, key, geometry, slot_geometry, _ = self._plan
+        merged, fused, wide, extras, key, geometry, slot_geometry, _, expert = self._plan
         if merged:
             out: torch.Tensor = self._base(x, *args, **kwargs)
             return out
         route = ROUTES.get(key)  # an unbound layer has no entry: _views() below says so
+        if route is not None and expert:  # rows gathered by a router: no routed slot has weights here
+            routed_out: torch.Tensor = self._base(x, *args, **kwargs)  # (the runtime refuses that routing)
+            return routed_out
         if not extras and not args and not kwargs and torch.compiler.is_compiling():
             if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
                 z = self.compiled_routed(x, route, fused, wide, key, slot_geometry)

@@ -51,13 +51,42 @@ reads each slot's weights once per tile of rows.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lorahot.layers.refusal import literal
 
-__all__ = ["slot_geometry", "row_misfit", "misfit_message", "row_scales", "gathers", "every_slot_expand", "constant"]
+__all__ = [
+    "EXPERTS",
+    "is_expert",
+    "slot_geometry",
+    "row_misfit",
+    "misfit_message",
+    "row_scales",
+    "gathers",
+    "every_slot_expand",
+    "constant",
+]
+
+#: the module name under which a mixture-of-experts block keeps its experts, in every
+#: implementation of one that lorahot knows (transformers' Mixtral, Qwen-MoE, DeepSeek, OLMoE,
+#: Jamba, Switch Transformers and NLLB-MoE; diffusers' HiDream): a layer with this component in
+#: its path is an expert's (:func:`is_expert`). A block's shared experts (``shared_experts``,
+#: ``shared_expert``) run on every token and are not experts here.
+EXPERTS = "experts"
+
+
+def is_expert(path: str) -> bool:
+    """Whether the layer at module ``path`` (dotted; a runtime over several models may prefix
+    a component with ``:``) belongs to a mixture-of-experts block's experts. Such a layer runs
+    on the tokens its router gathered, not on the batch's rows: the runtime refuses a routing
+    that sends rows to an adapter with weights on one
+    (:func:`lorahot.runtime.routing.check_experts`), so under a per-row routing the layer
+    computes its base output alone, whatever its input's shape."""
+    return EXPERTS in re.split(r"[.:/]", path)
+
 
 #: ``(shape, stride, storage offset)`` of a view of an arena tensor.
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]

@@ -214,6 +214,9 @@ class ShardedLoRALinear(LoRALinear):
         # (column-parallel: Shard(-1); row-parallel: Partial); the LoRA part joins it locally.
         x_local = _local(x)
         route = ROUTES[self._plan[4]]
+        if route is not None and self._plan[8]:  # an MoE expert: no routed slot has weights here
+            base_out: torch.Tensor = self._base(x, *args, **kwargs)
+            return base_out
         if route is not None:  # one slot per row, from the slot views
             refused = self._misfit(x_local, route, lambda: _local(self._base(x, *args, **kwargs)))
             if refused is not None:  # the local base output as what the graph carries on with

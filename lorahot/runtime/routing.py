@@ -31,7 +31,6 @@ What a compiled model sees:
 from __future__ import annotations
 
 import numbers
-import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -41,6 +40,7 @@ from lorahot.adapter import storage_problem
 from lorahot.errors import UsageError, format_problems
 from lorahot.kernels.routed_linear import workspace
 from lorahot.kernels.routed_lora import segments
+from lorahot.layers.routing import EXPERTS, is_expert
 from lorahot.layers.tensor_handles import ROUTES, SEGMENTS, TOKENS, WORKSPACES, publish_workspace
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.staging import Staging
@@ -59,12 +59,6 @@ __all__ = [
 #: the most tokens a packed routing (``activate(slots, lengths=...)``) spans: one forward's
 #: input, far above any batch a model runs at once
 MAX_TOKENS = 1 << 24
-#: the module name under which a mixture-of-experts block keeps its experts, in every
-#: implementation of one that lorahot knows (transformers' Mixtral, Qwen-MoE, DeepSeek, OLMoE,
-#: Jamba, Switch Transformers and NLLB-MoE; diffusers' HiDream): a layer with this component in
-#: its path is an expert's (:func:`expert_layers`). A block's shared experts
-#: (``shared_experts``, ``shared_expert``) run on every token and are not experts here.
-EXPERTS = "experts"
 _INT64 = (torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max)
 
 
@@ -121,8 +115,8 @@ def one_slot(route: torch.Tensor) -> int | None:
 
 def expert_layers(names: Sequence[str] | Mapping[str, int]) -> list[str]:
     """The layers among ``names`` (injected layer names, dotted module paths) that belong to
-    a mixture-of-experts block's experts: an :data:`EXPERTS` component in the path."""
-    return [n for n in names if EXPERTS in re.split(r"[.:/]", n)]
+    a mixture-of-experts block's experts (:func:`lorahot.layers.routing.is_expert`)."""
+    return [n for n in names if is_expert(n)]
 
 
 def check_experts(route: torch.Tensor | Sequence[int], held: Sequence[Mapping[str, int] | None]) -> None:
@@ -134,7 +128,7 @@ def check_experts(route: torch.Tensor | Sequence[int], held: Sequence[Mapping[st
     only their count, and a count can match the routing's by chance (every token picked, or a
     subset of exactly ``L``), so the rows would take other rows' slots without any shape
     telling: wrong numbers. Rows sent to -1 or to slots without weights on the experts need
-    nothing from them and are routed.
+    nothing from them: under a per-row routing an expert layer computes its base output alone.
 
     Args:
         route: the routing (one slot per row or per token, -1 for none).

@@ -384,6 +384,17 @@ def test_a_routing_to_an_adapter_on_moe_experts_is_refused_and_the_rest_routes()
             torch.testing.assert_close(out[i : i + 1], model(x[i : i + 1]), rtol=1e-12, atol=1e-12)
         runtime.activate(0)
         torch.testing.assert_close(every, model(x), rtol=0, atol=0)
+        runtime.load(on_experts, slot=2)
+        runtime.activate([1, -1])  # an expert's gathered tokens, of any count, compute its base output
+        for seed in range(8):
+            x = torch.randn(2, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            runtime.activate([1, -1])
+            out = model(x)
+            for i, slot in enumerate((1, -1)):
+                runtime.activate(slot if slot >= 0 else 0)
+                if slot < 0:
+                    runtime.unload(0)
+                torch.testing.assert_close(out[i : i + 1], model(x[i : i + 1]), rtol=1e-12, atol=1e-12)
 
 
 def test_a_routing_of_one_slot_for_every_row_runs_as_the_whole_batch_on_it() -> None:
