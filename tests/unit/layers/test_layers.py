@@ -241,22 +241,25 @@ def test_forward_plan_follows_every_flag_it_gathers(monkeypatch: pytest.MonkeyPa
     for layer in layers:
         assert layer.wide
         geometries = (layer._key, layer._geometry, layer._slot_geometry, layer._wide_at)
-        assert layer._plan == (False, layer.fused, True, True, *geometries)
+        assert layer._plan == (False, layer.fused, True, True, *geometries, False)
         assert layer._wide_at is not None  # neighbours under one parent, one input width: one wide group
     lorahot.eject(model)
     assert all(layer._plan[2] is False and layer._plan[7] is None for layer in layers)  # unwidened
     merged = nn.Sequential(nn.Linear(8, 8))
     lorahot.inject(merged, ["0"], max_rank=4, merged=True)
-    assert merged[0]._plan == (True, False, False, False, -1, (), (), None)
+    assert merged[0]._plan == (True, False, False, False, -1, (), (), None, False)
     plain = nn.Sequential(nn.Linear(8, 8))
     lorahot.inject(plain, ["0"], max_rank=4, fused=False)
     layer = plain[0]
-    assert layer._plan == (False, False, False, False, layer._key, layer._geometry, layer._slot_geometry, None)
+    assert layer._plan == (False, False, False, False, layer._key, layer._geometry, layer._slot_geometry, None, False)
     layer.wide = True  # any later change of a gathered flag reaches the plan
     assert layer._plan[2] is True
     moved = (((1, 4, 8), (32, 8, 1), 0),) * 4
     layer._slot_geometry = moved  # and of a geometry
     assert layer._plan[6] == moved
+    experts = nn.ModuleDict({"experts": nn.ModuleList([nn.Linear(8, 8)])})
+    lorahot.inject(experts, ["experts.0"], max_rank=4)
+    assert experts.experts[0]._plan[8] is True  # a mixture-of-experts block's expert
 
 
 def _autocast_pair(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
