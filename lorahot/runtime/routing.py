@@ -73,19 +73,15 @@ def check_routing(
         lengths: None, or one token count (int >= 0) per entry of ``slots``.
         count: the runtime's number of slots.
         filled: per slot, whether it holds an adapter.
-        merged: whether the runtime runs merged (which cannot route).
+        merged: whether the runtime runs merged (which cannot route: only one slot for every
+            row, which runs as the whole batch, is taken).
 
     Raises:
-        UsageError: merged mode; not a sequence or 1-D integer tensor, or empty; an entry not
-            an int in ``-1 .. count - 1``; an entry naming an empty slot; ``lengths`` of the
-            wrong length or with a negative or non-int entry, or with no token at all.
+        UsageError: merged mode, unless every entry is one slot; not a sequence or 1-D
+            integer tensor, or empty; an entry not an int in ``-1 .. count - 1``; an entry
+            naming an empty slot; ``lengths`` of the wrong length or with a negative or non-int
+            entry, or with no token at all.
     """
-    if merged:
-        raise UsageError(
-            "activate([...]) routes each row of a batch to its own slot, but this runtime was injected with "
-            "merged=True: the active adapter is folded into the base weights, which every row shares. Inject without "
-            "merged=True to serve mixed batches, or run one batch per adapter with activate(k)."
-        )
     route = _as_tensor(slots)
     out = ((route < -1) | (route >= count)).nonzero().flatten()  # on tensors: a packed routing has 2**24 entries
     if out.numel():
@@ -98,6 +94,12 @@ def check_routing(
         raise UsageError(
             f"the routing sends rows to empty slot{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))}; load "
             "an adapter there first, or route those rows to -1 (the base model only)."
+        )
+    if merged and one_slot(route) is None:  # one slot for every row runs as activate(k)
+        raise UsageError(
+            "activate([...]) routes each row of a batch to its own slot, but this runtime was injected with "
+            "merged=True: the active adapter is folded into the base weights, which every row shares. Inject without "
+            "merged=True to serve mixed batches, or run one batch per adapter with activate(k)."
         )
     if lengths is None:
         return route

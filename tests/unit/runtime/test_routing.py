@@ -429,3 +429,21 @@ def test_a_routing_of_one_slot_for_every_row_runs_as_the_whole_batch_on_it() -> 
         torch.testing.assert_close(model(ids), want, rtol=1e-10, atol=1e-10)
         runtime.activate([0, 0, -1])
         assert all(ROUTES[k] is not None for k in keys) and runtime.routing == (0, 0, -1)
+
+
+def test_merged_mode_takes_a_routing_of_one_slot_for_every_row_as_the_whole_batch() -> None:
+    """Merged mode cannot route, but one slot for every row is the whole batch on it: taken as
+    ``activate(k)`` (the same merged weights), while a mixed routing is refused, changing nothing."""
+    model, runtime, _ = _runtime(merged=True)
+    ids = token_ids((2, 3), 32, seed=7)
+    with torch.no_grad():
+        runtime.activate(1)
+        whole = model(ids)
+        runtime.activate(0)
+        runtime.activate([1, 1])
+        assert runtime.active_slot == 1 and runtime.routing == (1, 1)
+        assert torch.equal(model(ids), whole)
+        with pytest.raises(lorahot.UsageError, match="merged=True"):
+            runtime.activate([1, 0])
+        assert runtime.active_slot == 1 and runtime.routing == (1, 1)
+        assert torch.equal(model(ids), whole)
