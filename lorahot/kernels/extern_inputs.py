@@ -220,8 +220,8 @@ def _match(node: torch.fx.Node, known: set[Signature]) -> Match | None:
 def _signature(wide: torch.fx.Node, strided: torch.fx.Node) -> Signature | None:
     """The :data:`Signature` of a matched GEMM's ``wide`` input and its shrink's ``as_strided``
     A, as the graph reads them; None where a size is symbolic or missing."""
-    root = strided.args[0]
-    val, base = wide.meta.get("val"), root.meta.get("val") if isinstance(root, torch.fx.Node) else None
+    root: Any = strided.args[0]  # a node: _match checked it
+    val, base = wide.meta.get("val"), root.meta.get("val")
     args: Any = (*strided.args[1:], 0)[:3]
     if not (isinstance(val, torch.Tensor) and isinstance(base, torch.Tensor)):
         return None

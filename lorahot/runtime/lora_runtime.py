@@ -486,9 +486,7 @@ class LoraRuntime:
         (:func:`lorahot.runtime.routing.check_experts`)."""
         rows = self._routing.rows
         if rows is not None and not self._routing.whole and slot in rows:
-            held: list[Mapping[str, int] | None] = [None] * self.slots
-            held[slot] = stack.ranks
-            check_experts([slot], held)
+            check_experts({slot: stack.ranks})
 
     def _agreed(self, check: Callable[[], _T], what: str, writes: Callable[[_T], dict[str, bytes]]) -> _T:
         """``check()``, and on a tensor-parallel model every rank's agreement that it passed
@@ -827,18 +825,19 @@ class LoraRuntime:
         filled = [info is not None for info in self._infos]
         rows = slot
 
-        def checked() -> torch.Tensor:
+        def checked() -> tuple[torch.Tensor, int | None]:
             route = check_routing(rows, lengths, self.slots, filled, merged=self._merger is not None)
-            if one_slot(route) is None:  # one slot for every row runs as the whole batch: no row to misplace
-                check_experts(route, [None if s is None else s.ranks for s in self._stacks])
-            return route
+            one = one_slot(route)
+            if one is None:  # one slot for every row runs as the whole batch: no row to misplace
+                routed = [s for s in torch.unique(route).tolist() if s >= 0]  # filled: check_routing says so
+                check_experts({s: self._stacks[s].ranks for s in routed})
+            return route, one
 
-        route = self._agreed(
+        route, one = self._agreed(
             checked,
             "activate",
-            lambda r: {"arguments": fingerprint.arguments("activate rows", r)},
+            lambda r: {"arguments": fingerprint.arguments("activate rows", r[0])},
         )
-        one = one_slot(route)
         if one is not None:  # every row on one slot: the whole batch on it, with the whole-batch kernels
             if one != self._active:  # else the live region already holds it (loads into it write there too)
                 self._make_live(one)

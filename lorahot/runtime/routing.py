@@ -121,7 +121,7 @@ def expert_layers(names: Sequence[str] | Mapping[str, int]) -> list[str]:
     return [n for n in names if is_expert(n)]
 
 
-def check_experts(route: torch.Tensor | Sequence[int], held: Sequence[Mapping[str, int] | None]) -> None:
+def check_experts(routed: Mapping[int, Mapping[str, int]]) -> None:
     """Refuses a per-row routing that sends rows to a slot whose adapter has weights on an
     expert layer (:func:`expert_layers`).
 
@@ -133,17 +133,14 @@ def check_experts(route: torch.Tensor | Sequence[int], held: Sequence[Mapping[st
     nothing from them: under a per-row routing an expert layer computes its base output alone.
 
     Args:
-        route: the routing (one slot per row or per token, -1 for none).
-        held: per slot, injected layer name -> rank for the layers its adapter (or stack)
-            touches, or None for an empty slot.
+        routed: each slot the routing sends rows to -> injected layer name -> rank, for the
+            layers its adapter (or stack) touches.
 
     Raises:
         UsageError: naming the slot, up to five of its expert layers, and what to do instead.
     """
-    slots = torch.unique(route).tolist() if isinstance(route, torch.Tensor) else sorted(set(route))
-    for slot in slots:
-        ranks = held[slot] if slot >= 0 else None
-        experts = expert_layers([n for n, r in ranks.items() if r > 0]) if ranks else []
+    for slot, ranks in sorted(routed.items()):
+        experts = expert_layers([n for n, r in ranks.items() if r > 0])
         if experts:
             more = f" and {len(experts) - 5} more" if len(experts) > 5 else ""
             shown = ", ".join(repr(n) for n in experts[:5]) + more
