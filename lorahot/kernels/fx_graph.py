@@ -85,21 +85,60 @@ def set_fake_values(fake: Any, nodes: Iterable[torch.fx.Node]) -> None:
 
 
 def splice(
-    graph: torch.fx.Graph, fn: Callable[..., list[torch.Tensor]], args: tuple[torch.fx.Node, ...], fake: Any
+    graph: torch.fx.Graph,
+    fn: Callable[..., list[torch.Tensor]],
+    args: tuple[torch.fx.Node, ...],
+    fake: Any,
+    memo: dict[Any, torch.fx.Graph] | None = None,
+    key: Any = None,
 ) -> list[torch.fx.Node]:
     """``fn`` traced to aten on the fake values of ``args`` (in the graph's fake mode ``fake``,
     with inductor's decompositions, symbolic sizes read from the inputs), its nodes copied into
-    ``graph`` at the insertion point with ``args`` for its inputs; returns its outputs' nodes."""
-    from torch._dispatch.python import enable_python_dispatcher
-    from torch._inductor.decomposition import select_decomp_table
-    from torch.fx.experimental.proxy_tensor import make_fx
+    ``graph`` at the insertion point with ``args`` for its inputs; returns its outputs' nodes.
 
+    With ``memo`` (a dict the caller keeps for one graph) and ``key`` (what ``fn`` computes,
+    beyond its inputs' metadata), a trace is made once per key and metadata of ``args`` (shapes,
+    strides, offsets, dtypes, devices) and copied again for later calls: tracing costs tens of
+    milliseconds, which the UNet's 70 lowered groups paid each (:mod:`lorahot.kernels.wide_groups`).
+    Each copy's nodes get fake values of their own (:func:`set_fake_values`), never the first
+    copy's: inductor's passes read a node's storage from its value."""
     values = [a.meta["val"] for a in args]
-    with fake, enable_python_dispatcher():
-        traced = make_fx(fn, select_decomp_table(), tracing_mode="real")(*values)
-    inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
-    out = graph.graph_copy(traced.graph, dict(zip(inputs, args, strict=True)))
+    memo_key = (key, *(_metadata(v) for v in values))
+    traced = None if memo is None else memo.get(memo_key)
+    fresh = traced is None
+    if traced is None:
+        from torch._dispatch.python import enable_python_dispatcher
+        from torch._inductor.decomposition import select_decomp_table
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        with fake, enable_python_dispatcher():
+            traced = make_fx(fn, select_decomp_table(), tracing_mode="real")(*values).graph
+        if memo is not None:
+            memo[memo_key] = traced
+    inputs = [n for n in traced.nodes if n.op == "placeholder"]
+    copies: dict[torch.fx.Node, torch.fx.Node] = dict(zip(inputs, args, strict=True))
+    out = graph.graph_copy(traced, copies)
+    if not fresh:
+        _propagate(fake, [copies[n] for n in traced.nodes if n.op == "call_function"])
     return list(out)  # type: ignore[arg-type]
+
+
+def _metadata(value: Any) -> tuple[Any, ...]:
+    """What a trace of :func:`splice` depends on in an input's fake value (sizes as strings: a
+    symbolic size is not hashable, and the same symbol reads the same)."""
+    if not isinstance(value, torch.Tensor):
+        return (type(value), str(value))
+    return (str(tuple(value.shape)), str(value.stride()), str(value.storage_offset()), value.dtype, value.device)
+
+
+def _propagate(fake: Any, nodes: list[torch.fx.Node]) -> None:
+    """New ``val`` fake values for copied ``call_function`` nodes, in order (their arguments'
+    values first), as :func:`set_fake_values` does, keyword arguments included."""
+    with fake:
+        for node in nodes:
+            args = torch.fx.node.map_arg(node.args, lambda n: n.meta["val"])
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: n.meta["val"])
+            node.meta["val"] = node.target(*args, **kwargs)  # type: ignore[operator]
 
 
 def erase_unused(graph: torch.fx.Graph, node: torch.fx.Node, removable: Collection[Any]) -> None:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["define", "refuse_grad"]
+__all__ = ["define", "define_composite", "refuse_grad"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -42,6 +42,23 @@ def define(schema: str, fake: Callable[..., Any], tags: tuple[torch.Tag, ...] = 
         _LIB.impl(name, impl, "CompositeExplicitAutograd")
         _LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
         torch.library.register_fake(f"lorahot::{name}", fake, lib=_LIB)
+        return impl
+
+    return register
+
+
+def define_composite(schema: str) -> Callable[[_F], _F]:
+    """Decorator: defines ``lorahot::<schema>`` with the decorated function as its
+    ``CompositeImplicitAutograd`` implementation: plain torch that every backend, autograd and
+    the compiler's fake tensors go through as written. The compiler's trace (dynamo) records one
+    node for the call, and AOTAutograd then writes the function's own aten operations into the
+    graph, as if the function had been traced inline: the same graph for the passes that
+    follow, at the trace cost of one operation. The function is returned unchanged."""
+    name = schema.split("(", 1)[0]
+
+    def register(impl: _F) -> _F:
+        _LIB.define(schema)
+        _LIB.impl(name, impl, "CompositeImplicitAutograd")
         return impl
 
     return register

@@ -215,6 +215,7 @@ def group_wide_layers(graph: torch.fx.Graph) -> int:
     ``lorahot::wide_group``."""
     per_call = compile_mode.lowering_per_call()
     order = {node: i for i, node in enumerate(graph.nodes)}  # the operators' places, for _lower
+    memo: dict[Any, torch.fx.Graph] = {}  # expands traced once per shape (fx_graph.splice)
     removed = 0
     for (_, alloc, cols, fused), members in _groups(graph).items():
         members.sort(key=lambda m: m[0])
@@ -225,7 +226,7 @@ def group_wide_layers(graph: torch.fx.Graph) -> int:
 
         for run in adjacent_runs(members, follows):
             if lower:
-                removed += _lower(graph, run, alloc, cols, order)
+                removed += _lower(graph, run, alloc, cols, order, memo)
                 continue
             # the graph's order as it is now: a join before this one made nodes (a member's
             # output slice) that this run's members may read (layers over a member's output)
@@ -236,7 +237,7 @@ def group_wide_layers(graph: torch.fx.Graph) -> int:
         for node in list(graph.nodes):
             wide = node.args[1] if node.op == "call_function" and node.target is target else None
             if isinstance(wide, torch.fx.Node) and node.args[-1] is False and not _strided(node):
-                removed += _lower(graph, [(0, 0, node)], wide, None, order)
+                removed += _lower(graph, [(0, 0, node)], wide, None, order, memo)
     return removed
 
 
@@ -339,12 +340,14 @@ def _lower(
     alloc: torch.fx.Node,
     cols: int | None,
     order: dict[torch.fx.Node, int],
+    memo: dict[Any, torch.fx.Graph],
 ) -> int:
     """Replaces the run's operators by :func:`expands` over the run's rows of ``alloc`` (with
     ``cols`` columns; None: a lone operator's own buffer, ``alloc``), traced to aten in the
     graph's fake mode and placed before the first member in the graph's ``order`` (taken once:
     the operators were all there, and lowering others moves none): the members' input is the
-    first's (one source, the run's key), computed before it."""
+    first's (one source, the run's key), computed before it. ``memo``: the graph's traces of
+    :func:`expands`, one per shape (:func:`lorahot.kernels.fx_graph.splice`)."""
     nodes = [node for _, _, node in run]
     first = min(nodes, key=order.__getitem__)
     fake, x = fake_mode(first), first.args[0]
@@ -359,7 +362,8 @@ def _lower(
             size = [sum(r for _, r, _ in run), cols]
             wide = graph.call_function(_aten.as_strided.default, (alloc, size, [cols, 1], run[0][0]))
             set_fake_values(fake, (wide,))
-        values = splice(graph, lambda x, w: expands(x, w, outs, one_buffer=one_buffer), (x, wide), fake)
+        key = (tuple(outs), one_buffer)
+        values = splice(graph, lambda x, w: expands(x, w, outs, one_buffer=one_buffer), (x, wide), fake, memo, key)
     for node, value in zip(nodes, values, strict=True):
         node.replace_all_uses_with(value)
         erase_unused(graph, node, _REMOVABLE)

@@ -282,7 +282,12 @@ class LoRALinear(LoRALayer):
         milliseconds (``benchmarks/experiments/trace_cost_probe.py``). Only the arena views the
         path reads are made. None where the row count is symbolic (the dynamic-shapes operator)
         or the checks fail: the general forward then decides."""
-        if not self.can_widen(x):  # for a fused, wide layer also the fused kernel's conditions on x
+        # can_widen's checks (for a fused, wide layer also the fused kernel's conditions on x),
+        # written out: two inlined calls fewer in every layer's trace
+        base = self._base
+        if x.dtype != base.weight.dtype or (torch.is_grad_enabled() and _needs_grad(x, base)):
+            return None
+        if _autocast_recasts(x, x.dtype):
             return None
         per_call = compile_mode.launched_per_call()
         if per_call and (self._plan[7] is not None or wide_groups.ALONE) and wide_groups.joins(_rows(x)):
@@ -317,9 +322,10 @@ class LoRALinear(LoRALayer):
                 base = self._base
                 z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s)
                 return z
-        if geometry is None:  # regional: the layer's own view
-            return self.wide_forward(x, self._live[0])  # type: ignore[index]
-        return self.wide_forward(x, TENSORS[key][0].as_strided(*geometry[0]))
+        # the wide path's traced form as one operator, called here rather than through
+        # wide_forward: the compiler's trace of every layer records one node for it
+        a = self._live[0] if geometry is None else TENSORS[key][0].as_strided(*geometry[0])  # type: ignore[index]
+        return wide_kernel.wide_traced(x, self._buffers[WIDE_BUFFER], self._base.bias, a)  # type: ignore[arg-type]
 
     def compiled_routed(
         self,

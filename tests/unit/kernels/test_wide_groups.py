@@ -637,6 +637,61 @@ def test_in_default_mode_a_group_read_twice_writes_its_outputs_into_one_buffer(
     assert _joined_sums(graphs[0]) == ([[-1 if dynamic else 10, width]] if on else [])
 
 
+class _Blocks(nn.Module):
+    """Three ``_Block`` modules in a row: their groups have the same shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("memo", [True, False], ids=["traced-once", "negative-control"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-rows"])
+def test_in_default_mode_groups_of_one_shape_are_traced_once_each_copy_with_values_of_its_own(
+    dynamic: bool, memo: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three identical blocks in default mode: ``expands`` is traced once per shape (q/k/v,
+    gate/up, o, down: 4 traces for 12 lowerings; the negative control, the graph's memo
+    dropped, traces each of the 12), later lowerings copy the trace, and every copied node
+    has a fake value of its own (inductor reads a node's storage from it: a shared value would
+    read as an alias). The output equals the eager model's through a swap, with no recompile."""
+    from lorahot.kernels import fx_graph
+
+    traced: list[int] = []
+    real = wide_groups.expands
+    monkeypatch.setattr(wide_groups, "expands", lambda *a, **k: (traced.append(1), real(*a, **k))[1])
+    if not memo:
+        splice = fx_graph.splice
+        monkeypatch.setattr(wide_groups, "splice", lambda g, fn, args, fake, *_: splice(g, fn, args, fake))
+    graphs: list[torch.fx.Graph] = []
+    grouped = wide_groups.group_wide_layers
+    monkeypatch.setattr(wide_groups, "group_wide_layers", lambda graph: (grouped(graph), graphs.append(graph))[0])
+    torch.manual_seed(0)
+    model = _Blocks().double()
+    names = [f"blocks.{i}.{n}" for i in range(3) for n in BLOCK]
+    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(names, r), seed=s)[0] for r, s in ((4, 0), (8, 1))]
+    runtime.load(adapters[0])
+    compiled = torch.compile(model, dynamic=dynamic, fullgraph=True)
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            runtime.load(adapters[1])
+            torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
+    assert as_on_cuda[0] == 21  # every operator lowered
+    assert len(traced) == (4 if memo else 12)
+    values = [n.meta["val"] for n in graphs[0].nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert len({id(v) for v in values}) == len(values)
+    ops = [str(n.target) for n in graphs[0].nodes]
+    assert ops.count("aten.bmm.default") == 6  # q/k/v's and gate/up's batched expands, per block
+
+
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
