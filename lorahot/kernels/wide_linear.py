@@ -110,7 +110,7 @@ def _wide_traced(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None,
 def wide_traced(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor:
     """:func:`traced` as one operator (``CompositeImplicitAutograd``,
     :func:`lorahot.kernels.op_registry.define_composite`): the compiler's trace of a layer records
-    one node where the formula inline is six operations (reshape, shrink, concatenation, slice,
+    one node where the formula inline is up to six operations (reshape, shrink, concatenation, slice,
     GEMM, view), and AOTAutograd writes the same aten graph as before. Tracing each operation
     costs the compiler about as much as the rest of the layer: on the SDXL-shaped UNet's 700
     layers, dynamo's part of a compile was 29.5 s against the base model's 12.6 with the

@@ -117,6 +117,50 @@ def test_compiled_it_is_library_calls_equal_to_the_eager_form() -> None:
     assert len(products) == 2 * len(graphs)
 
 
+def _aten_graph(fn: object, *args: torch.Tensor) -> tuple[list[str], list[torch.fx.GraphModule]]:
+    """``fn`` compiled (fullgraph, AOTAutograd's inference graph recorded): the aten graph's
+    nodes as ``target(constant args)``, and dynamo's graphs."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    dynamo: list[torch.fx.GraphModule] = []
+    aten: list[str] = []
+
+    def forward(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
+        aten.extend(f"{n.target}{[a for a in n.args if not isinstance(a, torch.fx.Node)]}" for n in gm.graph.nodes)
+        return gm
+
+    inner = aot_autograd(fw_compiler=forward)
+
+    def backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        dynamo.append(gm)
+        return inner(gm, inputs)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return aten, dynamo
+
+
+@pytest.mark.parametrize("lead", [(6,), (2, 3)], ids=["2-D", "3-D"])
+def test_the_traced_operator_is_one_node_for_the_compiler_and_the_formula_after_it(lead: tuple[int, ...]) -> None:
+    """``wide_traced`` (the form a compiled wide layer calls): dynamo records one node for it,
+    where the formula inline (the negative control) is four to six operations; AOTAutograd's aten
+    graph is the inline formula's, node for node, so the compiler passes that match it see the
+    same graph. Its output is the formula's, bitwise, and it is differentiable (float64
+    gradients against finite differences)."""
+    x, _, a, *_, wide = _operands(6, 24, 16, 8, torch.float32, "cpu", seed=3)
+    x, bias = x.reshape(*lead, 24), torch.randn(16)
+    op_aten, op_dynamo = _aten_graph(wide_kernel.wide_traced, x, wide, bias, a)
+    inline_aten, inline_dynamo = _aten_graph(wide_kernel.traced, x, wide, bias, a)
+    calls = [n.target for n in op_dynamo[0].graph.nodes if n.op == "call_function"]
+    assert calls == [torch.ops.lorahot.wide_traced]
+    assert len([n for n in inline_dynamo[0].graph.nodes if n.op == "call_function"]) >= 4
+    assert op_aten == inline_aten
+    assert torch.equal(wide_kernel.wide_traced(x, wide, bias, a), wide_kernel.traced(x, wide, bias, a))
+    args = tuple(t.double().requires_grad_() for t in (x, wide, bias, a))
+    assert torch.autograd.gradcheck(wide_kernel.wide_traced, args)
+
+
 def test_gradients_flow_eager_and_compiled() -> None:
     """Plain torch, so differentiable: float64 gradients match finite differences, eagerly and
     compiled."""
