@@ -81,7 +81,8 @@ def set_fake_values(fake: Any, nodes: Iterable[torch.fx.Node]) -> None:
     with fake:
         for node in nodes:
             args = torch.fx.node.map_arg(node.args, lambda n: n.meta["val"])
-            node.meta["val"] = node.target(*args)  # type: ignore[operator]
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: n.meta["val"])
+            node.meta["val"] = node.target(*args, **kwargs)  # type: ignore[operator]
 
 
 def splice(
@@ -119,7 +120,7 @@ def splice(
     copies: dict[torch.fx.Node, torch.fx.Node] = dict(zip(inputs, args, strict=True))
     out = graph.graph_copy(traced, copies)
     if not fresh:
-        _propagate(fake, [copies[n] for n in traced.nodes if n.op == "call_function"])
+        set_fake_values(fake, [copies[n] for n in traced.nodes if n.op == "call_function"])
     return list(out)  # type: ignore[arg-type]
 
 
@@ -129,16 +130,6 @@ def _metadata(value: Any) -> tuple[Any, ...]:
     if not isinstance(value, torch.Tensor):
         return (type(value), str(value))
     return (str(tuple(value.shape)), str(value.stride()), str(value.storage_offset()), value.dtype, value.device)
-
-
-def _propagate(fake: Any, nodes: list[torch.fx.Node]) -> None:
-    """New ``val`` fake values for copied ``call_function`` nodes, in order (their arguments'
-    values first), as :func:`set_fake_values` does, keyword arguments included."""
-    with fake:
-        for node in nodes:
-            args = torch.fx.node.map_arg(node.args, lambda n: n.meta["val"])
-            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: n.meta["val"])
-            node.meta["val"] = node.target(*args, **kwargs)  # type: ignore[operator]
 
 
 def erase_unused(graph: torch.fx.Graph, node: torch.fx.Node, removable: Collection[Any]) -> None:

@@ -102,9 +102,7 @@ def traced(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None, a: to
     return torch.nn.functional.linear(xh, wide[:n], bias).view(*x.shape[:-1], n)
 
 
-@define_composite("wide_traced(Tensor x, Tensor wide, Tensor? bias, Tensor a) -> Tensor")
-def _wide_traced(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor:
-    return traced(x, wide, bias, a)
+define_composite("wide_traced(Tensor x, Tensor wide, Tensor? bias, Tensor a) -> Tensor")(traced)
 
 
 def wide_traced(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor:

@@ -319,13 +319,12 @@ class LoRALinear(LoRALayer):
                         arena[1].as_strided(*geometry[1]),
                         arena[2].as_strided(*geometry[2]),
                     )
-                base = self._base
                 z: torch.Tensor = fused_kernel.lora_linear(x, base.weight, base.bias, a, b, s)
                 return z
         # the wide path's traced form as one operator, called here rather than through
         # wide_forward: the compiler's trace of every layer records one node for it
         a = self._live[0] if geometry is None else TENSORS[key][0].as_strided(*geometry[0])  # type: ignore[index]
-        return wide_kernel.wide_traced(x, self._buffers[WIDE_BUFFER], self._base.bias, a)  # type: ignore[arg-type]
+        return wide_kernel.wide_traced(x, self._buffers[WIDE_BUFFER], base.bias, a)  # type: ignore[arg-type]
 
     def compiled_routed(
         self,
