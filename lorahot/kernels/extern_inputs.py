@@ -30,14 +30,23 @@ stacked, and matches only the wide layer's traced form::
 
 (``mm`` without a bias) with ``wide`` a graph input of shape ``[out + R, in + R]``. The rewrite
 reads ``A`` from ``wide``'s last rows, not from the view the shrink reads: the two hold the same
-values only for lorahot's own layers (the runtime keeps them equal), so the pass matches only
-the geometry of a live wide layer (:func:`register`: the buffer's shape and dtype, the arena's
-shape, the A view's size, strides and offset in it). A graph that merely has the shape of the
-formula (a user's ``cat([x, x @ bank.as_strided(...).T]) @ mat[:n].T``) passes through unchanged:
-rewritten, it would read ``mat``'s rows for ``A`` and give wrong numbers. That is a match of
-geometry, not of identity: a user's graph of exactly a live layer's sizes, strides and offset
-(built for it: nothing in a model computes such a thing by chance) would still be rewritten. The
-pass's cache id includes :data:`ENABLED` and the registered geometries (:func:`signatures`).
+values only for lorahot's own layers (the runtime keeps them equal). So a match needs two
+things:
+
+- *identity*: the GEMM, the concatenation, the shrink and their views were all traced from one
+  call of ``lorahot::wide_traced`` (:func:`lorahot.kernels.fx_graph.traced_call`: dynamo records
+  the call, AOTAutograd tags every aten node of its formula with it), which only a wide layer's
+  compiled forward makes. A user's graph of the formula's shape, even with exactly a live
+  layer's sizes, strides and offset (``cat([x, x @ bank.as_strided(...).T]) @ mat[:n].T``), is
+  traced from ``cat`` and ``matmul`` and passes through unchanged; rewritten, it would read
+  ``mat``'s rows for ``A`` and give wrong numbers.
+- *geometry*: the buffer and the A view have a live wide layer's shapes, strides and offset
+  (:func:`register`), so a direct call of the private operator with other tensors is not
+  rewritten either.
+
+Where a torch version traced no ``source_fn_stack``, nothing matches: the layers keep their
+concatenation (a launch more each), never a wrong number. The pass's cache id includes
+:data:`ENABLED` and the registered geometries (:func:`signatures`).
 
 **On by default, measured on the SDXL-shaped UNet** (H200, torch 2.11, the rest of lorahot the
 same, ``benchmarks/README.md``, eleventh session): 140 fewer kernels per step (2534 to 2394); GPU
@@ -60,9 +69,9 @@ from typing import Any, TypeGuard
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lorahot.kernels.fx_graph import erase_unused, fake_mode, set_fake_values, source
+from lorahot.kernels.fx_graph import erase_unused, fake_mode, set_fake_values, source, traced_call
 
-__all__ = ["ENABLED", "rewrite_extern_inputs", "needs_copy", "register", "unregister", "signatures"]
+__all__ = ["ENABLED", "WIDE_TRACED", "rewrite_extern_inputs", "needs_copy", "register", "unregister", "signatures"]
 
 #: whether :class:`~lorahot.kernels.stacked_shrinks.StackShrinks` runs this rewrite (on: see
 #: the module docstring for what it was measured to save)
@@ -85,6 +94,9 @@ _VIEWS = frozenset(
         _aten.as_strided.default,
     }
 )
+#: the operator a wide layer's compiled forward calls (:func:`lorahot.kernels.wide_linear.wide_traced`):
+#: the nodes of a match must all have been traced from one call of it
+WIDE_TRACED = "lorahot::wide_traced"
 #: producers the compiler calls rather than generates (default mode: library GEMMs,
 #: convolutions, attention); a custom operator's output is one too (see :func:`needs_copy`)
 _EXTERN = frozenset(
@@ -212,9 +224,20 @@ def _match(node: torch.fx.Node, known: set[Signature]) -> Match | None:
     n = rows_total - r
     if cols_total != k + r or stop != n or not all(isinstance(v, int) for v in (k, r, n)):
         return None
+    if not _one_wide_call(node, cat, shrink, shrink.args[1], weight, rows):  # a user's graph of the formula
+        return None
     if _signature(wide, strided) not in known:  # the formula's shape, not a lorahot layer's reads
         return None
     return x, shrink, wide, bias, n, k, r
+
+
+def _one_wide_call(*nodes: torch.fx.Node) -> bool:
+    """Whether every one of ``nodes`` was traced from the same call of :data:`WIDE_TRACED`."""
+    calls = {traced_call(node) for node in nodes}
+    if len(calls) != 1:
+        return False
+    call = calls.pop()
+    return call is not None and call[1] == WIDE_TRACED
 
 
 def _signature(wide: torch.fx.Node, strided: torch.fx.Node) -> Signature | None:

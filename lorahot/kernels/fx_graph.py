@@ -14,6 +14,7 @@ __all__ = [
     "adjacent_runs",
     "arena_view",
     "erase_unused",
+    "traced_call",
     "fake_mode",
     "set_fake_values",
     "source",
@@ -34,6 +35,20 @@ def source(node: torch.fx.Node) -> tuple[Any, ...]:
     while node.op == "call_function" and node.target in RESHAPES and isinstance(node.args[0], torch.fx.Node):
         node = node.args[0]
     return (node, shape)
+
+
+def traced_call(node: torch.fx.Node) -> tuple[str, str] | None:
+    """The call of the user's program that ``node`` was traced from: ``(the call's name in the
+    compiler's first graph, the qualified name of what it called)``, from the ``source_fn_stack``
+    that dynamo records and AOTAutograd copies to every aten node of the call's decomposition
+    (one call of ``lorahot::wide_traced`` gives ``("wide_traced_3", "lorahot::wide_traced")`` on
+    each node of its formula); None where the node carries none (a node a pass made)."""
+    stack = node.meta.get("source_fn_stack")
+    if not stack:
+        return None
+    name, fn = stack[-1]
+    what = getattr(fn, "_qualified_op_name", None) or getattr(fn, "__qualname__", None) or repr(fn)
+    return str(name), str(what)
 
 
 def arena_view(node: Any, dims: int) -> tuple[torch.fx.Node, list[int], list[int], int] | None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import lorahot
-from lorahot.kernels import extern_inputs, stacked_shrinks, wide_groups
+from lorahot.kernels import extern_inputs, fx_graph, stacked_shrinks, wide_groups
 from lorahot.runtime import wide
 from tests.helpers import make_adapter
 
@@ -147,14 +147,18 @@ class _Lookalike(nn.Module):
         return torch.nn.functional.linear(torch.cat([z, h], dim=-1), self.mat[:D])
 
 
-@pytest.mark.parametrize("registered", [False, True], ids=["a user's graph", "negative-control: registered"])
-def test_a_graph_that_only_looks_like_a_wide_layer_is_left_as_it_is(
-    registered: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize(
+    "case",
+    ["a user's graph", "a live layer's geometry", "negative-control: identity unchecked"],
+)
+def test_a_graph_that_only_looks_like_a_wide_layer_is_left_as_it_is(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The passes are installed for every compiled graph once a runtime exists; a user's graph
     of the formula's shape, beside a runtime's wide layer, is not rewritten and keeps its
-    numbers. Registered as a wide layer's geometry (the negative control), the rewrite takes
-    it and reads ``mat``'s rows for ``A``: wrong numbers, which the test sees."""
+    numbers, even where its tensors have exactly a live wide layer's geometry (registered
+    here): its nodes were traced from ``cat`` and ``matmul``, not from a wide layer's call of
+    ``lorahot::wide_traced``. With that check taken out (the negative control), the rewrite
+    takes the registered lookalike and reads ``mat``'s rows for ``A``: wrong numbers, which the
+    test sees."""
     monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
     monkeypatch.setattr(extern_inputs, "ENABLED", True)
     rewrites, _ = _spy(monkeypatch)
@@ -162,13 +166,45 @@ def test_a_graph_that_only_looks_like_a_wide_layer_is_left_as_it_is(
     chain = _Chain().double()
     lorahot.inject(chain, ["a"], max_rank=R, extras=False)  # a live wide layer: the passes installed
     user = _Lookalike()
-    if registered:
+    if case != "a user's graph":
         extern_inputs.register(user.mat, user.bank, ((R, D), (D, 1), R * D))
+    if case.startswith("negative-control"):
+        monkeypatch.setattr(extern_inputs, "_one_wide_call", lambda *nodes: True)
     x, y = torch.randn(3, 5, D, dtype=torch.float64), torch.randn(3, D, D, dtype=torch.float64)
     with torch.no_grad():
         got, want = torch.compile(user)(x, y), user(x, y)
-    assert rewrites == ([1] if registered else [0])
-    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9) is not registered
+    rewritten = case.startswith("negative-control")
+    assert rewrites == [int(rewritten)]
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9) is not rewritten
+
+
+def test_a_layers_formula_is_traced_from_one_call_of_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the identity check reads: every node the rewrite matches in a wide layer's compiled
+    graph was traced from one call of ``lorahot::wide_traced`` (o and p: two calls), and the
+    name the check compares with is that operator's."""
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    monkeypatch.setattr(extern_inputs, "ENABLED", True)
+    monkeypatch.setattr(wide_groups, "ENABLED", False)  # each layer its own formula, as above
+    assert torch.ops.lorahot.wide_traced._qualified_op_name == extern_inputs.WIDE_TRACED
+    calls: list[set[tuple[str, str] | None]] = []
+    match = extern_inputs._match
+
+    def spy(node: torch.fx.Node, known: set[extern_inputs.Signature]) -> extern_inputs.Match | None:
+        found = match(node, known)
+        if found is not None:
+            cat = node.args[1] if node.target is _aten.addmm.default else node.args[0]
+            calls.append({fx_graph.traced_call(n) for n in (node, cat, found[1])})  # type: ignore[arg-type]
+        return found
+
+    monkeypatch.setattr(extern_inputs, "_match", spy)
+    model = _Block().double()
+    lorahot.inject(model, ["o", "p"], max_rank=R, extras=False)
+    x, y = torch.randn(3, 5, D, dtype=torch.float64), torch.randn(3, D, D, dtype=torch.float64)
+    with torch.no_grad():
+        torch.compile(model)(x, y)
+    assert calls and all(len(c) == 1 for c in calls)  # each match one call (layers are matched twice)
+    names = {next(iter(c)) for c in calls}
+    assert len(names) == 2 and all(what == extern_inputs.WIDE_TRACED for _, what in names)  # type: ignore[misc]
 
 
 def test_the_registered_geometries_follow_the_wide_layers_and_key_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
