@@ -99,7 +99,11 @@ def traced(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None, a: to
     if a is None or a.dtype != wide.dtype:  # a move of the model converted the buffer, not the arena
         a = wide[n:, :k]
     xh = torch.cat([x2, torch.nn.functional.linear(x2, a)], dim=-1)
-    return torch.nn.functional.linear(xh, wide[:n], bias).view(*x.shape[:-1], n)
+    y = torch.nn.functional.linear(xh, wide[:n], bias)
+    # 2-D rows: the GEMM's output itself, as the base layer's F.linear gives. A view of it would
+    # be one more link in a view chain, and a model that writes into the layer's output through
+    # as_strided (a view chain of one on the base model) would not compile.
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
 define_composite("wide_traced(Tensor x, Tensor wide, Tensor? bias, Tensor a) -> Tensor")(traced)

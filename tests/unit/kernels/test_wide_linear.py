@@ -161,6 +161,31 @@ def test_the_traced_operator_is_one_node_for_the_compiler_and_the_formula_after_
     assert torch.autograd.gradcheck(wide_kernel.wide_traced, args)
 
 
+@pytest.mark.parametrize("as_view", [False, True], ids=["the operator", "negative-control: a view of its output"])
+def test_a_write_through_as_strided_into_the_output_compiles_as_on_a_plain_linear(as_view: bool) -> None:
+    """On 2-D rows the traced operator returns the GEMM's output itself, as ``F.linear`` does,
+    not a view of it: a model that writes into a layer's output through ``as_strided`` (a view
+    chain of one, which the compiler accepts) compiles and equals the eager form, bitwise. The
+    negative control takes a view of the output first, as the formula used to return: the
+    compiler refuses the write (a mutation through ``as_strided`` on a view)."""
+    x, _, a, *_, wide = _operands(6, 24, 16, 8, torch.float32, "cpu", seed=4)
+    bias = torch.randn(16)
+
+    def fn(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        y = wide_kernel.wide_traced(x, wide, bias, a)
+        y = y.view(y.shape) if as_view else y
+        torch.as_strided(y, (y.shape[0], 5), (y.stride(0), 1)).mul_(2.0)
+        return y * 1.0
+
+    want = fn(x, wide, bias, a)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    if as_view:
+        with pytest.raises(Exception, match="as_strided"):
+            compiled(x, wide, bias, a)
+        return
+    assert torch.equal(compiled(x, wide, bias, a), want)
+
+
 def test_gradients_flow_eager_and_compiled() -> None:
     """Plain torch, so differentiable: float64 gradients match finite differences, eagerly and
     compiled."""
