@@ -1,4 +1,4 @@
-"""Probe: the routed prefill's shrink as one grouped cuBLAS GEMM (``torch._grouped_mm``).
+"""Probe (run; not built): the routed prefill's shrink as one grouped cuBLAS GEMM (``torch._grouped_mm``).
 
 The routed prefill (8 sequences of 256 tokens over 8 adapters) runs cuBLAS's base GEMM, then
 the segmented pair of :mod:`lorahot.kernels.triton_routed_lora`. Its shrink alone measured
@@ -20,6 +20,13 @@ rank 64, bf16, in a CUDA graph over 22 weight sets, us per call:
 - ``x bytes``: reading ``x`` once at 3.0 TB/s (computed, not timed).
 
 Each form is checked against a float32 reference on the first weight set first.
+
+Measured on an H200 (torch 2.11, ``runs/20261203T105304-grouped-shrink-probe.log``), us per
+call, seg partials / seg atomic / grouped / grouped+gather / dense 8R (x bytes): in 2048
+7.8 / 13.7 / 14.6 / 21.8 / 9.1 (2.8); in 5632 11.8 / 17.0 / 24.8 / 38.1 / 20.8 (7.7). The
+grouped GEMM loses to the segmented shrink the pair runs (its K in shares, no atomics) by 1.9-2.1x,
+so it is not built. The 13.7-17.9 us read earlier as the routed prefill's shrink was the atomic
+form (the fused path's); the pair's is 7.8-11.8 us, 1.5-2.8x its bytes.
 
     PYTHONPATH=. python3 -m benchmarks.experiments.grouped_shrink_probe
 """
