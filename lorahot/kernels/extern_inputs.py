@@ -36,10 +36,10 @@ things:
 - *identity*: the GEMM, the concatenation, the shrink and their views were all traced from one
   call of ``lorahot::wide_traced`` (:func:`lorahot.kernels.fx_graph.traced_call`: dynamo records
   the call, AOTAutograd tags every aten node of its formula with it), which only a wide layer's
-  compiled forward makes. A user's graph of the formula's shape, even with exactly a live
-  layer's sizes, strides and offset (``cat([x, x @ bank.as_strided(...).T]) @ mat[:n].T``), is
-  traced from ``cat`` and ``matmul`` and passes through unchanged; rewritten, it would read
-  ``mat``'s rows for ``A`` and give wrong numbers.
+  compiled forward makes (with extras or without). A user's graph of the formula's shape, even
+  with exactly a live layer's sizes, strides and offset (``cat([x, x @ bank.as_strided(...).T]) @
+  mat[:n].T``), is traced from ``cat`` and ``matmul`` and passes through unchanged; rewritten,
+  it would read ``mat``'s rows for ``A`` and give wrong numbers.
 - *geometry*: the buffer and the A view have a live wide layer's shapes, strides and offset
   (:func:`register`), so a direct call of the private operator with other tensors is not
   rewritten either.
@@ -56,7 +56,7 @@ spread too widely (44-63 ms) to confirm the predicted -2.8 ms. Not measured on a
 with static shapes, where its attention output projections at 2048 rows would take a GEMM
 ``R`` outputs wider (a 2048-wide layer took 44 us over 2112 outputs against 36 over 2048,
 eighth session); with dynamic shapes (the default there) the layers run the wide operator,
-which this pass does not match. ``ENABLED = True`` turns it off (the benchmarks'
+which this pass does not match. ``ENABLED = False`` turns it off (the benchmarks'
 ``lorahot_noextern`` configuration does, in its own process).
 """
 

@@ -77,8 +77,16 @@ def wide_linear(
     ``a`` is the same ``A [R, in]`` as the buffer's, where the traced shrink should read it
     (the layer's arena view, which :mod:`lorahot.kernels.stacked_shrinks` stacks with its
     neighbours'), unless a move of the model (``model.double()``) left it in another dtype than
-    the buffer's. Differentiable: plain torch."""
-    if torch.compiler.is_compiling() or _needs_grad(x, wide, bias):
+    the buffer's. Differentiable: compiled with ``a``, the operator ``lorahot::wide_traced``
+    (:func:`wide_traced`, which autograd and the compiler see as its formula); else plain torch."""
+    if torch.compiler.is_compiling():
+        if a is not None and a.dtype == wide.dtype:
+            # the operator, as compiled_forward calls it: a layer with extras (DoRA, LoRA bias)
+            # compiles to the same tagged nodes, which the compiler passes match
+            # (lorahot.kernels.extern_inputs reads the tag)
+            return wide_traced(x, wide, bias, a)
+        return traced(x, wide, bias, a)
+    if _needs_grad(x, wide, bias):
         return traced(x, wide, bias, a)
     k = x.shape[-1]
     n = wide.shape[0] - (wide.shape[1] - k)

@@ -63,11 +63,16 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
     return rewrites, cats
 
 
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "extras"])
 @pytest.mark.parametrize("enabled", [True, False], ids=["rewritten", "negative-control"])
-def test_a_layer_after_a_library_gemm_drops_its_concatenation(enabled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_layer_after_a_library_gemm_drops_its_concatenation(
+    enabled: bool, extras: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Only ``o`` is rewritten (its input comes from ``bmm``): three concatenations are left
     (``p``'s, ``k``'s and ``v``'s) where there were four. Compiled, the block equals the eager
-    one, and after two swaps it still does, with no recompile; so it does with the rewrite off."""
+    one, and after two swaps it still does, with no recompile; so it does with the rewrite off.
+    Layers with extras (``inject(..., extras=True)``: DoRA, LoRA bias) take another forward
+    (the extras' pass after the wide formula) and are rewritten alike."""
     monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
     monkeypatch.setattr(wide_groups, "ENABLED", False)  # k and v as one GEMM in default mode: no concatenation
     monkeypatch.setattr(extern_inputs, "ENABLED", enabled)
@@ -75,8 +80,11 @@ def test_a_layer_after_a_library_gemm_drops_its_concatenation(enabled: bool, mon
     torch.manual_seed(0)
     model = _Block().double().eval()
     names = ["o", "p", "k", "v"]
-    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
+    runtime = lorahot.inject(model, names, max_rank=R, extras=extras)
     adapters = [make_adapter(model, dict.fromkeys(names, r), seed=s)[0] for r, s in ((4, 0), (2, 1), (3, 2))]
+    if extras:  # a LoRA bias on every layer, so that the extras' pass changes the output
+        for adapter in adapters:
+            adapter.update({f"base_model.model.{n}.lora_B.bias": torch.randn(D) for n in names})
     runtime.load(adapters[0])
     x = torch.randn(3, 5, D, dtype=torch.float64)
     y = torch.randn(3, D, D, dtype=torch.float64) / D**0.5  # k and v read it as 3 x 16 rows
