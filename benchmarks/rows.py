@@ -81,11 +81,14 @@ def _last(logits: torch.Tensor, label: str) -> torch.Tensor:
     return logits[:, -1] if label.startswith("prefill") else logits
 
 
-def _builders(w: Workload, refs: dict[int, torch.Tensor], static: bool = False) -> dict[str, Callable[[], Prepared]]:
+def _builders(
+    w: Workload, refs: dict[int, torch.Tensor], static: bool = False, mode: str | None = None
+) -> dict[str, Callable[[], Prepared]]:
     """``static``: one graph per row shape (``torch.compile(dynamic=False)``), where the
     compiled layers trace the wide formula; else the row count is symbolic from the second
-    shape on (one graph for every count, the layers' dynamic-shapes operator)."""
-    mode = "reduce-overhead" if w.device.type == "cuda" else "default"
+    shape on (one graph for every count, the layers' dynamic-shapes operator). ``mode``: the
+    compile mode (by default reduce-overhead on CUDA, default elsewhere)."""
+    mode = mode or ("reduce-overhead" if w.device.type == "cuda" else "default")
     dyn = False if static else None
     return {
         "base": lambda: base_mode(w, mode, dynamic=dyn),
@@ -113,9 +116,12 @@ def run(
     rows: list[str] | None = None,
     save: Callable[[dict[str, Any]], None] = lambda r: None,
     static: bool = False,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """``{"forward_rows_ms": {row: {config: ms}}, "forward_rows_rel_err": {...}, ...}``;
-    ``static``: one graph per row shape (see :func:`_builders`)."""
+    ``static``: one graph per row shape, ``mode``: the compile mode (see :func:`_builders`;
+    with ``"default"`` every key reads ``forward_rows_default_...``, :func:`keyed`)."""
+    save = _keyed_save(save, mode)
     torch._dynamo.config.cache_size_limit = 64
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 64
@@ -130,7 +136,7 @@ def run(
         out["forward_rows_static"] = True
     rounds: dict[tuple[str, str], list[float]] = {}
     prepared: dict[str, Prepared] = {}
-    builders = _builders(w, refs, static)
+    builders = _builders(w, refs, static, mode)
     for name in names:
         t = time.perf_counter()
         prepared[name] = builders[name]()
@@ -145,7 +151,21 @@ def run(
     for _ in range(2, ROUNDS + 1):
         _time_round(names, labels, prepared, ids, w, repeat, rounds, out)
         save(out)
-    return out
+    return keyed(out, mode)
+
+
+def _keyed_save(save: Callable[[dict[str, Any]], None], mode: str | None) -> Callable[[dict[str, Any]], None]:
+    return lambda found: save(keyed(found, mode))
+
+
+def keyed(found: dict[str, Any], mode: str | None) -> dict[str, Any]:
+    """The suite's results under keys of their mode: ``forward_rows_...`` for the suite's own
+    (reduce-overhead on CUDA), ``forward_rows_default_...`` for a run in default mode, so that
+    the two never overwrite each other in a run file or in ``latest.json``."""
+    if mode is None or mode == "reduce-overhead":
+        return found
+    tag = "forward_rows_" + mode.replace("-", "_")
+    return {tag + k.removeprefix("forward_rows") if k.startswith("forward_rows") else k: v for k, v in found.items()}
 
 
 def _time_round(
@@ -179,6 +199,7 @@ def run_parallel(
     deadline: float | None = None,
     reserve_s: float = 120.0,
     static: bool = False,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """:func:`run` with each configuration prepared in its own process, all at once; timing
     rounds run one process at a time (see the module docstring). Without a ``deadline`` any
@@ -186,6 +207,7 @@ def run_parallel(
     value), a configuration not prepared ``reserve_s`` seconds before it is killed and recorded
     under ``forward_rows_skipped`` (the base must be ready), and no round starts that would end
     after the deadline."""
+    save = _keyed_save(save, mode)
     labels = [r for r in ROWS if not rows or r in rows]
     names = ["base", *[c for c in CONFIGS if (not only or c in only) and c != "base"]]
     out: dict[str, Any] = {
@@ -197,7 +219,7 @@ def run_parallel(
     if static:
         out["forward_rows_static"] = True
     rounds: dict[tuple[str, str], list[float]] = {}
-    specs = {name: (_worker, (small, name, labels, repeat, static)) for name in names}
+    specs = {name: (_worker, (small, name, labels, repeat, static, mode)) for name in names}
     with Workers("rows", specs, strict=deadline is None) as pool:
         ready = pool.wait_ready(None if deadline is None else deadline - reserve_s)
         if "base" not in ready:
@@ -246,11 +268,17 @@ def run_parallel(
                     )
                     print(f"[rows profile {name}] {line}", flush=True)
             save(out)
-    return out
+    return keyed(out, mode)
 
 
 def _worker(
-    small: bool, name: str, labels: list[str], repeat: int, static: bool, note: Callable[..., None]
+    small: bool,
+    name: str,
+    labels: list[str],
+    repeat: int,
+    static: bool,
+    mode: str | None,
+    note: Callable[..., None],
 ) -> tuple[dict[str, Any], dict[str, Callable[[], Any]]]:
     """One configuration (a :class:`benchmarks.parallel.Workers` worker): build, reference,
     prepare and check; then times every row shape on request."""
@@ -266,7 +294,7 @@ def _worker(
     reference = _reference(w, ids)
     refs = {64: eager_reference(w, 64)}
     t = time.perf_counter()
-    call = _builders(w, refs, static)[name]()[0]
+    call = _builders(w, refs, static, mode)[name]()[0]
     errs = {label: rel_err(_last(call(ids[label]), label).float(), reference[label]) for label in labels}
     prepare_s = round(time.perf_counter() - t, 1)
 

@@ -80,6 +80,9 @@ def summary(raw: dict[str, Any]) -> dict[str, Any]:
             out["forward_rows_other_ms"] = {row: other for row, (_, other) in split.items()}
     if "forward_rows_rel_err" in raw:
         out["forward_rows_rel_err"] = raw["forward_rows_rel_err"]
+    if "forward_rows_default_ms" in raw:  # the rows suite in default mode (--modes default)
+        out["default_mode_rows_ms"] = raw["forward_rows_default_ms"]
+        out["default_mode_rows_rel_err"] = raw.get("forward_rows_default_rel_err", {})
     if "forward_rows_prepare_s" in raw:  # compile and capture of every row shape, per configuration
         named, _ = split_fields(raw["forward_rows_prepare_s"], COMPILE_CONFIGS)
         out["compile_s"] = {"llm": named}
@@ -158,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per figure (median)")
     parser.add_argument(
-        "--modes", default=None, help="compile modes (default: reduce-overhead,default; the diffusion suite: default)"
+        "--modes",
+        default=None,
+        help="compile modes (default: reduce-overhead,default; the diffusion suite: default; the rows suite: one "
+        "mode, reduce-overhead on CUDA, its figures under forward_rows_default_* in default mode)",
     )
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT in the forward suite")
     parser.add_argument(
@@ -214,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     wanted = args.modes or ("default" if args.suite == "diffusion" else "reduce-overhead,default")
     modes = [m for m in wanted.split(",") if m and (device.type == "cuda" or m == "default")]
+    # the rows suite: one mode, its own (reduce-overhead on CUDA) unless --modes names another
+    rows_mode = args.modes if args.suite == "rows" and args.modes else None
+    if rows_mode is not None and rows_mode not in ("default", "reduce-overhead", "max-autotune"):
+        parser.error(f"the rows suite takes one compile mode, got --modes {rows_mode}")
     if args.suite == "diffusion":
         return _diffusion(args, argv, device, modes, start)
     parallel_rows = args.suite == "rows" and args.parallel  # the workers build their own
@@ -278,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 save=save_partial,
                 deadline=None if args.deadline_s is None else start + args.deadline_s,
                 static=args.static,
+                mode=rows_mode,
             )
             if args.parallel
             else rows.run(
@@ -288,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows=[r for r in args.rows.split(",") if r],
                 save=save_partial,
                 static=args.static,
+                mode=rows_mode,
             )
         ),
     }
