@@ -428,7 +428,9 @@ def part(
 def kernels(forms: tuple[str, ...]) -> None:
     """Prints, per form, the kernels one default-mode decode call of the 2-layer model launches
     (after a prefill call, as ``part`` compiles), and its error against lorahot's eager output;
-    with ``PROBE_KSHAPE=prefill``, those of the prefill call instead."""
+    with ``PROBE_KSHAPE=prefill``, those of the prefill call instead; with ``PROBE_KSHAPE=rows:N``
+    (``rows:N:T`` for N sequences of T tokens), those of a call of that shape after calls of 1
+    and 8 rows, so that it runs the graph with a symbolic row count, as in the rows suite."""
     from collections import Counter
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -437,13 +439,19 @@ def kernels(forms: tuple[str, ...]) -> None:
     keep: list[Any] = []
     shape = os.environ.get("PROBE_KSHAPE", "decode")
     ids = w.prefill if shape == "prefill" else w.decode
+    warm = [w.prefill]
+    if shape.startswith("rows:"):
+        seqs, tokens = (int(v) for v in [*shape.split(":")[1:], "1"][:2])
+        ids = torch.randint(0, 1000, (seqs, tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+        warm = [w.decode[:1, :1], w.decode[:1, :1].expand(8, 1).contiguous()]
     with torch.inference_mode():
         want = make("lorahot", w, ab, keep)(input_ids=ids).logits.float()
     for name in forms:
         torch._dynamo.reset()
         c = torch.compile(make(name, w, ab, keep), fullgraph=True)
         with torch.inference_mode():
-            c(input_ids=w.prefill)
+            for first in warm:
+                c(input_ids=first)
             for _ in range(3):
                 got = c(input_ids=ids).logits.float()
             sync()
