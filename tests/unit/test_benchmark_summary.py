@@ -4,7 +4,7 @@ other configuration a run timed beside them."""
 
 from __future__ import annotations
 
-from benchmarks import diffusion
+from benchmarks import diffusion, rows
 from benchmarks.run import summary
 
 
@@ -24,6 +24,22 @@ def test_rows_summary_of_the_issue_configurations_alone_has_no_other_field() -> 
     out = summary({"forward_rows_ms": {"1": ms}})
     assert out["forward_rows_ms"] == {"1": ms}
     assert "forward_rows_other_ms" not in out
+
+
+def test_a_default_mode_rows_run_never_overwrites_the_reduce_overhead_figures() -> None:
+    """The rows suite in default mode (``--modes default``) keys its results by the mode, in the
+    run file and in the summary; its compile times are not the issue's (no CUDA graphs)."""
+    ms = {"base": 1.0, "lorahot": 1.2}
+    found = rows.keyed(
+        {"forward_rows_ms": {"1": ms}, "forward_rows_rel_err": {"1": {"lorahot": 0.02}}, "forward_rows_prepare_s": ms},
+        "default",
+    )
+    assert set(found) == {"forward_rows_default_ms", "forward_rows_default_rel_err", "forward_rows_default_prepare_s"}
+    out = summary(found)
+    assert out["default_mode_rows_ms"] == {"1": ms}
+    assert out["default_mode_rows_rel_err"] == {"1": {"lorahot": 0.02}}
+    assert not {"forward_rows_ms", "forward_rows_rel_err", "compile_s"} & set(out)
+    assert rows.keyed({"forward_rows_ms": {}}, "reduce-overhead") == rows.keyed({"forward_rows_ms": {}}, None)
 
 
 def test_diffusion_summary_compile_times_hold_base_and_lorahot() -> None:
