@@ -428,45 +428,53 @@ def part(
 def kernels(forms: tuple[str, ...]) -> None:
     """Prints, per form, the kernels one default-mode decode call of the 2-layer model launches
     (after a prefill call, as ``part`` compiles), and its error against lorahot's eager output;
-    with ``PROBE_KSHAPE=prefill``, those of the prefill call instead; with ``PROBE_KSHAPE=rows:N``
-    (``rows:N:T`` for N sequences of T tokens), those of a call of that shape after calls of 1
-    and 8 rows, so that it runs the graph with a symbolic row count, as in the rows suite."""
+    with ``PROBE_KSHAPE=prefill``, those of the prefill call instead. ``PROBE_KSHAPE=rows:N,..``
+    (``rows:N:T`` for N sequences of T tokens) lists each shape's call after calls of 1 and 8
+    rows, so that it runs the graph with a symbolic row count, as in the rows suite; each form is
+    compiled once for all of them. ``PROBE_KFULL=1``: the full-size model (the rows suite's)."""
     from collections import Counter
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    w = build(small=True, device=dev)
+    w = build(small=os.environ.get("PROBE_KFULL") != "1", device=dev)
     ab = adapter_weights(adapter_file(w.adapters[MAX_RANK]), w.dtype, dev)
     keep: list[Any] = []
-    shape = os.environ.get("PROBE_KSHAPE", "decode")
-    ids = w.prefill if shape == "prefill" else w.decode
+    shapes = os.environ.get("PROBE_KSHAPE", "decode").split(",")
+    calls: dict[str, torch.Tensor] = {}
     warm = [w.prefill]
-    if shape.startswith("rows:"):
-        seqs, tokens = (int(v) for v in [*shape.split(":")[1:], "1"][:2])
-        ids = torch.randint(0, 1000, (seqs, tokens), generator=torch.Generator().manual_seed(0)).to(dev)
-        warm = [w.decode[:1, :1], w.decode[:1, :1].expand(8, 1).contiguous()]
+    for shape in shapes:
+        calls[shape] = w.prefill if shape == "prefill" else w.decode
+        if shape.startswith("rows:"):
+            seqs, tokens = (int(v) for v in [*shape.split(":")[1:], "1"][:2])
+            gen = torch.Generator().manual_seed(0)
+            calls[shape] = torch.randint(0, w.config.vocab_size, (seqs, tokens), generator=gen).to(dev)
+            warm = [w.decode[:1, :1], w.decode[:1, :1].expand(8, 1).contiguous()]
     with torch.inference_mode():
-        want = make("lorahot", w, ab, keep)(input_ids=ids).logits.float()
+        eager = make("lorahot", w, ab, keep)
+        want = {shape: eager(input_ids=ids).logits.float() for shape, ids in calls.items()}
+        del eager
     for name in forms:
         torch._dynamo.reset()
         c = torch.compile(make(name, w, ab, keep), fullgraph=True)
         with torch.inference_mode():
             for first in warm:
                 c(input_ids=first)
-            for _ in range(3):
-                got = c(input_ids=ids).logits.float()
-            sync()
-            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-            with torch.profiler.profile(activities=activities) as prof:
-                c(input_ids=ids)
+            for shape, ids in calls.items():
+                for _ in range(3):
+                    got = c(input_ids=ids).logits.float()
                 sync()
-        names: Counter[str] = Counter()
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                names[e.name[:90]] += 1
-        err = ((got - want).norm() / want.norm()).item()
-        print(f"kernels {name} ({shape}): {sum(names.values())} kernels, error {err:.4f}")
-        for k, v in sorted(names.items()):
-            print(f"    {v:3d} {k}")
+                activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                with torch.profiler.profile(activities=activities) as prof:
+                    c(input_ids=ids)
+                    sync()
+                names: Counter[str] = Counter()
+                for e in prof.events():
+                    if e.device_type == torch.autograd.DeviceType.CUDA:
+                        names[e.name[:90]] += 1
+                err = ((got - want[shape]).norm() / want[shape].norm()).item()
+                print(f"kernels {name} ({shape}): {sum(names.values())} kernels, error {err:.4f}")
+                for k, v in sorted(names.items()):
+                    print(f"    {v:3d} {k}")
+        keep.clear()
 
 
 def main() -> None:
