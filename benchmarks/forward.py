@@ -81,6 +81,7 @@ def lorahot_mode(
     stacked: bool = True,
     extern: bool = True,
     grouped: bool = True,
+    joined: bool = False,
 ) -> Prepared:
     """Compiles a lorahot model, swaps ``swaps`` times among ranks (checking each against the
     eager reference and counting recompiles), then leaves the rank-64 adapter active.
@@ -88,13 +89,16 @@ def lorahot_mode(
     ``stacked=False`` compiles without the stacked-shrink pass (what it saves; the pass is
     process-wide, so a configuration of its own process); ``extern=False`` without the rewrite of
     :mod:`lorahot.kernels.extern_inputs` (on by default; process-wide too); ``grouped=False``
-    without the joining of :mod:`lorahot.kernels.wide_groups` (on by default; process-wide)."""
+    without the joining of :mod:`lorahot.kernels.wide_groups` (on by default; process-wide);
+    ``joined=True`` with q's expand joined at a symbolic row count too
+    (:data:`lorahot.kernels.wide_groups.JOIN_SYMBOLIC`, off by default; process-wide)."""
     model = w.fresh_base()
     runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, merged=merged, fused=fused, extras=extras)
     if not stacked:
         stacked_shrinks.uninstall()
     extern_inputs.ENABLED = extern
     wide_groups.ENABLED = grouped
+    wide_groups.JOIN_SYMBOLIC = joined
     call = _compiled(model, mode, fullgraph, dynamic)
     if dynamic is not False:
         call(w.prefill), call(w.decode)  # compile before any adapter is loaded

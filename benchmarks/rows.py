@@ -55,6 +55,7 @@ CONFIGS = (
     "lorahot_unstacked",
     "lorahot_noextern",
     "lorahot_ungrouped",
+    "lorahot_joined",
 )
 ROUNDS = 3
 
@@ -103,6 +104,8 @@ def _builders(
         "lorahot_noextern": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn, extern=False),
         # without joining the wide layers over one input (lorahot.kernels.wide_groups; process-wide too)
         "lorahot_ungrouped": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn, grouped=False),
+        # q's expand joined with k's and v's at a symbolic row count (wide_groups.JOIN_SYMBOLIC; process-wide too)
+        "lorahot_joined": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn, joined=True),
         "peft_bf16": lambda: peft_mode(w, mode, refs, bf16=True, dynamic=dyn),
         "peft": lambda: peft_mode(w, mode, refs, bf16=False, dynamic=dyn),
     }

@@ -111,6 +111,7 @@ class StackShrinks(CustomGraphPass):
             wide_groups.ENABLED,
             wide_groups.ROWS,
             wide_groups.ONE_BUFFER,
+            wide_groups.JOIN_SYMBOLIC,
         )
         return (get_hash_for_files(files), *on, repr(extern_inputs.signatures()), *earlier)
 

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -79,7 +80,17 @@ from lorahot.kernels.fx_graph import (
 )
 from lorahot.kernels.op_registry import define, refuse_grad
 
-__all__ = ["ALONE", "ENABLED", "ONE_BUFFER", "ROWS", "expands", "joins", "wide_group", "group_wide_layers"]
+__all__ = [
+    "ALONE",
+    "ENABLED",
+    "JOIN_SYMBOLIC",
+    "ONE_BUFFER",
+    "ROWS",
+    "expands",
+    "joins",
+    "wide_group",
+    "group_wide_layers",
+]
 
 #: Whether :func:`group_wide_layers` joins a group's members (for graphs compiled from then on).
 ENABLED = True
@@ -90,6 +101,16 @@ ENABLED = True
 #: and reads it back (measured per layer on SDXL's q/k/v at 8192 rows, 2026-11-30: 61.0 us for
 #: that form against 55.2 for the traced one). Not measured with the groups.
 ROWS = 512
+
+#: Whether, with a symbolic row count, a group whose first member is wider than the rest (GQA's
+#: q) does every member's expand in one batched GEMM, as at up to :data:`ROWS` static rows
+#: (:func:`expands`), rather than the first member's on its own: one launch fewer per group,
+#: for a ``[k, rows, sum(out_i + R)]`` temporary at every row count the graph serves. Off
+#: unless ``LORAHOT_JOIN_SYMBOLIC=1`` at import. Predicted on the rows suite's model in default
+#: mode (``benchmarks/README.md``, thirty-second session): 22 launches fewer per call, about
+#: 0.4 ms of host time at 8-256 rows, and about 2% more GPU time at 2048 rows. Not yet
+#: measured, so off.
+JOIN_SYMBOLIC = os.environ.get("LORAHOT_JOIN_SYMBOLIC") == "1"
 
 #: In default mode, at rows where :func:`joins`, whether a wide layer in no group (an MLP's down)
 #: runs the operator too, which the pass lowers to its GEMM over ``[W; A]`` and its expand: two
@@ -306,7 +327,8 @@ def _expands(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int],
     if m > 1 and all(o == n for o in outs):
         return [(_evenly_spaced(yh, bt, 0, m, n, r), 0, n + r)]
     if m > 1 and all(o == n for o in outs[1:]) and outs[0] > n:
-        if statically_known_true(rows <= ROWS):  # every member against the group's B columns
+        if statically_known_true(rows <= ROWS) or (JOIN_SYMBOLIC and not statically_known_true(rows > ROWS)):
+            # every member against the group's B columns
             gap = n + r
             h = yh[:, outs[0] + r - gap :].view(rows, m, gap)[..., gap - r :].transpose(0, 1)
             d = torch.bmm(h, bt.expand(m, r, bt.shape[1]))

@@ -523,6 +523,35 @@ def test_in_default_mode_a_group_above_its_rows_keeps_the_traced_formula(
                 torch.testing.assert_close(compiled(y), _eager(model, y), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("on", [True, False], ids=["joined", "negative-control"])
+def test_in_default_mode_a_symbolic_row_count_joins_q_s_expand_where_switched_on(
+    on: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """:data:`~lorahot.kernels.wide_groups.JOIN_SYMBOLIC`: with a symbolic row count q's expand
+    joins k's and v's in the group's batched GEMM, as at static rows: 8 GEMMs where the base
+    model has 7 (off, the negative control: 9, q's expand an mm of its own). The outputs equal
+    the eager model's through a swap and at three row counts, with no recompile."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(wide_groups, "JOIN_SYMBOLIC", on)
+    torch.manual_seed(0)
+    model = _Block().double()
+    runtime = lorahot.inject(model, BLOCK, max_rank=R, extras=False)
+    adapters = [make_adapter(model, dict.fromkeys(BLOCK, r), seed=s)[0] for r, s in ((4, 0), (8, 1))]
+    runtime.load(adapters[0])
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    with torch.no_grad():
+        got, code = run_and_get_code(compiled, x)
+        torch.testing.assert_close(got, _eager(model, x), rtol=1e-9, atol=1e-9)
+        assert _gemms(code) == {"mm": 6 + (not on), "addmm": 0, "bmm": 2}
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            runtime.load(adapters[1])
+            for shape in ((2, 5, D), (3, 3, D), (4, 9, D)):
+                y = torch.randn(*shape, dtype=torch.float64)
+                torch.testing.assert_close(compiled(y), _eager(model, y), rtol=1e-9, atol=1e-9)
+
+
 class _Projections(nn.Module):
     """q, k and v of GQA widths (q wider) over one input, no bias."""
 
