@@ -79,14 +79,12 @@ def wide_linear(
     neighbours'), unless a move of the model (``model.double()``) left it in another dtype than
     the buffer's. Differentiable: compiled with ``a``, the operator ``lorahot::wide_traced``
     (:func:`wide_traced`, which autograd and the compiler see as its formula); else plain torch."""
-    if torch.compiler.is_compiling():
-        if a is not None and a.dtype == wide.dtype:
-            # the operator, as compiled_forward calls it: a layer with extras (DoRA, LoRA bias)
-            # compiles to the same tagged nodes, which the compiler passes match
-            # (lorahot.kernels.extern_inputs reads the tag)
-            return wide_traced(x, wide, bias, a)
-        return traced(x, wide, bias, a)
-    if _needs_grad(x, wide, bias):
+    if torch.compiler.is_compiling() and a is not None:
+        # the operator, as compiled_forward calls it: a layer with extras (DoRA, LoRA bias)
+        # compiles to the same tagged nodes, which the compiler passes match
+        # (lorahot.kernels.extern_inputs reads the tag); traced handles an A of another dtype
+        return wide_traced(x, wide, bias, a)
+    if torch.compiler.is_compiling() or _needs_grad(x, wide, bias):
         return traced(x, wide, bias, a)
     k = x.shape[-1]
     n = wide.shape[0] - (wide.shape[1] - k)
