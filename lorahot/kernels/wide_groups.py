@@ -106,10 +106,10 @@ ROWS = 512
 #: q) does every member's expand in one batched GEMM, as at up to :data:`ROWS` static rows
 #: (:func:`expands`), rather than the first member's on its own: one launch fewer per group,
 #: for a ``[k, rows, sum(out_i + R)]`` temporary at every row count the graph serves. Off
-#: unless ``LORAHOT_JOIN_SYMBOLIC=1`` at import. Predicted on the rows suite's model in default
-#: mode (``benchmarks/README.md``, thirty-second session): 22 launches fewer per call, about
-#: 0.4 ms of host time at 8-256 rows, and about 2% more GPU time at 2048 rows. Not yet
-#: measured, so off.
+#: unless ``LORAHOT_JOIN_SYMBOLIC=1`` at import. Measured on an H200 (2026-12-03, the rows
+#: suite's model in default mode, ``benchmarks/README.md``, thirty-third session): 22 launches
+#: fewer per call and GPU time within 0.5% (1-3% lower at 8-256 rows), but wall time 2-3% higher
+#: at 1024 and 2048 rows and no fall at 8-256 rows that the host's noise could not explain: off.
 JOIN_SYMBOLIC = os.environ.get("LORAHOT_JOIN_SYMBOLIC") == "1"
 
 #: In default mode, at rows where :func:`joins`, whether a wide layer in no group (an MLP's down)

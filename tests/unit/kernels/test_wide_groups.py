@@ -564,16 +564,20 @@ class _Projections(nn.Module):
         return torch.cat([self.q(x), self.k(x), self.v(x)], -1)
 
 
-@pytest.mark.parametrize("rows", [64, 1024], ids=["one-expand", "first-apart"])
+@pytest.mark.parametrize(
+    ("rows", "joined"), [(64, False), (1024, False), (1024, True)], ids=["one-expand", "first-apart", "symbolic-joined"]
+)
 def test_in_default_mode_bf16_error_stays_near_the_eager_forms(
-    rows: int, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
+    rows: int, joined: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In bf16 the group's formula rounds each expand before adding it (PEFT's order), where the
     eager form accumulates it into ``y`` in place: against a float64 reference of the same
     weights its error stays within 1.5x the eager form's (measured about 1.2x), at rows that
     take one batched expand for the group and, past :data:`~lorahot.kernels.wide_groups.ROWS`
-    with a symbolic row count, q's expand apart. An adapter whose B is 4x a usual one's, so
-    that the LoRA term is large."""
+    with a symbolic row count, q's expand apart (or, with
+    :data:`~lorahot.kernels.wide_groups.JOIN_SYMBOLIC` on, one batched expand there too). An
+    adapter whose B is 4x a usual one's, so that the LoRA term is large."""
+    monkeypatch.setattr(wide_groups, "JOIN_SYMBOLIC", joined)
     torch.manual_seed(0)
     model = _Projections(128)
     reference = copy.deepcopy(model).double()
