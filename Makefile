@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[test]"
-	$(BIN)/python -c "import lorahot, peft, diffusers, transformers, hypothesis"
+	$(BIN)/python -c "import lorahot, peft, diffusers, transformers, hypothesis, xdist"
 	$(BIN)/ruff --version && $(BIN)/mypy --version
 	touch $(STAMP)
 
@@ -35,8 +35,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check lorahot tests benchmarks examples
 	$(BIN)/mypy
 
+# One pytest-xdist worker per core, at most 4 (each imports torch and compiles on its own);
+# tests/conftest.py gives each worker its share of the cores for torch's threads.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
