@@ -217,7 +217,8 @@ class LoRALayer(nn.Module):
     #: instead of a dozen. Both geometries and the wide group (see :attr:`_wide_at`) are None
     #: for a :attr:`regional` layer: the graph then reads the layer's own views, and the plan
     #: holds nothing that differs between the layers of identical blocks. ``expert``: the layer
-    #: belongs to a mixture-of-experts block's experts (:func:`lorahot.layers.routing.is_expert`).
+    #: belongs to a mixture-of-experts block's experts (:func:`lorahot.layers.routing.is_expert`,
+    #: or by structure: :mod:`lorahot.runtime.experts`).
     _plan: tuple[Any, ...] = (False, False, False, True, -1, (), (), None, False)
     #: For a wide layer whose buffer is one of a group's, back to back in one allocation
     #: (:mod:`lorahot.kernels.wide_groups`): ``(handle key, (size, stride, offset), outs)``, the
@@ -271,7 +272,7 @@ class LoRALayer(nn.Module):
             if self.regional:  # the graph reads the layer's own views (see regional)
                 geometry = slots = None
             wide_at = None if self.regional else seen.get("_wide_at")
-            expert = routing.is_expert(seen.get("_path", ""))
+            expert = seen.get("_expert", False) or routing.is_expert(seen.get("_path", ""))
             plan = (
                 self.merged,
                 self.fused,
@@ -305,6 +306,7 @@ class LoRALayer(nn.Module):
         extras: bool = True,
         path: str = "",
         regional: bool = False,
+        expert: bool = False,
     ) -> None:
         """Attaches the live views; called once by the runtime at inject time, never again.
 
@@ -321,9 +323,13 @@ class LoRALayer(nn.Module):
         ``extras`` False makes the forward skip them (the runtime then refuses DoRA and LoRA
         biases). ``path`` is the layer's module path, which its errors name. ``regional``: see
         :attr:`regional`; the views are then marked as static addresses, so that CUDA graphs
-        read them in place rather than copying them into each replay.
+        read them in place rather than copying them into each replay. ``expert``: the layer
+        belongs to a mixture-of-experts block's experts, found by structure
+        (:mod:`lorahot.runtime.experts`); a path with an ``experts`` component is one anyway
+        (:func:`lorahot.layers.routing.is_expert`).
         """
         object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_expert", expert or routing.is_expert(path))
         self.extras = extras
         if lora_extras is None:
             lora_extras = torch.tensor(EXTRA_DEFAULTS, dtype=lora_scale.dtype, device=lora_scale.device)

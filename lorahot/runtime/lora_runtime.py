@@ -52,6 +52,7 @@ from lorahot.runtime.arguments import (
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from lorahot.runtime.dora import DoraFactors
+from lorahot.runtime.experts import find_experts
 from lorahot.runtime.info import AdapterInfo, PartInfo
 from lorahot.runtime.load_replay import LoadReplay
 from lorahot.runtime.merge import Merger
@@ -149,6 +150,8 @@ class LoraRuntime:
         self._stacks: list[Stack | None] = [None] * buffers.slots  # what each slot holds: its parts' plans and rows
         self._weights: list[tuple[float, ...]] = [()] * buffers.slots  # each slot's user weights, one per part
         self._state = RuntimeState()  # shared with the layers: lorahot.eject(model) marks it
+        #: the layers that belong to a mixture-of-experts block's experts, by name or structure
+        self._experts = find_experts(model, layers)
         for name, layer in layers.items():
             a_rows, b_rows, scale, extras_view, handle = buffers.live_rows(name)
             a, b = layer.live_views(a_rows, b_rows)
@@ -164,6 +167,7 @@ class LoraRuntime:
                 extras=extras,
                 path=name,
                 regional=regional,
+                expert=name in self._experts,
             )
         if fused and not merged:
             widen_layers(layers, buffers)
@@ -486,7 +490,7 @@ class LoraRuntime:
         (:func:`lorahot.runtime.routing.check_experts`)."""
         rows = self._routing.rows
         if rows is not None and not self._routing.whole and slot in rows:
-            check_experts({slot: stack.ranks})
+            check_experts({slot: stack.ranks}, self._experts)
 
     def _agreed(self, check: Callable[[], _T], what: str, writes: Callable[[_T], dict[str, bytes]]) -> _T:
         """``check()``, and on a tensor-parallel model every rank's agreement that it passed
@@ -830,7 +834,7 @@ class LoraRuntime:
             one = one_slot(route)
             if one is None:  # one slot for every row runs as the whole batch: no row to misplace
                 routed = [s for s in torch.unique(route).tolist() if s >= 0]  # filled: check_routing says so
-                check_experts({s: self._stacks[s].ranks for s in routed})
+                check_experts({s: self._stacks[s].ranks for s in routed}, self._experts)
             return route, one
 
         route, one = self._agreed(

@@ -31,7 +31,7 @@ What a compiled model sees:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -121,9 +121,11 @@ def expert_layers(names: Sequence[str] | Mapping[str, int]) -> list[str]:
     return [n for n in names if is_expert(n)]
 
 
-def check_experts(routed: Mapping[int, Mapping[str, int]]) -> None:
+def check_experts(routed: Mapping[int, Mapping[str, int]], experts: Collection[str] = ()) -> None:
     """Refuses a per-row routing that sends rows to a slot whose adapter has weights on an
-    expert layer (:func:`expert_layers`).
+    expert layer: one in ``experts`` (the runtime's, found by name or by structure:
+    :func:`lorahot.runtime.experts.find_experts`) or one whose path names it
+    (:func:`expert_layers`).
 
     An expert runs on the tokens its router picked, gathered in the router's order: its rows
     are a data-dependent selection of the batch's tokens, not the batch's rows. A layer sees
@@ -135,21 +137,25 @@ def check_experts(routed: Mapping[int, Mapping[str, int]]) -> None:
     Args:
         routed: each slot the routing sends rows to -> injected layer name -> rank, for the
             layers its adapter (or stack) touches.
+        experts: the injected layers that are experts.
 
     Raises:
         UsageError: naming the slot, up to five of its expert layers, and what to do instead.
     """
     for slot, ranks in sorted(routed.items()):
-        experts = expert_layers([n for n, r in ranks.items() if r > 0])
-        if experts:
-            more = f" and {len(experts) - 5} more" if len(experts) > 5 else ""
-            shown = ", ".join(repr(n) for n in experts[:5]) + more
+        touched = [n for n, r in ranks.items() if r > 0]
+        found = [n for n in touched if n in experts or is_expert(n)]
+        if found:
+            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            shown = ", ".join(repr(n) for n in found[:5]) + more
             raise UsageError(
                 f"the routing sends rows to slot {slot}, whose adapter has weights on the experts of a "
                 f"mixture-of-experts block ({shown}). An expert runs on the tokens its router picked, gathered in "
                 "the router's order, not on the batch's rows, so a per-row routing cannot give them their rows' "
                 "slots (the numbers would be wrong). Run that adapter on a batch of its own with "
-                f"runtime.activate({slot}), or route to slots whose adapters leave the expert layers out."
+                f"runtime.activate({slot}), or route to slots whose adapters leave the expert layers out. (A layer "
+                "is taken for an expert where its path has an 'experts' component, or where it sits in a list of "
+                "modules beside a router: a weight with one row per entry of the list.)"
             )
 
 
