@@ -211,14 +211,15 @@ class LoRALayer(nn.Module):
     _path: str = ""
 
     #: What the forward branches on, as one tuple: ``(merged, fused, wide, extras, arena key,
-    #: view geometry, slot views' geometry, wide group, expert)``, kept equal to those attributes by
+    #: view geometry, slot views' geometry, wide group, unrouted)``, kept equal to those attributes by
     #: :meth:`__setattr__`. A compiled model re-checks every attribute its forward reads on each
     #: call, per layer (one guard or more each): read as one constant tuple they cost one check
     #: instead of a dozen. Both geometries and the wide group (see :attr:`_wide_at`) are None
     #: for a :attr:`regional` layer: the graph then reads the layer's own views, and the plan
-    #: holds nothing that differs between the layers of identical blocks. ``expert``: the layer
-    #: belongs to a mixture-of-experts block's experts (:func:`lorahot.layers.routing.is_expert`,
-    #: or by structure: :mod:`lorahot.runtime.experts`).
+    #: holds nothing that differs between the layers of identical blocks. ``unrouted``: the
+    #: layer's rows are not the batch's, and no per-row routing reaches it: a mixture-of-experts
+    #: block's expert (:func:`lorahot.layers.routing.is_expert`, or by structure:
+    #: :mod:`lorahot.runtime.experts`) or a vision tower's layer (:mod:`lorahot.runtime.towers`).
     _plan: tuple[Any, ...] = (False, False, False, True, -1, (), (), None, False)
     #: For a wide layer whose buffer is one of a group's, back to back in one allocation
     #: (:mod:`lorahot.kernels.wide_groups`): ``(handle key, (size, stride, offset), outs)``, the
@@ -272,7 +273,7 @@ class LoRALayer(nn.Module):
             if self.regional:  # the graph reads the layer's own views (see regional)
                 geometry = slots = None
             wide_at = None if self.regional else seen.get("_wide_at")
-            expert = seen.get("_expert", False) or routing.is_expert(seen.get("_path", ""))
+            unrouted = seen.get("_unrouted", False) or routing.is_expert(seen.get("_path", ""))
             plan = (
                 self.merged,
                 self.fused,
@@ -282,7 +283,7 @@ class LoRALayer(nn.Module):
                 geometry,
                 slots,
                 wide_at,
-                expert,
+                unrouted,
             )
             if self.merged:  # the forward reads nothing else: the smallest constant to compare
                 plan = (True, False, False, False, -1, (), (), None, False)
@@ -306,7 +307,7 @@ class LoRALayer(nn.Module):
         extras: bool = True,
         path: str = "",
         regional: bool = False,
-        expert: bool = False,
+        unrouted: bool = False,
     ) -> None:
         """Attaches the live views; called once by the runtime at inject time, never again.
 
@@ -323,13 +324,14 @@ class LoRALayer(nn.Module):
         ``extras`` False makes the forward skip them (the runtime then refuses DoRA and LoRA
         biases). ``path`` is the layer's module path, which its errors name. ``regional``: see
         :attr:`regional`; the views are then marked as static addresses, so that CUDA graphs
-        read them in place rather than copying them into each replay. ``expert``: the layer
-        belongs to a mixture-of-experts block's experts, found by structure
-        (:mod:`lorahot.runtime.experts`); a path with an ``experts`` component is one anyway
-        (:func:`lorahot.layers.routing.is_expert`).
+        read them in place rather than copying them into each replay. ``unrouted``: the layer's
+        rows are not the batch's, so no per-row routing reaches it: a mixture-of-experts
+        block's expert found by structure (:mod:`lorahot.runtime.experts`), or a layer of a
+        vision tower (:mod:`lorahot.runtime.towers`); a path with an ``experts`` component is
+        one anyway (:func:`lorahot.layers.routing.is_expert`).
         """
         object.__setattr__(self, "_path", path)
-        object.__setattr__(self, "_expert", expert or routing.is_expert(path))
+        object.__setattr__(self, "_unrouted", unrouted or routing.is_expert(path))
         self.extras = extras
         if lora_extras is None:
             lora_extras = torch.tensor(EXTRA_DEFAULTS, dtype=lora_scale.dtype, device=lora_scale.device)
@@ -549,12 +551,12 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
         # layer: keep them few (see lorahot.layers.tensor_handles).
-        merged, fused, wide, extras, key, geometry, slot_geometry, _, expert = self._plan
+        merged, fused, wide, extras, key, geometry, slot_geometry, _, unrouted = self._plan
         if merged:
             out: torch.Tensor = self._base(x, *args, **kwargs)
             return out
         route = ROUTES.get(key)  # an unbound layer has no entry: _views() below says so
-        if route is not None and expert:  # rows gathered by a router: no routed slot has weights here
+        if route is not None and unrouted:  # an MoE expert or a vision tower: no routed slot has weights here
             routed_out: torch.Tensor = self._base(x, *args, **kwargs)  # (the runtime refuses that routing)
             return routed_out
         if not extras and not args and not kwargs and torch.compiler.is_compiling():

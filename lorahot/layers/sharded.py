@@ -214,7 +214,7 @@ class ShardedLoRALinear(LoRALinear):
         # (column-parallel: Shard(-1); row-parallel: Partial); the LoRA part joins it locally.
         x_local = _local(x)
         route = ROUTES[self._plan[4]]
-        if route is not None and self._plan[8]:  # an MoE expert: no routed slot has weights here
+        if route is not None and self._plan[8]:  # an MoE expert or a vision tower: no routed slot has weights here
             base_out: torch.Tensor = self._base(x, *args, **kwargs)
             return base_out
         if route is not None:  # one slot per row, from the slot views

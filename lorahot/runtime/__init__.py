@@ -12,6 +12,7 @@
 - :mod:`~lorahot.runtime.union`: :func:`plan_targets`, the targets and max_rank covering a set of adapters;
 - :mod:`~lorahot.runtime.cache`: prepared adapters in host memory;
 - :mod:`~lorahot.runtime.experts`: which layers are a mixture-of-experts block's experts (by name or structure);
+- :mod:`~lorahot.runtime.towers`: which layers are a multimodal model's vision tower;
 - :mod:`~lorahot.runtime.merge`: merged mode;
 - :mod:`~lorahot.runtime.peft_arguments`, :mod:`~lorahot.runtime.assigned_loads`,
   :mod:`~lorahot.runtime.embedding_resize`: hooks that refuse PEFT's per-call arguments, a

@@ -67,12 +67,13 @@ from lorahot.runtime.plan import (
     restage,
     validate,
 )
-from lorahot.runtime.routing import Routing, check_experts, check_routing, one_slot
+from lorahot.runtime.routing import Routing, check_experts, check_routing, check_towers, one_slot
 from lorahot.runtime.scale_replay import ScaleReplay
 from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.skeleton import Skeleton, Skeletons
 from lorahot.runtime.stack import Stack, build
 from lorahot.runtime.targets import unwrap_modules
+from lorahot.runtime.towers import find_towers
 from lorahot.runtime.wide import WideWeights, widen_layers
 
 __all__ = ["AdapterInfo", "PartInfo", "LoraRuntime"]
@@ -150,8 +151,11 @@ class LoraRuntime:
         self._stacks: list[Stack | None] = [None] * buffers.slots  # what each slot holds: its parts' plans and rows
         self._weights: list[tuple[float, ...]] = [()] * buffers.slots  # each slot's user weights, one per part
         self._state = RuntimeState()  # shared with the layers: lorahot.eject(model) marks it
-        #: the layers that belong to a mixture-of-experts block's experts, by name or structure
+        #: the layers whose rows are not the batch's: a mixture-of-experts block's experts (by
+        #: name or structure) and a multimodal model's vision tower; a per-row routing reaches
+        #: neither (check_experts, check_towers), and under one they compute their base output
         self._experts = find_experts(model, layers)
+        self._towers = find_towers(model, layers)
         for name, layer in layers.items():
             a_rows, b_rows, scale, extras_view, handle = buffers.live_rows(name)
             a, b = layer.live_views(a_rows, b_rows)
@@ -167,7 +171,7 @@ class LoraRuntime:
                 extras=extras,
                 path=name,
                 regional=regional,
-                expert=name in self._experts,
+                unrouted=name in self._experts or name in self._towers,
             )
         if fused and not merged:
             widen_layers(layers, buffers)
@@ -491,6 +495,7 @@ class LoraRuntime:
         rows = self._routing.rows
         if rows is not None and not self._routing.whole and slot in rows:
             check_experts({slot: stack.ranks}, self._experts)
+            check_towers({slot: stack.ranks}, self._towers)
 
     def _agreed(self, check: Callable[[], _T], what: str, writes: Callable[[_T], dict[str, bytes]]) -> _T:
         """``check()``, and on a tensor-parallel model every rank's agreement that it passed
@@ -835,6 +840,7 @@ class LoraRuntime:
             if one is None:  # one slot for every row runs as the whole batch: no row to misplace
                 routed = [s for s in torch.unique(route).tolist() if s >= 0]  # filled: check_routing says so
                 check_experts({s: self._stacks[s].ranks for s in routed}, self._experts)
+                check_towers({s: self._stacks[s].ranks for s in routed}, self._towers)
             return route, one
 
         route, one = self._agreed(

@@ -49,6 +49,7 @@ __all__ = [
     "Routing",
     "check_routing",
     "check_experts",
+    "check_towers",
     "one_slot",
     "expert_layers",
     "EXPERTS",
@@ -156,6 +157,35 @@ def check_experts(routed: Mapping[int, Mapping[str, int]], experts: Collection[s
                 f"runtime.activate({slot}), or route to slots whose adapters leave the expert layers out. (A layer "
                 "is taken for an expert where its path has an 'experts' component, or where it sits in a list of "
                 "modules beside a router: a weight with one row per entry of the list.)"
+            )
+
+
+def check_towers(routed: Mapping[int, Mapping[str, int]], towers: Collection[str]) -> None:
+    """Refuses a per-row routing that sends rows to a slot whose adapter has weights on a
+    multimodal model's vision tower (``towers``: :func:`lorahot.runtime.towers.find_towers`).
+
+    A tower runs on the batch's images, or their patches concatenated, not on its rows: a
+    batch of images can have the routing's length by chance, and its images would then take
+    other rows' slots (wrong numbers). Rows sent to -1 or to slots without weights on the tower
+    need nothing from it: under a per-row routing a tower's layers compute their base output.
+
+    Args:
+        routed: each slot the routing sends rows to -> injected layer name -> rank.
+        towers: the injected layers that belong to a vision tower.
+
+    Raises:
+        UsageError: naming the slot, up to five of its tower layers, and what to do instead.
+    """
+    for slot, ranks in sorted(routed.items()):
+        found = [n for n, r in ranks.items() if r > 0 and n in towers]
+        if found:
+            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            shown = ", ".join(repr(n) for n in found[:5]) + more
+            raise UsageError(
+                f"the routing sends rows to slot {slot}, whose adapter has weights on a vision tower ({shown}). "
+                "A tower runs on the batch's images (or their patches), not on its rows, so a per-row routing cannot "
+                "give them their rows' slots (the numbers would be wrong). Run that adapter on a batch of its own "
+                f"with runtime.activate({slot}), or route to slots whose adapters leave the tower out."
             )
 
 

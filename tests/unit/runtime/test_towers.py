@@ -1,0 +1,141 @@
+"""lorahot.runtime.towers: a multimodal model's vision tower runs on the batch's images, not on
+its rows. A per-row routing to an adapter with weights on it is refused (it would give images
+other rows' slots), and under any per-row routing its layers compute their base output, so a
+batch whose image count differs from its row count runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import lorahot
+from lorahot.runtime import towers as towers_module
+from lorahot.runtime.towers import find_towers, tower_paths
+from tests.helpers import make_adapter
+
+IMAGE = 63  # the image token's id
+PATCHES = 4  # image tokens per image: 16 x 16 pixels in 8 x 8 patches
+
+
+def _llava() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+        },
+        text_config={
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "vocab_size": 64,
+        },
+        image_token_id=IMAGE,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    model: nn.Module = transformers.LlavaForConditionalGeneration(config).double().eval()
+    return model
+
+
+TOWER = ["model.vision_tower.encoder.layers.0.mlp.fc1", "model.multi_modal_projector.linear_1"]
+LANGUAGE = ["model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.0.mlp.up_proj"]
+
+
+def _batch(images: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of ``len(images)`` rows of 12 tokens, row ``i`` holding ``images[i]`` images,
+    and their pixels (every image in row order)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, IMAGE, (len(images), 12), generator=g)
+    for row, n in enumerate(images):
+        ids[row, 1 : 1 + n * PATCHES] = IMAGE
+    return ids, torch.randn(sum(images), 3, 16, 16, dtype=torch.float64, generator=g)
+
+
+def _rows_alone(model: nn.Module, runtime: lorahot.LoraRuntime, images: tuple[int, ...], route: list[int]) -> list:
+    """Each row's logits run alone with its slot active (-1: an empty slot)."""
+    ids, pixels = _batch(images)
+    out, first = [], 0
+    for row, slot in enumerate(route):
+        runtime.activate(slot if slot >= 0 else runtime.slots - 1)
+        n = images[row]
+        kwargs = {"pixel_values": pixels[first : first + n]} if n else {}
+        out.append(model(input_ids=ids[row : row + 1], **kwargs).logits)
+        first += n
+    return out
+
+
+def test_the_tower_and_projector_of_a_multimodal_model_are_towers_and_a_vision_model_alone_is_not() -> None:
+    model = _llava()
+    assert tower_paths(model) == ["model.vision_tower", "model.multi_modal_projector"]
+    assert find_towers(model, TOWER + LANGUAGE) == set(TOWER)
+    # a vision model alone: its images are its rows (the negative control)
+    assert tower_paths(model.model.vision_tower) == []
+    # a pipeline's IP-Adapter image encoder, beside its denoiser
+    assert tower_paths(nn.ModuleDict({"unet": nn.Linear(2, 2), "image_encoder": nn.Linear(2, 2)})) == ["image_encoder"]
+
+
+def test_a_routing_to_an_adapter_on_the_tower_is_refused_and_the_rest_routes_whatever_the_image_count() -> None:
+    """An adapter on the tower cannot be routed per row: refused, naming the layers, with the
+    routing and the outputs unchanged. Adapters on the language model route, and each row
+    equals itself run alone: with two images in one row and none in the other (a tower batch
+    of 2 under a routing of 2), and with three images over two rows (a tower batch a routing
+    of 2 would have refused by shape)."""
+    model = _llava()
+    runtime = lorahot.inject(model, TOWER + LANGUAGE, max_rank=2, slots=4)
+    assert [runtime.layers[n]._plan[8] for n in TOWER + LANGUAGE] == [True, True, False, False]
+    on_tower, _ = make_adapter(model, {TOWER[0]: 2, LANGUAGE[0]: 2}, seed=1, dtype=torch.float64)
+    language, _ = make_adapter(model, {LANGUAGE[0]: 2, LANGUAGE[1]: 1}, seed=2, dtype=torch.float64)
+    other, _ = make_adapter(model, {LANGUAGE[1]: 2}, seed=3, dtype=torch.float64)
+    runtime.load(on_tower, slot=0)
+    runtime.load(language, slot=1)
+    runtime.load(other, slot=2)
+    with torch.no_grad():
+        for images, route in (((2, 0), [1, -1]), ((2, 1), [2, 1])):
+            ids, pixels = _batch(images)
+            runtime.activate(route)
+            out = model(input_ids=ids, pixel_values=pixels).logits
+            with pytest.raises(lorahot.UsageError, match=r"slot 0, whose adapter has weights on a vision tower"):
+                runtime.activate([0, route[1]])
+            assert runtime.routing == tuple(route)
+            assert torch.equal(model(input_ids=ids, pixel_values=pixels).logits, out)
+            with pytest.raises(lorahot.UsageError, match=r"vision tower .*activate\(1\)"):
+                runtime.load(on_tower, slot=1)
+            for row, alone in enumerate(_rows_alone(model, runtime, images, route)):
+                torch.testing.assert_close(out[row : row + 1], alone, rtol=1e-10, atol=1e-10)
+        runtime.activate(0)  # the tower adapter on a batch of its own: every image on it
+        ids, pixels = _batch((2, 1))
+        whole = model(input_ids=ids, pixel_values=pixels).logits
+        for row, alone in enumerate(_rows_alone(model, runtime, (2, 1), [0, 0])):
+            torch.testing.assert_close(whole[row : row + 1], alone, rtol=1e-10, atol=1e-10)
+
+
+def test_negative_control_without_towers_the_images_take_other_rows_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no tower found, the routing to the tower adapter is accepted, and the second
+    image of row 0 (a tower batch of 2 under a routing of 2) runs on row 1's slot: row 0 is
+    not itself run alone. With three images over two rows the tower refuses by shape."""
+    monkeypatch.setattr(towers_module, "tower_paths", lambda model: [])
+    model = _llava()
+    runtime = lorahot.inject(model, TOWER + LANGUAGE, max_rank=2, slots=3)
+    on_tower, _ = make_adapter(model, {TOWER[0]: 2, TOWER[1]: 2}, seed=1, dtype=torch.float64)
+    runtime.load(on_tower, slot=0)
+    with torch.no_grad():
+        ids, pixels = _batch((2, 0))
+        runtime.activate([0, -1])
+        routed = model(input_ids=ids, pixel_values=pixels).logits
+        alone = _rows_alone(model, runtime, (2, 0), [0, -1])
+        assert not torch.allclose(routed[:1], alone[0], rtol=1e-6, atol=1e-6)
+        ids, pixels = _batch((2, 1))
+        runtime.activate([0, -1])
+        with pytest.raises(lorahot.UsageError, match=r"vision_tower"):
+            model(input_ids=ids, pixel_values=pixels)
