@@ -11,6 +11,7 @@
 - :mod:`~lorahot.runtime.stack`: several adapters in one slot, their rows side by side;
 - :mod:`~lorahot.runtime.union`: :func:`plan_targets`, the targets and max_rank covering a set of adapters;
 - :mod:`~lorahot.runtime.cache`: prepared adapters in host memory;
+- :mod:`~lorahot.runtime.aliases`: an adapter's tensors that share memory with what a load writes, copied first;
 - :mod:`~lorahot.runtime.experts`: which layers are a mixture-of-experts block's experts (by name or structure);
 - :mod:`~lorahot.runtime.towers`: which layers are a multimodal model's vision tower;
 - :mod:`~lorahot.runtime.merge`: merged mode;

@@ -24,17 +24,26 @@ the region's own A, B, scale and magnitude rows, on the device, with the pristin
 a load from a file and one from the host cache compute bitwise the same factors. The norm is
 computed in the scales' dtype (float32, float64 for float64 layers); PEFT computes it in the
 input's dtype, the same for float32 and float64 models.
+
+:meth:`DoraFactors.check` computes the same factors before anything is written (a load, from
+the adapter's tensors; ``set_scale``, from the slot's rows) and refuses scales under which one
+would not be finite: a channel whose adapted weight ``W0 + s * B @ A`` has norm 0, or a
+magnitude beyond the buffers' range after the division. PEFT's forward would give inf or NaN
+there; merged mode refuses the same adapters (:meth:`lorahot.runtime.merge.Merger.check`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
+from lorahot.adapter import LoraModule
+from lorahot.errors import AdapterReadError, UsageError, format_problems
 from lorahot.layers import LoRALayer
 from lorahot.layers.base import EXTRA_F, EXTRA_G, EXTRA_M
 from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.stack import Stack
 
 __all__ = ["DoraFactors"]
 
@@ -82,6 +91,65 @@ class DoraFactors:
                         e[EXTRA_G].zero_()
                     else:
                         e[EXTRA_G].copy_((1 - f) * bias.detach().to(e.dtype))
+
+    def check(self, stack: Stack, weights: Sequence[float], region: int | None = None) -> None:
+        """Refuses ``weights`` (one per part of ``stack``) under which a DoRA layer's factor
+        ``f`` or ``g`` would not be finite (see the module docstring). ``region`` None: a load,
+        the factors from the adapter's tensors; else ``set_scale`` of that region, from its rows.
+
+        Raises:
+            AdapterReadError: a part's factors are not finite at its own scale (weight 1).
+            UsageError: they are not finite only at ``weights``.
+        """
+        terms = [
+            (name, p, m)
+            for name, items in stack.terms.items()
+            for p, m in items
+            if isinstance(m, LoraModule) and m.magnitude is not None
+        ]
+        if not terms:
+            return
+        bad = [name for name, p, m in terms if not self._finite(name, m, weights[p], region)]
+        if not bad:
+            return
+        for p, plan in enumerate(stack.parts):
+            own = [name for name, q, m in terms if q == p and not self._finite(name, m, 1.0, region)]
+            if own:
+                raise AdapterReadError(
+                    format_problems(f"{plan.source}: DoRA factors m / ||W0 + scale * B @ A|| are not finite in:", own)
+                    + "\nA channel's adapted weight has norm 0, or its magnitude overflows the buffers' dtype after "
+                    "the division (PEFT's forward would give inf or NaN); the adapter cannot run on this model."
+                )
+        shown = f"{weights[0]:g}" if stack.single else "[" + ", ".join(f"{w:g}" for w in weights) + "]"
+        raise UsageError(
+            format_problems(f"scale={shown}: DoRA factors m / ||W0 + scale * B @ A|| would not be finite in:", bad)
+            + "\nAt this scale a channel's adapted weight has norm 0 (or the factor overflows); pass another scale."
+        )
+
+    def _finite(self, name: str, m: LoraModule, weight: float, region: int | None) -> bool:
+        """Whether layer ``name``'s factors ``f`` and ``g`` are finite with the DoRA module ``m``
+        at ``weight`` times its own scale, from ``m``'s tensors or (``region``) the region's rows."""
+        a, index = self._buffers.where[name]
+        arena = self._buffers.arenas[a]
+        layer = self._items[(a, index)][0]
+        device, sdtype = arena.S.device, arena.S.dtype
+        with torch.no_grad():
+            if region is None:
+                ab = (
+                    m.A.flatten(1).to(device, arena.A.dtype),
+                    m.B.flatten(1).t().to(device, arena.B.dtype),
+                )
+                magnitude = m.magnitude.reshape(-1).to(device, arena.E.dtype)  # type: ignore[union-attr]
+                rows = m.rank
+            else:
+                ab = arena.rows(index, region)
+                magnitude = arena.extras(index, region)[EXTRA_M]
+                rows = max(arena.a_extent[region], arena.b_extent[region])
+            scale = torch.tensor(weight * m.scale, dtype=sdtype, device=device)
+            f = magnitude / self.norm(layer, name, ab, scale, rows)
+            bias = self._bias_of(name)
+            g = f if bias is None else (1 - f) * bias.detach().to(f.dtype)
+            return bool(torch.isfinite(f).all()) and bool(torch.isfinite(g).all())
 
     def norm(
         self, layer: LoRALayer, name: str, ab: tuple[torch.Tensor, torch.Tensor], scale: torch.Tensor, rows: int

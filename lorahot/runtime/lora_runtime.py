@@ -39,6 +39,7 @@ from lorahot.resolve.keys import outside
 from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, peft_arguments
 from lorahot.runtime.activate_replay import ActivateReplay
 from lorahot.runtime.agreement import Agreement
+from lorahot.runtime.aliases import own_storages, unaliased
 from lorahot.runtime.arguments import (
     check_read_options,
     is_sequence,
@@ -188,6 +189,13 @@ class LoraRuntime:
         for name, (arena, index) in buffers.where.items():
             self._arena_names[arena][index] = name
         self._addresses = {name: layer.bound_address() for name, layer in layers.items()}
+        #: the memory a write may change, which a loaded adapter's tensors must not share
+        #: (:mod:`lorahot.runtime.aliases`)
+        self._own = own_storages(
+            model,
+            [t for a in buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+            + [layer.wide_rows() for layer in layers.values() if layer.wide],
+        )
         links = _links(model, layers)  # as three lists, checked by map() in C
         self._link_children = [children for children, _, _ in links]
         self._link_names = [child for _, child, _ in links]
@@ -565,6 +573,7 @@ class LoraRuntime:
         if prepared is not None:
             return prepared.adapter, restage(prepared.plan, self.buffers)
         adapter, recipe = self._read(source, self._read_device, read_kwargs, part)  # type: ignore[arg-type]
+        adapter = unaliased(adapter, self._own)  # views of what the write changes: copied first
         return adapter, self._validated(adapter, recipe, True, read_kwargs)
 
     def _info(
@@ -635,6 +644,8 @@ class LoraRuntime:
         source = _private(source)  # the entry must not change with the caller's tensors
         adapter, recipe = self._read(source, None, read_kwargs)
         checked = self._validated(adapter, recipe, False, read_kwargs)
+        if self._merger is None and any(checked.plan.dora):  # at its own scale, as load checks it
+            self._dora.check(Stack.of(checked.plan, self.max_rank), (1.0,))
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
         prepared = PreparedAdapter(cache_key, adapter, checked.plan, pack_host(checked, self.buffers), self.buffers)
         # (a file that changed while it was read is not cached)
@@ -943,7 +954,7 @@ class LoraRuntime:
         if stack is None or info is None:
             raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
         weights = weights_of(value, len(stack.parts), f"slot {s} holds")
-        self._check_scales(stack, weights)
+        self._check_scales(stack, weights, region=s)
         return s, stack, info, weights
 
     @public_api
@@ -995,10 +1006,13 @@ class LoraRuntime:
                 "adapter to plain LoRA."
             )
 
-    def _check_scales(self, stack: Stack, weights: tuple[float, ...]) -> None:
+    def _check_scales(self, stack: Stack, weights: tuple[float, ...], region: int | None = None) -> None:
         """The user's weights keep every scale in its buffer's range (each part's rows at its
-        own weight), every wide layer's scaled rows in their dtype's range, and (merged mode)
-        every merged weight in the weights' range."""
+        own weight), every wide layer's scaled rows in their dtype's range, every DoRA factor
+        finite (unmerged; ``region``: a set_scale's slot, whose rows hold the values), and
+        (merged mode) every merged weight in the weights' range."""
+        if self._merger is None and any(stack.dora):  # a layer index per DoRA layer, per arena
+            self._dora.check(stack, weights, region)
         if self._merger is None and self._within_range(stack, weights):
             return  # the common case: every product below its limit, no message to build
         several = not stack.single

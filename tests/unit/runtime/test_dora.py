@@ -1,0 +1,76 @@
+"""lorahot.runtime.dora: the DoRA factors ``m / ||W0 + s * B @ A||`` are checked before anything
+is written. An adapter whose factors are not finite is refused at load (and preload), a scale
+that makes them not finite is refused by set_scale, and either way nothing changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorahot
+from tests.helpers import tiny_lm, token_ids
+
+N = "layers.0.self_attn.q_proj"
+P = "base_model.model." + N
+
+
+def _setup() -> tuple[torch.nn.Module, lorahot.LoraRuntime, torch.Tensor]:
+    model = tiny_lm(seed=0, vocab=32, dtype=torch.float64)
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=8, extras=True)
+    return model, runtime, model.get_submodule(N).base_layer.weight.detach().clone()
+
+
+def _cancelling(w: torch.Tensor, sign: float = -1.0, magnitude: float = 1.0) -> dict[str, torch.Tensor]:
+    """A rank-1 DoRA adapter whose ``B @ A`` is ``sign`` times channel 3 of the base weight (at
+    scale 1): with ``sign = -1`` that channel's adapted weight is exactly 0."""
+    b = torch.zeros(w.shape[0], 1, dtype=w.dtype)
+    b[3, 0] = 1.0
+    return {
+        f"{P}.lora_A.weight": sign * w[3:4].clone(),
+        f"{P}.lora_B.weight": b,
+        f"{P}.lora_magnitude_vector": torch.full((w.shape[0],), magnitude, dtype=w.dtype),
+    }
+
+
+def _state(model: torch.nn.Module, runtime: lorahot.LoraRuntime) -> tuple:
+    with torch.no_grad():
+        out = model(token_ids((2, 5), 32))
+    return out, [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)], runtime.info(0)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1])) and a[2] == b[2]
+
+
+@pytest.mark.parametrize("kind", ["zero-norm", "overflow"])
+def test_an_adapter_whose_factors_are_not_finite_is_refused_and_changes_nothing(kind: str) -> None:
+    model, runtime, w = _setup()
+    runtime.load(_cancelling(w, sign=0.5), slot=0)  # a DoRA adapter of finite factors first
+    before = _state(model, runtime)
+    bad = _cancelling(w) if kind == "zero-norm" else _cancelling(w, sign=0.5, magnitude=1e308)
+    with pytest.raises(
+        lorahot.AdapterReadError, match=r"DoRA factors .* are not finite in:\n  - layers.0.self_attn.q_proj"
+    ):
+        runtime.load(bad, slot=0)
+    assert _same(before, _state(model, runtime))
+    with pytest.raises(lorahot.AdapterReadError, match="DoRA factors"):
+        runtime.preload(bad)  # a preloaded adapter always loads: refused there too
+    assert _same(before, _state(model, runtime))
+
+
+def test_a_scale_that_zeroes_a_channel_is_refused_by_set_scale_and_load() -> None:
+    """An adapter whose ``B @ A`` is channel 3 of the base weight: fine at its own scale (the
+    channel doubles), zero at scale -1."""
+    model, runtime, w = _setup()
+    adapter = _cancelling(w, sign=1.0)
+    runtime.load(adapter, slot=0)
+    before = _state(model, runtime)
+    with pytest.raises(lorahot.UsageError, match=r"scale=-1: DoRA factors .* would not be finite"):
+        runtime.set_scale(-1.0)
+    assert _same(before, _state(model, runtime))
+    with pytest.raises(lorahot.UsageError, match=r"scale=-1: DoRA factors"):
+        runtime.load(adapter, slot=0, scale=-1.0)
+    assert _same(before, _state(model, runtime))
+    runtime.set_scale(-0.5)  # the negative control: a scale that leaves every channel's norm above 0
+    with torch.no_grad():
+        assert torch.isfinite(model(token_ids((2, 5), 32))).all()
