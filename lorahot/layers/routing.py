@@ -14,7 +14,9 @@ Which part of the layer's input is a "row" (:func:`row_misfit`, :func:`misfit_me
   embedding), the batch: ``[B, T, in]`` or ``[B, H, T, d]`` with ``L = B`` routes each
   sequence, ``[B, in]`` each row. Tokens flattened to one leading dimension, ``[B * T, in]``
   with ``L = B``, split into ``L`` equal consecutive groups: each row's ``T`` tokens take its
-  slot;
+  slot (a linear only: an embedding's 1-D ids ``[k * L]`` are as often one sequence every row
+  shares, such as positions ``arange(T)``, and are refused; route flattened ids per token with
+  ``lengths=``);
 - a linear or an embedding, under a routing of one entry per token of packed input
   (``activate(slots, lengths=...)``, ``L`` tokens in all): every leading position, rows
   outermost (``[1, N, in]``, ``[N, in]`` or ``[B, T, in]`` with ``L = N = B * T``).
@@ -124,6 +126,8 @@ def row_misfit(x: torch.Tensor, length: int, kind: str, dims: int, tokens: bool 
         return not (leading and math.prod(leading) == length)
     if leading and leading[0] == length:
         return False
+    if dims == 0:  # an embedding's 1-D ids: flattened rows, or one sequence every row shares (arange(T))
+        return True
     return not (len(leading) == 1 and leading[0] % length == 0)  # tokens flattened, rows outermost
 
 
@@ -142,7 +146,8 @@ def misfit_message(what: str, kind: str, tokens: bool = False) -> str:
     else:
         rule = (
             "one entry per row of its first dimension (the batch) or, with the tokens flattened to one dimension, "
-            "per equal group of them, rows outermost; an input every row shares (position ids [1, T]) cannot take a "
+            "per equal group of them, rows outermost (a linear's input only: an embedding's 1-D ids may be one "
+            "sequence every row shares); an input every row shares (position ids [1, T] or [T]) cannot take a "
             "slot per row, and packed input is routed per token with activate(slots, lengths=...)"
         )
     return (

@@ -170,8 +170,10 @@ def _lm() -> nn.Module:
 
 
 def test_flattened_tokens_follow_their_row_and_packed_tokens_route_per_token() -> None:
-    """``[B * T, in]`` with one entry per row gives each row's T tokens its slot; a packed
-    ``[1, N]`` input with ``lengths`` gives each sequence's tokens its slot."""
+    """``[B * T, in]`` with one entry per row gives each row's T tokens its slot, in a linear; an
+    embedding's flattened ids ``[B * T]`` are refused (they could as well be one sequence every
+    row shares) and route per token with ``lengths``; a packed ``[1, N]`` input with ``lengths``
+    gives each sequence's tokens its slot."""
     model = _lm()
     runtime = lorahot.inject(model, ["0", "1", "3"], max_rank=4, slots=2)
     for k in range(2):
@@ -180,8 +182,14 @@ def test_flattened_tokens_follow_their_row_and_packed_tokens_route_per_token() -
     runtime.activate([1, -1, 0])
     with torch.no_grad():
         rows = model(ids)  # [3, 4, 5]
-        flat = model(ids.reshape(12))  # [12, 5]: every layer sees 12 rows, 4 per entry
+        with pytest.raises(lorahot.UsageError, match=r"its input \(12,\) does not fit a routing of 3 entries"):
+            model(ids.reshape(12))  # the embedding's ids flattened
+        runtime.activate([1, -1, 0], lengths=[4, 4, 4])
+        flat = model(ids.reshape(12))  # [12, 5]: every layer sees 12 rows, one entry each
         torch.testing.assert_close(flat.view(3, 4, 5), rows, rtol=1e-12, atol=1e-12)
+        runtime.activate([1, -1, 0])
+        hidden = model[0](ids).reshape(12, -1)  # the linears' input flattened: 4 rows per entry
+        torch.testing.assert_close(model[1:](hidden).view(3, 4, 5), rows, rtol=1e-12, atol=1e-12)
         lengths = [4, 2, 3]
         packed = torch.cat([ids[i, :n] for i, n in enumerate(lengths)])[None]  # [1, 9]
         runtime.activate([1, -1, 0], lengths=lengths)
@@ -399,3 +407,50 @@ def test_a_linear_with_no_inputs_routes_to_its_bias(route: list[int]) -> None:
     with torch.no_grad():
         y = model(torch.randn(len(route), 0))
     assert torch.equal(y, model[0].base_layer.bias.expand(len(route), 8))
+
+
+@pytest.mark.parametrize(
+    ("shape", "length", "tokens", "fits"),
+    [
+        ((4, 5), 4, False, True),  # ids [B, T]: one entry per sequence
+        ((4,), 4, False, True),  # ids [B]: one per row (a decode step)
+        ((20,), 20, True, True),  # packed ids flattened, one entry per token (lengths=)
+        ((8,), 4, False, False),  # 1-D ids of two per entry: positions arange(8) every row shares, or flattened
+        ((1, 8), 4, False, False),  # [1, T] position ids every row shares
+    ],
+)
+def test_an_embedding_refuses_1d_ids_that_a_linear_would_split_into_groups(
+    shape: tuple[int, ...], length: int, tokens: bool, fits: bool
+) -> None:
+    """A linear's ``[B * T, in]`` is tokens flattened, but an embedding's 1-D ids ``[k * B]`` are
+    as often one sequence every row shares (nanoGPT's ``wpe(arange(T))``), whose positions would
+    take the slots of equal groups of rows: refused. The linear's rule (the negative control)
+    splits the same leading size into groups."""
+    x = torch.empty(shape, dtype=torch.int64)
+    assert routing.row_misfit(x, length, "embedding", 0, tokens) is not fits
+    if shape == (8,):
+        assert not routing.row_misfit(torch.empty(8, 3), length, "linear", 1, tokens)
+
+
+def test_positions_every_row_shares_as_1d_ids_are_refused_not_split() -> None:
+    """nanoGPT's position embedding, ``wpe(arange(T))``, with an adapter on it in each slot and a
+    routing of two rows: refused for every ``T`` (before, ``T`` a multiple of the batch gave each
+    half of the positions one row's slot, in both rows)."""
+
+    class _Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(32, 8, dtype=torch.float64), nn.Embedding(16, 8, dtype=torch.float64)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
+            return out
+
+    model = _Positions()
+    runtime = lorahot.inject(model, ["wte", "wpe"], max_rank=2, slots=2)
+    for slot in (0, 1):
+        runtime.load(make_adapter(model, {"wpe": 2}, seed=slot, dtype=torch.float64)[0], slot=slot)
+    runtime.activate([0, 1])
+    for t in (3, 4):
+        with pytest.raises(lorahot.UsageError, match=r"wpe \(LoRAEmbedding.*its input \(\d+,\) does not fit"):
+            model(torch.zeros(2, t, dtype=torch.int64))
