@@ -61,7 +61,7 @@ def source_identity(
         path = Path(text)
         if path.exists():
             return _local(path / subfolder if subfolder else path, weight_name)
-    except (OSError, ValueError, TypeError):
+    except Exception:  # OSError, a bad path, or the caller's __fspath__ raising: no identity
         return None
     if is_repo_id(text) and all(v is None or isinstance(v, str) for v in (revision, subfolder, weight_name)):
         key = f"hub:{text}@{revision or ''}|subfolder={subfolder or ''}|weight_name={weight_name or ''}"

@@ -270,7 +270,7 @@ def _structure_first(source: Source, weight_name: str | None, subfolder: str | N
 def _is_local(source: str | os.PathLike[str]) -> bool:
     try:
         return os.path.exists(os.fspath(source))
-    except (OSError, ValueError, TypeError):
+    except Exception:  # the caller's __fspath__ may raise anything: the read says what is wrong
         return False
 
 

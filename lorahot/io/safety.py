@@ -229,6 +229,12 @@ def open_regular(path: Path, what: str) -> int:
     try:
         fd = os.open(path, flags)
     except (OSError, ValueError) as exc:
+        kind = _special(path)  # a socket cannot be opened at all: say what it is
+        if kind is not None:
+            raise AdapterReadError(
+                f"{cut(str(path))}: the {what} is {kind}, not a regular file; lorahot reads only regular files. "
+                "Replace it with the real file."
+            ) from None
         raise path_error(path, what, exc) from None
     try:
         mode = os.fstat(fd).st_mode
@@ -242,6 +248,15 @@ def open_regular(path: Path, what: str) -> int:
             "regular files. Replace it with the real file."
         )
     return fd
+
+
+def _special(path: Path) -> str | None:
+    """What ``path`` is where it exists and is not a regular file (a socket, say), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) else file_kind(mode)
 
 
 def path_error(path: Path | str, what: str, exc: BaseException) -> SourceNotFoundError:

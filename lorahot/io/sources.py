@@ -125,8 +125,8 @@ def _source_text(source: Any) -> str:
         )
     try:
         text = os.fspath(source)
-    except TypeError as exc:  # an __fspath__ returning neither str nor bytes
-        raise UsageError(f"source={short(source)} is not a usable path: {exc}") from None
+    except Exception as exc:  # the caller's __fspath__: returning neither str nor bytes, or raising
+        raise UsageError(f"source={short(source)} is not a usable path: {type(exc).__name__}: {exc}") from None
     if not isinstance(text, str):
         raise UsageError(f"source={short(source)} must be a str path, not {type(text).__name__}.")
     if not text.strip():

@@ -621,7 +621,12 @@ class LoraRuntime:
             lambda p: {"arguments": fingerprint.arguments(key), **fingerprint.plans([p[0].plan], self.layers)},
         )
         if isinstance(source, (str, os.PathLike)):  # now a source preloaded by its own name
-            self.cache.unname(os.fspath(source))
+            try:
+                text = os.fspath(source)
+            except Exception:  # the caller's __fspath__, which answered the read a moment ago
+                text = None
+            if isinstance(text, str):
+                self.cache.unname(text)
         if cache:
             self.cache.put(prepared)
         if named is not None:
@@ -1133,7 +1138,7 @@ def _same_path(key: str, source: str | os.PathLike[str]) -> bool:
     """Whether ``key`` names ``source`` itself (the same absolute path)."""
     try:
         return os.path.abspath(key) == os.path.abspath(os.fspath(source))
-    except (TypeError, ValueError):
+    except Exception:  # the caller's __fspath__ may raise anything: the read refuses the source
         return False
 
 

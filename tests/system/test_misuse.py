@@ -233,6 +233,11 @@ class _IntPath:
         return 3
 
 
+class _RaisingPath:
+    def __fspath__(self) -> str:
+        raise RuntimeError("the caller's path object broke")
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -247,6 +252,8 @@ class _IntPath:
         (lambda rt: rt.set_scale(), "LoraRuntime.set_scale: missing a required argument: 'value'"),
         (lambda rt: lorahot.read_adapter(), "read_adapter: missing a required argument: 'source'"),
         (lambda rt: rt.load(_IntPath()), "is not a usable path"),
+        (lambda rt: rt.load(_RaisingPath()), "is not a usable path: RuntimeError: the caller's path object broke"),
+        (lambda rt: rt.preload(_RaisingPath(), key="k"), "is not a usable path: RuntimeError"),
     ],
 )
 def test_calls_the_signature_does_not_take_are_usage_errors(

@@ -55,6 +55,20 @@ def test_a_fifo_in_the_adapter_directory_is_refused_not_waited_on(tmp_path: Path
         _unblock(tmp_path / name)
 
 
+def test_a_socket_in_the_adapter_directory_is_named_as_one(tmp_path: Path) -> None:
+    """A socket cannot even be opened (ENXIO): the error still says what the file is, as for a
+    FIFO, rather than that it cannot be found."""
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(str(tmp_path / "adapter_model.safetensors"))
+        with pytest.raises(lorahot.AdapterReadError, match=r"safetensors file is a socket, not a regular file"):
+            within(10, lambda: lorahot.read_adapter(tmp_path))
+    finally:
+        listener.close()
+
+
 def test_special_files_as_the_source_or_the_weights(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "pipe.safetensors")
     try:
