@@ -108,8 +108,8 @@ ROWS = 512
 #: for a ``[k, rows, sum(out_i + R)]`` temporary at every row count the graph serves. Off
 #: unless ``LORAHOT_JOIN_SYMBOLIC=1`` at import. Measured on an H200 (2026-12-03, the rows
 #: suite's model in default mode, ``benchmarks/README.md``, thirty-third session): 22 launches
-#: fewer per call and GPU time within 0.5% (1-3% lower at 8-256 rows), but wall time 2-3% higher
-#: at 1024 and 2048 rows and no fall at 8-256 rows that the host's noise could not explain: off.
+#: fewer per call and GPU time within 0.5% (1-3% lower at 8-256 rows), but wall time 1.4% and
+#: 1.7% higher at 1024 and 2048 rows, and no fall at 8-256 rows beyond the host's noise: off.
 JOIN_SYMBOLIC = os.environ.get("LORAHOT_JOIN_SYMBOLIC") == "1"
 
 #: In default mode, at rows where :func:`joins`, whether a wide layer in no group (an MLP's down)
