@@ -273,7 +273,7 @@ class LoRALayer(nn.Module):
             if self.regional:  # the graph reads the layer's own views (see regional)
                 geometry = slots = None
             wide_at = None if self.regional else seen.get("_wide_at")
-            unrouted = seen.get("_unrouted", False) or routing.is_expert(seen.get("_path", ""))
+            unrouted = seen.get("_unrouted", False)
             plan = (
                 self.merged,
                 self.fused,
@@ -326,12 +326,11 @@ class LoRALayer(nn.Module):
         :attr:`regional`; the views are then marked as static addresses, so that CUDA graphs
         read them in place rather than copying them into each replay. ``unrouted``: the layer's
         rows are not the batch's, so no per-row routing reaches it: a mixture-of-experts
-        block's expert found by structure (:mod:`lorahot.runtime.experts`), or a layer of a
-        vision tower (:mod:`lorahot.runtime.towers`); a path with an ``experts`` component is
-        one anyway (:func:`lorahot.layers.routing.is_expert`).
+        block's expert (by name or structure: :mod:`lorahot.runtime.experts`), or a layer of a
+        vision tower (:mod:`lorahot.runtime.towers`).
         """
         object.__setattr__(self, "_path", path)
-        object.__setattr__(self, "_unrouted", unrouted or routing.is_expert(path))
+        object.__setattr__(self, "_unrouted", unrouted)
         self.extras = extras
         if lora_extras is None:
             lora_extras = torch.tensor(EXTRA_DEFAULTS, dtype=lora_scale.dtype, device=lora_scale.device)

@@ -37,7 +37,6 @@ __all__ = ["find_experts", "expert_lists"]
 def find_experts(model: nn.Module, names: Iterable[str]) -> frozenset[str]:
     """The layers among ``names`` (dotted module paths in ``model``) that belong to a
     mixture-of-experts block's experts, by name or by structure (see the module docstring)."""
-    names = list(names)
     lists = expert_lists(model)
     return frozenset(n for n in names if is_expert(n) or any(n.startswith(prefix + ".") for prefix in lists))
 

@@ -122,11 +122,10 @@ def expert_layers(names: Sequence[str] | Mapping[str, int]) -> list[str]:
     return [n for n in names if is_expert(n)]
 
 
-def check_experts(routed: Mapping[int, Mapping[str, int]], experts: Collection[str] = ()) -> None:
+def check_experts(routed: Mapping[int, Mapping[str, int]], experts: Collection[str]) -> None:
     """Refuses a per-row routing that sends rows to a slot whose adapter has weights on an
-    expert layer: one in ``experts`` (the runtime's, found by name or by structure:
-    :func:`lorahot.runtime.experts.find_experts`) or one whose path names it
-    (:func:`expert_layers`).
+    expert layer (``experts``: the runtime's, found by name or by structure,
+    :func:`lorahot.runtime.experts.find_experts`).
 
     An expert runs on the tokens its router picked, gathered in the router's order: its rows
     are a data-dependent selection of the batch's tokens, not the batch's rows. A layer sees
@@ -143,21 +142,18 @@ def check_experts(routed: Mapping[int, Mapping[str, int]], experts: Collection[s
     Raises:
         UsageError: naming the slot, up to five of its expert layers, and what to do instead.
     """
-    for slot, ranks in sorted(routed.items()):
-        touched = [n for n, r in ranks.items() if r > 0]
-        found = [n for n in touched if n in experts or is_expert(n)]
-        if found:
-            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
-            shown = ", ".join(repr(n) for n in found[:5]) + more
-            raise UsageError(
-                f"the routing sends rows to slot {slot}, whose adapter has weights on the experts of a "
-                f"mixture-of-experts block ({shown}). An expert runs on the tokens its router picked, gathered in "
-                "the router's order, not on the batch's rows, so a per-row routing cannot give them their rows' "
-                "slots (the numbers would be wrong). Run that adapter on a batch of its own with "
-                f"runtime.activate({slot}), or route to slots whose adapters leave the expert layers out. (A layer "
-                "is taken for an expert where its path has an 'experts' component, or where it sits in a list of "
-                "modules beside a router: a weight with one row per entry of the list.)"
-            )
+    touching = _touching(routed, experts)
+    if touching is not None:
+        slot, shown = touching
+        raise UsageError(
+            f"the routing sends rows to slot {slot}, whose adapter has weights on the experts of a "
+            f"mixture-of-experts block ({shown}). An expert runs on the tokens its router picked, gathered in "
+            "the router's order, not on the batch's rows, so a per-row routing cannot give them their rows' "
+            "slots (the numbers would be wrong). Run that adapter on a batch of its own with "
+            f"runtime.activate({slot}), or route to slots whose adapters leave the expert layers out. (A layer "
+            "is taken for an expert where its path has an 'experts' component, or where it sits in a list of "
+            "modules beside a router: a weight with one row per entry of the list.)"
+        )
 
 
 def check_towers(routed: Mapping[int, Mapping[str, int]], towers: Collection[str]) -> None:
@@ -176,17 +172,25 @@ def check_towers(routed: Mapping[int, Mapping[str, int]], towers: Collection[str
     Raises:
         UsageError: naming the slot, up to five of its tower layers, and what to do instead.
     """
+    touching = _touching(routed, towers)
+    if touching is not None:
+        slot, shown = touching
+        raise UsageError(
+            f"the routing sends rows to slot {slot}, whose adapter has weights on a vision tower ({shown}). "
+            "A tower runs on the batch's images (or their patches), not on its rows, so a per-row routing cannot "
+            "give them their rows' slots (the numbers would be wrong). Run that adapter on a batch of its own "
+            f"with runtime.activate({slot}), or route to slots whose adapters leave the tower out."
+        )
+
+
+def _touching(routed: Mapping[int, Mapping[str, int]], layers: Collection[str]) -> tuple[int, str] | None:
+    """The first slot of ``routed`` whose adapter has weights on any of ``layers``, and up to
+    five of those layers, quoted, for a message; None where no slot has."""
     for slot, ranks in sorted(routed.items()):
-        found = [n for n, r in ranks.items() if r > 0 and n in towers]
+        found = [repr(n) for n, r in ranks.items() if r > 0 and n in layers]
         if found:
-            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
-            shown = ", ".join(repr(n) for n in found[:5]) + more
-            raise UsageError(
-                f"the routing sends rows to slot {slot}, whose adapter has weights on a vision tower ({shown}). "
-                "A tower runs on the batch's images (or their patches), not on its rows, so a per-row routing cannot "
-                "give them their rows' slots (the numbers would be wrong). Run that adapter on a batch of its own "
-                f"with runtime.activate({slot}), or route to slots whose adapters leave the tower out."
-            )
+            return slot, ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    return None
 
 
 def _as_tensor(slots: object) -> torch.Tensor:
