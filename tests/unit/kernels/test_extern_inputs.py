@@ -265,9 +265,12 @@ def test_what_needs_a_copy() -> None:
 
 def test_a_diffusers_unet_rewrites_the_projections_after_attention(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a diffusers UNet (wide layers on the CPU) the rewrite takes the two ``to_out.0``
-    of every transformer block, whose input is attention's output; the stacked shrinks stay
-    three fewer per block (cross-attention's k and v, over the text states, keep the
-    concatenated form together). The compiled step equals the eager one."""
+    of every transformer block, whose input is attention's output. The stacked-shrink pass
+    (:mod:`lorahot.kernels.stacked_shrinks`), in the same compile, finds the shrinks that share
+    an input in every block: self-attention's q, k and v (two removed), cross-attention's k and
+    v over the text states (one removed, and they keep the concatenated form together); q of
+    cross-attention, the output projections and the feed-forward keep theirs. The compiled
+    step equals the eager one. (One compile covers both passes: it is the suite's slowest.)"""
     pytest.importorskip("diffusers")
     from tests.helpers import tiny_unet
 
