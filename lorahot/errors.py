@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import reprlib
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -23,6 +24,7 @@ __all__ = [
     "WriteError",
     "public_api",
     "printable",
+    "shown",
 ]
 
 
@@ -114,6 +116,31 @@ def printable(text: str, keep: str = "\n\t") -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+#: how :func:`shown` renders a builtin container: its first entries, each cut short, so a list
+#: of millions costs a message no more than one of forty
+_CONTAINERS = reprlib.Repr()
+_CONTAINERS.maxlevel = 3
+_CONTAINERS.maxlist = _CONTAINERS.maxtuple = _CONTAINERS.maxdict = 40
+_CONTAINERS.maxset = _CONTAINERS.maxfrozenset = 40
+_CONTAINERS.maxstring = _CONTAINERS.maxother = 200
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for a message about a value a caller or a
+    file gave. It never raises (an object whose ``repr`` raises shows as ``<TypeName object>``)
+    and renders only the first entries of a long list, tuple, dict or set."""
+    try:
+        if type(value) in (list, tuple, dict, set, frozenset):
+            text = _CONTAINERS.repr(value)
+        else:
+            text = repr(value)
+            if not isinstance(text, str):
+                raise TypeError("__repr__ returned a non-string")
+    except Exception:
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
 
 
 def _first_line(exc: BaseException) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorahot.errors import UnknownFormatError, format_problems
+from lorahot.errors import UnknownFormatError, format_problems, shown
 from lorahot.memo import BoundedMemo, str_bytes
 
 __all__ = [
@@ -203,7 +203,8 @@ class KeyFormat:
         full = _compiled(_FULL_WEIGHT).fullmatch(key)
         if full is not None:
             return (
-                f"full weights of module {full['module']!r}, not LoRA weights (PEFT saves these for modules_to_save, "
+                f"full weights of module {shown(full['module'], 200)}, not LoRA weights (PEFT saves these for "
+                f"modules_to_save, "
                 "trained biases, or an embedding/lm_head whose vocabulary was resized); lorahot loads only LoRA "
                 "weights"
             )
@@ -261,7 +262,7 @@ def group_keys(
         module, role = parsed
         roles = parts.setdefault(module, {})
         if role in roles:
-            problems.append(f"{key}: a second {role} for module {module!r} (also {roles[role][0]})")
+            problems.append(f"{key}: a second {role} for module {shown(module, 200)} (also {roles[role][0]})")
             continue
         roles[role] = (key, tensor)
     if problems:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorahot.errors import AdapterReadError
+from lorahot.errors import AdapterReadError, shown
 from lorahot.io.patterns import PatternSet
 from lorahot.io.safety import short
 
@@ -165,8 +165,8 @@ def _json(v: Any) -> str:
     """``v`` as the config file spells it, cut short."""
     try:
         text = json.dumps(v)
-    except (TypeError, ValueError):
-        text = repr(v)
+    except Exception:  # not JSON (a caller's dict), or an object whose own methods raise
+        text = shown(v, 60)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -27,6 +27,7 @@ from lorahot.errors import (
     UsageError,
     format_problems,
     public_api,
+    shown,
 )
 from lorahot.formats import FORMATS, KeyFormat, detect, format_named, group_keys
 from lorahot.formats.diffusers import METADATA_KEY
@@ -127,7 +128,7 @@ def read_adapter(
     """
     overrides = _check_overrides(config)
     if not isinstance(strict, bool):
-        raise UsageError(f"strict={strict!r:.40} must be True or False.")
+        raise UsageError(f"strict={shown(strict, 40)} must be True or False.")
     if isinstance(source, Adapter):
         adapter = _checked(source)
     else:
@@ -203,7 +204,7 @@ def _checked(adapter: Adapter) -> Adapter:
     if not isinstance(modules, dict) or not isinstance(config, dict):
         problems = [f"Adapter.modules is a {type(modules).__name__}, Adapter.config a {type(config).__name__}"]
     else:
-        problems = [f"{key!r:.80}: {what}" for key, m in modules.items() for what in _malformed(key, m)]
+        problems = [f"{shown(key, 80)}: {what}" for key, m in modules.items() for what in _malformed(key, m)]
     if problems:
         raise UsageError(
             format_problems(f"{adapter.source!s:.200}: not a usable lorahot.Adapter:", problems)
@@ -230,12 +231,12 @@ def _malformed(key: Any, m: Any) -> list[str]:
         if not isinstance(t, torch.Tensor) and (role in ("A", "B") or t is not None)
     ]
     if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)):
-        found.append(f"alpha is {m.alpha!r:.40}, not a number")
+        found.append(f"alpha is {shown(m.alpha, 40)}, not a number")
     elif not finite(m.alpha):
         found.append(f"alpha is {str(m.alpha)[:40]}, not a finite float")
     rslora: object = m.use_rslora  # typed as a bool, but built by the caller
     if not isinstance(rslora, bool):
-        found.append(f"use_rslora is {rslora!r:.40}, not True or False")
+        found.append(f"use_rslora is {shown(rslora, 40)}, not True or False")
     return found
 
 

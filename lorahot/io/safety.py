@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from lorahot.errors import AdapterReadError, SourceNotFoundError
+from lorahot.errors import AdapterReadError, SourceNotFoundError, shown
 from lorahot.io.dtypes import DTYPE_BYTES
 from lorahot.memo import BoundedMemo
 
@@ -490,8 +490,9 @@ def _int_list(v: Any) -> bool:
 
 
 def short(v: Any, limit: int = 80) -> str:
-    """``repr(v)`` cut to ``limit`` characters, for messages about untrusted data."""
-    return cut(repr(v), limit)
+    """``repr(v)`` cut to ``limit`` characters, for messages about untrusted data (never raises:
+    :func:`lorahot.errors.shown`)."""
+    return shown(v, limit)
 
 
 def cut(text: str, limit: int = 300) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Union
 
 import torch
 
-from lorahot.errors import AdapterReadError, SourceNotFoundError, UsageError
+from lorahot.errors import AdapterReadError, SourceNotFoundError, UsageError, shown
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.hub import check_relative, fetch
 from lorahot.io.safety import (
@@ -131,7 +131,8 @@ def _source_text(source: Any) -> str:
         raise UsageError(f"source={short(source)} must be a str path, not {type(text).__name__}.")
     if not text.strip():
         raise UsageError(
-            f"source={text!r} is empty. Pass an adapter directory ('.' for the current one), a .safetensors file, a "
+            f"source={shown(text, 200)} is empty. Pass an adapter directory ('.' for the current one), a "
+            f".safetensors file, a "
             "Hub repo id or a mapping of tensors."
         )
     return text
@@ -225,7 +226,7 @@ def _weight_file(directory: Path, weight_name: str | None) -> Path:
         candidate = directory / weight_name
         if _mode(candidate) is None:
             raise SourceNotFoundError(
-                f"{cut(str(candidate))}: weight_name={weight_name!r} does not exist in {cut(str(directory))}."
+                f"{cut(str(candidate))}: weight_name={shown(weight_name, 200)} does not exist in {cut(str(directory))}."
             )
         return candidate  # opening it refuses anything but a regular file
     for name in WEIGHT_NAMES:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lorahot.errors import AdapterMismatchError, AdapterReadError
+from lorahot.errors import AdapterMismatchError, AdapterReadError, shown
 from lorahot.io.dtypes import TORCH_DTYPES
 from lorahot.io.read_buffers import lent
 from lorahot.io.safety import SafetensorsHeader, open_regular
@@ -59,7 +59,8 @@ def _check_sizes(path: Path, header: SafetensorsHeader) -> None:
         numel = math.prod(shape)
         if numel > limit:
             raise AdapterMismatchError(
-                f"{path}: {key!r:.200} declares shape {tuple(shape)} ({numel} elements), more than any LoRA, LyCORIS "
+                f"{path}: {shown(key, 200)} declares shape {tuple(shape)} ({numel} elements), more than any "
+                f"LoRA, LyCORIS "
                 f"or diff factor of the injected layers could hold ({limit}, with a margin); the file's data was not "
                 "read. Load an adapter made for this model (is the file an adapter?)."
             )

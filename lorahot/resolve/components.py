@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
-from lorahot.errors import AdapterMismatchError, format_problems
+from lorahot.errors import AdapterMismatchError, format_problems, shown
 from lorahot.resolve.keys import resolve_all
 
 __all__ = ["ROUTES", "DENOISER", "route", "resolve_components"]
@@ -128,8 +128,8 @@ def _missing_message(source: str, missing: dict[str, list[str]], components: tup
     for prefix, keys in missing.items():
         target = dict(ROUTES).get(prefix) if prefix else None
         wanted = target or " or ".join(DENOISER)
-        shown = f"prefix {prefix!r}" if prefix else "no component prefix"
-        lines.append(f"{len(keys)} module(s) with {shown} (e.g. {keys[0]}) go to {wanted}, which was not injected")
+        which = f"prefix {shown(prefix, 200)}" if prefix else "no component prefix"
+        lines.append(f"{len(keys)} module(s) with {which} (e.g. {keys[0]}) go to {wanted}, which was not injected")
     return (
         format_problems(f"{source}: adapter modules for components this runtime lacks:", lines)
         + f"\nThis runtime has components {', '.join(components)}. Inject the missing component too "

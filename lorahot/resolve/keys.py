@@ -40,7 +40,7 @@ import re
 from collections.abc import Sequence
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
-from lorahot.errors import AdapterMismatchError, format_problems
+from lorahot.errors import AdapterMismatchError, format_problems, shown
 from lorahot.formats import FORMATS, KeyFormat, format_named
 from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
@@ -257,7 +257,7 @@ def resolve_all(
         (key, module, key) for key, module in entries
     )
     while pending:
-        key, module, shown = pending.popleft()  # shown: the key, or "<part> (part of <fused key>)"
+        key, module, named = pending.popleft()  # named: the key, or "<part> (part of <fused key>)"
         hits = _lookup(key, fmt, index)
         if not hits and fmt.splits and isinstance(module, LoraModule):
             parts = placed(key, module, fmt.splits, problems)
@@ -269,16 +269,16 @@ def resolve_all(
         elif not hits:
             close = _closest(key, fmt, index) if len(problems) < _SHOWN else []  # the rest are not shown
             problems.append(
-                f"{shown}: matches no injected layer" + (f" (closest: {', '.join(close)})" if close else "")
+                f"{named}: matches no injected layer" + (f" (closest: {', '.join(close)})" if close else "")
             )
         elif len(hits) > 1:
             problems.append(
-                f"{shown}: ambiguous, matches {', '.join(hits[:6])}; pass key_map={{{key!r}: '<layer name>'}}"
+                f"{named}: ambiguous, matches {', '.join(hits[:6])}; pass key_map={{{shown(key, 200)}: '<layer name>'}}"
             )
         elif hits[0] in out:
-            problems.append(f"{shown}: lands on {hits[0]}, which {origin[hits[0]]} already fills")
+            problems.append(f"{named}: lands on {hits[0]}, which {origin[hits[0]]} already fills")
         else:
-            out[hits[0]], origin[hits[0]] = module, shown
+            out[hits[0]], origin[hits[0]] = module, named
     if problems:
         raise AdapterMismatchError(
             format_problems(
@@ -299,9 +299,9 @@ _SHOWN = 20
 
 def _fix_hint(adapter: Adapter) -> str:
     targets = adapter.config.get("target_modules")
-    shown = repr(targets)
-    shown = shown if len(shown) <= 200 else shown[:197] + "..."  # from the file: shown, never matched
-    trained = f" (the adapter was trained on target_modules={shown})" if targets else ""
+    trained = (
+        f" (the adapter was trained on target_modules={shown(targets, 200)})" if targets else ""
+    )  # shown, never matched
     return (
         f"Inject those modules (targets=...){trained}, map the names with prefix=/key_map= (lorahot.read_adapter, "
         "runtime.load), or load an adapter made for this model."

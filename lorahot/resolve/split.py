@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from lorahot.adapter import LoraModule
-from lorahot.errors import AdapterMismatchError, UsageError, format_problems
+from lorahot.errors import AdapterMismatchError, UsageError, format_problems, shown
 from lorahot.formats.table import Reorder, Split
 
 __all__ = ["SplitSpec", "split_module", "reorder_module", "placed", "split_by_user", "place"]
@@ -122,7 +122,7 @@ def place(
         placed_ = placed(key, module, rules, problems)
         for new in placed_:
             if new.key in out:
-                problems.append(f"{_where(new)}: lands on {new.key!r}, which {origin[new.key]} already fills")
+                problems.append(f"{_where(new)}: lands on {shown(new.key, 200)}, which {origin[new.key]} already fills")
                 continue
             out[new.key], origin[new.key] = new, ", ".join(new.source_keys or (key,))
     if problems:
@@ -245,8 +245,7 @@ def _literal(text: str) -> str:
 
 
 def _short(v: object, limit: int = 80) -> str:
-    text = repr(v)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shown(v, limit)
 
 
 def _where(module: LoraModule) -> str:

@@ -23,7 +23,7 @@ from typing import TypeVar
 import torch
 
 from lorahot.adapter import LoraModule, WeightModule, storage_problem
-from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems
+from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems, shown
 from lorahot.formats import KeyFormat
 
 __all__ = ["FusePart", "Fuse", "select_prefix", "apply_key_map", "fuse_modules"]
@@ -55,7 +55,7 @@ def select_prefix(modules: dict[str, M], prefix: str, source: str, fmt: KeyForma
         seen = sorted({_component(k, fmt) for k in modules})
         raise UsageError(
             f"{source}: prefix={_short(prefix)} matches no module key; keys start with {', '.join(seen[:8])} (a "
-            f"prefix matches whole components, up to {fmt.separator!r}). Pass one of those."
+            f"prefix matches whole components, up to {shown(fmt.separator, 200)}). Pass one of those."
         )
     return out
 
@@ -85,7 +85,8 @@ def apply_key_map(modules: dict[str, M], key_map: Mapping[str, str], source: str
         new = _renamed_key(key, compiled)
         if new in out:
             raise UsageError(
-                f"{source}: key_map sends both {origin[new]!r} and {key!r} to {new!r}; make the entries distinct."
+                f"{source}: key_map sends both {shown(origin[new], 200)} and {shown(key, 200)} to "
+                f"{shown(new, 200)}; make the entries distinct."
             )
         out[new], origin[new] = _renamed(m, new), key
     return out
@@ -176,7 +177,7 @@ def _fuse_spec(fuse: Fuse) -> dict[str, list[tuple[str, int | None]]]:
             raise UsageError(f"fuse: the fused name {_short(fused)} must be a non-empty string such as 'qkv_proj'.")
         parsed = [_fuse_part(fused, p) for p in (parts if isinstance(parts, (list, tuple)) else [None])]
         if len(parsed) < 2:
-            raise UsageError(f"fuse[{fused!r}] must list at least two parts, got {_short(parts)}.")
+            raise UsageError(f"fuse[{shown(fused, 200)}] must list at least two parts, got {_short(parts)}.")
         spec[fused] = parsed
     return spec
 
@@ -189,7 +190,8 @@ def _fuse_part(fused: str, p: object) -> tuple[str, int | None]:
         if isinstance(name, str) and name and type(size) is int and 0 < size <= _MAX_PART:
             return name, size
     raise UsageError(
-        f"fuse[{fused!r}]: each part must be a name or (name, out_features) with 1 <= out_features <= {_MAX_PART}, "
+        f"fuse[{shown(fused, 200)}]: each part must be a name or (name, out_features) with 1 <= out_features <= "
+        f"{_MAX_PART}, "
         f"got {_short(p)}."
     )
 
@@ -226,13 +228,18 @@ def _fuse_one(
     for name, size, m in parts:
         if m is None:
             if size is None:
-                problems.append(f"{key}: no LoRA for part {name!r} and no size for it; pass ({name!r}, out_features)")
+                problems.append(
+                    f"{key}: no LoRA for part {shown(name, 200)} and no size for it; pass ({shown(name, 200)}, "
+                    f"out_features)"
+                )
                 return None
             a_blocks.append(torch.zeros(0, fan_in, dtype=dtype, device=device))
             b_blocks.append(torch.zeros(size, 0, dtype=dtype, device=device))
             continue
         if size is not None and size != m.B.shape[0]:
-            problems.append(f"{key}: part {name!r} has B {tuple(m.B.shape)}, but fuse= says out_features={size}")
+            problems.append(
+                f"{key}: part {shown(name, 200)} has B {tuple(m.B.shape)}, but fuse= says out_features={size}"
+            )
             return None
         a_blocks.append(m.A.to(dtype))
         b_blocks.append(m.B.to(dtype) * m.scale)
@@ -281,7 +288,7 @@ def _renamed(m: M, key: str) -> M:
 
 
 def _short(v: object, limit: int = 80) -> str:
-    return _cut(repr(v), limit)
+    return shown(v, limit)
 
 
 def _cut(text: str, limit: int = 200) -> str:

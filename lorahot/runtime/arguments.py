@@ -10,7 +10,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lorahot.errors import UsageError
+from lorahot.errors import UsageError, shown
 from lorahot.io.identity import source_identity
 
 __all__ = [
@@ -57,7 +57,8 @@ def check_read_options(read_kwargs: dict[str, Any], components: tuple[str, ...] 
         )
     if components and read_kwargs.get("prefix") is not None:
         raise UsageError(
-            f"prefix={read_kwargs['prefix']!r}: this runtime serves components {', '.join(components)} and sends each "
+            f"prefix={shown(read_kwargs['prefix'], 200)}: this runtime serves components "
+            f"{', '.join(components)} and sends each "
             "module of a file to its component by its prefix itself; load without prefix= (strict=False skips the "
             "modules of components it lacks)."
         )
@@ -65,7 +66,7 @@ def check_read_options(read_kwargs: dict[str, Any], components: tuple[str, ...] 
         kinds = _OPTION_TYPES[name]
         if value is not None and not isinstance(value, kinds):
             wanted = " or ".join("a mapping" if k is Mapping else k.__name__ for k in kinds)
-            raise UsageError(f"{name}={value!r:.80} must be {wanted} (or None), not {type(value).__name__}.")
+            raise UsageError(f"{name}={shown(value, 80)} must be {wanted} (or None), not {type(value).__name__}.")
 
 
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {
@@ -95,7 +96,7 @@ def source_key(source: Any, read_kwargs: dict[str, Any]) -> str | None:
         return None
     shaping = {k: v for k, v in read_kwargs.items() if k in ("config", "prefix", "key_map", "fuse", "strict", "split")}
     try:
-        return identity + "".join(f"|{k}={shaping[k]!r}" for k in sorted(shaping))
+        return identity + "".join(f"|{k}={shaping[k]!r}" for k in sorted(shaping))  # whole: a key, not a message
     except Exception:  # a user object whose repr fails: not cached
         return None
 
@@ -157,21 +158,13 @@ def multiplier(value: object, name: str = "scale") -> float:
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise UsageError(
-            f"{name}={shown(value)} is not a number: pass a finite real number (a float), not {type(value).__name__}."
+            f"{name}={shown(value, 40)} is not a number: pass a finite real number (a float), "
+            f"not {type(value).__name__}."
         )
     try:
         v = float(value)
     except (OverflowError, ValueError, TypeError):
-        raise UsageError(f"{name}={shown(value)} is too large for a float; pass a finite number.") from None
+        raise UsageError(f"{name}={shown(value, 40)} is too large for a float; pass a finite number.") from None
     if not math.isfinite(v):
-        raise UsageError(f"{name}={shown(value)} must be finite.")
+        raise UsageError(f"{name}={shown(value, 40)} must be finite.")
     return v
-
-
-def shown(value: object) -> str:
-    """``repr(value)`` cut to 40 characters, for messages (never raises)."""
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= 40 else text[:37] + "..."

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from lorahot.adapter import Adapter
-from lorahot.errors import UsageError, public_api
+from lorahot.errors import UsageError, public_api, shown
 from lorahot.runtime.buffers import Pack
 from lorahot.runtime.plan import LoadPlan
 
@@ -196,10 +196,12 @@ class AdapterCache:
 
 def _budget(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise UsageError(f"cache_bytes={value!r} must be an int number of bytes >= 0 (e.g. 2 << 30 for 2 GiB).")
+        raise UsageError(
+            f"cache_bytes={shown(value, 200)} must be an int number of bytes >= 0 (e.g. 2 << 30 for 2 GiB)."
+        )
     return value
 
 
 def _key(key: object) -> None:
     if not isinstance(key, str):
-        raise UsageError(f"cache keys are str, got {type(key).__name__} {key!r:.60}.")
+        raise UsageError(f"cache keys are str, got {type(key).__name__} {shown(key, 60)}.")

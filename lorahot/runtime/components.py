@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from lorahot.errors import UsageError
+from lorahot.errors import UsageError, shown
 from lorahot.runtime.targets import Targets, _check_single_path, match_targets
 
 __all__ = ["Components", "is_several", "components_of", "match_components"]
@@ -33,7 +33,7 @@ class Components(nn.Module):
                 self.add_module(name, module)
             except (KeyError, TypeError) as exc:
                 raise UsageError(
-                    f"component name {name!r} cannot name a module ({exc}); use a plain name such as 'unet'."
+                    f"component name {shown(name, 200)} cannot name a module ({exc}); use a plain name such as 'unet'."
                 ) from None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -42,9 +42,17 @@ class Components(nn.Module):
 
 def is_several(model: object) -> bool:
     """Whether ``model`` is several models: a dict, or an object with a ``components`` mapping."""
-    return not isinstance(model, nn.Module) and (
-        isinstance(model, Mapping) or isinstance(getattr(model, "components", None), Mapping)
-    )
+    if isinstance(model, nn.Module):
+        return False
+    if isinstance(model, Mapping):
+        return True
+    try:
+        return isinstance(getattr(model, "components", None), Mapping)
+    except Exception as exc:  # a property of the caller's object that raises: not one lorahot can read
+        raise UsageError(
+            f"model={shown(model, 80)} ({type(model).__name__}): reading its .components raised "
+            f"{type(exc).__name__}; pass a torch.nn.Module, a dict of them, or a pipeline whose .components works."
+        ) from None
 
 
 def components_of(model: object) -> tuple[dict[str, nn.Module], bool]:
@@ -105,7 +113,7 @@ def match_components(
         except UsageError as exc:
             if required or "matched no module" not in str(exc):
                 raise UsageError(
-                    f"component {component!r}: {exc}"
+                    f"component {shown(component, 200)}: {exc}"
                     + (
                         " Give it its own targets (a dict keyed by component), or leave it out."
                         if "matched no module" in str(exc)
@@ -114,7 +122,8 @@ def match_components(
                 ) from None
     if not found:
         raise UsageError(
-            f"targets={targets!r} matched no module in any component ({', '.join(modules)}); pass the module names "
+            f"targets={shown(targets, 200)} matched no module in any component ({', '.join(modules)}); pass the "
+            f"module names "
             "of the components you want LoRA in."
         )
     container = Components({c: modules[c] for c in found})

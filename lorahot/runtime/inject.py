@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorahot.errors import UsageError, public_api
+from lorahot.errors import UsageError, public_api, shown
 from lorahot.layers import LayerSpec, LoRALayer
 from lorahot.layers.base import kept_parametrizations
 from lorahot.layers.sharded import is_sharded
@@ -174,19 +174,21 @@ def _check_arguments(
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     for value, name, top in ((max_rank, "max_rank", MAX_RANK_LIMIT), (slots, "slots", MAX_SLOTS)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
-            raise UsageError(f"{name}={value!r} must be an integer >= 1.")
+            raise UsageError(f"{name}={shown(value, 200)} must be an integer >= 1.")
         if int(value) > top:
             raise UsageError(f"{name}={value} is absurd; it must be at most {top}.")
-    if dtype is not None and dtype not in WEIGHT_DTYPES:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in WEIGHT_DTYPES):
         raise UsageError(
-            f"dtype={dtype!r} must be a floating-point torch.dtype LoRA weights can use: torch.float16, "
+            f"dtype={shown(dtype, 200)} must be a floating-point torch.dtype LoRA weights can use: torch.float16, "
             "torch.bfloat16, torch.float32 or torch.float64 (or None: each base weight's dtype)."
         )
     if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
-        raise UsageError(f"cache_bytes={cache_bytes!r} must be an int number of bytes >= 0 (e.g. 2 << 30 for 2 GiB).")
+        raise UsageError(
+            f"cache_bytes={shown(cache_bytes, 200)} must be an int number of bytes >= 0 (e.g. 2 << 30 for 2 GiB)."
+        )
     for value, name in ((merged, "merged"), (fused, "fused"), (extras, "extras"), (regional, "regional")):
         if not isinstance(value, bool):
-            raise UsageError(f"{name}={value!r} must be True or False.")
+            raise UsageError(f"{name}={shown(value, 200)} must be True or False.")
 
 
 def _allocate(

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lorahot.adapter import Adapter, LoraModule
-from lorahot.errors import AdapterMismatchError, UsageError, WriteError, format_problems, public_api
+from lorahot.errors import AdapterMismatchError, UsageError, WriteError, format_problems, public_api, shown
 from lorahot.io.loader import read_adapter, read_adapter_sliced
 from lorahot.io.read_buffers import ReadBuffers
 from lorahot.io.sources import Source
@@ -641,7 +641,7 @@ class LoraRuntime:
         refuse_stack(source, "preload")
         check_read_options(read_kwargs, self.components)
         if key is not None and not (isinstance(key, str) and key):
-            raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
+            raise UsageError(f"key={shown(key, 200)} must be a non-empty str (or None: the source's identity).")
         self._check_usable()
         if key is not None and isinstance(source, (str, os.PathLike)) and _same_path(key, source):
             key = None  # the source's own name: cached by its identity, so a rewritten file is read again
@@ -672,7 +672,7 @@ class LoraRuntime:
             )
         check_read_options(read_kwargs, self.components)
         if key is not None and not (isinstance(key, str) and key):
-            raise UsageError(f"key={key!r} must be a non-empty str (or None: the source's identity).")
+            raise UsageError(f"key={shown(key, 200)} must be a non-empty str (or None: the source's identity).")
         with self._executor_lock:
             self._check_usable(placement=False)  # under the lock: eject cannot slip in between
             if self._executor is None:
@@ -763,7 +763,7 @@ class LoraRuntime:
         options_for_key = name is not None and read_kwargs and (self.cache.is_name(name) or name in self.cache)
         if name is not None and options_for_key and not os.path.exists(name):
             raise UsageError(
-                f"read options ({', '.join(sorted(read_kwargs))}) do not apply to {name!r}, a key given to "
+                f"read options ({', '.join(sorted(read_kwargs))}) do not apply to {shown(name, 200)}, a key given to "
                 "preload, whose adapter was read already; pass them to preload instead."
             )
         # peek, not get: a load that fails a later check leaves the cache's order as it was
@@ -773,7 +773,7 @@ class LoraRuntime:
             hit = self.cache.peek(cache_key) if cache_key is not None else None
         if hit is None and name is not None and not read_kwargs and self.cache.is_name(name):
             raise UsageError(
-                f"{name!r} is a key given to preload, and the host cache does not hold it now (evicted, "
+                f"{shown(name, 200)} is a key given to preload, and the host cache does not hold it now (evicted, "
                 f"discarded, or larger than the cache's {self.cache.budget_bytes} bytes), so there is nothing to "
                 "load under that name: a key is no path or Hub id to read again. Preload it again, or load what "
                 "preload returned (runtime.load(prepared)), which does not need the cache; to read a path or Hub "
@@ -781,7 +781,8 @@ class LoraRuntime:
             )
         if hit is not None and hit.owner is not self.buffers:
             raise UsageError(
-                f"the cache entry {hit.key!r} was prepared for another runtime (put into this runtime's cache by "
+                f"the cache entry {shown(hit.key, 200)} was prepared for another runtime (put into this "
+                f"runtime's cache by "
                 "hand); discard it and preload the adapter on this runtime."
             )
         return hit
@@ -836,8 +837,8 @@ class LoraRuntime:
         per_row = isinstance(slot, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(slot, (str, bytes))
         if not per_row and lengths is not None:
             raise UsageError(
-                f"lengths={lengths!r:.40} applies to a per-row routing (a sequence of slots), not to "
-                f"activate({slot!r:.40})."
+                f"lengths={shown(lengths, 40)} applies to a per-row routing (a sequence of slots), not to "
+                f"activate({shown(slot, 40)})."
             )
         if not per_row:
             whole = slot
@@ -1061,11 +1062,14 @@ class LoraRuntime:
 
     def _slot(self, slot: object) -> int:
         if isinstance(slot, bool) or not isinstance(slot, numbers.Integral):
-            raise UsageError(f"slot={slot!r:.60} is a {type(slot).__name__}; a slot is an int in 0..{self.slots - 1}.")
+            raise UsageError(
+                f"slot={shown(slot, 60)} is a {type(slot).__name__}; a slot is an int in 0..{self.slots - 1}."
+            )
         index = int(slot)
         if not 0 <= index < self.slots:
             raise UsageError(
-                f"slot={slot!r} is out of range; this runtime has slots 0..{self.slots - 1} (inject(..., slots=N) "
+                f"slot={shown(slot, 200)} is out of range; this runtime has slots 0..{self.slots - 1} "
+                f"(inject(..., slots=N) "
                 "for more)."
             )
         return index

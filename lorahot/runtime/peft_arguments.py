@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from lorahot.errors import UsageError
+from lorahot.errors import UsageError, shown
 from lorahot.runtime.hooked import Hooked
 
 __all__ = ["install", "uninstall", "release", "REFUSED"]
@@ -40,8 +40,7 @@ def _refuse(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return shown(value, 80)
 
 
 def install(module: nn.Module) -> None:

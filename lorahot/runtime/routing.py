@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from lorahot.adapter import storage_problem
-from lorahot.errors import UsageError, format_problems
+from lorahot.errors import UsageError, format_problems, shown
 from lorahot.kernels.routed_linear import workspace
 from lorahot.kernels.routed_lora import segments
 from lorahot.layers.routing import EXPERTS, is_expert
@@ -210,7 +210,7 @@ def _as_tensor(slots: object) -> torch.Tensor:
                 f"a routing tensor must be a plain dense tensor, got a {_kind(slots)} one; pass e.g. "
                 "torch.tensor([0, 2, -1]) (or .to_dense() / .dequantize() it first)."
             )
-        if slots.dim() != 1 or slots.is_floating_point() or slots.is_complex() or slots.dtype == torch.bool:
+        if slots.dim() != 1 or slots.dtype not in _INTEGERS:
             raise UsageError(
                 f"a routing tensor must be 1-D with an integer dtype (one slot per row), got {slots.dtype} of shape "
                 f"{tuple(slots.shape)}; pass e.g. torch.tensor([0, 2, -1]) or a list of ints."
@@ -225,7 +225,8 @@ def _as_tensor(slots: object) -> torch.Tensor:
         ]
         if wrong:
             raise UsageError(
-                f"routing entry {wrong[0]} is {slots[wrong[0]]!r:.40} ({type(slots[wrong[0]]).__name__}); each entry "
+                f"routing entry {wrong[0]} is {shown(slots[wrong[0]], 40)} ({type(slots[wrong[0]]).__name__}); "
+                f"each entry "
                 "is a slot index (an int), or -1 for the base model only."
             )
         route = _exact([int(v) for v in slots])
@@ -249,6 +250,9 @@ def _kind(t: torch.Tensor) -> str:
 
 #: the integer dtypes whose every value an int64 holds
 _FITS_INT64 = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+#: the dtypes a routing or ``lengths`` tensor may have: integers (not ``bool``, and not the
+#: ``bits`` dtypes, which hold raw bits no operator reads as numbers)
+_INTEGERS = frozenset((*_FITS_INT64, torch.uint16, torch.uint32, torch.uint64))
 
 
 def _exact(values: list[int]) -> torch.Tensor:
@@ -281,8 +285,7 @@ def _lengths(lengths: object, rows: int) -> torch.Tensor:
                 _int64(lengths.tolist()) if lengths.dtype == np.uint64 else torch.from_numpy(lengths.astype(np.int64))
             )
     elif isinstance(lengths, torch.Tensor):
-        usable = storage_problem(lengths) is None and lengths.dim() == 1 and not lengths.is_floating_point()
-        if usable and not lengths.is_complex() and lengths.dtype != torch.bool:
+        if storage_problem(lengths) is None and lengths.dim() == 1 and lengths.dtype in _INTEGERS:
             wide = lengths.dtype not in _FITS_INT64
             counts = _int64(lengths.detach().cpu().tolist()) if wide else lengths.detach().to("cpu", torch.int64)
     elif isinstance(lengths, Sequence) and not isinstance(lengths, _BYTES):
@@ -297,7 +300,7 @@ def _lengths(lengths: object, rows: int) -> torch.Tensor:
         or not 0 < int(counts.sum()) <= MAX_TOKENS
     ):
         raise UsageError(
-            f"lengths={lengths!r:.80} must hold one token count (an int >= 0) per entry of the routing ({rows}), "
+            f"lengths={shown(lengths, 80)} must hold one token count (an int >= 0) per entry of the routing ({rows}), "
             f"with at least one token and at most {MAX_TOKENS} in all: the packed input's tokens, row after row."
         )
     return counts

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from lorahot.errors import UsageError
+from lorahot.errors import UsageError, shown
 from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
 from lorahot.layers.linear import is_conv1d
 from lorahot.runtime.merge import replaced, writing
@@ -79,7 +79,7 @@ def _matcher(model: nn.Module, targets: Targets) -> Callable[[str, nn.Module], b
         try:
             pattern = re.compile(targets)
         except (re.error, RecursionError, OverflowError) as exc:
-            raise UsageError(f"targets={targets!r} is not a valid regex ({exc}).") from None
+            raise UsageError(f"targets={shown(targets, 200)} is not a valid regex ({exc}).") from None
         return lambda name, m: pattern.fullmatch(name) is not None
     entries = _entries(targets)
     if isinstance(targets, ExactNames):
@@ -98,7 +98,8 @@ def _entries(targets: object) -> list[str]:
             entries = []
     if not entries or not all(isinstance(e, str) and e for e in entries):
         raise UsageError(
-            f"targets must be a non-empty list of module names, a regex, 'all-linear' or a callable; got {targets!r}."
+            f"targets must be a non-empty list of module names, a regex, 'all-linear' or a callable; got "
+            f"{shown(targets, 200)}."
         )
     return [str(e) for e in entries]
 
@@ -111,7 +112,8 @@ def _guarded(match: Callable[[str, nn.Module], object]) -> Callable[[str, nn.Mod
             return bool(match(name, module))
         except Exception as exc:
             raise UsageError(
-                f"targets callable raised {type(exc).__name__} on module {name!r} ({type(module).__name__}): {exc}. "
+                f"targets callable raised {type(exc).__name__} on module {shown(name, 200)} "
+                f"({type(module).__name__}): {exc}. "
                 "Fix the callable so it returns True or False for every module."
             ) from None
 
@@ -138,7 +140,9 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
             if targets == "all-linear" and left
             else ""
         )
-        raise UsageError(f"targets={targets!r} matched no module{why}. Some module names: {', '.join(sample)}.")
+        raise UsageError(
+            f"targets={shown(targets, 200)} matched no module{why}. Some module names: {', '.join(sample)}."
+        )
     wrapped = [w for w, m in modules.items() if isinstance(m, LoRALayer)]
     for n in names:
         m = modules[n]

@@ -36,7 +36,7 @@ from typing import Any
 from torch import nn
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
-from lorahot.errors import AdapterMismatchError, UsageError, format_problems, public_api
+from lorahot.errors import AdapterMismatchError, UsageError, format_problems, public_api, shown
 from lorahot.formats import format_named
 from lorahot.io.loader import read_adapter
 from lorahot.io.sources import Source
@@ -157,7 +157,7 @@ def plan_targets(
     """
     items = _source_list(sources)
     if not isinstance(stacked, bool):
-        raise UsageError(f"stacked={stacked!r} must be True or False.")
+        raise UsageError(f"stacked={shown(stacked, 200)} must be True or False.")
     combine: Combine = operator.add if stacked else max
     if "device" in read_options:
         raise UsageError("plan_targets reads headers only; drop device=.")

@@ -275,3 +275,74 @@ def test_numpy_integers_are_integers() -> None:
     runtime = lorahot.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"], max_rank=np.int64(4), slots=np.int32(2))
     assert (runtime.max_rank, runtime.slots) == (4, 2)
     assert type(runtime.max_rank) is int
+
+
+class _Hostile:
+    """An argument whose every protocol method raises: repr, str, format, hash, comparisons,
+    truth, length, iteration, numbers, attributes, fspath. Messages that show it, and checks
+    that compare or hash it, must not let its RuntimeError out as an UnexpectedError."""
+
+    def _broken(self, *args: object, **kwargs: object) -> Any:
+        raise RuntimeError("the caller's object broke")
+
+    __repr__ = __str__ = __format__ = __hash__ = __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _broken  # type: ignore[assignment]
+    __bool__ = __len__ = __iter__ = __index__ = __int__ = __float__ = __fspath__ = __getattr__ = _broken
+
+
+def _entry_points(rig: Rig, source: str) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
+    """Every public entry point with valid arguments (``source``: an adapter, preloaded under
+    the key ``"prepared"``), the host cache's included."""
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    rt, cache = rig.runtime, rig.runtime.cache
+    prepared = "prepared"
+    return {
+        "inject": (lorahot.inject, {"model": fresh, "targets": ["0"], "max_rank": 2}),
+        "eject": (lorahot.eject, {"model": fresh}),
+        "read_adapter": (lorahot.read_adapter, {"source": source}),
+        "plan_targets": (lorahot.plan_targets, {"source": source}),
+        "load": (rt.load, {"source": source}),
+        "preload": (rt.preload, {"source": source}),
+        "prefetch": (lambda **kw: rt.prefetch(**kw).result(timeout=60), {"source": source}),
+        "activate": (rt.activate, {"slot": 0}),
+        "unload": (rt.unload, {}),
+        "set_scale": (rt.set_scale, {"value": 1.0}),
+        "info": (rt.info, {}),
+        "cache.get": (cache.get, {"key": prepared}),
+        "cache.put": (cache.put, {"entry": cache.get(prepared)}),
+        "cache.discard": (cache.discard, {"key": "another"}),
+    }
+
+
+#: parameters that take any object where the valid call above leaves them unread: a local
+#: adapter reads no Hub revision or token
+_UNREAD = {("read_adapter", "revision"), ("read_adapter", "token"), ("plan_targets", "revision")}
+_UNREAD |= {("plan_targets", "token")}
+
+
+def test_a_hostile_object_in_any_argument_is_a_usage_error_and_changes_nothing(tmp_path: Path) -> None:
+    """Each public parameter of each entry point in turn gets :class:`_Hostile` (the rest valid):
+    a UsageError naming the argument, never an UnexpectedError (a check that let the object's
+    own exception out), and nothing changed, bitwise."""
+    import inspect
+
+    rig = build_rig(tmp_path / "rig")
+    source = str(write_valid(tmp_path / "cached", rig.model, {Q0: 2}, seed=7))
+    rig.runtime.preload(source, key="prepared")
+    hostile, tried, escaped = _Hostile(), 0, []
+    for name, (fn, valid) in _entry_points(rig, source).items():
+        target = getattr(fn, "__wrapped__", fn) if name != "prefetch" else rig.runtime.prefetch
+        for param in inspect.signature(target).parameters.values():
+            if param.name.startswith("_") or param.kind is param.VAR_POSITIONAL or (name, param.name) in _UNREAD:
+                continue
+            key = "unknown_option" if param.kind is param.VAR_KEYWORD else param.name
+            before = snapshot(rig)
+            tried += 1
+            try:
+                fn(**{**valid, key: hostile})
+                escaped.append(f"{name}({key}=...): accepted")
+            except lorahot.UnexpectedError as exc:
+                escaped.append(f"{name}({key}=...): UnexpectedError from {exc.__cause__!r}")
+            except UsageError:
+                pass
+            assert_unchanged(rig, before)
+    assert tried > 40 and not escaped, "\n".join(escaped)

@@ -97,7 +97,15 @@ REFUSALS = [
     # counts whose int64 sum wraps round to a small total (2**64 + 1): each count is bounded first
     ([0, 1, 0], {"lengths": [2**63 - 1, 2**63 - 1, 3]}, r"at most 16777216 in all"),
     ([0, 1, 0], {"lengths": torch.tensor([2**63 - 1, 2**63 - 1, 3])}, r"at most 16777216 in all"),
-    ([3] * 25, {}, r"row 19: 3\n  \.\.\. and 5 more"),
+    (
+        [3] * 25,
+        {},
+        r"row 19: 3\n  \.\.\. and 5 more",
+    ),  # bits dtypes are integers to no check but hold raw bits no operator reads as numbers
+    (torch.tensor([0, 1], dtype=torch.uint8).view(torch.bits8), {}, "got torch.bits8"),
+    (torch.tensor([0, 1], dtype=torch.int16).view(torch.bits16), {}, "got torch.bits16"),
+    ([0, 1], {"lengths": torch.tensor([2, 3], dtype=torch.uint8).view(torch.bits8)}, "one token count"),
+    ([0, 1], {"lengths": torch.tensor([2, 3], dtype=torch.int16).view(torch.bits16)}, "one token count"),
 ]
 
 
