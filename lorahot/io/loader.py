@@ -753,7 +753,7 @@ def _user_mapping(
     modules = {k: m for k, m in both.items() if isinstance(m, LoraModule)}
     weights = {k: m for k, m in both.items() if isinstance(m, WeightModule)}
     if split is not None:
-        modules = split_by_user(modules, split, adapter.source, fmt.separator)
+        modules = split_by_user(modules, split, adapter.source, fmt.separator, weights)
     if fuse is not None:
-        modules = fuse_modules(modules, fuse, adapter.source, fmt)
+        modules = fuse_modules(modules, fuse, adapter.source, fmt, weights)
     return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped, weights)

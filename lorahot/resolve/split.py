@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from lorahot.adapter import LoraModule
+from lorahot.adapter import LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, UsageError, format_problems, shown
 from lorahot.formats.table import Reorder, Split
 
@@ -86,13 +86,21 @@ def reorder_module(module: LoraModule, key: str, sizes: Sequence[int], order: Se
     return _part(module, key, module.A, torch.cat([blocks[i] for i in order]), module.alpha)
 
 
-def split_by_user(modules: dict[str, LoraModule], split: SplitSpec, source: str, sep: str) -> dict[str, LoraModule]:
+def split_by_user(
+    modules: dict[str, LoraModule],
+    split: SplitSpec,
+    source: str,
+    sep: str,
+    weights: Mapping[str, WeightModule] | None = None,
+) -> dict[str, LoraModule]:
     """``split=``: each module key ``<parent><sep><fused>`` (or ``<fused>``) placed onto
-    ``<parent><sep><part>``, one per ``(part, out_features)``.
+    ``<parent><sep><part>``, one per ``(part, out_features)``. It cuts ``B @ A`` modules;
+    a weight delta (``weights``: LoHa, LoKr, a diff) under a fused key is refused, not left
+    to match no layer.
 
     Raises:
         UsageError: a malformed ``split`` argument.
-        AdapterMismatchError: as :func:`place`.
+        AdapterMismatchError: as :func:`place`, and a weight delta ``split`` names.
     """
     rules = tuple(
         Split(
@@ -102,7 +110,20 @@ def split_by_user(modules: dict[str, LoraModule], split: SplitSpec, source: str,
         )
         for fused, parts in _split_spec(split).items()
     )
+    named = [w for key, w in (weights or {}).items() if any(re.fullmatch(r.pattern, key) for r in rules)]
+    if named:
+        raise AdapterMismatchError(
+            format_problems(
+                f"{source}: split= cuts LoRA modules (B @ A) by rows; these are weight deltas it does not cut:",
+                [f"{_where_weight(w)}: a {w.kind} module" for w in named],
+            )
+            + "\nLoad the fused layer itself (inject it, or key_map= onto it), or convert the file to plain LoRA."
+        )
     return place(modules, rules, source, "split=")
+
+
+def _where_weight(module: WeightModule) -> str:
+    return ", ".join(module.source_keys[:2]) if module.source_keys else shown(module.key, 200)
 
 
 def place(

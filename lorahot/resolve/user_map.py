@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
@@ -123,8 +124,16 @@ def _renamed_key(key: str, compiled: list[tuple[re.Pattern[str], str]]) -> str:
     return key
 
 
-def fuse_modules(modules: dict[str, LoraModule], fuse: Fuse, source: str, fmt: KeyFormat) -> dict[str, LoraModule]:
-    """Replaces each complete set of part LoRAs by one LoRA on the fused projection.
+def fuse_modules(
+    modules: dict[str, LoraModule],
+    fuse: Fuse,
+    source: str,
+    fmt: KeyFormat,
+    weights: Mapping[str, WeightModule] | None = None,
+) -> dict[str, LoraModule]:
+    """Replaces each complete set of part LoRAs by one LoRA on the fused projection. A part
+    that is a weight delta (``weights``: LoHa, LoKr, a diff) is refused, not left to match no
+    layer.
 
     A part key is ``<parent><sep><part>`` with ``sep`` the naming's separator (``.``, or ``_``
     for kohya); its fused key is ``<parent><sep><fused>``. For parts of rank ``r_i``,
@@ -144,7 +153,12 @@ def fuse_modules(modules: dict[str, LoraModule], fuse: Fuse, source: str, fmt: K
     """
     spec = _fuse_spec(fuse)
     out = dict(modules)
-    problems: list[str] = []
+    problems: list[str] = [
+        f"{shown(key, 200)}: a {w.kind} module, a weight delta; fuse= joins LoRA modules (B @ A) only"
+        for key, w in (weights or {}).items()
+        for part, _ in itertools.chain.from_iterable(spec.values())
+        if key == part or key.endswith(fmt.separator + part)
+    ]
     for fused, parts in spec.items():
         for parent in _parents(modules, [p for p, _ in parts], fmt.separator):
             found = {p: modules.get(_child(parent, fmt.separator, p)) for p, _ in parts}

@@ -310,3 +310,45 @@ def test_a_block_sparse_fused_file_loads_as_its_tensors_do(tmp_path: Path) -> No
             outs.append(model(x))
     assert ranks[0] == ranks[1] and set(ranks[1].values()) == {2}
     assert torch.equal(outs[0], outs[1])
+
+
+def _loha(key: str, rows: int, cols: int = 4, rank: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {
+        f"{key}.hada_w1_a": torch.randn(rows, rank, generator=g),
+        f"{key}.hada_w1_b": torch.randn(rank, cols, generator=g),
+        f"{key}.hada_w2_a": torch.randn(rows, rank, generator=g),
+        f"{key}.hada_w2_b": torch.randn(rank, cols, generator=g),
+    }
+
+
+@pytest.mark.parametrize(
+    ("tensors", "options", "match"),
+    [
+        (
+            _loha("lora_unet_single_transformer_blocks_0_linear1", 28),
+            {"split": {"linear1": _PARTS}},
+            r"split= cuts LoRA modules \(B @ A\) by rows; these are weight deltas it does not cut:\n"
+            r"  - lora_unet_single_transformer_blocks_0_linear1\.hada_w1_a, .*: a loha module",
+        ),
+        (
+            {**_loha("lora_unet_attn_to_q", 4), **_loha("lora_unet_attn_to_k", 4)},
+            {"fuse": {"to_qk": ["to_q", "to_k"]}},
+            r"cannot fuse:\n  - 'lora_unet_attn_to_q': a loha module, a weight delta; fuse= joins LoRA modules \(B @ A\) only",
+        ),
+    ],
+    ids=["split", "fuse"],
+)
+def test_a_weight_delta_named_by_split_or_fuse_is_refused_saying_so(
+    tensors: dict[str, torch.Tensor], options: dict, match: str
+) -> None:
+    """split= and fuse= reshape ``B @ A`` modules; a LyCORIS kind under a key they name is
+    refused with that reason, in merged mode too, where it would otherwise have been left to
+    match no layer (the message then named no cause)."""
+    model = _Model()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4, merged=True)
+    x = torch.randn(3, 4)
+    before = model(x)
+    with pytest.raises(lorahot.AdapterMismatchError, match=match):
+        runtime.load(tensors, **options)
+    assert torch.equal(model(x), before)
