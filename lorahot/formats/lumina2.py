@@ -8,6 +8,12 @@ attention, rows ``3 : 1 : 1``); on a diffusers-named model it is
 alias (``attention.out`` -> ``attn.to_out.0``, ``feed_forward.w1`` -> ``feed_forward.linear_1``,
 ``adaLN_modulation.1`` -> ``norm1.linear``), in the main ``layers`` and the ``noise_refiner`` and
 ``context_refiner`` blocks alike.
+
+Z-Image (``ZImageTransformer2DModel``) keeps these block names with its own module names
+(``attention.to_q``, ``feed_forward.w1``), which its files spell as they are, but for the
+output projection: ``attention.out`` there is ``attention.to_out.0``, as diffusers' Z-Image
+conversion renames it. An alias is taken only where the model has its target, so each model
+finds its own.
 """
 
 from __future__ import annotations
@@ -31,9 +37,13 @@ _BLOCK = {
     "adaLN_modulation.1": "norm1.linear",
 }
 
+#: the same for Z-Image, whose other block modules keep the original names
+_ZIMAGE_BLOCK = {"attention.out": "attention.to_out.0"}
+
 _ALIASES: tuple[tuple[str, str], ...] = tuple(
     (rf"{_START}(layers|noise_refiner|context_refiner)\.(\d+)\.{re.escape(k)}$", rf"\1.\2.{v}")
-    for k, v in _BLOCK.items()
+    for table in (_BLOCK, _ZIMAGE_BLOCK)
+    for k, v in table.items()
 )
 
 #: the fused attention input: q (all heads), then k and v (the key-value heads), rows 3 : 1 : 1

@@ -8,8 +8,8 @@ diffusers' pipeline loader gives (``lora_state_dict``, then ``load_lora_adapter`
 probing the layer with the identity.
 
 One known difference: lorahot reads a ``.alpha`` as ``alpha / rank`` (as ComfyUI does) where
-diffusers' LTX conversion leaves it unread. Z-Image's original ``attention.out`` spelling is
-refused (diffusers renames it; lorahot does not yet)."""
+diffusers' LTX conversion leaves it unread. Z-Image's original ``attention.out`` is renamed to
+``attention.to_out.0`` by both."""
 
 from __future__ import annotations
 
@@ -166,13 +166,14 @@ def test_z_image_in_its_own_names_matches_diffusers() -> None:
     _assert_same(ours, _reference(_tiny_zimage, sd, names, "lora_down", "lora_up"))
 
 
-def test_z_image_original_attention_out_spelling_is_refused_and_changes_nothing() -> None:
-    model = _tiny_zimage()
-    names = _linears(model, lambda n: "layers" in n or "refiner" in n)
-    sd = _file(model, names, "lora_down", "lora_up", alpha=True, rename=lambda n: n.replace("to_out.0", "out"))
-    runtime = lorahot.inject(model, "all-linear", max_rank=8)
-    before = _weights(model, names)
-    with pytest.raises(lorahot.AdapterMismatchError, match=r"attention\.out"):
-        runtime.load(sd)
-    for name, w in _weights(model, names).items():
-        assert torch.equal(w, before[name])
+def test_z_image_original_attention_out_spelling_matches_diffusers() -> None:
+    """``attention.out`` (Z-Image's original name of ``attention.to_out.0``, which diffusers'
+    conversion renames in ``lora_down``/``lora_up`` files) lands on the output projection."""
+    names = _linears(_tiny_zimage(), lambda n: "layers" in n or "refiner" in n)
+    sd = _file(_tiny_zimage(), names, "lora_down", "lora_up", alpha=True, rename=lambda n: n.replace("to_out.0", "out"))
+    assert any(".attention.out." in k for k in sd)
+    ours, fmt = _lorahot(_tiny_zimage, sd, names)
+    assert fmt == "lumina2"
+    _assert_same(ours, _diffusers(_tiny_zimage, diffusers.ZImagePipeline, sd, names))
+    renamed = {k.replace(".attention.out.", ".attention.to_out.0."): v for k, v in sd.items()}
+    _assert_same(ours, _reference(_tiny_zimage, renamed, names, "lora_down", "lora_up"))
