@@ -238,7 +238,7 @@ _MAX_PART = 1 << 20
 def _split_spec(split: object) -> dict[str, list[tuple[str, int]]]:
     example = "{'qkv': [('to_q', 3072), ('to_k', 3072), ('to_v', 3072)]}"
     if not isinstance(split, Mapping) or not split:
-        raise UsageError(f"split must be a non-empty mapping like {example}, got {_short(split)}.")
+        raise UsageError(f"split must be a non-empty mapping like {example}, got {shown(split)}.")
     spec = {}
     for fused, parts in split.items():
         ok = isinstance(fused, str) and bool(fused) and isinstance(parts, (list, tuple)) and len(parts) >= 2
@@ -246,7 +246,7 @@ def _split_spec(split: object) -> dict[str, list[tuple[str, int]]]:
         if not ok or None in parsed:
             raise UsageError(
                 f"split: each entry maps a fused module name to two or more (part name, out_features) pairs with "
-                f"1 <= out_features <= {_MAX_PART}, like {example}; got {_short(fused)}: {_short(parts)}."
+                f"1 <= out_features <= {_MAX_PART}, like {example}; got {shown(fused)}: {shown(parts)}."
             )
         spec[fused] = [p for p in parsed if p is not None]
     return spec
@@ -263,10 +263,6 @@ def _split_part(p: object) -> tuple[str, int] | None:
 def _literal(text: str) -> str:
     """``text`` as a ``re.Match.expand`` template that expands to itself."""
     return text.replace("\\", "\\\\")
-
-
-def _short(v: object, limit: int = 80) -> str:
-    return shown(v, limit)
 
 
 def _where(module: LoraModule) -> str:

@@ -49,13 +49,13 @@ def select_prefix(modules: dict[str, M], prefix: str, source: str, fmt: KeyForma
         UsageError: ``prefix`` is not a non-empty string, or no module key starts with it.
     """
     if not isinstance(prefix, str) or not prefix.strip(fmt.separator + " "):
-        raise UsageError(f"prefix={_short(prefix)} must be a non-empty string such as 'unet' or 'lora_te1'.")
+        raise UsageError(f"prefix={shown(prefix)} must be a non-empty string such as 'unet' or 'lora_te1'.")
     head = prefix if prefix.endswith(fmt.separator) else prefix + fmt.separator
     out = {key[len(head) :]: _renamed(m, key[len(head) :]) for key, m in modules.items() if key.startswith(head)}
     if not out:
         seen = sorted({_component(k, fmt) for k in modules})
         raise UsageError(
-            f"{source}: prefix={_short(prefix)} matches no module key; keys start with {', '.join(seen[:8])} (a "
+            f"{source}: prefix={shown(prefix)} matches no module key; keys start with {', '.join(seen[:8])} (a "
             f"prefix matches whole components, up to {shown(fmt.separator, 200)}). Pass one of those."
         )
     return out
@@ -96,16 +96,16 @@ def apply_key_map(modules: dict[str, M], key_map: Mapping[str, str], source: str
 def _compile(pattern: object, repl: object) -> re.Pattern[str]:
     """``pattern`` compiled, with ``repl`` checked against it; any failure is the caller's."""
     if not isinstance(pattern, str) or not isinstance(repl, str):
-        raise UsageError(f"key_map entries must map str to str, got {_short(pattern)}: {_short(repl)}.")
+        raise UsageError(f"key_map entries must map str to str, got {shown(pattern)}: {shown(repl)}.")
     try:
         compiled = re.compile(pattern)
     except (re.error, OverflowError, RecursionError, ValueError) as exc:
-        raise UsageError(f"key_map entry {_short(pattern)} is not a valid regex ({_cut(str(exc))}).") from None
+        raise UsageError(f"key_map entry {shown(pattern)} is not a valid regex ({_cut(str(exc))}).") from None
     try:
         compiled.sub(repl, "")  # parses the template: a bad group reference fails here, not mid-load
     except (re.error, IndexError, ValueError) as exc:
         raise UsageError(
-            f"key_map entry {_short(pattern)}: replacement {_short(repl)} is not valid ({_cut(str(exc))})."
+            f"key_map entry {shown(pattern)}: replacement {shown(repl)} is not valid ({_cut(str(exc))})."
         ) from None
     return compiled
 
@@ -119,7 +119,7 @@ def _renamed_key(key: str, compiled: list[tuple[re.Pattern[str], str]]) -> str:
                 return m.expand(repl)
             except (re.error, IndexError) as exc:
                 raise UsageError(
-                    f"key_map entry {_short(pattern.pattern)}: {_short(repl)} fails on {_short(key)} ({exc})."
+                    f"key_map entry {shown(pattern.pattern)}: {shown(repl)} fails on {shown(key)} ({exc})."
                 ) from None
     return key
 
@@ -183,15 +183,15 @@ _MAX_PART = 1 << 20
 def _fuse_spec(fuse: Fuse) -> dict[str, list[tuple[str, int | None]]]:
     if not isinstance(fuse, Mapping) or not fuse:
         raise UsageError(
-            f"fuse must be a non-empty mapping like {{'qkv_proj': ['q_proj', 'k_proj', 'v_proj']}}, got {_short(fuse)}."
+            f"fuse must be a non-empty mapping like {{'qkv_proj': ['q_proj', 'k_proj', 'v_proj']}}, got {shown(fuse)}."
         )
     spec = {}
     for fused, parts in fuse.items():
         if not isinstance(fused, str) or not fused:
-            raise UsageError(f"fuse: the fused name {_short(fused)} must be a non-empty string such as 'qkv_proj'.")
+            raise UsageError(f"fuse: the fused name {shown(fused)} must be a non-empty string such as 'qkv_proj'.")
         parsed = [_fuse_part(fused, p) for p in (parts if isinstance(parts, (list, tuple)) else [None])]
         if len(parsed) < 2:
-            raise UsageError(f"fuse[{shown(fused, 200)}] must list at least two parts, got {_short(parts)}.")
+            raise UsageError(f"fuse[{shown(fused, 200)}] must list at least two parts, got {shown(parts)}.")
         spec[fused] = parsed
     return spec
 
@@ -206,7 +206,7 @@ def _fuse_part(fused: str, p: object) -> tuple[str, int | None]:
     raise UsageError(
         f"fuse[{shown(fused, 200)}]: each part must be a name or (name, out_features) with 1 <= out_features <= "
         f"{_MAX_PART}, "
-        f"got {_short(p)}."
+        f"got {shown(p)}."
     )
 
 
@@ -299,10 +299,6 @@ def _unfusable(key: str, present: list[LoraModule]) -> str | None:
 def _renamed(m: M, key: str) -> M:
     """``m`` under a new key; every other field (base_weight included) carried along."""
     return dataclasses.replace(m, key=key)
-
-
-def _short(v: object, limit: int = 80) -> str:
-    return shown(v, limit)
 
 
 def _cut(text: str, limit: int = 200) -> str:

@@ -32,15 +32,11 @@ def _refuse(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     for name in REFUSED:
         if name in kwargs:
             raise UsageError(
-                f"{type(module).__name__}.forward got {name}={_short(kwargs[name])}: that is PEFT's per-row adapter "
+                f"{type(module).__name__}.forward got {name}={shown(kwargs[name])}: that is PEFT's per-row adapter "
                 "argument, which lorahot does not read (the model would have dropped it and run every row on the "
                 "active slot). Route the rows before the call: runtime.activate([slot of each row, -1 for the base "
                 "model]), or runtime.activate(k) for the whole batch; then call the model without it."
             )
-
-
-def _short(value: Any) -> str:
-    return shown(value, 80)
 
 
 def install(module: nn.Module) -> None:
