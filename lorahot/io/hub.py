@@ -78,7 +78,10 @@ def fetch(
         )
     path = _download(repo_id, revision, subfolder, token, weight_name)
     if weight_name is not None:  # a snapshot brings the config along; a single file does not
-        _fetch_config(repo_id, subfolder, revision, token, need_config)
+        # the config the read consults is the one beside the weight file (a weight_name may
+        # have a folder part of its own)
+        folder = "/".join(p for p in (subfolder, str(PurePosixPath(weight_name).parent)) if p and p != ".")
+        _fetch_config(repo_id, folder or None, revision, token, need_config)
     return path
 
 
@@ -97,14 +100,18 @@ def _download(
                 revision=revision,
                 token=token,
                 allow_patterns=[f"{inner}*.safetensors", f"{inner}{CONFIG_NAME}"],
+                # a pattern's '*' also matches '/': without this, every checkpoint folder
+                # below (step-*/, ema/) would come down too, though only the top level is read
+                ignore_patterns=[f"{inner}*/*"],
             )
         )
         return root / subfolder if subfolder else root
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
-        what = (
-            f"{subfolder}/{weight_name}" if subfolder and weight_name else (weight_name or subfolder or "the adapter")
+        what = cut(
+            f"{subfolder}/{weight_name}" if subfolder and weight_name else (weight_name or subfolder or "the adapter"),
+            200,
         )
-        where = repo_id + (f"@{revision}" if revision else "")
+        where = cut(repo_id + (f"@{revision}" if revision else ""), 200)
         raise SourceNotFoundError(
             f"{where}: cannot get {what} from the Hub ({type(exc).__name__}: {_first_line(exc)}). "
             "Check the repo id, revision and file names; when offline (HF_HUB_OFFLINE=1), download it once first."
@@ -126,8 +133,8 @@ def _fetch_config(
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
         if not required or _known_missing(exc, repo_id, subfolder, revision):
             return  # an adapter without a config is fine (kohya, diffusers files)
-        name = f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME
-        where = repo_id + (f"@{revision}" if revision else "")
+        name = cut(f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME, 200)
+        where = cut(repo_id + (f"@{revision}" if revision else ""), 200)
         raise SourceNotFoundError(
             f"{where}: cannot fetch {name} from the Hub ({type(exc).__name__}: {_first_line(exc)}), and without it "
             "the adapter's scale is unknown. Fetch it once while online (the cache then also records a config that "

@@ -8,7 +8,8 @@ preloaded is read again instead of served stale. Nothing here opens a file or re
   ``adapter_config.json`` beside it (or its absence);
 - a local directory (after ``subfolder``): every ``*.safetensors`` in it (or only
   ``weight_name``) and each ``adapter_config.json`` a read would consult, as above;
-- a Hub repo id: the id with ``revision``, ``subfolder`` and ``weight_name``, and (unless the
+- a Hub repo id (a ``str``; a path object always names a local path): the id with
+  ``revision``, ``subfolder`` and ``weight_name``, and (unless the
   revision is a commit hash) the stat of the local Hugging Face cache's ref for that revision,
   which a download of a newer commit rewrites. No network call: a branch that moved on the Hub
   is seen once something downloads it (a read with ``revision=`` of the new commit, or
@@ -18,6 +19,7 @@ preloaded is read again instead of served stale. Nothing here opens a file or re
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path, PurePosixPath
@@ -63,8 +65,13 @@ def source_identity(
             return _local(path / subfolder if subfolder else path, weight_name)
     except Exception:  # OSError, a bad path, or the caller's __fspath__ raising: no identity
         return None
-    if is_repo_id(text) and all(v is None or isinstance(v, str) for v in (revision, subfolder, weight_name)):
-        key = f"hub:{text}@{revision or ''}|subfolder={subfolder or ''}|weight_name={weight_name or ''}"
+    if (
+        isinstance(source, str)
+        and is_repo_id(text)
+        and all(v is None or isinstance(v, str) for v in (revision, subfolder, weight_name))
+    ):
+        # JSON, not a join: a '|' or '=' inside a name cannot make two sources one key
+        key = "hub:" + json.dumps([text, revision or "", subfolder or "", weight_name or ""])
         return key if _COMMIT.fullmatch(revision or "") else f"{key}|{_stat(_hub_ref(text, revision or 'main'))}"
     return None
 

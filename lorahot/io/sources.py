@@ -101,8 +101,9 @@ def open_source(
     text = _source_text(source)
     path = Path(text)
     if _mode(path) is not None:
+        _check_local_args(text, path, revision, token, weight_name)
         return _from_path(path / subfolder if subfolder else path, weight_name, device, slices)
-    if _looks_local(text):
+    if _looks_local(text) or not isinstance(source, str):  # a path object never names a repo
         raise SourceNotFoundError(
             f"{cut(text)}: no such file or directory. Pass an adapter directory, a .safetensors file, a Hub repo id "
             "or a mapping of tensors."
@@ -112,7 +113,7 @@ def open_source(
         text, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name, need_config=need_config
     )
     raw = _from_path(fetched, None, device, slices)
-    inside = "/".join(p for p in (subfolder, Path(raw.source).name) if p)
+    inside = "/".join(p for p in (subfolder, weight_name or Path(raw.source).name) if p)
     raw.source = f"{text}{'@' + revision if revision else ''}/{inside}"
     return raw
 
@@ -136,6 +137,24 @@ def _source_text(source: Any) -> str:
             "Hub repo id or a mapping of tensors."
         )
     return text
+
+
+def _check_local_args(text: str, path: Path, revision: Any, token: Any, weight_name: str | None) -> None:
+    """A local path takes no Hub option, and a file no ``weight_name``: given one, the caller
+    may have meant something else (a repo id spelled like a local folder), so it is refused
+    rather than dropped."""
+    given = [name for name, value in (("revision", revision), ("token", token)) if value is not None]
+    if given:
+        raise UsageError(
+            f"{cut(text)} is a local path, so {' and '.join(f'{n}=' for n in given)} (Hub options) cannot apply. To "
+            f"read the Hub repo of that name, move or rename the local {cut(str(path), 100)}; to read the local "
+            "one, drop them."
+        )
+    if weight_name is not None and not path.is_dir():
+        raise UsageError(
+            f"{cut(text)} is a file, so weight_name={shown(weight_name, 200)} (a file inside a directory or repo) "
+            "cannot apply. Pass the directory with weight_name=, or the file alone."
+        )
 
 
 def _check_hub_args(revision: Any, token: Any, weight_name: str | None) -> None:
@@ -162,6 +181,11 @@ def _check_hub_args(revision: Any, token: Any, weight_name: str | None) -> None:
             f"weight_name={short(weight_name)}: {PurePosixPath(weight_name).suffix} files are pickles, and lorahot "
             "never unpickles (nor downloads them). Load a .safetensors file of the repo, or convert it "
             "(safetensors.torch.save_file)."
+        )
+    if weight_name is not None and not weight_name.lower().endswith(".safetensors"):
+        raise UsageError(
+            f"weight_name={short(weight_name)} is not a .safetensors file; lorahot reads (and downloads) only "
+            "safetensors adapters. Pick the repo's .safetensors file."
         )
 
 

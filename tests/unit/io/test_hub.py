@@ -225,3 +225,89 @@ def test_a_preloaded_repo_id_is_read_again_once_its_branch_moves_in_the_local_ca
     a, b = tensors["base_model.model.proj.lora_A.weight"], tensors["base_model.model.proj.lora_B.weight"]
     want = model.proj.base_layer(x) + 0.5 * (x @ a.T) @ b.T
     torch.testing.assert_close(model(x), want)
+
+
+def test_a_weight_name_in_a_folder_reads_the_config_beside_it(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``weight_name="a/w.safetensors"``: the config fetched is ``a/adapter_config.json``, the
+    one the read then consults, not the repo root's (before, the root's was fetched and the
+    folder's read: alpha silently the rank where the folder's was not cached)."""
+    import huggingface_hub
+
+    snap = hub_cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
+    (snap / "a").mkdir()
+    save_file(_peft_tensors(4), snap / "a" / "w.safetensors")
+    (snap / "a" / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 1}')
+    asked: list[tuple[str, str | None]] = []
+    real = huggingface_hub.hf_hub_download
+
+    def spy(repo_id: str, filename: str, *, subfolder: str | None = None, **kwargs: object) -> str:
+        asked.append((filename, subfolder))
+        return real(repo_id, filename, subfolder=subfolder, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    adapter = lorahot.read_adapter(REPO, weight_name="a/w.safetensors")
+    assert ("adapter_config.json", "a") in asked and ("adapter_config.json", None) not in asked
+    assert adapter.modules["proj"].scale == 1 / 4
+    assert adapter.source == f"{REPO}/a/w.safetensors"
+
+
+def test_a_snapshot_brings_only_top_level_files(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snapshot's patterns leave out every folder below the one read (checkpoint folders
+    would otherwise all be downloaded, as a '*' also matches '/')."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    seen: dict[str, object] = {}
+    real = huggingface_hub.snapshot_download
+
+    def spy(repo_id: str, **kwargs: object) -> str:
+        seen.update(kwargs)
+        return real(repo_id, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    lorahot.read_adapter(REPO)
+    files = [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "step-100/adapter_model.safetensors",
+        "base/x.safetensors",
+    ]
+    kept = filter_repo_objects(files, allow_patterns=seen["allow_patterns"], ignore_patterns=seen["ignore_patterns"])
+    assert sorted(kept) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["model.gguf", "weights.onnx", "adapter.npz", "README.md"])
+def test_a_weight_name_that_is_no_safetensors_file_is_refused_before_any_request(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("a request was made"))
+    with pytest.raises(lorahot.UsageError, match=r"is not a \.safetensors file"):
+        lorahot.read_adapter(REPO, weight_name=name)
+
+
+def test_a_path_object_never_names_a_repo(hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Path("org/name")`` with no such local folder is a missing path, not the Hub repo of
+    that spelling (a mistyped local path would otherwise read a stranger's repo)."""
+    monkeypatch.chdir(tmp_path)
+    assert lorahot.read_adapter(REPO).format == "peft"  # the string: the repo
+    with pytest.raises(lorahot.SourceNotFoundError, match=r"no such file or directory"):
+        lorahot.read_adapter(Path(REPO))
+
+
+def test_hub_options_with_a_local_path_are_refused(
+    hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local folder spelled like a repo id takes the read; a revision or token given with it
+    means the caller may have meant the repo, so it is refused, not dropped. A weight_name with
+    a file source is refused too."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / REPO).mkdir(parents=True)
+    save_file(_peft_tensors(2), tmp_path / REPO / "adapter_model.safetensors")
+    assert lorahot.read_adapter(REPO).modules["proj"].rank == 2  # the local folder, as documented
+    for kwargs in ({"revision": "main"}, {"token": "hf_x"}):
+        with pytest.raises(lorahot.UsageError, match=r"is a local path, so (revision|token)= \(Hub options\) cannot"):
+            lorahot.read_adapter(REPO, **kwargs)
+    with pytest.raises(lorahot.UsageError, match=r"is a file, so weight_name='y\.safetensors'"):
+        lorahot.read_adapter(tmp_path / REPO / "adapter_model.safetensors", weight_name="y.safetensors")

@@ -255,12 +255,15 @@ def test_identity_honours_subfolder_and_weight_name(tmp_path: Path) -> None:
 
 
 def test_identity_of_hub_ids_and_in_memory_sources() -> None:
-    assert source_identity("org/name", revision="v1", subfolder="s").startswith(
-        "hub:org/name@v1|subfolder=s|weight_name=|"
-    )
+    assert source_identity("org/name", revision="v1", subfolder="s").startswith('hub:["org/name", "v1", "s", ""]|')
     commit = "0123456789abcdef0123456789abcdef01234567"  # immutable: no ref to consult
-    assert source_identity("org/name", revision=commit) == f"hub:org/name@{commit}|subfolder=|weight_name="
+    assert source_identity("org/name", revision=commit) == f'hub:["org/name", "{commit}", "", ""]'
     assert source_identity("org/name") != source_identity("org/name", revision="v1")
+    # names holding the separators a joined key would use stay two sources (a hunt's collision)
+    assert source_identity("org/name", subfolder="s|weight_name=w.safetensors") != source_identity(
+        "org/name", subfolder="s", weight_name="w.safetensors|weight_name="
+    )
+    assert source_identity(Path("org/name")) is None  # a path object names a local path, here none
     assert source_identity({"a": torch.ones(1)}) is None
     assert source_identity("./no/such/dir") is None
     assert source_identity(42) is None
