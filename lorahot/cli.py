@@ -142,10 +142,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str) -> NoReturn:
-    """Exits with status 2 after writing ``message`` as one escaped line on stderr."""
+    """Exits with status 2 after writing ``message`` as one escaped line on stderr (the status
+    stands where stderr cannot be written: closed, or a full disk)."""
     line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-    sys.stderr.write(f"lorahot: error: {_escaped(line)}\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(f"lorahot: error: {_escaped(line)}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):  # stderr closed or full: the status still says it
+        pass
     raise SystemExit(2)
 
 

@@ -220,3 +220,21 @@ def test_an_unwritable_stdout_is_one_line_on_stderr_not_a_traceback(tmp_path: Pa
     out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert out.stderr.startswith("lorahot: cannot write the output:") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_a_bad_file_exits_2_even_where_stderr_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The status carries the failure when its line cannot be written (stderr closed or full):
+    before, the write's OSError escaped and Python exited 1."""
+    from lorahot import cli
+
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    (tmp_path / "model.ckpt").write_bytes(b"not really a pickle")
+    monkeypatch.setattr(sys, "stderr", Full())
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["inspect", str(tmp_path / "model.ckpt")])
+    assert exited.value.code == 2
