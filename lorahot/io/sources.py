@@ -148,7 +148,7 @@ def _check_local_args(text: str, path: Path, revision: Any, token: Any, weight_n
         raise UsageError(
             f"{cut(text)} is a local path, so {' and '.join(f'{n}=' for n in given)} (Hub options) cannot apply. To "
             f"read the Hub repo of that name, move or rename the local {cut(str(path), 100)}; to read the local "
-            "one, drop them."
+            f"one, drop {'them' if len(given) > 1 else 'it'}."
         )
     if weight_name is not None and not path.is_dir():
         raise UsageError(
