@@ -34,14 +34,11 @@ from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.deltas import build_delta, delta_bound
 from lorahot.runtime.stack import Stack
 
-__all__ = ["Merger", "check_mergeable", "check_untied", "writing", "record", "replaced"]
+__all__ = ["Merger", "check_mergeable", "check_untied", "hooked", "writing", "record", "replaced"]
 
 
 def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> None:
     """Raises :class:`UsageError` if ``layer`` cannot run in merged mode."""
-    refusal = layer.merge_refusal()
-    if refusal is not None:
-        raise UsageError(f"{name}: {refusal}; inject without merged=True.")
     base = layer.base_layer
     if "weight" not in base._parameters:  # a parametrization's property, weight_norm's attribute
         raise UsageError(
@@ -49,6 +46,9 @@ def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> N
             "stored, so merged mode has no weight to rewrite: the adapter would be dropped. Inject without "
             "merged=True, or remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) first."
         )
+    refusal = hooked(base) or layer.merge_refusal()  # hooks first: no probe runs their code
+    if refusal is not None:
+        raise UsageError(f"{name}: {refusal}; inject without merged=True.")
     weight = layer.base_weight
     if dtype is not None and dtype != weight.dtype:
         raise UsageError(f"merged mode computes in the base weights' dtype ({weight.dtype}); drop dtype={dtype}.")
@@ -57,6 +57,28 @@ def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> N
             f"{name}: merged mode rewrites the weight in place and needs it contiguous; its strides are "
             f"{weight.stride()} for shape {tuple(weight.shape)}. Make it contiguous before inject, or drop merged=True."
         )
+
+
+def hooked(base: nn.Module) -> str | None:
+    """Why merged mode would change what ``base``'s own code does to its output: forward hooks
+    or pre-hooks on it, or a ``forward`` of the instance's own (accelerate sets one). A folded
+    weight passes the LoRA through them too, where unmerged (and PEFT's unmerged forward) they
+    see the base alone; None where it has none."""
+    kinds = [
+        what
+        for what, present in (
+            ("forward pre-hooks", bool(base._forward_pre_hooks)),
+            ("forward hooks", bool(base._forward_hooks)),
+            ("a forward of the instance's own", "forward" in base.__dict__),
+        )
+        if present
+    ]
+    if not kinds:
+        return None
+    return (
+        f"{type(base).__name__} has {' and '.join(kinds)}, which would act on the folded LoRA too (unmerged, they "
+        "see the base layer alone), so merged mode would compute something else; remove them first"
+    )
 
 
 def check_untied(model: nn.Module, names: list[str]) -> None:

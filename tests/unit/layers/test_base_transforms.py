@@ -221,10 +221,14 @@ def test_the_probe_forward_leaves_a_stateful_module_as_it_was() -> None:
     model = nn.Sequential(module)
     fired: list[int] = []
     handle = module.register_forward_hook(lambda *_: fired.append(1))
-    lorahot.inject(model, ["0"], max_rank=2, merged=True)
-    assert float(module.seen) == 0.0 and module.calls == 0
+    # a hooked layer is refused in merged mode (runtime.merge.hooked), after the probe ran
+    with pytest.raises(lorahot.UsageError, match=r"has forward hooks, which would act on the folded LoRA"):
+        lorahot.inject(model, ["0"], max_rank=2, merged=True)
+    assert model[0] is module and float(module.seen) == 0.0 and module.calls == 0 and not fired
     handle.remove()  # the hook dict is the one its handle refers to (restored in place, not replaced)
     assert not module._forward_hooks
+    lorahot.inject(model, ["0"], max_rank=2, merged=True)
+    assert float(module.seen) == 0.0 and module.calls == 0
     lorahot.eject(model)
     assert model[0] is module and float(module.seen) == 0.0 and module.calls == 0
 

@@ -57,6 +57,38 @@ def test_merged_refuses_grouped_conv() -> None:
     assert isinstance(model[0], nn.Conv2d)
 
 
+def _hooked(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    layer: nn.Module = nn.Embedding(10, 6) if kind == "embedding hook" else nn.Conv2d(3, 5, 3)
+    if kind.startswith("linear"):
+        layer = nn.Linear(6, 5)
+    if kind == "linear pre-hook":
+        layer.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    elif kind == "linear instance forward":
+        plain = layer.forward
+        layer.forward = lambda x: plain(x) * 0.5 + 1  # type: ignore[method-assign]  # as accelerate sets one
+    else:
+        layer.register_forward_hook(lambda m, args, out: out * 3)
+    return nn.Sequential(layer).double()
+
+
+@pytest.mark.parametrize(
+    "kind", ["linear pre-hook", "linear hook", "linear instance forward", "conv hook", "embedding hook"]
+)
+def test_merged_refuses_a_layer_whose_hooks_would_see_the_folded_lora(kind: str) -> None:
+    """A hook (or an instance forward) on the base layer would act on a folded ``B @ A`` too,
+    where unmerged, as in PEFT's unmerged forward, it sees the base output alone: a different
+    number, silently (a layer-kind hunt measured differences of 3.7 to 119). Refused at
+    inject, the model left as it was; unmerged still serves it."""
+    model = _hooked(kind)
+    with pytest.raises(
+        lorahot.UsageError, match=r"^0: .* which would act on the folded LoRA too .* inject without merged"
+    ):
+        lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    assert not isinstance(model[0], lorahot.LoRALayer)
+    lorahot.inject(model, ["0"], max_rank=4)
+
+
 # -- tied weights ------------------------------------------------------------------------------
 
 
