@@ -20,7 +20,6 @@ from typing import Any
 
 from lorahot.errors import AdapterReadError, shown
 from lorahot.io.patterns import PatternSet
-from lorahot.io.safety import short
 
 __all__ = ["AdapterConfig", "CONFIG_NAME", "UNSUPPORTED", "REWRITING_INITS", "PEFT_DEFAULT_ALPHA", "finite"]
 
@@ -129,7 +128,7 @@ class AdapterConfig:
         flags = {k: raw.get(k, False) for k in ("use_rslora", "use_dora", "fan_in_fan_out")}
         for k, v in flags.items():
             if not isinstance(v, bool):
-                problems.append(f"{k} must be true or false, got {short(v)}")
+                problems.append(f"{k} must be true or false, got {shown(v)}")
                 flags[k] = False
         targets = _targets(raw.get("target_modules"), problems)
         unsupported = tuple(f"{k}={_json(raw[k])}; {why}" for k, why in UNSUPPORTED.items() if _set(raw.get(k)))
@@ -180,7 +179,7 @@ def _targets(v: Any, problems: list[str]) -> tuple[str, ...] | str | None:
         return v
     if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
         return tuple(v)
-    problems.append(f"target_modules must be a string or a list of strings, got {short(v)}")
+    problems.append(f"target_modules must be a string or a list of strings, got {shown(v)}")
     return None
 
 
@@ -196,7 +195,7 @@ def _opt_int(v: Any, name: str, problems: list[str]) -> int | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= _MAX_RANK:
-        problems.append(f"{name} must be an integer in 1..{_MAX_RANK}, got {short(v)}")
+        problems.append(f"{name} must be an integer in 1..{_MAX_RANK}, got {shown(v)}")
         return None
     return v
 
@@ -205,7 +204,7 @@ def _opt_alpha(v: Any, name: str, problems: list[str]) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite_positive(v):
-        problems.append(f"{name} must be a finite number > 0, got {short(v)}")
+        problems.append(f"{name} must be a finite number > 0, got {shown(v)}")
         return None
     return float(v)
 
@@ -233,7 +232,7 @@ def _pattern(
         return {}, None
     out: dict[str, Any] = {}
     for k, x in v.items():
-        parsed = parse(x, f"{name}[{short(k, 60)}]", problems)
+        parsed = parse(x, f"{name}[{shown(k, 60)}]", problems)
         if parsed is not None:
             out[k] = parsed
     before = len(problems)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
-from lorahot.errors import SourceNotFoundError, UsageError
+from lorahot.errors import SourceNotFoundError, UsageError, shown
 from lorahot.io.config import CONFIG_NAME
-from lorahot.io.safety import cut, short
+from lorahot.io.safety import cut
 
 __all__ = ["is_repo_id", "check_relative", "fetch"]
 
@@ -41,13 +41,13 @@ def check_relative(value: str | None, what: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise UsageError(f"{what}={short(value)} must be a string: a relative path with '/' separators.")
+        raise UsageError(f"{what}={shown(value)} must be a string: a relative path with '/' separators.")
     if not value or "\\" in value or "\x00" in value:
-        raise SourceNotFoundError(f"{what}={short(value)} must be a non-empty relative path with '/' separators.")
+        raise SourceNotFoundError(f"{what}={shown(value)} must be a non-empty relative path with '/' separators.")
     path = PurePosixPath(value)
     if path.is_absolute() or any(part in ("..", "") for part in value.split("/")) or re.match(r"^[A-Za-z]:", value):
         raise SourceNotFoundError(
-            f"{what}={short(value)} must stay inside the adapter directory or repo (no absolute paths, no '..')."
+            f"{what}={shown(value)} must stay inside the adapter directory or repo (no absolute paths, no '..')."
         )
     return str(path)
 
@@ -73,7 +73,7 @@ def fetch(
     """
     if not is_repo_id(repo_id):
         raise SourceNotFoundError(
-            f"{short(repo_id, 200)} is neither an existing path nor a valid Hub repo id ('owner/name'). Check the "
+            f"{shown(repo_id, 200)} is neither an existing path nor a valid Hub repo id ('owner/name'). Check the "
             "spelling."
         )
     path = _download(repo_id, revision, subfolder, token, weight_name)

@@ -34,7 +34,7 @@ from lorahot.formats.diffusers import METADATA_KEY
 from lorahot.formats.table import Parts
 from lorahot.io.config import CONFIG_NAME, AdapterConfig, finite
 from lorahot.io.patterns import budget_problem
-from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json, short
+from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json
 from lorahot.io.sources import RawAdapter, Source, open_source
 from lorahot.io.tensorfile import Slices
 from lorahot.memo import BoundedMemo
@@ -247,7 +247,7 @@ def _device(device: Any) -> torch.device | None:
         out = torch.device(device)
         torch.empty(0, device=out)  # an unknown or absent device fails here, not mid-read
     except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
-        raise UsageError(f"device={short(device)} is not a usable torch device ({cut(str(exc), 200)}).") from None
+        raise UsageError(f"device={shown(device)} is not a usable torch device ({cut(str(exc), 200)}).") from None
     return out
 
 
@@ -484,7 +484,7 @@ def _agreed(raw: RawAdapter, header: dict[str, Any], component: str = "") -> dic
     clash = [k for k in _DECIDING if k in config and k in header and config[k] != header[k]]
     if clash:
         fields = "; ".join(
-            f"{k} {short(config[k])} against {f'{component}{k} ' if component else ''}{short(header[k])}" for k in clash
+            f"{k} {shown(config[k])} against {f'{component}{k} ' if component else ''}{shown(header[k])}" for k in clash
         )
         raise AdapterMismatchError(
             f"{raw.source}: {CONFIG_NAME} and the {METADATA_KEY} in its safetensors header disagree: "

@@ -33,8 +33,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lorahot.errors import AdapterReadError
-from lorahot.io.safety import cut, short
+from lorahot.errors import AdapterReadError, shown
+from lorahot.io.safety import cut
 
 __all__ = ["MAX_PATTERN_BYTES", "MAX_PATTERNS", "MAX_PATTERN_TOTAL_BYTES", "PatternSet", "budget_problem"]
 
@@ -89,7 +89,7 @@ class PatternSet:
         if len(keys) > MAX_PATTERNS:
             problems.append(f"{field} has {len(keys)} entries, more than the {MAX_PATTERNS} lorahot evaluates")
             return None
-        bad = [f"{field} key {short(k)} {why}" for k in keys if (why := _problem(k)) is not None]
+        bad = [f"{field} key {shown(k)} {why}" for k in keys if (why := _problem(k)) is not None]
         if not bad:
             sets = _sets([_wrapped(k.encode("utf-8"), newline=True) for k in keys])
             if sets is None:
@@ -109,7 +109,7 @@ class PatternSet:
         if self._exact is None:
             exact = _sets([_wrapped(k.encode("utf-8"), newline=False) for k in self.keys])
             if exact is None:  # cannot be: these programs are smaller than the ones that compiled
-                raise AdapterReadError(f"rank/alpha pattern keys {short(self.keys)} stopped compiling in RE2.")
+                raise AdapterReadError(f"rank/alpha pattern keys {shown(self.keys)} stopped compiling in RE2.")
             self._exact = exact
         return self._exact
 
@@ -185,7 +185,7 @@ def _reason(re2: Any, raw: bytes) -> str:
 def _too_large(keys: Sequence[str], field: str) -> list[str]:
     """The keys whose program alone is too large for RE2; else the whole field is."""
     bad = [
-        f"{field} key {short(k)} compiles to too large a program for RE2"
+        f"{field} key {shown(k)} compiles to too large a program for RE2"
         for k in keys
         if _sets([_wrapped(k.encode("utf-8"), newline=True)]) is None
     ]

@@ -61,7 +61,6 @@ __all__ = [
     "parse_json",
     "path_error",
     "file_kind",
-    "short",
     "cut",
 ]
 
@@ -397,7 +396,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"duplicate key {short(k)}")
+            raise ValueError(f"duplicate key {shown(k)}")
         out[k] = v
     return out
 
@@ -424,34 +423,34 @@ def _check_metadata(path: Path, metadata: Any) -> None:
 def _check_entry(path: Path, key: str, entry: Any) -> tuple[int, int, str]:
     """``(begin, end, key)`` of one tensor entry, after checking key, dtype, shape and offsets."""
     if len(key) > MAX_KEY_CHARS:
-        raise _error(path, f"tensor key {short(key)} is {len(key)} characters long, more than {MAX_KEY_CHARS}")
+        raise _error(path, f"tensor key {shown(key)} is {len(key)} characters long, more than {MAX_KEY_CHARS}")
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise _error(
             path,
-            f"tensor {short(key)}: entry must be an object with exactly dtype, shape, data_offsets; got {short(entry)}",
+            f"tensor {shown(key)}: entry must be an object with exactly dtype, shape, data_offsets; got {shown(entry)}",
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise _error(
-            path, f"tensor {short(key)}: unsupported dtype {short(dtype)} (expected one of {', '.join(DTYPE_BYTES)})"
+            path, f"tensor {shown(key)}: unsupported dtype {shown(dtype)} (expected one of {', '.join(DTYPE_BYTES)})"
         )
     if not _int_list(shape) or len(shape) > MAX_NDIM or any(d < 0 for d in shape):
         raise _error(
-            path, f"tensor {short(key)}: shape {short(shape)} is not a list of at most {MAX_NDIM} non-negative integers"
+            path, f"tensor {shown(key)}: shape {shown(shape)} is not a list of at most {MAX_NDIM} non-negative integers"
         )
     if math.prod(max(d, 1) for d in shape) > MAX_NUMEL:
         raise _error(
-            path, f"tensor {short(key)}: shape {short(shape)} has dimensions whose product exceeds {MAX_NUMEL}"
+            path, f"tensor {shown(key)}: shape {shown(shape)} has dimensions whose product exceeds {MAX_NUMEL}"
         )
     if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
         raise _error(
-            path, f"tensor {short(key)}: data_offsets {short(offsets)} must be [begin, end] with 0 <= begin <= end"
+            path, f"tensor {shown(key)}: data_offsets {shown(offsets)} must be [begin, end] with 0 <= begin <= end"
         )
     nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
     if offsets[1] - offsets[0] != nbytes:
         raise _error(
             path,
-            f"tensor {short(key)}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets {short(offsets)} "
+            f"tensor {shown(key)}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets {shown(offsets)} "
             f"span {offsets[1] - offsets[0]}",
         )
     return offsets[0], offsets[1], key
@@ -465,15 +464,15 @@ def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_size: int)
         begin, end, key = beyond[-1]
         raise _error(
             path,
-            f"tensor {short(key)} at bytes [{begin}, {end}) of the data section ends past the end of the file, "
+            f"tensor {shown(key)} at bytes [{begin}, {end}) of the data section ends past the end of the file, "
             f"whose data section holds {data_size} bytes (a truncated file, or data_offsets that are wrong)",
         )
     pos, prev = 0, "the header"
     for begin, end, key in sorted(spans):
         if begin != pos:
             kind = "overlaps" if begin < pos else "leaves a gap after"
-            raise _error(path, f"tensor {short(key)} at bytes [{begin}, {end}) {kind} {prev}, which ends at {pos}")
-        pos, prev = end, short(key)
+            raise _error(path, f"tensor {shown(key)} at bytes [{begin}, {end}) {kind} {prev}, which ends at {pos}")
+        pos, prev = end, shown(key)
     if pos != data_size:
         where = (
             "past the end of the file (truncated file)"
@@ -487,12 +486,6 @@ def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_size: int)
 
 def _int_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v)
-
-
-def short(v: Any, limit: int = 80) -> str:
-    """``repr(v)`` cut to ``limit`` characters, for messages about untrusted data (never raises:
-    :func:`lorahot.errors.shown`)."""
-    return shown(v, limit)
 
 
 def cut(text: str, limit: int = 300) -> str:

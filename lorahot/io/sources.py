@@ -32,7 +32,6 @@ from lorahot.io.safety import (
     open_regular,
     path_error,
     read_json_file,
-    short,
 )
 from lorahot.io.tensorfile import Slices, file_stamp, read_tensors
 
@@ -122,19 +121,18 @@ def _source_text(source: Any) -> str:
     """``source`` as a path string, refusing what cannot name an adapter."""
     if not isinstance(source, (str, os.PathLike)):
         raise UsageError(
-            f"source={short(source)} must be a path, a Hub repo id, a mapping of tensors or a lorahot.Adapter."
+            f"source={shown(source)} must be a path, a Hub repo id, a mapping of tensors or a lorahot.Adapter."
         )
     try:
         text = os.fspath(source)
     except Exception as exc:  # the caller's __fspath__: returning neither str nor bytes, or raising
-        raise UsageError(f"source={short(source)} is not a usable path: {type(exc).__name__}: {exc}") from None
+        raise UsageError(f"source={shown(source)} is not a usable path: {type(exc).__name__}: {exc}") from None
     if not isinstance(text, str):
-        raise UsageError(f"source={short(source)} must be a str path, not {type(text).__name__}.")
+        raise UsageError(f"source={shown(source)} must be a str path, not {type(text).__name__}.")
     if not text.strip():
         raise UsageError(
             f"source={shown(text, 200)} is empty. Pass an adapter directory ('.' for the current one), a "
-            f".safetensors file, a "
-            "Hub repo id or a mapping of tensors."
+            ".safetensors file, a Hub repo id or a mapping of tensors."
         )
     return text
 
@@ -163,7 +161,7 @@ def _check_hub_args(revision: Any, token: Any, weight_name: str | None) -> None:
     read and wrote files outside it, found by an independent audit), and no pickle asked for
     by ``weight_name`` (refused before it is downloaded, not after)."""
     if revision is not None and (not isinstance(revision, str) or not revision.strip()):
-        raise UsageError(f"revision={short(revision)} must be a branch, tag or commit name.")
+        raise UsageError(f"revision={shown(revision)} must be a branch, tag or commit name.")
     if revision is not None and (
         revision.startswith("/")
         or "\\" in revision
@@ -171,20 +169,20 @@ def _check_hub_args(revision: Any, token: Any, weight_name: str | None) -> None:
         or any(part in ("", ".", "..") for part in revision.split("/"))
     ):
         raise UsageError(
-            f"revision={short(revision)} must be a branch, tag or commit name (like 'main', 'v1.0', 'refs/pr/1' or a "
+            f"revision={shown(revision)} must be a branch, tag or commit name (like 'main', 'v1.0', 'refs/pr/1' or a "
             "commit hash): no '..' or '.' parts, no leading '/', no backslashes or control characters."
         )
     if token is not None and not isinstance(token, (str, bool)):
         raise UsageError(f"token must be a string, True, False or None, not {type(token).__name__}.")
     if weight_name is not None and PurePosixPath(weight_name).suffix.lower() in PICKLE_SUFFIXES:
         raise AdapterReadError(
-            f"weight_name={short(weight_name)}: {PurePosixPath(weight_name).suffix} files are pickles, and lorahot "
+            f"weight_name={shown(weight_name)}: {PurePosixPath(weight_name).suffix} files are pickles, and lorahot "
             "never unpickles (nor downloads them). Load a .safetensors file of the repo, or convert it "
             "(safetensors.torch.save_file)."
         )
     if weight_name is not None and not weight_name.lower().endswith(".safetensors"):
         raise UsageError(
-            f"weight_name={short(weight_name)} is not a .safetensors file; lorahot reads (and downloads) only "
+            f"weight_name={shown(weight_name)} is not a .safetensors file; lorahot reads (and downloads) only "
             "safetensors adapters. Pick the repo's .safetensors file."
         )
 
@@ -233,13 +231,13 @@ def _from_mapping(source: Mapping[str, Any]) -> RawAdapter:
     bad = [k for k, v in source.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise AdapterReadError(
-            f"<mapping>: entries {short(bad[:5], 200)} are not str -> torch.Tensor. Pass a dict of tensors keyed by "
+            f"<mapping>: entries {shown(bad[:5], 200)} are not str -> torch.Tensor. Pass a dict of tensors keyed by "
             "name."
         )
     long = [k for k in source if len(k) > MAX_KEY_CHARS]
     if long:
         raise AdapterReadError(
-            f"<mapping>: key {short(long[0])} is {len(long[0])} characters long, more than {MAX_KEY_CHARS}. Pass "
+            f"<mapping>: key {shown(long[0])} is {len(long[0])} characters long, more than {MAX_KEY_CHARS}. Pass "
             "the adapter's module keys."
         )
     return RawAdapter({k: v.detach() for k, v in source.items()}, "<mapping>")

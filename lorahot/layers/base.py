@@ -53,6 +53,7 @@ __all__ = [
     "LayerSpec",
     "LoRALayer",
     "overrides_forward",
+    "own_code",
     "forward_mismatch",
     "refuse_assigned_load_under",
     "kept_parametrizations",
@@ -802,6 +803,16 @@ class LoRALayer(nn.Module):
 def overrides_forward(module: nn.Module, torch_cls: type[nn.Module]) -> bool:
     """Whether ``module``'s class replaces ``torch_cls.forward`` (what lorahot's math assumes)."""
     return type(module).forward is not torch_cls.forward
+
+
+def own_code(module: nn.Module) -> list[str]:
+    """What of its own ``module`` runs around its class's ``forward`` when called: forward
+    pre-hooks, forward hooks, a ``forward`` set on the instance (accelerate's offloading sets
+    one); empty where none."""
+    found = [("forward pre-hooks", module._forward_pre_hooks), ("forward hooks", module._forward_hooks)]
+    return [what for what, hooks in found if hooks] + (
+        ["a forward of the instance's own"] if "forward" in module.__dict__ else []
+    )
 
 
 def forward_mismatch(

@@ -26,7 +26,7 @@ from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.kernels import wide_linear as wide_kernel
 from lorahot.layers import routing
-from lorahot.layers.base import WIDE_BUFFER, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
+from lorahot.layers.base import WIDE_BUFFER, LayerSpec, LoRALayer, forward_mismatch, overrides_forward, own_code
 from lorahot.layers.tensor_handles import SEGMENTS, TENSORS, TOKENS, WORKSPACES
 
 __all__ = ["LoRALinear", "linear_features", "is_conv1d", "computes_as_stored"]
@@ -477,12 +477,7 @@ def computes_as_stored(base: nn.Module) -> bool:
     ``forward`` of the instance's own (accelerate's offloading hooks set one), and a weight
     stored as a parameter (not recomputed by a parametrization or weight_norm's pre-hook).
     Other layers take the library path, which calls ``base``."""
-    return (
-        not base._forward_hooks
-        and not base._forward_pre_hooks
-        and "forward" not in base.__dict__
-        and "weight" in base._parameters
-    )
+    return not own_code(base) and "weight" in base._parameters
 
 
 def _kernel_input(x: torch.Tensor, dtype: torch.dtype, base: nn.Module) -> bool:

@@ -29,7 +29,7 @@ from torch import nn
 from lorahot.adapter import LoraModule, WeightModule
 from lorahot.errors import AdapterReadError, UsageError, format_problems
 from lorahot.layers import LoRALayer
-from lorahot.layers.base import EXTRA_BIAS, EXTRA_F
+from lorahot.layers.base import EXTRA_BIAS, EXTRA_F, own_code
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.deltas import build_delta, delta_bound
 from lorahot.runtime.stack import Stack
@@ -64,15 +64,7 @@ def hooked(base: nn.Module) -> str | None:
     or pre-hooks on it, or a ``forward`` of the instance's own (accelerate sets one). A folded
     weight passes the LoRA through them too, where unmerged (and PEFT's unmerged forward) they
     see the base alone; None where it has none."""
-    kinds = [
-        what
-        for what, present in (
-            ("forward pre-hooks", bool(base._forward_pre_hooks)),
-            ("forward hooks", bool(base._forward_hooks)),
-            ("a forward of the instance's own", "forward" in base.__dict__),
-        )
-        if present
-    ]
+    kinds = own_code(base)
     if not kinds:
         return None
     return (
