@@ -8,7 +8,7 @@ keys themselves.
 
 from __future__ import annotations
 
-from lorahot.formats import comfyui, diffusers, flux, hunyuan, kohya, lumina2, peft, wan
+from lorahot.formats import anima, comfyui, diffusers, flux, hunyuan, kohya, ltx2, lumina2, peft, wan
 from lorahot.formats.table import KeyFormat, Reorder, Rule, Split, group_keys
 from lorahot.memo import BoundedMemo, digest
 
@@ -24,7 +24,9 @@ FORMATS: tuple[KeyFormat, ...] = (
     hunyuan.FORMAT,  # before flux-bfl: the same block names, spelled apart (img_attn_qkv)
     flux.BFL,
     lumina2.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike
+    anima.FORMAT,  # before Wan, whose block names it shares (blocks.N.self_attn)
     wan.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike
+    ltx2.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike
     comfyui.FORMAT,
     diffusers.FORMAT,
     diffusers.OLD_FORMAT,

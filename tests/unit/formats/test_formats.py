@@ -319,6 +319,13 @@ def test_peft_embedding_base_layer_copies_are_carried(tmp_path: Path) -> None:
         ("diffusion_model.layers.0.attention.qkv.lora_A.weight", "lumina2"),
         ("diffusion_model.noise_refiner.1.feed_forward.w2.lora_down.weight", "lumina2"),
         ("diffusion_model.layers.0.attn.to_q.lora_A.weight", "comfyui"),
+        ("diffusion_model.adaln_single.linear.lora_A.weight", "ltx2"),
+        ("diffusion_model.av_ca_a2v_gate_adaln_single.linear.lora_down.weight", "ltx2"),
+        ("diffusion_model.transformer_blocks.0.audio_attn1.to_q.lora_A.weight", "comfyui"),
+        ("diffusion_model.blocks.0.self_attn.q_proj.lora_A.weight", "anima"),
+        ("diffusion_model.blocks.2.adaln_modulation_mlp.1.lora_down.weight", "anima"),
+        ("diffusion_model.blocks.0.self_attn.o.lora_A.weight", "wan"),
+        ("diffusion_model.double_stream_blocks.0.block.attn1.to_q.lora_A.weight", "comfyui"),
     ],
 )
 def test_flux_namings_and_the_others_are_told_apart(key: str, name: str) -> None:

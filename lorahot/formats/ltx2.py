@@ -1,0 +1,63 @@
+"""LTX-2 naming: adapters trained on the original LTX-2 module names
+(``diffusion_model.transformer_blocks.0.attn1.to_q.lora_A.weight``, or ``.lora_down``/``.lora_up``,
+with ``.alpha``), for a diffusers-named ``LTX2VideoTransformer3DModel``.
+
+The blocks keep their names in diffusers (``attn1``, ``audio_attn2``, ``audio_to_video_attn``,
+``ff.net.0.proj``), so a file that adapts only them loads as ComfyUI naming. What this naming adds
+are the modules outside the blocks that diffusers renamed: ``patchify_proj`` -> ``proj_in``,
+``adaln_single`` -> ``time_embed``, the audio-video cross-attention modulations
+(``av_ca_video_scale_shift_adaln_single`` -> ``av_cross_attn_video_scale_shift``, ...) and
+LTX-2.3's prompt modulations (``prompt_adaln_single`` -> ``prompt_adaln``), each an alias taken only
+where the model has its target. A ``.alpha`` is read as ``alpha / rank``, as ComfyUI reads it.
+
+Keys under ``text_embedding_projection.`` adapt the text connectors, another component in
+diffusers, which this naming does not place: they are refused by name, or with ``strict=False``
+skipped while the transformer's modules load.
+"""
+
+from __future__ import annotations
+
+import re
+
+from lorahot.formats.table import REFUSED, KeyFormat, lora_rules
+
+__all__ = ["FORMAT"]
+
+#: original module (its leading part) -> diffusers'
+_OUTSIDE = {
+    "patchify_proj": "proj_in",
+    "audio_patchify_proj": "audio_proj_in",
+    "adaln_single": "time_embed",
+    "audio_adaln_single": "audio_time_embed",
+    "prompt_adaln_single": "prompt_adaln",
+    "audio_prompt_adaln_single": "audio_prompt_adaln",
+    "av_ca_video_scale_shift_adaln_single": "av_cross_attn_video_scale_shift",
+    "av_ca_a2v_gate_adaln_single": "av_cross_attn_video_a2v_gate",
+    "av_ca_audio_scale_shift_adaln_single": "av_cross_attn_audio_scale_shift",
+    "av_ca_v2a_gate_adaln_single": "av_cross_attn_audio_v2a_gate",
+}
+
+#: at a key's start or after a ``.`` (a component prefix): never inside ``audio_adaln_single``
+_START = r"(?<![^.])"
+
+_ALIASES: tuple[tuple[str, str], ...] = tuple(
+    (rf"{_START}{re.escape(k)}(\..+)?$", rf"{v}\1") for k, v in _OUTSIDE.items()
+)
+
+FORMAT = KeyFormat(
+    name="ltx2",
+    rules=lora_rules(),
+    prefixes=("diffusion_model.", "text_embedding_projection."),
+    require_prefix=True,
+    refuse=(
+        (
+            r"^text_embedding_projection\.",
+            "LTX-2's text connectors (text_embedding_projection), another component, which this naming does not "
+            "place; load with strict=False to skip their keys",
+        ),
+        *REFUSED,
+    ),
+    marker=rf"^diffusion_model\.(?:{'|'.join(map(re.escape, _OUTSIDE))})\.",
+    aliases=_ALIASES,
+    example="diffusion_model.adaln_single.linear.lora_A.weight",
+)

@@ -1,0 +1,282 @@
+"""LTX-2, Anima and HiDream files in their original module names, against diffusers' loaders.
+
+LTX-2 and Anima have namings of their own (``lorahot/formats/ltx2.py``, ``anima.py``): the
+original names of the modules diffusers renamed are aliases of diffusers' names. HiDream's
+original names are diffusers' own, so its files (``diffusion_model.<module>``) load as ComfyUI
+naming. Each layer's adapted weight is compared in float64 with the one diffusers' pipeline
+loader gives (``lora_state_dict``, then ``load_lora_adapter``) and with a float64 reference,
+read by probing the layer with the identity. Files without ``.alpha`` keys go to diffusers,
+whose conversions of these three families leave a ``.alpha`` unread; lorahot reads it as
+``alpha / rank`` (as ComfyUI does), checked against the reference."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+from lorahot.errors import UnknownFormatError
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytestmark = pytest.mark.skipif(
+    not all(
+        hasattr(diffusers, n)
+        for n in ("LTX2VideoTransformer3DModel", "LTX2Pipeline", "CosmosTransformer3DModel", "HiDreamImagePipeline")
+    )
+    or not hasattr(diffusers.loaders.lora_pipeline, "AnimaLoraLoaderMixin"),
+    reason="needs a diffusers with LTX-2, Anima and HiDream",
+)
+
+
+def _tiny_ltx2() -> nn.Module:
+    torch.manual_seed(0)
+    return (
+        diffusers.LTX2VideoTransformer3DModel(
+            in_channels=8,
+            out_channels=8,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            cross_attention_dim=16,
+            audio_in_channels=8,
+            audio_out_channels=8,
+            audio_num_attention_heads=2,
+            audio_attention_head_dim=8,
+            audio_cross_attention_dim=16,
+            num_layers=1,
+            caption_channels=16,
+        )
+        .double()
+        .eval()
+    )
+
+
+def _tiny_anima() -> nn.Module:
+    torch.manual_seed(0)
+    return (
+        diffusers.CosmosTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=24,
+            num_layers=2,
+            text_embed_dim=16,
+            adaln_lora_dim=8,
+            max_size=(4, 16, 16),
+            patch_size=(1, 2, 2),
+            extra_pos_embed_type=None,
+        )
+        .double()
+        .eval()
+    )
+
+
+def _tiny_hidream() -> nn.Module:
+    torch.manual_seed(0)
+    return (
+        diffusers.HiDreamImageTransformer2DModel(
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            caption_channels=[16, 16],
+            text_emb_dim=16,
+            num_routed_experts=2,
+            num_activated_experts=1,
+            axes_dims_rope=(4, 4),
+            max_resolution=(16, 16),
+            llama_layers=[0, 1],
+        )
+        .double()
+        .eval()
+    )
+
+
+#: diffusers' LTX-2 name (its leading part) -> the original one
+_LTX2_ORIGINAL = {
+    "proj_in": "patchify_proj",
+    "audio_proj_in": "audio_patchify_proj",
+    "time_embed": "adaln_single",
+    "audio_time_embed": "audio_adaln_single",
+    "av_cross_attn_video_scale_shift": "av_ca_video_scale_shift_adaln_single",
+    "av_cross_attn_video_a2v_gate": "av_ca_a2v_gate_adaln_single",
+    "av_cross_attn_audio_scale_shift": "av_ca_audio_scale_shift_adaln_single",
+    "av_cross_attn_audio_v2a_gate": "av_ca_v2a_gate_adaln_single",
+}
+
+
+def _ltx2_original(name: str) -> str:
+    head, _, rest = name.partition(".")
+    return ".".join(p for p in (_LTX2_ORIGINAL.get(head, head), rest) if p)
+
+
+#: diffusers' Anima name -> the original one (the inverse of diffusers' conversion)
+_ANIMA_ORIGINAL = (
+    (r"^transformer_blocks\.", "blocks."),
+    (r"\.attn1\.to_q$", ".self_attn.q_proj"),
+    (r"\.attn1\.to_k$", ".self_attn.k_proj"),
+    (r"\.attn1\.to_v$", ".self_attn.v_proj"),
+    (r"\.attn1\.to_out\.0$", ".self_attn.output_proj"),
+    (r"\.attn2\.to_q$", ".cross_attn.q_proj"),
+    (r"\.attn2\.to_k$", ".cross_attn.k_proj"),
+    (r"\.attn2\.to_v$", ".cross_attn.v_proj"),
+    (r"\.attn2\.to_out\.0$", ".cross_attn.output_proj"),
+    (r"\.ff\.net\.0\.proj$", ".mlp.layer1"),
+    (r"\.ff\.net\.2$", ".mlp.layer2"),
+    (r"\.norm1\.linear_(\d)$", r".adaln_modulation_self_attn.\1"),
+    (r"\.norm2\.linear_(\d)$", r".adaln_modulation_cross_attn.\1"),
+    (r"\.norm3\.linear_(\d)$", r".adaln_modulation_mlp.\1"),
+    (r"^patch_embed\.proj$", "x_embedder.proj.1"),
+    (r"^time_embed\.t_embedder\.", "t_embedder.1."),
+    (r"^proj_out$", "final_layer.linear"),
+    (r"^norm_out\.linear_(\d)$", r"final_layer.adaln_modulation.\1"),
+)
+
+
+def _anima_original(name: str) -> str:
+    for pattern, repl in _ANIMA_ORIGINAL:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def _linears(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _file(model: nn.Module, names: list[str], original: Callable[[str], str], alpha: bool) -> dict[str, torch.Tensor]:
+    """``diffusion_model.<original name>.lora_{A,B}.weight`` for each layer, ranks 2-4, with
+    ``.alpha`` (unequal to the rank) where asked."""
+    g = torch.Generator().manual_seed(2)
+    sd = {}
+    for i, name in enumerate(names):
+        layer, r, key = model.get_submodule(name), 2 + i % 3, f"diffusion_model.{original(name)}"
+        sd[f"{key}.lora_A.weight"] = torch.randn(r, layer.in_features, generator=g, dtype=torch.float64) * 0.3
+        sd[f"{key}.lora_B.weight"] = torch.randn(layer.out_features, r, generator=g, dtype=torch.float64) * 0.3
+        if alpha:
+            sd[f"{key}.alpha"] = torch.tensor(r * (0.5 + i % 3), dtype=torch.float64)
+    return sd
+
+
+@torch.no_grad()
+def _weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Each layer's ``[in + 1, out]`` response to the identity and to zero: its adapted weight and bias."""
+    out = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        fan_in = layer.in_features if isinstance(layer, nn.Linear) else layer.base_layer.in_features
+        out[name] = layer(torch.eye(fan_in + 1, dtype=torch.float64)[:, :fan_in])
+    return out
+
+
+def _lorahot(make: Callable[[], nn.Module], sd: dict[str, torch.Tensor], names: list[str], **kw) -> tuple[dict, str]:
+    model = make()
+    info = lorahot.inject(model, "all-linear", max_rank=8).load({k: v.clone() for k, v in sd.items()}, **kw)
+    return _weights(model, names), info.format
+
+
+def _diffusers(make: Callable[[], nn.Module], loader: type, sd: dict[str, torch.Tensor], names: list[str]) -> dict:
+    model = make()
+    state = loader.lora_state_dict({k: v.clone() for k, v in sd.items()})
+    model.load_lora_adapter(state[0] if isinstance(state, tuple) else state, prefix="transformer", adapter_name="o")
+    return _weights(model, names)
+
+
+def _reference(make: Callable[[], nn.Module], sd: dict, names: list[str], original: Callable[[str], str]) -> dict:
+    """Each layer's float64 weight plus ``alpha / r * B @ A`` (alpha = r where the file has none)."""
+    model = make()
+    out = _weights(model, names)
+    for name in names:
+        key = f"diffusion_model.{original(name)}"
+        a, b = sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"]
+        scale = float(sd[f"{key}.alpha"]) / a.shape[0] if f"{key}.alpha" in sd else 1.0
+        out[name] = out[name] + torch.cat([(scale * b @ a).T, torch.zeros(1, b.shape[0], dtype=torch.float64)])
+    return out
+
+
+def _assert_same(ours: dict, theirs: dict) -> None:
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+_FAMILIES = {
+    "ltx2": (_tiny_ltx2, _ltx2_original, lambda: diffusers.LTX2Pipeline),
+    "anima": (_tiny_anima, _anima_original, lambda: diffusers.loaders.lora_pipeline.AnimaLoraLoaderMixin),
+    "comfyui": (_tiny_hidream, str, lambda: diffusers.HiDreamImagePipeline),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_FAMILIES))
+def test_every_linear_in_original_names_matches_diffusers(family: str) -> None:
+    """Every Linear of the model adapted, in the original names: the naming detected, each
+    layer equal to diffusers' loader and to the float64 reference."""
+    make, original, loader = _FAMILIES[family]
+    names = _linears(make())
+    sd = _file(make(), names, original, alpha=False)
+    assert family == "comfyui" or any(_ltx2_original(n) != n or _anima_original(n) != n for n in names)
+    ours, fmt = _lorahot(make, sd, names)
+    assert fmt == family
+    _assert_same(ours, _reference(make, sd, names, original))
+    _assert_same(ours, _diffusers(make, loader(), sd, names))
+
+
+@pytest.mark.parametrize("family", sorted(_FAMILIES))
+def test_alphas_are_read_as_alpha_over_rank(family: str) -> None:
+    make, original, _ = _FAMILIES[family]
+    names = _linears(make())
+    sd = _file(make(), names, original, alpha=True)
+    ours, _ = _lorahot(make, sd, names)
+    _assert_same(ours, _reference(make, sd, names, original))
+    unread = _reference(make, {k: v for k, v in sd.items() if not k.endswith(".alpha")}, names, original)
+    assert not all(torch.allclose(ours[n], unread[n], rtol=1e-6, atol=1e-9) for n in names)  # the alphas matter
+
+
+def test_ltx2_file_of_blocks_only_loads_as_comfyui() -> None:
+    """Block names are the same in both namings: such a file needs no alias."""
+    names = [n for n in _linears(_tiny_ltx2()) if n.startswith("transformer_blocks.")]
+    sd = _file(_tiny_ltx2(), names, str, alpha=False)
+    ours, fmt = _lorahot(_tiny_ltx2, sd, names)
+    assert fmt == "comfyui"
+    _assert_same(ours, _diffusers(_tiny_ltx2, diffusers.LTX2Pipeline, sd, names))
+
+
+def test_a_component_this_naming_does_not_place_is_refused_or_skipped() -> None:
+    """Anima's ``llm_adapter`` (diffusers' text conditioner): refused with the key named; with
+    ``strict=False`` the transformer's modules load without it."""
+    names = _linears(_tiny_anima())
+    sd = _file(_tiny_anima(), names, _anima_original, alpha=False)
+    sd["diffusion_model.llm_adapter.blocks.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(2, 16, dtype=torch.float64)
+    sd["diffusion_model.llm_adapter.blocks.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(16, 2, dtype=torch.float64)
+    model = _tiny_anima()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    with pytest.raises(UnknownFormatError, match="llm_adapter"):
+        runtime.load(dict(sd))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    _assert_same(_weights(model, names), _weights(_tiny_anima(), names))  # nothing loaded
+    ours, fmt = _lorahot(_tiny_anima, sd, names, strict=False)
+    assert fmt == "anima"
+    _assert_same(ours, _reference(_tiny_anima, sd, names, _anima_original))
+
+
+def test_ltx2_text_connectors_are_refused_or_skipped() -> None:
+    """LTX-2's ``text_embedding_projection`` keys (diffusers' connectors): refused by name;
+    with ``strict=False`` the transformer's modules load, outside modules included."""
+    names = _linears(_tiny_ltx2())
+    sd = _file(_tiny_ltx2(), names, _ltx2_original, alpha=False)
+    sd["text_embedding_projection.aggregate_embed.lora_A.weight"] = torch.zeros(2, 16, dtype=torch.float64)
+    sd["text_embedding_projection.aggregate_embed.lora_B.weight"] = torch.zeros(16, 2, dtype=torch.float64)
+    model = _tiny_ltx2()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    with pytest.raises(UnknownFormatError, match="text_embedding_projection"):
+        runtime.load(dict(sd))
+    _assert_same(_weights(model, names), _weights(_tiny_ltx2(), names))  # nothing loaded
+    ours, fmt = _lorahot(_tiny_ltx2, sd, names, strict=False)
+    assert fmt == "ltx2"
+    _assert_same(ours, _reference(_tiny_ltx2, sd, names, _ltx2_original))
