@@ -11,6 +11,11 @@ Model names without any prefix are read here too, as some trainers write them fo
 transformers (Qwen-Image): ``lora_down``/``lora_up`` for A and B, and ``<module>.alpha`` network
 alphas, which diffusers' converters fold into A and B as ``alpha / r`` (an alpha a config also
 states must agree with it).
+
+Attention projections spelled ``q_proj``/``k_proj``/``v_proj``/``o_proj`` are aliases of diffusers'
+``to_q``/``to_k``/``to_v``/``to_out.0``, taken only where the file's name is no injected layer: ACE-Step's
+PEFT adapters name the original DiT's projections, which diffusers' ``AceStepTransformer1DModel``
+renames (as diffusers' ACE-Step conversion does).
 """
 
 from __future__ import annotations
@@ -38,5 +43,11 @@ FORMAT = KeyFormat(
     prefixes=("base_model.model.",),
     renames=((r"^base_model\.model\.", ""),),  # PEFT's wrapper, never part of the model's names
     refuse=REFUSED_BUT_EXTRAS,
+    aliases=(
+        (r"\.q_proj$", ".to_q"),
+        (r"\.k_proj$", ".to_k"),
+        (r"\.v_proj$", ".to_v"),
+        (r"\.o_proj$", ".to_out.0"),
+    ),
     example="base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
 )

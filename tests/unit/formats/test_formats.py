@@ -326,6 +326,9 @@ def test_peft_embedding_base_layer_copies_are_carried(tmp_path: Path) -> None:
         ("diffusion_model.blocks.2.adaln_modulation_mlp.1.lora_down.weight", "anima"),
         ("diffusion_model.blocks.0.self_attn.o.lora_A.weight", "wan"),
         ("diffusion_model.double_stream_blocks.0.block.attn1.to_q.lora_A.weight", "comfyui"),
+        ("diffusion_model.single_blocks.0.q_proj.lora_A.weight", "flux3"),
+        ("diffusion_model.content_mode_blocks.image.0.mlp_in.lora_down.weight", "flux3"),
+        ("diffusion_model.single_blocks.0.linear1.lora_A.weight", "flux-bfl"),
     ],
 )
 def test_flux_namings_and_the_others_are_told_apart(key: str, name: str) -> None:

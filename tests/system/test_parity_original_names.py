@@ -1,13 +1,17 @@
-"""LTX-2, Anima and HiDream files in their original module names, against diffusers' loaders.
+"""LTX-2, Anima, Flux.3, ACE-Step and HiDream files in their original module names, against
+diffusers' loaders.
 
-LTX-2 and Anima have namings of their own (``lorahot/formats/ltx2.py``, ``anima.py``): the
-original names of the modules diffusers renamed are aliases of diffusers' names. HiDream's
-original names are diffusers' own, so its files (``diffusion_model.<module>``) load as ComfyUI
-naming. Each layer's adapted weight is compared in float64 with the one diffusers' pipeline
-loader gives (``lora_state_dict``, then ``load_lora_adapter``) and with a float64 reference,
-read by probing the layer with the identity. Files without ``.alpha`` keys go to diffusers,
-whose conversions of these three families leave a ``.alpha`` unread; lorahot reads it as
-``alpha / rank`` (as ComfyUI does), checked against the reference."""
+LTX-2, Anima and Flux.3 have namings of their own (``lorahot/formats/ltx2.py``, ``anima.py``,
+``flux3.py``): the original names of the modules diffusers renamed are aliases of diffusers' names.
+ACE-Step's adapters are PEFT files naming the original projections (``self_attn.q_proj``), aliases
+of diffusers' ``to_q`` in PEFT naming. HiDream's original names are diffusers' own, so its files
+(``diffusion_model.<module>``) load as ComfyUI naming.
+
+Each layer's adapted weight is compared in float64 with the one diffusers' pipeline loader gives
+(``lora_state_dict``, then ``load_lora_adapter``) and with a float64 reference, read by probing
+the layer with the identity. Only files without ``.alpha`` keys go to diffusers, whose conversions
+of the diffusion_model. families leave a ``.alpha`` unread; lorahot reads it as ``alpha / rank``
+(as ComfyUI does), checked against the reference."""
 
 from __future__ import annotations
 
@@ -26,10 +30,20 @@ pytest.importorskip("peft")
 pytestmark = pytest.mark.skipif(
     not all(
         hasattr(diffusers, n)
-        for n in ("LTX2VideoTransformer3DModel", "LTX2Pipeline", "CosmosTransformer3DModel", "HiDreamImagePipeline")
+        for n in (
+            "LTX2VideoTransformer3DModel",
+            "LTX2Pipeline",
+            "CosmosTransformer3DModel",
+            "HiDreamImagePipeline",
+            "Flux3Transformer2DModel",
+            "AceStepTransformer1DModel",
+        )
     )
-    or not hasattr(diffusers.loaders.lora_pipeline, "AnimaLoraLoaderMixin"),
-    reason="needs a diffusers with LTX-2, Anima and HiDream",
+    or not all(
+        hasattr(diffusers.loaders.lora_pipeline, n)
+        for n in ("AnimaLoraLoaderMixin", "Flux3LoraLoaderMixin", "AceStepLoraLoaderMixin")
+    ),
+    reason="needs a diffusers with LTX-2, Anima, Flux.3, ACE-Step and HiDream",
 )
 
 
@@ -99,6 +113,44 @@ def _tiny_hidream() -> nn.Module:
     )
 
 
+def _tiny_flux3() -> nn.Module:
+    torch.manual_seed(0)
+    return (
+        diffusers.Flux3Transformer2DModel(
+            in_channels=8,
+            cond_in_channels=8,
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            timestep_channels=16,
+            axes_dims_rope=(2, 2, 2, 2),
+        )
+        .double()
+        .eval()
+    )
+
+
+def _tiny_ace_step() -> nn.Module:
+    torch.manual_seed(0)
+    return (
+        diffusers.AceStepTransformer1DModel(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            in_channels=8,
+            audio_acoustic_hidden_dim=8,
+            encoder_hidden_size=32,
+        )
+        .double()
+        .eval()
+    )
+
+
 #: diffusers' LTX-2 name (its leading part) -> the original one
 _LTX2_ORIGINAL = {
     "proj_in": "patchify_proj",
@@ -146,8 +198,36 @@ def _anima_original(name: str) -> str:
     return name
 
 
+def _flux3_original(name: str) -> str:
+    """The inverse of diffusers' Flux.3 conversion."""
+    name = re.sub(r"^mode_blocks\.", "content_mode_blocks.", name)
+    name = re.sub(r"^single_transformer_blocks\.", "single_blocks.", name)
+    for original, renamed in (
+        ("q_proj", "attn.to_q"),
+        ("k_proj", "attn.to_k"),
+        ("v_proj", "attn.to_v"),
+        ("attn_out", "attn.to_out.0"),
+        ("mlp_in", "ff.linear_in"),
+        ("mlp_out", "ff.linear_out"),
+    ):
+        name = re.sub(rf"\.{re.escape(renamed)}$", f".{original}", name)
+    return name
+
+
+def _ace_step_original(name: str) -> str:
+    """The inverse of diffusers' ACE-Step conversion; PEFT's wrapper in front."""
+    for original, renamed in (("q_proj", "to_q"), ("k_proj", "to_k"), ("v_proj", "to_v"), ("o_proj", "to_out.0")):
+        name = re.sub(rf"\.{re.escape(renamed)}$", f".{original}", name)
+    return name
+
+
 def _linears(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _key(original: Callable[[str], str], name: str) -> str:
+    """A module's key in the file: PEFT's wrapper for ACE-Step, ``diffusion_model.`` for the others."""
+    return f"{'base_model.model' if original is _ace_step_original else 'diffusion_model'}.{original(name)}"
 
 
 def _file(model: nn.Module, names: list[str], original: Callable[[str], str], alpha: bool) -> dict[str, torch.Tensor]:
@@ -156,7 +236,7 @@ def _file(model: nn.Module, names: list[str], original: Callable[[str], str], al
     g = torch.Generator().manual_seed(2)
     sd = {}
     for i, name in enumerate(names):
-        layer, r, key = model.get_submodule(name), 2 + i % 3, f"diffusion_model.{original(name)}"
+        layer, r, key = model.get_submodule(name), 2 + i % 3, _key(original, name)
         sd[f"{key}.lora_A.weight"] = torch.randn(r, layer.in_features, generator=g, dtype=torch.float64) * 0.3
         sd[f"{key}.lora_B.weight"] = torch.randn(layer.out_features, r, generator=g, dtype=torch.float64) * 0.3
         if alpha:
@@ -193,7 +273,7 @@ def _reference(make: Callable[[], nn.Module], sd: dict, names: list[str], origin
     model = make()
     out = _weights(model, names)
     for name in names:
-        key = f"diffusion_model.{original(name)}"
+        key = _key(original, name)
         a, b = sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"]
         scale = float(sd[f"{key}.alpha"]) / a.shape[0] if f"{key}.alpha" in sd else 1.0
         out[name] = out[name] + torch.cat([(scale * b @ a).T, torch.zeros(1, b.shape[0], dtype=torch.float64)])
@@ -209,6 +289,8 @@ _FAMILIES = {
     "ltx2": (_tiny_ltx2, _ltx2_original, lambda: diffusers.LTX2Pipeline),
     "anima": (_tiny_anima, _anima_original, lambda: diffusers.loaders.lora_pipeline.AnimaLoraLoaderMixin),
     "comfyui": (_tiny_hidream, str, lambda: diffusers.HiDreamImagePipeline),
+    "flux3": (_tiny_flux3, _flux3_original, lambda: diffusers.loaders.lora_pipeline.Flux3LoraLoaderMixin),
+    "peft": (_tiny_ace_step, _ace_step_original, lambda: diffusers.loaders.lora_pipeline.AceStepLoraLoaderMixin),
 }
 
 
@@ -219,7 +301,7 @@ def test_every_linear_in_original_names_matches_diffusers(family: str) -> None:
     make, original, loader = _FAMILIES[family]
     names = _linears(make())
     sd = _file(make(), names, original, alpha=False)
-    assert family == "comfyui" or any(_ltx2_original(n) != n or _anima_original(n) != n for n in names)
+    assert family == "comfyui" or any(original(n) != n for n in names)  # some names are the original's
     ours, fmt = _lorahot(make, sd, names)
     assert fmt == family
     _assert_same(ours, _reference(make, sd, names, original))
