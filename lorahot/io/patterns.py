@@ -19,9 +19,12 @@ text in one pass: the key from the start of the name, and ``\\.(key)`` from each
 there). Python's ``$`` also holds before a final newline, so a name ending in one is matched
 again without it. The smallest reported index wins. A compiled set answers exactly: RE2
 compiles a set only when its DFA has the memory to run, and a set's DFA never gives up on a
-slow search. What remains different from ``re``: ``\\d``, ``\\w``, ``\\s`` and ``\\b`` are
-ASCII-only in RE2 (module names are ASCII), and ``re``-only syntax (lookarounds,
-backreferences, ``\\Z``, possessive quantifiers) is refused rather than guessed at.
+slow search. A key reaches RE2 as Python parses it, written out in RE2's syntax
+(:func:`lorahot.io.re2_syntax.to_re2`): text both dialects accept but read differently
+(``[[:digit:]]``, ``a{,3}``) keeps Python's reading. What remains different from ``re``:
+``\\d``, ``\\w``, ``\\s`` and ``\\b`` are ASCII-only in RE2 (module names are ASCII), and
+``re``-only syntax (lookarounds, backreferences, conditionals, atomic groups, ``\\Z``, possessive
+quantifiers) is refused rather than guessed at.
 
 Cost: compiling is linear in the keys' size; matching one name costs one pass per dot in it,
 each linear in the name (names are at most :data:`~lorahot.io.safety.MAX_KEY_CHARS` long).
@@ -34,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lorahot.errors import AdapterReadError, shown
+from lorahot.io.re2_syntax import Untranslatable, to_re2
 from lorahot.io.safety import cut
 
 __all__ = ["MAX_PATTERN_BYTES", "MAX_PATTERNS", "MAX_PATTERN_TOTAL_BYTES", "PatternSet", "budget_problem"]
@@ -75,11 +79,12 @@ class PatternSet:
     Build it with :meth:`compile`; :meth:`first` is PEFT's ``get_pattern_key``.
     """
 
-    def __init__(self, sets: tuple[Any, Any], keys: list[str]) -> None:
+    def __init__(self, sets: tuple[Any, Any], keys: list[str], programs: list[bytes]) -> None:
         # (key)\n? from the start, \.(key)\n? from a dot on (^ and \b see the dot, as in Python)
         self._sets = sets
         self._exact: tuple[Any, Any] | None = None  # both without \n?, built for names ending in one
         self.keys = keys
+        self._programs = programs  # each key as Python reads it, in RE2 syntax (to_re2)
 
     @classmethod
     def compile(cls, keys: Sequence[Any], field: str, problems: list[str]) -> PatternSet | None:
@@ -90,12 +95,14 @@ class PatternSet:
             problems.append(f"{field} has {len(keys)} entries, more than the {MAX_PATTERNS} lorahot evaluates")
             return None
         bad = [f"{field} key {shown(k)} {why}" for k in keys if (why := _problem(k)) is not None]
+        sets = None
         if not bad:
-            sets = _sets([_wrapped(k.encode("utf-8"), newline=True) for k in keys])
+            programs = [to_re2(k) for k in keys]
+            sets = _sets([_wrapped(p, newline=True) for p in programs])
             if sets is None:
-                bad = _too_large(keys, field)
+                bad = _too_large(keys, programs, field)
         problems.extend(bad)
-        return None if bad or sets is None else cls(sets, list(keys))
+        return None if bad or sets is None else cls(sets, list(keys), programs)
 
     def first(self, name: str) -> str | None:
         """The first key matching ``name`` as PEFT matches it, or None."""
@@ -107,7 +114,7 @@ class PatternSet:
 
     def _exact_sets(self) -> tuple[Any, Any]:
         if self._exact is None:
-            exact = _sets([_wrapped(k.encode("utf-8"), newline=False) for k in self.keys])
+            exact = _sets([_wrapped(p, newline=False) for p in self._programs])
             if exact is None:  # cannot be: these programs are smaller than the ones that compiled
                 raise AdapterReadError(f"rank/alpha pattern keys {shown(self.keys)} stopped compiling in RE2.")
             self._exact = exact
@@ -140,14 +147,18 @@ def _problem(key: Any) -> str | None:
         re.compile(rf"(.*\.)?({key})$")
     except (re.error, OverflowError, RecursionError, ValueError) as exc:
         return f"is not a valid regex (Python: {cut(str(exc), 120)})"
+    try:  # on its own: 'a)|(b' would change the wrapper's structure
+        program = to_re2(key)
+    except Untranslatable as exc:
+        return str(exc)
     re2 = _re2()
     alone = re2.Set.FullMatchSet(_options(re2, _PATTERN_MEM))
     try:
-        alone.Add(raw)  # on its own too: 'a)|(b' would change the wrapper's structure
-        alone.Add(_wrapped(raw, newline=True)[1])
+        alone.Add(program)
+        alone.Add(_wrapped(program, newline=True)[1])
         return None
     except re2.error:
-        return f"is not a regex lorahot can evaluate in linear time (RE2: {_reason(re2, raw)})"
+        return f"is not a regex lorahot can evaluate in linear time (RE2: {_reason(re2, program)})"
 
 
 def _wrapped(raw: bytes, newline: bool) -> tuple[bytes, bytes]:
@@ -182,12 +193,12 @@ def _reason(re2: Any, raw: bytes) -> str:
     return "unbalanced parentheses or pattern too large"
 
 
-def _too_large(keys: Sequence[str], field: str) -> list[str]:
+def _too_large(keys: Sequence[str], programs: Sequence[bytes], field: str) -> list[str]:
     """The keys whose program alone is too large for RE2; else the whole field is."""
     bad = [
         f"{field} key {shown(k)} compiles to too large a program for RE2"
-        for k in keys
-        if _sets([_wrapped(k.encode("utf-8"), newline=True)]) is None
+        for k, p in zip(keys, programs)
+        if _sets([_wrapped(p, newline=True)]) is None
     ]
     return bad or [f"{field}: its {len(keys)} keys together compile to too large a program for RE2"]
 
