@@ -41,6 +41,8 @@ UNSUPPORTED: dict[str, str] = {
     "use_qalora": "QA-LoRA (which pools the layer input) is not supported",
     "bias": "biases of the base model were trained and saved beside the LoRA weights; not supported",
     "kasa_config": "KaSA (a singular-value diagonal between B and A, over a truncated base weight) is not supported",
+    "use_bdlora": "BD-LoRA (block-diagonal A or B, saved in their blocks) is not supported",
+    "arrow_config": "Arrow (a per-token router over several adapters) is not supported",
 }
 
 #: ``init_lora_weights`` values with which PEFT rewrites the base weights when it loads the

@@ -149,6 +149,8 @@ _PAIR = lora_pair("base_model.model.layers.0.q_proj", "lora_A", "lora_B")
         ({"layer_replication": [[0, 2]]}, r"layer_replication=\[\[0, 2\]\]; layer replication"),
         ({"use_qalora": True}, r"use_qalora=true; QA-LoRA"),
         ({"bias": "all"}, r'bias="all"; biases of the base model were trained'),
+        ({"use_bdlora": {"target_modules_bd_a": ["q"], "nblocks": 2}}, r"use_bdlora=.*; BD-LoRA"),
+        ({"arrow_config": {"top_k": 3}}, r"arrow_config=.*; Arrow"),
     ],
 )
 def test_config_features_are_named(tmp_path: Path, config: dict, message: str) -> None:
@@ -166,6 +168,7 @@ def test_unset_feature_fields_are_fine() -> None:
     defaults = {
         "modules_to_save": None, "trainable_token_indices": None, "target_parameters": [], "bias": "none",
         "use_qalora": False, "layer_replication": None, "alora_invocation_tokens": None, "lora_bias": False,
+        "use_bdlora": None, "arrow_config": None,
     }  # fmt: skip
     assert lorahot.read_adapter(_PAIR, config={"r": 2, **defaults}).ranks == {"layers.0.q_proj": 2}
 
