@@ -8,7 +8,7 @@ keys themselves.
 
 from __future__ import annotations
 
-from lorahot.formats import anima, comfyui, diffusers, flux, flux3, hunyuan, kohya, ltx2, lumina2, peft, wan
+from lorahot.formats import anima, comfyui, diffusers, flux, flux3, hunyuan, kohya, krea2, ltx2, lumina2, peft, wan
 from lorahot.formats.table import KeyFormat, Reorder, Rule, Split, group_keys
 from lorahot.memo import BoundedMemo, digest
 
@@ -21,6 +21,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     kohya.FORMAT,
     flux.XLABS,  # before diffusers-old, whose processor keys look alike
     flux.FAL,  # before PEFT, whose keys look alike
+    krea2.FORMAT,  # before PEFT (AI-Toolkit's base_model.model.) and Wan (blocks.N.)
     flux3.FORMAT,  # before flux-bfl and HunyuanVideo, whose marker (single_blocks.N.) it shares
     hunyuan.FORMAT,  # before flux-bfl: the same block names, spelled apart (img_attn_qkv)
     flux.BFL,

@@ -1,8 +1,9 @@
-"""LTX-2, Anima, Flux.3, ACE-Step and HiDream files in their original module names, against
+"""LTX-2, Anima, Flux.3, Krea 2, ACE-Step and HiDream files in their original module names, against
 diffusers' loaders.
 
-LTX-2, Anima and Flux.3 have namings of their own (``lorahot/formats/ltx2.py``, ``anima.py``,
-``flux3.py``): the original names of the modules diffusers renamed are aliases of diffusers' names.
+LTX-2, Anima, Flux.3 and Krea 2 have namings of their own (``lorahot/formats/ltx2.py``,
+``anima.py``, ``flux3.py``, ``krea2.py``): the original names of the modules diffusers renamed are
+aliases of diffusers' names.
 ACE-Step's adapters are PEFT files naming the original projections (``self_attn.q_proj``), aliases
 of diffusers' ``to_q`` in PEFT naming. HiDream's original names are diffusers' own, so its files
 (``diffusion_model.<module>``) load as ComfyUI naming.
@@ -37,13 +38,14 @@ pytestmark = pytest.mark.skipif(
             "HiDreamImagePipeline",
             "Flux3Transformer2DModel",
             "AceStepTransformer1DModel",
+            "Krea2Transformer2DModel",
         )
     )
     or not all(
         hasattr(diffusers.loaders.lora_pipeline, n)
-        for n in ("AnimaLoraLoaderMixin", "Flux3LoraLoaderMixin", "AceStepLoraLoaderMixin")
+        for n in ("AnimaLoraLoaderMixin", "Flux3LoraLoaderMixin", "AceStepLoraLoaderMixin", "Krea2LoraLoaderMixin")
     ),
-    reason="needs a diffusers with LTX-2, Anima, Flux.3, ACE-Step and HiDream",
+    reason="needs a diffusers with LTX-2, Anima, Flux.3, Krea 2, ACE-Step and HiDream",
 )
 
 
@@ -151,6 +153,31 @@ def _tiny_ace_step() -> nn.Module:
     )
 
 
+def _tiny_krea2() -> nn.Module:
+    torch.manual_seed(0)
+    return (
+        diffusers.Krea2Transformer2DModel(
+            in_channels=8,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            timestep_embed_dim=16,
+            text_hidden_dim=16,
+            num_text_layers=2,
+            text_num_attention_heads=2,
+            text_num_key_value_heads=2,
+            text_intermediate_size=32,
+            num_layerwise_text_blocks=1,
+            num_refiner_text_blocks=1,
+            axes_dims_rope=(2, 2, 4),
+        )
+        .double()
+        .eval()
+    )
+
+
 #: diffusers' LTX-2 name (its leading part) -> the original one
 _LTX2_ORIGINAL = {
     "proj_in": "patchify_proj",
@@ -211,6 +238,33 @@ def _flux3_original(name: str) -> str:
         ("mlp_out", "ff.linear_out"),
     ):
         name = re.sub(rf"\.{re.escape(renamed)}$", f".{original}", name)
+    return name
+
+
+#: diffusers' Krea 2 name -> the original (AI-Toolkit's short names outside the blocks)
+_KREA2_ORIGINAL = (
+    (r"^transformer_blocks\.", "blocks."),
+    (r"^text_fusion\.(layerwise_blocks|refiner_blocks)\.", r"txtfusion.\1."),
+    (r"\.attn\.to_q$", ".attn.wq"),
+    (r"\.attn\.to_k$", ".attn.wk"),
+    (r"\.attn\.to_v$", ".attn.wv"),
+    (r"\.attn\.to_out\.0$", ".attn.wo"),
+    (r"\.attn\.to_gate$", ".attn.gate"),
+    (r"\.ff\.(gate|up|down)$", r".mlp.\1"),
+    (r"^img_in$", "first"),
+    (r"^final_layer\.linear$", "last.linear"),
+    (r"^time_embed\.linear_1$", "tmlp.0"),
+    (r"^time_embed\.linear_2$", "tmlp.2"),
+    (r"^time_mod_proj$", "tproj.1"),
+    (r"^txt_in\.linear_1$", "txtmlp.1"),
+    (r"^txt_in\.linear_2$", "txtmlp.3"),
+    (r"^text_fusion\.projector$", "txtfusion.projector"),
+)
+
+
+def _krea2_original(name: str) -> str:
+    for pattern, repl in _KREA2_ORIGINAL:
+        name = re.sub(pattern, repl, name)
     return name
 
 
@@ -291,6 +345,7 @@ _FAMILIES = {
     "comfyui": (_tiny_hidream, str, lambda: diffusers.HiDreamImagePipeline),
     "flux3": (_tiny_flux3, _flux3_original, lambda: diffusers.loaders.lora_pipeline.Flux3LoraLoaderMixin),
     "peft": (_tiny_ace_step, _ace_step_original, lambda: diffusers.loaders.lora_pipeline.AceStepLoraLoaderMixin),
+    "krea2": (_tiny_krea2, _krea2_original, lambda: diffusers.loaders.lora_pipeline.Krea2LoraLoaderMixin),
 }
 
 
@@ -362,3 +417,15 @@ def test_ltx2_text_connectors_are_refused_or_skipped() -> None:
     ours, fmt = _lorahot(_tiny_ltx2, sd, names, strict=False)
     assert fmt == "ltx2"
     _assert_same(ours, _reference(_tiny_ltx2, sd, names, _ltx2_original))
+
+
+def test_krea2_ai_toolkit_prefix_matches_diffusers() -> None:
+    """AI-Toolkit writes Krea 2 files under PEFT's ``base_model.model.``: the same naming."""
+    names = _linears(_tiny_krea2())
+    sd = {
+        k.replace("diffusion_model.", "base_model.model.", 1): v
+        for k, v in _file(_tiny_krea2(), names, _krea2_original, alpha=False).items()
+    }
+    ours, fmt = _lorahot(_tiny_krea2, sd, names)
+    assert fmt == "krea2"
+    _assert_same(ours, _diffusers(_tiny_krea2, diffusers.loaders.lora_pipeline.Krea2LoraLoaderMixin, sd, names))

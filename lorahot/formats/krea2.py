@@ -1,0 +1,71 @@
+"""Krea 2 naming: adapters trained on the original Krea 2 module names
+(``diffusion_model.blocks.0.attn.wq.lora_A.weight``, as the reference trainer and ComfyUI write
+them, or ``base_model.model.blocks.0.attn.wq...`` from AI-Toolkit), for a diffusers-named
+``Krea2Transformer2DModel``.
+
+Every module is an alias, as diffusers' Krea 2 conversion renames it: in a block (``blocks.N``,
+diffusers' ``transformer_blocks.N``, and the text fusion's ``txtfusion.layerwise_blocks.N`` /
+``refiner_blocks.N``) ``attn.wq`` / ``wk`` / ``wv`` / ``wo`` / ``gate`` -> ``attn.to_q`` / ``to_k`` /
+``to_v`` / ``to_out.0`` / ``to_gate`` and ``mlp.gate`` / ``up`` / ``down`` -> ``ff.gate`` / ``up`` /
+``down``; outside them AI-Toolkit's short names of the standalone modules (``first`` -> ``img_in``,
+``last.linear`` -> ``final_layer.linear``, ``tmlp.0`` / ``tmlp.2`` -> ``time_embed.linear_1`` /
+``linear_2``, ``tproj.1`` -> ``time_mod_proj``, ``txtmlp.1`` / ``txtmlp.3`` -> ``txt_in.linear_1`` /
+``linear_2``, ``txtfusion.projector`` -> ``text_fusion.projector``). Nothing is fused. A ``.alpha``
+is read as ``alpha / rank`` (diffusers' conversion refuses a file that has one).
+"""
+
+from __future__ import annotations
+
+import re
+
+from lorahot.formats.table import REFUSED, KeyFormat, lora_rules
+
+__all__ = ["FORMAT"]
+
+_ATTN = {"wq": "to_q", "wk": "to_k", "wv": "to_v", "wo": "to_out.0", "gate": "to_gate"}
+_MLP = ("gate", "up", "down")
+
+#: the original block lists -> diffusers' (``\\1``: the block's index)
+_BLOCKS = {
+    r"blocks\.(\d+)": r"transformer_blocks.\1",
+    r"txtfusion\.layerwise_blocks\.(\d+)": r"text_fusion.layerwise_blocks.\1",
+    r"txtfusion\.refiner_blocks\.(\d+)": r"text_fusion.refiner_blocks.\1",
+}
+#: AI-Toolkit's names of the modules outside the blocks -> diffusers'
+_OUTSIDE = {
+    "first": "img_in",
+    "last.linear": "final_layer.linear",
+    "tmlp.0": "time_embed.linear_1",
+    "tmlp.2": "time_embed.linear_2",
+    "tproj.1": "time_mod_proj",
+    "txtmlp.1": "txt_in.linear_1",
+    "txtmlp.3": "txt_in.linear_2",
+    "txtfusion.projector": "text_fusion.projector",
+}
+
+#: at a key's start or after a ``.`` (a component prefix)
+_START = r"(?<![^.])"
+
+_ALIASES: tuple[tuple[str, str], ...] = (
+    *(
+        (rf"{_START}{block}\.attn\.{o}$", rf"{target}.attn.{c}")
+        for block, target in _BLOCKS.items()
+        for o, c in _ATTN.items()
+    ),
+    *((rf"{_START}{block}\.mlp\.{o}$", rf"{target}.ff.{o}") for block, target in _BLOCKS.items() for o in _MLP),
+    *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
+)
+
+FORMAT = KeyFormat(
+    name="krea2",
+    rules=lora_rules(),
+    prefixes=("diffusion_model.", "base_model.model."),
+    require_prefix=True,
+    refuse=REFUSED,
+    marker=(
+        r"^(?:diffusion_model|base_model\.model)\.(?:txtfusion\.(?:layerwise|refiner)_blocks\.\d+\.|blocks\.\d+\.)"
+        rf"(?:attn\.(?:{'|'.join(_ATTN)})|mlp\.(?:{'|'.join(_MLP)}))\."
+    ),
+    aliases=_ALIASES,
+    example="diffusion_model.blocks.0.attn.wq.lora_A.weight",
+)
