@@ -14,6 +14,14 @@ Z-Image (``ZImageTransformer2DModel``) keeps these block names with its own modu
 output projection: ``attention.out`` there is ``attention.to_out.0``, as diffusers' Z-Image
 conversion renames it. An alias is taken only where the model has its target, so each model
 finds its own.
+
+Ideogram 4 (``Ideogram4Transformer2DModel``) writes the same original names (``layers.N``,
+``attention.qkv``, ``feed_forward.w1``), under ``diffusion_model.`` or
+``conditional_transformer.``, with ``attention.o`` for the output projection. Its attention has
+as many key-value heads as query heads, so its ``attention.qkv`` is cut ``1 : 1 : 1`` onto
+``attention.to_q``/``to_k``/``to_v``, as diffusers' Ideogram 4 conversion cuts it. Of the two
+cuts of ``attention.qkv``, each model takes the one whose layers it has
+(:func:`lorahot.resolve.split.placed`).
 """
 
 from __future__ import annotations
@@ -37,8 +45,8 @@ _BLOCK = {
     "adaLN_modulation.1": "norm1.linear",
 }
 
-#: the same for Z-Image, whose other block modules keep the original names
-_ZIMAGE_BLOCK = {"attention.out": "attention.to_out.0"}
+#: the same for Z-Image and Ideogram 4, whose other block modules keep the original names
+_ZIMAGE_BLOCK = {"attention.out": "attention.to_out.0", "attention.o": "attention.to_out.0"}
 
 _ALIASES: tuple[tuple[str, str], ...] = tuple(
     (rf"{_START}(layers|noise_refiner|context_refiner)\.(\d+)\.{re.escape(k)}$", rf"\1.\2.{v}")
@@ -52,15 +60,23 @@ SPLITS: tuple[Split | Reorder, ...] = (
         _HEAD + _BLOCKS + r"\.attention\.qkv",
         tuple((rf"\g<head>\g<blocks>.\g<n>.attn.{n}", s) for n, s in (("to_q", 3), ("to_k", 1), ("to_v", 1))),
     ),
+    # Ideogram 4 (and Z-Image's names): as many key-value heads as query heads
+    Split(
+        _HEAD + _BLOCKS + r"\.attention\.qkv",
+        tuple((rf"\g<head>\g<blocks>.\g<n>.attention.{n}", 1) for n in ("to_q", "to_k", "to_v")),
+    ),
 )
 
 FORMAT = KeyFormat(
     name="lumina2",
     rules=lora_rules(),
-    prefixes=("diffusion_model.",),
+    prefixes=("diffusion_model.", "conditional_transformer."),
     require_prefix=True,
     refuse=REFUSED,
-    marker=r"^diffusion_model\.(?:layers|noise_refiner|context_refiner)\.\d+\.(?:attention\.(?:qkv|out)|feed_forward\.w[123])\.",
+    marker=(
+        r"^(?:diffusion_model|conditional_transformer)\.(?:layers|noise_refiner|context_refiner)\.\d+\."
+        r"(?:attention\.(?:qkv|out|o)|feed_forward\.w[123])\."
+    ),
     aliases=_ALIASES,
     splits=SPLITS,
     example="diffusion_model.layers.0.attention.qkv.lora_A.weight",

@@ -143,7 +143,8 @@ class KeyFormat:
             (``to_q`` -> ``q_proj`` where one spelling served several model families).
         splits: fused modules placed onto several layers, or with their rows re-ordered; applied
             at load time to a module key that names no injected layer, not even through an alias
-            (a model with the fused layer takes the module whole).
+            (a model with the fused layer takes the module whole). Where several match a key,
+            the first whose every target names an injected layer applies.
         roles: what the format calls A and B, for messages.
         example: an example key, for documentation (the tests detect each format from it).
     """

@@ -260,7 +260,7 @@ def resolve_all(
         key, module, named = pending.popleft()  # named: the key, or "<part> (part of <fused key>)"
         hits = _lookup(key, fmt, index)
         if not hits and fmt.splits and isinstance(module, LoraModule):
-            parts = placed(key, module, fmt.splits, problems)
+            parts = placed(key, module, fmt.splits, problems, lambda target: bool(_lookup(target, fmt, index)))
             if not (len(parts) == 1 and parts[0] is module):  # fused: its parts resolve in its place
                 pending.extendleft((p.key, p, f"{p.key} (part of {key})") for p in reversed(parts))
                 continue

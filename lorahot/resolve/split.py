@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -156,24 +156,39 @@ def place(
     return out
 
 
-def placed(key: str, module: LoraModule, rules: tuple[Split | Reorder, ...], problems: list[str]) -> list[LoraModule]:
-    """``module`` as the first rule fully matching ``key`` places it: ``[module]`` if none matches,
-    ``[]`` after appending to ``problems`` if it cannot be placed (sizes, ranks, a conv module)."""
-    for rule in rules:
-        m = re.fullmatch(rule.pattern, key)
-        if m is None:
-            continue
+def placed(
+    key: str,
+    module: LoraModule,
+    rules: tuple[Split | Reorder, ...],
+    problems: list[str],
+    exists: Callable[[str], bool] = lambda target: True,
+) -> list[LoraModule]:
+    """``module`` as the rule for ``key`` places it: ``[module]`` if no rule fully matches it,
+    ``[]`` after appending to ``problems`` if it cannot be placed (sizes, ranks, a conv module).
+
+    Of the rules fully matching ``key``, the first whose every target ``exists`` (one naming's
+    fused module can be cut one way for one model and another way for another: Lumina2's
+    ``attention.qkv`` 3 : 1 : 1 onto ``attn.to_q``, Ideogram 4's 1 : 1 : 1 onto
+    ``attention.to_q``); the first matching one where none does, whose targets then fail to
+    resolve, naming them."""
+    matching = [(rule, m) for rule in rules if (m := re.fullmatch(rule.pattern, key)) is not None]
+    fitting = [(rule, m) for rule, m in matching if all(exists(t) for t in _targets(rule, m))]
+    for rule, m in (fitting or matching)[:1]:
         shares = [s for _, s in rule.parts] if isinstance(rule, Split) else list(rule.shares)
         sizes = shares if isinstance(rule, Split) and rule.exact else _sizes(module, shares)
         problem = _share_problem(module, shares) if sizes is None else _unsplittable(module, sizes)
         if sizes is None or problem is not None:
-            targets = [m.expand(t) for t, _ in rule.parts] if isinstance(rule, Split) else [m.expand(rule.target)]
-            problems.append(f"{_where(module)} -> {', '.join(targets)}: {problem}")
+            problems.append(f"{_where(module)} -> {', '.join(_targets(rule, m))}: {problem}")
             return []
         if isinstance(rule, Split):
             return split_module(module, [(m.expand(t), n) for (t, _), n in zip(rule.parts, sizes)])
         return [reorder_module(module, m.expand(rule.target), sizes, rule.order)]
     return [module]
+
+
+def _targets(rule: Split | Reorder, m: re.Match[str]) -> list[str]:
+    """The module keys ``rule`` places a matched module on."""
+    return [m.expand(t) for t, _ in rule.parts] if isinstance(rule, Split) else [m.expand(rule.target)]
 
 
 def _sizes(module: LoraModule, shares: list[int]) -> list[int] | None:

@@ -429,3 +429,65 @@ def test_krea2_ai_toolkit_prefix_matches_diffusers() -> None:
     ours, fmt = _lorahot(_tiny_krea2, sd, names)
     assert fmt == "krea2"
     _assert_same(ours, _diffusers(_tiny_krea2, diffusers.loaders.lora_pipeline.Krea2LoraLoaderMixin, sd, names))
+
+
+def _tiny_ideogram4() -> nn.Module:
+    torch.manual_seed(0)
+    return (
+        diffusers.Ideogram4Transformer2DModel(
+            in_channels=8,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            intermediate_size=32,
+            adaln_dim=16,
+            llm_features_dim=24,
+            mrope_section=(2, 1, 1),
+        )
+        .double()
+        .eval()
+    )
+
+
+@pytest.mark.skipif(
+    not hasattr(diffusers, "Ideogram4Transformer2DModel")
+    or not hasattr(diffusers.loaders.lora_pipeline, "Ideogram4LoraLoaderMixin"),
+    reason="needs a diffusers with Ideogram 4",
+)
+@pytest.mark.parametrize(
+    ("prefix", "down", "up"),
+    [("diffusion_model", "lora_A", "lora_B"), ("conditional_transformer", "lora_down", "lora_up")],
+)
+def test_ideogram4_fused_qkv_is_cut_into_thirds_as_diffusers_does(prefix: str, down: str, up: str) -> None:
+    """Ideogram 4's original names are Lumina2's, with ``attention.o`` and a ``1 : 1 : 1``
+    ``attention.qkv``: each part gets A and its third of B, the alpha's scale kept; Lumina2's own
+    ``3 : 1 : 1`` cut of the same key does not apply to this model (its targets, ``attn.to_q``,
+    are not there)."""
+    model = _tiny_ideogram4()
+    g = torch.Generator().manual_seed(3)
+    sd: dict[str, torch.Tensor] = {}
+    expected: dict[str, tuple[torch.Tensor, float]] = {}
+    for i in range(2):
+        layer = f"layers.{i}"
+        fused = {"attention.qkv": ["attention.to_q", "attention.to_k", "attention.to_v"]}
+        single = {m: [m] for m in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaln_modulation")}
+        for original, parts in {**fused, "attention.o": ["attention.to_out.0"], **single}.items():
+            first = model.get_submodule(f"{layer}.{parts[0]}")
+            rank, key = 2 + len(sd) % 3, f"{prefix}.{layer}.{original}"
+            a = torch.randn(rank, first.in_features, generator=g, dtype=torch.float64) * 0.3
+            b = torch.randn(first.out_features * len(parts), rank, generator=g, dtype=torch.float64) * 0.3
+            sd[f"{key}.{down}.weight"], sd[f"{key}.{up}.weight"] = a, b
+            sd[f"{key}.alpha"] = torch.tensor(rank * 1.5, dtype=torch.float64)
+            for j, part in enumerate(parts):
+                rows = b[j * first.out_features : (j + 1) * first.out_features]
+                expected[f"{layer}.{part}"] = (rows @ a, 1.5)
+    names = sorted(expected)
+    ours, fmt = _lorahot(_tiny_ideogram4, sd, names)
+    assert fmt == "lumina2"
+    reference = _weights(_tiny_ideogram4(), names)
+    for name, (delta, scale) in expected.items():
+        reference[name] = reference[name] + torch.cat(
+            [(scale * delta).T, torch.zeros(1, delta.shape[0], dtype=torch.float64)]
+        )
+    _assert_same(ours, reference)
+    _assert_same(ours, _diffusers(_tiny_ideogram4, diffusers.loaders.lora_pipeline.Ideogram4LoraLoaderMixin, sd, names))
