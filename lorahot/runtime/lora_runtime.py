@@ -845,8 +845,7 @@ class LoraRuntime:
             slot = self._agreed(  # an int, or the error saying what it must be
                 lambda: self._slot(whole), "activate", lambda s: {"arguments": fingerprint.arguments("activate", s)}
             )
-            self._make_live(slot)
-            self._routing.clear()
+            self._switch(slot, lambda: self._routing.clear(), again=True)
             return
         filled = [info is not None for info in self._infos]
         rows = slot
@@ -866,11 +865,25 @@ class LoraRuntime:
             lambda r: {"arguments": fingerprint.arguments("activate rows", r[0])},
         )
         if one is not None:  # every row on one slot: the whole batch on it, with the whole-batch kernels
-            if one != self._active:  # else the live region already holds it (loads into it write there too)
-                self._make_live(one)
-            self._routing.one_slot(route)
+            self._switch(one, lambda: self._routing.one_slot(route))
             return
-        self._routing.set(route, tokens=lengths is not None)
+        self._switch(None, lambda: self._routing.set(route, tokens=lengths is not None))
+
+    def _switch(self, slot: int | None, publish: Callable[[], None], again: bool = False) -> None:
+        """Makes ``slot`` live (None: the live slot stays; the slot live already is copied again
+        only if ``again``), then publishes a routing; where either fails or is interrupted, the
+        live slot and the routing (every arena's) before are put back, so the model never
+        computes a routing that half its arenas hold."""
+        active, routing = self._active, self._routing.state()
+        try:
+            if slot is not None and (again or slot != self._active):
+                self._make_live(slot)
+            publish()
+        except BaseException:
+            self._routing.restore(routing)
+            if self._active != active:
+                self._make_live(active)
+            raise
 
     def _make_live(self, slot: int) -> None:
         """Copies ``slot`` into the live region (and refreshes the merged weights or the wide

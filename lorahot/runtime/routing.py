@@ -326,6 +326,22 @@ class Routing:
         #: Whether :attr:`rows` sends every row to one slot, which runs as the whole batch on
         #: it (:meth:`one_slot`): nothing is published to the layers.
         self.whole = False
+        #: Whether :attr:`rows` has one entry per token of packed input (``lengths``).
+        self.tokens = False
+
+    def state(self) -> tuple[tuple[int, ...] | None, bool, bool]:
+        """What :meth:`restore` puts back: the routing in force, whole or per row, per token or not."""
+        return self.rows, self.whole, self.tokens
+
+    def restore(self, state: tuple[tuple[int, ...] | None, bool, bool]) -> None:
+        """Puts back a :meth:`state`, after a :meth:`set` or :meth:`one_slot` that did not
+        finish: an arena may have taken the new routing while another kept the old one."""
+        rows, whole, tokens = state
+        if rows is None or whole:
+            self.clear()
+            self.rows, self.whole = rows, whole
+        else:
+            self.set(torch.tensor(rows, dtype=torch.int64), tokens=tokens)
 
     def set(self, route: torch.Tensor, tokens: bool = False) -> None:
         """Publishes ``route`` (host int64 ``[L]``, checked; ``tokens``: one entry per token of
@@ -348,6 +364,7 @@ class Routing:
                     publish_workspace(arena.handle.key, workspace(arena.rank, arena.device))
         self.rows = tuple(route.tolist())
         self.whole = False
+        self.tokens = tokens
 
     def one_slot(self, route: torch.Tensor) -> None:
         """Records ``route``, every entry one slot (:func:`one_slot`), which the runtime runs as
@@ -387,3 +404,4 @@ class Routing:
             TOKENS[arena.handle.key] = False
         self.rows = None
         self.whole = False
+        self.tokens = False

@@ -200,3 +200,57 @@ def test_an_interrupted_unload_still_empties_the_slot(monkeypatch: pytest.Monkey
     monkeypatch.undo()
     assert runtime.info(0) is None
     assert torch.equal(_served(model, ids), base)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+@pytest.mark.parametrize("after", [0, 1])
+@pytest.mark.parametrize("new", [[1, 0], [1, 1], [-1, 0]])
+def test_a_failed_per_row_activate_puts_back_every_arenas_routing(
+    new: list[int], after: int, error: type[BaseException], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A per-row routing is published arena by arena: one failing or interrupted after the first
+    arena's upload left that arena on the new routing and the second on the old, a mix of both
+    while ``routing`` named the old. Every arena's routing (and, for one slot on every row, the
+    live slot) is put back; the model serves what it served before, then the new routing."""
+    from lorahot.runtime import routing, staging
+
+    model = _two_arenas()
+    ids = token_ids((2, 6), 32, seed=1)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4, slots=2)
+    names = list(runtime.layers)
+    for slot in (0, 1):
+        runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=slot + 1)[0], slot=slot)
+    runtime.activate(new)
+    wanted = _served(model, ids)
+    runtime.activate(0)
+    runtime.activate([0, 1])
+    before = _served(model, ids)
+    after = 0 if new == [1, 1] else after  # one call there
+    # one slot on every row: the slot made live, then the routing recorded; else uploaded arena by arena
+    cls, method = (routing.Routing, "one_slot") if new == [1, 1] else (staging.Staging, "send")
+    _interrupting(monkeypatch, cls, method, after=after) if error is KeyboardInterrupt else _failing(
+        monkeypatch, cls, method, after
+    )
+    with pytest.raises((KeyboardInterrupt, lorahot.UnexpectedError)):
+        runtime.activate(new)
+    monkeypatch.undo()
+    assert runtime.routing == (0, 1)
+    assert runtime.active_slot == 0
+    assert torch.equal(_served(model, ids), before)
+    runtime.activate(new)
+    assert torch.equal(_served(model, ids), wanted)
+
+
+def _failing(monkeypatch: pytest.MonkeyPatch, cls: type, method: str, after: int) -> None:
+    """As :func:`_interrupting`, raising RuntimeError (a device fault)."""
+    original = getattr(cls, method)
+    calls: list[int] = []
+
+    def failing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == after + 1:
+            raise RuntimeError("a device fault")
+        return out
+
+    monkeypatch.setattr(cls, method, failing)
