@@ -145,6 +145,11 @@ def _inject(
         return LoraRuntime(root, layers, buffers, cache_bytes, merged, fused, extras, components, regional)
     except BaseException:
         unwrap_modules(root, layers)
+        for module in [root._modules[c] for c in components] if components else [root]:  # what LoraRuntime hooked
+            if module is not None:
+                peft_arguments.release(module)
+                assigned_loads.release(module)
+                embedding_resize.release(module)
         raise
 
 

@@ -201,7 +201,8 @@ def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
     """Replaces each named module by its LoRA wrapper; returns the wrappers by name.
 
     Every wrapper is built (and its base checked) before the first module is replaced, so a
-    refusal leaves the model as it was.
+    refusal leaves the model as it was; a failure or interrupt while replacing them puts back
+    the modules replaced so far.
     """
     layers = {}
     for name in names:
@@ -218,9 +219,17 @@ def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
             layers[name] = wrapper(base)
         except UsageError as exc:
             raise UsageError(f"{name}: {exc}") from None
-    for name, layer in layers.items():
-        _set_submodule(model, name, layer)
-        layer.attach()
+    placed: list[str] = []
+    try:
+        for name, layer in layers.items():
+            _set_submodule(model, name, layer)
+            placed.append(name)
+            layer.attach()
+    except BaseException:  # interrupted (Ctrl-C) or failed midway: the model as it was
+        for name in placed:
+            layers[name].detach()
+            _set_submodule(model, name, layers[name].base_layer)
+        raise
     return layers
 
 

@@ -581,3 +581,41 @@ def test_load_state_dict_reports_keys_as_the_checkpoint_names_them() -> None:
     with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "0\.bias"') as info:
         model.load_state_dict(dict(part))
     assert "base_layer" not in str(info.value)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+@pytest.mark.parametrize("where", ["wrapping", "runtime"])
+def test_an_inject_failing_midway_leaves_the_model_as_it_was(
+    where: str, error: type[BaseException], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault or Ctrl-C after the first wrapper took its module's place left wrappers with no
+    buffers in the model (its forward raised, a new inject refused); one in the runtime's set-up
+    left lorahot's forward pre-hook on the model. Both put back; a new inject then works."""
+    from lorahot.layers.base import LoRALayer
+    from lorahot.runtime import lora_runtime
+
+    model = tiny_lm(0, dim=32, hidden=48)
+    ids = token_ids((2, 6), 32, seed=1)
+    with torch.no_grad():
+        base = model(ids)
+    hooks = {n: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for n, m in model.named_modules()}
+    if where == "wrapping":  # the second layer's attach, after two modules were replaced
+        original, calls = LoRALayer.attach, []
+
+        def attach(self: LoRALayer) -> None:
+            calls.append(1)
+            if len(calls) == 2:
+                raise error("midway")
+            original(self)
+
+        monkeypatch.setattr(LoRALayer, "attach", attach)
+    else:  # the runtime's last step, after its hooks were installed
+        monkeypatch.setattr(lora_runtime.RuntimeState, "on_eject", lambda self, cb: (_ for _ in ()).throw(error("x")))
+    with pytest.raises((error, lorahot.UnexpectedError)):
+        lorahot.inject(model, ["q_proj", "v_proj"], max_rank=8)
+    monkeypatch.undo()
+    assert not any(isinstance(m, LoRALayer) for m in model.modules())
+    assert {n: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for n, m in model.named_modules()} == hooks
+    with torch.no_grad():
+        assert torch.equal(model(ids), base)
+    lorahot.inject(model, ["q_proj", "v_proj"], max_rank=8)
