@@ -642,7 +642,7 @@ class LoraRuntime:
         check_read_options(read_kwargs, self.components)
         if key is not None and not (isinstance(key, str) and key):
             raise UsageError(f"key={shown(key, 200)} must be a non-empty str (or None: the source's identity).")
-        self._check_usable()
+        self._check_usable(base=False)
         if key is not None and isinstance(source, (str, os.PathLike)) and _same_path(key, source):
             key = None  # the source's own name: cached by its identity, so a rewritten file is read again
         identity = source_key(source, read_kwargs)
@@ -1087,10 +1087,13 @@ class LoraRuntime:
             )
         return index
 
-    def _check_usable(self, *, placement: bool = True, every_layer: bool = False) -> None:
+    def _check_usable(self, *, placement: bool = True, every_layer: bool = False, base: bool = True) -> None:
         """Raises :class:`UsageError` unless the runtime serves: not ejected, and (``placement``)
         every layer still in the model where inject put it, on the buffers it was bound to
-        (checked on the first layer of the runtime, or on ``every_layer``)."""
+        (checked on the first layer of the runtime, or on ``every_layer``), and in merged mode
+        (``base``) no targeted weight replaced since lorahot wrote it. ``preload`` skips that
+        last check: it writes no weight, may run on any thread, and would read the weights while
+        the serving thread rewrites them (the load that follows checks them)."""
         how = self._state.ejected
         if how is not None:
             raise UsageError(f"this runtime was ejected; call lorahot.inject again ({how} took its layers out).")
@@ -1124,7 +1127,7 @@ class LoraRuntime:
                 "runtime's writes and captured graphs no longer reach. Move or share the model first, then inject "
                 "(or call runtime.eject() and inject again)."
             )
-        if self._merger is not None:  # after the moves: a move is no checkpoint load
+        if base and self._merger is not None:  # after the moves: a move is no checkpoint load
             self._merger.check_base()
 
     def __copy__(self) -> NoReturn:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -647,3 +648,23 @@ def test_merged_inject_into_a_model_with_a_sparse_buffer() -> None:
     runtime.load(tensors)
     a, b = ab["0"]
     torch.testing.assert_close(model[0].weight, model[0].pristine_weight + b @ a)
+
+
+def test_a_preload_does_not_read_the_merged_weights(tmp_path: Path) -> None:
+    """preload may run on any thread while the serving thread loads; in merged mode it checked
+    the targeted weights against lorahot's record, which a load on the serving thread updates only
+    after rewriting them, so a preload during a load was refused (924 of 1,610 in a race). A
+    preload writes no weight: it reads the file and packs it; the load that follows checks them.
+    Here a weight changed behind lorahot stands in for a rewrite in progress."""
+    from safetensors.torch import save_file
+
+    model = tiny_lm(0, dim=32, hidden=48)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=8, merged=True)
+    path = tmp_path / "a.safetensors"
+    save_file(make_adapter(model, dict.fromkeys(runtime.layers, 4), seed=1)[0], str(path))
+    runtime.load(str(path))
+    with torch.no_grad():
+        model.layers[0].self_attn.q_proj.base_layer.weight[0, 0] += 1.0
+    assert runtime.preload(str(path), key="again") is not None
+    with pytest.raises(lorahot.UsageError, match="changed since lorahot last wrote them"):
+        runtime.load("again")
