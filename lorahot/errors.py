@@ -110,6 +110,17 @@ def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+def unfinished_eject(call: str, exc: Exception) -> UnexpectedError:
+    """The error of an eject that failed midway (a device fault while putting a base weight
+    back): unlike every other call's, it changed something, and calling it again finishes it."""
+    error = UnexpectedError(
+        f"{call}: unexpected {type(exc).__name__}: {_first_line(exc)}. The eject did not finish: some LoRA layers "
+        f"may still be in the model, and the runtime refuses every call but eject. Call {call} again to finish it."
+    )
+    error.__cause__ = exc
+    return error
+
+
 def printable(text: str, keep: str = "\n\t") -> str:
     """``text`` with every unprintable character (control, lone surrogate) but those in ``keep``
     as its Python escape: safe to print or write to a UTF-8 log whatever a file put in it."""

@@ -21,6 +21,9 @@ class RuntimeState:
     def __init__(self) -> None:
         self.ejected: str | None = None
         self._on_eject: list[Callable[[], None]] = []
+        #: The shutdown callbacks of an eject that did not finish (a fault or Ctrl-C midway),
+        #: the interrupted one first: the next eject runs them again (they are idempotent).
+        self.unfinished: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         #: Called with a layer after ``load_state_dict`` wrote its base weight or bias (the
         #: runtime recomputes what it derived from them: DoRA factors); None where nothing is.
@@ -34,14 +37,19 @@ class RuntimeState:
         self._on_eject.append(callback)
 
     def mark_ejected(self, how: str) -> bool:
-        """Marks the state ejected by ``how`` and runs the callbacks; False if it already was."""
+        """Marks the state ejected by ``how`` and runs the callbacks; False if it already was
+        and they all ran. Where one raises (a fault, an interrupt), it and those after it stay
+        :attr:`unfinished`, and the next call runs them again."""
         with self._lock:
-            if self.ejected is not None:
+            if self.ejected is None:
+                self.ejected = how
+                self.unfinished, self._on_eject = self._on_eject, []
+            elif not self.unfinished:
                 return False
-            self.ejected = how
-            callbacks, self._on_eject = self._on_eject, []
-        for callback in callbacks:
-            callback()
+            callbacks = self.unfinished
+        while callbacks:
+            callbacks[0]()
+            callbacks.pop(0)
         return True
 
     def __deepcopy__(self, memo: dict[int, object]) -> RuntimeState:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorahot.errors import UsageError, public_api, shown
+from lorahot.errors import UsageError, public_api, shown, unfinished_eject
 from lorahot.layers import LayerSpec, LoRALayer
 from lorahot.layers.base import kept_parametrizations
 from lorahot.layers.sharded import is_sharded
@@ -257,9 +257,12 @@ def eject(model: nn.Module | Mapping[str, nn.Module] | Any) -> Any:
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     found = {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
     states = {id(layer.state): layer.state for layer in found.values() if layer.state is not None}
-    for state in states.values():
-        state.mark_ejected("lorahot.eject(model)")  # its runtime unwraps its own layers
-    unwrap_modules(model, found)  # layers no runtime took out (or that moved within the model)
+    try:
+        for state in states.values():
+            state.mark_ejected("lorahot.eject(model)")  # its runtime unwraps its own layers
+        unwrap_modules(model, found)  # layers no runtime took out (or that moved within the model)
+    except Exception as exc:
+        raise unfinished_eject("lorahot.eject(model)", exc) from exc
     peft_arguments.release(model)  # a copy of an injected model keeps the hook
     assigned_loads.release(model)
     embedding_resize.release(model)

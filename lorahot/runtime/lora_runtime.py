@@ -27,7 +27,15 @@ import torch
 from torch import nn
 
 from lorahot.adapter import Adapter, LoraModule
-from lorahot.errors import AdapterMismatchError, UsageError, WriteError, format_problems, public_api, shown
+from lorahot.errors import (
+    AdapterMismatchError,
+    UsageError,
+    WriteError,
+    format_problems,
+    public_api,
+    shown,
+    unfinished_eject,
+)
 from lorahot.io.loader import read_adapter, read_adapter_sliced
 from lorahot.io.read_buffers import ReadBuffers
 from lorahot.io.sources import Source
@@ -983,9 +991,15 @@ class LoraRuntime:
         Layers injected by another runtime on the same model stay in place. The prefetch
         thread, if one was started, finishes its current adapter and stops. A model edited
         since inject can still be ejected: layers no longer where inject put them are left.
+        An eject that fails or is interrupted midway leaves the runtime refusing every call but
+        another eject, which finishes it.
         """
-        self._check_usable(placement=False)
-        self._state.mark_ejected("runtime.eject()")
+        if not self._state.unfinished:  # else an eject that did not finish: this one finishes it
+            self._check_usable(placement=False)
+        try:
+            self._state.mark_ejected("runtime.eject()")
+        except Exception as exc:
+            raise unfinished_eject("runtime.eject()", exc) from exc
         return self.model
 
     def _detach(self) -> None:
@@ -1095,6 +1109,11 @@ class LoraRuntime:
         last check: it writes no weight, may run on any thread, and would read the weights while
         the serving thread rewrites them (the load that follows checks them)."""
         how = self._state.ejected
+        if how is not None and self._state.unfinished:
+            raise UsageError(
+                f"an eject of this runtime ({how}) did not finish (a fault or an interrupt midway); some layers may "
+                "still be in the model: call runtime.eject() or lorahot.eject(model) again to finish it."
+            )
         if how is not None:
             raise UsageError(f"this runtime was ejected; call lorahot.inject again ({how} took its layers out).")
         if not placement:

@@ -166,3 +166,45 @@ def test_a_copy_of_the_model_is_ejected_without_touching_the_original() -> None:
     assert not any(isinstance(m, lorahot.LoRALayer) for m in clone.modules())
     runtime.load(tensors, slot=1)  # the original runtime still serves
     assert isinstance(model.layers[0].self_attn.q_proj, lorahot.LoRALayer)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("how", ["runtime", "model"])
+def test_an_eject_failing_midway_is_finished_by_the_next(
+    how: str, merged: bool, error: type[BaseException], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault or Ctrl-C after the first layers were put back left the model half ejected, a
+    mix of base and adapter, and the runtime refusing every call, ``eject()`` included (it was
+    marked ejected first). Now every call but eject refuses, naming the unfinished eject, and the
+    next eject (either one) finishes it: the base model, bitwise."""
+    from lorahot.layers.base import LoRALayer
+    from lorahot.runtime import targets
+
+    model = tiny_lm(0, dim=32, hidden=48)
+    ids = token_ids((2, 6), 32, seed=1)
+    with torch.no_grad():
+        base = model(ids)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=8, merged=merged)
+    runtime.load(make_adapter(model, dict.fromkeys(runtime.layers, 4), seed=1)[0])
+    original, calls = targets._set_submodule, []
+
+    def interrupted(*args: object) -> None:
+        original(*args)  # type: ignore[arg-type]
+        calls.append(1)
+        if len(calls) == 2:
+            raise error("midway")
+
+    monkeypatch.setattr(targets, "_set_submodule", interrupted)
+    with pytest.raises((error, lorahot.UnexpectedError), match=r"midway|did not finish"):
+        runtime.eject() if how == "runtime" else lorahot.eject(model)
+    monkeypatch.undo()
+    assert sum(isinstance(m, LoRALayer) for m in model.modules()) == 2  # half ejected
+    with pytest.raises(lorahot.UsageError, match="did not finish"):
+        runtime.unload()
+    runtime.eject() if how == "runtime" else lorahot.eject(model)
+    assert not any(isinstance(m, LoRALayer) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids), base)
+    with pytest.raises(lorahot.UsageError, match="this runtime was ejected"):
+        runtime.unload()
