@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from lorahot.formats.table import REFUSED, KeyFormat, lora_rules
+from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, lora_rules, lycoris_rules
 
 __all__ = ["FORMAT"]
 
@@ -60,7 +60,7 @@ _ALIASES: tuple[tuple[str, str], ...] = (
 
 FORMAT = KeyFormat(
     name="anima",
-    rules=lora_rules(),
+    rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
     prefixes=("diffusion_model.",),
     require_prefix=True,
     refuse=(
@@ -69,7 +69,7 @@ FORMAT = KeyFormat(
             "Anima's text conditioner (llm_adapter), another component, which this naming does not place (its "
             "module names are the transformer's); load with strict=False to skip its keys",
         ),
-        *REFUSED,
+        *REFUSED_MERGEABLE,
     ),
     marker=(
         r"^diffusion_model\.blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|output_proj)"

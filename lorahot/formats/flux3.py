@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from lorahot.formats.table import REFUSED, KeyFormat, lora_rules
+from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, lora_rules, lycoris_rules
 
 __all__ = ["FORMAT"]
 
@@ -43,10 +43,10 @@ _ALIASES: tuple[tuple[str, str], ...] = tuple(
 
 FORMAT = KeyFormat(
     name="flux3",
-    rules=lora_rules(),
+    rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
     prefixes=("diffusion_model.",),
     require_prefix=True,
-    refuse=REFUSED,
+    refuse=REFUSED_MERGEABLE,
     marker=(
         rf"^diffusion_model\.(?:{'|'.join(_BLOCKS)})\.(?:[A-Za-z_]\w*\.)?\d+\."
         rf"(?:{'|'.join(_LEAVES)})\."

@@ -1,7 +1,11 @@
 """Krea 2 naming: adapters trained on the original Krea 2 module names
 (``diffusion_model.blocks.0.attn.wq.lora_A.weight``, as the reference trainer and ComfyUI write
-them, or ``base_model.model.blocks.0.attn.wq...`` from AI-Toolkit), for a diffusers-named
-``Krea2Transformer2DModel``.
+them), for a diffusers-named ``Krea2Transformer2DModel``.
+
+AI-Toolkit's spelling under PEFT's ``base_model.model.`` is not this naming's: such keys are
+PEFT naming (a PEFT adapter of a model whose own modules are ``blocks.N.attn.wq`` loads as PEFT
+with its ``adapter_config.json``), so on a diffusers-named model they are refused, naming the
+keys and the closest layers.
 
 Every module is an alias, as diffusers' Krea 2 conversion renames it: in a block (``blocks.N``,
 diffusers' ``transformer_blocks.N``, and the text fusion's ``txtfusion.layerwise_blocks.N`` /
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from lorahot.formats.table import REFUSED, KeyFormat, lora_rules
+from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, lora_rules, lycoris_rules
 
 __all__ = ["FORMAT"]
 
@@ -58,12 +62,12 @@ _ALIASES: tuple[tuple[str, str], ...] = (
 
 FORMAT = KeyFormat(
     name="krea2",
-    rules=lora_rules(),
-    prefixes=("diffusion_model.", "base_model.model."),
+    rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
+    prefixes=("diffusion_model.",),
     require_prefix=True,
-    refuse=REFUSED,
+    refuse=REFUSED_MERGEABLE,
     marker=(
-        r"^(?:diffusion_model|base_model\.model)\.(?:txtfusion\.(?:layerwise|refiner)_blocks\.\d+\.|blocks\.\d+\.)"
+        r"^diffusion_model\.(?:txtfusion\.(?:layerwise|refiner)_blocks\.\d+\.|blocks\.\d+\.)"
         rf"(?:attn\.(?:{'|'.join(_ATTN)})|mlp\.(?:{'|'.join(_MLP)}))\."
     ),
     aliases=_ALIASES,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-from lorahot.formats.table import REFUSED, KeyFormat, lora_rules
+from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, lora_rules, lycoris_rules
 
 __all__ = ["FORMAT"]
 
@@ -46,7 +46,7 @@ _ALIASES: tuple[tuple[str, str], ...] = tuple(
 
 FORMAT = KeyFormat(
     name="ltx2",
-    rules=lora_rules(),
+    rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
     prefixes=("diffusion_model.", "text_embedding_projection."),
     require_prefix=True,
     refuse=(
@@ -55,7 +55,7 @@ FORMAT = KeyFormat(
             "LTX-2's text connectors (text_embedding_projection), another component, which this naming does not "
             "place; load with strict=False to skip their keys",
         ),
-        *REFUSED,
+        *REFUSED_MERGEABLE,
     ),
     marker=rf"^diffusion_model\.(?:{'|'.join(map(re.escape, _OUTSIDE))})\.",
     aliases=_ALIASES,

@@ -13,7 +13,9 @@ alphas, which diffusers' converters fold into A and B as ``alpha / r`` (an alpha
 states must agree with it).
 
 Attention projections spelled ``q_proj``/``k_proj``/``v_proj``/``o_proj`` are aliases of diffusers'
-``to_q``/``to_k``/``to_v``/``to_out.0``, taken only where the file's name is no injected layer: ACE-Step's
+``to_q``/``to_k``/``to_v``/``to_out.0``, taken only where the file's name is no injected layer and the alias is
+one exactly (never after dropping a wrapper segment of the key, which would bring a text encoder's
+``encoder.layers.0.self_attn.q_proj`` onto a transformer's ``layers.0.self_attn.to_q``): ACE-Step's
 PEFT adapters name the original DiT's projections, which diffusers' ``AceStepTransformer1DModel``
 renames (as diffusers' ACE-Step conversion does).
 """
@@ -49,5 +51,6 @@ FORMAT = KeyFormat(
         (r"\.v_proj$", ".to_v"),
         (r"\.o_proj$", ".to_out.0"),
     ),
+    aliases_exact=True,  # q_proj is every LLM's and text encoder's: only the model's exact path
     example="base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
 )

@@ -141,6 +141,10 @@ class KeyFormat:
             it apart from a naming whose rules it shares).
         aliases: ``(regex, replacement)`` tried on a module key that names no injected layer
             (``to_q`` -> ``q_proj`` where one spelling served several model families).
+        aliases_exact: an alias lands only on an injected layer of exactly its name, never on
+            one its name ends in (after a wrapper segment the lookup would drop): for aliases of
+            common names, which a key of another model (a text encoder's
+            ``encoder.layers.0.self_attn.q_proj``) would otherwise reach.
         splits: fused modules placed onto several layers, or with their rows re-ordered; applied
             at load time to a module key that names no injected layer, not even through an alias
             (a model with the fused layer takes the module whole). Where several match a key,
@@ -158,6 +162,7 @@ class KeyFormat:
     refuse: tuple[tuple[str, str], ...] = ()
     marker: str = ""
     aliases: tuple[tuple[str, str], ...] = ()
+    aliases_exact: bool = False
     splits: tuple[Split | Reorder, ...] = ()
     roles: tuple[str, str] = ("lora_A", "lora_B")
     example: str = ""

@@ -186,13 +186,20 @@ def _lookup(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     return hits if any(h in names.exact for h in hits) else ()
 
 
+def _in_model(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
+    """The modules ``key`` matches among every module of the model, injected or not (which of a
+    fused key's splits a model has the parts of, whatever was injected)."""
+    whole = names.whole if names.whole is not None else names
+    return whole.lookups.get((key, fmt), _match, key, fmt, whole)
+
+
 def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     cands = _candidates(key, fmt)
     aliased = [re.sub(p, r, c) for c in cands for p, r in fmt.aliases if re.search(p, c)]
     steps = (
         lambda: [c for c in cands if c in names.exact][:1],
         lambda: [c for c in aliased if c in names.exact][:1],
-        lambda: _first(names.dotted(c) for c in cands[1:] + cands[:1] + aliased),
+        lambda: _first(names.dotted(c) for c in cands[1:] + cands[:1] + ([] if fmt.aliases_exact else aliased)),
         lambda: _first(names.by_underscore(c) for c in cands[1:] + cands[:1]),
         lambda: _first(names.unwrapped(c) for c in cands[1:]) if fmt.separator == "_" else [],
     )
@@ -260,7 +267,7 @@ def resolve_all(
         key, module, named = pending.popleft()  # named: the key, or "<part> (part of <fused key>)"
         hits = _lookup(key, fmt, index)
         if not hits and fmt.splits and isinstance(module, LoraModule):
-            parts = placed(key, module, fmt.splits, problems, lambda target: bool(_lookup(target, fmt, index)))
+            parts = placed(key, module, fmt.splits, problems, lambda target: bool(_in_model(target, fmt, index)))
             if not (len(parts) == 1 and parts[0] is module):  # fused: its parts resolve in its place
                 pending.extendleft((p.key, p, f"{p.key} (part of {key})") for p in reversed(parts))
                 continue

@@ -166,11 +166,12 @@ def placed(
     """``module`` as the rule for ``key`` places it: ``[module]`` if no rule fully matches it,
     ``[]`` after appending to ``problems`` if it cannot be placed (sizes, ranks, a conv module).
 
-    Of the rules fully matching ``key``, the first whose every target ``exists`` (one naming's
-    fused module can be cut one way for one model and another way for another: Lumina2's
-    ``attention.qkv`` 3 : 1 : 1 onto ``attn.to_q``, Ideogram 4's 1 : 1 : 1 onto
-    ``attention.to_q``); the first matching one where none does, whose targets then fail to
-    resolve, naming them."""
+    Of the rules fully matching ``key``, the first whose every target ``exists`` in the model,
+    injected or not (one naming's fused module can be cut one way for one model and another way
+    for another: Lumina2's ``attention.qkv`` 3 : 1 : 1 onto ``attn.to_q``, Ideogram 4's
+    1 : 1 : 1 onto ``attention.to_q``; a part on a layer not injected is then skipped or refused
+    like any key); the first matching one where none does, whose targets then fail to resolve,
+    naming them."""
     matching = [(rule, m) for rule in rules if (m := re.fullmatch(rule.pattern, key)) is not None]
     fitting = [(rule, m) for rule, m in matching if all(exists(t) for t in _targets(rule, m))]
     for rule, m in (fitting or matching)[:1]:

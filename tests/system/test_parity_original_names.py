@@ -419,16 +419,17 @@ def test_ltx2_text_connectors_are_refused_or_skipped() -> None:
     _assert_same(ours, _reference(_tiny_ltx2, sd, names, _ltx2_original))
 
 
-def test_krea2_ai_toolkit_prefix_matches_diffusers() -> None:
-    """AI-Toolkit writes Krea 2 files under PEFT's ``base_model.model.``: the same naming."""
+def test_krea2_under_peft_wrapper_is_peft_naming_and_refused() -> None:
+    """AI-Toolkit's ``base_model.model.`` spelling of Krea 2 names is PEFT naming (a PEFT adapter of
+    a model with such module names loads with its config): on the diffusers-named model its keys
+    match no layer, and the refusal names them."""
     names = _linears(_tiny_krea2())
     sd = {
         k.replace("diffusion_model.", "base_model.model.", 1): v
         for k, v in _file(_tiny_krea2(), names, _krea2_original, alpha=False).items()
     }
-    ours, fmt = _lorahot(_tiny_krea2, sd, names)
-    assert fmt == "krea2"
-    _assert_same(ours, _diffusers(_tiny_krea2, diffusers.loaders.lora_pipeline.Krea2LoraLoaderMixin, sd, names))
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"blocks\.0\.attn\.wq: matches no injected layer"):
+        _lorahot(_tiny_krea2, sd, names)
 
 
 def _tiny_ideogram4() -> nn.Module:
@@ -491,3 +492,70 @@ def test_ideogram4_fused_qkv_is_cut_into_thirds_as_diffusers_does(prefix: str, d
         )
     _assert_same(ours, reference)
     _assert_same(ours, _diffusers(_tiny_ideogram4, diffusers.loaders.lora_pipeline.Ideogram4LoraLoaderMixin, sd, names))
+
+
+def test_a_text_encoders_q_proj_never_reaches_a_transformers_to_q_through_the_alias() -> None:
+    """PEFT naming's ``q_proj -> to_q`` alias lands on a layer of exactly the aliased name only:
+    a text encoder's ``encoder.layers.0.self_attn.q_proj`` (shapes alike) reached ACE-Step's
+    ``layers.0.self_attn.to_q`` once the lookup dropped ``encoder.``, changing the DiT by 0.16
+    where diffusers' loader refuses. Refused, naming the key."""
+    model = _tiny_ace_step()
+    sd = {}
+    for i in range(2):
+        for proj in ("q_proj", "v_proj"):
+            key = f"base_model.model.encoder.layers.{i}.self_attn.{proj}"
+            sd[f"{key}.lora_A.weight"] = torch.randn(2, 32, dtype=torch.float64)
+            sd[f"{key}.lora_B.weight"] = torch.randn(32, 2, dtype=torch.float64)
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"encoder\.layers\.0\.self_attn\.q_proj: matches no"):
+        runtime.load(sd)
+
+
+def test_lycoris_in_the_new_namings_loads_in_merged_mode_as_in_comfyui_naming() -> None:
+    """A LoHa on an LTX-2 block plus ``adaln_single`` (the ltx2 marker): it was refused as
+    'LyCORIS ... in kohya or ComfyUI naming' where the same file without ``adaln_single`` (ComfyUI
+    naming) loaded; the block's merged weight is the same either way."""
+    g = torch.Generator().manual_seed(4)
+    sd: dict[str, torch.Tensor] = {}
+    for key, (out, inn) in {"transformer_blocks.0.attn1.to_q": (16, 16), "adaln_single.linear": (96, 16)}.items():
+        for f, shape in {
+            "hada_w1_a": (out, 2),
+            "hada_w1_b": (2, inn),
+            "hada_w2_a": (out, 2),
+            "hada_w2_b": (2, inn),
+        }.items():
+            sd[f"diffusion_model.{key}.{f}"] = torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3
+        sd[f"diffusion_model.{key}.alpha"] = torch.tensor(2.0, dtype=torch.float64)
+    assert _tiny_ltx2().get_submodule("time_embed.linear").out_features == 96
+    weights = {}
+    for name, file in {"ltx2": sd, "comfyui": {k: v for k, v in sd.items() if "adaln" not in k}}.items():
+        model = _tiny_ltx2()
+        info = lorahot.inject(model, "all-linear", max_rank=8, merged=True).load(dict(file))
+        assert info.format == name
+        weights[name] = model.get_submodule("transformer_blocks.0.attn1.to_q").weight.detach().clone()
+    torch.testing.assert_close(weights["ltx2"], weights["comfyui"], rtol=0, atol=0)
+
+
+def test_a_partly_injected_ideogram4_model_takes_its_own_cut() -> None:
+    """Of the two cuts of ``attention.qkv``, the one whose layers the model has, injected or not:
+    with ``to_v`` not injected, Lumina2's 3:1:1 onto ``attn.to_q`` was taken (refused, even with
+    ``strict=False``); now q and k load and v is refused by name, or skipped with ``strict=False``."""
+    model = _tiny_ideogram4()
+    q = model.get_submodule("layers.0.attention.to_q")
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3, q.in_features, generator=g, dtype=torch.float64)
+    b = torch.randn(3 * q.out_features, 3, generator=g, dtype=torch.float64)
+    sd = {
+        "diffusion_model.layers.0.attention.qkv.lora_A.weight": a,
+        "diffusion_model.layers.0.attention.qkv.lora_B.weight": b,
+    }
+    names = ["layers.0.attention.to_q", "layers.0.attention.to_k"]
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"attention\.to_v \(part of"):
+        lorahot.inject(_tiny_ideogram4(), ["to_q", "to_k"], max_rank=8).load(dict(sd))
+    runtime = lorahot.inject(model, ["to_q", "to_k"], max_rank=8)
+    runtime.load(dict(sd), strict=False)
+    reference = _weights(_tiny_ideogram4(), names)
+    for j, name in enumerate(names):
+        delta = b[j * q.out_features : (j + 1) * q.out_features] @ a
+        reference[name] = reference[name] + torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
+    _assert_same(_weights(model, names), reference)

@@ -333,7 +333,8 @@ def test_peft_embedding_base_layer_copies_are_carried(tmp_path: Path) -> None:
         ("diffusion_model.content_mode_blocks.image.0.mlp_in.lora_down.weight", "flux3"),
         ("diffusion_model.single_blocks.0.linear1.lora_A.weight", "flux-bfl"),
         ("diffusion_model.blocks.0.attn.wq.lora_A.weight", "krea2"),
-        ("base_model.model.txtfusion.refiner_blocks.0.mlp.gate.lora_A.weight", "krea2"),
+        ("base_model.model.txtfusion.refiner_blocks.0.mlp.gate.lora_A.weight", "peft"),
+        ("diffusion_model.blocks.0.mlp.up.hada_w1_a", "krea2"),
         ("base_model.model.blocks.0.attn.to_q.lora_A.weight", "peft"),
     ],
 )

@@ -619,3 +619,30 @@ def test_an_inject_failing_midway_leaves_the_model_as_it_was(
     with torch.no_grad():
         assert torch.equal(model(ids), base)
     lorahot.inject(model, ["q_proj", "v_proj"], max_rank=8)
+
+
+def test_float32_buffers_on_a_float16_model_keep_the_intermediate_in_range() -> None:
+    """Every factor fits float16, but ``x A^T s`` (scale 20000) passes 65504: float16 buffers
+    (the default on a float16 weight) overflow it to Inf, and the output is NaN, where PEFT
+    (adapters in float32 on float16 models) and the float64 reference are finite; the README
+    says so, and that ``dtype=torch.float32`` computes as PEFT does."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 64).half()
+    model = nn.Sequential(layer)
+    x = (torch.randn(4, 64) * 4).half()
+    a, b = torch.randn(4, 64), torch.randn(64, 4) * 1e-4
+    adapter = {"base_model.model.0.lora_A.weight": a, "base_model.model.0.lora_B.weight": b}
+    config = {"r": 4, "lora_alpha": 80000}
+    ref = x.double() @ (layer.weight.double() + 20000 * b.double() @ a.double()).T + layer.bias.double()
+    assert ref.abs().max() < 60000  # the output fits float16; the intermediate does not
+    outputs = {}
+    for dtype in (None, torch.float32):
+        runtime = lorahot.inject(model, ["0"], max_rank=8, dtype=dtype)
+        runtime.load(adapter, config=config)
+        with torch.no_grad():
+            outputs[dtype] = model(x)
+        lorahot.eject(model)
+    assert not torch.isfinite(outputs[None]).all()  # the documented hazard of float16 buffers
+    out = outputs[torch.float32]
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-3, atol=0.5)
