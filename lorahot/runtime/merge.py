@@ -180,33 +180,36 @@ def _digest(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return words.sum(1, dtype=torch.int64), words.sum(0, dtype=torch.int64)
 
 
-def _differs(layer: LoRALayer) -> torch.Tensor | bool:
-    """Whether the weight is no longer what :func:`record` noted: its sampled elements,
-    compared as bytes (NaN equals itself) where the weight is now, after the conversion a move
-    of the model (``model.half()``, ``.to(device)``) applies to it, since such a move changes
-    nothing lorahot wrote; and, where its version counter moved (or it has none) and no move
-    converted its bytes since, its row and column sums (:func:`_digest`). A weight of another
-    size, or one on the meta device, has changed. An edit through ``weight.data`` moves no
-    version counter: it is noticed where it changes a sampled element, or in an inference
-    tensor."""
+def _differs(layer: LoRALayer) -> bool | tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """Whether the weight is no longer what :func:`record` noted: True where that is plain
+    on the host, else what to compare on the device: pairs of byte views ``(now, then)`` that
+    differ in a byte where it changed, and flags (0-d bool tensors) set where it changed. The
+    sampled elements are compared as bytes (NaN equals itself) where the weight is now, after
+    the conversion a move of the model (``model.half()``, ``.to(device)``) applies to it,
+    since such a move changes nothing lorahot wrote; and, where its version counter moved (or
+    it has none) and no move converted its bytes since, its row and column sums
+    (:func:`_digest`). A weight of another size, or one on the meta device, has changed. An
+    edit through ``weight.data`` moves no version counter: it is noticed where it changes a
+    sampled element, or in an inference tensor."""
     positions, written, numel, written_bias, version, digest = layer.written_probe  # type: ignore[misc]
     weight, bias = layer.base_weight.detach(), layer.base_bias
     if weight.is_meta or weight.numel() != numel or (bias is None) != (written_bias is None):
         return True
-    differs = _bytes_differ(weight.reshape(-1)[positions.to(weight.device)], written.to(weight.device, weight.dtype))
+    pairs = [_bytes(weight.reshape(-1)[positions.to(weight.device)], written.to(weight.device, weight.dtype))]
+    flags = []
     if digest is not None and (version is None or _version(weight) != version):
-        for now, then in zip(_digest(weight), digest, strict=True):
-            differs = differs | (now != then.to(now.device)).any()
+        flags = [(now != then.to(now.device)).any() for now, then in zip(_digest(weight), digest, strict=True)]
     if bias is None or written_bias is None:
-        return differs
+        return pairs, flags
     if bias.is_meta or bias.shape != written_bias.shape:
         return True
-    return differs | _bytes_differ(bias.detach(), written_bias.to(bias.device, bias.dtype)).to(differs.device)
+    pairs.append(_bytes(bias.detach(), written_bias.to(bias.device, bias.dtype)))
+    return pairs, flags
 
 
-def _bytes_differ(now: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
-    """Whether two tensors of one shape and dtype differ in any byte (NaN equals itself)."""
-    return (now.contiguous().view(torch.uint8) != then.contiguous().view(torch.uint8)).any()
+def _bytes(now: torch.Tensor, then: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tensors of one shape and dtype as flat byte views, to compare (NaN equals itself)."""
+    return now.contiguous().view(torch.uint8).reshape(-1), then.contiguous().view(torch.uint8).reshape(-1)
 
 
 def replaced(layers: Sequence[LoRALayer]) -> list[bool]:
@@ -214,21 +217,46 @@ def replaced(layers: Sequence[LoRALayer]) -> list[bool]:
     checkpoint loaded after inject, in merged mode): noted in full by ``load_state_dict``
     (:attr:`~lorahot.layers.base.LoRALayer.checkpoint_loaded`), and for a weight written
     otherwise a few of its elements read back and, where its version counter moved, its row
-    and column sums (one read to the host per device). A move of the model to another dtype
-    or device is not a change (see :func:`_differs`)."""
+    and column sums. A move of the model to another dtype or device is not a change (see
+    :func:`_differs`). Per device the bytes of every layer are compared at once and read to
+    the host once: a launch per layer (its samples gathered), where a comparison of its own
+    cost four (64 ms over the SDXL UNet's 700 layers on an H200 host)."""
     flags = [layer.checkpoint_loaded for layer in layers]
-    by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    by_device: dict[torch.device, list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]]] = {}
     for i, layer in enumerate(layers):
         if layer.written_probe is not None:
             differs = _differs(layer)
-            if isinstance(differs, bool):
+            if differs is True or differs is False:
                 flags[i] = flags[i] or differs
                 continue
-            by_device.setdefault(differs.device, []).append((i, differs))
-    for found in by_device.values():
-        for (i, _), d in zip(found, torch.stack([d for _, d in found]).tolist()):
-            flags[i] = flags[i] or bool(d)
+            pairs, extra = differs
+            by_device.setdefault(pairs[0][0].device, []).append((i, pairs, extra))
+    for device, found in by_device.items():
+        for i, changed in zip((i for i, _, _ in found), _compared(device, found)):
+            flags[i] = flags[i] or changed
     return flags
+
+
+def _compared(
+    device: torch.device, found: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]]
+) -> list[bool]:
+    """For each entry of ``found`` (one layer's byte pairs and flags, all on ``device``),
+    whether any pair differs or any flag is set: one comparison of all the bytes, one sum per
+    layer, one read to the host."""
+    sizes = torch.tensor([sum(now.numel() for now, _ in pairs) for _, pairs, _ in found], dtype=torch.int64)
+    owner = torch.repeat_interleave(torch.arange(len(found)), sizes)  # each byte's layer, on the host
+    nows = torch.cat([now.to(device) for _, pairs, _ in found for now, _ in pairs])
+    thens = torch.cat([then.to(device) for _, pairs, _ in found for _, then in pairs])
+    counts = torch.zeros(len(found), dtype=torch.int64, device=device)
+    counts.index_add_(0, owner.to(device), (nows != thens).to(torch.int64))
+    extra = [(k, flag) for k, (_, _, flags) in enumerate(found) for flag in flags]
+    if extra:
+        counts.index_add_(
+            0,
+            torch.tensor([k for k, _ in extra], dtype=torch.int64).to(device),
+            torch.stack([flag.to(device) for _, flag in extra]).to(torch.int64),
+        )
+    return [bool(c) for c in counts.tolist()]
 
 
 def _flat(weight: torch.Tensor) -> torch.Tensor:
