@@ -242,12 +242,28 @@ def disagreements(rig: Rig, check: Checks) -> None:
         ("a preload of another file on rank 1", lambda: rig.rt.preload(rig.path(mine), key="k"), "values"),
         ("another activate on rank 1", lambda: rig.rt.activate(rank), "arguments"),
         ("another routing on rank 1", lambda: rig.rt.activate([0, 1] if rank == 0 else [1, 0]), "arguments"),
+        (  # the same entries, read per token on rank 1: a batch one rank refuses, the other runs into o_proj
+            "the same routing per token on rank 1",
+            lambda: rig.rt.activate([0, 0, 1, 1]) if rank == 0 else rig.rt.activate([0, 1], lengths=[2, 2]),
+            "arguments",
+        ),
         ("another unload on rank 1", lambda: rig.rt.unload(rank), "arguments"),
         ("an unload of every slot on rank 1 only", lambda: rig.rt.unload(0 if rank == 0 else None), "arguments"),
     ]
     for name, call, aspect in cases:
         check(name, lambda call=call, aspect=aspect: raises(lorahot.UsageError, call, aspect, "rank 1", "no rank"))
         check(f"unchanged after {name}", lambda: rig.unchanged(before))
+    # a check failing on rank 1 alone (it ran before the agreement there: rank 0 waited in the
+    # agreement's collective until the process group timed out)
+    check(
+        "lengths with one slot on rank 1 only",
+        lambda: raises(
+            lorahot.UsageError,
+            lambda: rig.rt.activate(0) if rank == 0 else rig.rt.activate(0, lengths=[3]),
+            "rank 1" if rank == 0 else "lengths",
+        ),
+    )
+    check("unchanged after lengths with one slot", lambda: rig.unchanged(before))
     check("nothing cached after the preloads", lambda: rig.rt.cache.get("k") is None)
     same = rig.path("a" if rank == 0 else "a_copy")
     check("the same contents at another path load", lambda: rig.rt.load(same) and None)

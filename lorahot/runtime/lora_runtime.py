@@ -841,17 +841,21 @@ class LoraRuntime:
                 A batch that does not fit the routing raises when the model runs, compiled or
                 not (:mod:`lorahot.layers.refusal`).
         """
-        self._check_usable()
         per_row = isinstance(slot, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(slot, (str, bytes))
-        if not per_row and lengths is not None:
-            raise UsageError(
-                f"lengths={shown(lengths, 40)} applies to a per-row routing (a sequence of slots), not to "
-                f"activate({shown(slot, 40)})."
-            )
         if not per_row:
             whole = slot
+
+            def whole_checked() -> int:  # every check inside the agreement: a rank failing alone
+                self._check_usable()  # fails every rank, none waits in a collective (tensor parallel)
+                if lengths is not None:
+                    raise UsageError(
+                        f"lengths={shown(lengths, 40)} applies to a per-row routing (a sequence of slots), not to "
+                        f"activate({shown(whole, 40)})."
+                    )
+                return self._slot(whole)
+
             slot = self._agreed(  # an int, or the error saying what it must be
-                lambda: self._slot(whole), "activate", lambda s: {"arguments": fingerprint.arguments("activate", s)}
+                whole_checked, "activate", lambda s: {"arguments": fingerprint.arguments("activate", s)}
             )
             self._switch(slot, lambda: self._routing.clear(), again=True)
             return
@@ -859,6 +863,7 @@ class LoraRuntime:
         rows = slot
 
         def checked() -> tuple[torch.Tensor, int | None]:
+            self._check_usable()
             route = check_routing(rows, lengths, self.slots, filled, merged=self._merger is not None)
             one = one_slot(route)
             if one is None:  # one slot for every row runs as the whole batch: no row to misplace
@@ -870,7 +875,8 @@ class LoraRuntime:
         route, one = self._agreed(
             checked,
             "activate",
-            lambda r: {"arguments": fingerprint.arguments("activate rows", r[0])},
+            # per token (lengths) or per row: the same entries read by other rows' layers
+            lambda r: {"arguments": fingerprint.arguments("activate rows", r[0], lengths is not None)},
         )
         if one is not None:  # every row on one slot: the whole batch on it, with the whole-batch kernels
             self._switch(one, lambda: self._routing.one_slot(route))
@@ -921,9 +927,13 @@ class LoraRuntime:
                 rank's check failed or the ranks were given different slots (naming
                 ``arguments`` and the ranks). Nothing changed, on any rank.
         """
-        self._check_usable()
+
+        def checked() -> list[int]:  # inside the agreement: a rank failing alone fails every rank
+            self._check_usable()
+            return list(range(self.slots)) if slot is None else [self._slot(slot)]
+
         emptied = self._agreed(
-            lambda: list(range(self.slots)) if slot is None else [self._slot(slot)],
+            checked,
             "unload",
             lambda e: {"arguments": fingerprint.arguments("unload", e)},
         )

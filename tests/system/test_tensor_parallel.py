@@ -142,11 +142,14 @@ ATOMIC = [
             "a preload of another file on rank 1",
             "another activate on rank 1",
             "another routing on rank 1",
+            "the same routing per token on rank 1",
             "another unload on rank 1",
             "an unload of every slot on rank 1 only",
         )
         for check in (what, f"unchanged after {what}")
     ),
+    "lengths with one slot on rank 1 only",
+    "unchanged after lengths with one slot",
     "nothing cached after the preloads",
     "the same contents at another path load",
     "and compute the reference",
