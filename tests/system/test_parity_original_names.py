@@ -25,6 +25,11 @@ from torch import nn
 
 import lorahot
 from lorahot.errors import UnknownFormatError
+from tests.diffusion_names import assert_same as _assert_same
+from tests.diffusion_names import diffusers_weights as _diffusers
+from tests.diffusion_names import linears as _linears
+from tests.diffusion_names import lorahot_weights as _lorahot
+from tests.diffusion_names import weights as _weights
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -275,10 +280,6 @@ def _ace_step_original(name: str) -> str:
     return name
 
 
-def _linears(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
 def _key(original: Callable[[str], str], name: str) -> str:
     """A module's key in the file: PEFT's wrapper for ACE-Step, ``diffusion_model.`` for the others."""
     return f"{'base_model.model' if original is _ace_step_original else 'diffusion_model'}.{original(name)}"
@@ -298,30 +299,6 @@ def _file(model: nn.Module, names: list[str], original: Callable[[str], str], al
     return sd
 
 
-@torch.no_grad()
-def _weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """Each layer's ``[in + 1, out]`` response to the identity and to zero: its adapted weight and bias."""
-    out = {}
-    for name in names:
-        layer = model.get_submodule(name)
-        fan_in = layer.in_features if isinstance(layer, nn.Linear) else layer.base_layer.in_features
-        out[name] = layer(torch.eye(fan_in + 1, dtype=torch.float64)[:, :fan_in])
-    return out
-
-
-def _lorahot(make: Callable[[], nn.Module], sd: dict[str, torch.Tensor], names: list[str], **kw) -> tuple[dict, str]:
-    model = make()
-    info = lorahot.inject(model, "all-linear", max_rank=8).load({k: v.clone() for k, v in sd.items()}, **kw)
-    return _weights(model, names), info.format
-
-
-def _diffusers(make: Callable[[], nn.Module], loader: type, sd: dict[str, torch.Tensor], names: list[str]) -> dict:
-    model = make()
-    state = loader.lora_state_dict({k: v.clone() for k, v in sd.items()})
-    model.load_lora_adapter(state[0] if isinstance(state, tuple) else state, prefix="transformer", adapter_name="o")
-    return _weights(model, names)
-
-
 def _reference(make: Callable[[], nn.Module], sd: dict, names: list[str], original: Callable[[str], str]) -> dict:
     """Each layer's float64 weight plus ``alpha / r * B @ A`` (alpha = r where the file has none)."""
     model = make()
@@ -332,11 +309,6 @@ def _reference(make: Callable[[], nn.Module], sd: dict, names: list[str], origin
         scale = float(sd[f"{key}.alpha"]) / a.shape[0] if f"{key}.alpha" in sd else 1.0
         out[name] = out[name] + torch.cat([(scale * b @ a).T, torch.zeros(1, b.shape[0], dtype=torch.float64)])
     return out
-
-
-def _assert_same(ours: dict, theirs: dict) -> None:
-    for name in theirs:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 _FAMILIES = {

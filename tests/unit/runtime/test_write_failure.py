@@ -125,9 +125,11 @@ def test_the_unload_a_failed_merged_write_advises_rebuilds_the_base(
 # -- interrupted writes (KeyboardInterrupt from Ctrl-C or a signal handler) ----------------------
 
 
-def _interrupting(monkeypatch: pytest.MonkeyPatch, cls: type, method: str, after: int) -> None:
-    """``cls.method`` runs ``after`` times as it is, then once more and raises KeyboardInterrupt
-    (having written its part: an interrupt between two writes of one call)."""
+def _interrupting(
+    monkeypatch: pytest.MonkeyPatch, cls: type, method: str, after: int, error: type[BaseException] = KeyboardInterrupt
+) -> None:
+    """``cls.method`` runs ``after`` times as it is, then once more and raises ``error``
+    (having written its part: an interrupt, or a device fault, between two writes of one call)."""
     original = getattr(cls, method)
     calls: list[int] = []
 
@@ -135,7 +137,7 @@ def _interrupting(monkeypatch: pytest.MonkeyPatch, cls: type, method: str, after
         out = original(self, *args, **kwargs)
         calls.append(1)
         if len(calls) == after + 1:
-            raise KeyboardInterrupt
+            raise error("interrupted midway")
         return out
 
     monkeypatch.setattr(cls, method, interrupted)
@@ -228,9 +230,7 @@ def test_a_failed_per_row_activate_puts_back_every_arenas_routing(
     after = 0 if new == [1, 1] else after  # one call there
     # one slot on every row: the slot made live, then the routing recorded; else uploaded arena by arena
     cls, method = (routing.Routing, "one_slot") if new == [1, 1] else (staging.Staging, "send")
-    _interrupting(monkeypatch, cls, method, after=after) if error is KeyboardInterrupt else _failing(
-        monkeypatch, cls, method, after
-    )
+    _interrupting(monkeypatch, cls, method, after=after, error=error)
     with pytest.raises((KeyboardInterrupt, lorahot.UnexpectedError)):
         runtime.activate(new)
     monkeypatch.undo()
@@ -239,18 +239,3 @@ def test_a_failed_per_row_activate_puts_back_every_arenas_routing(
     assert torch.equal(_served(model, ids), before)
     runtime.activate(new)
     assert torch.equal(_served(model, ids), wanted)
-
-
-def _failing(monkeypatch: pytest.MonkeyPatch, cls: type, method: str, after: int) -> None:
-    """As :func:`_interrupting`, raising RuntimeError (a device fault)."""
-    original = getattr(cls, method)
-    calls: list[int] = []
-
-    def failing(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = original(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == after + 1:
-            raise RuntimeError("a device fault")
-        return out
-
-    monkeypatch.setattr(cls, method, failing)

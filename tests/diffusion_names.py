@@ -1,0 +1,53 @@
+"""Helpers of the parity tests of diffusion files in original module names: each layer's adapted
+weight read by probing it with the identity, as lorahot and diffusers' pipeline loaders leave it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import lorahot
+
+
+def linears(model: nn.Module, keep: Callable[[str], bool] = lambda name: True) -> list[str]:
+    """The names of ``model``'s ``nn.Linear`` modules that ``keep`` accepts."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and keep(n)]
+
+
+@torch.no_grad()
+def weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Each layer's ``[in + 1, out]`` response to the identity and to zero: its adapted weight and bias."""
+    out = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        fan_in = layer.in_features if isinstance(layer, nn.Linear) else layer.base_layer.in_features
+        out[name] = layer(torch.eye(fan_in + 1, dtype=torch.float64)[:, :fan_in])
+    return out
+
+
+def lorahot_weights(
+    make: Callable[[], nn.Module], sd: dict[str, torch.Tensor], names: list[str], **load: Any
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The layers' weights after lorahot loads ``sd`` into a fresh model (every Linear
+    injected), and the naming it read."""
+    model = make()
+    info = lorahot.inject(model, "all-linear", max_rank=8).load({k: v.clone() for k, v in sd.items()}, **load)
+    return weights(model, names), info.format
+
+
+def diffusers_weights(
+    make: Callable[[], nn.Module], loader: Any, sd: dict[str, torch.Tensor], names: list[str]
+) -> dict[str, torch.Tensor]:
+    """The layers' weights after diffusers' pipeline loader (``lora_state_dict``, then ``load_lora_adapter``)."""
+    model = make()
+    state = loader.lora_state_dict({k: v.clone() for k, v in sd.items()})
+    model.load_lora_adapter(state[0] if isinstance(state, tuple) else state, prefix="transformer", adapter_name="o")
+    return weights(model, names)
+
+
+def assert_same(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-12, msg=name)
