@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 
+from lorahot.formats.table import DOTTED_START as _START
 from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, lora_rules, lycoris_rules
 
 __all__ = ["FORMAT"]
@@ -50,8 +51,6 @@ _OUTSIDE = {
     "final_layer.adaln_modulation.2": "norm_out.linear_2",
 }
 
-#: at a key's start or after a ``.`` (a component prefix)
-_START = r"(?<![^.])"
 
 _ALIASES: tuple[tuple[str, str], ...] = (
     *((rf"{_START}blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _BLOCK.items()),

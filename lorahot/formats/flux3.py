@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from lorahot.formats.table import DOTTED_START as _START
 from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, lora_rules, lycoris_rules
 
 __all__ = ["FORMAT"]
@@ -36,7 +37,7 @@ _LEAVES = {
 }
 
 _ALIASES: tuple[tuple[str, str], ...] = tuple(
-    (rf"(?<![^.]){re.escape(block)}\.((?:[A-Za-z_]\w*\.)?\d+)\.{re.escape(leaf)}$", rf"{target}.\1.{to}")
+    (rf"{_START}{re.escape(block)}\.((?:[A-Za-z_]\w*\.)?\d+)\.{re.escape(leaf)}$", rf"{target}.\1.{to}")
     for block, target in _BLOCKS.items()
     for leaf, to in _LEAVES.items()
 )

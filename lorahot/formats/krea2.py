@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 
+from lorahot.formats.table import DOTTED_START as _START
 from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, lora_rules, lycoris_rules
 
 __all__ = ["FORMAT"]
@@ -47,8 +48,6 @@ _OUTSIDE = {
     "txtfusion.projector": "text_fusion.projector",
 }
 
-#: at a key's start or after a ``.`` (a component prefix)
-_START = r"(?<![^.])"
 
 _ALIASES: tuple[tuple[str, str], ...] = (
     *(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 
+from lorahot.formats.table import DOTTED_START as _START
 from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, lora_rules, lycoris_rules
 
 __all__ = ["FORMAT"]
@@ -37,8 +38,6 @@ _OUTSIDE = {
     "av_ca_v2a_gate_adaln_single": "av_cross_attn_audio_v2a_gate",
 }
 
-#: at a key's start or after a ``.`` (a component prefix): never inside ``audio_adaln_single``
-_START = r"(?<![^.])"
 
 _ALIASES: tuple[tuple[str, str], ...] = tuple(
     (rf"{_START}{re.escape(k)}(\..+)?$", rf"{v}\1") for k, v in _OUTSIDE.items()

@@ -30,6 +30,7 @@ __all__ = [
     "Reorder",
     "KeyFormat",
     "NAME_START",
+    "DOTTED_START",
     "COMPONENT_HEAD",
     "lora_rules",
     "Parts",
@@ -148,7 +149,7 @@ class KeyFormat:
         splits: fused modules placed onto several layers, or with their rows re-ordered; applied
             at load time to a module key that names no injected layer, not even through an alias
             (a model with the fused layer takes the module whole). Where several match a key,
-            the first whose every target names an injected layer applies.
+            the first whose every target is a module of the model (injected or not) applies.
         roles: what the format calls A and B, for messages.
         example: an example key, for documentation (the tests detect each format from it).
     """
@@ -281,6 +282,9 @@ def group_keys(
 
 #: Where a module name starts inside a key: at its start, or after a ``.`` or ``_`` (for aliases).
 NAME_START = r"(?<![^._])"
+#: Where a module name starts inside a dotted key: at its start or after a ``.`` only (never
+#: inside a name: ``adaln_single`` is not matched in ``audio_adaln_single``).
+DOTTED_START = r"(?<![^.])"
 #: A component prefix in front of a module, kept (``\g<head>``) for the resolver (for splits).
 COMPONENT_HEAD = r"(?P<head>(?:.*[._])?)"
 

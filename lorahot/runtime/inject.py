@@ -14,10 +14,9 @@ from lorahot.errors import UsageError, public_api, shown, unfinished_eject
 from lorahot.layers import LayerSpec, LoRALayer
 from lorahot.layers.base import kept_parametrizations
 from lorahot.layers.sharded import is_sharded
-from lorahot.runtime import assigned_loads, embedding_resize, peft_arguments
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.components import components_of, is_several, match_components
-from lorahot.runtime.lora_runtime import LoraRuntime
+from lorahot.runtime.lora_runtime import LoraRuntime, release_hooks, roots
 from lorahot.runtime.merge import check_mergeable, check_untied
 from lorahot.runtime.plan import WEIGHT_DTYPES
 from lorahot.runtime.targets import Targets, layer_placement, match_targets, unwrap_modules, wrap_modules
@@ -145,11 +144,7 @@ def _inject(
         return LoraRuntime(root, layers, buffers, cache_bytes, merged, fused, extras, components, regional)
     except BaseException:
         unwrap_modules(root, layers)
-        for module in [root._modules[c] for c in components] if components else [root]:  # what LoraRuntime hooked
-            if module is not None:
-                peft_arguments.release(module)
-                assigned_loads.release(module)
-                embedding_resize.release(module)
+        release_hooks(roots(root, components))  # what LoraRuntime hooked before it failed
         raise
 
 
@@ -263,7 +258,5 @@ def eject(model: nn.Module | Mapping[str, nn.Module] | Any) -> Any:
         unwrap_modules(model, found)  # layers no runtime took out (or that moved within the model)
     except Exception as exc:
         raise unfinished_eject("lorahot.eject(model)", exc) from exc
-    peft_arguments.release(model)  # a copy of an injected model keeps the hook
-    assigned_loads.release(model)
-    embedding_resize.release(model)
+    release_hooks([model])  # a copy of an injected model keeps the hooks
     return model

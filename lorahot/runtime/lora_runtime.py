@@ -85,7 +85,7 @@ from lorahot.runtime.targets import unwrap_modules
 from lorahot.runtime.towers import find_towers
 from lorahot.runtime.wide import WideWeights, widen_layers
 
-__all__ = ["AdapterInfo", "PartInfo", "LoraRuntime"]
+__all__ = ["AdapterInfo", "PartInfo", "LoraRuntime", "roots", "release_hooks"]
 
 _T = TypeVar("_T")
 
@@ -236,7 +236,7 @@ class LoraRuntime:
 
     def _roots(self) -> list[nn.Module]:
         """The modules a user calls: the model, or each component."""
-        return [self.model._modules[c] for c in self.components] if self.components else [self.model]  # type: ignore[misc]
+        return roots(self.model, self.components)
 
     # -- properties -------------------------------------------------------------------------
 
@@ -1015,10 +1015,7 @@ class LoraRuntime:
     def _detach(self) -> None:
         """Run once when the shared state is marked ejected, by either eject."""
         unwrap_modules(self.model, self.layers)
-        for root in self._roots():
-            peft_arguments.release(root)
-            assigned_loads.release(root)
-            embedding_resize.release(root)
+        release_hooks(self._roots())
         with self._executor_lock:
             executor, self._executor = self._executor, None
         if executor is not None:
@@ -1267,3 +1264,17 @@ def _gc_paused() -> Iterator[None]:
 def _tail(text: str, width: int = 40) -> str:
     """``text`` cut to its last ``width`` characters, for the repr."""
     return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
+def roots(model: nn.Module, components: tuple[str, ...]) -> list[nn.Module]:
+    """The modules a user calls: ``model``, or each of its ``components`` (a pipeline's)."""
+    return [m for c in components if (m := model._modules[c]) is not None] if components else [model]
+
+
+def release_hooks(modules: Iterable[nn.Module]) -> None:
+    """Undoes what a runtime's hooks changed on ``modules`` (and on every module they changed
+    that holds no LoRA layer any more): eject, and an inject that failed after installing them."""
+    for module in modules:
+        peft_arguments.release(module)
+        assigned_loads.release(module)
+        embedding_resize.release(module)
