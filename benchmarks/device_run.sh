@@ -8,7 +8,8 @@
 # huggingface_hub >= 1.32) travel in .whl/ (name it in the call's carry). A wheel is installed only
 # where the device has no such distribution or an older one (/tmp/site comes first on the path,
 # so it would shadow the device's own). Results land in $OUT if set. TESTS_TIMEOUT and SUITE_TIMEOUT
-# (seconds; 300 and 560) bound the GPU tests and each suite, so a call ends inside its limit.
+# (seconds; 300 and 560) bound the GPU tests and each suite, so a call ends inside its limit; TESTS
+# (default tests) names the test files or folders the GPU tests come from.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -39,7 +40,7 @@ for step in "${@:-gpu-tests swap forward fullgraph}"; do
   for s in $step; do
     echo "=== $s $(date +%T)"
     case $s in
-      gpu-tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=short tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+      gpu-tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=short ${TESTS:-tests} 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
       probe:*) p=${s#probe:}; name=${p%%:*}; args=; [ "$p" != "$name" ] && args=${p#*:}
         timeout ${SUITE_TIMEOUT:-560} python3 -m "benchmarks.experiments.$name" ${args//,/ } 2>&1 | tee "$OUT/$name${args:+-${args//,/-}}.log" | grep -v '^ ' | tail -40 ;;
       swap|forward|fullgraph|rows|stack|mixed|diffusion) timeout ${SUITE_TIMEOUT:-560} python3 -m benchmarks.run --suite "$s" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-$s.log" | grep -v '^ ' | tail -40 ;;

@@ -5,14 +5,17 @@ The diffusion suite's merged swap from file read 94.7 ms on 2026-12-01 and 290 m
 weights: each rewrite records per layer a probe and the weight's row and column sums
 (``lorahot.runtime.merge.record``), and each call compares them (``Merger.check_base``). This
 probe times, on the GPU, a whole merged swap (from file and from the host cache), then each part
-alone: the record of all weights, the check, the rewrite (``Merger.apply``), and counts the
-kernels of each with the profiler.
+alone: the record of all weights, the check, the rewrite (``Merger.apply``), the signature of
+the weights each of the first two computes, and the device steps of the record and the check
+alone (a CUDA graph replay once captured); the profiler counts each part's kernels and sums
+their time.
 
     PYTHONPATH=. python3 -m benchmarks.experiments.merged_swap_probe
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -21,6 +24,7 @@ import torch
 
 import lorahot
 from benchmarks import diffusion
+from lorahot.runtime import written_probes
 
 
 def _ms(fn: Callable[[], object], n: int = 5) -> float:
@@ -34,11 +38,13 @@ def _ms(fn: Callable[[], object], n: int = 5) -> float:
     return statistics.median(times)
 
 
-def _kernels(fn: Callable[[], object]) -> int:
+def _kernels(fn: Callable[[], object]) -> tuple[int, float]:
+    """Kernels ``fn`` runs on the device, and their summed time in ms (the profiler's)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.count for e in events), sum(e.self_device_time_total for e in events) / 1e3
 
 
 def main() -> None:
@@ -52,7 +58,7 @@ def main() -> None:
     files = {a: str(w.file(a)) for a in ("A", "B")}
     runtime.load(files["A"])
     flip = iter(["B", "A"] * 50)
-    rows = {
+    rows: dict[str, Callable[[], object]] = {
         "swap from file": lambda: runtime.load(files[next(flip)]),
     }
     for a in ("A", "B"):
@@ -60,17 +66,28 @@ def main() -> None:
     rows["swap from host cache"] = lambda: runtime.load(next(flip))
     rows["record_all (probes, row/column sums)"] = merger.record_all
     rows["check_base (read back, compare)"] = merger.check_base
-    rows["remerge (apply + fold, no record)"] = lambda: runtime._remerge(runtime.active_slot)
-    print(f"{'part':40s} {'ms':>9s} {'kernels':>8s}", flush=True)
+    rows["remerge (apply + fold + record)"] = lambda: runtime._remerge(runtime.active_slot)
+    layers = list(merger._layers.values())
+    rows["signature of the weights (host)"] = lambda: written_probes.signature(layers)
+    probes = merger._probes
+    if probes is not None:  # the layout's device steps alone (a graph replay once captured)
+        for d in probes._devices:
+            rows["record's device steps"] = functools.partial(
+                probes._run, "record", d, functools.partial(d.write, d.then_probes)
+            )
+            rows["check's device steps"] = functools.partial(probes._run, "check", d, d.compare)
+    print(f"{'part':40s} {'ms':>9s} {'kernels':>8s} {'GPU ms':>8s}", flush=True)
     for name, fn in rows.items():
         try:
             fn()
             ms = _ms(fn)
-            kernels = _kernels(fn)
+            kernels, gpu = _kernels(fn)
         except Exception as exc:  # a part whose signature moved: say so, time the rest
             print(f"{name:40s} failed: {type(exc).__name__}: {exc}", flush=True)
             continue
-        print(f"{name:40s} {ms:9.2f} {kernels:8d}", flush=True)
+        print(f"{name:40s} {ms:9.2f} {kernels:8d} {gpu:8.2f}", flush=True)
+    if probes is not None:
+        print(f"graph replays of the probes: {probes._replays.replays}", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ all input channels), and only modules whose weight layout lorahot knows are acce
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Sequence
 
@@ -34,6 +33,7 @@ from lorahot.layers.base import EXTRA_BIAS, EXTRA_F, own_code
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.deltas import build_delta, delta_bound
 from lorahot.runtime.stack import Stack
+from lorahot.runtime.written_probes import WrittenProbes, positions, signature, version, words
 
 __all__ = ["Merger", "check_mergeable", "check_untied", "hooked", "writing", "record", "replaced"]
 
@@ -127,57 +127,28 @@ def writing(tensors: Sequence[torch.Tensor | None]) -> contextlib.AbstractContex
     return torch.no_grad()
 
 
-#: elements of each merged weight compared to notice a base checkpoint loaded after inject
-PROBE_ELEMENTS = 16
-
-
 def record(layer: LoRALayer) -> None:
     """Notes what lorahot has just written into ``layer``'s weight, to notice a change since
     (:func:`replaced`): a few of its elements, how many it has, its whole bias (one value per
     output: an optimizer stepping only the biases changes no weight element), the weight's
     version counter (torch counts every in-place write through it: ``copy_``, ``w[i] = v``, an
     optimizer's step; ``None`` for an inference tensor, which has none) and its row and column
-    sums (:func:`_digest`), compared when the version moved or is unknown. That costs each
-    write two reductions per layer, a read of the weights it has just written."""
+    sums (:func:`~lorahot.runtime.written_probes.words`), compared when the version moved or is
+    unknown. The layer by layer form of :class:`~lorahot.runtime.written_probes.WrittenProbes`."""
     layer.checkpoint_loaded = False
     weight = layer.base_weight.detach()
-    positions = _positions(weight.numel(), weight.device)
+    at = positions(weight.numel(), weight.device)
     bias = layer.base_bias
     written_bias = None if bias is None else bias.detach().clone()
-    samples = weight.reshape(-1)[positions]  # indexing copies: a new tensor, not a view
-    layer.written_probe = (positions, samples, weight.numel(), written_bias, _version(weight), _digest(weight))
-
-
-@functools.lru_cache(maxsize=256)
-def _positions(numel: int, device: torch.device) -> torch.Tensor:
-    """:data:`PROBE_ELEMENTS` positions spread over ``numel`` elements, made once per size and
-    device: a rewrite records every layer's weight, and these were three launches per layer (a
-    merged swap of the SDXL UNet's 700 layers spent 168 ms recording, 7,190 launches)."""
-    count = min(PROBE_ELEMENTS, numel)
-    # in int64: float32 positions (linspace's default) round past the last element above 2**24
-    return torch.arange(count, device=device) * (numel - 1) // max(count - 1, 1)
-
-
-def _version(t: torch.Tensor) -> int | None:
-    """``t``'s version counter, or None where it has none (an inference tensor)."""
-    if t.is_inference():
-        return None
-    return int(t._version)
+    samples = weight.reshape(-1)[at]  # indexing copies: a new tensor, not a view
+    layer.written_probe = (at, samples, weight.numel(), written_bias, version(weight), _digest(weight))
 
 
 def _digest(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight's row sums and column sums (flattened to ``[out, -1]``), its bytes read as
-    integers and summed in int64: two reductions, no copy of the weight. A change of one
-    element changes its row's sum; two changes that cancel in one row change their columns'
-    sums; an edit leaves both only by cancelling exactly along every row and every column."""
-    if weight.dim() == 0 or weight.numel() == 0:
-        weight = weight.reshape(1, -1)  # no rows to sum over (0 elements: empty sums)
-    flat = weight.reshape(weight.shape[0], -1)
-    size = flat.element_size()
-    if size > 4 or not flat.is_contiguous():  # 8-byte elements as two int32 words
-        flat = flat.contiguous()
-    words = flat.view({1: torch.int8, 2: torch.int16}.get(size, torch.int32))
-    return words.sum(1, dtype=torch.int64), words.sum(0, dtype=torch.int64)
+    """The weight's row sums and column sums, its bytes read as integers (:func:`words`) and
+    summed in int64: two reductions, no copy of the weight."""
+    w = words(weight)
+    return w.sum(1, dtype=torch.int64), w.sum(0, dtype=torch.int64)
 
 
 def _differs(layer: LoRALayer) -> bool | tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
@@ -191,13 +162,13 @@ def _differs(layer: LoRALayer) -> bool | tuple[list[tuple[torch.Tensor, torch.Te
     (:func:`_digest`). A weight of another size, or one on the meta device, has changed. An
     edit through ``weight.data`` moves no version counter: it is noticed where it changes a
     sampled element, or in an inference tensor."""
-    positions, written, numel, written_bias, version, digest = layer.written_probe  # type: ignore[misc]
+    at, written, numel, written_bias, noted_version, digest = layer.written_probe  # type: ignore[misc]
     weight, bias = layer.base_weight.detach(), layer.base_bias
     if weight.is_meta or weight.numel() != numel or (bias is None) != (written_bias is None):
         return True
-    pairs = [_bytes(weight.reshape(-1)[positions.to(weight.device)], written.to(weight.device, weight.dtype))]
+    pairs = [_bytes(weight.reshape(-1)[at.to(weight.device)], written.to(weight.device, weight.dtype))]
     flags = []
-    if digest is not None and (version is None or _version(weight) != version):
+    if digest is not None and (noted_version is None or version(weight) != noted_version):
         flags = [(now != then.to(now.device)).any() for now, then in zip(_digest(weight), digest, strict=True)]
     if bias is None or written_bias is None:
         return pairs, flags
@@ -297,21 +268,37 @@ class Merger:
             self._items.append((layer, weight, pristine, arena, index))
         #: the weights and biases it rewrites, for :func:`writing`
         self._targets = [t for layer in layers.values() for t in (layer.base_weight, layer.base_bias)]
+        #: every layer's probe laid out at once, while the weights are those it was built for
+        self._probes: WrittenProbes | None = None
         self.record_all()
 
     def record_all(self) -> None:
         """Notes every weight as lorahot has written it (:func:`record`): after each rewrite,
         and after a rewrite that failed partway, whose partial writes are lorahot's own (the
-        call checked the weights first), so that the unload it advises may rebuild them."""
-        for layer in self._layers.values():
-            record(layer)
+        call checked the weights first), so that the unload it advises may rebuild them. All
+        layers at once (:class:`~lorahot.runtime.written_probes.WrittenProbes`, laid out anew
+        where a weight is not the tensor the layout was built for), or layer by layer where a
+        weight cannot be laid out."""
+        layers = list(self._layers.values())
+        now = signature(layers)
+        if now is None:
+            self._probes = None
+            for layer in layers:
+                record(layer)
+            return
+        if self._probes is None or self._probes.built_for != now:
+            self._probes = WrittenProbes(layers, self._buffers, now)
+        self._probes.record()
 
     def check_base(self) -> None:
         """Raises :class:`UsageError` where a targeted weight is no longer what lorahot wrote
         (a base checkpoint loaded after inject): every rewrite starts from the base weights
         copied at inject, so it would silently throw the checkpoint away."""
-        names = list(self._layers)
-        changed = [n for n, flag in zip(names, replaced(list(self._layers.values()))) if flag]
+        names, layers = list(self._layers), list(self._layers.values())
+        flags = None
+        if self._probes is not None and self._probes.built_for == signature(layers):
+            flags = self._probes.changed()
+        changed = [n for n, flag in zip(names, replaced(layers) if flags is None else flags, strict=True) if flag]
         if changed:
             raise UsageError(
                 format_problems(

@@ -320,9 +320,9 @@ def test_a_bias_edited_in_place_is_noticed(edit: str) -> None:
 
 def _unsampled(weight: torch.Tensor) -> tuple[int, int]:
     """An element of ``weight`` that :func:`lorahot.runtime.merge.record` does not sample."""
-    from lorahot.runtime import merge
+    from lorahot.runtime import written_probes
 
-    count = min(merge.PROBE_ELEMENTS, weight.numel())
+    count = min(written_probes.PROBE_ELEMENTS, weight.numel())
     sampled = {int(p) for p in torch.arange(count) * (weight.numel() - 1) // max(count - 1, 1)}
     flat = next(i for i in range(weight.numel()) if i not in sampled)
     return divmod(flat, weight.shape[1])

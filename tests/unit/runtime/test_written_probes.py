@@ -1,0 +1,193 @@
+"""Merged mode's probes of every layer at once: the same verdicts as the layer by layer check,
+on the CPU and as CUDA graph replays."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import lorahot
+from lorahot.runtime import merge
+from lorahot.runtime.written_probes import PROBE_ELEMENTS, WrittenProbes, signature
+from tests.helpers import make_adapter
+
+NAMES = ["0", "1", "2", "3"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+class _Model(nn.Module):
+    """Four layers of the kinds and dtypes a layout mixes: bf16 with and without a bias, a
+    float64 conv (8-byte elements, read as two words), a float32 linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [
+                nn.Linear(24, 40, dtype=torch.bfloat16),
+                nn.Linear(40, 24, bias=False, dtype=torch.bfloat16),
+                nn.Conv2d(3, 5, 3, padding=1, dtype=torch.float64),
+                nn.Linear(24, 8),
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the checks need no forward; a plain chain
+        return self.layers[3](self.layers[1](self.layers[0](x.bfloat16())).float())
+
+
+def _runtime(device: str, inference: bool = False) -> tuple[nn.Module, lorahot.LoraRuntime]:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.manual_seed(0)
+    if inference:
+        with torch.inference_mode():
+            model = _Model().to(device)
+    else:
+        model = _Model().to(device)
+    runtime = lorahot.inject(model, [f"layers.{n}" for n in NAMES], max_rank=4, merged=True)
+    return model, runtime
+
+
+def _adapter(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    return make_adapter(model, {f"layers.{n}": 2 for n in NAMES}, seed=seed)[0]
+
+
+def _layers(runtime: lorahot.LoraRuntime) -> list:
+    return list(runtime.layers.values())
+
+
+def _verdicts(runtime: lorahot.LoraRuntime) -> tuple[list[bool], list[bool]]:
+    """The layout's verdicts and the layer by layer ones, on the same state."""
+    merger = runtime._merger
+    assert merger is not None and merger._probes is not None
+    batched = merger._probes.changed()
+    assert batched is not None  # the probes are the layout's own
+    return batched, merge.replaced(_layers(runtime))
+
+
+def _unsampled(weight: torch.Tensor) -> int:
+    count = min(PROBE_ELEMENTS, weight.numel())
+    sampled = {int(p) for p in torch.arange(count) * (weight.numel() - 1) // max(count - 1, 1)}
+    return next(i for i in range(weight.numel()) if i not in sampled)
+
+
+def _bump(t: torch.Tensor, flat: int) -> None:
+    """Adds 1 to element ``flat`` of ``t`` in place (moves its version counter)."""
+    t.view(-1)[flat] += 1.0
+
+
+EDITS: dict[str, tuple[Callable[[nn.Module], None], list[bool]]] = {
+    "none": (lambda m: None, [False, False, False, False]),
+    "an unsampled element": (
+        lambda m: _bump(m.layers[1].weight, _unsampled(m.layers[1].weight)),
+        [False, True, False, False],
+    ),
+    "a conv's unsampled element": (
+        lambda m: _bump(m.layers[2].weight, _unsampled(m.layers[2].weight)),
+        [False, False, True, False],
+    ),
+    "the same value written back": (
+        lambda m: m.layers[0].weight.view(-1)[5].copy_(m.layers[0].weight.view(-1)[5].clone()),
+        [False] * 4,
+    ),
+    "a bias": (lambda m: _bump(m.layers[3].bias, 2), [False, False, False, True]),
+    "through .data, unsampled": (lambda m: _bump(m.layers[0].weight.data, _unsampled(m.layers[0].weight)), [False] * 4),
+    "through .data, sampled": (lambda m: _bump(m.layers[0].weight.data, 0), [True, False, False, False]),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_the_layout_finds_what_the_layer_by_layer_check_finds(device: str, edit: str) -> None:
+    """After swaps (on CUDA: the record and the check replayed as graphs), an edit is found in
+    the layer it touched, by both paths alike, and only there; a value written back, or an
+    edit through ``.data`` that no sample covers, is found by neither (the documented limit)."""
+    model, runtime = _runtime(device)
+    for seed in (1, 2, 3, 1):  # the second call captures, later ones replay
+        runtime.load(_adapter(model, seed))
+    apply, want = EDITS[edit]
+    with torch.no_grad():
+        apply(model)
+    batched, layered = _verdicts(runtime)
+    assert batched == layered == want
+    if device == "cuda":
+        assert runtime._merger._probes._replays.replays >= 2  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_inference_weight_edited_anywhere_is_found(device: str) -> None:
+    """Inference tensors have no version counter: the sums are compared at every check."""
+    model, runtime = _runtime(device, inference=True)
+    for seed in (1, 2, 3):
+        runtime.load(_adapter(model, seed))
+    assert _verdicts(runtime)[0] == [False] * 4
+    with torch.inference_mode():
+        _bump(model.layers[1].weight, _unsampled(model.layers[1].weight))
+    batched, layered = _verdicts(runtime)
+    assert batched == layered == [False, True, False, False]
+    with pytest.raises(lorahot.UsageError, match=r"changed since lorahot last wrote them .*:\n  - layers.1\n"):
+        runtime.load(_adapter(model, 4))
+
+
+@given(layer=st.integers(0, 3), where=st.floats(0, 1), through_data=st.booleans())
+def test_any_one_element_edit_is_found_in_its_layer_alone(layer: int, where: float, through_data: bool) -> None:
+    """Any element of any layer, changed in place, is found in that layer and no other, as the
+    layer by layer check finds it; through ``.data`` (no version counter moves), both find it
+    exactly where the element is one of the samples."""
+    model, runtime = _runtime("cpu")
+    runtime.load(_adapter(model, 1))
+    weight = model.layers[layer].weight
+    flat = min(int(where * weight.numel()), weight.numel() - 1)
+    with torch.no_grad():
+        _bump(weight.data if through_data else weight, flat)
+    count = min(PROBE_ELEMENTS, weight.numel())
+    sampled = flat in {int(p) for p in torch.arange(count) * (weight.numel() - 1) // max(count - 1, 1)}
+    found = sampled or not through_data
+    batched, layered = _verdicts(runtime)
+    assert batched == layered == [found and k == layer for k in range(4)]
+
+
+def test_a_weight_in_new_memory_is_checked_layer_by_layer_then_laid_out_anew() -> None:
+    """A weight given new memory with the same values (``weight.data = copy``) leaves the layout
+    behind: the next check goes layer by layer (and finds no change), the next record builds a
+    new layout, and an edit after it is found there."""
+    model, runtime = _runtime("cpu")
+    runtime.load(_adapter(model, 1))
+    merger = runtime._merger
+    assert merger is not None
+    old = merger._probes
+    model.layers[3].weight.data = model.layers[3].weight.data.clone()
+    assert old is not None and old.built_for != signature(_layers(runtime))
+    runtime.load(_adapter(model, 2))  # checked layer by layer, then recorded in a new layout
+    assert isinstance(merger._probes, WrittenProbes) and merger._probes is not old
+    with torch.no_grad():
+        _bump(model.layers[3].weight, _unsampled(model.layers[3].weight))
+    assert _verdicts(runtime) == ([False, False, False, True],) * 2
+
+
+@pytest.mark.gpu
+def test_gpu_merged_swaps_replayed_equal_a_float64_reference() -> None:
+    """On CUDA, through swaps whose record and check are graph replays, every merged weight is
+    ``W0 + s B A`` as computed in float64 (rounded once), and an edit after them is refused with
+    every byte left as it was."""
+    model, runtime = _runtime("cuda")
+    base = {n: model.layers[int(n)].weight.detach().double().clone() for n in NAMES}
+    for seed in (1, 2, 1, 2, 3):
+        tensors, ab = make_adapter(model, {f"layers.{n}": 2 for n in NAMES}, seed=seed)
+        runtime.load(tensors)
+        for n in NAMES:
+            a, b = ab[f"layers.{n}"]
+            layer = model.layers[int(n)]
+            want = base[n] + (b.double().flatten(1) @ a.double().flatten(1)).reshape(base[n].shape).to(base[n].device)
+            torch.testing.assert_close(layer.weight.double(), want.to(layer.weight.dtype).double(), rtol=0, atol=0.02)
+    assert runtime._merger._probes._replays.replays >= 4  # type: ignore[union-attr]
+    with torch.no_grad():
+        _bump(model.layers[0].weight, _unsampled(model.layers[0].weight))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lorahot.UsageError, match=r"changed since lorahot last wrote them .*:\n  - layers.0\n"):
+        runtime.load(_adapter(model, 4))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
