@@ -75,7 +75,12 @@ def main() -> None:
             rows["record's device steps"] = functools.partial(
                 probes._run, "record", d, functools.partial(d.write, d.then_probes)
             )
-            rows["check's device steps"] = functools.partial(probes._run, "check", d, d.compare)
+            rows["check's device steps, sums"] = functools.partial(
+                probes._run, "check", d, functools.partial(d.compare, True)
+            )
+            rows["check's device steps, no sums"] = functools.partial(
+                probes._run, "check samples", d, functools.partial(d.compare, False)
+            )
     print(f"{'part':40s} {'ms':>9s} {'kernels':>8s} {'GPU ms':>8s}", flush=True)
     for name, fn in rows.items():
         try:
@@ -88,6 +93,15 @@ def main() -> None:
         print(f"{name:40s} {ms:9.2f} {kernels:8d} {gpu:8.2f}", flush=True)
     if probes is not None:
         print(f"graph replays of the probes: {probes._replays.replays}", flush=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            rows["record's device steps"]()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        print("record's device steps, the kernels that take most time:", flush=True)
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:6]:
+            print(f"  {e.count:6d} x {e.self_device_time_total / max(e.count, 1):8.2f} us  {e.key[:90]}", flush=True)
+    merger_replays = merger._replays.replays
+    print(f"graph replays of the rewrite: {merger_replays}", flush=True)
 
 
 if __name__ == "__main__":

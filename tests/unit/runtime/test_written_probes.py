@@ -21,22 +21,21 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 class _Model(nn.Module):
-    """Four layers of the kinds and dtypes a layout mixes: bf16 with and without a bias, a
-    float64 conv (8-byte elements, read as two words), a float32 linear."""
+    """Four layers of the kinds and dtypes a layout mixes: bf16 with a bias, bf16 without one
+    whose rows are an odd number of elements (read as 16-bit integers, not 32-bit words), a
+    float64 conv (8-byte elements, read as two words), a float32 linear. The checks need no
+    forward."""
 
     def __init__(self) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             [
                 nn.Linear(24, 40, dtype=torch.bfloat16),
-                nn.Linear(40, 24, bias=False, dtype=torch.bfloat16),
+                nn.Linear(39, 24, bias=False, dtype=torch.bfloat16),
                 nn.Conv2d(3, 5, 3, padding=1, dtype=torch.float64),
                 nn.Linear(24, 8),
             ]
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the checks need no forward; a plain chain
-        return self.layers[3](self.layers[1](self.layers[0](x.bfloat16())).float())
 
 
 def _runtime(device: str, inference: bool = False) -> tuple[nn.Module, lorahot.LoraRuntime]:
@@ -191,3 +190,35 @@ def test_gpu_merged_swaps_replayed_equal_a_float64_reference() -> None:
     with pytest.raises(lorahot.UsageError, match=r"changed since lorahot last wrote them .*:\n  - layers.0\n"):
         runtime.load(_adapter(model, 4))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.gpu
+def test_gpu_rewrites_replayed_equal_the_layer_by_layer_rewrites_bitwise() -> None:
+    """Merged mode's rewrite of one adapter as a CUDA graph replay (:meth:`Merger._replayed`)
+    leaves every weight and bias bitwise as the layer by layer rewrite leaves them, through
+    loads of two ranks (each its own graph), scales, an unload and loads after it; the
+    reference runtime has replays off (negative control: it replays nothing)."""
+    pairs = [_runtime("cuda") for _ in range(2)]
+    (mine, mine_rt), (ref, ref_rt) = pairs
+    assert mine_rt._merger is not None and ref_rt._merger is not None
+    ref_rt._merger._replays.device = None
+
+    def both(step: Callable[[nn.Module, lorahot.LoraRuntime], None]) -> None:
+        for model, runtime in pairs:
+            step(model, runtime)
+        for (k, a), b in zip(mine.state_dict().items(), ref.state_dict().values(), strict=True):
+            assert torch.equal(a, b), k
+
+    def load(seed: int, rank: int) -> Callable[[nn.Module, lorahot.LoraRuntime], None]:
+        return lambda m, r: r.load(make_adapter(m, {f"layers.{n}": rank for n in NAMES}, seed=seed)[0])
+
+    for seed, rank in [(1, 2), (2, 3), (3, 2), (4, 3), (5, 2), (6, 3)]:
+        both(load(seed, rank))
+    for scale in (0.5, 2.0, 0.5, 2.0, 0.0, 0.0):
+        both(lambda m, r, scale=scale: r.set_scale(scale))
+    both(lambda m, r: r.unload())
+    both(lambda m, r: r.unload())
+    both(load(7, 3))
+    both(load(8, 3))
+    assert mine_rt._merger._replays.replays >= 6
+    assert ref_rt._merger._replays.replays == 0
