@@ -44,7 +44,7 @@ from lorahot.layers import LoRALayer
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.graph_replays import Captured, GraphReplays
 
-__all__ = ["PROBE_ELEMENTS", "WrittenProbes", "positions", "signature", "sums", "version", "words"]
+__all__ = ["PROBE_ELEMENTS", "WrittenProbes", "positions", "sampled", "signature", "sums", "version", "words"]
 
 #: elements of each merged weight compared to notice a base checkpoint loaded after inject
 PROBE_ELEMENTS = 16
@@ -54,13 +54,27 @@ PROBE_ELEMENTS = 16
 Signature = tuple[tuple[object, ...], ...]
 
 
+def _step(numel: int) -> tuple[int, int]:
+    """How many elements a weight of ``numel`` is sampled at, and the distance between them:
+    evenly from the first, at most :data:`PROBE_ELEMENTS`."""
+    count = min(PROBE_ELEMENTS, numel)
+    return count, max((numel - 1) // max(count - 1, 1), 1)
+
+
 @functools.lru_cache(maxsize=256)
 def positions(numel: int, device: torch.device) -> torch.Tensor:
-    """:data:`PROBE_ELEMENTS` positions spread over ``numel`` elements, made once per size and
-    device (a rewrite records every layer's weight)."""
-    count = min(PROBE_ELEMENTS, numel)
-    # in int64: float32 positions (linspace's default) round past the last element above 2**24
-    return torch.arange(count, device=device) * (numel - 1) // max(count - 1, 1)
+    """The sampled positions of a weight of ``numel`` elements (int64; :func:`sampled`), made
+    once per size and device: a rewrite records every layer's weight."""
+    count, step = _step(numel)
+    return torch.arange(count, device=device) * step
+
+
+def sampled(flat: torch.Tensor) -> torch.Tensor:
+    """The sampled elements of a flat weight, as a strided view of it (a copy of 16 elements
+    where a gather at :func:`positions` took 9 us on an H200, 700 times per record of the SDXL
+    UNet)."""
+    count, step = _step(flat.numel())
+    return flat[: step * (count - 1) + 1 : step] if count else flat[:0]
 
 
 def version(t: torch.Tensor) -> int | None:
@@ -196,9 +210,9 @@ class _Device:
     def write(self, probes: list[_Probe], digest: bool = True) -> None:
         """Writes every layer's probe of its weight as it is now into ``probes`` (in place):
         the samples and the bias, and the row and column sums if ``digest``."""
-        for (weight, bias, _), views, at, probe in zip(self.sources, self.views, self.positions, probes, strict=True):
+        for (weight, bias, _), views, probe in zip(self.sources, self.views, probes, strict=True):
             flat, w = views if views is not None else (weight.reshape(-1), words(weight))
-            torch.index_select(flat, 0, at, out=probe.samples)
+            probe.samples.copy_(sampled(flat))
             if probe.bias is not None and bias is not None:
                 probe.bias.copy_(bias.detach())
             if digest:

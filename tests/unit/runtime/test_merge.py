@@ -322,8 +322,7 @@ def _unsampled(weight: torch.Tensor) -> tuple[int, int]:
     """An element of ``weight`` that :func:`lorahot.runtime.merge.record` does not sample."""
     from lorahot.runtime import written_probes
 
-    count = min(written_probes.PROBE_ELEMENTS, weight.numel())
-    sampled = {int(p) for p in torch.arange(count) * (weight.numel() - 1) // max(count - 1, 1)}
+    sampled = set(written_probes.positions(weight.numel(), torch.device("cpu")).tolist())
     flat = next(i for i in range(weight.numel()) if i not in sampled)
     return divmod(flat, weight.shape[1])
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import lorahot
 from lorahot.runtime import merge
-from lorahot.runtime.written_probes import PROBE_ELEMENTS, WrittenProbes, signature
+from lorahot.runtime.written_probes import PROBE_ELEMENTS, WrittenProbes, positions, sampled, signature
 from tests.helpers import make_adapter
 
 NAMES = ["0", "1", "2", "3"]
@@ -69,8 +69,7 @@ def _verdicts(runtime: lorahot.LoraRuntime) -> tuple[list[bool], list[bool]]:
 
 
 def _unsampled(weight: torch.Tensor) -> int:
-    count = min(PROBE_ELEMENTS, weight.numel())
-    sampled = {int(p) for p in torch.arange(count) * (weight.numel() - 1) // max(count - 1, 1)}
+    sampled = set(positions(weight.numel(), torch.device("cpu")).tolist())
     return next(i for i in range(weight.numel()) if i not in sampled)
 
 
@@ -143,9 +142,8 @@ def test_any_one_element_edit_is_found_in_its_layer_alone(layer: int, where: flo
     flat = min(int(where * weight.numel()), weight.numel() - 1)
     with torch.no_grad():
         _bump(weight.data if through_data else weight, flat)
-    count = min(PROBE_ELEMENTS, weight.numel())
-    sampled = flat in {int(p) for p in torch.arange(count) * (weight.numel() - 1) // max(count - 1, 1)}
-    found = sampled or not through_data
+    is_sampled = flat in set(positions(weight.numel(), torch.device("cpu")).tolist())
+    found = is_sampled or not through_data
     batched, layered = _verdicts(runtime)
     assert batched == layered == [found and k == layer for k in range(4)]
 
@@ -222,3 +220,14 @@ def test_gpu_rewrites_replayed_equal_the_layer_by_layer_rewrites_bitwise() -> No
     both(load(8, 3))
     assert mine_rt._merger._replays.replays >= 6
     assert ref_rt._merger._replays.replays == 0
+
+
+@given(numel=st.integers(0, 5000))
+def test_the_sampled_view_holds_the_elements_at_the_positions(numel: int) -> None:
+    """The strided view the layout copies and the positions the layer by layer check gathers
+    name the same elements: at most :data:`PROBE_ELEMENTS`, distinct, the first among them."""
+    flat = torch.arange(numel)
+    at = positions(numel, torch.device("cpu"))
+    assert torch.equal(sampled(flat), flat[at])
+    assert len(at) == min(PROBE_ELEMENTS, numel) == len(set(at.tolist()))
+    assert numel == 0 or int(at[0]) == 0
