@@ -105,7 +105,7 @@ def sums(w: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> torch.Te
     in one row change their columns' sums; an edit leaves both only by cancelling exactly along
     every row and every column. int32 words are summed in their own dtype: a wider sum (int64)
     would first copy the whole weight widened, which made the sums of the SDXL UNet's 700
-    weights take 40 ms on an H200 against about 2 for their bytes."""
+    weights (4.4 GB) take 40 ms on an H200, where reading them twice takes about 2."""
     return torch.sum(w, dim, dtype=torch.int32, out=out)
 
 
