@@ -268,8 +268,9 @@ class WrittenProbes:
         for i, layer in enumerate(self.layers):
             by_device.setdefault(layer.base_weight.device, []).append((i, layer))
         self._devices = [_Device(found, device) for device, found in by_device.items()]
+        #: three graphs a device: the record, the check with sums and the check without
         self._replays: GraphReplays[tuple[str, int]] = GraphReplays(
-            buffers, keep=2 * len(self._devices), what="merged mode's check"
+            buffers, keep=3 * len(self._devices), what="merged mode's check"
         )
 
     def record(self) -> None:
