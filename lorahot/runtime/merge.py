@@ -313,6 +313,8 @@ class Merger:
         flags = None
         if self._probes is not None and self._probes.built_for == signature(layers):
             flags = self._probes.changed()
+        if flags is None:  # some weight is not the tensor the probes were laid out for
+            self._check_converted(names, layers)
         changed = [n for n, flag in zip(names, replaced(layers) if flags is None else flags, strict=True) if flag]
         if changed:
             raise UsageError(
@@ -324,6 +326,29 @@ class Merger:
                 + "\nEvery merged weight is rebuilt from the base weights copied at inject, so this call would throw "
                 "the new weights away. Load base checkpoints before inject, or eject (which keeps the new weights), "
                 "load, and inject again."
+            )
+
+    @staticmethod
+    def _check_converted(names: list[str], layers: list[LoRALayer]) -> None:
+        """Raises :class:`UsageError` where a targeted weight's dtype, device or shape is no
+        longer its base copy's: the base layer alone was converted or moved after inject
+        (``model.half()`` converts the copies too, and the runtime then refuses as moved). The
+        rewrite would fail partway, at that layer, after writing the ones before it."""
+        found = []
+        for name, layer in zip(names, layers, strict=True):
+            weight, pristine = layer.base_weight, layer.pristine_weight
+            if pristine is None:
+                continue
+            if (weight.dtype, weight.device, weight.shape) != (pristine.dtype, pristine.device, pristine.shape):
+                found.append(
+                    f"{name}: {tuple(weight.shape)} {weight.dtype} on {weight.device}, where its base weight was "
+                    f"copied at inject as {tuple(pristine.shape)} {pristine.dtype} on {pristine.device}"
+                )
+        if found:
+            raise UsageError(
+                format_problems("in merged mode, targeted base layers were converted or moved after inject:", found)
+                + "\nEvery merged weight is rebuilt from the base weight copied at inject, in its dtype and place. "
+                "Convert or move the model before inject, or eject, convert, and inject again."
             )
 
     def check(self, stack: Stack, weights: Sequence[float]) -> None:

@@ -667,3 +667,26 @@ def test_a_preload_does_not_read_the_merged_weights(tmp_path: Path) -> None:
     assert runtime.preload(str(path), key="again") is not None
     with pytest.raises(lorahot.UsageError, match="changed since lorahot last wrote them"):
         runtime.load("again")
+
+
+def test_a_base_layer_converted_alone_after_inject_is_refused_before_any_write() -> None:
+    """Merged mode: one targeted base layer converted after inject (``base_layer.half()``;
+    ``model.half()`` converts lorahot's copies too) is refused by the next call, naming the
+    layer and both dtypes, with every weight as it was. Before, the rewrite failed at that layer
+    after rewriting the ones before it, and reported the slot emptied."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16, dtype=torch.bfloat16) for _ in range(3)])
+    runtime = lorahot.inject(model, ["0", "1", "2"], max_rank=4, merged=True)
+    runtime.load(make_adapter(model, {"0": 2, "1": 2, "2": 2}, seed=1, dtype=torch.bfloat16)[0])
+    model[1].base_layer.half()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        lorahot.UsageError,
+        match=r"converted or moved after inject:\n  - 1: \(16, 16\) torch.float16 on cpu, where its base weight was "
+        r"copied at inject as \(16, 16\) torch.bfloat16 on cpu\n.*eject, convert, and inject again",
+    ):
+        runtime.load(make_adapter(model, {"0": 2, "1": 2, "2": 2}, seed=2, dtype=torch.bfloat16)[0])
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    with pytest.raises(lorahot.UsageError, match="converted or moved after inject"):
+        runtime.set_scale(0.5)
