@@ -1087,8 +1087,13 @@ class LoraRuntime:
             return
         stack, weights = self._stacks[slot], self._weights[slot]
         if self._merger is not None:
-            self._merger.apply(None if stack is None else stack.scales(weights), stack is None or stack.single)
-            self._merger.fold({} if stack is None else stack.weight_terms(weights))
+            try:
+                self._merger.apply(None if stack is None else stack.scales(weights), stack is None or stack.single)
+                self._merger.fold({} if stack is None else stack.weight_terms(weights))
+            except BaseException:  # the weights hold lorahot's own (partial) rewrite, checked before it: not an edit
+                with contextlib.suppress(Exception):
+                    self._merger.record_all()
+                raise
         else:
             self._wide.apply(stack, weights)
 

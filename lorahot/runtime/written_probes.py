@@ -66,7 +66,8 @@ def positions(numel: int, device: torch.device) -> torch.Tensor:
     """The sampled positions of a weight of ``numel`` elements (int64; :func:`sampled`), made
     once per size and device: a rewrite records every layer's weight."""
     count, step = _step(numel)
-    return torch.arange(count, device=device) * step
+    with torch.inference_mode(False):  # cached: an inference tensor could not index outside inference mode
+        return torch.arange(count, device=device) * step
 
 
 def sampled(flat: torch.Tensor) -> torch.Tensor:
@@ -213,8 +214,8 @@ class _Device:
         for (weight, bias, _), views, probe in zip(self.sources, self.views, probes, strict=True):
             flat, w = views if views is not None else (weight.reshape(-1), words(weight))
             probe.samples.copy_(sampled(flat))
-            if probe.bias is not None and bias is not None:
-                probe.bias.copy_(bias.detach())
+            if probe.bias is not None and bias is not None:  # flat: a [1, out] bias broadcasts as well
+                probe.bias.copy_(bias.detach().reshape(-1))
             if digest:
                 sums(w, 1, out=probe.rows)
                 sums(w, 0, out=probe.cols)
@@ -267,7 +268,8 @@ class WrittenProbes:
         by_device: dict[torch.device, list[tuple[int, LoRALayer]]] = {}
         for i, layer in enumerate(self.layers):
             by_device.setdefault(layer.base_weight.device, []).append((i, layer))
-        self._devices = [_Device(found, device) for device, found in by_device.items()]
+        with torch.inference_mode(False):  # buffers written in place at every call, in inference mode or not
+            self._devices = [_Device(found, device) for device, found in by_device.items()]
         #: three graphs a device: the record, the check with sums and the check without
         self._replays: GraphReplays[tuple[str, int]] = GraphReplays(
             buffers, keep=3 * len(self._devices), what="merged mode's check"

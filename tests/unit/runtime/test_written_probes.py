@@ -231,3 +231,94 @@ def test_the_sampled_view_holds_the_elements_at_the_positions(numel: int) -> Non
     assert torch.equal(sampled(flat), flat[at])
     assert len(at) == min(PROBE_ELEMENTS, numel) == len(set(at.tolist()))
     assert numel == 0 or int(at[0]) == 0
+
+
+@pytest.mark.parametrize("where", ["inject in inference mode", "all in inference mode", "laid out anew in it"])
+def test_probes_laid_out_in_inference_mode_serve_calls_outside_it(where: str) -> None:
+    """The layout's buffers are written in place at every call: laid out under
+    ``torch.inference_mode()`` (an inject there, a model built and injected there, or a layout
+    rebuilt by a call made there), they still take calls made outside it, and an edit is still
+    found. Before, every later call outside inference mode raised torch's error on an in-place
+    write to an inference tensor, for good."""
+    torch.manual_seed(0)
+    names = ["0", "1"]
+    if where == "all in inference mode":
+        with torch.inference_mode():
+            model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8))
+            runtime = lorahot.inject(model, names, max_rank=4, merged=True)
+            runtime.load(make_adapter(model, dict.fromkeys(names, 2), seed=1)[0])
+    elif where == "inject in inference mode":
+        model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8))
+        with torch.inference_mode():
+            runtime = lorahot.inject(model, names, max_rank=4, merged=True)
+    else:  # channels_last gives the conv weights new memory: the next call lays the probes out anew
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1))
+        runtime = lorahot.inject(model, names, max_rank=4, merged=True)
+        runtime.load(make_adapter(model, dict.fromkeys(names, 2), seed=1)[0])
+        model.to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            runtime.load(make_adapter(model, dict.fromkeys(names, 2), seed=2)[0])
+    for seed in (3, 4):
+        runtime.load(make_adapter(model, dict.fromkeys(names, 2), seed=seed)[0])
+    runtime.set_scale(0.5)
+    with torch.inference_mode() if where == "all in inference mode" else torch.no_grad():
+        _bump(model[1].weight, _unsampled(model[1].weight))
+    with pytest.raises(lorahot.UsageError, match=r"changed since lorahot last wrote them .*:\n  - 1\n"):
+        runtime.unload()
+
+
+def test_a_bias_of_one_row_is_probed_flat() -> None:
+    """A Linear whose bias is ``[1, out]`` (``F.linear`` broadcasts it) injects and swaps in
+    merged mode, and an edit of that bias is found; before, inject failed copying it into the
+    layout's flat bias."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 4))
+    model[0].bias = nn.Parameter(torch.randn(1, 4))
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=2, merged=True)
+    runtime.load(make_adapter(model, {"0": 2, "1": 2}, seed=1)[0])
+    runtime.load(make_adapter(model, {"0": 2, "1": 2}, seed=2)[0])
+    with torch.no_grad():
+        model[0].base_layer.bias[0, 3] += 1.0
+    assert _verdicts(runtime) == ([True, False],) * 2
+    with pytest.raises(lorahot.UsageError, match=r"changed since lorahot last wrote them .*:\n  - 0\n"):
+        runtime.set_scale(0.5)
+
+
+@pytest.mark.parametrize("call", ["activate", "set_scale", "unload"])
+def test_a_record_failing_again_while_rolling_back_leaves_the_runtime_usable(
+    call: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call whose record fails (a device fault in the sums), and whose rollback's record
+    fails too: the weights hold lorahot's own writes, so once the fault is gone the next load
+    goes through (before, every later call was refused as if the user had edited the weights,
+    the advised unload included), and an edit after it is still found."""
+    from lorahot.runtime import written_probes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 8, bias=False))
+    names = ["0", "1", "2"]
+    runtime = lorahot.inject(model, names, max_rank=4, merged=True, slots=2)
+    runtime.load(make_adapter(model, dict.fromkeys(names, 2), seed=1)[0], slot=0)
+    runtime.load(make_adapter(model, dict.fromkeys(names, 2), seed=2)[0], slot=1)
+    real = written_probes.sums
+    count = [0]
+
+    def faulting(*args: object, **kwargs: object) -> torch.Tensor:
+        count[0] += 1
+        if 3 < count[0] <= 6:  # the call's record, then its rollback's record
+            raise RuntimeError("device fault")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(written_probes, "sums", faulting)
+    with pytest.raises(lorahot.LoraError):
+        {
+            "activate": lambda: runtime.activate(1),
+            "set_scale": lambda: runtime.set_scale(0.5),
+            "unload": lambda: runtime.unload(0),
+        }[call]()
+    monkeypatch.setattr(written_probes, "sums", real)
+    runtime.load(make_adapter(model, dict.fromkeys(names, 2), seed=4)[0])
+    with torch.no_grad():
+        _bump(model[2].weight, _unsampled(model[2].weight))
+    with pytest.raises(lorahot.UsageError, match=r"changed since lorahot last wrote them .*:\n  - 2\n"):
+        runtime.unload()
