@@ -51,6 +51,13 @@ def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> N
             "stored, so merged mode has no weight to rewrite: the adapter would be dropped. Inject without "
             "merged=True, or remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) first."
         )
+    bias = getattr(base, "bias", None)
+    if isinstance(bias, torch.Tensor) and "bias" not in base._parameters and "bias" not in base._buffers:
+        raise UsageError(
+            f"{name}: its bias is computed from other tensors on each call (a parametrization), not stored, so merged "
+            "mode has no bias to rewrite: a LoRA bias (or a LyCORIS diff_b) would be dropped. Inject without "
+            "merged=True, or remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) first."
+        )
     refusal = hooked(base) or layer.merge_refusal()  # hooks first: no probe runs their code
     if refusal is not None:
         raise UsageError(f"{name}: {refusal}; inject without merged=True.")
@@ -79,14 +86,15 @@ def hooked(base: nn.Module) -> str | None:
 
 
 def check_untied(model: nn.Module, names: list[str]) -> None:
-    """Refuses a target whose weight shares memory with any other tensor of the model.
+    """Refuses a target whose weight or bias shares memory with any other tensor of the model.
 
-    Merged mode rewrites each targeted weight in place, so a weight tied to another module (an
-    ``lm_head`` sharing ``embed_tokens.weight``, or any view of the same storage) would change
-    that module too. Found by storage and byte range, not by names.
+    Merged mode rewrites each targeted weight (and bias: a LoRA bias or a ``diff_b`` folds into
+    it) in place, so one tied to another module (an ``lm_head`` sharing ``embed_tokens.weight``,
+    two layers sharing one bias, or any view of the same storage) would change that module too.
+    Found by storage and byte range, not by names.
 
     Raises:
-        UsageError: naming the target and the module its weight is tied to.
+        UsageError: naming the target and the module its weight or bias is tied to.
     """
     by_storage: dict[tuple[torch.device, int], list[tuple[str, torch.Tensor]]] = {}
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
@@ -94,20 +102,22 @@ def check_untied(model: nn.Module, names: list[str]) -> None:
         if t.device.type != "meta" and t.numel() and t.layout == torch.strided:
             by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append((qualname, t))
     for name in names:
-        weight = getattr(model.get_submodule(name), "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta" or not weight.numel():
-            continue
-        if weight.layout != torch.strided:  # no storage to tie (check_mergeable refuses such a weight)
-            continue
-        own = f"{name}.weight"
-        for qualname, t in by_storage.get((weight.device, weight.untyped_storage().data_ptr()), []):
-            if qualname != own and _overlap(t, weight):
-                owner = qualname.rpartition(".")[0] or "the model"
-                raise UsageError(
-                    f"{name}: its weight is tied to {owner} ({qualname} shares its memory); merged mode would rewrite "
-                    f"both {name} and {owner}. Inject without merged=True, or untie the weights (give {owner} its own "
-                    "copy) first."
-                )
+        module = model.get_submodule(name)
+        for kind in ("weight", "bias"):
+            tensor = getattr(module, kind, None)
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta" or not tensor.numel():
+                continue
+            if tensor.layout != torch.strided:  # no storage to tie (check_mergeable refuses such a weight)
+                continue
+            own = f"{name}.{kind}"
+            for qualname, t in by_storage.get((tensor.device, tensor.untyped_storage().data_ptr()), []):
+                if qualname != own and _overlap(t, tensor):
+                    owner = qualname.rpartition(".")[0] or "the model"
+                    raise UsageError(
+                        f"{name}: its {kind} is tied to {owner} ({qualname} shares its memory); merged mode would "
+                        f"rewrite both {name} and {owner}. Inject without merged=True, or untie them (give {owner} its "
+                        f"own copy of the {kind}) first."
+                    )
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -106,7 +106,7 @@ def test_merged_refuses_a_weight_tied_to_another_module(targets: list[str]) -> N
     with pytest.raises(
         lorahot.UsageError,
         match=r"(embed_tokens|lm_head): its weight is tied to (lm_head|embed_tokens) \((lm_head|embed_tokens)\.weight "
-        r"shares its memory\); merged mode would rewrite both .*Inject without merged=True, or untie the weights",
+        r"shares its memory\); merged mode would rewrite both .*Inject without merged=True, or untie them \(give",
     ):
         lorahot.inject(model, targets, max_rank=4, merged=True)
     assert isinstance(model.embed_tokens, nn.Embedding) and isinstance(model.lm_head, nn.Linear)
@@ -125,6 +125,70 @@ def test_tied_weights_found_by_storage_not_by_name() -> None:
     with pytest.raises(lorahot.UsageError, match=r"^1: its weight is tied to 2 \(2\.weight shares its memory\)"):
         lorahot.inject(model, ["0", "1"], max_rank=2, merged=True)
     lorahot.inject(model, ["0"], max_rank=2, merged=True)  # a disjoint slice of the storage is fine
+
+
+def test_merged_refuses_a_bias_tied_to_another_module() -> None:
+    """A LoRA bias folds into the targeted layer's bias in place, so a bias shared with another
+    layer would move that layer's output too (it did, silently); unmerged, the adapter applies
+    and the shared bias stays as it was."""
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6)).double()
+        net[1].bias = net[0].bias  # weights apart, one bias
+        return net
+
+    net = model()
+    with pytest.raises(
+        lorahot.UsageError,
+        match=r"^0: its bias is tied to 1 \(1\.bias shares its memory\); merged mode would rewrite both 0 and 1\. "
+        r"Inject without merged=True, or untie them \(give 1 its own copy of the bias\)",
+    ):
+        lorahot.inject(net, ["0"], max_rank=2, merged=True, extras=True)
+    assert isinstance(net[0], nn.Linear) and net[1].bias is net[0].bias
+    net, x = model(), torch.randn(3, 6, dtype=torch.float64)
+    bias = net[0].bias.detach().clone()
+    runtime = lorahot.inject(net, ["0"], max_rank=2, extras=True)
+    tensors, ab = make_adapter(net, {"0": 2}, seed=1, dtype=torch.float64)
+    c = torch.randn(6, dtype=torch.float64)
+    runtime.load({**tensors, "0.lora_B.bias": c})
+    a, b = ab["0"]
+    with torch.no_grad():
+        h = x @ net[0].base_layer.weight.T + bias + x @ a.T @ b.T + c
+        _close(net(x), h @ net[1].weight.T + bias)
+    assert torch.equal(net[1].bias, bias)
+
+
+def test_merged_refuses_a_parametrized_bias() -> None:
+    """A bias recomputed on each call by a parametrization: merged mode wrote the LoRA bias into
+    a tensor the next call threw away (the LoRA bias was dropped, silently)."""
+
+    class Double(nn.Module):
+        def forward(self, bias: torch.Tensor) -> torch.Tensor:
+            return bias * 2
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 4).double())
+        torch.nn.utils.parametrize.register_parametrization(net[0], "bias", Double())
+        return net
+
+    with pytest.raises(
+        lorahot.UsageError,
+        match=r"^0: its bias is computed from other tensors on each call \(a parametrization\).*Inject without "
+        r"merged=True, or remove the parametrization",
+    ):
+        lorahot.inject(model(), "0", max_rank=2, merged=True, extras=True)
+    net, x = model(), torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        base = net(x)
+    runtime = lorahot.inject(net, "0", max_rank=2, extras=True)  # a regex: not the parametrization's "...bias.0"
+    tensors, ab = make_adapter(net, {"0": 2}, seed=1, dtype=torch.float64)
+    c = torch.randn(4, dtype=torch.float64)
+    runtime.load({**tensors, "0.lora_B.bias": c})
+    a, b = ab["0"]
+    with torch.no_grad():
+        _close(net(x), base + x @ a.T @ b.T + c)
 
 
 def test_unmerged_mode_accepts_tied_weights_and_leaves_them_alone() -> None:
