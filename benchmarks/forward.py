@@ -82,7 +82,6 @@ def lorahot_mode(
     extern: bool = True,
     grouped: bool = True,
     joined: bool = False,
-    add_in_gemm: bool = False,
 ) -> Prepared:
     """Compiles a lorahot model, swaps ``swaps`` times among ranks (checking each against the
     eager reference and counting recompiles), then leaves the rank-64 adapter active.
@@ -92,9 +91,7 @@ def lorahot_mode(
     :mod:`lorahot.kernels.extern_inputs` (on by default; process-wide too); ``grouped=False``
     without the joining of :mod:`lorahot.kernels.wide_groups` (on by default; process-wide);
     ``joined=True`` with q's expand joined at a symbolic row count too
-    (:data:`lorahot.kernels.wide_groups.JOIN_SYMBOLIC`, off by default; process-wide);
-    ``add_in_gemm=True`` with a rotated group's expands added inside cuBLAS
-    (:data:`lorahot.kernels.wide_groups.ADD_IN_GEMM`, off by default; process-wide)."""
+    (:data:`lorahot.kernels.wide_groups.JOIN_SYMBOLIC`, off by default; process-wide)."""
     model = w.fresh_base()
     runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, merged=merged, fused=fused, extras=extras)
     if not stacked:
@@ -102,7 +99,6 @@ def lorahot_mode(
     extern_inputs.ENABLED = extern
     wide_groups.ENABLED = grouped
     wide_groups.JOIN_SYMBOLIC = joined
-    wide_groups.ADD_IN_GEMM = add_in_gemm
     call = _compiled(model, mode, fullgraph, dynamic)
     if dynamic is not False:
         call(w.prefill), call(w.decode)  # compile before any adapter is loaded
@@ -165,8 +161,6 @@ def run(
         }
         if w.device.type == "cuda":
             configs["lorahot_unfused"] = lambda: lorahot_mode(w, mode, refs, fused=False)
-            # a rotated group's expands added inside cuBLAS (wide_groups.ADD_IN_GEMM; set while it compiles)
-            configs["lorahot_addgemm"] = lambda: lorahot_mode(w, mode, refs, add_in_gemm=True)
         if mode == "reduce-overhead" or w.device.type == "cpu":
             configs["lorahot_merged"] = lambda: lorahot_mode(w, mode, refs, merged=True)
         if with_peft:

@@ -56,7 +56,6 @@ CONFIGS = (
     "lorahot_noextern",
     "lorahot_ungrouped",
     "lorahot_joined",
-    "lorahot_addgemm",
 )
 ROUNDS = 3
 
@@ -107,8 +106,6 @@ def _builders(
         "lorahot_ungrouped": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn, grouped=False),
         # q's expand joined with k's and v's at a symbolic row count (wide_groups.JOIN_SYMBOLIC; process-wide too)
         "lorahot_joined": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn, joined=True),
-        # a rotated group's expands added inside cuBLAS (wide_groups.ADD_IN_GEMM; process-wide too)
-        "lorahot_addgemm": lambda: lorahot_mode(w, mode, refs, swaps=0, dynamic=dyn, add_in_gemm=True),
         "peft_bf16": lambda: peft_mode(w, mode, refs, bf16=True, dynamic=dyn),
         "peft": lambda: peft_mode(w, mode, refs, bf16=False, dynamic=dyn),
     }

@@ -97,10 +97,10 @@ class StackShrinks(CustomGraphPass):
     def uuid(self) -> Any:
         """This file's, :mod:`~lorahot.kernels.extern_inputs`', :mod:`~lorahot.kernels.stacked_routed`'s,
         :mod:`~lorahot.kernels.wide_groups`' and :mod:`~lorahot.kernels.fx_graph`'s hash, whether
-        the three are on (and the groups' row limit and their one-buffer, joined and add-in-GEMM
-        switches), the live wide layers' geometries the extern-input rewrite matches, and the
-        earlier passes' ids; None (no caching of compiled graphs, as inductor does for such a
-        pass) where an earlier pass has no id."""
+        the three are on (and the groups' row limit and one-buffer switch), the live wide layers'
+        geometries the extern-input rewrite matches, and the earlier passes' ids; None (no
+        caching of compiled graphs, as inductor does for such a pass) where an earlier pass has
+        no id."""
         earlier = [getattr(p, "uuid", lambda: None)() for p in self._before()]
         if any(u is None for u in earlier):
             return None
@@ -112,7 +112,6 @@ class StackShrinks(CustomGraphPass):
             wide_groups.ROWS,
             wide_groups.ONE_BUFFER,
             wide_groups.JOIN_SYMBOLIC,
-            wide_groups.ADD_IN_GEMM,
         )
         return (get_hash_for_files(files), *on, repr(extern_inputs.signatures()), *earlier)
 

@@ -81,7 +81,6 @@ from lorahot.kernels.fx_graph import (
 from lorahot.kernels.op_registry import define, refuse_grad
 
 __all__ = [
-    "ADD_IN_GEMM",
     "ALONE",
     "ENABLED",
     "JOIN_SYMBOLIC",
@@ -132,16 +131,6 @@ ALONE = True
 #: the separate sums into attention's input kernels itself, and one buffer cost one launch per
 #: block at small widths or nothing (``benchmarks/experiments/rope_fusion_probe.py``).
 ONE_BUFFER = True
-
-#: In default mode, where a group's outputs go into one buffer (:data:`ONE_BUFFER`), whether the
-#: expands add into the members' outputs inside cuBLAS (``baddbmm`` / ``addmm`` with ``beta =
-#: 1``, over strided views of the group's GEMM output) instead of a batched GEMM and a kernel of
-#: the compiler's that writes the sums: each member's output is then a GEMM's output, as the base
-#: model's q, k and v are, and RoPE reads it as it reads those. Predicted from the launch counts
-#: (one fewer per q/k/v group at every row count; 22 per TinyLlama call): about 0.3-0.4 ms of
-#: host time per default-mode call on the H200 hosts. Off unless ``LORAHOT_ADD_IN_GEMM=1`` at
-#: import, until measured.
-ADD_IN_GEMM = os.environ.get("LORAHOT_ADD_IN_GEMM") == "1"
 
 _aten = torch.ops.aten
 #: ops that read no element: a reader of a member's output through them reads the output
@@ -317,8 +306,6 @@ def expands(x: torch.Tensor, wide: torch.Tensor, outs: list[int], *, one_buffer:
     yh = x.reshape(rows, k) @ wide[:, :k].t()
     bt = wide[:, k:].t()  # [R, sum(out_i + R)]: B_s_i.T in member i's columns, zeros under the A rows
     at = list(itertools.accumulate([0] + [n + r for n in outs[:-1]]))
-    if one_buffer and len(outs) > 1 and ADD_IN_GEMM:
-        return [y.view(*lead, o) for y, o in zip(_added_in_gemm(yh, bt, outs, at, r, rows), outs, strict=True)]
     parts = _expands(yh, bt, outs, at, r, rows)
     if one_buffer and len(outs) > 1:
         total = wide.shape[0]
@@ -340,7 +327,7 @@ def _expands(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int],
     if m > 1 and all(o == n for o in outs):
         return [(_evenly_spaced(yh, bt, 0, m, n, r), 0, n + r)]
     if m > 1 and all(o == n for o in outs[1:]) and outs[0] > n:
-        if _all_in_one(rows):
+        if statically_known_true(rows <= ROWS) or (JOIN_SYMBOLIC and not statically_known_true(rows > ROWS)):
             # every member against the group's B columns
             gap = n + r
             h = yh[:, outs[0] + r - gap :].view(rows, m, gap)[..., gap - r :].transpose(0, 1)
@@ -349,43 +336,6 @@ def _expands(yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int],
         first = yh[:, outs[0] : outs[0] + r] @ bt[:, : outs[0]]
         return [(first[None], 0, outs[0] + r), (_evenly_spaced(yh, bt, at[1], m - 1, n, r), at[1], n + r)]
     return [((yh[:, i + o : i + o + r] @ bt[:, i : i + o])[None], i, o + r) for i, o in zip(at, outs, strict=True)]
-
-
-def _all_in_one(rows: int | torch.SymInt) -> bool:
-    """Whether members of unequal widths take one batched expand against the group's whole B
-    columns at ``rows`` (see :func:`expands`)."""
-    return statically_known_true(rows <= ROWS) or (JOIN_SYMBOLIC and not statically_known_true(rows > ROWS))
-
-
-def _added_in_gemm(
-    yh: torch.Tensor, bt: torch.Tensor, outs: list[int], at: list[int], r: int, rows: int
-) -> list[torch.Tensor]:
-    """Every member's ``y_i + h_i @ B_s_i.T`` as ``[rows, out_i]``, the additions done by cuBLAS
-    (``beta = 1``; :data:`ADD_IN_GEMM`) over strided views of the group's GEMM output ``yh``:
-    members of one width in one ``baddbmm``; where the first is wider (GQA's q), every member
-    against the group's whole B columns in one ``baddbmm`` over ``yh`` broadcast (as
-    :func:`expands`, at the same row counts), else the first by an ``addmm`` of its own."""
-    n, m = outs[-1], len(outs)
-    if all(o == n for o in outs):
-        return list(_evenly_spaced_added(yh, bt, 0, m, n, r).unbind(0))
-    if all(o == n for o in outs[1:]) and outs[0] > n:
-        if _all_in_one(rows):
-            total, gap = yh.shape[1], n + r
-            h = yh[:, outs[0] + r - gap :].view(rows, m, gap)[..., gap - r :].transpose(0, 1)
-            out = torch.baddbmm(yh.expand(m, rows, total), h, bt.expand(m, r, total))
-            return [out[j, :, i : i + o] for j, (i, o) in enumerate(zip(at, outs, strict=True))]
-        o = outs[0]
-        first = torch.addmm(yh[:, :o], yh[:, o : o + r], bt[:, :o])
-        return [first, *_evenly_spaced_added(yh, bt, at[1], m - 1, n, r).unbind(0)]
-    return [torch.addmm(yh[:, i : i + o], yh[:, i + o : i + o + r], bt[:, i : i + o]) for i, o in zip(at, outs)]
-
-
-def _evenly_spaced_added(yh: torch.Tensor, bt: torch.Tensor, start: int, count: int, n: int, r: int) -> torch.Tensor:
-    """:func:`_evenly_spaced` with each member's ``y`` added inside the GEMM: ``[count, rows, n]``."""
-    gap = n + r
-    v = yh[:, start : start + count * gap].view(yh.shape[0], count, gap)
-    b = bt[:, start : start + count * gap].view(r, count, gap).transpose(0, 1)[..., :n]
-    return torch.baddbmm(v[..., :n].transpose(0, 1), v[..., n:].transpose(0, 1), b)
 
 
 def _placed(d: torch.Tensor, start: int, gap: int, total: int) -> torch.Tensor:
@@ -434,7 +384,7 @@ def _lower(
             size = [sum(r for _, r, _ in run), cols]
             wide = graph.call_function(_aten.as_strided.default, (alloc, size, [cols, 1], run[0][0]))
             set_fake_values(fake, (wide,))
-        key = (tuple(outs), one_buffer, ADD_IN_GEMM)
+        key = (tuple(outs), one_buffer)
         values = splice(graph, lambda x, w: expands(x, w, outs, one_buffer=one_buffer), (x, wide), fake, memo, key)
     for node, value in zip(nodes, values, strict=True):
         node.replace_all_uses_with(value)

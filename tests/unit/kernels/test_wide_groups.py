@@ -15,7 +15,6 @@ import copy
 import math
 from collections.abc import Iterator
 from typing import Any
-from unittest import mock
 
 import pytest
 import torch
@@ -402,26 +401,22 @@ def test_gpu_a_group_follows_swaps_under_cuda_graphs(dynamic: bool, mode: str) -
     equal=st.booleans(),
     k=st.integers(1, 24),
     r=st.integers(1, 8),
-    lead=st.lists(st.integers(0, 40), min_size=1, max_size=2),  # up to 1600 rows: either side of ROWS
+    lead=st.lists(st.integers(0, 40), min_size=1, max_size=2),
     one_buffer=st.booleans(),
-    add_in_gemm=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_the_default_mode_formula_matches_float64_reference(
-    outs: list[int], equal: bool, k: int, r: int, lead: list[int], one_buffer: bool, add_in_gemm: bool, seed: int
+    outs: list[int], equal: bool, k: int, r: int, lead: list[int], one_buffer: bool, seed: int
 ) -> None:
     """:func:`~lorahot.kernels.wide_groups.expands` on each of its three forms (members of one
     width: one batched expand over their own B; members 2..k of one width and the first wider:
-    one batched expand over the group's B columns up to :data:`~lorahot.kernels.wide_groups.ROWS`
-    rows, the first member's apart above; otherwise an expand per member), any leading shape (no
-    rows too), the outputs apart, views of one buffer, or with
-    :data:`~lorahot.kernels.wide_groups.ADD_IN_GEMM` the additions inside the GEMMs: each
-    member's output is its own formula."""
+    one batched expand over the group's B columns; otherwise an expand per member), any leading
+    shape (no rows too), the outputs apart or views of one buffer: each member's output is its
+    own formula."""
     if equal:
         outs = [outs[0]] * len(outs)
     x, alloc, members = _operands(outs, k, r, math.prod(lead), torch.float64, "cpu", seed)
-    with mock.patch.object(wide_groups, "ADD_IN_GEMM", add_in_gemm):
-        got = wide_groups.expands(x.reshape(*lead, k), alloc, outs, one_buffer=one_buffer)
+    got = wide_groups.expands(x.reshape(*lead, k), alloc, outs, one_buffer=one_buffer)
     assert len(got) == len(outs)
     for y, n, member in zip(got, outs, members, strict=True):
         assert y.shape == (*lead, n)
@@ -675,48 +670,6 @@ def test_in_default_mode_a_group_read_twice_writes_its_outputs_into_one_buffer(
     assert _joined_sums(graphs[0]) == ([[-1 if dynamic else 10, width]] if on else [])
 
 
-@pytest.mark.parametrize("on", [True, False], ids=["add-in-gemm", "negative-control"])
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-rows"])
-def test_in_default_mode_a_rotated_group_adds_its_expands_inside_the_gemms(
-    dynamic: bool, on: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With :data:`~lorahot.kernels.wide_groups.ADD_IN_GEMM`, the q/k/v group RoPE reads twice
-    adds its expands into the members' outputs inside cuBLAS: at static rows one ``baddbmm``
-    over the group's GEMM output broadcast (q wider than k and v), with a symbolic row count an
-    ``addmm`` for q and a ``baddbmm`` for k and v; no sum is left for a kernel of the
-    compiler's (no one-buffer addition). Gate and up, read once, keep their batched expand.
-    The outputs equal the eager model's through swaps with no recompile. Negative control, the
-    switch off: no ``baddbmm``, the sums in one buffer."""
-    monkeypatch.setattr(wide_groups, "ADD_IN_GEMM", on)
-    graphs: list[torch.fx.Graph] = []
-    grouped = wide_groups.group_wide_layers
-    monkeypatch.setattr(wide_groups, "group_wide_layers", lambda graph: (grouped(graph), graphs.append(graph))[0])
-    torch.manual_seed(0)
-    model = _Rotary().double()
-    names = ["q", "k", "v", "gate", "up"]
-    runtime = lorahot.inject(model, names, max_rank=R, extras=False)
-    adapters = [make_adapter(model, dict.fromkeys(names, r), seed=s)[0] for r, s in ((4, 0), (8, 1), (2, 2))]
-    runtime.load(adapters[0])
-    compiled = torch.compile(model, dynamic=dynamic, fullgraph=True)
-    shapes = [(2, 5), (3, 7)] if dynamic else [(2, 5)]
-    xs = [(torch.randn(*s, D, dtype=torch.float64), torch.randn(s[1], 6, dtype=torch.float64)) for s in shapes]
-    with torch.no_grad():
-        for x, cos in xs:
-            torch.testing.assert_close(compiled(x, cos, cos.flip(0)), _eager(model, x, cos, cos.flip(0)))
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for adapter in adapters[1:]:
-                runtime.load(adapter)
-                for x, cos in xs:
-                    got, want = compiled(x, cos, cos.flip(0)), _eager(model, x, cos, cos.flip(0))
-                    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-    assert as_on_cuda[0] == 5
-    ops = [n.target for n in graphs[0].nodes]
-    aten = torch.ops.aten
-    counts = [ops.count(op) for op in (aten.baddbmm.default, aten.addmm.default, aten.bmm.default)]
-    assert counts == ([1, int(dynamic), 1] if on else [0, 0, 2])  # off, symbolic: q's expand an mm of its own
-    assert (_joined_sums(graphs[0]) == []) == on
-
-
 class _Blocks(nn.Module):
     """Three ``_Block`` modules in a row: their groups have the same shapes."""
 
@@ -839,32 +792,3 @@ def test_gpu_llama_rotary_groups_launch_fewer_kernels_with_one_buffer(monkeypatc
             src = "\n".join(code)
             launches[on] = src.count(".run(") + src.count("extern_kernels.")
     assert launches[True] == launches[False] - 2, launches
-
-
-@pytest.mark.gpu
-def test_gpu_llama_rotary_groups_launch_fewer_kernels_adding_in_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The model of the test above (2 blocks, no KV cache), a 128-token prefill (static rows) and
-    then a one-token decode (a symbolic row count): with
-    :data:`~lorahot.kernels.wide_groups.ADD_IN_GEMM` each graph launches one kernel fewer per
-    block than with the sums in one buffer (the cuBLAS call adds what the compiler's kernel
-    added), and the logits stay near the eager model's."""
-    from torch._inductor.utils import run_and_get_code
-
-    shape = {"vocab_size": 1000, "hidden_size": 128, "intermediate_size": 352, "max_position_embeddings": 2048}
-    model, _ = _llama("cuda", torch.bfloat16, **shape, use_cache=False)
-    prefill, decode = (torch.randint(0, 1000, (1, n), device="cuda") for n in (128, 1))
-    launches = {}
-    with torch.no_grad():
-        wants = [model(input_ids=ids).logits.float() for ids in (prefill, decode)]
-        for on in (True, False):
-            monkeypatch.setattr(wide_groups, "ADD_IN_GEMM", on)
-            torch._dynamo.reset()
-            compiled = torch.compile(model, fullgraph=True)
-            counts = []
-            for ids, want in zip((prefill, decode), wants, strict=True):
-                got, code = run_and_get_code(compiled, input_ids=ids)
-                assert float((got.logits.float() - want).norm() / want.norm()) < 3e-2
-                src = "\n".join(code)
-                counts.append(src.count(".run(") + src.count("extern_kernels."))
-            launches[on] = counts
-    assert [a - b for a, b in zip(launches[True], launches[False], strict=True)] == [-2, -2], launches
