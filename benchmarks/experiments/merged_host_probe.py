@@ -89,7 +89,7 @@ def main() -> None:
     tiny = os.environ.get("PROBE_TINY") == "1"  # a smoke test on the CPU
     w = diffusion.build(tiny=tiny, device=torch.device("cpu" if tiny else "cuda"))
     if "d" in part:
-        models = _models(w, ["base", "merged", "unmerged"])
+        models = _models(w, os.environ.get("PROBE_KINDS", "base,merged,unmerged").split(","))
         models["base, compiled last"] = _models(w, ["base"])["base"]
         torch._dynamo.reset()
         steps = {}
