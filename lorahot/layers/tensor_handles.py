@@ -23,7 +23,8 @@ grouped by slot, for the segmented kernels, and of
 :data:`WORKSPACES`: a float32 workspace, zero between calls, that the routed decode's shrink adds
 into (:mod:`lorahot.kernels.routed_linear`). Only the runtime writes them, in place for a new
 routing of the same length; it makes the workspace once, with the first routing. A copy of a
-handle (a copied or pickled model's) owns a new key, over the copied tensors, with no routing.
+handle (a copied or pickled model's) owns a new key, over the copied tensors, with copies of
+the routing the original had when it was copied (a copy has no runtime: its routing stays).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ SEGMENTS: dict[int, torch.Tensor | None] = {}
 #: key -> the routed shrink's workspace (float32 ``[rows, rank]``, all zero whenever no layer is
 #: running; see :mod:`lorahot.kernels.routed_linear`), or None (the kernels then zero one per call).
 WORKSPACES: dict[int, torch.Tensor | None] = {}
+#: a handle's routing as :meth:`TensorHandle.__reduce__` copies it: ``(ROUTES, TOKENS, SEGMENTS)`` entries
+Routing = tuple[torch.Tensor | None, bool, torch.Tensor | None]
 _ids = itertools.count()
 #: keys of collected handles, emptied in place, to remove at the next safe point
 _retired: list[int] = []
@@ -58,21 +61,26 @@ _retired: list[int] = []
 class TensorHandle:
     """Keeps ``tensors`` in :data:`TENSORS` under :attr:`key` for as long as it lives."""
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+    def __init__(self, tensors: tuple[torch.Tensor, ...], routing: Routing | None = None) -> None:
         _purge()  # a safe point: inject, not a compiled model's trace
         self.key = next(_ids)
         TENSORS[self.key] = tensors
         ROUTES[self.key] = SEGMENTS[self.key] = WORKSPACES[self.key] = None
         TOKENS[self.key] = False
+        if routing is not None:  # a copy's (see __reduce__)
+            ROUTES[self.key], TOKENS[self.key], SEGMENTS[self.key] = routing
         weakref.finalize(self, _retire, self.key)
-        for t in tensors:
+        for t in (*tensors, *(t for t in (ROUTES[self.key], SEGMENTS[self.key]) if t is not None)):
             mark_static(t)
 
-    def __reduce__(self) -> tuple[type[TensorHandle], tuple[tuple[torch.Tensor, ...]]]:
+    def __reduce__(self) -> tuple[type[TensorHandle], tuple[tuple[torch.Tensor, ...], Routing]]:
         """A copy (``deepcopy``, ``torch.save`` of the model) is a handle of its own, on the
-        copied tensors: sharing this key, a copy's compiled forward would read the original's
-        arena and its forward the original's routing."""
-        return (TensorHandle, (TENSORS.get(self.key, ()),))
+        copied tensors and a copy of the routing in force (the per-row slots, whether they are
+        per token, their segments): sharing this key, a copy's compiled forward would read the
+        original's arena and its forward the original's later routings; without the routing,
+        every row of a routed model's copy computed with the live slot."""
+        routing = (ROUTES.get(self.key), TOKENS.get(self.key, False), SEGMENTS.get(self.key))
+        return (TensorHandle, (TENSORS.get(self.key, ()), routing))
 
 
 def mark_static(t: torch.Tensor) -> None:

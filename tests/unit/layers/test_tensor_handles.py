@@ -12,7 +12,7 @@ import torch
 
 import lorahot
 from lorahot.layers import tensor_handles
-from lorahot.layers.tensor_handles import ROUTES, SEGMENTS, TENSORS, TensorHandle
+from lorahot.layers.tensor_handles import ROUTES, SEGMENTS, TENSORS, TOKENS, TensorHandle
 from tests.helpers import make_adapter, tiny_lm, token_ids
 
 
@@ -43,15 +43,50 @@ def test_a_live_handle_keeps_its_entry() -> None:
     assert TENSORS[handle.key] is tensors and ROUTES[handle.key] is None
 
 
-def test_a_copied_handle_owns_a_new_key_over_the_copied_tensors() -> None:
+def test_a_copied_handle_owns_a_new_key_over_the_copied_tensors_and_routing() -> None:
+    """The copy's routing is a copy of the original's (equal, not shared): the original's
+    later routings do not reach it."""
     t = torch.arange(4.0)
     handle = TensorHandle((t,))
-    ROUTES[handle.key] = torch.tensor([0])
+    ROUTES[handle.key], TOKENS[handle.key], SEGMENTS[handle.key] = torch.tensor([0, -1]), True, torch.tensor([1, 2])
     memo: dict = {}
     twin = copy.deepcopy(handle, memo)
-    assert twin.key != handle.key and ROUTES[twin.key] is None
+    assert twin.key != handle.key
     assert TENSORS[twin.key][0] is memo[id(t)] and torch.equal(TENSORS[twin.key][0], t)
-    ROUTES[handle.key] = None
+    for table in (ROUTES, SEGMENTS):
+        assert table[twin.key] is not table[handle.key] and torch.equal(table[twin.key], table[handle.key])
+    assert TOKENS[twin.key] is True
+    ROUTES[handle.key] = SEGMENTS[handle.key] = None
+    TOKENS[handle.key] = False
+    assert ROUTES[twin.key] is not None  # the original's change does not reach the copy
+    unrouted = copy.deepcopy(handle)
+    assert ROUTES[unrouted.key] is None and SEGMENTS[unrouted.key] is None and TOKENS[unrouted.key] is False
+
+
+def test_a_copied_or_reloaded_routed_model_keeps_each_row_s_slot() -> None:
+    """A model copied (``deepcopy``, ``torch.save``/``torch.load``) while a per-row routing is
+    in force computes each row with its own slot, as the original did when copied, eagerly and
+    compiled; the original's later routings do not reach it. Without the routing copied, every
+    row of the copy computed with the live slot, silently."""
+    model = tiny_lm(dtype=torch.float64)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4, slots=2)
+    names = list(runtime.layers)
+    for slot in range(2):
+        runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=slot + 1, dtype=torch.float64)[0], slot=slot)
+    ids = token_ids((3, 6), 32, seed=1)
+    runtime.activate([1, -1, 0])
+    with torch.no_grad():
+        want = model(ids)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copies = [copy.deepcopy(model), torch.load(buffer, weights_only=False)]
+        runtime.activate(0)
+        assert not torch.equal(model(ids), want)
+        for c in copies:
+            torch.testing.assert_close(c(ids), want, rtol=1e-12, atol=1e-12)
+            compiled = torch.compile(c, backend="aot_eager", fullgraph=True)
+            torch.testing.assert_close(compiled(ids), want, rtol=1e-12, atol=1e-12)
 
 
 def _model_and_copies() -> tuple[torch.nn.Module, lorahot.LoraRuntime, list[torch.nn.Module], torch.Tensor]:
