@@ -41,7 +41,7 @@ from lorahot.memo import BoundedMemo
 from lorahot.resolve.split import SplitSpec, split_by_user
 from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
 
-__all__ = ["read_adapter", "read_adapter_sliced", "Slicer"]
+__all__ = ["read_adapter", "read_adapter_sliced", "checked_adapter", "Slicer"]
 
 #: Which slice of each tensor of a file to read, given the adapter read from the file's header
 #: (meta tensors) and each of those tensors' key by ``id``.
@@ -130,7 +130,7 @@ def read_adapter(
     if not isinstance(strict, bool):
         raise UsageError(f"strict={shown(strict, 40)} must be True or False.")
     if isinstance(source, Adapter):
-        adapter = _checked(source)
+        adapter = checked_adapter(source)
     else:
         target = _device(device)
         if _slices is None and overrides is None and (target is None or target.type != "meta"):
@@ -191,7 +191,7 @@ def _check_overrides(config: Any) -> dict[str, Any] | None:
     return dict(config)
 
 
-def _checked(adapter: Adapter) -> Adapter:
+def checked_adapter(adapter: Adapter) -> Adapter:
     """An :class:`Adapter` built by the caller, after checking its structure.
 
     Raises:
@@ -205,14 +205,62 @@ def _checked(adapter: Adapter) -> Adapter:
         problems = [f"Adapter.modules is a {type(modules).__name__}, Adapter.config a {type(config).__name__}"]
     else:
         problems = [f"{shown(key, 80)}: {what}" for key, m in modules.items() for what in _malformed(key, m)]
+    problems += _malformed_fields(adapter)
     if problems:
         raise UsageError(
-            format_problems(f"{adapter.source!s:.200}: not a usable lorahot.Adapter:", problems)
+            format_problems(f"{_named(adapter.source)}: not a usable lorahot.Adapter:", problems)
             + "\nAdapter.modules must map module keys (str) to lorahot.LoraModule objects holding tensors and a float "
-            "alpha, "
-            "and Adapter.config must be a dict; or read the adapter with lorahot.read_adapter."
+            "alpha, Adapter.weights module keys to lorahot.WeightModule objects, Adapter.config must be a dict, "
+            "Adapter.format and Adapter.source strings and Adapter.skipped a tuple of strings; or read the adapter "
+            "with lorahot.read_adapter."
         )
     return adapter
+
+
+def _named(source: object) -> str:
+    """A hand-built adapter's source for its messages, whatever the caller put there."""
+    return f"{source:.200}" if isinstance(source, str) else shown(source, 200)
+
+
+def _malformed_fields(adapter: Adapter) -> list[str]:
+    """What is wrong with a hand-built adapter's fields other than its modules (each used after
+    the checks: the source and format in the runtime's record of a load, written after the
+    buffers)."""
+    found = [
+        f"Adapter.{name} is {shown(value, 60)}, not a str"
+        for name, value in (("format", adapter.format), ("source", adapter.source))
+        if not isinstance(value, str)
+    ]
+    skipped: object = adapter.skipped
+    if not isinstance(skipped, (tuple, list)) or not all(isinstance(k, str) for k in skipped):
+        found.append(f"Adapter.skipped is {shown(skipped, 60)}, not a tuple of str")
+    weights: object = adapter.weights
+    if not isinstance(weights, dict):
+        found.append(f"Adapter.weights is a {type(weights).__name__}, not a dict")
+        return found
+    for key, w in weights.items():
+        if not isinstance(key, str) or not isinstance(w, WeightModule):
+            found.append(
+                f"Adapter.weights maps a {type(key).__name__} to a {type(w).__name__}, not a str to a WeightModule"
+            )
+            continue
+        factors: object = w.factors
+        if not isinstance(factors, dict) or not all(
+            isinstance(n, str) and isinstance(t, torch.Tensor) for n, t in factors.items()
+        ):
+            found.append(f"{shown(key, 80)}: WeightModule.factors is not a dict of str to torch.Tensor")
+        elif bad := [n for n, t in factors.items() if _unusable_storage(t)]:
+            found.append(f"{shown(key, 80)}: factor {bad[0]} is {_unusable_storage(factors[bad[0]])}")
+        if w.alpha is not None and (isinstance(w.alpha, bool) or not isinstance(w.alpha, (int, float))):
+            found.append(f"{shown(key, 80)}: WeightModule.alpha is {shown(w.alpha, 40)}, not None or a number")
+    return found
+
+
+def _unusable_storage(t: torch.Tensor) -> str | None:
+    """Why a hand-built adapter's tensor cannot be read at all (nested, quantized, sparse), or
+    None; the meta device passes (an adapter read with ``device="meta"`` plans targets)."""
+    problem = storage_problem(t)
+    return None if problem is None or (t.device.type == "meta" and t.layout == torch.strided) else problem
 
 
 def _malformed(key: Any, m: Any) -> list[str]:
@@ -229,6 +277,17 @@ def _malformed(key: Any, m: Any) -> list[str]:
             ("bias", m.bias),
         )
         if not isinstance(t, torch.Tensor) and (role in ("A", "B") or t is not None)
+    ]
+    found += [
+        f"{role} is {problem}"
+        for role, t in (
+            ("A", m.A),
+            ("B", m.B),
+            ("base_weight", m.base_weight),
+            ("magnitude", m.magnitude),
+            ("bias", m.bias),
+        )
+        if isinstance(t, torch.Tensor) and (problem := _unusable_storage(t)) is not None
     ]
     if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)):
         found.append(f"alpha is {shown(m.alpha, 40)}, not a number")

@@ -36,7 +36,7 @@ from lorahot.errors import (
     shown,
     unfinished_eject,
 )
-from lorahot.io.loader import read_adapter, read_adapter_sliced
+from lorahot.io.loader import checked_adapter, read_adapter, read_adapter_sliced
 from lorahot.io.read_buffers import ReadBuffers
 from lorahot.io.sources import Source
 from lorahot.io.tensorfile import Slices, largest_tensor
@@ -1206,7 +1206,9 @@ def _private(source: Any) -> Any:
 
 def _owned_adapter(adapter: Adapter) -> Adapter:
     """``adapter`` with each of its modules' tensors copied (a deep copy refuses tensors that are
-    not graph leaves)."""
+    not graph leaves), after the checks of a hand-built adapter's structure (which the read
+    repeats)."""
+    adapter = checked_adapter(adapter)
     modules = {
         k: dataclasses.replace(
             m, A=_own(m.A), B=_own(m.B), base_weight=_own(m.base_weight), magnitude=_own(m.magnitude), bias=_own(m.bias)

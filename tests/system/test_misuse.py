@@ -9,7 +9,9 @@ its output must be bitwise what they were.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +143,21 @@ MISUSES = [
     Misuse("preload_adapter_a_not_tensor", lambda rig, tmp: rig.runtime.preload(_hand_built(rig, A=[[0.0]])),
            UsageError, r"^<built>: not a usable lorahot\.Adapter:\n  - 'layers\.0\.self_attn\.q_proj': A is a list, "
            r"not a torch\.Tensor\n"),
+    Misuse("load_stack_adapter_source_none",  # passed every check, then emptied the slot while writing
+           lambda rig, tmp: rig.runtime.load([_hand_fields(rig, source=None)] * 2, scale=[0.5, 0.5]), UsageError,
+           r"^None: not a usable lorahot\.Adapter:\n  - Adapter\.source is None, not a str\n"),
+    Misuse("load_adapter_format_int", lambda rig, tmp: rig.runtime.load(_hand_fields(rig, format=3)), UsageError,
+           r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.format is 3, not a str\n"),
+    Misuse("load_adapter_skipped_int", lambda rig, tmp: rig.runtime.load(_hand_fields(rig, skipped=3)), UsageError,
+           r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.skipped is 3, not a tuple of str\n"),
+    Misuse("preload_adapter_weights_list", lambda rig, tmp: rig.runtime.preload(_hand_fields(rig, weights=[1])),
+           UsageError, r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.weights is a list, not a dict\n"),
+    Misuse("plan_adapter_weights_not_module",
+           lambda rig, tmp: lorahot.plan_targets([_hand_fields(rig, weights={"x": 1})]), UsageError,
+           r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.weights maps a str to a int, not a str to a "
+           r"WeightModule\n"),
+    Misuse("load_adapter_nested_a", lambda rig, tmp: rig.runtime.load(_hand_built(rig, A=_nested())), UsageError,
+           r"^<built>: not a usable lorahot\.Adapter:\n  - 'layers\.0\.self_attn\.q_proj': A is a nested tensor\n"),
     Misuse("load_source_int", lambda rig, tmp: rig.runtime.load(42), UsageError,
            r"^source=42 must be a path, a Hub repo id, a mapping of tensors or a lorahot\.Adapter\.$"),
     Misuse("load_prepared_of_another_runtime", _other_runtime_prepared, UsageError,
@@ -191,6 +208,17 @@ def _hand_built(rig: Rig, **fields: Any) -> lorahot.Adapter:
     a, b = (tensors[f"base_model.model.{Q0}.lora_{r}.weight"] for r in "AB")
     module = lorahot.LoraModule(Q0, **{"A": a, "B": b, "alpha": 8.0, **fields})
     return lorahot.Adapter({Q0: module}, "peft", "<built>")
+
+
+def _hand_fields(rig: Rig, **fields: Any) -> lorahot.Adapter:
+    """A valid hand-built Adapter with ``fields`` of the Adapter itself replaced."""
+    return dataclasses.replace(_hand_built(rig), **fields)
+
+
+def _nested() -> torch.Tensor:
+    with warnings.catch_warnings():  # the prototype API's warning
+        warnings.simplefilter("ignore")
+        return torch.nested.nested_tensor([torch.zeros(4, 8), torch.zeros(4, 8)])
 
 
 def _t(rig: Rig) -> dict[str, torch.Tensor]:
