@@ -72,7 +72,12 @@ def source_identity(
     ):
         # JSON, not a join: a '|' or '=' inside a name cannot make two sources one key
         key = "hub:" + json.dumps([text, revision or "", subfolder or "", weight_name or ""])
-        return key if _COMMIT.fullmatch(revision or "") else f"{key}|{_stat(_hub_ref(text, revision or 'main'))}"
+        if _COMMIT.fullmatch(revision or ""):
+            return key
+        try:  # a revision a read refuses (a NUL byte in it) names no file here either
+            return f"{key}|{_stat(_hub_ref(text, revision or 'main'))}"
+        except Exception:
+            return None
     return None
 
 
