@@ -627,7 +627,15 @@ def _assemble(
         keys = tuple(k for k, _ in roles.values())
         if check_storage and _unreadable(module, keys, roles, unreadable):
             continue
-        rank = int(a.shape[0]) if a.ndim else 0
+        flat = [(k, t) for k, t in (roles["A"], roles["B"]) if t.ndim < 2]
+        if flat:
+            k, t = flat[0]
+            problems.append(
+                f"{module}: {k} has shape {tuple(t.shape)}, but a LoRA A and B have at least two dimensions "
+                "(A [r, in, ...], B [out, r, ...])"
+            )
+            continue
+        rank = int(a.shape[0])
         cfg, pattern_name, origin = _config_for(module, fmt, configs)
         declared = cfg.rank_for(pattern_name)
         if declared is not None and rank != declared:
@@ -683,6 +691,13 @@ _KIND_NEEDS: dict[str, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
     "diff": ((("diff", "diff_b"),), ("diff", "diff_b", "alpha")),
 }
 
+
+def _least_dims(role: str) -> int:
+    """The fewest dimensions a weight module's factor of ``role`` has: a ``diff_b`` is a bias
+    (one), every other factor a matrix or a conv kernel (two or more)."""
+    return 1 if role == "diff_b" else 2
+
+
 #: Factors that come in pairs.
 _PAIRS = (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b"), ("hada_t1", "hada_t2"))
 
@@ -731,6 +746,12 @@ def _weight_modules(parts: Parts, source: str, strict: bool, shapes_only: bool =
             continue
         roles = parts.pop(module)
         factors = {_FACTOR.get(r, r): t for r, (_, t) in roles.items() if r != "alpha"}
+        flat = [(r, k, t) for r, (k, t) in roles.items() if r != "alpha" and t.ndim < _least_dims(r)]
+        if flat:
+            r, k, t = flat[0]
+            want = "one dimension" if _least_dims(r) == 1 else "two dimensions"
+            problems.append(f"{module} ({k}): shape {tuple(t.shape)}, where a {kind} factor has at least {want}")
+            continue
         alpha = None if shapes_only else _alpha(roles.get("alpha"), unreadable)
         out[module] = WeightModule(module, kind, factors, alpha, tuple(k for k, _ in roles.values()))
     if unreadable:

@@ -280,7 +280,7 @@ def _(tmp, rig):
     )
 
 
-@case("one_d_tensor", AdapterMismatchError, r"A has shape \(64,\), expected \(r, 16\)")
+@case("one_d_tensor", AdapterMismatchError, r"lora_A\.weight has shape \(64,\), but a LoRA A and B have at least two")
 def _(tmp, rig):
     return _tensors_dir(tmp, _replace(rig, "q_proj.lora_A.weight", lambda t: t.flatten()))
 

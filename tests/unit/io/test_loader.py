@@ -431,3 +431,46 @@ def test_error_messages_print_whatever_the_keys_hold(odd: str) -> None:
     text.encode("utf-8")
     assert odd.encode("unicode_escape").decode("ascii") in text
     assert "\n" in str(lorahot.AdapterMismatchError("two\nlines")) and "\t" in str(lorahot.UsageError("a\tb"))
+
+
+@pytest.mark.parametrize(
+    ("tensors", "error", "message"),
+    [
+        (
+            {
+                "base_model.model.q.lora_A.weight": torch.tensor(1.0),
+                "base_model.model.q.lora_B.weight": torch.ones(4, 2),
+            },
+            lorahot.AdapterMismatchError,
+            r"q: base_model\.model\.q\.lora_A\.weight has shape \(\), but a LoRA A and B have at least two dimensions",
+        ),
+        (
+            {"base_model.model.q.lora_A.weight": torch.ones(2, 4), "base_model.model.q.lora_B.weight": torch.ones(4)},
+            lorahot.AdapterMismatchError,
+            r"q: base_model\.model\.q\.lora_B\.weight has shape \(4,\), but a LoRA A and B have at least two",
+        ),
+        (
+            {
+                "lora_unet_q.hada_w1_a": torch.ones(4, 2),
+                "lora_unet_q.hada_w1_b": torch.tensor(1.0),
+                "lora_unet_q.hada_w2_a": torch.ones(4, 2),
+                "lora_unet_q.hada_w2_b": torch.ones(2, 4),
+            },
+            lorahot.UnknownFormatError,
+            r"lora_unet_q \(lora_unet_q\.hada_w1_b\): shape \(\), where a loha factor has at least two dimensions",
+        ),
+    ],
+    ids=["scalar-a", "vector-b", "scalar-loha-factor"],
+)
+def test_a_factor_with_too_few_dimensions_is_refused_at_read(
+    tmp_path: Path, tensors: dict[str, torch.Tensor], error: type[Exception], message: str
+) -> None:
+    """A 0-d or 1-d LoRA factor in a file was read, and every later use of the module's rank
+    (plan_targets, the CLI's inspect) crashed with an IndexError: the read refuses it, naming
+    the key and its shape."""
+    path = tmp_path / "adapter.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(error, match=message):
+        lorahot.read_adapter(path)
+    with pytest.raises(error, match=message):
+        lorahot.plan_targets([path])
