@@ -27,7 +27,7 @@ from lorahot.errors import UsageError, public_api, shown
 from lorahot.runtime.buffers import Pack
 from lorahot.runtime.plan import LoadPlan
 
-__all__ = ["PreparedAdapter", "AdapterCache"]
+__all__ = ["PreparedAdapter", "AdapterCache", "check_prepared"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,30 @@ class PreparedAdapter:
                 storage = t.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
         return sum(p.nbytes for p in self.packs) + sum(storages.values())
+
+
+def check_prepared(entry: PreparedAdapter) -> None:
+    """Refuses a :class:`PreparedAdapter` whose fields are not what :meth:`runtime.preload
+    <lorahot.runtime.lora_runtime.LoraRuntime.preload>` made (``dataclasses.replace`` can put
+    anything there): it would pass the load's checks and fail while writing.
+
+    Raises:
+        UsageError: naming the field.
+    """
+    fields = (
+        ("key", entry.key, str),
+        ("adapter", entry.adapter, Adapter),
+        ("plan", entry.plan, LoadPlan),
+        ("packs", entry.packs, list),
+    )
+    bad = [f"{name} is {shown(value, 60)}" for name, value, kind in fields if not isinstance(value, kind)]
+    if not bad and not all(isinstance(p, Pack) for p in entry.packs):
+        bad.append("packs holds something other than the runtime's packs")
+    if bad:
+        raise UsageError(
+            f"this PreparedAdapter was changed after runtime.preload made it ({'; '.join(bad)}); preload the "
+            "adapter again and load what preload returns."
+        )
 
 
 def _tensors(adapter: Adapter, plan: LoadPlan) -> Iterator[torch.Tensor]:
@@ -130,9 +154,11 @@ class AdapterCache:
                 f"AdapterCache holds PreparedAdapter objects (from runtime.preload), not {type(entry).__name__}."
             )
         _key(entry.key)
+        check_prepared(entry)
+        nbytes = entry.nbytes  # before anything is dropped: a failure leaves the cache as it was
         with self._lock:
             self._entries.pop(entry.key, None)
-            if entry.nbytes > self._budget:
+            if nbytes > self._budget:
                 return
             self._entries[entry.key] = entry
             self._evict_locked()

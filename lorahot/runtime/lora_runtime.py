@@ -59,7 +59,7 @@ from lorahot.runtime.arguments import (
     weights_of,
 )
 from lorahot.runtime.buffers import BufferManager
-from lorahot.runtime.cache import AdapterCache, PreparedAdapter
+from lorahot.runtime.cache import AdapterCache, PreparedAdapter, check_prepared
 from lorahot.runtime.dora import DoraFactors
 from lorahot.runtime.experts import find_experts
 from lorahot.runtime.info import AdapterInfo, PartInfo
@@ -761,6 +761,7 @@ class LoraRuntime:
         if isinstance(source, PreparedAdapter):
             if source.owner is not self.buffers:
                 raise UsageError("this PreparedAdapter was made for another runtime; preload it on this one.")
+            check_prepared(source)
             if read_kwargs:
                 raise UsageError(
                     f"read options ({', '.join(sorted(read_kwargs))}) do not apply to a PreparedAdapter, which was "

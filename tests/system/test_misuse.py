@@ -166,6 +166,13 @@ MISUSES = [
            r"^source=42 must be a path, a Hub repo id, a mapping of tensors or a lorahot\.Adapter\.$"),
     Misuse("load_prepared_of_another_runtime", _other_runtime_prepared, UsageError,
            r"^this PreparedAdapter was made for another runtime; preload it on this one\.$"),
+    Misuse("load_prepared_tampered", lambda rig, tmp: rig.runtime.load(_tampered(rig, adapter=None)), UsageError,
+           r"^this PreparedAdapter was changed after runtime\.preload made it \(adapter is None\); preload the adapter "
+           r"again"),
+    Misuse("load_prepared_packs_tampered", lambda rig, tmp: rig.runtime.load(_tampered(rig, packs=[1])), UsageError,
+           r"^this PreparedAdapter was changed after runtime\.preload made it \(packs holds something other"),
+    Misuse("cache_put_tampered", lambda rig, tmp: rig.runtime.cache.put(_tampered(rig, plan=None)), UsageError,
+           r"^this PreparedAdapter was changed after runtime\.preload made it \(plan is None\)"),
     Misuse("load_prepared_with_options",
            lambda rig, tmp: rig.runtime.load(rig.runtime.cache.get(rig.runtime.cache.keys()[0]), prefix="x"),
            UsageError, r"^read options \(prefix\) do not apply to a PreparedAdapter, which was read already; pass "
@@ -217,6 +224,11 @@ def _hand_built(rig: Rig, **fields: Any) -> lorahot.Adapter:
 def _hand_fields(rig: Rig, **fields: Any) -> lorahot.Adapter:
     """A valid hand-built Adapter with ``fields`` of the Adapter itself replaced."""
     return dataclasses.replace(_hand_built(rig), **fields)
+
+
+def _tampered(rig: Rig, **fields: Any) -> Any:
+    """The rig's first preloaded adapter with ``fields`` replaced (as ``dataclasses.replace`` can)."""
+    return dataclasses.replace(rig.runtime.cache.get(rig.runtime.cache.keys()[0]), **fields)
 
 
 def _nested() -> torch.Tensor:
