@@ -153,6 +153,15 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
             raise UsageError(
                 f"{where}: already a {type(modules[owner]).__name__}; call lorahot.eject(model) before injecting again."
             )
+        scripted = isinstance(m, torch.jit.ScriptModule) or next(
+            (a for a in modules if a and n.startswith(a + ".") and isinstance(modules[a], torch.jit.ScriptModule)), None
+        )
+        if scripted:
+            within = "" if scripted is True else f" (inside {scripted})"
+            raise UsageError(
+                f"{n}: a TorchScript module{within} (torch.jit.script or trace): its calls run compiled TorchScript, "
+                "which lorahot cannot wrap or hook. Inject into the eager module, then script or compile the model."
+            )
         if layer_class_for(m) is None:
             raise UsageError(
                 f"{n}: cannot add LoRA to {type(m).__name__}. Supported: {', '.join(d for d, _, _ in SUPPORTED)}. "

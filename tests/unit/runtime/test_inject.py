@@ -646,3 +646,38 @@ def test_float32_buffers_on_a_float16_model_keep_the_intermediate_in_range() -> 
     out = outputs[torch.float32]
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, rtol=2e-3, atol=0.5)
+
+
+@pytest.mark.parametrize("targets", [["l"], ["l", "k"], ["l.weight_holder"]], ids=["alone", "with-another", "inside"])
+def test_a_torchscript_target_is_refused_and_the_model_left_as_it_was(targets: list[str]) -> None:
+    """A scripted submodule (or a module inside one): inject failed hooking it with TorchScript's
+    RuntimeError, an UnexpectedError; it is refused, naming it, before anything is wrapped."""
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight_holder = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.weight_holder(x)
+            return out
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = torch.jit.script(Holder() if targets == ["l.weight_holder"] else nn.Linear(4, 4))
+            self.k = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.k(self.l(x))
+            return out
+
+    model, x = Model(), torch.randn(2, 4)
+    kinds = [type(m) for m in model.modules()]
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(lorahot.UsageError, match=r"^l(\.weight_holder)?: a TorchScript module.*Inject into the eager"):
+        lorahot.inject(model, targets, max_rank=2)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert [type(m) for m in model.modules()] == kinds and not model.k._load_state_dict_pre_hooks
