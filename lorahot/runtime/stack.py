@@ -186,6 +186,26 @@ def _lay_out(
     return entries, offsets, table, runs
 
 
+#: how many parts a refusal names per layer (a stack of thousands would make a message of megabytes)
+PARTS_SHOWN = 8
+
+
+def _summed(items: list[tuple[int, LoraModule | WeightModule]], sources: list[str]) -> str:
+    """``r1 (part 0: ...) + r2 (part 1: ...) ...``, the first :data:`PARTS_SHOWN` parts named."""
+    lora = list(_lora(items))
+    terms = [f"{m.rank} ({sources[p]})" for p, m in lora[:PARTS_SHOWN]]
+    rest = lora[PARTS_SHOWN:]
+    if rest:
+        terms.append(f"{sum(m.rank for _, m in rest)} (parts {rest[0][0]}-{rest[-1][0]}, {len(rest)} more)")
+    return " + ".join(terms)
+
+
+def _listed(parts: list[int]) -> str:
+    """Part numbers for a message, the first :data:`PARTS_SHOWN` of them."""
+    more = f", ... ({len(parts)} parts)" if len(parts) > PARTS_SHOWN else ""
+    return ", ".join(map(str, parts[:PARTS_SHOWN])) + more
+
+
 def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
     """Whether checked adapters can share one slot: every layer's ranks add up to at most
     ``max_rank``; a DoRA module is alone on its layer; at most one LoRA bias per layer.
@@ -201,8 +221,7 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
             by_layer.setdefault(name, []).append((p, m))
     over = {name: total for name, items in by_layer.items() if (total := _rows(items)) > buffers.max_rank}
     ranks = [
-        f"{name}: ranks {' + '.join(f'{m.rank} ({sources[p]})' for p, m in _lora(by_layer[name]))} = {total} > "
-        f"max_rank {buffers.max_rank}"
+        f"{name}: ranks {_summed(by_layer[name], sources)} = {total} > max_rank {buffers.max_rank}"
         for name, total in over.items()
     ]
     shared = [p for name, items in by_layer.items() if len(items) > 1 for p in _shared(name, items, sources)]
@@ -235,7 +254,7 @@ def _rows(items: list[tuple[int, LoraModule | WeightModule]]) -> int:
 def _shared(name: str, items: list[tuple[int, LoraModule | WeightModule]], sources: list[str]) -> list[str]:
     """What cannot share layer ``name`` with other parts: DoRA (PEFT computes one factor per
     adapter, over its own update), a second LoRA bias (a layer holds one)."""
-    others = ", ".join(str(p) for p, _ in items)
+    others = _listed([p for p, _ in items])
     problems = [
         f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has DoRA (a magnitude vector) on a layer "
         f"parts {others} all load into; PEFT computes one DoRA factor per adapter, over that adapter's update alone"
@@ -244,9 +263,7 @@ def _shared(name: str, items: list[tuple[int, LoraModule | WeightModule]], sourc
     ]
     biased = [p for p, m in _lora(items) if m.bias is not None]
     if len(biased) > 1:
-        problems.append(
-            f"{name}: parts {', '.join(map(str, biased))} each carry a LoRA bias (lora_B.bias); a layer holds one"
-        )
+        problems.append(f"{name}: parts {_listed(biased)} each carry a LoRA bias (lora_B.bias); a layer holds one")
     return problems
 
 

@@ -211,6 +211,22 @@ def test_ranks_past_max_rank_in_a_layer_are_refused_and_change_nothing(tmp_path:
     assert_unchanged(rig, before)
 
 
+def test_a_refused_stack_of_many_parts_names_a_few_in_a_bounded_message(tmp_path: Path) -> None:
+    """Forty parts of rank 2 on one layer (max_rank 8): the message names the first eight parts
+    and sums the rest; a stack of thousands made a message of hundreds of kilobytes."""
+    rig = build_rig(tmp_path / "rig")
+    part = _parts(tmp_path, rig.model, {Q0: 2})[0]
+    before = snapshot(rig)
+    with pytest.raises(lorahot.AdapterMismatchError) as raised:
+        rig.runtime.load([part] * 40)
+    message = str(raised.value)
+    assert re.search(
+        r"ranks 2 \(part 0: .*\) \+ .* \+ 2 \(part 7: .*\) \+ 64 \(parts 8-39, 32 more\) = 80 > max_rank 8", message
+    )
+    assert message.count("part0/adapter_model.safetensors") == 8 and len(message) < 2000
+    assert_unchanged(rig, before)
+
+
 def test_a_bad_part_or_a_bad_call_changes_nothing(tmp_path: Path) -> None:
     rig = build_rig(tmp_path / "rig")
     good = _parts(tmp_path, rig.model, {Q0: 2, V1: 2}, {V1: 4})
