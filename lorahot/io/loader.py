@@ -692,10 +692,9 @@ _KIND_NEEDS: dict[str, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
 }
 
 
-def _least_dims(role: str) -> int:
-    """The fewest dimensions a weight module's factor of ``role`` has: a ``diff_b`` is a bias
-    (one), every other factor a matrix or a conv kernel (two or more)."""
-    return 1 if role == "diff_b" else 2
+#: The factors a weight module's rank is read from (:attr:`lorahot.adapter.WeightModule.rank`),
+#: by their role here (a Tucker LoCon's ``lora_down`` is its ``A``): matrices or conv kernels.
+_RANK_FACTORS = frozenset({"hada_w1_b", "lokr_w1_b", "lokr_w2_b", "A"})
 
 
 #: Factors that come in pairs.
@@ -746,11 +745,10 @@ def _weight_modules(parts: Parts, source: str, strict: bool, shapes_only: bool =
             continue
         roles = parts.pop(module)
         factors = {_FACTOR.get(r, r): t for r, (_, t) in roles.items() if r != "alpha"}
-        flat = [(r, k, t) for r, (k, t) in roles.items() if r != "alpha" and t.ndim < _least_dims(r)]
-        if flat:
-            r, k, t = flat[0]
-            want = "one dimension" if _least_dims(r) == 1 else "two dimensions"
-            problems.append(f"{module} ({k}): shape {tuple(t.shape)}, where a {kind} factor has at least {want}")
+        flat = [(k, t) for r, (k, t) in roles.items() if r in _RANK_FACTORS and t.ndim < 2]
+        if flat:  # the rank is read from it; other factors' shapes are checked against the layer's
+            k, t = flat[0]
+            problems.append(f"{module} ({k}): shape {tuple(t.shape)}, where this {kind} factor is a matrix")
             continue
         alpha = None if shapes_only else _alpha(roles.get("alpha"), unreadable)
         out[module] = WeightModule(module, kind, factors, alpha, tuple(k for k, _ in roles.values()))

@@ -12,8 +12,11 @@ computes the layer's factors again in every region that holds a DoRA adapter for
 hooks, :meth:`lorahot.layers.LoRALayer.attach`), whether the load went through the model, the
 LoRA layer or the wrapped module itself. A layer of a copy of the model (``copy.deepcopy``, no
 runtime) refuses such a load through it with a UsageError instead, since it cannot compute
-them. Not seen: a write to the base weight by other means (``weight.data.copy_``), and a load
-into a copy's wrapped module itself.
+them. A write in place by other means that moves the weight's or bias's version counter
+(``weight.mul_``, an optimizer's step) is seen by the next runtime call, which computes the
+factors again (:meth:`DoraFactors.moved`); the forward calls before it keep the old factors.
+Not seen: a write that moves no counter (``weight.data.copy_``, an inference tensor's), and a
+load into a copy's wrapped module itself.
 
 The factor lives in row 0 of each layer's extras (:mod:`lorahot.runtime.buffers`) and
 ``g = (1 - f) * b0`` in row 2, so the forward ``f * (base(x) + scale * (delta + lora_bias)) + g``
@@ -44,6 +47,7 @@ from lorahot.layers import LoRALayer
 from lorahot.layers.base import EXTRA_F, EXTRA_G, EXTRA_M
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.stack import Stack
+from lorahot.runtime.written_probes import version
 
 __all__ = ["DoraFactors"]
 
@@ -71,6 +75,9 @@ class DoraFactors:
         }
         self._weight_of = weight_of
         self._bias_of = bias_of
+        #: per layer, its base weight's and bias's version counters when its factors were last
+        #: computed (:meth:`moved`)
+        self._seen: dict[str, tuple[int | None, int | None]] = {}
 
     def refresh(self, region: int, dora: list[list[int]]) -> None:
         """Recomputes ``f`` and ``g`` of the layers ``dora`` (per arena, layer indices) in
@@ -91,6 +98,21 @@ class DoraFactors:
                         e[EXTRA_G].zero_()
                     else:
                         e[EXTRA_G].copy_((1 - f) * bias.detach().to(e.dtype))
+                    self._seen[name] = self._versions(name)
+
+    def _versions(self, name: str) -> tuple[int | None, int | None]:
+        bias = self._bias_of(name)
+        return version(self._weight_of(name)), None if bias is None else version(bias)
+
+    def moved(self) -> list[str]:
+        """The layers whose base weight or bias was written in place (its version counter
+        moved: ``weight.mul_``, ``weight.detach().copy_``, an optimizer's step) since their
+        factors were computed; each is reported once. ``weight.data`` has a counter of its own,
+        and an inference tensor none: their writes are not seen."""
+        found = [name for name, seen in self._seen.items() if self._versions(name) != seen]
+        for name in found:
+            self._seen[name] = self._versions(name)
+        return found
 
     def check(self, stack: Stack, weights: Sequence[float], region: int | None = None) -> None:
         """Refuses ``weights`` (one per part of ``stack``) under which a DoRA layer's factor

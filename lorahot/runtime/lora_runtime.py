@@ -1161,6 +1161,9 @@ class LoraRuntime:
             )
         if base and self._merger is not None:  # after the moves: a move is no checkpoint load
             self._merger.check_base()
+        elif base:  # unmerged DoRA: factors computed again from a base weight written in place since
+            for name in self._dora.moved():
+                self._base_loaded(self.layers[name])
 
     def __copy__(self) -> NoReturn:
         raise UsageError(_NOT_COPIED)

@@ -457,7 +457,7 @@ def test_error_messages_print_whatever_the_keys_hold(odd: str) -> None:
                 "lora_unet_q.hada_w2_b": torch.ones(2, 4),
             },
             lorahot.UnknownFormatError,
-            r"lora_unet_q \(lora_unet_q\.hada_w1_b\): shape \(\), where a loha factor has at least two dimensions",
+            r"lora_unet_q \(lora_unet_q\.hada_w1_b\): shape \(\), where this loha factor is a matrix",
         ),
     ],
     ids=["scalar-a", "vector-b", "scalar-loha-factor"],

@@ -74,3 +74,41 @@ def test_a_scale_that_zeroes_a_channel_is_refused_by_set_scale_and_load() -> Non
     runtime.set_scale(-0.5)  # the negative control: a scale that leaves every channel's norm above 0
     with torch.no_grad():
         assert torch.isfinite(model(token_ids((2, 5), 32))).all()
+
+
+@pytest.mark.parametrize("call", ["activate", "set_scale", "load"])
+def test_a_base_weight_written_in_place_is_seen_by_the_next_runtime_call(call: str) -> None:
+    """The base weight and bias written in place (``mul_``/``add_`` under no_grad, as an
+    optimizer's step does), not through ``load_state_dict``: the forward keeps the factors of
+    before until the next runtime call, which computes them again from the weight as it is
+    (its version counter moved), as PEFT's forward does on every call. Against a float64
+    reference ``f * (W x + s B A x) + b``, ``f = m / ||W + s B A||`` per output channel."""
+    model, runtime, _ = _setup()
+    layer = model.get_submodule(N)
+    w, b = layer.base_layer.weight, layer.base_layer.bias
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4, w.shape[1], generator=g, dtype=w.dtype) / 4
+    bb = torch.randn(w.shape[0], 4, generator=g, dtype=w.dtype) / 4
+    m = torch.rand(w.shape[0], generator=g, dtype=w.dtype) + 0.5
+    tensors = {f"{P}.lora_A.weight": a, f"{P}.lora_B.weight": bb, f"{P}.lora_magnitude_vector": m}
+    runtime.load(tensors)
+    x = torch.randn(3, w.shape[1], dtype=w.dtype)
+
+    def reference() -> torch.Tensor:
+        adapted = w + bb @ a
+        f = m / adapted.norm(dim=1)
+        bias = 0.0 if b is None else b
+        return f * (x @ w.T + x @ a.T @ bb.T) + bias
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(), rtol=1e-12, atol=1e-12)
+        w.mul_(1.5)
+        if b is not None:
+            b.add_(0.25)
+        assert not torch.allclose(layer(x), reference(), rtol=1e-6, atol=1e-6)  # stale until a runtime call
+        {
+            "activate": lambda: runtime.activate(0),
+            "set_scale": lambda: runtime.set_scale(1.0),
+            "load": lambda: runtime.load(tensors),
+        }[call]()
+        torch.testing.assert_close(layer(x), reference(), rtol=1e-12, atol=1e-12)
