@@ -173,24 +173,30 @@ class AdapterCache:
         with self._lock:
             self._entries.pop(key, None)
 
+    @public_api
     def name(self, key: str) -> None:
         """Notes ``key`` as a name given to preload, not a source's path or Hub id: once its entry
         is gone, ``load(key)`` is refused rather than read as a source (:meth:`is_name`)."""
+        _key(key)
         with self._lock:
             self._names.pop(key, None)
             self._names[key] = None
             while len(self._names) > NAMES_KEPT:
                 self._names.popitem(last=False)
 
+    @public_api
     def unname(self, key: str) -> None:
         """``key`` is a source's path or Hub id, preloaded as such: no longer a name, and an entry
         kept under that name goes (it would be found before the source's own)."""
+        _key(key)
         with self._lock:
             if self._names.pop(key, 0) is None:
                 self._entries.pop(key, None)
 
+    @public_api
     def is_name(self, key: str) -> bool:
         """Whether ``key`` was given to preload as a name (see :meth:`name`)."""
+        _key(key)
         with self._lock:
             return key in self._names
 

@@ -205,6 +205,12 @@ MISUSES = [
     # -- the host cache ----------------------------------------------------------------------------------
     Misuse("cache_get_list", lambda rig, tmp: rig.runtime.cache.get(["k"]), UsageError,
            r"^cache keys are str, got list \['k'\]\.$"),
+    Misuse("cache_is_name_list", lambda rig, tmp: rig.runtime.cache.is_name([1]), UsageError,
+           r"^cache keys are str, got list \[1\]\.$"),
+    Misuse("cache_name_int", lambda rig, tmp: rig.runtime.cache.name(3), UsageError,
+           r"^cache keys are str, got int 3\.$"),
+    Misuse("cache_unname_none", lambda rig, tmp: rig.runtime.cache.unname(None), UsageError,
+           r"^cache keys are str, got NoneType None\.$"),
     Misuse("cache_put_not_prepared", lambda rig, tmp: rig.runtime.cache.put("x"), UsageError,
            r"^AdapterCache holds PreparedAdapter objects \(from runtime\.preload\), not str\.$"),
     Misuse("cache_budget_str", lambda rig, tmp: setattr(rig.runtime.cache, "budget_bytes", "1GB"), UsageError,
