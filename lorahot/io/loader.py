@@ -521,6 +521,8 @@ def _component_configs(
         raise AdapterReadError(f"{raw.source}: {too_many}. Write fewer, plainer pattern keys.")
     root = _root_origin(file_config is not None, "" in header_configs)
     parsed = {c: _parse_config(raw, c, d, root) for c, d in configs.items()}
+    if overrides:  # what a message blames: the caller's values too
+        parsed = {c: replace(cfg, origin=_overridden(cfg.origin)) for c, cfg in parsed.items()}
     refused = [f"{cfg.origin}: {'; '.join(cfg.unsupported)}" for cfg in parsed.values() if cfg.unsupported]
     if refused:
         raise UnknownFormatError(
@@ -574,6 +576,11 @@ def _parse_config(raw: RawAdapter, component: str, fields: dict[str, Any], root:
         origin = CONFIG_NAME
         config = AdapterConfig.from_dict(fields, raw.config_path or raw.source)
     return replace(config, origin=origin)
+
+
+def _overridden(origin: str) -> str:
+    """``origin`` (where a config came from) with the caller's ``config=`` over it."""
+    return origin if origin == "config=" else f"{origin} with config= over it"
 
 
 def _origin(component: str) -> str:
@@ -676,9 +683,10 @@ def _assemble(
             "(without one, alpha equals the rank)."
         )
     if problems:
+        overridden = any("config=" in (cfg.origin or "") for cfg in configs.values())
+        fix = "Fix config= (or re-save the adapter)" if overridden else "Re-save the adapter"
         raise AdapterMismatchError(
-            format_problems(f"{source}: inconsistent adapter:", problems)
-            + "\nRe-save the adapter so tensors and config agree."
+            format_problems(f"{source}: inconsistent adapter:", problems) + f"\n{fix} so tensors and config agree."
         )
     return modules
 

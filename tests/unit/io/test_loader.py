@@ -64,6 +64,21 @@ def test_config_contradicting_tensors_is_named() -> None:
         lorahot.read_adapter(_peft(), config={"r": 8})
 
 
+def test_config_over_a_file_s_config_is_blamed_with_it(tmp_path: Path) -> None:
+    """``config=`` over adapter_config.json: the message blamed the file for the caller's r=8 and
+    said to re-save the adapter; it names both and says to fix config= first."""
+    save_file(_peft(), tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 3, "target_modules": ["proj"]}))
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"proj: adapter_config\.json with config= over it says r=8, but base_model\.model\.proj\.lora_A\.weight "
+        r"has shape \(2, 8\) \(rank 2\)\nFix config= \(or re-save the adapter\) so tensors and config agree\.$",
+    ):
+        lorahot.read_adapter(tmp_path, config={"r": 8})
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"config= says r=8.*\nFix config= \(or re-save"):
+        lorahot.read_adapter(_peft(), config={"r": 8})
+
+
 def test_fuse_argument_errors() -> None:
     with pytest.raises(lorahot.UsageError, match=r"fuse\['qkv'\] must list at least two parts"):
         lorahot.read_adapter(_peft(), fuse={"qkv": ["q"]})
