@@ -131,6 +131,12 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
     match = _matcher(model, targets)
     names = [n for n, m in model.named_modules() if n and match(n, m)]
     modules = dict(model.named_modules())
+    if not names and not any(modules) and layer_class_for(model) is not None:  # one layer, no submodules
+        raise UsageError(
+            f"targets={shown(targets, 200)} matched no module: the model is a single {type(model).__name__} with no "
+            "submodules, and lorahot wraps a model's submodules (it replaces each one in its parent). Put it in a "
+            "container first, as nn.Sequential(layer), and target '0'."
+        )
     if not names:
         sample = [n for n in modules if n][:12]
         left = [n for n, m in modules.items() if n and _is_plain_linear(m) and _bypassed(modules, n) is not None]

@@ -681,3 +681,11 @@ def test_a_torchscript_target_is_refused_and_the_model_left_as_it_was(targets: l
     with torch.no_grad():
         assert torch.equal(model(x), before)
     assert [type(m) for m in model.modules()] == kinds and not model.k._load_state_dict_pre_hooks
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["weight"], ".*"])
+def test_a_model_that_is_one_layer_is_told_to_go_in_a_container(targets: object) -> None:
+    """A bare nn.Linear given to inject: the message listed its submodules' names (none: "Some
+    module names: ."); it says the model is one layer and how to wrap it."""
+    with pytest.raises(lorahot.UsageError, match=r"the model is a single Linear with no submodules.*nn\.Sequential"):
+        lorahot.inject(nn.Linear(4, 4), targets, max_rank=2)
