@@ -1124,8 +1124,9 @@ class LoraRuntime:
         how = self._state.ejected
         if how is not None and self._state.unfinished:
             raise UsageError(
-                f"an eject of this runtime ({how}) did not finish (a fault or an interrupt midway); some layers may "
-                "still be in the model: call runtime.eject() or lorahot.eject(model) again to finish it."
+                f"an eject of this runtime ({how}) did not finish: it is running on another thread, or a fault or an "
+                "interrupt stopped it midway, and some layers may still be in the model. Once no eject runs, call "
+                "runtime.eject() or lorahot.eject(model) again to finish it."
             )
         if how is not None:
             raise UsageError(f"this runtime was ejected; call lorahot.inject again ({how} took its layers out).")
