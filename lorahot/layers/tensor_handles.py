@@ -70,7 +70,7 @@ class TensorHandle:
         if routing is not None:  # a copy's (see __reduce__)
             ROUTES[self.key], TOKENS[self.key], SEGMENTS[self.key] = routing
         weakref.finalize(self, _retire, self.key)
-        for t in (*tensors, *(t for t in (ROUTES[self.key], SEGMENTS[self.key]) if t is not None)):
+        for t in tensors:  # not the routing: a graph takes it as an input, as the runtime's own
             mark_static(t)
 
     def __reduce__(self) -> tuple[type[TensorHandle], tuple[tuple[torch.Tensor, ...], Routing]]:
