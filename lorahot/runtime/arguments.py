@@ -163,8 +163,13 @@ def multiplier(value: object, name: str = "scale") -> float:
         )
     try:
         v = float(value)
-    except (OverflowError, ValueError, TypeError):
+    except OverflowError:
         raise UsageError(f"{name}={shown(value, 40)} is too large for a float; pass a finite number.") from None
+    except Exception as exc:  # a number type of the caller's whose __float__ raises anything
+        raise UsageError(
+            f"{name}={shown(value, 40)} cannot be read as a float ({type(value).__name__}.__float__ raised "
+            f"{type(exc).__name__}); pass a float."
+        ) from None
     if not math.isfinite(v):
         raise UsageError(f"{name}={shown(value, 40)} must be finite.")
     return v

@@ -193,6 +193,8 @@ MISUSES = [
     Misuse("activate_none", lambda rig, tmp: rig.runtime.activate(None), UsageError, r"^slot=None is a NoneType;"),
     Misuse("unload_out_of_range", lambda rig, tmp: rig.runtime.unload(7), UsageError, r"^slot=7 is out of range"),
     Misuse("set_scale_str", lambda rig, tmp: rig.runtime.set_scale("x"), UsageError, r"^scale='x' is not a number"),
+    Misuse("set_scale_float_raises", lambda rig, tmp: rig.runtime.set_scale(_BadInt(2)), UsageError,
+           r"^scale=2 cannot be read as a float \(_BadInt\.__float__ raised RuntimeError\); pass a float\.$"),
     Misuse("set_scale_inf", lambda rig, tmp: rig.runtime.set_scale(float("-inf")), UsageError,
            r"^scale=-inf must be finite\.$"),
     Misuse("set_scale_overflows_buffer", lambda rig, tmp: rig.runtime.set_scale(1e39), UsageError,
@@ -225,6 +227,13 @@ def _hand_built(rig: Rig, **fields: Any) -> lorahot.Adapter:
     a, b = (tensors[f"base_model.model.{Q0}.lora_{r}.weight"] for r in "AB")
     module = lorahot.LoraModule(Q0, **{"A": a, "B": b, "alpha": 8.0, **fields})
     return lorahot.Adapter({Q0: module}, "peft", "<built>")
+
+
+class _BadInt(int):
+    """An int whose conversion to float raises (a caller's number type)."""
+
+    def __float__(self) -> float:
+        raise RuntimeError("no float")
 
 
 def _hand_fields(rig: Rig, **fields: Any) -> lorahot.Adapter:
