@@ -623,6 +623,13 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
         index = torch.tensor([i for i, _, _ in entries])
         plan.scaled_b[a][index] = largest[1::2] * plan.scales[a][index].abs()
         _check_precision(plan, arena, [names[(a, i)] for i, _, _ in entries], largest)
+        for (i, A, B), bound in zip(entries, bounds):  # each factor in range, their product not
+            s = abs(float(plan.scales[a][i]))
+            if A.shape[0] * bound * s > top and (reached := _delta_max(A, B) * s) > top:
+                too_large.append(
+                    f"{names[(a, i)]}: its update scale * B @ A reaches |value| {reached:.6g} > {_dtype_name(arena)} "
+                    f"max {top:.6g} (each factor is in range)"
+                )
         if bool((largest <= top).all()):  # NaN compares False
             continue
         for k, (i, _, _) in enumerate(entries):
@@ -665,6 +672,17 @@ def _check_precision(plan: LoadPlan, arena: Arena, layers: list[str], largest: t
 
 def _dtype_name(arena: Arena) -> str:
     return str(arena.dtype).removeprefix("torch.")
+
+
+def _delta_max(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest ``|value|`` of ``B @ A`` (in float64), computed only where the factors' bound
+    says it may leave the dtype's range; 0 for a grouped conv's factors (no single product)."""
+    rank = a.shape[0]
+    a2, b2 = a.reshape(rank, -1).double(), b.reshape(b.shape[0], -1).double()
+    if b2.shape[1] != rank or not a2.numel() or not b2.numel():
+        return 0.0
+    with torch.no_grad():
+        return float((b2 @ a2).abs().max())
 
 
 def _max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -7,6 +7,7 @@ refuse exactly the same adapters (checked by :func:`lorahot.runtime.plan.validat
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,33 @@ def test_load_and_preload_refuse_the_same_fp16_overflow(tmp_path: Path, value: f
     )
     for call in _both(rig, tensors):
         with pytest.raises(lorahot.AdapterReadError, match=lines):
+            call()
+        assert_unchanged(rig, before)
+
+
+@pytest.mark.parametrize(("value", "refused"), [(300.0, True), (100.0, False)], ids=["product-overflows", "fits"])
+def test_factors_in_range_whose_update_is_not_are_refused_by_load_and_preload(
+    tmp_path: Path, value: float, refused: bool
+) -> None:
+    """float16 buffers: A and B each in range (300 < 65504), but ``B @ A`` reaches 4 * 300^2 =
+    360000, so every forward computed inf; accepted, silently. It is refused, naming the layer
+    and the value, nothing changed; at 100 (``B @ A`` 40000) the adapter loads and the output is
+    finite."""
+    rig = _fp16_rig(tmp_path)
+    tensors = valid_tensors(rig.model, 4)
+    tensors[f"base_model.model.{V1}.lora_A.weight"].fill_(value)
+    tensors[f"base_model.model.{V1}.lora_B.weight"].fill_(value)
+    before = snapshot(rig)
+    for call in _both(rig, tensors):
+        if not refused:
+            call()
+            assert bool(torch.isfinite(rig.output()).all())
+            continue
+        with pytest.raises(
+            lorahot.AdapterReadError,
+            match=rf"\(values too large for the model's dtype\)\n  - {re.escape(V1)}: its update scale \* B @ A "
+            r"reaches \|value\| 360000 > float16 max 65504 \(each factor is in range\)",
+        ):
             call()
         assert_unchanged(rig, before)
 
