@@ -235,19 +235,39 @@ def _weights(model: nn.Module) -> list[torch.Tensor]:
 
 
 def test_merged_weights_that_would_overflow_the_dtype_are_refused() -> None:
-    """Each of A and B fits float16 (200), but ``B @ A`` reaches 160,000 > 65,504: merging would
-    write inf into the weights. Refused before anything is written, for load and preload."""
-    model, runtime = _fp16_merged()
+    """A, B and ``B @ A`` each fit float16 (``4 * 127.5**2 = 65025``), but with layer 0's base
+    weights at 1000 the merged ``W0 + B @ A`` reaches 66025 > 65504: merging would write inf
+    into the weights. Refused before anything is written, for load and preload."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8).half(), nn.Embedding(10, 8).half())
+    with torch.no_grad():
+        model[0].weight.fill_(1000.0)
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=4, merged=True, slots=2)
     before = _weights(model)
-    for call in (lambda: runtime.load(_large(200.0)), lambda: runtime.load(_large(200.0), slot=1)):
+    for call in (lambda: runtime.load(_large(127.5)), lambda: runtime.load(_large(127.5), slot=1)):
         with pytest.raises(
             lorahot.AdapterReadError, match=r"<mapping>: merged weights would overflow the model's dtype in:\n  - 0\n"
         ):
             call()
         assert all(torch.equal(a, b) for a, b in zip(_weights(model), before))
     with pytest.raises(lorahot.AdapterReadError, match=r"merged weights would overflow"):
-        runtime.load(runtime.preload(_large(200.0)))
+        runtime.load(runtime.preload(_large(127.5)))
     assert all(torch.equal(a, b) for a, b in zip(_weights(model), before))
+
+
+def test_an_update_that_overflows_alone_is_refused_in_merged_mode_too() -> None:
+    """A and B fit float16 (200) but ``B @ A`` reaches 160,000: refused by the read's check of
+    every mode, naming both layers, for load and preload, nothing written."""
+    model, runtime = _fp16_merged()
+    before = _weights(model)
+    for call in (lambda: runtime.load(_large(200.0)), lambda: runtime.preload(_large(200.0))):
+        with pytest.raises(
+            lorahot.AdapterReadError,
+            match=r"  - 0: its update scale \* B @ A reaches \|value\| 160000 > float16 max 65504 \(each factor is in "
+            r"range\)\n  - 1: its update",
+        ):
+            call()
+        assert all(torch.equal(a, b) for a, b in zip(_weights(model), before))
 
 
 def test_a_user_scale_that_overflows_merged_weights_is_a_usage_error() -> None:
