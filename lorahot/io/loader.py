@@ -267,26 +267,15 @@ def _malformed(key: Any, m: Any) -> list[str]:
     """What makes one entry of a hand-built adapter unusable, before any shape is looked at."""
     if not isinstance(key, str) or not isinstance(m, LoraModule):
         return [f"maps a {type(key).__name__} to a {type(m).__name__}, not a str to a LoraModule"]
+    tensors = (("A", m.A), ("B", m.B), ("base_weight", m.base_weight), ("magnitude", m.magnitude), ("bias", m.bias))
     found = [
         f"{role} is a {type(t).__name__}, not a torch.Tensor"
-        for role, t in (
-            ("A", m.A),
-            ("B", m.B),
-            ("base_weight", m.base_weight),
-            ("magnitude", m.magnitude),
-            ("bias", m.bias),
-        )
+        for role, t in tensors
         if not isinstance(t, torch.Tensor) and (role in ("A", "B") or t is not None)
     ]
     found += [
         f"{role} is {problem}"
-        for role, t in (
-            ("A", m.A),
-            ("B", m.B),
-            ("base_weight", m.base_weight),
-            ("magnitude", m.magnitude),
-            ("bias", m.bias),
-        )
+        for role, t in tensors
         if isinstance(t, torch.Tensor) and (problem := _unusable_storage(t)) is not None
     ]
     if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)):
