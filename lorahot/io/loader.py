@@ -249,8 +249,8 @@ def _malformed_fields(adapter: Adapter) -> list[str]:
             isinstance(n, str) and isinstance(t, torch.Tensor) for n, t in factors.items()
         ):
             found.append(f"{shown(key, 80)}: WeightModule.factors is not a dict of str to torch.Tensor")
-        elif bad := [n for n, t in factors.items() if _unusable_storage(t)]:
-            found.append(f"{shown(key, 80)}: factor {bad[0]} is {_unusable_storage(factors[bad[0]])}")
+        elif bad := [(n, problem) for n, t in factors.items() if (problem := _unusable_storage(t)) is not None]:
+            found.append(f"{shown(key, 80)}: factor {bad[0][0]} is {bad[0][1]}")
         if w.alpha is not None and (isinstance(w.alpha, bool) or not isinstance(w.alpha, (int, float))):
             found.append(f"{shown(key, 80)}: WeightModule.alpha is {shown(w.alpha, 40)}, not None or a number")
     return found

@@ -621,11 +621,14 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
         bounds = (largest[0::2] * largest[1::2]).tolist()
         plan.delta_bound.update({names[(a, i)]: A.shape[0] * b for (i, A, _), b in zip(entries, bounds)})
         index = torch.tensor([i for i, _, _ in entries])
-        plan.scaled_b[a][index] = largest[1::2] * plan.scales[a][index].abs()
+        scales = plan.scales[a][index].abs()
+        plan.scaled_b[a][index] = largest[1::2] * scales
         _check_precision(plan, arena, [names[(a, i)] for i, _, _ in entries], largest)
-        for (i, A, B), bound in zip(entries, bounds):  # each factor in range, their product not
-            s = abs(float(plan.scales[a][i]))
-            if A.shape[0] * bound * s > top and (reached := _delta_max(A, B) * s) > top:
+        ranks = torch.tensor([A.shape[0] for _, A, _ in entries], dtype=torch.float64)
+        maybe = (ranks * largest[0::2] * largest[1::2] * scales > top).nonzero().flatten().tolist()
+        for k in maybe:  # each factor in range, their product perhaps not: computed where the bound says so
+            i, A, B = entries[k]
+            if (reached := _delta_max(A, B) * float(scales[k])) > top:
                 too_large.append(
                     f"{names[(a, i)]}: its update scale * B @ A reaches |value| {reached:.6g} > {_dtype_name(arena)} "
                     f"max {top:.6g} (each factor is in range)"

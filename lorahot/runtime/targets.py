@@ -150,6 +150,7 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
             f"targets={shown(targets, 200)} matched no module{why}. Some module names: {', '.join(sample)}."
         )
     wrapped = [w for w, m in modules.items() if isinstance(m, LoRALayer)]
+    scripted = [w for w, m in modules.items() if isinstance(m, torch.jit.ScriptModule)]
     for n in names:
         m = modules[n]
         # its base_layer too, and anything inside a model that is itself a LoRA layer ("")
@@ -159,11 +160,9 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
             raise UsageError(
                 f"{where}: already a {type(modules[owner]).__name__}; call lorahot.eject(model) before injecting again."
             )
-        scripted = isinstance(m, torch.jit.ScriptModule) or next(
-            (a for a in modules if a and n.startswith(a + ".") and isinstance(modules[a], torch.jit.ScriptModule)), None
-        )
-        if scripted:
-            within = "" if scripted is True else f" (inside {scripted})"
+        script = next((w for w in scripted if not w or n == w or n.startswith(w + ".")), None)
+        if script is not None:
+            within = "" if script == n else f" (inside {script or 'the model'})"
             raise UsageError(
                 f"{n}: a TorchScript module{within} (torch.jit.script or trace): its calls run compiled TorchScript, "
                 "which lorahot cannot wrap or hook. Inject into the eager module, then script or compile the model."
