@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from lorahot.kernels import pdl
 from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.triton_import import triton_module
@@ -153,7 +154,8 @@ def _routed_lora(
     x2, y2 = x2.contiguous(), y2.contiguous()
     out = torch.empty_like(y2)
     with launching_on(x.device):
-        kernel.launch(x2, y2, a, bt, s, route, out, gather=x2.shape[0] <= GATHER_ROWS, segs=segs)
+        gather = x2.shape[0] <= GATHER_ROWS
+        kernel.launch(x2, y2, a, bt, s, route, out, gather=gather, segs=segs, early=pdl.active(x.device))
     return out.view(y.shape)
 
 

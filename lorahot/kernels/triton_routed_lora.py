@@ -194,67 +194,76 @@ def _segment_expand(
     M, N, R, SLOTS, T,
     stride_ym, stride_hm, stride_bs, stride_br, stride_om,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS_PAD: tl.constexpr,
-    PARTIALS: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PARTIALS: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One tile of rows, a share of N's tiles: ``out = y + h @ Bt_slot`` per output tile, or
     ``out = y`` for the rows of no slot. The slot test sits outside the loops, so the loop with
     the dot is a plain one the compiler pipelines (``cp.async`` for Bt, the dot on ``wgmma``;
-    with the test inside, neither), and each output tile's ``y`` is loaded one iteration
-    ahead, before the dot that waits on it: at 2048 rows over 8 adapters on an H200 the pair went
-    from 20.6 / 12.9 / 40.2 / 27.4 us (q-o / k-v / gate-up / down) to 18.4 / 12.5 / 31.4 / 24.6
-    (``benchmarks/experiments/segment_sweep.py``, ``runs/20261130T211252-segment-sweep.json``).
+    with the test inside, neither), and each output tile's ``y`` and ``Bt`` are loaded one
+    iteration ahead, before the dot that waits on them: the expand is bound by the latency of
+    its chain of loads, not by its bytes. At 2048 rows over 8 adapters on an H200, prefetching
+    ``y`` took the pair from 20.6 / 12.9 / 40.2 / 27.4 us (q-o / k-v / gate-up / down) to 18.4 /
+    12.5 / 31.4 / 24.6 (``benchmarks/experiments/segment_sweep.py``,
+    ``runs/20261130T211252-segment-sweep.json``).
+
+    ``PDL`` (launched early, after the segmented shrink: :mod:`lorahot.kernels.pdl`): the
+    tile's rows, its first ``y`` (the base GEMM's, which ended before the shrink began) and
+    its first ``Bt`` are loaded while the shrink still runs; the program waits before it reads
+    ``H`` and before any store.
 
     Without ``HAS_Y`` there is no base output to read: ``out = h @ Bt_slot`` (plus the bias
     with ``HAS_BIAS``), and the bias alone (or zeros) for the rows of no slot, for a GEMM to
     accumulate onto (see :func:`launch`)."""
+    if PDL:
+        gdc_launch_dependents()
     slot, rows, m_ok, past = _segment_rows(SEG, tl.program_id(0), SLOTS, T, BLOCK_M, SLOTS_PAD)
     if past:
+        if PDL:  # every program waits, so this kernel ends after the shrink
+            gdc_wait()
         return
     n_tiles = tl.cdiv(N, BLOCK_N)
     step = tl.num_programs(1)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     if slot < SLOTS:
         rr = tl.arange(0, R_PAD)
         r_ok = rr < R
-        hb = _tile_shrink(H, rows, m_ok, M, R, stride_hm, R_PAD, BLOCK_M, PARTIALS).to(BT.dtype.element_ty)
         bt_base = BT + slot.to(tl.int64) * stride_bs
+        bt_next = tl.load(
+            bt_base + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & (rn < N)[None, :], other=0.0
+        )
         if HAS_Y:
-            rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             y_next = tl.load(
                 Y + rows[:, None] * stride_ym + rn[None, :], mask=m_ok[:, None] & (rn < N)[None, :], other=0.0
             )
-            for nt in range(tl.program_id(1), n_tiles, step):  # this program's share of N
-                rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-                n_ok = rn < N
+        if PDL:  # H is the shrink's
+            gdc_wait()
+        hb = _tile_shrink(H, rows, m_ok, M, R, stride_hm, R_PAD, BLOCK_M, PARTIALS).to(BT.dtype.element_ty)
+        for nt in range(tl.program_id(1), n_tiles, step):  # this program's share of N
+            rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = rn < N
+            ahead = rn + step * BLOCK_N  # the next tile's, loaded before this tile's dot
+            bt = bt_next
+            bt_next = tl.load(
+                bt_base + rr[:, None] * stride_br + ahead[None, :], mask=r_ok[:, None] & (ahead < N)[None, :], other=0.0
+            )
+            if HAS_Y:
                 y_cur = y_next
-                ahead = rn + step * BLOCK_N  # the next tile's y, loaded before this tile's dot
                 y_next = tl.load(
                     Y + rows[:, None] * stride_ym + ahead[None, :], mask=m_ok[:, None] & (ahead < N)[None, :], other=0.0
                 )
-                bt = tl.load(
-                    bt_base + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0
-                )
                 acc = tl.dot(hb, bt, y_cur.to(tl.float32))
-                tl.store(
-                    OUT + rows[:, None] * stride_om + rn[None, :],
-                    acc.to(OUT.dtype.element_ty),
-                    mask=m_ok[:, None] & n_ok[None, :],
-                )
-        else:
-            for nt in range(tl.program_id(1), n_tiles, step):
-                rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-                n_ok = rn < N
-                bt = tl.load(
-                    bt_base + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0
-                )
+            else:
                 acc = tl.dot(hb, bt)
                 if HAS_BIAS:
                     acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                tl.store(
-                    OUT + rows[:, None] * stride_om + rn[None, :],
-                    acc.to(OUT.dtype.element_ty),
-                    mask=m_ok[:, None] & n_ok[None, :],
-                )
+            tl.store(
+                OUT + rows[:, None] * stride_om + rn[None, :],
+                acc.to(OUT.dtype.element_ty),
+                mask=m_ok[:, None] & n_ok[None, :],
+            )
     else:  # the rows of no slot: out = y (or the bias, or zeros)
+        if PDL:
+            gdc_wait()
         for nt in range(tl.program_id(1), n_tiles, step):
             rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
             mask = m_ok[:, None] & (rn < N)[None, :]
@@ -280,6 +289,7 @@ def launch(
     gather: bool,
     segs: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    early: bool = False,
 ) -> None:
     """Runs the gather or the segmented kernels on 2-D ``x [M, K]``, ``y [M, N]`` (rows
     contiguous) into ``out [M, N]``; ``a [slots, R, K]`` and ``bt [slots, R, N]`` with contiguous
@@ -289,7 +299,11 @@ def launch(
 
     Segmented only: ``y`` None writes each row's update alone, plus ``bias [N]`` (contiguous)
     where given, and the bias (or zeros) for rows of no slot: a GEMM then adds the base
-    product onto ``out`` (cuBLAS's ``beta = 1``) without a pass of its own over the output."""
+    product onto ``out`` (cuBLAS's ``beta = 1``) without a pass of its own over the output.
+
+    ``early`` (segmented, with ``y``): the shrink and the expand launch with programmatic
+    dependent launch (:mod:`lorahot.kernels.pdl`); the shrink waits for the kernels before it,
+    then lets the expand start, which waits only to read the shrink's result."""
     if bias is not None and y is not None:
         raise ValueError("the bias goes with y=None (the updates alone); a base output y already holds it")
     m, k = x.shape
@@ -320,7 +334,8 @@ def launch(
         return
     if segs is None:
         segs = segments(route, slots)
-    h = shrink(x, a, s, segs, t, partials=True)
+    early = early and y is not None
+    h = shrink(x, a, s, segs, t, partials=True, early=early)
     block_m, block_n, warps, stages = _expand_config(m, n)
     groups = min(cdiv(n, block_n), max(1, cdiv(_EXPAND_PROGRAMS, cdiv(m, block_m))))
     _SEGMENT_EXPAND(
@@ -329,10 +344,10 @@ def launch(
         (
             m, n, r, slots, t,
             out.stride(0) if y is None else y.stride(0), h.stride(1), bt.stride(0), bt.stride(1), out.stride(0),
-            # R_PAD, BLOCK_M, BLOCK_N, SLOTS_PAD, PARTIALS, HAS_Y, HAS_BIAS
-            r_pad, block_m, block_n, _slots_pad(slots), h.shape[0], y is not None, bias is not None,
+            # R_PAD, BLOCK_M, BLOCK_N, SLOTS_PAD, PARTIALS, HAS_Y, HAS_BIAS, PDL
+            r_pad, block_m, block_n, _slots_pad(slots), h.shape[0], y is not None, bias is not None, early,
         ),
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, launch_pdl=early,
     )  # fmt: skip
 
 

@@ -138,6 +138,55 @@ def test_gpu_segmented_expand_programs_loop_over_their_share_of_the_outputs(
     torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
+def test_gpu_segmented_pair_launched_early_equals_stream_order(graph: bool) -> None:
+    """The segmented pair with early launches (``early=True``: the expand starts while the
+    shrink runs and loads the base GEMM's output before it waits) in a chain of layers, each
+    layer's input the last one's output and each base output a GEMM's just before: every
+    layer bitwise equal to the same chain launched in stream order (the pair adds no atomics),
+    and the first equal to float64, output poisoned with NaN first. Without the CUDA graph
+    and inside one, where the early launches are captured."""
+    from lorahot.kernels import pdl
+    from lorahot.kernels import triton_routed_lora as kernels
+
+    if not pdl.active(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs an sm90 GPU and a Triton with its intrinsics")
+    rows, width, rank, slots = 1024, 1024, 64, 8
+    x, _, a, bt, s = _operands(rows, width, width, rank, slots, torch.bfloat16, "cuda", seed=5)
+    w = [(torch.randn(width, width, device="cuda") / width**0.5).to(torch.bfloat16) for _ in range(3)]
+    route = torch.tensor([3, -1, 0, 3, 7, 0, 5, 1], device="cuda")
+    segs = routed.segments(route, slots)
+    outs = {early: [torch.full((rows, width), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in w]
+            for early in (False, True)}  # fmt: skip
+    ys = {early: [torch.empty_like(o) for o in outs[early]] for early in outs}
+
+    def chain(early: bool) -> None:
+        h = x
+        for wi, y, out in zip(w, ys[early], outs[early]):
+            torch.mm(h, wi.T, out=y)
+            kernels.launch(h, y, a, bt, s, route, out, gather=False, segs=segs, early=early)
+            h = out
+
+    for early in (False, True):
+        if graph:
+            g = torch.cuda.CUDAGraph()
+            chain(early)  # compiled before the capture
+            for o in outs[early]:
+                o.fill_(float("nan"))
+            with torch.cuda.graph(g):
+                chain(early)
+            g.replay()
+        else:
+            chain(early)
+    torch.cuda.synchronize()
+    for got, want in zip(outs[True], outs[False]):
+        assert not got.isnan().any() and torch.equal(got, want)
+    tokens = routed.token_route(route, rows)
+    want64 = _per_row(x, ys[True][0], a, bt, s, tokens)
+    torch.testing.assert_close(outs[True][0].double(), want64, rtol=2e-2, atol=2e-2 * float(want64.abs().max()))
+
+
 def test_segments_group_entries_by_slot_stably_with_no_slot_last() -> None:
     segs = routed.segments(torch.tensor([2, -1, 0, 2, 2, -1, 1]), 3)
     starts, counts, order = segs[:4], segs[4:8], segs[8:]
