@@ -1,25 +1,29 @@
-"""Probe: the routed prefill's segmented expand, its loads issued ahead and launched early.
+"""Probe: the routed prefill's segmented expand, launched early after the shrink.
 
 At 2048 rows over 8 adapters the segmented pair costs 19.3 / 13.3 / 35.1 / 25.2 us per q-o /
 k-v / gate-up / down layer over the base GEMM (thirty-second session), of which the shrink is
 7.8 / 7.8 / 7.8 / 11.8: the expand takes about 2.2x a plain copy of the output (5.3 / 1.6 /
 11.9 / 5.4 us). Its time follows its chain of dependent loads, not its bytes: each program
 reads the routing's segments, then the entry, then ``H`` and its first ``y``, and every
-iteration waited on its ``Bt`` tile. The library's expand now loads each tile's ``Bt`` one
-iteration ahead as it did ``y``, issues the first ``y`` and ``Bt`` before ``H``, and, launched
-early (programmatic dependent launch) after the shrink, does all that while the shrink runs.
+iteration waited on its ``Bt`` tile. The library's expand now issues its first ``y`` before
+``H`` and, launched early (programmatic dependent launch) after the shrink, does that while the
+shrink runs.
 
 Forms, each a whole routed layer (the base GEMM, then the pair) in a CUDA graph over 22 weight
 sets, us per layer over the base GEMM alone:
 
 - ``before``: the expand as it was (``y`` ahead only), launched in stream order;
-- ``ahead``: the library's expand, launched in stream order;
-- ``ahead+early``: the library's, the shrink and the expand launched early;
+- ``library``: the library's expand, launched in stream order;
+- ``library+early``: the library's, the shrink and the expand launched early (the default
+  where programmatic dependent launch is on);
 - ``copy``: ``out.copy_(y)`` after the GEMM, the output's own pass.
 
-Predicted, if the chain is what costs: ``ahead`` 1-2 us under ``before`` per layer, ``early``
-another 2-3 us (the expand's prologue under the shrink); about 0.5-0.8 ms per prefill step of
-the mixed suite (154 layers). Every form is checked against float64 first, output poisoned with
+The first run (``runs/20261204T115909-expand-probe.log``, at 4b8271b) had the library's
+expand also load each tile's ``Bt`` one iteration ahead: predicted 1-2 us under ``before`` per
+layer, it cost 0-7 us more (19.6 / 13.3 / 38.1 / 29.5 us over the GEMM before, 21.5 / 13.1 /
+45.1 / 30.8 with it), and launching early took 0.3-2.1 us off that. Predicted for this form:
+``library`` as ``before``, ``library+early`` 0.3-2 us under it per layer (0.1-0.2 ms per
+prefill step of the mixed suite). Every form is checked against float64 first, output poisoned with
 NaN, at the timed routing and at a ragged one with rows of no slot.
 
     PYTHONPATH=. python3 -m benchmarks.experiments.expand_probe
@@ -130,7 +134,7 @@ _BEFORE = Launcher(_expand_before)
 def _pair(form: str, x, y, a, bt, s, route, segs, out) -> None:
     """The segmented pair of one form (see the module docstring)."""
     if form != "before":
-        T.launch(x, y, a, bt, s, route, out, gather=False, segs=segs, early=form == "ahead+early")
+        T.launch(x, y, a, bt, s, route, out, gather=False, segs=segs, early=form == "library+early")
         return
     m, n, t = x.shape[0], out.shape[1], x.shape[0] // route.shape[0]
     h = T.shrink(x, a, s, segs, t, partials=True)
@@ -158,7 +162,7 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     m, t = 2048, 256
     print(torch.__version__, torch.cuda.get_device_name(), f"m={m} t={t} slots={SLOTS} r={R}", flush=True)
-    forms = ("before", "ahead", "ahead+early")
+    forms = ("before", "library", "library+early")
     table: dict[str, dict[str, float]] = {}
     for name, (k, n) in SHAPES.items():
         a = [torch.randn(SLOTS, R, k, device=dev, dtype=dt) / k**0.5 for _ in range(SETS)]

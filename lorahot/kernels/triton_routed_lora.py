@@ -199,17 +199,17 @@ def _segment_expand(
     """One tile of rows, a share of N's tiles: ``out = y + h @ Bt_slot`` per output tile, or
     ``out = y`` for the rows of no slot. The slot test sits outside the loops, so the loop with
     the dot is a plain one the compiler pipelines (``cp.async`` for Bt, the dot on ``wgmma``;
-    with the test inside, neither), and each output tile's ``y`` and ``Bt`` are loaded one
-    iteration ahead, before the dot that waits on them: the expand is bound by the latency of
-    its chain of loads, not by its bytes. At 2048 rows over 8 adapters on an H200, prefetching
-    ``y`` took the pair from 20.6 / 12.9 / 40.2 / 27.4 us (q-o / k-v / gate-up / down) to 18.4 /
-    12.5 / 31.4 / 24.6 (``benchmarks/experiments/segment_sweep.py``,
-    ``runs/20261130T211252-segment-sweep.json``).
+    with the test inside, neither), and each output tile's ``y`` is loaded one iteration ahead,
+    before the dot that waits on it: at 2048 rows over 8 adapters on an H200 the pair went from
+    20.6 / 12.9 / 40.2 / 27.4 us (q-o / k-v / gate-up / down) to 18.4 / 12.5 / 31.4 / 24.6
+    (``benchmarks/experiments/segment_sweep.py``, ``runs/20261130T211252-segment-sweep.json``).
+    Loading each tile's ``Bt`` one iteration ahead too cost 0-7 us more per layer (register
+    pressure; ``benchmarks/experiments/expand_probe.py``, ``runs/20261204T115909-expand-probe.log``).
 
     ``PDL`` (launched early, after the segmented shrink: :mod:`lorahot.kernels.pdl`): the
-    tile's rows, its first ``y`` (the base GEMM's, which ended before the shrink began) and
-    its first ``Bt`` are loaded while the shrink still runs; the program waits before it reads
-    ``H`` and before any store.
+    tile's rows and its first ``y`` (the base GEMM's, which ended before the shrink began) are
+    loaded while the shrink still runs; the program waits before it reads ``H`` and before any
+    store.
 
     Without ``HAS_Y`` there is no base output to read: ``out = h @ Bt_slot`` (plus the bias
     with ``HAS_BIAS``), and the bias alone (or zeros) for the rows of no slot, for a GEMM to
@@ -223,15 +223,12 @@ def _segment_expand(
         return
     n_tiles = tl.cdiv(N, BLOCK_N)
     step = tl.num_programs(1)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     if slot < SLOTS:
         rr = tl.arange(0, R_PAD)
         r_ok = rr < R
         bt_base = BT + slot.to(tl.int64) * stride_bs
-        bt_next = tl.load(
-            bt_base + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & (rn < N)[None, :], other=0.0
-        )
         if HAS_Y:
+            rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             y_next = tl.load(
                 Y + rows[:, None] * stride_ym + rn[None, :], mask=m_ok[:, None] & (rn < N)[None, :], other=0.0
             )
@@ -241,13 +238,10 @@ def _segment_expand(
         for nt in range(tl.program_id(1), n_tiles, step):  # this program's share of N
             rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = rn < N
-            ahead = rn + step * BLOCK_N  # the next tile's, loaded before this tile's dot
-            bt = bt_next
-            bt_next = tl.load(
-                bt_base + rr[:, None] * stride_br + ahead[None, :], mask=r_ok[:, None] & (ahead < N)[None, :], other=0.0
-            )
+            bt = tl.load(bt_base + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
             if HAS_Y:
                 y_cur = y_next
+                ahead = rn + step * BLOCK_N  # the next tile's y, loaded before this tile's dot
                 y_next = tl.load(
                     Y + rows[:, None] * stride_ym + ahead[None, :], mask=m_ok[:, None] & (ahead < N)[None, :], other=0.0
                 )
