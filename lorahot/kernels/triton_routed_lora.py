@@ -295,9 +295,10 @@ def launch(
     where given, and the bias (or zeros) for rows of no slot: a GEMM then adds the base
     product onto ``out`` (cuBLAS's ``beta = 1``) without a pass of its own over the output.
 
-    ``early`` (segmented, with ``y``): the shrink and the expand launch with programmatic
-    dependent launch (:mod:`lorahot.kernels.pdl`); the shrink waits for the kernels before it,
-    then lets the expand start, which waits only to read the shrink's result."""
+    ``early`` (segmented, with ``y``, K at most :data:`_EARLY_MAX_K`): the shrink and the expand
+    launch with programmatic dependent launch (:mod:`lorahot.kernels.pdl`); the shrink waits for
+    the kernels before it, then lets the expand start, which waits only to read the shrink's
+    result."""
     if bias is not None and y is not None:
         raise ValueError("the bias goes with y=None (the updates alone); a base output y already holds it")
     m, k = x.shape
@@ -328,7 +329,7 @@ def launch(
         return
     if segs is None:
         segs = segments(route, slots)
-    early = early and y is not None
+    early = early and y is not None and k <= _EARLY_MAX_K
     h = shrink(x, a, s, segs, t, partials=True, early=early)
     block_m, block_n, warps, stages = _expand_config(m, n)
     groups = min(cdiv(n, block_n), max(1, cdiv(_EXPAND_PROGRAMS, cdiv(m, block_m))))
@@ -457,6 +458,14 @@ def _splits(k: int, tiles: int, block_k: int, programs: int) -> int:
         splits *= 2
     return splits
 
+
+#: The widest input whose segmented pair launches early (:func:`launch`). An early expand's
+#: programs sit on the SMs, waiting, while the shrink runs, so they help while the shrink is
+#: short and cost it once it is long. At 2048 rows over 8 adapters on an H200 (``expand_probe``,
+#: ``runs/20261204T120939-expand-probe.log``; us per layer over the GEMM) early launches took
+#: q-o / k-v / gate-up (K = 2048) from 19.1 / 13.2 / 34.0 to 17.1 / 11.0 / 32.5, and down
+#: (K = 5632, a shrink of about 12 us) from 27.4 to 30.0.
+_EARLY_MAX_K = 4096
 
 #: elements per program of the shrink workspace's zero fill
 _ZERO_BLOCK = 1024

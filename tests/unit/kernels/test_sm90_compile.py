@@ -158,14 +158,16 @@ def test_segmented_expand_without_a_base_output_compiles(compiler: _Compiler, bi
     assert expand and "mma" in _ptx(expand[0])  # 32-row tiles: mma.sync, as the pair with y
 
 
-def test_segmented_pair_launched_early_compiles_with_its_waits(compiler: _Compiler) -> None:
+@pytest.mark.parametrize("k", [2048, 5632])
+def test_segmented_pair_launched_early_compiles_with_its_waits(compiler: _Compiler, k: int) -> None:
     """The routed prefill's pair with early launches (``launch(..., early=True)``): the shrink
     and the expand are both compiled for an early launch, each holds its wait, and the expand
-    still puts its products on the matrix units."""
+    still puts its products on the matrix units; above ``_EARLY_MAX_K`` (a long shrink, which
+    the waiting expand would slow) both launch in stream order."""
     kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
     from lorahot.kernels import routed_lora as routed
 
-    rows, k, n, r, slots = 2048, 2048, 2048, 64, 8
+    rows, n, r, slots = 2048, 2048, 64, 8
     x, y = torch.zeros(rows, k, dtype=torch.bfloat16), torch.zeros(rows, n, dtype=torch.bfloat16)
     a, bt = torch.zeros(slots, r, k, dtype=torch.bfloat16), torch.zeros(slots, r, n, dtype=torch.bfloat16)
     route = torch.arange(8) % slots
@@ -174,9 +176,10 @@ def test_segmented_pair_launched_early_compiles_with_its_waits(compiler: _Compil
         x, y, a, bt, torch.ones(slots, r), route, out, gather=False, segs=routed.segments(route, slots), early=True
     )
     assert [name for name, _ in compiler.compiled] == ["_segment_shrink", "_segment_expand"]
+    early = k <= kernels._EARLY_MAX_K
     for name, compiled in compiler.compiled:
-        assert compiled.metadata.launch_pdl, name
-        assert "griddepcontrol.wait" in _ptx(compiled) and "griddepcontrol.launch_dependents" in _ptx(compiled), name
+        assert compiled.metadata.launch_pdl == early, name
+        assert ("griddepcontrol.wait" in _ptx(compiled)) == early, name
     assert "mma" in _ptx(dict(compiler.compiled)["_segment_expand"])
 
 
