@@ -144,9 +144,9 @@ def _problem(key: Any) -> str | None:
     if len(raw) > MAX_PATTERN_BYTES:
         return f"is {len(raw)} bytes long, more than the {MAX_PATTERN_BYTES} lorahot evaluates"
     try:  # PEFT compiles it with re: what re refuses is no valid key (compiling never backtracks)
-        re.compile(rf"(.*\.)?({key})$")
+        re.compile(_PEFT_PREFIX + key + _PEFT_SUFFIX)
     except (re.error, OverflowError, RecursionError, ValueError) as exc:
-        return f"is not a valid regex (Python: {cut(str(exc), 120)})"
+        return f"is not a valid regex (Python: {cut(_python_error(exc, key), 120)})"
     try:  # on its own: 'a)|(b' would change the wrapper's structure
         program = to_re2(key)
     except Untranslatable as exc:
@@ -159,6 +159,20 @@ def _problem(key: Any) -> str | None:
         return None
     except re2.error:
         return f"is not a regex lorahot can evaluate in linear time (RE2: {_reason(re2, program)})"
+
+
+#: PEFT's wrapper around a rank or alpha pattern key: ``(.*\.)?({key})$``
+_PEFT_PREFIX, _PEFT_SUFFIX = r"(.*\.)?(", ")$"
+
+
+def _python_error(exc: Exception, key: str) -> str:
+    """Python's complaint about PEFT's wrapped ``key``, its position counted in the key itself
+    (re counts it in the wrapper, eight characters further on)."""
+    if not isinstance(exc, re.error) or exc.pos is None:
+        return str(exc)
+    at = exc.pos - len(_PEFT_PREFIX)
+    where = f"at position {at} of the key" if 0 <= at <= len(key) else f"in PEFT's {_PEFT_PREFIX}key{_PEFT_SUFFIX}"
+    return f"{exc.msg} {where}"
 
 
 def _wrapped(raw: bytes, newline: bool) -> tuple[bytes, bytes]:
