@@ -9,6 +9,7 @@
 - :mod:`~lorahot.runtime.agreement`: the ranks of a tensor-parallel model agree before each write;
 - :mod:`~lorahot.runtime.fingerprint`: digests of what a write would put on a rank, which they compare;
 - :mod:`~lorahot.runtime.stack`: several adapters in one slot, their rows side by side;
+- :mod:`~lorahot.runtime.updates`: each slot's update (a stack's summed) within its dtype's range at the user's weights;
 - :mod:`~lorahot.runtime.union`: :func:`plan_targets`, the targets and max_rank covering a set of adapters;
 - :mod:`~lorahot.runtime.cache`: prepared adapters in host memory;
 - :mod:`~lorahot.runtime.aliases`: an adapter's tensors that share memory with what a load writes, copied first;

@@ -22,7 +22,7 @@ import torch
 
 from lorahot.adapter import WeightModule
 
-__all__ = ["build_delta", "delta_shape", "delta_bound"]
+__all__ = ["build_delta", "delta_shape", "delta_bound", "lora_update_max"]
 
 
 def build_delta(module: WeightModule, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -79,6 +79,40 @@ def delta_bound(module: WeightModule) -> float:
     if module.kind == "locon-tucker":
         return rank["lora_mid"] * int(f["lora_mid"].shape[1]) * top["lora_mid"] * top["lora_up"] * top["lora_down"]
     return max(top.get("diff", 0.0), top.get("diff_b", 0.0))
+
+
+#: elements of one float64 block of an update :func:`lora_update_max` builds at a time (128 MiB)
+UPDATE_BLOCK = 1 << 24
+
+
+def lora_update_max(terms: list[tuple[torch.Tensor, torch.Tensor, float]], groups: int = 1) -> torch.Tensor:
+    """The largest ``|value|`` of a LoRA update ``sum_k c_k * B_k @ A_k``, computed in float64
+    on the factors' device (0-d; inf or NaN where float64 overflows): ``terms`` are
+    ``(A [r_k, in_dim], B [out, r_k / groups], c_k)``. For a grouped conv, output group ``j``
+    takes rows ``[j * r_k / groups, (j + 1) * r_k / groups)`` of each A (see
+    :mod:`lorahot.layers.conv`). Built a block of output rows at a time, at most
+    :data:`UPDATE_BLOCK` elements each: a vocabulary-wide embedding's update never exists
+    whole. Only called where a cheap bound says the update may leave a dtype's range."""
+    a0, b0 = terms[0][0], terms[0][1]
+    out, in_dim = b0.shape[0], a0.reshape(a0.shape[0], -1).shape[1]
+    best = torch.zeros((), dtype=torch.float64, device=a0.device)
+    if not out or not in_dim:
+        return best
+    per = out // groups
+    step = max(1, UPDATE_BLOCK // in_dim)
+    with torch.no_grad():
+        factors = [(a.reshape(a.shape[0], -1).double(), b.reshape(out, -1).double(), c) for a, b, c in terms]
+        for j in range(groups):
+            for start in range(j * per, (j + 1) * per, step):
+                stop = min(start + step, (j + 1) * per)
+                block: torch.Tensor | None = None
+                for a, b, c in factors:
+                    rows = a.shape[0] // groups
+                    part = (b[start:stop] * c) @ a[j * rows : (j + 1) * rows]
+                    block = part if block is None else block + part
+                assert block is not None  # terms is not empty
+                best = torch.maximum(best, block.abs().max())  # NaN propagates
+    return best
 
 
 def _tucker(t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:

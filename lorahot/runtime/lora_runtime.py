@@ -83,6 +83,7 @@ from lorahot.runtime.skeleton import Skeleton, Skeletons
 from lorahot.runtime.stack import Stack, build
 from lorahot.runtime.targets import unwrap_modules
 from lorahot.runtime.towers import find_towers
+from lorahot.runtime.updates import UpdateRange
 from lorahot.runtime.wide import WideWeights, widen_layers
 
 __all__ = ["AdapterInfo", "PartInfo", "LoraRuntime", "roots", "release_hooks"]
@@ -196,6 +197,7 @@ class LoraRuntime:
         self._arena_names = [[""] * len(a.specs) for a in buffers.arenas]  # for messages
         for name, (arena, index) in buffers.where.items():
             self._arena_names[arena][index] = name
+        self._updates = UpdateRange(buffers, self._arena_names)  # each slot's update within its dtype's range
         self._addresses = {name: layer.bound_address() for name, layer in layers.items()}
         #: the memory a write may change, which a loaded adapter's tensors must not share
         #: (:mod:`lorahot.runtime.aliases`)
@@ -1050,11 +1052,13 @@ class LoraRuntime:
     def _check_scales(self, stack: Stack, weights: tuple[float, ...], region: int | None = None) -> None:
         """The user's weights keep every scale in its buffer's range (each part's rows at its
         own weight), every wide layer's scaled rows in their dtype's range, every DoRA factor
-        finite (unmerged; ``region``: a set_scale's slot, whose rows hold the values), and
-        (merged mode) every merged weight in the weights' range."""
+        finite (unmerged; ``region``: a set_scale's slot, whose rows hold the values), every
+        layer's update (a stack's parts summed) in its buffers' dtype range (unmerged,
+        :class:`~lorahot.runtime.updates.UpdateRange`), and (merged mode) every merged weight
+        in the weights' range."""
         if self._merger is None and any(stack.dora):  # a layer index per DoRA layer, per arena
             self._dora.check(stack, weights, region)
-        if self._merger is None and self._within_range(stack, weights):
+        if self._merger is None and self._within_range(stack, weights) and self._updates.fits(stack, weights):
             return  # the common case: every product below its limit, no message to build
         several = not stack.single
         for plan, w in zip(stack.parts, weights):
@@ -1063,6 +1067,8 @@ class LoraRuntime:
                 self._wide.check(plan, w, self._arena_names)
         if self._merger is not None:
             self._merger.check(stack, weights)
+        else:
+            self._updates.check(stack, weights, region)
 
     def _within_range(self, stack: Stack, weights: tuple[float, ...]) -> bool:
         """Whether every part's weight passes the range checks of :meth:`_check_scales`

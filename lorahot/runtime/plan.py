@@ -27,7 +27,7 @@ from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, LayerSpec
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
-from lorahot.runtime.deltas import delta_shape
+from lorahot.runtime.deltas import delta_shape, lora_update_max
 from lorahot.runtime.sharding import localize
 
 __all__ = [
@@ -62,10 +62,16 @@ class LoadPlan:
         ranks: injected layer name -> the rank loaded into it.
         nbytes: bytes of adapter weights (before padding).
         delta_bound: injected layer name -> ``r * max|A| * max|B|``, a bound on every entry of
-            ``B @ A`` (filled by the value checks; merged mode checks its weights' range with it).
+            ``B @ A`` (filled by the value checks, which put the exact ``max|B @ A|`` in its place
+            where they computed it; merged mode checks its weights' range with it).
         scaled_b: per arena, float64 ``[n_layers]``: ``max|B| * |alpha / r|`` of each layer (0
             if untouched; filled by the value checks; the wide layers, which store ``scale * B``,
             check their dtype's range with it).
+        update_bound: per arena, float64 ``[n_layers]``: ``|alpha / r|`` times
+            :attr:`delta_bound`, a bound on every entry of the layer's update
+            ``alpha / r * B @ A`` at weight 1 (0 if untouched; filled by the value checks; a
+            stack's summed update at the user's weights is checked with it,
+            :mod:`lorahot.runtime.updates`).
         skipped: tensor keys left out (``strict=False``): those the reader skipped and those
             of modules that map onto no injected layer.
         weights: injected layer name -> the LoHa/LoKr/Tucker LoCon/diff module folded into
@@ -83,6 +89,7 @@ class LoadPlan:
     nbytes: int
     delta_bound: dict[str, float] = field(default_factory=dict)
     scaled_b: list[torch.Tensor] = field(default_factory=list)
+    update_bound: list[torch.Tensor] = field(default_factory=list)
     skipped: tuple[str, ...] = ()
     weights: dict[str, WeightModule] = field(default_factory=dict)
     dora: list[list[int]] = field(default_factory=list)
@@ -612,6 +619,7 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
     bad_values: list[str] = []
     too_large: list[str] = []
     plan.scaled_b = [torch.zeros(len(arena.specs), dtype=torch.float64) for arena in buffers.arenas]
+    plan.update_bound = [torch.zeros(len(arena.specs), dtype=torch.float64) for arena in buffers.arenas]
     for a, (arena, entries) in enumerate(zip(buffers.arenas, staged)):
         tensors = [t for _, A, B in entries for t in (A, B)]
         if not tensors:
@@ -625,14 +633,20 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
         plan.scaled_b[a][index] = largest[1::2] * scales
         _check_precision(plan, arena, [names[(a, i)] for i, _, _ in entries], largest)
         ranks = torch.tensor([A.shape[0] for _, A, _ in entries], dtype=torch.float64)
-        maybe = (ranks * largest[0::2] * largest[1::2] * scales > top).nonzero().flatten().tolist()
+        products = ranks * largest[0::2] * largest[1::2]
+        maybe = (products * scales > top).nonzero().flatten().tolist()
         for k in maybe:  # each factor in range, their product perhaps not: computed where the bound says so
             i, A, B = entries[k]
-            if (reached := _delta_max(A, B) * float(scales[k])) > top:
+            exact = _delta_max(A, B, arena.specs[i].groups)
+            if not (reached := exact * float(scales[k])) <= top:  # NaN fails too
                 too_large.append(
                     f"{names[(a, i)]}: its update scale * B @ A reaches |value| {reached:.6g} > {_dtype_name(arena)} "
                     f"max {top:.6g} (each factor is in range)"
                 )
+            elif exact < float(products[k]):  # the exact maximum is the tighter bound
+                products[k] = exact
+                plan.delta_bound[names[(a, i)]] = exact
+        plan.update_bound[a][index] = products * scales
         if bool((largest <= top).all()):  # NaN compares False
             continue
         for k, (i, _, _) in enumerate(entries):
@@ -677,15 +691,10 @@ def _dtype_name(arena: Arena) -> str:
     return str(arena.dtype).removeprefix("torch.")
 
 
-def _delta_max(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The largest ``|value|`` of ``B @ A`` (in float64), computed only where the factors' bound
-    says it may leave the dtype's range; 0 for a grouped conv's factors (no single product)."""
-    rank = a.shape[0]
-    a2, b2 = a.reshape(rank, -1).double(), b.reshape(b.shape[0], -1).double()
-    if b2.shape[1] != rank or not a2.numel() or not b2.numel():
-        return 0.0
-    with torch.no_grad():
-        return float((b2 @ a2).abs().max())
+def _delta_max(a: torch.Tensor, b: torch.Tensor, groups: int) -> float:
+    """The largest ``|value|`` of ``B @ A`` (in float64; for a grouped conv, of each group's
+    product), computed only where the factors' bound says it may leave the dtype's range."""
+    return float(lora_update_max([(a, b, 1.0)], groups))
 
 
 def _max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:

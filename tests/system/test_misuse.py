@@ -147,6 +147,12 @@ MISUSES = [
     Misuse("preload_adapter_a_not_tensor", lambda rig, tmp: rig.runtime.preload(_hand_built(rig, A=[[0.0]])),
            UsageError, r"^<built>: not a usable lorahot\.Adapter:\n  - 'layers\.0\.self_attn\.q_proj': A is a list, "
            r"not a torch\.Tensor\n"),
+    Misuse("load_stack_update_overflows",  # each part's update fits float32; their sum does not
+           lambda rig, tmp: rig.runtime.load([_t(rig), _t(rig)], scale=[1.5e38, 1.5e38]), UsageError,
+           r"^scale=\[1\.5e\+38, 1\.5e\+38\]: the stack of 2 adapters' summed update would leave the LoRA buffers' "
+           r"dtype in:\n  - layers\.0\.self_attn\.q_proj: the summed update of parts 0, 1 reaches \|value\| "
+           r"4\.30106e\+38 > float32 max 3\.40282e\+38\nPass smaller weights \(the ones given times at most 0\.7911 "
+           r"fit\), or stack fewer adapters\.$"),
     Misuse("load_stack_adapter_source_none",  # passed every check, then emptied the slot while writing
            lambda rig, tmp: rig.runtime.load([_hand_fields(rig, source=None)] * 2, scale=[0.5, 0.5]), UsageError,
            r"^None: not a usable lorahot\.Adapter:\n  - Adapter\.source is None, not a str\n"),
@@ -200,6 +206,10 @@ MISUSES = [
     Misuse("set_scale_overflows_buffer", lambda rig, tmp: rig.runtime.set_scale(1e39), UsageError,
            r"^scale=1e\+39 times the adapter's largest alpha/r \(2\) is 2e\+39, beyond the range of the torch\.float32 "
            r"scale buffers \(max 3\.403e\+38\)\. Pass a scale of at most 1\.701e\+38 in magnitude\.$"),
+    Misuse("set_scale_update_overflows", lambda rig, tmp: rig.runtime.set_scale(1.6e38), UsageError,
+           r"^scale=1\.6e\+38: the slot's update would leave the LoRA buffers' dtype in:\n  - layers\.0\.self_attn\."
+           r"q_proj: its update scale \* B @ A reaches \|value\| 3\.52394e\+38 > float32 max 3\.40282e\+38\nPass a "
+           r"scale of at most 1\.545e\+38 in magnitude\.$"),
     Misuse("set_scale_huge_int", lambda rig, tmp: rig.runtime.set_scale(-(10**400), slot=1), UsageError,
            r"^scale=-100000000000000000000000000000000000\.\.\. is too large for a float"),
     Misuse("set_scale_bad_slot", lambda rig, tmp: rig.runtime.set_scale(1.0, slot=3), UsageError, r"^slot=3 is out"),

@@ -212,10 +212,10 @@ def test_one_module_under_two_names_is_refused() -> None:
     assert not any(isinstance(m, lorahot.LoRALayer) for m in model.modules())
 
 
-def _fp16_merged() -> tuple[nn.Module, lorahot.LoraRuntime]:
+def _fp16_merged(max_rank: int = 4) -> tuple[nn.Module, lorahot.LoraRuntime]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8).half(), nn.Embedding(10, 8).half())
-    return model, lorahot.inject(model, ["0", "1"], max_rank=4, merged=True, slots=2)
+    return model, lorahot.inject(model, ["0", "1"], max_rank=max_rank, merged=True, slots=2)
 
 
 def _large(value: float) -> dict[str, torch.Tensor]:
@@ -281,6 +281,49 @@ def test_a_user_scale_that_overflows_merged_weights_is_a_usage_error() -> None:
         runtime.load(_large(50.0), slot=1, scale=10.0)
     assert all(torch.equal(a, b) for a, b in zip(_weights(model), loaded))
     runtime.set_scale(0.5)  # within range: accepted
+    assert all(bool(torch.isfinite(w).all()) for w in _weights(model))
+
+
+def _merged_state(model: nn.Module, runtime: lorahot.LoraRuntime) -> list[torch.Tensor]:
+    """The merged weights and every arena buffer, copied."""
+    return _weights(model) + [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+
+
+@pytest.mark.parametrize(("weights", "refused"), [((1.0, 1.0), True), ((0.5, 0.5), False)], ids=["1-1", "fits"])
+def test_a_merged_stack_whose_summed_update_overflows_is_a_usage_error(
+    weights: tuple[float, float], refused: bool
+) -> None:
+    """Each part's ``B @ A`` (40000) fits float16 merged alone; stacked at weights 1 and 1 the
+    merged ``W0 + 80000`` does not: refused before anything is written, loaded read or
+    preloaded. At 0.5 and 0.5 it merges, finite."""
+    model, runtime = _fp16_merged(max_rank=8)
+    prepared = runtime.preload(_large(100.0))
+    for call in (
+        lambda: runtime.load([_large(100.0), _large(100.0)], scale=list(weights)),
+        lambda: runtime.load([prepared, _large(100.0)], slot=1, scale=list(weights)),
+    ):
+        before = _merged_state(model, runtime)
+        if not refused:
+            call()
+            assert all(bool(torch.isfinite(w).all()) for w in _weights(model))
+            continue
+        with pytest.raises(
+            lorahot.UsageError, match=r"^scale=\[1, 1\]: merged weights would overflow the model's dtype in:\n  - 0\n"
+        ):
+            call()
+        assert all(torch.equal(a, b) for a, b in zip(_merged_state(model, runtime), before))
+
+
+def test_reweighting_a_merged_stack_past_the_dtype_is_a_usage_error() -> None:
+    """A merged stack at 0.5 and 0.5 (40000) re-weighted to 1 and 1 (80000): refused, the
+    weights and buffers as before; re-weighted to 0.5 and 0.75 (50000), finite."""
+    model, runtime = _fp16_merged(max_rank=8)
+    runtime.load([_large(100.0), _large(100.0)], scale=[0.5, 0.5])
+    before = _merged_state(model, runtime)
+    with pytest.raises(lorahot.UsageError, match=r"^scale=\[1, 1\]: merged weights would overflow"):
+        runtime.set_scale([1.0, 1.0])
+    assert all(torch.equal(a, b) for a, b in zip(_merged_state(model, runtime), before))
+    runtime.set_scale([0.5, 0.75])
     assert all(bool(torch.isfinite(w).all()) for w in _weights(model))
 
 

@@ -155,6 +155,42 @@ def test_factors_in_range_whose_update_is_not_are_refused_by_load_and_preload(
         assert_unchanged(rig, before)
 
 
+@pytest.mark.parametrize(("value", "refused"), [(200.0, True), (150.0, False)], ids=["product-overflows", "fits"])
+def test_a_grouped_convs_update_is_checked_group_by_group(value: float, refused: bool) -> None:
+    """float16 conv with groups 2, rank 4: each output group takes 2 of A's rows, so ``B @ A``
+    reaches 2 * 200^2 = 80000 per group. The read computed no product for a grouped conv (0) and
+    accepted it; it is refused, nothing changed, by load and preload. At 150 (45000, over the
+    rank-wide bound 90000) it loads and the output is finite."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, groups=2).half())
+    runtime = lorahot.inject(model, ["0"], max_rank=4, slots=2)
+    adapter = {
+        "base_model.model.0.lora_A.weight": torch.full((4, 4, 3, 3), value, dtype=torch.float16),
+        "base_model.model.0.lora_B.weight": torch.full((8, 2, 1, 1), value, dtype=torch.float16),
+    }
+    x = torch.full((1, 4, 5, 5), 1e-4, dtype=torch.float16)  # small: no intermediate overflows
+    with torch.no_grad():
+        y0 = model(x)
+    before = snapshot_of(runtime)
+    calls = (lambda: runtime.load(adapter), lambda: runtime.load(adapter, slot=1), lambda: runtime.preload(adapter))
+    for call in calls:
+        if not refused:
+            call()
+            with torch.no_grad():
+                assert bool(torch.isfinite(model(x)).all())
+            continue
+        with pytest.raises(
+            lorahot.AdapterReadError,
+            match=r"\(values too large for the model's dtype\)\n  - 0: its update scale \* B @ A reaches \|value\| "
+            r"80000 > float16 max 65504 \(each factor is in range\)",
+        ):
+            call()
+        assert snapshot_of(runtime) == before
+        assert runtime.info(0) is None and not runtime.cache.keys()
+        with torch.no_grad():
+            assert torch.equal(model(x), y0)
+
+
 def test_tensors_that_require_grad_load_and_preload_alike(tmp_path: Path) -> None:
     rig = build_rig(tmp_path / "rig")
     tensors = {k: v.clone().requires_grad_(True) for k, v in valid_tensors(rig.model, 4).items()}

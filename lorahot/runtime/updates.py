@@ -1,0 +1,165 @@
+"""A slot's LoRA update stays within its dtype's range at the user's weights.
+
+Unmerged, every layer computes with ``B diag(s) A`` (see :mod:`lorahot.layers.base`): for one
+adapter ``w * alpha / r * B @ A``, for a stack the parts' updates summed, each at its weight
+(:mod:`lorahot.runtime.stack`). The read of each adapter refuses one whose update leaves the
+buffers' dtype at its own scale (:func:`lorahot.runtime.plan.validate`); a user weight (a
+``load``'s ``scale``, every ``set_scale``) can still push it out, and so can the sum of a
+stack's parts, each of which fits alone. Every forward would then compute inf.
+
+:class:`UpdateRange` checks both, bound first. Each part's plan carries
+:attr:`~lorahot.runtime.plan.LoadPlan.update_bound`, per layer a bound on every entry of its
+update at weight 1; ``sum_p |w_p| * bound_p`` bounds the stack's. Per call that is a few Python
+floats (each part's largest bound); only where they pass the dtype's largest value does one
+NumPy product per arena give the bound of every layer, and only a layer whose bound passes it
+gets its summed update computed, in float64 (:func:`lorahot.runtime.deltas.lora_update_max`),
+from the parts' factors (a load, before anything is written) or from the slot's rows
+(``set_scale``): one host transfer per device for all of them. Merged mode checks its merged
+weights instead (:meth:`lorahot.runtime.merge.Merger.check`).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from lorahot.adapter import LoraModule
+from lorahot.errors import UsageError, format_problems
+from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.deltas import lora_update_max
+from lorahot.runtime.plan import dtype_max
+from lorahot.runtime.stack import Stack
+
+__all__ = ["UpdateRange"]
+
+#: what the buffers' rounding of A, B and the scales can add to a product over the bound the
+#: files' values give, in units of the dtype's epsilon
+_ROUNDING = 8.0
+
+
+class UpdateRange:
+    """Refuses weights under which a slot's update would leave its dtype's range (see the
+    module docstring). ``names``: per arena, each layer's injected name (for messages)."""
+
+    def __init__(self, buffers: BufferManager, names: list[list[str]]) -> None:
+        self.buffers = buffers
+        self.names = names
+        #: per arena, the largest finite value its products may reach (less the rounding margin)
+        self._tops = [dtype_max(a.dtype) / (1.0 + _ROUNDING * torch.finfo(a.dtype).eps) for a in buffers.arenas]
+        #: the last stack checked, and per arena its parts' bounds ``[parts, n_layers]`` and
+        #: each part's largest (a re-weighting reads them here)
+        self._memo: tuple[weakref.ref[Stack], list[tuple[np.ndarray, list[float]]]] | None = None
+
+    def _bounds(self, stack: Stack) -> list[tuple[np.ndarray, list[float]]]:
+        memo = self._memo
+        if memo is not None and memo[0]() is stack:
+            return memo[1]
+        out = []
+        for a in range(len(self.buffers.arenas)):
+            rows = [plan.update_bound[a].numpy() if len(plan.update_bound) > a else None for plan in stack.parts]
+            n = len(self.buffers.arenas[a].specs)
+            table = np.stack([np.zeros(n) if r is None else r for r in rows]) if rows else np.zeros((0, n))
+            out.append((table, [float(r.max(initial=0.0)) for r in table]))
+        self._memo = (weakref.ref(stack), out)
+        return out
+
+    def fits(self, stack: Stack, weights: Sequence[float]) -> bool:
+        """Whether the bound alone keeps every layer's update in range at ``weights`` (a few
+        Python floats per arena); False sends the caller to :meth:`check`."""
+        return all(
+            sum(m * abs(w) for m, w in zip(largest, weights)) <= top
+            for (_, largest), top in zip(self._bounds(stack), self._tops)
+        )
+
+    def check(self, stack: Stack, weights: Sequence[float], region: int | None = None) -> None:
+        """Refuses ``weights`` under which some layer's update ``B diag(s) A`` (the parts'
+        updates summed, each at its weight) would leave its buffers' dtype. Computed exactly
+        where the bound says it may: from the slot ``region``'s rows (``set_scale``, whose slot
+        holds the stack), else from the parts' factors (a load, nothing written yet).
+
+        Raises:
+            UsageError: naming each such layer, the value its update reaches, the dtype's
+                largest value, and the largest weights that fit. Nothing changed.
+        """
+        w = np.abs(np.asarray(weights, dtype=np.float64))
+        flagged: list[tuple[int, int]] = []
+        for a, ((table, _), top) in enumerate(zip(self._bounds(stack), self._tops)):
+            bound = w @ table if len(table) else np.zeros(0)
+            flagged += [(a, int(i)) for i in np.flatnonzero(~(bound <= top))]  # NaN too
+        if not flagged:
+            return
+        with torch.no_grad():
+            exact = [self._exact(stack, weights, a, i, region) for a, i in flagged]
+            by_device: dict[torch.device, list[int]] = {}
+            for k, t in enumerate(exact):
+                by_device.setdefault(t.device, []).append(k)
+            reached = [0.0] * len(exact)
+            for ks in by_device.values():  # one transfer per device
+                for k, v in zip(ks, torch.stack([exact[k] for k in ks]).cpu().tolist()):
+                    reached[k] = v
+        over = [(a, i, v) for (a, i), v in zip(flagged, reached) if not v <= dtype_max(self.buffers.arenas[a].dtype)]
+        if over:
+            raise UsageError(self._message(stack, weights, over))
+
+    def _exact(self, stack: Stack, weights: Sequence[float], a: int, i: int, region: int | None) -> torch.Tensor:
+        """The largest ``|value|`` of layer ``i`` of arena ``a``'s update at ``weights`` (0-d
+        float64), from the factors rounded to the buffers' dtype as the forward reads them."""
+        arena = self.buffers.arenas[a]
+        groups = arena.specs[i].groups
+        if region is not None:  # the slot holds the stack: its rows and the new per-row scales
+            own, part = stack.owners[a]
+            s = torch.from_numpy(own[i] * np.asarray(weights, dtype=np.float64)[part[i]])
+            rows_a, rows_b = arena.rows(i, region)
+            scaled = rows_a.double() * s.to(rows_a.device)[:, None]
+            b = rows_b[: arena.rank // groups].t()  # [out, R / groups]
+            return lora_update_max([(scaled, b, 1.0)], groups)
+        terms = []
+        for p, m in stack.terms.get(self.names[a][i], []):
+            if isinstance(m, LoraModule):
+                c = weights[p] * float(stack.parts[p].scales[a][i])
+                terms.append((m.A.to(arena.dtype), m.B.to(m.A.device, arena.dtype), c))
+        if not terms:
+            return torch.zeros((), dtype=torch.float64)
+        return lora_update_max(terms, groups)
+
+    def _message(self, stack: Stack, weights: Sequence[float], over: list[tuple[int, int, float]]) -> str:
+        single = stack.single
+        shown = f"{weights[0]:g}" if single else "[" + ", ".join(f"{w:g}" for w in weights) + "]"
+        lines = []
+        factor = math.inf  # how much smaller every weight must be for each layer to fit
+        for a, i, v in over:
+            arena = self.buffers.arenas[a]
+            top = dtype_max(arena.dtype)
+            name = self.names[a][i]
+            if single:
+                what = "its update scale * B @ A"
+            else:
+                parts = [p for p, m in stack.terms.get(name, []) if isinstance(m, LoraModule)]
+                what = f"the summed update of parts {', '.join(map(str, parts))}"
+            dtype = str(arena.dtype).removeprefix("torch.")
+            lines.append(f"{name}: {what} reaches |value| {v:.6g} > {dtype} max {top:.6g}")
+            factor = min(factor, top / v if math.isfinite(v) and v > 0 else 0.0)
+        where = "the slot's update" if single else f"the stack of {len(stack.parts)} adapters' summed update"
+        title = f"scale={shown}: {where} would leave the LoRA buffers' dtype in:"
+        if single:
+            fix = f"Pass a scale of at most {_floor4(abs(weights[0]) * factor):.4g} in magnitude"
+        else:
+            fix = (
+                f"Pass smaller weights (the ones given times at most {_floor4(factor):.4g} fit), or stack fewer "
+                "adapters"
+            )
+        if any(self.buffers.arenas[a].dtype == torch.float16 for a, _, _ in over):
+            fix += ", or inject with dtype=torch.float32 (LoRA buffers of float32's range)"
+        return format_problems(title, lines) + f"\n{fix}."
+
+
+def _floor4(x: float) -> float:
+    """``x`` rounded down to four significant digits (so the number shown still fits)."""
+    if not math.isfinite(x) or x <= 0:
+        return 0.0
+    scale = 10.0 ** (math.floor(math.log10(x)) - 3)
+    return math.floor(x / scale) * scale

@@ -1,0 +1,227 @@
+"""A slot's update stays within the LoRA buffers' dtype at the user's weights
+(``lorahot.runtime.updates``).
+
+The read refuses an adapter whose update ``alpha / r * B @ A`` leaves the dtype at its own scale;
+these are the calls after it that could still push an accepted adapter out: a ``set_scale`` (of
+the active slot or another), a ``load``'s ``scale`` (read or preloaded), and a stack whose parts
+each fit but whose summed update does not, loaded or re-weighted. Each was accepted and every
+forward computed inf; each is now a ``UsageError`` naming the layer, the value reached, the
+dtype's largest value and the fix, with every buffer, the bookkeeping and the output bitwise as
+before. Each has a control at weights that fit, whose output stays finite.
+
+The update's entries are what a layer adds on a one-hot input (an embedding's every lookup):
+past the dtype's range, such a forward computes inf, whatever the rest of the model does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+from lorahot.runtime import updates
+from tests.reliability_helpers import V1, Rig, assert_unchanged, build_rig, snapshot, valid_tensors
+
+#: ``V1``'s update at weight 1: A and B at 100, rank 4, alpha = rank (scale 1): 4 * 100**2
+UPDATE = 40000.0
+SINGLE = (
+    r"^scale={w}: the slot's update would leave the LoRA buffers' dtype in:\n  - layers\.1\.self_attn\.v_proj: its "
+    r"update scale \* B @ A reaches \|value\| {v} > float16 max 65504\nPass a scale of at most {most} in magnitude, "
+    r"or inject with dtype=torch\.float32 \(LoRA buffers of float32's range\)\.$"
+)
+STACKED = (
+    r"^scale=\[{w}\]: the stack of 2 adapters' summed update would leave the LoRA buffers' dtype in:\n  - "
+    r"layers\.1\.self_attn\.v_proj: the summed update of parts 0, 1 reaches \|value\| {v} > float16 max 65504\n"
+    r"Pass smaller weights \(the ones given times at most {most} fit\), or stack fewer adapters, or inject with "
+    r"dtype=torch\.float32 \(LoRA buffers of float32's range\)\.$"
+)
+
+
+def _fp16_rig(tmp_path: Path) -> Rig:
+    """The reliability rig on a float16 model (float16 LoRA buffers), an adapter of :func:`_large`
+    in each slot (slot 0 active), each of whose updates fits."""
+    rig = build_rig(tmp_path / "rig")
+    rig.model.half()
+    rig.runtime = lorahot.inject(lorahot.eject(rig.model), ["q_proj", "v_proj"], max_rank=8, slots=2)
+    rig.runtime.load(_large(rig), slot=1)
+    rig.runtime.load(_large(rig), slot=0)
+    return rig
+
+
+def _large(rig: Rig, sign: float = 1.0) -> dict[str, torch.Tensor]:
+    """A rank-4 adapter whose ``V1`` factors are 100 (``sign * 100`` for B): ``B @ A`` entries
+    of ``sign * 40000``, which fit float16 (65504) alone."""
+    tensors = valid_tensors(rig.model, 4)
+    tensors[f"base_model.model.{V1}.lora_A.weight"].fill_(100.0)
+    tensors[f"base_model.model.{V1}.lora_B.weight"].fill_(sign * 100.0)
+    return tensors
+
+
+def _refused(rig: Rig, call: Callable[[], object], match: str) -> None:
+    before = snapshot(rig)
+    with pytest.raises(lorahot.UsageError, match=match):
+        call()
+    assert_unchanged(rig, before)
+
+
+def _finite(rig: Rig) -> None:
+    """The model's output, and ``V1``'s on one-hot inputs (each row one column of its update
+    added to the base weight's), are finite."""
+    assert bool(torch.isfinite(rig.output()).all())
+    with torch.no_grad():
+        assert bool(torch.isfinite(rig.runtime.layers[V1](torch.eye(16, dtype=torch.float16))).all())
+
+
+@pytest.mark.parametrize(("scale", "refused"), [(3.0, True), (-2.0, True), (1.5, False)], ids=["3", "-2", "fits"])
+@pytest.mark.parametrize("slot", [0, 1], ids=["active", "other"])
+def test_a_set_scale_that_pushes_the_update_out_of_range_is_refused(
+    tmp_path: Path, scale: float, refused: bool, slot: int
+) -> None:
+    """``B @ A`` of 40000 loads; ``set_scale(3)`` made it 120000, accepted."""
+    rig = _fp16_rig(tmp_path)
+    if not refused:
+        rig.runtime.set_scale(scale, slot=slot)
+        rig.runtime.activate(slot)
+        _finite(rig)
+        return
+    match = SINGLE.format(w=f"{scale:g}", v=f"{abs(scale) * UPDATE:.6g}", most="1\\.637")
+    _refused(rig, lambda: rig.runtime.set_scale(scale, slot=slot), match)
+
+
+@pytest.mark.parametrize(("scale", "refused"), [(3.0, True), (1.5, False)], ids=["3", "fits"])
+def test_a_load_whose_scale_pushes_the_update_out_of_range_is_refused(
+    tmp_path: Path, scale: float, refused: bool
+) -> None:
+    """The same through a load's ``scale``, read or preloaded, into either slot."""
+    rig = _fp16_rig(tmp_path)
+    prepared = rig.runtime.preload(_large(rig))
+    calls = [
+        lambda: rig.runtime.load(_large(rig), slot=0, scale=scale),
+        lambda: rig.runtime.load(_large(rig), slot=1, scale=scale),
+        lambda: rig.runtime.load(prepared, slot=1, scale=scale),
+        lambda: rig.runtime.load([prepared], scale=[scale]),
+    ]
+    match = SINGLE.format(w="3", v="120000", most="1\\.637")
+    for call in calls:
+        if not refused:
+            call()
+            _finite(rig)
+        else:
+            _refused(rig, call, match)
+
+
+@pytest.mark.parametrize(("weights", "refused"), [((1.0, 1.0), True), ((0.5, 1.0), False)], ids=["1-1", "fits"])
+def test_a_stack_whose_summed_update_leaves_the_range_is_refused(
+    tmp_path: Path, weights: tuple[float, float], refused: bool
+) -> None:
+    """Each part's update (40000) fits; the stack's sum at weights 1 and 1 (80000) does not:
+    refused, loaded read or preloaded, into either slot; at 0.5 and 1 (60000) it loads."""
+    rig = _fp16_rig(tmp_path)
+    prepared = rig.runtime.preload(_large(rig))
+    calls = [
+        lambda: rig.runtime.load([_large(rig), _large(rig)], slot=0, scale=list(weights)),
+        lambda: rig.runtime.load([prepared, _large(rig)], slot=1, scale=list(weights)),
+        lambda: rig.runtime.load([prepared, prepared], slot=0, scale=list(weights)),
+    ]
+    for call in calls:
+        if refused:
+            _refused(rig, call, STACKED.format(w="1, 1", v="80000", most="0\\.8187"))
+        else:
+            call()
+            rig.runtime.activate(0)
+            _finite(rig)
+    if refused:  # one number for both parts: the same sum
+        _refused(rig, lambda: rig.runtime.load([prepared, prepared]), r"^scale=\[1, 1\]: the stack of 2 adapters'")
+
+
+@pytest.mark.parametrize(("weights", "refused"), [((1.0, 1.0), True), ((0.5, 1.0), False)], ids=["1-1", "fits"])
+@pytest.mark.parametrize("slot", [0, 1], ids=["active", "other"])
+def test_reweighting_a_stack_past_the_range_is_refused(
+    tmp_path: Path, weights: tuple[float, float], refused: bool, slot: int
+) -> None:
+    """A stack loaded at 0.5 and 0.5 (40000) and re-weighted to 1 and 1 (80000, computed from
+    the slot's rows): refused, on the active slot or another; 0.5 and 1 (60000) fits."""
+    rig = _fp16_rig(tmp_path)
+    rig.runtime.load([_large(rig), _large(rig)], slot=slot, scale=[0.5, 0.5])
+    rig.runtime.activate(0)
+    _finite(rig)
+    if not refused:
+        rig.runtime.set_scale(list(weights), slot=slot)
+        rig.runtime.activate(slot)
+        _finite(rig)
+        return
+    call = lambda: rig.runtime.set_scale(list(weights), slot=slot)  # noqa: E731
+    _refused(rig, call, STACKED.format(w="1, 1", v="80000", most="0\\.8187"))
+    _refused(rig, lambda: rig.runtime.set_scale(2.0, slot=slot), STACKED.format(w="2, 2", v="160000", most="0\\.4093"))
+
+
+def test_parts_whose_updates_cancel_stack_at_any_weight_the_sum_fits(tmp_path: Path) -> None:
+    """The bound (the parts' bounds summed, 80000 at weights 1 and 1) says "maybe"; the
+    computed sum decides: a part and its negation sum to 0, so the stack loads, re-weights and
+    computes finite outputs."""
+    rig = _fp16_rig(tmp_path)
+    rig.runtime.load([_large(rig), _large(rig, sign=-1.0)])
+    _finite(rig)
+    rig.runtime.set_scale([1.5, 1.5])
+    _finite(rig)
+
+
+def _grouped() -> tuple[nn.Module, lorahot.LoraRuntime, dict[str, torch.Tensor]]:
+    """A float16 conv with groups 2 and a rank-4 adapter of 30s: each output group takes 2 of A's
+    rows, so the update's entries are 2 * 30 * 30 = 1800 (the rank-wide bound says 3600)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2).half())
+    runtime = lorahot.inject(model, ["0"], max_rank=4, slots=2)
+    adapter = {
+        "base_model.model.0.lora_A.weight": torch.full((4, 4, 3, 3), 30.0, dtype=torch.float16),
+        "base_model.model.0.lora_B.weight": torch.full((8, 2, 1, 1), 30.0, dtype=torch.float16),
+    }
+    runtime.load(adapter)
+    return model, runtime, adapter
+
+
+def _state(model: nn.Module, runtime: lorahot.LoraRuntime) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model(torch.full((1, 4, 5, 5), 1e-3, dtype=torch.float16))  # a small input: no intermediate overflows
+    return [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)] + [out]
+
+
+@pytest.mark.parametrize(("scale", "refused"), [(40.0, True), (30.0, False)], ids=["40", "fits"])
+def test_a_grouped_conv_is_checked_group_by_group(scale: float, refused: bool) -> None:
+    """At 40 each group's update reaches 72000 > 65504 (from the slot's rows for set_scale, from
+    the factors for a load); at 30 it is 54000 and the output stays finite, where the rank-wide
+    bound (108000) would have refused it."""
+    model, runtime, adapter = _grouped()
+    for call in (lambda: runtime.set_scale(scale), lambda: runtime.load(adapter, slot=1, scale=scale)):
+        before = _state(model, runtime)
+        if not refused:
+            call()
+            assert bool(torch.isfinite(_state(model, runtime)[-1]).all())
+            continue
+        with pytest.raises(
+            lorahot.UsageError,
+            match=r"^scale=40: the slot's update would leave the LoRA buffers' dtype in:\n  - 0: its update scale \* "
+            r"B @ A reaches \|value\| 72000 > float16 max 65504\nPass a scale of at most 36\.39 in magnitude",
+        ):
+            call()
+        assert all(torch.equal(a, b) for a, b in zip(_state(model, runtime), before))
+
+
+def test_weights_whose_bound_fits_compute_no_product(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bound first: where the parts' bounds summed stay within the dtype (60000 and 50000 here),
+    no update is computed, for a set_scale or a stack's load."""
+    rig = _fp16_rig(tmp_path)
+
+    def computed(*args: object) -> torch.Tensor:
+        raise AssertionError("an update was computed where the bound fits")
+
+    monkeypatch.setattr(updates, "lora_update_max", computed)
+    rig.runtime.set_scale(1.5)
+    rig.runtime.load([_large(rig), _large(rig)], slot=1, scale=[0.5, 0.75])
+    rig.runtime.set_scale([0.75, 0.5], slot=1)
+    with pytest.raises(lorahot.UnexpectedError, match="an update was computed"):  # past it: computed
+        rig.runtime.set_scale([1.0, 1.0], slot=1)
