@@ -1,7 +1,9 @@
 """Programmatic dependent launch: a kernel of a LoRA layer starts before the one it follows ends.
 
 A LoRA layer of the fused path runs two to four kernels back to back (the routed decode: a zero
-fill, the segmented shrink, the fused kernel, the split-K sum). Each waits, by the stream's
+fill, the segmented shrink, the fused kernel, the split-K sum); a routed layer above the fused
+path's rows runs the base GEMM, then the segmented shrink and expand
+(:func:`lorahot.kernels.triton_routed_lora.launch` with ``early``). Each waits, by the stream's
 order, for the whole of the one before it: its launch, its prologue and, in the routed fused
 kernel, its whole base product over K, which needs nothing the shrink writes. On an sm90 GPU
 (H100/H200) a kernel launched with programmatic stream serialization may start as soon as every
