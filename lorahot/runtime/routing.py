@@ -158,16 +158,16 @@ def check_experts(routed: Mapping[int, Mapping[str, int]], experts: Collection[s
 
 def check_towers(routed: Mapping[int, Mapping[str, int]], towers: Collection[str]) -> None:
     """Refuses a per-row routing that sends rows to a slot whose adapter has weights on a
-    multimodal model's vision tower (``towers``: :func:`lorahot.runtime.towers.find_towers`).
+    multimodal model's vision or audio tower (``towers``: :func:`lorahot.runtime.towers.find_towers`).
 
-    A tower runs on the batch's images, or their patches concatenated, not on its rows: a
-    batch of images can have the routing's length by chance, and its images would then take
-    other rows' slots (wrong numbers). Rows sent to -1 or to slots without weights on the tower
+    A tower runs on the batch's images, or their patches concatenated, or on its audio clips,
+    not on its rows: a batch of images or clips can have the routing's length by chance, and
+    they would then take other rows' slots (wrong numbers). Rows sent to -1 or to slots without weights on the tower
     need nothing from it: under a per-row routing a tower's layers compute their base output.
 
     Args:
         routed: each slot the routing sends rows to -> injected layer name -> rank.
-        towers: the injected layers that belong to a vision tower.
+        towers: the injected layers that belong to a vision or audio tower.
 
     Raises:
         UsageError: naming the slot, up to five of its tower layers, and what to do instead.
@@ -176,10 +176,10 @@ def check_towers(routed: Mapping[int, Mapping[str, int]], towers: Collection[str
     if touching is not None:
         slot, shown = touching
         raise UsageError(
-            f"the routing sends rows to slot {slot}, whose adapter has weights on a vision tower ({shown}). "
-            "A tower runs on the batch's images (or their patches), not on its rows, so a per-row routing cannot "
-            "give them their rows' slots (the numbers would be wrong). Run that adapter on a batch of its own "
-            f"with runtime.activate({slot}), or route to slots whose adapters leave the tower out."
+            f"the routing sends rows to slot {slot}, whose adapter has weights on a vision tower or audio tower "
+            f"({shown}). A tower runs on the batch's images (or their patches) or audio clips, not on its rows, so a "
+            "per-row routing cannot give them their rows' slots (the numbers would be wrong). Run that adapter on a "
+            f"batch of its own with runtime.activate({slot}), or route to slots whose adapters leave the tower out."
         )
 
 

@@ -139,3 +139,73 @@ def test_negative_control_without_towers_the_images_take_other_rows_slots(monkey
         runtime.activate([0, -1])
         with pytest.raises(lorahot.UsageError, match=r"vision_tower"):
             model(input_ids=ids, pixel_values=pixels)
+
+
+AUDIO = 63  # Qwen2-Audio's audio token id here
+AUDIO_TOKENS = 4  # audio tokens per clip: 16 mel frames, halved by the second conv and by the pooler
+
+
+def _qwen2_audio() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.Qwen2AudioConfig(
+        audio_config={
+            "model_type": "qwen2_audio_encoder",
+            "d_model": 32,
+            "encoder_layers": 1,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 64,
+            "num_mel_bins": 8,
+            "max_source_positions": 8,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "vocab_size": 64,
+        },
+        audio_token_id=AUDIO,
+    )
+    model: nn.Module = transformers.Qwen2AudioForConditionalGeneration(config).double().eval()
+    return model
+
+
+def _audio_batch(clips: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """``len(clips)`` rows of 12 tokens, row ``i`` holding ``clips[i]`` audio clips, and every
+    clip's mel features in row order."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, AUDIO, (len(clips), 12), generator=g)
+    for row, n in enumerate(clips):
+        ids[row, 1 : 1 + n * AUDIO_TOKENS] = AUDIO
+    features = torch.randn(sum(clips), 8, 16, dtype=torch.float64, generator=g)
+    return {"input_ids": ids, "input_features": features, "feature_attention_mask": torch.ones(sum(clips), 16)}
+
+
+def test_an_audio_tower_is_a_tower_an_audio_clip_batch_of_the_routing_s_length_takes_no_row_s_slot() -> None:
+    """Qwen2-Audio's ``audio_tower`` runs on the batch's audio clips, as a vision tower runs on
+    its images: two clips in row 0 and none in row 1 make a tower batch of 2 under a routing of
+    2. Before, the tower was not found, the routing to an adapter on it was accepted, and the
+    second clip of row 0 ran on row 1's slot (row 0 was 0.38 off itself run alone). The audio
+    towers of Gemma 3n (with its multimodal embedders) and Video-LLaVA's towers are found by
+    name as well."""
+    model = _qwen2_audio()
+    assert tower_paths(model) == ["model.audio_tower", "model.multi_modal_projector"]
+    tower, language = "model.audio_tower.layers.0.fc1", "model.language_model.layers.0.self_attn.q_proj"
+    runtime = lorahot.inject(model, [tower, language], max_rank=2, slots=3)
+    runtime.load(make_adapter(model, {tower: 2, language: 2}, seed=1, dtype=torch.float64)[0], slot=0)
+    runtime.load(make_adapter(model, {language: 2}, seed=2, dtype=torch.float64)[0], slot=1)
+    with pytest.raises(lorahot.UsageError, match=r"slot 0, whose adapter has weights on a vision tower"):
+        runtime.activate([0, -1])
+    batch = _audio_batch((2, 0))
+    with torch.no_grad():
+        runtime.activate([1, -1])
+        routed = model(**batch).logits
+        runtime.activate(1)
+        alone = model(**{**batch, "input_ids": batch["input_ids"][:1]}).logits  # both clips are row 0's
+    torch.testing.assert_close(routed[:1], alone, rtol=1e-10, atol=1e-10)
+    beside = {"language_model": nn.Linear(2, 2)}
+    for names in (["audio_tower", "embed_audio", "embed_vision", "vision_tower"], ["video_tower", "image_tower"]):
+        found = tower_paths(nn.ModuleDict({**beside, **{n: nn.Linear(2, 2) for n in names}}))
+        assert sorted(found) == sorted(names)
