@@ -23,6 +23,7 @@ __all__ = [
     "is_sequence",
     "weights_of",
     "multiplier",
+    "integer",
     "shown",
 ]
 
@@ -173,3 +174,15 @@ def multiplier(value: object, name: str = "scale") -> float:
     if not math.isfinite(v):
         raise UsageError(f"{name}={shown(value, 40)} must be finite.")
     return v
+
+
+def integer(value: Any, label: str) -> int:
+    """``int(value)`` for a ``numbers.Integral`` of the caller's type, or a :class:`UsageError`
+    (``label``: the argument as the message names it) where its conversion raises."""
+    try:
+        return int(value)
+    except Exception as exc:  # an integer type of the caller's whose __int__ raises anything
+        raise UsageError(
+            f"{label} cannot be read as an int ({type(value).__name__}.__int__ raised {type(exc).__name__}); pass an "
+            "int."
+        ) from None

@@ -50,6 +50,7 @@ from lorahot.runtime.agreement import Agreement
 from lorahot.runtime.aliases import own_storages, unaliased
 from lorahot.runtime.arguments import (
     check_read_options,
+    integer,
     is_sequence,
     is_strict,
     multiplier,
@@ -1111,7 +1112,7 @@ class LoraRuntime:
             raise UsageError(
                 f"slot={shown(slot, 60)} is a {type(slot).__name__}; a slot is an int in 0..{self.slots - 1}."
             )
-        index = int(slot)
+        index = integer(slot, f"slot={shown(slot, 60)}")
         if not 0 <= index < self.slots:
             raise UsageError(
                 f"slot={shown(slot, 200)} is out of range; this runtime has slots 0..{self.slots - 1} "

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from lorahot.kernels.routed_linear import workspace
 from lorahot.kernels.routed_lora import segments
 from lorahot.layers.routing import EXPERTS, is_expert
 from lorahot.layers.tensor_handles import ROUTES, SEGMENTS, TOKENS, WORKSPACES, publish_workspace
+from lorahot.runtime.arguments import integer
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.staging import Staging
 
@@ -218,18 +220,21 @@ def _as_tensor(slots: object) -> torch.Tensor:
         wide = slots.dtype not in _FITS_INT64
         route = _exact(slots.detach().cpu().tolist()) if wide else slots.detach().to("cpu", torch.int64)
     elif isinstance(slots, Sequence) and not isinstance(slots, _BYTES):
+        values = _entries(slots)
         wrong = [  # a plain int passes at once: an ABC check per entry was half of activate's host time
             i
-            for i, v in enumerate(slots)
+            for i, v in enumerate(values)
             if type(v) is not int and (isinstance(v, bool) or not isinstance(v, numbers.Integral))
         ]
         if wrong:
             raise UsageError(
-                f"routing entry {wrong[0]} is {shown(slots[wrong[0]], 40)} ({type(slots[wrong[0]]).__name__}); "
+                f"routing entry {wrong[0]} is {shown(values[wrong[0]], 40)} ({type(values[wrong[0]]).__name__}); "
                 f"each entry "
                 "is a slot index (an int), or -1 for the base model only."
             )
-        route = _exact([int(v) for v in slots])
+        route = _exact(
+            [v if type(v) is int else integer(v, f"routing entry {i} ({shown(v, 40)})") for i, v in enumerate(values)]
+        )
     else:
         raise UsageError(
             "activate takes a slot (an int) for the whole batch, or a sequence, 1-D integer tensor or array of slots, "
@@ -238,6 +243,18 @@ def _as_tensor(slots: object) -> torch.Tensor:
     if route.numel() == 0:
         raise UsageError("the routing is empty; pass one slot per row of the batch (or activate(k) for all rows).")
     return route
+
+
+def _entries(slots: Sequence[object]) -> list[object]:
+    """The entries of a routing given as a sequence, or a :class:`UsageError` where reading
+    them raises (a sequence type of the caller's)."""
+    try:
+        return list(slots)
+    except Exception as exc:
+        raise UsageError(
+            f"the routing (a {type(slots).__name__}) cannot be read: iterating it raised {type(exc).__name__}; pass "
+            "a list of ints."
+        ) from None
 
 
 #: text and raw bytes: sequences, but not of slot indices
@@ -289,9 +306,7 @@ def _lengths(lengths: object, rows: int) -> torch.Tensor:
             wide = lengths.dtype not in _FITS_INT64
             counts = _int64(lengths.detach().cpu().tolist()) if wide else lengths.detach().to("cpu", torch.int64)
     elif isinstance(lengths, Sequence) and not isinstance(lengths, _BYTES):
-        values = list(lengths)
-        if all(type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Integral)) for v in values):
-            counts = _int64([int(v) for v in values])
+        counts = _counts(lengths)
     # each count bounded before the sum: int64 counts near 2**63 add up past it and wrap
     if (
         counts is None
@@ -304,6 +319,18 @@ def _lengths(lengths: object, rows: int) -> torch.Tensor:
             f"with at least one token and at most {MAX_TOKENS} in all: the packed input's tokens, row after row."
         )
     return counts
+
+
+def _counts(lengths: Sequence[Any]) -> torch.Tensor | None:
+    """``lengths`` given as a sequence of ints, as int64; None where an entry is no int or lies
+    beyond int64, or where reading the sequence or an entry raises (a type of the caller's)."""
+    try:
+        values = list(lengths)
+        if not all(type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Integral)) for v in values):
+            return None
+        return _int64([int(v) for v in values])
+    except Exception:  # the caller's __iter__ or __int__ raised: not one token count per entry
+        return None
 
 
 #: how many routing lengths a runtime keeps tensors for (the most recently set): packed input

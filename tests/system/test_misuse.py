@@ -198,6 +198,21 @@ MISUSES = [
     Misuse("activate_float", lambda rig, tmp: rig.runtime.activate(1.0), UsageError, r"^slot=1\.0 is a float;"),
     Misuse("activate_none", lambda rig, tmp: rig.runtime.activate(None), UsageError, r"^slot=None is a NoneType;"),
     Misuse("unload_out_of_range", lambda rig, tmp: rig.runtime.unload(7), UsageError, r"^slot=7 is out of range"),
+    Misuse("activate_int_raises", lambda rig, tmp: rig.runtime.activate(_RaisingInt(1)), UsageError,
+           r"^slot=1 cannot be read as an int \(_RaisingInt\.__int__ raised RuntimeError\); pass an int\.$"),
+    Misuse("unload_int_raises", lambda rig, tmp: rig.runtime.unload(_RaisingInt(0)), UsageError,
+           r"^slot=0 cannot be read as an int \(_RaisingInt\.__int__ raised RuntimeError\)"),
+    Misuse("activate_rows_entry_int_raises", lambda rig, tmp: rig.runtime.activate([0, _RaisingInt(1)]), UsageError,
+           r"^routing entry 1 \(1\) cannot be read as an int \(_RaisingInt\.__int__ raised RuntimeError\); pass an "
+           r"int\.$"),
+    Misuse("activate_rows_iteration_raises", lambda rig, tmp: rig.runtime.activate(_RaisingRows([0, 1])), UsageError,
+           r"^the routing \(a _RaisingRows\) cannot be read: iterating it raised RuntimeError; pass a list of ints\.$"),
+    Misuse("activate_lengths_entry_int_raises",
+           lambda rig, tmp: rig.runtime.activate([0, 1], lengths=[2, _RaisingInt(3)]), UsageError,
+           r"^lengths=\[2, 3\] must hold one token count"),
+    Misuse("activate_lengths_iteration_raises",
+           lambda rig, tmp: rig.runtime.activate([0, 1], lengths=_RaisingRows([2, 3])), UsageError,
+           r"^lengths=\[2, 3\] must hold one token count"),
     Misuse("set_scale_str", lambda rig, tmp: rig.runtime.set_scale("x"), UsageError, r"^scale='x' is not a number"),
     Misuse("set_scale_float_raises", lambda rig, tmp: rig.runtime.set_scale(_BadInt(2)), UsageError,
            r"^scale=2 cannot be read as a float \(_BadInt\.__float__ raised RuntimeError\); pass a float\.$"),
@@ -244,6 +259,22 @@ class _BadInt(int):
 
     def __float__(self) -> float:
         raise RuntimeError("no float")
+
+
+class _RaisingInt(int):
+    """An int whose conversion to int raises (a caller's integer type)."""
+
+    def __int__(self) -> int:
+        raise RuntimeError("no int")
+
+    __index__ = __int__
+
+
+class _RaisingRows(list):
+    """A list whose iteration raises (a caller's sequence type)."""
+
+    def __iter__(self) -> Any:
+        raise RuntimeError("no rows")
 
 
 def _hand_fields(rig: Rig, **fields: Any) -> lorahot.Adapter:
