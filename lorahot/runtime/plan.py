@@ -626,14 +626,13 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
             continue
         top = torch.finfo(arena.dtype).max
         largest = _max_abs(tensors)  # float64 [2 * n], host
-        bounds = (largest[0::2] * largest[1::2]).tolist()
-        plan.delta_bound.update({names[(a, i)]: A.shape[0] * b for (i, A, _), b in zip(entries, bounds)})
+        ranks = torch.tensor([A.shape[0] for _, A, _ in entries], dtype=torch.float64)
+        products = ranks * (largest[0::2] * largest[1::2])  # r * max|A| * max|B| bounds every entry of B @ A
+        plan.delta_bound.update({names[(a, i)]: b for (i, _, _), b in zip(entries, products.tolist())})
         index = torch.tensor([i for i, _, _ in entries])
         scales = plan.scales[a][index].abs()
         plan.scaled_b[a][index] = largest[1::2] * scales
         _check_precision(plan, arena, [names[(a, i)] for i, _, _ in entries], largest)
-        ranks = torch.tensor([A.shape[0] for _, A, _ in entries], dtype=torch.float64)
-        products = ranks * largest[0::2] * largest[1::2]
         maybe = (products * scales > top).nonzero().flatten().tolist()
         for k in maybe:  # each factor in range, their product perhaps not: computed where the bound says so
             i, A, B = entries[k]

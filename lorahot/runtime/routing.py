@@ -221,11 +221,8 @@ def _as_tensor(slots: object) -> torch.Tensor:
         route = _exact(slots.detach().cpu().tolist()) if wide else slots.detach().to("cpu", torch.int64)
     elif isinstance(slots, Sequence) and not isinstance(slots, _BYTES):
         values = _entries(slots)
-        wrong = [  # a plain int passes at once: an ABC check per entry was half of activate's host time
-            i
-            for i, v in enumerate(values)
-            if type(v) is not int and (isinstance(v, bool) or not isinstance(v, numbers.Integral))
-        ]
+        # a plain int passes at once: an ABC check per entry was half of activate's host time
+        wrong = [i for i, v in enumerate(values) if type(v) is not int and not _integral(v)]
         if wrong:
             raise UsageError(
                 f"routing entry {wrong[0]} is {shown(values[wrong[0]], 40)} ({type(values[wrong[0]]).__name__}); "
@@ -243,6 +240,11 @@ def _as_tensor(slots: object) -> torch.Tensor:
     if route.numel() == 0:
         raise UsageError("the routing is empty; pass one slot per row of the batch (or activate(k) for all rows).")
     return route
+
+
+def _integral(value: object) -> bool:
+    """Whether ``value`` is an integer (an int at once, else a ``numbers.Integral``), not a bool."""
+    return type(value) is int or (not isinstance(value, bool) and isinstance(value, numbers.Integral))
 
 
 def _entries(slots: Sequence[object]) -> list[object]:
@@ -326,7 +328,7 @@ def _counts(lengths: Sequence[Any]) -> torch.Tensor | None:
     beyond int64, or where reading the sequence or an entry raises (a type of the caller's)."""
     try:
         values = list(lengths)
-        if not all(type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Integral)) for v in values):
+        if not all(_integral(v) for v in values):
             return None
         return _int64([int(v) for v in values])
     except Exception:  # the caller's __iter__ or __int__ raised: not one token count per entry
