@@ -834,7 +834,9 @@ class LoraRuntime:
                 a routing that is not a non-empty sequence of ints, 1-D integer tensor or array;
                 ``lengths`` not one count (int >= 0) per entry, or more than
                 :data:`~lorahot.runtime.routing.MAX_TOKENS` in all; a per-row routing in merged
-                mode (the adapter is folded into weights every row shares). On a
+                mode (the adapter is folded into weights every row shares), unless every row
+                names the same slot (the whole batch on it) or -1 (the whole batch on the base
+                weights, whatever the active slot holds, until the next activate). On a
                 tensor-parallel model also where another rank's check failed, or the ranks
                 were given different slots or routings (naming ``arguments`` and the ranks):
                 a rank computing with another adapter than the rest would add up the wrong
@@ -885,21 +887,33 @@ class LoraRuntime:
         if one is not None:  # every row on one slot: the whole batch on it, with the whole-batch kernels
             self._switch(one, lambda: self._routing.one_slot(route))
             return
+        if self._merger is not None:  # every row at -1 (check_routing): the base weights for the whole batch
+            self._switch(None, lambda: self._routing.one_slot(route))
+            return
         self._switch(None, lambda: self._routing.set(route, tokens=lengths is not None))
 
     def _switch(self, slot: int | None, publish: Callable[[], None], again: bool = False) -> None:
         """Makes ``slot`` live (None: the live slot stays; the slot live already is copied again
         only if ``again``), then publishes a routing; where either fails or is interrupted, the
         live slot and the routing (every arena's) before are put back, so the model never
-        computes a routing that half its arenas hold."""
+        computes a routing that half its arenas hold. In merged mode the weights follow the
+        routing (-1 for every row: the base weights, :meth:`_remerge`), so it is published
+        first, and the live slot is merged again wherever that changes."""
         active, routing = self._active, self._routing.state()
+        merged, base = self._merger is not None, self._routing.base_only
         try:
+            if merged:
+                publish()
+                live = active if slot is None else slot
+                if again or live != active or base != self._routing.base_only:
+                    self._make_live(live)
+                return
             if slot is not None and (again or slot != self._active):
                 self._make_live(slot)
             publish()
         except BaseException:
             self._routing.restore(routing)
-            if self._active != active:
+            if self._active != active or merged:  # merged: the weights as the routing before had them
                 self._make_live(active)
             raise
 
@@ -1089,12 +1103,15 @@ class LoraRuntime:
         return all(largest * abs(w) <= top for mine, w in zip(memo[1], weights) for largest, top in mine)
 
     def _remerge(self, slot: int) -> None:
-        """After ``slot`` changed, if it is live: rewrites the base weights in merged mode, and
-        the wide layers' ``s * A`` rows otherwise."""
+        """After ``slot`` changed, if it is live: rewrites the base weights in merged mode (the
+        base weights alone while a routing of -1 for every row is in force), and the wide
+        layers' ``s * A`` rows otherwise."""
         if slot != self._active or (self._merger is None and self._wide.empty):
             return
         stack, weights = self._stacks[slot], self._weights[slot]
         if self._merger is not None:
+            if self._routing.base_only:
+                stack = None
             try:
                 self._merger.apply(None if stack is None else stack.scales(weights), stack is None or stack.single)
                 self._merger.fold({} if stack is None else stack.weight_terms(weights))

@@ -77,10 +77,11 @@ def check_routing(
         count: the runtime's number of slots.
         filled: per slot, whether it holds an adapter.
         merged: whether the runtime runs merged (which cannot route: only one slot for every
-            row, which runs as the whole batch, is taken).
+            row, which runs as the whole batch, is taken, and -1 for every row, the base
+            weights for the whole batch).
 
     Raises:
-        UsageError: merged mode, unless every entry is one slot; not a sequence or 1-D
+        UsageError: merged mode, unless every entry is the same; not a sequence or 1-D
             integer tensor, or empty; an entry not an int in ``-1 .. count - 1``; an entry
             naming an empty slot; ``lengths`` of the wrong length or with a negative or non-int
             entry, or with no token at all.
@@ -98,11 +99,12 @@ def check_routing(
             f"the routing sends rows to empty slot{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))}; load "
             "an adapter there first, or route those rows to -1 (the base model only)."
         )
-    if merged and one_slot(route) is None:  # one slot for every row runs as activate(k)
+    if merged and not bool((route == route[0]).all()):  # one slot (or -1) for every row runs as the whole batch
         raise UsageError(
             "activate([...]) routes each row of a batch to its own slot, but this runtime was injected with "
             "merged=True: the active adapter is folded into the base weights, which every row shares. Inject without "
-            "merged=True to serve mixed batches, or run one batch per adapter with activate(k)."
+            "merged=True to serve mixed batches, or run one batch per adapter with activate(k) (and the rows for the "
+            "base model alone with activate([-1] * rows))."
         )
     if lengths is None:
         return route
@@ -398,10 +400,19 @@ class Routing:
     def one_slot(self, route: torch.Tensor) -> None:
         """Records ``route``, every entry one slot (:func:`one_slot`), which the runtime runs as
         the whole batch on that slot, made live: the layers read the live region, as after
-        ``activate(k)``, so no row can take another's slot whatever the batch's layout."""
+        ``activate(k)``, so no row can take another's slot whatever the batch's layout. In
+        merged mode also a route of -1 for every row, run as the base weights for the whole
+        batch (:attr:`base_only`)."""
         self.clear()
         self.rows = tuple(route.tolist())
         self.whole = True
+
+    @property
+    def base_only(self) -> bool:
+        """Whether the routing in force runs the whole batch on the base model alone (every
+        entry -1, recorded by :meth:`one_slot`): in merged mode, the base weights as they were
+        at inject, whatever the active slot holds."""
+        return self.whole and self.rows is not None and self.rows[0] == -1
 
     def _kept(self, length: int, grouped: int) -> list[tuple[torch.Tensor, torch.Tensor, Staging]]:
         """Each arena's tensors for routings of ``length`` entries (``grouped`` entries grouped

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch._dynamo.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -455,3 +456,44 @@ def test_merged_mode_takes_a_routing_of_one_slot_for_every_row_as_the_whole_batc
             runtime.activate([1, 0])
         assert runtime.active_slot == 1 and runtime.routing == (1, 1)
         assert torch.equal(model(ids), whole)
+
+
+def test_merged_mode_takes_a_routing_of_minus_one_for_every_row_as_the_base_weights_for_the_whole_batch() -> None:
+    """Every row at -1 is no adapter for the whole batch: merged mode runs it on the base
+    weights (bitwise the base model's output), ``active_slot`` stays, ``routing`` reports the
+    -1s, a load or ``set_scale`` of the active slot meanwhile changes no weight, and the next
+    ``activate`` merges again. A compiled model does not recompile across any of it. Before,
+    the routing was refused as a mixed batch."""
+    model, runtime, _ = _runtime(merged=True)
+    ids = token_ids((2, 3), 32, seed=7)
+    base = tiny_lm(dtype=torch.float64)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        want = base(ids)
+        runtime.activate(1)
+        whole = compiled(ids)
+        assert not torch.allclose(whole, want)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for route, kwargs in (([-1, -1], {}), (torch.tensor([-1, -1]), {}), ([-1, -1], {"lengths": [1, 1]})):
+                runtime.activate(route, **kwargs)
+                assert runtime.active_slot == 1 and runtime.routing == (-1, -1)
+                assert runtime.info() is not None and runtime.info().slot == 1
+                assert torch.equal(compiled(ids), want)
+            before = _snapshot(runtime, model)
+            with pytest.raises(lorahot.UsageError, match=r"merged=True.*activate\(\[-1\] \* rows\)"):
+                runtime.activate([-1, 1])
+            assert _same(before, _snapshot(runtime, model))
+            tensors, ab = make_adapter(model, dict.fromkeys(runtime.layers, 2), seed=9, dtype=torch.float64)
+            runtime.load(tensors, slot=1)  # the active slot: no weight changes under the routing
+            runtime.set_scale(2.0)
+            assert torch.equal(compiled(ids), want)
+            runtime.activate([1, 1])
+            loaded = model_reference(tiny_lm(dtype=torch.float64), ids, {n: (a, b, 2.0) for n, (a, b) in ab.items()})
+            torch.testing.assert_close(compiled(ids), loaded, rtol=1e-10, atol=1e-10)
+            runtime.activate([-1, -1])
+            assert torch.equal(compiled(ids), want)
+            runtime.activate(1)  # the whole batch on slot 1 again
+            torch.testing.assert_close(compiled(ids), loaded, rtol=1e-10, atol=1e-10)
+            assert runtime.routing is None
+    assert counter.frame_count == 1
