@@ -9,8 +9,13 @@ Module keys keep the original names; the diffusers names are aliases
 A module's ``.diff_b`` beside its LoRA (CausVid, lightx2v) is a bias added at the adapter's
 weight, unscaled by ``alpha / r``, as diffusers (``lora_B.bias`` of A and B it pre-scales) and
 ComfyUI apply it: read as the module's LoRA bias (role ``diff_bias``, which the loader divides by
-``alpha / r``), so it needs ``inject(..., extras=True)`` or merged mode. A ``.diff`` (full
-weight) stays refused in this naming.
+``alpha / r``), so it needs ``inject(..., extras=True)`` or merged mode. A module's ``.diff`` (a
+full weight delta, lightx2v's ``head.head.diff``), with its ``.diff_b`` if any, or a ``.diff_b``
+without LoRA weights, is a ``diff`` weight module, loaded in merged mode (as diffusers applies
+``head.head.diff``, and ComfyUI every diff). Deltas of normalization layers (``norm3.diff``,
+``cross_attn.norm_k_img.diff``) and of a block's modulation parameter (``blocks.N.diff_m``),
+which lightx2v files carry as zeros, belong to no layer lorahot adapts: refused by name
+(``strict=False`` skips them, as diffusers drops them).
 
 ``wan-musubi`` is musubi-tuner's kohya spelling of the same names
 (``lora_unet_blocks_0_self_attn_q.lora_down.weight``, ``.alpha`` per module).
@@ -54,13 +59,26 @@ _ALIASES: tuple[tuple[str, str], ...] = (
     *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
 )
 
-#: :data:`REFUSED` without ``.diff_b``, which this naming reads as a LoRA bias
-_REFUSED = tuple((p.replace("|diff|diff_b)", "|diff)"), why) for p, why in REFUSED)
-assert _REFUSED != REFUSED  # the pattern above still names diff_b
+#: deltas of parameters no LoRA layer carries, which lightx2v's files hold (as zeros)
+_NOT_LAYERS: tuple[tuple[str, str], ...] = (
+    (
+        r"(?:^|\.)norm[^.]*\.(?:diff|diff_b)$",
+        "a delta of a normalization layer's weight or bias, which no LoRA layer carries (diffusers drops these "
+        "keys, which lightx2v's files hold as zeros); load with strict=False to skip it",
+    ),
+    (
+        r"(?:^|\.)blocks\.\d+\.diff_m$",
+        "a delta of a block's modulation parameter (diffusers' scale_shift_table), which no LoRA layer carries "
+        "(diffusers and ComfyUI leave it unread); load with strict=False to skip it",
+    ),
+)
+#: :data:`REFUSED` without ``.diff`` and ``.diff_b``, which this naming reads (see the module docstring)
+_REFUSED = (*_NOT_LAYERS, *((p.replace("|diff|diff_b)", ")"), why) for p, why in REFUSED))
+assert len(_REFUSED) == len(_NOT_LAYERS) + len(REFUSED) and _REFUSED[len(_NOT_LAYERS) :] != REFUSED
 
 FORMAT = KeyFormat(
     name="wan",
-    rules=(*lora_rules(), Rule(r"(?P<module>.+)\.diff_b", "diff_bias")),
+    rules=(*lora_rules(), Rule(r"(?P<module>.+)\.diff_b", "diff_bias"), Rule(r"(?P<module>.+)\.diff", "diff")),
     prefixes=("diffusion_model.",),
     require_prefix=True,
     refuse=_REFUSED,

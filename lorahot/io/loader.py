@@ -725,6 +725,9 @@ def _weight_modules(parts: Parts, source: str, strict: bool, shapes_only: bool =
     out: dict[str, WeightModule] = {}
     problems: list[str] = []
     unreadable: list[str] = []
+    for roles in parts.values():  # a LoRA bias (wan's .diff_b) of a module without LoRA weights: a diff's bias
+        if "diff_bias" in roles and "A" not in roles and "B" not in roles:
+            roles["diff_b"] = roles.pop("diff_bias")
     for module in [m for m, roles in parts.items() if _kind(roles)]:
         roles = parts[module]
         kind = _kind(roles) or ""

@@ -155,3 +155,64 @@ def test_wan_diff_b_without_extras_names_the_flag(tmp_path: Path) -> None:
     runtime = lorahot.inject(model, "all-linear", max_rank=8)
     with pytest.raises(lorahot.LoraError, match="extras=True"):
         runtime.load(sd)
+
+
+def _lightx2v_file(seed: int) -> dict[str, torch.Tensor]:
+    """A lightx2v-style distill file: LoRA and ``.diff_b`` on the blocks, the head as a full
+    ``.diff`` with its ``.diff_b``, an embedder's ``.diff_b`` alone, and the zero deltas of
+    normalization layers and of the block's modulation (``diff_m``) these files also carry."""
+    sd = wan_file(("lora_down", "lora_up"), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, (_, fan_out, _) in MODULES.items():
+        if name.startswith("blocks."):
+            sd[f"diffusion_model.{name}.diff_b"] = torch.randn(fan_out, generator=g) * 0.3
+    for key in [k for k in sd if k.startswith(("diffusion_model.head.head.", "diffusion_model.time_projection."))]:
+        del sd[key]
+    sd["diffusion_model.head.head.diff"] = torch.randn(16, D, generator=g) * 0.3
+    sd["diffusion_model.head.head.diff_b"] = torch.randn(16, generator=g) * 0.3
+    sd["diffusion_model.time_projection.1.diff_b"] = torch.randn(6 * D, generator=g) * 0.3
+    sd["diffusion_model.blocks.0.norm3.diff"] = torch.zeros(D)
+    sd["diffusion_model.blocks.0.norm3.diff_b"] = torch.zeros(D)
+    sd["diffusion_model.blocks.0.self_attn.norm_q.diff"] = torch.zeros(D)
+    sd["diffusion_model.blocks.0.diff_m"] = torch.zeros(1, 6, D)
+    return sd
+
+
+def test_wan_lightx2v_diffs_load_in_merged_mode_as_diffusers_applies_them() -> None:
+    """lightx2v's distill files add full ``.diff`` deltas (the head, which diffusers loads as a
+    LoRA of B = I) and zero deltas of norms and modulations (which diffusers drops) to a LoRA
+    with ``.diff_b``: lorahot refused them in every mode (a ``diff_m`` key even read the file as
+    ComfyUI naming). The head's diff now folds in merged mode; the norm and modulation deltas are
+    refused by name and skipped with ``strict=False``. diffusers drops the lone ``.diff_b`` of
+    ``time_projection`` (its weight carries no LoRA; ComfyUI applies it, as lorahot does), so the
+    oracle adds it to that layer's bias itself."""
+    sd = _lightx2v_file(seed=8)
+    lone = sd["diffusion_model.time_projection.1.diff_b"]
+    with torch.no_grad():
+        oracle = tiny_wan()
+        mine = {k: v.clone() for k, v in sd.items()}  # diffusers scales cross-attention A and B in place
+        oracle.load_lora_adapter(diffusers.WanPipeline.lora_state_dict(mine), prefix="transformer", adapter_name="a")
+        oracle.condition_embedder.time_proj.bias += lone
+        expected = oracle(**wan_inputs(), return_dict=False)[0]
+        oracle.set_adapters(["a"], weights=[0.5])
+        oracle.condition_embedder.time_proj.bias -= lone / 2
+        halved = oracle(**wan_inputs(), return_dict=False)[0]
+        model = tiny_wan()
+        runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=True)
+        with pytest.raises(lorahot.LoraError, match=r"norm3\.diff: a delta of a normalization.*strict=False"):
+            runtime.load(sd)
+        info = runtime.load(sd, strict=False)
+        ours = model(**wan_inputs(), return_dict=False)[0]
+        runtime.set_scale(0.5)
+        ours_halved = model(**wan_inputs(), return_dict=False)[0]
+    assert info.format == "wan"
+    assert sorted(info.skipped) == sorted(k for k in sd if ".norm" in k or k.endswith(".diff_m"))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_halved, halved, rtol=1e-4, atol=1e-5)
+
+
+def test_wan_full_diff_unmerged_names_merged_mode() -> None:
+    sd = _lightx2v_file(seed=9)
+    runtime = lorahot.inject(tiny_wan(), "all-linear", max_rank=8, extras=True)
+    with pytest.raises(lorahot.LoraError, match=r"(?s)proj_out \(diff: diffusion_model\.head\.head\.diff.*merged=True"):
+        runtime.load(sd, strict=False)
