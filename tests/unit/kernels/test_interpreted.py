@@ -1,4 +1,4 @@
-"""lorahot's Triton kernels (routed, row-scale, fused linear) on the CPU, in Triton's interpreter
+"""lorahot's Triton kernels (routed, row-scale, fused linear, word sums) on the CPU, in Triton's interpreter
 (``make test-interpret``).
 
 A CPU box has no GPU to run the kernels on, but Triton's interpreter (``TRITON_INTERPRET=1``)
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from lorahot.kernels import routed_lora as routed
 from lorahot.kernels.routed_linear import workspace as make_workspace
+from lorahot.runtime import written_probes
 from tests.unit.kernels.test_routed_lora import _operands, _per_row
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -353,3 +354,48 @@ def test_stacked_shrink_feeds_each_layers_fused_routed_linear(shape: tuple) -> N
         kernel.launch(x, weight, None, a, bt, s, out, config, routing=(segs, route, 1, None), h=part)
         want = _per_row(x, x.double() @ weight.double().T, a, bt, s, route)
         torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+
+
+def test_word_sums_equal_the_library_sums_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row and column sums of views of assorted shapes (one row, one column, rows past a tile
+    and an item, a column slice off alignment, no columns, sums that wrap) in one launch, bit
+    for bit ``torch.sum(..., dtype=torch.int32)``, and nothing written between them; the
+    aligned variant on views that allow it."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_word_sums")
+    from lorahot.kernels import word_sums
+    from tests.unit.kernels.test_word_sums import assert_sums, word_views
+
+    monkeypatch.setattr(word_sums, "_kernel", lambda: kernel)
+    views, rows_at, cols_at, out = word_views("cpu")
+    summer = word_sums.WordSums(views, rows_at, cols_at)
+    assert not summer.aligned
+    summer(out)
+    assert_sums(views, rows_at, cols_at, out)
+    g = torch.Generator().manual_seed(1)
+    aligned = [torch.randint(-(2**31), 2**31, s, generator=g, dtype=torch.int64).int() for s in [(70, 520), (3, 8)]]
+    out = torch.zeros(70 + 520 + 3 + 8, dtype=torch.int32)
+    summer = word_sums.WordSums(aligned, [0, 590], [70, 593])
+    assert summer.aligned
+    summer(out)
+    assert torch.equal(out[:70], written_probes.sums(aligned[0], 1))
+    assert torch.equal(out[70:590], written_probes.sums(aligned[0], 0))
+    assert torch.equal(out[590:593], written_probes.sums(aligned[1], 1))
+    assert torch.equal(out[593:], written_probes.sums(aligned[1], 0))
+
+
+def test_word_sums_reach_rows_past_2_to_the_31_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A view whose second row lies 2**31 + 64 words (8.6 GB) after its first, in an allocation
+    of which only those rows are touched, is summed from the right memory: the offsets within
+    an item are int64 (an int32 product of row and stride wraps to another address)."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_word_sums")
+    from lorahot.kernels import word_sums
+
+    monkeypatch.setattr(word_sums, "_kernel", lambda: kernel)
+    ld = 2**31 + 64
+    big = torch.empty(ld + 128, dtype=torch.int32)  # untouched pages take no memory
+    w = big.as_strided((2, 100), (ld, 1))
+    w.copy_(torch.randint(-(2**31), 2**31, (2, 100), generator=torch.Generator().manual_seed(2)).int())
+    out = torch.zeros(102, dtype=torch.int32)
+    word_sums.WordSums([w], [0], [2])(out)
+    assert torch.equal(out[:2], written_probes.sums(w, 1)) and torch.equal(out[2:], written_probes.sums(w, 0))
+

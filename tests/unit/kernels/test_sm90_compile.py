@@ -14,6 +14,7 @@ Skipped unless ``LORAHOT_SM90_COMPILE=1`` and a Triton with its NVIDIA backend i
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import pytest
@@ -245,3 +246,15 @@ def test_early_launches_compile_with_their_waits(
         assert "griddepcontrol.wait" in _ptx(compiled), name
     fused = dict(compiler.compiled)["_lora_linear_kernel"]
     assert "griddepcontrol.launch_dependents" in _ptx(fused) and "wgmma" in _ptx(fused)
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_word_sums_compile_with_int32_atomics(compiler: _Compiler, aligned: bool) -> None:
+    """The one-launch row and column sums: int32 atomic adds into the sums, and 128-bit loads
+    of the words where every view allows them (else 32-bit ones)."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_word_sums")
+    kernel.launch(torch.zeros(4, 6, dtype=torch.int64), torch.zeros(64, dtype=torch.int32), aligned)
+    ((name, compiled),) = compiler.compiled
+    ptx = _ptx(compiled)
+    assert name == "_word_sums_kernel" and len(re.findall(r"(?:atom|red)\.global\.\S*add\.[us]32", ptx)) == 2
+    assert ("ld.global.v4.b32" in ptx) == aligned
