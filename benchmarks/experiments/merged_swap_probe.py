@@ -72,8 +72,14 @@ def main() -> None:
     probes = merger._probes
     if probes is not None:  # the layout's device steps alone (a graph replay once captured)
         for d in probes._devices:
+            summer = d.word_sums
+            print(
+                f"one-launch sums on {d.then.device}: {len(d.summed)} of {len(d.layers)} layers"
+                + ("" if summer is None else f", {summer.programs} items, aligned {summer.aligned}"),
+                flush=True,
+            )
             rows["record's device steps"] = functools.partial(
-                probes._run, "record", d, functools.partial(d.write, d.then_probes)
+                probes._run, "record", d, functools.partial(d.write, d.then, d.then_probes)
             )
             rows["check's device steps, sums"] = functools.partial(
                 probes._run, "check", d, functools.partial(d.compare, True)

@@ -399,3 +399,14 @@ def test_word_sums_reach_rows_past_2_to_the_31_words(monkeypatch: pytest.MonkeyP
     word_sums.WordSums([w], [0], [2])(out)
     assert torch.equal(out[:2], written_probes.sums(w, 1)) and torch.equal(out[2:], written_probes.sums(w, 0))
 
+
+def test_merged_probes_sum_with_one_launch_as_the_library_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merged mode's record and check through the one-launch sums (as on CUDA with Triton),
+    on the CPU: see :func:`tests.unit.runtime.test_written_probes.check_one_launch_sums`."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_word_sums")
+    from lorahot.kernels import word_sums
+    from tests.unit.runtime.test_written_probes import check_one_launch_sums
+
+    monkeypatch.setattr(word_sums, "_kernel", lambda: kernel)
+    monkeypatch.setattr(word_sums, "available", lambda device: True)
+    check_one_launch_sums("cpu", monkeypatch)

@@ -222,6 +222,70 @@ def test_gpu_rewrites_replayed_equal_the_layer_by_layer_rewrites_bitwise() -> No
     assert ref_rt._merger._replays.replays == 0
 
 
+class _Wide(nn.Module):
+    """Four layers whose words the one-launch sums take or leave: bf16 of 600 rows by 650 words
+    (two items of rows by three of columns), bf16 rows of an odd length (16-bit words: the
+    library's sums), a float32 conv of 36-word rows, a float64 layer of one row (two words an
+    element)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [
+                nn.Linear(1300, 600, dtype=torch.bfloat16),
+                nn.Linear(39, 24, bias=False, dtype=torch.bfloat16),
+                nn.Conv2d(4, 40, 3, dtype=torch.float32),
+                nn.Linear(24, 1, dtype=torch.float64),
+            ]
+        )
+
+
+def check_one_launch_sums(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layout of :class:`_Wide`'s layers sums the three of int32 words with one launch and
+    the bf16 one of odd rows with the library's sums; what it writes (twice in a row: the sums
+    are zeroed before they are added) equals bit for bit what a layout without the launch
+    writes; an edit of one unsampled element of any layer is found in that layer alone, by it
+    and by the layer by layer check, and no longer once the element is put back."""
+    from lorahot.kernels import word_sums
+
+    torch.manual_seed(0)
+    model = _Wide().to(device)
+    runtime = lorahot.inject(model, [f"layers.{n}" for n in NAMES], max_rank=4, merged=True)
+    for seed in (1, 2, 3):  # the second call captures, the third replays (on one CUDA device)
+        runtime.load(_adapter(model, seed))
+    merger = runtime._merger
+    assert merger is not None and merger._probes is not None
+    (d,) = merger._probes._devices
+    assert d.word_sums is not None and d.summed == {0, 2, 3}
+    layers = _layers(runtime)
+    with monkeypatch.context() as patched:
+        patched.setattr(word_sums, "available", lambda device: False)
+        reference = WrittenProbes(layers, merger._buffers, signature(layers))
+    (r,) = reference._devices
+    assert r.word_sums is None and not r.summed
+    for _ in range(2):
+        d.write(d.now, d.now_probes)
+        r.write(r.now, r.now_probes)
+        assert torch.equal(d.now, r.now)
+    assert torch.equal(d.then, r.now)  # the record
+    for k, layer in enumerate(model.layers):
+        flat = _unsampled(layer.weight)
+        old = layer.weight.detach().view(-1)[flat].clone()
+        with torch.no_grad():
+            _bump(layer.weight, flat)
+        assert _verdicts(runtime) == ([j == k for j in range(4)],) * 2
+        with torch.no_grad():
+            layer.weight.view(-1)[flat] = old
+        assert _verdicts(runtime) == ([False] * 4,) * 2
+
+
+@pytest.mark.gpu
+def test_gpu_one_launch_sums_equal_the_library_sums_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    check_one_launch_sums("cuda", monkeypatch)
+
+
 @given(numel=st.integers(0, 5000))
 def test_the_sampled_view_holds_the_elements_at_the_positions(numel: int) -> None:
     """The strided view the layout copies and the positions the layer by layer check gathers
