@@ -209,3 +209,95 @@ def test_an_audio_tower_is_a_tower_an_audio_clip_batch_of_the_routing_s_length_t
     for names in (["audio_tower", "embed_audio", "embed_vision", "vision_tower"], ["video_tower", "image_tower"]):
         found = tower_paths(nn.ModuleDict({**beside, **{n: nn.Linear(2, 2) for n in names}}))
         assert sorted(found) == sorted(names)
+
+
+def _phi4_multimodal() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.Phi4MultimodalConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+            "crop_size": 16,
+            "image_token_id": 62,
+        },
+        audio_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_blocks": 1,
+            "num_attention_heads": 2,
+            "ext_pw_out_channel": 32,
+            "depthwise_separable_out_channel": 32,
+            "nemo_conv_channels": 32,
+            "input_size": 8,
+            "audio_token_id": 63,
+        },
+    )
+    model: nn.Module = transformers.Phi4MultimodalForCausalLM(config).eval()
+    return model
+
+
+def test_towers_under_other_names_are_found_by_name_by_their_inputs_and_beside_a_tower() -> None:
+    """Phi-4-multimodal's image and audio embedders (each a tower with its own projection, under
+    ``embed_tokens_extend``, beside nothing but each other) are towers: a per-row routing to an
+    adapter on their projections is refused, where before no tower was found and it was taken.
+    Its language model's layers are not towers."""
+    model = _phi4_multimodal()
+    extend = "model.embed_tokens_extend"
+    assert tower_paths(model) == [f"{extend}.image_embed", f"{extend}.audio_embed"]
+    image, audio = f"{extend}.image_embed.img_projection_up", f"{extend}.audio_embed.up_proj_for_speech"
+    language = ["model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.down_proj", "lm_head"]
+    runtime = lorahot.inject(model, [image, audio, *language], max_rank=2, slots=3)
+    assert runtime._towers == {image, audio}
+    runtime.load(make_adapter(model, {image: 2, language[0]: 2}, seed=1)[0], slot=0)
+    runtime.load(make_adapter(model, {audio: 1}, seed=2)[0], slot=1)
+    runtime.load(make_adapter(model, dict.fromkeys(language, 2), seed=3)[0], slot=2)
+    for slot in (0, 1):
+        with pytest.raises(lorahot.UsageError, match=rf"slot {slot}, whose adapter has weights on a vision tower"):
+            runtime.activate([2, slot])
+        assert runtime.routing is None
+    runtime.activate([2, -1])  # the language model routes
+
+
+class _Media(nn.Module):
+    """A module that declares what it takes, as transformers' models do."""
+
+    def __init__(self, main_input_name: str = "input_ids", input_modalities: object = "text") -> None:
+        super().__init__()
+        self.main_input_name, self.input_modalities = main_input_name, input_modalities
+        self.fc = nn.Linear(2, 2)
+
+
+def test_a_module_that_takes_images_or_audio_and_no_text_is_a_tower_under_any_name_and_its_projector_too() -> None:
+    """The structural rule: a module whose ``main_input_name`` is an image or audio input, or
+    whose ``input_modalities`` hold no text, is a tower whatever its name (Granite Speech's
+    ``encoder``), and a ``projector`` beside it carries its output. Negative controls: a
+    ``projector`` beside no tower (a text model's head), a module that takes text as well,
+    and a model that itself takes images (its rows are its images: no tower in it)."""
+    text = nn.Linear(2, 2)
+    takes_media = [_Media("input_features"), _Media(input_modalities="audio")]
+    takes_media.append(_Media(input_modalities=("image", "video")))
+    for media in takes_media:
+        model = nn.ModuleDict({"encoder": media, "projector": nn.Linear(2, 2), "language_model": text})
+        assert tower_paths(model) == ["encoder", "projector"]
+    for other in (_Media(), _Media(input_modalities=("image", "text")), _Media("input_ids", ["text"])):
+        model = nn.ModuleDict({"encoder": other, "projector": nn.Linear(2, 2), "language_model": text})
+        assert tower_paths(model) == []
+    whole = _Media("pixel_values")
+    whole.add_module("vision_model", nn.Linear(2, 2))
+    whole.add_module("head", nn.Linear(2, 2))
+    assert tower_paths(whole) == []  # a vision model with a head (CLIPVisionModelWithProjection): rows are images
+    alone = nn.ModuleDict({"vision_tower": nn.Linear(2, 2)})  # every parameter in the tower
+    assert tower_paths(alone) == []
