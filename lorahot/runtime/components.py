@@ -9,6 +9,7 @@ in place: the user keeps calling ``pipe.unet`` and ``pipe.text_encoder``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 from lorahot.errors import UsageError, shown
 from lorahot.runtime.targets import Targets, _check_single_path, match_targets
 
-__all__ = ["Components", "is_several", "components_of", "match_components"]
+__all__ = ["Components", "Pipeline", "is_several", "components_of", "match_components"]
 
 
 class Components(nn.Module):
@@ -38,6 +39,54 @@ class Components(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise UsageError("Components only holds a pipeline's components; call the components themselves.")
+
+
+class Pipeline:
+    """The pipeline a runtime's components came from (an object with a ``components``
+    mapping), held weakly, to check that it still calls them.
+
+    The runtime's layers live in the modules inject wrapped. A pipeline whose component is
+    replaced or removed after inject (``pipe.unet = other_unet``) no longer calls them: a load
+    would change nothing it computes, and it would run without the adapter. :meth:`check`
+    refuses that; a component compiled since (``pipe.unet = torch.compile(pipe.unet)``, whose
+    ``_orig_mod`` is the injected module) is the same component.
+    """
+
+    def __init__(self, pipeline: object, container: nn.Module) -> None:
+        try:
+            self._ref: weakref.ref[Any] | None = weakref.ref(pipeline)
+        except TypeError:  # an object weakref cannot follow: not checked
+            self._ref = None
+        self._injected = [(name, module) for name, module in container._modules.items() if module is not None]
+
+    def check(self) -> None:
+        """Raises :class:`UsageError` naming the first component the pipeline no longer holds."""
+        pipeline = self._ref() if self._ref is not None else None
+        if pipeline is None:
+            return
+        for name, module in self._injected:
+            now = _component(pipeline, name)
+            if getattr(now, "_orig_mod", now) is not module:
+                how = "removed" if now is None else f"replaced by another {type(now).__name__}"
+                raise UsageError(
+                    f"component {name!r} of the pipeline was {how} after inject: this runtime's LoRA layers are in "
+                    f"the {type(module).__name__} inject wrapped, which the pipeline no longer calls, so a load or "
+                    "activate would change nothing it computes. Call runtime.eject(), then inject into the pipeline "
+                    "as it is now."
+                )
+
+
+def _component(pipeline: object, name: str) -> object:
+    """The pipeline's component ``name`` now: its attribute of that name (a diffusers
+    pipeline's), else its ``components`` entry; None where it has neither or reading raises."""
+    try:
+        found = getattr(pipeline, name, None)
+        if found is None:
+            components = getattr(pipeline, "components", None)
+            found = components.get(name) if isinstance(components, Mapping) else None
+    except Exception:  # a property of the caller's object that raises: no component there to call
+        return None
+    return found
 
 
 def is_several(model: object) -> bool:

@@ -15,7 +15,7 @@ from lorahot.layers import LayerSpec, LoRALayer
 from lorahot.layers.base import kept_parametrizations
 from lorahot.layers.sharded import is_sharded
 from lorahot.runtime.buffers import BufferManager
-from lorahot.runtime.components import components_of, is_several, match_components
+from lorahot.runtime.components import Pipeline, components_of, is_several, match_components
 from lorahot.runtime.lora_runtime import LoraRuntime, release_hooks, roots
 from lorahot.runtime.merge import check_mergeable, check_untied
 from lorahot.runtime.plan import WEIGHT_DTYPES
@@ -141,7 +141,9 @@ def _inject(
                 check_mergeable(name, layer, dtype)
             specs[name] = (layer.spec, *layer_placement(layer, dtype, name))
         buffers = _allocate(specs, max_rank, slots)
-        return LoraRuntime(root, layers, buffers, cache_bytes, merged, fused, extras, components, regional)
+        # a pipeline (not a dict of the caller's): checked to still call the components wrapped
+        pipeline = Pipeline(model, root) if components and not isinstance(model, Mapping) else None
+        return LoraRuntime(root, layers, buffers, cache_bytes, merged, fused, extras, components, regional, pipeline)
     except BaseException:
         unwrap_modules(root, layers)
         release_hooks(roots(root, components))  # what LoraRuntime hooked before it failed

@@ -61,6 +61,7 @@ from lorahot.runtime.arguments import (
 )
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter, check_prepared
+from lorahot.runtime.components import Pipeline
 from lorahot.runtime.dora import DoraFactors
 from lorahot.runtime.experts import find_experts
 from lorahot.runtime.info import AdapterInfo, PartInfo
@@ -150,10 +151,12 @@ class LoraRuntime:
         extras: bool = True,
         components: tuple[str, ...] = (),
         regional: bool = False,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self._agreement = Agreement.of(layers)  # tensor-parallel layers: their ranks agree before each write
         self.model = model
         self.components = components  # empty for a single model
+        self._pipeline = pipeline  # the pipeline the components came from: it must still call them
         self._extras = extras
         self.layers = layers
         self.buffers = buffers
@@ -1166,6 +1169,8 @@ class LoraRuntime:
                 "after inject), so a load would change nothing the model computes. Call runtime.eject(), then "
                 "inject into the model as it is now."
             )
+        if self._pipeline is not None:
+            self._pipeline.check()
         names = list(self.layers) if every_layer else (self._first,)
         parallelized = [n for n in names if is_sharded(self.layers[n].base_layer) != self._sharded[n]]
         if parallelized:

@@ -297,3 +297,49 @@ def test_slots_and_merged_mode_span_every_component(merged: bool) -> None:
     assert all(torch.equal(full[c], out) for c, out in _run(models).items())
     runtime.eject()
     assert all(torch.equal(base[c], out) for c, out in _run(models).items())
+
+
+class _AttributePipe:
+    """Like a diffusers pipeline: each component an attribute, ``components`` read from them."""
+
+    def __init__(self, models: dict[str, nn.Module]) -> None:
+        self.names = list(models)
+        self.__dict__.update(models)
+
+    @property
+    def components(self) -> dict[str, nn.Module]:
+        return {n: getattr(self, n) for n in self.names if getattr(self, n, None) is not None}
+
+
+@pytest.mark.parametrize("change", ["replaced", "removed"])
+def test_a_component_replaced_or_removed_after_inject_is_refused_and_a_compiled_one_is_the_same(change: str) -> None:
+    """A pipeline whose ``unet`` is replaced (or whose text encoder is removed) after inject no
+    longer calls the modules holding the LoRA layers: before, a load went through and the
+    pipeline ran its new UNet without the adapter (max abs diff 0 from base). Now every call
+    that writes or activates is refused, nothing changed; a component compiled since
+    (``torch.compile``'s wrapper of the injected module) is the same; eject still works."""
+    models = _models()
+    pipe = _AttributePipe(models)
+    runtime = lorahot.inject(pipe, TARGETS, max_rank=4, slots=2)
+    runtime.load(_lora(FULL), slot=0)
+    pipe.unet = torch.compile(models["unet"])  # compiled: the same component
+    runtime.load(_lora(FULL, seed=3), slot=1)
+    before = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+    if change == "replaced":
+        pipe.unet, name = nn.ModuleDict({"to_q": nn.Linear(8, 8), "conv": nn.Linear(8, 8)}), "unet"
+    else:
+        pipe.text_encoder_2, name = None, "text_encoder_2"
+    for call in (
+        lambda: runtime.load(_lora(FULL)),
+        lambda: runtime.activate(1),
+        lambda: runtime.set_scale(0.5),
+        lambda: runtime.unload(0),
+    ):
+        with pytest.raises(UsageError, match=rf"component '{name}' of the pipeline was {change}.*runtime\.eject\(\)"):
+            call()
+    assert all(
+        torch.equal(t, u) for t, u in zip(before, (t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)))
+    )
+    assert runtime.active_slot == 0
+    runtime.eject()
+    assert type(models["unet"]["to_q"]) is nn.Linear
