@@ -16,6 +16,7 @@ __all__ = ["FORMATS", "KeyFormat", "Reorder", "Rule", "Split", "detect", "format
 
 #: Every known naming, in detection order.
 FORMATS: tuple[KeyFormat, ...] = (
+    hunyuan.MUSUBI,  # before flux-kohya: the same prefix and block names, spelled apart (img_mlp_fc1)
     flux.KOHYA,  # before kohya: original Flux block names, which only its renames and splits place
     wan.MUSUBI,  # before kohya: original Wan block names
     kohya.FORMAT,

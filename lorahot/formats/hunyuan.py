@@ -17,18 +17,29 @@ spell the modules apart (``img_attn_qkv``, ``img_mlp.fc1``, ``img_mod.linear``,
 ``modulation.linear``, ``txt_in.individual_token_refiner``, ``time_in.mlp``): the marker looks
 for those, and this naming is detected before Flux's BFL one. A file of single blocks'
 ``linear1``/``linear2`` only is read as BFL's, which places them the same way.
+
+``hunyuan-video-musubi`` is musubi-tuner's kohya spelling of the same names
+(``lora_unet_double_blocks_0_img_mlp_fc1.lora_down.weight``, ``.alpha`` per module), which shares
+its prefix and block names with Flux's kohya naming: module names only HunyuanVideo spells
+(``img_mlp_fc1``, ``img_mod_linear``, ``modulation_linear``, the token refiner, ``time_in_mlp``)
+tell it apart, and it is detected before ``flux-kohya``. The names the two models share
+(``img_attn_qkv``, ``img_attn_proj``, ``linear1``, ``linear2``, ``final_layer_linear``,
+``vector_in_in_layer``) mean the same layers in both, split the same way, so a file of those
+only, read as ``flux-kohya``, places them as this naming would.
 """
 
 from __future__ import annotations
 
 import re
 
+from lorahot.formats import kohya
 from lorahot.formats.flux import ADD_QKV, QKV, qkv_split
+from lorahot.formats.kohya import COMPONENTS
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import NAME_START as _START
 from lorahot.formats.table import REFUSED, KeyFormat, Reorder, Split, lora_rules
 
-__all__ = ["FORMAT", "SPLITS"]
+__all__ = ["FORMAT", "MUSUBI", "SPLITS"]
 
 
 #: double block module (after ``double_blocks.N.``) -> diffusers' (after ``transformer_blocks.N.``)
@@ -122,4 +133,56 @@ FORMAT = KeyFormat(
     marker=_MARKER,
     splits=SPLITS,
     example="diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight",
+)
+
+#: musubi-tuner's underscore names of the original modules -> the dotted ones (``lora_unet_``
+#: kept: ``prefix="lora_unet"`` selects them, and the resolver drops it)
+_MUSUBI_TO_DOTTED: tuple[tuple[str, str], ...] = (
+    (r"^lora_unet_double_blocks_(\d+)_(img|txt)_(attn_qkv|attn_proj)$", r"lora_unet_double_blocks.\1.\2_\3"),
+    (r"^lora_unet_double_blocks_(\d+)_(img|txt)_mlp_(fc1|fc2)$", r"lora_unet_double_blocks.\1.\2_mlp.\3"),
+    (r"^lora_unet_double_blocks_(\d+)_(img|txt)_mod_linear$", r"lora_unet_double_blocks.\1.\2_mod.linear"),
+    (r"^lora_unet_single_blocks_(\d+)_(linear1|linear2)$", r"lora_unet_single_blocks.\1.\2"),
+    (r"^lora_unet_single_blocks_(\d+)_modulation_linear$", r"lora_unet_single_blocks.\1.modulation.linear"),
+    (
+        r"^lora_unet_txt_in_individual_token_refiner_blocks_(\d+)_(self_attn_qkv|self_attn_proj)$",
+        r"lora_unet_txt_in.individual_token_refiner.blocks.\1.\2",
+    ),
+    (
+        r"^lora_unet_txt_in_individual_token_refiner_blocks_(\d+)_mlp_(fc1|fc2)$",
+        r"lora_unet_txt_in.individual_token_refiner.blocks.\1.mlp.\2",
+    ),
+    (
+        r"^lora_unet_txt_in_individual_token_refiner_blocks_(\d+)_adaLN_modulation_1$",
+        r"lora_unet_txt_in.individual_token_refiner.blocks.\1.adaLN_modulation.1",
+    ),
+    (r"^lora_unet_txt_in_input_embedder$", "lora_unet_txt_in.input_embedder"),
+    (r"^lora_unet_txt_in_t_embedder_mlp_(0|2)$", r"lora_unet_txt_in.t_embedder.mlp.\1"),
+    (r"^lora_unet_txt_in_c_embedder_linear_(1|2)$", r"lora_unet_txt_in.c_embedder.linear_\1"),
+    (r"^lora_unet_(time|guidance)_in_mlp_(0|2)$", r"lora_unet_\1_in.mlp.\2"),
+    (r"^lora_unet_vector_in_(in|out)_layer$", r"lora_unet_vector_in.\1_layer"),
+    (r"^lora_unet_img_in_proj$", "lora_unet_img_in.proj"),
+    (r"^lora_unet_final_layer_linear$", "lora_unet_final_layer.linear"),
+    (r"^lora_unet_final_layer_adaLN_modulation_1$", "lora_unet_final_layer.adaLN_modulation.1"),
+)
+
+#: musubi module names only HunyuanVideo has (Flux's kohya ones are ``img_mlp_0``,
+#: ``img_mod_lin``, ``modulation_lin``, ``time_in_in_layer``, ``txt_in``, ``img_in``)
+_MUSUBI_MARKER = (
+    r"^lora_unet_(?:double_blocks_\d+_(?:img|txt)_(?:mlp_fc[12]|mod_linear)\.|single_blocks_\d+_modulation_linear\."
+    r"|txt_in_(?:individual_token_refiner|input_embedder|t_embedder|c_embedder)[._]"
+    r"|(?:time_in|guidance_in)_mlp_[02]\.|img_in_proj\.)"
+)
+
+MUSUBI = KeyFormat(
+    name="hunyuan-video-musubi",
+    rules=kohya.RULES,
+    prefixes=COMPONENTS,
+    separator="_",
+    renames=_MUSUBI_TO_DOTTED,
+    aliases=_ALIASES,
+    refuse=REFUSED,
+    marker=_MUSUBI_MARKER,
+    splits=SPLITS,
+    roles=("lora_down", "lora_up"),
+    example="lora_unet_double_blocks_0_img_mlp_fc1.lora_down.weight",
 )

@@ -172,3 +172,82 @@ def test_hunyuan_video_full_size_linear1_split_matches_diffusers_conversion() ->
     assert sorted(ours) == sorted(theirs)
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+#: musubi-tuner's kohya spelling: ``lora_unet_`` and the original name with every ``.`` as ``_``
+def musubi_name(name: str) -> str:
+    return "lora_unet_" + name.replace(".", "_")
+
+
+def musubi_pair(modules: dict[str, tuple[int, int]], seed: int) -> tuple[dict, dict]:
+    """A musubi-tuner file with an ``.alpha`` per module (alphas differ between modules), and the
+    same factors and alphas in the original naming (``diffusion_model.``, ``lora_A``/``lora_B``)."""
+    original = hunyuan_file(modules, "diffusion_model.", seed)
+    musubi = {}
+    for i, name in enumerate(modules):
+        a, b = (original[f"diffusion_model.{name}.lora_{x}.weight"] for x in "AB")
+        alpha = torch.tensor(a.shape[0] * (0.5 + i % 3))
+        original[f"diffusion_model.{name}.alpha"] = alpha
+        musubi |= {f"{musubi_name(name)}.lora_down.weight": a, f"{musubi_name(name)}.lora_up.weight": b}
+        musubi[f"{musubi_name(name)}.alpha"] = alpha
+    return musubi, original
+
+
+def test_hunyuan_video_musubi_matches_diffusers_on_the_original_names(tmp_path: Path) -> None:
+    """musubi-tuner's spelling (``lora_unet_double_blocks_0_img_mlp_fc1``) was read as Flux's kohya
+    naming: the modules whose names Flux shares were placed, ``img_mlp_fc1``, ``img_mod_linear``
+    and ``modulation_linear`` refused as unmapped. diffusers has no musubi HunyuanVideo
+    conversion; it loads the same factors in the original naming, alphas folded into B (its
+    HunyuanVideo conversion reads no ``.alpha``). ``linear1`` and the refiner's ``self_attn_qkv``
+    are left out as in :func:`test_hunyuan_video_matches_diffusers`."""
+    musubi, original = musubi_pair(original_modules(linear1=False), seed=11)
+    folded = {}
+    for key, t in original.items():
+        if key.endswith(".lora_B.weight"):
+            alpha = original[key.replace(".lora_B.weight", ".alpha")]
+            t = t * (alpha / t.shape[1])
+        if not key.endswith(".alpha"):
+            folded[key] = t
+    path = tmp_path / "hunyuan_musubi.safetensors"
+    save_file(musubi, str(path))
+    with torch.no_grad():
+        oracle = tiny_hunyuan()
+        oracle.load_lora_adapter(diffusers.HunyuanVideoPipeline.lora_state_dict(folded), prefix="transformer")
+        expected = oracle(**hunyuan_inputs(), return_dict=False)[0]
+        model = tiny_hunyuan()
+        base = model(**hunyuan_inputs(), return_dict=False)[0]
+        runtime = lorahot.inject(model, "all-linear", max_rank=8)
+        info = runtime.load(path)
+        ours = model(**hunyuan_inputs(), return_dict=False)[0]
+    assert info.format == "hunyuan-video-musubi"
+    assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+#: the module names HunyuanVideo and Flux.1 spell alike in kohya naming (and mean alike)
+_SHARED = ("img_attn_qkv", "img_attn_proj", "txt_attn_qkv", "txt_attn_proj", "linear1", "linear2", "final_layer")
+
+
+@pytest.mark.parametrize("subset", ["all", "shared"])
+def test_hunyuan_video_musubi_places_every_module_as_the_original_naming(subset: str) -> None:
+    """Every module, ``linear1`` and the refiner's ``self_attn_qkv`` split, the final adaLN rows
+    swapped, each with its own alpha: the update of each layer in float64 equals the one the same
+    factors make in the original naming (checked against diffusers above). A file of the names
+    Flux.1 shares only reads as ``flux-kohya``, which places them the same way."""
+    modules = original_modules(linear1=True)
+    modules["txt_in.individual_token_refiner.blocks.0.self_attn_qkv"] = (D, 3 * D)
+    if subset == "shared":
+        modules = {k: v for k, v in modules.items() if k.rpartition(".")[2] in _SHARED or "final_layer" in k}
+    musubi, original = musubi_pair(modules, seed=12)
+    names = [n for n, m in tiny_hunyuan().named_modules() if isinstance(m, torch.nn.Linear)]
+    ours_adapter = lorahot.read_adapter(dict(musubi))
+    assert ours_adapter.format == ("hunyuan-video-musubi" if subset == "all" else "flux-kohya")
+
+    def updates(adapter: lorahot.Adapter) -> dict[str, torch.Tensor]:
+        return {k: m.scale * m.B.double() @ m.A.double() for k, m in resolve_keys(adapter, names).items()}
+
+    ours, reference = updates(ours_adapter), updates(lorahot.read_adapter(dict(original)))
+    assert sorted(ours) == sorted(reference)
+    assert len(ours) > len(modules)  # the fused modules were split
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-12, atol=1e-12, msg=name)

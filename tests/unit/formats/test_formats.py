@@ -299,6 +299,13 @@ def test_peft_embedding_base_layer_copies_are_carried(tmp_path: Path) -> None:
     [
         ("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "flux-kohya"),
         ("lora_unet_single_blocks_3_linear1.lora_down.weight", "flux-kohya"),
+        ("lora_unet_double_blocks_0_img_mlp_0.lora_down.weight", "flux-kohya"),
+        ("lora_unet_single_blocks_0_modulation_lin.lora_down.weight", "flux-kohya"),
+        ("lora_unet_double_blocks_0_img_mlp_fc1.lora_down.weight", "hunyuan-video-musubi"),
+        ("lora_unet_double_blocks_2_txt_mod_linear.lora_down.weight", "hunyuan-video-musubi"),
+        ("lora_unet_single_blocks_0_modulation_linear.lora_down.weight", "hunyuan-video-musubi"),
+        ("lora_unet_txt_in_individual_token_refiner_blocks_0_self_attn_qkv.lora_down.weight", "hunyuan-video-musubi"),
+        ("lora_unet_time_in_mlp_0.lora_down.weight", "hunyuan-video-musubi"),
         ("lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight", "kohya"),
         ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "kohya"),
         ("diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight", "flux-bfl"),
