@@ -134,7 +134,7 @@ def read_adapter(
     else:
         target = _device(device)
         if _slices is None and overrides is None and (target is None or target.type != "meta"):
-            meta = _structure_first(source, weight_name, subfolder, strict)
+            meta = _structure_first(source, weight_name, subfolder, revision, token, strict)
             if meta is not None and _fits is not None and fuse is None and split is None:  # those need values
                 _fits(_user_mapping(meta, prefix, key_map, None, None))
         raw = open_source(
@@ -299,17 +299,33 @@ def _device(device: Any) -> torch.device | None:
     return out
 
 
-def _structure_first(source: Source, weight_name: str | None, subfolder: str | None, strict: bool) -> Adapter | None:
+def _structure_first(
+    source: Source,
+    weight_name: str | None,
+    subfolder: str | None,
+    revision: str | None,
+    token: str | bool | None,
+    strict: bool,
+) -> Adapter | None:
     """For a local file whose header has no recipe yet (first seen): works its structure out
     from the header alone (as ``device="meta"`` reads it), so that tensors which cannot form an
     adapter (an A without its B, no known naming) are refused before the data section is
     allocated and read. A sparse file of a few MB declaring hundreds of MB of junk tensors
     used to be read in full first (an independent audit: 343 MB for a 1.9 MB file). Later
     reads of the same header skip this (its recipe is memoized); Hub ids are not fetched twice.
-    Returns the adapter so read (meta tensors) where it did, else None."""
+    Returns the adapter so read (meta tensors) where it did, else None. ``revision`` and
+    ``token`` go along so that a Hub option given with a local path is refused as the read
+    refuses it, before the header is judged."""
     if not isinstance(source, (str, os.PathLike)) or not _is_local(source):
         return None
-    shapes = open_source(source, weight_name=weight_name, subfolder=subfolder, device=torch.device("meta"))
+    shapes = open_source(
+        source,
+        weight_name=weight_name,
+        subfolder=subfolder,
+        revision=revision,
+        token=token,
+        device=torch.device("meta"),
+    )
     key = _file_key(shapes, strict)
     if key is not None and key not in _RECIPES:
         return _normalize_fully(shapes, None, strict)

@@ -311,3 +311,22 @@ def test_hub_options_with_a_local_path_are_refused(
             lorahot.read_adapter(REPO, **kwargs)
     with pytest.raises(lorahot.UsageError, match=r"is a file, so weight_name='y\.safetensors'"):
         lorahot.read_adapter(tmp_path / REPO / "adapter_model.safetensors", weight_name="y.safetensors")
+
+
+def test_hub_options_with_a_local_path_are_refused_before_its_header_is_judged(tmp_path: Path) -> None:
+    """The refusal comes first, whatever the file holds: a local adapter that cannot fit the
+    runtime's model (a load or preload plans its fit from the header before reading data), or
+    whose keys cannot form an adapter, was refused for that, the Hub option left unmentioned."""
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(8, 5))  # the file's B has 6 rows
+    runtime = lorahot.inject(model, ["proj"], max_rank=4)
+    save_file(_peft_tensors(2), tmp_path / "adapter_model.safetensors")
+    lone_a = tmp_path / "lone"
+    lone_a.mkdir()
+    save_file({"base_model.model.proj.lora_A.weight": torch.randn(2, 8)}, lone_a / "adapter_model.safetensors")
+    calls = (runtime.load, runtime.preload, lorahot.read_adapter)
+    for call, source in [*((c, tmp_path) for c in calls), *((c, lone_a) for c in calls)]:
+        for kwargs in ({"revision": "main"}, {"token": "hf_x"}):
+            with pytest.raises(lorahot.UsageError, match=r"is a local path, so (revision|token)= \(Hub options\)"):
+                call(str(source), **kwargs)
+    assert runtime.info() is None and len(runtime.cache) == 0
