@@ -22,8 +22,15 @@ from __future__ import annotations
 
 import re
 
+from lorahot.formats.table import (
+    DIFFUSION_MODEL,
+    DIFFUSION_MODEL_HEAD,
+    REFUSED_MERGEABLE,
+    KeyFormat,
+    lora_rules,
+    lycoris_rules,
+)
 from lorahot.formats.table import DOTTED_START as _START
-from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, lora_rules, lycoris_rules
 
 __all__ = ["FORMAT"]
 
@@ -60,18 +67,18 @@ _ALIASES: tuple[tuple[str, str], ...] = (
 FORMAT = KeyFormat(
     name="anima",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
-    prefixes=("diffusion_model.",),
+    prefixes=DIFFUSION_MODEL,
     require_prefix=True,
     refuse=(
         (
-            r"^diffusion_model\.llm_adapter\.",
+            DIFFUSION_MODEL_HEAD + r"llm_adapter\.",
             "Anima's text conditioner (llm_adapter), another component, which this naming does not place (its "
             "module names are the transformer's); load with strict=False to skip its keys",
         ),
         *REFUSED_MERGEABLE,
     ),
     marker=(
-        r"^diffusion_model\.blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|output_proj)"
+        DIFFUSION_MODEL_HEAD + r"blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|output_proj)"
         r"|mlp\.layer[12]|adaln_modulation_(?:self_attn|cross_attn|mlp)\.[12])\."
     ),
     aliases=_ALIASES,

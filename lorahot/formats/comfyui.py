@@ -5,7 +5,7 @@ original LDM block names (``input_blocks.4.1...``), which the resolver maps to d
 
 from __future__ import annotations
 
-from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, Rule, lycoris_rules
+from lorahot.formats.table import DIFFUSION_MODEL, REFUSED_MERGEABLE, KeyFormat, Rule, lycoris_rules
 
 __all__ = ["FORMAT"]
 
@@ -21,7 +21,7 @@ FORMAT = KeyFormat(
         Rule(r"(?P<module>.+)\.alpha", "alpha"),
         *lycoris_rules(r"(?P<module>.+)"),
     ),
-    prefixes=("diffusion_model.", "model.diffusion_model."),
+    prefixes=DIFFUSION_MODEL,
     require_prefix=True,
     refuse=REFUSED_MERGEABLE,
     example="diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight",

@@ -30,8 +30,8 @@ import re
 from lorahot.formats import kohya
 from lorahot.formats.kohya import COMPONENTS
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
+from lorahot.formats.table import DIFFUSION_MODEL, REFUSED, KeyFormat, Reorder, Rule, Split, lora_rules
 from lorahot.formats.table import NAME_START as _START
-from lorahot.formats.table import REFUSED, KeyFormat, Reorder, Rule, Split, lora_rules
 
 __all__ = ["KOHYA", "BFL", "XLABS", "FAL", "SPLITS"]
 
@@ -161,7 +161,7 @@ _BFL_MARKER = r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\."
 BFL = KeyFormat(
     name="flux-bfl",
     rules=lora_rules(),
-    prefixes=("diffusion_model.", "model.diffusion_model.", "transformer."),
+    prefixes=(*DIFFUSION_MODEL, "transformer."),
     aliases=_ALIASES,
     refuse=REFUSED,
     marker=_BFL_MARKER,

@@ -15,8 +15,15 @@ from __future__ import annotations
 
 import re
 
+from lorahot.formats.table import (
+    DIFFUSION_MODEL,
+    DIFFUSION_MODEL_HEAD,
+    REFUSED_MERGEABLE,
+    KeyFormat,
+    lora_rules,
+    lycoris_rules,
+)
 from lorahot.formats.table import DOTTED_START as _START
-from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, lora_rules, lycoris_rules
 
 __all__ = ["FORMAT"]
 
@@ -45,11 +52,11 @@ _ALIASES: tuple[tuple[str, str], ...] = tuple(
 FORMAT = KeyFormat(
     name="flux3",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
-    prefixes=("diffusion_model.",),
+    prefixes=DIFFUSION_MODEL,
     require_prefix=True,
     refuse=REFUSED_MERGEABLE,
     marker=(
-        rf"^diffusion_model\.(?:{'|'.join(_BLOCKS)})\.(?:[A-Za-z_]\w*\.)?\d+\."
+        DIFFUSION_MODEL_HEAD + rf"(?:{'|'.join(_BLOCKS)})\.(?:[A-Za-z_]\w*\.)?\d+\."
         rf"(?:{'|'.join(_LEAVES)})\."
     ),
     aliases=_ALIASES,

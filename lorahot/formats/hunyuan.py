@@ -1,6 +1,6 @@
 """HunyuanVideo naming: adapters trained on the original HunyuanVideo module names
-(``diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight``; ``transformer.`` or no prefix
-also occur), for a diffusers-named ``HunyuanVideoTransformer3DModel``.
+(``diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight``; ``model.diffusion_model.``,
+``transformer.`` or no prefix also occur), for a diffusers-named ``HunyuanVideoTransformer3DModel``.
 
 The original model fuses what diffusers keeps apart: ``img_attn_qkv`` is ``attn.to_q``/``to_k``/
 ``to_v``, ``txt_attn_qkv`` is ``attn.add_q_proj``/``add_k_proj``/``add_v_proj``, a token-refiner
@@ -36,8 +36,8 @@ from lorahot.formats import kohya
 from lorahot.formats.flux import ADD_QKV, QKV, qkv_split
 from lorahot.formats.kohya import COMPONENTS
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
+from lorahot.formats.table import DIFFUSION_MODEL, REFUSED, KeyFormat, Reorder, Split, lora_rules
 from lorahot.formats.table import NAME_START as _START
-from lorahot.formats.table import REFUSED, KeyFormat, Reorder, Split, lora_rules
 
 __all__ = ["FORMAT", "MUSUBI", "SPLITS"]
 
@@ -127,7 +127,7 @@ _MARKER = (
 FORMAT = KeyFormat(
     name="hunyuan-video",
     rules=lora_rules(),
-    prefixes=("diffusion_model.", "transformer."),
+    prefixes=(*DIFFUSION_MODEL, "transformer."),
     aliases=_ALIASES,
     refuse=REFUSED,
     marker=_MARKER,

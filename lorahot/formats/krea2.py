@@ -22,8 +22,15 @@ from __future__ import annotations
 
 import re
 
+from lorahot.formats.table import (
+    DIFFUSION_MODEL,
+    DIFFUSION_MODEL_HEAD,
+    REFUSED_MERGEABLE,
+    KeyFormat,
+    lora_rules,
+    lycoris_rules,
+)
 from lorahot.formats.table import DOTTED_START as _START
-from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, lora_rules, lycoris_rules
 
 __all__ = ["FORMAT"]
 
@@ -62,11 +69,11 @@ _ALIASES: tuple[tuple[str, str], ...] = (
 FORMAT = KeyFormat(
     name="krea2",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
-    prefixes=("diffusion_model.",),
+    prefixes=DIFFUSION_MODEL,
     require_prefix=True,
     refuse=REFUSED_MERGEABLE,
     marker=(
-        r"^diffusion_model\.(?:txtfusion\.(?:layerwise|refiner)_blocks\.\d+\.|blocks\.\d+\.)"
+        DIFFUSION_MODEL_HEAD + r"(?:txtfusion\.(?:layerwise|refiner)_blocks\.\d+\.|blocks\.\d+\.)"
         rf"(?:attn\.(?:{'|'.join(_ATTN)})|mlp\.(?:{'|'.join(_MLP)}))\."
     ),
     aliases=_ALIASES,

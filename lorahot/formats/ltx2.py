@@ -19,8 +19,15 @@ from __future__ import annotations
 
 import re
 
+from lorahot.formats.table import (
+    DIFFUSION_MODEL,
+    DIFFUSION_MODEL_HEAD,
+    REFUSED_MERGEABLE,
+    KeyFormat,
+    lora_rules,
+    lycoris_rules,
+)
 from lorahot.formats.table import DOTTED_START as _START
-from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, lora_rules, lycoris_rules
 
 __all__ = ["FORMAT"]
 
@@ -46,7 +53,7 @@ _ALIASES: tuple[tuple[str, str], ...] = tuple(
 FORMAT = KeyFormat(
     name="ltx2",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
-    prefixes=("diffusion_model.", "text_embedding_projection."),
+    prefixes=(*DIFFUSION_MODEL, "text_embedding_projection."),
     require_prefix=True,
     refuse=(
         (
@@ -56,7 +63,7 @@ FORMAT = KeyFormat(
         ),
         *REFUSED_MERGEABLE,
     ),
-    marker=rf"^diffusion_model\.(?:{'|'.join(map(re.escape, _OUTSIDE))})\.",
+    marker=DIFFUSION_MODEL_HEAD + rf"(?:{'|'.join(map(re.escape, _OUTSIDE))})\.",
     aliases=_ALIASES,
     example="diffusion_model.adaln_single.linear.lora_A.weight",
 )

@@ -29,8 +29,8 @@ from __future__ import annotations
 import re
 
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
+from lorahot.formats.table import DIFFUSION_MODEL, REFUSED, KeyFormat, Reorder, Split, lora_rules
 from lorahot.formats.table import NAME_START as _START
-from lorahot.formats.table import REFUSED, KeyFormat, Reorder, Split, lora_rules
 
 __all__ = ["FORMAT", "SPLITS"]
 
@@ -70,11 +70,11 @@ SPLITS: tuple[Split | Reorder, ...] = (
 FORMAT = KeyFormat(
     name="lumina2",
     rules=lora_rules(),
-    prefixes=("diffusion_model.", "conditional_transformer."),
+    prefixes=(*DIFFUSION_MODEL, "conditional_transformer."),
     require_prefix=True,
     refuse=REFUSED,
     marker=(
-        r"^(?:diffusion_model|conditional_transformer)\.(?:layers|noise_refiner|context_refiner)\.\d+\."
+        r"^(?:(?:model\.)?diffusion_model|conditional_transformer)\.(?:layers|noise_refiner|context_refiner)\.\d+\."
         r"(?:attention\.(?:qkv|out|o)|feed_forward\.w[123])\."
     ),
     aliases=_ALIASES,

@@ -32,6 +32,8 @@ __all__ = [
     "NAME_START",
     "DOTTED_START",
     "COMPONENT_HEAD",
+    "DIFFUSION_MODEL",
+    "DIFFUSION_MODEL_HEAD",
     "lora_rules",
     "Parts",
     "group_keys",
@@ -287,6 +289,12 @@ NAME_START = r"(?<![^._])"
 DOTTED_START = r"(?<![^.])"
 #: A component prefix in front of a module, kept (``\g<head>``) for the resolver (for splits).
 COMPONENT_HEAD = r"(?P<head>(?:.*[._])?)"
+#: The component prefixes of the namings in a model's original module names: ComfyUI's
+#: ``diffusion_model.``, and the ``model.diffusion_model.`` of the transformer's keys in a whole
+#: ComfyUI checkpoint, which some of its LoRA files keep.
+DIFFUSION_MODEL = ("diffusion_model.", "model.diffusion_model.")
+#: A key that starts with one of :data:`DIFFUSION_MODEL` (for markers and refusals).
+DIFFUSION_MODEL_HEAD = r"^(?:model\.)?diffusion_model\."
 
 
 def lora_rules(module: str = r"(?P<module>.+)") -> tuple[Rule, ...]:

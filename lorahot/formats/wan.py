@@ -1,6 +1,7 @@
 """Wan 2.x naming: adapters trained on the original Wan module names
 (``diffusion_model.blocks.0.self_attn.q.lora_A.weight``, or ``.lora_down``/``.lora_up``, with
-``.alpha``), for a diffusers-named ``WanTransformer3DModel``.
+``.alpha``; ``model.diffusion_model.`` as ComfyUI also writes it), for a diffusers-named
+``WanTransformer3DModel``.
 
 Module keys keep the original names; the diffusers names are aliases
 (``blocks.0.self_attn.q`` -> ``blocks.0.attn1.to_q``, ``cross_attn`` -> ``attn2``,
@@ -27,8 +28,8 @@ import re
 
 from lorahot.formats import kohya
 from lorahot.formats.kohya import COMPONENTS
+from lorahot.formats.table import DIFFUSION_MODEL, DIFFUSION_MODEL_HEAD, REFUSED, KeyFormat, Rule, lora_rules
 from lorahot.formats.table import NAME_START as _START
-from lorahot.formats.table import REFUSED, KeyFormat, Rule, lora_rules
 
 __all__ = ["FORMAT", "MUSUBI"]
 
@@ -79,10 +80,10 @@ assert len(_REFUSED) == len(_NOT_LAYERS) + len(REFUSED) and _REFUSED[len(_NOT_LA
 FORMAT = KeyFormat(
     name="wan",
     rules=(*lora_rules(), Rule(r"(?P<module>.+)\.diff_b", "diff_bias"), Rule(r"(?P<module>.+)\.diff", "diff")),
-    prefixes=("diffusion_model.",),
+    prefixes=DIFFUSION_MODEL,
     require_prefix=True,
     refuse=_REFUSED,
-    marker=r"^diffusion_model\.blocks\.\d+\.(?:self_attn|cross_attn|ffn)\.",
+    marker=DIFFUSION_MODEL_HEAD + r"blocks\.\d+\.(?:self_attn|cross_attn|ffn)\.",
     aliases=_ALIASES,
     example="diffusion_model.blocks.0.self_attn.q.lora_A.weight",
 )

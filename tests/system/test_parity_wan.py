@@ -73,11 +73,15 @@ def wan_inputs() -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.parametrize("head", ["", "model."], ids=["diffusion_model", "model.diffusion_model"])
 @pytest.mark.parametrize("spelling", [("lora_A", "lora_B"), ("lora_down", "lora_up")], ids=["lora_A", "lora_down"])
-def test_wan_matches_diffusers(spelling: tuple[str, str], tmp_path: Path) -> None:
+def test_wan_matches_diffusers(spelling: tuple[str, str], head: str, tmp_path: Path) -> None:
+    """``model.diffusion_model.`` (ComfyUI's checkpoint prefix, which flux-bfl, HunyuanVideo and
+    ComfyUI naming took) read as ComfyUI naming, whose keys for Wan's names match no layer; diffusers
+    reads only ``diffusion_model.``, so its oracle loads the file without ``model.``."""
     sd = wan_file(spelling, seed=2)
     path = tmp_path / "wan_lora.safetensors"
-    save_file(sd, str(path))
+    save_file({head + k: v for k, v in sd.items()}, str(path))
     with torch.no_grad():
         oracle = tiny_wan()
         oracle.load_lora_adapter(diffusers.WanPipeline.lora_state_dict(dict(sd)), prefix="transformer")

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lorahot
-from lorahot.formats import FORMATS, detect
+from lorahot.formats import FORMATS, KeyFormat, detect
 from tests.helpers import lora_pair
 
 
@@ -349,6 +349,19 @@ def test_flux_namings_and_the_others_are_told_apart(key: str, name: str) -> None
     up = key.replace("lora_A", "lora_B").replace("lora_down", "lora_up").replace(".down.", ".up.")
     fmt = detect([key, up])
     assert fmt is not None and fmt.name == name
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f.example.startswith("diffusion_model.")], ids=lambda f: f.name)
+def test_namings_under_diffusion_model_take_model_diffusion_model_alike(fmt: KeyFormat) -> None:
+    """ComfyUI also saves the transformer's keys under ``model.diffusion_model.``: Wan, Lumina2,
+    LTX-2, Anima, Flux.3 and Krea 2 files so spelled read as ComfyUI naming, whose keys for the
+    original names match no layer (flux-bfl, HunyuanVideo and ComfyUI naming took them)."""
+    up = fmt.example.replace("lora_A", "lora_B").replace("lora_down", "lora_up")
+    keys = ["model." + fmt.example, "model." + up]
+    found = detect(keys)
+    assert found is not None and found.name == fmt.name
+    module = found.parse(keys[0])
+    assert module is not None and found.strip_prefix(module[0]) == fmt.strip_prefix(fmt.parse(fmt.example)[0])
 
 
 def test_a_lora_key_spelled_as_another_naming_is_not_called_full_weights() -> None:
