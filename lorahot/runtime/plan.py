@@ -613,11 +613,14 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
     """Every value finite and within the arena dtype's range (so converting it stays finite).
 
     Raises:
-        AdapterReadError: naming the modules with NaN or Inf, or else those out of range.
+        AdapterReadError: naming the modules with NaN or Inf, or else those out of range (with
+            the dtype to inject with where a wider one holds them: a float16 model's adapter
+            whose values only float32 holds is not corrupt).
     """
     names = {(a, i): n for n, (a, i) in buffers.where.items()}
     bad_values: list[str] = []
     too_large: list[str] = []
+    reached_most = 0.0  # the largest value out of range, to name a dtype that holds it
     plan.scaled_b = [torch.zeros(len(arena.specs), dtype=torch.float64) for arena in buffers.arenas]
     plan.update_bound = [torch.zeros(len(arena.specs), dtype=torch.float64) for arena in buffers.arenas]
     for a, (arena, entries) in enumerate(zip(buffers.arenas, staged)):
@@ -633,11 +636,13 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
         scales = plan.scales[a][index].abs()
         plan.scaled_b[a][index] = largest[1::2] * scales
         _check_precision(plan, arena, [names[(a, i)] for i, _, _ in entries], largest)
-        maybe = (products * scales > top).nonzero().flatten().tolist()
+        in_range = (largest[0::2] <= top) & (largest[1::2] <= top)  # factors out of it are named below
+        maybe = ((products * scales > top) & in_range).nonzero().flatten().tolist()
         for k in maybe:  # each factor in range, their product perhaps not: computed where the bound says so
             i, A, B = entries[k]
             exact = _delta_max(A, B, arena.specs[i].groups)
             if not (reached := exact * float(scales[k])) <= top:  # NaN fails too
+                reached_most = max(reached_most, reached)
                 too_large.append(
                     f"{names[(a, i)]}: its update scale * B @ A reaches |value| {reached:.6g} > {_dtype_name(arena)} "
                     f"max {top:.6g} (each factor is in range)"
@@ -653,15 +658,34 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
             if not bool(torch.isfinite(pair).all()):
                 bad_values.append(names[(a, i)])
             elif not bool((pair <= top).all()):
+                reached_most = max(reached_most, float(pair.max()))
                 too_large.append(
                     f"{names[(a, i)]}: largest |value| {float(pair.max()):.6g} > {_dtype_name(arena)} max {top:.6g}"
                 )
-    if bad_values or too_large:
-        lines = bad_values or ["(values too large for the model's dtype)", *too_large]
+    if bad_values:
         raise AdapterReadError(
-            format_problems(f"{plan.source}: NaN or Inf in LoRA weights of:", lines)
+            format_problems(f"{plan.source}: NaN or Inf in LoRA weights of:", bad_values)
             + "\nThe adapter is corrupt; re-train or re-download it."
         )
+    if too_large:
+        raise AdapterReadError(
+            format_problems(f"{plan.source}: LoRA weights or updates out of the LoRA buffers' range:", too_large)
+            + f"\n{_range_fix(reached_most)}"
+        )
+
+
+def _range_fix(reached: float) -> str:
+    """The fix for values (factors, or an update ``scale * B @ A``) of largest ``|value|``
+    ``reached`` that the LoRA buffers' dtype cannot hold: the narrowest wider dtype that holds
+    them (PEFT keeps a float16 model's adapters in float32), else a smaller adapter."""
+    for dtype in (torch.float32, torch.float64):
+        if reached <= torch.finfo(dtype).max:
+            name = str(dtype).removeprefix("torch.")
+            return (
+                f"Inject with dtype=torch.{name} (LoRA buffers of {name}'s range; PEFT keeps a float16 model's "
+                "adapters in float32), or re-save the adapter with smaller values or a smaller alpha."
+            )
+    return "Re-save the adapter with smaller values or a smaller alpha: no float dtype holds its update."
 
 
 def _check_precision(plan: LoadPlan, arena: Arena, layers: list[str], largest: torch.Tensor) -> None:
