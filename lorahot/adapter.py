@@ -93,7 +93,8 @@ class WeightModule:
 
     @property
     def rank(self) -> int:
-        """The rank the alpha divides (0 where the kind has none: diffs, full LoKr)."""
+        """The rank the alpha divides (0 where the kind has none: diffs, full LoKr; a diff's
+        ``lora_down``/``lora_up`` take their ``alpha / r`` inside ``ΔW``, :mod:`lorahot.runtime.deltas`)."""
         f = self.factors
         if self.kind == "loha":
             return int(f["hada_w1_b"].shape[0])

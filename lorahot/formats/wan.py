@@ -13,10 +13,11 @@ ComfyUI apply it: read as the module's LoRA bias (role ``diff_bias``, which the 
 ``alpha / r``), so it needs ``inject(..., extras=True)`` or merged mode. A module's ``.diff`` (a
 full weight delta, lightx2v's ``head.head.diff``), with its ``.diff_b`` if any, or a ``.diff_b``
 without LoRA weights, is a ``diff`` weight module, loaded in merged mode (as diffusers applies
-``head.head.diff``, and ComfyUI every diff). Deltas of normalization layers (``norm3.diff``,
-``cross_attn.norm_k_img.diff``) and of a block's modulation parameter (``blocks.N.diff_m``),
-which lightx2v files carry as zeros, belong to no layer lorahot adapts: refused by name
-(``strict=False`` skips them, as diffusers drops them).
+``head.head.diff``, and ComfyUI every diff); a module with both a LoRA and a ``.diff`` is one such
+module, its weight ``W + diff + alpha / r * B @ A`` as ComfyUI applies the two. Deltas of
+normalization layers (``norm3.diff``, ``cross_attn.norm_k_img.diff``) and of a block's
+modulation parameter (``blocks.N.diff_m``), which lightx2v files carry as zeros, belong to no
+layer lorahot adapts: refused by name (``strict=False`` skips them, as diffusers drops them).
 
 ``wan-musubi`` is musubi-tuner's kohya spelling of the same names
 (``lora_unet_blocks_0_self_attn_q.lora_down.weight``, ``.alpha`` per module).

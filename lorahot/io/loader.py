@@ -701,7 +701,7 @@ _KIND_NEEDS: dict[str, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
     "loha": ((("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)), ("hada_t1", "hada_t2", "alpha")),
     "lokr": ((("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")), ("lokr_w1_b", "lokr_w2_b", "lokr_t2", "alpha")),
     "locon-tucker": ((("A",), ("B",), ("lora_mid",)), ("alpha",)),
-    "diff": ((("diff", "diff_b"),), ("diff", "diff_b", "alpha")),
+    "diff": ((("diff", "diff_b"),), ("diff", "diff_b", "alpha", "A", "B")),
 }
 
 
@@ -710,8 +710,8 @@ _KIND_NEEDS: dict[str, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
 _RANK_FACTORS = frozenset({"hada_w1_b", "lokr_w1_b", "lokr_w2_b", "A"})
 
 
-#: Factors that come in pairs.
-_PAIRS = (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b"), ("hada_t1", "hada_t2"))
+#: Factors that come in pairs (a diff's LoRA: ``A`` and ``B``).
+_PAIRS = (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b"), ("hada_t1", "hada_t2"), ("A", "B"))
 
 #: A Tucker LoCon's A and B under the names LyCORIS gives them.
 _FACTOR = {"A": "lora_down", "B": "lora_up"}
@@ -741,16 +741,18 @@ def _weight_modules(parts: Parts, source: str, strict: bool, shapes_only: bool =
     out: dict[str, WeightModule] = {}
     problems: list[str] = []
     unreadable: list[str] = []
-    for roles in parts.values():  # a LoRA bias (wan's .diff_b) of a module without LoRA weights: a diff's bias
-        if "diff_bias" in roles and "A" not in roles and "B" not in roles:
+    for roles in parts.values():  # a LoRA bias (wan's .diff_b) beside a diff or without LoRA weights: a diff's bias
+        if "diff_bias" in roles and ("diff" in roles or ("A" not in roles and "B" not in roles)):
             roles["diff_b"] = roles.pop("diff_bias")
     for module in [m for m, roles in parts.items() if _kind(roles)]:
         roles = parts[module]
         kind = _kind(roles) or ""
         need, may = _KIND_NEEDS[kind]
         missing = [" or ".join(alts) for alts in need if not any(a in roles for a in alts)]
-        missing += [b if a in roles else a for a, b in _PAIRS if (a in roles) != (b in roles)]
-        extra = sorted(set(roles) - {a for alts in need for a in alts} - set(may))
+        allowed = {a for alts in need for a in alts} | set(may)
+        unpaired = [b if a in roles else a for a, b in _PAIRS if (a in roles) != (b in roles) and {a, b} <= allowed]
+        missing += [_FACTOR.get(r, r) for r in unpaired if r not in missing]
+        extra = sorted(set(roles) - allowed)
         if missing or extra:
             if strict:
                 keys = ", ".join(k for k, _ in roles.values())
@@ -766,6 +768,10 @@ def _weight_modules(parts: Parts, source: str, strict: bool, shapes_only: bool =
             k, t = flat[0]
             problems.append(f"{module} ({k}): shape {tuple(t.shape)}, where this {kind} factor is a matrix")
             continue
+        clash = _diff_lora_clash(roles) if kind == "diff" else None
+        if clash is not None:
+            problems.append(f"{module} ({', '.join(k for k, _ in roles.values())}): {clash}")
+            continue
         alpha = None if shapes_only else _alpha(roles.get("alpha"), unreadable)
         out[module] = WeightModule(module, kind, factors, alpha, tuple(k for k, _ in roles.values()))
     if unreadable:
@@ -777,9 +783,30 @@ def _weight_modules(parts: Parts, source: str, strict: bool, shapes_only: bool =
         raise UnknownFormatError(
             format_problems(f"{source}: LyCORIS or diff modules lorahot cannot build:", problems)
             + "\nRe-save the adapter with every factor of each module (LoHa: hada_w1_a/b and hada_w2_a/b; LoKr: "
-            "lokr_w1 or lokr_w1_a/b, and lokr_w2 or lokr_w2_a/b)."
+            "lokr_w1 or lokr_w1_a/b, and lokr_w2 or lokr_w2_a/b; a diff's LoRA: lora_down and lora_up of one rank, "
+            "whose product has the diff's shape)."
         )
     return out
+
+
+def _diff_lora_clash(roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:
+    """Why a diff module's LoRA (``A`` ``[r, in, *k]``, ``B`` ``[out, r, *1]``) cannot add to its
+    ``diff`` (``[out, in, *k]``, one delta of the same weight), or None."""
+    if "A" not in roles:
+        return None
+    (ka, a), (kb, b) = roles["A"], roles["B"]
+    if b.ndim < 2 or int(b.shape[1]) != int(a.shape[0]) or math.prod(b.shape[2:]) != 1:
+        return f"{ka} has shape {tuple(a.shape)} and {kb} {tuple(b.shape)}: not the two factors of one rank"
+    if "diff" not in roles:
+        return None
+    kd, d = roles["diff"]
+    out, fan_in = int(b.shape[0]), math.prod(a.shape[1:])
+    if d.ndim == 0 or int(d.shape[0]) != out or d.numel() != out * fan_in:
+        return (
+            f"its LoRA makes a [{out}, {fan_in}] update where {kd} has shape {tuple(d.shape)}; both must be deltas "
+            "of one weight"
+        )
+    return None
 
 
 def _incomplete(module: str, roles: dict[str, tuple[str, torch.Tensor]], fmt: KeyFormat) -> str:

@@ -11,7 +11,10 @@ the torch layout ``[out, in, *kernel]`` without its scale (see
   ``einsum("i j ..., i p, j r -> p r ...", t2, w2_a, w2_b)``; a 2-D ``w1`` against a conv
   ``w2`` gets trailing unit dims.
 - Tucker LoCon: ``einsum("m n ..., i m, n j -> i j ...", lora_mid, lora_up, lora_down)``.
-- diff: ``diff`` itself (and ``diff_b`` for the bias).
+- diff: ``diff`` itself (and ``diff_b`` for the bias); where the module also has a LoRA
+  (``lora_down``/``lora_up``, as Wan's lightx2v files and ComfyUI's patches put both on one
+  layer), ``diff + alpha / r * lora_up @ lora_down``: the diff unscaled, the LoRA at its own
+  ``alpha / r`` (alpha = r without one), as ComfyUI applies the two.
 
 Built on meta tensors they give the shape without any arithmetic (the plan's shape check).
 """
@@ -37,7 +40,8 @@ def build_delta(module: WeightModule, shape: tuple[int, ...], dtype: torch.dtype
     f = {k: t.to(device, dtype) for k, t in module.factors.items() if k != "diff_b"}
     if module.kind == "diff":
         delta = f.get("diff")
-        return torch.zeros(shape, dtype=dtype, device=device) if delta is None else delta.reshape(shape)
+        delta = torch.zeros(shape, dtype=dtype, device=device) if delta is None else delta.reshape(shape)
+        return delta if "lora_down" not in f else delta + (_diff_lora_scale(module) * _lora(f)).reshape(shape)
     build = {"loha": _loha, "lokr": _lokr, "locon-tucker": _locon_tucker}[module.kind]
     return build(f, shape).reshape(shape)
 
@@ -49,7 +53,12 @@ def delta_shape(module: WeightModule, shape: tuple[int, ...]) -> tuple[int, ...]
         meta = WeightModule(module.key, module.kind, {k: t.to("meta") for k, t in module.factors.items()})
         f = {k: t.float() for k, t in meta.factors.items() if k != "diff_b"}
         if module.kind == "diff":
-            return tuple(f["diff"].shape) if "diff" in f else shape
+            lora = _lora(f) if "lora_down" in f else None
+            if "diff" not in f:
+                return shape if lora is None else tuple(lora.shape)
+            if lora is not None and (lora.numel() != f["diff"].numel() or lora.shape[0] != f["diff"].shape[0]):
+                return None  # the two are deltas of different weights
+            return tuple(f["diff"].shape)
         build = {"loha": _loha, "lokr": _lokr, "locon-tucker": _locon_tucker}[module.kind]
         return tuple(build(f, shape).shape)
     except (RuntimeError, ValueError, IndexError):
@@ -78,7 +87,20 @@ def delta_bound(module: WeightModule) -> float:
         return w1 * w2
     if module.kind == "locon-tucker":
         return rank["lora_mid"] * int(f["lora_mid"].shape[1]) * top["lora_mid"] * top["lora_up"] * top["lora_down"]
-    return max(top.get("diff", 0.0), top.get("diff_b", 0.0))
+    lora = abs(_diff_lora_scale(module)) * low("lora_up", "lora_down") if "lora_down" in f else 0.0
+    return max(top.get("diff", 0.0) + lora, top.get("diff_b", 0.0))
+
+
+def _diff_lora_scale(module: WeightModule) -> float:
+    """``alpha / r`` of a diff module's LoRA (1 without an alpha)."""
+    r = int(module.factors["lora_down"].shape[0])
+    return 1.0 if module.alpha is None or r == 0 else module.alpha / r
+
+
+def _lora(f: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``lora_up @ lora_down`` as ``[out, in * prod(kernel)]``."""
+    up, down = f["lora_up"], f["lora_down"]
+    return up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
 
 
 #: elements of one float64 block of an update :func:`lora_update_max` builds at a time (128 MiB)

@@ -1061,7 +1061,7 @@ class LoraRuntime:
             raise AdapterMismatchError(
                 format_problems(
                     f"{plan.source}: modules whose update is not B @ A, which lorahot loads only in merged mode:",
-                    [f"{n} ({w.kind}: {', '.join(w.source_keys[:3])})" for n, w in plan.weights.items()],
+                    [f"{n} ({w.kind}: {', '.join(w.source_keys)})" for n, w in plan.weights.items()],
                 )
                 + "\nInject with lorahot.inject(..., merged=True) to fold them into the weights, or convert the "
                 "adapter to plain LoRA."

@@ -220,3 +220,76 @@ def test_wan_full_diff_unmerged_names_merged_mode() -> None:
     runtime = lorahot.inject(tiny_wan(), "all-linear", max_rank=8, extras=True)
     with pytest.raises(lorahot.LoraError, match=r"(?s)proj_out \(diff: diffusion_model\.head\.head\.diff.*merged=True"):
         runtime.load(sd, strict=False)
+
+
+def _lora_and_diff_file(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A Wan file whose block modules carry a LoRA and a ``.diff_b``, two of them a ``.diff`` too;
+    and those diffs by diffusers layer name (``diff``, ``diff_b``)."""
+    sd = wan_file(("lora_down", "lora_up"), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, (_, fan_out, _) in MODULES.items():
+        if name.startswith("blocks."):
+            sd[f"diffusion_model.{name}.diff_b"] = torch.randn(fan_out, generator=g) * 0.3
+    diffs = {}
+    for name, layer in (("blocks.0.self_attn.q", "blocks.0.attn1.to_q"), ("blocks.0.ffn.0", "blocks.0.ffn.net.0.proj")):
+        fan_in, fan_out, _ = MODULES[name]
+        sd[f"diffusion_model.{name}.diff"] = torch.randn(fan_out, fan_in, generator=g) * 0.3
+        diffs[layer] = (sd[f"diffusion_model.{name}.diff"], sd[f"diffusion_model.{name}.diff_b"])
+    return sd, diffs
+
+
+def test_wan_lora_and_diff_on_one_module_fold_both_in_merged_mode() -> None:
+    """A module with a LoRA and a ``.diff`` was refused as mixing kinds; ComfyUI applies both,
+    ``W + s * (diff + alpha / r * B @ A)`` and ``b + s * diff_b``. The float64 reference: the same
+    file without the diffs (its LoRA and ``.diff_b`` checked against diffusers above), then each
+    diff and its ``diff_b`` added by hand; at scale 0.5 every update halves."""
+    sd, diffs = _lora_and_diff_file(seed=20)
+    with torch.no_grad():
+        reference = tiny_wan().double()
+        lorahot.inject(reference, "all-linear", max_rank=8, merged=True).load(
+            {k: v for k, v in sd.items() if not k.endswith(".diff")}
+        )
+        model = tiny_wan().double()
+        base = {k: v.clone() for k, v in model.state_dict().items()}
+        for layer, (diff, diff_b) in diffs.items():  # the diff's bias exactly (the LoRA bias path rounds it)
+            reference.get_submodule(layer).weight += diff.double()
+            reference.get_submodule(layer).bias.copy_(base[f"{layer}.bias"] + diff_b.double())
+        runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=True)
+        info = runtime.load(sd)
+        full = {k: v.clone() for k, v in model.state_dict().items()}
+        runtime.set_scale(0.5)
+        halved = model.state_dict()
+    assert info.format == "wan"
+    expected = reference.state_dict()
+    for layer in diffs:
+        assert not torch.equal(full[f"{layer}.weight"], base[f"{layer}.weight"])
+    for key, value in expected.items():
+        torch.testing.assert_close(full[key], value, rtol=1e-12, atol=1e-12, msg=key)
+        torch.testing.assert_close(halved[key], (base[key] + full[key]) / 2, rtol=1e-12, atol=1e-12, msg=key)
+
+
+def test_wan_lora_and_diff_unmerged_names_merged_mode_and_the_keys() -> None:
+    sd, _ = _lora_and_diff_file(seed=21)
+    model = tiny_wan()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runtime = lorahot.inject(model, "all-linear", max_rank=8, extras=True)
+    with pytest.raises(
+        lorahot.LoraError,
+        match=r"(?s)blocks\.0\.attn1\.to_q \(diff: .*q\.lora_down\.weight.*self_attn\.q\.diff\b.*merged=True",
+    ):
+        runtime.load(sd)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if "lora" not in k)
+
+
+@pytest.mark.parametrize(
+    ("key", "shape", "why"),
+    [
+        ("blocks.0.self_attn.q.diff", (D, D + 1), r"makes a \[16, 16\] update where .*q\.diff has shape \(16, 17\)"),
+        ("blocks.0.self_attn.q.lora_up.weight", (D, 5), r"not the two factors of one rank"),
+    ],
+)
+def test_wan_lora_and_diff_that_disagree_are_refused_by_module(key: str, shape: tuple, why: str) -> None:
+    sd, _ = _lora_and_diff_file(seed=22)
+    sd[f"diffusion_model.{key}"] = torch.randn(shape)
+    with pytest.raises(lorahot.LoraError, match=rf"(?s)diffusion_model\.blocks\.0\.self_attn\.q \(.*{why}"):
+        lorahot.read_adapter(sd)
