@@ -147,9 +147,10 @@ def match_components(
     if isinstance(targets, Mapping):
         unknown = [k for k in targets if k not in modules]
         if unknown or not targets:
+            named_here = f"names component {shown(unknown[0], 200)}" if unknown else "is empty and names no component"
             raise UsageError(
-                f"targets names component {unknown[0] if unknown else 'nothing'}; the components are "
-                f"{', '.join(modules)}. Key the targets dict by those names."
+                f"targets {named_here}; the components are {', '.join(modules)}. Key the targets dict by those "
+                "names (one entry per component to inject)."
             )
         specs: dict[str, Targets] = dict(targets)
         required = True

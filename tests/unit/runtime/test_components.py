@@ -216,8 +216,10 @@ def test_key_matching_no_layer_of_its_component_names_the_component() -> None:
 
 
 def test_targets_dict_naming_an_unknown_component() -> None:
-    with pytest.raises(UsageError, match=r"targets names component vae; the components are unet, text_encoder"):
+    with pytest.raises(UsageError, match=r"targets names component 'vae'; the components are unet, text_encoder"):
         lorahot.inject(_models(), {"vae": ["to_q"]}, max_rank=4)
+    with pytest.raises(UsageError, match=r"targets is empty and names no component; the components are unet, text_"):
+        lorahot.inject(_models(), {}, max_rank=4)  # read 'targets names component nothing'
 
 
 def test_named_component_without_a_match() -> None:
