@@ -210,3 +210,36 @@ def test_comfyui_with_diffusers_names(unet) -> None:
     tensors = {f"diffusion_model.{k}": v for k, v in state.items()}
     tensors |= {f"diffusion_model.{m}.alpha": torch.tensor(ALPHA) for m in _modules(state)}
     _check(unet, tensors, "comfyui")
+
+
+@pytest.mark.parametrize("alphas", ["per module", "some missing"])
+def test_kohya_alphas_are_each_modules_own_as_sd_scripts_reads_them(unet, alphas: str) -> None:
+    """Where diffusers and sd-scripts disagree on a kohya file, lorahot follows sd-scripts: each
+    module's update is ``alpha / r * up @ down`` with its own ``.alpha``, and alpha = rank where
+    the module has none. diffusers names an attention module's alpha after its old processor key
+    (``...attn1.processor.to_q_lora.down.weight.alpha``), which matches no layer, so with alphas
+    that differ attention layers get the most common one; and it gives a module without
+    ``.alpha`` the most common alpha too. The reference: each module's update built in float64
+    from the file."""
+    base, _, state, _ = unet
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+    modules = sorted(k[: -len(".alpha")] for k in kohya if k.endswith(".alpha"))
+    for i, module in enumerate(modules):
+        kohya.pop(f"{module}.alpha")
+        if alphas == "per module":
+            kohya[f"{module}.alpha"] = torch.tensor(8.0 if "attn" not in module else float(1 + i % 2))
+        elif i % 3:
+            kohya[f"{module}.alpha"] = torch.tensor(8.0)
+    model = copy.deepcopy(base).double()
+    layers = dict(model.named_modules())
+    names = {"lora_unet_" + n.replace(".", "_"): n for n in layers}
+    names = {m: names[m] for m in modules}
+    before = {m: layers[n].weight.detach().clone() for m, n in names.items()}
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, merged=True)
+    runtime.load(kohya)
+    for module, name in names.items():
+        down, up = kohya[f"{module}.lora_down.weight"].double(), kohya[f"{module}.lora_up.weight"].double()
+        r = down.shape[0]
+        alpha = float(kohya[f"{module}.alpha"]) if f"{module}.alpha" in kohya else r
+        delta = (alpha / r) * (up.flatten(1) @ down.flatten(1)).reshape(before[module].shape)
+        torch.testing.assert_close(layers[name].weight - before[module], delta, rtol=1e-12, atol=1e-12, msg=name)

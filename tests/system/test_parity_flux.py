@@ -456,3 +456,25 @@ def test_diffusers_names_spelled_lora_down_match_diffusers(tmp_path: Path) -> No
         sd[f"transformer.{name}.lora_down.weight"] = torch.randn(2, fan_in, generator=g) * 0.3
         sd[f"transformer.{name}.lora_up.weight"] = torch.randn(fan_out, 2, generator=g) * 0.3
     _check(sd, sd, tmp_path, "diffusers")
+
+
+def test_diffusers_named_flux_alphas_land_on_their_own_modules_only() -> None:
+    """A Flux file in diffusers' names with ``.alpha`` keys: diffusers turns each alpha into an
+    unanchored PEFT ``alpha_pattern``, so ``proj_out``'s alpha also lands on every
+    ``single_transformer_blocks.N.proj_out``. lorahot gives each module its own alpha; the
+    reference is each update built in float64 from the file."""
+    layers = {n: m for n, m in tiny_flux().named_modules() if isinstance(m, torch.nn.Linear)}
+    g = torch.Generator().manual_seed(30)
+    sd = {}
+    for n, m in layers.items():
+        sd[f"transformer.{n}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) * 0.3
+        sd[f"transformer.{n}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.3
+        sd[f"transformer.{n}.alpha"] = torch.tensor(16.0 if n == "proj_out" else 4.0)
+    adapter = lorahot.read_adapter(sd)
+    placed = resolve_keys(adapter, list(layers))
+    assert adapter.format == "diffusers" and sorted(placed) == sorted(layers)
+    assert "single_transformer_blocks.0.proj_out" in placed
+    for n, m in placed.items():
+        a, b = (sd[f"transformer.{n}.lora_{x}.weight"].double() for x in "AB")
+        expected = float(sd[f"transformer.{n}.alpha"]) / 4 * b @ a
+        torch.testing.assert_close(m.scale * m.B.double() @ m.A.double(), expected, rtol=1e-12, atol=1e-12, msg=n)

@@ -193,13 +193,16 @@ def musubi_pair(modules: dict[str, tuple[int, int]], seed: int) -> tuple[dict, d
     return musubi, original
 
 
-def test_hunyuan_video_musubi_matches_diffusers_on_the_original_names(tmp_path: Path) -> None:
+@pytest.mark.parametrize("naming", ["hunyuan-video-musubi", "hunyuan-video"])
+def test_hunyuan_video_musubi_matches_diffusers_on_the_original_names(naming: str, tmp_path: Path) -> None:
     """musubi-tuner's spelling (``lora_unet_double_blocks_0_img_mlp_fc1``) was read as Flux's kohya
     naming: the modules whose names Flux shares were placed, ``img_mlp_fc1``, ``img_mod_linear``
     and ``modulation_linear`` refused as unmapped. diffusers has no musubi HunyuanVideo
-    conversion; it loads the same factors in the original naming, alphas folded into B (its
-    HunyuanVideo conversion reads no ``.alpha``). ``linear1`` and the refiner's ``self_attn_qkv``
-    are left out as in :func:`test_hunyuan_video_matches_diffusers`."""
+    conversion, and its HunyuanVideo conversion fails on ``.alpha`` keys (it chunks the 0-d
+    alpha of a fused module); it loads the same factors in the original naming with each alpha
+    folded into B. lorahot loads the musubi file, and the original-named one with its
+    ``.alpha`` keys. ``linear1`` and the refiner's ``self_attn_qkv`` are left out as in
+    :func:`test_hunyuan_video_matches_diffusers`."""
     musubi, original = musubi_pair(original_modules(linear1=False), seed=11)
     folded = {}
     for key, t in original.items():
@@ -208,8 +211,8 @@ def test_hunyuan_video_musubi_matches_diffusers_on_the_original_names(tmp_path: 
             t = t * (alpha / t.shape[1])
         if not key.endswith(".alpha"):
             folded[key] = t
-    path = tmp_path / "hunyuan_musubi.safetensors"
-    save_file(musubi, str(path))
+    path = tmp_path / "hunyuan_alphas.safetensors"
+    save_file(musubi if naming == "hunyuan-video-musubi" else original, str(path))
     with torch.no_grad():
         oracle = tiny_hunyuan()
         oracle.load_lora_adapter(diffusers.HunyuanVideoPipeline.lora_state_dict(folded), prefix="transformer")
@@ -219,7 +222,7 @@ def test_hunyuan_video_musubi_matches_diffusers_on_the_original_names(tmp_path: 
         runtime = lorahot.inject(model, "all-linear", max_rank=8)
         info = runtime.load(path)
         ours = model(**hunyuan_inputs(), return_dict=False)[0]
-    assert info.format == "hunyuan-video-musubi"
+    assert info.format == naming
     assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 

@@ -47,6 +47,7 @@ def qwen_file(spelling: str, seed: int) -> dict[str, torch.Tensor]:
         r = 2 + i % 3
         key = "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
         key = name if spelling.startswith("bare") else key  # the model's names, no prefix at all
+        key = f"transformer.{name}" if spelling.startswith("transformer.") else key
         sd[f"{key}.{down}.weight"] = torch.randn(r, fan_in, generator=g) * 0.3
         sd[f"{key}.{up}.weight"] = torch.randn(fan_out, r, generator=g) * 0.3
         sd[f"{key}.alpha"] = torch.tensor(float(r) * (0.5 + i % 3))
@@ -86,6 +87,9 @@ def qwen_inputs() -> dict:
         ("kohya", "kohya"),
         ("bare lora_A", "peft"),  # no prefix, with .alpha: refused before as an unknown naming
         ("bare lora_down", "peft"),
+        # diffusers' names under transformer., with .alpha: diffusers' conversion leaves the prefix on
+        # the module names and refuses the file (no target module found); its oracle loads it unprefixed
+        ("transformer. lora_A", "diffusers"),
     ],
 )
 def test_qwen_image_matches_diffusers(spelling: str, fmt: str, tmp_path: Path) -> None:
@@ -94,7 +98,8 @@ def test_qwen_image_matches_diffusers(spelling: str, fmt: str, tmp_path: Path) -
     save_file(sd, str(path))
     with torch.no_grad():
         oracle = tiny_qwen()
-        oracle.load_lora_adapter(diffusers.QwenImagePipeline.lora_state_dict(dict(sd)), prefix="transformer")
+        theirs = {k.removeprefix("transformer."): v for k, v in sd.items()}
+        oracle.load_lora_adapter(diffusers.QwenImagePipeline.lora_state_dict(theirs), prefix="transformer")
         expected = oracle(**qwen_inputs(), return_dict=False)[0]
         model = tiny_qwen()
         base = model(**qwen_inputs(), return_dict=False)[0]

@@ -293,3 +293,29 @@ def test_wan_lora_and_diff_that_disagree_are_refused_by_module(key: str, shape: 
     sd[f"diffusion_model.{key}"] = torch.randn(shape)
     with pytest.raises(lorahot.LoraError, match=rf"(?s)diffusion_model\.blocks\.0\.self_attn\.q \(.*{why}"):
         lorahot.read_adapter(sd)
+
+
+def test_wan_alphas_outside_the_blocks_apply_as_in_the_blocks(tmp_path: Path) -> None:
+    """diffusers' Wan conversion reads ``.alpha`` in the blocks only and refuses a file with one
+    anywhere else (``head.head.alpha`` is left over: ``state_dict should be empty``). lorahot
+    applies every module's ``alpha / r``; the oracle is diffusers on the same file with those
+    alphas folded into B."""
+    sd = wan_file(("lora_A", "lora_B"), seed=23)
+    folded = dict(sd)
+    for i, (name, (_, _, in_blocks)) in enumerate(MODULES.items()):
+        if not in_blocks:
+            b = sd[f"diffusion_model.{name}.lora_B.weight"]
+            alpha = float(b.shape[1]) * (0.25 + i % 3)
+            sd[f"diffusion_model.{name}.alpha"] = torch.tensor(alpha)
+            folded[f"diffusion_model.{name}.lora_B.weight"] = b * (alpha / b.shape[1])
+    path = tmp_path / "wan_alphas.safetensors"
+    save_file(sd, str(path))
+    with torch.no_grad():
+        oracle = tiny_wan()
+        oracle.load_lora_adapter(diffusers.WanPipeline.lora_state_dict(folded), prefix="transformer")
+        expected = oracle(**wan_inputs(), return_dict=False)[0]
+        model = tiny_wan()
+        runtime = lorahot.inject(model, "all-linear", max_rank=8)
+        runtime.load(path)
+        ours = model(**wan_inputs(), return_dict=False)[0]
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
