@@ -261,8 +261,8 @@ def _weight_file(directory: Path, weight_name: str | None) -> Path:
     pickles = sorted(n for n in names if Path(n).suffix in PICKLE_SUFFIXES)
     if found:
         raise SourceNotFoundError(
-            f"{cut(str(directory))}: several .safetensors files ({cut(', '.join(found))}); pass weight_name= to pick "
-            "one."
+            f"{cut(str(directory))}: several .safetensors files ({cut(', '.join(found))}); pass weight_name= (the "
+            "CLI's --weight-name) to pick one."
         )
     if pickles:
         raise AdapterReadError(

@@ -1134,10 +1134,15 @@ class LoraRuntime:
             )
         index = integer(slot, f"slot={shown(slot, 60)}")
         if not 0 <= index < self.slots:
+            base = (
+                " -1 (the base model alone) is an entry of a per-row routing: activate([-1] * rows) runs a "
+                "batch of that many rows on the base model, unload() empties a slot."
+                if index == -1
+                else ""
+            )
             raise UsageError(
                 f"slot={shown(slot, 200)} is out of range; this runtime has slots 0..{self.slots - 1} "
-                f"(inject(..., slots=N) "
-                "for more)."
+                f"(inject(..., slots=N) for more).{base}"
             )
         return index
 

@@ -36,7 +36,8 @@ def test_weight_name_and_subfolder(tmp_path: Path) -> None:
     save_file(_peft(4), tmp_path / "sub" / "b.safetensors")
     with pytest.raises(
         lorahot.SourceNotFoundError,
-        match=r"several \.safetensors files \(a\.safetensors, b\.safetensors\); pass weight_name=",
+        match=r"several \.safetensors files \(a\.safetensors, b\.safetensors\); pass weight_name= "
+        r"\(the CLI.s --weight-name\)",
     ):
         lorahot.read_adapter(tmp_path, subfolder="sub")
     assert lorahot.read_adapter(tmp_path, subfolder="sub", weight_name="b.safetensors").ranks == {"proj": 4}

@@ -194,6 +194,9 @@ def test_slot_and_scale_usage_errors() -> None:
         runtime.activate(2)
     with pytest.raises(lorahot.UsageError, match=r"slot=-1 is out of range"):
         runtime.unload(-1)
+    # -1 means the base model in a per-row routing, not a slot: the message says how to get it
+    with pytest.raises(lorahot.UsageError, match=r"slot=-1 is out of range.*activate\(\[-1\] \* rows\)"):
+        runtime.activate(-1)
     with pytest.raises(lorahot.UsageError, match=r"slot 1 is empty; load an adapter into it before set_scale"):
         runtime.set_scale(2.0, slot=1)
     tensors, _ = make_adapter(model, {Q0: 4}, seed=30)
