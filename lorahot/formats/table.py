@@ -251,7 +251,9 @@ def group_keys(
 
     Args:
         skipped: if given (``strict=False``), keys that match no rule or name a refused feature
-            are appended here instead of raised; a second tensor for one role still raises.
+            are appended here instead of raised, and with them every key of the module such a
+            key belongs to (a LoRA or LyCORIS module without its DoRA scale or its bias would
+            compute another update); a second tensor for one role still raises.
 
     Raises:
         UnknownFormatError: keys that match no rule, refused features (DoRA, bias, LyCORIS,
@@ -279,7 +281,38 @@ def group_keys(
             format_problems(f"{source}: keys lorahot cannot load ({fmt.name} naming):", problems)
             + "\nRemove them, or convert the adapter to plain LoRA (lora_A/lora_B or lora_down/lora_up)."
         )
+    if skipped:
+        owners = dict.fromkeys(owner for owner in (_owner(fmt, key, parts) for key in skipped) if owner is not None)
+        skipped += [k for module in owners for k, _ in parts.pop(module).values()]
     return parts
+
+
+#: What a module's own keys end in, tried after a skipped key's stem to find the module it belongs
+#: to (each naming spells one of them).
+_PROBES = ("lora_down.weight", "lora_A.weight", "lora.down.weight", "hada_w1_a", "lokr_w1", "diff")
+
+
+#: How many of a skipped key's last components :func:`_owner` tries as the part after its
+#: module (``dora_scale``; ``lora_up.bias``; ``lora_B.<adapter>.bias``; PEFT's
+#: ``lora_magnitude_vector.<adapter>.weight``): a bound on the parses of a hostile key.
+_OWNER_DEPTH = 4
+
+
+def _owner(fmt: KeyFormat, key: str, parts: Parts) -> str | None:
+    """The module of ``parts`` that ``key`` belongs to (its DoRA scale, its bias, a factor of
+    an unknown kind): the longest stem of ``key`` up to a ``.`` (one of its last
+    :data:`_OWNER_DEPTH`) that, with one of the module suffixes of :data:`_PROBES`, parses to a
+    module in ``parts``; None if there is none."""
+    end = len(key)
+    for _ in range(_OWNER_DEPTH):
+        end = key.rfind(".", 0, end)
+        if end <= 0:
+            return None
+        for probe in _PROBES:
+            parsed = fmt._parse(key[: end + 1] + probe)
+            if parsed is not None and parsed[0] in parts:
+                return parsed[0]
+    return None
 
 
 #: Where a module name starts inside a key: at its start, or after a ``.`` or ``_`` (for aliases).

@@ -154,6 +154,22 @@ def test_weight_kinds_refused_unmerged_with_the_fix() -> None:
         runtime.preload(sd)
 
 
+@pytest.mark.parametrize("cls", [LohaModule, LokrModule, LoConModule], ids=["loha", "lokr", "locon"])
+def test_weight_decomposed_lycoris_modules_are_refused_whole(cls: type) -> None:
+    """LyCORIS' DoRA (``weight_decompose=True``: a ``dora_scale`` beside the factors) is refused
+    by name; with ``strict=False`` the module is skipped with every key (it used to load without
+    its ``dora_scale``: LyCORIS' plain ΔW, not the decomposed weight LyCORIS computes)."""
+    _, _, sd = _lycoris(cls, "conv", {"lora_dim": 2, "alpha": 1.0, "factor": 4, "weight_decompose": True})
+    model = _base("conv")
+    before = model[0].weight.detach().clone()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    with pytest.raises(lorahot.UnknownFormatError, match=r"lora_unet_0\.dora_scale: DoRA magnitude vector"):
+        runtime.load(sd)
+    with pytest.raises(lorahot.UnknownFormatError, match=rf"none of its {len(sd)} tensors is a loadable LoRA weight"):
+        runtime.load(sd, strict=False)
+    assert torch.equal(model[0].weight, before)
+
+
 def test_wrong_shape_and_missing_factor_are_named() -> None:
     _, _, sd = _lycoris(LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0})
     runtime = lorahot.inject(nn.Sequential(nn.Linear(16, 20)).double(), ["0"], max_rank=4, merged=True)

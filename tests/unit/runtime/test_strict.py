@@ -85,6 +85,31 @@ def test_strict_false_loads_the_rest_and_lists_what_it_skipped(tmp_path: Path) -
     assert set(adapter.skipped) == set(FOREIGN)  # the reader skips what no naming holds; load the rest
 
 
+def test_strict_false_skips_a_module_whole_when_one_of_its_keys_is_refused() -> None:
+    """A module whose DoRA scale (LyCORIS ``dora_scale``) or LoRA bias (``lora_up.bias``) is
+    refused would, without it, compute another update: ``strict=False`` skips every key of such
+    a module and loads the rest (it used to load the LoRA without its DoRA scale or bias)."""
+    model = _model()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v"], max_rank=4)
+    torch.manual_seed(2)
+    tensors = {**lora_pair(UNET[0], "lora_down", "lora_up"), f"{UNET[0]}.alpha": torch.tensor(1.0)}
+    dora = {**lora_pair(UNET[1], "lora_down", "lora_up"), f"{UNET[1]}.dora_scale": torch.rand(8, 1) + 1}
+    v = "lora_unet_attn_to_v"
+    bias = {**lora_pair(v, "lora_down", "lora_up"), f"{v}.lora_up.bias": torch.randn(8)}
+    info = runtime.load(tensors | dora | bias, strict=False)
+    assert set(info.ranks) == {"attn.to_q"}
+    assert set(info.skipped) == set(dora) | set(bias)
+    x, base = torch.randn(3, 8, dtype=torch.float64), _model()["attn"]
+    a, b = tensors[f"{UNET[0]}.lora_down.weight"].double(), tensors[f"{UNET[0]}.lora_up.weight"].double()
+    with torch.no_grad():
+        want = base["to_q"](x) + x @ a.T @ b.T / 2  # alpha 1, rank 2
+        torch.testing.assert_close(model["attn"]["to_q"](x), want, rtol=1e-12, atol=1e-12)
+        assert torch.equal(model["attn"]["to_k"](x), base["to_k"](x))
+        assert torch.equal(model["attn"]["to_v"](x), base["to_v"](x))
+    with pytest.raises(lorahot.UnknownFormatError, match=r"none of its 3 tensors is a loadable LoRA weight"):
+        lorahot.read_adapter(dora, strict=False)
+
+
 def test_strict_false_through_preload_and_cache(tmp_path: Path) -> None:
     model = _model()
     runtime = lorahot.inject(model, ["to_q", "to_k", "to_v"], max_rank=4, slots=2)
