@@ -362,8 +362,18 @@ REFUSED: tuple[tuple[str, str], ...] = (
         "injected with merged=True",
     ),
     (
-        r"\.(oft_blocks|oft_diag|oft_R)(\.weight)?$",
+        r"\.(oft_blocks|oft_diag|oft_R|rescale)(\.weight)?$",
         "LyCORIS OFT/BOFT weights: not supported; use a LoRA, LoHa or LoKr adapter",
+    ),
+    (r"\.on_input$", "LyCORIS (IA)^3 weights (weight, on_input): not supported; use a LoRA, LoHa or LoKr adapter"),
+    (
+        r"\.(lambda_layer|q_layer\.weight|p_layer\.weight)$",
+        "LyCORIS T-LoRA weights (q_layer, p_layer, lambda_layer): not supported; use a LoRA, LoHa or LoKr adapter",
+    ),
+    (
+        r"\.(w_norm|b_norm)$",
+        "LyCORIS norm-layer weights (w_norm, b_norm): not supported; lorahot adapts Linear, Conv and Embedding "
+        "layers only (re-train without train_norm)",
     ),
     (
         r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$",
@@ -377,6 +387,11 @@ REFUSED: tuple[tuple[str, str], ...] = (
     (
         r"\.(modules_to_save|original_module)\.",
         "a full module copy (PEFT modules_to_save): lorahot loads only LoRA weights",
+    ),
+    (
+        r"\.(a1|a2|b1|b2|bm)\.weight$",
+        "LyCORIS GLoRA weights (a1, a2, b1, b2, bm; or full weights of a module so named): not supported; use a "
+        "LoRA, LoHa or LoKr adapter",
     ),
 )
 

@@ -64,6 +64,34 @@ def test_locon_conv_kernel_in_down_and_1x1_up() -> None:
             r"oft_blocks: LyCORIS OFT/BOFT weights: not supported",
         ),
         (
+            {"lora_unet_attn_to_k.oft_blocks": torch.ones(4, 2, 2), "lora_unet_attn_to_k.rescale": torch.ones(8, 1)},
+            lorahot.UnknownFormatError,
+            r"oft_blocks: LyCORIS OFT/BOFT weights[\s\S]*rescale: LyCORIS OFT/BOFT weights",
+        ),
+        (
+            {"lora_unet_attn_to_k.weight": torch.ones(8), "lora_unet_attn_to_k.on_input": torch.tensor(0)},
+            lorahot.UnknownFormatError,
+            r"lora_unet_attn_to_k\.on_input: LyCORIS \(IA\)\^3 weights",
+        ),
+        (
+            {"lora_unet_attn_to_k.a1.weight": torch.ones(8, 2), "lora_unet_attn_to_k.bm.weight": torch.ones(8, 8)},
+            lorahot.UnknownFormatError,
+            r"a1\.weight: LyCORIS GLoRA weights[\s\S]*bm\.weight: LyCORIS GLoRA weights",
+        ),
+        (
+            {
+                "lora_unet_attn_to_k.lambda_layer": torch.ones(1, 2),
+                "lora_unet_attn_to_k.q_layer.weight": torch.ones(2, 8),
+            },
+            lorahot.UnknownFormatError,
+            r"lambda_layer: LyCORIS T-LoRA[\s\S]*q_layer\.weight: LyCORIS T-LoRA",
+        ),
+        (
+            {"lora_unet_norm.w_norm": torch.ones(8), "lora_unet_norm.b_norm": torch.ones(8)},
+            lorahot.UnknownFormatError,
+            r"w_norm: LyCORIS norm-layer weights[\s\S]*b_norm: LyCORIS norm-layer weights",
+        ),
+        (
             {"lora_unet_attn_to_q.alpha": torch.tensor(-1.0)},
             lorahot.AdapterReadError,
             r"lora_unet_attn_to_q\.alpha: alpha must be one finite number > 0",
