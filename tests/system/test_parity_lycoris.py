@@ -35,6 +35,17 @@ CASES = [
     ("lokr-conv-low", LokrModule, "wide-conv", {"lora_dim": 2, "alpha": 1.0, "factor": 4}),
     ("lokr-conv-tucker", LokrModule, "wide-conv", {"lora_dim": 2, "alpha": 7.0, "factor": 4, "use_tucker": True}),
     ("locon-conv-tucker", LoConModule, "conv", {"lora_dim": 3, "alpha": 2.0, "use_tucker": True}),
+    # rsLoRA (alpha saved as alpha * sqrt(r)), use_scalar (the scalar folded into a saved factor),
+    # unbalanced LoKr (w1 low-rank, w2 whole)
+    ("loha-linear-rs", LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0, "rs_lora": True}),
+    ("loha-conv-scalar", LohaModule, "conv", {"lora_dim": 4, "alpha": 2.0, "use_scalar": True}),
+    ("lokr-conv-scalar", LokrModule, "wide-conv", {"lora_dim": 2, "alpha": 1.0, "factor": 4, "use_scalar": True}),
+    (
+        "lokr-linear-unbalanced",
+        LokrModule,
+        "linear",
+        {"lora_dim": 1, "alpha": 3.0, "factor": 4, "decompose_both": True, "unbalanced_factorization": True},
+    ),
 ]
 
 
@@ -68,11 +79,11 @@ def _lycoris(cls: type, kind: str, options: dict) -> tuple[nn.Module, nn.Module,
 
 def _delta(module: nn.Module) -> torch.Tensor:
     """LyCORIS' scaled ΔW: LoHa/LoKr ``get_weight`` (which applies ``alpha / r`` once; their
-    ``get_diff_weight`` multiplies by it a second time, so it is not used), LoCon
-    ``get_diff_weight``."""
+    ``get_diff_weight`` multiplies by it a second time, so it is not used) times ``scalar`` as
+    their forward does, LoCon ``get_diff_weight``."""
     if isinstance(module, LoConModule):
         return module.get_diff_weight()[0]
-    return module.get_weight(module.shape)
+    return module.get_weight(module.shape) * module.scalar  # the forward's use_scalar factor (1 without)
 
 
 @pytest.mark.parametrize(("case", "cls", "kind", "options"), CASES, ids=[c[0] for c in CASES])
