@@ -10,16 +10,23 @@ separately, and only the Hub's answer "no such file" lets the load go on without
 (``EntryNotFoundError``) or as recorded in the cache's ``.no_exist`` folder when offline.
 Anything else (offline with nothing cached, network errors, a gated repo) is a
 :class:`~lorahot.errors.SourceNotFoundError`, unless the caller passed ``config=``.
+
+Every failure of ``huggingface_hub`` is one typed error naming the repo, the revision and the
+file, with the fix for its cause (:func:`_fix`: log in for a gated or private repo, go online
+once for a file not cached, retry for a rate limit or a server error, ...). A snapshot that
+brings no ``.safetensors`` file to the folder read is refused saying what the repo holds there
+(pickles, or safetensors files in other folders), from the listing ``huggingface_hub`` cached.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path, PurePosixPath
 
-from lorahot.errors import SourceNotFoundError, UsageError, shown
+from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, UsageError, shown
 from lorahot.io.config import CONFIG_NAME
-from lorahot.io.safety import cut
+from lorahot.io.safety import PICKLE_SUFFIXES, cut
 
 __all__ = ["is_repo_id", "check_relative", "fetch"]
 
@@ -105,17 +112,117 @@ def _download(
                 ignore_patterns=[f"{inner}*/*"],
             )
         )
-        return root / subfolder if subfolder else root
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
         what = cut(
             f"{subfolder}/{weight_name}" if subfolder and weight_name else (weight_name or subfolder or "the adapter"),
             200,
         )
-        where = cut(repo_id + (f"@{revision}" if revision else ""), 200)
         raise SourceNotFoundError(
-            f"{where}: cannot get {what} from the Hub ({type(exc).__name__}: {_first_line(exc)}). "
-            "Check the repo id, revision and file names; when offline (HF_HUB_OFFLINE=1), download it once first."
+            f"{_where(repo_id, revision)}: cannot get {what} from the Hub ({type(exc).__name__}: {_first_line(exc)}). "
+            f"{_fix(exc)}"
         ) from None
+    folder = root / subfolder if subfolder else root
+    if not _holds_safetensors(folder):
+        raise _nothing_to_read(repo_id, revision, subfolder, root)
+    return folder
+
+
+def _where(repo_id: str, revision: str | None) -> str:
+    return cut(repo_id + (f"@{revision}" if revision else ""), 200)
+
+
+def _fix(exc: Exception) -> str:
+    """What to do about a failure of ``huggingface_hub``, by its cause (the first that applies)."""
+    from huggingface_hub import utils
+
+    def caused_by(*names: str) -> bool:  # classes absent from an older huggingface_hub match nothing
+        return isinstance(exc, tuple(c for c in (getattr(utils, n, None) for n in names) if isinstance(c, type)))
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    client = type(exc).__module__.partition(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
+    if caused_by("GatedRepoError", "LocalTokenNotFoundError") or status in (401, 403):
+        return (
+            "The repo is gated or private, or the token was refused: log in (hf auth login) or pass token=, and "
+            "accept the repo's conditions on its Hub page."
+        )
+    if caused_by("RepositoryNotFoundError", "DisabledRepoError"):
+        return "No such repo on the Hub (or it is private or disabled): check the repo id, or pass token=."
+    if caused_by("RevisionNotFoundError"):
+        return "No such revision in the repo: check revision= (a branch, a tag or a full commit hash)."
+    if caused_by("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+        return (
+            "It is not in the local Hugging Face cache, and the Hub was not asked (HF_HUB_OFFLINE=1) or not reached: "
+            "fetch it once while online; the cache then serves it offline."
+        )
+    if caused_by("EntryNotFoundError"):
+        return "The repo has no such file: check weight_name= and subfolder= against the repo's files."
+    if status == 429:
+        return "The Hub is limiting the rate of requests: wait and retry, or log in (hf auth login)."
+    if isinstance(status, int) and status >= 500:
+        return "The Hub failed to answer (a server error): retry later; a copy in the local cache loads offline."
+    if client or isinstance(exc, (TimeoutError, ConnectionError)):
+        return (
+            "The Hub could not be reached: check the network (a proxy, HF_ENDPOINT) and retry; a copy in the "
+            "local cache loads with HF_HUB_OFFLINE=1."
+        )
+    if isinstance(exc, OSError):
+        return "The local Hugging Face cache (HF_HUB_CACHE) cannot be read or written: check its free space and access."
+    return "Check the repo id, revision and file names."
+
+
+def _holds_safetensors(folder: Path) -> bool:
+    """Whether ``folder`` has a ``*.safetensors`` entry at its top level (what a read picks from)."""
+    try:
+        return any(name.endswith(".safetensors") for name in os.listdir(folder))
+    except (OSError, ValueError):  # not there: the snapshot brought nothing to it
+        return False
+
+
+def _nothing_to_read(repo_id: str, revision: str | None, subfolder: str | None, root: Path) -> LoraError:
+    """The error for a snapshot without a ``.safetensors`` file where the read looks, saying
+    what the repo holds there: from the file listing ``huggingface_hub`` cached for the commit,
+    else (offline) from what the local cache holds."""
+    where, inner = _where(repo_id, revision), f"{subfolder}/" if subfolder else ""
+    level = f"folder {shown(subfolder, 200)} of the repo" if subfolder else "the repo's top level"
+    listing = _cached_listing(repo_id, root.name)
+    if listing is not None:
+        here = [p[len(inner) :] for p in listing if p.startswith(inner) and "/" not in p[len(inner) :]]
+    else:
+        try:
+            here = os.listdir(root / subfolder if subfolder else root)
+        except (OSError, ValueError):
+            here = []
+    pickles = sorted(n for n in here if PurePosixPath(n).suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        return AdapterReadError(
+            f"{where}: {level} holds only pickle checkpoints ({cut(', '.join(pickles), 200)}), no .safetensors "
+            "file; lorahot never unpickles (nor downloads) them. Load a safetensors adapter, or convert the "
+            "checkpoint (safetensors.torch.save_file) and load that file."
+        )
+    if listing is None:
+        return SourceNotFoundError(
+            f"{where}: the local Hugging Face cache holds no .safetensors file at {level}, and lists no files of the "
+            "repo. Check subfolder=, or fetch it once while online."
+        )
+    elsewhere = sorted(p for p in listing if p.endswith(".safetensors"))
+    if elsewhere:
+        return SourceNotFoundError(
+            f"{where}: no .safetensors file at {level}; the repo has {cut(', '.join(elsewhere), 300)}. Pass "
+            "subfolder= or weight_name= (the CLI's --subfolder, --weight-name) to pick one."
+        )
+    return SourceNotFoundError(
+        f"{where}: the repo holds no .safetensors file (lorahot reads only safetensors adapters). Check the repo id."
+    )
+
+
+def _cached_listing(repo_id: str, commit: str) -> list[str] | None:
+    """The repo's file paths at ``commit`` as ``huggingface_hub`` cached them, or None."""
+    try:
+        from huggingface_hub import get_cached_repo_tree
+
+        return [f.path for f in get_cached_repo_tree(repo_id, revision=commit)]
+    except Exception:  # an older huggingface_hub, or no listing cached (offline): nothing known
+        return None
 
 
 def _fetch_config(
@@ -134,11 +241,10 @@ def _fetch_config(
         if not required or _known_missing(exc, repo_id, subfolder, revision):
             return  # an adapter without a config is fine (kohya, diffusers files)
         name = cut(f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME, 200)
-        where = cut(repo_id + (f"@{revision}" if revision else ""), 200)
         raise SourceNotFoundError(
-            f"{where}: cannot fetch {name} from the Hub ({type(exc).__name__}: {_first_line(exc)}), and without it "
-            "the adapter's scale is unknown. Fetch it once while online (the cache then also records a config that "
-            "does not exist), or pass config={'r': ..., 'lora_alpha': ...}."
+            f"{_where(repo_id, revision)}: cannot fetch {name} from the Hub ({type(exc).__name__}: "
+            f"{_first_line(exc)}), and without it the adapter's scale is unknown. {_fix(exc)} Once fetched, the "
+            "cache also records a config that does not exist. Or pass config={'r': ..., 'lora_alpha': ...}."
         ) from None
 
 

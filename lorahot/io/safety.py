@@ -62,7 +62,11 @@ __all__ = [
     "path_error",
     "file_kind",
     "cut",
+    "PICKLE_SUFFIXES",
 ]
+
+#: File endings of pickle-based checkpoints, which lorahot refuses to open (or download).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 MAX_HEADER_BYTES = 8 << 20  # safetensors allows 100 MB; 50,000 tensor entries fit in 8 MB
 MAX_METADATA_BYTES = 4 << 20  # kohya training metadata (tag frequencies) reaches a few 100 KB

@@ -25,6 +25,7 @@ from lorahot.io.config import CONFIG_NAME
 from lorahot.io.hub import check_relative, fetch
 from lorahot.io.safety import (
     MAX_KEY_CHARS,
+    PICKLE_SUFFIXES,
     SafetensorsHeader,
     check_safetensors,
     cut,
@@ -39,8 +40,6 @@ __all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_conf
 
 Source = Union[str, "os.PathLike[str]", Mapping[str, torch.Tensor]]
 
-#: File endings of pickle-based checkpoints, which lorahot refuses to open.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WEIGHT_NAMES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 
 
@@ -258,7 +257,7 @@ def _weight_file(directory: Path, weight_name: str | None) -> Path:
     found = sorted(n for n in names if n.endswith(".safetensors"))
     if len(found) == 1:
         return directory / found[0]
-    pickles = sorted(n for n in names if Path(n).suffix in PICKLE_SUFFIXES)
+    pickles = sorted(n for n in names if Path(n).suffix.lower() in PICKLE_SUFFIXES)
     if found:
         raise SourceNotFoundError(
             f"{cut(str(directory))}: several .safetensors files ({cut(', '.join(found))}); pass weight_name= (the "

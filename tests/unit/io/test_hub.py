@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import lorahot
+from tests.reliability_helpers import HANG_S, Rig, assert_unchanged, snapshot, within
 
 hub_constants = pytest.importorskip("huggingface_hub.constants")
 
@@ -127,7 +131,7 @@ def test_config_fetch_failure_is_an_error_not_alpha_equals_rank(
     with pytest.raises(
         lorahot.SourceNotFoundError,
         match=rf"{REPO}: cannot fetch adapter_config\.json from the Hub \(ConnectionError: connection reset by peer\)"
-        r".*Fetch it once while online.*or pass config=",
+        r".*The Hub could not be reached: check the network.*Or pass config=",
     ):
         lorahot.read_adapter(REPO, weight_name="adapter_model.safetensors")
     given = lorahot.read_adapter(REPO, weight_name="adapter_model.safetensors", config={"r": 4, "lora_alpha": 8})
@@ -330,3 +334,230 @@ def test_hub_options_with_a_local_path_are_refused_before_its_header_is_judged(t
             with pytest.raises(lorahot.UsageError, match=r"is a local path, so (revision|token)= \(Hub options\)"):
                 call(str(source), **kwargs)
     assert runtime.info() is None and len(runtime.cache) == 0
+
+
+def _response(status: int) -> SimpleNamespace:
+    """What huggingface_hub's HTTP errors read off a response."""
+    return SimpleNamespace(status_code=status, headers={}, request=None)
+
+
+def _http(cls_name: str, status: int) -> Callable[[], Exception]:
+    def make() -> Exception:
+        from huggingface_hub import utils
+
+        return getattr(utils, cls_name)(
+            f"{status} Client Error for url: https://huggingface.co/x", response=_response(status)
+        )
+
+    return make
+
+
+def _plain(cls_name: str, text: str) -> Callable[[], Exception]:
+    def make() -> Exception:
+        from huggingface_hub import utils
+
+        return getattr(utils, cls_name)(text)
+
+    return make
+
+
+def _client_timeout() -> Exception:
+    from huggingface_hub.utils import _http as hub_http
+
+    client = pytest.importorskip(next(m for m in ("httpx2", "httpx", "requests") if hasattr(hub_http, m)))
+    return client.ReadTimeout("timed out")  # type: ignore[no-any-return]
+
+
+_LOG_IN = r"gated or private, or the token was refused: log in \(hf auth login\) or pass token="
+_ONLINE_ONCE = r"not in the local Hugging Face cache.*fetch it once while online"
+_UNREACHABLE = r"The Hub could not be reached: check the network"
+
+#: huggingface_hub's failures, each as a factory, and the fix the error must name for it
+HUB_FAILURES = {
+    "gated": (_http("GatedRepoError", 403), _LOG_IN),
+    "unauthorized": (_http("HfHubHTTPError", 401), _LOG_IN),
+    "forbidden": (_http("HfHubHTTPError", 403), _LOG_IN),
+    "private or missing, as a 401": (_http("RepositoryNotFoundError", 401), _LOG_IN),
+    "no token": (_plain("LocalTokenNotFoundError", "Token is required (`token=True`)"), _LOG_IN),
+    "no such repo": (_http("RepositoryNotFoundError", 404), r"No such repo on the Hub.*check the repo id"),
+    "no such revision": (_http("RevisionNotFoundError", 404), r"No such revision in the repo: check revision="),
+    "no such file": (_plain("EntryNotFoundError", "404 entry"), r"The repo has no such file: check weight_name="),
+    "not cached": (_plain("LocalEntryNotFoundError", "Cannot find the requested files"), _ONLINE_ONCE),
+    "offline": (_plain("OfflineModeIsEnabled", "offline"), _ONLINE_ONCE),
+    "rate limited": (_http("HfHubHTTPError", 429), r"limiting the rate of requests: wait and retry"),
+    "server error": (_http("HfHubHTTPError", 500), r"server error\): retry later"),
+    "bad gateway": (_http("HfHubHTTPError", 502), r"server error\): retry later"),
+    "timeout": (lambda: TimeoutError("timed out"), _UNREACHABLE),
+    "connection reset": (lambda: ConnectionResetError(104, "Connection reset by peer"), _UNREACHABLE),
+    "http client timeout": (_client_timeout, _UNREACHABLE),
+    "disk full": (lambda: OSError(28, "No space left on device"), r"cache \(HF_HUB_CACHE\) cannot be read or written"),
+    "anything else": (lambda: ValueError("unforeseen"), r"Check the repo id, revision and file names"),
+}
+
+
+def _rig(hub_cache: Path) -> Rig:
+    """A runtime with the cache's kohya adapter in slot 0: what a failed load must leave alone."""
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(8, 6))
+    runtime = lorahot.inject(model, ["proj"], max_rank=4, slots=2)
+    runtime.load(REPO, subfolder="kohya")
+    return Rig(model, runtime, torch.randn(2, 8))
+
+
+def _refused_everywhere(
+    rig: Rig, capsys: pytest.CaptureFixture[str], error: type[Exception], message: str, **kwargs: str
+) -> None:
+    """``read_adapter``, ``load`` (into either slot), ``preload`` and ``lorahot inspect`` all refuse
+    the source with ``error`` matching ``message``, in bounded time; the runtime is bitwise unchanged."""
+    from lorahot import cli
+
+    before = snapshot(rig)
+    calls = [
+        lorahot.read_adapter,
+        lambda *a, **k: rig.runtime.load(*a, **k, slot=0),
+        lambda *a, **k: rig.runtime.load(*a, **k, slot=1),
+        rig.runtime.preload,
+    ]
+    for call in calls:
+        with pytest.raises(error, match=message):
+            within(HANG_S, lambda: call(REPO, **kwargs))  # noqa: B023 - run before the next iteration
+        assert_unchanged(rig, before)
+    capsys.readouterr()
+    options = [part for name, value in kwargs.items() for part in (f"--{name.replace('_', '-')}", value)]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["inspect", REPO, *options])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lorahot: error: ") and re.search(message, last.removeprefix("lorahot: error: ")), last
+
+
+@pytest.mark.parametrize("where", ["snapshot", "file", "config"])
+@pytest.mark.parametrize("failure", list(HUB_FAILURES))
+def test_a_hub_failure_is_refused_naming_the_repo_and_the_fix_for_its_cause(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], failure: str, where: str
+) -> None:
+    """Every failure of huggingface_hub is a SourceNotFoundError naming the repo and what to do
+    about its cause; it said 'check the repo id, revision and file names' whatever the cause (a
+    gated repo, a rate limit, a full disk)."""
+    import huggingface_hub
+
+    make, fix = HUB_FAILURES[failure]
+    rig = _rig(hub_cache)
+    exc = make()
+    real = huggingface_hub.hf_hub_download
+
+    def fail(*args: object, **kwargs: object) -> str:
+        filename = kwargs.get("filename", args[1] if len(args) > 1 else None)
+        if where == "config" and filename != "adapter_config.json":
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+        raise exc
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download" if where == "snapshot" else "hf_hub_download", fail)
+    kwargs = {} if where == "snapshot" else {"weight_name": "adapter_model.safetensors"}
+    what = {
+        "snapshot": "get the adapter",
+        "file": "get adapter_model.safetensors",
+        "config": "fetch adapter_config.json",
+    }
+    message = rf"^{REPO}: cannot {what[where]} from the Hub \({type(exc).__name__}: .*\)[.,] .*{fix}"
+    if where == "config" and failure == "no such file":
+        pytest.skip("the Hub's own 'no such file' means no config (test_the_hub_saying_not_found_means_no_config)")
+    _refused_everywhere(rig, capsys, lorahot.SourceNotFoundError, message, **kwargs)
+
+
+@pytest.fixture
+def online_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[list[str]], None]:
+    """An empty cache and huggingface_hub online, answering for ``REPO`` from a file listing the
+    test sets (its repo info and tree API calls stand in for the Hub; a download fails the test)."""
+    import huggingface_hub
+    from huggingface_hub import HfApi, _snapshot_download
+    from huggingface_hub.hf_api import RepoFile
+
+    if not hasattr(huggingface_hub, "get_cached_repo_tree"):
+        pytest.skip("this huggingface_hub caches no repo listing")
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(_snapshot_download, "hf_hub_download", lambda *a, **k: pytest.fail(f"downloads {a} {k}"))
+    files: list[str] = []
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, **kwargs: SimpleNamespace(sha=COMMIT))
+    monkeypatch.setattr(
+        HfApi, "list_repo_tree", lambda self, repo_id, **kwargs: [RepoFile(path=p, size=1, oid="0" * 40) for p in files]
+    )
+    return lambda listing: files.extend(listing)
+
+
+@pytest.mark.parametrize(
+    "files, subfolder, error, message",
+    [
+        (
+            ["adapter_model.bin", "README.md"],
+            None,
+            lorahot.AdapterReadError,
+            r"the repo's top level holds only pickle checkpoints \(adapter_model\.bin\), no \.safetensors file; "
+            r"lorahot never unpickles",
+        ),
+        (
+            ["x/adapter_model.pt"],
+            "x",
+            lorahot.AdapterReadError,
+            r"folder 'x' of the repo holds only pickle checkpoints",
+        ),
+        (
+            ["checkpoint-500/adapter_model.safetensors", "README.md"],
+            None,
+            lorahot.SourceNotFoundError,
+            r"no \.safetensors file at the repo's top level; the repo has checkpoint-500/adapter_model\.safetensors\. "
+            r"Pass subfolder= or weight_name=",
+        ),
+        (
+            ["adapter_model.safetensors"],
+            "nope",
+            lorahot.SourceNotFoundError,
+            r"no \.safetensors file at folder 'nope' of the repo; the repo has adapter_model\.safetensors",
+        ),
+        (["README.md", "model.gguf"], None, lorahot.SourceNotFoundError, r"the repo holds no \.safetensors file"),
+    ],
+)
+def test_a_repo_without_safetensors_where_the_read_looks_says_what_it_holds(
+    online_hub: Callable[[list[str]], None],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    files: list[str],
+    subfolder: str | None,
+    error: type[Exception],
+    message: str,
+) -> None:
+    """Online, a snapshot whose patterns match nothing downloads nothing, and the read used to
+    say '<cache>/snapshots/<commit>: no such file or directory. Check subfolder= and the path'
+    for a repo of pickles (an older PEFT adapter_model.bin), a repo whose safetensors files lie
+    in folders, or a wrong subfolder: a path the caller never gave, no repo named, the wrong
+    fix. It now names the repo and says what it holds there, from huggingface_hub's listing."""
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(8, 6))
+    runtime = lorahot.inject(model, ["proj"], max_rank=4, slots=2)
+    save_file(_peft_tensors(2), tmp_path / "adapter_model.safetensors")
+    runtime.load(str(tmp_path / "adapter_model.safetensors"))
+    online_hub(files)
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    _refused_everywhere(Rig(model, runtime, torch.randn(2, 8)), capsys, error, rf"^{REPO}: {message}", **kwargs)
+
+
+def test_a_snapshot_cached_without_its_weights_names_the_repo(
+    hub_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Offline, a cached snapshot missing its weight file (an interrupted download) was reported
+    as '<cache path>: no adapter weights found'; it now names the repo and says to fetch it."""
+    rig = _rig(hub_cache)
+    snap = hub_cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
+    (snap / "adapter_model.safetensors").unlink()
+    _refused_everywhere(
+        rig,
+        capsys,
+        lorahot.SourceNotFoundError,
+        rf"^{REPO}: the local Hugging Face cache holds no \.safetensors file at the repo's top level.*fetch it once "
+        "while online",
+    )
