@@ -20,7 +20,7 @@ from typing import Any, Union
 
 import torch
 
-from lorahot.errors import AdapterReadError, SourceNotFoundError, UsageError, shown
+from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, UsageError, shown
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.hub import check_relative, fetch
 from lorahot.io.safety import (
@@ -110,9 +110,15 @@ def open_source(
     fetched = fetch(
         text, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name, need_config=need_config
     )
-    raw = _from_path(fetched, None, device, slices)
-    inside = "/".join(p for p in (subfolder, weight_name or Path(raw.source).name) if p)
-    raw.source = f"{text}{'@' + revision if revision else ''}/{inside}"
+    where = f"{text}{'@' + revision if revision else ''}"
+    try:
+        raw = _from_path(fetched, None, device, slices)
+    except LoraError as exc:  # a file of the cache's copy: the message names the repo it came from
+        raise type(exc)(f"{where}: {exc}") from None
+    inside = PurePosixPath(*(p for p in (subfolder, weight_name or Path(raw.source).name) if p))
+    raw.source = f"{where}/{inside}"
+    if raw.config_path is not None:  # named as the repo's file, as the weights are
+        raw.config_path = f"{where}/{inside.parent / CONFIG_NAME}".replace("/./", "/")
     return raw
 
 

@@ -561,3 +561,28 @@ def test_a_snapshot_cached_without_its_weights_names_the_repo(
         rf"^{REPO}: the local Hugging Face cache holds no \.safetensors file at the repo's top level.*fetch it once "
         "while online",
     )
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("adapter_model.safetensors", b"\x08" + bytes(20), r"^{where}: .*adapter_model\.safetensors: "),
+        ("adapter_config.json", b"{", r"^{where}: .*adapter_config\.json: the adapter config is not valid JSON"),
+        (
+            "adapter_config.json",
+            b'{"r": 4, "lora_alpha": NaN}',
+            r"^{where}/adapter_config\.json: invalid adapter config: lora_alpha must be a finite number > 0, got nan",
+        ),
+    ],
+)
+def test_a_bad_file_of_a_repo_names_the_repo_and_revision(
+    hub_cache: Path, capsys: pytest.CaptureFixture[str], name: str, text: bytes, message: str
+) -> None:
+    """A damaged or hostile file read from the cache's copy of a repo was named by its cache path
+    alone (or, for a config's values, only that path): the repo and the revision asked for were
+    not said. The message now starts with them."""
+    rig = _rig(hub_cache)
+    (hub_cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT / name).write_bytes(text)
+    _refused_everywhere(
+        rig, capsys, lorahot.AdapterReadError, message.format(where=re.escape(f"{REPO}@main")), revision="main"
+    )
