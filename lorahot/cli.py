@@ -7,16 +7,24 @@ a table of module paths; ``--json`` prints the same as one JSON object. Names fr
 escaped (control characters, lone surrogates), so any name prints.
 
 A bad file or argument exits with status 2 and one line on stderr (``lorahot: error: ...``),
-never a traceback; a reader that closes the pipe early (``| head -1``) ends it quietly.
+never a traceback; a reader that closes the pipe early (``| head -1``) ends it quietly. While
+it reads, ``huggingface_hub``'s progress bars, log records and Python warnings are held back
+(unless ``HF_HUB_DISABLE_PROGRESS_BARS=0`` or ``HF_HUB_VERBOSITY`` asks for them), so that
+stderr holds that line alone; their settings are restored when it returns.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import logging
 import os
 import sys
+import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
@@ -185,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
         args = _parser().parse_args(argv)
-        text = _inspect(args)
+        with _quiet_hub():
+            text = _inspect(args)
     except LoraError as exc:
         _fail(str(exc))
     except Exception as exc:  # a last resort: still one line, never a traceback
@@ -203,6 +212,43 @@ def _inspect(args: argparse.Namespace) -> str:
     )
     summary = summarize(adapter)
     return json.dumps(summary, indent=2) if args.json else _render(summary)
+
+
+@contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Holds back ``huggingface_hub``'s progress bars and log records, and every Python warning,
+    for the ``with`` block; restores the process-wide settings it changed when the block ends.
+
+    An environment variable the user set (``HF_HUB_DISABLE_PROGRESS_BARS=0``,
+    ``HF_HUB_VERBOSITY``) keeps what it asks for.
+    """
+    with warnings.catch_warnings():  # scoped: the filters in force before come back on exit
+        warnings.simplefilter("ignore")
+        try:
+            bars = importlib.import_module("huggingface_hub.utils.tqdm")
+            # imported now, since importing it sets the library's log level (a fetch would
+            # import it first, after the level set here)
+            importlib.import_module("huggingface_hub.utils.logging")
+        except ImportError:  # no huggingface_hub: nothing of it to quiet
+            yield
+            return
+        states = getattr(bars, "progress_bar_states", None)
+        saved = dict(states) if isinstance(states, dict) else None
+        were_disabled = bars.are_progress_bars_disabled()
+        logger = logging.getLogger("huggingface_hub")
+        level = logger.level
+        bars.disable_progress_bars()  # a no-op (and a warning, ignored) under HF_HUB_DISABLE_PROGRESS_BARS=0
+        if not os.environ.get("HF_HUB_VERBOSITY"):
+            logger.setLevel(logging.CRITICAL + 1)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+            if saved is not None and isinstance(states, dict):
+                states.clear()
+                states.update(saved)
+            elif not were_disabled:
+                bars.enable_progress_bars()
 
 
 def _write(text: str) -> int:

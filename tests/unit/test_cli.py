@@ -238,3 +238,86 @@ def test_a_bad_file_exits_2_even_where_stderr_cannot_be_written(
     with pytest.raises(SystemExit) as exited:
         cli.main(["inspect", str(tmp_path / "model.ckpt")])
     assert exited.value.code == 2
+
+
+_NOISY_HUB = """
+import sys, warnings
+import huggingface_hub
+
+def noisy_snapshot_download(repo_id, **kwargs):
+    # imported here, as huggingface_hub's own modules first import them during a fetch
+    from huggingface_hub.utils import logging as hub_logging, tqdm
+
+    bar = tqdm(total=2, desc="Fetching 2 files", name="huggingface_hub.snapshot_download")
+    bar.update(2)
+    bar.close()
+    hub_logging.get_logger("huggingface_hub._snapshot_download").warning("No files matched allow_patterns=['*']")
+    warnings.warn("a huggingface_hub warning")
+    if sys.argv[1] == "fail":
+        raise TimeoutError("read timed out")
+    return sys.argv[2]
+
+huggingface_hub.snapshot_download = noisy_snapshot_download
+from lorahot import cli
+sys.exit(cli.main(["inspect", "org/adapter"]))
+"""
+
+
+@pytest.mark.parametrize("outcome", ["fail", "ok"])
+def test_huggingface_hubs_progress_bars_logs_and_warnings_stay_off_stderr(
+    kohya_file: Path, monkeypatch: pytest.MonkeyPatch, outcome: str
+) -> None:
+    """A Hub fetch's progress bar, its log warnings (``No files matched ...``) and Python
+    warnings wrote to stderr around the error line (or alone, on success)."""
+    pytest.importorskip("huggingface_hub")
+    for name in ("HF_HUB_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "PYTHONWARNINGS"):
+        monkeypatch.delenv(name, raising=False)
+    out = _run(sys.executable, "-c", _NOISY_HUB, outcome, str(kohya_file.parent))
+    if outcome == "fail":
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr == (
+            "lorahot: error: org/adapter: cannot get the adapter from the Hub (TimeoutError: read timed out). The Hub "
+            "could not be reached: check the network (a proxy, HF_ENDPOINT) and retry; a copy in the local cache "
+            "loads with HF_HUB_OFFLINE=1.\n"
+        )
+    else:
+        assert out.returncode == 0 and "format:  kohya" in out.stdout
+        assert out.stderr == ""
+
+
+def test_the_cli_restores_huggingface_hubs_settings(
+    kohya_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Quieting is the CLI's alone: progress bars (a group's setting included), the Hub's log
+    level and the warning filters are as they were once it returns."""
+    import logging
+    import warnings
+
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from huggingface_hub.utils import logging as hub_logging
+
+    monkeypatch.delenv("HF_HUB_VERBOSITY", raising=False)
+    states = sys.modules["huggingface_hub.utils.tqdm"].progress_bar_states
+    logger = logging.getLogger(hub_logging.__name__.partition(".")[0])
+    saved = dict(states), logger.level
+    seen = {}
+
+    def snapshot_download(repo_id: str, **kwargs: object) -> str:
+        seen["bars off"] = are_progress_bars_disabled("huggingface_hub.snapshot_download")
+        seen["warnings logged"] = logger.isEnabledFor(logging.WARNING)
+        return str(kohya_file.parent)
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    try:
+        logger.setLevel(logging.INFO)
+        disable_progress_bars("huggingface_hub.some_group")
+        before = dict(states), logger.level, list(warnings.filters)
+        assert _main(capsys, "inspect", "org/adapter")[0] == 0
+        assert seen == {"bars off": True, "warnings logged": False}
+        assert (dict(states), logger.level, list(warnings.filters)) == before
+        assert not are_progress_bars_disabled() and are_progress_bars_disabled("huggingface_hub.some_group")
+    finally:
+        states.clear()
+        states.update(saved[0])
+        logger.setLevel(saved[1])
