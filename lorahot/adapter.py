@@ -93,23 +93,26 @@ class WeightModule:
 
     @property
     def rank(self) -> int:
-        """The rank the alpha divides (0 where the kind has none: diffs, full LoKr; a diff's
-        ``lora_down``/``lora_up`` take their ``alpha / r`` inside ``ΔW``, :mod:`lorahot.runtime.deltas`)."""
+        """The rank the alpha divides: the low-rank factors' (0 where the kind has none: a diff
+        alone, a full LoKr). A diff with a LoRA pair (``lora_down``/``lora_up``) has the pair's
+        rank; that pair takes its ``alpha / r`` inside ``ΔW`` (:mod:`lorahot.runtime.deltas`),
+        so the diff's :attr:`scale` stays 1."""
         f = self.factors
         if self.kind == "loha":
             return int(f["hada_w1_b"].shape[0])
         if self.kind == "lokr":
             low = f.get("lokr_w1_b", f.get("lokr_w2_b"))
             return 0 if low is None else int(low.shape[0])
-        if self.kind == "locon-tucker":
+        if self.kind in ("locon-tucker", "diff") and "lora_down" in f:
             return int(f["lora_down"].shape[0])
         return 0
 
     @property
     def scale(self) -> float:
-        """The factor on ``ΔW``: ``alpha / rank`` (1 where there is no rank, as LyCORIS does)."""
+        """The factor on ``ΔW``: ``alpha / rank`` (1 where there is no rank, as LyCORIS does,
+        and for a diff, whose LoRA pair is scaled inside ``ΔW``)."""
         r = self.rank
-        return 1.0 if r == 0 or self.alpha is None else self.alpha / r
+        return 1.0 if r == 0 or self.alpha is None or self.kind == "diff" else self.alpha / r
 
     @property
     def nbytes(self) -> int:

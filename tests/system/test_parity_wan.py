@@ -268,6 +268,26 @@ def test_wan_lora_and_diff_on_one_module_fold_both_in_merged_mode() -> None:
         torch.testing.assert_close(halved[key], (base[key] + full[key]) / 2, rtol=1e-12, atol=1e-12, msg=key)
 
 
+def test_a_diff_with_a_lora_reports_the_loras_rank() -> None:
+    """A module with a LoRA and a ``.diff`` reported rank 0 (``load``'s info, ``runtime.info()``,
+    ``lorahot inspect``, whose alpha column then read 0 for a LoRA without ``.alpha``): it has
+    its LoRA pair's rank, as the same file without the diffs reports; the diff's factor on its
+    ``ΔW`` stays 1 (the pair's ``alpha / r`` is inside it)."""
+    from lorahot.cli import summarize
+
+    sd, diffs = _lora_and_diff_file(seed=24)
+    without = {k: v for k, v in sd.items() if not k.endswith(".diff")}
+    runtime = lorahot.inject(tiny_wan(), "all-linear", max_rank=8, merged=True)
+    expected = runtime.load(without).ranks
+    info = runtime.load(sd)
+    assert set(diffs) <= set(info.ranks) and info.ranks == expected == runtime.info().ranks
+    del sd["diffusion_model.blocks.0.ffn.0.alpha"]  # alpha = r without one, as for the LoRA alone
+    rows = {r["module"]: r for r in summarize(lorahot.read_adapter(sd))["table"]}
+    q, ffn = rows["diffusion_model.blocks.0.self_attn.q"], rows["diffusion_model.blocks.0.ffn.0"]
+    assert (q["kind"], q["rank"], q["alpha"], q["scale"]) == ("diff", 2, 1.0, 1.0)
+    assert (ffn["kind"], ffn["rank"], ffn["alpha"], ffn["scale"]) == ("diff", 4, 4.0, 1.0)
+
+
 def test_wan_lora_and_diff_unmerged_names_merged_mode_and_the_keys() -> None:
     sd, _ = _lora_and_diff_file(seed=21)
     model = tiny_wan()
