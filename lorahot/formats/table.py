@@ -38,6 +38,7 @@ __all__ = [
     "Parts",
     "group_keys",
     "REFUSED",
+    "REFUSED_WHOLE",
     "REFUSED_MERGEABLE",
     "LYCORIS_FACTORS",
     "lycoris_rules",
@@ -185,7 +186,7 @@ class KeyFormat:
 
     def _classify(self, key: str) -> tuple[str | None, tuple[str, str] | None]:
         """``(refusal, parse)`` of ``key``: both, since detection asks for one and grouping for both."""
-        why = next((why for pattern, why in self.refuse if _compiled(pattern).search(key)), None)
+        why = next((why for pattern, why in (*REFUSED_WHOLE, *self.refuse) if _compiled(pattern).search(key)), None)
         return why, self._parse(key)
 
     def _parse(self, key: str) -> tuple[str, str] | None:
@@ -258,14 +259,15 @@ def group_keys(
     Raises:
         UnknownFormatError: keys that match no rule, refused features (DoRA, bias, LyCORIS,
             PEFT trainable tokens, parameter LoRA, full module weights), or two tensors claiming
-            one module's role. All are listed at once.
+            one module's role. All are listed at once. Keys of :data:`REFUSED_WHOLE` are refused
+            with ``skipped`` given too.
     """
     parts: Parts = {}
     problems: list[str] = []
     for key, tensor in tensors.items():
         why, parsed = _CLASSIFIED.get((fmt, key), fmt._classify, key)
         if why is not None or parsed is None:
-            if skipped is not None:
+            if skipped is not None and why not in _WHOLE_REASONS:
                 skipped.append(key)
             else:
                 problems.append(f"{key}: {fmt.explain(key)}")
@@ -394,6 +396,21 @@ REFUSED: tuple[tuple[str, str], ...] = (
         "LoRA, LoHa or LoKr adapter",
     ),
 )
+
+#: Keys that make a file more than a LoRA of the model it names, refused by every naming and
+#: with ``strict=False`` too: what the file's LoRA weights were trained with would be left out,
+#: and the rest would compute another model.
+REFUSED_WHOLE: tuple[tuple[str, str], ...] = (
+    (
+        r"(?:^|[._])(?:norm\.(?:query|key)_norm\.scale|attn\.norm_(?:added_)?[qk]\.weight)$",
+        "query/key norm weights that replace the model's own: a Flux Control LoRA (Canny, Depth), trained with "
+        "these norms and with x_embedder (img_in) widened to take the control image's latents; lorahot loads "
+        "LoRA weights only, and skipping these keys would load the rest onto a model it was not trained with, so "
+        "the file is refused whole, with strict=False too. Load it with diffusers' FluxControlPipeline "
+        "(load_lora_weights)",
+    ),
+)
+_WHOLE_REASONS = frozenset(why for _, why in REFUSED_WHOLE)
 
 #: :data:`REFUSED` less the LyCORIS kinds lorahot folds in merged mode (namings whose rules
 #: include :func:`lycoris_rules`).

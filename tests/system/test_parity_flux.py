@@ -26,6 +26,7 @@ through unconverted), so that spelling is checked against diffusers on the same 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -478,3 +479,48 @@ def test_diffusers_named_flux_alphas_land_on_their_own_modules_only() -> None:
         a, b = (sd[f"transformer.{n}.lora_{x}.weight"].double() for x in "AB")
         expected = float(sd[f"transformer.{n}.alpha"]) / 4 * b @ a
         torch.testing.assert_close(m.scale * m.B.double() @ m.A.double(), expected, rtol=1e-12, atol=1e-12, msg=n)
+
+
+def _control_lora(naming: str) -> dict[str, torch.Tensor]:
+    """A Flux Control LoRA as BFL's Canny/Depth files hold it: LoRA weights on every module,
+    ``img_in``'s A twice as wide (the control image's latents beside the image's), and the
+    blocks' query/key norm scales in full; or, as diffusers' control training saves it, LoRA
+    weights in diffusers' names beside full ``attn.norm_q``/``norm_k`` weights."""
+    g = torch.Generator().manual_seed(40)
+    if naming == "diffusers":
+        sd = {}
+        for name in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"):
+            layer = tiny_flux().get_submodule(name)
+            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=g)
+            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(layer.out_features, 2, generator=g)
+        norms = ("transformer_blocks.0.attn.norm_q", "single_transformer_blocks.0.attn.norm_k")
+        return sd | {f"transformer.{n}.weight": torch.rand(D // HEADS, generator=g) for n in norms}
+    weights = random_weights(MODEL_MODULES | {"img_in": (2 * 16, D)}, seed=41)
+    sd = {k.removeprefix("diffusion_model."): v for k, v in bfl_file(weights, ("lora_A", "lora_B")).items()}
+    sd |= {
+        f"double_blocks.0.{s}_attn.norm.{n}_norm.scale": torch.rand(D // HEADS)
+        for s in ("img", "txt")
+        for n in ("query", "key")
+    }
+    sd |= {f"single_blocks.0.norm.{n}_norm.scale": torch.rand(D // HEADS) for n in ("query", "key")}
+    return {("diffusion_model." if naming == "diffusion_model." else "") + k: v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "strict=False"])
+@pytest.mark.parametrize("naming", ["bfl", "diffusion_model.", "diffusers"])
+def test_a_flux_control_lora_is_refused_whole_with_strict_false_too(naming: str, strict: bool) -> None:
+    """A control LoRA's LoRA weights were trained with its norms and its widened ``x_embedder``:
+    skipping those keys would load the rest onto a model it was not trained with. Every load of
+    it is refused, naming the norm keys and diffusers' FluxControlPipeline, nothing changed."""
+    sd = _control_lora(naming)
+    model = tiny_flux()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norm_key = next(k for k in sd if k.endswith(("_norm.scale", "norm_q.weight")))
+    for call in (lambda: runtime.load(dict(sd), strict=strict), lambda: lorahot.read_adapter(dict(sd), strict=strict)):
+        with pytest.raises(
+            lorahot.UnknownFormatError, match=rf"(?s){re.escape(norm_key)}: .*Flux Control LoRA.*FluxControlPipeline"
+        ):
+            call()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
