@@ -271,7 +271,16 @@ class LoraRuntime:
         """Bytes of adapter storage this runtime allocated (padded, every slot, and the scaled B
         columns beside the wide layers' weights). Not counted: the buffers files are read into
         (:mod:`lorahot.io.read_buffers`), which hold the largest file loaded, once on the host
-        (pinned on CUDA) and once on the device, per part of the largest stack."""
+        (pinned on CUDA) and once on the device, per part of the largest stack.
+
+        Raises:
+            UsageError: the runtime was ejected, as every operation then does. Eject frees none
+                of this storage: the runtime object holds it until it is dropped (``del runtime``).
+        """
+        self._check_usable(placement=False)
+        return self._allocated()
+
+    def _allocated(self) -> int:
         return self.buffers.nbytes + self._wide.nbytes
 
     @public_api
@@ -1215,9 +1224,11 @@ class LoraRuntime:
         if self._routing.rows is not None:
             rows = self._routing.rows
             now = f"per row {list(rows[:8])}{'...' if len(rows) > 8 else ''}"
+        if self._state.ejected is not None:
+            now = f"ejected by {self._state.ejected}"
         return (
             f"LoraRuntime(layers={len(self.layers)}, max_rank={self.max_rank}, slots={self.slots}, "
-            f"active={self._active}: {now}, nbytes={self.nbytes})"
+            f"active={self._active}: {now}, nbytes={self._allocated()})"
         )
 
 

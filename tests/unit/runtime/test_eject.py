@@ -38,6 +38,7 @@ def _operations(runtime: lorahot.LoraRuntime, tensors: dict, tmp: Path) -> dict[
         "unload": lambda: runtime.unload(),
         "set_scale": lambda: runtime.set_scale(0.5),
         "info": lambda: runtime.info(),
+        "nbytes": lambda: runtime.nbytes,  # eject frees no buffer: the runtime holds them until dropped
         "eject": lambda: runtime.eject(),
     }
 
@@ -61,6 +62,7 @@ def test_every_operation_after_either_eject_raises(tmp_path: Path, eject: str) -
             call()
         with torch.no_grad():
             assert torch.equal(model(IDS), base), name
+    assert "ejected by " in repr(runtime)  # what it says of itself still prints
 
 
 def test_module_eject_stops_the_prefetch_thread(tmp_path: Path) -> None:
