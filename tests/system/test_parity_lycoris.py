@@ -477,3 +477,38 @@ def test_files_of_lycoris_own_network_wrapper_load(algo: str, merged: bool, tmp_
     lorahot.inject(model, ["0", "2"], max_rank=8, merged=merged).load(tmp_path / "net.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
+@pytest.mark.parametrize(
+    ("cls", "options", "merged"),
+    [
+        (LohaModule, {"lora_dim": 4, "alpha": 3.0}, True),
+        (LokrModule, {"lora_dim": 2, "alpha": 1.0, "factor": 4}, True),
+        (LoConModule, {"lora_dim": 3, "alpha": 2.0}, True),
+        (LoConModule, {"lora_dim": 3, "alpha": 2.0}, False),
+    ],
+    ids=["loha", "lokr", "locon-merged", "locon-unmerged"],
+)
+def test_a_padded_conv_computes_its_merged_weight_not_lycoris_zero_padded_forward(
+    cls: type, options: dict, merged: bool, padding_mode: str
+) -> None:
+    """A divergence the README states: lycoris-lora's unmerged forward convolves the input with
+    its delta (LoCon: its ``lora_down`` conv) padded with zeros, whatever the conv's
+    ``padding_mode``; lorahot computes the conv of ``W0 + ΔW`` with the conv's own padding, as
+    merging the delta into the weight does."""
+    oracle, module, sd = _lycoris(cls, "conv", options)
+    oracle[0].padding_mode = padding_mode
+    x = _input("conv")
+    with torch.no_grad():
+        theirs = oracle(x)
+        reference = copy.deepcopy(_base("conv"))
+        reference[0].padding_mode = padding_mode
+        reference[0].weight += _delta(module).reshape(reference[0].weight.shape)
+        want = reference(x)
+        model = _base("conv")
+        model[0].padding_mode = padding_mode
+        lorahot.inject(model, ["0"], max_rank=4, merged=merged).load(sd)
+        ours = model(x)
+    torch.testing.assert_close(ours, want, rtol=1e-9, atol=1e-9)
+    assert float((ours - theirs).abs().max()) > 1e-3
