@@ -60,6 +60,8 @@ _OUTSIDE = {
     "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
     "final_layer.linear": "proj_out",
 }
+#: Chroma's approximator: its layers' MLPEmbedder names -> diffusers' (after ``distilled_guidance_layer.layers.N.``)
+_APPROXIMATOR = {"in_layer": "linear_1", "out_layer": "linear_2"}
 
 #: Flux.2's diffusers names where they differ from Flux.1's (its single block keeps ``linear1``
 #: fused as ``to_qkv_mlp_proj``, so nothing is split there)
@@ -91,6 +93,10 @@ _ALIASES: tuple[tuple[str, str], ...] = (
         for k, v in _SINGLE.items()
     ),
     *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
+    *(
+        (rf"{_START}distilled_guidance_layer\.layers\.(\d+)\.{k}$", rf"distilled_guidance_layer.layers.\1.{v}")
+        for k, v in _APPROXIMATOR.items()
+    ),
     # Flux.2, whose files use the same original names: tried alongside, the model has one of them
     *((rf"{_START}double_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _DOUBLE2.items()),
     *(
@@ -135,6 +141,10 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
     (r"^lora_unet_final_layer_adaLN_modulation_1$", "lora_unet_final_layer.adaLN_modulation.1"),
     (r"^lora_unet_final_layer_linear$", "lora_unet_final_layer.linear"),
     (r"^lora_unet_(time|vector|guidance)_in_(in|out)_layer$", r"lora_unet_\1_in.\2_layer"),
+    (
+        r"^lora_unet_distilled_guidance_layer_layers_(\d+)_(in|out)_layer$",
+        r"lora_unet_distilled_guidance_layer.layers.\1.\2_layer",
+    ),
     (
         r"^lora_unet_(single_stream_modulation|double_stream_modulation_img|double_stream_modulation_txt)_lin$",
         r"lora_unet_\1.lin",

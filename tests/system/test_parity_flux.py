@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 import lorahot
 from lorahot.resolve.keys import resolve_keys
+from tests.diffusion_names import assert_same, linears, lorahot_weights, weights
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -524,3 +525,55 @@ def test_a_flux_control_lora_is_refused_whole_with_strict_false_too(naming: str,
             call()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def tiny_chroma() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=D // HEADS,
+        num_attention_heads=HEADS,
+        joint_attention_dim=D,
+        axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=16,
+        approximator_hidden_dim=D,
+        approximator_layers=2,
+    ).double()
+
+
+#: Chroma's modules in its original names -> diffusers': the approximator's layers (MLPEmbedder's
+#: in_layer / out_layer, PixArtAlphaTextProjection's linear_1 / linear_2) beside modules Flux has
+CHROMA = {
+    "distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
+    "distilled_guidance_layer.layers.0.in_layer": "distilled_guidance_layer.layers.0.linear_1",
+    "distilled_guidance_layer.layers.1.out_layer": "distilled_guidance_layer.layers.1.linear_2",
+    "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj",
+    "double_blocks.0.img_attn.proj": "transformer_blocks.0.attn.to_out.0",
+    "img_in": "x_embedder",
+}
+
+
+@pytest.mark.parametrize("naming", ["flux-bfl", "flux-kohya"])
+def test_chroma_approximator_in_original_names_lands_on_diffusers_layers(naming: str) -> None:
+    """A Chroma file in its original names with the approximator's ``in_layer`` / ``out_layer``:
+    refused before as matching no injected layer. Each layer against diffusers loading the same
+    factors in its own names (kohya without alpha: scale 1)."""
+    g = torch.Generator().manual_seed(42)
+    sd, oracle = {}, {}
+    for i, (original, name) in enumerate(CHROMA.items()):
+        layer = tiny_chroma().get_submodule(name)
+        a = torch.randn(2 + i % 3, layer.in_features, generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(layer.out_features, 2 + i % 3, generator=g, dtype=torch.float64) * 0.3
+        key = "diffusion_model." + original if naming == "flux-bfl" else "lora_unet_" + original.replace(".", "_")
+        down, up = ("lora_A", "lora_B") if naming == "flux-bfl" else ("lora_down", "lora_up")
+        sd |= {f"{key}.{down}.weight": a, f"{key}.{up}.weight": b}
+        oracle |= {f"transformer.{name}.lora_A.weight": a, f"transformer.{name}.lora_B.weight": b}
+    names = linears(tiny_chroma())
+    ours, fmt = lorahot_weights(tiny_chroma, sd, names)
+    model = tiny_chroma()
+    model.load_lora_adapter(oracle, prefix="transformer", adapter_name="o")
+    assert fmt == naming
+    assert_same(ours, weights(model, names))
