@@ -28,6 +28,7 @@ from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
 from lorahot.runtime.deltas import delta_shape, lora_update_max
+from lorahot.runtime.flux_inputs import EMBEDDER, pad_embedder_input
 from lorahot.runtime.sharding import localize
 
 __all__ = [
@@ -279,6 +280,7 @@ def _fit(
             f"(strict=False would skip all {len(unplaced)} keys, e.g. {', '.join(unplaced[:3])}). Inject those "
             "modules (targets=...), or map the names with prefix=/key_map=."
         )
+    _pad_embedder_inputs(targets, specs, others)
     misfits = _localize(targets, specs)
     problems = [p for found in misfits.values() for p in found]
     problems += [
@@ -299,6 +301,14 @@ def _fit(
             + "\nLoad an adapter trained for this model and these target modules, or inject with a larger max_rank."
         )
     return targets, weights, unplaced
+
+
+def _pad_embedder_inputs(targets: dict[str, LoraModule], specs: dict[str, LayerSpec], others: tuple[str, ...]) -> None:
+    """Widens the A of a Flux.1 LoRA's ``x_embedder`` to a Fill or control model's wider input
+    (:mod:`lorahot.runtime.flux_inputs`), in place in ``targets``."""
+    for name, m in targets.items():
+        if name.rpartition(".")[2] == EMBEDDER:
+            targets[name] = pad_embedder_input(name, m, specs[name], lambda path: path in specs or path in others)
 
 
 def _localize(targets: dict[str, LoraModule], specs: dict[str, LayerSpec]) -> dict[str, list[str]]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.arguments import check_read_options
 from lorahot.runtime.components import components_of, is_several
+from lorahot.runtime.flux_inputs import pad_embedder_input
 from lorahot.runtime.inject import MAX_RANK_LIMIT
 from lorahot.runtime.plan import check_module, check_weight_module
 from lorahot.runtime.sharding import localize
@@ -180,10 +181,12 @@ def plan_targets(
             modules = components_of(model)[0]
             components = tuple(modules)
             layers = {f"{c}.{n}": layer for c, m in modules.items() for n, layer in _wrappable(m).items()}
+            paths = {f"{c}.{n}" for c, m in modules.items() for n, _ in m.named_modules()}
         else:
             assert isinstance(model, nn.Module)  # checked above
             layers = _wrappable(model)
-        ranks = _model_ranks(adapters, layers, skipped if strict is False else None, components, combine)
+            paths = {n for n, _ in model.named_modules()}
+        ranks = _model_ranks(adapters, layers, skipped if strict is False else None, components, combine, paths)
         ranks = {n: ranks[n] for n in layers if n in ranks}  # model order
         groups = [layers[n].spec.groups for n in ranks]
     max_rank = _covering_rank(ranks, groups)
@@ -271,9 +274,11 @@ def _model_ranks(
     skipped: list[str] | None,
     components: tuple[str, ...] = (),
     combine: Combine = max,
+    paths: Container[str] = (),
 ) -> dict[str, int]:
     """Model module name -> the largest rank any adapter loads there (``combine`` of the
-    ranks), after checking every adapter's keys and shapes against the model as ``load`` would.
+    ranks), after checking every adapter's keys and shapes against the model as ``load`` would
+    (``paths``: the model's module paths, for :func:`~lorahot.runtime.flux_inputs.pad_embedder_input`).
     With ``components`` (layers named ``<component>.<path>``) each module is first routed to its
     component as ``load`` routes it."""
     names = list(layers)
@@ -289,6 +294,7 @@ def _model_ranks(
             lora, weights = resolve_all(adapter, names, skipped)
         for name, m in lora.items():
             spec, rank = layers[name].spec, m.rank
+            m = pad_embedder_input(name, m, spec, paths.__contains__)  # a Flux.1 LoRA on Fill or a control model
             if spec.shard is not None:  # a tensor-parallel layer: the whole layer's shapes, then its shard's part
                 m, found = localize(name, m, spec)
                 if found:

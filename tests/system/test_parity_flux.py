@@ -577,3 +577,92 @@ def test_chroma_approximator_in_original_names_lands_on_diffusers_layers(naming:
     model.load_lora_adapter(oracle, prefix="transformer", adapter_name="o")
     assert fmt == naming
     assert_same(ours, weights(model, names))
+
+
+def tiny_flux_fill(in_channels: int) -> torch.nn.Module:
+    """:func:`tiny_flux` as Flux.1 Fill or a control model makes it: ``x_embedder`` takes the
+    conditioning latents after the image's 16 (``in_channels`` in all), the output stays 16."""
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=in_channels,
+        out_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=D // HEADS,
+        num_attention_heads=HEADS,
+        joint_attention_dim=D,
+        pooled_projection_dim=D,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+class _FluxLoader(diffusers.loaders.FluxLoraLoaderMixin):
+    """diffusers' Flux.1 pipelines' loader (``load_lora_weights``) over a transformer alone."""
+
+    hf_device_map = None
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer, self.text_encoder = transformer, None
+
+    @property
+    def components(self) -> dict[str, torch.nn.Module]:
+        return {"transformer": self.transformer}
+
+
+@pytest.mark.parametrize("in_channels", [96, 32], ids=["fill", "control"])
+def test_a_flux_lora_on_a_fill_or_control_model_pads_x_embedder_as_diffusers(in_channels: int) -> None:
+    """A Flux.1-dev LoRA (``img_in``'s A ``[r, 16]``) on a model whose ``x_embedder`` takes
+    ``in_channels``: refused before ('A has shape (4, 16), expected (r, 96)'). Now A's
+    conditioning columns are zeros, as diffusers' FluxLoraLoaderMixin pads them: the outputs
+    agree with diffusers loading the same file, and the conditioning input gets no update."""
+    sd = kohya_file(random_weights(MODEL_MODULES, seed=2, sparse=SPARSE))
+    g = torch.Generator().manual_seed(3)
+    inputs = flux_inputs() | {"hidden_states": torch.randn(1, 12, in_channels, generator=g)}
+    oracle = tiny_flux_fill(in_channels)
+    converted = diffusers.FluxPipeline.lora_state_dict(dict(sd))
+    _FluxLoader(oracle).load_lora_weights({_prefixed(k): v for k, v in converted.items()}, adapter_name="o")
+    model = tiny_flux_fill(in_channels)
+    with torch.no_grad():
+        base = model(**inputs, return_dict=False)[0]
+        runtime = lorahot.inject(model, "all-linear", max_rank=8)
+        assert runtime.load(dict(sd)).ranks["x_embedder"] == 2
+        ours, expected = (m(**inputs, return_dict=False)[0] for m in (model, oracle))
+    assert not torch.allclose(ours, base, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    x_embedder = model.get_submodule("x_embedder")
+    x = torch.zeros(3, in_channels, dtype=torch.float64)
+    x[:, 16:] = torch.randn(3, in_channels - 16, generator=g, dtype=torch.float64)
+    layer = tiny_flux_fill(in_channels).get_submodule("x_embedder")
+    with torch.no_grad():  # the conditioning channels alone: the base layer's output
+        torch.testing.assert_close(x_embedder(x.float()), layer(x.float()), rtol=0, atol=0)
+    plan = lorahot.plan_targets(dict(sd), tiny_flux_fill(in_channels))
+    assert plan.ranks["x_embedder"] == 2
+
+
+def test_a_narrower_a_elsewhere_is_still_refused() -> None:
+    """Padding is for a Flux.1 transformer's ``x_embedder`` only: a narrower A on its
+    ``context_embedder``, or on Flux.2's ``x_embedder`` (diffusers' Flux.2 loader pads
+    nothing), is an adapter of another model, refused with both shapes, nothing changed."""
+    g = torch.Generator().manual_seed(4)
+    cases = {
+        (tiny_flux_fill, 96): "context_embedder",
+        (lambda _: tiny_flux2(), 16): "x_embedder",
+    }
+    for (make, in_channels), name in cases.items():
+        model = make(in_channels)
+        layer = model.get_submodule(name)
+        sd = {
+            f"transformer.{name}.lora_A.weight": torch.randn(2, layer.in_features // 2, generator=g),
+            f"transformer.{name}.lora_B.weight": torch.randn(layer.out_features, 2, generator=g),
+        }
+        runtime = lorahot.inject(model, "all-linear", max_rank=8)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        shape = rf"A has shape \(2, {layer.in_features // 2}\), expected \(r, {layer.in_features}\)"
+        with pytest.raises(lorahot.AdapterMismatchError, match=rf"{name} \(.*\): {shape}"):
+            runtime.load(dict(sd))
+        with pytest.raises(lorahot.AdapterMismatchError, match=shape):
+            lorahot.plan_targets(dict(sd), make(in_channels))
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
