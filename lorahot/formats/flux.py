@@ -21,6 +21,10 @@ The namings, each a table sharing that map:
   stream, ``proj_lora1/2``: the output projections); no alpha (scale 1).
 - ``flux-fal`` (fal's Kontext trainer, PEFT-saved): ``base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight``;
   no alpha (scale 1).
+
+LyCORIS factors, a module's bias delta (``.diff_b``) and the deltas of norm layers are refused
+by name in all four: lorahot places these namings' LoRA weights only (``strict=False`` skips them,
+a bias delta with its module's LoRA weights).
 """
 
 from __future__ import annotations
@@ -81,6 +85,33 @@ _OUTSIDE2 = {
     "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
     "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
 }
+
+#: the LyCORIS kinds of :data:`REFUSED` (whose reason names the namings that read them)
+_LYCORIS = next(pattern for pattern, why in REFUSED if why.startswith("LyCORIS (LoHa"))
+
+#: keys the Flux.1 namings refuse in their own words, before :data:`REFUSED`: its LyCORIS reason
+#: points to kohya and ComfyUI naming, which these files already are, and no naming of Flux's
+#: original names reads LyCORIS factors, bias deltas or norm deltas
+_NOT_READ: tuple[tuple[str, str], ...] = (
+    (
+        r"(?:[._]norm[._](?:query|key)_norm|[._]norm_final)\.(?:diff|diff_b)$",
+        "a delta of a normalization layer (a query/key norm's scale, the final norm), which no LoRA layer carries; "
+        "load with strict=False to skip it",
+    ),
+    (
+        r"\.diff_b$",
+        "a bias delta (diff_b), which lorahot does not read in the Flux.1 namings (it places their LoRA weights only, "
+        "splitting the fused modules); load with strict=False to skip it, with the LoRA "
+        "weights of its module (loaded without their bias they would compute another update)",
+    ),
+    (
+        _LYCORIS,
+        "LyCORIS (LoHa/LoKr/Tucker/diff) weights, which lorahot does not read in the Flux.1 namings (it places their "
+        "LoRA weights only, splitting the fused modules); convert the adapter to LoRA, or load "
+        "with strict=False to skip the module",
+    ),
+)
+_REFUSED = (*_NOT_READ, *REFUSED)
 
 #: a component prefix (``diffusion_model.``, ``lora_unet_``), kept for ``prefix=`` and the resolver
 
@@ -158,7 +189,7 @@ KOHYA = KeyFormat(
     separator="_",
     renames=_KOHYA_TO_DOTTED,
     aliases=_ALIASES,
-    refuse=REFUSED,
+    refuse=_REFUSED,
     marker=r"^lora_unet_(?:double_blocks|single_blocks)_\d+_",
     splits=SPLITS,
     roles=("lora_down", "lora_up"),
@@ -173,7 +204,7 @@ BFL = KeyFormat(
     rules=lora_rules(),
     prefixes=(*DIFFUSION_MODEL, "transformer."),
     aliases=_ALIASES,
-    refuse=REFUSED,
+    refuse=_REFUSED,
     marker=_BFL_MARKER,
     splits=SPLITS,
     example="diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight",
@@ -199,7 +230,7 @@ XLABS = KeyFormat(
     prefixes=("diffusion_model.",),
     renames=_XLABS_RENAMES,
     aliases=_ALIASES,
-    refuse=REFUSED,
+    refuse=_REFUSED,
     marker=r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\.processor\.",
     splits=(*SPLITS, qkv_split(r"single_blocks\.(?P<n>\d+)\.attn\.qkv", "single_transformer_blocks", QKV)),
     roles=("down", "up"),
@@ -213,7 +244,7 @@ FAL = KeyFormat(
         Rule(r"base_model\.model\.(?P<module>.+)\.lora_B\.weight", "B"),
     ),
     aliases=_ALIASES,
-    refuse=REFUSED,
+    refuse=_REFUSED,
     marker=r"^base_model\.model\.(?:double_blocks|single_blocks)\.\d+\.",
     splits=SPLITS,
     example="base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight",

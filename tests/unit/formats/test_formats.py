@@ -401,3 +401,47 @@ def test_a_lora_key_spelled_as_another_naming_is_not_called_full_weights() -> No
     assert "a LoRA lora.up key that the peft naming does not spell this way" in why
     assert "full weights" not in why
     assert "full weights" in format_named("peft").explain("base_model.model.blocks.0.to_q.weight")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message", "left_out"),
+    [
+        (
+            "lora_unet_double_blocks_0_img_attn_proj.diff_b",
+            r"diff_b: a bias delta \(diff_b\), which lorahot does not read in the Flux\.1 namings"
+            r"[\s\S]*strict=False to skip it, with the LoRA weights of its module",
+            "lora_unet_double_blocks_0_img_attn_proj",
+        ),
+        (
+            "lora_unet_double_blocks_0_img_attn_norm_query_norm.diff",
+            r"norm_query_norm\.diff: a delta of a normalization layer[\s\S]*strict=False to skip it",
+            None,
+        ),
+        (
+            "lora_unet_single_blocks_0_norm_key_norm.diff_b",
+            r"norm_key_norm\.diff_b: a delta of a normalization layer[\s\S]*strict=False to skip it",
+            None,
+        ),
+        (
+            "lora_unet_double_blocks_0_img_attn_proj.hada_w1_a",
+            r"hada_w1_a: LyCORIS \(LoHa/LoKr/Tucker/diff\) weights, which lorahot does not read in the Flux\.1 namings",
+            "lora_unet_double_blocks_0_img_attn_proj",
+        ),
+    ],
+)
+def test_flux_kohya_refuses_deltas_in_its_own_words(extra: str, message: str, left_out: str | None) -> None:
+    """A ``.diff_b``, a norm's ``.diff`` or a LyCORIS factor in a ``flux-kohya`` file was refused
+    as 'lorahot loads them in kohya or ComfyUI naming', which the file already is. The message
+    says what is not read and that ``strict=False`` skips it (a bias delta with its module's LoRA
+    weights), which is what happens."""
+    tensors = lora_pair("lora_unet_double_blocks_0_img_attn_proj", "lora_down", "lora_up")
+    tensors |= lora_pair("lora_unet_double_blocks_0_txt_attn_proj", "lora_down", "lora_up")
+    tensors[extra] = torch.ones(8)
+    with pytest.raises(lorahot.UnknownFormatError, match=message) as refused:
+        lorahot.read_adapter(dict(tensors))
+    assert "kohya or ComfyUI naming" not in str(refused.value)
+    adapter = lorahot.read_adapter(dict(tensors), strict=False)
+    assert adapter.format == "flux-kohya"
+    skipped = {extra} | ({f"{left_out}.lora_down.weight", f"{left_out}.lora_up.weight"} if left_out else set())
+    assert set(adapter.skipped) == skipped
+    assert len(adapter.modules) == 2 - (left_out is not None)
