@@ -105,3 +105,28 @@ def test_wrapper_levels_never_leave_only_an_index() -> None:
     tensors = {f"{key}.lora_down.weight": torch.randn(2, 8), f"{key}.lora_up.weight": torch.randn(8, 2)}
     with pytest.raises(lorahot.AdapterMismatchError, match=rf"{key}: matches no injected layer"):
         runtime.load(tensors)
+
+
+def test_kohya_te_alphas_are_each_modules_own_where_diffusers_takes_the_most_common() -> None:
+    """Per-module ``.alpha`` on a transformers-5 CLIP: diffusers' alpha pattern keys keep
+    ``text_model.``, which the encoder no longer has, so every layer gets the most common alpha;
+    lorahot applies each module's ``alpha / r``, as sd-scripts does. The reference: the model with
+    each update added in float64."""
+    model = _clip().double()
+    kohya = {k: v.double() for k, v in _kohya_file(model, "lora_te").items()}
+    for i, key in enumerate(k for k in kohya if k.endswith(".alpha")):
+        kohya[key] = torch.tensor(8.0 if i % 3 == 0 else 1.0 + i % 2, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mod in reference.named_modules():
+            stem = f"lora_te_text_model_{name.replace('.', '_')}"
+            if f"{stem}.alpha" in kohya:
+                down, up = kohya[f"{stem}.lora_down.weight"], kohya[f"{stem}.lora_up.weight"]
+                mod.weight += float(kohya[f"{stem}.alpha"]) / down.shape[0] * up @ down
+    oracle = _oracle(model, kohya, "text_encoder")
+    lorahot.inject(model, TARGETS, max_rank=8).load(kohya)
+    ids = torch.tensor([[0, 5, 9, 3, 1]])
+    with torch.no_grad():
+        got, want, theirs = model(ids)[0], reference(ids)[0], oracle(ids)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert (theirs - want).abs().max() > 1e-2  # diffusers' most common alpha
