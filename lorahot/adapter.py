@@ -40,11 +40,16 @@ class LoraModule:
             with the model's own weight (equal: nothing to do; different: the adapter was trained
             on another vocabulary). Renames (``prefix``, ``key_map``) carry it along.
         magnitude: DoRA's magnitude vector (PEFT ``lora_magnitude_vector``), one value per
-            output channel (``[out]``, or ``[1, out, 1, ...]`` for convs as PEFT saves it); None
-            for plain LoRA. The layer then computes ``m / ||W0 + scale * B @ A||`` per output
-            channel times ``base(x) - bias + scale * (B(A(x)) + lora_bias)``, plus the bias.
+            output channel (``[out]``, or ``[1, out, 1, ...]`` for convs as PEFT saves it; a
+            LyCORIS or kohya ``dora_scale``, ``[out, 1, ...]``); None for plain LoRA. The layer
+            then computes ``m / ||W0 + scale * B @ A||`` per output channel times
+            ``base(x) - bias + scale * (B(A(x)) + lora_bias)``, plus the bias.
         bias: the bias of PEFT's ``lora_B`` (``lora_bias=True``), ``[out]``; the layer adds
             ``scale * bias``. None when the adapter has none.
+        unit_scale: the module computes what its source means only at a user scale of 1: a
+            LyCORIS or kohya LoRA/LoCon trained with weight decomposition (``dora_scale``), whose
+            weight at another strength LyCORIS and ComfyUI compute differently from each other
+            and from DoRA at that scale. The runtime refuses any other scale for a slot holding it.
     """
 
     key: str
@@ -56,6 +61,7 @@ class LoraModule:
     base_weight: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    unit_scale: bool = False
 
     @property
     def rank(self) -> int:

@@ -5,7 +5,8 @@ the role the tensor plays: ``A``, ``B``, ``alpha``, ``base``, ``magnitude`` or `
 component prefixes files put in front of module paths, the separator that replaced the model's
 dots, the fused modules whose rows belong to several of the model's layers (:class:`Split`,
 :class:`Reorder`), and the keys it knows but lorahot refuses (DoRA and LoRA biases outside
-PEFT's namings, LyCORIS variants, PEFT's trainable tokens, parameter LoRA and module copies).
+PEFT's namings, but for a LyCORIS LoRA/LoCon module's ``dora_scale``; LyCORIS variants, PEFT's
+trainable tokens, parameter LoRA and module copies).
 Detection and grouping are driven by these tables only; no format has code of its own.
 
 Parsing a key is memoized (a server swapping among the same adapters parses each key once),
@@ -343,11 +344,20 @@ def lora_rules(module: str = r"(?P<module>.+)") -> tuple[Rule, ...]:
 
 
 #: Keys every format may carry for features lorahot refuses, with the reason and the fix.
-#: DoRA magnitude vectors: loaded in PEFT and diffusers namings only (:data:`EXTRA_RULES`).
+#: DoRA magnitude vectors: loaded in PEFT and diffusers namings (:data:`EXTRA_RULES`), and as the
+#: ``dora_scale`` of a LyCORIS or kohya LoRA/LoCon module in the namings that read LyCORIS
+#: (:func:`lycoris_rules`).
 REFUSED_DORA = (
     r"(lora_magnitude_vector|dora_scale)",
-    "DoRA magnitude vector: DoRA is loaded in PEFT and diffusers namings only (lora_magnitude_vector); save the "
-    "adapter with PEFT",
+    "DoRA magnitude vector: DoRA is loaded in PEFT and diffusers namings (lora_magnitude_vector), and as the "
+    "dora_scale of a LoRA/LoCon module in kohya or ComfyUI naming; save the adapter with PEFT",
+)
+#: :data:`REFUSED_DORA` for the namings that read a LoRA/LoCon module's ``dora_scale``: PEFT's
+#: ``lora_magnitude_vector`` alone.
+REFUSED_MAGNITUDE = (
+    r"lora_magnitude_vector",
+    "DoRA magnitude vector in PEFT's spelling (lora_magnitude_vector): this naming reads DoRA as a LoRA/LoCon "
+    "module's dora_scale; rename the keys to one naming",
 )
 #: LoRA biases: loaded in PEFT and diffusers namings only.
 REFUSED_BIAS = (
@@ -412,9 +422,11 @@ REFUSED_WHOLE: tuple[tuple[str, str], ...] = (
 )
 _WHOLE_REASONS = frozenset(why for _, why in REFUSED_WHOLE)
 
-#: :data:`REFUSED` less the LyCORIS kinds lorahot folds in merged mode (namings whose rules
-#: include :func:`lycoris_rules`).
-REFUSED_MERGEABLE = tuple(r for r in REFUSED if not r[1].startswith("LyCORIS (LoHa"))
+#: :data:`REFUSED` less the LyCORIS kinds lorahot folds in merged mode and a LoRA/LoCon
+#: module's ``dora_scale`` (namings whose rules include :func:`lycoris_rules`).
+REFUSED_MERGEABLE = tuple(
+    REFUSED_MAGNITUDE if r is REFUSED_DORA else r for r in REFUSED if not r[1].startswith("LyCORIS (LoHa")
+)
 
 #: LyCORIS tensor names: each is its own role (see :class:`lorahot.adapter.WeightModule`).
 LYCORIS_FACTORS = (
@@ -438,11 +450,14 @@ LYCORIS_FACTORS = (
 
 
 def lycoris_rules(module: str) -> tuple[Rule, ...]:
-    """Rules for LyCORIS factors (``<module>.hada_w1_a``, ...) and a Tucker LoCon core
-    (``<module>.lora_mid.weight``) after the module pattern ``module``."""
+    """Rules for LyCORIS factors (``<module>.hada_w1_a``, ...), a Tucker LoCon core
+    (``<module>.lora_mid.weight``) and the magnitude of weight decomposition
+    (``<module>.dora_scale``, role ``dora_scale``: read as DoRA on a LoRA/LoCon module, see
+    :mod:`lorahot.io.loader`) after the module pattern ``module``."""
     return (
         Rule(rf"{module}\.(?:{'|'.join(LYCORIS_FACTORS)})", ""),
         Rule(rf"{module}\.lora_mid\.weight", "lora_mid"),
+        Rule(rf"{module}\.dora_scale", "dora_scale"),
     )
 
 

@@ -356,8 +356,9 @@ def _normalize(
 
 
 #: One module of a :class:`_Recipe`: its key; the tensor keys of its A, B, base-weight copy,
-#: DoRA magnitude and LoRA bias (None where absent); its alpha, rsLoRA flag and source keys.
-_Dish = tuple[str, str, str, str | None, str | None, str | None, float, bool, tuple[str, ...]]
+#: DoRA magnitude and LoRA bias (None where absent); its alpha, rsLoRA flag, source keys and
+#: :attr:`~lorahot.LoraModule.unit_scale`.
+_Dish = tuple[str, str, str, str | None, str | None, str | None, float, bool, tuple[str, ...], bool]
 
 
 @dataclass(frozen=True)
@@ -421,7 +422,7 @@ def _recipe_of(raw: RawAdapter, strict: bool) -> _Recipe | None:
         a, b, base, magnitude, bias = found
         if a is None or b is None or set(m.source_keys) != {k for k in found if k is not None}:
             return None  # a tensor that is not the file's own, or a key read for its value (.alpha)
-        dishes.append((name, a, b, base, magnitude, bias, m.alpha, m.use_rslora, m.source_keys))
+        dishes.append((name, a, b, base, magnitude, bias, m.alpha, m.use_rslora, m.source_keys, m.unit_scale))
     return _Recipe(adapter.format, tuple(dishes), adapter.skipped)
 
 
@@ -440,8 +441,9 @@ def _cooked(recipe: _Recipe, raw: RawAdapter) -> Adapter:
             None if base is None else t[base],
             None if magnitude is None else t[magnitude],
             None if bias is None else t[bias],
+            unit,
         )
-        for name, a, b, base, magnitude, bias, alpha, rslora, keys in recipe.modules
+        for name, a, b, base, magnitude, bias, alpha, rslora, keys, unit in recipe.modules
     }
     config = dict(raw.config or {})
     header_configs = _header_configs(raw)
@@ -462,6 +464,7 @@ def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: 
     skipped: list[str] | None = None if strict else []
     parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
     weights = _weight_modules(parts, raw.source, strict, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
+    _check_dora_scales(parts, raw.source, skipped)
     if skipped is not None:
         incomplete = [m for m, r in parts.items() if "A" not in r or "B" not in r]
         skipped += [k for m in incomplete for k, _ in parts.pop(m).values()]
@@ -666,7 +669,7 @@ def _assemble(
             alpha = cfg.alpha_for(pattern_name)
         base = roles["base"][1] if "base" in roles else None
         alpha = float(rank) if alpha is None else alpha
-        magnitude = roles["magnitude"][1] if "magnitude" in roles else None
+        magnitude = next((roles[r][1] for r in ("magnitude", "dora_scale") if r in roles), None)
         if cfg.use_dora and magnitude is None:
             problems.append(
                 f"{module}: {origin} says use_dora, but the file has no lora_magnitude_vector for it (PEFT would run "
@@ -680,7 +683,8 @@ def _assemble(
                 continue
             scale = alpha / (math.sqrt(rank) if cfg.use_rslora else rank) if rank else 1.0
             bias = roles["diff_bias"][1] / scale  # the runtime applies a LoRA bias at alpha / r, as PEFT does
-        modules[module] = LoraModule(module, a, b, alpha, cfg.use_rslora, keys, base, magnitude, bias)
+        unit = "dora_scale" in roles  # LyCORIS' weight decomposition: DoRA at scale 1 only
+        modules[module] = LoraModule(module, a, b, alpha, cfg.use_rslora, keys, base, magnitude, bias, unit)
     if unreadable:
         raise AdapterReadError(
             format_problems(f"{source}: values that cannot be LoRA weights:", unreadable)
@@ -757,6 +761,8 @@ def _weight_modules(parts: Parts, source: str, strict: bool, shapes_only: bool =
             if strict:
                 keys = ", ".join(k for k, _ in roles.values())
                 why = f"lacks {', '.join(missing)}" if missing else f"mixes {kind} weights with {', '.join(extra)}"
+                if "dora_scale" in roles:
+                    why = _DECOMPOSED_KIND.format(kind=kind, key=roles["dora_scale"][0])
                 problems.append(f"{module} ({keys}): {why}")
             else:
                 roles.pop("A", None)  # incomplete: skipped with its keys
@@ -787,6 +793,61 @@ def _weight_modules(parts: Parts, source: str, strict: bool, shapes_only: bool =
             "whose product has the diff's shape)."
         )
     return out
+
+
+#: Why a LyCORIS kind other than LoRA/LoCon with a ``dora_scale`` is refused.
+_DECOMPOSED_KIND = (
+    "{key}: a {kind} module trained with weight decomposition (LyCORIS weight_decompose, DoRA), which lorahot "
+    "does not load: it loads weight decomposition on LoRA/LoCon modules (lora_down/lora_up) only; merge the adapter "
+    "into the model with LyCORIS, or re-train without weight_decompose"
+)
+
+
+def _check_dora_scales(parts: Parts, source: str, skipped: list[str] | None) -> None:
+    """Checks the ``dora_scale`` of each LoRA/LoCon module of ``parts`` (LyCORIS' and kohya's
+    weight decomposition): lorahot computes it as DoRA, which normalizes each output channel,
+    so it must hold one value per output channel (``[out, 1, *ones]``: LyCORIS'
+    ``wd_on_out=True``). With ``skipped`` given (``strict=False``) a module whose
+    ``dora_scale`` does not is taken out of ``parts`` and its keys appended there.
+
+    Raises:
+        UnknownFormatError: a ``dora_scale`` over the input channels (``wd_on_out=False``) or
+            of another shape, naming the key, both shapes and the fix.
+    """
+    problems = []
+    for module, roles in list(parts.items()):
+        why = _dora_scale_problem(roles) if "dora_scale" in roles and "A" in roles and "B" in roles else None
+        if why is not None and skipped is not None:
+            skipped += [k for k, _ in parts.pop(module).values()]
+        elif why is not None:
+            problems.append(f"{module}: {why}")
+    if problems:
+        raise UnknownFormatError(
+            format_problems(f"{source}: weight-decomposed (DoRA) modules lorahot cannot load:", problems)
+            + "\nRe-train with wd_on_out=True (LyCORIS' default), or merge the adapter into the model with LyCORIS."
+        )
+
+
+def _dora_scale_problem(roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:
+    """Why a LoRA/LoCon module's ``dora_scale`` (``[out, 1, *ones]``, for ``A`` ``[r, in, *k]``
+    and ``B`` ``[out, r, *ones]``) cannot be its DoRA magnitude, or None."""
+    (_, a), (_, b), (kd, d) = roles["A"], roles["B"], roles["dora_scale"]
+    if a.ndim < 2 or b.ndim < 2:
+        return None  # _assemble names the factor
+    ones = (1,) * (a.ndim - 2)
+    per_out, per_in = (int(b.shape[0]), 1, *ones), (1, int(a.shape[1]), *ones)
+    if tuple(d.shape) == per_out:
+        return None
+    if tuple(d.shape) == per_in:
+        return (
+            f"{kd} has shape {tuple(d.shape)}: LyCORIS weight decomposition over the input channels "
+            f"(wd_on_out=False), which lorahot does not compute (its DoRA normalizes each output channel, as "
+            "PEFT's DoRA and LyCORIS' wd_on_out=True do)"
+        )
+    return (
+        f"{kd} has shape {tuple(d.shape)}, expected {per_out} (one magnitude per output channel, as LyCORIS' "
+        f"wd_on_out=True saves it) for lora_down {tuple(a.shape)} and lora_up {tuple(b.shape)}"
+    )
 
 
 def _diff_lora_clash(roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:

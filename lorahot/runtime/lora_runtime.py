@@ -72,6 +72,7 @@ from lorahot.runtime.plan import (
     LoadPlan,
     check_fit,
     check_multiplier,
+    check_unit_scale,
     dtype_max,
     forget_values,
     pack_host,
@@ -348,7 +349,9 @@ class LoraRuntime:
                 the buffers' range included); for a stack, any part, or the parts together
                 (ranks over ``max_rank`` in a layer, DoRA on a layer another part touches,
                 two LoRA biases on one layer: :class:`AdapterMismatchError`); UsageError for
-                a bad call (a ``scale`` sequence whose length is not the number of parts), or
+                a bad call (a ``scale`` sequence whose length is not the number of parts, a
+                scale other than 1 for an adapter holding a LyCORIS or kohya LoRA trained with
+                weight decomposition: ``dora_scale``), or
                 for an adapter with weights on a mixture-of-experts block's experts loaded
                 into a slot the per-row routing in force sends rows to
                 (:func:`lorahot.runtime.routing.check_experts`).
@@ -988,7 +991,8 @@ class LoraRuntime:
         Raises:
             UsageError: ``value`` is not a finite real number (or a sequence of them as long as
                 the slot has parts), or times an adapter's ``alpha / r`` it leaves the scale
-                buffers' range; the slot is empty. Nothing changed.
+                buffers' range; it is not 1 for a part holding a LyCORIS or kohya LoRA trained
+                with weight decomposition (``dora_scale``); the slot is empty. Nothing changed.
         """
         s, stack, _, weights = self._agreed(
             lambda: self._check_set_scale(value, slot),
@@ -1077,17 +1081,20 @@ class LoraRuntime:
             )
 
     def _check_scales(self, stack: Stack, weights: tuple[float, ...], region: int | None = None) -> None:
-        """The user's weights keep every scale in its buffer's range (each part's rows at its
-        own weight), every wide layer's scaled rows in their dtype's range, every DoRA factor
+        """The user's weights are 1 for every part holding a module that means something at
+        scale 1 only (:func:`check_unit_scale`), keep every scale in its buffer's range (each
+        part's rows at its own weight), every wide layer's scaled rows in their dtype's range, every DoRA factor
         finite (unmerged; ``region``: a set_scale's slot, whose rows hold the values), every
         layer's update (a stack's parts summed) in its buffers' dtype range (unmerged,
         :class:`~lorahot.runtime.updates.UpdateRange`), and (merged mode) every merged weight
         in the weights' range."""
+        several = not stack.single
+        for plan, w in zip(stack.parts, weights):
+            check_unit_scale(plan, w, part=plan.source if several else None)
         if self._merger is None and any(stack.dora):  # a layer index per DoRA layer, per arena
             self._dora.check(stack, weights, region)
         if self._merger is None and self._within_range(stack, weights) and self._updates.fits(stack, weights):
             return  # the common case: every product below its limit, no message to build
-        several = not stack.single
         for plan, w in zip(stack.parts, weights):
             check_multiplier(plan, w, self.buffers, part=plan.source if several else None)
             if not self._wide.empty:

@@ -42,6 +42,7 @@ __all__ = [
     "check_module",
     "check_values",
     "check_multiplier",
+    "check_unit_scale",
     "forget_values",
     "stage_entries",
     "restage",
@@ -479,6 +480,28 @@ def check_multiplier(plan: LoadPlan, multiplier: float, buffers: BufferManager, 
                 f"{largest * multiplier:g}, beyond the range of the {arena.S.dtype} scale buffers (max {top:.4g}). "
                 f"Pass a scale of at most {top / largest:.4g} in magnitude."
             )
+
+
+def check_unit_scale(plan: LoadPlan, multiplier: float, part: str | None = None) -> None:
+    """A plan holding a module that means something only at scale 1
+    (:attr:`~lorahot.LoraModule.unit_scale`: a LyCORIS or kohya LoRA/LoCon trained with weight
+    decomposition) must be loaded at a user ``multiplier`` of 1; ``part`` names a stack's part.
+
+    Raises:
+        UsageError: naming the module, why, and the fix.
+    """
+    if multiplier == 1:
+        return
+    found = next(((name, m) for name, m in plan.targets.items() if m.unit_scale), None)
+    if found is not None:
+        where = f"{part}: " if part else ""
+        raise UsageError(
+            f"{where}scale={multiplier:g}, but {_where(*found)} is a LoRA trained with LyCORIS weight decomposition "
+            "(dora_scale), which lorahot loads at scale 1 only: at another strength the reference libraries disagree "
+            "on its weight (LyCORIS rescales V = W + dW to V * (s * (m / ||V|| - 1) + 1), ComfyUI blends "
+            "W + s * (m * V / ||V|| - W)), and neither is DoRA at scale s. Load it at scale 1, or merge it into the "
+            "model at the strength you want with your tool (LyCORIS, ComfyUI) and load the merged model."
+        )
 
 
 #: per arena, ``(layer index, A, B)`` triples

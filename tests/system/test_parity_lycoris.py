@@ -1,5 +1,6 @@
-"""LyCORIS LoHa, LoKr (Tucker included), Tucker LoCon and full diffs in merged mode, against
-the ``lycoris-lora`` package's own modules as the oracle.
+"""LyCORIS LoHa, LoKr (Tucker included), Tucker LoCon and full diffs in merged mode, and LoCon
+trained with weight decomposition (DoRA) merged and unmerged, against the ``lycoris-lora``
+package's own modules as the oracle.
 
 Each case builds a LyCORIS module on a Linear or Conv2d with random factors (every factor,
 not LyCORIS' zero init, so ΔW is not zero), writes its ``custom_state_dict`` under kohya
@@ -165,20 +166,109 @@ def test_weight_kinds_refused_unmerged_with_the_fix() -> None:
         runtime.preload(sd)
 
 
-@pytest.mark.parametrize("cls", [LohaModule, LokrModule, LoConModule], ids=["loha", "lokr", "locon"])
-def test_weight_decomposed_lycoris_modules_are_refused_whole(cls: type) -> None:
-    """LyCORIS' DoRA (``weight_decompose=True``: a ``dora_scale`` beside the factors) is refused
-    by name; with ``strict=False`` the module is skipped with every key (it used to load without
-    its ``dora_scale``: LyCORIS' plain ΔW, not the decomposed weight LyCORIS computes)."""
-    _, _, sd = _lycoris(cls, "conv", {"lora_dim": 2, "alpha": 1.0, "factor": 4, "weight_decompose": True})
+#: LyCORIS modules trained with weight decomposition that lorahot refuses, and what the refusal says.
+REFUSED_DECOMPOSED = [
+    ("loha", LohaModule, {}, r"a loha module trained with weight decomposition"),
+    ("lokr", LokrModule, {"factor": 4}, r"a lokr module trained with weight decomposition"),
+    ("locon-tucker", LoConModule, {"use_tucker": True}, r"a locon-tucker module trained with weight decomposition"),
+    ("locon-wd-on-in", LoConModule, {"wd_on_out": False}, r"shape \(1, 8, 1, 1\): .*\(wd_on_out=False\)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "match"), [c[1:] for c in REFUSED_DECOMPOSED], ids=[c[0] for c in REFUSED_DECOMPOSED]
+)
+def test_weight_decomposed_lycoris_modules_lorahot_cannot_compute_are_refused_whole(
+    cls: type, options: dict, match: str
+) -> None:
+    """LyCORIS' DoRA (``weight_decompose=True``: a ``dora_scale`` beside the factors) on a LoHa,
+    LoKr or Tucker LoCon, or over the input channels (``wd_on_out=False``), is refused naming the
+    key and why; with ``strict=False`` the module is skipped with every key (without its
+    ``dora_scale`` it would compute LyCORIS' plain ΔW, not the decomposed weight)."""
+    _, _, sd = _lycoris(cls, "conv", {"lora_dim": 2, "alpha": 1.0, "weight_decompose": True, **options})
     model = _base("conv")
     before = model[0].weight.detach().clone()
     runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
-    with pytest.raises(lorahot.UnknownFormatError, match=r"lora_unet_0\.dora_scale: DoRA magnitude vector"):
+    with pytest.raises(lorahot.UnknownFormatError, match=rf"lora_unet_0[\s\S]*lora_unet_0\.dora_scale[\s\S]*{match}"):
         runtime.load(sd)
     with pytest.raises(lorahot.UnknownFormatError, match=rf"none of its {len(sd)} tensors is a loadable LoRA weight"):
         runtime.load(sd, strict=False)
     assert torch.equal(model[0].weight, before)
+
+
+def _decomposed_locon(kind: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """``(oracle model, state dict under kohya names)`` of a LyCORIS LoCon trained with weight
+    decomposition (``wd_on_out=True``), random factors and ``dora_scale``, alpha != rank."""
+    oracle, _, sd = _lycoris(LoConModule, kind, {"lora_dim": 3, "alpha": 2.0, "weight_decompose": True})
+    assert sd["lora_unet_0.dora_scale"].shape == (oracle[0].weight.shape[0], *[1] * (oracle[0].weight.ndim - 1))
+    return oracle, sd
+
+
+@pytest.mark.parametrize("naming", ["kohya", "comfyui"])
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_weight_decomposed_locon_computes_what_lycoris_computes(kind: str, merged: bool, naming: str) -> None:
+    """A LoRA/LoCon with a ``dora_scale`` (``[out, 1, ...]``) loads as DoRA with that magnitude:
+    at scale 1 LyCORIS' ``V * dora_scale / (||V|| + eps)`` (``V = W + alpha / r * up @ down``,
+    the norm per output channel) is PEFT's DoRA; float64, against LyCORIS' own forward, in kohya
+    names and in ComfyUI's (``diffusion_model.<module>``)."""
+    oracle, sd = _decomposed_locon(kind)
+    if naming == "comfyui":
+        sd = {k.replace("lora_unet_0.", "diffusion_model.0."): v for k, v in sd.items()}
+    x = _input(kind)
+    with torch.no_grad():
+        want = oracle(x)
+    model = _base(kind)
+    base_out = model(x).detach()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=merged, extras=not merged)
+    info = runtime.load(sd)
+    assert set(info.ranks) == {"0"} and info.format == naming
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+        assert (want - base_out).abs().max() > 0.5
+    runtime.unload()
+    assert torch.equal(model(x), base_out)
+
+
+def test_weight_decomposed_locon_refuses_every_scale_but_one(tmp_path: Path) -> None:
+    """At another strength LyCORIS and ComfyUI compute different weights for such a module, and
+    neither is DoRA at that scale: ``load(scale=)`` (from a file read again and from the host
+    cache too), ``set_scale`` and a stack weight other than 1 are refused naming the module and
+    the fix; nothing changed."""
+    _, sd = _decomposed_locon("conv")
+    path = tmp_path / "dora.safetensors"
+    save_file(sd, str(path))
+    x = _input("conv")
+    model = _base("conv")
+    runtime = lorahot.inject(model, ["0"], max_rank=4, extras=True, slots=2)
+    runtime.load(sd, slot=1)
+    runtime.activate(1)
+    with torch.no_grad():
+        at_one = model(x)
+    snapshot = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    refused = (
+        r"scale=0\.5, but 0 \([^)]*lora_unet_0\.dora_scale.*LyCORIS weight decomposition.*Load it at scale 1, or merge"
+    )
+    with pytest.raises(lorahot.UsageError, match=refused):
+        runtime.load(sd, slot=0, scale=0.5)
+    with pytest.raises(lorahot.UsageError, match=refused):
+        runtime.set_scale(0.5)
+    with pytest.raises(lorahot.UsageError, match=refused):
+        runtime.load([sd], slot=1, scale=[0.5])
+    for _ in range(2):  # the second read follows the file's recipe
+        assert lorahot.read_adapter(path).modules["lora_unet_0"].unit_scale
+        with pytest.raises(lorahot.UsageError, match=refused):
+            runtime.load(path, slot=0, scale=0.5)
+    runtime.preload(path)
+    with pytest.raises(lorahot.UsageError, match=refused):
+        runtime.load(path, slot=0, scale=0.5)
+    with pytest.raises(lorahot.UsageError, match=r"scale=0, but 0 \("):
+        runtime.set_scale(0.0)
+    state = dict([*model.named_parameters(), *model.named_buffers()])
+    assert len(snapshot) == 6 and all(torch.equal(state[k], v) for k, v in snapshot.items())
+    assert runtime.info(0) is None and runtime.info(1).scale == 1.0
+    with torch.no_grad():
+        assert torch.equal(model(x), at_one)
 
 
 def test_wrong_shape_and_missing_factor_are_named() -> None:

@@ -93,7 +93,10 @@ def test_strict_false_skips_a_module_whole_when_one_of_its_keys_is_refused() -> 
     runtime = lorahot.inject(model, ["to_q", "to_k", "to_v"], max_rank=4)
     torch.manual_seed(2)
     tensors = {**lora_pair(UNET[0], "lora_down", "lora_up"), f"{UNET[0]}.alpha": torch.tensor(1.0)}
-    dora = {**lora_pair(UNET[1], "lora_down", "lora_up"), f"{UNET[1]}.dora_scale": torch.rand(8, 1) + 1}
+    dora = {
+        **lora_pair(UNET[1], "lora_down", "lora_up"),
+        f"{UNET[1]}.dora_scale": torch.rand(1, 8) + 1,
+    }  # wd_on_out=False
     v = "lora_unet_attn_to_v"
     bias = {**lora_pair(v, "lora_down", "lora_up"), f"{v}.lora_up.bias": torch.randn(8)}
     info = runtime.load(tensors | dora | bias, strict=False)
