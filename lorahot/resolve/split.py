@@ -8,6 +8,9 @@ that has the parts as separate layers (``to_q``, ``to_k``, ``to_v``). With ``A [
     B_j = B[o_j : o_j + out_j]  # [out_j, r], rows cut by the declared output sizes
 
 so that ``B_j @ A_j`` is exactly the fused delta's rows of part ``j``, with the module's scale.
+What else the module holds per output row is cut by the same rows: a DoRA magnitude ``m_j =
+m[o_j : o_j + out_j]`` (DoRA normalizes each output row on its own, so
+``m_i (W + s B A)_i / ||(W + s B A)_i||`` is the same row fused or split) and a LoRA bias.
 **Block-sparse** files (kohya's qkv with rank ``r = k r'``) train each part on its own chunk of
 A's rows: B is zero outside the diagonal blocks ``B[o_j : o_j + out_j, j r' : (j + 1) r']``.
 When the rank divides by the number of parts and every off-diagonal block is exactly zero,
@@ -16,11 +19,12 @@ delta at a ``k``-th of the rank. Either way the scale ``alpha / r`` of the file 
 part's alpha is rescaled to its rank), so nothing is folded into the weights.
 
 :class:`~lorahot.formats.table.Reorder` re-stacks B's row blocks onto one layer (Flux's final
-adaLN ``(shift, scale)`` -> diffusers' ``(scale, shift)``).
+adaLN ``(shift, scale)`` -> diffusers' ``(scale, shift)``), and a magnitude's or bias' values
+with them.
 
 Every problem (sizes that do not add up to B's rows, an A that does not match B's rank, a
-conv module, a part that lands on a module the file also holds) is collected and raised once,
-before anything is loaded.
+magnitude or bias without one value per row of B, a conv module, a part that lands on a module
+the file also holds) is collected and raised once, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -51,39 +55,44 @@ def split_module(module: LoraModule, parts: Sequence[tuple[str, int]]) -> list[L
 
     Returns:
         One module per part: ``A`` (or, block-sparse, its ``j``-th chunk of rows), ``B``'s rows
-        of the part (or its diagonal block), the same scale; the fused module's source keys.
+        of the part (or its diagonal block), the part's values of a DoRA magnitude and a LoRA
+        bias, the same scale; the fused module's source keys.
 
     Raises:
         AdapterMismatchError: the sizes do not add up to B's rows, A and B disagree on the rank,
-            or the module is not linear (2-D A and B) or carries a base-weight copy.
+            a magnitude or bias does not hold one value per row of B, or the module is not
+            linear (2-D A and B) or carries a base-weight copy.
     """
     problem = _unsplittable(module, [size for _, size in parts])
     if problem is not None:
         raise AdapterMismatchError(f"{_where(module)}: {problem}. {_FIX}")
     sizes = [size for _, size in parts]
     a, b = module.A, module.B  # [r, in], [sum(sizes), r]
+    rows = [slice(o, o + n) for o, n in zip(_offsets(sizes), sizes)]
     if _block_sparse(b, sizes):
         rank = a.shape[0] // len(sizes)
         alpha = _alpha_for(module, rank)
-        rows = _offsets(sizes)
         return [
-            _part(module, key, a[j * rank : (j + 1) * rank], b[o : o + n, j * rank : (j + 1) * rank], alpha)
-            for j, ((key, n), o) in enumerate(zip(parts, rows))
+            _part(module, key, a[j * rank : (j + 1) * rank], b[r, j * rank : (j + 1) * rank], alpha, r)
+            for j, ((key, _), r) in enumerate(zip(parts, rows))
         ]
-    return [_part(module, key, a, rows, module.alpha) for (key, _), rows in zip(parts, torch.split(b, sizes))]
+    return [_part(module, key, a, b[r], module.alpha, r) for (key, _), r in zip(parts, rows)]
 
 
 def reorder_module(module: LoraModule, key: str, sizes: Sequence[int], order: Sequence[int]) -> LoraModule:
-    """``module`` with B's row blocks (of ``sizes``, in the file's order) re-stacked in ``order``.
+    """``module`` with B's row blocks (of ``sizes``, in the file's order) re-stacked in ``order``,
+    and a DoRA magnitude's or LoRA bias' values with them.
 
     Raises:
-        AdapterMismatchError: the sizes do not add up to B's rows, or the module is not linear.
+        AdapterMismatchError: the sizes do not add up to B's rows, a magnitude or bias does not
+            hold one value per row of B, or the module is not linear.
     """
     problem = _unsplittable(module, list(sizes))
     if problem is not None:
         raise AdapterMismatchError(f"{_where(module)}: {problem}. {_FIX}")
-    blocks = torch.split(module.B, list(sizes))
-    return _part(module, key, module.A, torch.cat([blocks[i] for i in order]), module.alpha)
+    starts = _offsets(list(sizes))
+    rows = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in order])  # the file's row of each row
+    return _part(module, key, module.A, module.B[rows], module.alpha, rows)
 
 
 def split_by_user(
@@ -218,7 +227,19 @@ def _unsplittable(module: LoraModule, sizes: list[int]) -> str | None:
         return f"B has {b.shape[0]} output rows, but the parts' sizes {sizes} add up to {sum(sizes)}"
     if module.base_weight is not None:
         return "it carries a base-layer weight copy, which cannot be split"
+    for which, t in _per_row(module):
+        if t.numel() != b.shape[0] or sum(d != 1 for d in t.shape) > 1:
+            return (
+                f"its {which} has shape {tuple(t.shape)}, but cutting it with B's rows needs one value per row of B "
+                f"({b.shape[0]})"
+            )
     return None
+
+
+def _per_row(module: LoraModule) -> list[tuple[str, torch.Tensor]]:
+    """What ``module`` holds per output row besides B: its DoRA magnitude and LoRA bias."""
+    extras = (("DoRA magnitude", module.magnitude), ("LoRA bias", module.bias))
+    return [(which, t) for which, t in extras if t is not None]
 
 
 def _block_sparse(b: torch.Tensor, sizes: list[int]) -> bool:
@@ -241,10 +262,30 @@ def _alpha_for(module: LoraModule, rank: int) -> float:
     return module.scale * (math.sqrt(rank) if module.use_rslora else rank)
 
 
-def _part(module: LoraModule, key: str, a: torch.Tensor, b: torch.Tensor, alpha: float) -> LoraModule:
+def _part(
+    module: LoraModule, key: str, a: torch.Tensor, b: torch.Tensor, alpha: float, rows: slice | torch.Tensor
+) -> LoraModule:
+    """The part ``key`` of ``module``: ``a``, ``b``, and the ``rows`` (of the fused B) of its
+    magnitude and bias (each of one value per row, checked by :func:`_unsplittable`)."""
     return dataclasses.replace(
-        module, key=key, A=a, B=b.contiguous(), alpha=alpha, source_keys=module.source_keys or (module.key,)
+        module,
+        key=key,
+        A=a,
+        B=b.contiguous(),
+        alpha=alpha,
+        magnitude=_rows_of(module.magnitude, rows),
+        bias=_rows_of(module.bias, rows),
+        source_keys=module.source_keys or (module.key,),
     )
+
+
+def _rows_of(t: torch.Tensor | None, rows: slice | torch.Tensor) -> torch.Tensor | None:
+    """``rows`` of ``t``, one value per row of B in any shape (``[out]``; LyCORIS' ``[out, 1]``),
+    in that shape."""
+    if t is None:
+        return None
+    part = t.reshape(-1)[rows]
+    return part.reshape([part.shape[0] if d != 1 else 1 for d in t.shape]).contiguous()
 
 
 #: the largest out_features split= may give a part

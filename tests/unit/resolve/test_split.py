@@ -5,6 +5,7 @@ nothing changed after a failed load)."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,113 @@ def test_a_weight_delta_named_by_split_or_fuse_is_refused_saying_so(
     with pytest.raises(lorahot.AdapterMismatchError, match=match):
         runtime.load(tensors, **options)
     assert torch.equal(model(x), before)
+
+
+# -- what a fused module holds per output row: a DoRA magnitude, a LoRA bias -----------------
+
+
+def test_split_and_reorder_cut_a_magnitude_and_a_bias_with_b_rows() -> None:
+    """Dense and block-sparse splits and a reorder give each part the values of its rows, in the
+    tensor's own shape (PEFT's ``[out]``, LyCORIS' ``[out, 1]``)."""
+    a, sparse = torch.randn(4, 3), torch.block_diag(torch.randn(3, 2), torch.randn(4, 2))
+    magnitude, bias = torch.rand(7, 1) + 0.5, torch.randn(7)
+    for b in (sparse, torch.randn(7, 4)):
+        q, mlp = split_module(LoraModule("m", a, b, 4.0, magnitude=magnitude, bias=bias), [("q", 3), ("mlp", 4)])
+        assert q.rank == (2 if b is sparse else 4)
+        assert torch.equal(q.magnitude, magnitude[:3]) and torch.equal(mlp.magnitude, magnitude[3:])
+        assert torch.equal(q.bias, bias[:3]) and torch.equal(mlp.bias, bias[3:])
+    magnitude, bias = torch.rand(8) + 0.5, torch.randn(8)
+    m = reorder_module(LoraModule("m", a, torch.randn(8, 4), 1.0, magnitude=magnitude, bias=bias), "o", [6, 2], [1, 0])
+    assert torch.equal(m.magnitude, torch.cat([magnitude[6:], magnitude[:6]]))
+    assert torch.equal(m.bias, torch.cat([bias[6:], bias[:6]]))
+
+
+def _dora_reference(
+    model: _Model,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    m: torch.Tensor | None,
+    c: torch.Tensor | None,
+) -> torch.Tensor:
+    """float64 output of the fused layer ``[W_q; W_k; W_v; W_mlp]`` with the fused module: DoRA
+    rows ``m_i (W + s B A)_i / ||(W + s B A)_i||`` (``m`` given) and a LoRA bias ``c``, as PEFT
+    computes them: ``f * (x W^T + s (x A^T B^T + c)) + b0``, ``f = m / ||W + s B A||``."""
+    block = model.single_transformer_blocks[0]
+    layers = (block.attn.to_q, block.attn.to_k, block.attn.to_v, block.proj_mlp)
+    w = torch.cat([layer.weight.detach() for layer in layers]).double()  # [28, 4]
+    b0 = torch.cat([layer.bias.detach() for layer in layers]).double()
+    updated = w + scale * (b.double() @ a.double())
+    f = torch.ones(len(w), dtype=torch.float64) if m is None else m.double().reshape(-1) / updated.norm(dim=1)
+    lora_bias = torch.zeros_like(b0) if c is None else c.double()
+    x = x.double()
+    return f * (x @ w.T + scale * (x @ a.double().T @ b.double().T + lora_bias)) + b0
+
+
+def _fused_extras(naming: str, rows: int = 28) -> tuple[dict[str, torch.Tensor], float, str, str | None]:
+    """A fused ``linear1`` (rank 3, alpha 6) with a DoRA magnitude or a LoRA bias of ``rows``
+    values: the tensors, the scale, the A and B keys' stem, the extra's key."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(rows, 3, generator=g, dtype=torch.float64)
+    values = torch.rand(rows, generator=g, dtype=torch.float64) + 0.5
+    if naming == "kohya-dora":  # LyCORIS' dora_scale [out, 1], at scale 1 only (alpha = rank)
+        key = "lora_unet_single_transformer_blocks_0_linear1"
+        sd = {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(3.0)}
+        return sd | {f"{key}.dora_scale": values[:, None]}, 1.0, key, f"{key}.dora_scale"
+    key = "base_model.model.single_transformer_blocks.0.linear1"
+    sd = {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
+    extra = f"{key}.lora_magnitude_vector" if naming == "peft-dora" else f"{key}.lora_B.bias"
+    return sd | {extra: values}, 1.0, key, extra
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("naming", ["peft-dora", "kohya-dora", "peft-bias"])
+def test_a_fused_dora_or_biased_module_split_computes_the_fused_layers_output(naming: str, merged: bool) -> None:
+    """split= of a fused ``linear1`` with a DoRA magnitude (PEFT's ``[out]``, LyCORIS'
+    ``dora_scale`` ``[out, 1]``) or a LoRA bias onto q, k, v and the MLP input: each part takes
+    its rows of B and of the magnitude or bias, which is exact because DoRA normalizes each output
+    row on its own. The outputs match a float64 dense reference of the fused layer (the whole
+    magnitude once went to every part, which the one-value-per-output-channel check refused)."""
+    torch.manual_seed(0)
+    model = _Model().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    sd, scale, key, extra = _fused_extras(naming)
+    kind = "dora_scale" if naming == "kohya-dora" else None
+    a = sd[f"{key}.lora_down.weight" if kind else f"{key}.lora_A.weight"]
+    b = sd[f"{key}.lora_up.weight" if kind else f"{key}.lora_B.weight"]
+    m = None if naming == "peft-bias" else sd[extra].reshape(-1)
+    c = sd[extra] if naming == "peft-bias" else None
+    expected = _dora_reference(model, x, a, b, scale, m, c)
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4, extras=True, merged=merged)
+    runtime.load(sd, split={"linear1": _PARTS})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("naming", "rows", "what"),
+    [("peft-dora", 14, r"DoRA magnitude has shape \(14,\)"), ("peft-bias", 27, r"LoRA bias has shape \(27,\)")],
+    ids=["magnitude", "bias"],
+)
+def test_a_magnitude_or_bias_not_one_per_row_of_b_is_refused_and_changes_nothing(
+    naming: str, rows: int, what: str
+) -> None:
+    """A magnitude or bias whose values are not B's rows cannot be cut with them: refused naming
+    the tensor, its shape and B's rows, nothing changed."""
+    torch.manual_seed(0)
+    model = _Model().double()
+    sd, _, _, extra = _fused_extras(naming)
+    sd[extra] = sd[extra][:rows]
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4, extras=True)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    before = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=rf"linear1 .*{re.escape(extra)}.* -> .*attn\.to_q, .*proj_mlp: its {what}, but cutting it with B's "
+        r"rows needs one value per row of B \(28\)",
+    ):
+        runtime.load(sd, split={"linear1": _PARTS})
+    assert torch.equal(model(x), before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
