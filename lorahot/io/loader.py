@@ -463,7 +463,7 @@ def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: 
     configs = _component_configs(raw, header_configs, overrides, fmt.name in _PEFT_NAMED)
     skipped: list[str] | None = None if strict else []
     parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
-    weights = _weight_modules(parts, raw.source, strict, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
+    weights = _weight_modules(parts, raw.source, skipped, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
     _check_dora_scales(parts, raw.source, skipped)
     if skipped is not None:
         incomplete = [m for m, r in parts.items() if "A" not in r or "B" not in r]
@@ -734,12 +734,15 @@ def _kind(roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:
     return None
 
 
-def _weight_modules(parts: Parts, source: str, strict: bool, shapes_only: bool = False) -> dict[str, WeightModule]:
+def _weight_modules(
+    parts: Parts, source: str, skipped: list[str] | None, shapes_only: bool = False
+) -> dict[str, WeightModule]:
     """Takes the LyCORIS and diff modules out of ``parts`` as :class:`WeightModule` objects.
+    With ``skipped`` given (``strict=False``) a module it cannot build is taken out of ``parts``
+    and every one of its keys appended there.
 
     Raises:
-        UnknownFormatError: a module that mixes kinds or lacks a factor its kind needs (with
-            ``strict=False`` such a module is left in ``parts`` without an A, to be skipped).
+        UnknownFormatError: a module that mixes kinds or lacks a factor its kind needs.
         AdapterReadError: its ``.alpha`` is not one finite number > 0.
     """
     out: dict[str, WeightModule] = {}
@@ -758,14 +761,14 @@ def _weight_modules(parts: Parts, source: str, strict: bool, shapes_only: bool =
         missing += [_FACTOR.get(r, r) for r in unpaired if r not in missing]
         extra = sorted(set(roles) - allowed)
         if missing or extra:
-            if strict:
+            if skipped is None:
                 keys = ", ".join(k for k, _ in roles.values())
                 why = f"lacks {', '.join(missing)}" if missing else f"mixes {kind} weights with {', '.join(extra)}"
                 if "dora_scale" in roles:
                     why = _DECOMPOSED_KIND.format(kind=kind, key=roles["dora_scale"][0])
                 problems.append(f"{module} ({keys}): {why}")
             else:
-                roles.pop("A", None)  # incomplete: skipped with its keys
+                skipped += [k for k, _ in parts.pop(module).values()]
             continue
         roles = parts.pop(module)
         factors = {_FACTOR.get(r, r): t for r, (_, t) in roles.items() if r != "alpha"}

@@ -8,6 +8,7 @@ reference of the placed modules only (``W x + b + s * B A x``).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,51 @@ def test_strict_false_skips_a_module_whole_when_one_of_its_keys_is_refused() -> 
         assert torch.equal(model["attn"]["to_v"](x), base["to_v"](x))
     with pytest.raises(lorahot.UnknownFormatError, match=r"none of its 3 tensors is a loadable LoRA weight"):
         lorahot.read_adapter(dora, strict=False)
+
+
+def _unbuildable(kind: str) -> dict[str, torch.Tensor]:
+    """A LyCORIS module on ``attn.to_k`` that lorahot cannot build, holding a ``lora_down``."""
+    g = torch.Generator().manual_seed(3)
+    k = UNET[1]
+    down, up = {f"{k}.lora_down.weight": torch.randn(2, 8, 1, 1, generator=g)}, torch.randn(8, 2, 1, 1, generator=g)
+    tucker = down | {f"{k}.lora_mid.weight": torch.randn(2, 2, 1, 1, generator=g), f"{k}.alpha": torch.tensor(1.0)}
+    loha = {
+        f"{k}.hada_w{i}_{ab}": torch.randn(*(8, 2) if ab == "a" else (2, 8), generator=g) for i in (1, 2) for ab in "ab"
+    }
+    return {
+        "locon-tucker-dora": tucker
+        | {f"{k}.lora_up.weight": up, f"{k}.dora_scale": torch.rand(8, 1, 1, 1, generator=g)},
+        "locon-tucker-no-up": tucker,
+        "loha-and-lora-down": loha | {f"{k}.lora_down.weight": torch.randn(2, 8, generator=g)},
+        "diff-and-lora-down": {f"{k}.diff": torch.randn(8, 8, generator=g), f"{k}.lora_down.weight": torch.randn(2, 8)},
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    "kind", ["locon-tucker-dora", "locon-tucker-no-up", "loha-and-lora-down", "diff-and-lora-down"]
+)
+def test_strict_false_lists_every_key_of_a_lycoris_module_it_cannot_build(kind: str) -> None:
+    """A LyCORIS or diff module that cannot be built (a Tucker LoCon with a ``dora_scale`` or
+    without its ``lora_up``, LoHa factors or a diff beside a ``lora_down``) is refused by
+    default; ``strict=False`` skips it and lists every one of its keys, its ``lora_down`` too
+    (once dropped from the list while the module was skipped), and loads the rest."""
+    model = _model()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v"], max_rank=4, merged=True)
+    torch.manual_seed(2)
+    tensors = {**lora_pair(UNET[0], "lora_down", "lora_up"), f"{UNET[0]}.alpha": torch.tensor(1.0)}
+    broken = _unbuildable(kind)
+    with pytest.raises(lorahot.UnknownFormatError, match=rf"{UNET[1]} \({re.escape(next(iter(broken)))}"):
+        runtime.load(tensors | broken)
+    assert set(lorahot.read_adapter(tensors | broken, strict=False).skipped) == set(broken)
+    info = runtime.load(tensors | broken, strict=False)
+    assert set(info.ranks) == {"attn.to_q"} and set(info.skipped) == set(broken)
+    x, base = torch.randn(3, 8, dtype=torch.float64), _model()["attn"]
+    a, b = tensors[f"{UNET[0]}.lora_down.weight"].double(), tensors[f"{UNET[0]}.lora_up.weight"].double()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model["attn"]["to_q"](x), base["to_q"](x) + x @ a.T @ b.T / 2, rtol=1e-12, atol=1e-12
+        )
+        assert torch.equal(model["attn"]["to_k"](x), base["to_k"](x))
 
 
 def test_strict_false_through_preload_and_cache(tmp_path: Path) -> None:
