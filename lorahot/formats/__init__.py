@@ -8,7 +8,7 @@ keys themselves.
 
 from __future__ import annotations
 
-from lorahot.formats import anima, comfyui, diffusers, flux, flux3, hunyuan, kohya, krea2, ltx2, lumina2, peft, wan
+from lorahot.formats import anima, comfyui, diffusers, flux, flux3, hunyuan, kohya, krea2, ltx2, lumina2, peft, sd3, wan
 from lorahot.formats.table import KeyFormat, Reorder, Rule, Split, group_keys
 from lorahot.memo import BoundedMemo, digest
 
@@ -19,6 +19,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     hunyuan.MUSUBI,  # before flux-kohya: the same prefix and block names, spelled apart (img_mlp_fc1)
     flux.KOHYA,  # before kohya: original Flux block names, which only its renames and splits place
     wan.MUSUBI,  # before kohya: original Wan block names
+    sd3.KOHYA,  # before kohya: original SD3 block names (joint_blocks), which only its renames and splits place
     kohya.FORMAT,
     flux.XLABS,  # before diffusers-old, whose processor keys look alike
     flux.FAL,  # before PEFT, whose keys look alike
@@ -26,6 +27,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     flux3.FORMAT,  # before flux-bfl and HunyuanVideo, whose marker (single_blocks.N.) it shares
     hunyuan.FORMAT,  # before flux-bfl: the same block names, spelled apart (img_attn_qkv)
     flux.BFL,
+    sd3.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike
     lumina2.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike
     anima.FORMAT,  # before Wan, whose block names it shares (blocks.N.self_attn)
     wan.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike

@@ -120,12 +120,17 @@ class Reorder:
         target: the module key in the model's naming (a ``re.Match.expand`` template).
         shares: the row blocks of B in the file's order, as shares of its rows (``1, 1``: halves).
         order: the file's blocks in the model's order (``1, 0``: swap the halves).
+        rows_per_input: if set, the rule applies only to a module whose B has this many rows
+            per input feature of A (SD3's last context block projects to ``(shift, scale)``,
+            2 rows per input feature, where every other block's projects to 6 in the same order
+            in both namings); a module it does not apply to is left to the next rule.
     """
 
     pattern: str
     target: str
     shares: tuple[int, ...]
     order: tuple[int, ...]
+    rows_per_input: int = 0
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: the memoized methods hash self on every call

@@ -181,7 +181,9 @@ def placed(
     1 : 1 : 1 onto ``attention.to_q``; a part on a layer not injected is then skipped or refused
     like any key); the first matching one where none does, whose targets then fail to resolve,
     naming them."""
-    matching = [(rule, m) for rule in rules if (m := re.fullmatch(rule.pattern, key)) is not None]
+    matching = [
+        (rule, m) for rule in rules if (m := re.fullmatch(rule.pattern, key)) is not None and _applies(rule, module)
+    ]
     fitting = [(rule, m) for rule, m in matching if all(exists(t) for t in _targets(rule, m))]
     for rule, m in (fitting or matching)[:1]:
         shares = [s for _, s in rule.parts] if isinstance(rule, Split) else list(rule.shares)
@@ -194,6 +196,14 @@ def placed(
             return split_module(module, [(m.expand(t), n) for (t, _), n in zip(rule.parts, sizes)])
         return [reorder_module(module, m.expand(rule.target), sizes, rule.order)]
     return [module]
+
+
+def _applies(rule: Split | Reorder, module: LoraModule) -> bool:
+    """Whether ``module``'s shapes are those ``rule`` is for (:attr:`Reorder.rows_per_input`)."""
+    if not isinstance(rule, Reorder) or not rule.rows_per_input:
+        return True
+    a, b = module.A, module.B  # [r, in], [out, r]
+    return a.ndim == 2 and b.ndim == 2 and b.shape[0] == rule.rows_per_input * a.shape[1]
 
 
 def _targets(rule: Split | Reorder, m: re.Match[str]) -> list[str]:

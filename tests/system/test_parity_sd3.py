@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorahot
+from lorahot.errors import UnknownFormatError
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -85,3 +86,241 @@ def test_sd3_diffusers_naming_matches_diffusers(tmp_path: Path) -> None:
     assert info.format == "diffusers" and len(info.ranks) == len(sd) // 2
     assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+# --- SD3 / SD3.5 LoRAs in the original MMDiT names (sd-scripts' kohya spelling, ComfyUI's) ---------------
+#
+# The oracle is diffusers' own checkpoint conversion of the original names
+# (``convert_sd3_transformer_checkpoint_to_diffusers``): a fake original checkpoint (random base
+# weights) converted and loaded into the model is the base; the same checkpoint with each module's
+# ``alpha / r * B @ A`` added in the original names, converted, is the reference. lorahot loads the
+# LoRA file onto the base model. The conversion splits the qkv projections and swaps the
+# ``(shift, scale)`` halves of ``final_layer`` and of the last block's context adaLN.
+
+
+def tiny_sd3_from(dual: bool) -> torch.nn.Module:
+    """SD3 (``dual=False``) or SD3.5 (second attention in block 0, RMS query/key norms), 2 blocks."""
+    extra = {"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if dual else {}
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=D,
+        caption_projection_dim=D,
+        pooled_projection_dim=D,
+        pos_embed_max_size=8,
+        **extra,
+    ).eval()
+
+
+def original_parts(dual: bool, layers: int = 2) -> dict[str, list[str]]:
+    """Original parameter name -> the diffusers parameters its rows become (for shapes only: the
+    values are converted by diffusers)."""
+    out = {
+        "x_embedder.proj": ["pos_embed.proj"],
+        "t_embedder.mlp.0": ["time_text_embed.timestep_embedder.linear_1"],
+        "t_embedder.mlp.2": ["time_text_embed.timestep_embedder.linear_2"],
+        "y_embedder.mlp.0": ["time_text_embed.text_embedder.linear_1"],
+        "y_embedder.mlp.2": ["time_text_embed.text_embedder.linear_2"],
+        "context_embedder": ["context_embedder"],
+        "final_layer.linear": ["proj_out"],
+        "final_layer.adaLN_modulation.1": ["norm_out.linear"],
+    }
+    for i in range(layers):
+        d, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        out |= {
+            o + "x_block.attn.qkv": [d + f"attn.to_{p}" for p in "qkv"],
+            o + "x_block.attn.proj": [d + "attn.to_out.0"],
+            o + "x_block.mlp.fc1": [d + "ff.net.0.proj"],
+            o + "x_block.mlp.fc2": [d + "ff.net.2"],
+            o + "x_block.adaLN_modulation.1": [d + "norm1.linear"],
+            o + "context_block.attn.qkv": [d + f"attn.add_{p}_proj" for p in "qkv"],
+            o + "context_block.adaLN_modulation.1": [d + "norm1_context.linear"],
+        }
+        if i < layers - 1:  # the last context block is pre-only
+            out |= {
+                o + "context_block.attn.proj": [d + "attn.to_add_out"],
+                o + "context_block.mlp.fc1": [d + "ff_context.net.0.proj"],
+                o + "context_block.mlp.fc2": [d + "ff_context.net.2"],
+            }
+        if dual and i == 0:
+            out |= {
+                o + "x_block.attn2.qkv": [d + f"attn2.to_{p}" for p in "qkv"],
+                o + "x_block.attn2.proj": [d + "attn2.to_out.0"],
+            }
+    return out
+
+
+def original_base(model: torch.nn.Module, parts: dict[str, list[str]], dual: bool) -> dict[str, torch.Tensor]:
+    """A random float64 checkpoint in the original names, shaped to ``model``."""
+    g = torch.Generator().manual_seed(5)
+    sd = model.state_dict()
+    base = {"pos_embed": torch.randn(sd["pos_embed.pos_embed"].shape, generator=g, dtype=torch.float64)}
+    for name, targets in parts.items():
+        for what in ("weight", "bias"):
+            shape = list(sd[f"{targets[0]}.{what}"].shape)
+            shape[0] = sum(sd[f"{t}.{what}"].shape[0] for t in targets)
+            base[f"{name}.{what}"] = torch.randn(shape, generator=g, dtype=torch.float64) * 0.3
+    for i in range(2):
+        attn2 = (("x_block", "attn2"),) if dual and i == 0 else ()
+        for block, attn in (("x_block", "attn"), ("context_block", "attn"), *attn2):
+            for norm in ("ln_q", "ln_k") if dual else ():
+                base[f"joint_blocks.{i}.{block}.{attn}.{norm}.weight"] = 1 + torch.rand(
+                    8, generator=g, dtype=torch.float64
+                )
+    return base
+
+
+def lora_factors(base: dict[str, torch.Tensor], parts: dict[str, list[str]], seed: int) -> dict[str, tuple]:
+    """Original module -> (A, B, alpha): mixed ranks and alphas; a conv's A is ``[r, in, k, k]``,
+    its B ``[out, r, 1, 1]``."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, name in enumerate(parts):
+        w = base[f"{name}.weight"]
+        r = 2 + i % 3
+        a = torch.randn(r, *w.shape[1:], generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(w.shape[0], r, *([1] * (w.ndim - 2)), generator=g, dtype=torch.float64) * 0.3
+        out[name] = (a, b, float(r) * (0.5 + i % 3))
+    return out
+
+
+def delta(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (alpha / a.shape[0]) * (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
+
+
+def lora_file(factors: dict[str, tuple], naming: str) -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, (a, b, alpha) in factors.items():
+        module = "lora_unet_" + name.replace(".", "_") if naming == "sd3-kohya" else f"diffusion_model.{name}"
+        sd |= {f"{module}.lora_down.weight": a, f"{module}.lora_up.weight": b, f"{module}.alpha": torch.tensor(alpha)}
+    return sd
+
+
+def converted(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    return convert_sd3_transformer_checkpoint_to_diffusers(dict(checkpoint))
+
+
+def layer_weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Each Linear's and the patch conv's effective weight, read by probing (identity inputs)."""
+    out = {}
+    with torch.no_grad():
+        for name in names:
+            layer = model.get_submodule(name)
+            base = getattr(layer, "base_layer", layer)
+            if isinstance(base, torch.nn.Conv2d):
+                k = base.kernel_size
+                eye = torch.eye(base.in_channels * k[0] * k[1], dtype=torch.float64).reshape(-1, base.in_channels, *k)
+                out[name] = layer(eye).flatten(1) - layer(torch.zeros_like(eye[:1])).flatten(1)
+            else:
+                eye = torch.eye(base.in_features, dtype=torch.float64)
+                out[name] = layer(eye) - layer(torch.zeros_like(eye[:1]))
+    return out
+
+
+@pytest.mark.parametrize("naming", ["sd3-kohya", "sd3"])
+@pytest.mark.parametrize("dual", [False, True], ids=["sd3", "sd3.5"])
+def test_sd3_original_names_match_diffusers_checkpoint_conversion(naming: str, dual: bool) -> None:
+    """Every module of SD3 / SD3.5 (qkv splits, the last block's context adaLN and the final
+    adaLN swapped, the patch conv, the embedders), each with its own rank and alpha: each layer's
+    float64 weight equals the one diffusers' conversion makes of the original weight plus the
+    LoRA's update, and the outputs agree."""
+    parts = original_parts(dual)
+    model = tiny_sd3_from(dual).double()
+    base = original_base(model, parts, dual)
+    factors = lora_factors(base, parts, seed=7)
+    updated = dict(base)
+    for name, (a, b, alpha) in factors.items():
+        updated[f"{name}.weight"] = base[f"{name}.weight"] + delta(a, b, alpha)
+    oracle = tiny_sd3_from(dual).double()
+    oracle.load_state_dict(converted(updated), strict=True)
+    model.load_state_dict(converted(base), strict=True)
+    names = sorted({t for targets in parts.values() for t in targets})
+    runtime = lorahot.inject(model, names, max_rank=8)
+    info = runtime.load(lora_file(factors, naming))
+    assert info.format == naming
+    ours, theirs = layer_weights(model, names), layer_weights(oracle, names)
+    for name in names:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-12, atol=1e-12, msg=name)
+    inputs = {k: v.double() for k, v in sd3_inputs().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, return_dict=False)[0], oracle(**inputs, return_dict=False)[0])
+
+
+def _nested(path: str) -> torch.nn.Module:
+    """A module holding one ``Linear(8, 8)`` at the dotted ``path`` (a text encoder's layer)."""
+    module: torch.nn.Module = torch.nn.Linear(8, 8)
+    for part in reversed(path.split(".")):
+        module = torch.nn.ModuleList([module]) if part.isdigit() else torch.nn.ModuleDict({part: module})
+    return module
+
+
+#: component -> (its layer's path, sd-scripts' name of it)
+TEXT_ENCODERS = {
+    "text_encoder": (
+        "text_model.encoder.layers.0.self_attn.q_proj",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+    ),
+    "text_encoder_3": ("encoder.block.0.layer.0.SelfAttention.q", "lora_te3_encoder_block_0_layer_0_SelfAttention_q"),
+}
+
+
+def test_sd3_kohya_text_encoder_modules_go_to_their_text_encoders() -> None:
+    """``lora_te1_`` (CLIP-L) and ``lora_te3_`` (T5) modules of an sd-scripts SD3 file land on
+    the pipeline's ``text_encoder`` and ``text_encoder_3``, as in the kohya naming; the
+    transformer's modules (the patch conv left out: not injected here) as above."""
+    parts = {k: v for k, v in original_parts(dual=False).items() if k != "x_embedder.proj"}
+    model = tiny_sd3_from(dual=False)
+    sd_model = model.state_dict()
+    shapes = {
+        f"{n}.weight": torch.zeros(
+            sum(sd_model[f"{t}.weight"].shape[0] for t in ts), *sd_model[f"{ts[0]}.weight"].shape[1:]
+        )
+        for n, ts in parts.items()
+    }
+    factors = {k: (a.float(), b.float(), alpha) for k, (a, b, alpha) in lora_factors(shapes, parts, seed=8).items()}
+    encoders = {component: _nested(path) for component, (path, _) in TEXT_ENCODERS.items()}
+    g = torch.Generator().manual_seed(9)
+    te = {}
+    for _, name in TEXT_ENCODERS.values():
+        te |= {
+            f"{name}.lora_down.weight": torch.randn(2, 8, generator=g),
+            f"{name}.lora_up.weight": torch.randn(8, 2, generator=g),
+        }
+    runtime = lorahot.inject(
+        {"transformer": model, **encoders},
+        {"transformer": "all-linear", "text_encoder": ["q_proj"], "text_encoder_3": ["q"]},
+        max_rank=8,
+    )
+    info = runtime.load(lora_file(factors, "sd3-kohya") | te)
+    assert info.format == "sd3-kohya"
+    assert info.components["text_encoder"] == 1 and info.components["text_encoder_3"] == 1
+    assert info.components["transformer"] > len(parts)  # the qkv modules were split
+    x = torch.randn(3, 8, generator=g)
+    with torch.no_grad():
+        for component, (path, name) in TEXT_ENCODERS.items():
+            layer = encoders[component].get_submodule(path)
+            update = te[f"{name}.lora_up.weight"] @ te[f"{name}.lora_down.weight"]
+            torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ update.T)
+
+
+@pytest.mark.parametrize("naming", ["sd3-kohya", "sd3"])
+def test_sd3_namings_refuse_lycoris_factors_in_their_own_words(naming: str) -> None:
+    """A LyCORIS factor cannot be cut along a fused module's rows: refused by name, saying the SD3
+    namings place LoRA weights only."""
+    module = (
+        "lora_unet_joint_blocks_0_x_block_attn_qkv"
+        if naming == "sd3-kohya"
+        else "diffusion_model.joint_blocks.0.x_block.attn.qkv"
+    )
+    sd = lora_file({"joint_blocks.0.x_block.mlp.fc1": (torch.zeros(2, D), torch.zeros(4 * D, 2), 2.0)}, naming)
+    sd |= {f"{module}.hada_w1_a": torch.zeros(3 * D, 2), f"{module}.hada_w1_b": torch.zeros(2, D)}
+    with pytest.raises(UnknownFormatError, match=r"hada_w1_a: LyCORIS .* not read in the SD3 namings"):
+        lorahot.read_adapter(sd)

@@ -1,0 +1,142 @@
+"""Stable Diffusion 3 / 3.5 namings: adapters trained on the original MMDiT module names, for a
+diffusers-named ``SD3Transformer2DModel``.
+
+- ``sd3-kohya``: sd-scripts' spelling (``lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight``,
+  ``.alpha`` per module), with its text encoders' modules (``lora_te1_`` CLIP-L, ``lora_te2_``
+  CLIP-G, ``lora_te3_`` T5) resolved as in the kohya naming.
+- ``sd3``: the same names dotted, under ComfyUI's ``diffusion_model.`` or
+  ``model.diffusion_model.`` (``diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_A.weight``,
+  or ``.lora_down``/``.lora_up``).
+
+The original model fuses what diffusers keeps apart: a joint block's ``x_block.attn.qkv`` is
+``attn.to_q``/``to_k``/``to_v``, its ``context_block.attn.qkv`` is ``attn.add_q_proj``/
+``add_k_proj``/``add_v_proj``, and SD3.5's second attention ``x_block.attn2.qkv`` is
+``attn2.to_q``/``to_k``/``to_v`` (:class:`~lorahot.formats.table.Split`, equal thirds). Two adaLN
+projections are ``(shift, scale)`` in the original and ``(scale, shift)`` in diffusers (whose
+checkpoint conversion swaps them): ``final_layer.adaLN_modulation.1`` (``norm_out.linear``) and
+the last block's ``context_block.adaLN_modulation.1`` (``norm1_context.linear``), the only
+context block that projects to 2 rows per input feature (the others project to 6: shift, scale
+and gate of attention and MLP, in diffusers' order too). B's halves are swapped there
+(:class:`~lorahot.formats.table.Reorder` with ``rows_per_input=2``) and nowhere else. Every other
+module is an alias (``joint_blocks.0.x_block.mlp.fc1`` -> ``transformer_blocks.0.ff.net.0.proj``,
+``x_embedder.proj`` -> the patch-embedding conv ``pos_embed.proj``).
+
+A model in the original names takes the keys as they are. LyCORIS factors and bias deltas are
+refused by name: these namings place LoRA weights only, splitting the fused modules.
+"""
+
+from __future__ import annotations
+
+import re
+
+from lorahot.formats import kohya
+from lorahot.formats.flux import ADD_QKV, QKV, qkv_split
+from lorahot.formats.kohya import COMPONENTS
+from lorahot.formats.table import COMPONENT_HEAD as _HEAD
+from lorahot.formats.table import DIFFUSION_MODEL, REFUSED, KeyFormat, Reorder, Split, lora_rules
+from lorahot.formats.table import NAME_START as _START
+
+__all__ = ["KOHYA", "FORMAT", "SPLITS"]
+
+#: joint-block module (after ``joint_blocks.N.``) -> diffusers' (after ``transformer_blocks.N.``)
+_JOINT = {
+    "x_block.attn.proj": "attn.to_out.0",
+    "x_block.attn2.proj": "attn2.to_out.0",
+    "x_block.mlp.fc1": "ff.net.0.proj",
+    "x_block.mlp.fc2": "ff.net.2",
+    "x_block.adaLN_modulation.1": "norm1.linear",
+    "context_block.attn.proj": "attn.to_add_out",
+    "context_block.mlp.fc1": "ff_context.net.0.proj",
+    "context_block.mlp.fc2": "ff_context.net.2",
+}
+#: modules outside the blocks (``context_embedder`` has the same name in both)
+_OUTSIDE = {
+    "x_embedder.proj": "pos_embed.proj",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+}
+
+_ALIASES: tuple[tuple[str, str], ...] = (
+    *((rf"{_START}joint_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _JOINT.items()),
+    *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
+)
+
+_CONTEXT_ADALN = _HEAD + r"joint_blocks\.(?P<n>\d+)\.context_block\.adaLN_modulation\.1"
+_NORM1_CONTEXT = r"\g<head>transformer_blocks.\g<n>.norm1_context.linear"
+
+#: the fused and re-ordered modules of the original model, in its names
+SPLITS: tuple[Split | Reorder, ...] = (
+    qkv_split(r"joint_blocks\.(?P<n>\d+)\.x_block\.attn\.qkv", "transformer_blocks", QKV),
+    qkv_split(r"joint_blocks\.(?P<n>\d+)\.context_block\.attn\.qkv", "transformer_blocks", ADD_QKV),
+    qkv_split(
+        r"joint_blocks\.(?P<n>\d+)\.x_block\.attn2\.qkv",
+        "transformer_blocks",
+        ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    ),
+    # the last block's pre-only context block: (shift, scale), 2 rows per input feature
+    Reorder(_CONTEXT_ADALN, _NORM1_CONTEXT, (1, 1), (1, 0), rows_per_input=2),
+    # every other block's: the same 6 chunks in both (not an alias, which would take the last one too)
+    Reorder(_CONTEXT_ADALN, _NORM1_CONTEXT, (1,), (0,)),
+    Reorder(_HEAD + r"final_layer\.adaLN_modulation\.1", r"\g<head>norm_out.linear", (1, 1), (1, 0)),
+)
+
+#: the LyCORIS kinds of :data:`REFUSED` (whose reason names the namings that read them)
+_LYCORIS = next(pattern for pattern, why in REFUSED if why.startswith("LyCORIS (LoHa"))
+
+#: keys the SD3 namings refuse in their own words, before :data:`REFUSED`
+_REFUSED: tuple[tuple[str, str], ...] = (
+    (
+        _LYCORIS,
+        "LyCORIS (LoHa/LoKr/Tucker/diff) weights, which lorahot does not read in the SD3 namings (it places their "
+        "LoRA weights only, splitting the fused modules); convert the adapter to LoRA, or load with strict=False "
+        "to skip the module",
+    ),
+    *REFUSED,
+)
+
+#: sd-scripts' underscore names of the original modules -> the dotted ones (``lora_unet_`` kept:
+#: ``prefix="lora_unet"`` selects them, and the resolver drops it)
+_KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
+    (
+        r"^lora_unet_joint_blocks_(\d+)_(x_block|context_block)_(attn2?)_(qkv|proj)$",
+        r"lora_unet_joint_blocks.\1.\2.\3.\4",
+    ),
+    (r"^lora_unet_joint_blocks_(\d+)_(x_block|context_block)_mlp_(fc1|fc2)$", r"lora_unet_joint_blocks.\1.\2.mlp.\3"),
+    (
+        r"^lora_unet_joint_blocks_(\d+)_(x_block|context_block)_adaLN_modulation_1$",
+        r"lora_unet_joint_blocks.\1.\2.adaLN_modulation.1",
+    ),
+    (r"^lora_unet_(t|y)_embedder_mlp_(0|2)$", r"lora_unet_\1_embedder.mlp.\2"),
+    (r"^lora_unet_x_embedder_proj$", "lora_unet_x_embedder.proj"),
+    (r"^lora_unet_final_layer_linear$", "lora_unet_final_layer.linear"),
+    (r"^lora_unet_final_layer_adaLN_modulation_1$", "lora_unet_final_layer.adaLN_modulation.1"),
+)
+
+KOHYA = KeyFormat(
+    name="sd3-kohya",
+    rules=kohya.RULES,
+    prefixes=COMPONENTS,
+    separator="_",
+    renames=_KOHYA_TO_DOTTED,
+    aliases=_ALIASES,
+    refuse=_REFUSED,
+    marker=r"^lora_unet_joint_blocks_\d+_(?:x_block|context_block)_",
+    splits=SPLITS,
+    roles=("lora_down", "lora_up"),
+    example="lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight",
+)
+
+FORMAT = KeyFormat(
+    name="sd3",
+    rules=lora_rules(),
+    prefixes=DIFFUSION_MODEL,
+    require_prefix=True,
+    aliases=_ALIASES,
+    refuse=_REFUSED,
+    marker=r"(?:^|\.)joint_blocks\.\d+\.(?:x_block|context_block)\.",
+    splits=SPLITS,
+    example="diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_A.weight",
+)
