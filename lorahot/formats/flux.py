@@ -37,7 +37,7 @@ from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import DIFFUSION_MODEL, REFUSED, KeyFormat, Reorder, Rule, Split, lora_rules
 from lorahot.formats.table import NAME_START as _START
 
-__all__ = ["KOHYA", "BFL", "XLABS", "FAL", "SPLITS"]
+__all__ = ["KOHYA", "BFL", "XLABS", "FAL", "SPLITS", "QKV", "ADD_QKV", "qkv_split"]
 
 #: double block module (after ``double_blocks.N.``) -> diffusers' (after ``transformer_blocks.N.``)
 _DOUBLE = {
