@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "lora_rules",
     "Parts",
     "group_keys",
+    "skip_modules",
     "REFUSED",
     "REFUSED_WHOLE",
     "REFUSED_MERGEABLE",
@@ -291,8 +293,14 @@ def group_keys(
         )
     if skipped:
         owners = dict.fromkeys(owner for owner in (_owner(fmt, key, parts) for key in skipped) if owner is not None)
-        skipped += [k for module in owners for k, _ in parts.pop(module).values()]
+        skip_modules(parts, owners, skipped)
     return parts
+
+
+def skip_modules(parts: Parts, modules: Iterable[str], skipped: list[str]) -> None:
+    """Takes ``modules`` out of ``parts`` and appends every key of each to ``skipped``, in
+    order: ``strict=False`` skips a module it cannot load whole, listing all its keys."""
+    skipped += [k for module in modules for k, _ in parts.pop(module).values()]
 
 
 #: What a module's own keys end in, tried after a skipped key's stem to find the module it belongs

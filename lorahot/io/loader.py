@@ -31,7 +31,7 @@ from lorahot.errors import (
 )
 from lorahot.formats import FORMATS, KeyFormat, detect, format_named, group_keys
 from lorahot.formats.diffusers import METADATA_KEY
-from lorahot.formats.table import Parts
+from lorahot.formats.table import Parts, skip_modules
 from lorahot.io.config import CONFIG_NAME, AdapterConfig, finite
 from lorahot.io.patterns import budget_problem
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json
@@ -466,8 +466,7 @@ def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: 
     weights = _weight_modules(parts, raw.source, skipped, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
     _check_dora_scales(parts, raw.source, skipped)
     if skipped is not None:
-        incomplete = [m for m, r in parts.items() if "A" not in r or "B" not in r]
-        skipped += [k for m in incomplete for k, _ in parts.pop(m).values()]
+        skip_modules(parts, [m for m, r in parts.items() if "A" not in r or "B" not in r], skipped)
     if not parts and not weights:
         raise UnknownFormatError(
             f"{raw.source}: none of its {len(keys)} tensors is a loadable LoRA weight (strict=False skipped them all, "
@@ -768,7 +767,7 @@ def _weight_modules(
                     why = _DECOMPOSED_KIND.format(kind=kind, key=roles["dora_scale"][0])
                 problems.append(f"{module} ({keys}): {why}")
             else:
-                skipped += [k for k, _ in parts.pop(module).values()]
+                skip_modules(parts, [module], skipped)
             continue
         roles = parts.pop(module)
         factors = {_FACTOR.get(r, r): t for r, (_, t) in roles.items() if r != "alpha"}
@@ -821,7 +820,7 @@ def _check_dora_scales(parts: Parts, source: str, skipped: list[str] | None) -> 
     for module, roles in list(parts.items()):
         why = _dora_scale_problem(roles) if "dora_scale" in roles and "A" in roles and "B" in roles else None
         if why is not None and skipped is not None:
-            skipped += [k for k, _ in parts.pop(module).values()]
+            skip_modules(parts, [module], skipped)
         elif why is not None:
             problems.append(f"{module}: {why}")
     if problems:
