@@ -6,7 +6,9 @@ component prefixes files put in front of module paths, the separator that replac
 dots, the fused modules whose rows belong to several of the model's layers (:class:`Split`,
 :class:`Reorder`), and the keys it knows but lorahot refuses (DoRA and LoRA biases outside
 PEFT's namings, but for a LyCORIS LoRA/LoCon module's ``dora_scale``; LyCORIS variants, PEFT's
-trainable tokens, parameter LoRA and module copies).
+trainable tokens, parameter LoRA and module copies). With ``strict=False`` such a key is
+skipped, and with it every key of the module it belongs to (:func:`group_keys`); the keys of
+:data:`REFUSED_WHOLE` (a Flux Control LoRA's norms) are refused whatever ``strict``.
 Detection and grouping are driven by these tables only; no format has code of its own.
 
 Parsing a key is memoized (a server swapping among the same adapters parses each key once),

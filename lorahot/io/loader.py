@@ -2,10 +2,14 @@
 
 The steps are: check the call, open the source (:mod:`lorahot.io.sources`, :mod:`lorahot.io.hub`),
 parse its configs (refusing features lorahot does not load), detect the naming
-(:mod:`lorahot.formats`), group tensors by module and role, give each module its alpha (a
+(:mod:`lorahot.formats`), group tensors by module and role, take the LyCORIS and diff modules
+out (:class:`~lorahot.adapter.WeightModule`, folded in merged mode), check each LoRA/LoCon
+module's ``dora_scale`` (its DoRA magnitude, at scale 1 only), give each module its alpha (a
 ``.alpha`` tensor, else the config, else the rank), then apply the user's ``prefix``,
-``key_map``, ``split`` and ``fuse``. Matching module keys to the model's layers happens at load time
-(:mod:`lorahot.resolve.keys`), where the model's names are known.
+``key_map``, ``split`` and ``fuse``. With ``strict=False`` a module with a key lorahot refuses,
+or one it cannot build, is skipped whole, every key of it listed in
+:attr:`~lorahot.adapter.Adapter.skipped`. Matching module keys to the model's layers happens at
+load time (:mod:`lorahot.resolve.keys`), where the model's names are known.
 """
 
 from __future__ import annotations
