@@ -128,6 +128,7 @@ def _download(
 
 
 def _where(repo_id: str, revision: str | None) -> str:
+    """``repo_id@revision`` (``repo_id`` without a revision), cut for a message."""
     return cut(repo_id + (f"@{revision}" if revision else ""), 200)
 
 
