@@ -105,9 +105,10 @@ MEDIA_MODALITIES = frozenset({"image", "video", "audio"})
 
 def find_towers(model: nn.Module, names: Iterable[str]) -> frozenset[str]:
     """The layers among ``names`` (dotted module paths in ``model``) that belong to a vision
-    or audio tower beside other modules (see the module docstring)."""
+    or audio tower beside other modules (see the module docstring): inside one, or one itself
+    (Fuyu's ``vision_embed_tokens``, a ``projector`` that is a single Linear)."""
     towers = tower_paths(model)
-    return frozenset(n for n in names if any(n.startswith(t + ".") for t in towers))
+    return frozenset(n for n in names if _inside(n, towers))
 
 
 def tower_paths(model: nn.Module) -> list[str]:

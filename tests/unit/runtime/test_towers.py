@@ -301,3 +301,28 @@ def test_a_module_that_takes_images_or_audio_and_no_text_is_a_tower_under_any_na
     assert tower_paths(whole) == []  # a vision model with a head (CLIPVisionModelWithProjection): rows are images
     alone = nn.ModuleDict({"vision_tower": nn.Linear(2, 2)})  # every parameter in the tower
     assert tower_paths(alone) == []
+
+
+def test_a_tower_or_carrier_that_is_a_single_layer_is_a_tower() -> None:
+    """A tower or the projector beside it may be one Linear (Fuyu's ``vision_embed_tokens``, a
+    ``projector`` or ``visual_projection``): the injected layer is the tower's path itself, and a
+    per-row routing to an adapter on it is refused, where only layers inside a tower were
+    found (a routing to it was taken, giving images other rows' slots)."""
+    model = nn.ModuleDict(
+        {
+            "vision_embed_tokens": nn.Linear(2, 2),
+            "vision_tower": nn.Sequential(nn.Linear(2, 2)),
+            "projector": nn.Linear(2, 2),
+            "language_model": nn.Linear(2, 2),
+        }
+    )
+    assert tower_paths(model) == ["vision_embed_tokens", "vision_tower", "projector"]
+    names = ["vision_embed_tokens", "vision_tower.0", "projector", "language_model"]
+    assert find_towers(model, names) == {"vision_embed_tokens", "vision_tower.0", "projector"}
+    runtime = lorahot.inject(model, names, max_rank=2, slots=2)
+    runtime.load(make_adapter(model, {"projector": 2}, seed=1)[0], slot=0)
+    runtime.load(make_adapter(model, {"language_model": 2}, seed=2)[0], slot=1)
+    with pytest.raises(lorahot.UsageError, match=r"slot 0, whose adapter has weights on a vision tower"):
+        runtime.activate([1, 0])
+    assert runtime.routing is None
+    runtime.activate([1, -1])  # the language model routes
