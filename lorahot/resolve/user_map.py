@@ -10,7 +10,12 @@
   caller's own code and run with Python's ``re``; a bad one is a :class:`UsageError`.
 - ``fuse``: ``{fused: [part, ...]}``; the parts' LoRAs (``q_proj``, ``k_proj``, ``v_proj``)
   become one LoRA on the fused projection (``qkv_proj``): A's stacked, B block-diagonal with
-  each part's scale folded into its block, so the rank is the sum of the parts' ranks.
+  each part's scale folded into its block, so the rank is the sum of the parts' ranks. What a
+  part holds per output row is stacked by the same rows: DoRA magnitudes (DoRA normalizes each
+  output row on its own, so the fused layer's DoRA rows are the parts' DoRA rows, at any scale)
+  and LoRA biases (each times its part's scale; zeros for a part without one). DoRA parts beside
+  parts without a magnitude are refused: a plain row has no magnitude that stays exact under
+  ``set_scale``.
 """
 
 from __future__ import annotations
@@ -142,14 +147,18 @@ def fuse_modules(
         A = [A_1; A_2; ...]                    # [sum r_i, in]
         B = blockdiag(s_1 B_1, s_2 B_2, ...)   # [sum out_i, sum r_i]
 
-    with alpha equal to the summed rank (scale 1), so ``B @ A`` stacks every part's delta.
+    with alpha equal to the summed rank (scale 1), so ``B @ A`` stacks every part's delta. A
+    DoRA magnitude ``m = [m_1; m_2; ...]`` and a LoRA bias ``c = [s_1 c_1; s_2 c_2; ...]`` (zeros
+    for a part without one) are stacked by the same rows; the fused module is ``unit_scale`` when
+    any part is.
 
     Raises:
         UsageError: a malformed ``fuse`` argument.
         AdapterReadError: a part's weights are not dense tensors with data (sparse, meta).
         AdapterMismatchError: a part missing with no size given, parts that are not linear,
-            parts whose inputs or devices differ, or that carry a base-layer weight copy; every
-            problem is listed.
+            parts whose inputs or devices differ, or that carry a base-layer weight copy, a
+            magnitude or bias without one value per row of its B, DoRA parts beside parts
+            without a magnitude (untrained ones included); every problem is listed.
     """
     spec = _fuse_spec(fuse)
     out = dict(modules)
@@ -236,9 +245,17 @@ def _fuse_one(
     if problem is not None:
         problems.append(problem)
         return None
+    dora = [m.key for m in present if m.magnitude is not None]
+    plain = [m.key for m in present if m.magnitude is None] + [n for n, size, m in parts if m is None and size]
+    if dora and plain:
+        problems.append(
+            f"{key}: parts {dora} are DoRA and {plain} are not; the fused layer's DoRA needs a magnitude for every "
+            "row, and none reproduces plain LoRA at every scale. Inject the parts as separate layers (no fuse=)"
+        )
+        return None
     dtype = torch.promote_types(present[0].A.dtype, torch.float32)
     fan_in, device = int(present[0].A.shape[1]), present[0].A.device
-    a_blocks, b_blocks = [], []
+    a_blocks, b_blocks, magnitudes, biases = [], [], [], []
     for name, size, m in parts:
         if m is None:
             if size is None:
@@ -249,6 +266,7 @@ def _fuse_one(
                 return None
             a_blocks.append(torch.zeros(0, fan_in, dtype=dtype, device=device))
             b_blocks.append(torch.zeros(size, 0, dtype=dtype, device=device))
+            biases.append(torch.zeros(size, dtype=dtype, device=device))
             continue
         if size is not None and size != m.B.shape[0]:
             problems.append(
@@ -257,9 +275,27 @@ def _fuse_one(
             return None
         a_blocks.append(m.A.to(dtype))
         b_blocks.append(m.B.to(dtype) * m.scale)
+        if m.magnitude is not None:
+            magnitudes.append(m.magnitude.to(dtype).reshape(-1))
+        bias = torch.zeros(m.B.shape[0], dtype=dtype, device=device) if m.bias is None else m.bias.to(dtype)
+        biases.append(bias.reshape(-1) * m.scale)
     a, b = torch.cat(a_blocks), torch.block_diag(*b_blocks)  # [sum r, in], [sum out, sum r]
     keys = tuple(k for m in present for k in (m.source_keys or (m.key,)))
-    return LoraModule(key, a, b, float(a.shape[0]), False, keys)
+    magnitude = None
+    if magnitudes:  # in the parts' layout: PEFT's [out], LyCORIS' dora_scale [out, 1]
+        ndim = present[0].magnitude.ndim  # type: ignore[union-attr]
+        magnitude = torch.cat(magnitudes).reshape([-1] + [1] * (ndim - 1))
+    return LoraModule(
+        key,
+        a,
+        b,
+        float(a.shape[0]),
+        False,
+        keys,
+        magnitude=magnitude,
+        bias=torch.cat(biases) if any(m.bias is not None for m in present) else None,
+        unit_scale=any(m.unit_scale for m in present),
+    )
 
 
 #: dtypes fuse can combine (torch promotes none of the others with float32: float8, complex, ...)
@@ -274,8 +310,9 @@ def _unfusable(key: str, present: list[LoraModule]) -> str | None:
             no model could use them.
     """
     for m in present:
-        why = next((w for t in (m.A, m.B) if (w := storage_problem(t)) is not None), None)
-        why = why or next((f"of dtype {t.dtype}" for t in (m.A, m.B) if t.dtype not in _FUSABLE), None)
+        tensors = [t for t in (m.A, m.B, m.magnitude, m.bias) if t is not None]
+        why = next((w for t in tensors if (w := storage_problem(t)) is not None), None)
+        why = why or next((f"of dtype {t.dtype}" for t in tensors if t.dtype not in _FUSABLE), None)
         if why is not None:
             raise AdapterReadError(
                 f"{key}: part {m.key} is {why}; LoRA weights must be dense float16/bfloat16/float32/float64 "
@@ -285,11 +322,19 @@ def _unfusable(key: str, present: list[LoraModule]) -> str | None:
         return f"{key}: only linear parts can be fused; got A shapes {[tuple(m.A.shape) for m in present]}"
     if len({int(m.A.shape[1]) for m in present}) != 1:
         return f"{key}: parts read different input sizes {[tuple(m.A.shape) for m in present]}"
-    if len({t.device for m in present for t in (m.A, m.B)}) != 1:
-        return f"{key}: parts lie on different devices {sorted({str(m.A.device) for m in present})}"
-    extras = [m.key for m in present if m.magnitude is not None or m.bias is not None]
-    if extras:
-        return f"{key}: parts {extras} are DoRA or carry a LoRA bias, which fuse= does not combine; inject the parts"
+    devices = {t.device for m in present for t in (m.A, m.B, m.magnitude, m.bias) if t is not None}
+    if len(devices) != 1:
+        return f"{key}: parts lie on different devices {sorted(str(d) for d in devices)}"
+    for m in present:
+        for which, t in (("DoRA magnitude", m.magnitude), ("LoRA bias", m.bias)):
+            if t is not None and (t.numel() != m.B.shape[0] or sum(d != 1 for d in t.shape) > 1):
+                return (
+                    f"{key}: part {m.key}'s {which} has shape {tuple(t.shape)}, but fusing it with B's rows needs one "
+                    f"value per row of B ({m.B.shape[0]})"
+                )
+    if len({m.magnitude.ndim for m in present if m.magnitude is not None}) > 1:
+        shapes = [tuple(m.magnitude.shape) for m in present if m.magnitude is not None]
+        return f"{key}: parts' DoRA magnitudes have different layouts {shapes}; they come from different namings"
     carrying = [m.key for m in present if m.base_weight is not None]
     if carrying:
         return f"{key}: parts {carrying} carry a base-layer weight copy, which cannot be fused"

@@ -4,6 +4,7 @@ nothing changed after a failed load)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch import nn
 import lorahot
 from lorahot.adapter import LoraModule
 from lorahot.resolve.split import reorder_module, split_module
+from tests.helpers import lora_pair
 
 
 def _delta(m: LoraModule) -> torch.Tensor:
@@ -464,3 +466,233 @@ def test_a_magnitude_or_bias_not_one_per_row_of_b_is_refused_and_changes_nothing
         runtime.load(sd, split={"linear1": _PARTS})
     assert torch.equal(model(x), before)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+# -- fuse= of parts with a DoRA magnitude or a LoRA bias --------------------------------------
+
+#: the parts of the fused ``attn.qkv`` (input 6): name and out_features
+_QKV = (("q", 4), ("k", 2), ("v", 3))
+
+
+class _Separate(nn.Module):
+    """``attn.q``, ``attn.k``, ``attn.v``: the output is the three concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.ModuleDict({name: nn.Linear(6, out) for name, out in _QKV})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.attn[name](x) for name, _ in _QKV], -1)
+
+
+def _fused_qkv(separate: _Separate) -> nn.Module:
+    """The same layers as one ``attn.qkv`` Linear ``[W_q; W_k; W_v]``."""
+    qkv = nn.Linear(6, sum(out for _, out in _QKV)).double()
+    with torch.no_grad():
+        qkv.weight.copy_(torch.cat([separate.attn[n].weight for n, _ in _QKV]))
+        qkv.bias.copy_(torch.cat([separate.attn[n].bias for n, _ in _QKV]))
+    return nn.ModuleDict({"attn": nn.ModuleDict({"qkv": qkv})})
+
+
+def _per_part_reference(
+    separate: _Separate, x: torch.Tensor, parts: dict[str, tuple[torch.Tensor, torch.Tensor, float]], **extras: dict
+) -> torch.Tensor:
+    """float64 output of each part as PEFT computes it alone, concatenated: ``f (W x + s (B A x +
+    c)) + b0`` with ``f = m / ||W + s B A||`` per row (``m`` in ``extras["m"]``; else ``f = 1``)
+    and the LoRA bias ``c`` in ``extras["c"]`` (else 0); ``parts`` maps a name to ``(A, B, s)``
+    (a part absent: no LoRA)."""
+    out = []
+    for name, _ in _QKV:
+        layer = separate.attn[name]
+        w, b0, y = layer.weight.detach(), layer.bias.detach(), x @ layer.weight.detach().T
+        if name in parts:
+            a, b, s = parts[name]
+            c = extras.get("c", {}).get(name, torch.zeros(len(w), dtype=torch.float64))
+            m = extras.get("m", {}).get(name)
+            f = torch.ones(len(w), dtype=torch.float64) if m is None else m.reshape(-1) / (w + s * b @ a).norm(dim=1)
+            y = f * (y + s * (x @ a.T @ b.T + c))
+        out.append(y + b0)
+    return torch.cat(out, -1)
+
+
+def _peft_dora(tmp_path: Path) -> tuple[_Separate, dict[str, tuple[torch.Tensor, torch.Tensor, float]], dict]:
+    """A PEFT DoRA adapter (ranks 2, 3, 1; alphas 3, 2, 5) on q, k, v with trained-looking
+    magnitudes, saved under ``tmp_path``: the model, each part's ``(A, B, scale)`` and
+    magnitudes."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    separate = _Separate().double()
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=3,
+        target_modules=["q", "k", "v"],
+        rank_pattern={"k": 3, "v": 1},
+        alpha_pattern={"k": 2, "v": 5},
+        use_dora=True,
+        init_lora_weights=False,
+    )
+    model = peft.get_peft_model(copy.deepcopy(separate), config)
+    parts, magnitudes = {}, {}
+    with torch.no_grad():
+        for name, _ in _QKV:
+            layer = model.base_model.model.attn[name]
+            magnitude = layer.lora_magnitude_vector["default"].weight
+            magnitude.mul_(torch.rand_like(magnitude) + 0.5)  # away from ||W + s B A||, where DoRA is plain LoRA
+            parts[name] = (
+                layer.lora_A["default"].weight.clone(),
+                layer.lora_B["default"].weight.clone(),
+                layer.scaling["default"],
+            )
+            magnitudes[name] = magnitude.clone()
+        x = torch.randn(5, 6, dtype=torch.float64)
+        torch.testing.assert_close(
+            model(x), _per_part_reference(separate, x, parts, m=magnitudes), rtol=1e-12, atol=1e-12
+        )
+    model.save_pretrained(tmp_path)
+    return separate, parts, magnitudes
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_peft_dora_parts_fuse_onto_the_fused_layer(tmp_path: Path, merged: bool) -> None:
+    """A PEFT DoRA adapter on separate q, k, v loads onto a model whose projections are one
+    ``qkv`` Linear: the magnitudes are stacked by B's rows, and since DoRA normalizes each output
+    row on its own the fused layer computes each part's DoRA rows exactly, at the load's scale and
+    after ``set_scale`` (fuse= refused DoRA parts)."""
+    separate, parts, magnitudes = _peft_dora(tmp_path)
+    fused = _fused_qkv(separate)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    runtime = lorahot.inject(fused, ["qkv"], max_rank=8, extras=True, merged=merged)
+    info = runtime.load(tmp_path, fuse={"qkv": ["q", "k", "v"]})
+    assert info.ranks == {"attn.qkv": 6}
+    with torch.no_grad():
+        plain = _per_part_reference(separate, x, parts)
+        expected = _per_part_reference(separate, x, parts, m=magnitudes)
+        assert (expected - plain).abs().max() > 0.1  # the magnitudes matter
+        torch.testing.assert_close(fused["attn"]["qkv"](x), expected, rtol=1e-12, atol=1e-12)
+        for weight in (0.4, 2.5):
+            runtime.set_scale(weight)
+            scaled = {name: (a, b, s * weight) for name, (a, b, s) in parts.items()}
+            expected = _per_part_reference(separate, x, scaled, m=magnitudes)
+            torch.testing.assert_close(fused["attn"]["qkv"](x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_lora_biases_on_some_parts_fuse_with_zeros_for_the_others(merged: bool) -> None:
+    """PEFT LoRA biases on q only (k has none, v is untrained and given by size): the fused bias
+    is q's times its scale, then zeros, exact at any scale (fuse= refused LoRA biases)."""
+    torch.manual_seed(1)
+    separate = _Separate().double()
+    stem = "base_model.model.attn"
+    q = lora_pair(f"{stem}.q", "lora_A", "lora_B", rank=2, fin=6, fout=4)
+    k = lora_pair(f"{stem}.k", "lora_A", "lora_B", rank=3, fin=6, fout=2)
+    tensors = {key: t.double() for key, t in (q | k).items()} | {
+        f"{stem}.q.lora_B.bias": torch.randn(4, dtype=torch.float64)
+    }
+    parts = {n: (tensors[f"{stem}.{n}.lora_A.weight"], tensors[f"{stem}.{n}.lora_B.weight"], 0.5) for n in "qk"}
+    fused = _fused_qkv(separate)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    runtime = lorahot.inject(fused, ["qkv"], max_rank=8, extras=True, merged=merged)
+    config = {"r": 2, "lora_alpha": 1, "rank_pattern": {"k": 3}, "alpha_pattern": {"k": 1.5}, "lora_bias": True}
+    runtime.load(tensors, config=config, fuse={"qkv": ["q", "k", ("v", 3)]})
+    c = {"q": tensors[f"{stem}.q.lora_B.bias"]}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fused["attn"]["qkv"](x), _per_part_reference(separate, x, parts, c=c), rtol=1e-12, atol=1e-12
+        )
+        runtime.set_scale(3.0)
+        scaled = {name: (a, b, s * 3.0) for name, (a, b, s) in parts.items()}
+        torch.testing.assert_close(
+            fused["attn"]["qkv"](x), _per_part_reference(separate, x, scaled, c=c), rtol=1e-12, atol=1e-12
+        )
+
+
+def _kohya_qkv(dora: str) -> dict[str, torch.Tensor]:
+    """q, k, v LoRA/LoCon modules in kohya naming (alpha = rank), a ``dora_scale`` ``[out, 1]``
+    beside the ones in ``dora``."""
+    g = torch.Generator().manual_seed(2)
+    tensors = {}
+    for name, out in _QKV:
+        key = f"lora_unet_attn_{name}"
+        tensors |= {
+            f"{key}.lora_down.weight": torch.randn(2, 6, generator=g, dtype=torch.float64),
+            f"{key}.lora_up.weight": torch.randn(out, 2, generator=g, dtype=torch.float64),
+            f"{key}.alpha": torch.tensor(2.0),
+        }
+        if name in dora:
+            tensors[f"{key}.dora_scale"] = torch.rand(out, 1, generator=g, dtype=torch.float64) + 0.5
+    return tensors
+
+
+def test_kohya_dora_scale_parts_fuse_onto_the_fused_layer() -> None:
+    """LoRA/LoCon modules with a ``dora_scale`` ``[out, 1]`` on q, k, v fuse like PEFT's DoRA,
+    the stacked magnitude in their layout; at scale 1 (the only one such modules take)."""
+    torch.manual_seed(1)
+    separate = _Separate().double()
+    tensors = _kohya_qkv("qkv")
+    parts = {
+        n: (tensors[f"lora_unet_attn_{n}.lora_down.weight"], tensors[f"lora_unet_attn_{n}.lora_up.weight"], 1.0)
+        for n, _ in _QKV
+    }
+    m = {n: tensors[f"lora_unet_attn_{n}.dora_scale"] for n, _ in _QKV}
+    fused = _fused_qkv(separate)
+    runtime = lorahot.inject(fused, ["qkv"], max_rank=8, extras=True)
+    runtime.load(tensors, fuse={"qkv": ["q", "k", "v"]})
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fused["attn"]["qkv"](x), _per_part_reference(separate, x, parts, m=m), rtol=1e-12, atol=1e-12
+        )
+
+
+@pytest.mark.parametrize("untrained", [False, True], ids=["plain-part", "untrained-part"])
+def test_dora_parts_beside_parts_without_a_magnitude_are_refused_and_change_nothing(untrained: bool) -> None:
+    """q and k DoRA (``dora_scale``), v plain LoRA (or untrained, given by size): a row without a
+    magnitude has none that stays exact under ``set_scale``, so the load is refused naming both
+    groups and the fix, the model bitwise unchanged."""
+    torch.manual_seed(1)
+    tensors = _kohya_qkv("qk")
+    if untrained:
+        tensors = {key: t for key, t in tensors.items() if "_v." not in key}
+    fused = _fused_qkv(_Separate().double())
+    runtime = lorahot.inject(fused, ["qkv"], max_rank=8, extras=True)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    before = fused["attn"]["qkv"](x)
+    state = {k: v.clone() for k, v in fused.state_dict().items()}
+    v = "'v'" if untrained else "'lora_unet_attn_v'"
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=rf"lora_unet_attn_qkv: parts \['lora_unet_attn_q', 'lora_unet_attn_k'\] are DoRA and \[{v}\] are not; "
+        r".* Inject the parts as separate layers \(no fuse=\)",
+    ):
+        runtime.load(tensors, fuse={"qkv": ["q", "k", ("v", 3) if untrained else "v"]})
+    assert torch.equal(fused["attn"]["qkv"](x), before)
+    assert all(torch.equal(t, state[k]) for k, t in fused.state_dict().items())
+
+
+@pytest.mark.parametrize("extra", ["lora_magnitude_vector", "lora_B.bias"], ids=["magnitude", "bias"])
+def test_a_part_magnitude_or_bias_not_one_per_row_of_its_b_is_refused_and_changes_nothing(extra: str) -> None:
+    """Magnitudes or biases of 3 values on q (4 rows), k (2) and v (3) add up to the fused
+    layer's 9 rows, but stacked they would give rows other parts' values: refused naming the part,
+    the shape and its B's rows, nothing changed."""
+    torch.manual_seed(1)
+    stem = "base_model.model.attn"
+    tensors = {}
+    for name, out in _QKV:
+        tensors |= lora_pair(f"{stem}.{name}", "lora_A", "lora_B", rank=2, fin=6, fout=out)
+        tensors[f"{stem}.{name}.{extra}"] = torch.rand(3) + 0.5
+    tensors = {key: t.double() for key, t in tensors.items()}
+    config = {"r": 2, "lora_alpha": 2} | ({"use_dora": True} if "magnitude" in extra else {"lora_bias": True})
+    fused = _fused_qkv(_Separate().double())
+    runtime = lorahot.inject(fused, ["qkv"], max_rank=8, extras=True)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    before = fused["attn"]["qkv"](x)
+    state = {k: v.clone() for k, v in fused.state_dict().items()}
+    which = "DoRA magnitude" if "magnitude" in extra else "LoRA bias"
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=rf"attn\.qkv: part attn\.q's {which} has shape \(3,\), but fusing it with B's rows needs one value per "
+        r"row of B \(4\)",
+    ):
+        runtime.load(tensors, config=config, fuse={"qkv": ["q", "k", "v"]})
+    assert torch.equal(fused["attn"]["qkv"](x), before)
+    assert all(torch.equal(t, state[k]) for k, t in fused.state_dict().items())
