@@ -18,8 +18,10 @@ __all__ = ["LoraModule", "WeightModule", "Adapter", "storage_problem", "WEIGHT_K
 
 #: The adapter kinds lorahot folds into the base weights (merged mode only), by what a module
 #: holds: LyCORIS LoHa (``hada_*``), LoKr (``lokr_*``), LoCon with a Tucker core
-#: (``lora_down``/``lora_mid``/``lora_up``) and full diffs (``.diff``, ``.diff_b``).
-WEIGHT_KINDS = ("loha", "lokr", "locon-tucker", "diff")
+#: (``lora_down``/``lora_mid``/``lora_up``), full diffs (``.diff``, ``.diff_b``) and a LoRA/LoCon
+#: whose weight decomposition normalizes each input channel (``lora_down``/``lora_up`` with a
+#: ``dora_scale`` ``[1, in, ...]``: LyCORIS' ``wd_on_out=False``).
+WEIGHT_KINDS = ("loha", "lokr", "locon-tucker", "diff", "locon")
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,12 @@ class WeightModule:
         key: the module path as the source names it.
         kind: one of :data:`WEIGHT_KINDS`.
         factors: the tensors by their name in the file (``hada_w1_a``, ``lokr_w2_b``, ``diff``,
-            ``diff_b``, ``lora_down``/``lora_mid``/``lora_up``), as saved.
+            ``diff_b``, ``lora_down``/``lora_mid``/``lora_up``, ``dora_scale``), as saved. A
+            ``dora_scale`` (LyCORIS' weight decomposition) makes the folded weight
+            ``V * dora_scale / (||V|| + eps)``, ``V = W0 + scale * ΔW``, the norm per output
+            channel (``dora_scale`` ``[out, 1, ...]``) or per input channel (``[1, in, ...]``),
+            ``eps`` the machine epsilon of ``dora_scale``'s dtype, as LyCORIS computes it at
+            multiplier 1 (see :attr:`unit_scale`).
         alpha: the ``.alpha`` tensor's value, or None (then alpha equals the rank).
         source_keys: the tensor keys in the source this module came from (for messages).
     """
@@ -109,7 +116,7 @@ class WeightModule:
         if self.kind == "lokr":
             low = f.get("lokr_w1_b", f.get("lokr_w2_b"))
             return 0 if low is None else int(low.shape[0])
-        if self.kind in ("locon-tucker", "diff") and "lora_down" in f:
+        if self.kind in ("locon-tucker", "diff", "locon") and "lora_down" in f:
             return int(f["lora_down"].shape[0])
         return 0
 
@@ -119,6 +126,12 @@ class WeightModule:
         and for a diff, whose LoRA pair is scaled inside ``ΔW``)."""
         r = self.rank
         return 1.0 if r == 0 or self.alpha is None or self.kind == "diff" else self.alpha / r
+
+    @property
+    def unit_scale(self) -> bool:
+        """The module computes what its source means only at a user scale of 1 (as
+        :attr:`LoraModule.unit_scale`): it carries a ``dora_scale``."""
+        return "dora_scale" in self.factors
 
     @property
     def nbytes(self) -> int:

@@ -365,7 +365,7 @@ def lora_rules(module: str = r"(?P<module>.+)") -> tuple[Rule, ...]:
 REFUSED_DORA = (
     r"(lora_magnitude_vector|dora_scale)",
     "DoRA magnitude vector: DoRA is loaded in PEFT and diffusers namings (lora_magnitude_vector), and as the "
-    "dora_scale of a LoRA/LoCon module in kohya or ComfyUI naming; save the adapter with PEFT",
+    "dora_scale of a LyCORIS module in kohya or ComfyUI naming; save the adapter with PEFT",
 )
 #: :data:`REFUSED_DORA` for the namings that read a LoRA/LoCon module's ``dora_scale``: PEFT's
 #: ``lora_magnitude_vector`` alone.
@@ -467,7 +467,8 @@ LYCORIS_FACTORS = (
 def lycoris_rules(module: str) -> tuple[Rule, ...]:
     """Rules for LyCORIS factors (``<module>.hada_w1_a``, ...), a Tucker LoCon core
     (``<module>.lora_mid.weight``) and the magnitude of weight decomposition
-    (``<module>.dora_scale``, role ``dora_scale``: read as DoRA on a LoRA/LoCon module, see
+    (``<module>.dora_scale``, role ``dora_scale``: read as DoRA on a LoRA/LoCon module, or
+    folded with a LyCORIS kind or over the input channels in merged mode, see
     :mod:`lorahot.io.loader`) after the module pattern ``module``."""
     return (
         Rule(rf"{module}\.(?:{'|'.join(LYCORIS_FACTORS)})", ""),

@@ -3,8 +3,9 @@
 The steps are: check the call, open the source (:mod:`lorahot.io.sources`, :mod:`lorahot.io.hub`),
 parse its configs (refusing features lorahot does not load), detect the naming
 (:mod:`lorahot.formats`), group tensors by module and role, take the LyCORIS and diff modules
-out (:class:`~lorahot.adapter.WeightModule`, folded in merged mode), check each LoRA/LoCon
-module's ``dora_scale`` (its DoRA magnitude, at scale 1 only), give each module its alpha (a
+out (:class:`~lorahot.adapter.WeightModule`, folded in merged mode, with a ``dora_scale`` where
+they have one, and a LoRA/LoCon whose ``dora_scale`` is per input channel), check each other
+LoRA/LoCon module's ``dora_scale`` (its DoRA magnitude, at scale 1 only), give each module its alpha (a
 ``.alpha`` tensor, else the config, else the rank), then apply the user's ``prefix``,
 ``key_map``, ``split`` and ``fuse``. With ``strict=False`` a module with a key lorahot refuses,
 or one it cannot build, is skipped whole, every key of it listed in
@@ -705,9 +706,16 @@ def _assemble(
 
 #: What each weight kind must hold (one of each tuple's alternatives), and may hold.
 _KIND_NEEDS: dict[str, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
-    "loha": ((("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)), ("hada_t1", "hada_t2", "alpha")),
-    "lokr": ((("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")), ("lokr_w1_b", "lokr_w2_b", "lokr_t2", "alpha")),
-    "locon-tucker": ((("A",), ("B",), ("lora_mid",)), ("alpha",)),
+    "loha": (
+        (("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)),
+        ("hada_t1", "hada_t2", "alpha", "dora_scale"),
+    ),
+    "lokr": (
+        (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
+        ("lokr_w1_b", "lokr_w2_b", "lokr_t2", "alpha", "dora_scale"),
+    ),
+    "locon-tucker": ((("A",), ("B",), ("lora_mid",)), ("alpha", "dora_scale")),
+    "locon": ((("A",), ("B",), ("dora_scale",)), ("alpha",)),
     "diff": ((("diff", "diff_b"),), ("diff", "diff_b", "alpha", "A", "B")),
 }
 
@@ -720,7 +728,7 @@ _RANK_FACTORS = frozenset({"hada_w1_b", "lokr_w1_b", "lokr_w2_b", "A"})
 #: Factors that come in pairs (a diff's LoRA: ``A`` and ``B``).
 _PAIRS = (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b"), ("hada_t1", "hada_t2"), ("A", "B"))
 
-#: A Tucker LoCon's A and B under the names LyCORIS gives them.
+#: A (Tucker) LoCon's A and B under the names LyCORIS gives them.
 _FACTOR = {"A": "lora_down", "B": "lora_up"}
 
 
@@ -734,7 +742,20 @@ def _kind(roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:
         return "locon-tucker"
     if "diff" in roles or "diff_b" in roles:
         return "diff"
+    if "dora_scale" in roles and "A" in roles and "B" in roles and _per_input(roles):
+        return "locon"  # weight decomposition over the input channels: folded in merged mode
     return None
+
+
+def _per_input(roles: dict[str, tuple[str, torch.Tensor]]) -> bool:
+    """Whether a LoRA/LoCon module's ``dora_scale`` holds one value per input channel
+    (``[1, in, *ones]`` for ``A`` ``[r, in, *k]``: LyCORIS' ``wd_on_out=False``), and not one
+    per output channel (``[out, 1, *ones]``, DoRA; both where out and in are 1)."""
+    a, b, d = roles["A"][1], roles["B"][1], roles["dora_scale"][1]
+    if a.ndim < 2 or b.ndim < 2:
+        return False  # _assemble names the factor
+    ones = (1,) * (a.ndim - 2)
+    return tuple(d.shape) == (1, int(a.shape[1]), *ones) != (int(b.shape[0]), 1, *ones)
 
 
 def _weight_modules(
@@ -767,8 +788,6 @@ def _weight_modules(
             if skipped is None:
                 keys = ", ".join(k for k, _ in roles.values())
                 why = f"lacks {', '.join(missing)}" if missing else f"mixes {kind} weights with {', '.join(extra)}"
-                if "dora_scale" in roles:
-                    why = _DECOMPOSED_KIND.format(kind=kind, key=roles["dora_scale"][0])
                 problems.append(f"{module} ({keys}): {why}")
             else:
                 skip_modules(parts, [module], skipped)
@@ -801,24 +820,17 @@ def _weight_modules(
     return out
 
 
-#: Why a LyCORIS kind other than LoRA/LoCon with a ``dora_scale`` is refused.
-_DECOMPOSED_KIND = (
-    "{key}: a {kind} module trained with weight decomposition (LyCORIS weight_decompose, DoRA), which lorahot "
-    "does not load: it loads weight decomposition on LoRA/LoCon modules (lora_down/lora_up) only; merge the adapter "
-    "into the model with LyCORIS, or re-train without weight_decompose"
-)
-
-
 def _check_dora_scales(parts: Parts, source: str, skipped: list[str] | None) -> None:
-    """Checks the ``dora_scale`` of each LoRA/LoCon module of ``parts`` (LyCORIS' and kohya's
-    weight decomposition): lorahot computes it as DoRA, which normalizes each output channel,
-    so it must hold one value per output channel (``[out, 1, *ones]``: LyCORIS'
-    ``wd_on_out=True``). With ``skipped`` given (``strict=False``) a module whose
-    ``dora_scale`` does not is taken out of ``parts`` and its keys appended there.
+    """Checks the ``dora_scale`` of each LoRA/LoCon module left in ``parts`` (LyCORIS' and
+    kohya's weight decomposition): lorahot computes it as DoRA, which normalizes each output
+    channel, so it must hold one value per output channel (``[out, 1, *ones]``: LyCORIS'
+    ``wd_on_out=True``; one per input channel, ``wd_on_out=False``, made the module a ``locon``
+    weight module, see :func:`_kind`). With ``skipped`` given (``strict=False``) a module whose
+    ``dora_scale`` has another shape is taken out of ``parts`` and its keys appended there.
 
     Raises:
-        UnknownFormatError: a ``dora_scale`` over the input channels (``wd_on_out=False``) or
-            of another shape, naming the key, both shapes and the fix.
+        UnknownFormatError: a ``dora_scale`` of another shape, naming the key, the shapes and
+            the fix.
     """
     problems = []
     for module, roles in list(parts.items()):
@@ -830,7 +842,8 @@ def _check_dora_scales(parts: Parts, source: str, skipped: list[str] | None) -> 
     if problems:
         raise UnknownFormatError(
             format_problems(f"{source}: weight-decomposed (DoRA) modules lorahot cannot load:", problems)
-            + "\nRe-train with wd_on_out=True (LyCORIS' default), or merge the adapter into the model with LyCORIS."
+            + "\nRe-save each dora_scale with one value per output or per input channel, or merge the adapter into "
+            "the model with LyCORIS."
         )
 
 
@@ -842,17 +855,12 @@ def _dora_scale_problem(roles: dict[str, tuple[str, torch.Tensor]]) -> str | Non
         return None  # _assemble names the factor
     ones = (1,) * (a.ndim - 2)
     per_out, per_in = (int(b.shape[0]), 1, *ones), (1, int(a.shape[1]), *ones)
-    if tuple(d.shape) == per_out:
+    if tuple(d.shape) in (per_out, per_in):  # per_in: a locon weight module, not left in parts
         return None
-    if tuple(d.shape) == per_in:
-        return (
-            f"{kd} has shape {tuple(d.shape)}: LyCORIS weight decomposition over the input channels "
-            f"(wd_on_out=False), which lorahot does not compute (its DoRA normalizes each output channel, as "
-            "PEFT's DoRA and LyCORIS' wd_on_out=True do)"
-        )
     return (
         f"{kd} has shape {tuple(d.shape)}, expected {per_out} (one magnitude per output channel, as LyCORIS' "
-        f"wd_on_out=True saves it) for lora_down {tuple(a.shape)} and lora_up {tuple(b.shape)}"
+        f"wd_on_out=True saves it) or {per_in} (per input channel, wd_on_out=False) for lora_down {tuple(a.shape)} "
+        f"and lora_up {tuple(b.shape)}"
     )
 
 

@@ -11,10 +11,15 @@ the torch layout ``[out, in, *kernel]`` without its scale (see
   ``einsum("i j ..., i p, j r -> p r ...", t2, w2_a, w2_b)``; a 2-D ``w1`` against a conv
   ``w2`` gets trailing unit dims.
 - Tucker LoCon: ``einsum("m n ..., i m, n j -> i j ...", lora_mid, lora_up, lora_down)``.
+- LoCon (a LoRA/LoCon folded for its weight decomposition over the input channels):
+  ``lora_up @ lora_down``.
 - diff: ``diff`` itself (and ``diff_b`` for the bias); where the module also has a LoRA
   (``lora_down``/``lora_up``, as Wan's lightx2v files and ComfyUI's patches put both on one
   layer), ``diff + alpha / r * lora_up @ lora_down``: the diff unscaled, the LoRA at its own
   ``alpha / r`` (alpha = r without one), as ComfyUI applies the two.
+
+A ``dora_scale`` is no factor of ``ΔW``: :mod:`lorahot.runtime.merge` applies it to the folded
+weight (:func:`decompose`).
 
 Built on meta tensors they give the shape without any arithmetic (the plan's shape check).
 """
@@ -25,7 +30,10 @@ import torch
 
 from lorahot.adapter import WeightModule
 
-__all__ = ["build_delta", "delta_shape", "delta_bound", "lora_update_max"]
+__all__ = ["build_delta", "delta_shape", "delta_bound", "decompose", "lora_update_max"]
+
+#: factors that are not part of ``ΔW``: a diff's bias, the magnitude of weight decomposition
+_NOT_DELTA = ("diff_b", "dora_scale")
 
 
 def build_delta(module: WeightModule, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -37,13 +45,12 @@ def build_delta(module: WeightModule, shape: tuple[int, ...], dtype: torch.dtype
     Raises:
         RuntimeError: the factors do not multiply to ``shape`` (the plan checks this first).
     """
-    f = {k: t.to(device, dtype) for k, t in module.factors.items() if k != "diff_b"}
+    f = {k: t.to(device, dtype) for k, t in module.factors.items() if k not in _NOT_DELTA}
     if module.kind == "diff":
         delta = f.get("diff")
         delta = torch.zeros(shape, dtype=dtype, device=device) if delta is None else delta.reshape(shape)
         return delta if "lora_down" not in f else delta + (_diff_lora_scale(module) * _lora(f)).reshape(shape)
-    build = {"loha": _loha, "lokr": _lokr, "locon-tucker": _locon_tucker}[module.kind]
-    return build(f, shape).reshape(shape)
+    return _BUILD[module.kind](f, shape).reshape(shape)
 
 
 def delta_shape(module: WeightModule, shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -51,7 +58,7 @@ def delta_shape(module: WeightModule, shape: tuple[int, ...]) -> tuple[int, ...]
     do not even multiply; equal numel to ``shape`` means it fits."""
     try:
         meta = WeightModule(module.key, module.kind, {k: t.to("meta") for k, t in module.factors.items()})
-        f = {k: t.float() for k, t in meta.factors.items() if k != "diff_b"}
+        f = {k: t.float() for k, t in meta.factors.items() if k not in _NOT_DELTA}
         if module.kind == "diff":
             lora = _lora(f) if "lora_down" in f else None
             if "diff" not in f:
@@ -59,8 +66,7 @@ def delta_shape(module: WeightModule, shape: tuple[int, ...]) -> tuple[int, ...]
             if lora is not None and (lora.numel() != f["diff"].numel() or lora.shape[0] != f["diff"].shape[0]):
                 return None  # the two are deltas of different weights
             return tuple(f["diff"].shape)
-        build = {"loha": _loha, "lokr": _lokr, "locon-tucker": _locon_tucker}[module.kind]
-        return tuple(build(f, shape).shape)
+        return tuple(_BUILD[module.kind](f, shape).shape)
     except (RuntimeError, ValueError, IndexError):
         return None
 
@@ -70,7 +76,7 @@ def delta_bound(module: WeightModule) -> float:
     largest values: one reduction per factor, no product built. A product of an ``[a, r]``
     and an ``[r, b]`` matrix is at most ``r * max * max``; a Tucker half ``r1 * r2`` times the
     three maxima; LoHa multiplies its halves entrywise, LoKr's kron multiplies entries."""
-    top = {k: float(t.abs().max()) if t.numel() else 0.0 for k, t in module.factors.items()}
+    top = {k: float(t.abs().max()) if t.numel() else 0.0 for k, t in module.factors.items() if k != "dora_scale"}
     rank = {k: int(t.shape[0]) if t.ndim else 1 for k, t in module.factors.items()}
     f = module.factors
 
@@ -85,6 +91,8 @@ def delta_bound(module: WeightModule) -> float:
         w1 = top["lokr_w1"] if "lokr_w1" in f else low("lokr_w1_a", "lokr_w1_b")
         w2 = top["lokr_w2"] if "lokr_w2" in f else low("lokr_w2_a", "lokr_w2_b", "lokr_t2")
         return w1 * w2
+    if module.kind == "locon":
+        return low("lora_up", "lora_down")
     if module.kind == "locon-tucker":
         return rank["lora_mid"] * int(f["lora_mid"].shape[1]) * top["lora_mid"] * top["lora_up"] * top["lora_down"]
     lora = abs(_diff_lora_scale(module)) * low("lora_up", "lora_down") if "lora_down" in f else 0.0
@@ -179,3 +187,29 @@ def _locon_tucker(f: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.T
     up = f["lora_up"].reshape(f["lora_up"].shape[0], -1)  # [out, r]
     down = f["lora_down"].reshape(f["lora_down"].shape[0], -1)  # [r, in]
     return _tucker(f["lora_mid"], up.t(), down)
+
+
+def _locon(f: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    return _lora(f).reshape(f["lora_up"].shape[0], *f["lora_down"].shape[1:])
+
+
+_BUILD = {"loha": _loha, "lokr": _lokr, "locon-tucker": _locon_tucker, "locon": _locon}
+
+
+def decompose(weight: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """LyCORIS' weight decomposition at multiplier 1: ``weight * dora_scale / (||weight|| + eps)``
+    for ``weight`` in the torch layout ``[out, in, *kernel]``, the norm per output channel
+    (``dora_scale`` ``[out, 1, *ones]``) or per input channel (``[1, in, *ones]``; over the output
+    channels and the kernel), ``eps`` the machine epsilon of ``dora_scale``'s dtype (LyCORIS
+    computes in that dtype; this computes in ``weight``'s). A ``[1, 1, ...]`` scale of a layer
+    with one output and one input channel normalizes the whole weight either way."""
+    eps = torch.finfo(dora_scale.dtype).eps
+    m = dora_scale.to(weight.device, weight.dtype)
+    if m.shape[0] == weight.shape[0] and m.shape[1] == 1:  # per output channel
+        norm = torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1)
+        norm = norm.reshape(weight.shape[0], *(1,) * (weight.ndim - 1))
+    else:  # per input channel
+        norm = torch.linalg.vector_norm(weight.transpose(0, 1).reshape(weight.shape[1], -1), dim=1)
+        norm = norm.reshape(1, weight.shape[1], *(1,) * (weight.ndim - 2))
+    out: torch.Tensor = weight * (m / (norm + eps))
+    return out

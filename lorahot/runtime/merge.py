@@ -34,7 +34,7 @@ from lorahot.errors import AdapterReadError, UsageError, format_problems
 from lorahot.layers import LoRALayer
 from lorahot.layers.base import EXTRA_BIAS, EXTRA_F, own_code
 from lorahot.runtime.buffers import BufferManager
-from lorahot.runtime.deltas import build_delta, delta_bound
+from lorahot.runtime.deltas import build_delta, decompose, delta_bound
 from lorahot.runtime.graph_replays import Captured, GraphReplays
 from lorahot.runtime.stack import Stack
 from lorahot.runtime.written_probes import WrittenProbes, positions, signature, sums, version, words
@@ -262,6 +262,15 @@ def _per_channel(layer: LoRALayer, weight: torch.Tensor, f: torch.Tensor) -> tor
     return weight * (f[:, None] if layer.channel_dim() == 0 else f[None, :])
 
 
+def _decomposed(layer: LoRALayer, weight: torch.Tensor, module: WeightModule) -> torch.Tensor:
+    """``weight`` (the base weight's layout, or that flattened to 2-D) after ``module``'s weight
+    decomposition (:func:`~lorahot.runtime.deltas.decompose`), in the base weight's layout: a
+    Conv1D's ``[in, out]`` is read as the torch layout ``[out, in]``."""
+    shape = (layer.spec.out_dim, *layer.spec.a_row_shape)  # torch layout [out, in, *kernel]
+    torch_layout = weight.t() if layer.channel_dim() == 1 else weight.reshape(shape)
+    return layer.weight_delta(decompose(torch_layout, module.factors["dora_scale"]))
+
+
 class _Rewrite(NamedTuple):
     """What :meth:`Merger.apply` writes into one layer (see :meth:`Merger._plan`)."""
 
@@ -417,7 +426,7 @@ class Merger:
         # the buffers hold A and B rounded to their dtype: a product of rounded factors can
         # exceed the file's by a few of its ulps, which the margin covers. DoRA rescales each
         # output channel to its magnitude (any size): no bound, the merged weight itself
-        dora = any(isinstance(m, LoraModule) and m.magnitude is not None for _, m in items)
+        dora = any(m.magnitude is not None if isinstance(m, LoraModule) else m.unit_scale for _, m in items)
         rounded = self._buffer_dtype(name)
         if not dora and bound * (1.0 + 8.0 * torch.finfo(rounded).eps) < top:
             return False
@@ -461,6 +470,8 @@ class Merger:
                 shape = (layer.spec.out_dim, *layer.spec.a_row_shape)  # torch layout [out, in, *kernel]
                 delta = layer.weight_delta(build_delta(m, shape, dtype, device))
                 weight = weight + s * delta.reshape(weight.shape)
+                if m.unit_scale:  # LyCORIS' weight decomposition (alone on its layer)
+                    weight = _decomposed(layer, weight, m).reshape(weight.shape)
                 db, b0 = m.factors.get("diff_b"), layer.pristine_bias
                 if db is not None and b0 is not None:
                     bias = (b0.to(dtype) if bias is None else bias) + s * db.to(device, dtype)
@@ -578,8 +589,10 @@ class Merger:
         """After :meth:`apply`: adds each weight-kind module's ``s * ΔW`` to its layer's weight
         (``W0``, or ``W0`` plus the LoRA parts of a stack), ``s`` the module's scale times its
         part's weight (ΔW built on the weights' device from the factors), and each ``diff_b`` to
-        the bias :meth:`apply` wrote (``b0``, plus a LoRA bias). Then notes every weight as
-        written (:func:`record`)."""
+        the bias :meth:`apply` wrote (``b0``, plus a LoRA bias). A module with a ``dora_scale``
+        then rescales the sum (:func:`~lorahot.runtime.deltas.decompose`), in the same wide
+        dtype: the weight is rounded once. Then notes every weight as written
+        (:func:`record`)."""
         with writing(self._targets):
             for name, items in terms.items():
                 layer = self._layers[name]
@@ -590,6 +603,8 @@ class Merger:
                 folded_bias = None
                 for module, s in items:
                     folded = folded + s * layer.weight_delta(build_delta(module, shape, dtype, weight.device))
+                    if module.unit_scale:  # LyCORIS' weight decomposition (alone on its layer)
+                        folded = _decomposed(layer, folded, module)
                     db = module.factors.get("diff_b")
                     if db is not None and bias is not None:
                         base = bias.to(dtype) if folded_bias is None else folded_bias

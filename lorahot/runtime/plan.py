@@ -355,6 +355,14 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
         return [f"{where}: its {module.kind} factors ({shapes}) make a weight of shape {got}, expected {expected}"]
     if bias is not None and tuple(bias.shape) != (spec.out_dim,):
         return [f"{where}: diff_b has shape {tuple(bias.shape)}, expected ({spec.out_dim},)"]
+    magnitude = module.factors.get("dora_scale")
+    ones = (1,) * (len(expected) - 2)
+    per_out, per_in = (spec.out_dim, 1, *ones), (1, expected[1], *ones)
+    if magnitude is not None and tuple(magnitude.shape) not in (per_out, per_in):
+        return [
+            f"{where}: dora_scale has shape {tuple(magnitude.shape)}, expected {per_out} (one magnitude per output "
+            f"channel, LyCORIS' wd_on_out=True) or {per_in} (per input channel, wd_on_out=False)"
+        ]
     return []
 
 
@@ -484,19 +492,21 @@ def check_multiplier(plan: LoadPlan, multiplier: float, buffers: BufferManager, 
 
 def check_unit_scale(plan: LoadPlan, multiplier: float, part: str | None = None) -> None:
     """A plan holding a module that means something only at scale 1
-    (:attr:`~lorahot.LoraModule.unit_scale`: a LyCORIS or kohya LoRA/LoCon trained with weight
-    decomposition) must be loaded at a user ``multiplier`` of 1; ``part`` names a stack's part.
+    (:attr:`~lorahot.LoraModule.unit_scale`, :attr:`~lorahot.WeightModule.unit_scale`: a LyCORIS
+    or kohya module trained with weight decomposition) must be loaded at a user ``multiplier``
+    of 1; ``part`` names a stack's part.
 
     Raises:
         UsageError: naming the module, why, and the fix.
     """
     if multiplier == 1:
         return
-    found = next(((name, m) for name, m in plan.targets.items() if m.unit_scale), None)
+    modules: list[tuple[str, LoraModule | WeightModule]] = [*plan.targets.items(), *plan.weights.items()]
+    found = next(((name, m) for name, m in modules if m.unit_scale), None)
     if found is not None:
         where = f"{part}: " if part else ""
         raise UsageError(
-            f"{where}scale={multiplier:g}, but {_where(*found)} is a LoRA trained with LyCORIS weight decomposition "
+            f"{where}scale={multiplier:g}, but {_where(*found)} is a module trained with LyCORIS weight decomposition "
             "(dora_scale), which lorahot loads at scale 1 only: at another strength the reference libraries disagree "
             "on its weight (LyCORIS rescales V = W + dW to V * (s * (m / ||V|| - 1) + 1), ComfyUI blends "
             "W + s * (m * V / ||V|| - W)), and neither is DoRA at scale s. Load it at scale 1, or merge it into the "

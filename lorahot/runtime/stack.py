@@ -234,7 +234,10 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
             "(lorahot.plan_targets(sources, model, stacked=True) plans it), or stack fewer adapters."
         )
     if shared:
-        fixes.append("Load an adapter with DoRA or a LoRA bias alone, or stack it with adapters that leave its layers.")
+        fixes.append(
+            "Load an adapter with DoRA (or dora_scale) or a LoRA bias alone, or stack it with adapters that leave "
+            "its layers."
+        )
     raise AdapterMismatchError(
         format_problems(f"a stack of {len(plans)} adapters does not fit together in one slot:", ranks + shared)
         + "\n"
@@ -253,13 +256,21 @@ def _rows(items: list[tuple[int, LoraModule | WeightModule]]) -> int:
 
 def _shared(name: str, items: list[tuple[int, LoraModule | WeightModule]], sources: list[str]) -> list[str]:
     """What cannot share layer ``name`` with other parts: DoRA (PEFT computes one factor per
-    adapter, over its own update), a second LoRA bias (a layer holds one)."""
+    adapter, over its own update) or a LyCORIS module's weight decomposition (``dora_scale``,
+    over the weight that module makes), a second LoRA bias (a layer holds one)."""
     others = _listed([p for p, _ in items])
     problems = [
         f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has DoRA (a magnitude vector) on a layer "
         f"parts {others} all load into; PEFT computes one DoRA factor per adapter, over that adapter's update alone"
         for p, m in _lora(items)
         if m.magnitude is not None
+    ]
+    problems += [
+        f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has a {m.kind} module with weight "
+        f"decomposition (dora_scale) on a layer parts {others} all load into; LyCORIS normalizes the weight that "
+        "module alone makes"
+        for p, m in items
+        if isinstance(m, WeightModule) and m.unit_scale
     ]
     biased = [p for p, m in _lora(items) if m.bias is not None]
     if len(biased) > 1:

@@ -1,6 +1,7 @@
-"""LyCORIS LoHa, LoKr (Tucker included), Tucker LoCon and full diffs in merged mode, and LoCon
-trained with weight decomposition (DoRA) merged and unmerged, against the ``lycoris-lora``
-package's own modules as the oracle.
+"""LyCORIS LoHa, LoKr (Tucker included), Tucker LoCon and full diffs in merged mode, LoCon
+trained with weight decomposition (DoRA) merged and unmerged, and the other kinds trained with
+it (and LoCon's over the input channels) merged, against the ``lycoris-lora`` package's own
+modules as the oracle.
 
 Each case builds a LyCORIS module on a Linear or Conv2d with random factors (every factor,
 not LyCORIS' zero init, so ΔW is not zero), writes its ``custom_state_dict`` under kohya
@@ -166,26 +167,125 @@ def test_weight_kinds_refused_unmerged_with_the_fix() -> None:
         runtime.preload(sd)
 
 
-#: LyCORIS modules trained with weight decomposition that lorahot refuses, and what the refusal says.
+#: LyCORIS modules trained with weight decomposition that lorahot folds in merged mode (a
+#: LoCon with LyCORIS' default wd_on_out=True loads as DoRA, merged or not: see below).
+DECOMPOSED = [
+    ("loha", LohaModule, {}),
+    ("lokr", LokrModule, {"factor": 4}),
+    ("locon-tucker", LoConModule, {"use_tucker": True}),
+    ("locon-wd-on-in", LoConModule, {"wd_on_out": False}),
+    ("loha-wd-on-in", LohaModule, {"wd_on_out": False}),
+]
+
+
+def _decomposed(cls: type, kind: str, options: dict) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """``(oracle model, state dict under kohya names)`` of a LyCORIS ``cls`` module trained with
+    weight decomposition, random factors and ``dora_scale``, alpha != rank."""
+    oracle, _, sd = _lycoris(cls, kind, {"lora_dim": 2, "alpha": 3.0, "weight_decompose": True, **options})
+    return oracle, sd
+
+
+def _conv1d(kind: str) -> nn.Module:
+    """``_base(kind)``, a Linear, as a transformers-style ``Conv1D`` (weight ``[in, out]``)."""
+    linear = _base(kind)[0]
+    model = nn.Sequential(Conv1D(linear.out_features, linear.in_features)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(linear.weight.t())
+        model[0].bias.copy_(linear.bias)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv"])
+@pytest.mark.parametrize(("cls", "options"), [c[1:] for c in DECOMPOSED], ids=[c[0] for c in DECOMPOSED])
+def test_weight_decomposed_lycoris_modules_merge_as_lycoris_computes(cls: type, options: dict, kind: str) -> None:
+    """A LoHa, LoKr or Tucker LoCon with a ``dora_scale``, or a LoCon whose ``dora_scale`` is
+    per input channel (``wd_on_out=False``, ``[1, in, ...]``), folds in merged mode as LyCORIS
+    computes it at multiplier 1: ``V * dora_scale / (||V|| + eps)``, ``V = W + ΔW``, the norm per
+    output row or per input column (a ``Conv1D``'s ``[in, out]`` weight read transposed);
+    float64, against LyCORIS' own forward (max abs diff ~1e-15). Unload restores the base
+    weight bitwise."""
+    oracle, sd = _decomposed(cls, "linear" if kind == "conv1d" else kind, options)
+    assert "lora_unet_0.dora_scale" in sd
+    x = _input("linear" if kind == "conv1d" else kind)
+    with torch.no_grad():
+        want = oracle(x)
+    model = _conv1d("linear") if kind == "conv1d" else _base(kind)
+    base_out, w0 = model(x).detach(), model[0].weight.detach().clone()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    runtime.load(sd)
+    with torch.no_grad():
+        assert (want - base_out).abs().max() > 0.5
+        torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+    runtime.unload()
+    assert torch.equal(model[0].weight, w0)
+
+
+@pytest.mark.parametrize(("cls", "options"), [c[1:] for c in DECOMPOSED], ids=[c[0] for c in DECOMPOSED])
+def test_weight_decomposed_lycoris_modules_are_refused_unmerged_and_at_other_scales(cls: type, options: dict) -> None:
+    """Unmerged, such a module is refused naming merged mode (lorahot's unmerged DoRA factor is
+    per output channel, over a ``B @ A`` update); merged, any scale but 1 is refused naming the
+    ``dora_scale`` and the fix (LyCORIS and ComfyUI compute other weights there). Nothing
+    changed: parameters and buffers bitwise as before."""
+    _, sd = _decomposed(cls, "conv", options)
+    model = _base("conv")
+    runtime = lorahot.inject(model, ["0"], max_rank=4, extras=True)
+    snapshot = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"loads only in merged mode:[\s\S]*merged=True"):
+        runtime.load(sd)
+    state = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(torch.equal(state[k], v) for k, v in snapshot.items())
+    lorahot.eject(model)
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    runtime.load(sd)
+    snapshot = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    refused = r"scale=0\.5, but 0 \([^)]*lora_unet_0\.dora_scale.*LyCORIS weight decomposition.*Load it at scale 1"
+    with pytest.raises(lorahot.UsageError, match=refused):
+        runtime.set_scale(0.5)
+    with pytest.raises(lorahot.UsageError, match=refused):
+        runtime.load(sd, scale=0.5)
+    state = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(torch.equal(state[k], v) for k, v in snapshot.items())
+    assert runtime.info(0).scale == 1.0
+
+
+def test_a_weight_decomposed_module_is_alone_on_its_layer_in_a_stack() -> None:
+    """LyCORIS normalizes the weight a decomposed module makes (``W + ΔW``), not one with
+    another part's update in it: a stack that puts another part on its layer is refused naming
+    the layer, the part and the fix; nothing changed."""
+    _, sd = _decomposed(LohaModule, "conv", {})
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 8, 3, 3, generator=g, dtype=torch.float64), torch.randn(16, 2, 1, 1, generator=g).double()
+    lora = {"lora_unet_0.lora_down.weight": a, "lora_unet_0.lora_up.weight": b}
+    model = _base("conv")
+    w0 = model[0].weight.detach().clone()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"0 \(lora_unet_0[^)]*\): part 0: .* has a loha module with weight decomposition \(dora_scale\) on a "
+        r"layer parts 0, 1 all load into[\s\S]*Load an adapter with DoRA \(or dora_scale\)",
+    ):
+        runtime.load([sd, lora])
+    assert torch.equal(model[0].weight, w0) and runtime.info(0) is None
+
+
+#: weight-decomposed modules lorahot refuses, and what the refusal says
 REFUSED_DECOMPOSED = [
-    ("loha", LohaModule, {}, r"a loha module trained with weight decomposition"),
-    ("lokr", LokrModule, {"factor": 4}, r"a lokr module trained with weight decomposition"),
-    ("locon-tucker", LoConModule, {"use_tucker": True}, r"a locon-tucker module trained with weight decomposition"),
-    ("locon-wd-on-in", LoConModule, {"wd_on_out": False}, r"shape \(1, 8, 1, 1\): .*\(wd_on_out=False\)"),
+    ("locon-other-shape", {"lora_unet_0.dora_scale": torch.ones(16, 8, 1, 1)}, r"expected \(16, 1, 1, 1\)"),
+    ("diff", {"lora_unet_0.diff": torch.ones(16, 8, 3, 3)}, r"mixes diff weights with dora_scale"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("cls", "options", "match"), [c[1:] for c in REFUSED_DECOMPOSED], ids=[c[0] for c in REFUSED_DECOMPOSED]
+    ("extra", "match"), [c[1:] for c in REFUSED_DECOMPOSED], ids=[c[0] for c in REFUSED_DECOMPOSED]
 )
 def test_weight_decomposed_lycoris_modules_lorahot_cannot_compute_are_refused_whole(
-    cls: type, options: dict, match: str
+    extra: dict[str, torch.Tensor], match: str
 ) -> None:
-    """LyCORIS' DoRA (``weight_decompose=True``: a ``dora_scale`` beside the factors) on a LoHa,
-    LoKr or Tucker LoCon, or over the input channels (``wd_on_out=False``), is refused naming the
-    key and why; with ``strict=False`` the module is skipped with every key (without its
-    ``dora_scale`` it would compute LyCORIS' plain ΔW, not the decomposed weight)."""
-    _, _, sd = _lycoris(cls, "conv", {"lora_dim": 2, "alpha": 1.0, "weight_decompose": True, **options})
+    """A ``dora_scale`` with one value neither per output nor per input channel, or beside a
+    full diff, is refused naming the key and why; with ``strict=False`` the module is skipped
+    with every key (without its ``dora_scale`` it would compute another weight)."""
+    _, sd = _decomposed(LoConModule, "conv", {})
+    sd = {k: v for k, v in sd.items() if k.endswith("dora_scale") or "diff" not in extra} | extra
     model = _base("conv")
     before = model[0].weight.detach().clone()
     runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)

@@ -96,8 +96,8 @@ def test_strict_false_skips_a_module_whole_when_one_of_its_keys_is_refused() -> 
     tensors = {**lora_pair(UNET[0], "lora_down", "lora_up"), f"{UNET[0]}.alpha": torch.tensor(1.0)}
     dora = {
         **lora_pair(UNET[1], "lora_down", "lora_up"),
-        f"{UNET[1]}.dora_scale": torch.rand(1, 8) + 1,
-    }  # wd_on_out=False
+        f"{UNET[1]}.dora_scale": torch.rand(8, 8) + 1,
+    }  # neither one value per output channel nor one per input channel
     v = "lora_unet_attn_to_v"
     bias = {**lora_pair(v, "lora_down", "lora_up"), f"{v}.lora_up.bias": torch.randn(8)}
     info = runtime.load(tensors | dora | bias, strict=False)
@@ -118,26 +118,23 @@ def _unbuildable(kind: str) -> dict[str, torch.Tensor]:
     """A LyCORIS module on ``attn.to_k`` that lorahot cannot build, holding a ``lora_down``."""
     g = torch.Generator().manual_seed(3)
     k = UNET[1]
-    down, up = {f"{k}.lora_down.weight": torch.randn(2, 8, 1, 1, generator=g)}, torch.randn(8, 2, 1, 1, generator=g)
+    down = {f"{k}.lora_down.weight": torch.randn(2, 8, 1, 1, generator=g)}
     tucker = down | {f"{k}.lora_mid.weight": torch.randn(2, 2, 1, 1, generator=g), f"{k}.alpha": torch.tensor(1.0)}
     loha = {
         f"{k}.hada_w{i}_{ab}": torch.randn(*(8, 2) if ab == "a" else (2, 8), generator=g) for i in (1, 2) for ab in "ab"
     }
     return {
-        "locon-tucker-dora": tucker
-        | {f"{k}.lora_up.weight": up, f"{k}.dora_scale": torch.rand(8, 1, 1, 1, generator=g)},
+        "diff-dora": {f"{k}.diff": torch.randn(8, 8, generator=g), f"{k}.dora_scale": torch.rand(8, 1, generator=g)},
         "locon-tucker-no-up": tucker,
         "loha-and-lora-down": loha | {f"{k}.lora_down.weight": torch.randn(2, 8, generator=g)},
         "diff-and-lora-down": {f"{k}.diff": torch.randn(8, 8, generator=g), f"{k}.lora_down.weight": torch.randn(2, 8)},
     }[kind]
 
 
-@pytest.mark.parametrize(
-    "kind", ["locon-tucker-dora", "locon-tucker-no-up", "loha-and-lora-down", "diff-and-lora-down"]
-)
+@pytest.mark.parametrize("kind", ["diff-dora", "locon-tucker-no-up", "loha-and-lora-down", "diff-and-lora-down"])
 def test_strict_false_lists_every_key_of_a_lycoris_module_it_cannot_build(kind: str) -> None:
-    """A LyCORIS or diff module that cannot be built (a Tucker LoCon with a ``dora_scale`` or
-    without its ``lora_up``, LoHa factors or a diff beside a ``lora_down``) is refused by
+    """A LyCORIS or diff module that cannot be built (a diff with a ``dora_scale``, a Tucker
+    LoCon without its ``lora_up``, LoHa factors or a diff beside a ``lora_down``) is refused by
     default; ``strict=False`` skips it and lists every one of its keys, its ``lora_down`` too
     (once dropped from the list while the module was skipped), and loads the rest."""
     model = _model()
