@@ -27,7 +27,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     flux3.FORMAT,  # before flux-bfl and HunyuanVideo, whose marker (single_blocks.N.) it shares
     hunyuan.FORMAT,  # before flux-bfl: the same block names, spelled apart (img_attn_qkv)
     flux.BFL,
-    sd3.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike
+    sd3.FORMAT,  # before ComfyUI, diffusers and PEFT, whose diffusion_model., transformer. and bare keys look alike
     lumina2.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike
     anima.FORMAT,  # before Wan, whose block names it shares (blocks.N.self_attn)
     wan.FORMAT,  # before ComfyUI, whose diffusion_model. keys look alike

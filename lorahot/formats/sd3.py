@@ -5,8 +5,15 @@ diffusers-named ``SD3Transformer2DModel``.
   ``.alpha`` per module), with its text encoders' modules (``lora_te1_`` CLIP-L, ``lora_te2_``
   CLIP-G, ``lora_te3_`` T5) resolved as in the kohya naming.
 - ``sd3``: the same names dotted, under ComfyUI's ``diffusion_model.`` or
-  ``model.diffusion_model.`` (``diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_A.weight``,
-  or ``.lora_down``/``.lora_up``).
+  ``model.diffusion_model.``, under diffusers' component ``transformer.``, or with no prefix, as
+  some trainers save them (``diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_A.weight``,
+  or ``.lora_down``/``.lora_up``). Told apart by ``joint_blocks.N.x_block``/``context_block`` at
+  the start of a key (after the prefix), names that only SD3's original model has (diffusers'
+  are ``transformer_blocks.N.attn...``).
+
+A file holding only the modules outside the blocks (``x_embedder.proj``, ``t_embedder.mlp.0``,
+``final_layer.linear``, ...) is not told apart: DiT, PixArt and Hunyuan-DiT share those names, and
+Flux its ``final_layer``.
 
 The original model fuses what diffusers keeps apart: a joint block's ``x_block.attn.qkv`` is
 ``attn.to_q``/``to_k``/``to_v``, its ``context_block.attn.qkv`` is ``attn.add_q_proj``/
@@ -132,11 +139,12 @@ KOHYA = KeyFormat(
 FORMAT = KeyFormat(
     name="sd3",
     rules=lora_rules(),
-    prefixes=DIFFUSION_MODEL,
-    require_prefix=True,
+    prefixes=(*DIFFUSION_MODEL, "transformer."),
     aliases=_ALIASES,
     refuse=_REFUSED,
-    marker=r"(?:^|\.)joint_blocks\.\d+\.(?:x_block|context_block)\.",
+    # joint_blocks.N.x_block / context_block are SD3's original names only; anchored, so that PEFT's
+    # base_model.model. in front of them (an adapter of a model in the original names) stays PEFT's
+    marker=r"^(?:(?:model\.)?diffusion_model\.|transformer\.)?joint_blocks\.\d+\.(?:x_block|context_block)\.",
     splits=SPLITS,
     example="diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_A.weight",
 )

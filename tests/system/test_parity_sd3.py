@@ -194,10 +194,11 @@ def delta(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return (alpha / a.shape[0]) * (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
 
 
-def lora_file(factors: dict[str, tuple], naming: str) -> dict[str, torch.Tensor]:
+def lora_file(factors: dict[str, tuple], naming: str, head: str = "diffusion_model.") -> dict[str, torch.Tensor]:
+    """The LoRA in sd-scripts' spelling (``naming="sd3-kohya"``) or dotted under ``head``."""
     sd = {}
     for name, (a, b, alpha) in factors.items():
-        module = "lora_unet_" + name.replace(".", "_") if naming == "sd3-kohya" else f"diffusion_model.{name}"
+        module = "lora_unet_" + name.replace(".", "_") if naming == "sd3-kohya" else f"{head}{name}"
         sd |= {f"{module}.lora_down.weight": a, f"{module}.lora_up.weight": b, f"{module}.alpha": torch.tensor(alpha)}
     return sd
 
@@ -225,13 +226,24 @@ def layer_weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.T
     return out
 
 
-@pytest.mark.parametrize("naming", ["sd3-kohya", "sd3"])
+@pytest.mark.parametrize(
+    ("naming", "head"),
+    [
+        ("sd3-kohya", ""),
+        ("sd3", "diffusion_model."),
+        ("sd3", "model.diffusion_model."),
+        ("sd3", "transformer."),
+        ("sd3", ""),
+    ],
+    ids=["sd3-kohya", "sd3", "sd3-model-diffusion-model", "sd3-transformer", "sd3-no-prefix"],
+)
 @pytest.mark.parametrize("dual", [False, True], ids=["sd3", "sd3.5"])
-def test_sd3_original_names_match_diffusers_checkpoint_conversion(naming: str, dual: bool) -> None:
+def test_sd3_original_names_match_diffusers_checkpoint_conversion(naming: str, head: str, dual: bool) -> None:
     """Every module of SD3 / SD3.5 (qkv splits, the last block's context adaLN and the final
-    adaLN swapped, the patch conv, the embedders), each with its own rank and alpha: each layer's
-    float64 weight equals the one diffusers' conversion makes of the original weight plus the
-    LoRA's update, and the outputs agree."""
+    adaLN swapped, the patch conv, the embedders), each with its own rank and alpha, in
+    sd-scripts' spelling or dotted under ComfyUI's prefixes, diffusers' ``transformer.`` or none:
+    each layer's float64 weight equals the one diffusers' conversion makes of the original weight
+    plus the LoRA's update, and the outputs agree."""
     parts = original_parts(dual)
     model = tiny_sd3_from(dual).double()
     base = original_base(model, parts, dual)
@@ -244,7 +256,7 @@ def test_sd3_original_names_match_diffusers_checkpoint_conversion(naming: str, d
     model.load_state_dict(converted(base), strict=True)
     names = sorted({t for targets in parts.values() for t in targets})
     runtime = lorahot.inject(model, names, max_rank=8)
-    info = runtime.load(lora_file(factors, naming))
+    info = runtime.load(lora_file(factors, naming, head))
     assert info.format == naming
     ours, theirs = layer_weights(model, names), layer_weights(oracle, names)
     for name in names:

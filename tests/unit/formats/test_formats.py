@@ -376,6 +376,15 @@ def test_peft_embedding_base_layer_copies_are_carried(tmp_path: Path) -> None:
         ("base_model.model.txtfusion.refiner_blocks.0.mlp.gate.lora_A.weight", "peft"),
         ("diffusion_model.blocks.0.mlp.up.hada_w1_a", "krea2"),
         ("base_model.model.blocks.0.attn.to_q.lora_A.weight", "peft"),
+        ("lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight", "sd3-kohya"),
+        ("diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_A.weight", "sd3"),
+        ("transformer.joint_blocks.0.context_block.mlp.fc1.lora_A.weight", "sd3"),
+        ("joint_blocks.0.x_block.attn.qkv.lora_A.weight", "sd3"),
+        ("joint_blocks.1.context_block.adaLN_modulation.1.lora_down.weight", "sd3"),
+        ("base_model.model.joint_blocks.0.x_block.attn.qkv.lora_A.weight", "peft"),
+        ("transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight", "diffusers"),
+        ("transformer_blocks.0.attn.to_q.lora_A.weight", "peft"),
+        ("transformer.joint_transformer_blocks.0.attn.to_q.lora_A.weight", "diffusers"),
     ],
 )
 def test_flux_namings_and_the_others_are_told_apart(key: str, name: str) -> None:
