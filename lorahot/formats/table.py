@@ -361,11 +361,14 @@ def lora_rules(module: str = r"(?P<module>.+)") -> tuple[Rule, ...]:
 #: Keys every format may carry for features lorahot refuses, with the reason and the fix.
 #: DoRA magnitude vectors: loaded in PEFT and diffusers namings (:data:`EXTRA_RULES`), and as the
 #: ``dora_scale`` of a LyCORIS or kohya LoRA/LoCon module in the namings that read LyCORIS
-#: (:func:`lycoris_rules`).
+#: (:func:`lycoris_rules`). The reason names the naming's own limit: a file of a naming that
+#: does not read them (a kohya-spelled SD3 or Flux.1 file) is no better in another spelling.
 REFUSED_DORA = (
     r"(lora_magnitude_vector|dora_scale)",
-    "DoRA magnitude vector: DoRA is loaded in PEFT and diffusers namings (lora_magnitude_vector), and as the "
-    "dora_scale of a LyCORIS module in kohya or ComfyUI naming; save the adapter with PEFT",
+    "DoRA magnitude (weight decomposition), which this naming does not read: lorahot reads DoRA as PEFT's "
+    "lora_magnitude_vector in the PEFT and diffusers namings, and as a LyCORIS LoRA/LoCon module's dora_scale in "
+    "the SD/SDXL kohya and the ComfyUI namings; load with strict=False to skip the module (its LoRA weights with "
+    "it: without the magnitude they compute another update), or save the adapter with PEFT",
 )
 #: :data:`REFUSED_DORA` for the namings that read a LoRA/LoCon module's ``dora_scale``: PEFT's
 #: ``lora_magnitude_vector`` alone.

@@ -459,3 +459,34 @@ def test_flux_kohya_refuses_deltas_in_its_own_words(extra: str, message: str, le
     skipped = {extra} | ({f"{left_out}.lora_down.weight", f"{left_out}.lora_up.weight"} if left_out else set())
     assert set(adapter.skipped) == skipped
     assert len(adapter.modules) == 2 - (left_out is not None)
+
+
+@pytest.mark.parametrize(
+    ("naming", "module", "other"),
+    [
+        ("sd3-kohya", "lora_unet_joint_blocks_0_x_block_attn_proj", "lora_unet_joint_blocks_0_x_block_mlp_fc1"),
+        ("sd3", "diffusion_model.joint_blocks.0.x_block.attn.proj", "diffusion_model.joint_blocks.0.x_block.mlp.fc1"),
+        ("flux-kohya", "lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_txt_attn_proj"),
+        ("flux-bfl", "diffusion_model.double_blocks.0.img_attn.proj", "diffusion_model.double_blocks.0.txt_attn.proj"),
+    ],
+)
+def test_a_dora_scale_in_a_naming_that_does_not_read_it_is_refused_in_its_own_words(
+    naming: str, module: str, other: str
+) -> None:
+    """A ``dora_scale`` in a naming without LyCORIS rules (SD3's and Flux.1's, kohya-spelled or
+    dotted) was refused as 'loaded ... as the dora_scale of a LyCORIS module in kohya or ComfyUI
+    naming', which a ``sd3-kohya`` or ``flux-kohya`` file already is. The message says this
+    naming does not read it and that ``strict=False`` skips the module, which is what happens."""
+    down, up = ("lora_down", "lora_up") if "kohya" in naming else ("lora_A", "lora_B")
+    tensors = lora_pair(module, down, up) | lora_pair(other, down, up)
+    tensors[f"{module}.dora_scale"] = torch.ones(8, 1)
+    with pytest.raises(
+        lorahot.UnknownFormatError,
+        match=rf"\({naming} naming\):\n  - {re.escape(module)}\.dora_scale: DoRA magnitude \(weight decomposition\), "
+        r"which this naming does not read: .* load with strict=False to skip the module",
+    ) as refused:
+        lorahot.read_adapter(dict(tensors))
+    assert "kohya or ComfyUI naming" not in str(refused.value)
+    adapter = lorahot.read_adapter(dict(tensors), strict=False)
+    assert adapter.format == naming and len(adapter.modules) == 1
+    assert set(adapter.skipped) == {f"{module}.dora_scale", f"{module}.{down}.weight", f"{module}.{up}.weight"}
