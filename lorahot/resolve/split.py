@@ -123,8 +123,8 @@ def split_by_user(
     if named:
         raise AdapterMismatchError(
             format_problems(
-                f"{source}: split= cuts LoRA modules (B @ A) by rows; these are weight deltas it does not cut:",
-                [f"{_where_weight(w)}: a {w.kind} module" for w in named],
+                f"{source}: split= cuts LoRA modules (B @ A) by rows; it does not cut these:",
+                [f"{_where_weight(w)}: a {weight_kind(w)}" for w in named],
             )
             + "\nLoad the fused layer itself (inject it, or key_map= onto it), or convert the file to plain LoRA."
         )
@@ -133,6 +133,20 @@ def split_by_user(
 
 def _where_weight(module: WeightModule) -> str:
     return ", ".join(module.source_keys[:2]) if module.source_keys else shown(module.key, 200)
+
+
+def weight_kind(module: WeightModule) -> str:
+    """What a message calls ``module`` where split= or fuse= cannot reshape it: its kind, a
+    weight delta; a LoRA/LoCon whose ``dora_scale`` is per input channel by why (its norm runs
+    over every output row of its layer, so no part of the rows holds its own)."""
+    if module.kind == "locon":
+        shape = tuple(module.factors["dora_scale"].shape)
+        return (
+            f"LoRA/LoCon module whose dora_scale {shape} normalizes each input channel over every output row of its "
+            "layer (LyCORIS wd_on_out=False), which no part of the rows computes alone"
+        )
+    decomposed = " with weight decomposition (dora_scale)" if module.unit_scale else ""
+    return f"{module.kind} module{decomposed}, a weight delta"
 
 
 def place(

@@ -31,6 +31,7 @@ import torch
 from lorahot.adapter import LoraModule, WeightModule, storage_problem
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems, shown
 from lorahot.formats import KeyFormat
+from lorahot.resolve.split import weight_kind
 
 __all__ = ["FusePart", "Fuse", "select_prefix", "apply_key_map", "fuse_modules"]
 
@@ -162,12 +163,13 @@ def fuse_modules(
     """
     spec = _fuse_spec(fuse)
     out = dict(modules)
-    problems: list[str] = [
-        f"{shown(key, 200)}: a {w.kind} module, a weight delta; fuse= joins LoRA modules (B @ A) only"
+    deltas: list[str] = [
+        f"{shown(key, 200)}: a {weight_kind(w)}; fuse= joins LoRA modules (B @ A) only"
         for key, w in (weights or {}).items()
         for part, _ in itertools.chain.from_iterable(spec.values())
         if key == part or key.endswith(fmt.separator + part)
     ]
+    problems = list(deltas)
     for fused, parts in spec.items():
         for parent in _parents(modules, [p for p, _ in parts], fmt.separator):
             found = {p: modules.get(_child(parent, fmt.separator, p)) for p, _ in parts}
@@ -180,6 +182,11 @@ def fuse_modules(
     if problems:
         raise AdapterMismatchError(
             format_problems(f"{source}: cannot fuse:", problems)
+            + (
+                "\nInject those parts as separate layers (no fuse=), or convert the file to plain LoRA."
+                if deltas
+                else ""
+            )
             + "\nGive the size of untrained parts as (name, out_features), or fix fuse=."
         )
     return out

@@ -325,13 +325,24 @@ def _loha(key: str, rows: int, cols: int = 4, rank: int = 2) -> dict[str, torch.
     }
 
 
+def _locon_per_input(key: str, rows: int, cols: int = 4, rank: int = 2) -> dict[str, torch.Tensor]:
+    """A LoRA/LoCon module trained with weight decomposition over the input channels (LyCORIS
+    ``wd_on_out=False``: ``dora_scale`` ``[1, in]``)."""
+    g = torch.Generator().manual_seed(4)
+    return {
+        f"{key}.lora_down.weight": torch.randn(rank, cols, generator=g),
+        f"{key}.lora_up.weight": torch.randn(rows, rank, generator=g),
+        f"{key}.dora_scale": torch.rand(1, cols, generator=g) + 0.5,
+    }
+
+
 @pytest.mark.parametrize(
     ("tensors", "options", "match"),
     [
         (
             _loha("lora_unet_single_transformer_blocks_0_linear1", 28),
             {"split": {"linear1": _PARTS}},
-            r"split= cuts LoRA modules \(B @ A\) by rows; these are weight deltas it does not cut:\n"
+            r"split= cuts LoRA modules \(B @ A\) by rows; it does not cut these:\n"
             r"  - lora_unet_single_transformer_blocks_0_linear1\.hada_w1_a, .*: a loha module",
         ),
         (
@@ -340,15 +351,31 @@ def _loha(key: str, rows: int, cols: int = 4, rank: int = 2) -> dict[str, torch.
             r"cannot fuse:\n  - 'lora_unet_attn_to_q': a loha module, a weight delta; "
             r"fuse= joins LoRA modules \(B @ A\) only",
         ),
+        (
+            _locon_per_input("lora_unet_single_transformer_blocks_0_linear1", 28),
+            {"split": {"linear1": _PARTS}},
+            r"split= cuts LoRA modules \(B @ A\) by rows; it does not cut these:\n"
+            r"  - lora_unet_single_transformer_blocks_0_linear1\.lora_down\.weight, .*: a LoRA/LoCon module whose "
+            r"dora_scale \(1, 4\) normalizes each input channel over every output row of its layer",
+        ),
+        (
+            {**_locon_per_input("lora_unet_attn_to_q", 4), **_locon_per_input("lora_unet_attn_to_k", 4)},
+            {"fuse": {"to_qk": ["to_q", "to_k"]}},
+            r"cannot fuse:\n  - 'lora_unet_attn_to_q': a LoRA/LoCon module whose dora_scale \(1, 4\) normalizes "
+            r"each input channel .*; fuse= joins LoRA modules \(B @ A\) only[\s\S]*\nInject those parts as "
+            r"separate layers \(no fuse=\), or convert the file to plain LoRA\.",
+        ),
     ],
-    ids=["split", "fuse"],
+    ids=["split", "fuse", "split-locon-per-input", "fuse-locon-per-input"],
 )
 def test_a_weight_delta_named_by_split_or_fuse_is_refused_saying_so(
     tensors: dict[str, torch.Tensor], options: dict, match: str
 ) -> None:
     """split= and fuse= reshape ``B @ A`` modules; a LyCORIS kind under a key they name is
     refused with that reason, in merged mode too, where it would otherwise have been left to
-    match no layer (the message then named no cause)."""
+    match no layer (the message then named no cause). A LoRA/LoCon whose ``dora_scale`` is per
+    input channel is named by why (its norm runs over every output row of its layer), not as 'a
+    locon module, a weight delta' beside its own lora_down/lora_up keys, and fuse= names the fix."""
     model = _Model()
     runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4, merged=True)
     x = torch.randn(3, 4)
