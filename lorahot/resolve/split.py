@@ -40,7 +40,7 @@ from lorahot.adapter import LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, UsageError, format_problems, shown
 from lorahot.formats.table import Reorder, Split
 
-__all__ = ["SplitSpec", "split_module", "reorder_module", "placed", "split_by_user", "place"]
+__all__ = ["SplitSpec", "split_module", "reorder_module", "placed", "split_by_user", "place", "weight_kind"]
 
 #: ``split=``: ``{fused: [(part, out_features), ...]}``, the parts in the fused B's row order.
 SplitSpec = Mapping[str, Sequence[tuple[str, int]]]
