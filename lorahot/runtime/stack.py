@@ -38,7 +38,7 @@ from lorahot.errors import AdapterMismatchError, format_problems
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra
 from lorahot.runtime.plan import Checked, LoadPlan, Staged
 
-__all__ = ["Stack", "Placement", "Run", "build", "check_parts"]
+__all__ = ["Stack", "Placement", "Run", "build", "check_parts", "shared_problems", "SHARED_FIX"]
 
 #: ``(layer index, first row, rows, part)``: a part's contiguous rows in one layer (or group slice)
 Run = tuple[int, int, int, int]
@@ -224,7 +224,7 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
         f"{name}: ranks {_summed(by_layer[name], sources)} = {total} > max_rank {buffers.max_rank}"
         for name, total in over.items()
     ]
-    shared = [p for name, items in by_layer.items() if len(items) > 1 for p in _shared(name, items, sources)]
+    shared = shared_problems(by_layer, sources)
     if not ranks and not shared:
         return
     fixes = []
@@ -234,15 +234,25 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
             "(lorahot.plan_targets(sources, model, stacked=True) plans it), or stack fewer adapters."
         )
     if shared:
-        fixes.append(
-            "Load an adapter with DoRA (or dora_scale) or a LoRA bias alone, or stack it with adapters that leave "
-            "its layers."
-        )
+        fixes.append(SHARED_FIX)
     raise AdapterMismatchError(
         format_problems(f"a stack of {len(plans)} adapters does not fit together in one slot:", ranks + shared)
         + "\n"
         + "\n".join(fixes)
     )
+
+
+#: the fix for what :func:`shared_problems` finds
+SHARED_FIX = (
+    "Load an adapter with DoRA (or dora_scale) or a LoRA bias alone, or stack it with adapters that leave its layers."
+)
+
+
+def shared_problems(by_layer: dict[str, list[tuple[int, LoraModule | WeightModule]]], sources: list[str]) -> list[str]:
+    """For every layer that several parts load into (``by_layer``: layer -> ``(part, module)``
+    pairs; ``sources``: how each part is named), what cannot share it: a DoRA module, a LyCORIS
+    module with weight decomposition, a second LoRA bias."""
+    return [p for name, items in by_layer.items() if len(items) > 1 for p in _shared(name, items, sources)]
 
 
 def _lora(items: list[tuple[int, LoraModule | WeightModule]]) -> list[tuple[int, LoraModule]]:

@@ -49,6 +49,7 @@ from lorahot.runtime.flux_inputs import pad_embedder_input
 from lorahot.runtime.inject import MAX_RANK_LIMIT
 from lorahot.runtime.plan import check_module, check_weight_module
 from lorahot.runtime.sharding import localize
+from lorahot.runtime.stack import SHARED_FIX, shared_problems
 from lorahot.runtime.targets import ExactNames
 
 __all__ = ["TargetPlan", "plan_targets"]
@@ -154,7 +155,9 @@ def plan_targets(
             models, also the modules whose prefix names a component the model lacks (with
             ``strict=False`` those are skipped, as ``load`` skips them); also, with or without
             a model, an :class:`AdapterMismatchError` for a rank above 65536 (what ``inject``
-            allocates at most).
+            allocates at most); with ``stacked=True`` and a model, also for a DoRA module, a
+            LyCORIS module with weight decomposition or a second LoRA bias on a layer other
+            parts load into, which ``load`` refuses in a stack.
     """
     items = _source_list(sources)
     if not isinstance(stacked, bool):
@@ -186,7 +189,9 @@ def plan_targets(
             assert isinstance(model, nn.Module)  # checked above
             layers = _wrappable(model)
             paths = {n for n, _ in model.named_modules()}
-        ranks = _model_ranks(adapters, layers, skipped if strict is False else None, components, combine, paths)
+        ranks = _model_ranks(
+            adapters, layers, skipped if strict is False else None, components, combine, paths, stacked=stacked
+        )
         ranks = {n: ranks[n] for n in layers if n in ranks}  # model order
         groups = [layers[n].spec.groups for n in ranks]
     max_rank = _covering_rank(ranks, groups)
@@ -275,18 +280,22 @@ def _model_ranks(
     components: tuple[str, ...] = (),
     combine: Combine = max,
     paths: Container[str] = (),
+    stacked: bool = False,
 ) -> dict[str, int]:
     """Model module name -> the largest rank any adapter loads there (``combine`` of the
     ranks), after checking every adapter's keys and shapes against the model as ``load`` would
     (``paths``: the model's module paths, for :func:`~lorahot.runtime.flux_inputs.pad_embedder_input`).
     With ``components`` (layers named ``<component>.<path>``) each module is first routed to its
-    component as ``load`` routes it."""
+    component as ``load`` routes it. ``stacked``: the adapters are a stack's parts, and what
+    cannot share a layer with the other parts there is refused as ``load`` refuses it
+    (:func:`~lorahot.runtime.stack.shared_problems`)."""
     names = list(layers)
     ranks: dict[str, int] = {}
     problems: list[str] = []
     biased: list[str] = []  # LoRA biases on layers without a base bias: no merged runtime takes them
     merged_only = any(a.weights for a in adapters)
-    for adapter in adapters:
+    by_layer: dict[str, list[tuple[int, LoraModule | WeightModule]]] = {}  # what each part loads where
+    for part, adapter in enumerate(adapters):
         # unknown, ambiguous or unroutable keys raise here
         if components:
             lora, weights = resolve_components(adapter, names, components, skipped)
@@ -304,7 +313,9 @@ def _model_ranks(
             if m.bias is not None and layers[name].base_bias is None:
                 biased.append(f"{adapter.source}: {name}")
             ranks[name] = combine(ranks.get(name, 0), rank)
+            by_layer.setdefault(name, []).append((part, m))
         for name, w in weights.items():
+            by_layer.setdefault(name, []).append((part, w))
             problems += [f"{adapter.source}: {p}" for p in check_weight_module(name, w, layers[name].spec)]
             if "diff_b" in w.factors and layers[name].base_bias is None:
                 problems.append(f"{adapter.source}: {name}: a bias diff (diff_b) for a layer without a bias")
@@ -316,12 +327,17 @@ def _model_ranks(
             "plan them apart"
             for b in biased
         ]
-    if problems:
+    shared = shared_problems(by_layer, [f"part {p}: {a.source}" for p, a in enumerate(adapters)]) if stacked else []
+    if problems or shared:
         raise AdapterMismatchError(
             format_problems(
-                "adapters that do not fit the model's layers (shapes, biases, the modes they need):", problems
+                "adapters that do not fit the model's layers (shapes, biases, the modes they need"
+                + (", the layers a stack's parts share" if shared else "")
+                + "):",
+                problems + shared,
             )
-            + "\nPlan with adapters made for this model, or map their keys with prefix=/key_map=."
+            + ("\nPlan with adapters made for this model, or map their keys with prefix=/key_map=." if problems else "")
+            + (f"\n{SHARED_FIX}" if shared else "")
         )
     return ranks
 

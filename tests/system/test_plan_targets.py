@@ -499,3 +499,53 @@ def test_a_model_plan_checks_lycoris_factor_shapes_as_load_does() -> None:
     with pytest.raises(lorahot.AdapterMismatchError, match=r"make a weight of shape \(10, 10\), expected \(24, 16\)"):
         runtime.load(wrong)  # as load says
     runtime.load(fits)
+
+
+def _weight_decomposed_stacks() -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Stacks that share a layer with a module that must be alone there, beside one that does
+    not (each part's name is ``lora_unet_<layer>`` in kohya naming)."""
+    g = torch.Generator().manual_seed(6)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3
+
+    plain0 = {"lora_unet_0.lora_down.weight": r(2, 16), "lora_unet_0.lora_up.weight": r(24, 2)}
+    plain1 = {"lora_unet_1.lora_down.weight": r(2, 24), "lora_unet_1.lora_up.weight": r(12, 2)}
+    dora0 = {"lora_unet_0.lora_down.weight": r(3, 16), "lora_unet_0.lora_up.weight": r(24, 3)}
+    dora0["lora_unet_0.dora_scale"] = r(24, 1).abs() + 0.5
+    loha0 = {f"lora_unet_0.hada_w{i}_{ab}": r(24, 2) if ab == "a" else r(2, 16) for i in (1, 2) for ab in "ab"}
+    loha0["lora_unet_0.dora_scale"] = r(24, 1).abs() + 0.5
+    return {
+        "dora-scale-and-lora": [dora0, plain0],
+        "loha-dora-scale-and-lora": [plain0, loha0],
+        "fits": [dora0, plain1],
+    }
+
+
+@pytest.mark.parametrize("stack", ["dora-scale-and-lora", "loha-dora-scale-and-lora", "fits"])
+def test_stacked_plans_refuse_what_a_stack_load_refuses_on_a_shared_layer(stack: str) -> None:
+    """``plan_targets(stacked=True)`` promises a plan the stack loads with; a DoRA module (a
+    kohya ``dora_scale``) or a LyCORIS module with weight decomposition must be alone on its
+    layer, which the load refuses, naming the layer and the parts: the plan now refuses the same
+    stack with the same words (it planned it, the load of the plan then failing). A stack whose
+    DoRA part is alone on its layer is planned and loads."""
+    parts = _weight_decomposed_stacks()[stack]
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 12)).double()
+
+    runtime = lorahot.inject(model(), ["0", "1"], max_rank=8, merged=True)
+    if stack == "fits":
+        plan = lorahot.plan_targets(parts, model(), stacked=True)
+        assert plan.ranks == {"0": 3, "1": 2} and plan.extras
+        runtime.load(parts)
+        return
+    shared = (
+        r"0 \(lora_unet_0\..*\): part \d: <mapping> has "
+        r"(DoRA \(a magnitude vector\)|a loha module with weight decomposition)"
+    )
+    with pytest.raises(lorahot.AdapterMismatchError, match=shared):
+        runtime.load(parts)
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"{shared}[\s\S]*\nLoad an adapter with DoRA .* alone"):
+        lorahot.plan_targets(parts, model(), stacked=True)
+    assert lorahot.plan_targets(parts, model()).ranks["0"] == (3 if stack.startswith("dora") else 2)  # one at a time
