@@ -32,7 +32,6 @@ from __future__ import annotations
 import re
 
 from lorahot.formats import kohya
-from lorahot.formats.kohya import COMPONENTS
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import DIFFUSION_MODEL, REFUSED, KeyFormat, Reorder, Rule, Split, lora_rules
 from lorahot.formats.table import NAME_START as _START
@@ -182,17 +181,13 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
     ),
 )
 
-KOHYA = KeyFormat(
-    name="flux-kohya",
-    rules=kohya.RULES,
-    prefixes=COMPONENTS,
-    separator="_",
+KOHYA = kohya.spelling(
+    "flux-kohya",
     renames=_KOHYA_TO_DOTTED,
     aliases=_ALIASES,
     refuse=_REFUSED,
     marker=r"^lora_unet_(?:double_blocks|single_blocks)_\d+_",
     splits=SPLITS,
-    roles=("lora_down", "lora_up"),
     example="lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
 )
 

@@ -34,7 +34,6 @@ import re
 
 from lorahot.formats import kohya
 from lorahot.formats.flux import ADD_QKV, QKV, qkv_split
-from lorahot.formats.kohya import COMPONENTS
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import DIFFUSION_MODEL, REFUSED, KeyFormat, Reorder, Split, lora_rules
 from lorahot.formats.table import NAME_START as _START
@@ -173,16 +172,12 @@ _MUSUBI_MARKER = (
     r"|(?:time_in|guidance_in)_mlp_[02]\.|img_in_proj\.)"
 )
 
-MUSUBI = KeyFormat(
-    name="hunyuan-video-musubi",
-    rules=kohya.RULES,
-    prefixes=COMPONENTS,
-    separator="_",
+MUSUBI = kohya.spelling(
+    "hunyuan-video-musubi",
     renames=_MUSUBI_TO_DOTTED,
     aliases=_ALIASES,
     refuse=REFUSED,
     marker=_MUSUBI_MARKER,
     splits=SPLITS,
-    roles=("lora_down", "lora_up"),
     example="lora_unet_double_blocks_0_img_mlp_fc1.lora_down.weight",
 )

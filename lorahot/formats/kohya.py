@@ -11,9 +11,9 @@ spelling under the prefix ``lycoris_`` (``lycoris_0.lora_down.weight``, ``lycori
 
 from __future__ import annotations
 
-from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, Rule, lycoris_rules
+from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, Reorder, Rule, Split, lycoris_rules
 
-__all__ = ["FORMAT", "COMPONENTS"]
+__all__ = ["FORMAT", "COMPONENTS", "RULES", "spelling"]
 
 #: kohya's component prefixes (``lora_te_`` is SD1's single text encoder).
 COMPONENTS = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
@@ -45,3 +45,33 @@ FORMAT = KeyFormat(
     roles=("lora_down", "lora_up"),
     example="lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
 )
+
+
+def spelling(
+    name: str,
+    *,
+    marker: str,
+    example: str,
+    renames: tuple[tuple[str, str], ...] = (),
+    aliases: tuple[tuple[str, str], ...] = (),
+    refuse: tuple[tuple[str, str], ...] = (),
+    splits: tuple[Split | Reorder, ...] = (),
+) -> KeyFormat:
+    """The kohya spelling of another model's original module names (Flux's, HunyuanVideo's in
+    musubi-tuner, SD3's, Wan's): kohya's A / B / alpha keys, component prefixes and ``_`` for
+    ``.``; ``renames`` turn a key's underscores back into the original dotted names (keeping
+    ``lora_unet_`` for ``prefix=`` and the resolver), ``marker`` tells the naming from plain
+    kohya and from the others."""
+    return KeyFormat(
+        name=name,
+        rules=RULES,
+        prefixes=COMPONENTS,
+        separator="_",
+        renames=renames,
+        refuse=refuse,
+        marker=marker,
+        aliases=aliases,
+        splits=splits,
+        roles=("lora_down", "lora_up"),
+        example=example,
+    )

@@ -38,7 +38,6 @@ import re
 
 from lorahot.formats import kohya
 from lorahot.formats.flux import ADD_QKV, QKV, qkv_split
-from lorahot.formats.kohya import COMPONENTS
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import DIFFUSION_MODEL, REFUSED, KeyFormat, Reorder, Split, lora_rules
 from lorahot.formats.table import NAME_START as _START
@@ -122,17 +121,13 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
     (r"^lora_unet_final_layer_adaLN_modulation_1$", "lora_unet_final_layer.adaLN_modulation.1"),
 )
 
-KOHYA = KeyFormat(
-    name="sd3-kohya",
-    rules=kohya.RULES,
-    prefixes=COMPONENTS,
-    separator="_",
+KOHYA = kohya.spelling(
+    "sd3-kohya",
     renames=_KOHYA_TO_DOTTED,
     aliases=_ALIASES,
     refuse=_REFUSED,
     marker=r"^lora_unet_joint_blocks_\d+_(?:x_block|context_block)_",
     splits=SPLITS,
-    roles=("lora_down", "lora_up"),
     example="lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight",
 )
 

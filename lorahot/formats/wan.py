@@ -28,7 +28,6 @@ from __future__ import annotations
 import re
 
 from lorahot.formats import kohya
-from lorahot.formats.kohya import COMPONENTS
 from lorahot.formats.table import DIFFUSION_MODEL, DIFFUSION_MODEL_HEAD, REFUSED, KeyFormat, Rule, lora_rules
 from lorahot.formats.table import NAME_START as _START
 
@@ -89,11 +88,8 @@ FORMAT = KeyFormat(
     example="diffusion_model.blocks.0.self_attn.q.lora_A.weight",
 )
 
-MUSUBI = KeyFormat(
-    name="wan-musubi",
-    rules=kohya.RULES,
-    prefixes=COMPONENTS,
-    separator="_",
+MUSUBI = kohya.spelling(
+    "wan-musubi",
     renames=(  # to the dotted original names, lora_unet_ kept for prefix= and the resolver
         (r"^lora_unet_blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img)$", r"lora_unet_blocks.\1.\2.\3"),
         (r"^lora_unet_blocks_(\d+)_ffn_(0|2)$", r"lora_unet_blocks.\1.ffn.\2"),
@@ -101,6 +97,5 @@ MUSUBI = KeyFormat(
     refuse=REFUSED,
     marker=r"^lora_unet_blocks_\d+_(?:self_attn|cross_attn|ffn)_",
     aliases=_ALIASES,
-    roles=("lora_down", "lora_up"),
     example="lora_unet_blocks_0_self_attn_q.lora_down.weight",
 )

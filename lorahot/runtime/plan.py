@@ -28,7 +28,7 @@ from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
 from lorahot.runtime.deltas import delta_shape, lora_update_max
-from lorahot.runtime.flux_inputs import EMBEDDER, pad_embedder_input
+from lorahot.runtime.flux_inputs import pad_embedder_input
 from lorahot.runtime.sharding import localize
 
 __all__ = [
@@ -307,9 +307,12 @@ def _fit(
 def _pad_embedder_inputs(targets: dict[str, LoraModule], specs: dict[str, LayerSpec], others: tuple[str, ...]) -> None:
     """Widens the A of a Flux.1 LoRA's ``x_embedder`` to a Fill or control model's wider input
     (:mod:`lorahot.runtime.flux_inputs`), in place in ``targets``."""
+
+    def has(path: str) -> bool:
+        return path in specs or path in others
+
     for name, m in targets.items():
-        if name.rpartition(".")[2] == EMBEDDER:
-            targets[name] = pad_embedder_input(name, m, specs[name], lambda path: path in specs or path in others)
+        targets[name] = pad_embedder_input(name, m, specs[name], has)
 
 
 def _localize(targets: dict[str, LoraModule], specs: dict[str, LayerSpec]) -> dict[str, list[str]]:
