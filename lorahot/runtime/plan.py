@@ -96,6 +96,15 @@ class LoadPlan:
     weights: dict[str, WeightModule] = field(default_factory=dict)
     dora: list[list[int]] = field(default_factory=list)
 
+    @functools.cached_property
+    def unit_scale(self) -> str | None:
+        """The layer of the first module that means something at a user scale of 1 only
+        (:attr:`~lorahot.LoraModule.unit_scale`), or None: looked for once, as every
+        ``set_scale`` asks (:func:`check_unit_scale`). A name, not the module: the plan's
+        modules may give their tensors up (:func:`forget_values`)."""
+        modules: list[tuple[str, LoraModule | WeightModule]] = [*self.targets.items(), *self.weights.items()]
+        return next((name for name, m in modules if m.unit_scale), None)
+
 
 def check_extras(name: str, module: LoraModule, spec: LayerSpec, refusal: str | None) -> list[str]:
     """A DoRA magnitude or LoRA bias must hold one value per output channel, and the runtime
@@ -502,11 +511,10 @@ def check_unit_scale(plan: LoadPlan, multiplier: float, part: str | None = None)
     Raises:
         UsageError: naming the module, why, and the fix.
     """
-    if multiplier == 1:
-        return
-    modules: list[tuple[str, LoraModule | WeightModule]] = [*plan.targets.items(), *plan.weights.items()]
-    found = next(((name, m) for name, m in modules if m.unit_scale), None)
-    if found is not None:
+    name = plan.unit_scale
+    if multiplier != 1 and name is not None:
+        modules: list[tuple[str, LoraModule | WeightModule]] = [*plan.targets.items(), *plan.weights.items()]
+        found = next((n, m) for n, m in modules if n == name and m.unit_scale)
         where = f"{part}: " if part else ""
         raise UsageError(
             f"{where}scale={multiplier:g}, but {_where(*found)} is a module trained with LyCORIS weight decomposition "
