@@ -208,7 +208,11 @@ def _opt_alpha(v: Any, name: str, problems: list[str]) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite_positive(v):
         problems.append(f"{name} must be a finite number > 0, got {shown(v)}")
         return None
-    return float(v)
+    try:
+        return float(v)
+    except Exception:  # a number type of the caller's (config=) whose __float__ raises anything
+        problems.append(f"{name} must be a finite number > 0, got {shown(v)}, which cannot be read as a float")
+        return None
 
 
 def finite(v: int | float) -> bool:

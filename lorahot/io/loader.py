@@ -15,6 +15,7 @@ load time (:mod:`lorahot.resolve.keys`), where the model's names are known.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -219,7 +220,10 @@ def checked_adapter(adapter: Adapter) -> Adapter:
             "Adapter.format and Adapter.source strings and Adapter.skipped a tuple of strings; or read the adapter "
             "with lorahot.read_adapter."
         )
-    return adapter
+    if type(adapter.format) is str and type(adapter.source) is str:
+        return adapter
+    # a str of a subclass as a plain one: lorahot compares and hashes the format and source
+    return dataclasses.replace(adapter, format=str.__str__(adapter.format), source=str.__str__(adapter.source))
 
 
 def _named(source: object) -> str:
@@ -283,13 +287,19 @@ def _malformed(key: Any, m: Any) -> list[str]:
         for role, t in tensors
         if isinstance(t, torch.Tensor) and (problem := _unusable_storage(t)) is not None
     ]
+    found += [
+        f"{role} is a 0-d tensor (one number), not a matrix"
+        for role, t in tensors[:2]
+        if isinstance(t, torch.Tensor) and t.ndim == 0
+    ]
     if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)):
         found.append(f"alpha is {shown(m.alpha, 40)}, not a number")
     elif not finite(m.alpha):
         found.append(f"alpha is {str(m.alpha)[:40]}, not a finite float")
-    rslora: object = m.use_rslora  # typed as a bool, but built by the caller
-    if not isinstance(rslora, bool):
-        found.append(f"use_rslora is {shown(rslora, 40)}, not True or False")
+    for flag in ("use_rslora", "unit_scale"):
+        value: object = getattr(m, flag)  # typed as a bool, but built by the caller
+        if not isinstance(value, bool):
+            found.append(f"{flag} is {shown(value, 40)}, not True or False")
     return found
 
 

@@ -30,6 +30,7 @@ the file also holds) is collected and raised once, before anything is loaded.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -314,6 +315,20 @@ def _rows_of(t: torch.Tensor | None, rows: slice | torch.Tensor) -> torch.Tensor
 
 #: the largest out_features split= may give a part
 _MAX_PART = 1 << 20
+#: the most parts split= may cut one module into
+_MAX_PARTS = 4096
+
+
+def _listed(parts: object) -> list[object] | None:
+    """A split entry's parts as a list, or None where it is no list or tuple, holds more than
+    ``_MAX_PARTS``, or cannot be read (a sequence type of the caller's whose iteration raises)."""
+    if not isinstance(parts, (list, tuple)):
+        return None
+    try:
+        listed = list(itertools.islice(iter(parts), _MAX_PARTS + 1))
+    except Exception:
+        return None
+    return listed if len(listed) <= _MAX_PARTS else None
 
 
 def _split_spec(split: object) -> dict[str, list[tuple[str, int]]]:
@@ -321,23 +336,25 @@ def _split_spec(split: object) -> dict[str, list[tuple[str, int]]]:
     if not isinstance(split, Mapping) or not split:
         raise UsageError(f"split must be a non-empty mapping like {example}, got {shown(split)}.")
     spec = {}
-    for fused, parts in split.items():
-        ok = isinstance(fused, str) and bool(fused) and isinstance(parts, (list, tuple)) and len(parts) >= 2
-        parsed = [_split_part(p) for p in parts] if ok else []
+    for fused, given in split.items():
+        parts = _listed(given)
+        ok = isinstance(fused, str) and bool(fused) and parts is not None and len(parts) >= 2
+        parsed = [_split_part(p) for p in parts] if parts is not None and ok else []
         if not ok or None in parsed:
             raise UsageError(
-                f"split: each entry maps a fused module name to two or more (part name, out_features) pairs with "
-                f"1 <= out_features <= {_MAX_PART}, like {example}; got {shown(fused)}: {shown(parts)}."
+                f"split: each entry maps a fused module name to 2 to {_MAX_PARTS} (part name, out_features) pairs with "
+                f"1 <= out_features <= {_MAX_PART}, like {example}; got {shown(fused)}: {shown(given)}."
             )
         spec[fused] = [p for p in parsed if p is not None]
     return spec
 
 
 def _split_part(p: object) -> tuple[str, int] | None:
-    if isinstance(p, (list, tuple)) and len(p) == 2:
-        name, size = p
+    pair = _listed(p)
+    if pair is not None and len(pair) == 2:
+        name, size = pair
         if isinstance(name, str) and name and type(size) is int and 0 < size <= _MAX_PART:
-            return name, size
+            return str.__str__(name), size
     return None
 
 

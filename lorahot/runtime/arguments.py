@@ -5,6 +5,7 @@ source. Each raises :class:`~lorahot.errors.UsageError` with what was passed and
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,9 @@ __all__ = [
     "weights_of",
     "multiplier",
     "integer",
+    "whole",
+    "entries",
+    "text",
     "shown",
 ]
 
@@ -68,6 +72,7 @@ def check_read_options(read_kwargs: dict[str, Any], components: tuple[str, ...] 
         if value is not None and not isinstance(value, kinds):
             wanted = " or ".join("a mapping" if k is Mapping else k.__name__ for k in kinds)
             raise UsageError(f"{name}={shown(value, 80)} must be {wanted} (or None), not {type(value).__name__}.")
+        read_kwargs[name] = text(value)
 
 
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {
@@ -109,18 +114,19 @@ def parts_of(source: object) -> tuple[list[Any], bool]:
         UsageError: an empty list, or a list inside the list.
     """
     if not isinstance(source, (list, tuple)):
-        return [source], False
-    if not source:
+        return [text(source)], False
+    parts = entries(source, "source", "a list of sources")
+    if not parts:
         raise UsageError(
             "load([]) has no adapter to load; pass a source or a list of sources (runtime.unload(slot) empties a slot)."
         )
-    nested = [i for i, s in enumerate(source) if isinstance(s, (list, tuple))]
+    nested = [i for i, s in enumerate(parts) if isinstance(s, (list, tuple))]
     if nested:
         raise UsageError(
-            f"source[{nested[0]}] is a {type(source[nested[0]]).__name__}; a stack's parts are single adapters "
+            f"source[{nested[0]}] is a {type(parts[nested[0]]).__name__}; a stack's parts are single adapters "
             "(paths, Hub ids, mappings, Adapters, PreparedAdapters or preload keys), listed once."
         )
-    return list(source), True
+    return [text(s) for s in parts], True
 
 
 def refuse_stack(source: object, verb: str) -> None:
@@ -132,7 +138,38 @@ def refuse_stack(source: object, verb: str) -> None:
 
 
 def is_sequence(value: object) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+    """Whether ``value`` is a sequence of entries: not text, and not bytes, whose entries are
+    byte values (``bytearray(b"\\x02")`` is no list of weights ``[2]``)."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray, memoryview))
+
+
+def entries(value: Sequence[Any], name: str, wanted: str, most: int = 1 << 20) -> tuple[Any, ...]:
+    """The entries of a caller's sequence, read once (at most ``most``: the count of a lazy
+    ``range(10**20)`` is refused, not iterated).
+
+    Raises:
+        UsageError: its ``len`` or its iteration raised, or it holds more than ``most``
+            entries, or fewer or more than its ``len`` said.
+    """
+    try:
+        n = len(value)
+        read = tuple(itertools.islice(iter(value), min(n, most) + 1))
+    except Exception as exc:  # a sequence type of the caller's whose __len__ or __iter__ raises anything
+        raise UsageError(
+            f"{name}={shown(value, 60)} cannot be read ({type(value).__name__} raised {type(exc).__name__} when "
+            f"its length or entries were read); pass {wanted}."
+        ) from None
+    if n > most or len(read) != n:
+        why = f"holds {n:,} entries, more than {most:,}" if n > most else f"has len {n} but yields another count"
+        raise UsageError(f"{name}={shown(value, 60)} {why}; pass {wanted}.")
+    return read
+
+
+def text(value: object) -> Any:
+    """``value``, where it is a ``str`` of a subclass (``numpy.str_``, a caller's own), as a plain
+    ``str`` of the same characters: lorahot hashes and compares the names it is given, which
+    must not run a caller's ``__hash__`` or ``__eq__``."""
+    return str.__str__(value) if isinstance(value, str) and type(value) is not str else value
 
 
 def weights_of(value: object, n: int, holder: str = "the stack has") -> tuple[float, ...]:
@@ -145,12 +182,13 @@ def weights_of(value: object, n: int, holder: str = "the stack has") -> tuple[fl
     if not is_sequence(value):
         return (multiplier(value),) * n
     assert isinstance(value, Sequence)  # for mypy: checked just above
-    if len(value) != n:
+    weights = entries(value, "scale", "a list of floats, one weight per part")
+    if len(weights) != n:
         raise UsageError(
-            f"scale has {len(value)} weight{'s' if len(value) != 1 else ''} but {holder} {n} "
+            f"scale has {len(weights)} weight{'s' if len(weights) != 1 else ''} but {holder} {n} "
             f"part{'s' if n != 1 else ''}; pass one weight per part (in the order loaded), or one number for all."
         )
-    return tuple(multiplier(v, f"scale[{i}]") for i, v in enumerate(value))
+    return tuple(multiplier(v, f"scale[{i}]") for i, v in enumerate(weights))
 
 
 def multiplier(value: object, name: str = "scale") -> float:
@@ -174,6 +212,14 @@ def multiplier(value: object, name: str = "scale") -> float:
     if not math.isfinite(v):
         raise UsageError(f"{name}={shown(value, 40)} must be finite.")
     return v
+
+
+def whole(value: object, label: str) -> int | None:
+    """``value`` as an int where it is an integer (a ``numbers.Integral``, NumPy's included, not
+    a bool), else None; a :class:`UsageError` where its conversion raises (see :func:`integer`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return integer(value, label)
 
 
 def integer(value: Any, label: str) -> int:

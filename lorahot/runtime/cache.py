@@ -24,10 +24,12 @@ import torch
 
 from lorahot.adapter import Adapter
 from lorahot.errors import UsageError, public_api, shown
+from lorahot.runtime.arguments import entries as read_entries
+from lorahot.runtime.arguments import is_sequence, text, whole
 from lorahot.runtime.buffers import Pack
 from lorahot.runtime.plan import LoadPlan
 
-__all__ = ["PreparedAdapter", "AdapterCache", "check_prepared"]
+__all__ = ["PreparedAdapter", "AdapterCache", "check_prepared", "checked_budget"]
 
 
 @dataclass(frozen=True)
@@ -96,12 +98,12 @@ class AdapterCache:
     entries keep alive (:attr:`PreparedAdapter.nbytes`).
 
     Raises:
-        UsageError: a budget that is not an int >= 0, a key that is not a str, an entry that
-            is not a :class:`PreparedAdapter`.
+        UsageError: a budget that is not an integer >= 0, a key that is not a str, an entry
+            that is not a :class:`PreparedAdapter`.
     """
 
     def __init__(self, budget_bytes: int) -> None:
-        self._budget = _budget(budget_bytes)
+        self._budget = checked_budget(budget_bytes)
         self._entries: OrderedDict[str, PreparedAdapter] = OrderedDict()
         #: keys given to preload as names of their own (not a source's path), the last NAMES_KEPT
         self._names: OrderedDict[str, None] = OrderedDict()
@@ -114,7 +116,7 @@ class AdapterCache:
 
     @budget_bytes.setter
     def budget_bytes(self, value: int) -> None:
-        budget = _budget(value)
+        budget = checked_budget(value)
         with self._lock:
             self._budget = budget
             self._evict_locked()
@@ -122,26 +124,35 @@ class AdapterCache:
     @public_api
     def get(self, key: str) -> PreparedAdapter | None:
         """The entry for ``key`` (marked most recently used), or None."""
-        _key(key)
+        key = _key(key)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
             return entry
 
+    @public_api
     def peek(self, key: str) -> PreparedAdapter | None:
         """The entry for ``key``, or None, without marking it used: a load looks its parts up
         before its checks, and marks them (:meth:`touch`) only once it has written them."""
-        _key(key)
+        key = _key(key)
         with self._lock:
             return self._entries.get(key)
 
+    @public_api
     def touch(self, entries: Sequence[PreparedAdapter]) -> None:
         """Marks each of ``entries`` most recently used, where the cache still holds it."""
+        wanted = "a list of PreparedAdapter objects (from runtime.preload)"
+        if not is_sequence(entries):
+            raise UsageError(f"entries={shown(entries, 60)} must be {wanted}, not {type(entries).__name__}.")
+        entries = read_entries(entries, "entries", wanted)
+        if not all(isinstance(e, PreparedAdapter) for e in entries):
+            raise UsageError(f"entries={shown(entries, 60)} must be {wanted}.")
         with self._lock:
             for entry in entries:
-                if self._entries.get(entry.key) is entry:
-                    self._entries.move_to_end(entry.key)
+                key = text(entry.key) if isinstance(entry.key, str) else None
+                if key is not None and self._entries.get(key) is entry:
+                    self._entries.move_to_end(key)
 
     @public_api
     def put(self, entry: PreparedAdapter) -> None:
@@ -153,14 +164,14 @@ class AdapterCache:
             raise UsageError(
                 f"AdapterCache holds PreparedAdapter objects (from runtime.preload), not {type(entry).__name__}."
             )
-        _key(entry.key)
+        key = _key(entry.key)
         check_prepared(entry)
         nbytes = entry.nbytes  # before anything is dropped: a failure leaves the cache as it was
         with self._lock:
-            self._entries.pop(entry.key, None)
+            self._entries.pop(key, None)
             if nbytes > self._budget:
                 return
-            self._entries[entry.key] = entry
+            self._entries[key] = entry
             self._evict_locked()
 
     def _evict_locked(self) -> None:
@@ -169,7 +180,7 @@ class AdapterCache:
 
     @public_api
     def discard(self, key: str) -> None:
-        _key(key)
+        key = _key(key)
         with self._lock:
             self._entries.pop(key, None)
 
@@ -177,7 +188,7 @@ class AdapterCache:
     def name(self, key: str) -> None:
         """Notes ``key`` as a name given to preload, not a source's path or Hub id: once its entry
         is gone, ``load(key)`` is refused rather than read as a source (:meth:`is_name`)."""
-        _key(key)
+        key = _key(key)
         with self._lock:
             self._names.pop(key, None)
             self._names[key] = None
@@ -188,7 +199,7 @@ class AdapterCache:
     def unname(self, key: str) -> None:
         """``key`` is a source's path or Hub id, preloaded as such: no longer a name, and an entry
         kept under that name goes (it would be found before the source's own)."""
-        _key(key)
+        key = _key(key)
         with self._lock:
             if self._names.pop(key, 0) is None:
                 self._entries.pop(key, None)
@@ -196,7 +207,7 @@ class AdapterCache:
     @public_api
     def is_name(self, key: str) -> bool:
         """Whether ``key`` was given to preload as a name (see :meth:`name`)."""
-        _key(key)
+        key = _key(key)
         with self._lock:
             return key in self._names
 
@@ -219,21 +230,28 @@ class AdapterCache:
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
-            return isinstance(key, str) and key in self._entries
+            return isinstance(key, str) and text(key) in self._entries
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
 
 
-def _budget(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+def checked_budget(value: object) -> int:
+    """A cache's budget (``inject``'s ``cache_bytes``) as an int: an integer >= 0, NumPy's too.
+
+    Raises:
+        UsageError: anything else (a bool, a float, a str such as ``"2GB"``)."""
+    budget = whole(value, f"cache_bytes={shown(value, 200)}")
+    if budget is None or budget < 0:
         raise UsageError(
             f"cache_bytes={shown(value, 200)} must be an int number of bytes >= 0 (e.g. 2 << 30 for 2 GiB)."
         )
-    return value
+    return budget
 
 
-def _key(key: object) -> None:
+def _key(key: object) -> str:
+    """A cache key: a str, as a plain one (:func:`lorahot.runtime.arguments.text`)."""
     if not isinstance(key, str):
         raise UsageError(f"cache keys are str, got {type(key).__name__} {shown(key, 60)}.")
+    return str(text(key))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -14,7 +13,9 @@ from lorahot.errors import UsageError, public_api, shown, unfinished_eject
 from lorahot.layers import LayerSpec, LoRALayer
 from lorahot.layers.base import kept_parametrizations
 from lorahot.layers.sharded import is_sharded
+from lorahot.runtime.arguments import whole
 from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.cache import checked_budget
 from lorahot.runtime.components import Pipeline, components_of, is_several, match_components
 from lorahot.runtime.lora_runtime import LoraRuntime, release_hooks, roots
 from lorahot.runtime.merge import check_mergeable, check_untied
@@ -116,15 +117,18 @@ def _inject(
     """:func:`inject`'s checks, wrapping and allocation."""
     components: tuple[str, ...] = ()
     if not is_several(model):
-        _check_arguments(model, max_rank, slots, dtype, cache_bytes, merged, fused, extras, regional)
+        max_rank, slots, cache_bytes = _check_arguments(
+            model, max_rank, slots, dtype, cache_bytes, merged, fused, extras, regional
+        )
         root: nn.Module = model  # type: ignore[assignment]  # checked just above
         names = match_targets(root, targets)  # type: ignore[arg-type]
     else:
         modules, named = components_of(model)
-        _check_arguments(nn.Module(), max_rank, slots, dtype, cache_bytes, merged, fused, extras, regional)
+        max_rank, slots, cache_bytes = _check_arguments(
+            nn.Module(), max_rank, slots, dtype, cache_bytes, merged, fused, extras, regional
+        )
         root, names = match_components(modules, targets, named)
         components = tuple(root._modules)
-    max_rank, slots = int(max_rank), int(slots)  # checked: a NumPy integer too
     if merged:
         _refuse_sharded(root, names)
         check_untied(root, names)
@@ -170,27 +174,29 @@ def _check_arguments(
     fused: object,
     extras: object = True,
     regional: object = False,
-) -> None:
-    """Every argument of :func:`inject` but ``targets``, before anything is touched."""
+) -> tuple[int, int, int]:
+    """Every argument of :func:`inject` but ``targets``, before anything is touched; returns
+    ``max_rank``, ``slots`` and ``cache_bytes`` as ints (a NumPy integer passes)."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    counts = []
     for value, name, top in ((max_rank, "max_rank", MAX_RANK_LIMIT), (slots, "slots", MAX_SLOTS)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        n = whole(value, f"{name}={shown(value, 200)}")
+        if n is None or n < 1:
             raise UsageError(f"{name}={shown(value, 200)} must be an integer >= 1.")
-        if int(value) > top:
-            raise UsageError(f"{name}={value} is absurd; it must be at most {top}.")
+        if n > top:
+            raise UsageError(f"{name}={n} is absurd; it must be at most {top}.")
+        counts.append(n)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in WEIGHT_DTYPES):
         raise UsageError(
             f"dtype={shown(dtype, 200)} must be a floating-point torch.dtype LoRA weights can use: torch.float16, "
             "torch.bfloat16, torch.float32 or torch.float64 (or None: each base weight's dtype)."
         )
-    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
-        raise UsageError(
-            f"cache_bytes={shown(cache_bytes, 200)} must be an int number of bytes >= 0 (e.g. 2 << 30 for 2 GiB)."
-        )
+    budget = checked_budget(cache_bytes)
     for value, name in ((merged, "merged"), (fused, "fused"), (extras, "extras"), (regional, "regional")):
         if not isinstance(value, bool):
             raise UsageError(f"{name}={shown(value, 200)} must be True or False.")
+    return counts[0], counts[1], budget
 
 
 def _allocate(

@@ -57,6 +57,7 @@ from lorahot.runtime.arguments import (
     parts_of,
     refuse_stack,
     source_key,
+    text,
     weights_of,
 )
 from lorahot.runtime.buffers import BufferManager
@@ -665,9 +666,9 @@ class LoraRuntime:
         """Every check of :meth:`preload`: the prepared adapter, whether to cache it, and the key
         it is cached under if it is a name of its own (not its source's path)."""
         refuse_stack(source, "preload")
+        source = text(source)
         check_read_options(read_kwargs, self.components)
-        if key is not None and not (isinstance(key, str) and key):
-            raise UsageError(f"key={shown(key, 200)} must be a non-empty str (or None: the source's identity).")
+        key = _cache_key(key)
         self._check_usable(base=False)
         if key is not None and isinstance(source, (str, os.PathLike)) and _same_path(key, source):
             key = None  # the source's own name: cached by its identity, so a rewritten file is read again
@@ -697,8 +698,7 @@ class LoraRuntime:
                 "runtime.preload(...) on every rank instead."
             )
         check_read_options(read_kwargs, self.components)
-        if key is not None and not (isinstance(key, str) and key):
-            raise UsageError(f"key={shown(key, 200)} must be a non-empty str (or None: the source's identity).")
+        key = _cache_key(key)
         with self._executor_lock:
             self._check_usable(placement=False)  # under the lock: eject cannot slip in between
             if self._executor is None:
@@ -1240,6 +1240,13 @@ class LoraRuntime:
 
 
 _anonymous = itertools.count()
+
+
+def _cache_key(key: object) -> str | None:
+    """``preload``'s ``key=``: None, or a non-empty str (a plain one: see :func:`text`)."""
+    if key is not None and not (isinstance(key, str) and key):
+        raise UsageError(f"key={shown(key, 200)} must be a non-empty str (or None: the source's identity).")
+    return None if key is None else str(text(key))
 
 
 def _same_path(key: str, source: str | os.PathLike[str]) -> bool:

@@ -16,6 +16,7 @@ from torch import nn
 from lorahot.errors import UsageError, shown
 from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
 from lorahot.layers.linear import is_conv1d
+from lorahot.runtime.arguments import text
 from lorahot.runtime.merge import replaced, writing
 from lorahot.runtime.plan import WEIGHT_DTYPES
 
@@ -101,7 +102,7 @@ def _entries(targets: object) -> list[str]:
             f"targets must be a non-empty list of module names, a regex, 'all-linear' or a callable; got "
             f"{shown(targets, 200)}."
         )
-    return [str(e) for e in entries]
+    return [text(e) for e in entries]
 
 
 def _guarded(match: Callable[[str, nn.Module], object]) -> Callable[[str, nn.Module], bool]:
@@ -128,6 +129,7 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
         TypeError: a matched module is of a type lorahot cannot wrap, or already wrapped.
         UsageError: a match lies inside another match.
     """
+    targets = text(targets)  # a str of a subclass compares as a plain one
     match = _matcher(model, targets)
     names = [n for n, m in model.named_modules() if n and match(n, m)]
     modules = dict(model.named_modules())

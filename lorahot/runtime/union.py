@@ -43,7 +43,7 @@ from lorahot.io.sources import Source
 from lorahot.layers import LoRALayer, layer_class_for
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
-from lorahot.runtime.arguments import check_read_options
+from lorahot.runtime.arguments import check_read_options, entries, text
 from lorahot.runtime.components import components_of, is_several
 from lorahot.runtime.flux_inputs import pad_embedder_input
 from lorahot.runtime.inject import MAX_RANK_LIMIT
@@ -227,9 +227,9 @@ def plan_targets(
 
 def _source_list(sources: Any) -> list[Any]:
     if isinstance(sources, (str, Mapping, Adapter)) or not isinstance(sources, Sequence):
-        items = [sources]
+        items = [text(sources)]
     else:
-        items = list(sources)
+        items = [text(s) for s in entries(sources, "sources", "a list of sources")]
     if not items:
         raise UsageError("sources is empty; pass the adapters to plan for (paths, Hub ids, mappings).")
     return items

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,6 +82,10 @@ MISUSES = [
     Misuse("inject_cache_bytes_str", _inject(cache_bytes="2GB"), UsageError,
            r"^cache_bytes='2GB' must be an int number of bytes >= 0 \(e\.g\. 2 << 30 for 2 GiB\)\.$"),
     Misuse("inject_cache_bytes_negative", _inject(cache_bytes=-1), UsageError, r"^cache_bytes=-1 must be an int"),
+    Misuse("inject_max_rank_int_raises", lambda rig, tmp: _inject(max_rank=_RaisingInt(4))(rig, tmp), UsageError,
+           r"^max_rank=4 cannot be read as an int \(_RaisingInt\.__int__ raised RuntimeError\); pass an int\.$"),
+    Misuse("inject_cache_bytes_int_raises", lambda rig, tmp: _inject(cache_bytes=_RaisingInt(4))(rig, tmp), UsageError,
+           r"^cache_bytes=4 cannot be read as an int"),
     Misuse("inject_merged_not_bool", _inject(merged="yes"), UsageError, r"^merged='yes' must be True or False\.$"),
     Misuse("inject_fused_not_bool", _inject(fused=None), UsageError, r"^fused=None must be True or False\.$"),
     Misuse("inject_targets_int", _inject(targets=42), UsageError,
@@ -140,6 +145,17 @@ MISUSES = [
     Misuse("load_adapter_alpha_beyond_float", lambda rig, tmp: rig.runtime.load(_hand_built(rig, alpha=10**400)),
            UsageError, r"^<built>: not a usable lorahot\.Adapter:\n  - 'layers\.0\.self_attn\.q_proj': alpha is "
            r"1000.*, not a finite float\n"),
+    Misuse("load_adapter_unit_scale_array",  # its truth value raised: an UnexpectedError
+           lambda rig, tmp: rig.runtime.load(_hand_built(rig, unit_scale=np.array([0, 1]))), UsageError,
+           r"unit_scale is array\(\[0, 1\]\), not True or False\n"),
+    Misuse("plan_adapter_a_scalar", lambda rig, tmp: lorahot.plan_targets(_hand_built(rig, A=torch.tensor(1.0))),
+           UsageError, r"'layers\.0\.self_attn\.q_proj': A is a 0-d tensor \(one number\), not a matrix\n"),
+    Misuse("load_config_alpha_float_raises",
+           lambda rig, tmp: rig.runtime.load(_t(rig), config={"lora_alpha": _RaisingFloat(2.0)}), UsageError,
+           r"^config=: lora_alpha must be a finite number > 0, got 2\.0, which cannot be read as a float\. Fix"),
+    Misuse("load_split_parts_iteration_raises",
+           lambda rig, tmp: rig.runtime.load(_t(rig), split={Q0: _RaisingRows([("a", 8), ("b", 8)])}), UsageError,
+           r"^split: each entry maps a fused module name to 2 to 4096 \(part name, out_features\) pairs"),
     Misuse("preload_adapter_rslora_str", lambda rig, tmp: rig.runtime.preload(_hand_built(rig, use_rslora="yes")),
            UsageError, r"use_rslora is 'yes', not True or False\n"),
     Misuse("plan_unknown_option", lambda rig, tmp: lorahot.plan_targets([_t(rig)], foo=1), UsageError,
@@ -214,6 +230,19 @@ MISUSES = [
            lambda rig, tmp: rig.runtime.activate([0, 1], lengths=_RaisingRows([2, 3])), UsageError,
            r"^lengths=\[2, 3\] must hold one token count"),
     Misuse("set_scale_str", lambda rig, tmp: rig.runtime.set_scale("x"), UsageError, r"^scale='x' is not a number"),
+    Misuse("set_scale_bytearray", lambda rig, tmp: rig.runtime.set_scale(bytearray(b"\x02")), UsageError,
+           r"^scale=bytearray\(b'\\x02'\) is not a number"),  # was taken as the list of weights [2]
+    Misuse("set_scale_memoryview", lambda rig, tmp: rig.runtime.set_scale(memoryview(b"\x02")), UsageError,
+           r"^scale=<memory at 0x[0-9a-f]+> is not a number"),
+    Misuse("set_scale_len_raises", lambda rig, tmp: rig.runtime.set_scale(_RaisingLen([1.0])), UsageError,
+           r"^scale=\[1\.0\] cannot be read \(_RaisingLen raised RuntimeError when its length or entries were "
+           r"read\); pass a list of floats, one weight per part\.$"),
+    Misuse("set_scale_range_beyond_len", lambda rig, tmp: rig.runtime.set_scale(range(10**20)), UsageError,
+           r"^scale=range\(0, 100000000000000000000\) cannot be read \(range raised OverflowError"),
+    Misuse("load_stack_scale_huge_list", lambda rig, tmp: rig.runtime.load([_t(rig)] * 2, scale=[0.5] * (2 << 20)),
+           UsageError, r"^scale=\[0\.5, .* holds 2,097,152 entries, more than 1,048,576; pass a list of floats"),
+    Misuse("load_stack_len_raises", lambda rig, tmp: rig.runtime.load(_RaisingLen([_t(rig)])), UsageError,
+           r"^source=.* cannot be read \(_RaisingLen raised RuntimeError .*\); pass a list of sources\.$"),
     Misuse("set_scale_float_raises", lambda rig, tmp: rig.runtime.set_scale(_BadInt(2)), UsageError,
            r"^scale=2 cannot be read as a float \(_BadInt\.__float__ raised RuntimeError\); pass a float\.$"),
     Misuse("set_scale_inf", lambda rig, tmp: rig.runtime.set_scale(float("-inf")), UsageError,
@@ -238,6 +267,10 @@ MISUSES = [
            r"^cache keys are str, got int 3\.$"),
     Misuse("cache_unname_none", lambda rig, tmp: rig.runtime.cache.unname(None), UsageError,
            r"^cache keys are str, got NoneType None\.$"),
+    Misuse("cache_touch_not_prepared", lambda rig, tmp: rig.runtime.cache.touch(["k"]), UsageError,
+           r"^entries=\('k',\) must be a list of PreparedAdapter objects \(from runtime\.preload\)\.$"),
+    Misuse("cache_touch_str", lambda rig, tmp: rig.runtime.cache.touch("k"), UsageError,
+           r"^entries='k' must be a list of PreparedAdapter objects \(from runtime\.preload\), not str\.$"),
     Misuse("cache_put_not_prepared", lambda rig, tmp: rig.runtime.cache.put("x"), UsageError,
            r"^AdapterCache holds PreparedAdapter objects \(from runtime\.preload\), not str\.$"),
     Misuse("cache_budget_str", lambda rig, tmp: setattr(rig.runtime.cache, "budget_bytes", "1GB"), UsageError,
@@ -268,6 +301,20 @@ class _RaisingInt(int):
         raise RuntimeError("no int")
 
     __index__ = __int__
+
+
+class _RaisingLen(list):
+    """A list whose ``len`` raises (a caller's sequence type)."""
+
+    def __len__(self) -> int:
+        raise RuntimeError("no len")
+
+
+class _RaisingFloat(float):
+    """A float whose conversion to float raises (a caller's number type)."""
+
+    def __float__(self) -> float:
+        raise RuntimeError("no float")
 
 
 class _RaisingRows(list):
@@ -372,9 +419,12 @@ def test_calls_the_signature_does_not_take_are_usage_errors(
 def test_numpy_integers_are_integers() -> None:
     import numpy as np
 
-    runtime = lorahot.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"], max_rank=np.int64(4), slots=np.int32(2))
-    assert (runtime.max_rank, runtime.slots) == (4, 2)
-    assert type(runtime.max_rank) is int
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    runtime = lorahot.inject(model, ["0"], max_rank=np.int64(4), slots=np.int32(2), cache_bytes=np.uint32(1 << 20))
+    assert (runtime.max_rank, runtime.slots, runtime.cache.budget_bytes) == (4, 2, 1 << 20)
+    assert type(runtime.max_rank) is int and type(runtime.cache.budget_bytes) is int
+    runtime.cache.budget_bytes = np.int64(7)
+    assert type(runtime.cache.budget_bytes) is int
 
 
 class _Hostile:
