@@ -11,24 +11,37 @@ separately, and only the Hub's answer "no such file" lets the load go on without
 Anything else (offline with nothing cached, network errors, a gated repo) is a
 :class:`~lorahot.errors.SourceNotFoundError`, unless the caller passed ``config=``.
 
+A whole repo (no ``weight_name=``) is listed by one request to the Hub bounded by
+``huggingface_hub``'s ``HF_HUB_ETAG_TIMEOUT``, read when the request is made (its
+``snapshot_download`` sends its listing requests with no timeout, so an endpoint that accepts the
+connection and never answers held the load until the connection dropped). The files a read needs
+(the ``.safetensors`` files at the top of ``subfolder``, and its ``adapter_config.json``) are
+then fetched one by one at the listed commit, the config first, and the branch's ref in the cache
+is written last, so an interrupted fetch never leaves the ref naming a snapshot without its
+weights. Where the Hub is not reached (offline, no connection, no answer in time) or answers with
+an error other than "no such revision", the cache serves the snapshot it holds, as
+``snapshot_download`` does.
+
 Every failure of ``huggingface_hub`` is one typed error naming the repo, the revision and the
 file, with the fix for its cause (:func:`_fix`: log in for a gated or private repo, go online
-once for a file not cached, retry for a rate limit or a server error, ...). A snapshot that
-brings no ``.safetensors`` file to the folder read is refused saying what the repo holds there
-(pickles, or safetensors files in other folders), from the listing ``huggingface_hub`` cached.
+once for a file not cached, retry for a rate limit or a server error, ...). A repo with no
+``.safetensors`` file where the read looks is refused saying what it holds there (pickles, or
+safetensors files in other folders), from the Hub's listing, or offline from the one
+``huggingface_hub`` cached.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 from pathlib import Path, PurePosixPath
 
 from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, UsageError, shown
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.safety import PICKLE_SUFFIXES, cut
 
-__all__ = ["is_repo_id", "check_relative", "fetch"]
+__all__ = ["is_repo_id", "check_relative", "fetch", "cache_folder"]
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 
@@ -95,23 +108,12 @@ def fetch(
 def _download(
     repo_id: str, revision: str | None, subfolder: str | None, token: str | bool | None, weight_name: str | None
 ) -> Path:
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import hf_hub_download
 
     try:
         if weight_name is not None:
             return Path(hf_hub_download(repo_id, weight_name, subfolder=subfolder, revision=revision, token=token))
-        inner = f"{subfolder}/" if subfolder else ""
-        root = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                token=token,
-                allow_patterns=[f"{inner}*.safetensors", f"{inner}{CONFIG_NAME}"],
-                # a pattern's '*' also matches '/': without this, every checkpoint folder
-                # below (step-*/, ema/) would come down too, though only the top level is read
-                ignore_patterns=[f"{inner}*/*"],
-            )
-        )
+        root, listing = _snapshot(repo_id, revision, subfolder, token)
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
         what = cut(
             f"{subfolder}/{weight_name}" if subfolder and weight_name else (weight_name or subfolder or "the adapter"),
@@ -123,8 +125,126 @@ def _download(
         ) from None
     folder = root / subfolder if subfolder else root
     if not _holds_safetensors(folder):
-        raise _nothing_to_read(repo_id, revision, subfolder, root)
+        raise _nothing_to_read(repo_id, revision, subfolder, root, listing)
     return folder
+
+
+def cache_folder(repo_id: str) -> Path:
+    """The local Hugging Face cache's folder of model ``repo_id`` (``HF_HUB_CACHE``, read now)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE).expanduser() / ("models--" + repo_id.replace("/", "--"))
+
+
+def _snapshot(
+    repo_id: str, revision: str | None, subfolder: str | None, token: str | bool | None
+) -> tuple[Path, list[str] | None]:
+    """The cache's snapshot folder of ``revision``, holding what a read of ``subfolder`` needs,
+    and the repo's file paths (None where the cache served the folder without the Hub).
+
+    The listing is one request bounded by ``HF_HUB_ETAG_TIMEOUT`` (see the module docstring).
+    Nothing is downloaded when it has no ``.safetensors`` file where the read looks.
+
+    Raises:
+        Exception: what ``huggingface_hub`` raises; the listing's own failure where the cache
+            holds nothing for ``revision`` either.
+    """
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub.utils import HfHubHTTPError, RevisionNotFoundError
+
+    branch = revision or constants.DEFAULT_REVISION
+    try:
+        info = HfApi().repo_info(repo_id, revision=branch, token=token, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as exc:  # not reached, or refused: the cache may still hold the snapshot
+        if isinstance(exc, RevisionNotFoundError) or not (_unreached(exc) or isinstance(exc, HfHubHTTPError)):
+            raise
+        return _cached_snapshot(repo_id, revision, subfolder, token, exc), None
+    commit = getattr(info, "sha", None)
+    if not isinstance(commit, str) or not _COMMIT.fullmatch(commit):  # it names a folder of the cache
+        raise ValueError(f"the Hub's answer names no commit of the repo (sha={shown(commit, 60)})")
+    files = [s.rfilename for s in getattr(info, "siblings", None) or () if isinstance(s.rfilename, str)]
+    root = cache_folder(repo_id).resolve() / "snapshots" / commit
+    needed = _needed(files, subfolder)
+    if any(name.endswith(".safetensors") for name in needed):
+        for name in sorted(needed, key=lambda n: n.endswith(".safetensors")):  # the config first
+            path = Path(hf_hub_download(repo_id, name, revision=commit, token=token))
+            root = path.parents[len(PurePosixPath(name).parts) - 1]  # where huggingface_hub put the snapshot
+        _record_ref(repo_id, branch, commit)
+    return root, files
+
+
+#: a full Hub commit hash
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _needed(files: list[str], subfolder: str | None) -> list[str]:
+    """The paths of ``files`` a read of ``subfolder`` opens: its top-level ``*.safetensors``
+    files and its config (never a checkpoint folder below it, nor a pickle)."""
+    inner = f"{subfolder}/" if subfolder else ""
+    here = (name[len(inner) :] for name in files if name.startswith(inner))
+    return [inner + name for name in here if "/" not in name and (name.endswith(".safetensors") or name == CONFIG_NAME)]
+
+
+def _cached_snapshot(
+    repo_id: str, revision: str | None, subfolder: str | None, token: str | bool | None, cause: Exception
+) -> Path:
+    """The snapshot the cache holds for ``revision`` (no request); ``cause`` where it holds none."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    inner = f"{subfolder}/" if subfolder else ""
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                token=token,
+                local_files_only=True,
+                # what the cached listing, where there is one, must show present (a partial snapshot is refused)
+                allow_patterns=[f"{inner}*.safetensors", f"{inner}{CONFIG_NAME}"],
+                ignore_patterns=[f"{inner}*/*"],
+            )
+        )
+    except LocalEntryNotFoundError as exc:
+        if type(exc) is LocalEntryNotFoundError:  # nothing cached: the listing's failure says why
+            raise cause from None
+        raise  # a cached snapshot missing files (IncompleteSnapshotError) says so itself
+
+
+def _record_ref(repo_id: str, branch: str, commit: str) -> None:
+    """Writes ``commit`` as what ``branch`` names in the cache (as ``huggingface_hub`` does:
+    only if it changed, atomically), so an offline read of the branch finds the snapshot."""
+    if branch == commit:
+        return
+    ref = cache_folder(repo_id) / "refs" / branch
+    try:
+        if ref.is_file() and ref.read_text() == commit:
+            return
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        partial = ref.with_name(f"{ref.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        partial.write_text(commit)
+        os.replace(partial, ref)
+    except OSError:  # a read-only cache: the files were read; an offline read of the branch will not find them
+        pass
+
+
+#: failures of the HTTP client that mean the Hub was not reached (a proxy refusing is no such failure)
+_NOT_REACHED = {
+    f"{client}.{name}" for client in ("httpx", "httpx2") for name in ("ConnectError", "TimeoutException")
+} | {"requests.ConnectionError", "requests.Timeout", "builtins.TimeoutError", "builtins.ConnectionError"}
+_PROXY = {"httpx.ProxyError", "httpx2.ProxyError", "requests.ProxyError"}
+_TIMEOUTS = {"httpx.TimeoutException", "httpx2.TimeoutException", "requests.Timeout", "builtins.TimeoutError"}
+
+
+def _kinds(exc: Exception) -> set[str]:
+    """``exc``'s classes as ``package.Name`` (``requests.exceptions.Timeout`` is ``requests.Timeout``)."""
+    return {f"{c.__module__.partition('.')[0]}.{c.__name__}" for c in type(exc).__mro__}
+
+
+def _unreached(exc: Exception) -> bool:
+    """Whether ``exc`` says the Hub was not reached: offline, no connection, no answer in time."""
+    kinds = _kinds(exc)
+    return bool(kinds & _NOT_REACHED) and not kinds & _PROXY
 
 
 def _where(repo_id: str, revision: str | None) -> str:
@@ -134,7 +254,7 @@ def _where(repo_id: str, revision: str | None) -> str:
 
 def _fix(exc: Exception) -> str:
     """What to do about a failure of ``huggingface_hub``, by its cause (the first that applies)."""
-    from huggingface_hub import utils
+    from huggingface_hub import constants, utils
 
     def caused_by(*names: str) -> bool:  # classes absent from an older huggingface_hub match nothing
         return isinstance(exc, tuple(c for c in (getattr(utils, n, None) for n in names) if isinstance(c, type)))
@@ -161,6 +281,13 @@ def _fix(exc: Exception) -> str:
         return "The Hub is limiting the rate of requests: wait and retry, or log in (hf auth login)."
     if isinstance(status, int) and status >= 500:
         return "The Hub failed to answer (a server error): retry later; a copy in the local cache loads offline."
+    if _kinds(exc) & _TIMEOUTS:
+        return (
+            f"The Hub could not be reached: no answer within {constants.HF_HUB_ETAG_TIMEOUT} s to a request "
+            f"(HF_HUB_ETAG_TIMEOUT) or {constants.HF_HUB_DOWNLOAD_TIMEOUT} s to a read of a download "
+            "(HF_HUB_DOWNLOAD_TIMEOUT): check the network (a proxy, HF_ENDPOINT) and retry, or raise those timeouts "
+            "for a slow link; a copy in the local cache loads with HF_HUB_OFFLINE=1."
+        )
     if client or isinstance(exc, (TimeoutError, ConnectionError)):
         return (
             "The Hub could not be reached: check the network (a proxy, HF_ENDPOINT) and retry; a copy in the "
@@ -179,13 +306,16 @@ def _holds_safetensors(folder: Path) -> bool:
         return False
 
 
-def _nothing_to_read(repo_id: str, revision: str | None, subfolder: str | None, root: Path) -> LoraError:
+def _nothing_to_read(
+    repo_id: str, revision: str | None, subfolder: str | None, root: Path, listing: list[str] | None
+) -> LoraError:
     """The error for a snapshot without a ``.safetensors`` file where the read looks, saying
-    what the repo holds there: from the file listing ``huggingface_hub`` cached for the commit,
-    else (offline) from what the local cache holds."""
+    what the repo holds there: from ``listing`` (the Hub's), else the file listing
+    ``huggingface_hub`` cached for the commit, else (offline) from what the local cache holds."""
     where, inner = _where(repo_id, revision), f"{subfolder}/" if subfolder else ""
     level = f"folder {shown(subfolder, 200)} of the repo" if subfolder else "the repo's top level"
-    listing = _cached_listing(repo_id, root.name)
+    if listing is None:
+        listing = _cached_listing(repo_id, root.name)
     if listing is not None:
         here = [p[len(inner) :] for p in listing if p.startswith(inner) and "/" not in p[len(inner) :]]
     else:

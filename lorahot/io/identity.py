@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lorahot.io.config import CONFIG_NAME
-from lorahot.io.hub import is_repo_id
+from lorahot.io.hub import cache_folder, is_repo_id
 
 __all__ = ["source_identity"]
 
@@ -87,10 +87,8 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 def _hub_ref(repo_id: str, revision: str) -> Path:
     """The local Hugging Face cache's file naming the commit ``revision`` of model ``repo_id``
-    was last resolved to (``huggingface_hub`` rewrites it when it downloads a newer one)."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "refs" / revision
+    was last resolved to (a fetch of a newer one rewrites it)."""
+    return cache_folder(repo_id) / "refs" / revision
 
 
 def _relative(value: Any) -> bool:

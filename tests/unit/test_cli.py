@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -241,23 +242,27 @@ def test_a_bad_file_exits_2_even_where_stderr_cannot_be_written(
 
 
 _NOISY_HUB = """
-import sys, warnings
+import os, sys, types, warnings
 import huggingface_hub
 
-def noisy_snapshot_download(repo_id, **kwargs):
+def repo_info(self, repo_id, **kwargs):  # the Hub lists the one file, and no request is sent
+    return types.SimpleNamespace(sha="0" * 40, siblings=[types.SimpleNamespace(rfilename="style.safetensors")])
+
+def noisy_hf_hub_download(repo_id, filename, **kwargs):
     # imported here, as huggingface_hub's own modules first import them during a fetch
     from huggingface_hub.utils import logging as hub_logging, tqdm
 
-    bar = tqdm(total=2, desc="Fetching 2 files", name="huggingface_hub.snapshot_download")
+    bar = tqdm(total=2, desc="Downloading", name="huggingface_hub.file_download")
     bar.update(2)
     bar.close()
-    hub_logging.get_logger("huggingface_hub._snapshot_download").warning("No files matched allow_patterns=['*']")
+    hub_logging.get_logger("huggingface_hub.file_download").warning("a huggingface_hub log warning")
     warnings.warn("a huggingface_hub warning")
     if sys.argv[1] == "fail":
         raise TimeoutError("read timed out")
-    return sys.argv[2]
+    return os.path.join(sys.argv[2], filename)
 
-huggingface_hub.snapshot_download = noisy_snapshot_download
+huggingface_hub.HfApi.repo_info = repo_info
+huggingface_hub.hf_hub_download = noisy_hf_hub_download
 from lorahot import cli
 sys.exit(cli.main(["inspect", "org/adapter"]))
 """
@@ -272,13 +277,15 @@ def test_huggingface_hubs_progress_bars_logs_and_warnings_stay_off_stderr(
     pytest.importorskip("huggingface_hub")
     for name in ("HF_HUB_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "PYTHONWARNINGS"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(kohya_file.parent / "hub"))  # where the fetch records the branch
     out = _run(sys.executable, "-c", _NOISY_HUB, outcome, str(kohya_file.parent))
     if outcome == "fail":
         assert out.returncode == 2 and out.stdout == ""
         assert out.stderr == (
             "lorahot: error: org/adapter: cannot get the adapter from the Hub (TimeoutError: read timed out). The Hub "
-            "could not be reached: check the network (a proxy, HF_ENDPOINT) and retry; a copy in the local cache "
-            "loads with HF_HUB_OFFLINE=1.\n"
+            "could not be reached: no answer within 10 s to a request (HF_HUB_ETAG_TIMEOUT) or 10 s to a read of a "
+            "download (HF_HUB_DOWNLOAD_TIMEOUT): check the network (a proxy, HF_ENDPOINT) and retry, or raise those "
+            "timeouts for a slow link; a copy in the local cache loads with HF_HUB_OFFLINE=1.\n"
         )
     else:
         assert out.returncode == 0 and "format:  kohya" in out.stdout
@@ -303,12 +310,15 @@ def test_the_cli_restores_huggingface_hubs_settings(
     saved = dict(states), logger.level
     seen = {}
 
-    def snapshot_download(repo_id: str, **kwargs: object) -> str:
-        seen["bars off"] = are_progress_bars_disabled("huggingface_hub.snapshot_download")
+    def hf_hub_download(repo_id: str, filename: str, **kwargs: object) -> str:
+        seen["bars off"] = are_progress_bars_disabled("huggingface_hub.file_download")
         seen["warnings logged"] = logger.isEnabledFor(logging.WARNING)
-        return str(kohya_file.parent)
+        return str(kohya_file.parent / filename)
 
-    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    listing = SimpleNamespace(sha="0" * 40, siblings=[SimpleNamespace(rfilename=kohya_file.name)])
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(kohya_file.parent / "hub"))  # the branch is recorded
+    monkeypatch.setattr(hub.HfApi, "repo_info", lambda self, repo_id, **kwargs: listing)
+    monkeypatch.setattr(hub, "hf_hub_download", hf_hub_download)
     try:
         logger.setLevel(logging.INFO)
         disable_progress_bars("huggingface_hub.some_group")

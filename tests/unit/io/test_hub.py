@@ -1,11 +1,18 @@
-"""Hub sources through a local ``huggingface_hub`` cache, offline: never the network."""
+"""Hub sources through a local ``huggingface_hub`` cache: offline, or online against a stand-in Hub
+on 127.0.0.1 (never the network)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
@@ -255,29 +262,21 @@ def test_a_weight_name_in_a_folder_reads_the_config_beside_it(hub_cache: Path, m
     assert adapter.source == f"{REPO}/a/w.safetensors"
 
 
-def test_a_snapshot_brings_only_top_level_files(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The snapshot's patterns leave out every folder below the one read (checkpoint folders
-    would otherwise all be downloaded, as a '*' also matches '/')."""
-    import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
-
-    seen: dict[str, object] = {}
-    real = huggingface_hub.snapshot_download
-
-    def spy(repo_id: str, **kwargs: object) -> str:
-        seen.update(kwargs)
-        return real(repo_id, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
-    lorahot.read_adapter(REPO)
-    files = [
-        "adapter_model.safetensors",
-        "adapter_config.json",
-        "step-100/adapter_model.safetensors",
-        "base/x.safetensors",
-    ]
-    kept = filter_repo_objects(files, allow_patterns=seen["allow_patterns"], ignore_patterns=seen["ignore_patterns"])
-    assert sorted(kept) == ["adapter_config.json", "adapter_model.safetensors"]
+def test_a_snapshot_brings_only_top_level_files(online_hub: StandInHub) -> None:
+    """A whole repo brings only what the read opens: the top-level safetensors files and the
+    config of the folder read, never a checkpoint folder below it or a pickle."""
+    online_hub.serve(
+        {
+            "adapter_model.safetensors": _peft_bytes(4),
+            "adapter_config.json": b'{"r": 4, "lora_alpha": 2}',
+            "step-100/adapter_model.safetensors": _peft_bytes(4),
+            "base/x.safetensors": _peft_bytes(4),
+            "adapter_model.bin": b"a pickle",
+            "README.md": b"# adapter",
+        }
+    )
+    assert lorahot.read_adapter(REPO).modules["proj"].scale == 2 / 4
+    assert online_hub.fetched() == ["adapter_config.json", "adapter_model.safetensors"]  # the config first
 
 
 @pytest.mark.parametrize("name", ["model.gguf", "weights.onnx", "adapter.npz", "README.md"])
@@ -371,6 +370,10 @@ def _client_timeout() -> Exception:
 _LOG_IN = r"gated or private, or the token was refused: log in \(hf auth login\) or pass token="
 _ONLINE_ONCE = r"not in the local Hugging Face cache.*fetch it once while online"
 _UNREACHABLE = r"The Hub could not be reached: check the network"
+_TIMED_OUT = (
+    r"The Hub could not be reached: no answer within \d+ s to a request \(HF_HUB_ETAG_TIMEOUT\) or \d+ s to a read "
+    r"of a download \(HF_HUB_DOWNLOAD_TIMEOUT\): check the network .* or raise those timeouts"
+)
 
 #: huggingface_hub's failures, each as a factory, and the fix the error must name for it
 HUB_FAILURES = {
@@ -387,9 +390,9 @@ HUB_FAILURES = {
     "rate limited": (_http("HfHubHTTPError", 429), r"limiting the rate of requests: wait and retry"),
     "server error": (_http("HfHubHTTPError", 500), r"server error\): retry later"),
     "bad gateway": (_http("HfHubHTTPError", 502), r"server error\): retry later"),
-    "timeout": (lambda: TimeoutError("timed out"), _UNREACHABLE),
+    "timeout": (lambda: TimeoutError("timed out"), _TIMED_OUT),
     "connection reset": (lambda: ConnectionResetError(104, "Connection reset by peer"), _UNREACHABLE),
-    "http client timeout": (_client_timeout, _UNREACHABLE),
+    "http client timeout": (_client_timeout, _TIMED_OUT),
     "disk full": (lambda: OSError(28, "No space left on device"), r"cache \(HF_HUB_CACHE\) cannot be read or written"),
     "anything else": (lambda: ValueError("unforeseen"), r"Check the repo id, revision and file names"),
 }
@@ -452,7 +455,11 @@ def test_a_hub_failure_is_refused_naming_the_repo_and_the_fix_for_its_cause(
             return real(*args, **kwargs)  # type: ignore[arg-type]
         raise exc
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download" if where == "snapshot" else "hf_hub_download", fail)
+    if where == "snapshot":  # the repo's listing fails, and the cache holds nothing for main to fall back on
+        monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", fail)
+        (hub_cache / f"models--{REPO.replace('/', '--')}" / "refs" / "main").unlink()
+    else:
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
     kwargs = {} if where == "snapshot" else {"weight_name": "adapter_model.safetensors"}
     what = {
         "snapshot": "get the adapter",
@@ -465,29 +472,112 @@ def test_a_hub_failure_is_refused_naming_the_repo_and_the_fix_for_its_cause(
     _refused_everywhere(rig, capsys, lorahot.SourceNotFoundError, message, **kwargs)
 
 
-@pytest.fixture
-def online_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[list[str]], None]:
-    """An empty cache and huggingface_hub online, answering for ``REPO`` from a file listing the
-    test sets (its repo info and tree API calls stand in for the Hub; a download fails the test)."""
-    import huggingface_hub
-    from huggingface_hub import HfApi, _snapshot_download
-    from huggingface_hub.hf_api import RepoFile
+class StandInHub(ThreadingHTTPServer):
+    """A Hub on 127.0.0.1 that huggingface_hub is pointed at: it lists ``REPO`` at ``COMMIT``
+    with the files :meth:`serve` gives and serves them (a repo's info, a file's metadata and
+    bytes) but those ``gone``, or, stalled, accepts every connection and never answers."""
 
-    if not hasattr(huggingface_hub, "get_cached_repo_tree"):
-        pytest.skip("this huggingface_hub caches no repo listing")
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _StandInHandler)
+        self.files: dict[str, bytes] = {}
+        self.gone: set[str] = set()  # listed, answered 'no such file'
+        self.sha: object = COMMIT  # the commit its listing names
+        self.stalled = False
+        self.requests: list[str] = []
+        self.release = threading.Event()  # lets stalled requests end, at teardown
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def serve(self, files: dict[str, bytes]) -> None:
+        self.files.update(files)
+
+    def fetched(self) -> list[str]:
+        """The repo's files downloaded (GET of a file, in order)."""
+        prefix = f"GET /{REPO}/resolve/{COMMIT}/"
+        return [unquote(r[len(prefix) :]) for r in self.requests if r.startswith(prefix)]
+
+
+class _StandInHandler(BaseHTTPRequestHandler):
+    server: StandInHub
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def _answer(self, body: bool) -> None:
+        hub, path = self.server, unquote(urlsplit(self.path).path)
+        hub.requests.append(f"{self.command} {path}")
+        if hub.stalled:
+            hub.release.wait()  # the connection is accepted; no byte of an answer ever comes
+            return
+        name = path.removeprefix(f"/{REPO}/resolve/{COMMIT}/")
+        if path == f"/api/models/{REPO}/revision/main":
+            info = {"id": REPO, "sha": hub.sha, "siblings": [{"rfilename": p} for p in hub.files]}
+            self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
+        elif name in hub.files and name not in hub.gone:
+            data = hub.files[name]
+            self._send(200, data, {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}, body)
+        else:
+            self._send(404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}, body)
+
+    def _send(self, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(data))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+
+@pytest.fixture
+def stand_in_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandInHub]:
+    """huggingface_hub online, every request of it sent to a :class:`StandInHub`."""
+    hub = StandInHub()
+    thread = threading.Thread(target=hub.serve_forever, daemon=True, name="lorahot-test-hub")
+    thread.start()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", hub.url)  # read by HfApi() when it is made
+    monkeypatch.setattr(
+        hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    yield hub
+    hub.release.set()
+    hub.shutdown()
+    hub.server_close()
+
+
+@pytest.fixture
+def online_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stand_in_hub: StandInHub) -> StandInHub:
+    """An empty cache, and huggingface_hub online against a stand-in Hub (serving nothing yet)."""
     cache = tmp_path / "hub"
     cache.mkdir()
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(_snapshot_download, "hf_hub_download", lambda *a, **k: pytest.fail(f"downloads {a} {k}"))
-    files: list[str] = []
-    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, **kwargs: SimpleNamespace(sha=COMMIT))
-    monkeypatch.setattr(
-        HfApi, "list_repo_tree", lambda self, repo_id, **kwargs: [RepoFile(path=p, size=1, oid="0" * 40) for p in files]
-    )
-    return lambda listing: files.extend(listing)
+    return stand_in_hub
+
+
+def _local_rig(tmp_path: Path) -> Rig:
+    """A runtime with a local adapter file in slot 0: what a failed Hub load must leave alone."""
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(8, 6))
+    runtime = lorahot.inject(model, ["proj"], max_rank=4, slots=2)
+    save_file(_peft_tensors(2), tmp_path / "adapter_model.safetensors")
+    runtime.load(str(tmp_path / "adapter_model.safetensors"))
+    return Rig(model, runtime, torch.randn(2, 8))
+
+
+def _peft_bytes(rank: int, seed: int = 0) -> bytes:
+    from safetensors.torch import save
+
+    torch.manual_seed(seed)
+    return save(_peft_tensors(rank))
 
 
 @pytest.mark.parametrize(
@@ -523,7 +613,7 @@ def online_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[lis
     ],
 )
 def test_a_repo_without_safetensors_where_the_read_looks_says_what_it_holds(
-    online_hub: Callable[[list[str]], None],
+    online_hub: StandInHub,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
     files: list[str],
@@ -535,15 +625,100 @@ def test_a_repo_without_safetensors_where_the_read_looks_says_what_it_holds(
     say '<cache>/snapshots/<commit>: no such file or directory. Check subfolder= and the path'
     for a repo of pickles (an older PEFT adapter_model.bin), a repo whose safetensors files lie
     in folders, or a wrong subfolder: a path the caller never gave, no repo named, the wrong
-    fix. It now names the repo and says what it holds there, from huggingface_hub's listing."""
-    model = torch.nn.Sequential()
-    model.add_module("proj", torch.nn.Linear(8, 6))
-    runtime = lorahot.inject(model, ["proj"], max_rank=4, slots=2)
-    save_file(_peft_tensors(2), tmp_path / "adapter_model.safetensors")
-    runtime.load(str(tmp_path / "adapter_model.safetensors"))
-    online_hub(files)
+    fix. It now names the repo and says what it holds there, from the Hub's listing, and
+    downloads nothing."""
+    online_hub.serve(dict.fromkeys(files, b""))
     kwargs = {"subfolder": subfolder} if subfolder else {}
-    _refused_everywhere(Rig(model, runtime, torch.randn(2, 8)), capsys, error, rf"^{REPO}: {message}", **kwargs)
+    _refused_everywhere(_local_rig(tmp_path), capsys, error, rf"^{REPO}: {message}", **kwargs)
+    assert online_hub.fetched() == []
+
+
+def test_a_hub_that_never_answers_is_refused_within_its_timeout(
+    online_hub: StandInHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A whole repo was listed by requests with no timeout at all (huggingface_hub's
+    snapshot_download): an endpoint that accepts the connection and never answers (a stalled
+    proxy or mirror) held ``load("org/name")`` until the connection dropped (400 s in an
+    independent audit). The listing is now one request bounded by HF_HUB_ETAG_TIMEOUT, and the
+    load is refused naming the repo and the timeout, with nothing changed."""
+    monkeypatch.setattr(hub_constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    online_hub.stalled = True
+    started = time.monotonic()
+    _refused_everywhere(
+        _local_rig(tmp_path),
+        capsys,
+        lorahot.SourceNotFoundError,
+        rf"^{REPO}: cannot get the adapter from the Hub \(ReadTimeout: .*\)\. The Hub could not be reached: no answer "
+        r"within 1 s to a request \(HF_HUB_ETAG_TIMEOUT\)",
+    )
+    assert time.monotonic() - started < 12.5  # five refusals, each within about its 1 s
+    assert online_hub.requests and all(r == f"GET /api/models/{REPO}/revision/main" for r in online_hub.requests)
+
+
+def test_a_hub_that_never_answers_leaves_the_cached_snapshot_to_load(
+    hub_cache: Path, stand_in_hub: StandInHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As snapshot_download did on a connection error or timeout, the cache serves what it
+    holds: online, a stalled Hub costs one bounded request, not the load."""
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    stand_in_hub.stalled = True
+    adapter = within(HANG_S, lambda: lorahot.read_adapter(REPO))
+    assert adapter.format == "peft" and adapter.modules["proj"].scale == 2 / 4
+    assert stand_in_hub.requests == [f"GET /api/models/{REPO}/revision/main"]
+
+
+def test_a_repo_fetched_online_loads_offline_without_a_revision(
+    online_hub: StandInHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files are fetched at the listed commit, which writes no ref; the branch's ref is
+    written after them, so an offline read of the branch finds the snapshot. A second online
+    read with the branch unmoved leaves the ref as it was (the host cache keys a branch by it)."""
+    online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
+    online = lorahot.read_adapter(REPO)
+    ref = Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}" / "refs" / "main"
+    assert ref.read_text() == COMMIT
+    stat = ref.stat()
+    lorahot.read_adapter(REPO)
+    assert (ref.stat().st_mtime_ns, ref.stat().st_ino) == (stat.st_mtime_ns, stat.st_ino)
+    assert online_hub.fetched() == ["adapter_config.json", "adapter_model.safetensors"]  # once each
+    online_hub.stalled = True  # offline must not ask
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    offline = within(HANG_S, lambda: lorahot.read_adapter(REPO))
+    assert offline.modules["proj"].scale == online.modules["proj"].scale == 2.0
+    for name, module in online.modules.items():
+        torch.testing.assert_close(offline.modules[name].A, module.A, rtol=0, atol=0)
+        torch.testing.assert_close(offline.modules[name].B, module.B, rtol=0, atol=0)
+
+
+def test_an_interrupted_fetch_leaves_no_ref_to_a_snapshot_without_its_weights(
+    online_hub: StandInHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config comes first and the ref last: a fetch that fails on the weights leaves the
+    branch unresolved in the cache, so offline the read says 'not cached' instead of reading a
+    partial snapshot."""
+    online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
+    online_hub.gone.add("adapter_model.safetensors")  # listed, but not there when asked for
+    with pytest.raises(lorahot.SourceNotFoundError, match=rf"^{REPO}: cannot get the adapter from the Hub"):
+        lorahot.read_adapter(REPO)
+    repo = Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}"
+    assert not (repo / "refs" / "main").exists()
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(lorahot.SourceNotFoundError, match=r"not in the local Hugging Face cache"):
+        lorahot.read_adapter(REPO)
+
+
+@pytest.mark.parametrize("sha", ["../../../outside", None, "0" * 39])
+def test_a_listing_that_names_no_commit_is_refused_before_any_download(
+    online_hub: StandInHub, tmp_path: Path, sha: object
+) -> None:
+    """The commit names a folder of the cache: a listing whose commit is not a full hash is
+    refused, nothing fetched and nothing written."""
+    online_hub.serve({"adapter_model.safetensors": _peft_bytes(4)})
+    online_hub.sha = sha
+    with pytest.raises(lorahot.SourceNotFoundError, match=rf"^{REPO}: .*names no commit of the repo"):
+        lorahot.read_adapter(REPO)
+    assert online_hub.fetched() == [] and list((tmp_path / "hub").iterdir()) == []
 
 
 def test_a_snapshot_cached_without_its_weights_names_the_repo(
