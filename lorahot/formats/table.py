@@ -419,6 +419,11 @@ REFUSED: tuple[tuple[str, str], ...] = (
         "a full module copy (PEFT modules_to_save): lorahot loads only LoRA weights",
     ),
     (
+        r"\.(lora_velora_embed|lora_monteclora_sampler\.[^.]+)(\.[^.]+)?$",
+        "training state of PEFT's VeLoRA (velora_config) or MonteCLoRA (monteclora_config), which PEFT leaves "
+        "unused at inference, where the adapter is plain LoRA: delete these keys from the file and load it",
+    ),
+    (
         r"\.(a1|a2|b1|b2|bm)\.weight$",
         "LyCORIS GLoRA weights (a1, a2, b1, b2, bm; or full weights of a module so named): not supported; use a "
         "LoRA, LoHa or LoKr adapter",

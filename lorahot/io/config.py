@@ -4,10 +4,15 @@
 them per module, each key a regex matched as PEFT matches it: a module whose name ends with
 ``.<pattern>`` (or equals it) takes the first matching entry. The patterns come from files, so
 they are evaluated in linear time (:mod:`lorahot.io.patterns`). ``use_rslora`` divides by
-``sqrt(r)`` instead of ``r``; ``use_dora`` and ``lora_bias`` need no handling (the tensors
-carry the magnitude vectors and biases). Fields that switch on features lorahot does not load (
-``modules_to_save``, ``target_parameters``, trainable tokens, ...) are listed in
-:data:`UNSUPPORTED` and named when refused.
+``sqrt(r)`` instead of ``r``; ``use_dora`` and ``lora_bias`` say which tensors the file must
+carry (the loader checks that the magnitude vectors and biases agree with them).
+
+Every other field is accounted for: :data:`INERT` lists the ones that do not change what a
+saved adapter computes, :data:`UNSUPPORTED` the ones that switch on features lorahot does not
+load (``modules_to_save``, ``target_parameters``, trainable tokens, ...), named when refused.
+A field in neither list (a newer PEFT's, another tool's) is refused when set, as is a
+``peft_type`` other than ``LORA`` and an ``init_lora_weights`` lorahot does not know: what
+they change cannot be known, and a wrong output is worse than an error.
 """
 
 from __future__ import annotations
@@ -21,7 +26,18 @@ from typing import Any
 from lorahot.errors import AdapterReadError, shown
 from lorahot.io.patterns import PatternSet
 
-__all__ = ["AdapterConfig", "CONFIG_NAME", "UNSUPPORTED", "REWRITING_INITS", "PEFT_DEFAULT_ALPHA", "finite"]
+__all__ = [
+    "AdapterConfig",
+    "CONFIG_NAME",
+    "INERT",
+    "KEPT_INITS",
+    "LORA_TYPE",
+    "PEFT_DEFAULT_ALPHA",
+    "READ",
+    "REWRITING_INITS",
+    "UNSUPPORTED",
+    "finite",
+]
 
 #: The file PEFT writes beside the weights.
 CONFIG_NAME = "adapter_config.json"
@@ -45,10 +61,52 @@ UNSUPPORTED: dict[str, str] = {
     "arrow_config": "Arrow (a per-token router over several adapters) is not supported",
 }
 
-#: ``init_lora_weights`` values with which PEFT rewrites the base weights when it loads the
-#: adapter (PiSSA, OLoRA, CorDA: the base minus the adapter's initial product; LoftQ: a
-#: quantized residual), so B @ A alone over the original base is not what PEFT computes
-REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+#: ``init_lora_weights`` values (or prefixes) that rewrite the base weights the adapter is trained
+#: over: PiSSA, OLoRA, CorDA and LoRA-GA subtract the adapter's initial product from them, LoftQ
+#: replaces them with a quantized residual. B @ A over the original base is then not what was
+#: trained; PEFT also redoes PiSSA, OLoRA and LoftQ on the base when it loads the adapter.
+REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+#: ``init_lora_weights`` values that leave the base weights alone (only A and B start elsewhere):
+#: PEFT's default (B zero), random A and B, Gaussian, EVA, orthogonal and MiCA initializations.
+KEPT_INITS = (True, False, None, "gaussian", "eva", "orthogonal", "mica")
+
+#: PEFT's ``peft_type`` of a LoRA adapter; a config naming another type (AdaLoRA, VeRA, LoHa,
+#: X-LoRA, ...) describes another kind of adapter, whose fields mean other things.
+LORA_TYPE = "LORA"
+
+#: The fields :class:`AdapterConfig` reads or checks.
+READ = (
+    "peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias",
+    "fan_in_fan_out", "target_modules", "init_lora_weights",
+)  # fmt: skip
+
+#: PEFT ``LoraConfig`` fields (0.21) that do not change what a saved adapter computes at
+#: inference: field -> why.
+INERT: dict[str, str] = {
+    "task_type": "the model class PEFT wraps (a task that adds modules sets modules_to_save)",
+    "auto_mapping": "the base model's class, for PEFT's loader",
+    "peft_version": "the PEFT version that saved the adapter",
+    "base_model_name_or_path": "where the base model came from",
+    "revision": "the base model's revision",
+    "inference_mode": "whether PEFT's parameters were trainable",
+    "exclude_modules": "which modules were adapted: the file holds those",
+    "layers_to_transform": "which layers were adapted: the file holds those",
+    "layers_pattern": "which layers were adapted: the file holds those",
+    "lora_dropout": "training only: dropout is off at inference",
+    "megatron_config": "Megatron's parallel layers compute the same B @ A",
+    "megatron_core": "the module Megatron's layers come from",
+    "loftq_config": "LoftQ's settings; init_lora_weights says whether LoftQ was used",
+    "eva_config": "EVA's settings, an initialization of A",
+    "corda_config": "CorDA's settings; init_lora_weights says whether CorDA was used",
+    "lora_ga_config": "LoRA-GA's settings; init_lora_weights says whether LoRA-GA was used",
+    "qalora_group_size": "QA-LoRA's pooling size; use_qalora says whether QA-LoRA is on",
+    "runtime_config": "how PEFT places weights while it loads (ephemeral GPU offload)",
+    "ensure_weight_tying": "tied layers' adapters are saved under each layer's name",
+    "velora_config": "VeLoRA compresses the input only in training; at inference it is plain LoRA",
+    "monteclora_config": "MonteCLoRA samples A only in training; at inference it is plain LoRA",
+    "merge_weights": "early PEFT's merge-on-eval switch; the saved A and B are the same",
+}
 
 #: PEFT's ``LoraConfig.lora_alpha`` default, which a config without the field takes
 PEFT_DEFAULT_ALPHA = 8.0
@@ -65,14 +123,22 @@ class AdapterConfig:
         rank_pattern: regex -> rank overrides.
         alpha_pattern: regex -> alpha overrides.
         use_rslora: scale by ``alpha / sqrt(r)``.
-        use_dora: the magnitude vectors in the file decide which modules are DoRA; a module
-            without one is refused (PEFT would run it as DoRA with the base's own norms).
+        use_dora: every module of the file carries a DoRA magnitude vector. With it, a module
+            without one is refused (PEFT would run it as DoRA with the base's own norms); without
+            it (PEFT's default, where a config is :attr:`present`), a magnitude vector is refused
+            (PEFT ignores it and runs plain LoRA).
+        lora_bias: the modules' ``lora_B`` carry biases; without it (PEFT's default, where a
+            config is :attr:`present`), a bias in the file is refused (PEFT ignores it).
         fan_in_fan_out: recorded only. PEFT saves A ``[r, in]`` and B ``[out, r]`` whatever
             the base layout; lorahot's linear layer reads a ``Conv1D`` base the right way itself.
         target_modules: the module names (or a regex) the adapter was trained on; used in
             messages only, never matched.
-        unsupported: ``"field=value; why"`` for each set :data:`UNSUPPORTED` field.
+        unsupported: ``"field=value; why"`` for each set :data:`UNSUPPORTED` field, each set
+            field lorahot does not know, a ``peft_type`` other than LoRA and an
+            ``init_lora_weights`` that rewrote the base weights or that lorahot does not know.
         alpha_stated: whether the config names ``lora_alpha`` itself (else the default applies).
+        present: whether there is a config at all (any field): PEFT's defaults then hold for the
+            fields it leaves out; without one the tensors decide.
         origin: where the fields came from, for messages (``adapter_config.json``, the
             safetensors header's metadata, ``config=``); empty where not known.
     """
@@ -84,9 +150,11 @@ class AdapterConfig:
     use_rslora: bool = False
     use_dora: bool = False
     fan_in_fan_out: bool = False
+    lora_bias: bool = False
     target_modules: tuple[str, ...] | str | None = None
     unsupported: tuple[str, ...] = ()
     alpha_stated: bool = False
+    present: bool = False
     origin: str = field(default="", compare=False)
     _rank_set: PatternSet | None = field(default=None, compare=False, repr=False)
     _alpha_set: PatternSet | None = field(default=None, compare=False, repr=False)
@@ -118,6 +186,9 @@ class AdapterConfig:
         """The config and every problem with it (empty when it is valid)."""
         if not raw:
             return cls(), []
+        foreign = _foreign_type(raw.get("peft_type", LORA_TYPE))
+        if foreign:  # another kind of adapter: its fields mean other things, so none is checked
+            return cls(unsupported=(foreign,), present=True), []
         problems: list[str] = []
         r = _opt_int(raw.get("r"), "r", problems)
         alpha = _opt_alpha(raw.get("lora_alpha"), "lora_alpha", problems)
@@ -127,23 +198,22 @@ class AdapterConfig:
             problems.append("lora_alpha is null (PEFT cannot scale with it either); set it to the adapter's alpha")
         rank_pattern, rank_set = _pattern(raw.get("rank_pattern"), "rank_pattern", _opt_int, problems)
         alpha_pattern, alpha_set = _pattern(raw.get("alpha_pattern"), "alpha_pattern", _opt_alpha, problems)
-        flags = {k: raw.get(k, False) for k in ("use_rslora", "use_dora", "fan_in_fan_out")}
+        flags = {k: raw.get(k, False) for k in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias")}
         for k, v in flags.items():
             if not isinstance(v, bool):
                 problems.append(f"{k} must be true or false, got {shown(v)}")
                 flags[k] = False
         targets = _targets(raw.get("target_modules"), problems)
         unsupported = tuple(f"{k}={_json(raw[k])}; {why}" for k, why in UNSUPPORTED.items() if _set(raw.get(k)))
-        init = raw.get("init_lora_weights")
-        if isinstance(init, str) and init.lower().startswith(REWRITING_INITS):
-            unsupported += (
-                f"init_lora_weights={_json(init)}; PEFT rewrites the base weights with this initialization when it "
-                "loads the adapter, which lorahot does not (PEFT converts such an adapter to plain LoRA with "
-                "save_pretrained(..., path_initial_model_for_weight_conversion=...))",
-            )
+        unsupported += _init_refusal(raw.get("init_lora_weights", True))
+        unsupported += tuple(
+            f"{k if isinstance(k, str) and len(k) <= 60 else shown(k, 60)}={_json(v)}; {_UNKNOWN_FIELD}"
+            for k, v in raw.items()
+            if k not in READ and k not in INERT and k not in UNSUPPORTED and _set(v)
+        )
         config = cls(
             r, alpha, rank_pattern, alpha_pattern, **flags, target_modules=targets, unsupported=unsupported,
-            alpha_stated="lora_alpha" in raw, _rank_set=rank_set, _alpha_set=alpha_set,
+            alpha_stated="lora_alpha" in raw, present=True, _rank_set=rank_set, _alpha_set=alpha_set,
         )  # fmt: skip
         return config, problems
 
@@ -160,6 +230,44 @@ class AdapterConfig:
         """The alpha the config declares for ``module``, or None if it declares none."""
         key = self._alpha_set.first(module) if self._alpha_set is not None else None
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+
+_UNKNOWN_FIELD = (
+    "a config field lorahot does not know (a newer PEFT's, or another tool's), which may change what the adapter "
+    "computes; if it does not, pass config= with it set to null to load the adapter without it"
+)
+
+
+def _foreign_type(v: Any) -> str | None:
+    """The refusal of a ``peft_type`` that is not LoRA's, or None for LoRA's (or none)."""
+    if v is None or (isinstance(v, str) and v.upper() == LORA_TYPE):
+        return None
+    return (
+        f"peft_type={_json(v)}; this is not a LoRA adapter (PEFT's peft_type {LORA_TYPE}) but another PEFT method, "
+        "which computes something else from its weights; lorahot loads LoRA only"
+    )
+
+
+def _init_refusal(v: Any) -> tuple[str, ...]:
+    """The refusal of an ``init_lora_weights`` value (empty where the base weights were left alone)."""
+    if any(v is kept or (isinstance(v, str) and v.lower() == kept) for kept in KEPT_INITS):
+        return ()
+    if isinstance(v, str) and v.lower().startswith(REWRITING_INITS):
+        how = (
+            "load it onto the base model saved with it (LoftQ's quantized residual)"
+            if v.lower().startswith("loftq")
+            else "convert it to plain LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion="
+            "...), or load it onto the rewritten base model saved with it"
+        )
+        return (
+            f"init_lora_weights={_json(v)}; this initialization rewrote the base weights the adapter was trained over, "
+            f"and B @ A over the original ones is not what was trained: {how}, passing config= with "
+            "init_lora_weights set to true",
+        )
+    return (
+        f"init_lora_weights={_json(v)}; an initialization lorahot does not know (PEFT refuses unknown ones too), which "
+        "may have rewritten the base weights",
+    )
 
 
 def _json(v: Any) -> str:

@@ -556,7 +556,7 @@ def _component_configs(
 
 
 #: the config fields that decide a module's rank or scale
-_DECIDING = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora")
+_DECIDING = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias")
 
 
 def _agreed(raw: RawAdapter, header: dict[str, Any], component: str = "") -> dict[str, Any]:
@@ -690,6 +690,10 @@ def _assemble(
                 "it as DoRA with the base weight's own norms, which lorahot does not)"
             )
             continue
+        ignored = _ignored_by_peft(roles, cfg, origin) if fmt.name in _PEFT_NAMED else None
+        if ignored is not None:
+            problems.append(f"{module}: {ignored}")
+            continue
         bias = roles["bias"][1] if "bias" in roles else None
         if "diff_bias" in roles:  # a bias applied at the adapter's weight alone (wan's .diff_b)
             if bias is not None:
@@ -712,6 +716,24 @@ def _assemble(
             format_problems(f"{source}: inconsistent adapter:", problems) + f"\n{fix} so tensors and config agree."
         )
     return modules
+
+
+def _ignored_by_peft(roles: dict[str, tuple[str, torch.Tensor]], cfg: AdapterConfig, origin: str) -> str | None:
+    """Why a module's DoRA magnitude or LoRA bias contradicts its config, or None. A config
+    (where there is one) decides how PEFT builds the module: with ``use_dora`` or ``lora_bias``
+    false, its default, PEFT loads it as plain LoRA and drops such a tensor without a word. (A
+    module without the bias ``lora_bias`` promises gets a zero one from PEFT's default
+    initialization, as here.)"""
+    if not cfg.present:
+        return None
+    for role, flag, what in (("magnitude", "use_dora", "DoRA magnitude"), ("bias", "lora_bias", "LoRA bias")):
+        if role in roles and not getattr(cfg, flag):
+            return (
+                f"the file has its {what} ({roles[role][0]}), but {origin} does not set {flag} to true, so PEFT "
+                f"loads it as plain LoRA and drops the {what}; set {flag} to true there (or pass config= with it) if "
+                "the tensor is right, or delete it"
+            )
+    return None
 
 
 #: What each weight kind must hold (one of each tuple's alternatives), and may hold.

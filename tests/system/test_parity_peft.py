@@ -4,12 +4,16 @@ transformers models load into lorahot and give PEFT's eager outputs (fp32, rel. 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 import lorahot
+from lorahot.io.config import INERT, READ, UNSUPPORTED
 from tests.helpers import TINY_DECODER, ConvEmbed, tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -306,3 +310,111 @@ def test_saved_copy_of_another_embedding_weight_is_refused(tmp_path: Path, edit,
     with pytest.raises(lorahot.AdapterMismatchError, match=message):
         runtime.load(tmp_path)
     assert torch.equal(_logits(model), before)
+
+
+def test_every_lora_config_field_is_accounted_for() -> None:
+    """Each field of the installed PEFT's LoraConfig is read, known not to change what a saved
+    adapter computes, or refused when set; a field lorahot does not know is refused when set,
+    so a new one is classified here before its adapters load."""
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert fields - set(READ) - set(INERT) - set(UNSUPPORTED) == set()
+
+
+def test_fields_that_only_choose_the_adapted_modules_match_peft(tmp_path: Path) -> None:
+    """layers_to_transform, layers_pattern and exclude_modules choose modules, which the file
+    then holds; rank and alpha patterns that are suffixes of module paths; ensure_weight_tying,
+    with which PEFT adds the tied lm_head to a LoRA on the embedding."""
+    base = tiny_llama()
+    config = {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": LLAMA_TARGETS,
+        "layers_to_transform": [1],
+        "layers_pattern": "layers",
+        "exclude_modules": ["o_proj"],
+        "rank_pattern": {"self_attn.q_proj": 2},
+        "alpha_pattern": {"mlp.down_proj": 3.0},
+    }
+    oracle = _peft_adapter(base, tmp_path / "layers", seed=9, **config)
+    model = copy.deepcopy(base)
+    info = lorahot.inject(model, LLAMA_TARGETS, max_rank=4).load(tmp_path / "layers")
+    assert info.ranks["model.layers.1.self_attn.q_proj"] == 2 and "model.layers.0.self_attn.q_proj" not in info.ranks
+    assert _rel(_logits(model), _logits(oracle)) < RTOL
+    tied = tiny_llama(tie_word_embeddings=True)
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"], "ensure_weight_tying": True}
+    oracle = _peft_adapter(tied, tmp_path / "tied", seed=10, **config)
+    model = copy.deepcopy(tied)
+    info = lorahot.inject(model, ["embed_tokens", "lm_head", "q_proj"], max_rank=4).load(tmp_path / "tied")
+    assert "lm_head" in info.ranks
+    assert _rel(_logits(model), _logits(_fresh_peft(tied, tmp_path / "tied"))) < RTOL
+    assert _rel(_logits(model), _logits(oracle)) < RTOL
+
+
+OTHER_METHODS = {
+    "ADALORA": lambda t: peft.AdaLoraConfig(total_step=10, init_r=4, target_r=2, target_modules=t),  # lora_A/B/E
+    "VERA": lambda t: peft.VeraConfig(r=4, target_modules=t),
+    "LOHA": lambda t: peft.LoHaConfig(r=4, target_modules=t),
+}
+
+
+@pytest.mark.parametrize("kind", list(OTHER_METHODS))
+def test_adapters_of_other_peft_methods_are_refused_naming_their_type(tmp_path: Path, kind: str) -> None:
+    """A PEFT adapter of another method is refused by its peft_type before its keys are read
+    (an AdaLoRA module's lora_A and lora_B were refused only for their spelling)."""
+    base = tiny_llama()
+    peft.get_peft_model(copy.deepcopy(base), OTHER_METHODS[kind](["q_proj", "v_proj"])).save_pretrained(tmp_path)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lorahot.UnknownFormatError, match=rf'adapter_config\.json: peft_type="{kind}"; this is not a'):
+        runtime.load(tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("flag", "key"), [("use_dora", "lora_magnitude_vector"), ("lora_bias", "lora_B.bias")])
+def test_a_dora_magnitude_or_lora_bias_its_config_does_not_turn_on_is_refused(
+    tmp_path: Path, flag: str, key: str
+) -> None:
+    """PEFT builds each module from the config: with use_dora or lora_bias false it loads the
+    module as plain LoRA and drops the file's magnitude or bias without a word, where lorahot
+    applied them (relative error 0.94 and 0.65 on the logits)."""
+    base = tiny_llama()
+    targets = ["q_proj", "v_proj", "down_proj"]
+    saved = _peft_adapter(base, tmp_path, seed=8, r=4, lora_alpha=8, target_modules=targets, **{flag: True})
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, flag: False}))
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, targets, max_rank=4, extras=True)
+    before = _logits(model)
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=rf"\(base_model\.model\.model\.layers\.0\.mlp\.down_proj\.{re.escape(key)}\), but adapter_config\.json "
+        rf"does not set {flag} to true, so PEFT loads it as plain LoRA",
+    ):
+        runtime.load(tmp_path)
+    assert torch.equal(_logits(model), before)
+    assert _rel(_logits(_fresh_peft(base, tmp_path)), _logits(saved)) > 1e-2  # PEFT: another output
+    runtime.load(tmp_path, config={flag: True})  # the fix the message names
+    assert _rel(_logits(model), _logits(saved)) < RTOL
+
+
+@pytest.mark.parametrize("field", ["velora_config", "monteclora_config"])
+def test_velora_and_monteclora_training_state_is_named_and_the_rest_is_plain_lora(tmp_path: Path, field: str) -> None:
+    """VeLoRA and MonteCLoRA change only training: PEFT's eval forward is plain LoRA, but it
+    saves their state beside A and B. Those keys are refused naming the method (they read as
+    foreign keys); without them the adapter gives PEFT's outputs."""
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_llama()
+    sub = peft.VeloraConfig() if field == "velora_config" else peft.MontecloraConfig()
+    targets = ["q_proj", "v_proj"]
+    _peft_adapter(base, tmp_path, seed=11, r=4, lora_alpha=8, target_modules=targets, **{field: sub})
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, targets, max_rank=4)
+    with pytest.raises(lorahot.UnknownFormatError, match=r"training state of PEFT's VeLoRA .* delete these keys"):
+        runtime.load(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if ".lora_A." in k or ".lora_B." in k}, path)
+    runtime.load(tmp_path)
+    assert _rel(_logits(model), _logits(_fresh_peft(base, tmp_path))) < RTOL
+    assert _rel(_logits(model), _logits(base)) > 1e-3

@@ -15,6 +15,7 @@ from torch import nn
 
 import lorahot
 from lorahot.formats import FORMATS, KeyFormat, detect
+from lorahot.io.config import INERT
 from tests.helpers import lora_pair
 
 
@@ -184,6 +185,11 @@ _PAIR = lora_pair("base_model.model.layers.0.q_proj", "lora_A", "lora_B")
         ({"bias": "all"}, r'bias="all"; biases of the base model were trained'),
         ({"use_bdlora": {"target_modules_bd_a": ["q"], "nblocks": 2}}, r"use_bdlora=.*; BD-LoRA"),
         ({"arrow_config": {"top_k": 3}}, r"arrow_config=.*; Arrow"),
+        ({"peft_type": "VERA"}, r'peft_type="VERA"; this is not a LoRA adapter \(PEFT.s peft_type LORA\)'),
+        # AdaLoRA's rank_pattern (a mask per module) is no LoRA rank_pattern: the type is named, not the field
+        ({"peft_type": "ADALORA", "rank_pattern": {"q": [True, False]}}, r'peft_type="ADALORA"; this is not a LoRA'),
+        ({"enable_lora": [True, False, True]}, r"enable_lora=\[true, false, true\]; a config field lorahot does not"),
+        ({"lora_parameters": {"scale": 20.0}}, r'lora_parameters=\{"scale": 20\.0\}; a config field lorahot does'),
     ],
 )
 def test_config_features_are_named(tmp_path: Path, config: dict, message: str) -> None:
@@ -201,9 +207,24 @@ def test_unset_feature_fields_are_fine() -> None:
     defaults = {
         "modules_to_save": None, "trainable_token_indices": None, "target_parameters": [], "bias": "none",
         "use_qalora": False, "layer_replication": None, "alora_invocation_tokens": None, "lora_bias": False,
-        "use_bdlora": None, "arrow_config": None,
+        "use_bdlora": None, "arrow_config": None, "peft_type": "LORA", "a_newer_field": None, "another": False,
+        "init_lora_weights": True,
     }  # fmt: skip
     assert lorahot.read_adapter(_PAIR, config={"r": 2, **defaults}).ranks == {"layers.0.q_proj": 2}
+
+
+@pytest.mark.parametrize("name", sorted(INERT))
+def test_fields_that_do_not_change_the_computation_load_when_set(name: str) -> None:
+    config = {"r": 2, "peft_type": "lora", name: {"x": 1} if name.endswith("_config") else ["x"]}
+    assert lorahot.read_adapter(_PAIR, config=config).ranks == {"layers.0.q_proj": 2}
+
+
+def test_an_unknown_field_set_to_null_by_config_loads(tmp_path: Path) -> None:
+    save_file(_PAIR, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_scale_mode": "log"}))
+    with pytest.raises(lorahot.UnknownFormatError, match=r'lora_scale_mode="log"; a config field lorahot does not'):
+        lorahot.read_adapter(tmp_path)
+    assert lorahot.read_adapter(tmp_path, config={"lora_scale_mode": None}).ranks == {"layers.0.q_proj": 2}
 
 
 def test_features_in_diffusers_metadata_are_named_by_component(tmp_path: Path) -> None:

@@ -341,27 +341,36 @@ def test_a_config_without_lora_alpha_takes_peft_s_default_and_a_null_one_is_refu
         lorahot.read_adapter(_peft(4), config={"r": 4, "lora_alpha": None})
 
 
+_REWROTE = r"this initialization rewrote the base weights the adapter was trained over"
+
+
 @pytest.mark.parametrize(
     ("fields", "match"),
     [
-        ({"init_lora_weights": "pissa_niter_4"}, r"init_lora_weights=\"pissa_niter_4\"; PEFT rewrites the base"),
-        ({"init_lora_weights": "olora"}, 'init_lora_weights="olora"'),
-        ({"init_lora_weights": "corda"}, 'init_lora_weights="corda"'),
-        ({"init_lora_weights": "loftq"}, 'init_lora_weights="loftq"'),
+        ({"init_lora_weights": "pissa_niter_4"}, rf'init_lora_weights="pissa_niter_4"; {_REWROTE}.*conversion='),
+        ({"init_lora_weights": "olora"}, f'init_lora_weights="olora"; {_REWROTE}'),
+        ({"init_lora_weights": "corda"}, f'init_lora_weights="corda"; {_REWROTE}'),
+        ({"init_lora_weights": "loftq"}, f'init_lora_weights="loftq"; {_REWROTE}.*LoftQ.s quantized residual'),
+        ({"init_lora_weights": "lora_ga"}, f'init_lora_weights="lora_ga"; {_REWROTE}'),
+        ({"init_lora_weights": "svd_init"}, r'init_lora_weights="svd_init"; an initialization lorahot does not know'),
         ({"kasa_config": {}}, None),
         ({"kasa_config": {"x": 1}}, "kasa_config=.*KaSA"),
     ],
 )
-def test_configs_whose_peft_load_rewrites_the_base_are_refused(fields: dict, match: str | None) -> None:
+def test_configs_whose_initialization_rewrote_the_base_are_refused(fields: dict, match: str | None) -> None:
+    """LoRA-GA, like PiSSA, OLoRA and CorDA, subtracts its initial B @ A from the base weights
+    (PEFT's lora_ga_init); an initialization lorahot does not know may too."""
     config = {"r": 2, "lora_alpha": 2, **fields}
     if match is None:  # an empty kasa_config is PEFT's "off"
         lorahot.read_adapter(_peft(), config=config)
         return
     with pytest.raises(lorahot.UnknownFormatError, match=match):
         lorahot.read_adapter(_peft(), config=config)
+    if "init_lora_weights" in fields:  # onto the rewritten base saved with it, it is plain LoRA: config= says so
+        assert lorahot.read_adapter(_peft(), config={**config, "init_lora_weights": True}).modules["proj"].scale == 1.0
 
 
-@pytest.mark.parametrize("init", [True, False, "gaussian", "orthogonal", "eva", "lora_ga"])
+@pytest.mark.parametrize("init", [True, False, None, "gaussian", "orthogonal", "eva", "mica"])
 def test_initializations_that_leave_the_base_alone_load(init: object) -> None:
     adapter = lorahot.read_adapter(_peft(), config={"r": 2, "lora_alpha": 2, "init_lora_weights": init})
     assert adapter.modules["proj"].scale == 1.0
@@ -370,6 +379,21 @@ def test_initializations_that_leave_the_base_alone_load(init: object) -> None:
 def test_use_dora_without_a_magnitude_vector_is_refused() -> None:
     with pytest.raises(lorahot.AdapterMismatchError, match=r"proj: config= says use_dora, but the file has no"):
         lorahot.read_adapter(_peft(), config={"r": 2, "lora_alpha": 2, "use_dora": True})
+
+
+def test_a_magnitude_or_bias_needs_its_flag_where_there_is_a_config() -> None:
+    """PEFT builds a module as its config says: without use_dora or lora_bias (false by
+    default) it drops the file's magnitude or bias. Without a config the tensors decide."""
+    dora = _peft() | {"base_model.model.proj.lora_magnitude_vector": torch.rand(6) + 1}
+    biased = _peft() | {"base_model.model.proj.lora_B.bias": torch.randn(6)}
+    assert lorahot.read_adapter(dora).modules["proj"].magnitude is not None
+    assert lorahot.read_adapter(biased).modules["proj"].bias is not None
+    for tensors, flag, what in ((dora, "use_dora", "DoRA magnitude"), (biased, "lora_bias", "LoRA bias")):
+        with pytest.raises(lorahot.AdapterMismatchError, match=rf"proj: the file has its {what} .* not set {flag}"):
+            lorahot.read_adapter(tensors, config={"r": 2})
+        with pytest.raises(lorahot.AdapterMismatchError, match=rf"config= does not set {flag} to true, so PEFT"):
+            lorahot.read_adapter(tensors, config={"r": 2, flag: False})
+        assert lorahot.read_adapter(tensors, config={"r": 2, flag: True}).modules["proj"].rank == 2
 
 
 @pytest.mark.parametrize("where", ["header", "file"])
