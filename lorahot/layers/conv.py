@@ -5,7 +5,11 @@ A is a convolution with the base kernel, stride, padding and dilation (groups 1)
 ``[out, r / groups, 1, ...]``; the per-row scales multiply A's output channels before B.
 The sum equals the base convolution plus ``dW`` where ``dW[o] = B[o] @ diag(s) A[slice of o's
 group]``, which is how a merged weight would compute it (the base's padding mode applies to
-both).
+both). A reads the base's geometry at each call, as the base's own forward does: through the
+base's ``_conv_forward`` where the base has groups 1 (so a ``_conv_forward`` of its class's or
+its own, a seamless-tiling pipeline's circular padding, convolves A as it convolves ``W``; one
+that is not linear in its weight is refused at inject), else from its ``padding_mode``,
+``padding``, ``stride`` and ``dilation`` then.
 
 Padding the rank from ``r`` to ``R`` keeps each group's slice aligned: group ``j`` of the rank
 occupies rows ``[j * R/g, j * R/g + r/g)`` of A, and B keeps ``[out, R/g]``.
@@ -14,6 +18,7 @@ occupies rows ``[j * R/g, j * R/g + r/g)`` of A, and B keeps ``[out, R/g]``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +27,13 @@ from torch import nn
 from lorahot.errors import UsageError
 from lorahot.layers import routing
 from lorahot.layers.base import EXTRA_ROWS, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
+from lorahot.layers.refusal import literal, refuse
 
 __all__ = ["LoRAConv"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_OWN_CONV_FORWARD = "its _conv_forward is not the torch class's (its class overrides it, or one was set on the module)"
+_OWN_CONV_FIX = "Exclude the module from targets, or set the _conv_forward before inject on a conv with groups=1."
 _TORCH_CONV: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
@@ -46,20 +54,24 @@ class LoRAConv(LoRALayer):
         spec = LayerSpec("conv", cin * math.prod(kernel), cout, (cin, *kernel), (1,) * nd, base_layer.groups)
         super().__init__(base_layer, spec)
         self._conv = _CONV[nd]
-        self._stride = tuple(base_layer.stride)
-        self._dilation = tuple(base_layer.dilation)
         self._groups = base_layer.groups
-        zeros = base_layer.padding_mode == "zeros"
-        self._padding = base_layer.padding if zeros else 0
-        self._pad_mode = None if zeros else base_layer.padding_mode
-        self._pad = tuple(base_layer._reversed_padding_repeated_twice)
         self._nd = nd
+        # a class's own _conv_forward (the class of a module does not change; one set on the
+        # module may come at any time, see _own_conv_forward)
+        torch_conv: Any = _TORCH_CONV[nd]
+        self._class_conv = type(base_layer)._conv_forward is not torch_conv._conv_forward
         refusal = self._forward_refusal()
         if refusal is not None:
             raise UsageError(
                 f"{refusal}. lorahot adds its LoRA to a convolution's output as the torch convolution computes it "
                 "(PEFT builds its LoRA factors from the subclass itself, a third result): exclude this module from "
                 "targets, or give it the torch class's forward."
+            )
+        refusal = self._conv_forward_refusal()
+        if refusal is not None:
+            raise UsageError(
+                f"{refusal}. lorahot convolves the input with A the way the base convolves it with its weight, through "
+                "its _conv_forward where groups=1: exclude this module from targets, or remove that _conv_forward."
             )
 
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,11 +93,35 @@ class LoRAConv(LoRALayer):
             )
         return None
 
-    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _shrink(self, x: torch.Tensor, a: torch.Tensor, groups: int) -> torch.Tensor:
+        """``x`` (cast to ``a``'s dtype) convolved with ``a`` (``groups``) as the base convolves
+        it with its weight, read from the base module at each call as its own ``forward`` reads
+        it: where the base has groups 1 too, through the base's ``_conv_forward`` (the torch
+        class's, or one a pipeline set on the module: seamless tiling pads circularly there);
+        else with its padding mode, padding, stride and dilation. A change after inject
+        (``padding_mode = "circular"`` on every conv) changes the LoRA's with the base's; under
+        ``torch.compile`` these are what the base's forward is already guarded on."""
+        base = self._base
         x = x.to(a.dtype)
-        if self._pad_mode is not None:
-            x = F.pad(x, self._pad, mode=self._pad_mode)
-        h = self._conv(x, a, None, self._stride, self._padding, self._dilation, 1)  # ([N,] R, *spatial)
+        if groups == 1 and self._groups == 1:
+            return base._conv_forward(x, a, None)  # type: ignore[no-any-return]
+        padding = base.padding
+        if base.padding_mode != "zeros":
+            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            padding = 0
+        h: torch.Tensor = self._conv(x, a, None, base.stride, padding, base.dilation, groups)
+        if self._own_conv_forward():  # set on the module after inject: it cannot take A's groups
+            message = f"{self._describe()}: {_OWN_CONV_FORWARD}; it was set after inject. {_OWN_CONV_FIX}"
+            return refuse(literal(message), lambda: h)
+        return h
+
+    def _own_conv_forward(self) -> bool:
+        """Whether the base's ``_conv_forward`` is not its torch class's: its class overrides it, or
+        one was set on the module (a seamless-tiling pipeline's circular padding)."""
+        return self._class_conv or "_conv_forward" in self._base.__dict__
+
+    def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        h = self._shrink(x, a, 1)  # ([N,] R, *spatial)
         h = (h * scale.view(-1, *(1,) * self._nd)).to(h.dtype)
         return self._conv(h, b, None, 1, 0, 1, self._groups)
 
@@ -102,15 +138,13 @@ class LoRAConv(LoRALayer):
         convolution, each image keeps its own slot's channels, and the expand is a batched
         product."""
         length = index.shape[0]
-        x = x.to(a.dtype)
-        if self._pad_mode is not None:
-            x = F.pad(x, self._pad, mode=self._pad_mode)
-        if not routing.constant(length):
+        if not routing.constant(length) or (self._groups == 1 and self._own_conv_forward()):
+            # (a _conv_forward of the base's own takes A with groups 1: every slot's over the batch)
             return self._symbolic_delta(x, a, b, scales, index)
         a_rows = a[index]  # (L, R, in, *k)
         rank = a_rows.shape[1]
         folded = x.reshape(1, -1, *x.shape[2:])  # (1, L * in, *spatial)
-        h = self._conv(folded, a_rows.flatten(0, 1), None, self._stride, self._padding, self._dilation, length)
+        h = self._shrink(folded, a_rows.flatten(0, 1), length)
         h = h.view(length, rank, *h.shape[2:]) * scales.view(length, rank, *(1,) * self._nd)  # (L, R, *spatial)
         b_rows = b[index]  # (L, out, R / g, 1, ...)
         out = self._conv(
@@ -121,12 +155,12 @@ class LoRAConv(LoRALayer):
     def _symbolic_delta(
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
-        """:meth:`routed_delta` without the batch in a group count (``x`` padded and cast): the
+        """:meth:`routed_delta` without the batch in a group count: the
         shrinks of all ``S`` slots over every image (``S`` times the shrink's work), each image's
         own slot's ``R`` channels taken, then ``[out/g, R/g] @ [R/g, pixels]`` per image and
         group."""
         length, (slots, rank), groups = index.shape[0], a.shape[:2], self._groups
-        h = self._conv(x, a.flatten(0, 1), None, self._stride, self._padding, self._dilation, 1)  # (L, S*R, *sp)
+        h = self._shrink(x, a.flatten(0, 1), 1)  # (L, S*R, *sp)
         spatial = h.shape[2:]
         h = h.view(length, slots, rank, *spatial)[torch.arange(length, device=index.device), index]  # (L, R, *sp)
         h = (h * scales.view(length, rank, *(1,) * self._nd)).to(a.dtype)
@@ -159,7 +193,7 @@ class LoRAConv(LoRALayer):
     def _forward_refusal(self) -> str | None:
         """Why the base module's ``forward`` is not its torch class's convolution (a subclass that
         overrides it, checked on a probe input), or None."""
-        base = self.base_layer
+        base = self._base
         torch_cls = _TORCH_CONV[self._nd]
         if not overrides_forward(base, torch_cls):
             return None
@@ -170,12 +204,44 @@ class LoRAConv(LoRALayer):
                 f"with data (got {weight.dtype} on {weight.device})"
             )
         cin, *kernel = self.spec.a_row_shape
-        pad = max(self._pad, default=0)
-        size = [(k - 1) * d + 1 + 2 * pad + s for k, d, s in zip(kernel, self._dilation, self._stride)]
+        pad = max(base._reversed_padding_repeated_twice, default=0)
+        size = [(k - 1) * d + 1 + 2 * pad + s for k, d, s in zip(kernel, base.dilation, base.stride)]
         probe = torch.randn(1, cin, *size, generator=torch.Generator().manual_seed(0))
         mismatch = forward_mismatch(base, probe.to(weight.device, weight.dtype), lambda x: torch_cls.forward(base, x))
         if mismatch is not None:
             return f"{type(base).__name__} overrides forward and does not compute its convolution ({mismatch})"
+        return None
+
+    def _conv_forward_refusal(self) -> str | None:
+        """Why the base's own ``_conv_forward`` (see :meth:`_own_conv_forward`) cannot convolve A,
+        or None: a base with groups > 1 (A has groups 1), or one that is not linear in its weight
+        (checked on a probe input and two probe weights), so that ``base + B(A(x))`` would not be
+        the base convolution with the weight ``W + dW``."""
+        if not self._own_conv_forward():
+            return None
+        base, kind = self._base, type(self._base).__name__
+        if self._groups > 1:
+            return f"{kind} with groups={self._groups}: {_OWN_CONV_FORWARD}"
+        weight = self.base_weight
+        if not weight.is_floating_point() or weight.is_meta:
+            return f"{kind}: {_OWN_CONV_FORWARD}, which cannot be checked without floating-point weights with data"
+        cin, *kernel = self.spec.a_row_shape
+        gen = torch.Generator().manual_seed(0)
+        size = [(k - 1) * d + 1 + s for k, d, s in zip(kernel, base.dilation, base.stride)]
+        probe, w1, w2 = (
+            torch.randn(shape, generator=gen) for shape in ((1, cin, *size), (2, cin, *kernel), (2, cin, *kernel))
+        )
+        probe, w1, w2 = (t.to(weight.device, weight.dtype) for t in (probe, w1, w2))
+        try:
+            with torch.no_grad():
+                got, want = base._conv_forward(probe, w1 + w2, None), base._conv_forward(probe, w1, None)
+                want = want + base._conv_forward(probe, w2, None)
+        except Exception as exc:  # the module's own code: anything can happen
+            return f"{kind}: {_OWN_CONV_FORWARD}, and calling it with a probe weight raised {type(exc).__name__}: {exc}"
+        diff = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
+        size_ = float(want.double().abs().max()) if want.numel() else 0.0
+        if not diff <= math.sqrt(torch.finfo(want.dtype).eps) * size_:
+            return f"{kind}: {_OWN_CONV_FORWARD}, and it is not linear in its weight (off by up to {diff:.3g})"
         return None
 
     def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

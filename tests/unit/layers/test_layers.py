@@ -7,10 +7,12 @@ input batch and adapters, injects lorahot into a one-module holder and checks th
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -321,3 +323,96 @@ def test_an_embedding_with_max_norm_is_refused(merged: bool) -> None:
     with pytest.raises(lorahot.UsageError, match=r"max_norm=1\.0"):
         lorahot.inject(model, ["0"], max_rank=2, merged=merged)
     assert type(model[0]) is nn.Embedding
+
+
+def _pad_circularly(conv: nn.Module) -> None:
+    """What a seamless-tiling pipeline does to each conv of a model: a ``_conv_forward`` of the
+    module's own that pads circularly, whatever its ``padding_mode``."""
+
+    def conv_forward(self: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x = F.pad(x, self._reversed_padding_repeated_twice, mode="circular")
+        return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+
+    conv._conv_forward = types.MethodType(conv_forward, conv)
+
+
+class _CircularConv(nn.Conv2d):
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x = F.pad(x, self._reversed_padding_repeated_twice, mode="circular")
+        return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _StandardizedConv(nn.Conv2d):
+    """Weight standardization inside ``_conv_forward``: not linear in the weight."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        weight = (weight - weight.mean()) / (weight.std() + 1e-5)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["one-slot", "routed"])
+@pytest.mark.parametrize(
+    "how",
+    ["padding-mode-after-inject", "conv-forward-after-inject", "conv-forward-before-inject", "conv-forward-class"],
+)
+def test_a_conv_lora_pads_as_its_base_pads_at_each_call(how: str, routed: bool) -> None:
+    """A conv's LoRA convolves its input as the base convolves it at each call: after a pipeline
+    sets ``padding_mode = "circular"`` or a circular ``_conv_forward`` on the conv (seamless
+    tiling), before or after inject, or with a class whose ``_conv_forward`` pads circularly.
+    Float64 against the circularly padded conv with the weight ``W + B @ A``; per-row routing
+    (a row of the adapter's slot beside a base row) too. The LoRA path kept zero padding before
+    (max abs diff 1.9 at the borders)."""
+    torch.manual_seed(0)
+    base = (_CircularConv if how == "conv-forward-class" else nn.Conv2d)(4, 6, 3, padding=1).double()
+    if how == "conv-forward-before-inject":
+        _pad_circularly(base)
+    model = Holder(base)
+    tensors, ab = make_adapter(model, {"layer": 4}, dtype=torch.float64)
+    circular = nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular").double()
+    circular.load_state_dict(base.state_dict())
+    runtime = lorahot.inject(model, ["layer"], max_rank=4, slots=2)
+    runtime.load(tensors, slot=1)
+    runtime.activate([1, -1] if routed else 1)
+    if how == "padding-mode-after-inject":
+        base.padding_mode = "circular"
+    elif how == "conv-forward-after-inject":
+        _pad_circularly(base)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    a, b = ab["layer"]
+    want = reference(circular, x, a, b, 1.0)
+    if routed:
+        want[1:] = reference(circular, x[1:], None, None, 1.0)
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["not-linear", "grouped"])
+def test_a_conv_forward_of_its_own_that_the_lora_cannot_follow_is_refused_at_inject(how: str) -> None:
+    """A ``_conv_forward`` of the module's own that is not linear in its weight (weight
+    standardization), or on a grouped conv (A convolves with groups 1), is refused at inject
+    naming the module, the model as it was; before, the LoRA was added as a plain conv's."""
+    torch.manual_seed(0)
+    if how == "not-linear":
+        base: nn.Module = _StandardizedConv(4, 6, 3)
+        match = r"layer: _StandardizedConv: its _conv_forward is not the torch class's .* not linear in its weight"
+    else:
+        base = _CircularConv(4, 6, 3, groups=2)
+        match = r"layer: _CircularConv with groups=2: its _conv_forward is not the torch class's"
+    model = Holder(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lorahot.UsageError, match=match):
+        lorahot.inject(model, ["layer"], max_rank=4)
+    assert model.layer is base and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_grouped_conv_given_a_conv_forward_after_inject_refuses_to_compute() -> None:
+    """A grouped conv given a ``_conv_forward`` of its own after inject (which A's groups-1
+    convolution cannot go through) refuses its next forward, naming the layer."""
+    torch.manual_seed(0)
+    model = Holder(nn.Conv2d(4, 6, 3, padding=1, groups=2))
+    tensors, _ = make_adapter(model, {"layer": 4})
+    lorahot.inject(model, ["layer"], max_rank=4).load(tensors)
+    _pad_circularly(model.layer.base_layer)
+    with pytest.raises(lorahot.UsageError, match=r"layer \(LoRAConv over Conv2d .*set after inject"):
+        model(torch.randn(1, 4, 5, 5))
