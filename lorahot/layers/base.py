@@ -230,6 +230,12 @@ class LoRALayer(nn.Module):
     _wide_at: tuple[int, tuple[Any, ...], tuple[int, ...]] | None = None
 
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
+        complex_ = next((t for t in (*base_layer.parameters(), *base_layer.buffers()) if t.is_complex()), None)
+        if complex_ is not None:  # inject(dtype=...) would give it real buffers, and cast its input to them
+            raise UsageError(
+                f"{type(base_layer).__name__} has {complex_.dtype} weights; LoRA buffers are real, and the update of a "
+                "complex input would drop its imaginary part. Exclude this module from targets."
+            )
         super().__init__()
         self.base_layer = base_layer
         # The same module as a plain attribute: the forward reaches it without going through
