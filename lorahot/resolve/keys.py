@@ -12,10 +12,15 @@ For each key, in order:
    LDM block names mapped to diffusers ones), exactly or as a ``_``-suffix;
 5. the underscore form of a key that carries wrapper levels the model lacks
    (``text_model_encoder_layers_0_self_attn_q_proj`` on transformers-5 CLIP, whose layers are
-   ``encoder.layers.0.self_attn.q_proj``): the longest ``_``-suffix of the key that step 4
-   would match, dropping only leading segments without a number (wrappers such as
+   ``encoder.layers.0.self_attn.q_proj``): the longest ``_``-suffix of the key that is a
+   layer's underscore form, dropping only leading segments without a number (wrappers such as
    ``text_model`` or ``model``, never a block index) and keeping at least one named segment,
    so no table per model is needed.
+
+The levels a suffix match skips, on either side, are wrappers: none carries a number (a key
+without a block index never lands inside ``transformer_blocks.0``), and those skipped from the
+key name no module of the model (``time_embedder.proj_in`` names a module under the model's
+``time_embedder``, which it lacks, never the model's top-level ``proj_in``).
 
 A key that matches nothing and that the format declares fused (Flux's ``img_attn.qkv``) is
 split into its parts (:mod:`lorahot.resolve.split`), which are then matched in its place.
@@ -70,6 +75,9 @@ class _Names:
         self.dotted_tails = _tails({n: [n] for n in names}, ".")  # "b.c" -> names ending in ".b.c"
         self.underscore_tails = _tails(self.underscore, "_")  # "b_c" -> names whose form ends in "_b_c"
         self.per_block = ldm.layers_per_block(names)
+        #: the names and the modules they are inside (``time_embedder`` of ``time_embedder.linear_1``)
+        self.paths = {n[:i] for n in names for i, c in enumerate(n + ".") if c == "."}
+        self.underscore_paths = {p.replace(".", "_") for p in self.paths}
         #: the injected names with the model's other modules, where those are known (_index)
         self.whole: _Names | None = None
         # (key, format) -> the names it matches; per index, so it goes with the index
@@ -78,9 +86,31 @@ class _Names:
         )
 
     def dotted(self, key: str) -> list[str]:
-        """Names ending in ``"." + key``, and names ``key`` ends in (after a ``.``)."""
+        """Names ending in ``"." + key``, and names ``key`` ends in (after a ``.``); the levels
+        either side has beyond the other are wrappers (:meth:`wrapper`)."""
         tail = key[-(self.longest + 1) :]  # a name key ends in is at most this long
-        return self.dotted_tails.get(key, []) + [t for t in _after(tail, ".") if t in self.exact]
+        longer = [n for n in self.dotted_tails.get(key, []) if _unnumbered(n[: -len(key) - 1])]
+        return longer + [t for t in _after(tail, ".") if t in self.exact and self.wrapper(key[: -len(t) - 1])]
+
+    def wrapper(self, levels: str) -> bool:
+        """Whether ``levels``, the leading levels of a dotted key that a layer's name lacks,
+        can be a wrapper the model lacks: none carries a number (a block index), and none,
+        after a component prefix or not, is a module of the model (see :meth:`module_end`)."""
+        starts = [0, *(i + 1 for i, c in enumerate(levels) if c == ".")]
+        return _unnumbered(levels) and all(self.module_end(levels[i:] + ".", ".") > len(levels) - i for i in starts)
+
+    def module_end(self, key: str, sep: str) -> int:
+        """Where the first module of the model that ``key``'s leading levels name ends (the
+        ``sep`` after it), or ``len(key)``: ``time_embedder`` in ``time_embedder.proj_in``, where
+        the model has ``time_embedder.linear_1``. Such a key names a module under one the model
+        has, which the model lacks, never a layer that the key only ends like (``proj_in``)."""
+        known = self.paths if sep == "." else self.underscore_paths
+        i = key.find(sep)
+        while 0 <= i <= self.longest:
+            if key[:i] in known:
+                return i
+            i = key.find(sep, i + 1)
+        return len(key)
 
     def by_underscore(self, key: str) -> list[str]:
         u = key.replace(".", "_")
@@ -91,16 +121,25 @@ class _Names:
         for form in forms:
             if form in self.underscore:
                 return self.underscore[form]
-            hits = self.underscore_tails.get(form)
+            hits = self.longer(form)
             if hits:
                 return hits
         return []
 
+    def longer(self, form: str) -> list[str]:
+        """Names whose underscore form ends in ``"_" + form``, the levels before it wrappers
+        (no number: ``transformer_blocks_0_`` is a block, which ``form`` does not name)."""
+        return [n for n in self.underscore_tails.get(form, []) if _unnumbered(n[: -len(form) - 1])]
+
     def unwrapped(self, key: str) -> list[str]:
-        """Step 5: names matched by the longest ``_``-suffix of ``key`` after leading wrapper
-        segments (segments without digits) are dropped; empty if none matches."""
+        """Step 5: the names whose underscore form is the longest ``_``-suffix of ``key`` after
+        leading wrapper segments (without digits, naming no module of the model) are dropped;
+        empty if none is. The suffix names a layer exactly: with levels skipped on both sides,
+        any two names that end alike would match (``final_layer_adaln_proj_linear`` and
+        ``norm_out.linear``)."""
         u = key.replace(".", "_")
         digit = next((k for k, c in enumerate(u) if c.isdigit()), len(u))
+        digit = min(digit, self.module_end(u, "_") - 1)  # nor levels that name a module of the model
         # tails longer than every name match none: start where they fit (linear in the key,
         # whatever its length; a hostile file's keys are up to 1,024 characters)
         i = u.find("_", max(0, len(u) - self.longest - 1))
@@ -110,7 +149,7 @@ class _Names:
             tail = u[i + 1 :]
             if all(any(c.isdigit() for c in seg) for seg in tail.split("_")):
                 return []  # only indices left (``adaLN_modulation_1`` -> ``1``): no name to match
-            hits = self.underscore.get(tail) or self.underscore_tails.get(tail)
+            hits = self.underscore.get(tail)
             if hits:
                 return hits
             i = u.find("_", i + 1)
@@ -132,6 +171,14 @@ def outside(modules: Sequence[str], layers: Sequence[str]) -> tuple[str, ...]:
         if not dot:
             out.append(name)
     return tuple(out)
+
+
+def _unnumbered(levels: str) -> bool:
+    """Whether no level of ``levels`` carries a number (a block index, ``attn1``)."""
+    return _DIGIT.search(levels) is None
+
+
+_DIGIT = re.compile(r"[0-9]")
 
 
 def _tails(forms: dict[str, list[str]], sep: str) -> dict[str, list[str]]:

@@ -86,14 +86,22 @@ def test_wrapper_levels_never_drop_a_block_index() -> None:
 
 
 def test_wrapper_match_that_is_ambiguous_lists_candidates() -> None:
-    model = nn.ModuleDict(
-        {"a": nn.ModuleDict({"q": nn.Linear(8, 8)}), "b": nn.ModuleDict({"x": nn.ModuleDict({"q": nn.Linear(8, 8)})})}
-    )
-    model["a"]["x"] = nn.ModuleDict({"q": nn.Linear(8, 8)})
+    model = nn.ModuleDict({"x": nn.ModuleDict({"q": nn.Linear(8, 8)}), "x_q": nn.Linear(8, 8)})
+    runtime = lorahot.inject(model, ["q", "x_q"], max_rank=4)
+    key = "lora_unet_wrap_x_q"
+    tensors = {f"{key}.lora_down.weight": torch.randn(2, 8), f"{key}.lora_up.weight": torch.randn(8, 2)}
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"lora_unet_wrap_x_q: ambiguous, matches x\.q, x_q"):
+        runtime.load(tensors)
+
+
+def test_wrapper_levels_are_dropped_from_the_key_only() -> None:
+    """The suffix left after the key's wrapper levels names a layer whole: levels skipped on
+    both sides would let any two names that end alike match (``wrap_x_q`` and ``a.x.q``)."""
+    model = nn.ModuleDict({"a": nn.ModuleDict({"x": nn.ModuleDict({"q": nn.Linear(8, 8)})})})
     runtime = lorahot.inject(model, ["q"], max_rank=4)
     key = "lora_unet_wrap_x_q"
     tensors = {f"{key}.lora_down.weight": torch.randn(2, 8), f"{key}.lora_up.weight": torch.randn(8, 2)}
-    with pytest.raises(lorahot.AdapterMismatchError, match=r"lora_unet_wrap_x_q: ambiguous, matches a\.x\.q, b\.x\.q"):
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"{key}: matches no injected layer"):
         runtime.load(tensors)
 
 

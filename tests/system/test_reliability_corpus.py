@@ -372,9 +372,9 @@ def _(tmp, rig):
 
 
 @case(
-    "ambiguous_short_name",
+    "short_name_without_its_block",  # no block index: it lands in no block, not one of every block
     AdapterMismatchError,
-    r"self_attn\.q_proj: ambiguous, matches layers\.0\.self_attn\.q_proj, layers\.1\.self_attn\.q_proj",
+    r"self_attn\.q_proj: matches no injected layer \(closest: layers\.\d\.self_attn\.q_proj",
 )
 def _(tmp, rig):
     return _tensors_dir(

@@ -300,3 +300,53 @@ def test_fuse_reaches_a_fused_layer_at_the_model_root() -> None:
     delta = torch.cat([x @ q.T, torch.zeros(3, 8), x @ v.T], 1)
     with torch.no_grad():
         torch.testing.assert_close(model["qkv_proj"](x), model["qkv_proj"].base_layer(x) + delta)
+
+
+def _top_level_and_one_block() -> nn.Module:
+    """Top-level layers with generic names beside a module and a block of the same model (a
+    diffusers transformer's ``proj_in``, ``time_embedder.linear_1``, ``transformer_blocks.0``)."""
+    block = nn.ModuleDict({"adaln_proj": nn.ModuleDict({"linear": nn.Linear(8, 8)})})
+    return nn.ModuleDict(
+        {
+            "proj_in": nn.Linear(8, 8),
+            "time_embedder": nn.ModuleDict({"linear_1": nn.Linear(8, 8)}),
+            "transformer_blocks": nn.ModuleList([block]),
+        }
+    )
+
+
+#: the MiniMax-H3 names below in each spelling: (stray key, a key of time_embedder.linear_1, A and B roles)
+_DOTTED, _BARE, _KOHYA = ("lora_A", "lora_B"), ("lora_A", "lora_B"), ("lora_down", "lora_up")
+
+
+@pytest.mark.parametrize(
+    ("key", "own", "roles"),
+    [
+        # the model has time_embedder, whose layer is linear_1: proj_in under it names nothing
+        ("diffusion_model.time_embedder.proj_in", "diffusion_model.time_embedder.linear_1", _DOTTED),
+        ("time_embedder.proj_in", "time_embedder.linear_1", _BARE),
+        ("lora_unet_time_embedder_proj_in", "lora_unet_time_embedder_linear_1", _KOHYA),
+        # a module outside the blocks: not block 0's adaln_proj.linear
+        ("lora_unet_final_layer_adaln_proj_linear", "lora_unet_time_embedder_linear_1", _KOHYA),
+    ],
+)
+def test_a_key_of_another_models_module_never_lands_on_a_layer_it_only_ends_like(
+    key: str, own: str, roles: tuple[str, str]
+) -> None:
+    """Keys in another model's own names (MiniMax-H3's ``time_embedder.proj_in`` and
+    ``final_layer.adaln_proj.linear``) match no layer: the levels a suffix match skips are
+    wrappers, so a skipped level that names a module of the model (``time_embedder``) or holds
+    a block index of the layer (``transformer_blocks.0``) is none. They landed on ``proj_in``
+    and on block 0's ``adaln_proj.linear``, silently; strict=False skips them."""
+    model = _top_level_and_one_block()
+    runtime = lorahot.inject(model, ["proj_in", "linear_1", "linear"], max_rank=4)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        before = {n: model.get_submodule(n)(x) for n in runtime.layers}
+    stray = lora_pair(key, *roles)
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"{key}: matches no injected layer"):
+        runtime.load(stray)
+    with torch.no_grad():
+        assert all(torch.equal(model.get_submodule(n)(x), before[n]) for n in runtime.layers)
+    info = runtime.load(stray | lora_pair(own, *roles), strict=False)
+    assert set(info.ranks) == {"time_embedder.linear_1"} and set(info.skipped) == set(stray)
