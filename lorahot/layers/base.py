@@ -32,6 +32,7 @@ checkpoint unchanged. The LoRA buffers are not persistent.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,6 +53,7 @@ __all__ = [
     "Shard",
     "LayerSpec",
     "LoRALayer",
+    "input_name",
     "overrides_forward",
     "own_code",
     "forward_mismatch",
@@ -145,7 +147,7 @@ class LayerSpec:
 
 #: The attributes :attr:`LoRALayer._plan` gathers for the forward.
 _PLANNED = frozenset(
-    {"merged", "fused", "wide", "extras", "regional", "_key", "_geometry", "_slot_geometry", "_wide_at"}
+    {"merged", "fused", "wide", "extras", "regional", "_key", "_geometry", "_slot_geometry", "_wide_at", "_input_name"}
 )
 
 
@@ -210,9 +212,12 @@ class LoRALayer(nn.Module):
     _slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     #: The layer's module path in the model, set by :meth:`bind` (for messages).
     _path: str = ""
+    #: The name the base module's ``forward`` gives its input (:func:`input_name`), set at
+    #: construction; a call that passes the input by keyword reads it (from :attr:`_plan`).
+    _input_name: str | None = None
 
     #: What the forward branches on, as one tuple: ``(merged, fused, wide, extras, arena key,
-    #: view geometry, slot views' geometry, wide group, unrouted)``, kept equal to those attributes by
+    #: view geometry, slot views' geometry, wide group, unrouted, input name)``, kept equal to those attributes by
     #: :meth:`__setattr__`. A compiled model re-checks every attribute its forward reads on each
     #: call, per layer (one guard or more each): read as one constant tuple they cost one check
     #: instead of a dozen. Both geometries and the wide group (see :attr:`_wide_at`) are None
@@ -221,7 +226,9 @@ class LoRALayer(nn.Module):
     #: layer's rows are not the batch's, and no per-row routing reaches it: a mixture-of-experts
     #: block's expert (:func:`lorahot.layers.routing.is_expert`, or by structure:
     #: :mod:`lorahot.runtime.experts`) or a vision tower's layer (:mod:`lorahot.runtime.towers`).
-    _plan: tuple[Any, ...] = (False, False, False, True, -1, (), (), None, False)
+    #: ``input name``: :attr:`_input_name`, for a call that passes the input by keyword (None in
+    #: merged mode, whose forward passes every argument on to the base module as it came).
+    _plan: tuple[Any, ...] = (False, False, False, True, -1, (), (), None, False, None)
     #: For a wide layer whose buffer is one of a group's, back to back in one allocation
     #: (:mod:`lorahot.kernels.wide_groups`): ``(handle key, (size, stride, offset), outs)``, the
     #: geometry of its buffer in the allocation, as the compiled graph reads it, and every
@@ -241,6 +248,8 @@ class LoRALayer(nn.Module):
         # The same module as a plain attribute: the forward reaches it without going through
         # nn.Module.__getattr__ (and this class's), which the compiler would guard per call.
         object.__setattr__(self, "_base", base_layer)
+        # the name the base's forward gives its input, for a call that passes it by keyword
+        self._input_name = input_name(base_layer)
         self.spec = spec
         self.register_state_dict_post_hook(_drop_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
@@ -291,9 +300,10 @@ class LoRALayer(nn.Module):
                 slots,
                 wide_at,
                 unrouted,
+                seen.get("_input_name"),
             )
             if self.merged:  # the forward reads nothing else: the smallest constant to compare
-                plan = (True, False, False, False, -1, (), (), None, False)
+                plan = (True, False, False, False, -1, (), (), None, False, None)
             object.__setattr__(self, "_plan", plan)
 
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -554,13 +564,23 @@ class LoRALayer(nn.Module):
         """Why a LoRA bias (PEFT ``lora_bias``) cannot run on this layer, or None."""
         return None
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base module's output plus the live adapter's update, called as the base module is
+        called: its input positionally, or by the name its own ``forward`` gives it
+        (``input=`` for torch's Linear, conv and Embedding; see :meth:`keyword_input`), with
+        whatever other arguments it takes."""
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
         # layer: keep them few (see lorahot.layers.tensor_handles).
-        merged, fused, wide, extras, key, geometry, slot_geometry, _, unrouted = self._plan
+        merged, fused, wide, extras, key, geometry, slot_geometry, _, unrouted, name = self._plan
         if merged:
-            out: torch.Tensor = self._base(x, *args, **kwargs)
+            out: torch.Tensor = self._base(*args, **kwargs)
             return out
+        if args:
+            x, args = args[0], args[1:]
+        else:  # the input by keyword (``self.proj(input=h)``), under the name the base's forward gives it
+            if name not in kwargs:
+                self.refuse_keyword_call(kwargs)
+            x = kwargs.pop(name)  # (a dict of this call's own)
         route = ROUTES.get(key)  # an unbound layer has no entry: _views() below says so
         if route is not None and unrouted:  # an MoE expert or a vision tower: no routed slot has weights here
             routed_out: torch.Tensor = self._base(x, *args, **kwargs)  # (the runtime refuses that routing)
@@ -599,6 +619,25 @@ class LoRALayer(nn.Module):
             return y + self.lora_delta(x, a, b, scale).to(y.dtype)
         d = self.lora_delta(x, a, b, scale) + e[EXTRA_BIAS] * scale[0]
         return torch.addcmul(e[EXTRA_G], e[EXTRA_F], y + d).to(y.dtype)
+
+    def refuse_keyword_call(self, kwargs: dict[str, Any]) -> None:
+        """Raises for a call that passes no input positionally and does not name it as the base
+        module's ``forward`` does (its first parameter, :func:`input_name`).
+
+        Raises:
+            UsageError: always.
+        """
+        name, kind = self._input_name, type(self._base).__name__
+        given = ", ".join(f"{k}=" for k in kwargs) or "no arguments"
+        how = (
+            f"{kind}.forward names it {name!r}. Pass it positionally or as {name}=x"
+            if name is not None
+            else f"{kind}.forward gives it no name a keyword call can use. Pass it positionally"
+        )
+        raise UsageError(
+            f"{self._describe()}: called with {given} and no positional input; the LoRA update applies to the input "
+            f"the base module takes first, and {how}."
+        )
 
     def _finish(self, z: torch.Tensor, e: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``f * (z + s[0] * lora_bias) + g`` for ``z = base(x) + B(s * A(x))`` from a kernel
@@ -804,6 +843,18 @@ class LoRALayer(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"kind={s.kind}, in_dim={s.in_dim}, out_dim={s.out_dim}, groups={s.groups}"
+
+
+def input_name(module: nn.Module) -> str | None:
+    """The name of the first parameter of ``module``'s ``forward`` (an instance's own included),
+    where a call can pass it by keyword or by position alike; None where it cannot (a
+    positional-only or keyword-only parameter, ``*args``, none, or no signature to read)."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # a callable without a signature Python can read
+        return None
+    first = parameters[0] if parameters else None
+    return first.name if first is not None and first.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD else None
 
 
 def overrides_forward(module: nn.Module, torch_cls: type[nn.Module]) -> bool:

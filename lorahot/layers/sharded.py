@@ -209,9 +209,15 @@ class ShardedLoRALinear(LoRALinear):
     def lora_bias_refusal(self) -> str | None:
         return "a LoRA bias (lora_bias) does not run on a tensor-parallel layer; load it on an unsharded model"
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         # ``x`` is the DTensor the input hook made; the base computes its output DTensor
         # (column-parallel: Shard(-1); row-parallel: Partial); the LoRA part joins it locally.
+        if args:
+            x, args = args[0], args[1:]
+        else:  # by keyword, as the base module takes it (LoRALayer.forward)
+            if self._plan[9] not in kwargs:
+                self.refuse_keyword_call(kwargs)
+            x = kwargs.pop(self._plan[9])
         x_local = _local(x)
         route = ROUTES[self._plan[4]]
         if route is not None and self._plan[8]:  # an MoE expert or a vision tower: no routed slot has weights here

@@ -8,6 +8,7 @@ dense reference. Negative controls show the test would catch the mistakes loraho
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -22,6 +23,7 @@ from lorahot.layers.tensor_handles import TENSORS
 from lorahot.runtime import wide as wide_layers
 from tests.helpers import (
     ScaledEmbedding,
+    ScaledProj,
     make_adapter,
     model_reference,
     stack_reference,
@@ -517,3 +519,53 @@ def test_a_compiled_layer_traces_only_the_arena_views_its_path_reads(monkeypatch
     fused = _fused_wide_mlp(monkeypatch)[0]
     assert views(fused) == 2
     assert views(fused, rows=8) == 6  # the fused kernel's rows: A, B and the scales of each layer
+
+
+class _CalledBy(nn.Module):
+    """An Embedding, a Conv1d, a Linear and a custom linear-like module called positionally, or
+    with the input by keyword as each one's forward names it (``input=``; ``x=``)."""
+
+    def __init__(self, keyword: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.keyword = keyword
+        self.embed, self.conv = nn.Embedding(16, 8), nn.Conv1d(8, 6, 3, padding=1)
+        self.proj, self.custom = nn.Linear(6, 6), ScaledProj(6, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.keyword:
+            h = self.conv(input=self.embed(input=ids).transpose(1, 2)).transpose(1, 2)
+            return self.custom(x=self.proj(input=h))
+        h = self.conv(self.embed(ids).transpose(1, 2)).transpose(1, 2)
+        return self.custom(self.proj(h))
+
+
+def test_layers_called_by_keyword_compile_as_called_positionally() -> None:
+    """A model that calls its layers with the input by keyword compiles into one graph with no
+    break, with the very guards of the same model calling them positionally (the input's name
+    is read from the layer's plan, which is guarded anyway), follows loads and scale changes
+    without recompiling, and computes the float64 reference."""
+    ids = token_ids((2, 5), 16, seed=2)
+    names = ["embed", "conv", "proj", "custom"]
+    guards = []
+    for keyword in (False, True):
+        model = _CalledBy(keyword)
+        runtime = lorahot.inject(model, names, max_rank=MAX_RANK)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            explained = torch._dynamo.explain(model)(ids)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+        # (each runtime's arenas have keys of their own)
+        guards.append(sorted((re.sub(r"\[\d+\]", "[key]", g.name), g.create_fn_name()) for g in explained.out_guards))
+        counter = torch._dynamo.testing.CompileCounter()
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        with torch.no_grad():
+            compiled(ids)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for seed, scale in ((1, 1.0), (2, 0.5)):
+                    tensors, ab = make_adapter(model, dict.fromkeys(names, 2), seed=seed)
+                    runtime.load(tensors, scale=scale)
+                    want = model_reference(_CalledBy(False), ids, {n: (a, b, scale) for n, (a, b) in ab.items()})
+                    torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
+        assert counter.frame_count == 1
+    assert guards[0] == guards[1]

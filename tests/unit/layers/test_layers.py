@@ -243,17 +243,18 @@ def test_forward_plan_follows_every_flag_it_gathers(monkeypatch: pytest.MonkeyPa
     for layer in layers:
         assert layer.wide
         geometries = (layer._key, layer._geometry, layer._slot_geometry, layer._wide_at)
-        assert layer._plan == (False, layer.fused, True, True, *geometries, False)
+        assert layer._plan == (False, layer.fused, True, True, *geometries, False, "input")
         assert layer._wide_at is not None  # neighbours under one parent, one input width: one wide group
     lorahot.eject(model)
     assert all(layer._plan[2] is False and layer._plan[7] is None for layer in layers)  # unwidened
     merged = nn.Sequential(nn.Linear(8, 8))
     lorahot.inject(merged, ["0"], max_rank=4, merged=True)
-    assert merged[0]._plan == (True, False, False, False, -1, (), (), None, False)
+    assert merged[0]._plan == (True, False, False, False, -1, (), (), None, False, None)
     plain = nn.Sequential(nn.Linear(8, 8))
     lorahot.inject(plain, ["0"], max_rank=4, fused=False)
     layer = plain[0]
-    assert layer._plan == (False, False, False, False, layer._key, layer._geometry, layer._slot_geometry, None, False)
+    plan = (False, False, False, False, layer._key, layer._geometry, layer._slot_geometry, None, False, "input")
+    assert layer._plan == plan
     layer.wide = True  # any later change of a gathered flag reaches the plan
     assert layer._plan[2] is True
     moved = (((1, 4, 8), (32, 8, 1), 0),) * 4
@@ -436,3 +437,96 @@ def test_a_layer_with_complex_weights_is_refused_whatever_the_buffers_dtype(
     ):
         lorahot.inject(model, ["layer"], max_rank=4, dtype=dtype)
     assert model.layer is base and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class _ByKeyword(nn.Module):
+    """Calls its layer with the input by keyword, as ``self.proj(input=x)``: ``name`` is the
+    first parameter of the layer's own ``forward``."""
+
+    def __init__(self, layer: nn.Module, name: str) -> None:
+        super().__init__()
+        self.layer, self.name = layer, name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(**{self.name: x})
+
+
+_BY_KEYWORD = {  # kind -> (module, its forward's input name, an input)
+    "linear": (lambda: nn.Linear(4, 3), "input", lambda g: torch.randn(2, 3, 4, generator=g)),
+    "conv": (lambda: nn.Conv2d(4, 3, 3, padding=1), "input", lambda g: torch.randn(2, 4, 5, 5, generator=g)),
+    "embedding": (lambda: nn.Embedding(7, 4), "input", lambda g: torch.randint(0, 7, (2, 3), generator=g)),
+    "conv1d_tf": (lambda: Conv1D(3, 4), "x", lambda g: torch.randn(2, 3, 4, generator=g)),
+    "custom": (lambda: ScaledProj(4, 3), "x", lambda g: torch.randn(2, 3, 4, generator=g)),
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode"),
+    # merged mode folds only Linear, Conv1D, conv and Embedding weights
+    [(k, m) for k in _BY_KEYWORD for m in ("one-slot", "routed", "merged") if (k, m) != ("custom", "merged")],
+)
+def test_a_layer_called_by_keyword_computes_what_a_positional_call_does(kind: str, mode: str) -> None:
+    """A model that calls a wrapped module with its input by keyword (``self.proj(input=x)``;
+    ``x=`` for transformers' Conv1D and a custom module whose forward names it so) gets the
+    base output plus the LoRA update, as a positional call: float64 against the dense
+    reference, bitwise equal to the positional call; per-row routing and merged mode too. It
+    raised ``TypeError: LoRALayer.forward() missing 1 required positional argument: 'x'``."""
+    make, name, draw = _BY_KEYWORD[kind]
+    torch.manual_seed(0)
+    base = make().double()
+    model = _ByKeyword(base, name)
+    x = draw(torch.Generator().manual_seed(1))
+    x = x if kind == "embedding" else x.double()
+    tensors, ab = make_adapter(model, {"layer": 2}, dtype=torch.float64)
+    want = reference(base, x, *ab["layer"], 1.0)
+    if mode == "routed":
+        want[1:] = reference(base, x[1:], None, None, 1.0)
+    runtime = lorahot.inject(model, ["layer"], max_rank=2, slots=2, merged=mode == "merged")
+    runtime.load(tensors)
+    if mode == "routed":
+        runtime.activate([0, -1])
+    with torch.no_grad():
+        got = model(x)
+        positional = model.layer(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch.equal(got, positional)
+
+
+class _Packed(nn.Module):
+    """A linear-like module whose forward takes ``*args``: its input has no name a keyword call
+    can give."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 3)
+        self.in_features, self.out_features = 4, 3
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.inner(args[0])
+
+
+@pytest.mark.parametrize(
+    ("make", "call", "match"),
+    [
+        (
+            lambda: nn.Linear(4, 3),
+            {"inp": torch.randn(2, 4)},
+            r"^layer \(LoRALinear over Linear \(4 -> 3\)\): called with inp= and no positional input; .* "
+            r"Linear\.forward names it 'input'\. Pass it positionally or as input=x\.$",
+        ),
+        (
+            _Packed,
+            {"x": torch.randn(2, 4)},
+            r"^layer \(LoRALinear over _Packed \(4 -> 3\)\): called with x= .* _Packed\.forward gives it no name a "
+            r"keyword call can use\. Pass it positionally\.$",
+        ),
+    ],
+    ids=["wrong-name", "no-name"],
+)
+def test_a_keyword_call_that_does_not_name_the_input_is_refused(make, call: dict, match: str) -> None:
+    """A call that passes no input positionally and not under the name the base's forward
+    gives it is refused, naming the layer, the keywords given and the name to use."""
+    model = Holder(make())
+    lorahot.inject(model, ["layer"], max_rank=2)
+    with pytest.raises(lorahot.UsageError, match=match):
+        model.layer(**call)
