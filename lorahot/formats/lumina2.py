@@ -22,6 +22,10 @@ as many key-value heads as query heads, so its ``attention.qkv`` is cut ``1 : 1 
 ``attention.to_q``/``to_k``/``to_v``, as diffusers' Ideogram 4 conversion cuts it. Of the two
 cuts of ``attention.qkv``, each model takes the one whose layers it has
 (:func:`lorahot.resolve.split.placed`).
+
+LyCORIS factors (LoHa, LoKr, ...: ai-toolkit's Z-Image LoKr files, which diffusers' Z-Image
+loader reads) load in merged mode, as in ComfyUI naming; one on the fused ``attention.qkv`` of
+a diffusers-named model is refused by name (only LoRA modules are split).
 """
 
 from __future__ import annotations
@@ -29,7 +33,15 @@ from __future__ import annotations
 import re
 
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
-from lorahot.formats.table import DIFFUSION_MODEL, REFUSED, KeyFormat, Reorder, Split, lora_rules
+from lorahot.formats.table import (
+    DIFFUSION_MODEL,
+    REFUSED_MERGEABLE,
+    KeyFormat,
+    Reorder,
+    Split,
+    lora_rules,
+    lycoris_rules,
+)
 from lorahot.formats.table import NAME_START as _START
 
 __all__ = ["FORMAT", "SPLITS"]
@@ -69,10 +81,10 @@ SPLITS: tuple[Split | Reorder, ...] = (
 
 FORMAT = KeyFormat(
     name="lumina2",
-    rules=lora_rules(),
+    rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
     prefixes=(*DIFFUSION_MODEL, "conditional_transformer."),
     require_prefix=True,
-    refuse=REFUSED,
+    refuse=REFUSED_MERGEABLE,
     marker=(
         r"^(?:(?:model\.)?diffusion_model|conditional_transformer)\.(?:layers|noise_refiner|context_refiner)\.\d+\."
         r"(?:attention\.(?:qkv|out|o)|feed_forward\.w[123])\."

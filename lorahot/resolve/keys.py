@@ -49,7 +49,7 @@ from lorahot.errors import AdapterMismatchError, format_problems, shown
 from lorahot.formats import FORMATS, KeyFormat, format_named
 from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
-from lorahot.resolve.split import placed
+from lorahot.resolve.split import placed, weight_kind
 
 __all__ = ["resolve_keys", "resolve_all", "outside"]
 
@@ -320,6 +320,12 @@ def resolve_all(
                 continue
         if not hits and skipped is not None:
             skipped.extend(module.source_keys or (key,))
+        elif not hits and isinstance(module, WeightModule) and _fused(key, fmt):
+            problems.append(
+                f"{named}: a {weight_kind(module)}, on a fused module the {fmt.name} naming splits onto the model's "
+                "separate layers; lorahot splits LoRA modules only (by B's rows). Load it into a model with the fused "
+                "layer (the original names), or convert the module to LoRA"
+            )
         elif not hits:
             close = _closest(key, fmt, index) if len(problems) < _SHOWN else []  # the rest are not shown
             problems.append(
@@ -345,6 +351,11 @@ def resolve_all(
         )
     lora = {n: m for n, m in out.items() if isinstance(m, LoraModule)}
     return lora, {n: m for n, m in out.items() if isinstance(m, WeightModule)}
+
+
+def _fused(key: str, fmt: KeyFormat) -> bool:
+    """Whether ``key`` names a module that ``fmt`` splits onto several layers (or re-orders)."""
+    return any(re.fullmatch(rule.pattern, key) for rule in fmt.splits)
 
 
 #: problems a message shows (format_problems' limit); only those get the costly closest names

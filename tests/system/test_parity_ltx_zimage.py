@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+import lorahot
 from tests.diffusion_names import assert_same as _assert_same
 from tests.diffusion_names import diffusers_weights as _diffusers
 from tests.diffusion_names import linears as _linears
@@ -148,3 +149,66 @@ def test_z_image_original_attention_out_spelling_matches_diffusers() -> None:
     _assert_same(ours, _diffusers(_tiny_zimage, diffusers.ZImagePipeline, sd, names))
     renamed = {k.replace(".attention.out.", ".attention.to_out.0."): v for k, v in sd.items()}
     _assert_same(ours, _reference(_tiny_zimage, renamed, names, "lora_down", "lora_up"))
+
+
+def _lokr_file(model: nn.Module, names: list[str], low_rank: bool) -> dict[str, torch.Tensor]:
+    """ai-toolkit's Z-Image LoKr (``diffusion_model.<name>.lokr_w1``, ``lokr_w2`` whole or as
+    ``lokr_w2_a @ lokr_w2_b`` of rank 2, with ``.alpha``) for each layer: ``kron(w1, w2)``, ``w1``
+    of 4 or 5 rows and columns, whichever divides the layer."""
+    g = torch.Generator().manual_seed(6)
+    sd = {}
+    for i, name in enumerate(names):
+        layer, key = model.get_submodule(name), f"diffusion_model.{name}"
+        o1, i1 = (next(f for f in (4, 5) if n % f == 0) for n in (layer.out_features, layer.in_features))
+        o2, i2 = layer.out_features // o1, layer.in_features // i1
+        sd[f"{key}.lokr_w1"] = torch.randn(o1, i1, generator=g, dtype=torch.float64)
+        if low_rank:
+            sd[f"{key}.lokr_w2_a"] = torch.randn(o2, 2, generator=g, dtype=torch.float64) * 0.3
+            sd[f"{key}.lokr_w2_b"] = torch.randn(2, i2, generator=g, dtype=torch.float64) * 0.3
+        else:
+            sd[f"{key}.lokr_w2"] = torch.randn(o2, i2, generator=g, dtype=torch.float64) * 0.1
+        sd[f"{key}.alpha"] = torch.tensor(3.0 + i, dtype=torch.float64)
+    return sd
+
+
+@pytest.mark.parametrize("low_rank", [False, True], ids=["whole", "w2-low-rank"])
+def test_z_image_lokr_in_its_own_names_matches_diffusers(low_rank: bool) -> None:
+    """diffusers' Z-Image loader reads ai-toolkit's LoKr files (``alpha / r`` where a half is
+    low-rank, scale 1 where both are whole, as LyCORIS). A file with a ``feed_forward.w1`` module
+    reads as Lumina2 naming, which refused the LyCORIS factors ('in kohya or ComfyUI naming') where
+    the same file without it, ComfyUI naming, loaded; it loads in merged mode, every layer as
+    diffusers' loader and the float64 LyCORIS rule give it."""
+    names = _linears(_tiny_zimage(), lambda n: n.startswith("layers.0.") or "refiner" in n)
+    sd = _lokr_file(_tiny_zimage(), names, low_rank)
+    model = _tiny_zimage()
+    info = lorahot.inject(model, "all-linear", max_rank=8, merged=True).load(dict(sd))
+    assert info.format == "lumina2"
+    ours = _weights(model, names)
+    reference = _weights(_tiny_zimage(), names)
+    for name in names:
+        key = f"diffusion_model.{name}"
+        w2 = sd[f"{key}.lokr_w2_a"] @ sd[f"{key}.lokr_w2_b"] if low_rank else sd[f"{key}.lokr_w2"]
+        scale = float(sd[f"{key}.alpha"]) / 2 if low_rank else 1.0
+        delta = scale * torch.kron(sd[f"{key}.lokr_w1"], w2)
+        reference[name] = reference[name] + torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
+    _assert_same(ours, reference)
+    _assert_same(ours, _diffusers(_tiny_zimage, diffusers.ZImagePipeline, sd, names))
+
+
+def test_a_lycoris_module_on_a_fused_qkv_is_refused_saying_why() -> None:
+    """Lumina2 naming splits a LoRA on ``attention.qkv`` by B's rows; a LoKr there is a weight
+    delta it does not cut: refused by name, saying so (strict=False skips it with its keys)."""
+    names = ["layers.0.feed_forward.w1"]
+    sd = _lokr_file(_tiny_zimage(), names, low_rank=False)
+    qkv = {"diffusion_model.layers.0.attention.qkv.lokr_w1": torch.randn(4, 4, dtype=torch.float64)}
+    qkv["diffusion_model.layers.0.attention.qkv.lokr_w2"] = torch.randn(24, 8, dtype=torch.float64)
+    model = _tiny_zimage()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=True)
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"attention\.qkv: a lokr module, a weight delta, on a fused module the lumina2 naming splits onto the "
+        r"model's separate layers; lorahot splits LoRA modules only",
+    ):
+        runtime.load(sd | qkv)
+    info = runtime.load(sd | qkv, strict=False)
+    assert set(info.skipped) == set(qkv)
