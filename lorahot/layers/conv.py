@@ -48,9 +48,17 @@ class LoRAConv(LoRALayer):
     def __init__(self, base_layer: nn.Module) -> None:
         if not isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             raise UsageError(f"{type(base_layer).__name__} is not a Conv1d/2d/3d")
-        kernel = tuple(base_layer.kernel_size)
+        if isinstance(base_layer.weight, nn.parameter.UninitializedParameter):
+            raise UsageError(
+                f"{type(base_layer).__name__} has not been materialized yet (its weight's shape is unknown until its "
+                "first call); run one forward of the model before inject."
+            )
+        # the sizes the convolution computes with: its weight's [out, in / groups, *kernel] and its
+        # groups (in_channels, out_channels and kernel_size may be stale: a weight sliced by hand)
+        cout, cin_per_group, *kernel_dims = base_layer.weight.shape
+        kernel = tuple(int(k) for k in kernel_dims)
         nd = len(kernel)
-        cin, cout = base_layer.in_channels, base_layer.out_channels
+        cin, cout = int(cin_per_group) * base_layer.groups, int(cout)
         spec = LayerSpec("conv", cin * math.prod(kernel), cout, (cin, *kernel), (1,) * nd, base_layer.groups)
         super().__init__(base_layer, spec)
         self._conv = _CONV[nd]

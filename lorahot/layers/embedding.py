@@ -49,7 +49,9 @@ class LoRAEmbedding(LoRALayer):
                 "lorahot does not reproduce that: target other modules, or set max_norm=None on the embedding"
             )
         scaled = embedding_output_scale(base_layer)
-        num, dim = base_layer.num_embeddings, base_layer.embedding_dim
+        # the table's own [num, dim], which is all its forward reads (num_embeddings and
+        # embedding_dim may be stale: a table sliced or replaced by hand)
+        num, dim = (int(n) for n in base_layer.weight.shape)
         super().__init__(base_layer, LayerSpec("embedding", num, dim, (num,)))
         self._scaled = scaled  # constant after inject: the compiler sees a constant
 
@@ -135,7 +137,8 @@ def embedding_output_scale(base: nn.Embedding) -> bool:
             f"({'its weight is on the meta device' if base.weight.is_meta else 'max_norm renormalizes its table'}). "
             "Materialize the model first, or exclude this module from targets."
         )
-    rows = sorted({0, 1, 2, base.num_embeddings - 1} & set(range(base.num_embeddings)))
+    num = int(base.weight.shape[0])
+    rows = sorted({0, 1, 2, num - 1} & set(range(num)))
     probe = torch.tensor(rows, device=base.weight.device)
 
     def expected(ids: torch.Tensor) -> torch.Tensor:

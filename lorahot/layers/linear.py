@@ -46,9 +46,14 @@ def linear_features(module: nn.Module) -> tuple[int, int] | None:
 
     Recognizes ``nn.Linear``; transformers-style ``Conv1D`` (weight ``[in, out]``, attribute
     ``nf``); and any other module that declares integer ``in_features`` and ``out_features``
-    (quantized and custom linears).
+    (quantized and custom linears). An ``nn.Linear`` that computes with torch's forward gives
+    its weight's ``[out, in]``, which is all that forward reads: its ``in_features`` and
+    ``out_features`` may be stale (a weight sliced or replaced by hand, as pruning does).
     """
     if isinstance(module, nn.Linear):
+        weight = _stored_weight(module)
+        if weight is not None and not overrides_forward(module, nn.Linear):
+            return int(weight.shape[1]), int(weight.shape[0])
         return module.in_features, module.out_features
     weight = getattr(module, "weight", None)
     if is_conv1d(module) and isinstance(weight, torch.Tensor):
@@ -57,6 +62,33 @@ def linear_features(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(fin, int) and isinstance(fout, int) and not isinstance(module, nn.modules.conv._ConvNd):
         return fin, fout
     return None
+
+
+def _stored_weight(module: nn.Module) -> torch.Tensor | None:
+    """``module.weight`` where it is a 2-D tensor of known shape (not a lazy module's
+    uninitialized parameter), else None."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
+        return None
+    return weight if weight.dim() == 2 else None
+
+
+def _size_refusal(module: nn.Module, fin: int, fout: int) -> str | None:
+    """Why the sizes an ``nn.Linear`` subclass with a ``forward`` of its own declares cannot be
+    trusted: a floating-point weight of another shape than their ``[out, in]`` (which of the two
+    its forward computes with lorahot cannot tell); None where they agree, or where the weight is
+    stored another way (packed quantized data)."""
+    weight = _stored_weight(module)
+    if not isinstance(module, nn.Linear) or weight is None or not weight.is_floating_point():
+        return None
+    if tuple(weight.shape) == (fout, fin):
+        return None
+    return (
+        f"{type(module).__name__} declares in_features={fin} and out_features={fout}, but its weight has shape "
+        f"{tuple(weight.shape)}, not ({fout}, {fin}), and its class overrides forward, so lorahot cannot tell which "
+        "sizes it computes with. Set in_features and out_features to the weight's (after slicing or replacing it), "
+        "or exclude this module from targets."
+    )
 
 
 class LoRALinear(LoRALayer):
@@ -72,6 +104,9 @@ class LoRALinear(LoRALayer):
         if features is None:
             raise UsageError(f"{type(base_layer).__name__} is not a linear-like module")
         fin, fout = features
+        refusal = _size_refusal(base_layer, fin, fout)
+        if refusal is not None:
+            raise UsageError(refusal)
         super().__init__(base_layer, LayerSpec("linear", fin, fout, (fin,)))
 
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -530,3 +530,88 @@ def test_a_keyword_call_that_does_not_name_the_input_is_refused(make, call: dict
     lorahot.inject(model, ["layer"], max_rank=2)
     with pytest.raises(lorahot.UsageError, match=match):
         model.layer(**call)
+
+
+def _sliced(kind: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A module whose weight was sliced by hand after construction (pruning), its size attributes
+    left as they were, a twin built at the weight's own sizes holding the same tensors, and an
+    input the base takes."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if kind == "linear":
+        stale, twin = nn.Linear(8, 6), nn.Linear(5, 4)
+        x = torch.randn(2, 3, 5, generator=gen)
+    elif kind == "conv":
+        stale, twin = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(3, 5, 2, padding=1)
+        x = torch.randn(2, 3, 5, 5, generator=gen)
+    elif kind == "conv-grouped":
+        stale, twin = nn.Conv1d(8, 6, 3, groups=2), nn.Conv1d(4, 4, 3, groups=2)
+        x = torch.randn(2, 4, 7, generator=gen)
+    else:
+        stale, twin = nn.Embedding(10, 6), nn.Embedding(7, 4)
+        x = torch.randint(0, 7, (2, 3), generator=gen)
+    with torch.no_grad():
+        index = tuple(slice(0, n) for n in twin.weight.shape)
+        stale.weight = nn.Parameter(stale.weight[index].clone())
+        if getattr(stale, "bias", None) is not None:
+            stale.bias = nn.Parameter(stale.bias[: twin.weight.shape[0]].clone())
+    twin.load_state_dict(stale.state_dict())
+    return stale.double(), twin.double(), x if kind == "embedding" else x.double()
+
+
+@pytest.mark.parametrize(
+    ("kind", "merged"),
+    # a grouped conv's LoRA mixes every input channel: merged mode refuses it, stale or not
+    [
+        (k, m)
+        for k in ("linear", "conv", "conv-grouped", "embedding")
+        for m in (False, True)
+        if k != "conv-grouped" or not m
+    ],
+)
+def test_a_layer_whose_size_attributes_are_stale_computes_with_its_weights_sizes(kind: str, merged: bool) -> None:
+    """A Linear, conv or Embedding whose weight was sliced by hand (its in_features /
+    out_features, in_channels / out_channels / kernel_size, num_embeddings / embedding_dim left
+    stale; its forward reads only the weight and groups) takes LoRA at its weight's sizes:
+    float64 against its twin built at those sizes with the dense update. Before, inject accepted
+    it at the stale sizes and its first forward crashed with an untyped RuntimeError."""
+    stale, twin, x = _sliced(kind)
+    model = Holder(stale)
+    tensors, ab = make_adapter(Holder(twin), {"layer": 2}, dtype=torch.float64)
+    want = reference(twin, x, *ab["layer"], 1.0)
+    with torch.no_grad():
+        base_out = model(x)
+    runtime = lorahot.inject(model, ["layer"], max_rank=2, merged=merged)
+    with torch.no_grad():
+        assert torch.equal(model(x), base_out)
+        runtime.load(tensors)
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-12)
+
+
+class _CountingLinear(nn.Linear):
+    """An ``nn.Linear`` subclass with a forward of its own (it counts its calls)."""
+
+    calls = 0
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        return super().forward(input)
+
+
+def test_a_linear_subclass_with_its_own_forward_and_stale_sizes_is_refused() -> None:
+    """An ``nn.Linear`` subclass that overrides forward and whose weight disagrees with its
+    declared sizes is refused at inject, naming the module, both shapes and the fix: which of the
+    two its forward computes with cannot be told. The model is as it was."""
+    layer = _CountingLinear(8, 6)
+    with torch.no_grad():
+        layer.weight = nn.Parameter(layer.weight[:4, :5].clone())
+        layer.bias = nn.Parameter(layer.bias[:4].clone())
+    model = Holder(layer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        lorahot.UsageError,
+        match=r"^layer: _CountingLinear declares in_features=8 and out_features=6, but its weight has shape \(4, 5\), "
+        r"not \(6, 8\), .* Set in_features and out_features to the weight's",
+    ):
+        lorahot.inject(model, ["layer"], max_rank=2)
+    assert model.layer is layer and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
