@@ -20,6 +20,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     flux.KOHYA,  # before kohya: original Flux block names, which only its renames and splits place
     wan.MUSUBI,  # before kohya: original Wan block names
     sd3.KOHYA,  # before kohya: original SD3 block names (joint_blocks), which only its renames and splits place
+    lumina2.KOHYA,  # before kohya: original Lumina2 / Z-Image attention names (attention_qkv, attention_out)
     kohya.FORMAT,
     flux.XLABS,  # before diffusers-old, whose processor keys look alike
     flux.FAL,  # before PEFT, whose keys look alike

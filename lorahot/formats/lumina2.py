@@ -26,15 +26,21 @@ cuts of ``attention.qkv``, each model takes the one whose layers it has
 LyCORIS factors (LoHa, LoKr, ...: ai-toolkit's Z-Image LoKr files, which diffusers' Z-Image
 loader reads) load in merged mode, as in ComfyUI naming; one on the fused ``attention.qkv`` of
 a diffusers-named model is refused by name (only LoRA modules are split).
+
+``lumina2-kohya`` is sd-scripts' spelling of the same names (``lora_unet_layers_0_attention_qkv``,
+``.alpha`` per module), placed the same way; Z-Image files in that spelling name the output
+projection ``attention_out``, as diffusers' Z-Image conversion reads it.
 """
 
 from __future__ import annotations
 
 import re
 
+from lorahot.formats import kohya
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import (
     DIFFUSION_MODEL,
+    REFUSED,
     REFUSED_MERGEABLE,
     KeyFormat,
     Reorder,
@@ -44,7 +50,7 @@ from lorahot.formats.table import (
 )
 from lorahot.formats.table import NAME_START as _START
 
-__all__ = ["FORMAT", "SPLITS"]
+__all__ = ["FORMAT", "KOHYA", "SPLITS"]
 
 _BLOCKS = r"(?P<blocks>layers|noise_refiner|context_refiner)\.(?P<n>\d+)"
 
@@ -92,4 +98,25 @@ FORMAT = KeyFormat(
     aliases=_ALIASES,
     splits=SPLITS,
     example="diffusion_model.layers.0.attention.qkv.lora_A.weight",
+)
+
+#: sd-scripts' spelling: ``lora_unet_layers_0_attention_qkv``; the block modules back to the
+#: dotted original names (``lora_unet_`` kept for ``prefix=`` and the resolver), the others (Z-Image's
+#: ``attention_to_q``, ``all_x_embedder_2-1``) left to the underscore match of plain kohya
+_KOHYA_TO_DOTTED = (
+    (
+        r"^lora_unet_(layers|noise_refiner|context_refiner)_(\d+)_(attention|feed_forward|adaLN_modulation)_"
+        r"(qkv|out|o|w[123]|\d+)$",
+        r"lora_unet_\1.\2.\3.\4",
+    ),
+)
+
+KOHYA = kohya.spelling(
+    "lumina2-kohya",
+    renames=_KOHYA_TO_DOTTED,
+    aliases=_ALIASES,
+    refuse=REFUSED,
+    marker=r"^lora_unet_(?:layers|noise_refiner|context_refiner)_\d+_attention_(?:qkv|out|o)\.",
+    splits=SPLITS,
+    example="lora_unet_layers_0_attention_qkv.lora_down.weight",
 )

@@ -13,6 +13,7 @@ diffusers' LTX conversion leaves it unread. Z-Image's original ``attention.out``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -212,3 +213,39 @@ def test_a_lycoris_module_on_a_fused_qkv_is_refused_saying_why() -> None:
         runtime.load(sd | qkv)
     info = runtime.load(sd | qkv, strict=False)
     assert set(info.skipped) == set(qkv)
+
+
+def test_z_image_kohya_spelling_of_the_original_names_matches_diffusers() -> None:
+    """sd-scripts-style files of Z-Image's original names (``lora_unet_layers_0_attention_out``,
+    with ``.alpha``), which diffusers' Z-Image loader renames onto ``attention.to_out.0``: read as
+    ``lumina2-kohya``, every layer as diffusers' loader gives it (they read as plain kohya, and
+    ``attention_out`` matched no layer). A fused ``attention_qkv`` is cut 1 : 1 : 1 onto
+    ``to_q``/``to_k``/``to_v`` as the dotted naming cuts it (diffusers' loader leaves the
+    ``lora_down`` spelling of it uncut, and so unloaded)."""
+    names = _linears(_tiny_zimage(), lambda n: "layers" in n or "refiner" in n)
+    sd = _file(_tiny_zimage(), names, "lora_down", "lora_up", alpha=True, rename=lambda n: n.replace("to_out.0", "out"))
+    kohya = {}
+    for key, value in sd.items():
+        m = re.fullmatch(r"diffusion_model\.(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
+        assert m is not None
+        kohya[f"lora_unet_{m[1].replace('.', '_')}.{m[2]}"] = value
+    assert "lora_unet_layers_0_attention_out.lora_down.weight" in kohya
+    ours, fmt = _lorahot(_tiny_zimage, kohya, names)
+    assert fmt == "lumina2-kohya"
+    _assert_same(ours, _diffusers(_tiny_zimage, diffusers.ZImagePipeline, kohya, names))
+    layer = _tiny_zimage().get_submodule("layers.0.attention.to_q")
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(3, layer.in_features, generator=g, dtype=torch.float64)
+    b = torch.randn(3 * layer.out_features, 3, generator=g, dtype=torch.float64)
+    fused = {
+        "lora_unet_layers_0_attention_qkv.lora_down.weight": a,
+        "lora_unet_layers_0_attention_qkv.lora_up.weight": b,
+    }
+    qkv = [f"layers.0.attention.to_{p}" for p in "qkv"]
+    ours, fmt = _lorahot(_tiny_zimage, fused, qkv)
+    reference = _weights(_tiny_zimage(), qkv)
+    for j, name in enumerate(qkv):
+        delta = b[j * layer.out_features : (j + 1) * layer.out_features] @ a
+        reference[name] = reference[name] + torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
+    assert fmt == "lumina2-kohya"
+    _assert_same(ours, reference)

@@ -90,3 +90,30 @@ def test_lumina2_matches_diffusers(tmp_path: Path) -> None:
     assert lorahot.read_adapter(path).format == "lumina2"
     assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lumina2_kohya_spelling_matches_diffusers_on_the_original_names() -> None:
+    """sd-scripts' spelling of the same names (``lora_unet_layers_0_attention_qkv``, with
+    ``.alpha``): read as ``lumina2-kohya``, split and aliased as the dotted names are; the oracle
+    is diffusers' loader on the dotted file with each module's ``alpha / r`` folded into B (its
+    Lumina2 conversion has no kohya path and reads no alphas). Before, the file read as plain
+    kohya and every block module was refused as matching no layer."""
+    sd = lumina2_file(seed=3)
+    kohya, dotted = {}, {}
+    for key, value in sd.items():
+        module, role = key.removeprefix("diffusion_model.").rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        stem, r = "lora_unet_" + module.replace(".", "_"), value.shape[0] if role == "lora_A" else value.shape[1]
+        alpha = float(r) * (0.5 + len(module) % 3)
+        kohya[f"{stem}.{'lora_down' if role == 'lora_A' else 'lora_up'}.weight"] = value
+        kohya[f"{stem}.alpha"] = torch.tensor(alpha)
+        dotted[key] = value * (alpha / r if role == "lora_B" else 1.0)
+    with torch.no_grad():
+        model = tiny_lumina2()
+        model.load_lora_adapter(diffusers.Lumina2Pipeline.lora_state_dict(dotted), prefix="transformer")
+        expected = model(**lumina2_inputs(), return_dict=False)[0]
+        del model
+        model = tiny_lumina2()
+        info = lorahot.inject(model, "all-linear", max_rank=4).load(kohya)
+        ours = model(**lumina2_inputs(), return_dict=False)[0]
+    assert info.format == "lumina2-kohya"
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
