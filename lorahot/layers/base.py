@@ -57,6 +57,7 @@ __all__ = [
     "overrides_forward",
     "own_code",
     "forward_mismatch",
+    "probe_forward",
     "refuse_assigned_load_under",
     "kept_parametrizations",
     "WIDE_BUFFER",
@@ -899,6 +900,19 @@ def forward_mismatch(
             f"on a probe input its output differs from the expected one by up to {diff:.3g} (largest value {size:.3g})"
         )
     return None
+
+
+def probe_forward(module: nn.Module, probe: torch.Tensor) -> Any:
+    """``module.forward(probe)`` (its forward alone: the instance's own where it has one, no
+    forward hooks), leaving the module and the process as they were: under ``torch.no_grad()``,
+    with what a forward may change in the module put back (:func:`_kept_state`) and the CPU's
+    random generator, and ``probe``'s CUDA device's, restored (a dropout in training mode draws
+    from them). Whatever the forward raises passes through."""
+    devices = []
+    if probe.device.type == "cuda":
+        devices = [probe.device.index if probe.device.index is not None else torch.cuda.current_device()]
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), _kept_state(module):
+        return module.forward(probe)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,16 @@ from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.kernels import wide_linear as wide_kernel
 from lorahot.layers import routing
-from lorahot.layers.base import WIDE_BUFFER, LayerSpec, LoRALayer, forward_mismatch, overrides_forward, own_code
+from lorahot.layers.base import (
+    WIDE_BUFFER,
+    LayerSpec,
+    LoRALayer,
+    forward_mismatch,
+    overrides_forward,
+    own_code,
+    probe_forward,
+)
+from lorahot.layers.refusal import literal, refuse
 from lorahot.layers.tensor_handles import SEGMENTS, TENSORS, TOKENS, WORKSPACES
 
 __all__ = ["LoRALinear", "linear_features", "is_conv1d", "computes_as_stored"]
@@ -91,6 +100,39 @@ def _size_refusal(module: nn.Module, fin: int, fout: int) -> str | None:
     )
 
 
+def _layout_refusal(module: nn.Module, fin: int, fout: int) -> str | None:
+    """Why ``module``, linear-like only by the ``in_features`` and ``out_features`` it declares
+    (neither an ``nn.Linear`` nor a Conv1D), does not map inputs ``(..., in)`` to outputs
+    ``(..., out)``, over which lorahot computes and adds its LoRA; None where it does. Checked
+    on a probe input ``(b, t, in)`` whose ``b`` and ``t`` are neither ``in`` nor ``out``, so
+    that a module computing over another dimension (channels first) cannot pass by a
+    coincidence of sizes (:func:`lorahot.layers.base.probe_forward`: the module's forward
+    alone, its state and the random generators put back). Not checked on the meta device
+    (inject refuses it there)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(t.is_meta for t in tensors):
+        return None
+    floating = next((t for t in tensors if t.is_floating_point()), None)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    dtype = floating.dtype if floating is not None else torch.get_default_dtype()
+    b, t = [n for n in range(2, 6) if n not in (fin, fout)][:2]
+    probe = torch.randn(b, t, fin, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    try:
+        out = probe_forward(module, probe)
+    except Exception as exc:  # the module's own code: anything can happen
+        why = f"its forward raised {type(exc).__name__} on a probe input of shape {(b, t, fin)}: {exc}"
+    else:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if got == (b, t, fout):
+            return None
+        why = f"its forward maps a probe input of shape {(b, t, fin)} to {got}, not {(b, t, fout)}"
+    return (
+        f"{type(module).__name__} declares in_features={fin} and out_features={fout}, but {why.splitlines()[0]}. "
+        "lorahot adds the LoRA of such a module over the last dimension of its input and output; one that computes "
+        "over another dimension (channels first) would get it over the wrong one. Exclude this module from targets."
+    )
+
+
 class LoRALinear(LoRALayer):
     """``base(x) + ((x @ A.T) * s) @ B.T`` on a linear-like ``base_layer``.
 
@@ -108,6 +150,10 @@ class LoRALinear(LoRALayer):
         if refusal is not None:
             raise UsageError(refusal)
         super().__init__(base_layer, LayerSpec("linear", fin, fout, (fin,)))
+        if not (isinstance(base_layer, nn.Linear) or is_conv1d(base_layer)):  # known by its attributes alone
+            refusal = _layout_refusal(base_layer, fin, fout)
+            if refusal is not None:
+                raise UsageError(refusal)
 
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Arena rows ``[R, in]``, ``[R, out]`` are used as they are."""
@@ -138,8 +184,26 @@ class LoRALinear(LoRALayer):
         return base.weight, base.bias
 
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != a.shape[-1]:  # sizes the graph is specialized on: no guard of its own
+            return self._refuse_input(x)
         h = torch.matmul(x.to(a.dtype), a.t())  # (..., R)
         return torch.matmul((h * scale).to(h.dtype), b)  # (..., out)
+
+    def _refuse_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Refuses an input whose last dimension is not the layer's ``in`` features, which the base
+        module took (one that computes over another dimension, such as channels first, where
+        the LoRA would add its update over the wrong one), naming the layer and ``x``'s shape
+        (:func:`lorahot.layers.refusal.refuse`, compiled or not)."""
+        kind, fin = type(self._base).__name__, self.spec.in_dim
+        head = literal(f"{self._describe()}: its input has shape ")
+        tail = literal(
+            f", whose last dimension is not its {fin} input features. lorahot adds a linear-like module's LoRA "
+            f"over the last dimension of its input, and {kind} took this one: it computes over another dimension "
+            "(channels first?), where the LoRA would be added over the wrong one. Exclude this module from targets, "
+            f"or call it with inputs (..., {fin})."
+        )
+        message = head + "{0}" + tail
+        return refuse(message, lambda: x.new_zeros(()), x)
 
     def routed_delta(
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor
@@ -151,6 +215,8 @@ class LoRALinear(LoRALayer):
         layer for thousands of packed tokens at a width of 4096), every slot's shrink over every
         row, each row keeping its own slot's columns (selected, not multiplied: another slot's
         overflow stays out), and one product with every slot's B."""
+        if x.dim() == 0 or x.shape[-1] != a.shape[-1]:
+            return self._refuse_input(x)
         length = index.shape[0]
         x3 = x.reshape(length, math.prod(x.shape[:-1]) // length, x.shape[-1]).to(a.dtype)  # (L, T, in); in may be 0
         slots, rank = b.shape[0], b.shape[1]  # an A arena with no elements (in = 0) has one slot's view

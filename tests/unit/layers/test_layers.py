@@ -615,3 +615,93 @@ def test_a_linear_subclass_with_its_own_forward_and_stale_sizes_is_refused() -> 
     ):
         lorahot.inject(model, ["layer"], max_rank=2)
     assert model.layer is layer and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class _ChannelMix(nn.Module):
+    """A custom module that declares ``in_features`` / ``out_features`` but mixes channels
+    first (``[B, C, L] -> [B, O, L]``, a 1x1 convolution), with what a forward may touch: a
+    dropout drawing from the global generator, a running buffer and a call counter."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = cin, cout
+        self.weight = nn.Parameter(torch.randn(cout, cin) / cin**0.5)
+        self.register_buffer("seen", torch.zeros(()))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.seen += x.detach().abs().mean()
+        return F.dropout(torch.einsum("bcl,oc->bol", x, self.weight), 0.1, self.training)
+
+
+@pytest.mark.parametrize(("cin", "cout"), [(6, 6), (6, 4)], ids=["same-sizes", "other-sizes"])
+def test_a_custom_module_that_computes_over_another_dimension_is_refused_at_inject(cin: int, cout: int) -> None:
+    """A custom module that declares in_features / out_features but computes over dimension 1
+    (channels first) is refused at inject, naming the module and what its forward did with a
+    probe input ``(2, 3, in)``. Before, it was wrapped and its LoRA added over the input's last
+    dimension: silently wrong where that dimension's size equals ``in`` (max abs diff 2.9
+    against the float64 channel-mixing reference on ``[2, 6, 6]``), an untyped RuntimeError
+    elsewhere. The probe leaves the module, the model and the random generator as they were (its
+    forward's counter, buffer and dropout; its forward hook never runs)."""
+    torch.manual_seed(0)
+    layer = _ChannelMix(cin, cout).train()
+    hooked: list[object] = []
+    layer.register_forward_hook(lambda *args: hooked.append(args))
+    model = Holder(layer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(
+        lorahot.UsageError,
+        match=rf"^layer: _ChannelMix declares in_features={cin} and out_features={cout}, but its forward raised "
+        r"RuntimeError on a probe input of shape \(2, 3, 6\): einsum\(\).*Exclude this module from targets\.$",
+    ):
+        lorahot.inject(model, ["layer"], max_rank=2)
+    assert model.layer is layer and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert layer.calls == 0 and hooked == [] and torch.equal(torch.get_rng_state(), rng)
+
+
+class _EitherLayout(nn.Module):
+    """A custom linear over the last dimension of a 2-D or 3-D input, but channels first over a
+    4-D one (``[B, C, H, W]``, as a 1x1 convolution): it passes inject's probe."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = cin, cout
+        self.weight = nn.Parameter(torch.randn(cout, cin) / cin**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            return torch.einsum("bchw,oc->bohw", x, self.weight)
+        return x @ self.weight.t()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("routed", [False, True], ids=["one-slot", "routed"])
+def test_an_input_whose_last_dimension_is_not_the_layers_features_is_refused(routed: bool, compiled: bool) -> None:
+    """A linear-like layer given an input whose last dimension is not its ``in`` features (a
+    module that took it channels first) refuses its forward with a UsageError naming the
+    layer, the input's shape and the fix, eagerly and compiled; inputs ``(..., in)`` compute
+    the float64 reference. Before, an untyped RuntimeError (mat1 and mat2 shapes cannot be
+    multiplied)."""
+    torch.manual_seed(0)
+    layer = _EitherLayout(6, 4).double()
+    model = Holder(layer)
+    tensors, ab = make_adapter(model, {"layer": 2}, dtype=torch.float64)
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    want = reference(layer, x, *ab["layer"], 1.0)
+    runtime = lorahot.inject(model, ["layer"], max_rank=2, slots=2)
+    runtime.load(tensors)
+    if routed:
+        runtime.activate([0, -1])
+        want[1:] = reference(layer, x[1:], None, None, 1.0)
+    call = torch.compile(model, fullgraph=True) if compiled else model
+    with torch.no_grad():
+        torch.testing.assert_close(call(x), want, rtol=0, atol=1e-12)
+        with pytest.raises(
+            lorahot.UsageError,
+            match=r"^layer \(LoRALinear over _EitherLayout \(6 -> 4\)\): its input has shape \(2, 6, 3, 5\), whose "
+            r"last dimension is not its 6 input features\. .* Exclude this module from targets, or call it with "
+            r"inputs \(\.\.\., 6\)\.$",
+        ):
+            call(torch.randn(2, 6, 3, 5, dtype=torch.float64))
