@@ -26,6 +26,9 @@ tell it apart, and it is detected before ``flux-kohya``. The names the two model
 (``img_attn_qkv``, ``img_attn_proj``, ``linear1``, ``linear2``, ``final_layer_linear``,
 ``vector_in_in_layer``) mean the same layers in both, split the same way, so a file of those
 only, read as ``flux-kohya``, places them as this naming would.
+
+Both read LyCORIS factors (LoHa, LoKr, ...) as ComfyUI and kohya namings do (merged mode); one on
+a fused module of a diffusers-named model is refused by name, as only LoRA modules are split.
 """
 
 from __future__ import annotations
@@ -35,7 +38,15 @@ import re
 from lorahot.formats import kohya
 from lorahot.formats.flux import ADD_QKV, QKV, qkv_split
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
-from lorahot.formats.table import DIFFUSION_MODEL, REFUSED, KeyFormat, Reorder, Split, lora_rules
+from lorahot.formats.table import (
+    DIFFUSION_MODEL,
+    REFUSED_MERGEABLE,
+    KeyFormat,
+    Reorder,
+    Split,
+    lora_rules,
+    lycoris_rules,
+)
 from lorahot.formats.table import NAME_START as _START
 
 __all__ = ["FORMAT", "MUSUBI", "SPLITS"]
@@ -125,10 +136,10 @@ _MARKER = (
 
 FORMAT = KeyFormat(
     name="hunyuan-video",
-    rules=lora_rules(),
+    rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
     prefixes=(*DIFFUSION_MODEL, "transformer."),
     aliases=_ALIASES,
-    refuse=REFUSED,
+    refuse=REFUSED_MERGEABLE,
     marker=_MARKER,
     splits=SPLITS,
     example="diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight",
@@ -176,8 +187,9 @@ MUSUBI = kohya.spelling(
     "hunyuan-video-musubi",
     renames=_MUSUBI_TO_DOTTED,
     aliases=_ALIASES,
-    refuse=REFUSED,
+    refuse=REFUSED_MERGEABLE,
     marker=_MUSUBI_MARKER,
     splits=SPLITS,
+    lycoris=True,
     example="lora_unet_double_blocks_0_img_mlp_fc1.lora_down.weight",
 )

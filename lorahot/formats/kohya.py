@@ -56,15 +56,17 @@ def spelling(
     aliases: tuple[tuple[str, str], ...] = (),
     refuse: tuple[tuple[str, str], ...] = (),
     splits: tuple[Split | Reorder, ...] = (),
+    lycoris: bool = False,
 ) -> KeyFormat:
     """The kohya spelling of another model's original module names (Flux's, HunyuanVideo's in
     musubi-tuner, SD3's, Wan's): kohya's A / B / alpha keys, component prefixes and ``_`` for
     ``.``; ``renames`` turn a key's underscores back into the original dotted names (keeping
     ``lora_unet_`` for ``prefix=`` and the resolver), ``marker`` tells the naming from plain
-    kohya and from the others."""
+    kohya and from the others; ``lycoris`` reads LyCORIS factors too (merged mode), as plain kohya
+    does (``refuse`` then leaves them out)."""
     return KeyFormat(
         name=name,
-        rules=RULES,
+        rules=(*RULES, *lycoris_rules(MODULE)) if lycoris else RULES,
         prefixes=COMPONENTS,
         separator="_",
         renames=renames,

@@ -21,6 +21,8 @@ layer lorahot adapts: refused by name (``strict=False`` skips them, as diffusers
 
 ``wan-musubi`` is musubi-tuner's kohya spelling of the same names
 (``lora_unet_blocks_0_self_attn_q.lora_down.weight``, ``.alpha`` per module).
+
+Both read LyCORIS factors (LoHa, LoKr, ...) as ComfyUI and kohya namings do: merged mode.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from __future__ import annotations
 import re
 
 from lorahot.formats import kohya
-from lorahot.formats.table import DIFFUSION_MODEL, DIFFUSION_MODEL_HEAD, REFUSED, KeyFormat, Rule, lora_rules
+from lorahot.formats.table import (
+    DIFFUSION_MODEL,
+    DIFFUSION_MODEL_HEAD,
+    REFUSED_MERGEABLE,
+    KeyFormat,
+    Rule,
+    lora_rules,
+    lycoris_rules,
+)
 from lorahot.formats.table import NAME_START as _START
 
 __all__ = ["FORMAT", "MUSUBI"]
@@ -73,13 +83,17 @@ _NOT_LAYERS: tuple[tuple[str, str], ...] = (
         "(diffusers and ComfyUI leave it unread); load with strict=False to skip it",
     ),
 )
-#: :data:`REFUSED` without ``.diff`` and ``.diff_b``, which this naming reads (see the module docstring)
-_REFUSED = (*_NOT_LAYERS, *((p.replace("|diff|diff_b)", ")"), why) for p, why in REFUSED))
-assert len(_REFUSED) == len(_NOT_LAYERS) + len(REFUSED) and _REFUSED[len(_NOT_LAYERS) :] != REFUSED
+#: what the naming refuses: the deltas above, and what ComfyUI naming refuses (it reads LyCORIS factors)
+_REFUSED = (*_NOT_LAYERS, *REFUSED_MERGEABLE)
 
 FORMAT = KeyFormat(
     name="wan",
-    rules=(*lora_rules(), Rule(r"(?P<module>.+)\.diff_b", "diff_bias"), Rule(r"(?P<module>.+)\.diff", "diff")),
+    rules=(
+        *lora_rules(),
+        Rule(r"(?P<module>.+)\.diff_b", "diff_bias"),
+        Rule(r"(?P<module>.+)\.diff", "diff"),
+        *lycoris_rules(r"(?P<module>.+)"),  # LyCORIS as in ComfyUI naming (merged mode)
+    ),
     prefixes=DIFFUSION_MODEL,
     require_prefix=True,
     refuse=_REFUSED,
@@ -94,8 +108,9 @@ MUSUBI = kohya.spelling(
         (r"^lora_unet_blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img)$", r"lora_unet_blocks.\1.\2.\3"),
         (r"^lora_unet_blocks_(\d+)_ffn_(0|2)$", r"lora_unet_blocks.\1.ffn.\2"),
     ),
-    refuse=REFUSED,
+    refuse=REFUSED_MERGEABLE,
     marker=r"^lora_unet_blocks_\d+_(?:self_attn|cross_attn|ffn)_",
     aliases=_ALIASES,
+    lycoris=True,
     example="lora_unet_blocks_0_self_attn_q.lora_down.weight",
 )

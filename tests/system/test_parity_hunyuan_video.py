@@ -254,3 +254,30 @@ def test_hunyuan_video_musubi_places_every_module_as_the_original_naming(subset:
     assert len(ours) > len(modules)  # the fused modules were split
     for name in reference:
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("naming", ["hunyuan-video", "hunyuan-video-musubi"])
+def test_hunyuan_video_lycoris_merges_whole_modules_and_refuses_fused_ones(naming: str) -> None:
+    """A LoHa on ``img_mlp.fc1`` (one diffusers layer) merges as LyCORIS computes it; one on the
+    fused ``img_attn_qkv`` is refused saying only LoRA modules are split. Both were refused as
+    'LyCORIS ... in kohya or ComfyUI naming', though ComfyUI naming loads such factors."""
+    g = torch.Generator().manual_seed(10)
+    spell = (
+        (lambda n: f"diffusion_model.{n}")
+        if naming == "hunyuan-video"
+        else (lambda n: "lora_unet_" + n.replace(".", "_"))
+    )
+    shapes = {"hada_w1_a": (MLP, 2), "hada_w1_b": (2, D), "hada_w2_a": (MLP, 2), "hada_w2_b": (2, D)}
+    key = spell("double_blocks.0.img_mlp.fc1")
+    sd = {f"{key}.{f}": torch.randn(*s, generator=g, dtype=torch.float64) * 0.3 for f, s in shapes.items()}
+    model = tiny_hunyuan().double()
+    base = model.get_submodule("transformer_blocks.0.ff.net.0.proj").weight.detach().clone()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=True)
+    assert runtime.load(dict(sd)).format == naming
+    delta = (sd[f"{key}.hada_w1_a"] @ sd[f"{key}.hada_w1_b"]) * (sd[f"{key}.hada_w2_a"] @ sd[f"{key}.hada_w2_b"])
+    torch.testing.assert_close(model.get_submodule("transformer_blocks.0.ff.net.0.proj").weight, base + delta)
+    qkv = spell("double_blocks.0.img_attn_qkv")
+    fused = {f"{qkv}.hada_w1_a": torch.randn(3 * D, 2, dtype=torch.float64), f"{qkv}.hada_w1_b": torch.randn(2, D)}
+    fused |= {f"{qkv}.hada_w2_a": torch.randn(3 * D, 2, dtype=torch.float64), f"{qkv}.hada_w2_b": torch.randn(2, D)}
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"img_attn_qkv: a loha module, a weight delta, on a fused"):
+        runtime.load(sd | {k: v.double() for k, v in fused.items()})

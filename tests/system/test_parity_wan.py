@@ -339,3 +339,36 @@ def test_wan_alphas_outside_the_blocks_apply_as_in_the_blocks(tmp_path: Path) ->
         runtime.load(path)
         ours = model(**wan_inputs(), return_dict=False)[0]
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def _loha(key: str, fan_in: int, fan_out: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    shapes = {"hada_w1_a": (fan_out, 2), "hada_w1_b": (2, fan_in), "hada_w2_a": (fan_out, 2), "hada_w2_b": (2, fan_in)}
+    sd = {f"{key}.{f}": torch.randn(*s, generator=g, dtype=torch.float64) * 0.3 for f, s in shapes.items()}
+    return sd | {f"{key}.alpha": torch.tensor(3.0, dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("naming", ["wan", "wan-musubi"])
+def test_wan_lycoris_in_the_original_names_merges_as_in_comfyui_naming(naming: str) -> None:
+    """LoHa modules in Wan's original names (``diffusion_model.blocks.0.self_attn.q.hada_w1_a``, or
+    musubi's ``lora_unet_blocks_0_self_attn_q``) were refused as 'LyCORIS ... in kohya or ComfyUI
+    naming' where the same factors under diffusers' names (ComfyUI naming) loaded: they merge as
+    LyCORIS computes them, ``alpha / r * (w1_a @ w1_b) * (w2_a @ w2_b)``, float64."""
+    g = torch.Generator().manual_seed(9)
+    modules = {
+        "blocks.0.self_attn.q": ("blocks.0.attn1.to_q", D, D),
+        "blocks.0.ffn.0": ("blocks.0.ffn.net.0.proj", D, FFN),
+    }
+    sd: dict[str, torch.Tensor] = {}
+    for name, (_, fan_in, fan_out) in modules.items():
+        key = f"diffusion_model.{name}" if naming == "wan" else "lora_unet_" + name.replace(".", "_")
+        sd |= _loha(key, fan_in, fan_out, g)
+    model = tiny_wan().double()
+    base = {layer: model.get_submodule(layer).weight.detach().clone() for layer, _, _ in modules.values()}
+    info = lorahot.inject(model, "all-linear", max_rank=8, merged=True).load(dict(sd))
+    assert info.format == naming
+    for name, (layer, _, _) in modules.items():
+        key = f"diffusion_model.{name}" if naming == "wan" else "lora_unet_" + name.replace(".", "_")
+        w1 = sd[f"{key}.hada_w1_a"] @ sd[f"{key}.hada_w1_b"]
+        w2 = sd[f"{key}.hada_w2_a"] @ sd[f"{key}.hada_w2_b"]
+        want = base[layer] + 3.0 / 2 * w1 * w2
+        torch.testing.assert_close(model.get_submodule(layer).weight, want, rtol=1e-12, atol=1e-12, msg=layer)
