@@ -80,8 +80,16 @@ from lorahot.runtime.plan import (
     restage,
     validate,
 )
-from lorahot.runtime.routing import Routing, check_experts, check_routing, check_towers, one_slot
+from lorahot.runtime.routing import (
+    Routing,
+    check_experts,
+    check_routing,
+    check_sequence_first,
+    check_towers,
+    one_slot,
+)
 from lorahot.runtime.scale_replay import ScaleReplay
+from lorahot.runtime.sequence_first import find_sequence_first
 from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.skeleton import Skeleton, Skeletons
 from lorahot.runtime.stack import Stack, build
@@ -168,10 +176,12 @@ class LoraRuntime:
         self._weights: list[tuple[float, ...]] = [()] * buffers.slots  # each slot's user weights, one per part
         self._state = RuntimeState()  # shared with the layers: lorahot.eject(model) marks it
         #: the layers whose rows are not the batch's: a mixture-of-experts block's experts (by
-        #: name or structure) and a multimodal model's vision tower; a per-row routing reaches
-        #: neither (check_experts, check_towers), and under one they compute their base output
+        #: name or structure), a multimodal model's vision tower and the layers that see their
+        #: input sequence-first; a per-row routing reaches none (check_experts, check_towers,
+        #: check_sequence_first), and under one they compute their base output
         self._experts = find_experts(model, layers)
         self._towers = find_towers(model, layers)
+        self._sequence_first = find_sequence_first(model, layers)
         for name, layer in layers.items():
             a_rows, b_rows, scale, extras_view, handle = buffers.live_rows(name)
             a, b = layer.live_views(a_rows, b_rows)
@@ -187,7 +197,7 @@ class LoraRuntime:
                 extras=extras,
                 path=name,
                 regional=regional,
-                unrouted=name in self._experts or name in self._towers,
+                unrouted=name in self._experts or name in self._towers or name in self._sequence_first,
             )
         if fused and not merged:
             widen_layers(layers, buffers)
@@ -525,12 +535,14 @@ class LoraRuntime:
 
     def _check_routed(self, slot: int, stack: Stack) -> None:
         """Refuses a load into a slot the routing in force sends rows to where the adapter has
-        weights on a mixture-of-experts block's experts, which a per-row routing cannot follow
-        (:func:`lorahot.runtime.routing.check_experts`)."""
+        weights on layers a per-row routing cannot follow: a mixture-of-experts block's experts,
+        a vision or audio tower, layers that see their input sequence-first
+        (:func:`lorahot.runtime.routing.check_experts`, ``check_towers``, ``check_sequence_first``)."""
         rows = self._routing.rows
         if rows is not None and not self._routing.whole and slot in rows:
             check_experts({slot: stack.ranks}, self._experts)
             check_towers({slot: stack.ranks}, self._towers)
+            check_sequence_first({slot: stack.ranks}, self._sequence_first)
 
     def _agreed(self, check: Callable[[], _T], what: str, writes: Callable[[_T], dict[str, bytes]]) -> _T:
         """``check()``, and on a tensor-parallel model every rank's agreement that it passed
@@ -858,7 +870,9 @@ class LoraRuntime:
                 partial products; a routing that sends rows to a slot whose adapter has
                 weights on a mixture-of-experts block's experts, which run on the tokens their
                 router gathered, not on the batch's rows
-                (:func:`lorahot.runtime.routing.check_experts`). Nothing changed, on any rank.
+                (:func:`lorahot.runtime.routing.check_experts`), on a vision or audio tower, or on
+                layers that see their input sequence-first (``check_sequence_first``). Nothing
+                changed, on any rank.
                 A batch that does not fit the routing raises when the model runs, compiled or
                 not (:mod:`lorahot.layers.refusal`).
         """
@@ -891,6 +905,7 @@ class LoraRuntime:
                 routed = [s for s in torch.unique(route).tolist() if s >= 0]  # filled: check_routing says so
                 check_experts({s: self._stacks[s].ranks for s in routed}, self._experts)
                 check_towers({s: self._stacks[s].ranks for s in routed}, self._towers)
+                check_sequence_first({s: self._stacks[s].ranks for s in routed}, self._sequence_first)
             return route, one
 
         route, one = self._agreed(

@@ -52,6 +52,7 @@ __all__ = [
     "check_routing",
     "check_experts",
     "check_towers",
+    "check_sequence_first",
     "one_slot",
     "expert_layers",
     "EXPERTS",
@@ -184,6 +185,37 @@ def check_towers(routed: Mapping[int, Mapping[str, int]], towers: Collection[str
             f"({shown}). A tower runs on the batch's images (or their patches) or audio clips, not on its rows, so a "
             "per-row routing cannot give them their rows' slots (the numbers would be wrong). Run that adapter on a "
             f"batch of its own with runtime.activate({slot}), or route to slots whose adapters leave the tower out."
+        )
+
+
+def check_sequence_first(routed: Mapping[int, Mapping[str, int]], layers: Collection[str]) -> None:
+    """Refuses a per-row routing that sends rows to a slot whose adapter has weights on a layer
+    that sees its input sequence-first (``layers``:
+    :func:`lorahot.runtime.sequence_first.find_sequence_first`).
+
+    Such a layer's first dimension is the time steps (``[T, B, in]``): where ``T`` equals the
+    routing's length the shapes agree and each time step would take a row's slot (wrong
+    numbers). Rows sent to -1 or to slots without weights on those layers need nothing from
+    them: under a per-row routing they compute their base output.
+
+    Args:
+        routed: each slot the routing sends rows to -> injected layer name -> rank.
+        layers: the injected layers that see their input sequence-first.
+
+    Raises:
+        UsageError: naming the slot, up to five of its sequence-first layers, and what to do instead.
+    """
+    touching = _touching(routed, layers)
+    if touching is not None:
+        slot, shown = touching
+        raise UsageError(
+            f"the routing sends rows to slot {slot}, whose adapter has weights on layers that see their input "
+            f"sequence-first ({shown}): under a module that declares batch_first=False (nn.Transformer, "
+            "nn.TransformerDecoderLayer, nn.MultiheadAttention) or in a model that runs its blocks sequence-first "
+            "(FSMT, XLNet, Longformer, LED, Mask2Former). Their input is [T, B, ...], time steps first, and where "
+            "T equals the routing's length its rows would take the slots of time steps (the numbers would be "
+            f"wrong). Run that adapter on a batch of its own with runtime.activate({slot}), build the model with "
+            "batch_first=True, or route to slots whose adapters leave those layers out."
         )
 
 

@@ -5,6 +5,8 @@ control) but not under dynamic shapes."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch._dynamo.testing
@@ -503,3 +505,51 @@ def test_gpu_routed_decode_workspace_is_published_once_and_left_zero() -> None:
         want = _expected(ids, route, held, reference)
         torch.testing.assert_close(eager.double(), want, rtol=3e-2, atol=3e-2)
         torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)
+
+
+class _SequenceFirst(torch.nn.Module):
+    """A sequence-first ``nn.TransformerDecoderLayer`` (``[T, B, 8]``) between a batch-first
+    input and a batch-first head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = torch.nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0)
+        self.head = torch.nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.transpose(0, 1)  # (T, B, 8)
+        return self.head(self.block(h, h).transpose(0, 1))  # (B, T, 6)
+
+
+def test_sequence_first_layers_compute_their_base_output_under_a_compiled_routing() -> None:
+    """The block's linears see their input sequence-first: a routing to an adapter on them is
+    refused at activate; adapters on the head alone route per row, the block computing its
+    base output, with no recompile over routings (negative control: a new batch size)."""
+    torch.manual_seed(0)
+    base = _SequenceFirst().eval()
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["block.linear1", "block.linear2", "head"], max_rank=4, slots=3)
+    held = [{}]
+    runtime.load(make_adapter(model, {"block.linear1": 2, "head": 2}, seed=0)[0], slot=0)
+    for slot in (1, 2):
+        tensors, ab = make_adapter(model, {"head": slot + 1}, seed=slot)
+        runtime.load(tensors, slot=slot)
+        held.append({n: (a, b, 1.0) for n, (a, b) in ab.items()})
+    x = torch.randn(4, 4, 8, generator=torch.Generator().manual_seed(1))  # T == B
+    with pytest.raises(lorahot.UsageError, match=r"slot 0, .*sequence-first \('block.linear1'\)"):
+        runtime.activate([0, 1, 2, -1])
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        runtime.activate([1, 2, -1, 1])
+        compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for route in ([2, 2, 1, -1], [-1, 1, 2, 2]):
+                runtime.activate(route)
+                want = torch.cat(
+                    [model_reference(base, x[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate(route)]
+                )
+                torch.testing.assert_close(compiled(x).double(), want, rtol=1e-4, atol=1e-5)
+            with pytest.raises(torch._dynamo.exc.RecompileError):  # negative control: a new batch size
+                runtime.activate([1, 2])
+                compiled(x[:2])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lorahot
-from tests.helpers import ConvEmbed, tiny_llama
+from tests.helpers import ConvEmbed, make_adapter, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -97,3 +97,96 @@ def test_conv_model_rows_equal_each_row_alone_with_dora_and_lora_bias(tmp_path: 
                 runtime.set_scale(0.5, slot=0)
                 assert torch.equal(mixed[i], plain[i])  # the base row: bitwise the base model
             torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-12, atol=1e-12)
+
+
+def _xlnet() -> torch.nn.Module:
+    config = transformers.XLNetConfig(vocab_size=64, d_model=16, n_layer=2, n_head=2, d_inner=32)
+    return transformers.XLNetLMHeadModel(config)
+
+
+def _fsmt() -> torch.nn.Module:
+    config = transformers.FSMTConfig(
+        langs=["en", "de"],
+        src_vocab_size=64,
+        tgt_vocab_size=64,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+    )
+    return transformers.FSMTForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("build", [_xlnet, _fsmt], ids=["xlnet", "fsmt"])
+def test_a_sequence_first_transformers_model_refuses_a_routing_its_shapes_would_take(build) -> None:
+    """XLNet and FSMT run their layers on ``[T, B, d]``: three rows of three tokens fit a
+    routing of 3 by every layer's shape, and each row took the slots of time steps (max abs
+    diff 0.24 for XLNet, 3.2 for FSMT against each row run alone with its slot, float64). The
+    routing is refused at activate, naming the layers, and the outputs stay bitwise."""
+    torch.manual_seed(0)
+    model = build().double().eval()
+    runtime = lorahot.inject(model, "all-linear", max_rank=4, slots=2, dtype=torch.float64)
+    for slot in range(2):
+        runtime.load(
+            make_adapter(model, dict.fromkeys(runtime.layers, 2), seed=slot, dtype=torch.float64)[0], slot=slot
+        )
+    ids = torch.randint(2, 64, (3, 3), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids, decoder_input_ids=ids) if build is _fsmt else model(input_ids=ids)
+    with pytest.raises(
+        lorahot.UsageError, match=r"slot 0, whose adapter has weights on layers that see .*sequence-first"
+    ):
+        runtime.activate([0, 1, -1])
+    assert runtime.routing is None
+    with torch.no_grad():
+        after = model(input_ids=ids, decoder_input_ids=ids) if build is _fsmt else model(input_ids=ids)
+    assert torch.equal(after.logits, before.logits)
+
+
+@pytest.mark.parametrize(
+    ("options", "repeat"),
+    [
+        ({"do_sample": False}, 1),
+        ({"do_sample": True}, 1),
+        ({"do_sample": False, "num_beams": 3, "num_return_sequences": 2}, 3),
+        ({"do_sample": True, "num_return_sequences": 2}, 2),
+        ({"do_sample": False, "cache_implementation": "static"}, 1),
+        ({"do_sample": False, "use_cache": False}, 1),
+    ],
+    ids=["greedy", "sample", "beams", "sample-sequences", "static-cache", "no-cache"],
+)
+def test_generate_with_a_routing_matches_peft_adapter_names(tmp_path: Path, options: dict, repeat: int) -> None:
+    """``generate()`` on left-padded prompts under a routing (each entry repeated ``k`` times
+    where the batch is expanded to ``k`` rows per prompt: beams, returned sequences) gives
+    PEFT's ``generate(adapter_names=...)`` tokens and scores (float64). Beam search reorders
+    beams within each prompt's group, so the routing holds at every step."""
+    base = tiny_llama(max_position_embeddings=64).double()
+    base.generation_config.pad_token_id = 1
+    paths = {name: _save(base, tmp_path / name, seed, **ADAPTERS[name]) for seed, name in enumerate(("a", "c"))}
+    oracle = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths["a"], adapter_name="a").eval()
+    oracle.load_adapter(paths["c"], adapter_name="c")
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=8, slots=2, dtype=torch.float64)
+    runtime.load(paths["a"], slot=0)
+    runtime.load(paths["c"], slot=1)
+    ids = torch.randint(2, 64, (3, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = mask[2, :1] = 0
+    ids[mask == 0] = 1
+    names = ["c", "__base__", "a"]
+    runtime.activate([s for s in (1, -1, 0) for _ in range(repeat)])
+    beams = "num_beams" in options
+    given = names if beams else [n for n in names for _ in range(repeat)]  # PEFT repeats them for beams only
+    kwargs = {"attention_mask": mask, "max_new_tokens": 6, "return_dict_in_generate": True, "output_scores": True}
+    with torch.no_grad():
+        torch.manual_seed(5)
+        got = model.generate(ids, **kwargs, **options)
+        torch.manual_seed(5)
+        want = oracle.generate(input_ids=ids, adapter_names=given, **kwargs, **options)
+    assert torch.equal(got.sequences, want.sequences)
+    for mine, theirs in zip(got.scores, want.scores):
+        torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9, equal_nan=True)
