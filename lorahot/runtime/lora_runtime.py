@@ -93,7 +93,7 @@ from lorahot.runtime.sequence_first import find_sequence_first
 from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.skeleton import Skeleton, Skeletons
 from lorahot.runtime.stack import Stack, build
-from lorahot.runtime.targets import unwrap_modules
+from lorahot.runtime.targets import submodule_at, through_compiled, unwrap_modules
 from lorahot.runtime.towers import find_towers
 from lorahot.runtime.updates import UpdateRange
 from lorahot.runtime.wide import WideWeights, widen_layers
@@ -226,6 +226,7 @@ class LoraRuntime:
         self._link_children = [children for children, _, _ in links]
         self._link_names = [child for _, child, _ in links]
         self._link_modules = [module for _, _, module in links]
+        self._link_originals = list(self._link_modules)  # the wrapped-since are checked against these
         self._first = next(iter(layers))
         self._specs = {name: layer.spec for name, layer in layers.items()}
         self._largest = _largest_factor(self._specs.values(), buffers.max_rank)
@@ -1198,8 +1199,8 @@ class LoraRuntime:
         if self._state.broken is not None:
             raise UsageError(self._state.broken)
         found = map(dict.get, self._link_children, self._link_names)
-        if not all(map(operator.is_, found, self._link_modules)):
-            name = next(n for n, layer in self.layers.items() if _at(self.model, n) is not layer)
+        if not all(map(operator.is_, found, self._link_modules)) and not self._relinked():
+            name = next(n for n, m in self.layers.items() if through_compiled(submodule_at(self.model, n)) is not m)
             raise UsageError(
                 f"{name}: this LoRA layer is no longer in the model (a module on its path was replaced or deleted "
                 "after inject), so a load would change nothing the model computes. Call runtime.eject(), then "
@@ -1230,6 +1231,16 @@ class LoraRuntime:
         elif base:  # unmerged DoRA: factors computed again from a base weight written in place since
             for name in self._dora.moved():
                 self._base_loaded(self.layers[name])
+
+    def _relinked(self) -> bool:
+        """Whether each parent on the paths to the layers still holds its child, itself or a
+        ``torch.compile`` wrapper of it made since (``model.layers[0] =
+        torch.compile(model.layers[0])``, which calls it); the check then expects the wrapper."""
+        now = [children.get(name) for children, name in zip(self._link_children, self._link_names)]
+        if not all(map(operator.is_, map(through_compiled, now), self._link_originals)):
+            return False
+        self._link_modules = now  # type: ignore[assignment]  # each one is a module: the check above
+        return True
 
     def __copy__(self) -> NoReturn:
         raise UsageError(_NOT_COPIED)
@@ -1320,13 +1331,6 @@ def _links(model: nn.Module, layers: dict[str, LoRALayer]) -> list[tuple[dict[st
             links.setdefault((id(parent), part), (parent._modules, part, child))
             parent = child
     return list(links.values())
-
-
-def _at(model: nn.Module, name: str) -> nn.Module | None:
-    module: nn.Module | None = model
-    for part in name.split("."):
-        module = module._modules.get(part) if module is not None else None
-    return module
 
 
 @contextlib.contextmanager

@@ -20,7 +20,16 @@ from lorahot.runtime.arguments import text
 from lorahot.runtime.merge import replaced, writing
 from lorahot.runtime.plan import WEIGHT_DTYPES
 
-__all__ = ["Targets", "ExactNames", "match_targets", "wrap_modules", "unwrap_modules", "layer_placement"]
+__all__ = [
+    "Targets",
+    "ExactNames",
+    "match_targets",
+    "wrap_modules",
+    "unwrap_modules",
+    "layer_placement",
+    "through_compiled",
+    "submodule_at",
+]
 
 #: What ``inject`` accepts as targets: names (PEFT ``target_modules`` semantics), a regex
 #: (full match on the qualified name), ``"all-linear"``, or ``(name, module) -> bool``.
@@ -209,8 +218,34 @@ def _check_single_path(model: nn.Module, names: list[str], modules: dict[str, nn
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent = submodule_at(model, parent_name) if parent_name else model
+    if parent is None:
+        raise UsageError(f"{name}: no module {parent_name!r} in the model to hold it.")
     setattr(parent, child, module)
+
+
+def through_compiled(module: nn.Module | None) -> nn.Module | None:
+    """``module``, or the module it calls where it is ``torch.compile``'s wrapper of one
+    (``model.layers[0] = torch.compile(model.layers[0])`` after inject): the wrapper holds it
+    as its ``_orig_mod`` child, and calling the wrapper runs it."""
+    while module is not None and "_orig_mod" in module._modules:
+        module = module._modules["_orig_mod"]
+    return module
+
+
+def submodule_at(model: nn.Module, name: str) -> nn.Module | None:
+    """The module at ``name`` in ``model``, or None if there is none. A ``torch.compile``
+    wrapper made since on the way (:func:`through_compiled`) is looked through: a name that
+    is not its child is looked up in the module it wraps."""
+    module: nn.Module | None = model
+    for part in name.split(".") if name else []:
+        if module is None:
+            return None
+        child = module._modules.get(part)
+        if child is None and through_compiled(module) is not module:  # a wrapper: its module holds the child
+            child = through_compiled(module)._modules.get(part)  # type: ignore[union-attr]
+        module = child
+    return module
 
 
 def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
@@ -270,20 +305,11 @@ def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
                     bias.copy_(layer.pristine_bias)
         layer.unwiden()
         layer.detach()
-        if _submodule(model, name) is layer:
+        if through_compiled(submodule_at(model, name)) is layer:  # itself, or a compile wrapper made of it
             _set_submodule(model, name, layer.base_layer)
         else:
             gone.append(name)
     return gone
-
-
-def _submodule(model: nn.Module, name: str) -> nn.Module | None:
-    """The module at ``name`` in ``model``, or None if there is none."""
-    module: nn.Module | None = model
-    for part in name.split(".") if name else []:
-        children: dict[str, nn.Module | None] = module._modules if module is not None else {}
-        module = children.get(part)
-    return module
 
 
 def layer_placement(layer: LoRALayer, dtype: torch.dtype | None, name: str) -> tuple[torch.device, torch.dtype]:
