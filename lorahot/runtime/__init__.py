@@ -17,10 +17,11 @@
 - :mod:`~lorahot.runtime.towers`: which layers are a multimodal model's vision tower;
 - :mod:`~lorahot.runtime.merge`: merged mode;
 - :mod:`~lorahot.runtime.peft_arguments`, :mod:`~lorahot.runtime.assigned_loads`,
-  :mod:`~lorahot.runtime.embedding_resize`: hooks that refuse PEFT's per-call arguments, a
-  ``load_state_dict(assign=True)`` a layer would refuse, and transformers'
-  ``resize_token_embeddings`` over wrapped embeddings, up front, each releasing what it changed
-  through :mod:`~lorahot.runtime.hooked`;
+  :mod:`~lorahot.runtime.embedding_resize`, :mod:`~lorahot.runtime.fused_projections`: hooks
+  that refuse PEFT's per-call arguments, a ``load_state_dict(assign=True)`` a layer would
+  refuse, transformers' ``resize_token_embeddings`` over wrapped embeddings and diffusers' QKV
+  fusion of wrapped projections, up front, each releasing what it changed through
+  :mod:`~lorahot.runtime.hooked`;
 - :mod:`~lorahot.runtime.lora_runtime`: :class:`LoraRuntime` (load, stack, activate, scale, unload).
 """
 

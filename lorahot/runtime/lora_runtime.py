@@ -44,7 +44,7 @@ from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.layers.sharded import is_sharded
 from lorahot.resolve.keys import outside
-from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, peft_arguments
+from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, fused_projections, peft_arguments
 from lorahot.runtime.activate_replay import ActivateReplay
 from lorahot.runtime.agreement import Agreement
 from lorahot.runtime.aliases import own_storages, unaliased
@@ -250,6 +250,7 @@ class LoraRuntime:
             peft_arguments.install(root)
             assigned_loads.install(root)
             embedding_resize.install(root)
+            fused_projections.install(root)
         self._state.on_eject(self._detach)
         self._state.base_loaded = self._base_loaded
 
@@ -1368,3 +1369,4 @@ def release_hooks(modules: Iterable[nn.Module]) -> None:
         peft_arguments.release(module)
         assigned_loads.release(module)
         embedding_resize.release(module)
+        fused_projections.release(module)
