@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lorahot
-from tests.helpers import ConvEmbed, make_adapter, tiny_llama
+from tests.helpers import ConvEmbed, make_adapter, tiny_llama, tiny_unet
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -190,3 +190,55 @@ def test_generate_with_a_routing_matches_peft_adapter_names(tmp_path: Path, opti
     assert torch.equal(got.sequences, want.sequences)
     for mine, theirs in zip(got.scores, want.scores):
         torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0], ids=["guided", "unguided"])
+def test_a_pipeline_with_guidance_and_images_per_prompt_routes_as_expanded(guidance: float) -> None:
+    """A diffusers pipeline repeats each prompt's rows in place for ``num_images_per_prompt=k``
+    and, with guidance, doubles the batch (``[uncond; cond]``): routed ``r + r`` with ``r``
+    each prompt's slot repeated ``k`` times (``r`` alone unguided), every image equals its
+    prompt run alone with its slot active, the unconditional rows on that slot too (float64)."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = tiny_unet(cross_attention_dim=16).double()
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=diffusers.DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    runtime = lorahot.inject(unet, ["to_q", "to_k", "to_v", "to_out.0", "conv1"], max_rank=4, slots=2)
+    for slot in range(2):
+        runtime.load(
+            make_adapter(unet, dict.fromkeys(runtime.layers, 2 + slot), seed=slot, dtype=torch.float64)[0], slot=slot
+        )
+    g = torch.Generator().manual_seed(0)
+    prompts, k, slots = 2, 2, [1, 0]
+    embeds, negative = (torch.randn(prompts, 5, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    latents = torch.randn(prompts * k, 4, 8, 8, generator=g, dtype=torch.float64)
+
+    def images(rows: slice, per_prompt: int, latent_rows: slice) -> torch.Tensor:
+        with torch.no_grad():
+            return pipe(
+                prompt_embeds=embeds[rows],
+                negative_prompt_embeds=negative[rows],
+                latents=latents[latent_rows],
+                num_images_per_prompt=per_prompt,
+                num_inference_steps=2,
+                guidance_scale=guidance,
+                output_type="latent",
+                height=8,
+                width=8,
+            ).images
+
+    r = [s for s in slots for _ in range(k)]
+    runtime.activate(r + r if guidance > 1 else r)
+    got = images(slice(None), k, slice(None))
+    for j in range(prompts * k):
+        runtime.activate(slots[j // k])
+        alone = images(slice(j // k, j // k + 1), 1, slice(j, j + 1))
+        torch.testing.assert_close(got[j : j + 1], alone, rtol=1e-10, atol=1e-10)
