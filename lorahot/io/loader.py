@@ -664,6 +664,8 @@ def _assemble(
                 "(A [r, in, ...], B [out, r, ...])"
             )
             continue
+        if a.ndim > 2 and b.ndim == 2:  # a conv's B saved flat (LyCORIS' DyLoRA): [out, r] is the 1x1 [out, r, 1, ...]
+            b = b.reshape(*b.shape, *(1,) * (a.ndim - 2))
         rank = int(a.shape[0])
         cfg, pattern_name, origin = _config_for(module, fmt, configs)
         declared = cfg.rank_for(pattern_name)

@@ -702,3 +702,37 @@ def test_a_padded_conv_computes_its_merged_weight_not_lycoris_zero_padded_forwar
         ours = model(x)
     torch.testing.assert_close(ours, want, rtol=1e-9, atol=1e-9)
     assert float((ours - theirs).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("kind", ["conv", "conv1d-1x1"])
+def test_a_dylora_conv_file_with_a_flat_up_loads_as_its_full_rank_lora(kind: str, merged: bool, tmp_path: Path) -> None:
+    """LyCORIS' DyLoRA saves a conv's ``lora_up`` flat (``[out, r]``, where LoCon saves
+    ``[out, r, 1, 1]``) beside a ``lora_down`` with its kernel; the file is a LoRA at its full
+    rank, ``alpha / r``. It was refused as 'B has shape (16, 4), expected (16, 4, 1, 1)' (by
+    ``plan_targets`` too); a flat B beside a conv's A is now that 1x1 B. float64 against the
+    dense ``W + alpha / r * up @ down``."""
+    from lycoris.modules import DyLoraModule
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 16, 3, padding=1) if kind == "conv" else nn.Conv1d(6, 5, 1)
+    model = nn.Sequential(layer).double()
+    dylora = DyLoraModule("lycoris_0", model[0], 1.0, lora_dim=4, alpha=2.0, block_size=2).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in dylora.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    sd = {f"lycoris_0.{k}": v.detach().clone().contiguous() for k, v in dylora.custom_state_dict().items()}
+    up, down = sd["lycoris_0.lora_up.weight"], sd["lycoris_0.lora_down.weight"]
+    assert up.ndim == 2 and down.ndim == model[0].weight.ndim
+    path = tmp_path / "dylora.safetensors"
+    save_file(sd, str(path))
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference[0].weight += (2.0 / 4 * up @ down.flatten(1)).reshape(reference[0].weight.shape)
+    x = _input("conv") if kind == "conv" else torch.randn(2, 6, 7, generator=g, dtype=torch.float64)
+    plan = lorahot.plan_targets([path], model=model)
+    assert plan.targets == ["0"] and plan.inject_options()["max_rank"] == 4
+    lorahot.inject(model, plan.targets, max_rank=4, merged=merged).load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-12, atol=1e-12)
