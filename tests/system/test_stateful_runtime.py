@@ -680,11 +680,13 @@ class RuntimeMachine(RuleBasedStateMachine):
 
     @rule(rows=st.sampled_from([1, 2, 3, 6, 8]))
     def other_batch(self, rows: int) -> None:
-        """A batch of another size: computed as the whole batch's slot, or (under a per-row routing
-        of several slots) refused from the forward, nothing changed."""
+        """A batch of another size: computed with the whole batch's slot (merged: the weights in
+        force), or, under an unmerged per-row routing (every row at -1 included; one slot for
+        every row runs as the whole batch), refused from the forward, nothing changed."""
         ids = torch.randint(0, VOCAB, (rows, SIDE, SIDE), generator=torch.Generator().manual_seed(rows))
         slots = self._row_slots()
-        if len(set(slots)) > 1 or (self.routing is not None and not self.MERGED and len(set(self.routing)) > 1):
+        one = self.routing is None or (len(set(self.routing)) == 1 and self.routing[0] >= 0)
+        if not (self.MERGED or one):
             self._refused(lambda: self._output(ids), lorahot.UsageError)
             return
         got = self._output(ids).double()
