@@ -498,6 +498,8 @@ class LoRALayer(nn.Module):
                     f"this {type(self).__name__} has no buffers: layers are made and bound by lorahot.inject, not "
                     "constructed by hand."
                 )
+            if torch._C._get_tracing_state() is not None:  # torch.jit.trace records this call
+                return self._traced_views()
             return live
         key, geometry = self._plan[4:6]
         if geometry is None:  # regional: the layer's own views, inputs of the graph
@@ -506,6 +508,27 @@ class LoRALayer(nn.Module):
         a, b, s, e = TENSORS[key]
         ga, gb, gs, ge = geometry
         return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
+
+    def _traced_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The live views as ``torch.jit.trace`` must see them: rebuilt from the arena tensors
+        the layer registers as buffers, which the trace reads as the module's own. The views
+        themselves it would record as constants, pooled by value (an empty slot's zero A and B
+        became one tensor, and equal scales of two layers one), so a later load reached the
+        traced graph only in part; from the buffers, it follows every write in place (loads,
+        ``unload``, ``set_scale``, ``activate(k)``). It replays the one-slot path, so the runtime
+        refuses a per-row routing from then on (:attr:`RuntimeState.traced`); under one, the
+        trace is refused (the routed path's sizes would be recorded as tensors)."""
+        if ROUTES.get(self._plan[4]) is not None:
+            raise UsageError(
+                f"{self._describe()}: torch.jit.trace of the model under a per-row routing, which lorahot does not "
+                "trace. Activate one slot for the whole batch (runtime.activate(k)) before tracing: the traced model "
+                "then follows loads, set_scale and activate(k), and a per-row routing is refused while it may run."
+            )
+        if self.state is not None:
+            self.state.traced = True
+        roots = [self._buffers[name] for name in _ARENA_BUFFERS]
+        a, b, s, e = (root.as_strided(*g) for root, g in zip(roots, self._geometry))  # type: ignore[union-attr]
+        return a, b, s, e
 
     def _slot_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(A, B, scale, extras)`` over every slot, ``[slots, ...]`` each (see :meth:`_views`)."""

@@ -908,6 +908,8 @@ class LoraRuntime:
                 check_experts({s: self._stacks[s].ranks for s in routed}, self._experts)
                 check_towers({s: self._stacks[s].ranks for s in routed}, self._towers)
                 check_sequence_first({s: self._stacks[s].ranks for s in routed}, self._sequence_first)
+            if one is None and self._merger is None:  # per row (not run as the whole batch: see below)
+                self._check_traced()
             return route, one
 
         route, one = self._agreed(
@@ -923,6 +925,20 @@ class LoraRuntime:
             self._switch(None, lambda: self._routing.one_slot(route))
             return
         self._switch(None, lambda: self._routing.set(route, tokens=lengths is not None))
+
+    def _check_traced(self) -> None:
+        """Refuses a per-row routing where ``torch.jit.trace`` recorded the model since inject
+        (with one slot for the whole batch: see :meth:`LoRALayer._traced_views
+        <lorahot.layers.base.LoRALayer._traced_views>`): the traced graph replays that path, so
+        it would go on computing the live slot for every row, silently."""
+        if self._state.traced:
+            raise UsageError(
+                "torch.jit.trace recorded this model with one slot for the whole batch; a traced graph replays that "
+                "path (it follows loads, set_scale and activate(k), written in place), so under a per-row routing it "
+                "would compute the live slot for every row, silently. Nothing was changed. Activate one slot "
+                "(runtime.activate(k)), or call runtime.eject() and inject again to route the rows of a model that "
+                "is not traced."
+            )
 
     def _switch(self, slot: int | None, publish: Callable[[], None], again: bool = False) -> None:
         """Makes ``slot`` live (None: the live slot stays; the slot live already is copied again

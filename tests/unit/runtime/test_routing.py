@@ -497,3 +497,45 @@ def test_merged_mode_takes_a_routing_of_minus_one_for_every_row_as_the_base_weig
             torch.testing.assert_close(compiled(ids), loaded, rtol=1e-10, atol=1e-10)
             assert runtime.routing is None
     assert counter.frame_count == 1
+
+
+def test_a_traced_model_follows_swaps_and_refuses_a_per_row_routing() -> None:
+    """``torch.jit.trace`` recorded the layers' live views as constants, pooled by value: slot
+    0 (active when traced) holds nothing for two layers, whose zero A and B became one tensor,
+    so after ``activate(1)`` the traced model was off by 7.43 from the float64 reference. It now
+    reads the arena buffers, and follows ``activate(k)``, ``set_scale`` and a load into the live
+    slot. It records the one-slot path, so under a per-row routing it computed the live slot
+    for every row (max abs diff 1.95 on a float32 tiny LM): a per-row routing is refused once
+    the model was traced, changing nothing, while one slot for every row (the whole batch)
+    passes. A trace under a per-row routing, which failed with an AssertionError from inside
+    the routed path, is a UsageError and leaves routing possible."""
+    base = tiny_lm(dtype=torch.float64)  # the model _runtime injects, as it was
+    model, runtime, held = _runtime()
+    ids = token_ids((2, 5), 32, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of the model's own shape reads
+        traced = torch.jit.trace(model, ids)
+    runtime.activate(1)
+    torch.testing.assert_close(traced(ids), model_reference(base, ids, held[1]), rtol=0, atol=1e-12)
+    runtime.set_scale(0.5)
+    one = {n: (a, b, s * 0.5) for n, (a, b, s) in held[1].items()}
+    torch.testing.assert_close(traced(ids), model_reference(base, ids, one), rtol=0, atol=1e-12)
+    tensors, ab = make_adapter(base, {"layers.1.mlp.up_proj": 3}, seed=9, dtype=torch.float64)
+    runtime.load(tensors, slot=1, scale=2.0)
+    two = {n: (a, b, 2.0) for n, (a, b) in ab.items()}
+    torch.testing.assert_close(traced(ids), model_reference(base, ids, two), rtol=0, atol=1e-12)
+    before = _snapshot(runtime, model)
+    with pytest.raises(lorahot.UsageError, match=r"^torch\.jit\.trace recorded this model with one slot .* per-row"):
+        runtime.activate([0, 1])
+    assert _same(before, _snapshot(runtime, model))
+    runtime.activate([1, 1])  # every row on one slot: the whole batch, as traced
+    torch.testing.assert_close(traced(ids), model_reference(base, ids, two), rtol=0, atol=1e-12)
+
+    model, runtime, held = _runtime()
+    runtime.activate([1, 0])
+    with pytest.raises(lorahot.UsageError, match=r"torch\.jit\.trace of the model under a per-row routing"):
+        torch.jit.trace(model, ids)
+    runtime.activate([0, 1])  # nothing was traced
+    want = torch.cat([model_reference(base, ids[i : i + 1], held[s]) for i, s in enumerate([0, 1])])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want, rtol=0, atol=1e-12)
