@@ -291,9 +291,12 @@ def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
     replaced since lorahot last wrote it: a base checkpoint loaded after inject stays), a
     widened one its weight in its own storage (wherever the layer is now).
     A name where ``model`` no longer holds the wrapper (the model was edited since) is left
-    alone; returns those names.
+    alone; returns those names. A wrapper the model holds at other places too (the same
+    layer assigned to a second attribute after inject, or moved) gets its base module back at
+    each of them: left there, it would go on adding its adapter after eject.
     """
     gone = []
+    others = _other_places(model, layers)
     merged = [layer for layer in layers.values() if layer.pristine_weight is not None]
     kept = {id(layer) for layer, flag in zip(merged, replaced(merged)) if flag}  # a checkpoint loaded since
     for name, layer in layers.items():
@@ -309,7 +312,21 @@ def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
             _set_submodule(model, name, layer.base_layer)
         else:
             gone.append(name)
+        for place in others.get(id(layer), ()):
+            _set_submodule(model, place, layer.base_layer)
     return gone
+
+
+def _other_places(model: nn.Module, layers: dict[str, LoRALayer]) -> dict[int, list[str]]:
+    """Where ``model`` holds each of ``layers`` (or a compile wrapper of it) under another name
+    than its own, by the layer's id."""
+    own = {id(layer): name for name, layer in layers.items()}
+    places: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        found = through_compiled(module)
+        if id(found) in own and path != own[id(found)] and not path.endswith("._orig_mod"):
+            places.setdefault(id(found), []).append(path)
+    return places
 
 
 def layer_placement(layer: LoRALayer, dtype: torch.dtype | None, name: str) -> tuple[torch.device, torch.dtype]:

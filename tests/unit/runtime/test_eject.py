@@ -187,6 +187,33 @@ def test_a_module_compiled_by_assignment_after_inject_is_still_served_and_ejecte
         assert torch.equal(model(IDS), base(IDS))
 
 
+@pytest.mark.parametrize("how", ["runtime", "model"])
+def test_a_layer_assigned_to_a_second_place_after_inject_gets_its_base_back_there_too(how: str) -> None:
+    """The same LoRA layer assigned to a second attribute after inject (``attn.k_proj =
+    attn.q_proj``, and one the forward never calls) computes its adapter wherever it is
+    called, as any shared module does (float64 reference with the base model shared the same
+    way). Eject put the base module back at the layer's own path only: the second place kept
+    the layer, which went on adding the adapter after eject (max abs diff 0.15 from the base
+    model shared the same way). Now every place gets the base module back."""
+    base = tiny_lm()
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4)
+    tensors, ab = make_adapter(base, {Q0: 2}, seed=4)
+    runtime.load(tensors, config={"r": 2, "lora_alpha": 2})
+    for m in (model, base):
+        m.layers[0].self_attn.k_proj = m.layers[0].self_attn.q_proj
+        m.spare = m.layers[0].self_attn.q_proj
+    want = model_reference(base, IDS, {n: (a, b, 1.0) for n, (a, b) in ab.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).double(), want, rtol=0, atol=1e-5)
+    runtime.eject() if how == "runtime" else lorahot.eject(model)
+    assert not any(isinstance(m, lorahot.LoRALayer) for m in model.modules(remove_duplicate=False))
+    attention = model.layers[0].self_attn
+    assert attention.k_proj is attention.q_proj is model.spare
+    with torch.no_grad():
+        assert torch.equal(model(IDS), base(IDS))
+
+
 def test_a_copy_of_the_model_is_ejected_without_touching_the_original() -> None:
     import copy
     import pickle
