@@ -93,7 +93,7 @@ from lorahot.runtime.sequence_first import find_sequence_first
 from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.skeleton import Skeleton, Skeletons
 from lorahot.runtime.stack import Stack, build
-from lorahot.runtime.targets import submodule_at, through_compiled, unwrap_modules
+from lorahot.runtime.targets import submodule_at, through_wrappers, unwrap_modules
 from lorahot.runtime.towers import find_towers
 from lorahot.runtime.updates import UpdateRange
 from lorahot.runtime.wide import WideWeights, widen_layers
@@ -1217,7 +1217,7 @@ class LoraRuntime:
             raise UsageError(self._state.broken)
         found = map(dict.get, self._link_children, self._link_names)
         if not all(map(operator.is_, found, self._link_modules)) and not self._relinked():
-            name = next(n for n, m in self.layers.items() if through_compiled(submodule_at(self.model, n)) is not m)
+            name = next(n for n, m in self.layers.items() if through_wrappers(submodule_at(self.model, n)) is not m)
             raise UsageError(
                 f"{name}: this LoRA layer is no longer in the model (a module on its path was replaced or deleted "
                 "after inject), so a load would change nothing the model computes. Call runtime.eject(), then "
@@ -1251,10 +1251,11 @@ class LoraRuntime:
 
     def _relinked(self) -> bool:
         """Whether each parent on the paths to the layers still holds its child, itself or a
-        ``torch.compile`` wrapper of it made since (``model.layers[0] =
-        torch.compile(model.layers[0])``, which calls it); the check then expects the wrapper."""
+        wrapper made of it since that calls it (``model.layers[0] = torch.compile(model.layers[0])``,
+        activation checkpointing's: :func:`~lorahot.runtime.targets.through_wrappers`); the check
+        then expects the wrapper."""
         now = [children.get(name) for children, name in zip(self._link_children, self._link_names)]
-        if not all(map(operator.is_, map(through_compiled, now), self._link_originals)):
+        if not all(map(operator.is_, map(through_wrappers, now), self._link_originals)):
             return False
         self._link_modules = now  # type: ignore[assignment]  # each one is a module: the check above
         return True

@@ -27,7 +27,7 @@ __all__ = [
     "wrap_modules",
     "unwrap_modules",
     "layer_placement",
-    "through_compiled",
+    "through_wrappers",
     "submodule_at",
 ]
 
@@ -224,26 +224,35 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def through_compiled(module: nn.Module | None) -> nn.Module | None:
-    """``module``, or the module it calls where it is ``torch.compile``'s wrapper of one
-    (``model.layers[0] = torch.compile(model.layers[0])`` after inject): the wrapper holds it
-    as its ``_orig_mod`` child, and calling the wrapper runs it."""
-    while module is not None and "_orig_mod" in module._modules:
-        module = module._modules["_orig_mod"]
+#: The child under which a wrapper made of a module holds it and calls it: ``torch.compile``'s
+#: (``OptimizedModule``) and torch's activation checkpointing's (``CheckpointWrapper``, which
+#: FSDP's ``apply_activation_checkpointing`` puts in place of each block).
+_WRAPPED = ("_orig_mod", "_checkpoint_wrapped_module")
+
+
+def through_wrappers(module: nn.Module | None) -> nn.Module | None:
+    """``module``, or the module it calls where it is a wrapper made of one (:data:`_WRAPPED`;
+    ``model.layers[0] = torch.compile(model.layers[0])`` after inject): calling the wrapper
+    runs it."""
+    while module is not None:
+        inner = next((module._modules[n] for n in _WRAPPED if n in module._modules), None)
+        if inner is None:
+            return module
+        module = inner
     return module
 
 
 def submodule_at(model: nn.Module, name: str) -> nn.Module | None:
-    """The module at ``name`` in ``model``, or None if there is none. A ``torch.compile``
-    wrapper made since on the way (:func:`through_compiled`) is looked through: a name that
-    is not its child is looked up in the module it wraps."""
+    """The module at ``name`` in ``model``, or None if there is none. A wrapper made since on
+    the way (:func:`through_wrappers`) is looked through: a name that is not its child is
+    looked up in the module it wraps."""
     module: nn.Module | None = model
     for part in name.split(".") if name else []:
         if module is None:
             return None
         child = module._modules.get(part)
-        if child is None and through_compiled(module) is not module:  # a wrapper: its module holds the child
-            child = through_compiled(module)._modules.get(part)  # type: ignore[union-attr]
+        if child is None and through_wrappers(module) is not module:  # a wrapper: its module holds the child
+            child = through_wrappers(module)._modules.get(part)  # type: ignore[union-attr]
         module = child
     return module
 
@@ -308,7 +317,7 @@ def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
                     bias.copy_(layer.pristine_bias)
         layer.unwiden()
         layer.detach()
-        if through_compiled(submodule_at(model, name)) is layer:  # itself, or a compile wrapper made of it
+        if through_wrappers(submodule_at(model, name)) is layer:  # itself, or a wrapper made of it
             _set_submodule(model, name, layer.base_layer)
         else:
             gone.append(name)
@@ -318,13 +327,13 @@ def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
 
 
 def _other_places(model: nn.Module, layers: dict[str, LoRALayer]) -> dict[int, list[str]]:
-    """Where ``model`` holds each of ``layers`` (or a compile wrapper of it) under another name
+    """Where ``model`` holds each of ``layers`` (or a wrapper made of it) under another name
     than its own, by the layer's id."""
     own = {id(layer): name for name, layer in layers.items()}
     places: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
-        found = through_compiled(module)
-        if id(found) in own and path != own[id(found)] and not path.endswith("._orig_mod"):
+        found = through_wrappers(module)
+        if id(found) in own and path != own[id(found)] and path.rpartition(".")[2] not in _WRAPPED:
             places.setdefault(id(found), []).append(path)
     return places
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
 import lorahot
-from tests.helpers import make_adapter, model_reference, save_peft, tiny_lm, token_ids
+from tests.helpers import Block, make_adapter, model_reference, save_peft, tiny_lm, token_ids
 
 TARGETS = ["q_proj", "v_proj", "embed_tokens"]
 Q0 = "layers.0.self_attn.q_proj"
@@ -159,21 +160,24 @@ def test_a_layer_that_left_the_model_otherwise_is_refused(edit: Callable[[nn.Mod
 
 
 @pytest.mark.parametrize("how", ["runtime", "model"])
-@pytest.mark.parametrize("where", ["block", "layer"])
-def test_a_module_compiled_by_assignment_after_inject_is_still_served_and_ejected(where: str, how: str) -> None:
-    """``model.layers[0] = torch.compile(model.layers[0])`` (compiling block by block) or a
-    layer compiled the same way leaves the LoRA layers in the model, called through the
-    wrapper: loads and activate serve them (float64 reference), and either eject puts the base
-    modules back (bitwise the base output). Before, every call was refused as 'no longer in
-    the model', and runtime.eject() left the layers in place: the model computed the adapter
+@pytest.mark.parametrize("where", ["block", "layer", "checkpointed"])
+def test_a_module_wrapped_after_inject_is_still_served_and_ejected(where: str, how: str) -> None:
+    """``model.layers[0] = torch.compile(model.layers[0])`` (compiling block by block), a layer
+    compiled the same way, or activation checkpointing's wrapper put in place of each block
+    (``apply_activation_checkpointing``) leaves the LoRA layers in the model, called through
+    the wrapper: loads and activate serve them (float64 reference), and either eject puts the
+    base modules back (bitwise the base output). Before, every call was refused as 'no longer
+    in the model', and runtime.eject() left the layers in place: the model computed the adapter
     after eject (max abs diff 1.57 from the base)."""
     base = tiny_lm()
     model = copy.deepcopy(base)
     runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=2)
     if where == "block":
         model.layers[0] = torch.compile(model.layers[0], backend="eager")
-    else:
+    elif where == "layer":
         model.layers[0].self_attn.q_proj = torch.compile(model.layers[0].self_attn.q_proj, backend="eager")
+    else:
+        apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, Block))
     tensors, ab = make_adapter(base, {Q0: 2, "layers.1.self_attn.v_proj": 2}, seed=4)
     runtime.load(tensors, slot=1, config={"r": 2, "lora_alpha": 2})
     runtime.activate(1)
