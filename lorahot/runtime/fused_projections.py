@@ -25,14 +25,14 @@ from lorahot.errors import UsageError
 from lorahot.layers import LoRALayer
 from lorahot.runtime.hooked import Hooked
 
-__all__ = ["install", "uninstall", "release"]
+__all__ = ["install", "uninstall", "release", "FUSED_PROJECTIONS"]
 
 #: an attention module's own fusion, and a model's over all its attention modules
 _NAMES = ("fuse_projections", "fuse_qkv_projections")
 
 #: the projections diffusers' ``fuse_projections`` copies into a fused one (none of its
 #: implementations reads another)
-_FUSED = frozenset({"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"})
+FUSED_PROJECTIONS = frozenset({"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"})
 
 #: the modules :func:`install` gave a method, until :func:`release` takes it away
 _HOOKED = Hooked()
@@ -40,14 +40,14 @@ _HOOKED = Hooked()
 
 def _wrapped(module: nn.Module) -> list[str]:
     """The paths (from ``module``) of the LoRA layers that are a projection an attention module
-    (one that has ``fuse_projections``) at or under ``module`` would fuse (:data:`_FUSED`)."""
+    (one that has ``fuse_projections``) at or under ``module`` would fuse (:data:`FUSED_PROJECTIONS`)."""
     found = []
     for path, attention in module.named_modules():
         if callable(getattr(type(attention), _NAMES[0], None)):
             found += [
                 f"{path}.{name}" if path else name
                 for name, child in attention._modules.items()
-                if name in _FUSED and isinstance(child, LoRALayer)
+                if name in FUSED_PROJECTIONS and isinstance(child, LoRALayer)
             ]
     return found
 
@@ -85,7 +85,7 @@ def install(root: nn.Module) -> None:
         path
         for path, module in modules
         if callable(getattr(type(module), _NAMES[0], None))
-        and any(n in _FUSED and isinstance(c, LoRALayer) for n, c in module._modules.items())
+        and any(n in FUSED_PROJECTIONS and isinstance(c, LoRALayer) for n, c in module._modules.items())
     ]
     for path, module in modules:
         if path in attentions:

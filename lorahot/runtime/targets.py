@@ -17,6 +17,7 @@ from lorahot.errors import UsageError, shown
 from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
 from lorahot.layers.linear import is_conv1d
 from lorahot.runtime.arguments import text
+from lorahot.runtime.fused_projections import FUSED_PROJECTIONS
 from lorahot.runtime.merge import replaced, writing
 from lorahot.runtime.plan import WEIGHT_DTYPES
 
@@ -72,9 +73,21 @@ _READ_DIRECTLY: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.Transfo
 
 def _bypassed(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
     """The parent of module ``name`` if it computes with that module's weight without calling
-    it (:data:`_READ_DIRECTLY`), else None."""
-    parent = modules.get(name.rpartition(".")[0])
-    return parent if isinstance(parent, _READ_DIRECTLY) else None
+    it (:data:`_READ_DIRECTLY`), or with a fused copy of it (:func:`_fused_away`), else None."""
+    parent_name, _, child = name.rpartition(".")
+    parent = modules.get(parent_name)
+    return parent if isinstance(parent, _READ_DIRECTLY) or _fused_away(parent, child) else None
+
+
+def _fused_away(parent: nn.Module | None, child: str) -> bool:
+    """Whether ``parent`` is a diffusers attention module whose QKV projections are fused
+    (``fuse_qkv_projections()``: its ``fused_projections`` set, which its ``unfuse_projections``
+    clears) and ``child`` one of those it copied into the fused one and no longer calls."""
+    return (
+        child in FUSED_PROJECTIONS
+        and callable(getattr(type(parent), "unfuse_projections", None))
+        and getattr(parent, "fused_projections", False) is True
+    )
 
 
 def _matcher(model: nn.Module, targets: Targets) -> Callable[[str, nn.Module], bool]:
@@ -185,10 +198,15 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
             )
         parent = _bypassed(modules, n)
         if parent is not None:
+            fused = (
+                " (its projections are fused: call unfuse_qkv_projections() first)"
+                if _fused_away(parent, n.rpartition(".")[2])
+                else ""
+            )
             raise UsageError(
                 f"{n}: its parent {type(parent).__name__} computes with its weight directly (in its own functional or "
-                "fused path) instead of calling it, so a LoRA there would never apply. Narrow targets to exclude it "
-                "('all-linear' leaves it out)."
+                f"fused path) instead of calling it, so a LoRA there would never apply{fused}. Narrow targets to "
+                "exclude it ('all-linear' leaves it out)."
             )
     nested = [(p, c) for p in names for c in names if c.startswith(p + ".")]
     if nested:

@@ -3,7 +3,8 @@ attention module) over projections lorahot wraps is refused with a UsageError be
 changes: the fused projection is built from the base weights and replaces them in the
 attention, so the model ran without their LoRA (max abs diff 0.64 on the tiny UNet, 0.066 on
 the tiny Flux transformer, against the float64 reference) while loads went on writing into
-them. A fusion that reaches no wrapped projection, and one after eject, runs diffusers' own."""
+them. A fusion that reaches no wrapped projection, and one after eject, runs diffusers' own;
+projections fused before inject are refused as targets."""
 
 from __future__ import annotations
 
@@ -133,3 +134,26 @@ def test_a_fusion_that_reaches_no_wrapped_projection_runs_and_the_adapter_still_
     model.fuse_qkv_projections()
     assert any(hasattr(m, "to_qkv") for m in model.modules())
     torch.testing.assert_close(_run(model, x).double(), want, rtol=0, atol=1e-5)
+
+
+def test_projections_fused_before_inject_are_refused_as_targets_and_left_out_of_all_linear() -> None:
+    """A diffusers attention module whose projections were fused before inject computes with
+    ``to_qkv`` and no longer calls ``to_q``, ``to_k``, ``to_v``: a LoRA injected there never
+    applied (max abs diff 0.066 from the float64 base + LoRA on the tiny Flux transformer, the
+    output the base's). inject now refuses them as targets, naming the fix, with the model
+    untouched; ``"all-linear"`` takes the fused projections instead; unfused, they inject."""
+    model = _flux()
+    model.fuse_qkv_projections()
+    with pytest.raises(
+        lorahot.UsageError,
+        match=r"^transformer_blocks\.0\.attn\.to_q: its parent FluxAttention computes with its weight directly .*"
+        r"\(its projections are fused: call unfuse_qkv_projections\(\) first\)",
+    ):
+        lorahot.inject(model, ["to_q", "to_out.0"], max_rank=4)
+    assert not any(isinstance(m, lorahot.LoRALayer) for m in model.modules())
+    runtime = lorahot.inject(model, "all-linear", max_rank=4)
+    attention = {n.rpartition(".")[2] for n in runtime.layers if ".attn." in n}
+    assert {"to_qkv", "to_added_qkv"} <= attention and not attention & {"to_q", "to_k", "to_v", "add_q_proj"}
+    runtime.eject()
+    model.unfuse_qkv_projections()
+    assert len(lorahot.inject(model, ["to_q"], max_rank=4).layers) == 2
