@@ -501,6 +501,8 @@ class LoRALayer(nn.Module):
             if torch._C._get_tracing_state() is not None:  # torch.jit.trace records this call
                 return self._traced_views()
             return live
+        if torch.compiler.is_exporting():  # a constant when compiling: no guard, nothing traced
+            _recorded(self, "torch.export")
         key, geometry = self._plan[4:6]
         if geometry is None:  # regional: the layer's own views, inputs of the graph
             assert self._live is not None
@@ -515,17 +517,8 @@ class LoRALayer(nn.Module):
         themselves it would record as constants, pooled by value (an empty slot's zero A and B
         became one tensor, and equal scales of two layers one), so a later load reached the
         traced graph only in part; from the buffers, it follows every write in place (loads,
-        ``unload``, ``set_scale``, ``activate(k)``). It replays the one-slot path, so the runtime
-        refuses a per-row routing from then on (:attr:`RuntimeState.traced`); under one, the
-        trace is refused (the routed path's sizes would be recorded as tensors)."""
-        if ROUTES.get(self._plan[4]) is not None:
-            raise UsageError(
-                f"{self._describe()}: torch.jit.trace of the model under a per-row routing, which lorahot does not "
-                "trace. Activate one slot for the whole batch (runtime.activate(k)) before tracing: the traced model "
-                "then follows loads, set_scale and activate(k), and a per-row routing is refused while it may run."
-            )
-        if self.state is not None:
-            self.state.traced = True
+        ``unload``, ``set_scale``, ``activate(k)``). See :func:`_recorded`."""
+        _recorded(self, "torch.jit.trace")
         roots = [self._buffers[name] for name in _ARENA_BUFFERS]
         a, b, s, e = (root.as_strided(*g) for root, g in zip(roots, self._geometry))  # type: ignore[union-attr]
         return a, b, s, e
@@ -610,6 +603,8 @@ class LoRALayer(nn.Module):
             routed_out: torch.Tensor = self._base(x, *args, **kwargs)  # (the runtime refuses that routing)
             return routed_out
         if not extras and not args and not kwargs and torch.compiler.is_compiling():
+            if torch.compiler.is_exporting():  # a constant when compiling: no guard, nothing traced
+                _recorded(self, "torch.export")
             if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
                 z = self.compiled_routed(x, route, fused, wide, key, slot_geometry)
             elif wide:
@@ -894,6 +889,22 @@ def own_code(module: nn.Module) -> list[str]:
     return [what for what, hooks in found if hooks] + (
         ["a forward of the instance's own"] if "forward" in module.__dict__ else []
     )
+
+
+def _recorded(layer: LoRALayer, how: str) -> None:
+    """Tells the runtime that ``how`` (``torch.jit.trace``, ``torch.export``) records a graph of
+    the model (:attr:`RuntimeState.traced`): it replays the one-slot path taken now, following
+    the buffers written in place, not a per-row routing, which the runtime then refuses. Under
+    a per-row routing the recording is refused: its graph would keep that routing's path after
+    ``activate(k)`` (and ``torch.jit.trace`` records the routed path's sizes as tensors)."""
+    if ROUTES.get(layer._plan[4]) is not None:
+        raise UsageError(
+            f"{layer._describe()}: {how} of the model under a per-row routing, which lorahot does not record. "
+            f"Activate one slot for the whole batch (runtime.activate(k)) before {how}: the recorded model then "
+            "follows loads, set_scale and activate(k), and a per-row routing is refused while it may run."
+        )
+    if layer.state is not None:
+        layer.state.traced = how
 
 
 def forward_mismatch(

@@ -5,7 +5,7 @@ leave the model (``runtime.eject()``, or ``lorahot.eject(model)``, which finds o
 layers), the state is marked ejected once, its shutdown callbacks run (the runtime's: unwrap
 its remaining layers, stop the prefetch pool), and every later runtime operation reads the
 mark and refuses. The forward never reads it (it sets :attr:`RuntimeState.traced` while
-``torch.jit.trace`` records it).
+``torch.jit.trace`` or ``torch.export`` records it).
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ class RuntimeState:
         #: Why the model can no longer be served as injected (a layer's base weight resized in
         #: place), or None: the runtime's calls refuse with it.
         self.broken: str | None = None
-        #: Whether ``torch.jit.trace`` recorded a layer's forward since inject (always with one
-        #: slot for the whole batch: a per-row routing is refused there). A traced graph replays
-        #: the one-slot path, so the runtime refuses a per-row routing from then on.
-        self.traced = False
+        #: What recorded a graph of a layer's forward since inject (``"torch.jit.trace"``,
+        #: ``"torch.export"``), always with one slot for the whole batch (a per-row routing is
+        #: refused there), or None. That graph replays the one-slot path, so the runtime refuses
+        #: a per-row routing from then on.
+        self.traced: str | None = None
 
     def on_eject(self, callback: Callable[[], None]) -> None:
         """Runs ``callback`` once when the state is marked ejected."""

@@ -927,17 +927,18 @@ class LoraRuntime:
         self._switch(None, lambda: self._routing.set(route, tokens=lengths is not None))
 
     def _check_traced(self) -> None:
-        """Refuses a per-row routing where ``torch.jit.trace`` recorded the model since inject
-        (with one slot for the whole batch: see :meth:`LoRALayer._traced_views
-        <lorahot.layers.base.LoRALayer._traced_views>`): the traced graph replays that path, so
-        it would go on computing the live slot for every row, silently."""
-        if self._state.traced:
+        """Refuses a per-row routing where ``torch.jit.trace`` or ``torch.export`` recorded the
+        model since inject (with one slot for the whole batch: see
+        :func:`lorahot.layers.base._recorded`): the recorded graph replays that path, so it
+        would go on computing the live slot for every row, silently."""
+        how = self._state.traced
+        if how is not None:
             raise UsageError(
-                "torch.jit.trace recorded this model with one slot for the whole batch; a traced graph replays that "
-                "path (it follows loads, set_scale and activate(k), written in place), so under a per-row routing it "
-                "would compute the live slot for every row, silently. Nothing was changed. Activate one slot "
+                f"{how} recorded this model with one slot for the whole batch; its graph replays that path (it "
+                "follows loads, set_scale and activate(k), written in place), so under a per-row routing it would "
+                "compute the live slot for every row, silently. Nothing was changed. Activate one slot "
                 "(runtime.activate(k)), or call runtime.eject() and inject again to route the rows of a model that "
-                "is not traced."
+                f"no {how} recorded."
             )
 
     def _switch(self, slot: int | None, publish: Callable[[], None], again: bool = False) -> None:

@@ -539,3 +539,32 @@ def test_a_traced_model_follows_swaps_and_refuses_a_per_row_routing() -> None:
     want = torch.cat([model_reference(base, ids[i : i + 1], held[s]) for i, s in enumerate([0, 1])])
     with torch.no_grad():
         torch.testing.assert_close(model(ids), want, rtol=0, atol=1e-12)
+
+
+def test_an_exported_model_refuses_a_per_row_routing_and_a_routed_model_refuses_the_export() -> None:
+    """``torch.export`` records the one-slot path too: its module follows ``activate(k)`` and
+    ``set_scale`` (float64 reference), but under a per-row routing set afterwards it computed
+    the live slot for every row (max abs diff 0.86 on a float32 tiny LM against the per-row
+    reference), silently. A per-row routing is now refused once the model was exported,
+    changing nothing; an export under a per-row routing is refused and leaves routing possible."""
+    base = tiny_lm(dtype=torch.float64)
+    model, runtime, held = _runtime()
+    ids = token_ids((2, 5), 32, seed=3)
+    exported = torch.export.export(model, (ids,)).module()
+    runtime.activate(1)
+    runtime.set_scale(0.5)
+    one = {n: (a, b, s * 0.5) for n, (a, b, s) in held[1].items()}
+    torch.testing.assert_close(exported(ids), model_reference(base, ids, one), rtol=0, atol=1e-12)
+    before = _snapshot(runtime, model)
+    with pytest.raises(lorahot.UsageError, match=r"^torch\.export recorded this model with one slot .* per-row"):
+        runtime.activate([0, 1])
+    assert _same(before, _snapshot(runtime, model))
+
+    model, runtime, held = _runtime()
+    runtime.activate([1, 0])
+    with pytest.raises(lorahot.UsageError, match=r"torch\.export of the model under a per-row routing"):
+        torch.export.export(model, (ids,))
+    runtime.activate([0, 1])  # nothing was recorded
+    want = torch.cat([model_reference(base, ids[i : i + 1], held[s]) for i, s in enumerate([0, 1])])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want, rtol=0, atol=1e-12)
