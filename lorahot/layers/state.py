@@ -42,6 +42,11 @@ class RuntimeState:
         """Runs ``callback`` once when the state is marked ejected."""
         self._on_eject.append(callback)
 
+    def held(self) -> bool:
+        """Whether a runtime serves the layers bound to this state, not yet ejected: a copied
+        layer (``copy.deepcopy``, ``torch.save``) gets a fresh state that none holds."""
+        return bool(self._on_eject)
+
     def mark_ejected(self, how: str) -> bool:
         """Marks the state ejected by ``how`` and runs the callbacks; False if it already was
         and they all ran. Where one raises (a fault, an interrupt), it and those after it stay

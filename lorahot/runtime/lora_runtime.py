@@ -1083,6 +1083,9 @@ class LoraRuntime:
     def _detach(self) -> None:
         """Run once when the shared state is marked ejected, by either eject."""
         unwrap_modules(self.model, self.layers)
+        # copies of a layer put in the model since (attn.q_proj = copy.deepcopy(attn.q_proj)),
+        # which no runtime holds: left there, they would go on adding their adapter
+        unwrap_modules(self.model, _copies(self.model))
         release_hooks(self._roots())
         with self._executor_lock:
             executor, self._executor = self._executor, None
@@ -1373,6 +1376,15 @@ def _gc_paused() -> Iterator[None]:
 def _tail(text: str, width: int = 40) -> str:
     """``text`` cut to its last ``width`` characters, for the repr."""
     return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
+def _copies(model: nn.Module) -> dict[str, LoRALayer]:
+    """The LoRA layers in ``model`` that no serving runtime holds (copies), by name."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, LoRALayer) and (m.state is None or not m.state.held())
+    }
 
 
 def roots(model: nn.Module, components: tuple[str, ...]) -> list[nn.Module]:

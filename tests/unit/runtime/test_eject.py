@@ -218,6 +218,28 @@ def test_a_layer_assigned_to_a_second_place_after_inject_gets_its_base_back_ther
         assert torch.equal(model(IDS), base(IDS))
 
 
+def test_runtime_eject_takes_out_a_copy_of_a_layer_put_in_the_model_since() -> None:
+    """A layer replaced by its own copy (``attn.q_proj = copy.deepcopy(attn.q_proj)``) is
+    refused by the runtime's calls, which say to call runtime.eject(); that eject unwrapped its
+    own layers only, and the copy, which no runtime holds, stayed in the model adding its
+    adapter (max abs diff 0.22 from the base on the tiny LM), silently. Now runtime.eject()
+    takes out such copies too (another runtime's layers stay: see the two-runtime tests)."""
+    base = tiny_lm()
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4)
+    other = lorahot.inject(model, ["o_proj"], max_rank=4)  # a second runtime, serving
+    runtime.load(make_adapter(base, {Q0: 2}, seed=4)[0], config={"r": 2, "lora_alpha": 2})
+    attention = model.layers[0].self_attn
+    attention.q_proj = copy.deepcopy(attention.q_proj)
+    with pytest.raises(lorahot.UsageError, match=rf"{Q0}: this LoRA layer is no longer in the model .*runtime\.eject"):
+        runtime.load(make_adapter(base, {Q0: 2}, seed=5)[0])
+    runtime.eject()
+    assert [n for n, m in model.named_modules() if isinstance(m, lorahot.LoRALayer)] == list(other.layers)
+    other.eject()
+    with torch.no_grad():
+        assert torch.equal(model(IDS), base(IDS))
+
+
 def test_a_copy_of_the_model_is_ejected_without_touching_the_original() -> None:
     import copy
     import pickle
