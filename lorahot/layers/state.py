@@ -55,6 +55,7 @@ class RuntimeState:
             if self.ejected is None:
                 self.ejected = how
                 self.unfinished, self._on_eject = self._on_eject, []
+                self.base_loaded = None  # the runtime's: held no longer, so it goes with its last reference
             elif not self.unfinished:
                 return False
             callbacks = self.unfinished

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import itertools
 import numbers
@@ -241,7 +242,11 @@ class LoraRuntime:
         #: the host (and device) buffers files are read into, reused from load to load; not in
         #: merged mode, which recomputes the merged weights from the plans' tensors
         self._read_buffers = ReadBuffers(self._read_device) if self._read_device is not None and not merged else None
-        self._dora = DoraFactors(layers, buffers, self._base_weight, self._base_bias)
+        # functions of the layers, not the runtime's methods: nothing the runtime holds refers back to it,
+        # so once ejected it goes with its last reference, as the model does (not at the next gc cycle)
+        self._dora = DoraFactors(
+            layers, buffers, functools.partial(_base_weight, layers), functools.partial(_base_bias, layers)
+        )
         for layer in layers.values():
             layer.merged = merged
         self._executor: ThreadPoolExecutor | None = None
@@ -728,18 +733,7 @@ class LoraRuntime:
 
     def _base_weight(self, name: str) -> torch.Tensor:
         """The model's own weight of layer ``name`` (the pristine one in merged mode)."""
-        layer = self.layers[name]
-        weight = layer.pristine_weight if layer.pristine_weight is not None else layer.base_weight
-        to_local = getattr(weight, "to_local", None)  # a tensor-parallel layer's: this rank's shard
-        return to_local() if callable(to_local) else weight
-
-    def _base_bias(self, name: str) -> torch.Tensor | None:
-        """The model's own bias of layer ``name`` (the pristine one in merged mode), or None."""
-        layer = self.layers[name]
-        if layer.pristine_bias is not None:
-            return layer.pristine_bias
-        bias = getattr(layer.base_layer, "bias", None)
-        return bias if isinstance(bias, torch.Tensor) else None
+        return _base_weight(self.layers, name)
 
     def _extras_refusal(self, name: str, module: LoraModule) -> str | None:
         """Why ``module``'s DoRA magnitude or LoRA bias cannot run on layer ``name``, or None."""
@@ -1288,6 +1282,23 @@ class LoraRuntime:
 
 
 _anonymous = itertools.count()
+
+
+def _base_weight(layers: dict[str, LoRALayer], name: str) -> torch.Tensor:
+    """The model's own weight of layer ``name`` (the pristine one in merged mode)."""
+    layer = layers[name]
+    weight = layer.pristine_weight if layer.pristine_weight is not None else layer.base_weight
+    to_local = getattr(weight, "to_local", None)  # a tensor-parallel layer's: this rank's shard
+    return to_local() if callable(to_local) else weight
+
+
+def _base_bias(layers: dict[str, LoRALayer], name: str) -> torch.Tensor | None:
+    """The model's own bias of layer ``name`` (the pristine one in merged mode), or None."""
+    layer = layers[name]
+    if layer.pristine_bias is not None:
+        return layer.pristine_bias
+    bias = getattr(layer.base_layer, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
 
 
 def _cache_key(key: object) -> str | None:

@@ -3,9 +3,12 @@ and a layer that left the model any other way is noticed too."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -293,3 +296,78 @@ def test_an_eject_failing_midway_is_finished_by_the_next(
         assert torch.equal(model(ids), base)
     with pytest.raises(lorahot.UsageError, match="this runtime was ejected"):
         runtime.unload()
+
+
+@contextlib.contextmanager
+def _no_cycle_collector() -> Iterator[None]:
+    """Python's cycle collector off: what is freed in the block is freed by its last reference."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _served(tmp_path: Path, merged: bool) -> tuple[nn.Module, lorahot.LoraRuntime]:
+    """A runtime that did a little of everything: loads (a path, a prefetch, a stack), a per-row
+    routing, set_scale and forwards."""
+    model = tiny_lm()
+    runtime = lorahot.inject(model, TARGETS, max_rank=8, slots=2, merged=merged, extras=not merged)
+    paths = [save_peft(tmp_path / f"a{i}", make_adapter(model, {Q0: 2, "embed_tokens": 4}, seed=i)[0]) for i in (1, 2)]
+    runtime.load(paths[0], slot=0)
+    runtime.prefetch(paths[1]).result()
+    runtime.load([paths[0], paths[1]], slot=1, scale=[0.5, 0.5])
+    runtime.set_scale([0.25, 1.0], slot=1)
+    with torch.no_grad():
+        if not merged:
+            runtime.activate([0, 1])
+            model(IDS)
+        runtime.activate(1)
+        model(IDS)
+    return model, runtime
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("how", ["runtime", "module"])
+def test_an_ejected_runtime_and_its_model_go_with_their_last_reference(tmp_path: Path, how: str, merged: bool) -> None:
+    """After eject, dropping the runtime and the model frees both at once, as a model that
+    never had a runtime is freed: nothing the runtime keeps refers back to it. Before, its DoRA
+    factors and the layers' state held its bound methods, so the runtime, its arenas (on a GPU
+    up to gigabytes) and the model it holds waited for Python's cycle collector, which neither
+    ``del`` nor ``torch.cuda.empty_cache()`` runs."""
+    model, runtime = _served(tmp_path, merged)
+    arena = runtime.buffers.arenas[0].A
+    refs = [weakref.ref(x) for x in (model, runtime, arena)]
+    with _no_cycle_collector():
+        runtime.eject() if how == "runtime" else lorahot.eject(model)
+        del model, runtime, arena
+        assert [r() is None for r in refs] == [True, True, True]
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules:UserWarning")
+@pytest.mark.parametrize("end", ["dropped", "failed-inject"])
+def test_a_runtime_dropped_without_eject_or_a_failed_inject_leaves_nothing_behind(tmp_path: Path, end: str) -> None:
+    """A runtime dropped with its model, never ejected, is collected with it (the model's layers
+    hold the runtime, which lorahot.eject(model) needs, so the two go at the collector's next
+    run), and an inject that fails keeps nothing: no model, no global handle, no thread."""
+    from lorahot.layers.tensor_handles import TENSORS, TensorHandle
+
+    gc.collect()
+    TensorHandle(())  # a safe point: collected handles' entries removed
+    handles, threads = set(TENSORS), threading.active_count()
+    if end == "dropped":
+        model, runtime = _served(tmp_path, merged=False)
+        refs = [weakref.ref(model), weakref.ref(runtime)]
+        del model, runtime
+    else:
+        model = tiny_lm()
+        model.layers[1].self_attn.v_proj.to(torch.complex64)  # refused after the layers before it
+        refs = [weakref.ref(model)]
+        with pytest.raises(lorahot.UsageError, match="complex64"):
+            lorahot.inject(model, TARGETS, max_rank=4)
+        del model
+    gc.collect()
+    assert all(r() is None for r in refs)
+    TensorHandle(())
+    assert set(TENSORS) <= handles | {max(TENSORS)} and threading.active_count() == threads
