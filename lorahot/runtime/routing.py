@@ -464,6 +464,9 @@ class Routing:
                     )
                     for arena in self._arenas
                 ]
+            for target, segs, _ in found:
+                _any_length(target)
+                _any_length(segs)
             while len(self._tensors) >= KEPT_LENGTHS:
                 del self._tensors[next(iter(self._tensors))]
         self._tensors[length] = found  # the most recent last
@@ -477,3 +480,10 @@ class Routing:
         self.rows = None
         self.whole = False
         self.tokens = False
+
+
+def _any_length(t: torch.Tensor) -> None:
+    """Lets the compiler keep ``t``'s length a symbol: a routing's length is the batch's, which a
+    model compiled with the batch marked dynamic (``torch._dynamo.mark_dynamic(x, 0)``) keeps
+    symbolic; a constant length would specialize that batch, which torch refuses."""
+    torch._dynamo.maybe_mark_dynamic(t, 0)

@@ -314,6 +314,28 @@ def test_dynamic_shapes_serve_every_batch_size_with_one_routed_graph(
     assert counter.frame_count == frames
 
 
+@pytest.mark.parametrize("kind", ["lm", "conv"])
+def test_a_batch_marked_dynamic_routes_every_batch_size_with_one_graph(kind: str) -> None:
+    """``torch._dynamo.mark_dynamic(ids, 0)``, as the base model takes it, under per-row routings
+    of every batch size: the routing's length is the batch's, so a constant length would
+    specialize the batch marked dynamic, which torch refuses (ConstraintViolationError). One
+    routed graph serves them all."""
+    model, runtime, held = _routed_convnet() if kind == "conv" else _setup()
+    reference, vocab, tail = (tiny_convnet(), 16, (5, 5)) if kind == "conv" else (tiny_lm(), 32, (6,))
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        for k, rows in enumerate((4, 3, 6, 2)):
+            route = [(i % 3) - 1 for i in range(rows)]
+            runtime.activate(route)
+            ids = token_ids((rows, *tail), vocab, seed=rows)
+            torch._dynamo.mark_dynamic(ids, 0)
+            with torch._dynamo.config.patch(error_on_recompile=k > 0):
+                got = compiled(ids)
+            torch.testing.assert_close(got.double(), _expected(ids, route, held, reference), rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 1
+
+
 def test_negative_control_routed_row_limits_decided_in_python_recompile(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same with the fused path's row limits asked in Python: a batch past a limit
     recompiles."""
