@@ -25,6 +25,13 @@ into (:mod:`lorahot.kernels.routed_linear`). Only the runtime writes them, in pl
 routing of the same length; it makes the workspace once, with the first routing. A copy of a
 handle (a copied or pickled model's) owns a new key, over the copied tensors, with copies of
 the routing the original had when it was copied (a copy has no runtime: its routing stays).
+
+A new handle takes the smallest key that no live handle holds (a collected handle's key is
+free once its entries are removed): a model injected after the last one was ejected and dropped
+reads its arenas under that one's keys, so its compiled forward is served by the graph compiled
+for the last one, whose guards read the entries' shapes and kinds, not which tensors they are;
+a fresh model without LoRA is served the same way. With a new key for every handle, each fresh
+model compiled again, and past dynamo's ``recompile_limit`` (8) its class ran eagerly.
 """
 
 from __future__ import annotations
@@ -53,7 +60,6 @@ SEGMENTS: dict[int, torch.Tensor | None] = {}
 WORKSPACES: dict[int, torch.Tensor | None] = {}
 #: a handle's routing as :meth:`TensorHandle.__reduce__` copies it: ``(ROUTES, TOKENS, SEGMENTS)`` entries
 Routing = tuple[torch.Tensor | None, bool, torch.Tensor | None]
-_ids = itertools.count()
 #: keys of collected handles, emptied in place, to remove at the next safe point
 _retired: list[int] = []
 
@@ -63,7 +69,7 @@ class TensorHandle:
 
     def __init__(self, tensors: tuple[torch.Tensor, ...], routing: Routing | None = None) -> None:
         _purge()  # a safe point: inject, not a compiled model's trace
-        self.key = next(_ids)
+        self.key = next(k for k in itertools.count() if k not in TENSORS)  # see _purge
         TENSORS[self.key] = tensors
         ROUTES[self.key] = SEGMENTS[self.key] = WORKSPACES[self.key] = None
         TOKENS[self.key] = False

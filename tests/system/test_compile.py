@@ -8,6 +8,7 @@ dense reference. Negative controls show the test would catch the mistakes loraho
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Callable
 
@@ -250,6 +251,49 @@ def test_positive_control_same_counter_sees_no_recompile_for_lorahot_swaps() -> 
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("release", ["eject", "drop"])
+def test_a_fresh_model_injected_after_the_last_one_went_takes_its_compiled_graph(release: str) -> None:
+    """A server that builds its model again (a new checkpoint, a restart in process) injects a
+    fresh model of the same class each time: its compiled forward is served by the graph the
+    last one compiled, as a model without LoRA is, and computes its own weights and adapter
+    (float64 reference). Before, every fresh model compiled again (its arenas sat under a new
+    global key), and past dynamo's recompile_limit of 8 the class ran eagerly. A model still
+    alive keeps its keys and its own graph: one graph for it and one for the fresh models."""
+    counter = torch._dynamo.testing.CompileCounter()
+    ids = token_ids((2, 5), 32, seed=1)
+    targets = ["q_proj", "v_proj", "embed_tokens"]
+
+    def served(seed: int) -> tuple[nn.Module, lorahot.LoraRuntime, torch.Tensor, Callable[[], torch.Tensor]]:
+        model = tiny_lm(seed=seed, dtype=torch.float64)
+        runtime = lorahot.inject(model, targets, max_rank=4)
+        names = list(runtime.layers)
+        tensors, ab = make_adapter(model, {n: 1 + (seed + i) % 4 for i, n in enumerate(names)}, seed, torch.float64)
+        runtime.load(tensors)
+        expected = model_reference(
+            tiny_lm(seed=seed, dtype=torch.float64), ids, {n: (a, b, 1.0) for n, (a, b) in ab.items()}
+        )
+        compiled = torch.compile(model, backend=counter)
+
+        def call() -> torch.Tensor:
+            with torch.no_grad():
+                return compiled(ids)
+
+        return model, runtime, expected, call
+
+    gc.collect()  # runtimes an earlier test dropped: their keys are free from the start
+    kept = served(100)
+    torch.testing.assert_close(kept[3](), kept[2], rtol=1e-10, atol=1e-10)
+    for seed in range(10):
+        model, runtime, expected, call = served(seed)
+        torch.testing.assert_close(call(), expected, rtol=1e-10, atol=1e-10)
+        if release == "eject":
+            runtime.eject()
+        del model, runtime, call
+        gc.collect()  # a dropped runtime goes with its model at the collector's run
+    torch.testing.assert_close(kept[3](), kept[2], rtol=1e-10, atol=1e-10)  # its own arenas, its own graph
+    assert counter.frame_count == 2
+
+
 # -- GPU: CUDA graphs and bf16 ----------------------------------------------------------------
 
 
@@ -311,6 +355,29 @@ def test_gpu_default_mode_bf16() -> None:
                 tiny_convnet().cuda(), ids, {n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()}
             )
             torch.testing.assert_close(y.double(), expected, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("release", ["eject", "drop"])
+def test_gpu_a_fresh_model_on_the_last_ones_keys_computes_its_own_under_cuda_graphs(release: str) -> None:
+    """Under CUDA graphs a fresh model that takes the keys of the one before reads its own
+    arenas: the graph is recorded again for their addresses, as for a fresh model's parameters."""
+    ids = IDS.cuda()
+    with torch._inductor.config.patch("triton.cudagraph_support_input_mutation", False):
+        for seed in range(3):
+            model = tiny_convnet(seed).cuda()
+            runtime = lorahot.inject(model, list(NAMES), max_rank=MAX_RANK)
+            tensors, ab = make_adapter(model, {"conv": 2, "proj": 1 + seed, "embed": 4 - seed}, seed=seed)
+            runtime.load(tensors)
+            compiled = torch.compile(model, mode="reduce-overhead")
+            loras = {n: (a.cuda(), b.cuda(), 1.0) for n, (a, b) in ab.items()}
+            expected = model_reference(tiny_convnet(seed).cuda(), ids, loras)
+            for _ in range(3):  # warm up, record, replay
+                torch.testing.assert_close(_call_on(compiled, ids).double(), expected, rtol=1e-3, atol=1e-3)
+            if release == "eject":
+                runtime.eject()
+            del model, runtime, compiled
+            gc.collect()
 
 
 def _call_on(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
