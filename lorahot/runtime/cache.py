@@ -24,6 +24,7 @@ import torch
 
 from lorahot.adapter import Adapter
 from lorahot.errors import UsageError, public_api, shown
+from lorahot.memo import str_bytes
 from lorahot.runtime.arguments import entries as read_entries
 from lorahot.runtime.arguments import is_sequence, text, whole
 from lorahot.runtime.buffers import Pack
@@ -55,15 +56,16 @@ class PreparedAdapter:
         """Host bytes the entry keeps alive: its packs, the storage of the adapter's own
         tensors, which the plan keeps for stacks and merged mode (a float32 file for a float16
         model holds twice its packs), each storage counted once, and the objects that describe
-        them (:data:`ENTRY_OVERHEAD`, :data:`MODULE_OVERHEAD`)."""
+        them (:data:`ENTRY_OVERHEAD`, :data:`MODULE_OVERHEAD`) and its key."""
         storages: dict[int, int] = {}
         for t in _tensors(self.adapter, self.plan):
             if not t.is_meta and t.device.type == "cpu":
                 storage = t.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
-        a, p = self.adapter, self.plan
-        modules = len(a.modules) + len(a.weights) + len(p.targets) + len(p.weights)
-        return sum(p.nbytes for p in self.packs) + sum(storages.values()) + ENTRY_OVERHEAD + MODULE_OVERHEAD * modules
+        adapter, plan = self.adapter, self.plan
+        modules = len(adapter.modules) + len(adapter.weights) + len(plan.targets) + len(plan.weights)
+        described = ENTRY_OVERHEAD + MODULE_OVERHEAD * modules + str_bytes(self.key)
+        return sum(p.nbytes for p in self.packs) + sum(storages.values()) + described
 
 
 def check_prepared(entry: PreparedAdapter) -> None:
@@ -100,8 +102,11 @@ def _tensors(adapter: Adapter, plan: LoadPlan) -> Iterator[torch.Tensor]:
         yield from w.factors.values()
 
 
-#: how many names given to preload a cache remembers (see :meth:`AdapterCache.name`)
+#: how many names given to preload a cache remembers (see :meth:`AdapterCache.name`), and the
+#: most bytes they take together (a name is any str a caller passes: a count alone lets 65,536
+#: names of a megabyte each pin 64 GiB)
 NAMES_KEPT = 1 << 16
+NAMES_BYTES = 16 << 20
 
 
 class AdapterCache:
@@ -117,7 +122,8 @@ class AdapterCache:
         self._budget = checked_budget(budget_bytes)
         self._entries: OrderedDict[str, PreparedAdapter] = OrderedDict()
         #: keys given to preload as names of their own (not a source's path), the last NAMES_KEPT
-        self._names: OrderedDict[str, None] = OrderedDict()
+        self._names: OrderedDict[str, int] = OrderedDict()  # name -> its bytes
+        self._names_bytes = 0
         self._lock = threading.Lock()
 
     @property
@@ -201,10 +207,11 @@ class AdapterCache:
         is gone, ``load(key)`` is refused rather than read as a source (:meth:`is_name`)."""
         key = _key(key)
         with self._lock:
-            self._names.pop(key, None)
-            self._names[key] = None
-            while len(self._names) > NAMES_KEPT:
-                self._names.popitem(last=False)
+            self._names_bytes -= self._names.pop(key, 0)
+            self._names[key] = str_bytes(key)
+            self._names_bytes += self._names[key]
+            while len(self._names) > NAMES_KEPT or self._names_bytes > NAMES_BYTES:
+                self._names_bytes -= self._names.popitem(last=False)[1]
 
     @public_api
     def unname(self, key: str) -> None:
@@ -212,7 +219,8 @@ class AdapterCache:
         kept under that name goes (it would be found before the source's own)."""
         key = _key(key)
         with self._lock:
-            if self._names.pop(key, 0) is None:
+            if key in self._names:
+                self._names_bytes -= self._names.pop(key)
                 self._entries.pop(key, None)
 
     @public_api

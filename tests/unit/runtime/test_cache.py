@@ -18,6 +18,7 @@ import lorahot
 from lorahot.errors import AdapterMismatchError, SourceNotFoundError
 from lorahot.io import identity
 from lorahot.io.identity import source_identity
+from lorahot.runtime import cache as cache_module
 from lorahot.runtime import lora_runtime
 from tests.helpers import make_adapter, save_peft, tiny_lm
 
@@ -355,6 +356,25 @@ def test_the_budget_bounds_what_a_cache_of_many_small_adapters_keeps_alive(tmp_p
         tracemalloc.stop()
     assert runtime.cache.nbytes <= budget
     assert kept < budget, f"{len(runtime.cache)} entries keep {kept} bytes of Python objects alone"
+
+
+def test_the_names_a_cache_remembers_are_bounded_in_bytes_and_an_entry_counts_its_key() -> None:
+    """A name given to preload is any str: the cache remembers the last NAMES_KEPT of them and
+    at most NAMES_BYTES together (the newest kept), and an entry's key counts against the
+    budget. Before, 65,536 names of a megabyte each were all kept (64 GiB)."""
+    cache = lorahot.AdapterCache(1 << 20)
+    for i in range(40):
+        cache.name(f"{i:03d}" + "x" * (1 << 20))  # 40 MiB of names
+    kept = [i for i in range(40) if cache.is_name(f"{i:03d}" + "x" * (1 << 20))]
+    assert kept == list(range(40 - len(kept), 40)) and 0 < len(kept) * (1 << 20) <= cache_module.NAMES_BYTES
+    cache.unname(f"{39:03d}" + "x" * (1 << 20))
+    cache.name("short")
+    assert cache.is_name("short") and cache.is_name(f"{38:03d}" + "x" * (1 << 20))
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+    tensors = make_adapter(model, {Q0: 4}, seed=1)[0]
+    short, long = runtime.preload(tensors, key="k"), runtime.preload(tensors, key="k" * (1 << 20))
+    assert long.nbytes - short.nbytes == len(long.key) - len(short.key)  # ASCII: a byte a character
 
 
 def test_a_failed_load_leaves_the_cache_order_and_a_load_marks_its_entries(tmp_path: Path) -> None:
