@@ -13,15 +13,20 @@ from __future__ import annotations
 import gc
 import os
 import random
+import shutil
+import threading
 import time
 import tracemalloc
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import lorahot
-from tests.helpers import tiny_lm, token_ids
+from lorahot.formats import table
+from lorahot.io import loader, safety
+from tests.helpers import make_adapter, save_peft, tiny_lm, token_ids
 from tests.reliability_helpers import DOWN0, EMB, Q0, TARGETS, V1, VOCAB, report, write_valid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -118,6 +123,121 @@ def test_soak_cpu_10k_swaps_memory_flat(tmp_path: Path, request: pytest.FixtureR
     assert soak.swaps == swaps
     assert traced_after - traced_before < 64 * 1024, figures
     assert rss_after - rss_before < 8 * 2**20, figures
+
+
+def _descriptors() -> tuple[int, int, int]:
+    """Open file descriptors, memory maps and threads of this process."""
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for _ in f)
+    return len(os.listdir("/proc/self/fd")), maps, threading.active_count()
+
+
+def _write_distinct(directory: Path, model: torch.nn.Module, i: int) -> Path:
+    """Adapter ``i`` of a stream of distinct ones: a random rank and subset of layers, written
+    as a PEFT directory, a PEFT file without config, a kohya file or a diffusers file; every
+    tenth truncated, every 50th a pickle (both refused)."""
+    rng = random.Random(i)
+    rank = rng.randint(1, MAX_RANK // 2)
+    tensors, _ = make_adapter(model, dict.fromkeys(rng.sample(_ALL, rng.randint(1, len(_ALL))), rank), seed=i)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    kind = i % 4
+    if i % 50 == 49:
+        torch.save(tensors, directory / "adapter_model.bin")
+        return directory
+    if kind == 0:
+        path = save_peft(directory, tensors, r=rank, lora_alpha=rng.choice([rank, 2 * rank]))
+    elif kind == 1:
+        path = directory / "adapter.safetensors"
+        save_file(tensors, str(path))
+    elif kind == 2:
+        kohya = {}
+        for key, value in tensors.items():
+            module, _, role = key.removeprefix("base_model.model.").rpartition(".lora_")
+            name = "lora_unet_" + module.replace(".", "_")
+            kohya[f"{name}.{'lora_down' if role.startswith(('A', 'embedding_A')) else 'lora_up'}.weight"] = value
+            kohya[f"{name}.alpha"] = torch.tensor(float(rank))
+        path = directory / "style.safetensors"
+        save_file(kohya, str(path))
+    else:
+        path = directory / "pytorch_lora_weights.safetensors"
+        save_file({k.removeprefix("base_model.model."): v for k, v in tensors.items()}, str(path))
+    if i % 10 == 9:
+        file = path / "adapter_model.safetensors" if path.is_dir() else path
+        file.write_bytes(file.read_bytes()[:-7])
+    return path
+
+
+def test_soak_distinct_adapters_keep_descriptors_threads_and_memory_flat(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server loads one adapter file after another, each new: through load, preload and
+    load(key), prefetch, stacks and read_adapter, a tenth of them refused, some rewritten in place
+    after their load, each deleted afterwards. After a warm-up the open file descriptors, memory
+    maps and threads stay as they were, the host cache within its budget and the memos within
+    theirs (set small here, so that they fill during the warm-up), and Python allocations grow
+    by under 256 KiB."""
+    for memo, budget in ((safety._HEADERS, 256 << 10), (loader._RECIPES, 64 << 10), (table._CLASSIFIED, 64 << 10)):
+        monkeypatch.setattr(memo, "max_bytes", budget)
+    model = tiny_lm(seed=1, vocab=VOCAB)
+    runtime = lorahot.inject(model, TARGETS, max_rank=MAX_RANK, slots=2, cache_bytes=256 << 10)
+    refused = 0
+
+    def serve(i: int) -> None:
+        nonlocal refused
+        directory = tmp_path / str(i)
+        path = _write_distinct(directory, model, i)
+        try:
+            how = i % 5
+            if how == 0:
+                runtime.load(path, slot=i % 2)
+            elif how == 1:
+                runtime.preload(path, key=f"adapter {i}")
+                runtime.load(f"adapter {i}")
+            elif how == 2:
+                runtime.prefetch(path).result(timeout=60)
+                runtime.load(path)
+            elif how == 3:
+                runtime.load([path, _write_distinct(tmp_path / f"{i}+", model, i + 1)], scale=[0.5, 0.5])
+            else:
+                lorahot.read_adapter(path)
+            if i % 7 == 0:  # rewritten in place, loaded again
+                shutil.rmtree(directory)
+                runtime.load(_write_distinct(directory, model, i + 7))
+        except lorahot.LoraError:
+            refused += 1
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(tmp_path / f"{i}+", ignore_errors=True)
+
+    tracemalloc.start()  # from the start: what a full memo evicts was traced too
+    try:
+        for i in range(250):
+            serve(i)
+        gc.collect()
+        before = _descriptors()
+        traced_before = tracemalloc.get_traced_memory()[0]
+        for i in range(250, 750):
+            serve(i)
+        gc.collect()
+        traced_after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    after = _descriptors()
+    figures = {
+        "adapters": 750,
+        "refused": refused,
+        "descriptors_maps_threads_before": before,
+        "descriptors_maps_threads_after": after,
+        "tracemalloc_growth_bytes": traced_after - traced_before,
+        "cache_entries": len(runtime.cache),
+    }
+    report(request.config, "soak_distinct", figures)
+    assert after[0] == before[0] and after[2] == before[2], figures
+    assert abs(after[1] - before[1]) <= 4, figures  # the allocator maps and unmaps large blocks
+    assert runtime.cache.nbytes <= runtime.cache.budget_bytes
+    assert safety._HEADERS.nbytes <= 256 << 10 and loader._RECIPES.nbytes <= 64 << 10
+    assert traced_after - traced_before < 256 * 1024, figures
+    assert refused >= 50, figures
 
 
 @pytest.mark.gpu
