@@ -501,7 +501,7 @@ class LoRALayer(nn.Module):
             if torch._C._get_tracing_state() is not None:  # torch.jit.trace records this call
                 return self._traced_views()
             return live
-        if torch.compiler.is_exporting():  # a constant when compiling: no guard, nothing traced
+        if _exporting():  # a constant when compiling: no guard, nothing traced
             _recorded(self, "torch.export")
         key, geometry = self._plan[4:6]
         if geometry is None:  # regional: the layer's own views, inputs of the graph
@@ -603,7 +603,7 @@ class LoRALayer(nn.Module):
             routed_out: torch.Tensor = self._base(x, *args, **kwargs)  # (the runtime refuses that routing)
             return routed_out
         if not extras and not args and not kwargs and torch.compiler.is_compiling():
-            if torch.compiler.is_exporting():  # a constant when compiling: no guard, nothing traced
+            if _exporting():  # a constant when compiling: no guard, nothing traced
                 _recorded(self, "torch.export")
             if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
                 z = self.compiled_routed(x, route, fused, wide, key, slot_geometry)
@@ -889,6 +889,15 @@ def own_code(module: nn.Module) -> list[str]:
     return [what for what, hooks in found if hooks] + (
         ["a forward of the instance's own"] if "forward" in module.__dict__ else []
     )
+
+
+def _exporting() -> bool:
+    """Whether ``torch.export`` records this call (its default, non-strict tracing). Never under
+    ``torch.compile``, where the first test is a constant True in some torch versions (2.11:
+    every compiled per-row routing was refused as an export) and the second a constant False.
+    ``torch.export(strict=True)`` traces through dynamo, which keeps no side effect of the trace,
+    so it could not be recorded anyway: it is not detected."""
+    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
 
 
 def _recorded(layer: LoRALayer, how: str) -> None:

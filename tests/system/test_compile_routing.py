@@ -336,6 +336,24 @@ def test_a_batch_marked_dynamic_routes_every_batch_size_with_one_graph(kind: str
     assert counter.frame_count == 1
 
 
+def test_a_compiled_model_routes_whatever_is_exporting_answers_inside_torch_compile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Some torch versions (2.11) answer ``torch.compiler.is_exporting()`` True inside
+    ``torch.compile``: a compiled model must not take itself for an export there (which would
+    refuse every per-row routing, and mark the runtime as exported). Emulated by the flag that
+    answer reads, set while the model compiles."""
+    model, runtime, held = _setup()
+    compiled = torch.compile(model, fullgraph=True)
+    monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)
+    ids = token_ids((4, 6), 32, seed=1)
+    with torch.no_grad():
+        compiled(ids)  # whole batch
+        for route in ([0, 1, 2, -1], [2, -1, 1, 0]):
+            runtime.activate(route)
+            torch.testing.assert_close(compiled(ids).double(), _expected(ids, route, held), rtol=1e-4, atol=1e-5)
+
+
 def test_negative_control_routed_row_limits_decided_in_python_recompile(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same with the fused path's row limits asked in Python: a batch past a limit
     recompiles."""
