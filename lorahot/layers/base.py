@@ -730,7 +730,9 @@ class LoRALayer(nn.Module):
         ``y``: each entry covers its ``T`` consecutive rows of :meth:`row_view`."""
         length = on.shape[0]
         rows = math.prod(y.shape[:-1]) // length
-        return torch.repeat_interleave(on, rows, output_size=length * rows).view(*y.shape[:-1], 1)
+        # expanded, not repeat_interleave: under a batch marked dynamic, torch 2.11's
+        # repeat_interleave specialized the symbolic entry count
+        return on[:, None].expand(length, rows).reshape(*y.shape[:-1], 1)
 
     def routed_delta(
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor
