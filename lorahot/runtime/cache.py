@@ -121,6 +121,7 @@ class AdapterCache:
     def __init__(self, budget_bytes: int) -> None:
         self._budget = checked_budget(budget_bytes)
         self._entries: OrderedDict[str, PreparedAdapter] = OrderedDict()
+        self._total = 0  # the entries' nbytes summed (each fixed when first read)
         #: keys given to preload as names of their own (not a source's path), the last NAMES_KEPT
         self._names: OrderedDict[str, int] = OrderedDict()  # name -> its bytes
         self._names_bytes = 0
@@ -185,21 +186,27 @@ class AdapterCache:
         check_prepared(entry)
         nbytes = entry.nbytes  # before anything is dropped: a failure leaves the cache as it was
         with self._lock:
-            self._entries.pop(key, None)
+            self._pop_locked(key)
             if nbytes > self._budget:
                 return
             self._entries[key] = entry
+            self._total += nbytes
             self._evict_locked()
 
     def _evict_locked(self) -> None:
-        while self.nbytes_locked() > self._budget:
-            self._entries.popitem(last=False)
+        while self._total > self._budget:
+            self._total -= self._entries.popitem(last=False)[1].nbytes
+
+    def _pop_locked(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._total -= entry.nbytes
 
     @public_api
     def discard(self, key: str) -> None:
         key = _key(key)
         with self._lock:
-            self._entries.pop(key, None)
+            self._pop_locked(key)
 
     @public_api
     def name(self, key: str) -> None:
@@ -221,7 +228,7 @@ class AdapterCache:
         with self._lock:
             if key in self._names:
                 self._names_bytes -= self._names.pop(key)
-                self._entries.pop(key, None)
+                self._pop_locked(key)
 
     @public_api
     def is_name(self, key: str) -> bool:
@@ -233,6 +240,7 @@ class AdapterCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._total = 0
 
     def keys(self) -> list[str]:
         """Keys, least recently used first."""
@@ -245,7 +253,7 @@ class AdapterCache:
             return self.nbytes_locked()
 
     def nbytes_locked(self) -> int:
-        return sum(e.nbytes for e in self._entries.values())
+        return self._total
 
     def __contains__(self, key: object) -> bool:
         with self._lock:

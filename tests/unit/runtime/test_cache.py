@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -375,6 +376,39 @@ def test_the_names_a_cache_remembers_are_bounded_in_bytes_and_an_entry_counts_it
     tensors = make_adapter(model, {Q0: 4}, seed=1)[0]
     short, long = runtime.preload(tensors, key="k"), runtime.preload(tensors, key="k" * (1 << 20))
     assert long.nbytes - short.nbytes == len(long.key) - len(short.key)  # ASCII: a byte a character
+
+
+def test_a_put_costs_the_same_in_a_cache_of_thousands_of_entries() -> None:
+    """The cache keeps its entries' total: a put (and an eviction) into a cache of 8,000 entries
+    costs what it does into one of 100. Before, each put summed every entry's size, once per
+    eviction too: 0.8 ms a put at 8,000 entries and 8 ms at 40,000 on the CPU box (17 us now),
+    which a cache of many small adapters reaches."""
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+    entry = runtime.preload(make_adapter(model, {Q0: 4}, seed=1)[0], key="entry")
+    cache = lorahot.AdapterCache(1 << 40)
+
+    def seconds_per_put(tag: str) -> float:
+        copies = [dataclasses.replace(entry, key=f"{tag}{i}") for i in range(100)]
+        start = time.perf_counter()
+        for copy in copies:
+            cache.put(copy)
+        return (time.perf_counter() - start) / len(copies)
+
+    small = min(seconds_per_put(f"small{i}-") for i in range(3))
+    for i in range(80):
+        seconds_per_put(f"fill{i}-")
+    assert len(cache) == 8_300
+    large = min(seconds_per_put(f"large{i}-") for i in range(3))
+    cache.budget_bytes = cache.nbytes - 1  # from now on every put evicts
+    evicting = min(seconds_per_put(f"evict{i}-") for i in range(3))
+    keys = cache.keys()
+    assert cache.nbytes <= cache.budget_bytes and cache.nbytes == sum(cache.peek(k).nbytes for k in keys)
+    cache.discard(keys[0])
+    assert cache.nbytes == sum(cache.peek(k).nbytes for k in keys[1:])
+    cache.clear()
+    assert cache.nbytes == 0 and len(cache) == 0
+    assert max(large, evicting) < 10 * small + 1e-4, (small, large, evicting)
 
 
 def test_a_failed_load_leaves_the_cache_order_and_a_load_marks_its_entries(tmp_path: Path) -> None:
