@@ -21,7 +21,7 @@ import functools
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,10 +234,15 @@ def _read_into(fd: int, path: Path, start: int, buf: torch.Tensor, spans: list[t
         off, size = span
         return os.preadv(fd, [view[off : off + size]], start + off)
 
+    futures = [_readers().submit(read, span) for span in spans] if len(spans) > 1 else []
     try:
-        got = list(_readers().map(read, spans)) if len(spans) > 1 else [read(spans[0])]
+        got = [f.result() for f in futures] if futures else [read(spans[0])]
     except OSError as exc:
         raise AdapterReadError(f"{path}: cannot read the tensor data ({exc}). Re-download the adapter.") from None
+    finally:  # a failed or interrupted read returns only once no chunk still reads fd or writes buf
+        for f in futures:
+            f.cancel()
+        wait(futures)
     if got != [size for _, size in spans]:
         raise AdapterReadError(
             f"{path}: the file is shorter than its header says (changed while reading?). Re-download the adapter."

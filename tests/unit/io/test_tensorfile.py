@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,39 @@ def test_large_file_is_read_in_parallel_chunks(tmp_path: Path, monkeypatch: pyte
     path = _file(tmp_path)
     ours = read_tensors(path, check_safetensors(path))
     assert all(torch.equal(ours[k], v) for k, v in load_file(str(path)).items())
+
+
+def test_a_failed_chunk_read_returns_only_once_no_other_chunk_still_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks are read on several threads; where one fails, the read raises only once the others
+    have stopped: the caller then closes the descriptor and reuses the buffer (the runtime's read
+    buffers), which a straggling chunk would otherwise read from a closed, perhaps reused,
+    descriptor into. Before, the failure returned at once with three chunks still reading."""
+    import lorahot.io.tensorfile as tf
+
+    monkeypatch.setattr(tf, "_CHUNK", 64)
+    path = _file(tmp_path)
+    header = check_safetensors(path)
+    real, running, first = os.preadv, [0], header.data_start
+    lock = threading.Lock()
+
+    def slow_or_failing(fd: int, bufs: list[memoryview], offset: int) -> int:
+        if offset == first:
+            raise OSError(5, "Input/output error")
+        with lock:
+            running[0] += 1
+        time.sleep(0.05)
+        try:
+            return real(fd, bufs, offset)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(os, "preadv", slow_or_failing)
+    with pytest.raises(lorahot.AdapterReadError, match="cannot read the tensor data"):
+        read_tensors(path, header)
+    assert running[0] == 0
 
 
 def test_file_shrunk_after_header_check_is_a_read_error(tmp_path: Path) -> None:
