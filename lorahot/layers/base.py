@@ -57,6 +57,7 @@ __all__ = [
     "overrides_forward",
     "own_code",
     "forward_mismatch",
+    "mismatch",
     "probe_forward",
     "refuse_assigned_load_under",
     "kept_parametrizations",
@@ -584,7 +585,7 @@ class LoRALayer(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base module's output plus the live adapter's update, called as the base module is
         called: its input positionally, or by the name its own ``forward`` gives it
-        (``input=`` for torch's Linear, conv and Embedding; see :meth:`keyword_input`), with
+        (``input=`` for torch's Linear, conv and Embedding; see :func:`input_name`), with
         whatever other arguments it takes."""
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
         # layer: keep them few (see lorahot.layers.tensor_handles).
@@ -937,14 +938,23 @@ def forward_mismatch(
     if not isinstance(got, torch.Tensor) or got.shape != want.shape:
         shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
         return f"on a probe input it returned {shape}, expected a tensor of shape {tuple(want.shape)}"
-    diff = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
-    size = float(want.double().abs().max()) if want.numel() else 0.0
-    eps = torch.finfo(want.dtype).eps if want.is_floating_point() else 0.0
-    if not diff <= math.sqrt(eps) * size:  # NaN fails too
+    off = mismatch(got, want)
+    if off is not None:
+        diff, size = off
         return (
             f"on a probe input its output differs from the expected one by up to {diff:.3g} (largest value {size:.3g})"
         )
     return None
+
+
+def mismatch(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float] | None:
+    """``(largest difference, largest expected value)`` where ``got`` is not ``want`` within
+    ``sqrt(eps)`` of ``want``'s dtype times its largest value (rounding and summation order pass,
+    any real transform fails; NaN fails too); None where they agree."""
+    diff = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
+    size = float(want.double().abs().max()) if want.numel() else 0.0
+    eps = torch.finfo(want.dtype).eps if want.is_floating_point() else 0.0
+    return None if diff <= math.sqrt(eps) * size else (diff, size)
 
 
 def probe_forward(module: nn.Module, probe: torch.Tensor) -> Any:

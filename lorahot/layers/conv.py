@@ -26,7 +26,7 @@ from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.layers import routing
-from lorahot.layers.base import EXTRA_ROWS, LayerSpec, LoRALayer, forward_mismatch, overrides_forward
+from lorahot.layers.base import EXTRA_ROWS, LayerSpec, LoRALayer, forward_mismatch, mismatch, overrides_forward
 from lorahot.layers.refusal import literal, refuse
 
 __all__ = ["LoRAConv"]
@@ -246,10 +246,9 @@ class LoRAConv(LoRALayer):
                 want = want + base._conv_forward(probe, w2, None)
         except Exception as exc:  # the module's own code: anything can happen
             return f"{kind}: {_OWN_CONV_FORWARD}, and calling it with a probe weight raised {type(exc).__name__}: {exc}"
-        diff = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
-        size_ = float(want.double().abs().max()) if want.numel() else 0.0
-        if not diff <= math.sqrt(torch.finfo(want.dtype).eps) * size_:
-            return f"{kind}: {_OWN_CONV_FORWARD}, and it is not linear in its weight (off by up to {diff:.3g})"
+        off = mismatch(got, want)
+        if off is not None:
+            return f"{kind}: {_OWN_CONV_FORWARD}, and it is not linear in its weight (off by up to {off[0]:.3g})"
         return None
 
     def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -547,9 +547,14 @@ class LoraRuntime:
         (:func:`lorahot.runtime.routing.check_experts`, ``check_towers``, ``check_sequence_first``)."""
         rows = self._routing.rows
         if rows is not None and not self._routing.whole and slot in rows:
-            check_experts({slot: stack.ranks}, self._experts)
-            check_towers({slot: stack.ranks}, self._towers)
-            check_sequence_first({slot: stack.ranks}, self._sequence_first)
+            self._check_unroutable({slot: stack.ranks})
+
+    def _check_unroutable(self, routed: Mapping[int, Mapping[str, int]]) -> None:
+        """Refuses rows sent to a slot (``routed``: slot -> its layers' ranks) whose adapter has
+        weights on layers a per-row routing cannot follow: experts, towers, sequence-first layers."""
+        check_experts(routed, self._experts)
+        check_towers(routed, self._towers)
+        check_sequence_first(routed, self._sequence_first)
 
     def _agreed(self, check: Callable[[], _T], what: str, writes: Callable[[_T], dict[str, bytes]]) -> _T:
         """``check()``, and on a tensor-parallel model every rank's agreement that it passed
@@ -899,9 +904,7 @@ class LoraRuntime:
             one = one_slot(route)
             if one is None:  # one slot for every row runs as the whole batch: no row to misplace
                 routed = [s for s in torch.unique(route).tolist() if s >= 0]  # filled: check_routing says so
-                check_experts({s: self._stacks[s].ranks for s in routed}, self._experts)
-                check_towers({s: self._stacks[s].ranks for s in routed}, self._towers)
-                check_sequence_first({s: self._stacks[s].ranks for s in routed}, self._sequence_first)
+                self._check_unroutable({s: self._stacks[s].ranks for s in routed})
             if one is None and self._merger is None:  # per row (not run as the whole batch: see below)
                 self._check_traced()
             return route, one
