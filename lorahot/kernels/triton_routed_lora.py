@@ -154,17 +154,16 @@ def _segment_shrink(
         return
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
+    a_base = A + slot.to(tl.int64) * stride_as  # an arena's slot regions lie past 2**31 elements apart
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     split = tl.program_id(1)  # this program's share of K: every SPLITS-th block of BLOCK_K
     for k in range(0, tl.cdiv(K, BLOCK_K * SPLITS)):
         kk = (k * SPLITS + split) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = kk < K
         x = tl.load(X + rows[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        a = tl.load(
-            A + slot * stride_as + rr[None, :] * stride_ar + kk[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0
-        )
+        a = tl.load(a_base + rr[None, :] * stride_ar + kk[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(x, a, acc)
-    s = tl.load(S + slot * stride_ss + rr, mask=r_ok, other=0.0).to(tl.float32)
+    s = tl.load(S + slot.to(tl.int64) * stride_ss + rr, mask=r_ok, other=0.0).to(tl.float32)
     if PDL and not WAIT_FIRST:  # H's zero fill
         gdc_wait()
     where = H + split * stride_hp + rows[:, None] * stride_hm + rr[None, :]

@@ -410,3 +410,48 @@ def test_merged_probes_sum_with_one_launch_as_the_library_does(monkeypatch: pyte
     monkeypatch.setattr(word_sums, "_kernel", lambda: kernel)
     monkeypatch.setattr(word_sums, "available", lambda device: True)
     check_one_launch_sums("cpu", monkeypatch)
+
+
+def _far_slots(rank: int, k: int, n: int, slots: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slot views ``a [slots, R, k]``, ``bt [slots, R, n]``, ``s [slots, R]`` whose regions lie
+    2**30 + 64 elements apart, as in an arena of a large model's layers (a Llama-8B's A at rank
+    64 is 80M elements a region: its 27th slot lies 2**31 elements past the first). Each view
+    starts 2**31 elements into its allocation, so an offset wrapped by int32 arithmetic still
+    lands inside it (on untouched zeros) rather than outside the process's memory."""
+    g = torch.Generator().manual_seed(seed)
+    step, start = 2**30 + 64, 2**31
+    views = []
+    for cols in (k, n):
+        # untouched pages take no memory
+        big = torch.empty(start + (slots - 1) * step + rank * cols, dtype=torch.float16)
+        view = big.as_strided((slots, rank, cols), (step, cols, 1), start)
+        for i in range(slots):
+            view[i].copy_(torch.randn(rank, cols, generator=g) / (k**0.5 if cols == k else 1.0))
+        views.append(view)
+    s = torch.rand(slots, rank, generator=g)
+    return views[0], views[1], s
+
+
+@pytest.mark.parametrize("path", ["gather", "segmented", "fused"])
+def test_routed_kernels_read_slots_past_2_to_the_31_elements(path: str) -> None:
+    """Every routed kernel reads a slot's A and B from its own region, 2**31 + 128 elements
+    past the first slot's (an int32 product of slot and slot stride wraps to another address),
+    on rows of every slot, of none, and of the far slot alone."""
+    fused = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
+    rows, k, n, rank, slots = 24, 64, 48, 16, 3
+    a, bt, s = _far_slots(rank, k, n, slots, seed=7)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(rows, k, generator=g).half()
+    weight = (torch.randn(n, k, generator=g) / k**0.5).half()
+    y = (x.double() @ weight.double().T).half()
+    for route in (torch.randint(-1, slots, (rows,), generator=g), torch.full((rows,), slots - 1)):
+        segs = routed.segments(route, slots)
+        out = torch.full((rows, n), float("nan"), dtype=torch.float16)
+        if path == "fused":
+            routing = (segs, route, 1, None)
+            fused.launch(x, weight, None, a, bt, s, out, fused.config_for(rows, n, k), routing=routing)
+        else:
+            kernels.launch(x, y, a, bt, s, route, out, gather=path == "gather", segs=segs)
+        want = _per_row(x, y.double(), a, bt, s, route)
+        torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
