@@ -37,6 +37,7 @@ slower in the model, since each layer's own shrink is mostly hidden under early 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -89,7 +90,7 @@ def _routed_shrink(
     x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, route: torch.Tensor, segs: torch.Tensor | None = None
 ) -> torch.Tensor:
     refuse_grad("routed_shrink", x, a)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # no -1: a layer's in may be 0
     r = a.shape[-2]
     kernels = triton_module("triton_routed_lora") if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
     if kernels is None or x2.shape[0] == 0 or s.dtype != torch.float32:
@@ -193,7 +194,7 @@ def _routed_lora_linear(
     h: torch.Tensor | None = None,
 ) -> torch.Tensor:
     refuse_grad("routed_lora_linear", x, weight, bias, a, bt)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # no -1: a layer's in may be 0
     n = weight.shape[0]
     if sized and not fused_kernel.routed_worth_it(x2.shape[0], n, wide=wide):  # the base GEMM, then the routed sum
         if ACCUMULATE and _accumulates(x2, weight):

@@ -37,6 +37,7 @@ later launches of that binary skip Triton's argument binding (:mod:`lorahot.kern
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -181,7 +182,7 @@ def config_for(m: int, n: int, k: int) -> Config:
     small = m <= 16
     bm = 16 if small else 64
     bn = 32 if n <= 512 and m <= 64 else 64
-    tiles = -(-m // bm) * -(-n // bn)
+    tiles = max(1, -(-m // bm) * -(-n // bn))  # no rows or no outputs: nothing launches
     split = 1
     if tiles <= 192:
         split = min(16 if small else 8, 384 // tiles, max(1, k // 128))
@@ -221,6 +222,8 @@ def launch(
     m, k = x.shape
     n = weight.shape[0]
     r = a.shape[-2]
+    if m == 0 or n == 0:  # nothing to write; and a shrink into the workspace would stay there
+        return
     # the base layer's own tensors, whatever their layout: the kernel reads the weight's rows
     # and the bias as contiguous runs
     if weight.stride(-1) != 1:
@@ -273,8 +276,8 @@ def split_k(k: int, block_k: int, split: int, out: torch.Tensor) -> tuple[int, i
     """K cut into at most ``split`` chunks of whole ``block_k`` steps, none empty: ``(chunk,
     split, workspace)``, the workspace where the chunks' partial outputs go (``out`` itself
     when K is not split, else float32 ``[split, M, N]`` for :func:`sum_splits`)."""
-    chunk = cdiv(cdiv(k, block_k), split) * block_k
-    split = cdiv(k, chunk)
+    chunk = max(1, cdiv(cdiv(k, block_k), split)) * block_k
+    split = max(1, cdiv(k, chunk))  # no inputs: one program per tile, adding the bias alone
     m, n = out.shape
     return chunk, split, out if split == 1 else torch.empty((split, m, n), device=out.device, dtype=torch.float32)
 
@@ -313,7 +316,7 @@ def lora_linear(
     """``x @ weight.T + bias + ((x @ a.T) * scale) @ bt``, ``x [..., K]``, ``scale [R]``: one
     kernel, two with split K (the operator ``lorahot::lora_linear``)."""
     refuse_grad("lora_linear", x, weight, bias, a, bt)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # no -1: a layer's in may be 0
     n = weight.shape[0]
     out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
     run_into(x2, weight, bias, a, bt, scale, out)

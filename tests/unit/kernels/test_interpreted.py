@@ -455,3 +455,23 @@ def test_routed_kernels_read_slots_past_2_to_the_31_elements(path: str) -> None:
             kernels.launch(x, y, a, bt, s, route, out, gather=path == "gather", segs=segs)
         want = _per_row(x, y.double(), a, bt, s, route)
         torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 40), (1024, 0), (0, 0)], ids=["no-inputs", "no-outputs", "neither"])
+def test_fused_kernels_take_a_linear_with_no_inputs_or_no_outputs(k: int, n: int) -> None:
+    """A shard's ``in`` or ``out`` may be 0: the fused operator and the routed fused kernel give
+    each row the bias alone (no inputs) or nothing (no outputs), and leave the runtime's
+    workspace zero (no shrink added into it that no split-K sum would clear)."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    rows, rank, slots = 8, 16, 2
+    x, _, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=4)
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(4)).half()
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(5)).half()
+    got = torch.ops.lorahot.lora_linear(x.view(2, 4, k), weight, bias, a[0], bt[0], s[0])
+    assert got.shape == (2, 4, n) and torch.equal(got.view(rows, n), bias.expand(rows, n))
+    route = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1])
+    scratch = make_workspace(rank, torch.device("cpu"))
+    out = torch.full((rows, n), float("nan"), dtype=torch.float16)
+    routing = (routed.segments(route, slots), route, 1, scratch)
+    kernel.launch(x, weight, bias, a, bt, s, out, kernel.config_for(rows, n, k), routing=routing)
+    assert torch.equal(out, bias.expand(rows, n)) and not scratch.any()

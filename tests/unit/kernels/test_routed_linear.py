@@ -36,6 +36,19 @@ def test_op_refuses_segments_of_another_routing() -> None:
         routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route, routed.segments(route[:3], 2))
 
 
+@pytest.mark.parametrize(("k", "n"), [(0, 5), (8, 0)], ids=["no-inputs", "no-outputs"])
+def test_op_takes_a_linear_with_no_inputs_or_no_outputs(k: int, n: int) -> None:
+    """A shard's ``in`` or ``out`` may be 0: each row is the bias alone (no inputs) or empty (no
+    outputs), in its input's leading shape; the shrink of no inputs is zero."""
+    x, _, a, bt, s = _operands(6, k, n, 4, 3, torch.float64)
+    weight, bias = _weights(k, n, torch.float64)
+    route = torch.tensor([2, -1, 0])
+    got = routed_linear.routed_lora_linear(x.view(3, 2, k), weight, bias, a, bt, s, route)
+    assert got.shape == (3, 2, n) and torch.equal(got.view(6, n), bias.expand(6, n))  # no inputs: no update either
+    h = routed_linear.routed_shrink(x.view(3, 2, k), a, s, route)
+    assert h.shape == (6, 16) and (k > 0 or not h.any())
+
+
 def test_compiled_op_is_one_opaque_node() -> None:
     x, _, a, bt, s = _operands(4, 8, 5, 4, 2, torch.float32)
     weight, bias = _weights(8, 5, torch.float32)
