@@ -41,11 +41,14 @@ under ``torch.compile`` too, without breaking the compiled model for the inputs 
 The rank-wide per-row scales ``s[route[i]]`` are zero on ``-1`` rows, their extras (DoRA
 factor, LoRA bias) take the no-adapter values, and the library formula keeps their base output
 as it is (selected, not added: an update that overflowed would not be zeroed by a zero scale),
-so such a row computes the base output bitwise. The library formula gathers each entry's A and
-B where that copy is shared by enough rows (:func:`gathers`); where the entries outnumber the
-slots and each holds fewer rows than there are slots (a decode batch, one entry per token of
-packed input) a linear or an embedding instead runs every slot's shrink over every row and
-keeps each row's own slot's columns, so no slot's weights are copied per entry.
+so such a row computes the base output bitwise. (On CUDA the routed fused kernel, which takes
+inputs of up to 128 rows (``lora_linear.routed_worth_it``), computes the base product itself:
+its ``-1`` rows equal the base layer's output to the dtype's rounding, not bitwise.) The
+library formula gathers each entry's A and B where that copy is shared by enough rows
+(:func:`gathers`); where the entries outnumber the slots and each holds fewer rows than there
+are slots (a decode batch, one entry per token of packed input) a linear or an embedding
+instead runs every slot's shrink over every row and keeps each row's own slot's columns, so
+no slot's weights are copied per entry.
 On CUDA a linear layer takes the routed kernel (:mod:`lorahot.kernels.routed_lora`), which
 reads each slot's weights once per tile of rows.
 """
