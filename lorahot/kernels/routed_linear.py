@@ -81,7 +81,7 @@ ACCUMULATE = os.environ.get("LORAHOT_ROUTED_ACCUMULATE") == "1"
 
 
 def _shrink_fake(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, *_: object) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = math.prod(x.shape[:-1])
     return x.new_empty((rows, rank_pad(a.shape[-2])), dtype=torch.promote_types(a.dtype, s.dtype))
 
 
@@ -260,7 +260,7 @@ def routed_lora_linear(
     """
     check_segments(segs, a.shape[0], route.shape[0])
     if h is not None:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        rows = math.prod(x.shape[:-1])
         if h.dim() != 2 or h.shape[0] != rows or h.shape[1] < a.shape[-2]:
             raise ValueError(f"h of shape {tuple(h.shape)} does not give {rows} rows at least {a.shape[-2]} ranks each")
     out: torch.Tensor = torch.ops.lorahot.routed_lora_linear(

@@ -47,6 +47,11 @@ def test_op_takes_a_linear_with_no_inputs_or_no_outputs(k: int, n: int) -> None:
     assert got.shape == (3, 2, n) and torch.equal(got.view(6, n), bias.expand(6, n))  # no inputs: no update either
     h = routed_linear.routed_shrink(x.view(3, 2, k), a, s, route)
     assert h.shape == (6, 16) and (k > 0 or not h.any())
+    given = routed_linear.routed_lora_linear(x.view(3, 2, k), weight, bias, a, bt, s, route, h=h)
+    assert torch.equal(given, got)
+    torch.library.opcheck(
+        torch.ops.lorahot.routed_shrink.default, (x.view(3, 2, k), a, s, route), test_utils=("test_faketensor",)
+    )
 
 
 def test_compiled_op_is_one_opaque_node() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -70,6 +70,8 @@ def _reference(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, bt: torch.Tens
     fused=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@example(outs=[3, 4], k=0, r=2, m=5, fused=False, seed=0)  # no inputs (a shard's in may be 0): zeros
+@example(outs=[3, 4], k=0, r=2, m=5, fused=True, seed=0)
 def test_the_operator_matches_float64_reference_on_either_path(
     outs: list[int], k: int, r: int, m: int, fused: bool, seed: int
 ) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo.testing
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lorahot.kernels import wide_linear as wide_kernel
@@ -45,6 +45,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, bt: torch.Tens
     double=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@example(m=5, k=0, n=7, r=3, double=False, seed=0)  # no inputs (a shard's in may be 0): the bias alone
 def test_matches_float64_reference_with_per_row_scales(m: int, k: int, n: int, r: int, double: bool, seed: int) -> None:
     dtype = torch.float64 if double else torch.float32
     x, w, a, bt, s, wide = _operands(m, k, n, r, dtype, "cpu", seed)
@@ -205,6 +206,8 @@ def test_gradients_flow_eager_and_compiled() -> None:
     fused=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@example(m=5, k=0, n=7, r=3, fused=False, seed=0)
+@example(m=5, k=0, n=7, r=3, fused=True, seed=0)
 def test_dynamic_op_matches_float64_reference_on_either_path(
     m: int, k: int, n: int, r: int, fused: bool, seed: int
 ) -> None:
@@ -221,13 +224,14 @@ def test_dynamic_op_matches_float64_reference_on_either_path(
 
 
 def test_dynamic_op_fake_agrees_with_the_real_output_and_refuses_gradients() -> None:
-    x, *_, a, bt, s, wide = _operands(20, 12, 10, 4, torch.float32, "cpu", seed=7)
-    for fused in (False, True):
-        torch.library.opcheck(
-            torch.ops.lorahot.wide_linear_dynamic.default,
-            (x.reshape(4, 5, 12), wide, a, bt, s, fused),
-            test_utils=("test_schema", "test_faketensor"),
-        )
+    for k in (12, 0):  # 0: no inputs
+        x, *_, a, bt, s, wide = _operands(20, k, 10, 4, torch.float32, "cpu", seed=7)
+        for fused in (False, True):
+            torch.library.opcheck(
+                torch.ops.lorahot.wide_linear_dynamic.default,
+                (x.reshape(4, 5, k), wide, a, bt, s, fused),
+                test_utils=("test_schema", "test_faketensor"),
+            )
     with pytest.raises(RuntimeError, match="no backward"):
         wide_kernel.wide_linear_dynamic(x.requires_grad_(), wide, a, bt, s, fused=False)
 
