@@ -475,3 +475,38 @@ def test_fused_kernels_take_a_linear_with_no_inputs_or_no_outputs(k: int, n: int
     routing = (routed.segments(route, slots), route, 1, scratch)
     kernel.launch(x, weight, bias, a, bt, s, out, kernel.config_for(rows, n, k), routing=routing)
     assert torch.equal(out, bias.expand(rows, n)) and not scratch.any()
+
+
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(1, 300),
+    k=st.integers(1, 700),
+    n=st.integers(1, 130),
+    rank=st.integers(1, 40),
+    bias=st.booleans(),
+    pads=st.tuples(st.integers(0, 9), st.integers(0, 9), st.integers(0, 9)),
+    seed=st.integers(0, 2**16),
+)
+def test_the_fused_kernel_on_any_shape_and_row_strides_matches_the_float64_reference(
+    rows: int, k: int, n: int, rank: int, bias: bool, pads: tuple[int, int, int], seed: int
+) -> None:
+    """``run_into`` as the wide layers call it: ``x``, the weight and ``out`` each a column slice
+    of a wider buffer (rows ``pad`` elements longer than their columns), any K (split or not,
+    ``config_for`` picks), N and rank (padded to a power of two); rank padding contributes
+    nothing and every element of ``out`` beside the slice is left as it was."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    g = torch.Generator().manual_seed(seed)
+    px, pw, po = pads
+    x = torch.randn(rows, k + px, generator=g).half()[:, :k]
+    weight = (torch.randn(n, k + pw, generator=g) / k**0.5).half()[:, :k]
+    b = torch.randn(n, generator=g).half() if bias else None
+    a = (torch.randn(rank, k, generator=g) / k**0.5).half()
+    bt = torch.randn(rank, n, generator=g).half()
+    scale = torch.rand(rank, generator=g)
+    buf = torch.full((rows, n + po), float("nan"), dtype=torch.float16)
+    kernel.run_into(x, weight, b, a, bt, scale, buf[:, :n])
+    xd = x.double()
+    want = xd @ weight.double().T + ((xd @ a.double().T) * scale.double()) @ bt.double()
+    want += 0.0 if b is None else b.double()
+    torch.testing.assert_close(buf[:, :n].double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()) + 1e-3)
+    assert buf[:, n:].isnan().all()
