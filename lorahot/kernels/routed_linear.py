@@ -48,6 +48,7 @@ from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.routed_lora import (
     available,
+    check_rows,
     check_segments,
     rank_pad,
     reference,
@@ -91,6 +92,7 @@ def _routed_shrink(
 ) -> torch.Tensor:
     refuse_grad("routed_shrink", x, a)
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # no -1: a layer's in may be 0
+    check_rows(x2.shape[0], route.shape[0])
     r = a.shape[-2]
     kernels = triton_module("triton_routed_lora") if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
     if kernels is None or x2.shape[0] == 0 or s.dtype != torch.float32:
@@ -195,6 +197,7 @@ def _routed_lora_linear(
 ) -> torch.Tensor:
     refuse_grad("routed_lora_linear", x, weight, bias, a, bt)
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # no -1: a layer's in may be 0
+    check_rows(x2.shape[0], route.shape[0])
     n = weight.shape[0]
     if sized and not fused_kernel.routed_worth_it(x2.shape[0], n, wide=wide):  # the base GEMM, then the routed sum
         if ACCUMULATE and _accumulates(x2, weight):

@@ -39,6 +39,7 @@ from lorahot.kernels.triton_import import triton_module
 __all__ = [
     "GATHER_ROWS",
     "available",
+    "check_rows",
     "check_segments",
     "rank_pad",
     "routed_lora",
@@ -99,6 +100,18 @@ def check_segments(segs: torch.Tensor | None, slots: int, length: int) -> None:
         raise ValueError(f"segs of {segs.shape[0]} entries do not go with {slots} slots and {length} rows")
 
 
+def check_rows(rows: int, length: int) -> None:
+    """Raises ValueError unless ``rows`` split into ``length`` equal groups, one per entry of a
+    routing (asked inside the operators, where the sizes are numbers: the kernels would leave
+    the rows past ``length`` groups unset, or read past the routing, on CUDA)."""
+    fits = rows % length == 0 if length else rows == 0
+    if not fits:
+        raise ValueError(
+            f"{rows} rows do not split into {length} equal groups: a routing has one entry per row, or per equal "
+            "group of consecutive rows"
+        )
+
+
 def rank_pad(rank: int) -> int:
     """The rank as the routed kernels hold it: a power of two, at least 16 (a tensor-core dot's
     smallest side); a shrink's result ``H`` has this many columns."""
@@ -147,6 +160,7 @@ def _routed_lora(
 ) -> torch.Tensor:
     refuse_grad("routed_lora", x, y, a, bt)
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # no -1: a shard's in or out may be 0
+    check_rows(x2.shape[0], route.shape[0])
     y2 = y.reshape(math.prod(y.shape[:-1]), y.shape[-1])
     kernel = _kernel() if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
     if kernel is None or x2.shape[0] == 0:

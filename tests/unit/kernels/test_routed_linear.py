@@ -250,3 +250,22 @@ def test_gpu_stacked_shrink_feeds_the_fused_routed_linear(rows: int) -> None:
         base = x.double() @ weight.double().T + bias.double()
         want = _per_row(x, base, a, bt, s, route)
         torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("length", [4, 0], ids=["not-a-divisor", "empty"])
+def test_every_routed_operator_refuses_rows_that_do_not_split_into_the_routing(length: int) -> None:
+    """Rows that are not whole groups of a routing's entries are refused by each routed operator
+    before it picks a path (on CUDA the kernels would leave the rows past the last whole group
+    unset, or read past the routing): ValueError on every device, no output."""
+    x, y, a, bt, s = _operands(10, 8, 5, 4, 3, torch.float32)
+    weight, bias = _weights(8, 5, torch.float32)
+    route = torch.tensor([2, -1, 0, 1])[:length]
+    calls = [
+        lambda: routed.routed_lora(x, y, a, bt, s, route),
+        lambda: routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route),
+        lambda: routed_linear.routed_lora_linear(x, weight, bias, a, bt, s, route, sized=True),
+        lambda: routed_linear.routed_shrink(x, a, s, route),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=f"10 rows do not split into {length} equal groups"):
+            call()
