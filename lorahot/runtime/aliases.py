@@ -20,10 +20,11 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 
-__all__ = ["own_storages", "unaliased"]
+__all__ = ["own_storages", "plain", "unaliased"]
 
 
 def own_storages(model: nn.Module, tensors: Iterable[torch.Tensor]) -> frozenset[int]:
@@ -31,7 +32,7 @@ def own_storages(model: nn.Module, tensors: Iterable[torch.Tensor]) -> frozenset
     ``tensors`` (the runtime's arenas and wide buffers), on any device."""
     every = [*model.parameters(), *model.buffers(), *tensors]
     local = [getattr(t, "to_local", lambda t=t: t)() for t in every]  # a DTensor's: its shard
-    return frozenset(_storage(t) for t in local if _plain(t))
+    return frozenset(_storage(t) for t in local if plain(t))
 
 
 def unaliased(adapter: Adapter, storages: frozenset[int]) -> Adapter:
@@ -49,14 +50,22 @@ def _storage(t: torch.Tensor) -> int:
     return int(t.untyped_storage().data_ptr())
 
 
-def _plain(t: torch.Tensor) -> bool:
+def plain(t: torch.Tensor) -> bool:
     """Whether ``t`` is a dense tensor with memory of its own kind (not meta, sparse, nested or
-    quantized: a load refuses those, and they share no dense memory)."""
-    return t.layout == torch.strided and t.device.type != "meta" and not t.is_nested and not t.is_quantized
+    quantized: a load refuses those, and they share no dense memory; nor a wrapper subclass, such
+    as torchao's quantized weights, whose memory is its inner tensors': its own storage has no
+    data to point at)."""
+    return (
+        t.layout == torch.strided
+        and t.device.type != "meta"
+        and not t.is_nested
+        and not t.is_quantized
+        and not is_traceable_wrapper_subclass(t)
+    )
 
 
 def _copied(t: torch.Tensor | None, storages: frozenset[int]) -> torch.Tensor | None:
-    if t is None or not _plain(t):
+    if t is None or not plain(t):
         return t  # refused by the checks, whatever its memory
     return t.clone() if _storage(t) in storages else t
 

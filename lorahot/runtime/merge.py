@@ -33,6 +33,7 @@ from lorahot.adapter import LoraModule, WeightModule
 from lorahot.errors import AdapterReadError, UsageError, format_problems
 from lorahot.layers import LoRALayer
 from lorahot.layers.base import EXTRA_BIAS, EXTRA_F, own_code
+from lorahot.runtime.aliases import plain
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.deltas import build_delta, decompose, delta_bound
 from lorahot.runtime.graph_replays import Captured, GraphReplays
@@ -98,8 +99,8 @@ def check_untied(model: nn.Module, names: list[str]) -> None:
     """
     by_storage: dict[tuple[torch.device, int], list[tuple[str, torch.Tensor]]] = {}
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for qualname, t in named:  # sparse and other layouts have no storage to share with a dense weight
-        if t.device.type != "meta" and t.numel() and t.layout == torch.strided:
+    for qualname, t in named:  # sparse, quantized and wrapper tensors have no storage to share with a dense weight
+        if plain(t) and t.numel():
             by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append((qualname, t))
     for name in names:
         module = model.get_submodule(name)
@@ -107,7 +108,7 @@ def check_untied(model: nn.Module, names: list[str]) -> None:
             tensor = getattr(module, kind, None)
             if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta" or not tensor.numel():
                 continue
-            if tensor.layout != torch.strided:  # no storage to tie (check_mergeable refuses such a weight)
+            if not plain(tensor):  # no storage to tie (check_mergeable refuses such a weight)
                 continue
             own = f"{name}.{kind}"
             for qualname, t in by_storage.get((tensor.device, tensor.untyped_storage().data_ptr()), []):

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+from torch.testing._internal.two_tensor import TwoTensor
 
 import lorahot
 from lorahot.runtime import lora_runtime
-from tests.helpers import make_adapter, tiny_lm, token_ids
+from tests.helpers import make_adapter, model_reference, tiny_lm, token_ids
 
 N = "layers.0.self_attn.q_proj"
 P = "base_model.model." + N
@@ -68,3 +70,42 @@ def test_negative_control_without_the_copy_the_write_fails_and_empties_the_slot(
     with pytest.raises(lorahot.WriteError, match="slot 0 was emptied"):
         runtime.load(_live_views(model), slot=0)
     assert runtime.info(0) is None
+
+
+class _Quantized(nn.Module):
+    """A module holding its weight as a wrapper tensor subclass (as torchao's quantized weights
+    are held), which the model computes with through its own code; never a target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        two = TwoTensor(torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64))
+        self.weight = nn.Parameter(two, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.a.t()  # (..., 4)
+
+
+class _WithQuantized(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(8, 6).double()
+        self.other = _Quantized()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.proj(x), self.other(x)], dim=-1)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_model_holding_tensor_subclass_weights_elsewhere_injects_and_loads(merged: bool) -> None:
+    """A wrapper tensor subclass (torchao's quantized and float8 weights) has a storage with no
+    data to point at: listing the model's memory (the runtime's own storages, and merged mode's
+    tie check) read every parameter's, and inject failed with an UnexpectedError wherever in the
+    model such a weight was, targeted or not."""
+    model = _WithQuantized()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    runtime = lorahot.inject(model, ["proj"], max_rank=4, merged=merged)
+    tensors, ab = make_adapter(model, {"proj": 2}, seed=1, dtype=torch.float64)
+    runtime.load(tensors)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model_reference(_WithQuantized(), x, {"proj": (*ab["proj"], 1.0)}))
