@@ -22,6 +22,8 @@ __all__ = ["launch", "stack_scales"]
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _BLOCK = 1024
+#: the most programs a CUDA grid holds along its second and third dimensions
+GRID_Y = 65535
 
 
 @triton.jit
@@ -47,26 +49,26 @@ def _col_scale_kernel(
     """Transposed destinations: block ``g``'s element ``(r, c)`` lives at ``dst + r + c * ld``.
     One program covers ``BLOCK_N`` columns of one block and all ``rows`` rows, ``BLOCK_R`` at a
     time: it reads the source along its rows (contiguous) and writes the destination along its
-    columns (each of the destination's rows holds ``rows`` consecutive values)."""
+    columns (each of the destination's rows holds ``rows`` consecutive values). Where a block
+    has more column tiles than the grid has programs along them (CUDA's limit, :data:`GRID_Y`),
+    each program goes on to every ``num_programs(1)``-th tile after its first."""
     g = tl.program_id(0)
     n = tl.load(COLS + g)
-    cc = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if tl.program_id(1) * BLOCK_N >= n:
-        return
-    c_ok = cc < n
     ld = tl.load(LD + g)
     dst = tl.load(DST + g).to(tl.pointer_type(DTYPE))
     src = tl.load(SRC + g).to(tl.pointer_type(DTYPE))
     s_row = S + tl.load(LAYER + g) * s_stride
-    for r0 in range(0, rows, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rr < rows
-        mask = r_ok[:, None] & c_ok[None, :]
-        s = tl.load(s_row + rr, mask=r_ok, other=0.0).to(tl.float32)
-        x = tl.load(src + rr[:, None].to(tl.int64) * n + cc[None, :], mask=mask, other=0.0)
-        tl.store(
-            dst + rr[:, None] + cc[None, :].to(tl.int64) * ld, (x.to(tl.float32) * s[:, None]).to(DTYPE), mask=mask
-        )
+    for c0 in range(tl.program_id(1) * BLOCK_N, n, tl.num_programs(1) * BLOCK_N):
+        cc = c0 + tl.arange(0, BLOCK_N)
+        c_ok = cc < n
+        for r0 in range(0, rows, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            r_ok = rr < rows
+            mask = r_ok[:, None] & c_ok[None, :]
+            s = tl.load(s_row + rr, mask=r_ok, other=0.0).to(tl.float32)
+            x = tl.load(src + rr[:, None].to(tl.int64) * n + cc[None, :], mask=mask, other=0.0)
+            y = (x.to(tl.float32) * s[:, None]).to(DTYPE)
+            tl.store(dst + rr[:, None] + cc[None, :].to(tl.int64) * ld, y, mask=mask)
 
 
 @triton.jit
@@ -113,6 +115,6 @@ def launch(
             )
             return
         block_n = 64
-        _col_scale_kernel[(dst.numel(), cdiv(widest, block_n))](
+        _col_scale_kernel[(dst.numel(), min(cdiv(widest, block_n), GRID_Y))](
             dst, src, scales, layer, cols, ld, scales.stride(0), rows, BLOCK_R=32, BLOCK_N=block_n, DTYPE=_TL[dtype]
         )

@@ -96,6 +96,46 @@ def test_row_scale_writes_transposed_blocks_its_rows_times_its_scales() -> None:
         assert torch.isnan(d[37:]).all() and torch.isnan(b[:, :k]).all()
 
 
+def test_row_scale_folds_column_tiles_past_the_grid_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transposed block wider than a CUDA grid's second dimension holds tiles for (65535 of 64
+    columns) launches within the limit, each program going on to every ``GRID_Y``-th tile: the
+    grid asked for 4,194,241 columns, recorded without a launch, and with the limit at 2 here,
+    blocks of 1 to 3 tiles written whole, nothing past their rows or beside their columns."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_row_scale")
+    grids: list[tuple[int, ...]] = []
+    real = kernel._col_scale_kernel
+
+    class _Recorded:
+        def __init__(self, launch: bool) -> None:
+            self.launch = launch
+
+        def __getitem__(self, grid: tuple[int, ...]) -> object:
+            grids.append(grid)
+            return real[grid] if self.launch else lambda *args, **kwargs: None
+
+    monkeypatch.setattr(kernel, "_col_scale_kernel", _Recorded(launch=False))
+    table = torch.zeros(1, dtype=torch.int64)
+    cols = torch.tensor([4_194_241], dtype=torch.int32)
+    kernel.launch(table, table, torch.ones(1, 8), table, cols, table, 8, torch.float16, 4_194_241)
+    assert grids[-1][1] <= 65535
+    monkeypatch.setattr(kernel, "_col_scale_kernel", _Recorded(launch=True))
+    monkeypatch.setattr(kernel, "GRID_Y", 2, raising=False)
+    g = torch.Generator().manual_seed(0)
+    rank, widths, layers, k = 40, [64, 150, 5], [3, 0, 3], 24  # 1, 3 and 1 tiles of 64 columns
+    src = [torch.randn(rank, w, generator=g).half() for w in widths]
+    bufs = [torch.full((w, k + rank), float("nan"), dtype=torch.float16) for w in widths]
+    dst = [b[:, k:].t() for b in bufs]
+    scales = torch.randn(4, rank, generator=g)
+    tables = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (dst, src)]
+    cols = torch.tensor(widths, dtype=torch.int32)
+    ld = torch.tensor([d.stride(1) for d in dst])
+    kernel.launch(tables[0], tables[1], scales, torch.tensor(layers), cols, ld, 37, torch.float16, max(widths))
+    assert grids[-1] == (3, 2)
+    for d, b, s_, layer in zip(dst, bufs, src, layers):
+        assert torch.equal(d[:37], (s_[:37].float() * scales[layer, :37, None]).half())
+        assert torch.isnan(d[37:]).all() and torch.isnan(b[:, :k]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_stack_scales_equal_the_host_formula_bitwise_in_both_regions(dtype: torch.dtype) -> None:
     """A stack's per-row scales computed by one kernel: ``own * w[part]`` in float64, rounded
