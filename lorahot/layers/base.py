@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from lorahot.errors import UsageError
 from lorahot.layers import routing
@@ -59,6 +60,7 @@ __all__ = [
     "forward_mismatch",
     "mismatch",
     "probe_forward",
+    "unusual_values",
     "refuse_assigned_load_under",
     "kept_parametrizations",
     "WIDE_BUFFER",
@@ -466,10 +468,19 @@ class LoRALayer(nn.Module):
 
     @property
     def base_weight(self) -> torch.Tensor:
-        """The wrapped module's ``weight`` (merged mode rewrites it in place)."""
-        weight = self.base_layer.weight
+        """The wrapped module's ``weight`` (merged mode rewrites it in place).
+
+        Raises:
+            UsageError: it has none, or not a tensor (a quantized layer holding packed data, or
+                ``weight()`` as a method).
+        """
+        weight = getattr(self.base_layer, "weight", None)  # (an AttributeError here would read as the property's)
         if not isinstance(weight, torch.Tensor):
-            raise UsageError(f"{type(self.base_layer).__name__}.weight is not a tensor")
+            raise UsageError(
+                f"{self._path or type(self.base_layer).__name__}: its {type(self.base_layer).__name__} has no weight "
+                f"tensor (weight is {type(weight).__name__}: packed quantized data?), which this call reads. Exclude "
+                "this module from targets."
+            )
         return weight
 
     @property
@@ -865,6 +876,23 @@ class LoRALayer(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"kind={s.kind}, in_dim={s.in_dim}, out_dim={s.out_dim}, groups={s.groups}"
+
+
+#: the dtypes the layers compute their LoRA in, and merged mode rewrites weights in
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def unusual_values(t: torch.Tensor) -> str | None:
+    """How ``t`` holds something other than the values it stands for, as a dense tensor of a
+    floating dtype lorahot computes in: a tensor subclass that holds them in another form
+    (torchao's quantized and float8 weights), a quantized or sparse tensor, a float8 or integer
+    dtype (a quantized layer's data, which its forward scales); None where it is such a tensor."""
+    wrapped: bool = is_traceable_wrapper_subclass(t)  # (a bool: mypy would narrow t by the guard)
+    if wrapped or t.is_quantized or t.layout != torch.strided:
+        return f"of type {type(t).__name__}" + (" (quantized)" if t.is_quantized else "")
+    if t.dtype not in FLOAT_DTYPES:
+        return f"{t.dtype}"
+    return None
 
 
 def input_name(module: nn.Module) -> str | None:

@@ -28,11 +28,12 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lorahot.adapter import LoraModule, WeightModule
 from lorahot.errors import AdapterReadError, UsageError, format_problems
 from lorahot.layers import LoRALayer
-from lorahot.layers.base import EXTRA_BIAS, EXTRA_F, own_code
+from lorahot.layers.base import EXTRA_BIAS, EXTRA_F, own_code, unusual_values
 from lorahot.runtime.aliases import plain
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.deltas import build_delta, decompose, delta_bound
@@ -46,20 +47,10 @@ __all__ = ["Merger", "check_mergeable", "check_untied", "hooked", "writing", "re
 def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> None:
     """Raises :class:`UsageError` if ``layer`` cannot run in merged mode."""
     base = layer.base_layer
-    if "weight" not in base._parameters:  # a parametrization's property, weight_norm's attribute
-        raise UsageError(
-            f"{name}: its weight is computed from other tensors on each call (a parametrization or weight_norm), not "
-            "stored, so merged mode has no weight to rewrite: the adapter would be dropped. Inject without "
-            "merged=True, or remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) first."
-        )
-    bias = getattr(base, "bias", None)
-    if isinstance(bias, torch.Tensor) and "bias" not in base._parameters and "bias" not in base._buffers:
-        raise UsageError(
-            f"{name}: its bias is computed from other tensors on each call (a parametrization), not stored, so merged "
-            "mode has no bias to rewrite: a LoRA bias (or a LyCORIS diff_b) would be dropped. Inject without "
-            "merged=True, or remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) first."
-        )
-    refusal = hooked(base) or layer.merge_refusal()  # hooks first: no probe runs their code
+    refusal = _stored_refusal(name, base)
+    if refusal is not None:
+        raise UsageError(refusal)
+    refusal = _storage_refusal(layer) or hooked(base) or layer.merge_refusal()  # hooks first: no probe runs their code
     if refusal is not None:
         raise UsageError(f"{name}: {refusal}; inject without merged=True.")
     weight = layer.base_weight
@@ -70,6 +61,84 @@ def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> N
             f"{name}: merged mode rewrites the weight in place and needs it contiguous; its strides are "
             f"{weight.stride()} for shape {tuple(weight.shape)}. Make it contiguous before inject, or drop merged=True."
         )
+
+
+def _stored_refusal(name: str, base: nn.Module) -> str | None:
+    """Why merged mode has no weight (or bias) of ``base`` to rewrite: what its forward reads as
+    ``weight`` (``bias``) is not the parameter it stores under that name (the bias may be a
+    buffer), so a rewrite of the stored one would be thrown away, or would reach nothing; None
+    where both are stored."""
+    for kind in ("weight", "bias"):
+        value = getattr(base, kind, None)
+        if kind == "bias" and not isinstance(value, torch.Tensor):
+            continue
+        stored: torch.Tensor | None = base._parameters.get(kind)
+        if stored is None and kind == "bias":
+            stored = base._buffers.get(kind)
+        if stored is not None and value is stored:
+            continue
+        how, fix = _computed(base, kind, value)
+        dropped = (
+            "the adapter would be dropped" if kind == "weight" else "a LoRA bias (or a LyCORIS diff_b) would be dropped"
+        )
+        return (
+            f"{name}: its {kind} is {how}, so merged mode has no {kind} to rewrite: {dropped}. Inject without "
+            f"merged=True, or {fix}."
+        )
+    return None
+
+
+def _computed(base: nn.Module, kind: str, value: object) -> tuple[str, str]:
+    """How ``base`` holds its ``kind`` (``weight``, ``bias``) other than as a stored parameter, and
+    what makes it one."""
+    if parametrize.is_parametrized(base, kind):
+        return (
+            "computed from other tensors on each call (a parametrization), not stored",
+            "remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) first",
+        )
+    if any(f"{kind}{end}" in base._parameters for end in ("_orig", "_g", "_v")):
+        return (
+            "computed from other tensors on each call by a forward pre-hook (pruning, spectral_norm or weight_norm), "
+            "not stored",
+            "make it a parameter again first (torch.nn.utils.prune.remove, remove_spectral_norm or remove_weight_norm)",
+        )
+    if kind not in base._parameters and (kind == "weight" or kind not in base._buffers):
+        held = (
+            "a buffer"
+            if kind in base._buffers
+            else "a plain tensor attribute"
+            if isinstance(value, torch.Tensor)
+            else None
+        )
+        if held is not None:
+            return f"{held}, not a parameter", f"register it as a parameter (nn.Parameter) under {kind!r} first"
+    if value is None:
+        return "missing", "exclude this module from targets"
+    if not isinstance(value, torch.Tensor):
+        return (
+            f"a {type(value).__name__}, not a stored tensor (a quantized module's packed weight?)",
+            "exclude this module from targets",
+        )
+    return (
+        f"not the parameter it stores as {kind!r} (a property or an attribute of {type(base).__name__} gives another "
+        "tensor)",
+        "exclude this module from targets",
+    )
+
+
+def _storage_refusal(layer: LoRALayer) -> str | None:
+    """Why merged mode cannot rewrite ``layer``'s weight or bias in place: one that does not hold
+    its values as a dense tensor of a dtype it computes in (:func:`~lorahot.layers.base.unusual_values`:
+    torchao's quantized and float8 weights, a quantized tensor, a float8 or integer dtype); None
+    where both do (a weight on the meta device is refused where the buffers are placed)."""
+    for kind, t in (("weight", layer.base_weight), ("bias", layer.base_bias)):
+        form = None if t is None or t.is_meta else unusual_values(t)
+        if form is not None:
+            return (
+                f"its {kind} is {form}, so merged mode cannot rewrite it in place as {kind} + scale * B @ A (it "
+                "writes float16, bfloat16, float32 or float64 tensors in their own dtype)"
+            )
+    return None
 
 
 def hooked(base: nn.Module) -> str | None:

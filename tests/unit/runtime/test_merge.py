@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune
 from torch import nn
+from torch.testing._internal.two_tensor import TwoTensor
 
 import lorahot
 from tests.helpers import make_adapter, model_reference, tiny_lm, token_ids
@@ -88,6 +92,120 @@ def test_merged_refuses_a_layer_whose_hooks_would_see_the_folded_lora(kind: str)
         lorahot.inject(model, ["0"], max_rank=4, merged=True)
     assert not isinstance(model[0], lorahot.LoRALayer)
     lorahot.inject(model, ["0"], max_rank=4)
+
+
+class _PropertyWeight(nn.Linear):
+    """A dequantizing linear whose ``weight`` is a class property: ``nn.Linear.__init__`` still
+    stores a parameter under ``weight``, which torch's forward never reads."""
+
+    def __init__(self) -> None:
+        super().__init__(6, 5)
+        w = torch.randn(5, 6)
+        scale = w.abs().amax() / 127
+        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    @property  # type: ignore[override]
+    def weight(self) -> torch.Tensor:
+        return self.qweight.to(self.scale.dtype) * self.scale
+
+
+def _unstored(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "property":
+        return nn.Sequential(_PropertyWeight()).double()
+    layer = nn.Linear(6, 5).double()
+    if kind == "pruned":
+        torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5)
+    elif kind in ("buffer", "attribute"):
+        weight = layer.weight.detach().clone()
+        del layer.weight
+        if kind == "buffer":
+            layer.register_buffer("weight", weight)
+        else:
+            layer.weight = weight  # type: ignore[assignment]
+    return nn.Sequential(layer)
+
+
+@pytest.mark.parametrize(
+    ("kind", "how"),
+    [
+        ("property", r"not the parameter it stores as 'weight' \(a property or an attribute of _PropertyWeight"),
+        ("pruned", r"computed from other tensors on each call by a forward pre-hook \(pruning, spectral_norm"),
+        ("buffer", r"a buffer, not a parameter"),
+        ("attribute", r"a plain tensor attribute, not a parameter"),
+    ],
+)
+def test_merged_refuses_a_weight_the_forward_reads_from_elsewhere_than_its_parameter(kind: str, how: str) -> None:
+    """Merged mode rewrites the parameter stored as ``weight``. A forward that reads ``weight``
+    from elsewhere (a class property that dequantizes: the parameter nn.Linear stored stays,
+    unread) got the rewrite of a tensor nothing reads: the adapter was dropped, silently (max
+    abs diff 5.68 from the float64 reference, the whole update). Refused at inject, naming what
+    the weight is and the fix, the model bitwise as it was; unmerged serves it."""
+    model = _unstored(kind)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        before, state = model(x), copy.deepcopy(model.state_dict())
+    with pytest.raises(lorahot.UsageError, match=rf"^0: its weight is {how}.*Inject without merged=True, or "):
+        lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    assert not isinstance(model[0], lorahot.LoRALayer)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    runtime = lorahot.inject(model, ["0"], max_rank=4)
+    tensors, ab = make_adapter(model, {"0": 2}, seed=1, dtype=torch.float64)
+    runtime.load(tensors)
+    a, b = ab["0"]
+    with torch.no_grad():
+        _close(model(x), before + x @ a.T @ b.T)
+
+
+def test_merged_refuses_a_weight_that_is_a_method() -> None:
+    """torch's dynamically quantized Linear: ``weight()`` unpacks its packed weight."""
+    model = nn.Sequential(torch.ao.nn.quantized.dynamic.Linear(6, 5))
+    with pytest.raises(
+        lorahot.UsageError, match=r"^0: its weight is a method, not a stored tensor \(a quantized module's packed"
+    ):
+        lorahot.inject(model, ["0"], max_rank=4, merged=True, dtype=torch.float32)
+
+
+class _Dequantizing(nn.Linear):
+    """A quantized linear's form: its weight in ``dtype``, times a per-row scale at forward."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__(6, 5)
+        w = self.weight.detach()
+        scale = w.abs().amax(1, keepdim=True) / 100
+        self.weight = nn.Parameter((w / scale).to(dtype), requires_grad=False)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
+
+
+@pytest.mark.parametrize(
+    ("weight", "what"),
+    [
+        (lambda: _Dequantizing(torch.float8_e4m3fn), r"torch\.float8_e4m3fn"),
+        (lambda: _Dequantizing(torch.int8), r"torch\.int8"),
+        (lambda: _linear_with(TwoTensor(torch.randn(5, 6), torch.randn(5, 6))), r"of type TwoTensor"),
+    ],
+    ids=["float8", "int8", "tensor subclass"],
+)
+def test_merged_refuses_a_weight_that_does_not_hold_its_values_densely(weight: Any, what: str) -> None:
+    """A float8 or integer weight its forward scales, a tensor subclass (torchao's quantized
+    weights): merged mode cannot write ``W + s * B @ A`` into them; refused at inject, naming
+    the weight's form (a subclass failed with UnexpectedError, a float8 one with its probe
+    forward's error), the model as it was."""
+    module = weight()
+    model = nn.Sequential(module)
+    with pytest.raises(lorahot.UsageError, match=rf"^0: its weight is {what}, so merged mode cannot rewrite it"):
+        lorahot.inject(model, ["0"], max_rank=4, merged=True, dtype=torch.float32)
+    assert model[0] is module
+
+
+def _linear_with(weight: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(6, 5)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    return layer
 
 
 # -- tied weights ------------------------------------------------------------------------------
