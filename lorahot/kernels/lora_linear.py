@@ -27,6 +27,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from lorahot.kernels.triton_import import triton_module
 
 __all__ = [
+    "MAX_OUT",
     "available",
     "supports",
     "supports_tensors",
@@ -38,6 +39,11 @@ __all__ = [
 ]
 
 _DTYPES = (torch.float16, torch.bfloat16)
+
+#: The most outputs the kernels take: the fused kernel's grid holds a program per 64 output
+#: columns along its second dimension, which CUDA caps at 65535 (the routed gather expand's, per
+#: 128). A wider layer keeps the library formula, where a launch would fail.
+MAX_OUT = 65535 * 64
 
 
 def _kernel() -> Any:
@@ -59,9 +65,11 @@ def supports(base: nn.Module, lora_A: torch.Tensor) -> bool:
 
 def supports_tensors(weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor) -> bool:
     """Whether the kernel runs on these plain tensors: a linear's ``weight [out, in]`` (rows
-    contiguous) and ``bias``, and the live ``lora_A``, on CUDA in one fp16/bf16 dtype."""
+    contiguous, at most :data:`MAX_OUT` of them) and ``bias``, and the live ``lora_A``, on CUDA
+    in one fp16/bf16 dtype."""
     return (
         weight.is_cuda
+        and weight.shape[0] <= MAX_OUT
         and weight.dtype in _DTYPES
         and weight.dtype == lora_A.dtype
         and weight.stride(-1) == 1

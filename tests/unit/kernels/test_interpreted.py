@@ -550,3 +550,19 @@ def test_the_fused_kernel_on_any_shape_and_row_strides_matches_the_float64_refer
     want += 0.0 if b is None else b.double()
     torch.testing.assert_close(buf[:, :n].double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()) + 1e-3)
     assert buf[:, n:].isnan().all()
+
+
+def test_the_fused_kernels_grid_holds_the_widest_layer_it_takes() -> None:
+    """At every row count, the fused kernel's tiles for the widest layer the kernels take
+    (``lora_linear.MAX_OUT`` outputs) and its K splits stay within CUDA's 65535 programs along
+    the grid's second and third dimensions, as do the routed gather expand's (128 columns a
+    program)."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    from lorahot.kernels import lora_linear
+
+    n = lora_linear.MAX_OUT
+    for m in range(1, 300):
+        for k in (1, 4096, 65536):
+            _, bn, _, _, _, split = kernel.config_for(m, n, k)
+            assert -(-n // bn) <= 65535 and split <= 65535, (m, k)
+    assert -(-n // 128) <= 65535

@@ -5,6 +5,8 @@ per-call cost a compiled model pays for its LoRA layers (graph inputs)."""
 from __future__ import annotations
 
 import gc
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -35,6 +37,20 @@ def test_kernel_is_off_on_cpu_and_the_layers_use_the_library_formula() -> None:
     runtime = lorahot.inject(model, list(NAMES), max_rank=8)
     assert not any(layer.fused for layer in runtime.layers.values())
     assert not fused.supports(model[0].base_layer, runtime.layers["0"].lora_A)
+
+
+def test_a_layer_wider_than_the_kernels_grid_keeps_the_library_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused kernel's grid holds a program per 64 output columns along CUDA's second
+    dimension (at most 65535): a weight of more rows than that is not the kernels' (its launch
+    would fail), one of exactly that many is. Stand-ins for CUDA tensors: the CPU has none."""
+    monkeypatch.setattr(fused, "_kernel", lambda: object())
+
+    def cuda_like(*shape: int) -> Any:
+        return SimpleNamespace(is_cuda=True, dtype=torch.float16, shape=shape, stride=lambda dim: 1)
+
+    widest = 65535 * 64
+    assert fused.supports_tensors(cuda_like(widest, 8), None, cuda_like(4, 8))
+    assert not fused.supports_tensors(cuda_like(widest + 1, 8), None, cuda_like(4, 8))
 
 
 def test_worth_it_follows_the_measured_rule() -> None:
