@@ -566,3 +566,41 @@ def test_the_fused_kernels_grid_holds_the_widest_layer_it_takes() -> None:
             _, bn, _, _, _, split = kernel.config_for(m, n, k)
             assert -(-n // bn) <= 65535 and split <= 65535, (m, k)
     assert -(-n // 128) <= 65535
+
+
+def _far_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t [rows, cols]`` copied into a view whose rows lie 2**30 + 64 elements apart, starting
+    2**31 elements into its allocation (see :func:`_far_slots`): row 2 is 2**31 + 128 elements
+    past row 0, as in a prefill of 256k tokens by 8192 features."""
+    step, start = 2**30 + 64, 2**31
+    big = torch.empty(start + (t.shape[0] - 1) * step + t.shape[1], dtype=t.dtype)  # untouched pages take no memory
+    view = big.as_strided(tuple(t.shape), (step, 1), start)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("path", ["fused", "fused-routed", "gather", "segmented"])
+def test_kernels_reach_rows_past_2_to_the_31_elements(path: str) -> None:
+    """Inputs, base outputs, weights and outputs whose rows lie 2**31 + 128 elements apart are
+    read and written at the right addresses: every row offset is int64 (an int32 product of
+    row and stride wraps to another address)."""
+    fused = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
+    rows, k, n, rank, slots = 3, 64, 3, 16, 2
+    x0, y0, a, bt, s = _operands(rows, k, n, rank, slots, torch.float16, seed=6)
+    w0 = (torch.randn(n, k, generator=torch.Generator().manual_seed(6)) / k**0.5).half()
+    x, y, weight = _far_rows(x0), _far_rows(y0), _far_rows(w0)
+    out = _far_rows(torch.full((rows, n), float("nan"), dtype=torch.float16))
+    route = torch.tensor([1, 0, 1])
+    if path == "fused":
+        fused.launch(x, weight, None, a[1], bt[1], s[1], out, fused.config_for(rows, n, k))
+        base, route = x0.double() @ w0.double().T, torch.ones(rows, dtype=torch.int64)
+    elif path == "fused-routed":
+        routing = (routed.segments(route, slots), route, 1, None)
+        fused.launch(x, weight, None, a, bt, s, out, fused.config_for(rows, n, k), routing=routing)
+        base = x0.double() @ w0.double().T
+    else:
+        kernels.launch(x, y, a, bt, s, route, out, gather=path == "gather", segs=routed.segments(route, slots))
+        base = y0.double()
+    want = _per_row(x0, base, a, bt, s, route)
+    torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
