@@ -948,31 +948,73 @@ def _recorded(layer: LoRALayer, how: str) -> None:
 
 
 def forward_mismatch(
-    module: nn.Module, probe: torch.Tensor, expected: Callable[[torch.Tensor], torch.Tensor]
+    module: nn.Module,
+    probe: torch.Tensor,
+    expected: Callable[[torch.Tensor], torch.Tensor],
+    written: Sequence[torch.Tensor] = (),
 ) -> str | None:
     """Runs ``module(probe)`` and ``expected(probe)``; describes how they differ, or None.
 
     They agree when the largest difference is within ``sqrt(eps)`` of the output's dtype times
     the largest expected value: rounding and summation order pass, any real transform fails.
-    Runs under ``torch.no_grad()``. The module is left as it was: what a forward may change in
-    it (an observer's or fake-quantizer's buffers, a parametrization's power-iteration vectors, a
-    counter attribute) is put back afterwards (:func:`_kept_state`), whatever the outcome.
+    With ``written`` (the tensors merged mode rewrites in place: the weight, the bias) both run
+    again after a probe change is written into those tensors in place, as merged mode writes,
+    and must agree then too: a forward that computes from a copy of its weight made earlier (a
+    transposed or converted cache, filled at construction or at its first call) agrees with the
+    weight as it is, and would ignore every rewrite. The change is put back afterwards, bit for
+    bit (:func:`_rewritten`). Runs under ``torch.no_grad()``. The module is left as it was: what
+    a forward may change in it (an observer's or fake-quantizer's buffers, a parametrization's
+    power-iteration vectors, a counter attribute) is put back afterwards (:func:`_kept_state`),
+    whatever the outcome.
     """
+    outcomes = []
     try:
         with torch.no_grad(), _kept_state(module):
-            got, want = module(probe), expected(probe)
+            outcomes.append((module(probe), expected(probe), ""))
+            if written:  # its first call's cache, if any, is kept for the second
+                with _rewritten(written):
+                    outcomes.append((module(probe), expected(probe), _REWRITTEN))
     except Exception as exc:  # the module's own forward: anything can happen
         return f"calling it on a probe input raised {type(exc).__name__}: {exc}"
-    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-        return f"on a probe input it returned {shape}, expected a tensor of shape {tuple(want.shape)}"
-    off = mismatch(got, want)
-    if off is not None:
-        diff, size = off
-        return (
-            f"on a probe input its output differs from the expected one by up to {diff:.3g} (largest value {size:.3g})"
-        )
+    for got, want, when in outcomes:
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return f"on a probe input{when} it returned {shape}, expected a tensor of shape {tuple(want.shape)}"
+        off = mismatch(got, want)
+        if off is not None:
+            diff, size = off
+            return (
+                f"on a probe input{when} its output differs from the expected one by up to {diff:.3g} (largest value "
+                f"{size:.3g})"
+            )
     return None
+
+
+#: how :func:`forward_mismatch` names its second comparison
+_REWRITTEN = (
+    ", after a probe change was written into its weights in place as merged mode writes them (its forward computes "
+    "from something else, such as a copy of the weight made earlier),"
+)
+
+
+@contextlib.contextmanager
+def _rewritten(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Adds a probe change to each of ``tensors`` in place (random values of about its largest
+    magnitude), and puts every one back bit for bit on exit."""
+    kept = [t.detach().clone() for t in tensors]
+    gen = torch.Generator().manual_seed(1)
+    inference = any(t.is_inference() for t in tensors)  # written only inside inference mode
+    try:
+        with torch.inference_mode() if inference else torch.no_grad():
+            for t in tensors:
+                size = float(t.detach().abs().max()) if t.numel() else 0.0
+                noise = torch.randn(t.shape, generator=gen, dtype=torch.float64) * (size if size > 0 else 1.0)
+                t.add_(noise.to(t.device, t.dtype))
+        yield
+    finally:
+        with torch.inference_mode() if inference else torch.no_grad():
+            for t, k in zip(tensors, kept):
+                t.copy_(k)
 
 
 def mismatch(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float] | None:

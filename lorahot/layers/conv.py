@@ -196,11 +196,13 @@ class LoRAConv(LoRALayer):
         compute its torch class's convolution (checked on a probe input)."""
         if self.spec.groups > 1:
             return f"a conv with groups={self.spec.groups} cannot be merged (its LoRA mixes all input channels)"
-        return self._forward_refusal()
+        return self._forward_refusal(merged=True)
 
-    def _forward_refusal(self) -> str | None:
+    def _forward_refusal(self, merged: bool = False) -> str | None:
         """Why the base module's ``forward`` is not its torch class's convolution (a subclass that
-        overrides it, checked on a probe input), or None."""
+        overrides it, checked on a probe input), or None. ``merged``: also after a probe change
+        written into its weight and bias in place, as merged mode writes them
+        (:func:`~lorahot.layers.base.forward_mismatch`)."""
         base = self._base
         torch_cls = _TORCH_CONV[self._nd]
         if not overrides_forward(base, torch_cls):
@@ -215,7 +217,9 @@ class LoRAConv(LoRALayer):
         pad = max(base._reversed_padding_repeated_twice, default=0)
         size = [(k - 1) * d + 1 + 2 * pad + s for k, d, s in zip(kernel, base.dilation, base.stride)]
         probe = torch.randn(1, cin, *size, generator=torch.Generator().manual_seed(0))
-        mismatch = forward_mismatch(base, probe.to(weight.device, weight.dtype), lambda x: torch_cls.forward(base, x))
+        written = [t for t in (weight, self.base_bias) if t is not None] if merged else []
+        expected = lambda x: torch_cls.forward(base, x)  # noqa: E731
+        mismatch = forward_mismatch(base, probe.to(weight.device, weight.dtype), expected, written)
         if mismatch is not None:
             return f"{type(base).__name__} overrides forward and does not compute its convolution ({mismatch})"
         return None

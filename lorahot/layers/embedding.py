@@ -96,7 +96,16 @@ class LoRAEmbedding(LoRALayer):
         return 1
 
     def merge_refusal(self) -> str | None:
-        """None: an embedding's table takes ``A.T @ B.T`` (one with ``max_norm`` is refused at inject)."""
+        """None where the table takes ``A.T @ B.T`` (one with ``max_norm`` is refused at inject): a
+        subclass that overrides ``forward`` must compute ``nn.Embedding.forward`` (times its
+        ``embed_scale``) from the table as it is when it runs, checked on a few rows before and
+        after a probe change written into the table (:func:`~lorahot.layers.base.forward_mismatch`)."""
+        base = self.base_layer
+        if not isinstance(base, nn.Embedding) or not overrides_forward(base, nn.Embedding):
+            return None
+        mismatch = _scaled_mismatch(base, written=True)
+        if mismatch is not None:
+            return f"{type(base).__name__} overrides forward and does not compute from its table ({mismatch})"
         return None
 
     def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +146,20 @@ def embedding_output_scale(base: nn.Embedding) -> bool:
             f"({'its weight is on the meta device' if base.weight.is_meta else 'max_norm renormalizes its table'}). "
             "Materialize the model first, or exclude this module from targets."
         )
+    mismatch = _scaled_mismatch(base)
+    if mismatch is not None:
+        raise UsageError(
+            f"{kind} overrides nn.Embedding.forward and has {SCALE_ATTR}, but its output is not "
+            f"nn.Embedding.forward(ids) * {SCALE_ATTR}: {mismatch}. Exclude this module from targets."
+        )
+    return True
+
+
+def _scaled_mismatch(base: nn.Embedding, written: bool = False) -> str | None:
+    """How ``base``'s output on a few rows differs from ``nn.Embedding.forward(ids) *
+    embed_scale`` (the scale 1 where it has none), or None; ``written``: also after a probe
+    change written into its table in place (:func:`~lorahot.layers.base.forward_mismatch`)."""
+    factor = getattr(base, SCALE_ATTR, 1.0)
     num = int(base.weight.shape[0])
     rows = sorted({0, 1, 2, num - 1} & set(range(num)))
     probe = torch.tensor(rows, device=base.weight.device)
@@ -145,10 +168,4 @@ def embedding_output_scale(base: nn.Embedding) -> bool:
         out = nn.Embedding.forward(base, ids)
         return out * (factor.to(out.dtype) if isinstance(factor, torch.Tensor) else factor)
 
-    mismatch = forward_mismatch(base, probe, expected)
-    if mismatch is not None:
-        raise UsageError(
-            f"{kind} overrides nn.Embedding.forward and has {SCALE_ATTR}, but its output is not "
-            f"nn.Embedding.forward(ids) * {SCALE_ATTR}: {mismatch}. Exclude this module from targets."
-        )
-    return True
+    return forward_mismatch(base, probe, expected, [base.weight] if written else [])

@@ -486,14 +486,25 @@ class LoRALinear(LoRALayer):
 
     def merge_refusal(self) -> str | None:
         """Merged mode folds the LoRA into the weight, which is right only where the base computes
-        ``F.linear(x, weight, bias)`` (``x @ weight + bias`` for Conv1D): checked on a probe
-        input for Conv1D and for ``nn.Linear`` subclasses that override ``forward``."""
+        ``F.linear(x, weight, bias)`` (``x @ weight + bias`` for Conv1D) from the weight and bias
+        as they are when it runs: checked on a probe input for Conv1D and for ``nn.Linear``
+        subclasses that override ``forward``, before and after a probe change written into both
+        (:func:`~lorahot.layers.base.forward_mismatch`)."""
+        base = self.base_layer
+        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+            return f"merged mode needs nn.Linear or Conv1D weights, got {type(base).__name__}"
+        return self._map_refusal(written=True)
+
+    def _map_refusal(self, written: bool) -> str | None:
+        """Why the base does not compute the linear map of its ``weight`` and ``bias`` (checked on
+        a probe input, for all but an ``nn.Linear`` with torch's forward; ``written``: also after a
+        probe change written into both in place), or None."""
         base = self.base_layer
         kind = type(base).__name__
-        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
-            return f"merged mode needs nn.Linear or Conv1D weights, got {kind}"
-        if isinstance(base, nn.Linear) and not overrides_forward(base, nn.Linear):
-            return None
+        if isinstance(base, nn.Linear):
+            if not overrides_forward(base, nn.Linear):
+                return None
+            kind += " overrides forward and"
         weight, bias = self.base_weight, getattr(base, "bias", None)
         if not weight.is_floating_point() or weight.is_meta:
             return f"merged mode needs floating-point weights with data, got {weight.dtype} on {weight.device}"
@@ -504,9 +515,10 @@ class LoRALinear(LoRALayer):
             w = weight.t() if is_conv1d(base) else weight
             return torch.nn.functional.linear(x, w, bias if isinstance(bias, torch.Tensor) else None)
 
-        mismatch = forward_mismatch(base, probe, expected)
+        changed = [t for t in (weight, bias) if isinstance(t, torch.Tensor)] if written else []
+        mismatch = forward_mismatch(base, probe, expected, changed)
         if mismatch is not None:
-            return f"{kind} overrides forward and does not compute the linear map of its weight ({mismatch})"
+            return f"{kind} does not compute the linear map of its weight ({mismatch})"
         return None
 
     def channel_dim(self) -> int:

@@ -282,3 +282,136 @@ def test_merged_mode_accepts_an_override_that_computes_the_same_map() -> None:
     x = torch.randn(3, 6, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(merged(x), plain(x), rtol=1e-12, atol=1e-12)
+
+
+class _CachedLinear(nn.Linear):
+    """Computes from a transposed copy of its weight made at construction (a layout cache)."""
+
+    def __init__(self) -> None:
+        super().__init__(6, 5)
+        self.register_buffer("cached", self.weight.detach().t().contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.cached + self.bias
+
+
+class _LazyLinear(nn.Linear):
+    """Copies its weight at its first call and computes from that copy from then on."""
+
+    def __init__(self) -> None:
+        super().__init__(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "cached" not in self.__dict__:
+            self.cached = self.weight.detach().clone()
+        return F.linear(x, self.cached, self.bias)
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D (``x @ weight + bias``, weight ``[in, out]``), computing from a copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 5))
+        self.bias = nn.Parameter(torch.randn(5))
+        self.register_buffer("cached", self.weight.detach().clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.cached + self.bias
+
+
+class _CachedConv(nn.Conv2d):
+    def __init__(self) -> None:
+        super().__init__(3, 4, 3, padding=1)
+        self.register_buffer("cached", self.weight.detach().clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.cached, self.bias)
+
+
+class _CachedEmbedding(ScaledEmbedding):
+    def __init__(self) -> None:
+        super().__init__(VOCAB, DIM, 2.0)
+        self.register_buffer("cached", self.weight.detach().clone(), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.cached) * self.embed_scale
+
+
+class _ViewLinear(nn.Linear):
+    """Computes from a transposed view of its weight: it reads what is written into the weight."""
+
+    def __init__(self) -> None:
+        super().__init__(6, 5, dtype=torch.float64)
+        self.transposed = self.weight.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.transposed + self.bias
+
+
+_CACHED = {
+    "linear": (_CachedLinear, r"_CachedLinear overrides forward and does not compute the linear map of its weight"),
+    "linear cached at its first call": (
+        _LazyLinear,
+        r"_LazyLinear overrides forward and does not compute the linear map of its weight",
+    ),
+    "Conv1D": (Conv1D, r"Conv1D does not compute the linear map of its weight"),
+    "conv": (_CachedConv, r"_CachedConv overrides forward and does not compute its convolution"),
+    "embedding": (_CachedEmbedding, r"_CachedEmbedding overrides forward and does not compute from its table"),
+}
+
+
+def _input(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, nn.Embedding):
+        return IDS
+    if isinstance(module, nn.Conv2d):
+        return torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    return torch.randn(3, 6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", list(_CACHED))
+def test_merged_mode_refuses_a_forward_that_computes_from_a_copy_of_its_weight(kind: str) -> None:
+    """A forward that computes from a copy of its weight (made at construction or at its first
+    call: a transposed layout, a converted dtype) gives its weight's map on a probe input, so it
+    passed merged mode's check; the rewrites went into the weight it never reads again, and the
+    adapter was dropped, silently (the model's output the base's, the whole update missing: max
+    abs diff 7 on a Linear, 3.2 on a Conv2d, 1.3 on a scaled Embedding). The probe now also
+    writes a change into the weight and bias in place, as merged mode does, and the forward
+    must follow it. Refused, the model bitwise as it was (the probe change put back); unmerged
+    serves it."""
+    cls, message = _CACHED[kind]
+    torch.manual_seed(0)
+    module = cls().double()
+    model = nn.Sequential(module)
+    x = _input(module)
+    with torch.no_grad():
+        before = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lorahot.UsageError, match=rf"^0: {message} \(on a probe input, after a probe change was"):
+        lorahot.inject(model, ["0"], max_rank=2, merged=True)
+    assert model[0] is module and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    lorahot.inject(model, ["0"], max_rank=2)
+
+
+def test_merged_mode_accepts_a_forward_that_reads_a_view_of_its_weight() -> None:
+    """A forward that reads its weight through a view follows merged mode's writes: accepted,
+    and the merged model computes what the unmerged one does."""
+    torch.manual_seed(0)
+    plain, merged = nn.Sequential(_ViewLinear()), nn.Sequential(_ViewLinear())
+    with torch.no_grad():
+        merged[0].weight.copy_(plain[0].weight)
+        merged[0].bias.copy_(plain[0].bias)
+    weight = merged[0].weight.detach().clone()
+    rt_plain, rt_merged = (
+        lorahot.inject(plain, ["0"], max_rank=2),
+        lorahot.inject(merged, ["0"], max_rank=2, merged=True),
+    )
+    assert torch.equal(merged[0].weight, weight)  # the probe change put back
+    tensors = make_adapter(plain, {"0": 2}, seed=5, dtype=torch.float64)[0]
+    rt_plain.load(tensors)
+    rt_merged.load(tensors)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), plain(x), rtol=1e-12, atol=1e-12)
