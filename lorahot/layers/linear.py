@@ -34,6 +34,7 @@ from lorahot.layers.base import (
     overrides_forward,
     own_code,
     probe_forward,
+    unusual_values,
 )
 from lorahot.layers.refusal import literal, refuse
 from lorahot.layers.tensor_handles import SEGMENTS, TENSORS, TOKENS, WORKSPACES
@@ -494,6 +495,42 @@ class LoRALinear(LoRALayer):
         if not (isinstance(base, nn.Linear) or is_conv1d(base)):
             return f"merged mode needs nn.Linear or Conv1D weights, got {type(base).__name__}"
         return self._map_refusal(written=True)
+
+    def dora_refusal(self) -> str | None:
+        """DoRA's factor ``m / ||W0 + scale * B @ A||`` reads the base weight ``W0``, which must be
+        the one the base computes with: a dense floating-point ``weight`` (not a quantized
+        layer's packed data, such as an int8 weight its forward scales, or torchao's tensor
+        subclasses), and, unless the base is an ``nn.Linear`` with torch's forward,
+        ``F.linear(x, weight, bias)`` (``x @ weight + bias`` for Conv1D; a linear-like module of
+        another class must have a weight ``[out, in]``) on a probe input. Found once per layer
+        (the probe runs at the first DoRA adapter's load)."""
+        if "_dora_refusal" not in self.__dict__:
+            self.__dict__["_dora_refusal"] = self._dora_found()
+        found: str | None = self.__dict__["_dora_refusal"]
+        return found
+
+    def _dora_found(self) -> str | None:
+        base = self.base_layer
+        weight = getattr(base, "weight", None)
+        why = "its forward computes from something else"
+        if not isinstance(weight, torch.Tensor):
+            why = f"it has no weight tensor (weight is {type(weight).__name__})"
+        elif unusual_values(weight) is not None:
+            why = f"its weight is {unusual_values(weight)}, not the values it computes with"
+        elif not (isinstance(base, nn.Linear) or is_conv1d(base)) and tuple(weight.shape) != (
+            self.spec.out_dim,
+            self.spec.in_dim,
+        ):
+            why = f"its weight has shape {tuple(weight.shape)}, not its ({self.spec.out_dim}, {self.spec.in_dim})"
+        else:
+            mismatch = self._map_refusal(written=False)
+            if mismatch is None:
+                return None
+            why = mismatch
+        return (
+            f"DoRA's factor m / ||W0 + scale * B @ A|| needs the weight W0 that {type(base).__name__} computes with, "
+            f"and {why}; load a plain LoRA here, or exclude this module from targets"
+        )
 
     def _map_refusal(self, written: bool) -> str | None:
         """Why the base does not compute the linear map of its ``weight`` and ``bias`` (checked on

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lorahot
 from tests.helpers import tiny_lm, token_ids
@@ -112,3 +113,113 @@ def test_a_base_weight_written_in_place_is_seen_by_the_next_runtime_call(call: s
             "load": lambda: runtime.load(tensors),
         }[call]()
         torch.testing.assert_close(layer(x), reference(), rtol=1e-12, atol=1e-12)
+
+
+class _Int8Linear(torch.nn.Linear):
+    """A quantized linear's form: an int8 weight, times a per-row scale at forward."""
+
+    def __init__(self) -> None:
+        super().__init__(8, 6)
+        w = self.weight.detach()
+        scale = w.abs().amax(1, keepdim=True) / 127
+        self.weight = torch.nn.Parameter(torch.round(w / scale).to(torch.int8), requires_grad=False)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
+
+
+class _Packed(torch.nn.Module):
+    """A GPTQ/AWQ-style linear: ``in_features`` / ``out_features``, packed data, no weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_features, self.out_features = 8, 6
+        w = torch.randn(6, 8)
+        scale = w.abs().amax(1, keepdim=True) / 127
+        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scales", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.qweight.to(x.dtype) * self.scales)
+
+
+class _StaleWeight(_Packed):
+    """The same, with a float ``weight`` its forward never reads (kept for a checkpoint's keys)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(6, 8), requires_grad=False)
+
+
+class _PropertyWeight(torch.nn.Linear):
+    """A dequantizing linear whose ``weight`` is a class property: torch's forward reads it."""
+
+    def __init__(self) -> None:
+        super().__init__(8, 6)
+        w = torch.randn(6, 8)
+        scale = w.abs().amax() / 127
+        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    @property  # type: ignore[override]
+    def weight(self) -> torch.Tensor:
+        return self.qweight.to(self.scale.dtype) * self.scale
+
+
+def _dora_adapter(seed: int = 3) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    p = "base_model.model.0"
+    return {
+        f"{p}.lora_A.weight": torch.randn(2, 8, generator=gen),
+        f"{p}.lora_B.weight": torch.randn(6, 2, generator=gen),
+        f"{p}.lora_magnitude_vector": torch.rand(6, generator=gen) + 0.5,
+    }
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (_Int8Linear, r"its weight is torch\.int8, not the values it computes with"),
+        (_Packed, r"it has no weight tensor \(weight is NoneType\)"),
+        (_StaleWeight, r"_StaleWeight does not compute the linear map of its weight \(on a probe input"),
+    ],
+    ids=["int8 weight", "no weight", "a weight its forward does not read"],
+)
+def test_dora_is_refused_where_the_weight_is_not_the_one_the_layer_computes_with(make: type, why: str) -> None:
+    """DoRA's factor m / ||W0 + s * B @ A|| reads the base weight W0. On a quantized layer's
+    int8 weight (its forward scales it) it took the integers for the weights: silently wrong
+    (max abs diff 2.70 from the float64 reference with the weight the forward computes with);
+    on a float weight the forward does not read, 0.84; on a layer with no weight tensor an
+    UnexpectedError (an AttributeError inside ``base_weight``). Refused at load, naming the
+    layer and why, the model as it was; a plain LoRA still loads."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(make())
+    runtime = lorahot.inject(model, ["0"], max_rank=4, extras=True, dtype=torch.float32)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"- 0 \(.*\): DoRA's factor .* and {why}"):
+        runtime.load(_dora_adapter(), config={"use_dora": True})
+    assert runtime.info(0) is None
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    plain = {k: v for k, v in _dora_adapter().items() if "magnitude" not in k}
+    runtime.load(plain)
+
+
+def test_dora_runs_on_a_layer_whose_weight_property_gives_what_it_computes_with() -> None:
+    """A weight read through a property that dequantizes is the one the forward computes with:
+    DoRA runs there, against the float64 reference f * (W0 x + s B A x) + b0."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_PropertyWeight())
+    runtime = lorahot.inject(model, ["0"], max_rank=4, extras=True)
+    tensors = _dora_adapter()
+    runtime.load(tensors, config={"use_dora": True, "lora_alpha": 4, "r": 2})
+    x = torch.randn(3, 8)
+    a, b, m = (t.double() for t in tensors.values())
+    w0, b0 = model[0].weight.double(), model[0].bias.double()
+    f = m / torch.linalg.vector_norm(w0 + 2 * b @ a, dim=1)
+    want = f * (x.double() @ w0.t() + 2 * x.double() @ a.t() @ b.t()) + b0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), want, rtol=1e-5, atol=1e-5)
