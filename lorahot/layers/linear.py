@@ -625,9 +625,14 @@ def computes_as_stored(base: nn.Module) -> bool:
     fused kernel and the wide path compute it without calling ``base``: no forward hooks or
     pre-hooks on it (registered before inject: the wrapper's own hooks run either way), no
     ``forward`` of the instance's own (accelerate's offloading hooks set one), and a weight
-    stored as a parameter (not recomputed by a parametrization or weight_norm's pre-hook).
-    Other layers take the library path, which calls ``base``."""
-    return not own_code(base) and "weight" in base._parameters
+    stored as a parameter (not recomputed by a parametrization or weight_norm's pre-hook) that
+    holds its values as a dense tensor, as does the bias (not torchao's quantized and float8
+    tensor subclasses, which report the dtype they stand for and keep their values elsewhere:
+    :func:`~lorahot.layers.base.unusual_values`). Other layers take the library path, which
+    calls ``base``."""
+    weight, bias = base._parameters.get("weight"), getattr(base, "bias", None)
+    dense = weight is not None and unusual_values(weight) is None
+    return dense and not own_code(base) and (not isinstance(bias, torch.Tensor) or unusual_values(bias) is None)
 
 
 def _kernel_input(x: torch.Tensor, dtype: torch.dtype, base: nn.Module) -> bool:

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.testing._internal.two_tensor import TwoTensor
 
 import lorahot
+from lorahot.layers.linear import computes_as_stored
 from tests.helpers import Conv1D, ScaledProj, make_adapter, reference
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -705,3 +707,14 @@ def test_an_input_whose_last_dimension_is_not_the_layers_features_is_refused(rou
             r"inputs \(\.\.\., 6\)\.$",
         ):
             call(torch.randn(2, 6, 3, 5, dtype=torch.float64))
+
+
+def test_a_weight_that_holds_its_values_elsewhere_takes_the_library_path() -> None:
+    """The fused kernel and the wide path read an nn.Linear's weight memory themselves (on CUDA,
+    fp16/bf16). A torchao weight (a wrapper tensor subclass) reports the dtype it stands for and
+    has no memory of it to read: both paths ask computes_as_stored, which now says no, and the
+    layer calls the quantized module (the GPU half: tests/system/test_torchao.py)."""
+    quantized = nn.Linear(6, 5)
+    quantized.weight = nn.Parameter(TwoTensor(torch.randn(5, 6), torch.randn(5, 6)), requires_grad=False)
+    assert not computes_as_stored(quantized)
+    assert computes_as_stored(nn.Linear(6, 5))
