@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, NoReturn, SupportsIndex, TypeVar
+from typing import Any, NamedTuple, NoReturn, SupportsIndex, TypeVar
 
 import numpy as np
 import torch
@@ -76,6 +76,7 @@ from lorahot.runtime.plan import (
     check_multiplier,
     check_unit_scale,
     dtype_max,
+    dtype_tiny,
     forget_values,
     pack_host,
     restage,
@@ -121,6 +122,15 @@ def _largest_factor(specs: Iterable[LayerSpec], max_rank: int) -> int:
         fin, fout = spec.full_dims()
         most = max(most, fin * fout, max_rank * (fin + fout), max_rank * max_rank * fin)
     return _LARGEST_MARGIN * most
+
+
+class _Limits(NamedTuple):
+    """One part's scale limits (:meth:`LoraRuntime._within_range`): ``(largest, top)`` pairs,
+    where ``largest * |weight|`` must stay within ``top``, and ``(smallest, floor)`` pairs,
+    where ``smallest * |weight|`` must not fall below ``floor`` (unless the weight is 0)."""
+
+    tops: list[tuple[float, float]]
+    floors: list[tuple[float, float]]
 
 
 class _OtherRankFailed(RuntimeError):
@@ -208,8 +218,8 @@ class LoraRuntime:
         self._replay = ScaleReplay(buffers, self._wide)
         self._load_replay = LoadReplay(buffers, self._wide)
         self._activate_replay = ActivateReplay(buffers, self._wide)
-        #: the last stack whose weights were range-checked, and its limits (:meth:`_within_range`)
-        self._ranges: tuple[weakref.ref[Stack], list[list[tuple[float, float]]]] | None = None
+        #: the last stack whose weights were range-checked, and per part its limits (:meth:`_within_range`)
+        self._ranges: tuple[weakref.ref[Stack], list[_Limits]] | None = None
         self._routing = Routing(buffers)
         self._arena_names = [[""] * len(a.specs) for a in buffers.arenas]  # for messages
         for name, (arena, index) in buffers.where.items():
@@ -1141,19 +1151,25 @@ class LoraRuntime:
     def _within_range(self, stack: Stack, weights: tuple[float, ...]) -> bool:
         """Whether every part's weight passes the range checks of :meth:`_check_scales`
         (:func:`check_multiplier`, :meth:`WideWeights.check`): the same products against the
-        same limits, read from ``(largest, limit)`` pairs memoized for the last stack checked,
-        so a re-weighting does not walk the plans. False sends the caller to the full checks,
-        which raise with the message."""
+        same limits, read from ``(largest, limit)`` and ``(smallest, floor)`` pairs memoized for
+        the last stack checked, so a re-weighting does not walk the plans. False sends the
+        caller to the full checks, which raise with the message."""
         memo = self._ranges
         if memo is None or memo[0]() is not stack:
-            pairs = []
+            limits = []
             for plan in stack.parts:
-                mine = [(largest, dtype_max(a.S.dtype)) for a, largest in zip(self.buffers.arenas, plan.largest)]
+                arenas = self.buffers.arenas
+                tops = [(largest, dtype_max(a.S.dtype)) for a, largest in zip(arenas, plan.largest)]
                 if not self._wide.empty:
-                    mine += self._wide.limits(plan)
-                pairs.append(mine)
-            memo = self._ranges = (weakref.ref(stack), pairs)
-        return all(largest * abs(w) <= top for mine, w in zip(memo[1], weights) for largest, top in mine)
+                    tops += self._wide.limits(plan)
+                floors = [(smallest, dtype_tiny(a.S.dtype)) for a, smallest in zip(arenas, plan.smallest)]
+                limits.append(_Limits(tops, floors))
+            memo = self._ranges = (weakref.ref(stack), limits)
+        return all(
+            all(largest * abs(w) <= top for largest, top in mine.tops)
+            and (w == 0 or all(smallest * abs(w) >= floor for smallest, floor in mine.floors))
+            for mine, w in zip(memo[1], weights)
+        )
 
     def _remerge(self, slot: int) -> None:
         """After ``slot`` changed, if it is live: rewrites the base weights in merged mode (the

@@ -105,6 +105,17 @@ class LoadPlan:
         modules: list[tuple[str, LoraModule | WeightModule]] = [*self.targets.items(), *self.weights.items()]
         return next((name for name, m in modules if m.unit_scale), None)
 
+    @functools.cached_property
+    def smallest(self) -> list[float]:
+        """Per arena, the smallest nonzero ``|alpha / r|`` (inf where the plan loads no layer
+        there): what a user's scale must not push below the scale buffers' smallest normal
+        number (:func:`check_multiplier`)."""
+        out = []
+        for values in self.scales:
+            nonzero = values[values != 0].abs()
+            out.append(float(nonzero.min()) if nonzero.numel() else math.inf)
+        return out
+
 
 def check_extras(name: str, module: LoraModule, spec: LayerSpec, refusal: str | None) -> list[str]:
     """A DoRA magnitude or LoRA bias must hold one value per output channel, and the runtime
@@ -226,8 +237,9 @@ def plan_load(
         if m.magnitude is not None:
             dora[arena].append(index)
         per_layer[arena][index] = float(m.scale)
-    tops = [_FINITE_MAX[a.S.dtype] for a in buffers.arenas]
-    if not all(abs(v) <= top for values, top in zip(per_layer, tops) for v in values):  # NaN fails too
+    ranges = [(_NORMAL_MIN[a.S.dtype], _FINITE_MAX[a.S.dtype]) for a in buffers.arenas]
+    # 0 on the layers it leaves alone; NaN fails too
+    if not all(v == 0.0 or tiny <= abs(v) <= top for values, (tiny, top) in zip(per_layer, ranges) for v in values):
         _raise_unreadable(adapter.source, [p for name, m in targets.items() for p in _check_scale(name, m, buffers)])
     scales = [torch.tensor(values, dtype=torch.float64) for values in per_layer]  # one tensor per arena
     largest = [max(map(abs, values), default=0.0) for values in per_layer]
@@ -461,15 +473,25 @@ def check_base_weight(name: str, module: LoraModule, weight_of: WeightOf) -> lis
 
 #: The largest finite value of each buffer dtype.
 _FINITE_MAX = {t: torch.finfo(t).max for t in WEIGHT_DTYPES}
+#: The smallest normal value of each buffer dtype: below it a scale keeps fewer significant
+#: bits (float32's 1.2e-38 holds 1e-44 as 7 times its smallest step, 2% off)
+_NORMAL_MIN = {t: torch.finfo(t).tiny for t in WEIGHT_DTYPES}
 
 
 def _check_scale(name: str, module: LoraModule, buffers: BufferManager) -> list[str]:
-    """The module's ``alpha / r`` must fit the scale buffer it is written to."""
+    """The module's ``alpha / r`` must fit the scale buffer it is written to, at its full
+    precision: neither beyond its largest value nor below its smallest normal one."""
     dtype = buffers.arenas[buffers.where[name][0]].S.dtype
-    top = _FINITE_MAX[dtype]
+    top, tiny = _FINITE_MAX[dtype], _NORMAL_MIN[dtype]
     scale = float(module.scale)
-    if abs(scale) <= top:  # NaN and inf fail
+    if tiny <= abs(scale) <= top:  # NaN and inf fail
         return []
+    if abs(scale) < tiny:
+        return [
+            f"{_where(name, module)}: alpha {float(module.alpha):g} over rank {module.rank} gives scale {scale:g}, "
+            f"below the smallest normal number of the {dtype} scale buffer ({tiny:.4g}), where it would lose its "
+            "precision; the alpha is corrupt"
+        ]
     return [
         f"{_where(name, module)}: alpha {float(module.alpha):g} over rank {module.rank} gives scale {scale:g}, beyond "
         f"the range of the {dtype} scale buffer (max {top:.4g}); the alpha is corrupt"
@@ -482,23 +504,40 @@ def dtype_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
+@functools.cache
+def dtype_tiny(dtype: torch.dtype) -> float:
+    """The smallest normal value of a floating dtype, as a Python float."""
+    return float(torch.finfo(dtype).tiny)
+
+
 def check_multiplier(plan: LoadPlan, multiplier: float, buffers: BufferManager, part: str | None = None) -> None:
     """The user's ``multiplier`` on the plan's per-layer scales must keep every scale within
-    its buffer's range (Python floats only: cheap enough for every ``set_scale``). Each part of
-    a stack is checked with its own weight (its rows hold only its own scales); ``part`` names
-    it in the message.
+    its buffer's range (Python floats only: cheap enough for every ``set_scale``): none beyond
+    its largest value, and, unless the multiplier is 0, none below its smallest normal one,
+    where the scale would lose its precision (the forward multiplies by the rounded scale, and
+    merged mode's GEMM takes it in the weights' precision). Each part of a stack is checked
+    with its own weight (its rows hold only its own scales); ``part`` names it in the message.
 
     Raises:
-        UsageError: naming the scale, the largest product and the largest scale allowed.
+        UsageError: naming the scale, the product out of range and the scales allowed.
     """
-    for arena, largest in zip(buffers.arenas, plan.largest):
+    where = f"{part}: " if part else ""
+    for arena, largest, smallest in zip(buffers.arenas, plan.largest, plan.smallest):
         top = dtype_max(arena.S.dtype)
         if largest * abs(multiplier) > top:  # a Python float: overflow shows as inf
-            where = f"{part}: " if part else ""
             raise UsageError(
                 f"{where}scale={multiplier:g} times the adapter's largest alpha/r ({largest:g}) is "
                 f"{largest * multiplier:g}, beyond the range of the {arena.S.dtype} scale buffers (max {top:.4g}). "
                 f"Pass a scale of at most {top / largest:.4g} in magnitude."
+            )
+        tiny = dtype_tiny(arena.S.dtype)
+        if multiplier != 0 and smallest * abs(multiplier) < tiny:
+            least = tiny / smallest * (1 + 1e-3)  # shown to 4 digits: still enough
+            raise UsageError(
+                f"{where}scale={multiplier:g} times the adapter's smallest alpha/r ({smallest:g}) is "
+                f"{smallest * multiplier:g}, below the smallest normal number of the {arena.S.dtype} scale buffers "
+                f"({tiny:.4g}), where it would lose its precision. Pass a scale of at least {least:.4g} in magnitude, "
+                "or 0."
             )
 
 

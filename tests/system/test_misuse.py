@@ -122,6 +122,10 @@ MISUSES = [
     Misuse("load_scale_overflows_buffer", lambda rig, tmp: rig.runtime.load(_t(rig), scale=1e39), UsageError,
            r"^scale=1e\+39 times the adapter's largest alpha/r \(1\) is 1e\+39, beyond the range of the torch\.float32 "
            r"scale buffers \(max 3\.403e\+38\)\. Pass a scale of at most 3\.403e\+38 in magnitude\.$"),
+    Misuse("load_scale_underflows_buffer", lambda rig, tmp: rig.runtime.load(_t(rig), scale=1e-39), UsageError,
+           r"^scale=1e-39 times the adapter's smallest alpha/r \(1\) is 1e-39, below the smallest normal number of "
+           r"the torch\.float32 scale buffers \(1\.175e-38\), where it would lose its precision\. Pass a scale of at "
+           r"least 1\.177e-38 in magnitude, or 0\.$"),
     Misuse("load_unknown_option", lambda rig, tmp: rig.runtime.load(_t(rig), foo=1), UsageError,
            r"^unknown read option 'foo'; the read options are revision, subfolder, token, weight_name, config, "
            r"prefix, key_map, fuse, strict, split\.$"),
@@ -250,6 +254,10 @@ MISUSES = [
     Misuse("set_scale_overflows_buffer", lambda rig, tmp: rig.runtime.set_scale(1e39), UsageError,
            r"^scale=1e\+39 times the adapter's largest alpha/r \(2\) is 2e\+39, beyond the range of the torch\.float32 "
            r"scale buffers \(max 3\.403e\+38\)\. Pass a scale of at most 1\.701e\+38 in magnitude\.$"),
+    Misuse("set_scale_underflows_buffer", lambda rig, tmp: rig.runtime.set_scale(-3e-39), UsageError,
+           r"^scale=-3e-39 times the adapter's smallest alpha/r \(2\) is -6e-39, below the smallest normal number of "
+           r"the torch\.float32 scale buffers \(1\.175e-38\), where it would lose its precision\. Pass a scale of at "
+           r"least 5\.883e-39 in magnitude, or 0\.$"),
     Misuse("set_scale_update_overflows", lambda rig, tmp: rig.runtime.set_scale(1.6e38), UsageError,
            r"^scale=1\.6e\+38: the slot's update would leave the LoRA buffers' dtype in:\n  - layers\.0\.self_attn\."
            r"q_proj: its update scale \* B @ A reaches \|value\| 3\.52394e\+38 > float32 max 3\.40282e\+38\nPass a "

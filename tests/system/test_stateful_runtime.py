@@ -149,7 +149,10 @@ _BIG_SPEC = st.builds(  # a rank past max_rank somewhere
     st.just(2.0),
     st.integers(0, 2**16),
 )
-_WEIGHT = st.sampled_from([1.0, 0.5, -1.25, 0.0, 2.0, 3.5]) | st.floats(-4, 4, allow_nan=False, width=32)
+#: none that takes a scale below float32's normal range (refused: tests/unit/runtime/test_plan.py)
+_WEIGHT = st.sampled_from([1.0, 0.5, -1.25, 0.0, 2.0, 3.5]) | st.floats(-4, 4, allow_nan=False, width=32).filter(
+    lambda w: w == 0 or abs(w) >= 1e-30
+)
 
 
 @dataclass

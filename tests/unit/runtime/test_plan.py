@@ -45,6 +45,66 @@ def test_alpha_overflowing_the_scale_buffer_is_a_read_error(tmp_path: Path, alph
         assert_unchanged(rig, before)
 
 
+def test_alpha_below_the_scale_buffers_normal_range_is_a_read_error(tmp_path: Path) -> None:
+    """A scale ``alpha / r`` under float32's smallest normal number (1.2e-38) would be kept
+    with fewer significant bits (1e-44 is 7 steps of 1.4e-45: 2% off, which the forward and
+    merged mode's GEMM both multiply by); where factors of 1e22 make the update visible,
+    that was a silent error of 2% of the LoRA's output (the next test)."""
+    rig = build_rig(tmp_path / "rig")
+    source = save_peft(tmp_path / "ad", valid_tensors(rig.model, 4), r=4, lora_alpha=4e-40)
+    before = snapshot(rig)
+    for call in _both(rig, source):
+        with pytest.raises(
+            lorahot.AdapterReadError,
+            match=r"layers\.0\.self_attn\.q_proj \(.*\): alpha 4e-40 over rank 4 gives scale 1e-40, below the "
+            r"smallest normal number of the torch\.float32 scale buffer \(1\.175e-38\), where it would lose its "
+            r"precision; the alpha is corrupt",
+        ):
+            call()
+        assert_unchanged(rig, before)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_a_scale_below_the_scale_buffers_normal_range_is_refused_and_the_smallest_normal_one_computes(
+    merged: bool,
+) -> None:
+    """Factors of 1e22 at ``alpha / r`` 1e-30 make an update of order 10 in float32 at a user
+    scale of 3e-14: one that takes ``alpha / r`` below float32's smallest normal number is
+    refused (at 3e-14 it computed the update 2% off, unmerged and merged: max abs diff 0.67
+    from the float64 reference on outputs of 35), nothing changed; one just above it
+    computes to float32's rounding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    w, b = model[0].weight.detach().double().clone(), model[0].bias.detach().double().clone()
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 8, generator=g, dtype=torch.float64) * 1e22
+    bb = torch.randn(4, 2, generator=g, dtype=torch.float64) * 1e22
+    x = torch.randn(3, 8, generator=g)
+    runtime = lorahot.inject(model, ["0"], max_rank=2, merged=merged)
+    tensors = {"0.lora_A.weight": a.float(), "0.lora_B.weight": bb.float()}
+    runtime.load(tensors, config={"r": 2, "lora_alpha": 2e-30})  # alpha / r = 1e-30
+
+    def reference(scale: float) -> torch.Tensor:
+        delta = 1e-30 * scale * (bb.float().double() @ a.float().double())
+        return x.double() @ (w + delta).T + b
+
+    with torch.no_grad():
+        kept = model(x)
+    for scale in (3e-14, -1e-9):
+        with pytest.raises(lorahot.UsageError, match=r"below the smallest normal number of the torch\.float32 scale"):
+            runtime.set_scale(scale)
+        with pytest.raises(lorahot.UsageError, match=r"where it would lose its precision"):
+            runtime.load(tensors, config={"r": 2, "lora_alpha": 2e-30}, scale=scale)
+        with torch.no_grad():
+            assert torch.equal(model(x), kept)
+    for scale in (2e-8, 0.0):  # 2e-38: float32's smallest normal is 1.18e-38
+        runtime.set_scale(scale)
+        want = reference(scale)
+        with torch.no_grad():
+            got = model(x).double()
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (scale, (got - want).abs().max())
+
+
 def test_alpha_that_fits_float64_scales_loads_into_float64_buffers() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4).double())
     runtime = lorahot.inject(model, ["0"], max_rank=2)

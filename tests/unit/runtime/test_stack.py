@@ -368,7 +368,8 @@ OPS = st.tuples(
     st.sampled_from([None, None, 0, 1]),  # the slot (None: the active one)
     st.lists(_PART, min_size=1, max_size=2),  # the parts of a load
     st.booleans(),  # a load of one part given as a list
-    st.lists(st.floats(-3, 3), min_size=2, max_size=2),  # weights
+    # weights (none that takes a scale below float32's normal range: refused, test_plan.py)
+    st.lists(st.floats(-3, 3).filter(lambda w: w == 0 or abs(w) >= 1e-30), min_size=2, max_size=2),
 )
 
 

@@ -206,7 +206,7 @@ def test_set_scale_refuses_exactly_what_the_full_range_checks_refuse() -> None:
     stack = runtime._stacks[0]
     assert stack is not None
     runtime._within_range(stack, (1.0, 1.0))
-    limits = [min(top / largest for largest, top in mine) for mine in runtime._ranges[1]]  # type: ignore[index]
+    limits = [min(top / largest for largest, top in mine.tops) for mine in runtime._ranges[1]]  # type: ignore[index]
     # the scale and wide checks alone: these weights push the layers' updates far past float16,
     # which test_updates.py's check refuses (at once, here)
     with pytest.raises(lorahot.UsageError, match="summed update would leave"):
