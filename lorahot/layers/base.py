@@ -999,22 +999,25 @@ _REWRITTEN = (
 
 @contextlib.contextmanager
 def _rewritten(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Adds a probe change to each of ``tensors`` in place (random values of about its largest
-    magnitude), and puts every one back bit for bit on exit."""
-    kept = [t.detach().clone() for t in tensors]
+    """Adds a probe change to the first slice of each of ``tensors`` along its first dimension
+    (a weight's first output row or channel, an embedding's first row, a bias's first element:
+    what a probe reads, and only that much copied), random values of about its largest
+    magnitude, in place; puts every one back bit for bit on exit."""
+    parts = [t.detach()[:1] if t.dim() else t.detach() for t in tensors]  # views: writes reach the tensors
+    kept = [p.clone() for p in parts]
     gen = torch.Generator().manual_seed(1)
     inference = any(t.is_inference() for t in tensors)  # written only inside inference mode
     try:
         with torch.inference_mode() if inference else torch.no_grad():
-            for t in tensors:
-                size = float(t.detach().abs().max()) if t.numel() else 0.0
-                noise = torch.randn(t.shape, generator=gen, dtype=torch.float64) * (size if size > 0 else 1.0)
-                t.add_(noise.to(t.device, t.dtype))
+            for p in parts:
+                size = float(p.abs().max()) if p.numel() else 0.0
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float64) * (size if size > 0 else 1.0)
+                p.add_(noise.to(p.device, p.dtype))
         yield
     finally:
         with torch.inference_mode() if inference else torch.no_grad():
-            for t, k in zip(tensors, kept):
-                t.copy_(k)
+            for p, k in zip(parts, kept):
+                p.copy_(k)
 
 
 def mismatch(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float] | None:
