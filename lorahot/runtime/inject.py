@@ -21,6 +21,7 @@ from lorahot.runtime.lora_runtime import LoraRuntime, release_hooks, roots
 from lorahot.runtime.merge import check_mergeable, check_untied
 from lorahot.runtime.plan import WEIGHT_DTYPES
 from lorahot.runtime.targets import Targets, layer_placement, match_targets, unwrap_modules, wrap_modules
+from lorahot.runtime.weight_reads import check_merged_reads
 
 __all__ = ["inject", "eject"]
 
@@ -132,6 +133,7 @@ def _inject(
     if merged:
         _refuse_sharded(root, names)
         check_untied(root, names)
+        check_merged_reads(root, names)
     layers = wrap_modules(root, names)
     try:
         specs = {}

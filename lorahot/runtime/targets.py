@@ -20,6 +20,7 @@ from lorahot.runtime.arguments import text
 from lorahot.runtime.fused_projections import FUSED_PROJECTIONS
 from lorahot.runtime.merge import replaced, writing
 from lorahot.runtime.plan import WEIGHT_DTYPES
+from lorahot.runtime.weight_reads import Sources, direct_read
 
 __all__ = [
     "Targets",
@@ -79,6 +80,13 @@ def _bypassed(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
     return parent if isinstance(parent, _READ_DIRECTLY) or _fused_away(parent, child) else None
 
 
+def _never_called(modules: dict[str, nn.Module], name: str, found: Sources) -> str | None:
+    """Where module ``name``'s weight is read as a value by a module on its path that never
+    calls it (:mod:`lorahot.runtime.weight_reads`), else None."""
+    read = direct_read(modules, name, found)
+    return read[0] if read is not None and not read[1] else None
+
+
 def _fused_away(parent: nn.Module | None, child: str) -> bool:
     """Whether ``parent`` is a diffusers attention module whose QKV projections are fused
     (``fuse_qkv_projections()``: its ``fused_projections`` set, which its ``unfuse_projections``
@@ -97,7 +105,12 @@ def _matcher(model: nn.Module, targets: Targets) -> Callable[[str, nn.Module], b
         if targets == "all-linear":  # no output layer, nothing whose parent never calls it
             skip = _output_layer_names(model)
             modules = dict(model.named_modules())
-            skip |= {n for n in modules if n and _bypassed(modules, n) is not None}
+            found = Sources()
+            skip |= {
+                n
+                for n, m in modules.items()
+                if n and _is_plain_linear(m) and (_bypassed(modules, n) is not None or _never_called(modules, n, found))
+            }
             return lambda name, m: _is_plain_linear(m) and name not in skip
         try:
             pattern = re.compile(targets)
@@ -163,7 +176,12 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
         )
     if not names:
         sample = [n for n in modules if n][:12]
-        left = [n for n, m in modules.items() if n and _is_plain_linear(m) and _bypassed(modules, n) is not None]
+        found = Sources()
+        left = [
+            n
+            for n, m in modules.items()
+            if n and _is_plain_linear(m) and (_bypassed(modules, n) is not None or _never_called(modules, n, found))
+        ]
         why = (
             f" ('all-linear' leaves out {', '.join(left[:3])}{', ...' if len(left) > 3 else ''}: their parents compute "
             "with their weights directly instead of calling them, so a LoRA there would never apply)"
@@ -174,6 +192,7 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
             f"targets={shown(targets, 200)} matched no module{why}. Some module names: {', '.join(sample)}."
         )
     wrapped = [w for w, m in modules.items() if isinstance(m, LoRALayer)]
+    found = Sources()
     scripted = [w for w, m in modules.items() if isinstance(m, torch.jit.ScriptModule)]
     for n in names:
         m = modules[n]
@@ -207,6 +226,13 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
                 f"{n}: its parent {type(parent).__name__} computes with its weight directly (in its own functional or "
                 f"fused path) instead of calling it, so a LoRA there would never apply{fused}. Narrow targets to "
                 "exclude it ('all-linear' leaves it out)."
+            )
+        where = _never_called(modules, n, found)
+        if where:
+            raise UsageError(
+                f"{n}: {where} and nothing on its path calls it, so a LoRA there would never apply (PEFT's would not "
+                "either), and merged mode would fold it into that computation. Narrow targets to exclude it "
+                "('all-linear' leaves it out)."
             )
     nested = [(p, c) for p in names for c in names if c.startswith(p + ".")]
     if nested:
