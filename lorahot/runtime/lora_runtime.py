@@ -211,7 +211,7 @@ class LoraRuntime:
                 unrouted=name in self._experts or name in self._towers or name in self._sequence_first,
             )
         if fused and not merged:
-            widen_layers(layers, buffers)
+            widen_layers(layers, buffers, model)
         if not merged:  # compiled, layers sharing an input share one shrink GEMM
             stacked_shrinks.install()
         self._wide = WideWeights(layers, buffers)

@@ -29,12 +29,14 @@ import weakref
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.kernels import row_scale
 from lorahot.kernels.row_scale import RowScaler
 from lorahot.layers import LoRALayer
 from lorahot.layers.tensor_handles import TensorHandle
+from lorahot.runtime.aliases import plain
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.plan import LoadPlan, dtype_max
 from lorahot.runtime.stack import Stack
@@ -51,13 +53,14 @@ Runs = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
 DEVICE_TYPES = {"cuda"}
 
 
-def widen_layers(layers: dict[str, LoRALayer], buffers: BufferManager) -> None:
+def widen_layers(layers: dict[str, LoRALayer], buffers: BufferManager, model: nn.Module | None = None) -> None:
     """Widens every layer that can be: on a device of :data:`DEVICE_TYPES`, its weight of the
-    arena's dtype (see :meth:`LoRALayer.widenable`). The others keep the library formula.
+    arena's dtype (see :meth:`LoRALayer.widenable`), whose memory no other tensor of ``model``
+    holds (:func:`_shared`). The others keep the library formula.
     Neighbours that may read one input (see :func:`_groups`) get their wide buffers back to
     back in one allocation, for :mod:`lorahot.kernels.wide_groups`."""
     r = buffers.max_rank
-    for group in _groups(layers, buffers):
+    for group in _groups(layers, buffers, _shared(model) if model is not None else frozenset()):
         if len(group) == 1:
             group[0].widen(r)
             continue
@@ -73,13 +76,29 @@ def widen_layers(layers: dict[str, LoRALayer], buffers: BufferManager) -> None:
             row += out + r
 
 
-def _groups(layers: dict[str, LoRALayer], buffers: BufferManager) -> list[list[LoRALayer]]:
+def _shared(model: nn.Module) -> frozenset[tuple[torch.device, int]]:
+    """The storages that more than one tensor object of ``model`` holds (its parameters and
+    buffers): a weight in one of them shares its memory with another parameter or buffer (two
+    parameters made over one tensor's ``.data``, a buffer that is a view of the weight). Widening
+    moves the weight into a new buffer, and that other tensor would keep the old memory: an edit
+    or a checkpoint load through it would no longer reach the weight, after eject too."""
+    holders: dict[tuple[torch.device, int], set[int]] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if plain(t) and t.numel():
+            holders.setdefault((t.device, t.untyped_storage().data_ptr()), set()).add(id(t))
+    return frozenset(key for key, ids in holders.items() if len(ids) > 1)
+
+
+def _groups(
+    layers: dict[str, LoRALayer], buffers: BufferManager, shared: frozenset[tuple[torch.device, int]] = frozenset()
+) -> list[list[LoRALayer]]:
     """The layers to widen, in runs of neighbours (in the order they were injected) under one
     parent module with one input width, on one arena: attention's q, k and v, an MLP's gate
     and up, and o or down alone. Whether a run's members read one input is the compiler pass's
     to see; where they do not (a cross-attention's q) the allocation changes nothing. A weight
     tied to an earlier layer's (one storage) is not widened: widening it too would move the
-    weight out of the first layer's buffer."""
+    weight out of the first layer's buffer; nor a weight whose memory another tensor of the
+    model holds (``shared``, :func:`_shared`)."""
     out: list[list[LoRALayer]] = []
     last: tuple[object, ...] | None = None
     taken: set[int] = set()  # the weights' storages: a weight tied to an earlier layer's stays where it is
@@ -90,7 +109,7 @@ def _groups(layers: dict[str, LoRALayer], buffers: BufferManager) -> list[list[L
             last = None
             continue
         storage = layer.base_weight.untyped_storage().data_ptr()
-        if storage in taken:
+        if storage in taken or (layer.base_weight.device, storage) in shared:
             last = None
             continue
         taken.add(storage)

@@ -389,3 +389,46 @@ def test_inject_under_inference_mode_then_swaps_outside_it() -> None:
     with torch.inference_mode():
         assert torch.allclose(model(x), _reference(weights, adapter, 1.0, x), rtol=1e-10, atol=1e-10)
     runtime.eject()
+
+
+class _OneMemory(nn.Module):
+    """Two Linears whose weights are two parameters over one tensor's memory (tied through
+    ``.data``, not as one parameter), or one Linear with a buffer that views its weight."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = nn.Linear(IN, HID).double(), nn.Linear(IN, HID).double()
+        if kind == "two parameters":
+            self.second.weight = nn.Parameter(self.first.weight.data)
+        else:
+            self.register_buffer("transposed", self.first.weight.data.t(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first(x) + self.second(x)
+
+
+@pytest.mark.parametrize("kind", ["two parameters", "a buffer viewing it"])
+def test_a_weight_whose_memory_another_tensor_holds_is_not_widened(kind: str) -> None:
+    """Widening moves the weight into the wide buffer; another parameter or buffer over the
+    same memory kept the old one: an edit or a checkpoint load through it no longer reached the
+    layer, eject did not tie them again, and the model computed otherwise than the base would
+    after that edit (silently). Such a weight keeps its memory; the layer takes the library
+    formula, against the float64 reference."""
+    model = _OneMemory(kind)
+    holder = model.second.weight if kind == "two parameters" else model.transposed
+    runtime = lorahot.inject(model, ["first"], max_rank=R)
+    assert not model.first.wide
+    assert holder.data_ptr() == model.first.weight.data_ptr()
+    tensors = {k.replace("0.", "first.", 1): v for k, v in _adapter(4, 1, 8.0).items() if k.startswith("0.")}
+    runtime.load(tensors, config={"r": 4, "lora_alpha": 8.0})
+    with torch.no_grad():
+        w = 2.0 * model.first.weight
+        holder.mul_(2.0)  # an edit through the other tensor reaches the layer's weight
+        assert torch.equal(model.first.weight, w)
+        x = torch.randn(3, IN, dtype=torch.float64)
+        a, b = tensors["first.lora_A.weight"], tensors["first.lora_B.weight"]
+        want = x @ (w + 2.0 * b @ a).T + model.first.bias + model.second(x)
+        torch.testing.assert_close(model(x), want)
+    runtime.eject()
+    assert holder.data_ptr() == model.first.weight.data_ptr()
