@@ -37,6 +37,16 @@ changed keeps being launched. The caller makes the tensors' device current
 (:func:`lorahot.kernels.device_guard.launching_on`), as Triton launches on the current device.
 An argument of ``rest`` compares by value, so ``True`` and ``1`` at one position share a key:
 no kernel here takes both at one position.
+
+Shared memory: each pipeline stage of a kernel's K loop holds a copy of its tiles, which for the
+LoRA kernels grow with the rank (the fused kernel's ``A`` tile is ``BLOCK_K x R_PAD``). A binary
+that needs more than the device gives one program (227 KB on an H100/H200, 163 KB on an A100, 99
+KB on sm86/sm89) fails to load, and Triton raises ``OutOfResources``: by the compile metadata for
+sm90, the fused kernel at rank 256 on a decode of more than 12,288 outputs (258,048 bytes) and
+the segmented shrink at rank 256 above 256 rows (245,760), and on sm89 the fused kernel at rank
+64 on such a decode (110,592). :class:`Launcher` then launches the binary with one stage fewer,
+until it fits (one stage left: the error is raised), and keeps that depth for the launch's
+specialization. The stages change how far ahead the loop loads, not what it computes.
 """
 
 from __future__ import annotations
@@ -94,6 +104,8 @@ class Launcher:
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self._runners: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        #: the stages a specialization fits the device's shared memory with, where fewer than asked
+        self._stages: dict[tuple[Any, ...], int] = {}
 
     def __call__(
         self,
@@ -106,13 +118,10 @@ class Launcher:
         launch_pdl: bool = False,
     ) -> None:
         """Launches the kernel on the current CUDA device and stream (the caller makes the
-        tensors' device current)."""
-        if not available():
-            self.kernel[grid](*tensors, *rest, num_warps=num_warps, num_stages=num_stages, launch_pdl=launch_pdl)
-            return
+        tensors' device current), with fewer ``num_stages`` where its binary needs more shared
+        memory than the device has (see the module docstring)."""
         device = tensors[0].get_device()
-        key = (
-            grid,
+        specialization = (
             rest,
             num_warps,
             num_stages,
@@ -121,20 +130,57 @@ class Launcher:
             tuple([t.dtype for t in tensors]),
             tuple([t.data_ptr() % 16 == 0 for t in tensors]),
         )
+        stages = self._stages.get(specialization, num_stages)
+        if not available():
+            self._bind(grid, tensors, rest, num_warps, stages, launch_pdl, specialization)
+            return
+        key = (grid, stages, specialization)
         runner = self._runners.get(key)
         if runner is not None:
             runner(*tensors, *rest, stream=_stream(device))
             return
-        compiled = self.kernel[grid](*tensors, *rest, num_warps=num_warps, num_stages=num_stages, launch_pdl=launch_pdl)
+        compiled, stages = self._bind(grid, tensors, rest, num_warps, stages, launch_pdl, specialization)
         if compiled is None or not hasattr(compiled, "__getitem__"):  # a Triton that returns no binary
             return
         if len(self._runners) >= LIMIT:
             self._runners.clear()
-        self._runners[key] = compiled[grid]
+        self._runners[(grid, stages, specialization)] = compiled[grid]
+
+    def _bind(
+        self,
+        grid: tuple[int, int, int],
+        tensors: Sequence[torch.Tensor],
+        rest: tuple[Any, ...],
+        num_warps: int,
+        stages: int,
+        launch_pdl: bool,
+        specialization: tuple[Any, ...],
+    ) -> tuple[Any, int]:
+        """``kernel[grid]`` with ``stages``, or the most stages below it whose binary fits the
+        device's shared memory (kept for ``specialization``): ``(the binary, its stages)``."""
+        while True:
+            try:
+                launch = self.kernel[grid]
+                return launch(*tensors, *rest, num_warps=num_warps, num_stages=stages, launch_pdl=launch_pdl), stages
+            except Exception as error:
+                if stages <= 1 or not _out_of_shared_memory(error):
+                    raise
+                stages -= 1
+                self._stages[specialization] = stages
 
     def binaries(self) -> int:
         """How many compiled binaries this launcher launches directly now."""
         return len(self._runners)
+
+
+def _out_of_shared_memory(error: Exception) -> bool:
+    """Whether ``error`` is Triton's refusal to load a binary that needs more shared memory than
+    the device gives one program."""
+    try:
+        from triton.runtime.errors import OutOfResources
+    except Exception:  # no Triton, or one without that error
+        return False
+    return isinstance(error, OutOfResources) and getattr(error, "name", None) == "shared memory"
 
 
 def _stream(device: int) -> int:

@@ -99,6 +99,67 @@ def test_without_a_verified_triton_every_launch_binds_its_arguments(monkeypatch:
     assert [entry[0] for entry in kernel.log] == ["jit"] * 3 and launch.binaries() == 0
 
 
+class _OutOfResources(Exception):
+    """Triton's ``OutOfResources`` (``triton.runtime.errors``), as it names the resource."""
+
+    def __init__(self, required: int, limit: int, name: str) -> None:
+        super().__init__(f"out of resource: {name}, Required: {required}, Hardware limit: {limit}")
+        self.name = name
+
+
+class _SharedMemoryKernel(_Kernel):
+    """A kernel whose binary loads only with at most ``fits`` stages (each stage a copy of its
+    tiles in shared memory); with more it raises ``OutOfResources`` as Triton does, or ``other``
+    where given."""
+
+    def __init__(self, fits: int, other: Exception | None = None) -> None:
+        super().__init__()
+        self.fits, self.other = fits, other
+        self.stages: list[int] = []
+
+    def __getitem__(self, grid: tuple[int, int, int]) -> Any:
+        jit = super().__getitem__(grid)
+
+        def launch(*args: Any, num_stages: int, **options: Any) -> _Binary:
+            self.stages.append(num_stages)
+            if num_stages > self.fits:
+                raise self.other or _OutOfResources(86016 * num_stages, 232448, "shared memory")
+            return jit(*args, num_stages=num_stages, **options)
+
+        return launch
+
+
+@pytest.mark.parametrize("verified", [True, False], ids=["direct", "bound"])
+def test_a_binary_that_needs_more_shared_memory_than_the_device_has_runs_with_fewer_stages(
+    monkeypatch: pytest.MonkeyPatch, verified: bool
+) -> None:
+    """Where a launch's binary needs more shared memory than the device gives a program (Triton's
+    OutOfResources at load), the launcher takes one stage fewer until it fits, and keeps that
+    depth for the specialization: later calls ask for it at once (and launch its binary directly
+    where they can), another specialization starts from the stages asked. With one stage left,
+    or for any other error, the error is raised."""
+    errors = types.SimpleNamespace(OutOfResources=_OutOfResources)
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(runtime=types.SimpleNamespace(errors=errors)))
+    monkeypatch.setitem(sys.modules, "triton.runtime", sys.modules["triton"].runtime)
+    monkeypatch.setitem(sys.modules, "triton.runtime.errors", errors)
+    monkeypatch.setattr(direct_launch, "available", lambda: verified)
+    monkeypatch.setattr(direct_launch, "_stream", lambda device: 0)
+    kernel = _SharedMemoryKernel(fits=2)
+    launch = direct_launch.Launcher(kernel)
+    x = torch.zeros(8, dtype=torch.float16)
+    launch((1, 1, 1), (x,), (256,), num_warps=4, num_stages=4)
+    assert kernel.stages == [4, 3, 2] and kernel.log[-1][0] == "jit"
+    launch((1, 1, 1), (x,), (256,), num_warps=4, num_stages=4)
+    assert kernel.stages == ([4, 3, 2] if verified else [4, 3, 2, 2])
+    assert kernel.log[-1][0] == ("direct" if verified else "jit")
+    launch((1, 1, 1), (x,), (64,), num_warps=4, num_stages=4)  # another rank: its own depth
+    assert kernel.stages[-3:] == [4, 3, 2]
+    for failing in (_SharedMemoryKernel(fits=0), _SharedMemoryKernel(fits=1, other=ValueError("bad argument"))):
+        with pytest.raises((_OutOfResources, ValueError)):
+            direct_launch.Launcher(failing)((1, 1, 1), (x,), (256,), num_warps=4, num_stages=3)
+        assert failing.stages == ([3, 2, 1] if failing.other is None else [3])
+
+
 @pytest.mark.parametrize(
     ("version", "enabled", "expected"),
     [("3.6.0", True, True), ("3.6.0+git1234", True, True), ("3.5.1", True, False), ("3.7.0", True, False),
@@ -185,6 +246,45 @@ def test_gpu_the_fused_kernel_s_direct_launches_give_the_bits_of_its_jit_launche
         x, w, b, a, bt, s = (t.double() if t is not None else None for t in case)
         ref = x @ w.T + ((x @ a.T) * s) @ bt + (0 if b is None else b)  # type: ignore[operator]
         assert float((got.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["fused-decode", "segmented-prefill"])
+def test_gpu_rank_256_kernels_fit_the_device_with_fewer_stages(path: str) -> None:
+    """At rank 256 the fused kernel on a decode row into 14,336 outputs and the segmented
+    shrink above 256 rows need more shared memory than an H100/H200 gives a program at the
+    stages asked (258,048 and 245,760 bytes for sm90, by the compile metadata): they run with
+    fewer stages, and match the float64 reference."""
+    from lorahot.kernels import routed_lora as routed
+
+    g = torch.Generator("cuda").manual_seed(3)
+    dt, r, k = torch.bfloat16, 256, 4096
+    rows, n = (1, 14336) if path == "fused-decode" else (300, 4096)
+    x = torch.randn(rows, k, device="cuda", dtype=dt, generator=g)
+    if path == "fused-decode":
+        kernel = triton_module("triton_lora_linear")
+        assert kernel is not None
+        w = torch.randn(n, k, device="cuda", dtype=dt, generator=g) / k**0.5
+        a = torch.randn(r, k, device="cuda", dtype=dt, generator=g) / k**0.5
+        bt = torch.randn(r, n, device="cuda", dtype=dt, generator=g) / r**0.5
+        s = torch.rand(r, device="cuda", generator=g)
+        out = torch.full((rows, n), float("nan"), device="cuda", dtype=dt)
+        kernel.launch(x, w, None, a, bt, s, out, kernel.config_for(rows, n, k))
+        xd = x.double()
+        want = xd @ w.double().T + ((xd @ a.double().T) * s.double()) @ bt.double()
+    else:
+        kernels = triton_module("triton_routed_lora")
+        assert kernels is not None
+        slots = 3
+        y = torch.randn(rows, n, device="cuda", dtype=dt, generator=g)
+        a = torch.randn(slots, r, k, device="cuda", dtype=dt, generator=g) / k**0.5
+        bt = torch.randn(slots, r, n, device="cuda", dtype=dt, generator=g) / r**0.5
+        s = torch.rand(slots, r, device="cuda", generator=g)
+        route = torch.randint(-1, slots, (rows,), device="cuda", generator=g)
+        out = torch.full((rows, n), float("nan"), device="cuda", dtype=dt)
+        kernels.launch(x, y, a, bt, s, route, out, gather=False, segs=routed.segments(route, slots))
+        want = routed.reference(x.double(), y.double(), a.double(), bt.double(), s.double(), route)
+    assert float((out.double() - want).norm() / want.norm()) < 1e-2
 
 
 def test_host_arithmetic_matches_its_definition() -> None:
