@@ -101,10 +101,14 @@ def _size_refusal(module: nn.Module, fin: int, fout: int) -> str | None:
     )
 
 
-def _layout_refusal(module: nn.Module, fin: int, fout: int) -> str | None:
+def _layout_refusal(module: nn.Module, fin: int, fout: int, raising: bool = True) -> str | None:
     """Why ``module``, linear-like only by the ``in_features`` and ``out_features`` it declares
-    (neither an ``nn.Linear`` nor a Conv1D), does not map inputs ``(..., in)`` to outputs
-    ``(..., out)``, over which lorahot computes and adds its LoRA; None where it does. Checked
+    (neither an ``nn.Linear`` nor a Conv1D), or an ``nn.Linear`` subclass with a ``forward`` of
+    its own, does not map inputs ``(..., in)`` to outputs ``(..., out)``, over which lorahot
+    computes and adds its LoRA; None where it does. A forward that returns something else (a
+    router's ``(scores, logits)`` tuple, as transformers' ``Llama4Router``) is refused; one that
+    raises on the probe only where ``raising`` (an ``nn.Linear`` subclass is trusted then: a
+    quantized one may take only its own device or dtype). Checked
     on a probe input ``(b, t, in)`` whose ``b`` and ``t`` are neither ``in`` nor ``out``, so
     that a module computing over another dimension (channels first) cannot pass by a
     coincidence of sizes (:func:`lorahot.layers.base.probe_forward`: the module's forward
@@ -121,6 +125,8 @@ def _layout_refusal(module: nn.Module, fin: int, fout: int) -> str | None:
     try:
         out = probe_forward(module, probe)
     except Exception as exc:  # the module's own code: anything can happen
+        if not raising:
+            return None
         why = f"its forward raised {type(exc).__name__} on a probe input of shape {(b, t, fin)}: {exc}"
     else:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -153,8 +159,10 @@ class LoRALinear(LoRALayer):
         super().__init__(base_layer, LayerSpec("linear", fin, fout, (fin,)))
         if not (isinstance(base_layer, nn.Linear) or is_conv1d(base_layer)):  # known by its attributes alone
             refusal = _layout_refusal(base_layer, fin, fout)
-            if refusal is not None:
-                raise UsageError(refusal)
+        elif isinstance(base_layer, nn.Linear) and overrides_forward(base_layer, nn.Linear):
+            refusal = _layout_refusal(base_layer, fin, fout, raising=False)
+        if refusal is not None:
+            raise UsageError(refusal)
 
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Arena rows ``[R, in]``, ``[R, out]`` are used as they are."""

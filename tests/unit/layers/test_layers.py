@@ -619,6 +619,49 @@ def test_a_linear_subclass_with_its_own_forward_and_stale_sizes_is_refused() -> 
     assert model.layer is layer and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+class _Router(nn.Linear):
+    """An ``nn.Linear`` whose forward returns ``(scores, logits)`` (transformers' Llama4Router)."""
+
+    def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = super().forward(input)
+        return logits.sigmoid(), logits
+
+
+class _TwoDimensional(nn.Linear):
+    """An ``nn.Linear`` whose forward takes only 2-D input (as a quantized one may take only
+    its own device or dtype): the probe raises, and it is trusted as a Linear."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() != 2:
+            raise RuntimeError("2-D input only")
+        return super().forward(input)
+
+
+def test_a_linear_subclass_whose_forward_returns_no_output_of_its_size_is_refused() -> None:
+    """An ``nn.Linear`` subclass with a forward of its own runs on inject's probe input: one
+    returning a tuple is refused, naming the module and what it returned (Llama4's router
+    under "all-linear" gave an untyped AttributeError at the first forward, from the LoRA's
+    add onto a tuple). One whose forward raises on the probe is wrapped and computes the
+    float64 reference on input it takes."""
+    torch.manual_seed(0)
+    model = Holder(_Router(6, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        lorahot.UsageError,
+        match=r"^layer: _Router declares in_features=6 and out_features=4, but its forward maps a probe input of "
+        r"shape \(2, 3, 6\) to tuple, not \(2, 3, 4\)\..*Exclude this module from targets\.$",
+    ):
+        lorahot.inject(model, "all-linear", max_rank=2)
+    assert type(model.layer) is _Router and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    layer = _TwoDimensional(6, 4).double()
+    model = Holder(layer)
+    tensors, ab = make_adapter(model, {"layer": 2}, dtype=torch.float64)
+    lorahot.inject(model, ["layer"], max_rank=2).load(tensors)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(layer, x, *ab["layer"], 1.0), rtol=1e-12, atol=1e-12)
+
+
 class _ChannelMix(nn.Module):
     """A custom module that declares ``in_features`` / ``out_features`` but mixes channels
     first (``[B, C, L] -> [B, O, L]``, a 1x1 convolution), with what a forward may touch: a
