@@ -28,6 +28,7 @@ from lorahot.kernels.triton_import import triton_module
 
 __all__ = [
     "MAX_OUT",
+    "MAX_RANK",
     "available",
     "supports",
     "supports_tensors",
@@ -44,6 +45,13 @@ _DTYPES = (torch.float16, torch.bfloat16)
 #: columns along its second dimension, which CUDA caps at 65535 (the routed gather expand's, per
 #: 128). A wider layer keeps the library formula, where a launch would fail.
 MAX_OUT = 65535 * 64
+
+#: The largest rank the kernels take. Their tiles in shared memory grow with the rank; by
+#: Triton's compile metadata, with the fewest pipeline stages (:mod:`lorahot.kernels.direct_launch`)
+#: every kernel fits an H100/H200 and an A100 up to rank 512, and at rank 1024 the fused kernel
+#: needs 262,144 bytes for a decode into more than 12,288 outputs, past every GPU's limit. Layers
+#: of a larger rank keep the library formula.
+MAX_RANK = 512
 
 
 def _kernel() -> Any:
@@ -65,11 +73,12 @@ def supports(base: nn.Module, lora_A: torch.Tensor) -> bool:
 
 def supports_tensors(weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor) -> bool:
     """Whether the kernel runs on these plain tensors: a linear's ``weight [out, in]`` (rows
-    contiguous, at most :data:`MAX_OUT` of them) and ``bias``, and the live ``lora_A``, on CUDA
-    in one fp16/bf16 dtype."""
+    contiguous, at most :data:`MAX_OUT` of them) and ``bias``, and the live ``lora_A`` (at most
+    :data:`MAX_RANK` rows), on CUDA in one fp16/bf16 dtype."""
     return (
         weight.is_cuda
         and weight.shape[0] <= MAX_OUT
+        and lora_A.shape[0] <= MAX_RANK
         and weight.dtype in _DTYPES
         and weight.dtype == lora_A.dtype
         and weight.stride(-1) == 1

@@ -53,6 +53,21 @@ def test_a_layer_wider_than_the_kernels_grid_keeps_the_library_formula(monkeypat
     assert not fused.supports_tensors(cuda_like(widest + 1, 8), None, cuda_like(4, 8))
 
 
+def test_a_rank_past_what_the_kernels_fit_in_shared_memory_keeps_the_library_formula(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Up to rank 512 the kernels fit an H100/H200 or an A100 (with fewer pipeline stages where
+    needed); at rank 1024 the fused kernel's tiles exceed every GPU's shared memory, so a layer
+    of a larger rank is not the kernels'. Stand-ins for CUDA tensors: the CPU has none."""
+    monkeypatch.setattr(fused, "_kernel", lambda: object())
+
+    def cuda_like(*shape: int) -> Any:
+        return SimpleNamespace(is_cuda=True, dtype=torch.float16, shape=shape, stride=lambda dim: 1)
+
+    assert fused.supports_tensors(cuda_like(64, 8), None, cuda_like(512, 8))
+    assert not fused.supports_tensors(cuda_like(64, 8), None, cuda_like(513, 8))
+
+
 def test_worth_it_follows_the_measured_rule() -> None:
     # decode sizes: always the kernel
     assert all(fused.worth_it(rows, n, wide=w) for rows in (1, 16) for n in (256, 5632) for w in (False, True))
