@@ -586,8 +586,20 @@ class LoRALayer(nn.Module):
         return norm
 
     def dora_refusal(self) -> str | None:
-        """Why DoRA cannot run on this layer, or None."""
-        return None
+        """Why DoRA cannot run on this layer, or None. Here: the base module has forward
+        pre-hooks, which run before its forward and may rewrite the weight that DoRA's factor
+        ``m / ||W0 + scale * B @ A||`` is computed from (a clamp, pruning's mask); lorahot computes
+        the factor at a load, ``set_scale`` and the runtime call after a write it sees, not at each
+        call as PEFT does, so the forward would go on with a factor of the weight before the
+        hook. Subclasses add their own reasons."""
+        if not self.base_layer._forward_pre_hooks:
+            return None
+        return (
+            f"{type(self.base_layer).__name__} has forward pre-hooks, which run before each call and may rewrite the "
+            "weight DoRA's factor m / ||W0 + scale * B @ A|| is computed from (lorahot computes it when the adapter "
+            "or its scale changes, not at each call); remove them (torch.nn.utils.prune.remove for a pruned weight), "
+            "or load a plain LoRA here"
+        )
 
     def lora_bias_refusal(self) -> str | None:
         """Why a LoRA bias (PEFT ``lora_bias``) cannot run on this layer, or None."""

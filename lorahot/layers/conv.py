@@ -95,6 +95,9 @@ class LoRAConv(LoRALayer):
         return rows.view(EXTRA_ROWS, self.spec.out_dim, *(1,) * self._nd)
 
     def dora_refusal(self) -> str | None:
+        hooked = super().dora_refusal()
+        if hooked is not None:
+            return hooked
         if self.spec.groups > 1:
             return (
                 f"DoRA on a conv with groups={self.spec.groups} is not supported (PEFT's weight norm assumes groups=1)"

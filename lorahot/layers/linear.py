@@ -512,6 +512,9 @@ class LoRALinear(LoRALayer):
         ``F.linear(x, weight, bias)`` (``x @ weight + bias`` for Conv1D; a linear-like module of
         another class must have a weight ``[out, in]``) on a probe input. Found once per layer
         (the probe runs at the first DoRA adapter's load)."""
+        hooked = super().dora_refusal()
+        if hooked is not None:
+            return hooked
         if "_dora_refusal" not in self.__dict__:
             self.__dict__["_dora_refusal"] = self._dora_found()
         found: str | None = self.__dict__["_dora_refusal"]

@@ -223,3 +223,33 @@ def test_dora_runs_on_a_layer_whose_weight_property_gives_what_it_computes_with(
     want = f * (x.double() @ w0.t() + 2 * x.double() @ a.t() @ b.t()) + b0
     with torch.no_grad():
         torch.testing.assert_close(model(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_dora_is_refused_on_a_layer_whose_forward_pre_hooks_may_rewrite_its_weight(kind: str) -> None:
+    """A forward pre-hook that rewrites the weight in place (a clamp) runs before each call;
+    lorahot computes DoRA's factor when the adapter or its scale changes, so every forward went
+    on with the factor of the weight before the hook: 0.30 off the float64 reference where PEFT
+    computes the factor at each call, silently. Refused at load, the model as it was; a plain
+    LoRA still loads."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 6) if kind == "linear" else torch.nn.Conv2d(8, 6, 1)
+
+    def clamp(module: torch.nn.Module, args: tuple) -> None:
+        with torch.no_grad():
+            module.weight.clamp_(-0.1, 0.1)
+
+    layer.register_forward_pre_hook(clamp)
+    model = torch.nn.Sequential(layer)
+    runtime = lorahot.inject(model, ["0"], max_rank=4, extras=True)
+    tensors = _dora_adapter()
+    if kind == "conv":
+        tensors = {k: v[..., None, None] if v.dim() == 2 else v for k, v in tensors.items()}
+    x = torch.randn(3, 8) if kind == "linear" else torch.randn(2, 8, 3, 3)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"- 0 \(.*\): (Linear|Conv2d) has forward pre-hooks, which"):
+        runtime.load(tensors, config={"use_dora": True})
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    runtime.load({k: v for k, v in tensors.items() if "magnitude" not in k})
