@@ -23,7 +23,7 @@ import torch
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems
-from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, LayerSpec
+from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, LayerSpec, unusual_values
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
@@ -447,13 +447,26 @@ def check_base_weight(name: str, module: LoraModule, weight_of: WeightOf) -> lis
     PEFT saves it in case the vocabulary was resized during training. When it equals the
     model's weight (compared in the model's dtype) it changes nothing and the adapter loads;
     when it does not, the adapter's LoRA was trained against other embeddings, and loading it
-    would compute something the trainer never saw.
+    would compute something the trainer never saw. A model whose weight is not a dense
+    floating-point tensor (a quantized layer: packed data, torchao's tensor subclasses) cannot
+    be compared with it: refused too.
     """
     saved = module.base_weight
     if saved is None:
         return []
-    own = weight_of(name)
     where = _where(name, module)
+    try:
+        own = weight_of(name)
+    except UsageError:  # the layer has no weight tensor (a quantized module's packed data)
+        form: str | None = "not a tensor (packed quantized data?)"
+    else:
+        form = unusual_values(own)
+    if form is not None:
+        return [
+            f"{where}: carries a copy of the base weight (base_layer.weight) to compare with the model's, whose weight "
+            f"is {form}: the two cannot be compared; load it into the unquantized model, or drop the copy from the "
+            "adapter if it was trained on this model's weights"
+        ]
     if tuple(saved.shape) != tuple(own.shape):
         rows = f" ({saved.shape[0]} rows vs the model's {own.shape[0]})" if saved.ndim and own.ndim else ""
         return [

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+from torch.testing._internal.two_tensor import TwoTensor
 
 import lorahot
 from tests.helpers import make_adapter, save_peft, tiny_lm
@@ -436,3 +438,37 @@ def test_factors_below_the_buffers_smallest_normal_are_refused_unless_kept_in_fl
 
 def snapshot_of(runtime: lorahot.LoraRuntime) -> list[bytes]:
     return [t.cpu().numpy().tobytes() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S)]
+
+
+def _held_apart(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 6)
+    if kind == "packed":  # torch's dynamically quantized Linear: weight() unpacks its packed weight
+        packed = torch.ao.nn.quantized.dynamic.Linear(8, 6)
+        packed.set_weight_bias(torch.quantize_per_tensor(linear.weight.detach(), 0.02, 0, torch.qint8), linear.bias)
+        return nn.Sequential(packed)
+    linear.weight = nn.Parameter(TwoTensor(linear.weight.detach(), linear.weight.detach()), requires_grad=False)
+    return nn.Sequential(linear)
+
+
+@pytest.mark.parametrize("kind", ["packed", "tensor subclass"])
+def test_an_adapters_copy_of_a_weight_the_model_holds_quantized_cannot_be_compared(kind: str) -> None:
+    """An adapter carrying a copy of the base weight (PEFT's base_layer.weight) is compared
+    with the model's; a quantized weight cannot be: a packed one stopped the load with a
+    UsageError about reading the layer's weight, naming no adapter key, a tensor subclass
+    (torchao's) with an UnexpectedError from torch.equal. Both are now the adapter's mismatch,
+    named with its keys and the fix."""
+    model = _held_apart(kind)
+    runtime = lorahot.inject(model, ["0"], max_rank=4, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    tensors = {
+        "0.lora_A.weight": torch.randn(2, 8, generator=gen),
+        "0.lora_B.weight": torch.randn(6, 2, generator=gen),
+        "0.base_layer.weight": torch.randn(6, 8, generator=gen),
+    }
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"- 0 \(.*\): carries a copy of the base weight .* the two cannot be compared",
+    ):
+        runtime.load(tensors)
+    assert runtime.info(0) is None
