@@ -60,6 +60,7 @@ __all__ = [
     "forward_mismatch",
     "mismatch",
     "probe_forward",
+    "dora_needs",
     "unusual_values",
     "refuse_assigned_load_under",
     "kept_parametrizations",
@@ -586,20 +587,29 @@ class LoRALayer(nn.Module):
         return norm
 
     def dora_refusal(self) -> str | None:
-        """Why DoRA cannot run on this layer, or None. Here: the base module has forward
-        pre-hooks, which run before its forward and may rewrite the weight that DoRA's factor
-        ``m / ||W0 + scale * B @ A||`` is computed from (a clamp, pruning's mask); lorahot computes
-        the factor at a load, ``set_scale`` and the runtime call after a write it sees, not at each
-        call as PEFT does, so the forward would go on with a factor of the weight before the
-        hook. Subclasses add their own reasons."""
-        if not self.base_layer._forward_pre_hooks:
-            return None
-        return (
-            f"{type(self.base_layer).__name__} has forward pre-hooks, which run before each call and may rewrite the "
-            "weight DoRA's factor m / ||W0 + scale * B @ A|| is computed from (lorahot computes it when the adapter "
-            "or its scale changes, not at each call); remove them (torch.nn.utils.prune.remove for a pruned weight), "
-            "or load a plain LoRA here"
-        )
+        """Why DoRA cannot run on this layer, or None. DoRA's factor ``m / ||W0 + scale * B @ A||``
+        reads the base weight ``W0``. Here: it is not a dense floating-point tensor (a quantized
+        layer's packed or integer data, torchao's tensor subclasses: not the values the layer
+        computes with), or the base module has forward pre-hooks, which run before its forward and
+        may rewrite the weight (a clamp, pruning's mask); lorahot computes the factor at a load,
+        ``set_scale`` and the runtime call after a write it sees, not at each call as PEFT does, so
+        the forward would go on with a factor of the weight before the hook. Subclasses add their
+        own reasons."""
+        base = self.base_layer
+        weight = getattr(base, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            return dora_needs(base, f"it has no weight tensor (weight is {type(weight).__name__})")
+        form = unusual_values(weight)
+        if form is not None:
+            return dora_needs(base, f"its weight is {form}, not the values it computes with")
+        if base._forward_pre_hooks:
+            return (
+                f"{type(base).__name__} has forward pre-hooks, which run before each call and may rewrite the "
+                "weight DoRA's factor m / ||W0 + scale * B @ A|| is computed from (lorahot computes it when the "
+                "adapter or its scale changes, not at each call); remove them (torch.nn.utils.prune.remove for a "
+                "pruned weight), or load a plain LoRA here"
+            )
+        return None
 
     def lora_bias_refusal(self) -> str | None:
         """Why a LoRA bias (PEFT ``lora_bias``) cannot run on this layer, or None."""
@@ -905,6 +915,14 @@ def unusual_values(t: torch.Tensor) -> str | None:
     if t.dtype not in FLOAT_DTYPES:
         return f"{t.dtype}"
     return None
+
+
+def dora_needs(base: nn.Module, why: str) -> str:
+    """A refusal of DoRA on ``base``: its factor needs the weight ``base`` computes with, and ``why``."""
+    return (
+        f"DoRA's factor m / ||W0 + scale * B @ A|| needs the weight W0 that {type(base).__name__} computes with, "
+        f"and {why}; load a plain LoRA here, or exclude this module from targets"
+    )
 
 
 def input_name(module: nn.Module) -> str | None:

@@ -30,6 +30,7 @@ from lorahot.layers.base import (
     WIDE_BUFFER,
     LayerSpec,
     LoRALayer,
+    dora_needs,
     forward_mismatch,
     overrides_forward,
     own_code,
@@ -521,27 +522,17 @@ class LoRALinear(LoRALayer):
         return found
 
     def _dora_found(self) -> str | None:
+        """:meth:`dora_refusal`'s own checks, after the base class's (a dense weight, no pre-hooks)."""
         base = self.base_layer
-        weight = getattr(base, "weight", None)
-        why = "its forward computes from something else"
-        if not isinstance(weight, torch.Tensor):
-            why = f"it has no weight tensor (weight is {type(weight).__name__})"
-        elif unusual_values(weight) is not None:
-            why = f"its weight is {unusual_values(weight)}, not the values it computes with"
-        elif not (isinstance(base, nn.Linear) or is_conv1d(base)) and tuple(weight.shape) != (
+        weight = self.base_weight
+        if not (isinstance(base, nn.Linear) or is_conv1d(base)) and tuple(weight.shape) != (
             self.spec.out_dim,
             self.spec.in_dim,
         ):
             why = f"its weight has shape {tuple(weight.shape)}, not its ({self.spec.out_dim}, {self.spec.in_dim})"
-        else:
-            mismatch = self._map_refusal(written=False)
-            if mismatch is None:
-                return None
-            why = mismatch
-        return (
-            f"DoRA's factor m / ||W0 + scale * B @ A|| needs the weight W0 that {type(base).__name__} computes with, "
-            f"and {why}; load a plain LoRA here, or exclude this module from targets"
-        )
+            return dora_needs(base, why)
+        mismatch = self._map_refusal(written=False)
+        return None if mismatch is None else dora_needs(base, mismatch)
 
     def _map_refusal(self, written: bool) -> str | None:
         """Why the base does not compute the linear map of its ``weight`` and ``bias`` (checked on

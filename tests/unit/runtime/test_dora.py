@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.testing._internal.two_tensor import TwoTensor
 
 import lorahot
 from tests.helpers import tiny_lm, token_ids
@@ -253,3 +254,31 @@ def test_dora_is_refused_on_a_layer_whose_forward_pre_hooks_may_rewrite_its_weig
     with torch.no_grad():
         assert torch.equal(model(x), before)
     runtime.load({k: v for k, v in tensors.items() if "magnitude" not in k})
+
+
+@pytest.mark.parametrize("kind", ["embedding", "conv"])
+def test_dora_is_refused_on_an_embedding_or_conv_whose_weight_is_a_tensor_subclass(kind: str) -> None:
+    """A tensor subclass weight (torchao's quantized embeddings, IntxWeightOnlyConfig) does not
+    hold the values the layer computes with: DoRA's norm over it failed with an UnexpectedError
+    (torchao) or ran over whatever the subclass's arithmetic gave (torch's TwoTensor), silently.
+    Refused at load for every layer kind, as for a Linear."""
+    torch.manual_seed(0)
+    layer = torch.nn.Embedding(20, 6) if kind == "embedding" else torch.nn.Conv2d(8, 6, 1)
+    weight = layer.weight.detach()
+    layer.weight = torch.nn.Parameter(TwoTensor(weight, weight.clone()), requires_grad=False)
+    runtime = lorahot.inject(torch.nn.Sequential(layer), ["0"], max_rank=4, extras=True)
+    gen = torch.Generator().manual_seed(1)
+    p = "base_model.model.0"
+    if kind == "embedding":
+        tensors = {
+            f"{p}.lora_embedding_A": torch.randn(2, 20, generator=gen),
+            f"{p}.lora_embedding_B": torch.randn(6, 2),
+        }
+    else:
+        tensors = {f"{p}.lora_A.weight": torch.randn(2, 8, 1, 1), f"{p}.lora_B.weight": torch.randn(6, 2, 1, 1)}
+    tensors[f"{p}.lora_magnitude_vector"] = torch.rand(6, generator=gen) + 0.5
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"needs the weight W0 that \w+ computes with, and its weight "
+    ):
+        runtime.load(tensors, config={"use_dora": True})
+    assert runtime.info(0) is None
