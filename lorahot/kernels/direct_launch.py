@@ -130,7 +130,7 @@ class Launcher:
             tuple([t.dtype for t in tensors]),
             tuple([t.data_ptr() % 16 == 0 for t in tensors]),
         )
-        stages = self._stages.get(specialization, num_stages)
+        stages = self._stages.get(specialization, num_stages) if self._stages else num_stages  # one dict read fewer
         if not available():
             self._bind(grid, tensors, rest, num_warps, stages, launch_pdl, specialization)
             return
