@@ -53,16 +53,19 @@ def _is_plain_linear(module: nn.Module) -> bool:
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:
-    """Names of the model's output projection, which ``"all-linear"`` leaves alone (as PEFT)."""
-    out = {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
+    """Names of the model's output projection, which ``"all-linear"`` leaves alone, as PEFT
+    does: the module ``get_output_embeddings()`` returns where the model has that method (none
+    where it returns None: a CTC or classification head named ``lm_head`` is an ordinary
+    target, as in PEFT's adapters for transformers' ``Wav2Vec2ForCTC``), else any module named
+    ``lm_head``."""
     getter = getattr(model, "get_output_embeddings", None)
-    if callable(getter):
-        try:
-            head = getter()
-        except Exception:  # models without an output head may raise
-            head = None
-        out |= {n for n, m in model.named_modules() if head is not None and m is head}
-    return out
+    if not callable(getter):
+        return {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
+    try:
+        head = getter()
+    except Exception:  # models without an output head may raise
+        head = None
+    return {n for n, m in model.named_modules() if head is not None and m is head}
 
 
 #: Modules that read some of their children's weights directly instead of calling them, so a

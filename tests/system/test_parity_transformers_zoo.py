@@ -151,6 +151,14 @@ ZOO: dict[str, tuple[str, str, dict[str, Any], Callable[..., dict[str, torch.Ten
         {"target_modules": ["q_proj", "v_proj", "conv"]},  # feature encoder and grouped weight-normed conv
         True,
     ),
+    "hubert-ctc-head": (
+        "HubertForCTC",
+        "HubertConfig",
+        WAV2VEC2,
+        _audio,
+        {"target_modules": "all-linear"},  # the CTC lm_head too, as PEFT: no get_output_embeddings()
+        False,
+    ),
     "vit": (
         "ViTModel",
         "ViTConfig",

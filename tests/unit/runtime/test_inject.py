@@ -90,6 +90,26 @@ def test_all_linear_skips_the_output_embeddings_and_includes_conv1d() -> None:
     assert _wrapped(model) == ["c_attn"]
 
 
+def test_all_linear_takes_an_lm_head_the_model_does_not_name_its_output_embeddings() -> None:
+    """As PEFT: where ``get_output_embeddings()`` returns None (transformers' ``...ForCTC``,
+    whose ``lm_head`` is a CTC head), ``lm_head`` is an ordinary target. Before, lorahot's
+    "all-linear" left it out, and PEFT's all-linear adapters of wav2vec2, HuBERT, WavLM, SEW
+    and Data2VecAudio CTC models were refused at load ('lm_head: matches no injected layer')."""
+
+    class CTC(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 8)
+            self.lm_head = nn.Linear(8, 5)
+
+        def get_output_embeddings(self) -> None:
+            return None
+
+    model = CTC()
+    lorahot.inject(model, "all-linear", max_rank=2)
+    assert _wrapped(model) == ["proj", "lm_head"]
+
+
 def test_callable_targets() -> None:
     model = tiny_lm()
     lorahot.inject(model, lambda name, m: isinstance(m, nn.Embedding) or name.endswith("up_proj"), max_rank=4)
