@@ -620,6 +620,7 @@ class LoraRuntime:
             components=self.components,
             planned=None if skeleton is None else skeleton.plan(adapter),
             others=self._others,
+            merged=self._merger is not None,
         )
         self._check_kinds(checked.plan)
         if not known:

@@ -603,6 +603,7 @@ def validate(
     components: tuple[str, ...] = (),
     planned: LoadPlan | None = None,
     others: tuple[str, ...] = (),
+    merged: bool = False,
 ) -> Checked:
     """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
@@ -619,6 +620,8 @@ def validate(
             already (from its structure, see :mod:`lorahot.runtime.skeleton`); its values are
             checked all the same.
         others: the model's module paths that are not injected layers (see :func:`plan_load`).
+        merged: the runtime is in merged mode, whose buffers take the weights' dtype (the fix a
+            refusal names is then another model dtype, or unmerged buffers of a wider one).
 
     Raises:
         AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
@@ -627,7 +630,7 @@ def validate(
     plan = planned or plan_load(adapter, buffers, specs, weight_of, strict, extras_refusal, components, others)
     entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
     extras = _extras(plan, buffers, stage)
-    _check_range(plan, buffers, entries)
+    _check_range(plan, buffers, entries, merged)
     _check_extras(plan, buffers, extras)
     return Checked(plan, entries, extras)
 
@@ -715,7 +718,7 @@ def restage(plan: LoadPlan, buffers: BufferManager) -> Checked:
     return Checked(plan, stage_entries(plan, buffers), _extras(plan, buffers, stage=True))
 
 
-def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None:
+def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged, merged: bool = False) -> None:
     """Every value finite and within the arena dtype's range (so converting it stays finite).
 
     Raises:
@@ -741,7 +744,7 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
         index = torch.tensor([i for i, _, _ in entries])
         scales = plan.scales[a][index].abs()
         plan.scaled_b[a][index] = largest[1::2] * scales
-        _check_precision(plan, arena, [names[(a, i)] for i, _, _ in entries], largest)
+        _check_precision(plan, arena, [names[(a, i)] for i, _, _ in entries], largest, merged)
         in_range = (largest[0::2] <= top) & (largest[1::2] <= top)  # factors out of it are named below
         maybe = ((products * scales > top) & in_range).nonzero().flatten().tolist()
         for k in maybe:  # each factor in range, their product perhaps not: computed where the bound says so
@@ -776,11 +779,22 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged) -> None
     if too_large:
         raise AdapterReadError(
             format_problems(f"{plan.source}: LoRA weights or updates out of the LoRA buffers' range:", too_large)
-            + f"\n{_range_fix(reached_most)}"
+            + f"\n{_range_fix(reached_most, merged)}"
         )
 
 
-def _range_fix(reached: float) -> str:
+def _wider(name: str, merged: bool) -> str:
+    """How to get LoRA buffers of dtype ``name``: ``inject(..., dtype=...)``, which merged mode
+    (buffers of the weights' dtype) refuses."""
+    if merged:
+        return (
+            f"Inject without merged=True and with dtype=torch.{name}, or convert the model to {name} before inject "
+            "(merged mode keeps the adapter in the weights' dtype)"
+        )
+    return f"Inject with dtype=torch.{name}"
+
+
+def _range_fix(reached: float, merged: bool = False) -> str:
     """The fix for values (factors, or an update ``scale * B @ A``) of largest ``|value|``
     ``reached`` that the LoRA buffers' dtype cannot hold: the narrowest wider dtype that holds
     them (PEFT keeps a float16 model's adapters in float32), else a smaller adapter."""
@@ -788,13 +802,15 @@ def _range_fix(reached: float) -> str:
         if reached <= torch.finfo(dtype).max:
             name = str(dtype).removeprefix("torch.")
             return (
-                f"Inject with dtype=torch.{name} (LoRA buffers of {name}'s range; PEFT keeps a float16 model's "
-                "adapters in float32), or re-save the adapter with smaller values or a smaller alpha."
+                f"{_wider(name, merged)} (LoRA buffers of {name}'s range; PEFT keeps a float16 model's adapters in "
+                "float32), or re-save the adapter with smaller values or a smaller alpha."
             )
     return "Re-save the adapter with smaller values or a smaller alpha: no float dtype holds its update."
 
 
-def _check_precision(plan: LoadPlan, arena: Arena, layers: list[str], largest: torch.Tensor) -> None:
+def _check_precision(
+    plan: LoadPlan, arena: Arena, layers: list[str], largest: torch.Tensor, merged: bool = False
+) -> None:
     """Refuses factors (``largest``: each layer's A and B largest ``|value|``, interleaved) whose
     every value lies below the arena dtype's smallest normal number: stored there they would
     keep a few bits or none (float16 from 6.1e-5 down). PEFT keeps adapters in float32."""
@@ -812,7 +828,7 @@ def _check_precision(plan: LoadPlan, arena: Arena, layers: list[str], largest: t
                     if x
                 ],
             )
-            + "\nInject with dtype=torch.float32 (the LoRA buffers' dtype); PEFT keeps adapters in float32 too."
+            + f"\n{_wider('float32', merged)}; PEFT keeps adapters in float32 too."
         )
 
 

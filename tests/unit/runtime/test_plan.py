@@ -436,6 +436,33 @@ def test_factors_below_the_buffers_smallest_normal_are_refused_unless_kept_in_fl
     kept.load(tiny)
 
 
+@pytest.mark.parametrize("kind", ["subnormal factors", "update overflow"])
+def test_in_merged_mode_a_refusal_for_the_buffers_dtype_names_a_fix_merged_mode_takes(kind: str) -> None:
+    """Merged mode keeps the adapter in the weights' dtype and refuses ``dtype=``: a float16
+    model's refusal of factors float16 cannot hold said "Inject with dtype=torch.float32", which
+    merged mode then refused ("drop dtype=torch.float32"). It names the fixes that work there,
+    and both load the adapter."""
+    model = tiny_lm(dtype=torch.float16)
+    tensors = make_adapter(model, {"layers.0.self_attn.q_proj": 2}, seed=1, dtype=torch.float32)[0]
+    if kind == "subnormal factors":
+        tensors = {k: v * (1e-8 if ".lora_A." in k else 1e6) for k, v in tensors.items()}
+    else:  # each factor in range, B @ A (2 * 300^2 at most) not
+        tensors = {k: torch.full_like(v, 300.0) for k, v in tensors.items()}
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4, merged=True)
+    before = snapshot_of(runtime)
+    with pytest.raises(
+        lorahot.LoraError,
+        match=r"\nInject without merged=True and with dtype=torch\.float32, or convert the model to float32 before "
+        r"inject \(merged mode keeps the adapter in the weights' dtype\)",
+    ):
+        runtime.load(tensors)
+    assert snapshot_of(runtime) == before
+    unmerged = lorahot.inject(tiny_lm(dtype=torch.float16), ["q_proj"], max_rank=4, dtype=torch.float32)
+    unmerged.load(tensors)
+    converted = lorahot.inject(tiny_lm(dtype=torch.float16).float(), ["q_proj"], max_rank=4, merged=True)
+    converted.load(tensors)
+
+
 def snapshot_of(runtime: lorahot.LoraRuntime) -> list[bytes]:
     return [t.cpu().numpy().tobytes() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S)]
 
