@@ -79,7 +79,15 @@ SEQ2SEQ = {
     "eos_token_id": 2,
     "decoder_start_token_id": 2,
 }
-T5 = {"vocab_size": V, "d_model": 32, "d_kv": 8, "d_ff": 48, "num_layers": 2, "num_heads": 4}
+T5 = {
+    "vocab_size": V,
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 48,
+    "num_layers": 2,
+    "num_heads": 4,
+    "decoder_start_token_id": 0,
+}
 VIT = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
 WAV2VEC2 = {
     **ENCODER,
@@ -474,3 +482,35 @@ def test_a_module_the_model_reads_instead_of_calling_is_refused_where_peft_drops
         with pytest.raises(lorahot.UsageError, match=r"reads self\.\w+\.weight and nothing on its path calls it"):
             lorahot.inject(model, [target], max_rank=8, merged=merged)
         assert all(torch.equal(a, b) for a, b in zip(_outputs(model, x), plain, strict=True))
+
+
+def test_an_encoder_decoder_generate_with_beams_routes_its_encoder_first(tmp_path: Path) -> None:
+    """``generate(num_beams=k)`` runs T5's encoder on ``B`` rows and its decoder on ``B * k``: a
+    routing fits one or the other and is refused by the layers of the other (UsageError). Encoded
+    first under the prompts' routing, then generating from ``encoder_outputs`` under the routing
+    repeated ``k`` times in place, gives PEFT's ``generate(adapter_names=...)`` tokens."""
+    modeling_outputs = pytest.importorskip("transformers.modeling_outputs")
+    base = _build("t5")
+    base.generation_config.pad_token_id = 0
+    _save(base, tmp_path / "a", seed=1, r=4, lora_alpha=6, target_modules=["q", "v", "wi"])
+    _save(base, tmp_path / "b", seed=2, r=2, lora_alpha=3, target_modules=["q", "k", "o"])
+    oracle = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a").eval()
+    oracle.load_adapter(tmp_path / "b", adapter_name="b")
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["q", "k", "v", "o", "wi"], max_rank=4, slots=2)
+    runtime.load(tmp_path / "a", slot=0)
+    runtime.load(tmp_path / "b", slot=1)
+    ids, slots, k = _ids(3, 8, 0), [0, -1, 1], 2
+    options = {"max_new_tokens": 5, "do_sample": False, "num_beams": k}
+    expanded = [s for s in slots for _ in range(k)]
+    with torch.no_grad():
+        want = oracle.generate(input_ids=ids, adapter_names=["a", "__base__", "b"], **options)
+        for routing in (slots, expanded):
+            runtime.activate(routing)
+            with pytest.raises(lorahot.UsageError, match="does not fit a routing"):
+                model.generate(input_ids=ids, **options)
+        runtime.activate(slots)
+        encoded = model.get_encoder()(input_ids=ids).last_hidden_state
+        runtime.activate(expanded)
+        got = model.generate(encoder_outputs=modeling_outputs.BaseModelOutput(last_hidden_state=encoded), **options)
+    assert torch.equal(got, want)
