@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import inspect
 import sys
+import textwrap
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -115,18 +116,51 @@ def check_merged_reads(model: nn.Module, names: list[str]) -> None:
 
 
 class Sources:
-    """The parsed source files of modules, each parsed once, for one round of checks (a
-    class's :class:`Uses` are kept; the files' syntax trees go with this object)."""
+    """The parsed sources of functions for one round of checks (a class's :class:`Uses` are
+    kept; the syntax trees go with this object). Each function's own lines are parsed where
+    they can be found (a file such as diffusers' ``attention_processor.py`` holds thousands of
+    lines, most never on a target's path), else its module's whole file, once."""
 
     def __init__(self) -> None:
+        self._own: dict[tuple[str, str], ast.FunctionDef | ast.AsyncFunctionDef | None] = {}
         self._index: dict[str, dict[str, ast.FunctionDef | ast.AsyncFunctionDef]] = {}
 
     def function(self, module_name: str, qualname: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
         """The definition of the function or method ``qualname`` in module ``module_name``."""
+        key = (module_name, qualname)
+        if key not in self._own:
+            self._own[key] = _own_source(module_name, qualname)
+        node = self._own[key]
+        if node is not None:
+            return node
         index = self._index.get(module_name)
         if index is None:
             index = self._index[module_name] = _functions(sys.modules.get(module_name))
         return index.get(qualname)
+
+
+def _own_source(module_name: str, qualname: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
+    """The definition of the function ``qualname`` of module ``module_name`` parsed from its own
+    lines: the object found under that name (through ``functools.wraps`` decorators) must be a
+    function of that module by that qualified name, and its lines one definition of that name;
+    None otherwise (the caller parses the whole file then)."""
+    obj: object = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        obj = vars(obj).get(part) if hasattr(obj, "__dict__") else None
+    obj = obj.fget if isinstance(obj, property) else getattr(obj, "__func__", obj)  # or a static/class method
+    if not inspect.isfunction(obj):
+        return None
+    try:
+        fn = inspect.unwrap(obj)
+        if not inspect.isfunction(fn) or fn.__module__ != module_name or fn.__qualname__ != qualname:
+            return None
+        lines, _ = inspect.getsourcelines(fn)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return None
+    node = tree.body[0] if len(tree.body) == 1 else None
+    name = qualname.rpartition(".")[2]
+    return node if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name else None
 
 
 def _functions(module: object) -> dict[str, ast.FunctionDef | ast.AsyncFunctionDef]:
