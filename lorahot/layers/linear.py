@@ -40,7 +40,7 @@ from lorahot.layers.base import (
 from lorahot.layers.refusal import literal, refuse
 from lorahot.layers.tensor_handles import SEGMENTS, TENSORS, TOKENS, WORKSPACES
 
-__all__ = ["LoRALinear", "linear_features", "is_conv1d", "computes_as_stored"]
+__all__ = ["LoRALinear", "linear_features", "is_conv1d", "computes_as_stored", "returns_other_than_rows"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -139,6 +139,17 @@ def _layout_refusal(module: nn.Module, fin: int, fout: int, raising: bool = True
         "lorahot adds the LoRA of such a module over the last dimension of its input and output; one that computes "
         "over another dimension (channels first) would get it over the wrong one. Exclude this module from targets."
     )
+
+
+def returns_other_than_rows(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` subclass whose own forward does not return its
+    output row for row (a router's ``(scores, logits)`` tuple, as transformers'
+    ``Llama4Router``): wrapping it is refused, and ``"all-linear"`` leaves it out. A forward
+    that raises on the probe input is not counted (see :func:`_layout_refusal`)."""
+    if not (isinstance(module, nn.Linear) and overrides_forward(module, nn.Linear)):
+        return False
+    features = linear_features(module)
+    return features is not None and _layout_refusal(module, *features, raising=False) is not None
 
 
 class LoRALinear(LoRALayer):

@@ -15,7 +15,7 @@ from torch import nn
 
 from lorahot.errors import UsageError, shown
 from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
-from lorahot.layers.linear import is_conv1d
+from lorahot.layers.linear import is_conv1d, returns_other_than_rows
 from lorahot.runtime.arguments import text
 from lorahot.runtime.fused_projections import FUSED_PROJECTIONS
 from lorahot.runtime.merge import replaced, writing
@@ -50,6 +50,21 @@ class ExactNames(list[str]):
 
 def _is_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _all_linear_leaves_out(modules: dict[str, nn.Module]) -> set[str]:
+    """The linears ``"all-linear"`` leaves out besides the output layer: those whose parent
+    computes with their weight without calling them (a LoRA there would never apply), and
+    ``nn.Linear`` subclasses whose forward does not return their output (a router's tuple),
+    which inject would refuse."""
+    found = Sources()
+    return {
+        n
+        for n, m in modules.items()
+        if n
+        and _is_plain_linear(m)
+        and (_bypassed(modules, n) is not None or _never_called(modules, n, found) or returns_other_than_rows(m))
+    }
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:
@@ -105,15 +120,9 @@ def _matcher(model: nn.Module, targets: Targets) -> Callable[[str, nn.Module], b
     if callable(targets):
         return _guarded(targets)
     if isinstance(targets, str):
-        if targets == "all-linear":  # no output layer, nothing whose parent never calls it
-            skip = _output_layer_names(model)
+        if targets == "all-linear":  # no output layer, nothing it could not wrap faithfully
             modules = dict(model.named_modules())
-            found = Sources()
-            skip |= {
-                n
-                for n, m in modules.items()
-                if n and _is_plain_linear(m) and (_bypassed(modules, n) is not None or _never_called(modules, n, found))
-            }
+            skip = _output_layer_names(model) | _all_linear_leaves_out(modules)
             return lambda name, m: _is_plain_linear(m) and name not in skip
         try:
             pattern = re.compile(targets)
@@ -179,15 +188,12 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
         )
     if not names:
         sample = [n for n in modules if n][:12]
-        found = Sources()
-        left = [
-            n
-            for n, m in modules.items()
-            if n and _is_plain_linear(m) and (_bypassed(modules, n) is not None or _never_called(modules, n, found))
-        ]
+        skipped = _all_linear_leaves_out(modules)
+        left = [n for n in modules if n in skipped]
         why = (
             f" ('all-linear' leaves out {', '.join(left[:3])}{', ...' if len(left) > 3 else ''}: their parents compute "
-            "with their weights directly instead of calling them, so a LoRA there would never apply)"
+            "with their weights directly instead of calling them, so a LoRA there would never apply, or their forward "
+            "does not return their output)"
             if targets == "all-linear" and left
             else ""
         )

@@ -639,10 +639,10 @@ class _TwoDimensional(nn.Linear):
 
 def test_a_linear_subclass_whose_forward_returns_no_output_of_its_size_is_refused() -> None:
     """An ``nn.Linear`` subclass with a forward of its own runs on inject's probe input: one
-    returning a tuple is refused, naming the module and what it returned (Llama4's router
-    under "all-linear" gave an untyped AttributeError at the first forward, from the LoRA's
-    add onto a tuple). One whose forward raises on the probe is wrapped and computes the
-    float64 reference on input it takes."""
+    returning a tuple is refused, naming the module and what it returned (Llama4's router gave
+    an untyped AttributeError at the first forward, from the LoRA's add onto a tuple; "all-linear"
+    leaves it out, ``tests/unit/runtime/test_inject.py``). One whose forward raises on the probe
+    is wrapped and computes the float64 reference on input it takes."""
     torch.manual_seed(0)
     model = Holder(_Router(6, 4))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -651,7 +651,7 @@ def test_a_linear_subclass_whose_forward_returns_no_output_of_its_size_is_refuse
         match=r"^layer: _Router declares in_features=6 and out_features=4, but its forward maps a probe input of "
         r"shape \(2, 3, 6\) to tuple, not \(2, 3, 4\)\..*Exclude this module from targets\.$",
     ):
-        lorahot.inject(model, "all-linear", max_rank=2)
+        lorahot.inject(model, ["layer"], max_rank=2)
     assert type(model.layer) is _Router and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     layer = _TwoDimensional(6, 4).double()
     model = Holder(layer)

@@ -110,6 +110,51 @@ def test_all_linear_takes_an_lm_head_the_model_does_not_name_its_output_embeddin
     assert _wrapped(model) == ["proj", "lm_head"]
 
 
+def test_all_linear_leaves_out_a_linear_whose_forward_does_not_return_its_output() -> None:
+    """A router subclassing ``nn.Linear`` whose forward returns ``(scores, logits)`` (transformers'
+    ``Llama4Router``, which PEFT's all-linear also takes and then fails on) cannot carry a LoRA
+    over its output, and inject refuses it when named: "all-linear" leaves it out and wraps the
+    other linears, which compute their float64 reference. Before, "all-linear" on such a model
+    was refused as a whole. A subclass whose forward raises on the probe (one taking only 2-D
+    input) is still taken."""
+
+    class Router(nn.Linear):
+        def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = super().forward(input)
+            return logits.sigmoid(), logits
+
+    class TwoDimensional(nn.Linear):
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            if input.dim() != 2:
+                raise RuntimeError("2-D input only")
+            return super().forward(input)
+
+    class Moe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.router = Router(6, 3)
+            self.proj = nn.Linear(6, 6)
+            self.flat = TwoDimensional(6, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scores, _ = self.router(x)
+            return self.flat(self.proj(x) * scores.sum(-1, keepdim=True))
+
+    torch.manual_seed(0)
+    model = Moe().double()
+    reference_model = copy.deepcopy(model)
+    runtime = lorahot.inject(model, "all-linear", max_rank=2)
+    assert _wrapped(model) == ["proj", "flat"] and type(model.router) is Router
+    tensors, ab = make_adapter(reference_model, {"proj": 2, "flat": 2}, dtype=torch.float64)
+    runtime.load(tensors)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    want = model_reference(reference_model, x, {n: (a, b, 1.0) for n, (a, b) in ab.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(lorahot.UsageError, match=r"^router: Router declares .* to tuple, not \(2, 4, 3\)"):
+        lorahot.inject(Moe(), ["router"], max_rank=2)
+
+
 def test_callable_targets() -> None:
     model = tiny_lm()
     lorahot.inject(model, lambda name, m: isinstance(m, nn.Embedding) or name.endswith("up_proj"), max_rank=4)
