@@ -245,6 +245,23 @@ def save_peft(
 # -- tiny models --------------------------------------------------------------------------
 
 
+class PropertyWeight(nn.Linear):
+    """A dequantizing linear whose ``weight`` is a class property (int8 values times a scale):
+    ``nn.Linear.__init__`` still stores a parameter under ``weight``, which torch's forward,
+    reading the property, never sees."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features)
+        w = torch.randn(out_features, in_features)
+        scale = w.abs().amax() / 127
+        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    @property  # type: ignore[override]
+    def weight(self) -> torch.Tensor:
+        return self.qweight.to(self.scale.dtype) * self.scale
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.testing._internal.two_tensor import TwoTensor
 
 import lorahot
-from tests.helpers import tiny_lm, token_ids
+from tests.helpers import PropertyWeight, tiny_lm, token_ids
 
 N = "layers.0.self_attn.q_proj"
 P = "base_model.model." + N
@@ -153,21 +153,6 @@ class _StaleWeight(_Packed):
         self.weight = torch.nn.Parameter(torch.zeros(6, 8), requires_grad=False)
 
 
-class _PropertyWeight(torch.nn.Linear):
-    """A dequantizing linear whose ``weight`` is a class property: torch's forward reads it."""
-
-    def __init__(self) -> None:
-        super().__init__(8, 6)
-        w = torch.randn(6, 8)
-        scale = w.abs().amax() / 127
-        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
-        self.register_buffer("scale", scale)
-
-    @property  # type: ignore[override]
-    def weight(self) -> torch.Tensor:
-        return self.qweight.to(self.scale.dtype) * self.scale
-
-
 def _dora_adapter(seed: int = 3) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     p = "base_model.model.0"
@@ -213,7 +198,7 @@ def test_dora_runs_on_a_layer_whose_weight_property_gives_what_it_computes_with(
     """A weight read through a property that dequantizes is the one the forward computes with:
     DoRA runs there, against the float64 reference f * (W0 x + s B A x) + b0."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(_PropertyWeight())
+    model = torch.nn.Sequential(PropertyWeight(8, 6))
     runtime = lorahot.inject(model, ["0"], max_rank=4, extras=True)
     tensors = _dora_adapter()
     runtime.load(tensors, config={"use_dora": True, "lora_alpha": 4, "r": 2})

@@ -14,7 +14,7 @@ from torch import nn
 from torch.testing._internal.two_tensor import TwoTensor
 
 import lorahot
-from tests.helpers import make_adapter, model_reference, tiny_lm, token_ids
+from tests.helpers import PropertyWeight, make_adapter, model_reference, tiny_lm, token_ids
 
 
 def _pair(slots: int = 1) -> tuple[nn.Module, nn.Module, lorahot.LoraRuntime, lorahot.LoraRuntime]:
@@ -94,26 +94,10 @@ def test_merged_refuses_a_layer_whose_hooks_would_see_the_folded_lora(kind: str)
     lorahot.inject(model, ["0"], max_rank=4)
 
 
-class _PropertyWeight(nn.Linear):
-    """A dequantizing linear whose ``weight`` is a class property: ``nn.Linear.__init__`` still
-    stores a parameter under ``weight``, which torch's forward never reads."""
-
-    def __init__(self) -> None:
-        super().__init__(6, 5)
-        w = torch.randn(5, 6)
-        scale = w.abs().amax() / 127
-        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
-        self.register_buffer("scale", scale)
-
-    @property  # type: ignore[override]
-    def weight(self) -> torch.Tensor:
-        return self.qweight.to(self.scale.dtype) * self.scale
-
-
 def _unstored(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "property":
-        return nn.Sequential(_PropertyWeight()).double()
+        return nn.Sequential(PropertyWeight(6, 5)).double()
     layer = nn.Linear(6, 5).double()
     if kind == "pruned":
         torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5)
@@ -130,7 +114,7 @@ def _unstored(kind: str) -> nn.Module:
 @pytest.mark.parametrize(
     ("kind", "how"),
     [
-        ("property", r"not the parameter it stores as 'weight' \(a property or an attribute of _PropertyWeight"),
+        ("property", r"not the parameter it stores as 'weight' \(a property or an attribute of PropertyWeight"),
         ("pruned", r"computed from other tensors on each call by a forward pre-hook \(pruning, spectral_norm"),
         ("buffer", r"a buffer, not a parameter"),
         ("attribute", r"a plain tensor attribute, not a parameter"),
