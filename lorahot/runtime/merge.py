@@ -102,6 +102,11 @@ def _computed(base: nn.Module, kind: str, value: object) -> tuple[str, str]:
             "not stored",
             "make it a parameter again first (torch.nn.utils.prune.remove, remove_spectral_norm or remove_weight_norm)",
         )
+    if kind not in base._parameters and isinstance(getattr(type(base), kind, None), property):
+        return (
+            f"given by a property of {type(base).__name__}, not stored as a parameter",
+            "exclude this module from targets",
+        )
     if kind not in base._parameters and (kind == "weight" or kind not in base._buffers):
         held = (
             "a buffer"
@@ -173,6 +178,12 @@ def check_untied(model: nn.Module, names: list[str]) -> None:
             by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append((qualname, t))
     for name in names:
         module = model.get_submodule(name)
+        # a weight not stored as the parameter its forward reads (spectral_norm's, computed from
+        # weight_orig and sharing its memory until the first call; a property over another
+        # parameter of the module) is refused for what it is, not as a tie to its own module
+        refusal = _stored_refusal(name, module)
+        if refusal is not None:
+            raise UsageError(refusal)
         for kind in ("weight", "bias"):
             tensor = getattr(module, kind, None)
             if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta" or not tensor.numel():

@@ -94,13 +94,34 @@ def test_merged_refuses_a_layer_whose_hooks_would_see_the_folded_lora(kind: str)
     lorahot.inject(model, ["0"], max_rank=4)
 
 
+class _PropertyOverParameter(nn.Module):
+    """A linear-like module whose ``weight`` is a class property giving its parameter ``w``:
+    the two share memory, though no other module holds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_features, self.out_features = 6, 5
+        self.w = nn.Parameter(torch.randn(5, 6))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w)
+
+
 def _unstored(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "property":
         return nn.Sequential(PropertyWeight(6, 5)).double()
+    if kind == "property over a parameter":
+        return nn.Sequential(_PropertyOverParameter()).double()
     layer = nn.Linear(6, 5).double()
     if kind == "pruned":
         torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5)
+    elif kind == "spectral_norm":  # its weight is weight_orig's memory until the first call
+        torch.nn.utils.spectral_norm(layer).eval()
     elif kind in ("buffer", "attribute"):
         weight = layer.weight.detach().clone()
         del layer.weight
@@ -116,6 +137,8 @@ def _unstored(kind: str) -> nn.Module:
     [
         ("property", r"not the parameter it stores as 'weight' \(a property or an attribute of PropertyWeight"),
         ("pruned", r"computed from other tensors on each call by a forward pre-hook \(pruning, spectral_norm"),
+        ("spectral_norm", r"computed from other tensors on each call by a forward pre-hook \(pruning, spectral_norm"),
+        ("property over a parameter", r"given by a property of _PropertyOverParameter, not stored as a parameter"),
         ("buffer", r"a buffer, not a parameter"),
         ("attribute", r"a plain tensor attribute, not a parameter"),
     ],
@@ -125,15 +148,19 @@ def test_merged_refuses_a_weight_the_forward_reads_from_elsewhere_than_its_param
     from elsewhere (a class property that dequantizes: the parameter nn.Linear stored stays,
     unread) got the rewrite of a tensor nothing reads: the adapter was dropped, silently (max
     abs diff 5.68 from the float64 reference, the whole update). Refused at inject, naming what
-    the weight is and the fix, the model bitwise as it was; unmerged serves it."""
+    the weight is and the fix, the model bitwise as it was; unmerged serves it. A weight that
+    shares memory with another tensor of its own module (spectral_norm's, a property over another
+    parameter) is refused for what it is, not as tied to itself."""
     model = _unstored(kind)
     x = torch.randn(3, 6, dtype=torch.float64)
-    with torch.no_grad():
-        before, state = model(x), copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(model.state_dict())
+    # before any forward: spectral_norm's weight is weight_orig's memory until its first call
     with pytest.raises(lorahot.UsageError, match=rf"^0: its weight is {how}.*Inject without merged=True, or "):
         lorahot.inject(model, ["0"], max_rank=4, merged=True)
     assert not isinstance(model[0], lorahot.LoRALayer)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with torch.no_grad():
+        before = model(x)
     runtime = lorahot.inject(model, ["0"], max_rank=4)
     tensors, ab = make_adapter(model, {"0": 2}, seed=1, dtype=torch.float64)
     runtime.load(tensors)
