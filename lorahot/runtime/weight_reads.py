@@ -197,9 +197,10 @@ def _scan_class(cls: type, sources: Sources) -> Uses:
             if klass in (object, nn.Module) or method not in vars(klass):
                 continue
             node = sources.function(klass.__module__, f"{klass.__qualname__}.{method}")
-            if node is None:
+            receiver = _receiver(node)
+            if node is None or receiver is None:
                 continue
-            found = _scan_function(node, "self", klass.__module__, sources)
+            found = _scan_function(node, receiver, klass.__module__, sources, own=True)
             for path in found.reads:
                 reads.setdefault(path, f"{klass.__name__}.{method}")
             calls |= found.calls
@@ -214,27 +215,40 @@ class _Found:
     methods: set[str] = field(default_factory=set)
 
 
-def _scan_function(fn: ast.AST, root: str, module_name: str, sources: Sources, depth: int = 0) -> _Found:
-    """Reads and calls of ``root.<path>`` in one function; ``root`` is ``self`` or the
-    parameter a module was handed in as."""
+def _receiver(node: ast.AST | None) -> str | None:
+    """The name a method's source gives its instance (its first parameter, ``self`` by custom
+    but any name by the language); None for no source, a static or class method, or none."""
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None
+    if any(isinstance(d, ast.Name) and d.id in ("staticmethod", "classmethod") for d in node.decorator_list):
+        return None
+    params = [*node.args.posonlyargs, *node.args.args]
+    return params[0].arg if params else None
+
+
+def _scan_function(
+    fn: ast.AST, root: str, module_name: str, sources: Sources, depth: int = 0, own: bool = False
+) -> _Found:
+    """Reads and calls of ``root.<path>`` in one function; ``root`` is the method's own instance
+    (``own``: its first parameter, ``self`` by custom) or the parameter a module was handed in as."""
     found = _Found()
     parents = {child: node for node in ast.walk(fn) for child in ast.iter_child_nodes(node)}
     for node in ast.walk(fn):
         if isinstance(node, ast.Attribute) and node.attr == "weight" and isinstance(node.ctx, ast.Load):
-            path = _path(node.value, root)
+            path = _path(node.value, root, own)
             if path is not None and _is_value(node, parents):
                 found.reads.add(path)
         elif isinstance(node, ast.Call):
             func = node.func
-            called = _path(func, root)
+            called = _path(func, root, own)
             if called is None and isinstance(func, ast.Attribute) and func.attr == "forward":
-                called = _path(func.value, root)
+                called = _path(func.value, root, own)
             if called is not None:
-                if root == "self" and "." not in called:
+                if own and "." not in called:
                     found.methods.add(called)
                 found.calls.add(called)
             for position, arg in _arguments(node):
-                handed = _path(arg, root)
+                handed = _path(arg, root, own)
                 if handed is not None:
                     inner = _handed(func, position, module_name, sources) if not depth else None
                     if inner is None or "" in inner.calls:
@@ -273,15 +287,16 @@ def _arguments(call: ast.Call) -> Iterator[tuple[int | str, ast.expr]]:
             yield keyword.arg, keyword.value
 
 
-def _path(node: ast.expr, root: str) -> str | None:
-    """``"a.b"`` for the expression ``<root>.a.b``; ``""`` for ``<root>`` itself; else None."""
+def _path(node: ast.expr, root: str, own: bool = False) -> str | None:
+    """``"a.b"`` for the expression ``<root>.a.b``; ``""`` for ``<root>`` itself (None where
+    ``root`` is the method's own instance); else None."""
     names = []
     while isinstance(node, ast.Attribute):
         names.append(node.attr)
         node = node.value
     if not isinstance(node, ast.Name) or node.id != root:
         return None
-    if root == "self" and not names:
+    if own and not names:
         return None
     return ".".join(reversed(names))
 

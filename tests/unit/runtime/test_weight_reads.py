@@ -38,6 +38,22 @@ class _ReadHead(nn.Module):
         return x @ self.proj.weight.T
 
 
+class _ReadByAnotherName(nn.Module):
+    """As :class:`_ReadHead`, its methods naming their instance otherwise than ``self`` (the
+    language allows any name for the first parameter)."""
+
+    def __init__(this) -> None:
+        super().__init__()
+        this.proj = nn.Linear(8, 6)
+        this.out = nn.Linear(6, 4)
+
+    def forward(me, x: torch.Tensor) -> torch.Tensor:
+        return me.out(me._project(x))
+
+    def _project(module, x: torch.Tensor) -> torch.Tensor:
+        return x @ module.proj.weight.T
+
+
 def _convolve(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     return F.conv1d(x, conv.weight, conv.bias, padding=1)
 
@@ -137,8 +153,12 @@ def _run(model: nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("build", "target", "where"),
-    [(_ReadHead, "proj", r"_ReadHead\._project reads self\.proj\.weight"), (_Handed, "conv", r"_Handed\.forward")],
-    ids=["read", "handed"],
+    [
+        (_ReadHead, "proj", r"_ReadHead\._project reads self\.proj\.weight"),
+        (_ReadByAnotherName, "proj", r"_ReadByAnotherName\._project reads self\.proj\.weight"),
+        (_Handed, "conv", r"_Handed\.forward"),
+    ],
+    ids=["read", "another-name", "handed"],
 )
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 def test_a_module_whose_weight_is_read_and_never_called_is_refused(build, target: str, where: str, merged) -> None:
