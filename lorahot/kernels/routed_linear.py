@@ -37,7 +37,6 @@ slower in the model, since each layer's own shrink is mostly hidden under early 
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -58,6 +57,7 @@ from lorahot.kernels.routed_lora import (
     segments,
     token_route,
 )
+from lorahot.kernels.rows import as_rows, row_count
 from lorahot.kernels.triton_import import triton_module
 
 __all__ = ["routed_lora_linear", "routed_shrink", "workspace", "WORKSPACE_ROWS"]
@@ -82,7 +82,7 @@ ACCUMULATE = os.environ.get("LORAHOT_ROUTED_ACCUMULATE") == "1"
 
 
 def _shrink_fake(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, *_: object) -> torch.Tensor:
-    rows = math.prod(x.shape[:-1])
+    rows = row_count(x)
     return x.new_empty((rows, rank_pad(a.shape[-2])), dtype=torch.promote_types(a.dtype, s.dtype))
 
 
@@ -91,7 +91,7 @@ def _routed_shrink(
     x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, route: torch.Tensor, segs: torch.Tensor | None = None
 ) -> torch.Tensor:
     refuse_grad("routed_shrink", x, a)
-    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # no -1: a layer's in may be 0
+    x2 = as_rows(x)
     check_rows(x2.shape[0], route.shape[0])
     r = a.shape[-2]
     kernels = triton_module("triton_routed_lora") if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
@@ -196,7 +196,7 @@ def _routed_lora_linear(
     h: torch.Tensor | None = None,
 ) -> torch.Tensor:
     refuse_grad("routed_lora_linear", x, weight, bias, a, bt)
-    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # no -1: a layer's in may be 0
+    x2 = as_rows(x)
     check_rows(x2.shape[0], route.shape[0])
     n = weight.shape[0]
     if sized and not fused_kernel.routed_worth_it(x2.shape[0], n, wide=wide):  # the base GEMM, then the routed sum
@@ -263,7 +263,7 @@ def routed_lora_linear(
     """
     check_segments(segs, a.shape[0], route.shape[0])
     if h is not None:
-        rows = math.prod(x.shape[:-1])
+        rows = row_count(x)
         if h.dim() != 2 or h.shape[0] != rows or h.shape[1] < a.shape[-2]:
             raise ValueError(f"h of shape {tuple(h.shape)} does not give {rows} rows at least {a.shape[-2]} ranks each")
     out: torch.Tensor = torch.ops.lorahot.routed_lora_linear(

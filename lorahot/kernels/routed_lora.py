@@ -26,7 +26,6 @@ gives each of ``L`` equal consecutive groups of them its slot (one per sequence,
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ import torch
 from lorahot.kernels import pdl
 from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.op_registry import define, refuse_grad
+from lorahot.kernels.rows import as_rows
 from lorahot.kernels.triton_import import triton_module
 
 __all__ = [
@@ -159,9 +159,9 @@ def _routed_lora(
     segs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     refuse_grad("routed_lora", x, y, a, bt)
-    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # no -1: a shard's in or out may be 0
+    x2 = as_rows(x)
     check_rows(x2.shape[0], route.shape[0])
-    y2 = y.reshape(math.prod(y.shape[:-1]), y.shape[-1])
+    y2 = as_rows(y)
     kernel = _kernel() if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else None
     if kernel is None or x2.shape[0] == 0:
         return reference(x2, y2, a, bt, s, token_route(route, x2.shape[0])).view(y.shape)

@@ -37,7 +37,6 @@ later launches of that binary skip Triton's argument binding (:mod:`lorahot.kern
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -47,6 +46,7 @@ from lorahot.kernels import pdl
 from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.direct_launch import Launcher, cdiv
 from lorahot.kernels.op_registry import define, refuse_grad
+from lorahot.kernels.rows import as_rows
 from lorahot.kernels.triton_routed_lora import gdc_launch_dependents, gdc_wait, rank_pad, shrink
 
 __all__ = ["lora_linear", "launch", "run_into", "config_for", "split_k", "sum_splits"]
@@ -316,7 +316,7 @@ def lora_linear(
     """``x @ weight.T + bias + ((x @ a.T) * scale) @ bt``, ``x [..., K]``, ``scale [R]``: one
     kernel, two with split K (the operator ``lorahot::lora_linear``)."""
     refuse_grad("lora_linear", x, weight, bias, a, bt)
-    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # no -1: a layer's in may be 0
+    x2 = as_rows(x)
     n = weight.shape[0]
     out = torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
     run_into(x2, weight, bias, a, bt, scale, out)

@@ -79,6 +79,7 @@ from lorahot.kernels.fx_graph import (
     splice,
 )
 from lorahot.kernels.op_registry import define, refuse_grad
+from lorahot.kernels.rows import as_rows
 
 __all__ = [
     "ALONE",
@@ -179,7 +180,7 @@ def _wide_group(
     refuse_grad("wide_group", x, group, *a, *bt)
     k = x.shape[-1]
     rank = group.shape[1] - k
-    x2 = x.reshape(math.prod(x.shape[:-1]), k)  # no -1: in may be 0
+    x2 = as_rows(x)
     rows = x2.shape[0]
     if fused and all(fused_kernel.worth_it(rows, n, wide=True) for n in outs):
         yh = x2.new_empty((rows, group.shape[0]))

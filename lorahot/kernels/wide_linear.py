@@ -60,12 +60,11 @@ as its fake says.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels.op_registry import define, define_composite, refuse_grad
+from lorahot.kernels.rows import as_rows, row_count
 
 __all__ = ["traced", "wide_linear", "wide_linear_dynamic", "wide_traced"]
 
@@ -90,7 +89,7 @@ def wide_linear(
         return traced(x, wide, bias, a)
     k = x.shape[-1]
     n = wide.shape[0] - (wide.shape[1] - k)
-    y = _in_place(_rows(x), wide, n, k)
+    y = _in_place(as_rows(x), wide, n, k)
     if bias is not None:
         y.add_(bias)
     return y.view(*x.shape[:-1], n)
@@ -103,7 +102,7 @@ def traced(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None, a: to
     ``lorahot::wide_traced`` (:func:`wide_traced`)."""
     k = x.shape[-1]
     n = wide.shape[0] - (wide.shape[1] - k)
-    x2 = _rows(x)
+    x2 = as_rows(x)
     if a is None or a.dtype != wide.dtype:  # a move of the model converted the buffer, not the arena
         a = wide[n:, :k]
     xh = torch.cat([x2, torch.nn.functional.linear(x2, a)], dim=-1)
@@ -137,11 +136,6 @@ def _in_place(x2: torch.Tensor, wide: torch.Tensor, n: int, k: int) -> torch.Ten
     return yh.narrow(1, 0, n).addmm_(yh.narrow(1, n, r), wide.narrow(0, 0, n).narrow(1, k, r).t())
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., in]`` as 2-D rows ``[rows, in]`` (not ``reshape(-1, in)``: ``in`` may be 0)."""
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-
-
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records this call: an in-place write into ``yh`` would then overwrite
     the ``h`` its backward needs."""
@@ -152,7 +146,7 @@ def _dynamic_fake(
     x: torch.Tensor, wide: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: torch.Tensor, fused: bool
 ) -> torch.Tensor:
     n = bt.shape[1]
-    yh = x.new_empty((math.prod(x.shape[:-1]), wide.shape[0]))
+    yh = x.new_empty((row_count(x), wide.shape[0]))
     return yh[:, :n].view(*x.shape[:-1], n)
 
 
@@ -165,7 +159,7 @@ def _wide_linear_dynamic(
 ) -> torch.Tensor:
     refuse_grad("wide_linear_dynamic", x, wide, a, bt)
     n, k = bt.shape[1], x.shape[-1]
-    x2 = _rows(x)
+    x2 = as_rows(x)
     if fused and fused_kernel.worth_it(x2.shape[0], n, wide=True):
         y = x2.new_empty((x2.shape[0], wide.shape[0])).narrow(1, 0, n)
         fused_kernel.lora_linear_into(x2, wide.narrow(0, 0, n).narrow(1, 0, k), a, bt, scale, y)
