@@ -62,6 +62,7 @@ __all__ = [
     "probe_forward",
     "dora_needs",
     "unusual_values",
+    "FLOAT_DTYPES",
     "refuse_assigned_load_under",
     "kept_parametrizations",
     "WIDE_BUFFER",

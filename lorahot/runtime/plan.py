@@ -23,7 +23,7 @@ import torch
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems
-from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, LayerSpec, unusual_values
+from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, FLOAT_DTYPES, LayerSpec, unusual_values
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
@@ -156,8 +156,8 @@ def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) 
 
 #: dtypes lorahot copies from, and the dtypes its buffers may have; float8 and integer weights
 #: are refused (torch lacks kernels lorahot's checks and matmuls need for float8 on the CPU,
-#: and no LoRA trainer writes them).
-WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: and no LoRA trainer writes them): the dtypes the layers compute their LoRA in.
+WEIGHT_DTYPES = FLOAT_DTYPES
 
 
 def check_values(name: str, module: LoraModule) -> list[str]:
