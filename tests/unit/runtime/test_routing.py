@@ -541,16 +541,20 @@ def test_a_traced_model_follows_swaps_and_refuses_a_per_row_routing() -> None:
         torch.testing.assert_close(model(ids), want, rtol=0, atol=1e-12)
 
 
-def test_an_exported_model_refuses_a_per_row_routing_and_a_routed_model_refuses_the_export() -> None:
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_an_exported_model_refuses_a_per_row_routing_and_a_routed_model_refuses_the_export(strict: bool) -> None:
     """``torch.export`` records the one-slot path too: its module follows ``activate(k)`` and
     ``set_scale`` (float64 reference), but under a per-row routing set afterwards it computed
     the live slot for every row (max abs diff 0.86 on a float32 tiny LM against the per-row
     reference), silently. A per-row routing is now refused once the model was exported,
-    changing nothing; an export under a per-row routing is refused and leaves routing possible."""
+    changing nothing; an export under a per-row routing is refused and leaves routing possible.
+    ``strict=True`` traces through dynamo, which kept the forward's mark out of the program:
+    a per-row routing after it was taken (1.03 from the per-row float64 reference), and an
+    export under one was too (its program then failed with a NameError)."""
     base = tiny_lm(dtype=torch.float64)
     model, runtime, held = _runtime()
     ids = token_ids((2, 5), 32, seed=3)
-    exported = torch.export.export(model, (ids,)).module()
+    exported = torch.export.export(model, (ids,), strict=strict).module()
     runtime.activate(1)
     runtime.set_scale(0.5)
     one = {n: (a, b, s * 0.5) for n, (a, b, s) in held[1].items()}
@@ -562,8 +566,10 @@ def test_an_exported_model_refuses_a_per_row_routing_and_a_routed_model_refuses_
 
     model, runtime, held = _runtime()
     runtime.activate([1, 0])
+    before = _snapshot(runtime, model)
     with pytest.raises(lorahot.UsageError, match=r"torch\.export of the model under a per-row routing"):
-        torch.export.export(model, (ids,))
+        torch.export.export(model, (ids,), strict=strict)
+    assert _same(before, _snapshot(runtime, model))
     runtime.activate([0, 1])  # nothing was recorded
     want = torch.cat([model_reference(base, ids[i : i + 1], held[s]) for i, s in enumerate([0, 1])])
     with torch.no_grad():
