@@ -96,6 +96,12 @@ class WeightModule:
             multiplier 1 (see :attr:`unit_scale`).
         alpha: the ``.alpha`` tensor's value, or None (then alpha equals the rank).
         source_keys: the tensor keys in the source this module came from (for messages).
+        rows: where the module is a part of a fused module (Flux's ``img_attn.qkv`` placed on
+            ``to_q``), the rows of the fused module's ``ΔW`` it folds, in order (``[out]``
+            int64; a re-ordering where the rows of one module are re-stacked): the factors
+            stay the fused module's, and its ``diff_b`` and ``dora_scale`` are already this
+            part's rows. None for a whole module.
+        whole_rows: the fused module's ``ΔW`` rows where :attr:`rows` is given, else 0.
     """
 
     key: str
@@ -103,6 +109,8 @@ class WeightModule:
     factors: dict[str, torch.Tensor]
     alpha: float | None = None
     source_keys: tuple[str, ...] = ()
+    rows: torch.Tensor | None = None
+    whole_rows: int = 0
 
     @property
     def rank(self) -> int:

@@ -22,9 +22,13 @@ The namings, each a table sharing that map:
 - ``flux-fal`` (fal's Kontext trainer, PEFT-saved): ``base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight``;
   no alpha (scale 1).
 
-LyCORIS factors, a module's bias delta (``.diff_b``) and the deltas of norm layers are refused
-by name in all four: lorahot places these namings' LoRA weights only (``strict=False`` skips them,
-a bias delta with its module's LoRA weights).
+``flux-kohya``, ``flux-bfl`` and ``flux-fal`` also read LyCORIS factors (LoHa, LoKr, ...) and
+diffs, as ComfyUI naming does: merged mode. ai-toolkit's Flux.2 LoKr files
+(``diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1``) are such; a fused module's ``ΔW`` is
+split by its rows as a LoRA's B is (:func:`lorahot.resolve.split.split_weight`), which is what
+diffusers computes by fusing the model's projections before loading them. The deltas of norm
+layers and a ``dora_scale`` are refused by name (``strict=False`` skips them, a ``dora_scale``
+with its module); ``flux-xlabs`` reads LoRA weights only.
 """
 
 from __future__ import annotations
@@ -33,7 +37,18 @@ import re
 
 from lorahot.formats import kohya
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
-from lorahot.formats.table import DIFFUSION_MODEL, REFUSED, KeyFormat, Reorder, Rule, Split, lora_rules
+from lorahot.formats.table import (
+    DIFFUSION_MODEL,
+    REFUSED,
+    REFUSED_DORA,
+    REFUSED_MERGEABLE,
+    KeyFormat,
+    Reorder,
+    Rule,
+    Split,
+    lora_rules,
+    lycoris_rules,
+)
 from lorahot.formats.table import NAME_START as _START
 
 __all__ = ["KOHYA", "BFL", "XLABS", "FAL", "SPLITS", "QKV", "ADD_QKV", "qkv_split"]
@@ -111,6 +126,9 @@ _NOT_READ: tuple[tuple[str, str], ...] = (
     ),
 )
 _REFUSED = (*_NOT_READ, *REFUSED)
+#: the namings that read LyCORIS factors and diffs (merged mode) refuse the norm deltas, and a
+#: ``dora_scale`` (no test of these namings against an oracle reads one)
+_REFUSED_MERGEABLE = (_NOT_READ[0], REFUSED_DORA, *REFUSED_MERGEABLE)
 
 #: a component prefix (``diffusion_model.``, ``lora_unet_``), kept for ``prefix=`` and the resolver
 
@@ -185,9 +203,10 @@ KOHYA = kohya.spelling(
     "flux-kohya",
     renames=_KOHYA_TO_DOTTED,
     aliases=_ALIASES,
-    refuse=_REFUSED,
+    refuse=_REFUSED_MERGEABLE,
     marker=r"^lora_unet_(?:double_blocks|single_blocks)_\d+_",
     splits=SPLITS,
+    lycoris=True,
     example="lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
 )
 
@@ -196,10 +215,10 @@ _BFL_MARKER = r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\."
 
 BFL = KeyFormat(
     name="flux-bfl",
-    rules=lora_rules(),
+    rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
     prefixes=(*DIFFUSION_MODEL, "transformer."),
     aliases=_ALIASES,
-    refuse=_REFUSED,
+    refuse=_REFUSED_MERGEABLE,
     marker=_BFL_MARKER,
     splits=SPLITS,
     example="diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight",
@@ -237,9 +256,12 @@ FAL = KeyFormat(
     rules=(
         Rule(r"base_model\.model\.(?P<module>.+)\.lora_A\.weight", "A"),
         Rule(r"base_model\.model\.(?P<module>.+)\.lora_B\.weight", "B"),
+        # ai-toolkit's Flux.2 LoKr in PEFT's wrapper, with its alphas
+        Rule(r"base_model\.model\.(?P<module>.+)\.alpha", "alpha"),
+        *lycoris_rules(r"base_model\.model\.(?P<module>.+)"),
     ),
     aliases=_ALIASES,
-    refuse=_REFUSED,
+    refuse=_REFUSED_MERGEABLE,
     marker=r"^base_model\.model\.(?:double_blocks|single_blocks)\.\d+\.",
     splits=SPLITS,
     example="base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight",

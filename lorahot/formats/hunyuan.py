@@ -28,7 +28,7 @@ tell it apart, and it is detected before ``flux-kohya``. The names the two model
 only, read as ``flux-kohya``, places them as this naming would.
 
 Both read LyCORIS factors (LoHa, LoKr, ...) as ComfyUI and kohya namings do (merged mode); one on
-a fused module of a diffusers-named model is refused by name, as only LoRA modules are split.
+a fused module of a diffusers-named model is cut by the rows of its ``ΔW``, as a LoRA by B's rows.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ cuts of ``attention.qkv``, each model takes the one whose layers it has
 
 LyCORIS factors (LoHa, LoKr, ...: ai-toolkit's Z-Image LoKr files, which diffusers' Z-Image
 loader reads) load in merged mode, as in ComfyUI naming; one on the fused ``attention.qkv`` of
-a diffusers-named model is refused by name (only LoRA modules are split).
+a diffusers-named model is cut by the rows of its ``ΔW``, as a LoRA by B's rows.
 
 ``lumina2-kohya`` is sd-scripts' spelling of the same names (``lora_unet_layers_0_attention_qkv``,
 ``.alpha`` per module), placed the same way; Z-Image files in that spelling name the output

@@ -23,7 +23,8 @@ key name no module of the model (``time_embedder.proj_in`` names a module under 
 ``time_embedder``, which it lacks, never the model's top-level ``proj_in``).
 
 A key that matches nothing and that the format declares fused (Flux's ``img_attn.qkv``) is
-split into its parts (:mod:`lorahot.resolve.split`), which are then matched in its place.
+split into its parts (:mod:`lorahot.resolve.split`: a LoRA by B's rows, a weight delta such as
+LoKr by the rows of its ``ΔW``), which are then matched in its place.
 
 The first step with any hit decides; more than one hit is an error listing the candidates.
 Where the model's other modules are known (``others``: every module path that is not an
@@ -49,7 +50,7 @@ from lorahot.errors import AdapterMismatchError, format_problems, shown
 from lorahot.formats import FORMATS, KeyFormat, format_named
 from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
-from lorahot.resolve.split import placed, weight_kind
+from lorahot.resolve.split import placed
 
 __all__ = ["resolve_keys", "resolve_all", "outside"]
 
@@ -313,19 +314,13 @@ def resolve_all(
     while pending:
         key, module, named = pending.popleft()  # named: the key, or "<part> (part of <fused key>)"
         hits = _lookup(key, fmt, index)
-        if not hits and fmt.splits and isinstance(module, LoraModule):
+        if not hits and fmt.splits:
             parts = placed(key, module, fmt.splits, problems, lambda target: bool(_in_model(target, fmt, index)))
             if not (len(parts) == 1 and parts[0] is module):  # fused: its parts resolve in its place
                 pending.extendleft((p.key, p, f"{p.key} (part of {key})") for p in reversed(parts))
                 continue
         if not hits and skipped is not None:
             skipped.extend(module.source_keys or (key,))
-        elif not hits and isinstance(module, WeightModule) and _fused(key, fmt):
-            problems.append(
-                f"{named}: a {weight_kind(module)}, on a fused module the {fmt.name} naming splits onto the model's "
-                "separate layers; lorahot splits LoRA modules only (by B's rows). Load it into a model with the fused "
-                "layer (the original names), or convert the module to LoRA"
-            )
         elif not hits:
             close = _closest(key, fmt, index) if len(problems) < _SHOWN else []  # the rest are not shown
             problems.append(
@@ -351,11 +346,6 @@ def resolve_all(
         )
     lora = {n: m for n, m in out.items() if isinstance(m, LoraModule)}
     return lora, {n: m for n, m in out.items() if isinstance(m, WeightModule)}
-
-
-def _fused(key: str, fmt: KeyFormat) -> bool:
-    """Whether ``key`` names a module that ``fmt`` splits onto several layers (or re-orders)."""
-    return any(re.fullmatch(rule.pattern, key) for rule in fmt.splits)
 
 
 #: problems a message shows (format_problems' limit); only those get the costly closest names

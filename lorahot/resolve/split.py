@@ -34,6 +34,7 @@ import itertools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import overload
 
 import torch
 
@@ -41,7 +42,16 @@ from lorahot.adapter import LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, UsageError, format_problems, shown
 from lorahot.formats.table import Reorder, Split
 
-__all__ = ["SplitSpec", "split_module", "reorder_module", "placed", "split_by_user", "place", "weight_kind"]
+__all__ = [
+    "SplitSpec",
+    "split_module",
+    "split_weight",
+    "reorder_module",
+    "placed",
+    "split_by_user",
+    "place",
+    "weight_kind",
+]
 
 #: ``split=``: ``{fused: [(part, out_features), ...]}``, the parts in the fused B's row order.
 SplitSpec = Mapping[str, Sequence[tuple[str, int]]]
@@ -91,8 +101,7 @@ def reorder_module(module: LoraModule, key: str, sizes: Sequence[int], order: Se
     problem = _unsplittable(module, list(sizes))
     if problem is not None:
         raise AdapterMismatchError(f"{_where(module)}: {problem}. {_FIX}")
-    starts = _offsets(list(sizes))
-    rows = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in order])  # the file's row of each row
+    rows = _reordered(list(sizes), order)  # the file's row of each row
     return _part(module, key, module.A, module.B[rows], module.alpha, rows)
 
 
@@ -180,15 +189,33 @@ def place(
     return out
 
 
+@overload
 def placed(
     key: str,
     module: LoraModule,
     rules: tuple[Split | Reorder, ...],
     problems: list[str],
+    exists: Callable[[str], bool] = ...,
+) -> list[LoraModule]: ...
+@overload
+def placed(
+    key: str,
+    module: LoraModule | WeightModule,
+    rules: tuple[Split | Reorder, ...],
+    problems: list[str],
+    exists: Callable[[str], bool] = ...,
+) -> list[LoraModule | WeightModule]: ...
+def placed(
+    key: str,
+    module: LoraModule | WeightModule,
+    rules: tuple[Split | Reorder, ...],
+    problems: list[str],
     exists: Callable[[str], bool] = lambda target: True,
-) -> list[LoraModule]:
+) -> list[LoraModule] | list[LoraModule | WeightModule]:
     """``module`` as the rule for ``key`` places it: ``[module]`` if no rule fully matches it,
     ``[]`` after appending to ``problems`` if it cannot be placed (sizes, ranks, a conv module).
+    A weight delta (LoHa, LoKr, a diff: merged mode) is placed by the rows of its ``ΔW``
+    (:func:`split_weight`), a LoRA by B's rows.
 
     Of the rules fully matching ``key``, the first whose every target ``exists`` in the model,
     injected or not (one naming's fused module can be cut one way for one model and another way
@@ -202,23 +229,142 @@ def placed(
     fitting = [(rule, m) for rule, m in matching if all(exists(t) for t in _targets(rule, m))]
     for rule, m in (fitting or matching)[:1]:
         shares = [s for _, s in rule.parts] if isinstance(rule, Split) else list(rule.shares)
-        sizes = shares if isinstance(rule, Split) and rule.exact else _sizes(module, shares)
-        problem = _share_problem(module, shares) if sizes is None else _unsplittable(module, sizes)
+        shape = _matrix(module)  # (out rows, in); None where not a matrix
+        rows = shape[0] if shape is not None else 0
+        sizes = shares if isinstance(rule, Split) and rule.exact else _sizes(rows, shares)
+        if isinstance(module, WeightModule):
+            problem = _share_problem(f"its ΔW has {rows} rows", shares) if sizes is None else None
+            problem = problem or _weight_unsplittable(module, shape, sizes or [])
+        else:
+            problem = _share_problem(f"B has shape {tuple(module.B.shape)}", shares) if sizes is None else None
+            problem = problem or _unsplittable(module, sizes or [])
         if sizes is None or problem is not None:
             problems.append(f"{_where(module)} -> {', '.join(_targets(rule, m))}: {problem}")
             return []
+        targets = [(m.expand(t), n) for (t, _), n in zip(rule.parts, sizes)] if isinstance(rule, Split) else []
+        if isinstance(module, LoraModule):
+            if isinstance(rule, Split):
+                return split_module(module, targets)
+            return [reorder_module(module, m.expand(rule.target), sizes, rule.order)]
         if isinstance(rule, Split):
-            return split_module(module, [(m.expand(t), n) for (t, _), n in zip(rule.parts, sizes)])
-        return [reorder_module(module, m.expand(rule.target), sizes, rule.order)]
+            return list[LoraModule | WeightModule](split_weight(module, targets))
+        reordered: list[LoraModule | WeightModule] = [
+            _weight_part(module, m.expand(rule.target), _reordered(sizes, rule.order))
+        ]
+        return reordered
     return [module]
 
 
-def _applies(rule: Split | Reorder, module: LoraModule) -> bool:
+def split_weight(module: WeightModule, parts: Sequence[tuple[str, int]]) -> list[WeightModule]:
+    """``module`` (a fused linear weight delta: LoHa, LoKr, a diff) as one module per part, each
+    folding its rows of the fused ``ΔW``: exact whatever the kind (a Kronecker or Hadamard
+    product has no per-part factors, but its rows are the parts' rows, as fusing the model's
+    layers would compute them). A ``diff_b`` and a per-output-row ``dora_scale`` are cut by the
+    same rows (weight decomposition normalizes each output row on its own).
+
+    Raises:
+        AdapterMismatchError: the sizes do not add up to ``ΔW``'s rows, or the module is no
+            linear delta, or its weight decomposition is per input channel.
+    """
+    sizes = [size for _, size in parts]
+    problem = _weight_unsplittable(module, _matrix(module), sizes)
+    if problem is not None:
+        raise AdapterMismatchError(f"{_where(module)}: {problem}. {_FIX}")
+    return [_weight_part(module, key, torch.arange(o, o + n)) for (key, n), o in zip(parts, _offsets(sizes))]
+
+
+def _weight_part(module: WeightModule, key: str, rows: torch.Tensor) -> WeightModule:
+    """The part ``key`` of ``module``: ``rows`` of its ``ΔW`` (of the fused module's, for a part),
+    and those rows of its ``diff_b`` and ``dora_scale``."""
+    shape = _matrix(module)
+    whole = module.whole_rows or (shape[0] if shape is not None else 0)
+    factors = {k: _rows_of(t, rows) if k in _PER_ROW else t for k, t in module.factors.items()}
+    return dataclasses.replace(
+        module,
+        key=key,
+        factors={k: t for k, t in factors.items() if t is not None},
+        rows=rows if module.rows is None else module.rows[rows],
+        whole_rows=whole,
+        source_keys=module.source_keys or (module.key,),
+    )
+
+
+#: the factors of a weight delta that hold one value per output row (cut with ``ΔW``'s rows)
+_PER_ROW = ("diff_b", "dora_scale")
+
+
+def _reordered(sizes: list[int], order: Sequence[int]) -> torch.Tensor:
+    """The rows of blocks of ``sizes`` re-stacked in ``order``: the source row of each row."""
+    starts = _offsets(sizes)
+    return torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in order])
+
+
+def _matrix(module: LoraModule | WeightModule) -> tuple[int, int] | None:
+    """``(out rows, in)`` of the module's update where it is a matrix (a linear layer's), else
+    None; ``in`` is 0 for a diff of a bias alone. A weight delta's is read off its factors'
+    shapes (whether they multiply is the plan's check, on the part's rows)."""
+    if isinstance(module, LoraModule):
+        a, b = module.A, module.B
+        return (int(b.shape[0]), int(a.shape[1])) if a.ndim == 2 and b.ndim == 2 else None
+    f = module.factors
+    dims = {k: tuple(int(d) for d in t.shape) for k, t in f.items()}
+    if any(k in f for k in ("hada_t1", "lokr_t2")) or any(len(d) > 2 for d in dims.values() if d):
+        return None  # a Tucker core or a kernel: a conv
+    if module.rows is not None:
+        whole = _whole_matrix(module.kind, dims)
+        return None if whole is None else (int(module.rows.shape[0]), whole[1])
+    return _whole_matrix(module.kind, dims)
+
+
+def _whole_matrix(kind: str, d: dict[str, tuple[int, ...]]) -> tuple[int, int] | None:
+    """``(out, in)`` of a 2-D weight delta's ``ΔW`` from its factors' shapes ``d``, or None."""
+
+    def two(key: str) -> tuple[int, int] | None:
+        shape = d.get(key)
+        return (shape[0], shape[1]) if shape is not None and len(shape) == 2 else None
+
+    def half(whole: str, a: str, b: str) -> tuple[int, int] | None:
+        got = two(whole)
+        if got is not None:
+            return got
+        left, right = two(a), two(b)
+        return None if left is None or right is None else (left[0], right[1])
+
+    if kind == "lokr":
+        w1, w2 = half("lokr_w1", "lokr_w1_a", "lokr_w1_b"), half("lokr_w2", "lokr_w2_a", "lokr_w2_b")
+        return None if w1 is None or w2 is None else (w1[0] * w2[0], w1[1] * w2[1])
+    if kind == "loha":
+        return half("", "hada_w1_a", "hada_w1_b")
+    if kind == "diff" and "diff" in d:
+        return two("diff")
+    if "lora_up" in d:  # a diff's LoRA, a Tucker LoCon with a 2-D core
+        return half("", "lora_up", "lora_down")
+    bias = d.get("diff_b")
+    return (bias[0], 0) if bias is not None and len(bias) == 1 else None
+
+
+def _weight_unsplittable(module: WeightModule, shape: tuple[int, int] | None, sizes: list[int]) -> str | None:
+    """Why ``module``'s ``ΔW`` (of ``shape``) cannot be cut into rows of ``sizes``, or None."""
+    if module.kind == "locon":
+        return f"it is a {weight_kind(module)}, which cannot be cut by rows"
+    if shape is None:
+        shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.factors.items())
+        return f"only linear modules can be split; its {module.kind} factors ({shapes}) make no matrix"
+    if any(n <= 0 for n in sizes) or sum(sizes) != shape[0]:
+        return f"its ΔW has {shape[0]} output rows, but the parts' sizes {sizes} add up to {sum(sizes)}"
+    for k in _PER_ROW:
+        t = module.factors.get(k)
+        if t is not None and (t.numel() != shape[0] or sum(d != 1 for d in t.shape) > 1):
+            return f"its {k} has shape {tuple(t.shape)}, but cutting it with ΔW's rows needs one value per row"
+    return None
+
+
+def _applies(rule: Split | Reorder, module: LoraModule | WeightModule) -> bool:
     """Whether ``module``'s shapes are those ``rule`` is for (:attr:`Reorder.rows_per_input`)."""
     if not isinstance(rule, Reorder) or not rule.rows_per_input:
         return True
-    a, b = module.A, module.B  # [r, in], [out, r]
-    return a.ndim == 2 and b.ndim == 2 and b.shape[0] == rule.rows_per_input * a.shape[1]
+    shape = _matrix(module)
+    return shape is not None and shape[0] == rule.rows_per_input * shape[1]
 
 
 def _targets(rule: Split | Reorder, m: re.Match[str]) -> list[str]:
@@ -226,19 +372,15 @@ def _targets(rule: Split | Reorder, m: re.Match[str]) -> list[str]:
     return [m.expand(t) for t, _ in rule.parts] if isinstance(rule, Split) else [m.expand(rule.target)]
 
 
-def _sizes(module: LoraModule, shares: list[int]) -> list[int] | None:
-    """Each part's rows: B's rows in ``sum(shares)`` equal units; None if they do not divide."""
-    rows = int(module.B.shape[0]) if module.B.ndim else 0
+def _sizes(rows: int, shares: list[int]) -> list[int] | None:
+    """Each part's rows: ``rows`` in ``sum(shares)`` equal units; None if they do not divide."""
     unit, rest = divmod(rows, sum(shares))
     return None if rest or not unit else [unit * s for s in shares]
 
 
-def _share_problem(module: LoraModule, shares: list[int]) -> str:
+def _share_problem(what: str, shares: list[int]) -> str:
     ratio = ":".join(map(str, shares))
-    return (
-        f"B has shape {tuple(module.B.shape)}; its rows split in the ratio {ratio}, which needs a positive multiple "
-        f"of {sum(shares)} rows"
-    )
+    return f"{what}; its rows split in the ratio {ratio}, which needs a positive multiple of {sum(shares)} rows"
 
 
 def _unsplittable(module: LoraModule, sizes: list[int]) -> str | None:
@@ -363,7 +505,7 @@ def _literal(text: str) -> str:
     return text.replace("\\", "\\\\")
 
 
-def _where(module: LoraModule) -> str:
+def _where(module: LoraModule | WeightModule) -> str:
     return f"{module.key} ({', '.join(module.source_keys or (module.key,))})"
 
 

@@ -26,6 +26,8 @@ Built on meta tensors they give the shape without any arithmetic (the plan's sha
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lorahot.adapter import WeightModule
@@ -45,6 +47,9 @@ def build_delta(module: WeightModule, shape: tuple[int, ...], dtype: torch.dtype
     Raises:
         RuntimeError: the factors do not multiply to ``shape`` (the plan checks this first).
     """
+    if module.rows is not None:  # a part of a fused module: its rows of the whole ΔW
+        whole = build_delta(_whole(module), (module.whole_rows, *shape[1:]), dtype, device)
+        return whole[module.rows.to(device)]
     f = {k: t.to(device, dtype) for k, t in module.factors.items() if k not in _NOT_DELTA}
     if module.kind == "diff":
         delta = f.get("diff")
@@ -55,7 +60,13 @@ def build_delta(module: WeightModule, shape: tuple[int, ...], dtype: torch.dtype
 
 def delta_shape(module: WeightModule, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """The shape ``ΔW`` has before any reshape (built on meta tensors), or None if the factors
-    do not even multiply; equal numel to ``shape`` means it fits."""
+    do not even multiply; equal numel to ``shape`` means it fits. For a part of a fused module
+    (:attr:`~lorahot.adapter.WeightModule.rows`), the whole ``ΔW``'s shape with the part's rows."""
+    if module.rows is not None:
+        got = delta_shape(_whole(module), (module.whole_rows, *shape[1:]))
+        if got is None or len(got) < 2 or got[0] != module.whole_rows:
+            return None
+        return (int(module.rows.shape[0]), *got[1:])
     try:
         meta = WeightModule(module.key, module.kind, {k: t.to("meta") for k, t in module.factors.items()})
         f = {k: t.float() for k, t in meta.factors.items() if k not in _NOT_DELTA}
@@ -97,6 +108,11 @@ def delta_bound(module: WeightModule) -> float:
         return rank["lora_mid"] * int(f["lora_mid"].shape[1]) * top["lora_mid"] * top["lora_up"] * top["lora_down"]
     lora = abs(_diff_lora_scale(module)) * low("lora_up", "lora_down") if "lora_down" in f else 0.0
     return max(top.get("diff", 0.0) + lora, top.get("diff_b", 0.0))
+
+
+def _whole(module: WeightModule) -> WeightModule:
+    """The fused module ``module`` is a part of: its factors, every row."""
+    return dataclasses.replace(module, rows=None, whole_rows=0)
 
 
 def _diff_lora_scale(module: WeightModule) -> float:

@@ -257,27 +257,36 @@ def test_hunyuan_video_musubi_places_every_module_as_the_original_naming(subset:
 
 
 @pytest.mark.parametrize("naming", ["hunyuan-video", "hunyuan-video-musubi"])
-def test_hunyuan_video_lycoris_merges_whole_modules_and_refuses_fused_ones(naming: str) -> None:
-    """A LoHa on ``img_mlp.fc1`` (one diffusers layer) merges as LyCORIS computes it; one on the
-    fused ``img_attn_qkv`` is refused saying only LoRA modules are split. Both were refused as
-    'LyCORIS ... in kohya or ComfyUI naming', though ComfyUI naming loads such factors."""
+def test_hunyuan_video_lycoris_merges_whole_and_fused_modules(naming: str) -> None:
+    """A LoHa on ``img_mlp.fc1`` (one diffusers layer) merges as LyCORIS computes it, and one on
+    the fused ``img_attn_qkv`` as LyCORIS computes it on the fused layer: its ``ΔW``'s rows
+    ``[0, D)``, ``[D, 2 D)``, ``[2 D, 3 D)`` on ``to_q``, ``to_k``, ``to_v``. Both were refused as
+    'LyCORIS ... in kohya or ComfyUI naming', though ComfyUI naming loads such factors; then the
+    fused one as 'lorahot splits LoRA modules only'."""
     g = torch.Generator().manual_seed(10)
     spell = (
         (lambda n: f"diffusion_model.{n}")
         if naming == "hunyuan-video"
         else (lambda n: "lora_unet_" + n.replace(".", "_"))
     )
-    shapes = {"hada_w1_a": (MLP, 2), "hada_w1_b": (2, D), "hada_w2_a": (MLP, 2), "hada_w2_b": (2, D)}
-    key = spell("double_blocks.0.img_mlp.fc1")
-    sd = {f"{key}.{f}": torch.randn(*s, generator=g, dtype=torch.float64) * 0.3 for f, s in shapes.items()}
+
+    def loha(key: str, rows: int) -> dict[str, torch.Tensor]:
+        shapes = {"hada_w1_a": (rows, 2), "hada_w1_b": (2, D), "hada_w2_a": (rows, 2), "hada_w2_b": (2, D)}
+        return {f"{key}.{f}": torch.randn(*s, generator=g, dtype=torch.float64) * 0.3 for f, s in shapes.items()}
+
+    def delta(key: str) -> torch.Tensor:
+        return (sd[f"{key}.hada_w1_a"] @ sd[f"{key}.hada_w1_b"]) * (sd[f"{key}.hada_w2_a"] @ sd[f"{key}.hada_w2_b"])
+
+    mlp, qkv = spell("double_blocks.0.img_mlp.fc1"), spell("double_blocks.0.img_attn_qkv")
+    sd = loha(mlp, MLP) | loha(qkv, 3 * D)
     model = tiny_hunyuan().double()
-    base = model.get_submodule("transformer_blocks.0.ff.net.0.proj").weight.detach().clone()
+    layers = ["ff.net.0.proj", "attn.to_q", "attn.to_k", "attn.to_v"]
+    base = {n: model.get_submodule(f"transformer_blocks.0.{n}").weight.detach().clone() for n in layers}
     runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=True)
     assert runtime.load(dict(sd)).format == naming
-    delta = (sd[f"{key}.hada_w1_a"] @ sd[f"{key}.hada_w1_b"]) * (sd[f"{key}.hada_w2_a"] @ sd[f"{key}.hada_w2_b"])
-    torch.testing.assert_close(model.get_submodule("transformer_blocks.0.ff.net.0.proj").weight, base + delta)
-    qkv = spell("double_blocks.0.img_attn_qkv")
-    fused = {f"{qkv}.hada_w1_a": torch.randn(3 * D, 2, dtype=torch.float64), f"{qkv}.hada_w1_b": torch.randn(2, D)}
-    fused |= {f"{qkv}.hada_w2_a": torch.randn(3 * D, 2, dtype=torch.float64), f"{qkv}.hada_w2_b": torch.randn(2, D)}
-    with pytest.raises(lorahot.AdapterMismatchError, match=r"img_attn_qkv: a loha module, a weight delta, on a fused"):
-        runtime.load(sd | {k: v.double() for k, v in fused.items()})
+    fused = delta(qkv)
+    expected = {"ff.net.0.proj": delta(mlp), "attn.to_q": fused[:D], "attn.to_k": fused[D : 2 * D]}
+    expected["attn.to_v"] = fused[2 * D :]
+    for n in layers:
+        weight = model.get_submodule(f"transformer_blocks.0.{n}").weight
+        torch.testing.assert_close(weight, base[n] + expected[n], rtol=1e-12, atol=1e-12, msg=n)

@@ -196,23 +196,37 @@ def test_z_image_lokr_in_its_own_names_matches_diffusers(low_rank: bool) -> None
     _assert_same(ours, _diffusers(_tiny_zimage, diffusers.ZImagePipeline, sd, names))
 
 
-def test_a_lycoris_module_on_a_fused_qkv_is_refused_saying_why() -> None:
-    """Lumina2 naming splits a LoRA on ``attention.qkv`` by B's rows; a LoKr there is a weight
-    delta it does not cut: refused by name, saying so (strict=False skips it with its keys)."""
+def test_a_lycoris_module_on_a_fused_qkv_is_cut_by_the_rows_of_its_delta() -> None:
+    """Lumina2 naming splits a LoRA on ``attention.qkv`` by B's rows, and a LoKr there by the rows
+    of its ``ΔW`` (``kron(w1, w2)``, which has no per-part factors): Z-Image's ``to_q``, ``to_k``
+    and ``to_v`` each get their third, as LyCORIS computes the fused layer's update. It was refused
+    ('lorahot splits LoRA modules only'); diffusers' Z-Image loader leaves such a module out. Rows
+    that do not split 1 : 1 : 1 are refused naming both shapes, with strict=False too, and nothing
+    is written."""
     names = ["layers.0.feed_forward.w1"]
     sd = _lokr_file(_tiny_zimage(), names, low_rank=False)
     qkv = {"diffusion_model.layers.0.attention.qkv.lokr_w1": torch.randn(4, 4, dtype=torch.float64)}
     qkv["diffusion_model.layers.0.attention.qkv.lokr_w2"] = torch.randn(24, 8, dtype=torch.float64)
     model = _tiny_zimage()
+    parts = [f"layers.0.attention.{n}" for n in ("to_q", "to_k", "to_v")]
+    reference = _weights(_tiny_zimage(), parts)
     runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=True)
-    with pytest.raises(
-        lorahot.AdapterMismatchError,
-        match=r"attention\.qkv: a lokr module, a weight delta, on a fused module the lumina2 naming splits onto the "
-        r"model's separate layers; lorahot splits LoRA modules only",
-    ):
-        runtime.load(sd | qkv)
-    info = runtime.load(sd | qkv, strict=False)
-    assert set(info.skipped) == set(qkv)
+    wrong = {k: v[:-1] if k.endswith("w2") else v for k, v in qkv.items()}  # 92 rows
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(
+            lorahot.AdapterMismatchError,
+            match=r"attention\.qkv \(.*\) -> .*to_q, .*to_k, .*to_v: its ΔW has 92 rows; its rows split in the "
+            r"ratio 1:1:1, which needs a positive multiple of 3 rows",
+        ):
+            runtime.load(sd | wrong, strict=strict)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    runtime.load(sd | qkv)
+    delta = torch.kron(*qkv.values())  # [96, 32]
+    for j, name in enumerate(parts):
+        part = delta[32 * j : 32 * (j + 1)]
+        reference[name] = reference[name] + torch.cat([part.T, torch.zeros(1, 32, dtype=torch.float64)])
+    _assert_same(_weights(model, parts), reference)
 
 
 def test_z_image_kohya_spelling_of_the_original_names_matches_diffusers() -> None:

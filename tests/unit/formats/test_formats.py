@@ -439,36 +439,23 @@ def test_a_lora_key_spelled_as_another_naming_is_not_called_full_weights() -> No
 
 
 @pytest.mark.parametrize(
-    ("extra", "message", "left_out"),
+    ("extra", "message"),
     [
-        (
-            "lora_unet_double_blocks_0_img_attn_proj.diff_b",
-            r"diff_b: a bias delta \(diff_b\), which lorahot does not read in the Flux\.1 namings"
-            r"[\s\S]*strict=False to skip it, with the LoRA weights of its module",
-            "lora_unet_double_blocks_0_img_attn_proj",
-        ),
         (
             "lora_unet_double_blocks_0_img_attn_norm_query_norm.diff",
             r"norm_query_norm\.diff: a delta of a normalization layer[\s\S]*strict=False to skip it",
-            None,
         ),
         (
             "lora_unet_single_blocks_0_norm_key_norm.diff_b",
             r"norm_key_norm\.diff_b: a delta of a normalization layer[\s\S]*strict=False to skip it",
-            None,
-        ),
-        (
-            "lora_unet_double_blocks_0_img_attn_proj.hada_w1_a",
-            r"hada_w1_a: LyCORIS \(LoHa/LoKr/Tucker/diff\) weights, which lorahot does not read in the Flux\.1 namings",
-            "lora_unet_double_blocks_0_img_attn_proj",
         ),
     ],
 )
-def test_flux_kohya_refuses_deltas_in_its_own_words(extra: str, message: str, left_out: str | None) -> None:
-    """A ``.diff_b``, a norm's ``.diff`` or a LyCORIS factor in a ``flux-kohya`` file was refused
-    as 'lorahot loads them in kohya or ComfyUI naming', which the file already is. The message
-    says what is not read and that ``strict=False`` skips it (a bias delta with its module's LoRA
-    weights), which is what happens."""
+def test_flux_kohya_refuses_deltas_in_its_own_words(extra: str, message: str) -> None:
+    """A norm's ``.diff`` in a ``flux-kohya`` file was refused as 'lorahot loads them in kohya or
+    ComfyUI naming', which the file already is. The message says what is not read and that
+    ``strict=False`` skips it, which is what happens. (A module's ``.diff_b`` and LyCORIS factors
+    are read, in merged mode: ``test_parity_flux2_lokr.py``.)"""
     tensors = lora_pair("lora_unet_double_blocks_0_img_attn_proj", "lora_down", "lora_up")
     tensors |= lora_pair("lora_unet_double_blocks_0_txt_attn_proj", "lora_down", "lora_up")
     tensors[extra] = torch.ones(8)
@@ -477,9 +464,8 @@ def test_flux_kohya_refuses_deltas_in_its_own_words(extra: str, message: str, le
     assert "kohya or ComfyUI naming" not in str(refused.value)
     adapter = lorahot.read_adapter(dict(tensors), strict=False)
     assert adapter.format == "flux-kohya"
-    skipped = {extra} | ({f"{left_out}.lora_down.weight", f"{left_out}.lora_up.weight"} if left_out else set())
-    assert set(adapter.skipped) == skipped
-    assert len(adapter.modules) == 2 - (left_out is not None)
+    assert set(adapter.skipped) == {extra}
+    assert len(adapter.modules) == 2
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,9 @@ from torch import nn
 
 import lorahot
 from lorahot.adapter import LoraModule
+from lorahot.resolve.keys import resolve_all
 from lorahot.resolve.split import reorder_module, split_module
+from lorahot.runtime.deltas import build_delta
 from tests.helpers import lora_pair
 
 
@@ -723,3 +725,33 @@ def test_a_part_magnitude_or_bias_not_one_per_row_of_its_b_is_refused_and_change
         runtime.load(tensors, config=config, fuse={"qkv": ["q", "k", "v"]})
     assert torch.equal(fused["attn"]["qkv"](x), before)
     assert all(torch.equal(t, state[k]) for k, t in fused.state_dict().items())
+
+
+def test_a_fused_weight_delta_is_cut_by_rows_where_its_rows_are_the_parts() -> None:
+    """A naming's fused module (Lumina2's ``attention.qkv``, ``3 : 1 : 1``) holding a weight delta
+    is cut by the rows of its ``ΔW`` (each part folds its rows, a ``diff_b`` cut with them); a
+    LoRA/LoCon whose ``dora_scale`` normalizes each input channel over every row is refused
+    naming why, and so are rows that do not divide by the shares."""
+    names = [f"layers.0.attn.to_{p}" for p in "qkv"]
+    key = "diffusion_model.layers.0.attention.qkv"
+    diff = {f"{key}.diff": torch.randn(20, 4, dtype=torch.float64), f"{key}.diff_b": torch.randn(20)}
+    _, weights = resolve_all(lorahot.read_adapter(diff), names)
+    assert list(weights) == names
+    rows = {
+        "layers.0.attn.to_q": slice(0, 12),
+        "layers.0.attn.to_k": slice(12, 16),
+        "layers.0.attn.to_v": slice(16, 20),
+    }
+    for name, part in weights.items():
+        delta = build_delta(part, (rows[name].stop - rows[name].start, 4), torch.float64, torch.device("cpu"))
+        assert torch.equal(delta, diff[f"{key}.diff"][rows[name]])
+        assert torch.equal(part.factors["diff_b"], diff[f"{key}.diff_b"][rows[name]])
+    per_input = _locon_per_input(key, 20)
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"attention\.qkv \(.*\) -> .*: it is a LoRA/LoCon module "
+        r"whose dora_scale \(1, 4\) normalizes each input channel .*which cannot be cut by rows",
+    ):
+        resolve_all(lorahot.read_adapter(per_input), names)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"its ΔW has 21 rows; its rows split in the ratio 3:1:1"):
+        resolve_all(lorahot.read_adapter(_loha(key, 21)), names)
