@@ -8,7 +8,22 @@ keys themselves.
 
 from __future__ import annotations
 
-from lorahot.formats import anima, comfyui, diffusers, flux, flux3, hunyuan, kohya, krea2, ltx2, lumina2, peft, sd3, wan
+from lorahot.formats import (
+    anima,
+    comfyui,
+    diffusers,
+    flux,
+    flux3,
+    hunyuan,
+    kohya,
+    krea2,
+    ltx2,
+    lumina2,
+    minimax_h3,
+    peft,
+    sd3,
+    wan,
+)
 from lorahot.formats.table import KeyFormat, Reorder, Rule, Split, group_keys
 from lorahot.memo import BoundedMemo, digest
 
@@ -18,12 +33,14 @@ __all__ = ["FORMATS", "KeyFormat", "Reorder", "Rule", "Split", "detect", "format
 FORMATS: tuple[KeyFormat, ...] = (
     hunyuan.MUSUBI,  # before flux-kohya: the same prefix and block names, spelled apart (img_mlp_fc1)
     flux.KOHYA,  # before kohya: original Flux block names, which only its renames and splits place
+    minimax_h3.MUSUBI,  # before kohya: original MiniMax-H3 block names (blocks_N_attn_qkv_proj)
     wan.MUSUBI,  # before kohya: original Wan block names
     sd3.KOHYA,  # before kohya: original SD3 block names (joint_blocks), which only its renames and splits place
     lumina2.KOHYA,  # before kohya: original Lumina2 / Z-Image attention names (attention_qkv, attention_out)
     kohya.FORMAT,
     flux.XLABS,  # before diffusers-old, whose processor keys look alike
     flux.FAL,  # before PEFT, whose keys look alike
+    minimax_h3.FORMAT,  # before PEFT (bare keys, PEFT's .default.) and Wan (blocks.N.)
     krea2.FORMAT,  # before PEFT (AI-Toolkit's base_model.model.) and Wan (blocks.N.)
     flux3.FORMAT,  # before flux-bfl and HunyuanVideo, whose marker (single_blocks.N.) it shares
     hunyuan.FORMAT,  # before flux-bfl: the same block names, spelled apart (img_attn_qkv)

@@ -165,6 +165,10 @@ class KeyFormat:
             the first whose every target is a module of the model (injected or not) applies.
         roles: what the format calls A and B, for messages.
         example: an example key, for documentation (the tests detect each format from it).
+        header_alpha: the safetensors header entry in which a file of this naming without
+            ``.alpha`` tensors records the one alpha every module was trained at (MiniMax-H3's
+            ``alpha``), read as each module's alpha; ignored where the file has ``.alpha``
+            tensors, as its loaders do.
     """
 
     name: str
@@ -180,6 +184,7 @@ class KeyFormat:
     splits: tuple[Split | Reorder, ...] = ()
     roles: tuple[str, str] = ("lora_A", "lora_B")
     example: str = ""
+    header_alpha: str = ""
 
     def strip_prefix(self, module: str) -> str:
         """``module`` without this format's component prefix, if it has one."""

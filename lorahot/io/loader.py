@@ -475,7 +475,7 @@ def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: 
     header_configs = _header_configs(raw)
     fmt = detect(keys) or _closest_format(keys)
     _check_config_applies(raw, fmt)
-    configs = _component_configs(raw, header_configs, overrides, fmt.name in _PEFT_NAMED)
+    configs = _component_configs(raw, header_configs, overrides, fmt.name in _PEFT_NAMED, _header_alpha(raw, fmt))
     skipped: list[str] | None = None if strict else []
     parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
     weights = _weight_modules(parts, raw.source, skipped, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
@@ -519,12 +519,17 @@ def _closest_format(keys: list[str]) -> KeyFormat:
 
 
 def _component_configs(
-    raw: RawAdapter, header_configs: dict[str, dict[str, Any]], overrides: dict[str, Any] | None, peft_named: bool
+    raw: RawAdapter,
+    header_configs: dict[str, dict[str, Any]],
+    overrides: dict[str, Any] | None,
+    peft_named: bool,
+    defaults: dict[str, Any] | None = None,
 ) -> dict[str, AdapterConfig]:
     """Config per component prefix (``""``: every module). diffusers' header metadata holds
     one PEFT config per component (``"unet.r"``, ``"text_encoder.lora_alpha"``); ``config=``
     overrides every one of them. The adapter_config.json beside the weights counts only for
-    PEFT's naming (``peft_named``), as for the other namings' own loaders.
+    PEFT's naming (``peft_named``), as for the other namings' own loaders. ``defaults`` (a
+    naming's header alpha, :func:`_header_alpha`) go under both.
 
     Raises:
         AdapterReadError: a config value is invalid.
@@ -532,7 +537,7 @@ def _component_configs(
             ``modules_to_save``, ``target_parameters``, trainable tokens, ...).
     """
     file_config = raw.config if peft_named else None
-    configs = {"": {**(file_config or {}), **(overrides or {})}}
+    configs = {"": {**(defaults or {}), **(file_config or {}), **(overrides or {})}}
     for component, fields in header_configs.items():
         if file_config is not None:  # each component's config must agree with the file's too
             agreed = _agreed(raw, fields, component)
@@ -553,6 +558,30 @@ def _component_configs(
             "without these options."
         )
     return parsed
+
+
+def _header_alpha(raw: RawAdapter, fmt: KeyFormat) -> dict[str, Any]:
+    """``{"lora_alpha": a}`` where ``fmt`` reads one alpha for every module from a safetensors
+    header entry (:attr:`~lorahot.formats.table.KeyFormat.header_alpha`), the file records it and
+    has no ``.alpha`` tensor; else empty.
+
+    Raises:
+        AdapterReadError: the entry is not a finite number > 0.
+    """
+    text = raw.metadata.get(fmt.header_alpha) if fmt.header_alpha else None
+    if text is None or any((fmt.parse(k) or ("", ""))[1] == "alpha" for k in raw.tensors):
+        return {}
+    try:
+        alpha = float(text)
+    except ValueError:
+        alpha = math.nan
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterReadError(
+            f"{raw.source}: the {shown(fmt.header_alpha)} entry of its safetensors header, the alpha every module of "
+            f"a {fmt.name} file without .alpha tensors was trained at, is {shown(text, 60)}, not a number > 0. Fix "
+            "the entry, or pass config={'lora_alpha': <the alpha>} (alpha = rank: scale 1)."
+        )
+    return {"lora_alpha": alpha}
 
 
 #: the config fields that decide a module's rank or scale

@@ -1,0 +1,219 @@
+"""MiniMax-H3 files in the original module names against diffusers' MiniMax-H3 loader.
+
+diffusers 0.42 converts MiniMax-H3 LoRAs trained on the original names (ai-toolkit's under
+``diffusion_model.``, the reference implementation's and ComfyUI's bare, musubi-tuner's
+``lora_unet_``, DiffSynth-Studio's with PEFT's ``.default.``) onto ``MiniMaxH3Transformer3DModel``:
+``attn.qkv_proj`` cut into thirds, ``mlp.fc1``'s halves swapped (``[gate; value]`` -> SwiGLU's
+``[value; gate]``), ``.alpha`` as ``alpha / r``, and a header ``alpha`` entry as every module's
+alpha where the file has no ``.alpha`` tensor. Each layer's adapted weight is compared in float64
+with the one diffusers' loader gives (``lora_state_dict``, then ``load_lora_adapter``), read by
+probing the layer with the identity, and with a float64 reference of the same rules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import lorahot
+from tests.diffusion_names import assert_same, diffusers_weights, linears, lorahot_weights, weights
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytestmark = pytest.mark.skipif(
+    not hasattr(diffusers, "MiniMaxH3Transformer3DModel"), reason="needs a diffusers with MiniMax-H3"
+)
+
+#: every LoRA-able module of the original model at the tiny size below: name -> (in, out)
+MODULES = {
+    **{
+        f"{block}.{m}": shape
+        for block in ("blocks.0", "token_refiner.blocks.0")
+        for m, shape in (("attn.qkv_proj", (16, 48)), ("attn.out_proj", (16, 16)), ("mlp.fc1", (16, 64)))
+    },
+    "blocks.0.mlp.fc2": (32, 16),
+    "token_refiner.blocks.0.mlp.fc2": (32, 16),
+    "blocks.0.adaln_proj.linear": (8, 288),
+    "video_patch_proj": (16, 16),
+    "audio_patch_proj": (4, 16),
+    "condition_proj": (8, 16),
+    "time_embedder.proj_in": (8, 16),
+    "time_embedder.proj_out": (16, 8),
+    "final_layer.adaln_proj.linear": (8, 32),
+    "final_layer.video_out": (16, 16),
+    "final_layer.audio_out": (16, 4),
+}
+
+#: original module -> its diffusers layers, in row order (several where the module is fused)
+_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
+PLACES = {
+    "blocks.0.attn.qkv_proj": [f"transformer_blocks.0.{n}" for n in _QKV],
+    "token_refiner.blocks.0.attn.qkv_proj": [f"token_refiner.refiner_blocks.0.{n}" for n in _QKV],
+    "blocks.0.attn.out_proj": ["transformer_blocks.0.attn.to_out.0"],
+    "token_refiner.blocks.0.attn.out_proj": ["token_refiner.refiner_blocks.0.attn.to_out.0"],
+    "blocks.0.mlp.fc1": ["transformer_blocks.0.ff.net.0.proj"],
+    "token_refiner.blocks.0.mlp.fc1": ["token_refiner.refiner_blocks.0.ff.net.0.proj"],
+    "blocks.0.mlp.fc2": ["transformer_blocks.0.ff.net.2"],
+    "token_refiner.blocks.0.mlp.fc2": ["token_refiner.refiner_blocks.0.ff.net.2"],
+    "blocks.0.adaln_proj.linear": ["transformer_blocks.0.adaln_proj.linear"],
+    "video_patch_proj": ["proj_in"],
+    "audio_patch_proj": ["audio_proj_in"],
+    "condition_proj": ["context_embedder"],
+    "time_embedder.proj_in": ["time_embedder.linear_1"],
+    "time_embedder.proj_out": ["time_embedder.linear_2"],
+    "final_layer.adaln_proj.linear": ["norm_out.linear"],
+    "final_layer.video_out": ["proj_out"],
+    "final_layer.audio_out": ["audio_proj_out"],
+}
+
+
+def tiny_minimax_h3() -> nn.Module:
+    torch.manual_seed(0)
+    return (
+        diffusers.MiniMaxH3Transformer3DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            hidden_size=16,
+            num_layers=1,
+            num_refiner_layers=1,
+            ffn_dim=32,
+            in_channels=4,
+            audio_in_channels=4,
+            patch_size=(1, 2, 2),
+            text_dim=8,
+            freq_dim=8,
+            time_embed_hidden_dim=16,
+            time_embed_dim=8,
+        )
+        .double()
+        .eval()
+    )
+
+
+#: original module -> ``(A, B, alpha)``
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]
+
+
+def _factors(alpha: bool, seed: int = 3) -> Factors:
+    """original module -> ``(A, B, alpha)``, ranks 2-4, alphas unequal to the rank where asked."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (m, (fan_in, rows)) in enumerate(MODULES.items()):
+        r = 2 + i % 3
+        a = torch.randn(r, fan_in, generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(rows, r, generator=g, dtype=torch.float64) * 0.3
+        out[m] = (a, b, r * (0.5 + i % 3) if alpha else None)
+    return out
+
+
+def _spelled(
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]], spelling: str
+) -> dict[str, torch.Tensor]:
+    """The file: ``diffusion_model.`` + lora_A/lora_B, bare lora_down/lora_up, musubi-tuner's
+    ``lora_unet_`` (``_`` for ``.``), or DiffSynth-Studio's ``.lora_A.default.weight``."""
+    down, up, name = {
+        "diffusion_model": ("lora_A.weight", "lora_B.weight", lambda m: f"diffusion_model.{m}"),
+        "bare": ("lora_down.weight", "lora_up.weight", lambda m: m),
+        "musubi": ("lora_down.weight", "lora_up.weight", lambda m: "lora_unet_" + m.replace(".", "_")),
+        "diffsynth": ("lora_A.default.weight", "lora_B.default.weight", lambda m: m),
+    }[spelling]
+    sd = {}
+    for m, (a, b, alpha) in factors.items():
+        sd |= {f"{name(m)}.{down}": a.clone(), f"{name(m)}.{up}": b.clone()}
+        if alpha is not None:
+            sd[f"{name(m)}.alpha"] = torch.tensor(alpha, dtype=torch.float64)
+    return sd
+
+
+def _reference(factors: Factors, names: list[str], alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """Each layer's float64 weight plus its rows of ``alpha / r * B @ A`` (``alpha`` where the
+    module has none, else the rank), ``mlp.fc1``'s halves swapped."""
+    out = weights(tiny_minimax_h3(), names)
+    for m, (a, b, own) in factors.items():
+        delta = ((own or alpha or a.shape[0]) / a.shape[0]) * b @ a
+        if m.endswith("mlp.fc1"):
+            delta = torch.cat(delta.chunk(2)[::-1])
+        start = 0
+        for layer in PLACES[m]:
+            rows = out[layer].shape[1]
+            part = delta[start : start + rows]
+            out[layer] = out[layer] + torch.cat([part.T, torch.zeros(1, rows, dtype=torch.float64)])
+            start += rows
+    return out
+
+
+@pytest.mark.parametrize(
+    ("spelling", "alpha", "naming"),
+    [
+        ("diffusion_model", False, "minimax-h3"),
+        ("bare", True, "minimax-h3"),
+        ("musubi", True, "minimax-h3-musubi"),
+    ],
+)
+def test_minimax_h3_matches_diffusers(spelling: str, alpha: bool, naming: str) -> None:
+    """Every module of the original model, in each spelling diffusers converts: each layer as
+    diffusers' MiniMax-H3 loader and the float64 reference give it. Refused before (the keys
+    matched no injected layer)."""
+    factors = _factors(alpha)
+    sd = _spelled(factors, spelling)
+    names = linears(tiny_minimax_h3())
+    ours, fmt = lorahot_weights(tiny_minimax_h3, sd, names)
+    assert fmt == naming
+    loader = diffusers.loaders.lora_pipeline.MiniMaxH3LoraLoaderMixin
+    assert_same(ours, diffusers_weights(tiny_minimax_h3, loader, sd, names))
+    assert_same(ours, _reference(factors, names))
+
+
+def test_diffsynth_files_load_but_their_interleaved_qkv() -> None:
+    """DiffSynth-Studio's files (PEFT's ``.default.`` over the original names) train the raw
+    checkpoint's ``qkv_proj``, whose rows interleave q, k and v per head (diffusers de-interleaves
+    them at its models' head size, 128); lorahot does not, so those modules are refused by name,
+    and skipped with strict=False. Every other module matches diffusers' loader."""
+    factors = _factors(alpha=False)
+    sd = _spelled(factors, "diffsynth")
+    names = linears(tiny_minimax_h3())
+    with pytest.raises(
+        lorahot.UnknownFormatError,
+        match=r"\(minimax-h3 naming\):\n  - blocks\.0\.attn\.qkv_proj\.lora_A\.default\.weight: DiffSynth-Studio's "
+        r"LoRA of MiniMax-H3's fused qkv_proj",
+    ):
+        lorahot.read_adapter(dict(sd))
+    qkv = ("blocks.0.attn.qkv_proj", "token_refiner.blocks.0.attn.qkv_proj")
+    adapter = lorahot.read_adapter(dict(sd), strict=False)
+    assert set(adapter.skipped) == {f"{m}.lora_{r}.default.weight" for m in qkv for r in "AB"}
+    ours, _ = lorahot_weights(tiny_minimax_h3, sd, names, strict=False)
+    rest = {m: f for m, f in factors.items() if m not in qkv}
+    assert_same(ours, _reference(rest, names))
+    loader = diffusers.loaders.lora_pipeline.MiniMaxH3LoraLoaderMixin
+    assert_same(ours, diffusers_weights(tiny_minimax_h3, loader, _spelled(rest, "diffsynth"), names))
+
+
+@pytest.mark.parametrize("with_tensors", [False, True], ids=["header-alpha", "alpha-tensors-win"])
+def test_a_header_alpha_is_every_modules_alpha_as_diffusers_reads_it(tmp_path: Path, with_tensors: bool) -> None:
+    """lightx2v's MiniMax-H3 files record their network alpha as ``alpha`` in the safetensors
+    header, with no ``.alpha`` tensor; diffusers' loader scales every module by ``alpha / r``,
+    and so does lorahot (read at alpha = rank, scale 1, the file would differ by ``1 - alpha / r``
+    of each update). Where the file has ``.alpha`` tensors the entry is ignored, by both. A header
+    entry that is no number > 0 is refused naming it (diffusers ignores it)."""
+    factors = _factors(alpha=with_tensors)
+    sd = _spelled(factors, "diffusion_model")
+    path = tmp_path / "h3.safetensors"
+    save_file(sd, str(path), metadata={"alpha": "7.0"})
+    names = linears(tiny_minimax_h3())
+    model = tiny_minimax_h3()
+    assert lorahot.inject(model, "all-linear", max_rank=8).load(path).format == "minimax-h3"
+    ours = weights(model, names)
+    loader = diffusers.loaders.lora_pipeline.MiniMaxH3LoraLoaderMixin
+    state, metadata = loader.lora_state_dict(str(path), return_lora_metadata=True)
+    oracle = tiny_minimax_h3()
+    oracle.load_lora_adapter(state, prefix="transformer", metadata=metadata)
+    assert_same(ours, weights(oracle, names))
+    assert_same(ours, _reference(factors, names, alpha=None if with_tensors else 7.0))
+    save_file(sd, str(path), metadata={"alpha": "seven"})
+    if not with_tensors:
+        with pytest.raises(lorahot.AdapterReadError, match=r"the 'alpha' entry of its safetensors header.* 'seven'"):
+            lorahot.read_adapter(path)
