@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["launched_per_call", "lowering_per_call"]
+__all__ = ["autotunes_gemms", "launched_per_call", "lowering_per_call"]
 
 
 @torch._dynamo.assume_constant_result
@@ -64,6 +64,28 @@ def launched_per_call() -> bool:
     from torch._inductor import config as inductor_config
 
     return not bool(config.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
+
+
+@torch._dynamo.assume_constant_result
+def autotunes_gemms() -> bool:
+    """Whether the graph being traced runs on inductor with max-autotune's GEMM templates (mode
+    ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``, the options ``max_autotune`` or
+    ``max_autotune_gemm``, or inductor's global setting). On the CPU inductor then writes its
+    own C++ ``bmm`` for batched products, and in torch 2.13 that template computes a symbolic
+    batch as the size it was traced with: once a second batch size makes the batch symbolic,
+    a ``bmm`` over any other batch size fails (an assertion on its input, a wrong size, an
+    index out of bounds) or computes other rows' numbers (inf, NaN, 1.6e27 off the float64
+    reference in six lines of plain torch), with or without lorahot: a tiny model's own
+    attention fails there too. Its ``mm`` is not affected, so the layers' per-row formulas take products of 2-D
+    operands there (:func:`lorahot.layers.routing.batched_products`). A constant of the graph,
+    as :func:`launched_per_call`; False eagerly and under other backends."""
+    config = _inductor_options()
+    if config is None:
+        return False
+    from torch._inductor import config as inductor_config
+
+    tuned = config.get("max_autotune", inductor_config.max_autotune)
+    return bool(tuned or config.get("max_autotune_gemm", inductor_config.max_autotune_gemm))
 
 
 def _inductor_options() -> dict[str, Any] | None:

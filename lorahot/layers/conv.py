@@ -173,11 +173,30 @@ class LoRAConv(LoRALayer):
         length, (slots, rank), groups = index.shape[0], a.shape[:2], self._groups
         h = self._shrink(x, a.flatten(0, 1), 1)  # (L, S*R, *sp)
         spatial = h.shape[2:]
+        if not routing.batched_products(x):
+            return self._every_slot_expand(h.view(length, slots, rank, *spatial), b, scales, index)
         h = h.view(length, slots, rank, *spatial)[torch.arange(length, device=index.device), index]  # (L, R, *sp)
         h = (h * scales.view(length, rank, *(1,) * self._nd)).to(a.dtype)
         b_rows = b[index].reshape(length, groups, -1, rank // groups)  # (L, g, out/g, R/g)
         out = torch.einsum("lgor,lgrp->lgop", b_rows, h.reshape(length, groups, rank // groups, -1))
         return out.reshape(length, -1, *spatial)
+
+    def _every_slot_expand(
+        self, h: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`_symbolic_delta`'s expand without batched products (where they miscompute:
+        :func:`lorahot.layers.routing.batched_products`): each image keeps its own slot's
+        channels of every slot's shrink ``h [L, S, R, *sp]`` (selected, not multiplied: another
+        slot's overflow stays out), scaled by ``scales [L, R]``, and one convolution with every
+        slot's B, ``b [S, out, R/g, *ones]``, in ``g`` groups: group ``j``'s input is every slot's
+        ``R/g`` rank channels of that group, its weight every slot's ``[out/g, R/g]`` side by side."""
+        length, slots, rank = h.shape[:3]
+        groups, ones = self._groups, (1,) * self._nd
+        own = (index[:, None] == torch.arange(slots, device=index.device)).view(length, slots, 1, *ones)
+        h = torch.where(own, h * scales.view(length, 1, rank, *ones), 0).to(b.dtype)  # (L, S, R, *sp)
+        h = h.unflatten(2, (groups, rank // groups)).transpose(1, 2).flatten(1, 3)  # (L, g * S * R/g, *sp)
+        w = b.transpose(0, 1).flatten(1, 2)  # (out, S * R/g, *ones)
+        return self._conv(h, w, None, 1, 0, 1, groups)
 
     def row_dims(self, x: torch.Tensor) -> int:
         """Channels and spatial dimensions; the batch dimension is the row."""

@@ -72,12 +72,13 @@ class LoRAEmbedding(LoRALayer):
     ) -> torch.Tensor:
         """Ids ``[L, T]`` (``x`` split into ``L`` groups) look up their own slot's ``A.T``, then
         each entry's B gathered, or, where that would copy a slot's B for every id or two
-        (:func:`lorahot.layers.routing.gathers`: packed tokens), one product with every slot's B
-        (:func:`lorahot.layers.routing.every_slot_expand`)."""
+        (:func:`lorahot.layers.routing.gathers`: packed tokens) or where batched products
+        miscompute (:func:`lorahot.layers.routing.batched_products`), one product with every
+        slot's B (:func:`lorahot.layers.routing.every_slot_expand`)."""
         length = index.shape[0]
         ids = x.reshape(length, -1)  # (L, T)
         h = a.transpose(1, 2)[index[:, None], ids]  # (L, T, R)
-        if routing.gathers(length, ids.shape[1], b.shape[0]):
+        if routing.gathers(length, ids.shape[1], b.shape[0]) and routing.batched_products(x):
             delta = torch.bmm((h * scales[:, None, :]).to(h.dtype), b[index])
         else:  # each id's row in its own slot's place among the slots' (L, T, S, R), zero elsewhere
             delta = routing.every_slot_expand(h[:, :, None, :].expand(-1, -1, b.shape[0], -1), b, scales, index)

@@ -235,13 +235,14 @@ class LoRALinear(LoRALayer):
         (:func:`lorahot.layers.routing.gathers`; ``L * R * (in + out)`` elements, gigabytes per
         layer for thousands of packed tokens at a width of 4096), every slot's shrink over every
         row, each row keeping its own slot's columns (selected, not multiplied: another slot's
-        overflow stays out), and one product with every slot's B."""
+        overflow stays out), and one product with every slot's B; that form also where batched
+        products miscompute (:func:`lorahot.layers.routing.batched_products`)."""
         if x.dim() == 0 or x.shape[-1] != a.shape[-1]:
             return self._refuse_input(x)
         length = index.shape[0]
         x3 = x.reshape(length, math.prod(x.shape[:-1]) // length, x.shape[-1]).to(a.dtype)  # (L, T, in); in may be 0
         slots, rank = b.shape[0], b.shape[1]  # an A arena with no elements (in = 0) has one slot's view
-        if routing.gathers(length, x3.shape[1], slots):
+        if routing.gathers(length, x3.shape[1], slots) and routing.batched_products(x):
             h = torch.bmm(x3, a[index].transpose(1, 2))  # (L, T, R)
             h = (h * scales[:, None, :]).to(h.dtype)
             return torch.bmm(h, b[index]).reshape(*x.shape[:-1], b.shape[-1])  # (..., out)

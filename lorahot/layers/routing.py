@@ -48,7 +48,9 @@ library formula gathers each entry's A and B where that copy is shared by enough
 (:func:`gathers`); where the entries outnumber the slots and each holds fewer rows than there
 are slots (a decode batch, one entry per token of packed input) a linear or an embedding
 instead runs every slot's shrink over every row and keeps each row's own slot's columns, so
-no slot's weights are copied per entry.
+no slot's weights are copied per entry. Every routed layer takes that form too where batched
+products are miscomputed (:func:`batched_products`: the CPU under ``torch.compile`` with
+max-autotune), a conv with every slot's B in one grouped convolution.
 On CUDA a linear layer takes the routed kernel (:mod:`lorahot.kernels.routed_lora`), which
 reads each slot's weights once per tile of rows.
 """
@@ -61,6 +63,7 @@ import re
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from lorahot.kernels import compile_mode
 from lorahot.layers.refusal import literal
 
 __all__ = [
@@ -71,6 +74,7 @@ __all__ = [
     "misfit_message",
     "row_scales",
     "gathers",
+    "batched_products",
     "every_slot_expand",
     "constant",
 ]
@@ -182,6 +186,15 @@ def gathers(length: int | torch.SymInt, rows: int | torch.SymInt, slots: int) ->
     if constant(length) and length <= slots:
         return True
     return not (constant(rows) and rows < slots)
+
+
+def batched_products(x: torch.Tensor) -> bool:
+    """Whether the library formula may give each row its own weights by batched products
+    (``bmm``, ``einsum``) over the rows of ``x`` (a layer's input): not on the CPU under
+    ``torch.compile`` with max-autotune, whose ``bmm`` miscomputes a symbolic batch
+    (:func:`lorahot.kernels.compile_mode.autotunes_gemms`). There the layers take the form of
+    :func:`every_slot_expand`, whose products are 2-D. Asked without a guard."""
+    return x.device.type != "cpu" or not compile_mode.autotunes_gemms()
 
 
 def every_slot_expand(h: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

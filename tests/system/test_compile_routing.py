@@ -13,7 +13,7 @@ import torch._dynamo.testing
 
 import lorahot
 from lorahot.runtime import wide as wide_layers
-from tests.helpers import make_adapter, model_reference, tiny_convnet, tiny_lm, token_ids
+from tests.helpers import make_adapter, model_reference, stack_reference, tiny_convnet, tiny_lm, token_ids
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "embed_tokens"]
 
@@ -593,3 +593,39 @@ def test_sequence_first_layers_compute_their_base_output_under_a_compiled_routin
             with pytest.raises(torch._dynamo.exc.RecompileError):  # negative control: a new batch size
                 runtime.activate([1, 2])
                 compiled(x[:2])
+
+
+def test_cpu_max_autotune_routes_every_batch_size_at_the_float64_reference() -> None:
+    """``mode="max-autotune-no-cudagraphs"`` on the CPU: inductor's autotuned ``bmm`` computes a
+    symbolic batch as the size it was traced with (torch 2.13). The routed formulas gave each
+    row its own weights by batched products (the embedding's and the linear's gathered A and
+    B, the conv's expand under dynamic shapes), so once a second batch size made the batch
+    symbolic a routed forward failed (a RuntimeError from the bmm on a wrong size, or an index
+    out of bounds, on 3 of 4 routings after the first; in six lines of plain torch the same
+    bmm returned numbers 1.6e27 off). There the layers now take products of 2-D operands,
+    which that mode computes right: an embedding, a grouped conv and a linear, a stacked slot and rows of no slot, at
+    the float64 reference for every batch size, and the whole batch on one slot after."""
+    base = tiny_convnet()
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["embed", "conv", "proj"], max_rank=8, slots=3)
+    parts = [make_adapter(model, {"embed": 3, "conv": 2 * (1 + k % 2), "proj": 2 + k}, seed=k) for k in range(4)]
+    held = [[parts[0][1]], [parts[1][1], parts[2][1]], [parts[3][1]]]
+    runtime.load(parts[0][0], slot=0)
+    runtime.load([parts[1][0], parts[2][0]], slot=1)  # a stack: both parts active together
+    runtime.load(parts[3][0], slot=2)
+    held = [[{n: (a, b, 1.0) for n, (a, b) in part.items()} for part in slot] for slot in held]
+    compiled = torch.compile(model, mode="max-autotune-no-cudagraphs")
+    with torch.no_grad():
+        for route in ([0, 1, 2, -1], [2, 0, 1], [1, -1, 0, 2, 1], [1, 0]):
+            runtime.activate(route)
+            ids = token_ids((len(route), 4, 4), 16, seed=len(route))
+            want = torch.cat(
+                [stack_reference(base, ids[i : i + 1], held[s] if s >= 0 else []) for i, s in enumerate(route)]
+            )
+            torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
+        runtime.activate(1)
+        for rows in (4, 3):
+            ids = token_ids((rows, 4, 4), 16, seed=rows)
+            torch.testing.assert_close(
+                compiled(ids).double(), stack_reference(base, ids, held[1]), rtol=1e-4, atol=1e-5
+            )

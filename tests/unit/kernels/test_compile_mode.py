@@ -43,6 +43,33 @@ def test_it_reads_the_backend_s_cuda_graphs_at_trace_time(options: dict[str, obj
     assert not compile_mode.launched_per_call()  # eagerly
 
 
+def _tuned(x: torch.Tensor) -> torch.Tensor:
+    return x + 1 if compile_mode.autotunes_gemms() else x - 1
+
+
+@pytest.mark.parametrize(
+    ("options", "tuned"),
+    [
+        ({}, False),  # default mode
+        ({"mode": "max-autotune-no-cudagraphs"}, True),
+        ({"mode": "max-autotune"}, True),
+        ({"options": {"max_autotune_gemm": True}}, True),
+        ({"mode": "reduce-overhead"}, False),
+        ({"backend": "aot_eager"}, False),  # not inductor
+    ],
+)
+def test_it_reads_max_autotune_s_gemm_templates_at_trace_time(options: dict[str, object], tuned: bool) -> None:
+    """Where inductor autotunes its GEMMs (the layers' per-row formulas then take no batched
+    products on the CPU: :func:`lorahot.layers.routing.batched_products`), a constant of the graph."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_tuned, **options)  # type: ignore[arg-type]
+    x = torch.zeros(3)
+    assert torch.equal(compiled(x), x + (1 if tuned else -1))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert torch.equal(compiled(x), x + (1 if tuned else -1))
+    assert not compile_mode.autotunes_gemms()  # eagerly
+
+
 _CALLS = {"n": 0}
 
 

@@ -94,16 +94,22 @@ def _assert_each_row_alone(mixed: torch.Tensor, model: nn.Module, runtime: lorah
             torch.testing.assert_close(mixed[i : i + 1], want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("symbolic", [False, True], ids=["grouped", "symbolic-batch"])
+@pytest.mark.parametrize("form", ["grouped", "symbolic-batch", "2-d products"])
 @pytest.mark.parametrize("route", [[2, -1, 0, 1, 0], [1], [-1, -1], [0, 0, 0]])
 def test_every_layer_kind_routes_each_row_to_its_slot(
-    route: list[int], symbolic: bool, monkeypatch: pytest.MonkeyPatch
+    route: list[int], form: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``symbolic``: convs take the form a symbolic batch takes under dynamic shapes
+    """``symbolic-batch``: convs take the form a symbolic batch takes under dynamic shapes
     (``LoRAConv._symbolic_delta``: every slot's shrink over the whole batch, each row keeping
-    its own), forced eagerly (the grouped Conv3d included)."""
-    if symbolic:
+    its own), forced eagerly (the grouped Conv3d included). ``2-d products``: every layer
+    takes the form it takes where batched products miscompute (CPU max-autotune:
+    :func:`lorahot.layers.routing.batched_products`), forced eagerly: no ``bmm``, each row's
+    own slot's columns of every slot's shrink and one product (a conv: one grouped
+    convolution) with every slot's B."""
+    if form != "grouped":
         monkeypatch.setattr(routing, "constant", lambda size: False)
+    if form == "2-d products":
+        monkeypatch.setattr(routing, "batched_products", lambda x: False)
     model = _model()
     runtime = _runtime(model)
     inputs = _inputs(len(route))
