@@ -23,6 +23,10 @@ layer lorahot adapts: refused by name (``strict=False`` skips them, as diffusers
 (``lora_unet_blocks_0_self_attn_q.lora_down.weight``, ``.alpha`` per module).
 
 Both read LyCORIS factors (LoHa, LoKr, ...) as ComfyUI and kohya namings do: merged mode.
+
+A VACE model's ``vace_blocks.N`` take the same block names, and their own ``before_proj`` and
+``after_proj`` land on ``proj_in`` and ``proj_out``, as diffusers' Wan checkpoint conversion
+renames them (diffusers' Wan LoRA conversion refuses ``vace_blocks`` keys).
 """
 
 from __future__ import annotations
@@ -65,8 +69,13 @@ _OUTSIDE = {
     "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
 }
 
+#: a VACE block's own modules (after ``vace_blocks.N.``) -> diffusers' (its attention and FFN
+#: are a block's, which the block aliases place: ``vace_blocks.0.self_attn.q`` -> ``vace_blocks.0.attn1.to_q``)
+_VACE = {"before_proj": "proj_in", "after_proj": "proj_out"}
+
 _ALIASES: tuple[tuple[str, str], ...] = (
     *((rf"{_START}blocks\.(\d+)\.{re.escape(k)}$", rf"blocks.\1.{v}") for k, v in _BLOCK.items()),
+    *((rf"{_START}vace_blocks\.(\d+)\.{k}$", rf"vace_blocks.\1.{v}") for k, v in _VACE.items()),
     *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
 )
 
@@ -97,7 +106,7 @@ FORMAT = KeyFormat(
     prefixes=DIFFUSION_MODEL,
     require_prefix=True,
     refuse=_REFUSED,
-    marker=DIFFUSION_MODEL_HEAD + r"blocks\.\d+\.(?:self_attn|cross_attn|ffn)\.",
+    marker=DIFFUSION_MODEL_HEAD + r"(?:vace_)?blocks\.\d+\.(?:self_attn|cross_attn|ffn)\.",
     aliases=_ALIASES,
     example="diffusion_model.blocks.0.self_attn.q.lora_A.weight",
 )
@@ -105,11 +114,15 @@ FORMAT = KeyFormat(
 MUSUBI = kohya.spelling(
     "wan-musubi",
     renames=(  # to the dotted original names, lora_unet_ kept for prefix= and the resolver
-        (r"^lora_unet_blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img)$", r"lora_unet_blocks.\1.\2.\3"),
-        (r"^lora_unet_blocks_(\d+)_ffn_(0|2)$", r"lora_unet_blocks.\1.ffn.\2"),
+        (
+            r"^lora_unet_(vace_)?blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img)$",
+            r"lora_unet_\1blocks.\2.\3.\4",
+        ),
+        (r"^lora_unet_(vace_)?blocks_(\d+)_ffn_(0|2)$", r"lora_unet_\1blocks.\2.ffn.\3"),
+        (r"^lora_unet_vace_blocks_(\d+)_(before|after)_proj$", r"lora_unet_vace_blocks.\1.\2_proj"),
     ),
     refuse=REFUSED_MERGEABLE,
-    marker=r"^lora_unet_blocks_\d+_(?:self_attn|cross_attn|ffn)_",
+    marker=r"^lora_unet_(?:vace_)?blocks_\d+_(?:self_attn|cross_attn|ffn)_",
     aliases=_ALIASES,
     lycoris=True,
     example="lora_unet_blocks_0_self_attn_q.lora_down.weight",

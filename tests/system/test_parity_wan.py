@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorahot
+from tests.diffusion_names import assert_same, lorahot_weights, weights
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -372,3 +373,71 @@ def test_wan_lycoris_in_the_original_names_merges_as_in_comfyui_naming(naming: s
         w2 = sd[f"{key}.hada_w2_a"] @ sd[f"{key}.hada_w2_b"]
         want = base[layer] + 3.0 / 2 * w1 * w2
         torch.testing.assert_close(model.get_submodule(layer).weight, want, rtol=1e-12, atol=1e-12, msg=layer)
+
+
+def _tiny_vace() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return (
+        diffusers.WanVACETransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=D // 2,
+            in_channels=4,
+            out_channels=4,
+            text_dim=D,
+            freq_dim=D,
+            ffn_dim=FFN,
+            num_layers=2,
+            vace_layers=[0],
+            vace_in_channels=8,
+        )
+        .double()
+        .eval()
+    )
+
+
+#: a VACE block's modules in the original names -> diffusers' (as its Wan checkpoint conversion renames them)
+_VACE_BLOCK = {
+    "self_attn.q": "attn1.to_q",
+    "self_attn.o": "attn1.to_out.0",
+    "cross_attn.k": "attn2.to_k",
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
+    "before_proj": "proj_in",
+    "after_proj": "proj_out",
+}
+
+
+@pytest.mark.parametrize("naming", ["wan", "wan-musubi"])
+def test_wan_vace_blocks_land_on_diffusers_vace_layers(naming: str) -> None:
+    """A Wan VACE LoRA (ComfyUI's and musubi-tuner's spellings of the original names) adapts the
+    ``vace_blocks`` too, whose ``before_proj``/``after_proj`` diffusers' checkpoint conversion
+    renames ``proj_in``/``proj_out``: each layer of both block kinds as the float64 reference of
+    those names gives it. ``before_proj``/``after_proj`` matched no layer (and a file of VACE
+    blocks alone was no Wan file); diffusers' Wan LoRA conversion refuses ``vace_blocks`` keys."""
+    model = _tiny_vace()
+    g = torch.Generator().manual_seed(8)
+    places = {f"{b}.0.{o}": f"{b}.0.{t}" for b in ("blocks", "vace_blocks") for o, t in _VACE_BLOCK.items()}
+    places = {o: t for o, t in places.items() if not o.startswith("blocks.0.") or "_proj" not in o}
+    factors = {}
+    for i, (original, layer) in enumerate(places.items()):
+        linear = model.get_submodule(layer)
+        r = 2 + i % 3
+        a = torch.randn(r, linear.in_features, generator=g, dtype=torch.float64) * 0.3
+        factors[original] = (a, torch.randn(linear.out_features, r, generator=g, dtype=torch.float64) * 0.3, 1.5 * r)
+    spell = (lambda m: f"diffusion_model.{m}") if naming == "wan" else (lambda m: "lora_unet_" + m.replace(".", "_"))
+    down, up = ("lora_A", "lora_B") if naming == "wan" else ("lora_down", "lora_up")
+    sd = {}
+    for original, (a, b, alpha) in factors.items():
+        key = spell(original)
+        sd |= {f"{key}.{down}.weight": a, f"{key}.{up}.weight": b, f"{key}.alpha": torch.tensor(alpha)}
+    names = list(places.values())
+    reference = weights(_tiny_vace(), names)
+    for original, (a, b, alpha) in factors.items():
+        delta = alpha / a.shape[0] * b @ a
+        reference[places[original]] += torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
+    ours, fmt = lorahot_weights(_tiny_vace, sd, names)
+    assert fmt == naming
+    assert_same(ours, reference)
+    vace_only = {k: v for k, v in sd.items() if "vace_blocks" in k}
+    assert lorahot.read_adapter(vace_only).format == naming
