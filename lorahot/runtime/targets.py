@@ -168,6 +168,24 @@ def _guarded(match: Callable[[str, nn.Module], object]) -> Callable[[str, nn.Mod
     return call
 
 
+def _no_match_fix(targets: Targets, modules: dict[str, nn.Module]) -> str:
+    """What to pass instead of ``targets``, which matched no module: a string is one regex over
+    whole names, so a bare module name (``"q_proj"``) matches none of a model's nested ones."""
+    if not isinstance(targets, str) or targets == "all-linear":
+        return ""
+    named = [n for n in modules if n.endswith("." + targets)]
+    if named:
+        shown_names = ", ".join(named[:3]) + (", ..." if len(named) > 3 else "")
+        return (
+            f" A string is one regex matched against each whole qualified name; to wrap the {len(named)} module(s) "
+            f"named {shown(targets, 200)} ({shown_names}), pass a list: targets=[{shown(targets, 200)}]."
+        )
+    return (
+        " A string is one regex matched against each whole qualified name (r'.*\\.q_proj' for every name ending "
+        "in '.q_proj'); a list of names matches a qualified name or its last dotted components."
+    )
+
+
 def match_targets(model: nn.Module, targets: Targets) -> list[str]:
     """Qualified names of the modules ``targets`` selects, in model order.
 
@@ -199,6 +217,7 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
         )
         raise UsageError(
             f"targets={shown(targets, 200)} matched no module{why}. Some module names: {', '.join(sample)}."
+            + _no_match_fix(targets, modules)
         )
     wrapped = [w for w, m in modules.items() if isinstance(m, LoRALayer)]
     found = Sources()

@@ -57,8 +57,15 @@ def test_regex_is_a_full_match() -> None:
     model = tiny_lm()
     lorahot.inject(model, r"layers\.0\.self_attn\.[qv]_proj", max_rank=4)
     assert _wrapped(model) == ["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj"]
-    with pytest.raises(ValueError, match=r"targets='q_proj' matched no module"):
+    # a bare name as the string is a regex over whole names: the message says to pass a list
+    with pytest.raises(
+        ValueError,
+        match=r"targets='q_proj' matched no module\. .* to wrap the 2 module\(s\) named 'q_proj' "
+        r"\(layers\.0\.self_attn\.q_proj, layers\.1\.self_attn\.q_proj\), pass a list: targets=\['q_proj'\]\.",
+    ):
         lorahot.inject(tiny_lm(), "q_proj", max_rank=4)
+    with pytest.raises(ValueError, match=r"targets='qkv' matched no module\. .* for every name ending in '\.q_proj'\)"):
+        lorahot.inject(tiny_lm(), "qkv", max_rank=4)
 
 
 def test_invalid_regex_is_a_usage_error() -> None:
