@@ -18,7 +18,9 @@ reader is made by rule from what a block reads and does not define:
 ``torch.compile`` runs with the ``aot_eager`` backend (as the examples do on the CPU): inductor
 would compile for minutes here, and the compile contract is ``tests/system/test_compile.py``'s.
 A block that cannot run on this machine says why in its fence's info string,
-```` ```python not-run: <reason> ````, and is skipped by that rule.
+```` ```python not-run: <reason> ````, and is skipped by that rule. An example of ``lorahot
+inspect`` (a block opening with ``$ lorahot inspect``) is what the command prints on the file its
+own table describes.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lorahot
+import lorahot.cli
 from tests.helpers import make_adapter, save_peft, tiny_llama
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -424,3 +427,30 @@ def test_the_readme_calls_lorahot_with_its_own_parameter_names() -> None:
         if bullet and written != positional[: len(written)]:
             wrong.append(f"{name}() takes {positional}, the README writes {written}: {match.group(0)}")
     assert not wrong, "\n".join(wrong)
+
+
+def _inspect_examples() -> list[Block]:
+    return [b for b in _blocks() if b.source.startswith("$ lorahot inspect ")]
+
+
+@pytest.mark.parametrize("block", _inspect_examples(), ids=lambda b: f"line-{b.line}")
+def test_readme_inspect_example_is_what_lorahot_inspect_prints(
+    block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The example's file is written back from its own table (each module's A and B shapes, its
+    alpha, the dtype), and ``lorahot inspect`` on it prints the example, line for line."""
+    command, *printed = block.source.rstrip("\n").split("\n")
+    source = command.removeprefix("$ lorahot inspect ")
+    dtype = getattr(torch, re.search(r"^dtypes:\s+(\w+)", block.source, re.M).group(1))  # type: ignore[union-attr]
+    header = next(i for i, line in enumerate(printed) if line.startswith("module "))
+    tensors = {}
+    for row in printed[header + 1 :]:
+        module, kind, _, alpha, _, a, b = row.split()
+        assert kind == "lora", f"README.md:{block.line}: write {kind} modules back here"
+        for name, shape in (("lora_down.weight", a), ("lora_up.weight", b)):
+            tensors[f"{module}.{name}"] = torch.ones(*map(int, shape.split("x")), dtype=dtype)
+        tensors[f"{module}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    monkeypatch.chdir(tmp_path)
+    save_file(tensors, source)
+    assert lorahot.cli.main(["inspect", source]) == 0
+    assert capsys.readouterr().out.rstrip("\n").split("\n") == printed
