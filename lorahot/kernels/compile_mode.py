@@ -78,12 +78,16 @@ def autotunes_gemms() -> bool:
     reference in six lines of plain torch), with or without lorahot: a tiny model's own
     attention fails there too. Its ``mm`` is not affected, so the layers' per-row formulas take products of 2-D
     operands there (:func:`lorahot.layers.routing.batched_products`). A constant of the graph,
-    as :func:`launched_per_call`; False eagerly and under other backends."""
-    config = _inductor_options()
-    if config is None:
-        return False
+    as :func:`launched_per_call`; False eagerly. Where the backend's options cannot be read
+    (another backend, or inductor reached other than through ``torch.compile``'s wrapper, as
+    ``torch._dynamo.optimize("inductor")``), inductor's global setting answers: a wrong answer
+    there costs the other backend time, not a wrong number."""
     from torch._inductor import config as inductor_config
 
+    config = _inductor_options()
+    if config is None:
+        compiling = torch.compiler.is_compiling()  # (a constant-result function runs as plain Python)
+        return compiling and bool(inductor_config.max_autotune or inductor_config.max_autotune_gemm)
     tuned = config.get("max_autotune", inductor_config.max_autotune)
     return bool(tuned or config.get("max_autotune_gemm", inductor_config.max_autotune_gemm))
 

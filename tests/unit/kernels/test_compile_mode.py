@@ -70,6 +70,19 @@ def test_it_reads_max_autotune_s_gemm_templates_at_trace_time(options: dict[str,
     assert not compile_mode.autotunes_gemms()  # eagerly
 
 
+def test_where_the_backend_s_options_cannot_be_read_inductor_s_global_setting_answers() -> None:
+    """``torch._dynamo.optimize("inductor")`` states no options: with inductor's global
+    ``max_autotune`` set it autotunes all the same, and the answer is True there."""
+    torch._dynamo.reset()
+    x = torch.zeros(3)
+    with torch._inductor.config.patch(max_autotune=True):
+        assert torch.equal(torch._dynamo.optimize("inductor")(_tuned)(x), x + 1)
+        assert not compile_mode.autotunes_gemms()  # eagerly
+    torch._dynamo.reset()
+    assert torch.equal(torch._dynamo.optimize("inductor")(_tuned)(x), x - 1)
+    torch._dynamo.reset()
+
+
 _CALLS = {"n": 0}
 
 
