@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dataclasses
 import importlib
 import inspect
 import re
@@ -454,3 +455,21 @@ def test_readme_inspect_example_is_what_lorahot_inspect_prints(
     save_file(tensors, source)
     assert lorahot.cli.main(["inspect", source]) == 0
     assert capsys.readouterr().out.rstrip("\n").split("\n") == printed
+
+
+def test_every_attribute_the_readme_reads_exists() -> None:
+    """``runtime.<name>``, ``plan.<name>``, ``info.<name>`` and ``<Class>.<name>`` of lorahot's
+    public classes, as the README writes them in code, are attributes lorahot has."""
+    runtime = lorahot.inject(nn.Sequential(nn.Linear(4, 4)), ["0"], max_rank=2)
+    owners: dict[str, Any] = {"runtime": runtime, "plan": lorahot.TargetPlan, "info": lorahot.AdapterInfo}
+    owners |= {name: getattr(lorahot, name) for name in lorahot.__all__ if isinstance(getattr(lorahot, name), type)}
+    attribute = re.compile(rf"(?<![\w./])({'|'.join(owners)})\.(?!py\b)([A-Za-z_]\w*)")  # not info.py
+    missing = set()
+    for code in re.findall(r"`([^`\n]+)`", README.read_text()):
+        for owner, name in attribute.findall(code):
+            has = hasattr(owners[owner], name) or (
+                dataclasses.is_dataclass(owners[owner]) and name in {f.name for f in dataclasses.fields(owners[owner])}
+            )
+            if not has:
+                missing.add(f"{owner}.{name}")
+    assert not missing, f"the README reads attributes lorahot does not have: {sorted(missing)}"
