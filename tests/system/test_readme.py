@@ -146,7 +146,7 @@ def _pipeline_adapter(pipe: Any, where: str, seed: int) -> str:
     tensors = _linear_loras(getattr(pipe, denoiser), UNET_TARGETS, denoiser, seed)
     if denoiser == "unet" and "unet_only" not in where:
         for component in ("text_encoder", "text_encoder_2"):
-            if isinstance(getattr(pipe, component, None), _transformers().CLIPTextModel):
+            if isinstance(getattr(pipe, component, None), nn.Module):
                 tensors |= _linear_loras(getattr(pipe, component), LLM_TARGETS, component, seed + 1)
     if "kohya" in where:
         tensors = convert_state_dict_to_kohya(tensors)
