@@ -91,11 +91,12 @@ SPLITS: tuple[Split | Reorder, ...] = tuple(
     )
 )
 
-#: a module key of these names, after an optional prefix
-_NAMES = (
-    r"(?:(?:token_refiner\.)?blocks\.\d+\.(?:attn\.(?:qkv|out)_proj|mlp\.fc[12]|adaln_proj\.linear)"
-    r"|final_layer\.(?:video_out|audio_out|adaln_proj\.linear)|(?:video|audio)_patch_proj|condition_proj"
-    r"|time_embedder\.proj_(?:in|out))"
+#: a block module of these names, after an optional prefix: what tells a file of them apart (a
+#: file of the modules outside the blocks alone, ``time_embedder.proj_in``, ..., is not: other
+#: models share such names)
+_MARKER = (
+    r"^(?:(?:model\.)?diffusion_model\.)?(?:token_refiner\.)?blocks\.\d+\."
+    r"(?:attn\.(?:qkv|out)_proj|mlp\.fc[12]|adaln_proj\.linear)\."
 )
 
 #: DiffSynth-Studio's fused qkv_proj, whose rows interleave q, k and v per head
@@ -116,7 +117,7 @@ FORMAT = KeyFormat(
     ),
     prefixes=DIFFUSION_MODEL,
     refuse=(_DIFFSYNTH_QKV, *REFUSED_MERGEABLE),
-    marker=rf"^(?:(?:model\.)?diffusion_model\.)?{_NAMES}\.",
+    marker=_MARKER,
     aliases=_ALIASES,
     splits=SPLITS,
     example="diffusion_model.blocks.0.attn.qkv_proj.lora_A.weight",
