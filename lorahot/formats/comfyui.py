@@ -1,11 +1,21 @@
 """ComfyUI namings: ``diffusion_model.<module>`` with ``.lora_A``/``.lora_B``,
 ``.lora.down``/``.lora.up`` or ``.lora_down``/``.lora_up`` (and ``.alpha``). SD/SDXL files use the
 original LDM block names (``input_blocks.4.1...``), which the resolver maps to diffusers block names.
+Text-encoder modules are ``text_encoders.clip_l.transformer.<the encoder's module names>`` (also
+``clip_g``, ``t5xxl``), which go to a pipeline runtime's ``text_encoder``, ``text_encoder_2`` and
+``text_encoder_3``.
 """
 
 from __future__ import annotations
 
-from lorahot.formats.table import DIFFUSION_MODEL, REFUSED_MERGEABLE, KeyFormat, Rule, lycoris_rules
+from lorahot.formats.table import (
+    COMFYUI_TEXT_ENCODERS,
+    DIFFUSION_MODEL,
+    REFUSED_MERGEABLE,
+    KeyFormat,
+    Rule,
+    lycoris_rules,
+)
 
 __all__ = ["FORMAT"]
 
@@ -21,7 +31,7 @@ FORMAT = KeyFormat(
         Rule(r"(?P<module>.+)\.alpha", "alpha"),
         *lycoris_rules(r"(?P<module>.+)"),
     ),
-    prefixes=DIFFUSION_MODEL,
+    prefixes=(*DIFFUSION_MODEL, *COMFYUI_TEXT_ENCODERS),
     require_prefix=True,
     refuse=REFUSED_MERGEABLE,
     example="diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight",

@@ -36,8 +36,8 @@ from __future__ import annotations
 import re
 
 from lorahot.formats import kohya
-from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import (
+    COMFYUI_TEXT_ENCODERS,
     DIFFUSION_MODEL,
     REFUSED,
     REFUSED_DORA,
@@ -49,6 +49,7 @@ from lorahot.formats.table import (
     lora_rules,
     lycoris_rules,
 )
+from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import NAME_START as _START
 
 __all__ = ["KOHYA", "BFL", "XLABS", "FAL", "SPLITS", "QKV", "ADD_QKV", "qkv_split"]
@@ -216,7 +217,7 @@ _BFL_MARKER = r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\."
 BFL = KeyFormat(
     name="flux-bfl",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
-    prefixes=(*DIFFUSION_MODEL, "transformer."),
+    prefixes=(*DIFFUSION_MODEL, "transformer.", *COMFYUI_TEXT_ENCODERS),
     aliases=_ALIASES,
     refuse=_REFUSED_MERGEABLE,
     marker=_BFL_MARKER,

@@ -38,6 +38,7 @@ __all__ = [
     "COMPONENT_HEAD",
     "DIFFUSION_MODEL",
     "DIFFUSION_MODEL_HEAD",
+    "COMFYUI_TEXT_ENCODERS",
     "lora_rules",
     "Parts",
     "group_keys",
@@ -349,6 +350,14 @@ COMPONENT_HEAD = r"(?P<head>(?:.*[._])?)"
 #: ``diffusion_model.``, and the ``model.diffusion_model.`` of the transformer's keys in a whole
 #: ComfyUI checkpoint, which some of its LoRA files keep.
 DIFFUSION_MODEL = ("diffusion_model.", "model.diffusion_model.")
+#: The text encoders' prefixes in ComfyUI's LoRA files (``text_encoders.clip_l.transformer.`` +
+#: the encoder's own module names): CLIP-L, CLIP-G and T5-XXL, the pipelines' ``text_encoder``,
+#: ``text_encoder_2`` and ``text_encoder_3`` (SD3's order; see :mod:`lorahot.resolve.components`).
+COMFYUI_TEXT_ENCODERS = (
+    "text_encoders.clip_l.transformer.",
+    "text_encoders.clip_g.transformer.",
+    "text_encoders.t5xxl.transformer.",
+)
 #: A key that starts with one of :data:`DIFFUSION_MODEL` (for markers and refusals).
 DIFFUSION_MODEL_HEAD = r"^(?:model\.)?diffusion_model\."
 

@@ -3,7 +3,10 @@
 A runtime injected into several models (``lorahot.inject({"unet": ..., "text_encoder": ...})``)
 names its layers ``<component>.<module path>``. A file names its components with prefixes:
 diffusers ``unet.``/``transformer.``/``text_encoder.``/``text_encoder_2.``, kohya
-``lora_unet_``/``lora_te_``/``lora_te1_``/``lora_te2_``, BFL/ComfyUI ``diffusion_model.``.
+``lora_unet_``/``lora_te_``/``lora_te1_``/``lora_te2_``, BFL/ComfyUI ``diffusion_model.``, ComfyUI's
+``text_encoders.clip_l.transformer.``/``clip_g``/``t5xxl`` (``text_encoder``, ``text_encoder_2``,
+``text_encoder_3``, SD3's order: a Flux pipeline's T5 is its ``text_encoder_2``, which these keys do
+not reach; diffusers' Flux loader drops them).
 Each module goes to the component its prefix names (:data:`ROUTES`), and is then resolved
 against that component's layers only, exactly as on a single model (:mod:`lorahot.resolve.keys`),
 so two components with the same module paths (two CLIP encoders) never compete for a key.
@@ -41,6 +44,9 @@ ROUTES: tuple[tuple[str, str | None], ...] = tuple(
             "lora_te1_": "text_encoder",
             "lora_te2_": "text_encoder_2",
             "lora_te3_": "text_encoder_3",
+            "text_encoders.clip_l.transformer.": "text_encoder",  # ComfyUI's
+            "text_encoders.clip_g.transformer.": "text_encoder_2",
+            "text_encoders.t5xxl.transformer.": "text_encoder_3",
             "diffusion_model.": None,
             "model.diffusion_model.": None,
             "base_model.model.": None,

@@ -11,6 +11,7 @@ model's own names (step 5 of :mod:`lorahot.resolve.keys`); the oracle is diffuse
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -23,7 +24,9 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers  # noqa: E402
-from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin  # noqa: E402
+from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin  # noqa: E402
+
+from tests.system.test_parity_flux import tiny_flux  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -138,3 +141,57 @@ def test_kohya_te_alphas_are_each_modules_own_where_diffusers_takes_the_most_com
         got, want, theirs = model(ids)[0], reference(ids)[0], oracle(ids)[0]
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert (theirs - want).abs().max() > 1e-2  # diffusers' most common alpha
+
+
+def test_comfyui_text_encoder_keys_of_a_flux_file_match_diffusers() -> None:
+    """ComfyUI saves a Flux LoRA's CLIP-L modules as ``text_encoders.clip_l.transformer.`` + the
+    encoder's module names, beside ``diffusion_model.`` transformer keys; diffusers' Flux loader
+    reads them as ``lora_te_`` (alphas folded) and drops ``text_encoders.t5xxl.``. On a pipeline
+    runtime they were routed to the transformer and matched no layer; they now go to
+    ``text_encoder`` (``clip_g`` to ``text_encoder_2``, ``t5xxl`` to ``text_encoder_3``), every CLIP
+    layer's update equal to diffusers' converted one, and a T5 module, whose component this Flux
+    runtime lacks (its T5 is ``text_encoder_2``), is refused, or skipped with strict=False."""
+    clip = _clip()
+    comfyui = r"text_encoders.clip_l.transformer.text_model.encoder.layers.\1.\2."
+    sd = {
+        re.sub(r"^lora_te_text_model_encoder_layers_(\d+)_(self_attn|mlp)_", comfyui, k): v
+        for k, v in _kohya_file(clip, "lora_te").items()
+    }
+    g = torch.Generator().manual_seed(5)
+    flux_key = "diffusion_model.double_blocks.0.img_attn.proj"
+    sd[f"{flux_key}.lora_down.weight"] = torch.randn(2, 32, generator=g)
+    sd[f"{flux_key}.lora_up.weight"] = torch.randn(32, 2, generator=g)
+    t5 = {"text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_down.weight": torch.ones(2, 8)}
+    t5["text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight"] = torch.ones(8, 2)
+    converted = FluxLoraLoaderMixin.lora_state_dict({k: v.clone() for k, v in (sd | t5).items()})  # it scales in place
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    te = {_old_diffusers_te(k): v for k, v in converted.items() if k.startswith("text_encoder.")}
+    assert te and not any("t5" in k for k in converted)
+    base = {n: m.weight.detach().clone() for n, m in clip.named_modules() if isinstance(m, nn.Linear)}
+    runtime = lorahot.inject({"transformer": tiny_flux(), "text_encoder": clip}, "all-linear", max_rank=8, merged=True)
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"prefix 'text_encoders\.t5xxl\.transformer\.'.* go to "
+        r"text_encoder_3, which was not injected",
+    ):
+        runtime.load(sd | t5)
+    info = runtime.load(sd | t5, strict=False)
+    assert info.format == "flux-bfl" and set(info.skipped) == set(t5)
+    checked = 0
+    for name, layer in clip.named_modules():
+        if f"{name}.down" not in te:  # the injected layers (not their wrapped base layers)
+            continue
+        delta = te[f"{name}.up"] @ te[f"{name}.down"]
+        torch.testing.assert_close(layer.weight, base[name] + delta, msg=name)
+        checked += 1
+    assert checked == len([k for k in te if k.endswith(".down")]) > 0
+
+
+def _old_diffusers_te(key: str) -> str:
+    """``<module path>.down``/``.up`` of a text-encoder key diffusers' Flux conversion gives in
+    its old names (``text_encoder.text_model.encoder.layers.0.self_attn.to_k_lora.down.weight``,
+    ``...mlp.fc1.lora_linear_layer.up.weight``), on transformers 5's CLIP paths."""
+    key = key.removeprefix("text_encoder.text_model.").removesuffix(".weight")
+    for old, new in (("to_out_lora", "out_proj"), ("to_q_lora", "q_proj"), ("to_k_lora", "k_proj")):
+        key = key.replace(f".{old}.", f".{new}.")
+    return key.replace(".to_v_lora.", ".v_proj.").replace(".lora_linear_layer.", ".")
