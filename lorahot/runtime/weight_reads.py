@@ -8,26 +8,39 @@ computation (as PEFT's does not); merged, the folded weight does. So a module re
 never called would take a LoRA that never applies, and merged mode, wherever such a read runs,
 would compute something else than unmerged mode and PEFT.
 
-The reads are found in the source of the model's classes, once per class: for each module on
-a target's path, the methods its ``forward`` reaches through ``self.<method>(...)`` calls
-(those of its base classes too), and the Python functions those methods hand one of its
-modules to (one level deep). A read is ``self.<path>.weight`` used as a value (metadata reads
-such as ``.dtype`` / ``.device`` / ``.shape``, ``isinstance`` / ``hasattr`` and ``is None``
-tests are not reads); a call is ``self.<path>(...)``, ``self.<path>.forward(...)``, or the
-module handed to code this cannot read (it may call it). A class whose source cannot be read
-(made at run time, a C extension) shows neither.
+The reads are found in the source of the code on a target's path, once per class (or
+function): for each module on it, what its ``forward`` reaches: the methods and properties it
+names on its instance (``self.<name>``, ``super().<name>``, those of its base classes too), the
+Python functions it hands the instance or one of its modules to (module-level, static and class
+methods, a ``functools.partial``'s function, a few calls deep; not torch's or the standard
+library's, taken as calling what they are handed), the code of what it holds and calls (an
+object's ``__call__``, an attention processor handed the module, a ``functools.partial``), and
+the forward hooks and pre-hooks registered on it. A module is followed through the names it is
+bound to in a function (``proj = self.proj``, ``a, b = self.p, self.q``, ``for layer in
+self.layers``, ``getattr(self, "proj")``, ``self.layers[0]``, ``self.named_modules()``; an index
+or name not known statically stands for every element or child), in any order of the
+function's lines. A read is ``<module>.weight`` used as a value (metadata reads such as
+``.dtype`` / ``.device`` / ``.shape``, ``isinstance`` / ``hasattr`` and ``is None`` tests are
+not reads); a call is ``<module>(...)``, ``<module>.forward(...)``, or the module handed to code
+this cannot read (it may call it). Code whose source cannot be read (made at run time, a C
+extension) shows neither. The paths found in a class are matched to each instance's modules by
+identity, through children and plain attributes (never a property).
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
+import functools
 import inspect
 import sys
 import textwrap
+import types
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from lorahot.errors import UsageError
@@ -40,29 +53,57 @@ _METADATA = frozenset(
 )
 #: Built-ins that test a weight rather than compute with it.
 _TESTS = frozenset({"isinstance", "hasattr", "getattr", "type", "id"})
+#: Built-ins that hand back the modules of the container they are given.
+_SAME = frozenset({"list", "tuple", "iter", "reversed", "sorted"})
+#: Methods of a module that hand back its children (``(name, child)`` pairs for some), and
+#: those that hand back itself and every module below it.
+_ELEMENTS = frozenset({"children", "values", "named_children", "items"})
+_DESCENDANTS = frozenset({"modules", "named_modules"})
+#: What a module's forward path starts from, and an object's (not a module's) that it calls.
+_FORWARD = frozenset({"forward"})
+_OBJECT_ENTRIES = frozenset({"__call__", "forward"})
+#: How many calls deep a module handed on (or an object held) is followed.
+_DEPTH = 4
+
+_Function = ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
 
 
 @dataclass(frozen=True)
 class Uses:
-    """What one class's forward path does with its modules, by their path below ``self``.
+    """What one class's forward path does with its modules, by their path below ``self``
+    (``"layers.*"``: any element of ``self.layers``).
 
     Attributes:
         reads: module path -> where its weight is read as a value (``"Class.method"``).
         calls: module paths the forward path calls, or hands to code that may call them.
+        handed: ``(callee, argument, path)`` for each call of something the instance holds
+            (``self.processor(self, x)``: which code that is, only the instance says) handed a
+            module (``path``, ``""`` for the instance) as ``argument`` (a position or keyword).
     """
 
     reads: Mapping[str, str] = field(default_factory=dict)
     calls: frozenset[str] = frozenset()
+    handed: frozenset[tuple[str, int | str, str]] = frozenset()
 
 
-_CACHE: weakref.WeakKeyDictionary[type, Uses] = weakref.WeakKeyDictionary()
+@dataclass
+class _Reached:
+    """What the code of one module (or held object) does to other objects, by identity."""
+
+    reads: dict[int, str] = field(default_factory=dict)
+    called: set[int] = field(default_factory=set)
 
 
-def class_uses(cls: type, sources: Sources | None = None) -> Uses:
-    """The :class:`Uses` of ``cls``'s forward path (cached per class)."""
-    uses = _CACHE.get(cls)
+_CACHE: weakref.WeakKeyDictionary[type, dict[frozenset[str], Uses]] = weakref.WeakKeyDictionary()
+_HANDED: weakref.WeakKeyDictionary[types.FunctionType, dict[tuple[str, str], Uses]] = weakref.WeakKeyDictionary()
+
+
+def class_uses(cls: type, sources: Sources | None = None, entries: frozenset[str] = _FORWARD) -> Uses:
+    """The :class:`Uses` of the code ``cls``'s methods ``entries`` reach (cached per class)."""
+    by_entries = _CACHE.setdefault(cls, {})
+    uses = by_entries.get(entries)
     if uses is None:
-        uses = _CACHE[cls] = _scan_class(cls, sources or Sources())
+        uses = by_entries[entries] = _scan_class(cls, sources or Sources(), entries)
     return uses
 
 
@@ -79,17 +120,16 @@ def direct_read(modules: Mapping[str, nn.Module], name: str, sources: Sources | 
         self.<path>.weight"``) and whether any module on the path also calls it.
     """
     sources = sources or Sources()
+    target = modules.get(name)
     where, called = None, False
     parts = name.split(".")
     for depth in range(len(parts)):
         owner = modules.get(".".join(parts[:depth]))
-        if owner is None:
+        if owner is None or target is None:
             continue
-        uses = class_uses(type(owner), sources)
-        rel = ".".join(parts[depth:])
-        if rel in uses.reads and where is None:
-            where = f"{uses.reads[rel]} reads self.{rel}.weight"
-        called = called or rel in uses.calls
+        reached = sources.reached(owner)
+        where = where or reached.reads.get(id(target))
+        called = called or id(target) in reached.called
     return None if where is None else (where, called)
 
 
@@ -117,13 +157,17 @@ def check_merged_reads(model: nn.Module, names: list[str]) -> None:
 
 class Sources:
     """The parsed sources of functions for one round of checks (a class's :class:`Uses` are
-    kept; the syntax trees go with this object). Each function's own lines are parsed where
-    they can be found (a file such as diffusers' ``attention_processor.py`` holds thousands of
-    lines, most never on a target's path), else its module's whole file, once."""
+    kept; the syntax trees, and what each module instance reaches, go with this object). Each
+    function's own lines are parsed where they can be found (a file such as diffusers'
+    ``attention_processor.py`` holds thousands of lines, most never on a target's path), else
+    its module's whole file, once."""
 
     def __init__(self) -> None:
-        self._own: dict[tuple[str, str], ast.FunctionDef | ast.AsyncFunctionDef | None] = {}
+        self._own: dict[tuple[str, str], _Function | None] = {}
         self._index: dict[str, dict[str, ast.FunctionDef | ast.AsyncFunctionDef]] = {}
+        self._alone: dict[types.CodeType, _Function | None] = {}
+        self._trees: dict[int, tuple[_Function, _Tree]] = {}
+        self._reached: dict[tuple[int, frozenset[str]], tuple[object, _Reached]] = {}
 
     def function(self, module_name: str, qualname: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
         """The definition of the function or method ``qualname`` in module ``module_name``."""
@@ -131,12 +175,250 @@ class Sources:
         if key not in self._own:
             self._own[key] = _own_source(module_name, qualname)
         node = self._own[key]
-        if node is not None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             return node
         index = self._index.get(module_name)
         if index is None:
             index = self._index[module_name] = _functions(sys.modules.get(module_name))
         return index.get(qualname)
+
+    def of(self, fn: types.FunctionType) -> _Function | None:
+        """The definition of the function object ``fn``: by its name in its module, else (a
+        function defined in another function, a lambda) parsed from its own lines."""
+        if "<" not in fn.__qualname__:
+            return self.function(fn.__module__, fn.__qualname__)
+        code = fn.__code__
+        if code not in self._alone:
+            self._alone[code] = _parsed_alone(fn)
+        return self._alone[code]
+
+    def tree(self, fn: _Function) -> _Tree:
+        """``fn``'s nodes, each node's parent, its name bindings and local functions (once)."""
+        kept = self._trees.get(id(fn))
+        if kept is None or kept[0] is not fn:
+            kept = self._trees[id(fn)] = (fn, _Tree.of(fn))
+        return kept[1]
+
+    def reached(self, owner: object, entries: frozenset[str] = _FORWARD, depth: int = 0) -> _Reached:
+        """What ``owner``'s code (its class's ``entries``, its hooks, the objects it holds and
+        calls) reads and calls, by the identity of the objects its paths lead to."""
+        key = (id(owner), entries)
+        kept = self._reached.get(key)
+        if kept is not None and kept[0] is owner:
+            return kept[1]
+        reached = _Reached()
+        self._reached[key] = (owner, reached)  # before following held objects: a cycle ends here
+        uses = class_uses(type(owner), self, entries)
+        held = _resolve_uses(owner, uses, reached)
+        if isinstance(owner, nn.Module):
+            for hook in _hooks(owner):
+                for fn, at in _functions_of(hook, 0):  # called with the module first
+                    hooked = _handed_uses(fn, at, "", self)
+                    named = {p: f"the forward hook {w} on {type(owner).__name__}" for p, w in hooked.reads.items()}
+                    _resolve_uses(owner, Uses(named, hooked.calls), reached)
+        for callee, argument, path in sorted(uses.handed, key=str):
+            for fn, at in _callables(owner, callee, argument):
+                handed = _handed_uses(fn, at, path, self)
+                named = {p: f"{w}, called as self.{callee} by {type(owner).__name__}," for p, w in handed.reads.items()}
+                _resolve_uses(owner, Uses(named, handed.calls), reached)
+        for obj, method, at in held if depth < _DEPTH else ():
+            if isinstance(obj, functools.partial):
+                inner = self.bound(obj)
+            else:
+                inner = self.reached(obj, frozenset({method}) if method else _OBJECT_ENTRIES, depth + 1)
+            for ident, where in inner.reads.items():
+                reached.reads.setdefault(
+                    ident, f"{where}, in the {type(obj).__name__} {type(owner).__name__} holds as self.{at}"
+                )
+            reached.called |= inner.called
+        return reached
+
+    def bound(self, partial: functools.partial[object]) -> _Reached:
+        """What the function of a ``functools.partial`` a module holds and calls does with the
+        arguments bound in it, by their identity."""
+        reached = _Reached()
+        fn = partial.func
+        node = self.of(fn) if isinstance(fn, types.FunctionType) else None
+        if node is None:
+            return reached
+        params = _params(node)
+        bound = {**dict(zip(params, partial.args)), **partial.keywords}
+        scan = _Scan(None, fn.__module__, self)
+        scan.function(node, {name: {name} for name in bound}, f"{fn.__qualname__} (bound in a functools.partial)")
+        for path, where in scan.reads.items():
+            for obj in _walk(bound, path)[0]:
+                reached.reads.setdefault(id(obj), f"{where} reads {path}.weight")
+        for path in scan.calls:
+            reached.called.update(id(obj) for obj in _walk(bound, path)[0])
+        return reached
+
+
+def _resolve_uses(owner: object, uses: Uses, reached: _Reached) -> list[tuple[object, str | None, str]]:
+    """Adds what ``uses``' paths lead to from ``owner`` to ``reached``; returns the objects (not
+    modules) on its called paths, each with the method of it called (None: the object itself)
+    and its path, whose own code runs then."""
+    for path, where in uses.reads.items():
+        for obj in _walk(owner, path)[0]:
+            reached.reads.setdefault(id(obj), f"{where} reads {_shown(path)}.weight")
+    held: list[tuple[object, str | None, str]] = []
+    for path in sorted(uses.calls):
+        found, on_path = _walk(owner, path)
+        reached.called.update(id(obj) for obj in found)
+        held += on_path
+    return held
+
+
+def _callables(owner: object, callee: str, argument: int | str) -> Iterator[tuple[types.FunctionType, int | str]]:
+    """The Python functions a call of ``owner.<callee>`` runs (:func:`_functions_of`), and a
+    held object's method called by name (``self.kernel.run(...)``)."""
+    found, _ = _walk(owner, callee)
+    if not found and "." in callee:
+        head, _, name = callee.rpartition(".")
+        for obj in _walk(owner, head)[0]:
+            attr = inspect.getattr_static(type(obj), name, None)
+            if isinstance(attr, staticmethod):
+                yield from _shifted(attr.__func__, argument, 0)
+            elif isinstance(attr, types.FunctionType):
+                yield from _shifted(attr, argument, 1)
+    for obj in found:
+        yield from _functions_of(obj, argument)
+
+
+def _functions_of(obj: object, argument: int | str) -> Iterator[tuple[types.FunctionType, int | str]]:
+    """The Python function calling ``obj`` runs, with the parameter position (or keyword) its
+    call's ``argument`` binds to: a function, a bound method, a ``functools.partial``'s function,
+    a module's ``forward``, an object's ``__call__``; none where that is not Python code."""
+    if isinstance(obj, functools.partial):
+        yield from _functions_of(obj.func, argument + len(obj.args) if isinstance(argument, int) else argument)
+    elif isinstance(obj, types.MethodType):
+        yield from _shifted(obj.__func__, argument, 1)
+    elif isinstance(obj, types.FunctionType):
+        yield from _shifted(obj, argument, 0)
+    elif isinstance(obj, nn.Module) or _is_object(obj):
+        method = inspect.getattr_static(type(obj), "forward" if isinstance(obj, nn.Module) else "__call__", None)
+        yield from _shifted(method, argument, 1)
+
+
+def _shifted(fn: object, argument: int | str, offset: int) -> Iterator[tuple[types.FunctionType, int | str]]:
+    if isinstance(fn, types.FunctionType) and not _library(fn):
+        yield fn, argument + offset if isinstance(argument, int) else argument
+
+
+def _handed_uses(fn: types.FunctionType, argument: int | str, path: str, sources: Sources) -> Uses:
+    """What ``fn`` does with the module ``path`` of the instance that calls it, handed as
+    ``argument``, by paths below that instance; nothing where ``fn`` cannot be read."""
+    by_argument = _HANDED.setdefault(fn, {})
+    key = (str(argument), path)
+    uses = by_argument.get(key)
+    if uses is None:
+        node = sources.of(fn)
+        param = _parameter(node, argument) if node is not None else None
+        scan = _Scan(None, fn.__module__, sources)
+        if node is not None and param is not None:
+            scan.function(node, {param: {path}}, fn.__qualname__)
+        uses = by_argument[key] = Uses(dict(scan.reads), frozenset(scan.calls))
+    return uses
+
+
+def _shown(path: str) -> str:
+    """``self.<path>`` as a message shows it (``self.layers[*]``: any element of the list)."""
+    parts: list[str] = []
+    for part in path.replace("**.*", "**").split("."):
+        if part == "**":
+            parts.append(".<any submodule>")
+        elif part == "*":
+            parts.append("[*]" if parts else ".<any child>")
+        else:
+            parts.append(f".{part}")
+    return "self" + "".join(parts)
+
+
+def _library(fn: types.FunctionType) -> bool:
+    """Whether ``fn`` is torch's or the standard library's: code taken as calling the modules
+    it is handed and reading none of their weights (not followed: ``inspect.signature`` or
+    ``torch.utils.checkpoint`` would only cost time)."""
+    top = fn.__module__.partition(".")[0] if isinstance(fn.__module__, str) else ""
+    return top == "torch" or top in sys.stdlib_module_names
+
+
+def _walk(root: object, path: str) -> tuple[list[object], list[tuple[object, str | None, str]]]:
+    """The objects ``root.<path>`` stands for (``*``: every element), found through modules'
+    children and objects' own attributes, never through a property or ``__getattr__``; and the
+    objects (not modules, tensors or containers) on the way, each with the next part of the
+    path and its own path."""
+    if isinstance(root, nn.Module) and root._modules.get(path) is not None:  # most paths: a child
+        return [root._modules[path]], []
+    parts = path.split(".")
+    found, held = [root], []
+    for i, part in enumerate(parts):
+        found = [child for obj in found for child in _step(obj, part)]
+        if not found:
+            break
+        if not all(isinstance(obj, nn.Module) for obj in found):
+            at = ".".join(parts[: i + 1])
+            rest = parts[i + 1] if i + 1 < len(parts) else None
+            held += [(obj, rest, at) for obj in found if _is_object(obj) or isinstance(obj, functools.partial)]
+    return found, held
+
+
+def _step(obj: object, part: str) -> list[object]:
+    if part == "**":
+        return list(obj.modules()) if isinstance(obj, nn.Module) else []
+    if part == "*":
+        if isinstance(obj, nn.Module):
+            return list(obj._modules.values())
+        if isinstance(obj, (list, tuple)):
+            return list(obj)
+        return list(obj.values()) if isinstance(obj, dict) else []
+    if isinstance(obj, nn.Module) and obj._modules.get(part) is not None:
+        return [obj._modules[part]]
+    if isinstance(obj, (list, tuple)):
+        return [obj[int(part)]] if part.isdigit() and int(part) < len(obj) else []
+    if isinstance(obj, dict):
+        return [obj[part]] if part in obj else []
+    attrs = getattr(obj, "__dict__", None)
+    return [attrs[part]] if isinstance(attrs, dict) and part in attrs else []
+
+
+#: What is not code a module holds: modules, tensors, containers, values, functions.
+_NOT_OBJECTS = (
+    nn.Module,
+    torch.Tensor,
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.MethodType,
+    types.BuiltinFunctionType,
+    functools.partial,
+    list,
+    tuple,
+    dict,
+    set,
+    frozenset,
+    str,
+    bytes,
+    int,
+    float,
+    torch.dtype,
+    torch.device,
+)
+
+
+def _is_object(obj: object) -> bool:
+    """Whether ``obj`` is an instance of a class of its own (code that may hold a module)."""
+    return not isinstance(obj, _NOT_OBJECTS) and obj is not None and type(obj).__module__ != "builtins"
+
+
+def _hooks(module: nn.Module) -> list[object]:
+    """The forward pre-hooks and hooks that run around ``module``'s forward (its own and the
+    global ones)."""
+    glob = sys.modules["torch.nn.modules.module"]
+    return [
+        *module._forward_pre_hooks.values(),
+        *module._forward_hooks.values(),
+        *getattr(glob, "_global_forward_pre_hooks", {}).values(),
+        *getattr(glob, "_global_forward_hooks", {}).values(),
+    ]
 
 
 def _own_source(module_name: str, qualname: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
@@ -147,6 +429,8 @@ def _own_source(module_name: str, qualname: str) -> ast.FunctionDef | ast.AsyncF
     obj: object = sys.modules.get(module_name)
     for part in qualname.split("."):
         obj = vars(obj).get(part) if hasattr(obj, "__dict__") else None
+    if isinstance(obj, functools.cached_property):
+        obj = obj.func
     obj = obj.fget if isinstance(obj, property) else getattr(obj, "__func__", obj)  # or a static/class method
     if not inspect.isfunction(obj):
         return None
@@ -161,6 +445,28 @@ def _own_source(module_name: str, qualname: str) -> ast.FunctionDef | ast.AsyncF
     node = tree.body[0] if len(tree.body) == 1 else None
     name = qualname.rpartition(".")[2]
     return node if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name else None
+
+
+def _parsed_alone(fn: types.FunctionType) -> _Function | None:
+    """A function defined in another function, or a lambda, parsed from its own lines (a
+    lambda's lines may be part of a longer statement: then a line of its own is tried)."""
+    try:
+        lines, _ = inspect.getsourcelines(fn)
+    except (OSError, TypeError):
+        return None
+    source = textwrap.dedent("".join(lines))
+    arguments = list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
+    for text in (source, f"(\n{source}\n)", source.strip().rstrip(",") + "\n"):
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Lambda) and fn.__name__ == "<lambda>" and _params(node) == arguments:
+                return node
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == fn.__name__:
+                return node
+    return None
 
 
 def _functions(module: object) -> dict[str, ast.FunctionDef | ast.AsyncFunctionDef]:
@@ -184,35 +490,38 @@ def _functions(module: object) -> dict[str, ast.FunctionDef | ast.AsyncFunctionD
     return found
 
 
-def _scan_class(cls: type, sources: Sources) -> Uses:
+def _scan_class(cls: type, sources: Sources, entries: frozenset[str]) -> Uses:
     reads: dict[str, str] = {}
     calls: set[str] = set()
-    todo, seen = ["forward"], set()
+    handed: set[tuple[str, int | str, str]] = set()
+    todo, seen = sorted(entries), set()
     while todo:
         method = todo.pop()
         if method in seen:
             continue
         seen.add(method)
         for klass in cls.__mro__:
-            if klass in (object, nn.Module) or method not in vars(klass):
+            if klass in (object, nn.Module) or not _is_code(vars(klass).get(method)):
                 continue
             node = sources.function(klass.__module__, f"{klass.__qualname__}.{method}")
             receiver = _receiver(node)
             if node is None or receiver is None:
                 continue
-            found = _scan_function(node, receiver, klass.__module__, sources, own=True)
-            for path in found.reads:
-                reads.setdefault(path, f"{klass.__name__}.{method}")
-            calls |= found.calls
-            todo += sorted(found.methods)
-    return Uses(reads, frozenset(calls))
+            scan = _Scan(cls, klass.__module__, sources)
+            scan.function(node, {receiver: {""}}, f"{klass.__name__}.{method}")
+            for path, where in scan.reads.items():
+                reads.setdefault(path, where)
+            calls |= scan.calls
+            handed |= scan.handed
+            todo += sorted(scan.members - seen)
+    return Uses(reads, frozenset(calls), frozenset(handed))
 
 
-@dataclass
-class _Found:
-    reads: set[str] = field(default_factory=set)
-    calls: set[str] = field(default_factory=set)
-    methods: set[str] = field(default_factory=set)
+def _is_code(attr: object) -> bool:
+    """Whether a class attribute runs code when reached on an instance (a method, a property)."""
+    return inspect.isfunction(attr) or isinstance(
+        attr, (property, functools.cached_property, staticmethod, classmethod)
+    )
 
 
 def _receiver(node: ast.AST | None) -> str | None:
@@ -222,62 +531,283 @@ def _receiver(node: ast.AST | None) -> str | None:
         return None
     if any(isinstance(d, ast.Name) and d.id in ("staticmethod", "classmethod") for d in node.decorator_list):
         return None
-    params = [*node.args.posonlyargs, *node.args.args]
-    return params[0].arg if params else None
+    params = _params(node)
+    return params[0] if params else None
 
 
-def _scan_function(
-    fn: ast.AST, root: str, module_name: str, sources: Sources, depth: int = 0, own: bool = False
-) -> _Found:
-    """Reads and calls of ``root.<path>`` in one function; ``root`` is the method's own instance
-    (``own``: its first parameter, ``self`` by custom) or the parameter a module was handed in as."""
-    found = _Found()
-    parents = {child: node for node in ast.walk(fn) for child in ast.iter_child_nodes(node)}
-    for node in ast.walk(fn):
-        if isinstance(node, ast.Attribute) and node.attr == "weight" and isinstance(node.ctx, ast.Load):
-            path = _path(node.value, root, own)
-            if path is not None and _is_value(node, parents):
-                found.reads.add(path)
-        elif isinstance(node, ast.Call):
-            func = node.func
-            called = _path(func, root, own)
-            if called is None and isinstance(func, ast.Attribute) and func.attr == "forward":
-                called = _path(func.value, root, own)
-            if called is not None:
-                if own and "." not in called:
-                    found.methods.add(called)
-                found.calls.add(called)
-            for position, arg in _arguments(node):
-                handed = _path(arg, root, own)
-                if handed is not None:
-                    inner = _handed(func, position, module_name, sources) if not depth else None
-                    if inner is None or "" in inner.calls:
-                        found.calls.add(handed)
-                    if inner is not None and "" in inner.reads:
-                        found.reads.add(handed)
-    return found
+def _params(node: _Function) -> list[str]:
+    return [a.arg for a in (*node.args.posonlyargs, *node.args.args)]
 
 
-def _handed(func: ast.expr, position: int | str, module_name: str, sources: Sources) -> _Found | None:
-    """What a module-level function does with the module given as its argument ``position``
-    (its reads and calls of ``""``, the module itself); None where it cannot be read."""
+class _Scan:
+    """The reads and calls of one class's instance (paths below it, ``""`` the instance) in the
+    functions its methods reach; ``members`` are the names used on the instance (methods and
+    properties to scan next)."""
+
+    def __init__(self, cls: type | None, module_name: str, sources: Sources) -> None:
+        self.cls, self.module_name, self.sources = cls, module_name, sources
+        self.reads: dict[str, str] = {}
+        self.calls: set[str] = set()
+        self.members: set[str] = set()
+        self.handed: set[tuple[str, int | str, str]] = set()
+        self._seen: set[tuple[int, tuple[tuple[str, tuple[str, ...]], ...]]] = set()
+
+    def function(
+        self, fn: _Function, env: Mapping[str, set[str]], label: str, depth: int = 0, module_name: str = ""
+    ) -> None:
+        """Scans ``fn``, whose names ``env`` stand for paths below the instance."""
+        key = (id(fn), tuple(sorted((k, tuple(sorted(v))) for k, v in env.items())))
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        module_name = module_name or self.module_name
+        tree = self.sources.tree(fn)
+        names = _aliases(tree.bindings, env)
+        for node in tree.nodes:
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                base = _resolve(node.value, names)
+                if "" in base or _is_super(node.value):
+                    self.members.add(node.attr)
+                if node.attr == "weight" and _is_value(node, tree.parents):
+                    self._read(base, label)
+            elif isinstance(node, ast.Call):
+                self._call(node, names, tree.parents, tree.local, label, depth, module_name)
+
+    def _read(self, paths: set[str], label: str) -> None:
+        for path in paths:
+            if path:  # the instance's own weight is its own forward's business
+                self.reads.setdefault(path, label)
+
+    def _call(
+        self,
+        node: ast.Call,
+        names: Mapping[str, set[str]],
+        parents: Mapping[ast.AST, ast.AST],
+        local: Mapping[str, _Function],
+        label: str,
+        depth: int,
+        module_name: str,
+    ) -> None:
+        func = node.func
+        called = _resolve(func, names)
+        if isinstance(func, ast.Attribute) and func.attr in ("forward", "__call__"):
+            called |= _resolve(func.value, names)
+        self.calls |= called - {""}
+        if _is_getattr(node) and _constant(node.args[1]) == "weight" and _is_value(node, parents):
+            self._read(_resolve(node.args[0], names), label)
+        arguments = list(_arguments(node))
+        if _global(func, module_name) is functools.partial and node.args:  # partial(f, *handed)
+            func = node.args[0]
+            arguments = [(p - 1 if isinstance(p, int) else p, a) for p, a in arguments if p != 0]
+        handed = [(position, paths) for position, arg in arguments if (paths := _resolve(arg, names))]
+        if not handed:
+            return
+        callee = self._callee(func, names, local, module_name) if depth < _DEPTH else None
+        env: dict[str, set[str]] = {}
+        for position, paths in handed:
+            at = position + callee[1] if callee is not None and isinstance(position, int) else position
+            param = _parameter(callee[0], at) if callee is not None else None
+            if param is None:
+                self.calls |= paths - {""}  # code this cannot read may call it
+                if callee is None:  # which code, only the instance says (self.processor(self, x))
+                    self.handed |= {(c, position, p) for c in called - {""} for p in paths}
+            else:
+                env.setdefault(param, set()).update(paths)
+        if callee is not None and env:
+            fn, _, where, fn_module = callee
+            inner = label if "(through" in label else f"{label} (through {where})"
+            self.function(fn, env, inner, depth + 1, fn_module)
+
+    def _callee(
+        self, func: ast.expr, names: Mapping[str, set[str]], local: Mapping[str, _Function], module_name: str
+    ) -> tuple[_Function, int, str, str] | None:
+        """The definition a call goes to, the parameters its instance or class takes first
+        (0 or 1), its name and its module; None where this cannot read it."""
+        offset = 0
+        if isinstance(func, ast.Name) and func.id in local:
+            return local[func.id], 0, func.id, module_name
+        if isinstance(func, ast.Attribute) and "" in _resolve(func.value, names):
+            obj = inspect.getattr_static(self.cls, func.attr, None) if self.cls is not None else None
+            offset = 0 if isinstance(obj, staticmethod) else 1
+        else:
+            obj = _global(func, module_name)
+            if isinstance(obj, classmethod):
+                offset = 1
+        obj = getattr(obj, "__func__", obj)  # a static or class method
+        if not isinstance(obj, types.FunctionType) or _library(obj):
+            return None
+        node = self.sources.of(obj)
+        return None if node is None else (node, offset, obj.__qualname__, obj.__module__)
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """One function's syntax as the scan reads it: every node, each node's parent, the name
+    bindings (target, value, whether the target takes each element of the value) and the
+    functions defined in it by name."""
+
+    nodes: list[ast.AST]
+    parents: dict[ast.AST, ast.AST]
+    bindings: list[tuple[ast.expr, ast.expr, bool]]
+    local: dict[str, _Function]
+
+    @staticmethod
+    def of(fn: _Function) -> _Tree:
+        nodes: list[ast.AST] = [fn]
+        parents: dict[ast.AST, ast.AST] = {}
+        for node in nodes:  # grows as it goes: one pass over the tree
+            for child in ast.iter_child_nodes(node):
+                parents[child] = node
+                nodes.append(child)
+        bindings: list[tuple[ast.expr, ast.expr, bool]] = []
+        local: dict[str, _Function] = {}
+        for node in nodes:
+            if isinstance(node, ast.Assign):
+                bindings += [(target, node.value, False) for target in node.targets]
+            elif isinstance(node, (ast.AnnAssign, ast.NamedExpr)) and node.value is not None:
+                bindings.append((node.target, node.value, False))
+            elif isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
+                bindings.append((node.target, node.iter, True))
+            elif isinstance(node, ast.withitem) and node.optional_vars is not None:
+                bindings.append((node.optional_vars, node.context_expr, False))
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node is not fn:
+                local.setdefault(node.name, node)
+        return _Tree(nodes, parents, bindings, local)
+
+
+def _aliases(bindings: list[tuple[ast.expr, ast.expr, bool]], env: Mapping[str, set[str]]) -> dict[str, set[str]]:
+    """Which paths each name of a function stands for: ``env`` and the names ``bindings`` bind
+    to them (an assignment, a loop or comprehension, tuple unpacking, ``with ... as``), in any
+    order."""
+    names = {k: set(v) for k, v in env.items()}
+    if not bindings:
+        return names
+    for _ in range(4):  # a chain of names grows by one link per round
+        changed = False
+        for target, value, each in bindings:
+            for name, paths in _bind(target, value, each, names):
+                if paths - names.get(name, set()):
+                    names.setdefault(name, set()).update(paths)
+                    changed = True
+        if not changed:
+            break
+    return names
+
+
+def _bind(
+    target: ast.expr, value: ast.expr, each: bool, names: Mapping[str, set[str]]
+) -> Iterator[tuple[str, set[str]]]:
+    """The names ``target`` binds to paths, given ``value`` (``each``: an element of it)."""
+    if isinstance(target, ast.Name):
+        paths = _resolve(value, names)
+        yield target.id, {_join(p, "*") for p in paths} if each else paths
+        return
+    if not isinstance(target, (ast.Tuple, ast.List)):
+        return
+    elts = target.elts
+    if each and isinstance(value, ast.Call) and not value.keywords:
+        fname = value.func.id if isinstance(value.func, ast.Name) else None
+        if fname == "enumerate" and len(elts) == 2 and value.args:
+            yield from _bind(elts[1], value.args[0], True, names)
+        elif fname == "zip" and len(elts) == len(value.args):
+            for t, v in zip(elts, value.args):
+                yield from _bind(t, v, True, names)
+        elif (
+            isinstance(value.func, ast.Attribute) and value.func.attr.startswith(("named_", "items")) and len(elts) == 2
+        ):
+            yield from _bind(elts[1], value, True, names)  # for name, module in self.blocks.items()
+    elif not each and isinstance(value, (ast.Tuple, ast.List)) and len(value.elts) == len(elts):
+        for t, v in zip(elts, value.elts):
+            yield from _bind(t, v, False, names)
+    elif not each:  # a, b = self.layers
+        for t in elts:
+            yield from _bind(t, value, True, names)
+
+
+def _resolve(node: ast.expr, names: Mapping[str, set[str]]) -> set[str]:
+    """The paths below the instance that expression ``node`` may stand for (none: not one)."""
+    if isinstance(node, ast.Name):
+        return set(names.get(node.id, ()))
+    if isinstance(node, ast.Attribute):
+        if node.attr == "weight" or node.attr in _METADATA or node.attr.startswith("__"):
+            return set()
+        return {_join(p, node.attr) for p in _resolve(node.value, names)}
+    if isinstance(node, ast.Subscript):
+        key = node.slice
+        if isinstance(key, ast.Slice):
+            return _resolve(node.value, names)  # a part of the same list
+        part = _constant(key)
+        part = str(part) if isinstance(part, str) or (isinstance(part, int) and part >= 0) else "*"
+        return {_join(p, part) for p in _resolve(node.value, names)}
+    if isinstance(node, ast.Call):
+        func = node.func
+        if _is_getattr(node):
+            attr = _constant(node.args[1])
+            if attr == "weight":
+                return set()
+            return {_join(p, attr if isinstance(attr, str) else "*") for p in _resolve(node.args[0], names)}
+        if isinstance(func, ast.Name) and func.id in _SAME and node.args:
+            return _resolve(node.args[0], names)
+        if isinstance(func, ast.Name) and func.id == "next" and node.args:
+            return {_join(p, "*") for p in _resolve(node.args[0], names)}
+        if isinstance(func, ast.Attribute) and func.attr in _ELEMENTS:
+            return _resolve(func.value, names)
+        if isinstance(func, ast.Attribute) and func.attr in _DESCENDANTS:
+            return {_join(p, "**") for p in _resolve(func.value, names)}
+        return set()
+    if isinstance(node, ast.IfExp):
+        return _resolve(node.body, names) | _resolve(node.orelse, names)
+    if isinstance(node, ast.BoolOp):
+        return set().union(*(_resolve(v, names) for v in node.values))
+    if isinstance(node, ast.NamedExpr):
+        return _resolve(node.value, names)
+    return set()
+
+
+def _join(path: str, part: str) -> str:
+    return f"{path}.{part}" if path else part
+
+
+def _constant(node: ast.expr) -> object:
+    return node.value if isinstance(node, ast.Constant) else None
+
+
+def _is_getattr(node: ast.Call) -> bool:
+    return isinstance(node.func, ast.Name) and node.func.id == "getattr" and len(node.args) >= 2
+
+
+def _is_super(node: ast.expr) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+
+
+def _global(func: ast.expr, module_name: str) -> object:
+    """What a name or dotted name (``f``, ``utils.f``, ``Class.method``) refers to in module
+    ``module_name``, through modules and classes only (no property runs); None otherwise."""
+    chain = []
+    while isinstance(func, ast.Attribute):
+        chain.append(func.attr)
+        func = func.value
     if not isinstance(func, ast.Name):
         return None
-    target = getattr(sys.modules.get(module_name), func.id, None)
-    if not inspect.isfunction(target):
-        return None
-    node = sources.function(target.__module__, target.__qualname__)
-    if node is None:
-        return None
-    params = [a.arg for a in (*node.args.posonlyargs, *node.args.args)]
-    kwonly = [a.arg for a in node.args.kwonlyargs]
+    module = sys.modules.get(module_name)
+    obj = vars(module).get(func.id) if module is not None else None
+    obj = vars(builtins).get(func.id) if obj is None else obj
+    for part in reversed(chain):
+        if isinstance(obj, types.ModuleType):
+            obj = vars(obj).get(part)
+        elif isinstance(obj, type):
+            obj = inspect.getattr_static(obj, part, None)
+        else:
+            return None
+    return obj
+
+
+def _parameter(fn: _Function, position: int | str) -> str | None:
+    """The parameter of ``fn`` an argument at ``position`` (an index or a keyword) binds to."""
+    params = _params(fn)
     if isinstance(position, int):
-        name = params[position] if position < len(params) else None
-    else:
-        name = position if position in params or position in kwonly else None
-    if name is None:
-        return None
-    return _scan_function(node, name, target.__module__, sources, depth=1)
+        return params[position] if position < len(params) else None
+    return position if position in params or position in [a.arg for a in fn.args.kwonlyargs] else None
 
 
 def _arguments(call: ast.Call) -> Iterator[tuple[int | str, ast.expr]]:
@@ -287,21 +817,7 @@ def _arguments(call: ast.Call) -> Iterator[tuple[int | str, ast.expr]]:
             yield keyword.arg, keyword.value
 
 
-def _path(node: ast.expr, root: str, own: bool = False) -> str | None:
-    """``"a.b"`` for the expression ``<root>.a.b``; ``""`` for ``<root>`` itself (None where
-    ``root`` is the method's own instance); else None."""
-    names = []
-    while isinstance(node, ast.Attribute):
-        names.append(node.attr)
-        node = node.value
-    if not isinstance(node, ast.Name) or node.id != root:
-        return None
-    if own and not names:
-        return None
-    return ".".join(reversed(names))
-
-
-def _is_value(node: ast.Attribute, parents: Mapping[ast.AST, ast.AST]) -> bool:
+def _is_value(node: ast.expr, parents: Mapping[ast.AST, ast.AST]) -> bool:
     """Whether ``<x>.weight`` is used as a value, not described or tested."""
     parent = parents.get(node)
     if isinstance(parent, ast.Attribute):

@@ -314,10 +314,11 @@ ZOO: dict[str, tuple[str, str, dict[str, Any], Callable[..., dict[str, torch.Ten
             "num_hidden_layers": 2,
             "attention_hidden_size": 32,
             "intermediate_size": 48,
+            "rescale_every": 1,  # an eval forward divides block i's value and output weights by 2**i in place
         },
         _text,
         {"target_modules": ["key", "value", "receptance", "embeddings"]},
-        False,
+        True,
     ),
     "jamba-read-dt-proj": (
         "JambaForCausalLM",

@@ -142,6 +142,243 @@ class _Decorated(nn.Module):
         return x @ self.proj.weight.T
 
 
+class _Pair(nn.Module):
+    """A projection and an output head (the forms below reach ``proj`` differently)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 6)
+        self.out = nn.Linear(6, 4)
+
+
+class _LocalName(_Pair):
+    """Reads ``proj``'s weight through a local name bound to the module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.proj
+        return self.out(x @ proj.weight.T)
+
+
+class _Unpacked(_Pair):
+    """Binds the modules by tuple unpacking."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj, out = self.proj, self.out
+        return out(x @ proj.weight.T)
+
+
+class _ByGetattr(_Pair):
+    """Reaches ``proj`` through ``getattr`` with a constant name."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x @ getattr(self, "proj").weight.T)  # noqa: B009 (the form under test)
+
+
+class _Layers(nn.Module):
+    """A list of linears and an output head (the forms below reach ``layers`` differently)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 6)])
+        self.out = nn.Linear(6, 4)
+
+
+class _Iterated(_Layers):
+    """Iterates the list and reads each element's weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x @ layer.weight.T
+        return self.out(x)
+
+
+class _Indexed(_Layers):
+    """Calls the first element, reads the second's weight through an index."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.layers[0](x) @ self.layers[1].weight.T)
+
+
+class _Walked(_Pair):
+    """Finds ``proj`` by walking its modules, and reads its weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name, module in self.named_modules():
+            if name == "proj":
+                x = x @ module.weight.T
+        return self.out(x)
+
+
+class _PropertyRead(_Pair):
+    """Reads ``proj``'s weight in a property."""
+
+    @property
+    def projection(self) -> torch.Tensor:
+        return self.proj.weight.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x @ self.projection)
+
+
+def _project_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x @ module.proj.weight.T
+
+
+class _StaticHelper(_Pair):
+    """Hands itself to a static method that reads ``proj``'s weight."""
+
+    @staticmethod
+    def _project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x @ module.proj.weight.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self._project(self, x))
+
+
+class _FunctionOfSelf(_Pair):
+    """Hands itself to a module-level function that reads ``proj``'s weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(_project_of(self, x))
+
+
+class _ReadBase(_Pair):
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.proj.weight.T
+
+
+class _SuperHelper(_ReadBase):
+    """Reaches its base class's reading method through ``super()``."""
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(super().project(x))
+
+
+class _Partial(_Pair):
+    """Binds itself to a reading function with ``functools.partial``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        project = functools.partial(_project_of, self)
+        return self.out(project(x))
+
+
+class _Kernel:
+    """An object (not a module) that computes with the convolution it was handed."""
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        self.conv = conv
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(x, self.conv.weight, self.conv.bias, padding=1)
+
+
+class _HeldKernel(nn.Module):
+    """Holds ``conv`` in a kernel object and calls the object (as hub-kernel wrappers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(8, 8, 3)
+        self.out = nn.Linear(8, 4)
+        self.kernel = _Kernel(self.conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.kernel(x.transpose(1, 2)).transpose(1, 2))
+
+
+class _Processor:
+    """Computes with a projection of the module that calls it (as diffusers' attention
+    processors, called with their attention module)."""
+
+    def __call__(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x @ attn.proj.weight.T
+
+
+class _WithProcessor(_Pair):
+    """Hands itself to the processor object it holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.processor = _Processor()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.processor(self, x))
+
+
+class _HeldPartial(_HeldKernel):
+    """Holds ``conv`` bound in a ``functools.partial`` of a reading function, and calls it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel = functools.partial(_convolve, self.conv)
+
+
+def _project_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (args[0] @ module.proj.weight.T,)
+
+
+class _HookRead(_Pair):
+    """A forward pre-hook of its own computes with ``proj``'s weight; ``forward`` never calls it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_forward_pre_hook(_project_input)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x)
+
+
+def _clamp_proj(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    module.proj.weight.data.clamp_(-0.2, 0.2)
+
+
+class _LambdaHook(_HookRead):
+    """As :class:`_HookRead`, the hook a lambda."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.proj = nn.Linear(8, 6)
+        self.out = nn.Linear(6, 4)
+        self.register_forward_pre_hook(lambda module, args: (args[0] @ module.proj.weight.T,))
+
+
+class _CalledAndRead(_Layers):
+    """Calls each layer through the list, and reads the first one's weight besides."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for layer in self.layers:
+            h = layer(h)
+        first = self.layers[0]
+        return self.out(h) + (x @ first.weight.T).sum(-1, keepdim=True)
+
+
+class _CallingProcessor:
+    def __call__(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return attn.proj(x) + x @ attn.proj.weight.T
+
+
+class _WithCallingProcessor(_WithProcessor):
+    """Its processor calls ``proj`` and reads its weight besides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.processor = _CallingProcessor()
+
+
+class _HookClamp(_Pair):
+    """Calls ``proj``; a forward pre-hook of its own clamps ``proj``'s weight before each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_forward_pre_hook(_clamp_proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.proj(x))
+
+
 def _x() -> torch.Tensor:
     return torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
 
@@ -157,8 +394,52 @@ def _run(model: nn.Module) -> torch.Tensor:
         (_ReadHead, "proj", r"_ReadHead\._project reads self\.proj\.weight"),
         (_ReadByAnotherName, "proj", r"_ReadByAnotherName\._project reads self\.proj\.weight"),
         (_Handed, "conv", r"_Handed\.forward"),
+        (_LocalName, "proj", r"_LocalName\.forward reads self\.proj\.weight"),
+        (_Unpacked, "proj", r"_Unpacked\.forward reads self\.proj\.weight"),
+        (_ByGetattr, "proj", r"_ByGetattr\.forward reads self\.proj\.weight"),
+        (_Iterated, "layers.0", r"_Iterated\.forward reads self\.layers\[\*\]\.weight"),
+        (_Walked, "proj", r"_Walked\.forward reads self\.<any submodule>\.weight"),
+        (_Indexed, "layers.1", r"_Indexed\.forward reads self\.layers\.1\.weight"),
+        (_PropertyRead, "proj", r"_PropertyRead\.projection reads self\.proj\.weight"),
+        (_StaticHelper, "proj", r"_StaticHelper\.forward \(through _StaticHelper\._project\) reads self\.proj\.weight"),
+        (_FunctionOfSelf, "proj", r"_FunctionOfSelf\.forward \(through _project_of\) reads self\.proj\.weight"),
+        (_SuperHelper, "proj", r"_ReadBase\.project reads self\.proj\.weight"),
+        (_Partial, "proj", r"_Partial\.forward \(through _project_of\) reads self\.proj\.weight"),
+        (
+            _HeldKernel,
+            "conv",
+            r"_Kernel\.__call__ reads self\.conv\.weight, in the _Kernel _HeldKernel holds as self\.kernel",
+        ),
+        (_HookRead, "proj", r"the forward hook _project_input on _HookRead reads self\.proj\.weight"),
+        (_LambdaHook, "proj", r"the forward hook _LambdaHook\.__init__\.<locals>\.<lambda> on _LambdaHook reads"),
+        (
+            _WithProcessor,
+            "proj",
+            r"_Processor\.__call__, called as self\.processor by _WithProcessor, reads self\.proj\.weight",
+        ),
+        (_HeldPartial, "conv", r"_convolve \(bound in a functools\.partial\) reads conv\.weight, in the partial"),
     ],
-    ids=["read", "another-name", "handed"],
+    ids=[
+        "read",
+        "another-name",
+        "handed",
+        "local-name",
+        "unpacked",
+        "getattr",
+        "iterated",
+        "walked",
+        "indexed",
+        "property",
+        "static-method",
+        "function-of-self",
+        "super",
+        "partial",
+        "held-object",
+        "hook",
+        "hook-lambda",
+        "processor",
+        "held-partial",
+    ],
 )
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 def test_a_module_whose_weight_is_read_and_never_called_is_refused(build, target: str, where: str, merged) -> None:
@@ -181,8 +462,14 @@ def test_all_linear_leaves_out_a_linear_whose_weight_is_read_and_never_called() 
 
 @pytest.mark.parametrize(
     ("build", "target", "where"),
-    [(_OnePath, "proj", r"_OnePath\.forward reads self\.proj\.weight"), (_TiedHead, "block.proj", r"_TiedHead")],
-    ids=["other-path", "ancestor"],
+    [
+        (_OnePath, "proj", r"_OnePath\.forward reads self\.proj\.weight"),
+        (_TiedHead, "block.proj", r"_TiedHead"),
+        (_HookClamp, "proj", r"the forward hook _clamp_proj on _HookClamp reads self\.proj\.weight"),
+        (_CalledAndRead, "layers.0", r"_CalledAndRead\.forward reads self\.layers\.0\.weight"),
+        (_WithCallingProcessor, "proj", r"_CallingProcessor\.__call__, called as self\.processor by"),
+    ],
+    ids=["other-path", "ancestor", "hook", "list", "processor"],
 )
 def test_merged_mode_refuses_a_target_whose_weight_is_read_besides_its_calls(build, target: str, where: str) -> None:
     """Unmerged the LoRA applies where the module is called only (as PEFT's); merged it would
