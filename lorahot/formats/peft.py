@@ -12,6 +12,11 @@ transformers (Qwen-Image): ``lora_down``/``lora_up`` for A and B, and ``<module>
 alphas, which diffusers' converters fold into A and B as ``alpha / r`` (an alpha a config also
 states must agree with it).
 
+LoHa and LoKr factors in the model's names (``transformer_blocks.0.attn.to_q.lokr_w1``, with
+``.alpha``: SimpleTuner's LoKr files, which diffusers' Flux.2 and Z-Image loaders read) load in
+merged mode, ``alpha / r`` as LyCORIS applies it; PEFT's own LoKr and LoHa adapters, whose
+adapter_config.json names another ``peft_type``, are refused.
+
 Attention projections spelled ``q_proj``/``k_proj``/``v_proj``/``o_proj`` are aliases of diffusers'
 ``to_q``/``to_k``/``to_v``/``to_out.0``, taken only where the file's name is no injected layer and the alias is
 one exactly (never after dropping a wrapper segment of the key, which would bring a text encoder's
@@ -22,7 +27,7 @@ renames (as diffusers' ACE-Step conversion does).
 
 from __future__ import annotations
 
-from lorahot.formats.table import EXTRA_RULES, REFUSED_BUT_EXTRAS, KeyFormat, Rule
+from lorahot.formats.table import EXTRA_RULES, HADAMARD_KRONECKER, REFUSED_BUT_EXTRAS_AND_FACTORS, KeyFormat, Rule
 
 __all__ = ["FORMAT", "NAME"]
 
@@ -41,10 +46,11 @@ FORMAT = KeyFormat(
         Rule(r"(?P<module>.+)\.lora_down\.weight", "A"),
         Rule(r"(?P<module>.+)\.lora_up\.weight", "B"),
         Rule(r"(?P<module>.+)\.alpha", "alpha"),
+        HADAMARD_KRONECKER,  # merged mode
     ),
     prefixes=("base_model.model.",),
     renames=((r"^base_model\.model\.", ""),),  # PEFT's wrapper, never part of the model's names
-    refuse=REFUSED_BUT_EXTRAS,
+    refuse=REFUSED_BUT_EXTRAS_AND_FACTORS,
     aliases=(
         (r"\.q_proj$", ".to_q"),
         (r"\.k_proj$", ".to_k"),

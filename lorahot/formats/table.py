@@ -508,6 +508,25 @@ EXTRA_RULES = (
 #: :data:`REFUSED` less DoRA and LoRA biases, for the namings of :data:`EXTRA_RULES`.
 REFUSED_BUT_EXTRAS = tuple(r for r in REFUSED if r not in (REFUSED_DORA, REFUSED_BIAS))
 
+#: The LoHa and LoKr factors (``<module>.lokr_w1``, ...), each its own role: read in the model's
+#: own names without a prefix (PEFT naming), as diffusers' Flux.2 and Z-Image loaders read
+#: SimpleTuner's LoKr files, with LyCORIS' ``alpha / r`` (merged mode).
+HADAMARD_KRONECKER = Rule(
+    rf"(?P<module>.+)\.(?:{'|'.join(f for f in LYCORIS_FACTORS if f.startswith(('hada_', 'lokr_')))})", ""
+)
+#: :data:`REFUSED_BUT_EXTRAS` for the namings that read :data:`HADAMARD_KRONECKER`: Tucker cores
+#: and diffs are refused still.
+REFUSED_BUT_EXTRAS_AND_FACTORS = tuple(
+    (
+        r"\.(lora_mid\.weight|diff|diff_b)$",
+        "LyCORIS Tucker or diff weights (lora_mid, diff, diff_b): lorahot loads them in kohya or ComfyUI naming, "
+        "into a model injected with merged=True",
+    )
+    if why.startswith("LyCORIS (LoHa")
+    else (pattern, why)
+    for pattern, why in REFUSED_BUT_EXTRAS
+)
+
 #: A key no rule parses that names a whole module's parameter: PEFT's modules_to_save, trained
 #: biases, or a resized embedding saved whole.
 _FULL_WEIGHT = r"(?P<module>.+)\.(weight|bias)"

@@ -70,24 +70,33 @@ def _lokr(shape: tuple[int, int], low_rank: bool, g: torch.Generator, i: int) ->
     return f
 
 
+#: the spellings in the original names (ai-toolkit's); the others name the diffusers model's modules
+_ORIGINAL = ("diffusion_model.", "base_model.model.")
+
+
 def _file(low_rank: bool, spelling: str) -> dict[str, dict[str, torch.Tensor]]:
-    """module -> its LoKr factors: every module of ``_PLACES`` in the original names, or, for
+    """module -> its LoKr factors: every module of ``_PLACES`` in the original names; for
     LyCORIS' wrapper, every linear of the diffusers model's blocks (the modules diffusers'
-    LyCORIS conversion knows)."""
+    LyCORIS conversion knows); in the diffusers names (SimpleTuner's, bare; under
+    ``transformer.``, without ``.alpha``, which diffusers refuses there), every linear."""
     g = torch.Generator().manual_seed(21)
-    if spelling != "lycoris":
+    if spelling in _ORIGINAL:
         return {m: _lokr(FLUX2_MODULES[m], low_rank, g, i) for i, m in enumerate(_PLACES)}
     model = _tiny()
-    names = linears(model, lambda n: n.startswith(("transformer_blocks.", "single_transformer_blocks.")))
+    blocks = ("transformer_blocks.", "single_transformer_blocks.")
+    names = linears(model, lambda n: spelling != "lycoris" or n.startswith(blocks))
     shapes = {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names}
-    return {n: _lokr(shape, low_rank, g, i) for i, (n, shape) in enumerate(shapes.items())}
+    modules = {n: _lokr(shape, low_rank, g, i) for i, (n, shape) in enumerate(shapes.items())}
+    if spelling == "transformer.":
+        modules = {n: {k: t for k, t in f.items() if k != "alpha"} for n, f in modules.items()}
+    return modules
 
 
 def _delta(f: dict[str, torch.Tensor]) -> torch.Tensor:
     """LyCORIS' ``ΔW``: ``alpha / r * kron(w1, w2)`` (scale 1 where both halves are whole)."""
     if "lokr_w2" in f:
         return torch.kron(f["lokr_w1"], f["lokr_w2"])
-    scale = float(f["alpha"]) / f["lokr_w2_b"].shape[0]
+    scale = float(f["alpha"]) / f["lokr_w2_b"].shape[0] if "alpha" in f else 1.0
     return scale * torch.kron(f["lokr_w1"], f["lokr_w2_a"] @ f["lokr_w2_b"])
 
 
@@ -121,12 +130,17 @@ def _reference(modules: dict[str, dict[str, torch.Tensor]], names: list[str]) ->
 
 
 @pytest.mark.parametrize("low_rank", [False, True], ids=["whole", "w2-low-rank"])
-@pytest.mark.parametrize("spelling", ["diffusion_model.", "base_model.model.", "lycoris"])
+@pytest.mark.parametrize(
+    "spelling",
+    ["diffusion_model.", "base_model.model.", "lycoris", "", "transformer."],
+    ids=["bfl", "peft-wrapper", "lycoris", "bare", "transformer"],
+)
 def test_flux2_lokr_matches_diffusers_and_lycoris(spelling: str, low_rank: bool) -> None:
     """Each spelling diffusers' Flux.2 loader reads: the model's output as diffusers gives it
     (which fuses q/k/v to load a LoKr of the fused qkv; lorahot cuts its ``ΔW`` by rows), every
     layer as the float64 LyCORIS rule gives it. Before, the two ai-toolkit spellings were refused
-    ('LyCORIS ... weights, which lorahot does not read in the Flux.1 namings')."""
+    ('LyCORIS ... weights, which lorahot does not read in the Flux.1 namings'), and the diffusers
+    names, bare or under ``transformer.``, as 'in kohya or ComfyUI naming'."""
     modules = _file(low_rank, spelling)
     sd = _spelled(modules, spelling)
     oracle = _tiny()
@@ -134,7 +148,9 @@ def test_flux2_lokr_matches_diffusers_and_lycoris(spelling: str, low_rank: bool)
     model = _tiny()
     base = _outputs(model)
     info = lorahot.inject(model, "all-linear", max_rank=8, merged=True).load(dict(sd))
-    assert info.format == {"diffusion_model.": "flux-bfl", "base_model.model.": "flux-fal"}.get(spelling, "kohya")
+    assert info.format == {"diffusion_model.": "flux-bfl", "base_model.model.": "flux-fal", "lycoris": "kohya"}.get(
+        spelling, "peft"
+    )
     expected = _outputs(oracle)
     assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(_outputs(model), expected, rtol=1e-9, atol=1e-10)
