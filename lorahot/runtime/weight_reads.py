@@ -30,7 +30,6 @@ identity, through children and plain attributes (never a property).
 from __future__ import annotations
 
 import ast
-import builtins
 import functools
 import inspect
 import sys
@@ -44,28 +43,29 @@ import torch
 from torch import nn
 
 from lorahot.errors import UsageError
+from lorahot.runtime.source_paths import (
+    Function,
+    Tree,
+    aliases,
+    call_arguments,
+    constant,
+    global_object,
+    is_getattr,
+    is_super,
+    is_value,
+    parameter,
+    parameter_names,
+    receiver_name,
+    resolve,
+)
 
 __all__ = ["Uses", "Sources", "class_uses", "direct_read", "check_merged_reads"]
 
-#: Attributes of a weight that describe it rather than compute with it.
-_METADATA = frozenset(
-    {"dtype", "device", "shape", "size", "ndim", "dim", "numel", "requires_grad", "layout", "is_meta", "data_ptr"}
-)
-#: Built-ins that test a weight rather than compute with it.
-_TESTS = frozenset({"isinstance", "hasattr", "getattr", "type", "id"})
-#: Built-ins that hand back the modules of the container they are given.
-_SAME = frozenset({"list", "tuple", "iter", "reversed", "sorted"})
-#: Methods of a module that hand back its children (``(name, child)`` pairs for some), and
-#: those that hand back itself and every module below it.
-_ELEMENTS = frozenset({"children", "values", "named_children", "items"})
-_DESCENDANTS = frozenset({"modules", "named_modules"})
 #: What a module's forward path starts from, and an object's (not a module's) that it calls.
 _FORWARD = frozenset({"forward"})
 _OBJECT_ENTRIES = frozenset({"__call__", "forward"})
 #: How many calls deep a module handed on (or an object held) is followed.
 _DEPTH = 4
-
-_Function = ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
 
 
 @dataclass(frozen=True)
@@ -163,10 +163,10 @@ class Sources:
     its module's whole file, once."""
 
     def __init__(self) -> None:
-        self._own: dict[tuple[str, str], _Function | None] = {}
+        self._own: dict[tuple[str, str], Function | None] = {}
         self._index: dict[str, dict[str, ast.FunctionDef | ast.AsyncFunctionDef]] = {}
-        self._alone: dict[types.CodeType, _Function | None] = {}
-        self._trees: dict[int, tuple[_Function, _Tree]] = {}
+        self._alone: dict[types.CodeType, Function | None] = {}
+        self._trees: dict[int, tuple[Function, Tree]] = {}
         self._reached: dict[tuple[int, frozenset[str]], tuple[object, _Reached]] = {}
 
     def function(self, module_name: str, qualname: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
@@ -182,7 +182,7 @@ class Sources:
             index = self._index[module_name] = _functions(sys.modules.get(module_name))
         return index.get(qualname)
 
-    def of(self, fn: types.FunctionType) -> _Function | None:
+    def of(self, fn: types.FunctionType) -> Function | None:
         """The definition of the function object ``fn``: by its name in its module, else (a
         function defined in another function, a lambda) parsed from its own lines."""
         if "<" not in fn.__qualname__:
@@ -192,11 +192,11 @@ class Sources:
             self._alone[code] = _parsed_alone(fn)
         return self._alone[code]
 
-    def tree(self, fn: _Function) -> _Tree:
+    def tree(self, fn: Function) -> Tree:
         """``fn``'s nodes, each node's parent, its name bindings and local functions (once)."""
         kept = self._trees.get(id(fn))
         if kept is None or kept[0] is not fn:
-            kept = self._trees[id(fn)] = (fn, _Tree.of(fn))
+            kept = self._trees[id(fn)] = (fn, Tree.of(fn))
         return kept[1]
 
     def reached(self, owner: object, entries: frozenset[str] = _FORWARD, depth: int = 0) -> _Reached:
@@ -241,7 +241,7 @@ class Sources:
         node = self.of(fn) if isinstance(fn, types.FunctionType) else None
         if node is None:
             return reached
-        params = _params(node)
+        params = parameter_names(node)
         bound = {**dict(zip(params, partial.args)), **partial.keywords}
         scan = _Scan(None, fn.__module__, self)
         scan.function(node, {name: {name} for name in bound}, f"{fn.__qualname__} (bound in a functools.partial)")
@@ -312,7 +312,7 @@ def _handed_uses(fn: types.FunctionType, argument: int | str, path: str, sources
     uses = by_argument.get(key)
     if uses is None:
         node = sources.of(fn)
-        param = _parameter(node, argument) if node is not None else None
+        param = parameter(node, argument) if node is not None else None
         scan = _Scan(None, fn.__module__, sources)
         if node is not None and param is not None:
             scan.function(node, {param: {path}}, fn.__qualname__)
@@ -447,7 +447,7 @@ def _own_source(module_name: str, qualname: str) -> ast.FunctionDef | ast.AsyncF
     return node if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name else None
 
 
-def _parsed_alone(fn: types.FunctionType) -> _Function | None:
+def _parsed_alone(fn: types.FunctionType) -> Function | None:
     """A function defined in another function, or a lambda, parsed from its own lines (a
     lambda's lines may be part of a longer statement: then a line of its own is tried)."""
     try:
@@ -462,7 +462,7 @@ def _parsed_alone(fn: types.FunctionType) -> _Function | None:
         except (SyntaxError, ValueError):
             continue
         for node in ast.walk(tree):
-            if isinstance(node, ast.Lambda) and fn.__name__ == "<lambda>" and _params(node) == arguments:
+            if isinstance(node, ast.Lambda) and fn.__name__ == "<lambda>" and parameter_names(node) == arguments:
                 return node
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == fn.__name__:
                 return node
@@ -504,7 +504,7 @@ def _scan_class(cls: type, sources: Sources, entries: frozenset[str]) -> Uses:
             if klass in (object, nn.Module) or not _is_code(vars(klass).get(method)):
                 continue
             node = sources.function(klass.__module__, f"{klass.__qualname__}.{method}")
-            receiver = _receiver(node)
+            receiver = receiver_name(node)
             if node is None or receiver is None:
                 continue
             scan = _Scan(cls, klass.__module__, sources)
@@ -524,21 +524,6 @@ def _is_code(attr: object) -> bool:
     )
 
 
-def _receiver(node: ast.AST | None) -> str | None:
-    """The name a method's source gives its instance (its first parameter, ``self`` by custom
-    but any name by the language); None for no source, a static or class method, or none."""
-    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        return None
-    if any(isinstance(d, ast.Name) and d.id in ("staticmethod", "classmethod") for d in node.decorator_list):
-        return None
-    params = _params(node)
-    return params[0] if params else None
-
-
-def _params(node: _Function) -> list[str]:
-    return [a.arg for a in (*node.args.posonlyargs, *node.args.args)]
-
-
 class _Scan:
     """The reads and calls of one class's instance (paths below it, ``""`` the instance) in the
     functions its methods reach; ``members`` are the names used on the instance (methods and
@@ -553,7 +538,7 @@ class _Scan:
         self._seen: set[tuple[int, tuple[tuple[str, tuple[str, ...]], ...]]] = set()
 
     def function(
-        self, fn: _Function, env: Mapping[str, set[str]], label: str, depth: int = 0, module_name: str = ""
+        self, fn: Function, env: Mapping[str, set[str]], label: str, depth: int = 0, module_name: str = ""
     ) -> None:
         """Scans ``fn``, whose names ``env`` stand for paths below the instance."""
         key = (id(fn), tuple(sorted((k, tuple(sorted(v))) for k, v in env.items())))
@@ -562,13 +547,13 @@ class _Scan:
         self._seen.add(key)
         module_name = module_name or self.module_name
         tree = self.sources.tree(fn)
-        names = _aliases(tree.bindings, env)
+        names = aliases(tree.bindings, env)
         for node in tree.nodes:
             if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
-                base = _resolve(node.value, names)
-                if "" in base or _is_super(node.value):
+                base = resolve(node.value, names)
+                if "" in base or is_super(node.value):
                     self.members.add(node.attr)
-                if node.attr == "weight" and _is_value(node, tree.parents):
+                if node.attr == "weight" and is_value(node, tree.parents):
                     self._read(base, label)
             elif isinstance(node, ast.Call):
                 self._call(node, names, tree.parents, tree.local, label, depth, module_name)
@@ -583,30 +568,30 @@ class _Scan:
         node: ast.Call,
         names: Mapping[str, set[str]],
         parents: Mapping[ast.AST, ast.AST],
-        local: Mapping[str, _Function],
+        local: Mapping[str, Function],
         label: str,
         depth: int,
         module_name: str,
     ) -> None:
         func = node.func
-        called = _resolve(func, names)
+        called = resolve(func, names)
         if isinstance(func, ast.Attribute) and func.attr in ("forward", "__call__"):
-            called |= _resolve(func.value, names)
+            called |= resolve(func.value, names)
         self.calls |= called - {""}
-        if _is_getattr(node) and _constant(node.args[1]) == "weight" and _is_value(node, parents):
-            self._read(_resolve(node.args[0], names), label)
-        arguments = list(_arguments(node))
-        if _global(func, module_name) is functools.partial and node.args:  # partial(f, *handed)
+        if is_getattr(node) and constant(node.args[1]) == "weight" and is_value(node, parents):
+            self._read(resolve(node.args[0], names), label)
+        arguments = list(call_arguments(node))
+        if global_object(func, module_name) is functools.partial and node.args:  # partial(f, *handed)
             func = node.args[0]
             arguments = [(p - 1 if isinstance(p, int) else p, a) for p, a in arguments if p != 0]
-        handed = [(position, paths) for position, arg in arguments if (paths := _resolve(arg, names))]
+        handed = [(position, paths) for position, arg in arguments if (paths := resolve(arg, names))]
         if not handed:
             return
         callee = self._callee(func, names, local, module_name) if depth < _DEPTH else None
         env: dict[str, set[str]] = {}
         for position, paths in handed:
             at = position + callee[1] if callee is not None and isinstance(position, int) else position
-            param = _parameter(callee[0], at) if callee is not None else None
+            param = parameter(callee[0], at) if callee is not None else None
             if param is None:
                 self.calls |= paths - {""}  # code this cannot read may call it
                 if callee is None:  # which code, only the instance says (self.processor(self, x))
@@ -619,18 +604,18 @@ class _Scan:
             self.function(fn, env, inner, depth + 1, fn_module)
 
     def _callee(
-        self, func: ast.expr, names: Mapping[str, set[str]], local: Mapping[str, _Function], module_name: str
-    ) -> tuple[_Function, int, str, str] | None:
+        self, func: ast.expr, names: Mapping[str, set[str]], local: Mapping[str, Function], module_name: str
+    ) -> tuple[Function, int, str, str] | None:
         """The definition a call goes to, the parameters its instance or class takes first
         (0 or 1), its name and its module; None where this cannot read it."""
         offset = 0
         if isinstance(func, ast.Name) and func.id in local:
             return local[func.id], 0, func.id, module_name
-        if isinstance(func, ast.Attribute) and "" in _resolve(func.value, names):
+        if isinstance(func, ast.Attribute) and "" in resolve(func.value, names):
             obj = inspect.getattr_static(self.cls, func.attr, None) if self.cls is not None else None
             offset = 0 if isinstance(obj, staticmethod) else 1
         else:
-            obj = _global(func, module_name)
+            obj = global_object(func, module_name)
             if isinstance(obj, classmethod):
                 offset = 1
         obj = getattr(obj, "__func__", obj)  # a static or class method
@@ -638,190 +623,3 @@ class _Scan:
             return None
         node = self.sources.of(obj)
         return None if node is None else (node, offset, obj.__qualname__, obj.__module__)
-
-
-@dataclass(frozen=True)
-class _Tree:
-    """One function's syntax as the scan reads it: every node, each node's parent, the name
-    bindings (target, value, whether the target takes each element of the value) and the
-    functions defined in it by name."""
-
-    nodes: list[ast.AST]
-    parents: dict[ast.AST, ast.AST]
-    bindings: list[tuple[ast.expr, ast.expr, bool]]
-    local: dict[str, _Function]
-
-    @staticmethod
-    def of(fn: _Function) -> _Tree:
-        nodes: list[ast.AST] = [fn]
-        parents: dict[ast.AST, ast.AST] = {}
-        for node in nodes:  # grows as it goes: one pass over the tree
-            for child in ast.iter_child_nodes(node):
-                parents[child] = node
-                nodes.append(child)
-        bindings: list[tuple[ast.expr, ast.expr, bool]] = []
-        local: dict[str, _Function] = {}
-        for node in nodes:
-            if isinstance(node, ast.Assign):
-                bindings += [(target, node.value, False) for target in node.targets]
-            elif isinstance(node, (ast.AnnAssign, ast.NamedExpr)) and node.value is not None:
-                bindings.append((node.target, node.value, False))
-            elif isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
-                bindings.append((node.target, node.iter, True))
-            elif isinstance(node, ast.withitem) and node.optional_vars is not None:
-                bindings.append((node.optional_vars, node.context_expr, False))
-            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node is not fn:
-                local.setdefault(node.name, node)
-        return _Tree(nodes, parents, bindings, local)
-
-
-def _aliases(bindings: list[tuple[ast.expr, ast.expr, bool]], env: Mapping[str, set[str]]) -> dict[str, set[str]]:
-    """Which paths each name of a function stands for: ``env`` and the names ``bindings`` bind
-    to them (an assignment, a loop or comprehension, tuple unpacking, ``with ... as``), in any
-    order."""
-    names = {k: set(v) for k, v in env.items()}
-    if not bindings:
-        return names
-    for _ in range(4):  # a chain of names grows by one link per round
-        changed = False
-        for target, value, each in bindings:
-            for name, paths in _bind(target, value, each, names):
-                if paths - names.get(name, set()):
-                    names.setdefault(name, set()).update(paths)
-                    changed = True
-        if not changed:
-            break
-    return names
-
-
-def _bind(
-    target: ast.expr, value: ast.expr, each: bool, names: Mapping[str, set[str]]
-) -> Iterator[tuple[str, set[str]]]:
-    """The names ``target`` binds to paths, given ``value`` (``each``: an element of it)."""
-    if isinstance(target, ast.Name):
-        paths = _resolve(value, names)
-        yield target.id, {_join(p, "*") for p in paths} if each else paths
-        return
-    if not isinstance(target, (ast.Tuple, ast.List)):
-        return
-    elts = target.elts
-    if each and isinstance(value, ast.Call) and not value.keywords:
-        fname = value.func.id if isinstance(value.func, ast.Name) else None
-        if fname == "enumerate" and len(elts) == 2 and value.args:
-            yield from _bind(elts[1], value.args[0], True, names)
-        elif fname == "zip" and len(elts) == len(value.args):
-            for t, v in zip(elts, value.args):
-                yield from _bind(t, v, True, names)
-        elif (
-            isinstance(value.func, ast.Attribute) and value.func.attr.startswith(("named_", "items")) and len(elts) == 2
-        ):
-            yield from _bind(elts[1], value, True, names)  # for name, module in self.blocks.items()
-    elif not each and isinstance(value, (ast.Tuple, ast.List)) and len(value.elts) == len(elts):
-        for t, v in zip(elts, value.elts):
-            yield from _bind(t, v, False, names)
-    elif not each:  # a, b = self.layers
-        for t in elts:
-            yield from _bind(t, value, True, names)
-
-
-def _resolve(node: ast.expr, names: Mapping[str, set[str]]) -> set[str]:
-    """The paths below the instance that expression ``node`` may stand for (none: not one)."""
-    if isinstance(node, ast.Name):
-        return set(names.get(node.id, ()))
-    if isinstance(node, ast.Attribute):
-        if node.attr == "weight" or node.attr in _METADATA or node.attr.startswith("__"):
-            return set()
-        return {_join(p, node.attr) for p in _resolve(node.value, names)}
-    if isinstance(node, ast.Subscript):
-        key = node.slice
-        if isinstance(key, ast.Slice):
-            return _resolve(node.value, names)  # a part of the same list
-        part = _constant(key)
-        part = str(part) if isinstance(part, str) or (isinstance(part, int) and part >= 0) else "*"
-        return {_join(p, part) for p in _resolve(node.value, names)}
-    if isinstance(node, ast.Call):
-        func = node.func
-        if _is_getattr(node):
-            attr = _constant(node.args[1])
-            if attr == "weight":
-                return set()
-            return {_join(p, attr if isinstance(attr, str) else "*") for p in _resolve(node.args[0], names)}
-        if isinstance(func, ast.Name) and func.id in _SAME and node.args:
-            return _resolve(node.args[0], names)
-        if isinstance(func, ast.Name) and func.id == "next" and node.args:
-            return {_join(p, "*") for p in _resolve(node.args[0], names)}
-        if isinstance(func, ast.Attribute) and func.attr in _ELEMENTS:
-            return _resolve(func.value, names)
-        if isinstance(func, ast.Attribute) and func.attr in _DESCENDANTS:
-            return {_join(p, "**") for p in _resolve(func.value, names)}
-        return set()
-    if isinstance(node, ast.IfExp):
-        return _resolve(node.body, names) | _resolve(node.orelse, names)
-    if isinstance(node, ast.BoolOp):
-        return set().union(*(_resolve(v, names) for v in node.values))
-    if isinstance(node, ast.NamedExpr):
-        return _resolve(node.value, names)
-    return set()
-
-
-def _join(path: str, part: str) -> str:
-    return f"{path}.{part}" if path else part
-
-
-def _constant(node: ast.expr) -> object:
-    return node.value if isinstance(node, ast.Constant) else None
-
-
-def _is_getattr(node: ast.Call) -> bool:
-    return isinstance(node.func, ast.Name) and node.func.id == "getattr" and len(node.args) >= 2
-
-
-def _is_super(node: ast.expr) -> bool:
-    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
-
-
-def _global(func: ast.expr, module_name: str) -> object:
-    """What a name or dotted name (``f``, ``utils.f``, ``Class.method``) refers to in module
-    ``module_name``, through modules and classes only (no property runs); None otherwise."""
-    chain = []
-    while isinstance(func, ast.Attribute):
-        chain.append(func.attr)
-        func = func.value
-    if not isinstance(func, ast.Name):
-        return None
-    module = sys.modules.get(module_name)
-    obj = vars(module).get(func.id) if module is not None else None
-    obj = vars(builtins).get(func.id) if obj is None else obj
-    for part in reversed(chain):
-        if isinstance(obj, types.ModuleType):
-            obj = vars(obj).get(part)
-        elif isinstance(obj, type):
-            obj = inspect.getattr_static(obj, part, None)
-        else:
-            return None
-    return obj
-
-
-def _parameter(fn: _Function, position: int | str) -> str | None:
-    """The parameter of ``fn`` an argument at ``position`` (an index or a keyword) binds to."""
-    params = _params(fn)
-    if isinstance(position, int):
-        return params[position] if position < len(params) else None
-    return position if position in params or position in [a.arg for a in fn.args.kwonlyargs] else None
-
-
-def _arguments(call: ast.Call) -> Iterator[tuple[int | str, ast.expr]]:
-    yield from enumerate(call.args)
-    for keyword in call.keywords:
-        if keyword.arg is not None:
-            yield keyword.arg, keyword.value
-
-
-def _is_value(node: ast.expr, parents: Mapping[ast.AST, ast.AST]) -> bool:
-    """Whether ``<x>.weight`` is used as a value, not described or tested."""
-    parent = parents.get(node)
-    if isinstance(parent, ast.Attribute):
-        return parent.attr not in _METADATA
-    if isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) and parent.func.id in _TESTS:
-        return False
-    return not (isinstance(parent, ast.Compare) and all(isinstance(op, (ast.Is, ast.IsNot)) for op in parent.ops))
