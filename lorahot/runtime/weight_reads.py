@@ -211,6 +211,7 @@ class Sources:
         uses = class_uses(type(owner), self, entries)
         held = _resolve_uses(owner, uses, reached)
         if isinstance(owner, nn.Module):
+            self._own_forward(owner, reached)
             for hook in _hooks(owner):
                 for fn, at in _functions_of(hook, 0):  # called with the module first
                     hooked = _handed_uses(fn, at, "", self)
@@ -232,6 +233,21 @@ class Sources:
                 )
             reached.called |= inner.called
         return reached
+
+    def _own_forward(self, owner: nn.Module, reached: _Reached) -> None:
+        """Adds what a ``forward`` set on the instance (a ``functools.partial`` over it, a method
+        bound to it) does to ``reached``."""
+        own = vars(owner).get("forward")
+        if isinstance(own, functools.partial):
+            inner = self.bound(own)
+            for ident, where in inner.reads.items():
+                reached.reads.setdefault(ident, f"{where}, as the forward of {type(owner).__name__}'s own")
+            reached.called |= inner.called
+        elif isinstance(own, types.MethodType) and own.__self__ is owner:
+            for fn, at in _functions_of(own.__func__, 0):
+                uses = _handed_uses(fn, at, "", self)
+                named = {p: f"{w} (the forward of {type(owner).__name__}'s own)" for p, w in uses.reads.items()}
+                _resolve_uses(owner, Uses(named, uses.calls), reached)
 
     def bound(self, partial: functools.partial[object]) -> _Reached:
         """What the function of a ``functools.partial`` a module holds and calls does with the
@@ -331,6 +347,13 @@ def _shown(path: str) -> str:
         else:
             parts.append(f".{part}")
     return "self" + "".join(parts)
+
+
+def _own_class(node: ast.expr, names: Mapping[str, set[str]]) -> bool:
+    """Whether ``node`` is the instance's class: ``type(self)`` or ``self.__class__``."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "type" and node.args:
+        return "" in resolve(node.args[0], names)
+    return isinstance(node, ast.Attribute) and node.attr == "__class__" and "" in resolve(node.value, names)
 
 
 def _library(fn: types.FunctionType) -> bool:
@@ -614,6 +637,9 @@ class _Scan:
         if isinstance(func, ast.Attribute) and "" in resolve(func.value, names):
             obj = inspect.getattr_static(self.cls, func.attr, None) if self.cls is not None else None
             offset = 0 if isinstance(obj, staticmethod) else 1
+        elif isinstance(func, ast.Attribute) and _own_class(func.value, names):  # type(self).m(self, x)
+            obj = inspect.getattr_static(self.cls, func.attr, None) if self.cls is not None else None
+            offset = 1 if isinstance(obj, classmethod) else 0
         else:
             obj = global_object(func, module_name)
             if isinstance(obj, classmethod):

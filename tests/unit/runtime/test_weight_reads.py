@@ -235,6 +235,29 @@ class _StaticHelper(_Pair):
         return self.out(self._project(self, x))
 
 
+class _ThroughItsClass(_Pair):
+    """Hands itself to a static method reached through its class."""
+
+    @staticmethod
+    def _project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x @ module.proj.weight.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(type(self)._project(self, x))
+
+
+def _forward_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module.out(x @ module.proj.weight.T)
+
+
+class _InstanceForward(_Pair):
+    """Its forward is set on the instance: a ``functools.partial`` of a reading function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forward = functools.partial(_forward_of, self)
+
+
 class _FunctionOfSelf(_Pair):
     """Hands itself to a module-level function that reads ``proj``'s weight."""
 
@@ -402,6 +425,8 @@ def _run(model: nn.Module) -> torch.Tensor:
         (_Indexed, "layers.1", r"_Indexed\.forward reads self\.layers\.1\.weight"),
         (_PropertyRead, "proj", r"_PropertyRead\.projection reads self\.proj\.weight"),
         (_StaticHelper, "proj", r"_StaticHelper\.forward \(through _StaticHelper\._project\) reads self\.proj\.weight"),
+        (_ThroughItsClass, "proj", r"_ThroughItsClass\.forward \(through _ThroughItsClass\._project\) reads"),
+        (_InstanceForward, "proj", r"_forward_of \(bound in a functools\.partial\) reads module\.proj\.weight, as"),
         (_FunctionOfSelf, "proj", r"_FunctionOfSelf\.forward \(through _project_of\) reads self\.proj\.weight"),
         (_SuperHelper, "proj", r"_ReadBase\.project reads self\.proj\.weight"),
         (_Partial, "proj", r"_Partial\.forward \(through _project_of\) reads self\.proj\.weight"),
@@ -431,6 +456,8 @@ def _run(model: nn.Module) -> torch.Tensor:
         "indexed",
         "property",
         "static-method",
+        "through-its-class",
+        "instance-forward",
         "function-of-self",
         "super",
         "partial",
