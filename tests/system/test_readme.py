@@ -473,3 +473,22 @@ def test_every_attribute_the_readme_reads_exists() -> None:
             if not has:
                 missing.add(f"{owner}.{name}")
     assert not missing, f"the README reads attributes lorahot does not have: {sorted(missing)}"
+
+
+def test_every_test_and_test_file_the_readme_cites_exists() -> None:
+    """A test the README gives as evidence (``test_name``, ``test_name[case]``, a ``test_prefix_*``
+    glob, a ``tests/...py`` path) is one the suite has, so a renamed or removed test cannot leave
+    a claim pointing at nothing."""
+    root = README.parent
+    text = README.read_text()
+    tests = list((root / "tests").rglob("*.py"))
+    defined = {m for p in tests for m in re.findall(r"^\s*(?:async )?def (test_\w+)", p.read_text(), re.M)}
+    modules = {p.stem for p in tests}
+    cited = set(re.findall(r"\b(test_\w+)(\*?)", text))
+    missing = [
+        name + star
+        for name, star in sorted(cited)
+        if not (star and any(d.startswith(name) for d in defined | modules)) and name not in defined | modules
+    ]
+    absent = sorted(p for p in set(re.findall(r"\btests/[\w/]+\.py\b", text)) if not (root / p).is_file())
+    assert not missing and not absent, f"the README cites tests that do not exist: {missing + absent}"
