@@ -277,11 +277,11 @@ def _resolve_uses(owner: object, uses: Uses, reached: _Reached) -> list[tuple[ob
         for obj in _walk(owner, path)[0]:
             reached.reads.setdefault(id(obj), f"{where} reads {_shown(path)}.weight")
     held: list[tuple[object, str | None, str]] = []
-    for path in sorted(uses.calls):
+    for path in uses.calls:
         found, on_path = _walk(owner, path)
         reached.called.update(id(obj) for obj in found)
         held += on_path
-    return held
+    return sorted(held, key=lambda h: h[2])  # the first message for an object: its first path
 
 
 def _callables(owner: object, callee: str, argument: int | str) -> Iterator[tuple[types.FunctionType, int | str]]:
@@ -436,12 +436,9 @@ def _hooks(module: nn.Module) -> list[object]:
     """The forward pre-hooks and hooks that run around ``module``'s forward (its own and the
     global ones)."""
     glob = sys.modules["torch.nn.modules.module"]
-    return [
-        *module._forward_pre_hooks.values(),
-        *module._forward_hooks.values(),
-        *getattr(glob, "_global_forward_pre_hooks", {}).values(),
-        *getattr(glob, "_global_forward_hooks", {}).values(),
-    ]
+    found = [getattr(glob, "_global_forward_pre_hooks", None), getattr(glob, "_global_forward_hooks", None)]
+    found += [module._forward_pre_hooks, module._forward_hooks]
+    return [hook for hooks in found if hooks for hook in hooks.values()]
 
 
 def _own_source(module_name: str, qualname: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
