@@ -99,6 +99,7 @@ def read_adapter(
             ``{"qkv": [("to_q", 3072), ("to_k", 3072), ("to_v", 3072)]}``: A goes to every part,
             B's rows are cut by the sizes, in order (they must add up to B's rows); a
             block-sparse B (zero outside its diagonal blocks) gives each part its chunk of A.
+            A weight delta (LoHa, LoKr, a diff; merged mode) gives each part its rows of ``ΔW``.
             The Flux namings split their fused modules without it.
         device: where tensors read from files land (default: the CPU). ``runtime.load``
             passes its buffers' device, so a GPU receives a file in one transfer. ``"meta"``
@@ -1012,7 +1013,7 @@ def _user_mapping(
     modules = {k: m for k, m in both.items() if isinstance(m, LoraModule)}
     weights = {k: m for k, m in both.items() if isinstance(m, WeightModule)}
     if split is not None:
-        modules = split_by_user(modules, split, adapter.source, fmt.separator, weights)
+        modules, weights = split_by_user(modules, split, adapter.source, fmt.separator, weights)
     if fuse is not None:
         modules = fuse_modules(modules, fuse, adapter.source, fmt, weights)
     return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped, weights)

@@ -111,15 +111,19 @@ def split_by_user(
     source: str,
     sep: str,
     weights: Mapping[str, WeightModule] | None = None,
-) -> dict[str, LoraModule]:
+) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """``split=``: each module key ``<parent><sep><fused>`` (or ``<fused>``) placed onto
-    ``<parent><sep><part>``, one per ``(part, out_features)``. It cuts ``B @ A`` modules;
-    a weight delta (``weights``: LoHa, LoKr, a diff) under a fused key is refused, not left
-    to match no layer.
+    ``<parent><sep><part>``, one per ``(part, out_features)``. A LoRA is cut by B's rows, a
+    weight delta (``weights``: LoHa, LoKr, a diff; merged mode) by the rows of its ``ΔW``
+    (:func:`split_weight`), as the namings' own splits cut them.
+
+    Returns:
+        The LoRA modules and the weight deltas, each placed.
 
     Raises:
         UsageError: a malformed ``split`` argument.
-        AdapterMismatchError: as :func:`place`, and a weight delta ``split`` names.
+        AdapterMismatchError: as :func:`place`, for either kind (a weight delta whose rows cannot
+            be the parts': a per-input ``dora_scale``, a conv, sizes that do not add up).
     """
     rules = tuple(
         Split(
@@ -129,20 +133,11 @@ def split_by_user(
         )
         for fused, parts in _split_spec(split).items()
     )
-    named = [w for key, w in (weights or {}).items() if any(re.fullmatch(r.pattern, key) for r in rules)]
-    if named:
-        raise AdapterMismatchError(
-            format_problems(
-                f"{source}: split= cuts LoRA modules (B @ A) by rows; it does not cut these:",
-                [f"{_where_weight(w)}: a {weight_kind(w)}" for w in named],
-            )
-            + "\nLoad the fused layer itself (inject it, or key_map= onto it), or convert the file to plain LoRA."
-        )
-    return place(modules, rules, source, "split=")
-
-
-def _where_weight(module: WeightModule) -> str:
-    return ", ".join(module.source_keys[:2]) if module.source_keys else shown(module.key, 200)
+    both = place({**modules, **(weights or {})}, rules, source, "split=")
+    return (
+        {k: m for k, m in both.items() if isinstance(m, LoraModule)},
+        {k: m for k, m in both.items() if isinstance(m, WeightModule)},
+    )
 
 
 def weight_kind(module: WeightModule) -> str:
@@ -160,16 +155,18 @@ def weight_kind(module: WeightModule) -> str:
 
 
 def place(
-    modules: dict[str, LoraModule], rules: tuple[Split | Reorder, ...], source: str, what: str
-) -> dict[str, LoraModule]:
-    """Every module that a rule fully matches, placed as the rule says; the others unchanged.
+    modules: Mapping[str, LoraModule | WeightModule], rules: tuple[Split | Reorder, ...], source: str, what: str
+) -> dict[str, LoraModule | WeightModule]:
+    """Every module that a rule fully matches, placed as the rule says (a LoRA by B's rows, a
+    weight delta by its ``ΔW``'s); the others unchanged.
 
     Raises:
         AdapterMismatchError: every module that cannot be split (sizes that do not add up to
-            B's rows or rows that do not divide by the shares, A and B of different ranks, conv
-            modules), and parts that land on a module key the file also holds; all listed at once.
+            B's or ``ΔW``'s rows or rows that do not divide by the shares, A and B of different
+            ranks, conv modules, a per-input ``dora_scale``), and parts that land on a module key
+            the file also holds; all listed at once.
     """
-    out: dict[str, LoraModule] = {}
+    out: dict[str, LoraModule | WeightModule] = {}
     origin: dict[str, str] = {}
     problems: list[str] = []
     for key, module in modules.items():

@@ -342,12 +342,6 @@ def _locon_per_input(key: str, rows: int, cols: int = 4, rank: int = 2) -> dict[
     ("tensors", "options", "match"),
     [
         (
-            _loha("lora_unet_single_transformer_blocks_0_linear1", 28),
-            {"split": {"linear1": _PARTS}},
-            r"split= cuts LoRA modules \(B @ A\) by rows; it does not cut these:\n"
-            r"  - lora_unet_single_transformer_blocks_0_linear1\.hada_w1_a, .*: a loha module",
-        ),
-        (
             {**_loha("lora_unet_attn_to_q", 4), **_loha("lora_unet_attn_to_k", 4)},
             {"fuse": {"to_qk": ["to_q", "to_k"]}},
             r"cannot fuse:\n  - 'lora_unet_attn_to_q': a loha module, a weight delta; "
@@ -356,9 +350,10 @@ def _locon_per_input(key: str, rows: int, cols: int = 4, rank: int = 2) -> dict[
         (
             _locon_per_input("lora_unet_single_transformer_blocks_0_linear1", 28),
             {"split": {"linear1": _PARTS}},
-            r"split= cuts LoRA modules \(B @ A\) by rows; it does not cut these:\n"
-            r"  - lora_unet_single_transformer_blocks_0_linear1\.lora_down\.weight, .*: a LoRA/LoCon module whose "
-            r"dora_scale \(1, 4\) normalizes each input channel over every output row of its layer",
+            r"fused modules that cannot be placed onto the model's layers \(split=\):\n"
+            r"  - .*linear1 \(lora_unet_single_transformer_blocks_0_linear1\.lora_down\.weight, .*\) -> .*attn\.to_q"
+            r".*: it is a LoRA/LoCon module whose dora_scale \(1, 4\) normalizes each input channel over every output "
+            r"row of its layer",
         ),
         (
             {**_locon_per_input("lora_unet_attn_to_q", 4), **_locon_per_input("lora_unet_attn_to_k", 4)},
@@ -368,23 +363,26 @@ def _locon_per_input(key: str, rows: int, cols: int = 4, rank: int = 2) -> dict[
             r"separate layers \(no fuse=\), or convert the file to plain LoRA\.",
         ),
     ],
-    ids=["split", "fuse", "split-locon-per-input", "fuse-locon-per-input"],
+    ids=["fuse", "split-locon-per-input", "fuse-locon-per-input"],
 )
 def test_a_weight_delta_named_by_split_or_fuse_is_refused_saying_so(
     tensors: dict[str, torch.Tensor], options: dict, match: str
 ) -> None:
-    """split= and fuse= reshape ``B @ A`` modules; a LyCORIS kind under a key they name is
-    refused with that reason, in merged mode too, where it would otherwise have been left to
-    match no layer (the message then named no cause). A LoRA/LoCon whose ``dora_scale`` is per
-    input channel is named by why (its norm runs over every output row of its layer), not as 'a
-    locon module, a weight delta' beside its own lora_down/lora_up keys, and fuse= names the fix."""
+    """fuse= joins ``B @ A`` modules; a LyCORIS kind under a key it names is refused with that
+    reason, in merged mode too, where it would otherwise have been left to match no layer (the
+    message then named no cause). A LoRA/LoCon whose ``dora_scale`` is per input channel is named
+    by why (its norm runs over every output row of its layer, so neither fuse= nor split= can
+    reshape it), not as 'a locon module, a weight delta' beside its own lora_down/lora_up keys,
+    and fuse= names the fix. Nothing changes (bitwise)."""
     model = _Model()
     runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4, merged=True)
     x = torch.randn(3, 4)
     before = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(lorahot.AdapterMismatchError, match=match):
         runtime.load(tensors, **options)
     assert torch.equal(model(x), before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 # -- what a fused module holds per output row: a DoRA magnitude, a LoRA bias -----------------
@@ -755,3 +753,108 @@ def test_a_fused_weight_delta_is_cut_by_rows_where_its_rows_are_the_parts() -> N
         resolve_all(lorahot.read_adapter(per_input), names)
     with pytest.raises(lorahot.AdapterMismatchError, match=r"its ΔW has 21 rows; its rows split in the ratio 3:1:1"):
         resolve_all(lorahot.read_adapter(_loha(key, 21)), names)
+
+
+def _fused_linear1(model: _Model) -> nn.Linear:
+    """The model's ``to_q``, ``to_k``, ``to_v`` and ``proj_mlp`` as one ``linear1`` ``[28, 4]``."""
+    block = model.single_transformer_blocks[0]
+    layers = (block.attn.to_q, block.attn.to_k, block.attn.to_v, block.proj_mlp)
+    fused = nn.Linear(4, 28).double()
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([layer.weight for layer in layers]))
+        fused.bias.copy_(torch.cat([layer.bias for layer in layers]))
+    return fused
+
+
+@pytest.mark.parametrize(
+    "kind", ["loha", "lokr", "loha-dora", "diff"], ids=["loha", "lokr", "loha-dora-on-out", "diff-with-bias"]
+)
+def test_split_option_cuts_a_weight_delta_by_the_rows_of_its_delta(kind: str) -> None:
+    """split= of a fused ``linear1`` holding a LyCORIS LoHa, a LoKr, a LoHa trained with weight
+    decomposition over the output rows (``dora_scale [28, 1]``) or a full diff with a
+    ``diff_b``: each part folds its rows of the whole ``ΔW`` (and of the ``dora_scale`` and
+    ``diff_b``), so the merged model computes the fused layer with LyCORIS' own module applied
+    (``lycoris-lora``'s forward; float64 within 1e-12), and each layer's weight is its rows of
+    the fused weight plus LyCORIS' ``get_weight``. All were refused ('split= cuts LoRA modules')."""
+    torch.manual_seed(0)
+    model = _Model().double()
+    fused = _fused_linear1(model)
+    key = "lora_unet_single_transformer_blocks_0_linear1"
+    x = torch.randn(3, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(6)
+    if kind == "diff":
+        delta, bias = torch.randn(28, 4, generator=g, dtype=torch.float64), torch.randn(28, generator=g).double()
+        sd = {f"{key}.diff": delta, f"{key}.diff_b": bias}
+        with torch.no_grad():
+            expected = fused(x) + x @ delta.T + bias
+    else:
+        modules = pytest.importorskip("lycoris.modules")
+        options = {"lora_dim": 2, "alpha": 3.0, "weight_decompose": kind == "loha-dora"}
+        if kind == "lokr":
+            options |= {"factor": 2, "decompose_both": True}
+        cls = modules.LokrModule if kind == "lokr" else modules.LohaModule
+        module = cls(key, fused, 1.0, **options).double()
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+        sd = {f"{key}.{k}": v.detach().clone() for k, v in module.custom_state_dict().items()}
+        assert (f"{key}.dora_scale" in sd) == (kind == "loha-dora")
+        delta = module.get_weight(module.shape) * module.scalar
+        module.apply_to()
+        with torch.no_grad():
+            expected = fused(x)
+    assert torch.count_nonzero(delta) == delta.numel()
+    base = model(x).detach()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4, merged=True)
+    info = runtime.load(sd, split={"linear1": _PARTS})
+    assert sorted(info.ranks) == sorted(f"single_transformer_blocks.0.{p}" for p, _ in _PARTS)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(expected, base)
+        if kind != "loha-dora":
+            block, start = model.single_transformer_blocks[0], 0
+            for name, n in _PARTS:
+                layer = block.get_submodule(name)
+                want = fused.weight[start : start + n] + delta[start : start + n].detach()
+                torch.testing.assert_close(layer.weight, want, rtol=1e-12, atol=1e-12)
+                start += n
+
+
+@pytest.mark.parametrize(
+    ("tensors", "split", "match"),
+    [
+        (
+            _loha("lora_unet_single_transformer_blocks_0_linear1", 28),
+            {"linear1": [*_PARTS[:3], ("proj_mlp", 12)]},
+            r"linear1 \(lora_unet_single_transformer_blocks_0_linear1\.hada_w1_a, .*\) -> .*attn\.to_q, .*proj_mlp: "
+            r"its ΔW has 28 output rows, but the parts' sizes \[4, 4, 4, 12\] add up to 24",
+        ),
+        (
+            {
+                "lora_unet_single_transformer_blocks_0_linear1.diff": torch.randn(28, 4),
+                "lora_unet_single_transformer_blocks_0_linear1.diff_b": torch.randn(27),
+            },
+            {"linear1": _PARTS},
+            r"linear1 \(.*\.diff, .*\) -> .*: its diff_b has shape \(27,\), but cutting it with ΔW's rows needs one "
+            r"value per row",
+        ),
+    ],
+    ids=["sizes", "diff-b"],
+)
+def test_split_option_refuses_a_weight_delta_whose_rows_are_not_the_parts_and_changes_nothing(
+    tensors: dict[str, torch.Tensor], split: dict, match: str
+) -> None:
+    """Sizes that do not add up to ``ΔW``'s rows, a ``diff_b`` without one value per row: refused
+    naming the module, its keys, the parts and the shapes, before anything is written (the model's
+    weights and the arenas bitwise as before; a LoRA loaded earlier stays)."""
+    torch.manual_seed(0)
+    model = _Model()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4, merged=True)
+    runtime.load(_linear1(28, seed=1))
+    x = torch.randn(3, 4)
+    before = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lorahot.AdapterMismatchError, match=match):
+        runtime.load(tensors, split=split)
+    assert torch.equal(model(x), before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
