@@ -28,8 +28,11 @@ and gate of attention and MLP, in diffusers' order too). B's halves are swapped 
 module is an alias (``joint_blocks.0.x_block.mlp.fc1`` -> ``transformer_blocks.0.ff.net.0.proj``,
 ``x_embedder.proj`` -> the patch-embedding conv ``pos_embed.proj``).
 
-A model in the original names takes the keys as they are. LyCORIS factors and bias deltas are
-refused by name: these namings place LoRA weights only, splitting the fused modules.
+A model in the original names takes the keys as they are. LyCORIS factors (LoHa, LoKr, Tucker
+cores, full diffs and ``diff_b``, as sd-scripts' LyCORIS networks on SD3's ``SingleDiTBlock`` and
+ComfyUI write them) load in merged mode: a fused or re-ordered module folds its rows of the whole
+``ΔW`` (:func:`~lorahot.resolve.split.split_weight`). A ``dora_scale`` is refused, as in the Flux.1
+namings.
 """
 
 from __future__ import annotations
@@ -39,7 +42,16 @@ import re
 from lorahot.formats import kohya
 from lorahot.formats.flux import ADD_QKV, QKV, qkv_split
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
-from lorahot.formats.table import DIFFUSION_MODEL, REFUSED, KeyFormat, Reorder, Split, lora_rules
+from lorahot.formats.table import (
+    DIFFUSION_MODEL,
+    REFUSED_DORA,
+    REFUSED_MERGEABLE,
+    KeyFormat,
+    Reorder,
+    Split,
+    lora_rules,
+    lycoris_rules,
+)
 from lorahot.formats.table import NAME_START as _START
 
 __all__ = ["KOHYA", "FORMAT", "SPLITS"]
@@ -89,19 +101,9 @@ SPLITS: tuple[Split | Reorder, ...] = (
     Reorder(_HEAD + r"final_layer\.adaLN_modulation\.1", r"\g<head>norm_out.linear", (1, 1), (1, 0)),
 )
 
-#: the LyCORIS kinds of :data:`REFUSED` (whose reason names the namings that read them)
-_LYCORIS = next(pattern for pattern, why in REFUSED if why.startswith("LyCORIS (LoHa"))
-
-#: keys the SD3 namings refuse in their own words, before :data:`REFUSED`
-_REFUSED: tuple[tuple[str, str], ...] = (
-    (
-        _LYCORIS,
-        "LyCORIS (LoHa/LoKr/Tucker/diff) weights, which lorahot does not read in the SD3 namings (it places their "
-        "LoRA weights only, splitting the fused modules); convert the adapter to LoRA, or load with strict=False "
-        "to skip the module",
-    ),
-    *REFUSED,
-)
+#: keys the SD3 namings refuse: a DoRA magnitude (no test of these namings against an oracle reads
+#: one), and what every naming that reads LyCORIS factors refuses
+_REFUSED: tuple[tuple[str, str], ...] = (REFUSED_DORA, *REFUSED_MERGEABLE)
 
 #: sd-scripts' underscore names of the original modules -> the dotted ones (``lora_unet_`` kept:
 #: ``prefix="lora_unet"`` selects them, and the resolver drops it)
@@ -128,12 +130,13 @@ KOHYA = kohya.spelling(
     refuse=_REFUSED,
     marker=r"^lora_unet_joint_blocks_\d+_(?:x_block|context_block)_",
     splits=SPLITS,
+    lycoris=True,
     example="lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight",
 )
 
 FORMAT = KeyFormat(
     name="sd3",
-    rules=lora_rules(),
+    rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
     prefixes=(*DIFFUSION_MODEL, "transformer."),
     aliases=_ALIASES,
     refuse=_REFUSED,

@@ -7,6 +7,7 @@ save them), which lorahot reads with its diffusers naming, joint-attention conte
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -323,16 +324,92 @@ def test_sd3_kohya_text_encoder_modules_go_to_their_text_encoders() -> None:
             torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ update.T)
 
 
-@pytest.mark.parametrize("naming", ["sd3-kohya", "sd3"])
-def test_sd3_namings_refuse_lycoris_factors_in_their_own_words(naming: str) -> None:
-    """A LyCORIS factor cannot be cut along a fused module's rows: refused by name, saying the SD3
-    namings place LoRA weights only."""
-    module = (
+def lycoris_file(base: dict[str, torch.Tensor], parts: dict[str, list[str]], naming: str, head: str) -> tuple:
+    """LyCORIS modules (``lycoris-lora``'s own, random factors) on every original module, the
+    kinds in turn (LoHa, LoKr with low-rank factors, LoKr with whole ones, a full diff with a
+    ``diff_b``): the file in sd-scripts' spelling or dotted under ``head``, and each module's
+    ``(ΔW, Δbias)`` as LyCORIS computes them (``get_weight`` times its ``scalar``)."""
+    from lycoris.modules import LohaModule, LokrModule
+
+    g = torch.Generator().manual_seed(9)
+    sd, deltas = {}, {}
+    for i, name in enumerate(parts):
+        w = base[f"{name}.weight"]
+        module = "lora_unet_" + name.replace(".", "_") if naming == "sd3-kohya" else f"{head}{name}"
+        kind = i % 4
+        if kind == 3:
+            diff, diff_b = (
+                torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.1 for t in (w, base[f"{name}.bias"])
+            )
+            sd |= {f"{module}.diff": diff, f"{module}.diff_b": diff_b}
+            deltas[name] = (diff, diff_b)
+            continue
+        if w.ndim == 4:
+            layer: torch.nn.Module = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=w.shape[2:])
+        else:
+            layer = torch.nn.Linear(w.shape[1], w.shape[0])
+        if kind == 0:
+            lycoris_module = LohaModule(module, layer, 1.0, lora_dim=2, alpha=3.0)
+        else:  # low-rank w1 and w2, or both whole
+            lycoris_module = LokrModule(
+                module, layer, 1.0, lora_dim=2 if kind == 1 else 64, alpha=5.0, factor=4, decompose_both=kind == 1
+            )
+        lycoris_module = lycoris_module.double()
+        with torch.no_grad():
+            for param in lycoris_module.parameters():
+                param.copy_(torch.randn(param.shape, generator=g, dtype=param.dtype) * 0.3)
+            update = lycoris_module.get_weight(lycoris_module.shape) * lycoris_module.scalar
+        sd |= {f"{module}.{k}": v.detach().clone() for k, v in lycoris_module.custom_state_dict().items()}
+        deltas[name] = (update.detach().reshape(w.shape), None)
+    return sd, deltas
+
+
+@pytest.mark.parametrize(("naming", "head"), [("sd3-kohya", ""), ("sd3", "diffusion_model."), ("sd3", "")])
+def test_sd3_namings_merge_lycoris_factors_as_lycoris_computes(naming: str, head: str) -> None:
+    """SD3.5 files of LyCORIS modules on every original module (the fused qkvs, the swapped
+    adaLNs, the patch conv): loaded in merged mode, each layer's float64 weight and bias equal
+    what diffusers' checkpoint conversion makes of the original weights plus LyCORIS' ``ΔW``
+    (``lycoris-lora``'s ``get_weight``) and ``diff_b``, and the outputs agree. They were refused
+    ('LyCORIS ... not read in the SD3 namings'). An unmerged runtime refuses them, saying
+    merged=True, and a ``dora_scale`` is refused naming it, both changing nothing."""
+    pytest.importorskip("lycoris")
+    parts = original_parts(dual=True)
+    model = tiny_sd3_from(True).double()
+    base = original_base(model, parts, True)
+    sd, deltas = lycoris_file(base, parts, naming, head)
+    updated = dict(base)
+    for name, (update, bias) in deltas.items():
+        updated[f"{name}.weight"] = base[f"{name}.weight"] + update
+        if bias is not None:
+            updated[f"{name}.bias"] = base[f"{name}.bias"] + bias
+    oracle = tiny_sd3_from(True).double()
+    oracle.load_state_dict(converted(updated), strict=True)
+    model.load_state_dict(converted(base), strict=True)
+    names = sorted({t for targets in parts.values() for t in targets})
+    inputs = {k: v.double() for k, v in sd3_inputs().items()}
+    with torch.no_grad():
+        before = model(**inputs, return_dict=False)[0]
+
+    unmerged = lorahot.inject(tiny_sd3_from(True).double(), names, max_rank=8)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"loads only in merged mode[\s\S]*merged=True"):
+        unmerged.load(dict(sd))
+    runtime = lorahot.inject(model, names, max_rank=8, merged=True)
+    qkv = (
         "lora_unet_joint_blocks_0_x_block_attn_qkv"
         if naming == "sd3-kohya"
-        else "diffusion_model.joint_blocks.0.x_block.attn.qkv"
+        else f"{head}joint_blocks.0.x_block.attn.qkv"
     )
-    sd = lora_file({"joint_blocks.0.x_block.mlp.fc1": (torch.zeros(2, D), torch.zeros(4 * D, 2), 2.0)}, naming)
-    sd |= {f"{module}.hada_w1_a": torch.zeros(3 * D, 2), f"{module}.hada_w1_b": torch.zeros(2, D)}
-    with pytest.raises(UnknownFormatError, match=r"hada_w1_a: LyCORIS .* not read in the SD3 namings"):
-        lorahot.read_adapter(sd)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnknownFormatError, match=rf"{re.escape(qkv)}\.dora_scale: DoRA magnitude"):
+        runtime.load({**sd, f"{qkv}.dora_scale": torch.ones(3 * D, 1, dtype=torch.float64)})
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+    info = runtime.load(dict(sd))
+    assert info.format == naming
+    ours, theirs = layer_weights(model, names), layer_weights(oracle, names)
+    for name in names:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-12, atol=1e-12, msg=name)
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+        torch.testing.assert_close(out, oracle(**inputs, return_dict=False)[0])
+        assert not torch.allclose(out, before)
