@@ -40,6 +40,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     kohya.FORMAT,
     flux.XLABS,  # before diffusers-old, whose processor keys look alike
     flux.FAL,  # before PEFT, whose keys look alike
+    minimax_h3.DIFFSYNTH,  # before minimax-h3, which reads .default. too, and PEFT
     minimax_h3.FORMAT,  # before PEFT (bare keys, PEFT's .default.) and Wan (blocks.N.)
     krea2.FORMAT,  # before PEFT (AI-Toolkit's base_model.model.) and Wan (blocks.N.)
     flux3.FORMAT,  # before flux-bfl and HunyuanVideo, whose marker (single_blocks.N.) it shares

@@ -15,9 +15,14 @@ onto ``attn.to_q``/``to_k``/``to_v``; ``mlp.fc1``, a SwiGLU's ``[gate; value]``,
 conversion renames it (``attn.out_proj`` -> ``attn.to_out.0``, ``mlp.fc2`` -> ``ff.net.2``,
 ``video_patch_proj`` -> ``proj_in``, ``final_layer.video_out`` -> ``proj_out``, ...).
 
-DiffSynth-Studio's files (PEFT's ``.lora_A.default.weight`` over these names) train the raw
-checkpoint's ``qkv_proj``, whose rows interleave q, k and v per head; that module is refused by
-name (``strict=False`` skips it), the others load as in any file of these names.
+- ``minimax-h3-diffsynth``: DiffSynth-Studio's files, PEFT's ``.lora_A.default.weight`` over these
+  names. DiffSynth trains the raw checkpoint's ``qkv_proj``, whose rows interleave q, k and v per
+  head (``[head 0: q, k, v; head 1: ...]``); its split gathers each part's rows from every head at
+  the head size of the model's attention module (its ``head_dim``,
+  :attr:`~lorahot.formats.table.Split.per_head`) before the cut, where diffusers assumes 128. A
+  model that states no head size refuses the module, naming its shapes. Told apart by the
+  ``.default.`` of every key; a file that mixes it with other spellings reads as ``minimax-h3``,
+  which refuses a ``.default.`` ``qkv_proj`` by name.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from lorahot.formats.table import (
 )
 from lorahot.formats.table import NAME_START as _START
 
-__all__ = ["FORMAT", "MUSUBI", "SPLITS", "HEADER_ALPHA"]
+__all__ = ["FORMAT", "MUSUBI", "DIFFSYNTH", "SPLITS", "HEADER_ALPHA"]
 
 #: the safetensors header entry some files (lightx2v's) record their one network alpha in
 HEADER_ALPHA = "alpha"
@@ -91,6 +96,11 @@ SPLITS: tuple[Split | Reorder, ...] = tuple(
     )
 )
 
+#: :data:`SPLITS` with DiffSynth-Studio's per-head interleaved ``qkv_proj``
+DIFFSYNTH_SPLITS: tuple[Split | Reorder, ...] = tuple(
+    dataclasses.replace(rule, per_head=True) if isinstance(rule, Split) else rule for rule in SPLITS
+)
+
 #: a block module of these names, after an optional prefix: what tells a file of them apart (a
 #: file of the modules outside the blocks alone, ``time_embedder.proj_in``, ..., is not: other
 #: models share such names)
@@ -103,8 +113,10 @@ _MARKER = (
 _DIFFSYNTH_QKV = (
     r"(?:^|\.)blocks\.\d+\.attn\.qkv_proj\.lora_[AB]\.default\.weight$",
     "DiffSynth-Studio's LoRA of MiniMax-H3's fused qkv_proj (PEFT's .default. spelling), trained on the raw "
-    "checkpoint's rows, which interleave q, k and v per head; lorahot cuts qkv_proj as q, then k, then v, and does "
-    "not re-order these rows; load with strict=False to skip the module",
+    "checkpoint's rows, which interleave q, k and v per head, in a file whose other keys are not all of that "
+    "spelling: read as minimax-h3 naming, whose qkv_proj rows are q, then k, then v, it would land cut the wrong way; "
+    "save the whole file in DiffSynth's spelling (minimax-h3-diffsynth gathers the heads at the model's head size), or "
+    "load with strict=False to skip the module",
 )
 
 FORMAT = KeyFormat(
@@ -121,6 +133,22 @@ FORMAT = KeyFormat(
     aliases=_ALIASES,
     splits=SPLITS,
     example="diffusion_model.blocks.0.attn.qkv_proj.lora_A.weight",
+    header_alpha=HEADER_ALPHA,
+)
+
+DIFFSYNTH = KeyFormat(
+    name="minimax-h3-diffsynth",
+    rules=(
+        Rule(r"(?P<module>.+)\.lora_A\.default\.weight", "A"),
+        Rule(r"(?P<module>.+)\.lora_B\.default\.weight", "B"),
+        Rule(r"(?P<module>.+)\.alpha", "alpha"),
+    ),
+    prefixes=DIFFUSION_MODEL,
+    refuse=REFUSED,
+    marker=_MARKER + r"lora_[AB]\.default\.weight$",
+    aliases=_ALIASES,
+    splits=DIFFSYNTH_SPLITS,
+    example="blocks.0.attn.qkv_proj.lora_A.default.weight",
     header_alpha=HEADER_ALPHA,
 )
 

@@ -106,11 +106,17 @@ class Split:
             ``linear1``: the rows divide into 7 equal units, ``D`` each).
         exact: the numbers in ``parts`` are the parts' output sizes themselves, not shares
             (``split=`` of :func:`lorahot.read_adapter`).
+        per_head: B's rows interleave the parts per attention head, ``[head 0: part 0, part 1,
+            ...; head 1: ...]``, each ``d`` rows, ``d`` the head size of the model's module that
+            holds the parts (its ``head_dim``); they are gathered part by part before the cut.
+            Where the model states no head size the module is refused, as any ``d`` that divides
+            the rows would cut them another way.
     """
 
     pattern: str
     parts: tuple[tuple[str, int], ...]
     exact: bool = False
+    per_head: bool = False
 
 
 @dataclass(frozen=True)

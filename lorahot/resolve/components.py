@@ -16,7 +16,7 @@ Prefixes end with their naming's separator: ``text_encoder.`` never takes ``text
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems, shown
@@ -75,6 +75,7 @@ def resolve_components(
     components: tuple[str, ...],
     skipped: list[str] | None = None,
     others: Sequence[str] = (),
+    heads: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """:func:`lorahot.resolve.keys.resolve_all` over the layers ``<component>.<path>``.
 
@@ -85,6 +86,7 @@ def resolve_components(
             not have, and those matching no layer of their component, are listed here.
         others: the other module paths of the models, ``<component>.<path>`` (see
             :func:`~lorahot.resolve.keys.resolve_all`).
+        heads: the attention head sizes of the models' modules, by ``<component>.<path>``.
 
     Raises:
         AdapterMismatchError: modules for a component the runtime lacks (naming the prefix,
@@ -117,8 +119,9 @@ def resolve_components(
         )
         own = [n[len(head) :] for n in names if n.startswith(head)]
         beside = [n[len(head) :] for n in others if n.startswith(head)]
+        sizes = {n[len(head) :]: d for n, d in (heads or {}).items() if n.startswith(head)}
         try:
-            found, folded = resolve_all(part, own, skipped, beside)
+            found, folded = resolve_all(part, own, skipped, beside, sizes)
         except AdapterMismatchError as exc:
             problems.append(f"[{component}] {exc}")
             continue

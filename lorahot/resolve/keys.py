@@ -43,7 +43,7 @@ import collections
 import difflib
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems, shown
@@ -52,7 +52,7 @@ from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
 from lorahot.resolve.split import placed
 
-__all__ = ["resolve_keys", "resolve_all", "outside"]
+__all__ = ["resolve_keys", "resolve_all", "outside", "head_sizes"]
 
 #: Every component prefix any format knows, longest first.
 _PREFIXES = tuple(sorted({p for f in FORMATS for p in f.prefixes}, key=len, reverse=True))
@@ -155,6 +155,24 @@ class _Names:
                 return hits
             i = u.find("_", i + 1)
         return []
+
+
+def head_sizes(modules: Iterable[tuple[str, object]]) -> dict[str, int]:
+    """The attention head size each of ``modules`` (a model's ``named_modules()``) states, by
+    path: an integer ``head_dim`` > 0 set on the instance (diffusers' and transformers'
+    attention modules); the ``heads`` of :func:`resolve_all`."""
+    out = {}
+    for name, module in modules:
+        size = getattr(module, "__dict__", {}).get("head_dim")
+        if type(size) is int and size > 0:
+            out[name] = size
+    return out
+
+
+def _held_heads(targets: Sequence[str], fmt: KeyFormat, index: _Names, heads: Mapping[str, int]) -> set[int]:
+    """The head sizes of the modules holding the layers ``targets`` match in the model."""
+    held = {name.rpartition(".")[0] for target in targets for name in _in_model(target, fmt, index)}
+    return {heads[h] for h in held if h in heads}
 
 
 def outside(modules: Sequence[str], layers: Sequence[str]) -> tuple[str, ...]:
@@ -279,7 +297,11 @@ def resolve_keys(
 
 
 def resolve_all(
-    adapter: Adapter, names: list[str], skipped: list[str] | None = None, others: Sequence[str] = ()
+    adapter: Adapter,
+    names: list[str],
+    skipped: list[str] | None = None,
+    others: Sequence[str] = (),
+    heads: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """Maps each adapter module key (LoRA and weight kinds) to one injected layer name (see
     the module docstring).
@@ -293,6 +315,10 @@ def resolve_all(
         others: the model's other module paths (not injected layers, nor inside one), so that
             a key naming one of them matches nothing (see the module docstring); empty where
             unknown.
+        heads: the attention head size the model's modules state, by path (:func:`head_sizes`):
+            a fused module whose rows interleave its parts per head
+            (:attr:`~lorahot.formats.table.Split.per_head`) is gathered at the head size of the
+            module holding its parts, and refused where none is known.
 
     Returns:
         injected layer name -> the LoRA module loaded into it, and the same for the weight
@@ -315,7 +341,14 @@ def resolve_all(
         key, module, named = pending.popleft()  # named: the key, or "<part> (part of <fused key>)"
         hits = _lookup(key, fmt, index)
         if not hits and fmt.splits:
-            parts = placed(key, module, fmt.splits, problems, lambda target: bool(_in_model(target, fmt, index)))
+            parts = placed(
+                key,
+                module,
+                fmt.splits,
+                problems,
+                lambda target: bool(_in_model(target, fmt, index)),
+                lambda targets: _held_heads(targets, fmt, index, heads or {}),
+            )
             if not (len(parts) == 1 and parts[0] is module):  # fused: its parts resolve in its place
                 pending.extendleft((p.key, p, f"{p.key} (part of {key})") for p in reversed(parts))
                 continue

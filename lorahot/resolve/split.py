@@ -193,6 +193,7 @@ def placed(
     rules: tuple[Split | Reorder, ...],
     problems: list[str],
     exists: Callable[[str], bool] = ...,
+    head_sizes: Callable[[Sequence[str]], set[int]] = ...,
 ) -> list[LoraModule]: ...
 @overload
 def placed(
@@ -201,6 +202,7 @@ def placed(
     rules: tuple[Split | Reorder, ...],
     problems: list[str],
     exists: Callable[[str], bool] = ...,
+    head_sizes: Callable[[Sequence[str]], set[int]] = ...,
 ) -> list[LoraModule | WeightModule]: ...
 def placed(
     key: str,
@@ -208,6 +210,7 @@ def placed(
     rules: tuple[Split | Reorder, ...],
     problems: list[str],
     exists: Callable[[str], bool] = lambda target: True,
+    head_sizes: Callable[[Sequence[str]], set[int]] = lambda targets: set(),
 ) -> list[LoraModule] | list[LoraModule | WeightModule]:
     """``module`` as the rule for ``key`` places it: ``[module]`` if no rule fully matches it,
     ``[]`` after appending to ``problems`` if it cannot be placed (sizes, ranks, a conv module).
@@ -219,7 +222,9 @@ def placed(
     for another: Lumina2's ``attention.qkv`` 3 : 1 : 1 onto ``attn.to_q``, Ideogram 4's
     1 : 1 : 1 onto ``attention.to_q``; a part on a layer not injected is then skipped or refused
     like any key); the first matching one where none does, whose targets then fail to resolve,
-    naming them."""
+    naming them. A :attr:`Split.per_head` rule gathers the rows of each part from every head
+    first, at the head size ``head_sizes`` gives for the targets (the model's modules holding
+    them): none, or several, is a problem naming the shapes."""
     matching = [
         (rule, m) for rule in rules if (m := re.fullmatch(rule.pattern, key)) is not None and _applies(rule, module)
     ]
@@ -235,16 +240,25 @@ def placed(
         else:
             problem = _share_problem(f"B has shape {tuple(module.B.shape)}", shares) if sizes is None else None
             problem = problem or _unsplittable(module, sizes or [])
+        order = None
+        per_head = isinstance(rule, Split) and rule.per_head and all(exists(t) for t in _targets(rule, m))
+        if problem is None and sizes is not None and per_head:
+            order, problem = _per_head_order(sizes, head_sizes(_targets(rule, m)), shape)
         if sizes is None or problem is not None:
             problems.append(f"{_where(module)} -> {', '.join(_targets(rule, m))}: {problem}")
             return []
         targets = [(m.expand(t), n) for (t, _), n in zip(rule.parts, sizes)] if isinstance(rule, Split) else []
         if isinstance(module, LoraModule):
             if isinstance(rule, Split):
-                return split_module(module, targets)
+                gathered = (
+                    module
+                    if order is None
+                    else _part(module, module.key, module.A, module.B[order], module.alpha, order)
+                )
+                return split_module(gathered, targets)
             return [reorder_module(module, m.expand(rule.target), sizes, rule.order)]
         if isinstance(rule, Split):
-            return list[LoraModule | WeightModule](split_weight(module, targets))
+            return list[LoraModule | WeightModule](split_weight(module, targets, order))
         reordered: list[LoraModule | WeightModule] = [
             _weight_part(module, m.expand(rule.target), _reordered(sizes, rule.order))
         ]
@@ -252,12 +266,15 @@ def placed(
     return [module]
 
 
-def split_weight(module: WeightModule, parts: Sequence[tuple[str, int]]) -> list[WeightModule]:
+def split_weight(
+    module: WeightModule, parts: Sequence[tuple[str, int]], order: torch.Tensor | None = None
+) -> list[WeightModule]:
     """``module`` (a fused linear weight delta: LoHa, LoKr, a diff) as one module per part, each
     folding its rows of the fused ``ΔW``: exact whatever the kind (a Kronecker or Hadamard
     product has no per-part factors, but its rows are the parts' rows, as fusing the model's
     layers would compute them). A ``diff_b`` and a per-output-row ``dora_scale`` are cut by the
-    same rows (weight decomposition normalizes each output row on its own).
+    same rows (weight decomposition normalizes each output row on its own). ``order``: the
+    ``ΔW`` row of each row, where the parts' rows are not in place (:attr:`Split.per_head`).
 
     Raises:
         AdapterMismatchError: the sizes do not add up to ``ΔW``'s rows, or the module is no
@@ -267,7 +284,8 @@ def split_weight(module: WeightModule, parts: Sequence[tuple[str, int]]) -> list
     problem = _weight_unsplittable(module, _matrix(module), sizes)
     if problem is not None:
         raise AdapterMismatchError(f"{_where(module)}: {problem}. {_FIX}")
-    return [_weight_part(module, key, torch.arange(o, o + n)) for (key, n), o in zip(parts, _offsets(sizes))]
+    rows = torch.arange(sum(sizes)) if order is None else order
+    return [_weight_part(module, key, rows[o : o + n]) for (key, n), o in zip(parts, _offsets(sizes))]
 
 
 def _weight_part(module: WeightModule, key: str, rows: torch.Tensor) -> WeightModule:
@@ -288,6 +306,32 @@ def _weight_part(module: WeightModule, key: str, rows: torch.Tensor) -> WeightMo
 
 #: the factors of a weight delta that hold one value per output row (cut with ``ΔW``'s rows)
 _PER_ROW = ("diff_b", "dora_scale")
+
+
+def _per_head_order(
+    sizes: list[int], heads: set[int], shape: tuple[int, int] | None
+) -> tuple[torch.Tensor | None, str | None]:
+    """The file's row of each row where B's rows interleave the parts per head of ``heads``' one
+    size ``d`` (``[head h: part 0, part 1, ...]``, ``d`` rows each), the parts' rows gathered in
+    turn; or why not."""
+    rows = shape[0] if shape is not None else sum(sizes)
+    if len(heads) != 1:
+        found = "states none" if not heads else f"states several ({', '.join(map(str, sorted(heads)))})"
+        return None, (
+            f"its {rows} rows interleave {len(sizes)} parts of {sizes[0]} rows per attention head, and the model "
+            f"{found} for the modules holding the parts (an integer head_dim attribute), so the head size that "
+            f"gathers them cannot be read: any that divides {sizes[0]} cuts them another way. Inject a model whose "
+            "attention modules state their head_dim, or convert the file to the parts' order"
+        )
+    (d,) = heads
+    if len(set(sizes)) != 1 or sizes[0] % d:
+        return None, (
+            f"its parts' sizes {sizes} are not whole heads of the model's head size {d}, so its {rows} rows cannot "
+            f"interleave them per head"
+        )
+    k, count = len(sizes), sizes[0] // d
+    heads_first = torch.arange(rows).reshape(count, k, d)  # [head, part, row]
+    return heads_first.transpose(0, 1).reshape(-1), None
 
 
 def _reordered(sizes: list[int], order: Sequence[int]) -> torch.Tensor:

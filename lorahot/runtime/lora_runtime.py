@@ -44,7 +44,7 @@ from lorahot.io.tensorfile import Slices, largest_tensor
 from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.layers.sharded import is_sharded
-from lorahot.resolve.keys import outside
+from lorahot.resolve.keys import head_sizes, outside
 from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, fused_projections, peft_arguments
 from lorahot.runtime.activate_replay import ActivateReplay
 from lorahot.runtime.agreement import Agreement
@@ -244,6 +244,7 @@ class LoraRuntime:
         self._sharded = {name: is_sharded(layer.base_layer) for name, layer in layers.items()}
         # the model's other modules: a key naming one of them is not placed on a neighbour
         self._others = outside([name for name, _ in model.named_modules()], list(layers))
+        self._heads = head_sizes(model.named_modules())  # where a file's rows interleave attention heads
         devices = {a.device for a in buffers.arenas}
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
         self.cache = AdapterCache(cache_bytes)
@@ -592,7 +593,16 @@ class LoraRuntime:
             strict = is_strict(read_kwargs)
 
             def fits(meta: Adapter) -> None:  # a file's first read: its fit from the header, before its data
-                check_fit(meta, self.buffers, self._specs, strict, self._extras_refusal, self.components, self._others)
+                check_fit(
+                    meta,
+                    self.buffers,
+                    self._specs,
+                    strict,
+                    self._extras_refusal,
+                    self.components,
+                    self._others,
+                    self._heads,
+                )
 
             with lent or contextlib.nullcontext(), largest_tensor(self._largest):
                 adapter = read_adapter(source, device=device, _recipe=recipe, _fits=fits, **read_kwargs)
@@ -621,6 +631,7 @@ class LoraRuntime:
             planned=None if skeleton is None else skeleton.plan(adapter),
             others=self._others,
             merged=self._merger is not None,
+            heads=self._heads,
         )
         self._check_kinds(checked.plan)
         if not known:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -74,6 +74,10 @@ class LoadPlan:
             ``alpha / r * B @ A`` at weight 1 (0 if untouched; filled by the value checks; a
             stack's summed update at the user's weights is checked with it,
             :mod:`lorahot.runtime.updates`).
+        bias_bound: per arena, float64 ``[n_layers]``: ``|alpha / r| * max|lora_bias|``, the
+            largest entry of the update's other term ``alpha / r * lora_bias`` at weight 1 (0
+            where the layer's module has no LoRA bias; filled by the value checks, checked at
+            the user's weights as :attr:`update_bound` is).
         skipped: tensor keys left out (``strict=False``): those the reader skipped and those
             of modules that map onto no injected layer.
         weights: injected layer name -> the LoHa/LoKr/Tucker LoCon/diff module folded into
@@ -92,6 +96,7 @@ class LoadPlan:
     delta_bound: dict[str, float] = field(default_factory=dict)
     scaled_b: list[torch.Tensor] = field(default_factory=list)
     update_bound: list[torch.Tensor] = field(default_factory=list)
+    bias_bound: list[torch.Tensor] = field(default_factory=list)
     skipped: tuple[str, ...] = ()
     weights: dict[str, WeightModule] = field(default_factory=dict)
     dora: list[list[int]] = field(default_factory=list)
@@ -200,6 +205,7 @@ def plan_load(
     extras_refusal: ExtrasRefusal | None = None,
     components: tuple[str, ...] = (),
     others: tuple[str, ...] = (),
+    heads: Mapping[str, int] | None = None,
 ) -> LoadPlan:
     """Resolves and checks ``adapter`` for the layers ``specs`` whose storage ``buffers`` holds.
 
@@ -211,7 +217,8 @@ def plan_load(
     module is first routed to its component by its prefix
     (:func:`lorahot.resolve.components.resolve_components`). ``others``: the model's module
     paths that are not injected layers, which keys may name but never land beside
-    (:func:`lorahot.resolve.keys.resolve_all`).
+    (:func:`lorahot.resolve.keys.resolve_all`); ``heads``: the attention head sizes its modules
+    state, by path (:func:`lorahot.resolve.keys.head_sizes`).
 
     Raises:
         AdapterMismatchError: keys that map onto no injected layer (or onto one twice), or
@@ -221,7 +228,7 @@ def plan_load(
             finite, a scale ``alpha / r`` beyond the range of the layer's scale buffer.
     """
     targets, weights, unplaced = _fit(
-        adapter, buffers, specs, weight_of, strict, extras_refusal, components, others, buffers.max_rank
+        adapter, buffers, specs, weight_of, strict, extras_refusal, components, others, buffers.max_rank, heads
     )
     unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
     unreadable += [p for name, w in weights.items() for p in check_weight_values(name, w)]
@@ -260,6 +267,7 @@ def check_fit(
     extras_refusal: ExtrasRefusal | None = None,
     components: tuple[str, ...] = (),
     others: tuple[str, ...] = (),
+    heads: Mapping[str, int] | None = None,
 ) -> None:
     """The checks of :func:`plan_load` that read no value: the keys map onto injected layers,
     and the shapes fit them. Runs on an adapter read from its header alone (``device="meta"``),
@@ -271,7 +279,7 @@ def check_fit(
     Raises:
         AdapterMismatchError: as :func:`plan_load`.
     """
-    _fit(adapter, buffers, specs, None, strict, extras_refusal, components, others, _NO_RANK_LIMIT)
+    _fit(adapter, buffers, specs, None, strict, extras_refusal, components, others, _NO_RANK_LIMIT, heads)
 
 
 #: the rank limit :func:`check_fit` checks against: none (see there)
@@ -288,14 +296,15 @@ def _fit(
     components: tuple[str, ...],
     others: tuple[str, ...],
     rank_limit: int,
+    heads: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule], list[str] | None]:
     """The adapter's modules resolved onto the layers (LoRA, other kinds, the keys left out
     where not ``strict``), every problem of fit raised at once; ranks against ``rank_limit``."""
     unplaced: list[str] | None = None if strict else []
     if components:
-        targets, weights = resolve_components(adapter, list(specs), components, unplaced, others)
+        targets, weights = resolve_components(adapter, list(specs), components, unplaced, others, heads)
     else:
-        targets, weights = resolve_all(adapter, list(specs), unplaced, others)
+        targets, weights = resolve_all(adapter, list(specs), unplaced, others, heads)
     if not targets and not weights and unplaced:
         raise AdapterMismatchError(
             f"{adapter.source}: no module of the adapter ({adapter.format} naming) maps onto an injected layer "
@@ -604,6 +613,7 @@ def validate(
     planned: LoadPlan | None = None,
     others: tuple[str, ...] = (),
     merged: bool = False,
+    heads: Mapping[str, int] | None = None,
 ) -> Checked:
     """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
@@ -622,16 +632,17 @@ def validate(
         others: the model's module paths that are not injected layers (see :func:`plan_load`).
         merged: the runtime is in merged mode, whose buffers take the weights' dtype (the fix a
             refusal names is then another model dtype, or unmerged buffers of a wider one).
+        heads: the attention head sizes of the model's modules (see :func:`plan_load`).
 
     Raises:
         AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
             weight, or values beyond the range of the arena's dtype. Nothing has been written.
     """
-    plan = planned or plan_load(adapter, buffers, specs, weight_of, strict, extras_refusal, components, others)
+    plan = planned or plan_load(adapter, buffers, specs, weight_of, strict, extras_refusal, components, others, heads)
     entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
     extras = _extras(plan, buffers, stage)
     _check_range(plan, buffers, entries, merged)
-    _check_extras(plan, buffers, extras)
+    _check_extras(plan, buffers, extras, merged)
     return Checked(plan, entries, extras)
 
 
@@ -650,14 +661,20 @@ def _extras(plan: LoadPlan, buffers: BufferManager, stage: bool) -> list[list[Ex
     return out
 
 
-def _check_extras(plan: LoadPlan, buffers: BufferManager, extras: list[list[Extra]]) -> None:
-    """DoRA magnitudes and LoRA biases finite and within the scales' dtype.
+def _check_extras(plan: LoadPlan, buffers: BufferManager, extras: list[list[Extra]], merged: bool = False) -> None:
+    """DoRA magnitudes and LoRA biases finite and within the scales' dtype, and (unmerged) each
+    LoRA bias's update ``alpha / r * lora_bias`` within the LoRA buffers' dtype, as
+    :func:`_check_range` checks the update ``alpha / r * B @ A``; fills
+    :attr:`LoadPlan.bias_bound`. Merged mode checks its merged biases instead.
 
     Raises:
         AdapterReadError: naming the modules with NaN, Inf or values out of range.
     """
     names = {(a, i): n for n, (a, i) in buffers.where.items()}
     bad: list[str] = []
+    too_large: list[str] = []
+    reached_most = 0.0  # the largest bias update out of range, to name a dtype that holds it
+    plan.bias_bound = [torch.zeros(len(arena.specs), dtype=torch.float64) for arena in buffers.arenas]
     for a, (arena, rows) in enumerate(zip(buffers.arenas, extras)):
         if not rows:
             continue
@@ -668,10 +685,24 @@ def _check_extras(plan: LoadPlan, buffers: BufferManager, extras: list[list[Extr
             for (i, row, _), v in zip(rows, largest.tolist())
             if not v <= top  # NaN fails too
         ]
+        for (i, row, _), v in zip(rows, largest.tolist()):
+            if row == EXTRA_BIAS:
+                plan.bias_bound[a][i] = reached = v * abs(float(plan.scales[a][i]))
+                if not merged and math.isfinite(reached) and reached > torch.finfo(arena.dtype).max:
+                    reached_most = max(reached_most, reached)
+                    too_large.append(
+                        f"{names[(a, i)]}: its LoRA bias alpha / r * lora_bias reaches |value| {reached:.6g} > "
+                        f"{_dtype_name(arena)} max {torch.finfo(arena.dtype).max:.6g}"
+                    )
     if bad:
         raise AdapterReadError(
             format_problems(f"{plan.source}: NaN, Inf or out-of-range values in:", bad)
             + "\nThe adapter is corrupt; re-train or re-download it."
+        )
+    if too_large:
+        raise AdapterReadError(
+            format_problems(f"{plan.source}: LoRA weights or updates out of the LoRA buffers' range:", too_large)
+            + f"\n{_range_fix(reached_most)}"
         )
 
 

@@ -42,7 +42,7 @@ from lorahot.io.loader import read_adapter
 from lorahot.io.sources import Source
 from lorahot.layers import LoRALayer, layer_class_for
 from lorahot.resolve.components import resolve_components
-from lorahot.resolve.keys import resolve_all
+from lorahot.resolve.keys import head_sizes, resolve_all
 from lorahot.runtime.arguments import check_read_options, entries, text
 from lorahot.runtime.components import components_of, is_several
 from lorahot.runtime.flux_inputs import pad_embedder_input
@@ -185,12 +185,21 @@ def plan_targets(
             components = tuple(modules)
             layers = {f"{c}.{n}": layer for c, m in modules.items() for n, layer in _wrappable(m).items()}
             paths = {f"{c}.{n}" for c, m in modules.items() for n, _ in m.named_modules()}
+            heads = head_sizes((f"{c}.{n}", sub) for c, m in modules.items() for n, sub in m.named_modules())
         else:
             assert isinstance(model, nn.Module)  # checked above
             layers = _wrappable(model)
             paths = {n for n, _ in model.named_modules()}
+            heads = head_sizes(model.named_modules())
         ranks = _model_ranks(
-            adapters, layers, skipped if strict is False else None, components, combine, paths, stacked=stacked
+            adapters,
+            layers,
+            skipped if strict is False else None,
+            components,
+            combine,
+            paths,
+            stacked=stacked,
+            heads=heads,
         )
         ranks = {n: ranks[n] for n in layers if n in ranks}  # model order
         groups = [layers[n].spec.groups for n in ranks]
@@ -281,13 +290,15 @@ def _model_ranks(
     combine: Combine = max,
     paths: Container[str] = (),
     stacked: bool = False,
+    heads: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """Model module name -> the largest rank any adapter loads there (``combine`` of the
     ranks), after checking every adapter's keys and shapes against the model as ``load`` would
     (``paths``: the model's module paths, for :func:`~lorahot.runtime.flux_inputs.pad_embedder_input`).
     With ``components`` (layers named ``<component>.<path>``) each module is first routed to its
     component as ``load`` routes it. ``stacked``: the adapters are a stack's parts, and what
-    cannot share a layer with the other parts there is refused as ``load`` refuses it
+    cannot share a layer with the other parts there is refused as ``load`` refuses it; ``heads``:
+    the attention head sizes of the model's modules, as ``load`` reads them
     (:func:`~lorahot.runtime.stack.shared_problems`)."""
     names = list(layers)
     ranks: dict[str, int] = {}
@@ -298,9 +309,9 @@ def _model_ranks(
     for part, adapter in enumerate(adapters):
         # unknown, ambiguous or unroutable keys raise here
         if components:
-            lora, weights = resolve_components(adapter, names, components, skipped)
+            lora, weights = resolve_components(adapter, names, components, skipped, heads=heads)
         else:
-            lora, weights = resolve_all(adapter, names, skipped)
+            lora, weights = resolve_all(adapter, names, skipped, heads=heads)
         for name, m in lora.items():
             spec, rank = layers[name].spec, m.rank
             m = pad_embedder_input(name, m, spec, paths.__contains__)  # a Flux.1 LoRA on Fill or a control model

@@ -12,6 +12,7 @@ probing the layer with the identity, and with a float64 reference of the same ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -168,28 +169,140 @@ def test_minimax_h3_matches_diffusers(spelling: str, alpha: bool, naming: str) -
     assert_same(ours, _reference(factors, names))
 
 
-def test_diffsynth_files_load_but_their_interleaved_qkv() -> None:
+def tiny_minimax_h3_heads_of(head_dim: int, heads: int = 2) -> Callable[[], nn.Module]:
+    """A maker of the tiny model at attention head size ``head_dim`` (width ``heads * head_dim``)."""
+    width = heads * head_dim
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return (
+            diffusers.MiniMaxH3Transformer3DModel(
+                num_attention_heads=heads,
+                attention_head_dim=head_dim,
+                hidden_size=width,
+                num_layers=1,
+                num_refiner_layers=1,
+                ffn_dim=32,
+                in_channels=4,
+                audio_in_channels=4,
+                patch_size=(1, 2, 2),
+                text_dim=8,
+                freq_dim=8,
+                time_embed_hidden_dim=16,
+                time_embed_dim=8,
+            )
+            .double()
+            .eval()
+        )
+
+    return make
+
+
+def _diffsynth_qkv(width: int, seed: int = 4) -> Factors:
+    """DiffSynth-Studio's qkv_proj modules at ``width``: ``(A [r, width], B [3 width, r], None)``."""
+    g = torch.Generator().manual_seed(seed)
+    out: Factors = {}
+    for m, r in (("blocks.0.attn.qkv_proj", 3), ("token_refiner.blocks.0.attn.qkv_proj", 2)):
+        a = torch.randn(r, width, generator=g, dtype=torch.float64) * 0.3
+        out[m] = (a, torch.randn(3 * width, r, generator=g, dtype=torch.float64) * 0.3, None)
+    return out
+
+
+def _gathered(factors: Factors, head_dim: int) -> Factors:
+    """The qkv_proj modules with B's rows gathered from ``[head h: q, k, v]`` (``head_dim`` rows
+    each) into ``[q; k; v]``: the float64 reference of the de-interleave."""
+    out = dict(factors)
+    for m, (a, b, alpha) in factors.items():
+        if m.endswith("qkv_proj"):
+            heads = b.shape[0] // (3 * head_dim)
+            rows = [b[(h * 3 + j) * head_dim : (h * 3 + j + 1) * head_dim] for j in range(3) for h in range(heads)]
+            out[m] = (a, torch.cat(rows), alpha)
+    return out
+
+
+def test_diffsynth_files_match_diffusers_at_its_head_size() -> None:
     """DiffSynth-Studio's files (PEFT's ``.default.`` over the original names) train the raw
-    checkpoint's ``qkv_proj``, whose rows interleave q, k and v per head (diffusers de-interleaves
-    them at its models' head size, 128); lorahot does not, so those modules are refused by name,
-    and skipped with strict=False. Every other module matches diffusers' loader."""
+    checkpoint's ``qkv_proj``, whose rows interleave q, k and v per head; diffusers gathers them
+    at a head size of 128, which every released MiniMax-H3 has. On a tiny model of head size 128
+    (2 heads), every layer lorahot loads equals diffusers' loader and the float64 reference of
+    the de-interleave. The module was refused before ('DiffSynth-Studio's LoRA ...')."""
+    make = tiny_minimax_h3_heads_of(128)
+    factors = _diffsynth_qkv(256)
+    sd = _spelled(factors, "diffsynth")
+    names = [n for n in linears(make()) if ".attn.to_" in n]
+    ours, fmt = lorahot_weights(make, sd, names)
+    assert fmt == "minimax-h3-diffsynth"
+    loader = diffusers.loaders.lora_pipeline.MiniMaxH3LoraLoaderMixin
+    assert_same(ours, diffusers_weights(make, loader, sd, names))
+    reference = _reference_at(make, _gathered(factors, 128), names)
+    assert_same(ours, reference)
+    plain = _reference_at(make, factors, names)  # cut as q, then k, then v: another update
+    assert not torch.allclose(plain["transformer_blocks.0.attn.to_k"], reference["transformer_blocks.0.attn.to_k"])
+
+
+def _reference_at(make: Callable[[], nn.Module], factors: Factors, names: list[str]) -> dict[str, torch.Tensor]:
+    """:func:`_reference` on the model ``make`` builds."""
+    out = weights(make(), names)
+    for m, (a, b, own) in factors.items():
+        delta = ((own or a.shape[0]) / a.shape[0]) * b @ a
+        start = 0
+        for layer in PLACES[m]:
+            rows = out[layer].shape[1]
+            out[layer] = out[layer] + torch.cat(
+                [delta[start : start + rows].T, torch.zeros(1, rows, dtype=torch.float64)]
+            )
+            start += rows
+    return out
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_diffsynth_files_gather_qkv_at_the_models_own_head_size(merged: bool) -> None:
+    """At a head size of 8 (the tiny model's), where diffusers' 128 refuses the file, every module
+    of a DiffSynth file loads: the qkv_proj rows gathered per head of 8, the rest as in any file
+    of these names, each layer at the float64 reference."""
     factors = _factors(alpha=False)
     sd = _spelled(factors, "diffsynth")
     names = linears(tiny_minimax_h3())
+    model = tiny_minimax_h3()
+    info = lorahot.inject(model, "all-linear", max_rank=8, merged=merged).load(dict(sd))
+    assert info.format == "minimax-h3-diffsynth"
+    assert_same(weights(model, names), _reference(_gathered(factors, 8), names))
+
+
+def test_diffsynth_qkv_is_refused_where_the_model_states_no_head_size_and_nothing_changes() -> None:
+    """A model whose attention modules state no head size (no ``head_dim``) leaves the
+    interleave ambiguous: refused naming the module, its rows, the parts and the fix, before
+    anything is written (every layer bitwise as before, a LoRA loaded earlier kept)."""
+    model = tiny_minimax_h3()
+    for block in (model.transformer_blocks[0], model.token_refiner.refiner_blocks[0]):
+        del block.attn.head_dim
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    names = linears(tiny_minimax_h3())
+    runtime.load(_spelled(_factors(alpha=True, seed=6), "bare"))
+    before = weights(model, names)
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"blocks\.0\.attn\.qkv_proj \(.*lora_A\.default\.weight.*\) -> .*attn\.to_q, .*attn\.to_v: its 48 rows "
+        r"interleave 3 parts of 16 rows per attention head, and the model states none for the modules holding the "
+        r"parts \(an integer head_dim attribute\)[\s\S]*Inject a model whose attention modules state their head_dim",
+    ):
+        runtime.load(_spelled(_factors(alpha=False), "diffsynth"))
+    after = weights(model, names)
+    assert all(torch.equal(after[n], before[n]) for n in names)
+
+
+def test_a_diffsynth_qkv_in_a_file_of_mixed_spellings_is_refused_by_name() -> None:
+    """A DiffSynth ``.default.`` qkv_proj beside modules in another spelling reads as
+    minimax-h3 naming, whose qkv_proj is not interleaved: refused by name, saying how to load it."""
+    factors = _factors(alpha=False)
+    sd = _spelled({"blocks.0.attn.qkv_proj": factors["blocks.0.attn.qkv_proj"]}, "diffsynth")
+    sd |= _spelled({"blocks.0.mlp.fc2": factors["blocks.0.mlp.fc2"]}, "bare")
     with pytest.raises(
         lorahot.UnknownFormatError,
         match=r"\(minimax-h3 naming\):\n  - blocks\.0\.attn\.qkv_proj\.lora_A\.default\.weight: DiffSynth-Studio's "
-        r"LoRA of MiniMax-H3's fused qkv_proj",
+        r"LoRA .* in a file whose other keys are not all of that spelling",
     ):
-        lorahot.read_adapter(dict(sd))
-    qkv = ("blocks.0.attn.qkv_proj", "token_refiner.blocks.0.attn.qkv_proj")
-    adapter = lorahot.read_adapter(dict(sd), strict=False)
-    assert set(adapter.skipped) == {f"{m}.lora_{r}.default.weight" for m in qkv for r in "AB"}
-    ours, _ = lorahot_weights(tiny_minimax_h3, sd, names, strict=False)
-    rest = {m: f for m, f in factors.items() if m not in qkv}
-    assert_same(ours, _reference(rest, names))
-    loader = diffusers.loaders.lora_pipeline.MiniMaxH3LoraLoaderMixin
-    assert_same(ours, diffusers_weights(tiny_minimax_h3, loader, _spelled(rest, "diffsynth"), names))
+        lorahot.read_adapter(sd)
 
 
 @pytest.mark.parametrize("with_tensors", [False, True], ids=["header-alpha", "alpha-tensors-win"])

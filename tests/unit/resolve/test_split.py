@@ -858,3 +858,43 @@ def test_split_option_refuses_a_weight_delta_whose_rows_are_not_the_parts_and_ch
         runtime.load(tensors, split=split)
     assert torch.equal(model(x), before)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def _interleaved_rows(heads: int, d: int, j: int, k: int = 3) -> torch.Tensor:
+    """The rows of part ``j`` of ``k`` in a fused B whose rows are ``[head h: part 0, ..., part k-1]``."""
+    return torch.cat([torch.arange((h * k + j) * d, (h * k + j + 1) * d) for h in range(heads)])
+
+
+def test_a_per_head_split_gathers_each_parts_rows_from_every_head() -> None:
+    """A :attr:`Split.per_head` rule at the head size the model states (2, three heads) gives each
+    part its rows of every head, for a LoRA (B's rows, a DoRA magnitude with them) and for a weight
+    delta (the rows of its ``ΔW``); no head size, several, or parts that are not whole heads of it
+    are problems naming the rows and the parts."""
+    from lorahot.adapter import WeightModule
+    from lorahot.formats.table import Split
+    from lorahot.resolve.split import placed
+
+    rule = Split(r"(?P<head>.*\.)qkv", tuple((rf"\g<head>{p}", 1) for p in "qkv"), per_head=True)
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(2, 4, generator=g, dtype=torch.float64), torch.randn(18, 2, generator=g, dtype=torch.float64)
+    magnitude = torch.rand(18, generator=g, dtype=torch.float64) + 0.5
+    lora = LoraModule("x.qkv", a, b, 2.0, magnitude=magnitude)
+    diff = WeightModule("x.qkv", "diff", {"diff": torch.randn(18, 4, generator=g, dtype=torch.float64)})
+    problems: list[str] = []
+    parts = placed("x.qkv", lora, (rule,), problems, head_sizes=lambda targets: {2})
+    folded = placed("x.qkv", diff, (rule,), problems, head_sizes=lambda targets: {2})
+    assert not problems
+    for j, (part, weight) in enumerate(zip(parts, folded)):
+        rows = _interleaved_rows(3, 2, j)
+        assert part.key == weight.key == f"x.{'qkv'[j]}"
+        assert torch.equal(part.B, b[rows]) and part.A is a and torch.equal(part.magnitude, magnitude[rows])
+        delta = build_delta(weight, (6, 4), torch.float64, torch.device("cpu"))
+        assert torch.equal(delta, diff.factors["diff"][rows])
+    for sizes, why in (
+        (set(), r"its 18 rows interleave 3 parts of 6 rows per attention head, and the model states none"),
+        ({2, 3}, r"and the model states several \(2, 3\) for the modules holding the parts"),
+        ({4}, r"its parts' sizes \[6, 6, 6\] are not whole heads of the model's head size 4"),
+    ):
+        problems = []
+        assert placed("x.qkv", lora, (rule,), problems, head_sizes=lambda targets, s=sizes: s) == []
+        assert len(problems) == 1 and re.search(rf"x\.qkv \(x\.qkv\) -> x\.q, x\.k, x\.v: .*{why}", problems[0])
