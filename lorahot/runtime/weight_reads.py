@@ -14,14 +14,16 @@ names on its instance (``self.<name>``, ``super().<name>``, those of its base cl
 Python functions it hands the instance or one of its modules to (module-level, static and class
 methods, a ``functools.partial``'s function, a few calls deep; not torch's or the standard
 library's, taken as calling what they are handed), the code of what it holds and calls (an
-object's ``__call__``, an attention processor handed the module, a ``functools.partial``), and
-the forward hooks and pre-hooks registered on it. A module is followed through the names it is
+object's ``__call__``, an attention processor handed the module, a ``functools.partial`` or a
+closure), the forward hooks and pre-hooks registered on it and a ``forward`` set on its instance,
+with the objects a hook, partial or closure binds. A module is followed through the names it is
 bound to in a function (``proj = self.proj``, ``a, b = self.p, self.q``, ``for layer in
 self.layers``, ``getattr(self, "proj")``, ``self.layers[0]``, ``self.named_modules()``; an index
 or name not known statically stands for every element or child), in any order of the
-function's lines. A read is ``<module>.weight`` used as a value (metadata reads such as
-``.dtype`` / ``.device`` / ``.shape``, ``isinstance`` / ``hasattr`` and ``is None`` tests are
-not reads); a call is ``<module>(...)``, ``<module>.forward(...)``, or the module handed to code
+function's lines. A read is ``<module>.weight`` used as a value, or the weight taken by its
+name (``get_parameter("proj.weight")``, ``_parameters["weight"]``, ``state_dict()[...]``);
+metadata reads such as ``.dtype`` / ``.device`` / ``.shape``, ``isinstance`` / ``hasattr`` and
+``is None`` tests are not reads; a call is ``<module>(...)``, ``<module>.forward(...)``, or the module handed to code
 this cannot read (it may call it). Code whose source cannot be read (made at run time, a C
 extension) shows neither. The paths found in a class are matched to each instance's modules by
 identity, through children and plain attributes (never a property).
@@ -217,6 +219,9 @@ class Sources:
                     hooked = _handed_uses(fn, at, "", self)
                     named = {p: f"the forward hook {w} on {type(owner).__name__}" for p, w in hooked.reads.items()}
                     _resolve_uses(owner, Uses(named, hooked.calls), reached)
+                inner = self.bound(hook.func, hook.args, hook.keywords) if isinstance(hook, functools.partial) else None
+                inner = self.bound(hook) if inner is None else inner
+                _merge(reached, inner, f", a forward hook on {type(owner).__name__},")
         for callee, argument, path in sorted(uses.handed, key=str):
             for fn, at in _callables(owner, callee, argument):
                 handed = _handed_uses(fn, at, path, self)
@@ -224,6 +229,8 @@ class Sources:
                 _resolve_uses(owner, Uses(named, handed.calls), reached)
         for obj, method, at in held if depth < _DEPTH else ():
             if isinstance(obj, functools.partial):
+                inner = self.bound(obj.func, obj.args, obj.keywords)
+            elif isinstance(obj, types.FunctionType):
                 inner = self.bound(obj)
             else:
                 inner = self.reached(obj, frozenset({method}) if method else _OBJECT_ENTRIES, depth + 1)
@@ -239,34 +246,61 @@ class Sources:
         bound to it) does to ``reached``."""
         own = vars(owner).get("forward")
         if isinstance(own, functools.partial):
-            inner = self.bound(own)
-            for ident, where in inner.reads.items():
-                reached.reads.setdefault(ident, f"{where}, as the forward of {type(owner).__name__}'s own")
-            reached.called |= inner.called
+            _merge(
+                reached,
+                self.bound(own.func, own.args, own.keywords),
+                f", as the forward of {type(owner).__name__}'s own",
+            )
         elif isinstance(own, types.MethodType) and own.__self__ is owner:
             for fn, at in _functions_of(own.__func__, 0):
                 uses = _handed_uses(fn, at, "", self)
                 named = {p: f"{w} (the forward of {type(owner).__name__}'s own)" for p, w in uses.reads.items()}
                 _resolve_uses(owner, Uses(named, uses.calls), reached)
 
-    def bound(self, partial: functools.partial[object]) -> _Reached:
-        """What the function of a ``functools.partial`` a module holds and calls does with the
-        arguments bound in it, by their identity."""
+    def bound(
+        self, fn: object, args: tuple[object, ...] = (), keywords: Mapping[str, object] | None = None
+    ) -> _Reached:
+        """What function ``fn`` does with the objects bound in it: ``args`` and ``keywords`` (a
+        ``functools.partial``'s) and the variables it closes over (a hook defined in
+        ``__init__`` that uses ``self``), by their identity."""
         reached = _Reached()
-        fn = partial.func
-        node = self.of(fn) if isinstance(fn, types.FunctionType) else None
-        if node is None:
+        node = self.of(fn) if isinstance(fn, types.FunctionType) and not _library(fn) else None
+        if node is None or not isinstance(fn, types.FunctionType):
             return reached
-        params = parameter_names(node)
-        bound = {**dict(zip(params, partial.args)), **partial.keywords}
+        values = {**dict(zip(parameter_names(node), args)), **(keywords or {}), **_closed_over(fn)}
+        if not values:
+            return reached
+        label = f"{fn.__qualname__} (bound in a functools.partial)" if args or keywords else fn.__qualname__
         scan = _Scan(None, fn.__module__, self)
-        scan.function(node, {name: {name} for name in bound}, f"{fn.__qualname__} (bound in a functools.partial)")
+        scan.function(node, {name: {name} for name in values}, label)
         for path, where in scan.reads.items():
-            for obj in _walk(bound, path)[0]:
+            for obj in _walk(values, path)[0]:
                 reached.reads.setdefault(id(obj), f"{where} reads {path}.weight")
         for path in scan.calls:
-            reached.called.update(id(obj) for obj in _walk(bound, path)[0])
+            reached.called.update(id(obj) for obj in _walk(values, path)[0])
         return reached
+
+
+def _binds(obj: object) -> bool:
+    """Whether ``obj`` is code with objects bound in it: a ``functools.partial``, a closure."""
+    return isinstance(obj, functools.partial) or (isinstance(obj, types.FunctionType) and bool(obj.__closure__))
+
+
+def _closed_over(fn: types.FunctionType) -> dict[str, object]:
+    """The variables ``fn`` closes over that hold a value, by name."""
+    found = {}
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        try:
+            found[name] = cell.cell_contents
+        except ValueError:  # not bound yet
+            continue
+    return found
+
+
+def _merge(reached: _Reached, inner: _Reached, suffix: str) -> None:
+    for ident, where in inner.reads.items():
+        reached.reads.setdefault(ident, where + suffix)
+    reached.called |= inner.called
 
 
 def _resolve_uses(owner: object, uses: Uses, reached: _Reached) -> list[tuple[object, str | None, str]]:
@@ -349,6 +383,27 @@ def _shown(path: str) -> str:
     return "self" + "".join(parts)
 
 
+def _by_name(node: ast.Subscript | ast.Call, names: Mapping[str, set[str]]) -> set[str]:
+    """The modules whose weight ``node`` takes by its name: ``m._parameters["weight"]``,
+    ``m.get_parameter("a.weight")``, ``m.state_dict()["a.weight"]`` (paths of ``m.a``)."""
+    key: object = None
+    owner: ast.expr | None = None
+    if isinstance(node, ast.Subscript):
+        key, holder = constant(node.slice), node.value
+        if isinstance(holder, ast.Attribute) and holder.attr == "_parameters":
+            key, owner = (key, holder.value) if key == "weight" else (None, None)
+        elif (
+            isinstance(holder, ast.Call) and isinstance(holder.func, ast.Attribute) and holder.func.attr == "state_dict"
+        ):
+            owner = holder.func.value
+    elif isinstance(node.func, ast.Attribute) and node.func.attr == "get_parameter" and node.args:
+        key, owner = constant(node.args[0]), node.func.value
+    if owner is None or not isinstance(key, str) or key.rpartition(".")[2] != "weight":
+        return set()
+    prefix = key.rpartition(".")[0]
+    return {".".join(p for p in (path, prefix) if p) for path in resolve(owner, names)}
+
+
 def _own_class(node: ast.expr, names: Mapping[str, set[str]]) -> bool:
     """Whether ``node`` is the instance's class: ``type(self)`` or ``self.__class__``."""
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "type" and node.args:
@@ -380,7 +435,7 @@ def _walk(root: object, path: str) -> tuple[list[object], list[tuple[object, str
         if not all(isinstance(obj, nn.Module) for obj in found):
             at = ".".join(parts[: i + 1])
             rest = parts[i + 1] if i + 1 < len(parts) else None
-            held += [(obj, rest, at) for obj in found if _is_object(obj) or isinstance(obj, functools.partial)]
+            held += [(obj, rest, at) for obj in found if _is_object(obj) or _binds(obj)]
     return found, held
 
 
@@ -577,6 +632,8 @@ class _Scan:
                     self._read(base, label)
             elif isinstance(node, ast.Call):
                 self._call(node, names, tree.parents, tree.local, label, depth, module_name)
+            if isinstance(node, (ast.Subscript, ast.Call)) and is_value(node, tree.parents):
+                self._read(_by_name(node, names), label)
 
     def _read(self, paths: set[str], label: str) -> None:
         for path in paths:

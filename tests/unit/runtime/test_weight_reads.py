@@ -209,6 +209,20 @@ class _Walked(_Pair):
         return self.out(x)
 
 
+class _ByParameterName(_Pair):
+    """Takes ``proj``'s weight by its parameter name."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x @ self.get_parameter("proj.weight").T)
+
+
+class _ByParameterTable(_Pair):
+    """Takes ``proj``'s weight from its table of parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x @ self.proj._parameters["weight"].T)
+
+
 class _PropertyRead(_Pair):
     """Reads ``proj``'s weight in a property."""
 
@@ -338,6 +352,21 @@ class _HeldPartial(_HeldKernel):
         self.kernel = functools.partial(_convolve, self.conv)
 
 
+def _convolving(conv: nn.Conv1d) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(x, conv.weight, conv.bias, padding=1)
+
+    return run
+
+
+class _HeldClosure(_HeldKernel):
+    """Holds a closure over ``conv`` that reads its weight, and calls it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel = _convolving(self.conv)
+
+
 def _project_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return (args[0] @ module.proj.weight.T,)
 
@@ -365,6 +394,33 @@ class _LambdaHook(_HookRead):
         self.proj = nn.Linear(8, 6)
         self.out = nn.Linear(6, 4)
         self.register_forward_pre_hook(lambda module, args: (args[0] @ module.proj.weight.T,))
+
+
+class _HookOverSelf(_HookRead):
+    """As :class:`_HookRead`, the hook a lambda that uses the ``self`` it closes over."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.proj = nn.Linear(8, 6)
+        self.out = nn.Linear(6, 4)
+        self.register_forward_pre_hook(lambda _, args: (args[0] @ self.proj.weight.T,))
+
+
+def _projecting_with(child: nn.Module) -> Callable[..., tuple[torch.Tensor, ...]]:
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (args[0] @ child.weight.T,)
+
+    return hook
+
+
+class _HookOverChild(_HookRead):
+    """As :class:`_HookRead`, the hook a closure over ``proj`` itself."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.proj = nn.Linear(8, 6)
+        self.out = nn.Linear(6, 4)
+        self.register_forward_pre_hook(_projecting_with(self.proj))
 
 
 class _CalledAndRead(_Layers):
@@ -423,6 +479,8 @@ def _run(model: nn.Module) -> torch.Tensor:
         (_Iterated, "layers.0", r"_Iterated\.forward reads self\.layers\[\*\]\.weight"),
         (_Walked, "proj", r"_Walked\.forward reads self\.<any submodule>\.weight"),
         (_Indexed, "layers.1", r"_Indexed\.forward reads self\.layers\.1\.weight"),
+        (_ByParameterName, "proj", r"_ByParameterName\.forward reads self\.proj\.weight"),
+        (_ByParameterTable, "proj", r"_ByParameterTable\.forward reads self\.proj\.weight"),
         (_PropertyRead, "proj", r"_PropertyRead\.projection reads self\.proj\.weight"),
         (_StaticHelper, "proj", r"_StaticHelper\.forward \(through _StaticHelper\._project\) reads self\.proj\.weight"),
         (_ThroughItsClass, "proj", r"_ThroughItsClass\.forward \(through _ThroughItsClass\._project\) reads"),
@@ -437,11 +495,18 @@ def _run(model: nn.Module) -> torch.Tensor:
         ),
         (_HookRead, "proj", r"the forward hook _project_input on _HookRead reads self\.proj\.weight"),
         (_LambdaHook, "proj", r"the forward hook _LambdaHook\.__init__\.<locals>\.<lambda> on _LambdaHook reads"),
+        (_HookOverSelf, "proj", r"<lambda> reads self\.proj\.weight, a forward hook on _HookOverSelf,"),
+        (
+            _HookOverChild,
+            "proj",
+            r"_projecting_with\.<locals>\.hook reads child\.weight, a forward hook on _HookOverChild,",
+        ),
         (
             _WithProcessor,
             "proj",
             r"_Processor\.__call__, called as self\.processor by _WithProcessor, reads self\.proj\.weight",
         ),
+        (_HeldClosure, "conv", r"_convolving\.<locals>\.run reads conv\.weight, in the function _HeldClosure holds"),
         (_HeldPartial, "conv", r"_convolve \(bound in a functools\.partial\) reads conv\.weight, in the partial"),
     ],
     ids=[
@@ -454,6 +519,8 @@ def _run(model: nn.Module) -> torch.Tensor:
         "iterated",
         "walked",
         "indexed",
+        "parameter-name",
+        "parameter-table",
         "property",
         "static-method",
         "through-its-class",
@@ -464,7 +531,10 @@ def _run(model: nn.Module) -> torch.Tensor:
         "held-object",
         "hook",
         "hook-lambda",
+        "hook-over-self",
+        "hook-over-child",
         "processor",
+        "held-closure",
         "held-partial",
     ],
 )
