@@ -2,10 +2,12 @@
 
 Unmerged, every layer computes with ``B diag(s) A`` (see :mod:`lorahot.layers.base`): for one
 adapter ``w * alpha / r * B @ A``, for a stack the parts' updates summed, each at its weight
-(:mod:`lorahot.runtime.stack`). The read of each adapter refuses one whose update leaves the
-buffers' dtype at its own scale (:func:`lorahot.runtime.plan.validate`); a user weight (a
-``load``'s ``scale``, every ``set_scale``) can still push it out, and so can the sum of a
-stack's parts, each of which fits alone. Every forward would then compute inf.
+(:mod:`lorahot.runtime.stack`); a layer with a LoRA bias adds ``s[0] * lora_bias`` too (its
+part's ``w * alpha / r``; a layer holds one bias), the update's other term. The read of each
+adapter refuses one whose update leaves the buffers' dtype at its own scale
+(:func:`lorahot.runtime.plan.validate`); a user weight (a ``load``'s ``scale``, every
+``set_scale``) can still push it out, and so can the sum of a stack's parts, each of which fits
+alone. Every forward would then compute inf.
 
 :class:`UpdateRange` checks both, bound first. Each part's plan carries
 :attr:`~lorahot.runtime.plan.LoadPlan.update_bound`, per layer a bound on every entry of its
@@ -15,7 +17,9 @@ NumPy product per arena give the bound of every layer, and only a layer whose bo
 gets its summed update computed, in float64 (:func:`lorahot.runtime.deltas.lora_update_max`),
 from the parts' factors (a load, before anything is written) or from the slot's rows
 (``set_scale``): one host transfer per device for all of them. Merged mode checks its merged
-weights instead (:meth:`lorahot.runtime.merge.Merger.check`).
+weights instead (:meth:`lorahot.runtime.merge.Merger.check`). The bias term needs no product:
+:attr:`~lorahot.runtime.plan.LoadPlan.bias_bound` is its largest entry at weight 1, so
+``|w_p| * bias_bound_p`` is what it reaches.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,19 +56,19 @@ class UpdateRange:
         #: per arena, the largest finite value its products may reach (less the rounding margin)
         self._tops = [dtype_max(a.dtype) / (1.0 + _ROUNDING * torch.finfo(a.dtype).eps) for a in buffers.arenas]
         #: the last stack checked, and per arena its parts' bounds ``[parts, n_layers]`` and
-        #: each part's largest (a re-weighting reads them here)
-        self._memo: tuple[weakref.ref[Stack], list[tuple[np.ndarray, list[float]]]] | None = None
+        #: each part's largest, for ``B @ A`` and for the LoRA bias (a re-weighting reads them here)
+        self._memo: tuple[weakref.ref[Stack], list[_Bounds]] | None = None
 
-    def _bounds(self, stack: Stack) -> list[tuple[np.ndarray, list[float]]]:
+    def _bounds(self, stack: Stack) -> list[_Bounds]:
         memo = self._memo
         if memo is not None and memo[0]() is stack:
             return memo[1]
         out = []
         for a in range(len(self.buffers.arenas)):
-            rows = [plan.update_bound[a].numpy() if len(plan.update_bound) > a else None for plan in stack.parts]
             n = len(self.buffers.arenas[a].specs)
-            table = np.stack([np.zeros(n) if r is None else r for r in rows]) if rows else np.zeros((0, n))
-            out.append((table, [float(r.max(initial=0.0)) for r in table]))
+            table = _table([plan.update_bound for plan in stack.parts], a, n)
+            bias = _table([plan.bias_bound for plan in stack.parts], a, n)
+            out.append(_Bounds(table, _largest(table), bias, _largest(bias)))
         self._memo = (weakref.ref(stack), out)
         return out
 
@@ -71,8 +76,9 @@ class UpdateRange:
         """Whether the bound alone keeps every layer's update in range at ``weights`` (a few
         Python floats per arena); False sends the caller to :meth:`check`."""
         return all(
-            sum(m * abs(w) for m, w in zip(largest, weights)) <= top
-            for (_, largest), top in zip(self._bounds(stack), self._tops)
+            sum(m * abs(w) for m, w in zip(b.largest, weights)) <= top
+            and max((m * abs(w) for m, w in zip(b.bias_largest, weights)), default=0.0) <= top
+            for b, top in zip(self._bounds(stack), self._tops)
         )
 
     def check(self, stack: Stack, weights: Sequence[float], region: int | None = None) -> None:
@@ -87,12 +93,19 @@ class UpdateRange:
         """
         w = np.abs(np.asarray(weights, dtype=np.float64))
         flagged: list[tuple[int, int]] = []
-        for a, ((table, _), top) in enumerate(zip(self._bounds(stack), self._tops)):
-            bound = w @ table if len(table) else np.zeros(0)
+        biases: list[tuple[int, int, float, int]] = []  # (arena, layer, value reached, part)
+        for a, (b, top) in enumerate(zip(self._bounds(stack), self._tops)):
+            bound = w @ b.table if len(b.table) else np.zeros(0)
             flagged += [(a, int(i)) for i in np.flatnonzero(~(bound <= top))]  # NaN too
-        if not flagged:
+            if len(b.bias_table):  # a layer's bias is one part's: at its weight, exactly
+                reached = w[:, None] * b.bias_table
+                part = reached.argmax(axis=0)
+                most = reached.max(axis=0)
+                limit = dtype_max(self.buffers.arenas[a].dtype)
+                biases += [(a, int(i), float(most[i]), int(part[i])) for i in np.flatnonzero(~(most <= limit))]
+        if not flagged and not biases:
             return
-        with torch.no_grad():
+        with torch.no_grad():  # the B @ A terms the bound flagged, computed (none: nothing to move)
             exact = [self._exact(stack, weights, a, i, region) for a, i in flagged]
             by_device: dict[torch.device, list[int]] = {}
             for k, t in enumerate(exact):
@@ -102,8 +115,8 @@ class UpdateRange:
                 for k, v in zip(ks, torch.stack([exact[k] for k in ks]).cpu().tolist()):
                     reached[k] = v
         over = [(a, i, v) for (a, i), v in zip(flagged, reached) if not v <= dtype_max(self.buffers.arenas[a].dtype)]
-        if over:
-            raise UsageError(self._message(stack, weights, over))
+        if over or biases:
+            raise UsageError(self._message(stack, weights, over, biases))
 
     def _exact(self, stack: Stack, weights: Sequence[float], a: int, i: int, region: int | None) -> torch.Tensor:
         """The largest ``|value|`` of layer ``i`` of arena ``a``'s update at ``weights`` (0-d
@@ -126,20 +139,26 @@ class UpdateRange:
             return torch.zeros((), dtype=torch.float64)
         return lora_update_max(terms, groups)
 
-    def _message(self, stack: Stack, weights: Sequence[float], over: list[tuple[int, int, float]]) -> str:
+    def _message(
+        self,
+        stack: Stack,
+        weights: Sequence[float],
+        over: list[tuple[int, int, float]],
+        biases: Sequence[tuple[int, int, float, int]] = (),
+    ) -> str:
+        """The refusal: each layer of ``over`` (``B @ A``'s terms, the value reached) and of
+        ``biases`` (a LoRA bias, the value reached, its part), and the weights that fit."""
         single = stack.single
         shown = f"{weights[0]:g}" if single else "[" + ", ".join(f"{w:g}" for w in weights) + "]"
         lines = []
         factor = math.inf  # how much smaller every weight must be for each layer to fit
-        for a, i, v in over:
+        for a, i, v, what in [(a, i, v, _summed(stack, self.names[a][i])) for a, i, v in over] + [
+            (a, i, v, "its LoRA bias scale * lora_bias" if single else f"the LoRA bias of part {p}")
+            for a, i, v, p in biases
+        ]:
             arena = self.buffers.arenas[a]
             top = dtype_max(arena.dtype)
             name = self.names[a][i]
-            if single:
-                what = "its update scale * B @ A"
-            else:
-                parts = [p for p, m in stack.terms.get(name, []) if isinstance(m, LoraModule)]
-                what = f"the summed update of parts {', '.join(map(str, parts))}"
             dtype = str(arena.dtype).removeprefix("torch.")
             lines.append(f"{name}: {what} reaches |value| {v:.6g} > {dtype} max {top:.6g}")
             factor = min(factor, top / v if math.isfinite(v) and v > 0 else 0.0)
@@ -152,9 +171,40 @@ class UpdateRange:
                 f"Pass smaller weights (the ones given times at most {_floor4(factor):.4g} fit), or stack fewer "
                 "adapters"
             )
-        if any(self.buffers.arenas[a].dtype == torch.float16 for a, _, _ in over):
+        if any(self.buffers.arenas[a].dtype == torch.float16 for a in [*(t[0] for t in over), *(t[0] for t in biases)]):
             fix += ", or inject with dtype=torch.float32 (LoRA buffers of float32's range)"
         return format_problems(title, lines) + f"\n{fix}."
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    """One arena's bounds for a stack: per part and layer ``[parts, n_layers]``, and each
+    part's largest, of the update ``B @ A`` (:attr:`~lorahot.runtime.plan.LoadPlan.update_bound`)
+    and of the LoRA bias (:attr:`~lorahot.runtime.plan.LoadPlan.bias_bound`), at weight 1."""
+
+    table: np.ndarray
+    largest: list[float]
+    bias_table: np.ndarray
+    bias_largest: list[float]
+
+
+def _table(bounds: list[list[torch.Tensor]], a: int, n: int) -> np.ndarray:
+    """``[parts, n]``: each part's bound per layer of arena ``a`` (0 where it has none)."""
+    rows = [b[a].numpy() if len(b) > a else np.zeros(n) for b in bounds]
+    return np.stack(rows) if rows else np.zeros((0, n))
+
+
+def _summed(stack: Stack, name: str) -> str:
+    """What reaches the value of a ``B @ A`` refusal on layer ``name``."""
+    if stack.single:
+        return "its update scale * B @ A"
+    parts = [p for p, m in stack.terms.get(name, []) if isinstance(m, LoraModule)]
+    return f"the summed update of parts {', '.join(map(str, parts))}"
+
+
+def _largest(table: np.ndarray) -> list[float]:
+    """Each part's largest bound (a row of ``table``)."""
+    return [float(r.max(initial=0.0)) for r in table]
 
 
 def _floor4(x: float) -> float:

@@ -225,3 +225,82 @@ def test_weights_whose_bound_fits_compute_no_product(tmp_path: Path, monkeypatch
     rig.runtime.set_scale([0.75, 0.5], slot=1)
     with pytest.raises(lorahot.UnexpectedError, match="an update was computed"):  # past it: computed
         rig.runtime.set_scale([1.0, 1.0], slot=1)
+
+
+# -- the LoRA bias: the update's other term ----------------------------------------------------------
+
+#: ``V1``'s LoRA bias in :func:`_biased`: its update ``scale * lora_bias`` at weight 1 (alpha = rank)
+BIAS = 40000.0
+BIAS_SINGLE = (
+    r"^scale={w}: the slot's update would leave the LoRA buffers' dtype in:\n  - layers\.1\.self_attn\.v_proj: its "
+    r"LoRA bias scale \* lora_bias reaches \|value\| {v} > float16 max 65504\nPass a scale of at most {most} in "
+    r"magnitude, or inject with dtype=torch\.float32 \(LoRA buffers of float32's range\)\.$"
+)
+BIAS_STACKED = (
+    r"^scale=\[{w}\]: the stack of 2 adapters' summed update would leave the LoRA buffers' dtype in:\n  - "
+    r"layers\.1\.self_attn\.v_proj: the LoRA bias of part 0 reaches \|value\| {v} > float16 max 65504\n"
+    r"Pass smaller weights \(the ones given times at most {most} fit\), or stack fewer adapters, or inject with "
+    r"dtype=torch\.float32 \(LoRA buffers of float32's range\)\.$"
+)
+
+
+def _fp16_extras_rig(tmp_path: Path) -> Rig:
+    """:func:`_fp16_rig` injected with ``extras=True``, :func:`_biased` in each slot."""
+    rig = build_rig(tmp_path / "rig")
+    rig.model.half()
+    rig.runtime = lorahot.inject(lorahot.eject(rig.model), ["q_proj", "v_proj"], max_rank=8, slots=2, extras=True)
+    rig.runtime.load(_biased(rig), slot=1)
+    rig.runtime.load(_biased(rig), slot=0)
+    return rig
+
+
+def _biased(rig: Rig, value: float = BIAS) -> lorahot.Adapter:
+    """A rank-4 adapter of small factors whose ``V1`` carries a LoRA bias of ``value`` (float32
+    tensors): at weight 1 its update ``lora_bias`` fits float16 (65504) for 40000."""
+    tensors = valid_tensors(rig.model, 4)
+    tensors[f"base_model.model.{V1}.lora_B.bias"] = torch.full((16,), value)
+    return lorahot.read_adapter(tensors, config={"r": 4, "lora_alpha": 4, "lora_bias": True})
+
+
+def test_a_lora_bias_past_the_range_at_the_users_weights_is_refused(tmp_path: Path) -> None:
+    """The update of a layer with a LoRA bias is ``scale * (B @ A x + lora_bias)``; only the
+    first term was checked. A bias of 40000 loaded; ``set_scale(2)``, ``load(..., scale=2)``
+    (read or preloaded) and a stack at weights 2 and 1, loaded or re-weighted, made it 80000 and
+    every forward of the layer computed inf. Each is now refused naming the layer, nothing
+    changed; 1.5 (60000) still loads, and the layer's outputs stay finite."""
+    rig = _fp16_extras_rig(tmp_path)
+    prepared = rig.runtime.preload(_biased(rig))
+    plain = valid_tensors(rig.model, 2, seed=9)
+    single = BIAS_SINGLE.format(w="2", v="80000", most="1\\.637")
+    stacked = BIAS_STACKED.format(w="2, 1", v="80000", most="0\\.8187")
+    for slot in (0, 1):
+        _refused(rig, lambda: rig.runtime.set_scale(2.0, slot=slot), single)  # noqa: B023 - called at once
+        _refused(rig, lambda: rig.runtime.load(_biased(rig), slot=slot, scale=2.0), single)  # noqa: B023
+        _refused(rig, lambda: rig.runtime.load(prepared, slot=slot, scale=2.0), single)  # noqa: B023
+        _refused(rig, lambda: rig.runtime.load([prepared, plain], slot=slot, scale=[2.0, 1.0]), stacked)  # noqa: B023
+    rig.runtime.load([prepared, plain], slot=1, scale=[1.0, 1.0])
+    _refused(rig, lambda: rig.runtime.set_scale([2.0, 1.0], slot=1), stacked)
+    rig.runtime.set_scale([1.5, 1.0], slot=1)  # 60000: fits
+    rig.runtime.set_scale(1.5)
+    for slot in (0, 1):  # the layer's output (the model's own, past a bias of 60000, is not float16's)
+        rig.runtime.activate(slot)
+        with torch.no_grad():
+            y = rig.runtime.layers[V1](torch.eye(16, dtype=torch.float16))
+        assert bool(torch.isfinite(y).all()) and float(y.abs().max()) > 59000
+
+
+def test_a_lora_bias_past_the_range_at_its_own_scale_is_refused_at_the_read(tmp_path: Path) -> None:
+    """A bias of 70000 (a float32 file) at ``alpha / r = 1`` leaves float16 at any weight that
+    is not smaller: refused as a read, as an update ``alpha / r * B @ A`` past the range is, with
+    the dtype that holds it; float32 LoRA buffers load it."""
+    rig = _fp16_extras_rig(tmp_path)
+    before = snapshot(rig)
+    with pytest.raises(
+        lorahot.AdapterReadError,
+        match=r"LoRA weights or updates out of the LoRA buffers' range:\n  - layers\.1\.self_attn\.v_proj: its LoRA "
+        r"bias alpha / r \* lora_bias reaches \|value\| 70000 > float16 max 65504\nInject with dtype=torch\.float32",
+    ):
+        rig.runtime.load(_biased(rig, 70000.0))
+    assert_unchanged(rig, before)
+    wide = lorahot.inject(lorahot.eject(rig.model), ["q_proj", "v_proj"], max_rank=8, extras=True, dtype=torch.float32)
+    wide.load(_biased(rig, 70000.0))
