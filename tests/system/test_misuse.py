@@ -173,6 +173,11 @@ MISUSES = [
            r"dtype in:\n  - layers\.0\.self_attn\.q_proj: the summed update of parts 0, 1 reaches \|value\| "
            r"4\.30106e\+38 > float32 max 3\.40282e\+38\nPass smaller weights \(the ones given times at most 0\.7911 "
            r"fit\), or stack fewer adapters\.$"),
+    Misuse("load_lora_bias_update_overflows",  # B @ A fits float32; the LoRA bias term scale * lora_bias does not
+           lambda rig, tmp: rig.runtime.load(_biased(rig), scale=1e38, config={"lora_bias": True}), UsageError,
+           r"^scale=1e\+38: the slot's update would leave the LoRA buffers' dtype in:\n  - layers\.1\.self_attn\."
+           r"v_proj: its LoRA bias scale \* lora_bias reaches \|value\| 2e\+39 > float32 max 3\.40282e\+38\nPass a "
+           r"scale of at most 1\.701e\+37 in magnitude\.$"),
     Misuse("load_stack_adapter_source_none",  # passed every check, then emptied the slot while writing
            lambda rig, tmp: rig.runtime.load([_hand_fields(rig, source=None)] * 2, scale=[0.5, 0.5]), UsageError,
            r"^None: not a usable lorahot\.Adapter:\n  - Adapter\.source is None, not a str\n"),
@@ -351,6 +356,12 @@ def _nested() -> torch.Tensor:
 def _t(rig: Rig) -> dict[str, torch.Tensor]:
     """A valid adapter for the rig (no config: alpha = rank, so every alpha/r is 1)."""
     return valid_tensors(rig.model, 4, names=(Q0, V1))
+
+
+def _biased(rig: Rig) -> dict[str, torch.Tensor]:
+    """:func:`_t` with a LoRA bias of 10 on ``V1`` (read with PEFT's default alpha 8, its alpha / r is 2:
+    its update is ``20 * scale``)."""
+    return _t(rig) | {f"base_model.model.{V1}.lora_B.bias": torch.full((16,), 10.0)}
 
 
 def _tie(rig: Rig) -> torch.nn.Module:
