@@ -43,6 +43,7 @@ from lorahot.io.sources import Source
 from lorahot.layers import LoRALayer, layer_class_for
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import head_sizes, resolve_all
+from lorahot.resolve.ldm import LDM_MARKER
 from lorahot.runtime.arguments import check_read_options, entries, text
 from lorahot.runtime.components import components_of, is_several
 from lorahot.runtime.flux_inputs import pad_embedder_input
@@ -148,7 +149,9 @@ def plan_targets(
     Raises:
         UsageError: ``sources`` is empty or not a list of sources; an unknown option; the
             model is not an ``nn.Module``, a dict of them or an object with a ``components``
-            mapping of them.
+            mapping of them; ``stacked=True`` without a model for adapters that name their
+            modules in different namings (a kohya and a diffusers file), whose names only the
+            model tells to be one layer or several.
         lorahot.LoraError: what reading an adapter raises (:func:`lorahot.read_adapter`), and
             with a model an :class:`AdapterMismatchError` listing every key that matches no
             layer (or several) and every module whose shapes do not fit its layer; with several
@@ -176,6 +179,8 @@ def plan_targets(
     adapters = [read_adapter(s, device="meta", **read_options) for s in items]
     skipped = [k for a in adapters for k in a.skipped]
     if model is None:
+        if stacked:
+            _check_one_spelling(adapters)
         ranks = _file_ranks(adapters, combine)
         groups = [1]
     else:
@@ -252,17 +257,60 @@ def _module_rank(m: LoraModule | WeightModule) -> int:
 Combine = Callable[[int, int], int]
 
 
+#: Namings whose module keys are the model's own module paths once the component prefix is
+#: stripped: files of these name one layer by one path, so their names compare without a model.
+_MODULE_PATHS = frozenset({"peft", "diffusers", "diffusers-old"})
+
+
 def _file_ranks(adapters: list[Adapter], combine: Combine = max) -> dict[str, int]:
     """File-side module path (component prefix stripped) -> the largest rank there (``combine``
-    of the ranks)."""
-    ranks: dict[str, int] = {}
+    of the ranks, each adapter's counted once per component it targets: a kohya SDXL file's
+    ``lora_te1_`` and ``lora_te2_`` modules of one path are two layers)."""
+    per: dict[tuple[str, str], int] = {}  # (component prefix, path) -> combined rank
     for adapter in adapters:
         fmt = format_named(adapter.format)
+        own: dict[tuple[str, str], int] = {}
         entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
         for key, m in entries:
             name = fmt.strip_prefix(key)
-            ranks[name] = combine(ranks.get(name, 0), _module_rank(m))
+            where = (key[: len(key) - len(name)], name)
+            own[where] = max(own.get(where, 0), _module_rank(m))
+        for where, rank in own.items():
+            per[where] = combine(per.get(where, 0), rank)
+    ranks: dict[str, int] = {}
+    for (_, name), rank in per.items():
+        ranks[name] = max(ranks.get(name, 0), rank)
     return ranks
+
+
+def _spelling(adapter: Adapter) -> str:
+    """How ``adapter`` spells its module paths, for telling whether two files' names can be
+    compared without a model: the model's own paths (PEFT, diffusers), or a naming's own,
+    with original Stable Diffusion block names (``input_blocks``) told apart from diffusers'."""
+    fmt = format_named(adapter.format)
+    names = [fmt.strip_prefix(k).replace(".", "_") for k in (*adapter.modules, *adapter.weights)]
+    ldm = " with original SD block names" if any(LDM_MARKER.match(n) for n in names) else ""
+    return ("module paths" if adapter.format in _MODULE_PATHS else adapter.format) + ldm
+
+
+def _check_one_spelling(adapters: list[Adapter]) -> None:
+    """Refuses a stack planned without a model whose files spell their modules apart: a
+    layer's ranks add up only where its names are known to be one layer, which takes the
+    model (``lora_unet_down_blocks_0_..._to_q`` and ``down_blocks.0....to_q`` are one layer,
+    ``double_blocks_0_img_attn_qkv`` is three)."""
+    spellings: dict[str, list[str]] = {}
+    for adapter in adapters:
+        spellings.setdefault(_spelling(adapter), []).append(adapter.source)
+    if len(spellings) > 1:
+        listed = [f"{s}: {', '.join(shown(src, 120) for src in sources)}" for s, sources in spellings.items()]
+        raise UsageError(
+            format_problems(
+                "plan_targets(..., stacked=True) without a model: the adapters name modules in different namings:",
+                listed,
+            )
+            + "\nWithout the model there is no telling which of their names are one layer, so no sum of their "
+            "ranks per layer is known. Pass the model: lorahot.plan_targets(sources, model, stacked=True)."
+        )
 
 
 def _wrappable(model: nn.Module) -> dict[str, LoRALayer]:

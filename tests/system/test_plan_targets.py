@@ -135,6 +135,54 @@ def test_stack_sums_the_ranks_where_adapters_share_a_module(tmp_path: Path, two_
         lorahot.plan_targets(path_a, stacked="yes")
 
 
+_TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def _to_q_lora(rank: int, kohya: bool, seed: int) -> dict[str, torch.Tensor]:
+    """A LoRA on the tiny UNet's first ``to_q`` (16 -> 16), named as kohya or diffusers name it."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(rank, 16, generator=g), torch.randn(16, rank, generator=g)
+    if kohya:
+        key = "lora_unet_" + _TO_Q.replace(".", "_")
+        return {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(float(rank))}
+    return {f"unet.{_TO_Q}.lora_A.weight": a, f"unet.{_TO_Q}.lora_B.weight": b}
+
+
+def test_a_stack_of_two_namings_is_planned_per_layer_with_the_model_and_refused_without() -> None:
+    """A kohya and a diffusers file of the same layer are one layer's two parts: with the model
+    the plan sums them (and the stack loads); without it the names cannot be known to be one
+    layer, and the plan says to pass the model rather than count each naming apart (8 where the
+    load needs 12)."""
+    parts = [_to_q_lora(4, True, 1), _to_q_lora(8, False, 2)]
+    model = tiny_unet()
+    plan = lorahot.plan_targets(parts, model, stacked=True)
+    assert plan.max_rank == 12 and plan.ranks == {_TO_Q: 12}
+    lorahot.inject(model, plan.targets, max_rank=plan.max_rank).load(parts)
+    for order in (parts, parts[::-1]):
+        with pytest.raises(
+            lorahot.UsageError,
+            match=r"(?s)^plan_targets\(\.\.\., stacked=True\) without a model: the adapters name modules in different "
+            r"namings:(?=.*\n  - kohya: '<mapping>'\n)(?=.*\n  - module paths: '<mapping>'\n).*Pass the model: "
+            r"lorahot\.plan_targets\(sources, model, stacked=True\)\.$",
+        ):
+            lorahot.plan_targets(order, stacked=True)
+    assert lorahot.plan_targets(parts).max_rank == 8  # not stacked: the largest, whatever the names
+    assert lorahot.plan_targets([parts[0], parts[0]], stacked=True).max_rank == 8  # one naming: summed
+
+
+def test_a_stack_planned_without_a_model_counts_each_component_of_a_path_apart() -> None:
+    """A kohya SDXL file names the two text encoders' layers by one path under ``lora_te1_`` and
+    ``lora_te2_``: two layers, each taking the file's rank once, not their sum."""
+    path = "text_model_encoder_layers_0_self_attn_q_proj"
+    file = {
+        f"lora_{te}_{path}.{role}.weight": torch.randn(*shape)
+        for te in ("te1", "te2")
+        for role, shape in (("lora_down", (4, 16)), ("lora_up", (16, 4)))
+    }
+    assert lorahot.plan_targets([file], stacked=True).ranks == {path: 4}
+    assert lorahot.plan_targets([file, file], stacked=True).ranks == {path: 8}
+
+
 # -- headers only ---------------------------------------------------------------------------
 
 
