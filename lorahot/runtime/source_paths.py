@@ -32,6 +32,7 @@ __all__ = [
     "is_super",
     "is_value",
     "global_object",
+    "own_attributes",
 ]
 
 #: Attributes of a weight that describe it rather than compute with it.
@@ -152,19 +153,25 @@ def _bind(
 
 def resolve(node: ast.expr, names: Mapping[str, set[str]]) -> set[str]:
     """The paths below the instance that expression ``node`` may stand for (none: not one)."""
+    parts: list[str] = []  # an attribute or index chain, walked in a loop: it may be any length
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        if isinstance(node, ast.Attribute):
+            if node.attr == "weight" or node.attr in _METADATA or node.attr.startswith("__"):
+                return set()
+            parts.append(node.attr)
+        elif not isinstance(node.slice, ast.Slice):  # a slice: a part of the same list
+            part = constant(node.slice)
+            parts.append(str(part) if isinstance(part, str) or (isinstance(part, int) and part >= 0) else "*")
+        node = node.value
+    paths = _resolve_base(node, names)
+    for part in reversed(parts):
+        paths = {_join(p, part) for p in paths}
+    return paths
+
+
+def _resolve_base(node: ast.expr, names: Mapping[str, set[str]]) -> set[str]:
     if isinstance(node, ast.Name):
         return set(names.get(node.id, ()))
-    if isinstance(node, ast.Attribute):
-        if node.attr == "weight" or node.attr in _METADATA or node.attr.startswith("__"):
-            return set()
-        return {_join(p, node.attr) for p in resolve(node.value, names)}
-    if isinstance(node, ast.Subscript):
-        key = node.slice
-        if isinstance(key, ast.Slice):
-            return resolve(node.value, names)  # a part of the same list
-        part = constant(key)
-        part = str(part) if isinstance(part, str) or (isinstance(part, int) and part >= 0) else "*"
-        return {_join(p, part) for p in resolve(node.value, names)}
     if isinstance(node, ast.Call):
         func = node.func
         if is_getattr(node):
@@ -182,7 +189,11 @@ def resolve(node: ast.expr, names: Mapping[str, set[str]]) -> set[str]:
             return {_join(p, "**") for p in resolve(func.value, names)}
         return set()
     if isinstance(node, ast.IfExp):
-        return resolve(node.body, names) | resolve(node.orelse, names)
+        found = set()
+        while isinstance(node, ast.IfExp):  # a chain of conditionals needs no parentheses either
+            found |= resolve(node.body, names)
+            node = node.orelse
+        return found | resolve(node, names)
     if isinstance(node, ast.BoolOp):
         return set().union(*(resolve(v, names) for v in node.values))
     if isinstance(node, ast.NamedExpr):
@@ -215,17 +226,27 @@ def global_object(func: ast.expr, module_name: str) -> object:
         func = func.value
     if not isinstance(func, ast.Name):
         return None
-    module = sys.modules.get(module_name)
-    obj = vars(module).get(func.id) if module is not None else None
+    obj = own_attributes(sys.modules.get(module_name)).get(func.id)
     obj = vars(builtins).get(func.id) if obj is None else obj
     for part in reversed(chain):
         if isinstance(obj, types.ModuleType):
-            obj = vars(obj).get(part)
+            obj = own_attributes(obj).get(part)
         elif isinstance(obj, type):
             obj = inspect.getattr_static(obj, part, None)
         else:
             return None
     return obj
+
+
+def own_attributes(obj: object) -> Mapping[str, object]:
+    """``obj``'s own ``__dict__``, read without running its code (no ``__getattr__``, which an
+    object with ``__slots__`` or a stand-in for a module in ``sys.modules`` may define to raise
+    or to compute); empty where it has none."""
+    try:
+        attrs = object.__getattribute__(obj, "__dict__")
+    except Exception:  # no __dict__, or a class's own descriptor for it that fails
+        return {}
+    return attrs if isinstance(attrs, (dict, types.MappingProxyType)) else {}  # a class's: a mapping proxy
 
 
 def parameter(fn: Function, position: int | str) -> str | None:

@@ -55,6 +55,7 @@ from lorahot.runtime.source_paths import (
     is_getattr,
     is_super,
     is_value,
+    own_attributes,
     parameter,
     parameter_names,
     receiver_name,
@@ -454,7 +455,7 @@ def _step(obj: object, part: str) -> list[object]:
         return [obj[int(part)]] if part.isdigit() and int(part) < len(obj) else []
     if isinstance(obj, dict):
         return [obj[part]] if part in obj else []
-    attrs = getattr(obj, "__dict__", None)
+    attrs = own_attributes(obj)
     return [attrs[part]] if isinstance(attrs, dict) and part in attrs else []
 
 
@@ -503,7 +504,7 @@ def _own_source(module_name: str, qualname: str) -> ast.FunctionDef | ast.AsyncF
     None otherwise (the caller parses the whole file then)."""
     obj: object = sys.modules.get(module_name)
     for part in qualname.split("."):
-        obj = vars(obj).get(part) if hasattr(obj, "__dict__") else None
+        obj = own_attributes(obj).get(part)
     if isinstance(obj, functools.cached_property):
         obj = obj.func
     obj = obj.fget if isinstance(obj, property) else getattr(obj, "__func__", obj)  # or a static/class method
@@ -547,8 +548,10 @@ def _parsed_alone(fn: types.FunctionType) -> Function | None:
 def _functions(module: object) -> dict[str, ast.FunctionDef | ast.AsyncFunctionDef]:
     """Every function and method of a module's source, by qualified name (none where its
     source cannot be read)."""
+    if not isinstance(module, types.ModuleType):  # a stand-in for one in sys.modules: its own code
+        return {}
     try:
-        tree = ast.parse(inspect.getsource(module))  # type: ignore[arg-type]
+        tree = ast.parse(inspect.getsource(module))
     except (OSError, TypeError, SyntaxError, ValueError):
         return {}
     found: dict[str, ast.FunctionDef | ast.AsyncFunctionDef] = {}
@@ -578,11 +581,11 @@ def _scan_class(cls: type, sources: Sources, entries: frozenset[str]) -> Uses:
         for klass in cls.__mro__:
             if klass in (object, nn.Module) or not _is_code(vars(klass).get(method)):
                 continue
-            node = sources.function(klass.__module__, f"{klass.__qualname__}.{method}")
+            node, module_name = _method_source(klass, method, sources)
             receiver = receiver_name(node)
             if node is None or receiver is None:
                 continue
-            scan = _Scan(cls, klass.__module__, sources)
+            scan = _Scan(cls, module_name, sources)
             scan.function(node, {receiver: {""}}, f"{klass.__name__}.{method}")
             for path, where in scan.reads.items():
                 reads.setdefault(path, where)
@@ -590,6 +593,23 @@ def _scan_class(cls: type, sources: Sources, entries: frozenset[str]) -> Uses:
             handed |= scan.handed
             todo += sorted(scan.members - seen)
     return Uses(reads, frozenset(calls), frozenset(handed))
+
+
+def _method_source(klass: type, method: str, sources: Sources) -> tuple[Function | None, str]:
+    """The definition of ``klass``'s own ``method`` and the module whose names it reads: found
+    by the class's qualified name, else from the function object itself (a class defined in a
+    function, whose name holds ``<locals>``; a function of another name set as a method,
+    ``forward = _shared_forward``)."""
+    node = sources.function(klass.__module__, f"{klass.__qualname__}.{method}")
+    if node is not None:
+        return node, klass.__module__
+    attr = vars(klass).get(method)
+    if isinstance(attr, functools.cached_property):
+        attr = attr.func
+    fn = attr.fget if isinstance(attr, property) else getattr(attr, "__func__", attr)
+    if not isinstance(fn, types.FunctionType) or _library(fn):
+        return None, klass.__module__
+    return sources.of(fn), fn.__module__ if isinstance(fn.__module__, str) else klass.__module__
 
 
 def _is_code(attr: object) -> bool:

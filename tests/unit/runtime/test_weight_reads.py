@@ -9,6 +9,7 @@ import copy
 import functools
 import inspect
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -458,6 +459,26 @@ class _HookClamp(_Pair):
         return self.out(self.proj(x))
 
 
+def _class_in_a_function() -> type[nn.Module]:
+    class _InAFunction(_Pair):
+        """As :class:`_ReadHead`, defined in a function (its qualified name holds ``<locals>``)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(x @ self.proj.weight.T)
+
+    return _InAFunction
+
+
+def _shared_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.out(x @ self.proj.weight.T)
+
+
+class _SetForward(_Pair):
+    """As :class:`_ReadHead`, its forward a module-level function set in the class body."""
+
+    forward = _shared_forward
+
+
 def _x() -> torch.Tensor:
     return torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
 
@@ -508,6 +529,8 @@ def _run(model: nn.Module) -> torch.Tensor:
         ),
         (_HeldClosure, "conv", r"_convolving\.<locals>\.run reads conv\.weight, in the function _HeldClosure holds"),
         (_HeldPartial, "conv", r"_convolve \(bound in a functools\.partial\) reads conv\.weight, in the partial"),
+        (_class_in_a_function(), "proj", r"_InAFunction\.forward reads self\.proj\.weight"),
+        (_SetForward, "proj", r"_SetForward\.forward reads self\.proj\.weight"),
     ],
     ids=[
         "read",
@@ -536,6 +559,8 @@ def _run(model: nn.Module) -> torch.Tensor:
         "processor",
         "held-closure",
         "held-partial",
+        "class-in-a-function",
+        "set-forward",
     ],
 )
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
@@ -622,3 +647,111 @@ def test_a_method_is_parsed_from_its_own_lines_not_its_whole_file(monkeypatch) -
     assert dict(uses.reads) == {"proj": "_Decorated._project"}
     assert {"out", "_project"} <= uses.calls
     assert parsed and max(parsed) < len(inspect.getsource(sys.modules[__name__])) // 4
+
+
+def _exec_module(name: str, source: str, tmp_path, monkeypatch) -> types.ModuleType:
+    """Module ``name`` run from ``source`` in a file of its own under ``tmp_path``."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    monkeypatch.setitem(sys.modules, name, module)
+    exec(compile(source, str(path), "exec"), vars(module))
+    return module
+
+
+_DEEP = """
+from torch import nn
+
+
+class Deep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x):
+        if x is None:
+            return self.out{chain}
+        return self.out(x @ self.proj.weight.T)
+"""
+
+
+def test_an_expression_of_any_depth_is_read_without_recursing_on_it(tmp_path, monkeypatch) -> None:
+    """An attribute chain or a chain of conditionals thousands deep (which Python compiles
+    without parentheses) was an UnexpectedError (RecursionError) of inject; the read beside it
+    is still found."""
+    for chain in (".a" * 2000, "".join(" if x else self.out" for _ in range(1500))):
+        module = _exec_module("_lorahot_deep_source", _DEEP.format(chain=chain), tmp_path, monkeypatch)
+        weight_reads._CACHE.pop(module.Deep, None)
+        with pytest.raises(lorahot.UsageError, match=r"Deep\.forward reads self\.proj\.weight"):
+            lorahot.inject(module.Deep(), ["proj", "out"], max_rank=4)
+
+
+class _Guarded:
+    """A held object with slots and a ``__getattr__`` that raises for any other name."""
+
+    __slots__ = ("scale",)
+
+    def __init__(self) -> None:
+        self.scale = 2.0
+
+    def __getattr__(self, name: str) -> object:
+        raise RuntimeError(f"no {name}")
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _Guarded:
+        return _Guarded()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class _WithGuarded(_Pair):
+    def __init__(self) -> None:
+        super().__init__()
+        self.guard = _Guarded()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.guard(self.proj(x)))
+
+
+class _StandIn:
+    """What a library may put in ``sys.modules`` for its module: no ``__dict__``, and a
+    ``__getattr__`` that raises."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> object:
+        raise RuntimeError(f"no {name}")
+
+
+_STANDING_IN = """
+from torch import nn
+
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.out(self.proj(x))
+"""
+
+
+def test_objects_that_raise_on_attribute_lookup_are_read_without_running_it(tmp_path, monkeypatch) -> None:
+    """A held object whose ``__getattr__`` raises, and a class whose module stands in
+    ``sys.modules`` as such an object, were an UnexpectedError (RuntimeError) of inject; both
+    inject and compute at the float64 reference now."""
+    module = _exec_module("_lorahot_stand_in", _STANDING_IN, tmp_path, monkeypatch)
+    monkeypatch.setitem(sys.modules, "_lorahot_stand_in", _StandIn())
+    for build in (_WithGuarded, module.Pair):
+        torch.manual_seed(0)
+        base = build().eval()
+        model = copy.deepcopy(base)
+        runtime = lorahot.inject(model, ["proj", "out"], max_rank=4)
+        tensors, ab = make_adapter(model, {"proj": 2, "out": 3}, seed=3)
+        runtime.load(tensors)
+        want = model_reference(base, _x(), {name: (*ab[name], 1.0) for name in ab})
+        torch.testing.assert_close(_run(model).double(), want, rtol=1e-5, atol=1e-6)
