@@ -5,8 +5,10 @@ names its layers ``<component>.<module path>``. A file names its components with
 diffusers ``unet.``/``transformer.``/``text_encoder.``/``text_encoder_2.``, kohya
 ``lora_unet_``/``lora_te_``/``lora_te1_``/``lora_te2_``, BFL/ComfyUI ``diffusion_model.``, ComfyUI's
 ``text_encoders.clip_l.transformer.``/``clip_g``/``t5xxl`` (``text_encoder``, ``text_encoder_2``,
-``text_encoder_3``, SD3's order: a Flux pipeline's T5 is its ``text_encoder_2``, which these keys do
-not reach; diffusers' Flux loader drops them).
+``text_encoder_3``, SD3's order). sd-scripts names the T5 ``lora_te3_`` in its Flux.1 files too,
+whose pipeline holds the T5 as ``text_encoder_2``: T5 modules (:data:`T5_PREFIXES`) go to
+``text_encoder_2`` on a runtime without a ``text_encoder_3`` whose ``text_encoder_2`` has their
+modules (diffusers' Flux loader drops them).
 Each module goes to the component its prefix names (:data:`ROUTES`), and is then resolved
 against that component's layers only, exactly as on a single model (:mod:`lorahot.resolve.keys`),
 so two components with the same module paths (two CLIP encoders) never compete for a key.
@@ -22,7 +24,7 @@ from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems, shown
 from lorahot.resolve.keys import resolve_all
 
-__all__ = ["ROUTES", "DENOISER", "route", "resolve_components"]
+__all__ = ["ROUTES", "DENOISER", "T5_PREFIXES", "route", "resolve_components"]
 
 #: The denoiser a prefix without a fixed component (``lora_unet_`` is Flux's transformer too)
 #: or a key without any prefix goes to: the first of these the runtime has.
@@ -55,6 +57,13 @@ ROUTES: tuple[tuple[str, str | None], ...] = tuple(
         reverse=True,
     )
 )
+
+
+#: Prefixes of T5 text-encoder modules: sd-scripts' (its SD3 and Flux.1 files) and ComfyUI's.
+#: They name ``text_encoder_3``, SD3's T5; a Flux.1 pipeline's T5 is its ``text_encoder_2``.
+T5_PREFIXES = ("lora_te3_", "text_encoders.t5xxl.transformer.")
+#: Where T5 modules go on a runtime without ``text_encoder_3``, if it holds their modules.
+_T5_ELSEWHERE = "text_encoder_2"
 
 
 def route(key: str, components: tuple[str, ...]) -> tuple[str | None, str]:
@@ -95,8 +104,11 @@ def resolve_components(
     groups: dict[str, list[tuple[str, Module]]] = {c: [] for c in components}
     missing: dict[str, list[str]] = {}
     entries: list[tuple[str, Module]] = [*adapter.modules.items(), *adapter.weights.items()]
+    t5 = _t5_elsewhere([k for k, _ in entries], components, [*names, *others])
     for key, module in entries:
         component, prefix = route(key, components)
+        if component is None and prefix in T5_PREFIXES and t5:
+            component = _T5_ELSEWHERE
         if component is not None:
             groups[component].append((key, module))
         elif skipped is not None:
@@ -132,16 +144,41 @@ def resolve_components(
     return lora, weights
 
 
+def _t5_elsewhere(keys: list[str], components: tuple[str, ...], paths: list[str]) -> bool:
+    """Whether the T5 modules among ``keys`` go to ``text_encoder_2``: the runtime has no
+    ``text_encoder_3``, and its ``text_encoder_2`` has a module at one of their paths (a
+    Flux.1 pipeline's T5; SDXL's ``text_encoder_2`` is a CLIP, with none of a T5's paths)."""
+    if "text_encoder_3" in components or _T5_ELSEWHERE not in components:
+        return False
+    head = _T5_ELSEWHERE + "."
+    held = {p[len(head) :].replace(".", "_") for p in paths if p.startswith(head)}
+    return any(
+        key[len(prefix) :].replace(".", "_") in held for key in keys for prefix in T5_PREFIXES if key.startswith(prefix)
+    )
+
+
 def _missing_message(source: str, missing: dict[str, list[str]], components: tuple[str, ...]) -> str:
     lines = []
     for prefix, keys in missing.items():
         target = dict(ROUTES).get(prefix) if prefix else None
         wanted = target or " or ".join(DENOISER)
         which = f"prefix {shown(prefix, 200)}" if prefix else "no component prefix"
+        if prefix in T5_PREFIXES:
+            lines.append(
+                f"{len(keys)} T5 text-encoder module(s) with {which} (e.g. {keys[0]}): they go to text_encoder_3 "
+                f"(SD3's T5), which was not injected, or to a {_T5_ELSEWHERE} that holds their modules (Flux.1's "
+                f"T5), which " + ("holds none of them" if _T5_ELSEWHERE in components else "was not injected")
+            )
+            continue
         lines.append(f"{len(keys)} module(s) with {which} (e.g. {keys[0]}) go to {wanted}, which was not injected")
+    fix = (
+        "Inject the missing component too (lorahot.inject({..., 'text_encoder_2': pipe.text_encoder_2}, ...))"
+        if any(p not in T5_PREFIXES for p in missing)
+        else "Inject the pipeline's T5 encoder too ({..., 'text_encoder_3': pipe.text_encoder_3} for SD3, "
+        "{..., 'text_encoder_2': pipe.text_encoder_2} for Flux.1)"
+    )
     return (
         format_problems(f"{source}: adapter modules for components this runtime lacks:", lines)
-        + f"\nThis runtime has components {', '.join(components)}. Inject the missing component too "
-        "(lorahot.inject({..., 'text_encoder_2': pipe.text_encoder_2}, ...)), or load with strict=False to skip "
+        + f"\nThis runtime has components {', '.join(components)}. {fix}, or load with strict=False to skip "
         "those modules."
     )

@@ -150,7 +150,8 @@ def test_comfyui_text_encoder_keys_of_a_flux_file_match_diffusers() -> None:
     runtime they were routed to the transformer and matched no layer; they now go to
     ``text_encoder`` (``clip_g`` to ``text_encoder_2``, ``t5xxl`` to ``text_encoder_3``), every CLIP
     layer's update equal to diffusers' converted one, and a T5 module, whose component this Flux
-    runtime lacks (its T5 is ``text_encoder_2``), is refused, or skipped with strict=False."""
+    runtime lacks (its T5 is ``text_encoder_2``, not injected here), is refused, or skipped with
+    strict=False."""
     clip = _clip()
     comfyui = r"text_encoders.clip_l.transformer.text_model.encoder.layers.\1.\2."
     sd = {
@@ -171,8 +172,9 @@ def test_comfyui_text_encoder_keys_of_a_flux_file_match_diffusers() -> None:
     runtime = lorahot.inject({"transformer": tiny_flux(), "text_encoder": clip}, "all-linear", max_rank=8, merged=True)
     with pytest.raises(
         lorahot.AdapterMismatchError,
-        match=r"prefix 'text_encoders\.t5xxl\.transformer\.'.* go to "
-        r"text_encoder_3, which was not injected",
+        match=r"T5 text-encoder module\(s\) with prefix 'text_encoders\.t5xxl\.transformer\.'.*: they go to "
+        r"text_encoder_3 \(SD3's T5\), which was not injected, or to a text_encoder_2 that holds their modules "
+        r"\(Flux\.1's T5\), which was not injected\n.*Inject the pipeline's T5 encoder too",
     ):
         runtime.load(sd | t5)
     info = runtime.load(sd | t5, strict=False)
@@ -195,3 +197,78 @@ def _old_diffusers_te(key: str) -> str:
     for old, new in (("to_out_lora", "out_proj"), ("to_q_lora", "q_proj"), ("to_k_lora", "k_proj")):
         key = key.replace(f".{old}.", f".{new}.")
     return key.replace(".to_v_lora.", ".v_proj.").replace(".lora_linear_layer.", ".")
+
+
+def _t5_file(t5: nn.Module, prefix: str, dotted: bool) -> dict[str, torch.Tensor]:
+    """A LoRA (rank 2, alpha 1) on every linear of a T5 encoder, named as sd-scripts
+    (``lora_te3_`` + underscores) or ComfyUI (``text_encoders.t5xxl.transformer.`` + dots) name it."""
+    g = torch.Generator().manual_seed(7)
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in t5.named_modules():
+        if isinstance(mod, nn.Linear):
+            stem = prefix + (name if dotted else name.replace(".", "_"))
+            out[f"{stem}.lora_down.weight"] = torch.randn(2, mod.in_features, generator=g, dtype=torch.float64)
+            out[f"{stem}.lora_up.weight"] = torch.randn(mod.out_features, 2, generator=g, dtype=torch.float64)
+            out[f"{stem}.alpha"] = torch.tensor(1.0, dtype=torch.float64)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("prefix", "dotted"),
+    [("lora_te3_", False), ("text_encoders.t5xxl.transformer.", True)],
+    ids=["sd-scripts", "comfyui"],
+)
+def test_t5_modules_of_a_flux_file_load_into_the_pipelines_t5_text_encoder_2(prefix: str, dotted: bool) -> None:
+    """sd-scripts' Flux.1 LoRA networks name the T5 ``lora_te3_`` (as its SD3 ones do), which a
+    Flux.1 pipeline holds as ``text_encoder_2`` (diffusers' Flux loader drops these modules). On a
+    runtime without ``text_encoder_3`` whose ``text_encoder_2`` holds their modules they load
+    there: the encoder's output equals PEFT's with the same factors (float64); where no such
+    encoder was injected the refusal says they are T5 modules and where each pipeline holds one."""
+    from tests.system.test_readme import _tiny_flux
+
+    pipe = _tiny_flux()
+    t5 = pipe.text_encoder_2.double()
+    sd = _t5_file(t5, prefix, dotted)
+    names = sorted({n.rpartition(".")[2] for n, m in t5.named_modules() if isinstance(m, nn.Linear)})
+    oracle = peft_model(copy.deepcopy(t5), names)
+    for key in [k for k in sd if k.endswith(".lora_down.weight")]:
+        path = key[len(prefix) : -len(".lora_down.weight")]
+        path = path if dotted else _t5_path(t5, path)
+        layer = oracle.base_model.model.get_submodule(path)
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(sd[key])
+            layer.lora_B["default"].weight.copy_(sd[key.replace("lora_down", "lora_up")])
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base = t5(ids)[0]
+    runtime = lorahot.inject(pipe, {"text_encoder_2": "all-linear"}, max_rank=4)
+    info = runtime.load(sd)
+    assert info.components == {"text_encoder_2": len(sd) // 3}
+    with torch.no_grad():
+        got, want = t5(ids)[0], oracle(input_ids=ids)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert (want - base).abs().max() > 1e-2
+    lone = lorahot.inject({"transformer": tiny_flux(), "text_encoder": _clip()}, "all-linear", max_rank=4)
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=rf"{re.escape(repr(prefix))} .*: they go to text_encoder_3 \(SD3's T5\), which was not injected, or to a "
+        r"text_encoder_2 that holds their modules \(Flux\.1's T5\), which was not injected\n"
+        r"This runtime has components transformer, text_encoder\. Inject the pipeline's T5 encoder too "
+        r"\(\{\.\.\., 'text_encoder_3': pipe\.text_encoder_3\} for SD3, \{\.\.\., 'text_encoder_2': "
+        r"pipe\.text_encoder_2\} for Flux\.1\), or load with strict=False",
+    ):
+        lone.load(sd)
+    clip_g = lorahot.inject({"text_encoder": _clip(), "text_encoder_2": _clip(True)}, "all-linear", max_rank=4)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"\(Flux\.1's T5\), which holds none of them\n"):
+        clip_g.load(sd)  # SDXL's text_encoder_2 is a CLIP
+
+
+def _t5_path(t5: nn.Module, underscored: str) -> str:
+    return next(n for n, _ in t5.named_modules() if n.replace(".", "_") == underscored)
+
+
+def peft_model(model: nn.Module, targets: list[str]) -> nn.Module:
+    """``model`` under PEFT LoRA (rank 2, alpha 1: sd-scripts' scale alpha / rank) on ``targets``."""
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=1, target_modules=targets)).eval()
