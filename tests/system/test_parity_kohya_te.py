@@ -272,3 +272,55 @@ def peft_model(model: nn.Module, targets: list[str]) -> nn.Module:
     import peft
 
     return peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=1, target_modules=targets)).eval()
+
+
+@pytest.mark.parametrize("naming", ["lora_te1_", "lora_te_", "comfyui", "no-alpha"])
+def test_kohya_te_of_a_flux_file_matches_sd_scripts_and_diffusers_flux_loader(naming: str) -> None:
+    """A Flux.1 file's CLIP-L modules with per-module ranks and alphas (sd-scripts' ``lora_te1_``,
+    ``lora_te_``, ComfyUI's ``clip_l``, or without ``.alpha``): diffusers' Flux loader folds each
+    module's ``alpha / r`` into its factors, so on a Flux pipeline it agrees with the float64
+    sd-scripts reference, as lorahot does (unlike SDXL's loader, above)."""
+    from tests.system.test_readme import _tiny_flux
+
+    pipe = _tiny_flux()
+    clip = pipe.text_encoder
+    file = _kohya_file(clip, "lora_te1")
+    for i, key in enumerate(k for k in file if k.endswith(".lora_down.weight")):
+        stem = key.removesuffix(".lora_down.weight")
+        rank = 2 if i % 2 else 4
+        file[key], file[f"{stem}.lora_up.weight"] = file[key][:rank], file[f"{stem}.lora_up.weight"][:, :rank]
+        file[f"{stem}.alpha"] = torch.tensor(8.0 if i % 3 == 0 else rank / 2)
+    reference = copy.deepcopy(clip).double()
+    with torch.no_grad():
+        for name, mod in reference.named_modules():
+            stem = f"lora_te1_text_model_{name.replace('.', '_')}"
+            if f"{stem}.alpha" in file:
+                down, up = file[f"{stem}.lora_down.weight"].double(), file[f"{stem}.lora_up.weight"].double()
+                alpha = float(file[f"{stem}.alpha"]) if naming != "no-alpha" else down.shape[0]
+                mod.weight += alpha / down.shape[0] * up @ down
+    comfyui = r"text_encoders.clip_l.transformer.text_model.encoder.layers.\1.\2."
+    respell = {
+        "lora_te1_": lambda k: k,
+        "lora_te_": lambda k: k.replace("lora_te1_", "lora_te_"),
+        "comfyui": lambda k: re.sub(r"^lora_te1_text_model_encoder_layers_(\d+)_(self_attn|mlp)_", comfyui, k),
+        "no-alpha": lambda k: k,
+    }[naming]
+    sd = {respell(k): v for k, v in file.items() if not (naming == "no-alpha" and k.endswith(".alpha"))}
+    g = torch.Generator().manual_seed(5)
+    proj = (
+        "diffusion_model.double_blocks.0.img_attn.proj"
+        if naming == "comfyui"
+        else "lora_unet_double_blocks_0_img_attn_proj"
+    )
+    sd[f"{proj}.lora_down.weight"] = torch.randn(2, 32, generator=g)
+    sd[f"{proj}.lora_up.weight"] = torch.randn(32, 2, generator=g)
+    theirs = copy.deepcopy(pipe)
+    theirs.load_lora_weights({k: v.clone() for k, v in sd.items()})
+    clip.double()
+    lorahot.inject(pipe, "all-linear", max_rank=8).load({k: v.double() for k, v in sd.items()})
+    ids = torch.tensor([[0, 5, 9, 3, 1]])
+    with torch.no_grad():
+        want = reference(ids)[0]
+        got, oracle = clip(ids)[0], theirs.text_encoder.double()(ids)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(oracle, want, rtol=1e-12, atol=1e-12)  # its scales are powers of two here
