@@ -97,9 +97,31 @@ class Tree:
                 bindings.append((node.target, node.iter, True))
             elif isinstance(node, ast.withitem) and node.optional_vars is not None:
                 bindings.append((node.optional_vars, node.context_expr, False))
+            elif isinstance(node, ast.Match):
+                bindings += [b for case in node.cases for b in _captures(case.pattern, node.subject, False)]
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node is not fn:
                 local.setdefault(node.name, node)
         return Tree(nodes, parents, bindings, local)
+
+
+def _captures(pattern: ast.pattern, subject: ast.expr, each: bool) -> Iterator[tuple[ast.expr, ast.expr, bool]]:
+    """The names a ``case`` pattern binds to ``subject`` (``each``: to an element of it):
+    ``case p``, ``case ... as p``, ``case [first, *rest]``, alternatives of ``|``."""
+    if isinstance(pattern, ast.MatchAs):
+        if pattern.name is not None:
+            yield ast.Name(id=pattern.name, ctx=ast.Store()), subject, each
+        if pattern.pattern is not None:
+            yield from _captures(pattern.pattern, subject, each)
+    elif isinstance(pattern, ast.MatchOr):
+        for alternative in pattern.patterns:
+            yield from _captures(alternative, subject, each)
+    elif isinstance(pattern, ast.MatchSequence) and not each:
+        for element in pattern.patterns:
+            if isinstance(element, ast.MatchStar):  # the rest of the same list
+                if element.name is not None:
+                    yield ast.Name(id=element.name, ctx=ast.Store()), subject, False
+            else:
+                yield from _captures(element, subject, True)
 
 
 def aliases(bindings: list[tuple[ast.expr, ast.expr, bool]], env: Mapping[str, set[str]]) -> dict[str, set[str]]:

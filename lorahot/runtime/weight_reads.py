@@ -18,7 +18,8 @@ object's ``__call__``, an attention processor handed the module, a ``functools.p
 closure), the forward hooks and pre-hooks registered on it and a ``forward`` set on its instance,
 with the objects a hook, partial or closure binds. A module is followed through the names it is
 bound to in a function (``proj = self.proj``, ``a, b = self.p, self.q``, ``for layer in
-self.layers``, ``getattr(self, "proj")``, ``self.layers[0]``, ``self.named_modules()``; an index
+self.layers``, ``getattr(self, "proj")``, ``self.layers[0]``, ``self.named_modules()``, ``match
+self.layers: case [first, *rest]``; an index
 or name not known statically stands for every element or child), in any order of the
 function's lines. A read is ``<module>.weight`` used as a value, or the weight taken by its
 name (``get_parameter("proj.weight")``, ``_parameters["weight"]``, ``state_dict()[...]``);

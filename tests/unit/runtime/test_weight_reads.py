@@ -459,6 +459,26 @@ class _HookClamp(_Pair):
         return self.out(self.proj(x))
 
 
+class _Matched(_Pair):
+    """Reads ``proj``'s weight through the name a ``case`` pattern binds it to."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        match self.proj:
+            case nn.Module() as proj:
+                return self.out(x @ proj.weight.T)
+        return self.out(x)
+
+
+class _MatchedElement(_Layers):
+    """Reads the first layer's weight through a sequence pattern."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        match list(self.layers):
+            case [first, *_]:
+                return self.out(self.layers[1](x @ first.weight.T))
+        return self.out(x)
+
+
 def _class_in_a_function() -> type[nn.Module]:
     class _InAFunction(_Pair):
         """As :class:`_ReadHead`, defined in a function (its qualified name holds ``<locals>``)."""
@@ -531,6 +551,8 @@ def _run(model: nn.Module) -> torch.Tensor:
         (_HeldPartial, "conv", r"_convolve \(bound in a functools\.partial\) reads conv\.weight, in the partial"),
         (_class_in_a_function(), "proj", r"_InAFunction\.forward reads self\.proj\.weight"),
         (_SetForward, "proj", r"_SetForward\.forward reads self\.proj\.weight"),
+        (_Matched, "proj", r"_Matched\.forward reads self\.proj\.weight"),
+        (_MatchedElement, "layers.0", r"_MatchedElement\.forward reads self\.layers\[\*\]\.weight"),
     ],
     ids=[
         "read",
@@ -561,6 +583,8 @@ def _run(model: nn.Module) -> torch.Tensor:
         "held-partial",
         "class-in-a-function",
         "set-forward",
+        "match-as",
+        "match-sequence",
     ],
 )
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
