@@ -492,3 +492,19 @@ def test_every_test_and_test_file_the_readme_cites_exists() -> None:
     ]
     absent = sorted(p for p in set(re.findall(r"\btests/[\w/]+\.py\b", text)) if not (root / p).is_file())
     assert not missing and not absent, f"the README cites tests that do not exist: {missing + absent}"
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation but ``-`` and ``_`` dropped,
+    spaces as ``-``."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_within_the_readme_reaches_a_heading() -> None:
+    """A ``[text](#anchor)`` link names a heading the README has, so a renamed section cannot
+    leave its entry in "Where to look" pointing nowhere."""
+    text = README.read_text()
+    anchors = {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert links, "the README links none of its own sections"
+    assert links <= anchors, f"links to no heading: {sorted(links - anchors)}"
