@@ -26,7 +26,8 @@ Both read LyCORIS factors (LoHa, LoKr, ...) as ComfyUI and kohya namings do: mer
 
 A VACE model's ``vace_blocks.N`` take the same block names, and their own ``before_proj`` and
 ``after_proj`` land on ``proj_in`` and ``proj_out``, as diffusers' Wan checkpoint conversion
-renames them (diffusers' Wan LoRA conversion refuses ``vace_blocks`` keys).
+renames them (diffusers' Wan LoRA conversion refuses ``vace_blocks`` keys); a file of those two
+alone is a Wan file too (the markers name them).
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ FORMAT = KeyFormat(
     prefixes=DIFFUSION_MODEL,
     require_prefix=True,
     refuse=_REFUSED,
-    marker=DIFFUSION_MODEL_HEAD + r"(?:vace_)?blocks\.\d+\.(?:self_attn|cross_attn|ffn)\.",
+    marker=DIFFUSION_MODEL_HEAD
+    + r"(?:(?:vace_)?blocks\.\d+\.(?:self_attn|cross_attn|ffn)|vace_blocks\.\d+\.(?:before|after)_proj)\.",
     aliases=_ALIASES,
     example="diffusion_model.blocks.0.self_attn.q.lora_A.weight",
 )
@@ -122,7 +124,7 @@ MUSUBI = kohya.spelling(
         (r"^lora_unet_vace_blocks_(\d+)_(before|after)_proj$", r"lora_unet_vace_blocks.\1.\2_proj"),
     ),
     refuse=REFUSED_MERGEABLE,
-    marker=r"^lora_unet_(?:vace_)?blocks_\d+_(?:self_attn|cross_attn|ffn)_",
+    marker=r"^lora_unet_(?:(?:vace_)?blocks_\d+_(?:self_attn|cross_attn|ffn)_|vace_blocks_\d+_(?:before|after)_proj\.)",
     aliases=_ALIASES,
     lycoris=True,
     example="lora_unet_blocks_0_self_attn_q.lora_down.weight",

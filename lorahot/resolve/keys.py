@@ -280,6 +280,13 @@ def _first(groups) -> list[str]:  # type: ignore[no-untyped-def]
     return next((g for g in groups if g), [])
 
 
+def _renamed(key: str, fmt: KeyFormat) -> list[str]:
+    """The model module names the format's aliases give ``key`` (``diffusion_model.vace_blocks.0.before_proj``
+    -> ``vace_blocks.0.proj_in``), so a refusal says which layer the file was made for."""
+    probe = _candidates(key, fmt)[-1]  # without its component prefix
+    return sorted({re.sub(p, r, probe) for p, r in fmt.aliases if re.search(p, probe)} - {probe})[:3]
+
+
 def _closest(key: str, fmt: KeyFormat, names: _Names) -> list[str]:
     """Up to three injected names nearest to ``key`` (compared in the format's own spelling)."""
     probe = _candidates(key, fmt)[-1]
@@ -355,9 +362,18 @@ def resolve_all(
         if not hits and skipped is not None:
             skipped.extend(module.source_keys or (key,))
         elif not hits:
-            close = _closest(key, fmt, index) if len(problems) < _SHOWN else []  # the rest are not shown
+            shown_here = len(problems) < _SHOWN  # the rest are not shown
+            close = _closest(key, fmt, index) if shown_here else []
+            renamed = _renamed(key, fmt) if shown_here else []
             problems.append(
-                f"{named}: matches no injected layer" + (f" (closest: {', '.join(close)})" if close else "")
+                f"{named}: matches no injected layer"
+                + (f" (closest: {', '.join(close)})" if close else "")
+                + (
+                    f"; the {fmt.name} naming places it at {', '.join(renamed)}, "
+                    "which is not injected or not in this model"
+                    if renamed
+                    else ""
+                )
             )
         elif len(hits) > 1:
             problems.append(

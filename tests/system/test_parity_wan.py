@@ -441,3 +441,14 @@ def test_wan_vace_blocks_land_on_diffusers_vace_layers(naming: str) -> None:
     assert_same(ours, reference)
     vace_only = {k: v for k, v in sd.items() if "vace_blocks" in k}
     assert lorahot.read_adapter(vace_only).format == naming
+    projections = {k: v for k, v in vace_only.items() if "before_proj" in k or "after_proj" in k}
+    assert len(projections) == 6, projections.keys()  # before_proj and after_proj alone: a Wan VACE file too
+    names = ["vace_blocks.0.proj_in", "vace_blocks.0.proj_out"]
+    ours, fmt = lorahot_weights(_tiny_vace, projections, names)
+    assert fmt == naming
+    assert_same(ours, {n: reference[n] for n in names})
+    with pytest.raises(  # on a Wan model without VACE blocks: the refusal names the VACE layer
+        lorahot.AdapterMismatchError,
+        match=rf"before_proj: matches no injected layer.*; the {naming} naming places it at vace_blocks\.0\.proj_in, ",
+    ):
+        lorahot_weights(tiny_wan, projections, names)
