@@ -98,30 +98,74 @@ class Tree:
             elif isinstance(node, ast.withitem) and node.optional_vars is not None:
                 bindings.append((node.optional_vars, node.context_expr, False))
             elif isinstance(node, ast.Match):
-                bindings += [b for case in node.cases for b in _captures(case.pattern, node.subject, False)]
+                for case in node.cases:
+                    for target, value, each in _captures(case.pattern, node.subject):
+                        if target is None:  # a weight a class pattern captures: read as ``subject.weight`` is
+                            parents[value] = case
+                            nodes.append(value)
+                        else:
+                            bindings.append((target, value, each))
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node is not fn:
                 local.setdefault(node.name, node)
         return Tree(nodes, parents, bindings, local)
 
 
-def _captures(pattern: ast.pattern, subject: ast.expr, each: bool) -> Iterator[tuple[ast.expr, ast.expr, bool]]:
-    """The names a ``case`` pattern binds to ``subject`` (``each``: to an element of it):
-    ``case p``, ``case ... as p``, ``case [first, *rest]``, alternatives of ``|``."""
+def _captures(pattern: ast.pattern, subject: ast.expr) -> Iterator[tuple[ast.Name | None, ast.expr, bool]]:
+    """The names a ``case`` pattern binds to ``subject``: ``case p``, ``case ... as p``, ``case
+    [first, *rest]`` (an element; the same list), alternatives of ``|``, a class pattern's
+    attributes (``case Block(proj=p)``: ``subject.proj``; a positional one: any child), a
+    mapping's values (``case {"p": p, **rest}``). A weight a class pattern captures (``case
+    nn.Module(weight=w)``) comes as ``(None, <subject>.weight, False)``: a read of it."""
     if isinstance(pattern, ast.MatchAs):
         if pattern.name is not None:
-            yield ast.Name(id=pattern.name, ctx=ast.Store()), subject, each
+            yield ast.Name(id=pattern.name, ctx=ast.Store()), subject, False
         if pattern.pattern is not None:
-            yield from _captures(pattern.pattern, subject, each)
+            yield from _captures(pattern.pattern, subject)
     elif isinstance(pattern, ast.MatchOr):
         for alternative in pattern.patterns:
-            yield from _captures(alternative, subject, each)
-    elif isinstance(pattern, ast.MatchSequence) and not each:
+            yield from _captures(alternative, subject)
+    elif isinstance(pattern, ast.MatchSequence):
         for element in pattern.patterns:
             if isinstance(element, ast.MatchStar):  # the rest of the same list
                 if element.name is not None:
                     yield ast.Name(id=element.name, ctx=ast.Store()), subject, False
             else:
-                yield from _captures(element, subject, True)
+                yield from _captures(element, _element(subject))
+    elif isinstance(pattern, ast.MatchClass):
+        for element in pattern.patterns:  # by the class's __match_args__, which syntax does not say
+            yield from _captures(element, _element(subject))
+        for attr, element in zip(pattern.kwd_attrs, pattern.kwd_patterns):
+            value = ast.Attribute(value=subject, attr=attr, ctx=ast.Load())
+            if attr == "weight" and any(isinstance(n, ast.MatchAs) and n.name for n in ast.walk(element)):
+                yield None, value, False
+            yield from _captures(element, value)
+    elif isinstance(pattern, ast.MatchMapping):
+        for key, element in zip(pattern.keys, pattern.patterns):
+            yield from _captures(element, _value_at(subject, key))
+        if pattern.rest is not None:  # the rest of the same mapping
+            yield ast.Name(id=pattern.rest, ctx=ast.Store()), subject, False
+
+
+def _element(subject: ast.expr) -> ast.expr:
+    """An element of ``subject`` not known statically: ``subject[*]``, or any element of a list
+    or tuple display (an element of each ``*other`` in it)."""
+    if isinstance(subject, (ast.List, ast.Tuple)) and subject.elts:
+        elts = [_element(e.value) if isinstance(e, ast.Starred) else e for e in subject.elts]
+        return ast.BoolOp(op=ast.Or(), values=elts)
+    return ast.Subscript(value=subject, slice=ast.Name(id="<element>", ctx=ast.Load()), ctx=ast.Load())
+
+
+def _value_at(mapping: ast.expr, key: ast.expr) -> ast.expr:
+    """``mapping[key]``; where ``mapping`` is a dict display, the value it gives that constant key
+    (any of its values for a key not known statically)."""
+    if not isinstance(mapping, ast.Dict):
+        return ast.Subscript(value=mapping, slice=key, ctx=ast.Load())
+    for k, v in zip(mapping.keys, mapping.values):
+        if isinstance(k, ast.Constant) and isinstance(key, ast.Constant) and k.value == key.value:
+            return v
+    # a key not known statically: any of its values (an element of each ``**other`` in it)
+    values = [v if k is not None else _element(v) for k, v in zip(mapping.keys, mapping.values)]
+    return ast.BoolOp(op=ast.Or(), values=values) if values else mapping
 
 
 def aliases(bindings: list[tuple[ast.expr, ast.expr, bool]], env: Mapping[str, set[str]]) -> dict[str, set[str]]:
@@ -261,14 +305,31 @@ def global_object(func: ast.expr, module_name: str) -> object:
 
 
 def own_attributes(obj: object) -> Mapping[str, object]:
-    """``obj``'s own ``__dict__``, read without running its code (no ``__getattr__``, which an
-    object with ``__slots__`` or a stand-in for a module in ``sys.modules`` may define to raise
-    or to compute); empty where it has none."""
+    """``obj``'s own ``__dict__`` and the values in its ``__slots__``, read without running its
+    code (no ``__getattr__``, which an object with ``__slots__`` or a stand-in for a module in
+    ``sys.modules`` may define to raise or to compute; no property); empty where it has none."""
     try:
         attrs = object.__getattribute__(obj, "__dict__")
     except Exception:  # no __dict__, or a class's own descriptor for it that fails
-        return {}
-    return attrs if isinstance(attrs, (dict, types.MappingProxyType)) else {}  # a class's: a mapping proxy
+        attrs = {}
+    if not isinstance(attrs, (dict, types.MappingProxyType)):
+        attrs = {}
+    slots = {} if isinstance(obj, type) else _slot_values(obj)
+    return {**slots, **attrs} if slots else attrs  # a class's: a mapping proxy
+
+
+def _slot_values(obj: object) -> dict[str, object]:
+    """The values ``obj``'s slots hold, by name (its classes' member descriptors, which read the
+    slot itself; a slot never set holds nothing)."""
+    found: dict[str, object] = {}
+    for klass in type(obj).__mro__:
+        for name, attr in vars(klass).items():
+            if isinstance(attr, types.MemberDescriptorType) and not name.startswith("__") and name not in found:
+                try:
+                    found[name] = attr.__get__(obj, type(obj))
+                except AttributeError:  # not set
+                    continue
+    return found
 
 
 def parameter(fn: Function, position: int | str) -> str | None:

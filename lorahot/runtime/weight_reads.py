@@ -19,7 +19,8 @@ closure), the forward hooks and pre-hooks registered on it and a ``forward`` set
 with the objects a hook, partial or closure binds. A module is followed through the names it is
 bound to in a function (``proj = self.proj``, ``a, b = self.p, self.q``, ``for layer in
 self.layers``, ``getattr(self, "proj")``, ``self.layers[0]``, ``self.named_modules()``, ``match
-self.layers: case [first, *rest]``; an index
+self.layers: case [first, *rest]``, ``case Block(proj=p)``, ``case {"p": p}``, a weight captured
+as ``case nn.Module(weight=w)``; an index
 or name not known statically stands for every element or child), in any order of the
 function's lines. A read is ``<module>.weight`` used as a value, or the weight taken by its
 name (``get_parameter("proj.weight")``, ``_parameters["weight"]``, ``state_dict()[...]``);
@@ -27,7 +28,7 @@ metadata reads such as ``.dtype`` / ``.device`` / ``.shape``, ``isinstance`` / `
 ``is None`` tests are not reads; a call is ``<module>(...)``, ``<module>.forward(...)``, or the module handed to code
 this cannot read (it may call it). Code whose source cannot be read (made at run time, a C
 extension) shows neither. The paths found in a class are matched to each instance's modules by
-identity, through children and plain attributes (never a property).
+identity, through children, plain attributes and slots (never a property).
 """
 
 from __future__ import annotations

@@ -479,6 +479,46 @@ class _MatchedElement(_Layers):
         return self.out(x)
 
 
+class _MatchedKeyword(_Pair):
+    """Reads ``proj``'s weight through a class pattern's keyword capture."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        match self.proj:
+            case nn.Module(weight=w):
+                return self.out(x @ w.T)
+        return self.out(x)
+
+
+class _MatchedMapping(_Pair):
+    """Reads ``proj``'s weight through the name a mapping pattern binds it to."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        match {"p": self.proj, "o": self.out}:
+            case {"p": proj}:
+                return self.out(x @ proj.weight.T)
+        return self.out(x)
+
+
+class _SlottedKernel:
+    """As :class:`_Kernel`, holding the convolution in a slot (no ``__dict__``)."""
+
+    __slots__ = ("conv",)
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        self.conv = conv
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(x, self.conv.weight, self.conv.bias, padding=1)
+
+
+class _HeldSlottedKernel(_HeldKernel):
+    """As :class:`_HeldKernel`, its kernel object one with ``__slots__``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel = _SlottedKernel(self.conv)
+
+
 def _class_in_a_function() -> type[nn.Module]:
     class _InAFunction(_Pair):
         """As :class:`_ReadHead`, defined in a function (its qualified name holds ``<locals>``)."""
@@ -553,6 +593,13 @@ def _run(model: nn.Module) -> torch.Tensor:
         (_SetForward, "proj", r"_SetForward\.forward reads self\.proj\.weight"),
         (_Matched, "proj", r"_Matched\.forward reads self\.proj\.weight"),
         (_MatchedElement, "layers.0", r"_MatchedElement\.forward reads self\.layers\[\*\]\.weight"),
+        (_MatchedKeyword, "proj", r"_MatchedKeyword\.forward reads self\.proj\.weight"),
+        (_MatchedMapping, "proj", r"_MatchedMapping\.forward reads self\.proj\.weight"),
+        (
+            _HeldSlottedKernel,
+            "conv",
+            r"_SlottedKernel\.__call__ reads self\.conv\.weight, in the _SlottedKernel _HeldSlottedKernel holds as",
+        ),
     ],
     ids=[
         "read",
@@ -585,6 +632,9 @@ def _run(model: nn.Module) -> torch.Tensor:
         "set-forward",
         "match-as",
         "match-sequence",
+        "match-keyword",
+        "match-mapping",
+        "held-slots",
     ],
 )
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
