@@ -476,10 +476,12 @@ def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: 
     header_configs = _header_configs(raw)
     fmt = detect(keys) or _closest_format(keys)
     _check_config_applies(raw, fmt)
-    configs = _component_configs(raw, header_configs, overrides, fmt.name in _PEFT_NAMED, _header_alpha(raw, fmt))
+    defaults = _header_alpha(raw, fmt)
+    configs = _component_configs(raw, header_configs, overrides, fmt.name in _PEFT_NAMED, defaults)
     skipped: list[str] | None = None if strict else []
     parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
     weights = _weight_modules(parts, raw.source, skipped, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
+    _check_configs_reach(weights, fmt, configs, raw.source, bool(defaults) and not _states_alpha(raw, fmt, overrides))
     _check_dora_scales(parts, raw.source, skipped)
     if skipped is not None:
         skip_modules(parts, [m for m, r in parts.items() if "A" not in r or "B" not in r], skipped)
@@ -512,6 +514,59 @@ def _check_config_applies(raw: RawAdapter, fmt: KeyFormat) -> None:
             f"them ({raw.config_path}), but that file sets {', '.join(deciding)}. Move it away (kohya-style files "
             "carry their alphas as .alpha tensors), or pass config= to apply its values on purpose."
         )
+
+
+def _check_configs_reach(
+    weights: Mapping[str, WeightModule],
+    fmt: KeyFormat,
+    configs: dict[str, AdapterConfig],
+    source: str,
+    header_alpha: bool,
+) -> None:
+    """Refuses a config that states a rank or scale for LyCORIS or diff modules: they take their
+    scale from their own ``.alpha`` (LyCORIS' ``alpha / r``, scale 1 without one) and their rank
+    from their factors, as lycoris-lora and ComfyUI compute them, and no loader defines what a
+    LoRA config's ``lora_alpha`` or ``r`` would mean for them (diffusers cannot build its LoKr
+    config from LoRA metadata), so the field would be ignored. ``header_alpha``: the only
+    ``lora_alpha`` is a naming's header alpha (:func:`_header_alpha`, for LoRA modules without
+    ``.alpha``), which no one stated for these modules.
+
+    Raises:
+        UsageError: ``config=`` sets such a field.
+        AdapterMismatchError: the adapter_config.json or the safetensors header's metadata does.
+    """
+    problems: list[str] = []
+    by_caller = False
+    for module in weights:
+        config, name, origin = _config_for(module, fmt, configs)
+        fields = [f"lora_alpha={shown(config.lora_alpha)}"] if config.alpha_stated and not header_alpha else []
+        for field, patterns in (("alpha_pattern", config._alpha_set), ("rank_pattern", config._rank_set)):
+            key = patterns.first(name) if patterns is not None else None
+            fields += [f"{field}[{shown(key)}]"] if key is not None else []
+        fields += [f"r={config.r}"] if config.r is not None else []
+        fields += ["use_rslora=true"] if config.use_rslora else []
+        if fields:
+            problems.append(f"{module}: {', '.join(fields)} (from {origin})")
+            by_caller = by_caller or "config=" in origin
+    if problems:
+        raise (UsageError if by_caller else AdapterMismatchError)(
+            format_problems(
+                f"{source}: the adapter config sets a rank or scale for LyCORIS or diff modules, which take their "
+                "scale from their own .alpha tensors (LyCORIS' alpha / r; scale 1 without one) and their rank from "
+                "their factors, so it would be ignored for them:",
+                problems,
+            )
+            + "\nDrop those fields (state a LoRA module's alpha with an alpha_pattern entry that names LoRA modules "
+            "only), or write each module's alpha as its .alpha tensor."
+        )
+
+
+def _states_alpha(raw: RawAdapter, fmt: KeyFormat, overrides: Mapping[str, Any] | None) -> bool:
+    """Whether ``lora_alpha`` is stated by ``config=``, the adapter_config.json a naming reads, or
+    the safetensors header's metadata (not only by a naming's header alpha)."""
+    file_config = raw.config if fmt.name in _PEFT_NAMED else None
+    stated = [overrides or {}, file_config or {}, *_header_configs(raw).values()]
+    return any("lora_alpha" in fields for fields in stated)
 
 
 def _closest_format(keys: list[str]) -> KeyFormat:

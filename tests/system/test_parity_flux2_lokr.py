@@ -219,3 +219,46 @@ def test_flux_namings_cut_lycoris_and_diff_modules_by_rows(spelling: str) -> Non
 
     with pytest.raises(lorahot.AdapterMismatchError, match=r"loads only in merged mode[\s\S]*merged=True"):
         lorahot.inject(_flux1(), "all-linear", max_rank=8).load(dict(sd))
+
+
+@pytest.mark.parametrize("given", ["config=", "adapter_config.json", "metadata"])
+def test_a_lora_config_over_lokr_factors_is_refused_and_nothing_changes(given: str, tmp_path) -> None:
+    """LoKr factors in the model's names take their scale from their own ``.alpha`` (LyCORIS'
+    ``alpha / r``) and their rank from their factors: a LoRA config's ``lora_alpha``/``r``, from
+    ``config=``, an adapter_config.json or diffusers' ``lora_adapter_metadata``, was silently
+    ignored (outputs equal to the load without it). diffusers cannot build its LoKr config from
+    such metadata (TypeError); lorahot refuses each, naming the modules, the fields and where
+    they came from, and leaves the runtime bitwise as it was."""
+    import json
+
+    from safetensors.torch import save_file
+
+    spelling = "transformer." if given == "metadata" else ""  # diffusers' metadata names the component
+    sd = _spelled(_file(True, spelling), spelling)
+    fields = {"r": 4, "lora_alpha": 64}
+    if given == "metadata":  # diffusers' loader with the same metadata
+        fields = {f"transformer.{k}": v for k, v in fields.items()}
+        with pytest.raises(TypeError, match="LoKrConfig"):
+            _tiny().load_lora_adapter(dict(sd), prefix="transformer", metadata=fields)
+    source, config = dict(sd), None
+    if given == "config=":
+        config = {"lora_alpha": 64}
+    else:
+        header = {"lora_adapter_metadata": json.dumps(fields)} if given == "metadata" else None
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "adapter_model.safetensors", header)
+        if given == "adapter_config.json":
+            (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **fields}))
+        source = tmp_path
+    model = _tiny()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    error = lorahot.UsageError if given == "config=" else lorahot.AdapterMismatchError
+    where = {"config=": "config=", "adapter_config.json": "adapter_config.json", "metadata": "lora_adapter_metadata"}
+    stated = "lora_alpha=64.0" if given == "config=" else "lora_alpha=64.0, r=4"
+    with pytest.raises(
+        error,
+        match=rf"sets a rank or scale for LyCORIS or diff modules[\s\S]*  - {spelling}transformer_blocks\.0\.attn"
+        rf"\.to_q: {stated} \(from {where[given]}[\s\S]*Drop those fields",
+    ):
+        runtime.load(source, config=config)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
