@@ -481,6 +481,9 @@ def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: 
     skipped: list[str] | None = None if strict else []
     parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
     weights = _weight_modules(parts, raw.source, skipped, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
+    _check_metadata_reaches(
+        list(parts), list(weights), configs, header_configs, overrides, raw, fmt.name in _PEFT_NAMED
+    )
     _check_configs_reach(weights, fmt, configs, raw.source, bool(defaults) and not _states_alpha(raw, fmt, overrides))
     _check_dora_scales(parts, raw.source, skipped)
     if skipped is not None:
@@ -559,6 +562,74 @@ def _check_configs_reach(
             + "\nDrop those fields (state a LoRA module's alpha with an alpha_pattern entry that names LoRA modules "
             "only), or write each module's alpha as its .alpha tensor."
         )
+
+
+def _check_metadata_reaches(
+    modules: list[str],
+    weight_modules: list[str],
+    configs: dict[str, AdapterConfig],
+    header_configs: dict[str, dict[str, Any]],
+    overrides: Mapping[str, Any] | None,
+    raw: RawAdapter,
+    peft_named: bool,
+) -> None:
+    """Refuses a file whose header metadata states a rank or scale for pipeline components
+    (``"transformer.lora_alpha"``, ``"unet.alpha_pattern"``) while some of its modules carry
+    none of those prefixes (the model's bare names): no loader applies that config to them.
+    diffusers' pipeline loaders keep only the keys under their component's prefix (a file of
+    bare keys loads nothing), and ``load_lora_adapter(prefix=None)`` passes the prefixed fields
+    to ``LoraConfig`` (a TypeError); taking the metadata's values or ignoring them would each be
+    a guess. A field that ``config=`` or the PEFT-named file's adapter_config.json states (which
+    agrees with the metadata where both state it, :func:`_agreed`) is settled. ``modules``: the
+    LoRA modules; ``weight_modules``: the LyCORIS modules and diffs, which take no LoRA config
+    (:func:`_check_configs_reach`), so the fix for them is dropping the fields.
+
+    Raises:
+        AdapterMismatchError: such a field is left unsettled, naming the components, their
+            fields, some of the bare modules and the ``config=`` that would load them.
+    """
+    stated = {**((raw.config or {}) if peft_named else {}), **(overrides or {})}
+    unsettled = {
+        c[:-1]: {k: v for k, v in fields.items() if k in _DECIDING and k not in stated}
+        for c, fields in header_configs.items()
+        if c
+    }
+    unsettled = {c: fields for c, fields in unsettled.items() if fields}
+    if not unsettled:
+        return
+
+    def is_bare(m: str) -> bool:
+        return not any(c and m.startswith(c) for c in configs)
+
+    bare = sorted(filter(is_bare, modules))
+    bare_weights = sorted(filter(is_bare, weight_modules))
+    if not bare and not bare_weights:
+        return
+    listed = "; ".join(f"{c} ({', '.join(f'{k}={shown(v, 60)}' for k, v in f.items())})" for c, f in unsettled.items())
+    if not bare:  # LyCORIS modules and diffs alone
+        fix = (
+            "LyCORIS modules and diffs take their scale from their own .alpha tensors and their rank from their "
+            "factors: drop those fields from the metadata (re-save the adapter without them)."
+        )
+    elif len(unsettled) == 1:
+        fix = (
+            f"If that config is the one these modules were trained with, pass config="
+            f"{shown(next(iter(unsettled.values())), 200)} to load them with it; else pass config= with the values "
+            "they were trained with (a field config= states is settled)."
+        )
+    else:
+        fix = (
+            "Pass config= with the fields of the component this model is (a field config= states is settled), or "
+            "re-save the adapter with its keys under their component's prefix."
+        )
+    every = bare + bare_weights
+    raise AdapterMismatchError(
+        f"{raw.source}: the {METADATA_KEY} in its safetensors header states a rank or scale for the component"
+        f"{'s' if len(unsettled) > 1 else ''} {listed}, but {len(every)} of its modules "
+        f"carry no component prefix (e.g. {', '.join(every[:3])}), so no loader applies that config to them: "
+        "diffusers' pipeline loaders keep only the keys under their component's prefix, and its "
+        f"load_lora_adapter(prefix=None) cannot build a LoraConfig from prefixed fields. {fix}"
+    )
 
 
 def _states_alpha(raw: RawAdapter, fmt: KeyFormat, overrides: Mapping[str, Any] | None) -> bool:

@@ -514,3 +514,24 @@ def test_a_factor_with_too_few_dimensions_is_refused_at_read(
         lorahot.read_adapter(path)
     with pytest.raises(error, match=message):
         lorahot.plan_targets([path])
+
+
+def test_component_header_configs_over_bare_modules_are_refused_unless_settled(tmp_path: Path) -> None:
+    """Header configs keyed by component over modules in the model's bare names were dropped (alpha =
+    rank): several components' configs name no one component to pick, and LyCORIS factors take none;
+    an adapter_config.json stating the same fields settles them (PEFT reads it)."""
+    bare = {"proj.lora_A.weight": torch.randn(2, 8), "proj.lora_B.weight": torch.randn(6, 2)}
+    both = {"unet.r": 2, "unet.lora_alpha": 8, "text_encoder.r": 2, "text_encoder.lora_alpha": 4}
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"for the components unet \(r=2, lora_alpha=8\); text_encoder \(r=2, lora_alpha=4\), but 1 of its "
+        r"modules carry no component prefix \(e\.g\. proj\)[\s\S]*fields of the component this model is",
+    ):
+        lorahot.read_adapter(_dir(tmp_path / "a", bare, None, both))
+    lokr = {"proj.lokr_w1": torch.randn(2, 2), "proj.lokr_w2": torch.randn(3, 4)}
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"component transformer \(lora_alpha=64\)[\s\S]*drop those fields"
+    ):
+        lorahot.read_adapter(_dir(tmp_path / "b", lokr, None, {"transformer.lora_alpha": 64}))
+    settled = _dir(tmp_path / "c", bare, {"r": 2, "lora_alpha": 8}, {"transformer.r": 2, "transformer.lora_alpha": 8})
+    assert lorahot.read_adapter(settled).modules["proj"].scale == 4.0

@@ -1,0 +1,170 @@
+"""diffusers' ``lora_adapter_metadata`` keyed by component (``"transformer.lora_alpha"``,
+``"unet.alpha_pattern"``) over a file whose keys carry no component prefix (the model's own
+module names, PEFT roles, as some trainers write them), against diffusers 0.42's loaders.
+
+No diffusers loader applies that config to those keys: each pipeline's ``lora_state_dict`` plus
+``load_lora_into_transformer``/``load_lora_into_unet`` keeps only the keys under its prefix (it
+loads nothing), and the model's ``load_lora_adapter(prefix=None)`` hands the prefixed fields to
+``LoraConfig`` (a TypeError). lorahot took alpha = rank for them (the metadata silently dropped);
+it now refuses, naming the file, the component and its fields, and the ``config=`` that loads
+them; with that ``config=`` the modules load as diffusers loads the same file with prefixed keys.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lorahot
+from tests.helpers import tiny_unet
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from tests.system.test_parity_flux import tiny_flux, tiny_flux2  # noqa: E402 - after the importorskip
+from tests.system.test_parity_qwen_image import tiny_qwen  # noqa: E402
+from tests.system.test_parity_sd3 import tiny_sd3  # noqa: E402
+from tests.system.test_parity_wan import tiny_wan  # noqa: E402
+
+_ATTN = "transformer_blocks.0.attn"
+_UNET_ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+#: model name -> (tiny model, its pipeline's loader mixin, the component, the LoRA'd modules)
+MODELS: dict[str, tuple[Callable[[], torch.nn.Module], type, str, tuple[str, ...]]] = {
+    "flux": (tiny_flux, diffusers.FluxPipeline, "transformer", (f"{_ATTN}.to_q", f"{_ATTN}.to_k", "proj_out")),
+    "flux2": (tiny_flux2, diffusers.Flux2Pipeline, "transformer", (f"{_ATTN}.to_q", f"{_ATTN}.to_k")),
+    "sdxl": (tiny_unet, diffusers.StableDiffusionXLPipeline, "unet", (f"{_UNET_ATTN}.to_q", f"{_UNET_ATTN}.to_k")),
+    "sd3": (tiny_sd3, diffusers.StableDiffusion3Pipeline, "transformer", (f"{_ATTN}.to_q", f"{_ATTN}.to_k")),
+    "qwen-image": (tiny_qwen, diffusers.QwenImagePipeline, "transformer", (f"{_ATTN}.to_q", f"{_ATTN}.to_k")),
+    "wan": (tiny_wan, diffusers.WanPipeline, "transformer", ("blocks.0.attn1.to_q", "blocks.0.attn1.to_k")),
+}
+RANK, ALPHA, PATTERN_ALPHA = 4, 8.0, 2.0
+
+
+def _file(model: torch.nn.Module, modules: tuple[str, ...], roles: tuple[str, str], prefix: str = ""):
+    g = torch.Generator().manual_seed(7)
+    sd = {}
+    for name in modules:
+        out_features, in_features = model.get_submodule(name).weight.shape
+        sd[f"{prefix}{name}.{roles[0]}.weight"] = torch.randn(RANK, in_features, generator=g) * 0.3
+        sd[f"{prefix}{name}.{roles[1]}.weight"] = torch.randn(out_features, RANK, generator=g) * 0.3
+    return sd
+
+
+def _fields(modules: tuple[str, ...]) -> dict:
+    """The metadata's config: lora_alpha != r, and an alpha_pattern for the second module."""
+    return {
+        "r": RANK,
+        "lora_alpha": ALPHA,
+        "alpha_pattern": {modules[1]: PATTERN_ALPHA},
+        "target_modules": list(modules),
+    }
+
+
+def _diffusers_pipeline_load(mixin: type, component: str, path: Path, model: torch.nn.Module) -> None:
+    """What each pipeline's ``load_lora_weights`` does with a file, on the model alone."""
+    load = mixin.load_lora_into_unet if component == "unet" else mixin.load_lora_into_transformer
+    takes_alphas = "network_alphas" in inspect.signature(load).parameters
+    extra = {"return_alphas": True} if "Flux" in mixin.__name__ else {}  # the others return them uncalled
+    out = mixin.lora_state_dict(str(path), return_lora_metadata=True, **extra)
+    state, metadata = out[0], out[-1]
+    alphas = {"network_alphas": out[1] if len(out) == 3 else None} if takes_alphas else {}
+    load(state, **alphas, **{component: model}, metadata=metadata, adapter_name="oracle")
+
+
+@torch.no_grad()
+def _probe(model: torch.nn.Module, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for name in modules:
+        layer = model.get_submodule(name)
+        in_features = (layer.base_layer if hasattr(layer, "base_layer") else layer).in_features
+        out[name] = layer(torch.randn(5, in_features, generator=g))
+    return out
+
+
+@torch.no_grad()
+def _reference(model: torch.nn.Module, modules: tuple[str, ...], sd: dict, roles: tuple[str, str]) -> dict:
+    """Each layer's output on the probe, its update built in float64 at the metadata's scales."""
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for i, name in enumerate(modules):
+        layer = model.get_submodule(name)
+        w, b = layer.weight.double(), layer.bias
+        x = torch.randn(5, layer.in_features, generator=g).double()
+        a, up = sd[f"{name}.{roles[0]}.weight"].double(), sd[f"{name}.{roles[1]}.weight"].double()
+        scale = (PATTERN_ALPHA if i == 1 else ALPHA) / RANK
+        out[name] = x @ (w + scale * up @ a).T + (0.0 if b is None else b.double())
+    return out
+
+
+@pytest.mark.parametrize("roles", [("lora_A", "lora_B"), ("lora_down", "lora_up")], ids=["lora_A", "lora_down"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_component_metadata_over_bare_keys_is_refused_and_config_loads_it_as_diffusers(
+    name: str, roles: tuple[str, str], tmp_path: Path
+) -> None:
+    make, mixin, component, modules = MODELS[name]
+    sd = _file(make(), modules, roles)
+    header = {"lora_adapter_metadata": json.dumps({f"{component}.{k}": v for k, v in _fields(modules).items()})}
+    path = tmp_path / "bare.safetensors"
+    save_file(sd, str(path), header)
+
+    # diffusers: the pipeline loaders load nothing, the model's own loader refuses the prefixed metadata
+    logging.disable(logging.WARNING)
+    try:
+        oracle = make()
+        before = _probe(oracle, modules)
+        _diffusers_pipeline_load(mixin, component, path, oracle)
+        assert not any(hasattr(m, "lora_A") for m in oracle.modules())
+        assert all(torch.equal(before[k], v) for k, v in _probe(oracle, modules).items())
+        with pytest.raises(TypeError, match="LoraConfig"):
+            make().load_lora_adapter(str(path), prefix=None, use_safetensors=True)
+    finally:
+        logging.disable(logging.NOTSET)
+
+    # lorahot: refused by every reader, twice (the cached recipe path), the runtime bitwise unchanged
+    model = make()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    outputs = _probe(model, modules)
+    pattern = re.escape(f"{{'{modules[1]}': 2.0}}")
+    refusal = (
+        rf"bare\.safetensors: the lora_adapter_metadata[\s\S]*component {component} \(r=4, lora_alpha=8\.0, "
+        rf"alpha_pattern=\{{'[\s\S]*\), but {len(modules)} of its modules carry no component prefix [\s\S]*pass "
+        rf"config=\{{'alpha_pattern': {pattern}, 'lora_alpha': 8\.0, 'r': 4\}} to load"
+    )
+    for read in (
+        lambda: runtime.load(path),
+        lambda: runtime.load(path),
+        lambda: runtime.preload(path),
+        lambda: lorahot.read_adapter(path),
+        lambda: lorahot.plan_targets(path, model),
+    ):
+        with pytest.raises(lorahot.AdapterMismatchError, match=refusal):
+            read()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(outputs[k], v) for k, v in _probe(model, modules).items())
+    components = lorahot.inject({component: make()}, "all-linear", max_rank=8)
+    with pytest.raises(lorahot.AdapterMismatchError, match=refusal):
+        components.load(path)
+
+    # with the metadata's config passed: each module at its alpha / r, as diffusers loads the prefixed twin
+    fields = {k: v for k, v in _fields(modules).items() if k != "target_modules"}
+    runtime.load(path, config=fields)
+    ours = _probe(model, modules)
+    reference = _reference(make(), modules, sd, roles)
+    twin = tmp_path / "prefixed.safetensors"
+    save_file(_file(make(), modules, ("lora_A", "lora_B"), f"{component}."), str(twin), header)
+    oracle = make()
+    _diffusers_pipeline_load(mixin, component, twin, oracle)
+    expected = _probe(oracle, modules)
+    for module in modules:
+        torch.testing.assert_close(ours[module].double(), reference[module], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours[module], expected[module], rtol=1e-5, atol=1e-5)
