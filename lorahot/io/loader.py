@@ -481,9 +481,7 @@ def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: 
     skipped: list[str] | None = None if strict else []
     parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
     weights = _weight_modules(parts, raw.source, skipped, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
-    _check_metadata_reaches(
-        list(parts), list(weights), configs, header_configs, overrides, raw, fmt.name in _PEFT_NAMED
-    )
+    _check_metadata_reaches(list(parts), list(weights), configs, header_configs, overrides, raw, fmt.name)
     _check_configs_reach(weights, fmt, configs, raw.source, bool(defaults) and not _states_alpha(raw, fmt, overrides))
     _check_dora_scales(parts, raw.source, skipped)
     if skipped is not None:
@@ -571,24 +569,28 @@ def _check_metadata_reaches(
     header_configs: dict[str, dict[str, Any]],
     overrides: Mapping[str, Any] | None,
     raw: RawAdapter,
-    peft_named: bool,
+    naming: str,
 ) -> None:
     """Refuses a file whose header metadata states a rank or scale for pipeline components
     (``"transformer.lora_alpha"``, ``"unet.alpha_pattern"``) while some of its modules carry
-    none of those prefixes (the model's bare names): no loader applies that config to them.
-    diffusers' pipeline loaders keep only the keys under their component's prefix (a file of
-    bare keys loads nothing), and ``load_lora_adapter(prefix=None)`` passes the prefixed fields
-    to ``LoraConfig`` (a TypeError); taking the metadata's values or ignoring them would each be
-    a guess. A field that ``config=`` or the PEFT-named file's adapter_config.json states (which
-    agrees with the metadata where both state it, :func:`_agreed`) is settled. ``modules``: the
-    LoRA modules; ``weight_modules``: the LyCORIS modules and diffs, which take no LoRA config
-    (:func:`_check_configs_reach`), so the fix for them is dropping the fields.
+    none of those prefixes: taking the metadata's values or ignoring them would each be a guess.
+    In PEFT's naming (the model's bare names) no loader applies that config to them: diffusers'
+    pipeline loaders keep only the keys under their component's prefix (a file of bare keys
+    loads nothing), and ``load_lora_adapter(prefix=None)`` passes the prefixed fields to
+    ``LoraConfig`` (a TypeError). In another naming (kohya's ``lora_unet_...``) the loaders
+    disagree: the naming's own ignore it, diffusers' converters put the keys under their
+    component and apply it (or refuse it beside ``.alpha`` tensors). A field that ``config=``
+    or the PEFT-named file's adapter_config.json states (which agrees with the metadata where
+    both state it, :func:`_agreed`) is settled. ``modules``: the LoRA modules;
+    ``weight_modules``: the LyCORIS modules and diffs, which take no LoRA config
+    (:func:`_check_configs_reach`), so the fix for them is dropping the fields. ``naming``: the
+    file's format.
 
     Raises:
         AdapterMismatchError: such a field is left unsettled, naming the components, their
             fields, some of the bare modules and the ``config=`` that would load them.
     """
-    stated = {**((raw.config or {}) if peft_named else {}), **(overrides or {})}
+    stated = {**((raw.config or {}) if naming in _PEFT_NAMED else {}), **(overrides or {})}
     unsettled = {
         c[:-1]: {k: v for k, v in fields.items() if k in _DECIDING and k not in stated}
         for c, fields in header_configs.items()
@@ -623,12 +625,20 @@ def _check_metadata_reaches(
             "re-save the adapter with its keys under their component's prefix."
         )
     every = bare + bare_weights
+    if naming in _PEFT_NAMED:
+        why = (
+            "so no loader applies that config to them: diffusers' pipeline loaders keep only the keys under their "
+            "component's prefix, and its load_lora_adapter(prefix=None) cannot build a LoraConfig from prefixed fields."
+        )
+    else:
+        why = (
+            f"and loaders disagree about them: the {naming} naming's own ignore that metadata, while diffusers' "
+            "converters put them under a component and apply it (or refuse it beside .alpha tensors)."
+        )
     raise AdapterMismatchError(
         f"{raw.source}: the {METADATA_KEY} in its safetensors header states a rank or scale for the component"
         f"{'s' if len(unsettled) > 1 else ''} {listed}, but {len(every)} of its modules "
-        f"carry no component prefix (e.g. {', '.join(every[:3])}), so no loader applies that config to them: "
-        "diffusers' pipeline loaders keep only the keys under their component's prefix, and its "
-        f"load_lora_adapter(prefix=None) cannot build a LoraConfig from prefixed fields. {fix}"
+        f"carry no component prefix (e.g. {', '.join(every[:3])}), {why} {fix}"
     )
 
 

@@ -168,3 +168,43 @@ def test_component_metadata_over_bare_keys_is_refused_and_config_loads_it_as_dif
     for module in modules:
         torch.testing.assert_close(ours[module].double(), reference[module], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours[module], expected[module], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [False, True], ids=["no-alpha", "alpha"])
+def test_component_metadata_over_kohya_keys_is_refused_where_loaders_disagree(alpha: bool, tmp_path: Path) -> None:
+    """kohya's names carry no component prefix either; sd-scripts and ComfyUI ignore the header
+    metadata, diffusers' SDXL loader converts the keys under ``unet.`` and applies it (scale
+    ``lora_alpha / r`` = 2), or refuses it beside ``.alpha`` tensors. lorahot took alpha = rank
+    (scale 1); it now refuses, naming the disagreement."""
+    name = f"{_UNET_ATTN}.to_q"
+    key = "lora_unet_" + name.replace(".", "_")
+    out_features, in_features = tiny_unet().get_submodule(name).weight.shape
+    sd = {
+        f"{key}.lora_down.weight": torch.randn(RANK, in_features),
+        f"{key}.lora_up.weight": torch.randn(out_features, RANK),
+    }
+    sd |= {f"{key}.alpha": torch.tensor(float(RANK))} if alpha else {}
+    fields = {"unet.r": RANK, "unet.lora_alpha": ALPHA, "unet.target_modules": [name]}
+    path = tmp_path / "kohya.safetensors"
+    save_file(sd, str(path), {"lora_adapter_metadata": json.dumps(fields)})
+    oracle = tiny_unet()
+    logging.disable(logging.WARNING)
+    try:
+        if alpha:
+            with pytest.raises(ValueError, match="network_alphas` and `metadata"):
+                _diffusers_pipeline_load(diffusers.StableDiffusionXLPipeline, "unet", path, oracle)
+        else:
+            _diffusers_pipeline_load(diffusers.StableDiffusionXLPipeline, "unet", path, oracle)
+            assert oracle.get_submodule(name).scaling == {"oracle": ALPHA / RANK}
+    finally:
+        logging.disable(logging.NOTSET)
+    model = tiny_unet()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"component unet \(r=4, lora_alpha=8\.0\), but 1 of its modules carry no component prefix[\s\S]*the "
+        r"kohya naming's own ignore that metadata, while diffusers' converters put them under a component",
+    ):
+        runtime.load(path)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
