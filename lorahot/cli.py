@@ -83,18 +83,31 @@ def _weight_row(key: str, w: WeightModule) -> dict[str, Any]:
         "module": key,
         "kind": w.kind,
         "rank": w.rank,
-        "alpha": w.alpha if w.alpha is not None else float(w.rank),
+        "alpha": _weight_alpha(w),
         "scale": w.scale,
         "factors": {k: list(t.shape) for k, t in w.factors.items()},
         "dtype": str(first.dtype).removeprefix("torch."),
     }
 
 
+def _weight_alpha(w: WeightModule) -> float | None:
+    """The alpha a weight module's scale is read from: its ``.alpha``, else its rank (LyCORIS'
+    default); None where it has none (a diff, a LoKr of whole factors without ``.alpha``: its
+    scale is 1)."""
+    if w.alpha is not None:
+        return w.alpha
+    return float(w.rank) if w.rank else None
+
+
 def _counts(values: Any) -> dict[str, int]:
-    return {_num(v): n for v, n in sorted(Counter(values).items())}
+    counted = Counter(values)
+    return {_num(v): counted[v] for v in sorted(counted, key=lambda v: (v is None, 0 if v is None else v))}
 
 
 def _num(v: Any) -> str:
+    """A number as printed; ``-`` for none (a module without an alpha)."""
+    if v is None:
+        return "-"
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 

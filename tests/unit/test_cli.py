@@ -331,3 +331,291 @@ def test_the_cli_restores_huggingface_hubs_settings(
         states.clear()
         states.update(saved[0])
         logger.setLevel(saved[1])
+
+
+def _lora(module: str, out: int = 16, rank: int = 4, spelling: str = "lora_down/lora_up", alpha: float | None = None):
+    down, up = spelling.split("/")
+    tensors = {f"{module}.{down}.weight": torch.randn(rank, 16), f"{module}.{up}.weight": torch.randn(out, rank)}
+    return tensors | ({f"{module}.alpha": torch.tensor(alpha)} if alpha is not None else {})
+
+
+def _lokr(module: str, alpha: float | None = 2.0) -> dict[str, torch.Tensor]:
+    tensors = {f"{module}.lokr_w1": torch.randn(4, 4), f"{module}.lokr_w2_a": torch.randn(4, 2)}
+    tensors[f"{module}.lokr_w2_b"] = torch.randn(2, 4)
+    return tensors | ({f"{module}.alpha": torch.tensor(alpha)} if alpha is not None else {})
+
+
+#: one small file per naming and kind of the README's format table: its tensors, its header, and
+#: what inspect says of it (naming, kinds, components, ranks, alphas, the kinds needing merged=True)
+NAMINGS = {
+    "peft": (
+        _lora("base_model.model.layers.0.q_proj", spelling="lora_A/lora_B"),
+        None,
+        "peft",
+        {"lora": 1},
+        {"-": 1},
+        {"4": 1},
+        {"4": 1},
+        [],
+    ),
+    "peft-bare-lokr": (
+        _lokr("transformer_blocks.0.attn.to_q"),
+        None,
+        "peft",
+        {"lokr": 1},
+        {"-": 1},
+        {"2": 1},
+        {"2": 1},
+        ["lokr"],
+    ),
+    "diffusers-metadata": (
+        _lora("transformer.transformer_blocks.0.attn.to_q", spelling="lora_A/lora_B"),
+        {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8})},
+        "diffusers",
+        {"lora": 1},
+        {"transformer.": 1},
+        {"4": 1},
+        {"8": 1},
+        [],
+    ),
+    "diffusers-old": (
+        _lora("unet.mid.processor.to_q_lora", spelling="down/up"),
+        None,
+        "diffusers-old",
+        {"lora": 1},
+        {"unet.": 1},
+        {"4": 1},
+        {"4": 1},
+        [],
+    ),
+    "kohya-alpha-mix": (
+        _lora("lora_unet_mid_proj_in", alpha=2.0) | _lora("lora_te1_text_model_fc1"),
+        None,
+        "kohya",
+        {"lora": 2},
+        {"lora_te1_": 1, "lora_unet_": 1},
+        {"4": 2},
+        {"2": 1, "4": 1},
+        [],
+    ),
+    "kohya-diff": (
+        {"lora_unet_mid_proj_in.diff": torch.randn(16, 16), "lora_unet_mid_proj_in.diff_b": torch.randn(16)},
+        None,
+        "kohya",
+        {"diff": 1},
+        {"lora_unet_": 1},
+        {"0": 1},
+        {"-": 1},
+        ["diff"],
+    ),
+    "kohya-whole-lokr": (
+        {"lora_unet_mid_proj_in.lokr_w1": torch.randn(4, 4), "lora_unet_mid_proj_in.lokr_w2": torch.randn(4, 4)},
+        None,
+        "kohya",
+        {"lokr": 1},
+        {"lora_unet_": 1},
+        {"0": 1},
+        {"-": 1},
+        ["lokr"],
+    ),
+    "comfyui-te": (
+        _lora("text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1", alpha=2.0),
+        None,
+        "comfyui",
+        {"lora": 1},
+        {"text_encoders.clip_l.transformer.": 1},
+        {"4": 1},
+        {"2": 1},
+        [],
+    ),
+    "flux-kohya": (
+        _lora("lora_unet_double_blocks_0_img_attn_qkv", 48, alpha=2.0),
+        None,
+        "flux-kohya",
+        {"lora": 1},
+        {"lora_unet_": 1},
+        {"4": 1},
+        {"2": 1},
+        [],
+    ),
+    "flux-bfl-lokr": (
+        _lokr("diffusion_model.double_blocks.0.img_attn.qkv"),
+        None,
+        "flux-bfl",
+        {"lokr": 1},
+        {"diffusion_model.": 1},
+        {"2": 1},
+        {"2": 1},
+        ["lokr"],
+    ),
+    "flux-xlabs": (
+        _lora("double_blocks.0.processor.qkv_lora1", 48, spelling="down/up"),
+        None,
+        "flux-xlabs",
+        {"lora": 1},
+        {"-": 1},
+        {"4": 1},
+        {"4": 1},
+        [],
+    ),
+    "flux-fal-lokr": (
+        _lokr("base_model.model.double_blocks.0.img_attn.qkv"),
+        None,
+        "flux-fal",
+        {"lokr": 1},
+        {"-": 1},
+        {"2": 1},
+        {"2": 1},
+        ["lokr"],
+    ),
+    "wan-diff-b": (
+        _lora("diffusion_model.blocks.0.self_attn.q", spelling="lora_A/lora_B")
+        | {"diffusion_model.blocks.0.self_attn.q.diff_b": torch.randn(16)},
+        None,
+        "wan",
+        {"lora+bias": 1},
+        {"diffusion_model.": 1},
+        {"4": 1},
+        {"4": 1},
+        [],
+    ),
+    "wan-vace": (
+        _lora("diffusion_model.vace_blocks.0.before_proj", alpha=2.0),
+        None,
+        "wan",
+        {"lora": 1},
+        {"diffusion_model.": 1},
+        {"4": 1},
+        {"2": 1},
+        [],
+    ),
+    "wan-musubi-lokr": (
+        _lokr("lora_unet_blocks_0_self_attn_q"),
+        None,
+        "wan-musubi",
+        {"lokr": 1},
+        {"lora_unet_": 1},
+        {"2": 1},
+        {"2": 1},
+        ["lokr"],
+    ),
+    "hunyuan-video-musubi": (
+        _lora("lora_unet_double_blocks_0_img_mlp_fc1", alpha=2.0),
+        None,
+        "hunyuan-video-musubi",
+        {"lora": 1},
+        {"lora_unet_": 1},
+        {"4": 1},
+        {"2": 1},
+        [],
+    ),
+    "hunyuan-video": (
+        _lora("diffusion_model.double_blocks.0.img_attn_qkv", 48),
+        None,
+        "hunyuan-video",
+        {"lora": 1},
+        {"diffusion_model.": 1},
+        {"4": 1},
+        {"4": 1},
+        [],
+    ),
+    "sd3-kohya": (
+        _lora("lora_unet_joint_blocks_0_x_block_attn_qkv", 48, alpha=2.0),
+        None,
+        "sd3-kohya",
+        {"lora": 1},
+        {"lora_unet_": 1},
+        {"4": 1},
+        {"2": 1},
+        [],
+    ),
+    "sd3-lokr": (
+        _lokr("transformer.joint_blocks.0.x_block.attn.qkv"),
+        None,
+        "sd3",
+        {"lokr": 1},
+        {"transformer.": 1},
+        {"2": 1},
+        {"2": 1},
+        ["lokr"],
+    ),
+    "lumina2": (
+        _lora("diffusion_model.layers.0.attention.qkv", 48),
+        None,
+        "lumina2",
+        {"lora": 1},
+        {"diffusion_model.": 1},
+        {"4": 1},
+        {"4": 1},
+        [],
+    ),
+    "minimax-h3-header-alpha": (
+        _lora("diffusion_model.blocks.0.attn.qkv_proj", 48, spelling="lora_A/lora_B"),
+        {"alpha": "8"},
+        "minimax-h3",
+        {"lora": 1},
+        {"diffusion_model.": 1},
+        {"4": 1},
+        {"8": 1},
+        [],
+    ),
+    "minimax-h3-musubi": (
+        _lora("lora_unet_blocks_0_attn_qkv_proj", 48, alpha=2.0),
+        None,
+        "minimax-h3-musubi",
+        {"lora": 1},
+        {"lora_unet_": 1},
+        {"4": 1},
+        {"2": 1},
+        [],
+    ),
+    "minimax-h3-diffsynth": (
+        _lora("blocks.0.attn.qkv_proj", 48, spelling="lora_A.default/lora_B.default"),
+        None,
+        "minimax-h3-diffsynth",
+        {"lora": 1},
+        {"-": 1},
+        {"4": 1},
+        {"4": 1},
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", NAMINGS)
+def test_inspect_and_read_adapter_agree_on_every_naming(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lorahot
+
+    torch.manual_seed(0)
+    tensors, header, naming, kinds, components, ranks, alphas, merged_only = NAMINGS[case]
+    path = tmp_path / f"{case}.safetensors"
+    save_file(tensors, str(path), metadata=header)
+    code, text, err = _main(capsys, "inspect", str(path), "--json")
+    assert code == 0 and err == "", err
+    data = json.loads(text)
+    assert (data["format"], data["kinds"], data["components"]) == (naming, kinds, components)
+    assert (data["ranks"], data["alphas"], data["merged_only"]) == (ranks, alphas, merged_only)
+    adapter = lorahot.read_adapter(str(path))
+    assert (adapter.format, len(adapter.modules) + len(adapter.weights)) == (naming, data["modules"])
+    code, text, _ = _main(capsys, "inspect", str(path))
+    assert code == 0 and f"format:  {naming}\n" in text
+    assert "alphas:  " + ", ".join(f"{a} (x{n})" for a, n in alphas.items()) + "\n" in text
+
+
+def test_a_module_without_an_alpha_shows_none_not_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A diff and a LoKr of whole factors without .alpha have no rank to take an alpha from:
+    their scale is 1, and inspect shows no alpha rather than alpha 0 (a scale of 0 as a LoRA reads it)."""
+    tensors = {
+        "lora_unet_a_to_v.diff": torch.randn(8, 8),
+        "lora_unet_a_to_k.lokr_w1": torch.randn(2, 2),
+        "lora_unet_a_to_k.lokr_w2": torch.randn(4, 4),
+    }
+    save_file(tensors, str(tmp_path / "whole.safetensors"))
+    code, text, _ = _main(capsys, "inspect", str(tmp_path / "whole.safetensors"))
+    assert code == 0 and "alphas:  - (x2)\n" in text
+    rows = {line.split()[0]: line.split()[1:5] for line in text.splitlines() if line.startswith("lora_unet_a_")}
+    assert rows == {"lora_unet_a_to_k": ["lokr", "0", "-", "1"], "lora_unet_a_to_v": ["diff", "0", "-", "1"]}
+    code, text, _ = _main(capsys, "inspect", str(tmp_path / "whole.safetensors"), "--json")
+    assert [(r["alpha"], r["scale"]) for r in json.loads(text)["table"]] == [(None, 1.0), (None, 1.0)]
