@@ -29,6 +29,7 @@ from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
 from lorahot.errors import (
     AdapterMismatchError,
     AdapterReadError,
+    LoraError,
     UnknownFormatError,
     UsageError,
     format_problems,
@@ -469,7 +470,41 @@ def _cooked(recipe: _Recipe, raw: RawAdapter) -> Adapter:
 
 
 def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool = True) -> Adapter:
-    """Works out the adapter ``raw`` holds: its format, modules, alphas and configs, checked."""
+    """Works out the adapter ``raw`` holds: its format, modules, alphas and configs, checked.
+
+    Raises:
+        UnknownFormatError: keys it cannot load; where ``strict=False`` would read the rest,
+            the message also says how many modules that read keeps and which keys it skips.
+    """
+    try:
+        return _normalize_once(raw, overrides, strict)
+    except UnknownFormatError as exc:
+        if not strict:
+            raise
+        tail = _partial_read(raw, overrides)
+        if not tail:
+            raise
+        raise UnknownFormatError(f"{exc}\n{tail}") from None
+
+
+def _partial_read(raw: RawAdapter, overrides: dict[str, Any] | None) -> str:
+    """What ``strict=False`` makes of a file the strict read refused: the modules it keeps and
+    the keys it skips, as a sentence; empty where it refuses the file too."""
+    try:
+        adapter = _normalize_once(raw, overrides, strict=False)
+    except LoraError:
+        return ""
+    kept = len(adapter.modules) + len(adapter.weights)
+    skipped = adapter.skipped
+    return (
+        f"Or load the rest with strict=False (lorahot inspect --no-strict): it reads {kept} "
+        f"module{'s' if kept != 1 else ''} of the file and skips {len(skipped)} key{'s' if len(skipped) != 1 else ''} "
+        f"({', '.join(shown(k, 200) for k in skipped[:5])}{', ...' if len(skipped) > 5 else ''})."
+    )
+
+
+def _normalize_once(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool) -> Adapter:
+    """:func:`_normalize_fully`, without the strict read's word on what ``strict=False`` keeps."""
     keys = list(raw.tensors)
     if not keys:
         raise UnknownFormatError(f"{raw.source}: holds no tensors. Point lorahot at a LoRA adapter.")

@@ -619,3 +619,37 @@ def test_a_module_without_an_alpha_shows_none_not_zero(tmp_path: Path, capsys: p
     assert rows == {"lora_unet_a_to_k": ["lokr", "0", "-", "1"], "lora_unet_a_to_v": ["diff", "0", "-", "1"]}
     code, text, _ = _main(capsys, "inspect", str(tmp_path / "whole.safetensors"), "--json")
     assert [(r["alpha"], r["scale"]) for r in json.loads(text)["table"]] == [(None, 1.0), (None, 1.0)]
+
+
+PARTIAL = {
+    "oft": {"lora_unet_b_proj_out.oft_blocks": torch.randn(2, 4, 4)},
+    "diff-m": {"lora_unet_b_proj_out.diff_m": torch.randn(6, 16)},
+}
+
+
+@pytest.mark.parametrize("case", PARTIAL)
+def test_a_file_strict_false_would_partly_load_is_refused_naming_what_it_keeps(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The strict read's refusal says what strict=False (--no-strict) reads and skips, and
+    read_adapter and inspect give the same refusal; a file of refused keys alone does not."""
+    import lorahot
+    from lorahot.errors import UnknownFormatError
+
+    torch.manual_seed(0)
+    (key,) = PARTIAL[case]
+    save_file(_lora("lora_unet_a_proj_in", alpha=2.0) | PARTIAL[case], str(tmp_path / "part.safetensors"))
+    save_file(PARTIAL[case], str(tmp_path / "none.safetensors"))
+    with pytest.raises(UnknownFormatError) as refused:
+        lorahot.read_adapter(str(tmp_path / "part.safetensors"))
+    said = (
+        "Or load the rest with strict=False (lorahot inspect --no-strict): it reads 1 module of the file and skips "
+        f"1 key ('{key}')."
+    )
+    assert str(refused.value).endswith(said)
+    _one_line_error(_main(capsys, "inspect", str(tmp_path / "part.safetensors")), said)
+    code, text, _ = _main(capsys, "inspect", str(tmp_path / "part.safetensors"), "--no-strict", "--json")
+    assert code == 0 and json.loads(text)["skipped"] == [key] and json.loads(text)["modules"] == 1
+    with pytest.raises(UnknownFormatError) as refused:
+        lorahot.read_adapter(str(tmp_path / "none.safetensors"))
+    assert "strict=False (lorahot inspect" not in str(refused.value)
