@@ -594,6 +594,12 @@ def _check_configs_reach(
             )
             + "\nDrop those fields (state a LoRA module's alpha with an alpha_pattern entry that names LoRA modules "
             "only), or write each module's alpha as its .alpha tensor."
+            + (
+                " In a stack, config= applies to every part: read the part it is meant for with "
+                "lorahot.read_adapter(source, config=...) and pass that Adapter in the list instead."
+                if by_caller
+                else ""
+            )
         )
 
 

@@ -320,7 +320,11 @@ def test_merged_mode_sums_lora_and_diff_parts_into_the_weight() -> None:
     lora = {"0.lora_A.weight": torch.randn(4, 16, generator=g).double(), "0.lora_B.weight": torch.randn(24, 4).double()}
     delta = lora["0.lora_B.weight"] @ lora["0.lora_A.weight"] * (8 / 4)
     runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
-    info = runtime.load([lora, diff], scale=[0.5, -2.0], config={"lora_alpha": 8})
+    with pytest.raises(lorahot.UsageError, match=r"In a stack, config= applies to every part") as refused:
+        runtime.load([lora, diff], scale=[0.5, -2.0], config={"lora_alpha": 8})  # the diff part takes no config
+    assert "lora_unet_0: lora_alpha=8.0 (from config=)" in str(refused.value)
+    assert torch.equal(model[0].weight, w0) and torch.equal(model[0].bias, b0) and runtime.info() is None
+    info = runtime.load([lorahot.read_adapter(lora, config={"lora_alpha": 8}), diff], scale=[0.5, -2.0])
     assert info.format == "peft+kohya"
     x = torch.randn(3, 16, dtype=torch.float64)
     for w in ([0.5, -2.0], [1.5, 0.25]):
