@@ -244,7 +244,7 @@ def _foreign_type(v: Any) -> str | None:
         return None
     return (
         f"peft_type={_json(v)}; this is not a LoRA adapter (PEFT's peft_type {LORA_TYPE}) but another PEFT method, "
-        "which computes something else from its weights; lorahot loads LoRA only"
+        "which computes something else from its weights"
     )
 
 

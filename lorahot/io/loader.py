@@ -728,7 +728,7 @@ def _component_configs(
     parsed = {c: _parse_config(raw, c, d, root) for c, d in configs.items()}
     if overrides:  # what a message blames: the caller's values too
         parsed = {c: replace(cfg, origin=_overridden(cfg.origin)) for c, cfg in parsed.items()}
-    refused = [f"{cfg.origin}: {'; '.join(cfg.unsupported)}" for cfg in parsed.values() if cfg.unsupported]
+    refused = [f"{cfg.origin}: {'; '.join(cfg.unsupported)}." for cfg in parsed.values() if cfg.unsupported]
     if refused:
         raise UnknownFormatError(
             format_problems(f"{raw.source}: the adapter config turns on features lorahot does not load:", refused)

@@ -497,3 +497,13 @@ def test_a_dora_scale_in_a_naming_that_does_not_read_it_is_refused_in_its_own_wo
     adapter = lorahot.read_adapter(dict(tensors), strict=False)
     assert adapter.format == naming and len(adapter.modules) == 1
     assert set(adapter.skipped) == {f"{module}.dora_scale", f"{module}.{down}.weight", f"{module}.{up}.weight"}
+
+
+def test_a_refused_config_reads_as_sentences_on_one_line(tmp_path: Path) -> None:
+    """``lorahot inspect`` prints an error on one line: each refused config's entry ends its
+    sentence, so the fix that follows does not run into it."""
+    save_file(_PAIR, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "peft_type": "LOHA"}))
+    with pytest.raises(lorahot.UnknownFormatError) as refused:
+        lorahot.read_adapter(tmp_path)
+    assert "computes something else from its weights. lorahot loads plain LoRA" in " ".join(str(refused.value).split())
