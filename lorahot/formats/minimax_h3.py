@@ -4,7 +4,8 @@ diffusers-named ``MiniMaxH3Transformer3DModel``.
 - ``minimax-h3``: ``diffusion_model.blocks.0.attn.qkv_proj.lora_A.weight`` (ai-toolkit), the same
   names without a prefix (the reference implementation's and ComfyUI's), ``.lora_down``/``.lora_up``
   and ``.alpha`` (scale ``alpha / r``); a file without ``.alpha`` tensors whose safetensors header
-  records ``alpha`` (lightx2v's) has every module trained at that alpha, as diffusers reads it.
+  records ``alpha`` (lightx2v's) has every module trained at that alpha, as diffusers reads it
+  (beside LyCORIS modules, for which no loader defines the entry, refused).
 - ``minimax-h3-musubi``: musubi-tuner's kohya spelling, ``lora_unet_blocks_0_attn_qkv_proj``.
 
 The original blocks (``blocks.N``, and the text refiner's ``token_refiner.blocks.N``) fuse what

@@ -175,7 +175,8 @@ class KeyFormat:
         header_alpha: the safetensors header entry in which a file of this naming without
             ``.alpha`` tensors records the one alpha every module was trained at (MiniMax-H3's
             ``alpha``), read as each module's alpha; ignored where the file has ``.alpha``
-            tensors, as its loaders do.
+            tensors, as its loaders do (a module without one beside modules with one takes
+            alpha = rank); refused beside LyCORIS modules, for which no loader defines it.
     """
 
     name: str

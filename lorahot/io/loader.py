@@ -518,6 +518,7 @@ def _normalize_once(raw: RawAdapter, overrides: dict[str, Any] | None, strict: b
     weights = _weight_modules(parts, raw.source, skipped, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
     _check_metadata_reaches(list(parts), list(weights), configs, header_configs, overrides, raw, fmt.name)
     _check_configs_reach(weights, fmt, configs, raw.source, bool(defaults) and not _states_alpha(raw, fmt, overrides))
+    _check_header_alpha_reaches(weights, raw, fmt, defaults)
     _check_dora_scales(parts, raw.source, skipped)
     if skipped is not None:
         skip_modules(parts, [m for m, r in parts.items() if "A" not in r or "B" not in r], skipped)
@@ -760,6 +761,36 @@ def _header_alpha(raw: RawAdapter, fmt: KeyFormat) -> dict[str, Any]:
             "the entry, or pass config={'lora_alpha': <the alpha>} (alpha = rank: scale 1)."
         )
     return {"lora_alpha": alpha}
+
+
+def _check_header_alpha_reaches(
+    weights: Mapping[str, WeightModule], raw: RawAdapter, fmt: KeyFormat, defaults: Mapping[str, Any]
+) -> None:
+    """Refuses a naming's header alpha (:func:`_header_alpha`, read: the file has no ``.alpha``
+    tensor) beside LyCORIS modules. The header states the alpha every module was trained at, and
+    only diffusers' loader reads it, for LoRA modules; it loads no LyCORIS module of the naming,
+    and ComfyUI and musubi-tuner, which do, ignore the entry (every module, LoRA ones too, at
+    scale 1). No loader defines the file, so no scale is guessed. Diff modules have no alpha.
+
+    Raises:
+        AdapterMismatchError: the header alpha is read and LyCORIS modules are present.
+    """
+    lycoris = [f"{key} ({w.kind})" for key, w in weights.items() if w.kind != "diff"]
+    if not defaults or not lycoris:
+        return
+    raise AdapterMismatchError(
+        format_problems(
+            f"{raw.source}: the {shown(fmt.header_alpha)} entry of its safetensors header records alpha "
+            f"{shown(raw.metadata.get(fmt.header_alpha), 60)}, the alpha every module of a {fmt.name} file without "
+            ".alpha tensors was trained at, and the file holds LyCORIS modules without .alpha:",
+            lycoris,
+        )
+        + "\nNo loader defines that entry for them: diffusers reads it for LoRA modules but loads no LyCORIS module "
+        "of this naming, and ComfyUI and musubi-tuner ignore it (every module at scale 1, LoRA ones too). Write each "
+        "module's alpha as its .alpha tensor (alpha = rank: scale 1; the entry is then ignored, as by diffusers), or "
+        "remove the entry to load every module at scale 1. config= cannot settle it: a lora_alpha there is refused "
+        "for LyCORIS modules."
+    )
 
 
 #: the config fields that decide a module's rank or scale

@@ -12,6 +12,7 @@ probing the layer with the identity, and with a float64 reference of the same ru
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -305,14 +306,20 @@ def test_a_diffsynth_qkv_in_a_file_of_mixed_spellings_is_refused_by_name() -> No
         lorahot.read_adapter(sd)
 
 
-@pytest.mark.parametrize("with_tensors", [False, True], ids=["header-alpha", "alpha-tensors-win"])
-def test_a_header_alpha_is_every_modules_alpha_as_diffusers_reads_it(tmp_path: Path, with_tensors: bool) -> None:
+@pytest.mark.parametrize(
+    "with_tensors", [False, True, None], ids=["header-alpha", "alpha-tensors-win", "some-alpha-tensors"]
+)
+def test_a_header_alpha_is_every_modules_alpha_as_diffusers_reads_it(tmp_path: Path, with_tensors: bool | None) -> None:
     """lightx2v's MiniMax-H3 files record their network alpha as ``alpha`` in the safetensors
     header, with no ``.alpha`` tensor; diffusers' loader scales every module by ``alpha / r``,
     and so does lorahot (read at alpha = rank, scale 1, the file would differ by ``1 - alpha / r``
-    of each update). Where the file has ``.alpha`` tensors the entry is ignored, by both. A header
-    entry that is no number > 0 is refused naming it (diffusers ignores it)."""
-    factors = _factors(alpha=with_tensors)
+    of each update). Where the file has ``.alpha`` tensors the entry is ignored, by both, also
+    where only some modules have one (``None``): the others take alpha = rank, as diffusers, and
+    ComfyUI, musubi-tuner and DiffSynth-Studio, which never read the entry, all compute them. A
+    header entry that is no number > 0 is refused naming it (diffusers ignores it)."""
+    factors = _factors(alpha=with_tensors is not False)
+    if with_tensors is None:  # every other module without its .alpha
+        factors = {m: (a, b, alpha if i % 2 else None) for i, (m, (a, b, alpha)) in enumerate(factors.items())}
     sd = _spelled(factors, "diffusion_model")
     path = tmp_path / "h3.safetensors"
     save_file(sd, str(path), metadata={"alpha": "7.0"})
@@ -325,8 +332,43 @@ def test_a_header_alpha_is_every_modules_alpha_as_diffusers_reads_it(tmp_path: P
     oracle = tiny_minimax_h3()
     oracle.load_lora_adapter(state, prefix="transformer", metadata=metadata)
     assert_same(ours, weights(oracle, names))
-    assert_same(ours, _reference(factors, names, alpha=None if with_tensors else 7.0))
+    assert_same(ours, _reference(factors, names, alpha=7.0 if with_tensors is False else None))
     save_file(sd, str(path), metadata={"alpha": "seven"})
-    if not with_tensors:
+    if with_tensors is False:
         with pytest.raises(lorahot.AdapterReadError, match=r"the 'alpha' entry of its safetensors header.* 'seven'"):
             lorahot.read_adapter(path)
+
+
+@pytest.mark.parametrize("spelling", ["diffusion_model", "bare"])
+def test_a_header_alpha_beside_lycoris_modules_is_refused_and_nothing_changes(tmp_path: Path, spelling: str) -> None:
+    """A header ``alpha`` in a file without ``.alpha`` tensors that holds LyCORIS modules: diffusers
+    reads the entry for LoRA modules but loads no LyCORIS module of the naming, ComfyUI and
+    musubi-tuner ignore it (every module at scale 1): no loader defines the file. Refused naming
+    the modules and the entry's value, the model untouched; read at the header's alpha for the LoRA
+    module and scale 1 for the LoHa before."""
+    factors = _factors(alpha=False)
+    sd = _spelled({"blocks.0.mlp.fc2": factors["blocks.0.mlp.fc2"]}, spelling)
+    loha = "diffusion_model.blocks.0.attn.out_proj" if spelling == "diffusion_model" else "blocks.0.attn.out_proj"
+    g = torch.Generator().manual_seed(1)
+    sd |= {
+        f"{loha}.hada_{w}": torch.randn(
+            16 if w.endswith("a") else 2, 2 if w.endswith("a") else 16, generator=g, dtype=torch.float64
+        )
+        for w in ("w1_a", "w1_b", "w2_a", "w2_b")
+    }
+    path = tmp_path / "h3.safetensors"
+    save_file(sd, str(path), metadata={"alpha": "8.0"})
+    model = tiny_minimax_h3()
+    names = linears(model)
+    runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=True)
+    runtime.load(_spelled(_factors(alpha=True, seed=6), "bare"))
+    before = weights(model, names)
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=rf"h3\.safetensors: the 'alpha' entry of its safetensors header records alpha '8\.0'.* holds LyCORIS "
+        rf"modules without \.alpha:\n  - {re.escape(loha)} \(loha\)\nNo loader defines that entry for them"
+        r"[\s\S]*Write each module's alpha as its \.alpha tensor",
+    ):
+        runtime.load(path)
+    after = weights(model, names)
+    assert all(torch.equal(after[n], before[n]) for n in names)
