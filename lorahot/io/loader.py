@@ -517,7 +517,8 @@ def _normalize_once(raw: RawAdapter, overrides: dict[str, Any] | None, strict: b
     parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
     weights = _weight_modules(parts, raw.source, skipped, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
     _check_metadata_reaches(list(parts), list(weights), configs, header_configs, overrides, raw, fmt.name)
-    _check_configs_reach(weights, fmt, configs, raw.source, bool(defaults) and not _states_alpha(raw, fmt, overrides))
+    only_header_alpha = bool(defaults) and not _states_alpha(raw, fmt, overrides, header_configs)
+    _check_configs_reach(weights, fmt, configs, raw.source, only_header_alpha)
     _check_header_alpha_reaches(weights, raw, fmt, defaults)
     _check_dora_scales(parts, raw.source, skipped)
     if skipped is not None:
@@ -684,11 +685,17 @@ def _check_metadata_reaches(
     )
 
 
-def _states_alpha(raw: RawAdapter, fmt: KeyFormat, overrides: Mapping[str, Any] | None) -> bool:
+def _states_alpha(
+    raw: RawAdapter,
+    fmt: KeyFormat,
+    overrides: Mapping[str, Any] | None,
+    header_configs: dict[str, dict[str, Any]],
+) -> bool:
     """Whether ``lora_alpha`` is stated by ``config=``, the adapter_config.json a naming reads, or
-    the safetensors header's metadata (not only by a naming's header alpha)."""
+    the safetensors header's metadata (``header_configs``, as :func:`_header_configs` read it;
+    not only by a naming's header alpha)."""
     file_config = raw.config if fmt.name in _PEFT_NAMED else None
-    stated = [overrides or {}, file_config or {}, *_header_configs(raw).values()]
+    stated = [overrides or {}, file_config or {}, *header_configs.values()]
     return any("lora_alpha" in fields for fields in stated)
 
 
