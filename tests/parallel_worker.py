@@ -222,6 +222,7 @@ def scenario_atomic(mesh: object, folder: Path, check: Checks) -> None:
     disagreements(rig, check)
     writes_failing_on_one_rank(rig, check)
     refusals(mesh, check)
+    transformers_tensor_parallel(folder, check)
 
 
 def disagreements(rig: Rig, check: Checks) -> None:
@@ -381,6 +382,39 @@ def refusals(mesh: object, check: Checks) -> None:
                 lorahot.AdapterMismatchError, lambda: runtime.load(adapter), extra, "tensor-parallel"
             ),
         )
+
+
+def transformers_tensor_parallel(folder: Path, check: Checks) -> None:
+    """A model transformers parallelized itself (``DistributedConfig(tp_plan="auto")``): its
+    styles redistribute inside a forward set on each module, where a row-parallel layer's
+    output comes back reduced, so a LoRA delta added after it would be each rank's partial
+    sum; inject refuses, and the model keeps its modules."""
+    import transformers
+    from transformers.distributed import DistributedConfig
+
+    from tests.helpers import tiny_llama as hf_llama
+
+    path = folder / "hf_llama"
+    if dist.get_rank() == 0:
+        hf_llama().save_pretrained(str(path))
+    dist.barrier()
+    config = DistributedConfig(tp_plan="auto", tp_size=dist.get_world_size())
+    model = transformers.LlamaForCausalLM.from_pretrained(str(path), distributed_config=config)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    check(
+        "a layer transformers' tp_plan parallelized is refused",
+        lambda: raises(
+            lorahot.UsageError,
+            lambda: lorahot.inject(model, ["q_proj", "o_proj"], max_rank=4),
+            "model.layers.0.self_attn.q_proj",
+            "forward is the instance's own",
+            "parallelize_module",
+        ),
+    )
+    check(
+        "the model keeps its modules after the refusal",
+        lambda: (model.model.layers[0].self_attn.o_proj is o_proj and type(o_proj) is torch.nn.Linear) or "wrapped",
+    )
 
 
 def scenario_sequence(mesh: object, folder: Path, check: Checks) -> None:

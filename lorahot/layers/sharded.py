@@ -95,9 +95,10 @@ def shard_of(module: nn.Module) -> Shard:
     """The slice of ``module``'s weight (a DTensor) this rank holds.
 
     Raises:
-        UsageError: the module is not an ``nn.Linear``; the mesh is not 1-D; the weight is not
-            ``Shard(0)`` (column-parallel) or ``Shard(1)`` (row-parallel); the local shard is
-            not the ``torch.chunk`` slice DTensor makes.
+        UsageError: the module is not an ``nn.Linear``; it has a ``forward`` of the instance's own
+            (transformers' tensor-parallel styles set one, redistributing inside the call); the
+            mesh is not 1-D; the weight is not ``Shard(0)`` (column-parallel) or ``Shard(1)``
+            (row-parallel); the local shard is not the ``torch.chunk`` slice DTensor makes.
     """
     weight: Any = module.weight
     kind = type(module).__name__
@@ -105,6 +106,16 @@ def shard_of(module: nn.Module) -> Shard:
         raise UsageError(
             f"cannot add LoRA to a tensor-parallel {kind} (weight placements {weight.placements}); lorahot shards "
             "LoRA with nn.Linear layers only (ColwiseParallel / RowwiseParallel). Exclude it from targets."
+        )
+    if "forward" in module.__dict__:
+        raise UsageError(
+            f"cannot add LoRA to this tensor-parallel {kind}: its forward is the instance's own (transformers' "
+            "tp_plan / DistributedConfig and other engines install one), which redistributes the input and output "
+            "inside the call, where lorahot cannot place the LoRA delta: a row-parallel layer's output would come "
+            "back already reduced, and each rank's partial delta would be added after the reduction, a wrong sum. "
+            "lorahot follows parallelize_module's hooks: load the model unsharded and parallelize it with "
+            "torch.distributed.tensor.parallel.parallelize_module (ColwiseParallel / RowwiseParallel), then inject; "
+            "or exclude this module from targets."
         )
     mesh = weight.device_mesh
     placements = tuple(weight.placements)

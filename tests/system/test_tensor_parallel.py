@@ -173,6 +173,8 @@ ATOMIC = [
     "a sharded embedding is refused",
     "DoRA on a sharded layer is refused",
     "LoRA bias on a sharded layer is refused",
+    "a layer transformers' tp_plan parallelized is refused",
+    "the model keeps its modules after the refusal",
 ]
 
 
