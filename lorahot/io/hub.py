@@ -22,6 +22,16 @@ weights. Where the Hub is not reached (offline, no connection, no answer in time
 an error other than "no such revision", the cache serves the snapshot it holds, as
 ``snapshot_download`` does.
 
+Online, a fetch is bounded as a whole by :func:`hub_timeout` (``LORAHOT_HUB_TIMEOUT``), not
+only per request: ``hf_hub_download`` makes a file's metadata request again when it times out or
+fails to connect and the file is not cached (60 s a try, up to 5 retries with backoff), and
+waits out a rate limit's ``Retry-After``, so one stalled file held a load for minutes. The fetch
+runs on a worker thread the caller watches (:class:`_Watch`); once it has waited that long
+for the Hub with no step done and no download under way, the caller stops waiting and the cache
+serves what it holds, as for a listing that timed out; with nothing cached the load fails naming
+the limit. The abandoned worker lets the call of ``huggingface_hub`` under way finish or fail
+(it writes only complete files to the cache), then stops: no further file, and no branch's ref.
+
 Every failure of ``huggingface_hub`` is one typed error naming the repo, the revision and the
 file, with the fix for its cause (:func:`_fix`: log in for a gated or private repo, go online
 once for a file not cached, retry for a rate limit or a server error, ...). A repo with no
@@ -32,16 +42,20 @@ safetensors files in other folders), from the Hub's listing, or offline from the
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, UsageError, shown
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.safety import PICKLE_SUFFIXES, cut
 
-__all__ = ["is_repo_id", "check_relative", "fetch", "cache_folder"]
+__all__ = ["is_repo_id", "check_relative", "fetch", "cache_folder", "hub_timeout", "HubTimeout"]
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 
@@ -83,37 +97,208 @@ def fetch(
 ) -> Path:
     """Downloads (or finds in the cache) what the adapter needs; returns a file or directory.
 
+    Online, the fetch runs on a worker thread watched against :func:`hub_timeout` (see the
+    module docstring); once it has waited that long for the Hub, the cache serves what it holds.
+
     Args:
         need_config: False when the caller supplies the config (``config=``): then a config
             that cannot be fetched is no error.
 
     Raises:
+        UsageError: ``LORAHOT_HUB_TIMEOUT`` is set to something other than a number of seconds > 0.
         SourceNotFoundError: a malformed repo id; the repo, revision or file does not exist, or is not cached
-            while offline; the config of a single file cannot be fetched (see the module docstring).
+            while offline; the Hub did not answer within :func:`hub_timeout` and the cache holds nothing; the
+            config of a single file cannot be fetched (see the module docstring).
     """
     if not is_repo_id(repo_id):
         raise SourceNotFoundError(
             f"{shown(repo_id, 200)} is neither an existing path nor a valid Hub repo id ('owner/name'). Check the "
             "spelling."
         )
-    path = _download(repo_id, revision, subfolder, token, weight_name)
+    from huggingface_hub import constants
+
+    limit = hub_timeout()
+    args = (repo_id, revision, subfolder, token, weight_name, need_config)
+    if constants.HF_HUB_OFFLINE:  # no request is made: nothing to wait for
+        return _fetch(*args)
+    watch = _Watch(cache_folder(repo_id) / "blobs", limit)
+    try:
+        return watch.run(lambda: _fetch(*args, watch=watch))
+    except HubTimeout as stalled:  # the Hub not reached in time: the cache serves what it holds
+        return _fetch(*args, stalled=stalled)
+
+
+def _fetch(
+    repo_id: str,
+    revision: str | None,
+    subfolder: str | None,
+    token: str | bool | None,
+    weight_name: str | None,
+    need_config: bool,
+    *,
+    watch: _Watch | None = None,
+    stalled: HubTimeout | None = None,
+) -> Path:
+    """:func:`fetch`'s work: through the Hub (reporting its steps to ``watch``), or from the
+    cache alone after ``stalled`` (then a file not cached fails with ``stalled`` as its cause)."""
+    path = _download(repo_id, revision, subfolder, token, weight_name, watch, stalled)
     if weight_name is not None:  # a snapshot brings the config along; a single file does not
+        if watch is not None:
+            watch.step()
         # the config the read consults is the one beside the weight file (a weight_name may
         # have a folder part of its own)
         folder = "/".join(p for p in (subfolder, str(PurePosixPath(weight_name).parent)) if p and p != ".")
-        _fetch_config(repo_id, folder or None, revision, token, need_config)
+        _fetch_config(repo_id, folder or None, revision, token, need_config, stalled)
     return path
 
 
+#: environment variable: the longest a Hub fetch waits for the Hub, in seconds
+HUB_TIMEOUT_ENV = "LORAHOT_HUB_TIMEOUT"
+#: :data:`HUB_TIMEOUT_ENV` unless set: above huggingface_hub's 10 s per request, so a request it
+#: times out itself still falls back to the cache first, with room for a retry of a brief failure
+DEFAULT_HUB_TIMEOUT = 30.0
+
+
+def hub_timeout() -> float:
+    """The longest a Hub fetch waits for the Hub, in seconds: ``LORAHOT_HUB_TIMEOUT`` (read now),
+    else :data:`DEFAULT_HUB_TIMEOUT`.
+
+    It bounds each wait for an answer: the listing of a repo, each file's metadata request
+    (with every retry ``huggingface_hub`` makes of it), a wait for another download of the same
+    file. The transfer of a file's bytes is not counted (a slow link is not cut off): once its
+    download has begun, ``huggingface_hub``'s ``HF_HUB_DOWNLOAD_TIMEOUT`` bounds each read.
+
+    Raises:
+        UsageError: the variable is set to something other than a finite number of seconds > 0.
+    """
+    text = os.environ.get(HUB_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_HUB_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(
+            f"{HUB_TIMEOUT_ENV}={shown(text, 60)} must be a number of seconds > 0: the longest a Hub fetch waits for "
+            f"the Hub ({DEFAULT_HUB_TIMEOUT:g} unless set). Set it to one, or unset it."
+        )
+    return value
+
+
+class HubTimeout(TimeoutError):
+    """The Hub did not answer a fetch within :func:`hub_timeout`."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(f"no answer from the Hub within {limit:g} s ({HUB_TIMEOUT_ENV})")
+        self.limit = limit
+
+
+class _Abandoned(Exception):
+    """Raised in a fetch's worker thread once the caller has stopped waiting for it."""
+
+
+#: how often a waiting fetch looks at its worker and at the cache's downloads, in seconds
+_POLL_S = 0.05
+
+
+class _Watch:
+    """A Hub fetch on a worker thread, and when it last made progress.
+
+    Progress is a step the worker reports (:meth:`step`: the listing answered, a file fetched)
+    and, seen from here, a download under way in the repo's ``blobs`` folder of the cache:
+    ``huggingface_hub`` writes a file's bytes to a ``*.incomplete`` file there and renames it
+    when done. Such a file that is new or has changed since the fetch began holds the clock
+    (one left by a dead process before the fetch began does not). When the clock reaches the
+    limit, the caller stops waiting and the worker is abandoned: it stops at its next step,
+    and never writes a branch's ref (``huggingface_hub`` itself writes only complete files).
+    """
+
+    def __init__(self, blobs: Path, limit: float) -> None:
+        self.limit = limit
+        self._blobs = blobs
+        self._before = self._downloads()
+        self._last = time.monotonic()
+        self._abandoned = threading.Event()
+
+    def run(self, work: Callable[[], Path]) -> Path:
+        """``work()`` on a daemon thread: its result or its exception.
+
+        Raises:
+            HubTimeout: ``limit`` seconds passed without progress.
+        """
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = work()
+            except BaseException as exc:  # re-raised in the caller's thread
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=target, name="lorahot-hub-fetch", daemon=True).start()
+        try:
+            while not done.wait(_POLL_S):
+                if any(self._before.get(name) != stamp for name, stamp in self._downloads().items()):
+                    self._last = time.monotonic()  # a download under way: its reads are bounded per read
+                if time.monotonic() - self._last >= self.limit and not done.is_set():
+                    raise HubTimeout(self.limit)
+        finally:
+            if not done.is_set():
+                self._abandoned.set()
+        if "error" in box:
+            raise box["error"]
+        value: Path = box["value"]
+        return value
+
+    def step(self) -> None:
+        """Called by the worker between requests: progress made, and stops it if abandoned.
+
+        Raises:
+            _Abandoned: the caller stopped waiting.
+        """
+        if self._abandoned.is_set():
+            raise _Abandoned()
+        self._last = time.monotonic()
+
+    def _downloads(self) -> dict[str, tuple[int, int]]:
+        """The ``*.incomplete`` files of ``blobs``: name -> (size, mtime in ns)."""
+        found = {}
+        try:
+            with os.scandir(self._blobs) as entries:
+                for entry in entries:
+                    if entry.name.endswith(".incomplete"):
+                        stat = entry.stat(follow_symlinks=False)
+                        found[entry.name] = (stat.st_size, stat.st_mtime_ns)
+        except OSError:  # no such folder yet, or one going away: no download seen
+            pass
+        return found
+
+
 def _download(
-    repo_id: str, revision: str | None, subfolder: str | None, token: str | bool | None, weight_name: str | None
+    repo_id: str,
+    revision: str | None,
+    subfolder: str | None,
+    token: str | bool | None,
+    weight_name: str | None,
+    watch: _Watch | None,
+    stalled: HubTimeout | None,
 ) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
         if weight_name is not None:
+            if stalled is not None:
+                return _cached_file(repo_id, weight_name, subfolder, revision, token, stalled)
             return Path(hf_hub_download(repo_id, weight_name, subfolder=subfolder, revision=revision, token=token))
-        root, listing = _snapshot(repo_id, revision, subfolder, token)
+        if stalled is not None:
+            root, listing = _cached_snapshot(repo_id, revision, subfolder, token, stalled), None
+        else:
+            root, listing = _snapshot(repo_id, revision, subfolder, token, watch)
+    except _Abandoned:
+        raise
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
         what = cut(
             f"{subfolder}/{weight_name}" if subfolder and weight_name else (weight_name or subfolder or "the adapter"),
@@ -137,17 +322,19 @@ def cache_folder(repo_id: str) -> Path:
 
 
 def _snapshot(
-    repo_id: str, revision: str | None, subfolder: str | None, token: str | bool | None
+    repo_id: str, revision: str | None, subfolder: str | None, token: str | bool | None, watch: _Watch | None
 ) -> tuple[Path, list[str] | None]:
     """The cache's snapshot folder of ``revision``, holding what a read of ``subfolder`` needs,
     and the repo's file paths (None where the cache served the folder without the Hub).
 
     The listing is one request bounded by ``HF_HUB_ETAG_TIMEOUT`` (see the module docstring).
-    Nothing is downloaded when it has no ``.safetensors`` file where the read looks.
+    Nothing is downloaded when it has no ``.safetensors`` file where the read looks. Each
+    step is reported to ``watch``, which stops the fetch once abandoned (before the ref).
 
     Raises:
         Exception: what ``huggingface_hub`` raises; the listing's own failure where the cache
             holds nothing for ``revision`` either.
+        _Abandoned: ``watch`` stopped waiting.
     """
     from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.utils import HfHubHTTPError, RevisionNotFoundError
@@ -167,8 +354,12 @@ def _snapshot(
     needed = _needed(files, subfolder)
     if any(name.endswith(".safetensors") for name in needed):
         for name in sorted(needed, key=lambda n: n.endswith(".safetensors")):  # the config first
+            if watch is not None:
+                watch.step()
             path = Path(hf_hub_download(repo_id, name, revision=commit, token=token))
             root = path.parents[len(PurePosixPath(name).parts) - 1]  # where huggingface_hub put the snapshot
+        if watch is not None:
+            watch.step()
         _record_ref(repo_id, branch, commit)
     return root, files
 
@@ -209,6 +400,25 @@ def _cached_snapshot(
         if type(exc) is LocalEntryNotFoundError:  # nothing cached: the listing's failure says why
             raise cause from None
         raise  # a cached snapshot missing files (IncompleteSnapshotError) says so itself
+
+
+def _cached_file(
+    repo_id: str, filename: str, subfolder: str | None, revision: str | None, token: str | bool | None, cause: Exception
+) -> Path:
+    """The file the cache holds for ``revision`` (no request); ``cause`` where it holds none."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id, filename, subfolder=subfolder, revision=revision, token=token, local_files_only=True
+            )
+        )
+    except LocalEntryNotFoundError as exc:
+        if type(exc) is LocalEntryNotFoundError:  # not cached: why the Hub was not asked says more
+            raise cause from None
+        raise
 
 
 def _record_ref(repo_id: str, branch: str, commit: str) -> None:
@@ -259,6 +469,12 @@ def _fix(exc: Exception) -> str:
     def caused_by(*names: str) -> bool:  # classes absent from an older huggingface_hub match nothing
         return isinstance(exc, tuple(c for c in (getattr(utils, n, None) for n in names) if isinstance(c, type)))
 
+    if isinstance(exc, HubTimeout):
+        return (
+            f"The Hub did not answer within {exc.limit:g} s ({HUB_TIMEOUT_ENV}, {DEFAULT_HUB_TIMEOUT:g} unless "
+            "set), and the local cache holds no copy: check the network (a proxy, HF_ENDPOINT) and retry, or raise "
+            f"{HUB_TIMEOUT_ENV} for a slow Hub; a copy in the local cache loads with HF_HUB_OFFLINE=1."
+        )
     status = getattr(getattr(exc, "response", None), "status_code", None)
     client = type(exc).__module__.partition(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
     if caused_by("GatedRepoError", "LocalTokenNotFoundError") or status in (401, 403):
@@ -357,20 +573,36 @@ def _cached_listing(repo_id: str, commit: str) -> list[str] | None:
 
 
 def _fetch_config(
-    repo_id: str, subfolder: str | None, revision: str | None, token: str | bool | None, required: bool
+    repo_id: str,
+    subfolder: str | None,
+    revision: str | None,
+    token: str | bool | None,
+    required: bool,
+    stalled: HubTimeout | None = None,
 ) -> None:
-    """Puts the config beside the weight file in the cache, if the repo has one.
+    """Puts the config beside the weight file in the cache, if the repo has one; after
+    ``stalled``, only looks in the cache.
 
     Raises:
         SourceNotFoundError: it could not be fetched and the Hub has not said it does not exist.
     """
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
     try:
-        hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token)
+        hf_hub_download(
+            repo_id,
+            CONFIG_NAME,
+            subfolder=subfolder,
+            revision=revision,
+            token=token,
+            local_files_only=stalled is not None,
+        )
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
         if not required or _known_missing(exc, repo_id, subfolder, revision):
             return  # an adapter without a config is fine (kohya, diffusers files)
+        if stalled is not None and type(exc) is LocalEntryNotFoundError:  # not cached: the Hub did not answer
+            exc = stalled
         name = cut(f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME, 200)
         raise SourceNotFoundError(
             f"{_where(repo_id, revision)}: cannot fetch {name} from the Hub ({type(exc).__name__}: "

@@ -475,7 +475,9 @@ def test_a_hub_failure_is_refused_naming_the_repo_and_the_fix_for_its_cause(
 class StandInHub(ThreadingHTTPServer):
     """A Hub on 127.0.0.1 that huggingface_hub is pointed at: it lists ``REPO`` at ``COMMIT``
     with the files :meth:`serve` gives and serves them (a repo's info, a file's metadata and
-    bytes) but those ``gone``, or, stalled, accepts every connection and never answers."""
+    bytes) but those ``gone``, or, stalled, accepts every connection and never answers. The
+    requests for a file of ``stalling`` are accepted and not answered until ``release``; those
+    of ``slow`` get their bytes in pieces, that many seconds apart."""
 
     daemon_threads = True
 
@@ -485,8 +487,10 @@ class StandInHub(ThreadingHTTPServer):
         self.gone: set[str] = set()  # listed, answered 'no such file'
         self.sha: object = COMMIT  # the commit its listing names
         self.stalled = False
+        self.stalling: set[str] = set()
+        self.slow: dict[str, float] = {}
         self.requests: list[str] = []
-        self.release = threading.Event()  # lets stalled requests end, at teardown
+        self.release = threading.Event()  # lets stalled requests end (a stalled file's, answered), at teardown
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
     def serve(self, files: dict[str, bytes]) -> None:
@@ -516,22 +520,30 @@ class _StandInHandler(BaseHTTPRequestHandler):
         if hub.stalled:
             hub.release.wait()  # the connection is accepted; no byte of an answer ever comes
             return
-        name = path.removeprefix(f"/{REPO}/resolve/{COMMIT}/")
+        name = re.sub(rf"^/{REPO}/resolve/(main|{COMMIT})/", "", path)
+        if name in hub.stalling:
+            hub.release.wait()
         if path == f"/api/models/{REPO}/revision/main":
             info = {"id": REPO, "sha": hub.sha, "siblings": [{"rfilename": p} for p in hub.files]}
             self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
         elif name in hub.files and name not in hub.gone:
             data = hub.files[name]
-            self._send(200, data, {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}, body)
+            headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+            self._send(200, data, headers, body, hub.slow.get(name, 0.0))
         else:
             self._send(404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}, body)
 
-    def _send(self, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
+    def _send(self, status: int, data: bytes, headers: dict[str, str], body: bool, gap: float = 0.0) -> None:
         self.send_response(status)
         for key, value in {**headers, "Content-Length": str(len(data))}.items():
             self.send_header(key, value)
         self.end_headers()
-        if body:
+        if body and gap:  # eight pieces, ``gap`` seconds apart
+            for start in range(0, len(data), -(-len(data) // 8)):
+                self.wfile.write(data[start : start + -(-len(data) // 8)])
+                self.wfile.flush()
+                time.sleep(gap)
+        elif body:
             self.wfile.write(data)
 
 
@@ -666,6 +678,107 @@ def test_a_hub_that_never_answers_leaves_the_cached_snapshot_to_load(
     adapter = within(HANG_S, lambda: lorahot.read_adapter(REPO))
     assert adapter.format == "peft" and adapter.modules["proj"].scale == 2 / 4
     assert stand_in_hub.requests == [f"GET /api/models/{REPO}/revision/main"]
+
+
+def _abandoned_fetches_end() -> None:
+    """Waits for the fetches a deadline gave up on (their worker threads) to end."""
+    for thread in threading.enumerate():
+        if thread.name == "lorahot-hub-fetch":
+            thread.join(HANG_S)
+            assert not thread.is_alive(), "an abandoned Hub fetch is still running"
+
+
+#: what a fetch the deadline gave up on says: the limit, the variable setting it and the fixes
+_STALLED = (
+    r"\(HubTimeout: no answer from the Hub within 1 s \(LORAHOT_HUB_TIMEOUT\)\)[.,] .*The Hub did not answer within "
+    r"1 s \(LORAHOT_HUB_TIMEOUT, 30 unless set\), and the local cache holds no copy: check the network \(a proxy, "
+    r"HF_ENDPOINT\) and retry, or raise LORAHOT_HUB_TIMEOUT for a slow Hub; a copy in the local cache loads with "
+    r"HF_HUB_OFFLINE=1\."
+)
+
+
+@pytest.mark.parametrize(
+    "stalling, kwargs, what",
+    [
+        ("adapter_model.safetensors", {}, "get the adapter"),
+        ("adapter_model.safetensors", {"weight_name": "adapter_model.safetensors"}, "get adapter_model.safetensors"),
+        ("adapter_config.json", {"weight_name": "adapter_model.safetensors"}, "fetch adapter_config.json"),
+    ],
+    ids=["repo", "file", "file's config"],
+)
+def test_a_hub_that_stalls_on_a_file_is_refused_within_lorahot_hub_timeout(
+    online_hub: StandInHub,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stalling: str,
+    kwargs: dict[str, str],
+    what: str,
+) -> None:
+    """A Hub that answers the listing and then never answers a file's request held a load for
+    about 6.5 minutes: hf_hub_download makes a timed-out metadata request of a file not cached
+    again (60 s a try, 5 retries with backoff). A fetch now waits at most LORAHOT_HUB_TIMEOUT
+    for the Hub; then it is refused naming the limit and the fix, with nothing changed."""
+    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", "1")
+    online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
+    online_hub.stalling.add(stalling)
+    rig = _local_rig(tmp_path)
+    started = time.monotonic()
+    _refused_everywhere(
+        rig, capsys, lorahot.SourceNotFoundError, rf"^{REPO}: cannot {what} from the Hub {_STALLED}", **kwargs
+    )
+    assert time.monotonic() - started < 5 * (1 + 0.5)  # five refusals, each within its 1 s and a little
+    online_hub.release.set()  # the stalled requests are answered: the abandoned fetches end
+    _abandoned_fetches_end()
+    repo = Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}"
+    if not kwargs:  # the branch's ref names no snapshot the load did not get, now or later
+        assert not (repo / "refs" / "main").exists()
+
+
+def test_a_stalled_hub_leaves_the_cached_file_to_load_within_lorahot_hub_timeout(
+    hub_cache: Path, stand_in_hub: StandInHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single file the cache holds is read once the Hub has not answered within
+    LORAHOT_HUB_TIMEOUT, as huggingface_hub reads it after its own request timed out."""
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", "1")
+    stand_in_hub.stalled = True
+    started = time.monotonic()
+    adapter = within(HANG_S, lambda: lorahot.read_adapter(REPO, weight_name="adapter_model.safetensors"))
+    assert time.monotonic() - started < 1 + 0.5
+    assert adapter.format == "peft" and adapter.modules["proj"].scale == 2 / 4
+
+
+def test_a_slow_download_is_not_cut_off_by_lorahot_hub_timeout(
+    online_hub: StandInHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LORAHOT_HUB_TIMEOUT bounds the waits for the Hub's answers, not the transfer of a file's
+    bytes: a download still receiving them after the limit runs to its end."""
+    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", "1")
+    data = _peft_bytes(4)
+    online_hub.serve({"adapter_model.safetensors": data, "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
+    online_hub.slow["adapter_model.safetensors"] = 0.4  # eight pieces, at least 2.4 s before the last
+    started = time.monotonic()
+    adapter = within(HANG_S, lambda: lorahot.read_adapter(REPO))
+    assert time.monotonic() - started > 2 * 1  # twice the limit
+    assert adapter.modules["proj"].scale == 2.0
+    path = Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
+    assert (path / "adapter_model.safetensors").read_bytes() == data
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", "1s"])
+def test_a_bad_lorahot_hub_timeout_is_refused_before_any_request(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    rig = _rig(hub_cache)
+    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", value)
+    _refused_everywhere(
+        rig,
+        capsys,
+        lorahot.UsageError,
+        rf"^LORAHOT_HUB_TIMEOUT='{re.escape(value)}' must be a number of seconds > 0: the longest a Hub fetch waits "
+        r"for the Hub \(30 unless set\)\. Set it to one, or unset it\.",
+    )
 
 
 def test_a_repo_fetched_online_loads_offline_without_a_revision(
