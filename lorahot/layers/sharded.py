@@ -34,7 +34,9 @@ pair), the result wrapped as the output DTensor the base would have made (``Shar
 formula, its bias being added once after the reduction. Not supported on a sharded layer: the
 wide path (it moves the weight into a buffer of its own), merged mode, DoRA and LoRA biases
 (their per-channel terms would need the whole weight's norms, or would be summed once per
-rank); each is refused with the reason.
+rank); each is refused with the reason. So is a sharded linear with a ``forward`` of the
+instance's own (transformers' tensor-parallel styles set one): it redistributes inside that
+call, out of the wrapper's reach, and a row-parallel output would come back already reduced.
 
 lorahot never imports ``torch.distributed.tensor`` itself: a DTensor can only exist once the
 user's code has imported it.
