@@ -190,7 +190,7 @@ class HubTimeout(TimeoutError):
     """The Hub did not answer a fetch within :func:`hub_timeout`."""
 
     def __init__(self, limit: float) -> None:
-        super().__init__(f"no answer from the Hub within {limit:g} s ({HUB_TIMEOUT_ENV})")
+        super().__init__(f"nothing from the Hub within {limit:g} s ({HUB_TIMEOUT_ENV})")
         self.limit = limit
 
 
@@ -471,9 +471,10 @@ def _fix(exc: Exception) -> str:
 
     if isinstance(exc, HubTimeout):
         return (
-            f"The Hub did not answer within {exc.limit:g} s ({HUB_TIMEOUT_ENV}, {DEFAULT_HUB_TIMEOUT:g} unless "
-            "set), and the local cache holds no copy: check the network (a proxy, HF_ENDPOINT) and retry, or raise "
-            f"{HUB_TIMEOUT_ENV} for a slow Hub; a copy in the local cache loads with HF_HUB_OFFLINE=1."
+            "The Hub did not serve the request in time (a stalled connection, or a failure huggingface_hub kept "
+            "retrying: no connection, a server error, a rate limit), and the local cache holds no copy: check the "
+            f"network (a proxy, HF_ENDPOINT) and retry later, or raise {HUB_TIMEOUT_ENV} ({DEFAULT_HUB_TIMEOUT:g} s "
+            "unless set) for a slow Hub; a copy in the local cache loads with HF_HUB_OFFLINE=1."
         )
     status = getattr(getattr(exc, "response", None), "status_code", None)
     client = type(exc).__module__.partition(".")[0] in ("httpx", "httpx2", "requests", "urllib3")

@@ -477,7 +477,8 @@ class StandInHub(ThreadingHTTPServer):
     with the files :meth:`serve` gives and serves them (a repo's info, a file's metadata and
     bytes) but those ``gone``, or, stalled, accepts every connection and never answers. The
     requests for a file of ``stalling`` are accepted and not answered until ``release``; those
-    of ``slow`` get their bytes in pieces, that many seconds apart."""
+    of ``slow`` get their bytes in pieces, that many seconds apart; those of ``limited`` a rate
+    limit's 429, to be retried in an hour."""
 
     daemon_threads = True
 
@@ -489,6 +490,7 @@ class StandInHub(ThreadingHTTPServer):
         self.stalled = False
         self.stalling: set[str] = set()
         self.slow: dict[str, float] = {}
+        self.limited: set[str] = set()  # answered 429, retry after an hour
         self.requests: list[str] = []
         self.release = threading.Event()  # lets stalled requests end (a stalled file's, answered), at teardown
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
@@ -526,6 +528,8 @@ class _StandInHandler(BaseHTTPRequestHandler):
         if path == f"/api/models/{REPO}/revision/main":
             info = {"id": REPO, "sha": hub.sha, "siblings": [{"rfilename": p} for p in hub.files]}
             self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
+        elif name in hub.limited:
+            self._send(429, b"", {"Retry-After": "3600"}, body)
         elif name in hub.files and name not in hub.gone:
             data = hub.files[name]
             headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
@@ -690,9 +694,10 @@ def _abandoned_fetches_end() -> None:
 
 #: what a fetch the deadline gave up on says: the limit, the variable setting it and the fixes
 _STALLED = (
-    r"\(HubTimeout: no answer from the Hub within 1 s \(LORAHOT_HUB_TIMEOUT\)\)[.,] .*The Hub did not answer within "
-    r"1 s \(LORAHOT_HUB_TIMEOUT, 30 unless set\), and the local cache holds no copy: check the network \(a proxy, "
-    r"HF_ENDPOINT\) and retry, or raise LORAHOT_HUB_TIMEOUT for a slow Hub; a copy in the local cache loads with "
+    r"\(HubTimeout: nothing from the Hub within 1 s \(LORAHOT_HUB_TIMEOUT\)\)[.,] .*The Hub did not serve the request "
+    r"in time \(a stalled connection, or a failure huggingface_hub kept retrying: no connection, a server error, a "
+    r"rate limit\), and the local cache holds no copy: check the network \(a proxy, HF_ENDPOINT\) and retry later, "
+    r"or raise LORAHOT_HUB_TIMEOUT \(30 s unless set\) for a slow Hub; a copy in the local cache loads with "
     r"HF_HUB_OFFLINE=1\."
 )
 
@@ -733,6 +738,22 @@ def test_a_hub_that_stalls_on_a_file_is_refused_within_lorahot_hub_timeout(
     repo = Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}"
     if not kwargs:  # the branch's ref names no snapshot the load did not get, now or later
         assert not (repo / "refs" / "main").exists()
+
+
+def test_a_rate_limit_retried_after_an_hour_is_refused_within_lorahot_hub_timeout(
+    online_hub: StandInHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hf_hub_download retries a file's 429 after its Retry-After, however long: an hour here."""
+    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", "1")
+    online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
+    online_hub.limited.add("adapter_model.safetensors")
+    rig = _local_rig(tmp_path)
+    before = snapshot(rig)
+    started = time.monotonic()
+    with pytest.raises(lorahot.SourceNotFoundError, match=rf"^{REPO}: cannot get the adapter from the Hub {_STALLED}"):
+        within(HANG_S, lambda: rig.runtime.load(REPO, slot=1))
+    assert time.monotonic() - started < 1 + 0.5
+    assert_unchanged(rig, before)
 
 
 def test_a_stalled_hub_leaves_the_cached_file_to_load_within_lorahot_hub_timeout(
