@@ -9,7 +9,9 @@ diffusers ``unet.``/``transformer.``/``text_encoder.``/``text_encoder_2.``, kohy
 whose pipeline holds the T5 as ``text_encoder_2``: T5 modules (:data:`T5_PREFIXES`) go to
 ``text_encoder_2`` on a runtime without a ``text_encoder_3`` whose ``text_encoder_2`` has their
 modules (diffusers' Flux loader drops them).
-Each module goes to the component its prefix names (:data:`ROUTES`), and is then resolved
+Each module goes to the component its prefix names: first a component of the runtime itself,
+by its name and a dot (a ``controlnet`` component takes ``controlnet.`` modules, whatever it is
+called), then :data:`ROUTES`; it is then resolved
 against that component's layers only, exactly as on a single model (:mod:`lorahot.resolve.keys`),
 so two components with the same module paths (two CLIP encoders) never compete for a key.
 Prefixes end with their naming's separator: ``text_encoder.`` never takes ``text_encoder_2.``.
@@ -22,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems, shown
+from lorahot.formats import FORMATS
 from lorahot.resolve.keys import resolve_all
 
 __all__ = ["ROUTES", "DENOISER", "T5_PREFIXES", "route", "resolve_components"]
@@ -39,6 +42,8 @@ ROUTES: tuple[tuple[str, str | None], ...] = tuple(
             "text_encoder.": "text_encoder",
             "text_encoder_2.": "text_encoder_2",
             "text_encoder_3.": "text_encoder_3",
+            "controlnet.": "controlnet",  # diffusers' other component prefixes: never the denoiser's
+            "prior.": "prior",
             "lora_unet_": None,
             "lycoris_": None,
             "lora_transformer_": "transformer",
@@ -68,14 +73,25 @@ _T5_ELSEWHERE = "text_encoder_2"
 
 def route(key: str, components: tuple[str, ...]) -> tuple[str | None, str]:
     """``(component, prefix)`` for a module key: the component is None when the runtime lacks
-    the one the prefix names (``prefix`` says which; ``""`` for a key without a prefix)."""
+    the one the prefix names (``prefix`` says which; ``""`` for a key without a prefix).
+
+    A key that starts with one of ``components`` and a dot goes to that component (the longest
+    such name), unless a longer prefix of :data:`ROUTES` starts it: a module for a component the
+    runtime holds never lands in another one whose module paths it shares (a ControlNet's down
+    blocks are the UNet's)."""
     prefix, target = next(((p, c) for p, c in ROUTES if key.startswith(p)), ("", None))
+    own = max((c for c in components if key.startswith(c + ".")), key=len, default=None)
+    if own is not None and len(own) + 1 >= len(prefix):
+        return own, own + "."
     if target is None:
         target = next((c for c in DENOISER if c in components), DENOISER[0] + "/" + DENOISER[1])
     return (target if target in components else None), prefix
 
 
 Module = LoraModule | WeightModule
+
+#: Component prefixes some naming strips itself when matching keys (:mod:`lorahot.resolve.keys`).
+_NAMED = frozenset(p for f in FORMATS for p in f.prefixes)
 
 
 def resolve_components(
@@ -110,6 +126,8 @@ def resolve_components(
         if component is None and prefix in T5_PREFIXES and t5:
             component = _T5_ELSEWHERE
         if component is not None:
+            if prefix == component + "." and prefix not in _NAMED:
+                key = key[len(prefix) :]  # a component's own name no naming strips: its paths follow
             groups[component].append((key, module))
         elif skipped is not None:
             skipped.extend(module.source_keys or (key,))
@@ -171,9 +189,11 @@ def _missing_message(source: str, missing: dict[str, list[str]], components: tup
             )
             continue
         lines.append(f"{len(keys)} module(s) with {which} (e.g. {keys[0]}) go to {wanted}, which was not injected")
+    wanted_names = [dict(ROUTES).get(p) or " or ".join(DENOISER) for p in missing if p not in T5_PREFIXES]
+    example = " or ".join(f"{{..., '{c}': pipe.{c}}}" for c in wanted_names[0].split(" or ")) if wanted_names else ""
     fix = (
-        "Inject the missing component too (lorahot.inject({..., 'text_encoder_2': pipe.text_encoder_2}, ...))"
-        if any(p not in T5_PREFIXES for p in missing)
+        f"Inject the missing component too (lorahot.inject({example}, ...))"
+        if wanted_names
         else "Inject the pipeline's T5 encoder too ({..., 'text_encoder_3': pipe.text_encoder_3} for SD3, "
         "{..., 'text_encoder_2': pipe.text_encoder_2} for Flux.1)"
     )

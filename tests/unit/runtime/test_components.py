@@ -3,6 +3,8 @@ route each module of a file to its component by prefix (tiny purpose-built compo
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -205,6 +207,67 @@ def test_prefix_for_a_component_not_injected() -> None:
     info = runtime.load(source, strict=False)
     assert info.components == {"unet": 1, "text_encoder": 1}
     assert set(info.skipped) == {k for k in source if k.startswith("text_encoder_2.")}
+
+
+def _twins() -> dict[str, nn.Module]:
+    """A denoiser and a second component with the same module paths (a ControlNet's down blocks
+    are the UNet's; Wan 2.2's transformer_2 is its transformer's twin), float64."""
+    torch.manual_seed(0)
+    block = lambda: nn.ModuleDict({"to_q": nn.Linear(8, 8), "to_v": nn.Linear(8, 8)}).double()  # noqa: E731
+    return {"unet": block(), "controlnet": block(), "transformer_2": block()}
+
+
+def _twin_outputs(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        return {c: m["to_v"](m["to_q"](x)) for c, m in models.items()}
+
+
+@pytest.mark.parametrize("component", ["controlnet", "transformer_2"])
+def test_a_prefix_naming_a_component_of_the_runtime_goes_to_it(component: str) -> None:
+    """A module whose prefix is one of the runtime's component names loads into that component,
+    never into the denoiser whose paths it shares; diffusers' controlnet./prior. name no
+    denoiser either: without that component they are refused, nothing changed."""
+    models = _twins()
+    base = _twin_outputs(models)
+    sd = {k: v.double() for k, v in _lora([f"{component}.to_q", f"{component}.to_v"], seed=4).items()}
+    runtime = lorahot.inject(models, ["to_q", "to_v"], max_rank=4)
+    info = runtime.load(sd)
+    assert info.components == {"unet": 0, "controlnet": 0, "transformer_2": 0, component: 2}
+    out = _twin_outputs(models)
+    reference = {c: copy.deepcopy(m) for c, m in _twins().items()}
+    with torch.no_grad():
+        for name in ("to_q", "to_v"):
+            a, b = sd[f"{component}.{name}.lora_A.weight"], sd[f"{component}.{name}.lora_B.weight"]
+            reference[component][name].weight += b @ a
+    expected = _twin_outputs(reference)
+    for c in models:
+        assert torch.allclose(out[c], expected[c], rtol=0, atol=1e-12), c
+    assert torch.equal(out["unet"], base["unet"])
+
+    assert route("controlnet.down_blocks.0.to_q", ("unet",)) == (None, "controlnet.")
+    assert route("prior.down_blocks.0.to_q", ("unet",)) == (None, "prior.")
+    assert route("model.diffusion_model.x", ("unet", "model")) == ("unet", "model.diffusion_model.")  # longer prefix
+    unet = _twins()["unet"]
+    unet_only = lorahot.inject({"unet": unet}, ["to_q", "to_v"], max_rank=4)
+    unet_only.load({k: v.double() for k, v in _lora(["unet.to_q"], seed=6).items()})
+    before = _twin_outputs({"unet": unet})
+    cn = {k: v.double() for k, v in _lora(["controlnet.to_q"], seed=4).items()}
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"prefix 'controlnet\.'(.|\n)*go to controlnet, which was not injected(.|\n)*"
+        r"lorahot\.inject\(\{\.\.\., 'controlnet': pipe\.controlnet\}",
+    ):
+        unet_only.load(cn)
+    assert torch.equal(_twin_outputs({"unet": unet})["unet"], before["unet"])
+
+
+def test_the_fix_for_a_missing_component_names_that_component() -> None:
+    runtime = lorahot.inject({"text_encoder": _encoder()}, ["q_proj"], max_rank=4)
+    with pytest.raises(AdapterMismatchError, match=r"lorahot\.inject\(\{\.\.\., 'unet': pipe\.unet\}, \.\.\.\)"):
+        runtime.load(_lora(["unet.to_q"]))
+    with pytest.raises(AdapterMismatchError, match=r"\{\.\.\., 'unet': pipe\.unet\} or \{\.\.\., 'transformer': "):
+        runtime.load(_lora(["to_q"]))
 
 
 def test_key_matching_no_layer_of_its_component_names_the_component() -> None:
