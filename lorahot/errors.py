@@ -13,6 +13,8 @@ import reprlib
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
+import torch
+
 __all__ = [
     "LoraError",
     "AdapterReadError",
@@ -88,6 +90,12 @@ def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     unknown, too many) are a :class:`UsageError`; any other ``Exception`` (a missed check, a
     library error) becomes an :class:`UnexpectedError` naming the call. ``KeyboardInterrupt``
     and ``SystemExit`` pass through untouched.
+
+    An entry point called inside a function ``torch.compile`` traces (a serving step that calls
+    ``runtime.activate(slots)`` and then the model) runs eagerly, behind a graph break, as it
+    does outside: its checks and in-place writes are host work, which dynamo cannot always trace
+    (a routing of a new length, whose tensor is allocated then, raised from inside torch).
+    Under ``fullgraph=True`` torch refuses the break, naming the call.
     """
     signature = inspect.signature(fn)
 
@@ -107,7 +115,8 @@ def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
                 "This is a gap in lorahot's checks: please report it with the adapter or call that caused it."
             ) from exc
 
-    return wrapper
+    eager: Callable[_P, _R] = torch.compiler.disable(wrapper)  # traced: a graph break, no frame of it compiled
+    return eager
 
 
 def unfinished_eject(call: str, exc: Exception) -> UnexpectedError:

@@ -336,6 +336,45 @@ def test_a_batch_marked_dynamic_routes_every_batch_size_with_one_graph(kind: str
     assert counter.frame_count == 1
 
 
+def test_runtime_calls_inside_a_compiled_step_run_as_they_do_eagerly() -> None:
+    """A serving step compiled whole, ``runtime.activate(slots)`` then the model: the call runs
+    eagerly behind a graph break. Routings of new lengths (whose tensors are allocated then)
+    raised an UnexpectedError from inside dynamo; activate(k), set_scale, load and unload in the
+    step compute what they do outside it."""
+    model, runtime, held = _setup()
+
+    @torch.compile(backend="aot_eager", dynamic=True)
+    def step(ids: torch.Tensor, route: object, scale: float) -> torch.Tensor:
+        runtime.activate(route)
+        runtime.set_scale(scale, slot=1)
+        return model(ids)
+
+    with torch.no_grad():
+        for rows, scale in ((3, 1.0), (5, 0.5), (2, -1.5), (4, 2.0)):
+            route = [(i % 4) - 1 for i in range(rows)]
+            held[1] = {n: (a, b, scale) for n, (a, b, _) in held[1].items()}
+            ids = token_ids((rows, 5), 32, seed=rows)
+            for given in (route, torch.tensor(route)):
+                torch.testing.assert_close(
+                    step(ids, given, scale).double(), _expected(ids, route, held), rtol=1e-4, atol=1e-5
+                )
+        ids = token_ids((3, 5), 32, seed=7)
+        held[1] = {n: (a, b, 0.5) for n, (a, b, _) in held[1].items()}
+        torch.testing.assert_close(step(ids, 2, 0.5).double(), _expected(ids, [2] * 3, held), rtol=1e-4, atol=1e-5)
+
+        @torch.compile(backend="aot_eager")
+        def swap(ids: torch.Tensor) -> torch.Tensor:
+            runtime.unload(0)
+            runtime.load(tensors, slot=2)
+            runtime.activate([2, -1, 1])
+            return model(ids)
+
+        tensors, ab = make_adapter(model, {"layers.1.mlp.up_proj": 3}, seed=9)
+        held[0], held[2] = {}, {n: (a, b, 1.0) for n, (a, b) in ab.items()}
+        torch.testing.assert_close(swap(ids).double(), _expected(ids, [2, -1, 1], held), rtol=1e-4, atol=1e-5)
+    assert runtime.info(0) is None and runtime.routing == (2, -1, 1)
+
+
 def test_a_compiled_model_routes_whatever_is_exporting_answers_inside_torch_compile(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
