@@ -498,8 +498,15 @@ def lycoris_rules(module: str) -> tuple[Rule, ...]:
     (``<module>.lora_mid.weight``) and the magnitude of weight decomposition
     (``<module>.dora_scale``, role ``dora_scale``: read as DoRA on a LoRA/LoCon module, or
     folded with a LyCORIS kind or over the input channels in merged mode, see
-    :mod:`lorahot.io.loader`) after the module pattern ``module``."""
+    :mod:`lorahot.io.loader`) after the module pattern ``module``.
+
+    A ``<module>.diff_b`` is role ``diff_bias``: beside a module's LoRA it is that LoRA's bias,
+    added at the adapter's weight and unscaled by ``alpha / r``, as ComfyUI applies the bias
+    deltas its LoRA extraction writes beside every ``lora_up``/``lora_down`` pair (unmerged it
+    needs ``extras=True``); beside a ``.diff`` or LyCORIS factors, or alone, the loader reads it
+    as the ``diff_b`` of a diff module (merged mode)."""
     return (
+        Rule(rf"{module}\.diff_b", "diff_bias"),
         Rule(rf"{module}\.(?:{'|'.join(LYCORIS_FACTORS)})", ""),
         Rule(rf"{module}\.lora_mid\.weight", "lora_mid"),
         Rule(rf"{module}\.dora_scale", "dora_scale"),

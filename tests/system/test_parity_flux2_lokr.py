@@ -170,8 +170,9 @@ def test_flux_namings_cut_lycoris_and_diff_modules_by_rows(spelling: str) -> Non
     shift)``, as for a LoRA), and a LoRA with a ``.diff_b`` on ``txt_attn.qkv`` (its bias cut with
     the rows): every layer's weight and bias as the float64 LyCORIS rule on the fused layer gives
     them. All four were refused ('LyCORIS ... which lorahot does not read in the Flux.1
-    namings'). diffusers' Flux.1 loader reads none of them. An unmerged runtime refuses them, as
-    any weight delta, saying merged=True."""
+    namings'). diffusers' Flux.1 loader reads none of them. An unmerged runtime refuses the
+    LyCORIS modules, as any weight delta, saying merged=True; the LoRA with its ``.diff_b`` is a
+    LoRA with a bias, which one injected with extras=True loads with the same weights and biases."""
     g = torch.Generator().manual_seed(4)
 
     def rand(*shape: int, s: float = 0.3) -> torch.Tensor:
@@ -218,7 +219,12 @@ def test_flux_namings_cut_lycoris_and_diff_modules_by_rows(spelling: str) -> Non
     assert_same(weights(model, list(expected)), reference)
 
     with pytest.raises(lorahot.AdapterMismatchError, match=r"loads only in merged mode[\s\S]*merged=True"):
-        lorahot.inject(_flux1(), "all-linear", max_rank=8).load(dict(sd))
+        lorahot.inject(_flux1(), "all-linear", max_rank=8, extras=True).load(dict(sd))
+    model = _flux1()
+    txt_only = {k: t for k, t in sd.items() if "txt_attn" in k}
+    lorahot.inject(model, "all-linear", max_rank=8, extras=True).load(txt_only)
+    parts = [n for n in expected if n.split(".")[-1].startswith("add_")]
+    assert_same(weights(model, parts), {n: reference[n] for n in parts})
 
 
 @pytest.mark.parametrize("given", ["config=", "adapter_config.json", "metadata"])

@@ -109,3 +109,49 @@ def test_qwen_image_matches_diffusers(spelling: str, fmt: str, tmp_path: Path) -
     assert lorahot.read_adapter(path).format == fmt
     assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def _linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each Linear's ``[in + 1, out]`` response to the identity and to zero (weight and bias), float64."""
+    out = {}
+    for name, layer in model.named_modules():
+        base = getattr(layer, "base_layer", layer)
+        if isinstance(base, torch.nn.Linear) and not name.endswith("base_layer"):
+            eye = torch.eye(base.in_features + 1, dtype=torch.float64)[:, : base.in_features]
+            out[name] = layer(eye)
+    return out
+
+
+@pytest.mark.parametrize("spelling", ["comfyui", "kohya"])
+def test_a_comfyui_extracted_lora_with_bias_deltas_applies_them_as_comfyui(spelling: str) -> None:
+    """ComfyUI's LoRA extraction (its "Save LoRA" nodes, ``bias_diff`` on by default) writes a
+    ``.diff_b`` beside every ``lora_up``/``lora_down`` pair of a layer with a bias, and no
+    ``.alpha``; ComfyUI adds it to the bias at the LoRA's strength, unscaled by ``alpha / r``.
+    Unmerged (extras=True) and merged, every layer's weight and bias are the float64 ``W + B A``
+    and ``b + diff_b``. Outside the Wan naming these modules were refused unmerged, even with
+    extras=True ('loads only in merged mode'); without extras the refusal names extras=True and
+    changes nothing."""
+    with torch.no_grad():
+        model = tiny_qwen().double()
+        g = torch.Generator().manual_seed(7)
+        sd, reference = {}, {}
+        for i, (name, (fan_in, fan_out)) in enumerate(MODULES.items()):
+            key = "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
+            a = torch.randn(2 + i % 3, fan_in, generator=g, dtype=torch.float64) * 0.3
+            b = torch.randn(fan_out, 2 + i % 3, generator=g, dtype=torch.float64) * 0.3
+            bias = torch.randn(fan_out, generator=g, dtype=torch.float64) * 0.3
+            sd |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.diff_b": bias}
+            layer = model.get_submodule(name)
+            reference[name] = (layer.weight + b @ a, layer.bias + bias)
+        base = _linear_weights(model)
+        for mode in ({"extras": True}, {"merged": True}):
+            ours = tiny_qwen().double()
+            assert lorahot.inject(ours, "all-linear", max_rank=8, **mode).load(dict(sd)).format == spelling
+            got = _linear_weights(ours)
+            for name, (weight, bias) in reference.items():
+                expected = torch.cat([weight.T, torch.zeros(1, weight.shape[0], dtype=torch.float64)]) + bias
+                torch.testing.assert_close(got[name], expected, rtol=1e-12, atol=1e-12, msg=name)
+        plain = tiny_qwen().double()
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"extras=True"):
+            lorahot.inject(plain, "all-linear", max_rank=8).load(dict(sd))
+        assert all(torch.equal(v, base[k]) for k, v in _linear_weights(plain).items())
