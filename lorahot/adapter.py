@@ -14,14 +14,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoraModule", "WeightModule", "Adapter", "storage_problem", "WEIGHT_KINDS"]
+__all__ = ["LoraModule", "WeightModule", "Adapter", "storage_problem", "WEIGHT_KINDS", "ROTATION_KINDS"]
 
 #: The adapter kinds lorahot folds into the base weights (merged mode only), by what a module
 #: holds: LyCORIS LoHa (``hada_*``), LoKr (``lokr_*``), LoCon with a Tucker core
 #: (``lora_down``/``lora_mid``/``lora_up``), full diffs (``.diff``, ``.diff_b``) and a LoRA/LoCon
 #: whose weight decomposition normalizes each input channel (``lora_down``/``lora_up`` with a
-#: ``dora_scale`` ``[1, in, ...]``: LyCORIS' ``wd_on_out=False``).
-WEIGHT_KINDS = ("loha", "lokr", "locon-tucker", "diff", "locon")
+#: ``dora_scale`` ``[1, in, ...]``: LyCORIS' ``wd_on_out=False``), and the kinds that rotate the
+#: base weight (:data:`ROTATION_KINDS`).
+WEIGHT_KINDS = ("loha", "lokr", "locon-tucker", "diff", "locon", "oft", "boft", "kohya-oft")
+#: The kinds whose ``ΔW`` is ``rescale * R W0 - W0``, ``R`` an orthogonal rotation of the output
+#: channels built from ``oft_blocks`` (Cayley transform) and ``W0`` the pristine base weight:
+#: LyCORIS' diagonal OFT (``oft_blocks`` ``[n, b, b]``, optional ``rescale``), LyCORIS' BOFT
+#: (``oft_blocks`` ``[m, n, b, b]``, a butterfly of ``m`` stages) and kohya sd-scripts' own OFT
+#: network (``oft_unet_<m>.oft_blocks`` ``[n, b, b]``). Their ``.alpha`` is the norm constraint on
+#: the skew-symmetric blocks, not a scale (see :mod:`lorahot.runtime.deltas`).
+ROTATION_KINDS = ("oft", "boft", "kohya-oft")
 
 
 @dataclass(frozen=True)
@@ -93,8 +101,12 @@ class WeightModule:
             ``V * dora_scale / (||V|| + eps)``, ``V = W0 + scale * ΔW``, the norm per output
             channel (``dora_scale`` ``[out, 1, ...]``) or per input channel (``[1, in, ...]``),
             ``eps`` the machine epsilon of ``dora_scale``'s dtype, as LyCORIS computes it at
-            multiplier 1 (see :attr:`unit_scale`).
-        alpha: the ``.alpha`` tensor's value, or None (then alpha equals the rank).
+            multiplier 1 (see :attr:`unit_scale`). The rotation kinds (:data:`ROTATION_KINDS`)
+            hold ``oft_blocks`` and, for LyCORIS' diagonal OFT, an optional ``rescale``
+            ``[out, 1, *ones]``.
+        alpha: the ``.alpha`` tensor's value, or None (then alpha equals the rank). For the
+            rotation kinds, the norm constraint (0 or None: none; LyCORIS and sd-scripts bound
+            the blocks' skew part to ``alpha * out``).
         source_keys: the tensor keys in the source this module came from (for messages).
         rows: where the module is a part of a fused module (Flux's ``img_attn.qkv`` placed on
             ``to_q``), the rows of the fused module's ``ΔW`` it folds, in order (``[out]``
@@ -136,10 +148,19 @@ class WeightModule:
         return 1.0 if r == 0 or self.alpha is None or self.kind == "diff" else self.alpha / r
 
     @property
+    def rotates(self) -> bool:
+        """Its ``ΔW`` rotates the pristine base weight (:data:`ROTATION_KINDS`)."""
+        return self.kind in ROTATION_KINDS
+
+    @property
     def unit_scale(self) -> bool:
         """The module computes what its source means only at a user scale of 1 (as
-        :attr:`LoraModule.unit_scale`): it carries a ``dora_scale``."""
-        return "dora_scale" in self.factors
+        :attr:`LoraModule.unit_scale`): it carries a ``dora_scale``, or it is a LyCORIS OFT or
+        BOFT, whose weight at another strength LyCORIS (``I + s (R - I)`` per block or butterfly
+        stage) and ComfyUI (that rotation's ``ΔW`` times ``s`` once more) compute differently.
+        kohya's OFT is scaled by sd-scripts' own multiplier, ``I + s (R - I)`` per block, which
+        makes ``W0 + s (R W0 - W0)``; ComfyUI does not read its ``oft_unet_`` names."""
+        return "dora_scale" in self.factors or self.kind in ("oft", "boft")
 
     @property
     def nbytes(self) -> int:

@@ -6,14 +6,16 @@ rank. Module names are the model's names with every ``.`` turned into ``_``; the
 finds them by building the underscore form of each injected layer's name.
 
 LyCORIS's own network wrapper (``lycoris.create_lycoris`` on any model) saves the same
-spelling under the prefix ``lycoris_`` (``lycoris_0.lora_down.weight``, ``lycoris_blocks_0_attn_q.hada_w1_a``).
+spelling under the prefix ``lycoris_`` (``lycoris_0.lora_down.weight``, ``lycoris_blocks_0_attn_q.hada_w1_a``),
+and sd-scripts' own OFT network (``networks/oft.py``) under ``oft_unet_``
+(``oft_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.oft_blocks``, ``.alpha``).
 """
 
 from __future__ import annotations
 
 from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, Reorder, Rule, Split, lycoris_rules
 
-__all__ = ["FORMAT", "COMPONENTS", "RULES", "spelling"]
+__all__ = ["FORMAT", "COMPONENTS", "RULES", "KOHYA_OFT", "spelling"]
 
 #: kohya's component prefixes (``lora_te_`` is SD1's single text encoder).
 COMPONENTS = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
@@ -27,8 +29,11 @@ RULES = (
     Rule(rf"{MODULE}\.alpha", "alpha"),
 )
 
-#: kohya's module key, or LyCORIS's wrapper's (``lycoris_<module with _ for .>``)
-_MODULE = r"(?P<module>(?:lora_[a-z0-9]+|lycoris)_[^.]+)"
+#: kohya's module key, or LyCORIS's wrapper's (``lycoris_<module with _ for .>``), or sd-scripts'
+#: OFT network's (``oft_unet_<module with _ for .>``)
+_MODULE = r"(?P<module>(?:lora_[a-z0-9]+|lycoris|oft_unet)_[^.]+)"
+#: the prefix of sd-scripts' OFT network (its U-Net modules only)
+KOHYA_OFT = "oft_unet_"
 
 FORMAT = KeyFormat(
     name="kohya",
@@ -38,7 +43,7 @@ FORMAT = KeyFormat(
         Rule(rf"{_MODULE}\.alpha", "alpha"),
         *lycoris_rules(_MODULE),
     ),
-    prefixes=(*COMPONENTS, "lycoris_"),
+    prefixes=(*COMPONENTS, "lycoris_", KOHYA_OFT),
     require_prefix=True,
     separator="_",
     refuse=REFUSED_MERGEABLE,

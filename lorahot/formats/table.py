@@ -320,7 +320,7 @@ def skip_modules(parts: Parts, modules: Iterable[str], skipped: list[str]) -> No
 
 #: What a module's own keys end in, tried after a skipped key's stem to find the module it belongs
 #: to (each naming spells one of them).
-_PROBES = ("lora_down.weight", "lora_A.weight", "lora.down.weight", "hada_w1_a", "lokr_w1", "diff")
+_PROBES = ("lora_down.weight", "lora_A.weight", "lora.down.weight", "hada_w1_a", "lokr_w1", "diff", "oft_blocks")
 
 
 #: How many of a skipped key's last components :func:`_owner` tries as the part after its
@@ -404,6 +404,18 @@ REFUSED_BIAS = (
     "LoRA bias (PEFT lora_bias=True): loaded in PEFT and diffusers namings only (lora_B.bias); save the adapter "
     "with PEFT",
 )
+#: LyCORIS OFT and BOFT: loaded in the namings that read LyCORIS (:data:`REFUSED_MERGEABLE`).
+REFUSED_OFT = (
+    r"\.(oft_blocks|rescale)(\.weight)?$",
+    "LyCORIS OFT/BOFT weights: lorahot loads them (oft_blocks, rescale) in kohya or ComfyUI naming, into a model "
+    "injected with merged=True",
+)
+#: Other OFT spellings than LyCORIS' ``oft_blocks``: its pre-2.0 ``oft_diag`` and PEFT's ``oft_R``.
+REFUSED_OTHER_OFT = (
+    r"\.(oft_diag|oft_R)(\.weight)?$",
+    "OFT weights in another spelling than LyCORIS' oft_blocks (an older LyCORIS oft_diag, PEFT's oft_R): not "
+    "supported; re-save them with LyCORIS 2 or later, or use a LoRA, LoHa or LoKr adapter",
+)
 REFUSED: tuple[tuple[str, str], ...] = (
     REFUSED_DORA,
     REFUSED_BIAS,
@@ -412,10 +424,8 @@ REFUSED: tuple[tuple[str, str], ...] = (
         "LyCORIS (LoHa/LoKr/Tucker/diff) weights: lorahot loads them in kohya or ComfyUI naming, into a model "
         "injected with merged=True",
     ),
-    (
-        r"\.(oft_blocks|oft_diag|oft_R|rescale)(\.weight)?$",
-        "LyCORIS OFT/BOFT weights: not supported; use a LoRA, LoHa or LoKr adapter",
-    ),
+    REFUSED_OFT,
+    REFUSED_OTHER_OFT,
     (r"\.on_input$", "LyCORIS (IA)^3 weights (weight, on_input): not supported; use a LoRA, LoHa or LoKr adapter"),
     (
         r"\.(lambda_layer|q_layer\.weight|p_layer\.weight)$",
@@ -466,10 +476,13 @@ REFUSED_WHOLE: tuple[tuple[str, str], ...] = (
 )
 _WHOLE_REASONS = frozenset(why for _, why in REFUSED_WHOLE)
 
-#: :data:`REFUSED` less the LyCORIS kinds lorahot folds in merged mode and a LoRA/LoCon
-#: module's ``dora_scale`` (namings whose rules include :func:`lycoris_rules`).
+#: :data:`REFUSED` less the LyCORIS kinds lorahot folds in merged mode (OFT and BOFT as LyCORIS
+#: spells them) and a LoRA/LoCon module's ``dora_scale`` (namings whose rules include
+#: :func:`lycoris_rules`).
 REFUSED_MERGEABLE = tuple(
-    REFUSED_MAGNITUDE if r is REFUSED_DORA else r for r in REFUSED if not r[1].startswith("LyCORIS (LoHa")
+    REFUSED_MAGNITUDE if r is REFUSED_DORA else r
+    for r in REFUSED
+    if not r[1].startswith("LyCORIS (LoHa") and r is not REFUSED_OFT
 )
 
 #: LyCORIS tensor names: each is its own role (see :class:`lorahot.adapter.WeightModule`).
@@ -490,6 +503,8 @@ LYCORIS_FACTORS = (
     "lokr_t2",
     "diff",
     "diff_b",
+    "oft_blocks",
+    "rescale",
 )
 
 

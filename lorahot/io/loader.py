@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
+from lorahot.adapter import ROTATION_KINDS, Adapter, LoraModule, WeightModule, storage_problem
 from lorahot.errors import (
     AdapterMismatchError,
     AdapterReadError,
@@ -38,6 +38,7 @@ from lorahot.errors import (
 )
 from lorahot.formats import FORMATS, KeyFormat, detect, format_named, group_keys
 from lorahot.formats.diffusers import METADATA_KEY
+from lorahot.formats.kohya import KOHYA_OFT
 from lorahot.formats.table import Parts, skip_modules
 from lorahot.io.config import CONFIG_NAME, AdapterConfig, finite
 from lorahot.io.patterns import budget_problem
@@ -996,6 +997,10 @@ _KIND_NEEDS: dict[str, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
     "locon-tucker": ((("A",), ("B",), ("lora_mid",)), ("alpha", "dora_scale")),
     "locon": ((("A",), ("B",), ("dora_scale",)), ("alpha",)),
     "diff": ((("diff", "diff_b"),), ("diff", "diff_b", "alpha", "A", "B")),
+    "oft": ((("oft_blocks",),), ("rescale", "alpha")),
+    "boft": ((("oft_blocks",),), ("rescale", "alpha")),
+    # sd-scripts reads the constraint from the file's .alpha and has no rescale
+    "kohya-oft": ((("oft_blocks",), ("alpha",)), ()),
 }
 
 
@@ -1011,8 +1016,14 @@ _PAIRS = (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b"), ("hada_t1", "h
 _FACTOR = {"A": "lora_down", "B": "lora_up"}
 
 
-def _kind(roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:
-    """The weight kind a module's roles make, or None for plain LoRA."""
+def _kind(module: str, roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:
+    """The weight kind a module's roles make, or None for plain LoRA. ``oft_blocks`` are
+    sd-scripts' OFT under its ``oft_unet_`` prefix, else LyCORIS' (BOFT where they are 4-D, one
+    set of blocks per butterfly stage)."""
+    if "oft_blocks" in roles:
+        if module.startswith(KOHYA_OFT):
+            return "kohya-oft"
+        return "boft" if roles["oft_blocks"][1].ndim == 4 else "oft"
     if any(r.startswith("hada_") for r in roles):
         return "loha"
     if any(r.startswith("lokr_") for r in roles):
@@ -1054,9 +1065,9 @@ def _weight_modules(
     for roles in parts.values():  # a LoRA bias (wan's .diff_b) beside a diff or without LoRA weights: a diff's bias
         if "diff_bias" in roles and ("diff" in roles or ("A" not in roles and "B" not in roles)):
             roles["diff_b"] = roles.pop("diff_bias")
-    for module in [m for m, roles in parts.items() if _kind(roles)]:
+    for module in [m for m, roles in parts.items() if _kind(m, roles)]:
         roles = parts[module]
-        kind = _kind(roles) or ""
+        kind = _kind(module, roles) or ""
         need, may = _KIND_NEEDS[kind]
         missing = [" or ".join(alts) for alts in need if not any(a in roles for a in alts)]
         allowed = {a for alts in need for a in alts} | set(may)
@@ -1082,19 +1093,21 @@ def _weight_modules(
         if clash is not None:
             problems.append(f"{module} ({', '.join(k for k, _ in roles.values())}): {clash}")
             continue
-        alpha = None if shapes_only else _alpha(roles.get("alpha"), unreadable)
+        rotates = kind in ROTATION_KINDS  # its .alpha is a norm constraint: 0 means none
+        alpha = None if shapes_only else _alpha(roles.get("alpha"), unreadable, constraint=rotates)
         out[module] = WeightModule(module, kind, factors, alpha, tuple(k for k, _ in roles.values()))
     if unreadable:
         raise AdapterReadError(
             format_problems(f"{source}: values that cannot be LoRA weights:", unreadable)
-            + "\nFix or delete the bad .alpha entries (without one, alpha equals the rank)."
+            + "\nFix or delete the bad .alpha entries (without one, alpha equals the rank; an OFT's has no constraint)."
         )
     if problems:
         raise UnknownFormatError(
             format_problems(f"{source}: LyCORIS or diff modules lorahot cannot build:", problems)
             + "\nRe-save the adapter with every factor of each module (LoHa: hada_w1_a/b and hada_w2_a/b; LoKr: "
             "lokr_w1 or lokr_w1_a/b, and lokr_w2 or lokr_w2_a/b; a diff's LoRA: lora_down and lora_up of one rank, "
-            "whose product has the diff's shape)."
+            "whose product has the diff's shape; an OFT/BOFT: oft_blocks, with rescale for LyCORIS' only; sd-scripts' "
+            "OFT: oft_blocks and its .alpha)."
         )
     return out
 
@@ -1188,8 +1201,9 @@ def _unreadable(
     return bool(bad)
 
 
-def _alpha(entry: tuple[str, torch.Tensor] | None, problems: list[str]) -> float | None:
-    """The value of a ``.alpha`` tensor: one finite real number > 0 (else a problem, and None)."""
+def _alpha(entry: tuple[str, torch.Tensor] | None, problems: list[str], constraint: bool = False) -> float | None:
+    """The value of a ``.alpha`` tensor: one finite real number > 0 (else a problem, and None);
+    with ``constraint`` (an OFT's norm constraint, where 0 means none) one >= 0."""
     if entry is None:
         return None
     key, t = entry
@@ -1197,6 +1211,15 @@ def _alpha(entry: tuple[str, torch.Tensor] | None, problems: list[str]) -> float
     if why is None and (t.dtype.is_complex or t.dtype == torch.bool):
         why = f"dtype {t.dtype}"
     value = float(t.reshape(-1)[0]) if why is None and t.numel() == 1 else math.nan
+    if constraint and why is None and math.isfinite(value) and value >= 0:
+        return value
+    if constraint:
+        got = why or f"shape {tuple(t.shape)} value {t.reshape(-1)[:3].tolist()}"
+        problems.append(
+            f"{key}: an OFT's alpha (the norm constraint on its blocks, 0 for none) must be one finite number >= 0, "
+            f"got {got}"
+        )
+        return None
     if why is not None or not (math.isfinite(value) and value > 0):
         got = why or f"shape {tuple(t.shape)} value {t.reshape(-1)[:3].tolist()}"
         zero = (

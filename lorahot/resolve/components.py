@@ -46,6 +46,7 @@ ROUTES: tuple[tuple[str, str | None], ...] = tuple(
             "prior.": "prior",
             "lora_unet_": None,
             "lycoris_": None,
+            "oft_unet_": None,  # sd-scripts' OFT network
             "lora_transformer_": "transformer",
             "lora_te_": "text_encoder",
             "lora_te1_": "text_encoder",

@@ -150,6 +150,11 @@ def weight_kind(module: WeightModule) -> str:
             f"LoRA/LoCon module whose dora_scale {shape} normalizes each input channel over every output row of its "
             "layer (LyCORIS wd_on_out=False), which no part of the rows computes alone"
         )
+    if module.rotates:
+        return (
+            f"{module.kind} module, a rotation of its layer's output rows built from that layer's whole weight, "
+            "which no part of the rows holds"
+        )
     decomposed = " with weight decomposition (dora_scale)" if module.unit_scale else ""
     return f"{module.kind} module{decomposed}, a weight delta"
 
@@ -386,7 +391,7 @@ def _whole_matrix(kind: str, d: dict[str, tuple[int, ...]]) -> tuple[int, int] |
 
 def _weight_unsplittable(module: WeightModule, shape: tuple[int, int] | None, sizes: list[int]) -> str | None:
     """Why ``module``'s ``ΔW`` (of ``shape``) cannot be cut into rows of ``sizes``, or None."""
-    if module.kind == "locon":
+    if module.kind == "locon" or module.rotates:
         return f"it is a {weight_kind(module)}, which cannot be cut by rows"
     if shape is None:
         shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.factors.items())

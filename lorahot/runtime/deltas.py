@@ -18,6 +18,17 @@ the torch layout ``[out, in, *kernel]`` without its scale (see
   layer), ``diff + alpha / r * lora_up @ lora_down``: the diff unscaled, the LoRA at its own
   ``alpha / r`` (alpha = r without one), as ComfyUI applies the two.
 
+- OFT, BOFT and kohya's OFT (:data:`~lorahot.adapter.ROTATION_KINDS`): ``rescale * R W0 - W0``,
+  built from the pristine base weight ``W0`` (``base``), ``R`` orthogonal on the output
+  channels, each ``b x b`` block the Cayley transform ``(I + Q)(I - Q)^-1`` of the skew part
+  ``Q = B - B^T`` of its ``oft_blocks`` entry ``B``. Diagonal OFT (LyCORIS' and sd-scripts')
+  applies block ``k``'s transpose to rows ``[k b, (k + 1) b)``; BOFT applies ``m`` stages, stage
+  ``i`` permuting the rows so that each block mixes rows ``2^i b / 2`` apart, as LyCORIS'
+  ``functional.boft`` does. The ``.alpha`` bounds ``||Q||`` (over every block at once) to
+  ``alpha * out``: LyCORIS scales ``Q`` by ``c / (||Q|| + 1e-8)`` where ``||Q|| + 1e-8 > c > 0``,
+  sd-scripts always by ``(min(||Q||, c) + 1e-8) / (||Q|| + 1e-8)`` (so an alpha of 0 leaves
+  ``R`` the identity up to 1e-8). ``rescale`` ``[out, 1, *ones]`` scales each output row.
+
 A ``dora_scale`` is no factor of ``ΔW``: :mod:`lorahot.runtime.merge` applies it to the folded
 weight (:func:`decompose`).
 
@@ -27,26 +38,40 @@ Built on meta tensors they give the shape without any arithmetic (the plan's sha
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from lorahot.adapter import WeightModule
 
-__all__ = ["build_delta", "delta_shape", "delta_bound", "decompose", "lora_update_max"]
+__all__ = ["build_delta", "delta_shape", "delta_bound", "decompose", "lora_update_max", "rotation_problem"]
 
 #: factors that are not part of ``ΔW``: a diff's bias, the magnitude of weight decomposition
 _NOT_DELTA = ("diff_b", "dora_scale")
 
 
-def build_delta(module: WeightModule, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def build_delta(
+    module: WeightModule,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``ΔW`` of ``module`` (unscaled), in ``dtype`` on ``device``, reshaped to ``shape``.
 
     Args:
         shape: the base weight's torch-layout shape ``[out, in, *kernel]``.
+        base: the pristine base weight in that layout, which a rotation kind rotates (required
+            for those, unused otherwise).
 
     Raises:
         RuntimeError: the factors do not multiply to ``shape`` (the plan checks this first).
     """
+    if module.rotates:
+        if base is None or module.rows is not None:  # the plan refuses a rotation on a fused part
+            raise RuntimeError(f"{module.key}: a {module.kind} delta is built from its whole layer's base weight")
+        w0 = base.to(device, dtype).reshape(shape)
+        return _rotated(module, w0, dtype, device) - w0
     if module.rows is not None:  # a part of a fused module: its rows of the whole ΔW
         whole = build_delta(_whole(module), (module.whole_rows, *shape[1:]), dtype, device)
         return whole[module.rows.to(device)]
@@ -62,6 +87,8 @@ def delta_shape(module: WeightModule, shape: tuple[int, ...]) -> tuple[int, ...]
     """The shape ``ΔW`` has before any reshape (built on meta tensors), or None if the factors
     do not even multiply; equal numel to ``shape`` means it fits. For a part of a fused module
     (:attr:`~lorahot.adapter.WeightModule.rows`), the whole ``ΔW``'s shape with the part's rows."""
+    if module.rotates:  # rotation_problem says what does not fit
+        return shape if rotation_problem(module, shape) is None else None
     if module.rows is not None:
         got = delta_shape(_whole(module), (module.whole_rows, *shape[1:]))
         if got is None or len(got) < 2 or got[0] != module.whole_rows:
@@ -82,12 +109,18 @@ def delta_shape(module: WeightModule, shape: tuple[int, ...]) -> tuple[int, ...]
         return None
 
 
-def delta_bound(module: WeightModule) -> float:
+def delta_bound(module: WeightModule, base_max: float = math.inf) -> float:
     """A bound on every entry of the unscaled ``ΔW`` (and of ``diff_b``) from the factors'
     largest values: one reduction per factor, no product built. A product of an ``[a, r]``
     and an ``[r, b]`` matrix is at most ``r * max * max``; a Tucker half ``r1 * r2`` times the
-    three maxima; LoHa multiplies its halves entrywise, LoKr's kron multiplies entries."""
+    three maxima; LoHa multiplies its halves entrywise, LoKr's kron multiplies entries. A
+    rotation kind's ``rescale * R W0 - W0`` takes ``base_max``, the largest ``|W0|``: an entry
+    of ``R W0`` is a dot product of a row of the orthogonal ``R`` (norm 1) with at most
+    ``out`` entries of a column of ``W0``, so at most ``sqrt(out) * base_max``."""
     top = {k: float(t.abs().max()) if t.numel() else 0.0 for k, t in module.factors.items() if k != "dora_scale"}
+    if module.rotates:
+        out = int(module.factors["rescale"].shape[0]) if "rescale" in module.factors else _rotated_rows(module)
+        return (top.get("rescale", 1.0) * math.sqrt(out) + 1.0) * base_max
     rank = {k: int(t.shape[0]) if t.ndim else 1 for k, t in module.factors.items()}
     f = module.factors
 
@@ -210,6 +243,87 @@ def _locon(f: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
 
 
 _BUILD = {"loha": _loha, "lokr": _lokr, "locon-tucker": _locon_tucker, "locon": _locon}
+
+
+def _rotated_rows(module: WeightModule) -> int:
+    """The output rows a rotation kind's blocks cover: ``n * b`` of ``[(m,) n, b, b]``."""
+    blocks = module.factors["oft_blocks"]
+    return int(blocks.shape[-3]) * int(blocks.shape[-1]) if blocks.ndim >= 3 else 0
+
+
+def rotation_problem(module: WeightModule, shape: tuple[int, ...]) -> str | None:
+    """Why a rotation kind's factors cannot rotate a weight of torch-layout ``shape``, or None:
+    ``oft_blocks`` must be square blocks, ``[n, b, b]`` (``[m, n, b, b]`` for BOFT, ``b`` even
+    and ``n`` a multiple of ``2^(m-1)``: stage ``i`` pairs rows ``2^i b / 2`` apart) with
+    ``n * b`` the layer's output rows; a ``rescale`` one value per output row, ``[out, 1, *ones]``."""
+    blocks, out = module.factors["oft_blocks"], shape[0]
+    dims = tuple(int(d) for d in blocks.shape)
+    want = 4 if module.kind == "boft" else 3
+    if len(dims) != want or dims[-1] != dims[-2]:
+        form = "[stages, blocks, size, size]" if want == 4 else "[blocks, size, size]"
+        return f"oft_blocks has shape {dims}, where {module.kind} holds square blocks, {form}"
+    n, b = dims[-3], dims[-1]
+    if n * b != out or b == 0:
+        return (
+            f"oft_blocks has shape {dims}: {n} blocks of {b} rows rotate {n * b} output rows, but the layer has {out} "
+            f"(the block count must divide {out} and the blocks cover every row)"
+        )
+    if module.kind == "boft":
+        m = dims[0]
+        if b % 2 or m == 0 or n % (1 << (m - 1)):
+            return (
+                f"oft_blocks has shape {dims}: a butterfly of {m} stages needs an even block size and a block count "
+                f"that is a multiple of 2^(stages - 1) = {1 << max(m - 1, 0)}"
+            )
+    rescale = module.factors.get("rescale")
+    per_row = (out, *(1,) * (len(shape) - 1))
+    if rescale is not None and tuple(rescale.shape) != per_row:
+        return f"rescale has shape {tuple(rescale.shape)}, expected {per_row} (one factor per output row)"
+    return None
+
+
+def _cayley(blocks: torch.Tensor, module: WeightModule, out: int) -> torch.Tensor:
+    """Each block's rotation ``(I + Q)(I - Q)^-1`` (``[..., b, b]``) from ``Q = B - B^T`` under
+    the module's norm constraint (see the module docstring); ``I - Q`` is invertible for every
+    real skew-symmetric ``Q``."""
+    q = blocks - blocks.transpose(-1, -2)
+    norm = torch.linalg.vector_norm(q)
+    limit = (module.alpha or 0.0) * out
+    if module.kind == "kohya-oft":
+        q = q * ((torch.clamp(norm, max=limit) + 1e-8) / (norm + 1e-8))
+    elif limit > 0:
+        q = torch.where(norm + 1e-8 > limit, q * (limit / (norm + 1e-8)), q)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    r: torch.Tensor = torch.linalg.solve(eye - q, eye + q)  # (I - Q)^-1 (I + Q), which equals (I + Q)(I - Q)^-1
+    return r
+
+
+def _rotated(module: WeightModule, w0: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``rescale * R W0`` for ``w0`` ``[out, in, *kernel]``."""
+    out = int(w0.shape[0])
+    blocks = module.factors["oft_blocks"].to(device, dtype)
+    r = _cayley(blocks, module, out)  # [(m,) n, b, b]
+    flat = w0.reshape(out, -1)  # [out, in * prod(kernel)]
+    if module.kind == "boft":
+        for i, stage in enumerate(r):  # stage: [n, b, b]
+            flat = _butterfly_stage(flat, stage, (1 << i) * (stage.shape[-1] // 2))
+    else:  # block k's transpose on rows [k b, (k + 1) b), as LyCORIS and sd-scripts apply it
+        n, b = int(r.shape[0]), int(r.shape[-1])
+        flat = torch.einsum("knm,knc->kmc", r, flat.reshape(n, b, -1)).reshape(out, -1)
+    rotated = flat.reshape(w0.shape)
+    rescale = module.factors.get("rescale")
+    return rotated if rescale is None else rescale.to(device, dtype) * rotated
+
+
+def _butterfly_stage(flat: torch.Tensor, r: torch.Tensor, k: int) -> torch.Tensor:
+    """One BOFT stage on ``flat`` ``[out, c]``: rows grouped as ``[groups, 2, k]`` and read as
+    ``[groups, k, 2]`` (each pair ``k`` rows apart side by side), cut into ``n`` blocks of ``b``
+    rows that ``r`` ``[n, b, b]`` multiplies, then put back in place."""
+    out, c = flat.shape
+    n, b = int(r.shape[0]), int(r.shape[-1])
+    paired = flat.reshape(-1, 2, k, c).transpose(1, 2).reshape(n, b, c)
+    mixed = torch.bmm(r, paired)  # [n, b, c]
+    return mixed.reshape(-1, k, 2, c).transpose(1, 2).reshape(out, c)
 
 
 def decompose(weight: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:

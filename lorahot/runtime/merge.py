@@ -352,6 +352,17 @@ def _decomposed(layer: LoRALayer, weight: torch.Tensor, module: WeightModule) ->
     return layer.weight_delta(decompose(torch_layout, module.factors["dora_scale"]))
 
 
+def _rotation_base(layer: LoRALayer, module: WeightModule) -> torch.Tensor | None:
+    """The pristine base weight in the torch layout ``[out, in, *kernel]`` (a Conv1D's
+    ``[in, out]`` transposed) where ``module`` rotates it (OFT, BOFT), else None: every rewrite
+    rotates the weights copied at inject, never what an earlier swap wrote."""
+    pristine = layer.pristine_weight
+    if not module.rotates or pristine is None:
+        return None
+    shape = (layer.spec.out_dim, *layer.spec.a_row_shape)
+    return pristine.t() if layer.channel_dim() == 1 else pristine.reshape(shape)
+
+
 class _Rewrite(NamedTuple):
     """What :meth:`Merger.apply` writes into one layer (see :meth:`Merger._plan`)."""
 
@@ -498,7 +509,11 @@ class Merger:
             start = max(start, float(b0.abs().max()))  # a diff_b adds to the bias
         bound = start
         for p, m in items:
-            size = stack.parts[p].delta_bound.get(name, math.inf) if isinstance(m, LoraModule) else delta_bound(m)
+            size = (
+                stack.parts[p].delta_bound.get(name, math.inf)
+                if isinstance(m, LoraModule)
+                else delta_bound(m, self._pristine_max[name])
+            )
             bound += abs(weights[p] * m.scale) * size
         biases = [(m.bias, weights[p] * m.scale) for p, m in items if isinstance(m, LoraModule) and m.bias is not None]
         if biases:  # a LoRA bias folds into the bias: b0 + sum s * c
@@ -507,7 +522,9 @@ class Merger:
         # the buffers hold A and B rounded to their dtype: a product of rounded factors can
         # exceed the file's by a few of its ulps, which the margin covers. DoRA rescales each
         # output channel to its magnitude (any size): no bound, the merged weight itself
-        dora = any(m.magnitude is not None if isinstance(m, LoraModule) else m.unit_scale for _, m in items)
+        dora = any(
+            m.magnitude is not None if isinstance(m, LoraModule) else "dora_scale" in m.factors for _, m in items
+        )
         rounded = self._buffer_dtype(name)
         if not dora and bound * (1.0 + 8.0 * torch.finfo(rounded).eps) < top:
             return False
@@ -549,9 +566,9 @@ class Merger:
                         bias = (b0.to(dtype) if bias is None else bias) + (c if f is None else f * c)
                     continue
                 shape = (layer.spec.out_dim, *layer.spec.a_row_shape)  # torch layout [out, in, *kernel]
-                delta = layer.weight_delta(build_delta(m, shape, dtype, device))
+                delta = layer.weight_delta(build_delta(m, shape, dtype, device, _rotation_base(layer, m)))
                 weight = weight + s * delta.reshape(weight.shape)
-                if m.unit_scale:  # LyCORIS' weight decomposition (alone on its layer)
+                if "dora_scale" in m.factors:  # LyCORIS' weight decomposition (alone on its layer)
                     weight = _decomposed(layer, weight, m).reshape(weight.shape)
                 db, b0 = m.factors.get("diff_b"), layer.pristine_bias
                 if db is not None and b0 is not None:
@@ -683,8 +700,9 @@ class Merger:
                 folded = weight.to(dtype)  # what apply wrote
                 folded_bias = None
                 for module, s in items:
-                    folded = folded + s * layer.weight_delta(build_delta(module, shape, dtype, weight.device))
-                    if module.unit_scale:  # LyCORIS' weight decomposition (alone on its layer)
+                    delta = build_delta(module, shape, dtype, weight.device, _rotation_base(layer, module))
+                    folded = folded + s * layer.weight_delta(delta)
+                    if "dora_scale" in module.factors:  # LyCORIS' weight decomposition (alone on its layer)
                         folded = _decomposed(layer, folded, module)
                     db = module.factors.get("diff_b")
                     if db is not None and bias is not None:

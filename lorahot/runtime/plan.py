@@ -27,7 +27,7 @@ from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, FLOAT_DTYPES, LayerSpec, un
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
-from lorahot.runtime.deltas import delta_shape, lora_update_max
+from lorahot.runtime.deltas import delta_shape, lora_update_max, rotation_problem
 from lorahot.runtime.flux_inputs import pad_embedder_input
 from lorahot.runtime.sharding import localize
 
@@ -368,6 +368,9 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
             "(convert the adapter to plain LoRA, or leave this module out)"
         ]
     shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.factors.items())
+    if module.rotates:
+        rotation = rotation_problem(module, (spec.out_dim, *spec.a_row_shape))
+        return [] if rotation is None else [f"{where}: its {module.kind} factors ({shapes}) do not fit: {rotation}"]
     contradiction = _contradiction(module)
     if contradiction is not None:
         return [f"{where}: its {module.kind} factors ({shapes}) contradict each other: {contradiction}"]
@@ -577,6 +580,15 @@ def check_unit_scale(plan: LoadPlan, multiplier: float, part: str | None = None)
         modules: list[tuple[str, LoraModule | WeightModule]] = [*plan.targets.items(), *plan.weights.items()]
         found = next((n, m) for n, m in modules if n == name and m.unit_scale)
         where = f"{part}: " if part else ""
+        module = found[1]
+        if isinstance(module, WeightModule) and module.rotates and "dora_scale" not in module.factors:
+            raise UsageError(
+                f"{where}scale={multiplier:g}, but {_where(*found)} is a LyCORIS {module.kind} module, which lorahot "
+                "loads at scale 1 only: at another strength the reference libraries disagree on its weight (LyCORIS "
+                "rotates by I + s * (R - I), per block or per butterfly stage; ComfyUI takes that rotation's change "
+                "of the weight times s once more). Load it at scale 1, or merge it into the model at the strength "
+                "you want with your tool (LyCORIS, ComfyUI) and load the merged model."
+            )
         raise UsageError(
             f"{where}scale={multiplier:g}, but {_where(*found)} is a module trained with LyCORIS weight decomposition "
             "(dora_scale), which lorahot loads at scale 1 only: at another strength the reference libraries disagree "

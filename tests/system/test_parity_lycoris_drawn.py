@@ -1,11 +1,12 @@
 """Drawn LyCORIS networks against lycoris-lora as the oracle.
 
-Hypothesis draws an algorithm (LoRA/LoCon, LoHa, LoKr, full, DyLoRA, and the kinds lorahot
-refuses: (IA)^3, GLoRA, diagonal OFT, BOFT, T-LoRA), its options (ranks and alphas, ``factor``,
+Hypothesis draws an algorithm (LoRA/LoCon, LoHa, LoKr, full, DyLoRA, diagonal OFT, BOFT, and the
+kinds lorahot refuses: (IA)^3, GLoRA, T-LoRA), its options (ranks and alphas, ``factor``,
 ``decompose_both``, ``use_tucker``, ``use_scalar``, weight decomposition on the output or the
 input channels, dropouts, ``bypass_mode``, ``full_matrix``, ``unbalanced_factorization``,
-``rs_lora``), one layer (a Linear with or without bias, a Conv1d or Conv2d with a kernel of 1
-or 3, a stride, padding and dilation) and its sizes. The network is built with LyCORIS' own
+``rs_lora``; OFT's and BOFT's ``constraint`` and ``rescaled``), one layer (a Linear with or
+without bias, a Conv1d or Conv2d with a kernel of 1 or 3, a stride, padding and dilation) and its
+sizes. The network is built with LyCORIS' own
 ``LycorisNetwork`` over the layer, every parameter is randomized (not LyCORIS' zero init),
 and ``save_weights`` writes the file, under LyCORIS' own ``lycoris_`` names, kohya's
 ``lora_unet_`` or ComfyUI's ``diffusion_model.``. lorahot loads it merged and unmerged: each
@@ -22,7 +23,11 @@ with both halves whole under ``rs_lora`` trains at ``sqrt(r)`` (its file holds n
 LyCORIS' loader and ComfyUI apply it at 1), and ``bypass_mode`` drops the conv's dilation and
 the weight decomposition whose ``dora_scale`` the file carries (the rebuild forward, which
 merging computes, keeps both). LyCORIS' ``merge_to`` of a LoHa or LoKr applies ``alpha / r``
-twice (its forward once), so it is no oracle there.
+twice (its forward once), so it is no oracle there. LyCORIS computes an OFT's or BOFT's
+rotation in float32 whatever its dtype (``.float().inverse()``, which its float64 forward cannot
+multiply with), so their oracle is its forward on a float32 copy, within 1e-5 of the largest
+output; a multiplier other than 1 is refused for them (LyCORIS and ComfyUI scale them
+differently).
 """
 
 from __future__ import annotations
@@ -48,13 +53,13 @@ lycoris = pytest.importorskip("lycoris")
 from lycoris import LycorisNetwork  # noqa: E402 - after the importorskip
 
 #: the kinds lorahot loads (LoRA/LoCon and DyLoRA as plain LoRA, the others in merged mode)
-LOADED = ("lora", "loha", "lokr", "full", "dylora")
+LOADED = ("lora", "loha", "lokr", "full", "dylora", "diag-oft", "boft")
+#: the kinds that rotate the base weight: merged mode at scale 1 only, LyCORIS' forward in float32
+ROTATIONS = ("diag-oft", "boft")
 #: the kinds lorahot refuses, and the words its refusal names them by
 REFUSED = {
     "ia3": r"\(IA\)\^3",
     "glora": r"GLoRA",
-    "diag-oft": r"OFT/BOFT",
-    "boft": r"OFT/BOFT",
     "tlora": r"T-LoRA",
 }
 #: LycorisNetwork's class-level preset, put back after each network (apply_preset sets them)
@@ -275,6 +280,9 @@ def _check(case: Case) -> None:
         if case.algo in REFUSED:
             _check_refused(case, base, path, x, base_out)
             return
+        if case.algo in ROTATIONS:
+            _check_rotation(case, network, oracle_model, base, path, x, base_out)
+            return
         want = _oracle(case, network, oracle_model, x)
         tol = 1e-9 * max(1.0, float(want.abs().max()))
         for merged in (True, False):
@@ -310,6 +318,45 @@ def _check_merged_weight(case: Case, network: LycorisNetwork, base: nn.Module, m
         torch.testing.assert_close(model[0].weight, w0 + delta.reshape(w0.shape), rtol=0, atol=1e-12)
         if delta_b is not None:
             torch.testing.assert_close(model[0].bias, base[0].bias + delta_b, rtol=0, atol=1e-12)
+
+
+def _check_rotation(
+    case: Case,
+    network: LycorisNetwork,
+    oracle_model: nn.Module,
+    base: nn.Module,
+    path: Path,
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+) -> None:
+    """An OFT or BOFT: merged at scale 1 as LyCORIS' float32 forward computes, refused at
+    another scale and unmerged, nothing changed."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # LyCORIS' rotation is a float32 computation
+    try:
+        network.float()
+        with torch.no_grad():
+            want = oracle_model.float()(x.float()).double()
+    finally:
+        torch.set_default_dtype(before)
+    tol = 1e-5 * max(1.0, float(want.abs().max()))
+    for merged in (True, False):
+        model = copy.deepcopy(base)
+        runtime = lorahot.inject(model, ["0"], max_rank=32, merged=merged, extras=not merged)
+        if not merged:
+            with pytest.raises(lorahot.AdapterMismatchError, match=r"loads only in merged mode[\s\S]*merged=True"):
+                runtime.load(path)
+        elif case.multiplier != 1:
+            with pytest.raises(lorahot.UsageError, match=r"LyCORIS (oft|boft) module[\s\S]*Load it at scale 1"):
+                runtime.load(path, scale=case.multiplier)
+        else:
+            runtime.load(path)
+            with torch.no_grad():
+                diff = float((model(x) - want).abs().max())
+            assert diff <= tol, f"{case}: merged max abs diff {diff:.3g}"
+            continue
+        with torch.no_grad():
+            assert torch.equal(model(x), base_out)
 
 
 def _check_refused(case: Case, base: nn.Module, path: Path, x: torch.Tensor, base_out: torch.Tensor) -> None:

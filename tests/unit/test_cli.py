@@ -622,7 +622,7 @@ def test_a_module_without_an_alpha_shows_none_not_zero(tmp_path: Path, capsys: p
 
 
 PARTIAL = {
-    "oft": {"lora_unet_b_proj_out.oft_blocks": torch.randn(2, 4, 4)},
+    "t-lora": {"lora_unet_b_proj_out.lambda_layer": torch.randn(1, 4)},
     "diff-m": {"lora_unet_b_proj_out.diff_m": torch.randn(6, 16)},
 }
 

@@ -65,14 +65,15 @@ def test_locon_conv_kernel_in_down_and_1x1_up() -> None:
             r"lora_unet_attn_to_q \(.*hada_w1_a.*\): lacks hada_w1_b, hada_w2_a, hada_w2_b",
         ),
         (
-            {"lora_unet_attn_to_q.oft_blocks": torch.ones(8, 2)},
+            {"lora_unet_attn_to_q.oft_diag": torch.ones(8, 2)},
             lorahot.UnknownFormatError,
-            r"oft_blocks: LyCORIS OFT/BOFT weights: not supported",
+            r"oft_diag: OFT weights in another spelling than LyCORIS' oft_blocks",
         ),
         (
-            {"lora_unet_attn_to_k.oft_blocks": torch.ones(4, 2, 2), "lora_unet_attn_to_k.rescale": torch.ones(8, 1)},
+            {"attn.to_k.oft_blocks": torch.ones(4, 2, 2), "attn.to_k.rescale": torch.ones(8, 1)},
             lorahot.UnknownFormatError,
-            r"oft_blocks: LyCORIS OFT/BOFT weights[\s\S]*rescale: LyCORIS OFT/BOFT weights",
+            r"oft_blocks: LyCORIS OFT/BOFT weights: lorahot loads them[\s\S]*rescale: LyCORIS OFT/BOFT weights[\s\S]*"
+            r"kohya or ComfyUI naming",
         ),
         (
             {"lora_unet_attn_to_k.weight": torch.ones(8), "lora_unet_attn_to_k.on_input": torch.tensor(0)},

@@ -1,6 +1,6 @@
 """``strict=False``: keys that cannot be placed are skipped and listed; the default refuses them.
 
-The file is an SDXL-like kohya LoRA that carries both text encoders' keys, a LyCORIS OFT block
+The file is an SDXL-like kohya LoRA that carries both text encoders' keys, a LyCORIS T-LoRA key
 and a foreign key; the model has only its "unet" injected. The oracle is a dense float64
 reference of the placed modules only (``W x + b + s * B A x``).
 """
@@ -22,7 +22,7 @@ from tests.helpers import lora_pair
 
 UNET = ["lora_unet_attn_to_q", "lora_unet_attn_to_k"]
 TE = ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_text_model_encoder_layers_0_mlp_fc1"]
-FOREIGN = ["lora_unet_attn_to_v.oft_blocks", "some_other_tool.weight_scale"]
+FOREIGN = ["lora_unet_attn_to_v.lambda_layer", "some_other_tool.weight_scale"]
 
 
 def _model() -> nn.Module:
@@ -59,9 +59,9 @@ def test_strict_default_refuses_and_lists_the_keys() -> None:
     model = _model()
     runtime = lorahot.inject(model, ["to_q", "to_k", "to_v"], max_rank=4)
     tensors = _file()
-    with pytest.raises(lorahot.UnknownFormatError, match=r"oft_blocks[\s\S]*some_other_tool\.weight_scale"):
+    with pytest.raises(lorahot.UnknownFormatError, match=r"lambda_layer[\s\S]*some_other_tool\.weight_scale"):
         runtime.load(tensors)
-    del tensors["lora_unet_attn_to_v.oft_blocks"], tensors["some_other_tool.weight_scale"]
+    del tensors["lora_unet_attn_to_v.lambda_layer"], tensors["some_other_tool.weight_scale"]
     with pytest.raises(
         lorahot.AdapterMismatchError, match=rf"{TE[0]}: matches no injected layer[\s\S]*{TE[1]}: matches no"
     ):
@@ -184,7 +184,7 @@ def test_inspect_no_strict_lists_skipped_keys(tmp_path: Path, capsys: pytest.Cap
     path = _saved(tmp_path, _file())
     with pytest.raises(SystemExit, match="2"):
         main(["inspect", str(path)])
-    assert "oft_blocks" in capsys.readouterr().err
+    assert "lambda_layer" in capsys.readouterr().err
     assert main(["inspect", str(path), "--no-strict", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert set(shown["skipped"]) == set(FOREIGN) and shown["modules"] == 4
