@@ -49,7 +49,8 @@ class Pipeline:
     replaced or removed after inject (``pipe.unet = other_unet``) no longer calls them: a load
     would change nothing it computes, and it would run without the adapter. :meth:`check`
     refuses that; a component compiled since (``pipe.unet = torch.compile(pipe.unet)``, whose
-    ``_orig_mod`` is the injected module) is the same component.
+    ``_orig_mod`` is the injected module), or compiled before inject and called as it is or
+    uncompiled, is the same component.
     """
 
     def __init__(self, pipeline: object, container: nn.Module) -> None:
@@ -66,7 +67,7 @@ class Pipeline:
             return
         for name, module in self._injected:
             now = _component(pipeline, name)
-            if getattr(now, "_orig_mod", now) is not module:
+            if _compiled_from(now) is not _compiled_from(module):
                 how = "removed" if now is None else f"replaced by another {type(now).__name__}"
                 raise UsageError(
                     f"component {name!r} of the pipeline was {how} after inject: this runtime's LoRA layers are in "
@@ -74,6 +75,12 @@ class Pipeline:
                     "activate would change nothing it computes. Call runtime.eject(), then inject into the pipeline "
                     "as it is now."
                 )
+
+
+def _compiled_from(module: object) -> object:
+    """The module a ``torch.compile`` wrapper compiles (its ``_orig_mod``), else ``module``: a
+    component compiled before inject or after it is the same component."""
+    return getattr(module, "_orig_mod", module)
 
 
 def _component(pipeline: object, name: str) -> object:

@@ -408,3 +408,43 @@ def test_a_component_replaced_or_removed_after_inject_is_refused_and_a_compiled_
     assert runtime.active_slot == 0
     runtime.eject()
     assert type(models["unet"]["to_q"]) is nn.Linear
+
+
+class _Unet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_q = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_q(x)
+
+
+def test_a_component_compiled_before_inject_is_the_same_component() -> None:
+    """``pipe.unet = torch.compile(pipe.unet)`` before inject: the pipeline holds the compiled
+    wrapper, whose ``_orig_mod`` inject wraps in place. Every load was refused as if the
+    component had been replaced (the check compared the wrapper with its own module); now it
+    loads, computes the adapter through the compiled wrapper and the plain module alike, and a
+    component replaced after inject is still refused."""
+    torch.manual_seed(0)
+    unet = _Unet()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        base = unet(x)
+    pipe = _AttributePipe({"unet": torch.compile(unet, backend="eager"), "text_encoder": _encoder()})
+    runtime = lorahot.inject(pipe, ["to_q", "q_proj"], max_rank=4)
+    sd = _lora(["unet.to_q", "text_encoder.layers.0.q_proj"])
+    assert runtime.load(sd).components == {"unet": 1, "text_encoder": 1}
+    a, b = sd["unet.to_q.lora_A.weight"].double(), sd["unet.to_q.lora_B.weight"].double()
+    layer = unet.to_q.base_layer
+    expected = x.double() @ layer.weight.double().T + layer.bias.double() + x.double() @ a.T @ b.T
+    with torch.no_grad():
+        compiled, plain = pipe.unet(x), unet(x)
+    assert torch.allclose(compiled.double(), expected, rtol=0, atol=1e-5) and torch.equal(compiled, plain)
+    runtime.unload()
+    with torch.no_grad():
+        assert torch.equal(pipe.unet(x), base)
+    pipe.unet = unet  # the module compiled before inject, uncompiled: the same component
+    runtime.load(sd)
+    pipe.unet = _Unet()
+    with pytest.raises(UsageError, match=r"component 'unet' of the pipeline was replaced"):
+        runtime.load(sd)
