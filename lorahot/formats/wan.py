@@ -19,6 +19,13 @@ normalization layers (``norm3.diff``, ``cross_attn.norm_k_img.diff``) and of a b
 modulation parameter (``blocks.N.diff_m``), which lightx2v files carry as zeros, belong to no
 layer lorahot adapts: refused by name (``strict=False`` skips them, as diffusers drops them).
 
+DiffSynth-Studio, Wan's own trainer, saves the same names with no prefix and PEFT's adapter name
+(``blocks.0.self_attn.q.lora_A.default.weight``, no ``.alpha``: alpha = rank, as its loader
+computes), some of its files under ``pipe.dit.``; ComfyUI's Wan loaders read them as these
+names under ``diffusion_model.``, and so does this naming (a file whose keys have no prefix is
+told apart by the block modules only Wan has: ``self_attn``/``cross_attn`` ``q``, ``k``, ``v``,
+``o``, ``k_img``, ``v_img``, ``ffn.0``/``ffn.2``).
+
 ``wan-musubi`` is musubi-tuner's kohya spelling of the same names
 (``lora_unet_blocks_0_self_attn_q.lora_down.weight``, ``.alpha`` per module).
 
@@ -41,7 +48,6 @@ from lorahot.formats.table import (
     REFUSED_MERGEABLE,
     KeyFormat,
     Rule,
-    lora_rules,
     lycoris_rules,
 )
 from lorahot.formats.table import NAME_START as _START
@@ -96,18 +102,26 @@ _NOT_LAYERS: tuple[tuple[str, str], ...] = (
 #: what the naming refuses: the deltas above, and what ComfyUI naming refuses (it reads LyCORIS factors)
 _REFUSED = (*_NOT_LAYERS, *REFUSED_MERGEABLE)
 
+#: DiffSynth-Studio's prefix in some of its files (its pipeline's ``dit``)
+_DIFFSYNTH = "pipe.dit."
+
+#: a Wan block module by its own leaf names, with or without a prefix (what tells a file of bare
+#: keys apart from another model's)
+_BLOCK_LEAF = r"(?:vace_)?blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q|k|v|o|k_img|v_img)|ffn\.[02])\."
+
 FORMAT = KeyFormat(
     name="wan",
     rules=(
-        *lora_rules(),
-        Rule(r"(?P<module>.+)\.diff_b", "diff_bias"),
+        Rule(r"(?P<module>.+)\.(?:lora_A|lora_down)(?:\.default)?\.weight", "A"),  # DiffSynth's .default.
+        Rule(r"(?P<module>.+)\.(?:lora_B|lora_up)(?:\.default)?\.weight", "B"),
+        Rule(r"(?P<module>.+)\.alpha", "alpha"),
         Rule(r"(?P<module>.+)\.diff", "diff"),
-        *lycoris_rules(r"(?P<module>.+)"),  # LyCORIS as in ComfyUI naming (merged mode)
+        *lycoris_rules(r"(?P<module>.+)"),  # LyCORIS as in ComfyUI naming (merged mode); .diff_b a LoRA's bias
     ),
-    prefixes=DIFFUSION_MODEL,
-    require_prefix=True,
+    prefixes=(*DIFFUSION_MODEL, _DIFFSYNTH),
     refuse=_REFUSED,
-    marker=DIFFUSION_MODEL_HEAD
+    marker=rf"^(?:(?:model\.)?diffusion_model\.|{re.escape(_DIFFSYNTH)})?{_BLOCK_LEAF}|"
+    + DIFFUSION_MODEL_HEAD
     + r"(?:(?:vace_)?blocks\.\d+\.(?:self_attn|cross_attn|ffn)|vace_blocks\.\d+\.(?:before|after)_proj)\.",
     aliases=_ALIASES,
     example="diffusion_model.blocks.0.self_attn.q.lora_A.weight",

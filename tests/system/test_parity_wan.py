@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorahot
-from tests.diffusion_names import assert_same, lorahot_weights, weights
+from tests.diffusion_names import assert_same, diffusers_weights, linears, lorahot_weights, weights
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -121,6 +121,30 @@ def test_wan_musubi_matches_diffusers(tmp_path: Path) -> None:
         ours = model(**wan_inputs(), return_dict=False)[0]
     assert lorahot.read_adapter(path).format == "wan-musubi"
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("head", "infix"), [("", ".default"), ("pipe.dit.", ".default"), ("", "")], ids=["bare", "pipe.dit", "no-default"]
+)
+def test_wan_diffsynth_files_match_diffusers_on_their_diffusion_model_twin(head: str, infix: str) -> None:
+    """DiffSynth-Studio saves its Wan LoRAs in the original names with no prefix (some under
+    ``pipe.dit.``) and PEFT's adapter name, ``blocks.0.self_attn.q.lora_A.default.weight``, with no
+    ``.alpha`` (alpha = rank); ComfyUI's Wan loaders read them as the same names under
+    ``diffusion_model.``. Every layer's weight as diffusers' Wan loader gives it for that twin,
+    float64. These files were refused ('matches no injected layer': read as PEFT names)."""
+    twin = {k: v.double() for k, v in wan_file(("lora_A", "lora_B"), seed=6).items() if not k.endswith(".alpha")}
+    sd = {
+        head
+        + k.removeprefix("diffusion_model.")
+        .replace(".lora_A.", f".lora_A{infix}.")
+        .replace(".lora_B.", f".lora_B{infix}."): v
+        for k, v in twin.items()
+    }
+    make = lambda: tiny_wan().double()  # noqa: E731
+    names = linears(make())
+    ours, naming = lorahot_weights(make, sd, names)
+    assert naming == "wan"
+    assert_same(ours, diffusers_weights(make, diffusers.WanPipeline, twin, names))
 
 
 @pytest.mark.parametrize("mode", [{"extras": True}, {"merged": True}], ids=["extras", "merged"])
