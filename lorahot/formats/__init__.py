@@ -34,6 +34,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     hunyuan.MUSUBI,  # before flux-kohya: the same prefix and block names, spelled apart (img_mlp_fc1)
     flux.KOHYA,  # before kohya: original Flux block names, which only its renames and splits place
     minimax_h3.MUSUBI,  # before kohya: original MiniMax-H3 block names (blocks_N_attn_qkv_proj)
+    anima.KOHYA,  # before wan-musubi, whose marker (blocks_N_self_attn_) its keys match, and kohya
     wan.MUSUBI,  # before kohya: original Wan block names
     sd3.KOHYA,  # before kohya: original SD3 block names (joint_blocks), which only its renames and splits place
     lumina2.KOHYA,  # before kohya: original Lumina2 / Z-Image attention names (attention_qkv, attention_out)

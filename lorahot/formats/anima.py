@@ -16,15 +16,23 @@ diffusers, whose modules this naming does not place. Its modules share the trans
 (``llm_adapter.blocks.0.self_attn.q_proj``), so a name lookup that drops the unknown leading
 segment would land them on the transformer's layers: they are refused by name, with the keys named,
 or with ``strict=False`` skipped.
+
+``anima-kohya`` is sd-scripts' spelling of the same names (``networks/lora_anima.py``, and
+OneTrainer's kohya output): ``lora_unet_blocks_0_self_attn_q_proj.lora_down.weight`` with
+``.alpha``, its Qwen3 text encoder's modules under ``lora_te_``; placed as this naming places
+them (sd-scripts' own conversion for ComfyUI writes the same names under ``diffusion_model.``),
+``lora_unet_llm_adapter_`` refused as ``llm_adapter.`` is.
 """
 
 from __future__ import annotations
 
 import re
 
+from lorahot.formats import kohya
 from lorahot.formats.table import (
     DIFFUSION_MODEL,
     DIFFUSION_MODEL_HEAD,
+    NAME_START,
     REFUSED_MERGEABLE,
     KeyFormat,
     lora_rules,
@@ -32,7 +40,7 @@ from lorahot.formats.table import (
 )
 from lorahot.formats.table import DOTTED_START as _START
 
-__all__ = ["FORMAT"]
+__all__ = ["FORMAT", "KOHYA"]
 
 _ATTN = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "output_proj": "to_out.0"}
 
@@ -59,10 +67,15 @@ _OUTSIDE = {
 }
 
 
-_ALIASES: tuple[tuple[str, str], ...] = (
-    *((rf"{_START}blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _BLOCK.items()),
-    *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
-)
+def _aliases(start: str) -> tuple[tuple[str, str], ...]:
+    """The diffusers name of each original module, found after ``start`` (where a name may begin)."""
+    return (
+        *((rf"{start}blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _BLOCK.items()),
+        *((rf"{start}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
+    )
+
+
+_ALIASES = _aliases(_START)
 
 FORMAT = KeyFormat(
     name="anima",
@@ -83,4 +96,42 @@ FORMAT = KeyFormat(
     ),
     aliases=_ALIASES,
     example="diffusion_model.blocks.0.self_attn.q_proj.lora_A.weight",
+)
+
+#: sd-scripts' underscore names -> the dotted original ones (``lora_unet_`` kept for ``prefix=``
+#: and the resolver)
+_KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
+    (
+        r"^lora_unet_blocks_(\d+)_(self_attn|cross_attn)_(q_proj|k_proj|v_proj|output_proj)$",
+        r"lora_unet_blocks.\1.\2.\3",
+    ),
+    (r"^lora_unet_blocks_(\d+)_mlp_(layer[12])$", r"lora_unet_blocks.\1.mlp.\2"),
+    (
+        r"^lora_unet_blocks_(\d+)_(adaln_modulation_(?:self_attn|cross_attn|mlp))_([12])$",
+        r"lora_unet_blocks.\1.\2.\3",
+    ),
+    (r"^lora_unet_x_embedder_proj_1$", "lora_unet_x_embedder.proj.1"),
+    (r"^lora_unet_t_embedder_1_(linear_[12])$", r"lora_unet_t_embedder.1.\1"),
+    (r"^lora_unet_final_layer_linear$", "lora_unet_final_layer.linear"),
+    (r"^lora_unet_final_layer_adaln_modulation_([12])$", r"lora_unet_final_layer.adaln_modulation.\1"),
+)
+
+KOHYA = kohya.spelling(
+    "anima-kohya",
+    renames=_KOHYA_TO_DOTTED,
+    aliases=_aliases(NAME_START),
+    refuse=(
+        (
+            r"^lora_unet_llm_adapter_",
+            "Anima's text conditioner (llm_adapter), another component, which this naming does not place (its "
+            "module names are the transformer's); load with strict=False to skip its keys",
+        ),
+        *REFUSED_MERGEABLE,
+    ),
+    marker=(
+        r"^lora_unet_blocks_\d+_(?:(?:self_attn|cross_attn)_(?:q_proj|k_proj|v_proj|output_proj)"
+        r"|mlp_layer[12]|adaln_modulation_(?:self_attn|cross_attn|mlp)_[12])\."
+    ),
+    lycoris=True,
+    example="lora_unet_blocks_0_self_attn_q_proj.lora_down.weight",
 )

@@ -374,6 +374,46 @@ def test_a_component_this_naming_does_not_place_is_refused_or_skipped() -> None:
     _assert_same(ours, _reference(_tiny_anima, sd, names, _anima_original))
 
 
+def _kohya_spelling(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """sd-scripts' spelling of a ``diffusion_model.`` file: ``lora_unet_`` + the name with ``_``
+    for ``.``, ``lora_down``/``lora_up``."""
+    roles = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "alpha": "alpha"}
+    out = {}
+    for key, tensor in sd.items():
+        module, role = re.fullmatch(r"diffusion_model\.(.+)\.(lora_[AB]\.weight|alpha)", key).groups()
+        out["lora_unet_" + module.replace(".", "_") + "." + roles[role]] = tensor
+    return out
+
+
+@pytest.mark.parametrize("alpha", [False, True], ids=["no-alpha", "alpha"])
+def test_anima_kohya_spelling_matches_diffusers_on_its_diffusion_model_twin(alpha: bool) -> None:
+    """sd-scripts' Anima LoRAs (``networks/lora_anima.py``, and OneTrainer's kohya output) spell the
+    original names kohya's way, ``lora_unet_blocks_0_self_attn_q_proj.lora_down.weight``; its own
+    conversion for ComfyUI writes the same modules under ``diffusion_model.``. Every layer equal to
+    the float64 reference of that twin (``alpha / r``) and, without alphas, which diffusers leaves
+    unread, to diffusers' Anima loader. These files were refused, read as wan-musubi naming ('matches
+    no injected layer'). Its ``llm_adapter`` modules are refused, or skipped with strict=False."""
+    names = _linears(_tiny_anima())
+    twin = _file(_tiny_anima(), names, _anima_original, alpha=alpha)
+    sd = _kohya_spelling(twin)
+    assert "lora_unet_blocks_0_self_attn_q_proj.lora_down.weight" in sd
+    ours, fmt = _lorahot(_tiny_anima, sd, names)
+    assert fmt == "anima-kohya"
+    _assert_same(ours, _reference(_tiny_anima, twin, names, _anima_original))
+    if not alpha:
+        loader = diffusers.loaders.lora_pipeline.AnimaLoraLoaderMixin
+        _assert_same(ours, _diffusers(_tiny_anima, loader, twin, names))
+    adapter = {
+        "lora_unet_llm_adapter_blocks_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 16, dtype=torch.float64),
+        "lora_unet_llm_adapter_blocks_0_self_attn_q_proj.lora_up.weight": torch.zeros(16, 2, dtype=torch.float64),
+    }
+    with pytest.raises(UnknownFormatError, match="llm_adapter"):
+        _lorahot(_tiny_anima, {**sd, **adapter}, names)
+    ours, fmt = _lorahot(_tiny_anima, {**sd, **adapter}, names, strict=False)
+    assert fmt == "anima-kohya"
+    _assert_same(ours, _reference(_tiny_anima, twin, names, _anima_original))
+
+
 def test_ltx2_text_connectors_are_refused_or_skipped() -> None:
     """LTX-2's ``text_embedding_projection`` keys (diffusers' connectors): refused by name;
     with ``strict=False`` the transformer's modules load, outside modules included."""
