@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoraModule", "WeightModule", "Adapter", "storage_problem", "WEIGHT_KINDS", "ROTATION_KINDS"]
+__all__ = ["LoraModule", "WeightModule", "Adapter", "storage_problem", "WEIGHT_KINDS", "ROTATION_KINDS", "BASE_KINDS"]
 
 #: The adapter kinds lorahot folds into the base weights (merged mode only), by what a module
 #: holds: LyCORIS LoHa (``hada_*``), LoKr (``lokr_*``), LoCon with a Tucker core
@@ -22,7 +22,7 @@ __all__ = ["LoraModule", "WeightModule", "Adapter", "storage_problem", "WEIGHT_K
 #: whose weight decomposition normalizes each input channel (``lora_down``/``lora_up`` with a
 #: ``dora_scale`` ``[1, in, ...]``: LyCORIS' ``wd_on_out=False``), and the kinds that rotate the
 #: base weight (:data:`ROTATION_KINDS`).
-WEIGHT_KINDS = ("loha", "lokr", "locon-tucker", "diff", "locon", "oft", "boft", "kohya-oft")
+WEIGHT_KINDS = ("loha", "lokr", "locon-tucker", "diff", "locon", "oft", "boft", "kohya-oft", "ia3", "glora")
 #: The kinds whose ``ΔW`` is ``rescale * R W0 - W0``, ``R`` an orthogonal rotation of the output
 #: channels built from ``oft_blocks`` (Cayley transform) and ``W0`` the pristine base weight:
 #: LyCORIS' diagonal OFT (``oft_blocks`` ``[n, b, b]``, optional ``rescale``), LyCORIS' BOFT
@@ -30,6 +30,11 @@ WEIGHT_KINDS = ("loha", "lokr", "locon-tucker", "diff", "locon", "oft", "boft", 
 #: network (``oft_unet_<m>.oft_blocks`` ``[n, b, b]``). Their ``.alpha`` is the norm constraint on
 #: the skew-symmetric blocks, not a scale (see :mod:`lorahot.runtime.deltas`).
 ROTATION_KINDS = ("oft", "boft", "kohya-oft")
+#: The kinds whose ``ΔW`` is built from the pristine base weight ``W0``: the rotations, LyCORIS'
+#: (IA)^3 (``weight`` and ``on_input``: ``W0`` times one learned factor per output row, or per
+#: input column, ``ΔW = W0 * w``) and LyCORIS' GLoRA (``a1``, ``a2``, ``b1``, ``b2``:
+#: ``ΔW = W0 a1 a2 + b1 b2`` at ``alpha / r``).
+BASE_KINDS = (*ROTATION_KINDS, "ia3", "glora")
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,9 @@ class WeightModule:
             ``eps`` the machine epsilon of ``dora_scale``'s dtype, as LyCORIS computes it at
             multiplier 1 (see :attr:`unit_scale`). The rotation kinds (:data:`ROTATION_KINDS`)
             hold ``oft_blocks`` and, for LyCORIS' diagonal OFT, an optional ``rescale``
-            ``[out, 1, *ones]``.
+            ``[out, 1, *ones]``; (IA)^3 ``weight`` (its ``<module>.weight``) and ``on_input``;
+            GLoRA ``a1`` ``[in, r, *ones]``, ``a2`` ``[r, in, *ones]``, ``b1`` ``[out, r, *ones]``,
+            ``b2`` ``[r, in, *kernel]``.
         alpha: the ``.alpha`` tensor's value, or None (then alpha equals the rank). For the
             rotation kinds, the norm constraint (0 or None: none; LyCORIS and sd-scripts bound
             the blocks' skew part to ``alpha * out``).
@@ -138,6 +145,8 @@ class WeightModule:
             return 0 if low is None else int(low.shape[0])
         if self.kind in ("locon-tucker", "diff", "locon") and "lora_down" in f:
             return int(f["lora_down"].shape[0])
+        if self.kind == "glora" and f["a2"].ndim:
+            return int(f["a2"].shape[0])
         return 0
 
     @property
@@ -151,6 +160,11 @@ class WeightModule:
     def rotates(self) -> bool:
         """Its ``ΔW`` rotates the pristine base weight (:data:`ROTATION_KINDS`)."""
         return self.kind in ROTATION_KINDS
+
+    @property
+    def reads_base(self) -> bool:
+        """Its ``ΔW`` is built from the pristine base weight (:data:`BASE_KINDS`)."""
+        return self.kind in BASE_KINDS
 
     @property
     def unit_scale(self) -> bool:

@@ -13,7 +13,7 @@ and sd-scripts' own OFT network (``networks/oft.py``) under ``oft_unet_``
 
 from __future__ import annotations
 
-from lorahot.formats.table import REFUSED_MERGEABLE, KeyFormat, Reorder, Rule, Split, lycoris_rules
+from lorahot.formats.table import REFUSED_IA3, REFUSED_MERGEABLE, KeyFormat, Reorder, Rule, Split, lycoris_rules
 
 __all__ = ["FORMAT", "COMPONENTS", "RULES", "KOHYA_OFT", "spelling"]
 
@@ -42,11 +42,14 @@ FORMAT = KeyFormat(
         Rule(rf"{_MODULE}\.lora_up\.weight", "B"),
         Rule(rf"{_MODULE}\.alpha", "alpha"),
         *lycoris_rules(_MODULE),
+        # LyCORIS' (IA)^3: a kohya module key names no model weight, so its .weight is the factor
+        Rule(rf"{_MODULE}\.weight", "weight"),
+        Rule(rf"{_MODULE}\.on_input", "on_input"),
     ),
     prefixes=(*COMPONENTS, "lycoris_", KOHYA_OFT),
     require_prefix=True,
     separator="_",
-    refuse=REFUSED_MERGEABLE,
+    refuse=tuple(r for r in REFUSED_MERGEABLE if r is not REFUSED_IA3),
     roles=("lora_down", "lora_up"),
     example="lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
 )

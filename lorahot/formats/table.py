@@ -46,6 +46,8 @@ __all__ = [
     "REFUSED",
     "REFUSED_WHOLE",
     "REFUSED_MERGEABLE",
+    "REFUSED_IA3",
+    "GLORA_FACTORS",
     "LYCORIS_FACTORS",
     "lycoris_rules",
 ]
@@ -416,6 +418,19 @@ REFUSED_OTHER_OFT = (
     "OFT weights in another spelling than LyCORIS' oft_blocks (an older LyCORIS oft_diag, PEFT's oft_R): not "
     "supported; re-save them with LyCORIS 2 or later, or use a LoRA, LoHa or LoKr adapter",
 )
+#: LyCORIS (IA)^3: loaded in kohya naming (LyCORIS' own ``lycoris_`` names included) only, where a
+#: module's ``.weight`` cannot be a model weight.
+REFUSED_IA3 = (
+    r"\.on_input$",
+    "LyCORIS (IA)^3 weights (weight, on_input): lorahot loads them in kohya naming (lora_unet_<module>.weight, "
+    ".on_input), into a model injected with merged=True",
+)
+#: LyCORIS GLoRA: loaded in the namings that read LyCORIS (:data:`REFUSED_MERGEABLE`).
+REFUSED_GLORA = (
+    r"\.(a1|a2|b1|b2|bm)\.weight$",
+    "LyCORIS GLoRA weights (a1, a2, b1, b2, bm; or full weights of a module so named): lorahot loads GLoRA in kohya "
+    "or ComfyUI naming, into a model injected with merged=True",
+)
 REFUSED: tuple[tuple[str, str], ...] = (
     REFUSED_DORA,
     REFUSED_BIAS,
@@ -426,7 +441,7 @@ REFUSED: tuple[tuple[str, str], ...] = (
     ),
     REFUSED_OFT,
     REFUSED_OTHER_OFT,
-    (r"\.on_input$", "LyCORIS (IA)^3 weights (weight, on_input): not supported; use a LoRA, LoHa or LoKr adapter"),
+    REFUSED_IA3,
     (
         r"\.(lambda_layer|q_layer\.weight|p_layer\.weight)$",
         "LyCORIS T-LoRA weights (q_layer, p_layer, lambda_layer): not supported; use a LoRA, LoHa or LoKr adapter",
@@ -454,11 +469,7 @@ REFUSED: tuple[tuple[str, str], ...] = (
         "training state of PEFT's VeLoRA (velora_config) or MonteCLoRA (monteclora_config), which PEFT leaves "
         "unused at inference, where the adapter is plain LoRA: delete these keys from the file and load it",
     ),
-    (
-        r"\.(a1|a2|b1|b2|bm)\.weight$",
-        "LyCORIS GLoRA weights (a1, a2, b1, b2, bm; or full weights of a module so named): not supported; use a "
-        "LoRA, LoHa or LoKr adapter",
-    ),
+    REFUSED_GLORA,
 )
 
 #: Keys that make a file more than a LoRA of the model it names, refused by every naming and
@@ -482,7 +493,7 @@ _WHOLE_REASONS = frozenset(why for _, why in REFUSED_WHOLE)
 REFUSED_MERGEABLE = tuple(
     REFUSED_MAGNITUDE if r is REFUSED_DORA else r
     for r in REFUSED
-    if not r[1].startswith("LyCORIS (LoHa") and r is not REFUSED_OFT
+    if not r[1].startswith("LyCORIS (LoHa") and r is not REFUSED_OFT and r is not REFUSED_GLORA
 )
 
 #: LyCORIS tensor names: each is its own role (see :class:`lorahot.adapter.WeightModule`).
@@ -508,12 +519,17 @@ LYCORIS_FACTORS = (
 )
 
 
+#: GLoRA's factors, each ``<module>.<factor>.weight`` (``bm``: a Tucker core, which lorahot refuses).
+GLORA_FACTORS = ("a1", "a2", "b1", "b2", "bm")
+
+
 def lycoris_rules(module: str) -> tuple[Rule, ...]:
     """Rules for LyCORIS factors (``<module>.hada_w1_a``, ...), a Tucker LoCon core
     (``<module>.lora_mid.weight``) and the magnitude of weight decomposition
     (``<module>.dora_scale``, role ``dora_scale``: read as DoRA on a LoRA/LoCon module, or
     folded with a LyCORIS kind or over the input channels in merged mode, see
-    :mod:`lorahot.io.loader`) after the module pattern ``module``.
+    :mod:`lorahot.io.loader`) and GLoRA's ``<module>.a1.weight``, ... (roles ``a1``, ...) after
+    the module pattern ``module``.
 
     A ``<module>.diff_b`` is role ``diff_bias``: beside a module's LoRA it is that LoRA's bias,
     added at the adapter's weight and unscaled by ``alpha / r``, as ComfyUI applies the bias
@@ -525,6 +541,7 @@ def lycoris_rules(module: str) -> tuple[Rule, ...]:
         Rule(rf"{module}\.(?:{'|'.join(LYCORIS_FACTORS)})", ""),
         Rule(rf"{module}\.lora_mid\.weight", "lora_mid"),
         Rule(rf"{module}\.dora_scale", "dora_scale"),
+        *(Rule(rf"{module}\.{f}\.weight", f) for f in GLORA_FACTORS),
     )
 
 

@@ -39,7 +39,7 @@ from lorahot.errors import (
 from lorahot.formats import FORMATS, KeyFormat, detect, format_named, group_keys
 from lorahot.formats.diffusers import METADATA_KEY
 from lorahot.formats.kohya import KOHYA_OFT
-from lorahot.formats.table import Parts, skip_modules
+from lorahot.formats.table import GLORA_FACTORS, Parts, skip_modules
 from lorahot.io.config import CONFIG_NAME, AdapterConfig, finite
 from lorahot.io.patterns import budget_problem
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json
@@ -1001,12 +1001,15 @@ _KIND_NEEDS: dict[str, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
     "boft": ((("oft_blocks",),), ("rescale", "alpha")),
     # sd-scripts reads the constraint from the file's .alpha and has no rescale
     "kohya-oft": ((("oft_blocks",), ("alpha",)), ()),
+    "ia3": ((("weight",), ("on_input",)), ()),
+    # a Tucker GLoRA's bm: ComfyUI does not read it, so the two references disagree on its weight
+    "glora": ((("a1",), ("a2",), ("b1",), ("b2",)), ("alpha",)),
 }
 
 
 #: The factors a weight module's rank is read from (:attr:`lorahot.adapter.WeightModule.rank`),
 #: by their role here (a Tucker LoCon's ``lora_down`` is its ``A``): matrices or conv kernels.
-_RANK_FACTORS = frozenset({"hada_w1_b", "lokr_w1_b", "lokr_w2_b", "A"})
+_RANK_FACTORS = frozenset({"hada_w1_b", "lokr_w1_b", "lokr_w2_b", "A", "a2"})
 
 
 #: Factors that come in pairs (a diff's LoRA: ``A`` and ``B``).
@@ -1024,6 +1027,10 @@ def _kind(module: str, roles: dict[str, tuple[str, torch.Tensor]]) -> str | None
         if module.startswith(KOHYA_OFT):
             return "kohya-oft"
         return "boft" if roles["oft_blocks"][1].ndim == 4 else "oft"
+    if "on_input" in roles or "weight" in roles:
+        return "ia3"
+    if any(r in roles for r in GLORA_FACTORS):
+        return "glora"
     if any(r.startswith("hada_") for r in roles):
         return "loha"
     if any(r.startswith("lokr_") for r in roles):
@@ -1107,7 +1114,7 @@ def _weight_modules(
             + "\nRe-save the adapter with every factor of each module (LoHa: hada_w1_a/b and hada_w2_a/b; LoKr: "
             "lokr_w1 or lokr_w1_a/b, and lokr_w2 or lokr_w2_a/b; a diff's LoRA: lora_down and lora_up of one rank, "
             "whose product has the diff's shape; an OFT/BOFT: oft_blocks, with rescale for LyCORIS' only; sd-scripts' "
-            "OFT: oft_blocks and its .alpha)."
+            "OFT: oft_blocks and its .alpha; (IA)^3: weight and on_input; GLoRA: a1, a2, b1 and b2, no bm)."
         )
     return out
 

@@ -155,6 +155,8 @@ def weight_kind(module: WeightModule) -> str:
             f"{module.kind} module, a rotation of its layer's output rows built from that layer's whole weight, "
             "which no part of the rows holds"
         )
+    if module.reads_base:
+        return f"{module.kind} module, a weight delta built from its layer's whole base weight"
     decomposed = " with weight decomposition (dora_scale)" if module.unit_scale else ""
     return f"{module.kind} module{decomposed}, a weight delta"
 
@@ -391,7 +393,7 @@ def _whole_matrix(kind: str, d: dict[str, tuple[int, ...]]) -> tuple[int, int] |
 
 def _weight_unsplittable(module: WeightModule, shape: tuple[int, int] | None, sizes: list[int]) -> str | None:
     """Why ``module``'s ``ΔW`` (of ``shape``) cannot be cut into rows of ``sizes``, or None."""
-    if module.kind == "locon" or module.rotates:
+    if module.kind == "locon" or module.reads_base:
         return f"it is a {weight_kind(module)}, which cannot be cut by rows"
     if shape is None:
         shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.factors.items())

@@ -28,6 +28,12 @@ the torch layout ``[out, in, *kernel]`` without its scale (see
   ``alpha * out``: LyCORIS scales ``Q`` by ``c / (||Q|| + 1e-8)`` where ``||Q|| + 1e-8 > c > 0``,
   sd-scripts always by ``(min(||Q||, c) + 1e-8) / (||Q|| + 1e-8)`` (so an alpha of 0 leaves
   ``R`` the identity up to 1e-8). ``rescale`` ``[out, 1, *ones]`` scales each output row.
+- (IA)^3 (LyCORIS): ``W0 * w``, ``w`` one factor per output row (``on_input`` 0: ``[out]``, a
+  conv's ``[1, out, *ones]``) or per input column (``on_input`` 1: ``[in]``, ``[1, in, *ones]``):
+  LyCORIS' merged weight ``W0 * (1 + s w)``.
+- GLoRA (LyCORIS): ``W0 a1 a2 + b1 b2``, ``a1 a2`` ``[in, in]`` acting on the input channels of
+  every kernel position (``einsum("o i ..., i j -> o j ...")``), ``b1 b2`` a LoRA/LoCon
+  ``[out, in, *kernel]``; scaled by ``alpha / r`` (``r`` = ``a2``'s rows).
 
 A ``dora_scale`` is no factor of ``ΔW``: :mod:`lorahot.runtime.merge` applies it to the folded
 weight (:func:`decompose`).
@@ -44,7 +50,7 @@ import torch
 
 from lorahot.adapter import WeightModule
 
-__all__ = ["build_delta", "delta_shape", "delta_bound", "decompose", "lora_update_max", "rotation_problem"]
+__all__ = ["build_delta", "delta_shape", "delta_bound", "decompose", "lora_update_max", "base_problem"]
 
 #: factors that are not part of ``ΔW``: a diff's bias, the magnitude of weight decomposition
 _NOT_DELTA = ("diff_b", "dora_scale")
@@ -61,17 +67,17 @@ def build_delta(
 
     Args:
         shape: the base weight's torch-layout shape ``[out, in, *kernel]``.
-        base: the pristine base weight in that layout, which a rotation kind rotates (required
-            for those, unused otherwise).
+        base: the pristine base weight in that layout, which the kinds of
+            :data:`~lorahot.adapter.BASE_KINDS` build ``ΔW`` from (required for those, unused
+            otherwise).
 
     Raises:
         RuntimeError: the factors do not multiply to ``shape`` (the plan checks this first).
     """
-    if module.rotates:
-        if base is None or module.rows is not None:  # the plan refuses a rotation on a fused part
+    if module.reads_base:
+        if base is None or module.rows is not None:  # the plan refuses these on a fused part
             raise RuntimeError(f"{module.key}: a {module.kind} delta is built from its whole layer's base weight")
-        w0 = base.to(device, dtype).reshape(shape)
-        return _rotated(module, w0, dtype, device) - w0
+        return _from_base(module, base.to(device, dtype).reshape(shape), device)
     if module.rows is not None:  # a part of a fused module: its rows of the whole ΔW
         whole = build_delta(_whole(module), (module.whole_rows, *shape[1:]), dtype, device)
         return whole[module.rows.to(device)]
@@ -87,8 +93,8 @@ def delta_shape(module: WeightModule, shape: tuple[int, ...]) -> tuple[int, ...]
     """The shape ``ΔW`` has before any reshape (built on meta tensors), or None if the factors
     do not even multiply; equal numel to ``shape`` means it fits. For a part of a fused module
     (:attr:`~lorahot.adapter.WeightModule.rows`), the whole ``ΔW``'s shape with the part's rows."""
-    if module.rotates:  # rotation_problem says what does not fit
-        return shape if rotation_problem(module, shape) is None else None
+    if module.reads_base:  # base_problem says what does not fit
+        return shape if base_problem(module, shape) is None else None
     if module.rows is not None:
         got = delta_shape(_whole(module), (module.whole_rows, *shape[1:]))
         if got is None or len(got) < 2 or got[0] != module.whole_rows:
@@ -116,11 +122,23 @@ def delta_bound(module: WeightModule, base_max: float = math.inf) -> float:
     three maxima; LoHa multiplies its halves entrywise, LoKr's kron multiplies entries. A
     rotation kind's ``rescale * R W0 - W0`` takes ``base_max``, the largest ``|W0|``: an entry
     of ``R W0`` is a dot product of a row of the orthogonal ``R`` (norm 1) with at most
-    ``out`` entries of a column of ``W0``, so at most ``sqrt(out) * base_max``."""
-    top = {k: float(t.abs().max()) if t.numel() else 0.0 for k, t in module.factors.items() if k != "dora_scale"}
+    ``out`` entries of a column of ``W0``, so at most ``sqrt(out) * base_max``; (IA)^3's
+    ``W0 * w`` at most ``max|w| * base_max``; GLoRA's ``W0 a1 a2`` at most
+    ``in * r * base_max * max|a1| * max|a2|``, plus its ``b1 b2``."""
+    top = {
+        k: float(t.abs().max()) if t.numel() else 0.0
+        for k, t in module.factors.items()
+        if k not in ("dora_scale", "on_input")
+    }
     if module.rotates:
         out = int(module.factors["rescale"].shape[0]) if "rescale" in module.factors else _rotated_rows(module)
         return (top.get("rescale", 1.0) * math.sqrt(out) + 1.0) * base_max
+    if module.kind == "ia3":
+        return top["weight"] * base_max
+    if module.kind == "glora":
+        a1, a2 = module.factors["a1"], module.factors["a2"]
+        fan_in, r = int(a1.shape[0]), int(a2.shape[0])
+        return fan_in * r * base_max * top["a1"] * top["a2"] + r * top["b1"] * top["b2"]
     rank = {k: int(t.shape[0]) if t.ndim else 1 for k, t in module.factors.items()}
     f = module.factors
 
@@ -251,11 +269,17 @@ def _rotated_rows(module: WeightModule) -> int:
     return int(blocks.shape[-3]) * int(blocks.shape[-1]) if blocks.ndim >= 3 else 0
 
 
-def rotation_problem(module: WeightModule, shape: tuple[int, ...]) -> str | None:
-    """Why a rotation kind's factors cannot rotate a weight of torch-layout ``shape``, or None:
-    ``oft_blocks`` must be square blocks, ``[n, b, b]`` (``[m, n, b, b]`` for BOFT, ``b`` even
-    and ``n`` a multiple of ``2^(m-1)``: stage ``i`` pairs rows ``2^i b / 2`` apart) with
-    ``n * b`` the layer's output rows; a ``rescale`` one value per output row, ``[out, 1, *ones]``."""
+def base_problem(module: WeightModule, shape: tuple[int, ...]) -> str | None:
+    """Why the factors of a kind built from the base weight (:data:`~lorahot.adapter.BASE_KINDS`)
+    do not fit a weight of torch-layout ``shape``, or None. A rotation's ``oft_blocks`` must be
+    square blocks, ``[n, b, b]`` (``[m, n, b, b]`` for BOFT, ``b`` even and ``n`` a multiple of
+    ``2^(m-1)``: stage ``i`` pairs rows ``2^i b / 2`` apart) with ``n * b`` the layer's output
+    rows; a ``rescale`` one value per output row, ``[out, 1, *ones]``. (IA)^3 and GLoRA: see
+    :func:`_ia3_problem` and :func:`_glora_problem`."""
+    if module.kind == "ia3":
+        return _ia3_problem(module, shape)
+    if module.kind == "glora":
+        return _glora_problem(module, shape)
     blocks, out = module.factors["oft_blocks"], shape[0]
     dims = tuple(int(d) for d in blocks.shape)
     want = 4 if module.kind == "boft" else 3
@@ -296,6 +320,74 @@ def _cayley(blocks: torch.Tensor, module: WeightModule, out: int) -> torch.Tenso
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     r: torch.Tensor = torch.linalg.solve(eye - q, eye + q)  # (I - Q)^-1 (I + Q), which equals (I + Q)(I - Q)^-1
     return r
+
+
+def _ia3_problem(module: WeightModule, shape: tuple[int, ...]) -> str | None:
+    """Why an (IA)^3 module does not fit ``shape``: ``on_input`` one number, 0 or 1; the factor
+    one per output row (``on_input`` 0) or input column (1), ``[dim]`` for a linear and
+    ``[1, dim, *ones]`` for a conv as LyCORIS saves it."""
+    on_input, w = module.factors["on_input"], module.factors["weight"]
+    if on_input.numel() != 1:
+        return f"on_input has shape {tuple(on_input.shape)}; it must be one number, 0 or 1"
+    flags = (0.0, 1.0) if on_input.is_meta else (float(on_input.reshape(-1)[0]),)  # a shapes-only read
+    if flags[0] not in (0.0, 1.0):
+        return f"on_input is {flags[0]:g}; it must be 0 or 1"
+    wants = [_ia3_shape(shape, bool(flag)) for flag in flags]
+    if tuple(w.shape) not in wants:
+        what = " or ".join(
+            f"{want} (one factor per {'input' if f else 'output'} channel)" for f, want in zip(flags, wants)
+        )
+        return f"weight has shape {tuple(w.shape)}, expected {what}"
+    return None
+
+
+def _ia3_shape(shape: tuple[int, ...], on_input: bool) -> tuple[int, ...]:
+    """The shape LyCORIS saves an (IA)^3 factor in for a weight of ``shape``."""
+    dim = shape[1] if on_input else shape[0]
+    return (dim,) if len(shape) == 2 else (1, dim, *(1,) * (len(shape) - 2))
+
+
+def _glora_problem(module: WeightModule, shape: tuple[int, ...]) -> str | None:
+    """Why a GLoRA module does not fit ``shape`` ``[out, in, *kernel]``: LyCORIS' layout,
+    ``a1`` ``[in, r]``, ``a2`` ``[r, in]``, ``b1`` ``[out, r]`` (a conv's with ``*ones``) and
+    ``b2`` ``[r, in]`` (a conv's ``[r, in, *kernel]``). Where ``r``, ``in`` and ``out`` are one
+    number, ComfyUI reads the file as the older layout (``b2 b1 + W0 a2 a1``), so the two
+    references disagree: refused."""
+    f = {k: tuple(int(d) for d in module.factors[k].shape) for k in ("a1", "a2", "b1", "b2")}
+    out, fan_in, ones = shape[0], shape[1], (1,) * (len(shape) - 2)
+    r = f["a2"][0] if f["a2"] else 0
+    want = {"a1": (fan_in, r, *ones), "a2": (r, fan_in, *ones), "b1": (out, r, *ones), "b2": (r, fan_in, *shape[2:])}
+    bad = [f"{k} {f[k]} (expected {want[k]})" for k in want if f[k] != want[k]]
+    if bad:
+        return (
+            f"its factors are not LyCORIS' GLoRA layout for a [{out}, {fan_in}] weight: {', '.join(bad)}; an older "
+            "GLoRA layout (b2 b1 + W0 a2 a1) is not read"
+        )
+    if r == fan_in == out:
+        return (
+            f"its rank {r} equals the layer's input and output size, where ComfyUI reads the factors as the older "
+            "GLoRA layout (b2 b1 + W0 a2 a1) and LyCORIS as W0 a1 a2 + b1 b2: the references disagree on its weight; "
+            "merge it into the model with the tool it was trained for and load the merged model"
+        )
+    return None
+
+
+def _from_base(module: WeightModule, w0: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``ΔW`` of a kind built from the base weight ``w0`` ``[out, in, *kernel]`` (unscaled)."""
+    f = {k: t.to(device, w0.dtype) for k, t in module.factors.items() if k != "on_input"}
+    if module.kind == "ia3":
+        w = f["weight"].reshape(-1)
+        on_input = bool(float(module.factors["on_input"].reshape(-1)[0]))
+        view = (1, -1) if on_input else (-1, 1)
+        return w0 * w.reshape(*view, *(1,) * (w0.ndim - 2))
+    if module.kind == "glora":
+        fan_in = int(w0.shape[1])
+        a = f["a1"].reshape(fan_in, -1) @ f["a2"].reshape(-1, fan_in)  # [in, in]
+        mixed: torch.Tensor = torch.tensordot(w0, a, dims=([1], [0])).movedim(-1, 1)  # [out, in, *kernel]
+        b2 = f["b2"]
+        b = f["b1"].reshape(w0.shape[0], -1) @ b2.reshape(b2.shape[0], -1)  # [out, in * prod(kernel)]
+        return mixed + b.reshape(w0.shape)
+    return _rotated(module, w0, w0.dtype, device) - w0
 
 
 def _rotated(module: WeightModule, w0: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -352,12 +352,13 @@ def _decomposed(layer: LoRALayer, weight: torch.Tensor, module: WeightModule) ->
     return layer.weight_delta(decompose(torch_layout, module.factors["dora_scale"]))
 
 
-def _rotation_base(layer: LoRALayer, module: WeightModule) -> torch.Tensor | None:
+def _base_for(layer: LoRALayer, module: WeightModule) -> torch.Tensor | None:
     """The pristine base weight in the torch layout ``[out, in, *kernel]`` (a Conv1D's
-    ``[in, out]`` transposed) where ``module`` rotates it (OFT, BOFT), else None: every rewrite
-    rotates the weights copied at inject, never what an earlier swap wrote."""
+    ``[in, out]`` transposed) where ``module``'s ``ΔW`` is built from it (OFT, BOFT, (IA)^3,
+    GLoRA), else None: every rewrite starts from the weights copied at inject, never from what an
+    earlier swap wrote."""
     pristine = layer.pristine_weight
-    if not module.rotates or pristine is None:
+    if not module.reads_base or pristine is None:
         return None
     shape = (layer.spec.out_dim, *layer.spec.a_row_shape)
     return pristine.t() if layer.channel_dim() == 1 else pristine.reshape(shape)
@@ -566,7 +567,7 @@ class Merger:
                         bias = (b0.to(dtype) if bias is None else bias) + (c if f is None else f * c)
                     continue
                 shape = (layer.spec.out_dim, *layer.spec.a_row_shape)  # torch layout [out, in, *kernel]
-                delta = layer.weight_delta(build_delta(m, shape, dtype, device, _rotation_base(layer, m)))
+                delta = layer.weight_delta(build_delta(m, shape, dtype, device, _base_for(layer, m)))
                 weight = weight + s * delta.reshape(weight.shape)
                 if "dora_scale" in m.factors:  # LyCORIS' weight decomposition (alone on its layer)
                     weight = _decomposed(layer, weight, m).reshape(weight.shape)
@@ -700,7 +701,7 @@ class Merger:
                 folded = weight.to(dtype)  # what apply wrote
                 folded_bias = None
                 for module, s in items:
-                    delta = build_delta(module, shape, dtype, weight.device, _rotation_base(layer, module))
+                    delta = build_delta(module, shape, dtype, weight.device, _base_for(layer, module))
                     folded = folded + s * layer.weight_delta(delta)
                     if "dora_scale" in module.factors:  # LyCORIS' weight decomposition (alone on its layer)
                         folded = _decomposed(layer, folded, module)

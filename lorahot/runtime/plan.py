@@ -27,7 +27,7 @@ from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, FLOAT_DTYPES, LayerSpec, un
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
-from lorahot.runtime.deltas import delta_shape, lora_update_max, rotation_problem
+from lorahot.runtime.deltas import base_problem, delta_shape, lora_update_max
 from lorahot.runtime.flux_inputs import pad_embedder_input
 from lorahot.runtime.sharding import localize
 
@@ -368,9 +368,9 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
             "(convert the adapter to plain LoRA, or leave this module out)"
         ]
     shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.factors.items())
-    if module.rotates:
-        rotation = rotation_problem(module, (spec.out_dim, *spec.a_row_shape))
-        return [] if rotation is None else [f"{where}: its {module.kind} factors ({shapes}) do not fit: {rotation}"]
+    if module.reads_base:
+        problem = base_problem(module, (spec.out_dim, *spec.a_row_shape))
+        return [] if problem is None else [f"{where}: its {module.kind} factors ({shapes}) do not fit: {problem}"]
     contradiction = _contradiction(module)
     if contradiction is not None:
         return [f"{where}: its {module.kind} factors ({shapes}) contradict each other: {contradiction}"]
@@ -428,10 +428,14 @@ def _contradiction(module: WeightModule) -> str | None:
 
 def check_weight_values(name: str, module: WeightModule) -> list[str]:
     """The factors' dtypes and values (finite), and the alpha."""
-    for k, t in module.factors.items():
+    weights = {k: t for k, t in module.factors.items() if k != "on_input"}  # (IA)^3's flag: base_problem
+    for k, t in weights.items():
         if t.dtype not in WEIGHT_DTYPES or storage_problem(t) is not None:
             return [f"{_where(name, module)}: {k} is {storage_problem(t) or t.dtype}; weights must be dense floats"]
-    finite = _max_abs(list(module.factors.values()))
+    flag = module.factors.get("on_input")
+    if flag is not None and (why := storage_problem(flag)):
+        return [f"{_where(name, module)}: on_input is {why}"]
+    finite = _max_abs(list(weights.values()))
     if not bool(torch.isfinite(finite).all()):
         return [f"{_where(name, module)}: NaN or Inf in its {module.kind} factors"]
     return []

@@ -208,8 +208,8 @@ def _listed(parts: list[int]) -> str:
 
 def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
     """Whether checked adapters can share one slot: every layer's ranks add up to at most
-    ``max_rank``; a DoRA module (or an OFT/BOFT rotation) is alone on its layer; at most one
-    LoRA bias per layer.
+    ``max_rank``; a DoRA module (or one built from the base weight: OFT, BOFT, (IA)^3, GLoRA)
+    is alone on its layer; at most one LoRA bias per layer.
 
     Raises:
         AdapterMismatchError: naming every layer that does not fit, each part there (its
@@ -245,15 +245,16 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
 
 #: the fix for what :func:`shared_problems` finds
 SHARED_FIX = (
-    "Load an adapter with DoRA (or dora_scale), an OFT/BOFT or a LoRA bias alone, or stack it with adapters that "
-    "leave its layers."
+    "Load an adapter with DoRA (or dora_scale), an OFT/BOFT, (IA)^3 or GLoRA, or a LoRA bias alone, or stack it "
+    "with adapters that leave its layers."
 )
 
 
 def shared_problems(by_layer: dict[str, list[tuple[int, LoraModule | WeightModule]]], sources: list[str]) -> list[str]:
     """For every layer that several parts load into (``by_layer``: layer -> ``(part, module)``
     pairs; ``sources``: how each part is named), what cannot share it: a DoRA module, a LyCORIS
-    module with weight decomposition, an OFT/BOFT rotation, a second LoRA bias."""
+    module with weight decomposition, a module built from the base weight (OFT, BOFT, (IA)^3,
+    GLoRA), a second LoRA bias."""
     return [p for name, items in by_layer.items() if len(items) > 1 for p in _shared(name, items, sources)]
 
 
@@ -282,15 +283,16 @@ def _shared(name: str, items: list[tuple[int, LoraModule | WeightModule]], sourc
         f"decomposition (dora_scale) on a layer parts {others} all load into; LyCORIS normalizes the weight that "
         "module alone makes"
         for p, m in items
-        if isinstance(m, WeightModule) and m.unit_scale and not m.rotates
+        if isinstance(m, WeightModule) and "dora_scale" in m.factors
     ]
     problems += [
         f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has a {m.kind} module on a layer parts "
-        f"{others} all load into; it rotates the weight it is applied to, so stacked with another update its "
-        "result depends on their order (LyCORIS and ComfyUI apply them one after the other, each to what the last "
-        "made), which a stack does not state"
+        f"{others} all load into; its update is built from the weight it is applied to (a rotation of it, a "
+        "scaling, or a product with it), so stacked with another update its result depends on their order "
+        "(LyCORIS and ComfyUI apply them one after the other, each to what the last made), which a stack does "
+        "not state"
         for p, m in items
-        if isinstance(m, WeightModule) and m.rotates
+        if isinstance(m, WeightModule) and m.reads_base
     ]
     biased = [p for p, m in _lora(items) if m.bias is not None]
     if len(biased) > 1:

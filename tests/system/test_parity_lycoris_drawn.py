@@ -1,17 +1,18 @@
 """Drawn LyCORIS networks against lycoris-lora as the oracle.
 
-Hypothesis draws an algorithm (LoRA/LoCon, LoHa, LoKr, full, DyLoRA, diagonal OFT, BOFT, and the
-kinds lorahot refuses: (IA)^3, GLoRA, T-LoRA), its options (ranks and alphas, ``factor``,
+Hypothesis draws an algorithm (LoRA/LoCon, LoHa, LoKr, full, DyLoRA, diagonal OFT, BOFT, (IA)^3,
+GLoRA, and T-LoRA, which lorahot refuses), its options (ranks and alphas, ``factor``,
 ``decompose_both``, ``use_tucker``, ``use_scalar``, weight decomposition on the output or the
 input channels, dropouts, ``bypass_mode``, ``full_matrix``, ``unbalanced_factorization``,
-``rs_lora``; OFT's and BOFT's ``constraint`` and ``rescaled``), one layer (a Linear with or
+``rs_lora``; OFT's and BOFT's ``constraint`` and ``rescaled``; (IA)^3's ``train_on_input``), one layer (a Linear with or
 without bias, a Conv1d or Conv2d with a kernel of 1 or 3, a stride, padding and dilation) and its
 sizes. The network is built with LyCORIS' own
 ``LycorisNetwork`` over the layer, every parameter is randomized (not LyCORIS' zero init),
 and ``save_weights`` writes the file, under LyCORIS' own ``lycoris_`` names, kohya's
 ``lora_unet_`` or ComfyUI's ``diffusion_model.``. lorahot loads it merged and unmerged: each
 load computes LyCORIS' eval forward (float64, within 1e-9 of its largest output) or is
-refused, typed, naming the kind and the fix.
+refused, typed, naming the kind and the fix ((IA)^3 loads in LyCORIS' and kohya's names, not in
+ComfyUI's, where ``<module>.weight`` names a model weight).
 
 The oracle is LyCORIS' forward at the drawn network multiplier (lorahot's ``scale=``; a module
 with weight decomposition is refused at any scale but 1), and for LoRA/LoCon and full diffs
@@ -53,15 +54,15 @@ lycoris = pytest.importorskip("lycoris")
 from lycoris import LycorisNetwork  # noqa: E402 - after the importorskip
 
 #: the kinds lorahot loads (LoRA/LoCon and DyLoRA as plain LoRA, the others in merged mode)
-LOADED = ("lora", "loha", "lokr", "full", "dylora", "diag-oft", "boft")
+LOADED = ("lora", "loha", "lokr", "full", "dylora", "diag-oft", "boft", "ia3", "glora")
 #: the kinds that rotate the base weight: merged mode at scale 1 only, LyCORIS' forward in float32
 ROTATIONS = ("diag-oft", "boft")
 #: the kinds lorahot refuses, and the words its refusal names them by
 REFUSED = {
-    "ia3": r"\(IA\)\^3",
-    "glora": r"GLoRA",
-    "tlora": r"T-LoRA",
+    "tlora": r"T-LoRA[\s\S]*use a LoRA",
 }
+#: (IA)^3 in ComfyUI's naming, where ``<module>.weight`` is a model weight's name (ComfyUI loads none)
+REFUSED_IA3 = r"\(IA\)\^3 weights[\s\S]*lorahot loads them in kohya naming"
 #: LycorisNetwork's class-level preset, put back after each network (apply_preset sets them)
 _PRESET_ATTRS = (
     "ENABLE_CONV",
@@ -155,6 +156,10 @@ def cases(draw: st.DrawFn) -> Case:
         options["block_size"] = draw(st.sampled_from([b for b in (1, 2, 4) if dim % b == 0]))
     if algo in ("diag-oft", "boft"):
         options |= {"constraint": draw(st.sampled_from([0.0, 0.1])), "rescaled": draw(st.booleans())}
+    if algo == "ia3":
+        options["train_on_input"] = draw(st.booleans())
+    if algo == "glora":
+        options |= {"use_scalar": draw(st.booleans()), "bypass_mode": draw(st.booleans())}
     naming = draw(st.sampled_from(["lycoris", "kohya", "comfyui"]))
     multiplier = draw(st.sampled_from([1.0, 1.0, 0.5, -1.0, 2.0]))
     return Case(algo, layer, dim, alpha, options, naming, multiplier)
@@ -278,7 +283,13 @@ def _check(case: Case) -> None:
         with torch.no_grad():
             base_out = base(x)
         if case.algo in REFUSED:
-            _check_refused(case, base, path, x, base_out)
+            _check_refused(REFUSED[case.algo], base, path, x, base_out)
+            return
+        if case.algo == "ia3" and case.naming == "comfyui":
+            _check_refused(REFUSED_IA3, base, path, x, base_out)
+            return
+        if case.algo == "glora" and case.dim == case.layer.fan_in == case.layer.fan_out:
+            _check_ambiguous_glora(base, path, x, base_out)
             return
         if case.algo in ROTATIONS:
             _check_rotation(case, network, oracle_model, base, path, x, base_out)
@@ -359,11 +370,23 @@ def _check_rotation(
             assert torch.equal(model(x), base_out)
 
 
-def _check_refused(case: Case, base: nn.Module, path: Path, x: torch.Tensor, base_out: torch.Tensor) -> None:
+def _check_ambiguous_glora(base: nn.Module, path: Path, x: torch.Tensor, base_out: torch.Tensor) -> None:
+    """A GLoRA whose rank equals the layer's input and output size: ComfyUI reads it as the older
+    layout, LyCORIS as its own, so lorahot refuses it, merged or not."""
     for merged in (True, False):
         model = copy.deepcopy(base)
         runtime = lorahot.inject(model, ["0"], max_rank=32, merged=merged, extras=not merged)
-        with pytest.raises(lorahot.UnknownFormatError, match=rf"{REFUSED[case.algo]}[\s\S]*(use a LoRA|re-train)"):
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"the references disagree on its weight"):
+            runtime.load(path)
+        with torch.no_grad():
+            assert torch.equal(model(x), base_out)
+
+
+def _check_refused(why: str, base: nn.Module, path: Path, x: torch.Tensor, base_out: torch.Tensor) -> None:
+    for merged in (True, False):
+        model = copy.deepcopy(base)
+        runtime = lorahot.inject(model, ["0"], max_rank=32, merged=merged, extras=not merged)
+        with pytest.raises(lorahot.UnknownFormatError, match=why):
             runtime.load(path)
         with torch.no_grad():
             assert torch.equal(model(x), base_out)

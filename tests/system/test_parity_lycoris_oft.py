@@ -228,7 +228,7 @@ def test_rotations_are_refused_unmerged_and_beside_other_parts_on_a_layer() -> N
     }
     with pytest.raises(
         lorahot.AdapterMismatchError,
-        match=r"has a oft module on a layer parts 0, 1 all load into; it rotates the weight",
+        match=r"has a oft module on a layer parts 0, 1 all load into; its update is built from the weight",
     ):
         runtime.load([tensors, lora])
     assert torch.equal(model[0].weight, w0) and runtime.info() is None

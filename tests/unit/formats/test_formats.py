@@ -76,14 +76,14 @@ def test_locon_conv_kernel_in_down_and_1x1_up() -> None:
             r"kohya or ComfyUI naming",
         ),
         (
-            {"lora_unet_attn_to_k.weight": torch.ones(8), "lora_unet_attn_to_k.on_input": torch.tensor(0)},
+            {"lora_unet_attn_to_k.on_input": torch.tensor(0)},
             lorahot.UnknownFormatError,
-            r"lora_unet_attn_to_k\.on_input: LyCORIS \(IA\)\^3 weights",
+            r"lora_unet_attn_to_k \(lora_unet_attn_to_k\.on_input\): lacks weight",
         ),
         (
             {"lora_unet_attn_to_k.a1.weight": torch.ones(8, 2), "lora_unet_attn_to_k.bm.weight": torch.ones(8, 8)},
             lorahot.UnknownFormatError,
-            r"a1\.weight: LyCORIS GLoRA weights[\s\S]*bm\.weight: LyCORIS GLoRA weights",
+            r"lora_unet_attn_to_k \(.*a1\.weight.*\): lacks a2, b1, b2",
         ),
         (
             {
