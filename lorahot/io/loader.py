@@ -265,7 +265,30 @@ def _malformed_fields(adapter: Adapter) -> list[str]:
             found.append(f"{shown(key, 80)}: factor {bad[0][0]} is {bad[0][1]}")
         if w.alpha is not None and (isinstance(w.alpha, bool) or not isinstance(w.alpha, (int, float))):
             found.append(f"{shown(key, 80)}: WeightModule.alpha is {shown(w.alpha, 40)}, not None or a number")
+        elif isinstance(factors, dict) and (problem := _weight_kind_problem(w)) is not None:
+            found.append(f"{shown(key, 80)}: {problem}")
     return found
+
+
+def _weight_kind_problem(w: WeightModule) -> str | None:
+    """Why a hand-built :class:`WeightModule`'s kind, factor names or alpha cannot be built (as
+    :func:`_weight_modules` checks a file's), or None."""
+    if w.kind not in _KIND_NEEDS:
+        return f"WeightModule.kind is {shown(w.kind, 40)}, not one of {', '.join(_KIND_NEEDS)}"
+    need, may = _KIND_NEEDS[w.kind]
+    names = [[_FACTOR.get(r, r) for r in alts if r != "alpha"] for alts in need]
+    missing = [" or ".join(alts) for alts in names if alts and not any(a in w.factors for a in alts)]
+    if ("alpha",) in need and w.alpha is None:
+        missing.append("an alpha")
+    allowed = {n for alts in names for n in alts} | {_FACTOR.get(r, r) for r in may}
+    extra = sorted(set(w.factors) - allowed)
+    if missing or extra:
+        what = f"lacks {', '.join(missing)}" if missing else f"has factors its kind has not: {', '.join(extra)}"
+        return f"a WeightModule of kind {w.kind} that {what}"
+    rotates = w.kind in ROTATION_KINDS
+    if w.alpha is not None and not (math.isfinite(w.alpha) and (w.alpha >= 0 if rotates else w.alpha > 0)):
+        return f"WeightModule.alpha is {w.alpha:g}; it must be finite and {'>= 0' if rotates else '> 0'}"
+    return None
 
 
 def _unusable_storage(t: torch.Tensor) -> str | None:

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorahot
+from lorahot.adapter import WeightModule
 
 
 def _peft(rank: int = 2) -> dict[str, torch.Tensor]:
@@ -535,3 +536,38 @@ def test_component_header_configs_over_bare_modules_are_refused_unless_settled(t
         lorahot.read_adapter(_dir(tmp_path / "b", lokr, None, {"transformer.lora_alpha": 64}))
     settled = _dir(tmp_path / "c", bare, {"r": 2, "lora_alpha": 8}, {"transformer.r": 2, "transformer.lora_alpha": 8})
     assert lorahot.read_adapter(settled).modules["proj"].scale == 4.0
+
+
+_HAND_BUILT_WEIGHTS = [
+    ("unknown-kind", "bogus", {"x": torch.ones(2)}, None, r"WeightModule\.kind is 'bogus', not one of loha, lokr"),
+    ("loha-missing-factors", "loha", {"hada_w1_a": torch.ones(6, 2)}, None, r"kind loha that lacks hada_w1_b, hada"),
+    ("oft-without-blocks", "oft", {}, None, r"kind oft that lacks oft_blocks"),
+    ("ia3-without-flag", "ia3", {"weight": torch.ones(6)}, None, r"kind ia3 that lacks on_input"),
+    ("glora-missing", "glora", {"a1": torch.ones(8, 2)}, None, r"kind glora that lacks a2, b1, b2"),
+    ("kohya-oft-without-alpha", "kohya-oft", {"oft_blocks": torch.zeros(2, 3, 3)}, None, r"lacks an alpha"),
+    ("extra-factor", "oft", {"oft_blocks": torch.zeros(2, 3, 3), "hada_w1_a": torch.ones(6, 2)}, None,
+     r"kind oft that has factors its kind has not: hada_w1_a"),
+    ("nan-constraint", "oft", {"oft_blocks": torch.zeros(2, 3, 3)}, float("nan"), r"alpha is nan; it must be finite"),
+    ("negative-alpha", "loha", {f"hada_w{i}_{s}": torch.ones(6 if s == "a" else 2, 2 if s == "a" else 8)
+                                for i in (1, 2) for s in "ab"}, -1.0, r"alpha is -1; it must be finite and > 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "factors", "alpha", "match"), [c[1:] for c in _HAND_BUILT_WEIGHTS], ids=[c[0] for c in _HAND_BUILT_WEIGHTS]
+)
+def test_a_hand_built_weight_module_of_no_buildable_kind_is_refused(
+    kind: str, factors: dict[str, torch.Tensor], alpha: float | None, match: str
+) -> None:
+    """A hand-built ``WeightModule`` (an ``Adapter`` passed to ``load``) whose kind is unknown,
+    lacks a factor its kind needs, holds another kind's, or has an alpha no reader makes, is a
+    UsageError naming the module, before anything is written; merged mode built its ΔW and
+    failed on the missing factor (an UnexpectedError KeyError) or folded a NaN constraint."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6))
+    w0 = model[0].weight.detach().clone()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    module = WeightModule("0", kind, factors, alpha)
+    adapter = lorahot.Adapter({}, "kohya", "<built>", weights={"0": module})
+    with pytest.raises(lorahot.UsageError, match=rf"^<built>: not a usable lorahot\.Adapter:\n  - '0': [^\n]*{match}"):
+        runtime.load(adapter)
+    assert torch.equal(model[0].weight, w0) and runtime.info() is None
