@@ -176,8 +176,8 @@ def _fail(message: str) -> NoReturn:
 
 def _shapes(row: dict[str, Any]) -> tuple[str, str]:
     """The A and B columns: a LoRA's shapes, or a weight kind's factors (``name=shape``)."""
-    if "factors" in row:
-        return " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in row["factors"].items()), ""
+    if "factors" in row:  # a 0-d factor ((IA)^3's on_input) shows its shape as ()
+        return " ".join(f"{k}={'x'.join(map(str, v)) or '()'}" for k, v in row["factors"].items()), ""
     return "x".join(map(str, row["A"])), "x".join(map(str, row["B"]))
 
 

@@ -92,6 +92,12 @@ def test_inspect_names_ia3_and_glora(tmp_path: Path, capsys: pytest.CaptureFixtu
     table = json.loads(capsys.readouterr().out)["table"]
     rows = {r["module"]: (r["kind"], r["rank"], r["alpha"], r["scale"]) for r in table}
     assert rows == {"lora_unet_a": ("ia3", 0, None, 1.0), "lora_unet_b": ("glora", 4, 2.0, 0.5)}
+    assert main(["inspect", str(tmp_path / "both.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert "(glora, ia3: load with inject(..., merged=True))" in text
+    assert [line.split() for line in text.splitlines() if line.startswith("lora_unet_a")] == [
+        ["lora_unet_a", "ia3", "0", "-", "1", "on_input=()", "weight=24"]
+    ]
 
 
 def test_ia3_and_glora_are_refused_unmerged_and_beside_other_parts_on_a_layer() -> None:
