@@ -483,9 +483,15 @@ class Merger:
         for p, plan in enumerate(stack.parts):
             own = [n for n in over if self._overflows(stack, n, [t for t in terms[n] if t[0] == p], ones)]
             if own:
+                merged_only = any(isinstance(m, WeightModule) for n in own for q, m in terms[n] if q == p)
+                fix = (
+                    "re-save it with smaller values (its LyCORIS or diff modules load in merged mode only)"
+                    if merged_only
+                    else "inject without merged=True, or re-save it"
+                )
                 raise AdapterReadError(
                     format_problems(f"{plan.source}: merged weights would overflow the model's dtype in:", own)
-                    + "\nThe adapter's values are too large for merged mode; inject without merged=True, or re-save it."
+                    + f"\nThe adapter's values are too large for merged mode; {fix}."
                 )
         shown = f"{weights[0]:g}" if stack.single else "[" + ", ".join(f"{w:g}" for w in weights) + "]"
         raise UsageError(

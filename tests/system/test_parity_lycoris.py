@@ -637,7 +637,11 @@ def test_merged_weight_kind_that_overflows_float16_is_refused() -> None:
         lorahot.UsageError, match=r"scale=2: merged weights would overflow the model's dtype in:\n  - 0"
     ):
         runtime.load(big, scale=2.0)
-    with pytest.raises(lorahot.AdapterReadError, match=r"merged weights would overflow the model's dtype in:\n  - 0"):
+    with pytest.raises(
+        lorahot.AdapterReadError,
+        match=r"merged weights would overflow the model's dtype in:\n  - 0\nThe adapter's values are too large for "
+        r"merged mode; re-save it with smaller values \(its LyCORIS or diff modules load in merged mode only\)\.$",
+    ):  # not "inject without merged=True": these modules load in merged mode only
         runtime.load({"lora_unet_0.diff": torch.full((24, 16), 1e6)})
     runtime.load(big, scale=0.5)  # within range: loads, folded from the pristine weights
     assert torch.equal(model[0].weight, (w0.float() + 30000.0).half())
