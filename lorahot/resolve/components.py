@@ -72,18 +72,23 @@ T5_PREFIXES = ("lora_te3_", "text_encoders.t5xxl.transformer.")
 _T5_ELSEWHERE = "text_encoder_2"
 
 
-def route(key: str, components: tuple[str, ...]) -> tuple[str | None, str]:
+def route(key: str, components: tuple[str, ...], denoiser: str | None = None) -> tuple[str | None, str]:
     """``(component, prefix)`` for a module key: the component is None when the runtime lacks
     the one the prefix names (``prefix`` says which; ``""`` for a key without a prefix).
 
     A key that starts with one of ``components`` and a dot goes to that component (the longest
     such name), unless a longer prefix of :data:`ROUTES` starts it: a module for a component the
     runtime holds never lands in another one whose module paths it shares (a ControlNet's down
-    blocks are the UNet's)."""
+    blocks are the UNet's). ``denoiser`` (one of ``components``; the caller checks it) takes
+    every module that would go to a :data:`DENOISER` (``unet.``, ``transformer.``,
+    ``diffusion_model.``, ``lora_unet_``, no prefix): a Wan 2.2 pipeline's ``transformer_2``
+    takes its low-noise file, in the naming of the one transformer the file was trained for."""
     prefix, target = next(((p, c) for p, c in ROUTES if key.startswith(p)), ("", None))
     own = max((c for c in components if key.startswith(c + ".")), key=len, default=None)
     if own is not None and len(own) + 1 >= len(prefix):
-        return own, own + "."
+        target, prefix = own, own + "."
+    if denoiser is not None and (target is None or target in DENOISER):
+        return denoiser, prefix
     if target is None:
         target = next((c for c in DENOISER if c in components), DENOISER[0] + "/" + DENOISER[1])
     return (target if target in components else None), prefix
@@ -102,6 +107,7 @@ def resolve_components(
     skipped: list[str] | None = None,
     others: Sequence[str] = (),
     heads: Mapping[str, int] | None = None,
+    denoiser: str | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """:func:`lorahot.resolve.keys.resolve_all` over the layers ``<component>.<path>``.
 
@@ -113,6 +119,8 @@ def resolve_components(
         others: the other module paths of the models, ``<component>.<path>`` (see
             :func:`~lorahot.resolve.keys.resolve_all`).
         heads: the attention head sizes of the models' modules, by ``<component>.<path>``.
+        denoiser: the component that takes the modules a :data:`DENOISER` would (see
+            :func:`route`), one of ``components``; None: the runtime's own.
 
     Raises:
         AdapterMismatchError: modules for a component the runtime lacks (naming the prefix,
@@ -123,7 +131,7 @@ def resolve_components(
     entries: list[tuple[str, Module]] = [*adapter.modules.items(), *adapter.weights.items()]
     t5 = _t5_elsewhere([k for k, _ in entries], components, [*names, *others])
     for key, module in entries:
-        component, prefix = route(key, components)
+        component, prefix = route(key, components, denoiser)
         if component is None and prefix in T5_PREFIXES and t5:
             component = _T5_ELSEWHERE
         if component is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from lorahot.errors import UsageError, shown
 from lorahot.io.identity import source_identity
+from lorahot.resolve.components import DENOISER
 
 __all__ = [
     "READ_OPTIONS",
@@ -24,6 +25,8 @@ __all__ = [
     "is_sequence",
     "weights_of",
     "multiplier",
+    "denoisers_of",
+    "routed",
     "integer",
     "whole",
     "entries",
@@ -93,6 +96,10 @@ def is_strict(read_kwargs: dict[str, Any]) -> bool:
     return read_kwargs.get("strict") is not False
 
 
+#: the options that change what a read source loads as (``denoiser``: where its modules go)
+_SHAPING = ("config", "prefix", "key_map", "fuse", "strict", "split", "denoiser")
+
+
 def source_key(source: Any, read_kwargs: dict[str, Any]) -> str | None:
     """Cache key of a local path or Hub id: its identity (which files, their size and mtime;
     :func:`lorahot.io.identity.source_identity`) and the options that shape what is read.
@@ -100,7 +107,7 @@ def source_key(source: Any, read_kwargs: dict[str, Any]) -> str | None:
     identity = source_identity(source, **read_kwargs)
     if identity is None:
         return None
-    shaping = {k: v for k, v in read_kwargs.items() if k in ("config", "prefix", "key_map", "fuse", "strict", "split")}
+    shaping = {k: v for k, v in read_kwargs.items() if k in _SHAPING}
     try:
         return identity + "".join(f"|{k}={shaping[k]!r}" for k in sorted(shaping))  # whole: a key, not a message
     except Exception:  # a user object whose repr fails: not cached
@@ -212,6 +219,65 @@ def multiplier(value: object, name: str = "scale") -> float:
     if not math.isfinite(v):
         raise UsageError(f"{name}={shown(value, 40)} must be finite.")
     return v
+
+
+def denoisers_of(
+    value: object, n: int, components: tuple[str, ...], holder: str = "the load has"
+) -> tuple[str | None, ...]:
+    """The component each of ``n`` parts sends its denoiser modules to
+    (:func:`lorahot.resolve.components.route`), None for the runtime's own denoiser (its
+    ``unet``, else its ``transformer``): ``value`` is None, one component name (every part's),
+    or a list or tuple of ``n`` names or Nones, as ``scale`` is one weight or one per part.
+
+    Raises:
+        UsageError: a runtime over one model (nothing to choose); a name that is no component
+            of the runtime (naming its components); anything else than a str or None; a list of
+            another length.
+    """
+    if not is_sequence(value):
+        return (_denoiser(value, "denoiser", components),) * n
+    assert isinstance(value, Sequence)  # for mypy: checked just above
+    names = entries(value, "denoiser", "a list of component names, one per part")
+    if len(names) != n:
+        raise UsageError(
+            f"denoiser has {len(names)} entr{'ies' if len(names) != 1 else 'y'} but {holder} {n} "
+            f"part{'s' if n != 1 else ''}; pass one component name (or None) per part, in the order loaded, or one "
+            "name for all."
+        )
+    return tuple(_denoiser(v, f"denoiser[{i}]", components) for i, v in enumerate(names))
+
+
+def routed(read_kwargs: dict[str, Any], denoiser: str | None) -> dict[str, Any]:
+    """One part's options: the read options, and its ``denoiser`` where it is not the
+    runtime's own. It shapes what the part loads as, as a read option does: it keys the host
+    cache (:func:`source_key`), and a prepared adapter or a preload key refuses it."""
+    return read_kwargs if denoiser is None else {**read_kwargs, "denoiser": denoiser}
+
+
+def _denoiser(value: object, name: str, components: tuple[str, ...]) -> str | None:
+    """One part's denoiser component (None: the runtime's own), checked against ``components``."""
+    if value is None:
+        return None
+    if not components:
+        raise UsageError(
+            f"{name}={shown(value, 80)}: this runtime serves one model, which takes every module of a file; "
+            "denoiser= picks a component of a runtime over several models (a pipeline). Load without it."
+        )
+    if not isinstance(value, str):
+        raise UsageError(
+            f"{name}={shown(value, 80)} must be a component name (a str) or None, not {type(value).__name__}; "
+            f"the components are {', '.join(components)}."
+        )
+    value = text(value)
+    if value not in components:
+        raise UsageError(
+            f"{name}={shown(value, 80)} is no component of this runtime, whose components are "
+            f"{', '.join(components)}. Name the one that takes the file's denoiser modules (diffusers' unet. or "
+            "transformer., diffusion_model., lora_unet_, keys without a prefix), e.g. denoiser='transformer_2' for "
+            "the low-noise file of a Wan 2.2 pipeline."
+        )
+    default = next((c for c in DENOISER if c in components), None)
+    return None if value == default else value
 
 
 def whole(value: object, label: str) -> int | None:

@@ -51,12 +51,14 @@ from lorahot.runtime.agreement import Agreement
 from lorahot.runtime.aliases import own_storages, unaliased
 from lorahot.runtime.arguments import (
     check_read_options,
+    denoisers_of,
     integer,
     is_sequence,
     is_strict,
     multiplier,
     parts_of,
     refuse_stack,
+    routed,
     source_key,
     text,
     weights_of,
@@ -342,6 +344,7 @@ class LoraRuntime:
         *,
         slot: int = 0,
         scale: float | Sequence[float] = 1.0,
+        denoiser: str | Sequence[str | None] | None = None,
         **read_kwargs: Any,
     ) -> AdapterInfo:
         """Copies an adapter, or a stack of several, into ``slot`` in place; the model uses it
@@ -363,6 +366,13 @@ class LoraRuntime:
             slot: which slot to fill.
             scale: a multiplier on every module's ``alpha / r``: a finite real number. For a
                 stack, one number for every part, or a sequence of one weight per part.
+            denoiser: on a runtime over several models, the component that takes the
+                denoiser modules of the file (the keys that would go to its ``unet``, else its
+                ``transformer``: diffusers' ``unet.``/``transformer.``, ``diffusion_model.``,
+                ``lora_unet_``, keys without a prefix), such as ``"transformer_2"`` for the
+                low-noise file of a Wan 2.2 pipeline (diffusers' ``load_into_transformer_2``);
+                None: the runtime's own. For a stack, one name for every part, or a list of
+                one name (or None) per part: a stack's parts may go to different components.
             read_kwargs: passed to :func:`lorahot.read_adapter` (for a stack, for every part):
                 ``revision``, ``subfolder``, ``token``, ``weight_name`` (where to read),
                 ``config`` (PEFT config fields), ``prefix``, ``key_map``, ``fuse`` and
@@ -387,7 +397,7 @@ class LoraRuntime:
                 Every part is checked before anything is written: nothing changed.
         """
         with _gc_paused(), self._reading():
-            return self._load(source, slot, scale, read_kwargs)
+            return self._load(source, slot, scale, denoiser, read_kwargs)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
@@ -404,10 +414,15 @@ class LoraRuntime:
                 self._read_buffers.used()
 
     def _load(
-        self, source: One | Sequence[One], slot: int, scale: float | Sequence[float], read_kwargs: dict[str, Any]
+        self,
+        source: One | Sequence[One],
+        slot: int,
+        scale: float | Sequence[float],
+        denoiser: object,
+        read_kwargs: dict[str, Any],
     ) -> AdapterInfo:
         checked = self._agreed(
-            lambda: self._check_load(source, slot, scale, read_kwargs),
+            lambda: self._check_load(source, slot, scale, denoiser, read_kwargs),
             "load",
             lambda c: {
                 "arguments": fingerprint.arguments(c[0], c[3]),  # slot, weights
@@ -490,7 +505,12 @@ class LoraRuntime:
         self._remerge(slot)
 
     def _check_load(
-        self, source: One | Sequence[One], slot: int, scale: float | Sequence[float], read_kwargs: dict[str, Any]
+        self,
+        source: One | Sequence[One],
+        slot: int,
+        scale: float | Sequence[float],
+        denoiser: object,
+        read_kwargs: dict[str, Any],
     ) -> tuple[int, list[Adapter], Stack, tuple[float, ...], bool, Callable[[bool], bool], list[PreparedAdapter]]:
         """Every check of a load, nothing written (a prepared adapter's upload into the read
         buffers starts here, beside the checks: the model reads nothing there): the slot, the
@@ -500,7 +520,8 @@ class LoraRuntime:
         sources, listed = parts_of(source)
         weights = weights_of(scale, len(sources)) if listed else (multiplier(scale),)
         check_read_options(read_kwargs, self.components)
-        found = [self._cached(s, read_kwargs) for s in sources]
+        options = [routed(read_kwargs, d) for d in denoisers_of(denoiser, len(sources), self.components)]
+        found = [self._cached(s, o) for s, o in zip(sources, options)]
         hits = [h for s, h in zip(sources, found, strict=True) if h is not None and not isinstance(s, PreparedAdapter)]
         prepared = found[0] if len(found) == 1 else None
         buffers = self._read_buffers
@@ -526,7 +547,7 @@ class LoraRuntime:
             return slot, [prepared.adapter], stack, weights, listed, write_packs, hits
         adapters, parts, fresh = [], [], []
         for k, (s, hit) in enumerate(zip(sources, found)):
-            adapter, checked = self._part(s, hit, read_kwargs, k)
+            adapter, checked = self._part(s, hit, options[k], k)
             adapters.append(adapter)
             parts.append(checked)
             if hit is None:
@@ -586,7 +607,10 @@ class LoraRuntime:
         """The adapter ``source`` holds, and the reader's recipe it was assembled from (or
         None); on a tensor-parallel model, each rank reads only its slice of the sharded
         factors from a file (:mod:`lorahot.runtime.sharding`). With ``part`` (a load's), a
-        file lands in the runtime's read buffers for that part (:mod:`lorahot.io.read_buffers`)."""
+        file lands in the runtime's read buffers for that part (:mod:`lorahot.io.read_buffers`).
+        ``read_kwargs`` may hold a ``denoiser`` (:func:`routed`): where modules go, not a read option."""
+        read_kwargs = dict(read_kwargs)
+        denoiser = read_kwargs.pop("denoiser", None)
         if self._agreement is None:
             recipe: list[object] = []
             lent = self._read_buffers.lend(part) if self._read_buffers is not None and part is not None else None
@@ -602,6 +626,7 @@ class LoraRuntime:
                     self.components,
                     self._others,
                     self._heads,
+                    denoiser,
                 )
 
             with lent or contextlib.nullcontext(), largest_tensor(self._largest):
@@ -609,7 +634,7 @@ class LoraRuntime:
             return adapter, recipe[0] if recipe else None
 
         def slicer(meta: Adapter, keys: Mapping[int, str]) -> Slices:
-            return file_slices(meta, keys, self._specs, self.components, self._others)
+            return file_slices(meta, keys, self._specs, self.components, self._others, denoiser)
 
         with largest_tensor(self._largest):
             return read_adapter_sliced(source, slicer, device=device, **read_kwargs), None
@@ -617,8 +642,9 @@ class LoraRuntime:
     def _validated(self, adapter: Adapter, recipe: object | None, stage: bool, read_kwargs: dict[str, Any]) -> Checked:
         """:func:`validate` of a read adapter (with the plan of its recipe's skeleton, if
         known: :mod:`lorahot.runtime.skeleton`), then :meth:`_check_kinds`."""
-        strict = is_strict(read_kwargs)
-        known, skeleton = self._skeletons.lookup(recipe, strict) if recipe is not None else (True, None)
+        strict, denoiser = is_strict(read_kwargs), read_kwargs.get("denoiser")
+        routing = (strict, denoiser)  # what the plan of a recipe depends on besides the recipe
+        known, skeleton = self._skeletons.lookup(recipe, routing) if recipe is not None else (True, None)
         checked = validate(
             adapter,
             self.buffers,
@@ -632,10 +658,11 @@ class LoraRuntime:
             others=self._others,
             merged=self._merger is not None,
             heads=self._heads,
+            denoiser=denoiser,
         )
         self._check_kinds(checked.plan)
         if not known:
-            self._skeletons.put(recipe, strict, Skeleton.of(checked.plan, adapter))
+            self._skeletons.put(recipe, routing, Skeleton.of(checked.plan, adapter))
         return checked
 
     def _part(
@@ -675,7 +702,14 @@ class LoraRuntime:
         )
 
     @public_api
-    def preload(self, source: Source | Adapter, *, key: str | None = None, **read_kwargs: Any) -> PreparedAdapter:
+    def preload(
+        self,
+        source: Source | Adapter,
+        *,
+        key: str | None = None,
+        denoiser: str | None = None,
+        **read_kwargs: Any,
+    ) -> PreparedAdapter:
         """Reads, checks and packs an adapter into the host cache without touching the model.
 
         The checks are :meth:`load`'s own (one validation path), so a preloaded adapter always
@@ -686,10 +720,12 @@ class LoraRuntime:
         then only copies: one host-to-device copy per arena, then (on a GPU) one row copy per
         buffer and one write of the scales, none blocking the host. Safe to call from any thread.
         Takes one adapter (preload each part of a stack, then ``load([...])`` stacks them
-        from the cache). Raises what :meth:`load` raises.
+        from the cache), and ``denoiser`` as :meth:`load` takes it for one adapter: the
+        prepared adapter keeps that routing (each part of a stack of prepared adapters keeps
+        its own). Raises what :meth:`load` raises.
         """
         prepared, cache, named = self._agreed(
-            lambda: self._preload(source, key, read_kwargs),
+            lambda: self._preload(source, key, denoiser, read_kwargs),
             "preload",
             lambda p: {"arguments": fingerprint.arguments(key), **fingerprint.plans([p[0].plan], self.layers)},
         )
@@ -707,13 +743,14 @@ class LoraRuntime:
         return prepared
 
     def _preload(
-        self, source: Source | Adapter, key: str | None, read_kwargs: dict[str, Any]
+        self, source: Source | Adapter, key: str | None, denoiser: object, read_kwargs: dict[str, Any]
     ) -> tuple[PreparedAdapter, bool, str | None]:
         """Every check of :meth:`preload`: the prepared adapter, whether to cache it, and the key
         it is cached under if it is a name of its own (not its source's path)."""
         refuse_stack(source, "preload")
         source = text(source)
         check_read_options(read_kwargs, self.components)
+        read_kwargs = routed(read_kwargs, denoisers_of(denoiser, 1, self.components)[0])
         key = _cache_key(key)
         self._check_usable(base=False)
         if key is not None and isinstance(source, (str, os.PathLike)) and _same_path(key, source):
@@ -731,7 +768,7 @@ class LoraRuntime:
 
     @public_api
     def prefetch(
-        self, source: Source | Adapter, *, key: str | None = None, **read_kwargs: Any
+        self, source: Source | Adapter, *, key: str | None = None, denoiser: str | None = None, **read_kwargs: Any
     ) -> Future[PreparedAdapter]:
         """:meth:`preload` on a background thread; the future raises what preload raises.
 
@@ -744,12 +781,13 @@ class LoraRuntime:
                 "runtime.preload(...) on every rank instead."
             )
         check_read_options(read_kwargs, self.components)
+        denoisers_of(denoiser, 1, self.components)
         key = _cache_key(key)
         with self._executor_lock:
             self._check_usable(placement=False)  # under the lock: eject cannot slip in between
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahot-prefetch")
-            return self._executor.submit(self.preload, source, key=key, **read_kwargs)
+            return self._executor.submit(self.preload, source, key=key, denoiser=denoiser, **read_kwargs)
 
     def _counts(self, ranks: dict[str, int]) -> dict[str, int]:
         """Per component, how many of the layers in ``ranks`` it has (empty for a single model)."""

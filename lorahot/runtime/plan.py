@@ -206,6 +206,7 @@ def plan_load(
     components: tuple[str, ...] = (),
     others: tuple[str, ...] = (),
     heads: Mapping[str, int] | None = None,
+    denoiser: str | None = None,
 ) -> LoadPlan:
     """Resolves and checks ``adapter`` for the layers ``specs`` whose storage ``buffers`` holds.
 
@@ -215,7 +216,8 @@ def plan_load(
     :attr:`LoadPlan.skipped`; an adapter of which nothing is left is still refused. With
     ``components`` (a runtime over several models, layers named ``<component>.<path>``) each
     module is first routed to its component by its prefix
-    (:func:`lorahot.resolve.components.resolve_components`). ``others``: the model's module
+    (:func:`lorahot.resolve.components.resolve_components`; ``denoiser``: the component that
+    takes the denoiser's modules, None for the runtime's own). ``others``: the model's module
     paths that are not injected layers, which keys may name but never land beside
     (:func:`lorahot.resolve.keys.resolve_all`); ``heads``: the attention head sizes its modules
     state, by path (:func:`lorahot.resolve.keys.head_sizes`).
@@ -227,8 +229,9 @@ def plan_load(
         AdapterReadError: values no model could take: non-float dtypes, alpha <= 0 or not
             finite, a scale ``alpha / r`` beyond the range of the layer's scale buffer.
     """
+    limit = buffers.max_rank
     targets, weights, unplaced = _fit(
-        adapter, buffers, specs, weight_of, strict, extras_refusal, components, others, buffers.max_rank, heads
+        adapter, buffers, specs, weight_of, strict, extras_refusal, components, others, limit, heads, denoiser
     )
     unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
     unreadable += [p for name, w in weights.items() for p in check_weight_values(name, w)]
@@ -268,6 +271,7 @@ def check_fit(
     components: tuple[str, ...] = (),
     others: tuple[str, ...] = (),
     heads: Mapping[str, int] | None = None,
+    denoiser: str | None = None,
 ) -> None:
     """The checks of :func:`plan_load` that read no value: the keys map onto injected layers,
     and the shapes fit them. Runs on an adapter read from its header alone (``device="meta"``),
@@ -279,7 +283,7 @@ def check_fit(
     Raises:
         AdapterMismatchError: as :func:`plan_load`.
     """
-    _fit(adapter, buffers, specs, None, strict, extras_refusal, components, others, _NO_RANK_LIMIT, heads)
+    _fit(adapter, buffers, specs, None, strict, extras_refusal, components, others, _NO_RANK_LIMIT, heads, denoiser)
 
 
 #: the rank limit :func:`check_fit` checks against: none (see there)
@@ -297,12 +301,13 @@ def _fit(
     others: tuple[str, ...],
     rank_limit: int,
     heads: Mapping[str, int] | None = None,
+    denoiser: str | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule], list[str] | None]:
     """The adapter's modules resolved onto the layers (LoRA, other kinds, the keys left out
     where not ``strict``), every problem of fit raised at once; ranks against ``rank_limit``."""
     unplaced: list[str] | None = None if strict else []
     if components:
-        targets, weights = resolve_components(adapter, list(specs), components, unplaced, others, heads)
+        targets, weights = resolve_components(adapter, list(specs), components, unplaced, others, heads, denoiser)
     else:
         targets, weights = resolve_all(adapter, list(specs), unplaced, others, heads)
     if not targets and not weights and unplaced:
@@ -630,6 +635,7 @@ def validate(
     others: tuple[str, ...] = (),
     merged: bool = False,
     heads: Mapping[str, int] | None = None,
+    denoiser: str | None = None,
 ) -> Checked:
     """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
@@ -649,12 +655,16 @@ def validate(
         merged: the runtime is in merged mode, whose buffers take the weights' dtype (the fix a
             refusal names is then another model dtype, or unmerged buffers of a wider one).
         heads: the attention head sizes of the model's modules (see :func:`plan_load`).
+        denoiser: with ``components``, the one that takes the adapter's denoiser modules
+            (:func:`lorahot.resolve.components.route`); None: the runtime's own.
 
     Raises:
         AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
             weight, or values beyond the range of the arena's dtype. Nothing has been written.
     """
-    plan = planned or plan_load(adapter, buffers, specs, weight_of, strict, extras_refusal, components, others, heads)
+    plan = planned or plan_load(
+        adapter, buffers, specs, weight_of, strict, extras_refusal, components, others, heads, denoiser
+    )
     entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
     extras = _extras(plan, buffers, stage)
     _check_range(plan, buffers, entries, merged)

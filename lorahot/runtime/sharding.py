@@ -72,17 +72,18 @@ def file_slices(
     specs: Mapping[str, LayerSpec],
     components: tuple[str, ...] = (),
     others: tuple[str, ...] = (),
+    denoiser: str | None = None,
 ) -> Slices:
     """Which slice of which tensor of a file this rank reads: for every module of ``adapter``
     (read from the file's header: meta tensors, ``keys`` giving each one's key by ``id``) bound
     for a sharded layer of ``specs``, its sharded factor's slice, when that factor is a file
     tensor as it is (not one a naming built from several: those are read whole and cut by
-    :func:`localize`) and has the layer's full size. Modules that map onto no layer, or
-    ambiguously, are left to the planner, which reports them."""
+    :func:`localize`) and has the layer's full size (``denoiser``: as the load routes it).
+    Modules that map onto no layer, or ambiguously, are left to the planner, which reports them."""
     names = list(specs)
     try:
         if components:
-            targets, _ = resolve_components(adapter, names, components, [], others)
+            targets, _ = resolve_components(adapter, names, components, [], others, denoiser=denoiser)
         else:
             targets, _ = resolve_all(adapter, names, [], others)
     except Exception:  # the planner reports it, with the values read

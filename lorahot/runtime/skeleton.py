@@ -4,10 +4,11 @@ resolving its keys or checking its shapes again.
 :func:`~lorahot.runtime.plan.plan_load` resolves an adapter's module keys to the injected
 layers and checks shapes, ranks, dtypes, alphas and the scales ``alpha / r``. For an adapter
 that :func:`lorahot.read_adapter` assembled from a recipe (the structure of a file: the same
-header and config give the same recipe), all of that follows from the recipe, ``strict`` and
-the runtime alone. :class:`Skeleton` keeps what the plan found (which module lands in which
-layer, the per-layer scales, ranks and bytes) and :meth:`Skeleton.plan` builds the same plan
-around a new adapter of the same recipe. The values are checked on every load (NaN, Inf,
+header and config give the same recipe), all of that follows from the recipe, ``strict``, the
+component that takes its denoiser modules (``load(..., denoiser=)``) and the runtime alone.
+:class:`Skeleton` keeps what the plan found (which module lands in which layer, the per-layer
+scales, ranks and bytes) and :meth:`Skeleton.plan` builds the same plan around a new adapter of
+the same recipe. The values are checked on every load (NaN, Inf,
 ranges: :func:`~lorahot.runtime.plan.validate`). A plan that depends on more than the
 structure gets no skeleton: a base-weight copy (compared with the model's weight), a DoRA
 magnitude or LoRA bias (refused or not by the layer's state), LyCORIS kinds, and modules the
@@ -25,7 +26,7 @@ import torch
 from lorahot.adapter import Adapter
 from lorahot.runtime.plan import LoadPlan
 
-__all__ = ["Skeleton", "Skeletons"]
+__all__ = ["Skeleton", "Skeletons", "Routing"]
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,13 @@ class Skeleton:
         )
 
 
+#: what a plan of a recipe depends on besides the recipe: ``strict``, and the component that
+#: takes the denoiser's modules (None: the runtime's own)
+Routing = tuple[bool, str | None]
+
+
 class Skeletons:
-    """One runtime's skeletons by recipe and ``strict``, the last :attr:`KEPT` (least recently
+    """One runtime's skeletons by recipe and :data:`Routing`, the last :attr:`KEPT` (least recently
     used dropped first), and the recipes found to have none. Thread-safe: preloads may run on
     any thread.
 
@@ -101,22 +107,22 @@ class Skeletons:
     KEPT = 32
 
     def __init__(self) -> None:
-        self._entries: OrderedDict[tuple[int, bool], tuple[object, Skeleton | None]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, Routing], tuple[object, Skeleton | None]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def lookup(self, recipe: object, strict: bool) -> tuple[bool, Skeleton | None]:
-        """Whether ``recipe`` was planned before (with this ``strict``), and its skeleton."""
+    def lookup(self, recipe: object, routing: Routing) -> tuple[bool, Skeleton | None]:
+        """Whether ``recipe`` was planned before (with this ``routing``), and its skeleton."""
         with self._lock:
-            found = self._entries.get((id(recipe), strict))
+            found = self._entries.get((id(recipe), routing))
             if found is None or found[0] is not recipe:
                 return False, None
-            self._entries.move_to_end((id(recipe), strict))
+            self._entries.move_to_end((id(recipe), routing))
             return True, found[1]
 
-    def put(self, recipe: object, strict: bool, skeleton: Skeleton | None) -> None:
-        """Keeps the skeleton of ``recipe`` (None: the recipe's plans have none)."""
+    def put(self, recipe: object, routing: Routing, skeleton: Skeleton | None) -> None:
+        """Keeps the skeleton of ``recipe`` planned with ``routing`` (None: its plans have none)."""
         with self._lock:
-            self._entries[(id(recipe), strict)] = (recipe, skeleton)
-            self._entries.move_to_end((id(recipe), strict))
+            self._entries[(id(recipe), routing)] = (recipe, skeleton)
+            self._entries.move_to_end((id(recipe), routing))
             while len(self._entries) > self.KEPT:
                 self._entries.popitem(last=False)

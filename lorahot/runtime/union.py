@@ -44,7 +44,7 @@ from lorahot.layers import LoRALayer, layer_class_for
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import head_sizes, resolve_all
 from lorahot.resolve.ldm import LDM_MARKER
-from lorahot.runtime.arguments import check_read_options, entries, text
+from lorahot.runtime.arguments import check_read_options, denoisers_of, entries, text
 from lorahot.runtime.components import components_of, is_several
 from lorahot.runtime.flux_inputs import pad_embedder_input
 from lorahot.runtime.inject import MAX_RANK_LIMIT
@@ -113,6 +113,7 @@ def plan_targets(
     model: nn.Module | Mapping[str, nn.Module] | Any | None = None,
     *,
     stacked: bool = False,
+    denoiser: str | Sequence[str | None] | None = None,
     **read_options: Any,
 ) -> TargetPlan:
     """The targets and ``max_rank`` that let every adapter in ``sources`` load, from headers.
@@ -131,6 +132,11 @@ def plan_targets(
         stacked: plan for loading all of ``sources`` together into one slot
             (``runtime.load(sources)``): each target's rank is the sum of the adapters' ranks
             there, not the largest.
+        denoiser: with several models, the component that takes each file's denoiser
+            modules, as ``runtime.load(..., denoiser=)`` takes it: one name for every source,
+            or a list of one name (or None: the pipeline's own ``unet``/``transformer``) per
+            source (``denoiser=[None, "transformer_2"]`` for a Wan 2.2 pipeline's high-noise
+            and low-noise files).
         **read_options: passed to :func:`lorahot.read_adapter` for every source (``prefix``,
             ``key_map``, ``fuse``, ``split``, ``config``, ``weight_name``, ``subfolder``,
             ``revision``, ``token``, ``strict``); ``device`` is not accepted (nothing is read
@@ -175,6 +181,13 @@ def plan_targets(
             "model must be a torch.nn.Module, a dict of component name -> nn.Module, an object with a `components` "
             f"mapping (a diffusers pipeline), or None; got {type(model).__name__}."
         )
+    if denoiser is not None and not several:
+        raise UsageError(
+            f"denoiser={shown(denoiser, 80)} picks a component of several models, and the plan has "
+            + ("no model" if model is None else "one model, which takes every module")
+            + ": pass the pipeline (or a dict of components) as model, or plan without denoiser=."
+        )
+    routes = denoisers_of(denoiser, len(items), tuple(components_of(model)[0]) if several else (), "sources has")
     strict = read_options.get("strict", True)
     adapters = [read_adapter(s, device="meta", **read_options) for s in items]
     skipped = [k for a in adapters for k in a.skipped]
@@ -205,6 +218,7 @@ def plan_targets(
             paths,
             stacked=stacked,
             heads=heads,
+            routes=routes,
         )
         ranks = {n: ranks[n] for n in layers if n in ranks}  # model order
         groups = [layers[n].spec.groups for n in ranks]
@@ -339,6 +353,7 @@ def _model_ranks(
     paths: Container[str] = (),
     stacked: bool = False,
     heads: Mapping[str, int] | None = None,
+    routes: Sequence[str | None] = (),
 ) -> dict[str, int]:
     """Model module name -> the largest rank any adapter loads there (``combine`` of the
     ranks), after checking every adapter's keys and shapes against the model as ``load`` would
@@ -347,7 +362,8 @@ def _model_ranks(
     component as ``load`` routes it. ``stacked``: the adapters are a stack's parts, and what
     cannot share a layer with the other parts there is refused as ``load`` refuses it; ``heads``:
     the attention head sizes of the model's modules, as ``load`` reads them
-    (:func:`~lorahot.runtime.stack.shared_problems`)."""
+    (:func:`~lorahot.runtime.stack.shared_problems`); ``routes``: each adapter's ``denoiser``
+    component (None, or none given: the model's own)."""
     names = list(layers)
     ranks: dict[str, int] = {}
     problems: list[str] = []
@@ -357,7 +373,8 @@ def _model_ranks(
     for part, adapter in enumerate(adapters):
         # unknown, ambiguous or unroutable keys raise here
         if components:
-            lora, weights = resolve_components(adapter, names, components, skipped, heads=heads)
+            route = routes[part] if part < len(routes) else None
+            lora, weights = resolve_components(adapter, names, components, skipped, heads=heads, denoiser=route)
         else:
             lora, weights = resolve_all(adapter, names, skipped, heads=heads)
         for name, m in lora.items():

@@ -115,6 +115,9 @@ MISUSES = [
     Misuse("load_slot_str", lambda rig, tmp: rig.runtime.load(_t(rig), slot="1"), UsageError, r"^slot='1' is a str;"),
     Misuse("load_scale_str", lambda rig, tmp: rig.runtime.load(_t(rig), scale="1"), UsageError,
            r"^scale='1' is not a number: pass a finite real number \(a float\), not str\.$"),
+    Misuse("load_denoiser_one_model", lambda rig, tmp: rig.runtime.load(_t(rig), denoiser="transformer_2"),
+           UsageError, r"^denoiser='transformer_2': this runtime serves one model, which takes every module of a "
+           r"file;"),
     Misuse("load_scale_nan", lambda rig, tmp: rig.runtime.load(_t(rig), scale=float("nan")), UsageError,
            r"^scale=nan must be finite\.$"),
     Misuse("load_scale_huge_int", lambda rig, tmp: rig.runtime.load(_t(rig), scale=10**400), UsageError,

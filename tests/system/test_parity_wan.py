@@ -9,6 +9,7 @@ is an error there), so the test gives alphas to the block modules.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -476,3 +477,55 @@ def test_wan_vace_blocks_land_on_diffusers_vace_layers(naming: str) -> None:
         match=rf"before_proj: matches no injected layer.*; the {naming} naming places it at vace_blocks\.0\.proj_in, ",
     ):
         lorahot_weights(tiny_wan, projections, names)
+
+
+def _wan22() -> Any:
+    """A tiny Wan 2.2 pipeline in float64: two transformers of one config (their weights apart)
+    and a tiny UMT5 text encoder; no VAE, tokenizer or scheduler (nothing here runs them)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.UMT5Config(vocab_size=32, d_model=D, d_kv=8, d_ff=FFN, num_layers=1, num_heads=2)
+    encoder = transformers.UMT5EncoderModel(config).double().eval()
+    high, low = tiny_wan().double(), tiny_wan().double()
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in low.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return diffusers.WanPipeline(
+        tokenizer=None, text_encoder=encoder, vae=None, scheduler=None, transformer=high, transformer_2=low,
+        boundary_ratio=0.875,
+    )  # fmt: skip
+
+
+def test_wan22_low_noise_file_goes_to_transformer_2_as_diffusers_load_into_transformer_2(tmp_path: Path) -> None:
+    """Wan 2.2 LoRAs come as a high-noise and a low-noise file, both in the plain Wan naming;
+    diffusers loads the second with ``load_lora_weights(..., load_into_transformer_2=True)``.
+    ``denoiser="transformer_2"`` does the same: every layer of both transformers as diffusers
+    leaves it, float64, alone or stacked with the high-noise file in one slot; the component a
+    file does not go to (and the text encoder) stays bitwise its base."""
+    high = {k: v.double() for k, v in wan_file(("lora_A", "lora_B"), seed=7).items()}
+    low = {k: v.double() for k, v in wan_file(("lora_down", "lora_up"), seed=8).items()}
+    paths = {name: tmp_path / f"{name}.safetensors" for name in ("high", "low")}
+    save_file(high, str(paths["high"]))
+    save_file(low, str(paths["low"]))
+    ids = torch.tensor([[1, 5, 7, 2]])
+    base, oracle, pipe = _wan22(), _wan22(), _wan22()
+    oracle.load_lora_weights({k: v.clone() for k, v in high.items()}, adapter_name="high")
+    oracle.load_lora_weights({k: v.clone() for k, v in low.items()}, adapter_name="low", load_into_transformer_2=True)
+    names = linears(tiny_wan())
+    expected = {c: weights(getattr(oracle, c), names) for c in ("transformer", "transformer_2")}
+    unchanged = {c: weights(getattr(base, c), names) for c in ("transformer", "transformer_2")}
+    with torch.no_grad():
+        encoded = base.text_encoder(ids).last_hidden_state
+    runtime = lorahot.inject(pipe, "all-linear", max_rank=8)
+    info = runtime.load(paths["low"], denoiser="transformer_2")
+    assert info.components["transformer"] == 0 and info.components["transformer_2"] == len(names)
+    assert_same(weights(pipe.transformer_2, names), expected["transformer_2"])
+    ours = weights(pipe.transformer, names)
+    assert all(torch.equal(ours[n], unchanged["transformer"][n]) for n in names)
+    assert not torch.equal(unchanged["transformer_2"][names[0]], expected["transformer_2"][names[0]])
+    runtime.load([paths["high"], paths["low"]], denoiser=[None, "transformer_2"])
+    for c in ("transformer", "transformer_2"):
+        assert_same(weights(getattr(pipe, c), names), expected[c])
+    with torch.no_grad():
+        assert torch.equal(pipe.text_encoder(ids).last_hidden_state, encoded)

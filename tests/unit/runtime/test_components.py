@@ -448,3 +448,136 @@ def test_a_component_compiled_before_inject_is_the_same_component() -> None:
     pipe.unet = _Unet()
     with pytest.raises(UsageError, match=r"component 'unet' of the pipeline was replaced"):
         runtime.load(sd)
+
+
+def _two_denoisers() -> dict[str, nn.Module]:
+    """A Wan 2.2-like pipeline in float64: two transformers of the same module paths and a
+    text encoder."""
+    torch.manual_seed(0)
+    block = lambda: nn.ModuleDict({"to_q": nn.Linear(8, 8), "to_k": nn.Linear(8, 8)})  # noqa: E731
+    models = {"transformer": block(), "transformer_2": block(), "text_encoder": _encoder()}
+    return {c: m.double() for c, m in models.items()}
+
+
+def _denoised(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        return {c: models[c]["to_k"](models[c]["to_q"](x)) for c in ("transformer", "transformer_2")}
+
+
+def _denoiser_reference(models: dict[str, nn.Module], parts: dict[str, list[tuple[dict, str, float]]]) -> dict:
+    """Each transformer's output with the LoRAs ``parts[component]`` (file, key prefix, weight)
+    added to its own base weights, densely in float64 (alpha = rank: scale 1)."""
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = {}
+    for c in ("transformer", "transformer_2"):
+        h = x
+        for layer in ("to_q", "to_k"):
+            base = models[c][layer]
+            base = getattr(base, "base_layer", base)
+            w = base.weight.clone()
+            for file, head, weight in parts.get(c, []):
+                if f"{head}{layer}.lora_A.weight" in file:
+                    w += weight * file[f"{head}{layer}.lora_B.weight"] @ file[f"{head}{layer}.lora_A.weight"]
+            h = h @ w.T + base.bias
+        out[c] = h.detach()
+    return out
+
+
+@pytest.mark.parametrize("head", ["transformer.", "diffusion_model.", ""], ids=["diffusers", "bfl", "bare"])
+def test_denoiser_sends_a_files_denoiser_modules_to_the_component_named(head: str) -> None:
+    """A Wan 2.2 pipeline's two transformers take a high-noise and a low-noise file, both in
+    the naming of the one transformer they were trained for: ``denoiser=`` names the component
+    that takes a file's denoiser modules (diffusers' ``load_into_transformer_2=True``), for one
+    adapter, for each part of a stack, through preload and the host cache, and in a plan."""
+    models = _two_denoisers()
+    base = _denoised(models)
+    runtime = lorahot.inject(models, ["to_q", "to_k", "q_proj"], max_rank=4)
+    high = {k: v.double() for k, v in _lora([f"{head}to_q", f"{head}to_k"], seed=1).items()}
+    low = {k: v.double() for k, v in _lora([f"{head}to_q"], seed=2).items()}
+    info = runtime.load(low, denoiser="transformer_2")
+    assert info.components == {"transformer": 0, "transformer_2": 1, "text_encoder": 0}
+    out = _denoised(models)
+    assert torch.equal(out["transformer"], base["transformer"])  # the other transformer: bitwise base
+    want = _denoiser_reference(models, {"transformer_2": [(low, head, 1.0)]})
+    torch.testing.assert_close(out["transformer_2"], want["transformer_2"], rtol=1e-12, atol=1e-12)
+    info = runtime.load([high, low], scale=[0.5, 2.0], denoiser=[None, "transformer_2"])
+    assert [p.components["transformer_2"] for p in info.parts] == [0, 1] and info.components["transformer"] == 2
+    want = _denoiser_reference(models, {"transformer": [(high, head, 0.5)], "transformer_2": [(low, head, 2.0)]})
+    out = _denoised(models)
+    for c in want:
+        torch.testing.assert_close(out[c], want[c], rtol=1e-12, atol=1e-12)
+    both = runtime.load([high, high], denoiser=["transformer", "transformer_2"])  # one file into both
+    assert both.components == {"transformer": 2, "transformer_2": 2, "text_encoder": 0}
+    prepared = runtime.preload(low, denoiser="transformer_2")  # the prepared adapter keeps its routing
+    assert runtime.load([runtime.preload(high), prepared], scale=[0.5, 2.0]).components["transformer_2"] == 1
+    assert all(torch.equal(out[c], v) for c, v in _denoised(models).items())
+    plan = lorahot.plan_targets([high, low], _two_denoisers(), stacked=True, denoiser=[None, "transformer_2"])
+    assert plan.targets == {"transformer": ["to_q", "to_k"], "transformer_2": ["to_q"]}
+
+
+def test_denoiser_keys_the_host_cache_and_the_plans_of_a_file_read_again(tmp_path) -> None:
+    """The same file loaded into one transformer, then into the other: neither the host cache
+    nor the plan kept for the file's structure hands back the first routing."""
+    from safetensors.torch import save_file
+
+    models = _two_denoisers()
+    base = _denoised(models)
+    runtime = lorahot.inject(models, ["to_q", "to_k", "q_proj"], max_rank=4)
+    save_file({k: v.double() for k, v in _lora(["diffusion_model.to_q"], seed=2).items()}, str(tmp_path / "a.st"))
+    path = tmp_path / "a.st"
+    runtime.preload(path)
+    for _ in range(2):
+        assert runtime.load(path).components["transformer"] == 1
+        assert runtime.load(path, denoiser="transformer_2").components == {
+            "transformer": 0,
+            "transformer_2": 1,
+            "text_encoder": 0,
+        }
+        assert torch.equal(_denoised(models)["transformer"], base["transformer"])
+
+
+def test_denoiser_misuse_is_refused_before_anything_changes() -> None:
+    models = _two_denoisers()
+    runtime = lorahot.inject(models, ["to_q", "to_k", "q_proj"], max_rank=4)
+    low = {k: v.double() for k, v in _lora(["transformer.to_q"], seed=2).items()}
+    runtime.load(low)
+    before = _denoised(models)
+    components = "transformer, transformer_2, text_encoder"
+    calls = [
+        (lambda: runtime.load(low, denoiser="transformer_3"),
+         rf"^denoiser='transformer_3' is no component of this runtime, whose components are {components}\. Name "
+         r"the one that takes the file's denoiser modules .*denoiser='transformer_2'"),
+        (lambda: runtime.load(low, denoiser=2),
+         rf"^denoiser=2 must be a component name \(a str\) or None, not int; the components are {components}\.$"),
+        (lambda: runtime.load([low, low], denoiser=["transformer_2"]),
+         r"^denoiser has 1 entry but the load has 2 parts; pass one component name \(or None\) per part"),
+        (lambda: runtime.load([low, low], denoiser=[None, "vae"]), r"^denoiser\[1\]='vae' is no component"),
+        (lambda: runtime.load(runtime.preload(low), denoiser="transformer_2"),
+         r"^read options \(denoiser\) do not apply to a PreparedAdapter, which was read already; pass them to "
+         r"preload instead\.$"),
+        (lambda: runtime.preload(low, denoiser="unet"), r"^denoiser='unet' is no component"),
+        (lambda: runtime.prefetch(low, denoiser="unet"), r"^denoiser='unet' is no component"),
+        (lambda: lorahot.plan_targets(low, denoiser="transformer_2"),
+         r"^denoiser='transformer_2' picks a component of several models, and the plan has no model: pass the "
+         r"pipeline"),
+        (lambda: lorahot.inject(nn.Sequential(nn.Linear(8, 8)), "0", max_rank=2).load(low, denoiser="transformer_2"),
+         r"^denoiser='transformer_2': this runtime serves one model, which takes every module of a file"),
+    ]  # fmt: skip
+    for call, message in calls:
+        with pytest.raises(UsageError, match=message):
+            call()
+        assert all(torch.equal(v, _denoised(models)[c]) for c, v in before.items())
+    assert route("transformer.to_q", ("transformer", "transformer_2"), "transformer_2") == (
+        "transformer_2",
+        "transformer.",
+    )
+    assert route("transformer_2.to_q", ("transformer", "transformer_2"), "transformer") == (
+        "transformer_2",
+        "transformer_2.",
+    )
+    assert route("text_encoder.q", ("transformer", "text_encoder"), "transformer_2") == (
+        "text_encoder",
+        "text_encoder.",
+    )
+    assert route("lora_unet_to_q", ("transformer_2",), "transformer_2") == ("transformer_2", "lora_unet_")
