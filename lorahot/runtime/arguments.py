@@ -180,11 +180,12 @@ def text(value: object) -> Any:
 
 
 def weights_of(value: object, n: int, holder: str = "the stack has") -> tuple[float, ...]:
-    """One finite weight per part: ``value`` is one number (every part's) or a sequence of
-    ``n`` numbers.
+    """One finite weight per part: ``value`` is one number (every part's) or a list or tuple
+    of ``n`` numbers. One adapter is a stack of one part: ``[w]`` is its weight, as ``w`` is.
 
     Raises:
-        UsageError: not a number nor a sequence of numbers, or a sequence of another length.
+        UsageError: not a number nor a sequence of numbers (an array or a tensor is named as
+            such, with ``.tolist()`` as the fix), or a sequence of another length.
     """
     if not is_sequence(value):
         return (multiplier(value),) * n
@@ -199,14 +200,12 @@ def weights_of(value: object, n: int, holder: str = "the stack has") -> tuple[fl
 
 
 def multiplier(value: object, name: str = "scale") -> float:
-    """The user's scale as a float: a finite real number (not a bool, a str or a tensor)."""
+    """The user's scale as a float: a finite real number (a Python or NumPy scalar, not a bool,
+    a str, an array or a tensor)."""
     if type(value) is float and math.isfinite(value):  # the common case, checked in one step
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UsageError(
-            f"{name}={shown(value, 40)} is not a number: pass a finite real number (a float), "
-            f"not {type(value).__name__}."
-        )
+        raise UsageError(f"{name}={shown(value, 40)} {_not_a_number(value, name)}")
     try:
         v = float(value)
     except OverflowError:
@@ -219,6 +218,30 @@ def multiplier(value: object, name: str = "scale") -> float:
     if not math.isfinite(v):
         raise UsageError(f"{name}={shown(value, 40)} must be finite.")
     return v
+
+
+def _not_a_number(value: object, name: str) -> str:
+    """What is wrong with a scale that is no real number, and the fix. An array or a tensor
+    (anything with a ``dtype``, ``ndim`` and ``tolist``: not a ``memoryview``) is named as one:
+    lorahot takes plain numbers, read on the host, never a device value it would wait for."""
+    kind = type(value).__name__
+    try:
+        array = callable(getattr(value, "tolist", None)) and hasattr(value, "dtype")
+        ndim = value.ndim if array else None  # type: ignore[attr-defined]
+    except Exception:  # a property of the caller's object that raises: not an array lorahot can describe
+        ndim = None
+    if isinstance(ndim, int) and ndim == 0:
+        return f"is a 0-d {kind}, not a number: pass a Python float ({name}=float(value))."
+    if isinstance(ndim, int) and not name.startswith("scale["):
+        return (
+            f"is a {ndim}-d {kind}, not a list: pass one float, or a list (or tuple) of floats with one weight per "
+            f"part ({name}=value.tolist())."
+        )
+    if isinstance(ndim, int):
+        return f"is a {ndim}-d {kind}, not a number: each weight is one float."
+    if name.startswith("scale["):
+        return f"is not a number: pass a finite real number (a float), not {kind}."
+    return f"is not a number: pass a finite real number (a float), or a list of them, one per part; not {kind}."
 
 
 def denoisers_of(

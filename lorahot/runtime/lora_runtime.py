@@ -364,8 +364,10 @@ class LoraRuntime:
                 buffers, so in every layer the parts' ranks must add up to at most
                 ``max_rank`` (:func:`lorahot.plan_targets` with ``stacked=True`` plans that).
             slot: which slot to fill.
-            scale: a multiplier on every module's ``alpha / r``: a finite real number. For a
-                stack, one number for every part, or a sequence of one weight per part.
+            scale: a multiplier on every module's ``alpha / r``: a finite real number (a
+                Python or NumPy scalar), or a list (or tuple) of one weight per part: for a
+                stack, one per part; one adapter is a stack of one part, so ``[w]`` is ``w``.
+                Arrays and tensors are refused (pass ``.tolist()``).
             denoiser: on a runtime over several models, the component that takes the
                 denoiser modules of the file (the keys that would go to its ``unet``, else its
                 ``transformer``: diffusers' ``unet.``/``transformer.``, ``diffusion_model.``,
@@ -518,7 +520,7 @@ class LoraRuntime:
         the slot is live), and the host cache's entries it takes (marked used once it is)."""
         slot = self._slot(slot)
         sources, listed = parts_of(source)
-        weights = weights_of(scale, len(sources)) if listed else (multiplier(scale),)
+        weights = weights_of(scale, len(sources), "the stack has" if listed else "one adapter is a stack of")
         check_read_options(read_kwargs, self.components)
         options = [routed(read_kwargs, d) for d in denoisers_of(denoiser, len(sources), self.components)]
         found = [self._cached(s, o) for s, o in zip(sources, options)]
@@ -1073,17 +1075,19 @@ class LoraRuntime:
         """Sets the user multiplier of ``slot`` (default: the active slot). 0 turns its update
         off (a DoRA part keeps its magnitude rescale, as in PEFT).
 
-        ``value`` is one number (for a stack: the weight of every part) or a sequence of one
-        weight per part of the slot (a stack re-weighted). Only the slot's per-row scales are
+        ``value`` is one number (for a stack: the weight of every part) or a list (or tuple)
+        of one weight per part of the slot (a stack re-weighted; one adapter is a stack of one
+        part), as :meth:`load` takes ``scale``. Only the slot's per-row scales are
         rewritten (one copy per arena), with what follows from them (the wide layers' scaled
         rows, merged weights, DoRA factors): no file is read, no A or B is copied, a compiled
         model does not recompile.
 
         Raises:
             UsageError: ``value`` is not a finite real number (or a sequence of them as long as
-                the slot has parts), or times an adapter's ``alpha / r`` it leaves the scale
-                buffers' range; it is not 1 for a part holding a LyCORIS or kohya LoRA trained
-                with weight decomposition (``dora_scale``); the slot is empty. Nothing changed.
+                the slot has parts; an array or a tensor is refused, naming ``.tolist()``), or
+                times an adapter's ``alpha / r`` it leaves the scale buffers' range; it is not 1
+                for a part holding a LyCORIS or kohya LoRA trained with weight decomposition
+                (``dora_scale``); the slot is empty. Nothing changed.
         """
         s, stack, _, weights = self._agreed(
             lambda: self._check_set_scale(value, slot),

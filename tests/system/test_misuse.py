@@ -114,7 +114,19 @@ MISUSES = [
            r"^slot=True is a bool; a slot is an int in 0\.\.1\.$"),
     Misuse("load_slot_str", lambda rig, tmp: rig.runtime.load(_t(rig), slot="1"), UsageError, r"^slot='1' is a str;"),
     Misuse("load_scale_str", lambda rig, tmp: rig.runtime.load(_t(rig), scale="1"), UsageError,
-           r"^scale='1' is not a number: pass a finite real number \(a float\), not str\.$"),
+           r"^scale='1' is not a number: pass a finite real number \(a float\), or a list of them, one per part; not "
+           r"str\.$"),
+    Misuse("load_scale_array", lambda rig, tmp: rig.runtime.load(_t(rig), scale=np.array([0.5])), UsageError,
+           r"^scale=array\(\[0\.5\]\) is a 1-d ndarray, not a list: pass one float, or a list \(or tuple\) of floats "
+           r"with one weight per part \(scale=value\.tolist\(\)\)\.$"),
+    Misuse("load_stack_scale_tensor", lambda rig, tmp: rig.runtime.load([_t(rig)] * 2, scale=torch.tensor([1.0, 2.0])),
+           UsageError, r"^scale=tensor\(\[1\., 2\.\]\) is a 1-d Tensor, not a list: pass one float, or a list"),
+    Misuse("load_stack_scale_entry_array", lambda rig, tmp: rig.runtime.load([_t(rig)] * 2, scale=[1.0, np.ones(2)]),
+           UsageError, r"^scale\[1\]=array\(\[1\., 1\.\]\) is a 1-d ndarray, not a number: each weight is one "
+           r"float\.$"),
+    Misuse("load_one_scale_two_weights", lambda rig, tmp: rig.runtime.load(_t(rig), scale=[1.0, 2.0]), UsageError,
+           r"^scale has 2 weights but one adapter is a stack of 1 part; pass one weight per part \(in the order "
+           r"loaded\), or one number for all\.$"),
     Misuse("load_denoiser_one_model", lambda rig, tmp: rig.runtime.load(_t(rig), denoiser="transformer_2"),
            UsageError, r"^denoiser='transformer_2': this runtime serves one model, which takes every module of a "
            r"file;"),

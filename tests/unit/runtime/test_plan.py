@@ -130,7 +130,10 @@ def test_alpha_that_fits_float64_scales_loads_into_float64_buffers() -> None:
         (lambda rt, t: rt.set_scale(float("inf")), r"scale=inf must be finite"),
         (lambda rt, t: rt.set_scale("2.0"), r"scale='2\.0' is not a number: pass a finite real number"),
         (lambda rt, t: rt.set_scale(True), r"scale=True is not a number"),
-        (lambda rt, t: rt.set_scale(torch.tensor(2.0)), r"scale=tensor\(2\.\) is not a number"),
+        (
+            lambda rt, t: rt.set_scale(torch.tensor(2.0)),
+            r"^scale=tensor\(2\.\) is a 0-d Tensor, not a number: pass a Python float \(scale=float\(value\)\)\.$",
+        ),
     ],
     ids=[
         "set_1e39",

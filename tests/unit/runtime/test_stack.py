@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,6 +137,20 @@ def test_a_list_of_one_writes_what_a_single_load_writes() -> None:
     assert single.ranks == listed.ranks == single.parts[0].ranks
 
 
+def test_one_adapter_takes_a_list_of_one_weight_as_set_scale_does() -> None:
+    """One adapter is a stack of one part, for ``load`` as for ``set_scale``: ``scale=[w]`` is
+    ``scale=w`` (a NumPy scalar too); the slot then reports one adapter, as it was loaded."""
+    one, two = _setup(), _setup()
+    tensors = make_adapter(one[0], {Q0: 3, EMB: 5}, seed=4, dtype=torch.float64)[0]
+    plain = one[1].load(tensors, scale=0.5)
+    listed = two[1].load(tensors, scale=(np.float64(0.5),))
+    assert listed == plain and listed.scale == 0.5
+    _close(_out(two[0]), _out(one[0]))
+    two[1].set_scale([0.25])
+    one[1].set_scale(0.25)
+    assert torch.equal(_out(two[0]), _out(one[0]))
+
+
 def test_parts_from_the_host_cache_stack_as_parts_read_from_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -243,7 +258,8 @@ def test_a_bad_part_or_a_bad_call_changes_nothing(tmp_path: Path) -> None:
         (lambda: rig.runtime.load(good, scale=[1.0, float("nan")]), lorahot.UsageError, r"^scale\[1\]=nan must be"),
         (lambda: rig.runtime.load([]), lorahot.UsageError, r"^load\(\[\]\) has no adapter to load"),
         (lambda: rig.runtime.load([good]), lorahot.UsageError, r"^source\[0\] is a list; a stack's parts are single"),
-        (lambda: rig.runtime.load(good[0], scale=[1.0]), lorahot.UsageError, r"^scale=\[1\.0\] is not a number"),
+        (lambda: rig.runtime.load(good[0], scale=[1.0, 2.0]), lorahot.UsageError,
+         r"^scale has 2 weights but one adapter is a stack of 1 part; pass one weight per part"),
         (lambda: rig.runtime.preload(good), lorahot.UsageError, r"^preload takes one adapter, got a list"),
         (lambda: rig.runtime.prefetch(tuple(good)), lorahot.UsageError, r"^prefetch takes one adapter, got a tuple"),
         (lambda: rig.runtime.set_scale([1.0]), lorahot.UsageError, r"^scale has 1 weight but slot 0 holds 2 parts"),
