@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorahot
 from lorahot.layers import ShardedLoRALinear
@@ -222,7 +223,7 @@ def scenario_atomic(mesh: object, folder: Path, check: Checks) -> None:
     disagreements(rig, check)
     writes_failing_on_one_rank(rig, check)
     refusals(mesh, check)
-    transformers_tensor_parallel(folder, check)
+    transformers_refusals(folder, check)
 
 
 def disagreements(rig: Rig, check: Checks) -> None:
@@ -384,37 +385,229 @@ def refusals(mesh: object, check: Checks) -> None:
         )
 
 
-def transformers_tensor_parallel(folder: Path, check: Checks) -> None:
-    """A model transformers parallelized itself (``DistributedConfig(tp_plan="auto")``): its
-    styles redistribute inside a forward set on each module, where a row-parallel layer's
-    output comes back reduced, so a LoRA delta added after it would be each rank's partial
-    sum; inject refuses, and the model keeps its modules."""
+def transformers_refusals(folder: Path, check: Checks) -> None:
+    """Styles of transformers' own tensor parallelism lorahot does not compute LoRA for are
+    refused at inject, naming the style and the fix, and the model keeps its modules: the
+    embedding (``embedding_rowwise``) and a ``packed_colwise`` projection; so is a sharded
+    linear whose forward another engine set."""
     import transformers
     from transformers.distributed import DistributedConfig
 
-    from tests.helpers import tiny_llama as hf_llama
-
-    path = folder / "hf_llama"
-    if dist.get_rank() == 0:
-        hf_llama().save_pretrained(str(path))
-    dist.barrier()
-    config = DistributedConfig(tp_plan="auto", tp_size=dist.get_world_size())
-    model = transformers.LlamaForCausalLM.from_pretrained(str(path), distributed_config=config)
-    o_proj = model.model.layers[0].self_attn.o_proj
+    plan = {"model.layers.*.mlp.gate_proj": "packed_colwise"}
+    config = DistributedConfig(tp_plan=plan, tp_size=dist.get_world_size())
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        str(folder / "hf_llama"), distributed_config=config, dtype=torch.float64
+    )
+    gate = model.model.layers[0].mlp.gate_proj
+    for what, targets, style in (
+        ("an embedding transformers' tp_plan sharded is refused", ["embed_tokens"], "EmbeddingParallel"),
+        ("a packed_colwise projection is refused", ["q_proj", "gate_proj"], "PackedColwiseParallel"),
+    ):
+        check(
+            what,
+            lambda targets=targets, style=style: raises(
+                lorahot.UsageError,
+                lambda: lorahot.inject(model, targets, max_rank=4),
+                f"transformers' {style}",
+                "not a style lorahot computes",
+                "parallelize_module",
+            ),
+        )
     check(
-        "a layer transformers' tp_plan parallelized is refused",
+        "the model keeps its modules after the refusal",
+        lambda: (model.model.layers[0].mlp.gate_proj is gate and type(gate) is torch.nn.Linear) or "wrapped",
+    )
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    other = torch.nn.Sequential(torch.nn.Linear(4, 4)).double()
+    parallelize_module(other, model.model.layers[0].self_attn.q_proj.weight.device_mesh, {"0": ColwiseParallel()})
+    linear = other[0]
+    linear.forward = lambda x: torch.nn.Linear.forward(linear, x)  # another engine's forward
+    check(
+        "a sharded linear with another engine's forward is refused",
         lambda: raises(
             lorahot.UsageError,
-            lambda: lorahot.inject(model, ["q_proj", "o_proj"], max_rank=4),
-            "model.layers.0.self_attn.q_proj",
-            "forward is the instance's own",
+            lambda: lorahot.inject(other, ["0"], max_rank=4),
+            "not one of transformers' tensor-parallel styles",
             "parallelize_module",
         ),
     )
-    check(
-        "the model keeps its modules after the refusal",
-        lambda: (model.model.layers[0].self_attn.o_proj is o_proj and type(o_proj) is torch.nn.Linear) or "wrapped",
+
+
+#: c10d operators that move no data between ranks (a wait, a wrapper for autograd) or only sync them
+_NOT_COLLECTIVES = ("wait_tensor", "_wrap_tensor_autograd", "barrier", "monitored_barrier")
+
+
+class Collectives(TorchDispatchMode):
+    """Records each collective a forward runs (c10d's and the functional ones): its name and the
+    shape of the tensor it reduces or gathers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        namespace, name = func.namespace, func.__name__.split(".")[0]
+        if namespace in ("c10d", "_c10d_functional") and name not in _NOT_COLLECTIVES:
+            first = args[0][0] if isinstance(args[0], list) else args[0]
+            self.seen.append((name, tuple(first.shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def scenario_transformers(mesh: object, folder: Path, check: Checks) -> None:
+    """transformers' tiny Llama loaded sharded by its own tensor parallelism
+    (``from_pretrained(distributed_config=DistributedConfig(tp_plan="auto", tp_size=2))``:
+    q/k/v/gate/up ``colwise``, o/down ``rowwise``, lm_head ``colwise_gather_output``) against
+    PEFT on the unsharded model, float64: load, swap, stack, set_scale, per-row routing
+    (prefill and decode shapes), unload and eject; the collectives a forward runs; compiled."""
+    import peft
+    import transformers
+    from transformers.distributed import DistributedConfig
+
+    from lorahot.layers import StyledLoRALinear
+
+    path, a, b = (str(folder / name) for name in ("hf_llama", "hf_a", "hf_b"))
+    names = ["a", "b", "__base__"]
+    oracle = peft.PeftModel.from_pretrained(
+        transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float64).eval(), a, adapter_name="a"
     )
+    oracle.load_adapter(b, adapter_name="b")
+    config = DistributedConfig(tp_plan="auto", tp_size=dist.get_world_size())
+    tp = transformers.LlamaForCausalLM.from_pretrained(path, distributed_config=config, dtype=torch.float64).eval()
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(1))
+
+    def logits(model: torch.nn.Module, x: torch.Tensor = ids, **kwargs: object) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=x, **kwargs).logits  # type: ignore[no-any-return]
+
+    def weigh(weights: dict[str, float]) -> None:
+        """PEFT's own per-adapter weight: ``scaling = w * alpha / r`` on every LoRA layer."""
+        for module in oracle.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                for name in ("a", "b"):
+                    module.set_scale(name, weights.get(name, 1.0))
+
+    def peft_logits(x: torch.Tensor = ids, **weights: float) -> torch.Tensor:
+        """PEFT's multi-adapter forward with ``weights``' adapters active at those weights."""
+        weigh(weights)
+        oracle.base_model.set_adapter(list(weights))
+        return logits(oracle, x)
+
+    def peft_rows(x: torch.Tensor) -> torch.Tensor:
+        """PEFT's mixed batch: row ``i`` with adapter ``names[i]``."""
+        weigh({})
+        return logits(oracle, x, adapter_names=names)
+
+    def matches(want: Callable[[], torch.Tensor], x: torch.Tensor = ids) -> Callable[[], str | None]:
+        return lambda: same(logits(tp, x), want())
+
+    with torch.no_grad(), oracle.disable_adapter():
+        base = logits(oracle)
+    check("the sharded base model computes the unsharded one", lambda: same(logits(tp), base))
+    counter = Collectives()
+    with counter:
+        logits(tp)
+    before = sorted(counter.seen)
+    rt = lorahot.inject(tp, TARGETS, max_rank=MAX_RANK, slots=2)
+    layers = {n.split(".")[-1]: rt.layers[n] for n in rt.layers}
+    check(
+        "the layers take the style's layout",
+        lambda: (
+            (
+                all(isinstance(layer, StyledLoRALinear) for layer in rt.layers.values())
+                and layers["q_proj"].spec.shard.dim == "out"  # type: ignore[union-attr]
+                and layers["down_proj"].spec.shard.dim == "in"  # type: ignore[union-attr]
+                and layers["lm_head"].spec.shard is None
+                and tuple(layers["up_proj"].lora_B.shape) == (MAX_RANK, 24)
+                and tuple(layers["o_proj"].lora_A.shape) == (MAX_RANK, 16)
+                and tuple(layers["lm_head"].lora_B.shape) == (MAX_RANK, 64)
+            )
+            or {n: (tuple(x.lora_A.shape), tuple(x.lora_B.shape)) for n, x in layers.items()}
+        ),
+    )
+    check("inject keeps the outputs", lambda: same(logits(tp), base))
+    rt.load(a)
+    check("load", matches(lambda: peft_logits(a=1.0)))
+    check("load, autograd on", lambda: same(tp(input_ids=ids).logits.detach(), peft_logits(a=1.0)))
+    counter = Collectives()
+    with counter:
+        logits(tp)
+    extra = sorted(counter.seen)
+    for item in before:
+        if item in extra:
+            extra.remove(item)
+    tokens = ids.numel()
+    check(
+        "one all-reduce of [tokens, max_rank] per row-parallel layer, and nothing else",
+        lambda: (
+            (len(counter.seen) == len(before) + 4 and extra == [("all_reduce", (*ids.shape, MAX_RANK))] * 4)
+            or f"extra {extra} ({tokens} tokens), base {before}"
+        ),
+    )
+    rt.load(b, slot=1)
+    rt.activate(1)
+    check("swap to another slot", matches(lambda: peft_logits(b=1.0)))
+    rt.load(b, slot=1, scale=-0.5)
+    check("swap in place", matches(lambda: peft_logits(b=-0.5)))
+    rt.load([a, b], slot=0, scale=[0.7, -0.4])
+    rt.activate(0)
+    check("stack", matches(lambda: peft_logits(a=0.7, b=-0.4)))
+    rt.set_scale([0.2, 1.3])
+    check("set_scale of a stack", matches(lambda: peft_logits(a=0.2, b=1.3)))
+    rt.load(a)
+    rt.load(b, slot=1)
+    rt.activate([0, 1, -1])
+    check("per-row routing", matches(lambda: peft_rows(ids)))
+    decode = ids[:, :1]  # more rows than slots, one token each: every slot's shrink, each row keeping its own
+    check("per-row routing, decode rows", matches(lambda: peft_rows(decode), decode))
+    rt.activate(0)
+    rt.unload()
+    check("unload", lambda: same(logits(tp), base))
+    o_proj = rt.layers["model.layers.0.self_attn.o_proj"]
+    rt.eject()
+    restored = tp.get_submodule("model.layers.0.self_attn.o_proj")
+    check(
+        "eject restores the model",
+        lambda: (
+            (restored is o_proj.base_layer and "forward" in restored.__dict__ and same(logits(tp), base) is None)
+            or "not restored"
+        ),
+    )
+    compiled_transformers(tp, a, b, peft_logits, check)
+
+
+def compiled_transformers(
+    tp: torch.nn.Module, a: str, b: str, peft_logits: Callable[..., torch.Tensor], check: Checks
+) -> None:
+    """The model compiled (``aot_eager``) after inject: swaps, stacks and scales under
+    ``error_on_recompile``, and another input shape (the negative control) does recompile."""
+    rt = lorahot.inject(tp, TARGETS, max_rank=MAX_RANK, slots=2)
+    rt.load(a)
+    compiled = torch.compile(tp, backend="aot_eager")
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(1))
+
+    def matches(**weights: float) -> Callable[[], str | None]:
+        def parity() -> str | None:
+            with torch.no_grad():
+                got = compiled(input_ids=ids).logits
+            return same(got, peft_logits(**weights))
+
+        return parity
+
+    check("compiled", matches(a=1.0))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rt.load(b)
+        check("swap without recompiling", matches(b=1.0))
+        rt.load([a, b], scale=[0.5, 2.0])
+        check("stack without recompiling", matches(a=0.5, b=2.0))
+        rt.set_scale([1.5, -1.0])
+        check("set_scale without recompiling", matches(a=1.5, b=-1.0))
+        check(
+            "another input shape recompiles",
+            lambda: raises(
+                torch._dynamo.exc.RecompileError, lambda: compiled(input_ids=ids[:, :4]), "Recompiling function"
+            ),
+        )
 
 
 def scenario_sequence(mesh: object, folder: Path, check: Checks) -> None:
@@ -557,6 +750,7 @@ SCENARIOS = {
     "sequence": scenario_sequence,
     "compile": scenario_compile,
     "fused": scenario_fused,
+    "transformers": scenario_transformers,
 }
 
 

@@ -12,6 +12,7 @@ from lorahot.layers.embedding import LoRAEmbedding
 from lorahot.layers.linear import LoRALinear, linear_features
 from lorahot.layers.sharded import ShardedLoRALinear, is_sharded
 from lorahot.layers.state import RuntimeState
+from lorahot.layers.styled import StyledLoRALinear, is_styled
 
 __all__ = [
     "LayerSpec",
@@ -20,6 +21,7 @@ __all__ = [
     "LoRAConv",
     "LoRAEmbedding",
     "ShardedLoRALinear",
+    "StyledLoRALinear",
     "Shard",
     "RuntimeState",
     "layer_class_for",
@@ -28,6 +30,11 @@ __all__ = [
 
 #: What lorahot wraps, in the order it is tried: (description, predicate, layer class).
 SUPPORTED: tuple[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], LoRALayer]], ...] = (
+    (
+        "tensor-parallel Linear sharded by transformers' tp_plan (colwise / rowwise styles)",
+        is_styled,
+        StyledLoRALinear,
+    ),
     ("tensor-parallel Linear (DTensor weight, ColwiseParallel / RowwiseParallel)", is_sharded, ShardedLoRALinear),
     ("Conv1d/2d/3d", lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), LoRAConv),
     ("Embedding", lambda m: isinstance(m, nn.Embedding), LoRAEmbedding),

@@ -125,6 +125,10 @@ class LayerSpec:
         shard: for a tensor-parallel layer, the slice of its weight this rank holds; then
             ``in_dim``, ``out_dim`` and ``a_row_shape`` are this rank's (what its buffers hold),
             and :meth:`full_dims` gives the layer's whole ``(in, out)`` (what files hold).
+        weight_shard: for a layer whose LoRA is whole though its weight is sharded (a
+            transformers style with a replicated input and output, see
+            :mod:`lorahot.layers.styled`), the slice of the weight this rank holds: a copy of
+            the base weight an adapter carries is cut to it before it is compared.
     """
 
     kind: str
@@ -134,6 +138,7 @@ class LayerSpec:
     b_trailing: tuple[int, ...] = ()
     groups: int = 1
     shard: Shard | None = None
+    weight_shard: Shard | None = None
 
     def full_dims(self) -> tuple[int, int]:
         """``(in, out)`` of the whole layer: this rank's unless the layer is sharded."""

@@ -22,8 +22,10 @@ redistributes. Each rank holds only its part of the adapter, in buffers of its l
   ``h = x_local @ A_local^T`` is a partial sum of the shrink, and since the expand is linear,
   ``B(s * h_partial)`` is this rank's partial sum of the delta: it is added to the base's
   partial output *before* the output hook's reduction, which then sums base and LoRA in the
-  one collective it runs anyway. No extra collective; exact up to summation order. (Where the
-  base output is already reduced, the rank-sized ``h`` is all-reduced instead.)
+  one collective it runs anyway. No extra collective; exact up to summation order. (A
+  row-parallel output that comes back already reduced is refused here; a layer transformers'
+  own tensor parallelism sharded, whose forward reduces inside the call, all-reduces the
+  rank-sized ``h`` instead: :mod:`lorahot.layers.styled`.)
 
 The arithmetic runs on the local tensors (``to_local``), with the same views and formulas as
 :class:`~lorahot.layers.linear.LoRALinear`, per-row routing included. On CUDA in fp16/bf16 the
@@ -34,9 +36,10 @@ pair), the result wrapped as the output DTensor the base would have made (``Shar
 formula, its bias being added once after the reduction. Not supported on a sharded layer: the
 wide path (it moves the weight into a buffer of its own), merged mode, DoRA and LoRA biases
 (their per-channel terms would need the whole weight's norms, or would be summed once per
-rank); each is refused with the reason. So is a sharded linear with a ``forward`` of the
-instance's own (transformers' tensor-parallel styles set one): it redistributes inside that
-call, out of the wrapper's reach, and a row-parallel output would come back already reduced.
+rank); each is refused with the reason. A sharded linear with a ``forward`` of the instance's
+own redistributes inside that call, out of the hooks' reach: transformers' tensor-parallel
+styles set one, and :class:`~lorahot.layers.styled.StyledLoRALinear` (a subclass) computes
+their common ones; any other such forward is refused (:func:`own_forward_refusal`).
 
 lorahot never imports ``torch.distributed.tensor`` itself: a DTensor can only exist once the
 user's code has imported it.
@@ -58,7 +61,7 @@ from lorahot.layers.linear import LoRALinear
 from lorahot.layers.refusal import literal, refuse
 from lorahot.layers.tensor_handles import ROUTES
 
-__all__ = ["ShardedLoRALinear", "is_sharded", "shard_of", "mesh_of"]
+__all__ = ["ShardedLoRALinear", "is_sharded", "shard_of", "mesh_of", "own_forward_refusal"]
 
 #: The forward hooks of a module, as ``nn.Module`` keeps them (dicts swapped whole, so the
 #: handles ``register_forward_hook`` returned keep working on whichever module holds them).
@@ -97,10 +100,9 @@ def shard_of(module: nn.Module) -> Shard:
     """The slice of ``module``'s weight (a DTensor) this rank holds.
 
     Raises:
-        UsageError: the module is not an ``nn.Linear``; it has a ``forward`` of the instance's own
-            (transformers' tensor-parallel styles set one, redistributing inside the call); the
-            mesh is not 1-D; the weight is not ``Shard(0)`` (column-parallel) or ``Shard(1)``
-            (row-parallel); the local shard is not the ``torch.chunk`` slice DTensor makes.
+        UsageError: the module is not an ``nn.Linear``; the mesh is not 1-D; the weight is not
+            ``Shard(0)`` (column-parallel) or ``Shard(1)`` (row-parallel); the local shard is not
+            the ``torch.chunk`` slice DTensor makes.
     """
     weight: Any = module.weight
     kind = type(module).__name__
@@ -108,16 +110,6 @@ def shard_of(module: nn.Module) -> Shard:
         raise UsageError(
             f"cannot add LoRA to a tensor-parallel {kind} (weight placements {weight.placements}); lorahot shards "
             "LoRA with nn.Linear layers only (ColwiseParallel / RowwiseParallel). Exclude it from targets."
-        )
-    if "forward" in module.__dict__:
-        raise UsageError(
-            f"cannot add LoRA to this tensor-parallel {kind}: its forward is the instance's own (transformers' "
-            "tp_plan / DistributedConfig and other engines install one), which redistributes the input and output "
-            "inside the call, where lorahot cannot place the LoRA delta: a row-parallel layer's output would come "
-            "back already reduced, and each rank's partial delta would be added after the reduction, a wrong sum. "
-            "lorahot follows parallelize_module's hooks: load the model unsharded and parallelize it with "
-            "torch.distributed.tensor.parallel.parallelize_module (ColwiseParallel / RowwiseParallel), then inject; "
-            "or exclude this module from targets."
         )
     mesh = weight.device_mesh
     placements = tuple(weight.placements)
@@ -142,6 +134,20 @@ def shard_of(module: nn.Module) -> Shard:
     return Shard(dims[dim], start, stop, size, rank, ranks)
 
 
+def own_forward_refusal(module: nn.Module) -> str:
+    """Why a tensor-parallel ``module`` with a ``forward`` of the instance's own that is none of
+    the transformers styles :mod:`lorahot.layers.styled` computes cannot take LoRA."""
+    return (
+        f"cannot add LoRA to this tensor-parallel {type(module).__name__}: its forward is the instance's own and "
+        "not one of transformers' tensor-parallel styles lorahot recognizes (another engine, or a forward set over "
+        "transformers'), which may redistribute the input and output inside the call, where lorahot cannot place the "
+        "LoRA delta: a row-parallel layer's output would come back already reduced, and each rank's partial delta "
+        "would be added after the reduction, a wrong sum. lorahot follows parallelize_module's hooks: load the model "
+        "unsharded and parallelize it with torch.distributed.tensor.parallel.parallelize_module (ColwiseParallel / "
+        "RowwiseParallel), then inject; or exclude this module from targets."
+    )
+
+
 def _local(t: Any) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t  # type: ignore[no-any-return]
 
@@ -155,12 +161,18 @@ class ShardedLoRALinear(LoRALinear):
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
-        shard = shard_of(base_layer)
-        weight: Any = base_layer.weight
-        local = weight.to_local()
-        out, fin = int(local.shape[0]), int(local.shape[1])
+        if "forward" in base_layer.__dict__:
+            raise UsageError(own_forward_refusal(base_layer))
+        self._bind(base_layer, shard_of(base_layer))
+
+    def _bind(self, base_layer: nn.Module, shard: Shard | None) -> None:
+        """Wraps ``base_layer``; buffers of this rank's part of the layer where ``shard`` is given,
+        of the whole layer where it is None (a layer whose input and output are replicated)."""
         LoRALinear.__init__(self, base_layer)
-        self.spec = LayerSpec("linear", fin, out, (fin,), shard=shard)
+        if shard is not None:
+            local = _local(base_layer.weight)
+            out, fin = int(local.shape[0]), int(local.shape[1])
+            self.spec = LayerSpec("linear", fin, out, (fin,), shard=shard)
         object.__setattr__(self, "_mesh", mesh_of(base_layer))
         object.__setattr__(self, "_hooks_taken", False)
 

@@ -356,7 +356,7 @@ def _localize(targets: dict[str, LoraModule], specs: dict[str, LayerSpec]) -> di
     full shapes of those that do not fit."""
     misfits: dict[str, list[str]] = {}
     for name, m in targets.items():
-        if specs[name].shard is not None:
+        if specs[name].shard is not None or specs[name].weight_shard is not None:
             targets[name], found = localize(name, m, specs[name])
             if found:
                 misfits[name] = found

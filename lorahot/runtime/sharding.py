@@ -42,11 +42,13 @@ def localize(name: str, module: LoraModule, spec: LayerSpec) -> tuple[LoraModule
     A and B must fit the whole layer (``A [r, in]``, ``B [out, r]`` with the full ``in`` and
     ``out``); then the sharded factor is cut to this rank's slice (a contiguous copy), and so is
     a saved copy of the base weight (compared with this rank's shard of the model's). The rank
-    is never cut: each rank keeps every row of A and every column of B it holds.
+    is never cut: each rank keeps every row of A and every column of B it holds. A layer whose
+    LoRA is whole over a sharded weight (:attr:`~lorahot.layers.base.LayerSpec.weight_shard`)
+    keeps A and B whole and cuts only that copy.
     """
     shard = spec.shard
     if shard is None:
-        return module, []
+        return _weight_cut(module, spec.weight_shard), []
     a, b = module.A, module.B
     fin, fout = spec.full_dims()
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fin or b.shape[0] != fout:
@@ -64,6 +66,17 @@ def localize(name: str, module: LoraModule, spec: LayerSpec) -> tuple[LoraModule
         b = b[span].contiguous()
         base = base[span] if base is not None and base.ndim == 2 else base
     return replace(module, A=a, B=b, base_weight=base), []
+
+
+def _weight_cut(module: LoraModule, shard: Shard | None) -> LoraModule:
+    """``module`` with its saved copy of the base weight cut to ``shard`` (the slice of the
+    weight this rank holds, where the layer's LoRA is whole); ``module`` itself where there is
+    no cut or no 2-D copy to make."""
+    base = module.base_weight
+    if shard is None or base is None or base.ndim != 2:
+        return module
+    span = slice(shard.start, shard.stop)
+    return replace(module, base_weight=base[:, span] if shard.dim == "in" else base[span])
 
 
 def file_slices(

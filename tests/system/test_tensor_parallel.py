@@ -9,6 +9,7 @@ two fresh interpreters) and every check is its own test.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -60,9 +61,43 @@ def _write_adapters(folder: Path) -> None:
     save_peft(folder / "a_copy", a, r=4, lora_alpha=8)  # a at another path
 
 
+#: PEFT configs of the transformers Llama's adapters: ``hf_a`` on every projection and the head,
+#: ``hf_b`` on a few, another rank and rsLoRA.
+HF_ADAPTERS = {
+    "hf_a": {"r": 4, "lora_alpha": 8, "target_modules": [*sorted({n.split(".")[-1] for n in LINEARS}), "lm_head"]},
+    "hf_b": {
+        "r": 2,
+        "lora_alpha": 5,
+        "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"],
+        "use_rslora": True,
+    },
+}
+
+
+def _write_transformers(folder: Path) -> None:
+    """transformers' tiny Llama (float64), saved for ``from_pretrained``, and PEFT adapters for
+    it saved by PEFT (random B, so every layer's delta shows)."""
+    import peft
+
+    from tests.helpers import tiny_llama as hf_llama
+
+    base = hf_llama().double()
+    base.save_pretrained(str(folder / "hf_llama"))
+    for seed, (name, config) in enumerate(HF_ADAPTERS.items()):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **config))
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if "lora_B" in key:
+                    p.normal_(0, 0.5)
+        model.save_pretrained(str(folder / name))
+
+
 def _scenario(name: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
     folder = tmp_path_factory.mktemp(name)
     _write_adapters(folder)
+    if name in ("atomic", "transformers"):
+        _write_transformers(folder)
     return run_ranks(name, folder)
 
 
@@ -173,8 +208,10 @@ ATOMIC = [
     "a sharded embedding is refused",
     "DoRA on a sharded layer is refused",
     "LoRA bias on a sharded layer is refused",
-    "a layer transformers' tp_plan parallelized is refused",
+    "an embedding transformers' tp_plan sharded is refused",
+    "a packed_colwise projection is refused",
     "the model keeps its modules after the refusal",
+    "a sharded linear with another engine's forward is refused",
 ]
 
 
@@ -234,3 +271,43 @@ def test_an_empty_shard_computes_the_unsharded_model(tmp_path: Path) -> None:
         "parallelizing after inject is refused at the next load",
     ):
         _assert_check(results, name)
+
+
+@pytest.fixture(scope="module")
+def transformers_tp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    return _scenario("transformers", tmp_path_factory)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "the sharded base model computes the unsharded one",
+        "the layers take the style's layout",
+        "inject keeps the outputs",
+        "load",
+        "load, autograd on",
+        "one all-reduce of [tokens, max_rank] per row-parallel layer, and nothing else",
+        "swap to another slot",
+        "swap in place",
+        "stack",
+        "set_scale of a stack",
+        "per-row routing",
+        "per-row routing, decode rows",
+        "unload",
+        "eject restores the model",
+        "compiled",
+        "swap without recompiling",
+        "stack without recompiling",
+        "set_scale without recompiling",
+        "another input shape recompiles",
+    ],
+)
+def test_a_model_transformers_parallelized_computes_peft_on_the_unsharded_one(
+    transformers_tp: list[dict[str, str]], name: str
+) -> None:
+    """transformers' own tensor parallelism (``from_pretrained(distributed_config=...)``): the
+    colwise, rowwise and colwise_gather_output layers take LoRA and compute what PEFT computes on
+    the unsharded model, with one all-reduce of the shrink per row-parallel layer."""
+    _assert_check(transformers_tp, name)
