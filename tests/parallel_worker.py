@@ -573,6 +573,10 @@ def scenario_transformers(mesh: object, folder: Path, check: Checks) -> None:
             or "not restored"
         ),
     )
+    split = DistributedConfig(tp_plan={"lm_head": "rowwise_split_input"}, tp_size=dist.get_world_size())
+    other = transformers.LlamaForCausalLM.from_pretrained(path, distributed_config=split, dtype=torch.float64)
+    lorahot.inject(other, TARGETS, max_rank=MAX_RANK).load(a)
+    check("a rowwise_split_input head takes a whole LoRA", lambda: same(logits(other.eval()), peft_logits(a=1.0)))
     compiled_transformers(tp, a, b, peft_logits, check)
 
 
