@@ -30,6 +30,7 @@ from torch import nn
 from lorahot.adapter import Adapter, LoraModule
 from lorahot.errors import (
     AdapterMismatchError,
+    LoraError,
     UsageError,
     WriteError,
     format_problems,
@@ -549,7 +550,8 @@ class LoraRuntime:
             return slot, [prepared.adapter], stack, weights, listed, write_packs, hits
         adapters, parts, fresh = [], [], []
         for k, (s, hit) in enumerate(zip(sources, found)):
-            adapter, checked = self._part(s, hit, options[k], k)
+            with _naming_part(k if listed else None):
+                adapter, checked = self._part(s, hit, options[k], k)
             adapters.append(adapter)
             parts.append(checked)
             if hit is None:
@@ -1455,6 +1457,18 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+@contextlib.contextmanager
+def _naming_part(part: int | None) -> Iterator[None]:
+    """A stack's part that fails its own checks: its error, of the same class, with
+    ``part k:`` in front (the parts of a stack read from mappings are all ``<mapping>``)."""
+    try:
+        yield
+    except LoraError as exc:
+        if part is None:
+            raise
+        raise type(exc)(f"part {part}: {exc}") from exc
 
 
 def _tail(text: str, width: int = 40) -> str:

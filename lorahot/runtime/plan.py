@@ -312,9 +312,10 @@ def _fit(
         targets, weights = resolve_all(adapter, list(specs), unplaced, others, heads)
     if not targets and not weights and unplaced:
         raise AdapterMismatchError(
-            f"{adapter.source}: no module of the adapter ({adapter.format} naming) maps onto an injected layer "
-            f"(strict=False would skip all {len(unplaced)} keys, e.g. {', '.join(unplaced[:3])}). Inject those "
-            "modules (targets=...), or map the names with prefix=/key_map=."
+            f"{adapter.source}: no module of the adapter ({adapter.format} naming) maps onto an injected layer, "
+            f"even with strict=False: it skips the keys that fit no layer, and here that is all {len(unplaced)} of "
+            f"them (e.g. {', '.join(unplaced[:3])}), which would load nothing. Inject those modules (targets=...), "
+            "map the names with prefix=/key_map=, or leave this adapter out of the load."
         )
     _pad_embedder_inputs(targets, specs, others)
     misfits = _localize(targets, specs)

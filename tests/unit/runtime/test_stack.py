@@ -226,6 +226,33 @@ def test_ranks_past_max_rank_in_a_layer_are_refused_and_change_nothing(tmp_path:
     assert_unchanged(rig, before)
 
 
+def test_a_part_that_loads_nothing_even_with_strict_false_is_named_and_changes_nothing(tmp_path: Path) -> None:
+    """``strict=False`` skips the keys that fit no layer; a part none of whose keys fit would
+    load nothing. The refusal names the part (every mapping's source is ``<mapping>``), says that
+    strict=False was in force, and the fix; it said "strict=False would skip all keys" as if it
+    had not been passed. A part that fails any check is named the same way; one adapter is not."""
+    rig = build_rig(tmp_path / "rig")
+    good = make_adapter(rig.model, {Q0: 2}, seed=1)[0]
+    stranger = {k.replace("q_proj", "nowhere_proj"): v for k, v in good.items()}
+    rig.runtime.load([good, good], scale=[0.5, 1.5])
+    before = snapshot(rig)
+    unmatched = (
+        r"<mapping>: no module of the adapter \(peft naming\) maps onto an injected layer, even with strict=False: it "
+        r"skips the keys that fit no layer, and here that is all 2 of them \(e\.g\. .*nowhere_proj.*\), which would "
+        r"load nothing\. Inject those modules \(targets=\.\.\.\), map the names with prefix=/key_map=, or leave this "
+        r"adapter out of the load\.$"
+    )
+    with pytest.raises(lorahot.AdapterMismatchError, match="^part 1: " + unmatched):
+        rig.runtime.load([good, stranger], strict=False)
+    assert_unchanged(rig, before)
+    with pytest.raises(lorahot.AdapterMismatchError, match="^" + unmatched):
+        rig.runtime.load(stranger, strict=False)
+    assert_unchanged(rig, before)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"(?s)^part 0: <mapping>: .*nowhere_proj"):
+        rig.runtime.load([stranger, good])
+    assert_unchanged(rig, before)
+
+
 def test_a_refused_stack_of_many_parts_names_a_few_in_a_bounded_message(tmp_path: Path) -> None:
     """Forty parts of rank 2 on one layer (max_rank 8): the message names the first eight parts
     and sums the rest; a stack of thousands made a message of hundreds of kilobytes."""
