@@ -31,6 +31,9 @@ __all__ = ["FORMATS", "KeyFormat", "Reorder", "Rule", "Split", "detect", "format
 
 #: Every known naming, in detection order.
 FORMATS: tuple[KeyFormat, ...] = (
+    krea2.KOHYA,  # the kohya spellings built from a naming of original names: markers of their own names
+    ltx2.KOHYA,
+    flux3.KOHYA,  # before flux-kohya, whose marker (lora_unet_single_blocks_N_) it shares
     hunyuan.MUSUBI,  # before flux-kohya: the same prefix and block names, spelled apart (img_mlp_fc1)
     flux.KOHYA,  # before kohya: original Flux block names, which only its renames and splits place
     minimax_h3.MUSUBI,  # before kohya: original MiniMax-H3 block names (blocks_N_attn_qkv_proj)

@@ -1,6 +1,7 @@
 """Anima naming: adapters trained on the original module names of Anima's Cosmos-Predict2 transformer
 (``diffusion_model.blocks.0.self_attn.q_proj.lora_A.weight``, or ``.lora_down``/``.lora_up``, with
-``.alpha``), for a diffusers-named ``CosmosTransformer3DModel``.
+``.alpha``; also under ``transformer.`` or ``net.``, the Cosmos checkpoint's root, which OneTrainer's
+files keep, or with no prefix), for a diffusers-named ``CosmosTransformer3DModel``.
 
 Every module is an alias, as diffusers' Anima conversion renames it: in a block
 ``self_attn.q_proj`` -> ``attn1.to_q`` (``output_proj`` -> ``to_out.0``), ``cross_attn`` ->
@@ -29,16 +30,16 @@ from __future__ import annotations
 import re
 
 from lorahot.formats import kohya
+from lorahot.formats.table import DOTTED_START as _START
 from lorahot.formats.table import (
-    DIFFUSION_MODEL,
-    DIFFUSION_MODEL_HEAD,
     NAME_START,
+    ORIGINAL_HEAD,
+    ORIGINAL_PREFIXES,
     REFUSED_MERGEABLE,
     KeyFormat,
     lora_rules,
     lycoris_rules,
 )
-from lorahot.formats.table import DOTTED_START as _START
 
 __all__ = ["FORMAT", "KOHYA"]
 
@@ -80,18 +81,17 @@ _ALIASES = _aliases(_START)
 FORMAT = KeyFormat(
     name="anima",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
-    prefixes=DIFFUSION_MODEL,
-    require_prefix=True,
+    prefixes=ORIGINAL_PREFIXES,
     refuse=(
         (
-            DIFFUSION_MODEL_HEAD + r"llm_adapter\.",
+            ORIGINAL_HEAD + r"llm_adapter\.",
             "Anima's text conditioner (llm_adapter), another component, which this naming does not place (its "
             "module names are the transformer's); load with strict=False to skip its keys",
         ),
         *REFUSED_MERGEABLE,
     ),
     marker=(
-        DIFFUSION_MODEL_HEAD + r"blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|output_proj)"
+        ORIGINAL_HEAD + r"blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|output_proj)"
         r"|mlp\.layer[12]|adaln_modulation_(?:self_attn|cross_attn|mlp)\.[12])\."
     ),
     aliases=_ALIASES,

@@ -38,7 +38,7 @@ import re
 from lorahot.formats import kohya
 from lorahot.formats.table import (
     COMFYUI_TEXT_ENCODERS,
-    DIFFUSION_MODEL,
+    ORIGINAL_PREFIXES,
     REFUSED,
     REFUSED_DORA,
     REFUSED_MERGEABLE,
@@ -217,7 +217,7 @@ _BFL_MARKER = r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\."
 BFL = KeyFormat(
     name="flux-bfl",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
-    prefixes=(*DIFFUSION_MODEL, "transformer.", *COMFYUI_TEXT_ENCODERS),
+    prefixes=(*ORIGINAL_PREFIXES, *COMFYUI_TEXT_ENCODERS),
     aliases=_ALIASES,
     refuse=_REFUSED_MERGEABLE,
     marker=_BFL_MARKER,

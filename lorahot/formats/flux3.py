@@ -1,6 +1,9 @@
 """Flux.3 naming: adapters trained on the original Flux.3 module names
 (``diffusion_model.single_blocks.0.q_proj.lora_A.weight``, or ``.lora_down``/``.lora_up``, with
-``.alpha``), for a diffusers-named ``Flux3Transformer2DModel``.
+``.alpha``; also under ``transformer.`` or ``net.``, or with no prefix, as OneTrainer saves them), for
+a diffusers-named ``Flux3Transformer2DModel``. ``flux3-kohya`` is the kohya spelling of the same
+names (``lora_unet_single_blocks_0_q_proj.lora_down.weight``, OneTrainer's kohya output), detected
+before Flux.1's kohya naming, whose marker (``lora_unet_single_blocks_N_``) it shares.
 
 The blocks' projections are aliases, as diffusers' Flux.3 conversion renames them: ``q_proj`` /
 ``k_proj`` / ``v_proj`` -> ``attn.to_q`` / ``to_k`` / ``to_v``, ``attn_out`` -> ``attn.to_out.0``,
@@ -15,17 +18,18 @@ from __future__ import annotations
 
 import re
 
+from lorahot.formats import kohya
+from lorahot.formats.table import DOTTED_START as _START
 from lorahot.formats.table import (
-    DIFFUSION_MODEL,
-    DIFFUSION_MODEL_HEAD,
+    ORIGINAL_HEAD,
+    ORIGINAL_PREFIXES,
     REFUSED_MERGEABLE,
     KeyFormat,
     lora_rules,
     lycoris_rules,
 )
-from lorahot.formats.table import DOTTED_START as _START
 
-__all__ = ["FORMAT"]
+__all__ = ["FORMAT", "KOHYA"]
 
 #: original block list -> diffusers'; the original's blocks may sit under a stream name (``.image``)
 _BLOCKS = {
@@ -49,16 +53,19 @@ _ALIASES: tuple[tuple[str, str], ...] = tuple(
     for leaf, to in _LEAVES.items()
 )
 
+#: a block projection in the original names: what tells the naming apart
+_MODULE = rf"(?:{'|'.join(_BLOCKS)})\.(?:[A-Za-z_]\w*\.)?\d+\.(?:{'|'.join(_LEAVES)})"
+
 FORMAT = KeyFormat(
     name="flux3",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
-    prefixes=DIFFUSION_MODEL,
-    require_prefix=True,
+    prefixes=ORIGINAL_PREFIXES,
     refuse=REFUSED_MERGEABLE,
-    marker=(
-        DIFFUSION_MODEL_HEAD + rf"(?:{'|'.join(_BLOCKS)})\.(?:[A-Za-z_]\w*\.)?\d+\."
-        rf"(?:{'|'.join(_LEAVES)})\."
-    ),
+    marker=ORIGINAL_HEAD + _MODULE + r"\.",
     aliases=_ALIASES,
     example="diffusion_model.single_blocks.0.q_proj.lora_A.weight",
+)
+
+KOHYA = kohya.of_original(
+    FORMAT, "flux3-kohya", module=_MODULE, example="lora_unet_single_blocks_0_q_proj.lora_down.weight"
 )

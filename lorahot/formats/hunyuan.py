@@ -38,8 +38,9 @@ import re
 from lorahot.formats import kohya
 from lorahot.formats.flux import ADD_QKV, QKV, qkv_split
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
+from lorahot.formats.table import NAME_START as _START
 from lorahot.formats.table import (
-    DIFFUSION_MODEL,
+    ORIGINAL_PREFIXES,
     REFUSED_MERGEABLE,
     KeyFormat,
     Reorder,
@@ -47,7 +48,6 @@ from lorahot.formats.table import (
     lora_rules,
     lycoris_rules,
 )
-from lorahot.formats.table import NAME_START as _START
 
 __all__ = ["FORMAT", "MUSUBI", "SPLITS"]
 
@@ -137,7 +137,7 @@ _MARKER = (
 FORMAT = KeyFormat(
     name="hunyuan-video",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
-    prefixes=(*DIFFUSION_MODEL, "transformer."),
+    prefixes=ORIGINAL_PREFIXES,
     aliases=_ALIASES,
     refuse=REFUSED_MERGEABLE,
     marker=_MARKER,

@@ -13,9 +13,18 @@ and sd-scripts' own OFT network (``networks/oft.py``) under ``oft_unet_``
 
 from __future__ import annotations
 
-from lorahot.formats.table import REFUSED_IA3, REFUSED_MERGEABLE, KeyFormat, Reorder, Rule, Split, lycoris_rules
+from lorahot.formats.table import (
+    REFUSED_IA3,
+    REFUSED_MERGEABLE,
+    KeyFormat,
+    Reorder,
+    Rule,
+    Split,
+    lycoris_rules,
+    underscored,
+)
 
-__all__ = ["FORMAT", "COMPONENTS", "RULES", "KOHYA_OFT", "spelling"]
+__all__ = ["FORMAT", "COMPONENTS", "RULES", "KOHYA_OFT", "spelling", "of_original"]
 
 #: kohya's component prefixes (``lora_te_`` is SD1's single text encoder).
 COMPONENTS = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
@@ -84,4 +93,25 @@ def spelling(
         splits=splits,
         roles=("lora_down", "lora_up"),
         example=example,
+    )
+
+
+def of_original(dotted: KeyFormat, name: str, *, module: str, example: str) -> KeyFormat:
+    """The kohya spelling of ``dotted``, a naming of a model's original module names whose aliases
+    place every module (nothing fused): ``lora_unet_`` (sd-scripts, musubi-tuner, OneTrainer) or
+    ``lora_transformer_`` (OneTrainer's older models) + the original name with ``_`` for ``.``,
+    kohya's A / B / ``.alpha``, LyCORIS factors in merged mode. ``module`` is the regex of the
+    original modules that tell the naming apart (its marker's, dotted, without a prefix); the
+    aliases are ``dotted``'s read over the underscore names (:func:`underscored`), their targets
+    matched exactly or by their underscore form. A naming with fused modules needs its names
+    turned back into dotted ones first (``renames`` of :func:`spelling`)."""
+    if dotted.splits:
+        raise ValueError(f"{dotted.name} has fused modules; spell its kohya naming with renames (spelling())")
+    return spelling(
+        name,
+        marker=rf"^lora_(?:unet|transformer)_{underscored(module)}\.",
+        example=example,
+        aliases=tuple((underscored(p), r) for p, r in dotted.aliases),
+        refuse=REFUSED_MERGEABLE,
+        lycoris=True,
     )

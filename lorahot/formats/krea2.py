@@ -1,6 +1,8 @@
 """Krea 2 naming: adapters trained on the original Krea 2 module names
 (``diffusion_model.blocks.0.attn.wq.lora_A.weight``, as the reference trainer and ComfyUI write
-them), for a diffusers-named ``Krea2Transformer2DModel``.
+them; also under ``transformer.`` or ``net.``, or with no prefix, as OneTrainer saves them), for a
+diffusers-named ``Krea2Transformer2DModel``. ``krea2-kohya`` is the kohya spelling of the same names
+(``lora_unet_blocks_0_attn_wq.lora_down.weight``: musubi-tuner's, OneTrainer's kohya output).
 
 AI-Toolkit's spelling under PEFT's ``base_model.model.`` is not this naming's: such keys are
 PEFT naming (a PEFT adapter of a model whose own modules are ``blocks.N.attn.wq`` loads as PEFT
@@ -22,17 +24,18 @@ from __future__ import annotations
 
 import re
 
+from lorahot.formats import kohya
+from lorahot.formats.table import DOTTED_START as _START
 from lorahot.formats.table import (
-    DIFFUSION_MODEL,
-    DIFFUSION_MODEL_HEAD,
+    ORIGINAL_HEAD,
+    ORIGINAL_PREFIXES,
     REFUSED_MERGEABLE,
     KeyFormat,
     lora_rules,
     lycoris_rules,
 )
-from lorahot.formats.table import DOTTED_START as _START
 
-__all__ = ["FORMAT"]
+__all__ = ["FORMAT", "KOHYA"]
 
 _ATTN = {"wq": "to_q", "wk": "to_k", "wv": "to_v", "wo": "to_out.0", "gate": "to_gate"}
 _MLP = ("gate", "up", "down")
@@ -66,16 +69,20 @@ _ALIASES: tuple[tuple[str, str], ...] = (
     *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
 )
 
+#: a block module in the original names: what tells the naming apart
+_MODULE = (
+    r"(?:txtfusion\.(?:layerwise|refiner)_blocks\.\d+\.|blocks\.\d+\.)"
+    rf"(?:attn\.(?:{'|'.join(_ATTN)})|mlp\.(?:{'|'.join(_MLP)}))"
+)
+
 FORMAT = KeyFormat(
     name="krea2",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
-    prefixes=DIFFUSION_MODEL,
-    require_prefix=True,
+    prefixes=ORIGINAL_PREFIXES,
     refuse=REFUSED_MERGEABLE,
-    marker=(
-        DIFFUSION_MODEL_HEAD + r"(?:txtfusion\.(?:layerwise|refiner)_blocks\.\d+\.|blocks\.\d+\.)"
-        rf"(?:attn\.(?:{'|'.join(_ATTN)})|mlp\.(?:{'|'.join(_MLP)}))\."
-    ),
+    marker=ORIGINAL_HEAD + _MODULE + r"\.",
     aliases=_ALIASES,
     example="diffusion_model.blocks.0.attn.wq.lora_A.weight",
 )
+
+KOHYA = kohya.of_original(FORMAT, "krea2-kohya", module=_MODULE, example="lora_unet_blocks_0_attn_wq.lora_down.weight")

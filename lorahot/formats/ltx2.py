@@ -1,6 +1,10 @@
 """LTX-2 naming: adapters trained on the original LTX-2 module names
 (``diffusion_model.transformer_blocks.0.attn1.to_q.lora_A.weight``, or ``.lora_down``/``.lora_up``,
-with ``.alpha``), for a diffusers-named ``LTX2VideoTransformer3DModel``.
+with ``.alpha``; also under ``transformer.`` or ``net.``, or with no prefix, as OneTrainer saves them),
+for a diffusers-named ``LTX2VideoTransformer3DModel``. ``ltx2-kohya`` is the kohya spelling of the
+same names (``lora_unet_patchify_proj.lora_down.weight``, OneTrainer's kohya output). Outside
+``diffusion_model.`` a file is told apart by the original names no diffusers model has: PixArt's
+diffusers names include ``adaln_single``.
 
 The blocks keep their names in diffusers (``attn1``, ``audio_attn2``, ``audio_to_video_attn``,
 ``ff.net.0.proj``), so a file that adapts only them loads as ComfyUI naming. What this naming adds
@@ -19,9 +23,11 @@ from __future__ import annotations
 
 import re
 
+from lorahot.formats import kohya
 from lorahot.formats.table import (
-    DIFFUSION_MODEL,
     DIFFUSION_MODEL_HEAD,
+    ORIGINAL_HEAD,
+    ORIGINAL_PREFIXES,
     REFUSED_MERGEABLE,
     KeyFormat,
     lora_rules,
@@ -29,7 +35,7 @@ from lorahot.formats.table import (
 )
 from lorahot.formats.table import DOTTED_START as _START
 
-__all__ = ["FORMAT"]
+__all__ = ["FORMAT", "KOHYA"]
 
 #: original module (its leading part) -> diffusers'
 _OUTSIDE = {
@@ -50,11 +56,14 @@ _ALIASES: tuple[tuple[str, str], ...] = tuple(
     (rf"{_START}{re.escape(k)}(\..+)?$", rf"{v}\1") for k, v in _OUTSIDE.items()
 )
 
+#: the original modules no diffusers model has (PixArt's own ``adaln_single`` tells an LTX-2 file
+#: apart under ``diffusion_model.`` only)
+_MODULE = rf"(?:{'|'.join(map(re.escape, (k for k in _OUTSIDE if k != 'adaln_single')))})"
+
 FORMAT = KeyFormat(
     name="ltx2",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
-    prefixes=(*DIFFUSION_MODEL, "text_embedding_projection."),
-    require_prefix=True,
+    prefixes=(*ORIGINAL_PREFIXES, "text_embedding_projection."),
     refuse=(
         (
             r"^text_embedding_projection\.",
@@ -63,7 +72,9 @@ FORMAT = KeyFormat(
         ),
         *REFUSED_MERGEABLE,
     ),
-    marker=DIFFUSION_MODEL_HEAD + rf"(?:{'|'.join(map(re.escape, _OUTSIDE))})\.",
+    marker=rf"{DIFFUSION_MODEL_HEAD}adaln_single\.|{ORIGINAL_HEAD}{_MODULE}\.",
     aliases=_ALIASES,
     example="diffusion_model.adaln_single.linear.lora_A.weight",
 )
+
+KOHYA = kohya.of_original(FORMAT, "ltx2-kohya", module=_MODULE, example="lora_unet_patchify_proj.lora_down.weight")

@@ -33,8 +33,10 @@ import re
 
 from lorahot.formats import kohya
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
+from lorahot.formats.table import NAME_START as _START
 from lorahot.formats.table import (
-    DIFFUSION_MODEL,
+    ORIGINAL_HEAD,
+    ORIGINAL_PREFIXES,
     REFUSED,
     REFUSED_MERGEABLE,
     KeyFormat,
@@ -43,7 +45,6 @@ from lorahot.formats.table import (
     Split,
     lycoris_rules,
 )
-from lorahot.formats.table import NAME_START as _START
 
 __all__ = ["FORMAT", "MUSUBI", "DIFFSYNTH", "SPLITS", "HEADER_ALPHA"]
 
@@ -106,7 +107,7 @@ DIFFSYNTH_SPLITS: tuple[Split | Reorder, ...] = tuple(
 #: file of the modules outside the blocks alone, ``time_embedder.proj_in``, ..., is not: other
 #: models share such names)
 _MARKER = (
-    r"^(?:(?:model\.)?diffusion_model\.)?(?:token_refiner\.)?blocks\.\d+\."
+    ORIGINAL_HEAD + r"(?:token_refiner\.)?blocks\.\d+\."
     r"(?:attn\.(?:qkv|out)_proj|mlp\.fc[12]|adaln_proj\.linear)\."
 )
 
@@ -128,7 +129,7 @@ FORMAT = KeyFormat(
         Rule(r"(?P<module>.+)\.alpha", "alpha"),
         *lycoris_rules(r"(?P<module>.+)"),  # LyCORIS as in ComfyUI naming (merged mode)
     ),
-    prefixes=DIFFUSION_MODEL,
+    prefixes=ORIGINAL_PREFIXES,
     refuse=(_DIFFSYNTH_QKV, *REFUSED_MERGEABLE),
     marker=_MARKER,
     aliases=_ALIASES,
@@ -144,7 +145,7 @@ DIFFSYNTH = KeyFormat(
         Rule(r"(?P<module>.+)\.lora_B\.default\.weight", "B"),
         Rule(r"(?P<module>.+)\.alpha", "alpha"),
     ),
-    prefixes=DIFFUSION_MODEL,
+    prefixes=ORIGINAL_PREFIXES,
     refuse=REFUSED,
     marker=_MARKER + r"lora_[AB]\.default\.weight$",
     aliases=_ALIASES,

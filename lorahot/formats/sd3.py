@@ -42,8 +42,10 @@ import re
 from lorahot.formats import kohya
 from lorahot.formats.flux import ADD_QKV, QKV, qkv_split
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
+from lorahot.formats.table import NAME_START as _START
 from lorahot.formats.table import (
-    DIFFUSION_MODEL,
+    ORIGINAL_HEAD,
+    ORIGINAL_PREFIXES,
     REFUSED_DORA,
     REFUSED_MERGEABLE,
     KeyFormat,
@@ -52,7 +54,6 @@ from lorahot.formats.table import (
     lora_rules,
     lycoris_rules,
 )
-from lorahot.formats.table import NAME_START as _START
 
 __all__ = ["KOHYA", "FORMAT", "SPLITS"]
 
@@ -137,12 +138,12 @@ KOHYA = kohya.spelling(
 FORMAT = KeyFormat(
     name="sd3",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
-    prefixes=(*DIFFUSION_MODEL, "transformer."),
+    prefixes=ORIGINAL_PREFIXES,
     aliases=_ALIASES,
     refuse=_REFUSED,
     # joint_blocks.N.x_block / context_block are SD3's original names only; anchored, so that PEFT's
     # base_model.model. in front of them (an adapter of a model in the original names) stays PEFT's
-    marker=r"^(?:(?:model\.)?diffusion_model\.|transformer\.)?joint_blocks\.\d+\.(?:x_block|context_block)\.",
+    marker=ORIGINAL_HEAD + r"joint_blocks\.\d+\.(?:x_block|context_block)\.",
     splits=SPLITS,
     example="diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_A.weight",
 )

@@ -38,6 +38,9 @@ __all__ = [
     "COMPONENT_HEAD",
     "DIFFUSION_MODEL",
     "DIFFUSION_MODEL_HEAD",
+    "ORIGINAL_PREFIXES",
+    "ORIGINAL_HEAD",
+    "underscored",
     "COMFYUI_TEXT_ENCODERS",
     "lora_rules",
     "Parts",
@@ -369,6 +372,22 @@ COMFYUI_TEXT_ENCODERS = (
 )
 #: A key that starts with one of :data:`DIFFUSION_MODEL` (for markers and refusals).
 DIFFUSION_MODEL_HEAD = r"^(?:model\.)?diffusion_model\."
+#: What trainers put in front of a model's original module names, besides ComfyUI's
+#: :data:`DIFFUSION_MODEL`: diffusers' ``transformer.`` (musubi-tuner's ``--diffusers_prefix``),
+#: ``net.`` (the Cosmos checkpoints' root, Anima's, which OneTrainer keeps), or nothing at all
+#: (OneTrainer's and DiffSynth-Studio's bare names). Every naming of original names takes them where
+#: its marker names no module of a diffusers model (Lumina2's ``feed_forward.w1`` is Z-Image's own
+#: name, so that naming keeps its required prefixes).
+ORIGINAL_PREFIXES = (*DIFFUSION_MODEL, "transformer.", "net.")
+#: One of :data:`ORIGINAL_PREFIXES`, or none, at the start of a key (for markers and refusals).
+ORIGINAL_HEAD = r"^(?:(?:model\.)?diffusion_model\.|transformer\.|net\.)?"
+
+
+def underscored(pattern: str) -> str:
+    """A regex over dotted original names (an alias, a marker's module part) as it reads the kohya
+    spelling of those names: ``.`` is ``_``, and a name that starts after a ``.``
+    (:data:`DOTTED_START`) starts the module key, its component prefix (``lora_unet_``) stripped."""
+    return pattern.replace(DOTTED_START, "^").replace(r"\.", "_")
 
 
 def lora_rules(module: str = r"(?P<module>.+)") -> tuple[Rule, ...]:

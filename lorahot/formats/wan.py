@@ -43,8 +43,9 @@ import re
 
 from lorahot.formats import kohya
 from lorahot.formats.table import (
-    DIFFUSION_MODEL,
     DIFFUSION_MODEL_HEAD,
+    ORIGINAL_HEAD,
+    ORIGINAL_PREFIXES,
     REFUSED_MERGEABLE,
     KeyFormat,
     Rule,
@@ -118,9 +119,9 @@ FORMAT = KeyFormat(
         Rule(r"(?P<module>.+)\.diff", "diff"),
         *lycoris_rules(r"(?P<module>.+)"),  # LyCORIS as in ComfyUI naming (merged mode); .diff_b a LoRA's bias
     ),
-    prefixes=(*DIFFUSION_MODEL, _DIFFSYNTH),
+    prefixes=(*ORIGINAL_PREFIXES, _DIFFSYNTH),
     refuse=_REFUSED,
-    marker=rf"^(?:(?:model\.)?diffusion_model\.|{re.escape(_DIFFSYNTH)})?{_BLOCK_LEAF}|"
+    marker=rf"{ORIGINAL_HEAD}{_BLOCK_LEAF}|^{re.escape(_DIFFSYNTH)}{_BLOCK_LEAF}|"
     + DIFFUSION_MODEL_HEAD
     + r"(?:(?:vace_)?blocks\.\d+\.(?:self_attn|cross_attn|ffn)|vace_blocks\.\d+\.(?:before|after)_proj)\.",
     aliases=_ALIASES,

@@ -15,7 +15,10 @@ For each key, in order:
    ``encoder.layers.0.self_attn.q_proj``): the longest ``_``-suffix of the key that is a
    layer's underscore form, dropping only leading segments without a number (wrappers such as
    ``text_model`` or ``model``, never a block index) and keeping at least one named segment,
-   so no table per model is needed.
+   so no table per model is needed;
+6. for an underscore naming, the underscore form of the format's aliases of the key (the kohya
+   spelling of original names, :func:`lorahot.formats.kohya.of_original`, whose alias targets
+   keep a stream name such as Flux.3's ``image_0`` in underscores).
 
 The levels a suffix match skips, on either side, are wrappers: none carries a number (a key
 without a block index never lands inside ``transformer_blocks.0``), and those skipped from the
@@ -268,6 +271,7 @@ def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
         lambda: _first(names.dotted(c) for c in cands[1:] + cands[:1] + ([] if fmt.aliases_exact else aliased)),
         lambda: _first(names.by_underscore(c) for c in cands[1:] + cands[:1]),
         lambda: _first(names.unwrapped(c) for c in cands[1:]) if fmt.separator == "_" else [],
+        lambda: _first(names.by_underscore(a) for a in aliased) if fmt.separator == "_" else [],
     )
     for step in steps:
         hits = step()

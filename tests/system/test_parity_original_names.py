@@ -374,15 +374,54 @@ def test_a_component_this_naming_does_not_place_is_refused_or_skipped() -> None:
     _assert_same(ours, _reference(_tiny_anima, sd, names, _anima_original))
 
 
-def _kohya_spelling(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """sd-scripts' spelling of a ``diffusion_model.`` file: ``lora_unet_`` + the name with ``_``
-    for ``.``, ``lora_down``/``lora_up``."""
+def _kohya_spelling(sd: dict[str, torch.Tensor], prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
+    """sd-scripts' spelling of a ``diffusion_model.`` file: ``lora_unet_`` (or ``prefix``) + the name
+    with ``_`` for ``.``, ``lora_down``/``lora_up``."""
     roles = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "alpha": "alpha"}
     out = {}
     for key, tensor in sd.items():
         module, role = re.fullmatch(r"diffusion_model\.(.+)\.(lora_[AB]\.weight|alpha)", key).groups()
-        out["lora_unet_" + module.replace(".", "_") + "." + roles[role]] = tensor
+        out[prefix + module.replace(".", "_") + "." + roles[role]] = tensor
     return out
+
+
+def _spelled(sd: dict[str, torch.Tensor], spelling: str) -> dict[str, torch.Tensor]:
+    """A ``diffusion_model.`` file in another trainer's spelling: kohya's under ``spelling`` if it
+    starts with ``lora_``, else the same keys under ``spelling`` in place of ``diffusion_model.``."""
+    if spelling.startswith("lora_"):
+        return _kohya_spelling(sd, spelling)
+    return {spelling + k.removeprefix("diffusion_model."): v for k, v in sd.items()}
+
+
+#: (family, spelling) pairs the trainers write and the naming they read as (Anima's kohya
+#: spelling has its own test above)
+_SPELLINGS = [
+    *((f, s, f + "-kohya") for f in ("krea2", "ltx2", "flux3") for s in ("lora_unet_", "lora_transformer_")),
+    *((f, s, f) for f in ("krea2", "ltx2", "flux3", "anima") for s in ("", "transformer.", "net.")),
+]
+
+
+@pytest.mark.parametrize(
+    ("family", "spelling", "naming"), _SPELLINGS, ids=[f"{f}-{s or 'bare'}" for f, s, _ in _SPELLINGS]
+)
+@pytest.mark.parametrize("alpha", [False, True], ids=["no-alpha", "alpha"])
+def test_trainers_spellings_of_the_original_names_match_diffusers_on_their_diffusion_model_twin(
+    family: str, spelling: str, naming: str, alpha: bool
+) -> None:
+    """musubi-tuner and OneTrainer write the original names kohya's way (``lora_unet_`` or
+    ``lora_transformer_`` + the name with ``_`` for ``.``), bare, or under ``transformer.``
+    (musubi's ``--diffusers_prefix``) or ``net.`` (the Cosmos checkpoint's root, OneTrainer's Anima
+    files). Every Linear of the model equal to the float64 reference of the ``diffusion_model.`` twin
+    (``alpha / r``) and, without alphas, to diffusers' loader on that twin. These files were refused:
+    their namings required ``diffusion_model.``, and the kohya spellings had no naming at all."""
+    make, original, loader = _FAMILIES[family]
+    names = _linears(make())
+    twin = _file(make(), names, original, alpha=alpha)
+    ours, fmt = _lorahot(make, _spelled(twin, spelling), names)
+    assert fmt == naming
+    _assert_same(ours, _reference(make, twin, names, original))
+    if not alpha:
+        _assert_same(ours, _diffusers(make, loader(), twin, names))
 
 
 @pytest.mark.parametrize("alpha", [False, True], ids=["no-alpha", "alpha"])

@@ -125,14 +125,18 @@ def test_wan_musubi_matches_diffusers(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("head", "infix"), [("", ".default"), ("pipe.dit.", ".default"), ("", "")], ids=["bare", "pipe.dit", "no-default"]
+    ("head", "infix"),
+    [("", ".default"), ("pipe.dit.", ".default"), ("", ""), ("transformer.", ""), ("net.", "")],
+    ids=["bare", "pipe.dit", "no-default", "transformer", "net"],
 )
 def test_wan_diffsynth_files_match_diffusers_on_their_diffusion_model_twin(head: str, infix: str) -> None:
     """DiffSynth-Studio saves its Wan LoRAs in the original names with no prefix (some under
     ``pipe.dit.``) and PEFT's adapter name, ``blocks.0.self_attn.q.lora_A.default.weight``, with no
     ``.alpha`` (alpha = rank); ComfyUI's Wan loaders read them as the same names under
     ``diffusion_model.``. Every layer's weight as diffusers' Wan loader gives it for that twin,
-    float64. These files were refused ('matches no injected layer': read as PEFT names)."""
+    float64. These files were refused ('matches no injected layer': read as PEFT names); so were
+    musubi-tuner's (``--diffusers_prefix transformer``: ``transformer.`` + the original names, read as
+    diffusers naming) and the same names under ``net.``, the other prefix trainers write."""
     twin = {k: v.double() for k, v in wan_file(("lora_A", "lora_B"), seed=6).items() if not k.endswith(".alpha")}
     sd = {
         head

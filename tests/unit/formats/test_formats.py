@@ -407,6 +407,27 @@ def test_peft_embedding_base_layer_copies_are_carried(tmp_path: Path) -> None:
         ("transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight", "diffusers"),
         ("transformer_blocks.0.attn.to_q.lora_A.weight", "peft"),
         ("transformer.joint_transformer_blocks.0.attn.to_q.lora_A.weight", "diffusers"),
+        # the original names in trainers' other spellings, and the diffusers names beside them
+        ("lora_unet_blocks_0_attn_wq.lora_down.weight", "krea2-kohya"),
+        ("lora_transformer_txtfusion_refiner_blocks_0_mlp_gate.lora_down.weight", "krea2-kohya"),
+        ("blocks.0.attn.wq.lora_down.weight", "krea2"),
+        ("lora_unet_single_blocks_0_q_proj.lora_down.weight", "flux3-kohya"),
+        ("lora_unet_content_mode_blocks_image_0_mlp_in.lora_down.weight", "flux3-kohya"),
+        ("transformer.single_blocks.0.q_proj.lora_A.weight", "flux3"),
+        ("lora_unet_patchify_proj.lora_down.weight", "ltx2-kohya"),
+        ("patchify_proj.lora_A.weight", "ltx2"),
+        ("transformer.prompt_adaln_single.linear.lora_A.weight", "ltx2"),
+        ("transformer.adaln_single.linear.lora_A.weight", "diffusers"),  # PixArt's own name
+        ("adaln_single.linear.lora_A.weight", "peft"),
+        ("lora_transformer_adaln_single_linear.lora_down.weight", "kohya"),
+        ("net.blocks.0.self_attn.q_proj.lora_A.weight", "anima"),
+        ("blocks.1.mlp.layer2.lora_down.weight", "anima"),
+        ("transformer.blocks.0.self_attn.q.lora_A.weight", "wan"),
+        ("transformer.blocks.0.attn1.to_q.lora_A.weight", "diffusers"),  # diffusers' Wan names
+        ("transformer.blocks.0.ffn.net.0.proj.lora_A.weight", "diffusers"),
+        ("transformer.blocks.0.attn.qkv_proj.lora_A.weight", "minimax-h3"),
+        ("layers.0.feed_forward.w1.lora_A.weight", "peft"),  # Z-Image's own names: lumina2 keeps its prefixes
+        ("transformer.layers.0.attention.to_q.lora_A.weight", "diffusers"),
     ],
 )
 def test_flux_namings_and_the_others_are_told_apart(key: str, name: str) -> None:
