@@ -508,6 +508,12 @@ def scenario_transformers(mesh: object, folder: Path, check: Checks) -> None:
     with counter:
         logits(tp)
     before = sorted(counter.seen)
+
+    def planned() -> object:
+        plan = lorahot.plan_targets(a, tp)
+        return (len(plan.targets) == 15 and plan.max_rank == 4) or plan
+
+    check("plan_targets reads the whole layers", planned)
     rt = lorahot.inject(tp, TARGETS, max_rank=MAX_RANK, slots=2)
     layers = {n.split(".")[-1]: rt.layers[n] for n in rt.layers}
     check(
@@ -561,6 +567,14 @@ def scenario_transformers(mesh: object, folder: Path, check: Checks) -> None:
     decode = ids[:, :1]  # more rows than slots, one token each: every slot's shrink, each row keeping its own
     check("per-row routing, decode rows", matches(lambda: peft_rows(decode), decode))
     rt.activate(0)
+    before_failure = logits(tp)
+    check(
+        "a file only rank 1 lacks changes no rank",
+        lambda: (
+            raises(lorahot.SourceNotFoundError, lambda: rt.load(b if dist.get_rank() == 0 else a + "_missing"))
+            or (None if torch.equal(logits(tp), before_failure) else "changed")
+        ),
+    )
     rt.unload()
     check("unload", lambda: same(logits(tp), base))
     o_proj = rt.layers["model.layers.0.self_attn.o_proj"]
