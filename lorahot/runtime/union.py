@@ -66,7 +66,8 @@ class TargetPlan:
             :class:`~lorahot.runtime.targets.ExactNames` list, which inject matches exactly, not
             as name suffixes), else the adapters' module
             paths without their component prefix (``base_model.model.``, ``unet.``), in first-seen
-            order. Underscore namings (kohya) need a model to become module names. Planned
+            order (only namings that spell the model's module paths, PEFT and diffusers, plan
+            without a model). Planned
             against several models (a dict of components, a pipeline): a dict component ->
             its module names, holding only the components some adapter loads into, in the
             components' order (the per-component form of ``inject``'s ``targets``).
@@ -157,7 +158,10 @@ def plan_targets(
             model is not an ``nn.Module``, a dict of them or an object with a ``components``
             mapping of them; ``stacked=True`` without a model for adapters that name their
             modules in different namings (a kohya and a diffusers file), whose names only the
-            model tells to be one layer or several.
+            model tells to be one layer or several; without a model, any adapter whose names are
+            not the model's module paths (PEFT, diffusers): kohya's underscore names, an original
+            model's names (BFL, Wan, ...), which no target ``inject`` matches could be made of;
+            ``denoiser`` without several models, or naming no component.
         lorahot.LoraError: what reading an adapter raises (:func:`lorahot.read_adapter`), and
             with a model an :class:`AdapterMismatchError` listing every key that matches no
             layer (or several) and every module whose shapes do not fit its layer; with several
@@ -194,6 +198,7 @@ def plan_targets(
     if model is None:
         if stacked:
             _check_one_spelling(adapters)
+        _check_module_paths(adapters)
         ranks = _file_ranks(adapters, combine)
         groups = [1]
     else:
@@ -324,6 +329,27 @@ def _check_one_spelling(adapters: list[Adapter]) -> None:
             )
             + "\nWithout the model there is no telling which of their names are one layer, so no sum of their "
             "ranks per layer is known. Pass the model: lorahot.plan_targets(sources, model, stacked=True)."
+        )
+
+
+def _check_module_paths(adapters: list[Adapter]) -> None:
+    """Refuses a plan without a model for adapters whose names are not the model's module
+    paths: kohya's underscore names, or the names of an original model (BFL's Flux, Wan's own
+    code) that ``load`` maps onto the layers through the model. No target could be given that
+    ``inject`` matches, so the plan would name modules no model has."""
+    others = [a for a in adapters if a.format not in _MODULE_PATHS]
+    if others:
+        listed = [f"{shown(a.source, 120)}: {a.format} naming" for a in others[:8]]
+        listed += [f"... and {len(others) - 8} more"] if len(others) > 8 else []
+        raise UsageError(
+            format_problems(
+                "plan_targets without a model: these adapters do not name their modules by the model's module paths:",
+                listed,
+            )
+            + "\nOnly the model tells which of its modules their names are (a kohya name is a path with its dots "
+            "made underscores; an original model's name maps onto another layout), so no target inject could match "
+            "is known. Pass the model: lorahot.plan_targets(sources, model) (or the pipeline), which plans its "
+            "module names, max_rank and inject options."
         )
 
 

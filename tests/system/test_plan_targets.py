@@ -166,18 +166,44 @@ def test_a_stack_of_two_namings_is_planned_per_layer_with_the_model_and_refused_
             r"lorahot\.plan_targets\(sources, model, stacked=True\)\.$",
         ):
             lorahot.plan_targets(order, stacked=True)
-    assert lorahot.plan_targets(parts).max_rank == 8  # not stacked: the largest, whatever the names
-    assert lorahot.plan_targets([parts[0], parts[0]], stacked=True).max_rank == 8  # one naming: summed
+    assert lorahot.plan_targets(parts, tiny_unet()).max_rank == 8  # not stacked: the largest
+    assert lorahot.plan_targets([parts[1], parts[1]], stacked=True).max_rank == 16  # one naming: summed
+
+
+def test_without_a_model_only_module_path_namings_plan_and_the_rest_asks_for_the_model() -> None:
+    """Without a model, ``plan.targets`` are the files' own module paths. A kohya file's are
+    underscore forms (``down_blocks_0_..._to_q``), an original model's are another layout:
+    ``inject`` matches none of them, so the plan (stacked or not) is refused with the fix,
+    where it returned targets that injected nothing; PEFT and diffusers files plan as before."""
+    kohya, diffusers = _to_q_lora(4, True, 1), _to_q_lora(8, False, 2)
+    bfl = {"diffusion_model.double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(2, 16)} | {
+        "diffusion_model.double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(16, 2)
+    }
+    for sources, naming in (([diffusers, kohya], "kohya"), ([bfl], "flux-bfl")):
+        for stacked in (False, True) if naming != "kohya" else (False,):
+            with pytest.raises(
+                lorahot.UsageError,
+                match=r"^plan_targets without a model: these adapters do not name their modules by the model's module "
+                rf"paths:\n  - '<mapping>': {naming} naming\nOnly the model tells which of its modules their names are "
+                r".*Pass the model: lorahot\.plan_targets\(sources, model\) \(or the pipeline\), which plans its "
+                r"module names, max_rank and inject options\.$",
+            ):
+                lorahot.plan_targets(sources, stacked=stacked)
+    plan = lorahot.plan_targets([diffusers])
+    assert plan.targets == [_TO_Q] and plan.max_rank == 8
+    lorahot.inject(tiny_unet(), plan.targets, max_rank=plan.max_rank).load(diffusers)
+    assert lorahot.plan_targets([kohya], tiny_unet()).targets == [_TO_Q]
 
 
 def test_a_stack_planned_without_a_model_counts_each_component_of_a_path_apart() -> None:
-    """A kohya SDXL file names the two text encoders' layers by one path under ``lora_te1_`` and
-    ``lora_te2_``: two layers, each taking the file's rank once, not their sum."""
-    path = "text_model_encoder_layers_0_self_attn_q_proj"
+    """A diffusers SDXL file names the two text encoders' layers by one path under
+    ``text_encoder.`` and ``text_encoder_2.``: two layers, each taking the file's rank once,
+    not their sum."""
+    path = "text_model.encoder.layers.0.self_attn.q_proj"
     file = {
-        f"lora_{te}_{path}.{role}.weight": torch.randn(*shape)
-        for te in ("te1", "te2")
-        for role, shape in (("lora_down", (4, 16)), ("lora_up", (16, 4)))
+        f"{te}.{path}.{role}.weight": torch.randn(*shape)
+        for te in ("text_encoder", "text_encoder_2")
+        for role, shape in (("lora_A", (4, 16)), ("lora_B", (16, 4)))
     }
     assert lorahot.plan_targets([file], stacked=True).ranks == {path: 4}
     assert lorahot.plan_targets([file, file], stacked=True).ranks == {path: 8}
@@ -530,7 +556,7 @@ def test_plan_says_which_inject_options_the_adapters_need() -> None:
         for i in (1, 2)
         for ab, shape in (("a", (8, 2)), ("b", (2, 8)))
     }
-    plan = lorahot.plan_targets(loha)
+    plan = lorahot.plan_targets(loha, nn.ModuleDict({"proj": nn.Linear(8, 8)}))
     assert plan.merged_only and not plan.extras
     assert plan.inject_options() == {"max_rank": 1, "merged": True}
 
