@@ -38,6 +38,7 @@ import re
 from lorahot.formats import kohya
 from lorahot.formats.table import (
     COMFYUI_TEXT_ENCODERS,
+    NORM_DELTA,
     ORIGINAL_PREFIXES,
     REFUSED,
     REFUSED_DORA,
@@ -110,8 +111,7 @@ _LYCORIS = next(pattern for pattern, why in REFUSED if why.startswith("LyCORIS (
 _NOT_READ: tuple[tuple[str, str], ...] = (
     (
         r"(?:[._]norm[._](?:query|key)_norm|[._]norm_final)\.(?:diff|diff_b)$",
-        "a delta of a normalization layer (a query/key norm's scale, the final norm), which no LoRA layer carries; "
-        "load with strict=False to skip it",
+        NORM_DELTA,
     ),
     (
         r"\.diff_b$",

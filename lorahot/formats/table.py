@@ -41,6 +41,7 @@ __all__ = [
     "ORIGINAL_PREFIXES",
     "ORIGINAL_HEAD",
     "underscored",
+    "NORM_DELTA",
     "COMFYUI_TEXT_ENCODERS",
     "lora_rules",
     "Parts",
@@ -388,6 +389,16 @@ def underscored(pattern: str) -> str:
     spelling of those names: ``.`` is ``_``, and a name that starts after a ``.``
     (:data:`DOTTED_START`) starts the module key, its component prefix (``lora_unet_``) stripped."""
     return pattern.replace(DOTTED_START, "^").replace(r"\.", "_")
+
+
+#: Why a delta of a normalization layer's weight or bias is refused, in every naming that reads
+#: diffs: the loader finds them by shape (a ``.diff`` of fewer than 2 dimensions), some namings
+#: by name too (a lone ``.diff_b``, whose shape says nothing).
+NORM_DELTA = (
+    "a delta of a normalization layer's weight or bias (or of another 1-D weight), which no LoRA layer carries "
+    "(ComfyUI's LoRA extraction writes a .diff for every 1-D weight, norms included, and lightx2v's files hold them "
+    "as zeros; diffusers drops them); load with strict=False to skip it"
+)
 
 
 def lora_rules(module: str = r"(?P<module>.+)") -> tuple[Rule, ...]:

@@ -44,6 +44,7 @@ import re
 from lorahot.formats import kohya
 from lorahot.formats.table import (
     DIFFUSION_MODEL_HEAD,
+    NORM_DELTA,
     ORIGINAL_HEAD,
     ORIGINAL_PREFIXES,
     REFUSED_MERGEABLE,
@@ -91,8 +92,7 @@ _ALIASES: tuple[tuple[str, str], ...] = (
 _NOT_LAYERS: tuple[tuple[str, str], ...] = (
     (
         r"(?:^|\.)norm[^.]*\.(?:diff|diff_b)$",
-        "a delta of a normalization layer's weight or bias, which no LoRA layer carries (diffusers drops these "
-        "keys, which lightx2v's files hold as zeros); load with strict=False to skip it",
+        NORM_DELTA,
     ),
     (
         r"(?:^|\.)blocks\.\d+\.diff_m$",

@@ -155,3 +155,46 @@ def test_a_comfyui_extracted_lora_with_bias_deltas_applies_them_as_comfyui(spell
         with pytest.raises(lorahot.AdapterMismatchError, match=r"extras=True"):
             lorahot.inject(plain, "all-linear", max_rank=8).load(dict(sd))
         assert all(torch.equal(v, base[k]) for k, v in _linear_weights(plain).items())
+
+
+@pytest.mark.parametrize("spelling", ["comfyui", "kohya"])
+def test_a_comfyui_extracted_lora_refuses_its_norm_deltas_by_name_and_skips_them(spelling: str) -> None:
+    """ComfyUI's LoRA extraction also writes a ``.diff`` for every 1-D weight, the normalization
+    layers' scales included (``txt_norm.diff``, ``attn.norm_q.diff``), which no LoRA layer carries.
+    They were refused as 'matches no injected layer (closest: ...)' in ComfyUI and kohya naming
+    while the Wan naming named them; every naming now refuses them by their shape, naming each key
+    and the reason, nothing changed; with strict=False they are skipped and the rest is the float64
+    ``W + B A``, ``b + diff_b``."""
+    with torch.no_grad():
+        model = tiny_qwen().double()
+        g = torch.Generator().manual_seed(9)
+        sd, reference = {}, {}
+        for i, (name, (fan_in, fan_out)) in enumerate(MODULES.items()):
+            key = "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
+            a = torch.randn(2 + i % 3, fan_in, generator=g, dtype=torch.float64) * 0.3
+            b = torch.randn(fan_out, 2 + i % 3, generator=g, dtype=torch.float64) * 0.3
+            bias = torch.randn(fan_out, generator=g, dtype=torch.float64) * 0.3
+            sd |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.diff_b": bias}
+            layer = model.get_submodule(name)
+            reference[name] = (layer.weight + b @ a, layer.bias + bias)
+        norms = {"txt_norm": 16, "transformer_blocks.0.attn.norm_q": 8}
+        for name, size in norms.items():
+            assert model.get_submodule(name).weight.shape == (size,)
+            key = "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
+            sd[f"{key}.diff"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
+        ours = tiny_qwen().double()
+        base = _linear_weights(ours)
+        runtime = lorahot.inject(ours, "all-linear", max_rank=8, merged=True)
+        with pytest.raises(lorahot.UnknownFormatError) as refused:
+            runtime.load(dict(sd))
+        for name, size in norms.items():
+            key = "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
+            assert f"{key}.diff (shape ({size},)): a delta of a normalization layer" in str(refused.value)
+        assert "strict=False" in str(refused.value)
+        assert all(torch.equal(v, base[k]) for k, v in _linear_weights(ours).items())
+        info = runtime.load(dict(sd), strict=False)
+        assert info.format == spelling
+        got = _linear_weights(ours)
+        for name, (weight, bias) in reference.items():
+            expected = torch.cat([weight.T, torch.zeros(1, weight.shape[0], dtype=torch.float64)]) + bias
+            torch.testing.assert_close(got[name], expected, rtol=1e-12, atol=1e-12, msg=name)
