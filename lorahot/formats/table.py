@@ -364,12 +364,14 @@ COMPONENT_HEAD = r"(?P<head>(?:.*[._])?)"
 #: ComfyUI checkpoint, which some of its LoRA files keep.
 DIFFUSION_MODEL = ("diffusion_model.", "model.diffusion_model.")
 #: The text encoders' prefixes in ComfyUI's LoRA files (``text_encoders.clip_l.transformer.`` +
-#: the encoder's own module names): CLIP-L, CLIP-G and T5-XXL, the pipelines' ``text_encoder``,
-#: ``text_encoder_2`` and ``text_encoder_3`` (SD3's order; see :mod:`lorahot.resolve.components`).
+#: the encoder's own module names): CLIP-L, CLIP-G, T5-XXL and the others ComfyUI names by what
+#: they are (``llama``, ``qwen25_7b``), each routed to the component of its architecture
+#: (:mod:`lorahot.resolve.components`).
 COMFYUI_TEXT_ENCODERS = (
     "text_encoders.clip_l.transformer.",
     "text_encoders.clip_g.transformer.",
     "text_encoders.t5xxl.transformer.",
+    "text_encoders.",  # any other encoder ComfyUI names (llama, qwen25_7b, umt5xxl, ...)
 )
 #: A key that starts with one of :data:`DIFFUSION_MODEL` (for markers and refusals).
 DIFFUSION_MODEL_HEAD = r"^(?:model\.)?diffusion_model\."

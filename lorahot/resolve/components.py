@@ -3,9 +3,12 @@
 A runtime injected into several models (``lorahot.inject({"unet": ..., "text_encoder": ...})``)
 names its layers ``<component>.<module path>``. A file names its components with prefixes:
 diffusers ``unet.``/``transformer.``/``text_encoder.``/``text_encoder_2.``, kohya
-``lora_unet_``/``lora_te_``/``lora_te1_``/``lora_te2_``, BFL/ComfyUI ``diffusion_model.``, ComfyUI's
-``text_encoders.clip_l.transformer.``/``clip_g``/``t5xxl`` (``text_encoder``, ``text_encoder_2``,
-``text_encoder_3``, SD3's order). sd-scripts names the T5 ``lora_te3_`` in its Flux.1 files too,
+``lora_unet_``/``lora_te_``/``lora_te1_``/``lora_te2_``, BFL/ComfyUI ``diffusion_model.``. ComfyUI
+names a text encoder by what it is (``text_encoders.clip_l.transformer.``, ``clip_g``, ``t5xxl``,
+``llama``, ``qwen25_7b``, ...): its modules go to the component of that architecture, told by the
+modules it has (a CLIP's ``position_embedding``/``fc1``, a T5's ``SelfAttention``, a decoder LM's
+``embed_tokens``/``gate_proj``), SD3's place deciding between several (SDXL's two CLIPs), refused
+where none or several fit. sd-scripts names the T5 ``lora_te3_`` in its Flux.1 files too,
 whose pipeline holds the T5 as ``text_encoder_2``: T5 modules (:data:`T5_PREFIXES`) go to
 ``text_encoder_2`` on a runtime without a ``text_encoder_3`` whose ``text_encoder_2`` has their
 modules (diffusers' Flux loader drops them).
@@ -20,6 +23,7 @@ Prefixes end with their naming's separator: ``text_encoder.`` never takes ``text
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
@@ -27,7 +31,7 @@ from lorahot.errors import AdapterMismatchError, format_problems, shown
 from lorahot.formats import FORMATS
 from lorahot.resolve.keys import resolve_all
 
-__all__ = ["ROUTES", "DENOISER", "T5_PREFIXES", "route", "resolve_components"]
+__all__ = ["ROUTES", "DENOISER", "T5_PREFIXES", "COMFYUI_ENCODER", "route", "resolve_components"]
 
 #: The denoiser a prefix without a fixed component (``lora_unet_`` is Flux's transformer too)
 #: or a key without any prefix goes to: the first of these the runtime has.
@@ -52,9 +56,6 @@ ROUTES: tuple[tuple[str, str | None], ...] = tuple(
             "lora_te1_": "text_encoder",
             "lora_te2_": "text_encoder_2",
             "lora_te3_": "text_encoder_3",
-            "text_encoders.clip_l.transformer.": "text_encoder",  # ComfyUI's
-            "text_encoders.clip_g.transformer.": "text_encoder_2",
-            "text_encoders.t5xxl.transformer.": "text_encoder_3",
             "diffusion_model.": None,
             "model.diffusion_model.": None,
             "base_model.model.": None,
@@ -68,6 +69,27 @@ ROUTES: tuple[tuple[str, str | None], ...] = tuple(
 #: Prefixes of T5 text-encoder modules: sd-scripts' (its SD3 and Flux.1 files) and ComfyUI's.
 #: They name ``text_encoder_3``, SD3's T5; a Flux.1 pipeline's T5 is its ``text_encoder_2``.
 T5_PREFIXES = ("lora_te3_", "text_encoders.t5xxl.transformer.")
+
+#: A ComfyUI text-encoder module key: ``text_encoders.<encoder>.transformer.<the encoder's own
+#: names>``; the encoder is named by what it is (``clip_l``, ``t5xxl``, ``llama``, ``qwen25_7b``),
+#: not by where a pipeline holds it, so it goes to the component of that architecture
+#: (:func:`_comfyui_targets`).
+COMFYUI_ENCODER = re.compile(r"text_encoders\.(?P<encoder>[a-z0-9_]+)\.transformer\.")
+#: ComfyUI's encoder names -> the architecture (first match): CLIPs, the T5 family, decoder LMs
+_ENCODER_FAMILIES = (
+    (r"^clip_", "CLIP"),
+    (r"^(?:pile_)?(?:u|m|by)?t5", "T5"),
+    (r"^(?:llama|llava|qwen|gemma|mistral|ministral|phi|olmo|glm)", "decoder language model"),
+)
+#: architecture -> a module path (relative to the component) only a model of it has
+_FINGERPRINTS = {
+    "CLIP": r"(?:^|\.)(?:embeddings\.position_embedding|mlp\.fc[12]|self_attn\.out_proj)$",
+    "T5": r"(?:^|\.)(?:SelfAttention|EncDecAttention|DenseReluDense)(?:\.\w+)?$",
+    "decoder language model": r"(?:^|\.)(?:embed_tokens|mlp\.(?:gate|up|down)_proj|self_attn\.o_proj)$",
+}
+#: where SD3 holds each encoder: the choice where several components have its architecture
+#: (SDXL's and SD3's two CLIPs)
+_SD3_PLACE = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
 #: Where T5 modules go on a runtime without ``text_encoder_3``, if it holds their modules.
 _T5_ELSEWHERE = "text_encoder_2"
 
@@ -130,20 +152,25 @@ def resolve_components(
     missing: dict[str, list[str]] = {}
     entries: list[tuple[str, Module]] = [*adapter.modules.items(), *adapter.weights.items()]
     t5 = _t5_elsewhere([k for k, _ in entries], components, [*names, *others])
+    encoders = _comfyui_targets([k for k, _ in entries], components, [*names, *others])
     for key, module in entries:
-        component, prefix = route(key, components, denoiser)
-        if component is None and prefix in T5_PREFIXES and t5:
+        encoder = COMFYUI_ENCODER.match(key)
+        if encoder is not None:
+            component, prefix = encoders[encoder["encoder"]][0], encoder.group(0)
+        else:
+            component, prefix = route(key, components, denoiser)
+        if component is None and prefix == T5_PREFIXES[0] and t5:
             component = _T5_ELSEWHERE
         if component is not None:
-            if prefix == component + "." and prefix not in _NAMED:
-                key = key[len(prefix) :]  # a component's own name no naming strips: its paths follow
+            if encoder is not None or (prefix == component + "." and prefix not in _NAMED):
+                key = key[len(prefix) :]  # a prefix no naming strips: the component's paths follow
             groups[component].append((key, module))
         elif skipped is not None:
             skipped.extend(module.source_keys or (key,))
         else:
             missing.setdefault(prefix, []).append(key)
     if missing:
-        raise AdapterMismatchError(_missing_message(adapter.source, missing, components))
+        raise AdapterMismatchError(_missing_message(adapter.source, missing, components, encoders))
     lora: dict[str, LoraModule] = {}
     weights: dict[str, WeightModule] = {}
     problems: list[str] = []
@@ -184,13 +211,68 @@ def _t5_elsewhere(keys: list[str], components: tuple[str, ...], paths: list[str]
     )
 
 
-def _missing_message(source: str, missing: dict[str, list[str]], components: tuple[str, ...]) -> str:
+def _architectures(component: str, paths: list[str]) -> set[str]:
+    """The architectures whose fingerprint module ``component`` has (:data:`_FINGERPRINTS`)."""
+    head = component + "."
+    own = [p[len(head) :] for p in paths if p.startswith(head)]
+    return {arch for arch, pattern in _FINGERPRINTS.items() if any(re.search(pattern, p) for p in own)}
+
+
+def _family(encoder: str) -> str | None:
+    """The architecture of ComfyUI's text encoder ``encoder`` (its name), or None: unknown."""
+    return next((arch for pattern, arch in _ENCODER_FAMILIES if re.match(pattern, encoder)), None)
+
+
+def _comfyui_targets(
+    keys: list[str], components: tuple[str, ...], paths: list[str]
+) -> dict[str, tuple[str | None, str]]:
+    """ComfyUI encoder name -> ``(component, why)`` for the ComfyUI text-encoder keys among
+    ``keys``: the one component whose modules are of that encoder's architecture (Llama's
+    ``embed_tokens``/``gate_proj`` are no CLIP's, whatever the pipeline calls them: a
+    HunyuanVideo pipeline's CLIP is its ``text_encoder_2``), or, of several (SDXL's two CLIPs),
+    the one SD3 holds it as; None, with the reason, where none or several fit, or the
+    architecture is unknown."""
+    out: dict[str, tuple[str | None, str]] = {}
+    found = {m["encoder"] for m in map(COMFYUI_ENCODER.match, keys) if m is not None}
+    if not found:
+        return out
+    archs = {c: _architectures(c, paths) for c in components}
+    for encoder in sorted(found):
+        family = _family(encoder)
+        fits = [c for c in components if family in archs[c]]
+        if family is None:
+            out[encoder] = (None, f"ComfyUI's text encoder {encoder!r} is none lorahot knows the architecture of")
+        elif len(fits) == 1 or _SD3_PLACE.get(encoder) in fits:
+            out[encoder] = (fits[0] if len(fits) == 1 else _SD3_PLACE[encoder], "")
+        elif fits:
+            out[encoder] = (
+                None,
+                f"several components are a {family}: {', '.join(fits)}, and none is where SD3 holds it",
+            )
+        else:
+            out[encoder] = (None, f"no component of this runtime is a {family} (ComfyUI's {encoder!r} is one)")
+    return out
+
+
+def _missing_message(
+    source: str,
+    missing: dict[str, list[str]],
+    components: tuple[str, ...],
+    encoders: Mapping[str, tuple[str | None, str]],
+) -> str:
     lines = []
+    t5_lines = 0
     for prefix, keys in missing.items():
         target = dict(ROUTES).get(prefix) if prefix else None
         wanted = target or " or ".join(DENOISER)
         which = f"prefix {shown(prefix, 200)}" if prefix else "no component prefix"
-        if prefix in T5_PREFIXES:
+        encoder = COMFYUI_ENCODER.match(prefix)
+        why = encoders[encoder["encoder"]][1] if encoder is not None else ""
+        if encoder is not None and not why.startswith("no component of this runtime is a T5"):
+            lines.append(f"{len(keys)} text-encoder module(s) with {which} (e.g. {keys[0]}): {why}")
+            continue
+        if prefix in T5_PREFIXES or encoder is not None:
+            t5_lines += 1
             lines.append(
                 f"{len(keys)} T5 text-encoder module(s) with {which} (e.g. {keys[0]}): they go to text_encoder_3 "
                 f"(SD3's T5), which was not injected, or to a {_T5_ELSEWHERE} that holds their modules (Flux.1's "
@@ -198,14 +280,21 @@ def _missing_message(source: str, missing: dict[str, list[str]], components: tup
             )
             continue
         lines.append(f"{len(keys)} module(s) with {which} (e.g. {keys[0]}) go to {wanted}, which was not injected")
-    wanted_names = [dict(ROUTES).get(p) or " or ".join(DENOISER) for p in missing if p not in T5_PREFIXES]
+    wanted_names = [
+        dict(ROUTES).get(p) or " or ".join(DENOISER)
+        for p in missing
+        if p not in T5_PREFIXES and COMFYUI_ENCODER.match(p) is None
+    ]
     example = " or ".join(f"{{..., '{c}': pipe.{c}}}" for c in wanted_names[0].split(" or ")) if wanted_names else ""
-    fix = (
-        f"Inject the missing component too (lorahot.inject({example}, ...))"
-        if wanted_names
-        else "Inject the pipeline's T5 encoder too ({..., 'text_encoder_3': pipe.text_encoder_3} for SD3, "
-        "{..., 'text_encoder_2': pipe.text_encoder_2} for Flux.1)"
-    )
+    if wanted_names:
+        fix = f"Inject the missing component too (lorahot.inject({example}, ...))"
+    elif t5_lines:
+        fix = (
+            "Inject the pipeline's T5 encoder too ({..., 'text_encoder_3': pipe.text_encoder_3} for SD3, "
+            "{..., 'text_encoder_2': pipe.text_encoder_2} for Flux.1)"
+        )
+    else:
+        fix = "Inject the pipeline's text encoder of that architecture (the one that holds those modules)"
     return (
         format_problems(f"{source}: adapter modules for components this runtime lacks:", lines)
         + f"\nThis runtime has components {', '.join(components)}. {fix}, or load with strict=False to skip "

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import lorahot
-from tests.helpers import tiny_clip
+from tests.helpers import tiny_clip, tiny_llama
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -324,3 +324,109 @@ def test_kohya_te_of_a_flux_file_matches_sd_scripts_and_diffusers_flux_loader(na
         got, oracle = clip(ids)[0], theirs.text_encoder.double()(ids)[0]
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(oracle, want, rtol=1e-12, atol=1e-12)  # its scales are powers of two here
+
+
+def _comfyui_te_file(model: nn.Module, encoder: str, wrapper: str, seed: int) -> dict[str, torch.Tensor]:
+    """A LoRA (rank 2, alpha 1) on every linear of a text encoder, as ComfyUI names it:
+    ``text_encoders.<encoder>.transformer.`` + ``wrapper`` + the module's path."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            stem = f"text_encoders.{encoder}.transformer.{wrapper}{name}"
+            out[f"{stem}.lora_down.weight"] = torch.randn(2, mod.in_features, generator=g, dtype=torch.float64)
+            out[f"{stem}.lora_up.weight"] = torch.randn(mod.out_features, 2, generator=g, dtype=torch.float64)
+            out[f"{stem}.alpha"] = torch.tensor(1.0, dtype=torch.float64)
+    return out
+
+
+def _linear_responses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each Linear's response to the identity and to zero: its adapted weight and bias, float64."""
+    out = {}
+    for name, mod in model.named_modules():
+        base = getattr(mod, "base_layer", mod)
+        if isinstance(base, nn.Linear) and not name.endswith("base_layer"):
+            with torch.no_grad():
+                out[name] = mod(torch.eye(base.in_features + 1, dtype=torch.float64)[:, : base.in_features])
+    return out
+
+
+def _plus(model: nn.Module, sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The float64 reference: every Linear's response with ``alpha / r * B @ A`` of its module in ``sd``."""
+    out = _linear_responses(model)
+    for name in out:
+        down = sd[f"{prefix}{name}.lora_down.weight"]
+        delta = 0.5 * sd[f"{prefix}{name}.lora_up.weight"] @ down  # alpha 1, rank 2
+        out[name] = out[name] + torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
+    return out
+
+
+def test_comfyui_text_encoders_go_to_the_component_of_their_architecture() -> None:
+    """ComfyUI names a text encoder by what it is (``clip_l``, ``llama``, ``qwen25_7b``, ``t5xxl``),
+    not by where a pipeline holds it. On a HunyuanVideo pipeline (``text_encoder`` a Llama,
+    ``text_encoder_2`` the CLIP) the ``clip_l`` modules went to ``text_encoder`` by SD3's order and
+    landed on the Llama's layers of the same name and shape, silently, and ``llama`` ones went to
+    the denoiser and were refused. Each now goes to the component of its architecture: every
+    Linear of both encoders at its float64 reference. Where no component or several fit, or the
+    name is no architecture lorahot knows, the refusal says so and nothing changes."""
+    llama, clip = tiny_llama().model.double(), _clip().double()
+    sd = _comfyui_te_file(clip, "clip_l", "text_model.", seed=11) | _comfyui_te_file(llama, "llama", "model.", seed=12)
+    expected = {
+        "text_encoder": _plus(llama, sd, "text_encoders.llama.transformer.model."),
+        "text_encoder_2": _plus(clip, sd, "text_encoders.clip_l.transformer.text_model."),
+    }
+    pipe = {"text_encoder": copy.deepcopy(llama), "text_encoder_2": copy.deepcopy(clip)}
+    info = lorahot.inject(pipe, "all-linear", max_rank=4).load(dict(sd))
+    assert info.components == {
+        "text_encoder": len(expected["text_encoder"]),
+        "text_encoder_2": len(expected["text_encoder_2"]),
+    }
+    for component, reference in expected.items():
+        got = _linear_responses(pipe[component])
+        for name, want in reference.items():
+            torch.testing.assert_close(got[name], want, rtol=1e-12, atol=1e-12, msg=f"{component}.{name}")
+    unknown = {k.replace(".llama.", ".nonesuch_1b."): v for k, v in sd.items()}
+    refusals = {
+        "no CLIP": (
+            {"text_encoder": llama},
+            sd,
+            r"'text_encoders\.clip_l\.transformer\.'.*: no component of [^\n]* a CLIP",
+        ),
+        "two LMs": (
+            {"text_encoder": llama, "text_encoder_2": tiny_llama(1).model.double()},
+            sd,
+            r"'text_encoders\.llama\.transformer\.'.*: several components are a decoder language model: text_encoder, "
+            r"text_encoder_2",
+        ),
+        "unknown": (
+            {"text_encoder": llama, "text_encoder_2": clip},
+            unknown,
+            r"ComfyUI's text encoder 'nonesuch_1b' is none lorahot knows the architecture of",
+        ),
+    }
+    for label, (models, file, match) in refusals.items():
+        models = {c: copy.deepcopy(m) for c, m in models.items()}
+        before = {c: _linear_responses(m) for c, m in models.items()}
+        with pytest.raises(lorahot.AdapterMismatchError, match=match):
+            lorahot.inject(models, "all-linear", max_rank=4).load(dict(file))
+        for c, m in models.items():
+            assert all(torch.equal(v, before[c][k]) for k, v in _linear_responses(m).items()), label
+
+
+def test_comfyui_t5_modules_go_to_the_t5_whatever_the_pipeline_calls_it() -> None:
+    """Chroma and PixArt hold their T5 as ``text_encoder``: ComfyUI's ``t5xxl`` modules were
+    refused there (routed to ``text_encoder_3``, SD3's place); they now load into it, every Linear
+    at its float64 reference."""
+    from tests.system.test_readme import _tiny_flux
+
+    t5 = _tiny_flux().text_encoder_2.double()
+    sd = _t5_file(t5, "text_encoders.t5xxl.transformer.", dotted=True)
+    expected = _plus(t5, sd, "text_encoders.t5xxl.transformer.")
+    ours = copy.deepcopy(t5)
+    info = lorahot.inject(
+        {"transformer": tiny_flux(), "text_encoder": ours}, {"text_encoder": "all-linear"}, max_rank=4
+    ).load(dict(sd))
+    assert info.components == {"text_encoder": len(expected)}
+    got = _linear_responses(ours)
+    for name, want in expected.items():
+        torch.testing.assert_close(got[name], want, rtol=1e-12, atol=1e-12, msg=name)
