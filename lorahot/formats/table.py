@@ -422,8 +422,8 @@ REFUSED_DORA = (
     r"(lora_magnitude_vector|dora_scale)",
     "DoRA magnitude (weight decomposition), which this naming does not read: lorahot reads DoRA as PEFT's "
     "lora_magnitude_vector in the PEFT and diffusers namings, and as a LyCORIS LoRA/LoCon module's dora_scale in "
-    "the SD/SDXL kohya and the ComfyUI namings; load with strict=False to skip the module (its LoRA weights with "
-    "it: without the magnitude they compute another update), or save the adapter with PEFT",
+    "the SD/SDXL kohya, ComfyUI, diffusers and PEFT namings; load with strict=False to skip the module (its LoRA "
+    "weights with it: without the magnitude they compute another update), or save the adapter with PEFT",
 )
 #: :data:`REFUSED_DORA` for the namings that read a LoRA/LoCon module's ``dora_scale``: PEFT's
 #: ``lora_magnitude_vector`` alone.
@@ -578,10 +578,14 @@ def lycoris_rules(module: str) -> tuple[Rule, ...]:
 
 
 #: DoRA magnitudes and LoRA biases as PEFT names them (an optional adapter name after the role),
-#: read by the namings that use PEFT's roles (PEFT, diffusers).
+#: read by the namings that use PEFT's roles (PEFT, diffusers); also a LoRA/LoCon module's
+#: ``dora_scale``, LyCORIS' weight decomposition, which OneTrainer writes beside ``lora_down`` /
+#: ``lora_up`` in diffusers' module names (``transformer.<module>.dora_scale``) and ComfyUI reads
+#: in every naming.
 EXTRA_RULES = (
     Rule(r"(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?", "magnitude"),
     Rule(r"(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias", "bias"),
+    Rule(r"(?P<module>.+)\.dora_scale", "dora_scale"),
 )
 #: :data:`REFUSED` less DoRA and LoRA biases, for the namings of :data:`EXTRA_RULES`.
 REFUSED_BUT_EXTRAS = tuple(r for r in REFUSED if r not in (REFUSED_DORA, REFUSED_BIAS))

@@ -955,6 +955,11 @@ def _assemble(
             alpha = cfg.alpha_for(pattern_name)
         base = roles["base"][1] if "base" in roles else None
         alpha = float(rank) if alpha is None else alpha
+        if "magnitude" in roles and "dora_scale" in roles:
+            problems.append(
+                f"{module}: both {roles['magnitude'][0]} and {roles['dora_scale'][0]} give it a DoRA magnitude"
+            )
+            continue
         magnitude = next((roles[r][1] for r in ("magnitude", "dora_scale") if r in roles), None)
         if cfg.use_dora and magnitude is None:
             problems.append(

@@ -167,6 +167,17 @@ def test_weight_kinds_refused_unmerged_with_the_fix() -> None:
         runtime.preload(sd)
 
 
+#: the spellings of a LoRA module with a ``dora_scale`` (and ``lora_down``/``lora_up``, ``.alpha``)
+#: ComfyUI reads, each the head of the module's key: kohya's, ComfyUI's, and the model's own
+#: names under diffusers' ``transformer.`` (OneTrainer's HiDream and Chroma files) or bare
+DORA_SCALE_NAMINGS = {
+    "kohya": "lora_unet_0.",
+    "comfyui": "diffusion_model.0.",
+    "diffusers": "transformer.0.",
+    "peft": "0.",
+}
+
+
 #: LyCORIS modules trained with weight decomposition that lorahot folds in merged mode (a
 #: LoCon with LyCORIS' default wd_on_out=True loads as DoRA, merged or not: see below).
 DECOMPOSED = [
@@ -196,16 +207,24 @@ def _conv1d(kind: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv"])
-@pytest.mark.parametrize(("cls", "options"), [c[1:] for c in DECOMPOSED], ids=[c[0] for c in DECOMPOSED])
-def test_weight_decomposed_lycoris_modules_merge_as_lycoris_computes(cls: type, options: dict, kind: str) -> None:
+@pytest.mark.parametrize(
+    ("cls", "options", "naming"),
+    [(*c[1:], "kohya") for c in DECOMPOSED] + [(LoConModule, {"wd_on_out": False}, n) for n in ("diffusers", "peft")],
+    ids=[c[0] for c in DECOMPOSED] + ["locon-wd-on-in-diffusers", "locon-wd-on-in-peft"],
+)
+def test_weight_decomposed_lycoris_modules_merge_as_lycoris_computes(
+    cls: type, options: dict, naming: str, kind: str
+) -> None:
     """A LoHa, LoKr or Tucker LoCon with a ``dora_scale``, or a LoCon whose ``dora_scale`` is
-    per input channel (``wd_on_out=False``, ``[1, in, ...]``), folds in merged mode as LyCORIS
+    per input channel (``wd_on_out=False``, ``[1, in, ...]``: OneTrainer's DoRA, which it also
+    writes in the model's own names under ``transformer.``), folds in merged mode as LyCORIS
     computes it at multiplier 1: ``V * dora_scale / (||V|| + eps)``, ``V = W + ΔW``, the norm per
     output row or per input column (a ``Conv1D``'s ``[in, out]`` weight read transposed);
     float64, against LyCORIS' own forward (max abs diff ~1e-15). Unload restores the base
     weight bitwise."""
     oracle, sd = _decomposed(cls, "linear" if kind == "conv1d" else kind, options)
     assert "lora_unet_0.dora_scale" in sd
+    sd = {k.replace("lora_unet_0.", DORA_SCALE_NAMINGS[naming]): v for k, v in sd.items()}
     x = _input("linear" if kind == "conv1d" else kind)
     with torch.no_grad():
         want = oracle(x)
@@ -304,17 +323,18 @@ def _decomposed_locon(kind: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return oracle, sd
 
 
-@pytest.mark.parametrize("naming", ["kohya", "comfyui"])
+@pytest.mark.parametrize("naming", list(DORA_SCALE_NAMINGS))
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_weight_decomposed_locon_computes_what_lycoris_computes(kind: str, merged: bool, naming: str) -> None:
     """A LoRA/LoCon with a ``dora_scale`` (``[out, 1, ...]``) loads as DoRA with that magnitude:
     at scale 1 LyCORIS' ``V * dora_scale / (||V|| + eps)`` (``V = W + alpha / r * up @ down``,
     the norm per output channel) is PEFT's DoRA; float64, against LyCORIS' own forward, in kohya
-    names and in ComfyUI's (``diffusion_model.<module>``)."""
+    names, in ComfyUI's (``diffusion_model.<module>``) and in the model's own names, under
+    ``transformer.`` or bare, as OneTrainer writes them (these two were refused: 'not a LoRA key
+    of the diffusers naming')."""
     oracle, sd = _decomposed_locon(kind)
-    if naming == "comfyui":
-        sd = {k.replace("lora_unet_0.", "diffusion_model.0."): v for k, v in sd.items()}
+    sd = {k.replace("lora_unet_0.", DORA_SCALE_NAMINGS[naming]): v for k, v in sd.items()}
     x = _input(kind)
     with torch.no_grad():
         want = oracle(x)
@@ -328,6 +348,26 @@ def test_weight_decomposed_locon_computes_what_lycoris_computes(kind: str, merge
         assert (want - base_out).abs().max() > 0.5
     runtime.unload()
     assert torch.equal(model(x), base_out)
+
+
+def test_a_module_with_both_dora_magnitudes_is_refused_and_nothing_changes() -> None:
+    """A module whose file gives it PEFT's ``lora_magnitude_vector`` and LyCORIS' ``dora_scale``
+    (the diffusers and PEFT namings read both) has two magnitudes and no single weight: refused
+    naming the module and both keys, nothing changed (before, the PEFT one was taken silently)."""
+    _, sd = _decomposed_locon("linear")
+    sd = {k.replace("lora_unet_0.", "transformer.0."): v for k, v in sd.items()}
+    sd["transformer.0.lora_magnitude_vector"] = sd["transformer.0.dora_scale"].flatten() + 1.0
+    model = _base("linear")
+    runtime = lorahot.inject(model, ["0"], max_rank=4, extras=True)
+    before = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"transformer\.0: both transformer\.0\.lora_magnitude_vector and transformer\.0\.dora_scale give it a "
+        r"DoRA magnitude",
+    ):
+        runtime.load(sd)
+    state = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(torch.equal(state[k], v) for k, v in before.items())
 
 
 def test_weight_decomposed_locon_refuses_every_scale_but_one(tmp_path: Path) -> None:
