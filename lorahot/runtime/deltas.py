@@ -50,7 +50,15 @@ import torch
 
 from lorahot.adapter import WeightModule
 
-__all__ = ["build_delta", "delta_shape", "delta_bound", "decompose", "lora_update_max", "base_problem"]
+__all__ = [
+    "build_delta",
+    "delta_shape",
+    "delta_bound",
+    "decompose",
+    "lora_update_max",
+    "base_problem",
+    "rotation_problem",
+]
 
 #: factors that are not part of ``ΔW``: a diff's bias, the magnitude of weight decomposition
 _NOT_DELTA = ("diff_b", "dora_scale")
@@ -307,19 +315,45 @@ def base_problem(module: WeightModule, shape: tuple[int, ...]) -> str | None:
 
 
 def _cayley(blocks: torch.Tensor, module: WeightModule, out: int) -> torch.Tensor:
-    """Each block's rotation ``(I + Q)(I - Q)^-1`` (``[..., b, b]``) from ``Q = B - B^T`` under
-    the module's norm constraint (see the module docstring); ``I - Q`` is invertible for every
-    real skew-symmetric ``Q``."""
-    q = blocks - blocks.transpose(-1, -2)
-    norm = torch.linalg.vector_norm(q)
+    """Each block's rotation ``(I + Q)(I - Q)^-1`` (``[..., b, b]``, float64) from
+    ``Q = B - B^T`` under the module's norm constraint (see the module docstring); ``I - Q`` is
+    invertible for every real skew-symmetric ``Q``. Computed in float64 whatever the model's
+    dtype, from ``Q / g`` (``g = max|Q|``, entries in ``[-1, 1]``): ``Q`` scaled to the bound
+    ``c`` is ``(Q / g) c / (||Q / g|| + 1e-8 / g)``, which stays finite where ``||Q||`` or ``Q``
+    itself would not (in float32, blocks past about 1e19 made ``||Q||`` inf and the constraint
+    scaled ``Q`` to 0; past 1.7e38 ``Q`` was inf and the weight NaN). Only an unconstrained ``Q``
+    past float64's range gives no finite rotation (:func:`rotation_problem` refuses it)."""
+    b = blocks.double()
+    half = b / 2 - b.transpose(-1, -2) / 2  # Q / 2: finite for every finite B
+    top = half.abs().amax()
+    unit = half / torch.where(top > 0, top, 1.0)  # Q / g
+    g = 2 * top  # inf where Q itself leaves float64's range
+    n = torch.linalg.vector_norm(unit)  # ||Q|| / g
     limit = (module.alpha or 0.0) * out
     if module.kind == "kohya-oft":
-        q = q * ((torch.clamp(norm, max=limit) + 1e-8) / (norm + 1e-8))
+        q = unit * ((torch.clamp(g * n, max=limit) + 1e-8) / (n + 1e-8 / g))
     elif limit > 0:
-        q = torch.where(norm + 1e-8 > limit, q * (limit / (norm + 1e-8)), q)
+        q = torch.where(g * n + 1e-8 > limit, unit * (limit / (n + 1e-8 / g)), unit * g)
+    else:
+        q = unit * g
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     r: torch.Tensor = torch.linalg.solve(eye - q, eye + q)  # (I - Q)^-1 (I + Q), which equals (I + Q)(I - Q)^-1
     return r
+
+
+def rotation_problem(module: WeightModule) -> str | None:
+    """Why a rotation kind's ``oft_blocks`` make no finite rotation (computed as the merge does),
+    or None; blocks that are not square matrices are :func:`base_problem`'s."""
+    blocks = module.factors["oft_blocks"]
+    if not module.rotates or blocks.ndim < 3 or blocks.shape[-1] != blocks.shape[-2] or not blocks.numel():
+        return None
+    if bool(torch.isfinite(_cayley(blocks, module, _rotated_rows(module))).all()):
+        return None
+    top = float(blocks.abs().max())
+    return (
+        f"oft_blocks holds values up to {top:g}, whose skew part B - B^T leaves float64's range without a norm "
+        "constraint to scale it: no finite rotation"
+    )
 
 
 def _ia3_problem(module: WeightModule, shape: tuple[int, ...]) -> str | None:
@@ -393,8 +427,7 @@ def _from_base(module: WeightModule, w0: torch.Tensor, device: torch.device) -> 
 def _rotated(module: WeightModule, w0: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``rescale * R W0`` for ``w0`` ``[out, in, *kernel]``."""
     out = int(w0.shape[0])
-    blocks = module.factors["oft_blocks"].to(device, dtype)
-    r = _cayley(blocks, module, out)  # [(m,) n, b, b]
+    r = _cayley(module.factors["oft_blocks"].to(device), module, out).to(dtype)  # [(m,) n, b, b]
     flat = w0.reshape(out, -1)  # [out, in * prod(kernel)]
     if module.kind == "boft":
         for i, stage in enumerate(r):  # stage: [n, b, b]

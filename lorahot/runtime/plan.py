@@ -27,7 +27,7 @@ from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, FLOAT_DTYPES, LayerSpec, un
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
-from lorahot.runtime.deltas import base_problem, delta_shape, lora_update_max
+from lorahot.runtime.deltas import base_problem, delta_shape, lora_update_max, rotation_problem
 from lorahot.runtime.flux_inputs import pad_embedder_input
 from lorahot.runtime.sharding import localize
 
@@ -444,7 +444,8 @@ def check_weight_values(name: str, module: WeightModule) -> list[str]:
     finite = _max_abs(list(weights.values()))
     if not bool(torch.isfinite(finite).all()):
         return [f"{_where(name, module)}: NaN or Inf in its {module.kind} factors"]
-    return []
+    rotation = rotation_problem(module) if module.rotates else None
+    return [] if rotation is None else [f"{_where(name, module)}: {rotation}"]
 
 
 def _raise_unreadable(source: str, problems: list[str]) -> None:

@@ -193,6 +193,46 @@ def test_kohya_oft_merges_as_sd_scripts_computes(kind: str, alpha: float) -> Non
         assert float((model[0].weight.detach() - w0).abs().max()) > 1e-4
 
 
+MAGNITUDES = [
+    # (model dtype, prefix, alpha, magnitude): in float32, ||Q|| past its range made the
+    # constraint scale Q to 0 (the weight stayed W0), and Q past it made the weight NaN
+    (torch.float32, "lora_unet_0", 1e-3, 1e19),
+    (torch.float32, "oft_unet_0", 1e-3, 1e19),
+    (torch.float32, "lora_unet_0", None, 1e38),
+    (torch.float16, "lora_unet_0", None, 1e38),
+    (torch.float64, "lora_unet_0", 1e-3, 5e307),  # Q itself past float64, scaled to the bound
+    (torch.float64, "oft_unet_0", 1e-3, 5e307),
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "prefix", "alpha", "magnitude"),
+    MAGNITUDES,
+    ids=[f"{str(d)[6:]}-{p.split('_')[0]}-{a}-{m:g}" for d, p, a, m in MAGNITUDES],
+)
+def test_blocks_of_any_magnitude_rotate_as_float64_computes(
+    dtype: torch.dtype, prefix: str, alpha: float | None, magnitude: float
+) -> None:
+    """Blocks far past the model dtype's range: the rotation is the float64 dense reference's.
+    Under a binding constraint ``R`` depends only on the direction of ``Q``, so the reference
+    takes the blocks scaled to 1e8 (where the formula's 1e-8 is below float64's precision)."""
+    model = _base("linear", dtype)
+    w0 = model[0].weight.detach().double().clone()
+    g = torch.Generator().manual_seed(6)
+    unit = torch.randn(4, 6, 6, generator=g, dtype=torch.float64)
+    blocks = (magnitude * unit).clamp(-3e38, 3e38) if dtype != torch.float64 else magnitude * unit
+    blocks = blocks.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    constraint = {} if alpha is None else {f"{prefix}.alpha": torch.tensor(alpha, dtype=torch.float64)}
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    runtime.load({f"{prefix}.oft_blocks": blocks, **constraint})
+    ref = blocks.double() if alpha is None else 1e8 * unit
+    r = _cayley(ref, (alpha or 0.0) * 24, kohya=prefix.startswith("oft_"))
+    want = (torch.block_diag(*[rk.T for rk in r]) @ w0).to(dtype)
+    tol = {torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(model[0].weight.detach(), want, rtol=tol, atol=tol)
+    assert float((want.double() - w0).abs().max()) > 1e-3
+
+
 def test_inspect_names_the_rotation_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, _, oft = _lycoris(DiagOFTModule, "linear", {"lora_dim": 4, "rescaled": True}, "lora_unet_a")
     _, _, boft = _lycoris(ButterflyOFTModule, "wide-linear", {"lora_dim": 4}, "lora_unet_b")
@@ -270,6 +310,13 @@ HOSTILE = [
         _linear_file(oft_blocks=torch.randn(4, 6, 6), alpha=torch.tensor(float("nan"))),
         lorahot.AdapterReadError,
         r"must be one finite number >= 0",
+    ),
+    (
+        "blocks-past-float64",  # unconstrained: B - B^T overflows float64, no rotation to write
+        _linear_file(oft_blocks=torch.full((4, 6, 6), 1.7e308, dtype=torch.float64).triu()),
+        lorahot.AdapterReadError,
+        r"0 \(lora_unet_0\.oft_blocks\): oft_blocks holds values up to 1\.7e\+308, whose skew part B - B\^T leaves "
+        r"float64's range without a norm constraint to scale it: no finite rotation",
     ),
     (
         "boft-odd-block",
