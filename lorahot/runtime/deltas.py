@@ -283,7 +283,30 @@ def base_problem(module: WeightModule, shape: tuple[int, ...]) -> str | None:
     square blocks, ``[n, b, b]`` (``[m, n, b, b]`` for BOFT, ``b`` even and ``n`` a multiple of
     ``2^(m-1)``: stage ``i`` pairs rows ``2^i b / 2`` apart) with ``n * b`` the layer's output
     rows; a ``rescale`` one value per output row, ``[out, 1, *ones]``. (IA)^3 and GLoRA: see
-    :func:`_ia3_problem` and :func:`_glora_problem`."""
+    :func:`_ia3_problem` and :func:`_glora_problem`. Factors whose layout fits are then built on
+    meta tensors (no arithmetic), so that what the plan accepts the write can build."""
+    problem = _layout_problem(module, shape)
+    return problem if problem is not None else _build_problem(module, shape)
+
+
+def _build_problem(module: WeightModule, shape: tuple[int, ...]) -> str | None:
+    """Why ``ΔW`` of a base kind cannot be built for a weight of ``shape`` (on meta tensors), or
+    None. A shapes-only read's (IA)^3 flag is taken from its factor's shape."""
+    factors = {k: t if k == "on_input" else t.to("meta") for k, t in module.factors.items()}
+    flag = factors.get("on_input")
+    if flag is not None and flag.is_meta:
+        factors["on_input"] = torch.tensor(float(tuple(module.factors["weight"].shape) != _ia3_shape(shape, False)))
+    meta = torch.device("meta")
+    try:
+        _from_base(dataclasses.replace(module, factors=factors), torch.empty(shape, device=meta), meta)
+    except (RuntimeError, ValueError, IndexError) as e:
+        return f"its factors do not build a weight of shape {shape}: {e}"
+    return None
+
+
+def _layout_problem(module: WeightModule, shape: tuple[int, ...]) -> str | None:
+    """Why a base kind's factors are not laid out for a weight of ``shape`` (see
+    :func:`base_problem`), or None."""
     if module.kind == "ia3":
         return _ia3_problem(module, shape)
     if module.kind == "glora":
@@ -363,6 +386,8 @@ def _ia3_problem(module: WeightModule, shape: tuple[int, ...]) -> str | None:
     on_input, w = module.factors["on_input"], module.factors["weight"]
     if on_input.numel() != 1:
         return f"on_input has shape {tuple(on_input.shape)}; it must be one number, 0 or 1"
+    if on_input.dtype.is_complex:
+        return f"on_input is {on_input.dtype}; it must be one real number, 0 or 1"
     flags = (0.0, 1.0) if on_input.is_meta else (float(on_input.reshape(-1)[0]),)  # a shapes-only read
     if flags[0] not in (0.0, 1.0):
         return f"on_input is {flags[0]:g}; it must be 0 or 1"
@@ -392,6 +417,8 @@ def _glora_problem(module: WeightModule, shape: tuple[int, ...]) -> str | None:
     r = f["a2"][0] if f["a2"] else 0
     want = {"a1": (fan_in, r, *ones), "a2": (r, fan_in, *ones), "b1": (out, r, *ones), "b2": (r, fan_in, *shape[2:])}
     bad = [f"{k} {f[k]} (expected {want[k]})" for k in want if f[k] != want[k]]
+    if not bad and r == 0:
+        return "a2 has no rows: its rank is 0, where a GLoRA's is at least 1 (LyCORIS scales it by alpha / rank)"
     if bad:
         return (
             f"its factors are not LyCORIS' GLoRA layout for a [{out}, {fan_in}] weight: {', '.join(bad)}; an older "
@@ -410,16 +437,15 @@ def _from_base(module: WeightModule, w0: torch.Tensor, device: torch.device) -> 
     """``ΔW`` of a kind built from the base weight ``w0`` ``[out, in, *kernel]`` (unscaled)."""
     f = {k: t.to(device, w0.dtype) for k, t in module.factors.items() if k != "on_input"}
     if module.kind == "ia3":
-        w = f["weight"].reshape(-1)
         on_input = bool(float(module.factors["on_input"].reshape(-1)[0]))
-        view = (1, -1) if on_input else (-1, 1)
-        return w0 * w.reshape(*view, *(1,) * (w0.ndim - 2))
+        out, fan_in = int(w0.shape[0]), int(w0.shape[1])
+        view = (1, fan_in) if on_input else (out, 1)
+        return w0 * f["weight"].reshape(*view, *(1,) * (w0.ndim - 2))
     if module.kind == "glora":
-        fan_in = int(w0.shape[1])
-        a = f["a1"].reshape(fan_in, -1) @ f["a2"].reshape(-1, fan_in)  # [in, in]
+        out, fan_in, r = int(w0.shape[0]), int(w0.shape[1]), int(f["a2"].shape[0])
+        a = f["a1"].reshape(fan_in, r) @ f["a2"].reshape(r, fan_in)  # [in, in]
         mixed: torch.Tensor = torch.tensordot(w0, a, dims=([1], [0])).movedim(-1, 1)  # [out, in, *kernel]
-        b2 = f["b2"]
-        b = f["b1"].reshape(w0.shape[0], -1) @ b2.reshape(b2.shape[0], -1)  # [out, in * prod(kernel)]
+        b = f["b1"].reshape(out, r) @ f["b2"].reshape(r, -1)  # [out, in * prod(kernel)]
         return mixed + b.reshape(w0.shape)
     return _rotated(module, w0, w0.dtype, device) - w0
 

@@ -157,7 +157,20 @@ HOSTILE = [
         lorahot.AdapterReadError,
         r"NaN or Inf in its ia3 factors",
     ),
+    (
+        "ia3-flag-complex",
+        _file(weight=torch.randn(24), on_input=torch.tensor(1 + 5j)),
+        lorahot.AdapterMismatchError,
+        r"0 \(lora_unet_0\.weight, lora_unet_0\.on_input\): its ia3 factors \(weight \(24,\), on_input \(\)\) do not "
+        r"fit: on_input is torch\.complex64; it must be one real number, 0 or 1",
+    ),
     ("glora-without-b2", _glora(), lorahot.UnknownFormatError, None),
+    (
+        "glora-rank-0",
+        _glora(r=0),
+        lorahot.AdapterMismatchError,
+        r"a2 has no rows: its rank is 0, where a GLoRA's is at least 1 \(LyCORIS scales it by alpha / rank\)",
+    ),
     (
         "glora-wrong-size",
         _glora(out=12),
