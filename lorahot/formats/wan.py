@@ -26,6 +26,10 @@ names under ``diffusion_model.``, and so does this naming (a file whose keys hav
 told apart by the block modules only Wan has: ``self_attn``/``cross_attn`` ``q``, ``k``, ``v``,
 ``o``, ``k_img``, ``v_img``, ``ffn.0``/``ffn.2``).
 
+ai-toolkit's Wan 2.2 files of both transformers put ``transformer_1.`` (high noise) and
+``transformer_2.`` (low noise) in front of the names; a pipeline runtime routes them to its
+``transformer`` and ``transformer_2`` (:mod:`lorahot.resolve.components`).
+
 ``wan-musubi`` is musubi-tuner's kohya spelling of the same names
 (``lora_unet_blocks_0_self_attn_q.lora_down.weight``, ``.alpha`` per module).
 
@@ -105,6 +109,9 @@ _REFUSED = (*_NOT_LAYERS, *REFUSED_MERGEABLE)
 
 #: DiffSynth-Studio's prefix in some of its files (its pipeline's ``dit``)
 _DIFFSYNTH = "pipe.dit."
+#: ai-toolkit's prefixes in a Wan 2.2 file of both transformers (high noise, low noise), which a
+#: pipeline runtime routes to its ``transformer`` and ``transformer_2``
+_DUAL = ("transformer_1.", "transformer_2.")
 
 #: a Wan block module by its own leaf names, with or without a prefix (what tells a file of bare
 #: keys apart from another model's)
@@ -119,9 +126,9 @@ FORMAT = KeyFormat(
         Rule(r"(?P<module>.+)\.diff", "diff"),
         *lycoris_rules(r"(?P<module>.+)"),  # LyCORIS as in ComfyUI naming (merged mode); .diff_b a LoRA's bias
     ),
-    prefixes=(*ORIGINAL_PREFIXES, _DIFFSYNTH),
+    prefixes=(*ORIGINAL_PREFIXES, _DIFFSYNTH, *_DUAL),
     refuse=_REFUSED,
-    marker=rf"{ORIGINAL_HEAD}{_BLOCK_LEAF}|^{re.escape(_DIFFSYNTH)}{_BLOCK_LEAF}|"
+    marker=rf"{ORIGINAL_HEAD}{_BLOCK_LEAF}|^(?:{re.escape(_DIFFSYNTH)}|transformer_[12]\.){_BLOCK_LEAF}|"
     + DIFFUSION_MODEL_HEAD
     + r"(?:(?:vace_)?blocks\.\d+\.(?:self_attn|cross_attn|ffn)|vace_blocks\.\d+\.(?:before|after)_proj)\.",
     aliases=_ALIASES,

@@ -56,6 +56,8 @@ ROUTES: tuple[tuple[str, str | None], ...] = tuple(
             "lora_te1_": "text_encoder",
             "lora_te2_": "text_encoder_2",
             "lora_te3_": "text_encoder_3",
+            "transformer_1.": "transformer",  # ai-toolkit's Wan 2.2 files of both transformers
+            "transformer_2.": "transformer_2",
             "diffusion_model.": None,
             "model.diffusion_model.": None,
             "base_model.model.": None,
@@ -69,6 +71,8 @@ ROUTES: tuple[tuple[str, str | None], ...] = tuple(
 #: Prefixes of T5 text-encoder modules: sd-scripts' (its SD3 and Flux.1 files) and ComfyUI's.
 #: They name ``text_encoder_3``, SD3's T5; a Flux.1 pipeline's T5 is its ``text_encoder_2``.
 T5_PREFIXES = ("lora_te3_", "text_encoders.t5xxl.transformer.")
+#: Prefixes that name one component whatever ``denoiser=`` says.
+_NAMED_COMPONENT = ("transformer_1.",)
 
 #: A ComfyUI text-encoder module key: ``text_encoders.<encoder>.transformer.<the encoder's own
 #: names>``; the encoder is named by what it is (``clip_l``, ``t5xxl``, ``llama``, ``qwen25_7b``),
@@ -106,6 +110,8 @@ def route(key: str, components: tuple[str, ...], denoiser: str | None = None) ->
     ``diffusion_model.``, ``lora_unet_``, no prefix): a Wan 2.2 pipeline's ``transformer_2``
     takes its low-noise file, in the naming of the one transformer the file was trained for."""
     prefix, target = next(((p, c) for p, c in ROUTES if key.startswith(p)), ("", None))
+    if prefix in _NAMED_COMPONENT:
+        return (target if target in components else None), prefix
     own = max((c for c in components if key.startswith(c + ".")), key=len, default=None)
     if own is not None and len(own) + 1 >= len(prefix):
         target, prefix = own, own + "."

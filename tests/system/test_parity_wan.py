@@ -533,3 +533,47 @@ def test_wan22_low_noise_file_goes_to_transformer_2_as_diffusers_load_into_trans
         assert_same(weights(getattr(pipe, c), names), expected[c])
     with torch.no_grad():
         assert torch.equal(pipe.text_encoder(ids).last_hidden_state, encoded)
+
+
+@pytest.mark.parametrize("names", ["original", "diffusers"])
+def test_wan22_file_of_both_transformers_goes_to_each_as_diffusers_loads_the_two_files(names: str) -> None:
+    """ai-toolkit saves a Wan 2.2 LoRA of both transformers as one file, ``transformer_1.`` (high
+    noise) and ``transformer_2.`` (low noise) in front of each half's names. Such a file was refused
+    (``transformer_1.`` named no component; read as PEFT names, the halves matched no layer): on a
+    pipeline runtime each half now goes to its transformer, every layer of both as diffusers leaves
+    them after loading the two halves as separate files (the second with
+    ``load_into_transformer_2=True``), float64; the text encoder stays bitwise its base. A runtime
+    without a ``transformer_2`` refuses the low-noise half, naming it, rather than loading it into
+    its one transformer."""
+    high = {k: v.double() for k, v in wan_file(("lora_A", "lora_B"), seed=7).items() if not k.endswith(".alpha")}
+    low = {k: v.double() for k, v in wan_file(("lora_A", "lora_B"), seed=8).items() if not k.endswith(".alpha")}
+    oracle = _wan22()
+    oracle.load_lora_weights({k: v.clone() for k, v in high.items()}, adapter_name="high")
+    oracle.load_lora_weights({k: v.clone() for k, v in low.items()}, adapter_name="low", load_into_transformer_2=True)
+    model_names = linears(tiny_wan())
+    expected = {c: weights(getattr(oracle, c), model_names) for c in ("transformer", "transformer_2")}
+    if names == "diffusers":  # the names diffusers' Wan loader gives the same modules
+        state = diffusers.WanPipeline.lora_state_dict
+        high = {k.removeprefix("transformer."): v for k, v in state({k: v.clone() for k, v in high.items()}).items()}
+        low = {k.removeprefix("transformer."): v for k, v in state({k: v.clone() for k, v in low.items()}).items()}
+    strip = "diffusion_model."
+    sd = {f"transformer_1.{k.removeprefix(strip)}": v for k, v in high.items()}
+    sd |= {f"transformer_2.{k.removeprefix(strip)}": v for k, v in low.items()}
+    pipe = _wan22()
+    ids = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        encoded = pipe.text_encoder(ids).last_hidden_state
+    info = lorahot.inject(pipe, "all-linear", max_rank=8).load(sd)
+    assert info.format == ("wan" if names == "original" else "peft")
+    assert info.components["transformer"] == info.components["transformer_2"] == len(model_names)
+    for c in ("transformer", "transformer_2"):
+        assert_same(weights(getattr(pipe, c), model_names), expected[c])
+    with torch.no_grad():
+        assert torch.equal(pipe.text_encoder(ids).last_hidden_state, encoded)
+    one = {"transformer": tiny_wan().double()}  # a runtime without the low-noise transformer
+    before = weights(one["transformer"], model_names)
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"prefix 'transformer_2\.' .* go to transformer_2, which was"
+    ):
+        lorahot.inject(one, "all-linear", max_rank=8).load(sd)
+    assert all(torch.equal(v, before[n]) for n, v in weights(one["transformer"], model_names).items())
