@@ -8,7 +8,14 @@ Both may carry network alphas as ``<module>.alpha`` scalars, and the current one
 
 from __future__ import annotations
 
-from lorahot.formats.table import EXTRA_RULES, REFUSED, REFUSED_BUT_EXTRAS, KeyFormat, Rule
+from lorahot.formats.table import (
+    EXTRA_RULES,
+    HADAMARD_KRONECKER,
+    REFUSED,
+    REFUSED_BUT_EXTRAS_AND_FACTORS,
+    KeyFormat,
+    Rule,
+)
 
 __all__ = ["FORMAT", "OLD_FORMAT", "COMPONENTS", "METADATA_KEY"]
 
@@ -29,10 +36,14 @@ FORMAT = KeyFormat(
         # the same keys spelled lora_down / lora_up, which diffusers' Flux converter renames
         Rule(r"(?P<module>.+)\.lora_down\.weight", "A"),
         Rule(r"(?P<module>.+)\.lora_up\.weight", "B"),
+        # LoHa and LoKr factors under a component prefix (transformer.<module>.lokr_w1, with or
+        # without .alpha, as ComfyUI reads them for diffusers-named models): merged mode, LyCORIS'
+        # alpha / r, as bare in PEFT naming
+        HADAMARD_KRONECKER,
     ),
     prefixes=COMPONENTS,
     require_prefix=True,
-    refuse=REFUSED_BUT_EXTRAS,
+    refuse=REFUSED_BUT_EXTRAS_AND_FACTORS,
     example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
 )
 

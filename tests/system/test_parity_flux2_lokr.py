@@ -148,9 +148,8 @@ def test_flux2_lokr_matches_diffusers_and_lycoris(spelling: str, low_rank: bool)
     model = _tiny()
     base = _outputs(model)
     info = lorahot.inject(model, "all-linear", max_rank=8, merged=True).load(dict(sd))
-    assert info.format == {"diffusion_model.": "flux-bfl", "base_model.model.": "flux-fal", "lycoris": "kohya"}.get(
-        spelling, "peft"
-    )
+    namings = {"diffusion_model.": "flux-bfl", "base_model.model.": "flux-fal", "lycoris": "kohya"}
+    assert info.format == {**namings, "transformer.": "diffusers"}.get(spelling, "peft")
     expected = _outputs(oracle)
     assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(_outputs(model), expected, rtol=1e-9, atol=1e-10)

@@ -172,18 +172,23 @@ def _lokr_file(model: nn.Module, names: list[str], low_rank: bool) -> dict[str, 
     return sd
 
 
+@pytest.mark.parametrize(("head", "fmt"), [("diffusion_model.", "lumina2"), ("transformer.", "diffusers")])
 @pytest.mark.parametrize("low_rank", [False, True], ids=["whole", "w2-low-rank"])
-def test_z_image_lokr_in_its_own_names_matches_diffusers(low_rank: bool) -> None:
+def test_z_image_lokr_in_its_own_names_matches_diffusers(low_rank: bool, head: str, fmt: str) -> None:
     """diffusers' Z-Image loader reads ai-toolkit's LoKr files (``alpha / r`` where a half is
     low-rank, scale 1 where both are whole, as LyCORIS). A file with a ``feed_forward.w1`` module
     reads as Lumina2 naming, which refused the LyCORIS factors ('in kohya or ComfyUI naming') where
     the same file without it, ComfyUI naming, loaded; it loads in merged mode, every layer as
-    diffusers' loader and the float64 LyCORIS rule give it."""
+    diffusers' loader and the float64 LyCORIS rule give it. The same factors under diffusers'
+    ``transformer.`` with their ``.alpha`` (which ComfyUI reads for a diffusers-named model, and
+    diffusers refuses) read as diffusers naming, which refused them ('in kohya or ComfyUI
+    naming') where the same file without its alphas, PEFT naming, loaded; they load the same."""
     names = _linears(_tiny_zimage(), lambda n: n.startswith("layers.0.") or "refiner" in n)
     sd = _lokr_file(_tiny_zimage(), names, low_rank)
     model = _tiny_zimage()
-    info = lorahot.inject(model, "all-linear", max_rank=8, merged=True).load(dict(sd))
-    assert info.format == "lumina2"
+    spelled = {head + k.removeprefix("diffusion_model."): v for k, v in sd.items()}
+    info = lorahot.inject(model, "all-linear", max_rank=8, merged=True).load(spelled)
+    assert info.format == fmt
     ours = _weights(model, names)
     reference = _weights(_tiny_zimage(), names)
     for name in names:
