@@ -83,6 +83,10 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+#: torch.compiler.disable takes a reason its refusals show (torch 2.8 and later)
+_DISABLE_REASON = "reason" in inspect.signature(torch.compiler.disable).parameters
+
+
 def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Marks a public entry point: whatever it raises is a :class:`LoraError`.
 
@@ -95,7 +99,7 @@ def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     ``runtime.activate(slots)`` and then the model) runs eagerly, behind a graph break, as it
     does outside: its checks and in-place writes are host work, which dynamo cannot always trace
     (a routing of a new length, whose tensor is allocated then, raised from inside torch).
-    Under ``fullgraph=True`` torch refuses the break, naming the call.
+    Under ``fullgraph=True`` torch refuses the break, naming the call and, as its reason, the fix.
     """
     signature = inspect.signature(fn)
 
@@ -115,7 +119,12 @@ def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
                 "This is a gap in lorahot's checks: please report it with the adapter or call that caused it."
             ) from exc
 
-    eager: Callable[_P, _R] = torch.compiler.disable(wrapper)  # traced: a graph break, no frame of it compiled
+    reason = (
+        f"lorahot's {fn.__qualname__} runs eagerly (host-side checks and in-place writes); under fullgraph=True call "
+        "it outside the compiled function and compile the model, or compile the function without fullgraph=True"
+    )
+    # traced: a graph break, no frame of it compiled
+    eager: Callable[_P, _R] = torch.compiler.disable(wrapper, **({"reason": reason} if _DISABLE_REASON else {}))
     return eager
 
 

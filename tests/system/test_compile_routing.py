@@ -6,6 +6,7 @@ control) but not under dynamic shapes."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -373,6 +374,33 @@ def test_runtime_calls_inside_a_compiled_step_run_as_they_do_eagerly() -> None:
         held[0], held[2] = {}, {n: (a, b, 1.0) for n, (a, b) in ab.items()}
         torch.testing.assert_close(swap(ids).double(), _expected(ids, [2, -1, 1], held), rtol=1e-4, atol=1e-5)
     assert runtime.info(0) is None and runtime.routing == (2, -1, 1)
+
+
+def test_a_runtime_call_inside_a_fullgraph_step_is_refused_by_torch_naming_the_fix() -> None:
+    """Under ``fullgraph=True`` the graph break of a lorahot call is refused by torch itself
+    (its ``Unsupported``, before any of lorahot runs); its message names the call and the fix
+    (torch 2.8 and later show the reason lorahot gives), and nothing changed."""
+    if "reason" not in inspect.signature(torch.compiler.disable).parameters:
+        pytest.skip("this torch's compiler.disable takes no reason")
+    model, runtime, _ = _setup()
+    ids = token_ids((3, 5), 32, seed=3)
+    with torch.no_grad():
+        runtime.activate(1)
+        before = model(ids)
+
+        @torch.compile(backend="eager", fullgraph=True)
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            runtime.activate([0, 1, 2])
+            return model(ids)
+
+        with pytest.raises(
+            torch._dynamo.exc.Unsupported,
+            match=r"lorahot's LoraRuntime\.activate runs eagerly \(host-side checks and in-place writes\); under "
+            r"fullgraph=True call it outside the compiled function and compile the model, or compile the function "
+            r"without fullgraph=True",
+        ):
+            step(ids)
+        assert runtime.routing is None and runtime.active_slot == 1 and torch.equal(model(ids), before)
 
 
 def test_a_compiled_model_routes_whatever_is_exporting_answers_inside_torch_compile(
