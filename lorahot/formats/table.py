@@ -394,7 +394,7 @@ def underscored(pattern: str) -> str:
 
 
 #: Why a delta of a normalization layer's weight or bias is refused, in every naming that reads
-#: diffs: the loader finds them by shape (a ``.diff`` of fewer than 2 dimensions), some namings
+#: diffs: the loader finds them by shape (a ``.diff`` of one dimension), some namings
 #: by name too (a lone ``.diff_b``, whose shape says nothing).
 NORM_DELTA = (
     "a delta of a normalization layer's weight or bias (or of another 1-D weight), which no LoRA layer carries "

@@ -1095,7 +1095,8 @@ def _check_vector_deltas(parts: Parts, fmt: KeyFormat, source: str, skipped: lis
     Raises:
         UnknownFormatError: naming each key, its shape and the reason (:data:`NORM_DELTA`).
     """
-    vectors = [m for m, roles in parts.items() if "diff" in roles and roles["diff"][1].ndim < 2]
+    # 1-D only: a 0-d diff is no weight's delta at all, refused with its shape against the layer's
+    vectors = [m for m, roles in parts.items() if "diff" in roles and roles["diff"][1].ndim == 1]
     if skipped is not None:
         skip_modules(parts, vectors, skipped)
     elif vectors:
