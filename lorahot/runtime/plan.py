@@ -591,17 +591,18 @@ def check_unit_scale(plan: LoadPlan, multiplier: float, part: str | None = None)
         modules: list[tuple[str, LoraModule | WeightModule]] = [*plan.targets.items(), *plan.weights.items()]
         found = next((n, m) for n, m in modules if n == name and m.unit_scale)
         where = f"{part}: " if part else ""
+        shown_scale = f"{multiplier:g}" if float(f"{multiplier:g}") == multiplier else repr(multiplier)  # never "1"
         module = found[1]
         if isinstance(module, WeightModule) and module.rotates and "dora_scale" not in module.factors:
             raise UsageError(
-                f"{where}scale={multiplier:g}, but {_where(*found)} is a LyCORIS {module.kind} module, which lorahot "
+                f"{where}scale={shown_scale}, but {_where(*found)} is a LyCORIS {module.kind} module, which lorahot "
                 "loads at scale 1 only: at another strength the reference libraries disagree on its weight (LyCORIS "
                 "rotates by I + s * (R - I), per block or per butterfly stage; ComfyUI takes that rotation's change "
                 "of the weight times s once more). Load it at scale 1, or merge it into the model at the strength "
                 "you want with your tool (LyCORIS, ComfyUI) and load the merged model."
             )
         raise UsageError(
-            f"{where}scale={multiplier:g}, but {_where(*found)} is a module trained with LyCORIS weight decomposition "
+            f"{where}scale={shown_scale}, but {_where(*found)} is a module trained with LyCORIS weight decomposition "
             "(dora_scale), which lorahot loads at scale 1 only: at another strength the reference libraries disagree "
             "on its weight (LyCORIS rescales V = W + dW to V * (s * (m / ||V|| - 1) + 1), ComfyUI blends "
             "W + s * (m * V / ||V|| - W)), and neither is DoRA at scale s. Load it at scale 1, or merge it into the "

@@ -137,6 +137,9 @@ def test_oft_and_boft_merge_like_lycoris(case: str, cls: type, kind: str, option
     merged = model[0].weight.detach().clone()
     with pytest.raises(lorahot.UsageError, match=r"LyCORIS (oft|boft) module, which lorahot loads at scale 1 only"):
         runtime.set_scale(0.5)
+    # a scale that only rounds to 1 is shown as it is, not as the 1 the refusal asks for
+    with pytest.raises(lorahot.UsageError, match=r"^scale=1\.0000000000009095, but 0 \("):
+        runtime.set_scale(1 + 2**-40)
     assert torch.equal(model[0].weight, merged)
     runtime.unload()
     assert torch.equal(model[0].weight, w0)
