@@ -977,7 +977,10 @@ def _assemble(
                 problems.append(f"{module}: both {roles['bias'][0]} and {roles['diff_bias'][0]} give it a LoRA bias")
                 continue
             scale = alpha / (math.sqrt(rank) if cfg.use_rslora else rank) if rank else 1.0
-            bias = roles["diff_bias"][1] / scale  # the runtime applies a LoRA bias at alpha / r, as PEFT does
+            # the runtime applies a LoRA bias at alpha / r, as PEFT does; divided in at least float32, so
+            # that a half-precision .diff_b comes back as it was (not rounded, nor past float16's range)
+            given = roles["diff_bias"][1]
+            bias = given.to(torch.promote_types(given.dtype, torch.float32)) / scale
         unit = "dora_scale" in roles  # LyCORIS' weight decomposition: DoRA at scale 1 only
         modules[module] = LoraModule(module, a, b, alpha, cfg.use_rslora, keys, base, magnitude, bias, unit)
     if unreadable:

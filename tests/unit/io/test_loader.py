@@ -571,3 +571,32 @@ def test_a_hand_built_weight_module_of_no_buildable_kind_is_refused(
     with pytest.raises(lorahot.UsageError, match=rf"^<built>: not a usable lorahot\.Adapter:\n  - '0': [^\n]*{match}"):
         runtime.load(adapter)
     assert torch.equal(model[0].weight, w0) and runtime.info() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("alpha", "rank"), [(1.0, 3), (1.0, 120)], ids=["alpha-over-r-1/3", "alpha-over-r-1/120"])
+@pytest.mark.parametrize("mode", ["extras", "merged"])
+def test_a_half_precision_diff_b_beside_a_lora_is_added_as_saved(
+    dtype: torch.dtype, alpha: float, rank: int, mode: str
+) -> None:
+    """ComfyUI adds a LoRA's ``.diff_b`` to the bias as saved, unscaled by alpha / r; the runtime
+    applies a LoRA bias at alpha / r, so the loader divides it by that. Divided in the file's
+    half precision, a bias of 1/3 came back off by up to 0.3% of itself (bfloat16), and a float16
+    value of 600 at 1/120 overflowed to inf (refused as a corrupt file)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24))
+    b0 = model[0].bias.detach().double().clone()
+    g = torch.Generator().manual_seed(1)
+    diff_b = (0.05 * torch.randn(24, generator=g)).to(dtype)
+    diff_b[0] = 600.0
+    tensors = {
+        "diffusion_model.0.lora_down.weight": torch.zeros(rank, 16, dtype=dtype),
+        "diffusion_model.0.lora_up.weight": torch.zeros(24, rank, dtype=dtype),
+        "diffusion_model.0.alpha": torch.tensor(alpha),
+        "diffusion_model.0.diff_b": diff_b,
+    }
+    runtime = lorahot.inject(model, ["0"], max_rank=128, **{mode: True})
+    runtime.load(tensors)
+    with torch.no_grad():
+        bias = model(torch.zeros(1, 16))[0].double()
+    torch.testing.assert_close(bias, b0 + diff_b.double(), rtol=2e-7, atol=1e-7)  # float32 rounding
