@@ -26,6 +26,7 @@ __all__ = [
     "weights_of",
     "multiplier",
     "denoisers_of",
+    "denoisers_named",
     "routed",
     "integer",
     "whole",
@@ -268,6 +269,16 @@ def denoisers_of(
             "name for all."
         )
     return tuple(_denoiser(v, f"denoiser[{i}]", components) for i, v in enumerate(names))
+
+
+def denoisers_named(value: object, n: int) -> tuple[bool, ...]:
+    """Whether the caller named a component for each of ``n`` parts (``value`` as
+    :func:`denoisers_of` checked it): a name of the runtime's own denoiser is one too, though
+    :func:`denoisers_of` reads it as None (the same routing, the same host cache entry)."""
+    if not is_sequence(value):
+        return (value is not None,) * n
+    assert isinstance(value, Sequence)  # for mypy: checked just above
+    return tuple(v is not None for v in value)
 
 
 def routed(read_kwargs: dict[str, Any], denoiser: str | None) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from lorahot.runtime.agreement import Agreement
 from lorahot.runtime.aliases import own_storages, unaliased
 from lorahot.runtime.arguments import (
     check_read_options,
+    denoisers_named,
     denoisers_of,
     integer,
     is_sequence,
@@ -524,7 +525,10 @@ class LoraRuntime:
         weights = weights_of(scale, len(sources), "the stack has" if listed else "one adapter is a stack of")
         check_read_options(read_kwargs, self.components)
         options = [routed(read_kwargs, d) for d in denoisers_of(denoiser, len(sources), self.components)]
-        found = [self._cached(s, o) for s, o in zip(sources, options)]
+        found: list[PreparedAdapter | None] = []
+        for k, (s, o, n) in enumerate(zip(sources, options, denoisers_named(denoiser, len(sources)))):
+            with _naming_part(k if listed else None):
+                found.append(self._cached(s, o, n))
         hits = [h for s, h in zip(sources, found, strict=True) if h is not None and not isinstance(s, PreparedAdapter)]
         prepared = found[0] if len(found) == 1 else None
         buffers = self._read_buffers
@@ -850,24 +854,28 @@ class LoraRuntime:
             self._dora.refresh(self.buffers.live, dora)
 
     def _cached(
-        self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any]
+        self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any], denoiser_named: bool = False
     ) -> PreparedAdapter | None:
-        """The prepared form of ``source`` if it is one or the cache holds it, else None."""
+        """The prepared form of ``source`` if it is one or the cache holds it, else None.
+        ``denoiser_named``: the caller passed ``denoiser=`` for this part, though naming the
+        runtime's own denoiser leaves it out of ``read_kwargs``; a prepared adapter or a preload
+        key refuses it as any read option (it keeps the routing it was prepared with)."""
+        given = sorted({*read_kwargs, *(("denoiser",) if denoiser_named else ())})
         if isinstance(source, PreparedAdapter):
             if source.owner is not self.buffers:
                 raise UsageError("this PreparedAdapter was made for another runtime; preload it on this one.")
             check_prepared(source)
-            if read_kwargs:
+            if given:
                 raise UsageError(
-                    f"read options ({', '.join(sorted(read_kwargs))}) do not apply to a PreparedAdapter, which was "
+                    f"read options ({', '.join(given)}) do not apply to a PreparedAdapter, which was "
                     "read already; pass them to preload instead."
                 )
             return source
         name = source if isinstance(source, str) else None  # perhaps a key given to preload
-        options_for_key = name is not None and read_kwargs and (self.cache.is_name(name) or name in self.cache)
+        options_for_key = name is not None and given and (self.cache.is_name(name) or name in self.cache)
         if name is not None and options_for_key and not os.path.exists(name):
             raise UsageError(
-                f"read options ({', '.join(sorted(read_kwargs))}) do not apply to {shown(name, 200)}, a key given to "
+                f"read options ({', '.join(given)}) do not apply to {shown(name, 200)}, a key given to "
                 "preload, whose adapter was read already; pass them to preload instead."
             )
         # peek, not get: a load that fails a later check leaves the cache's order as it was

@@ -542,6 +542,7 @@ def test_denoiser_misuse_is_refused_before_anything_changes() -> None:
     runtime = lorahot.inject(models, ["to_q", "to_k", "q_proj"], max_rank=4)
     low = {k: v.double() for k, v in _lora(["transformer.to_q"], seed=2).items()}
     runtime.load(low)
+    runtime.preload(low, key="low-noise", denoiser="transformer_2")
     before = _denoised(models)
     components = "transformer, transformer_2, text_encoder"
     calls = [
@@ -556,6 +557,12 @@ def test_denoiser_misuse_is_refused_before_anything_changes() -> None:
         (lambda: runtime.load(runtime.preload(low), denoiser="transformer_2"),
          r"^read options \(denoiser\) do not apply to a PreparedAdapter, which was read already; pass them to "
          r"preload instead\.$"),
+        # naming the runtime's own denoiser is no default to fall back on: the prepared routing
+        # (transformer_2) would load where the caller said it should not
+        (lambda: runtime.load(runtime.preload(low, denoiser="transformer_2"), denoiser="transformer"),
+         r"^read options \(denoiser\) do not apply to a PreparedAdapter, which was read already"),
+        (lambda: runtime.load([low, "low-noise"], denoiser=[None, "transformer"]),
+         r"^part 1: read options \(denoiser\) do not apply to 'low-noise', a key given to preload"),
         (lambda: runtime.preload(low, denoiser="unet"), r"^denoiser='unet' is no component"),
         (lambda: runtime.prefetch(low, denoiser="unet"), r"^denoiser='unet' is no component"),
         (lambda: lorahot.plan_targets(low, denoiser="transformer_2"),
