@@ -93,6 +93,7 @@ from lorahot.runtime.routing import (
     check_sequence_first,
     check_towers,
     one_slot,
+    routed_slots,
 )
 from lorahot.runtime.scale_replay import ScaleReplay
 from lorahot.runtime.sequence_first import find_sequence_first
@@ -975,8 +976,8 @@ class LoraRuntime:
             route = check_routing(rows, lengths, self.slots, filled, merged=self._merger is not None)
             one = one_slot(route)
             if one is None:  # one slot for every row runs as the whole batch: no row to misplace
-                routed = [s for s in torch.unique(route).tolist() if s >= 0]  # filled: check_routing says so
-                self._check_unroutable({s: self._stacks[s].ranks for s in routed})
+                routed = {s: self._stacks[s] for s in routed_slots(route, self.slots)}
+                self._check_unroutable({s: st.ranks for s, st in routed.items() if st is not None})  # all filled
             if one is None and self._merger is None:  # per row (not run as the whole batch: see below)
                 self._check_traced()
             return route, one

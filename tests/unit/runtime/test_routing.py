@@ -4,7 +4,12 @@ equals the per-row float64 reference."""
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from types import FrameType
 
 import numpy as np
 import pytest
@@ -78,6 +83,15 @@ REFUSALS = [
     ([0, 1], {"lengths": np.array([2.0, 3.0])}, r"lengths=array\(\[2\., 3\.\]\) must hold one token count"),
     (torch.empty(2, dtype=torch.int64, device="meta"), {}, "on the meta device"),
     ([2**70], {}, r"routing entry 0 is 1180591620717411303424, out of range"),
+    # after plain ints, which are read in one conversion: each entry still named as it is
+    ([0, 1, 2**63], {}, r"routing entry 2 is 9223372036854775808, out of range"),
+    ([0, True], {}, r"routing entry 1 is True \(bool\)"),
+    ([0, 1.5], {}, r"routing entry 1 is 1\.5 \(float\)"),
+    ([0, "1"], {}, r"routing entry 1 is '1' \(str\)"),
+    ([0, None], {}, r"routing entry 1 is None \(NoneType\)"),
+    ([0, [1]], {}, r"routing entry 1 is \[1\] \(list\)"),
+    ([0, -2, 1], {}, r"\n  - row 1: -2$"),
+    ([0, 1], {"lengths": [1, True]}, "one token count"),
     ([0, 1], {"lengths": [2**40, 1]}, r"at most 16777216 in all"),
     (np.int64(1), {"lengths": [3]}, r"applies to a per-row routing"),
     ([0, 1], {"lengths": [3]}, "one token count"),
@@ -197,6 +211,8 @@ def test_numpy_routings_and_slots_are_taken_as_their_ints() -> None:
     _, runtime, _ = _runtime()
     runtime.activate(np.array([1, -1, 0], dtype=np.int32))
     assert runtime.routing == (1, -1, 0)
+    runtime.activate([0, np.int64(1), -1])  # a list of ints of several types: each read as its int
+    assert runtime.routing == (0, 1, -1)
     runtime.activate(np.int64(1))
     assert runtime.routing is None and runtime.active_slot == 1
 
@@ -239,6 +255,52 @@ def test_a_packed_routing_of_millions_of_tokens_is_checked_on_tensors() -> None:
     assert time.perf_counter() - start < 10
     runtime.activate([0, 1], lengths=np.array([2, 3], dtype=np.int32))
     assert runtime.info(0) is not None
+
+
+def _lorahot_lines(call: Callable[[], object]) -> int:
+    """How many lines of lorahot's own code run during ``call()`` (every frame traced)."""
+    package = str(Path(lorahot.__file__).parent)
+    count = 0
+
+    def trace(frame: FrameType, event: str, arg: object) -> Callable | None:
+        nonlocal count
+        if not frame.f_code.co_filename.startswith(package):
+            return None
+        count += event == "line"
+        return trace
+
+    sys.settrace(trace)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+@pytest.mark.parametrize(
+    "routing",
+    [
+        lambda n: ([0, 1, -1, 1] * n, None),
+        lambda n: ([0, 1, -1, 1] * n, {"lengths": [1, 2, 0, 3] * n}),
+        lambda n: (np.array([0, 1, -1, 1] * n, dtype=np.int32), None),
+        lambda n: (np.array([0, 1, 0, 1] * n, dtype=np.uint64), None),
+    ],
+    ids=["list", "list-lengths", "int32-array", "uint64-array"],
+)
+def test_a_routing_list_is_checked_without_a_python_step_per_entry(routing: Callable) -> None:
+    """A routing of 2**25 entries given as a list took 15-25 s in activate, each entry checked by
+    a line of Python (an isinstance, a range compare, a sort for the slots it names); now the
+    entries are read in one conversion and checked on the tensor, so the lines of lorahot that
+    run do not grow with the routing's length (4 rows and 1028, each set once before so that
+    both find their routing tensors allocated)."""
+    _, runtime, _ = _runtime()
+    lines = []
+    for n in (1, 257):
+        slots, kwargs = routing(n)
+        kwargs = kwargs or {}
+        runtime.activate(slots, **kwargs)
+        lines.append(_lorahot_lines(partial(runtime.activate, slots, **kwargs)))
+    assert lines[0] == lines[1], lines
 
 
 class _Positions(torch.nn.Module):
