@@ -4,10 +4,18 @@ older ones (``.lora.down``/``.lora.up``, ``to_q_lora.down``, ``lora_linear_layer
 Both may carry network alphas as ``<module>.alpha`` scalars, and the current one a
 ``lora_adapter_metadata`` entry in the safetensors header (PEFT config fields per component,
 ``"unet.r"``, ``"unet.lora_alpha"``, ...).
+
+A module key in a model's original names (Flux.1's, Flux.2's and Chroma's, one layer each:
+:data:`lorahot.formats.flux.ALIASES`) lands on the diffusers layer of that module where the file's
+name is no layer of the model and the diffusers name is one, exactly (as in PEFT naming): OneTrainer
+writes Chroma's approximator as ``transformer.distilled_guidance_layer.layers.0.in_layer`` beside
+diffusers' names for everything else, where diffusers' ``ChromaTransformer2DModel`` has
+``linear_1`` (``out_layer``: ``linear_2``).
 """
 
 from __future__ import annotations
 
+from lorahot.formats import flux
 from lorahot.formats.table import (
     EXTRA_RULES,
     HADAMARD_KRONECKER,
@@ -44,6 +52,8 @@ FORMAT = KeyFormat(
     prefixes=COMPONENTS,
     require_prefix=True,
     refuse=REFUSED_BUT_EXTRAS_AND_FACTORS,
+    aliases=flux.ALIASES,
+    aliases_exact=True,  # only a layer of exactly the diffusers name, never one it ends in
     example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
 )
 

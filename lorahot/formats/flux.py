@@ -53,7 +53,7 @@ from lorahot.formats.table import (
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import NAME_START as _START
 
-__all__ = ["KOHYA", "BFL", "XLABS", "FAL", "SPLITS", "QKV", "ADD_QKV", "qkv_split"]
+__all__ = ["KOHYA", "BFL", "XLABS", "FAL", "ALIASES", "SPLITS", "QKV", "ADD_QKV", "qkv_split"]
 
 #: double block module (after ``double_blocks.N.``) -> diffusers' (after ``transformer_blocks.N.``)
 _DOUBLE = {
@@ -134,8 +134,9 @@ _REFUSED_MERGEABLE = (_NOT_READ[0], REFUSED_DORA, *REFUSED_MERGEABLE)
 #: a component prefix (``diffusion_model.``, ``lora_unet_``), kept for ``prefix=`` and the resolver
 
 #: original module names -> diffusers', one layer each: tried on a module key that names no
-#: injected layer (a model with the original names takes the file's keys as they are)
-_ALIASES: tuple[tuple[str, str], ...] = (
+#: injected layer (a model with the original names takes the file's keys as they are); the
+#: diffusers and PEFT namings take them too, exactly (:mod:`lorahot.formats.diffusers`)
+ALIASES: tuple[tuple[str, str], ...] = (
     *((rf"{_START}double_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _DOUBLE.items()),
     *(
         (rf"{_START}single_blocks\.(\d+)\.{re.escape(k)}$", rf"single_transformer_blocks.\1.{v}")
@@ -203,7 +204,7 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
 KOHYA = kohya.spelling(
     "flux-kohya",
     renames=_KOHYA_TO_DOTTED,
-    aliases=_ALIASES,
+    aliases=ALIASES,
     refuse=_REFUSED_MERGEABLE,
     marker=r"^lora_unet_(?:double_blocks|single_blocks)_\d+_",
     splits=SPLITS,
@@ -218,7 +219,7 @@ BFL = KeyFormat(
     name="flux-bfl",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
     prefixes=(*ORIGINAL_PREFIXES, *COMFYUI_TEXT_ENCODERS),
-    aliases=_ALIASES,
+    aliases=ALIASES,
     refuse=_REFUSED_MERGEABLE,
     marker=_BFL_MARKER,
     splits=SPLITS,
@@ -244,7 +245,7 @@ XLABS = KeyFormat(
     ),
     prefixes=("diffusion_model.",),
     renames=_XLABS_RENAMES,
-    aliases=_ALIASES,
+    aliases=ALIASES,
     refuse=_REFUSED,
     marker=r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\.processor\.",
     splits=(*SPLITS, qkv_split(r"single_blocks\.(?P<n>\d+)\.attn\.qkv", "single_transformer_blocks", QKV)),
@@ -261,7 +262,7 @@ FAL = KeyFormat(
         Rule(r"base_model\.model\.(?P<module>.+)\.alpha", "alpha"),
         *lycoris_rules(r"base_model\.model\.(?P<module>.+)"),
     ),
-    aliases=_ALIASES,
+    aliases=ALIASES,
     refuse=_REFUSED_MERGEABLE,
     marker=r"^base_model\.model\.(?:double_blocks|single_blocks)\.\d+\.",
     splits=SPLITS,

@@ -22,11 +22,14 @@ Attention projections spelled ``q_proj``/``k_proj``/``v_proj``/``o_proj`` are al
 one exactly (never after dropping a wrapper segment of the key, which would bring a text encoder's
 ``encoder.layers.0.self_attn.q_proj`` onto a transformer's ``layers.0.self_attn.to_q``): ACE-Step's
 PEFT adapters name the original DiT's projections, which diffusers' ``AceStepTransformer1DModel``
-renames (as diffusers' ACE-Step conversion does).
+renames (as diffusers' ACE-Step conversion does). The original names of Flux.1, Flux.2 and Chroma
+(:data:`lorahot.formats.flux.ALIASES`, one layer each) are aliases in the same way, as in diffusers
+naming.
 """
 
 from __future__ import annotations
 
+from lorahot.formats import flux
 from lorahot.formats.table import EXTRA_RULES, HADAMARD_KRONECKER, REFUSED_BUT_EXTRAS_AND_FACTORS, KeyFormat, Rule
 
 __all__ = ["FORMAT", "NAME"]
@@ -56,6 +59,7 @@ FORMAT = KeyFormat(
         (r"\.k_proj$", ".to_k"),
         (r"\.v_proj$", ".to_v"),
         (r"\.o_proj$", ".to_out.0"),
+        *flux.ALIASES,
     ),
     aliases_exact=True,  # q_proj is every LLM's and text encoder's: only the model's exact path
     example="base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",

@@ -264,9 +264,11 @@ def _in_model(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
 
 def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     cands = _candidates(key, fmt)
+    exact = next((c for c in cands if c in names.exact), None)
+    if exact is not None:  # most keys: the aliases (dozens of regexes per key) are not tried
+        return (exact,)
     aliased = [re.sub(p, r, c) for c in cands for p, r in fmt.aliases if re.search(p, c)]
     steps = (
-        lambda: [c for c in cands if c in names.exact][:1],
         lambda: [c for c in aliased if c in names.exact][:1],
         lambda: _first(names.dotted(c) for c in cands[1:] + cands[:1] + ([] if fmt.aliases_exact else aliased)),
         lambda: _first(names.by_underscore(c) for c in cands[1:] + cands[:1]),

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 import lorahot
 from lorahot.resolve.keys import resolve_keys
-from tests.diffusion_names import assert_same, linears, lorahot_weights, weights
+from tests.diffusion_names import assert_same, diffusers_weights, linears, lorahot_weights, weights
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -577,6 +577,43 @@ def test_chroma_approximator_in_original_names_lands_on_diffusers_layers(naming:
     model.load_lora_adapter(oracle, prefix="transformer", adapter_name="o")
     assert fmt == naming
     assert_same(ours, weights(model, names))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "roles", "alpha", "naming"),
+    [
+        ("transformer.", ("lora_down", "lora_up"), True, "diffusers"),  # OneTrainer's Chroma files
+        ("transformer.", ("lora_A", "lora_B"), False, "diffusers"),
+        ("base_model.model.", ("lora_A", "lora_B"), False, "peft"),
+        ("", ("lora_down", "lora_up"), True, "peft"),
+    ],
+    ids=["onetrainer", "diffusers", "peft", "bare"],
+)
+def test_chroma_approximator_in_original_names_beside_diffusers_names_loads_as_its_diffusers_twin(
+    prefix: str, roles: tuple[str, str], alpha: bool, naming: str
+) -> None:
+    """OneTrainer writes Chroma's approximator in its original names (``in_layer`` /
+    ``out_layer``) under ``transformer.``, beside diffusers' names for every other module, with
+    ``.alpha``: refused before as matching no injected layer (closest ``linear_1``). Against
+    diffusers' Chroma loader on the twin file in diffusers' names (alpha / r folded into B),
+    float64, every layer; the same in PEFT naming, with and without its wrapper."""
+    g = torch.Generator().manual_seed(7)
+    sd, twin = {}, {}
+    for i, (original, name) in enumerate(CHROMA.items()):
+        key = original if original.startswith("distilled_guidance_layer.layers.") else name
+        layer = tiny_chroma().get_submodule(name)
+        rank = 2 + i % 3
+        a = torch.randn(rank, layer.in_features, generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(layer.out_features, rank, generator=g, dtype=torch.float64) * 0.3
+        sd |= {f"{prefix}{key}.{roles[0]}.weight": a, f"{prefix}{key}.{roles[1]}.weight": b}
+        scale = (1.0 + i) / rank if alpha else 1.0
+        if alpha:
+            sd[f"{prefix}{key}.alpha"] = torch.tensor(1.0 + i)
+        twin |= {f"transformer.{name}.lora_A.weight": a, f"transformer.{name}.lora_B.weight": b * scale}
+    names = linears(tiny_chroma())
+    ours, fmt = lorahot_weights(tiny_chroma, sd, names)
+    assert fmt == naming
+    assert_same(ours, diffusers_weights(tiny_chroma, diffusers.ChromaPipeline, twin, names))
 
 
 def tiny_flux_fill(in_channels: int) -> torch.nn.Module:
