@@ -223,6 +223,12 @@ def _only_if(accepts: Callable[[Any], bool]) -> Callable[[Rig, Any, Any], None]:
     return meaning
 
 
+def _own_denoiser(v: Any) -> bool:
+    """A runtime over one model takes no ``denoiser=`` but None, or a list of one None (its one
+    part's own routing)."""
+    return v is None or (isinstance(v, (list, tuple)) and len(v) == 1 and v[0] is None)
+
+
 def _slot_meaning(effect: Callable[[Rig, int, Any], None]) -> Callable[[Rig, Any, Any], None]:
     def meaning(rig: Rig, v: Any, result: Any) -> None:
         assert _slot(v) or v is None, "accepted a slot that is no int in 0..1"
@@ -382,6 +388,12 @@ PARAMS = [
         _only_if(lambda v: isinstance(v, bool)),
         changes=False,
     ),
+    Param(
+        "plan_targets.denoiser",
+        lambda rig, v: lorahot.plan_targets(rig.source, denoiser=v),
+        _only_if(lambda v: v is None),  # no model: nothing to route
+        changes=False,
+    ),
     # -- load / preload / prefetch -----------------------------------------------------------------
     Param("load.source", lambda rig, v: rig.runtime.load(v), _only_if(lambda v: isinstance(v, (Mapping, str)))),
     Param("load.slot", lambda rig, v: rig.runtime.load(rig.source, slot=v), _slot_meaning(_loaded_meaning)),
@@ -414,6 +426,14 @@ PARAMS = [
         "prefetch.key",
         lambda rig, v: rig.runtime.prefetch(rig.source, key=v).result(timeout=BOUND_S),
         _only_if(lambda v: v is None or (isinstance(v, str) and len(v) > 0)),
+    ),
+    *(
+        Param(f"{entry}.denoiser", call, _only_if(_own_denoiser))
+        for entry, call in (
+            ("load", lambda rig, v: rig.runtime.load(rig.source, denoiser=v)),
+            ("preload", lambda rig, v: rig.runtime.preload(rig.source, denoiser=v)),
+            ("prefetch", lambda rig, v: rig.runtime.prefetch(rig.source, denoiser=v).result(timeout=BOUND_S)),
+        )
     ),
     # -- activate / unload / set_scale / info ------------------------------------------------------
     Param("activate.slot", lambda rig, v: rig.runtime.activate(v), _routing_array_meaning),
