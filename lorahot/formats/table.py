@@ -393,11 +393,12 @@ def underscored(pattern: str) -> str:
     return pattern.replace(DOTTED_START, "^").replace(r"\.", "_")
 
 
-#: Why a delta of a normalization layer's weight or bias is refused, in every naming that reads
-#: diffs: the loader finds them by shape (a ``.diff`` of one dimension), some namings
-#: by name too (a lone ``.diff_b``, whose shape says nothing).
+#: Why a delta of a normalization layer's weight or bias is refused in the namings that catch it
+#: by name (Wan's and Flux's original names, whose norms they do not map onto the model's): in
+#: kohya and ComfyUI naming such a ``.diff`` / ``.diff_b`` is read, and folded into a norm
+#: injected with ``merged=True`` (:mod:`lorahot.layers.norm`).
 NORM_DELTA = (
-    "a delta of a normalization layer's weight or bias (or of another 1-D weight), which no LoRA layer carries "
+    "a delta of a normalization layer's weight or bias, which this naming does not place on the model's norms "
     "(ComfyUI's LoRA extraction writes a .diff for every 1-D weight, norms included, and lightx2v's files hold them "
     "as zeros; diffusers drops them); load with strict=False to skip it"
 )
@@ -463,6 +464,12 @@ REFUSED_GLORA = (
     "LyCORIS GLoRA weights (a1, a2, b1, b2, bm; or full weights of a module so named): lorahot loads GLoRA in kohya "
     "or ComfyUI naming, into a model injected with merged=True",
 )
+#: LyCORIS' norm deltas (``train_norm``): loaded in the namings that read LyCORIS (:data:`REFUSED_MERGEABLE`).
+REFUSED_NORM = (
+    r"\.(w_norm|b_norm)$",
+    "LyCORIS norm-layer deltas (w_norm, b_norm): lorahot loads them in kohya or ComfyUI naming, into norms injected "
+    "with merged=True",
+)
 REFUSED: tuple[tuple[str, str], ...] = (
     REFUSED_DORA,
     REFUSED_BIAS,
@@ -478,11 +485,7 @@ REFUSED: tuple[tuple[str, str], ...] = (
         r"\.(lambda_layer|q_layer\.weight|p_layer\.weight)$",
         "LyCORIS T-LoRA weights (q_layer, p_layer, lambda_layer): not supported; use a LoRA, LoHa or LoKr adapter",
     ),
-    (
-        r"\.(w_norm|b_norm)$",
-        "LyCORIS norm-layer weights (w_norm, b_norm): not supported; lorahot adapts Linear, Conv and Embedding "
-        "layers only (re-train without train_norm)",
-    ),
+    REFUSED_NORM,
     (
         r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$",
         "trainable tokens (PEFT trainable_token_indices): new embedding rows lorahot does not load",
@@ -525,7 +528,7 @@ _WHOLE_REASONS = frozenset(why for _, why in REFUSED_WHOLE)
 REFUSED_MERGEABLE = tuple(
     REFUSED_MAGNITUDE if r is REFUSED_DORA else r
     for r in REFUSED
-    if not r[1].startswith("LyCORIS (LoHa") and r is not REFUSED_OFT and r is not REFUSED_GLORA
+    if not r[1].startswith("LyCORIS (LoHa") and r not in (REFUSED_OFT, REFUSED_GLORA, REFUSED_NORM)
 )
 
 #: LyCORIS tensor names: each is its own role (see :class:`lorahot.adapter.WeightModule`).
@@ -567,10 +570,15 @@ def lycoris_rules(module: str) -> tuple[Rule, ...]:
     added at the adapter's weight and unscaled by ``alpha / r``, as ComfyUI applies the bias
     deltas its LoRA extraction writes beside every ``lora_up``/``lora_down`` pair (unmerged it
     needs ``extras=True``); beside a ``.diff`` or LyCORIS factors, or alone, the loader reads it
-    as the ``diff_b`` of a diff module (merged mode)."""
+    as the ``diff_b`` of a diff module (merged mode). LyCORIS' ``<module>.w_norm`` and
+    ``<module>.b_norm`` (its ``train_norm`` option: a normalization layer's weight and bias
+    deltas, ``w0 + s * w_norm``) are read as that module's ``diff`` and ``diff_b``, as ComfyUI
+    reads them."""
     return (
         Rule(rf"{module}\.diff_b", "diff_bias"),
         Rule(rf"{module}\.(?:{'|'.join(LYCORIS_FACTORS)})", ""),
+        Rule(rf"{module}\.w_norm", "diff"),
+        Rule(rf"{module}\.b_norm", "diff_bias"),
         Rule(rf"{module}\.lora_mid\.weight", "lora_mid"),
         Rule(rf"{module}\.dora_scale", "dora_scale"),
         *(Rule(rf"{module}\.{f}\.weight", f) for f in GLORA_FACTORS),

@@ -39,7 +39,7 @@ from lorahot.errors import (
 from lorahot.formats import FORMATS, KeyFormat, detect, format_named, group_keys
 from lorahot.formats.diffusers import METADATA_KEY
 from lorahot.formats.kohya import KOHYA_OFT
-from lorahot.formats.table import GLORA_FACTORS, NORM_DELTA, Parts, skip_modules
+from lorahot.formats.table import GLORA_FACTORS, Parts, skip_modules
 from lorahot.io.config import CONFIG_NAME, AdapterConfig, finite
 from lorahot.io.patterns import budget_problem
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json
@@ -539,7 +539,6 @@ def _normalize_once(raw: RawAdapter, overrides: dict[str, Any] | None, strict: b
     configs = _component_configs(raw, header_configs, overrides, fmt.name in _PEFT_NAMED, defaults)
     skipped: list[str] | None = None if strict else []
     parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
-    _check_vector_deltas(parts, fmt, raw.source, skipped)
     weights = _weight_modules(parts, raw.source, skipped, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
     _check_metadata_reaches(list(parts), list(weights), configs, header_configs, overrides, raw, fmt.name)
     only_header_alpha = bool(defaults) and not _states_alpha(raw, fmt, overrides, header_configs)
@@ -1085,29 +1084,6 @@ def _per_input(roles: dict[str, tuple[str, torch.Tensor]]) -> bool:
         return False  # _assemble names the factor
     ones = (1,) * (a.ndim - 2)
     return tuple(d.shape) == (1, int(a.shape[1]), *ones) != (int(b.shape[0]), 1, *ones)
-
-
-def _check_vector_deltas(parts: Parts, fmt: KeyFormat, source: str, skipped: list[str] | None) -> None:
-    """Refuses the modules whose ``.diff`` is a vector: the delta of a normalization layer's scale
-    (or another 1-D weight), which ComfyUI's LoRA extraction writes for every such weight and no
-    layer lorahot adapts carries (their weights are matrices or kernels). Found by shape, so every
-    naming that reads diffs treats them alike, whatever the norm is called (``norm3``, ``in_layers.0``,
-    ``ln_1``). With ``skipped`` given (``strict=False``) each such module is skipped, its
-    ``.diff_b`` with it.
-
-    Raises:
-        UnknownFormatError: naming each key, its shape and the reason (:data:`NORM_DELTA`).
-    """
-    # 1-D only: a 0-d diff is no weight's delta at all, refused with its shape against the layer's
-    vectors = [m for m, roles in parts.items() if "diff" in roles and roles["diff"][1].ndim == 1]
-    if skipped is not None:
-        skip_modules(parts, vectors, skipped)
-    elif vectors:
-        problems = [f"{parts[m]['diff'][0]} (shape {tuple(parts[m]['diff'][1].shape)}): {NORM_DELTA}" for m in vectors]
-        raise UnknownFormatError(
-            format_problems(f"{source}: keys lorahot cannot load ({fmt.name} naming):", problems)
-            + "\nRemove them, or load with strict=False to skip them."
-        )
 
 
 def _weight_modules(

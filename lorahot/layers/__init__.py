@@ -10,6 +10,7 @@ from lorahot.layers.base import LayerSpec, LoRALayer, Shard
 from lorahot.layers.conv import LoRAConv
 from lorahot.layers.embedding import LoRAEmbedding
 from lorahot.layers.linear import LoRALinear, linear_features
+from lorahot.layers.norm import LoRANorm, is_norm
 from lorahot.layers.sharded import ShardedLoRALinear, is_sharded
 from lorahot.layers.state import RuntimeState
 from lorahot.layers.styled import StyledLoRALinear, is_styled
@@ -20,6 +21,7 @@ __all__ = [
     "LoRALinear",
     "LoRAConv",
     "LoRAEmbedding",
+    "LoRANorm",
     "ShardedLoRALinear",
     "StyledLoRALinear",
     "Shard",
@@ -38,6 +40,7 @@ SUPPORTED: tuple[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], L
     ("tensor-parallel Linear (DTensor weight, ColwiseParallel / RowwiseParallel)", is_sharded, ShardedLoRALinear),
     ("Conv1d/2d/3d", lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), LoRAConv),
     ("Embedding", lambda m: isinstance(m, nn.Embedding), LoRAEmbedding),
+    ("LayerNorm/GroupNorm/RMSNorm (merged mode: their weight and bias deltas)", is_norm, LoRANorm),
     ("Linear-like (Linear, Conv1D, in_features/out_features)", lambda m: linear_features(m) is not None, LoRALinear),
 )
 

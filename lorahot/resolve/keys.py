@@ -380,6 +380,7 @@ def resolve_all(
                     if renamed
                     else ""
                 )
+                + _norm_hint(module)
             )
         elif len(hits) > 1:
             problems.append(
@@ -401,6 +402,19 @@ def resolve_all(
         )
     lora = {n: m for n, m in out.items() if isinstance(m, LoraModule)}
     return lora, {n: m for n, m in out.items() if isinstance(m, WeightModule)}
+
+
+def _norm_hint(module: LoraModule | WeightModule) -> str:
+    """What to do with a normalization layer's delta (a 1-D ``.diff``, LyCORIS' ``w_norm``) that
+    lands on no injected layer; empty for any other module."""
+    diff = module.factors.get("diff") if isinstance(module, WeightModule) and module.kind == "diff" else None
+    if diff is None or diff.ndim != 1:
+        return ""
+    return (
+        f"; it is a normalization layer's weight delta (shape {tuple(diff.shape)}), which lorahot folds only into a "
+        "norm injected with merged=True: add that norm to targets (lorahot.plan_targets(adapter, model) lists it) and "
+        "inject with merged=True, or load with strict=False to skip it"
+    )
 
 
 #: problems a message shows (format_problems' limit); only those get the costly closest names

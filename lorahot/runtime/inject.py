@@ -12,6 +12,7 @@ from torch import nn
 from lorahot.errors import UsageError, public_api, shown, unfinished_eject
 from lorahot.layers import LayerSpec, LoRALayer
 from lorahot.layers.base import kept_parametrizations
+from lorahot.layers.norm import is_norm
 from lorahot.layers.sharded import is_sharded
 from lorahot.runtime.arguments import whole
 from lorahot.runtime.buffers import BufferManager
@@ -130,6 +131,8 @@ def _inject(
         )
         root, names = match_components(modules, targets, named)
         components = tuple(root._modules)
+    if not merged:
+        _refuse_norms(root, names)
     if merged:
         _refuse_sharded(root, names)
         check_untied(root, names)
@@ -154,6 +157,19 @@ def _inject(
         unwrap_modules(root, layers)
         release_hooks(roots(root, components))  # what LoraRuntime hooked before it failed
         raise
+
+
+def _refuse_norms(model: nn.Module, names: list[str]) -> None:
+    """A normalization layer takes no LoRA: what adapters carry for one is a delta of its weight
+    and bias, which only merged mode folds (:mod:`lorahot.layers.norm`)."""
+    norms = [n for n in names if is_norm(model.get_submodule(n))]
+    if norms:
+        kind = type(model.get_submodule(norms[0])).__name__
+        raise UsageError(
+            f"{norms[0]}: cannot add LoRA to {kind}, a normalization layer: lorahot folds the deltas of its weight and "
+            "bias that adapters carry (a ComfyUI .diff / .diff_b, LyCORIS w_norm / b_norm) in merged mode only. "
+            "Inject with merged=True, or narrow targets to exclude it."
+        )
 
 
 def _refuse_sharded(model: nn.Module, names: list[str]) -> None:

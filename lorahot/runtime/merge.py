@@ -555,7 +555,7 @@ class Merger:
         dtype = torch.promote_types(pristine.dtype, torch.float32)
         device = pristine.device
         with torch.no_grad():
-            weight = pristine.flatten(1).to(dtype)
+            weight = _flat(pristine).to(dtype)
             bias = None
             for m, s in items:
                 if isinstance(m, LoraModule):

@@ -139,6 +139,11 @@ def check_extras(name: str, module: LoraModule, spec: LayerSpec, refusal: str | 
 
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:
     """Every problem with loading ``module`` into the layer ``name``; empty when it fits."""
+    if spec.kind == "norm":
+        return [
+            f"{_where(name, module)}: a LoRA (A and B) on a normalization layer, which takes only deltas of its weight "
+            "and bias (.diff / .diff_b, LyCORIS w_norm / b_norm); leave this module out of the adapter or the targets"
+        ]
     a, b = module.A, module.B
     rank = int(a.shape[0]) if a.ndim else 0
     a_ok = a.ndim == 1 + len(spec.a_row_shape) and rank > 0 and tuple(a.shape) == spec.a_shape(rank)
@@ -367,6 +372,8 @@ def _localize(targets: dict[str, LoraModule], specs: dict[str, LayerSpec]) -> di
 def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> list[str]:
     """Every problem with folding ``module`` (LoHa, LoKr, Tucker LoCon, diff) into layer ``name``."""
     where = _where(name, module)
+    if spec.kind == "norm":
+        return _norm_problems(where, module, spec)
     if spec.kind not in ("linear", "conv") or spec.groups != 1:
         this = f"a conv with groups={spec.groups}" if spec.groups != 1 else f"this {spec.kind} layer"
         return [
@@ -406,6 +413,30 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
             f"channel, LyCORIS' wd_on_out=True) or {per_in} (per input channel, wd_on_out=False)"
         ]
     return []
+
+
+def _norm_problems(where: str, module: WeightModule, spec: LayerSpec) -> list[str]:
+    """Every problem with folding ``module`` into a normalization layer (``where`` names it): a
+    plain diff of its weight (the weight's own shape) and of its bias (one value per channel),
+    nothing else. The bias's presence is checked with the layer (no ``diff_b`` without a bias)."""
+    weight = (spec.out_dim, *spec.a_row_shape)
+    shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.factors.items())
+    others = sorted(set(module.factors) - {"diff", "diff_b"})
+    if module.kind != "diff" or others:
+        return [
+            f"{where}: {module.kind} factors ({shapes}) on a normalization layer, which takes only deltas of its "
+            "weight and bias (.diff / .diff_b, LyCORIS w_norm / b_norm); leave this module out of the adapter or the "
+            "targets"
+        ]
+    problems = []
+    diff, bias = module.factors.get("diff"), module.factors.get("diff_b")
+    if diff is not None and tuple(diff.shape) != weight:
+        problems.append(
+            f"{where}: its weight delta has shape {tuple(diff.shape)}, expected {weight} (the norm's weight)"
+        )
+    if bias is not None and tuple(bias.shape) != weight:
+        problems.append(f"{where}: its bias delta has shape {tuple(bias.shape)}, expected {weight} (the norm's bias)")
+    return problems
 
 
 def _unit_kernel_free(shape: tuple[int, ...]) -> tuple[int, ...]:

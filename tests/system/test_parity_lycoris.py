@@ -780,3 +780,63 @@ def test_a_dylora_conv_file_with_a_flat_up_loads_as_its_full_rank_lora(kind: str
     lorahot.inject(model, plan.targets, max_rank=4, merged=merged).load(path)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-12, atol=1e-12)
+
+
+class _NormedBlock(nn.Module):
+    """Two linears around a LayerNorm and a GroupNorm, each of which LyCORIS' ``train_norm`` trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.ln, self.gn, self.fc2 = (
+            nn.Linear(16, 16),
+            nn.LayerNorm(16),
+            nn.GroupNorm(4, 16),
+            nn.Linear(16, 8),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.fc1(x))
+        h = self.gn(h.unsqueeze(-1)).squeeze(-1)  # (B, 16, 1): GroupNorm's channels second
+        return self.fc2(torch.tanh(h))
+
+
+def test_a_train_norm_network_merges_its_norm_deltas_like_lycoris(tmp_path: Path) -> None:
+    """LyCORIS' ``train_norm`` adds a ``NormModule`` on every norm, saved as ``<norm>.w_norm`` and
+    ``<norm>.b_norm`` (``w0 + m * w_norm``, ``b0 + m * b_norm`` at multiplier ``m``): they were
+    refused as unsupported. Merged, the file now computes LyCORIS' own forward at multipliers 1 and
+    0.5 (lorahot's scale), and the folded norm weights are LyCORIS' ``get_merged_weight``."""
+    from lycoris import create_lycoris
+
+    torch.manual_seed(0)
+    base = _NormedBlock().double()
+    oracle = copy.deepcopy(base)
+    network = create_lycoris(oracle, 1.0, linear_dim=4, linear_alpha=2.0, algo="lora", train_norm=True)
+    network.apply_to()
+    network.double()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    tensors = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    assert {"lycoris_ln.w_norm", "lycoris_ln.b_norm", "lycoris_gn.w_norm", "lycoris_gn.b_norm"} <= set(tensors)
+    save_file(tensors, tmp_path / "net.safetensors")
+    model = copy.deepcopy(base)
+    plan = lorahot.plan_targets(tmp_path / "net.safetensors", model)
+    assert list(plan.targets) == ["fc1", "ln", "gn", "fc2"] and plan.inject_options() == {"max_rank": 4, "merged": True}
+    runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
+    runtime.load(tmp_path / "net.safetensors")
+    x = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    norms = {m.lora_name: m for m in network.loras if m.lora_name in ("lycoris_ln", "lycoris_gn")}
+    for multiplier in (1.0, 0.5):
+        for module in network.loras:
+            module.multiplier = multiplier
+        runtime.set_scale(multiplier)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), oracle(x), rtol=1e-12, atol=1e-12)
+            for name, layer in (("lycoris_ln", model.ln), ("lycoris_gn", model.gn)):
+                weight, bias = norms[name].get_merged_weight(multiplier)
+                torch.testing.assert_close(layer.weight, weight, rtol=0, atol=1e-15)
+                torch.testing.assert_close(layer.bias, bias, rtol=0, atol=1e-15)
+    unmerged = lorahot.inject(copy.deepcopy(base), ["fc1", "fc2"], max_rank=4)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"lycoris_ln: matches no injected layer.*merged=True"):
+        unmerged.load(tmp_path / "net.safetensors")

@@ -158,13 +158,14 @@ def test_a_comfyui_extracted_lora_with_bias_deltas_applies_them_as_comfyui(spell
 
 
 @pytest.mark.parametrize("spelling", ["comfyui", "kohya"])
-def test_a_comfyui_extracted_lora_refuses_its_norm_deltas_by_name_and_skips_them(spelling: str) -> None:
+def test_a_comfyui_extracted_lora_folds_its_norm_deltas_into_injected_norms(spelling: str) -> None:
     """ComfyUI's LoRA extraction also writes a ``.diff`` for every 1-D weight, the normalization
-    layers' scales included (``txt_norm.diff``, ``attn.norm_q.diff``), which no LoRA layer carries.
-    They were refused as 'matches no injected layer (closest: ...)' in ComfyUI and kohya naming
-    while the Wan naming named them; every naming now refuses them by their shape, naming each key
-    and the reason, nothing changed; with strict=False they are skipped and the rest is the float64
-    ``W + B A``, ``b + diff_b``."""
+    layers' scales included (``txt_norm.diff``, ``attn.norm_q.diff``), which ComfyUI adds to the
+    norm's weight at the LoRA's strength. They were refused by shape in every naming (so such a file
+    loaded only with strict=False, without its norms). Planned against the model, the norms are
+    targets and the whole file folds: ``W + s B A``, ``b + s diff_b`` and the norms' ``w + s diff``
+    in float64 at scales 1 and 0.5. Injected without the norms, the refusal names each one and
+    says to inject it, nothing changed; strict=False skips them and loads the rest."""
     with torch.no_grad():
         model = tiny_qwen().double()
         g = torch.Generator().manual_seed(9)
@@ -175,26 +176,48 @@ def test_a_comfyui_extracted_lora_refuses_its_norm_deltas_by_name_and_skips_them
             b = torch.randn(fan_out, 2 + i % 3, generator=g, dtype=torch.float64) * 0.3
             bias = torch.randn(fan_out, generator=g, dtype=torch.float64) * 0.3
             sd |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.diff_b": bias}
-            layer = model.get_submodule(name)
-            reference[name] = (layer.weight + b @ a, layer.bias + bias)
+            reference[name] = (b @ a, bias)
         norms = {"txt_norm": 16, "transformer_blocks.0.attn.norm_q": 8}
         for name, size in norms.items():
             assert model.get_submodule(name).weight.shape == (size,)
             key = "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
             sd[f"{key}.diff"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
+            reference[name] = (sd[f"{key}.diff"], None)
+        pristine = {k: v.clone() for k, v in model.state_dict().items()}
+        plan = lorahot.plan_targets(dict(sd), model)
+        assert set(norms) <= set(plan.targets) and plan.inject_options()["merged"] is True
+        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
+        assert runtime.load(dict(sd)).format == spelling
+        for s in (1.0, 0.5):
+            runtime.set_scale(s)
+            for name, (delta, bias) in reference.items():
+                layer = model.get_submodule(name)
+                torch.testing.assert_close(
+                    layer.weight, pristine[f"{name}.weight"] + s * delta, rtol=1e-13, atol=1e-13, msg=name
+                )
+                if bias is not None:
+                    torch.testing.assert_close(
+                        layer.bias, pristine[f"{name}.bias"] + s * bias, rtol=1e-13, atol=1e-13, msg=name
+                    )
+
         ours = tiny_qwen().double()
         base = _linear_weights(ours)
         runtime = lorahot.inject(ours, "all-linear", max_rank=8, merged=True)
-        with pytest.raises(lorahot.UnknownFormatError) as refused:
+        with pytest.raises(lorahot.AdapterMismatchError) as refused:
             runtime.load(dict(sd))
         for name, size in norms.items():
             key = "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
-            assert f"{key}.diff (shape ({size},)): a delta of a normalization layer" in str(refused.value)
-        assert "strict=False" in str(refused.value)
+            assert f"{key}: matches no injected layer" in str(refused.value)
+            assert f"it is a normalization layer's weight delta (shape ({size},))" in str(refused.value)
+        assert "add that norm to targets" in str(refused.value) and "strict=False" in str(refused.value)
         assert all(torch.equal(v, base[k]) for k, v in _linear_weights(ours).items())
         info = runtime.load(dict(sd), strict=False)
         assert info.format == spelling
         got = _linear_weights(ours)
-        for name, (weight, bias) in reference.items():
-            expected = torch.cat([weight.T, torch.zeros(1, weight.shape[0], dtype=torch.float64)]) + bias
+        for name, (delta, bias) in reference.items():
+            if name in norms:
+                continue
+            layer = tiny_qwen().double().get_submodule(name)
+            weight = layer.weight + delta
+            expected = torch.cat([weight.T, torch.zeros(1, weight.shape[0], dtype=torch.float64)]) + layer.bias + bias
             torch.testing.assert_close(got[name], expected, rtol=1e-12, atol=1e-12, msg=name)

@@ -94,11 +94,6 @@ def test_locon_conv_kernel_in_down_and_1x1_up() -> None:
             r"lambda_layer: LyCORIS T-LoRA[\s\S]*q_layer\.weight: LyCORIS T-LoRA",
         ),
         (
-            {"lora_unet_norm.w_norm": torch.ones(8), "lora_unet_norm.b_norm": torch.ones(8)},
-            lorahot.UnknownFormatError,
-            r"w_norm: LyCORIS norm-layer weights[\s\S]*b_norm: LyCORIS norm-layer weights",
-        ),
-        (
             {"lora_unet_attn_to_q.alpha": torch.tensor(-1.0)},
             lorahot.AdapterReadError,
             r"lora_unet_attn_to_q\.alpha: alpha must be one finite number > 0",
@@ -108,6 +103,25 @@ def test_locon_conv_kernel_in_down_and_1x1_up() -> None:
 def test_refused_features_are_named(extra, error, message) -> None:
     with pytest.raises(error, match=message):
         lorahot.read_adapter(lora_pair("lora_unet_attn_to_q", "lora_down", "lora_up") | extra)
+
+
+def test_lycoris_norm_deltas_read_as_a_diff_module_and_are_refused_where_no_lycoris_is_read() -> None:
+    """LyCORIS' ``train_norm`` saves ``<norm>.w_norm`` / ``<norm>.b_norm``: read as that module's
+    ``diff`` / ``diff_b`` (merged mode folds them into an injected norm), as ComfyUI reads them; a
+    naming that reads no LyCORIS names them and says where they load."""
+    norm = {"lora_unet_norm.w_norm": torch.full((8,), 2.0), "lora_unet_norm.b_norm": torch.full((8,), 3.0)}
+    adapter = lorahot.read_adapter(lora_pair("lora_unet_attn_to_q", "lora_down", "lora_up") | norm)
+    module = adapter.weights["lora_unet_norm"]
+    assert (module.kind, module.scale, sorted(module.factors)) == ("diff", 1.0, ["diff", "diff_b"])
+    assert torch.equal(module.factors["diff"], norm["lora_unet_norm.w_norm"])
+    assert torch.equal(module.factors["diff_b"], norm["lora_unet_norm.b_norm"])
+    peft = lora_pair("base_model.model.attn.to_q", "lora_A", "lora_B") | {"base_model.model.norm.w_norm": torch.ones(8)}
+    with pytest.raises(
+        lorahot.UnknownFormatError,
+        match=r"norm\.w_norm: LyCORIS norm-layer deltas \(w_norm, b_norm\): lorahot loads them in kohya or ComfyUI "
+        r"naming, into norms injected with merged=True",
+    ):
+        lorahot.read_adapter(peft)
 
 
 def test_dora_and_lora_bias_read_in_peft_naming() -> None:

@@ -177,7 +177,9 @@ def test_custom_linear_like_module_is_wrapped() -> None:
 def test_unsupported_type_names_path_and_type() -> None:
     model = tiny_lm()
     with pytest.raises(
-        TypeError, match=r"layers\.0\.norm: cannot add LoRA to LayerNorm\. Supported: .* Narrow targets"
+        TypeError,
+        match=r"layers\.0\.norm: cannot add LoRA to LayerNorm, a normalization layer: .* merged mode only\. Inject "
+        r"with merged=True, or narrow targets to exclude it\.",
     ):
         lorahot.inject(model, ["norm", "q_proj"], max_rank=4)
     assert _wrapped(model) == []
