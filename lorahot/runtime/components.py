@@ -9,6 +9,8 @@ in place: the user keeps calling ``pipe.unet`` and ``pipe.text_encoder``.
 
 from __future__ import annotations
 
+import sys
+import types
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from lorahot.errors import UsageError, shown
-from lorahot.runtime.targets import Targets, _check_single_path, match_targets
+from lorahot.runtime.targets import Targets, _check_single_path, match_targets, through_wrappers
 
 __all__ = ["Components", "Pipeline", "is_several", "components_of", "match_components"]
 
@@ -49,8 +51,9 @@ class Pipeline:
     replaced or removed after inject (``pipe.unet = other_unet``) no longer calls them: a load
     would change nothing it computes, and it would run without the adapter. :meth:`check`
     refuses that; a component compiled since (``pipe.unet = torch.compile(pipe.unet)``, whose
-    ``_orig_mod`` is the injected module), or compiled before inject and called as it is or
-    uncompiled, is the same component.
+    ``_orig_mod`` is the injected module), compiled again (a function compiling its
+    ``forward``), or compiled before inject and called as it is or uncompiled, is the same
+    component.
     """
 
     def __init__(self, pipeline: object, container: nn.Module) -> None:
@@ -77,10 +80,73 @@ class Pipeline:
                 )
 
 
-def _compiled_from(module: object) -> object:
-    """The module a ``torch.compile`` wrapper compiles (its ``_orig_mod``), else ``module``: a
-    component compiled before inject or after it is the same component."""
-    return getattr(module, "_orig_mod", module)
+def _compiled_from(component: object) -> object:
+    """The module ``component`` runs, through every wrapper ``torch.compile`` makes, else
+    ``component``: a component compiled before inject, after it, or more than once is the same
+    component.
+
+    ``torch.compile(module)`` gives an ``OptimizedModule`` (the module under ``_orig_mod``);
+    compiling that again, or compiling ``module.forward``, gives a function whose
+    ``_torchdynamo_orig_callable`` is the module's bound ``forward``. Any other function or
+    method (a caller's own ``lambda x: other(x)``) is not looked through.
+    """
+    seen: set[int] = set()
+    while id(component) not in seen:
+        seen.add(id(component))
+        inner: object
+        if isinstance(component, nn.Module):
+            inner = through_wrappers(component)
+        elif isinstance(component, types.MethodType):
+            bound, calls = component.__self__, component.__func__
+            runs = isinstance(bound, nn.Module) and calls in (type(bound).forward, type(bound).__call__)
+            inner = bound if runs else None
+        else:
+            inner = _compiled_callable(component)
+        if inner is None or inner is component:
+            return component
+        component = inner
+    return component
+
+
+def _compiled_callable(function: object) -> object | None:
+    """What a function made by ``torch.compile`` compiles, else None.
+
+    That is its ``_torchdynamo_orig_callable`` where set on this very function (torch's own
+    unwrapping rule: not one ``functools.wraps`` copied onto a caller's wrapper), or the
+    callable in the frame torch wraps around a ``torch.nn`` module's ``forward``
+    (``torch._dynamo.external_utils.wrap_inline``).
+    """
+    if isinstance(function, types.FunctionType) and _is_inline_frame(function):
+        cells = function.__closure__ or ()
+        called: object = cells[function.__code__.co_freevars.index("fn")].cell_contents
+        return called
+    attributes = getattr(function, "__dict__", None)
+    if not isinstance(attributes, dict) or not callable(function):
+        return None
+    made_here = attributes.get("_torchdynamo_wrapper_id", id(function)) == id(function)
+    return attributes.get("_torchdynamo_orig_callable") if made_here else None
+
+
+def _is_inline_frame(function: types.FunctionType) -> bool:
+    """Whether ``function`` is the frame ``wrap_inline`` makes (its code is that function's
+    ``inner``); torch's dynamo is not imported for this: without it no such frame exists."""
+    external_utils = sys.modules.get("torch._dynamo.external_utils")
+    if external_utils is None:
+        return False
+    inner = external_utils.wrap_inline(_is_inline_frame)
+    return function.__code__ is inner.__code__ and "fn" in function.__code__.co_freevars
+
+
+def _module_of(component: object) -> nn.Module | None:
+    """``component`` where it is a module, the module a function ``torch.compile`` made runs
+    (a component compiled twice), else None."""
+    if isinstance(component, nn.Module):
+        return component
+    try:
+        inner = _compiled_from(component)
+    except Exception:  # an attribute of the caller's object that raises: not a function torch made
+        return None
+    return inner if isinstance(inner, nn.Module) else None
 
 
 def _component(pipeline: object, name: str) -> object:
@@ -116,18 +182,19 @@ def components_of(model: object) -> tuple[dict[str, nn.Module], bool]:
     diffusers pipeline), and whether the user named each one (a dict: each must take LoRA).
 
     Raises:
-        UsageError: ``model`` is neither, or a dict entry is not an ``nn.Module``.
+        UsageError: ``model`` is neither, or a dict entry is not an ``nn.Module`` (nor a function
+            ``torch.compile`` made of one).
     """
     if isinstance(model, Mapping):
-        bad = [k for k, v in model.items() if not (isinstance(k, str) and k and isinstance(v, nn.Module))]
+        bad = [k for k, v in model.items() if not (isinstance(k, str) and k and _module_of(v) is not None)]
         if bad or not model:
             raise UsageError(
                 f"a dict of components must map non-empty names to torch.nn.Modules; got {bad[:3] or 'an empty dict'}."
             )
-        return dict(model), True
+        return {k: m for k, v in model.items() if (m := _module_of(v)) is not None}, True
     found = getattr(model, "components", None)
     if isinstance(found, Mapping):
-        modules = {k: v for k, v in found.items() if isinstance(k, str) and k and isinstance(v, nn.Module)}
+        modules = {k: m for k, v in found.items() if isinstance(k, str) and k and (m := _module_of(v)) is not None}
         if modules:
             return modules, False
     raise UsageError(

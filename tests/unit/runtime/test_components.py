@@ -4,6 +4,8 @@ route each module of a file to its component by prefix (tiny purpose-built compo
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -588,3 +590,38 @@ def test_denoiser_misuse_is_refused_before_anything_changes() -> None:
         "text_encoder.",
     )
     assert route("lora_unet_to_q", ("transformer_2",), "transformer_2") == ("transformer_2", "lora_unet_")
+
+
+@pytest.mark.parametrize("kind", [_Unet, lambda: nn.Sequential(OrderedDict(to_q=nn.Linear(8, 8)))], ids=["own", "nn"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_component_compiled_twice_is_the_same_component(when: str, kind: Callable[[], nn.Module]) -> None:
+    """``pipe.unet = torch.compile(pipe.unet)`` on a component already compiled gives a
+    function compiling the module's ``forward`` (not an ``OptimizedModule``; for a ``torch.nn``
+    class, through a frame torch wraps around it), and compiling ``pipe.unet.forward`` does too.
+    The check unwrapped one ``_orig_mod`` only, so every load was refused as 'replaced by another
+    function' although the pipeline ran the LoRA (and inject skipped such a component); now every
+    level is looked through, the adapter computed through the function matches a float64
+    reference, and a caller's own function calling another module is still refused."""
+    torch.manual_seed(0)
+    unet = kind()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    pipe = _AttributePipe({"unet": torch.compile(unet, backend="eager"), "text_encoder": _encoder()})
+    if when == "before":
+        pipe.unet = torch.compile(pipe.unet, backend="eager")
+    runtime = lorahot.inject(pipe, ["to_q", "q_proj"], max_rank=4)
+    if when == "after":
+        pipe.unet = torch.compile(pipe.unet, backend="eager")
+    sd = _lora(["unet.to_q", "text_encoder.layers.0.q_proj"])
+    assert runtime.load(sd).components == {"unet": 1, "text_encoder": 1}
+    a, b = sd["unet.to_q.lora_A.weight"].double(), sd["unet.to_q.lora_B.weight"].double()
+    layer = unet.to_q.base_layer
+    expected = x.double() @ layer.weight.double().T + layer.bias.double() + x.double() @ a.T @ b.T
+    with torch.no_grad():
+        assert torch.allclose(pipe.unet(x).double(), expected, rtol=0, atol=1e-5)
+    pipe.unet = torch.compile(unet.forward, backend="eager")  # a compiled forward: the same component
+    runtime.load(sd)
+    other = kind()
+    for replacement in (lambda t: other(t), torch.compile(other, backend="eager"), other.forward):
+        pipe.unet = replacement
+        with pytest.raises(UsageError, match=r"component 'unet' of the pipeline was replaced by another"):
+            runtime.load(sd)
