@@ -20,9 +20,9 @@ or with ``strict=False`` skipped.
 
 ``anima-kohya`` is sd-scripts' spelling of the same names (``networks/lora_anima.py``, and
 OneTrainer's kohya output): ``lora_unet_blocks_0_self_attn_q_proj.lora_down.weight`` with
-``.alpha``, its Qwen3 text encoder's modules under ``lora_te_``; placed as this naming places
-them (sd-scripts' own conversion for ComfyUI writes the same names under ``diffusion_model.``),
-``lora_unet_llm_adapter_`` refused as ``llm_adapter.`` is.
+``.alpha`` (OneTrainer's own under ``lora_transformer_``), its Qwen3 text encoder's modules under
+``lora_te_``; placed as this naming places them (sd-scripts' own conversion for ComfyUI writes the
+same names under ``diffusion_model.``), ``lora_unet_llm_adapter_`` refused as ``llm_adapter.`` is.
 """
 
 from __future__ import annotations
@@ -98,22 +98,22 @@ FORMAT = KeyFormat(
     example="diffusion_model.blocks.0.self_attn.q_proj.lora_A.weight",
 )
 
-#: sd-scripts' underscore names -> the dotted original ones (``lora_unet_`` kept for ``prefix=``
-#: and the resolver)
+#: sd-scripts' underscore names -> the dotted original ones (the component prefix, ``lora_unet_``
+#: or OneTrainer's ``lora_transformer_``, kept for ``prefix=`` and the resolver)
 _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
     (
-        r"^lora_unet_blocks_(\d+)_(self_attn|cross_attn)_(q_proj|k_proj|v_proj|output_proj)$",
-        r"lora_unet_blocks.\1.\2.\3",
+        r"^(lora_(?:unet|transformer)_)blocks_(\d+)_(self_attn|cross_attn)_(q_proj|k_proj|v_proj|output_proj)$",
+        r"\1blocks.\2.\3.\4",
     ),
-    (r"^lora_unet_blocks_(\d+)_mlp_(layer[12])$", r"lora_unet_blocks.\1.mlp.\2"),
+    (r"^(lora_(?:unet|transformer)_)blocks_(\d+)_mlp_(layer[12])$", r"\1blocks.\2.mlp.\3"),
     (
-        r"^lora_unet_blocks_(\d+)_(adaln_modulation_(?:self_attn|cross_attn|mlp))_([12])$",
-        r"lora_unet_blocks.\1.\2.\3",
+        r"^(lora_(?:unet|transformer)_)blocks_(\d+)_(adaln_modulation_(?:self_attn|cross_attn|mlp))_([12])$",
+        r"\1blocks.\2.\3.\4",
     ),
-    (r"^lora_unet_x_embedder_proj_1$", "lora_unet_x_embedder.proj.1"),
-    (r"^lora_unet_t_embedder_1_(linear_[12])$", r"lora_unet_t_embedder.1.\1"),
-    (r"^lora_unet_final_layer_linear$", "lora_unet_final_layer.linear"),
-    (r"^lora_unet_final_layer_adaln_modulation_([12])$", r"lora_unet_final_layer.adaln_modulation.\1"),
+    (r"^(lora_(?:unet|transformer)_)x_embedder_proj_1$", r"\1x_embedder.proj.1"),
+    (r"^(lora_(?:unet|transformer)_)t_embedder_1_(linear_[12])$", r"\1t_embedder.1.\2"),
+    (r"^(lora_(?:unet|transformer)_)final_layer_linear$", r"\1final_layer.linear"),
+    (r"^(lora_(?:unet|transformer)_)final_layer_adaln_modulation_([12])$", r"\1final_layer.adaln_modulation.\2"),
 )
 
 KOHYA = kohya.spelling(
@@ -122,14 +122,14 @@ KOHYA = kohya.spelling(
     aliases=_aliases(NAME_START),
     refuse=(
         (
-            r"^lora_unet_llm_adapter_",
+            r"^lora_(?:unet|transformer)_llm_adapter_",
             "Anima's text conditioner (llm_adapter), another component, which this naming does not place (its "
             "module names are the transformer's); load with strict=False to skip its keys",
         ),
         *REFUSED_MERGEABLE,
     ),
     marker=(
-        r"^lora_unet_blocks_\d+_(?:(?:self_attn|cross_attn)_(?:q_proj|k_proj|v_proj|output_proj)"
+        r"^lora_(?:unet|transformer)_blocks_\d+_(?:(?:self_attn|cross_attn)_(?:q_proj|k_proj|v_proj|output_proj)"
         r"|mlp_layer[12]|adaln_modulation_(?:self_attn|cross_attn|mlp)_[12])\."
     ),
     lycoris=True,

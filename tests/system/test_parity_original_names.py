@@ -424,18 +424,20 @@ def test_trainers_spellings_of_the_original_names_match_diffusers_on_their_diffu
         _assert_same(ours, _diffusers(make, loader(), twin, names))
 
 
+@pytest.mark.parametrize("prefix", ["lora_unet_", "lora_transformer_"])
 @pytest.mark.parametrize("alpha", [False, True], ids=["no-alpha", "alpha"])
-def test_anima_kohya_spelling_matches_diffusers_on_its_diffusion_model_twin(alpha: bool) -> None:
+def test_anima_kohya_spelling_matches_diffusers_on_its_diffusion_model_twin(alpha: bool, prefix: str) -> None:
     """sd-scripts' Anima LoRAs (``networks/lora_anima.py``, and OneTrainer's kohya output) spell the
-    original names kohya's way, ``lora_unet_blocks_0_self_attn_q_proj.lora_down.weight``; its own
-    conversion for ComfyUI writes the same modules under ``diffusion_model.``. Every layer equal to
-    the float64 reference of that twin (``alpha / r``) and, without alphas, which diffusers leaves
-    unread, to diffusers' Anima loader. These files were refused, read as wan-musubi naming ('matches
-    no injected layer'). Its ``llm_adapter`` modules are refused, or skipped with strict=False."""
+    original names kohya's way, ``lora_unet_blocks_0_self_attn_q_proj.lora_down.weight`` (OneTrainer
+    also under ``lora_transformer_``, which was refused); its own conversion for ComfyUI writes the
+    same modules under ``diffusion_model.``. Every layer equal to the float64 reference of that twin
+    (``alpha / r``) and, without alphas, which diffusers leaves unread, to diffusers' Anima loader.
+    These files were refused, read as wan-musubi naming ('matches no injected layer'). Its
+    ``llm_adapter`` modules are refused, or skipped with strict=False."""
     names = _linears(_tiny_anima())
     twin = _file(_tiny_anima(), names, _anima_original, alpha=alpha)
-    sd = _kohya_spelling(twin)
-    assert "lora_unet_blocks_0_self_attn_q_proj.lora_down.weight" in sd
+    sd = _kohya_spelling(twin, prefix)
+    assert f"{prefix}blocks_0_self_attn_q_proj.lora_down.weight" in sd
     ours, fmt = _lorahot(_tiny_anima, sd, names)
     assert fmt == "anima-kohya"
     _assert_same(ours, _reference(_tiny_anima, twin, names, _anima_original))
@@ -443,8 +445,8 @@ def test_anima_kohya_spelling_matches_diffusers_on_its_diffusion_model_twin(alph
         loader = diffusers.loaders.lora_pipeline.AnimaLoraLoaderMixin
         _assert_same(ours, _diffusers(_tiny_anima, loader, twin, names))
     adapter = {
-        "lora_unet_llm_adapter_blocks_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 16, dtype=torch.float64),
-        "lora_unet_llm_adapter_blocks_0_self_attn_q_proj.lora_up.weight": torch.zeros(16, 2, dtype=torch.float64),
+        f"{prefix}llm_adapter_blocks_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 16, dtype=torch.float64),
+        f"{prefix}llm_adapter_blocks_0_self_attn_q_proj.lora_up.weight": torch.zeros(16, 2, dtype=torch.float64),
     }
     with pytest.raises(UnknownFormatError, match="llm_adapter"):
         _lorahot(_tiny_anima, {**sd, **adapter}, names)
