@@ -941,7 +941,7 @@ def _assemble(
         if declared is not None and rank != declared:
             problems.append(f"{module}: {origin} says r={declared}, but {ka} has shape {tuple(a.shape)} (rank {rank})")
             continue
-        alpha = None if shapes_only else _alpha(roles.get("alpha"), unreadable)
+        alpha = _alpha(roles.get("alpha"), unreadable, shapes_only=shapes_only)
         if alpha is not None and cfg.states_alpha(pattern_name):
             stated = cfg.alpha_for(pattern_name)
             if stated is not None and not math.isclose(alpha, stated, rel_tol=1e-6):
@@ -1132,7 +1132,7 @@ def _weight_modules(
             problems.append(f"{module} ({', '.join(k for k, _ in roles.values())}): {clash}")
             continue
         rotates = kind in ROTATION_KINDS  # its .alpha is a norm constraint: 0 means none
-        alpha = None if shapes_only else _alpha(roles.get("alpha"), unreadable, constraint=rotates)
+        alpha = _alpha(roles.get("alpha"), unreadable, constraint=rotates, shapes_only=shapes_only)
         out[module] = WeightModule(module, kind, factors, alpha, tuple(k for k, _ in roles.values()))
     if unreadable:
         raise AdapterReadError(
@@ -1239,27 +1239,33 @@ def _unreadable(
     return bool(bad)
 
 
-def _alpha(entry: tuple[str, torch.Tensor] | None, problems: list[str], constraint: bool = False) -> float | None:
+def _alpha(
+    entry: tuple[str, torch.Tensor] | None, problems: list[str], constraint: bool = False, shapes_only: bool = False
+) -> float | None:
     """The value of a ``.alpha`` tensor: one finite real number > 0 (else a problem, and None);
-    with ``constraint`` (an OFT's norm constraint, where 0 means none) one >= 0."""
+    with ``constraint`` (an OFT's norm constraint, where 0 means none) one >= 0. With
+    ``shapes_only`` (a header read, no values) only what the header decides is checked, its dtype
+    and its shape, and None is returned: its value is checked at load."""
     if entry is None:
         return None
     key, t = entry
-    why = storage_problem(t)
+    why = None if shapes_only else storage_problem(t)
     if why is None and (t.dtype.is_complex or t.dtype == torch.bool):
         why = f"dtype {t.dtype}"
-    value = float(t.reshape(-1)[0]) if why is None and t.numel() == 1 else math.nan
+    if shapes_only and why is None and t.numel() == 1:
+        return None
+    value = float(t.reshape(-1)[0]) if why is None and t.numel() == 1 and not shapes_only else math.nan
     if constraint and why is None and math.isfinite(value) and value >= 0:
         return value
     if constraint:
-        got = why or f"shape {tuple(t.shape)} value {t.reshape(-1)[:3].tolist()}"
+        got = why or _alpha_shown(t, shapes_only)
         problems.append(
             f"{key}: an OFT's alpha (the norm constraint on its blocks, 0 for none) must be one finite number >= 0, "
             f"got {got}"
         )
         return None
     if why is not None or not (math.isfinite(value) and value > 0):
-        got = why or f"shape {tuple(t.shape)} value {t.reshape(-1)[:3].tolist()}"
+        got = why or _alpha_shown(t, shapes_only)
         zero = (
             " (kohya's trainer reads an alpha of 0 as alpha = rank, diffusers' loader as a scale of 0: drop the .alpha "
             "tensors, or set them to the rank or to the alpha the adapter was trained with)"
@@ -1269,6 +1275,12 @@ def _alpha(entry: tuple[str, torch.Tensor] | None, problems: list[str], constrai
         problems.append(f"{key}: alpha must be one finite number > 0, got {got}{zero}")
         return None
     return value
+
+
+def _alpha_shown(t: torch.Tensor, shapes_only: bool) -> str:
+    """A ``.alpha`` tensor of another shape than one number, as a message shows it: its shape,
+    and its first values where they were read."""
+    return f"shape {tuple(t.shape)}" + ("" if shapes_only else f" value {t.reshape(-1)[:3].tolist()}")
 
 
 def _user_mapping(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 import lorahot
 from lorahot.adapter import WeightModule
@@ -515,6 +516,41 @@ def test_a_factor_with_too_few_dimensions_is_refused_at_read(
         lorahot.read_adapter(path)
     with pytest.raises(error, match=message):
         lorahot.plan_targets([path])
+
+
+def _header_alpha_file(kind: str) -> dict[str, torch.Tensor]:
+    """A module of ``kind`` on a [16, 16] layer ``lora_unet_0``, without its ``.alpha``."""
+    g = torch.Generator().manual_seed(0)
+    factors = {
+        "lora": {"lora_down.weight": (2, 16), "lora_up.weight": (16, 2)},
+        "loha": {"hada_w1_a": (16, 2), "hada_w1_b": (2, 16), "hada_w2_a": (16, 2), "hada_w2_b": (2, 16)},
+        "oft": {"oft_blocks": (4, 4, 4)},
+        "glora": {"a1.weight": (16, 2), "a2.weight": (2, 16), "b1.weight": (16, 2), "b2.weight": (2, 16)},
+    }[kind]
+    return {f"lora_unet_0.{k}": torch.randn(shape, generator=g) for k, shape in factors.items()}
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "oft", "glora"])
+@pytest.mark.parametrize(
+    ("alpha", "got"),
+    [(torch.ones(3), r"got shape \(3,\)"), (torch.tensor(1 + 0j), r"got dtype torch\.complex64")],
+    ids=["three-values", "complex"],
+)
+def test_an_alpha_the_header_refuses_is_refused_by_plan_targets_as_by_load(
+    tmp_path: Path, kind: str, alpha: torch.Tensor, got: str
+) -> None:
+    """A ``.alpha`` of shape (3,) or of a complex dtype: the header alone refuses it, but
+    plan_targets' header read skipped the alpha check and planned the file that every load then
+    refused. The plan now checks an alpha's shape and dtype with the load's own check (its value
+    stays a load-time check)."""
+    path = tmp_path / "adapter.safetensors"
+    save_file(_header_alpha_file(kind) | {"lora_unet_0.alpha": alpha}, str(path))
+    message = r"lora_unet_0\.alpha: .*must be one finite number >=? 0, " + got
+    with pytest.raises(lorahot.AdapterReadError, match=message):
+        lorahot.plan_targets(path, nn.Sequential(nn.Linear(16, 16)))
+    runtime = lorahot.inject(nn.Sequential(nn.Linear(16, 16)), ["0"], max_rank=4, merged=kind != "lora")
+    with pytest.raises(lorahot.AdapterReadError, match=message):
+        runtime.load(path)
 
 
 def test_component_header_configs_over_bare_modules_are_refused_unless_settled(tmp_path: Path) -> None:
