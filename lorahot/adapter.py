@@ -14,7 +14,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoraModule", "WeightModule", "Adapter", "storage_problem", "WEIGHT_KINDS", "ROTATION_KINDS", "BASE_KINDS"]
+__all__ = [
+    "LoraModule",
+    "WeightModule",
+    "Adapter",
+    "storage_problem",
+    "WEIGHT_KINDS",
+    "ROTATION_KINDS",
+    "BASE_KINDS",
+    "KIND_NAMES",
+]
 
 #: The adapter kinds lorahot folds into the base weights (merged mode only), by what a module
 #: holds: LyCORIS LoHa (``hada_*``), LoKr (``lokr_*``), LoCon with a Tucker core
@@ -35,6 +44,20 @@ ROTATION_KINDS = ("oft", "boft", "kohya-oft")
 #: input column, ``ΔW = W0 * w``) and LyCORIS' GLoRA (``a1``, ``a2``, ``b1``, ``b2``:
 #: ``ΔW = W0 a1 a2 + b1 b2`` at ``alpha / r``).
 BASE_KINDS = (*ROTATION_KINDS, "ia3", "glora")
+#: How a message names a module of each of :data:`WEIGHT_KINDS`, article included ("an OFT",
+#: "a LoHa"): the kind ids are lowercase keys, not names.
+KIND_NAMES = {
+    "loha": "a LoHa",
+    "lokr": "a LoKr",
+    "locon-tucker": "a Tucker LoCon",
+    "diff": "a full diff",
+    "locon": "a LoCon",
+    "oft": "an OFT",
+    "boft": "a BOFT",
+    "kohya-oft": "a kohya OFT",
+    "ia3": "an (IA)^3",
+    "glora": "a GLoRA",
+}
 
 
 @dataclass(frozen=True)
@@ -155,6 +178,11 @@ class WeightModule:
         and for a diff, whose LoRA pair is scaled inside ``ΔW``)."""
         r = self.rank
         return 1.0 if r == 0 or self.alpha is None or self.kind == "diff" else self.alpha / r
+
+    @property
+    def named(self) -> str:
+        """Its kind as a message names it, article included (:data:`KIND_NAMES`: "an OFT")."""
+        return KIND_NAMES.get(self.kind, f"a {self.kind}")
 
     @property
     def rotates(self) -> bool:

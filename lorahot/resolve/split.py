@@ -141,24 +141,24 @@ def split_by_user(
 
 
 def weight_kind(module: WeightModule) -> str:
-    """What a message calls ``module`` where split= or fuse= cannot reshape it: its kind, a
+    """What a message calls ``module`` where split= or fuse= cannot reshape it, article included: its kind, a
     weight delta; a LoRA/LoCon whose ``dora_scale`` is per input channel by why (its norm runs
     over every output row of its layer, so no part of the rows holds its own)."""
     if module.kind == "locon":
         shape = tuple(module.factors["dora_scale"].shape)
         return (
-            f"LoRA/LoCon module whose dora_scale {shape} normalizes each input channel over every output row of its "
+            f"a LoRA/LoCon module whose dora_scale {shape} normalizes each input channel over every output row of its "
             "layer (LyCORIS wd_on_out=False), which no part of the rows computes alone"
         )
     if module.rotates:
         return (
-            f"{module.kind} module, a rotation of its layer's output rows built from that layer's whole weight, "
+            f"{module.named} module, a rotation of its layer's output rows built from that layer's whole weight, "
             "which no part of the rows holds"
         )
     if module.reads_base:
-        return f"{module.kind} module, a weight delta built from its layer's whole base weight"
+        return f"{module.named} module, a weight delta built from its layer's whole base weight"
     decomposed = " with weight decomposition (dora_scale)" if module.unit_scale else ""
-    return f"{module.kind} module{decomposed}, a weight delta"
+    return f"{module.named} module{decomposed}, a weight delta"
 
 
 def place(
@@ -394,7 +394,7 @@ def _whole_matrix(kind: str, d: dict[str, tuple[int, ...]]) -> tuple[int, int] |
 def _weight_unsplittable(module: WeightModule, shape: tuple[int, int] | None, sizes: list[int]) -> str | None:
     """Why ``module``'s ``ΔW`` (of ``shape``) cannot be cut into rows of ``sizes``, or None."""
     if module.kind == "locon" or module.reads_base:
-        return f"it is a {weight_kind(module)}, which cannot be cut by rows"
+        return f"it is {weight_kind(module)}, which cannot be cut by rows"
     if shape is None:
         shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.factors.items())
         return f"only linear modules can be split; its {module.kind} factors ({shapes}) make no matrix"

@@ -164,7 +164,7 @@ def fuse_modules(
     spec = _fuse_spec(fuse)
     out = dict(modules)
     deltas: list[str] = [
-        f"{shown(key, 200)}: a {weight_kind(w)}; fuse= joins LoRA modules (B @ A) only"
+        f"{shown(key, 200)}: {weight_kind(w)}; fuse= joins LoRA modules (B @ A) only"
         for key, w in (weights or {}).items()
         for part, _ in itertools.chain.from_iterable(spec.values())
         if key == part or key.endswith(fmt.separator + part)

@@ -84,7 +84,7 @@ def build_delta(
     """
     if module.reads_base:
         if base is None or module.rows is not None:  # the plan refuses these on a fused part
-            raise RuntimeError(f"{module.key}: a {module.kind} delta is built from its whole layer's base weight")
+            raise RuntimeError(f"{module.key}: {module.named} delta is built from its whole layer's base weight")
         return _from_base(module, base.to(device, dtype).reshape(shape), device)
     if module.rows is not None:  # a part of a fused module: its rows of the whole ΔW
         whole = build_delta(_whole(module), (module.whole_rows, *shape[1:]), dtype, device)

@@ -279,14 +279,14 @@ def _shared(name: str, items: list[tuple[int, LoraModule | WeightModule]], sourc
         if m.magnitude is not None
     ]
     problems += [
-        f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has a {m.kind} module with weight "
+        f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has {m.named} module with weight "
         f"decomposition (dora_scale) on a layer parts {others} all load into; LyCORIS normalizes the weight that "
         "module alone makes"
         for p, m in items
         if isinstance(m, WeightModule) and "dora_scale" in m.factors
     ]
     problems += [
-        f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has a {m.kind} module on a layer parts "
+        f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has {m.named} module on a layer parts "
         f"{others} all load into; its update is built from the weight it is applied to (a rotation of it, a "
         "scaling, or a product with it), so stacked with another update its result depends on their order "
         "(LyCORIS and ComfyUI apply them one after the other, each to what the last made), which a stack does "

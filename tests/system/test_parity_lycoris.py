@@ -280,7 +280,7 @@ def test_a_weight_decomposed_module_is_alone_on_its_layer_in_a_stack() -> None:
     runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
     with pytest.raises(
         lorahot.AdapterMismatchError,
-        match=r"0 \(lora_unet_0[^)]*\): part 0: .* has a loha module with weight decomposition \(dora_scale\) on a "
+        match=r"0 \(lora_unet_0[^)]*\): part 0: .* has a LoHa module with weight decomposition \(dora_scale\) on a "
         r"layer parts 0, 1 all load into[\s\S]*Load an adapter with DoRA \(or dora_scale\)",
     ):
         runtime.load([sd, lora])

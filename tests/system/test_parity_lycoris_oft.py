@@ -271,7 +271,7 @@ def test_rotations_are_refused_unmerged_and_beside_other_parts_on_a_layer() -> N
     }
     with pytest.raises(
         lorahot.AdapterMismatchError,
-        match=r"has a oft module on a layer parts 0, 1 all load into; its update is built from the weight",
+        match=r"has an OFT module on a layer parts 0, 1 all load into; its update is built from the weight",
     ):
         runtime.load([tensors, lora])
     assert torch.equal(model[0].weight, w0) and runtime.info() is None
@@ -423,7 +423,7 @@ def test_split_refuses_a_rotation_of_a_fused_layer() -> None:
     tensors = {"lora_unet_qk.oft_blocks": torch.randn(4, 6, 6)}
     with pytest.raises(
         lorahot.AdapterMismatchError,
-        match=r"oft module, a rotation of its layer's output rows[\s\S]*cannot be cut by rows",
+        match=r"it is an OFT module, a rotation of its layer's output rows[\s\S]*cannot be cut by rows",
     ):
         runtime.load(tensors, split={"lora_unet_qk": [("q", 12), ("k", 12)]})
     assert all(torch.equal(m.weight, w0[n]) for n, m in model.items())

@@ -616,7 +616,7 @@ def test_stacked_plans_refuse_what_a_stack_load_refuses_on_a_shared_layer(stack:
         return
     shared = (
         r"0 \(lora_unet_0\..*\): part \d: <mapping> has "
-        r"(DoRA \(a magnitude vector\)|a loha module with weight decomposition)"
+        r"(DoRA \(a magnitude vector\)|a LoHa module with weight decomposition)"
     )
     with pytest.raises(lorahot.AdapterMismatchError, match=shared):
         runtime.load(parts)

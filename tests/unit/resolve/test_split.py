@@ -344,7 +344,7 @@ def _locon_per_input(key: str, rows: int, cols: int = 4, rank: int = 2) -> dict[
         (
             {**_loha("lora_unet_attn_to_q", 4), **_loha("lora_unet_attn_to_k", 4)},
             {"fuse": {"to_qk": ["to_q", "to_k"]}},
-            r"cannot fuse:\n  - 'lora_unet_attn_to_q': a loha module, a weight delta; "
+            r"cannot fuse:\n  - 'lora_unet_attn_to_q': a LoHa module, a weight delta; "
             r"fuse= joins LoRA modules \(B @ A\) only",
         ),
         (
