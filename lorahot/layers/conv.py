@@ -217,7 +217,10 @@ class LoRAConv(LoRALayer):
         """Grouped convs cannot be merged; a subclass that overrides ``forward`` must still
         compute its torch class's convolution (checked on a probe input)."""
         if self.spec.groups > 1:
-            return f"a conv with groups={self.spec.groups} cannot be merged (its LoRA mixes all input channels)"
+            return (
+                f"a conv with groups={self.spec.groups} cannot be merged: a LoRA's A mixes the input channels of "
+                "every group, which its grouped weight cannot hold"
+            )
         return self._forward_refusal(merged=True)
 
     def _forward_refusal(self, merged: bool = False) -> str | None:

@@ -374,6 +374,13 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
     where = _where(name, module)
     if spec.kind == "norm":
         return _norm_problems(where, module, spec)
+    if spec.kind == "conv" and spec.groups != 1 and module.reads_base:
+        return [
+            f"{where}: {module.named} module loads only in merged mode, which lorahot does not offer on a conv with "
+            f"groups={spec.groups}: merged mode there would also have to hold the layer's LoRA updates, whose A mixes "
+            "the input channels of every group. Merge this module into the model's weights with the tool that trained "
+            "it and load the merged model, or leave this module out"
+        ]
     if spec.kind not in ("linear", "conv") or spec.groups != 1:
         this = f"a conv with groups={spec.groups}" if spec.groups != 1 else f"this {spec.kind} layer"
         return [
