@@ -14,7 +14,8 @@ whose pipeline holds the T5 as ``text_encoder_2``: T5 modules (:data:`T5_PREFIXE
 modules (diffusers' Flux loader drops them).
 Each module goes to the component its prefix names: first a component of the runtime itself,
 by its name and a dot (a ``controlnet`` component takes ``controlnet.`` modules, whatever it is
-called), then :data:`ROUTES`; it is then resolved
+called), then :data:`ROUTES`, where every diffusers pipeline component's name is one (``vae.``
+modules go to a ``vae`` or are refused naming it, never to the denoiser); it is then resolved
 against that component's layers only, exactly as on a single model (:mod:`lorahot.resolve.keys`),
 so two components with the same module paths (two CLIP encoders) never compete for a key.
 Prefixes end with their naming's separator: ``text_encoder.`` never takes ``text_encoder_2.``.
@@ -29,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems, shown
 from lorahot.formats import FORMATS
-from lorahot.resolve.keys import resolve_all
+from lorahot.resolve.keys import COMPONENT_NAMES, resolve_all
 
 __all__ = ["ROUTES", "DENOISER", "T5_PREFIXES", "COMFYUI_ENCODER", "route", "resolve_components"]
 
@@ -37,10 +38,14 @@ __all__ = ["ROUTES", "DENOISER", "T5_PREFIXES", "COMFYUI_ENCODER", "route", "res
 #: or a key without any prefix goes to: the first of these the runtime has.
 DENOISER = ("unet", "transformer")
 
-#: File prefix -> component (``None``: the denoiser), longest prefixes first.
+#: File prefix -> component (``None``: the denoiser), longest prefixes first. Every pipeline
+#: component's name (:data:`~lorahot.resolve.keys.COMPONENT_NAMES`: ``vae.``, ``image_encoder.``)
+#: names that component: without it its modules are refused (skipped with ``strict=False``), never
+#: sent to the denoiser, where the rest of a key could match a layer.
 ROUTES: tuple[tuple[str, str | None], ...] = tuple(
     sorted(
         {
+            **{name + ".": name for name in sorted(COMPONENT_NAMES)},
             "unet.": "unet",
             "transformer.": "transformer",
             "text_encoder.": "text_encoder",

@@ -23,7 +23,11 @@ For each key, in order:
 The levels a suffix match skips, on either side, are wrappers: none carries a number (a key
 without a block index never lands inside ``transformer_blocks.0``), and those skipped from the
 key name no module of the model (``time_embedder.proj_in`` names a module under the model's
-``time_embedder``, which it lacks, never the model's top-level ``proj_in``).
+``time_embedder``, which it lacks, never the model's top-level ``proj_in``). A key's first level
+that is a pipeline component's name (:data:`COMPONENT_NAMES`: ``vae.``, ``image_encoder.``) is
+never a wrapper either: its modules are that component's, not the injected model's whose paths
+the rest of the key happens to match; a naming's own component prefixes (``unet.``,
+``text_encoder_3.``) are stripped as before (step 1).
 
 A key that matches nothing and that the format declares fused (Flux's ``img_attn.qkv``) is
 split into its parts (:mod:`lorahot.resolve.split`: a LoRA by B's rows, a weight delta such as
@@ -55,10 +59,20 @@ from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
 from lorahot.resolve.split import placed
 
-__all__ = ["resolve_keys", "resolve_all", "outside", "head_sizes"]
+__all__ = ["resolve_keys", "resolve_all", "outside", "head_sizes", "COMPONENT_NAMES"]
 
 #: Every component prefix any format knows, longest first.
 _PREFIXES = tuple(sorted({p for f in FORMATS for p in f.prefixes}, key=len, reverse=True))
+#: diffusers' pipeline components that hold modules (``pipe.components``): a key starting with one
+#: of these and a dot names that component's modules (routed to it on a pipeline runtime,
+#: :mod:`lorahot.resolve.components`), so the lookup never drops it as a wrapper level
+COMPONENT_NAMES = frozenset(
+    (
+        *("unet", "transformer", "transformer_2", "prior", "controlnet"),
+        *("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4", "image_encoder"),
+        *("vae", "audio_vae", "vocoder", "movq", "safety_checker"),
+    )
+)
 
 
 class _Names:
@@ -98,8 +112,11 @@ class _Names:
 
     def wrapper(self, levels: str) -> bool:
         """Whether ``levels``, the leading levels of a dotted key that a layer's name lacks,
-        can be a wrapper the model lacks: none carries a number (a block index), and none,
-        after a component prefix or not, is a module of the model (see :meth:`module_end`)."""
+        can be a wrapper the model lacks: none carries a number (a block index), the first is
+        no pipeline component (:data:`COMPONENT_NAMES`), and none, after a component prefix or
+        not, is a module of the model (see :meth:`module_end`)."""
+        if levels.partition(".")[0] in COMPONENT_NAMES:
+            return False
         starts = [0, *(i + 1 for i, c in enumerate(levels) if c == ".")]
         return _unnumbered(levels) and all(self.module_end(levels[i:] + ".", ".") > len(levels) - i for i in starts)
 
@@ -381,6 +398,7 @@ def resolve_all(
                     else ""
                 )
                 + _norm_hint(module)
+                + _component_hint(key)
             )
         elif len(hits) > 1:
             problems.append(
@@ -414,6 +432,19 @@ def _norm_hint(module: LoraModule | WeightModule) -> str:
         f"; it is a normalization layer's weight delta (shape {tuple(diff.shape)}), which lorahot folds only into a "
         "norm injected with merged=True: add that norm to targets (lorahot.plan_targets(adapter, model) lists it) and "
         "inject with merged=True, or load with strict=False to skip it"
+    )
+
+
+def _component_hint(key: str) -> str:
+    """Where a key starting with a pipeline component's name (:data:`COMPONENT_NAMES`) that
+    matches no layer belongs; empty for any other key."""
+    first = key.partition(".")[0]
+    if first not in COMPONENT_NAMES or "." not in key:
+        return ""
+    return (
+        f"; {first!r} is a pipeline component, whose modules never land on another component's layers: inject it "
+        f"(lorahot.inject({{..., {first!r}: pipe.{first}}}, ...)), or load with prefix={first!r} into a runtime over "
+        f"that model alone, or with strict=False to skip it"
     )
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 import lorahot
 from lorahot.resolve import resolve_keys
+from lorahot.resolve.keys import COMPONENT_NAMES
 from tests.helpers import lora_pair
 
 
@@ -328,6 +329,10 @@ _DOTTED, _BARE, _KOHYA = ("lora_A", "lora_B"), ("lora_A", "lora_B"), ("lora_down
         ("lora_unet_time_embedder_proj_in", "lora_unet_time_embedder_linear_1", _KOHYA),
         # a module outside the blocks: not block 0's adaln_proj.linear
         ("lora_unet_final_layer_adaln_proj_linear", "lora_unet_time_embedder_linear_1", _KOHYA),
+        # a pipeline component the model is not (no naming strips it): its modules, never the model's
+        ("vae.proj_in", "time_embedder.linear_1", _BARE),
+        ("image_encoder.time_embedder.linear_1", "time_embedder.linear_1", _BARE),
+        ("audio_vae.transformer_blocks.0.adaln_proj.linear", "time_embedder.linear_1", _BARE),
     ],
 )
 def test_a_key_of_another_models_module_never_lands_on_a_layer_it_only_ends_like(
@@ -350,3 +355,11 @@ def test_a_key_of_another_models_module_never_lands_on_a_layer_it_only_ends_like
         assert all(torch.equal(model.get_submodule(n)(x), before[n]) for n in runtime.layers)
     info = runtime.load(stray | lora_pair(own, *roles), strict=False)
     assert set(info.ranks) == {"time_embedder.linear_1"} and set(info.skipped) == set(stray)
+    component = key.partition(".")[0]
+    if component in COMPONENT_NAMES:  # the refusal says where such a module belongs
+        with pytest.raises(
+            lorahot.AdapterMismatchError,
+            match=rf"'{component}' is a pipeline component(.|\n)*'{component}': pipe\.{component}(.|\n)*"
+            rf"prefix='{component}'",
+        ):
+            runtime.load(stray)

@@ -211,6 +211,32 @@ def test_prefix_for_a_component_not_injected() -> None:
     assert set(info.skipped) == {k for k in source if k.startswith("text_encoder_2.")}
 
 
+@pytest.mark.parametrize("component", ["vae", "image_encoder", "text_encoder_4", "audio_vae"])
+def test_a_file_prefix_naming_a_pipeline_component_never_goes_to_the_denoiser(component: str) -> None:
+    """``vae.to_q`` (a component no naming strips) on a runtime of a unet and text encoders
+    went to the denoiser, whose lookup dropped the unnumbered ``vae`` as a wrapper level: it
+    loaded into the unet's ``to_q``, silently. Now it is refused naming the component, nothing
+    changed; strict=False skips it; a runtime holding that component takes it there."""
+    models = _models()
+    runtime = lorahot.inject(models, TARGETS, max_rank=4)
+    base = _run(models)
+    sd = _lora([f"{component}.to_q", "text_encoder.layers.0.q_proj"])
+    with pytest.raises(
+        AdapterMismatchError,
+        match=rf"prefix '{component}\.' \(e\.g\. {component}\.to_q\) go to {component}, which was not injected"
+        rf"(.|\n)*lorahot\.inject\(\{{\.\.\., '{component}': pipe\.{component}\}}",
+    ):
+        runtime.load(sd)
+    assert all(torch.equal(out, base[c]) for c, out in _run(models).items())
+    info = runtime.load(sd, strict=False)
+    assert info.components == {"unet": 0, "text_encoder": 1, "text_encoder_2": 0}
+    assert set(info.skipped) == {k for k in sd if k.startswith(component + ".")}
+    assert torch.equal(_run(models)["unet"], base["unet"])
+    held = {"unet": _models()["unet"], component: nn.ModuleDict({"to_q": nn.Linear(8, 8)})}
+    info = lorahot.inject(held, ["to_q"], max_rank=4).load(_lora([f"{component}.to_q"]))
+    assert info.components == {"unet": 0, component: 1}
+
+
 def _twins() -> dict[str, nn.Module]:
     """A denoiser and a second component with the same module paths (a ControlNet's down blocks
     are the UNet's; Wan 2.2's transformer_2 is its transformer's twin), float64."""
