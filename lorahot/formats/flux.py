@@ -26,9 +26,17 @@ The namings, each a table sharing that map:
 diffs, as ComfyUI naming does: merged mode. ai-toolkit's Flux.2 LoKr files
 (``diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1``) are such; a fused module's ``ΔW`` is
 split by its rows as a LoRA's B is (:func:`lorahot.resolve.split.split_weight`), which is what
-diffusers computes by fusing the model's projections before loading them. The deltas of norm
-layers and a ``dora_scale`` are refused by name (``strict=False`` skips them, a ``dora_scale``
-with its module); ``flux-xlabs`` reads LoRA weights only.
+diffusers computes by fusing the model's projections before loading them. The attention's
+query and key norms (``img_attn.norm.query_norm``, ``txt_attn.norm.key_norm``, a single block's
+``norm.query_norm``; with their parameter's name, ``.scale``, as ComfyUI names them:
+``...query_norm.scale.diff``) are aliased as diffusers' Flux conversions rename them
+(``attn.norm_q``, ``attn.norm_added_k``, a single block's ``attn.norm_q``): both an RMSNorm over
+the head size, computed in float32 and scaled by one weight ``[head_dim]`` shared by every head,
+so a ``.diff`` folds into diffusers' norm in merged mode, the norm among the targets. Refused by
+name: deltas of the norms without a weight (``img_norm1``, ``txt_norm2``, ``pre_norm``,
+``norm_final``, ...: ``elementwise_affine=False`` in both models), and a ``dora_scale``
+(``strict=False`` skips them, a ``dora_scale`` with its module); ``flux-xlabs`` reads LoRA
+weights only.
 """
 
 from __future__ import annotations
@@ -38,7 +46,6 @@ import re
 from lorahot.formats import kohya
 from lorahot.formats.table import (
     COMFYUI_TEXT_ENCODERS,
-    NORM_DELTA,
     ORIGINAL_PREFIXES,
     REFUSED,
     REFUSED_DORA,
@@ -80,6 +87,15 @@ _OUTSIDE = {
     "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
     "final_layer.linear": "proj_out",
 }
+#: the attention's query/key RMSNorms of a double block -> diffusers' (Flux.1 and Flux.2 alike)
+_DOUBLE_NORMS = {
+    "img_attn.norm.query_norm": "attn.norm_q",
+    "img_attn.norm.key_norm": "attn.norm_k",
+    "txt_attn.norm.query_norm": "attn.norm_added_q",
+    "txt_attn.norm.key_norm": "attn.norm_added_k",
+}
+#: those of a single block -> diffusers'
+_SINGLE_NORMS = {"norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k"}
 #: Chroma's approximator: its layers' MLPEmbedder names -> diffusers' (after ``distilled_guidance_layer.layers.N.``)
 _APPROXIMATOR = {"in_layer": "linear_1", "out_layer": "linear_2"}
 
@@ -105,13 +121,15 @@ _OUTSIDE2 = {
 #: the LyCORIS kinds of :data:`REFUSED` (whose reason names the namings that read them)
 _LYCORIS = next(pattern for pattern, why in REFUSED if why.startswith("LyCORIS (LoHa"))
 
-#: keys the Flux.1 namings refuse in their own words, before :data:`REFUSED`: its LyCORIS reason
-#: points to kohya and ComfyUI naming, which these files already are, and no naming of Flux's
-#: original names reads LyCORIS factors, bias deltas or norm deltas
+#: keys the Flux.1 namings refuse in their own words, before :data:`REFUSED`: deltas of the norms
+#: without a weight; and for ``flux-xlabs`` (LoRA only) bias deltas and LyCORIS factors, where
+#: :data:`REFUSED`'s LyCORIS reason would point to kohya and ComfyUI naming
 _NOT_READ: tuple[tuple[str, str], ...] = (
     (
-        r"(?:[._]norm[._](?:query|key)_norm|[._]norm_final)\.(?:diff|diff_b)$",
-        NORM_DELTA,
+        r"[._](?:img_norm[12]|txt_norm[12]|pre_norm|norm_final)\.(?:diff|diff_b)$",
+        "a delta of a normalization layer that has no weight or bias in Flux (a block's img_norm1/2, txt_norm1/2 "
+        "and pre_norm, the final layer's norm_final: elementwise_affine=False, as in diffusers), so there is "
+        "nothing to add it to; load with strict=False to skip it",
     ),
     (
         r"\.diff_b$",
@@ -127,8 +145,8 @@ _NOT_READ: tuple[tuple[str, str], ...] = (
     ),
 )
 _REFUSED = (*_NOT_READ, *REFUSED)
-#: the namings that read LyCORIS factors and diffs (merged mode) refuse the norm deltas, and a
-#: ``dora_scale`` (no test of these namings against an oracle reads one)
+#: the namings that read LyCORIS factors and diffs (merged mode) refuse the weightless norms'
+#: deltas, and a ``dora_scale`` (no test of these namings against an oracle reads one)
 _REFUSED_MERGEABLE = (_NOT_READ[0], REFUSED_DORA, *REFUSED_MERGEABLE)
 
 #: a component prefix (``diffusion_model.``, ``lora_unet_``), kept for ``prefix=`` and the resolver
@@ -143,6 +161,15 @@ ALIASES: tuple[tuple[str, str], ...] = (
         for k, v in _SINGLE.items()
     ),
     *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
+    # the norms, with or without their parameter's name (ComfyUI keys a diff by the parameter, .scale)
+    *(
+        (rf"{_START}double_blocks\.(\d+)\.{re.escape(k)}(?:\.scale)?$", rf"transformer_blocks.\1.{v}")
+        for k, v in _DOUBLE_NORMS.items()
+    ),
+    *(
+        (rf"{_START}single_blocks\.(\d+)\.{re.escape(k)}(?:\.scale)?$", rf"single_transformer_blocks.\1.{v}")
+        for k, v in _SINGLE_NORMS.items()
+    ),
     *(
         (rf"{_START}distilled_guidance_layer\.layers\.(\d+)\.{k}$", rf"distilled_guidance_layer.layers.\1.{v}")
         for k, v in _APPROXIMATOR.items()
@@ -188,6 +215,11 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
     ),
     (r"^lora_unet_single_blocks_(\d+)_(linear1|linear2)$", r"lora_unet_single_blocks.\1.\2"),
     (r"^lora_unet_single_blocks_(\d+)_modulation_lin$", r"lora_unet_single_blocks.\1.modulation.lin"),
+    (
+        r"^lora_unet_double_blocks_(\d+)_(img|txt)_attn_norm_(query|key)_norm(_scale)?$",
+        r"lora_unet_double_blocks.\1.\2_attn.norm.\3_norm",
+    ),
+    (r"^lora_unet_single_blocks_(\d+)_norm_(query|key)_norm(_scale)?$", r"lora_unet_single_blocks.\1.norm.\2_norm"),
     (r"^lora_unet_final_layer_adaLN_modulation_1$", "lora_unet_final_layer.adaLN_modulation.1"),
     (r"^lora_unet_final_layer_linear$", "lora_unet_final_layer.linear"),
     (r"^lora_unet_(time|vector|guidance)_in_(in|out)_layer$", r"lora_unet_\1_in.\2_layer"),

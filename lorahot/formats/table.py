@@ -41,7 +41,6 @@ __all__ = [
     "ORIGINAL_PREFIXES",
     "ORIGINAL_HEAD",
     "underscored",
-    "NORM_DELTA",
     "COMFYUI_TEXT_ENCODERS",
     "lora_rules",
     "Parts",
@@ -391,17 +390,6 @@ def underscored(pattern: str) -> str:
     spelling of those names: ``.`` is ``_``, and a name that starts after a ``.``
     (:data:`DOTTED_START`) starts the module key, its component prefix (``lora_unet_``) stripped."""
     return pattern.replace(DOTTED_START, "^").replace(r"\.", "_")
-
-
-#: Why a delta of a normalization layer's weight or bias is refused in the namings that catch it
-#: by name (Wan's and Flux's original names, whose norms they do not map onto the model's): in
-#: kohya and ComfyUI naming such a ``.diff`` / ``.diff_b`` is read, and folded into a norm
-#: injected with ``merged=True`` (:mod:`lorahot.layers.norm`).
-NORM_DELTA = (
-    "a delta of a normalization layer's weight or bias, which this naming does not place on the model's norms "
-    "(ComfyUI's LoRA extraction writes a .diff for every 1-D weight, norms included, and lightx2v's files hold them "
-    "as zeros; diffusers drops them); load with strict=False to skip it"
-)
 
 
 def lora_rules(module: str = r"(?P<module>.+)") -> tuple[Rule, ...]:

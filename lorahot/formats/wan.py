@@ -14,10 +14,20 @@ ComfyUI apply it: read as the module's LoRA bias (role ``diff_bias``, which the 
 full weight delta, lightx2v's ``head.head.diff``), with its ``.diff_b`` if any, or a ``.diff_b``
 without LoRA weights, is a ``diff`` weight module, loaded in merged mode (as diffusers applies
 ``head.head.diff``, and ComfyUI every diff); a module with both a LoRA and a ``.diff`` is one such
-module, its weight ``W + diff + alpha / r * B @ A`` as ComfyUI applies the two. Deltas of
-normalization layers (``norm3.diff``, ``cross_attn.norm_k_img.diff``) and of a block's
-modulation parameter (``blocks.N.diff_m``), which lightx2v files carry as zeros, belong to no
-layer lorahot adapts: refused by name (``strict=False`` skips them, as diffusers drops them).
+module, its weight ``W + diff + alpha / r * B @ A`` as ComfyUI applies the two.
+
+The normalization layers with a weight are aliased as diffusers' Wan conversion renames them
+(``blocks.N.norm3`` -> ``blocks.N.norm2``, the cross-attention norm; ``self_attn.norm_q`` ->
+``attn1.norm_q``; ``cross_attn.norm_k_img`` -> ``attn2.norm_added_k``; ``img_emb.proj.0``/``.4``
+-> ``condition_embedder.image_embedder.norm1``/``norm2``): the same computation on the same
+weight layout (Wan's LayerNorm and RMSNorm, in float32, are diffusers' ``FP32LayerNorm`` and
+``RMSNorm``), so their ``.diff``/``.diff_b`` (ComfyUI's LoRA extraction, lightx2v's zeros) fold
+into those norms in merged mode, the norms among the targets. Refused by name
+(``strict=False`` skips them, as diffusers drops them): deltas of the norms without a weight
+(``blocks.N.norm1``, ``blocks.N.norm2``, ``head.norm``: nothing for a delta to add to, and
+``blocks.N.norm2`` would otherwise name diffusers' cross-attention norm) and of a block's
+modulation parameter (``blocks.N.diff_m``, diffusers' ``scale_shift_table``, a parameter of the
+block rather than a layer lorahot wraps).
 
 DiffSynth-Studio, Wan's own trainer, saves the same names with no prefix and PEFT's adapter name
 (``blocks.0.self_attn.q.lora_A.default.weight``, no ``.alpha``: alpha = rank, as its loader
@@ -48,7 +58,6 @@ import re
 from lorahot.formats import kohya
 from lorahot.formats.table import (
     DIFFUSION_MODEL_HEAD,
-    NORM_DELTA,
     ORIGINAL_HEAD,
     ORIGINAL_PREFIXES,
     REFUSED_MERGEABLE,
@@ -69,6 +78,11 @@ _BLOCK = {
     "cross_attn.v_img": "attn2.add_v_proj",
     "ffn.0": "ffn.net.0.proj",
     "ffn.2": "ffn.net.2",
+    # the norms with a weight (WanLayerNorm with elementwise_affine, WanRMSNorm): diffusers'
+    # FP32LayerNorm and RMSNorm of the same shape; Wan's norm3 is the cross-attention norm there
+    "norm3": "norm2",
+    **{f"{a}.norm_{n}": f"{d}.norm_{n}" for a, d in (("self_attn", "attn1"), ("cross_attn", "attn2")) for n in "qk"},
+    "cross_attn.norm_k_img": "attn2.norm_added_k",
 }
 #: modules outside the blocks
 _OUTSIDE = {
@@ -80,6 +94,8 @@ _OUTSIDE = {
     "time_embedding.2": "condition_embedder.time_embedder.linear_2",
     "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
     "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",  # LayerNorms of the image embedder
+    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
 }
 
 #: a VACE block's own modules (after ``vace_blocks.N.``) -> diffusers' (its attention and FFN
@@ -92,11 +108,14 @@ _ALIASES: tuple[tuple[str, str], ...] = (
     *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
 )
 
-#: deltas of parameters no LoRA layer carries, which lightx2v's files hold (as zeros)
+#: deltas of what no layer lorahot wraps holds: the norms without a weight (in either spelling),
+#: and a block's modulation parameter, which lightx2v's files hold (as zeros)
 _NOT_LAYERS: tuple[tuple[str, str], ...] = (
     (
-        r"(?:^|\.)norm[^.]*\.(?:diff|diff_b)$",
-        NORM_DELTA,
+        r"(?:^|[._])(?:blocks[._]\d+[._]norm[12]|head[._]norm)\.(?:diff|diff_b)$",
+        "a delta of a normalization layer that has no weight or bias in Wan (norm1 and norm2 of a block, the "
+        "head's norm: elementwise_affine=False, as in diffusers), so there is nothing to add it to (a block's norm2 "
+        "is the feed-forward norm, not diffusers' norm2, which is Wan's norm3); load with strict=False to skip it",
     ),
     (
         r"(?:^|\.)blocks\.\d+\.diff_m$",
@@ -143,9 +162,16 @@ MUSUBI = kohya.spelling(
             r"lora_unet_\1blocks.\2.\3.\4",
         ),
         (r"^lora_unet_(vace_)?blocks_(\d+)_ffn_(0|2)$", r"lora_unet_\1blocks.\2.ffn.\3"),
+        (r"^lora_unet_(vace_)?blocks_(\d+)_norm3$", r"lora_unet_\1blocks.\2.norm3"),
+        (
+            r"^lora_unet_(vace_)?blocks_(\d+)_(self_attn|cross_attn)_(norm_q|norm_k|norm_k_img)$",
+            r"lora_unet_\1blocks.\2.\3.\4",
+        ),
         (r"^lora_unet_vace_blocks_(\d+)_(before|after)_proj$", r"lora_unet_vace_blocks.\1.\2_proj"),
+        # the modules outside the blocks (the embedders, the head; the image embedder's norms)
+        *((rf"^lora_unet_{k.replace('.', '_')}$", f"lora_unet_{k}") for k in _OUTSIDE),
     ),
-    refuse=REFUSED_MERGEABLE,
+    refuse=(_NOT_LAYERS[0], *REFUSED_MERGEABLE),
     marker=r"^lora_unet_(?:(?:vace_)?blocks_\d+_(?:self_attn|cross_attn|ffn)_|vace_blocks_\d+_(?:before|after)_proj\.)",
     aliases=_ALIASES,
     lycoris=True,

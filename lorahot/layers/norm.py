@@ -24,7 +24,7 @@ from torch import nn
 from lorahot.errors import UsageError
 from lorahot.layers.base import LayerSpec, LoRALayer
 
-__all__ = ["LoRANorm", "is_norm", "NORM_KINDS"]
+__all__ = ["LoRANorm", "is_norm", "is_weightless_norm", "NORM_KINDS"]
 
 #: The class-name endings of the normalization layers lorahot folds deltas into.
 NORM_KINDS = ("LayerNorm", "RMSNorm", "GroupNorm")
@@ -37,6 +37,15 @@ def is_norm(module: nn.Module) -> bool:
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
         return True
     return type(module).__name__.endswith(NORM_KINDS) and next(module.children(), None) is None
+
+
+def is_weightless_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer without a weight (``elementwise_affine=False``,
+    ``affine=False``): no delta can ever fold into it, so for matching an adapter's keys it is
+    no module at all. A naming of original names may spell another norm with its path (Wan's
+    cross-attention ``blocks.N.norm3`` is diffusers' ``blocks.N.norm2``, where diffusers'
+    ``norm3`` is the weightless feed-forward norm), and the alias must not be shadowed by it."""
+    return is_norm(module) and not isinstance(module._parameters.get("weight"), torch.Tensor)
 
 
 class LoRANorm(LoRALayer):

@@ -44,6 +44,7 @@ from lorahot.io.sources import Source
 from lorahot.io.tensorfile import Slices, largest_tensor
 from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
+from lorahot.layers.norm import is_weightless_norm
 from lorahot.layers.sharded import is_sharded
 from lorahot.resolve.keys import head_sizes, outside
 from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, fused_projections, peft_arguments
@@ -247,8 +248,10 @@ class LoraRuntime:
         self._specs = {name: layer.spec for name, layer in layers.items()}
         self._largest = _largest_factor(self._specs.values(), buffers.max_rank)
         self._sharded = {name: is_sharded(layer.base_layer) for name, layer in layers.items()}
-        # the model's other modules: a key naming one of them is not placed on a neighbour
-        self._others = outside([name for name, _ in model.named_modules()], list(layers))
+        # the model's other modules: a key naming one of them is not placed on a neighbour (a norm
+        # without a weight is none: a naming's alias of that path lands on the norm it means)
+        paths = [name for name, module in model.named_modules() if not is_weightless_norm(module)]
+        self._others = outside(paths, list(layers))
         self._heads = head_sizes(model.named_modules())  # where a file's rows interleave attention heads
         devices = {a.device for a in buffers.arenas}
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are

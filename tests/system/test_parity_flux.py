@@ -703,3 +703,65 @@ def test_a_narrower_a_elsewhere_is_still_refused() -> None:
             lorahot.plan_targets(dict(sd), make(in_channels))
         after = model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+#: Flux's attention query/key norms (BFL's QKNorm, parameter ``scale``) -> diffusers' RMSNorm, as
+#: diffusers' Flux conversions rename them (Flux.1 and Flux.2 alike)
+FLUX_NORMS = {
+    "double_blocks.0.img_attn.norm.query_norm": "transformer_blocks.0.attn.norm_q",
+    "double_blocks.0.img_attn.norm.key_norm": "transformer_blocks.0.attn.norm_k",
+    "double_blocks.0.txt_attn.norm.query_norm": "transformer_blocks.0.attn.norm_added_q",
+    "double_blocks.0.txt_attn.norm.key_norm": "transformer_blocks.0.attn.norm_added_k",
+    "single_blocks.0.norm.query_norm": "single_transformer_blocks.0.attn.norm_q",
+    "single_blocks.0.norm.key_norm": "single_transformer_blocks.0.attn.norm_k",
+}
+
+
+@pytest.mark.parametrize("flux2", [False, True], ids=["flux1", "flux2"])
+@pytest.mark.parametrize("spelling", ["comfyui", "bfl", "kohya"])
+def test_flux_query_key_norm_deltas_fold_into_diffusers_norms_in_merged_mode(spelling: str, flux2: bool) -> None:
+    """A ``.diff`` of Flux's query/key norms (ComfyUI keys it by the parameter:
+    ``diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale.diff``, which ComfyUI adds to
+    that scale) was refused by name, or matched no layer, as the Flux namings placed no norm on
+    diffusers' model. Now they are aliased as diffusers' conversion renames the scales
+    (``attn.norm_q``, ``norm_added_k``, ...: one weight ``[head_dim]`` shared by the heads in both),
+    ``plan_targets`` lists them, and the file folds: float64 ``W + s alpha / r B A`` and
+    ``w + s diff`` at scales 1 and 0.5. A delta of a weightless norm (``img_norm1``,
+    ``norm_final``) is refused by name, nothing changed."""
+    g = torch.Generator().manual_seed(50)
+
+    def key(name: str) -> str:
+        if spelling == "kohya":
+            return "lora_unet_" + name.replace(".", "_")
+        return f"diffusion_model.{name}" + (".scale" if spelling == "comfyui" and name in FLUX_NORMS else "")
+
+    with torch.no_grad():
+        model = (tiny_flux2() if flux2 else tiny_flux()).double()
+        pristine = {k: v.clone() for k, v in model.state_dict().items()}
+        layer = model.get_submodule("transformer_blocks.0.attn.to_out.0")
+        a = torch.randn(2, layer.in_features, generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(layer.out_features, 2, generator=g, dtype=torch.float64) * 0.3
+        proj = key("double_blocks.0.img_attn.proj")
+        sd = {f"{proj}.lora_down.weight": a, f"{proj}.lora_up.weight": b, f"{proj}.alpha": torch.tensor(3.0)}
+        expected = {"transformer_blocks.0.attn.to_out.0.weight": 1.5 * b @ a}
+        for name, norm in FLUX_NORMS.items():
+            assert model.get_submodule(norm).weight.shape == (D // HEADS,)
+            sd[f"{key(name)}.diff"] = torch.randn(D // HEADS, generator=g, dtype=torch.float64) * 0.1
+            expected[f"{norm}.weight"] = sd[f"{key(name)}.diff"]
+        plan = lorahot.plan_targets(dict(sd), model)
+        assert set(FLUX_NORMS.values()) <= set(plan.targets)
+        assert plan.inject_options()["merged"] is True
+        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
+        assert runtime.load(dict(sd)).format == f"flux-{'kohya' if spelling == 'kohya' else 'bfl'}"
+        for s in (1.0, 0.5):
+            runtime.set_scale(s)
+            for name, value in model.state_dict().items():
+                want = pristine[name] + s * expected[name] if name in expected else pristine[name]
+                torch.testing.assert_close(value, want, rtol=1e-13, atol=1e-13, msg=name)
+
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        for weightless in ("double_blocks.0.img_norm1", "final_layer.norm_final"):
+            hostile = dict(sd) | {f"{key(weightless)}.diff": torch.zeros(D, dtype=torch.float64)}
+            with pytest.raises(lorahot.UnknownFormatError, match=r"no weight or bias in Flux.*strict=False"):
+                runtime.load(hostile)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

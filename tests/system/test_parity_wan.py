@@ -216,10 +216,12 @@ def test_wan_lightx2v_diffs_load_in_merged_mode_as_diffusers_applies_them() -> N
     """lightx2v's distill files add full ``.diff`` deltas (the head, which diffusers loads as a
     LoRA of B = I) and zero deltas of norms and modulations (which diffusers drops) to a LoRA
     with ``.diff_b``: lorahot refused them in every mode (a ``diff_m`` key even read the file as
-    ComfyUI naming). The head's diff now folds in merged mode; the norm and modulation deltas are
-    refused by name and skipped with ``strict=False``. diffusers drops the lone ``.diff_b`` of
-    ``time_projection`` (its weight carries no LoRA; ComfyUI applies it, as lorahot does), so the
-    oracle adds it to that layer's bias itself."""
+    ComfyUI naming). The head's diff now folds in merged mode; the modulation delta is refused by
+    name, the norms' deltas as landing on no injected layer, and both are skipped with
+    ``strict=False``; with the norms among the targets (``plan_targets``) their zeros fold and the
+    output is the same. diffusers drops the lone ``.diff_b`` of ``time_projection`` (its weight
+    carries no LoRA; ComfyUI applies it, as lorahot does), so the oracle adds it to that layer's
+    bias itself."""
     sd = _lightx2v_file(seed=8)
     lone = sd["diffusion_model.time_projection.1.diff_b"]
     with torch.no_grad():
@@ -233,16 +235,23 @@ def test_wan_lightx2v_diffs_load_in_merged_mode_as_diffusers_applies_them() -> N
         halved = oracle(**wan_inputs(), return_dict=False)[0]
         model = tiny_wan()
         runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=True)
-        with pytest.raises(lorahot.LoraError, match=r"norm3\.diff: a delta of a normalization.*strict=False"):
+        with pytest.raises(lorahot.LoraError, match=r"diff_m: a delta of a block's modulation.*strict=False"):
             runtime.load(sd)
         info = runtime.load(sd, strict=False)
         ours = model(**wan_inputs(), return_dict=False)[0]
         runtime.set_scale(0.5)
         ours_halved = model(**wan_inputs(), return_dict=False)[0]
-    assert info.format == "wan"
+        with_norms = tiny_wan()
+        plan = lorahot.plan_targets(sd, with_norms, strict=False)
+        assert {"blocks.0.norm2", "blocks.0.attn1.norm_q"} <= set(plan.targets)
+        normed = lorahot.inject(with_norms, plan.targets, **plan.inject_options()).load(sd, strict=False)
+        ours_normed = with_norms(**wan_inputs(), return_dict=False)[0]
+    assert info.format == normed.format == "wan"
     assert sorted(info.skipped) == sorted(k for k in sd if ".norm" in k or k.endswith(".diff_m"))
+    assert normed.skipped == ("diffusion_model.blocks.0.diff_m",)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours_halved, halved, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_normed, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_wan_full_diff_unmerged_names_merged_mode() -> None:
@@ -577,3 +586,96 @@ def test_wan22_file_of_both_transformers_goes_to_each_as_diffusers_loads_the_two
     ):
         lorahot.inject(one, "all-linear", max_rank=8).load(sd)
     assert all(torch.equal(v, before[n]) for n, v in weights(one["transformer"], model_names).items())
+
+
+def tiny_wan_i2v() -> torch.nn.Module:
+    """:func:`tiny_wan` with Wan 2.1 I2V's image inputs: the image embedder's LayerNorms and the
+    cross-attention's ``norm_added_k`` (Wan's ``img_emb.proj.0``/``.4``, ``cross_attn.norm_k_img``)."""
+    torch.manual_seed(0)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=D // 2,
+        in_channels=4,
+        out_channels=4,
+        text_dim=D,
+        freq_dim=D,
+        ffn_dim=FFN,
+        num_layers=1,
+        rope_max_seq_len=32,
+        image_dim=12,
+        added_kv_proj_dim=D,
+    ).eval()
+
+
+#: Wan's norms with a weight -> (diffusers' norm, size, has a bias), as diffusers' Wan conversion renames them
+WAN_NORMS = {
+    "blocks.0.norm3": ("blocks.0.norm2", D, True),
+    "blocks.0.self_attn.norm_q": ("blocks.0.attn1.norm_q", D, False),
+    "blocks.0.self_attn.norm_k": ("blocks.0.attn1.norm_k", D, False),
+    "blocks.0.cross_attn.norm_q": ("blocks.0.attn2.norm_q", D, False),
+    "blocks.0.cross_attn.norm_k": ("blocks.0.attn2.norm_k", D, False),
+    "blocks.0.cross_attn.norm_k_img": ("blocks.0.attn2.norm_added_k", D, False),
+    "img_emb.proj.0": ("condition_embedder.image_embedder.norm1", 12, True),
+    "img_emb.proj.4": ("condition_embedder.image_embedder.norm2", D, True),
+}
+
+
+@pytest.mark.parametrize("naming", ["wan", "wan-musubi"])
+def test_wan_norm_deltas_fold_into_diffusers_norms_in_merged_mode(naming: str) -> None:
+    """ComfyUI's LoRA extraction writes a ``.diff`` (and ``.diff_b``) for every norm with a weight,
+    which ComfyUI adds to that norm; the Wan namings refused them by name (``norm3.diff``), as they
+    placed no norm on diffusers' model, and Wan's ``blocks.N.norm3`` is diffusers' ``norm2`` (its
+    ``norm3`` is the weightless feed-forward norm, which hid the alias). Now ``plan_targets`` lists
+    diffusers' norms and the file folds: float64 ``W + s alpha / r B A`` and ``w + s diff``,
+    ``b + s diff_b`` at scales 1 and 0.5. The deltas of Wan's weightless norms (a block's
+    ``norm1``/``norm2``: its ``norm2`` would name diffusers' cross-attention norm) are refused by
+    name, nothing changed."""
+    g = torch.Generator().manual_seed(30)
+
+    def key(name: str) -> str:
+        return f"lora_unet_{name.replace('.', '_')}" if naming == "wan-musubi" else f"diffusion_model.{name}"
+
+    sd: dict[str, torch.Tensor] = {}
+    expected: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        model = tiny_wan_i2v().double()
+        pristine = {k: v.clone() for k, v in model.state_dict().items()}
+        for name, layer in (
+            ("blocks.0.self_attn.q", "blocks.0.attn1.to_q"),
+            ("time_projection.1", "condition_embedder.time_proj"),
+        ):
+            fan_out, fan_in = model.get_submodule(layer).weight.shape
+            a = torch.randn(2, fan_in, generator=g, dtype=torch.float64) * 0.3
+            b = torch.randn(fan_out, 2, generator=g, dtype=torch.float64) * 0.3
+            sd |= {
+                f"{key(name)}.lora_down.weight": a,
+                f"{key(name)}.lora_up.weight": b,
+                f"{key(name)}.alpha": torch.tensor(3.0),
+            }
+            expected[f"{layer}.weight"] = 1.5 * b @ a
+        for name, (norm, size, bias) in WAN_NORMS.items():
+            assert model.get_submodule(norm).weight.shape == (size,)
+            sd[f"{key(name)}.diff"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
+            expected[f"{norm}.weight"] = sd[f"{key(name)}.diff"]
+            if bias:
+                sd[f"{key(name)}.diff_b"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
+                expected[f"{norm}.bias"] = sd[f"{key(name)}.diff_b"]
+        plan = lorahot.plan_targets(dict(sd), model)
+        assert {n for n, _, _ in WAN_NORMS.values()} <= set(plan.targets)
+        assert plan.inject_options()["merged"] is True
+        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
+        assert runtime.load(dict(sd)).format == naming
+        for s in (1.0, 0.5):
+            runtime.set_scale(s)
+            state = model.state_dict()
+            for name, value in state.items():
+                want = pristine[name] + s * expected[name] if name in expected else pristine[name]
+                torch.testing.assert_close(value, want, rtol=1e-13, atol=1e-13, msg=name)
+
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        for weightless in ("blocks.0.norm1", "blocks.0.norm2"):
+            hostile = dict(sd) | {f"{key(weightless)}.diff": torch.zeros(D, dtype=torch.float64)}
+            with pytest.raises(lorahot.UnknownFormatError, match=r"no weight or bias in Wan.*strict=False"):
+                runtime.load(hostile)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -478,20 +478,24 @@ def test_a_lora_key_spelled_as_another_naming_is_not_called_full_weights() -> No
     ("extra", "message"),
     [
         (
-            "lora_unet_double_blocks_0_img_attn_norm_query_norm.diff",
-            r"norm_query_norm\.diff: a delta of a normalization layer[\s\S]*strict=False to skip it",
+            "lora_unet_double_blocks_0_img_norm1.diff",
+            r"img_norm1\.diff: a delta of a normalization layer that has no weight or bias in Flux[\s\S]*"
+            r"strict=False to skip it",
         ),
         (
-            "lora_unet_single_blocks_0_norm_key_norm.diff_b",
-            r"norm_key_norm\.diff_b: a delta of a normalization layer[\s\S]*strict=False to skip it",
+            "lora_unet_final_layer_norm_final.diff_b",
+            r"norm_final\.diff_b: a delta of a normalization layer that has no weight or bias in Flux[\s\S]*"
+            r"strict=False to skip it",
         ),
     ],
 )
 def test_flux_kohya_refuses_deltas_in_its_own_words(extra: str, message: str) -> None:
     """A norm's ``.diff`` in a ``flux-kohya`` file was refused as 'lorahot loads them in kohya or
-    ComfyUI naming', which the file already is. The message says what is not read and that
-    ``strict=False`` skips it, which is what happens. (A module's ``.diff_b`` and LyCORIS factors
-    are read, in merged mode: ``test_parity_flux2_lokr.py``.)"""
+    ComfyUI naming', which the file already is. The delta of a norm without a weight (Flux's
+    ``img_norm1``, ``norm_final``) says why it is not read and that ``strict=False`` skips it,
+    which is what happens. (A module's ``.diff_b``, LyCORIS factors and the query/key norms'
+    deltas are read, in merged mode: ``test_parity_flux2_lokr.py``,
+    ``test_flux_query_key_norm_deltas_fold_into_diffusers_norms_in_merged_mode``.)"""
     tensors = lora_pair("lora_unet_double_blocks_0_img_attn_proj", "lora_down", "lora_up")
     tensors |= lora_pair("lora_unet_double_blocks_0_txt_attn_proj", "lora_down", "lora_up")
     tensors[extra] = torch.ones(8)
