@@ -8,8 +8,8 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from lorahot.errors import UsageError, shown
 from lorahot.io.identity import source_identity
@@ -35,10 +35,9 @@ __all__ = [
     "shown",
 ]
 
+_T = TypeVar("_T")
 
 #: Options :func:`lorahot.read_adapter` takes through ``load``/``preload``/``prefetch``
-
-
 #: (``device`` is the runtime's choice).
 READ_OPTIONS = (
     "revision",
@@ -188,16 +187,41 @@ def weights_of(value: object, n: int, holder: str = "the stack has") -> tuple[fl
         UsageError: not a number nor a sequence of numbers (an array or a tensor is named as
             such, with ``.tolist()`` as the fix), or a sequence of another length.
     """
+    return _per_part(
+        value,
+        n,
+        "scale",
+        multiplier,
+        "a list of floats, one weight per part",
+        ("weight", "weights"),
+        holder,
+        "pass one weight per part (in the order loaded), or one number for all.",
+    )
+
+
+def _per_part(
+    value: object,
+    n: int,
+    name: str,
+    read: Callable[[object, str], _T],
+    wanted: str,
+    counted: tuple[str, str],
+    holder: str,
+    fix: str,
+) -> tuple[_T, ...]:
+    """One argument given once for every one of ``n`` parts or once per part: ``read(value,
+    name)`` repeated ``n`` times, or ``read(entry, f"{name}[i]")`` for each entry of a list or
+    tuple of ``n`` (``wanted`` describes such a list, ``counted`` names one entry and several,
+    ``fix`` says what to pass instead of a list of another length)."""
     if not is_sequence(value):
-        return (multiplier(value),) * n
+        return (read(value, name),) * n
     assert isinstance(value, Sequence)  # for mypy: checked just above
-    weights = entries(value, "scale", "a list of floats, one weight per part")
-    if len(weights) != n:
+    items = entries(value, name, wanted)
+    if len(items) != n:
         raise UsageError(
-            f"scale has {len(weights)} weight{'s' if len(weights) != 1 else ''} but {holder} {n} "
-            f"part{'s' if n != 1 else ''}; pass one weight per part (in the order loaded), or one number for all."
+            f"{name} has {len(items)} {counted[len(items) != 1]} but {holder} {n} part{'s' if n != 1 else ''}; {fix}"
         )
-    return tuple(multiplier(v, f"scale[{i}]") for i, v in enumerate(weights))
+    return tuple(read(v, f"{name}[{i}]") for i, v in enumerate(items))
 
 
 def multiplier(value: object, name: str = "scale") -> float:
@@ -258,17 +282,16 @@ def denoisers_of(
             of the runtime (naming its components); anything else than a str or None; a list of
             another length.
     """
-    if not is_sequence(value):
-        return (_denoiser(value, "denoiser", components),) * n
-    assert isinstance(value, Sequence)  # for mypy: checked just above
-    names = entries(value, "denoiser", "a list of component names, one per part")
-    if len(names) != n:
-        raise UsageError(
-            f"denoiser has {len(names)} entr{'ies' if len(names) != 1 else 'y'} but {holder} {n} "
-            f"part{'s' if n != 1 else ''}; pass one component name (or None) per part, in the order loaded, or one "
-            "name for all."
-        )
-    return tuple(_denoiser(v, f"denoiser[{i}]", components) for i, v in enumerate(names))
+    return _per_part(
+        value,
+        n,
+        "denoiser",
+        lambda v, name: _denoiser(v, name, components),
+        "a list of component names, one per part",
+        ("entry", "entries"),
+        holder,
+        "pass one component name (or None) per part, in the order loaded, or one name for all.",
+    )
 
 
 def denoisers_named(value: object, n: int) -> tuple[bool, ...]:
