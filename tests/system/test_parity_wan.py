@@ -50,19 +50,23 @@ def wan_file(spelling: tuple[str, str], seed: int) -> dict[str, torch.Tensor]:
     return sd
 
 
-def tiny_wan() -> torch.nn.Module:
+def tiny_wan(**config: object) -> torch.nn.Module:
+    """A one-block Wan transformer of width ``D``; ``config`` adds to or overrides its arguments."""
     torch.manual_seed(0)
     return diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=D // 2,
-        in_channels=4,
-        out_channels=4,
-        text_dim=D,
-        freq_dim=D,
-        ffn_dim=FFN,
-        num_layers=1,
-        rope_max_seq_len=32,
+        **{
+            "patch_size": (1, 2, 2),
+            "num_attention_heads": 2,
+            "attention_head_dim": D // 2,
+            "in_channels": 4,
+            "out_channels": 4,
+            "text_dim": D,
+            "freq_dim": D,
+            "ffn_dim": FFN,
+            "num_layers": 1,
+            "rope_max_seq_len": 32,
+            **config,
+        }
     ).eval()
 
 
@@ -591,21 +595,7 @@ def test_wan22_file_of_both_transformers_goes_to_each_as_diffusers_loads_the_two
 def tiny_wan_i2v() -> torch.nn.Module:
     """:func:`tiny_wan` with Wan 2.1 I2V's image inputs: the image embedder's LayerNorms and the
     cross-attention's ``norm_added_k`` (Wan's ``img_emb.proj.0``/``.4``, ``cross_attn.norm_k_img``)."""
-    torch.manual_seed(0)
-    return diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=D // 2,
-        in_channels=4,
-        out_channels=4,
-        text_dim=D,
-        freq_dim=D,
-        ffn_dim=FFN,
-        num_layers=1,
-        rope_max_seq_len=32,
-        image_dim=12,
-        added_kv_proj_dim=D,
-    ).eval()
+    return tiny_wan(image_dim=12, added_kv_proj_dim=D)
 
 
 #: Wan's norms with a weight -> (diffusers' norm, size, has a bias), as diffusers' Wan conversion renames them
