@@ -36,7 +36,14 @@ from safetensors.torch import save_file
 
 import lorahot
 from lorahot.resolve.keys import resolve_keys
-from tests.diffusion_names import assert_same, diffusers_weights, linears, lorahot_weights, weights
+from tests.diffusion_names import (
+    assert_folded_at_scales,
+    assert_same,
+    diffusers_weights,
+    linears,
+    lorahot_weights,
+    weights,
+)
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -753,11 +760,7 @@ def test_flux_query_key_norm_deltas_fold_into_diffusers_norms_in_merged_mode(spe
         assert plan.inject_options()["merged"] is True
         runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
         assert runtime.load(dict(sd)).format == f"flux-{'kohya' if spelling == 'kohya' else 'bfl'}"
-        for s in (1.0, 0.5):
-            runtime.set_scale(s)
-            for name, value in model.state_dict().items():
-                want = pristine[name] + s * expected[name] if name in expected else pristine[name]
-                torch.testing.assert_close(value, want, rtol=1e-13, atol=1e-13, msg=name)
+        assert_folded_at_scales(runtime, model, pristine, expected)
 
         before = {k: v.clone() for k, v in model.state_dict().items()}
         for weightless in ("double_blocks.0.img_norm1", "final_layer.norm_final"):
