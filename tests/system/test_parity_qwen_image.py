@@ -122,6 +122,29 @@ def _linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _extracted_key(spelling: str, name: str) -> str:
+    """Module ``name``'s key in a file of ComfyUI's LoRA extraction: ComfyUI's
+    ``diffusion_model.<name>``, or its kohya spelling."""
+    return "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
+
+
+def _extracted_lora(
+    spelling: str, g: torch.Generator
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """A float64 file as ComfyUI's LoRA extraction writes it for every module of ``MODULES``
+    (``lora_down``/``lora_up`` of rank 2 to 4 and a ``.diff_b``, no ``.alpha``), drawn from ``g``,
+    and each module's ``(A, B, bias delta)``."""
+    sd, factors = {}, {}
+    for i, (name, (fan_in, fan_out)) in enumerate(MODULES.items()):
+        key = _extracted_key(spelling, name)
+        a = torch.randn(2 + i % 3, fan_in, generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(fan_out, 2 + i % 3, generator=g, dtype=torch.float64) * 0.3
+        bias = torch.randn(fan_out, generator=g, dtype=torch.float64) * 0.3
+        sd |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.diff_b": bias}
+        factors[name] = (a, b, bias)
+    return sd, factors
+
+
 @pytest.mark.parametrize("spelling", ["comfyui", "kohya"])
 def test_a_comfyui_extracted_lora_with_bias_deltas_applies_them_as_comfyui(spelling: str) -> None:
     """ComfyUI's LoRA extraction (its "Save LoRA" nodes, ``bias_diff`` on by default) writes a
@@ -133,14 +156,9 @@ def test_a_comfyui_extracted_lora_with_bias_deltas_applies_them_as_comfyui(spell
     changes nothing."""
     with torch.no_grad():
         model = tiny_qwen().double()
-        g = torch.Generator().manual_seed(7)
-        sd, reference = {}, {}
-        for i, (name, (fan_in, fan_out)) in enumerate(MODULES.items()):
-            key = "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
-            a = torch.randn(2 + i % 3, fan_in, generator=g, dtype=torch.float64) * 0.3
-            b = torch.randn(fan_out, 2 + i % 3, generator=g, dtype=torch.float64) * 0.3
-            bias = torch.randn(fan_out, generator=g, dtype=torch.float64) * 0.3
-            sd |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.diff_b": bias}
+        sd, factors = _extracted_lora(spelling, torch.Generator().manual_seed(7))
+        reference = {}
+        for name, (a, b, bias) in factors.items():
             layer = model.get_submodule(name)
             reference[name] = (layer.weight + b @ a, layer.bias + bias)
         base = _linear_weights(model)
@@ -169,18 +187,12 @@ def test_a_comfyui_extracted_lora_folds_its_norm_deltas_into_injected_norms(spel
     with torch.no_grad():
         model = tiny_qwen().double()
         g = torch.Generator().manual_seed(9)
-        sd, reference = {}, {}
-        for i, (name, (fan_in, fan_out)) in enumerate(MODULES.items()):
-            key = "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
-            a = torch.randn(2 + i % 3, fan_in, generator=g, dtype=torch.float64) * 0.3
-            b = torch.randn(fan_out, 2 + i % 3, generator=g, dtype=torch.float64) * 0.3
-            bias = torch.randn(fan_out, generator=g, dtype=torch.float64) * 0.3
-            sd |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.diff_b": bias}
-            reference[name] = (b @ a, bias)
+        sd, factors = _extracted_lora(spelling, g)
+        reference = {name: (b @ a, bias) for name, (a, b, bias) in factors.items()}
         norms = {"txt_norm": 16, "transformer_blocks.0.attn.norm_q": 8}
         for name, size in norms.items():
             assert model.get_submodule(name).weight.shape == (size,)
-            key = "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
+            key = _extracted_key(spelling, name)
             sd[f"{key}.diff"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
             reference[name] = (sd[f"{key}.diff"], None)
         pristine = {k: v.clone() for k, v in model.state_dict().items()}
@@ -206,7 +218,7 @@ def test_a_comfyui_extracted_lora_folds_its_norm_deltas_into_injected_norms(spel
         with pytest.raises(lorahot.AdapterMismatchError) as refused:
             runtime.load(dict(sd))
         for name, size in norms.items():
-            key = "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
+            key = _extracted_key(spelling, name)
             assert f"{key}: matches no injected layer" in str(refused.value)
             assert f"it is a normalization layer's weight delta (shape ({size},))" in str(refused.value)
         assert "add that norm to targets" in str(refused.value) and "strict=False" in str(refused.value)
