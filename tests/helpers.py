@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo.testing
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
@@ -182,6 +183,30 @@ def stack_reference(
     for h in hooks:
         h.remove()
     return y
+
+
+# -- the compile contract -----------------------------------------------------------------
+
+
+def assert_swaps_without_recompile(
+    runtime: Any,
+    model: nn.Module,
+    x: torch.Tensor,
+    swaps: list[tuple[dict[str, torch.Tensor], torch.Tensor]],
+    tol: float,
+) -> None:
+    """The compile contract of a runtime over ``model``: compiled once (inductor) and run on ``x``,
+    then each of ``swaps`` (an adapter's tensors, the output it must give) loaded in turn under
+    ``error_on_recompile=True``, every output within ``tol`` of its own and one frame compiled."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for tensors, want in swaps:
+                runtime.load(tensors)
+                torch.testing.assert_close(compiled(x), want, rtol=tol, atol=tol)
+    assert counter.frame_count == 1
 
 
 # -- PEFT adapters ------------------------------------------------------------------------

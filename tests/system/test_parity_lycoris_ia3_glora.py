@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch._dynamo.testing
 from safetensors.torch import save_file
 from torch import nn
 
 import lorahot
 from lorahot.cli import main
+from tests.helpers import assert_swaps_without_recompile
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris.modules import LohaModule  # noqa: E402 - after the importorskip
@@ -256,12 +256,6 @@ def test_compiled_merged_swaps_across_base_kinds_do_not_recompile() -> None:
     model, x = _base("linear"), _input("linear")
     b0 = model[0].bias.detach().clone()
     runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
-    compiled = torch.compile(model, backend=counter)
     with torch.no_grad():
-        compiled(x)
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for tensors, weight in expected:
-                runtime.load(tensors)
-                torch.testing.assert_close(compiled(x), nn.functional.linear(x, weight, b0), rtol=1e-10, atol=1e-10)
-    assert counter.frame_count == 1
+        swaps = [(tensors, nn.functional.linear(x, weight, b0)) for tensors, weight in expected]
+    assert_swaps_without_recompile(runtime, model, x, swaps, tol=1e-10)

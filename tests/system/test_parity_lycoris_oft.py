@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch._dynamo.testing
 from safetensors.torch import save_file
 from torch import nn
 
 import lorahot
 from lorahot.cli import main
-from tests.helpers import Conv1D
+from tests.helpers import Conv1D, assert_swaps_without_recompile
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris.modules import ButterflyOFTModule, DiagOFTModule, LohaModule  # noqa: E402 - after the importorskip
@@ -403,15 +402,9 @@ def test_compiled_merged_swaps_across_rotation_kinds_do_not_recompile() -> None:
         (loha, loha_weight),
     ]
     runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
-    compiled = torch.compile(model, backend=counter)
     with torch.no_grad():
-        compiled(x)
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for tensors, weight in weights:
-                runtime.load(tensors)
-                torch.testing.assert_close(compiled(x), nn.functional.linear(x, weight, b0), rtol=1e-10, atol=1e-10)
-    assert counter.frame_count == 1
+        swaps = [(tensors, nn.functional.linear(x, weight, b0)) for tensors, weight in weights]
+    assert_swaps_without_recompile(runtime, model, x, swaps, tol=1e-10)
 
 
 def test_split_refuses_a_rotation_of_a_fused_layer() -> None:
