@@ -209,6 +209,16 @@ def assert_swaps_without_recompile(
     assert counter.frame_count == 1
 
 
+def assert_merged_state(
+    model: nn.Module, pristine: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tensor], scale: float
+) -> None:
+    """Every entry of a float64 ``model``'s state dict is ``pristine + scale * delta`` where
+    ``deltas`` has one (a merged weight ``W + s B A``, a norm's ``w + s diff``), else ``pristine``."""
+    for name, value in model.state_dict().items():
+        want = pristine[name] + scale * deltas[name] if name in deltas else pristine[name]
+        torch.testing.assert_close(value, want, rtol=1e-13, atol=1e-13, msg=name)
+
+
 # -- PEFT adapters ------------------------------------------------------------------------
 
 

@@ -29,6 +29,16 @@ only, read as ``flux-kohya``, places them as this naming would.
 
 Both read LyCORIS factors (LoHa, LoKr, ...) as ComfyUI and kohya namings do (merged mode); one on
 a fused module of a diffusers-named model is cut by the rows of its ``ΔW``, as a LoRA by B's rows.
+
+The normalization layers with a weight are aliased as diffusers' HunyuanVideo conversion renames
+them: the attention's query and key RMSNorms (``img_attn_q_norm`` -> ``attn.norm_q``,
+``txt_attn_k_norm`` -> ``attn.norm_added_k``, a single block's ``q_norm`` -> ``attn.norm_q``: one
+weight ``[head_dim]`` shared by the heads, computed in float32, in both) and a token-refiner
+block's LayerNorms (``norm1``, ``norm2``, with a weight and a bias in both). Their ``.diff`` /
+``.diff_b`` (ComfyUI's LoRA extraction) fold into those norms in merged mode, the norms among the
+targets. Refused by name (``strict=False`` skips them): deltas of the norms without a weight
+(``img_norm1``, ``txt_norm2``, ``pre_norm``, ``final_layer.norm_final``: ``elementwise_affine=False``
+in both models), where there is nothing to add them to.
 """
 
 from __future__ import annotations
@@ -62,9 +72,14 @@ _DOUBLE = {
     "img_mlp.fc2": "ff.net.2",
     "txt_mlp.fc1": "ff_context.net.0.proj",
     "txt_mlp.fc2": "ff_context.net.2",
+    # the attention's query/key RMSNorms (weight [head_dim]): diffusers' RMSNorm of the same shape
+    "img_attn_q_norm": "attn.norm_q",
+    "img_attn_k_norm": "attn.norm_k",
+    "txt_attn_q_norm": "attn.norm_added_q",
+    "txt_attn_k_norm": "attn.norm_added_k",
 }
 #: single block module -> diffusers' (after ``single_transformer_blocks.N.``)
-_SINGLE = {"linear2": "proj_out", "modulation.linear": "norm.linear"}
+_SINGLE = {"linear2": "proj_out", "modulation.linear": "norm.linear", "q_norm": "attn.norm_q", "k_norm": "attn.norm_k"}
 #: token-refiner block module (after ``txt_in.individual_token_refiner.blocks.N.``) -> diffusers'
 #: (after ``context_embedder.token_refiner.refiner_blocks.N.``)
 _REFINER = {
@@ -72,6 +87,8 @@ _REFINER = {
     "mlp.fc1": "ff.net.0.proj",
     "mlp.fc2": "ff.net.2",
     "adaLN_modulation.1": "norm_out.linear",
+    "norm1": "norm1",  # LayerNorms with a weight and a bias, in both models
+    "norm2": "norm2",
 }
 #: modules outside the blocks
 _OUTSIDE = {
@@ -126,6 +143,17 @@ SPLITS: tuple[Split | Reorder, ...] = (
     Reorder(_HEAD + r"final_layer\.adaLN_modulation\.1", r"\g<head>norm_out.linear", (1, 1), (1, 0)),
 )
 
+#: deltas of the norms without a weight, in either spelling
+_WEIGHTLESS: tuple[tuple[str, str], ...] = (
+    (
+        r"(?:^|[._])(?:double_blocks[._]\d+[._](?:img|txt)_norm[12]|single_blocks[._]\d+[._]pre_norm"
+        r"|final_layer[._]norm_final)\.(?:diff|diff_b)$",
+        "a delta of a normalization layer that has no weight or bias in HunyuanVideo (a double block's img_norm1/2 "
+        "and txt_norm1/2, a single block's pre_norm, the final layer's norm_final: elementwise_affine=False, as in "
+        "diffusers), so there is nothing to add it to; load with strict=False to skip it",
+    ),
+)
+
 #: module names only HunyuanVideo spells this way (Flux.1's are ``img_attn.qkv``, ``img_mlp.0``,
 #: ``img_mod.lin``, ``modulation.lin``, ``time_in.in_layer``, and its ``txt_in`` is one linear)
 _MARKER = (
@@ -139,7 +167,7 @@ FORMAT = KeyFormat(
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
     prefixes=ORIGINAL_PREFIXES,
     aliases=_ALIASES,
-    refuse=REFUSED_MERGEABLE,
+    refuse=(*_WEIGHTLESS, *REFUSED_MERGEABLE),
     marker=_MARKER,
     splits=SPLITS,
     example="diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight",
@@ -151,6 +179,8 @@ _MUSUBI_TO_DOTTED: tuple[tuple[str, str], ...] = (
     (r"^lora_unet_double_blocks_(\d+)_(img|txt)_(attn_qkv|attn_proj)$", r"lora_unet_double_blocks.\1.\2_\3"),
     (r"^lora_unet_double_blocks_(\d+)_(img|txt)_mlp_(fc1|fc2)$", r"lora_unet_double_blocks.\1.\2_mlp.\3"),
     (r"^lora_unet_double_blocks_(\d+)_(img|txt)_mod_linear$", r"lora_unet_double_blocks.\1.\2_mod.linear"),
+    (r"^lora_unet_double_blocks_(\d+)_(img|txt)_attn_(q|k)_norm$", r"lora_unet_double_blocks.\1.\2_attn_\3_norm"),
+    (r"^lora_unet_single_blocks_(\d+)_(q|k)_norm$", r"lora_unet_single_blocks.\1.\2_norm"),
     (r"^lora_unet_single_blocks_(\d+)_(linear1|linear2)$", r"lora_unet_single_blocks.\1.\2"),
     (r"^lora_unet_single_blocks_(\d+)_modulation_linear$", r"lora_unet_single_blocks.\1.modulation.linear"),
     (
@@ -164,6 +194,10 @@ _MUSUBI_TO_DOTTED: tuple[tuple[str, str], ...] = (
     (
         r"^lora_unet_txt_in_individual_token_refiner_blocks_(\d+)_adaLN_modulation_1$",
         r"lora_unet_txt_in.individual_token_refiner.blocks.\1.adaLN_modulation.1",
+    ),
+    (
+        r"^lora_unet_txt_in_individual_token_refiner_blocks_(\d+)_(norm1|norm2)$",
+        r"lora_unet_txt_in.individual_token_refiner.blocks.\1.\2",
     ),
     (r"^lora_unet_txt_in_input_embedder$", "lora_unet_txt_in.input_embedder"),
     (r"^lora_unet_txt_in_t_embedder_mlp_(0|2)$", r"lora_unet_txt_in.t_embedder.mlp.\1"),
@@ -187,7 +221,7 @@ MUSUBI = kohya.spelling(
     "hunyuan-video-musubi",
     renames=_MUSUBI_TO_DOTTED,
     aliases=_ALIASES,
-    refuse=REFUSED_MERGEABLE,
+    refuse=(*_WEIGHTLESS, *REFUSED_MERGEABLE),
     marker=_MUSUBI_MARKER,
     splits=SPLITS,
     lycoris=True,

@@ -33,6 +33,15 @@ cores, full diffs and ``diff_b``, as sd-scripts' LyCORIS networks on SD3's ``Sin
 ComfyUI write them) load in merged mode: a fused or re-ordered module folds its rows of the whole
 ``ΔW`` (:func:`~lorahot.resolve.split.split_weight`). A ``dora_scale`` is refused, as in the Flux.1
 namings.
+
+The attention's query and key norms (SD3.5's ``x_block.attn.ln_q``, ``context_block.attn.ln_k``,
+``x_block.attn2.ln_q``) are aliased as diffusers' SD3 conversion renames them (``attn.norm_q``,
+``attn.norm_added_k``, ``attn2.norm_q``): the same norm over the head size (an RMSNorm with a
+weight ``[head_dim]`` shared by the heads, or a LayerNorm with its bias, as ``qk_norm`` sets in
+both), so a ``.diff`` / ``.diff_b`` (ComfyUI's LoRA extraction) folds into diffusers' norm in
+merged mode, the norm among the targets. Refused by name (``strict=False`` skips them): deltas of
+the norms without a weight (a block's ``norm1``/``norm2``, ``final_layer.norm_final``:
+``elementwise_affine=False`` in both models; diffusers' ``norm2`` is such a norm too).
 """
 
 from __future__ import annotations
@@ -67,6 +76,13 @@ _JOINT = {
     "context_block.attn.proj": "attn.to_add_out",
     "context_block.mlp.fc1": "ff_context.net.0.proj",
     "context_block.mlp.fc2": "ff_context.net.2",
+    # the attention's query/key norms (SD3.5: RMSNorm [head_dim]), as diffusers' conversion renames them
+    "x_block.attn.ln_q": "attn.norm_q",
+    "x_block.attn.ln_k": "attn.norm_k",
+    "context_block.attn.ln_q": "attn.norm_added_q",
+    "context_block.attn.ln_k": "attn.norm_added_k",
+    "x_block.attn2.ln_q": "attn2.norm_q",
+    "x_block.attn2.ln_k": "attn2.norm_k",
 }
 #: modules outside the blocks (``context_embedder`` has the same name in both)
 _OUTSIDE = {
@@ -102,9 +118,20 @@ SPLITS: tuple[Split | Reorder, ...] = (
     Reorder(_HEAD + r"final_layer\.adaLN_modulation\.1", r"\g<head>norm_out.linear", (1, 1), (1, 0)),
 )
 
-#: keys the SD3 namings refuse: a DoRA magnitude (no test of these namings against an oracle reads
-#: one), and what every naming that reads LyCORIS factors refuses
-_REFUSED: tuple[tuple[str, str], ...] = (REFUSED_DORA, *REFUSED_MERGEABLE)
+#: keys the SD3 namings refuse: deltas of the norms without a weight (in either spelling), a DoRA
+#: magnitude (no test of these namings against an oracle reads one), and what every naming that
+#: reads LyCORIS factors refuses
+_REFUSED: tuple[tuple[str, str], ...] = (
+    (
+        r"(?:^|[._])(?:joint_blocks[._]\d+[._](?:x_block|context_block)[._]norm[12]|final_layer[._]norm_final)"
+        r"\.(?:diff|diff_b)$",
+        "a delta of a normalization layer that has no weight or bias in SD3 (a block's norm1/norm2, the final "
+        "layer's norm_final: elementwise_affine=False, as in diffusers), so there is nothing to add it to; load "
+        "with strict=False to skip it",
+    ),
+    REFUSED_DORA,
+    *REFUSED_MERGEABLE,
+)
 
 #: sd-scripts' underscore names of the original modules -> the dotted ones (``lora_unet_`` kept:
 #: ``prefix="lora_unet"`` selects them, and the resolver drops it)
@@ -114,6 +141,10 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
         r"lora_unet_joint_blocks.\1.\2.\3.\4",
     ),
     (r"^lora_unet_joint_blocks_(\d+)_(x_block|context_block)_mlp_(fc1|fc2)$", r"lora_unet_joint_blocks.\1.\2.mlp.\3"),
+    (
+        r"^lora_unet_joint_blocks_(\d+)_(x_block|context_block)_(attn2?)_(ln_q|ln_k)$",
+        r"lora_unet_joint_blocks.\1.\2.\3.\4",
+    ),
     (
         r"^lora_unet_joint_blocks_(\d+)_(x_block|context_block)_adaLN_modulation_1$",
         r"lora_unet_joint_blocks.\1.\2.adaLN_modulation.1",

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 import lorahot
 from lorahot.resolve.keys import resolve_keys
+from tests.helpers import assert_merged_state
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -290,3 +291,63 @@ def test_hunyuan_video_lycoris_merges_whole_and_fused_modules(naming: str) -> No
     for n in layers:
         weight = model.get_submodule(f"transformer_blocks.0.{n}").weight
         torch.testing.assert_close(weight, base[n] + expected[n], rtol=1e-12, atol=1e-12, msg=n)
+
+
+REFINER = "txt_in.individual_token_refiner.blocks.0"
+#: HunyuanVideo's norms with a weight -> (diffusers' norm, size, has a bias), as diffusers'
+#: HunyuanVideo conversion renames them
+HUNYUAN_NORMS = {
+    "double_blocks.0.img_attn_q_norm": ("transformer_blocks.0.attn.norm_q", D // 2, False),
+    "double_blocks.0.img_attn_k_norm": ("transformer_blocks.0.attn.norm_k", D // 2, False),
+    "double_blocks.0.txt_attn_q_norm": ("transformer_blocks.0.attn.norm_added_q", D // 2, False),
+    "double_blocks.0.txt_attn_k_norm": ("transformer_blocks.0.attn.norm_added_k", D // 2, False),
+    "single_blocks.0.q_norm": ("single_transformer_blocks.0.attn.norm_q", D // 2, False),
+    "single_blocks.0.k_norm": ("single_transformer_blocks.0.attn.norm_k", D // 2, False),
+    # a token-refiner block's LayerNorms, with a bias
+    **{f"{REFINER}.{n}": (f"context_embedder.token_refiner.refiner_blocks.0.{n}", D, True) for n in ("norm1", "norm2")},
+}
+
+
+@pytest.mark.parametrize("naming", ["hunyuan-video", "hunyuan-video-musubi"])
+def test_hunyuan_video_norm_deltas_fold_into_diffusers_norms_in_merged_mode(naming: str) -> None:
+    """ComfyUI's LoRA extraction writes a ``.diff`` (and ``.diff_b``) for every norm with a weight;
+    the HunyuanVideo namings placed none of them on diffusers' model (``img_attn_q_norm.diff``
+    matched no injected layer, with a hint to inject a norm that the key could never reach). Now
+    ``plan_targets`` lists diffusers' norms and the file folds: float64 ``W + s alpha / r B A`` and
+    ``w + s diff``, ``b + s diff_b`` at scales 1 and 0.5. The deltas of the weightless norms
+    (``img_norm1``, ``pre_norm``, ``norm_final``) are refused by name, nothing changed."""
+    g = torch.Generator().manual_seed(40)
+    spell = musubi_name if naming == "hunyuan-video-musubi" else (lambda n: f"diffusion_model.{n}")
+    with torch.no_grad():
+        model = tiny_hunyuan().double()
+        pristine = {k: v.clone() for k, v in model.state_dict().items()}
+        a = torch.randn(2, D, generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(MLP, 2, generator=g, dtype=torch.float64) * 0.3
+        fc1 = spell("double_blocks.0.img_mlp.fc1")
+        sd = {f"{fc1}.lora_down.weight": a, f"{fc1}.lora_up.weight": b, f"{fc1}.alpha": torch.tensor(3.0)}
+        expected = {"transformer_blocks.0.ff.net.0.proj.weight": 1.5 * b @ a}
+        for name, (norm, size, bias) in HUNYUAN_NORMS.items():
+            assert model.get_submodule(norm).weight.shape == (size,)
+            sd[f"{spell(name)}.diff"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
+            expected[f"{norm}.weight"] = sd[f"{spell(name)}.diff"]
+            if bias:
+                sd[f"{spell(name)}.diff_b"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
+                expected[f"{norm}.bias"] = sd[f"{spell(name)}.diff_b"]
+        plan = lorahot.plan_targets(dict(sd), model)
+        assert {n for n, _, _ in HUNYUAN_NORMS.values()} <= set(plan.targets)
+        assert plan.inject_options()["merged"] is True
+        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
+        assert runtime.load(dict(sd)).format == naming
+        for s in (1.0, 0.5):
+            runtime.set_scale(s)
+            assert_merged_state(model, pristine, expected, s)
+
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        for weightless in ("double_blocks.0.img_norm1", "double_blocks.0.txt_norm2", "single_blocks.0.pre_norm"):
+            hostile = dict(sd) | {f"{spell(weightless)}.diff": torch.zeros(D, dtype=torch.float64)}
+            with pytest.raises(lorahot.UnknownFormatError, match=r"no weight or bias in HunyuanVideo.*strict=False"):
+                runtime.load(hostile)
+        hostile = dict(sd) | {f"{spell('final_layer.norm_final')}.diff_b": torch.zeros(D, dtype=torch.float64)}
+        with pytest.raises(lorahot.UnknownFormatError, match=r"norm_final\.diff_b: a delta of a normalization layer"):
+            runtime.load(hostile)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import lorahot
 from lorahot.errors import UnknownFormatError
+from tests.helpers import assert_merged_state
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -413,3 +414,62 @@ def test_sd3_namings_merge_lycoris_factors_as_lycoris_computes(naming: str, head
         out = model(**inputs, return_dict=False)[0]
         torch.testing.assert_close(out, oracle(**inputs, return_dict=False)[0])
         assert not torch.allclose(out, before)
+
+
+#: SD3.5's query/key norms (RMSNorm [head_dim]) -> diffusers', as diffusers' SD3 conversion renames them
+SD3_NORMS = {
+    "joint_blocks.0.x_block.attn.ln_q": "transformer_blocks.0.attn.norm_q",
+    "joint_blocks.0.x_block.attn.ln_k": "transformer_blocks.0.attn.norm_k",
+    "joint_blocks.0.context_block.attn.ln_q": "transformer_blocks.0.attn.norm_added_q",
+    "joint_blocks.0.context_block.attn.ln_k": "transformer_blocks.0.attn.norm_added_k",
+    "joint_blocks.0.x_block.attn2.ln_q": "transformer_blocks.0.attn2.norm_q",
+    "joint_blocks.0.x_block.attn2.ln_k": "transformer_blocks.0.attn2.norm_k",
+    "joint_blocks.1.context_block.attn.ln_k": "transformer_blocks.1.attn.norm_added_k",
+}
+
+
+@pytest.mark.parametrize(("naming", "head"), [("sd3-kohya", ""), ("sd3", "diffusion_model.")], ids=["kohya", "sd3"])
+def test_sd3_query_key_norm_deltas_fold_into_diffusers_norms_in_merged_mode(naming: str, head: str) -> None:
+    """A ``.diff`` of SD3.5's query/key norms (``x_block.attn.ln_q``, as ComfyUI's LoRA extraction
+    writes one for every norm with a weight) matched no injected layer, with a hint to inject a norm
+    the key could never reach. Now the norms are aliased as diffusers' conversion renames them
+    (``attn.norm_q``, ``attn.norm_added_k``, ``attn2.norm_q``), ``plan_targets`` lists them and the
+    file folds: float64 ``W + s alpha / r B A`` and ``w + s diff`` at scales 1 and 0.5. The deltas
+    of the weightless norms (a block's ``norm1``/``norm2``, ``final_layer.norm_final``) are refused
+    by name, nothing changed."""
+    g = torch.Generator().manual_seed(60)
+    with torch.no_grad():
+        model = tiny_sd3_from(dual=True).double()
+        pristine = {k: v.clone() for k, v in model.state_dict().items()}
+        a = torch.randn(2, D, generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(D, 2, generator=g, dtype=torch.float64) * 0.3
+        sd = lora_file({"joint_blocks.0.x_block.attn.proj": (a, b, 3.0)}, naming, head)
+        expected = {"transformer_blocks.0.attn.to_out.0.weight": 1.5 * b @ a}
+        diffs = {name: torch.randn(D // 2, generator=g, dtype=torch.float64) * 0.1 for name in SD3_NORMS}
+        for name, norm in SD3_NORMS.items():
+            assert model.get_submodule(norm).weight.shape == (D // 2,)
+            module = "lora_unet_" + name.replace(".", "_") if naming == "sd3-kohya" else f"{head}{name}"
+            sd[f"{module}.diff"] = diffs[name]
+            expected[f"{norm}.weight"] = diffs[name]
+        plan = lorahot.plan_targets(dict(sd), model)
+        assert set(SD3_NORMS.values()) <= set(plan.targets)
+        assert plan.inject_options()["merged"] is True
+        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
+        assert runtime.load(dict(sd)).format == naming
+        for s in (1.0, 0.5):
+            runtime.set_scale(s)
+            assert_merged_state(model, pristine, expected, s)
+
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        for weightless in (
+            "joint_blocks.0.x_block.norm1",
+            "joint_blocks.0.x_block.norm2",
+            "joint_blocks.1.context_block.norm1",
+            "final_layer.norm_final",
+        ):
+            module = "lora_unet_" + weightless.replace(".", "_") if naming == "sd3-kohya" else f"{head}{weightless}"
+            for suffix in ("diff", "diff_b"):
+                hostile = dict(sd) | {f"{module}.{suffix}": torch.zeros(D, dtype=torch.float64)}
+                with pytest.raises(UnknownFormatError, match=rf"{suffix}: a delta of a .*no weight or bias in SD3"):
+                    runtime.load(hostile)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

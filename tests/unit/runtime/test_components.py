@@ -447,6 +447,14 @@ class _Unet(nn.Module):
         return self.to_q(x)
 
 
+def _to_q_reference(unet: nn.Module, sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The float64 output of the injected ``unet.to_q`` with the LoRA of ``sd`` (PEFT names under
+    ``unet.``), from the base layer's weight and the factors."""
+    a, b = sd["unet.to_q.lora_A.weight"].double(), sd["unet.to_q.lora_B.weight"].double()
+    layer = unet.to_q.base_layer
+    return x.double() @ layer.weight.double().T + layer.bias.double() + x.double() @ a.T @ b.T
+
+
 def test_a_component_compiled_before_inject_is_the_same_component() -> None:
     """``pipe.unet = torch.compile(pipe.unet)`` before inject: the pipeline holds the compiled
     wrapper, whose ``_orig_mod`` inject wraps in place. Every load was refused as if the
@@ -462,9 +470,7 @@ def test_a_component_compiled_before_inject_is_the_same_component() -> None:
     runtime = lorahot.inject(pipe, ["to_q", "q_proj"], max_rank=4)
     sd = _lora(["unet.to_q", "text_encoder.layers.0.q_proj"])
     assert runtime.load(sd).components == {"unet": 1, "text_encoder": 1}
-    a, b = sd["unet.to_q.lora_A.weight"].double(), sd["unet.to_q.lora_B.weight"].double()
-    layer = unet.to_q.base_layer
-    expected = x.double() @ layer.weight.double().T + layer.bias.double() + x.double() @ a.T @ b.T
+    expected = _to_q_reference(unet, sd, x)
     with torch.no_grad():
         compiled, plain = pipe.unet(x), unet(x)
     assert torch.allclose(compiled.double(), expected, rtol=0, atol=1e-5) and torch.equal(compiled, plain)
@@ -639,9 +645,7 @@ def test_a_component_compiled_twice_is_the_same_component(when: str, kind: Calla
         pipe.unet = torch.compile(pipe.unet, backend="eager")
     sd = _lora(["unet.to_q", "text_encoder.layers.0.q_proj"])
     assert runtime.load(sd).components == {"unet": 1, "text_encoder": 1}
-    a, b = sd["unet.to_q.lora_A.weight"].double(), sd["unet.to_q.lora_B.weight"].double()
-    layer = unet.to_q.base_layer
-    expected = x.double() @ layer.weight.double().T + layer.bias.double() + x.double() @ a.T @ b.T
+    expected = _to_q_reference(unet, sd, x)
     with torch.no_grad():
         assert torch.allclose(pipe.unet(x).double(), expected, rtol=0, atol=1e-5)
     pipe.unet = torch.compile(unet.forward, backend="eager")  # a compiled forward: the same component
