@@ -12,6 +12,15 @@ DoRA and LoRA biases fold too: ``W = f * (W0 + scale * dW)`` with the live DoRA 
 per output channel, and ``b = b0 + f * scale * c`` for the LoRA bias ``c`` (a layer without a
 base bias cannot take a LoRA bias in merged mode: the load is refused).
 
+Normalization layers (:class:`lorahot.layers.norm.LoRANorm`: LayerNorm, GroupNorm, RMSNorm and
+their look-alikes, targets in merged mode only) are rewritten too, from pristine copies of their
+weight and bias: ``w = w0 + s * diff``, ``b = b0 + s * diff_b`` for the delta an adapter carries
+(a ComfyUI-extracted ``.diff``/``.diff_b``, LyCORIS' ``w_norm``/``b_norm``); in a stack each
+part's delta is added times its part's weight, as every diff module is. A norm takes nothing
+else: a LoRA or another LyCORIS kind on it, a delta of another shape, or a ``diff_b`` on a norm
+without a bias is refused at load, nothing changed. Unload restores the pristine weight and bias
+bitwise; the norm's forward stays the base module's own.
+
 Costs: one extra copy of every targeted base weight, and a swap that rewrites those weights
 (a few ms for a 1B model on a GPU). Grouped convolutions cannot be merged (their LoRA mixes
 all input channels), and only modules whose weight layout lorahot knows are accepted.
