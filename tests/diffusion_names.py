@@ -1,6 +1,5 @@
 """Helpers of the parity tests of diffusion files in original module names: each layer's adapted
-weight read by probing it with the identity, as lorahot and diffusers' pipeline loaders leave it,
-and a merged model's state dict checked against its float64 deltas at several scales."""
+weight read by probing it with the identity, as lorahot and diffusers' pipeline loaders leave it."""
 
 from __future__ import annotations
 
@@ -52,21 +51,3 @@ def diffusers_weights(
 def assert_same(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-12, msg=name)
-
-
-@torch.no_grad()
-def assert_folded_at_scales(
-    runtime: lorahot.LoraRuntime,
-    model: nn.Module,
-    pristine: dict[str, torch.Tensor],
-    expected: dict[str, torch.Tensor],
-    scales: tuple[float, ...] = (1.0, 0.5),
-) -> None:
-    """A merged ``runtime`` at each scale ``s``: every entry of ``model``'s state dict is its
-    ``pristine`` value plus ``s`` times its ``expected`` delta, or pristine where no delta is named
-    (float64, to 1e-13)."""
-    for s in scales:
-        runtime.set_scale(s)
-        for name, value in model.state_dict().items():
-            want = pristine[name] + s * expected[name] if name in expected else pristine[name]
-            torch.testing.assert_close(value, want, rtol=1e-13, atol=1e-13, msg=name)

@@ -16,14 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 import lorahot
-from tests.diffusion_names import (
-    assert_folded_at_scales,
-    assert_same,
-    diffusers_weights,
-    linears,
-    lorahot_weights,
-    weights,
-)
+from tests.diffusion_names import assert_same, diffusers_weights, linears, lorahot_weights, weights
+from tests.helpers import assert_merged_state
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -663,7 +657,9 @@ def test_wan_norm_deltas_fold_into_diffusers_norms_in_merged_mode(naming: str) -
         assert plan.inject_options()["merged"] is True
         runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
         assert runtime.load(dict(sd)).format == naming
-        assert_folded_at_scales(runtime, model, pristine, expected)
+        for s in (1.0, 0.5):
+            runtime.set_scale(s)
+            assert_merged_state(model, pristine, expected, s)
 
         before = {k: v.clone() for k, v in model.state_dict().items()}
         for weightless in ("blocks.0.norm1", "blocks.0.norm2"):
