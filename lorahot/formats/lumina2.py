@@ -27,6 +27,16 @@ LyCORIS factors (LoHa, LoKr, ...: ai-toolkit's Z-Image LoKr files, which diffuse
 loader reads) load in merged mode, as in ComfyUI naming; one on the fused ``attention.qkv`` of
 a diffusers-named model is cut by the rows of its ``ΔW``, as a LoRA by B's rows.
 
+The normalization layers with a weight are aliased as diffusers' Lumina2 conversion renames them
+(``attention.q_norm`` -> ``attn.norm_q``, ``attention_norm1`` -> ``norm1.norm``, a context-refiner
+block's ``norm1``, ``attention_norm2`` -> ``norm2``, ``ffn_norm1``/``ffn_norm2`` as they are,
+``cap_embedder.0`` -> ``time_caption_embed.caption_embedder.0``; Z-Image keeps them but for
+``attention.q_norm`` -> ``attention.norm_q``): RMSNorms computed in float32 with a weight of the
+same shape in both, so a ``.diff`` (ComfyUI's LoRA extraction) folds into diffusers' norm in merged
+mode, the norm among the targets. Refused by name (``strict=False`` skips them): deltas of
+``final_layer.norm_final`` (``elementwise_affine=False`` in both models) and of the top-level
+``norm_final``, a weight the original model holds but never uses (diffusers' conversion drops it).
+
 ``lumina2-kohya`` is sd-scripts' spelling of the same names (``lora_unet_layers_0_attention_qkv``,
 ``.alpha`` per module), placed the same way; Z-Image files in that spelling name the output
 projection ``attention_out``, as diffusers' Z-Image conversion reads it.
@@ -65,11 +75,40 @@ _BLOCK = {
 
 #: the same for Z-Image and Ideogram 4, whose other block modules keep the original names
 _ZIMAGE_BLOCK = {"attention.out": "attention.to_out.0", "attention.o": "attention.to_out.0"}
+#: the block norms with a weight (RMSNorms of the same shape in both): Lumina2's, then Z-Image's
+#: (which keeps its ``attention_norm1``/``ffn_norm1`` names); ``attention_norm1`` of a modulated block
+#: (``layers``, ``noise_refiner``) is ``norm1.norm`` in diffusers' Lumina2, a context refiner's ``norm1``
+_BLOCK_NORMS = {
+    "attention.q_norm": "attn.norm_q",
+    "attention.k_norm": "attn.norm_k",
+    "attention_norm2": "norm2",
+}
+_ZIMAGE_NORMS = {"attention.q_norm": "attention.norm_q", "attention.k_norm": "attention.norm_k"}
 
-_ALIASES: tuple[tuple[str, str], ...] = tuple(
-    (rf"{_START}(layers|noise_refiner|context_refiner)\.(\d+)\.{re.escape(k)}$", rf"\1.\2.{v}")
-    for table in (_BLOCK, _ZIMAGE_BLOCK)
-    for k, v in table.items()
+_ALIASES: tuple[tuple[str, str], ...] = (
+    *(
+        (rf"{_START}(layers|noise_refiner|context_refiner)\.(\d+)\.{re.escape(k)}$", rf"\1.\2.{v}")
+        for table in (_BLOCK, _ZIMAGE_BLOCK, _BLOCK_NORMS, _ZIMAGE_NORMS)
+        for k, v in table.items()
+    ),
+    (rf"{_START}(layers|noise_refiner)\.(\d+)\.attention_norm1$", r"\1.\2.norm1.norm"),
+    (rf"{_START}context_refiner\.(\d+)\.attention_norm1$", r"context_refiner.\1.norm1"),
+    (rf"{_START}cap_embedder\.0$", "time_caption_embed.caption_embedder.0"),
+)
+
+#: deltas of norms that compute nothing with a weight
+_NO_NORM: tuple[tuple[str, str], ...] = (
+    (
+        r"(?:^|\.)final_layer\.norm_final\.(?:diff|diff_b)$",
+        "a delta of a normalization layer that has no weight or bias in Lumina2 (the final layer's norm_final: "
+        "elementwise_affine=False, as in diffusers), so there is nothing to add it to; load with strict=False "
+        "to skip it",
+    ),
+    (
+        r"^(?:(?:model\.)?diffusion_model|conditional_transformer)\.norm_final\.(?:diff|diff_b)$",
+        "a delta of the top-level norm_final, a weight the original Lumina2 model holds but never uses (diffusers' "
+        "conversion drops it), so it changes no output; load with strict=False to skip it",
+    ),
 )
 
 #: the fused attention input: q (all heads), then k and v (the key-value heads), rows 3 : 1 : 1
@@ -90,7 +129,7 @@ FORMAT = KeyFormat(
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
     prefixes=(*DIFFUSION_MODEL, "conditional_transformer."),
     require_prefix=True,
-    refuse=REFUSED_MERGEABLE,
+    refuse=(*_NO_NORM, *REFUSED_MERGEABLE),
     marker=(
         r"^(?:(?:model\.)?diffusion_model|conditional_transformer)\.(?:layers|noise_refiner|context_refiner)\.\d+\."
         r"(?:attention\.(?:qkv|out|o)|feed_forward\.w[123])\."

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorahot
+from tests.helpers import assert_merged_state
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -117,3 +118,97 @@ def test_lumina2_kohya_spelling_matches_diffusers_on_the_original_names() -> Non
         ours = model(**lumina2_inputs(), return_dict=False)[0]
     assert info.format == "lumina2-kohya"
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def small_lumina2() -> torch.nn.Module:
+    """A Lumina2 of hidden size 32 (for the state-dict checks, which need no diffusers conversion)."""
+    torch.manual_seed(0)
+    return diffusers.Lumina2Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        hidden_size=32,
+        num_layers=1,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=2,
+        multiple_of=16,
+        axes_dim_rope=(4, 6, 6),
+        axes_lens=(64, 32, 32),
+        cap_feat_dim=16,
+    ).eval()
+
+
+def small_zimage() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.ZImageTransformer2DModel(
+        in_channels=4,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[4, 6, 6],
+        axes_lens=[64, 32, 32],
+    ).eval()
+
+
+#: the original norms with a weight -> (diffusers' Lumina2 norm, Z-Image's, size), as diffusers'
+#: Lumina2 and Z-Image conversions rename them
+LUMINA2_NORMS = {
+    "layers.0.attention.q_norm": ("layers.0.attn.norm_q", "layers.0.attention.norm_q", 16),
+    "layers.0.attention.k_norm": ("layers.0.attn.norm_k", "layers.0.attention.norm_k", 16),
+    "layers.0.attention_norm1": ("layers.0.norm1.norm", "layers.0.attention_norm1", 32),
+    "layers.0.attention_norm2": ("layers.0.norm2", "layers.0.attention_norm2", 32),
+    "layers.0.ffn_norm1": ("layers.0.ffn_norm1", "layers.0.ffn_norm1", 32),
+    "noise_refiner.0.attention_norm1": ("noise_refiner.0.norm1.norm", "noise_refiner.0.attention_norm1", 32),
+    "context_refiner.0.attention_norm1": ("context_refiner.0.norm1", "context_refiner.0.attention_norm1", 32),
+    "context_refiner.0.ffn_norm2": ("context_refiner.0.ffn_norm2", "context_refiner.0.ffn_norm2", 32),
+    "cap_embedder.0": ("time_caption_embed.caption_embedder.0", "cap_embedder.0", 16),
+}
+
+
+@pytest.mark.parametrize("zimage", [False, True], ids=["lumina2", "z-image"])
+def test_lumina2_norm_deltas_fold_into_diffusers_norms_in_merged_mode(zimage: bool) -> None:
+    """A ``.diff`` of a norm in the original Lumina2 names (``layers.0.attention_norm1``,
+    ``attention.q_norm``, as ComfyUI's LoRA extraction writes one for every norm with a weight)
+    matched no injected layer on diffusers' Lumina2 (``norm1.norm``, ``attn.norm_q``) or Z-Image
+    (``attention.norm_q``). Now they are aliased as diffusers' conversions rename them,
+    ``plan_targets`` lists the norms and the file folds: float64 ``W + s alpha / r B A`` and
+    ``w + s diff`` at scales 1 and 0.5. Deltas of the weightless ``final_layer.norm_final`` and of
+    the unused top-level ``norm_final`` are refused by name, nothing changed."""
+    g = torch.Generator().manual_seed(70)
+    with torch.no_grad():
+        model = (small_zimage() if zimage else small_lumina2()).double()
+        pristine = {k: v.clone() for k, v in model.state_dict().items()}
+        out = "layers.0.attention.to_out.0" if zimage else "layers.0.attn.to_out.0"
+        a = torch.randn(2, 32, generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(32, 2, generator=g, dtype=torch.float64) * 0.3
+        stem = "diffusion_model.layers.0.attention.out"
+        sd = {f"{stem}.lora_down.weight": a, f"{stem}.lora_up.weight": b, f"{stem}.alpha": torch.tensor(3.0)}
+        expected = {f"{out}.weight": 1.5 * b @ a}
+        for name, (lumina2, zimage_norm, size) in LUMINA2_NORMS.items():
+            norm = zimage_norm if zimage else lumina2
+            assert model.get_submodule(norm).weight.shape == (size,)
+            sd[f"diffusion_model.{name}.diff"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
+            expected[f"{norm}.weight"] = sd[f"diffusion_model.{name}.diff"]
+        plan = lorahot.plan_targets(dict(sd), model)
+        assert {n[1] if zimage else n[0] for n in LUMINA2_NORMS.values()} <= set(plan.targets)
+        assert plan.inject_options()["merged"] is True
+        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
+        assert runtime.load(dict(sd)).format == "lumina2"
+        for s in (1.0, 0.5):
+            runtime.set_scale(s)
+            assert_merged_state(model, pristine, expected, s)
+
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        for key, message in (
+            ("diffusion_model.final_layer.norm_final.diff", r"no weight or bias in Lumina2"),
+            ("diffusion_model.norm_final.diff", r"holds but never uses"),
+        ):
+            hostile = dict(sd) | {key: torch.zeros(32, dtype=torch.float64)}
+            with pytest.raises(lorahot.UnknownFormatError, match=rf"{message}.*strict=False"):
+                runtime.load(hostile)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
