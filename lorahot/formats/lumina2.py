@@ -39,7 +39,9 @@ mode, the norm among the targets. Refused by name (``strict=False`` skips them):
 
 ``lumina2-kohya`` is sd-scripts' spelling of the same names (``lora_unet_layers_0_attention_qkv``,
 ``.alpha`` per module), placed the same way; Z-Image files in that spelling name the output
-projection ``attention_out``, as diffusers' Z-Image conversion reads it.
+projection ``attention_out``, as diffusers' Z-Image conversion reads it. It reads LyCORIS factors
+and norm deltas (``lora_unet_layers_0_attention_q_norm.diff``) as the dotted naming does, in merged
+mode, and refuses the same weightless norms' deltas by name.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ from lorahot.formats import kohya
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import (
     DIFFUSION_MODEL,
-    REFUSED,
     REFUSED_MERGEABLE,
     KeyFormat,
     Reorder,
@@ -96,16 +97,16 @@ _ALIASES: tuple[tuple[str, str], ...] = (
     (rf"{_START}cap_embedder\.0$", "time_caption_embed.caption_embedder.0"),
 )
 
-#: deltas of norms that compute nothing with a weight
+#: deltas of norms that compute nothing with a weight (in either spelling)
 _NO_NORM: tuple[tuple[str, str], ...] = (
     (
-        r"(?:^|\.)final_layer\.norm_final\.(?:diff|diff_b)$",
+        r"(?:^|[._])final_layer[._]norm_final\.(?:diff|diff_b)$",
         "a delta of a normalization layer that has no weight or bias in Lumina2 (the final layer's norm_final: "
         "elementwise_affine=False, as in diffusers), so there is nothing to add it to; load with strict=False "
         "to skip it",
     ),
     (
-        r"^(?:(?:model\.)?diffusion_model|conditional_transformer)\.norm_final\.(?:diff|diff_b)$",
+        r"^(?:(?:model\.)?diffusion_model\.|conditional_transformer\.|lora_unet_)norm_final\.(?:diff|diff_b)$",
         "a delta of the top-level norm_final, a weight the original Lumina2 model holds but never uses (diffusers' "
         "conversion drops it), so it changes no output; load with strict=False to skip it",
     ),
@@ -148,14 +149,25 @@ _KOHYA_TO_DOTTED = (
         r"(qkv|out|o|w[123]|\d+)$",
         r"lora_unet_\1.\2.\3.\4",
     ),
+    # the norms with a weight (the aliases then place them as in the dotted naming)
+    (
+        r"^lora_unet_(layers|noise_refiner|context_refiner)_(\d+)_attention_(q_norm|k_norm)$",
+        r"lora_unet_\1.\2.attention.\3",
+    ),
+    (
+        r"^lora_unet_(layers|noise_refiner|context_refiner)_(\d+)_(attention_norm[12]|ffn_norm[12])$",
+        r"lora_unet_\1.\2.\3",
+    ),
+    (r"^lora_unet_cap_embedder_0$", "lora_unet_cap_embedder.0"),
 )
 
 KOHYA = kohya.spelling(
     "lumina2-kohya",
     renames=_KOHYA_TO_DOTTED,
     aliases=_ALIASES,
-    refuse=REFUSED,
+    refuse=(*_NO_NORM, *REFUSED_MERGEABLE),
     marker=r"^lora_unet_(?:layers|noise_refiner|context_refiner)_\d+_attention_(?:qkv|out|o)\.",
     splits=SPLITS,
+    lycoris=True,
     example="lora_unet_layers_0_attention_qkv.lora_down.weight",
 )

@@ -170,15 +170,21 @@ LUMINA2_NORMS = {
 }
 
 
+@pytest.mark.parametrize("kohya", [False, True], ids=["dotted", "kohya"])
 @pytest.mark.parametrize("zimage", [False, True], ids=["lumina2", "z-image"])
-def test_lumina2_norm_deltas_fold_into_diffusers_norms_in_merged_mode(zimage: bool) -> None:
+def test_lumina2_norm_deltas_fold_into_diffusers_norms_in_merged_mode(zimage: bool, kohya: bool) -> None:
     """A ``.diff`` of a norm in the original Lumina2 names (``layers.0.attention_norm1``,
     ``attention.q_norm``, as ComfyUI's LoRA extraction writes one for every norm with a weight)
     matched no injected layer on diffusers' Lumina2 (``norm1.norm``, ``attn.norm_q``) or Z-Image
     (``attention.norm_q``). Now they are aliased as diffusers' conversions rename them,
     ``plan_targets`` lists the norms and the file folds: float64 ``W + s alpha / r B A`` and
     ``w + s diff`` at scales 1 and 0.5. Deltas of the weightless ``final_layer.norm_final`` and of
-    the unused top-level ``norm_final`` are refused by name, nothing changed."""
+    the unused top-level ``norm_final`` are refused by name, nothing changed. The same in kohya's
+    spelling (``lora_unet_layers_0_attention_q_norm.diff``), which read no ``.diff`` at all."""
+
+    def spelled(name: str) -> str:
+        return "lora_unet_" + name.replace(".", "_") if kohya else f"diffusion_model.{name}"
+
     g = torch.Generator().manual_seed(70)
     with torch.no_grad():
         model = (small_zimage() if zimage else small_lumina2()).double()
@@ -186,27 +192,27 @@ def test_lumina2_norm_deltas_fold_into_diffusers_norms_in_merged_mode(zimage: bo
         out = "layers.0.attention.to_out.0" if zimage else "layers.0.attn.to_out.0"
         a = torch.randn(2, 32, generator=g, dtype=torch.float64) * 0.3
         b = torch.randn(32, 2, generator=g, dtype=torch.float64) * 0.3
-        stem = "diffusion_model.layers.0.attention.out"
+        stem = spelled("layers.0.attention.out")
         sd = {f"{stem}.lora_down.weight": a, f"{stem}.lora_up.weight": b, f"{stem}.alpha": torch.tensor(3.0)}
         expected = {f"{out}.weight": 1.5 * b @ a}
         for name, (lumina2, zimage_norm, size) in LUMINA2_NORMS.items():
             norm = zimage_norm if zimage else lumina2
             assert model.get_submodule(norm).weight.shape == (size,)
-            sd[f"diffusion_model.{name}.diff"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
-            expected[f"{norm}.weight"] = sd[f"diffusion_model.{name}.diff"]
+            sd[f"{spelled(name)}.diff"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
+            expected[f"{norm}.weight"] = sd[f"{spelled(name)}.diff"]
         plan = lorahot.plan_targets(dict(sd), model)
         assert {n[1] if zimage else n[0] for n in LUMINA2_NORMS.values()} <= set(plan.targets)
         assert plan.inject_options()["merged"] is True
         runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
-        assert runtime.load(dict(sd)).format == "lumina2"
+        assert runtime.load(dict(sd)).format == ("lumina2-kohya" if kohya else "lumina2")
         for s in (1.0, 0.5):
             runtime.set_scale(s)
             assert_merged_state(model, pristine, expected, s)
 
         before = {k: v.clone() for k, v in model.state_dict().items()}
         for key, message in (
-            ("diffusion_model.final_layer.norm_final.diff", r"no weight or bias in Lumina2"),
-            ("diffusion_model.norm_final.diff", r"holds but never uses"),
+            (f"{spelled('final_layer.norm_final')}.diff", r"no weight or bias in Lumina2"),
+            (f"{spelled('norm_final')}.diff", r"holds but never uses"),
         ):
             hostile = dict(sd) | {key: torch.zeros(32, dtype=torch.float64)}
             with pytest.raises(lorahot.UnknownFormatError, match=rf"{message}.*strict=False"):
