@@ -387,9 +387,10 @@ def refusals(mesh: object, check: Checks) -> None:
 
 def transformers_refusals(folder: Path, check: Checks) -> None:
     """Styles of transformers' own tensor parallelism lorahot does not compute LoRA for are
-    refused at inject, naming the style and the fix, and the model keeps its modules: the
-    embedding (``embedding_rowwise``) and a ``packed_colwise`` projection; so is a sharded
-    linear whose forward another engine set."""
+    refused at inject, naming the style and the fix, and the model keeps its modules: a
+    ``packed_colwise`` projection, and an ``embedding_rowwise`` embedding whose class has a
+    forward of its own (as Gemma's scaled one); so is a sharded linear whose forward another
+    engine set."""
     import transformers
     from transformers.distributed import DistributedConfig
 
@@ -399,20 +400,32 @@ def transformers_refusals(folder: Path, check: Checks) -> None:
         str(folder / "hf_llama"), distributed_config=config, dtype=torch.float64
     )
     gate = model.model.layers[0].mlp.gate_proj
-    for what, targets, style in (
-        ("an embedding transformers' tp_plan sharded is refused", ["embed_tokens"], "EmbeddingParallel"),
-        ("a packed_colwise projection is refused", ["q_proj", "gate_proj"], "PackedColwiseParallel"),
-    ):
-        check(
-            what,
-            lambda targets=targets, style=style: raises(
-                lorahot.UsageError,
-                lambda: lorahot.inject(model, targets, max_rank=4),
-                f"transformers' {style}",
-                "not a style lorahot computes",
-                "parallelize_module",
-            ),
-        )
+    check(
+        "a packed_colwise projection is refused",
+        lambda: raises(
+            lorahot.UsageError,
+            lambda: lorahot.inject(model, ["q_proj", "gate_proj"], max_rank=4),
+            "transformers' PackedColwiseParallel",
+            "not a style lorahot computes",
+            "parallelize_module",
+        ),
+    )
+
+    class ScaledEmbedding(torch.nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) * 2.0
+
+    model.model.embed_tokens.__class__ = ScaledEmbedding
+    check(
+        "an embedding transformers' tp_plan sharded whose class has a forward of its own is refused",
+        lambda: raises(
+            lorahot.UsageError,
+            lambda: lorahot.inject(model, ["embed_tokens"], max_rank=4),
+            "transformers' EmbeddingParallel (shard_dim=0) shards a ScaledEmbedding",
+            "forward of its own",
+            "parallelize_module",
+        ),
+    )
     check(
         "the model keeps its modules after the refusal",
         lambda: (model.model.layers[0].mlp.gate_proj is gate and type(gate) is torch.nn.Linear) or "wrapped",
@@ -457,21 +470,22 @@ class Collectives(TorchDispatchMode):
 def scenario_transformers(mesh: object, folder: Path, check: Checks) -> None:
     """transformers' tiny Llama loaded sharded by its own tensor parallelism
     (``from_pretrained(distributed_config=DistributedConfig(tp_plan="auto", tp_size=2))``:
-    q/k/v/gate/up ``colwise``, o/down ``rowwise``, lm_head ``colwise_gather_output``) against
-    PEFT on the unsharded model, float64: load, swap, stack, set_scale, per-row routing
-    (prefill and decode shapes), unload and eject; the collectives a forward runs; compiled."""
+    q/k/v/gate/up ``colwise``, o/down ``rowwise``, lm_head ``colwise_gather_output``, and
+    embed_tokens ``embedding_rowwise``, which transformers adds to every plan) against PEFT on the
+    unsharded model, float64: load, swap, stack, set_scale, per-row routing (prefill and decode
+    shapes), unload and eject; the collectives a forward runs; compiled."""
     import peft
     import transformers
     from transformers.distributed import DistributedConfig
 
-    from lorahot.layers import StyledLoRALinear
+    from lorahot.layers import StyledLoRAEmbedding, StyledLoRALinear
 
-    path, a, b = (str(folder / name) for name in ("hf_llama", "hf_a", "hf_b"))
-    names = ["a", "b", "__base__"]
+    path, a, b, e = (str(folder / name) for name in ("hf_llama", "hf_a", "hf_b", "hf_e"))
     oracle = peft.PeftModel.from_pretrained(
         transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float64).eval(), a, adapter_name="a"
     )
     oracle.load_adapter(b, adapter_name="b")
+    oracle.load_adapter(e, adapter_name="e")
     config = DistributedConfig(tp_plan="auto", tp_size=dist.get_world_size())
     tp = transformers.LlamaForCausalLM.from_pretrained(path, distributed_config=config, dtype=torch.float64).eval()
     ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(1))
@@ -484,8 +498,9 @@ def scenario_transformers(mesh: object, folder: Path, check: Checks) -> None:
         """PEFT's own per-adapter weight: ``scaling = w * alpha / r`` on every LoRA layer."""
         for module in oracle.modules():
             if isinstance(module, peft.tuners.lora.LoraLayer):
-                for name in ("a", "b"):
-                    module.set_scale(name, weights.get(name, 1.0))
+                for name in ("a", "b", "e"):
+                    if name in module.scaling:
+                        module.set_scale(name, weights.get(name, 1.0))
 
     def peft_logits(x: torch.Tensor = ids, **weights: float) -> torch.Tensor:
         """PEFT's multi-adapter forward with ``weights``' adapters active at those weights."""
@@ -493,10 +508,10 @@ def scenario_transformers(mesh: object, folder: Path, check: Checks) -> None:
         oracle.base_model.set_adapter(list(weights))
         return logits(oracle, x)
 
-    def peft_rows(x: torch.Tensor) -> torch.Tensor:
+    def peft_rows(x: torch.Tensor, names: tuple[str, ...] = ("a", "b", "__base__")) -> torch.Tensor:
         """PEFT's mixed batch: row ``i`` with adapter ``names[i]``."""
         weigh({})
-        return logits(oracle, x, adapter_names=names)
+        return logits(oracle, x, adapter_names=list(names))
 
     def matches(want: Callable[[], torch.Tensor], x: torch.Tensor = ids) -> Callable[[], str | None]:
         return lambda: same(logits(tp, x), want())
@@ -514,13 +529,13 @@ def scenario_transformers(mesh: object, folder: Path, check: Checks) -> None:
         return (len(plan.targets) == 15 and plan.max_rank == 4) or plan
 
     check("plan_targets reads the whole layers", planned)
-    rt = lorahot.inject(tp, TARGETS, max_rank=MAX_RANK, slots=2)
+    rt = lorahot.inject(tp, [*TARGETS, "embed_tokens"], max_rank=MAX_RANK, slots=2)
     layers = {n.split(".")[-1]: rt.layers[n] for n in rt.layers}
     check(
         "the layers take the style's layout",
         lambda: (
             (
-                all(isinstance(layer, StyledLoRALinear) for layer in rt.layers.values())
+                all(isinstance(layer, StyledLoRALinear) for n, layer in layers.items() if n != "embed_tokens")
                 and layers["q_proj"].spec.shard.dim == "out"  # type: ignore[union-attr]
                 and layers["down_proj"].spec.shard.dim == "in"  # type: ignore[union-attr]
                 and layers["lm_head"].spec.shard is None
@@ -531,7 +546,36 @@ def scenario_transformers(mesh: object, folder: Path, check: Checks) -> None:
             or {n: (tuple(x.lora_A.shape), tuple(x.lora_B.shape)) for n, x in layers.items()}
         ),
     )
+    vocab = tp.model.embed_tokens.weight  # embedding_rowwise: the vocabulary split by rank
+    check(
+        "an embedding_rowwise embedding takes a whole LoRA",
+        lambda: (
+            (
+                isinstance(layers["embed_tokens"], StyledLoRAEmbedding)
+                and layers["embed_tokens"].spec.shard is None
+                and tuple(layers["embed_tokens"].lora_A.shape) == (MAX_RANK, 64)
+                and tuple(layers["embed_tokens"].lora_B.shape) == (MAX_RANK, 32)
+                and tuple(vocab.to_local().shape) == (32, 32)  # type: ignore[attr-defined]
+            )
+            or (type(layers["embed_tokens"]).__name__, tuple(layers["embed_tokens"].lora_A.shape))
+        ),
+    )
     check("inject keeps the outputs", lambda: same(logits(tp), base))
+    rt.load(e)
+    check("an embedding_rowwise embedding: load", matches(lambda: peft_logits(e=1.0)))
+    check(
+        "an embedding_rowwise embedding: load, autograd on",
+        lambda: same(tp(input_ids=ids).logits.detach(), peft_logits(e=1.0)),
+    )
+    rt.load(a, slot=1)
+    rt.activate([0, 1, -1])
+    rows = ("e", "a", "__base__")
+    check("an embedding_rowwise embedding: per-row routing", matches(lambda: peft_rows(ids, rows)))
+    check(
+        "an embedding_rowwise embedding: per-row routing, decode rows",
+        matches(lambda: peft_rows(ids[:, :1], rows), ids[:, :1]),
+    )
+    rt.activate(0)
     rt.load(a)
     check("load", matches(lambda: peft_logits(a=1.0)))
     check("load, autograd on", lambda: same(tp(input_ids=ids).logits.detach(), peft_logits(a=1.0)))
@@ -587,19 +631,38 @@ def scenario_transformers(mesh: object, folder: Path, check: Checks) -> None:
             or "not restored"
         ),
     )
-    split = DistributedConfig(tp_plan={"lm_head": "rowwise_split_input"}, tp_size=dist.get_world_size())
+    plan = {"lm_head": "rowwise_split_input", "model.embed_tokens": "embedding_colwise"}
+    split = DistributedConfig(tp_plan=plan, tp_size=dist.get_world_size())
     other = transformers.LlamaForCausalLM.from_pretrained(path, distributed_config=split, dtype=torch.float64)
-    lorahot.inject(other, TARGETS, max_rank=MAX_RANK).load(a)
+    other_rt = lorahot.inject(other, [*TARGETS, "embed_tokens"], max_rank=MAX_RANK)
+    other_rt.load(a)
     check("a rowwise_split_input head takes a whole LoRA", lambda: same(logits(other.eval()), peft_logits(a=1.0)))
-    compiled_transformers(tp, a, b, peft_logits, check)
+    columns = other.model.embed_tokens.weight.to_local().shape  # embedding_colwise: each vector split by rank
+    other_rt.load(e)
+    check(
+        "an embedding_colwise embedding takes a whole LoRA",
+        lambda: same(logits(other), peft_logits(e=1.0)) if tuple(columns) == (64, 16) else f"local {tuple(columns)}",
+    )
+    only = str(folder / "hf_embedding")
+    alone = transformers.LlamaForCausalLM.from_pretrained(path, distributed_config=config, dtype=torch.float64)
+    alone_rt = lorahot.inject(alone.eval(), ["embed_tokens"], max_rank=MAX_RANK)
+    check(
+        "a load only rank 1 fails changes no rank, the embedding the only sharded target",
+        lambda: (
+            raises(lorahot.SourceNotFoundError, lambda: alone_rt.load(only if dist.get_rank() == 0 else only + "_x"))
+            or same(logits(alone), base)
+        ),
+    )
+    compiled_transformers(tp, a, b, e, peft_logits, check)
 
 
 def compiled_transformers(
-    tp: torch.nn.Module, a: str, b: str, peft_logits: Callable[..., torch.Tensor], check: Checks
+    tp: torch.nn.Module, a: str, b: str, e: str, peft_logits: Callable[..., torch.Tensor], check: Checks
 ) -> None:
-    """The model compiled (``aot_eager``) after inject: swaps, stacks and scales under
-    ``error_on_recompile``, and another input shape (the negative control) does recompile."""
-    rt = lorahot.inject(tp, TARGETS, max_rank=MAX_RANK, slots=2)
+    """The model compiled (``aot_eager``) after inject: swaps (to an adapter on the embedding too),
+    stacks and scales under ``error_on_recompile``, and another input shape (the negative
+    control) does recompile."""
+    rt = lorahot.inject(tp, [*TARGETS, "embed_tokens"], max_rank=MAX_RANK, slots=2)
     rt.load(a)
     compiled = torch.compile(tp, backend="aot_eager")
     ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(1))
@@ -616,6 +679,8 @@ def compiled_transformers(
     with torch._dynamo.config.patch(error_on_recompile=True):
         rt.load(b)
         check("swap without recompiling", matches(b=1.0))
+        rt.load(e)
+        check("swap to an adapter on the embedding without recompiling", matches(e=1.0))
         rt.load([a, b], scale=[0.5, 2.0])
         check("stack without recompiling", matches(a=0.5, b=2.0))
         rt.set_scale([1.5, -1.0])

@@ -13,7 +13,7 @@ from lorahot.layers.linear import LoRALinear, linear_features
 from lorahot.layers.norm import LoRANorm, is_norm
 from lorahot.layers.sharded import ShardedLoRALinear, is_sharded
 from lorahot.layers.state import RuntimeState
-from lorahot.layers.styled import StyledLoRALinear, is_styled
+from lorahot.layers.styled import StyledLoRAEmbedding, StyledLoRALinear, is_styled, is_styled_embedding
 
 __all__ = [
     "LayerSpec",
@@ -24,6 +24,7 @@ __all__ = [
     "LoRANorm",
     "ShardedLoRALinear",
     "StyledLoRALinear",
+    "StyledLoRAEmbedding",
     "Shard",
     "RuntimeState",
     "layer_class_for",
@@ -32,6 +33,11 @@ __all__ = [
 
 #: What lorahot wraps, in the order it is tried: (description, predicate, layer class).
 SUPPORTED: tuple[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], LoRALayer]], ...] = (
+    (
+        "tensor-parallel Embedding sharded by transformers' tp_plan (embedding_rowwise / embedding_colwise)",
+        is_styled_embedding,
+        StyledLoRAEmbedding,
+    ),
     (
         "tensor-parallel Linear sharded by transformers' tp_plan (colwise / rowwise styles)",
         is_styled,

@@ -61,7 +61,7 @@ from lorahot.layers.linear import LoRALinear
 from lorahot.layers.refusal import literal, refuse
 from lorahot.layers.tensor_handles import ROUTES
 
-__all__ = ["ShardedLoRALinear", "is_sharded", "shard_of", "mesh_of", "own_forward_refusal"]
+__all__ = ["ShardedLoRALinear", "is_sharded", "shard_of", "placed_shard", "mesh_of", "own_forward_refusal"]
 
 #: The forward hooks of a module, as ``nn.Module`` keeps them (dicts swapped whole, so the
 #: handles ``register_forward_hook`` returned keep working on whichever module holds them).
@@ -105,12 +105,25 @@ def shard_of(module: nn.Module) -> Shard:
             the ``torch.chunk`` slice DTensor makes.
     """
     weight: Any = module.weight
-    kind = type(module).__name__
     if not isinstance(module, nn.Linear):
         raise UsageError(
-            f"cannot add LoRA to a tensor-parallel {kind} (weight placements {weight.placements}); lorahot shards "
-            "LoRA with nn.Linear layers only (ColwiseParallel / RowwiseParallel). Exclude it from targets."
+            f"cannot add LoRA to a tensor-parallel {type(module).__name__} (weight placements {weight.placements}); "
+            "lorahot shards LoRA with nn.Linear layers only (ColwiseParallel / RowwiseParallel). Exclude it from "
+            "targets."
         )
+    return placed_shard(module)
+
+
+def placed_shard(module: nn.Module) -> Shard:
+    """The slice of ``module``'s 2-D DTensor weight this rank holds, whatever the module:
+    :attr:`Shard.dim` ``"out"`` for ``Shard(0)`` (rows of the weight), ``"in"`` for ``Shard(1)``.
+
+    Raises:
+        UsageError: the mesh is not 1-D; the weight is not ``Shard(0)`` or ``Shard(1)``; the
+            local shard is not the ``torch.chunk`` slice DTensor makes.
+    """
+    weight: Any = module.weight
+    kind = type(module).__name__
     mesh = weight.device_mesh
     placements = tuple(weight.placements)
     dims = {0: "out", 1: "in"}

@@ -1,4 +1,5 @@
-"""``StyledLoRALinear``: LoRA on a linear that transformers' own tensor parallelism sharded.
+"""``StyledLoRALinear`` and ``StyledLoRAEmbedding``: LoRA on a linear or an embedding that
+transformers' own tensor parallelism sharded.
 
 ``from_pretrained(..., tp_plan="auto")`` (or ``distributed_config=DistributedConfig(...)``)
 shards a model by its config's ``base_model_tp_plan``: each entry names a style, and the style
@@ -24,13 +25,23 @@ returns:
 - ``colwise_gather_output`` / ``colwise_rep`` (``ColwiseParallel`` with a replicated output,
   as on Llama's ``lm_head``) and ``rowwise_split_input`` / ``rowwise_rep`` (``RowwiseParallel``
   with a replicated input): input and output are whole on every rank, so the layer takes a
-  whole LoRA, computed the same on every rank, no collective.
+  whole LoRA, computed the same on every rank, no collective;
+- ``embedding_rowwise`` (``EmbeddingParallel(shard_dim=0)``, which transformers puts on every
+  model's ``embed_tokens`` once it has a tp_plan: weight ``Shard(0)``, the vocabulary split by
+  rank; the ids are replicated, a rank's lookup of an id outside its rows is zero, and the
+  partial outputs are all-reduced inside the call) and ``embedding_colwise`` (``shard_dim=1``,
+  the slices of every vector gathered inside the call): the output is whole on every rank, so
+  the layer takes a whole LoRA, ``A [R, vocab]`` and ``B``, computed the same on every rank, no
+  collective (:class:`StyledLoRAEmbedding`). Cutting A's vocabulary like the weight would save
+  ``R x vocab / n`` elements per rank (a few MB next to the table's shard) at the cost of an
+  all-reduce of the ``[tokens, R]`` lookup on every call.
 
 Recognized from the forward transformers sets (its ``TensorParallelLayer`` style, the module it
 was installed on, and ``nn.Linear.forward`` inside it), never from the model's plan, which may
 not be what ran. Any other style (``unit_colwise`` and ``packed_colwise``, whose heads or
-packed halves are laid out otherwise; MoE experts, embeddings, sequence-parallel layouts; a
-quantized linear's local path), a forward set over transformers', and any other engine's forward
+packed halves are laid out otherwise; MoE experts, sequence-parallel layouts; a quantized
+layer's local path; an embedding class with a forward of its own, such as Gemma's scaled one),
+a forward set over transformers', and any other engine's forward
 is refused at inject with :class:`~lorahot.errors.UsageError` naming the style and the fix
 (``parallelize_module``, which :class:`~lorahot.layers.sharded.ShardedLoRALinear` follows).
 Loads, stacks, per-row routing and the agreement across ranks are those of
@@ -50,11 +61,20 @@ from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.layers import routing
+from lorahot.layers.embedding import LoRAEmbedding
 from lorahot.layers.linear import LoRALinear
 from lorahot.layers.refusal import literal, refuse
-from lorahot.layers.sharded import ShardedLoRALinear, _is_dtensor, is_sharded, own_forward_refusal, shard_of
+from lorahot.layers.sharded import (
+    ShardedLoRALinear,
+    _is_dtensor,
+    is_sharded,
+    mesh_of,
+    own_forward_refusal,
+    placed_shard,
+    shard_of,
+)
 
-__all__ = ["StyledLoRALinear", "is_styled", "style_of"]
+__all__ = ["StyledLoRALinear", "StyledLoRAEmbedding", "is_styled", "is_styled_embedding", "style_of"]
 
 _FUNCOL = "torch.distributed._functional_collectives"
 #: What lorahot computes, by the style's class and its (input, output) layouts.
@@ -70,6 +90,11 @@ def is_styled(module: nn.Module) -> bool:
     """Whether ``module`` is tensor-parallel (a DTensor weight) with a ``forward`` of the
     instance's own: transformers' styles, or another engine :class:`StyledLoRALinear` refuses."""
     return is_sharded(module) and "forward" in module.__dict__
+
+
+def is_styled_embedding(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Embedding`` :func:`is_styled` (:class:`StyledLoRAEmbedding`)."""
+    return isinstance(module, nn.Embedding) and is_styled(module)
 
 
 def style_of(module: nn.Module) -> tuple[Any, Any] | None:
@@ -122,10 +147,12 @@ def _refusal(module: nn.Module, why: str) -> str:
     return (
         f"cannot add LoRA to this tensor-parallel {type(module).__name__}: {why}. lorahot computes LoRA on an "
         "nn.Linear that transformers' tp_plan sharded with colwise, rowwise, colwise_gather_output / colwise_rep or "
-        "rowwise_split_input / rowwise_rep; not unit_colwise / packed_colwise (their heads or packed halves are laid "
-        "out otherwise), MoE experts, embeddings or sequence-parallel layouts. Exclude this module from targets, or "
-        "load the model unsharded and parallelize it with torch.distributed.tensor.parallel.parallelize_module "
-        "(ColwiseParallel / RowwiseParallel), which lorahot follows, then inject."
+        "rowwise_split_input / rowwise_rep, and on an nn.Embedding sharded with embedding_rowwise / "
+        "embedding_colwise; not unit_colwise / packed_colwise (their heads or packed halves are laid out otherwise), "
+        "MoE experts, sequence-parallel layouts or an embedding class with a forward of its own. Exclude this module "
+        "from targets, or load the model unsharded and parallelize it with "
+        "torch.distributed.tensor.parallel.parallelize_module (ColwiseParallel / RowwiseParallel), which lorahot "
+        "follows, then inject."
     )
 
 
@@ -220,3 +247,57 @@ class StyledLoRALinear(ShardedLoRALinear):
             "Call it with the local tensor (x.to_local()), or parallelize with parallelize_module."
         )
         return refuse(message, lambda: x.new_zeros(()))
+
+
+def _embedding_layout(module: nn.Module, style: Any, inner: Any) -> str | None:
+    """Why lorahot cannot compute a whole LoRA on the embedding ``module`` under ``style``, or None."""
+    name = type(style).__name__
+    if name != "EmbeddingParallel":
+        return f"transformers' {name} is not a style lorahot computes LoRA for on an embedding"
+    shown = f"transformers' {name} (shard_dim={getattr(style, 'shard_dim', None)})"
+    if type(module).forward is not nn.Embedding.forward:
+        return f"{shown} shards a {type(module).__name__}, whose class has a forward of its own"
+    if getattr(inner, "__func__", None) is not nn.Embedding.forward or getattr(inner, "__self__", None) is not module:
+        return f"{shown} wraps a forward other than nn.Embedding's here (a kernel's or a quantized one)"
+    if getattr(module, "_hf_quantized_needs_local_tp", False) or getattr(style, "use_local_output", None) is not True:
+        return f"{shown} runs a quantized local path or hands out DTensors here"
+    return None
+
+
+class StyledLoRAEmbedding(LoRAEmbedding):
+    """LoRA on an ``nn.Embedding`` that transformers' ``embedding_rowwise`` (or
+    ``embedding_colwise``) sharded; see the module docstring. Its output is whole on every rank,
+    so the LoRA is whole too: buffers ``lora_A [R, vocab]``, ``lora_B [R, dim]`` as
+    :class:`~lorahot.layers.embedding.LoRAEmbedding`'s, the same on every rank; a copy of the
+    base table an adapter carries (PEFT saves ``embed_tokens``' own) is cut to this rank's slice
+    before it is compared (``spec.weight_shard``). The base output is the style's forward.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        found = style_of(base_layer)
+        if found is None:
+            raise UsageError(own_forward_refusal(base_layer))
+        why = _embedding_layout(base_layer, *found)
+        if why is not None:
+            raise UsageError(_refusal(base_layer, why))
+        shard = placed_shard(base_layer)
+        super().__init__(base_layer)  # the DTensor's global shape: the whole [vocab, dim]
+        self.spec = replace(self.spec, weight_shard=shard)
+        object.__setattr__(self, "_mesh", mesh_of(base_layer))
+
+    @property
+    def mesh(self) -> Any:
+        """The 1-D device mesh the base weight lives on (the ranks' loads agree over it)."""
+        return self._mesh
+
+    def merge_refusal(self) -> str | None:
+        return "merged mode does not rewrite tensor-parallel (DTensor) weights; inject without merged=True"
+
+    def dora_refusal(self) -> str | None:
+        return (
+            "DoRA does not run on a tensor-parallel embedding (its factor needs the norm of each embedding dimension "
+            "over the whole table); load it on an unsharded model"
+        )
+
+    def lora_bias_refusal(self) -> str | None:
+        return "a LoRA bias (lora_bias) does not run on a tensor-parallel layer; load it on an unsharded model"

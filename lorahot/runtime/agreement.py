@@ -26,6 +26,7 @@ import torch
 from lorahot.errors import LoraError, UnexpectedError, UsageError
 from lorahot.layers import LoRALayer
 from lorahot.layers.sharded import ShardedLoRALinear
+from lorahot.layers.styled import StyledLoRAEmbedding
 from lorahot.runtime.fingerprint import ASPECTS, digest
 
 __all__ = ["Agreement"]
@@ -53,7 +54,7 @@ class Agreement:
         """
         meshes: dict[int, tuple[str, Any]] = {}
         for name, layer in layers.items():
-            if isinstance(layer, ShardedLoRALinear):
+            if isinstance(layer, (ShardedLoRALinear, StyledLoRAEmbedding)):
                 meshes.setdefault(id(layer.mesh), (name, layer.mesh))
         if len(meshes) > 1:
             (first, a), (second, b) = list(meshes.values())[:2]

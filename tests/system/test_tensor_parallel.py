@@ -62,7 +62,9 @@ def _write_adapters(folder: Path) -> None:
 
 
 #: PEFT configs of the transformers Llama's adapters: ``hf_a`` on every projection and the head,
-#: ``hf_b`` on a few, another rank and rsLoRA.
+#: ``hf_b`` on a few, another rank and rsLoRA; ``hf_e`` on the input embedding and a column- and
+#: a row-parallel projection (PEFT saves the embedding's own table with it); ``hf_embedding`` on
+#: the input embedding only.
 HF_ADAPTERS = {
     "hf_a": {"r": 4, "lora_alpha": 8, "target_modules": [*sorted({n.split(".")[-1] for n in LINEARS}), "lm_head"]},
     "hf_b": {
@@ -71,6 +73,8 @@ HF_ADAPTERS = {
         "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"],
         "use_rslora": True,
     },
+    "hf_e": {"r": 3, "lora_alpha": 9, "target_modules": ["embed_tokens", "q_proj", "down_proj"]},
+    "hf_embedding": {"r": 2, "lora_alpha": 4, "target_modules": ["embed_tokens"]},
 }
 
 
@@ -208,7 +212,7 @@ ATOMIC = [
     "a sharded embedding is refused",
     "DoRA on a sharded layer is refused",
     "LoRA bias on a sharded layer is refused",
-    "an embedding transformers' tp_plan sharded is refused",
+    "an embedding transformers' tp_plan sharded whose class has a forward of its own is refused",
     "a packed_colwise projection is refused",
     "the model keeps its modules after the refusal",
     "a sharded linear with another engine's forward is refused",
@@ -288,6 +292,12 @@ def transformers_tp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, 
         "inject keeps the outputs",
         "load",
         "load, autograd on",
+        "an embedding_rowwise embedding takes a whole LoRA",
+        "an embedding_rowwise embedding: load",
+        "an embedding_rowwise embedding: load, autograd on",
+        "an embedding_rowwise embedding: per-row routing",
+        "an embedding_rowwise embedding: per-row routing, decode rows",
+        "a load only rank 1 fails changes no rank, the embedding the only sharded target",
         "one all-reduce of [tokens, max_rank] per row-parallel layer, and nothing else",
         "swap to another slot",
         "swap in place",
@@ -300,8 +310,10 @@ def transformers_tp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, 
         "unload",
         "eject restores the model",
         "a rowwise_split_input head takes a whole LoRA",
+        "an embedding_colwise embedding takes a whole LoRA",
         "compiled",
         "swap without recompiling",
+        "swap to an adapter on the embedding without recompiling",
         "stack without recompiling",
         "set_scale without recompiling",
         "another input shape recompiles",
@@ -311,6 +323,7 @@ def test_a_model_transformers_parallelized_computes_peft_on_the_unsharded_one(
     transformers_tp: list[dict[str, str]], name: str
 ) -> None:
     """transformers' own tensor parallelism (``from_pretrained(distributed_config=...)``): the
-    colwise, rowwise and colwise_gather_output layers take LoRA and compute what PEFT computes on
-    the unsharded model, with one all-reduce of the shrink per row-parallel layer."""
+    colwise, rowwise and colwise_gather_output layers and the embedding_rowwise embedding take
+    LoRA and compute what PEFT computes on the unsharded model, with one all-reduce of the shrink
+    per row-parallel layer and none for the embedding."""
     _assert_check(transformers_tp, name)
