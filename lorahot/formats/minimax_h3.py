@@ -14,7 +14,12 @@ onto ``attn.to_q``/``to_k``/``to_v``; ``mlp.fc1``, a SwiGLU's ``[gate; value]``,
 ``ff.net.0.proj``, whose rows are ``[value; gate]``, its halves swapped
 (:class:`~lorahot.formats.table.Reorder`). Every other module is an alias, as diffusers' MiniMax-H3
 conversion renames it (``attn.out_proj`` -> ``attn.to_out.0``, ``mlp.fc2`` -> ``ff.net.2``,
-``video_patch_proj`` -> ``proj_in``, ``final_layer.video_out`` -> ``proj_out``, ...).
+``video_patch_proj`` -> ``proj_in``, ``final_layer.video_out`` -> ``proj_out``, ...). So are the
+norms, RMSNorms with a weight of the same shape in both (``attn.q_norm`` -> ``attn.norm_q``, a
+block's ``norm1``/``norm2``, ``final_layer.norm`` -> ``norm_out.norm``, ``token_refiner.final_norm``
+as it is): a ``.diff`` (ComfyUI's LoRA extraction) folds into diffusers' norm in merged mode, the
+norm among the targets. ``minimax-h3-musubi`` reads LyCORIS factors and these deltas as
+``minimax-h3`` does.
 
 - ``minimax-h3-diffsynth``: DiffSynth-Studio's files, PEFT's ``.lora_A.default.weight`` over these
   names. DiffSynth trains the raw checkpoint's ``qkv_proj``, whose rows interleave q, k and v per
@@ -57,8 +62,17 @@ _BLOCKS = {
     r"(?<!token_refiner[._])blocks\.(\d+)": r"transformer_blocks.\1",
     r"token_refiner\.blocks\.(\d+)": r"token_refiner.refiner_blocks.\1",
 }
-#: block module (after the block) -> diffusers' (the fused qkv_proj and fc1 are SPLITS)
-_BLOCK = {"attn.out_proj": "attn.to_out.0", "mlp.fc2": "ff.net.2", "adaln_proj.linear": "adaln_proj.linear"}
+#: block module (after the block) -> diffusers' (the fused qkv_proj and fc1 are SPLITS); the norms
+#: are RMSNorms with a weight of the same shape in both
+_BLOCK = {
+    "attn.out_proj": "attn.to_out.0",
+    "mlp.fc2": "ff.net.2",
+    "adaln_proj.linear": "adaln_proj.linear",
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "attn.q_norm": "attn.norm_q",
+    "attn.k_norm": "attn.norm_k",
+}
 #: modules outside the blocks
 _OUTSIDE = {
     "video_patch_proj": "proj_in",
@@ -69,6 +83,7 @@ _OUTSIDE = {
     "final_layer.adaln_proj.linear": "norm_out.linear",
     "final_layer.video_out": "proj_out",
     "final_layer.audio_out": "audio_proj_out",
+    "final_layer.norm": "norm_out.norm",
 }
 
 _ALIASES: tuple[tuple[str, str], ...] = (
@@ -160,10 +175,14 @@ _MUSUBI_TO_DOTTED: tuple[tuple[str, str], ...] = (
     (r"^lora_unet_(token_refiner_)?blocks_(\d+)_attn_(qkv|out)_proj$", r"lora_unet_\1blocks.\2.attn.\3_proj"),
     (r"^lora_unet_(token_refiner_)?blocks_(\d+)_mlp_fc([12])$", r"lora_unet_\1blocks.\2.mlp.fc\3"),
     (r"^lora_unet_(token_refiner_)?blocks_(\d+)_adaln_proj_linear$", r"lora_unet_\1blocks.\2.adaln_proj.linear"),
+    (r"^lora_unet_(token_refiner_)?blocks_(\d+)_(norm[12])$", r"lora_unet_\1blocks.\2.\3"),
+    (r"^lora_unet_(token_refiner_)?blocks_(\d+)_attn_([qk]_norm)$", r"lora_unet_\1blocks.\2.attn.\3"),
     (r"^lora_unet_token_refiner_blocks\.", "lora_unet_token_refiner.blocks."),
     (r"^lora_unet_time_embedder_proj_(in|out)$", r"lora_unet_time_embedder.proj_\1"),
     (r"^lora_unet_final_layer_adaln_proj_linear$", "lora_unet_final_layer.adaln_proj.linear"),
     (r"^lora_unet_final_layer_(video|audio)_out$", r"lora_unet_final_layer.\1_out"),
+    (r"^lora_unet_final_layer_norm$", "lora_unet_final_layer.norm"),
+    (r"^lora_unet_token_refiner_final_norm$", "lora_unet_token_refiner.final_norm"),
 )
 
 MUSUBI = dataclasses.replace(
@@ -171,10 +190,11 @@ MUSUBI = dataclasses.replace(
         "minimax-h3-musubi",
         renames=_MUSUBI_TO_DOTTED,
         aliases=_ALIASES,
-        refuse=REFUSED,
+        refuse=REFUSED_MERGEABLE,
         marker=r"^lora_unet_(?:token_refiner_)?blocks_\d+_(?:attn_(?:qkv|out)_proj|mlp_fc[12]|adaln_proj_linear)\.",
         splits=SPLITS,
         example="lora_unet_blocks_0_attn_qkv_proj.lora_down.weight",
+        lycoris=True,
     ),
     header_alpha=HEADER_ALPHA,
 )

@@ -23,6 +23,7 @@ from torch import nn
 
 import lorahot
 from tests.diffusion_names import assert_same, diffusers_weights, linears, lorahot_weights, weights
+from tests.helpers import assert_merged_state
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -339,7 +340,7 @@ def test_a_header_alpha_is_every_modules_alpha_as_diffusers_reads_it(tmp_path: P
             lorahot.read_adapter(path)
 
 
-@pytest.mark.parametrize("spelling", ["diffusion_model", "bare"])
+@pytest.mark.parametrize("spelling", ["diffusion_model", "bare", "musubi"])
 def test_a_header_alpha_beside_lycoris_modules_is_refused_and_nothing_changes(tmp_path: Path, spelling: str) -> None:
     """A header ``alpha`` in a file without ``.alpha`` tensors that holds LyCORIS modules: diffusers
     reads the entry for LoRA modules but loads no LyCORIS module of the naming, ComfyUI and
@@ -348,7 +349,12 @@ def test_a_header_alpha_beside_lycoris_modules_is_refused_and_nothing_changes(tm
     module and scale 1 for the LoHa before."""
     factors = _factors(alpha=False)
     sd = _spelled({"blocks.0.mlp.fc2": factors["blocks.0.mlp.fc2"]}, spelling)
-    loha = "diffusion_model.blocks.0.attn.out_proj" if spelling == "diffusion_model" else "blocks.0.attn.out_proj"
+    loha = {
+        "diffusion_model": "diffusion_model.blocks.0.attn.out_proj",
+        "bare": "blocks.0.attn.out_proj",
+        "musubi": "lora_unet_blocks_0_attn_out_proj",
+    }[spelling]
+    shown = re.escape(loha).replace("_", "[._]")  # musubi's module is named in its dotted form
     g = torch.Generator().manual_seed(1)
     sd |= {
         f"{loha}.hada_{w}": torch.randn(
@@ -366,9 +372,54 @@ def test_a_header_alpha_beside_lycoris_modules_is_refused_and_nothing_changes(tm
     with pytest.raises(
         lorahot.AdapterMismatchError,
         match=rf"h3\.safetensors: the 'alpha' entry of its safetensors header records alpha '8\.0'.* holds LyCORIS "
-        rf"modules without \.alpha:\n  - {re.escape(loha)} \(loha\)\nNo loader defines that entry for them"
+        rf"modules without \.alpha:\n  - {shown} \(loha\)\nNo loader defines that entry for them"
         r"[\s\S]*Write each module's alpha as its \.alpha tensor",
     ):
         runtime.load(path)
     after = weights(model, names)
     assert all(torch.equal(after[n], before[n]) for n in names)
+
+
+#: the original norms (all RMSNorms with a weight) -> (diffusers' norm, size), as diffusers'
+#: MiniMax-H3 conversion renames them
+MINIMAX_H3_NORMS = {
+    "blocks.0.norm1": ("transformer_blocks.0.norm1", 16),
+    "blocks.0.norm2": ("transformer_blocks.0.norm2", 16),
+    "blocks.0.attn.q_norm": ("transformer_blocks.0.attn.norm_q", 8),
+    "blocks.0.attn.k_norm": ("transformer_blocks.0.attn.norm_k", 8),
+    "token_refiner.blocks.0.norm1": ("token_refiner.refiner_blocks.0.norm1", 16),
+    "token_refiner.blocks.0.attn.k_norm": ("token_refiner.refiner_blocks.0.attn.norm_k", 8),
+    "token_refiner.final_norm": ("token_refiner.final_norm", 16),
+    "final_layer.norm": ("norm_out.norm", 16),
+}
+
+
+@pytest.mark.parametrize("spelling", ["diffusion_model", "musubi"])
+def test_minimax_h3_norm_deltas_fold_into_diffusers_norms_in_merged_mode(spelling: str) -> None:
+    """A ``.diff`` of a norm in the original names (``blocks.0.attn.q_norm``, ``final_layer.norm``,
+    as ComfyUI's LoRA extraction writes one for every norm with a weight) matched no injected layer
+    (musubi's spelling refused every ``.diff``, pointing to kohya naming). Now they are aliased as
+    diffusers' conversion renames them, ``plan_targets`` lists the norms and the file folds: float64
+    ``W + s alpha / r B A`` and ``w + s diff`` at scales 1 and 0.5."""
+    g = torch.Generator().manual_seed(71)
+    with torch.no_grad():
+        model = tiny_minimax_h3()
+        pristine = {k: v.clone() for k, v in model.state_dict().items()}
+        a = torch.randn(2, 16, generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(16, 2, generator=g, dtype=torch.float64) * 0.3
+        sd = _spelled({"blocks.0.attn.out_proj": (a, b, 3.0)}, spelling)
+        expected = {"transformer_blocks.0.attn.to_out.0.weight": 1.5 * b @ a}
+        stem = "diffusion_model.{}" if spelling == "diffusion_model" else "lora_unet_{}"
+        for name, (norm, size) in MINIMAX_H3_NORMS.items():
+            assert model.get_submodule(norm).weight.shape == (size,)
+            key = stem.format(name if spelling == "diffusion_model" else name.replace(".", "_"))
+            sd[f"{key}.diff"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
+            expected[f"{norm}.weight"] = sd[f"{key}.diff"]
+        plan = lorahot.plan_targets(dict(sd), model)
+        assert {norm for norm, _ in MINIMAX_H3_NORMS.values()} <= set(plan.targets)
+        assert plan.inject_options()["merged"] is True
+        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
+        assert runtime.load(dict(sd)).format == ("minimax-h3" if spelling == "diffusion_model" else "minimax-h3-musubi")
+        for s in (1.0, 0.5):
+            runtime.set_scale(s)
+            assert_merged_state(model, pristine, expected, s)
