@@ -27,6 +27,8 @@ from lorahot.layers import ShardedLoRALinear
 from tests.parallel_helpers import TARGETS, tiny_llama, tp_plan
 
 MAX_RANK = 8
+#: The layers of transformers' tiny DeepSeek-V2 the tests put LoRA on.
+MLA_TARGETS = ["embed_tokens", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 
 
 class Checks:
@@ -654,6 +656,43 @@ def scenario_transformers(mesh: object, folder: Path, check: Checks) -> None:
         ),
     )
     compiled_transformers(tp, a, b, e, peft_logits, check)
+    mla_transformers(folder, check)
+
+
+def mla_transformers(folder: Path, check: Checks) -> None:
+    """transformers' tiny DeepSeek-V2 loaded sharded by its tp_plan against PEFT on the unsharded
+    model, float64, LoRA on every attention projection and the embedding: ``mla_kv_a_proj``
+    leaves kv_a_proj_with_mqa's weight whole (its forward only marks the rope part's gradient
+    for an all-reduce), so the layer takes a whole LoRA as an unsharded one does."""
+    import peft
+    import transformers
+    from transformers.distributed import DistributedConfig
+
+    path, adapter = str(folder / "hf_mla_model"), str(folder / "hf_mla")
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
+    unsharded = transformers.DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(unsharded, adapter)(input_ids=ids).logits
+    config = DistributedConfig(tp_plan="auto", tp_size=dist.get_world_size())
+    tp = transformers.DeepseekV2ForCausalLM.from_pretrained(path, distributed_config=config, dtype=torch.float64)
+    rt = lorahot.inject(tp.eval(), MLA_TARGETS, max_rank=MAX_RANK)
+    kv = rt.layers["model.layers.0.self_attn.kv_a_proj_with_mqa"]
+    check(
+        "DeepSeek-V2's mla_kv_a_proj keeps its weight whole and takes a whole LoRA",
+        lambda: (
+            (
+                type(kv) is lorahot.LoRALinear
+                and "forward" in kv.base_layer.__dict__
+                and type(kv.base_layer.weight) is torch.nn.Parameter
+                and tuple(kv.lora_B.shape) == (MAX_RANK, 12)
+            )
+            or (type(kv).__name__, type(kv.base_layer.weight).__name__, tuple(kv.lora_B.shape))
+        ),
+    )
+    rt.load(adapter)
+    with torch.no_grad():
+        got = tp(input_ids=ids).logits
+    check("DeepSeek-V2 sharded by its tp_plan computes PEFT on the unsharded model", lambda: same(got, want))
 
 
 def compiled_transformers(

@@ -78,23 +78,62 @@ HF_ADAPTERS = {
 }
 
 
+#: A tiny DeepSeek-V2 (multi-head latent attention: kv_a_proj_with_mqa is ``mla_kv_a_proj`` in
+#: its tp_plan), one dense layer.
+TINY_MLA = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "moe_intermediate_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 8,
+    "q_lora_rank": None,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 4,
+    "v_head_dim": 8,
+    "n_routed_experts": 2,
+    "num_experts_per_tok": 1,
+    "first_k_dense_replace": 1,
+    "max_position_embeddings": 32,
+}
+#: The PEFT config of its adapter ``hf_mla``: every attention projection and the embedding.
+MLA_ADAPTER = {
+    "r": 4,
+    "lora_alpha": 8,
+    "target_modules": ["embed_tokens", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+}
+
+
 def _write_transformers(folder: Path) -> None:
-    """transformers' tiny Llama (float64), saved for ``from_pretrained``, and PEFT adapters for
-    it saved by PEFT (random B, so every layer's delta shows)."""
-    import peft
+    """transformers' tiny Llama and tiny DeepSeek-V2 (float64), saved for ``from_pretrained``,
+    and PEFT adapters for them saved by PEFT (random B, so every layer's delta shows)."""
+    import transformers
 
     from tests.helpers import tiny_llama as hf_llama
 
     base = hf_llama().double()
     base.save_pretrained(str(folder / "hf_llama"))
     for seed, (name, config) in enumerate(HF_ADAPTERS.items()):
-        torch.manual_seed(seed)
-        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **config))
-        with torch.no_grad():
-            for key, p in model.named_parameters():
-                if "lora_B" in key:
-                    p.normal_(0, 0.5)
-        model.save_pretrained(str(folder / name))
+        _save_peft(base, config, seed, folder / name)
+    torch.manual_seed(0)
+    mla = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**TINY_MLA)).double().eval()
+    mla.save_pretrained(str(folder / "hf_mla_model"))
+    _save_peft(mla, MLA_ADAPTER, 7, folder / "hf_mla")
+
+
+def _save_peft(base: torch.nn.Module, config: dict[str, object], seed: int, path: Path) -> None:
+    """A PEFT adapter of ``config`` on ``base`` with random A and B, saved by PEFT at ``path``."""
+    import peft
+
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **config))
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "lora_B" in key:
+                p.normal_(0, 0.5)
+    model.save_pretrained(str(path))
 
 
 def _scenario(name: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
@@ -311,6 +350,8 @@ def transformers_tp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, 
         "eject restores the model",
         "a rowwise_split_input head takes a whole LoRA",
         "an embedding_colwise embedding takes a whole LoRA",
+        "DeepSeek-V2's mla_kv_a_proj keeps its weight whole and takes a whole LoRA",
+        "DeepSeek-V2 sharded by its tp_plan computes PEFT on the unsharded model",
         "compiled",
         "swap without recompiling",
         "swap to an adapter on the embedding without recompiling",
