@@ -14,6 +14,12 @@ are the modules outside the blocks that diffusers renamed: ``patchify_proj`` -> 
 LTX-2.3's prompt modulations (``prompt_adaln_single`` -> ``prompt_adaln``), each an alias taken only
 where the model has its target. A ``.alpha`` is read as ``alpha / rank``, as ComfyUI reads it.
 
+The attentions' query and key norms (``attn1.q_norm`` -> ``attn1.norm_q``, ``audio_to_video_attn.k_norm``
+-> ``audio_to_video_attn.norm_k``, ...), RMSNorms with a weight over all heads in both, are aliased as
+diffusers' conversion renames them, so a ``.diff`` (ComfyUI's LoRA extraction) folds into diffusers'
+norm in merged mode, the norm among the targets; a file of blocks with such a delta is this naming
+under ``diffusion_model.``. The blocks' other norms compute without a weight in both models.
+
 Keys under ``text_embedding_projection.`` adapt the text connectors, another component in
 diffusers, which this naming does not place: they are refused by name, or with ``strict=False``
 skipped while the transformer's modules load.
@@ -52,13 +58,21 @@ _OUTSIDE = {
 }
 
 
-_ALIASES: tuple[tuple[str, str], ...] = tuple(
-    (rf"{_START}{re.escape(k)}(\..+)?$", rf"{v}\1") for k, v in _OUTSIDE.items()
+#: the attentions of a block, whose query/key RMSNorms (a weight over all heads, the same in both)
+#: diffusers' conversion renames ``q_norm`` -> ``norm_q``, ``k_norm`` -> ``norm_k``
+_ATTENTIONS = r"(?:audio_)?attn[12]|audio_to_video_attn|video_to_audio_attn"
+
+_ALIASES: tuple[tuple[str, str], ...] = (
+    *((rf"{_START}{re.escape(k)}(\..+)?$", rf"{v}\1") for k, v in _OUTSIDE.items()),
+    (rf"{_START}(transformer_blocks\.\d+\.(?:{_ATTENTIONS}))\.([qk])_norm$", r"\1.norm_\2"),
 )
 
 #: the original modules no diffusers model has (PixArt's own ``adaln_single`` tells an LTX-2 file
 #: apart under ``diffusion_model.`` only)
 _MODULE = rf"(?:{'|'.join(map(re.escape, (k for k in _OUTSIDE if k != 'adaln_single')))})"
+
+#: a block attention's query/key norm: its name tells a file of blocks apart (diffusers' is norm_q)
+_QK_NORM = rf"transformer_blocks\.\d+\.(?:{_ATTENTIONS})\.[qk]_norm"
 
 FORMAT = KeyFormat(
     name="ltx2",
@@ -72,9 +86,11 @@ FORMAT = KeyFormat(
         ),
         *REFUSED_MERGEABLE,
     ),
-    marker=rf"{DIFFUSION_MODEL_HEAD}adaln_single\.|{ORIGINAL_HEAD}{_MODULE}\.",
+    marker=rf"{DIFFUSION_MODEL_HEAD}(?:adaln_single|{_QK_NORM})\.|{ORIGINAL_HEAD}{_MODULE}\.",
     aliases=_ALIASES,
     example="diffusion_model.adaln_single.linear.lora_A.weight",
 )
 
-KOHYA = kohya.of_original(FORMAT, "ltx2-kohya", module=_MODULE, example="lora_unet_patchify_proj.lora_down.weight")
+KOHYA = kohya.of_original(
+    FORMAT, "ltx2-kohya", module=rf"(?:{_MODULE}|{_QK_NORM})", example="lora_unet_patchify_proj.lora_down.weight"
+)

@@ -30,6 +30,7 @@ from tests.diffusion_names import diffusers_weights as _diffusers
 from tests.diffusion_names import linears as _linears
 from tests.diffusion_names import lorahot_weights as _lorahot
 from tests.diffusion_names import weights as _weights
+from tests.helpers import assert_merged_state
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -612,3 +613,66 @@ def test_a_partly_injected_ideogram4_model_takes_its_own_cut() -> None:
         delta = b[j * q.out_features : (j + 1) * q.out_features] @ a
         reference[name] = reference[name] + torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
     _assert_same(_weights(model, names), reference)
+
+
+#: per family: the original norms with a weight -> (diffusers' norm, size), as diffusers'
+#: conversion renames them, and an original LoRA module that lands on ``(diffusers' Linear, in, out)``
+_NORMS: dict[str, tuple[dict[str, tuple[str, int]], tuple[str, str, int, int]]] = {
+    "ltx2": (
+        {
+            "transformer_blocks.0.attn1.q_norm": ("transformer_blocks.0.attn1.norm_q", 16),
+            "transformer_blocks.0.attn2.k_norm": ("transformer_blocks.0.attn2.norm_k", 16),
+            "transformer_blocks.0.audio_attn1.k_norm": ("transformer_blocks.0.audio_attn1.norm_k", 16),
+            "transformer_blocks.0.audio_to_video_attn.q_norm": ("transformer_blocks.0.audio_to_video_attn.norm_q", 16),
+            "transformer_blocks.0.video_to_audio_attn.k_norm": ("transformer_blocks.0.video_to_audio_attn.norm_k", 16),
+        },
+        ("transformer_blocks.0.attn1.to_out.0", "transformer_blocks.0.attn1.to_out.0", 16, 16),
+    ),
+}
+#: per family: deltas of norms refused by name -> a part of the reason
+_NORM_REFUSALS: dict[str, dict[str, str]] = {}
+
+
+def _norm_key(name: str, spelling: str) -> str:
+    return "lora_unet_" + name.replace(".", "_") if spelling == "kohya" else f"diffusion_model.{name}"
+
+
+@pytest.mark.parametrize("spelling", ["diffusion_model", "kohya"])
+@pytest.mark.parametrize("family", sorted(_NORMS))
+def test_norm_deltas_in_original_names_fold_into_diffusers_norms_in_merged_mode(family: str, spelling: str) -> None:
+    """A ``.diff`` of a norm in the original names (LTX-2's ``attn1.q_norm``, ..., as ComfyUI's LoRA
+    extraction writes one for every norm with a weight) matched no injected layer, with a hint to add
+    the norm to targets that the key could never reach. Now they are aliased as diffusers' conversion
+    renames them, ``plan_targets`` lists the norms and the file folds: float64 ``W + s alpha / r B A``
+    and ``w + s diff`` at scales 1 and 0.5, in the naming and its kohya spelling. Deltas of norms
+    that have no weight in the original model are refused by name, nothing changed."""
+    norms, (module, linear, fan_in, fan_out) = _NORMS[family]
+    g = torch.Generator().manual_seed(72)
+    with torch.no_grad():
+        model = _FAMILIES[family][0]()
+        pristine = {k: v.clone() for k, v in model.state_dict().items()}
+        a = torch.randn(2, fan_in, generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(fan_out, 2, generator=g, dtype=torch.float64) * 0.3
+        stem = _norm_key(module, spelling)
+        sd = {f"{stem}.lora_down.weight": a, f"{stem}.lora_up.weight": b, f"{stem}.alpha": torch.tensor(3.0)}
+        expected = {f"{linear}.weight": 1.5 * b @ a}
+        for name, (norm, size) in norms.items():
+            assert model.get_submodule(norm).weight.shape == (size,)
+            key = f"{_norm_key(name, spelling)}.diff"
+            sd[key] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
+            expected[f"{norm}.weight"] = sd[key]
+        plan = lorahot.plan_targets(dict(sd), model)
+        assert {norm for norm, _ in norms.values()} <= set(plan.targets)
+        assert plan.inject_options()["merged"] is True
+        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
+        assert runtime.load(dict(sd)).format == (f"{family}-kohya" if spelling == "kohya" else family)
+        for s in (1.0, 0.5):
+            runtime.set_scale(s)
+            assert_merged_state(model, pristine, expected, s)
+
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        for name, message in _NORM_REFUSALS.get(family, {}).items():
+            hostile = dict(sd) | {f"{_norm_key(name, spelling)}.diff": torch.zeros(16, dtype=torch.float64)}
+            with pytest.raises(lorahot.UnknownFormatError, match=rf"{message}.*strict=False"):
+                runtime.load(hostile)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
