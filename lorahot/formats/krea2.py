@@ -18,6 +18,12 @@ diffusers' ``transformer_blocks.N``, and the text fusion's ``txtfusion.layerwise
 ``linear_2``, ``tproj.1`` -> ``time_mod_proj``, ``txtmlp.1`` / ``txtmlp.3`` -> ``txt_in.linear_1`` /
 ``linear_2``, ``txtfusion.projector`` -> ``text_fusion.projector``). Nothing is fused. A ``.alpha``
 is read as ``alpha / rank`` (diffusers' conversion refuses a file that has one).
+
+So are the norms (``prenorm`` / ``postnorm`` -> ``norm1`` / ``norm2``, ``attn.qknorm.qnorm`` / ``knorm``
+-> ``attn.norm_q`` / ``norm_k``, ``txtmlp.0`` -> ``txt_in.norm``, ``last.norm`` -> ``final_layer.norm``;
+with their parameter's name, ``.scale``, too): zero-centered RMSNorms (``1 + scale``) with a weight of
+the same shape in both, so a ``.diff`` folds into diffusers' norm in merged mode, the norm among the
+targets. Every norm of Krea 2 has a weight.
 """
 
 from __future__ import annotations
@@ -57,6 +63,17 @@ _OUTSIDE = {
     "txtmlp.3": "txt_in.linear_2",
     "txtfusion.projector": "text_fusion.projector",
 }
+#: a block's norms -> diffusers' (after the block); the same outside the blocks: Krea 2's
+#: zero-centered RMSNorms (``1 + scale``) with a weight of the same shape and centering in both
+_BLOCK_NORMS = {
+    "prenorm": "norm1",
+    "postnorm": "norm2",
+    "attn.qknorm.qnorm": "attn.norm_q",
+    "attn.qknorm.knorm": "attn.norm_k",
+}
+_OUTSIDE_NORMS = {"txtmlp.0": "txt_in.norm", "last.norm": "final_layer.norm"}
+#: a norm's module key, or its parameter's (``.scale``, as ComfyUI keys a ``.diff``)
+_SCALE = r"(?:\.scale)?$"
 
 
 _ALIASES: tuple[tuple[str, str], ...] = (
@@ -67,6 +84,12 @@ _ALIASES: tuple[tuple[str, str], ...] = (
     ),
     *((rf"{_START}{block}\.mlp\.{o}$", rf"{target}.ff.{o}") for block, target in _BLOCKS.items() for o in _MLP),
     *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
+    *(
+        (rf"{_START}{block}\.{re.escape(o)}{_SCALE}", rf"{target}.{c}")
+        for block, target in _BLOCKS.items()
+        for o, c in _BLOCK_NORMS.items()
+    ),
+    *((rf"{_START}{re.escape(k)}{_SCALE}", v) for k, v in _OUTSIDE_NORMS.items()),
 )
 
 #: a block module in the original names: what tells the naming apart

@@ -628,6 +628,19 @@ _NORMS: dict[str, tuple[dict[str, tuple[str, int]], tuple[str, str, int, int]]] 
         },
         ("transformer_blocks.0.attn1.to_out.0", "transformer_blocks.0.attn1.to_out.0", 16, 16),
     ),
+    "krea2": (
+        {
+            "blocks.0.prenorm": ("transformer_blocks.0.norm1", 16),
+            "blocks.1.postnorm.scale": ("transformer_blocks.1.norm2", 16),
+            "blocks.0.attn.qknorm.qnorm": ("transformer_blocks.0.attn.norm_q", 8),
+            "blocks.1.attn.qknorm.knorm.scale": ("transformer_blocks.1.attn.norm_k", 8),
+            "txtfusion.layerwise_blocks.0.prenorm": ("text_fusion.layerwise_blocks.0.norm1", 16),
+            "txtfusion.refiner_blocks.0.attn.qknorm.knorm": ("text_fusion.refiner_blocks.0.attn.norm_k", 8),
+            "txtmlp.0": ("txt_in.norm", 16),
+            "last.norm.scale": ("final_layer.norm", 16),
+        },
+        ("blocks.0.attn.wo", "transformer_blocks.0.attn.to_out.0", 16, 16),
+    ),
 }
 #: per family: deltas of norms refused by name -> a part of the reason
 _NORM_REFUSALS: dict[str, dict[str, str]] = {}
