@@ -12,6 +12,13 @@ outside them ``x_embedder.proj.1`` -> ``patch_embed.proj``, ``t_embedder.1`` ->
 ``final_layer.adaln_modulation.{1,2}`` -> ``norm_out.linear_{1,2}``. Nothing is fused. A ``.alpha``
 is read as ``alpha / rank``, as ComfyUI reads it.
 
+The norms with a weight are aliased too (``self_attn.q_norm`` -> ``attn1.norm_q``, ``cross_attn.k_norm``
+-> ``attn2.norm_k``, ``t_embedding_norm`` -> ``time_embed.norm``): RMSNorms with a weight of the same
+shape in both, so a ``.diff`` (ComfyUI's LoRA extraction) folds into diffusers' norm in merged mode,
+the norm among the targets. Refused by name (``strict=False`` skips them): deltas of the weightless
+norms, a block's ``layer_norm_self_attn`` / ``layer_norm_cross_attn`` / ``layer_norm_mlp`` and
+``final_layer.layer_norm``.
+
 Keys under ``diffusion_model.llm_adapter.`` adapt Anima's text conditioner, another component in
 diffusers, whose modules this naming does not place. Its modules share the transformer's names
 (``llm_adapter.blocks.0.self_attn.q_proj``), so a name lookup that drops the unknown leading
@@ -56,6 +63,8 @@ _BLOCK = {
         for n, part in enumerate(("self_attn", "cross_attn", "mlp"), 1)
         for i in (1, 2)
     },
+    # the attentions' query/key RMSNorms ([head_dim] weights in both)
+    **{f"{o}.{n}_norm": f"{c}.norm_{n}" for o, c in (("self_attn", "attn1"), ("cross_attn", "attn2")) for n in "qk"},
 }
 #: modules outside the blocks
 _OUTSIDE = {
@@ -65,7 +74,18 @@ _OUTSIDE = {
     "final_layer.linear": "proj_out",
     "final_layer.adaln_modulation.1": "norm_out.linear_1",
     "final_layer.adaln_modulation.2": "norm_out.linear_2",
+    "t_embedding_norm": "time_embed.norm",
 }
+
+#: deltas of the norms without a weight, in either spelling
+_WEIGHTLESS = (
+    r"(?:^|[._])(?:blocks[._]\d+[._]layer_norm_(?:self_attn|cross_attn|mlp)|final_layer[._]layer_norm)"
+    r"\.(?:diff|diff_b)$",
+    "a delta of a normalization layer that has no weight or bias in Anima (a block's layer_norm_self_attn, "
+    "layer_norm_cross_attn and layer_norm_mlp, the final layer's layer_norm: elementwise_affine=False, as "
+    "diffusers' norm1.norm, ..., norm_out.norm), so there is nothing to add it to; load with strict=False to "
+    "skip it",
+)
 
 
 def _aliases(start: str) -> tuple[tuple[str, str], ...]:
@@ -88,6 +108,7 @@ FORMAT = KeyFormat(
             "Anima's text conditioner (llm_adapter), another component, which this naming does not place (its "
             "module names are the transformer's); load with strict=False to skip its keys",
         ),
+        _WEIGHTLESS,
         *REFUSED_MERGEABLE,
     ),
     marker=(
@@ -106,6 +127,7 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
         r"\1blocks.\2.\3.\4",
     ),
     (r"^(lora_(?:unet|transformer)_)blocks_(\d+)_mlp_(layer[12])$", r"\1blocks.\2.mlp.\3"),
+    (r"^(lora_(?:unet|transformer)_)blocks_(\d+)_(self_attn|cross_attn)_([qk]_norm)$", r"\1blocks.\2.\3.\4"),
     (
         r"^(lora_(?:unet|transformer)_)blocks_(\d+)_(adaln_modulation_(?:self_attn|cross_attn|mlp))_([12])$",
         r"\1blocks.\2.\3.\4",
@@ -126,6 +148,7 @@ KOHYA = kohya.spelling(
             "Anima's text conditioner (llm_adapter), another component, which this naming does not place (its "
             "module names are the transformer's); load with strict=False to skip its keys",
         ),
+        _WEIGHTLESS,
         *REFUSED_MERGEABLE,
     ),
     marker=(

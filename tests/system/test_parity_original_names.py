@@ -641,9 +641,24 @@ _NORMS: dict[str, tuple[dict[str, tuple[str, int]], tuple[str, str, int, int]]] 
         },
         ("blocks.0.attn.wo", "transformer_blocks.0.attn.to_out.0", 16, 16),
     ),
+    "anima": (
+        {
+            "blocks.0.self_attn.q_norm": ("transformer_blocks.0.attn1.norm_q", 24),
+            "blocks.0.self_attn.k_norm": ("transformer_blocks.0.attn1.norm_k", 24),
+            "blocks.1.cross_attn.q_norm": ("transformer_blocks.1.attn2.norm_q", 24),
+            "blocks.1.cross_attn.k_norm": ("transformer_blocks.1.attn2.norm_k", 24),
+            "t_embedding_norm": ("time_embed.norm", 48),
+        },
+        ("blocks.0.self_attn.output_proj", "transformer_blocks.0.attn1.to_out.0", 48, 48),
+    ),
 }
 #: per family: deltas of norms refused by name -> a part of the reason
-_NORM_REFUSALS: dict[str, dict[str, str]] = {}
+_NORM_REFUSALS: dict[str, dict[str, str]] = {
+    "anima": {
+        "blocks.0.layer_norm_mlp": "no weight or bias in Anima",
+        "final_layer.layer_norm": "no weight or bias in Anima",
+    },
+}
 
 
 def _norm_key(name: str, spelling: str) -> str:
