@@ -12,6 +12,11 @@ The blocks' projections are aliases, as diffusers' Flux.3 conversion renames the
 (``single_transformer_blocks``). The modules outside the blocks keep their names. Nothing is
 fused. A ``.alpha`` is read as ``alpha / rank``, as ComfyUI reads it. Detected before Flux.1's
 BFL naming, whose marker (``single_blocks.N.``) these files share.
+
+A block's query and key norms (``norm.query_norm`` / ``norm.key_norm``, also keyed by their
+parameter, ``.scale``, as ComfyUI keys a ``.diff``) are aliased as diffusers' conversion renames
+them (``attn.norm_q`` / ``attn.norm_k``): an RMSNorm over the head size scaled by one ``[head_dim]``
+weight in both, so a ``.diff`` folds into diffusers' norm in merged mode, the norm among the targets.
 """
 
 from __future__ import annotations
@@ -47,10 +52,14 @@ _LEAVES = {
     "mlp_out": "ff.linear_out",
 }
 
+#: a block's query/key RMSNorm -> diffusers' (after the block's ``N.``): one ``[head_dim]`` weight
+#: shared by the heads in both (the original's ``scale``), with or without the parameter's name
+_NORMS = {r"norm\.query_norm(?:\.scale)?": "attn.norm_q", r"norm\.key_norm(?:\.scale)?": "attn.norm_k"}
+
 _ALIASES: tuple[tuple[str, str], ...] = tuple(
-    (rf"{_START}{re.escape(block)}\.((?:[A-Za-z_]\w*\.)?\d+)\.{re.escape(leaf)}$", rf"{target}.\1.{to}")
+    (rf"{_START}{re.escape(block)}\.((?:[A-Za-z_]\w*\.)?\d+)\.{leaf}$", rf"{target}.\1.{to}")
     for block, target in _BLOCKS.items()
-    for leaf, to in _LEAVES.items()
+    for leaf, to in (*((re.escape(k), v) for k, v in _LEAVES.items()), *_NORMS.items())
 )
 
 #: a block projection in the original names: what tells the naming apart

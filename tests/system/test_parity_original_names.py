@@ -651,6 +651,16 @@ _NORMS: dict[str, tuple[dict[str, tuple[str, int]], tuple[str, str, int, int]]] 
         },
         ("blocks.0.self_attn.output_proj", "transformer_blocks.0.attn1.to_out.0", 48, 48),
     ),
+    "flux3": (
+        {
+            "content_mode_blocks.image.0.norm.query_norm": ("mode_blocks.image.0.attn.norm_q", 8),
+            "content_mode_blocks.image_cond.0.norm.key_norm.scale": ("mode_blocks.image_cond.0.attn.norm_k", 8),
+            "txt_mode_blocks.0.norm.key_norm": ("txt_mode_blocks.0.attn.norm_k", 8),
+            "single_blocks.0.norm.query_norm.scale": ("single_transformer_blocks.0.attn.norm_q", 8),
+            "single_blocks.1.norm.key_norm": ("single_transformer_blocks.1.attn.norm_k", 8),
+        },
+        ("single_blocks.0.attn_out", "single_transformer_blocks.0.attn.to_out.0", 16, 16),
+    ),
 }
 #: per family: deltas of norms refused by name -> a part of the reason
 _NORM_REFUSALS: dict[str, dict[str, str]] = {
