@@ -57,12 +57,17 @@ def _file(seed: int = 1, scale: float = 0.3) -> dict[str, torch.Tensor]:
 
 def _expected(model: nn.Module, sd: dict[str, torch.Tensor], s: float) -> dict[str, torch.Tensor]:
     """The float64 merged state of ``model`` (not injected) under ``sd`` at scale ``s``."""
-    out = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return _merged({k: v.detach().double() for k, v in model.state_dict().items()}, sd, s)
+
+
+def _merged(state: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], s: float) -> dict[str, torch.Tensor]:
+    """``state`` with ``sd``'s deltas added at scale ``s`` (a LoRA's ``diff_b`` where it has one)."""
+    out = {k: v.clone() for k, v in state.items()}
     for i in range(2):
         key, at = f"diffusion_model.layers.{i}", f"layers.{i}"
         down, up = sd[f"{key}.mlp.down_proj.lora_down.weight"], sd[f"{key}.mlp.down_proj.lora_up.weight"]
         out[f"{at}.mlp.down_proj.weight"] += s * up @ down
-        out[f"{at}.mlp.down_proj.bias"] += s * sd[f"{key}.mlp.down_proj.diff_b"]
+        out[f"{at}.mlp.down_proj.bias"] += s * sd.get(f"{key}.mlp.down_proj.diff_b", torch.tensor(0.0))
         out[f"{at}.norm.weight"] += s * sd[f"{key}.norm.diff"]
         out[f"{at}.norm.bias"] += s * sd[f"{key}.norm.diff_b"]
     return out
@@ -103,6 +108,91 @@ def test_a_norm_delta_folds_at_the_user_scale_and_unloads_to_the_pristine_weight
     runtime.load(dict(sd))
     runtime.eject()
     assert type(model.layers[0].norm) is nn.LayerNorm and _same(model, pristine)
+
+
+#: the devices of the device-generic tests (the CUDA case runs on a GPU machine only: ``-m gpu``)
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
+
+
+def _without_lora_bias(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` without the LoRAs' ``diff_b``: a LoRA with one is a LoRA with a bias (an extra),
+    whose merged rewrite takes the ordinary path; without it, the rewrite of a swap repeated at
+    the same scale is a CUDA graph replay (:meth:`lorahot.runtime.merge.Merger._replayed`),
+    captured at its second use."""
+    return {k: v for k, v in sd.items() if not k.endswith("down_proj.diff_b")}
+
+
+def _assert_within_rounding(
+    model: nn.Module, base: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], s: float
+) -> None:
+    """Every entry of ``model``'s state is the float64 merge of ``base`` (its pristine values)
+    under ``sd`` at ``s`` within ``2 (eps + eps64) (|w0| + |s| |delta|)``, ``|delta|`` the entry
+    of ``|B| |A|`` or ``|diff|``: the merged value rounded once to the dtype (``eps / 2`` of
+    ``|w|``) from factors rounded once each to it (``eps / 2`` of ``|s| |B| |A|`` per factor), the
+    float32 accumulation far below that; in float64 the reference's own roundings as many again.
+    A value that underflows is off by at most half the dtype's subnormal spacing."""
+    dtype = next(iter(model.state_dict().values())).dtype
+    eps = torch.finfo(dtype).eps + torch.finfo(torch.float64).eps
+    floor = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    want = _merged(base, sd, s)
+    size = _merged({k: v.abs() for k, v in base.items()}, {k: v.abs() for k, v in sd.items()}, abs(s))
+    got = model.state_dict()
+    assert got.keys() == want.keys()
+    for k, v in got.items():
+        assert v.dtype == dtype, k
+        error = (v.double().cpu() - want[k]).abs().flatten()
+        bound = (2 * eps * size[k] + floor).flatten()
+        worst = int((error / bound).argmax()) if error.numel() else 0
+        assert bool((error <= bound).all()), f"{k}: off by {float(error[worst]):.3g}, allowed {float(bound[worst]):.3g}"
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float16, torch.bfloat16], ids=["float64", "float16", "bfloat16"]
+)
+@pytest.mark.parametrize("lora_bias", [False, True], ids=["lora", "lora-with-bias"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_swaps_on_the_device_equal_the_float64_merge_and_a_user_edit_is_refused(
+    device: str, lora_bias: bool, dtype: torch.dtype
+) -> None:
+    """On the model's device and in its dtype, through three loads of one file (on CUDA the second
+    captures the rewrite as a graph and the third replays it, without a LoRA bias), a new scale,
+    an unload and a load after it (replayed again), every weight and bias is the float64 merge
+    within the dtype's rounding, and the unload restores the model bitwise. A state dict the user
+    then loads into a norm makes the next load refuse, naming the norm, with nothing changed."""
+    sd = _file() if lora_bias else _without_lora_bias(_file())
+    model = tiny_lm(dtype=dtype).to(device)
+    pristine = _snapshot(model)
+    base = {k: v.double().cpu() for k, v in pristine.items()}
+    runtime = lorahot.inject(model, ["down_proj", "norm"], max_rank=2, merged=True)
+    merger = runtime._merger
+    assert merger is not None
+    replayed = device == "cuda" and not lora_bias
+
+    def step(s: float, replays: int) -> None:
+        _assert_within_rounding(model, base, sd, s)
+        assert merger._replays.replays == (replays if replayed else 0)
+
+    for replays in (0, 1, 2):
+        runtime.load(dict(sd))
+        step(1.0, replays)
+    runtime.set_scale(0.5)  # a rewrite not seen before: the ordinary path
+    step(0.5, 2)
+    runtime.unload()
+    assert _same(model, pristine)
+    runtime.load(dict(sd))
+    step(1.0, 3)
+
+    norm = model.layers[0].norm
+    norm.load_state_dict({k: 2 * pristine[f"layers.0.norm.{k}"] for k in ("weight", "bias")})
+    assert torch.equal(model.layers[0].norm.weight, 2 * pristine["layers.0.norm.weight"])
+    before = _snapshot(model)
+    with pytest.raises(
+        lorahot.UsageError,
+        match=r"targeted weights or biases changed since lorahot last wrote them .*:\n  - "
+        r"layers\.0\.norm\n",
+    ):
+        runtime.load(dict(sd))
+    assert _same(model, before)
 
 
 def test_the_common_norm_classes_are_targets_and_an_adaptive_norm_is_not() -> None:
