@@ -19,12 +19,14 @@ def linears(model: nn.Module, keep: Callable[[str], bool] = lambda name: True) -
 
 @torch.no_grad()
 def weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """Each layer's ``[in + 1, out]`` response to the identity and to zero: its adapted weight and bias."""
+    """Each layer's ``[in + 1, out]`` response to the identity and to zero: its adapted weight and
+    bias, probed on the layer's device and returned on the CPU."""
     out = {}
     for name in names:
         layer = model.get_submodule(name)
-        fan_in = layer.in_features if isinstance(layer, nn.Linear) else layer.base_layer.in_features
-        out[name] = layer(torch.eye(fan_in + 1, dtype=torch.float64)[:, :fan_in])
+        base = layer if isinstance(layer, nn.Linear) else layer.base_layer
+        probe = torch.eye(base.in_features + 1, dtype=torch.float64, device=base.weight.device)
+        out[name] = layer(probe[:, : base.in_features]).cpu()
     return out
 
 

@@ -157,12 +157,17 @@ def test_flux2_lokr_matches_diffusers_and_lycoris(spelling: str, low_rank: bool)
     assert_same(weights(model, names), _reference(modules, names))
 
 
-def _flux1() -> torch.nn.Module:
-    return tiny_flux().double()
+def _flux1(device: str = "cpu") -> torch.nn.Module:
+    return tiny_flux().double().to(device)
 
 
+#: the devices of the device-generic tests (the CUDA case runs on a GPU machine only: ``-m gpu``)
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spelling", ["kohya", "bfl"])
-def test_flux_namings_cut_lycoris_and_diff_modules_by_rows(spelling: str) -> None:
+def test_flux_namings_cut_lycoris_and_diff_modules_by_rows(spelling: str, device: str) -> None:
     """Flux.1 files in the original names with a LoHa on ``img_attn.qkv``, a LoKr on a single
     block's ``linear1`` (cut ``1 : 1 : 1 : 4`` onto ``to_q``, ``to_k``, ``to_v``, ``proj_mlp``) and
     on the final adaLN (its ``(shift, scale)`` rows swapped into ``norm_out.linear``'s ``(scale,
@@ -171,7 +176,8 @@ def test_flux_namings_cut_lycoris_and_diff_modules_by_rows(spelling: str) -> Non
     them. All four were refused ('LyCORIS ... which lorahot does not read in the Flux.1
     namings'). diffusers' Flux.1 loader reads none of them. An unmerged runtime refuses the
     LyCORIS modules, as any weight delta, saying merged=True; the LoRA with its ``.diff_b`` is a
-    LoRA with a bias, which one injected with extras=True loads with the same weights and biases."""
+    LoRA with a bias, which one injected with extras=True loads with the same weights and biases.
+    On CUDA the deltas are built and cut on the device: the same float64 references hold."""
     g = torch.Generator().manual_seed(4)
 
     def rand(*shape: int, s: float = 0.3) -> torch.Tensor:
@@ -192,7 +198,7 @@ def test_flux_namings_cut_lycoris_and_diff_modules_by_rows(spelling: str) -> Non
     kohya = spelling == "kohya"
     spell = (lambda m: "lora_unet_" + m.replace(".", "_")) if kohya else (lambda m: f"diffusion_model.{m}")
     sd = {f"{spell(m)}.{k}": t for m, f in modules.items() for k, t in f.items()}
-    model = _flux1()
+    model = _flux1(device)
     runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=True)
     assert runtime.load(dict(sd)).format == f"flux-{spelling}"
 
@@ -218,8 +224,8 @@ def test_flux_namings_cut_lycoris_and_diff_modules_by_rows(spelling: str) -> Non
     assert_same(weights(model, list(expected)), reference)
 
     with pytest.raises(lorahot.AdapterMismatchError, match=r"loads only in merged mode[\s\S]*merged=True"):
-        lorahot.inject(_flux1(), "all-linear", max_rank=8, extras=True).load(dict(sd))
-    model = _flux1()
+        lorahot.inject(_flux1(device), "all-linear", max_rank=8, extras=True).load(dict(sd))
+    model = _flux1(device)
     txt_only = {k: t for k, t in sd.items() if "txt_attn" in k}
     lorahot.inject(model, "all-linear", max_rank=8, extras=True).load(txt_only)
     parts = [n for n in expected if n.split(".")[-1].startswith("add_")]
