@@ -855,13 +855,57 @@ def scenario_empty_shard(mesh: object, folder: Path, check: Checks) -> None:
     for runtime in runtimes:
         runtime.activate([1, -1, 0])
     check("an empty shard, per-row routing", parity)
+    gathered = torch.nn.Parameter(tp[0].base_layer.weight.full_tensor())
+    check(
+        "a sharded weight gathered after inject is refused",
+        lambda: raises(lorahot.UsageError, lambda: setattr(tp[0], "weight", gathered), "stop being a DTensor"),
+    )
+    check("after the refused gathering the model computes the unsharded one", parity)
+    late_after_inject(mesh, adapters[0], x, check)
+
+
+def late_after_inject(mesh: object, adapter: dict[str, torch.Tensor], x: torch.Tensor, check: Checks) -> None:
+    """A model parallelized after inject, on its base layers' paths (the wrappers are no
+    ``nn.Linear`` to parallelize_module): refused before a weight becomes a DTensor, naming the
+    layer, and the model computes what it did (the forward raised a raw RuntimeError on
+    mismatched shapes, each rank adding the whole update to its shard of the output). A weight
+    made a DTensor behind ``nn.Module``'s back is refused at the next load."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(1)
     late = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 5)).double()
     late_runtime = lorahot.inject(late, ["0", "2"], max_rank=4)
-    plan = {"0.base_layer": ColwiseParallel(use_local_output=False), "2.base_layer": RowwiseParallel()}
-    parallelize_module(late, mesh, plan)  # type: ignore[arg-type]
+    late_runtime.load(adapter)
+    with torch.no_grad():
+        before = late(x)
+    for plan in (
+        {"0.base_layer": ColwiseParallel(), "2.base_layer": RowwiseParallel()},
+        {"2.base_layer": RowwiseParallel()},
+    ):
+        first = next(iter(plan)).split(".")[0]
+        check(
+            f"parallelizing {sorted(plan)} after inject is refused",
+            lambda plan=plan, first=first: raises(
+                lorahot.UsageError,
+                lambda: parallelize_module(late, mesh, plan),  # type: ignore[arg-type]
+                f"{first}: its base layer's weight would become a DTensor",
+                "Parallelize the model before inject",
+            ),
+        )
+
+        def unchanged() -> str | None:
+            if any(type(p).__name__ == "DTensor" for p in late.parameters()):
+                return "a weight became a DTensor"
+            with torch.no_grad():
+                return None if torch.equal(late(x), before) else "the output changed"
+
+        check(f"after the refused {sorted(plan)} the model computes what it did", unchanged)
+    base = late[2].base_layer
+    base._parameters["weight"] = torch.nn.Parameter(distribute_tensor(base.weight.detach(), mesh, [Shard(1)]))  # type: ignore[arg-type]
     check(
-        "parallelizing after inject is refused at the next load",
-        lambda: raises(lorahot.UsageError, lambda: late_runtime.load(adapters[0]), "parallelized", "then inject"),
+        "a weight made a DTensor behind nn.Module's back is refused at the next load",
+        lambda: raises(lorahot.UsageError, lambda: late_runtime.load(adapter), "parallelized", "then inject"),
     )
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ __all__ = [
     "unusual_values",
     "FLOAT_DTYPES",
     "refuse_assigned_load_under",
+    "is_dtensor",
     "kept_parametrizations",
     "WIDE_BUFFER",
     "EXTRA_F",
@@ -1227,6 +1229,19 @@ def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: An
                 module.checkpoint_loaded = True
 
 
+def _dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor`` if the user's code imported it, else None (lorahot
+    never imports it: a DTensor can only exist once the user's code has)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor (a tensor-parallel weight, input or output)."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
 #: the base layer's parameters the wrapper's attribute assignment sets on the base layer
 _BASE_PARAMETERS = ("weight", "bias")
 #: base layer -> its wrapper (weakly: the entry goes with either), for :func:`_refuse_replaced_weight`
@@ -1248,7 +1263,7 @@ def _refuse_replaced_weight(module: nn.Module, name: str, param: Any) -> None:
     layer = ref() if ref is not None else None
     if layer is None or layer.base_layer is not module:
         return
-    refusal = _shape_refusal(layer, name, param)
+    refusal = _placement_refusal(layer, name, param) or _shape_refusal(layer, name, param)
     if refusal is None and not _computed_from(layer, name, param):
         refusal = _copy_refusal(layer, name)
     if refusal is not None:
@@ -1290,7 +1305,7 @@ def _put_plain_tensor(layer: LoRALayer, name: str, value: torch.Tensor) -> None:
     the base layer, :meth:`LoRALayer.wide_bound`) and refuses it while compiling, where the
     graph would read its block instead."""
     base = layer.base_layer
-    refusal = _shape_refusal(layer, name, value)
+    refusal = _placement_refusal(layer, name, value) or _shape_refusal(layer, name, value)
     moved = refusal is None and not _computed_from(layer, name, value)
     if moved and (layer.merged or torch.compiler.is_compiling()):
         refusal = _copy_refusal(layer, name)
@@ -1332,7 +1347,11 @@ def _refuse_assigned_load(
             new = state_dict.get(wrapper + name)
         if new is None:
             continue
-        refusal = _shape_refusal(layer, name, new, outcome) or _copy_refusal(layer, name, outcome)
+        refusal = (
+            _placement_refusal(layer, name, new, outcome)
+            or _shape_refusal(layer, name, new, outcome)
+            or _copy_refusal(layer, name, outcome)
+        )
         if refusal is not None:
             raise UsageError(refusal)
 
@@ -1346,6 +1365,34 @@ def refuse_assigned_load_under(module: nn.Module, state_dict: Mapping[str, Any],
         if isinstance(layer, LoRALayer):
             own = f"{prefix}{path}." if path else prefix
             _refuse_assigned_load(layer, state_dict, own + "base_layer.", _LOAD_REFUSED, wrapper=own)
+
+
+def _placement_refusal(layer: LoRALayer, name: str, new: Any, outcome: str = _ASSIGNMENT_REFUSED) -> str | None:
+    """Why ``layer`` cannot take ``new`` as the parameter ``name`` of its base layer: a DTensor
+    where the base layer had a plain tensor at inject, or the other way round
+    (``parallelize_module`` on the base layer's path, ``full_tensor()`` put back). The layer's
+    LoRA buffers have the shape of the weight it had then, whole or this rank's shard, and the
+    base layer's output would now be the other: each rank would add the whole update to its
+    shard of the output (a shape error, or a wrong sum where the shapes broadcast)."""
+    now = layer.base_layer._parameters.get(name)
+    if not isinstance(new, torch.Tensor) or not isinstance(now, torch.Tensor):
+        return None
+    if is_dtensor(new) == is_dtensor(now):
+        return None
+    where = layer._path or type(layer.base_layer).__name__
+    change = (
+        "become a DTensor (parallelize_module or distribute_module on the base layer's path?)"
+        if is_dtensor(new)
+        else "stop being a DTensor (a gathered full_tensor()?)"
+    )
+    made = "the whole, unsharded" if is_dtensor(new) else "this rank's shard of the"
+    return (
+        f"{where}: its base layer's {name} would {change} after inject. lorahot made this layer's LoRA buffers at "
+        f"inject for {made} {name}, so it could no longer add its update to the base layer's output. {outcome}: the "
+        f"layer keeps its {name} (a parallelize_module call may have parallelized the modules before this one). "
+        "Parallelize the model before inject, on the modules' own paths: lorahot then shards the LoRA buffers like "
+        "each base layer (call runtime.eject() and start again from the unsharded model)."
+    )
 
 
 def _shape_refusal(layer: LoRALayer, name: str, new: Any, outcome: str = _ASSIGNMENT_REFUSED) -> str | None:

@@ -57,6 +57,7 @@ from lorahot.errors import UsageError
 from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.layers.base import LayerSpec, Shard
+from lorahot.layers.base import is_dtensor as _is_dtensor
 from lorahot.layers.linear import LoRALinear
 from lorahot.layers.refusal import literal, refuse
 from lorahot.layers.tensor_handles import ROUTES
@@ -72,17 +73,6 @@ _HOOK_DICTS = (
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
 )
-
-
-def _dtensor_type() -> type | None:
-    """``torch.distributed.tensor.DTensor`` if the user's code imported it, else None."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None) if module is not None else None
-
-
-def _is_dtensor(t: object) -> bool:
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -311,7 +311,13 @@ def test_an_empty_shard_computes_the_unsharded_model(tmp_path: Path) -> None:
         "plan_targets refuses an adapter that fits a shard only",
         "an empty shard, whole batch",
         "an empty shard, per-row routing",
-        "parallelizing after inject is refused at the next load",
+        "a sharded weight gathered after inject is refused",
+        "after the refused gathering the model computes the unsharded one",
+        "parallelizing ['0.base_layer', '2.base_layer'] after inject is refused",
+        "after the refused ['0.base_layer', '2.base_layer'] the model computes what it did",
+        "parallelizing ['2.base_layer'] after inject is refused",
+        "after the refused ['2.base_layer'] the model computes what it did",
+        "a weight made a DTensor behind nn.Module's back is refused at the next load",
     ):
         _assert_check(results, name)
 
