@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
@@ -207,6 +208,31 @@ def assert_swaps_without_recompile(
                 runtime.load(tensors)
                 torch.testing.assert_close(compiled(x), want, rtol=tol, atol=tol)
     assert counter.frame_count == 1
+
+
+#: a merged model in each half-precision dtype, on the CPU and on CUDA (``gpu``: skipped
+#: without a CUDA device)
+HALF_PRECISION = [
+    pytest.param("cpu", torch.float16, id="cpu-float16"),
+    pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.gpu, id="cuda-float16"),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu, id="cuda-bfloat16"),
+]
+
+
+def assert_rounded_once(got: torch.Tensor, want: torch.Tensor) -> float:
+    """A half-precision merged weight ``got`` is the float64 ``want`` computed in float32 and
+    rounded once to its dtype: ``|got - want| <= u |want| + 64 u32 max|want| + tiny / 2``, ``u``
+    the dtype's unit roundoff (half an ulp: 2^-11 for float16, 2^-8 for bfloat16) for the final
+    rounding, ``64 u32`` (``u32`` = 2^-24) for float32's error over the few dozen products and
+    sums of a merge, ``tiny / 2`` half the dtype's subnormal spacing (float16's entries near 0).
+    Returns the bound at the largest ``|want|``, for the caller to check that the update it
+    compares is far above it."""
+    u = torch.finfo(got.dtype).eps / 2
+    top = float(want.abs().max())
+    atol = 64 * 2.0**-24 * top + torch.finfo(got.dtype).smallest_normal * u
+    torch.testing.assert_close(got.detach().cpu().double(), want, rtol=u, atol=atol)
+    return u * top + atol
 
 
 def assert_merged_state(

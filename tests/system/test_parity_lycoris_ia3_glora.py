@@ -6,6 +6,8 @@ LyCORIS' own (``lycoris_``) or ComfyUI names and loads the file into lorahot (``
 the merged weight must be LyCORIS' ``get_merged_weight`` at the same multiplier, and the
 model's output LyCORIS' forward, within 1e-12. Both kinds are built from the pristine base
 weight (``W0 * w``; ``W0 a1 a2 + b1 b2``) and scale linearly in every tool that reads them.
+In a float16 or bfloat16 model (on the CPU, and on CUDA under the ``gpu`` marker) the merged
+weight is LyCORIS' float64 one over the model's own rounded weight, rounded once.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 
 import lorahot
 from lorahot.cli import main
-from tests.helpers import assert_swaps_without_recompile
+from tests.helpers import HALF_PRECISION, assert_rounded_once, assert_swaps_without_recompile
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris.modules import LohaModule  # noqa: E402 - after the importorskip
@@ -39,10 +41,12 @@ CASES = [
 ]
 
 
-def _base(kind: str) -> nn.Sequential:
+def _base(kind: str, through: torch.dtype = torch.float64) -> nn.Sequential:
+    """The float64 layer, its parameters first rounded to ``through`` (a half-precision
+    model's own values, for its float64 reference)."""
     torch.manual_seed(0)
     layer = nn.Linear(16, 24) if kind == "linear" else nn.Conv2d(8, 16, 3, padding=1)
-    return nn.Sequential(layer).double()
+    return nn.Sequential(layer).to(through).double()
 
 
 def _input(kind: str) -> torch.Tensor:
@@ -50,9 +54,12 @@ def _input(kind: str) -> torch.Tensor:
     return torch.randn(*((2, 8, 5, 5) if kind == "conv" else (3, 16)), generator=g, dtype=torch.float64)
 
 
-def _lycoris(cls: type, kind: str, options: dict, prefix: str) -> tuple[nn.Module, nn.Module, dict]:
-    """``(oracle model with the module applied, the module, its file under prefix)``."""
-    oracle = _base(kind)
+def _lycoris(
+    cls: type, kind: str, options: dict, prefix: str, through: torch.dtype = torch.float64
+) -> tuple[nn.Module, nn.Module, dict]:
+    """``(oracle model with the module applied, the module, its file under prefix)``, all float64
+    over the base weight rounded to ``through``."""
+    oracle = _base(kind, through)
     module = cls("lora_unet_0", oracle[0], 1.0, **options).double()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -82,6 +89,31 @@ def test_ia3_and_glora_merge_like_lycoris(case: str, cls: type, kind: str, optio
             assert float((want - w0).abs().max()) > 1e-3
     runtime.unload()
     assert torch.equal(model(x), base_out)
+
+
+@pytest.mark.parametrize(("device", "dtype"), HALF_PRECISION)
+@pytest.mark.parametrize(("case", "cls", "kind", "options", "prefix"), CASES, ids=[c[0] for c in CASES])
+def test_ia3_and_glora_merge_in_half_precision_as_float64_rounds(
+    case: str, cls: type, kind: str, options: dict, prefix: str, device: str, dtype: torch.dtype
+) -> None:
+    """Each kind merged into a float16 and a bfloat16 model (on the CPU and on CUDA): at every
+    scale the weight is LyCORIS' float64 merged weight over the model's own rounded ``W0``,
+    rounded once (:func:`~tests.helpers.assert_rounded_once`), the bias untouched, and unload
+    puts ``W0`` back bitwise."""
+    _, module, tensors = _lycoris(cls, kind, options, prefix, through=dtype)
+    model = _base(kind).to(device, dtype)
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    runtime.load(tensors)
+    for scale in (1.0, 0.5, -1.0):
+        runtime.set_scale(scale)
+        with torch.no_grad():
+            want = module.get_merged_weight(scale, w0.shape, "cpu")[0]
+        bound = assert_rounded_once(model[0].weight, want)
+        assert float((want - w0.cpu().double()).abs().max()) > 10 * bound  # the update is far above the rounding
+    assert torch.equal(model[0].bias, b0)
+    runtime.unload()
+    assert torch.equal(model[0].weight, w0)
 
 
 def test_inspect_names_ia3_and_glora(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,9 @@ its Cayley transform inverts ``(I - Q).float()``, so within 1e-5), and a float64
 reference built as explicit matrices (the block-diagonal rotation, each butterfly stage its
 permutation matrices around it) within 1e-12. sd-scripts is not installed: its OFT is checked
 against a dense float64 reference of ``networks/oft.py``'s formula (its clamped constraint and
-``I + m (R - I)`` multiplier).
+``I + m (R - I)`` multiplier). In a float16 or bfloat16 model (on the CPU, and on CUDA under
+the ``gpu`` marker) the merged weight is the float64 reference of the model's own rounded
+weight, rounded once.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from torch import nn
 
 import lorahot
 from lorahot.cli import main
-from tests.helpers import Conv1D, assert_swaps_without_recompile
+from tests.helpers import (
+    HALF_PRECISION,
+    Conv1D,
+    assert_rounded_once,
+    assert_swaps_without_recompile,
+)
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris.modules import ButterflyOFTModule, DiagOFTModule, LohaModule  # noqa: E402 - after the importorskip
@@ -144,6 +151,28 @@ def test_oft_and_boft_merge_like_lycoris(case: str, cls: type, kind: str, option
     assert torch.equal(model[0].weight, w0)
 
 
+@pytest.mark.parametrize(("device", "dtype"), HALF_PRECISION)
+@pytest.mark.parametrize(("case", "cls", "kind", "options", "prefix"), CASES, ids=[c[0] for c in CASES])
+def test_oft_and_boft_merge_in_half_precision_as_float64_rounds(
+    case: str, cls: type, kind: str, options: dict, prefix: str, device: str, dtype: torch.dtype
+) -> None:
+    """Each rotation kind merged into a float16 and a bfloat16 model (on the CPU and on CUDA):
+    the weight is the float64 dense reference built from the model's own rounded ``W0``,
+    rounded once (:func:`~tests.helpers.assert_rounded_once`), the bias untouched, and unload
+    puts ``W0`` back bitwise."""
+    _, _, tensors = _lycoris(cls, kind, options, prefix)
+    model = _base(kind, dtype).to(device)
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    want = _dense_weight(tensors, w0.cpu().double())
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    runtime.load(tensors)
+    bound = assert_rounded_once(model[0].weight, want)
+    assert float((want - w0.cpu().double()).abs().max()) > 10 * bound  # the rotation is far above the rounding
+    assert torch.equal(model[0].bias, b0)
+    runtime.unload()
+    assert torch.equal(model[0].weight, w0)
+
+
 def test_oft_on_conv1d_rotates_the_transposed_weight() -> None:
     """A transformers ``Conv1D`` (weight ``[in, out]``) is rotated on its output channels."""
     oracle, _, tensors = _lycoris(DiagOFTModule, "linear", {"lora_dim": 4, "rescaled": True}, "lora_unet_0")
@@ -170,13 +199,16 @@ def _kohya_reference(blocks: torch.Tensor, alpha: float, w0: torch.Tensor, multi
     return (torch.block_diag(*[rk.T for rk in weighted]) @ w0.reshape(out, -1)).reshape(w0.shape)
 
 
+@pytest.mark.parametrize(("device", "dtype"), [pytest.param("cpu", torch.float64, id="cpu-float64"), *HALF_PRECISION])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("alpha", [1e-3, 1.0, 0.0], ids=["constraint-binds", "loose", "zero"])
-def test_kohya_oft_merges_as_sd_scripts_computes(kind: str, alpha: float) -> None:
+def test_kohya_oft_merges_as_sd_scripts_computes(kind: str, alpha: float, device: str, dtype: torch.dtype) -> None:
     """sd-scripts' OFT (``oft_unet_`` names) at its alpha: a binding constraint, a loose one,
     and 0 (sd-scripts clamps the skew part to norm 0: no rotation, where LyCORIS' rule would
-    leave it unconstrained); its multiplier is linear, so any scale loads."""
-    model = _base(kind)
+    leave it unconstrained); its multiplier is linear, so any scale loads. A float64 model
+    within 1e-12 of the reference; a float16 or bfloat16 one (on the CPU and on CUDA) the
+    reference of its own rounded ``W0`` rounded once (:func:`~tests.helpers.assert_rounded_once`)."""
+    model = _base(kind, dtype).to(device)
     w0 = model[0].weight.detach().clone()
     out = w0.shape[0]
     g = torch.Generator().manual_seed(3)
@@ -185,14 +217,20 @@ def test_kohya_oft_merges_as_sd_scripts_computes(kind: str, alpha: float) -> Non
     runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
     info = runtime.load(tensors)
     assert info.format == "kohya" and set(info.ranks) == {"0"}
+    bound = 1e-12
     for scale in (1.0, 0.5, -1.0):
         runtime.set_scale(scale)
-        want = _kohya_reference(blocks, float(tensors["oft_unet_0.alpha"]), w0, scale)  # as the file rounds it
-        torch.testing.assert_close(model[0].weight, want, rtol=1e-12, atol=1e-12)
+        alpha_read = float(tensors["oft_unet_0.alpha"])  # as the file rounds it
+        want = _kohya_reference(blocks, alpha_read, w0.cpu().double(), scale)
+        if dtype == torch.float64:
+            torch.testing.assert_close(model[0].weight, want, rtol=1e-12, atol=1e-12)
+        else:
+            bound = max(bound, assert_rounded_once(model[0].weight, want))
     if alpha == 0.0:
         torch.testing.assert_close(model[0].weight, w0, rtol=0, atol=1e-7)
     else:
-        assert float((model[0].weight.detach() - w0).abs().max()) > 1e-4
+        # bfloat16 under the binding constraint: the rotation moves the weight ~4x the bound
+        assert float((model[0].weight.detach() - w0).abs().max()) > max(1e-4, 3 * bound)
 
 
 MAGNITUDES = [
