@@ -7,6 +7,7 @@ run the base operation (or torch's own module for that operation) on it, in floa
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo.testing
+import torch._inductor.compile_fx
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
@@ -189,20 +191,35 @@ def stack_reference(
 # -- the compile contract -----------------------------------------------------------------
 
 
+#: a compiled model's device and inductor mode: the CPU in the default mode, and CUDA under
+#: CUDA graphs (``gpu``: skipped without a CUDA device)
+COMPILED_DEVICES = [
+    pytest.param("cpu", "default", id="cpu-default"),
+    pytest.param("cuda", "reduce-overhead", marks=pytest.mark.gpu, id="cuda-reduce-overhead"),
+]
+
+
 def assert_swaps_without_recompile(
     runtime: Any,
     model: nn.Module,
     x: torch.Tensor,
     swaps: list[tuple[dict[str, torch.Tensor], torch.Tensor]],
     tol: float,
+    mode: str = "default",
 ) -> None:
-    """The compile contract of a runtime over ``model``: compiled once (inductor) and run on ``x``,
-    then each of ``swaps`` (an adapter's tensors, the output it must give) loaded in turn under
-    ``error_on_recompile=True``, every output within ``tol`` of its own and one frame compiled."""
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    """The compile contract of a runtime over ``model``: compiled once (inductor in ``mode``)
+    and run on ``x`` three times (under ``reduce-overhead`` on CUDA: a warm-up, the CUDA graph's
+    capture, a replay), then each of ``swaps`` (an adapter's tensors, the output it must give)
+    loaded in turn under ``error_on_recompile=True``, every output within ``tol`` of its own
+    (each a replay of the graph under CUDA graphs) and one frame compiled."""
+    options = torch._inductor.list_mode_options(mode)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(
+        functools.partial(torch._inductor.compile_fx.compile_fx, config_patches=options)  # type: ignore[arg-type]
+    )
     compiled = torch.compile(model, backend=counter)
     with torch.no_grad():
-        compiled(x)
+        for _ in range(3):
+            compiled(x)
         with torch._dynamo.config.patch(error_on_recompile=True):
             for tensors, want in swaps:
                 runtime.load(tensors)

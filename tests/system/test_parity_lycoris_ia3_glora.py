@@ -22,7 +22,7 @@ from torch import nn
 
 import lorahot
 from lorahot.cli import main
-from tests.helpers import HALF_PRECISION, assert_rounded_once, assert_swaps_without_recompile
+from tests.helpers import COMPILED_DEVICES, HALF_PRECISION, assert_rounded_once, assert_swaps_without_recompile
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris.modules import LohaModule  # noqa: E402 - after the importorskip
@@ -266,9 +266,12 @@ def test_ia3_in_comfyui_naming_is_refused_naming_where_it_loads() -> None:
         runtime.load(tensors)
 
 
-def test_compiled_merged_swaps_across_base_kinds_do_not_recompile() -> None:
-    """LoHa, (IA)^3 on the input and on the output, GLoRA and LoHa again in one compiled merged
-    model under error_on_recompile=True, each against LyCORIS' merged weight."""
+@pytest.mark.parametrize(("device", "mode"), COMPILED_DEVICES)
+def test_compiled_merged_swaps_across_base_kinds_do_not_recompile(device: str, mode: str) -> None:
+    """LoHa, (IA)^3 on the input and on the output, GLoRA and LoHa again in one compiled float64
+    merged model under error_on_recompile=True (on CUDA under CUDA graphs, each output a
+    replay), each output the float64 reference's of LyCORIS' merged weight on the CPU within
+    1e-10."""
     kinds = [
         (LohaModule, {"lora_dim": 4, "alpha": 2.0}),
         (IA3Module, {"train_on_input": True}),
@@ -287,7 +290,7 @@ def test_compiled_merged_swaps_across_base_kinds_do_not_recompile() -> None:
     expected.append(expected[0])
     model, x = _base("linear"), _input("linear")
     b0 = model[0].bias.detach().clone()
-    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    runtime = lorahot.inject(model.to(device), ["0"], max_rank=4, merged=True)
     with torch.no_grad():
-        swaps = [(tensors, nn.functional.linear(x, weight, b0)) for tensors, weight in expected]
-    assert_swaps_without_recompile(runtime, model, x, swaps, tol=1e-10)
+        swaps = [(tensors, nn.functional.linear(x, weight, b0).to(device)) for tensors, weight in expected]
+    assert_swaps_without_recompile(runtime, model, x.to(device), swaps, tol=1e-10, mode=mode)

@@ -26,6 +26,7 @@ from torch import nn
 import lorahot
 from lorahot.cli import main
 from tests.helpers import (
+    COMPILED_DEVICES,
     HALF_PRECISION,
     Conv1D,
     assert_rounded_once,
@@ -417,9 +418,12 @@ def test_a_malformed_rotation_is_refused_and_nothing_changes(
         assert torch.equal(model(x), out)
 
 
-def test_compiled_merged_swaps_across_rotation_kinds_do_not_recompile() -> None:
+@pytest.mark.parametrize(("device", "mode"), COMPILED_DEVICES)
+def test_compiled_merged_swaps_across_rotation_kinds_do_not_recompile(device: str, mode: str) -> None:
     """LoHa, LyCORIS OFT and BOFT, sd-scripts' OFT and LoHa again, swapped into one compiled
-    merged model with error_on_recompile=True: each swap rotates the pristine weight."""
+    float64 merged model with error_on_recompile=True (on CUDA under CUDA graphs, each output a
+    replay): each swap rotates the pristine weight, the output the float64 reference's on the
+    CPU within 1e-10."""
     kind = "wide-linear"
     _, _, loha = _lycoris(LohaModule, kind, {"lora_dim": 4, "alpha": 2.0}, "lora_unet_0")
     _, _, oft = _lycoris(DiagOFTModule, kind, {"lora_dim": 4, "rescaled": True}, "lora_unet_0")
@@ -429,6 +433,7 @@ def test_compiled_merged_swaps_across_rotation_kinds_do_not_recompile() -> None:
     kohya = {"oft_unet_0.oft_blocks": kohya_blocks, "oft_unet_0.alpha": torch.tensor(1.0)}
     model, x = _base(kind), _input(kind)
     w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    model.to(device)
     loha_model = _base(kind)
     lorahot.inject(loha_model, ["0"], max_rank=4, merged=True).load(loha)
     loha_weight = loha_model[0].weight.detach().clone()
@@ -441,8 +446,8 @@ def test_compiled_merged_swaps_across_rotation_kinds_do_not_recompile() -> None:
     ]
     runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
     with torch.no_grad():
-        swaps = [(tensors, nn.functional.linear(x, weight, b0)) for tensors, weight in weights]
-    assert_swaps_without_recompile(runtime, model, x, swaps, tol=1e-10)
+        swaps = [(tensors, nn.functional.linear(x, weight, b0).to(device)) for tensors, weight in weights]
+    assert_swaps_without_recompile(runtime, model, x.to(device), swaps, tol=1e-10, mode=mode)
 
 
 def test_split_refuses_a_rotation_of_a_fused_layer() -> None:
