@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,8 +20,9 @@ from tests.helpers import make_adapter, model_reference, stack_reference, tiny_c
 TARGETS = ["q_proj", "v_proj", "up_proj", "embed_tokens"]
 
 
-def _setup(slots: int = 3) -> tuple[torch.nn.Module, lorahot.LoraRuntime, list[dict]]:
-    model = tiny_lm()
+def _setup(slots: int = 3, device: str = "cpu") -> tuple[torch.nn.Module, lorahot.LoraRuntime, list[dict]]:
+    """The tiny LM on ``device`` with an adapter in each slot, and those adapters' (host) factors."""
+    model = tiny_lm().to(device)
     runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=slots)
     names = list(runtime.layers)
     held = []
@@ -376,6 +378,91 @@ def test_runtime_calls_inside_a_compiled_step_run_as_they_do_eagerly() -> None:
     assert runtime.info(0) is None and runtime.routing == (2, -1, 1)
 
 
+#: the CPU, and CUDA (``gpu``: skipped without a CUDA device)
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
+
+
+@pytest.fixture
+def float32_products() -> Iterator[None]:
+    """float32 products in float32 on CUDA: TF32 (on for cuDNN's convolutions by default) rounds
+    their operands to 2^-11, far past a float32 tolerance. No effect on the CPU."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.usefixtures("float32_products")
+def test_a_serving_step_compiled_with_cuda_graphs_routes_at_the_float64_reference(device: str) -> None:
+    """A serving step compiled whole with ``mode="reduce-overhead"`` (on CUDA, CUDA graphs; on
+    the CPU inductor skips them and the rest is the same): ``runtime.activate(route)``, then the
+    float32 model. Every public entry point runs under ``torch.compiler.disable``, so the call
+    is the step's one graph break: the step's own frame compiles no graph, its resume frame
+    compiles the model's. Expected graphs: one for the first batch size; one more when a
+    second size makes the batch dynamic (torch's automatic dynamic shapes, the routing's
+    length a dynamic size like the batch's); one more at the first routing of one slot for
+    every row (run as the whole batch: the other mode), which is the negative control under
+    ``error_on_recompile=True``. Nothing else recompiles: new routings of any later length,
+    whole-batch switches between slots, and eagerly between steps ``set_scale`` and loads from
+    the host cache (which on CUDA replay CUDA graphs of their own from inside
+    ``torch.compiler.disable``, from the second call with a key on), each output at the
+    float64 per-row reference. The routing is a host tensor: a Python list would make the
+    step's frame guard on its length, one more (graphless) compile per length.
+
+    Tolerance: float32 (unit roundoff 6e-8) against float64, sums of at most 24 products per
+    layer over two blocks: rtol 1e-4, atol 1e-5 is about 10^3 roundings of slack, and rejects
+    TF32's 2^-11 (turned off: :func:`float32_products`)."""
+    from torch._dynamo.utils import counters
+
+    model, runtime, held = _setup(device=device)
+    prepared = [make_adapter(model, dict.fromkeys(runtime.layers, 2 + k), seed=20 + k) for k in range(2)]
+    cached = [runtime.preload(tensors) for tensors, _ in prepared]
+
+    @torch.compile(mode="reduce-overhead")
+    def step(ids: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        runtime.activate(route)
+        return model(ids)
+
+    def check(rows: int, route: list[int], seed: int) -> None:
+        ids = token_ids((rows, 5), 32, seed=seed)
+        want = _expected(ids, route, held)
+        with torch.no_grad():
+            got = step(ids.to(device), torch.tensor(route)).double().cpu()  # read before the next replay
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    graphs = counters["stats"]["unique_graphs"]
+    for shift in range(4):  # CUDA graphs: a warm-up, the capture, then replays
+        check(4, [(i * 3 + shift) % 4 - 1 for i in range(4)], seed=shift)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    for shift in range(3):  # a second batch size: the batch dynamic from here on
+        check(6, [(i + shift) % 4 - 1 for i in range(6)], seed=6 + shift)
+    assert counters["stats"]["unique_graphs"] == graphs + 2
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in (3, 5, 6):
+            for shift in range(3):
+                check(rows, [(i * 2 + shift) % 4 - 1 for i in range(rows)], seed=10 * rows + shift)
+        for scale in (0.5, -1.5, 2.0):  # eagerly between steps; CUDA: the second and third replay
+            runtime.set_scale(scale, slot=1)
+            held[1] = {n: (a, b, scale) for n, (a, b, _) in held[1].items()}
+            check(5, [1, -1, 0, 1, 2], seed=int(scale * 10) % 7)
+        for k in (0, 1, 0, 1):  # loads from the host cache into a routed slot; CUDA: replays from the second
+            runtime.load(cached[k], slot=2)
+            held[2] = {n: (a, b, 1.0) for n, (a, b) in prepared[k][1].items()}
+            check(4, [2, 0, -1, 2], seed=40 + k)
+        with pytest.raises(torch._dynamo.exc.RecompileError):  # negative control: the first whole-batch routing
+            check(4, [2] * 4, seed=50)
+    check(4, [2] * 4, seed=50)  # activate(2) within the step, compiled
+    assert counters["stats"]["unique_graphs"] == graphs + 3
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for k in (0, 2, 0, 2, 1):  # whole-batch switches (activate's CUDA graph from the second of a slot on)
+            check(3, [k] * 3, seed=60 + k)
+            check(3, [k, -1, 2], seed=70 + k)
+    assert counters["stats"]["unique_graphs"] == graphs + 3
+    if device == "cuda":  # every graph ran under CUDA graphs
+        assert counters["inductor"]["cudagraph_skips"] == 0
+
+
 def test_a_runtime_call_inside_a_fullgraph_step_is_refused_by_torch_naming_the_fix() -> None:
     """Under ``fullgraph=True`` the graph break of a lorahot call is refused by torch itself
     (its ``Unsupported``, before any of lorahot runs); its message names the call and the fix
@@ -672,8 +759,26 @@ def test_cpu_max_autotune_routes_every_batch_size_at_the_float64_reference() -> 
     bmm returned numbers 1.6e27 off). There the layers now take products of 2-D operands,
     which that mode computes right: an embedding, a grouped conv and a linear, a stacked slot and rows of no slot, at
     the float64 reference for every batch size, and the whole batch on one slot after."""
+    _max_autotune_routes("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("float32_products")
+def test_gpu_max_autotune_routes_every_batch_size_at_the_float64_reference() -> None:
+    """The same on CUDA, float32: whether inductor's autotuned GEMMs there (Triton's templates
+    beside cuBLAS) compute a symbolic batch right, where the layers keep their batched products
+    (``lorahot.kernels.compile_mode.autotunes_gemms`` is the CPU's). Tolerance as on the CPU:
+    float32 against float64 over sums of at most 36 products a layer (the grouped 3x3 conv's), TF32
+    off."""
+    _max_autotune_routes("cuda")
+
+
+def _max_autotune_routes(device: str) -> None:
+    """The convnet on ``device`` (float32) compiled with ``mode="max-autotune-no-cudagraphs"``:
+    per-row routings of four batch sizes (the batch dynamic from the second on), then the whole
+    batch on a stacked slot at two sizes, each at the float64 reference computed on the CPU."""
     base = tiny_convnet()
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base).to(device)
     runtime = lorahot.inject(model, ["embed", "conv", "proj"], max_rank=8, slots=3)
     parts = [make_adapter(model, {"embed": 3, "conv": 2 * (1 + k % 2), "proj": 2 + k}, seed=k) for k in range(4)]
     held = [[parts[0][1]], [parts[1][1], parts[2][1]], [parts[3][1]]]
@@ -689,10 +794,9 @@ def test_cpu_max_autotune_routes_every_batch_size_at_the_float64_reference() -> 
             want = torch.cat(
                 [stack_reference(base, ids[i : i + 1], held[s] if s >= 0 else []) for i, s in enumerate(route)]
             )
-            torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(compiled(ids.to(device)).double().cpu(), want, rtol=1e-4, atol=1e-5)
         runtime.activate(1)
         for rows in (4, 3):
             ids = token_ids((rows, 4, 4), 16, seed=rows)
-            torch.testing.assert_close(
-                compiled(ids).double(), stack_reference(base, ids, held[1]), rtol=1e-4, atol=1e-5
-            )
+            want = stack_reference(base, ids, held[1])
+            torch.testing.assert_close(compiled(ids.to(device)).double().cpu(), want, rtol=1e-4, atol=1e-5)
