@@ -406,8 +406,8 @@ def test_a_serving_step_compiled_with_cuda_graphs_routes_at_the_float64_referenc
     ``error_on_recompile=True``. Nothing else recompiles: new routings of any later length,
     whole-batch switches between slots, and eagerly between steps ``set_scale`` and loads from
     the host cache (which on CUDA replay CUDA graphs of their own from inside
-    ``torch.compiler.disable``, from the second call with a key on), each output at the
-    float64 per-row reference. The routing is a host tensor: a Python list would make the
+    ``torch.compiler.disable``, from the second call with a key on: counted), each output at
+    the float64 per-row reference. The routing is a host tensor: a Python list would make the
     step's frame guard on its length, one more (graphless) compile per length.
 
     Tolerance: float32 (unit roundoff 6e-8) against float64, sums of at most 24 products per
@@ -431,7 +431,7 @@ def test_a_serving_step_compiled_with_cuda_graphs_routes_at_the_float64_referenc
             got = step(ids.to(device), torch.tensor(route)).double().cpu()  # read before the next replay
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
-    graphs = counters["stats"]["unique_graphs"]
+    graphs, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
     for shift in range(4):  # CUDA graphs: a warm-up, the capture, then replays
         check(4, [(i * 3 + shift) % 4 - 1 for i in range(4)], seed=shift)
     assert counters["stats"]["unique_graphs"] == graphs + 1
@@ -446,7 +446,7 @@ def test_a_serving_step_compiled_with_cuda_graphs_routes_at_the_float64_referenc
             runtime.set_scale(scale, slot=1)
             held[1] = {n: (a, b, scale) for n, (a, b, _) in held[1].items()}
             check(5, [1, -1, 0, 1, 2], seed=int(scale * 10) % 7)
-        for k in (0, 1, 0, 1):  # loads from the host cache into a routed slot; CUDA: replays from the second
+        for k in (0, 0, 1, 1, 0):  # loads from the host cache into a routed slot; CUDA: a key's second replays
             runtime.load(cached[k], slot=2)
             held[2] = {n: (a, b, 1.0) for n, (a, b) in prepared[k][1].items()}
             check(4, [2, 0, -1, 2], seed=40 + k)
@@ -459,8 +459,10 @@ def test_a_serving_step_compiled_with_cuda_graphs_routes_at_the_float64_referenc
             check(3, [k] * 3, seed=60 + k)
             check(3, [k, -1, 2], seed=70 + k)
     assert counters["stats"]["unique_graphs"] == graphs + 3
-    if device == "cuda":  # every graph ran under CUDA graphs
-        assert counters["inductor"]["cudagraph_skips"] == 0
+    replays = [r.replays for r in (runtime._replay, runtime._load_replay, runtime._activate_replay)]
+    assert [n > 0 for n in replays] == [device == "cuda"] * 3, replays  # set_scale, load, activate
+    if device == "cuda":  # and every graph of the step ran under CUDA graphs
+        assert counters["inductor"]["cudagraph_skips"] == skips
 
 
 def test_a_runtime_call_inside_a_fullgraph_step_is_refused_by_torch_naming_the_fix() -> None:
