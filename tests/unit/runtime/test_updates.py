@@ -244,11 +244,13 @@ BIAS_STACKED = (
 )
 
 
-def _fp16_extras_rig(tmp_path: Path) -> Rig:
-    """:func:`_fp16_rig` injected with ``extras=True``, :func:`_biased` in each slot."""
+def _fp16_extras_rig(tmp_path: Path, device: str = "cpu") -> Rig:
+    """:func:`_fp16_rig` injected with ``extras=True`` on ``device``, :func:`_biased` in each slot."""
     rig = build_rig(tmp_path / "rig")
     rig.model.half()
-    rig.runtime = lorahot.inject(lorahot.eject(rig.model), ["q_proj", "v_proj"], max_rank=8, slots=2, extras=True)
+    model = lorahot.eject(rig.model).to(device)
+    rig.x = rig.x.to(device)
+    rig.runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=8, slots=2, extras=True)
     rig.runtime.load(_biased(rig), slot=1)
     rig.runtime.load(_biased(rig), slot=0)
     return rig
@@ -287,6 +289,62 @@ def test_a_lora_bias_past_the_range_at_the_users_weights_is_refused(tmp_path: Pa
         with torch.no_grad():
             y = rig.runtime.layers[V1](torch.eye(16, dtype=torch.float16))
         assert bool(torch.isfinite(y).all()) and float(y.abs().max()) > 59000
+
+
+#: the CPU, and CUDA (``gpu``: skipped without a CUDA device)
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
+
+
+def _everything(rig: Rig) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the model (base weights, LoRA arenas, wide copies)."""
+    named = [*rig.model.named_parameters(), *rig.model.named_buffers()]
+    return {name: t.detach().clone() for name, t in named}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_stack_re_weighted_past_the_range_by_its_lora_bias_is_refused_before_any_replay(
+    tmp_path: Path, device: str
+) -> None:
+    """``set_scale([2.0, 1.0])`` on a float16 runtime whose slot holds a stack, its first part
+    with a LoRA bias of 40000 (80000 at weight 2), slot live or not. On CUDA ``set_scale``
+    writes by a CUDA graph replay from a key's second call on: the stack was re-weighted twice
+    with that key before (the second replayed), so the refused call would have replayed a
+    captured graph. It is refused naming the layer with no replay run, every parameter and
+    buffer, the bookkeeping and the output bitwise as before (the weights before it small
+    enough that the tiny model's own float16 output stays finite: NaN equals nothing); the
+    re-weightings after it replay, and at 1.5 (60000) ``V1``'s outputs on one-hot inputs are
+    at the float64 reference.
+
+    Tolerance: every entry of those outputs is about 60000, where float16's spacing is 32; the
+    float16 result is rounded at most twice from sums of at most 16 + 6 products (the LoRA term
+    and the base output's sum): rtol 2^-10 is two of float16's unit roundoffs (2^-11)."""
+    rig = _fp16_extras_rig(tmp_path, device)
+    biased, plain = _biased(rig), valid_tensors(rig.model, 2, seed=9)
+    rig.runtime.load([rig.runtime.preload(biased), plain], slot=1, scale=[1.0, 1.0])
+    replays = rig.runtime._replay
+    for active in (0, 1):
+        rig.runtime.activate(active)
+        for weights in ([0.1, 1.0], [0.25, 1.0]):  # on CUDA: the key's first use, then its capture and replay
+            rig.runtime.set_scale(weights, slot=1)
+        count, before, tensors = replays.replays, snapshot(rig), _everything(rig)
+        with pytest.raises(lorahot.UsageError, match=BIAS_STACKED.format(w="2, 1", v="80000", most="0\\.8187")):
+            rig.runtime.set_scale([2.0, 1.0], slot=1)
+        assert replays.replays == count
+        assert_unchanged(rig, before)
+        after = _everything(rig)
+        assert all(torch.equal(after[name], t) for name, t in tensors.items()) and after.keys() == tensors.keys()
+        rig.runtime.set_scale([0.25, 1.0], slot=1)
+        assert replays.replays == count + (device == "cuda")
+    rig.runtime.set_scale([1.5, 1.0], slot=1)  # 60000: fits
+    layer, x = rig.runtime.layers[V1], torch.eye(16, dtype=torch.float16, device=device)
+    with torch.no_grad():
+        got = layer(x).double().cpu()  # slot 1 live: its stack at weights 1.5 and 1
+    (a, b), (a2, b2) = (
+        {k: t[f"base_model.model.{V1}.lora_{k}.weight"].double() for k in "AB"}.values()
+        for t in (valid_tensors(rig.model, 4), plain)
+    )
+    want = layer.base_layer.weight.double().cpu().T + 1.5 * (a.T @ b.T + BIAS) + a2.T @ b2.T
+    torch.testing.assert_close(got, want, rtol=2**-10, atol=0.0)
 
 
 def test_a_lora_bias_past_the_range_at_its_own_scale_is_refused_at_the_read(tmp_path: Path) -> None:
