@@ -17,6 +17,8 @@ A block's query and key norms (``norm.query_norm`` / ``norm.key_norm``, also key
 parameter, ``.scale``, as ComfyUI keys a ``.diff``) are aliased as diffusers' conversion renames
 them (``attn.norm_q`` / ``attn.norm_k``): an RMSNorm over the head size scaled by one ``[head_dim]``
 weight in both, so a ``.diff`` folds into diffusers' norm in merged mode, the norm among the targets.
+A block's ``pre_norm`` is diffusers' ``norm``, a LayerNorm without a weight in both: a delta of it
+is refused, naming the norm (:func:`lorahot.resolve.keys.resolve_all`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,12 @@ _LEAVES = {
 
 #: a block's query/key RMSNorm -> diffusers' (after the block's ``N.``): one ``[head_dim]`` weight
 #: shared by the heads in both (the original's ``scale``), with or without the parameter's name
-_NORMS = {r"norm\.query_norm(?:\.scale)?": "attn.norm_q", r"norm\.key_norm(?:\.scale)?": "attn.norm_k"}
+_NORMS = {
+    r"norm\.query_norm(?:\.scale)?": "attn.norm_q",
+    r"norm\.key_norm(?:\.scale)?": "attn.norm_k",
+    # the LayerNorm before the attention and MLP, without a weight in both: a delta of it is refused as such
+    r"pre_norm": "norm",
+}
 
 _ALIASES: tuple[tuple[str, str], ...] = tuple(
     (rf"{_START}{re.escape(block)}\.((?:[A-Za-z_]\w*\.)?\d+)\.{leaf}$", rf"{target}.\1.{to}")

@@ -141,6 +141,7 @@ def resolve_components(
     others: Sequence[str] = (),
     heads: Mapping[str, int] | None = None,
     denoiser: str | None = None,
+    weightless: Sequence[str] = (),
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """:func:`lorahot.resolve.keys.resolve_all` over the layers ``<component>.<path>``.
 
@@ -154,6 +155,8 @@ def resolve_components(
         heads: the attention head sizes of the models' modules, by ``<component>.<path>``.
         denoiser: the component that takes the modules a :data:`DENOISER` would (see
             :func:`route`), one of ``components``; None: the runtime's own.
+        weightless: the models' normalization layers without a weight, ``<component>.<path>``
+            (see :func:`~lorahot.resolve.keys.resolve_all`).
 
     Raises:
         AdapterMismatchError: modules for a component the runtime lacks (naming the prefix,
@@ -197,8 +200,9 @@ def resolve_components(
         own = [n[len(head) :] for n in names if n.startswith(head)]
         beside = [n[len(head) :] for n in others if n.startswith(head)]
         sizes = {n[len(head) :]: d for n, d in (heads or {}).items() if n.startswith(head)}
+        bare = [n[len(head) :] for n in weightless if n.startswith(head)]
         try:
-            found, folded = resolve_all(part, own, skipped, beside, sizes)
+            found, folded = resolve_all(part, own, skipped, beside, sizes, bare)
         except AdapterMismatchError as exc:
             problems.append(f"[{component}] {exc}")
             continue

@@ -39,6 +39,9 @@ injected layer), the steps run over the injected layers and those modules togeth
 that names a module which is not injected matches nothing, rather than a neighbour its
 underscore form also fits (kohya's ``single_transformer_blocks_0_attn_to_q`` is no
 ``transformer_blocks.0.attn.to_q`` when the single blocks are not injected, nor the reverse).
+The model's normalization layers without a weight are none of those modules (a naming's alias
+of such a path lands on the norm it means); a key that names one of them and nothing else is
+refused as such, in any naming: there is no weight to fold its delta into.
 Component prefixes end with their naming's separator (``unet.``, ``lora_te1_``), so stripping
 one never cuts a name component in two (``text_encoder.`` does not strip ``text_encoder_2.``).
 Lookups are memoized within a byte budget (keys come from files).
@@ -98,6 +101,9 @@ class _Names:
         self.underscore_paths = {p.replace(".", "_") for p in self.paths}
         #: the injected names with the model's other modules, where those are known (_index)
         self.whole: _Names | None = None
+        #: ``whole`` with the model's norms without a weight, and those norms (_index)
+        self.every: _Names | None = None
+        self.weightless: frozenset[str] = frozenset()
         # (key, format) -> the names it matches; per index, so it goes with the index
         self.lookups: BoundedMemo[tuple[str, KeyFormat], tuple[str, ...]] = BoundedMemo(
             _LOOKUP_BYTES, lambda k, v: str_bytes(k[0]) + 8 * len(v)
@@ -252,12 +258,15 @@ _LOOKUP_BYTES = 2 << 20
 
 
 @functools.lru_cache(maxsize=16)
-def _index(names: tuple[str, ...], others: tuple[str, ...] = ()) -> _Names:
-    """The lookup index of one model's injected names and its other module paths (built once
-    per pair of lists)."""
+def _index(names: tuple[str, ...], others: tuple[str, ...] = (), weightless: tuple[str, ...] = ()) -> _Names:
+    """The lookup index of one model's injected names, its other module paths and its norms
+    without a weight (built once per three lists)."""
     index = _Names(list(names))
     if others:
         index.whole = _Names([*names, *others])
+    if weightless:
+        index.every = _Names([*names, *others, *weightless])
+        index.weightless = frozenset(weightless)
     return index
 
 
@@ -270,6 +279,18 @@ def _lookup(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
         return names.lookups.get((key, fmt), _match, key, fmt, names)
     hits = whole.lookups.get((key, fmt), _match, key, fmt, whole)
     return hits if any(h in names.exact for h in hits) else ()
+
+
+def _weightless(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
+    """The model's norms without a weight that ``key`` names, where it names no other module
+    of the model: the lookup over every module, those norms among them, decides on them only.
+    (Looked up after the others, so that a naming's alias of a norm's path still lands on the
+    norm it means: Wan's ``blocks.N.norm3`` on diffusers' ``norm2``, not its weightless ``norm3``.)"""
+    every = names.every
+    if every is None or _in_model(key, fmt, names):
+        return ()
+    hits = every.lookups.get((key, fmt), _match, key, fmt, every)
+    return hits if hits and all(h in names.weightless for h in hits) else ()
 
 
 def _in_model(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
@@ -332,6 +353,7 @@ def resolve_all(
     skipped: list[str] | None = None,
     others: Sequence[str] = (),
     heads: Mapping[str, int] | None = None,
+    weightless: Sequence[str] = (),
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """Maps each adapter module key (LoRA and weight kinds) to one injected layer name (see
     the module docstring).
@@ -349,6 +371,10 @@ def resolve_all(
             a fused module whose rows interleave its parts per head
             (:attr:`~lorahot.formats.table.Split.per_head`) is gathered at the head size of the
             module holding its parts, and refused where none is known.
+        weightless: the model's normalization layers without a weight (not among ``others``,
+            see :func:`~lorahot.layers.norm.is_weightless_norm`): a key that names one of them
+            and no other module is refused as such, there being no weight to fold its delta
+            into, rather than with a hint to inject it.
 
     Returns:
         injected layer name -> the LoRA module loaded into it, and the same for the weight
@@ -359,10 +385,11 @@ def resolve_all(
             keys matching several layers (with the candidates), or two keys on one layer.
     """
     fmt = format_named(adapter.format)
-    index = _index(tuple(names), tuple(others))
+    index = _index(tuple(names), tuple(others), tuple(weightless))
     out: dict[str, LoraModule | WeightModule] = {}
     origin: dict[str, str] = {}
     problems: list[str] = []
+    bare = 0  # problems of keys naming a norm without a weight, which no targets help
     entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
     pending: collections.deque[tuple[str, LoraModule | WeightModule, str]] = collections.deque(
         (key, module, key) for key, module in entries
@@ -384,6 +411,13 @@ def resolve_all(
                 continue
         if not hits and skipped is not None:
             skipped.extend(module.source_keys or (key,))
+        elif not hits and (norms := _weightless(key, fmt, index)):
+            bare += 1
+            problems.append(
+                f"{named}: names {', '.join(norms)}, a normalization layer without a weight or bias in this model "
+                "(elementwise_affine=False or affine=False): it has no weight to fold a delta into, whatever the "
+                "targets or the mode; load with strict=False to skip it"
+            )
         elif not hits:
             shown_here = len(problems) < _SHOWN  # the rest are not shown
             close = _closest(key, fmt, index) if shown_here else []
@@ -416,7 +450,7 @@ def resolve_all(
                 problems,
             )
             + "\n"
-            + _fix_hint(adapter)
+            + (_BARE_HINT if bare == len(problems) else _fix_hint(adapter))
         )
     lora = {n: m for n, m in out.items() if isinstance(m, LoraModule)}
     return lora, {n: m for n, m in out.items() if isinstance(m, WeightModule)}
@@ -450,6 +484,9 @@ def _component_hint(key: str) -> str:
 
 #: problems a message shows (format_problems' limit); only those get the costly closest names
 _SHOWN = 20
+
+
+_BARE_HINT = "Load with strict=False to skip those keys, or load an adapter made for this model."
 
 
 def _fix_hint(adapter: Adapter) -> str:

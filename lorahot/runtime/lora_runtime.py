@@ -250,8 +250,11 @@ class LoraRuntime:
         self._sharded = {name: is_sharded(layer.base_layer) for name, layer in layers.items()}
         # the model's other modules: a key naming one of them is not placed on a neighbour (a norm
         # without a weight is none: a naming's alias of that path lands on the norm it means)
-        paths = [name for name, module in model.named_modules() if not is_weightless_norm(module)]
+        modules = list(model.named_modules())
+        paths = [name for name, module in modules if not is_weightless_norm(module)]
         self._others = outside(paths, list(layers))
+        # a key naming one of those is refused as such: there is no weight to fold its delta into
+        self._weightless = tuple(name for name, module in modules if is_weightless_norm(module))
         self._heads = head_sizes(model.named_modules())  # where a file's rows interleave attention heads
         devices = {a.device for a in buffers.arenas}
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
@@ -639,6 +642,7 @@ class LoraRuntime:
                     self._others,
                     self._heads,
                     denoiser,
+                    self._weightless,
                 )
 
             with lent or contextlib.nullcontext(), largest_tensor(self._largest):
@@ -671,6 +675,7 @@ class LoraRuntime:
             merged=self._merger is not None,
             heads=self._heads,
             denoiser=denoiser,
+            weightless=self._weightless,
         )
         self._check_kinds(checked.plan)
         if not known:

@@ -212,6 +212,7 @@ def plan_load(
     others: tuple[str, ...] = (),
     heads: Mapping[str, int] | None = None,
     denoiser: str | None = None,
+    weightless: tuple[str, ...] = (),
 ) -> LoadPlan:
     """Resolves and checks ``adapter`` for the layers ``specs`` whose storage ``buffers`` holds.
 
@@ -225,7 +226,8 @@ def plan_load(
     takes the denoiser's modules, None for the runtime's own). ``others``: the model's module
     paths that are not injected layers, which keys may name but never land beside
     (:func:`lorahot.resolve.keys.resolve_all`); ``heads``: the attention head sizes its modules
-    state, by path (:func:`lorahot.resolve.keys.head_sizes`).
+    state, by path (:func:`lorahot.resolve.keys.head_sizes`); ``weightless``: its normalization
+    layers without a weight, which a key may name only to be refused as such.
 
     Raises:
         AdapterMismatchError: keys that map onto no injected layer (or onto one twice), or
@@ -236,7 +238,18 @@ def plan_load(
     """
     limit = buffers.max_rank
     targets, weights, unplaced = _fit(
-        adapter, buffers, specs, weight_of, strict, extras_refusal, components, others, limit, heads, denoiser
+        adapter,
+        buffers,
+        specs,
+        weight_of,
+        strict,
+        extras_refusal,
+        components,
+        others,
+        limit,
+        heads,
+        denoiser,
+        weightless,
     )
     unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
     unreadable += [p for name, w in weights.items() for p in check_weight_values(name, w)]
@@ -277,6 +290,7 @@ def check_fit(
     others: tuple[str, ...] = (),
     heads: Mapping[str, int] | None = None,
     denoiser: str | None = None,
+    weightless: tuple[str, ...] = (),
 ) -> None:
     """The checks of :func:`plan_load` that read no value: the keys map onto injected layers,
     and the shapes fit them. Runs on an adapter read from its header alone (``device="meta"``),
@@ -288,7 +302,20 @@ def check_fit(
     Raises:
         AdapterMismatchError: as :func:`plan_load`.
     """
-    _fit(adapter, buffers, specs, None, strict, extras_refusal, components, others, _NO_RANK_LIMIT, heads, denoiser)
+    _fit(
+        adapter,
+        buffers,
+        specs,
+        None,
+        strict,
+        extras_refusal,
+        components,
+        others,
+        _NO_RANK_LIMIT,
+        heads,
+        denoiser,
+        weightless,
+    )
 
 
 #: the rank limit :func:`check_fit` checks against: none (see there)
@@ -307,14 +334,17 @@ def _fit(
     rank_limit: int,
     heads: Mapping[str, int] | None = None,
     denoiser: str | None = None,
+    weightless: tuple[str, ...] = (),
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule], list[str] | None]:
     """The adapter's modules resolved onto the layers (LoRA, other kinds, the keys left out
     where not ``strict``), every problem of fit raised at once; ranks against ``rank_limit``."""
     unplaced: list[str] | None = None if strict else []
     if components:
-        targets, weights = resolve_components(adapter, list(specs), components, unplaced, others, heads, denoiser)
+        targets, weights = resolve_components(
+            adapter, list(specs), components, unplaced, others, heads, denoiser, weightless
+        )
     else:
-        targets, weights = resolve_all(adapter, list(specs), unplaced, others, heads)
+        targets, weights = resolve_all(adapter, list(specs), unplaced, others, heads, weightless)
     if not targets and not weights and unplaced:
         raise AdapterMismatchError(
             f"{adapter.source}: no module of the adapter ({adapter.format} naming) maps onto an injected layer, "
@@ -677,6 +707,7 @@ def validate(
     merged: bool = False,
     heads: Mapping[str, int] | None = None,
     denoiser: str | None = None,
+    weightless: tuple[str, ...] = (),
 ) -> Checked:
     """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
@@ -698,13 +729,14 @@ def validate(
         heads: the attention head sizes of the model's modules (see :func:`plan_load`).
         denoiser: with ``components``, the one that takes the adapter's denoiser modules
             (:func:`lorahot.resolve.components.route`); None: the runtime's own.
+        weightless: the model's normalization layers without a weight (see :func:`plan_load`).
 
     Raises:
         AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
             weight, or values beyond the range of the arena's dtype. Nothing has been written.
     """
     plan = planned or plan_load(
-        adapter, buffers, specs, weight_of, strict, extras_refusal, components, others, heads, denoiser
+        adapter, buffers, specs, weight_of, strict, extras_refusal, components, others, heads, denoiser, weightless
     )
     entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
     extras = _extras(plan, buffers, stage)

@@ -662,11 +662,34 @@ _NORMS: dict[str, tuple[dict[str, tuple[str, int]], tuple[str, str, int, int]]] 
         ("single_blocks.0.attn_out", "single_transformer_blocks.0.attn.to_out.0", 16, 16),
     ),
 }
-#: per family: deltas of norms refused by name -> a part of the reason
-_NORM_REFUSALS: dict[str, dict[str, str]] = {
+#: the refusal of a delta of a norm that has no weight in the model, naming it (any naming)
+_BARE = "names {}, a normalization layer without a weight or bias in this model .* no weight to fold a delta into"
+#: per family: deltas of norms without a weight -> the error and a part of its reason (Anima's
+#: refused by the naming, by name; the others' by the model's norms, as diffusers names them)
+_NORM_REFUSALS: dict[str, dict[str, tuple[type[Exception], str]]] = {
     "anima": {
-        "blocks.0.layer_norm_mlp": "no weight or bias in Anima",
-        "final_layer.layer_norm": "no weight or bias in Anima",
+        "blocks.0.layer_norm_mlp": (lorahot.UnknownFormatError, "no weight or bias in Anima"),
+        "final_layer.layer_norm": (lorahot.UnknownFormatError, "no weight or bias in Anima"),
+    },
+    "ltx2": {
+        "transformer_blocks.0.norm1": (lorahot.AdapterMismatchError, _BARE.format(r"transformer_blocks\.0\.norm1")),
+        "transformer_blocks.0.audio_norm3": (
+            lorahot.AdapterMismatchError,
+            _BARE.format(r"transformer_blocks\.0\.audio_norm3"),
+        ),
+        "norm_out": (lorahot.AdapterMismatchError, _BARE.format("norm_out")),
+        "audio_norm_out": (lorahot.AdapterMismatchError, _BARE.format("audio_norm_out")),
+    },
+    "flux3": {
+        "content_mode_blocks.image.0.pre_norm": (
+            lorahot.AdapterMismatchError,
+            _BARE.format(r"mode_blocks\.image\.0\.norm"),
+        ),
+        "txt_mode_blocks.0.pre_norm": (lorahot.AdapterMismatchError, _BARE.format(r"txt_mode_blocks\.0\.norm")),
+        "single_blocks.1.pre_norm": (
+            lorahot.AdapterMismatchError,
+            _BARE.format(r"single_transformer_blocks\.1\.norm"),
+        ),
     },
 }
 
@@ -683,7 +706,9 @@ def test_norm_deltas_in_original_names_fold_into_diffusers_norms_in_merged_mode(
     the norm to targets that the key could never reach. Now they are aliased as diffusers' conversion
     renames them, ``plan_targets`` lists the norms and the file folds: float64 ``W + s alpha / r B A``
     and ``w + s diff`` at scales 1 and 0.5, in the naming and its kohya spelling. Deltas of norms
-    that have no weight in the original model are refused by name, nothing changed."""
+    that have no weight are refused, naming the key and the norm, nothing changed: LTX-2's and
+    Flux.3's (``norm_out``, ``pre_norm``) were told to add the norm to targets, which cannot take
+    them."""
     norms, (module, linear, fan_in, fan_out) = _NORMS[family]
     g = torch.Generator().manual_seed(72)
     with torch.no_grad():
@@ -709,8 +734,11 @@ def test_norm_deltas_in_original_names_fold_into_diffusers_norms_in_merged_mode(
             assert_merged_state(model, pristine, expected, s)
 
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        for name, message in _NORM_REFUSALS.get(family, {}).items():
+        for name, (error, message) in _NORM_REFUSALS.get(family, {}).items():
             hostile = dict(sd) | {f"{_norm_key(name, spelling)}.diff": torch.zeros(16, dtype=torch.float64)}
-            with pytest.raises(lorahot.UnknownFormatError, match=rf"{message}.*strict=False"):
+            with pytest.raises(
+                error, match=rf"{re.escape(_norm_key(name, spelling))}\b.*{message}.*strict=False"
+            ) as refused:
                 runtime.load(hostile)
+            assert "Inject those modules" not in str(refused.value)  # no target can take it
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

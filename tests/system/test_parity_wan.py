@@ -667,3 +667,23 @@ def test_wan_norm_deltas_fold_into_diffusers_norms_in_merged_mode(naming: str) -
             with pytest.raises(lorahot.UnknownFormatError, match=r"no weight or bias in Wan.*strict=False"):
                 runtime.load(hostile)
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("naming", ["wan", "wan-musubi"])
+def test_a_norm_delta_whose_alias_is_not_injected_is_not_taken_for_diffusers_weightless_norm(naming: str) -> None:
+    """Wan's ``blocks.0.norm3`` is diffusers' ``norm2``, and diffusers' own ``norm3`` has no
+    weight: with ``norm2`` not injected, its delta is told to add that norm to targets, never
+    refused as a delta of a weightless norm (which a key naming only such a norm is)."""
+    model = tiny_wan_i2v().double()
+    runtime = lorahot.inject(model, ["to_q"], max_rank=4, merged=True)
+    stem = "lora_unet_blocks_0_norm3" if naming == "wan-musubi" else "diffusion_model.blocks.0.norm3"
+    head = "lora_unet_blocks_0_self_attn_q" if naming == "wan-musubi" else "diffusion_model.blocks.0.self_attn.q"
+    sd = {
+        f"{head}.lora_down.weight": torch.zeros(2, D, dtype=torch.float64),
+        f"{head}.lora_up.weight": torch.zeros(D, 2, dtype=torch.float64),
+        f"{stem}.diff": torch.zeros(D, dtype=torch.float64),
+    }
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"norm3: matches no injected layer.* add that norm to targets"
+    ):
+        runtime.load(sd)
