@@ -157,6 +157,15 @@ class LayerSpec:
         """Shape of B in an adapter file for ``rank``: ``[out, r / groups, *ones]``."""
         return (self.out_dim, rank // self.groups, *self.b_trailing)
 
+    def weight_shape(self) -> tuple[int, ...]:
+        """The base weight's torch layout, ``[out, in / groups, *kernel]`` (``[out, in]`` for a
+        linear): the shape a weight-kind ``ΔW`` (LoHa, LoKr, a diff, a rotation) takes, as
+        LyCORIS builds it from the weight itself."""
+        if self.groups == 1:
+            return (self.out_dim, *self.a_row_shape)
+        first, *rest = self.a_row_shape
+        return (self.out_dim, first // self.groups, *rest)
+
 
 #: The attributes :attr:`LoRALayer._plan` gathers for the forward.
 _PLANNED = frozenset(
@@ -897,6 +906,11 @@ class LoRALayer(nn.Module):
     def merge_refusal(self) -> str | None:
         """Why this layer cannot run in merged mode, or None if it can."""
         return "merged mode has no weight layout for this layer type"
+
+    def merged_lora_refusal(self) -> str | None:
+        """Why merged mode, which this layer runs in, cannot fold a LoRA (``B @ A``) into its
+        weight, though it folds other kinds (a grouped conv), or None."""
+        return None
 
     def merge_operands(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m1, m2)`` with ``m1 @ m2`` equal to the LoRA delta in the layout of the base

@@ -214,14 +214,23 @@ class LoRAConv(LoRALayer):
         return on.view(on.shape[0], *(1,) * (y.dim() - 1))
 
     def merge_refusal(self) -> str | None:
-        """Grouped convs cannot be merged; a subclass that overrides ``forward`` must still
-        compute its torch class's convolution (checked on a probe input)."""
-        if self.spec.groups > 1:
-            return (
-                f"a conv with groups={self.spec.groups} cannot be merged: a LoRA's A mixes the input channels of "
-                "every group, which its grouped weight cannot hold"
-            )
+        """A subclass that overrides ``forward`` must still compute its torch class's convolution
+        (checked on a probe input). A grouped conv merges the kinds whose ``ΔW`` has its weight's
+        ``[out, in / groups, *kernel]`` layout; a LoRA is refused at load there (see
+        :meth:`merged_lora_refusal`)."""
         return self._forward_refusal(merged=True)
+
+    def merged_lora_refusal(self) -> str | None:
+        """Why merged mode cannot fold a LoRA (``B @ A``) into this conv, or None: a grouped
+        conv's ``ΔW`` from a LoRA reads every input channel (A is ungrouped), which its weight
+        ``[out, in / groups, *kernel]`` cannot hold."""
+        if self.spec.groups == 1:
+            return None
+        return (
+            f"a conv with groups={self.spec.groups} cannot hold a LoRA merged: a LoRA's A mixes the input channels of "
+            f"every group, which its grouped weight {self.spec.weight_shape()} cannot hold (in merged mode it takes "
+            "LyCORIS and diff modules, whose update has the weight's own layout)"
+        )
 
     def _forward_refusal(self, merged: bool = False) -> str | None:
         """Why the base module's ``forward`` is not its torch class's convolution (a subclass that

@@ -1187,6 +1187,17 @@ class LoraRuntime:
                 format_problems(f"{plan.source}: a bias diff (diff_b) for layers without a bias:", biasless)
                 + "\nLoad an adapter made for this model (its layers have no bias)."
             )
+        unfoldable = [
+            f"{n}: {why}"
+            for n in plan.targets
+            if self._merger is not None and (why := self.layers[n].merged_lora_refusal())
+        ]
+        if unfoldable:
+            raise AdapterMismatchError(
+                format_problems(f"{plan.source}: LoRA modules merged mode cannot fold:", unfoldable)
+                + "\nInject those layers without merged=True (the LoRA then runs beside the grouped conv), or leave "
+                "them out of the adapter."
+            )
         if plan.weights and self._merger is None:
             raise AdapterMismatchError(
                 format_problems(

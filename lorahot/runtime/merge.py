@@ -22,8 +22,10 @@ without a bias is refused at load, nothing changed. Unload restores the pristine
 bitwise; the norm's forward stays the base module's own.
 
 Costs: one extra copy of every targeted base weight, and a swap that rewrites those weights
-(a few ms for a 1B model on a GPU). Grouped convolutions cannot be merged (their LoRA mixes
-all input channels), and only modules whose weight layout lorahot knows are accepted.
+(a few ms for a 1B model on a GPU). A grouped convolution takes only the kinds whose update has
+its weight's ``[out, in / groups, *kernel]`` layout (LoHa, LoKr, diffs, rotations, an output-side
+(IA)^3), not a LoRA, whose A mixes every group's input channels; only modules whose weight layout
+lorahot knows are accepted.
 """
 
 from __future__ import annotations
@@ -356,7 +358,7 @@ def _decomposed(layer: LoRALayer, weight: torch.Tensor, module: WeightModule) ->
     """``weight`` (the base weight's layout, or that flattened to 2-D) after ``module``'s weight
     decomposition (:func:`~lorahot.runtime.deltas.decompose`), in the base weight's layout: a
     Conv1D's ``[in, out]`` is read as the torch layout ``[out, in]``."""
-    shape = (layer.spec.out_dim, *layer.spec.a_row_shape)  # torch layout [out, in, *kernel]
+    shape = layer.spec.weight_shape()  # torch layout [out, in / groups, *kernel]
     torch_layout = weight.t() if layer.channel_dim() == 1 else weight.reshape(shape)
     return layer.weight_delta(decompose(torch_layout, module.factors["dora_scale"]))
 
@@ -369,7 +371,7 @@ def _base_for(layer: LoRALayer, module: WeightModule) -> torch.Tensor | None:
     pristine = layer.pristine_weight
     if not module.reads_base or pristine is None:
         return None
-    shape = (layer.spec.out_dim, *layer.spec.a_row_shape)
+    shape = layer.spec.weight_shape()
     return pristine.t() if layer.channel_dim() == 1 else pristine.reshape(shape)
 
 
@@ -581,7 +583,7 @@ class Merger:
                         c = s * m.bias.to(device, dtype).reshape(-1)
                         bias = (b0.to(dtype) if bias is None else bias) + (c if f is None else f * c)
                     continue
-                shape = (layer.spec.out_dim, *layer.spec.a_row_shape)  # torch layout [out, in, *kernel]
+                shape = layer.spec.weight_shape()  # torch layout [out, in / groups, *kernel]
                 delta = layer.weight_delta(build_delta(m, shape, dtype, device, _base_for(layer, m)))
                 weight = weight + s * delta.reshape(weight.shape)
                 if "dora_scale" in m.factors:  # LyCORIS' weight decomposition (alone on its layer)
@@ -712,7 +714,7 @@ class Merger:
                 layer = self._layers[name]
                 weight, bias = layer.base_weight, layer.base_bias
                 dtype = torch.promote_types(weight.dtype, torch.float32)
-                shape = (layer.spec.out_dim, *layer.spec.a_row_shape)  # torch layout [out, in, *kernel]
+                shape = layer.spec.weight_shape()  # torch layout [out, in / groups, *kernel]
                 folded = weight.to(dtype)  # what apply wrote
                 folded_bias = None
                 for module, s in items:

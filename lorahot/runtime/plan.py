@@ -404,27 +404,22 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
     where = _where(name, module)
     if spec.kind == "norm":
         return _norm_problems(where, module, spec)
-    if spec.kind == "conv" and spec.groups != 1 and module.reads_base:
+    if spec.kind not in ("linear", "conv") or (spec.groups != 1 and spec.kind != "conv"):
         return [
-            f"{where}: {module.named} module loads only in merged mode, which lorahot does not offer on a conv with "
-            f"groups={spec.groups}: merged mode there would also have to hold the layer's LoRA updates, whose A mixes "
-            "the input channels of every group. Merge this module into the model's weights with the tool that trained "
-            "it and load the merged model, or leave this module out"
-        ]
-    if spec.kind not in ("linear", "conv") or spec.groups != 1:
-        this = f"a conv with groups={spec.groups}" if spec.groups != 1 else f"this {spec.kind} layer"
-        return [
-            f"{where}: {module.kind} weights fold only into Linear/Conv1D and ungrouped conv layers, not {this} "
+            f"{where}: {module.kind} weights fold only into Linear/Conv1D and conv layers, not this {spec.kind} layer "
             "(convert the adapter to plain LoRA, or leave this module out)"
         ]
+    grouped = _grouped_problem(module, spec) if spec.groups != 1 else None
+    if grouped is not None:
+        return [f"{where}: {grouped}"]
     shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.factors.items())
     if module.reads_base:
-        problem = base_problem(module, (spec.out_dim, *spec.a_row_shape))
+        problem = base_problem(module, spec.weight_shape())
         return [] if problem is None else [f"{where}: its {module.kind} factors ({shapes}) do not fit: {problem}"]
     contradiction = _contradiction(module)
     if contradiction is not None:
         return [f"{where}: its {module.kind} factors ({shapes}) contradict each other: {contradiction}"]
-    expected = (spec.out_dim, *spec.a_row_shape)  # the torch layout [out, in, *kernel]
+    expected = spec.weight_shape()  # the torch layout [out, in / groups, *kernel]
     got = delta_shape(module, expected)
     # a flat [out, in * prod(kernel)] weight is the torch layout read row by row (LyCORIS saves
     # conv factors of LoHa and LoKr so); one with its own kernel dimensions must match them: a
@@ -452,11 +447,47 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
     return []
 
 
+def _grouped_problem(module: WeightModule, spec: LayerSpec) -> str | None:
+    """Why ``module`` has no merged weight on a conv with ``groups > 1`` (weight
+    ``[out, in / groups, *kernel]``), or None. The rotations and an output-side (IA)^3 act on
+    the weight's output rows, which the grouping leaves whole: LyCORIS and ComfyUI merge them
+    into the grouped weight as it is. An input-side (IA)^3 holds one factor per input channel of
+    the whole conv and GLoRA's ``a1 a2`` mixes every input channel: LyCORIS builds neither
+    against a grouped weight (its merged weight fails to multiply or reshape), so there is no
+    merged weight to reproduce."""
+    on_input = module.kind == "ia3" and _ia3_on_input(module, spec)
+    if module.kind != "glora" and not on_input:
+        return None
+    what = (
+        "an input-side (IA)^3 scales every input channel of the conv"
+        if on_input
+        else "a GLoRA's a1 a2 mixes every input channel"
+    )
+    return (
+        f"{module.named} module on a conv with groups={spec.groups}: {what}, which its grouped weight "
+        f"{spec.weight_shape()} (each output channel reading only its group's {spec.weight_shape()[1]} input "
+        "channels) cannot hold, and LyCORIS builds no merged weight for it there; merge it with the tool that trained "
+        "it (its bypass forward) and load the merged model, or leave this module out"
+    )
+
+
+def _ia3_on_input(module: WeightModule, spec: LayerSpec) -> bool:
+    """Whether an (IA)^3 module scales the input channels: its ``on_input`` is 1 (read off the
+    factor's size where a shapes-only read has no value); a malformed flag is
+    :func:`~lorahot.runtime.deltas.base_problem`'s."""
+    flag = module.factors.get("on_input")
+    if flag is None or flag.numel() != 1 or flag.dtype.is_complex:
+        return False
+    if flag.is_meta:
+        return module.factors["weight"].numel() != spec.out_dim
+    return float(flag.reshape(-1)[0]) == 1.0
+
+
 def _norm_problems(where: str, module: WeightModule, spec: LayerSpec) -> list[str]:
     """Every problem with folding ``module`` into a normalization layer (``where`` names it): a
     plain diff of its weight (the weight's own shape) and of its bias (one value per channel),
     nothing else. The bias's presence is checked with the layer (no ``diff_b`` without a bias)."""
-    weight = (spec.out_dim, *spec.a_row_shape)
+    weight = spec.weight_shape()
     shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.factors.items())
     others = sorted(set(module.factors) - {"diff", "diff_b"})
     if module.kind != "diff" or others:

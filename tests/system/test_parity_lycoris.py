@@ -13,7 +13,6 @@ forward (``apply_to``: the module's own ``get_weight`` and scale) and with its
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 
 import pytest
@@ -544,74 +543,6 @@ def test_factors_that_contradict_each_other_are_refused(case: str) -> None:
     with pytest.raises(lorahot.AdapterMismatchError, match=f"contradict each other: {message}"):
         runtime.load(sd)
     assert torch.equal(model[0].weight, before)
-
-
-def test_weight_kinds_on_a_grouped_conv_are_refused_without_sending_to_merged_mode() -> None:
-    """Merged mode cannot fold a LoHa into a grouped conv (its inject refuses the layer), so the
-    refusal names the grouping and says to convert the adapter, not to inject merged."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=2)).double()
-    g = torch.Generator().manual_seed(1)
-    factors = {
-        "hada_w1_a": torch.randn(16, 2, generator=g, dtype=torch.float64),
-        "hada_w1_b": torch.randn(2, 36, generator=g, dtype=torch.float64),
-        "hada_w2_a": torch.randn(16, 2, generator=g, dtype=torch.float64),
-        "hada_w2_b": torch.randn(2, 36, generator=g, dtype=torch.float64),
-    }
-    runtime = lorahot.inject(model, ["0"], max_rank=4)
-    with pytest.raises(lorahot.AdapterMismatchError) as refused:
-        runtime.load({f"lycoris_0.{k}": v for k, v in factors.items()})
-    assert "not a conv with groups=2 (convert the adapter to plain LoRA" in str(refused.value)
-    assert "merged=True" not in str(refused.value)
-    with pytest.raises(lorahot.UsageError, match="groups=2 cannot be merged"):
-        lorahot.inject(nn.Sequential(nn.Conv2d(8, 16, 3, groups=2)), ["0"], max_rank=4, merged=True)
-
-
-def _grouped_base_kind_file(kind: str) -> dict[str, torch.Tensor]:
-    """An OFT, BOFT, (IA)^3 or GLoRA module for a [16, 8, 3, 3] conv (its factors as for an
-    ungrouped one: the grouping is refused first)."""
-    g = torch.Generator().manual_seed(1)
-    shapes = {
-        "oft": {"oft_blocks": (4, 4, 4)},
-        "boft": {"oft_blocks": (2, 4, 4, 4), "rescale": (16, 1, 1, 1)},
-        "ia3": {"weight": (1, 16, 1, 1)},
-        "glora": {
-            "a1.weight": (8, 2, 1, 1),
-            "a2.weight": (2, 8, 1, 1),
-            "b1.weight": (16, 2, 1, 1),
-            "b2.weight": (2, 8, 3, 3),
-        },
-    }[kind]
-    tensors = {
-        f"lycoris_0.{k}": 0.3 * torch.randn(shape, generator=g, dtype=torch.float64) for k, shape in shapes.items()
-    }
-    return tensors | ({"lycoris_0.on_input": torch.tensor(0)} if kind == "ia3" else {})
-
-
-@pytest.mark.parametrize("groups", [2, 8], ids=["grouped", "depthwise"])
-@pytest.mark.parametrize("kind", ["oft", "boft", "ia3", "glora"])
-def test_base_kinds_on_a_grouped_conv_are_refused_for_their_own_reason(kind: str, groups: int) -> None:
-    """OFT, BOFT, (IA)^3 and GLoRA load only in merged mode, which lorahot does not offer on a
-    grouped (or depthwise) conv. Their refusal said to convert the adapter to plain LoRA and
-    merged inject blamed 'its LoRA', neither of which concerns them; now the load names their
-    own reason (merged mode only, not offered there, why) and the fix, nothing changed."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=groups)).double()
-    w0 = model[0].weight.clone()
-    runtime = lorahot.inject(model, ["0"], max_rank=8)
-    with pytest.raises(lorahot.AdapterMismatchError) as refused:
-        runtime.load(_grouped_base_kind_file(kind))
-    named = {"oft": "an OFT", "boft": "a BOFT", "ia3": r"an \(IA\)\^3", "glora": "a GLoRA"}[kind]
-    assert re.search(
-        rf"0 \(lycoris_0\.[^)]*\): {named} module loads only in merged mode, which lorahot does not offer on a conv "
-        rf"with groups={groups}: .*LoRA updates, whose A mixes the input channels of every group\. Merge this module "
-        "into the model's weights with the tool that trained it",
-        str(refused.value),
-    )
-    assert "plain LoRA" not in str(refused.value)
-    assert torch.equal(model[0].weight, w0) and runtime.info() is None
-    with pytest.raises(lorahot.UsageError, match=rf"groups={groups} cannot be merged: a LoRA's A mixes the input"):
-        lorahot.inject(nn.Sequential(nn.Conv2d(8, 16, 3, groups=groups)), ["0"], max_rank=8, merged=True)
 
 
 def test_eject_after_a_merged_lokr_restores_every_weight() -> None:

@@ -55,11 +55,19 @@ def test_merged_equals_unmerged_through_swaps_and_eject_restores(eject: str) -> 
     assert all(torch.equal(p, weights[n]) for n, p in merged.state_dict().items())
 
 
-def test_merged_refuses_grouped_conv() -> None:
+def test_merged_grouped_conv_refuses_a_lora_at_load() -> None:
+    """Merged mode holds a grouped conv for the kinds whose update has its weight's layout
+    (tests/system/test_parity_lycoris_grouped.py); a LoRA, whose A mixes every group's input
+    channels, is refused at load naming the layer, nothing changed."""
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(lorahot.UsageError, match=r"0: a conv with groups=2 cannot be merged"):
-        lorahot.inject(model, ["0"], max_rank=4, merged=True)
-    assert isinstance(model[0], nn.Conv2d)
+    w0 = model[0].weight.detach().clone()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    lora = {"0.lora_A.weight": torch.ones(2, 4, 3, 3), "0.lora_B.weight": torch.ones(4, 1, 1, 1)}
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"- 0: .*groups=2 .*A mixes the input channels of every group"
+    ):
+        runtime.load(lora)
+    assert torch.equal(model[0].weight, w0) and runtime.info() is None
 
 
 def _hooked(kind: str) -> nn.Module:
