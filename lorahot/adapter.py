@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "LoraModule",
     "WeightModule",
+    "FusedPart",
     "Adapter",
     "storage_problem",
     "WEIGHT_KINDS",
@@ -31,7 +32,7 @@ __all__ = [
 #: whose weight decomposition normalizes each input channel (``lora_down``/``lora_up`` with a
 #: ``dora_scale`` ``[1, in, ...]``: LyCORIS' ``wd_on_out=False``), and the kinds that rotate the
 #: base weight (:data:`ROTATION_KINDS`).
-WEIGHT_KINDS = ("loha", "lokr", "locon-tucker", "diff", "locon", "oft", "boft", "kohya-oft", "ia3", "glora")
+WEIGHT_KINDS = ("loha", "lokr", "locon-tucker", "diff", "locon", "oft", "boft", "kohya-oft", "ia3", "glora", "fused")
 #: The kinds whose ``ΔW`` is ``rescale * R W0 - W0``, ``R`` an orthogonal rotation of the output
 #: channels built from ``oft_blocks`` (Cayley transform) and ``W0`` the pristine base weight:
 #: LyCORIS' diagonal OFT (``oft_blocks`` ``[n, b, b]``, optional ``rescale``), LyCORIS' BOFT
@@ -57,6 +58,7 @@ KIND_NAMES = {
     "kohya-oft": "a kohya OFT",
     "ia3": "an (IA)^3",
     "glora": "a GLoRA",
+    "fused": "a fused",
 }
 
 
@@ -114,6 +116,16 @@ class LoraModule:
 
 
 @dataclass(frozen=True)
+class FusedPart:
+    """One part of a ``"fused"`` :class:`WeightModule`: its key, kind, alpha and output rows."""
+
+    key: str
+    kind: str
+    alpha: float | None
+    out: int
+
+
+@dataclass(frozen=True)
 class WeightModule:
     """One module whose update is a full ``ΔW`` built from factors (not ``B @ A``).
 
@@ -144,6 +156,11 @@ class WeightModule:
             stay the fused module's, and its ``diff_b`` and ``dora_scale`` are already this
             part's rows. None for a whole module.
         whole_rows: the fused module's ``ΔW`` rows where :attr:`rows` is given, else 0.
+        parts: for kind ``"fused"`` (``fuse=``: separate modules joined onto one fused layer),
+            each part in the fused layer's row order; a part's factors are this module's under
+            ``"<index>.<name>"`` (:meth:`part_modules`), and ``diff_b``, where some part has one,
+            is the parts' stacked (zeros for the others). Its ``ΔW`` stacks each part's
+            ``ΔW`` times that part's scale, so its own :attr:`scale` is 1.
     """
 
     key: str
@@ -153,6 +170,7 @@ class WeightModule:
     source_keys: tuple[str, ...] = ()
     rows: torch.Tensor | None = None
     whole_rows: int = 0
+    parts: tuple[FusedPart, ...] = ()
 
     @property
     def rank(self) -> int:
@@ -178,6 +196,16 @@ class WeightModule:
         and for a diff, whose LoRA pair is scaled inside ``ΔW``)."""
         r = self.rank
         return 1.0 if r == 0 or self.alpha is None or self.kind == "diff" else self.alpha / r
+
+    def part_modules(self) -> list[WeightModule]:
+        """The parts of a ``"fused"`` module as modules of their own (their factors, kind, alpha
+        and key), in row order; empty for any other kind."""
+        out = []
+        for i, part in enumerate(self.parts):
+            head = f"{i}."
+            factors = {k[len(head) :]: t for k, t in self.factors.items() if k.startswith(head)}
+            out.append(WeightModule(part.key, part.kind, factors, part.alpha, self.source_keys))
+        return out
 
     @property
     def named(self) -> str:

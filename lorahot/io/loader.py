@@ -1303,5 +1303,5 @@ def _user_mapping(
     if split is not None:
         modules, weights = split_by_user(modules, split, adapter.source, fmt.separator, weights)
     if fuse is not None:
-        modules = fuse_modules(modules, fuse, adapter.source, fmt, weights)
+        modules, weights = fuse_modules(modules, fuse, adapter.source, fmt, weights)
     return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped, weights)

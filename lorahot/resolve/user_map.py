@@ -21,14 +21,13 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import re
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 import torch
 
-from lorahot.adapter import LoraModule, WeightModule, storage_problem
+from lorahot.adapter import FusedPart, LoraModule, WeightModule, storage_problem
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems, shown
 from lorahot.formats import KeyFormat
 from lorahot.resolve.split import weight_kind
@@ -136,13 +135,13 @@ def fuse_modules(
     source: str,
     fmt: KeyFormat,
     weights: Mapping[str, WeightModule] | None = None,
-) -> dict[str, LoraModule]:
-    """Replaces each complete set of part LoRAs by one LoRA on the fused projection. A part
-    that is a weight delta (``weights``: LoHa, LoKr, a diff) is refused, not left to match no
-    layer.
+) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
+    """Replaces each complete set of part modules by one module on the fused projection: LoRA
+    parts by one LoRA, weight-delta parts (``weights``: LoHa, LoKr, Tucker LoCon, a diff) by one
+    ``"fused"`` weight module whose ``ΔW`` stacks each part's rows (merged mode).
 
     A part key is ``<parent><sep><part>`` with ``sep`` the naming's separator (``.``, or ``_``
-    for kohya); its fused key is ``<parent><sep><fused>``. For parts of rank ``r_i``,
+    for kohya); its fused key is ``<parent><sep><fused>``. For LoRA parts of rank ``r_i``,
     ``A_i [r_i, in]``, ``B_i [out_i, r_i]`` and scale ``s_i``::
 
         A = [A_1; A_2; ...]                    # [sum r_i, in]
@@ -151,7 +150,11 @@ def fuse_modules(
     with alpha equal to the summed rank (scale 1), so ``B @ A`` stacks every part's delta. A
     DoRA magnitude ``m = [m_1; m_2; ...]`` and a LoRA bias ``c = [s_1 c_1; s_2 c_2; ...]`` (zeros
     for a part without one) are stacked by the same rows; the fused module is ``unit_scale`` when
-    any part is.
+    any part is. Weight-delta parts stack as ``ΔW = [s_1 ΔW_1; s_2 ΔW_2; ...]``, each built from
+    its own factors (:attr:`~lorahot.adapter.WeightModule.parts`), and their ``diff_b`` likewise.
+
+    Returns:
+        ``(modules, weights)`` with the parts replaced.
 
     Raises:
         UsageError: a malformed ``fuse`` argument.
@@ -159,37 +162,115 @@ def fuse_modules(
         AdapterMismatchError: a part missing with no size given, parts that are not linear,
             parts whose inputs or devices differ, or that carry a base-layer weight copy, a
             magnitude or bias without one value per row of its B, DoRA parts beside parts
-            without a magnitude (untrained ones included); every problem is listed.
+            without a magnitude (untrained ones included), LoRA parts beside weight-delta parts,
+            weight-delta parts built from the base weight (OFT, BOFT, (IA)^3, GLoRA) or with a
+            ``dora_scale``; every problem is listed.
     """
     spec = _fuse_spec(fuse)
-    out = dict(modules)
-    deltas: list[str] = [
-        f"{shown(key, 200)}: {weight_kind(w)}; fuse= joins LoRA modules (B @ A) only"
-        for key, w in (weights or {}).items()
-        for part, _ in itertools.chain.from_iterable(spec.values())
-        if key == part or key.endswith(fmt.separator + part)
-    ]
-    problems = list(deltas)
+    out, out_weights = dict(modules), dict(weights or {})
+    problems: list[str] = []
+    both: dict[str, LoraModule | WeightModule] = {**modules, **out_weights}
     for fused, parts in spec.items():
-        for parent in _parents(modules, [p for p, _ in parts], fmt.separator):
-            found = {p: modules.get(_child(parent, fmt.separator, p)) for p, _ in parts}
-            for p in found:
-                out.pop(_child(parent, fmt.separator, p), None)
+        for parent in _parents(both, [p for p, _ in parts], fmt.separator):
+            keys = {p: _child(parent, fmt.separator, p) for p, _ in parts}
             key = _child(parent, fmt.separator, fused)
+            deltas = {p: out_weights.pop(k) for p, k in keys.items() if k in out_weights}
+            if deltas:
+                loras = [k for k in keys.values() if k in out]
+                for k in loras:
+                    out.pop(k)
+                if loras:
+                    problems.append(
+                        f"{key}: parts {loras} are LoRA modules and {[w.key for w in deltas.values()]} weight deltas "
+                        f"({', '.join(sorted({weight_kind(w) for w in deltas.values()}))}); fuse= joins parts of one "
+                        "form. Inject the parts as separate layers (no fuse=)"
+                    )
+                    continue
+                joined = _fuse_deltas(key, [(p, size, deltas.get(p)) for p, size in parts], problems)
+                if joined is not None:
+                    out_weights[key] = joined
+                continue
+            found = {p: modules.get(k) for p, k in keys.items()}
+            for k in keys.values():
+                out.pop(k, None)
             module = _fuse_one(key, [(p, size, found[p]) for p, size in parts], problems)
             if module is not None:
                 out[key] = module
     if problems:
         raise AdapterMismatchError(
             format_problems(f"{source}: cannot fuse:", problems)
-            + (
-                "\nInject those parts as separate layers (no fuse=), or convert the file to plain LoRA."
-                if deltas
-                else ""
-            )
             + "\nGive the size of untrained parts as (name, out_features), or fix fuse=."
         )
-    return out
+    return out, out_weights
+
+
+def _fuse_deltas(
+    key: str, parts: list[tuple[str, int | None, WeightModule | None]], problems: list[str]
+) -> WeightModule | None:
+    """One ``"fused"`` weight module on ``key`` from weight-delta parts (an untrained part, with
+    its size, is a zero diff), or None with the problems appended."""
+    pieces: list[tuple[WeightModule, int]] = []
+    for name, size, w in parts:
+        if w is None:
+            if size is None:
+                problems.append(
+                    f"{key}: no module for part {shown(name, 200)} and no size for it; pass ({shown(name, 200)}, "
+                    "out_features)"
+                )
+                return None
+            pieces.append((WeightModule(name, "diff", {}), size))
+            continue
+        why = _unjoinable(w)
+        if why is not None:
+            problems.append(f"{key}: part {w.key} is {why}")
+            return None
+        from lorahot.runtime.deltas import delta_shape  # lorahot.runtime imports this module's package
+
+        got = delta_shape(w, (0, 0))
+        if got is None or not got:
+            problems.append(f"{key}: part {w.key}'s {w.kind} factors do not multiply to a weight")
+            return None
+        if size is not None and size != got[0]:
+            problems.append(f"{key}: part {shown(name, 200)} has {got[0]} output rows, but fuse= says {size}")
+            return None
+        pieces.append((w, int(got[0])))
+    factors = {f"{i}.{k}": t for i, (w, _) in enumerate(pieces) for k, t in w.factors.items() if k != "diff_b"}
+    biases = [w.factors.get("diff_b") for w, _ in pieces]
+    present = [b for b in biases if b is not None]
+    if present:
+        dtype = torch.promote_types(present[0].dtype, torch.float32)
+        device = present[0].device
+        factors["diff_b"] = torch.cat(
+            [
+                torch.zeros(n, dtype=dtype, device=device) if b is None else b.to(device, dtype).reshape(-1) * w.scale
+                for (w, n), b in zip(pieces, biases)
+            ]
+        )
+    return WeightModule(
+        key,
+        "fused",
+        factors,
+        None,
+        tuple(k for w, _ in pieces for k in w.source_keys),
+        parts=tuple(FusedPart(w.key, w.kind, w.alpha, n) for w, n in pieces),
+    )
+
+
+def _unjoinable(w: WeightModule) -> str | None:
+    """Why fuse= cannot join the weight-delta part ``w``, or None."""
+    if w.reads_base:
+        return (
+            f"{w.named} module, built from its own layer's base weight; fuse= does not join it (inject the parts as "
+            "separate layers, no fuse=)"
+        )
+    if "dora_scale" in w.factors:
+        return (
+            f"{weight_kind(w)}; fuse= does not join a module with weight decomposition (inject the parts as separate "
+            "layers, no fuse=)"
+        )
+    if w.rows is not None or w.kind == "fused":
+        return f"{w.named} module already cut from or joined into a fused module"
+    return None
 
 
 #: the largest out_features fuse= may give an untrained part (its zero block is allocated)
@@ -226,7 +307,7 @@ def _fuse_part(fused: str, p: object) -> tuple[str, int | None]:
     )
 
 
-def _parents(modules: dict[str, LoraModule], parts: list[str], sep: str) -> list[str]:
+def _parents(modules: Mapping[str, LoraModule | WeightModule], parts: list[str], sep: str) -> list[str]:
     """The parent of every module key ending in ``sep`` + one of ``parts``, in file order
     (``""`` for a part at the model's root)."""
     seen: dict[str, None] = {}

@@ -82,6 +82,10 @@ def build_delta(
     Raises:
         RuntimeError: the factors do not multiply to ``shape`` (the plan checks this first).
     """
+    if module.kind == "fused":  # each part's rows, at the part's own scale
+        parts = module.part_modules()
+        built = [p.scale * build_delta(p, (q.out, *shape[1:]), dtype, device) for p, q in zip(parts, module.parts)]
+        return torch.cat([d.reshape(q.out, *shape[1:]) for d, q in zip(built, module.parts)])
     if module.reads_base:
         if base is None or module.rows is not None:  # the plan refuses these on a fused part
             raise RuntimeError(f"{module.key}: {module.named} delta is built from its whole layer's base weight")
@@ -101,6 +105,12 @@ def delta_shape(module: WeightModule, shape: tuple[int, ...]) -> tuple[int, ...]
     """The shape ``ΔW`` has before any reshape (built on meta tensors), or None if the factors
     do not even multiply; equal numel to ``shape`` means it fits. For a part of a fused module
     (:attr:`~lorahot.adapter.WeightModule.rows`), the whole ``ΔW``'s shape with the part's rows."""
+    if module.kind == "fused":  # every part's ΔW its rows of shape, as the plan checks each
+        fits = all(
+            (got := delta_shape(p, (q.out, *shape[1:]))) is not None and math.prod(got) == q.out * math.prod(shape[1:])
+            for p, q in zip(module.part_modules(), module.parts)
+        )
+        return (sum(q.out for q in module.parts), *shape[1:]) if fits else None
     if module.reads_base:  # base_problem says what does not fit
         return shape if base_problem(module, shape) is None else None
     if module.rows is not None:
@@ -133,6 +143,10 @@ def delta_bound(module: WeightModule, base_max: float = math.inf) -> float:
     ``out`` entries of a column of ``W0``, so at most ``sqrt(out) * base_max``; (IA)^3's
     ``W0 * w`` at most ``max|w| * base_max``; GLoRA's ``W0 a1 a2`` at most
     ``in * r * base_max * max|a1| * max|a2|``, plus its ``b1 b2``."""
+    if module.kind == "fused":
+        bias = module.factors.get("diff_b")
+        parts = [abs(p.scale) * delta_bound(p, base_max) for p in module.part_modules()]
+        return max([*parts, float(bias.abs().max()) if bias is not None and bias.numel() else 0.0])
     top = {
         k: float(t.abs().max()) if t.numel() else 0.0
         for k, t in module.factors.items()

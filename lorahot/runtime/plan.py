@@ -409,6 +409,8 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
             f"{where}: {module.kind} weights fold only into Linear/Conv1D and conv layers, not this {spec.kind} layer "
             "(convert the adapter to plain LoRA, or leave this module out)"
         ]
+    if module.kind == "fused":
+        return _fused_problems(name, module, spec)
     grouped = _grouped_problem(module, spec) if spec.groups != 1 else None
     if grouped is not None:
         return [f"{where}: {grouped}"]
@@ -469,6 +471,28 @@ def _grouped_problem(module: WeightModule, spec: LayerSpec) -> str | None:
         "channels) cannot hold, and LyCORIS builds no merged weight for it there; merge it with the tool that trained "
         "it (its bypass forward) and load the merged model, or leave this module out"
     )
+
+
+def _fused_problems(name: str, module: WeightModule, spec: LayerSpec) -> list[str]:
+    """Every problem with folding a ``fuse=`` module into layer ``name``: the parts' rows add up
+    to the layer's outputs, each part fits its rows (as a layer of its own would be checked),
+    and a stacked ``diff_b`` has one value per output."""
+    where = _where(name, module)
+    rows = [q.out for q in module.parts]
+    if sum(rows) != spec.out_dim:
+        return [
+            f"{where}: its parts {[q.key for q in module.parts]} have {rows} output rows, {sum(rows)} in all, but the "
+            f"layer has {spec.out_dim}; give fuse= the parts in the fused layer's row order, each with its size"
+        ]
+    problems = [
+        p
+        for part, q in zip(module.part_modules(), module.parts)
+        for p in check_weight_module(name, part, replace(spec, out_dim=q.out))
+    ]
+    bias = module.factors.get("diff_b")
+    if bias is not None and tuple(bias.shape) != (spec.out_dim,):
+        problems.append(f"{where}: diff_b has shape {tuple(bias.shape)}, expected ({spec.out_dim},)")
+    return problems
 
 
 def _ia3_on_input(module: WeightModule, spec: LayerSpec) -> bool:

@@ -1,0 +1,112 @@
+"""LyCORIS modules on separate projections joined onto one fused layer with ``fuse=`` (merged
+mode): each part's ``ΔW`` fills its rows of the fused weight. The reference is the same file
+loaded into an unfused twin model (separate ``q``, ``k``, ``v`` whose weights are the fused
+weight's rows), float64; what fuse= cannot join is refused by name, nothing changed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+
+D = 8
+
+
+class _Separate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, 4), nn.Linear(D, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], -1)
+
+
+class _Fused(nn.Module):
+    def __init__(self, twin: _Separate) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(D, 16)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([twin.q.weight, twin.k.weight, twin.v.weight]))
+            self.qkv.bias.copy_(torch.cat([twin.q.bias, twin.k.bias, twin.v.bias]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv(x)
+
+
+def _models() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    twin = _Separate().double()
+    return nn.Sequential(twin), nn.Sequential(_Fused(twin).double())
+
+
+def _file(untrained_v: bool = False) -> dict[str, torch.Tensor]:
+    """A LoHa on ``q`` (alpha 3, rank 2), a full LoKr on ``k``, a diff with its ``diff_b`` on ``v``."""
+    g = torch.Generator().manual_seed(1)
+
+    def r(*shape: int) -> torch.Tensor:
+        return 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)
+
+    q = {"hada_w1_a": r(8, 2), "hada_w1_b": r(2, 8), "hada_w2_a": r(8, 2), "hada_w2_b": r(2, 8)}
+    tensors = {f"lora_unet_0_q.{k}": v for k, v in q.items()} | {"lora_unet_0_q.alpha": torch.tensor(3.0)}
+    tensors |= {"lora_unet_0_k.lokr_w1": r(2, 2), "lora_unet_0_k.lokr_w2": r(2, 4)}
+    return tensors if untrained_v else tensors | {"lora_unet_0_v.diff": r(4, 8), "lora_unet_0_v.diff_b": r(4)}
+
+
+@pytest.mark.parametrize("untrained_v", [False, True], ids=["qkv", "qk-and-v-sized"])
+def test_weight_deltas_on_q_k_v_fuse_into_their_rows_of_a_fused_qkv(untrained_v: bool) -> None:
+    separate, fused = _models()
+    x = torch.randn(3, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    w0, b0, base_out = fused[0].qkv.weight.detach().clone(), fused[0].qkv.bias.detach().clone(), fused(x).detach()
+    parts = ["q", "k", ("v", 4)] if untrained_v else ["q", "k", "v"]
+    targets = ["0.q", "0.k"] if untrained_v else ["0.q", "0.k", "0.v"]
+    twin = lorahot.inject(separate, targets, max_rank=4, merged=True)
+    runtime = lorahot.inject(fused, ["0.qkv"], max_rank=4, merged=True)
+    tensors = _file(untrained_v)
+    twin.load(tensors)
+    runtime.load(tensors, fuse={"qkv": parts})
+    for scale in (1.0, 0.5, -1.0):
+        twin.set_scale(scale)
+        runtime.set_scale(scale)
+        with torch.no_grad():
+            t = separate[0]
+            want_w = torch.cat([t.q.weight, t.k.weight, t.v.weight])
+            torch.testing.assert_close(fused[0].qkv.weight, want_w, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(fused[0].qkv.bias, torch.cat([t.q.bias, t.k.bias, t.v.bias]), rtol=0, atol=0)
+            torch.testing.assert_close(fused(x), separate(x), rtol=1e-12, atol=1e-12)
+            assert float((fused(x) - base_out).abs().max()) > 1e-2
+    runtime.unload()
+    assert torch.equal(fused[0].qkv.weight, w0) and torch.equal(fused[0].qkv.bias, b0)
+
+
+@pytest.mark.parametrize(
+    ("replace", "match"),
+    [
+        (
+            {"lora_unet_0_q.oft_blocks": torch.zeros(2, 4, 4)},
+            r"part lora_unet_0_q is an OFT module, built from its own layer's base weight; fuse= does not join it",
+        ),
+        (
+            {"lora_unet_0_q.lora_down.weight": torch.ones(2, D), "lora_unet_0_q.lora_up.weight": torch.ones(8, 2)},
+            r"qkv: parts \['lora_unet_0_q'\] are LoRA modules and \[.*\] weight deltas",
+        ),
+        (
+            {"lora_unet_0_q.diff": torch.ones(6, D)},
+            r"0\.qkv \(.*\): its parts \['lora_unet_0_q', 'lora_unet_0_k', 'lora_unet_0_v'\] have \[6, 4, 4\] "
+            r"output rows, 14 in all, but the layer has 16",
+        ),
+    ],
+    ids=["oft-part", "lora-beside-deltas", "rows-do-not-add-up"],
+)
+def test_what_fuse_cannot_join_is_refused_by_name(replace: dict[str, torch.Tensor], match: str) -> None:
+    _, fused = _models()
+    w0 = fused[0].qkv.weight.detach().clone()
+    tensors = {k: v for k, v in _file().items() if not k.startswith("lora_unet_0_q.")} | {
+        k: v.double() for k, v in replace.items()
+    }
+    runtime = lorahot.inject(fused, ["0.qkv"], max_rank=4, merged=True)
+    with pytest.raises(lorahot.AdapterMismatchError, match=match):
+        runtime.load(tensors, fuse={"qkv": ["q", "k", "v"]})
+    assert torch.equal(fused[0].qkv.weight, w0) and runtime.info() is None
