@@ -208,6 +208,19 @@ class KeyFormat:
         """``(module key, role)`` for a tensor key of this format, or None (memoized)."""
         return _CLASSIFIED.get((self, key), self._classify, key)[1]
 
+    def in_file(self, module: str, key: str) -> str:
+        """``module``, a module key of this format (after :attr:`renames`), as the file spells it,
+        read off ``key``, one of its tensor keys: what messages name. In an underscore naming,
+        kohya's ``lora_unet_blocks_0_self_attn_q_proj``, which the renames make
+        ``lora_unet_blocks.0.self_attn.q_proj``, a name neither the file nor the model has;
+        ``module`` itself elsewhere (a dotted naming's renames only drop a wrapper prefix such as
+        PEFT's, leaving the model's name), and where ``key`` does not parse to it (a module that
+        ``key_map`` or ``prefix=`` named)."""
+        parsed = self.parse(key) if self.separator == "_" and self.renames else None
+        if parsed is None or parsed[0] != module:
+            return module
+        return next((m for m in (rule.match(key) for rule in self.rules) if m is not None), module)
+
     def refusal(self, key: str) -> str | None:
         """Why lorahot refuses ``key``, if this format knows it as an unsupported feature (memoized)."""
         return _CLASSIFIED.get((self, key), self._classify, key)[0]

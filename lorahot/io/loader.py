@@ -539,12 +539,12 @@ def _normalize_once(raw: RawAdapter, overrides: dict[str, Any] | None, strict: b
     configs = _component_configs(raw, header_configs, overrides, fmt.name in _PEFT_NAMED, defaults)
     skipped: list[str] | None = None if strict else []
     parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
-    weights = _weight_modules(parts, raw.source, skipped, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
+    weights = _weight_modules(parts, raw.source, skipped, fmt, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
     _check_metadata_reaches(list(parts), list(weights), configs, header_configs, overrides, raw, fmt.name)
     only_header_alpha = bool(defaults) and not _states_alpha(raw, fmt, overrides, header_configs)
     _check_configs_reach(weights, fmt, configs, raw.source, only_header_alpha)
     _check_header_alpha_reaches(weights, raw, fmt, defaults)
-    _check_dora_scales(parts, raw.source, skipped)
+    _check_dora_scales(parts, raw.source, skipped, fmt)
     if skipped is not None:
         skip_modules(parts, [m for m, r in parts.items() if "A" not in r or "B" not in r], skipped)
     if not parts and not weights:
@@ -918,18 +918,19 @@ def _assemble(
     problems: list[str] = []
     unreadable: list[str] = []
     for module, roles in parts.items():
+        named = _spelled(module, roles, fmt)
         if "A" not in roles or "B" not in roles:
-            problems.append(_incomplete(module, roles, fmt))
+            problems.append(_incomplete(named, roles, fmt))
             continue
         (ka, a), (_, b) = roles["A"], roles["B"]
         keys = tuple(k for k, _ in roles.values())
-        if check_storage and _unreadable(module, keys, roles, unreadable):
+        if check_storage and _unreadable(named, keys, roles, unreadable):
             continue
         flat = [(k, t) for k, t in (roles["A"], roles["B"]) if t.ndim < 2]
         if flat:
             k, t = flat[0]
             problems.append(
-                f"{module}: {k} has shape {tuple(t.shape)}, but a LoRA A and B have at least two dimensions "
+                f"{named}: {k} has shape {tuple(t.shape)}, but a LoRA A and B have at least two dimensions "
                 "(A [r, in, ...], B [out, r, ...])"
             )
             continue
@@ -939,14 +940,14 @@ def _assemble(
         cfg, pattern_name, origin = _config_for(module, fmt, configs)
         declared = cfg.rank_for(pattern_name)
         if declared is not None and rank != declared:
-            problems.append(f"{module}: {origin} says r={declared}, but {ka} has shape {tuple(a.shape)} (rank {rank})")
+            problems.append(f"{named}: {origin} says r={declared}, but {ka} has shape {tuple(a.shape)} (rank {rank})")
             continue
         alpha = _alpha(roles.get("alpha"), unreadable, shapes_only=shapes_only)
         if alpha is not None and cfg.states_alpha(pattern_name):
             stated = cfg.alpha_for(pattern_name)
             if stated is not None and not math.isclose(alpha, stated, rel_tol=1e-6):
                 problems.append(
-                    f"{module}: its {roles['alpha'][0]} is {alpha:g}, but {origin} says alpha {stated:g} (kohya's "
+                    f"{named}: its {roles['alpha'][0]} is {alpha:g}, but {origin} says alpha {stated:g} (kohya's "
                     "loaders read the first, PEFT and diffusers the second)"
                 )
                 continue
@@ -956,24 +957,24 @@ def _assemble(
         alpha = float(rank) if alpha is None else alpha
         if "magnitude" in roles and "dora_scale" in roles:
             problems.append(
-                f"{module}: both {roles['magnitude'][0]} and {roles['dora_scale'][0]} give it a DoRA magnitude"
+                f"{named}: both {roles['magnitude'][0]} and {roles['dora_scale'][0]} give it a DoRA magnitude"
             )
             continue
         magnitude = next((roles[r][1] for r in ("magnitude", "dora_scale") if r in roles), None)
         if cfg.use_dora and magnitude is None:
             problems.append(
-                f"{module}: {origin} says use_dora, but the file has no lora_magnitude_vector for it (PEFT would run "
+                f"{named}: {origin} says use_dora, but the file has no lora_magnitude_vector for it (PEFT would run "
                 "it as DoRA with the base weight's own norms, which lorahot does not)"
             )
             continue
         ignored = _ignored_by_peft(roles, cfg, origin) if fmt.name in _PEFT_NAMED else None
         if ignored is not None:
-            problems.append(f"{module}: {ignored}")
+            problems.append(f"{named}: {ignored}")
             continue
         bias = roles["bias"][1] if "bias" in roles else None
         if "diff_bias" in roles:  # a bias applied at the adapter's weight alone (wan's .diff_b)
             if bias is not None:
-                problems.append(f"{module}: both {roles['bias'][0]} and {roles['diff_bias'][0]} give it a LoRA bias")
+                problems.append(f"{named}: both {roles['bias'][0]} and {roles['diff_bias'][0]} give it a LoRA bias")
                 continue
             scale = alpha / (math.sqrt(rank) if cfg.use_rslora else rank) if rank else 1.0
             # the runtime applies a LoRA bias at alpha / r, as PEFT does; divided in at least float32, so
@@ -1087,7 +1088,7 @@ def _per_input(roles: dict[str, tuple[str, torch.Tensor]]) -> bool:
 
 
 def _weight_modules(
-    parts: Parts, source: str, skipped: list[str] | None, shapes_only: bool = False
+    parts: Parts, source: str, skipped: list[str] | None, fmt: KeyFormat, shapes_only: bool = False
 ) -> dict[str, WeightModule]:
     """Takes the LyCORIS and diff modules out of ``parts`` as :class:`WeightModule` objects.
     With ``skipped`` given (``strict=False``) a module it cannot build is taken out of ``parts``
@@ -1105,6 +1106,7 @@ def _weight_modules(
             roles["diff_b"] = roles.pop("diff_bias")
     for module in [m for m, roles in parts.items() if _kind(m, roles)]:
         roles = parts[module]
+        named = _spelled(module, roles, fmt)
         kind = _kind(module, roles) or ""
         need, may = _KIND_NEEDS[kind]
         missing = [" or ".join(alts) for alts in need if not any(a in roles for a in alts)]
@@ -1116,7 +1118,7 @@ def _weight_modules(
             if skipped is None:
                 keys = ", ".join(k for k, _ in roles.values())
                 why = f"lacks {', '.join(missing)}" if missing else f"mixes {kind} weights with {', '.join(extra)}"
-                problems.append(f"{module} ({keys}): {why}")
+                problems.append(f"{named} ({keys}): {why}")
             else:
                 skip_modules(parts, [module], skipped)
             continue
@@ -1125,11 +1127,11 @@ def _weight_modules(
         flat = [(k, t) for r, (k, t) in roles.items() if r in _RANK_FACTORS and t.ndim < 2]
         if flat:  # the rank is read from it; other factors' shapes are checked against the layer's
             k, t = flat[0]
-            problems.append(f"{module} ({k}): shape {tuple(t.shape)}, where this {kind} factor is a matrix")
+            problems.append(f"{named} ({k}): shape {tuple(t.shape)}, where this {kind} factor is a matrix")
             continue
         clash = _diff_lora_clash(roles) if kind == "diff" else None
         if clash is not None:
-            problems.append(f"{module} ({', '.join(k for k, _ in roles.values())}): {clash}")
+            problems.append(f"{named} ({', '.join(k for k, _ in roles.values())}): {clash}")
             continue
         rotates = kind in ROTATION_KINDS  # its .alpha is a norm constraint: 0 means none
         alpha = _alpha(roles.get("alpha"), unreadable, constraint=rotates, shapes_only=shapes_only)
@@ -1150,7 +1152,7 @@ def _weight_modules(
     return out
 
 
-def _check_dora_scales(parts: Parts, source: str, skipped: list[str] | None) -> None:
+def _check_dora_scales(parts: Parts, source: str, skipped: list[str] | None, fmt: KeyFormat) -> None:
     """Checks the ``dora_scale`` of each LoRA/LoCon module left in ``parts`` (LyCORIS' and
     kohya's weight decomposition): lorahot computes it as DoRA, which normalizes each output
     channel, so it must hold one value per output channel (``[out, 1, *ones]``: LyCORIS'
@@ -1168,7 +1170,7 @@ def _check_dora_scales(parts: Parts, source: str, skipped: list[str] | None) -> 
         if why is not None and skipped is not None:
             skip_modules(parts, [module], skipped)
         elif why is not None:
-            problems.append(f"{module}: {why}")
+            problems.append(f"{_spelled(module, roles, fmt)}: {why}")
     if problems:
         raise UnknownFormatError(
             format_problems(f"{source}: weight-decomposed (DoRA) modules lorahot cannot load:", problems)
@@ -1212,6 +1214,13 @@ def _diff_lora_clash(roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:
             "of one weight"
         )
     return None
+
+
+def _spelled(module: str, roles: Mapping[str, tuple[str, torch.Tensor]], fmt: KeyFormat) -> str:
+    """``module`` as the file spells it (:meth:`~lorahot.formats.table.KeyFormat.in_file`), for
+    messages: a kohya key, not the half-dotted name the naming's renames make of it."""
+    first = next(iter(roles.values()), None)
+    return module if first is None else fmt.in_file(module, first[0])
 
 
 def _incomplete(module: str, roles: dict[str, tuple[str, torch.Tensor]], fmt: KeyFormat) -> str:

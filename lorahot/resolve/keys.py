@@ -331,12 +331,17 @@ def _renamed(key: str, fmt: KeyFormat) -> list[str]:
     return sorted({re.sub(p, r, probe) for p, r in fmt.aliases if re.search(p, probe)} - {probe})[:3]
 
 
-def _closest(key: str, fmt: KeyFormat, names: _Names) -> list[str]:
-    """Up to three injected names nearest to ``key`` (compared in the format's own spelling)."""
+def _closest(key: str, fmt: KeyFormat, names: _Names, renamed: Sequence[str] = ()) -> list[str]:
+    """Up to three injected names nearest to ``key``, compared in the format's own spelling. An
+    underscore naming's key that the naming places (``renamed``, :func:`_renamed`) is compared by
+    the model name it is placed at: its own spelling (kohya's underscores, which renames may
+    have left part dotted, ``lora_unet_blocks.7.self_attn.q_proj``) is none of the model's."""
     probe = _candidates(key, fmt)[-1]
+    if fmt.separator == "_" and renamed:
+        return difflib.get_close_matches(renamed[0], names.names, n=3, cutoff=0.4)
     if fmt.separator == ".":
         return difflib.get_close_matches(probe, names.names, n=3, cutoff=0.4)
-    close = difflib.get_close_matches(probe, list(names.underscore), n=3, cutoff=0.4)
+    close = difflib.get_close_matches(probe.replace(".", "_"), list(names.underscore), n=3, cutoff=0.4)
     return [names.underscore[c][0] for c in close]
 
 
@@ -392,7 +397,7 @@ def resolve_all(
     bare = 0  # problems of keys naming a norm without a weight, which no targets help
     entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
     pending: collections.deque[tuple[str, LoraModule | WeightModule, str]] = collections.deque(
-        (key, module, key) for key, module in entries
+        (key, module, fmt.in_file(key, module.source_keys[0]) if module.source_keys else key) for key, module in entries
     )
     while pending:
         key, module, named = pending.popleft()  # named: the key, or "<part> (part of <fused key>)"
@@ -407,7 +412,10 @@ def resolve_all(
                 lambda targets: _held_heads(targets, fmt, index, heads or {}),
             )
             if not (len(parts) == 1 and parts[0] is module):  # fused: its parts resolve in its place
-                pending.extendleft((p.key, p, f"{p.key} (part of {key})") for p in reversed(parts))
+                # a part by the model path it is for (its key keeps the naming's component prefix)
+                pending.extendleft(
+                    (p.key, p, f"{_candidates(p.key, fmt)[-1]} (part of {named})") for p in reversed(parts)
+                )
                 continue
         if not hits and skipped is not None:
             skipped.extend(module.source_keys or (key,))
@@ -420,8 +428,8 @@ def resolve_all(
             )
         elif not hits:
             shown_here = len(problems) < _SHOWN  # the rest are not shown
-            close = _closest(key, fmt, index) if shown_here else []
             renamed = _renamed(key, fmt) if shown_here else []
+            close = _closest(key, fmt, index, renamed) if shown_here else []
             problems.append(
                 f"{named}: matches no injected layer"
                 + (f" (closest: {', '.join(close)})" if close else "")

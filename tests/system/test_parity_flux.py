@@ -764,3 +764,24 @@ def test_flux_query_key_norm_deltas_fold_into_diffusers_norms_in_merged_mode(spe
             with pytest.raises(lorahot.UnknownFormatError, match=r"no weight or bias in Flux.*strict=False"):
                 runtime.load(hostile)
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_fused_kohya_key_that_lands_nowhere_is_named_as_the_file_spells_it() -> None:
+    """A kohya ``img_attn_qkv`` of a block the model lacks: its parts were named by the keys the
+    split gives them, ``lora_unet_transformer_blocks.7.attn.to_q``, half kohya prefix, half model
+    path, each "part of" the half-dotted ``lora_unet_double_blocks.7.img_attn.qkv``. Now each part
+    is named by the model path it is for, part of the file's key."""
+    model = tiny_flux().double()
+    dim = model.get_submodule("transformer_blocks.0.attn.to_q").in_features
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    stem = "lora_unet_double_blocks_7_img_attn_qkv"
+    sd = {
+        f"{stem}.lora_down.weight": torch.zeros(2, dim, dtype=torch.float64),
+        f"{stem}.lora_up.weight": torch.zeros(3 * dim, 2, dtype=torch.float64),
+    }
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=rf"\n  - transformer_blocks\.7\.attn\.to_q \(part of {stem}\): matches no injected layer \(closest: "
+        r"transformer_blocks\.0\.attn\.to_q",
+    ):
+        runtime.load(sd)

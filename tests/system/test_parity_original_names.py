@@ -742,3 +742,40 @@ def test_norm_deltas_in_original_names_fold_into_diffusers_norms_in_merged_mode(
                 runtime.load(hostile)
             assert "Inject those modules" not in str(refused.value)  # no target can take it
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+#: per kohya spelling: a module key of the file that no module of the model has, where the
+#: naming places it, and the injected layer nearest to that
+_UNPLACED = {
+    # anima-kohya turns a key's underscores back into Anima's dotted names first
+    "anima": (
+        "lora_unet_blocks_7_self_attn_q_proj",
+        "transformer_blocks.7.attn1.to_q",
+        "transformer_blocks.1.attn1.to_q",
+    ),
+    "flux3": ("lora_unet_single_blocks_7_q_proj", "single_transformer_blocks.7.attn.to_q", None),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_UNPLACED))
+def test_a_kohya_key_that_lands_nowhere_is_named_as_the_file_spells_it(family: str) -> None:
+    """A kohya key of a module the model lacks (block 7 of a two-block model) was reported as the
+    half-dotted name the naming's renames make of it (``lora_unet_blocks.7.self_attn.q_proj``),
+    which neither the file nor the model has, with neighbours compared against that
+    (``ff.net.0.proj``); an A without its B likewise. Now each message names the file's key, and
+    the nearest injected layers are those nearest to where the naming places the module."""
+    stem, placed, nearest = _UNPLACED[family]
+    model = _FAMILIES[family][0]()
+    layer = model.get_submodule(re.sub(r"\.7\.", ".1.", placed))
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    a = torch.zeros(2, layer.in_features, dtype=torch.float64)
+    b = torch.zeros(layer.out_features, 2, dtype=torch.float64)
+    closest = re.escape(nearest or re.sub(r"\.7\.", ".1.", placed))
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=rf"\n  - {stem}: matches no injected layer \(closest: {closest}\b.*places it at {re.escape(placed)},",
+    ):
+        runtime.load({f"{stem}.lora_down.weight": a, f"{stem}.lora_up.weight": b})
+    real = stem.replace("_7_", "_0_")
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"\n  - {real}: has lora_down \({real}\.lora_down"):
+        runtime.load({f"{real}.lora_down.weight": a})

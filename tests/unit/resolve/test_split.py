@@ -179,7 +179,7 @@ def test_a_split_part_colliding_with_a_module_of_the_file_is_refused_and_changes
         tensors,
         lorahot.AdapterMismatchError,
         r"diffusion_model\.single_transformer_blocks\.0\.attn\.to_k: lands on "
-        r"single_transformer_blocks\.0\.attn\.to_k, which diffusion_model\.single_transformer_blocks\.0\.attn\.to_k "
+        r"single_transformer_blocks\.0\.attn\.to_k, which single_transformer_blocks\.0\.attn\.to_k "
         r"\(part of diffusion_model\.single_blocks\.0\.linear1\) already fills",
     )
 
