@@ -409,6 +409,8 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
             f"{where}: {module.kind} weights fold only into Linear/Conv1D and conv layers, not this {spec.kind} layer "
             "(convert the adapter to plain LoRA, or leave this module out)"
         ]
+    if spec.groups != 1 and (module.kind == "fused" or module.rows is not None):
+        return [f"{where}: {_regrouped(module, spec)}"]
     if module.kind == "fused":
         return _fused_problems(name, module, spec)
     grouped = _grouped_problem(module, spec) if spec.groups != 1 else None
@@ -470,6 +472,22 @@ def _grouped_problem(module: WeightModule, spec: LayerSpec) -> str | None:
         f"{spec.weight_shape()} (each output channel reading only its group's {spec.weight_shape()[1]} input "
         "channels) cannot hold, and LyCORIS builds no merged weight for it there; merge it with the tool that trained "
         "it (its bypass forward) and load the merged model, or leave this module out"
+    )
+
+
+def _regrouped(module: WeightModule, spec: LayerSpec) -> str:
+    """Why rows of ``ΔW`` cut from a fused module (``split=``) or stacked from separate modules
+    (``fuse=``) do not fit a conv with ``groups > 1``: output channel ``o`` of such a conv reads
+    input group ``o // (out / groups)``, so a row keeps its input channels only in a layer of the
+    same width. Cut from (or stacked into) a layer of another width, a part's rows of a grouped
+    ``ΔW`` would read other input channels than those it was trained on."""
+    how = "joins separate modules onto" if module.kind == "fused" else "cuts rows of a fused module onto"
+    return (
+        f"{module.named} module that {how} a conv with groups={spec.groups}: each output channel of a grouped conv "
+        f"reads its group's {spec.weight_shape()[1]} input channels, picked by its row's place in the layer's "
+        f"{spec.out_dim} rows, so rows cut from or stacked into a layer of another width would read other input "
+        "channels than they were trained on; load the module into a model whose layer it names (no split= or fuse=), "
+        "or leave it out"
     )
 
 

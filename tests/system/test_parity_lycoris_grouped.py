@@ -168,3 +168,49 @@ def test_an_unmerged_grouped_conv_sends_weight_kinds_to_merged_mode() -> None:
     ):
         runtime.load(tensors)
     assert torch.equal(model[0].weight, w0) and runtime.info() is None
+
+
+@pytest.mark.parametrize("groups", [2, 4], ids=["grouped", "depthwise"])
+@pytest.mark.parametrize("how", ["fuse", "split"])
+def test_rows_cut_from_or_stacked_into_a_grouped_conv_are_refused(how: str, groups: int) -> None:
+    """A grouped conv's output channel reads the input group its row's place picks, so a fused
+    grouped conv is not its parts' grouped convs stacked by rows: ``fuse=`` (separate diffs
+    stacked onto one grouped ``qkv``) and ``split=`` (a LoHa of a fused ``qkv`` cut onto grouped
+    ``q``/``k``/``v``) would give rows of ``ΔW`` other input channels than those they were
+    trained on. Both are refused naming the layer and the grouping, nothing changed; on
+    ungrouped convs, where stacking rows is exact, the same kind of file loads."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 3, 3, generator=g, dtype=torch.float64)
+
+    def setup(grouping: int) -> tuple[nn.Module, list[str], dict[str, torch.Tensor], dict[str, object]]:
+        """The model (fused qkv for fuse=, separate q/k/v for split=), its targets, a file and the option."""
+        torch.manual_seed(0)
+        parts = {n: nn.Conv2d(4, 4, 1, groups=grouping).double() for n in "qkv"}
+        fused = nn.Conv2d(4, 12, 1, groups=grouping).double()
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([parts[n].weight for n in "qkv"]))
+            fused.bias.copy_(torch.cat([parts[n].bias for n in "qkv"]))
+            stacked = torch.allclose(fused(x), torch.cat([parts[n](x) for n in "qkv"], 1))
+            assert stacked == (grouping == 1)  # a grouped fused conv is not its parts stacked
+        width = 4 // grouping  # the input channels each output channel reads
+        if how == "fuse":
+            tensors = {f"lora_unet_0_{n}.diff": 0.3 * torch.randn(4, width, 1, 1, generator=g) for n in "qkv"}
+            return nn.Sequential(nn.ModuleDict({"qkv": fused})), ["0.qkv"], tensors, {"fuse": {"qkv": list("qkv")}}
+        shapes = {"hada_w1_a": (12, 2), "hada_w1_b": (2, width), "hada_w2_a": (12, 2), "hada_w2_b": (2, width)}
+        tensors = {f"lora_unet_0_qkv.{k}": 0.3 * torch.randn(v, generator=g) for k, v in shapes.items()}
+        split = {"split": {"qkv": [("q", 4), ("k", 4), ("v", 4)]}}
+        return nn.Sequential(nn.ModuleDict(parts)), ["0.q", "0.k", "0.v"], tensors, split
+
+    model, targets, tensors, option = setup(groups)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runtime = lorahot.inject(model, targets, max_rank=4, merged=True)
+    joins = "joins separate modules onto" if how == "fuse" else "cuts rows of a fused module onto"
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=rf"(?s)- {re.escape(targets[0])} \(.*module that {joins} a conv with groups={groups}: .*other input "
+        "channels than they were trained on",
+    ):
+        runtime.load(tensors, **option)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and runtime.info() is None
+    model, targets, tensors, option = setup(1)  # the refusal is the grouping's alone
+    assert lorahot.inject(model, targets, max_rank=4, merged=True).load(tensors, **option).ranks
