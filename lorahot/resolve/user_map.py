@@ -28,6 +28,7 @@ from typing import TypeVar
 import torch
 
 from lorahot.adapter import FusedPart, LoraModule, WeightModule, storage_problem
+from lorahot.adapter.deltas import delta_shape
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems, shown
 from lorahot.formats import KeyFormat
 from lorahot.resolve.split import weight_kind
@@ -224,8 +225,6 @@ def _fuse_deltas(
         if why is not None:
             problems.append(f"{key}: part {w.key} is {why}")
             return None
-        from lorahot.runtime.deltas import delta_shape  # lorahot.runtime imports this module's package
-
         got = delta_shape(w, (0, 0))
         if got is None or not got:
             problems.append(f"{key}: part {w.key}'s {w.kind} factors do not multiply to a weight")

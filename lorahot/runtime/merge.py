@@ -42,12 +42,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorahot.adapter import LoraModule, WeightModule
+from lorahot.adapter.deltas import build_delta, decompose, delta_bound
 from lorahot.errors import AdapterReadError, UsageError, format_problems
 from lorahot.layers import LoRALayer
 from lorahot.layers.base import EXTRA_BIAS, EXTRA_F, own_code, unusual_values
 from lorahot.runtime.aliases import plain
 from lorahot.runtime.buffers import BufferManager
-from lorahot.runtime.deltas import build_delta, decompose, delta_bound
 from lorahot.runtime.graph_replays import Captured, GraphReplays
 from lorahot.runtime.stack import Stack
 from lorahot.runtime.written_probes import WrittenProbes, positions, signature, sums, version, words
@@ -356,7 +356,7 @@ def _per_channel(layer: LoRALayer, weight: torch.Tensor, f: torch.Tensor) -> tor
 
 def _decomposed(layer: LoRALayer, weight: torch.Tensor, module: WeightModule) -> torch.Tensor:
     """``weight`` (the base weight's layout, or that flattened to 2-D) after ``module``'s weight
-    decomposition (:func:`~lorahot.runtime.deltas.decompose`), in the base weight's layout: a
+    decomposition (:func:`~lorahot.adapter.deltas.decompose`), in the base weight's layout: a
     Conv1D's ``[in, out]`` is read as the torch layout ``[out, in]``."""
     shape = layer.spec.weight_shape()  # torch layout [out, in / groups, *kernel]
     torch_layout = weight.t() if layer.channel_dim() == 1 else weight.reshape(shape)
@@ -478,7 +478,7 @@ class Merger:
         """Refuses weights under which a merged weight ``W0 + sum_p w_p * scale_p * dW_p``
         would leave the weights' dtype range (it would turn into inf). Reads no weight for the
         usual adapter: ``max|W0| + sum_p |w_p * scale_p| * bound_p`` (``bound_p``:
-        ``r * max|A| * max|B|``, or :func:`~lorahot.runtime.deltas.delta_bound`) bounds every
+        ``r * max|A| * max|B|``, or :func:`~lorahot.adapter.deltas.delta_bound`) bounds every
         entry; only a layer whose bound reaches the limit gets its merged weight computed
         exactly (in float32, or float64).
 
@@ -706,7 +706,7 @@ class Merger:
         (``W0``, or ``W0`` plus the LoRA parts of a stack), ``s`` the module's scale times its
         part's weight (ΔW built on the weights' device from the factors), and each ``diff_b`` to
         the bias :meth:`apply` wrote (``b0``, plus a LoRA bias). A module with a ``dora_scale``
-        then rescales the sum (:func:`~lorahot.runtime.deltas.decompose`), in the same wide
+        then rescales the sum (:func:`~lorahot.adapter.deltas.decompose`), in the same wide
         dtype: the weight is rounded once. Then notes every weight as written
         (:func:`record`)."""
         with writing(self._targets):

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
+from lorahot.adapter.deltas import base_problem, delta_shape, lora_update_max, rotation_problem
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems
 from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, FLOAT_DTYPES, LayerSpec, unusual_values
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
-from lorahot.runtime.deltas import base_problem, delta_shape, lora_update_max, rotation_problem
 from lorahot.runtime.flux_inputs import pad_embedder_input
 from lorahot.runtime.sharding import localize
 
@@ -516,7 +516,7 @@ def _fused_problems(name: str, module: WeightModule, spec: LayerSpec) -> list[st
 def _ia3_on_input(module: WeightModule, spec: LayerSpec) -> bool:
     """Whether an (IA)^3 module scales the input channels: its ``on_input`` is 1 (read off the
     factor's size where a shapes-only read has no value); a malformed flag is
-    :func:`~lorahot.runtime.deltas.base_problem`'s."""
+    :func:`~lorahot.adapter.deltas.base_problem`'s."""
     flag = module.factors.get("on_input")
     if flag is None or flag.numel() != 1 or flag.dtype.is_complex:
         return False

@@ -14,7 +14,7 @@ alone. Every forward would then compute inf.
 update at weight 1; ``sum_p |w_p| * bound_p`` bounds the stack's. Per call that is a few Python
 floats (each part's largest bound); only where they pass the dtype's largest value does one
 NumPy product per arena give the bound of every layer, and only a layer whose bound passes it
-gets its summed update computed, in float64 (:func:`lorahot.runtime.deltas.lora_update_max`),
+gets its summed update computed, in float64 (:func:`lorahot.adapter.deltas.lora_update_max`),
 from the parts' factors (a load, before anything is written) or from the slot's rows
 (``set_scale``): one host transfer per device for all of them. Merged mode checks its merged
 weights instead (:meth:`lorahot.runtime.merge.Merger.check`). The bias term needs no product:
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from lorahot.adapter import LoraModule
+from lorahot.adapter.deltas import lora_update_max
 from lorahot.errors import UsageError, format_problems
 from lorahot.runtime.buffers import BufferManager
-from lorahot.runtime.deltas import lora_update_max
 from lorahot.runtime.plan import dtype_max
 from lorahot.runtime.stack import Stack
 

@@ -17,9 +17,9 @@ from torch import nn
 
 import lorahot
 from lorahot.adapter import LoraModule
+from lorahot.adapter.deltas import build_delta
 from lorahot.resolve.keys import resolve_all
 from lorahot.resolve.split import reorder_module, split_module
-from lorahot.runtime.deltas import build_delta
 from tests.helpers import lora_pair
 
 

@@ -38,7 +38,7 @@ WEIGHT_KINDS = ("loha", "lokr", "locon-tucker", "diff", "locon", "oft", "boft", 
 #: LyCORIS' diagonal OFT (``oft_blocks`` ``[n, b, b]``, optional ``rescale``), LyCORIS' BOFT
 #: (``oft_blocks`` ``[m, n, b, b]``, a butterfly of ``m`` stages) and kohya sd-scripts' own OFT
 #: network (``oft_unet_<m>.oft_blocks`` ``[n, b, b]``). Their ``.alpha`` is the norm constraint on
-#: the skew-symmetric blocks, not a scale (see :mod:`lorahot.runtime.deltas`).
+#: the skew-symmetric blocks, not a scale (see :mod:`lorahot.adapter.deltas`).
 ROTATION_KINDS = ("oft", "boft", "kohya-oft")
 #: The kinds whose ``ΔW`` is built from the pristine base weight ``W0``: the rotations, LyCORIS'
 #: (IA)^3 (``weight`` and ``on_input``: ``W0`` times one learned factor per output row, or per
@@ -130,7 +130,7 @@ class WeightModule:
     """One module whose update is a full ``ΔW`` built from factors (not ``B @ A``).
 
     lorahot loads these only in merged mode: ``ΔW`` is built on the weights' device from the
-    factors (:mod:`lorahot.runtime.deltas`) and folded into the pristine base weight.
+    factors (:mod:`lorahot.adapter.deltas`) and folded into the pristine base weight.
 
     Attributes:
         key: the module path as the source names it.
@@ -176,7 +176,7 @@ class WeightModule:
     def rank(self) -> int:
         """The rank the alpha divides: the low-rank factors' (0 where the kind has none: a diff
         alone, a full LoKr). A diff with a LoRA pair (``lora_down``/``lora_up``) has the pair's
-        rank; that pair takes its ``alpha / r`` inside ``ΔW`` (:mod:`lorahot.runtime.deltas`),
+        rank; that pair takes its ``alpha / r`` inside ``ΔW`` (:mod:`lorahot.adapter.deltas`),
         so the diff's :attr:`scale` stays 1."""
         f = self.factors
         if self.kind == "loha":
