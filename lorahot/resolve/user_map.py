@@ -237,7 +237,7 @@ def _fuse_deltas(
     biases = [w.factors.get("diff_b") for w, _ in pieces]
     present = [b for b in biases if b is not None]
     if present:
-        dtype = torch.promote_types(present[0].dtype, torch.float32)
+        dtype = _widest(present)
         device = present[0].device
         factors["diff_b"] = torch.cat(
             [
@@ -340,7 +340,7 @@ def _fuse_one(
             "row, and none reproduces plain LoRA at every scale. Inject the parts as separate layers (no fuse=)"
         )
         return None
-    dtype = torch.promote_types(present[0].A.dtype, torch.float32)
+    dtype = _widest([t for m in present for t in (m.A, m.B, m.magnitude, m.bias) if t is not None])
     fan_in, device = int(present[0].A.shape[1]), present[0].A.device
     a_blocks, b_blocks, magnitudes, biases = [], [], [], []
     for name, size, m in parts:
@@ -383,6 +383,15 @@ def _fuse_one(
         bias=torch.cat(biases) if any(m.bias is not None for m in present) else None,
         unit_scale=any(m.unit_scale for m in present),
     )
+
+
+def _widest(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype that holds every value of ``tensors`` exactly, at least float32: a part saved in
+    float64 beside one in float16 keeps its float64 values in the fused module."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 #: dtypes fuse can combine (torch promotes none of the others with float32: float8, complex, ...)

@@ -81,6 +81,26 @@ def test_weight_deltas_on_q_k_v_fuse_into_their_rows_of_a_fused_qkv(untrained_v:
     assert torch.equal(fused[0].qkv.weight, w0) and torch.equal(fused[0].qkv.bias, b0)
 
 
+def test_a_float64_part_keeps_its_precision_beside_a_float16_one() -> None:
+    """Parts saved in different dtypes fuse in the widest of them: the stacked ``diff_b`` took
+    the first part's dtype (a float16 one promoted to float32), so a float64 part's bias delta
+    was rounded to float32 (3e-9 off in a float64 model); now the fused bias is the unfused
+    twin's, bitwise."""
+    separate, fused = _models()
+    twin = lorahot.inject(separate, ["0.q", "0.k", "0.v"], max_rank=4, merged=True)
+    runtime = lorahot.inject(fused, ["0.qkv"], max_rank=4, merged=True)
+    g = torch.Generator().manual_seed(3)
+    tensors = {k: v for k, v in _file().items() if not k.startswith("lora_unet_0_k.")} | {
+        "lora_unet_0_k.diff": torch.randn(4, D, generator=g).half(),
+        "lora_unet_0_k.diff_b": torch.randn(4, generator=g).half(),
+    }
+    twin.load(tensors)
+    runtime.load(tensors, fuse={"qkv": ["q", "k", "v"]})
+    t = separate[0]
+    torch.testing.assert_close(fused[0].qkv.bias, torch.cat([t.q.bias, t.k.bias, t.v.bias]), rtol=0, atol=0)
+    torch.testing.assert_close(fused[0].qkv.weight, torch.cat([t.q.weight, t.k.weight, t.v.weight]), rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize(
     ("replace", "match"),
     [

@@ -303,6 +303,34 @@ def test_fuse_reaches_a_fused_layer_at_the_model_root() -> None:
         torch.testing.assert_close(model["qkv_proj"](x), model["qkv_proj"].base_layer(x) + delta)
 
 
+def test_fuse_keeps_a_float64_part_beside_a_float32_one() -> None:
+    """Parts saved in different dtypes fuse in the widest of them: the fused A and B took the
+    first part's dtype, so a float64 part beside a float32 one was rounded to float32 (about
+    1e-8 off in a float64 model); now the fused layer computes each part's float64 update as
+    its own layer would."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"qkv_proj": nn.Linear(8, 24)}).double()
+    runtime = lorahot.inject(model, ["qkv_proj"], max_rank=8)
+    g = torch.Generator().manual_seed(1)
+    a_q, b_q = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)  # float32
+    a_v, b_v = (torch.randn(*shape, generator=g, dtype=torch.float64) / 3 for shape in ((2, 8), (8, 2)))
+    tensors = {
+        "base_model.model.q_proj.lora_A.weight": a_q,
+        "base_model.model.q_proj.lora_B.weight": b_q,
+        "base_model.model.v_proj.lora_A.weight": a_v,
+        "base_model.model.v_proj.lora_B.weight": b_v,
+    }
+    runtime.load(tensors, fuse={"qkv_proj": ["q_proj", ("k_proj", 8), "v_proj"]})
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    delta = torch.cat(
+        [x @ (b_q.double() @ a_q.double()).T, torch.zeros(3, 8, dtype=torch.float64), x @ (b_v @ a_v).T], 1
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model["qkv_proj"](x), model["qkv_proj"].base_layer(x) + delta, rtol=1e-13, atol=1e-13
+        )
+
+
 def _top_level_and_one_block() -> nn.Module:
     """Top-level layers with generic names beside a module and a block of the same model (a
     diffusers transformer's ``proj_in``, ``time_embedder.linear_1``, ``transformer_blocks.0``)."""
