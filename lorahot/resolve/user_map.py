@@ -225,14 +225,23 @@ def _fuse_deltas(
         if why is not None:
             problems.append(f"{key}: part {w.key} is {why}")
             return None
-        got = delta_shape(w, (0, 0))
-        if got is None or not got:
+        got = _part_rows(w, size)
+        if got is None:
             problems.append(f"{key}: part {w.key}'s {w.kind} factors do not multiply to a weight")
             return None
-        if size is not None and size != got[0]:
-            problems.append(f"{key}: part {shown(name, 200)} has {got[0]} output rows, but fuse= says {size}")
+        if size is not None and size != got:
+            problems.append(f"{key}: part {shown(name, 200)} has {got} output rows, but fuse= says {size}")
             return None
-        pieces.append((w, int(got[0])))
+        bias = w.factors.get("diff_b")
+        if bias is not None:
+            _check_bias_values(key, w, bias)
+        if bias is not None and tuple(bias.shape) != (got,):
+            problems.append(
+                f"{key}: part {w.key}'s diff_b has shape {tuple(bias.shape)}, but the part has {got} output rows; a "
+                f"diff_b holds one value per row, ({got},)"
+            )
+            return None
+        pieces.append((w, got))
     factors = {f"{i}.{k}": t for i, (w, _) in enumerate(pieces) for k, t in w.factors.items() if k != "diff_b"}
     biases = [w.factors.get("diff_b") for w, _ in pieces]
     present = [b for b in biases if b is not None]
@@ -253,6 +262,31 @@ def _fuse_deltas(
         tuple(k for w, _ in pieces for k in w.source_keys),
         parts=tuple(FusedPart(w.key, w.kind, w.alpha, n) for w, n in pieces),
     )
+
+
+def _part_rows(w: WeightModule, size: int | None) -> int | None:
+    """The output rows of the weight-delta part ``w``, or None if its factors make no weight. A
+    diff of a bias alone (``diff_b``, no ``diff``) has as many rows as the bias, or ``size``."""
+    if w.kind == "diff" and "diff" not in w.factors and "lora_down" not in w.factors:
+        bias = w.factors.get("diff_b")
+        return size if size is not None or bias is None else int(bias.shape[0]) if bias.ndim else 1
+    got = delta_shape(w, (0, 0))
+    return None if not got else int(got[0])
+
+
+def _check_bias_values(key: str, w: WeightModule, bias: torch.Tensor) -> None:
+    """Checks that the part's ``diff_b`` holds values fuse= can stack (a dense float).
+
+    Raises:
+        AdapterReadError: it holds no data (sparse, meta) or is not floating point, which
+            stacking would cast away before the values are checked.
+    """
+    why = storage_problem(bias) or (f"of dtype {bias.dtype}" if bias.dtype not in _FUSABLE else None)
+    if why is not None:
+        raise AdapterReadError(
+            f"{key}: part {w.key}'s diff_b is {why}; weights must be dense float16/bfloat16/float32/float64 tensors "
+            "with data. Pass real weights."
+        )
 
 
 def _unjoinable(w: WeightModule) -> str | None:
@@ -289,6 +323,16 @@ def _fuse_spec(fuse: Fuse) -> dict[str, list[tuple[str, int | None]]]:
         if len(parsed) < 2:
             raise UsageError(f"fuse[{shown(fused, 200)}] must list at least two parts, got {shown(parts)}.")
         spec[fused] = parsed
+    named: dict[str, str] = {}  # part -> the fused name listing it
+    for fused, parsed in spec.items():
+        for part, _ in parsed:
+            if part in named or part in spec:
+                where = "is itself a fused name" if part in spec else f"is already a part of {shown(named[part], 200)}"
+                raise UsageError(
+                    f"fuse[{shown(fused, 200)}]: part {shown(part, 200)} {where}; each module can fill one place of "
+                    "one fused layer. List each part once."
+                )
+            named[part] = fused
     return spec
 
 

@@ -117,16 +117,46 @@ def test_a_float64_part_keeps_its_precision_beside_a_float16_one() -> None:
             r"0\.qkv \(.*\): its parts \['lora_unet_0_q', 'lora_unet_0_k', 'lora_unet_0_v'\] have \[6, 4, 4\] "
             r"output rows, 14 in all, but the layer has 16",
         ),
+        (  # rows 9 + 4 + 3 add up to the layer's 16: the biases would sit one row off from the first part on
+            {
+                "lora_unet_0_q.diff": torch.ones(8, D),
+                "lora_unet_0_q.diff_b": torch.ones(9),
+                "lora_unet_0_v.diff": torch.ones(4, D),
+                "lora_unet_0_v.diff_b": torch.ones(3),
+            },
+            r"qkv: part lora_unet_0_q's diff_b has shape \(9,\), but the part has 8 output rows; a diff_b holds one "
+            r"value per row, \(8,\)",
+        ),
+        (  # as many values as rows, not one per row
+            {"lora_unet_0_q.diff": torch.ones(8, D), "lora_unet_0_q.diff_b": torch.ones(2, 4)},
+            r"qkv: part lora_unet_0_q's diff_b has shape \(2, 4\), but the part has 8 output rows",
+        ),
+        (  # stacking would cast it to a float, past the check of its dtype
+            {"lora_unet_0_q.diff": torch.ones(8, D), "lora_unet_0_q.diff_b": torch.arange(8)},
+            r"qkv: part lora_unet_0_q's diff_b is of dtype torch\.int64; weights must be dense",
+        ),
     ],
-    ids=["oft-part", "lora-beside-deltas", "rows-do-not-add-up"],
+    ids=["oft-part", "lora-beside-deltas", "rows-do-not-add-up", "diff-b-rows-shifted", "diff-b-2d", "diff-b-int"],
 )
 def test_what_fuse_cannot_join_is_refused_by_name(replace: dict[str, torch.Tensor], match: str) -> None:
     _, fused = _models()
-    w0 = fused[0].qkv.weight.detach().clone()
-    tensors = {k: v for k, v in _file().items() if not k.startswith("lora_unet_0_q.")} | {
-        k: v.double() for k, v in replace.items()
+    w0, b0 = fused[0].qkv.weight.detach().clone(), fused[0].qkv.bias.detach().clone()
+    replaced = {k.split(".")[0] + "." for k in replace}  # the modules replace= gives anew
+    tensors = {k: v for k, v in _file().items() if not k.startswith(tuple(replaced))} | {
+        k: v.double() if v.is_floating_point() else v for k, v in replace.items()
     }
     runtime = lorahot.inject(fused, ["0.qkv"], max_rank=4, merged=True)
-    with pytest.raises(lorahot.AdapterMismatchError, match=match):
+    with pytest.raises((lorahot.AdapterMismatchError, lorahot.AdapterReadError), match=match):
         runtime.load(tensors, fuse={"qkv": ["q", "k", "v"]})
-    assert torch.equal(fused[0].qkv.weight, w0) and runtime.info() is None
+    assert torch.equal(fused[0].qkv.weight, w0) and torch.equal(fused[0].qkv.bias, b0) and runtime.info() is None
+
+
+def test_a_bias_only_diff_part_fills_its_rows_of_the_fused_bias() -> None:
+    """A diff of ``v``'s bias alone (``diff_b``, no ``diff``) is a part of as many rows as its bias."""
+    separate, fused = _models()
+    tensors = {k: v for k, v in _file().items() if k != "lora_unet_0_v.diff"}
+    lorahot.inject(separate, ["0.q", "0.k", "0.v"], max_rank=4, merged=True).load(tensors)
+    lorahot.inject(fused, ["0.qkv"], max_rank=4, merged=True).load(tensors, fuse={"qkv": ["q", "k", "v"]})
+    t = separate[0]
+    torch.testing.assert_close(fused[0].qkv.bias, torch.cat([t.q.bias, t.k.bias, t.v.bias]), rtol=0, atol=0)
+    torch.testing.assert_close(fused[0].qkv.weight, torch.cat([t.q.weight, t.k.weight, t.v.weight]), rtol=0, atol=1e-15)

@@ -87,6 +87,13 @@ def test_fuse_argument_errors() -> None:
         lorahot.read_adapter(_peft(), fuse={"qkv": ["q"]})
     with pytest.raises(lorahot.UsageError, match=r"each part must be a name or \(name, out_features\)"):
         lorahot.read_adapter(_peft(), fuse={"qkv": ["q", 3]})
+    # a module stacked twice into one layer, or into two, would add its delta twice
+    with pytest.raises(lorahot.UsageError, match=r"^fuse\['qkv'\]: part 'q' is already a part of 'qkv'; each module"):
+        lorahot.read_adapter(_peft(), fuse={"qkv": ["q", "k", "q"]})
+    with pytest.raises(lorahot.UsageError, match=r"^fuse\['qk'\]: part 'k' is already a part of 'qkv'; each module"):
+        lorahot.read_adapter(_peft(), fuse={"qkv": ["q", "k", "v"], "qk": ["k", "o"]})
+    with pytest.raises(lorahot.UsageError, match=r"^fuse\['q'\]: part 'q' is itself a fused name; each module"):
+        lorahot.read_adapter(_peft(), fuse={"q": ["q", "k"]})
 
 
 @pytest.mark.parametrize(
