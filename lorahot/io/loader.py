@@ -1162,11 +1162,13 @@ def _check_dora_scales(parts: Parts, source: str, skipped: list[str] | None, fmt
 
     Raises:
         UnknownFormatError: a ``dora_scale`` of another shape, naming the key, the shapes and
-            the fix.
+            the fix; a ``.diff_b`` beside it (:func:`_dora_bias_problem`).
     """
     problems = []
     for module, roles in list(parts.items()):
         why = _dora_scale_problem(roles) if "dora_scale" in roles and "A" in roles and "B" in roles else None
+        if why is None and "dora_scale" in roles and "diff_bias" in roles:
+            why = _dora_bias_problem(roles)
         if why is not None and skipped is not None:
             skip_modules(parts, [module], skipped)
         elif why is not None:
@@ -1175,8 +1177,21 @@ def _check_dora_scales(parts: Parts, source: str, skipped: list[str] | None, fmt
         raise UnknownFormatError(
             format_problems(f"{source}: weight-decomposed (DoRA) modules lorahot cannot load:", problems)
             + "\nRe-save each dora_scale with one value per output or per input channel, or merge the adapter into "
-            "the model with LyCORIS."
+            "the model with the tool that reads it (LyCORIS, ComfyUI)."
         )
+
+
+def _dora_bias_problem(roles: dict[str, tuple[str, torch.Tensor]]) -> str:
+    """Why a ``.diff_b`` beside a LoRA with a ``dora_scale`` cannot be loaded: ComfyUI, the tool
+    that reads both, adds the ``.diff_b`` to the layer's bias on its own, outside the weight
+    decomposition, where a LoRA bias under DoRA is scaled by the DoRA factor per output channel."""
+    return (
+        f"{roles['diff_bias'][0]} beside a LoRA with weight decomposition ({roles['dora_scale'][0]}): ComfyUI adds "
+        "the .diff_b to the layer's bias on its own, outside the weight decomposition, where lorahot runs it as the "
+        "LoRA's bias, which DoRA scales by its factor m / ||W0 + s B A|| per output channel: the bias would be off by "
+        "(factor - 1) * diff_b. Drop the .diff_b keys (and add them to the model's bias yourself), or merge the "
+        "adapter into the model with ComfyUI"
+    )
 
 
 def _dora_scale_problem(roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:

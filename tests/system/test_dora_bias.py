@@ -461,6 +461,44 @@ def test_dora_on_a_grouped_conv_is_refused() -> None:
         runtime.load(tensors)
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_a_diff_b_beside_a_lora_with_dora_scale_is_refused(merged: bool) -> None:
+    """ComfyUI, the tool that reads a LoRA with a ``dora_scale`` and a ``.diff_b`` beside it, adds
+    the ``.diff_b`` to the bias on its own, outside the weight decomposition; lorahot ran it as the
+    LoRA's bias, which DoRA scales by its factor per output channel (``b0 + f * diff_b``): a
+    bias 0.51 off ComfyUI's here, unmerged and merged alike. Refused naming both keys, nothing
+    changed; skipped with ``strict=False``; without the ``.diff_b`` the file loads."""
+    g = torch.Generator().manual_seed(0)
+    key = "diffusion_model.blocks.0.q"
+    tensors = {
+        f"{key}.lora_down.weight": 0.3 * torch.randn(2, 8, generator=g, dtype=torch.float64),
+        f"{key}.lora_up.weight": 0.3 * torch.randn(8, 2, generator=g, dtype=torch.float64),
+        f"{key}.alpha": torch.tensor(1.0),
+        f"{key}.dora_scale": 1 + 0.3 * torch.randn(8, 1, generator=g, dtype=torch.float64),
+        f"{key}.diff_b": 0.3 * torch.randn(8, generator=g, dtype=torch.float64),
+    }
+    other = {
+        "diffusion_model.blocks.0.k.lora_down.weight": torch.randn(2, 8, generator=g, dtype=torch.float64),
+        "diffusion_model.blocks.0.k.lora_up.weight": torch.randn(8, 2, generator=g, dtype=torch.float64),
+    }
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {"blocks": nn.ModuleList([nn.ModuleDict({"q": nn.Linear(8, 8), "k": nn.Linear(8, 8)})])}
+    ).double()
+    before = copy.deepcopy(model.state_dict())
+    runtime = lorahot.inject(model, ["q", "k"], max_rank=2, merged=merged, extras=not merged)
+    with pytest.raises(
+        lorahot.UnknownFormatError,
+        match=rf"(?s)- {key}: {key}\.diff_b beside a LoRA with weight decomposition \({key}\.dora_scale\): ComfyUI "
+        r"adds the \.diff_b to the layer's bias on its own, outside the weight decomposition.*\(factor - 1\) \* diff_b",
+    ):
+        runtime.load(tensors | other)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and runtime.info() is None
+    assert set(runtime.load(tensors | other, strict=False).skipped) == set(tensors)
+    without = {k: v for k, v in tensors.items() if not k.endswith("diff_b")}
+    assert runtime.load(without).ranks == {"blocks.0.q": 2}
+
+
 # -- GPU: the fused kernel (<= 16 rows) and the wide GEMM (many rows), compiled ----------------
 
 
