@@ -32,7 +32,22 @@ __all__ = [
 #: whose weight decomposition normalizes each input channel (``lora_down``/``lora_up`` with a
 #: ``dora_scale`` ``[1, in, ...]``: LyCORIS' ``wd_on_out=False``), and the kinds that rotate the
 #: base weight (:data:`ROTATION_KINDS`).
-WEIGHT_KINDS = ("loha", "lokr", "locon-tucker", "diff", "locon", "oft", "boft", "kohya-oft", "ia3", "glora", "fused")
+#: ``"lora"`` is a plain LoRA's ``lora_up @ lora_down`` at ``alpha / r``, as ``fuse=`` makes of a
+#: LoRA part joined with weight-delta parts (no reader produces it).
+WEIGHT_KINDS = (
+    "loha",
+    "lokr",
+    "locon-tucker",
+    "diff",
+    "locon",
+    "lora",
+    "oft",
+    "boft",
+    "kohya-oft",
+    "ia3",
+    "glora",
+    "fused",
+)
 #: The kinds whose ``ΔW`` is ``rescale * R W0 - W0``, ``R`` an orthogonal rotation of the output
 #: channels built from ``oft_blocks`` (Cayley transform) and ``W0`` the pristine base weight:
 #: LyCORIS' diagonal OFT (``oft_blocks`` ``[n, b, b]``, optional ``rescale``), LyCORIS' BOFT
@@ -53,6 +68,7 @@ KIND_NAMES = {
     "locon-tucker": "a Tucker LoCon",
     "diff": "a full diff",
     "locon": "a LoCon",
+    "lora": "a LoRA",
     "oft": "an OFT",
     "boft": "a BOFT",
     "kohya-oft": "a kohya OFT",
@@ -117,12 +133,14 @@ class LoraModule:
 
 @dataclass(frozen=True)
 class FusedPart:
-    """One part of a ``"fused"`` :class:`WeightModule`: its key, kind, alpha and output rows."""
+    """One part of a ``"fused"`` :class:`WeightModule`: its key, kind, alpha, output rows and
+    the tensor keys it came from (for messages)."""
 
     key: str
     kind: str
     alpha: float | None
     out: int
+    source_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,7 +178,9 @@ class WeightModule:
             each part in the fused layer's row order; a part's factors are this module's under
             ``"<index>.<name>"`` (:meth:`part_modules`), and ``diff_b``, where some part has one,
             is the parts' stacked (zeros for the others). Its ``ΔW`` stacks each part's
-            ``ΔW`` times that part's scale, so its own :attr:`scale` is 1.
+            ``ΔW`` times that part's scale, so its own :attr:`scale` is 1; a part of a kind
+            built from the base weight builds it from its own rows of ``W0``, and a part's
+            ``dora_scale`` normalizes that part's rows (:func:`~lorahot.adapter.deltas.fold_delta`).
     """
 
     key: str
@@ -184,7 +204,7 @@ class WeightModule:
         if self.kind == "lokr":
             low = f.get("lokr_w1_b", f.get("lokr_w2_b"))
             return 0 if low is None else int(low.shape[0])
-        if self.kind in ("locon-tucker", "diff", "locon") and "lora_down" in f:
+        if self.kind in ("locon-tucker", "diff", "locon", "lora") and "lora_down" in f:
             return int(f["lora_down"].shape[0])
         if self.kind == "glora" and f["a2"].ndim:
             return int(f["a2"].shape[0])
@@ -204,8 +224,18 @@ class WeightModule:
         for i, part in enumerate(self.parts):
             head = f"{i}."
             factors = {k[len(head) :]: t for k, t in self.factors.items() if k.startswith(head)}
-            out.append(WeightModule(part.key, part.kind, factors, part.alpha, self.source_keys))
+            out.append(WeightModule(part.key, part.kind, factors, part.alpha, part.source_keys or self.source_keys))
         return out
+
+    def part_rows(self) -> list[tuple[WeightModule, slice]]:
+        """Each part of a ``"fused"`` module with its rows of the fused ``ΔW``, in order;
+        ``[(self, every row)]`` for any other kind."""
+        if self.kind != "fused":
+            return [(self, slice(None))]
+        starts = [0]
+        for part in self.parts:
+            starts.append(starts[-1] + part.out)
+        return [(m, slice(a, b)) for m, a, b in zip(self.part_modules(), starts, starts[1:])]
 
     @property
     def named(self) -> str:
@@ -219,8 +249,15 @@ class WeightModule:
 
     @property
     def reads_base(self) -> bool:
-        """Its ``ΔW`` is built from the pristine base weight (:data:`BASE_KINDS`)."""
-        return self.kind in BASE_KINDS
+        """Its ``ΔW`` is built from the pristine base weight (:data:`BASE_KINDS`; a ``"fused"``
+        module where a part is)."""
+        return self.kind in BASE_KINDS or any(p.kind in BASE_KINDS for p in self.parts)
+
+    @property
+    def decomposes(self) -> bool:
+        """It carries a ``dora_scale`` (LyCORIS' weight decomposition; a ``"fused"`` module where
+        a part does)."""
+        return "dora_scale" in self.factors or any(f"{i}.dora_scale" in self.factors for i in range(len(self.parts)))
 
     @property
     def unit_scale(self) -> bool:
@@ -229,8 +266,9 @@ class WeightModule:
         BOFT, whose weight at another strength LyCORIS (``I + s (R - I)`` per block or butterfly
         stage) and ComfyUI (that rotation's ``ΔW`` times ``s`` once more) compute differently.
         kohya's OFT is scaled by sd-scripts' own multiplier, ``I + s (R - I)`` per block, which
-        makes ``W0 + s (R W0 - W0)``; ComfyUI does not read its ``oft_unet_`` names."""
-        return "dora_scale" in self.factors or self.kind in ("oft", "boft")
+        makes ``W0 + s (R W0 - W0)``; ComfyUI does not read its ``oft_unet_`` names. A
+        ``"fused"`` module is where any part is."""
+        return self.decomposes or self.kind in ("oft", "boft") or any(p.kind in ("oft", "boft") for p in self.parts)
 
     @property
     def nbytes(self) -> int:

@@ -35,8 +35,12 @@ the torch layout ``[out, in, *kernel]`` without its scale (see
   every kernel position (``einsum("o i ..., i j -> o j ...")``), ``b1 b2`` a LoRA/LoCon
   ``[out, in, *kernel]``; scaled by ``alpha / r`` (``r`` = ``a2``'s rows).
 
-A ``dora_scale`` is no factor of ``ΔW``: :mod:`lorahot.runtime.merge` applies it to the folded
-weight (:func:`decompose`).
+- LoRA (a plain LoRA part that ``fuse=`` joins with weight-delta parts): ``lora_up @ lora_down``.
+- fused (``fuse=``): the parts' ``ΔW`` stacked by rows, each at its own scale and, for a kind
+  built from the base weight, built from its own rows of ``W0``.
+
+A ``dora_scale`` is no factor of ``ΔW``: :func:`fold_delta` applies it to the folded weight
+(:func:`decompose`), a fused module's part by part on its own rows.
 
 Built on meta tensors they give the shape without any arithmetic (the plan's shape check).
 """
@@ -52,11 +56,13 @@ from lorahot.adapter import WeightModule
 
 __all__ = [
     "build_delta",
+    "fold_delta",
     "delta_shape",
     "delta_bound",
     "decompose",
     "lora_update_max",
     "base_problem",
+    "base_rows",
     "rotation_problem",
 ]
 
@@ -82,10 +88,13 @@ def build_delta(
     Raises:
         RuntimeError: the factors do not multiply to ``shape`` (the plan checks this first).
     """
-    if module.kind == "fused":  # each part's rows, at the part's own scale
-        parts = module.part_modules()
-        built = [p.scale * build_delta(p, (q.out, *shape[1:]), dtype, device) for p, q in zip(parts, module.parts)]
-        return torch.cat([d.reshape(q.out, *shape[1:]) for d, q in zip(built, module.parts)])
+    if module.kind == "fused":  # each part's rows, at the part's own scale, from its rows of W0
+        whole = None if base is None else base.reshape(shape)
+        built = [
+            p.scale * build_delta(p, (q.out, *shape[1:]), dtype, device, _rows(whole, rows))
+            for (p, rows), q in zip(module.part_rows(), module.parts)
+        ]
+        return torch.cat(built)
     if module.reads_base:
         if base is None or module.rows is not None:  # the plan refuses these on a fused part
             raise RuntimeError(f"{module.key}: {module.named} delta is built from its whole layer's base weight")
@@ -99,6 +108,28 @@ def build_delta(
         delta = torch.zeros(shape, dtype=dtype, device=device) if delta is None else delta.reshape(shape)
         return delta if "lora_down" not in f else delta + (_diff_lora_scale(module) * _lora(f)).reshape(shape)
     return _BUILD[module.kind](f, shape).reshape(shape)
+
+
+def fold_delta(module: WeightModule, weight: torch.Tensor, s: float, base: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight + s * ΔW`` after ``module``'s weight decomposition (a ``dora_scale``, see
+    :func:`decompose`), for ``weight`` in the torch layout ``[out, in, *kernel]``, computed in
+    its dtype on its device. A ``"fused"`` module folds each part into its own rows, as the part
+    would fold into a layer of its own: its ``ΔW`` at ``s`` times its scale, built from its rows
+    of ``base`` (the pristine base weight in that layout, for the kinds of
+    :data:`~lorahot.adapter.BASE_KINDS`), then normalized by its own ``dora_scale``.
+    """
+    if module.kind == "fused" and module.decomposes:
+        return torch.cat(
+            [fold_delta(p, weight[rows], s * p.scale, _rows(base, rows)) for p, rows in module.part_rows()]
+        )
+    delta = build_delta(module, tuple(weight.shape), weight.dtype, weight.device, base)
+    folded = weight + s * delta
+    return folded if "dora_scale" not in module.factors else decompose(folded, module.factors["dora_scale"])
+
+
+def _rows(base: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """``base``'s ``rows`` (None without a base)."""
+    return None if base is None else base[rows]
 
 
 def delta_shape(module: WeightModule, shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -131,6 +162,22 @@ def delta_shape(module: WeightModule, shape: tuple[int, ...]) -> tuple[int, ...]
         return tuple(_BUILD[module.kind](f, shape).shape)
     except (RuntimeError, ValueError, IndexError):
         return None
+
+
+def base_rows(module: WeightModule) -> int | None:
+    """The output rows of a base kind's ``ΔW`` (:data:`~lorahot.adapter.BASE_KINDS`) as its
+    factors name them, or None where they do not: an input-side (IA)^3 (one factor per input
+    column, on any number of rows), factors too malformed to say (:func:`base_problem` names
+    what)."""
+    f = module.factors
+    if module.rotates:
+        return _rotated_rows(module) or None
+    if module.kind == "glora":
+        return int(f["b1"].shape[0]) if f["b1"].ndim else None
+    flag, w = f["on_input"], f["weight"]
+    if flag.numel() != 1 or flag.is_meta or flag.dtype.is_complex or float(flag.reshape(-1)[0]) != 0.0:
+        return None
+    return int(w.numel())  # [out], a conv's [1, out, *ones]
 
 
 def delta_bound(module: WeightModule, base_max: float = math.inf) -> float:
@@ -175,7 +222,7 @@ def delta_bound(module: WeightModule, base_max: float = math.inf) -> float:
         w1 = top["lokr_w1"] if "lokr_w1" in f else low("lokr_w1_a", "lokr_w1_b")
         w2 = top["lokr_w2"] if "lokr_w2" in f else low("lokr_w2_a", "lokr_w2_b", "lokr_t2")
         return w1 * w2
-    if module.kind == "locon":
+    if module.kind in ("locon", "lora"):
         return low("lora_up", "lora_down")
     if module.kind == "locon-tucker":
         return rank["lora_mid"] * int(f["lora_mid"].shape[1]) * top["lora_mid"] * top["lora_up"] * top["lora_down"]
@@ -282,7 +329,7 @@ def _locon(f: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     return _lora(f).reshape(f["lora_up"].shape[0], *f["lora_down"].shape[1:])
 
 
-_BUILD = {"loha": _loha, "lokr": _lokr, "locon-tucker": _locon_tucker, "locon": _locon}
+_BUILD = {"loha": _loha, "lokr": _lokr, "locon-tucker": _locon_tucker, "locon": _locon, "lora": _locon}
 
 
 def _rotated_rows(module: WeightModule) -> int:

@@ -15,7 +15,10 @@
   output row on its own, so the fused layer's DoRA rows are the parts' DoRA rows, at any scale)
   and LoRA biases (each times its part's scale; zeros for a part without one). DoRA parts beside
   parts without a magnitude are refused: a plain row has no magnitude that stays exact under
-  ``set_scale``.
+  ``set_scale``. Where a part is a weight delta (LyCORIS kinds, diffs: merged mode), the fused
+  layer's ``ΔW`` is the parts' ``ΔW`` by rows, each built against its own rows of the base weight
+  and normalized by its own ``dora_scale``, as its own layer would fold it; a plain LoRA part is
+  then its ``B @ A`` at its scale.
 """
 
 from __future__ import annotations
@@ -28,10 +31,9 @@ from typing import TypeVar
 import torch
 
 from lorahot.adapter import FusedPart, LoraModule, WeightModule, storage_problem
-from lorahot.adapter.deltas import delta_shape
+from lorahot.adapter.deltas import base_rows, delta_shape
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems, shown
 from lorahot.formats import KeyFormat
-from lorahot.resolve.split import weight_kind
 
 __all__ = ["FusePart", "Fuse", "select_prefix", "apply_key_map", "fuse_modules"]
 
@@ -138,8 +140,9 @@ def fuse_modules(
     weights: Mapping[str, WeightModule] | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """Replaces each complete set of part modules by one module on the fused projection: LoRA
-    parts by one LoRA, weight-delta parts (``weights``: LoHa, LoKr, Tucker LoCon, a diff) by one
-    ``"fused"`` weight module whose ``ΔW`` stacks each part's rows (merged mode).
+    parts by one LoRA; parts among which is a weight delta (``weights``: any LyCORIS kind, a
+    diff) by one ``"fused"`` weight module whose ``ΔW`` stacks each part's rows (merged mode),
+    a LoRA part among them as its ``B @ A`` (kind ``"lora"``).
 
     A part key is ``<parent><sep><part>`` with ``sep`` the naming's separator (``.``, or ``_``
     for kohya); its fused key is ``<parent><sep><fused>``. For LoRA parts of rank ``r_i``,
@@ -152,7 +155,9 @@ def fuse_modules(
     DoRA magnitude ``m = [m_1; m_2; ...]`` and a LoRA bias ``c = [s_1 c_1; s_2 c_2; ...]`` (zeros
     for a part without one) are stacked by the same rows; the fused module is ``unit_scale`` when
     any part is. Weight-delta parts stack as ``ΔW = [s_1 ΔW_1; s_2 ΔW_2; ...]``, each built from
-    its own factors (:attr:`~lorahot.adapter.WeightModule.parts`), and their ``diff_b`` likewise.
+    its own factors (:attr:`~lorahot.adapter.WeightModule.parts`) and, for a kind built from the
+    base weight (OFT, BOFT, (IA)^3, GLoRA), from its own rows of ``W0``; a part's ``dora_scale``
+    normalizes its own rows; their ``diff_b`` (a LoRA part's bias) stack likewise.
 
     Returns:
         ``(modules, weights)`` with the parts replaced.
@@ -163,9 +168,8 @@ def fuse_modules(
         AdapterMismatchError: a part missing with no size given, parts that are not linear,
             parts whose inputs or devices differ, or that carry a base-layer weight copy, a
             magnitude or bias without one value per row of its B, DoRA parts beside parts
-            without a magnitude (untrained ones included), LoRA parts beside weight-delta parts,
-            weight-delta parts built from the base weight (OFT, BOFT, (IA)^3, GLoRA) or with a
-            ``dora_scale``; every problem is listed.
+            without a magnitude (untrained ones included), a DoRA LoRA part beside weight-delta
+            parts, a part already cut from or joined into a fused module; every problem is listed.
     """
     spec = _fuse_spec(fuse)
     out, out_weights = dict(modules), dict(weights or {})
@@ -177,16 +181,11 @@ def fuse_modules(
             key = _child(parent, fmt.separator, fused)
             deltas = {p: out_weights.pop(k) for p, k in keys.items() if k in out_weights}
             if deltas:
-                loras = [k for k in keys.values() if k in out]
-                for k in loras:
-                    out.pop(k)
-                if loras:
-                    problems.append(
-                        f"{key}: parts {loras} are LoRA modules and {[w.key for w in deltas.values()]} weight deltas "
-                        f"({', '.join(sorted({weight_kind(w) for w in deltas.values()}))}); fuse= joins parts of one "
-                        "form. Inject the parts as separate layers (no fuse=)"
-                    )
+                loras = {p: out.pop(k) for p, k in keys.items() if k in out}
+                as_deltas = {p: _lora_delta(key, m, problems) for p, m in loras.items()}
+                if any(w is None for w in as_deltas.values()):
                     continue
+                deltas |= {p: w for p, w in as_deltas.items() if w is not None}
                 joined = _fuse_deltas(key, [(p, size, deltas.get(p)) for p, size in parts], problems)
                 if joined is not None:
                     out_weights[key] = joined
@@ -221,7 +220,7 @@ def _fuse_deltas(
                 return None
             pieces.append((WeightModule(name, "diff", {}), size))
             continue
-        why = _unjoinable(w)
+        why = _unjoinable(w, name, size)
         if why is not None:
             problems.append(f"{key}: part {w.key} is {why}")
             return None
@@ -260,13 +259,37 @@ def _fuse_deltas(
         factors,
         None,
         tuple(k for w, _ in pieces for k in w.source_keys),
-        parts=tuple(FusedPart(w.key, w.kind, w.alpha, n) for w, n in pieces),
+        parts=tuple(FusedPart(w.key, w.kind, w.alpha, n, w.source_keys) for w, n in pieces),
     )
+
+
+def _lora_delta(key: str, m: LoraModule, problems: list[str]) -> WeightModule | None:
+    """The LoRA part ``m`` of weight-delta parts as a weight delta of its own: ``B @ A`` at its
+    scale (kind ``"lora"``), its LoRA bias a ``diff_b``; or None with the problem appended.
+
+    Raises:
+        AdapterReadError: its weights are not dense floating-point tensors with data.
+    """
+    problem = _unfusable(key, [m])
+    if problem is None and m.magnitude is not None:
+        problem = (
+            f"{key}: part {m.key} is DoRA (a magnitude vector) beside weight-delta parts; its magnitude applies to "
+            "its LoRA's update, which fuse= joins only with LoRA parts. Inject the parts as separate layers (no fuse=)"
+        )
+    if problem is not None:
+        problems.append(problem)
+        return None
+    factors = {"lora_down": m.A, "lora_up": m.B} | ({} if m.bias is None else {"diff_b": m.bias.reshape(-1)})
+    alpha = m.scale * m.rank if m.use_rslora else m.alpha  # WeightModule's scale is alpha / r
+    return WeightModule(m.key, "lora", factors, alpha, m.source_keys or (m.key,))
 
 
 def _part_rows(w: WeightModule, size: int | None) -> int | None:
     """The output rows of the weight-delta part ``w``, or None if its factors make no weight. A
     diff of a bias alone (``diff_b``, no ``diff``) has as many rows as the bias, or ``size``."""
+    if w.reads_base:  # the rows its factors name (an input-side (IA)^3: the size fuse= gives)
+        rows = base_rows(w)
+        return size if rows is None else rows
     if w.kind == "diff" and "diff" not in w.factors and "lora_down" not in w.factors:
         bias = w.factors.get("diff_b")
         return size if size is not None or bias is None else int(bias.shape[0]) if bias.ndim else 1
@@ -289,17 +312,13 @@ def _check_bias_values(key: str, w: WeightModule, bias: torch.Tensor) -> None:
         )
 
 
-def _unjoinable(w: WeightModule) -> str | None:
-    """Why fuse= cannot join the weight-delta part ``w``, or None."""
-    if w.reads_base:
+def _unjoinable(w: WeightModule, name: str, size: int | None) -> str | None:
+    """Why fuse= cannot join the weight-delta part ``w`` (part ``name``, of ``size`` rows where
+    fuse= gives them), or None."""
+    if w.kind == "ia3" and size is None and base_rows(w) is None:
         return (
-            f"{w.named} module, built from its own layer's base weight; fuse= does not join it (inject the parts as "
-            "separate layers, no fuse=)"
-        )
-    if "dora_scale" in w.factors:
-        return (
-            f"{weight_kind(w)}; fuse= does not join a module with weight decomposition (inject the parts as separate "
-            "layers, no fuse=)"
+            f"{w.named} module whose factors do not say how many output rows it acts on (an input-side (IA)^3 "
+            f"scales input columns); give fuse= its size as ({shown(name, 200)}, out_features)"
         )
     if w.rows is not None or w.kind == "fused":
         return f"{w.named} module already cut from or joined into a fused module"

@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorahot.adapter import LoraModule, WeightModule
-from lorahot.adapter.deltas import build_delta, decompose, delta_bound
+from lorahot.adapter.deltas import delta_bound, fold_delta
 from lorahot.errors import AdapterReadError, UsageError, format_problems
 from lorahot.layers import LoRALayer
 from lorahot.layers.base import EXTRA_BIAS, EXTRA_F, own_code, unusual_values
@@ -354,13 +354,15 @@ def _per_channel(layer: LoRALayer, weight: torch.Tensor, f: torch.Tensor) -> tor
     return weight * (f[:, None] if layer.channel_dim() == 0 else f[None, :])
 
 
-def _decomposed(layer: LoRALayer, weight: torch.Tensor, module: WeightModule) -> torch.Tensor:
-    """``weight`` (the base weight's layout, or that flattened to 2-D) after ``module``'s weight
-    decomposition (:func:`~lorahot.adapter.deltas.decompose`), in the base weight's layout: a
-    Conv1D's ``[in, out]`` is read as the torch layout ``[out, in]``."""
+def _folded(layer: LoRALayer, weight: torch.Tensor, module: WeightModule, s: float) -> torch.Tensor:
+    """``weight`` (the base weight's layout, or that flattened to 2-D) plus ``s`` times
+    ``module``'s ``ΔW``, after its weight decomposition
+    (:func:`~lorahot.adapter.deltas.fold_delta`), in ``weight``'s shape: a Conv1D's
+    ``[in, out]`` is read as the torch layout ``[out, in]``."""
     shape = layer.spec.weight_shape()  # torch layout [out, in / groups, *kernel]
     torch_layout = weight.t() if layer.channel_dim() == 1 else weight.reshape(shape)
-    return layer.weight_delta(decompose(torch_layout, module.factors["dora_scale"]))
+    folded = fold_delta(module, torch_layout, s, _base_for(layer, module))
+    return layer.weight_delta(folded).reshape(weight.shape)
 
 
 def _base_for(layer: LoRALayer, module: WeightModule) -> torch.Tensor | None:
@@ -540,9 +542,7 @@ class Merger:
         # the buffers hold A and B rounded to their dtype: a product of rounded factors can
         # exceed the file's by a few of its ulps, which the margin covers. DoRA rescales each
         # output channel to its magnitude (any size): no bound, the merged weight itself
-        dora = any(
-            m.magnitude is not None if isinstance(m, LoraModule) else "dora_scale" in m.factors for _, m in items
-        )
+        dora = any(m.magnitude is not None if isinstance(m, LoraModule) else m.decomposes for _, m in items)
         rounded = self._buffer_dtype(name)
         if not dora and bound * (1.0 + 8.0 * torch.finfo(rounded).eps) < top:
             return False
@@ -583,11 +583,7 @@ class Merger:
                         c = s * m.bias.to(device, dtype).reshape(-1)
                         bias = (b0.to(dtype) if bias is None else bias) + (c if f is None else f * c)
                     continue
-                shape = layer.spec.weight_shape()  # torch layout [out, in / groups, *kernel]
-                delta = layer.weight_delta(build_delta(m, shape, dtype, device, _base_for(layer, m)))
-                weight = weight + s * delta.reshape(weight.shape)
-                if "dora_scale" in m.factors:  # LyCORIS' weight decomposition (alone on its layer)
-                    weight = _decomposed(layer, weight, m).reshape(weight.shape)
+                weight = _folded(layer, weight, m, s)  # a dora_scale: alone on its layer
                 db, b0 = m.factors.get("diff_b"), layer.pristine_bias
                 if db is not None and b0 is not None:
                     bias = (b0.to(dtype) if bias is None else bias) + s * db.to(device, dtype)
@@ -706,22 +702,19 @@ class Merger:
         (``W0``, or ``W0`` plus the LoRA parts of a stack), ``s`` the module's scale times its
         part's weight (ΔW built on the weights' device from the factors), and each ``diff_b`` to
         the bias :meth:`apply` wrote (``b0``, plus a LoRA bias). A module with a ``dora_scale``
-        then rescales the sum (:func:`~lorahot.adapter.deltas.decompose`), in the same wide
-        dtype: the weight is rounded once. Then notes every weight as written
+        then rescales the sum (a ``fuse=`` module part by part on its rows:
+        :func:`~lorahot.adapter.deltas.fold_delta`), in the same wide dtype: the weight is
+        rounded once. Then notes every weight as written
         (:func:`record`)."""
         with writing(self._targets):
             for name, items in terms.items():
                 layer = self._layers[name]
                 weight, bias = layer.base_weight, layer.base_bias
                 dtype = torch.promote_types(weight.dtype, torch.float32)
-                shape = layer.spec.weight_shape()  # torch layout [out, in / groups, *kernel]
                 folded = weight.to(dtype)  # what apply wrote
                 folded_bias = None
                 for module, s in items:
-                    delta = build_delta(module, shape, dtype, weight.device, _base_for(layer, module))
-                    folded = folded + s * layer.weight_delta(delta)
-                    if "dora_scale" in module.factors:  # LyCORIS' weight decomposition (alone on its layer)
-                        folded = _decomposed(layer, folded, module)
+                    folded = _folded(layer, folded, module, s)  # a dora_scale: alone on its layer
                     db = module.factors.get("diff_b")
                     if db is not None and bias is not None:
                         base = bias.to(dtype) if folded_bias is None else folded_bias

@@ -574,7 +574,12 @@ def _contradiction(module: WeightModule) -> str | None:
 
 
 def check_weight_values(name: str, module: WeightModule) -> list[str]:
-    """The factors' dtypes and values (finite), and the alpha."""
+    """The factors' dtypes and values (finite), and the alpha; a ``"fused"`` module's part by
+    part (each as a module of its own) and its stacked ``diff_b``."""
+    if module.kind == "fused":
+        bias = module.factors.get("diff_b")
+        own = [] if bias is None else [replace(module, kind="diff", factors={"diff_b": bias}, parts=())]
+        return [p for m in (*module.part_modules(), *own) for p in check_weight_values(name, m)]
     weights = {k: t for k, t in module.factors.items() if k != "on_input"}  # (IA)^3's flag: base_problem
     for k, t in weights.items():
         if t.dtype not in WEIGHT_DTYPES or storage_problem(t) is not None:
@@ -734,6 +739,9 @@ def check_unit_scale(plan: LoadPlan, multiplier: float, part: str | None = None)
         where = f"{part}: " if part else ""
         shown_scale = f"{multiplier:g}" if float(f"{multiplier:g}") == multiplier else repr(multiplier)  # never "1"
         module = found[1]
+        if isinstance(module, WeightModule) and module.kind == "fused":  # the part that is
+            module = next(p for p in module.part_modules() if p.unit_scale)
+            found = (found[0], module)
         if isinstance(module, WeightModule) and module.rotates and "dora_scale" not in module.factors:
             raise UsageError(
                 f"{where}scale={shown_scale}, but {_where(*found)} is a LyCORIS {module.kind} module, which lorahot "

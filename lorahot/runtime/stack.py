@@ -283,7 +283,7 @@ def _shared(name: str, items: list[tuple[int, LoraModule | WeightModule]], sourc
         f"decomposition (dora_scale) on a layer parts {others} all load into; LyCORIS normalizes the weight that "
         "module alone makes"
         for p, m in items
-        if isinstance(m, WeightModule) and "dora_scale" in m.factors
+        if isinstance(m, WeightModule) and m.decomposes
     ]
     problems += [
         f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has {m.named} module on a layer parts "

@@ -105,12 +105,17 @@ def test_a_float64_part_keeps_its_precision_beside_a_float16_one() -> None:
     ("replace", "match"),
     [
         (
-            {"lora_unet_0_q.oft_blocks": torch.zeros(2, 4, 4)},
-            r"part lora_unet_0_q is an OFT module, built from its own layer's base weight; fuse= does not join it",
+            {"lora_unet_0_q.weight": torch.ones(D), "lora_unet_0_q.on_input": torch.tensor(1)},
+            r"part lora_unet_0_q is an \(IA\)\^3 module whose factors do not say how many output rows it acts on "
+            r"\(an input-side \(IA\)\^3 scales input columns\); give fuse= its size as \('q', out_features\)",
         ),
         (
-            {"lora_unet_0_q.lora_down.weight": torch.ones(2, D), "lora_unet_0_q.lora_up.weight": torch.ones(8, 2)},
-            r"qkv: parts \['lora_unet_0_q'\] are LoRA modules and \[.*\] weight deltas",
+            {
+                "lora_unet_0_q.lora_down.weight": torch.ones(2, D),
+                "lora_unet_0_q.lora_up.weight": torch.ones(8, 2),
+                "lora_unet_0_q.dora_scale": torch.ones(8, 1),
+            },
+            r"qkv: part lora_unet_0_q is DoRA \(a magnitude vector\) beside weight-delta parts",
         ),
         (
             {"lora_unet_0_q.diff": torch.ones(6, D)},
@@ -136,7 +141,14 @@ def test_a_float64_part_keeps_its_precision_beside_a_float16_one() -> None:
             r"qkv: part lora_unet_0_q's diff_b is of dtype torch\.int64; weights must be dense",
         ),
     ],
-    ids=["oft-part", "lora-beside-deltas", "rows-do-not-add-up", "diff-b-rows-shifted", "diff-b-2d", "diff-b-int"],
+    ids=[
+        "input-side-ia3-without-rows",
+        "dora-lora-beside-deltas",
+        "rows-do-not-add-up",
+        "diff-b-rows-shifted",
+        "diff-b-2d",
+        "diff-b-int",
+    ],
 )
 def test_what_fuse_cannot_join_is_refused_by_name(replace: dict[str, torch.Tensor], match: str) -> None:
     _, fused = _models()

@@ -349,15 +349,8 @@ def _locon_per_input(key: str, rows: int, cols: int = 4, rank: int = 2) -> dict[
             r".*: it is a LoRA/LoCon module whose dora_scale \(1, 4\) normalizes each input channel over every output "
             r"row of its layer",
         ),
-        (
-            {**_locon_per_input("lora_unet_attn_to_q", 4), **_locon_per_input("lora_unet_attn_to_k", 4)},
-            {"fuse": {"to_qk": ["to_q", "to_k"]}},
-            r"cannot fuse:\n  - .*to_qk: part lora_unet_attn_to_q is a LoRA/LoCon module whose dora_scale \(1, 4\) "
-            r"normalizes each input channel .*; fuse= does not join a module with weight decomposition \(inject the "
-            r"parts as separate layers, no fuse=\)",
-        ),
     ],
-    ids=["split-locon-per-input", "fuse-locon-per-input"],
+    ids=["split-locon-per-input"],
 )
 def test_a_weight_delta_named_by_split_or_fuse_is_refused_saying_so(
     tensors: dict[str, torch.Tensor], options: dict, match: str
@@ -365,9 +358,10 @@ def test_a_weight_delta_named_by_split_or_fuse_is_refused_saying_so(
     """fuse= joins ``B @ A`` modules; a LyCORIS kind under a key it names is refused with that
     reason, in merged mode too, where it would otherwise have been left to match no layer (the
     message then named no cause). A LoRA/LoCon whose ``dora_scale`` is per input channel is named
-    by why (its norm runs over every output row of its layer, so neither fuse= nor split= can
-    reshape it), not as 'a locon module, a weight delta' beside its own lora_down/lora_up keys,
-    and fuse= names the fix. Nothing changes (bitwise)."""
+    by why (its norm runs over every output row of its layer, so split= cannot cut it), not as
+    'a locon module, a weight delta' beside its own lora_down/lora_up keys. (fuse= joins it: each
+    part's norm runs over its own rows, tests/system/test_parity_lycoris_fuse_base.py.) Nothing
+    changes (bitwise)."""
     model = _Model()
     runtime = lorahot.inject(model, ["to_q", "to_k", "to_v", "proj_mlp"], max_rank=4, merged=True)
     x = torch.randn(3, 4)
