@@ -295,3 +295,24 @@ def test_what_a_part_cannot_compute_on_its_rows_is_refused_by_name(
     with pytest.raises(error, match=match):
         runtime.load(tensors, fuse={"qkv": parts})
     assert _unchanged(fused, pristine) and runtime.info() is None
+
+
+def test_a_lora_part_keeps_its_bias_and_rslora_scale_beside_weight_deltas() -> None:
+    """A LoRA part with a LoRA bias and rsLoRA's ``alpha / sqrt(r)`` beside a LoHa and a diff:
+    its rows of the fused weight and bias are the twin's ``q`` at every scale."""
+    tensors = {k: v for k, v in _lora_beside_deltas(torch.Generator().manual_seed(1)).items() if "_q." not in k}
+    adapter = lorahot.read_adapter(tensors)
+    g = torch.Generator().manual_seed(3)
+    adapter.modules["lora_unet_0_q"] = lorahot.LoraModule(
+        "lora_unet_0_q", _r(g, 2, D), _r(g, 8, 2), 3.0, use_rslora=True, bias=_r(g, 8)
+    )
+    separate, fused = _models()
+    x = torch.randn(3, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    twin = lorahot.inject(separate, ["0.q", "0.k", "0.v"], max_rank=4, merged=True)
+    runtime = lorahot.inject(fused, ["0.qkv"], max_rank=4, merged=True)
+    twin.load(adapter)
+    runtime.load(adapter, fuse={"qkv": ["q", "k", "v"]})
+    for scale in (1.0, 0.5, -1.0):
+        twin.set_scale(scale)
+        runtime.set_scale(scale)
+        _assert_twin(separate, fused, x)
