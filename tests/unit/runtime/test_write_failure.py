@@ -75,7 +75,7 @@ def test_a_merged_load_failing_while_folding_a_diff_puts_the_base_weights_back(m
     def out_of_memory(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise MemoryError("no memory for the diff's delta")
 
-    monkeypatch.setattr(merge, "build_delta", out_of_memory)
+    monkeypatch.setattr(merge, "fold_delta", out_of_memory)
     diff = {"lora_unet_1.diff": torch.randn(8, 24, generator=g, dtype=torch.float64)}
     with pytest.raises(lorahot.WriteError, match="slot 0 was emptied"):
         runtime.load([lora(), diff])
