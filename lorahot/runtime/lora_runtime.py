@@ -1266,8 +1266,8 @@ class LoraRuntime:
             if self._routing.base_only:
                 stack = None
             try:
-                self._merger.apply(None if stack is None else stack.scales(weights), stack is None or stack.single)
-                self._merger.fold({} if stack is None else stack.weight_terms(weights))
+                scales, terms = (None, None) if stack is None else (stack.scales(weights), stack.weight_terms(weights))
+                self._merger.apply(scales, stack is None or stack.single, terms)
             except BaseException:  # the weights hold lorahot's own (partial) rewrite, checked before it: not an edit
                 with contextlib.suppress(Exception):
                     self._merger.record_all()

@@ -5,8 +5,11 @@ Each swap recomputes every targeted weight from a pristine copy kept at inject t
 one fused multiply-add per layer, so rounding never accumulates however many swaps run. The
 adapter itself still lives in the arena (the slots), and the forward reads only the base
 weights: no LoRA work per token at all. A stack (:mod:`lorahot.runtime.stack`) merges the same
-way, each row of A scaled by its part's scale first; the LyCORIS and diff modules of its
-parts are then added, each times its own scale and its part's weight.
+way, each row of A scaled by its part's scale first. A layer that also holds LyCORIS or diff
+modules is computed whole in at least float32, ``W0 + B diag(s) A + sum s_m ΔW_m`` (each
+``ΔW_m`` times its own scale and its part's weight) and its bias ``b0 + s c + sum s_m diff_b``,
+and each is rounded once to its dtype: a half-precision weight is never rounded between the
+LoRA parts and the others.
 
 DoRA and LoRA biases fold too: ``W = f * (W0 + scale * dW)`` with the live DoRA factor ``f``
 per output channel, and ``b = b0 + f * scale * c`` for the LoRA bias ``c`` (a layer without a
@@ -384,6 +387,7 @@ class _Rewrite(NamedTuple):
     nonzero: bool
     rows: int
     extras: torch.Tensor | None
+    terms: list[tuple[WeightModule, float]] | None  # the layer's weight-kind modules and their scales
 
 
 class Merger:
@@ -589,8 +593,15 @@ class Merger:
                     bias = (b0.to(dtype) if bias is None else bias) + s * db.to(device, dtype)
         return [weight] if bias is None else [weight, bias]
 
-    def apply(self, scales: list[torch.Tensor] | None, uniform: bool = True) -> None:
-        """Sets every weight to ``W0 + B diag(s) A`` from the live region.
+    def apply(
+        self,
+        scales: list[torch.Tensor] | None,
+        uniform: bool = True,
+        terms: dict[str, list[tuple[WeightModule, float]]] | None = None,
+    ) -> None:
+        """Sets every weight to ``W0 + B diag(s) A`` from the live region, plus ``s * ΔW`` of
+        each weight-kind module in ``terms`` on its layer, then notes every weight as written
+        (:func:`record`).
 
         Args:
             scales: per arena, float64 ``[n_layers, R]`` host tensors of the live per-row
@@ -598,26 +609,35 @@ class Merger:
             uniform: every row of a layer has the same scale (one adapter): one multiply-add
                 ``W0 + s * B @ A``. Otherwise (a stack) each row of A is first scaled by its
                 own scale, read from the live region on the device.
+            terms: injected layer name -> each LyCORIS/diff module folded into it and its scale
+                (the module's own times its part's weight, :meth:`Stack.weight_terms`). Such a
+                layer is computed whole in at least float32 (:meth:`_fold`) and rounded once.
         """
-        plan = self._plan(scales, uniform)
+        plan = self._plan(scales, uniform, terms or {})
         if not (uniform and self._replayed(plan)):
             self._write(plan, uniform)
+        if terms:
+            self._fold(plan, uniform)
+        self.record_all()  # what this wrote, for check_base
 
-    def _plan(self, scales: list[torch.Tensor] | None, uniform: bool) -> list[_Rewrite]:
+    def _plan(
+        self, scales: list[torch.Tensor] | None, uniform: bool, terms: dict[str, list[tuple[WeightModule, float]]]
+    ) -> list[_Rewrite]:
         """Per layer, what :meth:`apply` writes: its scale (row 0's), whether any row's scale is
-        nonzero, the live rows, and its extras where they apply (DoRA, a LoRA bias)."""
+        nonzero, the live rows, its extras where they apply (DoRA, a LoRA bias) and its
+        weight-kind modules (None where it has none)."""
         live = self._buffers.live
         firsts = None if scales is None else [s[:, 0].tolist() for s in scales]  # row 0's scale: the LoRA bias's
         used = None if scales is None else [s.abs().amax(1).tolist() for s in scales] if not uniform else firsts
         plan = []
-        for _, _, _, arena_idx, index in self._items:
+        for name, (_, _, _, arena_idx, index) in zip(self._layers, self._items, strict=True):
             s = 0.0 if firsts is None else float(firsts[arena_idx][index])
             nonzero = used is not None and used[arena_idx][index] != 0.0
             arena = self._buffers.arenas[arena_idx]
             rows = max(arena.a_extent[live], arena.b_extent[live])
             # DoRA's per-channel factor applies at any weight, 0 included (m / |W0| there)
             extras = arena.extras(index, live) if arena.e_dirty[live] and scales is not None else None
-            plan.append(_Rewrite(s, nonzero, rows, extras))
+            plan.append(_Rewrite(s, nonzero, rows, extras, terms.get(name)))
         return plan
 
     def _replayed(self, plan: list[_Rewrite]) -> bool:
@@ -625,14 +645,17 @@ class Merger:
         captured at the second call with the same weights (addresses, shapes, dtypes), live
         region, scales and rows; False, having written nothing, where no replay applies (the
         caller then writes layer by layer). One launch where the host issued two or three per
-        layer: on an H200's host ~40 ms of host time for the SDXL UNet's 700 layers."""
+        layer: on an H200's host ~40 ms of host time for the SDXL UNet's 700 layers. Layers
+        with weight-kind modules are left to :meth:`_fold`, outside the graph."""
         replays = self._replays
-        if not replays.applies() or any(r.extras is not None for r in plan):
+        if not replays.applies() or any(r.extras is not None and r.terms is None for r in plan):
             return False
         weights = signature(list(self._layers.values()))
         if weights is None or any(entry[4] != replays.device for entry in weights):
             return False
-        writes = tuple((r.s, r.rows) if r.nonzero and r.rows else None for r in plan)
+        writes = tuple(
+            "folded" if r.terms is not None else (r.s, r.rows) if r.nonzero and r.rows else None for r in plan
+        )
         key = (self._buffers.live, weights, writes)
         captured = replays.found(key, self)
         if captured is None:
@@ -647,13 +670,14 @@ class Merger:
         return True
 
     def _write(self, plan: list[_Rewrite], uniform: bool) -> None:
-        """Writes every weight (and bias) as ``plan`` says (see :meth:`apply`)."""
-        live = self._buffers.live
+        """Writes every weight (and bias) as ``plan`` says (see :meth:`apply`), but those of
+        layers with weight-kind modules (:meth:`_fold` writes them)."""
         with writing(self._targets):
-            for (layer, weight, pristine, arena_idx, index), (s, nonzero, rows, extras) in zip(
-                self._items, plan, strict=True
-            ):
-                arena = self._buffers.arenas[arena_idx]
+            for item, rewrite in zip(self._items, plan, strict=True):
+                layer, weight, pristine, arena_idx, index = item
+                s, nonzero, rows, extras, terms = rewrite
+                if terms is not None:
+                    continue
                 self._fold_bias(layer, extras, s)
                 # [out, in * prod(kernel)] even where out or in is 0: views where the memory
                 # allows (writes go through), else (a conv moved to channels_last) copies
@@ -663,27 +687,36 @@ class Merger:
                     weight.copy_(pristine)
                     continue
                 if uniform and extras is None:  # one adapter: one GEMM in the weights' dtype, rounded once
-                    a, bt = arena.rows(index, live)
+                    a, bt = self._buffers.arenas[arena_idx].rows(index, self._buffers.live)
                     m1, m2 = layer.merge_operands(a[:rows], bt[:rows])
                     if _is_view(flat_w, weight):
                         torch.addmm(flat_p, m1, m2, alpha=s, out=flat_w)
                     else:
                         weight.copy_(torch.addmm(flat_p, m1, m2, alpha=s).view(weight.shape))
                     continue
-                # a stack's per-row scales and DoRA's per-channel factor apply in at least
-                # float32, the weight rounded once: each may leave float16's range on its own
-                # (a part's weight of 1e5 times its A, a factor m / |W| of 3e5) where the merged
-                # weight does not
-                wide = torch.promote_types(flat_w.dtype, torch.float32)
-                merged = flat_p.to(wide)
-                if nonzero and rows:
-                    a, bt = arena.rows(index, live)
-                    row_scales = arena.scale(index, live)[:rows, None].to(wide) if not uniform else s
-                    m1, m2 = layer.merge_operands(a[:rows].to(wide) * row_scales, bt[:rows].to(wide))
-                    merged = torch.addmm(merged, m1, m2)
-                if extras is not None:  # DoRA: each output channel times its factor (1 elsewhere)
-                    merged = _per_channel(layer, merged, extras[EXTRA_F].to(wide))
-                weight.copy_(merged.view(weight.shape))
+                weight.copy_(self._wide(item, rewrite, uniform).view(weight.shape))
+
+    def _wide(
+        self, item: tuple[LoRALayer, torch.Tensor, torch.Tensor, int, int], rewrite: _Rewrite, uniform: bool
+    ) -> torch.Tensor:
+        """One layer's ``W0 + B diag(s) A`` flattened to ``[out, in * prod(kernel)]``, each output
+        channel times its DoRA factor where ``rewrite`` has extras, in at least float32, not yet
+        rounded. A stack's per-row scales and DoRA's per-channel factor each may leave float16's
+        range on their own (a part's weight of 1e5 times its A, a factor m / |W| of 3e5) where the
+        merged weight does not."""
+        layer, _, pristine, arena_idx, index = item
+        flat_p = _flat(pristine)
+        wide = torch.promote_types(flat_p.dtype, torch.float32)
+        merged = flat_p.to(wide)
+        if rewrite.nonzero and rewrite.rows:
+            arena, live, rows = self._buffers.arenas[arena_idx], self._buffers.live, rewrite.rows
+            a, bt = arena.rows(index, live)
+            row_scales = arena.scale(index, live)[:rows, None].to(wide) if not uniform else rewrite.s
+            m1, m2 = layer.merge_operands(a[:rows].to(wide) * row_scales, bt[:rows].to(wide))
+            merged = torch.addmm(merged, m1, m2)
+        if rewrite.extras is not None:  # DoRA: each output channel times its factor (1 elsewhere)
+            merged = _per_channel(layer, merged, rewrite.extras[EXTRA_F].to(wide))
+        return merged
 
     @staticmethod
     def _fold_bias(layer: LoRALayer, extras: torch.Tensor | None, s: float) -> None:
@@ -697,29 +730,31 @@ class Merger:
             folded = layer.pristine_bias.to(extras.dtype) + extras[EXTRA_F] * extras[EXTRA_BIAS] * s
             bias.copy_(folded)
 
-    def fold(self, terms: dict[str, list[tuple[WeightModule, float]]]) -> None:
-        """After :meth:`apply`: adds each weight-kind module's ``s * ΔW`` to its layer's weight
-        (``W0``, or ``W0`` plus the LoRA parts of a stack), ``s`` the module's scale times its
-        part's weight (ΔW built on the weights' device from the factors), and each ``diff_b`` to
-        the bias :meth:`apply` wrote (``b0``, plus a LoRA bias). A module with a ``dora_scale``
-        then rescales the sum (a ``fuse=`` module part by part on its rows:
-        :func:`~lorahot.adapter.deltas.fold_delta`), in the same wide dtype: the weight is
-        rounded once. Then notes every weight as written
-        (:func:`record`)."""
+    def _fold(self, plan: list[_Rewrite], uniform: bool) -> None:
+        """Writes each layer with weight-kind modules (``plan``'s terms) whole: the weight
+        ``W0 + B diag(s) A`` (:meth:`_wide`) plus each module's ``s * ΔW`` (built on the weights'
+        device from the factors, a module with a ``dora_scale`` then rescaling the sum; a ``fuse=``
+        module part by part on its rows: :func:`~lorahot.adapter.deltas.fold_delta`), and the
+        bias ``b0 + f * s * c`` plus each ``s * diff_b``, all in at least float32, each rounded
+        once to its dtype."""
         with writing(self._targets):
-            for name, items in terms.items():
-                layer = self._layers[name]
-                weight, bias = layer.base_weight, layer.base_bias
-                dtype = torch.promote_types(weight.dtype, torch.float32)
-                folded = weight.to(dtype)  # what apply wrote
+            for item, rewrite in zip(self._items, plan, strict=True):
+                if rewrite.terms is None:
+                    continue
+                layer, weight = item[0], item[1]
+                folded = self._wide(item, rewrite, uniform)
+                b0, bias = layer.pristine_bias, layer.base_bias
                 folded_bias = None
-                for module, s in items:
+                if b0 is not None:
+                    folded_bias = b0.to(torch.promote_types(b0.dtype, torch.float32))
+                    if rewrite.extras is not None:  # a LoRA bias, times DoRA's factor
+                        extras = rewrite.extras.to(folded_bias.dtype)
+                        folded_bias = folded_bias + extras[EXTRA_F] * extras[EXTRA_BIAS] * rewrite.s
+                for module, s in rewrite.terms:
                     folded = _folded(layer, folded, module, s)  # a dora_scale: alone on its layer
                     db = module.factors.get("diff_b")
-                    if db is not None and bias is not None:
-                        base = bias.to(dtype) if folded_bias is None else folded_bias
-                        folded_bias = base + s * db.to(weight.device, dtype)
-                weight.copy_(folded)
+                    if db is not None and folded_bias is not None:
+                        folded_bias = folded_bias + s * db.to(folded_bias.device, folded_bias.dtype)
+                weight.copy_(folded.reshape(weight.shape))
                 if folded_bias is not None and bias is not None:
                     bias.copy_(folded_bias)
-        self.record_all()  # what apply and this wrote, for check_base
