@@ -27,7 +27,18 @@ __all__ = [
     "public_api",
     "printable",
     "shown",
+    "one_line",
+    "cut",
+    "MAX_KEY_CHARS",
+    "name_problem",
+    "long_name",
 ]
+
+#: the longest key or name lorahot takes from a file or a caller (tensor keys, module names,
+#: ``fuse=``/``split=``/``prefix=`` names, ``key_map=`` results); the longest real keys (LDM
+#: kohya names) are about 100 characters, so a longer one is refused where it comes in and no
+#: message has to hold it
+MAX_KEY_CHARS = 1024
 
 
 class LoraError(Exception):
@@ -140,11 +151,50 @@ def unfinished_eject(call: str, exc: Exception) -> UnexpectedError:
 
 
 def printable(text: str, keep: str = "\n\t") -> str:
-    """``text`` with every unprintable character (control, lone surrogate) but those in ``keep``
-    as its Python escape: safe to print or write to a UTF-8 log whatever a file put in it."""
+    """``text`` with every unprintable character but those in ``keep`` as its Python escape: safe
+    to print or write to a UTF-8 log whatever a file put in it. Unprintable are the control
+    characters (``\\r``, ``\\x0b``, ``\\x1c``, ``\\x85``, ...), the line and paragraph separators
+    (``\\u2028``, ``\\u2029``), format characters (the bidi overrides and isolates ``\\u202a`` to
+    ``\\u202e``, ``\\u2066`` to ``\\u2069``, zero-width ones) and lone surrogates."""
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def one_line(text: str) -> str:
+    """``text`` as part of one line of a message: :func:`printable` with ``\\n`` and ``\\t``
+    escaped too. Every key, path or name a file or a caller gave passes through it on its way
+    into a message (:func:`shown`, :func:`cut`, :func:`format_problems`), so that no such string
+    can break a message's lines or add lines of its own."""
+    return printable(text, keep="")
+
+
+def cut(text: str, limit: int = 300) -> str:
+    """``text`` as one line (:func:`one_line`) cut to ``limit`` characters: a path or a name in
+    a message."""
+    text = one_line(text[: limit * 10])  # an escape is at most 10 characters
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+
+
+def long_name(name: str) -> str | None:
+    """Why ``name`` (a key or name a file or a caller gave) is too long for lorahot to take, or
+    None: it is longer than :data:`MAX_KEY_CHARS`."""
+    return f"is {len(name)} characters long, more than {MAX_KEY_CHARS}" if len(name) > MAX_KEY_CHARS else None
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a module name a caller gives lorahot (a ``fuse=``/``split=``/
+    ``prefix=`` name, a ``key_map=`` result, a component name), or None: a module path is one
+    line of printable characters, at most :data:`MAX_KEY_CHARS` long, so a longer name, or one
+    holding a line break, a control or a format (bidi) character, is refused at the argument
+    check. (A file's keys are read whatever characters they hold, as ``lorahot inspect`` shows
+    them, and only their length is refused: messages escape them.)"""
+    if (problem := long_name(name)) is not None:
+        return problem
+    if not name.isprintable():
+        bad = next(c for c in name if not c.isprintable())
+        return f"holds {shown(bad)}: no module path holds a line break, a control or a format character"
+    return None
 
 
 #: how :func:`shown` renders a builtin container: its first entries, each cut short, so a list
@@ -159,7 +209,8 @@ _CONTAINERS.maxstring = _CONTAINERS.maxother = 200
 def shown(value: object, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters, for a message about a value a caller or a
     file gave. It never raises (an object whose ``repr`` raises shows as ``<TypeName object>``)
-    and renders only the first entries of a long list, tuple, dict or set."""
+    and renders only the first entries of a long list, tuple, dict or set. The text is one line
+    (:func:`one_line`): an object's ``repr`` with line breaks in it (a tensor's) has them escaped."""
     try:
         if type(value) in (list, tuple, dict, set, frozenset):
             text = _CONTAINERS.repr(value)
@@ -169,7 +220,7 @@ def shown(value: object, limit: int = 80) -> str:
                 raise TypeError("__repr__ returned a non-string")
     except Exception:
         text = f"<{type(value).__name__} object>"
-    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+    return cut(text, limit)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -178,10 +229,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def format_problems(title: str, problems: list[str], limit: int = 20) -> str:
-    """Joins a list of problems into one message, keeping it readable when the list is long."""
-    shown = problems[:limit]
-    more = len(problems) - len(shown)
-    lines = [title] + [f"  - {p}" for p in shown]
+    """Joins a list of problems into one message, keeping it readable when the list is long.
+
+    The title and each problem are one line each (:func:`one_line`): a key or a name in them
+    cannot add lines to the list, whatever line breaks a file or a caller put in it."""
+    listed = problems[:limit]
+    more = len(problems) - len(listed)
+    lines = [one_line(title)] + [f"  - {one_line(p)}" for p in listed]
     if more > 0:
         lines.append(f"  ... and {more} more")
     return "\n".join(lines)

@@ -33,6 +33,8 @@ from lorahot.errors import (
     UnknownFormatError,
     UsageError,
     format_problems,
+    long_name,
+    one_line,
     public_api,
     shown,
 )
@@ -223,15 +225,17 @@ def checked_adapter(adapter: Adapter) -> Adapter:
             "Adapter.format and Adapter.source strings and Adapter.skipped a tuple of strings; or read the adapter "
             "with lorahot.read_adapter."
         )
-    if type(adapter.format) is str and type(adapter.source) is str:
+    if type(adapter.format) is str and type(adapter.source) is str and adapter.source.isprintable():
         return adapter
-    # a str of a subclass as a plain one: lorahot compares and hashes the format and source
-    return dataclasses.replace(adapter, format=str.__str__(adapter.format), source=str.__str__(adapter.source))
+    # a str of a subclass as a plain one: lorahot compares and hashes the format and source; the
+    # source is named in messages, as one line
+    source = one_line(str.__str__(adapter.source))
+    return dataclasses.replace(adapter, format=str.__str__(adapter.format), source=source)
 
 
 def _named(source: object) -> str:
     """A hand-built adapter's source for its messages, whatever the caller put there."""
-    return f"{source:.200}" if isinstance(source, str) else shown(source, 200)
+    return cut(source, 200) if isinstance(source, str) else shown(source, 200)
 
 
 def _malformed_fields(adapter: Adapter) -> list[str]:
@@ -243,6 +247,12 @@ def _malformed_fields(adapter: Adapter) -> list[str]:
         for name, value in (("format", adapter.format), ("source", adapter.source))
         if not isinstance(value, str)
     ]
+    names = [("Adapter.source", adapter.source), ("Adapter.format", adapter.format)]
+    for field_name, keys in (("modules", adapter.modules), ("weights", adapter.weights), ("skipped", adapter.skipped)):
+        names += [
+            (f"a key of Adapter.{field_name}", k) for k in (keys if isinstance(keys, (dict, tuple, list)) else ())
+        ]
+    found += [f"{what} {shown(n)} {problem}" for what, n in names if isinstance(n, str) and (problem := long_name(n))]
     skipped: object = adapter.skipped
     if not isinstance(skipped, (tuple, list)) or not all(isinstance(k, str) for k in skipped):
         found.append(f"Adapter.skipped is {shown(skipped, 60)}, not a tuple of str")

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from lorahot.errors import AdapterReadError, SourceNotFoundError, shown
+from lorahot.errors import MAX_KEY_CHARS, AdapterReadError, SourceNotFoundError, cut, long_name, shown
 from lorahot.io.dtypes import DTYPE_BYTES
 from lorahot.memo import BoundedMemo
 
@@ -73,7 +73,6 @@ MAX_METADATA_BYTES = 4 << 20  # kohya training metadata (tag frequencies) reache
 MAX_TENSORS = 1 << 16  # an all-linear LoRA of an 80-layer LLM has about 1,200
 MAX_NDIM = 8  # LoRA weights have 2 (linear) to 5 (conv3d) dims
 MAX_NUMEL = 1 << 48  # elements, counting a 0 dim as 1: keeps shapes and strides within int64
-MAX_KEY_CHARS = 1024  # the longest real keys (LDM kohya names) are about 100 characters
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few KB
 MAX_JSON_DEPTH = 64  # a PEFT config nests 4 deep, a safetensors header 3
 HEADER_MEMO_BYTES = 32 << 20  # a 154-layer adapter's header is ~40 KB (~0.2 MB parsed)
@@ -409,7 +408,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _error(path: Path, problem: str) -> AdapterReadError:
-    return AdapterReadError(f"{path}: not a valid safetensors file: {problem}. {_FIX}")
+    return AdapterReadError(f"{cut(str(path))}: not a valid safetensors file: {problem}. {_FIX}")
 
 
 def _check_metadata(path: Path, metadata: Any) -> None:
@@ -426,8 +425,8 @@ def _check_metadata(path: Path, metadata: Any) -> None:
 
 def _check_entry(path: Path, key: str, entry: Any) -> tuple[int, int, str]:
     """``(begin, end, key)`` of one tensor entry, after checking key, dtype, shape and offsets."""
-    if len(key) > MAX_KEY_CHARS:
-        raise _error(path, f"tensor key {shown(key)} is {len(key)} characters long, more than {MAX_KEY_CHARS}")
+    if (problem := long_name(key)) is not None:
+        raise _error(path, f"tensor key {shown(key)} {problem}")
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise _error(
             path,
@@ -490,8 +489,3 @@ def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_size: int)
 
 def _int_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v)
-
-
-def cut(text: str, limit: int = 300) -> str:
-    """``text`` cut to ``limit`` characters (paths and names in messages)."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -20,11 +20,10 @@ from typing import Any, Union
 
 import torch
 
-from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, UsageError, shown
+from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, UsageError, long_name, one_line, shown
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.hub import check_relative, fetch
 from lorahot.io.safety import (
-    MAX_KEY_CHARS,
     PICKLE_SUFFIXES,
     SafetensorsHeader,
     check_safetensors,
@@ -116,7 +115,7 @@ def open_source(
     except LoraError as exc:  # a file of the cache's copy: the message names the repo it came from
         raise type(exc)(f"{where}: {exc}") from None
     inside = PurePosixPath(*(p for p in (subfolder, weight_name or Path(raw.source).name) if p))
-    raw.source = f"{where}/{inside}"
+    raw.source = one_line(f"{where}/{inside}")
     if raw.config_path is not None:  # named as the repo's file, as the weights are
         raw.config_path = f"{where}/{inside.parent / CONFIG_NAME}".replace("/./", "/")
     return raw
@@ -239,12 +238,9 @@ def _from_mapping(source: Mapping[str, Any]) -> RawAdapter:
             f"<mapping>: entries {shown(bad[:5], 200)} are not str -> torch.Tensor. Pass a dict of tensors keyed by "
             "name."
         )
-    long = [k for k in source if len(k) > MAX_KEY_CHARS]
-    if long:
-        raise AdapterReadError(
-            f"<mapping>: key {shown(long[0])} is {len(long[0])} characters long, more than {MAX_KEY_CHARS}. Pass "
-            "the adapter's module keys."
-        )
+    for key in source:
+        if (problem := long_name(key)) is not None:
+            raise AdapterReadError(f"<mapping>: key {shown(key)} {problem}. Pass the adapter's module keys.")
     return RawAdapter({k: v.detach() for k, v in source.items()}, "<mapping>")
 
 
@@ -309,7 +305,8 @@ def _from_file(path: Path, device: torch.device | None = None, slices: Slices | 
     config = read_config(config_path)
     config_file = str(config_path) if config is not None else None
     shapes_only = device is not None and device.type == "meta"
-    return RawAdapter(tensors, str(path), config, header.metadata, config_file, True, shapes_only, header.identity)
+    label = one_line(str(path))  # a source is named in messages
+    return RawAdapter(tensors, label, config, header.metadata, config_file, True, shapes_only, header.identity)
 
 
 def read_safetensors(

@@ -39,7 +39,7 @@ from typing import overload
 import torch
 
 from lorahot.adapter import LoraModule, WeightModule
-from lorahot.errors import AdapterMismatchError, UsageError, format_problems, shown
+from lorahot.errors import AdapterMismatchError, UsageError, format_problems, name_problem, shown
 from lorahot.formats.table import Reorder, Split
 
 __all__ = [
@@ -536,6 +536,9 @@ def _split_spec(split: object) -> dict[str, list[tuple[str, int]]]:
                 f"1 <= out_features <= {_MAX_PART}, like {example}; got {shown(fused)}: {shown(given)}."
             )
         spec[fused] = [p for p in parsed if p is not None]
+        for name in (fused, *(n for n, _ in spec[fused])):
+            if (problem := name_problem(name)) is not None:
+                raise UsageError(f"split[{shown(fused, 200)}]: the name {shown(name)} {problem}. Pass module names.")
     return spec
 
 

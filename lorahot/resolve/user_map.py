@@ -32,7 +32,7 @@ import torch
 
 from lorahot.adapter import FusedPart, LoraModule, WeightModule, storage_problem
 from lorahot.adapter.deltas import base_rows, delta_shape
-from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems, shown
+from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems, name_problem, shown
 from lorahot.formats import KeyFormat
 
 __all__ = ["FusePart", "Fuse", "select_prefix", "apply_key_map", "fuse_modules"]
@@ -58,6 +58,8 @@ def select_prefix(modules: dict[str, M], prefix: str, source: str, fmt: KeyForma
     """
     if not isinstance(prefix, str) or not prefix.strip(fmt.separator + " "):
         raise UsageError(f"prefix={shown(prefix)} must be a non-empty string such as 'unet' or 'lora_te1'.")
+    if (problem := name_problem(prefix)) is not None:
+        raise UsageError(f"prefix={shown(prefix)} {problem}. Pass a component name such as 'unet' or 'lora_te1'.")
     head = prefix if prefix.endswith(fmt.separator) else prefix + fmt.separator
     out = {key[len(head) :]: _renamed(m, key[len(head) :]) for key, m in modules.items() if key.startswith(head)}
     if not out:
@@ -124,11 +126,17 @@ def _renamed_key(key: str, compiled: list[tuple[re.Pattern[str], str]]) -> str:
         m = pattern.fullmatch(key)
         if m is not None:
             try:
-                return m.expand(repl)
+                new = m.expand(repl)
             except (re.error, IndexError) as exc:
                 raise UsageError(
                     f"key_map entry {shown(pattern.pattern)}: {shown(repl)} fails on {shown(key)} ({exc})."
                 ) from None
+            if (problem := name_problem(new)) is not None:
+                raise UsageError(
+                    f"key_map entry {shown(pattern.pattern)} renames {shown(key)} to {shown(new)}, which {problem}. "
+                    "Map keys to the model's module names."
+                )
+            return new
     return key
 
 
@@ -338,6 +346,8 @@ def _fuse_spec(fuse: Fuse) -> dict[str, list[tuple[str, int | None]]]:
     for fused, parts in fuse.items():
         if not isinstance(fused, str) or not fused:
             raise UsageError(f"fuse: the fused name {shown(fused)} must be a non-empty string such as 'qkv_proj'.")
+        if (problem := name_problem(fused)) is not None:
+            raise UsageError(f"fuse: the fused name {shown(fused)} {problem}. Pass the fused layer's module name.")
         parsed = [_fuse_part(fused, p) for p in (parts if isinstance(parts, (list, tuple)) else [None])]
         if len(parsed) < 2:
             raise UsageError(f"fuse[{shown(fused, 200)}] must list at least two parts, got {shown(parts)}.")
@@ -357,16 +367,22 @@ def _fuse_spec(fuse: Fuse) -> dict[str, list[tuple[str, int | None]]]:
 
 def _fuse_part(fused: str, p: object) -> tuple[str, int | None]:
     if isinstance(p, str) and p:
-        return p, None
+        return _part_name(fused, p), None
     if isinstance(p, (list, tuple)) and len(p) == 2:
         name, size = p
         if isinstance(name, str) and name and type(size) is int and 0 < size <= _MAX_PART:
-            return name, size
+            return _part_name(fused, name), size
     raise UsageError(
         f"fuse[{shown(fused, 200)}]: each part must be a name or (name, out_features) with 1 <= out_features <= "
         f"{_MAX_PART}, "
         f"got {shown(p)}."
     )
+
+
+def _part_name(fused: str, name: str) -> str:
+    if (problem := name_problem(name)) is not None:
+        raise UsageError(f"fuse[{shown(fused, 200)}]: the part {shown(name)} {problem}. Pass the part's module name.")
+    return name
 
 
 def _parents(modules: Mapping[str, LoraModule | WeightModule], parts: list[str], sep: str) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from lorahot.errors import UsageError, shown
+from lorahot.errors import UsageError, name_problem, shown
 from lorahot.runtime.targets import Targets, _check_single_path, match_targets, through_wrappers
 
 __all__ = ["Components", "Pipeline", "is_several", "components_of", "match_components"]
@@ -189,18 +189,28 @@ def components_of(model: object) -> tuple[dict[str, nn.Module], bool]:
         bad = [k for k, v in model.items() if not (isinstance(k, str) and k and _module_of(v) is not None)]
         if bad or not model:
             raise UsageError(
-                f"a dict of components must map non-empty names to torch.nn.Modules; got {bad[:3] or 'an empty dict'}."
+                f"a dict of components must map non-empty names to torch.nn.Modules; got "
+                f"{shown(bad[:3], 200) if bad else 'an empty dict'}."
             )
-        return {k: m for k, v in model.items() if (m := _module_of(v)) is not None}, True
+        return _named_well({k: m for k, v in model.items() if (m := _module_of(v)) is not None}), True
     found = getattr(model, "components", None)
     if isinstance(found, Mapping):
         modules = {k: m for k, v in found.items() if isinstance(k, str) and k and (m := _module_of(v)) is not None}
         if modules:
-            return modules, False
+            return _named_well(modules), False
     raise UsageError(
         f"model must be a torch.nn.Module, a dict of component name -> nn.Module, or an object with a `components` "
         f"mapping of modules (a diffusers pipeline); got {type(model).__name__}."
     )
+
+
+def _named_well(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """``modules``, after refusing a component name no module path could hold (see
+    :func:`~lorahot.errors.name_problem`): messages list the components by name."""
+    for name in modules:
+        if (problem := name_problem(name)) is not None:
+            raise UsageError(f"the component name {shown(name)} {problem}. Name each component as a Python attribute.")
+    return modules
 
 
 def match_components(

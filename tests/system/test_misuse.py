@@ -175,6 +175,28 @@ MISUSES = [
     Misuse("load_split_parts_iteration_raises",
            lambda rig, tmp: rig.runtime.load(_t(rig), split={Q0: _RaisingRows([("a", 8), ("b", 8)])}), UsageError,
            r"^split: each entry maps a fused module name to 2 to 4096 \(part name, out_features\) pairs"),
+    # a caller's name over the longest key lorahot takes: refused at the argument check, so that
+    # no message holds it (a fused name of 5000 lines made a message of 10,000 characters)
+    Misuse("load_fuse_name_too_long", lambda rig, tmp: rig.runtime.load(_t(rig), fuse={"q\n" * 5000: [Q0, V1]}),
+           UsageError, r"^fuse: the fused name 'q\\nq\\n[^\n]{60,80}\.\.\. is 10000 characters long, more than 1024\. "
+           r"Pass the fused layer's module name\.$"),
+    Misuse("load_fuse_part_too_long", lambda rig, tmp: rig.runtime.load(_t(rig), fuse={"qv": [Q0, "p" * 2000]}),
+           UsageError, r"^fuse\['qv'\]: the part 'p{76}\.\.\. is 2000 characters long, more than 1024\. Pass the "
+           r"part's module name\.$"),
+    Misuse("load_split_name_too_long",
+           lambda rig, tmp: rig.runtime.load(_t(rig), split={Q0: [("a" * 1025, 8), ("b", 8)]}), UsageError,
+           r"^split\['layers\.0\.self_attn\.q_proj'\]: the name 'a{76}\.\.\. is 1025 characters long, more than "
+           r"1024\. Pass module names\.$"),
+    Misuse("load_prefix_too_long", lambda rig, tmp: rig.runtime.load(_t(rig), prefix="u" * 5000), UsageError,
+           r"^prefix='u{76}\.\.\. is 5000 characters long, more than 1024\. Pass a component name such as 'unet' "
+           r"or 'lora_te1'\.$"),
+    Misuse("load_key_map_result_too_long",
+           lambda rig, tmp: rig.runtime.load(_t(rig), key_map={r"(layers\.0\..*)": "x" * 3000 + r"\1"}), UsageError,
+           r"^key_map entry '\(layers\\\\\.0\\\\\.\.\*\)' renames 'layers\.0\.self_attn\.q_proj' to 'x{76}\.\.\., "
+           r"which is 3025 characters long, more than 1024\. Map keys to the model's module names\.$"),
+    Misuse("load_adapter_source_too_long", lambda rig, tmp: rig.runtime.load(_hand_fields(rig, source="s" * 4000)),
+           UsageError, r"^s{197}\.\.\.: not a usable lorahot\.Adapter:\n  - Adapter\.source 's{76}\.\.\. is 4000 "
+           r"characters long, more than 1024\n"),
     Misuse("preload_adapter_rslora_str", lambda rig, tmp: rig.runtime.preload(_hand_built(rig, use_rslora="yes")),
            UsageError, r"use_rslora is 'yes', not True or False\n"),
     Misuse("plan_unknown_option", lambda rig, tmp: lorahot.plan_targets([_t(rig)], foo=1), UsageError,
@@ -530,3 +552,73 @@ def test_a_hostile_object_in_any_argument_is_a_usage_error_and_changes_nothing(t
                 pass
             assert_unchanged(rig, before)
     assert tried > 40 and not escaped, "\n".join(escaped)
+
+
+#: strings a file or a caller may put in a key, a path or a name: line breaks of every kind
+#: (str.splitlines splits on each), the other control characters, bidi overrides and isolates
+_HOSTILE = [
+    "x\n  - fake",
+    "x\r\n  - fake",
+    "x\x0b\x0c\x1c\x1d\x1e\x85  - fake",
+    "x\u2028\u2029  - fake",
+    "x\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069y",
+    "x\ty",
+]
+
+
+def _kohya_file(tmp: Path, rig: Rig, stem: str) -> Path:
+    from safetensors.torch import save_file
+
+    a, b = valid_tensors(rig.model, 4, names=(Q0,)).values()
+    save_file({f"lora_unet_{stem}.lora_down.weight": a, f"lora_unet_{stem}.lora_up.weight": b}, tmp / "k.safetensors")
+    return tmp / "k.safetensors"
+
+
+def _peft_dir(tmp: Path, rig: Rig, field: str) -> Path:
+    import json
+
+    path = write_valid(tmp / "peft", rig.model, {Q0: 4})
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, field: 1}))
+    return path
+
+
+#: (id, call with the hostile string, lines of its message): refusals a file's keys, config,
+#: path or a caller's names reach, in list messages and in one-line ones
+_HOSTILE_PATHS: list[tuple[str, Callable[[Rig, Path, str], Any], int]] = [
+    ("file_key_no_layer", lambda rig, tmp, h: rig.runtime.load(_kohya_file(tmp, rig, h)), 3),
+    ("file_key_no_naming", lambda rig, tmp, h: rig.runtime.load({**_t(rig), f"{Q0}.{h}.weight": torch.ones(2)}), 4),
+    ("config_field", lambda rig, tmp, h: rig.runtime.load(_peft_dir(tmp, rig, h)), 3),
+    ("config_override", lambda rig, tmp, h: rig.runtime.load(_t(rig), config={h: 1}), 3),
+    ("source_path", lambda rig, tmp, h: rig.runtime.load(tmp / f"{h}.safetensors"), 1),
+    ("weight_name", lambda rig, tmp, h: rig.runtime.load(tmp, weight_name=f"{h}.safetensors"), 1),
+    ("adapter_source", lambda rig, tmp, h: rig.runtime.load(_hand_source(rig, h)), 3),
+    ("fuse_name", lambda rig, tmp, h: rig.runtime.load(_t(rig), fuse={h: [Q0, V1]}), 1),
+    ("split_part", lambda rig, tmp, h: rig.runtime.load(_t(rig), split={Q0: [(h, 8), ("b", 8)]}), 1),
+    ("prefix", lambda rig, tmp, h: rig.runtime.load(_t(rig), prefix=h), 1),
+    ("key_map_result", lambda rig, tmp, h: rig.runtime.load(_t(rig), key_map={r"layers\.0\..*": h}), 1),
+    ("denoiser", lambda rig, tmp, h: rig.runtime.load(_t(rig), denoiser=h), 1),
+]
+
+
+@pytest.mark.parametrize("hostile", _HOSTILE, ids=[ascii(h) for h in _HOSTILE])
+@pytest.mark.parametrize(("path", "call", "lines"), _HOSTILE_PATHS, ids=[p[0] for p in _HOSTILE_PATHS])
+def test_a_hostile_string_adds_no_line_to_a_message(
+    path: str, call: Callable[[Rig, Path, str], Any], lines: int, hostile: str, tmp_path: Path
+) -> None:
+    """Whatever line breaks, control or bidi characters a key, a path or a name holds, the
+    message shows it escaped and keeps its own lines: none can pass for a line of the list."""
+    rig = build_rig(tmp_path / "rig")
+    before = snapshot(rig)
+    with pytest.raises(lorahot.LoraError) as raised:
+        call(rig, tmp_path, hostile)
+    text = str(raised.value)
+    assert len(text.splitlines()) == lines, text
+    assert hostile.encode("unicode_escape").decode("ascii") in text
+    assert not any(c in text for c in hostile if not c.isprintable() and c != "\n"), ascii(text)
+    assert_unchanged(rig, before)
+
+
+def _hand_source(rig: Rig, source: str) -> lorahot.Adapter:
+    """A hand-built adapter named ``source`` whose A does not fit its layer."""
+    return dataclasses.replace(_hand_built(rig, A=torch.ones(4, 3)), source=source)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lorahot.errors import UsageError, shown
+import pytest
+
+from lorahot.errors import MAX_KEY_CHARS, UsageError, cut, format_problems, name_problem, one_line, shown
 
 
 class _BrokenRepr:
@@ -38,3 +40,30 @@ def test_a_long_container_shows_its_first_entries_only() -> None:
 
 def test_a_message_with_a_shown_value_is_printable() -> None:
     assert str(UsageError(f"key={shown(chr(7) + 'a')} is wrong")) == "key='\\x07a' is wrong"
+
+
+#: every character str.splitlines breaks a line at, the other controls, and the bidi overrides and isolates
+_BREAKING = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\t\x00\x1b\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+
+@pytest.mark.parametrize("char", list(_BREAKING), ids=[ascii(c) for c in _BREAKING])
+def test_a_name_in_a_message_is_one_line_whatever_it_holds(char: str) -> None:
+    name = f"lora_unet_0{char}  - fake"
+    escaped = f"lora_unet_0{char.encode('unicode_escape').decode('ascii')}  - fake"
+    assert one_line(name) == escaped and cut(name) == escaped and shown(name) == f"'{escaped}'"
+    text = str(UsageError(format_problems(f"{name}: title", [f"{name}: problem", "other"]) + "\nFix it."))
+    assert text.splitlines() == [f"{escaped}: title", f"  - {escaped}: problem", "  - other", "Fix it."]
+    assert name_problem(name) is not None and name_problem("lora_unet_0") is None
+
+
+def test_a_repr_with_line_breaks_shows_as_one_line() -> None:
+    class _Lines:
+        def __repr__(self) -> str:
+            return "a\n  - b"
+
+    assert shown(_Lines()) == "a\\n  - b"
+
+
+def test_a_name_over_the_limit_is_refused() -> None:
+    assert name_problem("x" * MAX_KEY_CHARS) is None
+    assert name_problem("x" * (MAX_KEY_CHARS + 1)) == f"is 1025 characters long, more than {MAX_KEY_CHARS}"
