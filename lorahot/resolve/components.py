@@ -32,7 +32,7 @@ from lorahot.errors import AdapterMismatchError, format_problems, shown
 from lorahot.formats import FORMATS
 from lorahot.resolve.keys import COMPONENT_NAMES, resolve_all
 
-__all__ = ["ROUTES", "DENOISER", "T5_PREFIXES", "COMFYUI_ENCODER", "route", "resolve_components"]
+__all__ = ["ROUTES", "DENOISER", "T5_PREFIXES", "COMFYUI_ENCODER", "route", "resolve_components", "non_denoisers"]
 
 #: The denoiser a prefix without a fixed component (``lora_unet_`` is Flux's transformer too)
 #: or a key without any prefix goes to: the first of these the runtime has.
@@ -101,6 +101,56 @@ _FINGERPRINTS = {
 _SD3_PLACE = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
 #: Where T5 modules go on a runtime without ``text_encoder_3``, if it holds their modules.
 _T5_ELSEWHERE = "text_encoder_2"
+
+
+#: the pipeline components the routing sends no denoiser module to (each has its own prefix in
+#: :data:`ROUTES`), and what each is
+_ROLES = {
+    **dict.fromkeys(("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"), "a text encoder"),
+    "image_encoder": "an image encoder",
+    **dict.fromkeys(("vae", "audio_vae", "movq"), "a VAE"),
+    "vocoder": "a vocoder",
+    "safety_checker": "a safety checker",
+}
+#: what a component of each text-encoder architecture (:data:`_FINGERPRINTS`) is
+_ARCHITECTURE_ROLES = {
+    "CLIP": "a CLIP encoder",
+    "T5": "a T5 text encoder",
+    "decoder language model": "a language model (a text encoder)",
+}
+#: a module path (relative to the component) only an autoencoder has: its encoder's or decoder's
+#: first conv (a UNet's conv_in is at its root)
+_VAE_FINGERPRINT = re.compile(r"^(?:encoder|decoder)\.conv_in$")
+
+
+def non_denoisers(components: Sequence[str], paths: Sequence[str]) -> dict[str, str]:
+    """The components that are no denoiser, each with what it is, for ``denoiser=``'s check.
+
+    A component is one by what the routing knows of it: its name is one :data:`ROUTES` gives
+    a text encoder, a VAE or another non-denoiser role (``text_encoder_2``, ``vae``,
+    ``image_encoder``), or its modules have a text encoder's architecture (a CLIP's, a T5's, a
+    decoder language model's, as ComfyUI's encoder names are routed) or an autoencoder's. The
+    :data:`DENOISER` components and ``transformer_2`` (Wan 2.2's low-noise transformer) are
+    denoisers whatever their modules.
+
+    Args:
+        components: the runtime's component names.
+        paths: the models' module paths, ``<component>.<path>``.
+    """
+    out = {}
+    for component in components:
+        if component in (*DENOISER, "transformer_2"):
+            continue
+        role = _ROLES.get(component)
+        if role is None:
+            archs = _architectures(component, list(paths))
+            role = next((r for arch, r in _ARCHITECTURE_ROLES.items() if arch in archs), None)
+        head = component + "."
+        if role is None and any(p.startswith(head) and _VAE_FINGERPRINT.match(p[len(head) :]) for p in paths):
+            role = "a VAE"
+        if role is not None:
+            out[component] = role
+    return out
 
 
 def route(key: str, components: tuple[str, ...], denoiser: str | None = None) -> tuple[str | None, str]:

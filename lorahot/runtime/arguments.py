@@ -270,7 +270,11 @@ def _not_a_number(value: object, name: str) -> str:
 
 
 def denoisers_of(
-    value: object, n: int, components: tuple[str, ...], holder: str = "the load has"
+    value: object,
+    n: int,
+    components: tuple[str, ...],
+    holder: str = "the load has",
+    others: Mapping[str, str] | None = None,
 ) -> tuple[str | None, ...]:
     """The component each of ``n`` parts sends its denoiser modules to
     (:func:`lorahot.resolve.components.route`), None for the runtime's own denoiser (its
@@ -279,14 +283,16 @@ def denoisers_of(
 
     Raises:
         UsageError: a runtime over one model (nothing to choose); a name that is no component
-            of the runtime (naming its components); anything else than a str or None; a list of
-            another length.
+            of the runtime (naming its components); a component that is no denoiser (``others``:
+            each such component and what it is, see
+            :func:`lorahot.resolve.components.non_denoisers`); anything else than a str or None; a
+            list of another length.
     """
     return _per_part(
         value,
         n,
         "denoiser",
-        lambda v, name: _denoiser(v, name, components),
+        lambda v, name: _denoiser(v, name, components, others or {}),
         "a list of component names, one per part",
         ("entry", "entries"),
         holder,
@@ -311,7 +317,7 @@ def routed(read_kwargs: dict[str, Any], denoiser: str | None) -> dict[str, Any]:
     return read_kwargs if denoiser is None else {**read_kwargs, "denoiser": denoiser}
 
 
-def _denoiser(value: object, name: str, components: tuple[str, ...]) -> str | None:
+def _denoiser(value: object, name: str, components: tuple[str, ...], others: Mapping[str, str]) -> str | None:
     """One part's denoiser component (None: the runtime's own), checked against ``components``."""
     if value is None:
         return None
@@ -332,6 +338,13 @@ def _denoiser(value: object, name: str, components: tuple[str, ...]) -> str | No
             f"{', '.join(components)}. Name the one that takes the file's denoiser modules (diffusers' unet. or "
             "transformer., diffusion_model., lora_unet_, keys without a prefix), e.g. denoiser='transformer_2' for "
             "the low-noise file of a Wan 2.2 pipeline."
+        )
+    if value in others:
+        denoisers = [c for c in components if c not in others]
+        raise UsageError(
+            f"{name}={shown(value, 80)} is {others[value]}, not a denoiser; denoiser= names the component that takes "
+            f"the file's denoiser modules (diffusers' unet. or transformer., diffusion_model., lora_unet_, keys "
+            f"without a prefix). This runtime's denoisers: {', '.join(denoisers) or 'none'}. Pass one of those."
         )
     default = next((c for c in DENOISER if c in components), None)
     return None if value == default else value

@@ -41,7 +41,7 @@ from lorahot.formats import format_named
 from lorahot.io.loader import read_adapter
 from lorahot.io.sources import Source
 from lorahot.layers import LoRALayer, layer_class_for
-from lorahot.resolve.components import resolve_components
+from lorahot.resolve.components import non_denoisers, resolve_components
 from lorahot.resolve.keys import head_sizes, resolve_all
 from lorahot.resolve.ldm import LDM_MARKER
 from lorahot.runtime.arguments import check_read_options, denoisers_of, entries, text
@@ -191,7 +191,8 @@ def plan_targets(
             + ("no model" if model is None else "one model, which takes every module")
             + ": pass the pipeline (or a dict of components) as model, or plan without denoiser=."
         )
-    routes = denoisers_of(denoiser, len(items), tuple(components_of(model)[0]) if several else (), "sources has")
+    named, roles = _denoiser_roles(model) if several else ((), {})
+    routes = denoisers_of(denoiser, len(items), named, "sources has", roles)
     strict = read_options.get("strict", True)
     adapters = [read_adapter(s, device="meta", **read_options) for s in items]
     skipped = [k for a in adapters for k in a.skipped]
@@ -256,6 +257,14 @@ def plan_targets(
         merged_only=any(a.weights for a in adapters),
         stacked=stacked,
     )
+
+
+def _denoiser_roles(model: Any) -> tuple[tuple[str, ...], dict[str, str]]:
+    """A pipeline's component names, and those that are no denoiser with what each is (see
+    :func:`lorahot.resolve.components.non_denoisers`)."""
+    modules = components_of(model)[0]
+    paths = [f"{c}.{p}" for c, m in modules.items() for p, _ in m.named_modules() if p]
+    return tuple(modules), non_denoisers(tuple(modules), paths)
 
 
 def _source_list(sources: Any) -> list[Any]:

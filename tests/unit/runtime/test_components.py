@@ -4,6 +4,7 @@ route each module of a file to its component by prefix (tiny purpose-built compo
 from __future__ import annotations
 
 import copy
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -655,3 +656,65 @@ def test_a_component_compiled_twice_is_the_same_component(when: str, kind: Calla
         pipe.unet = replacement
         with pytest.raises(UsageError, match=r"component 'unet' of the pipeline was replaced by another"):
             runtime.load(sd)
+
+
+def _roles_pipeline() -> dict[str, nn.Module]:
+    """A transformer, a denoiser under a name of its own, and components that are no denoiser,
+    each with a ``to_q`` a bare denoiser key fits: a text encoder and an image encoder by their
+    pipeline names, a decoder language model and an autoencoder by their modules only."""
+    torch.manual_seed(0)
+
+    def with_q(**more: nn.Module) -> nn.Module:
+        return nn.ModuleDict({"to_q": nn.Linear(8, 8), **more}).double()
+
+    lm = nn.ModuleDict({"self_attn": nn.ModuleDict({"o_proj": nn.Linear(8, 8)})})
+    vae = nn.ModuleDict({"conv_in": nn.Conv2d(3, 8, 3)})
+    return {
+        "transformer": with_q(),
+        "dit": with_q(),
+        "text_encoder": with_q(),
+        "image_encoder": with_q(),
+        "llm": with_q(layers=nn.ModuleList([lm])),
+        "autoencoder": with_q(encoder=vae),
+    }
+
+
+_ROLES = [
+    ("text_encoder", "a text encoder"),
+    ("image_encoder", "an image encoder"),
+    ("llm", r"a language model \(a text encoder\)"),
+    ("autoencoder", "a VAE"),
+]
+_DENOISER_CALLS: dict[str, Callable[[lorahot.LoraRuntime, dict, dict, str], object]] = {
+    "load": lambda rt, models, file, c: rt.load(file, denoiser=c),
+    "load_stack": lambda rt, models, file, c: rt.load([file, file], denoiser=["dit", c]),
+    "preload": lambda rt, models, file, c: rt.preload(file, denoiser=c),
+    "prefetch": lambda rt, models, file, c: rt.prefetch(file, denoiser=c),
+    "plan_targets": lambda rt, models, file, c: lorahot.plan_targets(file, models, denoiser=c),
+}
+
+
+@pytest.mark.parametrize("call", list(_DENOISER_CALLS), ids=list(_DENOISER_CALLS))
+@pytest.mark.parametrize(("component", "role"), _ROLES, ids=[c for c, _ in _ROLES])
+def test_denoiser_refuses_a_component_that_is_no_denoiser(call: str, component: str, role: str) -> None:
+    """``denoiser=`` naming a text encoder, an image encoder or a VAE sent the file's denoiser
+    modules there, and a bare key that fit one of its layers loaded into it silently. Each
+    entry point refuses it, naming what the component is and the runtime's denoiser components
+    (a denoiser of any name among them), before anything changes; the denoisers load."""
+    models = _roles_pipeline()
+    runtime = lorahot.inject(models, ["to_q"], max_rank=4)
+    file = {k: v.double() for k, v in _lora(["to_q"], seed=3).items()}
+    x = torch.randn(2, 8, dtype=torch.float64)
+    before = {c: m["to_q"](x).detach() for c, m in models.items()}
+    with pytest.raises(UsageError) as raised:
+        _DENOISER_CALLS[call](runtime, models, file, component)
+    where = "denoiser[1]" if call == "load_stack" else "denoiser"
+    assert raised.match(
+        rf"^{re.escape(where)}='{component}' is {role}, not a denoiser; denoiser= names the component that takes "
+        r"the file's denoiser modules \(.*\)\. This runtime's denoisers: transformer, dit\. Pass one of those\.$"
+    )
+    assert all(torch.equal(m["to_q"](x), before[c]) for c, m in models.items())
+    assert runtime.cache.keys() == [] and runtime.info(0) is None
+    runtime.load(file, denoiser="dit")
+    changed = {c for c, m in models.items() if not torch.equal(m["to_q"](x), before[c])}
+    assert changed == {"dit"}
