@@ -130,6 +130,15 @@ class LoraModule:
             return 0.0
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
+    def norm_eps(self, dtype: torch.dtype) -> float:
+        """What DoRA's factor ``m / (||W0 + scale * B @ A|| + eps)`` adds to each channel's norm,
+        computed in ``dtype``: LyCORIS' ``eps`` for a LyCORIS or kohya ``dora_scale`` (a
+        :attr:`unit_scale` module), the machine epsilon of the dtype the norm is computed in
+        (:func:`~lorahot.adapter.deltas.norm_eps`); 0 for PEFT's magnitude, whose norm has none."""
+        if self.magnitude is None or not self.unit_scale:
+            return 0.0
+        return torch.finfo(dtype).eps
+
 
 @dataclass(frozen=True)
 class FusedPart:

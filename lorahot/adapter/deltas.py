@@ -60,6 +60,7 @@ __all__ = [
     "delta_shape",
     "delta_bound",
     "decompose",
+    "norm_eps",
     "lora_update_max",
     "base_problem",
     "base_rows",
@@ -542,10 +543,10 @@ def decompose(weight: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
     """LyCORIS' weight decomposition at multiplier 1: ``weight * dora_scale / (||weight|| + eps)``
     for ``weight`` in the torch layout ``[out, in, *kernel]``, the norm per output channel
     (``dora_scale`` ``[out, 1, *ones]``) or per input channel (``[1, in, *ones]``; over the output
-    channels and the kernel), ``eps`` the machine epsilon of ``dora_scale``'s dtype (LyCORIS
-    computes in that dtype; this computes in ``weight``'s). A ``[1, 1, ...]`` scale of a layer
-    with one output and one input channel normalizes the whole weight either way."""
-    eps = torch.finfo(dora_scale.dtype).eps
+    channels and the kernel), ``eps`` the machine epsilon of ``weight``'s dtype, the one it is
+    computed in (see :func:`norm_eps`). A ``[1, 1, ...]`` scale of a layer with one output and
+    one input channel normalizes the whole weight either way."""
+    eps = norm_eps(weight.dtype)
     m = dora_scale.to(weight.device, weight.dtype)
     if m.shape[0] == weight.shape[0] and m.shape[1] == 1:  # per output channel
         norm = torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1)
@@ -555,3 +556,13 @@ def decompose(weight: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
         norm = norm.reshape(1, weight.shape[1], *(1,) * (weight.ndim - 2))
     out: torch.Tensor = weight * (m / (norm + eps))
     return out
+
+
+def norm_eps(dtype: torch.dtype) -> float:
+    """The ``eps`` LyCORIS' weight decomposition adds to each norm, for a norm computed in
+    ``dtype`` (float32, or float64 for float64 weights): ``finfo(dtype).eps``. LyCORIS adds the
+    machine epsilon of the dtype it computes in, its module's ``dora_scale``'s, which its loader
+    keeps in float32 whatever the file's dtype (a float64 module: float64); ComfyUI adds that of
+    its float32 working copy of the weight. Neither reads the file's dtype: a ``dora_scale`` saved
+    in bfloat16 still gets 1.2e-7, not bfloat16's 7.8e-3."""
+    return torch.finfo(dtype).eps

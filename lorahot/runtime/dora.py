@@ -6,6 +6,9 @@ layer with weight ``W0`` and bias ``b0``, ``f * (W0 x + scale * (B A x + lora_bi
 with ``f = m / ||W0 + scale * B @ A||`` (the norm detached, over each output channel's
 weights). The factor depends on the scale, so it is recomputed whenever the region's scales
 change: after a load and after ``set_scale``; ``activate`` copies it with the rest of a region.
+A LyCORIS or kohya LoRA/LoCon whose magnitude is a ``dora_scale`` gets LyCORIS' factor
+``m / (||W0 + scale * B @ A|| + eps)``, ``eps`` the machine epsilon of the dtype the norm is
+computed in (:func:`lorahot.adapter.deltas.norm_eps`); PEFT's norm has no ``eps``.
 It depends on the base weight and bias too: after ``load_state_dict`` writes them, the runtime
 computes the layer's factors again in every region that holds a DoRA adapter for it
 (:meth:`lorahot.runtime.lora_runtime.LoraRuntime._base_loaded`, called from the layer's load
@@ -37,11 +40,12 @@ there; merged mode refuses the same adapters (:meth:`lorahot.runtime.merge.Merge
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
 from lorahot.adapter import LoraModule
+from lorahot.adapter.deltas import norm_eps
 from lorahot.errors import AdapterReadError, UsageError, format_problems
 from lorahot.layers import LoRALayer
 from lorahot.layers.base import EXTRA_F, EXTRA_G, EXTRA_M
@@ -79,10 +83,11 @@ class DoraFactors:
         #: computed (:meth:`moved`)
         self._seen: dict[str, tuple[int | None, int | None]] = {}
 
-    def refresh(self, region: int, dora: list[list[int]]) -> None:
+    def refresh(self, region: int, dora: list[list[int]], decomposed: Collection[str] = ()) -> None:
         """Recomputes ``f`` and ``g`` of the layers ``dora`` (per arena, layer indices) in
-        ``region`` from its A, B, scales and magnitudes. Nothing here can fail on the adapter's
-        content: it was checked before the write."""
+        ``region`` from its A, B, scales and magnitudes; the layers named in ``decomposed`` hold
+        a LyCORIS ``dora_scale``, whose norm gets LyCORIS' ``eps`` (:meth:`Stack.decomposed`).
+        Nothing here can fail on the adapter's content: it was checked before the write."""
         with torch.no_grad():
             for a, indices in enumerate(dora):
                 arena = self._buffers.arenas[a]
@@ -91,7 +96,8 @@ class DoraFactors:
                     layer, name = self._items[(a, index)]
                     e = arena.extras(index, region)
                     scale = arena.S[region, index, 0]  # 0-d: every row in use has it
-                    f = e[EXTRA_M] / self.norm(layer, name, arena.rows(index, region), scale, rows)
+                    eps = norm_eps(scale.dtype) if name in decomposed else 0.0
+                    f = e[EXTRA_M] / (self.norm(layer, name, arena.rows(index, region), scale, rows) + eps)
                     e[EXTRA_F].copy_(f)
                     bias = self._bias_of(name)
                     if bias is None:
@@ -168,7 +174,7 @@ class DoraFactors:
                 magnitude = arena.extras(index, region)[EXTRA_M]
                 rows = max(arena.a_extent[region], arena.b_extent[region])
             scale = torch.tensor(weight * m.scale, dtype=sdtype, device=device)
-            f = magnitude / self.norm(layer, name, ab, scale, rows)
+            f = magnitude / (self.norm(layer, name, ab, scale, rows) + m.norm_eps(sdtype))
             bias = self._bias_of(name)
             g = f if bias is None else (1 - f) * bias.detach().to(f.dtype)
             return bool(torch.isfinite(f).all()) and bool(torch.isfinite(g).all())

@@ -46,7 +46,6 @@ from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.layers.norm import is_weightless_norm
 from lorahot.layers.sharded import is_sharded
-from lorahot.resolve.components import non_denoisers
 from lorahot.resolve.keys import head_sizes, outside
 from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, fused_projections, peft_arguments
 from lorahot.runtime.activate_replay import ActivateReplay
@@ -254,7 +253,6 @@ class LoraRuntime:
         modules = list(model.named_modules())
         paths = [name for name, module in modules if not is_weightless_norm(module)]
         self._others = outside(paths, list(layers))
-        self._non_denoisers = non_denoisers(self.components, paths)  # what denoiser= may not name
         # a key naming one of those is refused as such: there is no weight to fold its delta into
         self._weightless = tuple(name for name, module in modules if is_weightless_norm(module))
         self._heads = head_sizes(model.named_modules())  # where a file's rows interleave attention heads
@@ -447,7 +445,7 @@ class LoraRuntime:
 
         def write_all() -> AdapterInfo:
             refreshed = write(live)
-            self._refresh_dora(slot, stack.dora, live)
+            self._refresh_dora(slot, stack.dora, live, stack.decomposed)
             self._stacks[slot], self._weights[slot] = stack, weights
             info = self._info(slot, adapters, stack, weights, listed)
             self._infos[slot] = info
@@ -533,8 +531,7 @@ class LoraRuntime:
         sources, listed = parts_of(source)
         weights = weights_of(scale, len(sources), "the stack has" if listed else "one adapter is a stack of")
         check_read_options(read_kwargs, self.components)
-        denoisers = denoisers_of(denoiser, len(sources), self.components, others=self._non_denoisers)
-        options = [routed(read_kwargs, d) for d in denoisers]
+        options = [routed(read_kwargs, d) for d in denoisers_of(denoiser, len(sources), self.components)]
         found: list[PreparedAdapter | None] = []
         for k, (s, o, n) in enumerate(zip(sources, options, denoisers_named(denoiser, len(sources)))):
             with _naming_part(k if listed else None):
@@ -770,7 +767,7 @@ class LoraRuntime:
         refuse_stack(source, "preload")
         source = text(source)
         check_read_options(read_kwargs, self.components)
-        read_kwargs = routed(read_kwargs, denoisers_of(denoiser, 1, self.components, others=self._non_denoisers)[0])
+        read_kwargs = routed(read_kwargs, denoisers_of(denoiser, 1, self.components)[0])
         key = _cache_key(key)
         self._check_usable(base=False)
         if key is not None and isinstance(source, (str, os.PathLike)) and _same_path(key, source):
@@ -801,7 +798,7 @@ class LoraRuntime:
                 "runtime.preload(...) on every rank instead."
             )
         check_read_options(read_kwargs, self.components)
-        denoisers_of(denoiser, 1, self.components, others=self._non_denoisers)
+        denoisers_of(denoiser, 1, self.components)
         key = _cache_key(key)
         with self._executor_lock:
             self._check_usable(placement=False)  # under the lock: eject cannot slip in between
@@ -853,17 +850,18 @@ class LoraRuntime:
         for slot, stack in enumerate(self._stacks):
             if stack is not None and index in stack.dora[arena]:
                 mine = [[index] if a == arena else [] for a in range(len(stack.dora))]
-                self._refresh_dora(slot, mine, slot == self._active)  # and the live copy of the active slot
+                # and the live copy of the active slot
+                self._refresh_dora(slot, mine, slot == self._active, stack.decomposed)
 
-    def _refresh_dora(self, slot: int, dora: list[list[int]], live: bool) -> None:
+    def _refresh_dora(self, slot: int, dora: list[list[int]], live: bool, decomposed: frozenset[str]) -> None:
         """Computes the DoRA factors of the layers ``dora`` (per arena) in ``slot`` (and in the
-        live region if it mirrors the slot) after its A, B, scales or magnitudes changed (see
-        :mod:`lorahot.runtime.dora`)."""
+        live region if it mirrors the slot) after its A, B, scales or magnitudes changed, the
+        norms of the layers ``decomposed`` with LyCORIS' ``eps`` (see :mod:`lorahot.runtime.dora`)."""
         if not any(dora):
             return
-        self._dora.refresh(slot, dora)
+        self._dora.refresh(slot, dora, decomposed)
         if live and slot != self.buffers.live:
-            self._dora.refresh(self.buffers.live, dora)
+            self._dora.refresh(self.buffers.live, dora, decomposed)
 
     def _cached(
         self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any], denoiser_named: bool = False
@@ -1125,7 +1123,7 @@ class LoraRuntime:
                 return  # on CUDA: the scales, live copy and wide refresh in one graph replay
             scales = stack.scales(weights)
             self.buffers.set_scales(s, scales, live=live)
-            self._refresh_dora(s, stack.dora, live)
+            self._refresh_dora(s, stack.dora, live, stack.decomposed)
             self._remerge(s)
 
         self._written("set_scale", s, write_scales)

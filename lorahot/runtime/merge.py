@@ -579,8 +579,8 @@ class Merger:
                     m1, m2 = layer.merge_operands(a2, bt2)
                     weight = weight + s * (m1 @ m2)
                     f = None
-                    if m.magnitude is not None:  # DoRA (alone on its layer): m / ||W0 + s B A|| per channel
-                        f = m.magnitude.to(device, dtype).reshape(-1) / layer.dora_norm(weight)
+                    if m.magnitude is not None:  # DoRA (alone on its layer): m / (||W0 + s B A|| + eps) per channel
+                        f = m.magnitude.to(device, dtype).reshape(-1) / (layer.dora_norm(weight) + m.norm_eps(dtype))
                         weight = _per_channel(layer, weight, f)
                     b0 = layer.pristine_bias
                     if m.bias is not None and b0 is not None:

@@ -109,6 +109,17 @@ class Stack:
                 out.setdefault(name, []).append((p, m))
         return out
 
+    @functools.cached_property
+    def decomposed(self) -> frozenset[str]:
+        """Injected layer names whose DoRA magnitude is a LyCORIS or kohya ``dora_scale``, whose
+        factor adds LyCORIS' ``eps`` to the norm (:meth:`LoraModule.norm_eps`)."""
+        return frozenset(
+            name
+            for name, items in self.terms.items()
+            for _, m in items
+            if isinstance(m, LoraModule) and m.norm_eps(torch.float32) != 0.0
+        )
+
     def weight_terms(self, weights: Sequence[float]) -> dict[str, list[tuple[WeightModule, float]]]:
         """Injected layer name -> each LyCORIS/diff module folded into it (merged mode) and its
         scale: the module's own times its part's weight."""

@@ -811,3 +811,90 @@ def test_a_train_norm_network_merges_its_norm_deltas_like_lycoris(tmp_path: Path
     unmerged = lorahot.inject(copy.deepcopy(base), ["fc1", "fc2"], max_rank=4)
     with pytest.raises(lorahot.AdapterMismatchError, match=r"lycoris_ln: matches no injected layer.*merged=True"):
         unmerged.load(tmp_path / "net.safetensors")
+
+
+def _tiny(
+    cls: type, kind: str, options: dict, size: float = 1e-14
+) -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
+    """``_lycoris`` of a module with weight decomposition on a base whose weight is scaled by
+    ``size`` (its bias zero) and an update of that size, so each channel's norm ``||V||`` is
+    about ``size``: at 1e-14, within a few hundred of float64's machine epsilon, and LyCORIS'
+    ``eps`` moves the merged weight by about 1%. ``(oracle model, the base it was made on,
+    state dict under kohya names)``."""
+    model = _base(kind)
+    with torch.no_grad():  # no bias: the unmerged forward's f * b0 + (1 - f) * b0 would cancel at f ~ 1e13
+        model[0].weight.mul_(size)
+        model[0].bias.zero_()
+    base = copy.deepcopy(model)
+    module = cls("lora_unet_0", model[0], 1.0, lora_dim=2, alpha=3.0, weight_decompose=True, **options).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            factor = 0.3 if name == "dora_scale" else (size if name.endswith(("up.weight", "_a", "w1")) else 1.0)
+            p.copy_(
+                torch.randn(p.shape, generator=g, dtype=p.dtype).abs() * factor + (0.2 if name == "dora_scale" else 0)
+            )
+    module.apply_to()
+    sd = {f"lora_unet_0.{k}": v.detach().clone() for k, v in module.custom_state_dict().items()}
+    return model, base, sd
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "merged"),
+    [
+        (LoConModule, {}, False),
+        (LoConModule, {}, True),
+        (LohaModule, {}, True),
+        (LoConModule, {"wd_on_out": False}, True),
+    ],
+    ids=["locon-unmerged", "locon-merged", "loha-merged", "locon-wd-on-in-merged"],
+)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_dora_scale_normalizes_with_lycoris_eps(cls: type, options: dict, merged: bool, kind: str) -> None:
+    """LyCORIS' weight decomposition divides by ``||V|| + eps``, ``eps`` the machine epsilon of
+    the dtype it computes in, for every kind: a LoRA/LoCon's ``dora_scale`` (which lorahot runs
+    as DoRA, merged or not) as well as a LoHa's or a per-input one. On channels whose norm is
+    about 1e-14 the eps is 1% of it: float64, against LyCORIS' own forward within 1e-12 of the
+    largest output. A LoCon's ``dora_scale`` was divided by ``||V||`` alone, 1.5% off."""
+    oracle, base, sd = _tiny(cls, kind, options)
+    x = _input(kind)
+    with torch.no_grad():
+        want = oracle(x)
+        no_eps = float((want - base(x)).abs().max())
+    runtime = lorahot.inject(base, ["0"], max_rank=4, merged=merged, extras=not merged)
+    runtime.load(sd)
+    with torch.no_grad():
+        got = base(x)
+        top = float(want.abs().max())
+        assert top > 0.1 and no_eps > 0.1
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * top)
+
+
+@pytest.mark.parametrize("saved", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("cls", "merged"), [(LoConModule, False), (LoConModule, True), (LohaModule, True)])
+def test_the_eps_of_a_dora_scale_is_the_computing_dtype_s_not_the_file_s(
+    cls: type, merged: bool, saved: torch.dtype
+) -> None:
+    """A file saved in bfloat16 or float16 on a float32 model: LyCORIS' own loader
+    (``create_lycoris_from_weights``) keeps the ``dora_scale`` in float32 and adds float32's eps
+    (1.2e-7), as ComfyUI adds that of its float32 copy of the weight; lorahot adds the same
+    (its LoHa's decomposition added the file dtype's, 7.8e-3 for bfloat16). Channels of norm
+    about 1e-4, where either eps shows: against LyCORIS' forward within float32's rounding."""
+    from lycoris import create_lycoris_from_weights
+
+    _, base, sd = _tiny(cls, "linear", {}, size=1e-4)
+    sd = {k.replace("lora_unet_0.", "lycoris_0."): v.to(saved) for k, v in sd.items()}
+    base = base.float()
+    oracle = copy.deepcopy(base)
+    network, _ = create_lycoris_from_weights(1.0, "", oracle, weights_sd=dict(sd))
+    network.apply_to()
+    assert all(m.dora_scale.dtype == torch.float32 for m in network.loras)
+    x = _input("linear").float()
+    with torch.no_grad():
+        want = oracle(x)
+    runtime = lorahot.inject(base, ["0"], max_rank=4, merged=merged, extras=not merged)
+    runtime.load(sd)
+    with torch.no_grad():
+        got = base(x)
+    top = float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * top)
