@@ -46,6 +46,7 @@ from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.layers.norm import is_weightless_norm
 from lorahot.layers.sharded import is_sharded
+from lorahot.resolve.components import non_denoisers
 from lorahot.resolve.keys import head_sizes, outside
 from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, fused_projections, peft_arguments
 from lorahot.runtime.activate_replay import ActivateReplay
@@ -253,6 +254,7 @@ class LoraRuntime:
         modules = list(model.named_modules())
         paths = [name for name, module in modules if not is_weightless_norm(module)]
         self._others = outside(paths, list(layers))
+        self._non_denoisers = non_denoisers(self.components, paths)  # what denoiser= may not name
         # a key naming one of those is refused as such: there is no weight to fold its delta into
         self._weightless = tuple(name for name, module in modules if is_weightless_norm(module))
         self._heads = head_sizes(model.named_modules())  # where a file's rows interleave attention heads
@@ -531,7 +533,8 @@ class LoraRuntime:
         sources, listed = parts_of(source)
         weights = weights_of(scale, len(sources), "the stack has" if listed else "one adapter is a stack of")
         check_read_options(read_kwargs, self.components)
-        options = [routed(read_kwargs, d) for d in denoisers_of(denoiser, len(sources), self.components)]
+        denoisers = denoisers_of(denoiser, len(sources), self.components, others=self._non_denoisers)
+        options = [routed(read_kwargs, d) for d in denoisers]
         found: list[PreparedAdapter | None] = []
         for k, (s, o, n) in enumerate(zip(sources, options, denoisers_named(denoiser, len(sources)))):
             with _naming_part(k if listed else None):
@@ -767,7 +770,7 @@ class LoraRuntime:
         refuse_stack(source, "preload")
         source = text(source)
         check_read_options(read_kwargs, self.components)
-        read_kwargs = routed(read_kwargs, denoisers_of(denoiser, 1, self.components)[0])
+        read_kwargs = routed(read_kwargs, denoisers_of(denoiser, 1, self.components, others=self._non_denoisers)[0])
         key = _cache_key(key)
         self._check_usable(base=False)
         if key is not None and isinstance(source, (str, os.PathLike)) and _same_path(key, source):
@@ -798,7 +801,7 @@ class LoraRuntime:
                 "runtime.preload(...) on every rank instead."
             )
         check_read_options(read_kwargs, self.components)
-        denoisers_of(denoiser, 1, self.components)
+        denoisers_of(denoiser, 1, self.components, others=self._non_denoisers)
         key = _cache_key(key)
         with self._executor_lock:
             self._check_usable(placement=False)  # under the lock: eject cannot slip in between
