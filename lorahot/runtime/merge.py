@@ -539,10 +539,16 @@ class Merger:
                 else delta_bound(m, self._pristine_max[name])
             )
             bound += abs(weights[p] * m.scale) * size
-        biases = [(m.bias, weights[p] * m.scale) for p, m in items if isinstance(m, LoraModule) and m.bias is not None]
-        if biases:  # a LoRA bias folds into the bias: b0 + sum s * c
+        if any(isinstance(m, LoraModule) and m.bias is not None for _, m in items):
+            # a LoRA bias folds into the bias beside every diff_b: b0 + sum s * c + sum s * diff_b
+            biases = [
+                (m.bias if isinstance(m, LoraModule) else m.factors.get("diff_b"), weights[p] * m.scale)
+                for p, m in items
+            ]
             folded = float(b0.abs().max()) if b0 is not None and b0.numel() else 0.0
-            bound = max(bound, folded + sum(abs(s) * float(c.abs().max()) for c, s in biases if c.numel()))
+            bound = max(
+                bound, folded + sum(abs(s) * float(c.abs().max()) for c, s in biases if c is not None and c.numel())
+            )
         # the buffers hold A and B rounded to their dtype: a product of rounded factors can
         # exceed the file's by a few of its ulps, which the margin covers. DoRA rescales each
         # output channel to its magnitude (any size): no bound, the merged weight itself

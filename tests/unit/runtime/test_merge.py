@@ -737,12 +737,13 @@ def test_float16_stacks_and_dora_merge_in_float32_where_a_factor_alone_leaves_th
     torch.testing.assert_close(model[0].weight.double(), want, rtol=2e-3, atol=1.0)
 
 
-@pytest.mark.parametrize("case", ["lora bias", "rounded factors", "dora magnitude"])
+@pytest.mark.parametrize("case", ["lora bias", "lora bias and diff_b", "rounded factors", "dora magnitude"])
 def test_float16_merges_that_would_overflow_are_refused_with_nothing_changed(case: str) -> None:
-    """A LoRA bias folded past float16's range (``b0 + 100 * 1000``), a product that fits with
-    the file's float32 factors (65499.97) but not with the float16 ones the buffers hold
-    (65535.9), and a DoRA magnitude of 1e6 (each output channel rescaled to that norm):
-    refused, the model as it was."""
+    """A LoRA bias folded past float16's range (``b0 + 100 * 1000``), a LoRA bias and a stacked
+    diff_b that fit alone but not summed (``b0 + 40000 + 40000``: the bias was written inf), a
+    product that fits with the file's float32 factors (65499.97) but not with the float16 ones
+    the buffers hold (65535.9), and a DoRA magnitude of 1e6 (each output channel rescaled to
+    that norm): refused, the model as it was."""
     model = _fp16_linear()
     runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -751,6 +752,10 @@ def test_float16_merges_that_would_overflow_are_refused_with_nothing_changed(cas
         a, b = (torch.randn(2, 16, generator=g) * 0.1).half(), (torch.randn(16, 2, generator=g) * 0.1).half()
         adapter = _peft(a, b, **{"lora_B.bias": torch.full((16,), 1000.0, dtype=torch.float16)})
         call = lambda: runtime.load(adapter, config={"lora_bias": True, "lora_alpha": 2}, scale=100.0)  # noqa: E731
+    elif case == "lora bias and diff_b":
+        lora = _peft(torch.zeros(2, 16), torch.zeros(16, 2), **{"lora_B.bias": torch.full((16,), 40000.0)})
+        diff = {"lora_unet_0.diff": torch.zeros(16, 16), "lora_unet_0.diff_b": torch.full((16,), 40000.0)}
+        call = lambda: runtime.load([lora, diff])  # noqa: E731
     elif case == "dora magnitude":
         g = torch.Generator().manual_seed(1)
         a, b = torch.randn(2, 16, generator=g) * 0.1, torch.randn(16, 2, generator=g) * 0.1
