@@ -656,6 +656,8 @@ class Merger:
         replays = self._replays
         if not replays.applies() or any(r.extras is not None and r.terms is None for r in plan):
             return False
+        if all(r.terms is not None for r in plan):  # every layer folds outside: nothing to capture
+            return False
         weights = signature(list(self._layers.values()))
         if weights is None or any(entry[4] != replays.device for entry in weights):
             return False

@@ -1075,3 +1075,34 @@ def test_half_precision_stacks_of_lora_and_weight_kinds_are_rounded_once(
         assert_rounded_once(base.bias, want_b)
     runtime.unload()
     assert torch.equal(base.weight, w0) and torch.equal(base.bias, b0)
+
+
+@pytest.mark.usefixtures("fake_cuda")
+@pytest.mark.parametrize("lora_too", [False, True], ids=["diffs-only", "a-lora-beside"])
+def test_a_rewrite_whose_every_layer_folds_outside_the_graph_captures_nothing(
+    lora_too: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers with weight-kind modules are folded outside merged mode's CUDA graph; where every
+    layer is one, the graph would be empty (torch warns "The CUDA Graph is empty"), so none is
+    captured. The control, a LoRA on one layer beside a diff on the other, captures at the key's
+    second load. (The replays run on the CPU here: the merger's device is set to the CPU and
+    the capture is counted and declined, so each load writes on the ordinary path.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 8)).double()
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=8, merged=True)
+    replays = runtime._merger._replays  # type: ignore[union-attr]
+    replays.device = torch.device("cpu")
+    captures: list[object] = []
+    monkeypatch.setattr(replays, "capture", lambda steps, stacklevel: captures.append(steps))
+    g = torch.Generator().manual_seed(1)
+    adapter = {"lora_unet_1.diff": torch.randn(8, 24, generator=g, dtype=torch.float64)}
+    if lora_too:
+        adapter |= {
+            "lora_unet_0.lora_down.weight": torch.randn(4, 16, generator=g, dtype=torch.float64),
+            "lora_unet_0.lora_up.weight": torch.randn(24, 4, generator=g, dtype=torch.float64),
+        }
+    else:
+        adapter["lora_unet_0.diff"] = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    for _ in range(3):
+        runtime.load(adapter)
+    assert len(captures) == (2 if lora_too else 0)
