@@ -6,15 +6,18 @@ refused calls, against an independent float64 model of what each slot holds.
 
 The model is an Embedding, a grouped Conv2d and two Linears of other widths; adapters carry
 random ranks per layer (some past ``max_rank``), alphas, and on a third of them DoRA magnitudes
-or LoRA biases. After every step the model's output equals the dense reference: each row with
-the slot it computes with, each layer ``f * (W0 + sum_i w_i * alpha_i / r_i * B_i @ A_i)`` and
-bias ``b0 + f * sum_i w_i * alpha_i / r_i * lora_bias_i`` (``f`` the DoRA factor
-``m / ||W0 + s B A||``, else 1); what the runtime reports (``info``, ``active_slot``, ``routing``,
-``nbytes``) equals the model's bookkeeping; every refused call raised the expected
-:class:`lorahot.LoraError` and left the adapter buffers, the bookkeeping, the cache keys, the
-model's state dict and its output bitwise as they were. At the end of every run ``eject`` gives
-back the base model bitwise, and every call after it is refused. Unmerged (the library path and
-the wide layers), merged, float64 and float32, eager and compiled (``eager``/``aot_eager``).
+or LoRA biases; kohya-named adapters of weight kinds (LoHa, LoKr, a diff with its diff_b) load
+alone or stacked with them on the same layers (merged mode folds them in; unmerged refuses them).
+After every step the model's output equals the dense reference: each row with the slot it
+computes with, each layer ``f * (W0 + sum_i w_i * alpha_i / r_i * B_i @ A_i) + sum_m w_m ΔW_m``
+and bias ``b0 + f * sum_i w_i * alpha_i / r_i * lora_bias_i + sum_m w_m diff_b_m`` (``f`` the
+DoRA factor ``m / ||W0 + s B A||``, else 1, on a layer no other part loads into); what the
+runtime reports (``info``, ``active_slot``, ``routing``, ``nbytes``) equals the model's
+bookkeeping; every refused call raised the expected :class:`lorahot.LoraError` and left the
+adapter buffers, the bookkeeping, the cache keys, the model's state dict and its output bitwise
+as they were. At the end of every run ``eject`` gives back the base model bitwise, and every
+call after it is refused. Unmerged (the library path and the wide layers), merged, float64 and
+float32, eager and compiled (``eager``/``aot_eager``).
 """
 
 from __future__ import annotations
@@ -104,10 +107,17 @@ class Spec:
     seed: int
     dora: tuple[str, ...] = ()
     bias: tuple[str, ...] = ()
+    #: a LyCORIS/kohya adapter instead (merged mode only): per layer a weight kind (LoHa, LoKr, a
+    #: diff with its diff_b where the layer has a bias), ``ranks`` then empty
+    kinds: tuple[tuple[str, str], ...] = ()
 
     @property
     def extras(self) -> bool:
         return bool(self.dora or self.bias)
+
+    @property
+    def layers(self) -> set[str]:
+        return {n for n, _ in self.ranks} | {n for n, _ in self.kinds}
 
 
 @dataclass
@@ -143,6 +153,18 @@ def _specs(draw: st.DrawFn) -> Spec:
 
 
 _SPEC = _specs()
+#: the weight kinds merged mode folds into the base weights; ``embed`` takes none of them here
+WEIGHT_KINDS, WEIGHT_LAYERS = ("loha", "lokr", "diff"), ("conv", "fc1", "fc2")
+_WEIGHT_SPEC = st.builds(
+    lambda kinds, seed: Spec((), 1.0, seed, kinds=tuple(kinds)),
+    st.lists(
+        st.tuples(st.sampled_from(WEIGHT_LAYERS), st.sampled_from(WEIGHT_KINDS)),
+        min_size=1,
+        max_size=3,
+        unique_by=lambda t: t[0],
+    ),
+    st.integers(0, 2**16),
+)
 _BIG_SPEC = st.builds(  # a rank past max_rank somewhere
     Spec,
     st.tuples(st.tuples(st.sampled_from(LAYERS), st.integers(MAX_RANK + 1, MAX_RANK + 3))).map(tuple),
@@ -168,7 +190,8 @@ class Part:
 def _adapted(base: dict[str, torch.Tensor], parts: list[Part]) -> Weights:
     """Each layer's weight and bias with ``parts`` applied as PEFT computes them:
     ``f * (W0 + sum s B A) , f * sum s lora_bias + b0`` with ``f = m / ||W0 + s B A||`` per output
-    row on a DoRA layer (one part there), else 1."""
+    row on a DoRA layer (one part there), else 1; a weight kind's ``ΔW`` and ``diff_b`` add as
+    ``B A`` and ``lora_bias`` do (never under a DoRA factor: no other part shares its layer)."""
     out: Weights = {}
     for name in LAYERS:
         w, b = base[f"{name}.weight"], base.get(f"{name}.bias")
@@ -259,6 +282,8 @@ class RuntimeMachine(RuleBasedStateMachine):
         if spec not in self.made:
             gen = torch.Generator().manual_seed(spec.seed)
             made = Made({}, {}, {}, {}, {})
+            for name, kind in spec.kinds:
+                self._make_weight_kind(made, name, kind, gen)
             for name, rank in spec.ranks:
                 module = self.runtime.layers[name].base_layer
                 a, b = random_lora(module, rank, gen, self.DTYPE)
@@ -279,9 +304,47 @@ class RuntimeMachine(RuleBasedStateMachine):
             self.made[spec] = made
         return self.made[spec]
 
+    def _make_weight_kind(self, made: Made, name: str, kind: str, gen: torch.Generator) -> None:
+        """A LyCORIS/kohya module of ``kind`` on layer ``name`` (kohya names): its tensors, and its
+        float64 ``ΔW`` (in ``dense``), ``diff_b`` (in ``bias``) and rank as ``info`` reports it."""
+        weight = self.base[f"{name}.weight"]
+        out, flat = weight.shape[0], weight[0].numel()
+
+        def r(*shape: int) -> torch.Tensor:
+            return (torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.3).to(self.DTYPE)
+
+        f: dict[str, torch.Tensor]
+        if kind == "loha":
+            f = {"hada_w1_a": r(out, 2), "hada_w1_b": r(2, flat), "hada_w2_a": r(out, 2), "hada_w2_b": r(2, flat)}
+            f["alpha"] = torch.tensor(3.0)
+            d = f64(f["hada_w1_a"]) @ f64(f["hada_w1_b"]) * (f64(f["hada_w2_a"]) @ f64(f["hada_w2_b"])) * 1.5
+            made.ranks[name] = 2
+        elif kind == "lokr":
+            rows = 1 if out % 2 else 2
+            f = {"lokr_w1": r(rows, 1), "lokr_w2": r(out // rows, flat)}
+            d = torch.kron(f64(f["lokr_w1"]), f64(f["lokr_w2"]))
+            made.ranks[name] = 0
+        else:
+            f = {"diff": r(*weight.shape)}
+            d = f64(f["diff"])
+            if f"{name}.bias" in self.base:
+                f["diff_b"] = r(out)
+                made.bias[name] = f64(f["diff_b"])
+            made.ranks[name] = 0
+        made.tensors.update({f"lora_unet_{name}.{k}": v for k, v in f.items()})
+        made.dense[name] = d.reshape(weight.shape)
+
     def _source(self, spec: Spec, via: str) -> tuple[Any, dict[str, Any]]:
-        """``spec`` as ``load`` takes it: a mapping (alpha in ``config``) or a PEFT directory."""
+        """``spec`` as ``load`` takes it: a mapping (alpha in ``config``) or a PEFT directory (a
+        kohya file for weight kinds)."""
         made = self._make(spec)
+        if spec.kinds:
+            if via == "mapping":
+                return dict(made.tensors), {}
+            self.files += 1
+            path = self.tmp / f"w{self.files}.safetensors"
+            save_file({k: v.contiguous() for k, v in made.tensors.items()}, str(path))
+            return path, {}
         if via == "mapping":
             return dict(made.tensors), {"config": {"lora_alpha": spec.alpha, **_flags(spec)}}
         self.files += 1
@@ -366,9 +429,11 @@ class RuntimeMachine(RuleBasedStateMachine):
             return lorahot.AdapterMismatchError  # DoRA and LoRA biases need extras=True unmerged
         if self.MERGED and any("fc2" in s.bias for s in specs):
             return lorahot.AdapterMismatchError  # merged folds a LoRA bias into a base bias fc2 lacks
+        if not self.MERGED and any(s.kinds for s in specs):
+            return lorahot.LoraError  # LyCORIS kinds and diffs load in merged mode only
         for name in LAYERS:
-            touching = [s for s in specs if name in dict(s.ranks)]
-            if sum(dict(s.ranks)[name] for s in touching) > MAX_RANK:
+            touching = [s for s in specs if name in s.layers]
+            if sum(dict(s.ranks).get(name, 0) for s in touching) > MAX_RANK:
                 return lorahot.AdapterMismatchError
             if len(touching) > 1 and any(name in s.dora for s in touching):
                 return lorahot.AdapterMismatchError  # DoRA on a layer another part loads into
@@ -393,6 +458,32 @@ class RuntimeMachine(RuleBasedStateMachine):
             return
         self.runtime.load(source, slot=slot, scale=weight, **options)
         self._loaded(slot, [self._part(spec, weight)], stacked=False)
+
+    @rule(
+        specs=st.lists(_SPEC | _WEIGHT_SPEC, min_size=1, max_size=3).filter(lambda s: any(p.kinds for p in s)),
+        slot=st.integers(0, 2),
+        data=st.data(),
+    )
+    def load_weight_kinds(self, specs: list[Spec], slot: int, data: st.DataObject) -> None:
+        """LyCORIS/kohya weight kinds alone or stacked with PEFT LoRAs (DoRA, LoRA biases) on the
+        same layers: merged mode folds them into the base weights; unmerged refuses them."""
+        slot %= self.SLOTS
+        weights = [data.draw(_WEIGHT, label="weight") for _ in specs]
+        sources = []
+        for spec in specs:
+            source, options = self._source(spec, data.draw(st.sampled_from(["mapping", "file"]), label="via"))
+            sources.append(lorahot.read_adapter(source, **options) if options else source)
+        one = len(specs) == 1 and data.draw(st.booleans(), label="one adapter")
+        call = (lambda: self.runtime.load(sources[0], slot=slot, scale=weights[0])) if one else None
+        error = self._problem(specs)
+        if error is not None:
+            self._refused(call or (lambda: self.runtime.load(sources, slot=slot, scale=weights)), error)
+            return
+        if call is not None:
+            call()
+        else:
+            self.runtime.load(sources, slot=slot, scale=weights)
+        self._loaded(slot, [self._part(s, w) for s, w in zip(specs, weights)], stacked=not one)
 
     @rule(specs=st.lists(_SPEC, min_size=1, max_size=3), slot=st.integers(0, 2), data=st.data())
     def load_stack(self, specs: list[Spec], slot: int, data: st.DataObject) -> None:
@@ -562,6 +653,22 @@ class RuntimeMachine(RuleBasedStateMachine):
             self.runtime.set_scale(weights[0], slot=slot)
         for p, w in zip(held.parts, weights):
             p.weight = w
+
+    @rule(name=st.sampled_from(["conv", "fc1", "fc2"]), data=st.data())
+    def edit_a_merged_weight(self, name: str, data: st.DataObject) -> None:
+        """A user's write into a merged weight is caught by the next call that would rewrite it
+        (refused, nothing changed); written back bitwise, the runtime serves again: lorahot's
+        own writes are never taken for an edit."""
+        if not self.MERGED:
+            return
+        weight = getattr(self.model, name).weight
+        at = data.draw(st.integers(0, weight.numel() - 1), label="element")
+        with torch.no_grad():
+            was = weight.view(-1)[at].clone()
+            weight.view(-1)[at] += 1.0
+        self._refused(lambda: self.runtime.activate(self.active), lorahot.UsageError)
+        with torch.no_grad():
+            weight.view(-1)[at] = was
 
     # -- refused calls ---------------------------------------------------------------------------------------
 
@@ -754,6 +861,10 @@ class RuntimeMachine(RuleBasedStateMachine):
             weights = tuple(p.weight for p in held.parts)
             assert info.scale == (weights if held.stacked else weights[0]), (s, info.scale, weights)
             assert dict(info.ranks) == held.ranks(), (s, info.ranks, held.ranks())
+
+
+def f64(t: torch.Tensor) -> torch.Tensor:
+    return t.double()
 
 
 def _machine(name: str, **config: Any) -> type[RuntimeMachine]:
