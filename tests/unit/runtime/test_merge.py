@@ -1106,3 +1106,45 @@ def test_a_rewrite_whose_every_layer_folds_outside_the_graph_captures_nothing(
     for _ in range(3):
         runtime.load(adapter)
     assert len(captures) == (2 if lora_too else 0)
+
+
+# -- the rewrite of one adapter as a graph replay, beside folded layers ---------------------------
+
+
+@pytest.mark.usefixtures("replaying_cuda")
+def test_replayed_rewrites_follow_the_layers_each_slot_folds() -> None:
+    """Merged mode rewrites one adapter's ``B @ A`` layers as a graph replay (the CPU stand-in of
+    ``conftest.replaying_cuda``) and leaves layers with weight-kind modules to the fold, marked
+    in the replay's key. Three slots fold different layers (a diff with its diff_b on ``1``, a
+    LoHa on ``0``, none; the first and the last alike but for the diff): after each activate and set_scale among them the weights and biases
+    are bitwise a twin's that never replays, so no graph captured for one set of folded layers
+    ran for another, and replays did run."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(12, 16), nn.Linear(16, 8)).double() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    runtimes = [lorahot.inject(m, ["0", "1"], max_rank=8, slots=3, merged=True) for m in models]
+    runtimes[0]._merger._replays.device = torch.device("cpu")  # as on one CUDA device
+    g = torch.Generator().manual_seed(1)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3
+
+    def lora(name: str, fan_in: int, fan_out: int) -> dict[str, torch.Tensor]:
+        return {f"lora_unet_{name}.lora_down.weight": r(2, fan_in), f"lora_unet_{name}.lora_up.weight": r(fan_out, 2)}
+
+    loha = {k: r(*s) for k, s in (("hada_w1_a", (16, 2)), ("hada_w1_b", (2, 12)), ("hada_w2_a", (16, 2)))}
+    loha["hada_w2_b"] = r(2, 12)
+    adapters = [
+        lora("0", 12, 16) | {"lora_unet_1.diff": r(8, 16), "lora_unet_1.diff_b": r(8)},
+        {f"lora_unet_0.{k}": v for k, v in loha.items()} | lora("1", 16, 8),
+        lora("0", 12, 16),  # slot 0's key but for its folded layer 1, here to be put back to W0
+    ]
+    for slot, adapter in enumerate(adapters):
+        for runtime in runtimes:
+            runtime.load(adapter, slot=slot)
+    for step in ("0", "1", "2", "0", "1", "2", "0", "s", "1", "s", "2", "0", "2", "1", "0", "1"):
+        for runtime in runtimes:
+            runtime.set_scale(-0.5) if step == "s" else runtime.activate(int(step))
+        mine, twin = (m.state_dict() for m in models)
+        assert all(torch.equal(v, twin[k]) for k, v in mine.items()), step
+    assert runtimes[0]._merger._replays.replays >= 8 and runtimes[1]._merger._replays.replays == 0
