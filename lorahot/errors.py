@@ -87,7 +87,9 @@ class UnexpectedError(LoraError):
 class WriteError(LoraError):
     """A write failed after every check had passed (out of device memory, a device fault). The
     slot it was writing is emptied, as by ``unload``, so that no mix of two adapters serves; the
-    message says so (or that emptying failed too). The original is its ``__cause__``."""
+    message says so (or that emptying failed too). Where ``activate`` failed so, the slot and
+    routing live before are live again (or the message says putting them back failed too). The
+    original is its ``__cause__``."""
 
 
 _P = ParamSpec("_P")

@@ -34,6 +34,7 @@ from lorahot.errors import (
     UsageError,
     WriteError,
     format_problems,
+    one_line,
     public_api,
     shown,
     unfinished_eject,
@@ -1032,21 +1033,61 @@ class LoraRuntime:
         first, and the live slot is merged again wherever that changes."""
         active, routing = self._active, self._routing.state()
         merged, base = self._merger is not None, self._routing.base_only
+        entered = False  # whether the live region (merged: the weights) may have been written
         try:
             if merged:
                 publish()
                 live = active if slot is None else slot
                 if again or live != active or base != self._routing.base_only:
+                    entered = True
                     self._make_live(live)
                 return
             if slot is not None and (again or slot != self._active):
+                entered = True
                 self._make_live(slot)
             publish()
-        except BaseException:
+        except Exception as exc:
+            self._put_back(active, routing, merged, entered, exc)
+            raise
+        except BaseException:  # interrupted (KeyboardInterrupt): put back, and the interrupt goes on
             self._routing.restore(routing)
             if self._active != active or merged:  # merged: the weights as the routing before had them
                 self._make_live(active)
             raise
+
+    def _put_back(
+        self,
+        active: int,
+        routing: tuple[tuple[int, ...] | None, bool, bool],
+        merged: bool,
+        written: bool,
+        exc: Exception,
+    ) -> None:
+        """After ``activate`` failed with ``exc``: the routing and live slot before it are put
+        back (merged: the weights as that routing had them). A lorahot error (a refusal) goes on
+        as it is. A failure of the writes themselves (out of memory, a device fault) copies the
+        live region again where it may have been ``written`` and is a :class:`WriteError` saying
+        what is live now, or that putting it back failed too."""
+        if isinstance(exc, LoraError):
+            self._routing.restore(routing)
+            if self._active != active or merged:
+                self._make_live(active)
+            return
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
+        what = f"{type(exc).__name__}: {one_line(first)}"
+        try:
+            self._routing.restore(routing)
+            if self._active != active or merged or written:
+                self._make_live(active)
+        except Exception:
+            raise WriteError(
+                f"LoraRuntime.activate: {what}, and putting slot {active} and the routing before back failed too: "
+                f"the model may compute a mix of slots. Call runtime.activate({active}) again, or runtime.unload()."
+            ) from exc
+        raise WriteError(
+            f"LoraRuntime.activate: {what}, while making the new slot or routing live after every check had "
+            f"passed. Slot {active} and the routing before are live again; nothing else changed."
+        ) from exc
 
     def _make_live(self, slot: int) -> None:
         """Copies ``slot`` into the live region (and refreshes the merged weights or the wide

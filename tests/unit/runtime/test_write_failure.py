@@ -231,11 +231,59 @@ def test_a_failed_per_row_activate_puts_back_every_arenas_routing(
     # one slot on every row: the slot made live, then the routing recorded; else uploaded arena by arena
     cls, method = (routing.Routing, "one_slot") if new == [1, 1] else (staging.Staging, "send")
     _interrupting(monkeypatch, cls, method, after=after, error=error)
-    with pytest.raises((KeyboardInterrupt, lorahot.UnexpectedError)):
+    with pytest.raises((KeyboardInterrupt, lorahot.WriteError)) as raised:
         runtime.activate(new)
     monkeypatch.undo()
+    if error is RuntimeError:  # a device fault: typed, saying what is live now
+        assert "Slot 0 and the routing before are live again" in str(raised.value)
     assert runtime.routing == (0, 1)
     assert runtime.active_slot == 0
     assert torch.equal(_served(model, ids), before)
     runtime.activate(new)
     assert torch.equal(_served(model, ids), wanted)
+
+
+@pytest.mark.parametrize("persists", [False, True], ids=["once", "persisting"])
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_a_device_fault_during_activate_is_a_write_error_saying_what_is_live(
+    merged: bool, persists: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory while activate makes a slot live (the copy into the live region, or merged
+    mode's rewrite) is a WriteError, not a report of a gap in lorahot's checks: the slot live
+    before is live again and the model serves it bitwise. Where putting it back fails too, the
+    WriteError says the model may compute a mix and how to recover."""
+    model = _two_arenas()
+    ids = token_ids((2, 6), 32, seed=1)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4, slots=2, merged=merged)
+    names = list(runtime.layers)
+    for slot in (0, 1):
+        runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=slot + 1)[0], slot=slot)
+    runtime.activate(0)
+    first = _served(model, ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cls, method = (merge.Merger, "apply") if merged else (buffers.Arena, "copy_region")
+    original = getattr(cls, method)
+    calls: list[int] = []
+
+    def faulting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if persists or len(calls) == 1:
+            raise MemoryError("CUDA out of memory")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, faulting)
+    with pytest.raises(lorahot.WriteError, match=r"^LoraRuntime\.activate: MemoryError: CUDA out of memory") as raised:
+        runtime.activate(1)
+    monkeypatch.undo()
+    if persists:
+        assert "putting slot 0 and the routing before back failed too" in str(raised.value)
+        assert "runtime.activate(0) again" in str(raised.value)
+        runtime.activate(0)  # the recovery it names
+    else:
+        assert "Slot 0 and the routing before are live again; nothing else changed." in str(raised.value)
+    assert isinstance(raised.value.__cause__, MemoryError)
+    assert runtime.active_slot == 0
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(_served(model, ids), first)
+    runtime.activate(1)
+    assert not torch.equal(_served(model, ids), first)
