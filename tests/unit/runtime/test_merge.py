@@ -1116,9 +1116,9 @@ def test_replayed_rewrites_follow_the_layers_each_slot_folds() -> None:
     """Merged mode rewrites one adapter's ``B @ A`` layers as a graph replay (the CPU stand-in of
     ``conftest.replaying_cuda``) and leaves layers with weight-kind modules to the fold, marked
     in the replay's key. Three slots fold different layers (a diff with its diff_b on ``1``, a
-    LoHa on ``0``, none; the first and the last alike but for the diff): after each activate and set_scale among them the weights and biases
-    are bitwise a twin's that never replays, so no graph captured for one set of folded layers
-    ran for another, and replays did run."""
+    LoHa on ``0``, none; the first and the last alike but for the diff): after each activate and
+    set_scale among them the weights and biases are bitwise a twin's that never replays, so no
+    graph captured for one set of folded layers ran for another, and replays did run."""
     torch.manual_seed(0)
     models = [nn.Sequential(nn.Linear(12, 16), nn.Linear(16, 8)).double() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
