@@ -401,7 +401,7 @@ class LoraRuntime:
             lorahot.LoraError: the adapter cannot be read or does not fit (its values out of
                 the buffers' range included); for a stack, any part, or the parts together
                 (ranks over ``max_rank`` in a layer, DoRA on a layer another part touches,
-                two LoRA biases on one layer: :class:`AdapterMismatchError`); UsageError for
+                unmerged, two LoRA biases on one layer: :class:`AdapterMismatchError`); UsageError for
                 a bad call (a ``scale`` sequence whose length is not the number of parts, a
                 scale other than 1 for an adapter holding a LyCORIS or kohya LoRA trained with
                 weight decomposition: ``dora_scale``), or
@@ -571,7 +571,7 @@ class LoraRuntime:
             parts.append(checked)
             if hit is None:
                 fresh.append(checked.plan)
-        stack, placement = build(parts, self.buffers)
+        stack, placement = build(parts, self.buffers, merged=self._merger is not None)
         self._check_scales(stack, weights)
         self._check_routed(slot, stack)
 

@@ -13,7 +13,10 @@ LoRA parts and the others.
 
 DoRA and LoRA biases fold too: ``W = f * (W0 + scale * dW)`` with the live DoRA factor ``f``
 per output channel, and ``b = b0 + f * scale * c`` for the LoRA bias ``c`` (a layer without a
-base bias cannot take a LoRA bias in merged mode: the load is refused).
+base bias cannot take a LoRA bias in merged mode: the load is refused). Where several parts of
+a stack carry a LoRA bias on one layer (none of them with DoRA there: a stack refuses DoRA on a
+shared layer), ``b = b0 + sum_p w_p * scale_p * c_p``, each bias added as a bias diff
+(:meth:`lorahot.runtime.stack.Stack.weight_terms`).
 
 Normalization layers (:class:`lorahot.layers.norm.LoRANorm`: LayerNorm, GroupNorm, RMSNorm and
 their look-alikes, targets in merged mode only) are rewritten too, from pristine copies of their
@@ -366,6 +369,12 @@ def _folded(layer: LoRALayer, weight: torch.Tensor, module: WeightModule, s: flo
     torch_layout = weight.t() if layer.channel_dim() == 1 else weight.reshape(shape)
     folded = fold_delta(module, torch_layout, s, _base_for(layer, module))
     return layer.weight_delta(folded).reshape(weight.shape)
+
+
+def _bias_only(module: WeightModule) -> bool:
+    """Whether ``module`` is a bias diff alone (no ``ΔW``): a ``.diff_b`` without weights, or
+    one of several LoRA biases a stack adds on one layer (:meth:`Stack.weight_terms`)."""
+    return module.kind == "diff" and module.factors.keys() == {"diff_b"}
 
 
 def _base_for(layer: LoRALayer, module: WeightModule) -> torch.Tensor | None:
@@ -759,7 +768,8 @@ class Merger:
                         extras = rewrite.extras.to(folded_bias.dtype)
                         folded_bias = folded_bias + extras[EXTRA_F] * extras[EXTRA_BIAS] * rewrite.s
                 for module, s in rewrite.terms:
-                    folded = _folded(layer, folded, module, s)  # a dora_scale: alone on its layer
+                    if not _bias_only(module):
+                        folded = _folded(layer, folded, module, s)  # a dora_scale: alone on its layer
                     db = module.factors.get("diff_b")
                     if db is not None and folded_bias is not None:
                         folded_bias = folded_bias + s * db.to(folded_bias.device, folded_bias.dtype)

@@ -18,10 +18,12 @@ replay (:mod:`lorahot.runtime.scale_replay`).
 
 What a stack refuses, before anything is written (:func:`check_parts`): a layer whose parts'
 ranks add up past ``max_rank``; DoRA on a layer another part also touches (PEFT computes one
-DoRA factor per adapter, over that adapter's update alone); two parts with a LoRA bias on one
-layer (a layer has one bias row, scaled by its first row's scale, so the part that has a bias
-is laid first). In merged mode LyCORIS kinds and diffs stack too: their weighted ``ΔW`` are
-added to the merged weight.
+DoRA factor per adapter, over that adapter's update alone); unmerged, two parts with a LoRA
+bias on one layer (a layer has one bias row, scaled by its first row's scale, so the part that
+has a bias is laid first). In merged mode LyCORIS kinds and diffs stack too: their weighted
+``ΔW`` are added to the merged weight; and LoRA biases of several parts on one layer add up,
+``b0 + sum_p w_p * alpha_p / r_p * c_p`` (:attr:`Stack.shared_biases`), as PEFT adds the
+outputs of several active adapters and ComfyUI adds every patch's bias.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ import torch
 
 from lorahot.adapter import LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems
+from lorahot.layers.base import EXTRA_BIAS
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra
 from lorahot.runtime.plan import Checked, LoadPlan, Staged
 
-__all__ = ["Stack", "Placement", "Run", "build", "check_parts", "shared_problems", "SHARED_FIX"]
+__all__ = ["Stack", "Placement", "Run", "build", "check_parts", "shared_problems", "SHARED_FIX", "BIASES_FIX"]
 
 #: ``(layer index, first row, rows, part)``: a part's contiguous rows in one layer (or group slice)
 Run = tuple[int, int, int, int]
@@ -110,6 +113,18 @@ class Stack:
         return out
 
     @functools.cached_property
+    def shared_biases(self) -> dict[str, list[tuple[int, LoraModule]]]:
+        """Injected layer name -> ``(part, module)`` of every part's LoRA module with a LoRA bias
+        there, for the layers where several parts carry one (merged mode only: unmerged, a
+        layer holds one bias row and :func:`check_parts` refuses them)."""
+        out: dict[str, list[tuple[int, LoraModule]]] = {}
+        for name, items in self.terms.items():
+            biased = [(p, m) for p, m in _lora(items) if m.bias is not None]
+            if len(biased) > 1:
+                out[name] = biased
+        return out
+
+    @functools.cached_property
     def decomposed(self) -> frozenset[str]:
         """Injected layer names whose DoRA magnitude is a LyCORIS or kohya ``dora_scale``, whose
         factor adds LyCORIS' ``eps`` to the norm (:meth:`LoraModule.norm_eps`)."""
@@ -122,11 +137,15 @@ class Stack:
 
     def weight_terms(self, weights: Sequence[float]) -> dict[str, list[tuple[WeightModule, float]]]:
         """Injected layer name -> each LyCORIS/diff module folded into it (merged mode) and its
-        scale: the module's own times its part's weight."""
+        scale: the module's own times its part's weight. On a layer where several parts carry
+        a LoRA bias (:attr:`shared_biases`), each of those biases is a bias diff (``diff_b``
+        alone) at its part's ``w * alpha / r``: the slot's extras hold none of them."""
         out: dict[str, list[tuple[WeightModule, float]]] = {}
         for p, plan in enumerate(self.parts):
             for name, w in plan.weights.items():
                 out.setdefault(name, []).append((w, weights[p] * w.scale))
+        for name, biased in self.shared_biases.items():
+            out.setdefault(name, []).extend((_bias_diff(m), weights[p] * m.scale) for p, m in biased)
         return out
 
     @property
@@ -146,8 +165,10 @@ class Placement:
     extras: list[list[Extra]]
 
 
-def build(parts: list[Checked], buffers: BufferManager) -> tuple[Stack, Placement]:
-    """The stack of ``parts`` (each checked as one adapter) and where its rows go.
+def build(parts: list[Checked], buffers: BufferManager, merged: bool = False) -> tuple[Stack, Placement]:
+    """The stack of ``parts`` (each checked as one adapter) and where its rows go. ``merged``:
+    for a merged runtime, where several parts' LoRA biases on one layer add up (their rows
+    left out of the extras: :meth:`Stack.weight_terms` folds them).
 
     Raises:
         AdapterMismatchError: the parts do not fit together (see :func:`check_parts`).
@@ -157,16 +178,20 @@ def build(parts: list[Checked], buffers: BufferManager) -> tuple[Stack, Placemen
     if len(parts) == 1:
         extras = parts[0].extras or [[] for _ in buffers.arenas]
         return Stack.of(plans[0], buffers.max_rank), Placement(parts[0].entries, None, extras)
-    check_parts(plans, buffers)
+    check_parts(plans, buffers, merged)
     laid = [_lay_out(parts, a, arena, buffers.max_rank) for a, arena in enumerate(buffers.arenas)]
     arenas = range(len(buffers.arenas))
-    extras = [[row for c in parts if c.extras for row in c.extras[a]] for a in arenas]
     ranks: dict[str, int] = {}
     for plan in plans:
         for name, r in plan.ranks.items():
             ranks[name] = ranks.get(name, 0) + r
     dora = [sorted({i for plan in plans if plan.dora for i in plan.dora[a]}) for a in arenas]
     stack = Stack(tuple(plans), [t for _, _, t, _ in laid], ranks, dora, [r for _, _, _, r in laid])
+    folded = {buffers.where[name] for name in stack.shared_biases}  # (arena, layer): weight_terms adds them
+    extras = [
+        [row for c in parts if c.extras for row in c.extras[a] if not (row[1] == EXTRA_BIAS and (a, row[0]) in folded)]
+        for a in arenas
+    ]
     return stack, Placement([e for e, _, _, _ in laid], [o for _, o, _, _ in laid], extras)
 
 
@@ -217,10 +242,10 @@ def _listed(parts: list[int]) -> str:
     return ", ".join(map(str, parts[:PARTS_SHOWN])) + more
 
 
-def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
+def check_parts(plans: list[LoadPlan], buffers: BufferManager, merged: bool = False) -> None:
     """Whether checked adapters can share one slot: every layer's ranks add up to at most
     ``max_rank``; a DoRA module (or one built from the base weight: OFT, BOFT, (IA)^3, GLoRA)
-    is alone on its layer; at most one LoRA bias per layer.
+    is alone on its layer; unless ``merged``, at most one LoRA bias per layer.
 
     Raises:
         AdapterMismatchError: naming every layer that does not fit, each part there (its
@@ -236,7 +261,7 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
         f"{name}: ranks {_summed(by_layer[name], sources)} = {total} > max_rank {buffers.max_rank}"
         for name, total in over.items()
     ]
-    shared = shared_problems(by_layer, sources)
+    shared = shared_problems(by_layer, sources, merged)
     if not ranks and not shared:
         return
     fixes = []
@@ -247,6 +272,8 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
         )
     if shared:
         fixes.append(SHARED_FIX)
+    if any(_BIASES in p for p in shared):
+        fixes.append(BIASES_FIX)
     raise AdapterMismatchError(
         format_problems(f"a stack of {len(plans)} adapters does not fit together in one slot:", ranks + shared)
         + "\n"
@@ -260,13 +287,22 @@ SHARED_FIX = (
     "with adapters that leave its layers."
 )
 
+#: how :func:`shared_problems` names several LoRA biases on one layer, and the fix for them
+_BIASES = "each carry a LoRA bias"
+BIASES_FIX = (
+    "Several LoRA biases on one layer add up in merged mode: inject with merged=True to stack them (an unmerged "
+    "layer holds one LoRA bias)."
+)
 
-def shared_problems(by_layer: dict[str, list[tuple[int, LoraModule | WeightModule]]], sources: list[str]) -> list[str]:
+
+def shared_problems(
+    by_layer: dict[str, list[tuple[int, LoraModule | WeightModule]]], sources: list[str], merged: bool = False
+) -> list[str]:
     """For every layer that several parts load into (``by_layer``: layer -> ``(part, module)``
     pairs; ``sources``: how each part is named), what cannot share it: a DoRA module, a LyCORIS
     module with weight decomposition, a module built from the base weight (OFT, BOFT, (IA)^3,
-    GLoRA), a second LoRA bias."""
-    return [p for name, items in by_layer.items() if len(items) > 1 for p in _shared(name, items, sources)]
+    GLoRA), and unless ``merged`` a second LoRA bias."""
+    return [p for name, items in by_layer.items() if len(items) > 1 for p in _shared(name, items, sources, merged)]
 
 
 def _lora(items: list[tuple[int, LoraModule | WeightModule]]) -> list[tuple[int, LoraModule]]:
@@ -278,10 +314,13 @@ def _rows(items: list[tuple[int, LoraModule | WeightModule]]) -> int:
     return sum(m.rank for _, m in _lora(items))
 
 
-def _shared(name: str, items: list[tuple[int, LoraModule | WeightModule]], sources: list[str]) -> list[str]:
+def _shared(
+    name: str, items: list[tuple[int, LoraModule | WeightModule]], sources: list[str], merged: bool
+) -> list[str]:
     """What cannot share layer ``name`` with other parts: DoRA (PEFT computes one factor per
     adapter, over its own update) or a LyCORIS module's weight decomposition (``dora_scale``,
-    over the weight that module makes), a second LoRA bias (a layer holds one)."""
+    over the weight that module makes), unless ``merged`` a second LoRA bias (an unmerged layer
+    holds one)."""
     others = _listed([p for p, _ in items])
     problems = [
         f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has DoRA (a magnitude vector) on a layer "
@@ -306,9 +345,19 @@ def _shared(name: str, items: list[tuple[int, LoraModule | WeightModule]], sourc
         if isinstance(m, WeightModule) and m.reads_base
     ]
     biased = [p for p, m in _lora(items) if m.bias is not None]
-    if len(biased) > 1:
-        problems.append(f"{name}: parts {_listed(biased)} each carry a LoRA bias (lora_B.bias); a layer holds one")
+    if len(biased) > 1 and not merged:
+        problems.append(
+            f"{name}: parts {_listed(biased)} {_BIASES} (lora_B.bias, or a .diff_b beside a LoRA); an unmerged layer "
+            "holds one"
+        )
     return problems
+
+
+def _bias_diff(m: LoraModule) -> WeightModule:
+    """``m``'s LoRA bias as a bias diff (``diff_b`` alone, no ``ΔW``), for merged mode to add
+    at ``m``'s ``alpha / r`` times its part's weight."""
+    assert m.bias is not None  # shared_biases holds biased modules only
+    return WeightModule(m.key, "diff", {"diff_b": m.bias.reshape(-1)}, source_keys=m.source_keys)
 
 
 def _modules(plan: LoadPlan) -> list[tuple[str, LoraModule | WeightModule]]:

@@ -395,7 +395,8 @@ def _model_ranks(
     (``paths``: the model's module paths, for :func:`~lorahot.runtime.flux_inputs.pad_embedder_input`).
     With ``components`` (layers named ``<component>.<path>``) each module is first routed to its
     component as ``load`` routes it. ``stacked``: the adapters are a stack's parts, and what
-    cannot share a layer with the other parts there is refused as ``load`` refuses it; ``heads``:
+    cannot share a layer with the other parts there is refused as ``load`` refuses it (several
+    LoRA biases on one layer, which a merged runtime adds, only where the layer has no bias); ``heads``:
     the attention head sizes of the model's modules, as ``load`` reads them
     (:func:`~lorahot.runtime.stack.shared_problems`); ``routes``: each adapter's ``denoiser``
     component (None, or none given: the model's own)."""
@@ -438,7 +439,16 @@ def _model_ranks(
             "plan them apart"
             for b in biased
         ]
-    shared = shared_problems(by_layer, [f"part {p}: {a.source}" for p, a in enumerate(adapters)]) if stacked else []
+    shared: list[str] = []
+    if stacked:  # several LoRA biases on one layer add up in merged mode, which folds them into the layer's bias
+        shared = shared_problems(by_layer, [f"part {p}: {a.source}" for p, a in enumerate(adapters)], merged=True)
+        shared += [
+            f"{name}: parts {', '.join(map(str, parts))} each carry a LoRA bias on a layer without a bias, which "
+            "merged mode cannot fold them into, while an unmerged layer holds one LoRA bias: no one runtime loads them"
+            for name, items in by_layer.items()
+            if len(parts := [p for p, m in items if isinstance(m, LoraModule) and m.bias is not None]) > 1
+            and layers[name].base_bias is None
+        ]
     if problems or shared:
         raise AdapterMismatchError(
             format_problems(

@@ -187,6 +187,52 @@ def test_wan_diff_b_is_a_bias_at_the_adapter_weight_as_diffusers_applies_it(mode
     torch.testing.assert_close(ours_halved, halved, rtol=1e-4, atol=1e-5)
 
 
+def _diff_b_file(seed: int) -> dict[str, torch.Tensor]:
+    """A CausVid / lightx2v-style file in float64: a LoRA with a ``.diff_b`` beside it on every block module."""
+    sd = wan_file(("lora_down", "lora_up"), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, (_, fan_out, _) in MODULES.items():
+        if name.startswith("blocks."):
+            sd[f"diffusion_model.{name}.diff_b"] = torch.randn(fan_out, generator=g) * 0.3
+    return {k: v.double() for k, v in sd.items()}
+
+
+def test_a_stack_of_two_wan_files_with_diff_b_adds_both_biases_as_diffusers(tmp_path: Path) -> None:
+    """Two files that each carry a ``.diff_b`` beside their LoRAs, stacked (as ComfyUI users stack a
+    CausVid LoRA with a style LoRA; ComfyUI adds every patch's bias): merged, the output is diffusers'
+    with both adapters active at each part's weight, float64, at [1, 0.5], after set_scale([0.7, -1])
+    and at [0, 1]; unload puts every weight and bias back bitwise. Unmerged, an AdapterMismatchError
+    names merged=True and changes nothing. Merged mode refused these stacks ('a layer holds one')."""
+    files = [_diff_b_file(seed) for seed in (5, 9)]
+    paths = [tmp_path / f"wan_diff_b_{k}.safetensors" for k in range(2)]
+    for sd, path in zip(files, paths):
+        save_file(sd, str(path))
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in wan_inputs().items()}
+    with torch.no_grad():
+        oracle = tiny_wan().double()
+        for k, sd in enumerate(files):
+            state = diffusers.WanPipeline.lora_state_dict(dict(sd))
+            oracle.load_lora_adapter(state, prefix="transformer", adapter_name=f"part{k}")
+        model = tiny_wan().double()
+        base = {k: v.clone() for k, v in model.state_dict().items()}
+        runtime = lorahot.inject(model, "all-linear", max_rank=16, merged=True)
+        runtime.load(paths, scale=[1.0, 0.5])
+        for weights in ([1.0, 0.5], [0.7, -1.0], [0.0, 1.0]):
+            runtime.set_scale(weights)
+            oracle.set_adapters(["part0", "part1"], weights=weights)
+            expected = oracle(**inputs, return_dict=False)[0]
+            torch.testing.assert_close(model(**inputs, return_dict=False)[0], expected, rtol=1e-12, atol=1e-12)
+        runtime.unload()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
+        unmerged = lorahot.inject(tiny_wan().double(), "all-linear", max_rank=16, extras=True)
+        unmerged.load(paths[0])
+        before = [t.clone() for a in unmerged.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"(?s)each carry a LoRA bias.*inject with merged=True"):
+            unmerged.load(paths)
+        after = [t for a in unmerged.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+        assert all(torch.equal(t, u) for t, u in zip(before, after))
+
+
 def test_wan_diff_b_without_extras_names_the_flag(tmp_path: Path) -> None:
     sd = wan_file(("lora_A", "lora_B"), seed=7)
     sd["diffusion_model.blocks.0.self_attn.q.diff_b"] = torch.randn(D)

@@ -623,3 +623,34 @@ def test_stacked_plans_refuse_what_a_stack_load_refuses_on_a_shared_layer(stack:
     with pytest.raises(lorahot.AdapterMismatchError, match=rf"{shared}[\s\S]*\nLoad an adapter with DoRA .* alone"):
         lorahot.plan_targets(parts, model(), stacked=True)
     assert lorahot.plan_targets(parts, model()).ranks["0"] == (3 if stack.startswith("dora") else 2)  # one at a time
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["layer-bias", "no-layer-bias"])
+def test_stacked_plans_of_several_lora_biases_on_one_layer_follow_merged_mode(bias: bool) -> None:
+    """Two parts with a LoRA bias on one layer load in merged mode, which adds them into the layer's
+    bias: ``plan_targets(stacked=True)`` plans them (it refused them, as the unmerged load does) and a
+    merged runtime loads the plan. On a layer without a bias no runtime loads them: refused by name."""
+    g = torch.Generator().manual_seed(0)
+    parts = [
+        {
+            "0.lora_A.weight": torch.randn(2, 16, generator=g, dtype=torch.float64),
+            "0.lora_B.weight": torch.randn(24, 2, generator=g, dtype=torch.float64),
+            "0.lora_B.bias": torch.randn(24, generator=g, dtype=torch.float64),
+        }
+        for _ in range(2)
+    ]
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(16, 24, bias=bias)).double()
+
+    if not bias:
+        with pytest.raises(
+            lorahot.AdapterMismatchError,
+            match=r"  - 0: parts 0, 1 each carry a LoRA bias on a layer without a bias, which merged mode cannot "
+            r"fold them into, while an unmerged layer holds one LoRA bias: no one runtime loads them",
+        ):
+            lorahot.plan_targets(parts, model(), stacked=True)
+        return
+    plan = lorahot.plan_targets(parts, model(), stacked=True)
+    assert plan.ranks == {"0": 4} and plan.extras
+    lorahot.inject(model(), plan.targets, max_rank=plan.max_rank, merged=True).load(parts)

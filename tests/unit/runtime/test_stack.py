@@ -22,7 +22,16 @@ from torch import nn
 
 import lorahot
 from lorahot.runtime import lora_runtime, wide
-from tests.helpers import make_adapter, save_peft, stack_reference, tiny_convnet, tiny_lm, token_ids
+from tests.helpers import (
+    COMPILED_DEVICES,
+    assert_swaps_without_recompile,
+    make_adapter,
+    save_peft,
+    stack_reference,
+    tiny_convnet,
+    tiny_lm,
+    token_ids,
+)
 from tests.reliability_helpers import Q0, V1, assert_unchanged, build_rig, snapshot, write_valid
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "embed_tokens"]
@@ -322,6 +331,7 @@ def _bias_and_dora(tmp: Path) -> tuple[nn.Module, lorahot.LoraRuntime, dict, dic
 
 
 def test_dora_on_a_shared_layer_and_two_lora_biases_on_one_are_refused(tmp_path: Path) -> None:
+    """Unmerged (one LoRA-bias row per layer); the refusal names merged=True, where they add up."""
     model, runtime, dora, biased, plain = _bias_and_dora(tmp_path)
     runtime.load(plain)
     state = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
@@ -332,7 +342,10 @@ def test_dora_on_a_shared_layer_and_two_lora_biases_on_one_are_refused(tmp_path:
     ):
         runtime.load([dora, plain])
     with pytest.raises(
-        lorahot.AdapterMismatchError, match=r"  - 0: parts 0, 1 each carry a LoRA bias \(lora_B\.bias\)"
+        lorahot.AdapterMismatchError,
+        match=r"(?s)  - 0: parts 0, 1 each carry a LoRA bias \(lora_B\.bias, or a \.diff_b beside a LoRA\); an "
+        r"unmerged layer holds one\n.*\nSeveral LoRA biases on one layer add up in merged mode: inject with "
+        r"merged=True to stack them",
     ):
         runtime.load([biased, biased])
     assert all(
@@ -349,6 +362,108 @@ def test_dora_on_a_shared_layer_and_two_lora_biases_on_one_are_refused(tmp_path:
 
 
 # -- merged mode, the wide layers ------------------------------------------------------------------------
+
+
+def _biased_parts(model: nn.Module, n: int, seed: int, scale: float = 0.3) -> list[dict[str, torch.Tensor]]:
+    """``n`` PEFT LoRAs (rank 2, alpha = rank) on every layer of ``model``, each with a LoRA bias."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for _ in range(n):
+        part: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(model):
+            part[f"{i}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=g, dtype=torch.float64)
+            part[f"{i}.lora_B.weight"] = torch.randn(layer.out_features, 2, generator=g, dtype=torch.float64)
+            part[f"{i}.lora_B.bias"] = torch.randn(layer.out_features, generator=g, dtype=torch.float64) * scale
+        parts.append(part)
+    return parts
+
+
+def _biased_reference(
+    model: nn.Module, base: dict[str, torch.Tensor], parts: list[dict[str, torch.Tensor]], weights: list[float]
+) -> dict[str, torch.Tensor]:
+    """float64 ``W0 + sum_p w_p B_p A_p`` and ``b0 + sum_p w_p c_p`` (PEFT's sum of active adapters,
+    each ``lora_B`` with its bias, at ``alpha / r`` 1)."""
+    out = {k: v.double().clone() for k, v in base.items()}
+    for part, w in zip(parts, weights):
+        for i in range(len(model)):
+            out[f"{i}.weight"] += w * part[f"{i}.lora_B.weight"] @ part[f"{i}.lora_A.weight"]
+            out[f"{i}.bias"] += w * part[f"{i}.lora_B.bias"]
+    return out
+
+
+def test_merged_mode_adds_the_lora_biases_of_parts_on_one_layer() -> None:
+    """Merged, a stack whose parts each carry a LoRA bias on the same layers folds their sum, each at its
+    part's ``w * alpha / r`` (as PEFT adds several active adapters' outputs), after load, set_scale,
+    activate of another slot and back; unload puts the base back bitwise. These loads were refused
+    ("a layer holds one"), while fuse= folded the same biases."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).double()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=8, slots=2, merged=True)
+    parts = _biased_parts(model, 3, seed=0)
+    runtime.load(parts[:2], scale=[1.0, 0.5])
+    runtime.load(parts[2], slot=1, scale=0.25)
+    for weights in ([1.0, 0.5], [0.7, -1.0], [0.0, 2.0]):
+        runtime.set_scale(weights)
+        for k, v in _biased_reference(model, base, parts[:2], weights).items():
+            torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-12, atol=1e-12)
+    runtime.activate(1)
+    for k, v in _biased_reference(model, base, parts[2:], [0.25]).items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-12, atol=1e-12)
+    runtime.activate(0)
+    for k, v in _biased_reference(model, base, parts[:2], [0.0, 2.0]).items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-12, atol=1e-12)
+    runtime.unload()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
+
+
+def test_merged_lora_biases_that_overflow_only_summed_are_refused_with_nothing_changed() -> None:
+    """float16: two LoRA biases of 33000 each fit alone and at weights [1, 0.5] (49500), not summed at
+    [1, 1] (66000 > 65504): the load and the set_scale are refused, the weights and biases bitwise as they
+    were."""
+    model = nn.Sequential(nn.Linear(6, 5)).half()
+    runtime = lorahot.inject(model, ["0"], max_rank=8, merged=True)
+    parts = [
+        {
+            "0.lora_A.weight": torch.zeros(2, 6, dtype=torch.float16),
+            "0.lora_B.weight": torch.zeros(5, 2, dtype=torch.float16),
+            "0.lora_B.bias": torch.full((5,), 33000.0, dtype=torch.float16),
+        }
+        for _ in range(2)
+    ]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lorahot.UsageError, match=r"scale=\[1, 1\]: merged weights would overflow the model's dtype"):
+        runtime.load(parts)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    runtime.load(parts, scale=[1.0, 0.5])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lorahot.UsageError, match=r"scale=\[1, 1\]: merged weights would overflow the model's dtype"):
+        runtime.set_scale([1.0, 1.0])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert runtime.info().scale == (1.0, 0.5)
+
+
+@pytest.mark.parametrize(("device", "mode"), COMPILED_DEVICES)
+def test_a_compiled_merged_model_swaps_between_one_and_two_lora_biases_without_recompiling(
+    device: str, mode: str
+) -> None:
+    """A compiled merged model under error_on_recompile=True: a part with a LoRA bias, then a stack of
+    two on the same layers, then back; each output the float64 reference's."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).double()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    parts = _biased_parts(model, 2, seed=3)
+    x = torch.randn(3, 6, dtype=torch.float64)
+
+    def output(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = F.linear(x, params["0.weight"], params["0.bias"])
+        return F.linear(h, params["1.weight"], params["1.bias"]).to(device)
+
+    runtime = lorahot.inject(model.to(device), ["0", "1"], max_rank=8, merged=True)
+    swaps = [
+        (parts[0], output(_biased_reference(model, base, parts[:1], [1.0]))),
+        (parts, output(_biased_reference(model, base, parts, [1.0, 1.0]))),
+        (parts[0], output(_biased_reference(model, base, parts[:1], [1.0]))),
+    ]
+    assert_swaps_without_recompile(runtime, model, x.to(device), swaps, tol=1e-10, mode=mode)
 
 
 def test_merged_mode_sums_lora_and_diff_parts_into_the_weight() -> None:
