@@ -82,8 +82,9 @@ class TargetPlan:
         skipped: tensor keys left out (only with ``strict=False``).
         extras: whether some adapter has a DoRA magnitude or a LoRA bias, which run unmerged
             only with ``inject(..., extras=True)``.
-        merged_only: whether some adapter holds LyCORIS kinds or full diffs, which load only
-            with ``inject(..., merged=True)``.
+        merged_only: whether some adapter holds LyCORIS kinds or full diffs, or (planned
+            ``stacked`` against a model) several parts carry a LoRA bias on one layer, which
+            load only with ``inject(..., merged=True)`` (merged mode adds those biases).
         stacked: whether the ranks are sums over the adapters (``plan_targets(..., stacked=True)``:
             room to load them all into one slot together) rather than maxima.
     """
@@ -169,8 +170,10 @@ def plan_targets(
             ``strict=False`` those are skipped, as ``load`` skips them); also, with or without
             a model, an :class:`AdapterMismatchError` for a rank above 65536 (what ``inject``
             allocates at most); with ``stacked=True`` and a model, also for a DoRA module, a
-            LyCORIS module with weight decomposition or a second LoRA bias on a layer other
-            parts load into, which ``load`` refuses in a stack.
+            LyCORIS module with weight decomposition on a layer other parts load into, which
+            ``load`` refuses in a stack, for several LoRA biases on one layer without a bias,
+            and for a LoRA bias on a layer without a bias in a stack that needs merged mode
+            (several LoRA biases on another layer), which no runtime loads.
     """
     items = _source_list(sources)
     if not isinstance(stacked, bool):
@@ -201,7 +204,7 @@ def plan_targets(
             _check_one_spelling(adapters)
         _check_module_paths(adapters)
         ranks = _file_ranks(adapters, combine)
-        groups = [1]
+        groups, summed = [1], False
     else:
         components: tuple[str, ...] = ()
         if several:
@@ -215,7 +218,7 @@ def plan_targets(
             layers = _wrappable(model)
             paths = {n for n, _ in model.named_modules()}
             heads = head_sizes(model.named_modules())
-        ranks = _model_ranks(
+        ranks, summed = _model_ranks(
             adapters,
             layers,
             skipped if strict is False else None,
@@ -254,7 +257,7 @@ def plan_targets(
         tuple(a.source for a in adapters),
         tuple(skipped),
         extras=any(m.magnitude is not None or m.bias is not None for a in adapters for m in a.modules.values()),
-        merged_only=any(a.weights for a in adapters),
+        merged_only=any(a.weights for a in adapters) or summed,
         stacked=stacked,
     )
 
@@ -389,10 +392,12 @@ def _model_ranks(
     stacked: bool = False,
     heads: Mapping[str, int] | None = None,
     routes: Sequence[str | None] = (),
-) -> dict[str, int]:
+) -> tuple[dict[str, int], bool]:
     """Model module name -> the largest rank any adapter loads there (``combine`` of the
-    ranks), after checking every adapter's keys and shapes against the model as ``load`` would
-    (``paths``: the model's module paths, for :func:`~lorahot.runtime.flux_inputs.pad_embedder_input`).
+    ranks), and whether a stack's parts carry several LoRA biases on one layer with a bias
+    (which only merged mode loads: it adds them), after checking every adapter's keys and
+    shapes against the model as ``load`` would (``paths``: the model's module paths, for
+    :func:`~lorahot.runtime.flux_inputs.pad_embedder_input`).
     With ``components`` (layers named ``<component>.<path>``) each module is first routed to its
     component as ``load`` routes it. ``stacked``: the adapters are a stack's parts, and what
     cannot share a layer with the other parts there is refused as ``load`` refuses it (several
@@ -432,11 +437,15 @@ def _model_ranks(
             if "diff_b" in w.factors and layers[name].base_bias is None:
                 problems.append(f"{adapter.source}: {name}: a bias diff (diff_b) for a layer without a bias")
             ranks.setdefault(name, 0)
-    if merged_only and biased:  # as load refuses each in a merged runtime, the only kind the others load into
+    # a stack's LoRA biases on one layer add up in merged mode only (an unmerged layer holds one)
+    summed = stacked and any(
+        len(_lora_biases(items)) > 1 and layers[name].base_bias is not None for name, items in by_layer.items()
+    )
+    if (merged_only or summed) and biased:  # as load refuses each in a merged runtime, the only kind the others load
+        why = "LyCORIS kinds or full diffs" if merged_only else "several LoRA biases of a stack on one layer"
         problems += [
             f"{b}: a LoRA bias (lora_bias) on a layer without a bias, which merged mode cannot fold, while "
-            "another module needs merged mode (LyCORIS kinds or full diffs): no one runtime loads them all; "
-            "plan them apart"
+            f"another module needs merged mode ({why}): no one runtime loads them all; plan them apart"
             for b in biased
         ]
     shared: list[str] = []
@@ -446,8 +455,7 @@ def _model_ranks(
             f"{name}: parts {', '.join(map(str, parts))} each carry a LoRA bias on a layer without a bias, which "
             "merged mode cannot fold them into, while an unmerged layer holds one LoRA bias: no one runtime loads them"
             for name, items in by_layer.items()
-            if len(parts := [p for p, m in items if isinstance(m, LoraModule) and m.bias is not None]) > 1
-            and layers[name].base_bias is None
+            if len(parts := _lora_biases(items)) > 1 and layers[name].base_bias is None
         ]
     if problems or shared:
         raise AdapterMismatchError(
@@ -460,7 +468,12 @@ def _model_ranks(
             + ("\nPlan with adapters made for this model, or map their keys with prefix=/key_map=." if problems else "")
             + (f"\n{SHARED_FIX}" if shared else "")
         )
-    return ranks
+    return ranks, summed
+
+
+def _lora_biases(items: list[tuple[int, LoraModule | WeightModule]]) -> list[int]:
+    """The parts among ``items`` (``(part, module)`` on one layer) whose LoRA module has a LoRA bias."""
+    return [p for p, m in items if isinstance(m, LoraModule) and m.bias is not None]
 
 
 def _covering_rank(ranks: dict[str, int], groups: list[int]) -> int:

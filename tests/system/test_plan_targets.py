@@ -652,5 +652,35 @@ def test_stacked_plans_of_several_lora_biases_on_one_layer_follow_merged_mode(bi
             lorahot.plan_targets(parts, model(), stacked=True)
         return
     plan = lorahot.plan_targets(parts, model(), stacked=True)
-    assert plan.ranks == {"0": 4} and plan.extras
-    lorahot.inject(model(), plan.targets, max_rank=plan.max_rank, merged=True).load(parts)
+    assert plan.ranks == {"0": 4} and plan.extras and plan.merged_only
+    assert plan.inject_options() == {"max_rank": 4, "merged": True}  # unmerged, the load is refused
+    lorahot.inject(model(), plan.targets, **plan.inject_options()).load(parts)
+
+
+def test_a_stacked_plan_that_needs_merged_mode_for_lora_biases_refuses_one_on_a_layer_without_a_bias() -> None:
+    """Two parts' LoRA biases on layer ``0`` load only merged, where a third part's LoRA bias on the
+    bias-less layer ``1`` is refused: no one runtime loads the stack, which the plan says by name
+    (it planned ``extras=True``, under which the load refused the shared biases)."""
+    g = torch.Generator().manual_seed(0)
+
+    def lora(layer: str, fan_in: int, fan_out: int) -> dict[str, torch.Tensor]:
+        return {
+            f"{layer}.lora_A.weight": torch.randn(2, fan_in, generator=g, dtype=torch.float64),
+            f"{layer}.lora_B.weight": torch.randn(fan_out, 2, generator=g, dtype=torch.float64),
+            f"{layer}.lora_B.bias": torch.randn(fan_out, generator=g, dtype=torch.float64),
+        }
+
+    parts = [lora("0", 16, 24), lora("0", 16, 24), lora("1", 24, 12)]
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 12, bias=False)).double()
+
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"  - <mapping>: 1: a LoRA bias \(lora_bias\) on a layer without a bias, which merged mode cannot "
+        r"fold, while another module needs merged mode \(several LoRA biases of a stack on one layer\)",
+    ):
+        lorahot.plan_targets(parts, model(), stacked=True)
+    for kwargs in ({"extras": True}, {"merged": True}):  # what the plan says: neither runtime loads it
+        with pytest.raises(lorahot.AdapterMismatchError):
+            lorahot.inject(model(), ["0", "1"], max_rank=4, **kwargs).load(parts)
