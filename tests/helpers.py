@@ -10,7 +10,7 @@ import copy
 import functools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ import torch._inductor.compile_fx
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
+
+import lorahot
 
 PREFIX = "base_model.model."
 
@@ -260,6 +262,28 @@ def assert_merged_state(
     for name, value in model.state_dict().items():
         want = pristine[name] + scale * deltas[name] if name in deltas else pristine[name]
         torch.testing.assert_close(value, want, rtol=1e-13, atol=1e-13, msg=name)
+
+
+def assert_norm_deltas_fold(
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    norms: Iterable[str],
+    naming: str,
+    pristine: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+) -> lorahot.LoraRuntime:
+    """The file ``sd`` of norm deltas (and LoRAs) planned on ``model``: its ``norms`` are among
+    the targets and merged mode is asked for; injected as planned, it loads in ``naming``, and
+    at scales 1 and 0.5 the state is :func:`assert_merged_state`'s. Returns the runtime."""
+    plan = lorahot.plan_targets(dict(sd), model)
+    assert set(norms) <= set(plan.targets)
+    assert plan.inject_options()["merged"] is True
+    runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
+    assert runtime.load(dict(sd)).format == naming
+    for s in (1.0, 0.5):
+        runtime.set_scale(s)
+        assert_merged_state(model, pristine, expected, s)
+    return runtime
 
 
 # -- PEFT adapters ------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 import lorahot
 from lorahot.resolve.keys import resolve_keys
 from tests.diffusion_names import assert_same, diffusers_weights, linears, lorahot_weights, weights
-from tests.helpers import assert_merged_state
+from tests.helpers import assert_norm_deltas_fold
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -749,14 +749,9 @@ def test_flux_query_key_norm_deltas_fold_into_diffusers_norms_in_merged_mode(spe
             assert model.get_submodule(norm).weight.shape == (D // HEADS,)
             sd[f"{key(name)}.diff"] = torch.randn(D // HEADS, generator=g, dtype=torch.float64) * 0.1
             expected[f"{norm}.weight"] = sd[f"{key(name)}.diff"]
-        plan = lorahot.plan_targets(dict(sd), model)
-        assert set(FLUX_NORMS.values()) <= set(plan.targets)
-        assert plan.inject_options()["merged"] is True
-        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
-        assert runtime.load(dict(sd)).format == f"flux-{'kohya' if spelling == 'kohya' else 'bfl'}"
-        for s in (1.0, 0.5):
-            runtime.set_scale(s)
-            assert_merged_state(model, pristine, expected, s)
+        runtime = assert_norm_deltas_fold(
+            model, sd, FLUX_NORMS.values(), f"flux-{'kohya' if spelling == 'kohya' else 'bfl'}", pristine, expected
+        )
 
         before = {k: v.clone() for k, v in model.state_dict().items()}
         for weightless in ("double_blocks.0.img_norm1", "final_layer.norm_final"):

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 import lorahot
 from lorahot.resolve.keys import resolve_keys
-from tests.helpers import assert_merged_state
+from tests.helpers import assert_norm_deltas_fold
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -333,14 +333,9 @@ def test_hunyuan_video_norm_deltas_fold_into_diffusers_norms_in_merged_mode(nami
             if bias:
                 sd[f"{spell(name)}.diff_b"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
                 expected[f"{norm}.bias"] = sd[f"{spell(name)}.diff_b"]
-        plan = lorahot.plan_targets(dict(sd), model)
-        assert {n for n, _, _ in HUNYUAN_NORMS.values()} <= set(plan.targets)
-        assert plan.inject_options()["merged"] is True
-        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
-        assert runtime.load(dict(sd)).format == naming
-        for s in (1.0, 0.5):
-            runtime.set_scale(s)
-            assert_merged_state(model, pristine, expected, s)
+        runtime = assert_norm_deltas_fold(
+            model, sd, {n for n, _, _ in HUNYUAN_NORMS.values()}, naming, pristine, expected
+        )
 
         before = {k: v.clone() for k, v in model.state_dict().items()}
         for weightless in ("double_blocks.0.img_norm1", "double_blocks.0.txt_norm2", "single_blocks.0.pre_norm"):

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorahot
-from tests.helpers import assert_merged_state
+from tests.helpers import assert_norm_deltas_fold
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -200,14 +200,14 @@ def test_lumina2_norm_deltas_fold_into_diffusers_norms_in_merged_mode(zimage: bo
             assert model.get_submodule(norm).weight.shape == (size,)
             sd[f"{spelled(name)}.diff"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
             expected[f"{norm}.weight"] = sd[f"{spelled(name)}.diff"]
-        plan = lorahot.plan_targets(dict(sd), model)
-        assert {n[1] if zimage else n[0] for n in LUMINA2_NORMS.values()} <= set(plan.targets)
-        assert plan.inject_options()["merged"] is True
-        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
-        assert runtime.load(dict(sd)).format == ("lumina2-kohya" if kohya else "lumina2")
-        for s in (1.0, 0.5):
-            runtime.set_scale(s)
-            assert_merged_state(model, pristine, expected, s)
+        runtime = assert_norm_deltas_fold(
+            model,
+            sd,
+            {n[1] if zimage else n[0] for n in LUMINA2_NORMS.values()},
+            "lumina2-kohya" if kohya else "lumina2",
+            pristine,
+            expected,
+        )
 
         before = {k: v.clone() for k, v in model.state_dict().items()}
         for key, message in (

@@ -23,7 +23,7 @@ from torch import nn
 
 import lorahot
 from tests.diffusion_names import assert_same, diffusers_weights, linears, lorahot_weights, weights
-from tests.helpers import assert_merged_state
+from tests.helpers import assert_norm_deltas_fold
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -415,11 +415,11 @@ def test_minimax_h3_norm_deltas_fold_into_diffusers_norms_in_merged_mode(spellin
             key = stem.format(name if spelling == "diffusion_model" else name.replace(".", "_"))
             sd[f"{key}.diff"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
             expected[f"{norm}.weight"] = sd[f"{key}.diff"]
-        plan = lorahot.plan_targets(dict(sd), model)
-        assert {norm for norm, _ in MINIMAX_H3_NORMS.values()} <= set(plan.targets)
-        assert plan.inject_options()["merged"] is True
-        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
-        assert runtime.load(dict(sd)).format == ("minimax-h3" if spelling == "diffusion_model" else "minimax-h3-musubi")
-        for s in (1.0, 0.5):
-            runtime.set_scale(s)
-            assert_merged_state(model, pristine, expected, s)
+        assert_norm_deltas_fold(
+            model,
+            sd,
+            {norm for norm, _ in MINIMAX_H3_NORMS.values()},
+            "minimax-h3" if spelling == "diffusion_model" else "minimax-h3-musubi",
+            pristine,
+            expected,
+        )

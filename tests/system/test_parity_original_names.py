@@ -30,7 +30,7 @@ from tests.diffusion_names import diffusers_weights as _diffusers
 from tests.diffusion_names import linears as _linears
 from tests.diffusion_names import lorahot_weights as _lorahot
 from tests.diffusion_names import weights as _weights
-from tests.helpers import assert_merged_state
+from tests.helpers import assert_norm_deltas_fold
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -724,14 +724,14 @@ def test_norm_deltas_in_original_names_fold_into_diffusers_norms_in_merged_mode(
             key = f"{_norm_key(name, spelling)}.diff"
             sd[key] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
             expected[f"{norm}.weight"] = sd[key]
-        plan = lorahot.plan_targets(dict(sd), model)
-        assert {norm for norm, _ in norms.values()} <= set(plan.targets)
-        assert plan.inject_options()["merged"] is True
-        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
-        assert runtime.load(dict(sd)).format == (f"{family}-kohya" if spelling == "kohya" else family)
-        for s in (1.0, 0.5):
-            runtime.set_scale(s)
-            assert_merged_state(model, pristine, expected, s)
+        runtime = assert_norm_deltas_fold(
+            model,
+            sd,
+            {norm for norm, _ in norms.values()},
+            f"{family}-kohya" if spelling == "kohya" else family,
+            pristine,
+            expected,
+        )
 
         before = {k: v.clone() for k, v in model.state_dict().items()}
         for name, (error, message) in _NORM_REFUSALS.get(family, {}).items():

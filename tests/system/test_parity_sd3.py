@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import lorahot
 from lorahot.errors import UnknownFormatError
-from tests.helpers import assert_merged_state
+from tests.helpers import assert_norm_deltas_fold
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -451,14 +451,7 @@ def test_sd3_query_key_norm_deltas_fold_into_diffusers_norms_in_merged_mode(nami
             module = "lora_unet_" + name.replace(".", "_") if naming == "sd3-kohya" else f"{head}{name}"
             sd[f"{module}.diff"] = diffs[name]
             expected[f"{norm}.weight"] = diffs[name]
-        plan = lorahot.plan_targets(dict(sd), model)
-        assert set(SD3_NORMS.values()) <= set(plan.targets)
-        assert plan.inject_options()["merged"] is True
-        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
-        assert runtime.load(dict(sd)).format == naming
-        for s in (1.0, 0.5):
-            runtime.set_scale(s)
-            assert_merged_state(model, pristine, expected, s)
+        runtime = assert_norm_deltas_fold(model, sd, SD3_NORMS.values(), naming, pristine, expected)
 
         before = {k: v.clone() for k, v in model.state_dict().items()}
         for weightless in (

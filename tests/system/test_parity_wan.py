@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import lorahot
 from tests.diffusion_names import assert_same, diffusers_weights, linears, lorahot_weights, weights
-from tests.helpers import assert_merged_state
+from tests.helpers import assert_norm_deltas_fold
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -698,14 +698,7 @@ def test_wan_norm_deltas_fold_into_diffusers_norms_in_merged_mode(naming: str) -
             if bias:
                 sd[f"{key(name)}.diff_b"] = torch.randn(size, generator=g, dtype=torch.float64) * 0.1
                 expected[f"{norm}.bias"] = sd[f"{key(name)}.diff_b"]
-        plan = lorahot.plan_targets(dict(sd), model)
-        assert {n for n, _, _ in WAN_NORMS.values()} <= set(plan.targets)
-        assert plan.inject_options()["merged"] is True
-        runtime = lorahot.inject(model, plan.targets, **plan.inject_options())
-        assert runtime.load(dict(sd)).format == naming
-        for s in (1.0, 0.5):
-            runtime.set_scale(s)
-            assert_merged_state(model, pristine, expected, s)
+        runtime = assert_norm_deltas_fold(model, sd, {n for n, _, _ in WAN_NORMS.values()}, naming, pristine, expected)
 
         before = {k: v.clone() for k, v in model.state_dict().items()}
         for weightless in ("blocks.0.norm1", "blocks.0.norm2"):
