@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import lorahot
-from benchmarks.common import median_ms, rel_err, sync
+from benchmarks.common import median_ms, paired_ms, rel_err, sync
 from benchmarks.workload import MAX_RANK, RANKS, TARGETS, Workload
 from lorahot.kernels import extern_inputs, stacked_shrinks, wide_groups
 
@@ -194,8 +194,42 @@ def run(
             time_round([name], f"{name} round 1")
         for rnd in range(2, ROUNDS + 1):  # then interleaved rounds over every configuration
             time_round(list(prepared), f"round {rnd}")
+        if len(prepared) > 1:
+            _time_paired(prepared, results, w, repeat, mode)
+            save(out)
         del prepared
     return out
+
+
+def _time_paired(
+    prepared: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Any]],
+    results: dict[str, Any],
+    w: Workload,
+    repeat: int,
+    mode: str,
+) -> None:
+    """``<phase>_paired``: every configuration taken in turn call by call
+    (:func:`benchmarks.common.paired_ms`), so that their ratios keep what each adds and lose the
+    host's drift, which moves a default-mode call of the same graph by up to 2x between rounds."""
+    for phase, ids in (("decode", w.decode), ("prefill", w.prefill)):
+        calls = {name: (None, lambda c=call, i=ids: c(i)) for name, (call, _keep) in prepared.items()}
+        for name, ms in paired_ms(calls, w.device, repeat=max(repeat, 40)).items():
+            results[name][f"{phase}_paired"] = ms
+    base = results.get("base", {})
+    print(
+        f"[forward {mode} paired] "
+        + "  ".join(
+            f"{n} {r['decode_paired']:.3f}/{r['prefill_paired']:.3f}"
+            + (
+                f" ({r['decode_paired'] / base['decode_paired']:.3f}x/{r['prefill_paired'] / base['prefill_paired']:.3f}x)"
+                if base and n != "base"
+                else ""
+            )
+            for n, r in results.items()
+            if "decode_paired" in r
+        ),
+        flush=True,
+    )
 
 
 def run_fullgraph(w: Workload, refs: dict[int, torch.Tensor], repeat: int) -> dict[str, Any]:

@@ -73,6 +73,12 @@ def summary(raw: dict[str, Any]) -> dict[str, Any]:
             }
             for phase in ("decode", "prefill")
         }
+        paired = {
+            phase: {k: v[f"{phase}_paired"] for k, v in d.items() if f"{phase}_paired" in v}
+            for phase in ("decode", "prefill")
+        }
+        if any(paired.values()):  # the configurations taken in turn call by call
+            out["default_mode_paired_ms"] = paired
     if "forward_rows_ms" in raw:  # the configurations, the others beside them
         split = {row: split_fields(ms, ROW_CONFIGS) for row, ms in raw["forward_rows_ms"].items()}
         out["forward_rows_ms"] = {row: named for row, (named, _) in split.items()}

@@ -42,6 +42,21 @@ def test_a_default_mode_rows_run_never_overwrites_the_reduce_overhead_figures() 
     assert rows.keyed({"forward_rows_ms": {}}, "reduce-overhead") == rows.keyed({"forward_rows_ms": {}}, None)
 
 
+def test_default_mode_summary_keeps_the_round_medians_and_gives_the_paired_figures_beside_them() -> None:
+    """The forward suite's paired timing (configurations taken in turn call by call) goes to
+    ``default_mode_paired_ms``; ``default_mode_ms`` keeps the round medians, as before."""
+    timed = {"decode": 6.0, "prefill": 7.0, "decode_paired": 5.0, "prefill_paired": 5.5}
+    lora = {"decode": 9.0, "prefill": 9.5, "decode_paired": 5.6, "prefill_paired": 6.1, "recompiles": 0}
+    out = summary({"forward": {"default": {"base": timed, "lorahot": lora}}})
+    assert out["default_mode_ms"] == {"decode": {"base": 6.0, "lorahot": 9.0}, "prefill": {"base": 7.0, "lorahot": 9.5}}
+    assert out["default_mode_paired_ms"] == {
+        "decode": {"base": 5.0, "lorahot": 5.6},
+        "prefill": {"base": 5.5, "lorahot": 6.1},
+    }
+    unpaired = summary({"forward": {"default": {"base": {"decode": 6.0, "prefill": 7.0}}}})
+    assert "default_mode_paired_ms" not in unpaired
+
+
 def test_diffusion_summary_compile_times_hold_base_and_lorahot() -> None:
     res = {c: {"compile_s": 10.0 + i, "step_ms": 1.0} for i, c in enumerate(diffusion.CONFIGS)}
     raw = {"diffusion": {"model": "m", "adapter_effect": 0.1, "modes": {"default": res}}}
