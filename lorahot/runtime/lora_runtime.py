@@ -146,6 +146,16 @@ class _OtherRankFailed(RuntimeError):
     another rank's failed (:meth:`LoraRuntime._written`)."""
 
 
+class _LiveFault(Exception):
+    """:meth:`LoraRuntime._make_live` failed or was interrupted (``fault``, its cause): ``live``
+    is the slot the live region holds whole after it (the one active before, copied back), or
+    None where copying that back failed too and the region may hold a mix of two slots."""
+
+    def __init__(self, fault: BaseException, live: int | None) -> None:
+        super().__init__(f"{type(fault).__name__}: {fault}")
+        self.fault, self.live = fault, live
+
+
 #: why a runtime is not copied or pickled (a copy would share the model's buffers, with slots
 #: and an active adapter of its own)
 _NOT_COPIED = (
@@ -1028,71 +1038,92 @@ class LoraRuntime:
         """Makes ``slot`` live (None: the live slot stays; the slot live already is copied again
         only if ``again``), then publishes a routing; where either fails or is interrupted, the
         live slot and the routing (every arena's) before are put back, so the model never
-        computes a routing that half its arenas hold. In merged mode the weights follow the
-        routing (-1 for every row: the base weights, :meth:`_remerge`), so it is published
-        first, and the live slot is merged again wherever that changes."""
+        computes a routing that half its arenas hold (:meth:`_put_back`). In merged mode the
+        weights follow the routing (-1 for every row: the base weights, :meth:`_remerge`), so it
+        is published first, and the live slot is merged again wherever that changes."""
         active, routing = self._active, self._routing.state()
         merged, base = self._merger is not None, self._routing.base_only
-        entered = False  # whether the live region (merged: the weights) may have been written
         try:
             if merged:
                 publish()
                 live = active if slot is None else slot
                 if again or live != active or base != self._routing.base_only:
-                    entered = True
                     self._make_live(live)
                 return
             if slot is not None and (again or slot != self._active):
-                entered = True
                 self._make_live(slot)
             publish()
-        except Exception as exc:
-            self._put_back(active, routing, merged, entered, exc)
-            raise
-        except BaseException:  # interrupted (KeyboardInterrupt): put back, and the interrupt goes on
-            self._routing.restore(routing)
-            if self._active != active or merged:  # merged: the weights as the routing before had them
-                self._make_live(active)
-            raise
+            return
+        except BaseException as exc:  # put back below, outside the handler: a refusal goes on with its own context
+            failure = exc
+        self._put_back(active, routing, merged, failure)
 
     def _put_back(
-        self,
-        active: int,
-        routing: tuple[tuple[int, ...] | None, bool, bool],
-        merged: bool,
-        written: bool,
-        exc: Exception,
-    ) -> None:
-        """After ``activate`` failed with ``exc``: the routing and live slot before it are put
-        back (merged: the weights as that routing had them). A lorahot error (a refusal) goes on
-        as it is. A failure of the writes themselves (out of memory, a device fault) copies the
-        live region again where it may have been ``written`` and is a :class:`WriteError` saying
-        what is live now, or that putting it back failed too."""
-        if isinstance(exc, LoraError):
-            self._routing.restore(routing)
-            if self._active != active or merged:
-                self._make_live(active)
-            return
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
-        what = f"{type(exc).__name__}: {one_line(first)}"
+        self, active: int, routing: tuple[tuple[int, ...] | None, bool, bool], merged: bool, exc: BaseException
+    ) -> NoReturn:
+        """After ``activate`` failed with ``exc`` (a :class:`_LiveFault` where making a slot live
+        failed): the routing and live slot ``active`` before it are put back (merged: the weights
+        as that routing had them). Then a lorahot error (a refusal) or an interrupt goes on as it
+        is; a failure of the writes themselves (out of memory, a device fault) is a
+        :class:`WriteError` saying so.
+
+        Raises:
+            WriteError: ``exc`` was a fault, or putting back failed (whatever ``exc`` was): the
+                message says which slot is live whole now, or that the model may compute a mix
+                of slots, and how to recover; its cause is ``exc`` (the fault inside a
+                :class:`_LiveFault`).
+        """
+        fault, live = (exc.fault, exc.live) if isinstance(exc, _LiveFault) else (exc, self._active)
+        now, again = self._restore_switch(active, routing, merged, live)
+        if now == active and (isinstance(fault, LoraError) or not isinstance(fault, Exception)):
+            raise fault
+        what = f"LoraRuntime.activate: {_described(fault)}"
+        if now == active:
+            raise WriteError(
+                f"{what}, while making the new slot or routing live after every check had passed. Slot {active} "
+                "and the routing before are live again; nothing else changed."
+            ) from fault
+        if now is None:
+            state = (
+                f"putting slot {active} and the routing before back failed too ({again}): the model may compute a mix "
+                f"of slots. Call runtime.activate({active}) again, or runtime.unload()."
+            )
+        else:
+            state = (
+                f"putting slot {active} back failed too ({again}): slot {now} is live, with the routing before. "
+                f"Call runtime.activate({active}) again."
+            )
+        raise WriteError(f"{what}, and {state}") from fault
+
+    def _restore_switch(
+        self, active: int, routing: tuple[tuple[int, ...] | None, bool, bool], merged: bool, live: int | None
+    ) -> tuple[int | None, str]:
+        """Puts back the ``routing`` and the live slot ``active`` of before a failed switch;
+        ``live`` is the slot the live region holds whole now (None: it may hold a mix). Returns
+        the slot live whole after it (``active`` where everything went back; None where the live
+        region or the routing may hold a mix) and, where putting back failed, what failed."""
         try:
             self._routing.restore(routing)
-            if self._active != active or merged or written:
-                self._make_live(active)
-        except Exception:
-            raise WriteError(
-                f"LoraRuntime.activate: {what}, and putting slot {active} and the routing before back failed too: "
-                f"the model may compute a mix of slots. Call runtime.activate({active}) again, or runtime.unload()."
-            ) from exc
-        raise WriteError(
-            f"LoraRuntime.activate: {what}, while making the new slot or routing live after every check had "
-            f"passed. Slot {active} and the routing before are live again; nothing else changed."
-        ) from exc
+        except Exception as exc:
+            return None, _described(exc)
+        if live == active and not merged:  # merged: the weights as the routing before has them
+            return active, ""
+        try:
+            self._make_live(active)
+        except _LiveFault as failed:
+            return failed.live, _described(failed.fault)
+        return active, ""
 
     def _make_live(self, slot: int) -> None:
         """Copies ``slot`` into the live region (and refreshes the merged weights or the wide
         layers' rows), which the whole batch then computes with; ``slot`` becomes
-        :attr:`active_slot`. Interrupted mid-copy, the slot active before is restored whole."""
+        :attr:`active_slot`.
+
+        Raises:
+            _LiveFault: the copy failed or was interrupted; the slot active before was copied
+                back whole (by the ordinary path: a graph replay may be what failed), or where
+                that failed too, the live region may hold a mix (its ``live``).
+        """
         merged = self._merger is not None
         before = self._active
         try:
@@ -1102,11 +1133,19 @@ class LoraRuntime:
                 self.buffers.activate(slot)
                 self._active = slot
                 self._remerge(slot)
-        except BaseException:  # interrupted mid-copy (KeyboardInterrupt): the slot active before, whole
-            self.buffers.activate(before)
-            self._active = before
-            self._remerge(before)
-            raise
+        except BaseException as exc:  # a device fault, or interrupted mid-copy (KeyboardInterrupt)
+            raise _LiveFault(exc, self._copied_back(before)) from exc
+
+    def _copied_back(self, slot: int) -> int | None:
+        """Makes ``slot`` live again by the ordinary path, after a failed :meth:`_make_live`:
+        ``slot``, or None where that failed too."""
+        try:
+            self.buffers.activate(slot)
+            self._active = slot
+            self._remerge(slot)
+        except Exception:
+            return None
+        return slot
 
     @public_api
     def unload(self, slot: int | None = None) -> None:
@@ -1547,6 +1586,12 @@ def _naming_part(part: int | None) -> Iterator[None]:
 def _tail(text: str, width: int = 40) -> str:
     """``text`` cut to its last ``width`` characters, for the repr."""
     return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
+def _described(exc: BaseException) -> str:
+    """``exc`` in one line of a message: its type and its message's first line."""
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
+    return f"{type(exc).__name__}: {one_line(first)}"
 
 
 def _copies(model: nn.Module) -> dict[str, LoRALayer]:

@@ -287,3 +287,107 @@ def test_a_device_fault_during_activate_is_a_write_error_saying_what_is_live(
     assert torch.equal(_served(model, ids), first)
     runtime.activate(1)
     assert not torch.equal(_served(model, ids), first)
+
+
+def _two_slots(merged: bool = False) -> tuple[nn.Module, lorahot.LoraRuntime, torch.Tensor]:
+    """:func:`_two_arenas` with an adapter in each of two slots, slot 0 active."""
+    model = _two_arenas()
+    ids = token_ids((2, 6), 32, seed=1)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4, slots=2, merged=merged)
+    names = list(runtime.layers)
+    for slot in (0, 1):
+        runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=slot + 1)[0], slot=slot)
+    runtime.activate(0)
+    return model, runtime, ids
+
+
+def test_a_faulting_activate_replay_whose_fallback_puts_the_slot_back_says_the_slot_is_live(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The graph replay of activate copies the new slot's first arena, then the device faults;
+    make_live's fallback copies the slot active before back whole (the ordinary path), so the
+    model serves it bitwise and the WriteError says so, not that putting it back failed."""
+    from lorahot.runtime.activate_replay import ActivateReplay
+
+    model, runtime, ids = _two_slots()
+    first = _served(model, ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def faulting(self: ActivateReplay, slot: int, *args: Any) -> bool:
+        self.buffers.arenas[0].copy_region(slot, self.buffers.live)  # the graph's first copies ran
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(ActivateReplay, "__call__", faulting)
+    with pytest.raises(lorahot.WriteError) as raised:
+        runtime.activate(1)
+    monkeypatch.undo()
+    assert str(raised.value) == (
+        "LoraRuntime.activate: RuntimeError: CUDA error: an illegal memory access was encountered, while making the "
+        "new slot or routing live after every check had passed. Slot 0 and the routing before are live again; "
+        "nothing else changed."
+    )
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert runtime.active_slot == 0 and runtime.routing is None
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(_served(model, ids), first)
+
+
+@pytest.mark.parametrize("persists", [False, True], ids=["once", "persisting"])
+@pytest.mark.parametrize("failure", [lorahot.UsageError, KeyboardInterrupt], ids=["refusal", "interrupt"])
+def test_a_device_fault_putting_back_after_a_refusal_is_a_write_error_saying_what_is_live(
+    failure: type[BaseException], persists: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """activate(1) copied slot 1 live, then publishing its routing was refused (or interrupted);
+    copying slot 0 back faults. Once: make_live's fallback copies slot 1 back whole, and the
+    WriteError says slot 1 is live (the model serves it bitwise). Persisting: the live region
+    may hold a mix, and the WriteError says so and names the recovery. Either way the refusal
+    (the interrupt) is its cause."""
+    from lorahot.runtime import routing
+
+    model, runtime, ids = _two_slots()
+    first = _served(model, ids)
+    runtime.activate(1)
+    second = _served(model, ids)
+    runtime.activate(0)
+    clear = routing.Routing.clear
+    refused: list[int] = []
+
+    def refusing(self: Any) -> None:
+        refused.append(1)
+        if len(refused) == 1:
+            raise failure("refused")
+        clear(self)
+
+    monkeypatch.setattr(routing.Routing, "clear", refusing)
+    copy = buffers.Arena.copy_region
+    copies: list[int] = []
+
+    def faulting(self: Any, src: int, dst: int) -> None:
+        copies.append(src)
+        if len(copies) > 2 and (persists or len(copies) == 3):  # slot 1 copied into both arenas, then faults
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        copy(self, src, dst)
+
+    monkeypatch.setattr(buffers.Arena, "copy_region", faulting)
+    with pytest.raises(
+        lorahot.WriteError, match=rf"^LoraRuntime\.activate: {failure.__name__}: refused, and "
+    ) as raised:
+        runtime.activate(1)
+    monkeypatch.undo()
+    assert isinstance(raised.value.__cause__, failure)
+    if persists:
+        assert str(raised.value).endswith(
+            "putting slot 0 and the routing before back failed too (OutOfMemoryError: CUDA out of memory): the model "
+            "may compute a mix of slots. Call runtime.activate(0) again, or runtime.unload()."
+        )
+        runtime.activate(0)  # the recovery it names
+        assert torch.equal(_served(model, ids), first)
+        return
+    assert str(raised.value).endswith(
+        "putting slot 0 back failed too (OutOfMemoryError: CUDA out of memory): slot 1 is live, with the routing "
+        "before. Call runtime.activate(0) again."
+    )
+    assert runtime.active_slot == 1 and runtime.routing is None
+    assert torch.equal(_served(model, ids), second)
+    runtime.activate(0)
+    assert torch.equal(_served(model, ids), first)
