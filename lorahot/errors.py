@@ -87,9 +87,12 @@ class UnexpectedError(LoraError):
 class WriteError(LoraError):
     """A write failed after every check had passed (out of device memory, a device fault). The
     slot it was writing is emptied, as by ``unload``, so that no mix of two adapters serves; the
-    message says so (or that emptying failed too). Where ``activate`` failed so, the slot and
-    routing live before are live again (or the message says putting them back failed too). The
-    original is its ``__cause__``."""
+    message says so (or that emptying failed too, which makes an interrupted write one too).
+    Where ``unload`` failed so, the slot is emptied again and the message says whether that went
+    through and which slots it did not reach. Where ``activate`` failed so, or putting back what
+    a refused or interrupted ``activate`` changed failed, the slot and routing live before are
+    live again, or the message says which slot is live instead, or that the model may compute a
+    mix, and how to recover. The original is its ``__cause__``."""
 
 
 _P = ParamSpec("_P")

@@ -419,6 +419,9 @@ class LoraRuntime:
                 into a slot the per-row routing in force sends rows to
                 (:func:`lorahot.runtime.routing.check_experts`).
                 Every part is checked before anything is written: nothing changed.
+            WriteError: a write failed after every check had passed (out of memory, a device
+                fault), or emptying an interrupted write's slot failed: the slot is emptied, or
+                the message says it may hold parts of two adapters and to unload it.
         """
         with _gc_paused(), self._reading():
             return self._load(source, slot, scale, denoiser, read_kwargs)
@@ -482,10 +485,8 @@ class LoraRuntime:
             result = write()
         except Exception as exc:
             error = exc
-        except BaseException:  # KeyboardInterrupt, SystemExit: no half-written slot is left, then it goes on
-            if self.buffers.touched:
-                self._empty(slot)
-            raise
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: no half-written slot is left, then it goes on
+            self._failed_write(what, slot, exc)
         if self._agreement is not None:
             failures, touched = self._agreement.settle(error, self.buffers.touched)
             if failures:
@@ -499,15 +500,19 @@ class LoraRuntime:
             self._failed_write(what, slot, error)
         return result  # type: ignore[return-value]  # set when no error
 
-    def _failed_write(self, what: str, slot: int, exc: Exception) -> NoReturn:
-        """A write that failed after every check passed (out of memory, a device fault): the
-        slot is emptied, as by :meth:`unload`, so that no mix of two adapters serves, and a
-        :class:`WriteError` says so. A failure before the first write (staging its data)
-        changed nothing and propagates as it is."""
+    def _failed_write(self, what: str, slot: int, exc: BaseException) -> NoReturn:
+        """A write that failed after every check passed (out of memory, a device fault) or was
+        interrupted: the slot is emptied, as by :meth:`unload`, so that no mix of two adapters
+        serves, and a :class:`WriteError` says so; an interrupt then goes on as it is. A failure
+        before the first write (staging its data) changed nothing and propagates as it is.
+        Where emptying fails too, the :class:`WriteError` (an interrupt's too) says the slot may
+        hold parts of two adapters."""
         if not self.buffers.touched:
             raise exc
         try:
             self._empty(slot)
+            if not isinstance(exc, Exception):
+                raise exc
             state = f"slot {slot} was emptied (unloaded), so that it holds no mix of two adapters; {what} it again"
         except Exception:  # the first failure is the one to report
             state = (
@@ -972,6 +977,10 @@ class LoraRuntime:
                 changed, on any rank.
                 A batch that does not fit the routing raises when the model runs, compiled or
                 not (:mod:`lorahot.layers.refusal`).
+            WriteError: making the slot or routing live failed after every check had passed (out
+                of memory, a device fault), or putting back what a refused or interrupted call
+                changed failed: the message says what is live now (the slot and routing before,
+                another slot whole, or possibly a mix) and how to recover.
         """
         per_row = isinstance(slot, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(slot, (str, bytes))
         if not per_row:
@@ -1155,6 +1164,10 @@ class LoraRuntime:
             UsageError: ``slot`` out of range; on a tensor-parallel model also where another
                 rank's check failed or the ranks were given different slots (naming
                 ``arguments`` and the ranks). Nothing changed, on any rank.
+            WriteError: emptying a slot failed (a device fault): it is emptied again, and the
+                message says whether that went through or the slot may hold part of its
+                adapter, and which slots were left as they were. Interrupted, a slot is
+                emptied all the same and the interrupt goes on.
         """
 
         def checked() -> list[int]:  # inside the agreement: a rank failing alone fails every rank
@@ -1166,12 +1179,32 @@ class LoraRuntime:
             "unload",
             lambda e: {"arguments": fingerprint.arguments("unload", e)},
         )
-        for s in emptied:
+        for i, s in enumerate(emptied):
             try:
                 self._empty(s)
-            except BaseException:  # interrupted (KeyboardInterrupt): the slot is emptied all the same
-                self._empty(s)
-                raise
+            except BaseException as exc:  # a device fault, or interrupted (KeyboardInterrupt)
+                self._unload_failed(s, emptied[i + 1 :], exc)
+
+    def _unload_failed(self, slot: int, rest: list[int], exc: BaseException) -> NoReturn:
+        """Emptying ``slot`` failed with ``exc``: it is emptied again, so that no half-emptied
+        slot serves; ``rest`` are the slots unload has not reached. An interrupt then goes on;
+        a fault is a :class:`WriteError` saying what is empty now."""
+        what = f"LoraRuntime.unload: {_described(exc)}, while emptying slot {slot}"
+        left = ""  # the slots not reached
+        if rest:
+            left = f"slots {', '.join(map(str, rest))} were" if len(rest) > 1 else f"slot {rest[0]} was"
+        try:
+            self._empty(slot)
+        except Exception as again:
+            state = f"it may hold part of its adapter{f', and {left} left as it was' if left else ''}"
+            raise WriteError(
+                f"{what}, and emptying it again failed too ({_described(again)}): {state}. "
+                f"Call runtime.unload({'' if left else slot}) again."
+            ) from exc
+        if not isinstance(exc, Exception):
+            raise exc
+        state = f"; {left} left as it was. Call runtime.unload() again" if left else ""
+        raise WriteError(f"{what}. A second try emptied it{state}.") from exc
 
     @public_api
     def set_scale(self, value: float | Sequence[float], slot: int | None = None) -> None:
@@ -1191,6 +1224,7 @@ class LoraRuntime:
                 times an adapter's ``alpha / r`` it leaves the scale buffers' range; it is not 1
                 for a part holding a LyCORIS or kohya LoRA trained with weight decomposition
                 (``dora_scale``); the slot is empty. Nothing changed.
+            WriteError: as for :meth:`load`.
         """
         s, stack, _, weights = self._agreed(
             lambda: self._check_set_scale(value, slot),

@@ -391,3 +391,78 @@ def test_a_device_fault_putting_back_after_a_refusal_is_a_write_error_saying_wha
     assert torch.equal(_served(model, ids), second)
     runtime.activate(0)
     assert torch.equal(_served(model, ids), first)
+
+
+def _faulting_clears(monkeypatch: pytest.MonkeyPatch, persists: bool) -> None:
+    """``Arena.clear`` faults before it zeroes anything: on its first call, or on every call."""
+    clear = buffers.Arena.clear
+    calls: list[int] = []
+
+    def faulting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if persists or len(calls) == 1:
+            raise RuntimeError("CUDA error: unspecified launch failure")
+        return clear(self, *args, **kwargs)
+
+    monkeypatch.setattr(buffers.Arena, "clear", faulting)
+
+
+@pytest.mark.parametrize("persists", [False, True], ids=["once", "persisting"])
+def test_a_device_fault_during_unload_is_a_write_error_saying_what_is_empty(
+    persists: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """unload() faults while emptying slot 0. It is emptied again, so no half-emptied slot
+    serves: once, that goes through (the model computes its base output bitwise) and the
+    WriteError says so and names slot 1, left as it was; persisting, it says slot 0 may hold
+    part of its adapter and names the recovery. Not an UnexpectedError saying nothing changed."""
+    model, runtime, ids = _two_slots()
+    base = _served(_two_arenas(), ids)  # the same model, not injected
+    _faulting_clears(monkeypatch, persists)
+    with pytest.raises(lorahot.WriteError) as raised:
+        runtime.unload()
+    monkeypatch.undo()
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    what = "LoraRuntime.unload: RuntimeError: CUDA error: unspecified launch failure, while emptying slot 0"
+    if persists:
+        assert str(raised.value) == (
+            f"{what}, and emptying it again failed too (RuntimeError: CUDA error: unspecified launch failure): it "
+            "may hold part of its adapter, and slot 1 was left as it was. Call runtime.unload() again."
+        )
+        runtime.unload()  # the recovery it names
+    else:
+        assert str(raised.value) == (
+            f"{what}. A second try emptied it; slot 1 was left as it was. Call runtime.unload() again."
+        )
+        assert runtime.info(0) is None and runtime.info(1) is not None
+    assert torch.equal(_served(model, ids), base)
+
+
+@pytest.mark.parametrize("call", ["load", "set_scale"])
+def test_an_interrupted_write_whose_emptying_faults_is_a_write_error(
+    call: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt midway through a write, then a device fault while emptying the
+    half-written slot: a WriteError naming the interrupt and saying the slot may hold parts of
+    two adapters, not an UnexpectedError saying nothing changed; the unload it names gives the
+    base output back bitwise."""
+    model = _two_arenas()
+    ids = token_ids((2, 6), 32, seed=1)
+    base = _served(model, ids)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4)
+    names = list(runtime.layers)
+    runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=1)[0])
+    _interrupting(monkeypatch, buffers.Arena, "write_staged" if call == "load" else "set_scales", after=0)
+    _faulting_clears(monkeypatch, persists=True)
+    with pytest.raises(lorahot.WriteError) as raised:
+        if call == "load":
+            runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=2)[0])
+        else:
+            runtime.set_scale(0.5)
+    monkeypatch.undo()
+    assert str(raised.value).startswith(f"LoraRuntime.{call}: KeyboardInterrupt while writing slot 0 ")
+    assert str(raised.value).endswith(
+        "emptying slot 0 failed too, so it may hold parts of two adapters: call runtime.unload(0)."
+    )
+    assert isinstance(raised.value.__cause__, KeyboardInterrupt)
+    runtime.unload(0)
+    assert torch.equal(_served(model, ids), base)
