@@ -105,7 +105,8 @@ def fetch(
             that cannot be fetched is no error.
 
     Raises:
-        UsageError: ``LORAHOT_HUB_TIMEOUT`` is set to something other than a number of seconds > 0.
+        UsageError: ``LORAHOT_HUB_TIMEOUT`` is set to something other than a number of seconds > 0 and
+            at most ``threading.TIMEOUT_MAX`` (:func:`hub_timeout`).
         SourceNotFoundError: a malformed repo id; the repo, revision or file does not exist, or is not cached
             while offline; the Hub did not answer within :func:`hub_timeout` and the cache holds nothing; the
             config of a single file cannot be fetched (see the module docstring).
@@ -168,8 +169,12 @@ def hub_timeout() -> float:
     file. The transfer of a file's bytes is not counted (a slow link is not cut off): once its
     download has begun, ``huggingface_hub``'s ``HF_HUB_DOWNLOAD_TIMEOUT`` bounds each read.
 
+    The value is at most ``threading.TIMEOUT_MAX`` (about 292 years on 64-bit platforms), so any
+    wait of a thread may be bounded by it; a larger one, like ``inf``, is refused.
+
     Raises:
-        UsageError: the variable is set to something other than a finite number of seconds > 0.
+        UsageError: the variable is set to something other than a number of seconds > 0 and at
+            most ``threading.TIMEOUT_MAX``.
     """
     text = os.environ.get(HUB_TIMEOUT_ENV, "").strip()
     if not text:
@@ -178,10 +183,11 @@ def hub_timeout() -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
+    if not 0 < value <= threading.TIMEOUT_MAX:  # nan and inf fail it too
         raise UsageError(
-            f"{HUB_TIMEOUT_ENV}={shown(text, 60)} must be a number of seconds > 0: the longest a Hub fetch waits for "
-            f"the Hub ({DEFAULT_HUB_TIMEOUT:g} unless set). Set it to one, or unset it."
+            f"{HUB_TIMEOUT_ENV}={shown(text, 60)} must be a number of seconds > 0 and at most "
+            f"{threading.TIMEOUT_MAX:.0f} (threading.TIMEOUT_MAX): the longest a Hub fetch waits for the Hub "
+            f"({DEFAULT_HUB_TIMEOUT:g} unless set). Set it to one, or unset it."
         )
     return value
 

@@ -787,19 +787,38 @@ def test_a_slow_download_is_not_cut_off_by_lorahot_hub_timeout(
     assert (path / "adapter_model.safetensors").read_bytes() == data
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", "1s"])
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", "1s", "1e300", f"{threading.TIMEOUT_MAX * 2:.0f}"])
 def test_a_bad_lorahot_hub_timeout_is_refused_before_any_request(
     hub_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str
 ) -> None:
+    """A finite but huge value (above ``threading.TIMEOUT_MAX``, about 292 years) is refused as
+    ``inf`` is: a wait of the caller's threads bounded by it raises OverflowError."""
     rig = _rig(hub_cache)
     monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", value)
     _refused_everywhere(
         rig,
         capsys,
         lorahot.UsageError,
-        rf"^LORAHOT_HUB_TIMEOUT='{re.escape(value)}' must be a number of seconds > 0: the longest a Hub fetch waits "
-        r"for the Hub \(30 unless set\)\. Set it to one, or unset it\.",
+        rf"^LORAHOT_HUB_TIMEOUT='{re.escape(value)}' must be a number of seconds > 0 and at most "
+        rf"{threading.TIMEOUT_MAX:.0f} \(threading\.TIMEOUT_MAX\): the longest a Hub fetch waits for the Hub \(30 "
+        r"unless set\)\. Set it to one, or unset it\.",
     )
+
+
+def test_the_largest_lorahot_hub_timeout_bounds_a_thread_wait_and_a_fetch(
+    online_hub: StandInHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The largest value taken is one a wait of a thread takes, and a fetch online under it
+    loads (the watch never times out, nothing overflows)."""
+    from lorahot.io import hub
+
+    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", repr(threading.TIMEOUT_MAX))
+    assert hub.hub_timeout() == threading.TIMEOUT_MAX
+    lock = threading.Lock()
+    assert lock.acquire(timeout=hub.hub_timeout())
+    online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
+    adapter = within(HANG_S, lambda: lorahot.read_adapter(REPO))
+    assert adapter.modules["proj"].scale == 2.0
 
 
 def test_a_repo_fetched_online_loads_offline_without_a_revision(
