@@ -28,6 +28,8 @@ __all__ = [
     "printable",
     "shown",
     "one_line",
+    "lines",
+    "message",
     "cut",
     "MAX_KEY_CHARS",
     "name_problem",
@@ -44,12 +46,15 @@ MAX_KEY_CHARS = 1024
 class LoraError(Exception):
     """Base class of every error lorahot raises for bad input or bad use.
 
-    Its message is printable: characters a file or a caller put in a key or a path that a
-    terminal or a UTF-8 log cannot take (control characters, lone surrogates) appear as their
-    Python escapes, so that ``print(error)`` in an ``except`` block never raises itself."""
+    Its message is printable: characters a file, a caller or a model put in a key, a path or a
+    module name that a terminal or a UTF-8 log cannot take (control characters, lone surrogates)
+    appear as their Python escapes, so that ``print(error)`` in an ``except`` block never raises
+    itself. It is one line (:func:`one_line`) unless lorahot built its lines (:func:`lines`,
+    :func:`format_problems`), each of them one line: no name in it can add a line, wherever the
+    message puts it."""
 
     def __init__(self, *args: object) -> None:
-        super().__init__(*(printable(a) if isinstance(a, str) else a for a in args))
+        super().__init__(*(_one_message(a) if isinstance(a, str) else a for a in args))
 
 
 class AdapterReadError(LoraError):
@@ -174,6 +179,41 @@ def one_line(text: str) -> str:
     return printable(text, keep="")
 
 
+class _Lines(str):
+    """Text of several lines that lorahot put together (:func:`lines`), each line already one
+    line: the only text whose line breaks a :class:`LoraError` keeps. Text added before or
+    after it joins its first or its last line, as one line."""
+
+    __slots__ = ()
+
+    def __add__(self, other: str) -> _Lines:
+        return _Lines(str.__add__(self, other if isinstance(other, _Lines) else one_line(other)))
+
+    def __radd__(self, other: str) -> _Lines:
+        return _Lines(str.__add__(one_line(other), self))
+
+
+def lines(*parts: str) -> str:
+    """The lines of one message: ``parts`` joined by line breaks, each part one line
+    (:func:`one_line`) unless it is lines lorahot built (this function's, :func:`format_problems`'
+    or :func:`message`'s result). A :class:`LoraError` keeps the line breaks of such text only, so
+    a message of several lines is built with it: ``lines(format_problems(title, problems), fix)``."""
+    return _Lines("\n".join(p if isinstance(p, _Lines) else one_line(p) for p in parts))
+
+
+def message(error: LoraError) -> str:
+    """``error``'s message, its lines kept, as :func:`lines` takes it: to put a refusal inside
+    another (``lines(f"part 2: " + message(exc))``)."""
+    text = error.args[0] if len(error.args) == 1 else str(error)
+    return text if isinstance(text, _Lines) else one_line(str(text))
+
+
+def _one_message(text: str) -> str:
+    """A :class:`LoraError`'s message made of ``text``: printable, and one line unless lorahot
+    built its lines (:func:`lines`)."""
+    return _Lines(printable(text, keep="\n")) if isinstance(text, _Lines) else one_line(text)
+
+
 def cut(text: str, limit: int = 300) -> str:
     """``text`` as one line (:func:`one_line`) cut to ``limit`` characters: a path or a name in
     a message."""
@@ -237,10 +277,9 @@ def format_problems(title: str, problems: list[str], limit: int = 20) -> str:
     """Joins a list of problems into one message, keeping it readable when the list is long.
 
     The title and each problem are one line each (:func:`one_line`): a key or a name in them
-    cannot add lines to the list, whatever line breaks a file or a caller put in it."""
+    cannot add lines to the list, whatever line breaks a file, a caller or a model put in it.
+    The result is :func:`lines`: a fix goes after it as ``lines(format_problems(...), fix)``."""
     listed = problems[:limit]
     more = len(problems) - len(listed)
-    lines = [one_line(title)] + [f"  - {one_line(p)}" for p in listed]
-    if more > 0:
-        lines.append(f"  ... and {more} more")
-    return "\n".join(lines)
+    rows = [title] + [f"  - {one_line(p)}" for p in listed] + ([f"  ... and {more} more"] if more > 0 else [])
+    return lines(*rows)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorahot.errors import UnknownFormatError, format_problems, shown
+from lorahot.errors import UnknownFormatError, format_problems, lines, shown
 from lorahot.memo import BoundedMemo, str_bytes
 
 __all__ = [
@@ -321,8 +321,10 @@ def group_keys(
         roles[role] = (key, tensor)
     if problems:
         raise UnknownFormatError(
-            format_problems(f"{source}: keys lorahot cannot load ({fmt.name} naming):", problems)
-            + "\nRemove them, or convert the adapter to plain LoRA (lora_A/lora_B or lora_down/lora_up)."
+            lines(
+                format_problems(f"{source}: keys lorahot cannot load ({fmt.name} naming):", problems),
+                "Remove them, or convert the adapter to plain LoRA (lora_A/lora_B or lora_down/lora_up).",
+            )
         )
     if skipped:
         owners = dict.fromkeys(owner for owner in (_owner(fmt, key, parts) for key in skipped) if owner is not None)

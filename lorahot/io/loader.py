@@ -33,7 +33,9 @@ from lorahot.errors import (
     UnknownFormatError,
     UsageError,
     format_problems,
+    lines,
     long_name,
+    message,
     one_line,
     public_api,
     shown,
@@ -219,11 +221,13 @@ def checked_adapter(adapter: Adapter) -> Adapter:
     problems += _malformed_fields(adapter)
     if problems:
         raise UsageError(
-            format_problems(f"{_named(adapter.source)}: not a usable lorahot.Adapter:", problems)
-            + "\nAdapter.modules must map module keys (str) to lorahot.LoraModule objects holding tensors and a float "
-            "alpha, Adapter.weights module keys to lorahot.WeightModule objects, Adapter.config must be a dict, "
-            "Adapter.format and Adapter.source strings and Adapter.skipped a tuple of strings; or read the adapter "
-            "with lorahot.read_adapter."
+            lines(
+                format_problems(f"{_named(adapter.source)}: not a usable lorahot.Adapter:", problems),
+                "Adapter.modules must map module keys (str) to lorahot.LoraModule objects holding tensors and a float "
+                "alpha, Adapter.weights module keys to lorahot.WeightModule objects, Adapter.config must be a dict, "
+                "Adapter.format and Adapter.source strings and Adapter.skipped a tuple of strings; or read the adapter "
+                "with lorahot.read_adapter.",
+            )
         )
     if type(adapter.format) is str and type(adapter.source) is str and adapter.source.isprintable():
         return adapter
@@ -518,7 +522,7 @@ def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: 
         tail = _partial_read(raw, overrides)
         if not tail:
             raise
-        raise UnknownFormatError(f"{exc}\n{tail}") from None
+        raise UnknownFormatError(lines(message(exc), tail)) from None
 
 
 def _partial_read(raw: RawAdapter, overrides: dict[str, Any] | None) -> str:
@@ -622,14 +626,16 @@ def _check_configs_reach(
             by_caller = by_caller or "config=" in origin
     if problems:
         raise (UsageError if by_caller else AdapterMismatchError)(
-            format_problems(
-                f"{source}: the adapter config sets a rank or scale for LyCORIS or diff modules, which take their "
-                "scale from their own .alpha tensors (LyCORIS' alpha / r; scale 1 without one) and their rank from "
-                "their factors, so it would be ignored for them:",
-                problems,
+            lines(
+                format_problems(
+                    f"{source}: the adapter config sets a rank or scale for LyCORIS or diff modules, which take their "
+                    "scale from their own .alpha tensors (LyCORIS' alpha / r; scale 1 without one) and their rank from "
+                    "their factors, so it would be ignored for them:",
+                    problems,
+                ),
+                "Drop those fields (state a LoRA module's alpha with an alpha_pattern entry that names LoRA modules "
+                "only), or write each module's alpha as its .alpha tensor.",
             )
-            + "\nDrop those fields (state a LoRA module's alpha with an alpha_pattern entry that names LoRA modules "
-            "only), or write each module's alpha as its .alpha tensor."
             + (
                 " In a stack, config= applies to every part: read the part it is meant for with "
                 "lorahot.read_adapter(source, config=...) and pass that Adapter in the list instead."
@@ -773,9 +779,11 @@ def _component_configs(
     refused = [f"{cfg.origin}: {'; '.join(cfg.unsupported)}." for cfg in parsed.values() if cfg.unsupported]
     if refused:
         raise UnknownFormatError(
-            format_problems(f"{raw.source}: the adapter config turns on features lorahot does not load:", refused)
-            + "\nlorahot loads plain LoRA (lora_A/lora_B per module). Load this adapter with PEFT, or re-train it "
-            "without these options."
+            lines(
+                format_problems(f"{raw.source}: the adapter config turns on features lorahot does not load:", refused),
+                "lorahot loads plain LoRA (lora_A/lora_B per module). Load this adapter with PEFT, or re-train it "
+                "without these options.",
+            )
         )
     return parsed
 
@@ -820,17 +828,19 @@ def _check_header_alpha_reaches(
     if not defaults or not lycoris:
         return
     raise AdapterMismatchError(
-        format_problems(
-            f"{raw.source}: the {shown(fmt.header_alpha)} entry of its safetensors header records alpha "
-            f"{shown(raw.metadata.get(fmt.header_alpha), 60)}, the alpha every module of a {fmt.name} file without "
-            ".alpha tensors was trained at, and the file holds LyCORIS modules without .alpha:",
-            lycoris,
+        lines(
+            format_problems(
+                f"{raw.source}: the {shown(fmt.header_alpha)} entry of its safetensors header records alpha "
+                f"{shown(raw.metadata.get(fmt.header_alpha), 60)}, the alpha every module of a {fmt.name} file without "
+                ".alpha tensors was trained at, and the file holds LyCORIS modules without .alpha:",
+                lycoris,
+            ),
+            "No loader defines that entry for them: diffusers reads it for LoRA modules but loads no LyCORIS module "
+            "of this naming, and ComfyUI and musubi-tuner ignore it (every module at scale 1, LoRA ones too). Write "
+            "each module's alpha as its .alpha tensor (alpha = rank: scale 1; the entry is then ignored, as by "
+            "diffusers), or remove the entry to load every module at scale 1. config= cannot settle it: a lora_alpha "
+            "there is refused for LyCORIS modules.",
         )
-        + "\nNo loader defines that entry for them: diffusers reads it for LoRA modules but loads no LyCORIS module "
-        "of this naming, and ComfyUI and musubi-tuner ignore it (every module at scale 1, LoRA ones too). Write each "
-        "module's alpha as its .alpha tensor (alpha = rank: scale 1; the entry is then ignored, as by diffusers), or "
-        "remove the entry to load every module at scale 1. config= cannot settle it: a lora_alpha there is refused "
-        "for LyCORIS modules."
     )
 
 
@@ -995,15 +1005,17 @@ def _assemble(
         modules[module] = LoraModule(module, a, b, alpha, cfg.use_rslora, keys, base, magnitude, bias, unit)
     if unreadable:
         raise AdapterReadError(
-            format_problems(f"{source}: values that cannot be LoRA weights:", unreadable)
-            + "\nRe-save the adapter as dense float16/bfloat16/float32 tensors; fix or delete bad .alpha entries "
-            "(without one, alpha equals the rank)."
+            lines(
+                format_problems(f"{source}: values that cannot be LoRA weights:", unreadable),
+                "Re-save the adapter as dense float16/bfloat16/float32 tensors; fix or delete bad .alpha entries "
+                "(without one, alpha equals the rank).",
+            )
         )
     if problems:
         overridden = any("config=" in (cfg.origin or "") for cfg in configs.values())
         fix = "Fix config= (or re-save the adapter)" if overridden else "Re-save the adapter"
         raise AdapterMismatchError(
-            format_problems(f"{source}: inconsistent adapter:", problems) + f"\n{fix} so tensors and config agree."
+            lines(format_problems(f"{source}: inconsistent adapter:", problems), f"{fix} so tensors and config agree.")
         )
     return modules
 
@@ -1148,16 +1160,22 @@ def _weight_modules(
         out[module] = WeightModule(module, kind, factors, alpha, tuple(k for k, _ in roles.values()))
     if unreadable:
         raise AdapterReadError(
-            format_problems(f"{source}: values that cannot be LoRA weights:", unreadable)
-            + "\nFix or delete the bad .alpha entries (without one, alpha equals the rank; an OFT's has no constraint)."
+            lines(
+                format_problems(f"{source}: values that cannot be LoRA weights:", unreadable),
+                "Fix or delete the bad .alpha entries (without one, alpha equals the rank; an OFT's has no "
+                "constraint).",
+            )
         )
     if problems:
         raise UnknownFormatError(
-            format_problems(f"{source}: LyCORIS or diff modules lorahot cannot build:", problems)
-            + "\nRe-save the adapter with every factor of each module (LoHa: hada_w1_a/b and hada_w2_a/b; LoKr: "
-            "lokr_w1 or lokr_w1_a/b, and lokr_w2 or lokr_w2_a/b; a diff's LoRA: lora_down and lora_up of one rank, "
-            "whose product has the diff's shape; an OFT/BOFT: oft_blocks, with rescale for LyCORIS' only; sd-scripts' "
-            "OFT: oft_blocks and its .alpha; (IA)^3: weight and on_input; GLoRA: a1, a2, b1 and b2, no bm)."
+            lines(
+                format_problems(f"{source}: LyCORIS or diff modules lorahot cannot build:", problems),
+                "Re-save the adapter with every factor of each module (LoHa: hada_w1_a/b and hada_w2_a/b; LoKr: "
+                "lokr_w1 or lokr_w1_a/b, and lokr_w2 or lokr_w2_a/b; a diff's LoRA: lora_down and lora_up of one "
+                "rank, whose product has the diff's shape; an OFT/BOFT: oft_blocks, with rescale for LyCORIS' only; "
+                "sd-scripts' OFT: oft_blocks and its .alpha; (IA)^3: weight and on_input; GLoRA: a1, a2, b1 and b2, "
+                "no bm).",
+            )
         )
     return out
 
@@ -1185,9 +1203,11 @@ def _check_dora_scales(parts: Parts, source: str, skipped: list[str] | None, fmt
             problems.append(f"{_spelled(module, roles, fmt)}: {why}")
     if problems:
         raise UnknownFormatError(
-            format_problems(f"{source}: weight-decomposed (DoRA) modules lorahot cannot load:", problems)
-            + "\nRe-save each dora_scale with one value per output or per input channel, or merge the adapter into "
-            "the model with the tool that reads it (LyCORIS, ComfyUI)."
+            lines(
+                format_problems(f"{source}: weight-decomposed (DoRA) modules lorahot cannot load:", problems),
+                "Re-save each dora_scale with one value per output or per input channel, or merge the adapter into "
+                "the model with the tool that reads it (LyCORIS, ComfyUI).",
+            )
         )
 
 

@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
-from lorahot.errors import AdapterMismatchError, format_problems, shown
+from lorahot.errors import AdapterMismatchError, format_problems, lines, message, shown
 from lorahot.formats import FORMATS
 from lorahot.resolve.keys import COMPONENT_NAMES, resolve_all
 
@@ -254,12 +254,12 @@ def resolve_components(
         try:
             found, folded = resolve_all(part, own, skipped, beside, sizes, bare)
         except AdapterMismatchError as exc:
-            problems.append(f"[{component}] {exc}")
+            problems.append(f"[{component}] " + message(exc))
             continue
         lora.update({head + n: m for n, m in found.items()})
         weights.update({head + n: w for n, w in folded.items()})
     if problems:
-        raise AdapterMismatchError("\n".join(problems))
+        raise AdapterMismatchError(lines(*problems))
     return lora, weights
 
 
@@ -325,7 +325,7 @@ def _missing_message(
     components: tuple[str, ...],
     encoders: Mapping[str, tuple[str | None, str]],
 ) -> str:
-    lines = []
+    rows = []
     t5_lines = 0
     for prefix, keys in missing.items():
         target = dict(ROUTES).get(prefix) if prefix else None
@@ -334,17 +334,17 @@ def _missing_message(
         encoder = COMFYUI_ENCODER.match(prefix)
         why = encoders[encoder["encoder"]][1] if encoder is not None else ""
         if encoder is not None and not why.startswith("no component of this runtime is a T5"):
-            lines.append(f"{len(keys)} text-encoder module(s) with {which} (e.g. {keys[0]}): {why}")
+            rows.append(f"{len(keys)} text-encoder module(s) with {which} (e.g. {keys[0]}): {why}")
             continue
         if prefix in T5_PREFIXES or encoder is not None:
             t5_lines += 1
-            lines.append(
+            rows.append(
                 f"{len(keys)} T5 text-encoder module(s) with {which} (e.g. {keys[0]}): they go to text_encoder_3 "
                 f"(SD3's T5), which was not injected, or to a {_T5_ELSEWHERE} that holds their modules (Flux.1's "
                 f"T5), which " + ("holds none of them" if _T5_ELSEWHERE in components else "was not injected")
             )
             continue
-        lines.append(f"{len(keys)} module(s) with {which} (e.g. {keys[0]}) go to {wanted}, which was not injected")
+        rows.append(f"{len(keys)} module(s) with {which} (e.g. {keys[0]}) go to {wanted}, which was not injected")
     wanted_names = [
         dict(ROUTES).get(p) or " or ".join(DENOISER)
         for p in missing
@@ -360,8 +360,7 @@ def _missing_message(
         )
     else:
         fix = "Inject the pipeline's text encoder of that architecture (the one that holds those modules)"
-    return (
-        format_problems(f"{source}: adapter modules for components this runtime lacks:", lines)
-        + f"\nThis runtime has components {', '.join(components)}. {fix}, or load with strict=False to skip "
-        "those modules."
+    return lines(
+        format_problems(f"{source}: adapter modules for components this runtime lacks:", rows),
+        f"This runtime has components {', '.join(components)}. {fix}, or load with strict=False to skip those modules.",
     )

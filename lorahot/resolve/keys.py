@@ -56,7 +56,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
-from lorahot.errors import AdapterMismatchError, format_problems, shown
+from lorahot.errors import AdapterMismatchError, format_problems, lines, shown
 from lorahot.formats import FORMATS, KeyFormat, format_named
 from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
@@ -452,13 +452,14 @@ def resolve_all(
             out[hits[0]], origin[hits[0]] = module, named
     if problems:
         raise AdapterMismatchError(
-            format_problems(
-                f"{adapter.source}: adapter modules ({adapter.format} naming) that do not map onto the injected "
-                "layers:",
-                problems,
+            lines(
+                format_problems(
+                    f"{adapter.source}: adapter modules ({adapter.format} naming) that do not map onto the injected "
+                    "layers:",
+                    problems,
+                ),
+                _BARE_HINT if bare == len(problems) else _fix_hint(adapter),
             )
-            + "\n"
-            + (_BARE_HINT if bare == len(problems) else _fix_hint(adapter))
         )
     lora = {n: m for n, m in out.items() if isinstance(m, LoraModule)}
     return lora, {n: m for n, m in out.items() if isinstance(m, WeightModule)}

@@ -39,7 +39,7 @@ from typing import overload
 import torch
 
 from lorahot.adapter import LoraModule, WeightModule
-from lorahot.errors import AdapterMismatchError, UsageError, format_problems, name_problem, shown
+from lorahot.errors import AdapterMismatchError, UsageError, format_problems, lines, name_problem, shown
 from lorahot.formats.table import Reorder, Split
 
 __all__ = [
@@ -185,10 +185,12 @@ def place(
             out[new.key], origin[new.key] = new, ", ".join(new.source_keys or (key,))
     if problems:
         raise AdapterMismatchError(
-            format_problems(
-                f"{source}: fused modules that cannot be placed onto the model's layers ({what}):", problems
+            lines(
+                format_problems(
+                    f"{source}: fused modules that cannot be placed onto the model's layers ({what}):", problems
+                ),
+                f"{_FIX}",
             )
-            + f"\n{_FIX}"
         )
     return out
 

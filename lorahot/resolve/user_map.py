@@ -32,7 +32,15 @@ import torch
 
 from lorahot.adapter import FusedPart, LoraModule, WeightModule, storage_problem
 from lorahot.adapter.deltas import base_rows, delta_shape
-from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems, name_problem, shown
+from lorahot.errors import (
+    AdapterMismatchError,
+    AdapterReadError,
+    UsageError,
+    format_problems,
+    lines,
+    name_problem,
+    shown,
+)
 from lorahot.formats import KeyFormat
 
 __all__ = ["FusePart", "Fuse", "select_prefix", "apply_key_map", "fuse_modules"]
@@ -206,8 +214,10 @@ def fuse_modules(
                 out[key] = module
     if problems:
         raise AdapterMismatchError(
-            format_problems(f"{source}: cannot fuse:", problems)
-            + "\nGive the size of untrained parts as (name, out_features), or fix fuse=."
+            lines(
+                format_problems(f"{source}: cannot fuse:", problems),
+                "Give the size of untrained parts as (name, out_features), or fix fuse=.",
+            )
         )
     return out, out_weights
 

@@ -46,7 +46,7 @@ import torch
 
 from lorahot.adapter import LoraModule
 from lorahot.adapter.deltas import norm_eps
-from lorahot.errors import AdapterReadError, UsageError, format_problems
+from lorahot.errors import AdapterReadError, UsageError, format_problems, lines
 from lorahot.layers import LoRALayer
 from lorahot.layers.base import EXTRA_F, EXTRA_G, EXTRA_M
 from lorahot.runtime.buffers import BufferManager
@@ -144,14 +144,20 @@ class DoraFactors:
             own = [name for name, q, m in terms if q == p and not self._finite(name, m, 1.0, region)]
             if own:
                 raise AdapterReadError(
-                    format_problems(f"{plan.source}: DoRA factors m / ||W0 + scale * B @ A|| are not finite in:", own)
-                    + "\nA channel's adapted weight has norm 0, or its magnitude overflows the buffers' dtype after "
-                    "the division (PEFT's forward would give inf or NaN); the adapter cannot run on this model."
+                    lines(
+                        format_problems(
+                            f"{plan.source}: DoRA factors m / ||W0 + scale * B @ A|| are not finite in:", own
+                        ),
+                        "A channel's adapted weight has norm 0, or its magnitude overflows the buffers' dtype after "
+                        "the division (PEFT's forward would give inf or NaN); the adapter cannot run on this model.",
+                    )
                 )
         shown = f"{weights[0]:g}" if stack.single else "[" + ", ".join(f"{w:g}" for w in weights) + "]"
         raise UsageError(
-            format_problems(f"scale={shown}: DoRA factors m / ||W0 + scale * B @ A|| would not be finite in:", bad)
-            + "\nAt this scale a channel's adapted weight has norm 0 (or the factor overflows); pass another scale."
+            lines(
+                format_problems(f"scale={shown}: DoRA factors m / ||W0 + scale * B @ A|| would not be finite in:", bad),
+                "At this scale a channel's adapted weight has norm 0 (or the factor overflows); pass another scale.",
+            )
         )
 
     def _finite(self, name: str, m: LoraModule, weight: float, region: int | None) -> bool:

@@ -34,6 +34,8 @@ from lorahot.errors import (
     UsageError,
     WriteError,
     format_problems,
+    lines,
+    message,
     one_line,
     public_api,
     shown,
@@ -1302,8 +1304,10 @@ class LoraRuntime:
         biasless = [n for n, w in plan.weights.items() if "diff_b" in w.factors and self.layers[n].base_bias is None]
         if biasless:
             raise AdapterMismatchError(
-                format_problems(f"{plan.source}: a bias diff (diff_b) for layers without a bias:", biasless)
-                + "\nLoad an adapter made for this model (its layers have no bias)."
+                lines(
+                    format_problems(f"{plan.source}: a bias diff (diff_b) for layers without a bias:", biasless),
+                    "Load an adapter made for this model (its layers have no bias).",
+                )
             )
         unfoldable = [
             f"{n}: {why}"
@@ -1312,18 +1316,22 @@ class LoraRuntime:
         ]
         if unfoldable:
             raise AdapterMismatchError(
-                format_problems(f"{plan.source}: LoRA modules merged mode cannot fold:", unfoldable)
-                + "\nInject those layers without merged=True (the LoRA then runs beside the grouped conv), or leave "
-                "them out of the adapter."
+                lines(
+                    format_problems(f"{plan.source}: LoRA modules merged mode cannot fold:", unfoldable),
+                    "Inject those layers without merged=True (the LoRA then runs beside the grouped conv), or leave "
+                    "them out of the adapter.",
+                )
             )
         if plan.weights and self._merger is None:
             raise AdapterMismatchError(
-                format_problems(
-                    f"{plan.source}: modules whose update is not B @ A, which lorahot loads only in merged mode:",
-                    [f"{n} ({w.kind}: {', '.join(w.source_keys)})" for n, w in plan.weights.items()],
+                lines(
+                    format_problems(
+                        f"{plan.source}: modules whose update is not B @ A, which lorahot loads only in merged mode:",
+                        [f"{n} ({w.kind}: {', '.join(w.source_keys)})" for n, w in plan.weights.items()],
+                    ),
+                    "Inject with lorahot.inject(..., merged=True) to fold them into the weights, or convert the "
+                    "adapter to plain LoRA.",
                 )
-                + "\nInject with lorahot.inject(..., merged=True) to fold them into the weights, or convert the "
-                "adapter to plain LoRA."
             )
 
     def _check_scales(self, stack: Stack, weights: tuple[float, ...], region: int | None = None) -> None:
@@ -1614,7 +1622,7 @@ def _naming_part(part: int | None) -> Iterator[None]:
     except LoraError as exc:
         if part is None:
             raise
-        raise type(exc)(f"part {part}: {exc}") from exc
+        raise type(exc)(f"part {part}: " + message(exc)) from exc
 
 
 def _tail(text: str, width: int = 40) -> str:

@@ -49,7 +49,7 @@ from torch.nn.utils import parametrize
 
 from lorahot.adapter import LoraModule, WeightModule
 from lorahot.adapter.deltas import delta_bound, fold_delta
-from lorahot.errors import AdapterReadError, UsageError, format_problems
+from lorahot.errors import AdapterReadError, UsageError, format_problems, lines
 from lorahot.layers import LoRALayer
 from lorahot.layers.base import EXTRA_BIAS, EXTRA_F, own_code, unusual_values
 from lorahot.runtime.aliases import plain
@@ -456,14 +456,16 @@ class Merger:
         changed = [n for n, flag in zip(names, replaced(layers) if flags is None else flags, strict=True) if flag]
         if changed:
             raise UsageError(
-                format_problems(
-                    "in merged mode, targeted weights or biases changed since lorahot last wrote them "
-                    "(load_state_dict or a checkpoint load after inject?):",
-                    changed,
+                lines(
+                    format_problems(
+                        "in merged mode, targeted weights or biases changed since lorahot last wrote them "
+                        "(load_state_dict or a checkpoint load after inject?):",
+                        changed,
+                    ),
+                    "Every merged weight is rebuilt from the base weights copied at inject, so this call would throw "
+                    "the new weights away. Load base checkpoints before inject, or eject (which keeps the new "
+                    "weights), load, and inject again.",
                 )
-                + "\nEvery merged weight is rebuilt from the base weights copied at inject, so this call would throw "
-                "the new weights away. Load base checkpoints before inject, or eject (which keeps the new weights), "
-                "load, and inject again."
             )
 
     @staticmethod
@@ -484,9 +486,13 @@ class Merger:
                 )
         if found:
             raise UsageError(
-                format_problems("in merged mode, targeted base layers were converted or moved after inject:", found)
-                + "\nEvery merged weight is rebuilt from the base weight copied at inject, in its dtype and place. "
-                "Convert or move the model before inject, or eject, convert, and inject again."
+                lines(
+                    format_problems(
+                        "in merged mode, targeted base layers were converted or moved after inject:", found
+                    ),
+                    "Every merged weight is rebuilt from the base weight copied at inject, in its dtype and place. "
+                    "Convert or move the model before inject, or eject, convert, and inject again.",
+                )
             )
 
     def check(self, stack: Stack, weights: Sequence[float]) -> None:
@@ -516,13 +522,17 @@ class Merger:
                     else "inject without merged=True, or re-save it"
                 )
                 raise AdapterReadError(
-                    format_problems(f"{plan.source}: merged weights would overflow the model's dtype in:", own)
-                    + f"\nThe adapter's values are too large for merged mode; {fix}."
+                    lines(
+                        format_problems(f"{plan.source}: merged weights would overflow the model's dtype in:", own),
+                        f"The adapter's values are too large for merged mode; {fix}.",
+                    )
                 )
         shown = f"{weights[0]:g}" if stack.single else "[" + ", ".join(f"{w:g}" for w in weights) + "]"
         raise UsageError(
-            format_problems(f"scale={shown}: merged weights would overflow the model's dtype in:", over)
-            + "\nPass a smaller scale."
+            lines(
+                format_problems(f"scale={shown}: merged weights would overflow the model's dtype in:", over),
+                "Pass a smaller scale.",
+            )
         )
 
     def _overflows(

@@ -23,7 +23,7 @@ import torch
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
 from lorahot.adapter.deltas import base_problem, delta_shape, lora_update_max, rotation_problem
-from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems
+from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems, lines
 from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, FLOAT_DTYPES, LayerSpec, unusual_values
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
@@ -369,8 +369,10 @@ def _fit(
     ]
     if problems:
         raise AdapterMismatchError(
-            format_problems(f"{adapter.source}: adapter does not fit the injected model:", problems)
-            + "\nLoad an adapter trained for this model and these target modules, or inject with a larger max_rank."
+            lines(
+                format_problems(f"{adapter.source}: adapter does not fit the injected model:", problems),
+                "Load an adapter trained for this model and these target modules, or inject with a larger max_rank.",
+            )
         )
     return targets, weights, unplaced
 
@@ -596,8 +598,10 @@ def check_weight_values(name: str, module: WeightModule) -> list[str]:
 
 def _raise_unreadable(source: str, problems: list[str]) -> None:
     raise AdapterReadError(
-        format_problems(f"{source}: values that cannot be LoRA weights:", problems)
-        + "\nRe-save the adapter in float16/bfloat16/float32 with a positive alpha."
+        lines(
+            format_problems(f"{source}: values that cannot be LoRA weights:", problems),
+            "Re-save the adapter in float16/bfloat16/float32 with a positive alpha.",
+        )
     )
 
 
@@ -876,13 +880,17 @@ def _check_extras(plan: LoadPlan, buffers: BufferManager, extras: list[list[Extr
                     )
     if bad:
         raise AdapterReadError(
-            format_problems(f"{plan.source}: NaN, Inf or out-of-range values in:", bad)
-            + "\nThe adapter is corrupt; re-train or re-download it."
+            lines(
+                format_problems(f"{plan.source}: NaN, Inf or out-of-range values in:", bad),
+                "The adapter is corrupt; re-train or re-download it.",
+            )
         )
     if too_large:
         raise AdapterReadError(
-            format_problems(f"{plan.source}: LoRA weights or updates out of the LoRA buffers' range:", too_large)
-            + f"\n{_range_fix(reached_most)}"
+            lines(
+                format_problems(f"{plan.source}: LoRA weights or updates out of the LoRA buffers' range:", too_large),
+                f"{_range_fix(reached_most)}",
+            )
         )
 
 
@@ -984,13 +992,17 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged, merged:
                 )
     if bad_values:
         raise AdapterReadError(
-            format_problems(f"{plan.source}: NaN or Inf in LoRA weights of:", bad_values)
-            + "\nThe adapter is corrupt; re-train or re-download it."
+            lines(
+                format_problems(f"{plan.source}: NaN or Inf in LoRA weights of:", bad_values),
+                "The adapter is corrupt; re-train or re-download it.",
+            )
         )
     if too_large:
         raise AdapterReadError(
-            format_problems(f"{plan.source}: LoRA weights or updates out of the LoRA buffers' range:", too_large)
-            + f"\n{_range_fix(reached_most, merged)}"
+            lines(
+                format_problems(f"{plan.source}: LoRA weights or updates out of the LoRA buffers' range:", too_large),
+                f"{_range_fix(reached_most, merged)}",
+            )
         )
 
 
@@ -1030,16 +1042,18 @@ def _check_precision(
     lost = ((pairs > 0) & (pairs < tiny)).any(dim=1).tolist()
     if any(lost):
         raise AdapterMismatchError(
-            format_problems(
-                f"{plan.source}: factors whose every value is below the smallest normal {_dtype_name(arena)} "
-                f"({tiny:.3g}), so they would lose their precision in this model's LoRA buffers:",
-                [
-                    f"{n}: largest |value| {float(pair[pair > 0].min()):.3g}"
-                    for n, pair, x in zip(layers, pairs, lost)
-                    if x
-                ],
+            lines(
+                format_problems(
+                    f"{plan.source}: factors whose every value is below the smallest normal {_dtype_name(arena)} "
+                    f"({tiny:.3g}), so they would lose their precision in this model's LoRA buffers:",
+                    [
+                        f"{n}: largest |value| {float(pair[pair > 0].min()):.3g}"
+                        for n, pair, x in zip(layers, pairs, lost)
+                        if x
+                    ],
+                ),
+                f"{_wider('float32', merged)}; PEFT keeps adapters in float32 too.",
             )
-            + f"\n{_wider('float32', merged)}; PEFT keeps adapters in float32 too."
         )
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from lorahot.adapter import storage_problem
-from lorahot.errors import UsageError, format_problems, shown
+from lorahot.errors import UsageError, format_problems, lines, shown
 from lorahot.kernels.routed_linear import workspace
 from lorahot.kernels.routed_lora import segments
 from lorahot.layers.routing import EXPERTS, is_expert
@@ -92,9 +92,9 @@ def check_routing(
     out = ((route < -1) | (route >= count)).nonzero().flatten()  # on tensors: a packed routing has 2**24 entries
     if out.numel():
         problems = [f"row {i}: {int(route[i])}" for i in out[:20].tolist()]
-        more = f"\n  ... and {out.numel() - 20} more" if out.numel() > 20 else ""
+        more = [f"  ... and {out.numel() - 20} more"] if out.numel() > 20 else []
         title = f"routing entries out of range (slots 0..{count - 1}, or -1 for the base model only):"
-        raise UsageError(format_problems(title, problems) + more)
+        raise UsageError(lines(format_problems(title, problems), *more))
     empty = [v for v in routed_slots(route, count) if not filled[v]]
     if empty:
         raise UsageError(

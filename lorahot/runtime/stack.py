@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lorahot.adapter import LoraModule, WeightModule
-from lorahot.errors import AdapterMismatchError, format_problems
+from lorahot.errors import AdapterMismatchError, format_problems, lines
 from lorahot.layers.base import EXTRA_BIAS
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra
 from lorahot.runtime.plan import Checked, LoadPlan, Staged
@@ -275,9 +275,10 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager, merged: bool = Fa
     if any(_BIASES in p for p in shared):
         fixes.append(BIASES_FIX)
     raise AdapterMismatchError(
-        format_problems(f"a stack of {len(plans)} adapters does not fit together in one slot:", ranks + shared)
-        + "\n"
-        + "\n".join(fixes)
+        lines(
+            format_problems(f"a stack of {len(plans)} adapters does not fit together in one slot:", ranks + shared),
+            *fixes,
+        )
     )
 
 

@@ -36,7 +36,7 @@ from typing import Any
 from torch import nn
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
-from lorahot.errors import AdapterMismatchError, UsageError, format_problems, public_api, shown
+from lorahot.errors import AdapterMismatchError, UsageError, format_problems, lines, public_api, shown
 from lorahot.formats import format_named
 from lorahot.io.loader import read_adapter
 from lorahot.io.sources import Source
@@ -235,11 +235,14 @@ def plan_targets(
     if max_rank > MAX_RANK_LIMIT:  # inject would refuse the plan (with a model, the layer checks said so)
         over = [f"{n}: rank {r}" for n, r in ranks.items() if r > MAX_RANK_LIMIT] or [f"covering rank {max_rank}"]
         raise AdapterMismatchError(
-            format_problems(
-                f"{', '.join(a.source for a in adapters)}: ranks above {MAX_RANK_LIMIT}, the most inject allocates:",
-                over,
+            lines(
+                format_problems(
+                    f"{', '.join(a.source for a in adapters)}: ranks above {MAX_RANK_LIMIT}, the most inject "
+                    "allocates:",
+                    over,
+                ),
+                "No real adapter has such a rank: the file is probably corrupt. Re-save it, or plan without it.",
             )
-            + "\nNo real adapter has such a rank: the file is probably corrupt. Re-save it, or plan without it."
         )
     # against a model, the exact modules (a plain list would also wrap every module whose name
     # ends with a planned one: Flux's top-level proj_out, and each single block's)
@@ -335,12 +338,14 @@ def _check_one_spelling(adapters: list[Adapter]) -> None:
     if len(spellings) > 1:
         listed = [f"{s}: {', '.join(shown(src, 120) for src in sources)}" for s, sources in spellings.items()]
         raise UsageError(
-            format_problems(
-                "plan_targets(..., stacked=True) without a model: the adapters name modules in different namings:",
-                listed,
+            lines(
+                format_problems(
+                    "plan_targets(..., stacked=True) without a model: the adapters name modules in different namings:",
+                    listed,
+                ),
+                "Without the model there is no telling which of their names are one layer, so no sum of their "
+                "ranks per layer is known. Pass the model: lorahot.plan_targets(sources, model, stacked=True).",
             )
-            + "\nWithout the model there is no telling which of their names are one layer, so no sum of their "
-            "ranks per layer is known. Pass the model: lorahot.plan_targets(sources, model, stacked=True)."
         )
 
 
@@ -354,14 +359,17 @@ def _check_module_paths(adapters: list[Adapter]) -> None:
         listed = [f"{shown(a.source, 120)}: {a.format} naming" for a in others[:8]]
         listed += [f"... and {len(others) - 8} more"] if len(others) > 8 else []
         raise UsageError(
-            format_problems(
-                "plan_targets without a model: these adapters do not name their modules by the model's module paths:",
-                listed,
+            lines(
+                format_problems(
+                    "plan_targets without a model: these adapters do not name their modules by the model's module "
+                    "paths:",
+                    listed,
+                ),
+                "Only the model tells which of its modules their names are (a kohya name is a path with its dots "
+                "made underscores; an original model's name maps onto another layout), so no target inject could match "
+                "is known. Pass the model: lorahot.plan_targets(sources, model) (or the pipeline), which plans its "
+                "module names, max_rank and inject options.",
             )
-            + "\nOnly the model tells which of its modules their names are (a kohya name is a path with its dots "
-            "made underscores; an original model's name maps onto another layout), so no target inject could match "
-            "is known. Pass the model: lorahot.plan_targets(sources, model) (or the pipeline), which plans its "
-            "module names, max_rank and inject options."
         )
 
 
@@ -459,14 +467,20 @@ def _model_ranks(
         ]
     if problems or shared:
         raise AdapterMismatchError(
-            format_problems(
-                "adapters that do not fit the model's layers (shapes, biases, the modes they need"
-                + (", the layers a stack's parts share" if shared else "")
-                + "):",
-                problems + shared,
+            lines(
+                format_problems(
+                    "adapters that do not fit the model's layers (shapes, biases, the modes they need"
+                    + (", the layers a stack's parts share" if shared else "")
+                    + "):",
+                    problems + shared,
+                ),
+                *(
+                    ["Plan with adapters made for this model, or map their keys with prefix=/key_map=."]
+                    if problems
+                    else []
+                ),
+                *([SHARED_FIX] if shared else []),
             )
-            + ("\nPlan with adapters made for this model, or map their keys with prefix=/key_map=." if problems else "")
-            + (f"\n{SHARED_FIX}" if shared else "")
         )
     return ranks, summed
 

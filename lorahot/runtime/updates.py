@@ -34,7 +34,7 @@ import torch
 
 from lorahot.adapter import LoraModule
 from lorahot.adapter.deltas import lora_update_max
-from lorahot.errors import UsageError, format_problems
+from lorahot.errors import UsageError, format_problems, lines
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.plan import dtype_max
 from lorahot.runtime.stack import Stack
@@ -150,7 +150,7 @@ class UpdateRange:
         ``biases`` (a LoRA bias, the value reached, its part), and the weights that fit."""
         single = stack.single
         shown = f"{weights[0]:g}" if single else "[" + ", ".join(f"{w:g}" for w in weights) + "]"
-        lines = []
+        rows = []
         factor = math.inf  # how much smaller every weight must be for each layer to fit
         for a, i, v, what in [(a, i, v, _summed(stack, self.names[a][i])) for a, i, v in over] + [
             (a, i, v, "its LoRA bias scale * lora_bias" if single else f"the LoRA bias of part {p}")
@@ -160,7 +160,7 @@ class UpdateRange:
             top = dtype_max(arena.dtype)
             name = self.names[a][i]
             dtype = str(arena.dtype).removeprefix("torch.")
-            lines.append(f"{name}: {what} reaches |value| {v:.6g} > {dtype} max {top:.6g}")
+            rows.append(f"{name}: {what} reaches |value| {v:.6g} > {dtype} max {top:.6g}")
             factor = min(factor, top / v if math.isfinite(v) and v > 0 else 0.0)
         where = "the slot's update" if single else f"the stack of {len(stack.parts)} adapters' summed update"
         title = f"scale={shown}: {where} would leave the LoRA buffers' dtype in:"
@@ -173,7 +173,7 @@ class UpdateRange:
             )
         if any(self.buffers.arenas[a].dtype == torch.float16 for a in [*(t[0] for t in over), *(t[0] for t in biases)]):
             fix += ", or inject with dtype=torch.float32 (LoRA buffers of float32's range)"
-        return format_problems(title, lines) + f"\n{fix}."
+        return lines(format_problems(title, rows), f"{fix}.")
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import lorahot
 from lorahot import UsageError
+from lorahot.errors import one_line
 from tests.reliability_helpers import Q0, V1, Rig, assert_unchanged, build_rig, snapshot, valid_tensors, write_valid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -617,6 +620,97 @@ def test_a_hostile_string_adds_no_line_to_a_message(
     assert hostile.encode("unicode_escape").decode("ascii") in text
     assert not any(c in text for c in hostile if not c.isprintable() and c != "\n"), ascii(text)
     assert_unchanged(rig, before)
+
+
+#: characters a model's module name may hold (``add_module`` refuses only ``.`` and ``""``) that
+#: a message must escape: every line break str.splitlines knows, the other C0 and C1 controls
+#: (a terminal's ESC, NUL), bidi overrides and isolates, zero-width and separator characters
+_UNPRINTABLE = st.sampled_from(
+    [chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]] + list("\u2028\u2029\u202a\u202e\u2066\u2069\u200b\ufeff")
+)
+_PLAIN = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="."), max_size=6)
+_HOSTILE_MODULES = st.builds(
+    lambda a, b, c: a + b + c,
+    _PLAIN,
+    st.text(_UNPRINTABLE, min_size=1, max_size=4),
+    st.text(_UNPRINTABLE | _PLAIN.filter(bool).map(lambda t: t[0]), max_size=6),
+)
+
+
+def _named_model(name: str, inner: torch.nn.Module | None = None) -> torch.nn.Sequential:
+    """``[name].q_proj``: a Linear(8, 8) (or ``inner``) under a child the model names ``name``."""
+    model, block = torch.nn.Sequential(), torch.nn.Module()
+    block.add_module("q_proj", torch.nn.Linear(8, 8) if inner is None else inner)
+    model.add_module(name, block)
+    return model
+
+
+def _hooked(name: str) -> Any:
+    model = _named_model(name)
+    model.get_submodule(name).q_proj.register_forward_hook(lambda *args: None)
+    return lorahot.inject(model, ["q_proj"], max_rank=4, merged=True)
+
+
+def _tied(name: str) -> Any:
+    model = _named_model(name)
+    model.add_module("tied", torch.nn.Linear(8, 8))
+    model.tied.weight = model.get_submodule(name).q_proj.weight
+    return lorahot.inject(model, ["q_proj"], max_rank=4, merged=True)
+
+
+def _replaced(name: str) -> Any:
+    model = _named_model(name)
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4, slots=2)
+    model.get_submodule(name).q_proj = torch.nn.Linear(8, 8)
+    return runtime.activate(1)
+
+
+def _wrong_b(name: str) -> lorahot.Adapter:
+    """A hand-built LoRA of ``[name].q_proj`` (a reader would not parse a key with a line break)
+    whose B has 9 rows where the layer has 8 outputs."""
+    key = f"{name}.q_proj"
+    return lorahot.Adapter(
+        {key: lorahot.LoraModule(key, A=torch.ones(2, 8), B=torch.ones(9, 2), alpha=2.0)}, "peft", "<built>"
+    )
+
+
+def _injected_plan(name: str) -> Any:
+    model = _named_model(name)
+    lorahot.inject(model, ["q_proj"], max_rank=4)
+    return lorahot.plan_targets(_wrong_b(name), model)
+
+
+#: (id, call whose refusal names the model's module ``name``): inject's refusals of a
+#: module, a call after a module on a layer's path was replaced, a load or plan whose shapes
+#: do not fit the layer
+_MODULE_NAME_PATHS: list[tuple[str, Callable[[str], Any]]] = [
+    ("inject_merged_hooks", _hooked),
+    ("inject_merged_tied", _tied),
+    ("inject_lazy", lambda name: lorahot.inject(_named_model(name, torch.nn.LazyLinear(8)), ["q_proj"], max_rank=4)),
+    ("call_after_replace", _replaced),
+    ("load_wrong_shape", lambda name: lorahot.inject(_named_model(name), ["q_proj"], max_rank=4).load(_wrong_b(name))),
+    ("plan_wrong_shape", lambda name: lorahot.plan_targets(_wrong_b(name), _named_model(name))),
+    ("plan_injected", _injected_plan),
+]
+
+
+@pytest.mark.parametrize(("path", "call"), _MODULE_NAME_PATHS, ids=[p[0] for p in _MODULE_NAME_PATHS])
+@settings(max_examples=15, deadline=None)
+@given(name=_HOSTILE_MODULES)
+@example(name="x\n  - fake").via("a forged list line")
+@example(name="x\x1b[2J\x1b[31mred\r\x00").via("terminal escapes")
+def test_a_models_module_name_adds_no_line_to_a_message(path: str, call: Callable[[str], Any], name: str) -> None:
+    """A module name holds whatever ``add_module`` was given: every refusal that names it shows it
+    escaped, and reads as with a plain name in its place (a plain name shows as it is)."""
+    with pytest.raises(lorahot.LoraError) as plain:
+        call("blk")
+    with pytest.raises(type(plain.value)) as raised:
+        call(name)
+    text, escaped = str(raised.value), one_line(name)
+    assert "blk" in str(plain.value) and escaped in text
+    assert text.count("\n") == str(plain.value).count("\n")
+    assert all(c.isprintable() for c in text.replace("\n", "")), ascii(text)
+    assert text.replace(escaped, "blk") == str(plain.value)
 
 
 def _hand_source(rig: Rig, source: str) -> lorahot.Adapter:

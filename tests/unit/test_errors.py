@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from lorahot.errors import MAX_KEY_CHARS, UsageError, cut, format_problems, name_problem, one_line, shown
+from lorahot.errors import (
+    MAX_KEY_CHARS,
+    UsageError,
+    cut,
+    format_problems,
+    lines,
+    message,
+    name_problem,
+    one_line,
+    shown,
+)
 
 
 class _BrokenRepr:
@@ -51,8 +61,9 @@ def test_a_name_in_a_message_is_one_line_whatever_it_holds(char: str) -> None:
     name = f"lora_unet_0{char}  - fake"
     escaped = f"lora_unet_0{char.encode('unicode_escape').decode('ascii')}  - fake"
     assert one_line(name) == escaped and cut(name) == escaped and shown(name) == f"'{escaped}'"
-    text = str(UsageError(format_problems(f"{name}: title", [f"{name}: problem", "other"]) + "\nFix it."))
+    text = str(UsageError(lines(format_problems(f"{name}: title", [f"{name}: problem", "other"]), "Fix it.")))
     assert text.splitlines() == [f"{escaped}: title", f"  - {escaped}: problem", "  - other", "Fix it."]
+    assert str(UsageError(f"layer {name}: wrong")) == f"layer {escaped}: wrong"  # a message lorahot did not build
     assert name_problem(name) is not None and name_problem("lora_unet_0") is None
 
 
@@ -67,3 +78,22 @@ def test_a_repr_with_line_breaks_shows_as_one_line() -> None:
 def test_a_name_over_the_limit_is_refused() -> None:
     assert name_problem("x" * MAX_KEY_CHARS) is None
     assert name_problem("x" * (MAX_KEY_CHARS + 1)) == f"is 1025 characters long, more than {MAX_KEY_CHARS}"
+
+
+def test_only_lines_lorahot_built_keep_their_breaks() -> None:
+    """A message is one line unless :func:`lines` built it: a name that reaches a message by an
+    f-string, a ``+`` after a list, or a refusal nested in another adds no line."""
+    name = "layers.0\n  - fake\tq\x1b[2J\r\x00"
+    listed = format_problems("title:", ["a", "b"])
+    assert str(UsageError(listed + f" after {name}")).splitlines() == [
+        "title:",
+        "  - a",
+        "  - b" + one_line(f" after {name}"),
+    ]
+    assert str(UsageError(f"{name}: " + listed)).splitlines()[0] == one_line(f"{name}: ") + "title:"
+    inner = UsageError(lines(listed, f"fix {name}"))
+    outer = UsageError(lines("part 1: " + message(inner), "more"))
+    assert str(outer).splitlines() == ["part 1: title:", "  - a", "  - b", one_line(f"fix {name}"), "more"]
+    assert str(UsageError(f"{inner}")) == one_line(str(inner))  # a refusal's text in an f-string: one line
+    plain = "layers.0.self_attn.q_proj (x) [y] 'z' \\ ~"
+    assert str(UsageError(f"{plain}: wrong")) == f"{plain}: wrong"  # a printable name as it is
