@@ -8,7 +8,9 @@ than scaling the output-wide delta. In general (DoRA, LoRA bias)
 ``f * (base(x) + B(s * A(x)) + s[0] * lora_bias) + g`` per output channel, with ``f`` the DoRA
 factor ``m / ||W0 + B diag(s) A||`` (1 for plain LoRA) and ``g = (1 - f) * bias`` (0 for
 plain LoRA), which is PEFT's ``f * (W0 x + scale * (B A x + lora_bias)) + bias`` (a LoRA bias
-belongs to the part in the first rows; a DoRA layer holds one part). ``f``, the
+belongs to the part in the first rows; a DoRA layer holds one part; where several parts of a
+stack carry a LoRA bias, ``f = 1``, the bias row is 0 and ``g`` is their sum
+``sum_p s_p * lora_bias_p``, :mod:`lorahot.runtime.bias_sums`). ``f``, the
 LoRA bias, ``g`` and the magnitude ``m`` are the four rows of the layer's *extras*
 ``[4, out]``, device data like A and B: the forward computes the same graph whatever the
 adapter, so swaps between DoRA and plain LoRA never recompile. Its ``lora_A``, ``lora_B``,

@@ -16,6 +16,8 @@ tensors, region-major (a region is a slot, plus one live region when there are s
   the DoRA factor (1 without DoRA), the LoRA bias (0 without), ``g = (1 - f) * base bias`` and
   the DoRA magnitude (see :mod:`lorahot.layers.base`). A load writes the magnitudes and biases
   the adapter has; the factors are computed on the device from them (:mod:`lorahot.runtime.dora`).
+  Where several parts of a stack carry a LoRA bias on one layer (no DoRA there), ``g`` holds their
+  sum at the parts' weights and the bias row 0 (:mod:`lorahot.runtime.bias_sums`).
 
 Every layer's A and B are contiguous, so the forward's matrix products run on plain
 row-major operands. A rank-``r`` adapter fills the first ``r`` rows of each block (for grouped

@@ -601,6 +601,7 @@ class LoraRuntime:
                 extras=placement.extras,
                 offsets=placement.offsets,
             )
+            self._write_bias_sums(slot, stack, weights, live)
             if self._read_buffers is not None:  # the arena holds the values; the read buffers are reused
                 for plan in fresh:
                     forget_values(plan)
@@ -883,6 +884,14 @@ class LoraRuntime:
         self._dora.refresh(slot, dora, decomposed)
         if live and slot != self.buffers.live:
             self._dora.refresh(self.buffers.live, dora, decomposed)
+
+    def _write_bias_sums(self, slot: int, stack: Stack, weights: tuple[float, ...], live: bool) -> None:
+        """Writes the LoRA biases that several parts of ``stack`` carry on one layer, summed at
+        ``weights``, into ``slot`` (and the live region if it mirrors the slot): see
+        :mod:`lorahot.runtime.bias_sums`."""
+        if stack.bias_sums is not None:
+            regions = [slot, self.buffers.live] if self.buffers.mirrors(slot, live) else [slot]
+            stack.bias_sums.write(self.buffers, regions, weights)
 
     def _cached(
         self, source: Source | Adapter | PreparedAdapter, read_kwargs: dict[str, Any], denoiser_named: bool = False
@@ -1242,6 +1251,7 @@ class LoraRuntime:
                 return  # on CUDA: the scales, live copy and wide refresh in one graph replay
             scales = stack.scales(weights)
             self.buffers.set_scales(s, scales, live=live)
+            self._write_bias_sums(s, stack, weights, live)
             self._refresh_dora(s, stack.dora, live, stack.decomposed)
             self._remerge(s)
 

@@ -13,7 +13,9 @@ so for a given stack only the weights vary. :class:`ScaleReplay` captures, once 
 graph that uploads the weights (one number per part) from a pinned buffer, computes
 ``S[slot] = own * w[part]`` on the device and writes it to the live region too (one kernel,
 :func:`~lorahot.kernels.row_scale.stack_scales`: float64, rounded to the scales' dtype as the
-host path rounds, bit for bit the same), and refreshes the wide rows.
+host path rounds, bit for bit the same), writes the sums of the LoRA biases that several parts
+carry on one layer (:meth:`~lorahot.runtime.bias_sums.BiasSums.write`, the ordinary path's own
+call, on the device weights), and refreshes the wide rows.
 A re-weighting is then: the checks, the weights written to the pinned buffer (once its last
 upload is done), one replay, one event. The first call with a key runs the ordinary path (it
 also compiles the scaler's kernel, and a key seen once may never come back); the second
@@ -100,15 +102,20 @@ class ScaleReplay(GraphReplays[Key]):
             for own, part in stack.owners
         ]
 
+        sums = stack.bias_sums
+
         def steps() -> None:
             weights.copy_(staging.buffer, non_blocking=True)
             live = self.buffers.live
             for arena, (own, part) in zip(self.buffers.arenas, rows):
                 stack_scales(own, part, weights, arena.S[slot], arena.S[live] if mirrored else None)
+            if sums is not None:  # several LoRA biases on one layer: their sum at the new weights
+                sums.write(self.buffers, [slot, live] if mirrored else [slot], weights)
             for scaler, live_scales, n in calls:
                 scaler(live_scales, n)
 
         graph = self.capture(steps, stacklevel=5)  # the warning names the caller of set_scale
         if graph is None:
             return None
-        return Captured(graph, weakref.ref(stack), (staging, [weights, *(t for pair in rows for t in pair)]))
+        held = [weights, *(t for pair in rows for t in pair), *(() if sums is None else (*sums.index, *sums.terms))]
+        return Captured(graph, weakref.ref(stack), (staging, held))

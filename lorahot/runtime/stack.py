@@ -18,16 +18,19 @@ replay (:mod:`lorahot.runtime.scale_replay`).
 
 What a stack refuses, before anything is written (:func:`check_parts`): a layer whose parts'
 ranks add up past ``max_rank``; DoRA on a layer another part also touches (PEFT computes one
-DoRA factor per adapter, over that adapter's update alone); unmerged, two parts with a LoRA
-bias on one layer (a layer has one bias row, scaled by its first row's scale, so the part that
-has a bias is laid first). In merged mode LyCORIS kinds and diffs stack too: their weighted
-``ΔW`` are added to the merged weight; and LoRA biases of several parts on one layer add up,
-``b0 + sum_p w_p * alpha_p / r_p * c_p`` (:attr:`Stack.shared_biases`), as PEFT adds the
-outputs of several active adapters and ComfyUI adds every patch's bias.
+DoRA factor per adapter, over that adapter's update alone). A layer's one LoRA-bias row is
+scaled by its first row's scale, so a part that has a bias there is laid first; where several
+parts carry a LoRA bias on one layer (:attr:`Stack.shared_biases`) they add up,
+``sum_p w_p * alpha_p / r_p * c_p``, as PEFT adds the outputs of several active adapters and
+ComfyUI adds every patch's bias: unmerged, that sum is the layer's ``g`` row, computed again at
+every change of the weights (:mod:`lorahot.runtime.bias_sums`); merged, it is folded into the
+layer's bias, ``b0 + sum``. In merged mode LyCORIS kinds and diffs stack too: their weighted
+``ΔW`` are added to the merged weight.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,10 +41,11 @@ import torch
 from lorahot.adapter import LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems, lines
 from lorahot.layers.base import EXTRA_BIAS
+from lorahot.runtime.bias_sums import BiasSums
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra
 from lorahot.runtime.plan import Checked, LoadPlan, Staged
 
-__all__ = ["Stack", "Placement", "Run", "build", "check_parts", "shared_problems", "SHARED_FIX", "BIASES_FIX"]
+__all__ = ["Stack", "Placement", "Run", "build", "check_parts", "shared_problems", "SHARED_FIX"]
 
 #: ``(layer index, first row, rows, part)``: a part's contiguous rows in one layer (or group slice)
 Run = tuple[int, int, int, int]
@@ -61,6 +65,9 @@ class Stack:
         dora: per arena, the indices of the layers that load DoRA (each holds one part).
         runs: per arena, ``(layer index, first row, rows, part)`` of every part's contiguous
             rows (one per layer, one per group slice of a grouped conv); empty for one adapter.
+        bias_sums: unmerged, the LoRA biases of the layers where several parts carry one,
+            summed at the weights into each such layer's ``g`` row
+            (:mod:`lorahot.runtime.bias_sums`); None where there are none, and in merged mode.
     """
 
     parts: tuple[LoadPlan, ...]
@@ -68,6 +75,7 @@ class Stack:
     ranks: dict[str, int]
     dora: list[list[int]] = field(default_factory=list)
     runs: list[list[Run]] = field(default_factory=list)
+    bias_sums: BiasSums | None = None
 
     @classmethod
     def of(cls, plan: LoadPlan, max_rank: int) -> Stack:
@@ -115,8 +123,9 @@ class Stack:
     @functools.cached_property
     def shared_biases(self) -> dict[str, list[tuple[int, LoraModule]]]:
         """Injected layer name -> ``(part, module)`` of every part's LoRA module with a LoRA bias
-        there, for the layers where several parts carry one (merged mode only: unmerged, a
-        layer holds one bias row and :func:`check_parts` refuses them)."""
+        there, for the layers where several parts carry one: their sum is folded into the bias
+        (merged mode, :meth:`weight_terms`) or written into the layer's ``g`` row (unmerged,
+        :attr:`bias_sums`), each at its part's ``w * alpha / r``."""
         out: dict[str, list[tuple[int, LoraModule]]] = {}
         for name, items in self.terms.items():
             biased = [(p, m) for p, m in _lora(items) if m.bias is not None]
@@ -166,9 +175,10 @@ class Placement:
 
 
 def build(parts: list[Checked], buffers: BufferManager, merged: bool = False) -> tuple[Stack, Placement]:
-    """The stack of ``parts`` (each checked as one adapter) and where its rows go. ``merged``:
-    for a merged runtime, where several parts' LoRA biases on one layer add up (their rows
-    left out of the extras: :meth:`Stack.weight_terms` folds them).
+    """The stack of ``parts`` (each checked as one adapter) and where its rows go. Several
+    parts' LoRA biases on one layer add up, their rows left out of the extras: ``merged``, for
+    a merged runtime, :meth:`Stack.weight_terms` folds them; else :attr:`Stack.bias_sums`
+    writes their sum.
 
     Raises:
         AdapterMismatchError: the parts do not fit together (see :func:`check_parts`).
@@ -178,7 +188,7 @@ def build(parts: list[Checked], buffers: BufferManager, merged: bool = False) ->
     if len(parts) == 1:
         extras = parts[0].extras or [[] for _ in buffers.arenas]
         return Stack.of(plans[0], buffers.max_rank), Placement(parts[0].entries, None, extras)
-    check_parts(plans, buffers, merged)
+    check_parts(plans, buffers)
     laid = [_lay_out(parts, a, arena, buffers.max_rank) for a, arena in enumerate(buffers.arenas)]
     arenas = range(len(buffers.arenas))
     ranks: dict[str, int] = {}
@@ -187,12 +197,28 @@ def build(parts: list[Checked], buffers: BufferManager, merged: bool = False) ->
             ranks[name] = ranks.get(name, 0) + r
     dora = [sorted({i for plan in plans if plan.dora for i in plan.dora[a]}) for a in arenas]
     stack = Stack(tuple(plans), [t for _, _, t, _ in laid], ranks, dora, [r for _, _, _, r in laid])
-    folded = {buffers.where[name] for name in stack.shared_biases}  # (arena, layer): weight_terms adds them
-    extras = [
-        [row for c in parts if c.extras for row in c.extras[a] if not (row[1] == EXTRA_BIAS and (a, row[0]) in folded)]
-        for a in arenas
-    ]
-    return stack, Placement([e for e, _, _, _ in laid], [o for _, o, _, _ in laid], extras)
+    # (arena, layer) of several parts' LoRA biases: merged, weight_terms folds them; unmerged, BiasSums adds them
+    rows, biases = _split_biases(parts, {buffers.where[name] for name in stack.shared_biases}, len(arenas))
+    if not merged:
+        stack = dataclasses.replace(stack, bias_sums=BiasSums.of(buffers, len(parts), biases))
+    return stack, Placement([e for e, _, _, _ in laid], [o for _, o, _, _ in laid], rows)
+
+
+def _split_biases(
+    parts: list[Checked], shared: set[tuple[int, int]], arenas: int
+) -> tuple[list[list[Extra]], dict[tuple[int, int], list[tuple[int, float, torch.Tensor]]]]:
+    """The parts' extras rows per arena but the LoRA biases on the ``shared`` ``(arena, layer)``,
+    and those: ``(arena, layer)`` -> ``(part, alpha / r, lora_bias)`` of each."""
+    extras: list[list[Extra]] = [[] for _ in range(arenas)]
+    biases: dict[tuple[int, int], list[tuple[int, float, torch.Tensor]]] = {}
+    for p, c in enumerate(parts):
+        for a, rows in enumerate(c.extras):
+            for i, row, t in rows:
+                if row == EXTRA_BIAS and (a, i) in shared:
+                    biases.setdefault((a, i), []).append((p, float(c.plan.scales[a][i]), t))
+                else:
+                    extras[a].append((i, row, t))
+    return extras, biases
 
 
 def _lay_out(
@@ -242,10 +268,10 @@ def _listed(parts: list[int]) -> str:
     return ", ".join(map(str, parts[:PARTS_SHOWN])) + more
 
 
-def check_parts(plans: list[LoadPlan], buffers: BufferManager, merged: bool = False) -> None:
+def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
     """Whether checked adapters can share one slot: every layer's ranks add up to at most
     ``max_rank``; a DoRA module (or one built from the base weight: OFT, BOFT, (IA)^3, GLoRA)
-    is alone on its layer; unless ``merged``, at most one LoRA bias per layer.
+    is alone on its layer.
 
     Raises:
         AdapterMismatchError: naming every layer that does not fit, each part there (its
@@ -261,7 +287,7 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager, merged: bool = Fa
         f"{name}: ranks {_summed(by_layer[name], sources)} = {total} > max_rank {buffers.max_rank}"
         for name, total in over.items()
     ]
-    shared = shared_problems(by_layer, sources, merged)
+    shared = shared_problems(by_layer, sources)
     if not ranks and not shared:
         return
     fixes = []
@@ -272,8 +298,6 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager, merged: bool = Fa
         )
     if shared:
         fixes.append(SHARED_FIX)
-    if any(_BIASES in p for p in shared):
-        fixes.append(BIASES_FIX)
     raise AdapterMismatchError(
         lines(
             format_problems(f"a stack of {len(plans)} adapters does not fit together in one slot:", ranks + shared),
@@ -284,26 +308,18 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager, merged: bool = Fa
 
 #: the fix for what :func:`shared_problems` finds
 SHARED_FIX = (
-    "Load an adapter with DoRA (or dora_scale), an OFT/BOFT, (IA)^3 or GLoRA, or a LoRA bias alone, or stack it "
-    "with adapters that leave its layers."
-)
-
-#: how :func:`shared_problems` names several LoRA biases on one layer, and the fix for them
-_BIASES = "each carry a LoRA bias"
-BIASES_FIX = (
-    "Several LoRA biases on one layer add up in merged mode: inject with merged=True to stack them (an unmerged "
-    "layer holds one LoRA bias)."
+    "Load an adapter with DoRA (or dora_scale), an OFT/BOFT, (IA)^3 or GLoRA alone, or stack it with adapters "
+    "that leave its layers."
 )
 
 
-def shared_problems(
-    by_layer: dict[str, list[tuple[int, LoraModule | WeightModule]]], sources: list[str], merged: bool = False
-) -> list[str]:
+def shared_problems(by_layer: dict[str, list[tuple[int, LoraModule | WeightModule]]], sources: list[str]) -> list[str]:
     """For every layer that several parts load into (``by_layer``: layer -> ``(part, module)``
     pairs; ``sources``: how each part is named), what cannot share it: a DoRA module, a LyCORIS
     module with weight decomposition, a module built from the base weight (OFT, BOFT, (IA)^3,
-    GLoRA), and unless ``merged`` a second LoRA bias."""
-    return [p for name, items in by_layer.items() if len(items) > 1 for p in _shared(name, items, sources, merged)]
+    GLoRA). Several LoRA biases can: they add up (merged mode folds them into the layer's bias,
+    :meth:`Stack.weight_terms`; unmerged, :mod:`lorahot.runtime.bias_sums`)."""
+    return [p for name, items in by_layer.items() if len(items) > 1 for p in _shared(name, items, sources)]
 
 
 def _lora(items: list[tuple[int, LoraModule | WeightModule]]) -> list[tuple[int, LoraModule]]:
@@ -315,13 +331,10 @@ def _rows(items: list[tuple[int, LoraModule | WeightModule]]) -> int:
     return sum(m.rank for _, m in _lora(items))
 
 
-def _shared(
-    name: str, items: list[tuple[int, LoraModule | WeightModule]], sources: list[str], merged: bool
-) -> list[str]:
+def _shared(name: str, items: list[tuple[int, LoraModule | WeightModule]], sources: list[str]) -> list[str]:
     """What cannot share layer ``name`` with other parts: DoRA (PEFT computes one factor per
-    adapter, over its own update) or a LyCORIS module's weight decomposition (``dora_scale``,
-    over the weight that module makes), unless ``merged`` a second LoRA bias (an unmerged layer
-    holds one)."""
+    adapter, over its own update), a LyCORIS module's weight decomposition (``dora_scale``,
+    over the weight that module makes), a module built from the base weight."""
     others = _listed([p for p, _ in items])
     problems = [
         f"{name} ({', '.join(m.source_keys or (m.key,))}): {sources[p]} has DoRA (a magnitude vector) on a layer "
@@ -345,12 +358,6 @@ def _shared(
         for p, m in items
         if isinstance(m, WeightModule) and m.reads_base
     ]
-    biased = [p for p, m in _lora(items) if m.bias is not None]
-    if len(biased) > 1 and not merged:
-        problems.append(
-            f"{name}: parts {_listed(biased)} {_BIASES} (lora_B.bias, or a .diff_b beside a LoRA); an unmerged layer "
-            "holds one"
-        )
     return problems
 
 

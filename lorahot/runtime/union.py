@@ -82,9 +82,9 @@ class TargetPlan:
         skipped: tensor keys left out (only with ``strict=False``).
         extras: whether some adapter has a DoRA magnitude or a LoRA bias, which run unmerged
             only with ``inject(..., extras=True)``.
-        merged_only: whether some adapter holds LyCORIS kinds or full diffs, or (planned
-            ``stacked`` against a model) several parts carry a LoRA bias on one layer, which
-            load only with ``inject(..., merged=True)`` (merged mode adds those biases).
+        merged_only: whether some adapter holds LyCORIS kinds or full diffs, which load only
+            with ``inject(..., merged=True)``. Several parts of a stack with a LoRA bias on one
+            layer need no particular mode: both add them.
         stacked: whether the ranks are sums over the adapters (``plan_targets(..., stacked=True)``:
             room to load them all into one slot together) rather than maxima.
     """
@@ -171,9 +171,8 @@ def plan_targets(
             a model, an :class:`AdapterMismatchError` for a rank above 65536 (what ``inject``
             allocates at most); with ``stacked=True`` and a model, also for a DoRA module, a
             LyCORIS module with weight decomposition on a layer other parts load into, which
-            ``load`` refuses in a stack, for several LoRA biases on one layer without a bias,
-            and for a LoRA bias on a layer without a bias in a stack that needs merged mode
-            (several LoRA biases on another layer), which no runtime loads.
+            ``load`` refuses in a stack; with a model, for a LoRA bias on a layer without a bias
+            beside modules that need merged mode (LyCORIS kinds, diffs), which no runtime loads.
     """
     items = _source_list(sources)
     if not isinstance(stacked, bool):
@@ -204,7 +203,7 @@ def plan_targets(
             _check_one_spelling(adapters)
         _check_module_paths(adapters)
         ranks = _file_ranks(adapters, combine)
-        groups, summed = [1], False
+        groups = [1]
     else:
         components: tuple[str, ...] = ()
         if several:
@@ -218,7 +217,7 @@ def plan_targets(
             layers = _wrappable(model)
             paths = {n for n, _ in model.named_modules()}
             heads = head_sizes(model.named_modules())
-        ranks, summed = _model_ranks(
+        ranks = _model_ranks(
             adapters,
             layers,
             skipped if strict is False else None,
@@ -260,7 +259,7 @@ def plan_targets(
         tuple(a.source for a in adapters),
         tuple(skipped),
         extras=any(m.magnitude is not None or m.bias is not None for a in adapters for m in a.modules.values()),
-        merged_only=any(a.weights for a in adapters) or summed,
+        merged_only=any(a.weights for a in adapters),
         stacked=stacked,
     )
 
@@ -400,16 +399,15 @@ def _model_ranks(
     stacked: bool = False,
     heads: Mapping[str, int] | None = None,
     routes: Sequence[str | None] = (),
-) -> tuple[dict[str, int], bool]:
+) -> dict[str, int]:
     """Model module name -> the largest rank any adapter loads there (``combine`` of the
-    ranks), and whether a stack's parts carry several LoRA biases on one layer with a bias
-    (which only merged mode loads: it adds them), after checking every adapter's keys and
-    shapes against the model as ``load`` would (``paths``: the model's module paths, for
+    ranks), after checking every adapter's keys and shapes against the model as ``load`` would
+    (``paths``: the model's module paths, for
     :func:`~lorahot.runtime.flux_inputs.pad_embedder_input`).
     With ``components`` (layers named ``<component>.<path>``) each module is first routed to its
     component as ``load`` routes it. ``stacked``: the adapters are a stack's parts, and what
     cannot share a layer with the other parts there is refused as ``load`` refuses it (several
-    LoRA biases on one layer, which a merged runtime adds, only where the layer has no bias); ``heads``:
+    LoRA biases on one layer share it: both modes add them); ``heads``:
     the attention head sizes of the model's modules, as ``load`` reads them
     (:func:`~lorahot.runtime.stack.shared_problems`); ``routes``: each adapter's ``denoiser``
     component (None, or none given: the model's own)."""
@@ -445,26 +443,16 @@ def _model_ranks(
             if "diff_b" in w.factors and layers[name].base_bias is None:
                 problems.append(f"{adapter.source}: {name}: a bias diff (diff_b) for a layer without a bias")
             ranks.setdefault(name, 0)
-    # a stack's LoRA biases on one layer add up in merged mode only (an unmerged layer holds one)
-    summed = stacked and any(
-        len(_lora_biases(items)) > 1 and layers[name].base_bias is not None for name, items in by_layer.items()
-    )
-    if (merged_only or summed) and biased:  # as load refuses each in a merged runtime, the only kind the others load
-        why = "LyCORIS kinds or full diffs" if merged_only else "several LoRA biases of a stack on one layer"
+    if merged_only and biased:  # as load refuses each in a merged runtime, the only kind the others load
         problems += [
             f"{b}: a LoRA bias (lora_bias) on a layer without a bias, which merged mode cannot fold, while "
-            f"another module needs merged mode ({why}): no one runtime loads them all; plan them apart"
+            "another module needs merged mode (LyCORIS kinds or full diffs): no one runtime loads them all; plan them "
+            "apart"
             for b in biased
         ]
     shared: list[str] = []
-    if stacked:  # several LoRA biases on one layer add up in merged mode, which folds them into the layer's bias
-        shared = shared_problems(by_layer, [f"part {p}: {a.source}" for p, a in enumerate(adapters)], merged=True)
-        shared += [
-            f"{name}: parts {', '.join(map(str, parts))} each carry a LoRA bias on a layer without a bias, which "
-            "merged mode cannot fold them into, while an unmerged layer holds one LoRA bias: no one runtime loads them"
-            for name, items in by_layer.items()
-            if len(parts := _lora_biases(items)) > 1 and layers[name].base_bias is None
-        ]
+    if stacked:  # several LoRA biases on one layer share it: both modes add them
+        shared = shared_problems(by_layer, [f"part {p}: {a.source}" for p, a in enumerate(adapters)])
     if problems or shared:
         raise AdapterMismatchError(
             lines(
@@ -482,12 +470,7 @@ def _model_ranks(
                 *([SHARED_FIX] if shared else []),
             )
         )
-    return ranks, summed
-
-
-def _lora_biases(items: list[tuple[int, LoraModule | WeightModule]]) -> list[int]:
-    """The parts among ``items`` (``(part, module)`` on one layer) whose LoRA module has a LoRA bias."""
-    return [p for p, m in items if isinstance(m, LoraModule) and m.bias is not None]
+    return ranks
 
 
 def _covering_rank(ranks: dict[str, int], groups: list[int]) -> int:

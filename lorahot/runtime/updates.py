@@ -3,7 +3,9 @@
 Unmerged, every layer computes with ``B diag(s) A`` (see :mod:`lorahot.layers.base`): for one
 adapter ``w * alpha / r * B @ A``, for a stack the parts' updates summed, each at its weight
 (:mod:`lorahot.runtime.stack`); a layer with a LoRA bias adds ``s[0] * lora_bias`` too (its
-part's ``w * alpha / r``; a layer holds one bias), the update's other term. The read of each
+part's ``w * alpha / r``), or where several parts carry one there their sum
+``sum_p w_p * alpha_p / r_p * lora_bias_p`` (:mod:`lorahot.runtime.bias_sums`): the update's
+other term. The read of each
 adapter refuses one whose update leaves the buffers' dtype at its own scale
 (:func:`lorahot.runtime.plan.validate`); a user weight (a ``load``'s ``scale``, every
 ``set_scale``) can still push it out, and so can the sum of a stack's parts, each of which fits
@@ -19,7 +21,9 @@ from the parts' factors (a load, before anything is written) or from the slot's 
 (``set_scale``): one host transfer per device for all of them. Merged mode checks its merged
 weights instead (:meth:`lorahot.runtime.merge.Merger.check`). The bias term needs no product:
 :attr:`~lorahot.runtime.plan.LoadPlan.bias_bound` is its largest entry at weight 1, so
-``|w_p| * bias_bound_p`` is what it reaches.
+``|w_p| * bias_bound_p`` is what it reaches; where several parts' biases add up on a layer,
+``sum_p |w_p| * bias_bound_p`` bounds it, and only a layer whose bound passes the dtype's
+largest value gets its sum computed (float64, on the device).
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ class UpdateRange:
         Python floats per arena); False sends the caller to :meth:`check`."""
         return all(
             sum(m * abs(w) for m, w in zip(b.largest, weights)) <= top
-            and max((m * abs(w) for m, w in zip(b.bias_largest, weights)), default=0.0) <= top
+            and sum(m * abs(w) for m, w in zip(b.bias_largest, weights)) <= top
             for b, top in zip(self._bounds(stack), self._tops)
         )
 
@@ -93,16 +97,12 @@ class UpdateRange:
         """
         w = np.abs(np.asarray(weights, dtype=np.float64))
         flagged: list[tuple[int, int]] = []
-        biases: list[tuple[int, int, float, int]] = []  # (arena, layer, value reached, part)
+        biases: list[tuple[int, int, float, list[int]]] = []  # (arena, layer, value reached, parts)
         for a, (b, top) in enumerate(zip(self._bounds(stack), self._tops)):
             bound = w @ b.table if len(b.table) else np.zeros(0)
             flagged += [(a, int(i)) for i in np.flatnonzero(~(bound <= top))]  # NaN too
-            if len(b.bias_table):  # a layer's bias is one part's: at its weight, exactly
-                reached = w[:, None] * b.bias_table
-                part = reached.argmax(axis=0)
-                most = reached.max(axis=0)
-                limit = dtype_max(self.buffers.arenas[a].dtype)
-                biases += [(a, int(i), float(most[i]), int(part[i])) for i in np.flatnonzero(~(most <= limit))]
+            if len(b.bias_table):
+                biases += self._biases(stack, weights, a, w @ b.bias_table, b.bias_table)
         if not flagged and not biases:
             return
         with torch.no_grad():  # the B @ A terms the bound flagged, computed (none: nothing to move)
@@ -117,6 +117,25 @@ class UpdateRange:
         over = [(a, i, v) for (a, i), v in zip(flagged, reached) if not v <= dtype_max(self.buffers.arenas[a].dtype)]
         if over or biases:
             raise UsageError(self._message(stack, weights, over, biases))
+
+    def _biases(
+        self, stack: Stack, weights: Sequence[float], a: int, bound: np.ndarray, table: np.ndarray
+    ) -> list[tuple[int, int, float, list[int]]]:
+        """``(arena, layer, value reached, parts)`` of each layer of arena ``a`` whose LoRA bias
+        term leaves the LoRA buffers' dtype at ``weights``: ``bound [n_layers]`` is
+        ``sum_p |w_p| * bias_bound_p``, exact where one part has a bias on the layer; where
+        several do, their sum (:mod:`lorahot.runtime.bias_sums`) is computed."""
+        limit = dtype_max(self.buffers.arenas[a].dtype)
+        out = []
+        for i in np.flatnonzero(~(bound <= limit)):  # NaN too
+            parts = [int(p) for p in np.flatnonzero(table[:, i])]
+            sums = stack.bias_sums
+            reached = float(bound[i])
+            if len(parts) > 1 and sums is not None and int(i) in sums.layers[a]:
+                reached = sums.largest(a, int(i), weights)
+            if not reached <= limit:
+                out.append((a, int(i), reached, parts))
+        return out
 
     def _exact(self, stack: Stack, weights: Sequence[float], a: int, i: int, region: int | None) -> torch.Tensor:
         """The largest ``|value|`` of layer ``i`` of arena ``a``'s update at ``weights`` (0-d
@@ -144,17 +163,17 @@ class UpdateRange:
         stack: Stack,
         weights: Sequence[float],
         over: list[tuple[int, int, float]],
-        biases: Sequence[tuple[int, int, float, int]] = (),
+        biases: Sequence[tuple[int, int, float, list[int]]] = (),
     ) -> str:
         """The refusal: each layer of ``over`` (``B @ A``'s terms, the value reached) and of
-        ``biases`` (a LoRA bias, the value reached, its part), and the weights that fit."""
+        ``biases`` (a LoRA bias or several summed, the value reached, their parts), and the
+        weights that fit."""
         single = stack.single
         shown = f"{weights[0]:g}" if single else "[" + ", ".join(f"{w:g}" for w in weights) + "]"
         rows = []
         factor = math.inf  # how much smaller every weight must be for each layer to fit
         for a, i, v, what in [(a, i, v, _summed(stack, self.names[a][i])) for a, i, v in over] + [
-            (a, i, v, "its LoRA bias scale * lora_bias" if single else f"the LoRA bias of part {p}")
-            for a, i, v, p in biases
+            (a, i, v, "its LoRA bias scale * lora_bias" if single else _bias_terms(p)) for a, i, v, p in biases
         ]:
             arena = self.buffers.arenas[a]
             top = dtype_max(arena.dtype)
@@ -200,6 +219,13 @@ def _summed(stack: Stack, name: str) -> str:
         return "its update scale * B @ A"
     parts = [p for p, m in stack.terms.get(name, []) if isinstance(m, LoraModule)]
     return f"the summed update of parts {', '.join(map(str, parts))}"
+
+
+def _bias_terms(parts: list[int]) -> str:
+    """What reaches the value of a LoRA-bias refusal of a stack: one part's bias, or several summed."""
+    if len(parts) == 1:
+        return f"the LoRA bias of part {parts[0]}"
+    return f"the summed LoRA biases of parts {', '.join(map(str, parts))}"
 
 
 def _largest(table: np.ndarray) -> list[float]:

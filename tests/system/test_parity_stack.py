@@ -100,6 +100,38 @@ def test_stack_matches_peft_multiple_active_adapters(tmp_path: Path) -> None:
         assert _rel(_logits(model), _logits(oracle)) < RTOL, weights
 
 
+#: three adapters with a LoRA bias (``lora_B.bias``) each, on shared layers without a base bias
+BIASED = [
+    CONFIG_A | {"lora_bias": True},
+    CONFIG_B | {"lora_bias": True},
+    {"r": 3, "lora_alpha": 2.0, "target_modules": ["q_proj", "up_proj"], "lora_bias": True},
+]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_stacked_lora_biases_on_one_layer_match_peft_multiple_active_adapters(tmp_path: Path, n: int) -> None:
+    """Unmerged, adapters that each carry a LoRA bias on the same layers (q_proj: all of them),
+    stacked at their weights, give PEFT's forward with them all active, each ``lora_B`` with its bias
+    at ``w * alpha / r``: ``sum_a w_a * alpha_a / r_a * (B_a A_a x + c_a)``; after set_scale too.
+    (``add_weighted_adapter`` cannot combine LoRA biases.) These stacks were refused unmerged."""
+    base = tiny_llama()
+    paths = [_saved(base, tmp_path / f"p{k}", 10 + k, config) for k, config in enumerate(BIASED[:n])]
+    names = [f"p{k}" for k in range(n)]
+    oracle = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths[0], adapter_name=names[0]).eval()
+    for name, path in zip(names[1:], paths[1:]):
+        oracle.load_adapter(path, adapter_name=name)
+    oracle.base_model.set_adapter(names)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, CONFIG_A["target_modules"], max_rank=12, extras=True)  # q_proj: 6 + 2 + 3
+    for weights in ([0.8, -1.3, 0.5], [0.0, 1.0, 2.0], [1.5, 0.25, -0.75]):
+        if runtime.info() is None:
+            runtime.load(paths, scale=weights[:n])
+        else:
+            runtime.set_scale(weights[:n])
+        _weigh(oracle, dict(zip(names, weights)))
+        assert _rel(_logits(model), _logits(oracle)) < RTOL, weights
+
+
 # -- diffusers, tiny UNet ---------------------------------------------------------------------
 
 UNET_A = {"r": 4, "lora_alpha": 8.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}

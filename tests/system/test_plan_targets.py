@@ -626,10 +626,12 @@ def test_stacked_plans_refuse_what_a_stack_load_refuses_on_a_shared_layer(stack:
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["layer-bias", "no-layer-bias"])
-def test_stacked_plans_of_several_lora_biases_on_one_layer_follow_merged_mode(bias: bool) -> None:
-    """Two parts with a LoRA bias on one layer load in merged mode, which adds them into the layer's
-    bias: ``plan_targets(stacked=True)`` plans them (it refused them, as the unmerged load does) and a
-    merged runtime loads the plan. On a layer without a bias no runtime loads them: refused by name."""
+def test_stacked_plans_of_several_lora_biases_on_one_layer_load_unmerged(bias: bool) -> None:
+    """Two parts with a LoRA bias on one layer load unmerged, which sums them at the parts' weights,
+    whether or not the layer has a bias of its own: ``plan_targets(stacked=True)`` plans
+    ``extras=True``, not merged mode (it said ``merged=True``, and refused them on a layer without a
+    bias), and the runtime it plans computes PEFT's sum of the two adapters (float64). With a base
+    bias, merged mode loads the plan's targets too."""
     g = torch.Generator().manual_seed(0)
     parts = [
         {
@@ -641,26 +643,29 @@ def test_stacked_plans_of_several_lora_biases_on_one_layer_follow_merged_mode(bi
     ]
 
     def model() -> nn.Module:
+        torch.manual_seed(1)
         return nn.Sequential(nn.Linear(16, 24, bias=bias)).double()
 
-    if not bias:
-        with pytest.raises(
-            lorahot.AdapterMismatchError,
-            match=r"  - 0: parts 0, 1 each carry a LoRA bias on a layer without a bias, which merged mode cannot "
-            r"fold them into, while an unmerged layer holds one LoRA bias: no one runtime loads them",
-        ):
-            lorahot.plan_targets(parts, model(), stacked=True)
-        return
     plan = lorahot.plan_targets(parts, model(), stacked=True)
-    assert plan.ranks == {"0": 4} and plan.extras and plan.merged_only
-    assert plan.inject_options() == {"max_rank": 4, "merged": True}  # unmerged, the load is refused
-    lorahot.inject(model(), plan.targets, **plan.inject_options()).load(parts)
+    assert plan.ranks == {"0": 4} and plan.extras and not plan.merged_only
+    assert plan.inject_options() == {"max_rank": 4, "extras": True}
+    served = model()
+    lorahot.inject(served, plan.targets, **plan.inject_options()).load(parts, scale=[1.5, -0.5])
+    x = torch.randn(3, 16, dtype=torch.float64)
+    want = model()(x) + sum(
+        w * (x @ p["0.lora_A.weight"].T @ p["0.lora_B.weight"].T + p["0.lora_B.bias"])
+        for p, w in zip(parts, (1.5, -0.5))
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), want, rtol=1e-12, atol=1e-12)
+    if bias:
+        lorahot.inject(model(), plan.targets, max_rank=plan.max_rank, merged=True).load(parts)
 
 
-def test_a_stacked_plan_that_needs_merged_mode_for_lora_biases_refuses_one_on_a_layer_without_a_bias() -> None:
-    """Two parts' LoRA biases on layer ``0`` load only merged, where a third part's LoRA bias on the
-    bias-less layer ``1`` is refused: no one runtime loads the stack, which the plan says by name
-    (it planned ``extras=True``, under which the load refused the shared biases)."""
+def test_a_stacked_plan_that_needs_merged_mode_refuses_a_lora_bias_on_a_layer_without_a_bias() -> None:
+    """A diff part needs merged mode, which cannot fold a LoRA bias into the bias-less layer ``1``: no
+    one runtime loads that stack, which the plan says by name. Without the diff, the same LoRA biases
+    (two on layer ``0``, one on layer ``1``) plan unmerged and load."""
     g = torch.Generator().manual_seed(0)
 
     def lora(layer: str, fan_in: int, fan_out: int) -> dict[str, torch.Tensor]:
@@ -671,6 +676,7 @@ def test_a_stacked_plan_that_needs_merged_mode_for_lora_biases_refuses_one_on_a_
         }
 
     parts = [lora("0", 16, 24), lora("0", 16, 24), lora("1", 24, 12)]
+    diff = {"lora_unet_0.diff": torch.randn(24, 16, generator=g, dtype=torch.float64)}
 
     def model() -> nn.Module:
         return nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 12, bias=False)).double()
@@ -678,9 +684,12 @@ def test_a_stacked_plan_that_needs_merged_mode_for_lora_biases_refuses_one_on_a_
     with pytest.raises(
         lorahot.AdapterMismatchError,
         match=r"  - <mapping>: 1: a LoRA bias \(lora_bias\) on a layer without a bias, which merged mode cannot "
-        r"fold, while another module needs merged mode \(several LoRA biases of a stack on one layer\)",
+        r"fold, while another module needs merged mode \(LyCORIS kinds or full diffs\)",
     ):
-        lorahot.plan_targets(parts, model(), stacked=True)
+        lorahot.plan_targets([*parts, diff], model(), stacked=True)
     for kwargs in ({"extras": True}, {"merged": True}):  # what the plan says: neither runtime loads it
         with pytest.raises(lorahot.AdapterMismatchError):
-            lorahot.inject(model(), ["0", "1"], max_rank=4, **kwargs).load(parts)
+            lorahot.inject(model(), ["0", "1"], max_rank=4, **kwargs).load([*parts, diff])
+    plan = lorahot.plan_targets(parts, model(), stacked=True)
+    assert plan.inject_options() == {"max_rank": 4, "extras": True}
+    lorahot.inject(model(), plan.targets, **plan.inject_options()).load(parts)

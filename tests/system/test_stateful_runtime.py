@@ -437,8 +437,6 @@ class RuntimeMachine(RuleBasedStateMachine):
                 return lorahot.AdapterMismatchError
             if len(touching) > 1 and any(name in s.dora for s in touching):
                 return lorahot.AdapterMismatchError  # DoRA on a layer another part loads into
-            if not self.MERGED and sum(name in s.bias for s in touching) > 1:
-                return lorahot.AdapterMismatchError  # two LoRA biases on one layer: merged mode adds them
         return None
 
     # -- loads -----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ bookkeeping and the output bitwise as before.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import tempfile
@@ -330,8 +331,9 @@ def _bias_and_dora(tmp: Path) -> tuple[nn.Module, lorahot.LoraRuntime, dict, dic
     return model, runtime, lora(["0"], dora="yes"), lora(["0", "1"], bias="yes"), lora(["0", "1"])
 
 
-def test_dora_on_a_shared_layer_and_two_lora_biases_on_one_are_refused(tmp_path: Path) -> None:
-    """Unmerged (one LoRA-bias row per layer); the refusal names merged=True, where they add up."""
+def test_dora_on_a_shared_layer_is_refused_and_one_lora_bias_per_layer_loads(tmp_path: Path) -> None:
+    """Unmerged: DoRA shares no layer (PEFT computes one factor per adapter), refused with nothing
+    changed; a part with a LoRA bias beside one without takes the first rows (its row-0 scale)."""
     model, runtime, dora, biased, plain = _bias_and_dora(tmp_path)
     runtime.load(plain)
     state = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
@@ -341,13 +343,6 @@ def test_dora_on_a_shared_layer_and_two_lora_biases_on_one_are_refused(tmp_path:
         r"\(a magnitude vector\) on a layer parts 0, 1 all load into; PEFT computes one DoRA factor per adapter",
     ):
         runtime.load([dora, plain])
-    with pytest.raises(
-        lorahot.AdapterMismatchError,
-        match=r"(?s)  - 0: parts 0, 1 each carry a LoRA bias \(lora_B\.bias, or a \.diff_b beside a LoRA\); an "
-        r"unmerged layer holds one\n.*\nSeveral LoRA biases on one layer add up in merged mode: inject with "
-        r"merged=True to stack them",
-    ):
-        runtime.load([biased, biased])
     assert all(
         torch.equal(t, u) for t, u in zip((t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)), state)
     )
@@ -359,6 +354,176 @@ def test_dora_on_a_shared_layer_and_two_lora_biases_on_one_are_refused(tmp_path:
         for src, w in ((plain, 2.0), (biased, 0.5)):
             h = h + w * (x @ src["0.lora_A.weight"].T @ src["0.lora_B.weight"].T + src.get("0.lora_B.bias", 0.0))
         _close(model[0](x), h)
+
+
+# -- several LoRA biases on one layer, unmerged ------------------------------------------------------
+
+#: per part: rank, alpha, and the layers whose module carries a LoRA bias (layer 1 has no base bias)
+_BIASED = [(2, 3.0, ("0", "1")), (3, 1.5, ("0", "1")), (1, 4.0, ("0",))]
+
+
+def _biased_stack(model: nn.Module, n: int, seed: int, bias: float = 1.0) -> list[tuple[lorahot.Adapter, dict]]:
+    """``n`` PEFT LoRAs (:data:`_BIASED`: ranks, alphas, biases of their own) on both layers of
+    ``model``, each ``(adapter, name -> (A, B, c or None, alpha / r))`` in float64."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for rank, alpha, biased in _BIASED[:n]:
+        tensors, terms = {}, {}
+        for i, layer in enumerate(model):
+            a = torch.randn(rank, layer.in_features, generator=g, dtype=torch.float64)
+            b = torch.randn(layer.out_features, rank, generator=g, dtype=torch.float64)
+            c = torch.randn(layer.out_features, generator=g, dtype=torch.float64) * bias if str(i) in biased else None
+            tensors |= {f"{i}.lora_A.weight": a, f"{i}.lora_B.weight": b}
+            if c is not None:
+                tensors[f"{i}.lora_B.bias"] = c
+            terms[str(i)] = (a, b, c, alpha / rank)
+        config = {"r": rank, "lora_alpha": alpha, "lora_bias": True}
+        out.append((lorahot.read_adapter(tensors, config=config), terms))
+    return out
+
+
+def _biased_output(
+    base: dict[str, torch.Tensor], x: torch.Tensor, parts: list[dict], weights: list[float]
+) -> torch.Tensor:
+    """float64 ``base(x) + sum_p w_p * s_p * (B_p A_p x + c_p)`` layer by layer: PEFT's sum of
+    several active adapters, each ``lora_B`` with its bias, scaled by its ``alpha / r``."""
+    h = x
+    for i in range(2):
+        y = F.linear(h, base[f"{i}.weight"], base.get(f"{i}.bias"))
+        for terms, w in zip(parts, weights):
+            a, b, c, s = terms[str(i)]
+            y = y + w * s * (h @ a.T @ b.T + (0.0 if c is None else c))
+        h = y
+    return h
+
+
+def _two_layers() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """float64 ``Linear(6, 5)`` (bias) -> ``Linear(5, 4)`` (no bias), and its state."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4, bias=False)).double()
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _regions(runtime: lorahot.LoraRuntime) -> list[torch.Tensor]:
+    return [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_unmerged_stacks_add_the_lora_biases_of_parts_on_one_layer(n: int) -> None:
+    """Unmerged, a stack whose parts each carry a LoRA bias on the same layers (one layer without a
+    base bias) computes PEFT's sum of active adapters, ``base(x) + sum_p w_p s_p (B_p A_p x + c_p)``
+    (float64, 1e-12), after load, set_scale (part 0 at weight 0, negative weights), a set_scale of
+    the slot while another is active, activate of another slot and back, a per-row routing of both
+    slots; a load of the same parts
+    from the host cache writes the same buffers bitwise; unload gives the base output and default
+    extras bitwise. These loads were refused ('an unmerged layer holds one')."""
+    model, base = _two_layers()
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=8, slots=2, extras=True)
+    fresh = _regions(runtime)
+    stack = _biased_stack(model, n, seed=1)
+    adapters, parts = [a for a, _ in stack], [t for _, t in stack]
+    other = _biased_stack(model, 1, seed=2)
+    x = torch.randn(3, 6, dtype=torch.float64)
+
+    def check(p: list[dict], weights: list[float]) -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), _biased_output(base, x, p, weights), rtol=1e-12, atol=1e-12)
+
+    weights = [1.0, 0.5, -2.0][:n]
+    runtime.load(adapters, scale=weights)
+    check(parts, weights)
+    for weights in ([0.0, 1.5, 0.25][:n], [-0.7, 2.0, 1.0][:n], [1.0] * n):
+        runtime.set_scale(weights)
+        check(parts, weights)
+    runtime.load(other[0][0], slot=1, scale=0.5)
+    runtime.activate(1)
+    check([other[0][1]], [0.5])
+    runtime.set_scale([0.3, -1.25, 0.5][:n], slot=0)  # slot 0 not live: its region only
+    check([other[0][1]], [0.5])
+    runtime.activate(0)
+    check(parts, [0.3, -1.25, 0.5][:n])
+    runtime.activate([0, 1, 0])  # per row: each row its own slot's extras
+    with torch.no_grad():
+        want = _biased_output(base, x, parts, [0.3, -1.25, 0.5][:n])
+        want[1] = _biased_output(base, x, [other[0][1]], [0.5])[1]
+        torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+    runtime.activate(0)
+    written = _regions(runtime)
+    keys = [runtime.preload(a, key=f"part{p}") for p, a in enumerate(adapters)]
+    runtime.unload(0)
+    runtime.load([k.key for k in keys], scale=[0.3, -1.25, 0.5][:n])
+    assert all(torch.equal(t, u) for t, u in zip(_regions(runtime), written))
+    runtime.unload()
+    with torch.no_grad():
+        assert torch.equal(model(x), F.linear(F.linear(x, base["0.weight"], base["0.bias"]), base["1.weight"]))
+    assert all(torch.equal(t, u) for t, u in zip(_regions(runtime), fresh))
+
+
+@pytest.mark.parametrize(("device", "mode"), COMPILED_DEVICES)
+def test_a_compiled_unmerged_model_swaps_and_reweights_lora_biases_without_recompiling(device: str, mode: str) -> None:
+    """A compiled unmerged model under error_on_recompile=True: a stack of two and of three parts with
+    LoRA biases on the same layers, re-weighted, a single biased adapter in another slot, activated in
+    turn; each output the float64 reference's. The negative control, a new batch size, recompiles."""
+    model, base = _two_layers()
+    stacks = {n: _biased_stack(model, n, seed=n) for n in (2, 3)}
+    runtime = lorahot.inject(model.to(device), ["0", "1"], max_rank=8, slots=2, extras=True)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(
+        functools.partial(torch._inductor.compile_fx.compile_fx, config_patches=torch._inductor.list_mode_options(mode))
+    )
+    compiled = torch.compile(model, backend=counter)
+
+    def check(parts: list[tuple[lorahot.Adapter, dict]], weights: list[float]) -> None:
+        want = _biased_output(base, x, [t for _, t in parts], weights).to(device)
+        torch.testing.assert_close(compiled(x.to(device)), want, rtol=1e-10, atol=1e-10)
+
+    runtime.load([a for a, _ in stacks[2]], scale=[1.0, 0.5])
+    runtime.load(stacks[3][0][0], slot=1, scale=2.0)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(x.to(device))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            check(stacks[2], [1.0, 0.5])
+            for weights in ([0.0, -1.5], [2.0, 0.25]):
+                runtime.set_scale(weights)
+                check(stacks[2], weights)
+            runtime.activate(1)
+            check(stacks[3][:1], [2.0])
+            runtime.activate(0)
+            check(stacks[2], [2.0, 0.25])
+            runtime.load([a for a, _ in stacks[3]], scale=[0.5, -1.0, 1.5])
+            check(stacks[3], [0.5, -1.0, 1.5])
+            with pytest.raises(torch._dynamo.exc.RecompileError):  # negative control
+                compiled(torch.randn(5, 6, dtype=torch.float64, device=device))
+    assert counter.frame_count == 1
+
+
+@pytest.mark.usefixtures("replaying_cuda")
+def test_replayed_set_scale_writes_the_summed_lora_biases_as_the_ordinary_path() -> None:
+    """set_scale's graph replay (:mod:`lorahot.runtime.scale_replay`) on the CPU stand-in, which runs
+    the captured steps again: a stack with several LoRA biases on one layer, re-weighted live and not
+    live, gives bitwise the buffers and outputs of a twin whose replays are off, with replays run.
+    Without the bias sums among the steps the replayed g rows keep the weights of before."""
+    models = [_two_layers()[0] for _ in range(2)]
+    runtimes = [lorahot.inject(m, ["0", "1"], max_rank=8, slots=2, extras=True) for m in models]
+    runtimes[0]._replay.device = torch.device("cpu")  # as on one CUDA device
+    x = torch.randn(3, 6, dtype=torch.float64)
+    for r, m in zip(runtimes, models):
+        stack = _biased_stack(m, 3, seed=4)
+        r.load([a for a, _ in stack], scale=[1.0, 0.5, 0.25])
+        r.load(stack[0][0], slot=1)
+    steps = [([0.5, 1.0, -1.0], 0), ([2.0, 0.0, 1.0], 0), ([0.5, 1.0, -1.0], 0), ([2.0, 0.0, 1.0], 0)]
+    steps += [([-1.0, 0.5, 3.0], None), ("activate", 1), ([0.25, 0.75, 1.0], 0), ([-1.0, 0.5, 3.0], 0), ("activate", 0)]
+    for weights, slot in steps * 2:
+        for r in runtimes:
+            if weights == "activate":
+                r.activate(slot)
+            else:
+                r.set_scale(weights, slot=slot)
+        assert all(torch.equal(t, u) for t, u in zip(_regions(runtimes[0]), _regions(runtimes[1])))
+        with torch.no_grad():
+            assert torch.equal(models[0](x), models[1](x)), (weights, slot)
+    assert runtimes[0]._replay.replays >= 4 and runtimes[1]._replay.replays == 0
 
 
 # -- merged mode, the wide layers ------------------------------------------------------------------------

@@ -347,6 +347,41 @@ def test_a_stack_re_weighted_past_the_range_by_its_lora_bias_is_refused_before_a
     torch.testing.assert_close(got, want, rtol=2**-10, atol=0.0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_biases_of_a_stack_that_overflow_only_summed_on_one_layer_are_refused(tmp_path: Path, device: str) -> None:
+    """Two parts each with a LoRA bias of 40000 on ``V1`` (an unmerged layer holds their sum at the
+    weights): each fits alone, their sum at [1, 1] (80000) does not, and every forward of the layer
+    would compute inf. The load and ``set_scale`` (live or not, after re-weightings that on CUDA
+    capture and replay) are refused naming the layer and both parts, nothing changed; at [1, -1]
+    they cancel, which the bound ``sum |w| * bias`` alone would refuse: the sum is computed. At
+    [0.75, 0.5] (50000) ``V1``'s outputs on one-hot inputs are the float64 reference's (tolerance
+    as in the test above)."""
+    rig = _fp16_extras_rig(tmp_path, device)
+    parts = [_biased(rig), _biased(rig)]
+    summed = (
+        r"^scale=\[1, 1\]: the stack of 2 adapters' summed update would leave the LoRA buffers' dtype in:\n  - "
+        r"layers\.1\.self_attn\.v_proj: the summed LoRA biases of parts 0, 1 reaches \|value\| 80000 > float16 max "
+        r"65504\nPass smaller weights \(the ones given times at most 0\.8187 fit\), or stack fewer adapters, or "
+        r"inject with dtype=torch\.float32 \(LoRA buffers of float32's range\)\.$"
+    )
+    for slot in (0, 1):
+        _refused(rig, lambda: rig.runtime.load(parts, slot=slot), summed)  # noqa: B023 - called at once
+    rig.runtime.load(parts, slot=1, scale=[0.25, 0.5])
+    for active in (0, 1):
+        rig.runtime.activate(active)
+        for weights in ([0.1, 0.5], [0.25, 0.5], [0.1, 0.5]):  # on CUDA: a key's first use, capture, replay
+            rig.runtime.set_scale(weights, slot=1)
+        _refused(rig, lambda: rig.runtime.set_scale([1.0, 1.0], slot=1), summed)
+    rig.runtime.set_scale([1.0, -1.0], slot=1)
+    rig.runtime.set_scale([0.75, 0.5], slot=1)
+    layer, x = rig.runtime.layers[V1], torch.eye(16, dtype=torch.float16, device=device)
+    with torch.no_grad():
+        got = layer(x).double().cpu()  # slot 1 live
+    a, b = ({k: valid_tensors(rig.model, 4)[f"base_model.model.{V1}.lora_{k}.weight"].double() for k in "AB"}).values()
+    want = layer.base_layer.weight.double().cpu().T + 1.25 * (a.T @ b.T + BIAS)
+    torch.testing.assert_close(got, want, rtol=2**-10, atol=0.0)
+
+
 def test_a_lora_bias_past_the_range_at_its_own_scale_is_refused_at_the_read(tmp_path: Path) -> None:
     """A bias of 70000 (a float32 file) at ``alpha / r = 1`` leaves float16 at any weight that
     is not smaller: refused as a read, as an update ``alpha / r * B @ A`` past the range is, with
