@@ -86,7 +86,8 @@ class UnexpectedError(LoraError):
     """An exception lorahot did not foresee reached a public entry point. It is wrapped, so that
     catching :class:`LoraError` still survives it; the original is its ``__cause__``. Every
     check runs before the first write, so nothing was changed. Please report it: it means a
-    check is missing."""
+    check is missing. Memory running out there (``MemoryError``, ``torch.OutOfMemoryError``)
+    is one too, whose message says so and how to free memory instead of asking for a report."""
 
 
 class WriteError(LoraError):
@@ -97,7 +98,9 @@ class WriteError(LoraError):
     through and which slots it did not reach. Where ``activate`` failed so, or putting back what
     a refused or interrupted ``activate`` changed failed, the slot and routing live before are
     live again, or the message says which slot is live instead, or that the model may compute a
-    mix, and how to recover. The original is its ``__cause__``."""
+    mix, and how to recover. Where a load failed while staging its data on the device, before
+    its first write (out of device memory), nothing was changed, and the message says so. The
+    original is its ``__cause__``."""
 
 
 _P = ParamSpec("_P")
@@ -135,6 +138,12 @@ def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
                 signature.bind(*args, **kwargs)
             except TypeError as wrong:
                 raise UsageError(f"{fn.__qualname__}: {wrong}. See help({fn.__qualname__}).") from None
+            if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):  # no missed check: memory ran out
+                raise UnexpectedError(
+                    f"{fn.__qualname__}: out of memory ({type(exc).__name__}: {_first_line(exc)}). "
+                    "Nothing was changed. Free memory on the device the model or the adapter is on (or load a smaller "
+                    "adapter, or inject with a smaller max_rank) and call it again."
+                ) from exc
             raise UnexpectedError(
                 f"{fn.__qualname__}: unexpected {type(exc).__name__}: {_first_line(exc)}. Nothing was changed. "
                 "This is a gap in lorahot's checks: please report it with the adapter or call that caused it."

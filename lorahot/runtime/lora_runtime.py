@@ -506,11 +506,20 @@ class LoraRuntime:
         """A write that failed after every check passed (out of memory, a device fault) or was
         interrupted: the slot is emptied, as by :meth:`unload`, so that no mix of two adapters
         serves, and a :class:`WriteError` says so; an interrupt then goes on as it is. A failure
-        before the first write (staging its data) changed nothing and propagates as it is.
-        Where emptying fails too, the :class:`WriteError` (an interrupt's too) says the slot may
-        hold parts of two adapters."""
+        before the first write (staging its data: out of device memory) changed nothing: an
+        interrupt goes on as it is, and a failure is a :class:`WriteError` that says nothing
+        changed. Where emptying fails too, the :class:`WriteError` (an interrupt's too) says the
+        slot may hold parts of two adapters."""
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
         if not self.buffers.touched:
-            raise exc
+            if not isinstance(exc, Exception):
+                raise exc
+            cause = one_line(first) if isinstance(exc, _OtherRankFailed) else f"{type(exc).__name__}: {one_line(first)}"
+            raise WriteError(
+                f"LoraRuntime.{what}: {cause}, while staging slot {slot}'s data before its first write. Nothing was "
+                f"changed; slot {slot} holds what it held. Where the device ran out of memory, free some (or load a "
+                f"smaller adapter, or inject with a smaller max_rank); then {what} it again."
+            ) from exc
         try:
             self._empty(slot)
             if not isinstance(exc, Exception):
@@ -525,7 +534,7 @@ class LoraRuntime:
                     self._merger.record_all()
         raise WriteError(
             f"LoraRuntime.{what}: {type(exc).__name__} while writing slot {slot} after every check had passed: "
-            f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else '(no message)'}. {state}."
+            f"{one_line(first)}. {state}."
         ) from exc
 
     def _empty(self, slot: int) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lorahot
-from lorahot.runtime import buffers, merge
+from lorahot.runtime import buffers, lora_runtime, merge
 from tests.helpers import make_adapter, tiny_lm, token_ids
 
 
@@ -53,6 +53,79 @@ def test_a_load_failing_in_its_second_arena_empties_the_slot(monkeypatch: pytest
         assert torch.equal(model(ids), base)
     runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=2)[0])  # and it serves again
     assert runtime.info(0) is not None
+
+
+def test_a_load_failing_while_staging_its_data_is_a_write_error_saying_nothing_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of device memory while a host-cache load stages its packs on the device, before its
+    first write: nothing was changed, and the error says so and how to go on (it was an
+    UnexpectedError blaming a gap in lorahot's checks)."""
+    model = _two_arenas()
+    ids = token_ids((2, 6), 32, seed=1)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4)
+    names = list(runtime.layers)
+    runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=1)[0])
+    prepared = runtime.preload(make_adapter(model, dict.fromkeys(names, 4), seed=2)[0])
+    with torch.no_grad():
+        before = model(ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def out_of_memory(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(buffers.BufferManager, "stage", out_of_memory)
+    with pytest.raises(lorahot.WriteError) as caught:
+        runtime.load(prepared)
+    message = str(caught.value)
+    assert message.startswith(
+        "LoraRuntime.load: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB, while staging slot 0's "
+        "data before its first write. Nothing was changed; slot 0 holds what it held."
+    ), message
+    assert "gap in lorahot" not in message
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    runtime.load(prepared)  # and it loads once memory is there
+    with torch.no_grad():
+        assert not torch.equal(model(ids), before)
+
+
+@pytest.mark.parametrize("kind", [MemoryError, torch.OutOfMemoryError])
+def test_memory_running_out_in_a_load_s_checks_says_so_and_asks_for_no_report(
+    monkeypatch: pytest.MonkeyPatch, kind: type[Exception]
+) -> None:
+    """Memory that runs out while a load reads its adapter (before any write) is no missed
+    check: the error says memory ran out and how to free it, where it asked for a report of a
+    gap in lorahot's checks; nothing changed."""
+    model = _two_arenas()
+    ids = token_ids((2, 6), 32, seed=1)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4)
+    names = list(runtime.layers)
+    runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=1)[0])
+    with torch.no_grad():
+        before = model(ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise kind("Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(lora_runtime, "read_adapter", out_of_memory)
+    with pytest.raises(lorahot.UnexpectedError) as caught:
+        runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=2)[0])
+    message = str(caught.value)
+    assert message.startswith(
+        f"LoraRuntime.load: out of memory ({kind.__name__}: Tried to allocate 2.00 GiB). Nothing was changed. Free "
+        "memory on the device"
+    ), message
+    assert "gap in lorahot" not in message
+    assert isinstance(caught.value.__cause__, kind)
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_a_merged_load_failing_while_folding_a_diff_puts_the_base_weights_back(monkeypatch: pytest.MonkeyPatch) -> None:
