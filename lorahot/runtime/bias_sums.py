@@ -66,14 +66,14 @@ class BiasSums:
                 spans[i] = slice(start, start + out)
                 start += out
                 rows.append(torch.arange(out) + arena.e_off[i] + EXTRA_G * out)
-                col = torch.zeros(parts, out, dtype=torch.float64)
+                col = torch.zeros(parts, out, dtype=torch.float64, device=arena.device)  # no host round trip
                 for p, scale, bias in biases[(a, i)]:
-                    col[p] = bias.detach().to("cpu", torch.float64).reshape(-1) * scale
+                    col[p] = bias.detach().to(arena.device, torch.float64).reshape(-1) * scale
                 cols.append(col)
             layers.append(spans)
             index.append((torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)).to(arena.device))
-            table = torch.cat(cols, dim=1) if cols else torch.zeros(parts, 0, dtype=torch.float64)
-            terms.append(table.to(arena.device))
+            empty = torch.zeros(parts, 0, dtype=torch.float64, device=arena.device)
+            terms.append(torch.cat(cols, dim=1) if cols else empty)
         return cls(layers, index, terms)
 
     def values(self, a: int, weights: torch.Tensor) -> torch.Tensor:
