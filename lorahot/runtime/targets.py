@@ -8,7 +8,8 @@ says where a layer's buffers live. :mod:`lorahot.runtime.inject` drives them.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ __all__ = [
     "layer_placement",
     "through_wrappers",
     "submodule_at",
+    "fsdp_owners",
+    "fsdp_refusal",
 ]
 
 #: What ``inject`` accepts as targets: names (PEFT ``target_modules`` semantics), a regex
@@ -46,6 +49,44 @@ class ExactNames(list[str]):
     Otherwise a list: equal to, and used as, the list of its names."""
 
     __slots__ = ()
+
+
+#: torch's FSDP module classes, (module, class name): FSDP2's ``fully_shard`` makes a module an
+#: instance of ``FSDPModule`` (``torch.distributed._composable.fsdp`` before torch 2.6), FSDP1
+#: wraps it in ``FullyShardedDataParallel``; looked up where the user's code imported them
+#: (lorahot never imports ``torch.distributed``: no FSDP module exists until the user's has)
+_FSDP_CLASSES = (
+    ("torch.distributed.fsdp", "FSDPModule"),
+    ("torch.distributed.fsdp", "FullyShardedDataParallel"),
+    ("torch.distributed._composable.fsdp", "FSDPModule"),
+)
+
+
+def fsdp_owners(modules: Mapping[str, nn.Module]) -> list[str]:
+    """The names in ``modules`` (a model's ``named_modules()``) of the modules FSDP manages:
+    every parameter under one is sharded across ranks between calls and gathered for each call
+    (a DTensor or a flat shard at rest, a plain tensor while it computes)."""
+    found = (getattr(sys.modules.get(module), name, None) for module, name in _FSDP_CLASSES)
+    classes = tuple(c for c in found if isinstance(c, type))
+    return [n for n, m in modules.items() if isinstance(m, classes)] if classes else []
+
+
+def fsdp_refusal(name: str, owners: Sequence[str]) -> str | None:
+    """Why module ``name`` cannot take LoRA when ``owners`` (:func:`fsdp_owners`) manage
+    parameters, or None where none of them is on its path."""
+    on_path = [w for w in owners if not w or name == w or name.startswith(w + ".")]
+    if not on_path:
+        return None
+    owner = max(on_path, key=len)  # the innermost: the one that shards this module's parameters
+    where = "" if owner == name else f" on {owner or 'the model'}"
+    return (
+        f"{name}: its parameters are sharded by FSDP (fully_shard or FullyShardedDataParallel{where}), which "
+        "gathers them for each call and shards them again after it, so the weight lorahot would wrap is not the one "
+        "the layer computes with (a DTensor would be taken for a tensor-parallel weight, and the LoRA computed on the "
+        "wrong rows). lorahot serves models whose ranks each hold the whole weights, or tensor-parallel ones "
+        "(parallelize_module with ColwiseParallel / RowwiseParallel): inject into the model without fully_shard or "
+        "FullyShardedDataParallel (or tensor-parallel instead), or exclude this module from targets."
+    )
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
@@ -222,6 +263,7 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
     wrapped = [w for w, m in modules.items() if isinstance(m, LoRALayer)]
     found = Sources()
     scripted = [w for w, m in modules.items() if isinstance(m, torch.jit.ScriptModule)]
+    sharded = fsdp_owners(modules)
     for n in names:
         m = modules[n]
         # its base_layer too, and anything inside a model that is itself a LoRA layer ("")
@@ -238,6 +280,9 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
                 f"{n}: a TorchScript module{within} (torch.jit.script or trace): its calls run compiled TorchScript, "
                 "which lorahot cannot wrap or hook. Inject into the eager module, then script or compile the model."
             )
+        refusal = fsdp_refusal(n, sharded)
+        if refusal is not None:
+            raise UsageError(refusal)
         if layer_class_for(m) is None:
             raise UsageError(
                 f"{n}: cannot add LoRA to {type(m).__name__}. Supported: {', '.join(d for d, _, _ in SUPPORTED)}. "

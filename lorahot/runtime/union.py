@@ -51,7 +51,7 @@ from lorahot.runtime.inject import MAX_RANK_LIMIT
 from lorahot.runtime.plan import check_module, check_weight_module
 from lorahot.runtime.sharding import localize
 from lorahot.runtime.stack import SHARED_FIX, shared_problems
-from lorahot.runtime.targets import ExactNames
+from lorahot.runtime.targets import ExactNames, fsdp_owners, fsdp_refusal
 
 __all__ = ["TargetPlan", "plan_targets"]
 
@@ -376,12 +376,16 @@ def _wrappable(model: nn.Module) -> dict[str, LoRALayer]:
     """A throwaway LoRA wrapper (for its spec) of every module inject could wrap; the model is
     not changed."""
     out: dict[str, LoRALayer] = {}
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    sharded = fsdp_owners(modules)
+    for name, module in modules.items():
         if isinstance(module, LoRALayer):
             raise UsageError(f"{name}: already a {type(module).__name__}; plan against the model before inject.")
         cls = layer_class_for(module)
         if not name or cls is None:
             continue
+        if (refusal := fsdp_refusal(name, sharded)) is not None:
+            raise UsageError(refusal)  # as inject would: a plan of layers no inject wraps would mislead
         try:
             out[name] = cls(module)
         except UsageError:

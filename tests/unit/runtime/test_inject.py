@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -763,3 +766,72 @@ def test_a_model_that_is_one_layer_is_told_to_go_in_a_container(targets: object)
     module names: ."); it says the model is one layer and how to wrap it."""
     with pytest.raises(lorahot.UsageError, match=r"the model is a single Linear with no submodules.*nn\.Sequential"):
         lorahot.inject(nn.Linear(4, 4), targets, max_rank=2)
+
+
+@pytest.fixture(scope="module")
+def one_rank() -> Iterator[Any]:
+    """A 1-rank gloo process group in this process and its CPU device mesh."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield init_device_mesh("cpu", (1,))
+    if started:
+        dist.destroy_process_group()
+
+
+def _fsdp(kind: str, model: nn.Module, mesh: Any) -> tuple[nn.Module, str]:
+    """``model`` sharded by FSDP as ``kind`` says, and the name its first linear has then."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    if kind == "fsdp1":
+        return FullyShardedDataParallel(
+            model, device_id=torch.device("cpu"), use_orig_params=True
+        ), "_fsdp_wrapped_module.0"
+    if kind == "fully_shard-layer":
+        fully_shard(model[0], mesh=mesh)
+    return fully_shard(model, mesh=mesh), "0"
+
+
+@pytest.mark.parametrize("kind", ["fully_shard-root", "fully_shard-layer", "fsdp1"])
+def test_a_layer_fsdp_shards_is_refused_at_inject_and_plan_and_nothing_changes(kind: str, one_rank: Any) -> None:
+    """FSDP keeps a layer's parameters sharded between calls (FSDP2: DTensors, which inject took
+    for a column-parallel weight: on 2 ranks the first forward raised a raw size mismatch) and
+    gathers them for each call: inject and plan_targets refuse such a layer, naming it and the
+    fix, before anything is wrapped."""
+    torch.manual_seed(0)
+    model, name = _fsdp(kind, nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), one_rank)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        before = model(x)
+    kinds = [(n, type(m)) for n, m in model.named_modules()]
+    params = {n: (type(p), p.detach().clone()) for n, p in model.named_parameters()}
+    fix = r"inject into the model without fully_shard or FullyShardedDataParallel .*exclude this module from targets\.$"
+    message = (
+        rf"^{re.escape(name)}: its parameters are sharded by FSDP \(fully_shard or FullyShardedDataParallel.*{fix}"
+    )
+    with pytest.raises(lorahot.UsageError, match=message):
+        lorahot.inject(model, ["0"], max_rank=4)
+    a, b = torch.ones(2, 8), torch.ones(8, 2)
+    with pytest.raises(lorahot.UsageError, match=message):
+        lorahot.plan_targets({f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": b}, model)
+    assert [(n, type(m)) for n, m in model.named_modules()] == kinds
+    for n, p in model.named_parameters():
+        assert type(p) is params[n][0] and torch.equal(p.detach(), params[n][1]), n
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_a_tensor_parallel_weight_outside_fsdp_still_injects(one_rank: Any) -> None:
+    """The refusal is FSDP's, not every DTensor's: a weight ``distribute_tensor`` sharded
+    ``Shard(0)`` (as ``ColwiseParallel`` does) still gets a sharded LoRA layer."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), one_rank, [Shard(0)]))
+    lorahot.inject(model, ["0"], max_rank=4)
+    assert isinstance(model[0], lorahot.ShardedLoRALinear)
