@@ -27,6 +27,7 @@ adapters' ranks there instead of the largest.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable, Container, Mapping, Sequence
@@ -41,7 +42,7 @@ from lorahot.formats import format_named
 from lorahot.io.loader import read_adapter
 from lorahot.io.sources import Source
 from lorahot.layers import LoRALayer, layer_class_for
-from lorahot.resolve.components import non_denoisers, resolve_components
+from lorahot.resolve.components import DENOISER, ROUTES, non_denoisers, resolve_components
 from lorahot.resolve.keys import head_sizes, resolve_all
 from lorahot.resolve.ldm import LDM_MARKER
 from lorahot.runtime.arguments import check_read_options, denoisers_of, entries, text
@@ -133,7 +134,10 @@ def plan_targets(
             and ``plan.targets`` is a dict keyed by component.
         stacked: plan for loading all of ``sources`` together into one slot
             (``runtime.load(sources)``): each target's rank is the sum of the adapters' ranks
-            there, not the largest.
+            there, not the largest. Without a model, the modules of one path under PEFT's
+            ``base_model.model.``, diffusers' ``unet.`` or ``transformer.`` or no prefix are one
+            layer (the denoiser's, as ``load`` routes them), and under another component's
+            prefix (``text_encoder.``) another layer.
         denoiser: with several models, the component that takes each file's denoiser
             modules, as ``runtime.load(..., denoiser=)`` takes it: one name for every source,
             or a list of one name (or None: the pipeline's own ``unet``/``transformer``) per
@@ -169,10 +173,12 @@ def plan_targets(
             models, also the modules whose prefix names a component the model lacks (with
             ``strict=False`` those are skipped, as ``load`` skips them); also, with or without
             a model, an :class:`AdapterMismatchError` for a rank above 65536 (what ``inject``
-            allocates at most); with ``stacked=True`` and a model, also for a DoRA module, a
-            LyCORIS module with weight decomposition on a layer other parts load into, which
-            ``load`` refuses in a stack; with a model, for a LoRA bias on a layer without a bias
-            beside modules that need merged mode (LyCORIS kinds, diffs), which no runtime loads.
+            allocates at most); with ``stacked=True``, with or without a model, also for a DoRA
+            module, a LyCORIS module with weight decomposition on a layer other parts load into,
+            which ``load`` refuses in a stack; with a model, for a LoRA bias on a layer without a
+            bias beside modules that need merged mode (LyCORIS kinds, diffs), which no runtime
+            loads (without one, a layer's own bias is unknown: such a plan's ``merged=True``
+            runtime refuses that LoRA bias at ``load``).
     """
     items = _source_list(sources)
     if not isinstance(stacked, bool):
@@ -202,7 +208,7 @@ def plan_targets(
         if stacked:
             _check_one_spelling(adapters)
         _check_module_paths(adapters)
-        ranks = _file_ranks(adapters, combine)
+        ranks = _file_ranks(adapters, combine, stacked)
         groups = [1]
     else:
         components: tuple[str, ...] = ()
@@ -295,25 +301,55 @@ Combine = Callable[[int, int], int]
 _MODULE_PATHS = frozenset({"peft", "diffusers", "diffusers-old"})
 
 
-def _file_ranks(adapters: list[Adapter], combine: Combine = max) -> dict[str, int]:
+def _file_ranks(adapters: list[Adapter], combine: Combine = max, stacked: bool = False) -> dict[str, int]:
     """File-side module path (component prefix stripped) -> the largest rank there (``combine``
-    of the ranks, each adapter's counted once per component it targets: a kohya SDXL file's
-    ``lora_te1_`` and ``lora_te2_`` modules of one path are two layers)."""
-    per: dict[tuple[str, str], int] = {}  # (component prefix, path) -> combined rank
-    for adapter in adapters:
+    of the ranks, each adapter's counted once per component it targets: an SDXL file's
+    ``text_encoder.`` and ``text_encoder_2.`` modules of one path are two layers, while PEFT's
+    ``base_model.model.``, diffusers' ``unet.`` or ``transformer.`` and no prefix all name the
+    denoiser's, as ``load`` routes them). ``stacked``: the adapters are a stack's parts, and
+    what cannot share a layer with the other parts there is refused as with a model.
+
+    Raises:
+        AdapterMismatchError: ``stacked``, and a DoRA module, a LyCORIS module with weight
+            decomposition or one built from the base weight on a layer other parts load into
+            (:func:`~lorahot.runtime.stack.shared_problems`).
+    """
+    per: dict[tuple[str, str], list[tuple[int, LoraModule | WeightModule]]] = {}  # (component, path) -> parts
+    for part, adapter in enumerate(adapters):
         fmt = format_named(adapter.format)
-        own: dict[tuple[str, str], int] = {}
+        own: dict[tuple[str, str], LoraModule | WeightModule] = {}
         entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
         for key, m in entries:
             name = fmt.strip_prefix(key)
-            where = (key[: len(key) - len(name)], name)
-            own[where] = max(own.get(where, 0), _module_rank(m))
-        for where, rank in own.items():
-            per[where] = combine(per.get(where, 0), rank)
+            where = (_file_component(key[: len(key) - len(name)]), name)
+            if where not in own or _module_rank(m) > _module_rank(own[where]):
+                own[where] = m
+        for where, m in own.items():
+            per.setdefault(where, []).append((part, m))
+    if stacked:
+        shared = shared_problems(
+            {name if c == "" else f"{c}.{name}": items for (c, name), items in per.items()},
+            [f"part {p}: {a.source}" for p, a in enumerate(adapters)],
+        )
+        if shared:
+            raise AdapterMismatchError(
+                lines(
+                    format_problems("adapters of a stack that cannot share the layers they name:", shared), SHARED_FIX
+                )
+            )
     ranks: dict[str, int] = {}
-    for (_, name), rank in per.items():
-        ranks[name] = max(ranks.get(name, 0), rank)
+    for (_, name), items in per.items():
+        combined = functools.reduce(combine, (_module_rank(m) for _, m in items))
+        ranks[name] = max(ranks.get(name, 0), combined)
     return ranks
+
+
+def _file_component(prefix: str) -> str:
+    """The component a module key's prefix names, as ``load`` routes it
+    (:data:`~lorahot.resolve.components.ROUTES`): ``""`` for the denoiser (no prefix, PEFT's
+    ``base_model.model.``, ``unet.``, ``transformer.``), else the component's name."""
+    component = next((c for p, c in ROUTES if prefix.startswith(p)), None)
+    return "" if component is None or component in DENOISER else component
 
 
 def _spelling(adapter: Adapter) -> str:

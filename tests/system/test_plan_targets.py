@@ -693,3 +693,69 @@ def test_a_stacked_plan_that_needs_merged_mode_refuses_a_lora_bias_on_a_layer_wi
     plan = lorahot.plan_targets(parts, model(), stacked=True)
     assert plan.inject_options() == {"max_rank": 4, "extras": True}
     lorahot.inject(model(), plan.targets, **plan.inject_options()).load(parts)
+
+
+def _peft_part(prefix: str, layer: str, rank: int, seed: int, **extra: bool) -> dict[str, torch.Tensor]:
+    """A LoRA of ``layer`` (16 -> 24) under ``prefix`` (PEFT's ``base_model.model.``, diffusers'
+    ``unet.``), with a LoRA bias or a DoRA magnitude where ``extra`` says."""
+    g = torch.Generator().manual_seed(seed)
+    key = f"{prefix}{layer}"
+    out = {
+        f"{key}.lora_A.weight": torch.randn(rank, 16, generator=g),
+        f"{key}.lora_B.weight": torch.randn(24, rank, generator=g),
+    }
+    if extra.get("bias"):
+        out[f"{key}.lora_B.bias"] = torch.randn(24, generator=g)
+    if extra.get("dora"):
+        out[f"{key}.lora_magnitude_vector"] = torch.rand(24, generator=g) + 0.5
+    return out
+
+
+#: stacks whose plan needs no model (their names are the model's module paths), and what both
+#: plans say: the same ranks, or the same refusal of a layer the parts share
+_DETERMINABLE_STACKS = {
+    "peft-and-diffusers-on-one-layer": ([("base_model.model.", "0", 2, {}), ("unet.", "0", 3, {})], None),
+    "two-lora-biases-on-one-layer": (
+        [("base_model.model.", "0", 2, {"bias": True}), ("", "0", 2, {"bias": True})],
+        None,
+    ),
+    "dora-alone-on-its-layer": (
+        [("base_model.model.", "0", 2, {"dora": True}), ("base_model.model.", "1", 4, {})],
+        None,
+    ),
+    "dora-on-a-shared-layer": (
+        [("base_model.model.", "0", 2, {"dora": True}), ("unet.", "0", 4, {})],
+        r"  - 0 \(base_model\.model\.0\.lora_A\.weight.*\): part 0: <mapping> has DoRA \(a magnitude vector\) on a "
+        r"layer parts 0, 1 all load into[\s\S]*\nLoad an adapter with DoRA",
+    ),
+}
+
+
+@pytest.mark.parametrize("stack", list(_DETERMINABLE_STACKS))
+def test_a_stack_planned_without_a_model_agrees_with_its_plan_against_the_model(stack: str) -> None:
+    """Where the files' names are the model's module paths, ``plan_targets(stacked=True)``
+    without the model says what it says with it: PEFT's ``base_model.model.``, diffusers'
+    ``unet.`` and no prefix name one layer, whose ranks add up (they were counted apart, the
+    largest taken: max_rank 3 where the stack needs 5, which its load then refused); a DoRA part
+    on a layer another part loads into is refused, naming both (it was planned); several LoRA
+    biases on one layer plan ``extras=True`` in both."""
+    spec, refusal = _DETERMINABLE_STACKS[stack]
+    parts = [_peft_part(prefix, layer, rank, seed, **extra) for seed, (prefix, layer, rank, extra) in enumerate(spec)]
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(16, 24), nn.Linear(16, 24))
+
+    if refusal is not None:
+        for against in (None, model()):
+            with pytest.raises(lorahot.AdapterMismatchError, match=refusal):
+                lorahot.plan_targets(parts, against, stacked=True)
+        return
+    alone, planned = lorahot.plan_targets(parts, stacked=True), lorahot.plan_targets(parts, model(), stacked=True)
+    assert (alone.ranks, alone.max_rank, alone.extras, alone.merged_only) == (
+        planned.ranks,
+        planned.max_rank,
+        planned.extras,
+        planned.merged_only,
+    )
+    assert alone.inject_options() == planned.inject_options() and sorted(alone.targets) == sorted(planned.targets)
+    lorahot.inject(model(), alone.targets, **alone.inject_options()).load(parts)  # the plan loads the stack
