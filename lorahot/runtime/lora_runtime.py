@@ -105,7 +105,7 @@ from lorahot.runtime.sequence_first import find_sequence_first
 from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.skeleton import Skeleton, Skeletons
 from lorahot.runtime.stack import Stack, build
-from lorahot.runtime.targets import submodule_at, through_wrappers, unwrap_modules
+from lorahot.runtime.targets import fsdp_owners, fsdp_refusal, submodule_at, through_wrappers, unwrap_modules
 from lorahot.runtime.towers import find_towers
 from lorahot.runtime.updates import UpdateRange
 from lorahot.runtime.wide import WideWeights, widen_layers
@@ -1475,6 +1475,10 @@ class LoraRuntime:
         parallelized = [n for n in names if is_sharded(self.layers[n].base_layer) != self._sharded[n]]
         if parallelized:
             name = parallelized[0]
+            modules = dict(self.model.named_modules()) if isinstance(self.model, nn.Module) else {}
+            fsdp = fsdp_refusal(name, fsdp_owners(modules))
+            if fsdp is not None:
+                raise UsageError(f"{fsdp} FSDP sharded it after inject: call runtime.eject() first.")
             now = "no longer" if self._sharded[name] else "now"
             raise UsageError(
                 f"{name}: its base layer was parallelized (or gathered) after inject: its weight is {now} a DTensor, "

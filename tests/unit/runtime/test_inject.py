@@ -835,3 +835,24 @@ def test_a_tensor_parallel_weight_outside_fsdp_still_injects(one_rank: Any) -> N
     model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), one_rank, [Shard(0)]))
     lorahot.inject(model, ["0"], max_rank=4)
     assert isinstance(model[0], lorahot.ShardedLoRALinear)
+
+
+def test_fsdp_sharding_a_model_after_inject_is_refused_at_the_next_call_naming_fsdp(one_rank: Any) -> None:
+    """``fully_shard`` after inject makes the wrapped layer's weight a DTensor: the next load
+    says FSDP sharded it (it said to parallelize the model and inject again, which inject then
+    refuses), and writes nothing."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    runtime = lorahot.inject(model, ["0"], max_rank=4)
+    adapter = {"0.lora_A.weight": torch.randn(2, 8), "0.lora_B.weight": torch.randn(8, 2)}
+    runtime.load(adapter)
+    fully_shard(model, mesh=one_rank)
+    buffers = {n: b.clone() for n, b in model[0].named_buffers()}
+    message = (
+        r"^0: its parameters are sharded by FSDP .* FSDP sharded it after inject: call runtime\.eject\(\) first\.$"
+    )
+    with pytest.raises(lorahot.UsageError, match=message):
+        runtime.load({k: 2 * v for k, v in adapter.items()})
+    assert all(torch.equal(b, buffers[n]) for n, b in model[0].named_buffers())
