@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from lorahot.errors import LoraError, UnexpectedError, UsageError
+from lorahot.errors import LoraError, UnexpectedError, UsageError, lines
 from lorahot.layers import LoRALayer
 from lorahot.layers.sharded import ShardedLoRALinear
 from lorahot.layers.styled import StyledLoRAEmbedding
@@ -91,9 +91,15 @@ class Agreement:
             raise error
         if failures:
             rank, kind, message = failures[0]
-            raise _error_type(kind)(
-                f"{what} failed on rank {rank} of {self.ranks}, so no rank changed anything (this rank passed every "
-                f"check). Rank {rank}: {message}"
+            cls = _error_type(kind)
+            # a lorahot refusal's line breaks are its own (its names escaped on its rank): kept
+            first, *rest = message.split("\n") if cls is not UnexpectedError else [message]
+            raise cls(
+                lines(
+                    f"{what} failed on rank {rank} of {self.ranks}, so no rank changed anything (this rank passed "
+                    f"every check). Rank {rank}: {first}",
+                    *rest,
+                )
             )
         differing = [_split(aspect, [row[i] for row in rows]) for i, aspect in enumerate(ASPECTS)]
         differing = [text for text in differing if text]

@@ -1,8 +1,10 @@
 """Stand-ins for the CUDA runtime, so that the keyed graph replays (lorahot.runtime.graph_replays)
-run their host side, and with :class:`_ReplayingGraph` their replays, on a CPU box."""
+run their host side, and with :class:`_ReplayingGraph` their replays, on a CPU box; a 1-rank
+gloo process group for DTensors and FSDP (:func:`one_rank`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -73,3 +75,19 @@ def replaying_cuda(fake_cuda: None, monkeypatch: pytest.MonkeyPatch) -> None:
         return graph
 
     monkeypatch.setattr(GraphReplays, "capture", keeping_steps)
+
+
+@pytest.fixture(scope="module")
+def one_rank() -> Iterator[Any]:
+    """A 1-rank gloo process group in this process and its CPU device mesh."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield init_device_mesh("cpu", (1,))
+    if started:
+        dist.destroy_process_group()

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import re
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -766,22 +765,6 @@ def test_a_model_that_is_one_layer_is_told_to_go_in_a_container(targets: object)
     module names: ."); it says the model is one layer and how to wrap it."""
     with pytest.raises(lorahot.UsageError, match=r"the model is a single Linear with no submodules.*nn\.Sequential"):
         lorahot.inject(nn.Linear(4, 4), targets, max_rank=2)
-
-
-@pytest.fixture(scope="module")
-def one_rank() -> Iterator[Any]:
-    """A 1-rank gloo process group in this process and its CPU device mesh."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("needs torch.distributed with gloo")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    yield init_device_mesh("cpu", (1,))
-    if started:
-        dist.destroy_process_group()
 
 
 def _fsdp(kind: str, model: nn.Module, mesh: Any) -> tuple[nn.Module, str]:
