@@ -99,7 +99,10 @@ class WriteError(LoraError):
     a refused or interrupted ``activate`` changed failed, the slot and routing live before are
     live again, or the message says which slot is live instead, or that the model may compute a
     mix, and how to recover. Where a load failed while staging its data on the device, before
-    its first write (out of device memory), nothing was changed, and the message says so. The
+    its first write (out of device memory), nothing was changed, and the message says so. On a
+    tensor-parallel model, a rank whose own call went through raises it too where another
+    rank's write, ``activate`` or ``unload`` failed or was interrupted, naming that rank: every
+    rank then holds what that rank holds (the slot emptied, or the slot before live again). The
     original is its ``__cause__``."""
 
 

@@ -116,6 +116,11 @@ class Rig:
         with torch.no_grad():
             return [*tensors, state, self.tp(self.ids)]
 
+    def unchanged_output(self, before: torch.Tensor) -> str | None:
+        """None when the sharded model computes ``before`` bitwise."""
+        with torch.no_grad():
+            return None if torch.equal(self.tp(self.ids), before) else "the output differs"
+
     def unchanged(self, before: list[torch.Tensor]) -> str | None:
         after = self.snapshot()
         bad = [i for i, (x, y) in enumerate(zip(before, after)) if not torch.equal(x, y)]
@@ -909,8 +914,100 @@ def late_after_inject(mesh: object, adapter: dict[str, torch.Tensor], x: torch.T
     )
 
 
+def scenario_interrupted(mesh: object, folder: Path, check: Checks) -> None:
+    """A write, activate or unload interrupted (KeyboardInterrupt) or failing on rank 1 only,
+    after every check passed on every rank: rank 1 still tells the others before its error goes
+    on (they waited in the write's agreement for it until the process group timed out, or went
+    on serving another slot than rank 1), every rank ends in the same state (the slot emptied,
+    or the slot before live again), and rank 0 raises a WriteError naming rank 1."""
+    rig = Rig(mesh, folder)
+    rank = dist.get_rank()
+    buffers = rig.rt.buffers
+    with torch.no_grad():
+        base = rig.tp(rig.ids)
+
+    def on_rank_1(method: str, fault: BaseException, wrote: bool, call: Callable[[], object]) -> str:
+        """``call()`` with ``buffers.<method>`` raising ``fault`` the first time on rank 1 (after
+        writing part of a slot where ``wrote``): what it raised, as ``"Type: message"``."""
+        original = getattr(buffers, method)
+        calls = []
+
+        def failing(*args: object, **kwargs: object) -> object:
+            calls.append(1)
+            if rank != 1 or len(calls) > 1:
+                return original(*args, **kwargs)
+            buffers.touched = buffers.touched or wrote
+            raise fault
+
+        setattr(buffers, method, failing)
+        try:
+            call()
+        except BaseException as exc:  # the interrupt itself is what rank 1 must raise
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            delattr(buffers, method)
+        return "returned"
+
+    def expect(got: str, rank_0: list[str], rank_1: str) -> str | None:
+        words = ["WriteError: ", "rank 1 of 2", *rank_0] if rank == 0 else [rank_1]
+        missing = [w for w in words if w not in got]
+        return f"{missing} not in {got!r}" if missing else None
+
+    def fill() -> None:
+        rig.both(lambda r: r.unload())
+        rig.both(lambda r: r.load(rig.path("b")))
+        rig.both(lambda r: r.load(rig.path("a"), slot=1))
+        rig.both(lambda r: r.activate(0))
+
+    interrupt = KeyboardInterrupt()
+    fault = RuntimeError("device fault (simulated on rank 1)")
+
+    def load() -> object:
+        return rig.rt.load(rig.path("c"))
+
+    writes = [
+        ("a load interrupted mid-write", "write_staged", interrupt, True, load),
+        ("a load interrupted before its first write", "write_staged", interrupt, False, load),
+        ("a set_scale interrupted", "set_scales", interrupt, True, lambda: rig.rt.set_scale(0.5)),
+    ]
+    for name, method, exc, wrote, call in writes:
+        fill()
+        got = on_rank_1(method, exc, wrote, call)
+        check(f"{name} on rank 1", lambda got=got: expect(got, ["KeyboardInterrupt", "emptied"], "KeyboardInterrupt"))
+        check(f"every rank emptied slot 0 after {name}", lambda: None if rig.rt.info(0) is None else "not empty")
+        check(f"and computes the base model bitwise after {name}", lambda: rig.unchanged_output(base))
+    for name, exc, words in (
+        ("an activate interrupted", interrupt, "KeyboardInterrupt"),
+        ("an activate failing", fault, "device fault"),
+    ):
+        fill()
+        with torch.no_grad():
+            before = rig.tp(rig.ids)
+        got = on_rank_1("activate", exc, False, lambda: rig.rt.activate(1))
+        check(f"{name} on rank 1", lambda got=got, w=words: expect(got, [w, "Slot 0"], w))
+        check(f"every rank serves slot 0 after {name}", lambda: None if rig.rt.active_slot == 0 else "slot 1 live")
+        check(f"and computes what it did bitwise after {name}", lambda b=before: rig.unchanged_output(b))
+    for name, exc, words in (
+        ("an unload interrupted", interrupt, "KeyboardInterrupt"),
+        ("an unload failing", fault, "device fault"),
+    ):
+        fill()
+        got = on_rank_1("clear", exc, True, lambda: rig.rt.unload())
+        check(f"{name} on rank 1", lambda got=got, w=words: expect(got, [w], w))
+        if exc is interrupt:  # a fault leaves the slots not reached to the unload it asks for
+            check(
+                f"every rank emptied every slot after {name}",
+                lambda: None if rig.rt.info(0) is None and rig.rt.info(1) is None else "a slot is filled",
+            )
+            check(f"and computes the base model bitwise after {name}", lambda: rig.unchanged_output(base))
+    fill()
+    rig.rr.activate(0)
+    check("a load after them computes the reference", rig.parity)
+
+
 SCENARIOS = {
     "empty_shard": scenario_empty_shard,
+    "interrupted": scenario_interrupted,
     "parity": scenario_parity,
     "atomic": scenario_atomic,
     "sequence": scenario_sequence,

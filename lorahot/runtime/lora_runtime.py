@@ -423,7 +423,10 @@ class LoraRuntime:
                 Every part is checked before anything is written: nothing changed.
             WriteError: a write failed after every check had passed (out of memory, a device
                 fault), or emptying an interrupted write's slot failed: the slot is emptied, or
-                the message says it may hold parts of two adapters and to unload it.
+                the message says it may hold parts of two adapters and to unload it. On a
+                tensor-parallel model, also where another rank's write failed or was
+                interrupted (naming that rank): every rank empties the slot (the interrupted
+                rank too, before its interrupt goes on).
         """
         with _gc_paused(), self._reading():
             return self._load(source, slot, scale, denoiser, read_kwargs)
@@ -479,28 +482,48 @@ class LoraRuntime:
         :meth:`_failed_write`. On a tensor-parallel model every rank then learns how the others'
         writes went (:meth:`lorahot.runtime.agreement.Agreement.settle`): where any rank's
         failed, every rank empties the slot and raises :class:`WriteError`, so that no rank
-        serves another adapter than the rest."""
+        serves another adapter than the rest. An interrupted rank (KeyboardInterrupt, SystemExit)
+        takes part too, reporting it, before its interrupt goes on: the others would otherwise
+        wait for it in the collective."""
         self.buffers.touched = False
         result: _T | None = None
-        error: Exception | None = None
+        error: BaseException | None = None
         try:
             result = write()
-        except Exception as exc:
+        except BaseException as exc:  # an interrupt too: no half-written slot is left, then it goes on
             error = exc
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit: no half-written slot is left, then it goes on
-            self._failed_write(what, slot, exc)
-        if self._agreement is not None:
-            failures, touched = self._agreement.settle(error, self.buffers.touched)
-            if failures:
-                self.buffers.touched = touched  # a rank wrote: every rank empties the slot
-                if error is None:
-                    rank, kind, message = failures[0]
-                    error = _OtherRankFailed(
-                        f"rank {rank} of {self._agreement.ranks} failed its write ({kind}: {message})"
-                    )
+        error = self._settled(f"writing slot {slot}", error, write=True)
         if error is not None:
             self._failed_write(what, slot, error)
         return result  # type: ignore[return-value]  # set when no error
+
+    def _settled(self, doing: str, error: BaseException | None, write: bool = False) -> BaseException | None:
+        """After this rank's part of a call (``doing``, its writes when ``write``): this rank's
+        ``error`` (a fault or an interrupt, or None), or on a tensor-parallel model where
+        another rank's failed, an :class:`_OtherRankFailed` naming that rank
+        (:meth:`lorahot.runtime.agreement.Agreement.settle`). Where a rank failed after
+        writing, ``buffers.touched`` becomes true on every rank, so that every rank empties the
+        slot. Where the process group itself fails, the other ranks' outcome is unknown: that
+        is the error (after this rank's own)."""
+        agreement = self._agreement
+        if agreement is None:
+            return error
+        own = error.fault if isinstance(error, _LiveFault) else error
+        try:
+            failures, touched = agreement.settle(own, write and self.buffers.touched)
+        except Exception as exc:  # the collective failed (a rank gone, the group timed out)
+            return error or _OtherRankFailed(
+                f"the ranks could not tell each other how {doing} went ({_described(exc)}), so another rank may hold "
+                "another adapter"
+            )
+        if failures and write:
+            self.buffers.touched = touched  # a rank wrote: every rank empties the slot
+        if not failures or error is not None:
+            return error
+        rank, kind, message = failures[0]
+        how = "was interrupted" if kind in ("KeyboardInterrupt", "SystemExit") else "failed"
+        said = f"{kind}: {message.strip().splitlines()[0][:300]}" if message.strip() else kind
+        return _OtherRankFailed(f"rank {rank} of {agreement.ranks} {how} while {doing} ({said})")
 
     def _failed_write(self, what: str, slot: int, exc: BaseException) -> NoReturn:
         """A write that failed after every check passed (out of memory, a device fault) or was
@@ -532,10 +555,11 @@ class LoraRuntime:
             if self._merger is not None:  # the merged weights hold lorahot's own partial rewrite, not an edit
                 with contextlib.suppress(Exception):
                     self._merger.record_all()
-        raise WriteError(
-            f"LoraRuntime.{what}: {type(exc).__name__} while writing slot {slot} after every check had passed: "
-            f"{one_line(first)}. {state}."
-        ) from exc
+        if isinstance(exc, _OtherRankFailed):
+            happened = f"{one_line(first)}, after every check had passed"
+        else:
+            happened = f"{type(exc).__name__} while writing slot {slot} after every check had passed: {one_line(first)}"
+        raise WriteError(f"LoraRuntime.{what}: {happened}. {state}.") from exc
 
     def _empty(self, slot: int) -> None:
         """Empties ``slot``, as :meth:`unload` does."""
@@ -1000,7 +1024,9 @@ class LoraRuntime:
             WriteError: making the slot or routing live failed after every check had passed (out
                 of memory, a device fault), or putting back what a refused or interrupted call
                 changed failed: the message says what is live now (the slot and routing before,
-                another slot whole, or possibly a mix) and how to recover.
+                another slot whole, or possibly a mix) and how to recover. On a tensor-parallel
+                model, also where making it live failed or was interrupted on another rank
+                (naming that rank): every rank puts the slot and routing before back.
         """
         per_row = isinstance(slot, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(slot, (str, bytes))
         if not per_row:
@@ -1072,20 +1098,23 @@ class LoraRuntime:
         is published first, and the live slot is merged again wherever that changes."""
         active, routing = self._active, self._routing.state()
         merged, base = self._merger is not None, self._routing.base_only
+        failure: BaseException | None = None
         try:
             if merged:
                 publish()
                 live = active if slot is None else slot
                 if again or live != active or base != self._routing.base_only:
                     self._make_live(live)
-                return
-            if slot is not None and (again or slot != self._active):
-                self._make_live(slot)
-            publish()
-            return
+            else:
+                if slot is not None and (again or slot != self._active):
+                    self._make_live(slot)
+                publish()
         except BaseException as exc:  # put back below, outside the handler: a refusal goes on with its own context
             failure = exc
-        self._put_back(active, routing, merged, failure)
+        # tensor parallel: a rank failing alone makes every rank put back what it had
+        failure = self._settled("making the routing live" if slot is None else f"making slot {slot} live", failure)
+        if failure is not None:
+            self._put_back(active, routing, merged, failure)
 
     def _put_back(
         self, active: int, routing: tuple[tuple[int, ...] | None, bool, bool], merged: bool, exc: BaseException
@@ -1108,9 +1137,10 @@ class LoraRuntime:
             raise fault
         what = f"LoraRuntime.activate: {_described(fault)}"
         if now == active:
+            during = "" if isinstance(fault, _OtherRankFailed) else ", while making the new slot or routing live"
             raise WriteError(
-                f"{what}, while making the new slot or routing live after every check had passed. Slot {active} "
-                "and the routing before are live again; nothing else changed."
+                f"{what}{during} after every check had passed. Slot {active} and the routing before are live again; "
+                "nothing else changed."
             ) from fault
         if now is None:
             state = (
@@ -1187,7 +1217,10 @@ class LoraRuntime:
             WriteError: emptying a slot failed (a device fault): it is emptied again, and the
                 message says whether that went through or the slot may hold part of its
                 adapter, and which slots were left as they were. Interrupted, a slot is
-                emptied all the same and the interrupt goes on.
+                emptied all the same and the interrupt goes on. On a tensor-parallel model,
+                also where emptying failed or was interrupted on another rank (naming that
+                rank); an interrupted rank empties every slot asked for before its interrupt
+                goes on, as the other ranks did.
         """
 
         def checked() -> list[int]:  # inside the agreement: a rank failing alone fails every rank
@@ -1199,11 +1232,40 @@ class LoraRuntime:
             "unload",
             lambda e: {"arguments": fingerprint.arguments("unload", e)},
         )
+        failure: tuple[int, list[int], BaseException] | None = None
         for i, s in enumerate(emptied):
             try:
                 self._empty(s)
             except BaseException as exc:  # a device fault, or interrupted (KeyboardInterrupt)
-                self._unload_failed(s, emptied[i + 1 :], exc)
+                failure = (s, emptied[i + 1 :], exc)
+                break
+        if self._agreement is not None:
+            self._unload_settled(emptied, failure)
+        if failure is not None:
+            self._unload_failed(*failure)
+
+    def _unload_settled(self, emptied: list[int], failure: tuple[int, list[int], BaseException] | None) -> None:
+        """On a tensor-parallel model, after each rank emptied ``emptied`` (``failure``: where
+        this rank's emptying failed, the slot, the slots not reached, the error): an
+        interrupted rank first empties the slots it had not reached, as the other ranks did;
+        then every rank learns how the others' went, and where another rank's failed this one
+        raises a :class:`WriteError` naming it."""
+        if failure is not None and not isinstance(failure[2], Exception):
+            rest, left = failure[1], []
+            for s in rest:
+                try:
+                    self._empty(s)
+                except Exception:  # left as it was, as an interrupted unload leaves the slots it did not reach
+                    left.append(s)
+            rest[:] = left
+        which = f"slot {emptied[0]}" if len(emptied) == 1 else "slots " + ", ".join(map(str, emptied))
+        error = self._settled(f"emptying {which}", None if failure is None else failure[2])
+        if failure is None and error is not None:
+            done = f"{which} {'is' if len(emptied) == 1 else 'are'} empty on this rank"
+            raise WriteError(
+                f"LoraRuntime.unload: {_described(error)}. {done}; the failed rank's own error says what it holds: "
+                "where it left a slot as it was, call runtime.unload() again on every rank."
+            ) from error
 
     def _unload_failed(self, slot: int, rest: list[int], exc: BaseException) -> NoReturn:
         """Emptying ``slot`` failed with ``exc``: it is emptied again, so that no half-emptied
@@ -1656,6 +1718,8 @@ def _tail(text: str, width: int = 40) -> str:
 def _described(exc: BaseException) -> str:
     """``exc`` in one line of a message: its type and its message's first line."""
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
+    if isinstance(exc, _OtherRankFailed):  # names the rank and its error itself
+        return one_line(first)
     return f"{type(exc).__name__}: {one_line(first)}"
 
 

@@ -136,12 +136,12 @@ def _save_peft(base: torch.nn.Module, config: dict[str, object], seed: int, path
     model.save_pretrained(str(path))
 
 
-def _scenario(name: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+def _scenario(name: str, tmp_path_factory: pytest.TempPathFactory, timeout: float = 90.0) -> list[dict[str, str]]:
     folder = tmp_path_factory.mktemp(name)
     _write_adapters(folder)
     if name in ("atomic", "transformers"):
         _write_transformers(folder)
-    return run_ranks(name, folder)
+    return run_ranks(name, folder, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +261,55 @@ ATOMIC = [
 @pytest.mark.parametrize("name", ATOMIC)
 def test_a_load_failing_on_one_rank_changes_no_rank(atomic: list[dict[str, str]], name: str) -> None:
     _assert_check(atomic, name)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    # bounded well below the ranks' process-group timeout (60 s) times the calls that would wait
+    # in it: a rank left waiting for an interrupted one fails the run instead of hanging it
+    return _scenario("interrupted", tmp_path_factory, timeout=75.0)
+
+
+INTERRUPTED = [
+    *(
+        check
+        for name in (
+            "a load interrupted mid-write",
+            "a load interrupted before its first write",
+            "a set_scale interrupted",
+        )
+        for check in (
+            f"{name} on rank 1",
+            f"every rank emptied slot 0 after {name}",
+            f"and computes the base model bitwise after {name}",
+        )
+    ),
+    *(
+        check
+        for name in ("an activate interrupted", "an activate failing")
+        for check in (
+            f"{name} on rank 1",
+            f"every rank serves slot 0 after {name}",
+            f"and computes what it did bitwise after {name}",
+        )
+    ),
+    "an unload interrupted on rank 1",
+    "every rank emptied every slot after an unload interrupted",
+    "and computes the base model bitwise after an unload interrupted",
+    "an unload failing on rank 1",
+    "a load after them computes the reference",
+]
+
+
+@pytest.mark.parametrize("name", INTERRUPTED)
+def test_a_call_interrupted_or_failing_on_one_rank_leaves_every_rank_alike(
+    interrupted: list[dict[str, str]], name: str
+) -> None:
+    """Rank 1 interrupted (KeyboardInterrupt) or failing in a write, activate or unload after
+    every rank's checks passed: it still tells the others before its error goes on, so none
+    waits for it in a collective, every rank ends in the same state, and rank 0 raises a
+    WriteError naming rank 1 (:func:`tests.parallel_worker.scenario_interrupted`)."""
+    _assert_check(interrupted, name)
 
 
 @pytest.mark.parametrize("name", ["inject keeps the outputs", "load", "stack"])
