@@ -1282,8 +1282,26 @@ def _refuse_replaced_weight(module: nn.Module, name: str, param: Any) -> None:
     refusal = _placement_refusal(layer, name, param) or _shape_refusal(layer, name, param)
     if refusal is None and not _computed_from(layer, name, param):
         refusal = _copy_refusal(layer, name)
+    if refusal is not None and getattr(param, "_fsdp_flattened", False):  # FSDP1 marks what it flattens
+        refusal = _fsdp_refusal(layer, name)
     if refusal is not None:
         raise UsageError(refusal)
+
+
+def _fsdp_refusal(layer: LoRALayer, name: str) -> str:
+    """Why ``layer`` refuses FSDP1 (``FullyShardedDataParallel``, applied after inject) setting
+    its base layer's parameter ``name`` to a view of FSDP's flat parameter."""
+    where = layer._path or type(layer.base_layer).__name__
+    if name in layer.base_layer._parameters:
+        state = f"the layer keeps its {name}; call runtime.eject() before wrapping the model in FSDP"
+    else:  # FSDP deletes a parameter before it sets its view
+        state = f"FSDP had already taken the {name} off the base layer: build the model again, without FSDP"
+    return (
+        f"{where}: FSDP (FullyShardedDataParallel, applied after inject) is putting its base layer's {name} into its "
+        "flat parameters, which it shards between calls, so the weight lorahot wrapped is not the one the layer "
+        "computes with; lorahot serves models whose ranks each hold the whole weights, or tensor-parallel ones "
+        f"(parallelize_module). The assignment was refused and FSDP's wrapping or call stopped there: {state}."
+    )
 
 
 def _computed_from(layer: LoRALayer, name: str, new: Any) -> bool:

@@ -105,7 +105,14 @@ from lorahot.runtime.sequence_first import find_sequence_first
 from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.skeleton import Skeleton, Skeletons
 from lorahot.runtime.stack import Stack, build
-from lorahot.runtime.targets import fsdp_owners, fsdp_refusal, submodule_at, through_wrappers, unwrap_modules
+from lorahot.runtime.targets import (
+    flattened_on_path,
+    fsdp_owners,
+    fsdp_refusal,
+    submodule_at,
+    through_wrappers,
+    unwrap_modules,
+)
 from lorahot.runtime.towers import find_towers
 from lorahot.runtime.updates import UpdateRange
 from lorahot.runtime.wide import WideWeights, widen_layers
@@ -1526,6 +1533,7 @@ class LoraRuntime:
         found = map(dict.get, self._link_children, self._link_names)
         if not all(map(operator.is_, found, self._link_modules)) and not self._relinked():
             name = next(n for n, m in self.layers.items() if through_wrappers(submodule_at(self.model, n)) is not m)
+            self._check_fsdp(name, None)  # FSDP wrapped a module on its path
             raise UsageError(
                 f"{name}: this LoRA layer is no longer in the model (a module on its path was replaced or deleted "
                 "after inject), so a load would change nothing the model computes. Call runtime.eject(), then "
@@ -1534,13 +1542,13 @@ class LoraRuntime:
         if self._pipeline is not None:
             self._pipeline.check()
         names = list(self.layers) if every_layer else (self._first,)
+        if isinstance(self.model, nn.Module):
+            for n in names:  # FSDP1 wrapped the model: its flat parameters hold the layers' weights
+                self._check_fsdp(n, flattened_on_path(self.model, n))
         parallelized = [n for n in names if is_sharded(self.layers[n].base_layer) != self._sharded[n]]
         if parallelized:
             name = parallelized[0]
-            modules = dict(self.model.named_modules()) if isinstance(self.model, nn.Module) else {}
-            fsdp = fsdp_refusal(name, fsdp_owners(modules))
-            if fsdp is not None:
-                raise UsageError(f"{fsdp} FSDP sharded it after inject: call runtime.eject() first.")
+            self._check_fsdp(name, None)  # FSDP2's DTensors
             now = "no longer" if self._sharded[name] else "now"
             raise UsageError(
                 f"{name}: its base layer was parallelized (or gathered) after inject: its weight is {now} a DTensor, "
@@ -1560,6 +1568,18 @@ class LoraRuntime:
         elif base:  # unmerged DoRA: factors computed again from a base weight written in place since
             for name in self._dora.moved():
                 self._base_loaded(self.layers[name])
+
+    def _check_fsdp(self, name: str, holder: str | None) -> None:
+        """Refuses layer ``name`` where FSDP sharded the model after inject: ``holder`` (the
+        module holding FSDP1's flat parameter on its path: :func:`flattened_on_path`), or an
+        FSDP module on its path (:func:`fsdp_owners`; None: looked up here)."""
+        if holder is None:
+            modules = dict(self.model.named_modules()) if isinstance(self.model, nn.Module) else {}
+            refusal = fsdp_refusal(name, fsdp_owners(modules))
+        else:
+            refusal = fsdp_refusal(name, [holder])
+        if refusal is not None:
+            raise UsageError(f"{refusal} FSDP sharded it after inject: call runtime.eject() first.")
 
     def _relinked(self) -> bool:
         """Whether each parent on the paths to the layers still holds its child, itself or a

@@ -34,6 +34,7 @@ __all__ = [
     "submodule_at",
     "fsdp_owners",
     "fsdp_refusal",
+    "flattened_on_path",
 ]
 
 #: What ``inject`` accepts as targets: names (PEFT ``target_modules`` semantics), a regex
@@ -87,6 +88,28 @@ def fsdp_refusal(name: str, owners: Sequence[str]) -> str | None:
         "(parallelize_module with ColwiseParallel / RowwiseParallel): inject into the model without fully_shard or "
         "FullyShardedDataParallel (or tensor-parallel instead), or exclude this module from targets."
     )
+
+
+def flattened_on_path(model: nn.Module, name: str) -> str | None:
+    """Where FSDP1 (``FullyShardedDataParallel``, applied after inject) took over the parameters
+    of LoRA layer ``name`` in ``model``: ``name``, or the module above it (``""``: ``model``)
+    that holds the flat parameter; None where it did not. FSDP1 marks every tensor it
+    flattens, and the flat parameter itself, with ``_fsdp_flattened``: the flat parameter
+    sits on the module it wraps (with ``use_orig_params=False`` its original parameters
+    leave their modules), the original parameters stay in their modules marked (with
+    ``use_orig_params=True``). Checks the modules from ``model`` down to the layer's base."""
+    module: nn.Module | None = model
+    parts = name.split(".") if name else []
+    for depth in range(len(parts) + 2):  # model, each module on the path, the layer, its base
+        if module is None:
+            return None
+        if any(getattr(p, "_fsdp_flattened", False) for p in module._parameters.values() if p is not None):
+            return ".".join(parts[:depth]) if depth <= len(parts) else name
+        if depth < len(parts):
+            module = submodule_at(module, parts[depth])
+        else:
+            module = getattr(module, "base_layer", None) if isinstance(module, LoRALayer) else None
+    return None
 
 
 def _is_plain_linear(module: nn.Module) -> bool:

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import re
 import sys
+from functools import partial
 from typing import Any
 
 import pytest
@@ -839,3 +840,70 @@ def test_fsdp_sharding_a_model_after_inject_is_refused_at_the_next_call_naming_f
     with pytest.raises(lorahot.UsageError, match=message):
         runtime.load({k: 2 * v for k, v in adapter.items()})
     assert all(torch.equal(b, buffers[n]) for n, b in model[0].named_buffers())
+
+
+@pytest.mark.parametrize("kind", ["flat-parameters", "original-parameters", "a-block-wrapped"])
+def test_fsdp1_wrapping_a_model_after_inject_is_refused_at_the_next_call_naming_fsdp(kind: str, one_rank: Any) -> None:
+    """``FullyShardedDataParallel`` after inject puts the layers' weights into its flat
+    parameters (``use_orig_params=False``: the weights leave their modules; ``True``: they stay
+    as views of it; or a block on the path becomes an FSDP wrapper), which it shards between
+    calls: the next call says FSDP sharded the layer, and writes nothing. (A load went on: on 2
+    ranks, merged mode then computed wrong outputs, since the next all-gather wrote the shards
+    over the merged weights.)"""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 8)), nn.Linear(8, 8))
+    runtime = lorahot.inject(model, ["0.0"], max_rank=4, slots=2)
+    adapter = {"0.0.lora_A.weight": torch.randn(2, 8), "0.0.lora_B.weight": torch.randn(8, 2)}
+    runtime.load(adapter)
+    runtime.load(adapter, slot=1)
+    layer = model[0][0]
+    block = model[0]
+    options: dict[str, Any] = {"use_orig_params": kind == "original-parameters"}
+    if kind == "a-block-wrapped":
+        options["auto_wrap_policy"] = partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m is block)
+    wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), **options)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        before = wrapped(x)
+    buffers = {n: b.clone() for n, b in layer.named_buffers()}
+    where = {"flat-parameters": " on the model", "original-parameters": "", "a-block-wrapped": " on 0"}[kind]
+    message = (
+        rf"^0\.0: its parameters are sharded by FSDP \(fully_shard or FullyShardedDataParallel{where}\), which .* "
+        r"FSDP sharded it after inject: call runtime\.eject\(\) first\.$"
+    )
+    for call in (
+        lambda: runtime.load({k: 2 * v for k, v in adapter.items()}),
+        lambda: runtime.set_scale(0.5),
+        lambda: runtime.activate(1),
+        lambda: runtime.unload(),
+    ):
+        with pytest.raises(lorahot.UsageError, match=message):
+            call()
+    assert all(torch.equal(b, buffers[n]) for n, b in layer.named_buffers())
+    assert runtime.active_slot == 0
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), before)
+
+
+def test_fsdp1_taking_a_merged_layer_s_weight_is_refused_naming_fsdp(one_rank: Any) -> None:
+    """``FullyShardedDataParallel(use_orig_params=True)`` after inject sets each weight to a
+    view of its flat parameter: a merged layer refuses that (it holds the adapter merged into
+    its own weight), and the refusal names FSDP and what FSDP left, not a replaced weight
+    (``tie_weights``?). On 2 ranks the same refusal stops FSDP's first forward, where it sets
+    the sharded views (it named ``resize_token_embeddings``)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    runtime.load({"0.lora_A.weight": torch.randn(2, 8), "0.lora_B.weight": torch.randn(8, 2)})
+    message = (
+        r"^0: FSDP \(FullyShardedDataParallel, applied after inject\) is putting its base layer's weight into its flat "
+        r"parameters, .* The assignment was refused and FSDP's wrapping or call stopped there: FSDP had already taken "
+        r"the weight off the base layer: build the model again, without FSDP\.$"
+    )
+    with pytest.raises(lorahot.UsageError, match=message):
+        FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
