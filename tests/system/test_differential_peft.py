@@ -25,7 +25,8 @@ reference. A refusal with a typed lorahot error is allowed (a refusal is not a w
 when it changed nothing: the output stays bitwise what it was; a file PEFT's own loader refuses
 (overlapping ``rank_pattern`` keys, which ``save_pretrained`` writes sorted, so the first match
 gives another rank than the tensors') must be refused. An :class:`lorahot.UnexpectedError` or
-any other exception fails. ``-s`` prints the refusals met and the calls compared.
+any other exception fails. After the last call ``eject`` gives back the base model (its
+output and state dict bitwise). ``-s`` prints the refusals met and the calls compared.
 """
 
 from __future__ import annotations
@@ -439,6 +440,11 @@ def _run(g: Geometry, configs: list[dict], merged: bool, slots: int, steps: list
                 f"step {n} {step}: relative error {rel:.3g} (max abs {float((got - want).abs().max()):.3g}); "
                 f"state {state}; geometry {g}; configs {configs}; merged={merged}"
             )
+        ejected = runtime.eject()
+        with torch.no_grad():
+            assert torch.equal(ejected(*x), base(*x)), "after eject the model is not the base model"
+        for key, value in base.state_dict().items():
+            assert torch.equal(ejected.state_dict()[key], value), f"after eject {key} is not the base's"
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
