@@ -6,11 +6,12 @@ run the base operation (or torch's own module for that operation) on it, in floa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -543,3 +544,31 @@ class ConvEmbed(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         image = self.conv(pixel_values).mean(dim=(-2, -1))  # (B, 12)
         return self.head(self.embed(input_ids).mean(dim=1) + image)  # (B, 10)
+
+
+#: LyCORIS' ``LycorisNetwork`` class-level preset, which ``apply_preset`` sets for every later network
+_LYCORIS_PRESET_ATTRS = (
+    "ENABLE_CONV",
+    "TARGET_REPLACE_MODULE",
+    "TARGET_REPLACE_NAME",
+    "MODULE_ALGO_MAP",
+    "NAME_ALGO_MAP",
+    "LORA_PREFIX",
+    "USE_FNMATCH",
+    "TARGET_EXCLUDE_NAME",
+)
+
+
+@contextlib.contextmanager
+def lycoris_targets(module_classes: list[str]) -> Iterator[Any]:
+    """lycoris-lora's ``LycorisNetwork`` with a preset that targets ``module_classes`` (by class
+    name), no names and no per-module algorithm; the class-level preset is put back after."""
+    from lycoris import LycorisNetwork
+
+    saved = {a: getattr(LycorisNetwork, a) for a in _LYCORIS_PRESET_ATTRS}
+    try:
+        LycorisNetwork.apply_preset({"target_module": module_classes, "target_name": [], "module_algo_map": {}})
+        yield LycorisNetwork
+    finally:
+        for a, v in saved.items():
+            setattr(LycorisNetwork, a, v)

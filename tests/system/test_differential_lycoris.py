@@ -51,6 +51,8 @@ import lorahot
 lycoris = pytest.importorskip("lycoris")
 from lycoris import LycorisNetwork  # noqa: E402 - after the importorskip
 
+from tests.helpers import lycoris_targets  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RTOL = 1e-10
@@ -67,17 +69,6 @@ NO_NORM_TARGET = (lorahot.AdapterMismatchError, r"do not map onto the injected l
 #: refusals met (printed with ``-s``) and calls compared
 REFUSALS: Counter[str] = Counter()
 COMPARED: Counter[str] = Counter()
-
-_PRESET_ATTRS = (
-    "ENABLE_CONV",
-    "TARGET_REPLACE_MODULE",
-    "TARGET_REPLACE_NAME",
-    "MODULE_ALGO_MAP",
-    "NAME_ALGO_MAP",
-    "LORA_PREFIX",
-    "USE_FNMATCH",
-    "TARGET_EXCLUDE_NAME",
-)
 
 
 @dataclass(frozen=True)
@@ -201,14 +192,8 @@ def _float_keeps_float64() -> Iterator[None]:
 
 def _lycoris(spec: Network, model: nn.Module) -> LycorisNetwork:
     """LyCORIS' network over ``model``, every parameter random; ``None`` where LyCORIS builds none."""
-    saved = {a: getattr(LycorisNetwork, a) for a in _PRESET_ATTRS}
-    targets = ["Linear", "Conv2d", "LayerNorm", "GroupNorm"]
-    try:
-        LycorisNetwork.apply_preset({"target_module": targets, "target_name": [], "module_algo_map": {}})
+    with lycoris_targets(["Linear", "Conv2d", "LayerNorm", "GroupNorm"]):
         network = LycorisNetwork(model, 1.0, network_module=spec.algo, **spec.options)
-    finally:
-        for a, v in saved.items():
-            setattr(LycorisNetwork, a, v)
     network.apply_to()
     network.double()
     g = torch.Generator().manual_seed(spec.seed)

@@ -53,6 +53,8 @@ import lorahot
 lycoris = pytest.importorskip("lycoris")
 from lycoris import LycorisNetwork  # noqa: E402 - after the importorskip
 
+from tests.helpers import lycoris_targets  # noqa: E402
+
 #: the kinds lorahot loads (LoRA/LoCon and DyLoRA as plain LoRA, the others in merged mode)
 LOADED = ("lora", "loha", "lokr", "full", "dylora", "diag-oft", "boft", "ia3", "glora")
 #: the kinds that rotate the base weight: merged mode at scale 1 only, LyCORIS' forward in float32
@@ -63,17 +65,6 @@ REFUSED = {
 }
 #: (IA)^3 in ComfyUI's naming, where ``<module>.weight`` is a model weight's name (ComfyUI loads none)
 REFUSED_IA3 = r"\(IA\)\^3 weights[\s\S]*lorahot loads them in kohya naming"
-#: LycorisNetwork's class-level preset, put back after each network (apply_preset sets them)
-_PRESET_ATTRS = (
-    "ENABLE_CONV",
-    "TARGET_REPLACE_MODULE",
-    "TARGET_REPLACE_NAME",
-    "MODULE_ALGO_MAP",
-    "NAME_ALGO_MAP",
-    "LORA_PREFIX",
-    "USE_FNMATCH",
-    "TARGET_EXCLUDE_NAME",
-)
 SIZES = (1, 2, 3, 5, 7, 8, 12, 13, 16, 24, 32)
 
 
@@ -179,11 +170,7 @@ def _float64() -> Iterator[None]:
 
 def _network(case: Case, model: nn.Module) -> LycorisNetwork:
     """LyCORIS' network over ``model``'s one layer, every parameter randomized."""
-    saved = {a: getattr(LycorisNetwork, a) for a in _PRESET_ATTRS}
-    try:
-        LycorisNetwork.apply_preset(
-            {"target_module": ["Linear", "Conv1d", "Conv2d"], "target_name": [], "module_algo_map": {}}
-        )
+    with lycoris_targets(["Linear", "Conv1d", "Conv2d"]):
         network = LycorisNetwork(
             model,
             1.0,
@@ -194,9 +181,6 @@ def _network(case: Case, model: nn.Module) -> LycorisNetwork:
             network_module=case.algo,
             **case.options,
         )
-    finally:
-        for a, v in saved.items():
-            setattr(LycorisNetwork, a, v)
     assert len(network.loras) == 1
     network.apply_to()
     network.double()  # dora_scale is made in float32, and LyCORIS computes the decomposition in its dtype
