@@ -325,13 +325,7 @@ def test_a_device_fault_during_activate_is_a_write_error_saying_what_is_live(
     mode's rewrite) is a WriteError, not a report of a gap in lorahot's checks: the slot live
     before is live again and the model serves it bitwise. Where putting it back fails too, the
     WriteError says the model may compute a mix and how to recover."""
-    model = _two_arenas()
-    ids = token_ids((2, 6), 32, seed=1)
-    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4, slots=2, merged=merged)
-    names = list(runtime.layers)
-    for slot in (0, 1):
-        runtime.load(make_adapter(model, dict.fromkeys(names, 4), seed=slot + 1)[0], slot=slot)
-    runtime.activate(0)
+    model, runtime, ids = _two_slots(merged)
     first = _served(model, ids)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     cls, method = (merge.Merger, "apply") if merged else (buffers.Arena, "copy_region")
