@@ -4,10 +4,20 @@ original LDM block names (``input_blocks.4.1...``), which the resolver maps to d
 Text-encoder modules are ``text_encoders.clip_l.transformer.<the encoder's module names>`` (also
 ``clip_g``, ``t5xxl``), which go to a pipeline runtime's ``text_encoder``, ``text_encoder_2`` and
 ``text_encoder_3``.
+
+Flux.1's, Flux.2's and Chroma's original module names are placed as in the ``flux-bfl`` naming
+(:data:`lorahot.formats.flux.ALIASES`, :data:`lorahot.formats.flux.SPLITS`): a file of which no
+key is in a block (``final_layer.linear``, ``img_in``, ``time_in.in_layer``, ...; which SD3,
+HunyuanVideo and Hunyuan-DiT name alike) has no ``double_blocks.N.`` key to tell it apart, so it
+is read in this naming, and its modules land on the diffusers layers of those names (the final
+layer's ``adaLN_modulation.1`` on ``norm_out.linear``, its ``(shift, scale)`` halves swapped),
+where the file's name is no layer of the model and the diffusers name is one, exactly; the
+same swap and layers as diffusers' conversions of those models.
 """
 
 from __future__ import annotations
 
+from lorahot.formats import flux
 from lorahot.formats.table import (
     COMFYUI_TEXT_ENCODERS,
     DIFFUSION_MODEL,
@@ -34,5 +44,8 @@ FORMAT = KeyFormat(
     prefixes=(*DIFFUSION_MODEL, *COMFYUI_TEXT_ENCODERS),
     require_prefix=True,
     refuse=REFUSED_MERGEABLE,
+    aliases=flux.ALIASES,
+    aliases_exact=True,  # only a layer of exactly the diffusers name: no SD/SDXL key changes meaning
+    splits=flux.SPLITS,
     example="diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight",
 )

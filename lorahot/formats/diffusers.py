@@ -10,7 +10,10 @@ A module key in a model's original names (Flux.1's, Flux.2's and Chroma's, one l
 name is no layer of the model and the diffusers name is one, exactly (as in PEFT naming): OneTrainer
 writes Chroma's approximator as ``transformer.distilled_guidance_layer.layers.0.in_layer`` beside
 diffusers' names for everything else, where diffusers' ``ChromaTransformer2DModel`` has
-``linear_1`` (``out_layer``: ``linear_2``).
+``linear_1`` (``out_layer``: ``linear_2``). The final layer's ``final_layer.adaLN_modulation.1``
+lands on ``norm_out.linear`` with its ``(shift, scale)`` halves swapped
+(:data:`lorahot.formats.flux.FINAL_ADALN`), as in the ``flux-bfl`` naming: a file in Flux's
+original names under ``transformer.`` with no block module is read in this naming.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ FORMAT = KeyFormat(
     refuse=REFUSED_BUT_EXTRAS_AND_FACTORS,
     aliases=flux.ALIASES,
     aliases_exact=True,  # only a layer of exactly the diffusers name, never one it ends in
+    splits=(flux.FINAL_ADALN,),
     example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
 )
 

@@ -60,7 +60,7 @@ from lorahot.formats.table import (
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import NAME_START as _START
 
-__all__ = ["KOHYA", "BFL", "XLABS", "FAL", "ALIASES", "SPLITS", "QKV", "ADD_QKV", "qkv_split"]
+__all__ = ["KOHYA", "BFL", "XLABS", "FAL", "ALIASES", "SPLITS", "FINAL_ADALN", "QKV", "ADD_QKV", "qkv_split"]
 
 #: double block module (after ``double_blocks.N.``) -> diffusers' (after ``transformer_blocks.N.``)
 _DOUBLE = {
@@ -192,6 +192,11 @@ def qkv_split(pattern: str, block: str, names: tuple[str, ...]) -> Split:
 QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
 ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
 
+#: the final layer's adaLN projection: ``(shift, scale)`` in the original model, ``(scale, shift)``
+#: in diffusers' ``norm_out.linear`` (the other namings that read Flux's names outside the blocks
+#: take it too: :mod:`lorahot.formats.comfyui`, :mod:`lorahot.formats.diffusers`)
+FINAL_ADALN = Reorder(_HEAD + r"final_layer\.adaLN_modulation\.1", r"\g<head>norm_out.linear", (1, 1), (1, 0))
+
 #: the fused modules of the original model, in its names
 SPLITS: tuple[Split | Reorder, ...] = (
     qkv_split(r"double_blocks\.(?P<n>\d+)\.img_attn\.qkv", "transformer_blocks", QKV),
@@ -203,7 +208,7 @@ SPLITS: tuple[Split | Reorder, ...] = (
             (r"\g<head>single_transformer_blocks.\g<n>.proj_mlp", 4),
         ),
     ),
-    Reorder(_HEAD + r"final_layer\.adaLN_modulation\.1", r"\g<head>norm_out.linear", (1, 1), (1, 0)),
+    FINAL_ADALN,
 )
 
 #: sd-scripts' underscore names of the original modules -> the dotted ones (``lora_unet_`` kept:

@@ -24,7 +24,9 @@ one exactly (never after dropping a wrapper segment of the key, which would brin
 PEFT adapters name the original DiT's projections, which diffusers' ``AceStepTransformer1DModel``
 renames (as diffusers' ACE-Step conversion does). The original names of Flux.1, Flux.2 and Chroma
 (:data:`lorahot.formats.flux.ALIASES`, one layer each) are aliases in the same way, as in diffusers
-naming.
+naming, and the final layer's ``adaLN_modulation.1`` lands on ``norm_out.linear`` with its halves
+swapped (:data:`lorahot.formats.flux.FINAL_ADALN`): a file in those names without a prefix and with
+no block module is read in this naming.
 """
 
 from __future__ import annotations
@@ -62,5 +64,6 @@ FORMAT = KeyFormat(
         *flux.ALIASES,
     ),
     aliases_exact=True,  # q_proj is every LLM's and text encoder's: only the model's exact path
+    splits=(flux.FINAL_ADALN,),
     example="base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
 )

@@ -16,7 +16,8 @@ The models and what is drawn:
   or ``lora_down``/``lora_up`` spelling, with or without ``.alpha`` network alphas; text-encoder
   modules present or not;
 - a tiny Flux.1 transformer: BFL names (``diffusion_model.double_blocks.0.img_attn.qkv``, fused
-  q/k/v split onto diffusers' layers) in either spelling, kohya's Flux names
+  q/k/v split onto diffusers' layers) in either spelling (a BFL file of modules outside the
+  blocks only reads as ComfyUI's naming, placed alike), kohya's Flux names
   (``lora_unet_double_blocks_0_img_attn_qkv``), and diffusers' names under ``transformer.``;
 - in every file: a random subset of the modules, random ranks and alphas, and each tensor in
   float16, bfloat16 or float32.
@@ -374,10 +375,14 @@ def _flux_file(draw, model):
     if naming == "flux-bfl":
         spelling = draw(st.sampled_from([("lora_A", "lora_B"), ("lora_down", "lora_up")]))
     parts = _draw_parts(draw, _flux_original_layers(model), alphas=alphas, dora=False)
-    # a file of modules outside the blocks alone has no name that tells Flux apart: it reads as
-    # ComfyUI's naming, where those names are no layer of diffusers' model, and is refused
-    assume(any(p.name.startswith(("double_blocks.", "single_blocks.")) for p in parts))
-    return naming, alphas, flux_original_parts(parts, model), flux_original_file(parts, naming, spelling)
+    sd = flux_original_file(parts, naming, spelling)
+    if not any(p.name.startswith(("double_blocks.", "single_blocks.")) for p in parts):
+        # no name tells Flux apart: a BFL file reads as ComfyUI's naming, which places Flux's
+        # names as the flux-bfl naming does; sd-scripts' underscore names are plain kohya's,
+        # which has no Flux names
+        assume(naming == "flux-bfl")
+        naming = "comfyui"
+    return naming, alphas, flux_original_parts(parts, model), sd
 
 
 def _diffusers_flux(model, sd, scales):
