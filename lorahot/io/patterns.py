@@ -17,14 +17,15 @@ after one of its dots. Each field's keys go into RE2 sets, which report every ke
 text in one pass: the key from the start of the name, and ``\\.(key)`` from each dot on (so
 ``^`` and ``\\b`` see the dot, as in Python; only dots before a newline count, as ``.*`` stops
 there). Python's ``$`` also holds before a final newline, so a name ending in one is matched
-again without it. The smallest reported index wins. A compiled set answers exactly: RE2
-compiles a set only when its DFA has the memory to run, and a set's DFA never gives up on a
-slow search. A key reaches RE2 as Python parses it, written out in RE2's syntax
-(:func:`lorahot.io.re2_syntax.to_re2`): text both dialects accept but read differently
-(``[[:digit:]]``, ``a{,3}``) keeps Python's reading. What remains different from ``re``:
-``\\d``, ``\\w``, ``\\s`` and ``\\b`` are ASCII-only in RE2 (module names are ASCII), and
-``re``-only syntax (lookarounds, backreferences, conditionals, atomic groups, ``\\Z``, possessive
-quantifiers) is refused rather than guessed at.
+again without it (where a key's ``\\Z``, the end of the whole name, holds nowhere). The smallest
+reported index wins. A compiled set answers exactly: RE2 compiles a set only when its DFA has
+the memory to run, and a set's DFA never gives up on a slow search. A key reaches RE2 as Python
+parses it, written out in RE2's syntax (:func:`lorahot.io.re2_syntax.to_re2`): text both
+dialects accept but read differently (``[[:digit:]]``, ``a{,3}``) keeps Python's reading. What
+remains different from ``re``: ``\\d``, ``\\w``, ``\\s`` and ``\\b`` are ASCII-only in RE2
+(module names are ASCII), and ``re``-only syntax (lookarounds, backreferences, conditionals,
+atomic groups, possessive quantifiers) is refused rather than guessed at. ``\\Z`` is RE2's
+``\\z``.
 
 Cost: compiling is linear in the keys' size; matching one name costs one pass per dot in it,
 each linear in the name (names are at most :data:`~lorahot.io.safety.MAX_KEY_CHARS` long).
@@ -79,12 +80,11 @@ class PatternSet:
     Build it with :meth:`compile`; :meth:`first` is PEFT's ``get_pattern_key``.
     """
 
-    def __init__(self, sets: tuple[Any, Any], keys: list[str], programs: list[bytes]) -> None:
+    def __init__(self, sets: tuple[Any, Any], keys: list[str]) -> None:
         # (key)\n? from the start, \.(key)\n? from a dot on (^ and \b see the dot, as in Python)
         self._sets = sets
-        self._exact: tuple[Any, Any] | None = None  # both without \n?, built for names ending in one
+        self._exact: tuple[Any, Any] | None = None  # both without \n? (and \Z), for names ending in one
         self.keys = keys
-        self._programs = programs  # each key as Python reads it, in RE2 syntax (to_re2)
 
     @classmethod
     def compile(cls, keys: Sequence[Any], field: str, problems: list[str]) -> PatternSet | None:
@@ -102,7 +102,7 @@ class PatternSet:
             if sets is None:
                 bad = _too_large(keys, programs, field)
         problems.extend(bad)
-        return None if bad or sets is None else cls(sets, list(keys), programs)
+        return None if bad or sets is None else cls(sets, list(keys))
 
     def first(self, name: str) -> str | None:
         """The first key matching ``name`` as PEFT matches it, or None."""
@@ -114,7 +114,7 @@ class PatternSet:
 
     def _exact_sets(self) -> tuple[Any, Any]:
         if self._exact is None:
-            exact = _sets([_wrapped(p, newline=False) for p in self._programs])
+            exact = _sets([_wrapped(to_re2(k, newline_cut=True), newline=False) for k in self.keys])
             if exact is None:  # cannot be: these programs are smaller than the ones that compiled
                 raise AdapterReadError(f"rank/alpha pattern keys {shown(self.keys)} stopped compiling in RE2.")
             self._exact = exact

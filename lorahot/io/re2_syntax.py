@@ -11,9 +11,10 @@ So a key is never handed over as written. :func:`to_re2` parses it with Python's
 (which never backtracks; the key's length is bounded) and writes the tree out in a subset of
 RE2's syntax that RE2 reads only one way: every literal that is not an ASCII letter or digit as
 ``\\x{...}``, sets as explicit members and ranges, every repeat as ``{m,n}``, every group
-non-capturing, flags as scoped groups. What Python computes and RE2 cannot (lookarounds,
-backreferences, conditionals, atomic groups, possessive repeats, ``\\Z``) raises
-:class:`Untranslatable`, which the caller turns into an error naming the key.
+non-capturing, flags as scoped groups, Python's ``\\Z`` (end of the text) as RE2's ``\\z``.
+What Python computes and RE2 cannot (lookarounds, backreferences, conditionals, atomic groups,
+possessive repeats) raises :class:`Untranslatable`, which the caller turns into an error naming
+the key.
 
 The differences left are documented in :mod:`lorahot.io.patterns`: ``\\d``, ``\\w``, ``\\s`` and
 ``\\b`` are ASCII-only in RE2, and case folding beyond ASCII may differ (module names are ASCII).
@@ -70,8 +71,18 @@ _REFUSED = {
 }
 
 
-def to_re2(key: str) -> bytes:
+#: What ``\\Z`` becomes where the text RE2 reads is the name less its final newline: it holds
+#: nowhere, as the name's true end lies past that newline (an empty set, which matches nothing)
+_NOWHERE = r"[^\x00-\x{10ffff}]"
+
+
+def to_re2(key: str, newline_cut: bool = False) -> bytes:
     """``key`` as Python's ``re`` reads it, in RE2 syntax (UTF-8).
+
+    Args:
+        key: the Python regex.
+        newline_cut: the program reads a name whose final newline was cut off (to stand for
+            Python's ``$`` before it), so ``\\Z``, the end of the whole name, holds nowhere.
 
     Raises:
         Untranslatable: the key does not parse on its own, or uses a Python-only construct.
@@ -82,7 +93,7 @@ def to_re2(key: str) -> bytes:
             tree = _p.parse(key)
     except (_c.error, OverflowError, RecursionError, ValueError) as exc:
         raise Untranslatable(f"does not parse as a regex on its own ({exc})") from None
-    body = _sequence(tree)
+    body = _sequence(tree, _NOWHERE if newline_cut else r"\z")
     flags = _letters(tree.state.flags)
     return (f"(?{flags}:{body})" if flags else body).encode("utf-8")
 
@@ -91,11 +102,12 @@ def _letters(flags: int) -> str:
     return "".join(letter for bit, letter in _FLAGS if flags & bit)
 
 
-def _sequence(items: Any) -> str:
-    return "".join(_item(op, av) for op, av in items)
+def _sequence(items: Any, end: str) -> str:
+    """``items`` in RE2 syntax; ``end``: what Python's ``\\Z`` is written as."""
+    return "".join(_item(op, av, end) for op, av in items)
 
 
-def _item(op: Any, av: Any) -> str:
+def _item(op: Any, av: Any, end: str) -> str:
     name = str(op)
     if name in _REFUSED:
         raise Untranslatable(f"uses {_REFUSED[name]}, which RE2 cannot evaluate in linear time")
@@ -108,19 +120,21 @@ def _item(op: Any, av: Any) -> str:
     if op is _c.IN:
         return _set(av)
     if op is _c.BRANCH:
-        return "(?:" + "|".join(_sequence(branch) for branch in av[1]) + ")"
+        return "(?:" + "|".join(_sequence(branch, end) for branch in av[1]) + ")"
     if op is _c.SUBPATTERN:
         _group, add, remove, sub = av
         on, off = _letters(add), _letters(remove)
         flags = on + (f"-{off}" if off else "")
-        return f"(?{flags}:{_sequence(sub)})"
+        return f"(?{flags}:{_sequence(sub, end)})"
     if op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
         low, high, sub = av
         count = f"{{{low},}}" if high == _c.MAXREPEAT else f"{{{low},{high}}}"
-        return f"(?:{_sequence(sub)}){count}" + ("?" if op is _c.MIN_REPEAT else "")
+        return f"(?:{_sequence(sub, end)}){count}" + ("?" if op is _c.MIN_REPEAT else "")
     if op is _c.AT:
-        if av not in _AT:  # \Z: RE2's \z, but for names that end in a newline; module names do not
-            raise Untranslatable("uses \\Z, which lorahot does not evaluate (write $)")
+        if av is _c.AT_END_STRING:
+            return end
+        if av not in _AT:
+            raise Untranslatable(f"uses the anchor {av}, which lorahot does not translate for RE2")
         return _AT[av]
     raise Untranslatable(f"uses {name}, which lorahot does not translate for RE2")
 

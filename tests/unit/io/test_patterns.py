@@ -58,7 +58,6 @@ def test_pathological_pattern_completes_fast(tmp_path: Path, key: str) -> None:
         ("q(?i)_proj", r"global flags not at the start of the expression at position 1 of the key"),
         ("q{1001}", r"RE2: invalid repetition size: \{1001,1001\}"),
         ("(" * 5000 + "q" + ")" * 5000, r"is 10001 bytes long, more than the 1000 lorahot evaluates"),
-        ("q_proj\\Z", r"uses \\Z, which lorahot does not evaluate \(write \$\)"),
         ("a)|(b", r"does not parse as a regex on its own \(unbalanced parenthesis"),
     ],
 )
@@ -116,6 +115,11 @@ _KEYS = [
     r"\Ax",
     "(a|\n)$",
     "x\n$",
+    r"b\Z",
+    "(c|\n)\\Z",
+    r"q_proj\Z|x$",
+    r"[\\Z]a",
+    r"\\Z",
 ]
 #: keys that Python and RE2 both accept but read differently, as written: POSIX classes, {,n}
 _DIALECT_KEYS = [
@@ -183,6 +187,27 @@ def test_random_keys_match_as_pythons_re_match_of_pefts_wrapper(key: str, names:
         re.compile(rf"(.*\.)?({key})$")
     except re.error:
         return  # no valid key for PEFT: refused, as tested above
+    config = AdapterConfig.from_dict({"r": 4, "rank_pattern": {key: 2}})
+    for name in names:
+        expected = 2 if re.match(rf"(.*\.)?({key})$", name) else 4
+        assert config.rank_for(name) == expected, (key, name)
+
+
+@pytest.mark.filterwarnings("ignore:Possible nested set:FutureWarning")
+@settings(max_examples=300, deadline=None)
+@given(
+    key=_python_keys(),
+    end=st.sampled_from([r"\Z", r"\Z$", r"$\Z", "\n?\\Z", r"(?:\Z|a)", r"\Z|b", r"(?m:$)\Z", r"(?:a\Z)*"]),
+    names=st.lists(st.text(alphabet="ab._0\nZ\\", max_size=8), min_size=1, max_size=8),
+)
+def test_keys_with_end_of_text_match_as_pythons_re_match_of_pefts_wrapper(key: str, end: str, names: list[str]) -> None:
+    """Python's \\Z (the end of the whole name, not before a final newline as $) anywhere in a
+    key: RE2's \\z where the name is read whole, nowhere where its final newline is cut off."""
+    key += end
+    try:
+        re.compile(rf"(.*\.)?({key})$")
+    except re.error:
+        return
     config = AdapterConfig.from_dict({"r": 4, "rank_pattern": {key: 2}})
     for name in names:
         expected = 2 if re.match(rf"(.*\.)?({key})$", name) else 4
