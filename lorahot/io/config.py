@@ -119,7 +119,9 @@ class AdapterConfig:
     Attributes:
         r: default rank (None when the config does not say; the tensors decide then).
         lora_alpha: default alpha: PEFT's default (8) for a config without the field, None with
-            no config at all (alpha then equals the module's rank, so scale 1).
+            no config at all (alpha then equals the module's rank, so scale 1). Any finite
+            number, as in PEFT: 0 makes the adapter a no-op (DoRA then still rescales the base
+            weight's columns by magnitude / norm), a negative alpha flips its sign.
         rank_pattern: regex -> rank overrides.
         alpha_pattern: regex -> alpha overrides.
         use_rslora: scale by ``alpha / sqrt(r)``.
@@ -311,15 +313,17 @@ def _opt_int(v: Any, name: str, problems: list[str]) -> int | None:
 
 
 def _opt_alpha(v: Any, name: str, problems: list[str]) -> float | None:
+    """A PEFT alpha: any finite number, as PEFT scales by it (0 turns the module off, a negative
+    one flips its sign)."""
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite_positive(v):
-        problems.append(f"{name} must be a finite number > 0, got {shown(v)}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not finite(v):
+        problems.append(f"{name} must be a finite number, got {shown(v)}")
         return None
     try:
         return float(v)
     except Exception:  # a number type of the caller's (config=) whose __float__ raises anything
-        problems.append(f"{name} must be a finite number > 0, got {shown(v)}, which cannot be read as a float")
+        problems.append(f"{name} must be a finite number, got {shown(v)}, which cannot be read as a float")
         return None
 
 
@@ -329,10 +333,6 @@ def finite(v: int | float) -> bool:
         return math.isfinite(v)  # an int beyond float range raises OverflowError
     except OverflowError:
         return False
-
-
-def _finite_positive(v: int | float) -> bool:
-    return finite(v) and v > 0
 
 
 def _pattern(

@@ -185,8 +185,8 @@ def check_values(name: str, module: LoraModule) -> list[str]:
         why = storage_problem(t)
         if why is not None:
             return [f"{_where(name, module)}: {which} is {why}; LoRA weights must be dense tensors with data"]
-    if not (math.isfinite(module.alpha) and module.alpha > 0):
-        return [f"{_where(name, module)}: alpha is {module.alpha}; it must be finite and > 0"]
+    if not math.isfinite(module.alpha):  # any finite alpha scales as PEFT's lora_alpha does, 0 and < 0 too
+        return [f"{_where(name, module)}: alpha is {module.alpha}; it must be finite"]
     return []
 
 
@@ -233,7 +233,7 @@ def plan_load(
         AdapterMismatchError: keys that map onto no injected layer (or onto one twice), or
             shapes and ranks the layers cannot take, or a saved copy of a base weight that is
             not the model's (see :func:`check_base_weight`; ``weight_of`` gives the model's).
-        AdapterReadError: values no model could take: non-float dtypes, alpha <= 0 or not
+        AdapterReadError: values no model could take: non-float dtypes, an alpha that is not
             finite, a scale ``alpha / r`` beyond the range of the layer's scale buffer.
     """
     limit = buffers.max_rank
@@ -600,7 +600,7 @@ def _raise_unreadable(source: str, problems: list[str]) -> None:
     raise AdapterReadError(
         lines(
             format_problems(f"{source}: values that cannot be LoRA weights:", problems),
-            "Re-save the adapter in float16/bfloat16/float32 with a positive alpha.",
+            "Re-save the adapter in float16/bfloat16/float32 with a finite alpha.",
         )
     )
 

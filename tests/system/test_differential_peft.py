@@ -158,8 +158,8 @@ _KEYS = [
     "(?:img)", r"[^.]+", "o(?=ut)", r"(\w)\w*", "layers.(0)",
 ]  # fmt: skip
 _ALPHAS = [1, 2, 3.5, 8, 16, 0.25, 7.3]
-#: PEFT scales by these too; lorahot refuses an alpha that is not > 0 (AdapterReadError)
-_ODD_ALPHAS = [0, -4]
+#: PEFT scales by these too: 0 turns the update off (not DoRA's rescaling), < 0 flips its sign
+_ODD_ALPHAS = [0, -4, -0.5]
 
 
 @st.composite
@@ -172,7 +172,7 @@ def _config(draw: st.DrawFn, g: Geometry) -> dict:
         target_modules = [_SHORT[n] if style == "short" else n for n in targets]
     keys = st.lists(st.sampled_from(_KEYS), unique=True, max_size=3)
     rank_pattern = {k: draw(st.integers(1, 5)) for k in draw(keys)}
-    alpha_pattern = {k: draw(st.sampled_from(_ALPHAS)) for k in draw(keys)}
+    alpha_pattern = {k: draw(st.sampled_from(_ALPHAS + _ODD_ALPHAS)) for k in draw(keys)}
     dora = draw(st.integers(0, 4)) == 0
     # PEFT refuses a LoRA bias on an embedding or with DoRA; on a dilated model it is the merged
     # reference's, which PEFT cannot merge into a layer without a bias

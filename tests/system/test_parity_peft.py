@@ -122,6 +122,31 @@ def test_peft_saved_adapter_matches_peft(tmp_path: Path, case: str) -> None:
     assert _rel(run(model), run(base)) > 1e-3  # the adapter does change the outputs
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("rslora", [False, True], ids=["r", "rslora"])
+@pytest.mark.parametrize("alpha", [0, -8, -0.5])
+def test_zero_and_negative_alpha_match_peft(
+    tmp_path: Path, alpha: float, rslora: bool, dora: bool, merged: bool
+) -> None:
+    """PEFT takes any finite lora_alpha and alpha_pattern value and scales by alpha / r (or
+    / sqrt(r)): 0 turns the low-rank update off (DoRA still rescales the base weight by
+    magnitude / norm), a negative alpha flips its sign, inside DoRA's norm too. Float64 model,
+    PeftModel.from_pretrained as the oracle."""
+    base = tiny_llama().double()
+    patterns = {"v_proj": 0, "o_proj": -3, r"layers\.1\.mlp\.up_proj": 12, "gate_proj": -0.0}
+    config = {"r": 4, "lora_alpha": alpha, "alpha_pattern": patterns, "use_rslora": rslora, "use_dora": dora}
+    _peft_adapter(base, tmp_path, seed=3, target_modules=LLAMA_TARGETS, **config)
+    oracle = _fresh_peft(base, tmp_path)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, LLAMA_TARGETS, max_rank=8, merged=merged, extras=dora and not merged)
+    runtime.load(tmp_path)
+    assert _rel(run := _logits(model), _logits(oracle)) < 1e-10
+    assert _rel(run, _logits(base)) > 1e-3  # the adapter does change the outputs
+    alphas = {k.split("layers.")[-1]: m.alpha for k, m in lorahot.read_adapter(tmp_path).modules.items()}
+    assert (alphas["0.self_attn.v_proj"], alphas["1.self_attn.o_proj"], alphas["0.self_attn.q_proj"]) == (0, -3, alpha)
+
+
 def test_rank_pattern_adapter_after_another_matches_fresh_peft(tmp_path: Path) -> None:
     base = tiny_llama()
     _peft_adapter(base, tmp_path / "uniform", seed=4, r=8, lora_alpha=32, target_modules=LLAMA_TARGETS)
