@@ -12,12 +12,14 @@ HunyuanVideo and Hunyuan-DiT name alike) has no ``double_blocks.N.`` key to tell
 is read in this naming, and its modules land on the diffusers layers of those names (the final
 layer's ``adaLN_modulation.1`` on ``norm_out.linear``, its ``(shift, scale)`` halves swapped),
 where the file's name is no layer of the model and the diffusers name is one, exactly; the
-same swap and layers as diffusers' conversions of those models.
+same swap and layers as diffusers' conversions of those models. SD3's embedders outside the blocks
+(``x_embedder.proj``, ``t_embedder.mlp.0``, ``y_embedder.mlp.2``, ...) are placed so too
+(:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`: ``pos_embed.proj``, ``time_text_embed.*``).
 """
 
 from __future__ import annotations
 
-from lorahot.formats import flux
+from lorahot.formats import flux, sd3
 from lorahot.formats.table import (
     COMFYUI_TEXT_ENCODERS,
     DIFFUSION_MODEL,
@@ -44,7 +46,7 @@ FORMAT = KeyFormat(
     prefixes=(*DIFFUSION_MODEL, *COMFYUI_TEXT_ENCODERS),
     require_prefix=True,
     refuse=REFUSED_MERGEABLE,
-    aliases=flux.ALIASES,
+    aliases=(*flux.ALIASES, *sd3.OUTSIDE_ALIASES),
     aliases_exact=True,  # only a layer of exactly the diffusers name: no SD/SDXL key changes meaning
     splits=flux.SPLITS,
     example="diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight",

@@ -13,12 +13,14 @@ diffusers' names for everything else, where diffusers' ``ChromaTransformer2DMode
 ``linear_1`` (``out_layer``: ``linear_2``). The final layer's ``final_layer.adaLN_modulation.1``
 lands on ``norm_out.linear`` with its ``(shift, scale)`` halves swapped
 (:data:`lorahot.formats.flux.FINAL_ADALN`), as in the ``flux-bfl`` naming: a file in Flux's
-original names under ``transformer.`` with no block module is read in this naming.
+original names under ``transformer.`` with no block module is read in this naming, as is one of
+SD3's embedders outside the blocks (:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`: ``x_embedder.proj``
+on ``pos_embed.proj``, ``t_embedder.mlp.0`` on ``time_text_embed.timestep_embedder.linear_1``, ...).
 """
 
 from __future__ import annotations
 
-from lorahot.formats import flux
+from lorahot.formats import flux, sd3
 from lorahot.formats.table import (
     EXTRA_RULES,
     HADAMARD_KRONECKER,
@@ -55,7 +57,7 @@ FORMAT = KeyFormat(
     prefixes=COMPONENTS,
     require_prefix=True,
     refuse=REFUSED_BUT_EXTRAS_AND_FACTORS,
-    aliases=flux.ALIASES,
+    aliases=(*flux.ALIASES, *sd3.OUTSIDE_ALIASES),
     aliases_exact=True,  # only a layer of exactly the diffusers name, never one it ends in
     splits=(flux.FINAL_ADALN,),
     example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",

@@ -26,12 +26,13 @@ renames (as diffusers' ACE-Step conversion does). The original names of Flux.1, 
 (:data:`lorahot.formats.flux.ALIASES`, one layer each) are aliases in the same way, as in diffusers
 naming, and the final layer's ``adaLN_modulation.1`` lands on ``norm_out.linear`` with its halves
 swapped (:data:`lorahot.formats.flux.FINAL_ADALN`): a file in those names without a prefix and with
-no block module is read in this naming.
+no block module is read in this naming. So are SD3's embedders outside the blocks
+(:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`).
 """
 
 from __future__ import annotations
 
-from lorahot.formats import flux
+from lorahot.formats import flux, sd3
 from lorahot.formats.table import EXTRA_RULES, HADAMARD_KRONECKER, REFUSED_BUT_EXTRAS_AND_FACTORS, KeyFormat, Rule
 
 __all__ = ["FORMAT", "NAME"]
@@ -62,6 +63,7 @@ FORMAT = KeyFormat(
         (r"\.v_proj$", ".to_v"),
         (r"\.o_proj$", ".to_out.0"),
         *flux.ALIASES,
+        *sd3.OUTSIDE_ALIASES,
     ),
     aliases_exact=True,  # q_proj is every LLM's and text encoder's: only the model's exact path
     splits=(flux.FINAL_ADALN,),

@@ -13,7 +13,12 @@ diffusers-named ``SD3Transformer2DModel``.
 
 A file holding only the modules outside the blocks (``x_embedder.proj``, ``t_embedder.mlp.0``,
 ``final_layer.linear``, ...) is not told apart: DiT, PixArt and Hunyuan-DiT share those names, and
-Flux its ``final_layer``.
+Flux its ``final_layer``. It reads as ComfyUI's, diffusers' or PEFT's naming, which take
+:data:`OUTSIDE_ALIASES` exactly (only a layer of exactly the diffusers name) and Flux's final layer
+(:data:`lorahot.formats.flux.ALIASES`, :data:`lorahot.formats.flux.FINAL_ADALN`): the targets
+(``pos_embed.proj``, ``time_text_embed.timestep_embedder.*``, ``time_text_embed.text_embedder.*``)
+are layers only of models whose original names mean the same there (SD3, Flux, HunyuanVideo's
+embedders; PixArt's and Hunyuan-DiT's patch embedding).
 
 The original model fuses what diffusers keeps apart: a joint block's ``x_block.attn.qkv`` is
 ``attn.to_q``/``to_k``/``to_v``, its ``context_block.attn.qkv`` is ``attn.add_q_proj``/
@@ -64,7 +69,7 @@ from lorahot.formats.table import (
     lycoris_rules,
 )
 
-__all__ = ["KOHYA", "FORMAT", "SPLITS"]
+__all__ = ["KOHYA", "FORMAT", "SPLITS", "OUTSIDE_ALIASES"]
 
 #: joint-block module (after ``joint_blocks.N.``) -> diffusers' (after ``transformer_blocks.N.``)
 _JOINT = {
@@ -93,6 +98,13 @@ _OUTSIDE = {
     "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
     "final_layer.linear": "proj_out",
 }
+
+#: the modules outside the blocks that Flux's original names do not already place (its
+#: ``final_layer.linear`` is SD3's): the namings that read a file of these alone take them exactly
+#: (:mod:`lorahot.formats.comfyui`, :mod:`lorahot.formats.diffusers`, :mod:`lorahot.formats.peft`)
+OUTSIDE_ALIASES: tuple[tuple[str, str], ...] = tuple(
+    (rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items() if k != "final_layer.linear"
+)
 
 _ALIASES: tuple[tuple[str, str], ...] = (
     *((rf"{_START}joint_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _JOINT.items()),

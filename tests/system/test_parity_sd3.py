@@ -466,3 +466,60 @@ def test_sd3_query_key_norm_deltas_fold_into_diffusers_norms_in_merged_mode(nami
                 with pytest.raises(UnknownFormatError, match=rf"{suffix}: a delta of a .*no weight or bias in SD3"):
                     runtime.load(hostile)
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+#: SD3's modules outside the blocks, in its original names
+OUTSIDE = (
+    "x_embedder.proj",
+    "t_embedder.mlp.0",
+    "t_embedder.mlp.2",
+    "y_embedder.mlp.0",
+    "y_embedder.mlp.2",
+    "context_embedder",
+    "final_layer.linear",
+    "final_layer.adaLN_modulation.1",
+)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("head", ["diffusion_model.", "transformer.", ""], ids=["comfyui", "transformer", "bare"])
+@pytest.mark.parametrize("spelling", [("lora_A", "lora_B"), ("lora_down", "lora_up")], ids=["lora_A", "lora_down"])
+def test_an_sd3_file_of_modules_outside_the_blocks_only_lands_as_with_a_block_key(
+    spelling: tuple[str, str], head: str, merged: bool
+) -> None:
+    """An SD3 file whose modules are all outside the blocks (the patch conv, the timestep and
+    pooled-text embedders, the context embedder, the final layer) has no ``joint_blocks.N.`` key
+    to tell SD3 apart: it reads as ComfyUI's, diffusers' or PEFT's naming, where
+    ``x_embedder.proj``, ``t_embedder.*`` and ``y_embedder.*`` were no layer of diffusers' model
+    (refused). Each module now lands where diffusers' checkpoint conversion puts it: every layer's
+    float64 weight equals the conversion of ``W + s * alpha / r * B @ A`` (the final adaLN's
+    halves swapped by the conversion), at scales 1 and 0.6, and so do the outputs."""
+    every = original_parts(dual=False)
+    parts = {k: every[k] for k in OUTSIDE}
+    model = tiny_sd3_from(dual=False).double()
+    base = original_base(model, every, dual=False)
+    factors = lora_factors(base, parts, seed=11)
+    sd = {}
+    for name, (a, b, alpha) in factors.items():
+        sd |= {
+            f"{head}{name}.{spelling[0]}.weight": a,
+            f"{head}{name}.{spelling[1]}.weight": b,
+            f"{head}{name}.alpha": torch.tensor(alpha),
+        }
+    model.load_state_dict(converted(base), strict=True)
+    names = sorted({t for targets in parts.values() for t in targets})
+    runtime = lorahot.inject(model, names, max_rank=8, merged=merged)
+    runtime.load(sd)
+    inputs = {k: v.double() for k, v in sd3_inputs().items()}
+    for s in (1.0, 0.6):
+        updated = dict(base)
+        for name, (a, b, alpha) in factors.items():
+            updated[f"{name}.weight"] = base[f"{name}.weight"] + s * delta(a, b, alpha)
+        oracle = tiny_sd3_from(dual=False).double()
+        oracle.load_state_dict(converted(updated), strict=True)
+        runtime.set_scale(s)
+        ours, theirs = layer_weights(model, names), layer_weights(oracle, names)
+        for name in names:
+            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-12, atol=1e-12, msg=f"{name} at {s}")
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs, return_dict=False)[0], oracle(**inputs, return_dict=False)[0])
