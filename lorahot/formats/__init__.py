@@ -36,6 +36,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     flux3.KOHYA,  # before flux-kohya, whose marker (lora_unet_single_blocks_N_) it shares
     hunyuan.MUSUBI,  # before flux-kohya: the same prefix and block names, spelled apart (img_mlp_fc1)
     flux.KOHYA,  # before kohya: original Flux block names, which only its renames and splits place
+    flux.KOHYA_OUTSIDE,  # before kohya: a flux-kohya file without a block key (its rules read no other module)
     minimax_h3.MUSUBI,  # before kohya: original MiniMax-H3 block names (blocks_N_attn_qkv_proj)
     anima.KOHYA,  # before wan-musubi, whose marker (blocks_N_self_attn_) its keys match, and kohya
     wan.MUSUBI,  # before kohya: original Wan block names

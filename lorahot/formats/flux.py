@@ -41,6 +41,7 @@ weights only.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from lorahot.formats import kohya
@@ -60,7 +61,19 @@ from lorahot.formats.table import (
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import NAME_START as _START
 
-__all__ = ["KOHYA", "BFL", "XLABS", "FAL", "ALIASES", "SPLITS", "FINAL_ADALN", "QKV", "ADD_QKV", "qkv_split"]
+__all__ = [
+    "KOHYA",
+    "KOHYA_OUTSIDE",
+    "BFL",
+    "XLABS",
+    "FAL",
+    "ALIASES",
+    "SPLITS",
+    "FINAL_ADALN",
+    "QKV",
+    "ADD_QKV",
+    "qkv_split",
+]
 
 #: double block module (after ``double_blocks.N.``) -> diffusers' (after ``transformer_blocks.N.``)
 _DOUBLE = {
@@ -247,6 +260,33 @@ KOHYA = kohya.spelling(
     splits=SPLITS,
     lycoris=True,
     example="lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+)
+
+#: sd-scripts' names of the modules outside the blocks (no block key tells such a file apart)
+_KOHYA_OUTSIDE = (
+    r"lora_unet_(?:img_in|txt_in|(?:time|vector|guidance)_in_(?:in|out)_layer|final_layer_(?:linear|adaLN_modulation_1)"
+    r"|(?:single_stream_modulation|double_stream_modulation_(?:img|txt))_lin"  # Flux.2
+    r"|distilled_guidance_layer_layers_\d+_(?:in|out)_layer)"  # Chroma's approximator
+)
+_KOHYA_OUTSIDE_MODULE = rf"(?P<module>{_KOHYA_OUTSIDE}|lora_te[123]?_[^.]+)"
+
+#: ``flux-kohya`` for a file whose diffusion-model modules all lie outside the blocks
+#: (``lora_unet_final_layer_linear``, ``lora_unet_img_in``, ...): its rules read only those
+#: (and text-encoder modules), so a kohya file of any other model's modules is never detected
+#: as it, and a file of these alone resolves as ``flux-kohya`` (the same name, renames, aliases
+#: and final adaLN swap). HiDream, whose diffusers model has ``final_layer.linear`` and
+#: ``final_layer.adaLN_modulation.1`` itself, takes such keys as they are (a layer of the key's
+#: own name comes before any alias or swap), as in kohya naming.
+KOHYA_OUTSIDE = dataclasses.replace(
+    KOHYA,
+    rules=(
+        Rule(rf"{_KOHYA_OUTSIDE_MODULE}\.lora_down\.weight", "A"),
+        Rule(rf"{_KOHYA_OUTSIDE_MODULE}\.lora_up\.weight", "B"),
+        Rule(rf"{_KOHYA_OUTSIDE_MODULE}\.alpha", "alpha"),
+        *lycoris_rules(_KOHYA_OUTSIDE_MODULE),
+    ),
+    marker=rf"^{_KOHYA_OUTSIDE}\.",
+    example="lora_unet_final_layer_linear.lora_down.weight",
 )
 
 #: a module key of the original model, with an optional component prefix

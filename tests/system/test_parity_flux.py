@@ -783,6 +783,46 @@ def test_a_fused_kohya_key_that_lands_nowhere_is_named_as_the_file_spells_it() -
         runtime.load(sd)
 
 
+#: Flux's modules outside the blocks -> diffusers' layers
+OUTSIDE_LAYERS = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+
+
+def _assert_outside_lands(sd: dict[str, torch.Tensor], weights: dict, merged: bool) -> None:
+    """``sd``, a file of ``weights`` (Flux's modules outside the blocks), loaded on diffusers'
+    Flux, gives the float64 reference ``W + s * alpha / r * B @ A`` (``B``'s halves swapped for
+    ``norm_out.linear``: diffusers' ``(scale, shift)``) at scales 1 and 0.6."""
+    base = tiny_flux().double()
+    inputs = {k: v.double() for k, v in flux_inputs().items()}
+    with torch.no_grad():
+        base_out = base(**inputs, return_dict=False)[0]
+        model = copy.deepcopy(base)
+        runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=merged)
+        runtime.load(sd)
+        for s in (1.0, 0.6):
+            reference = copy.deepcopy(base)
+            for name, (a, b, alpha) in weights.items():
+                if name == "final_layer.adaLN_modulation.1":
+                    b = torch.cat(b.chunk(2)[::-1])
+                reference.get_submodule(OUTSIDE_LAYERS[name]).weight += s * alpha / a.shape[0] * b @ a
+            runtime.set_scale(s)
+            want = reference(**inputs, return_dict=False)[0]
+            got = model(**inputs, return_dict=False)[0]
+            assert not torch.allclose(want, base_out, rtol=1e-6, atol=0)
+            err = float((got - want).abs().max() / want.abs().max())
+            assert err < 1e-10, f"scale {s}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 @pytest.mark.parametrize("prefix", ["diffusion_model.", "transformer.", ""], ids=["comfyui", "transformer", "bare"])
 @pytest.mark.parametrize("spelling", [("lora_A", "lora_B"), ("lora_down", "lora_up")], ids=["lora_A", "lora_down"])
@@ -796,40 +836,31 @@ def test_a_bfl_file_of_modules_outside_the_blocks_only_lands_as_with_a_block_key
     final adaLN's halves were left unswapped. Each module now lands on its diffusers layer as in
     the flux-bfl naming; the reference is ``W + s * alpha / r * B @ A`` in float64, ``B``'s
     halves swapped for ``norm_out.linear`` (diffusers' ``(scale, shift)``), at scales 1 and 0.6."""
-    table = {
-        "img_in": "x_embedder",
-        "txt_in": "context_embedder",
-        "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-        "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-        "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-        "final_layer.linear": "proj_out",
-        "final_layer.adaLN_modulation.1": "norm_out.linear",
-    }
     weights = random_weights(OUTSIDE, seed=50)
     weights = {
         n: (a.double(), b.double(), 1.5 * a.shape[0] if alpha is None else alpha)
         for n, (a, b, alpha) in weights.items()
     }
     sd = {prefix + k.removeprefix("diffusion_model."): v for k, v in bfl_file(weights, spelling).items()}
-    base = tiny_flux().double()
-    inputs = {k: v.double() for k, v in flux_inputs().items()}
-    with torch.no_grad():
-        base_out = base(**inputs, return_dict=False)[0]
-        model = copy.deepcopy(base)
-        runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=merged)
-        runtime.load(sd)
-        for s in (1.0, 0.6):
-            reference = copy.deepcopy(base)
-            for name, (a, b, alpha) in weights.items():
-                if name == "final_layer.adaLN_modulation.1":
-                    b = torch.cat(b.chunk(2)[::-1])
-                reference.get_submodule(table[name]).weight += s * alpha / a.shape[0] * b @ a
-            runtime.set_scale(s)
-            want = reference(**inputs, return_dict=False)[0]
-            got = model(**inputs, return_dict=False)[0]
-            assert not torch.allclose(want, base_out, rtol=1e-6, atol=0)
-            err = float((got - want).abs().max() / want.abs().max())
-            assert err < 1e-10, f"scale {s}: relative error {err:.2e}"
+    _assert_outside_lands(sd, weights, merged)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("only", [None, ("final_layer.linear", "final_layer.adaLN_modulation.1")], ids=["all", "final"])
+def test_a_kohya_file_of_modules_outside_the_blocks_only_lands_as_with_a_block_key(
+    only: tuple[str, ...] | None, merged: bool
+) -> None:
+    """sd-scripts' spelling of the same file (``lora_unet_final_layer_linear``, ``lora_unet_img_in``,
+    ...: no ``lora_unet_double_blocks_N_`` key for the flux-kohya marker) read as kohya naming,
+    whose underscore names are no layer of diffusers' Flux (refused). It now reads as flux-kohya:
+    each module lands on its diffusers layer, the final adaLN's halves swapped, with its
+    ``.alpha``, against the float64 reference at scales 1 and 0.6."""
+    weights = random_weights(OUTSIDE, seed=51)
+    weights = {
+        n: (a.double(), b.double(), 1.5 * a.shape[0] if alpha is None else alpha)
+        for n, (a, b, alpha) in weights.items()
+        if only is None or n in only
+    }
+    sd = kohya_file(weights)
+    assert lorahot.read_adapter(sd).format == "flux-kohya"
+    _assert_outside_lands(sd, weights, merged)

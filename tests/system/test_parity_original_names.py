@@ -779,3 +779,20 @@ def test_a_kohya_key_that_lands_nowhere_is_named_as_the_file_spells_it(family: s
     real = stem.replace("_7_", "_0_")
     with pytest.raises(lorahot.AdapterMismatchError, match=rf"\n  - {real}: has lora_down \({real}\.lora_down"):
         runtime.load({f"{real}.lora_down.weight": a})
+
+
+@pytest.mark.parametrize("alpha", [False, True], ids=["no-alpha", "alpha"])
+def test_a_hidream_kohya_file_of_its_final_layer_lands_on_its_own_final_layer(alpha: bool) -> None:
+    """HiDream's ``final_layer.linear`` and ``final_layer.adaLN_modulation.1`` are diffusers' own
+    names, which a kohya file of them alone spells as Flux.1's final layer; it reads as flux-kohya
+    (no block key tells the two apart) and each module lands on the layer of its own name, its
+    rows as they are (no swap: HiDream's adaLN is not re-ordered), as its ``diffusion_model.`` twin
+    does, against the float64 reference and diffusers' loader."""
+    names = [n for n in _linears(_tiny_hidream()) if n.startswith("final_layer.")]
+    assert sorted(names) == ["final_layer.adaLN_modulation.1", "final_layer.linear"]
+    twin = _file(_tiny_hidream(), names, str, alpha=alpha)
+    ours, fmt = _lorahot(_tiny_hidream, _kohya_spelling(twin), names)
+    assert fmt == "flux-kohya"
+    _assert_same(ours, _reference(_tiny_hidream, twin, names, str))
+    if not alpha:
+        _assert_same(ours, _diffusers(_tiny_hidream, diffusers.HiDreamImagePipeline, twin, names))
