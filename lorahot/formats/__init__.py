@@ -41,6 +41,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     anima.KOHYA,  # before wan-musubi, whose marker (blocks_N_self_attn_) its keys match, and kohya
     wan.MUSUBI,  # before kohya: original Wan block names
     sd3.KOHYA,  # before kohya: original SD3 block names (joint_blocks), which only its renames and splits place
+    sd3.KOHYA_OUTSIDE,  # before kohya, after flux.KOHYA_OUTSIDE (a file of the final layer alone is either's)
     lumina2.KOHYA,  # before kohya: original Lumina2 / Z-Image attention names (attention_qkv, attention_out)
     kohya.FORMAT,
     flux.XLABS,  # before diffusers-old, whose processor keys look alike

@@ -41,7 +41,6 @@ weights only.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 from lorahot.formats import kohya
@@ -268,26 +267,12 @@ _KOHYA_OUTSIDE = (
     r"|(?:single_stream_modulation|double_stream_modulation_(?:img|txt))_lin"  # Flux.2
     r"|distilled_guidance_layer_layers_\d+_(?:in|out)_layer)"  # Chroma's approximator
 )
-_KOHYA_OUTSIDE_MODULE = rf"(?P<module>{_KOHYA_OUTSIDE}|lora_te[123]?_[^.]+)"
-
 #: ``flux-kohya`` for a file whose diffusion-model modules all lie outside the blocks
-#: (``lora_unet_final_layer_linear``, ``lora_unet_img_in``, ...): its rules read only those
-#: (and text-encoder modules), so a kohya file of any other model's modules is never detected
-#: as it, and a file of these alone resolves as ``flux-kohya`` (the same name, renames, aliases
-#: and final adaLN swap). HiDream, whose diffusers model has ``final_layer.linear`` and
-#: ``final_layer.adaLN_modulation.1`` itself, takes such keys as they are (a layer of the key's
-#: own name comes before any alias or swap), as in kohya naming.
-KOHYA_OUTSIDE = dataclasses.replace(
-    KOHYA,
-    rules=(
-        Rule(rf"{_KOHYA_OUTSIDE_MODULE}\.lora_down\.weight", "A"),
-        Rule(rf"{_KOHYA_OUTSIDE_MODULE}\.lora_up\.weight", "B"),
-        Rule(rf"{_KOHYA_OUTSIDE_MODULE}\.alpha", "alpha"),
-        *lycoris_rules(_KOHYA_OUTSIDE_MODULE),
-    ),
-    marker=rf"^{_KOHYA_OUTSIDE}\.",
-    example="lora_unet_final_layer_linear.lora_down.weight",
-)
+#: (``lora_unet_final_layer_linear``, ``lora_unet_img_in``, ...; :func:`lorahot.formats.kohya.outside`).
+#: HiDream, whose diffusers model has ``final_layer.linear`` and ``final_layer.adaLN_modulation.1``
+#: itself, takes such keys as they are (a layer of the key's own name comes before any alias or
+#: swap), as in kohya naming.
+KOHYA_OUTSIDE = kohya.outside(KOHYA, _KOHYA_OUTSIDE, example="lora_unet_final_layer_linear.lora_down.weight")
 
 #: a module key of the original model, with an optional component prefix
 _BFL_MARKER = r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\."

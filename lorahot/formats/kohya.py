@@ -13,6 +13,8 @@ and sd-scripts' own OFT network (``networks/oft.py``) under ``oft_unet_``
 
 from __future__ import annotations
 
+import dataclasses
+
 from lorahot.formats.table import (
     REFUSED_IA3,
     REFUSED_MERGEABLE,
@@ -24,7 +26,7 @@ from lorahot.formats.table import (
     underscored,
 )
 
-__all__ = ["FORMAT", "COMPONENTS", "RULES", "KOHYA_OFT", "spelling", "of_original"]
+__all__ = ["FORMAT", "COMPONENTS", "RULES", "KOHYA_OFT", "spelling", "of_original", "outside"]
 
 #: kohya's component prefixes (``lora_te_`` is SD1's single text encoder).
 COMPONENTS = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
@@ -114,4 +116,25 @@ def of_original(dotted: KeyFormat, name: str, *, module: str, example: str) -> K
         aliases=tuple((underscored(p), r) for p, r in dotted.aliases),
         refuse=REFUSED_MERGEABLE,
         lycoris=True,
+    )
+
+
+def outside(spelled: KeyFormat, modules: str, *, example: str) -> KeyFormat:
+    """``spelled`` (a naming of :func:`spelling`) for a file with no key its marker knows, whose
+    diffusion-model modules all lie outside the blocks: ``modules`` is the regex of those module
+    keys (``lora_unet_final_layer_linear``), which the marker asks for one of. Its rules read only
+    those and text-encoder modules, so a kohya file of any other module is never detected as it;
+    it has ``spelled``'s name, renames, aliases and splits, so its keys resolve as ``spelled``'s
+    (:func:`lorahot.formats.format_named`)."""
+    module = rf"(?P<module>{modules}|lora_te[123]?_[^.]+)"
+    return dataclasses.replace(
+        spelled,
+        rules=(
+            Rule(rf"{module}\.lora_down\.weight", "A"),
+            Rule(rf"{module}\.lora_up\.weight", "B"),
+            Rule(rf"{module}\.alpha", "alpha"),
+            *lycoris_rules(module),
+        ),
+        marker=rf"^(?:{modules})\.",
+        example=example,
     )

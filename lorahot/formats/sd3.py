@@ -18,7 +18,8 @@ Flux its ``final_layer``. It reads as ComfyUI's, diffusers' or PEFT's naming, wh
 (:data:`lorahot.formats.flux.ALIASES`, :data:`lorahot.formats.flux.FINAL_ADALN`): the targets
 (``pos_embed.proj``, ``time_text_embed.timestep_embedder.*``, ``time_text_embed.text_embedder.*``)
 are layers only of models whose original names mean the same there (SD3, Flux, HunyuanVideo's
-embedders; PixArt's and Hunyuan-DiT's patch embedding).
+embedders; PixArt's and Hunyuan-DiT's patch embedding). In sd-scripts' spelling such a file reads
+as ``sd3-kohya`` (:data:`KOHYA_OUTSIDE`).
 
 The original model fuses what diffusers keeps apart: a joint block's ``x_block.attn.qkv`` is
 ``attn.to_q``/``to_k``/``to_v``, its ``context_block.attn.qkv`` is ``attn.add_q_proj``/
@@ -69,7 +70,7 @@ from lorahot.formats.table import (
     lycoris_rules,
 )
 
-__all__ = ["KOHYA", "FORMAT", "SPLITS", "OUTSIDE_ALIASES"]
+__all__ = ["KOHYA", "KOHYA_OUTSIDE", "FORMAT", "SPLITS", "OUTSIDE_ALIASES"]
 
 #: joint-block module (after ``joint_blocks.N.``) -> diffusers' (after ``transformer_blocks.N.``)
 _JOINT = {
@@ -176,6 +177,16 @@ KOHYA = kohya.spelling(
     splits=SPLITS,
     lycoris=True,
     example="lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight",
+)
+
+#: ``sd3-kohya`` for a file whose modules all lie outside the blocks (``lora_unet_x_embedder_proj``,
+#: ``lora_unet_t_embedder_mlp_0``, ...; :func:`lorahot.formats.kohya.outside`); one of the final
+#: layer alone is Flux's (:data:`lorahot.formats.flux.KOHYA_OUTSIDE`, detected first), which places
+#: it the same way
+KOHYA_OUTSIDE = kohya.outside(
+    KOHYA,
+    r"lora_unet_(?:x_embedder_proj|[ty]_embedder_mlp_[02]|context_embedder|final_layer_(?:linear|adaLN_modulation_1))",
+    example="lora_unet_x_embedder_proj.lora_down.weight",
 )
 
 FORMAT = KeyFormat(

@@ -481,31 +481,21 @@ OUTSIDE = (
 )
 
 
-@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
-@pytest.mark.parametrize("head", ["diffusion_model.", "transformer.", ""], ids=["comfyui", "transformer", "bare"])
-@pytest.mark.parametrize("spelling", [("lora_A", "lora_B"), ("lora_down", "lora_up")], ids=["lora_A", "lora_down"])
-def test_an_sd3_file_of_modules_outside_the_blocks_only_lands_as_with_a_block_key(
-    spelling: tuple[str, str], head: str, merged: bool
-) -> None:
-    """An SD3 file whose modules are all outside the blocks (the patch conv, the timestep and
-    pooled-text embedders, the context embedder, the final layer) has no ``joint_blocks.N.`` key
-    to tell SD3 apart: it reads as ComfyUI's, diffusers' or PEFT's naming, where
-    ``x_embedder.proj``, ``t_embedder.*`` and ``y_embedder.*`` were no layer of diffusers' model
-    (refused). Each module now lands where diffusers' checkpoint conversion puts it: every layer's
-    float64 weight equals the conversion of ``W + s * alpha / r * B @ A`` (the final adaLN's
-    halves swapped by the conversion), at scales 1 and 0.6, and so do the outputs."""
+def _outside_factors() -> tuple[dict, dict, dict]:
+    """SD3's original parts, a random original checkpoint, and LoRA factors of the modules
+    outside the blocks."""
     every = original_parts(dual=False)
     parts = {k: every[k] for k in OUTSIDE}
+    base = original_base(tiny_sd3_from(dual=False).double(), every, dual=False)
+    return parts, base, lora_factors(base, parts, seed=11)
+
+
+def _assert_outside_lands(sd: dict[str, torch.Tensor], merged: bool) -> None:
+    """``sd``, a file of :func:`_outside_factors`, loaded on diffusers' SD3: every layer's float64
+    weight equals diffusers' conversion of ``W + s * alpha / r * B @ A`` (the final adaLN's halves
+    swapped by the conversion), at scales 1 and 0.6, and so do the outputs."""
+    parts, base, factors = _outside_factors()
     model = tiny_sd3_from(dual=False).double()
-    base = original_base(model, every, dual=False)
-    factors = lora_factors(base, parts, seed=11)
-    sd = {}
-    for name, (a, b, alpha) in factors.items():
-        sd |= {
-            f"{head}{name}.{spelling[0]}.weight": a,
-            f"{head}{name}.{spelling[1]}.weight": b,
-            f"{head}{name}.alpha": torch.tensor(alpha),
-        }
     model.load_state_dict(converted(base), strict=True)
     names = sorted({t for targets in parts.values() for t in targets})
     runtime = lorahot.inject(model, names, max_rank=8, merged=merged)
@@ -523,3 +513,35 @@ def test_an_sd3_file_of_modules_outside_the_blocks_only_lands_as_with_a_block_ke
             torch.testing.assert_close(ours[name], theirs[name], rtol=1e-12, atol=1e-12, msg=f"{name} at {s}")
         with torch.no_grad():
             torch.testing.assert_close(model(**inputs, return_dict=False)[0], oracle(**inputs, return_dict=False)[0])
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("head", ["diffusion_model.", "transformer.", ""], ids=["comfyui", "transformer", "bare"])
+@pytest.mark.parametrize("spelling", [("lora_A", "lora_B"), ("lora_down", "lora_up")], ids=["lora_A", "lora_down"])
+def test_an_sd3_file_of_modules_outside_the_blocks_only_lands_as_with_a_block_key(
+    spelling: tuple[str, str], head: str, merged: bool
+) -> None:
+    """An SD3 file whose modules are all outside the blocks (the patch conv, the timestep and
+    pooled-text embedders, the context embedder, the final layer) has no ``joint_blocks.N.`` key
+    to tell SD3 apart: it reads as ComfyUI's, diffusers' or PEFT's naming, where
+    ``x_embedder.proj``, ``t_embedder.*`` and ``y_embedder.*`` were no layer of diffusers' model
+    (refused). Each module now lands where diffusers' checkpoint conversion puts it."""
+    sd = {}
+    for name, (a, b, alpha) in _outside_factors()[2].items():
+        sd |= {
+            f"{head}{name}.{spelling[0]}.weight": a,
+            f"{head}{name}.{spelling[1]}.weight": b,
+            f"{head}{name}.alpha": torch.tensor(alpha),
+        }
+    _assert_outside_lands(sd, merged)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_an_sd3_kohya_file_of_modules_outside_the_blocks_only_lands_as_with_a_block_key(merged: bool) -> None:
+    """The same file in sd-scripts' spelling (``lora_unet_x_embedder_proj``, ...: no
+    ``lora_unet_joint_blocks_N_`` key for the sd3-kohya marker) read as kohya naming, whose
+    underscore names are no layer of diffusers' SD3 (refused). It now reads as sd3-kohya, each
+    module where diffusers' checkpoint conversion puts it, with its ``.alpha``."""
+    sd = lora_file(_outside_factors()[2], "sd3-kohya")
+    assert lorahot.read_adapter(sd).format == "sd3-kohya"
+    _assert_outside_lands(sd, merged)
