@@ -66,6 +66,7 @@ __all__ = [
     "dora_needs",
     "unusual_values",
     "FLOAT_DTYPES",
+    "library_operands",
     "refuse_assigned_load_under",
     "is_dtensor",
     "kept_parametrizations",
@@ -687,6 +688,7 @@ class LoRALayer(nn.Module):
         # them into one elementwise pass (usually into the consumer of y as well): no extra
         # kernel per layer. With plain LoRA (f = 1, bias = g = 0) the extras give ``y + delta``
         # bitwise in float32.
+        a, b = library_operands(a, b)
         if not extras:
             return y + self.lora_delta(x, a, b, scale).to(y.dtype)
         d = self.lora_delta(x, a, b, scale) + e[EXTRA_BIAS] * scale[0]
@@ -771,7 +773,7 @@ class LoRALayer(nn.Module):
         slot in ``route [L]`` (none for -1), from the slot views ``a``, ``b``, ``s [slots, R]``.
         The library formula; a subclass with a kernel overrides it."""
         on, index, scales = routing.row_scales(s, route)
-        z = y + self.routed_delta(x, a, b, scales, index).to(y.dtype)
+        z = y + self.routed_delta(x, *library_operands(a, b), scales, index).to(y.dtype)
         # rows of no slot keep y itself: their zero scales do not zero an update that
         # overflowed (inf * 0 is NaN), whatever adapter slot 0 holds. Selected in y's own
         # shape, so the output is no view: a view's base would be guarded on by a block
@@ -926,6 +928,19 @@ class LoRALayer(nn.Module):
 
 #: the dtypes the layers compute their LoRA in, and merged mode rewrites weights in
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def library_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The live ``a`` and ``b`` as the library formula computes the update with them: float16
+    buffers off CUDA as float32 copies, so that the rank-wide intermediate ``x @ A.T``, its scaled
+    copy ``s * (x @ A.T)`` and the update stay in float32, as with PEFT's float32 adapter weights,
+    and are rounded once, to the output's dtype. Kept in float16 (largest value 65504) either
+    overflows to inf where the output itself is well in range (``x @ A.T`` of 1e5 with a small B,
+    or ``s = alpha / r = 32`` on ``x @ A.T`` of 3e3). Elsewhere the buffers as they are: bfloat16
+    has float32's range, and on CUDA float32 products would cost the GPU path its tensor cores."""
+    if a.dtype != torch.float16 or a.is_cuda:
+        return a, b
+    return a.float(), b.float()
 
 
 def unusual_values(t: torch.Tensor) -> str | None:

@@ -56,7 +56,7 @@ from torch import nn
 from lorahot.errors import UsageError
 from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels import routed_lora as routed_kernel
-from lorahot.layers.base import LayerSpec, Shard
+from lorahot.layers.base import LayerSpec, Shard, library_operands
 from lorahot.layers.base import is_dtensor as _is_dtensor
 from lorahot.layers.linear import LoRALinear
 from lorahot.layers.refusal import literal, refuse
@@ -274,7 +274,7 @@ class ShardedLoRALinear(LoRALinear):
         if route is not None:
             z = self.routed_sum(x_local, y_local, a, b, s, route)
         else:
-            z = y_local + self.lora_delta(x_local, a, b, s).to(y_local.dtype)
+            z = y_local + self.lora_delta(x_local, *library_operands(a, b), s).to(y_local.dtype)
         if not _is_dtensor(y):
             return z
         out: torch.Tensor = type(y).from_local(
