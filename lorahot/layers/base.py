@@ -934,7 +934,7 @@ def library_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, to
     """The live ``a`` and ``b`` as the library formula computes the update with them: float16
     buffers off CUDA as float32 copies, so that the rank-wide intermediate ``x @ A.T``, its scaled
     copy ``s * (x @ A.T)`` and the update stay in float32, as with PEFT's float32 adapter weights,
-    and are rounded once, to the output's dtype. Kept in float16 (largest value 65504) either
+    the update rounded to the output's dtype where it is added. Kept in float16 (largest value 65504) either
     overflows to inf where the output itself is well in range (``x @ A.T`` of 1e5 with a small B,
     or ``s = alpha / r = 32`` on ``x @ A.T`` of 3e3). Elsewhere the buffers as they are: bfloat16
     has float32's range, and on CUDA float32 products would cost the GPU path its tensor cores."""
