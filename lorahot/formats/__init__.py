@@ -43,6 +43,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     sd3.KOHYA,  # before kohya: original SD3 block names (joint_blocks), which only its renames and splits place
     sd3.KOHYA_OUTSIDE,  # before kohya, after flux.KOHYA_OUTSIDE (a file of the final layer alone is either's)
     lumina2.KOHYA,  # before kohya: original Lumina2 / Z-Image attention names (attention_qkv, attention_out)
+    lumina2.KOHYA_OUTSIDE,  # before kohya, after sd3.KOHYA_OUTSIDE (a file of t_embedder/final_layer alone is SD3's)
     kohya.FORMAT,
     flux.XLABS,  # before diffusers-old, whose processor keys look alike
     flux.FAL,  # before PEFT, whose keys look alike

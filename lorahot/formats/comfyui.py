@@ -19,7 +19,7 @@ same swap and layers as diffusers' conversions of those models. SD3's embedders 
 
 from __future__ import annotations
 
-from lorahot.formats import flux, sd3
+from lorahot.formats import flux, lumina2, sd3
 from lorahot.formats.table import (
     COMFYUI_TEXT_ENCODERS,
     DIFFUSION_MODEL,
@@ -46,7 +46,7 @@ FORMAT = KeyFormat(
     prefixes=(*DIFFUSION_MODEL, *COMFYUI_TEXT_ENCODERS),
     require_prefix=True,
     refuse=REFUSED_MERGEABLE,
-    aliases=(*flux.ALIASES, *sd3.OUTSIDE_ALIASES),
+    aliases=(*flux.ALIASES, *sd3.OUTSIDE_ALIASES, *lumina2.OUTSIDE_ALIASES),
     aliases_exact=True,  # only a layer of exactly the diffusers name: no SD/SDXL key changes meaning
     splits=flux.SPLITS,
     example="diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight",

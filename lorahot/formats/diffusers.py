@@ -20,7 +20,7 @@ on ``pos_embed.proj``, ``t_embedder.mlp.0`` on ``time_text_embed.timestep_embedd
 
 from __future__ import annotations
 
-from lorahot.formats import flux, sd3
+from lorahot.formats import flux, lumina2, sd3
 from lorahot.formats.table import (
     EXTRA_RULES,
     HADAMARD_KRONECKER,
@@ -57,7 +57,7 @@ FORMAT = KeyFormat(
     prefixes=COMPONENTS,
     require_prefix=True,
     refuse=REFUSED_BUT_EXTRAS_AND_FACTORS,
-    aliases=(*flux.ALIASES, *sd3.OUTSIDE_ALIASES),
+    aliases=(*flux.ALIASES, *sd3.OUTSIDE_ALIASES, *lumina2.OUTSIDE_ALIASES),
     aliases_exact=True,  # only a layer of exactly the diffusers name, never one it ends in
     splits=(flux.FINAL_ADALN,),
     example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",

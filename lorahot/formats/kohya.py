@@ -119,10 +119,11 @@ def of_original(dotted: KeyFormat, name: str, *, module: str, example: str) -> K
     )
 
 
-def outside(spelled: KeyFormat, modules: str, *, example: str) -> KeyFormat:
+def outside(spelled: KeyFormat, modules: str, *, example: str, marker: str | None = None) -> KeyFormat:
     """``spelled`` (a naming of :func:`spelling`) for a file with no key its marker knows, whose
     diffusion-model modules all lie outside the blocks: ``modules`` is the regex of those module
-    keys (``lora_unet_final_layer_linear``), which the marker asks for one of. Its rules read only
+    keys (``lora_unet_final_layer_linear``), which the marker asks for one of (of ``marker``, a
+    regex of some of them, where given). Its rules read only
     those and text-encoder modules, so a kohya file of any other module is never detected as it;
     it has ``spelled``'s name, renames, aliases and splits, so its keys resolve as ``spelled``'s
     (:func:`lorahot.formats.format_named`)."""
@@ -135,6 +136,6 @@ def outside(spelled: KeyFormat, modules: str, *, example: str) -> KeyFormat:
             Rule(rf"{module}\.alpha", "alpha"),
             *lycoris_rules(module),
         ),
-        marker=rf"^(?:{modules})\.",
+        marker=rf"^(?:{modules if marker is None else marker})\.",
         example=example,
     )

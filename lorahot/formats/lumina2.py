@@ -61,7 +61,7 @@ from lorahot.formats.table import (
 )
 from lorahot.formats.table import NAME_START as _START
 
-__all__ = ["FORMAT", "KOHYA", "SPLITS"]
+__all__ = ["FORMAT", "KOHYA", "KOHYA_OUTSIDE", "SPLITS", "OUTSIDE_ALIASES"]
 
 _BLOCKS = r"(?P<blocks>layers|noise_refiner|context_refiner)\.(?P<n>\d+)"
 
@@ -86,7 +86,27 @@ _BLOCK_NORMS = {
 }
 _ZIMAGE_NORMS = {"attention.q_norm": "attention.norm_q", "attention.k_norm": "attention.norm_k"}
 
+#: modules outside the blocks -> diffusers' (``x_embedder`` has the same name in both), as diffusers'
+#: Lumina2 checkpoint conversion renames them; the final adaLN projects to the scale alone (no halves
+#: to swap, unlike Flux's and SD3's)
+_OUTSIDE = {
+    "t_embedder.mlp.0": "time_caption_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_caption_embed.timestep_embedder.linear_2",
+    "cap_embedder.1": "time_caption_embed.caption_embedder.1",
+    "final_layer.linear": "norm_out.linear_2",
+    "final_layer.adaLN_modulation.1": "norm_out.linear_1",
+}
+
+#: the same as aliases, which the namings that read a file of these modules alone (no block key
+#: tells it apart) take exactly: :mod:`lorahot.formats.comfyui`, :mod:`lorahot.formats.diffusers`,
+#: :mod:`lorahot.formats.peft`, and the kohya spellings of Flux's and SD3's names, whose
+#: ``final_layer``/``t_embedder`` keys are Lumina2's too. The targets are layers only of the Lumina
+#: models (Lumina2 and Lumina-Next, whose original names mean the same there); Flux's and SD3's
+#: targets of the same keys (``proj_out``, ``time_text_embed.*``) are layers of no Lumina model.
+OUTSIDE_ALIASES: tuple[tuple[str, str], ...] = tuple((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items())
+
 _ALIASES: tuple[tuple[str, str], ...] = (
+    *OUTSIDE_ALIASES,
     *(
         (rf"{_START}(layers|noise_refiner|context_refiner)\.(\d+)\.{re.escape(k)}$", rf"\1.\2.{v}")
         for table in (_BLOCK, _ZIMAGE_BLOCK, _BLOCK_NORMS, _ZIMAGE_NORMS)
@@ -158,7 +178,11 @@ _KOHYA_TO_DOTTED = (
         r"^lora_unet_(layers|noise_refiner|context_refiner)_(\d+)_(attention_norm[12]|ffn_norm[12])$",
         r"lora_unet_\1.\2.\3",
     ),
-    (r"^lora_unet_cap_embedder_0$", "lora_unet_cap_embedder.0"),
+    (r"^lora_unet_cap_embedder_([01])$", r"lora_unet_cap_embedder.\1"),
+    # the modules outside the blocks
+    (r"^lora_unet_t_embedder_mlp_([02])$", r"lora_unet_t_embedder.mlp.\1"),
+    (r"^lora_unet_final_layer_linear$", "lora_unet_final_layer.linear"),
+    (r"^lora_unet_final_layer_adaLN_modulation_1$", "lora_unet_final_layer.adaLN_modulation.1"),
 )
 
 KOHYA = kohya.spelling(
@@ -170,4 +194,15 @@ KOHYA = kohya.spelling(
     splits=SPLITS,
     lycoris=True,
     example="lora_unet_layers_0_attention_qkv.lora_down.weight",
+)
+
+#: ``lumina2-kohya`` for a file whose modules all lie outside the blocks and one of which only the
+#: Lumina models have (``lora_unet_cap_embedder_1``; :func:`lorahot.formats.kohya.outside`); a file of
+#: ``t_embedder``/``final_layer`` keys alone is SD3's or Flux's (detected first), whose kohya spellings
+#: take :data:`OUTSIDE_ALIASES` too
+KOHYA_OUTSIDE = kohya.outside(
+    KOHYA,
+    r"lora_unet_(?:x_embedder|cap_embedder_1|t_embedder_mlp_[02]|final_layer_(?:linear|adaLN_modulation_1))",
+    marker=r"lora_unet_cap_embedder_1",
+    example="lora_unet_cap_embedder_1.lora_down.weight",
 )

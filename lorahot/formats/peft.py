@@ -32,7 +32,7 @@ no block module is read in this naming. So are SD3's embedders outside the block
 
 from __future__ import annotations
 
-from lorahot.formats import flux, sd3
+from lorahot.formats import flux, lumina2, sd3
 from lorahot.formats.table import EXTRA_RULES, HADAMARD_KRONECKER, REFUSED_BUT_EXTRAS_AND_FACTORS, KeyFormat, Rule
 
 __all__ = ["FORMAT", "NAME"]
@@ -64,6 +64,7 @@ FORMAT = KeyFormat(
         (r"\.o_proj$", ".to_out.0"),
         *flux.ALIASES,
         *sd3.OUTSIDE_ALIASES,
+        *lumina2.OUTSIDE_ALIASES,
     ),
     aliases_exact=True,  # q_proj is every LLM's and text encoder's: only the model's exact path
     splits=(flux.FINAL_ADALN,),

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import re
 
-from lorahot.formats import kohya
+from lorahot.formats import kohya, lumina2
 from lorahot.formats.flux import ADD_QKV, QKV, qkv_split
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import NAME_START as _START
@@ -171,7 +171,7 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
 KOHYA = kohya.spelling(
     "sd3-kohya",
     renames=_KOHYA_TO_DOTTED,
-    aliases=_ALIASES,
+    aliases=(*_ALIASES, *lumina2.OUTSIDE_ALIASES),  # a file of t_embedder/final_layer alone is Lumina2's too
     refuse=_REFUSED,
     marker=r"^lora_unet_joint_blocks_\d+_(?:x_block|context_block)_",
     splits=SPLITS,

@@ -9,6 +9,7 @@ key-value heads) but one block of each kind deep; ranks are small.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,77 @@ def test_lumina2_norm_deltas_fold_into_diffusers_norms_in_merged_mode(zimage: bo
             with pytest.raises(lorahot.UnknownFormatError, match=rf"{message}.*strict=False"):
                 runtime.load(hostile)
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+#: the original modules outside the blocks -> diffusers' Lumina2 layers, as its checkpoint conversion
+#: renames them (``x_embedder`` keeps its name)
+LUMINA2_OUTSIDE = {
+    "x_embedder": "x_embedder",
+    "t_embedder.mlp.0": "time_caption_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_caption_embed.timestep_embedder.linear_2",
+    "cap_embedder.1": "time_caption_embed.caption_embedder.1",
+    "final_layer.linear": "norm_out.linear_2",
+    "final_layer.adaLN_modulation.1": "norm_out.linear_1",
+}
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize(
+    "modules",
+    [
+        list(LUMINA2_OUTSIDE),
+        ["t_embedder.mlp.0", "t_embedder.mlp.2"],
+        ["final_layer.linear", "final_layer.adaLN_modulation.1"],
+        ["cap_embedder.1"],
+        ["layers.0.attention.out", "t_embedder.mlp.0", "final_layer.adaLN_modulation.1", "cap_embedder.1"],
+    ],
+    ids=["all", "t_embedder", "final_layer", "cap_embedder", "with-a-block"],
+)
+@pytest.mark.parametrize("naming", ["comfyui", "diffusers", "peft", "kohya"])
+def test_a_lumina2_file_of_modules_outside_the_blocks_lands_as_diffusers_conversion_places_them(
+    naming: str, modules: list[str], merged: bool
+) -> None:
+    """A file of Lumina2's original modules outside the blocks (no block key tells it apart in
+    most of these cases) lands where diffusers' Lumina2 checkpoint conversion puts them, in every
+    naming such a file reads as: against ``W + s * alpha / r * B @ A`` in float64 at scales 1 and
+    0.6. Before, ``t_embedder.mlp.*``, ``cap_embedder.1`` and the final layer were refused as
+    matching no injected layer (read as Flux's, SD3's or plain kohya names, whose targets Lumina2
+    lacks). With a block key in the original names (``lumina2``/``lumina2-kohya``; diffusers' and
+    PEFT's namings take diffusers' block names) the outer modules land alike."""
+    targets = LUMINA2_OUTSIDE | {"layers.0.attention.out": "layers.0.attn.to_out.0"}
+    if naming in ("diffusers", "peft"):
+        modules = ["layers.0.attn.to_out.0" if m == "layers.0.attention.out" else m for m in modules]
+        targets["layers.0.attn.to_out.0"] = "layers.0.attn.to_out.0"
+    base = small_lumina2().double()
+    g = torch.Generator().manual_seed(len(modules))
+    sd, parts = {}, {}
+    for i, module in enumerate(modules):
+        layer = base.get_submodule(targets[module])
+        r, alpha = 1 + i % 3, 0.5 + i
+        down = torch.randn(r, layer.in_features, generator=g, dtype=torch.float64) * 0.3
+        up = torch.randn(layer.out_features, r, generator=g, dtype=torch.float64) * 0.3
+        stem = {
+            "comfyui": f"diffusion_model.{module}",
+            "diffusers": f"transformer.{module}",
+            "peft": module,
+            "kohya": "lora_unet_" + module.replace(".", "_"),
+        }[naming]
+        a, b = ("lora_down", "lora_up") if naming == "kohya" else ("lora_A", "lora_B")
+        sd |= {f"{stem}.{a}.weight": down, f"{stem}.{b}.weight": up, f"{stem}.alpha": torch.tensor(alpha)}
+        parts[targets[module]] = alpha / r * up @ down
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in lumina2_inputs().items()}
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, "all-linear", max_rank=4, merged=merged)
+    runtime.load(sd)
+    for scale in (1.0, 0.6):
+        runtime.set_scale(scale)
+        reference = copy.deepcopy(base)
+        with torch.no_grad():
+            for name, delta in parts.items():
+                reference.get_submodule(name).weight += scale * delta
+            want = reference(**inputs, return_dict=False)[0]
+            got = model(**inputs, return_dict=False)[0]
+            moved = base(**inputs, return_dict=False)[0]
+        assert not torch.allclose(want, moved, rtol=1e-6, atol=0)
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < 1e-12, f"{naming} {modules} at scale {scale}: relative error {err:.2e}"
