@@ -18,7 +18,14 @@ The models and what is drawn:
 - a tiny Flux.1 transformer: BFL names (``diffusion_model.double_blocks.0.img_attn.qkv``, fused
   q/k/v split onto diffusers' layers) in either spelling (a BFL file of modules outside the
   blocks only reads as ComfyUI's naming, placed alike), kohya's Flux names
-  (``lora_unet_double_blocks_0_img_attn_qkv``), and diffusers' names under ``transformer.``;
+  (``lora_unet_double_blocks_0_img_attn_qkv``; of the outer modules alone too, still
+  ``flux-kohya``), and diffusers' names under ``transformer.``;
+- a tiny SD3 transformer: its original names (``joint_blocks.0.x_block.attn.qkv``, fused q/k/v
+  split, the final and last context adaLN halves swapped) under ``diffusion_model.``,
+  ``transformer.`` or no prefix, or in sd-scripts' spelling; half of the files hold only the
+  modules outside the blocks (read as ComfyUI's, diffusers' or PEFT's naming, ``sd3-kohya``, or
+  ``flux-kohya`` for the final layer alone), against the reference only (diffusers' SD3 LoRA
+  loader converts no original names);
 - in every file: a random subset of the modules, random ranks and alphas, and each tensor in
   float16, bfloat16 or float32.
 
@@ -43,13 +50,14 @@ from collections import Counter
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import lorahot
 from tests.helpers import tiny_clip, tiny_unet
 from tests.system.test_parity_flux import flux_inputs, tiny_flux
+from tests.system.test_parity_sd3 import original_parts, sd3_inputs, tiny_sd3_from
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -376,11 +384,9 @@ def _flux_file(draw, model):
         spelling = draw(st.sampled_from([("lora_A", "lora_B"), ("lora_down", "lora_up")]))
     parts = _draw_parts(draw, _flux_original_layers(model), alphas=alphas, dora=False)
     sd = flux_original_file(parts, naming, spelling)
-    if not any(p.name.startswith(("double_blocks.", "single_blocks.")) for p in parts):
+    if naming == "flux-bfl" and not any(p.name.startswith(("double_blocks.", "single_blocks.")) for p in parts):
         # no name tells Flux apart: a BFL file reads as ComfyUI's naming, which places Flux's
-        # names as the flux-bfl naming does; sd-scripts' underscore names are plain kohya's,
-        # which has no Flux names
-        assume(naming == "flux-bfl")
+        # names as the flux-bfl naming does (sd-scripts' spelling of them stays flux-kohya)
         naming = "comfyui"
     return naming, alphas, flux_original_parts(parts, model), sd
 
@@ -494,6 +500,8 @@ def test_flux_files_load_as_the_reference_and_diffusers_compute(flux, data) -> N
     module (it drops those), and for diffusers names in ``lora_A``/``lora_B`` without
     ``.alpha``."""
     naming, alphas, parts, sd = _flux_file(data.draw, flux)
+    if naming != "diffusers" and not any("double_blocks" in k or "single_blocks" in k for k in sd):
+        SEEN[f"flux {naming}: outer modules only"] += 1
     if naming == "diffusers":
         oracle = alphas == "none" and any(k.endswith(".lora_A.weight") for k in sd)
     else:
@@ -503,6 +511,100 @@ def test_flux_files_load_as_the_reference_and_diffusers_compute(flux, data) -> N
             and not any("final_layer" in k and k.endswith(".alpha") for k in sd)
         )
     _differential(naming, parts, sd, flux, _flux_run, _lorahot_flux, _diffusers_flux, oracle)
+
+
+# -- the SD3 transformer -------------------------------------------------------------------
+
+
+def _sd3_run(model) -> dict[str, torch.Tensor]:
+    inputs = {k: v.double() for k, v in sd3_inputs().items()}
+    with torch.no_grad():
+        return {"transformer": model(**inputs, return_dict=False)[0]}
+
+
+def sd3_table() -> dict[str, tuple[tuple[str, ...], bool]]:
+    """Each original SD3 module -> the diffusers layers its rows go to, and whether its halves are
+    swapped: the final layer's adaLN and the last (pre-only) context block's, ``(shift, scale)``
+    in the original, ``(scale, shift)`` in diffusers."""
+    swapped = ("final_layer.adaLN_modulation.1", "joint_blocks.1.context_block.adaLN_modulation.1")
+    return {name: (tuple(targets), name in swapped) for name, targets in original_parts(dual=False).items()}
+
+
+def _sd3_original_layers(model) -> dict[tuple[str, str], nn.Module]:
+    out: dict[tuple[str, str], nn.Module] = {}
+    for name, (targets, _) in sd3_table().items():
+        layers = [model.get_submodule(t) for t in targets]
+        out[("", name)] = layers[0] if len(layers) == 1 else _Fused(layers)
+    return out
+
+
+def _sd3_file(draw, model):
+    """SD3's original names, in sd-scripts' spelling (``sd3-kohya``) or dotted under ComfyUI's,
+    diffusers' or no prefix (``sd3`` with a block key; with none, such a file reads as ComfyUI's,
+    diffusers' or PEFT's naming, or, in sd-scripts' spelling, as ``flux-kohya`` where it holds the
+    final layer alone, which places it alike)."""
+    naming = draw(st.sampled_from(["comfyui", "diffusers", "peft", "kohya"]))
+    alphas = draw(st.sampled_from(["none", "one", "each"]))
+    layers = _sd3_original_layers(model)
+    if draw(st.booleans()):  # a file of the modules outside the blocks alone
+        layers = {k: v for k, v in layers.items() if not k[1].startswith("joint_blocks.")}
+    parts = _draw_parts(draw, layers, alphas=alphas, dora=False)
+    spelling = ("lora_down", "lora_up")
+    if naming != "kohya":
+        spelling = draw(st.sampled_from([("lora_A", "lora_B"), ("lora_down", "lora_up")]))
+    head = {"comfyui": "diffusion_model.", "diffusers": "transformer.", "peft": "", "kohya": "lora_unet_"}[naming]
+    sd = {}
+    for p in parts:
+        stem = head + (p.name.replace(".", "_") if naming == "kohya" else p.name)
+        sd[f"{stem}.{spelling[0]}.weight"], sd[f"{stem}.{spelling[1]}.weight"] = p.down, p.up
+        if p.alpha is not None:
+            sd[f"{stem}.alpha"] = torch.tensor(p.alpha)
+    blocks = any(p.name.startswith("joint_blocks.") for p in parts)
+    if naming == "kohya":
+        final = all(p.name.startswith("final_layer.") for p in parts)
+        fmt = "sd3-kohya" if blocks or not final else "flux-kohya"
+    else:
+        fmt = "sd3" if blocks else naming
+    table = sd3_table()
+    placed = []
+    for p in parts:
+        targets, swap = table[p.name]
+        up = torch.cat(p.up.chunk(2)[::-1]) if swap else p.up
+        sizes = [model.get_submodule(t).weight.shape[0] for t in targets]
+        alpha = p.alpha if p.alpha is not None else float(p.down.shape[0])
+        placed += [Part("", t, p.down, rows, alpha) for t, rows in zip(targets, up.split(sizes), strict=True)]
+    return fmt, placed, sd
+
+
+def _lorahot_sd3(model, sd, scales, merged, extras):
+    """As :func:`_lorahot_flux`, with the patch-embedding conv (``pos_embed.proj``) among the targets."""
+    ours = copy.deepcopy(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    runtime = lorahot.inject(ours, names, max_rank=8, merged=merged, extras=extras)
+    info = runtime.load({k: v.clone() for k, v in sd.items()})
+    outs = []
+    for s in scales:
+        runtime.set_scale(s)
+        outs.append(_sd3_run(ours))
+    return info, outs
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return tiny_sd3_from(dual=False).double()
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_sd3_files_load_as_the_reference_computes(sd3, data) -> None:
+    """SD3's original names (with or without a block key; outer-only files included) on the SD3
+    transformer, against the float64 reference alone: diffusers' SD3 LoRA loader converts no
+    original names (its checkpoint conversion, which the parity tests take as the oracle, reads
+    whole checkpoints)."""
+    naming, parts, sd = _sd3_file(data.draw, sd3)
+    if not any("joint_blocks" in k for k in sd):
+        SEEN[f"sd3 {naming}: outer modules only"] += 1
+    _differential(naming, parts, sd, sd3, _sd3_run, _lorahot_sd3, _diffusers_flux, oracle=False)
 
 
 def teardown_module() -> None:
