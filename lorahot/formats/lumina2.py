@@ -153,7 +153,7 @@ FORMAT = KeyFormat(
     refuse=(*_NO_NORM, *REFUSED_MERGEABLE),
     marker=(
         r"^(?:(?:model\.)?diffusion_model|conditional_transformer)\.(?:layers|noise_refiner|context_refiner)\.\d+\."
-        r"(?:attention\.(?:qkv|out|o)|feed_forward\.w[123])\."
+        r"(?:attention\.(?:qkv|out|o)|feed_forward\.w[123]|adaLN_modulation\.1)\."
     ),
     aliases=_ALIASES,
     splits=SPLITS,
@@ -190,7 +190,8 @@ KOHYA = kohya.spelling(
     renames=_KOHYA_TO_DOTTED,
     aliases=_ALIASES,
     refuse=(*_NO_NORM, *REFUSED_MERGEABLE),
-    marker=r"^lora_unet_(?:layers|noise_refiner|context_refiner)_\d+_attention_(?:qkv|out|o)\.",
+    # any block module of the original names (a file of feed-forward or adaLN modules alone too)
+    marker=r"^lora_unet_(?:layers|noise_refiner|context_refiner)_\d+_(?:attention_(?:qkv|out|o)|feed_forward_w[123]|adaLN_modulation_1)\.",
     splits=SPLITS,
     lycoris=True,
     example="lora_unet_layers_0_attention_qkv.lora_down.weight",

@@ -242,8 +242,10 @@ LUMINA2_OUTSIDE = {
         ["final_layer.linear", "final_layer.adaLN_modulation.1"],
         ["cap_embedder.1"],
         ["layers.0.attention.out", "t_embedder.mlp.0", "final_layer.adaLN_modulation.1", "cap_embedder.1"],
+        ["layers.0.feed_forward.w1", "t_embedder.mlp.0"],
+        ["noise_refiner.0.adaLN_modulation.1", "final_layer.linear"],
     ],
-    ids=["all", "t_embedder", "final_layer", "cap_embedder", "with-a-block"],
+    ids=["all", "t_embedder", "final_layer", "cap_embedder", "with-a-block", "with-a-feed-forward", "with-an-adaln"],
 )
 @pytest.mark.parametrize("naming", ["comfyui", "diffusers", "peft", "kohya"])
 def test_a_lumina2_file_of_modules_outside_the_blocks_lands_as_diffusers_conversion_places_them(
@@ -255,11 +257,18 @@ def test_a_lumina2_file_of_modules_outside_the_blocks_lands_as_diffusers_convers
     0.6. Before, ``t_embedder.mlp.*``, ``cap_embedder.1`` and the final layer were refused as
     matching no injected layer (read as Flux's, SD3's or plain kohya names, whose targets Lumina2
     lacks). With a block key in the original names (``lumina2``/``lumina2-kohya``; diffusers' and
-    PEFT's namings take diffusers' block names) the outer modules land alike."""
-    targets = LUMINA2_OUTSIDE | {"layers.0.attention.out": "layers.0.attn.to_out.0"}
+    PEFT's namings take diffusers' block names) the outer modules land alike; a block key of a
+    feed-forward or adaLN module alone tells the original names apart as an attention one does
+    (before, ``lumina2-kohya`` and ``lumina2`` asked for an attention key, a dotted file for an
+    attention or feed-forward one, and such a file's block modules were refused)."""
+    blocks = {
+        "layers.0.attention.out": "layers.0.attn.to_out.0",
+        "layers.0.feed_forward.w1": "layers.0.feed_forward.linear_1",
+        "noise_refiner.0.adaLN_modulation.1": "noise_refiner.0.norm1.linear",
+    }
+    targets = LUMINA2_OUTSIDE | blocks | {v: v for v in blocks.values()}
     if naming in ("diffusers", "peft"):
-        modules = ["layers.0.attn.to_out.0" if m == "layers.0.attention.out" else m for m in modules]
-        targets["layers.0.attn.to_out.0"] = "layers.0.attn.to_out.0"
+        modules = [blocks.get(m, m) for m in modules]
     base = small_lumina2().double()
     g = torch.Generator().manual_seed(len(modules))
     sd, parts = {}, {}
