@@ -540,15 +540,13 @@ class LoraRuntime:
         interrupt goes on as it is, and a failure is a :class:`WriteError` that says nothing
         changed. Where emptying fails too, the :class:`WriteError` (an interrupt's too) says the
         slot may hold parts of two adapters."""
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
         if not self.buffers.touched:
             if not isinstance(exc, Exception):
                 raise exc
-            cause = one_line(first) if isinstance(exc, _OtherRankFailed) else f"{type(exc).__name__}: {one_line(first)}"
             raise WriteError(
-                f"LoraRuntime.{what}: {cause}, while staging slot {slot}'s data before its first write. Nothing was "
-                f"changed; slot {slot} holds what it held. Where the device ran out of memory, free some (or load a "
-                f"smaller adapter, or inject with a smaller max_rank); then {what} it again."
+                f"LoraRuntime.{what}: {_described(exc)}, while staging slot {slot}'s data before its first write. "
+                f"Nothing was changed; slot {slot} holds what it held. Where the device ran out of memory, free some "
+                f"(or load a smaller adapter, or inject with a smaller max_rank); then {what} it again."
             ) from exc
         try:
             self._empty(slot)
@@ -563,9 +561,9 @@ class LoraRuntime:
                 with contextlib.suppress(Exception):
                     self._merger.record_all()
         if isinstance(exc, _OtherRankFailed):
-            happened = f"{one_line(first)}, after every check had passed"
+            happened = f"{_said(exc)}, after every check had passed"
         else:
-            happened = f"{type(exc).__name__} while writing slot {slot} after every check had passed: {one_line(first)}"
+            happened = f"{type(exc).__name__} while writing slot {slot} after every check had passed: {_said(exc)}"
         raise WriteError(f"LoraRuntime.{what}: {happened}. {state}.") from exc
 
     def _empty(self, slot: int) -> None:
@@ -1735,12 +1733,17 @@ def _tail(text: str, width: int = 40) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3) :]
 
 
+def _said(exc: BaseException) -> str:
+    """``exc``'s message's first line, cut to 300 characters, as one line of a message."""
+    text = str(exc).strip()
+    return one_line(text.splitlines()[0][:300]) if text else "(no message)"
+
+
 def _described(exc: BaseException) -> str:
     """``exc`` in one line of a message: its type and its message's first line."""
-    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
     if isinstance(exc, _OtherRankFailed):  # names the rank and its error itself
-        return one_line(first)
-    return f"{type(exc).__name__}: {one_line(first)}"
+        return _said(exc)
+    return f"{type(exc).__name__}: {_said(exc)}"
 
 
 def _copies(model: nn.Module) -> dict[str, LoRALayer]:

@@ -251,15 +251,21 @@ def _diffusers_sdxl(pipe, sd, scales):
     return outs
 
 
-def _lorahot_sdxl(pipe, sd, scales, merged, extras):
-    ours = copy.deepcopy(pipe)
-    runtime = lorahot.inject(ours, _targets(_sdxl_layers(pipe), SDXL), max_rank=8, merged=merged, extras=extras)
+def _lorahot_outputs(model, targets, run, sd, scales, merged, extras):
+    """lorahot's outputs (``run`` of a copy of ``model`` injected at ``targets``) with ``sd``
+    loaded, at each of ``scales``, and what the load reported."""
+    ours = copy.deepcopy(model)
+    runtime = lorahot.inject(ours, targets, max_rank=8, merged=merged, extras=extras)
     info = runtime.load({k: v.clone() for k, v in sd.items()})
     outs = []
     for s in scales:
         runtime.set_scale(s)
-        outs.append(_sdxl_run(ours))
+        outs.append(run(ours))
     return info, outs
+
+
+def _lorahot_sdxl(pipe, sd, scales, merged, extras):
+    return _lorahot_outputs(pipe, _targets(_sdxl_layers(pipe), SDXL), _sdxl_run, sd, scales, merged, extras)
 
 
 # -- the Flux.1 transformer ----------------------------------------------------------------
@@ -404,14 +410,7 @@ def _diffusers_flux(model, sd, scales):
 
 
 def _lorahot_flux(model, sd, scales, merged, extras):
-    ours = copy.deepcopy(model)
-    runtime = lorahot.inject(ours, "all-linear", max_rank=8, merged=merged, extras=extras)
-    info = runtime.load({k: v.clone() for k, v in sd.items()})
-    outs = []
-    for s in scales:
-        runtime.set_scale(s)
-        outs.append(_flux_run(ours))
-    return info, outs
+    return _lorahot_outputs(model, "all-linear", _flux_run, sd, scales, merged, extras)
 
 
 # -- the runs ------------------------------------------------------------------------------
@@ -578,15 +577,8 @@ def _sd3_file(draw, model):
 
 def _lorahot_sd3(model, sd, scales, merged, extras):
     """As :func:`_lorahot_flux`, with the patch-embedding conv (``pos_embed.proj``) among the targets."""
-    ours = copy.deepcopy(model)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    runtime = lorahot.inject(ours, names, max_rank=8, merged=merged, extras=extras)
-    info = runtime.load({k: v.clone() for k, v in sd.items()})
-    outs = []
-    for s in scales:
-        runtime.set_scale(s)
-        outs.append(_sd3_run(ours))
-    return info, outs
+    return _lorahot_outputs(model, names, _sd3_run, sd, scales, merged, extras)
 
 
 @pytest.fixture(scope="module")

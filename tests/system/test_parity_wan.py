@@ -214,25 +214,19 @@ def test_a_stack_of_two_wan_files_with_diff_b_adds_both_biases_as_diffusers(tmp_
         for k, sd in enumerate(files):
             state = diffusers.WanPipeline.lora_state_dict(dict(sd))
             oracle.load_lora_adapter(state, prefix="transformer", adapter_name=f"part{k}")
-        model = tiny_wan().double()
-        base = {k: v.clone() for k, v in model.state_dict().items()}
-        runtime = lorahot.inject(model, "all-linear", max_rank=16, merged=True)
-        runtime.load(paths, scale=[1.0, 0.5])
-        for weights in ([1.0, 0.5], [0.7, -1.0], [0.0, 1.0]):
-            runtime.set_scale(weights)
-            oracle.set_adapters(["part0", "part1"], weights=weights)
-            expected = oracle(**inputs, return_dict=False)[0]
-            torch.testing.assert_close(model(**inputs, return_dict=False)[0], expected, rtol=1e-12, atol=1e-12)
-        runtime.unload()
-        assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
-        model = tiny_wan().double()
-        unmerged = lorahot.inject(model, "all-linear", max_rank=16, extras=True)
-        unmerged.load(paths, scale=[1.0, 0.5])
-        for weights in ([1.0, 0.5], [0.7, -1.0], [0.0, 1.0]):
-            unmerged.set_scale(weights)
-            oracle.set_adapters(["part0", "part1"], weights=weights)
-            expected = oracle(**inputs, return_dict=False)[0]
-            torch.testing.assert_close(model(**inputs, return_dict=False)[0], expected, rtol=1e-12, atol=1e-12)
+        for options in ({"merged": True}, {"extras": True}):
+            model = tiny_wan().double()
+            base = {k: v.clone() for k, v in model.state_dict().items()}
+            runtime = lorahot.inject(model, "all-linear", max_rank=16, **options)
+            runtime.load(paths, scale=[1.0, 0.5])
+            for weights in ([1.0, 0.5], [0.7, -1.0], [0.0, 1.0]):
+                runtime.set_scale(weights)
+                oracle.set_adapters(["part0", "part1"], weights=weights)
+                expected = oracle(**inputs, return_dict=False)[0]
+                torch.testing.assert_close(model(**inputs, return_dict=False)[0], expected, rtol=1e-12, atol=1e-12)
+            if options.get("merged"):
+                runtime.unload()
+                assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
 
 
 def test_wan_diff_b_without_extras_names_the_flag(tmp_path: Path) -> None:

@@ -329,16 +329,7 @@ def test_a_device_fault_during_activate_is_a_write_error_saying_what_is_live(
     first = _served(model, ids)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     cls, method = (merge.Merger, "apply") if merged else (buffers.Arena, "copy_region")
-    original = getattr(cls, method)
-    calls: list[int] = []
-
-    def faulting(self: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if persists or len(calls) == 1:
-            raise MemoryError("CUDA out of memory")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, method, faulting)
+    _fault(monkeypatch, cls, method, MemoryError("CUDA out of memory"), persists)
     with pytest.raises(lorahot.WriteError, match=r"^LoraRuntime\.activate: MemoryError: CUDA out of memory") as raised:
         runtime.activate(1)
     monkeypatch.undo()
@@ -460,18 +451,23 @@ def test_a_device_fault_putting_back_after_a_refusal_is_a_write_error_saying_wha
     assert torch.equal(_served(model, ids), first)
 
 
-def _faulting_clears(monkeypatch: pytest.MonkeyPatch, persists: bool) -> None:
-    """``Arena.clear`` faults before it zeroes anything: on its first call, or on every call."""
-    clear = buffers.Arena.clear
+def _fault(monkeypatch: pytest.MonkeyPatch, cls: type, method: str, error: Exception, persists: bool) -> None:
+    """``cls.method`` raises ``error`` before it does anything: on its first call, or on every call."""
+    original = getattr(cls, method)
     calls: list[int] = []
 
     def faulting(self: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         if persists or len(calls) == 1:
-            raise RuntimeError("CUDA error: unspecified launch failure")
-        return clear(self, *args, **kwargs)
+            raise error
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(buffers.Arena, "clear", faulting)
+    monkeypatch.setattr(cls, method, faulting)
+
+
+def _faulting_clears(monkeypatch: pytest.MonkeyPatch, persists: bool) -> None:
+    """``Arena.clear`` faults before it zeroes anything: on its first call, or on every call."""
+    _fault(monkeypatch, buffers.Arena, "clear", RuntimeError("CUDA error: unspecified launch failure"), persists)
 
 
 @pytest.mark.parametrize("persists", [False, True], ids=["once", "persisting"])
