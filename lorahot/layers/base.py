@@ -692,7 +692,9 @@ class LoRALayer(nn.Module):
         if not extras:
             return y + self.lora_delta(x, a, b, scale).to(y.dtype)
         d = self.lora_delta(x, a, b, scale) + e[EXTRA_BIAS] * scale[0]
-        return torch.addcmul(e[EXTRA_G], e[EXTRA_F], y + d).to(y.dtype)
+        return self._bias_gradient(torch.addcmul(e[EXTRA_G], e[EXTRA_F], y + d), e[EXTRA_F], e[EXTRA_G].shape).to(
+            y.dtype
+        )
 
     def refuse_keyword_call(self, kwargs: dict[str, Any]) -> None:
         """Raises for a call that passes no input positionally and does not name it as the base
@@ -718,7 +720,21 @@ class LoRALayer(nn.Module):
         path (one elementwise pass after it); ``z`` itself without extras."""
         if not self._plan[3]:  # extras
             return z
-        return torch.addcmul(e[EXTRA_G], e[EXTRA_F], z + e[EXTRA_BIAS] * scale[0]).to(z.dtype)
+        out = torch.addcmul(e[EXTRA_G], e[EXTRA_F], z + e[EXTRA_BIAS] * scale[0])
+        return self._bias_gradient(out, e[EXTRA_F], e[EXTRA_G].shape).to(z.dtype)
+
+    def _bias_gradient(self, out: torch.Tensor, f: torch.Tensor, channels: torch.Size) -> torch.Tensor:
+        """``out`` (``f * (base(x) + ...) + g``, ``g = (1 - f) * b0`` a constant of the DoRA load)
+        plus ``(1 - f) * (b - b.detach())``, zero in value, where autograd records the base bias
+        ``b``: its gradient is then ``f + (1 - f) = 1`` per channel, as in PEFT's forward, which
+        adds the bias outside the factor, instead of ``f``. ``f`` broadcasts against ``out``, and
+        ``channels`` is the shape one value per output channel takes to broadcast alike
+        (``[out]``, a conv's ``[out, *ones]``). Nothing is added outside autograd or for a layer
+        without a bias: the outputs of inference are untouched."""
+        bias = getattr(self._base, "bias", None)
+        if not (isinstance(bias, torch.Tensor) and bias.requires_grad and torch.is_grad_enabled()):
+            return out
+        return out + (1 - f) * (bias - bias.detach()).reshape(channels)
 
     def _routed_forward(self, x: torch.Tensor, route: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base output plus each row's own slot's update (and extras), ``route [L]`` giving
@@ -756,8 +772,9 @@ class LoRALayer(nn.Module):
         g = rows[:, EXTRA_G] * flag.to(rows.dtype)
         bias = rows[:, EXTRA_BIAS] * s0.view(flag.shape)
         shape = self.row_shape(length)
-        out = torch.addcmul(g.reshape(shape), f.reshape(shape), self.row_view(z, length) + bias.reshape(shape))
-        return out.reshape(z.shape).to(z.dtype)
+        f = f.reshape(shape)
+        out = torch.addcmul(g.reshape(shape), f, self.row_view(z, length) + bias.reshape(shape))
+        return self._bias_gradient(out, f, rows.shape[2:]).reshape(z.shape).to(z.dtype)
 
     def routed_fused(
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor

@@ -1,0 +1,195 @@
+"""Gradients through lorahot's layers against PEFT's and a float64 dense reference.
+
+A served model may still be differentiated: input gradients (guidance, textual inversion,
+adversarial inputs) and base-weight gradients (fine-tuning the base under a frozen adapter).
+Float64 models, gradients of a weighted sum of every output: with respect to the inputs and
+every base weight and bias, 1e-10 relative to PEFT's (the same adapter saved by
+``save_pretrained``, its base unfrozen) or to the dense reference ``base(x) + s * dW(x)``.
+The LoRA buffers are not parameters: they take no gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lorahot
+from lorahot.runtime import wide
+from tests.helpers import Conv1D, dense_delta, make_adapter
+from tests.system.test_dora_bias import TARGETS, _base, _peft
+
+D = torch.float64
+#: each adapter kind, its PEFT config and the layers it takes (a LoRA bias needs a base bias)
+KINDS = {
+    "lora": ({}, TARGETS),
+    "dora": ({"use_dora": True}, TARGETS),
+    "lora_bias": ({"lora_bias": True}, ["q", "g", "c"]),
+}
+
+
+def _leaves(batch: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs of test_dora_bias's model with ``batch`` rows each, the float ones requiring grad."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, 8, generator=g, dtype=D).requires_grad_()
+    img = torch.randn(batch, 3, 6, 6, generator=g, dtype=D).requires_grad_()
+    return x, img, torch.randint(0, 10, (batch, 2), generator=g)
+
+
+def _unfrozen(model: nn.Module) -> nn.Module:
+    """Every base parameter requires grad (PEFT freezes them; lorahot's LoRA has none)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" not in name)
+    return model
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    """A sum over every output element on its own (so rows computed apart add up alike)."""
+    return 0.5 * (out**2).sum()
+
+
+def _grads(models: list[nn.Module], inputs: tuple[torch.Tensor, ...], loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``loss``'s gradients w.r.t. the float ``inputs`` and every base parameter of ``models``
+    (named as in the base model, summed over models sharing one name), gradients cleared after."""
+    loss.backward()
+    grads = {f"input{i}": t.grad for i, t in enumerate(inputs) if t.is_floating_point()}
+    for model in models:
+        for name, p in model.named_parameters():
+            if "lora_" in name or p.grad is None:
+                continue
+            key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            grads[key] = grads[key] + p.grad if key in grads else p.grad
+            p.grad = None
+    for t in inputs:
+        t.grad = None
+    return grads
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-10, atol=1e-10, msg=key)
+
+
+@pytest.mark.parametrize("mode", ["library", "wide", "merged"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_gradients_match_peft(tmp_path: Path, kind: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linear with and without a bias, Conv1D, Conv2d and Embedding. DoRA's bias gradient was
+    ``f = m / ||W0 + s B A||`` per channel, not PEFT's 1: lorahot adds ``b0`` inside the factor
+    and takes it out again with ``(1 - f) * b0``, a constant of the load."""
+    if mode == "wide":  # the one-GEMM path of CUDA, run on the CPU (autograd takes the library formula)
+        monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    config, targets = KINDS[kind]
+    base = _base(D)
+    peft = _unfrozen(_peft(base, tmp_path / kind, 1, targets, **config))
+    model = _unfrozen(copy.deepcopy(base))
+    runtime = lorahot.inject(model, targets, max_rank=4, merged=mode == "merged", extras=True)
+    runtime.load(tmp_path / kind, scale=0.6)
+    for module in peft.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict):
+            scaling["default"] *= 0.6
+    if mode == "merged":
+        peft.merge_adapter()  # merged, the weight's gradient is the merged weight's: PEFT's merged one
+    inputs = _leaves()
+    want = _grads([peft], inputs, _loss(peft(*inputs)))
+    _assert_same(_grads([model], inputs, _loss(model(*inputs))), want)
+    assert all(t.grad is None for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E))
+
+
+def test_routed_dora_gradients_match_peft_row_by_row(tmp_path: Path) -> None:
+    """A DoRA adapter in each slot routed per row (one row of no slot): the gradients are those
+    of PEFT's model with each row's adapter run on its rows, summed (the base parameters' over
+    all of them), eagerly and through ``torch.compile`` (aot_eager: autograd of the traced
+    graph)."""
+    base = _unfrozen(_base(D))
+    oracles = [_unfrozen(_peft(base, tmp_path / f"d{k}", k + 1, TARGETS, use_dora=True)) for k in range(2)]
+    model = _unfrozen(copy.deepcopy(base))
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, extras=True, slots=2)
+    for k in range(2):
+        runtime.load(tmp_path / f"d{k}", slot=k)
+    inputs = _leaves()
+    rows = {0: [0], 1: [1, 3], -1: [2]}
+    runs = {slot: oracles[slot] if slot >= 0 else base for slot in rows}
+    loss = sum(_loss(runs[slot](*(t[r] for t in inputs))) for slot, r in rows.items())
+    want = _grads([*oracles, base], inputs, loss)
+    runtime.activate([0, 1, -1, 1])
+    _assert_same(_grads([model], inputs, _loss(model(*inputs))), want)
+    compiled = torch.compile(model, backend="aot_eager")
+    _assert_same(_grads([model], inputs, _loss(compiled(*inputs))), want)
+
+
+class _Convs(nn.Module):
+    """Every layer kind lorahot wraps, each on its own input (a grouped Conv2d where ``groups``)."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 6)
+        self.g = Conv1D(6, 8)
+        self.c1 = nn.Conv1d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, groups=groups)
+        self.c3 = nn.Conv3d(2, 4, 2)
+        self.e = nn.Embedding(10, 5)
+
+    def forward(self, x: torch.Tensor, i1: torch.Tensor, i2: torch.Tensor, i3: torch.Tensor, ids: torch.Tensor):
+        parts = (self.l(x), self.g(x), self.c1(i1), self.c2(i2), self.c3(i3), self.e(ids))
+        return torch.cat([p.reshape(p.shape[0], -1) for p in parts], 1)
+
+
+CONV_TARGETS = ["l", "g", "c1", "c2", "c3", "e"]
+
+
+def _conv_inputs() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(3)
+    shapes = [(4, 8), (4, 3, 5), (4, 4, 4, 4), (4, 2, 3, 3, 3)]
+    floats = [torch.randn(s, generator=g, dtype=D).requires_grad_() for s in shapes]
+    return (*floats, torch.randint(0, 10, (4, 2), generator=g))
+
+
+def _reference(base: nn.Module, parts: list[tuple[dict[str, Any], float]]) -> nn.Module:
+    """``base`` (a copy) whose targeted layers add ``sum s * dW(x)`` over ``parts`` (``name -> (A, B)``, weight)."""
+    ref = copy.deepcopy(base)
+    for name in CONV_TARGETS:
+
+        def hook(m: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> torch.Tensor:
+            return out + sum(s * dense_delta(m, args[0], *ab[name]) for ab, s in parts)
+
+        ref.get_submodule(name).register_forward_hook(hook)
+    return ref
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_every_layer_kind_stacked_and_routed_matches_the_dense_reference(merged: bool) -> None:
+    """Linear, Conv1D, Conv1d, Conv2d (grouped unmerged: merged mode cannot fold a LoRA there),
+    Conv3d, Embedding: one adapter, a stack of two, and (unmerged) the two in two slots routed
+    per row with a row of no slot."""
+    torch.manual_seed(0)
+    base = _Convs(1 if merged else 2).to(D)
+    ab = [make_adapter(base, dict.fromkeys(CONV_TARGETS, 2), seed=k, dtype=D) for k in (1, 2)]
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, CONV_TARGETS, max_rank=4, slots=2, merged=merged)
+    inputs = _conv_inputs()
+
+    def check(ref: nn.Module | list[tuple[nn.Module, list[int]]]) -> None:
+        got = _grads([model], inputs, _loss(model(*inputs)))
+        if isinstance(ref, nn.Module):
+            want = _grads([ref], inputs, _loss(ref(*inputs)))
+        else:  # each reference on its rows
+            loss = sum(_loss(r(*(t[rows] for t in inputs))) for r, rows in ref)
+            want = _grads([r for r, _ in ref], inputs, loss)
+        _assert_same(got, want)
+
+    runtime.load(ab[0][0], scale=0.7)
+    check(_reference(base, [(ab[0][1], 0.7)]))
+    runtime.load([ab[0][0], ab[1][0]], scale=[0.5, -1.2])
+    check(_reference(base, [(ab[0][1], 0.5), (ab[1][1], -1.2)]))
+    if not merged:
+        runtime.load(ab[0][0], slot=0)
+        runtime.load(ab[1][0], slot=1)
+        runtime.activate([0, 1, -1, 1])
+        refs = [_reference(base, [(ab[0][1], 1.0)]), _reference(base, [(ab[1][1], 1.0)]), copy.deepcopy(base)]
+        check([(refs[0], [0]), (refs[1], [1, 3]), (refs[2], [2])])
