@@ -193,6 +193,9 @@ ALIASES: tuple[tuple[str, str], ...] = (
         for k, v in _SINGLE2.items()
     ),
     *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE2.items()),
+    # ``sformer_blocks.N`` (``transformer_blocks.N`` cut short by some Flux.2 exports, which
+    # diffusers' Flux.2 conversion reads as ``transformer_blocks.N``): a name no model has
+    (rf"{_START}sformer_blocks\.(\d+\..+)$", r"transformer_blocks.\1"),
 )
 
 

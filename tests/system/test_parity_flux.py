@@ -425,6 +425,39 @@ def test_flux2_bfl_matches_diffusers(tmp_path: Path) -> None:
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
+def _tiny_flux2_double() -> torch.nn.Module:
+    return tiny_flux2().double()
+
+
+@pytest.mark.parametrize("rest", ["diffusers", "original"])
+def test_flux2_sformer_blocks_land_on_transformer_blocks_as_diffusers_reads_them(rest: str) -> None:
+    """Some Flux.2 exports name the double blocks ``diffusion_model.sformer_blocks.N`` (diffusers'
+    ``transformer_blocks.N`` cut short) beside diffusers' single-block names or the original ones
+    (``single_blocks.0.linear1``, ``img_in``); diffusers' Flux.2 conversion reads them as
+    ``transformer_blocks.N``. They were refused as matching no injected layer; every layer now
+    gets what diffusers' Flux.2 loader gives it, float64, read as ComfyUI or BFL naming."""
+    make = _tiny_flux2_double
+    model = make()
+    names = linears(model, lambda n: n.startswith(("transformer_blocks.", "single_transformer_blocks.")))
+    original = {"single_transformer_blocks.0.attn.to_qkv_mlp_proj": "single_blocks.0.linear1"}
+    original |= {"single_transformer_blocks.0.attn.to_out": "single_blocks.0.linear2", "x_embedder": "img_in"}
+    names += ["x_embedder"] if rest == "original" else []
+    g = torch.Generator().manual_seed(21)
+    sd = {}
+    for i, name in enumerate(names):
+        layer = model.get_submodule(name)
+        key = name.replace("transformer_blocks.", "sformer_blocks.") if name.startswith("transformer_blocks.") else name
+        key = "diffusion_model." + (original.get(key, key) if rest == "original" else key)
+        sd[f"{key}.lora_A.weight"] = torch.randn(2 + i % 3, layer.in_features, generator=g, dtype=torch.float64)
+        sd[f"{key}.lora_B.weight"] = torch.randn(layer.out_features, 2 + i % 3, generator=g, dtype=torch.float64)
+    assert any(k.startswith("diffusion_model.sformer_blocks.0.") for k in sd)
+    ours, fmt = lorahot_weights(make, sd, names)
+    assert fmt == ("comfyui" if rest == "diffusers" else "flux-bfl")
+    theirs = diffusers_weights(make, diffusers.Flux2Pipeline, sd, names)
+    assert all(not torch.equal(theirs[n], w) for n, w in weights(make(), names).items())
+    assert_same(ours, theirs)
+
+
 def test_flux2_kohya_matches_diffusers(tmp_path: Path) -> None:
     """sd-scripts' Flux.2 files: kohya module spellings, alphas folded as for Flux.1; diffusers'
     Flux.2 kohya conversion knows the blocks, img_in, txt_in, time_in and final_layer.linear."""
