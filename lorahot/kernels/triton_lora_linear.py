@@ -9,6 +9,13 @@ recomputes the shrink for its rows, which costs ``R / BLOCK_N`` times the tile's
 again (from L2, A being small) and saves the separate shrink and expand launches that dominate
 a small-batch LoRA forward.
 
+float16 weights (``H32``, :func:`~lorahot.kernels.triton_routed_lora.keeps_float32`): the
+scaled shrink stays float32 and the ``Bt`` tile is widened to float32 for the expand's dot
+(TF32 on tensor cores: float16's 10 bits of mantissa, float32's range). A scaled shrink past
+float16's 65504 (``x @ A.T`` of 1e5 with a small B, or ``s = 32`` on 3e3) then stays finite
+where the output is in range, as with PEFT's float32 adapter weights; rounded to float16 it
+was inf. bfloat16 has float32's range, and its kernels compile as before (``H32`` off).
+
 A layer with few output tiles (narrow, or deep in K) leaves most of the GPU idle with one
 program per tile, and makes each program stream all of ``A``. There the K loop is split
 (``split`` in :data:`Config`): each program covers one K chunk, adds its share of the base
@@ -47,7 +54,7 @@ from lorahot.kernels.device_guard import launching_on
 from lorahot.kernels.direct_launch import Launcher, cdiv
 from lorahot.kernels.op_registry import define, refuse_grad
 from lorahot.kernels.rows import as_rows
-from lorahot.kernels.triton_routed_lora import gdc_launch_dependents, gdc_wait, rank_pad, shrink
+from lorahot.kernels.triton_routed_lora import gdc_launch_dependents, gdc_wait, keeps_float32, rank_pad, shrink
 
 __all__ = ["lora_linear", "launch", "run_into", "config_for", "split_k", "sum_splits"]
 
@@ -59,7 +66,7 @@ def _lora_linear_kernel(
     stride_xm, stride_wn, stride_am, stride_bm, stride_ym, stride_bs, stride_hm,
     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUTED: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, H32: tl.constexpr,
 ):  # fmt: skip
     if PDL:  # launched early (lorahot.kernels.pdl): the split-K sum may launch now and wait for this
         if not ROUTED:  # x comes from the kernel before: wait for it
@@ -99,11 +106,15 @@ def _lora_linear_kernel(
         h_ptr = H + rm[:, None].to(tl.int64) * stride_hm + rr[None, :]
         h = tl.load(h_ptr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         # the split programs share the slots' expands
-        acc = slot_expands(acc, h, slot_of, BT, rr, rn, r_ok, n_ok, SLOTS, pid_s, SPLIT, stride_bs, stride_bm)
+        acc = slot_expands(acc, h, slot_of, BT, rr, rn, r_ok, n_ok, SLOTS, pid_s, SPLIT, stride_bs, stride_bm, H32)
     else:
         s = tl.load(S + rr, mask=r_ok, other=0.0).to(tl.float32)  # [R_PAD]: the scale of each row of A
-        h = (hacc * s[None, :]).to(BT.dtype.element_ty)
+        h = hacc * s[None, :]
+        if not H32:  # a dot of two 16-bit tiles; float16 weights keep h in float32 (H32)
+            h = h.to(BT.dtype.element_ty)
         bt = tl.load(BT + rr[:, None] * stride_bm + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        if H32:
+            bt = bt.to(tl.float32)
         acc = tl.dot(h, bt, acc)
     if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
         if pid_s == 0:
@@ -117,16 +128,21 @@ def _lora_linear_kernel(
 
 
 @triton.jit
-def slot_expands(acc, h, slot_of, BT, rr, rn, r_ok, n_ok, SLOTS, first, step, stride_bs, stride_bm):
+def slot_expands(acc, h, slot_of, BT, rr, rn, r_ok, n_ok, SLOTS, first, step, stride_bs, stride_bm, H32: tl.constexpr):
     """``acc`` plus, for each slot ``first, first + step, ...`` that some row uses (``slot_of``),
     the expand ``where(row in slot, h, 0) @ Bt_slot[:, rn]``: ``h`` the rows' float32 scaled
-    shrink ``[BLOCK_M, R_PAD]``, rounded to ``BT``'s dtype for the dot."""
+    shrink ``[BLOCK_M, R_PAD]``, rounded to ``BT``'s dtype for the dot, or with ``H32`` kept in
+    float32 and the ``Bt`` tile widened (see :func:`_lora_linear_kernel`)."""
     for slot in range(first, SLOTS, step):
         hit = slot_of == slot
         if tl.max(hit.to(tl.int32), axis=0) > 0:
-            hs = tl.where(hit[:, None], h, 0.0).to(BT.dtype.element_ty)
+            hs = tl.where(hit[:, None], h, 0.0)
+            if not H32:
+                hs = hs.to(BT.dtype.element_ty)
             bt_ptr = BT + tl.cast(slot, tl.int64) * stride_bs + rr[:, None] * stride_bm + rn[None, :]
             bt = tl.load(bt_ptr, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            if H32:
+                bt = bt.to(tl.float32)
             acc = tl.dot(hs, bt, acc)
     return acc
 
@@ -249,8 +265,8 @@ def launch(
             (
                 m, n, k, r, chunk, slots, t,
                 x.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), out.stride(0), bt.stride(0), h.stride(0),
-                # HAS_BIAS, R_PAD, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, ROUTED, PDL
-                bias is not None, rank_pad(r), split, bm, bn, bk, routing is not None, early,
+                # HAS_BIAS, R_PAD, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, ROUTED, PDL, H32
+                bias is not None, rank_pad(r), split, bm, bn, bk, routing is not None, early, keeps_float32(bt),
             ),
             num_warps=warps, num_stages=stages, launch_pdl=early,
         )  # fmt: skip

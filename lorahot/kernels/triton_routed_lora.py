@@ -27,8 +27,9 @@ shrink of every row:
   (:mod:`lorahot.kernels.triton_lora_linear`) the shares are added atomically into one zeroed
   workspace, in no fixed order: the last bits of that float32 sum can differ between runs.
 
-The shrink is rounded to the weights' dtype before the expand in the segmented kernels (a dot
-of two fp16/bf16 tiles, as the fused kernel does) and kept in float32 in the gather kernels.
+The shrink is rounded to the weights' dtype before the expand in the segmented kernels for
+bfloat16 (a dot of two bf16 tiles, as the fused kernel does) and kept in float32 for float16
+(:func:`keeps_float32`: a float32 dot, B widened), and in the gather kernels for both.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ try:  # programmatic dependent launch (lorahot.kernels.pdl): sm90 intrinsics of 
 except ImportError:  # pragma: no cover - an older Triton: pdl.active() is then False
     gdc_launch_dependents = gdc_wait = None
 
-__all__ = ["launch", "shrink", "rank_pad", "gdc_launch_dependents", "gdc_wait"]
+__all__ = ["launch", "shrink", "rank_pad", "keeps_float32", "gdc_launch_dependents", "gdc_wait"]
 
 
 @triton.jit
@@ -193,7 +194,7 @@ def _segment_expand(
     M, N, R, SLOTS, T,
     stride_ym, stride_hm, stride_bs, stride_br, stride_om,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS_PAD: tl.constexpr,
-    PARTIALS: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+    PARTIALS: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr, H32: tl.constexpr,
 ):  # fmt: skip
     """One tile of rows, a share of N's tiles: ``out = y + h @ Bt_slot`` per output tile, or
     ``out = y`` for the rows of no slot. The slot test sits outside the loops, so the loop with
@@ -212,7 +213,10 @@ def _segment_expand(
 
     Without ``HAS_Y`` there is no base output to read: ``out = h @ Bt_slot`` (plus the bias
     with ``HAS_BIAS``), and the bias alone (or zeros) for the rows of no slot, for a GEMM to
-    accumulate onto (see :func:`launch`)."""
+    accumulate onto (see :func:`launch`).
+
+    ``H32`` (float16 weights, :func:`keeps_float32`): the scaled shrink stays float32 and each
+    ``Bt`` tile is widened for a float32 (TF32) dot, as in the fused kernel's expand."""
     if PDL:
         gdc_launch_dependents()
     slot, rows, m_ok, past = _segment_rows(SEG, tl.program_id(0), SLOTS, T, BLOCK_M, SLOTS_PAD)
@@ -233,11 +237,15 @@ def _segment_expand(
             )
         if PDL:  # H is the shrink's
             gdc_wait()
-        hb = _tile_shrink(H, rows, m_ok, M, R, stride_hm, R_PAD, BLOCK_M, PARTIALS).to(BT.dtype.element_ty)
+        hb = _tile_shrink(H, rows, m_ok, M, R, stride_hm, R_PAD, BLOCK_M, PARTIALS)
+        if not H32:  # a dot of two 16-bit tiles (float16's range would turn a large hb into inf)
+            hb = hb.to(BT.dtype.element_ty)
         for nt in range(tl.program_id(1), n_tiles, step):  # this program's share of N
             rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = rn < N
             bt = tl.load(bt_base + rr[:, None] * stride_br + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            if H32:
+                bt = bt.to(tl.float32)
             if HAS_Y:
                 y_cur = y_next
                 ahead = rn + step * BLOCK_N  # the next tile's y, loaded before this tile's dot
@@ -338,8 +346,9 @@ def launch(
         (
             m, n, r, slots, t,
             out.stride(0) if y is None else y.stride(0), h.stride(1), bt.stride(0), bt.stride(1), out.stride(0),
-            # R_PAD, BLOCK_M, BLOCK_N, SLOTS_PAD, PARTIALS, HAS_Y, HAS_BIAS, PDL
+            # R_PAD, BLOCK_M, BLOCK_N, SLOTS_PAD, PARTIALS, HAS_Y, HAS_BIAS, PDL, H32
             r_pad, block_m, block_n, _slots_pad(slots), h.shape[0], y is not None, bias is not None, early,
+            keeps_float32(bt),
         ),
         num_warps=warps, num_stages=stages, launch_pdl=early,
     )  # fmt: skip
@@ -397,6 +406,14 @@ def shrink(
         num_warps=warps, num_stages=stages, launch_pdl=early,
     )  # fmt: skip
     return h
+
+
+def keeps_float32(bt: torch.Tensor) -> bool:
+    """Whether the expands over ``bt`` keep the scaled shrink in float32 (the kernels' ``H32``):
+    for float16 weights, whose range (65504) a scaled shrink ``s * (x @ A.T)`` may pass where the
+    output does not (``x @ A.T`` of 1e5 with a small B, or ``s = 32`` on 3e3), as PEFT keeps it
+    with its float32 adapter weights. bfloat16 has float32's range: its kernels are unchanged."""
+    return bt.dtype == torch.float16
 
 
 #: the kernels' launches (:mod:`lorahot.kernels.direct_launch`)

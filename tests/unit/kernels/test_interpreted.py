@@ -604,3 +604,83 @@ def test_kernels_reach_rows_past_2_to_the_31_elements(path: str) -> None:
         base = y0.double()
     want = _per_row(x0, base, a, bt, s, route)
     torch.testing.assert_close(out.double(), want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+
+
+#: (|x @ A.T| wanted, s): the shrink itself past float16's 65504 with s = 1, and its scaled copy
+#: past it with |x @ A.T| ~ 3e3 and s = alpha / r = 32
+FLOAT16_RANGE = {"x@A.T": (1.5e5, 1.0), "s*(x@A.T)": (5e3, 32.0)}
+
+
+def _past_float16(
+    rows: int, k: int, n: int, slots: int, size: str, seed: int, boost: float = 1.0
+) -> tuple[torch.Tensor, ...]:
+    """float16 ``x [rows, k]``, a base ``weight [n, k]`` and slot views ``a [slots, 16, k]``,
+    ``bt [slots, 16, n]``, ``s [slots, 16]`` whose every factor fits float16 while the scaled
+    shrink ``s * (x @ A.T)`` passes 65504 (:data:`FLOAT16_RANGE`, its shrink ``boost`` times
+    larger); B is small, so the update and the output stay well inside float16's range."""
+    shrink, scale = FLOAT16_RANGE[size]
+    x, _, a, bt, s = _operands(rows, k, n, 16, slots, torch.float16, seed=seed)
+    x = (x.float() * 10).half()
+    a = (a.float() * boost * shrink / (10 * 4)).half()  # |x @ A.T| ~ 10 * |A row| ~ shrink
+    bt = (bt.float() * 1e-4).half()
+    s = torch.full_like(s, scale)
+    weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k**0.5).half()
+    return x, weight, a, bt, s
+
+
+def _assert_float16_output(out: torch.Tensor, want: torch.Tensor, shrink: torch.Tensor) -> None:
+    """``out`` finite and within float16's rounding of the float64 ``want`` (4 eps of its
+    largest value), the case being what it says: some scaled shrink past 65504."""
+    assert shrink.abs().max() > 65504 and want.abs().max() < 5000
+    assert torch.isfinite(out).all(), f"{(~torch.isfinite(out)).sum().item()} of {out.numel()} outputs not finite"
+    err = (out.double() - want).abs().max().item()
+    assert err <= 4 * torch.finfo(torch.float16).eps * want.abs().max().item(), err
+
+
+@pytest.mark.parametrize("size", list(FLOAT16_RANGE))
+# K split 16 ways at one row: each split's partial shrink must itself pass 65504 (boost)
+@pytest.mark.parametrize("shape", [(5, 256, 130, 1.0), (1, 2048, 96, 8.0)], ids=["unsplit", "split-k"])
+def test_fused_kernel_keeps_a_float16_shrink_past_65504_in_float32(
+    shape: tuple[int, int, int, float], size: str
+) -> None:
+    """float16 weights: the fused kernel's scaled shrink ``s * (x @ A.T)`` past float16's range
+    stays float32 through the expand (``H32``), so the output matches the float64 reference
+    where rounding it to float16 gave inf; K split or not (``config_for`` picks)."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    rows, k, n, boost = shape
+    x, weight, a, bt, s = _past_float16(rows, k, n, 1, size, seed=rows, boost=boost)
+    out = torch.full((rows, n), float("nan"), dtype=torch.float16)
+    kernel.launch(x, weight, None, a[0], bt[0], s[0], out, kernel.config_for(rows, n, k))
+    want = _per_row(x, x.double() @ weight.double().T, a, bt, s, torch.zeros(rows, dtype=torch.int64))
+    _assert_float16_output(out, want, (x.double() @ a[0].double().T) * s[0].double())
+
+
+@pytest.mark.parametrize("size", list(FLOAT16_RANGE))
+@pytest.mark.parametrize("path", ["fused-routed", "segmented", "segmented-no-y", "gather"])
+def test_routed_kernels_keep_a_float16_shrink_past_65504_in_float32(path: str, size: str) -> None:
+    """float16 weights, each row its own slot: the routed fused kernel's slot expands and the
+    segmented expand (with a base output, and without one for a GEMM to accumulate onto) keep
+    the scaled shrink in float32 (``H32``), as the gather kernels always did; the output
+    matches the float64 reference row by row, where rounding the shrink to float16 gave inf."""
+    fused = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
+    rows, k, n, slots = 40, 256, 130, 3
+    x, weight, a, bt, s = _past_float16(rows, k, n, slots, size, seed=7)
+    route = torch.randint(-1, slots, (rows,), generator=torch.Generator().manual_seed(7))
+    route[:slots] = torch.arange(slots)  # every slot has rows
+    y = (x.double() @ weight.double().T).half()
+    segs = routed.segments(route, slots)
+    out = torch.full((rows, n), float("nan"), dtype=torch.float16)
+    if path == "fused-routed":
+        fused.launch(x, weight, None, a, bt, s, out, fused.config_for(rows, n, k), routing=(segs, route, 1, None))
+        base = x.double() @ weight.double().T
+    else:
+        kernels.launch(
+            x, None if path == "segmented-no-y" else y, a, bt, s, route, out, gather=path == "gather", segs=segs
+        )
+        base = torch.zeros(rows, n, dtype=torch.float64) if path == "segmented-no-y" else y.double()
+    want = _per_row(x, base, a, bt, s, route)
+    shrink = torch.stack(
+        [(x[m].double() @ a[max(t, 0)].double().T) * s[max(t, 0)].double() for m, t in enumerate(route.tolist())]
+    )
+    _assert_float16_output(out, want, shrink[route >= 0])
