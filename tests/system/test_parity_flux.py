@@ -458,6 +458,32 @@ def test_flux2_sformer_blocks_land_on_transformer_blocks_as_diffusers_reads_them
     assert_same(ours, theirs)
 
 
+def test_kohya_spelling_of_diffusers_names_under_lora_transformer_matches_diffusers() -> None:
+    """Flux.1 files in the kohya spelling of diffusers' names under ``lora_transformer_``
+    (``lora_transformer_transformer_blocks_0_attn_to_q``, ``lora_transformer_x_embedder``, with
+    ``.alpha``; diffusers' "mixture" Flux conversion, which reads the attentions of the blocks and
+    the modules outside them): read as kohya naming, every layer as diffusers' Flux loader gives
+    it, float64."""
+
+    def make() -> torch.nn.Module:
+        return tiny_flux().double()
+
+    model = make()
+    names = linears(model, lambda n: ".attn." in n or not n.startswith(("transformer_blocks", "single_transformer")))
+    g = torch.Generator().manual_seed(22)
+    sd = {}
+    for i, name in enumerate(names):
+        layer, r, key = model.get_submodule(name), 2 + i % 3, "lora_transformer_" + name.replace(".", "_")
+        sd[f"{key}.lora_down.weight"] = torch.randn(r, layer.in_features, generator=g, dtype=torch.float64) * 0.3
+        sd[f"{key}.lora_up.weight"] = torch.randn(layer.out_features, r, generator=g, dtype=torch.float64) * 0.3
+        sd[f"{key}.alpha"] = torch.tensor(r * (0.5 + i % 3), dtype=torch.float64)
+    ours, fmt = lorahot_weights(make, sd, names)
+    assert fmt == "kohya"
+    theirs = diffusers_weights(make, diffusers.FluxPipeline, sd, names)
+    assert all(not torch.equal(theirs[n], w) for n, w in weights(make(), names).items())
+    assert_same(ours, theirs)
+
+
 def test_flux2_kohya_matches_diffusers(tmp_path: Path) -> None:
     """sd-scripts' Flux.2 files: kohya module spellings, alphas folded as for Flux.1; diffusers'
     Flux.2 kohya conversion knows the blocks, img_in, txt_in, time_in and final_layer.linear."""

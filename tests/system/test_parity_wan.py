@@ -103,6 +103,49 @@ def test_wan_matches_diffusers(spelling: tuple[str, str], head: str, tmp_path: P
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
+#: an image-to-video model's modules beyond MODULES: original name -> (in, out)
+I2V_MODULES = {
+    "blocks.0.cross_attn.k_img": (D, D),
+    "blocks.0.cross_attn.v_img": (D, D),
+    "img_emb.proj.1": (12, 12),
+    "img_emb.proj.3": (12, D),
+}
+
+
+def _tiny_wan_i2v() -> torch.nn.Module:
+    return tiny_wan(image_dim=12, added_kv_proj_dim=D).double()
+
+
+@pytest.mark.parametrize("naming", ["wan", "wan-musubi"])
+def test_wan_image_to_video_modules_match_diffusers(naming: str) -> None:
+    """An image-to-video Wan's own modules (the cross-attention's ``k_img``/``v_img``, the image
+    embedder's ``img_emb.proj.1``/``.3``) beside the text-to-video ones, with ``.alpha`` on the
+    block modules; musubi-tuner's spelling of the blocks (all of them, as diffusers' musubi
+    conversion needs): every layer as diffusers' Wan loader gives it, float64."""
+    model = _tiny_wan_i2v()
+    modules = {k: v[:2] for k, v in MODULES.items()} | I2V_MODULES
+    if naming == "wan-musubi":
+        modules = {k: v for k, v in modules.items() if k.startswith("blocks.")}
+    g = torch.Generator().manual_seed(23)
+    sd = {}
+    for i, (name, (fan_in, fan_out)) in enumerate(modules.items()):
+        r = 2 + i % 3
+        key = "lora_unet_" + name.replace(".", "_") if naming == "wan-musubi" else f"diffusion_model.{name}"
+        down, up = "lora_down", "lora_up"
+        sd[f"{key}.{down}.weight"] = torch.randn(r, fan_in, generator=g, dtype=torch.float64) * 0.3
+        sd[f"{key}.{up}.weight"] = torch.randn(fan_out, r, generator=g, dtype=torch.float64) * 0.3
+        if name.startswith("blocks."):
+            sd[f"{key}.alpha"] = torch.tensor(r * (0.5 + i % 3), dtype=torch.float64)
+    names = linears(model, lambda n: "attn" in n or "ffn" in n or "embedder" in n or n == "proj_out")
+    ours, fmt = lorahot_weights(_tiny_wan_i2v, sd, names)
+    assert fmt == naming
+    theirs = diffusers_weights(_tiny_wan_i2v, diffusers.WanPipeline, sd, names)
+    changed = [n for n, w in weights(_tiny_wan_i2v(), names).items() if not torch.equal(theirs[n], w)]
+    assert {"blocks.0.attn2.add_k_proj", "blocks.0.attn2.add_v_proj"} <= set(changed)
+    assert ("condition_embedder.image_embedder.ff.net.2" in changed) == (naming == "wan")
+    assert_same(ours, theirs)
+
+
 def test_wan_musubi_matches_diffusers(tmp_path: Path) -> None:
     """musubi-tuner's kohya spelling; diffusers' musubi conversion wants q, k, v, o of both
     attentions and both FFN layers of every block, each with an alpha."""
