@@ -949,13 +949,17 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def library_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The live ``a`` and ``b`` as the library formula computes the update with them: float16
-    buffers off CUDA as float32 copies, so that the rank-wide intermediate ``x @ A.T``, its scaled
-    copy ``s * (x @ A.T)`` and the update stay in float32, as with PEFT's float32 adapter weights,
-    the update rounded to the output's dtype where it is added. Kept in float16 (largest value 65504) either
-    overflows to inf where the output itself is well in range (``x @ A.T`` of 1e5 with a small B,
-    or ``s = alpha / r = 32`` on ``x @ A.T`` of 3e3). Elsewhere the buffers as they are: bfloat16
-    has float32's range, and on CUDA float32 products would cost the GPU path its tensor cores."""
-    if a.dtype != torch.float16 or a.is_cuda:
+    buffers as float32 copies, on every device, so that the rank-wide intermediate ``x @ A.T``,
+    its scaled copy ``s * (x @ A.T)`` and the update stay in float32, as with PEFT's float32
+    adapter weights, the update rounded to the output's dtype where it is added. Kept in float16
+    (largest value 65504) either overflows to inf where the output itself is well in range
+    (``x @ A.T`` of 1e5 with a small B, or ``s = alpha / r = 32`` on ``x @ A.T`` of 3e3). On CUDA
+    that costs a float16 layer's update its tensor cores (float32 GEMMs over the rank, and a
+    float32 copy of ``x``); the fused kernels keep the intermediate in float32 with tensor-core
+    dots (:mod:`lorahot.kernels.triton_lora_linear`), and float16 layers are not widened
+    (:data:`lorahot.runtime.wide.UNWIDENED_DTYPES`). Other dtypes keep their buffers as they are:
+    bfloat16 has float32's range."""
+    if a.dtype != torch.float16:
         return a, b
     return a.float(), b.float()
 
@@ -1375,9 +1379,28 @@ def _put_plain_tensor(layer: LoRALayer, name: str, value: torch.Tensor) -> None:
     moved = refusal is None and not _computed_from(layer, name, value)
     if moved and (layer.merged or torch.compiler.is_compiling()):
         refusal = _copy_refusal(layer, name)
+    if moved and refusal is None and layer._plan[3] and layer.holds_dora():
+        refusal = _dora_values_refusal(layer, name)
     if refusal is not None:
         raise UsageError(refusal)
     base._parameters[name] = value  # type: ignore[assignment]  # as torch's stateless call puts it
+
+
+def _dora_values_refusal(layer: LoRALayer, name: str) -> str:
+    """Why ``layer``, holding a DoRA adapter (in the live region or a slot), cannot compute with
+    other values for its base layer's ``name`` for one call: its factors ``f = m / ||W0 + s B A||``
+    and ``g = (1 - f) * b0`` were computed from the weight and bias it has (at the load, the
+    ``set_scale``, the ``load_state_dict``), and PEFT's forward takes the norm from the weight of
+    the call; with the old factors the output would be off, silently."""
+    return (
+        f"{layer._path or type(layer.base_layer).__name__}: torch.func.functional_call (or "
+        f"nn.utils.stateless) put other values in place of its base layer's {name} for a call, and the layer holds a "
+        "DoRA adapter, whose factors m / ||W0 + scale * B @ A|| (and the bias term) lorahot computes from the "
+        "weight and bias it has when the adapter or its scale changes, not at each call as PEFT does: the call would "
+        f"compute with the factors of the old {name}. The call was refused before it ran. Pass this layer's own "
+        "parameters (a state dict's entries), load the values into the model (load_state_dict computes the factors "
+        "again), or load a plain LoRA here."
+    )
 
 
 #: what a refusal did, for an attribute assignment and for ``load_state_dict(assign=True)``

@@ -286,6 +286,46 @@ def test_a_copy_of_the_model_refuses_a_base_checkpoint_under_a_dora_adapter(tmp_
         _close(twin(*inputs), want(*inputs))
 
 
+def _peft_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Base-model state-dict keys as a PEFT model names its wrapped layers' (``q.weight`` ->
+    ``base_model.model.q.base_layer.weight``); every targeted layer is wrapped."""
+    return {f"base_model.model.{k.rsplit('.', 1)[0]}.base_layer.{k.rsplit('.', 1)[1]}": v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("changed", ["q.weight", "c.bias", "e.weight"])
+def test_functional_call_with_other_base_values_for_a_dora_layer_is_refused(tmp_path: Path, changed: str) -> None:
+    """``torch.func.functional_call`` with other values for a DoRA layer's base weight or bias:
+    PEFT's forward takes the norm of ``m / ||W0 + s B A||`` from the call's weight (and adds the
+    call's bias outside the factor), lorahot's factors were computed from the model's own; the
+    call computed with them, silently (2.0 off PEFT's output on this model). Refused with a
+    typed error naming the layer, every parameter and the output bitwise as before. The same
+    values on a slot of plain LoRA compute PEFT's output with them, and the model's own state
+    dict (or parameters, as ``torch.func.grad`` passes them) computes what the model does."""
+    base, inputs = _base(torch.float64), _inputs(torch.float64)
+    peft = _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    plain = _peft(base, tmp_path / "plain", 2, TARGETS)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, extras=True, slots=2)
+    runtime.load(tmp_path / "plain", slot=1)
+    runtime.load(tmp_path / "dora")
+    other = {k: v + 0.25 if k == changed else v for k, v in model.state_dict().items()}
+    params = {k: (v, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    with torch.no_grad():
+        before = model(*inputs)
+        _close(torch.func.functional_call(model, model.state_dict(), inputs), peft(*inputs))
+        layer, name = changed.split(".")
+        with pytest.raises(lorahot.UsageError, match=rf"^{layer}: torch.func.functional_call .*'s {name} .*DoRA"):
+            torch.func.functional_call(model, other, inputs)
+        assert torch.equal(model(*inputs), before)
+        for k, (tensor, values) in params.items():
+            now = model.state_dict(keep_vars=True)[k]
+            assert now is tensor and torch.equal(now, values), k
+        runtime.unload(0)  # the plain LoRA alone (slot 1), the DoRA adapter gone from every slot
+        runtime.activate(1)
+        want = torch.func.functional_call(plain, _peft_state(other), inputs)
+        _close(torch.func.functional_call(model, other, inputs), want)
+
+
 def test_plain_lora_after_dora_is_bitwise_a_fresh_load(tmp_path: Path) -> None:
     base, inputs = _base(), _inputs()
     _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
