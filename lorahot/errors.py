@@ -93,17 +93,20 @@ class UnexpectedError(LoraError):
 class WriteError(LoraError):
     """A write failed after every check had passed (out of device memory, a device fault). The
     slot it was writing is emptied, as by ``unload``, so that no mix of two adapters serves; the
-    message says so (or that emptying failed too, which makes an interrupted write one too).
-    Where ``unload`` failed so, the slot is emptied again and the message says whether that went
-    through and which slots it did not reach. Where ``activate`` failed so, or putting back what
+    message says so (or that emptying failed too, which makes an interrupted write one too; the
+    slot then names no adapter, since it may hold parts of two). Where ``unload`` failed so, the
+    slot is emptied again, the other slots asked for are emptied all the same, and the message
+    says whether that went through or which slots may still hold part of their adapter (named by
+    none). Where ``activate`` failed so, or putting back what
     a refused or interrupted ``activate`` changed failed, the slot and routing live before are
     live again, or the message says which slot is live instead, or that the model may compute a
     mix, and how to recover. Where a load failed while staging its data on the device, before
     its first write (out of device memory), nothing was changed, and the message says so. On a
     tensor-parallel model, a rank whose own call went through raises it too where another
     rank's write, ``activate`` or ``unload`` failed or was interrupted, naming that rank: every
-    rank then holds what that rank holds (the slot emptied, or the slot before live again). The
-    original is its ``__cause__``."""
+    rank then holds what that rank holds (the slot emptied, or the slot before live again), and
+    where a slot could not be emptied on a rank, every rank's message names that slot and rank
+    and no rank names an adapter there. The original is its ``__cause__``."""
 
 
 _P = ParamSpec("_P")

@@ -926,18 +926,21 @@ def scenario_interrupted(mesh: object, folder: Path, check: Checks) -> None:
     with torch.no_grad():
         base = rig.tp(rig.ids)
 
-    def on_rank_1(method: str, fault: BaseException, wrote: bool, call: Callable[[], object]) -> str:
+    def on_rank_1(
+        method: str, fault: BaseException, wrote: bool, call: Callable[[], object], then: Exception | None = None
+    ) -> str:
         """``call()`` with ``buffers.<method>`` raising ``fault`` the first time on rank 1 (after
-        writing part of a slot where ``wrote``): what it raised, as ``"Type: message"``."""
+        writing part of a slot where ``wrote``), and ``then`` every later time if given: what it
+        raised, as ``"Type: message"``."""
         original = getattr(buffers, method)
         calls = []
 
         def failing(*args: object, **kwargs: object) -> object:
             calls.append(1)
-            if rank != 1 or len(calls) > 1:
+            if rank != 1 or (len(calls) > 1 and then is None):
                 return original(*args, **kwargs)
             buffers.touched = buffers.touched or wrote
-            raise fault
+            raise fault if len(calls) == 1 else then  # type: ignore[misc]
 
         setattr(buffers, method, failing)
         try:
@@ -948,10 +951,41 @@ def scenario_interrupted(mesh: object, folder: Path, check: Checks) -> None:
             delattr(buffers, method)
         return "returned"
 
-    def expect(got: str, rank_0: list[str], rank_1: str) -> str | None:
-        words = ["WriteError: ", "rank 1 of 2", *rank_0] if rank == 0 else [rank_1]
+    persisting = RuntimeError("device fault (simulated on rank 1, persisting)")
+
+    def clears_failing(call: Callable[[], object]) -> Callable[[], object]:
+        """``call`` with every emptying of a slot (``buffers.clear``) failing on rank 1."""
+
+        def failing() -> object:
+            def clear(*args: object, **kwargs: object) -> None:
+                raise persisting
+
+            if rank == 1:
+                buffers.clear = clear  # type: ignore[method-assign]
+            try:
+                return call()
+            finally:
+                if rank == 1:
+                    del buffers.clear
+
+        return failing
+
+    def expect(got: str, rank_0: list[str], rank_1: str | list[str]) -> str | None:
+        words = (
+            ["WriteError: ", "rank 1 of 2", *rank_0] if rank == 0 else [rank_1] if isinstance(rank_1, str) else rank_1
+        )
         missing = [w for w in words if w not in got]
         return f"{missing} not in {got!r}" if missing else None
+
+    def unnamed(*slots: int) -> str | None:
+        named = [s for s in slots if rig.rt.info(s) is not None]
+        return f"slots {named} still name an adapter" if named else None
+
+    def recovered(*slots: int) -> str | None:
+        """After the unload the error names, every rank computes the base model bitwise."""
+        for s in slots:
+            rig.rt.unload(s)
+        return rig.unchanged_output(base)
 
     def fill() -> None:
         rig.both(lambda r: r.unload())
@@ -994,12 +1028,40 @@ def scenario_interrupted(mesh: object, folder: Path, check: Checks) -> None:
         fill()
         got = on_rank_1("clear", exc, True, lambda: rig.rt.unload())
         check(f"{name} on rank 1", lambda got=got, w=words: expect(got, [w], w))
-        if exc is interrupt:  # a fault leaves the slots not reached to the unload it asks for
-            check(
-                f"every rank emptied every slot after {name}",
-                lambda: None if rig.rt.info(0) is None and rig.rt.info(1) is None else "a slot is filled",
-            )
-            check(f"and computes the base model bitwise after {name}", lambda: rig.unchanged_output(base))
+        check(
+            f"every rank emptied every slot after {name}",
+            lambda: None if rig.rt.info(0) is None and rig.rt.info(1) is None else "a slot is filled",
+        )
+        check(f"and computes the base model bitwise after {name}", lambda: rig.unchanged_output(base))
+    # the second try fails too on rank 1: every rank says which slots rank 1 may still hold part
+    # of, none names an adapter there, and the unload it names gives every rank the base model
+    for name, slots, exc, words in (
+        ("an unload interrupted whose second try fails", (0, 1), interrupt, "KeyboardInterrupt"),
+        ("an unload of slot 1 failing whose second try fails", (1,), fault, "device fault"),
+    ):
+        fill()
+        got = on_rank_1("clear", exc, True, lambda s=slots: rig.rt.unload(None if len(s) > 1 else 1), persisting)
+        which = f"{'Slots' if len(slots) > 1 else 'Slot'} {', '.join(map(str, slots))} on"
+        check(
+            f"{name} on rank 1",
+            lambda got=got, w=words, which=which: expect(
+                got, [w, f"{which} rank 1 could not be emptied"], [w, f"{which} this rank could not be emptied"]
+            ),
+        )
+        check(f"no rank names an adapter in the slots after {name}", lambda s=slots: unnamed(*s))
+        check(f"and the unload it names empties every rank after {name}", lambda: recovered(0, 1))
+    fill()
+    got = on_rank_1("write_staged", interrupt, True, clears_failing(load))
+    check(
+        "a load interrupted whose emptying fails on rank 1",
+        lambda: expect(
+            got,
+            ["KeyboardInterrupt", "emptying slot 0 failed too on rank 1"],
+            ["KeyboardInterrupt", "emptying slot 0 failed too on this rank"],
+        ),
+    )
+    check("no rank names an adapter in slot 0 after it", lambda: unnamed(0))
+    check("and the unload it names empties every rank after it", lambda: recovered(0, 1))
     fill()
     rig.rr.activate(0)
     check("a load after them computes the reference", rig.parity)

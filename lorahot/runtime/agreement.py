@@ -18,7 +18,7 @@ the rest. Every rank must make the same calls in the same order, as with any col
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -112,16 +112,30 @@ class Agreement:
             )
         return result  # type: ignore[return-value]  # set when no error
 
-    def settle(self, error: BaseException | None, touched: bool) -> tuple[list[tuple[int, str, str]], bool]:
+    def settle(
+        self, error: BaseException | None, touched: bool, marks: Sequence[bool] = ()
+    ) -> tuple[list[tuple[int, str, str]], bool, dict[int, list[int]]]:
         """After a write: ``(rank, error type, message)`` of every rank whose write failed
-        (``error`` this rank's, or None), and whether any rank wrote anything (``touched``
-        this rank's). One all-reduce of two flags; the messages only when some rank failed."""
+        (``error`` this rank's, or None), whether any rank wrote anything (``touched`` this
+        rank's), and every rank's ``marks`` (as many on every rank: an unload's slots that
+        rank could not empty) as the indices marked, by rank (the ranks that marked any). One
+        all-reduce of the flags; the messages only when some rank failed."""
         import torch.distributed as dist
 
-        flags = torch.tensor([0 if error is None else 1, int(touched)], dtype=torch.int32, device=self.device)
+        flags = torch.zeros(2 + self.ranks * len(marks), dtype=torch.int32)
+        flags[0], flags[1] = int(error is not None), int(touched)
+        flags[2 + self.rank * len(marks) : 2 + (self.rank + 1) * len(marks)] = torch.tensor(
+            [int(m) for m in marks], dtype=torch.int32
+        )
+        flags = flags.to(self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        failed, wrote = (int(v) for v in flags.tolist())
-        return (self._messages(error) if failed else []), bool(wrote)
+        failed, wrote, *rest = (int(v) for v in flags.tolist())
+        marked = {
+            rank: [i for i, m in enumerate(rest[rank * len(marks) : (rank + 1) * len(marks)]) if m]
+            for rank in range(self.ranks)
+        }
+        marked = {rank: indices for rank, indices in marked.items() if indices}
+        return (self._messages(error) if failed else []), bool(wrote), marked
 
     def _failures(
         self, error: BaseException | None, digests: list[int]

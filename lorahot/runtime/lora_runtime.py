@@ -155,6 +155,11 @@ class _OtherRankFailed(RuntimeError):
     another rank's failed (:meth:`LoraRuntime._written`)."""
 
 
+class _Unsettled(_OtherRankFailed):
+    """The ranks could not tell each other how their part went (:meth:`LoraRuntime._settled`):
+    the other ranks' outcome is unknown."""
+
+
 class _LiveFault(Exception):
     """:meth:`LoraRuntime._make_live` failed or was interrupted (``fault``, its cause): ``live``
     is the slot the live region holds whole after it (the one active before, copied back), or
@@ -499,38 +504,45 @@ class LoraRuntime:
             result = write()
         except BaseException as exc:  # an interrupt too: no half-written slot is left, then it goes on
             error = exc
-        error = self._settled(f"writing slot {slot}", error, write=True)
+        error, _ = self._settled(f"writing slot {slot}", error, write=True)
         if error is not None:
             self._failed_write(what, slot, error)
         return result  # type: ignore[return-value]  # set when no error
 
-    def _settled(self, doing: str, error: BaseException | None, write: bool = False) -> BaseException | None:
+    def _settled(
+        self, doing: str, error: BaseException | None, write: bool = False, stuck: Sequence[int] = ()
+    ) -> tuple[BaseException | None, dict[int, list[int]]]:
         """After this rank's part of a call (``doing``, its writes when ``write``): this rank's
         ``error`` (a fault or an interrupt, or None), or on a tensor-parallel model where
         another rank's failed, an :class:`_OtherRankFailed` naming that rank
-        (:meth:`lorahot.runtime.agreement.Agreement.settle`). Where a rank failed after
-        writing, ``buffers.touched`` becomes true on every rank, so that every rank empties the
-        slot. Where the process group itself fails, the other ranks' outcome is unknown: that
-        is the error (after this rank's own)."""
+        (:meth:`lorahot.runtime.agreement.Agreement.settle`); and, by rank, the slots each rank
+        reports ``stuck`` (an unload's slots it could not empty; this rank's alone off a
+        tensor-parallel model, or where the ranks could not tell each other). Where a rank
+        failed after writing, ``buffers.touched`` becomes true on every rank, so that every
+        rank empties the slot. Where the process group itself fails, the other ranks' outcome
+        is unknown: that is the error (after this rank's own)."""
         agreement = self._agreement
+        own_stuck = {0 if agreement is None else agreement.rank: list(stuck)} if stuck else {}
         if agreement is None:
-            return error
+            return error, own_stuck
         own = error.fault if isinstance(error, _LiveFault) else error
         try:
-            failures, touched = agreement.settle(own, write and self.buffers.touched)
+            failures, touched, marked = agreement.settle(
+                own, write and self.buffers.touched, [s in stuck for s in range(self.slots)]
+            )
         except Exception as exc:  # the collective failed (a rank gone, the group timed out)
-            return error or _OtherRankFailed(
+            return error or _Unsettled(
                 f"the ranks could not tell each other how {doing} went ({_described(exc)}), so another rank may hold "
                 "another adapter"
-            )
+            ), own_stuck
         if failures and write:
             self.buffers.touched = touched  # a rank wrote: every rank empties the slot
         if not failures or error is not None:
-            return error
+            return error, marked
         rank, kind, message = failures[0]
         how = "was interrupted" if kind in ("KeyboardInterrupt", "SystemExit") else "failed"
         said = f"{kind}: {message.strip().splitlines()[0][:300]}" if message.strip() else kind
-        return _OtherRankFailed(f"rank {rank} of {agreement.ranks} {how} while {doing} ({said})")
+        return _OtherRankFailed(f"rank {rank} of {agreement.ranks} {how} while {doing} ({said})"), marked
 
     def _failed_write(self, what: str, slot: int, exc: BaseException) -> NoReturn:
         """A write that failed after every check passed (out of memory, a device fault) or was
@@ -548,18 +560,28 @@ class LoraRuntime:
                 f"Nothing was changed; slot {slot} holds what it held. Where the device ran out of memory, free some "
                 f"(or load a smaller adapter, or inject with a smaller max_rank); then {what} it again."
             ) from exc
-        try:
-            self._empty(slot)
+        _, stuck = self._empty_all([slot])
+        if stuck and self._merger is not None:  # the merged weights hold lorahot's own partial rewrite, not an edit
+            with contextlib.suppress(Exception):
+                self._merger.record_all()
+        me = 0 if self._agreement is None else self._agreement.rank
+        settled, marked = self._agreement is not None and not isinstance(exc, _Unsettled), {me: stuck}
+        if settled:  # every rank tells the others whether it emptied the slot
+            unknown, marked = self._settled(f"emptying slot {slot}", None, stuck=stuck)
+            settled = not isinstance(unknown, _Unsettled)
+        every = " on every rank" if settled else ""
+        if not any(marked.values()):
             if not isinstance(exc, Exception):
                 raise exc
-            state = f"slot {slot} was emptied (unloaded), so that it holds no mix of two adapters; {what} it again"
-        except Exception:  # the first failure is the one to report
             state = (
-                f"emptying slot {slot} failed too, so it may hold parts of two adapters: call runtime.unload({slot})"
+                f"slot {slot} was emptied (unloaded){every}, so that it holds no mix of two adapters; {what} it again"
             )
-            if self._merger is not None:  # the merged weights hold lorahot's own partial rewrite, not an edit
-                with contextlib.suppress(Exception):
-                    self._merger.record_all()
+        else:
+            where = "" if self._agreement is None else f" on {_ranks([r for r, m in marked.items() if m], me)}"
+            state = (
+                f"emptying slot {slot} failed too{where}, so it may hold parts of two adapters there, though no "
+                f"adapter is named there{every}: call runtime.unload({slot}){every}"
+            )
         if isinstance(exc, _OtherRankFailed):
             happened = f"{_said(exc)}, after every check had passed"
         else:
@@ -1117,7 +1139,7 @@ class LoraRuntime:
         except BaseException as exc:  # put back below, outside the handler: a refusal goes on with its own context
             failure = exc
         # tensor parallel: a rank failing alone makes every rank put back what it had
-        failure = self._settled("making the routing live" if slot is None else f"making slot {slot} live", failure)
+        failure, _ = self._settled("making the routing live" if slot is None else f"making slot {slot} live", failure)
         if failure is not None:
             self._put_back(active, routing, merged, failure)
 
@@ -1219,13 +1241,15 @@ class LoraRuntime:
             UsageError: ``slot`` out of range; on a tensor-parallel model also where another
                 rank's check failed or the ranks were given different slots (naming
                 ``arguments`` and the ranks). Nothing changed, on any rank.
-            WriteError: emptying a slot failed (a device fault): it is emptied again, and the
-                message says whether that went through or the slot may hold part of its
-                adapter, and which slots were left as they were. Interrupted, a slot is
-                emptied all the same and the interrupt goes on. On a tensor-parallel model,
-                also where emptying failed or was interrupted on another rank (naming that
-                rank); an interrupted rank empties every slot asked for before its interrupt
-                goes on, as the other ranks did.
+            WriteError: emptying a slot failed (a device fault): it is emptied again, the
+                other slots asked for are emptied all the same, and the message says whether
+                that went through or which slots may hold part of their adapter (none of them
+                names one any more). Interrupted, every slot asked for is emptied all the same
+                and the interrupt goes on (a WriteError where a second try could not empty a
+                slot). On a tensor-parallel model, also where emptying failed or was
+                interrupted on another rank (naming that rank); every rank empties every slot
+                asked for, and where a slot could not be emptied on some rank, every rank's
+                message names it and that rank, and no rank names an adapter there.
         """
 
         def checked() -> list[int]:  # inside the agreement: a rank failing alone fails every rank
@@ -1237,61 +1261,71 @@ class LoraRuntime:
             "unload",
             lambda e: {"arguments": fingerprint.arguments("unload", e)},
         )
-        failure: tuple[int, list[int], BaseException] | None = None
-        for i, s in enumerate(emptied):
-            try:
-                self._empty(s)
-            except BaseException as exc:  # a device fault, or interrupted (KeyboardInterrupt)
-                failure = (s, emptied[i + 1 :], exc)
-                break
-        if self._agreement is not None:
-            self._unload_settled(emptied, failure)
-        if failure is not None:
-            self._unload_failed(*failure)
+        first, stuck = self._empty_all(emptied)
+        own = None if first is None else first[1]
+        error, marked = self._settled(f"emptying {_listed(emptied)}", own, stuck=stuck)
+        if error is None:
+            return
+        if error is own and not marked and not isinstance(error, Exception):
+            raise error  # interrupted, and every slot asked for is empty (on every rank): the interrupt goes on
+        self._unload_failed(emptied, first, error, marked)
 
-    def _unload_settled(self, emptied: list[int], failure: tuple[int, list[int], BaseException] | None) -> None:
-        """On a tensor-parallel model, after each rank emptied ``emptied`` (``failure``: where
-        this rank's emptying failed, the slot, the slots not reached, the error): an
-        interrupted rank first empties the slots it had not reached, as the other ranks did;
-        then every rank learns how the others' went, and where another rank's failed this one
-        raises a :class:`WriteError` naming it."""
-        if failure is not None and not isinstance(failure[2], Exception):
-            rest, left = failure[1], []
-            for s in rest:
+    def _empty_all(self, slots: list[int]) -> tuple[tuple[int, BaseException] | None, list[int]]:
+        """Empties every one of ``slots``, whatever fails or is interrupted on the way (so that
+        every rank of a tensor-parallel model empties the same slots): a slot whose emptying
+        fails is emptied again once. Returns the first failure (its slot and error, or None)
+        and the slots the second try could not empty either (each may hold part of its
+        adapter). Every one of ``slots`` is unnamed after it: none holds its adapter whole."""
+        first: tuple[int, BaseException] | None = None
+        stuck: list[int] = []
+        for s in slots:
+            for again in (False, True):
                 try:
                     self._empty(s)
-                except Exception:  # left as it was, as an interrupted unload leaves the slots it did not reach
-                    left.append(s)
-            rest[:] = left
-        which = f"slot {emptied[0]}" if len(emptied) == 1 else "slots " + ", ".join(map(str, emptied))
-        error = self._settled(f"emptying {which}", None if failure is None else failure[2])
-        if failure is None and error is not None:
-            done = f"{which} {'is' if len(emptied) == 1 else 'are'} empty on this rank"
-            raise WriteError(
-                f"LoraRuntime.unload: {_described(error)}. {done}; the failed rank's own error says what it holds: "
-                "where it left a slot as it was, call runtime.unload() again on every rank."
-            ) from error
+                    break
+                except BaseException as exc:  # a device fault, or interrupted (KeyboardInterrupt): go on
+                    first = first or (s, exc)
+                    if again:
+                        stuck.append(s)
+        for s in stuck:
+            self._infos[s], self._stacks[s], self._weights[s] = None, None, ()
+        return first, stuck
 
-    def _unload_failed(self, slot: int, rest: list[int], exc: BaseException) -> NoReturn:
-        """Emptying ``slot`` failed with ``exc``: it is emptied again, so that no half-emptied
-        slot serves; ``rest`` are the slots unload has not reached. An interrupt then goes on;
-        a fault is a :class:`WriteError` saying what is empty now."""
-        what = f"LoraRuntime.unload: {_described(exc)}, while emptying slot {slot}"
-        left = ""  # the slots not reached
-        if rest:
-            left = f"slots {', '.join(map(str, rest))} were" if len(rest) > 1 else f"slot {rest[0]} was"
-        try:
-            self._empty(slot)
-        except Exception as again:
-            state = f"it may hold part of its adapter{f', and {left} left as it was' if left else ''}"
-            raise WriteError(
-                f"{what}, and emptying it again failed too ({_described(again)}): {state}. "
-                f"Call runtime.unload({'' if left else slot}) again."
-            ) from exc
-        if not isinstance(exc, Exception):
-            raise exc
-        state = f"; {left} left as it was. Call runtime.unload() again" if left else ""
-        raise WriteError(f"{what}. A second try emptied it{state}.") from exc
+    def _unload_failed(
+        self,
+        emptied: list[int],
+        first: tuple[int, BaseException] | None,
+        error: BaseException,
+        stuck: dict[int, list[int]],
+    ) -> NoReturn:
+        """Raises the :class:`WriteError` of an unload of ``emptied`` that failed or was
+        interrupted: ``first``, this rank's first failure (its slot and error), or ``error`` that
+        of another rank (:class:`_OtherRankFailed`); ``stuck``, by rank, the slots that a second
+        try could not empty either. It says which slots are empty (on every rank) and which may
+        hold part of their adapter (where), and how to recover."""
+        ranks = self._agreement is not None
+        every = " on this rank" if isinstance(error, _Unsettled) else " on every rank" if ranks else ""
+        if first is not None and error is first[1]:
+            what = f"LoraRuntime.unload: {_described(error)}, while emptying slot {first[0]}"
+        else:
+            what = f"LoraRuntime.unload: {_described(error)}"
+        left = sorted({s for slots in stuck.values() for s in slots})
+        empty = [s for s in emptied if s not in left]
+        if not left:
+            again = "A second try emptied it: " if first is not None and error is first[1] else ""
+            raise WriteError(f"{what}. {again}{_listed(empty)} {_are(empty)} empty{every}.") from error
+        me = None if self._agreement is None else self._agreement.rank
+        where = " and ".join(
+            _listed(slots) if me is None else f"{_listed(slots)} on {_ranks([rank], me)}"
+            for rank, slots in stuck.items()
+        )
+        where = where[0].upper() + where[1:]
+        rest = f"; {_listed(empty)} {_are(empty)} empty{every}" if empty else ""
+        raise WriteError(
+            f"{what}. {where} could not be emptied (a second try failed too) and may hold part of "
+            f"{'its' if len(left) == 1 else 'their'} adapter, though no adapter is named there{every}{rest}. Call "
+            f"runtime.unload({left[0] if len(left) == 1 else ''}) again{' on every rank' if ranks else ''}."
+        ) from error
 
     @public_api
     def set_scale(self, value: float | Sequence[float], slot: int | None = None) -> None:
@@ -1731,6 +1765,22 @@ def _naming_part(part: int | None) -> Iterator[None]:
 def _tail(text: str, width: int = 40) -> str:
     """``text`` cut to its last ``width`` characters, for the repr."""
     return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
+def _listed(slots: list[int]) -> str:
+    """``"slot 0"`` or ``"slots 0, 1"``."""
+    return f"slot {slots[0]}" if len(slots) == 1 else "slots " + ", ".join(map(str, slots))
+
+
+def _ranks(ranks: list[int], me: int) -> str:
+    """``"this rank"``, ``"rank 1"`` or ``"ranks 0, 1"``."""
+    if ranks == [me]:
+        return "this rank"
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+def _are(items: list[int]) -> str:
+    return "is" if len(items) == 1 else "are"
 
 
 def _said(exc: BaseException) -> str:

@@ -293,10 +293,30 @@ INTERRUPTED = [
             f"and computes what it did bitwise after {name}",
         )
     ),
-    "an unload interrupted on rank 1",
-    "every rank emptied every slot after an unload interrupted",
-    "and computes the base model bitwise after an unload interrupted",
-    "an unload failing on rank 1",
+    *(
+        check
+        for name in ("an unload interrupted", "an unload failing")
+        for check in (
+            f"{name} on rank 1",
+            f"every rank emptied every slot after {name}",
+            f"and computes the base model bitwise after {name}",
+        )
+    ),
+    *(
+        check
+        for name in (
+            "an unload interrupted whose second try fails",
+            "an unload of slot 1 failing whose second try fails",
+        )
+        for check in (
+            f"{name} on rank 1",
+            f"no rank names an adapter in the slots after {name}",
+            f"and the unload it names empties every rank after {name}",
+        )
+    ),
+    "a load interrupted whose emptying fails on rank 1",
+    "no rank names an adapter in slot 0 after it",
+    "and the unload it names empties every rank after it",
     "a load after them computes the reference",
 ]
 

@@ -701,9 +701,9 @@ def test_an_inject_failing_midway_leaves_the_model_as_it_was(
 def test_float32_buffers_on_a_float16_model_keep_the_intermediate_in_range() -> None:
     """Every factor fits float16, but ``x A^T s`` (scale 20000) passes 65504. PEFT (adapters in
     float32 on float16 models) and the float64 reference are finite; so is lorahot with
-    ``dtype=torch.float32``, and with float16 buffers (the default on a float16 weight), whose
-    library formula computes in float32 (it overflowed to Inf and gave NaN before; the CUDA
-    paths: ``tests/unit/layers/test_float16_range.py``)."""
+    ``dtype=torch.float32``, and, off CUDA, with float16 buffers (the default on a float16
+    weight), whose library formula computes in float32 (it overflowed to Inf and gave NaN
+    before; on CUDA the kernels' float16 intermediate still does, as the README says)."""
     torch.manual_seed(0)
     layer = nn.Linear(64, 64).half()
     model = nn.Sequential(layer)
