@@ -1,8 +1,11 @@
 """float16 layers whose rank-wide intermediate leaves float16's range (largest value 65504)
-while the output stays well inside it: lorahot's library formula keeps ``x @ A.T`` and
-``s * (x @ A.T)`` in float32 (:func:`lorahot.layers.base.library_operands`), as PEFT does with
-its default float32 adapter weights, and matches a float64 reference to float16's rounding,
-whole batch and routed per row, where rounding them to float16 gave inf."""
+while the output stays well inside it: lorahot keeps ``x @ A.T`` and ``s * (x @ A.T)`` in
+float32, as PEFT does with its default float32 adapter weights, and matches a float64 reference
+to float16's rounding, whole batch and routed per row, where rounding them to float16 gave inf.
+The library formula does so on every device (:func:`lorahot.layers.base.library_operands`),
+the fused kernels on CUDA (:mod:`lorahot.kernels.triton_lora_linear`), and float16 layers are
+not widened (:data:`lorahot.runtime.wide.UNWIDENED_DTYPES`): the wide GEMM writes the shrink in
+the weights' dtype. The CUDA cases (marked ``gpu``) run where a GPU is."""
 
 from __future__ import annotations
 
@@ -15,10 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorahot
+from lorahot.runtime import wide
 from tests.helpers import peft_keys, reference, save_peft
 
 DT = torch.float16
 RANK = 4
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 class _Holder(nn.Module):
@@ -30,11 +35,13 @@ class _Holder(nn.Module):
         return self.layer(x)
 
 
-def _case(kind: str, x_size: float, a_size: float, gen: torch.Generator) -> tuple[nn.Module, torch.Tensor, tuple]:
-    """A float16 base layer, an input of 5 rows and PEFT-layout ``A``, ``B`` (float16 values)."""
+def _case(
+    kind: str, x_size: float, a_size: float, gen: torch.Generator, rows: int = 5
+) -> tuple[nn.Module, torch.Tensor, tuple]:
+    """A float16 base layer, an input of ``rows`` rows and PEFT-layout ``A``, ``B`` (float16 values)."""
     if kind == "linear":
         layer = nn.Linear(64, 32)
-        x = torch.randn(5, 64, generator=gen) * x_size
+        x = torch.randn(rows, 64, generator=gen) * x_size
         shapes = ((RANK, 64), (32, RANK))
     elif kind == "conv2d":
         layer = nn.Conv2d(8, 6, 3, padding=1)
@@ -69,11 +76,46 @@ SIZES = {"x@A.T": (100.0, 100.0, 4.0), "s*(x@A.T)": (10.0, 20.0, 128.0)}
 CASES = [(k, s) for k in ("linear", "conv2d") for s in SIZES] + [("embedding", "s*(x@A.T)")]
 
 
+def _run(
+    layer: nn.Module,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    alpha: float,
+    routed: bool,
+    device: str,
+    tmp_path: Path,
+) -> tuple[torch.Tensor, lorahot.LoraRuntime]:
+    """``layer`` (a copy, on ``device``) with the adapter in two slots, whole batch or routed per
+    row over both; its float16 output on ``x`` as float64 on the CPU, and the runtime."""
+    ka, kb = peft_keys(layer, "layer")
+    directory = save_peft(tmp_path / "a", {ka: a, kb: b}, r=RANK, lora_alpha=alpha)
+    model = _Holder(copy.deepcopy(layer)).to(device)
+    runtime = lorahot.inject(model, ["layer"], max_rank=RANK, slots=2)
+    runtime.load(directory, slot=0)
+    runtime.load(directory, slot=1)
+    rows = x.shape[0]
+    if routed:
+        runtime.activate([i % 2 for i in range(rows)])
+    with torch.no_grad():
+        got = model(x.to(device)).double().cpu()
+    return got, runtime
+
+
+def _assert_float64_output(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert torch.isfinite(got).all(), f"{(~torch.isfinite(got)).sum().item()} of {got.numel()} outputs not finite"
+    err = (got - want).abs().max().item()
+    assert err <= 2 * torch.finfo(DT).eps * want.abs().max().item(), err
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("routed", [False, True], ids=["whole", "routed"])
 @pytest.mark.parametrize(("kind", "size"), CASES)
 def test_an_intermediate_past_float16_range_gives_the_float64_output(
-    kind: str, size: str, routed: bool, tmp_path: Path
+    kind: str, size: str, routed: bool, device: str, tmp_path: Path
 ) -> None:
+    """5 rows: on CUDA a linear takes the fused kernel (routed: the fused routed kernel), a conv
+    and an embedding the library formula."""
     x_size, a_size, alpha = SIZES[size]
     layer, x, (a, b) = _case(kind, x_size, a_size, torch.Generator().manual_seed(0))
     scale = alpha / RANK
@@ -82,16 +124,25 @@ def test_an_intermediate_past_float16_range_gives_the_float64_output(
     top = h.abs().max().item()
     assert top > 65504 if size == "x@A.T" else top < 65504 < scale * top
     assert want.abs().max() < 1000
-    ka, kb = peft_keys(layer, "layer")
-    directory = save_peft(tmp_path / "a", {ka: a, kb: b}, r=RANK, lora_alpha=alpha)
-    model = _Holder(copy.deepcopy(layer))
-    runtime = lorahot.inject(model, ["layer"], max_rank=RANK, slots=2)
-    runtime.load(directory, slot=0)
-    runtime.load(directory, slot=1)
-    if routed:
-        runtime.activate(torch.tensor([0, 1, 0, 1, 1]))
-    with torch.no_grad():
-        got = model(x).double()
-    assert torch.isfinite(got).all(), f"{(~torch.isfinite(got)).sum().item()} of {got.numel()} outputs not finite"
-    err = (got - want).abs().max().item()
-    assert err <= 2 * torch.finfo(DT).eps * want.abs().max().item(), err
+    got, _ = _run(layer, x, a, b, alpha, routed, device, tmp_path)
+    _assert_float64_output(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("routed", [False, True], ids=["whole", "routed"])
+@pytest.mark.parametrize("size", list(SIZES))
+def test_float16_layers_are_not_widened(
+    size: str, routed: bool, device: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``nn.Linear`` at 1024 rows, past the fused kernel's rows, on a device whose layers are
+    widened (the CPU widened too here): the wide GEMM would write ``x @ A.T`` in float16, so a
+    float16 layer stays unwidened and takes the library formula (routed on CUDA: the segmented
+    kernels), whose output matches the float64 reference where the wide path gave inf."""
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    x_size, a_size, alpha = SIZES[size]
+    layer, x, (a, b) = _case("linear", x_size, a_size, torch.Generator().manual_seed(1), rows=1024)
+    want = reference(layer, x, a.double(), b.double(), alpha / RANK)
+    assert _shrink("linear", x, a.double()).abs().max() * (1 if size == "x@A.T" else alpha / RANK) > 65504
+    got, runtime = _run(layer, x, a, b, alpha, routed, device, tmp_path)
+    _assert_float64_output(got, want)
+    assert not runtime.layers["layer"].wide
