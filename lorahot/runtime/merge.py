@@ -148,6 +148,12 @@ def _computed(base: nn.Module, kind: str, value: object) -> tuple[str, str]:
     )
 
 
+def _stored_tensors(base: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The weight parameter ``base`` stores, and its bias parameter (or bias buffer), or None each."""
+    bias = base._parameters["bias"] if "bias" in base._parameters else base._buffers.get("bias")
+    return base._parameters.get("weight"), bias
+
+
 def _storage_refusal(layer: LoRALayer) -> str | None:
     """Why merged mode cannot rewrite ``layer``'s weight or bias in place: one that does not hold
     its values as a dense tensor of a dtype it computes in (:func:`~lorahot.layers.base.unusual_values`:
@@ -419,6 +425,8 @@ class Merger:
             self._items.append((layer, weight, pristine, arena, index))
         #: the weights and biases it rewrites, for :func:`writing`
         self._targets = [t for layer in layers.values() for t in (layer.base_weight, layer.base_bias)]
+        #: per layer, the weight and bias its base layer stores, which its forward reads (checked at inject)
+        self._stored = [_stored_tensors(layer.base_layer) for layer in layers.values()]
         #: every layer's probe laid out at once, while the weights are those it was built for
         self._probes: WrittenProbes | None = None
         #: rewrites of one adapter captured as CUDA graphs (:meth:`_replayed`)
@@ -448,6 +456,7 @@ class Merger:
         (a base checkpoint loaded after inject): every rewrite starts from the base weights
         copied at inject, so it would silently throw the checkpoint away."""
         names, layers = list(self._layers), list(self._layers.values())
+        self._check_stored(names, layers)
         flags = None
         if self._probes is not None and self._probes.built_for == signature(layers):
             flags = self._probes.changed()
@@ -465,6 +474,41 @@ class Merger:
                     "Every merged weight is rebuilt from the base weights copied at inject, so this call would throw "
                     "the new weights away. Load base checkpoints before inject, or eject (which keeps the new "
                     "weights), load, and inject again.",
+                )
+            )
+
+    def _check_stored(self, names: list[str], layers: list[LoRALayer]) -> None:
+        """Raises :class:`UsageError` where a targeted base layer no longer stores, as the
+        parameter (or bias buffer) it had at inject, the weight or bias its forward reads: a
+        parametrization, ``weight_norm``, ``spectral_norm`` or pruning applied after inject
+        computes it from other tensors on each call, so a rewrite of the stored one would reach
+        nothing, and the forward would go on with the adapter and scale of before, silently.
+        Identity only: one dictionary lookup per tensor."""
+        found = []
+        for name, layer, stored in zip(names, layers, self._stored, strict=True):
+            base = layer.base_layer
+            now = _stored_tensors(base)
+            for kind, was, held in zip(("weight", "bias"), stored, now, strict=True):
+                if held is not was:
+                    how = (
+                        _computed(base, kind, base.__dict__.get(kind))[0]
+                        if held is None
+                        else "another tensor than the one it stored at inject (put in _parameters directly?)"
+                    )
+                    found.append(f"{name}: its {kind} is {how}")
+                    break
+        if found:
+            raise UsageError(
+                lines(
+                    format_problems(
+                        "in merged mode, targeted base layers no longer store the weight or bias lorahot rewrites "
+                        "(a parametrization, weight_norm, spectral_norm or pruning applied after inject?):",
+                        found,
+                    ),
+                    "A rewrite would not reach what their forward reads, which would keep the adapter and scale of "
+                    "before. Remove it (torch.nn.utils.parametrize.remove_parametrizations, remove_weight_norm, "
+                    "remove_spectral_norm, prune.remove), or call runtime.eject(), apply it, and inject without "
+                    "merged=True.",
                 )
             )
 

@@ -188,6 +188,67 @@ def test_merged_refuses_a_weight_the_forward_reads_from_elsewhere_than_its_param
         _close(model(x), before + x @ a.T @ b.T)
 
 
+def _reparametrize(module: nn.Module, how: str) -> None:
+    """Makes ``module``'s weight (or bias) one its forward computes on each call."""
+    if how == "weight_norm":
+        torch.nn.utils.weight_norm(module)
+    elif how == "parametrized weight_norm":
+        torch.nn.utils.parametrizations.weight_norm(module)
+    elif how == "spectral_norm":
+        torch.nn.utils.parametrizations.spectral_norm(module)
+    elif how == "pruned":
+        torch.nn.utils.prune.l1_unstructured(module, "weight", amount=0.25)
+    else:  # a parametrized bias
+        torch.nn.utils.parametrize.register_parametrization(module, "bias", nn.Identity())
+
+
+@pytest.mark.parametrize(
+    ("how", "what"),
+    [
+        ("weight_norm", "weight is computed from other tensors on each call by a forward pre-hook"),
+        ("parametrized weight_norm", r"weight is computed from other tensors on each call \(a parametrization\)"),
+        ("spectral_norm", r"weight is computed from other tensors on each call \(a parametrization\)"),
+        ("pruned", "weight is computed from other tensors on each call by a forward pre-hook"),
+        ("bias", r"bias is computed from other tensors on each call \(a parametrization\)"),
+    ],
+)
+@pytest.mark.parametrize("call", ["set_scale", "load", "activate", "unload"])
+def test_a_weight_reparametrized_after_a_merged_inject_refuses_the_next_write(how: str, what: str, call: str) -> None:
+    """A parametrization, weight_norm, spectral_norm or pruning applied to a merged layer's base
+    after inject takes its weight (bias) out of the parameters merged mode rewrites: the forward
+    computes it from other tensors. Each later write went to a tensor nothing reads, and the
+    model kept the adapter and scale of before (0.23 off the float64 reference of a set_scale
+    through weight_norm, a swap through a parametrization likewise), silently. Refused before
+    anything is written, naming the layer and what its weight is; every buffer, parameter and
+    the output bitwise as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, slots=2, merged=True)
+    one, _ = make_adapter(model, {"0": 2, "2": 2}, seed=1, dtype=torch.float64)
+    two, _ = make_adapter(model, {"0": 2, "2": 2}, seed=2, dtype=torch.float64)
+    runtime.load(one)
+    runtime.load(two, slot=1)
+    _reparametrize(model[0].base_layer, how)
+    model.eval()  # spectral_norm's power iteration steps at each training-mode call
+    x = torch.randn(3, 8, dtype=torch.float64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    arenas = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S)]
+    with torch.no_grad():
+        before = model(x)
+    calls = {
+        "set_scale": lambda: runtime.set_scale(0.5),
+        "load": lambda: runtime.load(two),
+        "activate": lambda: runtime.activate(1),
+        "unload": lambda: runtime.unload(0),
+    }
+    with pytest.raises(lorahot.UsageError, match=rf"no longer store the weight or bias .*\n  - 0: its {what}"):
+        calls[call]()
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(torch.equal(t, u) for t, u in zip(arenas, (t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S))))
+
+
 def test_merged_refuses_a_weight_that_is_a_method() -> None:
     """torch's dynamically quantized Linear: ``weight()`` unpacks its packed weight."""
     model = nn.Sequential(torch.ao.nn.quantized.dynamic.Linear(6, 5))
