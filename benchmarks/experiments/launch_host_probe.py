@@ -124,6 +124,7 @@ def part1() -> None:
             "BLOCK_K": bk,
             "ROUTED": False,
             "PDL": early,
+            "H32": K.keeps_float32(bt),
         }
 
         def jit() -> object:
@@ -214,11 +215,11 @@ def floors() -> None:
             args = (
                 x, w, a, bt, w, s, out, ws, x, x, 1, n, k, 64, chunk, 0, 1,
                 x.stride(0), w.stride(0), a.stride(-2), bt.stride(-2), out.stride(0), bt.stride(0), x.stride(0),
-                False, 64, split, bm, bn, bk, False, early,
+                False, 64, split, bm, bn, bk, False, early, K.keeps_float32(bt),
             )  # fmt: skip
-            names = ("HAS_BIAS", "R_PAD", "SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "ROUTED", "PDL")
+            names = ("HAS_BIAS", "R_PAD", "SPLIT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "ROUTED", "PDL", "H32")
             compiled = K._lora_linear_kernel[grid](
-                *args[:-8], **dict(zip(names, args[-8:])), num_warps=warps, num_stages=stages, launch_pdl=early
+                *args[:-9], **dict(zip(names, args[-9:])), num_warps=warps, num_stages=stages, launch_pdl=early
             )
             stream = torch.cuda.current_stream().cuda_stream
 
@@ -381,7 +382,7 @@ def _lean_body(
         rest = (
             m, n, k, r, triton_cdiv(k, bk) * bk, 0, 1,
             x2.stride(0), weight.stride(0), a.stride(-2), bt.stride(-2), n, bt.stride(0), x2.stride(0),
-            bias is not None, rank_pad(r), 1, bm, bn, bk, False, False,
+            bias is not None, rank_pad(r), 1, bm, bn, bk, False, False, K.keeps_float32(bt),
         )  # fmt: skip
         compiled = K._lora_linear_kernel[grid](
             x2, weight, a, bt, b, scale, out, out, x2, x2, *rest, num_warps=warps, num_stages=stages

@@ -258,3 +258,37 @@ def test_word_sums_compile_with_int32_atomics(compiler: _Compiler, aligned: bool
     ptx = _ptx(compiled)
     assert name == "_word_sums_kernel" and len(re.findall(r"(?:atom|red)\.global\.\S*add\.[us]32", ptx)) == 2
     assert ("ld.global.v4.b32" in ptx) == aligned
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float16_expands_compile_as_float32_dots_and_bfloat16_ones_as_before(
+    compiler: _Compiler, dtype: torch.dtype
+) -> None:
+    """float16 weights (``H32``): the fused kernel's expand, its routed slot expands and the
+    segmented expand keep the scaled shrink in float32, a TF32 dot on the matrix units; bfloat16
+    keeps its 16-bit dots, no TF32 anywhere (its code is unchanged: the PTX of every launch here
+    matched that before ``H32`` bar source line numbers, checked when it was added)."""
+    fused = pytest.importorskip("lorahot.kernels.triton_lora_linear")
+    kernels = pytest.importorskip("lorahot.kernels.triton_routed_lora")
+    from lorahot.kernels import routed_lora as routed
+
+    k, n, r, slots = 2048, 256, 64, 4
+    route = torch.arange(64) % slots
+    segs = routed.segments(route, slots)
+    for rows in (1, 64, 300):  # K split, one tile of rows, several
+        x, w = torch.zeros(rows, k, dtype=dtype), torch.zeros(n, k, dtype=dtype)
+        a, bt = torch.zeros(r, k, dtype=dtype), torch.zeros(r, n, dtype=dtype)
+        fused.launch(x, w, None, a, bt, torch.ones(r), torch.empty(rows, n, dtype=dtype), fused.config_for(rows, n, k))
+    x, w = torch.zeros(64, k, dtype=dtype), torch.zeros(n, k, dtype=dtype)
+    a, bt = torch.zeros(slots, r, k, dtype=dtype), torch.zeros(slots, r, n, dtype=dtype)
+    out, s = torch.empty(64, n, dtype=dtype), torch.ones(slots, r)
+    fused.launch(x, w, None, a, bt, s, out, fused.config_for(64, n, k), routing=(segs, route, 1, None))
+    kernels.launch(x, out, a, bt, s, route, torch.empty_like(out), gather=False, segs=segs)
+    expands = [
+        (name, kernel) for name, kernel in compiler.compiled if name in ("_lora_linear_kernel", "_segment_expand")
+    ]
+    assert len(expands) == 5
+    for name, kernel in expands:
+        ptx = _ptx(kernel)
+        assert "mma" in ptx, name
+        assert ("tf32" in ptx) == (dtype == torch.float16), name
