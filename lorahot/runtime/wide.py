@@ -41,7 +41,7 @@ from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.plan import LoadPlan, dtype_max
 from lorahot.runtime.stack import Stack
 
-__all__ = ["WideWeights", "widen_layers", "DEVICE_TYPES"]
+__all__ = ["WideWeights", "widen_layers", "DEVICE_TYPES", "UNWIDENED_DTYPES"]
 
 #: one arena's runs of a stack: the wide rows of each part's run, its part, its ``alpha / r``
 Runs = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
@@ -52,11 +52,21 @@ Runs = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
 #: (a GEMM over a longer K may sum in another order). The tests widen CPU layers too, to exercise the mechanism.
 DEVICE_TYPES = {"cuda"}
 
+#: Dtypes whose layers are not widened. The wide GEMM writes the shrink ``x @ A.T`` in the
+#: weights' dtype (beside the base output in ``[y | h]``, or as the traced formula's ``[x | h]``),
+#: and float16 tops out at 65504: a shrink past it (``x @ A.T`` of 1e5 with a small B) turns into
+#: inf where the output is well in range, and PEFT (float32 adapter weights) and the float64
+#: reference are finite. float16 layers keep the fused kernel where it pays and the library
+#: formula elsewhere, both of which keep the shrink in float32 for float16
+#: (:func:`lorahot.layers.base.library_operands`, :mod:`lorahot.kernels.triton_lora_linear`).
+#: bfloat16 (float32's range) and float32 are widened as before.
+UNWIDENED_DTYPES = frozenset({torch.float16})
+
 
 def widen_layers(layers: dict[str, LoRALayer], buffers: BufferManager, model: nn.Module | None = None) -> None:
     """Widens every layer that can be: on a device of :data:`DEVICE_TYPES`, its weight of the
-    arena's dtype (see :meth:`LoRALayer.widenable`), whose memory no other tensor of ``model``
-    holds (:func:`_shared`). The others keep the library formula.
+    arena's dtype (see :meth:`LoRALayer.widenable`) and not of :data:`UNWIDENED_DTYPES`, whose
+    memory no other tensor of ``model`` holds (:func:`_shared`). The others keep the library formula.
     Neighbours that may read one input (see :func:`_groups`) get their wide buffers back to
     back in one allocation, for :mod:`lorahot.kernels.wide_groups`."""
     r = buffers.max_rank
@@ -105,7 +115,11 @@ def _groups(
     for name, layer in layers.items():
         where = buffers.where[name][0]
         arena = buffers.arenas[where]
-        if arena.device.type not in DEVICE_TYPES or not layer.widenable(buffers.max_rank, arena.dtype):
+        if (
+            arena.device.type not in DEVICE_TYPES
+            or arena.dtype in UNWIDENED_DTYPES
+            or not layer.widenable(buffers.max_rank, arena.dtype)
+        ):
             last = None
             continue
         storage = layer.base_weight.untyped_storage().data_ptr()
