@@ -20,9 +20,11 @@ diffusers' conversion renames them, so a ``.diff`` (ComfyUI's LoRA extraction) f
 norm in merged mode, the norm among the targets; a file of blocks with such a delta is this naming
 under ``diffusion_model.``. The blocks' other norms compute without a weight in both models.
 
-Keys under ``text_embedding_projection.`` adapt the text connectors, another component in
-diffusers, which this naming does not place: they are refused by name, or with ``strict=False``
-skipped while the transformer's modules load.
+Keys under ``text_embedding_projection.`` adapt the text connectors' input projection, another
+component in diffusers (``LTX2TextConnectors``, a pipeline's ``connectors``): the prefix routes them
+to that component (:mod:`lorahot.resolve.components`), where ``aggregate_embed`` is ``text_proj_in``
+(LTX-2.3's ``video_aggregate_embed`` is ``video_text_proj_in``), as diffusers' conversion renames
+them. A runtime without that component refuses them naming it, or skips them with ``strict=False``.
 """
 
 from __future__ import annotations
@@ -65,11 +67,16 @@ _ATTENTIONS = r"(?:audio_)?attn[12]|audio_to_video_attn|video_to_audio_attn"
 _ALIASES: tuple[tuple[str, str], ...] = (
     *((rf"{_START}{re.escape(k)}(\..+)?$", rf"{v}\1") for k, v in _OUTSIDE.items()),
     (rf"{_START}(transformer_blocks\.\d+\.(?:{_ATTENTIONS}))\.([qk])_norm$", r"\1.norm_\2"),
+    # the text connectors' input projections (under text_embedding_projection., stripped)
+    (r"^((?:video_|audio_)?)aggregate_embed$", r"\1text_proj_in"),
 )
 
 #: the original modules no diffusers model has (PixArt's own ``adaln_single`` tells an LTX-2 file
 #: apart under ``diffusion_model.`` only)
 _MODULE = rf"(?:{'|'.join(map(re.escape, (k for k in _OUTSIDE if k != 'adaln_single')))})"
+
+#: the prefix of the text connectors' keys (diffusers' ``connectors`` component)
+_CONNECTORS = r"text_embedding_projection\."
 
 #: a block attention's query/key norm: its name tells a file of blocks apart (diffusers' is norm_q)
 _QK_NORM = rf"transformer_blocks\.\d+\.(?:{_ATTENTIONS})\.[qk]_norm"
@@ -78,15 +85,8 @@ FORMAT = KeyFormat(
     name="ltx2",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
     prefixes=(*ORIGINAL_PREFIXES, "text_embedding_projection."),
-    refuse=(
-        (
-            r"^text_embedding_projection\.",
-            "LTX-2's text connectors (text_embedding_projection), another component, which this naming does not "
-            "place; load with strict=False to skip their keys",
-        ),
-        *REFUSED_MERGEABLE,
-    ),
-    marker=rf"{DIFFUSION_MODEL_HEAD}(?:adaln_single|{_QK_NORM})\.|{ORIGINAL_HEAD}{_MODULE}\.",
+    refuse=REFUSED_MERGEABLE,
+    marker=rf"{DIFFUSION_MODEL_HEAD}(?:adaln_single|{_QK_NORM})\.|{ORIGINAL_HEAD}{_MODULE}\.|^{_CONNECTORS}",
     aliases=_ALIASES,
     example="diffusion_model.adaln_single.linear.lora_A.weight",
 )

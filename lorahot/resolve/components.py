@@ -3,7 +3,8 @@
 A runtime injected into several models (``lorahot.inject({"unet": ..., "text_encoder": ...})``)
 names its layers ``<component>.<module path>``. A file names its components with prefixes:
 diffusers ``unet.``/``transformer.``/``text_encoder.``/``text_encoder_2.``, kohya
-``lora_unet_``/``lora_te_``/``lora_te1_``/``lora_te2_``, BFL/ComfyUI ``diffusion_model.``. ComfyUI
+``lora_unet_``/``lora_te_``/``lora_te1_``/``lora_te2_``, BFL/ComfyUI ``diffusion_model.``, the original
+LTX-2 checkpoint's ``text_embedding_projection.`` (an LTX-2 pipeline's ``connectors``). ComfyUI
 names a text encoder by what it is (``text_encoders.clip_l.transformer.``, ``clip_g``, ``t5xxl``,
 ``llama``, ``qwen25_7b``, ...): its modules go to the component of that architecture, told by the
 modules it has (a CLIP's ``position_embedding``/``fc1``, a T5's ``SelfAttention``, a decoder LM's
@@ -30,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems, lines, message, shown
 from lorahot.formats import FORMATS
-from lorahot.resolve.keys import COMPONENT_NAMES, resolve_all
+from lorahot.resolve.keys import COMPONENT_NAMES, COMPONENT_PREFIXES, resolve_all
 
 __all__ = ["ROUTES", "DENOISER", "T5_PREFIXES", "COMFYUI_ENCODER", "route", "resolve_components", "non_denoisers"]
 
@@ -66,6 +67,7 @@ ROUTES: tuple[tuple[str, str | None], ...] = tuple(
             "diffusion_model.": None,
             "model.diffusion_model.": None,
             "base_model.model.": None,
+            **COMPONENT_PREFIXES,  # LTX-2's text_embedding_projection.: connectors
         }.items(),
         key=lambda kv: len(kv[0]),
         reverse=True,
@@ -111,6 +113,7 @@ _ROLES = {
     **dict.fromkeys(("vae", "audio_vae", "movq"), "a VAE"),
     "vocoder": "a vocoder",
     "safety_checker": "a safety checker",
+    "connectors": "LTX-2's text connectors",
 }
 #: what a component of each text-encoder architecture (:data:`_FINGERPRINTS`) is
 _ARCHITECTURE_ROLES = {

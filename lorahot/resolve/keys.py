@@ -62,7 +62,7 @@ from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
 from lorahot.resolve.split import placed
 
-__all__ = ["resolve_keys", "resolve_all", "outside", "head_sizes", "COMPONENT_NAMES"]
+__all__ = ["resolve_keys", "resolve_all", "outside", "head_sizes", "COMPONENT_NAMES", "COMPONENT_PREFIXES"]
 
 #: Every component prefix any format knows, longest first.
 _PREFIXES = tuple(sorted({p for f in FORMATS for p in f.prefixes}, key=len, reverse=True))
@@ -73,9 +73,13 @@ COMPONENT_NAMES = frozenset(
     (
         *("unet", "transformer", "transformer_2", "prior", "controlnet"),
         *("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4", "image_encoder"),
-        *("vae", "audio_vae", "vocoder", "movq", "safety_checker"),
+        *("vae", "audio_vae", "vocoder", "movq", "safety_checker", "connectors"),
     )
 )
+#: File prefixes that name a pipeline component by another name than the component's: the
+#: original LTX-2 checkpoint's ``text_embedding_projection.`` is an LTX-2 pipeline's ``connectors``
+#: (diffusers' ``LTX2TextConnectors``), where diffusers' LTX-2 loader sends its modules.
+COMPONENT_PREFIXES = {"text_embedding_projection.": "connectors"}
 
 
 class _Names:
@@ -482,6 +486,13 @@ def _component_hint(key: str) -> str:
     """Where a key starting with a pipeline component's name (:data:`COMPONENT_NAMES`) that
     matches no layer belongs; empty for any other key."""
     first = key.partition(".")[0]
+    named = next((c for p, c in COMPONENT_PREFIXES.items() if key.startswith(p)), None)
+    if named is not None:
+        return (
+            f"; its prefix {first + '.'!r} names a pipeline component, {named!r} (diffusers' LTX-2 pipeline's text "
+            f"connectors), where diffusers loads it: inject that component too (lorahot.inject(pipe, ...), or "
+            f"lorahot.inject({{..., {named!r}: pipe.{named}}}, ...)), or load with strict=False to skip it"
+        )
     if first not in COMPONENT_NAMES or "." not in key:
         return ""
     return (

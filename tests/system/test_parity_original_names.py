@@ -456,21 +456,121 @@ def test_anima_kohya_spelling_matches_diffusers_on_its_diffusion_model_twin(alph
     _assert_same(ours, _reference(_tiny_anima, twin, names, _anima_original))
 
 
-def test_ltx2_text_connectors_are_refused_or_skipped() -> None:
-    """LTX-2's ``text_embedding_projection`` keys (diffusers' connectors): refused by name;
-    with ``strict=False`` the transformer's modules load, outside modules included."""
+def _tiny_ltx2_connectors(per_modality: bool) -> nn.Module:
+    """diffusers' ``LTX2TextConnectors``: LTX-2.0's one ``text_proj_in``, or LTX-2.3's
+    ``video_text_proj_in`` and ``audio_text_proj_in`` (``per_modality``)."""
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+    torch.manual_seed(0)
+    small = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1, "num_learnable_registers": None}
+    return (
+        LTX2TextConnectors(
+            caption_channels=16,
+            text_proj_in_factor=2,
+            **{f"{m}_connector_{k}": v for m in ("video", "audio") for k, v in small.items()},
+            per_modality_projections=per_modality,
+            video_hidden_dim=16,
+            audio_hidden_dim=8,
+        )
+        .double()
+        .eval()
+    )
+
+
+def _connector_file(per_modality: bool, alpha: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``text_embedding_projection.<aggregate_embed>`` keys (the original LTX-2 names of the
+    connectors' input projections) for each ``*text_proj_in``, and those layers' names."""
+    model = _tiny_ltx2_connectors(per_modality)
+    names = _linears(model, lambda n: n.endswith("text_proj_in"))
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for i, name in enumerate(names):
+        layer, r = model.get_submodule(name), 2 + i
+        key = "text_embedding_projection." + name.replace("text_proj_in", "aggregate_embed")
+        sd[f"{key}.lora_A.weight"] = torch.randn(r, layer.in_features, generator=g, dtype=torch.float64) * 0.3
+        sd[f"{key}.lora_B.weight"] = torch.randn(layer.out_features, r, generator=g, dtype=torch.float64) * 0.3
+        if alpha:
+            sd[f"{key}.alpha"] = torch.tensor(r * 1.5, dtype=torch.float64)
+    return sd, names
+
+
+def _diffusers_connectors(sd: dict[str, torch.Tensor], names: list[str], per_modality: bool) -> dict:
+    """The connectors' layers after diffusers' LTX-2 loader: ``lora_state_dict``, then the
+    ``connectors.`` modules into the component, as ``load_lora_weights`` does."""
+    state = diffusers.LTX2Pipeline.lora_state_dict({k: v.clone() for k, v in sd.items()})
+    model = _tiny_ltx2_connectors(per_modality)
+    part = {k: v for k, v in state.items() if k.startswith("connectors.")}
+    model.load_lora_adapter(part, prefix="connectors", adapter_name="o")
+    return _weights(model, names)
+
+
+@pytest.mark.parametrize("per_modality", [False, True], ids=["ltx2.0", "ltx2.3"])
+def test_ltx2_text_connectors_land_on_the_pipelines_connectors_as_diffusers_loads_them(per_modality: bool) -> None:
+    """An LTX-2 file with ``text_embedding_projection.aggregate_embed`` (LTX-2.3:
+    ``video_``/``audio_aggregate_embed``) beside the transformer's modules, on a pipeline runtime
+    with diffusers' ``connectors`` component: those keys go to ``connectors.text_proj_in``
+    (``video_text_proj_in``, ...), as diffusers' LTX-2 loader sends them, the rest to the transformer.
+    Every layer of both equal to diffusers' loader and to the float64 reference; with ``.alpha``,
+    which diffusers leaves unread, to the reference at ``alpha / r``. These keys were refused by
+    name, or skipped with strict=False."""
     names = _linears(_tiny_ltx2())
-    sd = _file(_tiny_ltx2(), names, _ltx2_original, alpha=False)
-    sd["text_embedding_projection.aggregate_embed.lora_A.weight"] = torch.zeros(2, 16, dtype=torch.float64)
-    sd["text_embedding_projection.aggregate_embed.lora_B.weight"] = torch.zeros(16, 2, dtype=torch.float64)
-    model = _tiny_ltx2()
-    runtime = lorahot.inject(model, "all-linear", max_rank=8)
-    with pytest.raises(UnknownFormatError, match="text_embedding_projection"):
-        runtime.load(dict(sd))
-    _assert_same(_weights(model, names), _weights(_tiny_ltx2(), names))  # nothing loaded
+    blocks = _file(_tiny_ltx2(), names, _ltx2_original, alpha=False)
+    connectors, projections = _connector_file(per_modality)
+    sd = {**blocks, **connectors}
+    transformer, conn = _tiny_ltx2(), _tiny_ltx2_connectors(per_modality)
+    info = lorahot.inject({"transformer": transformer, "connectors": conn}, "all-linear", max_rank=8).load(dict(sd))
+    assert info.format == "ltx2"
+    assert info.components == {"transformer": len(names), "connectors": len(projections)}
+
+    _assert_same(_weights(transformer, names), _diffusers(_tiny_ltx2, diffusers.LTX2Pipeline, sd, names))
+    _assert_same(_weights(conn, projections), _diffusers_connectors(sd, projections, per_modality))
+
+    reference = _weights(_tiny_ltx2_connectors(per_modality), projections)
+    for name in projections:
+        key = "text_embedding_projection." + name.replace("text_proj_in", "aggregate_embed")
+        delta = sd[f"{key}.lora_B.weight"] @ sd[f"{key}.lora_A.weight"]
+        reference[name] = reference[name] + torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
+    _assert_same(_weights(conn, projections), reference)
+    assert not torch.equal(
+        reference[projections[0]], _weights(_tiny_ltx2_connectors(per_modality), projections)[projections[0]]
+    )
+
+    with_alpha, _ = _connector_file(per_modality, alpha=True)
+    conn = _tiny_ltx2_connectors(per_modality)
+    lorahot.inject({"transformer": _tiny_ltx2(), "connectors": conn}, "all-linear", max_rank=8).load(with_alpha)
+    for name in projections:
+        key = "text_embedding_projection." + name.replace("text_proj_in", "aggregate_embed")
+        scale = float(with_alpha[f"{key}.alpha"]) / with_alpha[f"{key}.lora_A.weight"].shape[0]
+        delta = scale * with_alpha[f"{key}.lora_B.weight"] @ with_alpha[f"{key}.lora_A.weight"]
+        base = _weights(_tiny_ltx2_connectors(per_modality), [name])[name]
+        expected = base + torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
+        torch.testing.assert_close(_weights(conn, [name])[name], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_ltx2_text_connectors_without_the_component_are_refused_naming_it_or_skipped() -> None:
+    """A runtime without ``connectors`` refuses the ``text_embedding_projection.`` keys naming
+    that component and the fix (a runtime over the transformer alone, and a pipeline runtime
+    without it), every parameter and buffer bitwise unchanged; with ``strict=False`` the
+    transformer's modules load, outside modules included. A runtime over the connectors alone
+    takes them."""
+    names = _linears(_tiny_ltx2())
+    sd = {**_file(_tiny_ltx2(), names, _ltx2_original, alpha=False), **_connector_file(False)[0]}
+    for make in (lambda m: m, lambda m: {"transformer": m}):
+        model = _tiny_ltx2()
+        runtime = lorahot.inject(make(model), "all-linear", max_rank=8)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"text_embedding_projection\.(.|\n)*connectors"):
+            runtime.load(dict(sd))
+        after = model.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        _assert_same(_weights(model, names), _weights(_tiny_ltx2(), names))  # nothing loaded
     ours, fmt = _lorahot(_tiny_ltx2, sd, names, strict=False)
     assert fmt == "ltx2"
     _assert_same(ours, _reference(_tiny_ltx2, sd, names, _ltx2_original))
+    connectors, projections = _connector_file(False)
+    alone, fmt = _lorahot(lambda: _tiny_ltx2_connectors(False), connectors, projections)
+    assert fmt == "ltx2"
+    _assert_same(alone, _diffusers_connectors(connectors, projections, False))
 
 
 def test_krea2_under_peft_wrapper_is_peft_naming_and_refused() -> None:
