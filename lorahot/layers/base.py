@@ -307,6 +307,8 @@ class LoRALayer(nn.Module):
             # could not follow (:func:`_refuse_replaced_weight`)
             setattr(base, name, value)
             return
+        if name == "_is_fsdp_managed_module" and value and base is not None:
+            _refuse_fsdp1(self)  # FSDP1 marks every module it will wrap, before it changes any parameter
         super().__setattr__(name, value)
         if name in _PLANNED:
             seen = self.__dict__
@@ -1324,20 +1326,72 @@ def _refuse_replaced_weight(module: nn.Module, name: str, param: Any) -> None:
         raise UsageError(refusal)
 
 
-def _fsdp_refusal(layer: LoRALayer, name: str) -> str:
+def _fsdp_refusal(layer: LoRALayer, name: str, early: str | None = None) -> str:
     """Why ``layer`` refuses FSDP1 (``FullyShardedDataParallel``, applied after inject) setting
-    its base layer's parameter ``name`` to a view of FSDP's flat parameter."""
+    its base layer's parameter ``name`` to a view of FSDP's flat parameter; ``early``: what a
+    refusal before FSDP set it left (by default, as the assignment hook finds the base layer)."""
     where = layer._path or type(layer.base_layer).__name__
-    if name in layer.base_layer._parameters:
-        state = f"the layer keeps its {name}; call runtime.eject() before wrapping the model in FSDP"
+    if early is not None:
+        state = early
+    elif name in layer.base_layer._parameters:
+        state = f"The assignment was refused and FSDP's wrapping or call stopped there: the layer keeps its {name}; "
+        state += "call runtime.eject() before wrapping the model in FSDP"
     else:  # FSDP deletes a parameter before it sets its view
-        state = f"FSDP had already taken the {name} off the base layer: build the model again, without FSDP"
+        state = "The assignment was refused and FSDP's wrapping or call stopped there: FSDP had already taken the "
+        state += f"{name} off the base layer: build the model again, without FSDP"
+    doing = "is putting" if early is None else "would put"
     return (
-        f"{where}: FSDP (FullyShardedDataParallel, applied after inject) is putting its base layer's {name} into its "
+        f"{where}: FSDP (FullyShardedDataParallel, applied after inject) {doing} its base layer's {name} into its "
         "flat parameters, which it shards between calls, so the weight lorahot wrapped is not the one the layer "
         "computes with; lorahot serves models whose ranks each hold the whole weights, or tensor-parallel ones "
-        f"(parallelize_module). The assignment was refused and FSDP's wrapping or call stopped there: {state}."
+        f"(parallelize_module). {state}."
     )
+
+
+def _refuse_fsdp1(layer: LoRALayer) -> None:
+    """Refuses FSDP1 (``FullyShardedDataParallel``) wrapping a model after inject where
+    ``layer`` could not follow it taking its base layer's weight or bias (a merged or wide
+    layer: :func:`_copy_refusal`), at FSDP's first pass over the modules, which marks each for
+    dynamo before FSDP changes any parameter: refused later, where FSDP sets the parameter's
+    view, FSDP had already moved every weight of the model into its flat parameter and taken
+    this one off its module. The marks FSDP's pass put on the modules before this one are
+    taken off again. FSDP2 (``fully_shard``) marks the modules after it sharded their
+    parameters (DTensors by then): left to the runtime's next call, which refuses it."""
+    base = layer.base_layer
+    if any(is_dtensor(base._parameters.get(name)) for name in _BASE_PARAMETERS):
+        return
+    name = next((n for n in _BASE_PARAMETERS if n in base._parameters and _copy_refusal(layer, n)), None)
+    if name is None:
+        return
+    _unmark_fsdp_pass(layer)
+    raise UsageError(
+        _fsdp_refusal(
+            layer,
+            name,
+            "FSDP's wrapping was refused before it changed any parameter or module: call runtime.eject() before "
+            "wrapping the model in FSDP",
+        )
+    )
+
+
+def _unmark_fsdp_pass(layer: nn.Module) -> None:
+    """Takes FSDP1's dynamo marks (``_is_fsdp_managed_module``, ``_fsdp_use_orig_params``) off
+    the modules its pass (``_annotate_modules_for_dynamo``, on the call stack) marked before
+    ``layer``, leaving alone those inside a module FSDP wrapped before (marked by its own pass)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != "_annotate_modules_for_dynamo":
+        frame = frame.f_back  # type: ignore[assignment]
+    root = frame.f_locals.get("module") if frame is not None else None
+    if not isinstance(root, nn.Module):
+        return
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+    wrapped = {id(m) for w in root.modules() if fsdp is not None and isinstance(w, fsdp) for m in w.modules()}
+    for module in root.modules():
+        if module is layer:
+            return
+        if id(module) not in wrapped:
+            module.__dict__.pop("_is_fsdp_managed_module", None)
+            module.__dict__.pop("_fsdp_use_orig_params", None)
 
 
 def _computed_from(layer: LoRALayer, name: str, new: Any) -> bool:

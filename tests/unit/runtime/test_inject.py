@@ -888,22 +888,54 @@ def test_fsdp1_wrapping_a_model_after_inject_is_refused_at_the_next_call_naming_
         assert torch.equal(wrapped(x), before)
 
 
-def test_fsdp1_taking_a_merged_layer_s_weight_is_refused_naming_fsdp(one_rank: Any) -> None:
-    """``FullyShardedDataParallel(use_orig_params=True)`` after inject sets each weight to a
-    view of its flat parameter: a merged layer refuses that (it holds the adapter merged into
-    its own weight), and the refusal names FSDP and what FSDP left, not a replaced weight
-    (``tie_weights``?). On 2 ranks the same refusal stops FSDP's first forward, where it sets
-    the sharded views (it named ``resize_token_embeddings``)."""
+@pytest.mark.parametrize("orig", [True, False], ids=["original-parameters", "flat-parameters"])
+@pytest.mark.parametrize("where", ["first", "last", "in-a-block-wrapped"])
+def test_fsdp1_wrapping_a_merged_model_is_refused_before_it_changes_anything(
+    where: str, orig: bool, one_rank: Any
+) -> None:
+    """``FullyShardedDataParallel`` after inject on a model with a merged layer (it holds the
+    adapter merged into its own weight, so it cannot follow FSDP sharding that weight) is
+    refused naming FSDP before FSDP changed anything: every parameter and buffer bitwise and the
+    same objects (the same storage, registered on the same modules), no module wrapped or left
+    marked for dynamo as FSDP's, the forward bitwise, and the runtime still loading. Before,
+    with use_orig_params=True the refusal came where FSDP set the layer's weight to a view of its
+    flat parameter, after it had taken it off the base layer (the forward then raised
+    AttributeError) and moved the other layers' weights into its flat parameter; with False
+    the model was wrapped, merged weights and all."""
     from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
-    runtime.load({"0.lora_A.weight": torch.randn(2, 8), "0.lora_B.weight": torch.randn(8, 2)})
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
+    target = {"first": "0", "last": "1.1", "in-a-block-wrapped": "1.1"}[where]
+    w0 = model.get_parameter(f"{target}.weight").detach().double()
+    runtime = lorahot.inject(model, [target], max_rank=4, merged=True)
+    a, b = torch.randn(2, 8), torch.randn(8, 2)
+    runtime.load({f"{target}.lora_A.weight": a, f"{target}.lora_B.weight": b})
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        before = model(x)
+    tensors = {n: (t, t.detach().clone(), t.data_ptr()) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    registered = {n: (type(m), dict(m._parameters), dict(m._buffers)) for n, m in model.named_modules()}
+    options: dict[str, Any] = {"use_orig_params": orig}
+    if where == "in-a-block-wrapped":
+        block = model[1]
+        options["auto_wrap_policy"] = partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m is block)
     message = (
-        r"^0: FSDP \(FullyShardedDataParallel, applied after inject\) is putting its base layer's weight into its flat "
-        r"parameters, .* The assignment was refused and FSDP's wrapping or call stopped there: FSDP had already taken "
-        r"the weight off the base layer: build the model again, without FSDP\.$"
+        rf"^{re.escape(target)}: FSDP \(FullyShardedDataParallel, applied after inject\) would put its base layer's "
+        r"weight into its flat parameters, .* FSDP's wrapping was refused before it changed any parameter or module: "
+        r"call runtime\.eject\(\) before wrapping the model in FSDP\.$"
     )
     with pytest.raises(lorahot.UsageError, match=message):
-        FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+        FullyShardedDataParallel(model, device_id=torch.device("cpu"), **options)
+    for n, (t, values, ptr) in tensors.items():
+        now = model.get_parameter(n) if n in dict(model.named_parameters()) else model.get_buffer(n)
+        assert now is t and t.data_ptr() == ptr and torch.equal(t.detach(), values), n
+        assert not getattr(t, "_fsdp_flattened", False), n
+    assert {n: (type(m), dict(m._parameters), dict(m._buffers)) for n, m in model.named_modules()} == registered
+    assert not [n for n, m in model.named_modules() if hasattr(m, "_is_fsdp_managed_module")]
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    runtime.load({f"{target}.lora_A.weight": 2 * a, f"{target}.lora_B.weight": b})  # still serving
+    merged = runtime.layers[target].base_layer.weight.detach().double()
+    assert torch.allclose(merged, w0 + 2 * b.double() @ a.double(), rtol=0, atol=1e-5)
