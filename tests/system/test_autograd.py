@@ -193,3 +193,22 @@ def test_every_layer_kind_stacked_and_routed_matches_the_dense_reference(merged:
         runtime.activate([0, 1, -1, 1])
         refs = [_reference(base, [(ab[0][1], 1.0)]), _reference(base, [(ab[1][1], 1.0)]), copy.deepcopy(base)]
         check([(refs[0], [0]), (refs[1], [1, 3]), (refs[2], [2])])
+
+
+def test_torch_func_grad_over_the_models_own_parameters_matches_peft(tmp_path: Path) -> None:
+    """``torch.func.grad`` of a ``functional_call`` over the model's own parameters (detached, as
+    functorch takes them) on a DoRA adapter: the wrappers take them as the model's (no refusal
+    of other values, see test_dora_bias.py), and every base parameter's gradient, the DoRA
+    bias's included, is PEFT's."""
+    base = _base(D)
+    peft = _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    model = copy.deepcopy(base)
+    lorahot.inject(model, TARGETS, max_rank=4, extras=True).load(tmp_path / "dora")
+    inputs = _leaves()
+
+    def grads(module: nn.Module) -> dict[str, torch.Tensor]:
+        params = {k: v.detach() for k, v in module.named_parameters() if "lora_" not in k}
+        found = torch.func.grad(lambda p: _loss(torch.func.functional_call(module, p, inputs)))(params)
+        return {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in found.items()}
+
+    _assert_same(grads(model), grads(peft))
