@@ -165,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         help="diffusion and parallel rows suites: seconds after the start by which the run must be done; a compile "
         "that would leave no time for the timing rounds is abandoned, its configuration reported as not compiled in time",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16"],
+        default=None,
+        help="diffusion suite: the model's dtype (bfloat16 on CUDA by default, float32 on a CPU); a float16 run's "
+        "figures go to its run file only, not to latest.json, whose diffusion figures are bfloat16",
+    )
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per figure (median)")
     parser.add_argument(
         "--modes",
@@ -230,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     rows_mode = args.modes if args.suite == "rows" and args.modes else None
     if rows_mode is not None and rows_mode not in ("default", "reduce-overhead", "max-autotune"):
         parser.error(f"the rows suite takes one compile mode, got --modes {rows_mode}")
+    if args.dtype is not None and args.suite != "diffusion":
+        parser.error("--dtype applies to the diffusion suite only")
     if args.suite == "diffusion":
         return _diffusion(args, argv, device, modes, start)
     parallel_rows = args.suite == "rows" and args.parallel  # the workers build their own
@@ -329,7 +338,8 @@ def _diffusion(
     import peft
 
     tiny = args.tiny or device.type == "cpu"
-    w = diffusion.build(tiny, device, family=args.model)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    w = diffusion.build(tiny, device, dtype=dtype, family=args.model)
     raw: dict[str, Any] = {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -339,12 +349,13 @@ def _diffusion(
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "workload": w.name,
+        "dtype": str(w.dtype),
         "parallel": bool(args.parallel),
     }
     runs = args.out.parent / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    kind = "" if args.model == "sdxl" else f"-{args.model}"
+    kind = ("" if args.model == "sdxl" else f"-{args.model}") + (f"-{args.dtype}" if args.dtype == "float16" else "")
     run_file = runs / f"{stamp}-diffusion{kind}{'-tiny' if tiny else ''}.json"
     out = args.out if not tiny or args.out != RESULTS / "latest.json" else RESULTS / "latest-tiny.json"
     latest: dict[str, Any] = {}
@@ -359,7 +370,8 @@ def _diffusion(
         )  # the top-level device / workload fields describe the LLM figures
         run_key = "diffusion_run" if args.model == "sdxl" else f"diffusion_{args.model}_run"
         fields[run_key] = {**fields.get(run_key, {}), **{k: merged[k] for k in raw}}
-        latest = merge_results(out, fields)
+        # float16 figures stay in the run file: latest.json's diffusion figures are bfloat16's
+        latest = fields if args.dtype == "float16" else merge_results(out, fields)
 
     result = (diffusion.run_parallel if args.parallel else diffusion.run)(
         w,
