@@ -1021,6 +1021,21 @@ def scenario_interrupted(mesh: object, folder: Path, check: Checks) -> None:
         check(f"{name} on rank 1", lambda got=got, w=words: expect(got, [w, "Slot 0"], w))
         check(f"every rank serves slot 0 after {name}", lambda: None if rig.rt.active_slot == 0 else "slot 1 live")
         check(f"and computes what it did bitwise after {name}", lambda b=before: rig.unchanged_output(b))
+    # putting slot 0 back fails too on rank 1: every rank says so (rank 0 put it back, but the
+    # model it is part of may compute a mix), and the activate it names, on every rank, heals it
+    fill()
+    with torch.no_grad():
+        before = rig.tp(rig.ids)
+    got = on_rank_1("activate", fault, False, lambda: rig.rt.activate(1), persisting)
+    again = "Call runtime.activate(0) again on every rank"
+    check(
+        "an activate whose putting back fails on rank 1",
+        lambda: expect(got, ["putting slot 0 back failed on rank 1", again], ["WriteError: ", "putting slot 0", again]),
+    )
+    check(
+        "and the activate it names computes what it did bitwise after it",
+        lambda: rig.rt.activate(0) or rig.unchanged_output(before),
+    )
     for name, exc, words in (
         ("an unload interrupted", interrupt, "KeyboardInterrupt"),
         ("an unload failing", fault, "device fault"),

@@ -207,6 +207,7 @@ class LoraRuntime:
         pipeline: Pipeline | None = None,
     ) -> None:
         self._agreement = Agreement.of(layers)  # tensor-parallel layers: their ranks agree before each write
+        self._lost = False  # the last settling collective failed (:meth:`_settled`): no second round after it
         self.model = model
         self.components = components  # empty for a single model
         self._pipeline = pipeline  # the pipeline the components came from: it must still call them
@@ -526,11 +527,13 @@ class LoraRuntime:
         if agreement is None:
             return error, own_stuck
         own = error.fault if isinstance(error, _LiveFault) else error
+        self._lost = False
         try:
             failures, touched, marked = agreement.settle(
                 own, write and self.buffers.touched, [s in stuck for s in range(self.slots)]
             )
         except Exception as exc:  # the collective failed (a rank gone, the group timed out)
+            self._lost = True  # no second collective after this one: it would wait for the group's timeout again
             return error or _Unsettled(
                 f"the ranks could not tell each other how {doing} went ({_described(exc)}), so another rank may hold "
                 "another adapter"
@@ -543,6 +546,16 @@ class LoraRuntime:
         how = "was interrupted" if kind in ("KeyboardInterrupt", "SystemExit") else "failed"
         said = f"{kind}: {message.strip().splitlines()[0][:300]}" if message.strip() else kind
         return _OtherRankFailed(f"rank {rank} of {agreement.ranks} {how} while {doing} ({said})"), marked
+
+    def _settled_again(self, doing: str, stuck: list[int]) -> dict[int, list[int]] | None:
+        """After a call's ranks settled a failure (:meth:`_settled`) and each then emptied or put
+        back what it wrote (``doing``): by rank, the slots each could not (``stuck``); None off a
+        tensor-parallel model, or where the ranks could not tell each other (then, or in the
+        first round): this rank's alone is known."""
+        if self._agreement is None or self._lost:
+            return None
+        unknown, marked = self._settled(doing, None, stuck=stuck)
+        return None if isinstance(unknown, _Unsettled) else marked
 
     def _failed_write(self, what: str, slot: int, exc: BaseException) -> NoReturn:
         """A write that failed after every check passed (out of memory, a device fault) or was
@@ -565,11 +578,9 @@ class LoraRuntime:
             with contextlib.suppress(Exception):
                 self._merger.record_all()
         me = 0 if self._agreement is None else self._agreement.rank
-        settled, marked = self._agreement is not None and not isinstance(exc, _Unsettled), {me: stuck}
-        if settled:  # every rank tells the others whether it emptied the slot
-            unknown, marked = self._settled(f"emptying slot {slot}", None, stuck=stuck)
-            settled = not isinstance(unknown, _Unsettled)
-        every = " on every rank" if settled else ""
+        settled = self._settled_again(f"emptying slot {slot}", stuck)  # every rank tells whether it emptied it
+        marked = {me: stuck} if settled is None else settled
+        every = "" if settled is None else " on every rank"
         if not any(marked.values()):
             if not isinstance(exc, Exception):
                 raise exc
@@ -1160,6 +1171,16 @@ class LoraRuntime:
         """
         fault, live = (exc.fault, exc.live) if isinstance(exc, _LiveFault) else (exc, self._active)
         now, again = self._restore_switch(active, routing, merged, live)
+        marked = self._settled_again(f"putting slot {active} back", [] if now == active else [active])
+        me = None if self._agreement is None else self._agreement.rank
+        others = sorted(r for r in (marked or {}) if r != me)  # the ranks whose putting back failed
+        every = "" if marked is None else " on every rank"
+        if now == active and others:  # put back here, but the model these ranks compute together may mix slots
+            raise WriteError(
+                f"LoraRuntime.activate: {_described(fault)}, and putting slot {active} back failed on "
+                f"{_ranks(others, -1)}: the model may compute a mix of slots there. Call runtime.activate({active}) "
+                f"again{every}, or runtime.unload()."
+            ) from fault
         if now == active and (isinstance(fault, LoraError) or not isinstance(fault, Exception)):
             raise fault
         what = f"LoraRuntime.activate: {_described(fault)}"
@@ -1172,12 +1193,12 @@ class LoraRuntime:
         if now is None:
             state = (
                 f"putting slot {active} and the routing before back failed too ({again}): the model may compute a mix "
-                f"of slots. Call runtime.activate({active}) again, or runtime.unload()."
+                f"of slots. Call runtime.activate({active}) again{every}, or runtime.unload()."
             )
         else:
             state = (
                 f"putting slot {active} back failed too ({again}): slot {now} is live, with the routing before. "
-                f"Call runtime.activate({active}) again."
+                f"Call runtime.activate({active}) again{every}."
             )
         raise WriteError(f"{what}, and {state}") from fault
 

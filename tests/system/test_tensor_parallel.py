@@ -293,6 +293,8 @@ INTERRUPTED = [
             f"and computes what it did bitwise after {name}",
         )
     ),
+    "an activate whose putting back fails on rank 1",
+    "and the activate it names computes what it did bitwise after it",
     *(
         check
         for name in ("an unload interrupted", "an unload failing")
