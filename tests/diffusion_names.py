@@ -53,3 +53,20 @@ def diffusers_weights(
 def assert_same(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def peft_default_adapter(sd: dict[str, torch.Tensor], spelling: str) -> dict[str, torch.Tensor]:
+    """A ``diffusion_model.<module>.lora_down.weight`` file with PEFT's adapter name after each
+    role (``.lora_down.default.weight``), the module under ``diffusion_model.`` (``spelling``
+    ``"comfyui"``), bare (``"bare"``) or in kohya's spelling (``"kohya"``: ``lora_unet_`` + the name
+    with ``_`` for ``.``); ``.alpha`` keys keep their place."""
+    out = {}
+    for key, tensor in sd.items():
+        module, role = key.removeprefix("diffusion_model.").rsplit(".", 1)
+        if role == "weight":
+            module, role = module.rsplit(".", 1)
+            role += ".default.weight"
+        if spelling == "kohya":
+            module = "lora_unet_" + module.replace(".", "_")
+        out[f"{'diffusion_model.' if spelling == 'comfyui' else ''}{module}.{role}"] = tensor
+    return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 from lorahot.formats import flux, lumina2, sd3
 from lorahot.formats.table import (
     COMFYUI_TEXT_ENCODERS,
+    DEFAULT_ADAPTER,
     DIFFUSION_MODEL,
     REFUSED_MERGEABLE,
     KeyFormat,
@@ -38,8 +39,8 @@ FORMAT = KeyFormat(
         Rule(r"(?P<module>.+)\.lora_B(?:\.[^.]+)?\.weight", "B"),
         Rule(r"(?P<module>.+)\.lora\.down\.weight", "A"),
         Rule(r"(?P<module>.+)\.lora\.up\.weight", "B"),
-        Rule(r"(?P<module>.+)\.lora_down\.weight", "A"),  # kohya's roles under ComfyUI's prefix
-        Rule(r"(?P<module>.+)\.lora_up\.weight", "B"),
+        Rule(rf"(?P<module>.+)\.lora_down{DEFAULT_ADAPTER}\.weight", "A"),  # kohya's roles under ComfyUI's prefix
+        Rule(rf"(?P<module>.+)\.lora_up{DEFAULT_ADAPTER}\.weight", "B"),
         Rule(r"(?P<module>.+)\.alpha", "alpha"),
         *lycoris_rules(r"(?P<module>.+)"),
     ),

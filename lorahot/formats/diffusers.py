@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from lorahot.formats import flux, lumina2, sd3
 from lorahot.formats.table import (
+    DEFAULT_ADAPTER,
     EXTRA_RULES,
     HADAMARD_KRONECKER,
     REFUSED,
@@ -47,8 +48,8 @@ FORMAT = KeyFormat(
         *EXTRA_RULES,  # DoRA magnitudes and LoRA biases, as diffusers' PEFT integration saves them
         _ALPHA,
         # the same keys spelled lora_down / lora_up, which diffusers' Flux converter renames
-        Rule(r"(?P<module>.+)\.lora_down\.weight", "A"),
-        Rule(r"(?P<module>.+)\.lora_up\.weight", "B"),
+        Rule(rf"(?P<module>.+)\.lora_down{DEFAULT_ADAPTER}\.weight", "A"),
+        Rule(rf"(?P<module>.+)\.lora_up{DEFAULT_ADAPTER}\.weight", "B"),
         # LoHa and LoKr factors under a component prefix (transformer.<module>.lokr_w1, with or
         # without .alpha, as ComfyUI reads them for diffusers-named models): merged mode, LyCORIS'
         # alpha / r, as bare in PEFT naming

@@ -1,9 +1,10 @@
 """kohya / sd-scripts naming: ``lora_unet_<module with _ for .>.lora_down.weight`` (and LyCORIS factors).
 
-``lora_down`` is A, ``lora_up`` is B (for LoCon the conv kernel is in ``lora_down`` and
-``lora_up`` is 1x1), and ``<name>.alpha`` is the module's alpha; without it alpha equals the
-rank. Module names are the model's names with every ``.`` turned into ``_``; the resolver
-finds them by building the underscore form of each injected layer's name.
+``lora_down`` is A, ``lora_up`` is B (also with PEFT's adapter name, ``lora_down.default.weight``;
+for LoCon the conv kernel is in ``lora_down`` and ``lora_up`` is 1x1), and ``<name>.alpha`` is the
+module's alpha; without it alpha equals the rank. Module names are the model's names with every
+``.`` turned into ``_``; the resolver finds them by building the underscore form of each injected
+layer's name.
 
 LyCORIS's own network wrapper (``lycoris.create_lycoris`` on any model) saves the same
 spelling under the prefix ``lycoris_`` (``lycoris_0.lora_down.weight``, ``lycoris_blocks_0_attn_q.hada_w1_a``),
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from lorahot.formats.table import (
+    DEFAULT_ADAPTER,
     REFUSED_IA3,
     REFUSED_MERGEABLE,
     KeyFormat,
@@ -35,8 +37,8 @@ COMPONENTS = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "
 MODULE = r"(?P<module>lora_[a-z0-9]+_[^.]+)"
 #: kohya's A, B and alpha (also the rules of the kohya spellings of other models' names)
 RULES = (
-    Rule(rf"{MODULE}\.lora_down\.weight", "A"),
-    Rule(rf"{MODULE}\.lora_up\.weight", "B"),
+    Rule(rf"{MODULE}\.lora_down{DEFAULT_ADAPTER}\.weight", "A"),
+    Rule(rf"{MODULE}\.lora_up{DEFAULT_ADAPTER}\.weight", "B"),
     Rule(rf"{MODULE}\.alpha", "alpha"),
 )
 
@@ -49,8 +51,8 @@ KOHYA_OFT = "oft_unet_"
 FORMAT = KeyFormat(
     name="kohya",
     rules=(
-        Rule(rf"{_MODULE}\.lora_down\.weight", "A"),
-        Rule(rf"{_MODULE}\.lora_up\.weight", "B"),
+        Rule(rf"{_MODULE}\.lora_down{DEFAULT_ADAPTER}\.weight", "A"),
+        Rule(rf"{_MODULE}\.lora_up{DEFAULT_ADAPTER}\.weight", "B"),
         Rule(rf"{_MODULE}\.alpha", "alpha"),
         *lycoris_rules(_MODULE),
         # LyCORIS' (IA)^3: a kohya module key names no model weight, so its .weight is the factor
@@ -131,8 +133,8 @@ def outside(spelled: KeyFormat, modules: str, *, example: str, marker: str | Non
     return dataclasses.replace(
         spelled,
         rules=(
-            Rule(rf"{module}\.lora_down\.weight", "A"),
-            Rule(rf"{module}\.lora_up\.weight", "B"),
+            Rule(rf"{module}\.lora_down{DEFAULT_ADAPTER}\.weight", "A"),
+            Rule(rf"{module}\.lora_up{DEFAULT_ADAPTER}\.weight", "B"),
             Rule(rf"{module}\.alpha", "alpha"),
             *lycoris_rules(module),
         ),

@@ -33,7 +33,14 @@ no block module is read in this naming. So are SD3's embedders outside the block
 from __future__ import annotations
 
 from lorahot.formats import flux, lumina2, sd3
-from lorahot.formats.table import EXTRA_RULES, HADAMARD_KRONECKER, REFUSED_BUT_EXTRAS_AND_FACTORS, KeyFormat, Rule
+from lorahot.formats.table import (
+    DEFAULT_ADAPTER,
+    EXTRA_RULES,
+    HADAMARD_KRONECKER,
+    REFUSED_BUT_EXTRAS_AND_FACTORS,
+    KeyFormat,
+    Rule,
+)
 
 __all__ = ["FORMAT", "NAME"]
 
@@ -49,8 +56,8 @@ FORMAT = KeyFormat(
         Rule(rf"(?P<module>.+)\.lora_embedding_B{_ADAPTER}", "B"),
         Rule(r"(?P<module>.+)\.base_layer\.weight", "base"),
         *EXTRA_RULES,
-        Rule(r"(?P<module>.+)\.lora_down\.weight", "A"),
-        Rule(r"(?P<module>.+)\.lora_up\.weight", "B"),
+        Rule(rf"(?P<module>.+)\.lora_down{DEFAULT_ADAPTER}\.weight", "A"),
+        Rule(rf"(?P<module>.+)\.lora_up{DEFAULT_ADAPTER}\.weight", "B"),
         Rule(r"(?P<module>.+)\.alpha", "alpha"),
         HADAMARD_KRONECKER,  # merged mode
     ),

@@ -43,6 +43,7 @@ __all__ = [
     "underscored",
     "COMFYUI_TEXT_ENCODERS",
     "lora_rules",
+    "DEFAULT_ADAPTER",
     "Parts",
     "group_keys",
     "skip_modules",
@@ -407,12 +408,20 @@ def underscored(pattern: str) -> str:
     return pattern.replace(DOTTED_START, "^").replace(r"\.", "_")
 
 
+#: PEFT's default adapter name after a LoRA role, ``<module>.lora_down.default.weight``: files made
+#: by renaming PEFT's ``lora_A.default``/``lora_B.default`` to kohya's roles keep it, and diffusers'
+#: Qwen-Image and Z-Image loaders drop it (``default.``) before reading the role. Read so in every
+#: naming that spells kohya's roles; only PEFT's default name, as those loaders drop only it.
+DEFAULT_ADAPTER = r"(?:\.default)?"
+
+
 def lora_rules(module: str = r"(?P<module>.+)") -> tuple[Rule, ...]:
     """A, B and alpha after ``module`` in either spelling (``lora_A``/``lora_B`` or
-    ``lora_down``/``lora_up``), as the namings of original model names write them."""
+    ``lora_down``/``lora_up``, each also with PEFT's :data:`DEFAULT_ADAPTER` name), as the namings
+    of original model names write them."""
     return (
-        Rule(rf"{module}\.(?:lora_A|lora_down)\.weight", "A"),
-        Rule(rf"{module}\.(?:lora_B|lora_up)\.weight", "B"),
+        Rule(rf"{module}\.(?:lora_A|lora_down){DEFAULT_ADAPTER}\.weight", "A"),
+        Rule(rf"{module}\.(?:lora_B|lora_up){DEFAULT_ADAPTER}\.weight", "B"),
         Rule(rf"{module}\.alpha", "alpha"),
     )
 

@@ -25,6 +25,7 @@ from tests.diffusion_names import assert_same as _assert_same
 from tests.diffusion_names import diffusers_weights as _diffusers
 from tests.diffusion_names import linears as _linears
 from tests.diffusion_names import lorahot_weights as _lorahot
+from tests.diffusion_names import peft_default_adapter
 from tests.diffusion_names import weights as _weights
 
 diffusers = pytest.importorskip("diffusers")
@@ -150,6 +151,23 @@ def test_z_image_original_attention_out_spelling_matches_diffusers() -> None:
     _assert_same(ours, _diffusers(_tiny_zimage, diffusers.ZImagePipeline, sd, names))
     renamed = {k.replace(".attention.out.", ".attention.to_out.0."): v for k, v in sd.items()}
     _assert_same(ours, _reference(_tiny_zimage, renamed, names, "lora_down", "lora_up"))
+
+
+@pytest.mark.parametrize("alpha", [False, True], ids=["no-alpha", "alpha"])
+@pytest.mark.parametrize(("spelling", "fmt"), [("comfyui", "lumina2"), ("bare", "peft"), ("kohya", "lumina2-kohya")])
+def test_z_image_peft_adapter_name_after_kohya_roles_matches_diffusers(spelling: str, fmt: str, alpha: bool) -> None:
+    """``<module>.lora_down.default.weight`` / ``.lora_up.default.weight`` (PEFT's adapter name
+    kept by a rename of its lora_A/lora_B to kohya's roles), under ``diffusion_model.``, bare or
+    kohya-spelled: diffusers' Z-Image loader drops ``default.``; every layer equal to it and to the
+    float64 reference. They were refused as a file that mixes namings."""
+    names = _linears(_tiny_zimage(), lambda n: "layers" in n or "refiner" in n)
+    plain = _file(_tiny_zimage(), names, "lora_down", "lora_up", alpha=alpha)
+    sd = peft_default_adapter(plain, spelling)
+    assert any(k.endswith(".lora_up.default.weight") for k in sd)
+    ours, found = _lorahot(_tiny_zimage, sd, names)
+    assert found == fmt
+    _assert_same(ours, _diffusers(_tiny_zimage, diffusers.ZImagePipeline, sd, names))
+    _assert_same(ours, _reference(_tiny_zimage, plain, names, "lora_down", "lora_up"))
 
 
 def _lokr_file(model: nn.Module, names: list[str], low_rank: bool) -> dict[str, torch.Tensor]:

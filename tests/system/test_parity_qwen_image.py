@@ -14,6 +14,14 @@ import torch
 from safetensors.torch import save_file
 
 import lorahot
+from tests.diffusion_names import (
+    assert_same,
+    diffusers_weights,
+    linears,
+    lorahot_weights,
+    peft_default_adapter,
+    weights,
+)
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -233,3 +241,41 @@ def test_a_comfyui_extracted_lora_folds_its_norm_deltas_into_injected_norms(spel
             weight = layer.weight + delta
             expected = torch.cat([weight.T, torch.zeros(1, weight.shape[0], dtype=torch.float64)]) + layer.bias + bias
             torch.testing.assert_close(got[name], expected, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def _qwen_file64(names: list[str], alpha: bool) -> dict[str, torch.Tensor]:
+    """``diffusion_model.<name>.lora_down``/``lora_up`` (float64, ranks 2-4), with ``.alpha`` where asked."""
+    model, g, sd = tiny_qwen(), torch.Generator().manual_seed(4), {}
+    for i, name in enumerate(names):
+        layer, r = model.get_submodule(name), 2 + i % 3
+        sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(r, layer.in_features, generator=g).double() * 0.3
+        sd[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(layer.out_features, r, generator=g).double() * 0.3
+        if alpha:
+            sd[f"diffusion_model.{name}.alpha"] = torch.tensor(r * (0.5 + i % 3), dtype=torch.float64)
+    return sd
+
+
+@pytest.mark.parametrize("alpha", [False, True], ids=["no-alpha", "alpha"])
+@pytest.mark.parametrize(("spelling", "fmt"), [("comfyui", "comfyui"), ("bare", "peft"), ("kohya", "kohya")])
+def test_peft_adapter_name_after_kohya_roles_matches_diffusers(spelling: str, fmt: str, alpha: bool) -> None:
+    """``<module>.lora_down.default.weight`` / ``.lora_up.default.weight`` (PEFT's adapter name
+    kept by a rename of its lora_A/lora_B to kohya's roles), under ``diffusion_model.``, bare or
+    kohya-spelled: diffusers' Qwen-Image loader drops ``default.``; every layer equal to it and to
+    the file without the adapter name, in float64. They were refused as a file that mixes namings."""
+
+    def make() -> torch.nn.Module:
+        return tiny_qwen().double()
+
+    names = linears(make())
+    plain = _qwen_file64(names, alpha)
+    sd = peft_default_adapter(plain, spelling)
+    assert any(k.endswith(".lora_down.default.weight") for k in sd)
+    ours, found = lorahot_weights(make, sd, names)
+    assert found == fmt
+    assert_same(ours, diffusers_weights(make, diffusers.QwenImagePipeline, sd, names))
+    assert_same(ours, lorahot_weights(make, plain, names)[0])
+    base = weights(make(), names)
+    assert all(not torch.equal(ours[n], base[n]) for n in names)
+    other = {k.replace(".default.", ".other."): v for k, v in sd.items()}  # no loader drops another name
+    with pytest.raises(lorahot.UnknownFormatError, match=r"lora_down\.other\.weight"):
+        lorahot_weights(make, other, names)
