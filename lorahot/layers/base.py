@@ -229,6 +229,12 @@ class LoRALayer(nn.Module):
     #: In merged mode, whether ``load_state_dict`` brought a base weight or bias that differs
     #: from the one lorahot last wrote (compared in full when it loads: :func:`_add_base_prefix`).
     checkpoint_loaded: bool = False
+    #: In merged mode, whether a weight or bias parameter was put back in the base layer after a
+    #: parametrization, ``weight_norm``, ``spectral_norm`` or pruning applied since inject took it
+    #: out (its removal registers one): it holds the merged weight reparametrized, so the runtime
+    #: refuses to write it, and eject puts the base weight and bias of inject back
+    #: (:func:`lorahot.runtime.merge.restores`).
+    base_put_back: bool = False
     #: Shared with the runtime that bound the layer (see :mod:`lorahot.layers.state`).
     state: RuntimeState | None = None
     #: ``(A, B, scale, extras)`` views, set by :meth:`bind`.
@@ -472,9 +478,10 @@ class LoRALayer(nn.Module):
         if self.written_probe is not None:
             positions, written, numel, bias, version, digest = self.written_probe
             moved = fn(written)
-            if moved.dtype != written.dtype or digest is None:
+            if moved.dtype != written.dtype or digest is None or (written.is_meta and not moved.is_meta):
                 # a conversion changes the bytes: the samples are compared after the same
-                # conversion (lorahot.runtime.merge._differs), the version and sums no longer apply
+                # conversion (lorahot.runtime.merge._differs), the version and sums no longer apply;
+                # off the meta device (model.to_empty) the sums hold no bytes to carry over
                 version, digest = None, None
             else:  # the same bytes (another device, or no move at all): the sums still apply
                 digest = (digest[0].to(moved.device), digest[1].to(moved.device))
@@ -1318,6 +1325,9 @@ def _refuse_replaced_weight(module: nn.Module, name: str, param: Any) -> None:
     if layer is None or layer.base_layer is not module:
         return
     refusal = _placement_refusal(layer, name, param) or _shape_refusal(layer, name, param)
+    if refusal is None and _put_back(layer, name, param):
+        layer.base_put_back = True
+        return
     if refusal is None and not _computed_from(layer, name, param):
         refusal = _copy_refusal(layer, name)
     if refusal is not None and getattr(param, "_fsdp_flattened", False):  # FSDP1 marks what it flattens
@@ -1392,6 +1402,24 @@ def _unmark_fsdp_pass(layer: nn.Module) -> None:
         if id(module) not in wrapped:
             module.__dict__.pop("_is_fsdp_managed_module", None)
             module.__dict__.pop("_fsdp_use_orig_params", None)
+
+
+def _put_back(layer: LoRALayer, name: str, param: Any) -> bool:
+    """Whether ``param`` is put back as a merged layer's base ``weight`` or ``bias`` that the base
+    layer no longer stores: a parametrization, ``weight_norm``, ``spectral_norm`` or pruning
+    applied after inject took it out (merged mode requires it stored at inject), and its removal
+    (``remove_parametrizations``, ``remove_weight_norm``, ``prune.remove``) registers it again.
+    Refused, the removal would stop halfway and leave the base layer without one; taken, it is
+    the way out eject's refusal of such a layer names (:func:`lorahot.runtime.merge.check_ejectable`).
+    FSDP1 taking the parameter off before it sets its flat view is not a removal."""
+    base = layer.base_layer
+    return (
+        layer.pristine_weight is not None
+        and name in _BASE_PARAMETERS
+        and name not in base._parameters
+        and name not in base._buffers
+        and not getattr(param, "_fsdp_flattened", False)
+    )
 
 
 def _computed_from(layer: LoRALayer, name: str, new: Any) -> bool:

@@ -858,6 +858,36 @@ def test_a_merged_model_moved_after_inject_is_refused_and_ejects_to_its_base(mov
             assert torch.equal(got, want), name
 
 
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
+def test_a_model_moved_to_meta_after_inject_materializes_with_to_empty_and_ejects_to_its_checkpoint(
+    merge: bool,
+) -> None:
+    """``model.to("meta")`` then ``model.to_empty(device="cpu")`` after a load (the way a model is
+    materialized before its checkpoint is loaded): in merged mode to_empty raised
+    NotImplementedError ('Cannot copy out of meta tensor') from the LoRA layer's move, which
+    carried the sums merged mode notes of the weight off the meta device, leaving the model
+    half moved (the base layers before it on the CPU, the rest on meta) and every later eject
+    failing the same way. Now it moves whole, and after the base checkpoint is loaded, eject
+    gives the base model back bitwise; the runtime refuses its calls meanwhile."""
+    plain, merged, runtime, merged_runtime = _pair()
+    model, rt = (merged, merged_runtime) if merge else (plain, runtime)
+    base = copy.deepcopy(model)  # the checkpoint: the base model as it was at inject
+    rt.load(make_adapter(model, dict.fromkeys(rt.layers, 4), seed=1, dtype=torch.float64)[0])
+    model.to("meta")
+    model.to_empty(device="cpu")
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    model.load_state_dict(base.state_dict())
+    with pytest.raises(lorahot.UsageError, match="LoRA buffers were replaced"):
+        rt.unload()
+    rt.eject()
+    assert not any(isinstance(m, lorahot.LoRALayer) for m in model.modules())
+    for (name, got), want in zip(model.state_dict().items(), base.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids), base(ids))
+
+
 @pytest.mark.parametrize(
     "moves", [(torch.float32, torch.float64), (torch.float16, torch.float32), (torch.bfloat16, torch.float16)]
 )
