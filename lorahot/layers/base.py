@@ -229,6 +229,12 @@ class LoRALayer(nn.Module):
     #: In merged mode, whether ``load_state_dict`` brought a base weight or bias that differs
     #: from the one lorahot last wrote (compared in full when it loads: :func:`_add_base_prefix`).
     checkpoint_loaded: bool = False
+    #: In merged mode, whether a weight or bias parameter was put back in the base layer after a
+    #: parametrization, ``weight_norm``, ``spectral_norm`` or pruning applied since inject took it
+    #: out (its removal registers one): it holds the merged weight reparametrized, so the runtime
+    #: refuses to write it, and eject puts the base weight and bias of inject back
+    #: (:func:`lorahot.runtime.merge.restores`).
+    base_put_back: bool = False
     #: Shared with the runtime that bound the layer (see :mod:`lorahot.layers.state`).
     state: RuntimeState | None = None
     #: ``(A, B, scale, extras)`` views, set by :meth:`bind`.
@@ -1319,6 +1325,9 @@ def _refuse_replaced_weight(module: nn.Module, name: str, param: Any) -> None:
     if layer is None or layer.base_layer is not module:
         return
     refusal = _placement_refusal(layer, name, param) or _shape_refusal(layer, name, param)
+    if refusal is None and _put_back(layer, name, param):
+        layer.base_put_back = True
+        return
     if refusal is None and not _computed_from(layer, name, param):
         refusal = _copy_refusal(layer, name)
     if refusal is not None and getattr(param, "_fsdp_flattened", False):  # FSDP1 marks what it flattens
@@ -1393,6 +1402,24 @@ def _unmark_fsdp_pass(layer: nn.Module) -> None:
         if id(module) not in wrapped:
             module.__dict__.pop("_is_fsdp_managed_module", None)
             module.__dict__.pop("_fsdp_use_orig_params", None)
+
+
+def _put_back(layer: LoRALayer, name: str, param: Any) -> bool:
+    """Whether ``param`` is put back as a merged layer's base ``weight`` or ``bias`` that the base
+    layer no longer stores: a parametrization, ``weight_norm``, ``spectral_norm`` or pruning
+    applied after inject took it out (merged mode requires it stored at inject), and its removal
+    (``remove_parametrizations``, ``remove_weight_norm``, ``prune.remove``) registers it again.
+    Refused, the removal would stop halfway and leave the base layer without one; taken, it is
+    the way out eject's refusal of such a layer names (:func:`lorahot.runtime.merge.check_ejectable`).
+    FSDP1 taking the parameter off before it sets its flat view is not a removal."""
+    base = layer.base_layer
+    return (
+        layer.pristine_weight is not None
+        and name in _BASE_PARAMETERS
+        and name not in base._parameters
+        and name not in base._buffers
+        and not getattr(param, "_fsdp_flattened", False)
+    )
 
 
 def _computed_from(layer: LoRALayer, name: str, new: Any) -> bool:

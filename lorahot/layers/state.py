@@ -29,6 +29,10 @@ class RuntimeState:
         #: Called with a layer after ``load_state_dict`` wrote its base weight or bias (the
         #: runtime recomputes what it derived from them: DoRA factors); None where nothing is.
         self.base_loaded: Callable[[object], None] | None = None
+        #: Called by ``lorahot.eject(model)`` before it changes anything, for every runtime whose
+        #: layers it found: raises to refuse the eject (the runtime's: a merged layer's base
+        #: weight reparametrized since inject); None where nothing is.
+        self.before_eject: Callable[[], None] | None = None
         #: Why the model can no longer be served as injected (a layer's base weight resized in
         #: place), or None: the runtime's calls refuse with it.
         self.broken: str | None = None
@@ -56,6 +60,7 @@ class RuntimeState:
                 self.ejected = how
                 self.unfinished, self._on_eject = self._on_eject, []
                 self.base_loaded = None  # the runtime's: held no longer, so it goes with its last reference
+                self.before_eject = None
             elif not self.unfinished:
                 return False
             callbacks = self.unfinished

@@ -19,7 +19,7 @@ from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.cache import checked_budget
 from lorahot.runtime.components import Pipeline, components_of, is_several, match_components
 from lorahot.runtime.lora_runtime import LoraRuntime, release_hooks, roots
-from lorahot.runtime.merge import check_mergeable, check_untied
+from lorahot.runtime.merge import check_ejectable, check_mergeable, check_untied
 from lorahot.runtime.plan import WEIGHT_DTYPES
 from lorahot.runtime.targets import Targets, layer_placement, match_targets, unwrap_modules, wrap_modules
 from lorahot.runtime.weight_reads import check_merged_reads
@@ -269,6 +269,12 @@ def eject(model: nn.Module | Mapping[str, nn.Module] | Any) -> Any:
     is ejected with them: its other layers (anywhere in its own model) are unwrapped too, its
     prefetch thread stops, and each of its operations raises :class:`UsageError` from now on.
     A dict of models or a pipeline (what :func:`inject` takes) ejects each of its components.
+
+    Raises:
+        UsageError: a merged layer's base weight or bias is computed by a parametrization,
+            ``weight_norm``, ``spectral_norm`` or pruning applied after inject (from the weight
+            with the adapter merged in), naming the layer and how to remove it first; nothing
+            changed. Once removed, eject puts the base weight of inject back.
     """
     if not isinstance(model, nn.Module):
         if is_several(model):
@@ -278,6 +284,10 @@ def eject(model: nn.Module | Mapping[str, nn.Module] | Any) -> Any:
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     found = {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
     states = {id(layer.state): layer.state for layer in found.values() if layer.state is not None}
+    for state in states.values():  # before anything changes: every runtime's layers, wherever they are
+        if state.ejected is None and state.before_eject is not None:
+            state.before_eject()
+    check_ejectable({n: layer for n, layer in found.items() if layer.state is None or layer.state.ejected is None})
     try:
         for state in states.values():
             state.mark_ejected("lorahot.eject(model)")  # its runtime unwraps its own layers

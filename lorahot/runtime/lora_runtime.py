@@ -77,7 +77,7 @@ from lorahot.runtime.dora import DoraFactors
 from lorahot.runtime.experts import find_experts
 from lorahot.runtime.info import AdapterInfo, PartInfo
 from lorahot.runtime.load_replay import LoadReplay
-from lorahot.runtime.merge import Merger
+from lorahot.runtime.merge import Merger, check_ejectable
 from lorahot.runtime.plan import (
     Checked,
     LoadPlan,
@@ -308,6 +308,7 @@ class LoraRuntime:
             fused_projections.install(root)
         self._state.on_eject(self._detach)
         self._state.base_loaded = self._base_loaded
+        self._state.before_eject = functools.partial(_check_ejectable, model, layers)
 
     def _roots(self) -> list[nn.Module]:
         """The modules a user calls: the model, or each component."""
@@ -1415,6 +1416,7 @@ class LoraRuntime:
         """
         if not self._state.unfinished:  # else an eject that did not finish: this one finishes it
             self._check_usable(placement=False)
+            _check_ejectable(self.model, self.layers)
         try:
             self._state.mark_ejected("runtime.eject()")
         except Exception as exc:
@@ -1815,6 +1817,12 @@ def _described(exc: BaseException) -> str:
     if isinstance(exc, _OtherRankFailed):  # names the rank and its error itself
         return _said(exc)
     return f"{type(exc).__name__}: {_said(exc)}"
+
+
+def _check_ejectable(model: nn.Module, layers: dict[str, LoRALayer]) -> None:
+    """Refuses an eject before it changes anything where one of ``layers``, or of the copies in
+    ``model`` it would unwrap too, cannot be unwrapped (:func:`check_ejectable`)."""
+    check_ejectable({**layers, **_copies(model)})
 
 
 def _copies(model: nn.Module) -> dict[str, LoRALayer]:

@@ -154,6 +154,61 @@ def _stored_tensors(base: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor 
     return base._parameters.get("weight"), bias
 
 
+def reparametrized(layer: LoRALayer) -> list[str]:
+    """How a merged ``layer``'s base layer computes each of its weight and bias it no longer
+    stores (a parametrization, ``weight_norm``, ``spectral_norm`` or pruning applied after
+    inject: :func:`_computed`'s description), as ``"its weight is ..."``; empty where it stores
+    both (or the layer is not merged)."""
+    if layer.pristine_weight is None:
+        return []
+    base = layer.base_layer
+    kinds = ["weight"] if layer.pristine_bias is None else ["weight", "bias"]
+    return [
+        f"its {kind} is {_computed(base, kind, base.__dict__.get(kind))[0]}"
+        for kind, held in zip(("weight", "bias"), _stored_tensors(base), strict=True)
+        if kind in kinds and held is None
+    ]
+
+
+def check_ejectable(layers: dict[str, LoRALayer]) -> None:
+    """Refuses an eject, before it changes anything, where a merged layer's base weight (or
+    bias) is computed on each call by a parametrization, ``weight_norm``, ``spectral_norm`` or
+    pruning applied after inject: computed from the merged weight (the adapter folded in), it
+    has no stored tensor to put the base weight back into, and the eject would leave the
+    adapter in the model, silently. The way out is the removal of the reparametrization, which
+    stores a tensor again; eject puts the base weight of inject back into it
+    (:attr:`~lorahot.layers.base.LoRALayer.base_put_back`).
+
+    Raises:
+        UsageError: naming each such layer, what its weight is, and the fix.
+    """
+    found = [f"{name}: {how}" for name, layer in layers.items() for how in reparametrized(layer)]
+    if found:
+        raise UsageError(
+            lines(
+                format_problems(
+                    "eject cannot take the adapter out of merged layers whose weight or bias a parametrization, "
+                    "weight_norm, spectral_norm or pruning computes since inject (from the weight with the adapter "
+                    "merged in):",
+                    found,
+                ),
+                "Nothing was changed. Remove it first (torch.nn.utils.parametrize.remove_parametrizations, "
+                "remove_weight_norm, remove_spectral_norm, prune.remove), then eject: it puts the base weight and bias "
+                "as they were at inject into the tensors the removal stores (the reparametrization's effect on them "
+                "is not kept); apply it again after eject if it is wanted.",
+            )
+        )
+
+
+def restores(layer: LoRALayer) -> bool:
+    """Whether eject puts a merged ``layer``'s base weight and bias of inject back whatever they
+    hold now: a parameter was put back in its base layer after a reparametrization applied since
+    inject (:attr:`~lorahot.layers.base.LoRALayer.base_put_back`), holding the merged weight
+    reparametrized (which :func:`replaced` would take for a checkpoint loaded since), and no
+    ``load_state_dict`` brought a base checkpoint since."""
+    return layer.base_put_back and not layer.checkpoint_loaded
+
+
 def _storage_refusal(layer: LoRALayer) -> str | None:
     """Why merged mode cannot rewrite ``layer``'s weight or bias in place: one that does not hold
     its values as a dense tensor of a dtype it computes in (:func:`~lorahot.layers.base.unusual_values`:
@@ -488,6 +543,12 @@ class Merger:
         for name, layer, stored in zip(names, layers, self._stored, strict=True):
             base = layer.base_layer
             now = _stored_tensors(base)
+            if layer.base_put_back and not reparametrized(layer):
+                found.append(
+                    f"{name}: a parametrization, weight_norm, spectral_norm or pruning was applied to its base layer "
+                    "after inject and removed since: its weight holds the merged weight reparametrized"
+                )
+                continue
             for kind, was, held in zip(("weight", "bias"), stored, now, strict=True):
                 if held is not was:
                     how = (
@@ -506,9 +567,9 @@ class Merger:
                         found,
                     ),
                     "A rewrite would not reach what their forward reads, which would keep the adapter and scale of "
-                    "before. Remove it (torch.nn.utils.parametrize.remove_parametrizations, remove_weight_norm, "
-                    "remove_spectral_norm, prune.remove), or call runtime.eject(), apply it, and inject without "
-                    "merged=True.",
+                    "before. Remove the reparametrization (torch.nn.utils.parametrize.remove_parametrizations, "
+                    "remove_weight_norm, remove_spectral_norm, prune.remove) and call runtime.eject(), which puts "
+                    "the base weights of inject back; then apply it, and inject again without merged=True.",
                 )
             )
 

@@ -19,7 +19,7 @@ from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
 from lorahot.layers.linear import is_conv1d, returns_other_than_rows
 from lorahot.runtime.arguments import text
 from lorahot.runtime.fused_projections import FUSED_PROJECTIONS
-from lorahot.runtime.merge import replaced, writing
+from lorahot.runtime.merge import replaced, restores, writing
 from lorahot.runtime.plan import WEIGHT_DTYPES
 from lorahot.runtime.weight_reads import Sources, direct_read
 
@@ -437,7 +437,8 @@ def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
     """Puts each wrapper's base module back in its place; the inverse of :func:`wrap_modules`.
 
     A merged-mode layer first gets its pristine base weight back (unless its weight was
-    replaced since lorahot last wrote it: a base checkpoint loaded after inject stays), a
+    replaced since lorahot last wrote it: a base checkpoint loaded after inject stays; a weight
+    put back by the removal of a reparametrization applied since does not), a
     widened one its weight in its own storage (wherever the layer is now).
     A name where ``model`` no longer holds the wrapper (the model was edited since) is left
     alone; returns those names. A wrapper the model holds at other places too (the same
@@ -447,7 +448,8 @@ def unwrap_modules(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
     gone = []
     others = _other_places(model, layers)
     merged = [layer for layer in layers.values() if layer.pristine_weight is not None]
-    kept = {id(layer) for layer, flag in zip(merged, replaced(merged)) if flag}  # a checkpoint loaded since
+    # a checkpoint loaded since stays; a weight put back by the removal of a reparametrization does not
+    kept = {id(layer) for layer, flag in zip(merged, replaced(merged)) if flag and not restores(layer)}
     for name, layer in layers.items():
         if layer.pristine_weight is not None and id(layer) not in kept:
             with writing([layer.base_weight, layer.base_bias]):

@@ -249,6 +249,97 @@ def test_a_weight_reparametrized_after_a_merged_inject_refuses_the_next_write(ho
     assert all(torch.equal(t, u) for t, u in zip(arenas, (t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S))))
 
 
+class _Doubled(nn.Module):
+    """A parametrization: the tensor times 2."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t * 2
+
+
+#: per reparametrization: how to apply it to a module, how to remove it, and what the eject refusal says
+_REPARAMETRIZATIONS = {
+    "weight_norm": (
+        torch.nn.utils.weight_norm,
+        torch.nn.utils.remove_weight_norm,
+        "weight is computed from other tensors on each call by a forward pre-hook",
+    ),
+    "parametrized weight_norm": (
+        torch.nn.utils.parametrizations.weight_norm,
+        lambda m: torch.nn.utils.parametrize.remove_parametrizations(m, "weight"),
+        r"weight is computed from other tensors on each call \(a parametrization\)",
+    ),
+    "spectral_norm": (
+        torch.nn.utils.spectral_norm,
+        torch.nn.utils.remove_spectral_norm,
+        "weight is computed from other tensors on each call by a forward pre-hook",
+    ),
+    "parametrized spectral_norm": (
+        torch.nn.utils.parametrizations.spectral_norm,
+        lambda m: torch.nn.utils.parametrize.remove_parametrizations(m, "weight"),
+        r"weight is computed from other tensors on each call \(a parametrization\)",
+    ),
+    "pruned": (
+        lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.25),
+        lambda m: torch.nn.utils.prune.remove(m, "weight"),
+        "weight is computed from other tensors on each call by a forward pre-hook",
+    ),
+    "parametrized weight": (
+        lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight", _Doubled()),
+        lambda m: torch.nn.utils.parametrize.remove_parametrizations(m, "weight"),
+        r"weight is computed from other tensors on each call \(a parametrization\)",
+    ),
+    "parametrized bias": (
+        lambda m: torch.nn.utils.parametrize.register_parametrization(m, "bias", _Doubled()),
+        lambda m: torch.nn.utils.parametrize.remove_parametrizations(m, "bias"),
+        r"bias is computed from other tensors on each call \(a parametrization\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("eject", ["lorahot.eject", "runtime.eject"])
+@pytest.mark.parametrize("how", list(_REPARAMETRIZATIONS))
+def test_eject_of_a_merged_layer_reparametrized_since_inject_refuses_until_it_is_removed(how: str, eject: str) -> None:
+    """A parametrization, weight_norm, spectral_norm or pruning applied to a merged layer's base
+    after inject computes its weight from the merged one (the adapter folded in). Eject put the
+    base weight into a tensor the forward no longer reads: the adapter stayed in the model
+    (0.65 off the base model through weight_norm), silently; and the way out, removing it, was
+    refused by lorahot's own parameter hook, halfway (remove_weight_norm left the layer without
+    a weight). Now eject refuses, every parameter, buffer and the output bitwise as before;
+    the removal goes through; writes still refuse (the weight holds the merged weight
+    reparametrized); and eject then gives the base model back bitwise."""
+    apply, remove, what = _REPARAMETRIZATIONS[how]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    originals = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        base = model(x)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, merged=True)
+    runtime.load(make_adapter(model, {"0": 2, "2": 2}, seed=1, dtype=torch.float64)[0])
+    apply(model[0].base_layer)
+    model.eval()  # spectral_norm's power iteration steps at each training-mode call
+    tensors = {k: v.clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    with torch.no_grad():
+        before = model(x)
+    ejects = {"lorahot.eject": lambda: lorahot.eject(model), "runtime.eject": runtime.eject}
+    with pytest.raises(lorahot.UsageError, match=rf"eject cannot take the adapter out .*\n  - 0: its {what}"):
+        ejects[eject]()
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    assert now.keys() == tensors.keys() and all(torch.equal(now[k], v) for k, v in tensors.items())
+    assert isinstance(model[0], lorahot.LoRALayer) and isinstance(model[2], lorahot.LoRALayer)
+    remove(model[0].base_layer)
+    with pytest.raises(lorahot.UsageError, match=r"  - 0: a parametrization, .* removed since"):
+        runtime.unload()
+    ejects[eject]()
+    assert not any(isinstance(m, lorahot.LoRALayer) for m in model.modules())
+    assert model.state_dict().keys() == originals.keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in originals.items())
+    with torch.no_grad():
+        assert torch.equal(model(x), base)
+
+
 def test_merged_refuses_a_weight_that_is_a_method() -> None:
     """torch's dynamically quantized Linear: ``weight()`` unpacks its packed weight."""
     model = nn.Sequential(torch.ao.nn.quantized.dynamic.Linear(6, 5))
