@@ -521,7 +521,9 @@ REFUSED: tuple[tuple[str, str], ...] = (
 
 #: Keys that make a file more than a LoRA of the model it names, refused by every naming and
 #: with ``strict=False`` too: what the file's LoRA weights were trained with would be left out,
-#: and the rest would compute another model.
+#: and the rest would compute another model. Besides a Flux Control LoRA's norms, ComfyUI's
+#: ``reshape_weight`` (a layer widened before the LoRA is added) and ``set_weight`` (a layer's
+#: weight replaced).
 REFUSED_WHOLE: tuple[tuple[str, str], ...] = (
     (
         r"(?:^|[._])(?:norm\.(?:query|key)_norm\.scale|attn\.norm_(?:added_)?[qk]\.weight)$",
@@ -530,6 +532,22 @@ REFUSED_WHOLE: tuple[tuple[str, str], ...] = (
         "LoRA weights only, and skipping these keys would load the rest onto a model it was not trained with, so "
         "the file is refused whole, with strict=False too. Load it with diffusers' FluxControlPipeline "
         "(load_lora_weights)",
+    ),
+    (
+        r"\.reshape_weight$",
+        "a reshape of the model's weight (ComfyUI's reshape_weight: the layer's weight is zero-padded to the "
+        "shape this key holds before the LoRA is added, so the file was made for a model with wider layers than "
+        "this one); lorahot never changes a layer's shape, and skipping the module would load the rest onto a model it "
+        "was not trained with, so the file is refused whole, with strict=False too. Load it into the model it was "
+        "made for",
+    ),
+    (
+        r"\.set_weight$",
+        "a replacement weight (ComfyUI's set_weight: the layer's weight is replaced, not adapted); lorahot loads "
+        "adapter deltas, never a weight that takes the model's place, and skipping the module would load the rest "
+        "onto a model it was not trained with, so the file is refused whole, with strict=False too. Write the weight "
+        "into the base model, or save the file as a .diff (its weight minus the model's) and load it into a model "
+        "injected with merged=True",
     ),
 )
 _WHOLE_REASONS = frozenset(why for _, why in REFUSED_WHOLE)

@@ -105,6 +105,52 @@ def test_refused_features_are_named(extra, error, message) -> None:
         lorahot.read_adapter(lora_pair("lora_unet_attn_to_q", "lora_down", "lora_up") | extra)
 
 
+class _TwoLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.ModuleDict({"to_q": nn.Linear(8, 8), "to_k": nn.Linear(8, 8)})
+
+
+#: a LoRA on attn.to_q in each naming's spelling, and the stem of attn.to_k in it
+_SPELLINGS = {
+    "kohya": (lora_pair("lora_unet_attn_to_q", "lora_down", "lora_up"), "lora_unet_attn_to_k"),
+    "comfyui": (lora_pair("diffusion_model.attn.to_q", "lora_A", "lora_B"), "diffusion_model.attn.to_k"),
+    "diffusers": (lora_pair("transformer.attn.to_q", "lora_A", "lora_B"), "transformer.attn.to_k"),
+    "peft": (lora_pair("attn.to_q", "lora_A", "lora_B"), "attn.to_k"),
+}
+
+
+@pytest.mark.parametrize("naming", sorted(_SPELLINGS))
+@pytest.mark.parametrize(
+    ("role", "tensor", "why"),
+    [
+        ("reshape_weight", torch.tensor([8, 16]), r"a reshape of the model's weight \(ComfyUI's reshape_weight"),
+        ("set_weight", torch.ones(8, 8), r"a replacement weight \(ComfyUI's set_weight"),
+    ],
+)
+def test_comfyui_weight_reshapes_and_replacements_are_refused_whole(
+    naming: str, role: str, tensor: torch.Tensor, why: str
+) -> None:
+    """ComfyUI's ``<module>.reshape_weight`` (the layer zero-padded to a wider shape before its
+    LoRA is added) and ``<module>.set_weight`` (the layer's weight replaced) make the file one for
+    another model than this one: refused by name with why, in every naming, with strict=False
+    too, every parameter bitwise unchanged. They were refused as 'not a LoRA key' of the naming,
+    and skipped with strict=False while the file's LoRA weights loaded."""
+    lora, stem = _SPELLINGS[naming]
+    sd = lora | {f"{stem}.{role}": tensor}
+    model = _TwoLinears()
+    runtime = lorahot.inject(model, ["to_q", "to_k"], max_rank=4, merged=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(
+            lorahot.UnknownFormatError, match=rf"{re.escape(stem)}\.{role}: {why}(.|\n)*strict=False too"
+        ):
+            runtime.load(dict(sd), strict=strict)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_lycoris_norm_deltas_read_as_a_diff_module_and_are_refused_where_no_lycoris_is_read() -> None:
     """LyCORIS' ``train_norm`` saves ``<norm>.w_norm`` / ``<norm>.b_norm``: read as that module's
     ``diff`` / ``diff_b`` (merged mode folds them into an injected norm), as ComfyUI reads them; a
