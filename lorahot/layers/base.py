@@ -313,8 +313,9 @@ class LoRALayer(nn.Module):
             # could not follow (:func:`_refuse_replaced_weight`)
             setattr(base, name, value)
             return
-        if name == "_is_fsdp_managed_module" and value and base is not None:
-            _refuse_fsdp1(self)  # FSDP1 marks every module it will wrap, before it changes any parameter
+        if name in ("_is_fsdp_managed_module", "_fsdp_use_orig_params") and value and base is not None:
+            # FSDP1 marks every module it will wrap, before it changes any parameter
+            _refuse_fsdp1(self, original=name == "_fsdp_use_orig_params")
         super().__setattr__(name, value)
         if name in _PLANNED:
             seen = self.__dict__
@@ -1358,19 +1359,26 @@ def _fsdp_refusal(layer: LoRALayer, name: str, early: str | None = None) -> str:
     )
 
 
-def _refuse_fsdp1(layer: LoRALayer) -> None:
+def _refuse_fsdp1(layer: LoRALayer, original: bool) -> None:
     """Refuses FSDP1 (``FullyShardedDataParallel``) wrapping a model after inject where
-    ``layer`` could not follow it taking its base layer's weight or bias (a merged or wide
-    layer: :func:`_copy_refusal`), at FSDP's first pass over the modules, which marks each for
-    dynamo before FSDP changes any parameter: refused later, where FSDP sets the parameter's
-    view, FSDP had already moved every weight of the model into its flat parameter and taken
-    this one off its module. The marks FSDP's pass put on the modules before this one are
-    taken off again. FSDP2 (``fully_shard``) marks the modules after it sharded their
-    parameters (DTensors by then): left to the runtime's next call, which refuses it."""
+    ``layer`` could not follow it, at FSDP's first pass over the modules, which marks each for
+    dynamo (``_is_fsdp_managed_module``, then ``_fsdp_use_orig_params``: ``original``) before
+    FSDP changes any parameter: a merged or wide layer (:func:`_copy_refusal`), which cannot take
+    another weight or bias; and any layer under ``use_orig_params=True``, where FSDP sets the
+    base layer's weight to views of its flat parameter, shaped as the rank's flat shard between
+    calls, so on more than one rank its first forward was refused. Refused there, where FSDP
+    sets the view, FSDP had already moved every weight of the model into its flat parameter and
+    taken this one off its module (the model no longer ran). The marks FSDP's pass put on the
+    modules up to this one are taken off again. FSDP2 (``fully_shard``) marks the modules after
+    it sharded their parameters (DTensors by then): left to the runtime's next call, which
+    refuses it."""
     base = layer.base_layer
     if any(is_dtensor(base._parameters.get(name)) for name in _BASE_PARAMETERS):
         return
     name = next((n for n in _BASE_PARAMETERS if n in base._parameters and _copy_refusal(layer, n)), None)
+    how = ""
+    if name is None and original and "weight" in base._parameters:
+        name, how = "weight", " (use_orig_params=True: the weight a view of its flat shard between calls)"
     if name is None:
         return
     _unmark_fsdp_pass(layer)
@@ -1378,15 +1386,15 @@ def _refuse_fsdp1(layer: LoRALayer) -> None:
         _fsdp_refusal(
             layer,
             name,
-            "FSDP's wrapping was refused before it changed any parameter or module: call runtime.eject() before "
-            "wrapping the model in FSDP",
+            f"FSDP's wrapping{how} was refused before it changed any parameter or module: call runtime.eject() "
+            "before wrapping the model in FSDP",
         )
     )
 
 
 def _unmark_fsdp_pass(layer: nn.Module) -> None:
     """Takes FSDP1's dynamo marks (``_is_fsdp_managed_module``, ``_fsdp_use_orig_params``) off
-    the modules its pass (``_annotate_modules_for_dynamo``, on the call stack) marked before
+    the modules its pass (``_annotate_modules_for_dynamo``, on the call stack) marked up to
     ``layer``, leaving alone those inside a module FSDP wrapped before (marked by its own pass)."""
     frame = sys._getframe(1)
     while frame is not None and frame.f_code.co_name != "_annotate_modules_for_dynamo":
@@ -1397,11 +1405,11 @@ def _unmark_fsdp_pass(layer: nn.Module) -> None:
     fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
     wrapped = {id(m) for w in root.modules() if fsdp is not None and isinstance(w, fsdp) for m in w.modules()}
     for module in root.modules():
-        if module is layer:
-            return
         if id(module) not in wrapped:
             module.__dict__.pop("_is_fsdp_managed_module", None)
             module.__dict__.pop("_fsdp_use_orig_params", None)
+        if module is layer:
+            return
 
 
 def _put_back(layer: LoRALayer, name: str, param: Any) -> bool:

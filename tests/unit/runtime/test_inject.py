@@ -842,12 +842,13 @@ def test_fsdp_sharding_a_model_after_inject_is_refused_at_the_next_call_naming_f
     assert all(torch.equal(b, buffers[n]) for n, b in model[0].named_buffers())
 
 
-@pytest.mark.parametrize("kind", ["flat-parameters", "original-parameters", "a-block-wrapped"])
+@pytest.mark.parametrize("kind", ["flat-parameters", "a-block-wrapped"])
 def test_fsdp1_wrapping_a_model_after_inject_is_refused_at_the_next_call_naming_fsdp(kind: str, one_rank: Any) -> None:
     """``FullyShardedDataParallel`` after inject puts the layers' weights into its flat
-    parameters (``use_orig_params=False``: the weights leave their modules; ``True``: they stay
-    as views of it; or a block on the path becomes an FSDP wrapper), which it shards between
-    calls: the next call says FSDP sharded the layer, and writes nothing. (A load went on: on 2
+    parameters (``use_orig_params=False``: the weights leave their modules; or a block on the
+    path becomes an FSDP wrapper), which it shards between calls: the next call says FSDP
+    sharded the layer, and writes nothing (``use_orig_params=True`` is refused at the wrapping:
+    :func:`test_fsdp1_wrapping_a_model_it_would_break_is_refused_before_it_changes_anything`). (A load went on: on 2
     ranks, merged mode then computed wrong outputs, since the next all-gather wrote the shards
     over the merged weights.)"""
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -861,7 +862,7 @@ def test_fsdp1_wrapping_a_model_after_inject_is_refused_at_the_next_call_naming_
     runtime.load(adapter, slot=1)
     layer = model[0][0]
     block = model[0]
-    options: dict[str, Any] = {"use_orig_params": kind == "original-parameters"}
+    options: dict[str, Any] = {"use_orig_params": False}
     if kind == "a-block-wrapped":
         options["auto_wrap_policy"] = partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m is block)
     wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), **options)
@@ -869,7 +870,7 @@ def test_fsdp1_wrapping_a_model_after_inject_is_refused_at_the_next_call_naming_
     with torch.no_grad():
         before = wrapped(x)
     buffers = {n: b.clone() for n, b in layer.named_buffers()}
-    where = {"flat-parameters": " on the model", "original-parameters": "", "a-block-wrapped": " on 0"}[kind]
+    where = {"flat-parameters": " on the model", "a-block-wrapped": " on 0"}[kind]
     message = (
         rf"^0\.0: its parameters are sharded by FSDP \(fully_shard or FullyShardedDataParallel{where}\), which .* "
         r"FSDP sharded it after inject: call runtime\.eject\(\) first\.$"
@@ -888,28 +889,34 @@ def test_fsdp1_wrapping_a_model_after_inject_is_refused_at_the_next_call_naming_
         assert torch.equal(wrapped(x), before)
 
 
-@pytest.mark.parametrize("orig", [True, False], ids=["original-parameters", "flat-parameters"])
+@pytest.mark.parametrize(
+    ("merge", "orig"),
+    [(True, True), (True, False), (False, True)],
+    ids=["merged-original-parameters", "merged-flat-parameters", "unmerged-original-parameters"],
+)
 @pytest.mark.parametrize("where", ["first", "last", "in-a-block-wrapped"])
-def test_fsdp1_wrapping_a_merged_model_is_refused_before_it_changes_anything(
-    where: str, orig: bool, one_rank: Any
+def test_fsdp1_wrapping_a_model_it_would_break_is_refused_before_it_changes_anything(
+    where: str, merge: bool, orig: bool, one_rank: Any
 ) -> None:
-    """``FullyShardedDataParallel`` after inject on a model with a merged layer (it holds the
-    adapter merged into its own weight, so it cannot follow FSDP sharding that weight) is
-    refused naming FSDP before FSDP changed anything: every parameter and buffer bitwise and the
-    same objects (the same storage, registered on the same modules), no module wrapped or left
-    marked for dynamo as FSDP's, the forward bitwise, and the runtime still loading. Before,
-    with use_orig_params=True the refusal came where FSDP set the layer's weight to a view of its
-    flat parameter, after it had taken it off the base layer (the forward then raised
-    AttributeError) and moved the other layers' weights into its flat parameter; with False
-    the model was wrapped, merged weights and all."""
+    """``FullyShardedDataParallel`` after inject, on a model with a merged layer (it holds the
+    adapter merged into its own weight, so it cannot follow FSDP sharding that weight), or with
+    ``use_orig_params=True`` on any LoRA layer (FSDP sets the base weight to views of its flat
+    shard between calls: on 2 gloo ranks the first forward was refused midway, leaving the base
+    layer without its weight), is refused naming FSDP before FSDP changed anything: every
+    parameter and buffer bitwise and the same objects (the same storage, registered on the same
+    modules), no module wrapped or left marked for dynamo as FSDP's, the forward bitwise, and
+    the runtime still serving (a later load against the float64 reference). Before, a merged
+    layer's refusal came where FSDP set the weight's view, after it had taken the weight off
+    the base layer (the forward then raised AttributeError) and moved the other layers' weights
+    into its flat parameter; the other cases were wrapped."""
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
+    reference = copy.deepcopy(model).double()
     target = {"first": "0", "last": "1.1", "in-a-block-wrapped": "1.1"}[where]
-    w0 = model.get_parameter(f"{target}.weight").detach().double()
-    runtime = lorahot.inject(model, [target], max_rank=4, merged=True)
+    runtime = lorahot.inject(model, [target], max_rank=4, merged=merge)
     a, b = torch.randn(2, 8), torch.randn(8, 2)
     runtime.load({f"{target}.lora_A.weight": a, f"{target}.lora_B.weight": b})
     x = torch.randn(2, 8)
@@ -921,10 +928,11 @@ def test_fsdp1_wrapping_a_merged_model_is_refused_before_it_changes_anything(
     if where == "in-a-block-wrapped":
         block = model[1]
         options["auto_wrap_policy"] = partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m is block)
+    how = "" if merge else r" \(use_orig_params=True: the weight a view of its flat shard between calls\)"
     message = (
         rf"^{re.escape(target)}: FSDP \(FullyShardedDataParallel, applied after inject\) would put its base layer's "
-        r"weight into its flat parameters, .* FSDP's wrapping was refused before it changed any parameter or module: "
-        r"call runtime\.eject\(\) before wrapping the model in FSDP\.$"
+        rf"weight into its flat parameters, .* FSDP's wrapping{how} was refused before it changed any parameter or "
+        r"module: call runtime\.eject\(\) before wrapping the model in FSDP\.$"
     )
     with pytest.raises(lorahot.UsageError, match=message):
         FullyShardedDataParallel(model, device_id=torch.device("cpu"), **options)
@@ -937,5 +945,6 @@ def test_fsdp1_wrapping_a_merged_model_is_refused_before_it_changes_anything(
     with torch.no_grad():
         assert torch.equal(model(x), before)
     runtime.load({f"{target}.lora_A.weight": 2 * a, f"{target}.lora_B.weight": b})  # still serving
-    merged = runtime.layers[target].base_layer.weight.detach().double()
-    assert torch.allclose(merged, w0 + 2 * b.double() @ a.double(), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        reference.get_submodule(target).weight += 2 * b.double() @ a.double()
+        assert torch.allclose(model(x).double(), reference(x.double()), rtol=0, atol=1e-5)
