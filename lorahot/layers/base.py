@@ -313,9 +313,8 @@ class LoRALayer(nn.Module):
             # could not follow (:func:`_refuse_replaced_weight`)
             setattr(base, name, value)
             return
-        if name in ("_is_fsdp_managed_module", "_fsdp_use_orig_params") and value and base is not None:
-            # FSDP1 marks every module it will wrap, before it changes any parameter
-            _refuse_fsdp1(self, original=name == "_fsdp_use_orig_params")
+        if name == "_is_fsdp_managed_module" and value and base is not None:
+            _refuse_fsdp1(self)  # FSDP1 marks every module it will wrap, before it changes any parameter
         super().__setattr__(name, value)
         if name in _PLANNED:
             seen = self.__dict__
@@ -1359,35 +1358,29 @@ def _fsdp_refusal(layer: LoRALayer, name: str, early: str | None = None) -> str:
     )
 
 
-def _refuse_fsdp1(layer: LoRALayer, original: bool) -> None:
-    """Refuses FSDP1 (``FullyShardedDataParallel``) wrapping a model after inject where
-    ``layer`` could not follow it, at FSDP's first pass over the modules, which marks each for
-    dynamo (``_is_fsdp_managed_module``, then ``_fsdp_use_orig_params``: ``original``) before
-    FSDP changes any parameter: a merged or wide layer (:func:`_copy_refusal`), which cannot take
-    another weight or bias; and any layer under ``use_orig_params=True``, where FSDP sets the
-    base layer's weight to views of its flat parameter, shaped as the rank's flat shard between
-    calls, so on more than one rank its first forward was refused. Refused there, where FSDP
-    sets the view, FSDP had already moved every weight of the model into its flat parameter and
-    taken this one off its module (the model no longer ran). The marks FSDP's pass put on the
-    modules up to this one are taken off again. FSDP2 (``fully_shard``) marks the modules after
-    it sharded their parameters (DTensors by then): left to the runtime's next call, which
-    refuses it."""
+def _refuse_fsdp1(layer: LoRALayer) -> None:
+    """Refuses FSDP1 (``FullyShardedDataParallel``) wrapping a model after inject, at FSDP's
+    first pass over the modules, which marks each for dynamo before FSDP changes any parameter
+    or module. Refused later, FSDP had changed the model already: where it sets a merged or
+    wide layer's weight to a view of its flat parameter (the hook, :func:`_copy_refusal`), it
+    had moved every weight into its flat parameter and taken this one off its module; with
+    ``use_orig_params=True`` on more than one rank the first forward was refused so (the view
+    shaped as the rank's flat shard); where an auto-wrap policy wraps the base layer, the
+    modules wrapped before it stayed replaced by FSDP wrappers; and every runtime call refuses
+    a layer FSDP shards anyway. The marks FSDP's pass put on the modules up to this one are
+    taken off again. FSDP2 (``fully_shard``) marks the modules after it sharded their
+    parameters (DTensors by then): left to the runtime's next call, which refuses it."""
     base = layer.base_layer
     if any(is_dtensor(base._parameters.get(name)) for name in _BASE_PARAMETERS):
         return
-    name = next((n for n in _BASE_PARAMETERS if n in base._parameters and _copy_refusal(layer, n)), None)
-    how = ""
-    if name is None and original and "weight" in base._parameters:
-        name, how = "weight", " (use_orig_params=True: the weight a view of its flat shard between calls)"
-    if name is None:
-        return
+    name = next((n for n in _BASE_PARAMETERS if n in base._parameters and _copy_refusal(layer, n)), "weight")
     _unmark_fsdp_pass(layer)
     raise UsageError(
         _fsdp_refusal(
             layer,
             name,
-            f"FSDP's wrapping{how} was refused before it changed any parameter or module: call runtime.eject() "
-            "before wrapping the model in FSDP",
+            "FSDP's wrapping was refused before it changed any parameter or module: call runtime.eject() before "
+            "wrapping the model in FSDP",
         )
     )
 

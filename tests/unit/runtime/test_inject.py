@@ -842,15 +842,19 @@ def test_fsdp_sharding_a_model_after_inject_is_refused_at_the_next_call_naming_f
     assert all(torch.equal(b, buffers[n]) for n, b in model[0].named_buffers())
 
 
-@pytest.mark.parametrize("kind", ["flat-parameters", "a-block-wrapped"])
-def test_fsdp1_wrapping_a_model_after_inject_is_refused_at_the_next_call_naming_fsdp(kind: str, one_rank: Any) -> None:
+@pytest.mark.parametrize("kind", ["flat-parameters", "original-parameters", "a-block-wrapped"])
+def test_fsdp1_wrapping_a_model_after_inject_is_refused_at_the_next_call_naming_fsdp(
+    kind: str, one_rank: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``FullyShardedDataParallel`` after inject puts the layers' weights into its flat
-    parameters (``use_orig_params=False``: the weights leave their modules; or a block on the
-    path becomes an FSDP wrapper), which it shards between calls: the next call says FSDP
-    sharded the layer, and writes nothing (``use_orig_params=True`` is refused at the wrapping:
-    :func:`test_fsdp1_wrapping_a_model_it_would_break_is_refused_before_it_changes_anything`). (A load went on: on 2
+    parameters (``use_orig_params=False``: the weights leave their modules; ``True``: they stay
+    as views of it; or a block on the path becomes an FSDP wrapper), which it shards between
+    calls: the next call says FSDP sharded the layer, and writes nothing. (A load went on: on 2
     ranks, merged mode then computed wrong outputs, since the next all-gather wrote the shards
-    over the merged weights.)"""
+    over the merged weights.) The LoRA layers now refuse FSDP1's wrapping itself
+    (:func:`test_fsdp1_wrapping_an_injected_model_is_refused_before_it_changes_anything`): this
+    is the runtime's own check behind that, for a wrapping they did not see (their refusal is
+    switched off here)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
@@ -862,15 +866,17 @@ def test_fsdp1_wrapping_a_model_after_inject_is_refused_at_the_next_call_naming_
     runtime.load(adapter, slot=1)
     layer = model[0][0]
     block = model[0]
-    options: dict[str, Any] = {"use_orig_params": False}
+    options: dict[str, Any] = {"use_orig_params": kind == "original-parameters"}
     if kind == "a-block-wrapped":
         options["auto_wrap_policy"] = partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m is block)
+    monkeypatch.setattr(lorahot.layers.base, "_refuse_fsdp1", lambda layer: None)
     wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), **options)
+    monkeypatch.undo()
     x = torch.randn(2, 8)
     with torch.no_grad():
         before = wrapped(x)
     buffers = {n: b.clone() for n, b in layer.named_buffers()}
-    where = {"flat-parameters": " on the model", "a-block-wrapped": " on 0"}[kind]
+    where = {"flat-parameters": " on the model", "original-parameters": "", "a-block-wrapped": " on 0"}[kind]
     message = (
         rf"^0\.0: its parameters are sharded by FSDP \(fully_shard or FullyShardedDataParallel{where}\), which .* "
         r"FSDP sharded it after inject: call runtime\.eject\(\) first\.$"
@@ -889,33 +895,31 @@ def test_fsdp1_wrapping_a_model_after_inject_is_refused_at_the_next_call_naming_
         assert torch.equal(wrapped(x), before)
 
 
-@pytest.mark.parametrize(
-    ("merge", "orig"),
-    [(True, True), (True, False), (False, True)],
-    ids=["merged-original-parameters", "merged-flat-parameters", "unmerged-original-parameters"],
-)
-@pytest.mark.parametrize("where", ["first", "last", "in-a-block-wrapped"])
-def test_fsdp1_wrapping_a_model_it_would_break_is_refused_before_it_changes_anything(
+@pytest.mark.parametrize("orig", [True, False], ids=["original-parameters", "flat-parameters"])
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
+@pytest.mark.parametrize("where", ["first", "last", "in-a-block-wrapped", "every-linear-wrapped"])
+def test_fsdp1_wrapping_an_injected_model_is_refused_before_it_changes_anything(
     where: str, merge: bool, orig: bool, one_rank: Any
 ) -> None:
-    """``FullyShardedDataParallel`` after inject, on a model with a merged layer (it holds the
-    adapter merged into its own weight, so it cannot follow FSDP sharding that weight), or with
-    ``use_orig_params=True`` on any LoRA layer (FSDP sets the base weight to views of its flat
-    shard between calls: on 2 gloo ranks the first forward was refused midway, leaving the base
-    layer without its weight), is refused naming FSDP before FSDP changed anything: every
-    parameter and buffer bitwise and the same objects (the same storage, registered on the same
-    modules), no module wrapped or left marked for dynamo as FSDP's, the forward bitwise, and
-    the runtime still serving (a later load against the float64 reference). Before, a merged
-    layer's refusal came where FSDP set the weight's view, after it had taken the weight off
-    the base layer (the forward then raised AttributeError) and moved the other layers' weights
-    into its flat parameter; the other cases were wrapped."""
+    """``FullyShardedDataParallel`` after inject is refused naming FSDP before FSDP changed
+    anything: every parameter and buffer bitwise and the same objects (the same storage,
+    registered on the same modules), no module wrapped or left marked for dynamo as FSDP's, the
+    forward bitwise, and the runtime still serving (a later load against the float64
+    reference). Before, it was refused midway or broke the model: a merged layer (its adapter
+    merged into its own weight) refused where FSDP set the weight's view, after FSDP had taken
+    the weight off the base layer (the forward then raised AttributeError) and moved the other
+    layers' weights into its flat parameter; with use_orig_params=True an unmerged layer was
+    wrapped, and on 2 gloo ranks its first forward was refused so, the weight taken off; an
+    auto-wrap policy wrapping every Linear left the layers before the first base layer
+    replaced by FSDP wrappers when the LoRA layer refused its base layer's; the rest was
+    wrapped, with every runtime call refused after it."""
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy, lambda_auto_wrap_policy
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
     reference = copy.deepcopy(model).double()
-    target = {"first": "0", "last": "1.1", "in-a-block-wrapped": "1.1"}[where]
+    target = {"first": "0", "last": "1.1", "in-a-block-wrapped": "1.1", "every-linear-wrapped": "1.1"}[where]
     runtime = lorahot.inject(model, [target], max_rank=4, merged=merge)
     a, b = torch.randn(2, 8), torch.randn(8, 2)
     runtime.load({f"{target}.lora_A.weight": a, f"{target}.lora_B.weight": b})
@@ -928,10 +932,11 @@ def test_fsdp1_wrapping_a_model_it_would_break_is_refused_before_it_changes_anyt
     if where == "in-a-block-wrapped":
         block = model[1]
         options["auto_wrap_policy"] = partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m is block)
-    how = "" if merge else r" \(use_orig_params=True: the weight a view of its flat shard between calls\)"
+    if where == "every-linear-wrapped":
+        options["auto_wrap_policy"] = ModuleWrapPolicy({nn.Linear})
     message = (
         rf"^{re.escape(target)}: FSDP \(FullyShardedDataParallel, applied after inject\) would put its base layer's "
-        rf"weight into its flat parameters, .* FSDP's wrapping{how} was refused before it changed any parameter or "
+        r"weight into its flat parameters, .* FSDP's wrapping was refused before it changed any parameter or "
         r"module: call runtime\.eject\(\) before wrapping the model in FSDP\.$"
     )
     with pytest.raises(lorahot.UsageError, match=message):
