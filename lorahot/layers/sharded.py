@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lorahot.errors import UsageError
 from lorahot.kernels import lora_linear as fused_kernel
@@ -76,7 +77,13 @@ _HOOK_DICTS = (
 
 
 def is_sharded(module: nn.Module) -> bool:
-    """Whether ``module``'s weight is a DTensor (a module ``parallelize_module`` distributed)."""
+    """Whether ``module``'s weight is a DTensor (a module ``parallelize_module`` distributed). A
+    parametrized weight is not read (each read runs the parametrization, and a ``spectral_norm``
+    steps its power iteration in training mode; every runtime call asks): the tensors it is
+    computed from are."""
+    if parametrize.is_parametrized(module, "weight"):
+        stored: nn.Module = module.parametrizations["weight"]  # type: ignore[index,assignment]
+        return any(_is_dtensor(t) for t in (*stored._parameters.values(), *stored._buffers.values()))
     return _is_dtensor(getattr(module, "weight", None))
 
 

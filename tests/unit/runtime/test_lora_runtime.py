@@ -435,3 +435,32 @@ def test_a_forward_after_a_move_to_another_device_is_a_usage_error() -> None:
     model2, runtime2 = _setup()
     runtime2.load(tensors)
     torch.testing.assert_close(_out(model2.float()), _expected(ab).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("when", ["before inject", "after inject"])
+def test_runtime_calls_do_not_step_a_spectral_norm_of_a_base_layer(when: str) -> None:
+    """A spectral_norm parametrization steps its power iteration at each read of the weight in
+    training mode. Every runtime call checks whether the first layer's base was parallelized
+    since inject, and read its weight to do so: each load, set_scale, activate, unload and
+    eject stepped the iteration (6 steps over the calls below), changing what the model
+    computes, silently. The tensors it is computed from are checked instead: the power
+    iteration's vectors bitwise as before, and the model's output with them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4)).double()
+    if when == "before inject":
+        torch.nn.utils.parametrizations.spectral_norm(model[0])
+    runtime = lorahot.inject(model, "0|2", max_rank=4, slots=2)
+    adapter, _ = make_adapter(model, {"0": 2, "2": 2}, seed=1, dtype=torch.float64)
+    if when == "after inject":
+        torch.nn.utils.parametrizations.spectral_norm(model[0].base_layer)
+    model.train()
+    norm = model[0].base_layer.parametrizations.weight[0]
+    vectors = (norm._u.clone(), norm._v.clone())
+    runtime.load(adapter)
+    runtime.load(adapter, slot=1)
+    runtime.set_scale(0.5)
+    runtime.activate(1)
+    runtime.activate([0, 1])
+    runtime.unload(0)
+    runtime.eject()
+    assert torch.equal(norm._u, vectors[0]) and torch.equal(norm._v, vectors[1])
