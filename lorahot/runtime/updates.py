@@ -99,10 +99,12 @@ class UpdateRange:
         flagged: list[tuple[int, int]] = []
         biases: list[tuple[int, int, float, list[int]]] = []  # (arena, layer, value reached, parts)
         for a, (b, top) in enumerate(zip(self._bounds(stack), self._tops)):
-            bound = w @ b.table if len(b.table) else np.zeros(0)
+            with np.errstate(over="ignore", invalid="ignore"):  # a bound past float64 is inf: flagged below
+                bound = w @ b.table if len(b.table) else np.zeros(0)
+                bias_bound = w @ b.bias_table if len(b.bias_table) else None
             flagged += [(a, int(i)) for i in np.flatnonzero(~(bound <= top))]  # NaN too
-            if len(b.bias_table):
-                biases += self._biases(stack, weights, a, w @ b.bias_table, b.bias_table)
+            if bias_bound is not None:
+                biases += self._biases(stack, weights, a, bias_bound, b.bias_table)
         if not flagged and not biases:
             return
         with torch.no_grad():  # the B @ A terms the bound flagged, computed (none: nothing to move)

@@ -15,6 +15,7 @@ past the dtype's range, such a forward computes inf, whatever the rest of the mo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -397,3 +398,38 @@ def test_a_lora_bias_past_the_range_at_its_own_scale_is_refused_at_the_read(tmp_
     assert_unchanged(rig, before)
     wide = lorahot.inject(lorahot.eject(rig.model), ["q_proj", "v_proj"], max_rank=8, extras=True, dtype=torch.float32)
     wide.load(_biased(rig, 70000.0))
+
+
+@pytest.mark.parametrize(
+    ("weight", "factor", "bias", "refused"),
+    [(1e308, 0.1, 0.1, False), (1e308, 1.0, 0.1, True), (-1.7e308, 0.1, 1.0, True)],
+    ids=["fits", "update-out", "bias-out"],
+)
+def test_weights_near_float64_s_largest_are_checked_without_a_numpy_overflow_warning(
+    weight: float, factor: float, bias: float, refused: bool
+) -> None:
+    """The bound ``sum_p |w_p| * bound_p`` of a stack at weights near float64's largest value
+    passes it (inf): the layer is then checked exactly, accepted where its update fits and
+    refused where it does not, and NumPy's overflow in the bound is no warning of the user's
+    (``RuntimeWarning: overflow encountered in matmul`` escaped from set_scale)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4)).double()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, extras=True)
+    part = {
+        "base_model.model.0.lora_A.weight": torch.full((2, 4), factor, dtype=torch.float64),
+        "base_model.model.0.lora_B.weight": torch.full((4, 2), factor, dtype=torch.float64),
+        "base_model.model.0.lora_B.bias": torch.full((4,), bias, dtype=torch.float64),
+    }
+    runtime.load([part, part], scale=[1.0, 1.0])
+    arena = runtime.buffers.arenas[0]
+    before = [t.clone() for t in (arena.A, arena.B, arena.S, arena.E)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if refused:
+            with pytest.raises(lorahot.UsageError, match="would leave the LoRA buffers' dtype"):
+                runtime.set_scale([weight, weight])
+            assert all(torch.equal(t, u) for t, u in zip((arena.A, arena.B, arena.S, arena.E), before, strict=True))
+            assert runtime.info().scale == (1.0, 1.0)
+        else:
+            runtime.set_scale([weight, weight])
+            assert runtime.info().scale == (weight, weight)
