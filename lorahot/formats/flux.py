@@ -41,6 +41,7 @@ weights only.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from lorahot.formats import kohya, lumina2
@@ -223,6 +224,11 @@ SPLITS: tuple[Split | Reorder, ...] = (
             (r"\g<head>single_transformer_blocks.\g<n>.proj_mlp", 4),
         ),
     ),
+    # ComfyUI's ``linear1_qkv``: rows ``0 .. 3 D`` of ``linear1`` (its q, k and v), the MLP's rows untouched
+    dataclasses.replace(
+        qkv_split(r"single_blocks\.(?P<n>\d+)\.linear1_qkv", "single_transformer_blocks", QKV),
+        within=r"\g<head>single_blocks.\g<n>.linear1",
+    ),
     FINAL_ADALN,
 )
 
@@ -233,7 +239,7 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
         r"^lora_unet_double_blocks_(\d+)_(img|txt)_(attn|mlp|mod)_(qkv|proj|0|2|lin)$",
         r"lora_unet_double_blocks.\1.\2_\3.\4",
     ),
-    (r"^lora_unet_single_blocks_(\d+)_(linear1|linear2)$", r"lora_unet_single_blocks.\1.\2"),
+    (r"^lora_unet_single_blocks_(\d+)_(linear1_qkv|linear1|linear2)$", r"lora_unet_single_blocks.\1.\2"),
     (r"^lora_unet_single_blocks_(\d+)_modulation_lin$", r"lora_unet_single_blocks.\1.modulation.lin"),
     (
         r"^lora_unet_double_blocks_(\d+)_(img|txt)_attn_norm_(query|key)_norm(_scale)?$",
@@ -313,7 +319,14 @@ XLABS = KeyFormat(
     aliases=ALIASES,
     refuse=_REFUSED,
     marker=r"(?:^|\.)(?:double_blocks|single_blocks)\.\d+\.processor\.",
-    splits=(*SPLITS, qkv_split(r"single_blocks\.(?P<n>\d+)\.attn\.qkv", "single_transformer_blocks", QKV)),
+    splits=(
+        *SPLITS,
+        # ComfyUI converts it to ``linear1_qkv``
+        dataclasses.replace(
+            qkv_split(r"single_blocks\.(?P<n>\d+)\.attn\.qkv", "single_transformer_blocks", QKV),
+            within=r"\g<head>single_blocks.\g<n>.linear1",
+        ),
+    ),
     roles=("down", "up"),
     example="double_blocks.0.processor.qkv_lora1.down.weight",
 )

@@ -117,12 +117,17 @@ class Split:
             holds the parts (its ``head_dim``); they are gathered part by part before the cut.
             Where the model states no head size the module is refused, as any ``d`` that divides
             the rows would cut them another way.
+        within: the module key (a template) of a fused module whose first rows the parts are, the
+            rest left untouched (ComfyUI's Flux ``linear1_qkv``: rows ``0 .. 3 D`` of
+            ``linear1``). A model that holds that module as one layer and none of the parts is
+            refused the module, naming the layer: lorahot places a LoRA on every row of a layer.
     """
 
     pattern: str
     parts: tuple[tuple[str, int], ...]
     exact: bool = False
     per_head: bool = False
+    within: str = ""
 
 
 @dataclass(frozen=True)

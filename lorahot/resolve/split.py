@@ -239,6 +239,10 @@ def placed(
     ]
     fitting = [(rule, m) for rule, m in matching if all(exists(t) for t in _targets(rule, m))]
     for rule, m in (fitting or matching)[:1]:
+        whole = _whole_layer(rule, m, exists) if not fitting else None
+        if whole is not None:
+            problems.append(f"{_where(module)}: {_partial_problem(module, whole, _targets(rule, m))}")
+            return []
         shares = [s for _, s in rule.parts] if isinstance(rule, Split) else list(rule.shares)
         shape = _matrix(module)  # (out rows, in); None where not a matrix
         rows = shape[0] if shape is not None else 0
@@ -273,6 +277,26 @@ def placed(
         ]
         return reordered
     return [module]
+
+
+def _whole_layer(rule: Split | Reorder, m: re.Match[str], exists: Callable[[str], bool]) -> str | None:
+    """The fused module ``rule``'s parts are the first rows of (:attr:`Split.within`), where the
+    model holds it as one layer; else None."""
+    if not isinstance(rule, Split) or not rule.within:
+        return None
+    whole = m.expand(rule.within)
+    return whole if exists(whole) else None
+
+
+def _partial_problem(module: LoraModule | WeightModule, whole: str, parts: list[str]) -> str:
+    shape = _matrix(module)
+    rows = f"its {shape[0]} output rows" if shape is not None else "its output rows"
+    return (
+        f"{rows} are the first rows of {shown(whole, 200)} (ComfyUI adds the update to those rows and leaves the "
+        "others as they are), which this model holds as one layer with more rows; lorahot places an update on every "
+        f"row of a layer, so it cannot load this one. Load it into a model that has {', '.join(parts)} as layers of "
+        "their own, or convert the file to the whole layer's rows (zero rows after the first ones)"
+    )
 
 
 def split_weight(

@@ -923,3 +923,104 @@ def test_a_kohya_file_of_modules_outside_the_blocks_only_lands_as_with_a_block_k
     sd = kohya_file(weights)
     assert lorahot.read_adapter(sd).format == "flux-kohya"
     _assert_outside_lands(sd, weights, merged)
+
+
+LINEAR1_PARTS = tuple(f"single_transformer_blocks.0.{n}" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
+
+
+def _comfyui_linear1(model: torch.nn.Module, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ComfyUI's formula for ``single_blocks.N.linear1_qkv`` (comfy/lora.py maps it to
+    ``(linear1.weight, (0, 0, 3 * hidden_size))``: ``linear1.weight.narrow(0, 0, 3 D) += ΔW``),
+    in float64 on the original model's ``linear1``, the cat of diffusers' q, k, v and proj_mlp;
+    returned as diffusers' four weights."""
+    fused = torch.cat([model.get_submodule(n).weight for n in LINEAR1_PARTS]).clone()
+    fused.narrow(0, 0, delta.shape[0]).add_(delta)
+    sizes = [model.get_submodule(n).out_features for n in LINEAR1_PARTS]
+    return dict(zip(LINEAR1_PARTS, fused.split(sizes)))
+
+
+@pytest.mark.parametrize(
+    "kind", ["lora_A", "lora_down-alpha", "kohya-alpha", "diff-merged"], ids=lambda k: k.replace("-", "/")
+)
+def test_comfyui_linear1_qkv_lands_on_q_k_v_as_comfyui_adds_it_to_linear1s_first_rows(kind: str) -> None:
+    """ComfyUI reads ``diffusion_model.single_blocks.N.linear1_qkv`` (xlabs' single-block
+    ``qkv_lora`` converted, and files made from it) as rows ``0 .. 3 D`` of ``linear1``, the MLP's
+    rows untouched; lorahot refused it as matching no layer. It is split onto diffusers' to_q,
+    to_k, to_v like a double block's qkv (a ``.diff`` by its rows in merged mode; the kohya
+    spelling too), proj_mlp untouched, against that formula in float64."""
+    g = torch.Generator().manual_seed(60)
+    model = tiny_flux().double()
+    dim, r = D, 2
+    a = torch.randn(r, dim, generator=g, dtype=torch.float64)
+    b = torch.randn(3 * dim, r, generator=g, dtype=torch.float64)
+    key = (
+        "lora_unet_single_blocks_0_linear1_qkv"
+        if kind.startswith("kohya")
+        else "diffusion_model.single_blocks.0.linear1_qkv"
+    )
+    if kind == "diff-merged":
+        delta = torch.randn(3 * dim, dim, generator=g, dtype=torch.float64) * 0.1
+        sd = {f"{key}.diff": delta}
+    else:
+        down, up = ("lora_A", "lora_B") if kind == "lora_A" else ("lora_down", "lora_up")
+        sd = {f"{key}.{down}.weight": a, f"{key}.{up}.weight": b}
+        alpha = 3.0 if kind.endswith("alpha") else float(r)  # ComfyUI: alpha / r, 1 without .alpha
+        if kind.endswith("alpha"):
+            sd[f"{key}.alpha"] = torch.tensor(alpha)
+        delta = alpha / r * b @ a
+    expected = _comfyui_linear1(model, delta)
+    with torch.no_grad():
+        runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=kind == "diff-merged")
+        info = runtime.load(sd)
+        ours = weights(model, list(LINEAR1_PARTS))
+    assert info.format == ("flux-kohya" if kind.startswith("kohya") else "flux-bfl")
+    for name in LINEAR1_PARTS:
+        bias = model.get_submodule(name).base_layer.bias
+        adapted = (ours[name][:-1] - ours[name][-1]).T  # the probe's rows: W^T + bias, then the bias
+        torch.testing.assert_close(adapted, expected[name], rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(ours[name][-1], bias, rtol=0, atol=0, msg=name)
+
+
+def _original_single_block_model() -> torch.nn.Module:
+    """A model in the original names, whose single block holds ``linear1`` (q, k, v and the MLP) as one layer."""
+    torch.manual_seed(0)
+    block = torch.nn.Module()
+    block.linear1, block.linear2 = torch.nn.Linear(D, 3 * D + MLP), torch.nn.Linear(D + MLP, D)
+    model = torch.nn.Module()
+    model.single_blocks = torch.nn.ModuleList([block])
+    return model.double()
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "strict=False"])
+@pytest.mark.parametrize(
+    "make", [_original_single_block_model, lambda: tiny_flux2().double()], ids=["original-names", "flux2"]
+)
+@pytest.mark.parametrize(
+    "naming",
+    [
+        ("diffusion_model.single_blocks.0.linear1_qkv", "lora_A", "lora_B"),
+        ("single_blocks.0.processor.qkv_lora", "down", "up"),
+    ],
+    ids=["bfl", "xlabs"],
+)
+def test_linear1_qkv_on_a_model_holding_linear1_whole_is_refused_naming_the_layer(
+    make, strict: bool, naming: tuple[str, str, str]
+) -> None:
+    """On a model whose ``linear1`` is one layer (the original names; Flux.2's diffusers
+    ``to_qkv_mlp_proj``), ``linear1_qkv`` is a part of that layer's rows, which lorahot cannot
+    place (it updates a layer's every row): its parts were refused as three layers the model
+    lacks, without saying why. Now it is refused naming the fused layer and the fix, with
+    strict=False too (skipping it would load the rest of the file without it), every parameter
+    bitwise unchanged; so is xlabs' single-block ``qkv_lora``, which ComfyUI reads as ``linear1_qkv``."""
+    model = make()
+    key, down, up = naming
+    sd = {f"{key}.{down}.weight": torch.randn(2, D, dtype=torch.float64)}
+    sd[f"{key}.{up}.weight"] = torch.randn(3 * D, 2, dtype=torch.float64)
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"96 output rows are the first rows of .*single_blocks\.0\.linear1'.*one layer with more rows",
+    ):
+        runtime.load(sd, strict=strict)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
