@@ -625,19 +625,39 @@ class LoRALayer(nn.Module):
         the forward would go on with a factor of the weight before the hook. Subclasses add their
         own reasons."""
         base = self.base_layer
+        computed = self.computed_base()  # first: reading a parametrized weight runs its parametrization
+        if computed is not None:
+            return (
+                f"{computed} the weight DoRA's factor m / ||W0 + scale * B @ A|| is computed from (lorahot computes it "
+                "when the adapter or its scale changes, not at each call as PEFT does); remove them "
+                "(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.prune.remove for a pruned weight, "
+                "remove_weight_norm, remove_spectral_norm), or load a plain LoRA here"
+            )
         weight = getattr(base, "weight", None)
         if not isinstance(weight, torch.Tensor):
             return dora_needs(base, f"it has no weight tensor (weight is {type(weight).__name__})")
         form = unusual_values(weight)
         if form is not None:
             return dora_needs(base, f"its weight is {form}, not the values it computes with")
-        if base._forward_pre_hooks:
+        return None
+
+    def computed_base(self) -> str | None:
+        """What makes the base module compute its weight or bias anew at each call rather than
+        read it as stored, as the start of a sentence ending in "the weight", or None: a
+        parametrization (``torch.nn.utils.parametrizations.weight_norm`` or ``spectral_norm``,
+        ``register_parametrization``) or forward pre-hooks (the older ``weight_norm`` and
+        ``spectral_norm``, pruning; any other may rewrite the weight). Reads no tensor: reading a
+        parametrized weight runs the parametrization, and a ``spectral_norm`` steps its power
+        iteration at each read in training mode."""
+        base = self.base_layer
+        kinds = [k for k in _BASE_PARAMETERS if parametrize.is_parametrized(base, k)]
+        if kinds:
             return (
-                f"{type(base).__name__} has forward pre-hooks, which run before each call and may rewrite the "
-                "weight DoRA's factor m / ||W0 + scale * B @ A|| is computed from (lorahot computes it when the "
-                "adapter or its scale changes, not at each call); remove them (torch.nn.utils.prune.remove for a "
-                "pruned weight), or load a plain LoRA here"
+                f"{type(base).__name__}'s {' and '.join(kinds)} {'is' if len(kinds) == 1 else 'are'} computed by a "
+                "parametrization at each call, which may change"
             )
+        if base._forward_pre_hooks:
+            return f"{type(base).__name__} has forward pre-hooks, which run before each call and may rewrite"
         return None
 
     def lora_bias_refusal(self) -> str | None:

@@ -77,6 +77,7 @@ class DoraFactors:
         self._items: dict[tuple[int, int], tuple[LoRALayer, str]] = {
             where: (layers[name], name) for name, where in buffers.where.items()
         }
+        self._layers = layers
         self._weight_of = weight_of
         self._bias_of = bias_of
         #: per layer, its base weight's and bias's version counters when its factors were last
@@ -115,10 +116,49 @@ class DoraFactors:
         moved: ``weight.mul_``, ``weight.detach().copy_``, an optimizer's step) since their
         factors were computed; each is reported once. ``weight.data`` has a counter of its own,
         and an inference tensor none: their writes are not seen."""
-        found = [name for name, seen in self._seen.items() if self._versions(name) != seen]
+        # a base computing its weight at each call (check_stored) is not read: a parametrized weight's
+        # read runs the parametrization, and returns a new tensor (whose counter says nothing) each time
+        found = [
+            name
+            for name, seen in self._seen.items()
+            if self._layers[name].computed_base() is None and self._versions(name) != seen
+        ]
         for name in found:
             self._seen[name] = self._versions(name)
         return found
+
+    def check_stored(self) -> None:
+        """Refuses a runtime call while a layer holding a DoRA adapter has a base that computes its
+        weight (or bias) anew at each call since the adapter was loaded (a parametrization such
+        as ``parametrizations.weight_norm`` or ``spectral_norm``, or forward pre-hooks: the older
+        ``weight_norm``, pruning), which the load refuses: PEFT's forward computes the factor
+        ``m / ||W0 + scale * B @ A||`` from the weight each call gives, lorahot from the weight
+        when the adapter or its scale changes, so every forward since computed with the factor of
+        the weight before. Reads the device (:meth:`LoRALayer.holds_dora`) only for such a layer.
+
+        Raises:
+            UsageError: naming each such layer, what computes its weight, and the fix.
+        """
+        found = [
+            f"{name}: {why} the weight"
+            for name in self._seen
+            if (why := self._layers[name].computed_base()) is not None and self._layers[name].holds_dora()
+        ]
+        if found:
+            raise UsageError(
+                lines(
+                    format_problems(
+                        "layers holding a DoRA adapter compute their base weight anew at each call since it was "
+                        "loaded:",
+                        found,
+                    ),
+                    "DoRA's factor m / ||W0 + scale * B @ A|| was computed from the weight before (lorahot computes "
+                    "it when the adapter or its scale changes; PEFT at each call), so the forward has used a factor "
+                    "of another weight since. Remove it (torch.nn.utils.parametrize.remove_parametrizations, "
+                    "remove_weight_norm, remove_spectral_norm, prune.remove, or the hook's handle.remove()), or "
+                    "unload the slots holding the DoRA adapter.",
+                )
+            )
 
     def check(self, stack: Stack, weights: Sequence[float], region: int | None = None) -> None:
         """Refuses ``weights`` (one per part of ``stack``) under which a DoRA layer's factor

@@ -1275,7 +1275,7 @@ class LoraRuntime:
         """
 
         def checked() -> list[int]:  # inside the agreement: a rank failing alone fails every rank
-            self._check_usable()
+            self._check_usable(dora=False)  # unloading a DoRA slot is the way out of check_stored's refusal
             return list(range(self.slots)) if slot is None else [self._slot(slot)]
 
         emptied = self._agreed(
@@ -1565,13 +1565,17 @@ class LoraRuntime:
             )
         return index
 
-    def _check_usable(self, *, placement: bool = True, every_layer: bool = False, base: bool = True) -> None:
+    def _check_usable(
+        self, *, placement: bool = True, every_layer: bool = False, base: bool = True, dora: bool = True
+    ) -> None:
         """Raises :class:`UsageError` unless the runtime serves: not ejected, and (``placement``)
         every layer still in the model where inject put it, on the buffers it was bound to
-        (checked on the first layer of the runtime, or on ``every_layer``), and in merged mode
-        (``base``) no targeted weight replaced since lorahot wrote it. ``preload`` skips that
-        last check: it writes no weight, may run on any thread, and would read the weights while
-        the serving thread rewrites them (the load that follows checks them)."""
+        (checked on the first layer of the runtime, or on ``every_layer``), in merged mode
+        (``base``) no targeted weight replaced since lorahot wrote it, and unmerged (``base`` and
+        ``dora``: all but ``unload``, the way out) no layer holding a DoRA adapter whose base
+        computes its weight at each call since (:meth:`DoraFactors.check_stored`). ``preload``
+        skips the ``base`` checks: it writes no weight, may run on any thread, and would read the
+        weights while the serving thread rewrites them (the load that follows checks them)."""
         how = self._state.ejected
         if how is not None and self._state.unfinished:
             raise UsageError(
@@ -1621,6 +1625,8 @@ class LoraRuntime:
         if base and self._merger is not None:  # after the moves: a move is no checkpoint load
             self._merger.check_base()
         elif base:  # unmerged DoRA: factors computed again from a base weight written in place since
+            if dora:
+                self._dora.check_stored()
             for name in self._dora.moved():
                 self._base_loaded(self.layers[name])
 

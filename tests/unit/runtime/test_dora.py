@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from torch.testing._internal.two_tensor import TwoTensor
 
 import lorahot
@@ -267,3 +268,98 @@ def test_dora_is_refused_on_an_embedding_or_conv_whose_weight_is_a_tensor_subcla
     ):
         runtime.load(tensors, config={"use_dora": True})
     assert runtime.info(0) is None
+
+
+class _Scaled(torch.nn.Module):
+    """A parametrization: the tensor times 1.5."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t * 1.5
+
+
+#: ways a base layer comes to compute its weight (or bias) anew at each call
+_REPARAMETRIZE = {
+    "parametrized weight_norm": torch.nn.utils.parametrizations.weight_norm,
+    "parametrized spectral_norm": torch.nn.utils.parametrizations.spectral_norm,
+    "parametrized weight": lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight", _Scaled()),
+    "parametrized bias": lambda m: torch.nn.utils.parametrize.register_parametrization(m, "bias", _Scaled()),
+    "weight_norm": torch.nn.utils.weight_norm,
+    "pruned": lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.25),
+}
+_COMPUTED = (
+    r"(Parametrized\w+'s (weight|bias) is computed by a parametrization at each call|Linear has forward pre-hooks)"
+)
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (a spectral_norm's power-iteration vectors too), cloned."""
+    return {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    now = _tensors(model)
+    return now.keys() == before.keys() and all(torch.equal(now[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("how", list(_REPARAMETRIZE))
+def test_dora_is_refused_on_a_base_that_computes_its_weight_at_each_call(how: str) -> None:
+    """PEFT computes DoRA's factor m / ||W + s B A|| from the weight each call gives; lorahot when
+    the adapter or its scale changes. A parametrized weight (weight_norm's g and v trained, a
+    spectral_norm stepping its power iteration at each training-mode call) changes between
+    them, and its version counter, read from a tensor computed anew at each read, never moved:
+    the factor went stale, silently. Refused at load like forward pre-hooks (the older
+    weight_norm, pruning), every parameter and buffer bitwise as before in training mode (the
+    refusal runs no parametrization); a plain LoRA loads and matches the float64 reference."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6)).double()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, extras=True)
+    _REPARAMETRIZE[how](model[0].base_layer)
+    tensors = {k: v.double() for k, v in _dora_adapter().items()}
+    before = _tensors(model)
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"- 0 \(.*\): {_COMPUTED}, which .* the weight DoRA's"):
+        runtime.load(tensors, config={"use_dora": True, "r": 2, "lora_alpha": 2})
+    assert _unchanged(model, before)
+    runtime.load({k: v for k, v in tensors.items() if "magnitude" not in k}, config={"r": 2, "lora_alpha": 2})
+    model.eval()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    a, b = tensors["base_model.model.0.lora_A.weight"], tensors["base_model.model.0.lora_B.weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model[0].base_layer(x) + x @ a.T @ b.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("call", ["set_scale", "activate", "load"])
+@pytest.mark.parametrize("how", list(_REPARAMETRIZE))
+def test_a_base_reparametrized_after_a_dora_load_refuses_the_next_runtime_call(how: str, call: str) -> None:
+    """A parametrization, weight_norm, spectral_norm or pruning applied to a base layer after a
+    DoRA adapter was loaded on it: the forward went on with the factor of the weight before
+    (0.006 off the float64 reference through spectral_norm), no runtime call noticed (the
+    counter of a weight computed anew at each read never moves), and each call read the weight,
+    stepping a spectral_norm's power iteration in training mode. The next runtime call refuses,
+    reading no weight: every parameter, buffer and LoRA buffer bitwise as before. unload is the
+    way out: the layer then computes its base output."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6)).double()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, extras=True)
+    tensors = {k: v.double() for k, v in _dora_adapter().items()}
+    runtime.load(tensors, config={"use_dora": True, "r": 2, "lora_alpha": 2})
+    _REPARAMETRIZE[how](model[0].base_layer)
+    before = _tensors(model)
+    arenas = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+    calls = {
+        "set_scale": lambda: runtime.set_scale(0.5),
+        "activate": lambda: runtime.activate(0),
+        "load": lambda: runtime.load(tensors, config={"use_dora": True, "r": 2, "lora_alpha": 2}),
+    }
+    with pytest.raises(
+        lorahot.UsageError, match=rf"DoRA adapter compute their base weight anew .*\n  - 0: {_COMPUTED}"
+    ):
+        calls[call]()
+    assert _unchanged(model, before)
+    assert all(
+        torch.equal(t, u) for t, u in zip(arenas, (t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)))
+    )
+    runtime.unload()
+    model.eval()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(model(x), model[0].base_layer(x))
