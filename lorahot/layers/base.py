@@ -315,6 +315,8 @@ class LoRALayer(nn.Module):
             return
         if name == "_is_fsdp_managed_module" and value and base is not None:
             _refuse_fsdp1(self)  # FSDP1 marks every module it will wrap, before it changes any parameter
+        if name in _ACCELERATE_HOOK and base is not None:
+            _refuse_accelerate_hook(self)  # accelerate's add_hook_to_module, before its hook moves anything here
         super().__setattr__(name, value)
         if name in _PLANNED:
             seen = self.__dict__
@@ -1375,6 +1377,30 @@ def _fsdp_refusal(layer: LoRALayer, name: str, early: str | None = None) -> str:
         "flat parameters, which it shards between calls, so the weight lorahot wrapped is not the one the layer "
         "computes with; lorahot serves models whose ranks each hold the whole weights, or tensor-parallel ones "
         f"(parallelize_module). {state}."
+    )
+
+
+#: What accelerate's ``add_hook_to_module`` sets on a module, ``_old_forward`` before its hook's
+#: ``init_hook`` moves or offloads any of the module's tensors.
+_ACCELERATE_HOOK = frozenset({"_old_forward", "_hf_hook"})
+
+
+def _refuse_accelerate_hook(layer: LoRALayer) -> None:
+    """Refuses an accelerate hook attached to a LoRA layer after inject (``dispatch_model``,
+    ``cpu_offload``, ``disk_offload``, ``load_checkpoint_and_dispatch``, ``add_hook_to_module``),
+    before the hook moves or offloads any of the layer's tensors. Its offloading keeps the
+    weights it takes off under the model's ``state_dict()`` keys (the base model's: ``b.weight``)
+    and puts them back by parameter path (``b.base_layer.weight``), so the forward would raise
+    KeyError; a hook that moves the layer to another device would leave the runtime writing LoRA
+    buffers the layer no longer reads."""
+    raise UsageError(
+        f"{layer._path or type(layer).__name__}: accelerate's hooks (dispatch_model, cpu_offload, disk_offload, "
+        "load_checkpoint_and_dispatch) cannot be attached to a LoRA layer after inject: they move or offload its "
+        "tensors under its parameter paths (base_layer.weight), where its state_dict() keeps the base model's keys "
+        "(weight), and the runtime would write LoRA buffers the layer no longer reads. Dispatch or offload the model "
+        "before inject, with the targeted layers on an execution device (offloaded layers hold no weights to target), "
+        "or call runtime.eject() first. Modules accelerate hooked before this layer keep their hooks: "
+        "accelerate.hooks.remove_hook_from_module(model, recurse=True) takes them off."
     )
 
 

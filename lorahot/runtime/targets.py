@@ -485,6 +485,13 @@ def layer_placement(layer: LoRALayer, dtype: torch.dtype | None, name: str) -> t
     ref = next((t for t in (*layer.base_layer.parameters(), *layer.base_layer.buffers())), None)
     device = ref.device if ref is not None else torch.device("cpu")
     if device.type == "meta":
+        if "_hf_hook" in layer.base_layer.__dict__:  # accelerate's hook offloads it: it onloads them per call
+            raise UsageError(
+                f"{name}: base weights are offloaded by accelerate's hooks (dispatch_model, cpu_offload, "
+                "disk_offload, load_checkpoint_and_dispatch to 'cpu' or 'disk'), on the meta device between calls; "
+                "lorahot does not target offloaded layers: place this layer on an execution device in the "
+                "device_map, or leave it out of targets."
+            )
         raise UsageError(
             f"{name}: base weights are on the meta device (no data); materialize the model (load its weights, or "
             "model.to_empty(device=...)) before inject."
