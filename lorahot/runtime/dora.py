@@ -16,9 +16,10 @@ hooks, :meth:`lorahot.layers.LoRALayer.attach`), whether the load went through t
 LoRA layer or the wrapped module itself. A layer of a copy of the model (``copy.deepcopy``, no
 runtime) refuses such a load through it with a UsageError instead, since it cannot compute
 them. A write in place by other means that moves the weight's or bias's version counter
-(``weight.mul_``, an optimizer's step) is seen by the next runtime call, which computes the
-factors again (:meth:`DoraFactors.moved`); the forward calls before it keep the old factors.
-Not seen: a write that moves no counter (``weight.data.copy_``, an inference tensor's), and a
+(``weight.mul_``, an optimizer's step), or that puts new memory under it (``weight.data = new``,
+``prune.remove``), is seen by the next runtime call, which computes the factors again
+(:meth:`DoraFactors.moved`); the forward calls before it keep the old factors. Not seen: a
+write in place that moves no counter (``weight.data.copy_``, an inference tensor's), and a
 load into a copy's wrapped module itself.
 
 The factor lives in row 0 of each layer's extras (:mod:`lorahot.runtime.buffers`) and
@@ -80,9 +81,9 @@ class DoraFactors:
         self._layers = layers
         self._weight_of = weight_of
         self._bias_of = bias_of
-        #: per layer, its base weight's and bias's version counters when its factors were last
-        #: computed (:meth:`moved`)
-        self._seen: dict[str, tuple[int | None, int | None]] = {}
+        #: per layer, its base weight's and bias's version counters and addresses when its factors
+        #: were last computed (:meth:`moved`)
+        self._seen: dict[str, tuple[tuple[int | None, int], tuple[int | None, int] | None]] = {}
 
     def refresh(self, region: int, dora: list[list[int]], decomposed: Collection[str] = ()) -> None:
         """Recomputes ``f`` and ``g`` of the layers ``dora`` (per arena, layer indices) in
@@ -107,15 +108,18 @@ class DoraFactors:
                         e[EXTRA_G].copy_((1 - f) * bias.detach().to(e.dtype))
                     self._seen[name] = self._versions(name)
 
-    def _versions(self, name: str) -> tuple[int | None, int | None]:
-        bias = self._bias_of(name)
-        return version(self._weight_of(name)), None if bias is None else version(bias)
+    def _versions(self, name: str) -> tuple[tuple[int | None, int], tuple[int | None, int] | None]:
+        """The base weight's and bias's version counters and addresses: ``weight.data = new``
+        (pruning's ``prune.remove`` does it) moves no counter, but puts new memory there."""
+        weight, bias = self._weight_of(name), self._bias_of(name)
+        return (version(weight), weight.data_ptr()), None if bias is None else (version(bias), bias.data_ptr())
 
     def moved(self) -> list[str]:
         """The layers whose base weight or bias was written in place (its version counter
-        moved: ``weight.mul_``, ``weight.detach().copy_``, an optimizer's step) since their
-        factors were computed; each is reported once. ``weight.data`` has a counter of its own,
-        and an inference tensor none: their writes are not seen."""
+        moved: ``weight.mul_``, ``weight.detach().copy_``, an optimizer's step) or given new
+        memory (``weight.data = new``, ``prune.remove``) since their factors were computed; each
+        is reported once. ``weight.data`` has a counter of its own, and an inference tensor none:
+        their writes in place are not seen."""
         # a base computing its weight at each call (check_stored) is not read: a parametrized weight's
         # read runs the parametrization, and returns a new tensor (whose counter says nothing) each time
         found = [

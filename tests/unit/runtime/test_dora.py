@@ -363,3 +363,34 @@ def test_a_base_reparametrized_after_a_dora_load_refuses_the_next_runtime_call(h
     x = torch.randn(3, 8, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(model(x), model[0].base_layer(x))
+
+
+@pytest.mark.parametrize("how", ["prune.remove", "weight.data ="])
+def test_a_base_weight_given_new_memory_is_seen_by_the_next_runtime_call(how: str) -> None:
+    """``weight.data = new`` puts new memory under the weight without moving its version
+    counter, and so does pruning made permanent (``prune.l1_unstructured``, then
+    ``prune.remove``, which the runtime's refusal of the pruned layer advises): the DoRA factors
+    stayed those of the weight before through every runtime call that does not recompute them
+    itself (``activate``: 0.32 and 0.029 off the float64 reference ``f * (W x + B A x) + b``,
+    ``f = m / ||W + B A||``), silently. The next runtime call now computes them again from the
+    weight as it is."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6)).double()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, extras=True)
+    tensors = {k: v.double() for k, v in _dora_adapter().items()}
+    config = {"use_dora": True, "r": 2, "lora_alpha": 2}
+    runtime.load(tensors, config=config)
+    base = model[0].base_layer
+    if how == "prune.remove":
+        torch.nn.utils.prune.l1_unstructured(base, "weight", amount=0.5)
+        torch.nn.utils.prune.remove(base, "weight")
+    else:
+        base.weight.data = base.weight.data * 0.5
+    runtime.activate(0)
+    p = "base_model.model.0"
+    a, b, m = tensors[f"{p}.lora_A.weight"], tensors[f"{p}.lora_B.weight"], tensors[f"{p}.lora_magnitude_vector"]
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        w = base.weight
+        want = m / (w + b @ a).norm(dim=1) * (x @ w.T + x @ a.T @ b.T) + base.bias
+        torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
