@@ -24,7 +24,12 @@ Keys under ``text_embedding_projection.`` adapt the text connectors' input proje
 component in diffusers (``LTX2TextConnectors``, a pipeline's ``connectors``): the prefix routes them
 to that component (:mod:`lorahot.resolve.components`), where ``aggregate_embed`` is ``text_proj_in``
 (LTX-2.3's ``video_aggregate_embed`` is ``video_text_proj_in``), as diffusers' conversion renames
-them. A runtime without that component refuses them naming it, or skips them with ``strict=False``.
+them. The checkpoint's text connectors' transformers, ``diffusion_model.video_embeddings_connector.
+transformer_1d_blocks.N`` (``audio_`` too; any prefix of the original names), go there too, as
+``video_connector.transformer_blocks.N``: diffusers' checkpoint conversion moves them to the
+connectors (its LoRA conversion sends them under ``transformer.``, where no module has their name,
+and its loader drops them; ComfyUI adapts them in the transformer it holds them in). A runtime
+without that component refuses them naming it, or skips them with ``strict=False``.
 """
 
 from __future__ import annotations
@@ -69,11 +74,19 @@ _ALIASES: tuple[tuple[str, str], ...] = (
     (rf"{_START}(transformer_blocks\.\d+\.(?:{_ATTENTIONS}))\.([qk])_norm$", r"\1.norm_\2"),
     # the text connectors' input projections (under text_embedding_projection., stripped)
     (r"^((?:video_|audio_)?)aggregate_embed$", r"\1text_proj_in"),
+    # the connectors' transformers (routed to the connectors), as diffusers' checkpoint conversion renames them
+    (
+        rf"{_START}(video|audio)_embeddings_connector\.transformer_1d_blocks\.(\d+\..+)$",
+        r"\1_connector.transformer_blocks.\2",
+    ),
 )
 
 #: the original modules no diffusers model has (PixArt's own ``adaln_single`` tells an LTX-2 file
-#: apart under ``diffusion_model.`` only)
-_MODULE = rf"(?:{'|'.join(map(re.escape, (k for k in _OUTSIDE if k != 'adaln_single')))})"
+#: apart under ``diffusion_model.`` only), the text connectors' transformers among them
+_MODULE = (
+    rf"(?:{'|'.join(map(re.escape, (k for k in _OUTSIDE if k != 'adaln_single')))}"
+    r"|(?:video|audio)_embeddings_connector)"
+)
 
 #: the prefix of the text connectors' keys (diffusers' ``connectors`` component)
 _CONNECTORS = r"text_embedding_projection\."

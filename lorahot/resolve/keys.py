@@ -78,8 +78,24 @@ COMPONENT_NAMES = frozenset(
 )
 #: File prefixes that name a pipeline component by another name than the component's: the
 #: original LTX-2 checkpoint's ``text_embedding_projection.`` is an LTX-2 pipeline's ``connectors``
-#: (diffusers' ``LTX2TextConnectors``), where diffusers' LTX-2 loader sends its modules.
-COMPONENT_PREFIXES = {"text_embedding_projection.": "connectors"}
+#: (diffusers' ``LTX2TextConnectors``), where diffusers' LTX-2 loader sends its modules; so are its
+#: ``video_embeddings_connector.`` and ``audio_embeddings_connector.``, which the checkpoint holds
+#: in the transformer (``diffusion_model.``; ComfyUI adapts them there) and diffusers' checkpoint
+#: conversion moves to the connectors (``video_connector.``), with any prefix of the original names.
+COMPONENT_PREFIXES = {
+    "text_embedding_projection.": "connectors",
+    **{
+        f"{head}{modality}_embeddings_connector.": "connectors"
+        for head in ("", "diffusion_model.", "model.diffusion_model.", "transformer.", "net.")
+        for modality in ("video", "audio")
+    },
+}
+
+#: The top modules of a pipeline component that no other component has, which a naming's aliases
+#: name (LTX-2's connector transformers, ``video_connector.``): like a component's name, never a
+#: wrapper level that a lookup drops, so such a key never lands on another component's layers
+#: (``video_connector.transformer_blocks.0.attn1.to_q`` on the transformer's ``transformer_blocks.0``).
+COMPONENT_ROOTS = frozenset(("video_connector", "audio_connector"))
 
 
 class _Names:
@@ -124,8 +140,9 @@ class _Names:
         """Whether ``levels``, the leading levels of a dotted key that a layer's name lacks,
         can be a wrapper the model lacks: none carries a number (a block index), the first is
         no pipeline component (:data:`COMPONENT_NAMES`), and none, after a component prefix or
-        not, is a module of the model (see :meth:`module_end`)."""
-        if levels.partition(".")[0] in COMPONENT_NAMES:
+        not, is a module of the model (see :meth:`module_end`) or the top module of a component
+        (:data:`COMPONENT_ROOTS`)."""
+        if levels.partition(".")[0] in COMPONENT_NAMES or not COMPONENT_ROOTS.isdisjoint(levels.split(".")):
             return False
         starts = [0, *(i + 1 for i, c in enumerate(levels) if c == ".")]
         return _unnumbered(levels) and all(self.module_end(levels[i:] + ".", ".") > len(levels) - i for i in starts)
@@ -486,11 +503,11 @@ def _component_hint(key: str) -> str:
     """Where a key starting with a pipeline component's name (:data:`COMPONENT_NAMES`) that
     matches no layer belongs; empty for any other key."""
     first = key.partition(".")[0]
-    named = next((c for p, c in COMPONENT_PREFIXES.items() if key.startswith(p)), None)
+    prefix, named = next(((p, c) for p, c in COMPONENT_PREFIXES.items() if key.startswith(p)), ("", None))
     if named is not None:
         return (
-            f"; its prefix {first + '.'!r} names a pipeline component, {named!r} (diffusers' LTX-2 pipeline's text "
-            f"connectors), where diffusers loads it: inject that component too (lorahot.inject(pipe, ...), or "
+            f"; its prefix {prefix!r} names a pipeline component, {named!r} (diffusers' LTX-2 pipeline's text "
+            f"connectors), which holds its module: inject that component too (lorahot.inject(pipe, ...), or "
             f"lorahot.inject({{..., {named!r}: pipe.{named}}}, ...)), or load with strict=False to skip it"
         )
     if first not in COMPONENT_NAMES or "." not in key:

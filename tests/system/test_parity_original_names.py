@@ -573,6 +573,95 @@ def test_ltx2_text_connectors_without_the_component_are_refused_naming_it_or_ski
     _assert_same(alone, _diffusers_connectors(connectors, projections, False))
 
 
+def _connector_transformers_file(per_modality: bool, head: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``<head>video_embeddings_connector.transformer_1d_blocks.N.<module>`` keys (and
+    ``audio_``), the original LTX-2 names of the connectors' transformers, for each of their
+    layers, and those layers' names in diffusers' ``LTX2TextConnectors``."""
+    model = _tiny_ltx2_connectors(per_modality)
+    names = _linears(model, lambda n: n.startswith(("video_connector.", "audio_connector.")))
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for i, name in enumerate(names):
+        layer, r = model.get_submodule(name), 2 + i % 3
+        key = head + re.sub(
+            r"^(video|audio)_connector\.transformer_blocks\.", r"\1_embeddings_connector.transformer_1d_blocks.", name
+        )
+        sd[f"{key}.lora_A.weight"] = torch.randn(r, layer.in_features, generator=g, dtype=torch.float64) * 0.3
+        sd[f"{key}.lora_B.weight"] = torch.randn(layer.out_features, r, generator=g, dtype=torch.float64) * 0.3
+    return sd, names
+
+
+@pytest.mark.parametrize("head", ["diffusion_model.", "transformer.", ""], ids=["comfyui", "transformer", "bare"])
+@pytest.mark.parametrize("per_modality", [False, True], ids=["ltx2.0", "ltx2.3"])
+def test_ltx2_connector_transformers_land_on_the_pipelines_connectors(per_modality: bool, head: str) -> None:
+    """The original LTX-2 checkpoint holds the text connectors' transformers in the transformer
+    (``diffusion_model.video_embeddings_connector.transformer_1d_blocks.N``, ``audio_`` too), where
+    ComfyUI adapts them; diffusers' checkpoint conversion moves them to the pipeline's
+    ``connectors`` (``video_connector.transformer_blocks.N``), while its LoRA conversion sends such
+    keys under ``transformer.``, which has no such module: its loader drops them with a warning.
+    lorahot refused them as matching no layer (a ``diffusion_model.`` file of blocks besides), and
+    on the transformer alone the aliased name could reach the transformer's own
+    ``transformer_blocks.N``. Now they are routed to ``connectors`` and land as diffusers loads
+    the same factors in its connectors' names; the transformer's modules as diffusers' LTX-2
+    loader loads them. On the transformer alone they are refused naming the component, every
+    parameter bitwise unchanged, and skipped with strict=False, as diffusers drops them."""
+    names = _linears(_tiny_ltx2())
+    blocks = _file(_tiny_ltx2(), names, _ltx2_original, alpha=False)
+    blocks = {head + k.removeprefix("diffusion_model."): v for k, v in blocks.items()}
+    inner, layers = _connector_transformers_file(per_modality, head)
+    sd = {**blocks, **inner}
+    transformer, conn = _tiny_ltx2(), _tiny_ltx2_connectors(per_modality)
+    info = lorahot.inject({"transformer": transformer, "connectors": conn}, "all-linear", max_rank=8).load(dict(sd))
+    assert info.format == "ltx2"
+    assert info.components == {"transformer": len(names), "connectors": len(layers)}
+
+    twin = {
+        "connectors." + n + k[k.index(".lora_") :]: v for n in layers for k, v in inner.items() if _original_of(n) in k
+    }
+    oracle = _tiny_ltx2_connectors(per_modality)
+    oracle.load_lora_adapter(twin, prefix="connectors", adapter_name="o")
+    _assert_same(_weights(conn, layers), _weights(oracle, layers))
+    assert not torch.equal(
+        _weights(conn, layers[:1])[layers[0]], _weights(_tiny_ltx2_connectors(per_modality), layers[:1])[layers[0]]
+    )
+    if head == "diffusion_model.":  # diffusers converts only this head: the connectors' keys go under transformer.
+        converted = diffusers.LTX2Pipeline.lora_state_dict({k: v.clone() for k, v in sd.items()})
+        assert all(k.startswith("transformer.") for k in converted)
+        _assert_same(_weights(transformer, names), _diffusers(_tiny_ltx2, diffusers.LTX2Pipeline, sd, names))
+    _assert_same(
+        _weights(transformer, names),
+        _reference(
+            _tiny_ltx2,
+            {k.replace(head, "diffusion_model.", 1) if head else "diffusion_model." + k: v for k, v in blocks.items()},
+            names,
+            _ltx2_original,
+        ),
+    )
+
+    model = _tiny_ltx2()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"embeddings_connector\.transformer_1d_blocks\.0\.attn1\.to_q: matches no injected layer.*'connectors'",
+    ):
+        runtime.load(dict(sd))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    info = runtime.load(dict(sd), strict=False)
+    assert sorted(info.skipped) == sorted(inner)
+    _assert_same(_weights(model, names), _weights(transformer, names))
+
+
+def _original_of(name: str) -> str:
+    """A connector layer's original LTX-2 module path, followed by a dot."""
+    return (
+        re.sub(
+            r"^(video|audio)_connector\.transformer_blocks\.", r"\1_embeddings_connector.transformer_1d_blocks.", name
+        )
+        + "."
+    )
+
+
 def test_krea2_under_peft_wrapper_is_peft_naming_and_refused() -> None:
     """AI-Toolkit's ``base_model.model.`` spelling of Krea 2 names is PEFT naming (a PEFT adapter of
     a model with such module names loads with its config): on the diffusers-named model its keys
