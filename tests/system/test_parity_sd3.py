@@ -545,3 +545,41 @@ def test_an_sd3_kohya_file_of_modules_outside_the_blocks_only_lands_as_with_a_bl
     sd = lora_file(_outside_factors()[2], "sd3-kohya")
     assert lorahot.read_adapter(sd).format == "sd3-kohya"
     _assert_outside_lands(sd, merged)
+
+
+def test_onetrainer_clip_text_projections_land_on_the_encoders_projections() -> None:
+    """OneTrainer's SD3 files adapt the CLIP encoders' ``text_projection`` as
+    ``lora_te1_text_projection`` (CLIP-L) and ``lora_te2_text_projection`` (CLIP-G), beside
+    ``lora_transformer_`` modules; ComfyUI maps them to ``clip_l``'s and ``clip_g``'s
+    ``text_projection``. On an SD3 pipeline runtime they land on ``text_encoder.text_projection``
+    and ``text_encoder_2.text_projection`` (each a ``CLIPTextModelWithProjection``): float64
+    ``W + alpha / r * up @ down``, as ComfyUI adds it; the transformer's module beside them."""
+    from tests.diffusion_names import weights
+    from tests.helpers import tiny_clip
+
+    def clip(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return tiny_clip(with_projection=True).double()
+
+    components = {"transformer": tiny_sd3().double(), "text_encoder": clip(1), "text_encoder_2": clip(2)}
+    layers = {
+        "lora_transformer_transformer_blocks_0_attn_to_q": "transformer.transformer_blocks.0.attn.to_q",
+        "lora_te1_text_projection": "text_encoder.text_projection",
+        "lora_te2_text_projection": "text_encoder_2.text_projection",
+    }
+    g = torch.Generator().manual_seed(70)
+    sd, expected = {}, {}
+    for i, (key, path) in enumerate(layers.items()):
+        component, _, name = path.partition(".")
+        layer = components[component].get_submodule(name)
+        down = torch.randn(2, layer.in_features, generator=g, dtype=torch.float64)
+        up = torch.randn(layer.out_features, 2, generator=g, dtype=torch.float64)
+        alpha = 3.0 + i
+        sd |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)}
+        expected[path] = layer.weight.detach() + alpha / 2 * up @ down
+    info = lorahot.inject(components, "all-linear", max_rank=8).load(sd)
+    assert info.ranks == dict.fromkeys(layers.values(), 2)
+    for path, weight in expected.items():
+        component, _, name = path.partition(".")
+        probed = weights(components[component], [name])[name]
+        torch.testing.assert_close((probed[:-1] - probed[-1]).T, weight, rtol=1e-12, atol=1e-12, msg=path)
