@@ -67,6 +67,8 @@ ROUTES: tuple[tuple[str, str | None], ...] = tuple(
             "diffusion_model.": None,
             "model.diffusion_model.": None,
             "base_model.model.": None,
+            # PixArt's old PEFT reference script: the denoiser (a PixArt pipeline's transformer), as ComfyUI maps it
+            "unet.base_model.model.": None,
             **COMPONENT_PREFIXES,  # LTX-2's text_embedding_projection.: connectors
         }.items(),
         key=lambda kv: len(kv[0]),

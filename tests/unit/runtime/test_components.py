@@ -116,6 +116,30 @@ def test_flux_prefixes_route_to_the_transformer() -> None:
     assert runtime.load(_lora(["lora_unet_to_q"], kohya=True)).components == {"transformer": 1}
 
 
+def test_pixart_unet_base_model_model_goes_to_the_denoiser_whatever_it_is_called() -> None:
+    """PixArt's old PEFT reference script saves the transformer's modules under
+    ``unet.base_model.model.`` (ComfyUI maps them onto PixArt's transformer); a pipeline runtime
+    of a transformer refused them as modules of a ``unet`` it lacks. They go to the denoiser:
+    ``transformer`` there, ``unet`` where there is one; float64 ``W + B @ A``."""
+    assert route("unet.base_model.model.blocks.0.to_q", ("transformer", "text_encoder")) == (
+        "transformer",
+        "unet.base_model.model.",
+    )
+    assert route("unet.base_model.model.to_q", ("unet",)) == ("unet", "unet.base_model.model.")
+    assert route("unet.to_q", ("transformer",)) == (None, "unet.")  # a unet's own prefix still names it
+    torch.manual_seed(0)
+    models = {"transformer": nn.ModuleDict({"to_q": nn.Linear(8, 8)}).double(), "text_encoder": _encoder().double()}
+    before = models["transformer"]["to_q"].weight.detach().clone()
+    sd = {k: v.double() for k, v in _lora(["unet.base_model.model.to_q"]).items()}
+    info = lorahot.inject(models, {"transformer": ["to_q"], "text_encoder": ["q_proj"]}, max_rank=4).load(sd)
+    assert info.components == {"transformer": 1, "text_encoder": 0}
+    x = torch.randn(3, 8, dtype=torch.float64)
+    update = sd["unet.base_model.model.to_q.lora_B.weight"] @ sd["unet.base_model.model.to_q.lora_A.weight"]
+    with torch.no_grad():
+        expected = x @ (before + update).T + models["transformer"]["to_q"].base_layer.bias
+        torch.testing.assert_close(models["transformer"]["to_q"](x), expected, rtol=1e-12, atol=1e-12)
+
+
 class _Pipe:
     """Duck-typed like a diffusers pipeline: a ``components`` dict of anything."""
 
