@@ -319,9 +319,27 @@ class Adapter:
 
 
 def storage_problem(t: torch.Tensor) -> str | None:
-    """Why ``t`` cannot hold LoRA values whatever its dtype (sparse, meta, nested, quantized), or None."""
+    """Why ``t`` cannot hold LoRA values whatever its dtype (sparse, meta, nested, quantized, a
+    wrapper whose values are not in its storage), or None."""
     if t.is_nested or t.is_quantized:
         return f"a {'nested' if t.is_nested else 'quantized'} tensor"
+    if _wrapper(t):
+        return (
+            f"a {type(t).__name__}, a tensor subclass whose values are not in its own storage (a DTensor, a fake, "
+            "functional or quantized tensor subclass); pass plain tensors (DTensor.full_tensor(), or dequantize)"
+        )
     if t.layout != torch.strided or t.device.type == "meta":
         return f"a {t.layout} tensor on {t.device}"
     return None
+
+
+def _wrapper(t: torch.Tensor) -> bool:
+    """Whether ``t`` keeps its values outside its own storage: a subclass that dispatches in
+    Python (DTensor, FakeTensor, torchao's quantized tensors), a functionalization or functorch
+    wrapper. ``nn.Parameter`` and other plain subclasses hold their values and pass."""
+    keys = torch._C._dispatch_keys(t)
+    return (
+        keys.has(torch._C.DispatchKey.Python)
+        or keys.has(torch._C.DispatchKey.Functionalize)
+        or torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )

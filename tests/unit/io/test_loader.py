@@ -120,6 +120,62 @@ def test_tensors_without_data_are_refused_when_read(convert, what: str) -> None:
         lorahot.read_adapter(tensors)
 
 
+def _fake(t: torch.Tensor) -> torch.Tensor:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.empty(t.shape)
+
+
+def _two(t: torch.Tensor) -> torch.Tensor:
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    return TwoTensor(t.clone(), 2 * t)
+
+
+@pytest.mark.parametrize(
+    ("convert", "kind"),
+    [(_fake, "FakeTensor"), (torch._to_functional_tensor, "Tensor"), (_two, "TwoTensor")],
+    ids=["fake", "functional", "two_tensor"],
+)
+def test_tensor_subclasses_whose_values_are_not_in_their_storage_are_refused(convert, kind: str) -> None:
+    """A fake, functional or wrapper subclass (DTensor, torchao's) value: its storage holds no
+    values (or not the ones it stands for). Was: UnexpectedError from deep in the load (the fake
+    and functional ones), or a TwoTensor loaded from one of its two tensors. Read and load refuse
+    it naming the module and key, the model bitwise unchanged; nn.Parameter and plain subclasses
+    hold their values and load as the plain tensor does."""
+    tensors = {k: v.double() for k, v in _peft().items()}
+    bad = {**tensors, "base_model.model.proj.lora_B.weight": convert(tensors["base_model.model.proj.lora_B.weight"])}
+    what = (
+        r"<mapping>: values that cannot be LoRA weights:\n  - proj \(base_model\.model\.proj\.lora_A\.weight, "
+        rf"base_model\.model\.proj\.lora_B\.weight\): B is a {kind}, a tensor subclass whose values are not in its own "
+        r"storage .*pass plain tensors \(DTensor\.full_tensor\(\), or dequantize\)"
+    )
+    with pytest.raises(lorahot.AdapterReadError, match=what):
+        lorahot.read_adapter(bad)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(8, 6, dtype=torch.float64))
+    runtime = lorahot.inject(model, ["proj"], max_rank=4)
+    runtime.load(tensors)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    want = model(x)
+    a, b = tensors["base_model.model.proj.lora_A.weight"], tensors["base_model.model.proj.lora_B.weight"]
+    torch.testing.assert_close(want, x @ (model.proj.weight + b @ a).T + model.proj.bias, rtol=1e-12, atol=1e-12)
+    before = {k: v.clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    with pytest.raises(lorahot.AdapterReadError, match=what):
+        runtime.load(bad)
+    assert all(torch.equal(v, before[k]) for k, v in [*model.named_parameters(), *model.named_buffers()])
+    assert torch.equal(model(x), want)
+
+    class Plain(torch.Tensor):
+        pass
+
+    for wrap in (nn.Parameter, lambda t: t.clone().as_subclass(Plain)):
+        runtime.unload()
+        runtime.load({k: wrap(v) for k, v in tensors.items()})
+        assert torch.equal(model(x), want)
+
+
 @pytest.mark.parametrize(
     ("alpha", "got"),
     [
