@@ -15,6 +15,7 @@ from lorahot.formats import (
     flux,
     flux3,
     hunyuan,
+    hunyuan_dit,
     kohya,
     krea2,
     ltx2,
@@ -37,6 +38,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     hunyuan.MUSUBI,  # before flux-kohya: the same prefix and block names, spelled apart (img_mlp_fc1)
     flux.KOHYA,  # before kohya: original Flux block names, which only its renames and splits place
     flux.KOHYA_OUTSIDE,  # before kohya: a flux-kohya file without a block key (its rules read no other module)
+    hunyuan_dit.KOHYA,  # before minimax-h3-musubi, whose marker (blocks_N_mlp_fc1) its keys match, and kohya
     minimax_h3.MUSUBI,  # before kohya: original MiniMax-H3 block names (blocks_N_attn_qkv_proj)
     anima.KOHYA,  # before wan-musubi, whose marker (blocks_N_self_attn_) its keys match, and kohya
     wan.MUSUBI,  # before kohya: original Wan block names
@@ -47,6 +49,7 @@ FORMATS: tuple[KeyFormat, ...] = (
     kohya.FORMAT,
     flux.XLABS,  # before diffusers-old, whose processor keys look alike
     flux.FAL,  # before PEFT, whose keys look alike
+    hunyuan_dit.FORMAT,  # before minimax-h3 (whose marker, blocks.N.mlp.fc1, its keys match) and PEFT
     minimax_h3.DIFFSYNTH,  # before minimax-h3, which reads .default. too, and PEFT
     minimax_h3.FORMAT,  # before PEFT (bare keys, PEFT's .default.) and Wan (blocks.N.)
     krea2.FORMAT,  # before PEFT (AI-Toolkit's base_model.model.) and Wan (blocks.N.)
