@@ -81,12 +81,18 @@ COMPONENT_NAMES = frozenset(
 #: (diffusers' ``LTX2TextConnectors``), where diffusers' LTX-2 loader sends its modules; so are its
 #: ``video_embeddings_connector.`` and ``audio_embeddings_connector.``, which the checkpoint holds
 #: in the transformer (``diffusion_model.``; ComfyUI adapts them there) and diffusers' checkpoint
-#: conversion moves to the connectors (``video_connector.``), with any prefix of the original names.
+#: conversion moves to the connectors (``video_connector.``), with any prefix of the original names,
+#: and in their kohya spelling (``lora_unet_video_embeddings_connector_``, ``lora_transformer_``).
 COMPONENT_PREFIXES = {
     "text_embedding_projection.": "connectors",
     **{
         f"{head}{modality}_embeddings_connector.": "connectors"
         for head in ("", "diffusion_model.", "model.diffusion_model.", "transformer.", "net.")
+        for modality in ("video", "audio")
+    },
+    **{
+        f"{head}{modality}_embeddings_connector_": "connectors"
+        for head in ("lora_unet_", "lora_transformer_")
         for modality in ("video", "audio")
     },
 }

@@ -662,6 +662,52 @@ def _original_of(name: str) -> str:
     )
 
 
+@pytest.mark.parametrize("prefix", ["lora_unet_", "lora_transformer_"])
+@pytest.mark.parametrize("per_modality", [False, True], ids=["ltx2.0", "ltx2.3"])
+def test_ltx2_kohya_connector_transformers_land_on_the_pipelines_connectors(per_modality: bool, prefix: str) -> None:
+    """The kohya spelling of the connectors' transformers (``lora_unet_video_embeddings_connector_
+    transformer_1d_blocks_0_attn1_to_q``, OneTrainer's ``lora_transformer_`` too) was routed by its
+    ``lora_unet_`` prefix to the transformer, which has no such module, and refused there, while
+    the dotted names go to the pipeline's ``connectors``. Now routed there too, they land as
+    diffusers loads the same factors in its connectors' names, the transformer's modules as the
+    float64 reference; on the transformer alone they are refused naming the component (never on
+    its own ``transformer_blocks.N``), every parameter bitwise unchanged, skipped with strict=False."""
+    names = _linears(_tiny_ltx2())
+    blocks = _file(_tiny_ltx2(), names, _ltx2_original, alpha=False)
+    inner, layers = _connector_transformers_file(per_modality, "diffusion_model.")
+    sd = _kohya_spelling({**blocks, **inner}, prefix)
+    connector_keys = sorted(_kohya_spelling(inner, prefix))
+    transformer, conn = _tiny_ltx2(), _tiny_ltx2_connectors(per_modality)
+    info = lorahot.inject({"transformer": transformer, "connectors": conn}, "all-linear", max_rank=8).load(dict(sd))
+    assert info.format == "ltx2-kohya"
+    assert info.components == {"transformer": len(names), "connectors": len(layers)}
+
+    twin = {
+        "connectors." + n + k[k.index(".lora_") :]: v for n in layers for k, v in inner.items() if _original_of(n) in k
+    }
+    oracle = _tiny_ltx2_connectors(per_modality)
+    oracle.load_lora_adapter(twin, prefix="connectors", adapter_name="o")
+    _assert_same(_weights(conn, layers), _weights(oracle, layers))
+    assert not torch.equal(
+        _weights(conn, layers[:1])[layers[0]], _weights(_tiny_ltx2_connectors(per_modality), layers[:1])[layers[0]]
+    )
+    _assert_same(_weights(transformer, names), _reference(_tiny_ltx2, blocks, names, _ltx2_original))
+
+    model = _tiny_ltx2()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=rf"{prefix}(video|audio)_embeddings_connector_transformer_1d_blocks_0_attn1_to_q: matches no injected "
+        r"layer.*'connectors'",
+    ):
+        runtime.load(dict(sd))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    info = runtime.load(dict(sd), strict=False)
+    assert sorted(info.skipped) == connector_keys
+    _assert_same(_weights(model, names), _weights(transformer, names))
+
+
 def test_krea2_under_peft_wrapper_is_peft_naming_and_refused() -> None:
     """AI-Toolkit's ``base_model.model.`` spelling of Krea 2 names is PEFT naming (a PEFT adapter of
     a model with such module names loads with its config): on the diffusers-named model its keys
