@@ -374,6 +374,64 @@ def test_compiled_denoiser_swaps_between_component_sets_without_recompiling() ->
             pipe("a cat", num_inference_steps=1, output_type="latent", **{**PIPELINES[kind][2], **size})
 
 
+def _latents(kind: str, pipe, latents: torch.Tensor, prompt: list[str] | None, **options) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(
+            prompt, num_inference_steps=2, latents=latents, output_type="latent", **PIPELINES[kind][2], **options
+        ).images
+
+
+def _encode_prompts(kind: str, pipe, prompts: list[str], k: int) -> dict[str, torch.Tensor]:
+    """The README's recipe for a routed pipeline: the prompts' embeddings (``k`` images each,
+    with negative ones where the pipeline guides), as the pipeline's call takes them."""
+    if kind == "flux":
+        embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, max_sequence_length=8, num_images_per_prompt=k)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    negative = ["the"] * len(prompts)
+    if kind == "sd3":
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        encoded = pipe.encode_prompt(
+            prompts, prompts, prompts, negative_prompt=negative, negative_prompt_2=negative,
+            negative_prompt_3=negative, max_sequence_length=8, num_images_per_prompt=k,
+        )  # fmt: skip
+        return dict(zip(names, encoded, strict=True))
+    embeds, negative_embeds = pipe.encode_prompt(prompts, "cpu", k, True, negative_prompt=negative)
+    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
+
+
+@pytest.mark.parametrize("kind", PIPELINES)
+def test_a_mixed_batch_over_a_whole_pipeline_gives_each_prompt_its_slot(kind: str) -> None:
+    """Two prompts, two images each, each prompt on its own slot (one slot of every component,
+    the other of the denoiser and the first text encoder only): encoded under ``activate(slots)``,
+    then denoised under ``activate(r + r)`` (``r`` each prompt's slot repeated per image; ``r``
+    alone for Flux.1, which does not guide), every image equals its prompt run alone with its
+    slot active, from the same latents (float64)."""
+    build, components, _ = PIPELINES[kind]
+    pipe = build()
+    files = [_file(pipe, kind, list(components), seed=6), _file(pipe, kind, list(components)[:2], seed=7, rank=3)]
+    runtime = lorahot.inject(pipe, _targets(kind), max_rank=8, slots=2)
+    for slot, sd in enumerate(files):
+        runtime.load(sd, slot=slot)
+    shape = (4, 4, 16) if kind == "flux" else (4, 4, 8, 8)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    prompts, k = ["a red cat", "a blue dog"], 2
+    guided = {} if kind == "flux" else {"negative_prompt": ["the"]}
+    alone = []
+    for slot in (0, 1):
+        runtime.activate(slot)
+        alone.append(
+            _latents(kind, pipe, latents[2 * slot : 2 * slot + 2], [prompts[slot]], num_images_per_prompt=k, **guided)
+        )
+    assert not torch.allclose(alone[0], alone[1])
+    runtime.activate([0, 1])
+    embeddings = _encode_prompts(kind, pipe, prompts, k)
+    routing = [slot for slot in (0, 1) for _ in range(k)]
+    runtime.activate(routing if kind == "flux" else routing + routing)
+    got = _latents(kind, pipe, latents, None, **embeddings)
+    torch.testing.assert_close(got, torch.cat(alone), rtol=1e-9, atol=1e-10)
+
+
 WAN_COMPONENTS = ("transformer", "transformer_2", "text_encoder")
 
 
