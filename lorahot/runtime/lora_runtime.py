@@ -91,6 +91,7 @@ from lorahot.runtime.plan import (
     restage,
     validate,
 )
+from lorahot.runtime.prefetches import PendingKeys
 from lorahot.runtime.routing import (
     Routing,
     check_experts,
@@ -301,6 +302,7 @@ class LoraRuntime:
             layer.merged = merged
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        self._pending_keys = PendingKeys(self.cache)  # keyed prefetches under way: a load of one waits
         for root in self._roots():
             peft_arguments.install(root)
             assigned_loads.install(root)
@@ -898,7 +900,11 @@ class LoraRuntime:
             self._check_usable(placement=False)  # under the lock: eject cannot slip in between
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahot-prefetch")
-            return self._executor.submit(self.preload, source, key=key, denoiser=denoiser, **read_kwargs)
+            future = self._executor.submit(self.preload, source, key=key, denoiser=denoiser, **read_kwargs)
+        if key is not None:  # a load of the key meanwhile waits for it (lorahot.runtime.prefetches)
+            own_path = isinstance(source, (str, os.PathLike)) and _same_path(key, source)
+            self._pending_keys.add(key, future, named=not own_path)
+        return future
 
     def _counts(self, ranks: dict[str, int]) -> dict[str, int]:
         """Per component, how many of the layers in ``ranks`` it has (empty for a single model)."""
@@ -984,6 +990,9 @@ class LoraRuntime:
                 )
             return source
         name = source if isinstance(source, str) else None  # perhaps a key given to preload
+        if name is not None:
+            executor = self._executor
+            self._pending_keys.wait(name, threading.current_thread() in getattr(executor, "_threads", ()))
         options_for_key = name is not None and given and (self.cache.is_name(name) or name in self.cache)
         if name is not None and options_for_key and not os.path.exists(name):
             raise UsageError(

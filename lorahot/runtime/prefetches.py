@@ -1,0 +1,76 @@
+"""The keys of prefetches still under way, so that a ``load`` of one waits for its adapter.
+
+``runtime.prefetch(source, key="name")`` prepares the adapter on the prefetch thread, and the
+host cache holds ``"name"`` only once that is done. A ``load("name")`` issued meanwhile found
+no entry and no name given to preload, so it read ``"name"`` as a path or Hub id: another
+adapter of that name, or a request to the Hub, depending on which thread came first. Here a
+load of a key whose prefetch is queued or running waits for it, then takes the entry as any
+load of a key does; a key whose prefetch failed is refused, naming the failure, and is noted as
+a name given to preload (:meth:`lorahot.runtime.cache.AdapterCache.name`), so that a later load
+of it is refused too rather than read.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from concurrent.futures import CancelledError, Future
+
+from lorahot.errors import LoraError, UsageError, message, shown
+from lorahot.runtime.cache import AdapterCache, PreparedAdapter
+
+__all__ = ["PendingKeys"]
+
+
+class PendingKeys:
+    """The futures of keyed prefetches not yet done, by key (the last one for a key given twice)."""
+
+    def __init__(self, cache: AdapterCache) -> None:
+        self._cache = cache
+        self._pending: dict[str, Future[PreparedAdapter]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: str, future: Future[PreparedAdapter], named: bool) -> None:
+        """Notes ``future`` as the prefetch of ``key`` until it is done; ``named``: the key is a
+        name of its own (not its source's path), noted as one if the prefetch fails."""
+        with self._lock:
+            self._pending[key] = future
+        future.add_done_callback(functools.partial(self._done, key, named))
+
+    def _done(self, key: str, named: bool, future: Future[PreparedAdapter]) -> None:
+        with self._lock:
+            if self._pending.get(key) is future:
+                del self._pending[key]
+        if named and (future.cancelled() or future.exception() is not None):
+            self._cache.name(key)
+
+    def wait(self, key: str, on_prefetch_thread: bool) -> None:
+        """Returns once the prefetch of ``key``, if one is under way, is done.
+
+        Raises:
+            UsageError: that prefetch failed (naming its error) or was cancelled, or it is not
+                done and this is the prefetch thread itself (which would wait for itself).
+        """
+        with self._lock:
+            future = self._pending.get(key)
+        if future is None:
+            return
+        if on_prefetch_thread and not future.done():
+            raise UsageError(
+                f"{shown(key, 200)} is the key of a prefetch queued on the prefetch thread, and this load runs on "
+                "that thread (a prefetch future's done callback), which cannot wait for it; load it from the "
+                "serving thread."
+            )
+        try:
+            future.result()
+        except CancelledError as exc:
+            raise UsageError(
+                f"{shown(key, 200)} is the key of a prefetch that was cancelled (the runtime was ejected); "
+                "preload it again."
+            ) from exc
+        except Exception as exc:
+            said = message(exc) if isinstance(exc, LoraError) else str(exc)
+            raise UsageError(
+                f"{shown(key, 200)} is the key of a prefetch that failed ({type(exc).__name__}: {said}), so "
+                "there is no adapter under that name; fix the source and prefetch or preload it again."
+            ) from exc

@@ -1,0 +1,124 @@
+"""``prefetch(source, key=...)`` and a ``load`` of that key issued before the prefetch is done.
+
+The host cache holds the key only once the prefetch thread has prepared the adapter; a load of
+the key meanwhile must wait for it (or be refused where the prefetch failed), never read the
+key as a path or Hub id of its own (:mod:`lorahot.runtime.prefetches`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorahot
+from lorahot.runtime import lora_runtime
+from tests.helpers import make_adapter, save_peft, tiny_lm
+
+Q0 = "layers.0.self_attn.q_proj"
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, list[object]]]:
+    """Holds every read of the runtime until the event is set (at the latest after 10 s), and
+    lists what was read; offline, so that a key read as a Hub id fails at once."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    opened, seen = threading.Event(), []
+    real = lora_runtime.read_adapter
+
+    def held(source, **kwargs):
+        seen.append(source)
+        opened.wait(10)
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(lora_runtime, "read_adapter", held)
+    yield opened, seen
+    opened.set()
+
+
+def _open_soon(event: threading.Event) -> None:
+    """Sets ``event`` from another thread in 0.2 s: the load under test is waiting by then."""
+    threading.Timer(0.2, event.set).start()
+
+
+def _state(model: torch.nn.Module, runtime: lorahot.LoraRuntime) -> list[torch.Tensor]:
+    tensors = [*model.state_dict(keep_vars=True).values()]
+    tensors += [t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+    return [t.detach().clone() for t in tensors]
+
+
+def _unchanged(before: list[torch.Tensor], model: torch.nn.Module, runtime: lorahot.LoraRuntime) -> bool:
+    return all(torch.equal(b, a) for b, a in zip(before, _state(model, runtime), strict=True))
+
+
+@pytest.mark.parametrize("key", ["style", "other path"])
+def test_a_load_of_a_key_waits_for_its_prefetch(key: str, tmp_path: Path, gate) -> None:
+    """``load(key)`` while ``prefetch(path, key=key)`` is under way loads that adapter. It used
+    to read the key as a source of its own: a Hub request for ``"style"``, and for a key that is
+    another adapter's path, that other adapter, silently (which one depended on the timing)."""
+    opened, seen = gate
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+    tensors, ab = make_adapter(model, {Q0: 4}, seed=1)
+    path = save_peft(tmp_path / "a", tensors, r=4)
+    other = save_peft(tmp_path / "b", make_adapter(model, {Q0: 4}, seed=2)[0], r=4)
+    name = key if key == "style" else str(other)
+    future = runtime.prefetch(path, key=name)
+    _open_soon(opened)
+    info = runtime.load(name)
+    assert future.done() and seen == [path]  # the key itself was never read
+    assert info.source == str(path / "adapter_model.safetensors")
+    assert torch.equal(runtime.layers[Q0].lora_A[:4], ab[Q0][0])
+
+
+def test_a_load_of_a_key_whose_prefetch_failed_is_refused(tmp_path: Path, gate) -> None:
+    """A prefetch that fails leaves no adapter under its key: a load of the key issued before
+    it failed is refused naming the failure, one issued after is refused as a key the cache
+    does not hold; neither reads the key as a source, and the model stays bitwise as it was."""
+    opened, seen = gate
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+    opened.set()
+    runtime.load(make_adapter(model, {Q0: 4}, seed=3)[0])
+    opened.clear()
+    seen.clear()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    before = _state(model, runtime)
+    future = runtime.prefetch(bad, key="style")
+    _open_soon(opened)
+    with pytest.raises(lorahot.UsageError, match=r"'style' is the key of a prefetch that failed \(AdapterReadError: "):
+        runtime.load("style")
+    assert isinstance(future.exception(), lorahot.AdapterReadError)
+    with pytest.raises(lorahot.UsageError, match=r"'style' is a key given to preload"):
+        runtime.load("style")
+    assert seen == [bad] and _unchanged(before, model, runtime)
+
+
+def test_a_load_of_a_queued_key_on_the_prefetch_thread_is_refused_not_a_deadlock(tmp_path: Path, gate) -> None:
+    """A done callback of one prefetch runs on the prefetch thread; a load there of a key whose
+    prefetch is queued behind it cannot wait for it (the thread would wait for itself): it is
+    refused, and the queued prefetch then runs."""
+    opened, _ = gate
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+    first = save_peft(tmp_path / "a", make_adapter(model, {Q0: 4}, seed=1)[0], r=4)
+    second = save_peft(tmp_path / "b", make_adapter(model, {Q0: 4}, seed=2)[0], r=4)
+    raised: list[BaseException] = []
+
+    def load_second(_: object) -> None:
+        try:
+            runtime.load("second")
+        except BaseException as exc:
+            raised.append(exc)
+
+    runtime.prefetch(first).add_done_callback(load_second)
+    queued = runtime.prefetch(second, key="second")
+    opened.set()
+    queued.result(timeout=20)
+    assert len(raised) == 1 and isinstance(raised[0], lorahot.UsageError)
+    assert "is the key of a prefetch queued on the prefetch thread" in str(raised[0])
+    assert runtime.info() is None  # nothing was loaded
