@@ -26,7 +26,8 @@ from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.layers import routing
-from lorahot.layers.base import EXTRA_ROWS, LayerSpec, LoRALayer, forward_mismatch, mismatch, overrides_forward
+from lorahot.layers.base import EXTRA_ROWS, LayerSpec, LoRALayer, overrides_forward
+from lorahot.layers.probes import forward_mismatch, mismatch
 from lorahot.layers.refusal import literal, refuse
 
 __all__ = ["LoRAConv"]
@@ -236,7 +237,7 @@ class LoRAConv(LoRALayer):
         """Why the base module's ``forward`` is not its torch class's convolution (a subclass that
         overrides it, checked on a probe input), or None. ``merged``: also after a probe change
         written into its weight and bias in place, as merged mode writes them
-        (:func:`~lorahot.layers.base.forward_mismatch`)."""
+        (:func:`~lorahot.layers.probes.forward_mismatch`)."""
         base = self._base
         torch_cls = _TORCH_CONV[self._nd]
         if not overrides_forward(base, torch_cls):

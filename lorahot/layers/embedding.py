@@ -20,7 +20,8 @@ from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.layers import routing
-from lorahot.layers.base import LayerSpec, LoRALayer, forward_mismatch, overrides_forward
+from lorahot.layers.base import LayerSpec, LoRALayer, overrides_forward
+from lorahot.layers.probes import forward_mismatch
 
 __all__ = ["LoRAEmbedding", "embedding_output_scale"]
 
@@ -100,7 +101,7 @@ class LoRAEmbedding(LoRALayer):
         """None where the table takes ``A.T @ B.T`` (one with ``max_norm`` is refused at inject): a
         subclass that overrides ``forward`` must compute ``nn.Embedding.forward`` (times its
         ``embed_scale``) from the table as it is when it runs, checked on a few rows before and
-        after a probe change written into the table (:func:`~lorahot.layers.base.forward_mismatch`)."""
+        after a probe change written into the table (:func:`~lorahot.layers.probes.forward_mismatch`)."""
         base = self.base_layer
         if not isinstance(base, nn.Embedding) or not overrides_forward(base, nn.Embedding):
             return None
@@ -159,7 +160,7 @@ def embedding_output_scale(base: nn.Embedding) -> bool:
 def _scaled_mismatch(base: nn.Embedding, written: bool = False) -> str | None:
     """How ``base``'s output on a few rows differs from ``nn.Embedding.forward(ids) *
     embed_scale`` (the scale 1 where it has none), or None; ``written``: also after a probe
-    change written into its table in place (:func:`~lorahot.layers.base.forward_mismatch`)."""
+    change written into its table in place (:func:`~lorahot.layers.probes.forward_mismatch`)."""
     factor = getattr(base, SCALE_ATTR, 1.0)
     num = int(base.weight.shape[0])
     rows = sorted({0, 1, 2, num - 1} & set(range(num)))

@@ -31,12 +31,11 @@ from lorahot.layers.base import (
     LayerSpec,
     LoRALayer,
     dora_needs,
-    forward_mismatch,
     overrides_forward,
     own_code,
-    probe_forward,
     unusual_values,
 )
+from lorahot.layers.probes import forward_mismatch, probe_forward
 from lorahot.layers.refusal import literal, refuse
 from lorahot.layers.tensor_handles import SEGMENTS, TENSORS, TOKENS, WORKSPACES
 
@@ -112,7 +111,7 @@ def _layout_refusal(module: nn.Module, fin: int, fout: int, raising: bool = True
     quantized one may take only its own device or dtype). Checked
     on a probe input ``(b, t, in)`` whose ``b`` and ``t`` are neither ``in`` nor ``out``, so
     that a module computing over another dimension (channels first) cannot pass by a
-    coincidence of sizes (:func:`lorahot.layers.base.probe_forward`: the module's forward
+    coincidence of sizes (:func:`lorahot.layers.probes.probe_forward`: the module's forward
     alone, its state and the random generators put back). Not checked on the meta device
     (inject refuses it there)."""
     tensors = [*module.parameters(), *module.buffers()]
@@ -511,7 +510,7 @@ class LoRALinear(LoRALayer):
         ``F.linear(x, weight, bias)`` (``x @ weight + bias`` for Conv1D) from the weight and bias
         as they are when it runs: checked on a probe input for Conv1D and for ``nn.Linear``
         subclasses that override ``forward``, before and after a probe change written into both
-        (:func:`~lorahot.layers.base.forward_mismatch`)."""
+        (:func:`~lorahot.layers.probes.forward_mismatch`)."""
         base = self.base_layer
         if not (isinstance(base, nn.Linear) or is_conv1d(base)):
             return f"merged mode needs nn.Linear or Conv1D weights, got {type(base).__name__}"

@@ -58,7 +58,7 @@ from lorahot.errors import UsageError
 from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels import routed_lora as routed_kernel
 from lorahot.layers.base import LayerSpec, Shard, library_operands
-from lorahot.layers.base import is_dtensor as _is_dtensor
+from lorahot.layers.base_guards import is_dtensor as _is_dtensor
 from lorahot.layers.linear import LoRALinear
 from lorahot.layers.refusal import literal, refuse
 from lorahot.layers.tensor_handles import ROUTES

@@ -5,7 +5,7 @@ its own copy, or holds the adapter merged in). Its own load hook can refuse only
 reaches it, after the modules before it were loaded: a refused load then leaves the model half
 old, half new. :func:`install` hooks the model (or each component) and every module on the way
 to a LoRA layer, so that the load's first hooked module checks every layer under it first
-(:func:`lorahot.layers.base.refuse_assigned_load_under`): the model's hook at whatever prefix
+(:func:`lorahot.layers.base_guards.refuse_assigned_load_under`): the model's hook at whatever prefix
 the load reaches it (a wrapper made after inject, such as ``torch.compile``'s, is not hooked),
 an inner module's only where the load was called on it. The hooks do nothing for a load
 without ``assign``, and a load pays for one pass over the model's modules. Left: a module of
@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from lorahot.layers import LoRALayer
-from lorahot.layers.base import refuse_assigned_load_under
+from lorahot.layers.base_guards import refuse_assigned_load_under
 from lorahot.runtime.hooked import Hooked
 
 __all__ = ["install", "release"]

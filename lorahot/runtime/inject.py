@@ -11,8 +11,8 @@ from torch import nn
 
 from lorahot.errors import UsageError, public_api, shown, unfinished_eject
 from lorahot.layers import LayerSpec, LoRALayer
-from lorahot.layers.base import kept_parametrizations
 from lorahot.layers.norm import is_norm
+from lorahot.layers.probes import kept_parametrizations
 from lorahot.layers.sharded import is_sharded
 from lorahot.runtime.arguments import whole
 from lorahot.runtime.buffers import BufferManager

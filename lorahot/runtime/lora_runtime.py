@@ -1125,7 +1125,7 @@ class LoraRuntime:
     def _check_traced(self) -> None:
         """Refuses a per-row routing where ``torch.jit.trace`` or ``torch.export`` recorded the
         model since inject (with one slot for the whole batch: see
-        :func:`lorahot.layers.base._recorded`): the recorded graph replays that path, so it
+        :func:`lorahot.layers.recording._recorded`): the recorded graph replays that path, so it
         would go on computing the live slot for every row, silently."""
         how = self._state.traced
         if how is not None:

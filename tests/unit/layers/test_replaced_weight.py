@@ -20,6 +20,7 @@ from torch import nn
 import lorahot
 from lorahot.errors import UsageError
 from lorahot.layers import base as layer_base
+from lorahot.layers import base_guards
 from lorahot.runtime import wide
 from tests.helpers import TINY_DECODER, make_adapter
 
@@ -63,7 +64,7 @@ def test_without_the_refusal_the_runtime_can_no_longer_serve_the_model(monkeypat
     runtime's next call refuses the model (its wide layer's weight left the wide buffer); a
     compiled graph would keep reading the old block. The refusal keeps the model servable."""
     model, runtime = _injected(monkeypatch, widened=True)
-    monkeypatch.setattr(layer_base, "_WRAPPERS", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(base_guards, "_WRAPPERS", weakref.WeakKeyDictionary())
     model[0].weight = _new_weight()
     with pytest.raises(UsageError, match="replaced"):
         runtime.set_scale(1.0)  # type: ignore[attr-defined]
