@@ -91,7 +91,7 @@ from lorahot.runtime.plan import (
     restage,
     validate,
 )
-from lorahot.runtime.prefetches import PendingKeys
+from lorahot.runtime.prefetches import PendingKeys, prefetch_pool
 from lorahot.runtime.routing import (
     Routing,
     check_experts,
@@ -899,7 +899,7 @@ class LoraRuntime:
         with self._executor_lock:
             self._check_usable(placement=False)  # under the lock: eject cannot slip in between
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahot-prefetch")
+                self._executor = prefetch_pool()
             future = self._executor.submit(self.preload, source, key=key, denoiser=denoiser, **read_kwargs)
         if key is not None:  # a load of the key meanwhile waits for it (lorahot.runtime.prefetches)
             own_path = isinstance(source, (str, os.PathLike)) and _same_path(key, source)

@@ -8,18 +8,27 @@ load of a key whose prefetch is queued or running waits for it, then takes the e
 load of a key does; a key whose prefetch failed is refused, naming the failure, and is noted as
 a name given to preload (:meth:`lorahot.runtime.cache.AdapterCache.name`), so that a later load
 of it is refused too rather than read.
+
+The prefetch threads themselves (:func:`prefetch_pool`): at interpreter exit, Python joins a
+pool's thread only once it has run every prefetch still queued, so a script that queued many
+(Hub downloads, each up to its timeout) took that long to exit. Those still queued are
+cancelled first (their futures raise ``CancelledError``, as after ``eject``); the one under way
+finishes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
-from concurrent.futures import CancelledError, Future
+import weakref
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 from lorahot.errors import LoraError, UsageError, message, shown
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 
-__all__ = ["PendingKeys"]
+__all__ = ["PendingKeys", "prefetch_pool"]
 
 
 class PendingKeys:
@@ -74,3 +83,41 @@ class PendingKeys:
                 f"{shown(key, 200)} is the key of a prefetch that failed ({type(exc).__name__}: {said}), so "
                 "there is no adapter under that name; fix the source and prefetch or preload it again."
             ) from exc
+
+
+#: every prefetch pool alive, whose queued prefetches are cancelled at interpreter exit
+_POOLS: weakref.WeakSet[ThreadPoolExecutor] = weakref.WeakSet()
+_registered = threading.Lock()
+_hooked = False  # the exit hook is registered once per process, with the first pool
+
+
+def prefetch_pool() -> ThreadPoolExecutor:
+    """A runtime's prefetch thread (one: prefetches run in the order given), whose queued
+    prefetches are cancelled when the interpreter exits."""
+    global _hooked
+    with _registered:
+        if not _hooked:
+            _at_exit(_cancel_queued)
+            _hooked = True
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahot-prefetch")
+        _POOLS.add(pool)
+    return pool
+
+
+def _at_exit(hook: Callable[[], None]) -> None:
+    """Runs ``hook`` at interpreter exit before non-daemon threads are joined: ``threading``'s
+    own hooks run there, last registered first, so this runs before ``concurrent.futures``'
+    (registered when it was imported) joins the pools. Where that hook is missing or exit has
+    begun, nothing is registered (queued prefetches then run before exit, as they did)."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:
+        return
+    with contextlib.suppress(RuntimeError):  # "can't register atexit after shutdown"
+        register(hook)
+
+
+def _cancel_queued() -> None:
+    with _registered:
+        pools = list(_POOLS)
+    for pool in pools:
+        pool.shutdown(wait=False, cancel_futures=True)

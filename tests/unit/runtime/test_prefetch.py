@@ -7,6 +7,8 @@ key as a path or Hub id of its own (:mod:`lorahot.runtime.prefetches`).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,3 +124,42 @@ def test_a_load_of_a_queued_key_on_the_prefetch_thread_is_refused_not_a_deadlock
     assert len(raised) == 1 and isinstance(raised[0], lorahot.UsageError)
     assert "is the key of a prefetch queued on the prefetch thread" in str(raised[0])
     assert runtime.info() is None  # nothing was loaded
+
+
+_EXIT_SCRIPT = """
+import time
+from pathlib import Path
+import lorahot
+from lorahot.runtime import lora_runtime
+from tests.helpers import make_adapter, save_peft, tiny_lm
+
+model = tiny_lm()
+runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+path = save_peft(Path({folder!r}), make_adapter(model, {{{q0!r}: 4}}, seed=1)[0], r=4)
+real = lora_runtime.read_adapter
+
+def slow(source, **kwargs):
+    print("read", flush=True)
+    time.sleep(0.2)
+    return real(source, **kwargs)
+
+lora_runtime.read_adapter = slow
+futures = [runtime.prefetch(path, key=f"k{{i}}") for i in range(20)]
+while not any(f.running() for f in futures):
+    time.sleep(0.01)
+print("exit", flush=True)
+"""
+
+
+def test_prefetches_still_queued_at_interpreter_exit_are_cancelled(tmp_path: Path) -> None:
+    """A script that exits with prefetches queued exits once the one under way is done. Python
+    joins a prefetch thread only when its queue is empty, so it used to run all 20 first
+    (queued Hub reads: each up to its timeout)."""
+    script = _EXIT_SCRIPT.format(folder=str(tmp_path / "a"), q0=Q0)
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.split()
+    assert "exit" in lines and lines.count("read") <= 2, done.stdout
