@@ -8,8 +8,10 @@ LTX-2 checkpoint's ``text_embedding_projection.`` (an LTX-2 pipeline's ``connect
 names a text encoder by what it is (``text_encoders.clip_l.transformer.``, ``clip_g``, ``t5xxl``,
 ``llama``, ``qwen25_7b``, ...): its modules go to the component of that architecture, told by the
 modules it has (a CLIP's ``position_embedding``/``fc1``, a T5's ``SelfAttention``, a decoder LM's
-``embed_tokens``/``gate_proj``), SD3's place deciding between several (SDXL's two CLIPs), refused
-where none or several fit. sd-scripts names the T5 ``lora_te3_`` in its Flux.1 files too,
+``embed_tokens``/``gate_proj``), SD3's place deciding between several, refused where none or
+several fit; a CLIP name (``clip_l``, ``clip_g``, ``clip_h``) only to a CLIP that ComfyUI's model
+holds under that name, as ComfyUI maps it nowhere else (:func:`_clip_names`).
+sd-scripts names the T5 ``lora_te3_`` in its Flux.1 files too,
 whose pipeline holds the T5 as ``text_encoder_2``: T5 modules (:data:`T5_PREFIXES`) go to
 ``text_encoder_2`` on a runtime without a ``text_encoder_3`` whose ``text_encoder_2`` has their
 modules (diffusers' Flux loader drops them).
@@ -103,6 +105,23 @@ _FINGERPRINTS = {
 #: where SD3 holds each encoder: the choice where several components have its architecture
 #: (SDXL's and SD3's two CLIPs)
 _SD3_PLACE = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
+#: ComfyUI's CLIP names: a model holds each as one CLIP of its own (SD1.x its ``clip_l``, SD2.x
+#: its ``clip_h``, the SDXL refiner and Stable Cascade their ``clip_g``, SDXL and SD3 ``clip_l``
+#: and ``clip_g``) and ignores the modules of the others (:func:`_clip_names`)
+_CLIP_NAMES = ("clip_l", "clip_g", "clip_h")
+#: a lone CLIP's depth (encoder layers) -> the ComfyUI name of the model that holds it so: OpenCLIP
+#: ViT-bigG (32 layers: SDXL's refiner, Stable Cascade) and ViT-H (24, diffusers' SD2.x keeps 23);
+#: any other depth is a CLIP-L (12 layers: SD1.x, Flux.1, HunyuanVideo)
+_LONE_CLIP_DEPTHS = {32: "clip_g", 24: "clip_h", 23: "clip_h"}
+#: where ComfyUI holds each of :data:`_CLIP_NAMES` (for refusals)
+_CLIP_PLACES = {
+    "clip_l": "the first of two CLIPs (text_encoder: SDXL's, SD3's) or a lone CLIP neither 32 nor 23/24 layers deep",
+    "clip_g": "the second of two CLIPs (text_encoder_2: SDXL's, SD3's) or a lone CLIP 32 layers deep (the SDXL "
+    "refiner's)",
+    "clip_h": "a lone CLIP 23 or 24 layers deep (SD2.x's OpenCLIP-H)",
+}
+#: a CLIP encoder layer's index in a module path (transformers 5 has no ``text_model.`` level)
+_CLIP_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 #: Where T5 modules go on a runtime without ``text_encoder_3``, if it holds their modules.
 _T5_ELSEWHERE = "text_encoder_2"
 
@@ -312,6 +331,8 @@ def _comfyui_targets(
         fits = [c for c in components if family in archs[c]]
         if family is None:
             out[encoder] = (None, f"ComfyUI's text encoder {encoder!r} is none lorahot knows the architecture of")
+        elif family == "CLIP" and fits:
+            out[encoder] = _clip_target(encoder, fits, paths)
         elif len(fits) == 1 or _SD3_PLACE.get(encoder) in fits:
             out[encoder] = (fits[0] if len(fits) == 1 else _SD3_PLACE[encoder], "")
         elif fits:
@@ -322,6 +343,44 @@ def _comfyui_targets(
         else:
             out[encoder] = (None, f"no component of this runtime is a {family} (ComfyUI's {encoder!r} is one)")
     return out
+
+
+def _clip_names(clips: Sequence[str], paths: Sequence[str]) -> dict[str, str]:
+    """The CLIP components ``clips`` -> the ComfyUI name of each (:data:`_CLIP_NAMES`), as the
+    model holding them names it: of two or more, ``text_encoder`` is ``clip_l`` and
+    ``text_encoder_2`` is ``clip_g`` (SDXL's, SD3's and HiDream's places), the others none; a
+    lone CLIP is named by its depth (:data:`_LONE_CLIP_DEPTHS`), ``clip_l`` unless it is as deep as
+    an OpenCLIP-G or -H."""
+    if len(clips) > 1:
+        return {c: n for n, c in _SD3_PLACE.items() if c in clips and n in _CLIP_NAMES}
+    head = clips[0] + "."
+    layers = {int(m[1]) for p in paths if p.startswith(head) for m in [_CLIP_LAYER.search(p[len(head) :])] if m}
+    return {clips[0]: _LONE_CLIP_DEPTHS.get(max(layers, default=-1) + 1, "clip_l")}
+
+
+def _clip_target(encoder: str, clips: list[str], paths: Sequence[str]) -> tuple[str | None, str]:
+    """``(component, why)`` for ComfyUI's CLIP ``encoder`` on a runtime whose CLIP components are
+    ``clips`` (at least one): the one :func:`_clip_names` gives that name, as ComfyUI maps
+    ``text_encoders.<name>.`` only onto a model that holds an encoder of that name; None, with the
+    reason, where none has it: ComfyUI ignores those modules (a ``lora key not loaded`` warning),
+    and on another CLIP of equal width they would load silently onto the wrong encoder."""
+    names = _clip_names(clips, paths)
+    held = [c for c, n in names.items() if n == encoder]
+    if held:
+        return held[0], ""
+    if encoder not in _CLIP_NAMES:
+        return (
+            None,
+            f"ComfyUI's text encoder {encoder!r} is a CLIP none of this runtime's is named (clip_l, clip_g, clip_h)",
+        )
+    if len(clips) > 1 and not names:
+        return None, f"several components are a CLIP: {', '.join(clips)}, and none is where SD3 holds it"
+    encoders = ", ".join(f"{c} (ComfyUI's {names[c]})" if c in names else c for c in clips)
+    return None, (
+        f"the file is for a model with ComfyUI's {encoder!r} encoder, and this runtime holds none: its CLIP "
+        f"encoders are {encoders}; ComfyUI maps {encoder!r} only onto {_CLIP_PLACES[encoder]}, and ignores "
+        f"these modules on other models"
+    )
 
 
 def _missing_message(
@@ -364,7 +423,10 @@ def _missing_message(
             "{..., 'text_encoder_2': pipe.text_encoder_2} for Flux.1)"
         )
     else:
-        fix = "Inject the pipeline's text encoder of that architecture (the one that holds those modules)"
+        fix = (
+            "Inject the pipeline's text encoder that holds those modules, load the file on a pipeline that has "
+            "that encoder"
+        )
     return lines(
         format_problems(f"{source}: adapter modules for components this runtime lacks:", rows),
         f"This runtime has components {', '.join(components)}. {fix}, or load with strict=False to skip those modules.",

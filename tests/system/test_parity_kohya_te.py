@@ -431,3 +431,111 @@ def test_comfyui_t5_modules_go_to_the_t5_whatever_the_pipeline_calls_it() -> Non
     got = _linear_responses(ours)
     for name, want in expected.items():
         torch.testing.assert_close(got[name], want, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def _deep_clip(layers: int) -> nn.Module:
+    """:func:`tiny_clip` (width 32) with ``layers`` encoder layers, float64."""
+    import transformers
+
+    torch.manual_seed(3)
+    config = transformers.CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        vocab_size=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return transformers.CLIPTextModel(config).eval().double()
+
+
+def _state(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{c}.{k}": v.clone() for c, m in models.items() for k, v in m.state_dict(keep_vars=False).items()}
+
+
+def test_comfyui_clip_names_land_only_on_an_encoder_that_holds_them_as_comfyui_maps_them() -> None:
+    """ComfyUI maps ``text_encoders.<name>.`` only onto a model that holds an encoder of that
+    name: SD1.x's lone CLIP is ``clip_l``, SDXL's and SD3's two are ``clip_l`` and ``clip_g``, the
+    SDXL refiner's lone OpenCLIP-G (32 layers) ``clip_g``, SD2.x's OpenCLIP-H (23/24) ``clip_h``;
+    it ignores the others. lorahot sent every CLIP name to the lone CLIP of an SD1.5-shaped
+    runtime: a ``clip_g`` or ``clip_h`` file of the same width loaded silently onto CLIP-L. They
+    are now refused naming the encoder, the runtime's CLIPs and where ComfyUI maps the name, with
+    every parameter and buffer bitwise unchanged; ``strict=False`` skips exactly them; the
+    names a runtime holds still land at their float64 references. kohya's ``lora_te2_`` and
+    diffusers' ``text_encoder_2.`` never land on a lone ``text_encoder``."""
+    clip = _clip().double()
+    from tests.helpers import tiny_unet
+
+    unet = tiny_unet(cross_attention_dim=32).double()
+    cases = {  # runtime, ComfyUI name: refused on it
+        "sd15": ({"unet": unet, "text_encoder": clip}, ("clip_g", "clip_h")),
+        "refiner": ({"unet": unet, "text_encoder_2": _deep_clip(32)}, ("clip_l", "clip_h")),
+        "sd2": ({"unet": unet, "text_encoder": _deep_clip(23)}, ("clip_l", "clip_g")),
+    }
+    held = {"sd15": "clip_l", "refiner": "clip_g", "sd2": "clip_h"}
+    for label, (base, refused) in cases.items():
+        (te,) = (c for c in base if c != "unet")
+        for name in refused:
+            models = {c: copy.deepcopy(m) for c, m in base.items()}
+            sd = _comfyui_te_file(models[te], name, "text_model.", seed=5)
+            sd = {k: v for k, v in sd.items() if ".q_proj." in k or ".fc1." in k}  # the injected layers' modules
+            own = {k: v for k, v in _comfyui_te_file(models[te], held[label], "text_model.", 6).items() if ".fc1." in k}
+            runtime = lorahot.inject(models, {"unet": ["to_q"], te: ["q_proj", "fc1"]}, max_rank=4)
+            before = _state(models)
+            with pytest.raises(lorahot.AdapterMismatchError) as caught:
+                runtime.load(dict(sd))
+            text = str(caught.value)
+            assert f"text_encoders.{name}.transformer." in text, (label, name, text)
+            assert f"ComfyUI's {name!r} encoder" in text and f"{te} (ComfyUI's {held[label]})" in text, text
+            assert "strict=False" in text, text
+            after = _state(models)
+            assert all(torch.equal(v, after[k]) for k, v in before.items()), (label, name)
+            # strict=False skips exactly them, as ComfyUI ignores them beside the encoder it holds
+            info = runtime.load(sd | own, strict=False)
+            assert sorted(info.skipped) == sorted(sd), (label, name)
+            assert info.components == {"unet": 0, te: len(own) // 3}, (label, name, info.components)
+        # the name the runtime holds lands at its float64 reference
+        models = {c: copy.deepcopy(m) for c, m in base.items()}
+        sd = _comfyui_te_file(models[te], held[label], "text_model.", seed=6)
+        expected = _plus(models[te], sd, f"text_encoders.{held[label]}.transformer.text_model.")
+        lorahot.inject({te: models[te]}, "all-linear", max_rank=4).load(dict(sd))
+        got = _linear_responses(models[te])
+        for module, want in expected.items():
+            torch.testing.assert_close(got[module], want, rtol=1e-12, atol=1e-12, msg=f"{label}.{module}")
+
+    # SDXL / SD3: two CLIPs, clip_l on text_encoder and clip_g on text_encoder_2
+    pipe = {"text_encoder": copy.deepcopy(clip), "text_encoder_2": _clip(with_projection=True).double()}
+    sd = _comfyui_te_file(pipe["text_encoder"], "clip_l", "", seed=7)
+    sd |= _comfyui_te_file(pipe["text_encoder_2"], "clip_g", "", seed=8)
+    expected = {
+        "text_encoder": _plus(pipe["text_encoder"], sd, "text_encoders.clip_l.transformer."),
+        "text_encoder_2": _plus(pipe["text_encoder_2"], sd, "text_encoders.clip_g.transformer."),
+    }
+    lorahot.inject(pipe, "all-linear", max_rank=4).load(dict(sd))
+    for component, reference in expected.items():
+        got = _linear_responses(pipe[component])
+        for module, want in reference.items():
+            torch.testing.assert_close(got[module], want, rtol=1e-12, atol=1e-12, msg=f"{component}.{module}")
+    fresh = {"text_encoder": copy.deepcopy(clip), "text_encoder_2": _clip(with_projection=True).double()}
+    sd = _comfyui_te_file(fresh["text_encoder"], "clip_h", "", seed=9)
+    runtime = lorahot.inject(fresh, "all-linear", max_rank=4)
+    before = _state(fresh)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"'clip_h' encoder.*text_encoder \(ComfyUI's clip_l\)"):
+        runtime.load(sd)
+    after = _state(fresh)
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+    # kohya's lora_te2_ and diffusers' text_encoder_2. name the second encoder: never the lone one
+    for prefix in (
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj",
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj",
+    ):
+        models = {"text_encoder": copy.deepcopy(clip)}
+        before = _state(models)
+        sd = {f"{prefix}.lora_down.weight": torch.randn(2, 32), f"{prefix}.lora_up.weight": torch.randn(32, 2)}
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"go to text_encoder_2, which was not injected"):
+            lorahot.inject(models, "all-linear", max_rank=4).load(sd)
+        after = _state(models)
+        assert all(torch.equal(v, after[k]) for k, v in before.items()), prefix
