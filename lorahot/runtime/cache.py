@@ -52,6 +52,13 @@ class PreparedAdapter:
     owner: object  # the BufferManager the plan was made for
 
     @functools.cached_property
+    def saved_bases(self) -> tuple[str, ...]:
+        """The layers whose module carries a copy of the model's base weight (PEFT's
+        ``base_layer.weight``), which a load compares with the model's weight again: the model's
+        own may have changed since preload compared them."""
+        return tuple(name for name, m in self.plan.targets.items() if m.base_weight is not None)
+
+    @functools.cached_property
     def nbytes(self) -> int:
         """Host bytes the entry keeps alive: its packs, the storage of the adapter's own
         tensors, which the plan keeps for stacks and merged mode (a float32 file for a float16

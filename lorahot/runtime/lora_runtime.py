@@ -83,6 +83,7 @@ from lorahot.runtime.plan import (
     LoadPlan,
     check_fit,
     check_multiplier,
+    check_saved_bases,
     check_unit_scale,
     dtype_max,
     dtype_tiny,
@@ -631,6 +632,8 @@ class LoraRuntime:
         for k, (s, o, n) in enumerate(zip(sources, options, denoisers_named(denoiser, len(sources)))):
             with _naming_part(k if listed else None):
                 found.append(self._cached(s, o, n))
+                if found[-1] is not None and found[-1].saved_bases:  # compared with the weights as they are now
+                    check_saved_bases(found[-1].plan, found[-1].saved_bases, self._base_weight)
         hits = [h for s, h in zip(sources, found, strict=True) if h is not None and not isinstance(s, PreparedAdapter)]
         prepared = found[0] if len(found) == 1 else None
         buffers = self._read_buffers
@@ -826,11 +829,13 @@ class LoraRuntime:
         """Reads, checks and packs an adapter into the host cache without touching the model.
 
         The checks are :meth:`load`'s own (one validation path), so a preloaded adapter always
-        loads. A later ``load(key)`` (when ``key`` is given, while the cache holds the entry: once
-        it is evicted, discarded or larger than the cache, ``load(key)`` raises
-        :class:`UsageError`, since a key is not a source to read again), ``load(source)`` (a local path or
-        Hub id with the same read options, its files unchanged since) or ``load(prepared)``
-        then only copies: one host-to-device copy per arena, then (on a GPU) one row copy per
+        loads while the model's weights are those it was checked against (a copy of the base
+        weight the adapter carries is compared with the model's again at each load). A later
+        ``load(key)`` (when ``key`` is given, while the cache holds the entry: once it is
+        evicted, discarded or larger than the cache, ``load(key)`` raises :class:`UsageError`,
+        since a key is not a source to read again), ``load(source)`` (a local path or Hub id
+        with the same read options, its files unchanged since) or ``load(prepared)`` then only
+        copies: one host-to-device copy per arena, then (on a GPU) one row copy per
         buffer and one write of the scales, none blocking the host. Safe to call from any thread.
         Takes one adapter (preload each part of a stack, then ``load([...])`` stacks them
         from the cache), and ``denoiser`` as :meth:`load` takes it for one adapter: the

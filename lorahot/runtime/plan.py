@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -655,6 +655,27 @@ def check_base_weight(name: str, module: LoraModule, weight_of: WeightOf) -> lis
             "the matching base weights first"
         ]
     return []
+
+
+def check_saved_bases(plan: LoadPlan, names: Sequence[str], weight_of: WeightOf) -> None:
+    """:func:`check_base_weight` again, for the layers ``names`` of a plan prepared earlier
+    (``runtime.preload``): the copy of the base weight an adapter carries is compared with the
+    model's weight as it is now, which ``load_state_dict`` or an in-place write may have changed
+    since the preload compared them.
+
+    Raises:
+        AdapterMismatchError: naming each layer whose weight is no longer the adapter's copy.
+    """
+    problems = [p for name in names for p in check_base_weight(name, plan.targets[name], weight_of)]
+    if problems:
+        raise AdapterMismatchError(
+            lines(
+                format_problems(
+                    f"{plan.source}: preloaded adapter does not fit the model's weights as they are now:", problems
+                ),
+                "The model's weights changed since preload; load the base weights the adapter was trained on.",
+            )
+        )
 
 
 #: The largest finite value of each buffer dtype.

@@ -455,3 +455,42 @@ def test_a_load_that_fails_in_its_write_leaves_the_cache_order(tmp_path: Path, m
     monkeypatch.setattr(merge.Merger, "apply", real)
     runtime.load("first")
     assert runtime.cache.keys() == ["second", "first"]
+
+
+def test_a_preloaded_base_weight_copy_is_compared_with_the_model_s_weight_at_load() -> None:
+    """An adapter carrying a copy of the base weight (PEFT's ``base_layer.weight``, saved for
+    LoRA on embeddings) loads only where it is the model's weight. Preloaded while it was, then
+    the model's weight changed (``load_state_dict``), its load by key, by the prepared handle
+    and as a stack's part is refused naming the layer, as a load of the tensors is, with every
+    parameter, buffer and arena bitwise unchanged and the cache's order kept; they used to load
+    it silently (preload's checks were not repeated). With the weight put back it loads again.
+    (Merged mode refuses any load after ``load_state_dict`` changed a targeted weight.)"""
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["embed_tokens", "q_proj"], max_rank=8)
+    tensors, ab = make_adapter(model, {"embed_tokens": 4}, seed=1)
+    original = model.state_dict()["embed_tokens.weight"].clone()
+    tensors["base_model.model.embed_tokens.base_layer.weight"] = original.clone()
+    prepared = runtime.preload(tensors, key="emb")
+    other = runtime.preload(make_adapter(model, {Q0: 4}, seed=2)[0], key="q")
+    runtime.load("q")
+    state = model.state_dict()
+    state["embed_tokens.weight"] = original + 1
+    model.load_state_dict(state)
+    before = [t.clone() for t in (*model.state_dict(keep_vars=True).values(), *_arenas(runtime))]
+    order = runtime.cache.keys()
+    for source in (tensors, "emb", prepared, ["q", "emb"], [other, prepared]):
+        with pytest.raises(
+            AdapterMismatchError, match=r"embed_tokens .*carries a copy of the base weight that differs"
+        ):
+            runtime.load(source, slot=0)
+    after = [*model.state_dict(keep_vars=True).values(), *_arenas(runtime)]
+    assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    assert runtime.cache.keys() == order
+    state["embed_tokens.weight"] = original
+    model.load_state_dict(state)
+    runtime.load("emb")
+    assert torch.equal(runtime.layers["embed_tokens"].lora_A[:4], ab["embed_tokens"][0])
+
+
+def _arenas(runtime: lorahot.LoraRuntime) -> list[torch.Tensor]:
+    return [t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
