@@ -120,6 +120,8 @@ _CLIP_PLACES = {
     "refiner's)",
     "clip_h": "a lone CLIP 23 or 24 layers deep (SD2.x's OpenCLIP-H)",
 }
+#: a module key (after its component prefix) in a CLIP text encoder's own names, kohya's or dotted
+_CLIP_MODULE = re.compile(r"text_model[._]")
 #: a CLIP encoder layer's index in a module path (transformers 5 has no ``text_model.`` level)
 _CLIP_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 #: Where T5 modules go on a runtime without ``text_encoder_3``, if it holds their modules.
@@ -234,13 +236,16 @@ def resolve_components(
 
     Raises:
         AdapterMismatchError: modules for a component the runtime lacks (naming the prefix,
-            the component and the fix), or what ``resolve_all`` raises, per component.
+            the component and the fix), a CLIP's modules routed to a component that is no CLIP
+            (a Llama), or what ``resolve_all`` raises, per component.
     """
     groups: dict[str, list[tuple[str, Module]]] = {c: [] for c in components}
     missing: dict[str, list[str]] = {}
     entries: list[tuple[str, Module]] = [*adapter.modules.items(), *adapter.weights.items()]
     t5 = _t5_elsewhere([k for k, _ in entries], components, [*names, *others])
     encoders = _comfyui_targets([k for k, _ in entries], components, [*names, *others])
+    archs = {c: _architectures(c, [*names, *others]) for c in components}
+    not_clip: dict[tuple[str, str], list[str]] = {}  # (component, prefix) -> CLIP modules it is no CLIP for
     for key, module in entries:
         encoder = COMFYUI_ENCODER.match(key)
         if encoder is not None:
@@ -249,6 +254,20 @@ def resolve_components(
             component, prefix = route(key, components, denoiser)
         if component is None and prefix == T5_PREFIXES[0] and t5:
             component = _T5_ELSEWHERE
+        if (
+            component is not None
+            and prefix
+            and _CLIP_MODULE.match(key[len(prefix) :])
+            and archs[component]
+            and "CLIP" not in archs[component]
+        ):
+            # a CLIP's modules (``text_model.encoder.layers.0...``) on a Llama: its ``layers.0...``,
+            # the CLIP's levels dropped as wrappers, would take them
+            if skipped is not None:
+                skipped.extend(module.source_keys or (key,))
+            else:
+                not_clip.setdefault((component, prefix), []).append(key)
+            continue
         if component is not None:
             if encoder is not None or (prefix == component + "." and prefix not in _NAMED):
                 key = key[len(prefix) :]  # a prefix no naming strips: the component's paths follow
@@ -259,6 +278,22 @@ def resolve_components(
             missing.setdefault(prefix, []).append(key)
     if missing:
         raise AdapterMismatchError(_missing_message(adapter.source, missing, components, encoders))
+    if not_clip:
+        clips = [c for c in components if "CLIP" in archs[c]]
+        rows = [
+            f"{len(keys)} module(s) with prefix {shown(prefix, 200)} (e.g. {keys[0]}) are a CLIP text encoder's "
+            f"(text_model...), and go by their prefix to {component}, which is "
+            f"{' and '.join(_ARCHITECTURE_ROLES[a] for a in sorted(archs[component]))}, no CLIP"
+            for (component, prefix), keys in not_clip.items()
+        ]
+        where = f"this runtime's CLIP is {', '.join(clips)}" if clips else "this runtime has no CLIP"
+        raise AdapterMismatchError(
+            lines(
+                format_problems(f"{adapter.source}: CLIP modules routed to a component that is no CLIP:", rows),
+                f"Their names would land on that encoder's layers of the same names; {where}. Rename their prefix "
+                "to the CLIP's component (key_map=), or load with strict=False to skip those modules.",
+            )
+        )
     lora: dict[str, LoraModule] = {}
     weights: dict[str, WeightModule] = {}
     problems: list[str] = []

@@ -539,3 +539,40 @@ def test_comfyui_clip_names_land_only_on_an_encoder_that_holds_them_as_comfyui_m
             lorahot.inject(models, "all-linear", max_rank=4).load(sd)
         after = _state(models)
         assert all(torch.equal(v, after[k]) for k, v in before.items()), prefix
+
+
+@pytest.mark.parametrize(
+    "prefix", ["lora_te_text_model_encoder_layers_", "lora_te1_text_model_encoder_layers_", "text_encoder.text_model."]
+)
+def test_clip_modules_never_land_on_a_language_model_text_encoder(prefix: str) -> None:
+    """A HunyuanVideo pipeline holds a Llama as ``text_encoder`` and its CLIP as
+    ``text_encoder_2``. A CLIP file in kohya's ``lora_te_``/``lora_te1_`` or diffusers'
+    ``text_encoder.`` naming went by its prefix to the Llama, whose ``layers.0.self_attn.q_proj``
+    took the CLIP's ``text_model.encoder.layers.0.self_attn.q_proj`` with the CLIP's levels
+    dropped as wrappers: silently, at equal widths. Such modules are now refused naming the
+    component, what it is and the runtime's CLIP, with every parameter and buffer bitwise
+    unchanged; ``strict=False`` skips them."""
+    llama, clip = tiny_llama().model.double(), _clip().double()
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for i in range(2):
+        for proj in ("q_proj",):  # as wide as the Llama's (its k_proj/v_proj are narrower)
+            dotted = f"encoder.layers.{i}.self_attn.{proj}" if prefix.endswith(".") else f"{i}_self_attn_{proj}"
+            stem = prefix + dotted
+            sd[f"{stem}.lora_down.weight"] = torch.randn(2, 32, generator=g, dtype=torch.float64)
+            sd[f"{stem}.lora_up.weight"] = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    models = {"text_encoder": llama, "text_encoder_2": clip}
+    runtime = lorahot.inject(
+        models, {"text_encoder": ["q_proj", "k_proj", "v_proj"], "text_encoder_2": "all-linear"}, max_rank=4
+    )
+    before = _state(models)
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=r"(?s)go by their prefix to text_encoder, which is a language model.*CLIP is text_encoder_2",
+    ):
+        runtime.load(dict(sd))
+    after = _state(models)
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    own = {k: v for k, v in _comfyui_te_file(_clip(), "clip_l", "text_model.", 5).items() if ".fc1." in k}
+    info = runtime.load(sd | {k: v.double() for k, v in own.items()}, strict=False)
+    assert sorted(info.skipped) == sorted(sd) and info.components == {"text_encoder": 0, "text_encoder_2": 2}
