@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -135,20 +135,27 @@ def kept_parametrizations(models: Sequence[nn.Module]) -> Iterator[None]:
 @contextlib.contextmanager
 def _kept_state(module: nn.Module) -> Iterator[None]:
     """Restores, on exit, what a probe forward may change in ``module`` and its submodules: each
-    buffer (the tensor object and its values) and each other plain attribute (the object, and
+    buffer (the tensor object and its values), each parameter (the object, the data it holds, as
+    a forward that rebinds ``weight.data`` changes it: bitsandbytes' 4-bit layers repack their
+    weight on a CPU at their first call in eval mode, and its Python attributes, such as the
+    ``quant_state`` describing that data), and each other plain attribute of a module (the object,
     a list's, dict's or set's items, in place: hook dicts keep their identity, which their
-    handles rely on). Parameters are not copied (a forward that writes its own weights is
-    refused by its output, or not at all)."""
+    handles rely on). A plain object held by such an attribute (a state object its forward
+    updates) gets its own attributes back too (:func:`_fields`). Parameters' values are not
+    copied (a forward that writes its own weights in place is refused by its output, or not at
+    all)."""
     modules = list(module.modules())
     buffers = [dict(m._buffers) for m in modules]
     values = [{k: b.detach().clone() for k, b in bufs.items() if b is not None} for bufs in buffers]
+    params = [dict(m._parameters) for m in modules]
+    datas = [{k: (p, p.detach(), _kept_attrs(p.__dict__, ())) for k, p in ps.items() if p is not None} for ps in params]
     skip = {"_parameters", "_buffers", "_modules"}
-    attrs = [{k: (v, _items(v)) for k, v in m.__dict__.items() if k not in skip} for m in modules]
+    attrs = [_kept_attrs(m.__dict__, skip) for m in modules]
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, bufs, vals, kept in zip(modules, buffers, values, attrs):
+            for m, bufs, vals, ps, kept_params, kept in zip(modules, buffers, values, params, datas, attrs):
                 if any(m._buffers.get(k) is not b for k, b in bufs.items()) or len(m._buffers) != len(bufs):
                     m._buffers.clear()
                     m._buffers.update(bufs)
@@ -162,13 +169,71 @@ def _kept_state(module: nn.Module) -> Iterator[None]:
                     else:  # an inference tensor is written only inside inference mode
                         with torch.inference_mode() if b.is_inference() else contextlib.nullcontext():
                             b.copy_(v)
-                for k in [k for k in m.__dict__ if k not in skip and k not in kept]:
-                    del m.__dict__[k]
-                for k, (obj, items) in kept.items():
-                    if m.__dict__.get(k) is not obj:
-                        m.__dict__[k] = obj
-                    if items is not None and not _same_items(obj, items):
-                        _put_items(obj, items)
+                if any(m._parameters.get(k) is not p for k, p in ps.items()) or len(m._parameters) != len(ps):
+                    m._parameters.clear()
+                    m._parameters.update(ps)
+                for p, data, p_attrs in kept_params.values():
+                    if _rebound(p, data):
+                        p.data = data
+                    _put_attrs(p.__dict__, p_attrs, ())
+                _put_attrs(m.__dict__, kept, skip)
+
+
+#: what :func:`_kept_attrs` holds of one attribute: the object, its items (:func:`_items`) and
+#: its own attributes (:func:`_fields`)
+_Kept = dict[str, tuple[Any, "list[Any] | None", "dict[str, Any] | None"]]
+
+
+def _kept_attrs(namespace: dict[str, Any], skip: Collection[str]) -> _Kept:
+    """Each entry of an object's ``__dict__`` but those in ``skip``, with what
+    :func:`_put_attrs` needs to put it back."""
+    return {k: (v, _items(v), _fields(v)) for k, v in namespace.items() if k not in skip}
+
+
+def _put_attrs(namespace: dict[str, Any], kept: _Kept, skip: Collection[str]) -> None:
+    """Puts an object's ``__dict__`` back as :func:`_kept_attrs` found it: entries added since
+    deleted, each object back in place, its items and its own attributes as they were."""
+    for k in [k for k in namespace if k not in skip and k not in kept]:
+        del namespace[k]
+    for k, (obj, items, fields) in kept.items():
+        if namespace.get(k) is not obj:
+            namespace[k] = obj
+        if items is not None and not _same_items(obj, items):
+            _put_items(obj, items)
+        own: dict[str, Any] = obj.__dict__ if fields is not None else {}
+        if fields is not None and not _same_items(own, list(fields.items())):
+            own.clear()
+            own.update(fields)
+
+
+def _fields(value: object) -> dict[str, Any] | None:
+    """A plain object's own attributes (a copy of its ``__dict__``: bitsandbytes' ``QuantState``
+    or ``MatmulLtState``, which a forward updates), to be put back; None for tensors, modules,
+    classes, callables and objects without a ``__dict__`` (one level only: an object such an
+    object holds is kept as an object, not looked into)."""
+    if isinstance(value, (torch.Tensor, nn.Module, type)) or callable(value):
+        return None
+    try:
+        namespace = vars(value)
+    except TypeError:  # no __dict__ (a builtin, a slotted object)
+        return None
+    return dict(namespace) if isinstance(namespace, dict) else None
+
+
+def _rebound(param: torch.Tensor, data: torch.Tensor) -> bool:
+    """Whether ``param`` no longer holds the tensor ``data`` (its ``detach()`` from before): its
+    ``.data`` was rebound to another storage, dtype, shape or view. False where its storage cannot
+    be read (a wrapper tensor subclass, torchao's: it is not rebound in place by a forward)."""
+    if param.dtype != data.dtype or param.device != data.device or param.shape != data.shape:
+        return True
+    try:
+        return (
+            param.untyped_storage().data_ptr() != data.untyped_storage().data_ptr()
+            or param.storage_offset() != data.storage_offset()
+            or param.stride() != data.stride()
+        )
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def _items(value: object) -> list[Any] | None:

@@ -415,3 +415,65 @@ def test_merged_mode_accepts_a_forward_that_reads_a_view_of_its_weight() -> None
     x = torch.randn(3, 6, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(merged(x), plain(x), rtol=1e-12, atol=1e-12)
+
+
+class _QuantState:
+    """What a quantized weight carries beside its data (bitsandbytes' ``QuantState``): the
+    layout its data is in and a scale its forward multiplies by."""
+
+    def __init__(self) -> None:
+        self.packed = False
+        self.scale = torch.ones(())
+
+
+class _RepackingLinear(nn.Linear):
+    """A linear whose first call in eval mode without autograd repacks its weight, as
+    bitsandbytes' ``Linear4bit`` does on a CPU: it rebinds ``weight.data`` to another layout
+    (transposed, doubled) and records it in the state object its weight carries (packed, scale
+    0.5), from which later calls compute. The map stays ``x @ W0.T + b``."""
+
+    def __init__(self, fin: int, fout: int) -> None:
+        super().__init__(fin, fout)
+        self.weight.quant_state = _QuantState()  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.weight.quant_state  # type: ignore[attr-defined]
+        if not self.training and not torch.is_grad_enabled() and not state.packed:
+            self.weight.data = (2 * self.weight.data).t().contiguous()
+            state.packed, state.scale = True, torch.full((), 0.5)
+        weight = self.weight.t() if state.packed else self.weight
+        return F.linear(x, weight * state.scale, self.bias)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged refused"])
+def test_a_probe_forward_that_repacks_its_weight_is_undone(merged: bool) -> None:
+    """Inject calls an overriding forward on a probe input; one that rebinds its weight's data
+    and changes the state object its weight carries (bitsandbytes' lazy CPU repacking) kept the
+    repacked weight: inject, and a refused merged inject, changed the model's bits, and eject did
+    not give back the module of before. Now the weight's data, its attributes and the objects
+    they hold are put back together (one without the other computes ``0.5 * x @ W0.T``):
+    bitwise the model of before, and the LoRA over it the float64 reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_RepackingLinear(6, 6)).eval()
+    module, weight = model[0], model[0].weight
+    data, state = weight.detach(), weight.quant_state
+    values, fields = data.clone(), dict(vars(state))
+    if merged:
+        with pytest.raises(
+            lorahot.UsageError, match=r"^0: _RepackingLinear overrides forward and does not compute the linear map"
+        ):
+            lorahot.inject(model, ["0"], max_rank=2, merged=True)
+    else:
+        runtime = lorahot.inject(model, ["0"], max_rank=2)
+    assert module.weight is weight and weight.quant_state is state and vars(state) == fields
+    assert weight.data_ptr() == data.data_ptr() and weight.shape == data.shape and torch.equal(weight, values)
+    if merged:
+        return
+    tensors, ab = make_adapter(model, {"0": 2}, seed=3)
+    runtime.load(tensors)
+    (a, b), x = ab["0"], torch.randn(3, 6)
+    want = F.linear(x.double(), values.double(), module.bias.double()) + x.double() @ (b.double() @ a.double()).t()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), want, rtol=1e-5, atol=1e-5)
+        assert weight.quant_state.packed  # the real call repacked it, as the module does
+        torch.testing.assert_close(model(x).double(), want, rtol=1e-5, atol=1e-5)
