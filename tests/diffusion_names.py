@@ -70,3 +70,40 @@ def peft_default_adapter(sd: dict[str, torch.Tensor], spelling: str) -> dict[str
             module = "lora_unet_" + module.replace(".", "_")
         out[f"{'diffusion_model.' if spelling == 'comfyui' else ''}{module}.{role}"] = tensor
     return out
+
+
+def lora_factors(base: dict[str, torch.Tensor], parts: dict[str, list[str]], seed: int) -> dict[str, tuple]:
+    """Original module -> (A, B, alpha): mixed ranks and alphas; a conv's A is ``[r, in, k, k]``,
+    its B ``[out, r, 1, 1]``."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, name in enumerate(parts):
+        w = base[f"{name}.weight"]
+        r = 2 + i % 3
+        a = torch.randn(r, *w.shape[1:], generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(w.shape[0], r, *([1] * (w.ndim - 2)), generator=g, dtype=torch.float64) * 0.3
+        out[name] = (a, b, float(r) * (0.5 + i % 3))
+    return out
+
+
+def delta(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha / r * B @ A`` in the weight's shape (a conv's ``[out, in, k, k]``)."""
+    return (alpha / a.shape[0]) * (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
+
+
+def layer_weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Each Linear's and Conv2d's (a patch embedding's) effective weight, read by probing with
+    the identity, less the response to zero."""
+    out = {}
+    with torch.no_grad():
+        for name in names:
+            layer = model.get_submodule(name)
+            base = getattr(layer, "base_layer", layer)
+            if isinstance(base, torch.nn.Conv2d):
+                k = base.kernel_size
+                eye = torch.eye(base.in_channels * k[0] * k[1], dtype=torch.float64).reshape(-1, base.in_channels, *k)
+                out[name] = layer(eye).flatten(1) - layer(torch.zeros_like(eye[:1])).flatten(1)
+            else:
+                eye = torch.eye(base.in_features, dtype=torch.float64)
+                out[name] = layer(eye) - layer(torch.zeros_like(eye[:1]))
+    return out

@@ -83,6 +83,18 @@ PLACEMENTS: dict[str, Callable[[nn.Module, Path], object]] = {
 }
 
 
+def _assert_serves(
+    model: nn.Module, runtime: lorahot.LoraRuntime, base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor]
+) -> None:
+    """``model`` holding ``adapter`` computes the float64 reference at scale 1, then at 0.5
+    after set_scale, then the base model's output after unload."""
+    torch.testing.assert_close(model(_X), _dense(base, adapter, _X, 1.0), rtol=1e-12, atol=1e-12)
+    runtime.set_scale(0.5)
+    torch.testing.assert_close(model(_X), _dense(base, adapter, _X, 0.5), rtol=1e-12, atol=1e-12)
+    runtime.unload()
+    torch.testing.assert_close(model(_X), _dense(base, {}, _X, 1.0), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("place", ["dispatch_model", "cpu_offload", "disk_offload"])
 def test_accelerate_placement_after_inject_is_refused_before_it_moves_a_lora_layer(
@@ -103,11 +115,7 @@ def test_accelerate_placement_after_inject_is_refused_before_it_moves_a_lora_lay
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], v) and after[k].device == v.device for k, v in before.items())
     hooks.remove_hook_from_module(model, recurse=True)  # what accelerate hooked before the refusal
-    torch.testing.assert_close(model(_X), _dense(base, adapter, _X, 1.0), rtol=1e-12, atol=1e-12)
-    runtime.set_scale(0.5)
-    torch.testing.assert_close(model(_X), _dense(base, adapter, _X, 0.5), rtol=1e-12, atol=1e-12)
-    runtime.unload()
-    torch.testing.assert_close(model(_X), _dense(base, {}, _X, 1.0), rtol=1e-12, atol=1e-12)
+    _assert_serves(model, runtime, base, adapter)
     lorahot.eject(model)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())
 
@@ -135,10 +143,6 @@ def test_accelerate_offloaded_layer_is_refused_at_inject_and_a_placed_one_serves
     runtime = lorahot.inject(model, ["a"], max_rank=2)
     adapter = _adapter(["a"])
     runtime.load(adapter)
-    torch.testing.assert_close(model(_X), _dense(base, adapter, _X, 1.0), rtol=1e-12, atol=1e-12)
-    runtime.set_scale(0.5)
-    torch.testing.assert_close(model(_X), _dense(base, adapter, _X, 0.5), rtol=1e-12, atol=1e-12)
-    runtime.unload()
-    torch.testing.assert_close(model(_X), _dense(base, {}, _X, 1.0), rtol=1e-12, atol=1e-12)
+    _assert_serves(model, runtime, base, adapter)
     lorahot.eject(model)
     torch.testing.assert_close(model(_X), _dense(base, {}, _X, 1.0), rtol=1e-12, atol=1e-12)

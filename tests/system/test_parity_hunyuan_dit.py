@@ -16,6 +16,7 @@ import torch
 
 import lorahot
 from lorahot.errors import UnknownFormatError
+from tests.diffusion_names import delta, layer_weights, lora_factors
 from tests.helpers import assert_merged_state, assert_norm_deltas_fold
 
 diffusers = pytest.importorskip("diffusers")
@@ -108,23 +109,6 @@ def original_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def lora_factors(base: dict[str, torch.Tensor], seed: int) -> dict[str, tuple]:
-    """Original module -> (A, B, alpha): mixed ranks and alphas; a conv's A is ``[r, in, k, k]``."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for i, name in enumerate(PARTS):
-        w = base[f"{name}.weight"]
-        r = 2 + i % 3
-        a = torch.randn(r, *w.shape[1:], generator=g, dtype=torch.float64) * 0.3
-        b = torch.randn(w.shape[0], r, *([1] * (w.ndim - 2)), generator=g, dtype=torch.float64) * 0.3
-        out[name] = (a, b, float(r) * (0.5 + i % 3))
-    return out
-
-
-def delta(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    return (alpha / a.shape[0]) * (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
-
-
 def module_key(name: str, naming: str, head: str) -> str:
     return "lora_unet_" + name.replace(".", "_") if naming == "hunyuan-dit-kohya" else head + name
 
@@ -141,23 +125,6 @@ def lora_file(factors: dict[str, tuple], naming: str, head: str) -> dict[str, to
             sd |= {f"{module}.lora_down.weight": a, f"{module}.lora_up.weight": b}
             sd[f"{module}.alpha"] = torch.tensor(alpha)
     return sd
-
-
-def layer_weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """Each Linear's and the patch conv's effective weight, read by probing (identity inputs)."""
-    out = {}
-    with torch.no_grad():
-        for name in names:
-            layer = model.get_submodule(name)
-            base = getattr(layer, "base_layer", layer)
-            if isinstance(base, torch.nn.Conv2d):
-                k = base.kernel_size
-                eye = torch.eye(base.in_channels * k[0] * k[1], dtype=torch.float64).reshape(-1, base.in_channels, *k)
-                out[name] = layer(eye).flatten(1) - layer(torch.zeros_like(eye[:1])).flatten(1)
-            else:
-                eye = torch.eye(base.in_features, dtype=torch.float64)
-                out[name] = layer(eye) - layer(torch.zeros_like(eye[:1]))
-    return out
 
 
 NAMINGS = [
@@ -180,7 +147,7 @@ def test_hunyuan_dit_original_names_match_diffusers_checkpoint_conversion(naming
     plus the module's update. They were refused as matching no injected layer."""
     model = tiny_hunyuan_dit()
     base = original_weights(model)
-    factors = lora_factors(base, seed=7)
+    factors = lora_factors(base, PARTS, seed=7)
     updated = {}
     for name, (a, b, alpha) in factors.items():
         scale = a.shape[0] if head == "base_model.model." else alpha

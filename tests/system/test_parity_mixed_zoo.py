@@ -19,11 +19,12 @@ import pytest
 import torch
 
 import lorahot
+from tests.helpers import TINY_DECODER
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-V = 64
+V = TINY_DECODER["vocab_size"]
 #: the adapters' names as PEFT's adapter_names takes them, one per row ("__base__": no adapter)
 ROWS = ["a", "__base__", "c", "b", "a", "c"]
 
@@ -43,16 +44,7 @@ def _gpt2() -> torch.nn.Module:
 
 
 def _phi3() -> torch.nn.Module:
-    config = transformers.Phi3Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
+    config = transformers.Phi3Config(**{**TINY_DECODER, "max_position_embeddings": 64, "pad_token_id": 0})
     return transformers.Phi3ForCausalLM(config)
 
 
@@ -64,15 +56,7 @@ def _bert() -> torch.nn.Module:
 
 
 def _qwen2() -> torch.nn.Module:
-    config = transformers.Qwen2Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = transformers.Qwen2Config(**{**TINY_DECODER, "max_position_embeddings": 64})
     return transformers.Qwen2ForCausalLM(config)
 
 
@@ -262,16 +246,26 @@ def _floats(out: object) -> list[torch.Tensor]:
     return found
 
 
+def _saved_with_oracle(
+    tmp_path: Path, build: Callable[[], torch.nn.Module], configs: dict[str, dict]
+) -> tuple[torch.nn.Module, dict[str, Path], Any]:
+    """The float64 base model, each adapter of ``configs`` saved under its name (seeded by its
+    place), and PEFT holding them all by name, the first active."""
+    torch.manual_seed(0)
+    base = build().double().eval()
+    paths = {name: _save(base, tmp_path / name, seed, **cfg) for seed, (name, cfg) in enumerate(configs.items())}
+    first, *rest = paths
+    oracle = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths[first], adapter_name=first).eval()
+    for name in rest:
+        oracle.load_adapter(paths[name], adapter_name=name)
+    return base, paths, oracle
+
+
 def _setup(
     tmp_path: Path, build: Callable[[], torch.nn.Module], configs: dict[str, dict], targets: list[str]
 ) -> tuple[torch.nn.Module, Any, torch.nn.Module, lorahot.LoraRuntime]:
     """The float64 base model, PEFT holding the adapters by name, and lorahot with one per slot."""
-    torch.manual_seed(0)
-    base = build().double().eval()
-    paths = {name: _save(base, tmp_path / name, seed, **cfg) for seed, (name, cfg) in enumerate(configs.items())}
-    oracle = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths["a"], adapter_name="a").eval()
-    for name in ("b", "c"):
-        oracle.load_adapter(paths[name], adapter_name=name)
+    base, paths, oracle = _saved_with_oracle(tmp_path, build, configs)
     model = copy.deepcopy(base)
     runtime = lorahot.inject(model, targets, max_rank=8, slots=3, extras=True, dtype=torch.float64)
     for slot, name in enumerate(configs):
@@ -292,6 +286,11 @@ def _row_by_row(oracle: Any, inputs: dict[str, torch.Tensor]) -> list[torch.Tens
             else:
                 oracle.set_adapter(name)
                 outs.append(_floats(oracle(**row)))
+    return _rows_together(outs)
+
+
+def _rows_together(outs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per-row outputs (each a list of one-row tensors) put back together as one batch's."""
     return [torch.cat([o[j] for o in outs]) for j in range(len(outs[0]))]
 
 
@@ -397,13 +396,8 @@ def test_a_stack_at_negative_and_zero_weights_matches_peft_multiple_active_adapt
     unmerged also routed beside a single adapter and a base row, re-weighted while routed, and
     emptied while routed (its rows then bitwise the base model's)."""
     build, configs, targets, _ = STACKED[name]
-    torch.manual_seed(0)
-    base = build().double().eval()
-    names = list(configs)
-    paths = [_save(base, tmp_path / n, seed, **configs[n]) for seed, n in enumerate(names)]
-    oracle = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths[0], adapter_name=names[0]).eval()
-    for n, path in zip(names[1:], paths[1:]):
-        oracle.load_adapter(path, adapter_name=n)
+    base, saved, oracle = _saved_with_oracle(tmp_path, build, configs)
+    names, paths = list(saved), list(saved.values())
     model = copy.deepcopy(base)
     plan = lorahot.plan_targets(paths, model, stacked=True)
     runtime = lorahot.inject(
@@ -428,8 +422,9 @@ def test_a_stack_at_negative_and_zero_weights_matches_peft_multiple_active_adapt
     rows = [(names, first), (names[:1], [0.5]), ([], []), (names, first)]
 
     def expected(rows: list[tuple[list[str], list[float]]]) -> list[torch.Tensor]:
-        outs = [_peft(oracle, {k: v[i : i + 1] for k, v in x.items()}, *row) for i, row in enumerate(rows)]
-        return [torch.cat([o[j] for o in outs]) for j in range(len(outs[0]))]
+        return _rows_together(
+            [_peft(oracle, {k: v[i : i + 1] for k, v in x.items()}, *row) for i, row in enumerate(rows)]
+        )
 
     with torch.no_grad():
         plain = _floats(base(**x))

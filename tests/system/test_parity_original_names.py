@@ -615,15 +615,7 @@ def test_ltx2_connector_transformers_land_on_the_pipelines_connectors(per_modali
     assert info.format == "ltx2"
     assert info.components == {"transformer": len(names), "connectors": len(layers)}
 
-    twin = {
-        "connectors." + n + k[k.index(".lora_") :]: v for n in layers for k, v in inner.items() if _original_of(n) in k
-    }
-    oracle = _tiny_ltx2_connectors(per_modality)
-    oracle.load_lora_adapter(twin, prefix="connectors", adapter_name="o")
-    _assert_same(_weights(conn, layers), _weights(oracle, layers))
-    assert not torch.equal(
-        _weights(conn, layers[:1])[layers[0]], _weights(_tiny_ltx2_connectors(per_modality), layers[:1])[layers[0]]
-    )
+    _assert_connectors_as_diffusers(conn, inner, layers, per_modality)
     if head == "diffusion_model.":  # diffusers converts only this head: the connectors' keys go under transformer.
         converted = diffusers.LTX2Pipeline.lora_state_dict({k: v.clone() for k, v in sd.items()})
         assert all(k.startswith("transformer.") for k in converted)
@@ -638,17 +630,41 @@ def test_ltx2_connector_transformers_land_on_the_pipelines_connectors(per_modali
         ),
     )
 
+    _assert_refused_on_the_transformer_alone(
+        sd, r"embeddings_connector\.transformer_1d_blocks\.0\.attn1\.to_q", sorted(inner), transformer, names
+    )
+
+
+def _assert_connectors_as_diffusers(
+    conn: torch.nn.Module, inner: dict[str, torch.Tensor], layers: list[str], per_modality: bool
+) -> None:
+    """``conn``'s ``layers`` equal diffusers' ``load_lora_adapter`` of the connector transformers'
+    factors ``inner`` in the connectors' own names, and differ from the base connectors."""
+    twin = {
+        "connectors." + n + k[k.index(".lora_") :]: v for n in layers for k, v in inner.items() if _original_of(n) in k
+    }
+    oracle = _tiny_ltx2_connectors(per_modality)
+    oracle.load_lora_adapter(twin, prefix="connectors", adapter_name="o")
+    _assert_same(_weights(conn, layers), _weights(oracle, layers))
+    assert not torch.equal(
+        _weights(conn, layers[:1])[layers[0]], _weights(_tiny_ltx2_connectors(per_modality), layers[:1])[layers[0]]
+    )
+
+
+def _assert_refused_on_the_transformer_alone(
+    sd: dict[str, torch.Tensor], key: str, skipped: list[str], transformer: torch.nn.Module, names: list[str]
+) -> None:
+    """On a runtime over the LTX-2 transformer alone, ``sd`` is refused at ``key`` (a regex),
+    naming the ``connectors`` component, with every parameter and buffer bitwise unchanged;
+    ``strict=False`` skips exactly ``skipped`` and loads the rest as ``transformer`` holds it."""
     model = _tiny_ltx2()
     runtime = lorahot.inject(model, "all-linear", max_rank=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(
-        lorahot.AdapterMismatchError,
-        match=r"embeddings_connector\.transformer_1d_blocks\.0\.attn1\.to_q: matches no injected layer.*'connectors'",
-    ):
+    with pytest.raises(lorahot.AdapterMismatchError, match=key + r": matches no injected layer.*'connectors'"):
         runtime.load(dict(sd))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     info = runtime.load(dict(sd), strict=False)
-    assert sorted(info.skipped) == sorted(inner)
+    assert sorted(info.skipped) == skipped
     _assert_same(_weights(model, names), _weights(transformer, names))
 
 
@@ -682,30 +698,16 @@ def test_ltx2_kohya_connector_transformers_land_on_the_pipelines_connectors(per_
     assert info.format == "ltx2-kohya"
     assert info.components == {"transformer": len(names), "connectors": len(layers)}
 
-    twin = {
-        "connectors." + n + k[k.index(".lora_") :]: v for n in layers for k, v in inner.items() if _original_of(n) in k
-    }
-    oracle = _tiny_ltx2_connectors(per_modality)
-    oracle.load_lora_adapter(twin, prefix="connectors", adapter_name="o")
-    _assert_same(_weights(conn, layers), _weights(oracle, layers))
-    assert not torch.equal(
-        _weights(conn, layers[:1])[layers[0]], _weights(_tiny_ltx2_connectors(per_modality), layers[:1])[layers[0]]
-    )
+    _assert_connectors_as_diffusers(conn, inner, layers, per_modality)
     _assert_same(_weights(transformer, names), _reference(_tiny_ltx2, blocks, names, _ltx2_original))
 
-    model = _tiny_ltx2()
-    runtime = lorahot.inject(model, "all-linear", max_rank=8)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(
-        lorahot.AdapterMismatchError,
-        match=rf"{prefix}(video|audio)_embeddings_connector_transformer_1d_blocks_0_attn1_to_q: matches no injected "
-        r"layer.*'connectors'",
-    ):
-        runtime.load(dict(sd))
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    info = runtime.load(dict(sd), strict=False)
-    assert sorted(info.skipped) == connector_keys
-    _assert_same(_weights(model, names), _weights(transformer, names))
+    _assert_refused_on_the_transformer_alone(
+        sd,
+        rf"{prefix}(video|audio)_embeddings_connector_transformer_1d_blocks_0_attn1_to_q",
+        connector_keys,
+        transformer,
+        names,
+    )
 
 
 def test_krea2_under_peft_wrapper_is_peft_naming_and_refused() -> None:

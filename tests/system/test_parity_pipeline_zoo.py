@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import lorahot
-from tests.helpers import tiny_unet
+from tests.helpers import tiny_clip, tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -43,20 +43,7 @@ def _tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 def _clip(projection: bool = False, seed: int = 1) -> nn.Module:
     torch.manual_seed(seed)
-    config = transformers.CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=64,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        projection_dim=16,
-    )
-    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
-    model: nn.Module = cls(config).eval()
-    return model
+    return tiny_clip(with_projection=projection)
 
 
 def _t5(width: int) -> nn.Module:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import lorahot
 from lorahot.errors import UnknownFormatError
+from tests.diffusion_names import delta, layer_weights, lora_factors
 from tests.helpers import assert_norm_deltas_fold
 
 diffusers = pytest.importorskip("diffusers")
@@ -178,24 +179,6 @@ def original_base(model: torch.nn.Module, parts: dict[str, list[str]], dual: boo
     return base
 
 
-def lora_factors(base: dict[str, torch.Tensor], parts: dict[str, list[str]], seed: int) -> dict[str, tuple]:
-    """Original module -> (A, B, alpha): mixed ranks and alphas; a conv's A is ``[r, in, k, k]``,
-    its B ``[out, r, 1, 1]``."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for i, name in enumerate(parts):
-        w = base[f"{name}.weight"]
-        r = 2 + i % 3
-        a = torch.randn(r, *w.shape[1:], generator=g, dtype=torch.float64) * 0.3
-        b = torch.randn(w.shape[0], r, *([1] * (w.ndim - 2)), generator=g, dtype=torch.float64) * 0.3
-        out[name] = (a, b, float(r) * (0.5 + i % 3))
-    return out
-
-
-def delta(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    return (alpha / a.shape[0]) * (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
-
-
 def lora_file(factors: dict[str, tuple], naming: str, head: str = "diffusion_model.") -> dict[str, torch.Tensor]:
     """The LoRA in sd-scripts' spelling (``naming="sd3-kohya"``) or dotted under ``head``."""
     sd = {}
@@ -209,23 +192,6 @@ def converted(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
     return convert_sd3_transformer_checkpoint_to_diffusers(dict(checkpoint))
-
-
-def layer_weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """Each Linear's and the patch conv's effective weight, read by probing (identity inputs)."""
-    out = {}
-    with torch.no_grad():
-        for name in names:
-            layer = model.get_submodule(name)
-            base = getattr(layer, "base_layer", layer)
-            if isinstance(base, torch.nn.Conv2d):
-                k = base.kernel_size
-                eye = torch.eye(base.in_channels * k[0] * k[1], dtype=torch.float64).reshape(-1, base.in_channels, *k)
-                out[name] = layer(eye).flatten(1) - layer(torch.zeros_like(eye[:1])).flatten(1)
-            else:
-                eye = torch.eye(base.in_features, dtype=torch.float64)
-                out[name] = layer(eye) - layer(torch.zeros_like(eye[:1]))
-    return out
 
 
 @pytest.mark.parametrize(
