@@ -279,21 +279,44 @@ def resolve_components(
     if missing:
         raise AdapterMismatchError(_missing_message(adapter.source, missing, components, encoders))
     if not_clip:
-        clips = [c for c in components if "CLIP" in archs[c]]
-        rows = [
-            f"{len(keys)} module(s) with prefix {shown(prefix, 200)} (e.g. {keys[0]}) are a CLIP text encoder's "
-            f"(text_model...), and go by their prefix to {component}, which is "
-            f"{' and '.join(_ARCHITECTURE_ROLES[a] for a in sorted(archs[component]))}, no CLIP"
-            for (component, prefix), keys in not_clip.items()
-        ]
-        where = f"this runtime's CLIP is {', '.join(clips)}" if clips else "this runtime has no CLIP"
-        raise AdapterMismatchError(
-            lines(
-                format_problems(f"{adapter.source}: CLIP modules routed to a component that is no CLIP:", rows),
-                f"Their names would land on that encoder's layers of the same names; {where}. Rename their prefix "
-                "to the CLIP's component (key_map=), or load with strict=False to skip those modules.",
-            )
-        )
+        raise AdapterMismatchError(_not_clip_message(adapter.source, not_clip, archs))
+    return _resolve_each(adapter, groups, names, skipped, others, heads or {}, weightless)
+
+
+def _not_clip_message(source: str, not_clip: dict[tuple[str, str], list[str]], archs: Mapping[str, set[str]]) -> str:
+    """Why the CLIP modules ``not_clip`` (by the component and prefix that route them) are
+    refused: each component they go to is no CLIP (``archs``: each component's architectures)."""
+    clips = [c for c, found in archs.items() if "CLIP" in found]
+    rows = [
+        f"{len(keys)} module(s) with prefix {shown(prefix, 200)} (e.g. {keys[0]}) are a CLIP text encoder's "
+        f"(text_model...), and go by their prefix to {component}, which is "
+        f"{' and '.join(_ARCHITECTURE_ROLES[a] for a in sorted(archs[component]))}, no CLIP"
+        for (component, prefix), keys in not_clip.items()
+    ]
+    where = f"this runtime's CLIP is {', '.join(clips)}" if clips else "this runtime has no CLIP"
+    return lines(
+        format_problems(f"{source}: CLIP modules routed to a component that is no CLIP:", rows),
+        f"Their names would land on that encoder's layers of the same names; {where}. Rename their prefix "
+        "to the CLIP's component (key_map=), or load with strict=False to skip those modules.",
+    )
+
+
+def _resolve_each(
+    adapter: Adapter,
+    groups: dict[str, list[tuple[str, Module]]],
+    names: list[str],
+    skipped: list[str] | None,
+    others: Sequence[str],
+    heads: Mapping[str, int],
+    weightless: Sequence[str],
+) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
+    """:func:`~lorahot.resolve.keys.resolve_all` of each component's ``groups`` (its modules, by
+    their keys within it) over its own layers, the results named ``<component>.<path>``; the
+    arguments as :func:`resolve_components` takes them.
+
+    Raises:
+        AdapterMismatchError: what ``resolve_all`` raises, for every component, each named.
+    """
     lora: dict[str, LoraModule] = {}
     weights: dict[str, WeightModule] = {}
     problems: list[str] = []
@@ -308,7 +331,7 @@ def resolve_components(
         )
         own = [n[len(head) :] for n in names if n.startswith(head)]
         beside = [n[len(head) :] for n in others if n.startswith(head)]
-        sizes = {n[len(head) :]: d for n, d in (heads or {}).items() if n.startswith(head)}
+        sizes = {n[len(head) :]: d for n, d in heads.items() if n.startswith(head)}
         bare = [n[len(head) :] for n in weightless if n.startswith(head)]
         try:
             found, folded = resolve_all(part, own, skipped, beside, sizes, bare)
