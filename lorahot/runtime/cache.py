@@ -9,7 +9,8 @@ made: loads only read them, and the checks they passed at preload are not repeat
 bytes and evicts the least recently used entry.
 
 Thread safety: the cache's own state is guarded by a lock, so preloads and prefetches may run
-on any thread. Loads, activations and forwards must still be issued from one thread at a time.
+on any thread. Loads, activations, unloads and scale changes take the runtime's call lock; a
+forward must still not run while one of them writes.
 """
 
 from __future__ import annotations

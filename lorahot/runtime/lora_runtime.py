@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, NamedTuple, NoReturn, SupportsIndex, TypeVar
+from typing import Any, Concatenate, NamedTuple, NoReturn, ParamSpec, SupportsIndex, TypeVar
 
 import numpy as np
 import torch
@@ -92,7 +92,7 @@ from lorahot.runtime.plan import (
     restage,
     validate,
 )
-from lorahot.runtime.prefetches import PendingKeys, prefetch_pool
+from lorahot.runtime.prefetches import PendingKeys, failed_prefetch, prefetch_pool
 from lorahot.runtime.routing import (
     Routing,
     check_experts,
@@ -122,6 +122,7 @@ from lorahot.runtime.wide import WideWeights, widen_layers
 __all__ = ["AdapterInfo", "PartInfo", "LoraRuntime", "roots", "release_hooks"]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 #: What ``load`` takes as one adapter.
 One = Source | Adapter | PreparedAdapter
@@ -130,6 +131,22 @@ One = Source | Adapter | PreparedAdapter
 #: how many times the largest factor a layer could take a file's tensor may be (LoKr and full
 #: diffs of layers of other components, which strict=False skips, are no larger in practice)
 _LARGEST_MARGIN = 4
+
+
+def _one_call_at_a_time(
+    method: Callable[Concatenate[LoraRuntime, _P], _T],
+) -> Callable[Concatenate[LoraRuntime, _P], _T]:
+    """Runs ``method`` (``activate``, ``unload``, ``set_scale``; ``load`` takes it itself) holding the runtime's
+    call lock, so that calls from two threads run one after the other: interleaved, their writes
+    could leave a slot holding parts of two adapters (merged mode's weights too) that ``info``
+    does not describe. Forwards take no lock (see the README's threading contract)."""
+
+    @functools.wraps(method)
+    def one_at_a_time(runtime: LoraRuntime, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with runtime._calls:
+            return method(runtime, *args, **kwargs)
+
+    return one_at_a_time
 
 
 def _largest_factor(specs: Iterable[LayerSpec], max_rank: int) -> int:
@@ -303,6 +320,9 @@ class LoraRuntime:
             layer.merged = merged
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        #: held by load, activate, unload and set_scale (see _one_call_at_a_time); reentrant: a
+        #: forward hook of the model may call them within one of them on the same thread
+        self._calls = threading.RLock()
         self._pending_keys = PendingKeys(self.cache)  # keyed prefetches under way: a load of one waits
         for root in self._roots():
             peft_arguments.install(root)
@@ -445,8 +465,14 @@ class LoraRuntime:
                 interrupted (naming that rank): every rank empties the slot (the interrupted
                 rank too, before its interrupt goes on).
         """
-        with _gc_paused(), self._reading():
+        # keys whose prefetch is under way: waited for before the call lock, which a done callback
+        # of an earlier prefetch on the prefetch thread may be waiting for (lorahot.runtime.prefetches)
+        self._pending_keys.settle(_keys_of(source), self._on_prefetch_thread())
+        with self._calls, _gc_paused(), self._reading():
             return self._load(source, slot, scale, denoiser, read_kwargs)
+
+    def _on_prefetch_thread(self) -> bool:
+        return threading.current_thread() in getattr(self._executor, "_threads", ())
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
@@ -858,6 +884,7 @@ class LoraRuntime:
             self.cache.put(prepared)
         if named is not None:
             self.cache.name(named)
+            self._pending_keys.forget(named)
         return prepared
 
     def _preload(
@@ -995,9 +1022,7 @@ class LoraRuntime:
                 )
             return source
         name = source if isinstance(source, str) else None  # perhaps a key given to preload
-        if name is not None:
-            executor = self._executor
-            self._pending_keys.wait(name, threading.current_thread() in getattr(executor, "_threads", ()))
+        failure = self._pending_keys.failure(name, self._on_prefetch_thread()) if name is not None else None
         options_for_key = name is not None and given and (self.cache.is_name(name) or name in self.cache)
         if name is not None and options_for_key and not os.path.exists(name):
             raise UsageError(
@@ -1009,6 +1034,8 @@ class LoraRuntime:
         if hit is None:
             cache_key = source_key(source, read_kwargs)
             hit = self.cache.peek(cache_key) if cache_key is not None else None
+        if hit is None and name is not None and failure is not None:
+            raise failed_prefetch(name, failure)
         if hit is None and name is not None and not read_kwargs and self.cache.is_name(name):
             raise UsageError(
                 f"{shown(name, 200)} is a key given to preload, and the host cache does not hold it now (evicted, "
@@ -1026,6 +1053,7 @@ class LoraRuntime:
         return hit
 
     @public_api
+    @_one_call_at_a_time
     def activate(
         self,
         slot: int | Sequence[int] | torch.Tensor | np.ndarray,
@@ -1270,6 +1298,7 @@ class LoraRuntime:
         return slot
 
     @public_api
+    @_one_call_at_a_time
     def unload(self, slot: int | None = None) -> None:
         """Empties ``slot``, or every slot if None. An emptied active slot means no adapter.
 
@@ -1364,6 +1393,7 @@ class LoraRuntime:
         ) from error
 
     @public_api
+    @_one_call_at_a_time
     def set_scale(self, value: float | Sequence[float], slot: int | None = None) -> None:
         """Sets the user multiplier of ``slot`` (default: the active slot). 0 turns its update
         off (a DoRA part keeps its magnitude rescale, as in PEFT).
@@ -1708,6 +1738,16 @@ def _base_bias(layers: dict[str, LoRALayer], name: str) -> torch.Tensor | None:
         return layer.pristine_bias
     bias = getattr(layer.base_layer, "bias", None)
     return bias if isinstance(bias, torch.Tensor) else None
+
+
+def _keys_of(source: object) -> list[str]:
+    """The strings among a load's sources (perhaps preload keys); none where ``source`` is no
+    list a load takes (its checks say why)."""
+    try:
+        sources, _ = parts_of(source)
+    except Exception:
+        return []
+    return [s for s in sources if isinstance(s, str)]
 
 
 def _cache_key(key: object) -> str | None:

@@ -18,71 +18,113 @@ finishes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from lorahot.errors import LoraError, UsageError, message, shown
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 
-__all__ = ["PendingKeys", "prefetch_pool"]
+__all__ = ["PendingKeys", "failed_prefetch", "prefetch_pool"]
+
+
+#: how many failed prefetches' keys are remembered with their errors (the last ones)
+FAILURES_KEPT = 256
 
 
 class PendingKeys:
-    """The futures of keyed prefetches not yet done, by key (the last one for a key given twice)."""
+    """The futures of keyed prefetches not yet done, by key (the last one for a key given
+    twice), and the errors of the last :data:`FAILURES_KEPT` keys whose prefetch failed."""
 
     def __init__(self, cache: AdapterCache) -> None:
         self._cache = cache
-        self._pending: dict[str, Future[PreparedAdapter]] = {}
+        self._pending: dict[str, tuple[Future[PreparedAdapter], bool]] = {}  # key -> (future, named)
+        self._failed: OrderedDict[str, str] = OrderedDict()  # key -> what its prefetch raised
         self._lock = threading.Lock()
 
     def add(self, key: str, future: Future[PreparedAdapter], named: bool) -> None:
         """Notes ``future`` as the prefetch of ``key`` until it is done; ``named``: the key is a
         name of its own (not its source's path), noted as one if the prefetch fails."""
         with self._lock:
-            self._pending[key] = future
+            self._pending[key] = future, named
+            self._failed.pop(key, None)
         future.add_done_callback(functools.partial(self._done, key, named))
 
     def _done(self, key: str, named: bool, future: Future[PreparedAdapter]) -> None:
+        failure = _failure(future)
         with self._lock:
-            if self._pending.get(key) is future:
-                del self._pending[key]
-        if named and (future.cancelled() or future.exception() is not None):
+            if self._pending.get(key, (None,))[0] is not future:
+                return  # a later prefetch of the key
+            del self._pending[key]
+            if failure is not None and named:
+                self._failed[key] = failure
+                while len(self._failed) > FAILURES_KEPT:
+                    self._failed.popitem(last=False)
+        if named and failure is not None:
             self._cache.name(key)
 
-    def wait(self, key: str, on_prefetch_thread: bool) -> None:
-        """Returns once the prefetch of ``key``, if one is under way, is done.
+    def forget(self, key: str) -> None:
+        """``key`` was preloaded since its prefetch failed: the failure no longer describes it."""
+        with self._lock:
+            self._failed.pop(key, None)
+
+    def settle(self, keys: list[str], on_prefetch_thread: bool) -> None:
+        """Waits until the prefetch of each of ``keys`` under way, if any, is done, raising
+        nothing (:meth:`failure` tells how it went). A load calls this before it takes the
+        runtime's call lock: a done callback of an earlier prefetch may be waiting for that
+        lock on the prefetch thread, which the prefetch of ``keys`` needs."""
+        if on_prefetch_thread:
+            return
+        with self._lock:
+            futures = [p[0] for p in (self._pending.get(k) for k in keys) if p is not None]
+        concurrent.futures.wait(futures)
+
+    def failure(self, key: str, on_prefetch_thread: bool) -> str | None:
+        """Once the prefetch of ``key`` under way, if any, is done: what it raised, if it (or the
+        last prefetch of ``key``) failed and ``key`` is a name of its own, else None (a key that
+        is its source's path is read as that path).
 
         Raises:
-            UsageError: that prefetch failed (naming its error) or was cancelled, or it is not
-                done and this is the prefetch thread itself (which would wait for itself).
+            UsageError: that prefetch is not done and this is the prefetch thread itself, which
+                would wait for itself (a load in a prefetch future's done callback).
         """
         with self._lock:
-            future = self._pending.get(key)
-        if future is None:
-            return
+            pending = self._pending.get(key)
+            failed = self._failed.get(key)
+        if pending is None:
+            return failed
+        future, named = pending
         if on_prefetch_thread and not future.done():
             raise UsageError(
                 f"{shown(key, 200)} is the key of a prefetch queued on the prefetch thread, and this load runs on "
                 "that thread (a prefetch future's done callback), which cannot wait for it; load it from the "
                 "serving thread."
             )
-        try:
-            future.result()
-        except CancelledError as exc:
-            raise UsageError(
-                f"{shown(key, 200)} is the key of a prefetch that was cancelled (the runtime was ejected); "
-                "preload it again."
-            ) from exc
-        except Exception as exc:
-            said = message(exc) if isinstance(exc, LoraError) else str(exc)
-            raise UsageError(
-                f"{shown(key, 200)} is the key of a prefetch that failed ({type(exc).__name__}: {said}), so "
-                "there is no adapter under that name; fix the source and prefetch or preload it again."
-            ) from exc
+        concurrent.futures.wait([future])
+        return _failure(future) if named else None
+
+
+def failed_prefetch(key: str, failure: str) -> UsageError:
+    """The refusal of a load of ``key``, whose prefetch failed (``failure``: what it raised)."""
+    return UsageError(
+        f"{shown(key, 200)} is the key of a prefetch that failed ({failure}), so there is no adapter under that "
+        "name; fix the source and prefetch or preload it again."
+    )
+
+
+def _failure(future: Future[PreparedAdapter]) -> str | None:
+    """What a done prefetch raised, as text (the error itself would keep its frames alive)."""
+    if future.cancelled():
+        return "CancelledError: cancelled by eject or at interpreter exit"
+    exc = future.exception()
+    if exc is None:
+        return None
+    return f"{type(exc).__name__}: {message(exc) if isinstance(exc, LoraError) else exc}"
 
 
 #: every prefetch pool alive, whose queued prefetches are cancelled at interpreter exit

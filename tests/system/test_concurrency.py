@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lorahot
-from tests.helpers import tiny_lm, token_ids
+from tests.helpers import make_adapter, tiny_lm, token_ids
 from tests.reliability_helpers import DOWN0, EMB, Q0, TARGETS, V1, VOCAB, report, write_valid
 
 _ALL = (Q0, V1, DOWN0, EMB)
@@ -123,3 +123,53 @@ def test_prefetched_adapter_is_loaded_whole(tmp_path: Path) -> None:
         with torch.no_grad():
             assert torch.equal(model(x), refs[i % len(paths)])
     future.result()
+
+
+@pytest.mark.parametrize("second", ["load", "set_scale"])
+def test_calls_from_two_threads_run_one_after_the_other(second: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``load``, ``activate``, ``unload`` and ``set_scale`` from two threads run one after the
+    other. Merged mode folds the live region into the weights once a load has written it; here
+    the main thread's fold waits until the other thread's call is done (at most 0.5 s: under the
+    call lock that call cannot begin before the load is done). Interleaved, the
+    fold used to apply the load's scales to the second adapter's factors (or the scales before
+    the ``set_scale``): weights other than those ``info`` named. Now the output is bitwise the
+    reference of what ``info`` says the slot holds."""
+    from lorahot.runtime import merge
+
+    model = tiny_lm(seed=4, vocab=VOCAB)
+    x = token_ids((2, 6), VOCAB, seed=4)
+    runtime = lorahot.inject(model, TARGETS, max_rank=8, merged=True)
+    names = list(runtime.layers)
+    preps = [runtime.preload(make_adapter(model, dict.fromkeys(names, r), seed=40 + r)[0]) for r in (8, 2)]
+    refs = {}
+    for i, p in enumerate(preps):
+        for scale in (1.0, 0.5):
+            runtime.load(p, scale=scale)
+            with torch.no_grad():
+                refs[i, scale] = model(x)
+    runtime.unload()
+    main, folding, done = threading.current_thread(), threading.Event(), threading.Event()
+    apply = merge.Merger.apply
+
+    def held_fold(self: merge.Merger, *args: object, **kwargs: object) -> None:
+        if threading.current_thread() is main:
+            folding.set()
+            done.wait(0.5)
+        apply(self, *args, **kwargs)
+
+    def call() -> None:
+        folding.wait(10)
+        runtime.load(preps[1]) if second == "load" else runtime.set_scale(1.0)
+        done.set()
+
+    monkeypatch.setattr(merge.Merger, "apply", held_fold)
+    other = threading.Thread(target=call, daemon=True)
+    other.start()
+    runtime.load(preps[0], scale=0.5)
+    other.join(10)
+    assert not other.is_alive()
+    info = runtime.info()
+    held = 0 if max(info.ranks.values()) == 8 else 1
+    assert (held, info.scale) == ((1, 1.0) if second == "load" else (0, 1.0))
+    with torch.no_grad():
+        assert torch.equal(model(x), refs[held, info.scale])

@@ -77,9 +77,9 @@ def test_a_load_of_a_key_waits_for_its_prefetch(key: str, tmp_path: Path, gate) 
 
 
 def test_a_load_of_a_key_whose_prefetch_failed_is_refused(tmp_path: Path, gate) -> None:
-    """A prefetch that fails leaves no adapter under its key: a load of the key issued before
-    it failed is refused naming the failure, one issued after is refused as a key the cache
-    does not hold; neither reads the key as a source, and the model stays bitwise as it was."""
+    """A prefetch that fails leaves no adapter under its key: a load of the key, issued before
+    it failed or after (as a stack's part too), is refused naming the failure; none reads the
+    key as a source, and the model stays bitwise as it was."""
     opened, seen = gate
     model = tiny_lm()
     runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
@@ -95,9 +95,13 @@ def test_a_load_of_a_key_whose_prefetch_failed_is_refused(tmp_path: Path, gate) 
     with pytest.raises(lorahot.UsageError, match=r"'style' is the key of a prefetch that failed \(AdapterReadError: "):
         runtime.load("style")
     assert isinstance(future.exception(), lorahot.AdapterReadError)
-    with pytest.raises(lorahot.UsageError, match=r"'style' is a key given to preload"):
-        runtime.load("style")
+    with pytest.raises(lorahot.UsageError, match=r"'style' is the key of a prefetch that failed \(AdapterReadError: "):
+        runtime.load(["style"])
     assert seen == [bad] and _unchanged(before, model, runtime)
+    runtime.prefetch(bad, key=str(bad))  # a key that is the source's own path: a load reads that path
+    with pytest.raises(lorahot.AdapterReadError, match=r"bad\.safetensors"):
+        runtime.load(str(bad))
+    assert _unchanged(before, model, runtime)
 
 
 def test_a_load_of_a_queued_key_on_the_prefetch_thread_is_refused_not_a_deadlock(tmp_path: Path, gate) -> None:
@@ -163,3 +167,42 @@ def test_prefetches_still_queued_at_interpreter_exit_are_cancelled(tmp_path: Pat
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.split()
     assert "exit" in lines and lines.count("read") <= 2, done.stdout
+
+
+_CALLBACK_SCRIPT = """
+import time
+from pathlib import Path
+import lorahot
+from lorahot.runtime import lora_runtime
+from tests.helpers import make_adapter, save_peft, tiny_lm
+
+model = tiny_lm()
+runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+first, second = (
+    save_peft(Path({folder!r}) / n, make_adapter(model, {{{q0!r}: 4}}, seed=s)[0], r=4) for n, s in (("a", 1), ("b", 2))
+)
+real = lora_runtime.read_adapter
+
+def slow(source, **kwargs):
+    time.sleep(0.3)
+    return real(source, **kwargs)
+
+lora_runtime.read_adapter = slow
+runtime.prefetch(first, key="first").add_done_callback(lambda _: runtime.activate(0))
+runtime.prefetch(second, key="second")
+print(runtime.load("second").source, flush=True)
+"""
+
+
+def test_a_load_waiting_for_a_prefetch_lets_an_earlier_prefetch_s_callback_call_the_runtime(tmp_path: Path) -> None:
+    """``load("second")`` waits for that key's prefetch, queued behind another whose done
+    callback calls ``runtime.activate`` on the prefetch thread. The load waits before it takes
+    the runtime's call lock, which that callback needs: holding it, the two threads would wait
+    for each other forever (a subprocess with a timeout)."""
+    script = _CALLBACK_SCRIPT.format(folder=str(tmp_path), q0=Q0)
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(tmp_path / "b" / "adapter_model.safetensors")
