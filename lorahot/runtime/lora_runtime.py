@@ -928,6 +928,7 @@ class LoraRuntime:
         check_read_options(read_kwargs, self.components)
         denoisers_of(denoiser, 1, self.components, others=self._non_denoisers)
         key = _cache_key(key)
+        source = _snapshot(source)  # the caller's tensors as they are now, as preload takes them
         with self._executor_lock:
             self._check_usable(placement=False)  # under the lock: eject cannot slip in between
             if self._executor is None:
@@ -1774,6 +1775,17 @@ def _private(source: Any) -> Any:
     if isinstance(source, Mapping):
         return {k: _own(v) for k, v in source.items()}
     return source
+
+
+def _snapshot(source: Any) -> Any:
+    """:func:`_private` of what ``prefetch`` was given, taken before it returns: the caller may
+    reuse its tensors or change its dict as soon as it has (preload copies them before it
+    returns too). A source it cannot copy goes as it is, for preload to refuse on the prefetch
+    thread (the future raises it)."""
+    try:
+        return _private(source)
+    except Exception:
+        return source
 
 
 def _owned_adapter(adapter: Adapter) -> Adapter:

@@ -206,3 +206,26 @@ def test_a_load_waiting_for_a_prefetch_lets_an_earlier_prefetch_s_callback_call_
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(tmp_path / "b" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["mapping", "Adapter"])
+def test_a_prefetched_mapping_is_the_adapter_as_it_was_when_prefetch_returned(kind: str, tmp_path: Path, gate) -> None:
+    """``prefetch`` of a mapping of tensors (or an :class:`Adapter`) takes its copy before it
+    returns, as ``preload`` does: the caller may reuse its tensors at once (an optimizer step,
+    ``mul_``) or change the dict. It used to copy them only when the prefetch thread came to
+    it, here behind another prefetch, and prepared the changed values, silently."""
+    opened, _ = gate
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+    runtime.prefetch(save_peft(tmp_path / "a", make_adapter(model, {Q0: 4}, seed=1)[0], r=4))  # held: the queue
+    tensors, ab = make_adapter(model, {Q0: 4}, seed=2)
+    want = ab[Q0][0].clone()
+    source = tensors if kind == "mapping" else lorahot.read_adapter(tensors)
+    future = runtime.prefetch(source)
+    for t in tensors.values() if kind == "mapping" else (source.modules[Q0].A, source.modules[Q0].B):
+        t.mul_(2)
+    if kind == "mapping":
+        tensors.clear()
+    opened.set()
+    runtime.load(future.result(timeout=20))
+    assert torch.equal(runtime.layers[Q0].lora_A[:4], want)
