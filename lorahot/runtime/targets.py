@@ -410,7 +410,7 @@ def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
         wrapper = layer_class_for(base)
         if wrapper is None:  # match_targets checked every name; a model changed since
             raise UsageError(f"{name}: cannot add LoRA to {type(base).__name__}.")
-        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in base._parameters.values()):
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in base.parameters()):  # its own or inside
             raise UsageError(
                 f"{name}: {type(base).__name__} has not been materialized yet (its weight's shape is unknown until its "
                 "first call); run one forward of the model before inject."

@@ -605,6 +605,31 @@ def test_a_lazy_module_is_refused_until_materialized() -> None:
     assert list(lorahot.inject(model, ["0"], max_rank=2).layers) == ["0"]
 
 
+class _HoldsLazy(nn.Module):
+    """Linear-like by its declared sizes, computing through a lazy Linear inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.LazyLinear(3)
+        self.in_features, self.out_features = 4, 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_a_target_holding_a_lazy_module_is_refused_until_materialized() -> None:
+    """A target whose lazy submodule was not materialized yet: the probe forward materialized
+    it (inject changed the model: a new class, new parameters), and with the probe putting
+    parameters back it raised on the uninitialized one, read as the forward's own error. Now it
+    is refused as a lazy target is, nothing changed."""
+    model = nn.Sequential(_HoldsLazy())
+    with pytest.raises(lorahot.UsageError, match=r"^0: _HoldsLazy has not been materialized yet .*run one forward"):
+        lorahot.inject(model, ["0"], max_rank=2)
+    assert type(model[0].inner) is nn.LazyLinear
+    model(torch.randn(2, 4))
+    assert list(lorahot.inject(model, ["0"], max_rank=2).layers) == ["0"]
+
+
 @pytest.mark.parametrize("hooked", ["pre-hook", "hook", "forward"])
 def test_a_linear_with_hooks_is_not_widened_and_its_hooks_run(hooked: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The wide path (CUDA; widened on the CPU here) computes F.linear from the weight without
