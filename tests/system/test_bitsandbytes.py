@@ -166,3 +166,46 @@ def test_merged_mode_and_dora_over_bitsandbytes_are_refused_naming_the_layer(tmp
     x = torch.randn(2, 64)
     with torch.no_grad():
         assert torch.equal(model(x), _Model()(x))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_transformers_model_loaded_in_4_or_8_bits_serves_a_qlora_adapter_as_peft(tmp_path: Path, bits: int) -> None:
+    """The serving path end to end: a Llama saved and loaded again by transformers with
+    ``BitsAndBytesConfig`` (its Linears quantized on load), PEFT's ``all-linear`` adapter over it
+    (QLoRA), lorahot's ``all-linear`` inject (which leaves them bitwise as they were) and load,
+    the same logits; eject gives the quantized modules back, bitwise."""
+    transformers = pytest.importorskip("transformers")
+    from tests.helpers import TINY_DECODER
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**TINY_DECODER, "hidden_size": 64, "intermediate_size": 128})
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_compute_dtype=torch.float32
+    )
+
+    def load() -> nn.Module:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=quantization, device_map="cpu", dtype=torch.float32
+        ).eval()
+
+    torch.manual_seed(1)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    oracle = peft.get_peft_model(load(), cfg)
+    oracle.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, TINY_DECODER["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = oracle(input_ids=ids).logits
+    model = load()
+    kind = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    modules = [m for m in model.modules() if isinstance(m, kind)]
+    assert len(modules) == 14  # q, k, v, o, gate, up, down in each of 2 layers
+    before = _bits(modules)
+    runtime = lorahot.inject(model, "all-linear", max_rank=4, dtype=torch.float32)
+    assert _same(_bits(modules), before)
+    runtime.load(tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    warm = _bits(modules)  # bitsandbytes' first calls move CB/SCB and repack 4 bits on some CPUs
+    runtime.eject()
+    assert [m for m in model.modules() if isinstance(m, kind)] == modules and _same(_bits(modules), warm)
