@@ -28,7 +28,7 @@ from typing import Any
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.hub import cache_folder, is_repo_id
 
-__all__ = ["source_identity"]
+__all__ = ["source_identity", "source_files", "file_stat"]
 
 
 def source_identity(
@@ -51,6 +51,21 @@ def source_identity(
         The identity, or None where there is none (in-memory sources, a path that does not
         exist and is no repo id, options a read would refuse). Never raises.
     """
+    found = source_files(source, revision=revision, subfolder=subfolder, weight_name=weight_name)
+    if found is None:
+        return None
+    head, files = found
+    try:  # a path a stat refuses (a NUL byte in a Hub revision) names no file here either
+        return head + ";".join(_stat(f) for f in files)
+    except Exception:
+        return None
+
+
+def source_files(
+    source: Any, *, revision: Any = None, subfolder: Any = None, weight_name: Any = None, **read_kwargs: Any
+) -> tuple[str, list[Path]] | None:
+    """The files whose stat :func:`source_identity` takes (weights, configs, a Hub ref), after
+    the part of the identity that names the source; None where it has no identity. Never raises."""
     if not isinstance(source, (str, os.PathLike)):
         return None
     try:
@@ -73,9 +88,9 @@ def source_identity(
         # JSON, not a join: a '|' or '=' inside a name cannot make two sources one key
         key = "hub:" + json.dumps([text, revision or "", subfolder or "", weight_name or ""])
         if _COMMIT.fullmatch(revision or ""):
-            return key
-        try:  # a revision a read refuses (a NUL byte in it) names no file here either
-            return f"{key}|{_stat(_hub_ref(text, revision or 'main'))}"
+            return key, []
+        try:
+            return f"{key}|", [_hub_ref(text, revision or "main")]
         except Exception:
             return None
     return None
@@ -98,8 +113,8 @@ def _relative(value: Any) -> bool:
     return not PurePosixPath(value).is_absolute() and all(part not in ("..", "") for part in value.split("/"))
 
 
-def _local(path: Path, weight_name: str | None) -> str | None:
-    """``file:<real path>`` and the stat of every file a read of ``path`` could open."""
+def _local(path: Path, weight_name: str | None) -> tuple[str, list[Path]] | None:
+    """``file:<real path>``, and every file a read of ``path`` could open."""
     if path.is_dir():
         weights = [path / weight_name] if weight_name else sorted(path.glob("*.safetensors"))
     elif path.is_file():
@@ -107,15 +122,20 @@ def _local(path: Path, weight_name: str | None) -> str | None:
     else:
         return None
     configs = sorted({w.parent / CONFIG_NAME for w in weights} or {path / CONFIG_NAME})
-    entries = [_stat(f) for f in (*weights, *configs)]
-    return f"file:{os.path.realpath(path)}|weight_name={weight_name or ''}|" + ";".join(entries)
+    return f"file:{os.path.realpath(path)}|weight_name={weight_name or ''}|", [*weights, *configs]
 
 
 def _stat(path: Path) -> str:
     """``<real path>:<size>:<mtime_ns>:<ctime_ns>:<inode>``, or ``<real path>:-`` if absent."""
     real = os.path.realpath(path)
     try:
-        st = os.stat(real)
+        st = file_stat(real)
     except OSError:
         return f"{real}:-"
     return f"{real}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def file_stat(path: str) -> os.stat_result:
+    """``os.stat(path)``: the one stat the host cache's keys, and its check of which of them to
+    trust (:mod:`lorahot.runtime.racy`), take."""
+    return os.stat(path)

@@ -22,6 +22,7 @@ import torch
 
 from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, UsageError, long_name, one_line, shown
 from lorahot.io.config import CONFIG_NAME
+from lorahot.io.digests import note_config
 from lorahot.io.hub import check_relative, fetch
 from lorahot.io.safety import (
     PICKLE_SUFFIXES,
@@ -303,6 +304,7 @@ def _from_file(path: Path, device: torch.device | None = None, slices: Slices | 
     tensors, header = read_safetensors(path, device, slices)
     config_path = path.parent / CONFIG_NAME
     config = read_config(config_path)
+    note_config(config_path, config)  # for the host cache's recent files (lorahot.io.digests)
     config_file = str(config_path) if config is not None else None
     shapes_only = device is not None and device.type == "meta"
     label = one_line(str(path))  # a source is named in messages

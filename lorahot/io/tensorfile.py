@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from lorahot.errors import AdapterMismatchError, AdapterReadError, shown
+from lorahot.io.digests import note_data
 from lorahot.io.dtypes import TORCH_DTYPES
 from lorahot.io.read_buffers import lent
 from lorahot.io.safety import SafetensorsHeader, open_regular
@@ -132,6 +133,7 @@ def read_tensors(
 
         def fill(host: torch.Tensor) -> None:
             _read_fd(path, fd, header.data_start, host, stamp=stamp)
+            note_data(path, header.identity, host)
 
         def allocate(make: Callable[[], torch.Tensor]) -> torch.Tensor:
             return _allocate(path, header.data_size, make)
@@ -141,6 +143,7 @@ def read_tensors(
     buf = _allocate(path, header.data_size, lambda: make(header.data_size, dtype=torch.uint8, pin_memory=on_gpu))
     if header.data_size:
         _read_fd(path, fd, header.data_start, buf, _spans(header, slices) if slices else None, stamp=stamp)
+    note_data(path, header.identity, None if slices else buf)  # for the host cache's recent files
     if device is not None and device.type != "cpu":
         host = buf
         buf = _allocate(path, header.data_size, lambda: host.to(device, non_blocking=on_gpu))

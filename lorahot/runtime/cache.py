@@ -51,6 +51,9 @@ class PreparedAdapter:
     plan: LoadPlan
     packs: list[Pack]  # one per arena, in host (pinned on GPU) memory
     owner: object  # the BufferManager the plan was made for
+    #: (real path, digest) of each file of its key written too recently for its stat to stand
+    #: for its content (:mod:`lorahot.runtime.racy`): a load from the entry hashes them again
+    racy: tuple[tuple[str, bytes], ...] = ()
 
     @functools.cached_property
     def saved_bases(self) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from lorahot.errors import AdapterMismatchError, SourceNotFoundError
 from lorahot.io import identity
 from lorahot.io.identity import source_identity
 from lorahot.runtime import cache as cache_module
-from lorahot.runtime import lora_runtime
+from lorahot.runtime import lora_runtime, racy
 from tests.helpers import make_adapter, save_peft, tiny_lm
 
 Q0 = "layers.0.self_attn.q_proj"
@@ -73,6 +73,78 @@ def test_a_config_rewritten_after_preload_is_read_again(tmp_path: Path, reads) -
     (path / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')
     runtime.load(path)
     assert len(reads) == 2 and set(runtime.layers[Q0].lora_scale.tolist()) == {2.0}
+
+
+def _coarse_clock(monkeypatch: pytest.MonkeyPatch, path: Path, after_ns: int) -> None:
+    """Stands in a filesystem whose timestamps move in coarse ticks: from now on, the cache's
+    stat of each file in ``path`` answers what it answers now (a same-size rewrite keeps size,
+    mtime, ctime and inode), and its clock reads ``after_ns`` past the newest of those times."""
+    frozen = {os.path.realpath(f): os.stat(f) for f in path.iterdir()}
+    real = identity.file_stat
+    monkeypatch.setattr(identity, "file_stat", lambda p: frozen.get(p) or real(p))
+    newest = max(max(st.st_mtime_ns, st.st_ctime_ns) for st in frozen.values())
+    monkeypatch.setattr(racy, "now_ns", lambda: newest + after_ns)
+
+
+def _opened(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[str]:
+    """Records every file under ``path`` lorahot opens from now on."""
+    seen: list[str] = []
+    real = os.open
+
+    def counting(file, *args, **kwargs):
+        if str(file).startswith(str(path)):
+            seen.append(str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting)
+    return seen
+
+
+@pytest.mark.parametrize("rewritten", ["weights", "config"])
+def test_a_rewrite_within_the_timestamp_tick_of_preload_is_read_again(
+    rewritten: str, tmp_path: Path, reads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a filesystem with coarse timestamps (a jiffy on Linux before 6.13, 1-2 s on network
+    filesystems and FAT), a same-size rewrite within the tick of preload's stat keeps the file's
+    key: the old adapter was served, silently. A file written within the racy margin of its
+    preload keeps a digest of what was read, and a load hashes it again."""
+    model, runtime, path = _setup(tmp_path)
+    (path / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')
+    _coarse_clock(monkeypatch, path, after_ns=1_000_000)  # preloaded 1 ms after the write
+    runtime.preload(path)
+    assert {p for p, _ in runtime.cache.peek(runtime.cache.keys()[0]).racy} == {
+        os.path.realpath(path / n) for n in ("adapter_model.safetensors", "adapter_config.json")
+    }
+    fresh, ab = make_adapter(model, {Q0: 4}, seed=9)  # same shapes: the same size
+    if rewritten == "weights":
+        save_peft(path, fresh, r=4)
+        (path / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')
+    else:
+        (path / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 2}')
+    runtime.load(path)
+    assert len(reads) == 2
+    want = ab[Q0][0] if rewritten == "weights" else make_adapter(model, {Q0: 4}, seed=1)[1][Q0][0]
+    assert torch.equal(runtime.layers[Q0].lora_A[:4], want)
+    assert set(runtime.layers[Q0].lora_scale.tolist()) == {2.0 if rewritten == "weights" else 0.5}
+
+
+@pytest.mark.parametrize("written", ["within the margin", "before the margin"])
+def test_an_unchanged_file_is_served_from_the_cache_and_an_old_one_is_not_hashed(
+    written: str, tmp_path: Path, reads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader's digest of a recent file is what a load computes from the file (the load is
+    a hit: no second read of the adapter, its files hashed once); a file older than the margin
+    keeps the stat check alone: the load opens nothing."""
+    _, runtime, path = _setup(tmp_path)
+    recent = written == "within the margin"
+    _coarse_clock(monkeypatch, path, after_ns=1_000_000 if recent else racy.MARGIN_NS + 1)
+    runtime.preload(path)
+    opened = _opened(monkeypatch, path)
+    runtime.load(path)
+    assert len(reads) == 1
+    assert sorted(map(os.path.basename, opened)) == (
+        ["adapter_config.json", "adapter_model.safetensors"] if recent else []
+    )
 
 
 def test_key_given_to_preload_serves_load_of_that_key(tmp_path: Path, reads, monkeypatch) -> None:
@@ -272,7 +344,7 @@ def test_identity_of_hub_ids_and_in_memory_sources() -> None:
     assert source_identity({"a": torch.ones(1)}) is None
     assert source_identity("./no/such/dir") is None
     assert source_identity(42) is None
-    assert identity.__all__ == ["source_identity"]
+    assert identity.__all__ == ["source_identity", "source_files", "file_stat"]
 
 
 # -- AdapterCache arguments ---------------------------------------------------------------------
