@@ -257,6 +257,11 @@ class KeyFormat:
                 f"{self.example}); the file mixes namings, or uses one lorahot does not know: rename the keys to one "
                 "naming (key_map=), or report the naming"
             )
+        if _compiled(_EMBEDDING).fullmatch(key):
+            return (
+                "a textual-inversion embedding (pivotal tuning), not LoRA weights: load it into the text encoder "
+                "yourself (diffusers: pipe.load_textual_inversion); strict=False loads the LoRA without it"
+            )
         full = _compiled(_FULL_WEIGHT).fullmatch(key)
         if full is not None:
             return (
@@ -655,5 +660,9 @@ REFUSED_BUT_EXTRAS_AND_FACTORS = tuple(
 #: A key no rule parses that names a whole module's parameter: PEFT's modules_to_save, trained
 #: biases, or a resized embedding saved whole.
 _FULL_WEIGHT = r"(?P<module>.+)\.(weight|bias)"
+#: A textual-inversion embedding bundled with a LoRA: kohya's and OneTrainer's pivotal tuning
+#: (``bundle_emb.<token>.string_to_param.*``, ``bundle_emb.<token>.clip_l``), A1111's
+#: ``emb_params``, SDXL's per-encoder vectors (``<token>.clip_l``, ``clip_g``).
+_EMBEDDING = r"bundle_emb\..+|emb_params|(?:.+\.)?string_to_(?:param|token)(?:\..+)?|(?:[^.]+\.)?clip_[lg]"
 #: A key no rule of a naming parses that still names a LoRA factor (another naming's role).
 _LORA_ROLE = r".+\.(?P<role>lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|alpha)(\.[^.]+)?(\.weight)?"

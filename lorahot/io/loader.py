@@ -511,18 +511,21 @@ def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: 
     """Works out the adapter ``raw`` holds: its format, modules, alphas and configs, checked.
 
     Raises:
-        UnknownFormatError: keys it cannot load; where ``strict=False`` would read the rest,
-            the message also says how many modules that read keeps and which keys it skips.
+        UnknownFormatError: keys it cannot load.
+        AdapterMismatchError: modules that disagree with themselves or the config (an A
+            without its B, a stray ``.alpha`` whose factors the file lacks). For either, where
+            ``strict=False`` would read the rest, the message also says how many modules that
+            read keeps and which keys it skips.
     """
     try:
         return _normalize_once(raw, overrides, strict)
-    except UnknownFormatError as exc:
+    except (UnknownFormatError, AdapterMismatchError) as exc:
         if not strict:
             raise
         tail = _partial_read(raw, overrides)
         if not tail:
             raise
-        raise UnknownFormatError(lines(message(exc), tail)) from None
+        raise type(exc)(lines(message(exc), tail)) from None
 
 
 def _partial_read(raw: RawAdapter, overrides: dict[str, Any] | None) -> str:
@@ -1273,7 +1276,10 @@ def _incomplete(module: str, roles: dict[str, tuple[str, torch.Tensor]], fmt: Ke
     name = dict(zip("AB", fmt.roles))
     have = next((r for r in "AB" if r in roles), None)
     if have is None:
-        return f"{module}: has only {', '.join(k for k, _ in roles.values())}, no {name['A']}/{name['B']} weights"
+        stray = " (an alpha without its factors changes no output: delete it)" if set(roles) == {"alpha"} else ""
+        return (
+            f"{module}: has only {', '.join(k for k, _ in roles.values())}, no {name['A']}/{name['B']} weights{stray}"
+        )
     miss = "B" if have == "A" else "A"
     return f"{module}: has {name[have]} ({roles[have][0]}) but no {name[miss]}"
 

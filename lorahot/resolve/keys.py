@@ -422,6 +422,7 @@ def resolve_all(
     origin: dict[str, str] = {}
     problems: list[str] = []
     bare = 0  # problems of keys naming a norm without a weight, which no targets help
+    unplaced = 0  # problems of keys that land nowhere, which strict=False skips
     entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
     pending: collections.deque[tuple[str, LoraModule | WeightModule, str]] = collections.deque(
         (key, module, fmt.in_file(key, module.source_keys[0]) if module.source_keys else key) for key, module in entries
@@ -448,12 +449,14 @@ def resolve_all(
             skipped.extend(module.source_keys or (key,))
         elif not hits and (norms := _weightless(key, fmt, index)):
             bare += 1
+            unplaced += 1
             problems.append(
                 f"{named}: names {', '.join(norms)}, a normalization layer without a weight or bias in this model "
                 "(elementwise_affine=False or affine=False): it has no weight to fold a delta into, whatever the "
                 "targets or the mode; load with strict=False to skip it"
             )
         elif not hits:
+            unplaced += 1
             shown_here = len(problems) < _SHOWN  # the rest are not shown
             renamed = _renamed(key, fmt) if shown_here else []
             close = _closest(key, fmt, index, renamed) if shown_here else []
@@ -478,6 +481,7 @@ def resolve_all(
         else:
             out[hits[0]], origin[hits[0]] = module, named
     if problems:
+        rest = [_rest_hint(len(out))] if unplaced == len(problems) and out and bare < len(problems) else []
         raise AdapterMismatchError(
             lines(
                 format_problems(
@@ -486,6 +490,7 @@ def resolve_all(
                     problems,
                 ),
                 _BARE_HINT if bare == len(problems) else _fix_hint(adapter),
+                *rest,
             )
         )
     lora = {n: m for n, m in out.items() if isinstance(m, LoraModule)}
@@ -530,6 +535,15 @@ _SHOWN = 20
 
 
 _BARE_HINT = "Load with strict=False to skip those keys, or load an adapter made for this model."
+
+
+def _rest_hint(placed: int) -> str:
+    """What ``strict=False`` makes of an adapter whose only problems are modules that land
+    nowhere: it skips them and loads the ``placed`` layers the rest lands on."""
+    return (
+        f"Or load the rest with strict=False: it skips those modules (listed in AdapterInfo.skipped) and loads the "
+        f"{placed} layer{'s' if placed != 1 else ''} the others land on."
+    )
 
 
 def _fix_hint(adapter: Adapter) -> str:

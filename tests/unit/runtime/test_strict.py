@@ -194,3 +194,57 @@ def _saved(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     path = tmp_path / "sdxl_like.safetensors"
     save_file(tensors, str(path))
     return path
+
+
+#: Keys of wild LoRA files that no loader turns into an update of the injected layers, which
+#: strict=False skips: what the strict refusal says of each, and the kind it raises.
+NOT_APPLIED = {
+    "stray alpha": (
+        {"lora_unet_attn_to_v.alpha": torch.tensor(2.0)},
+        lorahot.AdapterMismatchError,
+        r"lora_unet_attn_to_v\.alpha, no lora_down/lora_up weights \(an alpha without its factors changes no output",
+    ),
+    "down without up": (
+        {"lora_te_text_model_embeddings_token_embedding.lora_down.weight": torch.randn(2, 8)},
+        lorahot.AdapterMismatchError,
+        r"lora_te_text_model_embeddings_token_embedding: has lora_down \(\S+\) but no lora_up",
+    ),
+    "embedding bundle": (
+        {"bundle_emb.tok.string_to_param.*": torch.randn(2, 8), "emb_params": torch.randn(2, 8)},
+        lorahot.UnknownFormatError,
+        r"bundle_emb\.tok\.string_to_param\.\*: a textual-inversion embedding \(pivotal tuning\)[^\n]*"
+        r"pipe\.load_textual_inversion[\s\S]*emb_params: a textual-inversion embedding",
+    ),
+    "a module the model lacks": (
+        lora_pair("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", "lora_down", "lora_up"),
+        lorahot.AdapterMismatchError,
+        r"lora_te2_text_model_encoder_layers_0_self_attn_q_proj: matches no injected layer",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", NOT_APPLIED)
+def test_a_refusal_of_keys_strict_false_skips_says_so_and_strict_false_loads_the_rest(case: str) -> None:
+    """A kohya file with keys besides its LoRA factors that change no injected layer's output
+    (a stray .alpha, half a module, an embedding bundle, modules of a text encoder the model
+    lacks) is refused by default naming the keys and what strict=False keeps, the model
+    bitwise unchanged; strict=False loads the LoRA modules as the float64 reference computes
+    them, as ComfyUI loads such a file (it warns of the keys and applies the rest)."""
+    extra, error, said = NOT_APPLIED[case]
+    model = _model()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v"], max_rank=4)
+    tensors = {k: v for k, v in _file().items() if k.startswith(tuple(UNET))} | extra
+    before = {k: v.clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    with pytest.raises(error, match=said) as refused:
+        runtime.load(tensors)
+    assert re.search(r"\nOr load the rest with strict=False\b[^\n]*\.$", str(refused.value)), str(refused.value)
+    after = dict([*model.named_parameters(), *model.named_buffers()])
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert runtime.info() is None
+    info = runtime.load(tensors, strict=False)
+    assert set(info.skipped) == set(extra) and set(info.ranks) == {"attn.to_q", "attn.to_k"}
+    x = torch.randn(3, 8, dtype=torch.float64)
+    want = _reference(tensors, x)
+    with torch.no_grad():
+        for name, layer in model["attn"].items():
+            torch.testing.assert_close(layer(x), want[name], rtol=1e-12, atol=1e-12)
