@@ -775,7 +775,7 @@ def _component_configs(
     too_many = budget_problem(list(configs.values()))
     if too_many is not None:
         raise AdapterReadError(f"{raw.source}: {too_many}. Write fewer, plainer pattern keys.")
-    root = _root_origin(file_config is not None, "" in header_configs)
+    root = _root_origin(file_config is not None, "" in header_configs, overrides is not None)
     parsed = {c: _parse_config(raw, c, d, root) for c, d in configs.items()}
     if overrides:  # what a message blames: the caller's values too
         parsed = {c: replace(cfg, origin=_overridden(cfg.origin)) for c, cfg in parsed.items()}
@@ -870,13 +870,21 @@ def _agreed(raw: RawAdapter, header: dict[str, Any], component: str = "") -> dic
     return {**config, **header}
 
 
-def _root_origin(file_config: bool, header_config: bool) -> str:
-    """Where the config of every module (component ``""``) came from, for messages."""
+#: the origin of a config that no file, header or ``config=`` stated (every module's alpha its rank,
+#: or its ``.alpha``): a message about it names no config to fix
+NO_CONFIG = "no adapter config (the defaults)"
+
+
+def _root_origin(file_config: bool, header_config: bool, given: bool) -> str:
+    """Where the config of every module (component ``""``) came from, for messages: with no
+    config in the file, its header or ``config=`` (``given``), the defaults (alpha = rank)."""
     if header_config:
         return (
             f"{CONFIG_NAME} and the {METADATA_KEY}" if file_config else f"the {METADATA_KEY} in the safetensors header"
         )
-    return CONFIG_NAME if file_config else "config="
+    if file_config:
+        return CONFIG_NAME
+    return "config=" if given else NO_CONFIG
 
 
 def _parse_config(raw: RawAdapter, component: str, fields: dict[str, Any], root: str) -> AdapterConfig:
@@ -1015,11 +1023,14 @@ def _assemble(
             )
         )
     if problems:
-        overridden = any("config=" in (cfg.origin or "") for cfg in configs.values())
-        fix = "Fix config= (or re-save the adapter)" if overridden else "Re-save the adapter"
-        raise AdapterMismatchError(
-            lines(format_problems(f"{source}: inconsistent adapter:", problems), f"{fix} so tensors and config agree.")
-        )
+        origins = [cfg.origin or "" for cfg in configs.values()]
+        if any("config=" in origin for origin in origins):
+            fix = "Fix config= (or re-save the adapter) so tensors and config agree."
+        elif all(origin == NO_CONFIG for origin in origins):
+            fix = "Re-save the adapter with both factors of every module."
+        else:
+            fix = "Re-save the adapter so tensors and config agree."
+        raise AdapterMismatchError(lines(format_problems(f"{source}: inconsistent adapter:", problems), fix))
     return modules
 
 

@@ -83,6 +83,27 @@ def test_config_over_a_file_s_config_is_blamed_with_it(tmp_path: Path) -> None:
         lorahot.read_adapter(_peft(), config={"r": 8})
 
 
+def test_a_file_without_any_config_is_not_told_to_fix_config(tmp_path: Path) -> None:
+    """A kohya file with half a module and no config anywhere: the refusal said "Fix config= (or
+    re-save the adapter)" though no config= was given (the defaults were labelled as config=). It
+    now says to re-save the file; with config= given it still names config= first."""
+    half = {
+        "lora_unet_a_proj_in.lora_down.weight": torch.randn(4, 8),
+        "lora_unet_a_proj_in.lora_up.weight": torch.randn(8, 4),
+        "lora_unet_b_proj_in.lora_down.weight": torch.randn(4, 8),
+    }
+    path = tmp_path / "half.safetensors"
+    save_file(half, path)
+    for source in (half, path):
+        with pytest.raises(lorahot.AdapterMismatchError) as refused:
+            lorahot.read_adapter(source)
+        text = str(refused.value)
+        assert "lora_unet_b_proj_in" in text and "config=" not in text.split("inconsistent adapter:")[1]
+        assert "Re-save the adapter with both factors of every module." in text
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"\nFix config= \(or re-save the adapter\)"):
+        lorahot.read_adapter(half, config={"lora_alpha": 4})
+
+
 def test_fuse_argument_errors() -> None:
     with pytest.raises(lorahot.UsageError, match=r"fuse\['qkv'\] must list at least two parts"):
         lorahot.read_adapter(_peft(), fuse={"qkv": ["q"]})
