@@ -14,7 +14,6 @@ import functools
 import gc
 import itertools
 import numbers
-import operator
 import os
 import threading
 import weakref
@@ -48,10 +47,9 @@ from lorahot.io.tensorfile import Slices, largest_tensor
 from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.layers.norm import is_weightless_norm
-from lorahot.layers.sharded import is_sharded
 from lorahot.resolve.components import non_denoisers
 from lorahot.resolve.keys import head_sizes, outside
-from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, fused_projections, peft_arguments, racy
+from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, fused_projections, peft_arguments
 from lorahot.runtime.activate_replay import ActivateReplay
 from lorahot.runtime.agreement import Agreement
 from lorahot.runtime.aliases import own_storages, unaliased
@@ -78,6 +76,7 @@ from lorahot.runtime.experts import find_experts
 from lorahot.runtime.info import AdapterInfo, PartInfo
 from lorahot.runtime.load_replay import LoadReplay
 from lorahot.runtime.merge import Merger, check_ejectable
+from lorahot.runtime.placement import Placement
 from lorahot.runtime.plan import (
     Checked,
     LoadPlan,
@@ -107,14 +106,7 @@ from lorahot.runtime.sequence_first import find_sequence_first
 from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.skeleton import Skeleton, Skeletons
 from lorahot.runtime.stack import Stack, build
-from lorahot.runtime.targets import (
-    flattened_on_path,
-    fsdp_owners,
-    fsdp_refusal,
-    submodule_at,
-    through_wrappers,
-    unwrap_modules,
-)
+from lorahot.runtime.targets import unwrap_modules
 from lorahot.runtime.towers import find_towers
 from lorahot.runtime.updates import UpdateRange
 from lorahot.runtime.wide import WideWeights, widen_layers
@@ -238,30 +230,7 @@ class LoraRuntime:
         self._stacks: list[Stack | None] = [None] * buffers.slots  # what each slot holds: its parts' plans and rows
         self._weights: list[tuple[float, ...]] = [()] * buffers.slots  # each slot's user weights, one per part
         self._state = RuntimeState()  # shared with the layers: lorahot.eject(model) marks it
-        #: the layers whose rows are not the batch's: a mixture-of-experts block's experts (by
-        #: name or structure), a multimodal model's vision tower and the layers that see their
-        #: input sequence-first; a per-row routing reaches none (check_experts, check_towers,
-        #: check_sequence_first), and under one they compute their base output
-        self._experts = find_experts(model, layers)
-        self._towers = find_towers(model, layers)
-        self._sequence_first = find_sequence_first(model, layers)
-        for name, layer in layers.items():
-            a_rows, b_rows, scale, extras_view, handle = buffers.live_rows(name)
-            a, b = layer.live_views(a_rows, b_rows)
-            # merged: base kernels only
-            layer.bind(
-                a,
-                b,
-                scale,
-                extras_view,
-                handle=handle,
-                fused=fused and not merged,
-                state=self._state,
-                extras=extras,
-                path=name,
-                regional=regional,
-                unrouted=name in self._experts or name in self._towers or name in self._sequence_first,
-            )
+        self._bind(fused and not merged, extras, regional)  # merged: base kernels only
         if fused and not merged:
             widen_layers(layers, buffers, model)
         if not merged:  # compiled, layers sharing an input share one shrink GEMM
@@ -273,11 +242,9 @@ class LoraRuntime:
         #: the last stack whose weights were range-checked, and per part its limits (:meth:`_within_range`)
         self._ranges: tuple[weakref.ref[Stack], list[_Limits]] | None = None
         self._routing = Routing(buffers)
-        self._arena_names = [[""] * len(a.specs) for a in buffers.arenas]  # for messages
-        for name, (arena, index) in buffers.where.items():
-            self._arena_names[arena][index] = name
+        self._arena_names = _arena_names(buffers)  # for messages
         self._updates = UpdateRange(buffers, self._arena_names)  # each slot's update within its dtype's range
-        self._addresses = {name: layer.bound_address() for name, layer in layers.items()}
+        self._placement = Placement(model, layers)  # checked before each call (_check_usable)
         #: the memory a write may change, which a loaded adapter's tensors must not share
         #: (:mod:`lorahot.runtime.aliases`)
         self._own = own_storages(
@@ -285,24 +252,7 @@ class LoraRuntime:
             [t for a in buffers.arenas for t in (a.A, a.B, a.S, a.E)]
             + [layer.wide_rows() for layer in layers.values() if layer.wide],
         )
-        links = _links(model, layers)  # as three lists, checked by map() in C
-        self._link_children = [children for children, _, _ in links]
-        self._link_names = [child for _, child, _ in links]
-        self._link_modules = [module for _, _, module in links]
-        self._link_originals = list(self._link_modules)  # the wrapped-since are checked against these
-        self._first = next(iter(layers))
-        self._specs = {name: layer.spec for name, layer in layers.items()}
-        self._largest = _largest_factor(self._specs.values(), buffers.max_rank)
-        self._sharded = {name: is_sharded(layer.base_layer) for name, layer in layers.items()}
-        # the model's other modules: a key naming one of them is not placed on a neighbour (a norm
-        # without a weight is none: a naming's alias of that path lands on the norm it means)
-        modules = list(model.named_modules())
-        paths = [name for name, module in modules if not is_weightless_norm(module)]
-        self._others = outside(paths, list(layers))
-        self._non_denoisers = non_denoisers(self.components, paths)  # what denoiser= may not name
-        # a key naming one of those is refused as such: there is no weight to fold its delta into
-        self._weightless = tuple(name for name, module in modules if is_weightless_norm(module))
-        self._heads = head_sizes(model.named_modules())  # where a file's rows interleave attention heads
+        self._index_model(model)
         devices = {a.device for a in buffers.arenas}
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
         self.cache = AdapterCache(cache_bytes)
@@ -324,6 +274,57 @@ class LoraRuntime:
         #: forward hook of the model may call them within one of them on the same thread
         self._calls = threading.RLock()
         self._pending_keys = PendingKeys(self.cache)  # keyed prefetches under way: a load of one waits
+        self._install_hooks()
+
+    def _bind(self, fused: bool, extras: bool, regional: bool) -> None:
+        """Binds each layer to its live rows of the buffers and to the runtime's shared state;
+        the layers a per-row routing cannot reach (experts, towers, sequence-first) are marked
+        unrouted."""
+        #: the layers whose rows are not the batch's: a mixture-of-experts block's experts (by
+        #: name or structure), a multimodal model's vision tower and the layers that see their
+        #: input sequence-first; a per-row routing reaches none (check_experts, check_towers,
+        #: check_sequence_first), and under one they compute their base output
+        self._experts = find_experts(self.model, self.layers)
+        self._towers = find_towers(self.model, self.layers)
+        self._sequence_first = find_sequence_first(self.model, self.layers)
+        unrouted = self._experts | self._towers | self._sequence_first
+        for name, layer in self.layers.items():
+            a_rows, b_rows, scale, extras_view, handle = self.buffers.live_rows(name)
+            a, b = layer.live_views(a_rows, b_rows)
+            layer.bind(
+                a,
+                b,
+                scale,
+                extras_view,
+                handle=handle,
+                fused=fused,
+                state=self._state,
+                extras=extras,
+                path=name,
+                regional=regional,
+                unrouted=name in unrouted,
+            )
+
+    def _index_model(self, model: nn.Module) -> None:
+        """What a file's keys and tensors are checked against: the layers' specs, the most
+        elements a file's tensor may have (:func:`_largest_factor`), the model's other modules
+        (a key naming one of them is not placed on a neighbour; a norm without a weight is none:
+        a naming's alias of that path lands on the norm it means), what ``denoiser=`` may not
+        name, the norms without a weight (a key naming one is refused as such: there is no weight
+        to fold its delta into), and where a file's rows interleave attention heads."""
+        self._specs = {name: layer.spec for name, layer in self.layers.items()}
+        self._largest = _largest_factor(self._specs.values(), self.buffers.max_rank)
+        modules = list(model.named_modules())
+        paths = [name for name, module in modules if not is_weightless_norm(module)]
+        self._others = outside(paths, list(self.layers))
+        self._non_denoisers = non_denoisers(self.components, paths)
+        self._weightless = tuple(name for name, module in modules if is_weightless_norm(module))
+        self._heads = head_sizes(model.named_modules())
+
+    def _install_hooks(self) -> None:
+        """Installs lorahot's hooks on the modules a user calls (PEFT's call arguments, assigned
+        loads, embedding resizes, fused projections: undone by :func:`release_hooks`), and the
+        shared state's calls back into the runtime (eject, a base weight loaded)."""
         for root in self._roots():
             peft_arguments.install(root)
             assigned_loads.install(root)
@@ -331,7 +332,7 @@ class LoraRuntime:
             fused_projections.install(root)
         self._state.on_eject(self._detach)
         self._state.base_loaded = self._base_loaded
-        self._state.before_eject = functools.partial(_check_ejectable, model, layers)
+        self._state.before_eject = functools.partial(_check_ejectable, self.model, self.layers)
 
     def _roots(self) -> list[nn.Module]:
         """The modules a user calls: the model, or each component."""
@@ -654,35 +655,67 @@ class LoraRuntime:
         check_read_options(read_kwargs, self.components)
         denoisers = denoisers_of(denoiser, len(sources), self.components, others=self._non_denoisers)
         options = [routed(read_kwargs, d) for d in denoisers]
+        found = self._cached_parts(sources, options, denoisers_named(denoiser, len(sources)), listed)
+        hits = [h for s, h in zip(sources, found, strict=True) if h is not None and not isinstance(s, PreparedAdapter)]
+        prepared = found[0] if len(found) == 1 else None
+        if prepared is not None:  # from the host cache: one copy per arena
+            stack, write = self._check_prepared(slot, prepared, weights)
+            return slot, [prepared.adapter], stack, weights, listed, write, hits
+        self._check_usable(every_layer=any(p is None for p in found))  # every layer: cheap next to reading a file
+        adapters, stack, write = self._check_parts(slot, sources, found, options, weights, listed)
+        return slot, adapters, stack, weights, listed, write, hits
+
+    def _cached_parts(
+        self, sources: list[One], options: list[dict[str, Any]], names: Sequence[bool], listed: bool
+    ) -> list[PreparedAdapter | None]:
+        """Each part's entry of the host cache (:meth:`_cached`), or None where it is read; an
+        entry carrying a copy of the base weights is compared with the weights as they are now."""
         found: list[PreparedAdapter | None] = []
-        for k, (s, o, n) in enumerate(zip(sources, options, denoisers_named(denoiser, len(sources)))):
+        for k, (s, o, n) in enumerate(zip(sources, options, names)):
             with _naming_part(k if listed else None):
                 found.append(self._cached(s, o, n))
                 if found[-1] is not None and found[-1].saved_bases:  # compared with the weights as they are now
                     check_saved_bases(found[-1].plan, found[-1].saved_bases, self._base_weight)
-        hits = [h for s, h in zip(sources, found, strict=True) if h is not None and not isinstance(s, PreparedAdapter)]
-        prepared = found[0] if len(found) == 1 else None
+        return found
+
+    def _check_prepared(
+        self, slot: int, prepared: PreparedAdapter, weights: tuple[float, ...]
+    ) -> tuple[Stack, Callable[[bool], bool]]:
+        """The checks of a load of one adapter from the host cache, and its write (one copy per
+        arena; on CUDA through the read buffers, whose upload starts here, before the checks)."""
         buffers = self._read_buffers
         upload = buffers.upload if buffers is not None and buffers.device.type == "cuda" else None
         # from the host cache on CUDA: the upload first, into the read buffers (nothing the
         # model reads), so that the checks run while it is under way
-        staged = self.buffers.stage(prepared.packs, upload) if prepared is not None and upload is not None else None
-        self._check_usable(every_layer=any(p is None for p in found))  # every layer: cheap next to reading a file
-        if prepared is not None:  # from the host cache: one copy per arena
-            packs = prepared.packs
-            stack = Stack.of(prepared.plan, self.max_rank)
-            self._check_scales(stack, weights)
+        staged = self.buffers.stage(prepared.packs, upload) if upload is not None else None
+        self._check_usable()
+        packs = prepared.packs
+        stack = Stack.of(prepared.plan, self.max_rank)
+        self._check_scales(stack, weights)
 
-            def write_packs(live: bool) -> bool:  # on CUDA through the read buffers: no allocation
-                merged = self._merger is not None
-                self.buffers.touched = staged is not None  # a replay writes too
-                if staged is not None and self._load_replay(slot, live, packs, staged, weights[0], stack, merged):
-                    return True  # the writes and the wide refresh as one graph replay
-                self.buffers.write(slot, packs, weights[0], live=live, staged=staged)
-                return False
+        def write_packs(live: bool) -> bool:  # on CUDA through the read buffers: no allocation
+            merged = self._merger is not None
+            self.buffers.touched = staged is not None  # a replay writes too
+            if staged is not None and self._load_replay(slot, live, packs, staged, weights[0], stack, merged):
+                return True  # the writes and the wide refresh as one graph replay
+            self.buffers.write(slot, packs, weights[0], live=live, staged=staged)
+            return False
 
-            self._check_routed(slot, stack)
-            return slot, [prepared.adapter], stack, weights, listed, write_packs, hits
+        self._check_routed(slot, stack)
+        return stack, write_packs
+
+    def _check_parts(
+        self,
+        slot: int,
+        sources: list[One],
+        found: list[PreparedAdapter | None],
+        options: list[dict[str, Any]],
+        weights: tuple[float, ...],
+        listed: bool,
+    ) -> tuple[list[Adapter], Stack, Callable[[bool], bool]]:
+        """The checks of a load of a stack, or of one adapter to read: each part read (or from
+        the host cache, ``found``) and validated, then the stack built and checked; the
+        adapters, the stack, and its write (staged, with the LoRA bias sums)."""
         adapters, parts, fresh = [], [], []
         for k, (s, hit) in enumerate(zip(sources, found)):
             with _naming_part(k if listed else None):
@@ -710,7 +743,7 @@ class LoraRuntime:
                     forget_values(plan)
             return False
 
-        return slot, adapters, stack, weights, listed, write_staged, hits
+        return adapters, stack, write_staged
 
     def _check_routed(self, slot: int, stack: Stack) -> None:
         """Refuses a load into a slot the routing in force sends rows to where the adapter has
@@ -902,15 +935,12 @@ class LoraRuntime:
             key = None  # the source's own name: cached by its identity, so a rewritten file is read again
         identity = source_key(source, read_kwargs)
         source = _private(source)  # the entry must not change with the caller's tensors
-        # an entry kept by identity holds digests of its recently written files; a named one does not follow them
-        with racy.digests_of_read(source if key is None else None, read_kwargs) as digests:
-            adapter, recipe = self._read(source, None, read_kwargs)
+        adapter, recipe = self._read(source, None, read_kwargs)
         checked = self._validated(adapter, recipe, False, read_kwargs)
         if self._merger is None and any(checked.plan.dora):  # at its own scale, as load checks it
             self._dora.check(Stack.of(checked.plan, self.max_rank), (1.0,))
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
-        packs = pack_host(checked, self.buffers)
-        prepared = PreparedAdapter(cache_key, adapter, checked.plan, packs, self.buffers, tuple(digests.items()))
+        prepared = PreparedAdapter(cache_key, adapter, checked.plan, pack_host(checked, self.buffers), self.buffers)
         # (a file that changed while it was read is not cached)
         return prepared, key is not None or identity is None or source_key(source, read_kwargs) == identity, key
 
@@ -1038,8 +1068,6 @@ class LoraRuntime:
         if hit is None:
             cache_key = source_key(source, read_kwargs)
             hit = self.cache.peek(cache_key) if cache_key is not None else None
-            if hit is not None and hit.racy and not racy.unchanged(hit.racy):
-                hit = None  # rewritten within its timestamps' tick: the key stayed, the bytes did not
         if hit is None and name is not None and failure is not None:
             raise failed_prefetch(name, failure)
         if hit is None and name is not None and not read_kwargs and self.cache.is_name(name):
@@ -1116,25 +1144,32 @@ class LoraRuntime:
                 (naming that rank): every rank puts the slot and routing before back.
         """
         per_row = isinstance(slot, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(slot, (str, bytes))
-        if not per_row:
-            whole = slot
+        if per_row:
+            self._activate_rows(slot, lengths)
+        else:
+            self._activate_whole(slot, lengths)
 
-            def whole_checked() -> int:  # every check inside the agreement: a rank failing alone
-                self._check_usable()  # fails every rank, none waits in a collective (tensor parallel)
-                if lengths is not None:
-                    raise UsageError(
-                        f"lengths={shown(lengths, 40)} applies to a per-row routing (a sequence of slots), not to "
-                        f"activate({shown(whole, 40)})."
-                    )
-                return self._slot(whole)
+    def _activate_whole(self, whole: object, lengths: object) -> None:
+        """``activate(whole)``: one slot for the whole batch, checked (on every rank), then live."""
 
-            slot = self._agreed(  # an int, or the error saying what it must be
-                whole_checked, "activate", lambda s: {"arguments": fingerprint.arguments("activate", s)}
-            )
-            self._switch(slot, lambda: self._routing.clear(), again=True)
-            return
+        def whole_checked() -> int:  # every check inside the agreement: a rank failing alone
+            self._check_usable()  # fails every rank, none waits in a collective (tensor parallel)
+            if lengths is not None:
+                raise UsageError(
+                    f"lengths={shown(lengths, 40)} applies to a per-row routing (a sequence of slots), not to "
+                    f"activate({shown(whole, 40)})."
+                )
+            return self._slot(whole)
+
+        slot = self._agreed(  # an int, or the error saying what it must be
+            whole_checked, "activate", lambda s: {"arguments": fingerprint.arguments("activate", s)}
+        )
+        self._switch(slot, lambda: self._routing.clear(), again=True)
+
+    def _activate_rows(self, rows: object, lengths: Sequence[int] | torch.Tensor | np.ndarray | None) -> None:
+        """``activate(rows, lengths=...)``: a per-row (or per-token) routing, checked (on every
+        rank), then published; one slot for every row runs as the whole batch on it."""
         filled = [info is not None for info in self._infos]
-        rows = slot
 
         def checked() -> tuple[torch.Tensor, int | None]:
             self._check_usable()
@@ -1626,6 +1661,21 @@ class LoraRuntime:
         computes its weight at each call since (:meth:`DoraFactors.check_stored`). ``preload``
         skips the ``base`` checks: it writes no weight, may run on any thread, and would read the
         weights while the serving thread rewrites them (the load that follows checks them)."""
+        self._check_not_ejected()
+        if not placement:
+            return
+        if self._state.broken is not None:
+            raise UsageError(self._state.broken)
+        self._placement.check_linked(self.model, self.layers)
+        if self._pipeline is not None:
+            self._pipeline.check()
+        self._placement.check_layers(self.model, self.layers, self.layers if every_layer else (self._placement.first,))
+        if base:
+            self._check_base(dora)
+
+    def _check_not_ejected(self) -> None:
+        """Raises :class:`UsageError` once the runtime was ejected, or while an eject of it has
+        not finished (running on another thread, or stopped midway)."""
         how = self._state.ejected
         if how is not None and self._state.unfinished:
             raise UsageError(
@@ -1635,73 +1685,18 @@ class LoraRuntime:
             )
         if how is not None:
             raise UsageError(f"this runtime was ejected; call lorahot.inject again ({how} took its layers out).")
-        if not placement:
-            return
-        if self._state.broken is not None:
-            raise UsageError(self._state.broken)
-        found = map(dict.get, self._link_children, self._link_names)
-        if not all(map(operator.is_, found, self._link_modules)) and not self._relinked():
-            name = next(n for n, m in self.layers.items() if through_wrappers(submodule_at(self.model, n)) is not m)
-            self._check_fsdp(name, None)  # FSDP wrapped a module on its path
-            raise UsageError(
-                f"{name}: this LoRA layer is no longer in the model (a module on its path was replaced or deleted "
-                "after inject), so a load would change nothing the model computes. Call runtime.eject(), then "
-                "inject into the model as it is now."
-            )
-        if self._pipeline is not None:
-            self._pipeline.check()
-        names = list(self.layers) if every_layer else (self._first,)
-        if isinstance(self.model, nn.Module):
-            for n in names:  # FSDP1 wrapped the model: its flat parameters hold the layers' weights
-                self._check_fsdp(n, flattened_on_path(self.model, n))
-        parallelized = [n for n in names if is_sharded(self.layers[n].base_layer) != self._sharded[n]]
-        if parallelized:
-            name = parallelized[0]
-            self._check_fsdp(name, None)  # FSDP2's DTensors
-            now = "no longer" if self._sharded[name] else "now"
-            raise UsageError(
-                f"{name}: its base layer was parallelized (or gathered) after inject: its weight is {now} a DTensor, "
-                "and lorahot shards the LoRA buffers like the base layer at inject. Call runtime.eject(), parallelize "
-                "the model, then inject."
-            )
-        moved = [n for n in names if self.layers[n].bound_address() != self._addresses[n]]
-        if moved:
-            raise UsageError(
-                f"{moved[0]}: its LoRA buffers were replaced or moved to new memory (model.to(), "
-                "model.share_memory(), load_state_dict(assign=True) or weight.data = ... after inject?), where the "
-                "runtime's writes and captured graphs no longer reach. Move or share the model first, then inject "
-                "(or call runtime.eject() and inject again)."
-            )
-        if base and self._merger is not None:  # after the moves: a move is no checkpoint load
+
+    def _check_base(self, dora: bool) -> None:
+        """In merged mode, refuses a targeted weight replaced since lorahot wrote it; unmerged,
+        (``dora``) a layer holding a DoRA adapter whose base computes its weight at each call,
+        and computes the DoRA factors again from a base weight written in place since."""
+        if self._merger is not None:  # after the moves: a move is no checkpoint load
             self._merger.check_base()
-        elif base:  # unmerged DoRA: factors computed again from a base weight written in place since
-            if dora:
-                self._dora.check_stored()
-            for name in self._dora.moved():
-                self._base_loaded(self.layers[name])
-
-    def _check_fsdp(self, name: str, holder: str | None) -> None:
-        """Refuses layer ``name`` where FSDP sharded the model after inject: ``holder`` (the
-        module holding FSDP1's flat parameter on its path: :func:`flattened_on_path`), or an
-        FSDP module on its path (:func:`fsdp_owners`; None: looked up here)."""
-        if holder is None:
-            modules = dict(self.model.named_modules()) if isinstance(self.model, nn.Module) else {}
-            refusal = fsdp_refusal(name, fsdp_owners(modules))
-        else:
-            refusal = fsdp_refusal(name, [holder])
-        if refusal is not None:
-            raise UsageError(f"{refusal} FSDP sharded it after inject: call runtime.eject() first.")
-
-    def _relinked(self) -> bool:
-        """Whether each parent on the paths to the layers still holds its child, itself or a
-        wrapper made of it since that calls it (``model.layers[0] = torch.compile(model.layers[0])``,
-        activation checkpointing's: :func:`~lorahot.runtime.targets.through_wrappers`); the check
-        then expects the wrapper."""
-        now = [children.get(name) for children, name in zip(self._link_children, self._link_names)]
-        if not all(map(operator.is_, map(through_wrappers, now), self._link_originals)):
-            return False
-        self._link_modules = now  # type: ignore[assignment]  # each one is a module: the check above
-        return True
+            return
+        if dora:
+            self._dora.check_stored()
+        for name in self._dora.moved():
+            self._base_loaded(self.layers[name])
 
     def __copy__(self) -> NoReturn:
         raise UsageError(_NOT_COPIED)
@@ -1816,20 +1811,12 @@ def _own(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
-def _links(model: nn.Module, layers: dict[str, LoRALayer]) -> list[tuple[dict[str, Any], str, nn.Module]]:
-    """Every ``(parent's children, child name, child)`` on the paths from ``model`` to its
-    layers, once each: checking that each parent still holds its child proves every layer is
-    still in the model (about 3 us for 154 layers)."""
-    links: dict[tuple[int, str], tuple[dict[str, Any], str, nn.Module]] = {}
-    for name in layers:
-        parent = model
-        for part in name.split("."):
-            child = parent._modules[part]
-            if child is None:  # inject just put the layer there
-                break
-            links.setdefault((id(parent), part), (parent._modules, part, child))
-            parent = child
-    return list(links.values())
+def _arena_names(buffers: BufferManager) -> list[list[str]]:
+    """Each arena's layer names, by their index in it (for messages)."""
+    names = [[""] * len(a.specs) for a in buffers.arenas]
+    for name, (arena, index) in buffers.where.items():
+        names[arena][index] = name
+    return names
 
 
 @contextlib.contextmanager
