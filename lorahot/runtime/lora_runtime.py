@@ -49,7 +49,7 @@ from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.layers.norm import is_weightless_norm
 from lorahot.resolve.components import non_denoisers
 from lorahot.resolve.keys import head_sizes, outside
-from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, fused_projections, peft_arguments
+from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, fused_projections, peft_arguments, racy
 from lorahot.runtime.activate_replay import ActivateReplay
 from lorahot.runtime.agreement import Agreement
 from lorahot.runtime.aliases import own_storages, unaliased
@@ -935,12 +935,15 @@ class LoraRuntime:
             key = None  # the source's own name: cached by its identity, so a rewritten file is read again
         identity = source_key(source, read_kwargs)
         source = _private(source)  # the entry must not change with the caller's tensors
-        adapter, recipe = self._read(source, None, read_kwargs)
+        # an entry kept by identity holds digests of its recently written files; a named one does not follow them
+        with racy.digests_of_read(source if key is None else None, read_kwargs) as digests:
+            adapter, recipe = self._read(source, None, read_kwargs)
         checked = self._validated(adapter, recipe, False, read_kwargs)
         if self._merger is None and any(checked.plan.dora):  # at its own scale, as load checks it
             self._dora.check(Stack.of(checked.plan, self.max_rank), (1.0,))
         cache_key = key or identity or f"<{type(source).__name__} #{next(_anonymous)}>"
-        prepared = PreparedAdapter(cache_key, adapter, checked.plan, pack_host(checked, self.buffers), self.buffers)
+        packs = pack_host(checked, self.buffers)
+        prepared = PreparedAdapter(cache_key, adapter, checked.plan, packs, self.buffers, tuple(digests.items()))
         # (a file that changed while it was read is not cached)
         return prepared, key is not None or identity is None or source_key(source, read_kwargs) == identity, key
 
@@ -1068,6 +1071,8 @@ class LoraRuntime:
         if hit is None:
             cache_key = source_key(source, read_kwargs)
             hit = self.cache.peek(cache_key) if cache_key is not None else None
+            if hit is not None and hit.racy and not racy.unchanged(hit.racy):
+                hit = None  # rewritten within its timestamps' tick: the key stayed, the bytes did not
         if hit is None and name is not None and failure is not None:
             raise failed_prefetch(name, failure)
         if hit is None and name is not None and not read_kwargs and self.cache.is_name(name):
