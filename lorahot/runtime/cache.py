@@ -52,7 +52,8 @@ class PreparedAdapter:
     packs: list[Pack]  # one per arena, in host (pinned on GPU) memory
     owner: object  # the BufferManager the plan was made for
     #: (real path, digest) of each file of its key written too recently for its stat to stand
-    #: for its content (:mod:`lorahot.runtime.racy`): a load from the entry hashes them again
+    #: for its content (:mod:`lorahot.runtime.racy`): a load from the entry hashes them again,
+    #: until one finds them unchanged and older than the margin (:func:`~lorahot.runtime.racy.checked`)
     racy: tuple[tuple[str, bytes], ...] = ()
 
     @functools.cached_property

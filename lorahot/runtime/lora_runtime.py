@@ -1071,8 +1071,8 @@ class LoraRuntime:
         if hit is None:
             cache_key = source_key(source, read_kwargs)
             hit = self.cache.peek(cache_key) if cache_key is not None else None
-            if hit is not None and hit.racy and not racy.unchanged(hit.racy):
-                hit = None  # rewritten within its timestamps' tick: the key stayed, the bytes did not
+            if hit is not None and hit.racy:  # None where rewritten within its timestamps' tick of the read
+                hit = racy.checked(hit)
         if hit is None and name is not None and failure is not None:
             raise failed_prefetch(name, failure)
         if hit is None and name is not None and not read_kwargs and self.cache.is_name(name):

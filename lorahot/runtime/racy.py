@@ -23,13 +23,16 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorahot.io import identity as identities
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.digests import UNKNOWN, digest_of, recording
 
-__all__ = ["MARGIN_NS", "digests_of_read", "unchanged"]
+if TYPE_CHECKING:
+    from lorahot.runtime.cache import PreparedAdapter
+
+__all__ = ["MARGIN_NS", "checked", "digests_of_read", "unchanged"]
 
 #: how recent a file's mtime or ctime may be for its stat to stand for its content (see above)
 MARGIN_NS = 2_000_000_000
@@ -64,6 +67,31 @@ def digests_of_read(source: Any, read_kwargs: dict[str, Any]) -> Iterator[dict[s
         result: dict[str, bytes] = {}
         yield result
     result.update((path, digest) for path, digest in found.items() if digest is not None)
+
+
+def checked(entry: PreparedAdapter) -> PreparedAdapter | None:
+    """``entry`` if its racy files still hold what it was read from, else None (a miss). Once
+    their timestamps are older than the margin by the clock read before they are hashed, a
+    match settles the entry: it drops its digests and later loads take the stat check alone,
+    since a write from then on lands in a later tick and changes the key (as git's index
+    stops being racy once rewritten). Without that, an adapter preloaded right after it was
+    written would have its files hashed at every load for as long as it stays cached."""
+    now = now_ns()
+    settled = all(_older(path, now) for path, _ in entry.racy)
+    if not unchanged(entry.racy):
+        return None
+    if settled:
+        object.__setattr__(entry, "racy", ())  # (a frozen dataclass: the one field that may settle)
+    return entry
+
+
+def _older(path: str, now: int) -> bool:
+    """Whether ``path``'s mtime and ctime lie before the margin by the clock ``now``."""
+    try:
+        st = identities.file_stat(path)
+    except OSError:
+        return False
+    return max(st.st_mtime_ns, st.st_ctime_ns) <= now - MARGIN_NS
 
 
 def unchanged(digests: tuple[tuple[str, bytes], ...]) -> bool:

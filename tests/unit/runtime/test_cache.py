@@ -147,6 +147,34 @@ def test_an_unchanged_file_is_served_from_the_cache_and_an_old_one_is_not_hashed
     )
 
 
+def test_a_racy_entry_settles_once_its_files_are_older_than_the_margin(
+    tmp_path: Path, reads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adapter preloaded right after it was written is hashed at each load while its files
+    are within the margin; the first load that finds them unchanged and older than it settles
+    the entry (a later write changes their stat, hence the key), so later loads open nothing:
+    before, every load of the entry hashed its files for as long as it stayed cached. A rewrite
+    after that is still read again (its stat moved)."""
+    model, runtime, path = _setup(tmp_path)
+    _coarse_clock(monkeypatch, path, after_ns=1_000_000)
+    runtime.preload(path)
+    opened = _opened(monkeypatch, path)
+    runtime.load(path)  # within the margin: hashed, kept racy
+    assert len(opened) == 2 and runtime.cache.peek(runtime.cache.keys()[0]).racy
+    newest = racy.now_ns() - 1_000_000
+    monkeypatch.setattr(racy, "now_ns", lambda: newest + racy.MARGIN_NS + 1)
+    runtime.load(path)  # older than the margin now: hashed once more, then settled
+    assert len(opened) == 4 and runtime.cache.peek(runtime.cache.keys()[0]).racy == ()
+    runtime.load(path)
+    assert len(opened) == 4 and len(reads) == 1  # the stat check alone, a hit
+    monkeypatch.undo()  # the real stat and clock: a rewrite lands in a later tick
+    fresh, ab = make_adapter(model, {Q0: 4}, seed=9)
+    time.sleep(0.01)
+    save_peft(path, fresh, r=4)
+    runtime.load(path)
+    assert torch.equal(runtime.layers[Q0].lora_A[:4], ab[Q0][0])
+
+
 def test_key_given_to_preload_serves_load_of_that_key(tmp_path: Path, reads, monkeypatch) -> None:
     _, runtime, path = _setup(tmp_path)
     prepared = runtime.preload(path, key="my-style")
