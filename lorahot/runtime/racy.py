@@ -53,10 +53,10 @@ def digests_of_read(source: Any, read_kwargs: dict[str, Any]) -> Iterator[dict[s
     racy: list[str] = []
     now = now_ns()
     for path in files[1] if files is not None else ():
-        real = os.path.realpath(path)
         try:
+            real = os.path.realpath(path)
             st = identities.file_stat(real)
-        except OSError:  # absent: its absence is in the key
+        except (OSError, ValueError):  # absent (its absence is in the key), or no path (a NUL): the read refuses it
             continue
         if max(st.st_mtime_ns, st.st_ctime_ns) > now - MARGIN_NS:
             racy.append(real)
@@ -89,7 +89,7 @@ def _older(path: str, now: int) -> bool:
     """Whether ``path``'s mtime and ctime lie before the margin by the clock ``now``."""
     try:
         st = identities.file_stat(path)
-    except OSError:
+    except (OSError, ValueError):
         return False
     return max(st.st_mtime_ns, st.st_ctime_ns) <= now - MARGIN_NS
 
