@@ -136,6 +136,7 @@ def _one_call_at_a_time(
     @functools.wraps(method)
     def one_at_a_time(runtime: LoraRuntime, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         with runtime._calls:
+            runtime._refuse_within_load(method.__name__)
             return method(runtime, *args, **kwargs)
 
     return one_at_a_time
@@ -273,6 +274,9 @@ class LoraRuntime:
         #: held by load, activate, unload and set_scale (see _one_call_at_a_time); reentrant: a
         #: forward hook of the model may call them within one of them on the same thread
         self._calls = threading.RLock()
+        #: a load holds the call lock (so only its own thread sees this True): code it runs (a
+        #: source's mapping or __fspath__) calling the runtime is refused (_refuse_within_load)
+        self._loading = False
         self._pending_keys = PendingKeys(self.cache)  # keyed prefetches under way: a load of one waits
         self._install_hooks()
 
@@ -469,8 +473,27 @@ class LoraRuntime:
         # keys whose prefetch is under way: waited for before the call lock, which a done callback
         # of an earlier prefetch on the prefetch thread may be waiting for (lorahot.runtime.prefetches)
         self._pending_keys.settle(_keys_of(source), self._on_prefetch_thread())
-        with self._calls, _gc_paused(), self._reading():
-            return self._load(source, slot, scale, denoiser, read_kwargs)
+        with self._calls:
+            self._refuse_within_load("load")
+            self._loading = True
+            try:
+                with _gc_paused(), self._reading():
+                    return self._load(source, slot, scale, denoiser, read_kwargs)
+            finally:
+                self._loading = False
+
+    def _refuse_within_load(self, call: str) -> None:
+        """Refuses ``call`` issued on the thread of a load under way, from code that load runs
+        (a source's mapping methods, its ``__fspath__``): a load would wait forever for the read
+        buffers its own thread holds, and any such call would change the slots under a load that
+        has checked part of its adapter against them. Nothing has changed when this raises."""
+        if self._loading:
+            raise UsageError(
+                f"runtime.{call}() was called while a load of this runtime runs on the same thread (from code that "
+                "load runs: the source's mapping methods, its __fspath__ or its tensors), which would wait forever "
+                "for that load's read buffers or change the slots that load has checked; call the runtime after load "
+                "returns, or build the source before calling load."
+            )
 
     def _on_prefetch_thread(self) -> bool:
         return threading.current_thread() in getattr(self._executor, "_threads", ())

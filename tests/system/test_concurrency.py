@@ -18,7 +18,7 @@ import torch
 
 import lorahot
 from tests.helpers import make_adapter, tiny_lm, token_ids
-from tests.reliability_helpers import DOWN0, EMB, Q0, TARGETS, V1, VOCAB, report, write_valid
+from tests.reliability_helpers import DOWN0, EMB, Q0, TARGETS, V1, VOCAB, report, within, write_valid
 
 _ALL = (Q0, V1, DOWN0, EMB)
 _ADAPTERS = [(1, _ALL), (8, _ALL), (4, (Q0, V1)), (2, (EMB,)), (8, (DOWN0,)), (6, _ALL)]
@@ -173,3 +173,55 @@ def test_calls_from_two_threads_run_one_after_the_other(second: str, monkeypatch
     assert (held, info.scale) == ((1, 1.0) if second == "load" else (0, 1.0))
     with torch.no_grad():
         assert torch.equal(model(x), refs[held, info.scale])
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("inner", ["load", "set_scale", "unload", "activate"])
+def test_a_runtime_call_from_code_a_load_runs_is_refused(inner: str, merged: bool) -> None:
+    """A source whose mapping methods call the runtime (on the load's own thread, under its
+    reentrant call lock): a nested ``load`` waited forever for the read buffers its own thread
+    held (unmerged), and the other nested calls ran inside the load, between its reads and its
+    writes (for a stack, between one part's checks and the next part's read).
+    Now the nested call is refused with a UsageError, nothing changes (every parameter, buffer
+    and arena bitwise as before), and the slot keeps its adapter."""
+    model = tiny_lm(seed=5, vocab=VOCAB)
+    x = token_ids((2, 6), VOCAB, seed=5)
+    runtime = lorahot.inject(model, TARGETS, max_rank=8, slots=2, merged=merged)
+    held, _ = make_adapter(model, {Q0: 4, V1: 4}, seed=50)
+    given, _ = make_adapter(model, {Q0: 4, V1: 4}, seed=51)
+    runtime.load(dict(held), slot=0)
+    calls = {
+        "load": lambda: runtime.load(dict(given), slot=0),
+        "set_scale": lambda: runtime.set_scale(0.5, 0),
+        "unload": lambda: runtime.unload(0),
+        "activate": lambda: runtime.activate(1),
+    }
+
+    class Hostile(dict):  # type: ignore[type-arg]
+        def keys(self):  # type: ignore[no-untyped-def]
+            calls[inner]()
+            return super().keys()
+
+        def items(self):  # type: ignore[no-untyped-def]
+            calls[inner]()
+            return super().items()
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            calls[inner]()
+            return super().__iter__()
+
+    def state() -> list[torch.Tensor]:
+        tensors = [*model.parameters(), *model.buffers()]
+        tensors += [t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+        return [t.detach().clone() for t in tensors]
+
+    with torch.no_grad():
+        before_out = model(x)
+    before, info = state(), runtime.info(0)
+    with pytest.raises(lorahot.UsageError, match=rf"runtime\.{inner}\(\) was called while a load of this runtime"):
+        within(30, lambda: runtime.load(Hostile(given), slot=0))
+    assert all(torch.equal(a, b) for a, b in zip(state(), before, strict=True))
+    assert runtime.info(0) == info and runtime.active_slot == 0
+    with torch.no_grad():
+        assert torch.equal(model(x), before_out)
+    runtime.load(dict(given), slot=0)  # the runtime serves on
