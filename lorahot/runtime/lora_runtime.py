@@ -684,8 +684,12 @@ class LoraRuntime:
         if prepared is not None:  # from the host cache: one copy per arena
             stack, write = self._check_prepared(slot, prepared, weights)
             return slot, [prepared.adapter], stack, weights, listed, write, hits
-        self._check_usable(every_layer=any(p is None for p in found))  # every layer: cheap next to reading a file
+        every_layer = any(p is None for p in found)
+        self._check_usable(every_layer=every_layer)  # every layer: cheap next to reading a file
         adapters, stack, write = self._check_parts(slot, sources, found, options, weights, listed)
+        # the reads ran the caller's code (a mapping's methods, __fspath__), which may have ejected the
+        # runtime or moved its layers (from another thread too): checked again before anything is written
+        self._check_usable(every_layer=every_layer)
         return slot, adapters, stack, weights, listed, write, hits
 
     def _cached_parts(

@@ -378,3 +378,59 @@ def test_a_runtime_dropped_without_eject_or_a_failed_inject_leaves_nothing_behin
     while threading.active_count() > threads and time.monotonic() < deadline:
         time.sleep(0.01)
     assert threading.active_count() == threads
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("how", ["runtime.eject", "lorahot.eject", "a layer replaced"])
+def test_a_load_whose_read_ejects_the_runtime_or_moves_a_layer_writes_nothing(how: str, merged: bool) -> None:
+    """A source whose mapping methods eject the runtime (or put a plain module where a layer
+    was) while the load reads it: the load checked the runtime before its reads only, so it
+    went on and wrote its adapter anyway: merged, into the ejected model's own weights (its
+    output no longer the base model's, with no runtime left to take it out); unmerged, it
+    returned an AdapterInfo of a runtime no longer in the model. Now the load checks the
+    runtime again after its reads and refuses; the model keeps its weights bitwise."""
+    model = tiny_lm(seed=6, vocab=32)
+    x = token_ids((2, 5), 32, seed=6)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=8, merged=merged)
+    names = list(runtime.layers)
+    tensors, _ = make_adapter(model, dict.fromkeys(names, 4), seed=60)
+    plain = copy.deepcopy(runtime.layers[names[0]].base_layer)
+
+    acted: list[bool] = []
+
+    def act() -> None:  # once: a second eject would refuse (the runtime was ejected)
+        if acted:
+            return
+        acted.append(True)
+        if how == "runtime.eject":
+            runtime.eject()
+        elif how == "lorahot.eject":
+            lorahot.eject(model)
+        else:
+            model.set_submodule(names[0], plain)
+
+    class Hostile(dict):  # type: ignore[type-arg]
+        def keys(self):  # type: ignore[no-untyped-def]
+            act()
+            return super().keys()
+
+        def items(self):  # type: ignore[no-untyped-def]
+            act()
+            return super().items()
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            act()
+            return super().__iter__()
+
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(lorahot.UsageError, match="ejected" if "eject" in how else names[0]):
+        runtime.load(Hostile(tensors))
+    if "eject" in how:
+        assert model.state_dict().keys() == original.keys()
+        assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    else:
+        assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items() if k in original)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
