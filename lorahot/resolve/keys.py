@@ -182,8 +182,14 @@ class _Names:
 
     def longer(self, form: str) -> list[str]:
         """Names whose underscore form ends in ``"_" + form``, the levels before it wrappers
-        (no number: ``transformer_blocks_0_`` is a block, which ``form`` does not name)."""
-        return [n for n in self.underscore_tails.get(form, []) if _unnumbered(n[: -len(form) - 1])]
+        (no number: ``transformer_blocks_0_`` is a block, which ``form`` does not name), ``form``
+        starting at a level of the name: ``blocks_0_ff_net_0_proj`` names a ``blocks.0`` level,
+        never the end of the name ``transformer_blocks`` (another model's blocks)."""
+        return [
+            n
+            for n in self.underscore_tails.get(form, [])
+            if n[-len(form) - 1] == "." and _unnumbered(n[: -len(form) - 1])
+        ]
 
     def unwrapped(self, key: str) -> list[str]:
         """Step 5: the names whose underscore form is the longest ``_``-suffix of ``key`` after
@@ -192,6 +198,10 @@ class _Names:
         any two names that end alike would match (``final_layer_adaln_proj_linear`` and
         ``norm_out.linear``)."""
         u = key.replace(".", "_")
+        # a key with dots names its levels (a split's part, a rename's dotted original names):
+        # segments are dropped at its dots only, never inside a name (``transformer`` of
+        # ``transformer_blocks.0``, whose tail ``blocks.0`` is another model's block)
+        cut = "." if "." in key else "_"
         digit = next((k for k, c in enumerate(u) if c.isdigit()), len(u))
         digit = min(digit, self.module_end(u, "_") - 1)  # nor levels that name a module of the model
         # tails longer than every name match none: start where they fit (linear in the key,
@@ -203,7 +213,7 @@ class _Names:
             tail = u[i + 1 :]
             if all(any(c.isdigit() for c in seg) for seg in tail.split("_")):
                 return []  # only indices left (``adaLN_modulation_1`` -> ``1``): no name to match
-            hits = self.underscore.get(tail)
+            hits = self.underscore.get(tail) if key[i] == cut else None
             if hits:
                 return hits
             i = u.find("_", i + 1)

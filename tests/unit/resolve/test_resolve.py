@@ -391,3 +391,32 @@ def test_a_key_of_another_models_module_never_lands_on_a_layer_it_only_ends_like
             rf"prefix='{component}'",
         ):
             runtime.load(stray)
+
+
+@pytest.mark.parametrize(
+    ("layers", "placed"),
+    [
+        (["blocks.0.attn1.to_q", "blocks.0.ff.net.0.proj", "blocks.0.ff.net.2"], None),  # diffusers' Hunyuan-DiT
+        (["transformer_blocks.0.ff.net.0.proj"], "transformer_blocks.0.ff.net.0.proj"),
+    ],
+    ids=["another model's blocks", "MiniMax-H3's blocks"],
+)
+def test_a_fused_module_s_part_never_lands_on_a_name_it_only_ends_like(layers: list[str], placed: str | None) -> None:
+    """A kohya file of ``blocks_N_mlp_fc1`` modules alone reads as MiniMax-H3's musubi naming,
+    whose ``mlp.fc1`` (a SwiGLU's ``[gate; value]``) lands on ``transformer_blocks.N.ff.net.0.proj``
+    with its halves swapped. On a model whose blocks are ``blocks.N`` (diffusers' Hunyuan-DiT,
+    whose ``mlp.fc1`` is no SwiGLU) the underscore lookup dropped ``transformer_`` from
+    ``transformer_blocks`` as if it were a wrapper level and loaded the swapped halves there: a
+    wrong output, silently. A key that spells its levels with dots drops whole levels only, so
+    the module matches no layer there; on MiniMax-H3's own names it lands as before."""
+    A, B = torch.randn(2, 12), torch.randn(8, 2)
+    adapter = lorahot.read_adapter(
+        {"lora_unet_blocks_0_mlp_fc1.lora_down.weight": A, "lora_unet_blocks_0_mlp_fc1.lora_up.weight": B}
+    )
+    assert adapter.format == "minimax-h3-musubi"
+    if placed is None:
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"blocks_0_mlp_fc1.*matches no injected layer"):
+            resolve_keys(adapter, layers)
+        return
+    module = resolve_keys(adapter, layers)[placed]
+    assert torch.equal(module.B, torch.cat([B[4:], B[:4]]))
