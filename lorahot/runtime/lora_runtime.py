@@ -91,7 +91,7 @@ from lorahot.runtime.plan import (
     restage,
     validate,
 )
-from lorahot.runtime.prefetches import PendingKeys, failed_prefetch, prefetch_pool
+from lorahot.runtime.prefetches import PendingKeys, failed_prefetch, prefetch_pool, shielded
 from lorahot.runtime.routing import (
     Routing,
     check_experts,
@@ -996,7 +996,7 @@ class LoraRuntime:
             self._check_usable(placement=False)  # under the lock: eject cannot slip in between
             if self._executor is None:
                 self._executor = prefetch_pool()
-            future = self._executor.submit(self.preload, source, key=key, denoiser=denoiser, **read_kwargs)
+            future = shielded(self._executor.submit(self.preload, source, key=key, denoiser=denoiser, **read_kwargs))
         if key is not None:  # a load of the key meanwhile waits for it (lorahot.runtime.prefetches)
             own_path = isinstance(source, (str, os.PathLike)) and _same_path(key, source)
             self._pending_keys.add(key, future, named=not own_path)

@@ -14,6 +14,12 @@ pool's thread only once it has run every prefetch still queued, so a script that
 (Hub downloads, each up to its timeout) took that long to exit. Those still queued are
 cancelled first (their futures raise ``CancelledError``, as after ``eject``); the one under way
 finishes.
+
+A done callback that raises what is not an ``Exception`` (``SystemExit``, ``KeyboardInterrupt``)
+on the prefetch thread went out of ``concurrent.futures``' worker loop, which logs it and ends
+the thread: the pool, which starts no other, left every later prefetch queued, and a load of
+its key (or its ``result()``) waited forever. A prefetch's future (:class:`PrefetchFuture`) runs
+its callbacks there as ``concurrent.futures`` runs them, logging and dropping what they raise.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import threading
 import weakref
 from collections import OrderedDict
@@ -30,7 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from lorahot.errors import LoraError, UsageError, message, shown
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 
-__all__ = ["PendingKeys", "failed_prefetch", "prefetch_pool"]
+__all__ = ["PendingKeys", "PrefetchFuture", "failed_prefetch", "prefetch_pool", "shielded"]
 
 
 #: how many failed prefetches' keys are remembered with their errors (the last ones)
@@ -127,6 +134,35 @@ def _failure(future: Future[PreparedAdapter]) -> str | None:
     return f"{type(exc).__name__}: {message(exc) if isinstance(exc, LoraError) else exc}"
 
 
+class PrefetchFuture(Future[PreparedAdapter]):
+    """The future of a prefetch: a :class:`~concurrent.futures.Future` whose done callbacks,
+    where they run on the prefetch thread, cannot end it (see the module docstring)."""
+
+    def add_done_callback(self, fn: Callable[[Future[PreparedAdapter]], object]) -> None:
+        super().add_done_callback(functools.partial(_shielded, fn))
+
+
+def _shielded(fn: Callable[[Future[PreparedAdapter]], object], future: Future[PreparedAdapter]) -> None:
+    """Calls ``fn(future)``; on the prefetch thread, logs what it raises as ``concurrent.futures``
+    logs a callback's ``Exception``, rather than let it end the thread."""
+    try:
+        fn(future)
+    except BaseException:
+        if not threading.current_thread().name.startswith(_THREAD_PREFIX):
+            raise
+        logging.getLogger("concurrent.futures").exception("exception calling callback for %r", future)
+
+
+def shielded(future: Future[PreparedAdapter]) -> PrefetchFuture:
+    """``future``, a prefetch pool's, as a :class:`PrefetchFuture` (the same object: the pool
+    completes it, and ``eject`` cancels it)."""
+    future.__class__ = PrefetchFuture
+    return future  # type: ignore[return-value]
+
+
+#: the name of every prefetch thread starts so
+_THREAD_PREFIX = "lorahot-prefetch"
+
 #: every prefetch pool alive, whose queued prefetches are cancelled at interpreter exit
 _POOLS: weakref.WeakSet[ThreadPoolExecutor] = weakref.WeakSet()
 _registered = threading.Lock()
@@ -141,7 +177,7 @@ def prefetch_pool() -> ThreadPoolExecutor:
         if not _hooked:
             _at_exit(_cancel_queued)
             _hooked = True
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorahot-prefetch")
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD_PREFIX)
         _POOLS.add(pool)
     return pool
 

@@ -229,3 +229,36 @@ def test_a_prefetched_mapping_is_the_adapter_as_it_was_when_prefetch_returned(ki
     opened.set()
     runtime.load(future.result(timeout=20))
     assert torch.equal(runtime.layers[Q0].lora_A[:4], want)
+
+
+@pytest.mark.parametrize("raised", [RuntimeError, SystemExit, KeyboardInterrupt], ids=lambda e: e.__name__)
+def test_a_done_callback_that_raises_leaves_later_prefetches_and_loads_working(
+    raised: type[BaseException], tmp_path: Path, gate
+) -> None:
+    """A prefetch future's done callback that raises runs on the prefetch thread. A
+    ``SystemExit`` or ``KeyboardInterrupt`` there went out of ``concurrent.futures``' worker loop,
+    which ended the runtime's one prefetch thread: every later prefetch stayed queued, and a
+    ``load`` of its key waited forever. Each is logged and dropped, as an ``Exception`` is; the
+    later prefetch runs, the loads of both keys load their adapters."""
+    opened, _ = gate
+    model = tiny_lm()
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+    first_tensors, first_ab = make_adapter(model, {Q0: 4}, seed=1)
+    second_tensors, second_ab = make_adapter(model, {Q0: 4}, seed=2)
+    first = save_peft(tmp_path / "a", first_tensors, r=4)
+    second = save_peft(tmp_path / "b", second_tensors, r=4)
+
+    def callback(_: object) -> None:
+        raise raised("from a done callback")
+
+    runtime.prefetch(first, key="first").add_done_callback(callback)  # held by the gate: it runs on that thread
+    later = runtime.prefetch(second, key="second")
+    opened.set()
+    loaded: list[object] = []
+    waiter = threading.Thread(target=lambda: loaded.append(runtime.load("second")), daemon=True)
+    waiter.start()
+    waiter.join(20)
+    assert not waiter.is_alive() and later.done() and len(loaded) == 1
+    assert torch.equal(runtime.layers[Q0].lora_A[:4], second_ab[Q0][0])
+    runtime.load("first")
+    assert torch.equal(runtime.layers[Q0].lora_A[:4], first_ab[Q0][0])
