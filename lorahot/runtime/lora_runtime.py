@@ -135,11 +135,20 @@ def _one_call_at_a_time(
 
     @functools.wraps(method)
     def one_at_a_time(runtime: LoraRuntime, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        with runtime._calls:
-            runtime._refuse_within_load(method.__name__)
+        with runtime._calls, runtime._under_way(method.__name__):
             return method(runtime, *args, **kwargs)
 
     return one_at_a_time
+
+
+def _before_eject(runtime: weakref.ref[LoraRuntime], model: nn.Module, layers: dict[str, LoRALayer]) -> None:
+    """What ``lorahot.eject(model)`` checks of a runtime before it changes anything: that no call
+    of the runtime is under way on this thread (:meth:`LoraRuntime._refuse_within_call`), and
+    that its layers can be ejected."""
+    alive = runtime()
+    if alive is not None:
+        alive._refuse_within_call("eject")
+    _check_ejectable(model, layers)
 
 
 def _largest_factor(specs: Iterable[LayerSpec], max_rank: int) -> int:
@@ -274,9 +283,10 @@ class LoraRuntime:
         #: held by load, activate, unload and set_scale (see _one_call_at_a_time); reentrant: a
         #: forward hook of the model may call them within one of them on the same thread
         self._calls = threading.RLock()
-        #: a load holds the call lock (so only its own thread sees this True): code it runs (a
-        #: source's mapping or __fspath__) calling the runtime is refused (_refuse_within_load)
-        self._loading = False
+        #: the call holding the call lock and its thread: code it runs (a source's mapping or
+        #: __fspath__, an argument's __float__, __index__ or __getitem__) calling the runtime on that
+        #: thread is refused (_refuse_within_call)
+        self._running: tuple[int, str] | None = None
         self._pending_keys = PendingKeys(self.cache)  # keyed prefetches under way: a load of one waits
         self._install_hooks()
 
@@ -336,7 +346,7 @@ class LoraRuntime:
             fused_projections.install(root)
         self._state.on_eject(self._detach)
         self._state.base_loaded = self._base_loaded
-        self._state.before_eject = functools.partial(_check_ejectable, self.model, self.layers)
+        self._state.before_eject = functools.partial(_before_eject, weakref.ref(self), self.model, self.layers)
 
     def _roots(self) -> list[nn.Module]:
         """The modules a user calls: the model, or each component."""
@@ -473,27 +483,43 @@ class LoraRuntime:
         # keys whose prefetch is under way: waited for before the call lock, which a done callback
         # of an earlier prefetch on the prefetch thread may be waiting for (lorahot.runtime.prefetches)
         self._pending_keys.settle(_keys_of(source), self._on_prefetch_thread())
-        with self._calls:
-            self._refuse_within_load("load")
-            self._loading = True
-            try:
-                with _gc_paused(), self._reading():
-                    return self._load(source, slot, scale, denoiser, read_kwargs)
-            finally:
-                self._loading = False
+        with self._calls, self._under_way("load"), _gc_paused(), self._reading():
+            return self._load(source, slot, scale, denoiser, read_kwargs)
 
-    def _refuse_within_load(self, call: str) -> None:
-        """Refuses ``call`` issued on the thread of a load under way, from code that load runs
-        (a source's mapping methods, its ``__fspath__``): a load would wait forever for the read
-        buffers its own thread holds, and any such call would change the slots under a load that
-        has checked part of its adapter against them. Nothing has changed when this raises."""
-        if self._loading:
+    @contextlib.contextmanager
+    def _under_way(self, call: str) -> Iterator[None]:
+        """Notes ``call`` (``load``, ``activate``, ``unload``, ``set_scale``, under the call lock)
+        as running on this thread, after refusing it within another (:meth:`_refuse_within_call`)."""
+        self._refuse_within_call(call)
+        self._running = threading.get_ident(), call
+        try:
+            yield
+        finally:
+            self._running = None
+
+    def _refuse_within_call(self, call: str) -> None:
+        """Refuses ``call`` issued on the thread of a runtime call under way, from code that call
+        runs: a source's mapping methods or ``__fspath__`` (a load would wait forever for the read
+        buffers its own thread holds), an argument's ``__float__``, ``__index__``, ``__len__`` or
+        ``__getitem__`` (``set_scale([w0, w1])`` reads its weights against the stack the slot
+        holds). Any such call would change the slots, or eject the runtime, under a call that has
+        checked its arguments against them. Nothing has changed when this raises."""
+        running = self._running
+        if running is None or running[0] != threading.get_ident():
+            return
+        if running[1] != "load":
             raise UsageError(
-                f"runtime.{call}() was called while a load of this runtime runs on the same thread (from code that "
-                "load runs: the source's mapping methods, its __fspath__ or its tensors), which would wait forever "
-                "for that load's read buffers or change the slots that load has checked; call the runtime after load "
-                "returns, or build the source before calling load."
+                f"runtime.{call}() was called while runtime.{running[1]}() of this runtime runs on the same thread "
+                "(from code it runs: an argument's __float__, __index__, __len__ or __getitem__), which would change "
+                f"the slots, or eject the runtime, under a {running[1]} that has checked its arguments against them; "
+                "call the runtime after it returns, or pass plain numbers (float(w), int(slot), list(weights))."
             )
+        raise UsageError(
+            f"runtime.{call}() was called while a load of this runtime runs on the same thread (from code that "
+            "load runs: the source's mapping methods, its __fspath__ or its tensors), which would wait forever "
+            "for that load's read buffers or change the slots that load has checked; call the runtime after load "
+            "returns, or build the source before calling load."
+        )
 
     def _on_prefetch_thread(self) -> bool:
         return threading.current_thread() in getattr(self._executor, "_threads", ())
@@ -1531,6 +1557,7 @@ class LoraRuntime:
         An eject that fails or is interrupted midway leaves the runtime refusing every call but
         another eject, which finishes it.
         """
+        self._refuse_within_call("eject")
         if not self._state.unfinished:  # else an eject that did not finish: this one finishes it
             self._check_usable(placement=False)
             _check_ejectable(self.model, self.layers)

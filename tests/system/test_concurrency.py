@@ -10,6 +10,7 @@ the main thread put in the active slot.
 from __future__ import annotations
 
 import random
+import re
 import threading
 from pathlib import Path
 
@@ -225,3 +226,87 @@ def test_a_runtime_call_from_code_a_load_runs_is_refused(inner: str, merged: boo
     with torch.no_grad():
         assert torch.equal(model(x), before_out)
     runtime.load(dict(given), slot=0)  # the runtime serves on
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("inner", ["load", "set_scale", "unload", "activate", "eject", "lorahot.eject"])
+@pytest.mark.parametrize(
+    "outer", ["set_scale(float)", "set_scale(weights)", "activate(routing)", "activate(slot)", "unload(slot)"]
+)
+def test_a_runtime_call_from_an_argument_of_another_is_refused(outer: str, inner: str, merged: bool) -> None:
+    """An argument whose conversion calls the runtime (a float subclass's ``__float__``, a
+    list's ``__len__``/``__getitem__``/``__iter__``, an int subclass's ``__index__``), read by
+    ``set_scale``, ``activate`` or ``unload`` under the call lock on the same thread: the nested
+    call ran inside the outer one, which then wrote what it had checked against the slots before
+    (``set_scale([w0, w1])`` with a load of one adapter nested in its weights wrote a two-part
+    stack's scales over it) or wrote into a runtime ejected meanwhile (merged: the ejected model's
+    weights). Now the nested call is refused with a UsageError, so the outer one raises one too;
+    every parameter, buffer and arena stays bitwise as before, and the runtime serves on."""
+    model = tiny_lm(seed=5, vocab=VOCAB)
+    x = token_ids((2, 6), VOCAB, seed=5)
+    runtime = lorahot.inject(model, TARGETS, max_rank=8, slots=2, merged=merged)
+    held, _ = make_adapter(model, {Q0: 4, V1: 4}, seed=50)
+    given, _ = make_adapter(model, {Q0: 2}, seed=51)
+    runtime.load([dict(held), dict(held)], slot=0, scale=[1.0, 0.5])
+    runtime.load(dict(held), slot=1)
+    nested = {
+        "load": lambda: runtime.load(dict(given), slot=0),
+        "set_scale": lambda: runtime.set_scale(3.0, 0),
+        "unload": lambda: runtime.unload(0),
+        "activate": lambda: runtime.activate(1),
+        "eject": runtime.eject,
+        "lorahot.eject": lambda: lorahot.eject(model),
+    }[inner]
+
+    class Weight(float):
+        def __float__(self) -> float:
+            nested()
+            return float.__float__(self)
+
+    class Slot(int):
+        def __index__(self) -> int:
+            nested()
+            return int(self)
+
+        def __int__(self) -> int:
+            nested()
+            return int.__int__(self)
+
+    class Listed(list):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            nested()
+            return super().__len__()
+
+        def __getitem__(self, i):  # type: ignore[no-untyped-def]
+            nested()
+            return super().__getitem__(i)
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            nested()
+            return super().__iter__()
+
+    call = {
+        "set_scale(float)": lambda: runtime.set_scale(Weight(0.7), 0),
+        "set_scale(weights)": lambda: runtime.set_scale(Listed([0.7, 0.2]), 0),
+        "activate(routing)": lambda: runtime.activate(Listed([0, 1])),
+        "activate(slot)": lambda: runtime.activate(Slot(1)),
+        "unload(slot)": lambda: runtime.unload(Slot(1)),
+    }[outer]
+
+    def state() -> list[torch.Tensor]:
+        tensors = [*model.parameters(), *model.buffers()]
+        tensors += [t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+        return [t.detach().clone() for t in tensors]
+
+    with torch.no_grad():
+        before_out = model(x)
+    before, infos = state(), (runtime.info(0), runtime.info(1))
+    with pytest.raises(lorahot.UsageError) as refused:
+        within(30, call)
+    cause = refused.value.__cause__ or refused.value.__context__
+    assert re.search(rf"runtime\.{inner.rpartition('.')[2]}\(\) was called while runtime\.", str(cause)), cause
+    assert all(torch.equal(a, b) for a, b in zip(state(), before, strict=True))
+    assert (runtime.info(0), runtime.info(1)) == infos and runtime.active_slot == 0
+    with torch.no_grad():
+        assert torch.equal(model(x), before_out)
+    runtime.set_scale([0.5, 0.5], 0)  # the runtime serves on

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import threading
 import time
@@ -383,8 +384,8 @@ def test_a_runtime_dropped_without_eject_or_a_failed_inject_leaves_nothing_behin
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 @pytest.mark.parametrize("how", ["runtime.eject", "lorahot.eject", "a layer replaced"])
 def test_a_load_whose_read_ejects_the_runtime_or_moves_a_layer_writes_nothing(how: str, merged: bool) -> None:
-    """A source whose mapping methods eject the runtime (or put a plain module where a layer
-    was) while the load reads it: the load checked the runtime before its reads only, so it
+    """A source whose mapping methods eject the runtime from another thread (or put a plain
+    module where a layer was) while the load reads it: the load checked the runtime before its reads only, so it
     went on and wrote its adapter anyway: merged, into the ejected model's own weights (its
     output no longer the base model's, with no runtime left to take it out); unmerged, it
     returned an AdapterInfo of a runtime no longer in the model. Now the load checks the
@@ -403,10 +404,13 @@ def test_a_load_whose_read_ejects_the_runtime_or_moves_a_layer_writes_nothing(ho
         if acted:
             return
         acted.append(True)
-        if how == "runtime.eject":
-            runtime.eject()
-        elif how == "lorahot.eject":
-            lorahot.eject(model)
+        if "eject" in how:  # from another thread: on the load's own thread an eject is refused itself
+            failed: list[BaseException] = []
+            eject = runtime.eject if how == "runtime.eject" else functools.partial(lorahot.eject, model)
+            other = threading.Thread(target=lambda: _noting(failed, eject))
+            other.start()
+            other.join(30)
+            assert not other.is_alive() and not failed, failed
         else:
             model.set_submodule(names[0], plain)
 
@@ -434,3 +438,11 @@ def test_a_load_whose_read_ejects_the_runtime_or_moves_a_layer_writes_nothing(ho
         assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items() if k in original)
     with torch.no_grad():
         assert torch.equal(model(x), before)
+
+
+def _noting(failed: list[BaseException], call: Callable[[], object]) -> None:
+    """Runs ``call``, appending what it raises to ``failed`` (for a call on another thread)."""
+    try:
+        call()
+    except BaseException as exc:
+        failed.append(exc)
