@@ -72,16 +72,21 @@ def test_every_operation_after_either_eject_raises(tmp_path: Path, eject: str) -
     assert "ejected by " in repr(runtime)  # what it says of itself still prints
 
 
+def _prefetch_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("lorahot-prefetch")}
+
+
 def test_module_eject_stops_the_prefetch_thread(tmp_path: Path) -> None:
+    others = _prefetch_threads()  # other runtimes' (earlier tests in this process), not this one's
     model, runtime, tensors = _runtime()
     path = save_peft(tmp_path / "ad", tensors)
     runtime.prefetch(path).result()
-    assert any(t.name.startswith("lorahot-prefetch") for t in threading.enumerate())
+    assert _prefetch_threads() - others
     lorahot.eject(model)
-    assert not any(t.name.startswith("lorahot-prefetch") for t in threading.enumerate())
+    assert not _prefetch_threads() - others
     with pytest.raises(lorahot.UsageError, match=r"ejected"):
         runtime.prefetch(path)
-    assert not any(t.name.startswith("lorahot-prefetch") for t in threading.enumerate())
+    assert not _prefetch_threads() - others
 
 
 @pytest.mark.parametrize("how", ["runtime", "module"])
@@ -93,6 +98,7 @@ def test_eject_from_a_prefetch_done_callback_ejects(tmp_path: Path, how: str) ->
     model = tiny_lm()
     with torch.no_grad():
         base = model(IDS)
+    others = _prefetch_threads()  # other runtimes' (earlier tests in this process), not this one's
     runtime = lorahot.inject(model, TARGETS, max_rank=4)
     path = save_peft(tmp_path / "ad", make_adapter(model, {Q0: 2}, seed=1)[0])
     runtime.load(path)
@@ -113,10 +119,9 @@ def test_eject_from_a_prefetch_done_callback_ejects(tmp_path: Path, how: str) ->
         assert torch.equal(model(IDS), base)
     with pytest.raises(lorahot.UsageError, match=r"ejected"):
         runtime.load(path)
-    for thread in threading.enumerate():
-        if thread.name.startswith("lorahot-prefetch"):
-            thread.join(30)
-    assert not any(t.name.startswith("lorahot-prefetch") for t in threading.enumerate())
+    for thread in _prefetch_threads() - others:
+        thread.join(30)
+    assert not _prefetch_threads() - others
 
 
 def test_module_eject_restores_the_base_model_bitwise() -> None:
