@@ -714,8 +714,9 @@ class LoraRuntime:
         self._check_usable(every_layer=every_layer)  # every layer: cheap next to reading a file
         adapters, stack, write = self._check_parts(slot, sources, found, options, weights, listed)
         # the reads ran the caller's code (a mapping's methods, __fspath__), which may have ejected the
-        # runtime or moved its layers (from another thread too): checked again before anything is written
-        self._check_usable(every_layer=every_layer)
+        # runtime or moved its layers (from another thread too): checked again before anything is written (the
+        # weights' own checks ran above, and ran device work: not twice)
+        self._check_usable(every_layer=every_layer, base=False)
         return slot, adapters, stack, weights, listed, write, hits
 
     def _cached_parts(
