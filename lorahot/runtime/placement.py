@@ -19,7 +19,7 @@ from torch import nn
 from lorahot.errors import UsageError
 from lorahot.layers import LoRALayer
 from lorahot.layers.sharded import is_sharded
-from lorahot.runtime.targets import flattened_on_path, fsdp_owners, fsdp_refusal, submodule_at, through_wrappers
+from lorahot.runtime.targets import flattened_on_path, fsdp_owner_on_path, fsdp_refusal, submodule_at, through_wrappers
 
 __all__ = ["Placement"]
 
@@ -67,6 +67,8 @@ class Placement:
         names = list(names)
         if isinstance(model, nn.Module):
             for n in names:  # FSDP1 wrapped the model: its flat parameters hold the layers' weights
+                if not _maybe_flattened(layers[n]):
+                    continue
                 check_fsdp(model, n, flattened_on_path(model, n))
         parallelized = [n for n in names if is_sharded(layers[n].base_layer) != self.sharded[n]]
         if parallelized:
@@ -102,18 +104,28 @@ class Placement:
 def check_fsdp(model: nn.Module, name: str, holder: str | None) -> None:
     """Refuses layer ``name`` where FSDP sharded ``model`` after inject: ``holder`` (the module
     holding FSDP1's flat parameter on its path: :func:`flattened_on_path`), or an FSDP module
-    on its path (:func:`fsdp_owners`; None: looked up here).
+    on its path (:func:`~lorahot.runtime.targets.fsdp_owner_on_path`; None: looked up
+    here, along the path only).
 
     Raises:
         UsageError: naming the layer, FSDP's wrapper, and the fix (eject first).
     """
     if holder is None:
-        modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
-        refusal = fsdp_refusal(name, fsdp_owners(modules))
-    else:
-        refusal = fsdp_refusal(name, [holder])
+        holder = fsdp_owner_on_path(model, name) if isinstance(model, nn.Module) else None
+    refusal = None if holder is None else fsdp_refusal(name, [holder])
     if refusal is not None:
         raise UsageError(f"{refusal} FSDP sharded it after inject: call runtime.eject() first.")
+
+
+def _maybe_flattened(layer: LoRALayer) -> bool:
+    """Whether FSDP1 may have taken ``layer``'s base weight into a flat parameter: the weight
+    left its module's parameters (``use_orig_params=False`` puts a plain view there) or is
+    marked ``_fsdp_flattened`` (``use_orig_params=True``). A base without a ``weight``
+    parameter is looked at in full (:func:`~lorahot.runtime.targets.flattened_on_path`). One
+    lookup per layer where the full look walks each module on its path: a load checks every
+    layer, twice."""
+    weight = layer.base_layer._parameters.get("weight")
+    return weight is None or bool(getattr(weight, "_fsdp_flattened", False))
 
 
 def _links(model: nn.Module, layers: dict[str, LoRALayer]) -> list[tuple[dict[str, Any], str, nn.Module]]:

@@ -32,6 +32,7 @@ __all__ = [
     "layer_placement",
     "through_wrappers",
     "submodule_at",
+    "fsdp_owner_on_path",
     "fsdp_owners",
     "fsdp_refusal",
     "flattened_on_path",
@@ -67,9 +68,35 @@ def fsdp_owners(modules: Mapping[str, nn.Module]) -> list[str]:
     """The names in ``modules`` (a model's ``named_modules()``) of the modules FSDP manages:
     every parameter under one is sharded across ranks between calls and gathered for each call
     (a DTensor or a flat shard at rest, a plain tensor while it computes)."""
-    found = (getattr(sys.modules.get(module), name, None) for module, name in _FSDP_CLASSES)
-    classes = tuple(c for c in found if isinstance(c, type))
+    classes = _fsdp_classes()
     return [n for n, m in modules.items() if isinstance(m, classes)] if classes else []
+
+
+def fsdp_owner_on_path(model: nn.Module, name: str) -> str | None:
+    """The innermost module FSDP manages (:func:`fsdp_owners`) among ``model`` (``""``), the
+    modules on the path to ``name`` and ``name`` itself, or None: what :func:`fsdp_refusal`
+    finds in the whole model's owners, looked up along one path (a depth's worth of
+    ``isinstance`` calls, not a walk of every module: a load checks each of its layers)."""
+    classes = _fsdp_classes()
+    if not classes:
+        return None
+    owner: str | None = None
+    module: nn.Module | None = model
+    parts = name.split(".") if name else []
+    for depth in range(len(parts) + 1):
+        if module is None:
+            break
+        if isinstance(module, classes):
+            owner = ".".join(parts[:depth])
+        if depth < len(parts):
+            module = submodule_at(module, parts[depth])
+    return owner
+
+
+def _fsdp_classes() -> tuple[type, ...]:
+    """The FSDP module classes of :data:`_FSDP_CLASSES` that the user's code has imported."""
+    found = (getattr(sys.modules.get(module), name, None) for module, name in _FSDP_CLASSES)
+    return tuple(c for c in found if isinstance(c, type))
 
 
 def fsdp_refusal(name: str, owners: Sequence[str]) -> str | None:
