@@ -564,6 +564,7 @@ def _normalize_once(raw: RawAdapter, overrides: dict[str, Any] | None, strict: b
     _check_dora_scales(parts, raw.source, skipped, fmt)
     if skipped is not None:
         skip_modules(parts, [m for m, r in parts.items() if "A" not in r or "B" not in r], skipped)
+    _check_zero_ranks(parts, raw.source, skipped, fmt)
     if not parts and not weights:
         raise UnknownFormatError(
             f"{raw.source}: none of its {len(keys)} tensors is a loadable LoRA weight (strict=False skipped them all, "
@@ -1273,6 +1274,51 @@ def _diff_lora_clash(roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:
             "of one weight"
         )
     return None
+
+
+def _check_zero_ranks(parts: Parts, source: str, skipped: list[str] | None, fmt: KeyFormat) -> None:
+    """Refuses the LoRA modules of rank 0 (A ``[0, in, ...]``, B ``[out, 0, ...]``, as pruned or
+    resized kohya files from the wild hold): their ``B @ A`` is empty, and the loaders disagree on
+    what such a module is: kohya's sd-scripts scales it by ``alpha / 0`` (NaN outputs with an
+    ``.alpha``; ZeroDivisionError without one), ComfyUI adds zero without an ``.alpha`` and raises
+    ZeroDivisionError with one, and diffusers refuses it (PEFT takes no ``r=0``). With ``skipped``
+    given (``strict=False``) they are skipped, every key listed there.
+
+    Raises:
+        AdapterMismatchError: such modules, named with their keys and shapes, and the fix.
+    """
+    empty = [
+        m for m, roles in parts.items() if "A" in roles and "B" in roles and _zero_rank(roles["A"][1], roles["B"][1])
+    ]
+    if not empty:
+        return
+    if skipped is not None:
+        skip_modules(parts, empty, skipped)
+        return
+    rows = [
+        f"{_spelled(m, parts[m], fmt)}: "
+        + ", ".join(f"{k} {list(t.shape)}" for r in ("A", "B") for k, t in [parts[m][r]])
+        + (f", {parts[m]['alpha'][0]}" if "alpha" in parts[m] else "")
+        for m in empty
+    ]
+    raise AdapterMismatchError(
+        lines(
+            format_problems(f"{source}: {len(empty)} LoRA module(s) of rank 0:", rows),
+            "Such a module's update B @ A is empty, and loaders disagree on it: kohya's sd-scripts scales it by "
+            "alpha / 0 (NaN outputs with an .alpha, ZeroDivisionError without one), ComfyUI adds zero without an "
+            ".alpha and raises ZeroDivisionError with one, and diffusers refuses it (PEFT takes no r=0). Delete "
+            "its keys from the file (where a loader loads it at all, it changes no output), or load with "
+            "strict=False to skip it.",
+        )
+    )
+
+
+def _zero_rank(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are a LoRA A and B of rank 0 (a nested tensor, whose shape cannot be
+    read, is left to the storage checks)."""
+    if a.is_nested or b.is_nested or min(a.ndim, b.ndim) < 2:
+        return False
+    return a.shape[0] == 0 and b.shape[1] == 0
 
 
 def _spelled(module: str, roles: Mapping[str, tuple[str, torch.Tensor]], fmt: KeyFormat) -> str:

@@ -248,3 +248,42 @@ def test_a_refusal_of_keys_strict_false_skips_says_so_and_strict_false_loads_the
     with torch.no_grad():
         for name, layer in model["attn"].items():
             torch.testing.assert_close(layer(x), want[name], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [True, False], ids=["with alpha", "without alpha"])
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_a_rank_0_module_is_refused_saying_why_and_strict_false_skips_it(alpha: bool, merged: bool) -> None:
+    """A kohya module of rank 0 (``lora_down`` ``[0, in]``, ``lora_up`` ``[out, 0]``: pruned or
+    resized files) was refused at load by shape alone (``expected (r, 8) with r >= 1``), with
+    ``strict=False`` too, so the whole file could not be loaded. Its loaders disagree on it
+    (sd-scripts divides by rank 0, ComfyUI adds zero without an .alpha and divides by zero with one,
+    diffusers refuses r=0): the read refuses it naming its keys, shapes, why and the fix, nothing
+    changed; ``strict=False`` skips exactly its keys and loads the rest at the float64 reference."""
+    tensors = {k: v for k, v in _file().items() if k.startswith(tuple(UNET))}
+    empty = {
+        "lora_unet_attn_to_v.lora_down.weight": torch.zeros(0, 8),
+        "lora_unet_attn_to_v.lora_up.weight": torch.zeros(8, 0),
+    }
+    empty |= {"lora_unet_attn_to_v.alpha": torch.tensor(4.0)} if alpha else {}
+    model = _model()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v"], max_rank=4, merged=merged)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lorahot.AdapterMismatchError) as caught:
+        runtime.load(tensors | empty)
+    text = str(caught.value)
+    assert "1 LoRA module(s) of rank 0" in text, text
+    assert (
+        "lora_unet_attn_to_v: lora_unet_attn_to_v.lora_down.weight [0, 8], lora_unet_attn_to_v.lora_up.weight [8, 0]"
+        in text
+    )
+    assert "kohya's sd-scripts scales it by alpha / 0" in text and "diffusers refuses it" in text, text
+    assert "Delete its keys" in text and "strict=False" in text, text
+    assert runtime.info() is None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    x = torch.randn(3, 8, dtype=torch.float64)
+    want = _reference(tensors, x)
+    info = runtime.load(tensors | empty, strict=False)
+    assert sorted(info.skipped) == sorted(empty) and set(info.ranks) == {"attn.to_q", "attn.to_k"}
+    with torch.no_grad():
+        for name, layer in model["attn"].items():
+            torch.testing.assert_close(layer(x), want[name], rtol=1e-12, atol=1e-12, msg=name)
