@@ -126,6 +126,9 @@ _CLIP_MODULE = re.compile(r"text_model[._]")
 _CLIP_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 #: Where T5 modules go on a runtime without ``text_encoder_3``, if it holds their modules.
 _T5_ELSEWHERE = "text_encoder_2"
+#: kohya's prefix of a pipeline's second CLIP (SDXL's and SD3's CLIP-G), and the component it names
+_SECOND_CLIP = "lora_te2_"
+_TE2 = "text_encoder_2"
 
 
 #: the pipeline components the routing sends no denoiser module to (each has its own prefix in
@@ -246,6 +249,8 @@ def resolve_components(
     encoders = _comfyui_targets([k for k, _ in entries], components, [*names, *others])
     archs = {c: _architectures(c, [*names, *others]) for c in components}
     not_clip: dict[tuple[str, str], list[str]] = {}  # (component, prefix) -> CLIP modules it is no CLIP for
+    first_clip = _first_clip_of_te2(components, archs, [*names, *others])
+    not_second: list[str] = []  # lora_te2_ modules whose text_encoder_2 is no second CLIP
     for key, module in entries:
         encoder = COMFYUI_ENCODER.match(key)
         if encoder is not None:
@@ -268,6 +273,14 @@ def resolve_components(
             else:
                 not_clip.setdefault((component, prefix), []).append(key)
             continue
+        if prefix == _SECOND_CLIP and component is not None and first_clip:
+            # kohya's second CLIP (SDXL's, SD3's CLIP-G) on a CLIP that is a model's first or only
+            # one (HunyuanVideo's CLIP-L): the same module names, another encoder
+            if skipped is not None:
+                skipped.extend(module.source_keys or (key,))
+            else:
+                not_second.append(key)
+            continue
         if component is not None:
             if encoder is not None or (prefix == component + "." and prefix not in _NAMED):
                 key = key[len(prefix) :]  # a prefix no naming strips: the component's paths follow
@@ -280,6 +293,8 @@ def resolve_components(
         raise AdapterMismatchError(_missing_message(adapter.source, missing, components, encoders))
     if not_clip:
         raise AdapterMismatchError(_not_clip_message(adapter.source, not_clip, archs))
+    if not_second:
+        raise AdapterMismatchError(_not_second_message(adapter.source, not_second, components, archs, first_clip))
     return _resolve_each(adapter, groups, names, skipped, others, heads or {}, weightless)
 
 
@@ -298,6 +313,40 @@ def _not_clip_message(source: str, not_clip: dict[tuple[str, str], list[str]], a
         format_problems(f"{source}: CLIP modules routed to a component that is no CLIP:", rows),
         f"Their names would land on that encoder's layers of the same names; {where}. Rename their prefix "
         "to the CLIP's component (key_map=), or load with strict=False to skip those modules.",
+    )
+
+
+def _first_clip_of_te2(components: tuple[str, ...], archs: Mapping[str, set[str]], paths: Sequence[str]) -> str:
+    """ComfyUI's name of this runtime's ``text_encoder_2`` where it is a CLIP other than a second
+    one (``clip_l``: HunyuanVideo's lone CLIP-L beside its Llama; ``clip_h``), which kohya's
+    :data:`_SECOND_CLIP` never names; empty where it is a second CLIP (SDXL's and SD3's CLIP-G,
+    the SDXL refiner's lone OpenCLIP-G), no CLIP, of no known architecture, or absent."""
+    if _TE2 not in components or "CLIP" not in archs[_TE2]:
+        return ""
+    name = _clip_names([c for c in components if "CLIP" in archs[c]], paths).get(_TE2)
+    return "" if name == "clip_g" else name or "a CLIP"
+
+
+def _not_second_message(
+    source: str, keys: list[str], components: tuple[str, ...], archs: Mapping[str, set[str]], held: str
+) -> str:
+    """Why the ``lora_te2_`` modules ``keys`` are refused: this runtime's ``text_encoder_2`` is a
+    CLIP that ComfyUI calls ``held`` (no second CLIP, which kohya's ``lora_te2_`` names)."""
+    encoders = [
+        f"{c}, {' and '.join(_ARCHITECTURE_ROLES[a] for a in sorted(archs[c])) or _ROLES.get(c, 'of unknown kind')}"
+        + (f" (ComfyUI's {held})" if c == _TE2 else "")
+        for c in components
+        if c in _ROLES or archs[c]
+    ]
+    shown_keys = ", ".join(shown(k, 200) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+    return (
+        f"{source}: {len(keys)} module(s) with prefix {_SECOND_CLIP} ({shown_keys}) are kohya's second CLIP text "
+        "encoder's (CLIP-G, OpenCLIP ViT-bigG: SDXL's and SD3's text_encoder_2), and this runtime has no second CLIP: "
+        f"its text encoders are {'; '.join(encoders)}. They would land on the layers of the same names of another "
+        "encoder (ComfyUI maps lora_te2_ only onto the clip_g beside a clip_l). Load the file on a runtime over the "
+        "pipeline it was trained for (SDXL: lorahot.inject({..., 'text_encoder': pipe.text_encoder, 'text_encoder_2': "
+        "pipe.text_encoder_2}, ...)), rename the prefix with key_map= if these modules really are this encoder's, "
+        "or load with strict=False to skip them."
     )
 
 

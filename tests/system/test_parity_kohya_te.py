@@ -576,3 +576,58 @@ def test_clip_modules_never_land_on_a_language_model_text_encoder(prefix: str) -
     own = {k: v for k, v in _comfyui_te_file(_clip(), "clip_l", "text_model.", 5).items() if ".fc1." in k}
     info = runtime.load(sd | {k: v.double() for k, v in own.items()}, strict=False)
     assert sorted(info.skipped) == sorted(sd) and info.components == {"text_encoder": 0, "text_encoder_2": 2}
+
+
+def test_kohya_second_clip_modules_land_only_on_a_second_clip() -> None:
+    """kohya's ``lora_te2_`` names a pipeline's second CLIP (SDXL's and SD3's CLIP-G, diffusers'
+    ``text_encoder_2``). A HunyuanVideo pipeline holds a Llama as ``text_encoder`` and its lone
+    CLIP-L as ``text_encoder_2``: ``lora_te2_`` modules went by their prefix to that CLIP-L, refused
+    by shape only where the widths differ (1280 against 768) and loaded silently where they agree.
+    They are now refused naming the keys, the runtime's text encoders and the fix, every parameter
+    and buffer bitwise unchanged; ``strict=False`` skips exactly them and loads the rest at its
+    float64 reference. Where ``text_encoder_2`` is a second CLIP (two CLIPs, or the SDXL refiner's
+    lone OpenCLIP-G, 32 layers deep) they land on it at their float64 reference."""
+    llama, clip = tiny_llama().model.double(), _clip().double()
+    second = {k: v.double() for k, v in _kohya_file(clip, "lora_te2").items() if "_q_proj." in k or "_fc1." in k}
+    own = {k: v for k, v in _comfyui_te_file(clip, "clip_l", "text_model.", 5).items() if ".fc1." in k}
+    expected = _linear_responses(clip)
+    for stem in (k.removesuffix(".lora_down.weight") for k in own if k.endswith(".lora_down.weight")):
+        name = stem.removeprefix("text_encoders.clip_l.transformer.text_model.")
+        delta = 0.5 * own[f"{stem}.lora_up.weight"] @ own[f"{stem}.lora_down.weight"]
+        expected[name] = expected[name] + torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
+    models = {"text_encoder": llama, "text_encoder_2": clip}
+    runtime = lorahot.inject(models, {"text_encoder": ["q_proj"], "text_encoder_2": "all-linear"}, max_rank=4)
+    before = _state(models)
+    with pytest.raises(lorahot.AdapterMismatchError) as caught:
+        runtime.load(dict(second))
+    text = str(caught.value)
+    assert "4 module(s) with prefix lora_te2_ ('lora_te2_text_model_encoder_layers_0_self_attn_q_proj'" in text, text
+    assert "text_encoder, a language model (a text encoder); text_encoder_2, a CLIP encoder (ComfyUI's clip_l)" in text
+    assert "no second CLIP" in text, text
+    assert "'text_encoder_2': pipe.text_encoder_2" in text and "strict=False" in text, text
+    after = _state(models)
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    info = runtime.load(second | own, strict=False)
+    assert sorted(info.skipped) == sorted(second) and info.components == {"text_encoder": 0, "text_encoder_2": 2}
+    got = _linear_responses(clip)
+    for name, want in expected.items():
+        torch.testing.assert_close(got[name], want, rtol=1e-12, atol=1e-12, msg=name)
+
+    # a second CLIP takes them: two CLIPs (SDXL, SD3) or the refiner's lone 32-layer OpenCLIP-G
+    for models in (
+        {"text_encoder": _clip().double(), "text_encoder_2": _clip(with_projection=True).double()},
+        {"text_encoder_2": _deep_clip(32)},
+    ):
+        te2 = models["text_encoder_2"]
+        sd = {k: v.double() for k, v in _kohya_file(te2, "lora_te2").items()}
+        want = _linear_responses(te2)
+        for name in want:
+            stem = f"lora_te2_text_model_{name.removeprefix('text_model.').replace('.', '_')}"
+            if f"{stem}.lora_down.weight" in sd:
+                delta = 0.5 * sd[f"{stem}.lora_up.weight"] @ sd[f"{stem}.lora_down.weight"]  # alpha r / 2
+                want[name] = want[name] + torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
+        info = lorahot.inject(models, dict.fromkeys(models, TARGETS), max_rank=4).load(sd)
+        assert info.components["text_encoder_2"] == len(sd) // 3, info.components
+        got = _linear_responses(te2)
+        for name, reference in want.items():
+            torch.testing.assert_close(got[name], reference, rtol=1e-12, atol=1e-12, msg=name)
