@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -99,10 +99,11 @@ def _fsdp_classes() -> tuple[type, ...]:
     return tuple(c for c in found if isinstance(c, type))
 
 
-def fsdp_refusal(name: str, owners: Sequence[str]) -> str | None:
+def fsdp_refusal(name: str, owners: Collection[str]) -> str | None:
     """Why module ``name`` cannot take LoRA when ``owners`` (:func:`fsdp_owners`) manage
-    parameters, or None where none of them is on its path."""
-    on_path = [w for w in owners if not w or name == w or name.startswith(w + ".")]
+    parameters, or None where none of them is on its path (looked up along it: a set of
+    owners costs a lookup per level)."""
+    on_path = [w for w in (*_heads(name), name) if w in owners]
     if not on_path:
         return None
     owner = max(on_path, key=len)  # the innermost: the one that shards this module's parameters
@@ -220,11 +221,38 @@ def _matcher(model: nn.Module, targets: Targets) -> Callable[[str, nn.Module], b
         except (re.error, RecursionError, OverflowError) as exc:
             raise UsageError(f"targets={shown(targets, 200)} is not a valid regex ({exc}).") from None
         return lambda name, m: pattern.fullmatch(name) is not None
-    entries = _entries(targets)
+    entries = set(_entries(targets))
     if isinstance(targets, ExactNames):
-        names = set(entries)
-        return lambda name, m: name in names
-    return lambda name, m: any(name == e or name.endswith("." + e) for e in entries)
+        return lambda name, m: name in entries
+    # ``name == e or name.endswith("." + e)`` for some entry: the name, or its part after one of its
+    # dots, is an entry (a set lookup per dot, not a comparison per entry)
+    return lambda name, m: name in entries or any(tail in entries for tail in _tails(name))
+
+
+def _tails(name: str) -> Iterator[str]:
+    """Each part of ``name`` after one of its dots (``a.b.c``: ``b.c``, ``c``)."""
+    at = name.find(".")
+    while at >= 0:
+        yield name[at + 1 :]
+        at = name.find(".", at + 1)
+
+
+def _heads(name: str) -> Iterator[str]:
+    """Each module path above ``name`` in its model: the root ``""``, then each part before
+    one of its dots (``a.b.c``: ``""``, ``a``, ``a.b``); ``w`` is one exactly where
+    ``not w or name.startswith(w + ".")``."""
+    yield ""
+    at = name.find(".")
+    while at >= 0:
+        yield name[:at]
+        at = name.find(".", at + 1)
+
+
+def _first_on_path(name: str, ordered: Mapping[str, int]) -> str | None:
+    """The first of ``ordered`` (path -> its place in the model's order) that is ``name`` or
+    above it (:func:`_heads`), or None."""
+    found = [w for w in (*_heads(name), name) if w in ordered]
+    return min(found, key=ordered.__getitem__) if found else None
 
 
 def _entries(targets: object) -> list[str]:
@@ -310,20 +338,21 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
             f"targets={shown(targets, 200)} matched no module{why}. Some module names: {', '.join(sample)}."
             + _no_match_fix(targets, modules)
         )
-    wrapped = [w for w, m in modules.items() if isinstance(m, LoRALayer)]
+    # each by its place in model order: a name's first one on its path is found along that path
+    wrapped = {w: i for i, (w, m) in enumerate(modules.items()) if isinstance(m, LoRALayer)}
     found = Sources()
-    scripted = [w for w, m in modules.items() if isinstance(m, torch.jit.ScriptModule)]
-    sharded = fsdp_owners(modules)
+    scripted = {w: i for i, (w, m) in enumerate(modules.items()) if isinstance(m, torch.jit.ScriptModule)}
+    sharded = set(fsdp_owners(modules))
     for n in names:
         m = modules[n]
         # its base_layer too, and anything inside a model that is itself a LoRA layer ("")
-        owner = next((w for w in wrapped if not w or n == w or n.startswith(w + ".")), None)
+        owner = _first_on_path(n, wrapped)
         if owner is not None:
-            where = owner or "the model given to inject"
+            holder = owner or "the model given to inject"
             raise UsageError(
-                f"{where}: already a {type(modules[owner]).__name__}; call lorahot.eject(model) before injecting again."
+                f"{holder}: already a {type(modules[owner]).__name__}; call lorahot.eject(model) before injecting again."
             )
-        script = next((w for w in scripted if not w or n == w or n.startswith(w + ".")), None)
+        script = _first_on_path(n, scripted)
         if script is not None:
             within = "" if script == n else f" (inside {script or 'the model'})"
             raise UsageError(
@@ -357,9 +386,11 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
                 "either), and merged mode would fold it into that computation. Narrow targets to exclude it "
                 "('all-linear' leaves it out)."
             )
-    nested = [(p, c) for p in names for c in names if c.startswith(p + ".")]
+    order = {n: i for i, n in enumerate(names)}
+    # (p, c) with c under p, the first in (p, c) order: each name's selected paths above it
+    nested = [(order[p], order[c]) for c in names for p in _heads(c) if p in order]
     if nested:
-        p, c = nested[0]
+        p, c = (names[i] for i in min(nested))
         raise UsageError(
             f"targets select both {p} and its submodule {c}; narrow targets so no match lies inside another."
         )

@@ -413,7 +413,7 @@ def _wrappable(model: nn.Module) -> dict[str, LoRALayer]:
     not changed."""
     out: dict[str, LoRALayer] = {}
     modules = dict(model.named_modules())
-    sharded = fsdp_owners(modules)
+    sharded = set(fsdp_owners(modules))
     for name, module in modules.items():
         if isinstance(module, LoRALayer):
             raise UsageError(f"{name}: already a {type(module).__name__}; plan against the model before inject.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import re
 import sys
 from functools import partial
@@ -978,3 +979,80 @@ def test_fsdp1_wrapping_an_injected_model_is_refused_before_it_changes_anything(
     with torch.no_grad():
         reference.get_submodule(target).weight += 2 * b.double() @ a.double()
         assert torch.allclose(model(x).double(), reference(x.double()), rtol=0, atol=1e-5)
+
+
+# -- host cost: what inject does per layer does not grow with the model ----------------------
+
+
+def _blocks(blocks: int) -> tuple[nn.Module, list[str]]:
+    """``blocks`` blocks of two linears each among ten other modules (norms, activations,
+    containers), and the qualified names of the linears."""
+    torch.manual_seed(0)
+
+    def block() -> nn.Module:
+        return nn.ModuleDict(
+            {
+                "norm": nn.LayerNorm(4),
+                "attn": nn.ModuleDict({"q": nn.Linear(4, 4), "drop": nn.Dropout(0.0), "skip": nn.Identity()}),
+                "mlp": nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Sequential(nn.ReLU(), nn.Identity())),
+                "acts": nn.ModuleList([nn.SiLU(), nn.Tanh()]),
+            }
+        )
+
+    model = nn.Sequential(nn.ModuleDict({"blocks": nn.ModuleList([block() for _ in range(blocks)])}))
+    return model, [f"0.blocks.{b}.{p}" for b in range(blocks) for p in ("attn.q", "mlp.0")]
+
+
+def _calls(f: Any) -> int:
+    """How many Python and C functions ``f()`` calls on this thread (the garbage collector
+    paused: no finalizer of an earlier test's objects runs inside)."""
+    count = 0
+
+    def counted(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        count += event in ("call", "c_call")
+
+    gc.collect()
+    gc.disable()
+    sys.setprofile(counted)
+    try:
+        f()
+    finally:
+        sys.setprofile(None)
+        gc.enable()
+    return count
+
+
+def _inject_calls(blocks: int, second: bool) -> int:
+    """The calls of one inject of every linear by name into a model of ``blocks`` blocks (with
+    ``second``, of the second linear of each block beside a runtime holding the first)."""
+    model, names = _blocks(blocks)
+    if second:
+        lorahot.inject(model, names[0::2], max_rank=2)
+        names = names[1::2]
+    return _calls(lambda: lorahot.inject(model, names, max_rank=2))
+
+
+@pytest.mark.parametrize("second", [False, True], ids=["one runtime", "beside another"])
+def test_inject_s_work_per_layer_does_not_grow_with_the_layers(second: bool) -> None:
+    """A list of names was matched by comparing every module's name with every entry, and the
+    names inject found were compared pairwise (a match inside another) and each with every
+    layer already in the model: an SDXL UNet's 700 layers by name took seconds. Each is now a
+    lookup per level of the name's path, so four times the layers cost at most four times the
+    calls."""
+    _inject_calls(2, second)  # first-call costs (imports, compiled patterns) out of the counts
+    small, large = _inject_calls(8, second), _inject_calls(32, second)
+    assert large <= 4 * small, (small, large)
+
+
+def test_matching_by_name_keeps_its_semantics() -> None:
+    """An entry matches a name equal to it or ending in ``"." + entry`` (an entry of several
+    levels too, and a whole dotted name); a name that ends like one without the dot does not."""
+    model = nn.Sequential(
+        nn.ModuleDict({"attn": nn.ModuleDict({"q": nn.Linear(2, 2), "xq": nn.Linear(2, 2)}), "q": nn.Linear(2, 2)})
+    )
+    runtime = lorahot.inject(model, ["attn.q", "0.q"], max_rank=2)
+    assert list(runtime.layers) == ["0.attn.q", "0.q"]
+    lorahot.eject(model)
+    runtime = lorahot.inject(model, ["q"], max_rank=2)
+    assert list(runtime.layers) == ["0.attn.q", "0.q"]
