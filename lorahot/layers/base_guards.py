@@ -18,6 +18,7 @@ when they run.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import weakref
 from collections.abc import Mapping
@@ -35,9 +36,14 @@ __all__ = ["is_dtensor", "refuse_assigned_load_under"]
 
 
 def _drop_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    """State-dict post hook: ``<prefix>base_layer.k`` is saved as ``<prefix>k``."""
+    """State-dict post hook: ``<prefix>base_layer.k`` is saved as ``<prefix>k``. ``state_dict`` is
+    the whole model's so far (torch passes one dict down the modules): the layer's keys are its
+    last ones, each starting with ``prefix`` (children save after their parent, every key of a
+    module under this layer starts with it), so only those are looked at, from the end, not the
+    whole dict once per layer."""
     inner = prefix + "base_layer."
-    for key in [k for k in state_dict if k.startswith(inner)]:
+    ours = list(itertools.takewhile(lambda k: k.startswith(prefix), reversed(state_dict)))
+    for key in [k for k in reversed(ours) if k.startswith(inner)]:
         state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
 
 

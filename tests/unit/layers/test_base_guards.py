@@ -4,10 +4,14 @@ as pickles name them: a model saved with ``torch.save`` before they moved out of
 
 from __future__ import annotations
 
+import gc
 import io
+import sys
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 import lorahot
 from lorahot.layers import base, base_guards
@@ -45,3 +49,53 @@ def test_a_model_pickled_with_its_hooks_named_in_base_still_loads(monkeypatch: p
         copy.load_state_dict(state)
         assert all(torch.equal(copy.state_dict()[k], v) for k, v in state.items())
         assert torch.equal(copy(ids), model(ids))
+
+
+def _calls(f: Any) -> int:
+    """How many Python and C functions ``f()`` calls on this thread (the garbage collector
+    paused: no finalizer of an earlier test's objects runs inside)."""
+    count = 0
+
+    def counted(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        count += event in ("call", "c_call")
+
+    gc.collect()
+    gc.disable()
+    sys.setprofile(counted)
+    try:
+        f()
+    finally:
+        sys.setprofile(None)
+        gc.enable()
+    return count
+
+
+def _stack(blocks: int) -> nn.Module:
+    """``blocks`` blocks of two linears, a norm and an activation, injected."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *[nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.GELU(), nn.Linear(4, 4)) for _ in range(blocks)]
+    )
+    lorahot.inject(model, [f"{b}.{i}" for b in range(blocks) for i in (0, 3)], max_rank=2)
+    return model
+
+
+def test_state_dict_s_renaming_looks_at_each_layer_s_own_keys() -> None:
+    """Each layer's hook renamed its base's keys by scanning the whole state dict saved so far
+    (torch passes the model's one dict down the modules): the layers times the keys, so an
+    SDXL-sized model's ``state_dict()`` took several times the base model's. It now looks at the
+    layer's own keys, the last ones: four times the layers cost at most four times the calls,
+    and the state dict is the base model's, keys and order."""
+    _calls(lambda: _stack(2).state_dict())  # first-call costs out of the counts
+    small, large = _stack(8), _stack(32)
+    assert _calls(large.state_dict) <= 4 * _calls(small.state_dict)
+    model = _stack(3)
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        *[nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.GELU(), nn.Linear(4, 4)) for _ in range(3)]
+    )
+    state, expected = model.state_dict(), base.state_dict()
+    assert list(state) == list(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+    assert list(model[1][0].state_dict()) == ["weight", "bias"]
+    assert list(model.state_dict(prefix="m.")) == [f"m.{k}" for k in expected]
