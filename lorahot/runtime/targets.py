@@ -348,9 +348,9 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
         # its base_layer too, and anything inside a model that is itself a LoRA layer ("")
         owner = _first_on_path(n, wrapped)
         if owner is not None:
-            holder = owner or "the model given to inject"
+            where = owner or "the model given to inject"
             raise UsageError(
-                f"{holder}: already a {type(modules[owner]).__name__}; call lorahot.eject(model) before injecting again."
+                f"{where}: already a {type(modules[owner]).__name__}; call lorahot.eject(model) before injecting again."
             )
         script = _first_on_path(n, scripted)
         if script is not None:
@@ -379,10 +379,10 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
                 f"fused path) instead of calling it, so a LoRA there would never apply{fused}. Narrow targets to "
                 "exclude it ('all-linear' leaves it out)."
             )
-        where = _never_called(modules, n, found)
-        if where:
+        read = _never_called(modules, n, found)
+        if read:
             raise UsageError(
-                f"{n}: {where} and nothing on its path calls it, so a LoRA there would never apply (PEFT's would not "
+                f"{n}: {read} and nothing on its path calls it, so a LoRA there would never apply (PEFT's would not "
                 "either), and merged mode would fold it into that computation. Narrow targets to exclude it "
                 "('all-linear' leaves it out)."
             )
