@@ -1,9 +1,11 @@
 """Adapter namings lorahot reads, one declarative :class:`KeyFormat` per naming.
 
 Detection tries :data:`FORMATS` in order and takes the first whose table accounts for every
-key; more specific namings (required prefixes, distinct roles) come before PEFT's. The verdict
-is memoized by a digest of the key list (a file loaded again skips the scans), never by the
-keys themselves.
+key; more specific namings (required prefixes, distinct roles) come before PEFT's. Where the
+keys are of several namings (their markers, renames, aliases, splits), the naming most keys are
+of wins and the others' keys are strays (:func:`read_as`), so one key never decides how a whole
+file is read. The verdict is memoized by a digest of the key list (a file loaded again skips the
+scans), never by the keys themselves.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lorahot.formats import (
 from lorahot.formats.table import KeyFormat, Reorder, Rule, Split, group_keys
 from lorahot.memo import BoundedMemo, digest
 
-__all__ = ["FORMATS", "KeyFormat", "Reorder", "Rule", "Split", "detect", "format_named", "group_keys"]
+__all__ = ["FORMATS", "KeyFormat", "Reorder", "Rule", "Split", "detect", "format_named", "group_keys", "read_as"]
 
 #: Every known naming, in detection order.
 FORMATS: tuple[KeyFormat, ...] = (
@@ -68,17 +70,56 @@ FORMATS: tuple[KeyFormat, ...] = (
 )
 
 
-#: digest of a key list -> its format (about 300 bytes an entry)
-_DETECTED: BoundedMemo[bytes, KeyFormat | None] = BoundedMemo(1 << 20, lambda k, v: 64)
+#: digest of a key list -> its format and stray keys (about 300 bytes an entry, and the strays)
+_DETECTED: BoundedMemo[bytes, tuple[KeyFormat | None, tuple[str, ...]]] = BoundedMemo(
+    1 << 20, lambda k, v: 64 + sum(len(s) + 56 for s in v[1])
+)
 
 
 def detect(keys: list[str]) -> KeyFormat | None:
-    """The first format in :data:`FORMATS` that accounts for every key, or None (memoized)."""
-    return _DETECTED.get(digest(keys), _scan, keys)
+    """The naming a file of ``keys`` is read as (:func:`read_as`), or None (memoized)."""
+    return read_as(keys)[0]
 
 
-def _scan(keys: list[str]) -> KeyFormat | None:
-    return next((f for f in FORMATS if f.detect(keys)), None)
+def read_as(keys: list[str]) -> tuple[KeyFormat | None, tuple[str, ...]]:
+    """The naming a file of ``keys`` is read as, and its stray keys (memoized).
+
+    The first format in :data:`FORMATS` that accounts for every key, unless the keys are of two
+    namings or more: each key is of the namings that place it their own way (a rename, an alias,
+    a split), else of those whose marker it matches (:meth:`KeyFormat.claims`), and the naming
+    that most keys are of wins (of equals, the first
+    in :data:`FORMATS`, which lists the more specific namings first), so that a stray key never decides the
+    naming of a whole file, and the keys of other namings and not of it are the strays,
+    which a strict read refuses and ``strict=False`` skips. None where no format accounts for
+    every key and no vote is held."""
+    return _DETECTED.get(digest(keys), _vote, keys)
+
+
+def _vote(keys: list[str]) -> tuple[KeyFormat | None, tuple[str, ...]]:
+    first = next((f for f in FORMATS if f.detect(keys)), None)
+    present = [f for f in FORMATS if f.marker and f.score(keys) >= 0]
+    voters: dict[str, tuple[tuple[str, ...], int]] = {}  # key -> the namings it is one of, and how (claims)
+    for key in keys:
+        how = [(f.name, f.claims(key)) for f in present]
+        best = max((c for _, c in how), default=0)
+        if best:  # a naming that places the key its own way outvotes a marker alone
+            voters[key] = (tuple(dict.fromkeys(name for name, c in how if c == best)), best)
+    votes = {f.name: 0 for f in present}  # in FORMATS order: the first of equals wins
+    for names, _ in voters.values():
+        for name in names:
+            votes[name] = votes.get(name, 0) + 1
+    votes = {name: n for name, n in votes.items() if n}
+    if len(votes) < 2:
+        return first, ()
+    won = max(votes, key=lambda name: votes[name])  # the first of equals: FORMATS is most specific first
+    winner = first if first is not None and first.name == won else next(f for f in present if f.name == won)
+    return winner, tuple(
+        k
+        for k, (names, how) in voters.items()
+        # a key another naming only marks (no rename, alias or split of it) is placed as that
+        # naming would place it by the winner's rules too, where they read it or refuse it
+        if won not in names and (how == 2 or (winner.parse(k) is None and winner.refusal(k) is None))
+    )
 
 
 def format_named(name: str) -> KeyFormat:

@@ -272,6 +272,28 @@ class KeyFormat:
             )
         return f"not a LoRA key of the {self.name} naming"
 
+    def claims(self, key: str) -> int:
+        """How ``key`` is one of this naming's own, not merely one its rules read: 2 where one of
+        its renames, aliases or splits takes its module (it places the key its own way), 1 where
+        only its marker matches it, 0 where neither, and for a naming without a marker (PEFT's,
+        kohya's plain names), whose rules read any model's names. What tells a file's stray keys
+        of another naming from its own where both namings read them
+        (:func:`lorahot.formats.read_as`)."""
+        if not self.marker:
+            return 0
+        marked = 1 if _compiled(self.marker).search(key) else 0
+        raw = next((m for m in (rule.match(key) for rule in self.rules) if m is not None), None)
+        if raw is None:
+            return marked
+        if any(_compiled(pattern).search(raw) for pattern, _ in self.renames):
+            return 2
+        module = self._parse(key)
+        names = (raw,) if module is None else (module[0], self.strip_prefix(module[0]))
+        placed = any(_compiled(p).search(n) for p, _ in self.aliases for n in names) or any(
+            _compiled(rule.pattern).fullmatch(n) for rule in self.splits for n in names
+        )
+        return 2 if placed else marked
+
     def score(self, keys: list[str]) -> int:
         """How many keys this format parses; -1 if its marker or required prefix is absent."""
         if self.marker and not any(re.search(self.marker, k) for k in keys):

@@ -40,7 +40,7 @@ from lorahot.errors import (
     public_api,
     shown,
 )
-from lorahot.formats import FORMATS, KeyFormat, detect, format_named, group_keys
+from lorahot.formats import FORMATS, KeyFormat, format_named, group_keys, read_as
 from lorahot.formats.diffusers import METADATA_KEY
 from lorahot.formats.kohya import KOHYA_OFT
 from lorahot.formats.table import GLORA_FACTORS, Parts, skip_modules
@@ -550,12 +550,14 @@ def _normalize_once(raw: RawAdapter, overrides: dict[str, Any] | None, strict: b
     if not keys:
         raise UnknownFormatError(f"{raw.source}: holds no tensors. Point lorahot at a LoRA adapter.")
     header_configs = _header_configs(raw)
-    fmt = detect(keys) or _closest_format(keys)
+    found, strays = read_as(keys)
+    fmt = found or _closest_format(keys)
     _check_config_applies(raw, fmt)
     defaults = _header_alpha(raw, fmt)
     configs = _component_configs(raw, header_configs, overrides, fmt.name in _PEFT_NAMED, defaults)
     skipped: list[str] | None = None if strict else []
-    parts = group_keys(fmt, raw.tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
+    tensors = _without_strays(raw, fmt, strays, skipped)
+    parts = group_keys(fmt, tensors, raw.source, skipped)  # raises, naming the keys, if fmt was a guess
     weights = _weight_modules(parts, raw.source, skipped, fmt, raw.shapes_only)  # LyCORIS kinds and diffs: out of parts
     _check_metadata_reaches(list(parts), list(weights), configs, header_configs, overrides, raw, fmt.name)
     only_header_alpha = bool(defaults) and not _states_alpha(raw, fmt, overrides, header_configs)
@@ -1274,6 +1276,34 @@ def _diff_lora_clash(roles: dict[str, tuple[str, torch.Tensor]]) -> str | None:
             "of one weight"
         )
     return None
+
+
+def _without_strays(
+    raw: RawAdapter, fmt: KeyFormat, strays: tuple[str, ...], skipped: list[str] | None
+) -> dict[str, torch.Tensor]:
+    """``raw``'s tensors without ``strays``, the keys of other namings in a file read as ``fmt``
+    (:func:`lorahot.formats.read_as`), which ``skipped`` (``strict=False``) lists.
+
+    Raises:
+        UnknownFormatError: there are strays and ``skipped`` is None, naming how many, some of
+            them and the namings they are of, and what the rest of the file was read as.
+    """
+    if not strays:
+        return raw.tensors
+    if skipped is None:
+        namings = list(
+            dict.fromkeys(f.name for f in FORMATS if f.name != fmt.name and any(f.claims(k) for k in strays[:64]))
+        )
+        sample = ", ".join(shown(k, 200) for k in strays[:5]) + (", ..." if len(strays) > 5 else "")
+        raise UnknownFormatError(
+            f"{raw.source}: {len(strays)} of its {len(raw.tensors)} keys are of another naming "
+            f"({', '.join(namings) or 'another'}) than the rest, read as {fmt.name} naming (its keys look like "
+            f"{fmt.example}): {sample}. A file holds one naming, and these keys would be read by the rules of "
+            f"{fmt.name}: rename them to its names (key_map=) or delete them."
+        )
+    skipped += strays
+    dropped = set(strays)
+    return {k: t for k, t in raw.tensors.items() if k not in dropped}
 
 
 def _check_zero_ranks(parts: Parts, source: str, skipped: list[str] | None, fmt: KeyFormat) -> None:

@@ -128,3 +128,99 @@ def test_a_stray_key_of_another_naming_never_places_a_module_by_the_wrong_rules(
                         assert module.alpha == ref.alpha, where
                     elif strict:  # the stray landed: only by the file's own naming, as X alone reads it
                         assert adapter.format == own.name or format_named(adapter.format).rules == own.rules, where
+
+
+def _blocks_of(fmt: KeyFormat) -> dict[str, torch.Tensor]:
+    """A file of ``fmt`` alone with more modules than a stray: each of its example modules at
+    block indices 0, 1 and 2 (where it has one), as far as ``fmt`` alone reads them."""
+    tensors: dict[str, torch.Tensor] = {}
+    for example in _EXAMPLES[fmt.name]:
+        if re.search(r"hada_|lokr_", example):
+            continue
+        for i in range(3):
+            candidate = {**tensors, **_module(re.sub(r"(?<=[._])0(?=[._])", str(i), example, count=1), len(tensors))}
+            try:
+                if lorahot.read_adapter(dict(candidate)).format == fmt.name:
+                    tensors = candidate
+            except lorahot.LoraError:
+                continue
+    return tensors
+
+
+#: the namings whose keys tell them apart (a marker), each with a file of its own (6 keys at least)
+_MARKED = [f for f in FORMATS if f.marker and len(_blocks_of(f)) >= 6]
+
+
+@pytest.mark.parametrize("own", _MARKED, ids=lambda f: f.name)
+def test_a_stray_key_of_another_naming_never_decides_the_naming_of_the_file(own: KeyFormat) -> None:
+    """Detection took the first naming whose marker some key matched and whose rules read every
+    key, so one key of another naming decided how a whole file was read: a krea2-kohya file with a
+    MiniMax-H3 key was read as minimax-h3 (its keys by MiniMax-H3's rules, refused in MiniMax-H3's
+    terms, or placed by them). Now the naming most keys are of wins, and the keys of another naming
+    are refused naming them, how many, their naming and what the rest was read as; strict=False
+    skips exactly them and keeps every module of the file's own naming. Pairs of namings that
+    place each other's keys their own way (a shared vocabulary) are left to the placement test."""
+    tensors = _blocks_of(own)
+    mine = {k for f in FORMATS if f.name == own.name for k in tensors if f.claims(k) == 2}
+    for other in _MARKED:
+        if other.name == own.name or any(other.claims(k) == 2 for k in tensors if k in mine):
+            continue
+        extra = _module(_EXAMPLES[other.name][0], 7)
+        if set(extra) & set(tensors) or any(f.claims(k) == 2 for f in FORMATS if f.name == own.name for k in extra):
+            continue
+        where = f"{own.name} + {next(iter(extra))}"
+        with pytest.raises(lorahot.UnknownFormatError) as caught:
+            lorahot.read_adapter({**tensors, **extra})
+        text = str(caught.value)
+        assert f"2 of its {len(tensors) + 2} keys are of another naming" in text, (where, text)
+        assert f"read as {own.name} naming" in text and other.name in text, (where, text)
+        assert all(repr(k) in text for k in extra) and "strict=False" in text, (where, text)
+        adapter = lorahot.read_adapter({**tensors, **extra}, strict=False)
+        assert adapter.format == own.name and sorted(adapter.skipped) == sorted(extra), where
+        kept = {k for m in (*adapter.modules.values(), *adapter.weights.values()) for k in m.source_keys}
+        assert kept == set(tensors), where
+
+
+def test_a_krea2_kohya_file_with_a_minimax_key_is_refused_naming_it_and_loads_without_it() -> None:
+    """The reported file: Krea 2 modules in kohya spelling and one MiniMax-H3 module (musubi's or
+    the original spelling), on a model of diffusers' Krea 2 names. A load is refused naming the
+    MiniMax key and krea2-kohya, every parameter bitwise unchanged; strict=False loads the Krea 2
+    modules at the float64 reference and lists the MiniMax keys as skipped."""
+    krea = {}
+    for i in range(3):
+        krea |= _module(f"lora_unet_blocks_{i}_attn_wq.lora_down.weight", i)
+    for stray in (
+        "lora_unet_blocks_0_attn_qkv_proj.lora_down.weight",
+        "diffusion_model.blocks.0.attn.qkv_proj.lora_A.weight",
+    ):
+        extra = _module(stray, 9)
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict(
+            {
+                "transformer_blocks": torch.nn.ModuleList(
+                    torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"to_q": torch.nn.Linear(12, 84)})})
+                    for _ in range(3)
+                )
+            }
+        ).double()
+        runtime = lorahot.inject(model, ["to_q"], max_rank=4)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(
+            lorahot.UnknownFormatError,
+            match=rf"(?s)2 of its 8 keys.*minimax-h3.*read as krea2-kohya naming.*{re.escape(stray)}",
+        ):
+            runtime.load({**krea, **extra})
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        x = torch.randn(5, 12, dtype=torch.float64)
+        want = []
+        for i, block in enumerate(model["transformer_blocks"]):
+            a, b = (
+                krea[f"lora_unet_blocks_{i}_attn_wq.lora_down.weight"],
+                krea[f"lora_unet_blocks_{i}_attn_wq.lora_up.weight"],
+            )
+            want.append(block["attn"]["to_q"](x) + x @ a.double().T @ b.double().T)  # alpha = rank
+        info = runtime.load({**krea, **extra}, strict=False)
+        assert info.format == "krea2-kohya" and sorted(info.skipped) == sorted(extra)
+        with torch.no_grad():
+            for block, expected in zip(model["transformer_blocks"], want, strict=True):
+                torch.testing.assert_close(block["attn"]["to_q"](x), expected, rtol=1e-12, atol=1e-12)
