@@ -10,7 +10,10 @@ names a text encoder by what it is (``text_encoders.clip_l.transformer.``, ``cli
 modules it has (a CLIP's ``position_embedding``/``fc1``, a T5's ``SelfAttention``, a decoder LM's
 ``embed_tokens``/``gate_proj``), SD3's place deciding between several, refused where none or
 several fit; a CLIP name (``clip_l``, ``clip_g``, ``clip_h``) only to a CLIP that ComfyUI's model
-holds under that name, as ComfyUI maps it nowhere else (:func:`_clip_names`).
+holds under that name, as ComfyUI maps it nowhere else (:func:`_clip_names`). A CLIP's modules
+in kohya's ``lora_te_``/``lora_te1_`` or diffusers' ``text_encoder.`` naming whose prefix names a
+component that is no CLIP (a HunyuanVideo pipeline's Llama) go to the lone CLIP where ComfyUI maps
+them onto it (HunyuanVideo's CLIP-L ``text_encoder_2``), and are refused otherwise.
 sd-scripts names the T5 ``lora_te3_`` in its Flux.1 files too,
 whose pipeline holds the T5 as ``text_encoder_2``: T5 modules (:data:`T5_PREFIXES`) go to
 ``text_encoder_2`` on a runtime without a ``text_encoder_3`` whose ``text_encoder_2`` has their
@@ -126,6 +129,14 @@ _CLIP_MODULE = re.compile(r"text_model[._]")
 _CLIP_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 #: Where T5 modules go on a runtime without ``text_encoder_3``, if it holds their modules.
 _T5_ELSEWHERE = "text_encoder_2"
+#: The prefixes of a pipeline's first CLIP: kohya's ``lora_te_``/``lora_te1_`` and diffusers'
+#: ``text_encoder.``, each -> the ComfyUI names of a CLIP that ComfyUI maps them onto (its
+#: ``model_lora_keys_clip``: ``clip_l`` or ``clip_h``, and for two of them a lone ``clip_g``)
+_FIRST_CLIP = {
+    "lora_te_": ("clip_l", "clip_h", "clip_g"),
+    "lora_te1_": ("clip_l", "clip_h"),
+    "text_encoder.": ("clip_l", "clip_h", "clip_g"),
+}
 #: kohya's prefix of a pipeline's second CLIP (SDXL's and SD3's CLIP-G), and the component it names
 _SECOND_CLIP = "lora_te2_"
 _TE2 = "text_encoder_2"
@@ -259,6 +270,8 @@ def resolve_components(
             component, prefix = route(key, components, denoiser)
         if component is None and prefix == T5_PREFIXES[0] and t5:
             component = _T5_ELSEWHERE
+        if prefix in _FIRST_CLIP and component is not None and _CLIP_MODULE.match(key[len(prefix) :]):
+            component = _first_clip_target(prefix, component, archs, [*names, *others])
         if (
             component is not None
             and prefix
@@ -296,6 +309,21 @@ def resolve_components(
     if not_second:
         raise AdapterMismatchError(_not_second_message(adapter.source, not_second, components, archs, first_clip))
     return _resolve_each(adapter, groups, names, skipped, others, heads or {}, weightless)
+
+
+def _first_clip_target(prefix: str, component: str, archs: Mapping[str, set[str]], paths: Sequence[str]) -> str:
+    """The component for a CLIP module (``text_model...``) that ``prefix``, one of :data:`_FIRST_CLIP`,
+    sends to ``component``: that one unless it is recognized as no CLIP (a HunyuanVideo pipeline's
+    Llama ``text_encoder``), and then the runtime's lone CLIP where ComfyUI maps ``prefix`` onto it
+    (HunyuanVideo's CLIP-L ``text_encoder_2``, its ``clip_l``; diffusers' HunyuanVideo loader loads
+    no text encoder); ``component`` still where there is none (refused as no CLIP)."""
+    if not archs[component] or "CLIP" in archs[component]:
+        return component
+    clips = [c for c, found in archs.items() if "CLIP" in found]
+    if len(clips) != 1:
+        return component
+    held = _clip_names(clips, paths).get(clips[0])
+    return clips[0] if held in _FIRST_CLIP[prefix] else component
 
 
 def _not_clip_message(source: str, not_clip: dict[tuple[str, str], list[str]], archs: Mapping[str, set[str]]) -> str:

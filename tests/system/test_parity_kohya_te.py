@@ -541,41 +541,74 @@ def test_comfyui_clip_names_land_only_on_an_encoder_that_holds_them_as_comfyui_m
         assert all(torch.equal(v, after[k]) for k, v in before.items()), prefix
 
 
-@pytest.mark.parametrize(
-    "prefix", ["lora_te_text_model_encoder_layers_", "lora_te1_text_model_encoder_layers_", "text_encoder.text_model."]
-)
-def test_clip_modules_never_land_on_a_language_model_text_encoder(prefix: str) -> None:
-    """A HunyuanVideo pipeline holds a Llama as ``text_encoder`` and its CLIP as
-    ``text_encoder_2``. A CLIP file in kohya's ``lora_te_``/``lora_te1_`` or diffusers'
-    ``text_encoder.`` naming went by its prefix to the Llama, whose ``layers.0.self_attn.q_proj``
-    took the CLIP's ``text_model.encoder.layers.0.self_attn.q_proj`` with the CLIP's levels
-    dropped as wrappers: silently, at equal widths. Such modules are now refused naming the
-    component, what it is and the runtime's CLIP, with every parameter and buffer bitwise
-    unchanged; ``strict=False`` skips them."""
-    llama, clip = tiny_llama().model.double(), _clip().double()
+def _first_clip_file(prefix: str, clip: nn.Module) -> dict[str, torch.Tensor]:
+    """A LoRA (rank 2, alpha 1) on every q_proj and fc1 of ``clip``'s layers, with ``prefix``
+    (kohya's ``lora_te_``/``lora_te1_``, spelled with underscores, or diffusers' ``text_encoder.``)."""
     g = torch.Generator().manual_seed(4)
     sd = {}
-    for i in range(2):
-        for proj in ("q_proj",):  # as wide as the Llama's (its k_proj/v_proj are narrower)
-            dotted = f"encoder.layers.{i}.self_attn.{proj}" if prefix.endswith(".") else f"{i}_self_attn_{proj}"
-            stem = prefix + dotted
-            sd[f"{stem}.lora_down.weight"] = torch.randn(2, 32, generator=g, dtype=torch.float64)
-            sd[f"{stem}.lora_up.weight"] = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    for name, mod in clip.named_modules():
+        if isinstance(mod, nn.Linear) and name.rpartition(".")[2] in ("q_proj", "fc1"):
+            path = "text_model." + name.removeprefix("text_model.")
+            stem = prefix + (path if prefix.endswith(".") else path.replace(".", "_"))
+            sd[f"{stem}.lora_down.weight"] = torch.randn(2, mod.in_features, generator=g, dtype=torch.float64)
+            sd[f"{stem}.lora_up.weight"] = torch.randn(mod.out_features, 2, generator=g, dtype=torch.float64)
+            sd[f"{stem}.alpha"] = torch.tensor(1.0, dtype=torch.float64)
+    return sd
+
+
+@pytest.mark.parametrize("prefix", ["lora_te_", "lora_te1_", "text_encoder."])
+def test_first_clip_modules_land_on_the_clip_comfyui_maps_them_to_never_on_a_language_model(prefix: str) -> None:
+    """A HunyuanVideo pipeline holds a Llama as ``text_encoder`` and its CLIP-L as
+    ``text_encoder_2``. A CLIP file in kohya's ``lora_te_``/``lora_te1_`` or diffusers'
+    ``text_encoder.`` naming goes by its prefix to the Llama, whose ``layers.0.self_attn.q_proj``
+    would take the CLIP's ``text_model.encoder.layers.0.self_attn.q_proj`` with the CLIP's levels
+    dropped as wrappers; these modules were refused there. ComfyUI maps all three onto the model's
+    ``clip_l`` (``model_lora_keys_clip``; HunyuanVideo's text encoder is its ``clip_l`` and
+    ``llama``), and diffusers' HunyuanVideo loader loads no text encoder (it drops them): they now
+    land on the CLIP-L, every Linear at its float64 reference, the Llama untouched. Where the
+    runtime's lone CLIP is none ComfyUI maps the prefix onto (kohya's ``lora_te1_`` on a lone
+    32-layer OpenCLIP-G, its ``clip_g``) or it has no CLIP, they are refused naming the component,
+    what it is and the runtime's CLIP, every parameter and buffer bitwise unchanged; ``strict=False``
+    skips them."""
+    llama, clip = tiny_llama().model.double(), _clip().double()
+    sd = _first_clip_file(prefix, clip)
+    expected = _linear_responses(clip)
+    for name in expected:
+        stem = prefix + ("text_model." + name if prefix.endswith(".") else "text_model_" + name.replace(".", "_"))
+        if f"{stem}.lora_down.weight" in sd:
+            delta = 0.5 * sd[f"{stem}.lora_up.weight"] @ sd[f"{stem}.lora_down.weight"]  # alpha 1, rank 2
+            expected[name] = expected[name] + torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
     models = {"text_encoder": llama, "text_encoder_2": clip}
+    before_llama = _linear_responses(llama)
     runtime = lorahot.inject(
         models, {"text_encoder": ["q_proj", "k_proj", "v_proj"], "text_encoder_2": "all-linear"}, max_rank=4
     )
-    before = _state(models)
-    with pytest.raises(
-        lorahot.AdapterMismatchError,
-        match=r"(?s)go by their prefix to text_encoder, which is a language model.*CLIP is text_encoder_2",
-    ):
-        runtime.load(dict(sd))
-    after = _state(models)
-    assert all(torch.equal(v, after[k]) for k, v in before.items())
-    own = {k: v for k, v in _comfyui_te_file(_clip(), "clip_l", "text_model.", 5).items() if ".fc1." in k}
-    info = runtime.load(sd | {k: v.double() for k, v in own.items()}, strict=False)
-    assert sorted(info.skipped) == sorted(sd) and info.components == {"text_encoder": 0, "text_encoder_2": 2}
+    info = runtime.load(dict(sd))
+    assert info.components == {"text_encoder": 0, "text_encoder_2": len(sd) // 3}, info.components
+    got = _linear_responses(clip)
+    for name, want in expected.items():
+        torch.testing.assert_close(got[name], want, rtol=1e-12, atol=1e-12, msg=name)
+    assert all(torch.equal(v, before_llama[k]) for k, v in _linear_responses(llama).items())
+
+    refused = {"no CLIP": {"text_encoder": tiny_llama().model.double()}}
+    if prefix == "lora_te1_":  # ComfyUI maps lora_te1_ onto a clip_l or clip_h only
+        refused["a lone OpenCLIP-G"] = {"text_encoder": tiny_llama().model.double(), "text_encoder_2": _deep_clip(32)}
+    for label, others in refused.items():
+        stray = {k: v for k, v in sd.items() if "layers_0_" in k or "layers.0." in k}
+        runtime = lorahot.inject(others, {c: ["q_proj", "fc1"] for c in others}, max_rank=4)
+        before = _state(others)
+        with pytest.raises(
+            lorahot.AdapterMismatchError,
+            match=r"(?s)go by their prefix to text_encoder, which is a language model.*"
+            + ("has no CLIP" if label == "no CLIP" else "CLIP is text_encoder_2"),
+        ):
+            runtime.load(dict(stray))
+        after = _state(others)
+        assert all(torch.equal(v, after[k]) for k, v in before.items()), label
+        own = prefix + ("layers.0.self_attn.q_proj" if prefix.endswith(".") else "layers_0_self_attn_q_proj")
+        mine = {f"{own}.lora_down.weight": torch.randn(2, 32), f"{own}.lora_up.weight": torch.randn(32, 2)}
+        info = runtime.load(stray | mine, strict=False)  # the Llama's own module loads beside them
+        assert sorted(info.skipped) == sorted(stray) and info.components["text_encoder"] == 1, label
 
 
 def test_kohya_second_clip_modules_land_only_on_a_second_clip() -> None:
