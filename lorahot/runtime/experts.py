@@ -37,8 +37,19 @@ __all__ = ["find_experts", "expert_lists"]
 def find_experts(model: nn.Module, names: Iterable[str]) -> frozenset[str]:
     """The layers among ``names`` (dotted module paths in ``model``) that belong to a
     mixture-of-experts block's experts, by name or by structure (see the module docstring)."""
-    lists = expert_lists(model)
-    return frozenset(n for n in names if is_expert(n) or any(n.startswith(prefix + ".") for prefix in lists))
+    lists = set(expert_lists(model))
+    return frozenset(n for n in names if is_expert(n) or _under(n, lists))
+
+
+def _under(name: str, lists: set[str]) -> bool:
+    """Whether one of ``lists`` holds module ``name`` (``name`` starts with it and a dot): each
+    path above ``name`` looked up, not each list compared (a model has a list per MoE block)."""
+    at = name.find(".")
+    while at >= 0:
+        if name[:at] in lists:
+            return True
+        at = name.find(".", at + 1)
+    return False
 
 
 def expert_lists(model: nn.Module) -> list[str]:

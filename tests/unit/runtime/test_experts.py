@@ -4,6 +4,9 @@ gathered tokens other rows' slots."""
 
 from __future__ import annotations
 
+import gc
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -209,3 +212,44 @@ def test_negative_control_without_the_structure_the_routing_gives_wrong_numbers(
         runtime.activate(0)
         alone = model(x[:1])
     assert not torch.allclose(routed[:1], alone, rtol=1e-6, atol=1e-6)
+
+
+class _Block(nn.Module):
+    """An attention projection beside a mixture of four experts found by structure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(D, D)
+        self.gate = nn.Linear(D, 4, bias=False)
+        self.mix = nn.ModuleList([nn.Sequential(nn.Linear(D, D), nn.ReLU()) for _ in range(4)])
+
+
+def _find_calls(blocks: int) -> int:
+    """How many Python and C functions one :func:`find_experts` of ``blocks`` blocks calls
+    (the garbage collector paused: no finalizer of an earlier test's objects runs inside)."""
+    model = nn.ModuleList([_Block() for _ in range(blocks)])
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("gate")]
+    count = 0
+
+    def counted(frame: object, event: str, arg: object) -> None:
+        nonlocal count
+        count += event in ("call", "c_call")
+
+    gc.collect()
+    gc.disable()
+    sys.setprofile(counted)
+    try:
+        found = find_experts(model, names)
+    finally:
+        sys.setprofile(None)
+        gc.enable()
+    assert found == {n for n in names if ".mix." in n}
+    return count
+
+
+def test_finding_the_experts_does_not_compare_each_layer_with_each_block() -> None:
+    """Each layer was compared with every list of experts in the model (a list per MoE block):
+    the layers times the blocks. Each path above a layer is now looked up, so four times the
+    blocks cost at most four times the calls."""
+    _find_calls(2)  # first-call costs out of the counts
+    assert _find_calls(32) <= 4 * _find_calls(8)
