@@ -38,6 +38,8 @@ class Placement:
         self._originals = list(self._modules)  # the wrapped-since are checked against these
         self.first = next(iter(layers))  # the layer checked where not every layer is
         self.sharded = {name: is_sharded(layer.base_layer) for name, layer in layers.items()}
+        # each base weight's class as inject saw it (None: no weight Parameter, always looked at in full)
+        self._kinds = {name: _weight_kind(layer) for name, layer in layers.items()}
 
     def check_linked(self, model: nn.Module, layers: dict[str, LoRALayer]) -> None:
         """Refuses a layer no longer in ``model`` (a module on its path replaced or deleted
@@ -65,12 +67,17 @@ class Placement:
             UsageError: naming the first such layer, what changed and the fix.
         """
         names = list(names)
+        # a base weight of the class inject saw, unmarked, was neither flattened by FSDP1 nor
+        # parallelized or gathered since (a DTensor weight is of DTensor's class, a plain one is
+        # not): one lookup per layer, where the full checks below cost several (a load checks
+        # every layer, twice)
+        changed = [n for n in names if not self._same_kind(n, layers[n])]
         if isinstance(model, nn.Module):
-            for n in names:  # FSDP1 wrapped the model: its flat parameters hold the layers' weights
+            for n in changed:  # FSDP1 wrapped the model: its flat parameters hold the layers' weights
                 if not _maybe_flattened(layers[n]):
                     continue
                 check_fsdp(model, n, flattened_on_path(model, n))
-        parallelized = [n for n in names if is_sharded(layers[n].base_layer) != self.sharded[n]]
+        parallelized = [n for n in changed if is_sharded(layers[n].base_layer) != self.sharded[n]]
         if parallelized:
             name = parallelized[0]
             check_fsdp(model, name, None)  # FSDP2's DTensors
@@ -88,6 +95,13 @@ class Placement:
                 "runtime's writes and captured graphs no longer reach. Move or share the model first, then inject "
                 "(or call runtime.eject() and inject again)."
             )
+
+    def _same_kind(self, name: str, layer: LoRALayer) -> bool:
+        """Whether ``layer``'s base weight is a Parameter of the class inject saw, not marked by
+        FSDP1."""
+        kind = self._kinds[name]
+        weight = layer._base._parameters.get("weight")
+        return kind is not None and type(weight) is kind and not getattr(weight, "_fsdp_flattened", False)
 
     def _relinked(self) -> bool:
         """Whether each parent on the paths to the layers still holds its child, itself or a
@@ -115,6 +129,16 @@ def check_fsdp(model: nn.Module, name: str, holder: str | None) -> None:
     refusal = None if holder is None else fsdp_refusal(name, [holder])
     if refusal is not None:
         raise UsageError(f"{refusal} FSDP sharded it after inject: call runtime.eject() first.")
+
+
+def _weight_kind(layer: LoRALayer) -> type | None:
+    """The class of ``layer``'s base weight Parameter, or None where it has none (a
+    parametrized weight, a base without ``weight``: those take the full checks each call). No
+    reference to the weight itself is kept: a weakref would make ``torch.utils.swap_tensors``
+    (``model.to()`` with ``swap_module_params_on_conversion``) refuse it, and a strong one
+    would keep a replaced weight alive."""
+    weight = layer._base._parameters.get("weight")
+    return None if weight is None else type(weight)
 
 
 def _maybe_flattened(layer: LoRALayer) -> bool:
