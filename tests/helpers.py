@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import json
 import math
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,27 @@ class ScaledProj(nn.Module):
 
 
 # -- geometry -----------------------------------------------------------------------------
+
+
+def count_calls(f: Any) -> int:
+    """How many Python and C functions ``f()`` calls on this thread (the garbage collector
+    paused: no finalizer of an earlier test's objects runs inside). Work that must not grow
+    faster than a model is counted at two sizes this way, never timed."""
+    count = 0
+
+    def counted(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        count += event in ("call", "c_call")
+
+    gc.collect()
+    gc.disable()
+    sys.setprofile(counted)
+    try:
+        f()
+    finally:
+        sys.setprofile(None)
+        gc.enable()
+    return count
 
 
 def features(module: nn.Module) -> tuple[int, int]:

@@ -4,10 +4,7 @@ as pickles name them: a model saved with ``torch.save`` before they moved out of
 
 from __future__ import annotations
 
-import gc
 import io
-import sys
-from typing import Any
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from torch import nn
 
 import lorahot
 from lorahot.layers import base, base_guards
-from tests.helpers import make_adapter, tiny_lm, token_ids
+from tests.helpers import count_calls, make_adapter, tiny_lm, token_ids
 
 #: what an injected model's pickle names: the layer's state-dict hooks and the base module's load hooks
 _PICKLED = ("_BaseLoadHook", "_drop_base_prefix", "_add_base_prefix", "_report_base_keys")
@@ -51,26 +48,6 @@ def test_a_model_pickled_with_its_hooks_named_in_base_still_loads(monkeypatch: p
         assert torch.equal(copy(ids), model(ids))
 
 
-def _calls(f: Any) -> int:
-    """How many Python and C functions ``f()`` calls on this thread (the garbage collector
-    paused: no finalizer of an earlier test's objects runs inside)."""
-    count = 0
-
-    def counted(frame: Any, event: str, arg: Any) -> None:
-        nonlocal count
-        count += event in ("call", "c_call")
-
-    gc.collect()
-    gc.disable()
-    sys.setprofile(counted)
-    try:
-        f()
-    finally:
-        sys.setprofile(None)
-        gc.enable()
-    return count
-
-
 def _stack(blocks: int) -> nn.Module:
     """``blocks`` blocks of two linears, a norm and an activation, injected."""
     torch.manual_seed(0)
@@ -87,9 +64,9 @@ def test_state_dict_s_renaming_looks_at_each_layer_s_own_keys() -> None:
     SDXL-sized model's ``state_dict()`` took several times the base model's. It now looks at the
     layer's own keys, the last ones: four times the layers cost at most four times the calls,
     and the state dict is the base model's, keys and order."""
-    _calls(lambda: _stack(2).state_dict())  # first-call costs out of the counts
+    count_calls(lambda: _stack(2).state_dict())  # first-call costs out of the counts
     small, large = _stack(8), _stack(32)
-    assert _calls(large.state_dict) <= 4 * _calls(small.state_dict)
+    assert count_calls(large.state_dict) <= 4 * count_calls(small.state_dict)
     model = _stack(3)
     torch.manual_seed(0)
     base = nn.Sequential(

@@ -4,9 +4,6 @@ gathered tokens other rows' slots."""
 
 from __future__ import annotations
 
-import gc
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -15,7 +12,7 @@ import lorahot
 from lorahot.layers.routing import is_expert
 from lorahot.runtime import experts as experts_module
 from lorahot.runtime.experts import expert_lists, find_experts
-from tests.helpers import make_adapter
+from tests.helpers import count_calls, make_adapter
 
 D = 8
 
@@ -225,24 +222,15 @@ class _Block(nn.Module):
 
 
 def _find_calls(blocks: int) -> int:
-    """How many Python and C functions one :func:`find_experts` of ``blocks`` blocks calls
-    (the garbage collector paused: no finalizer of an earlier test's objects runs inside)."""
+    """How many Python and C functions one :func:`find_experts` of ``blocks`` blocks calls."""
     model = nn.ModuleList([_Block() for _ in range(blocks)])
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("gate")]
-    count = 0
+    found: set[str] = set()
 
-    def counted(frame: object, event: str, arg: object) -> None:
-        nonlocal count
-        count += event in ("call", "c_call")
+    def find() -> None:
+        found.update(find_experts(model, names))
 
-    gc.collect()
-    gc.disable()
-    sys.setprofile(counted)
-    try:
-        found = find_experts(model, names)
-    finally:
-        sys.setprofile(None)
-        gc.enable()
+    count = count_calls(find)
     assert found == {n for n in names if ".mix." in n}
     return count
 

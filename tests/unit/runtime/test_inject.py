@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import re
 import sys
 from functools import partial
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 import lorahot
-from tests.helpers import Conv1D, ScaledProj, make_adapter, model_reference, tiny_lm, token_ids
+from tests.helpers import Conv1D, ScaledProj, count_calls, make_adapter, model_reference, tiny_lm, token_ids
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -1003,26 +1002,6 @@ def _blocks(blocks: int) -> tuple[nn.Module, list[str]]:
     return model, [f"0.blocks.{b}.{p}" for b in range(blocks) for p in ("attn.q", "mlp.0")]
 
 
-def _calls(f: Any) -> int:
-    """How many Python and C functions ``f()`` calls on this thread (the garbage collector
-    paused: no finalizer of an earlier test's objects runs inside)."""
-    count = 0
-
-    def counted(frame: Any, event: str, arg: Any) -> None:
-        nonlocal count
-        count += event in ("call", "c_call")
-
-    gc.collect()
-    gc.disable()
-    sys.setprofile(counted)
-    try:
-        f()
-    finally:
-        sys.setprofile(None)
-        gc.enable()
-    return count
-
-
 def _inject_calls(blocks: int, second: bool) -> int:
     """The calls of one inject of every linear by name into a model of ``blocks`` blocks (with
     ``second``, of the second linear of each block beside a runtime holding the first)."""
@@ -1030,7 +1009,7 @@ def _inject_calls(blocks: int, second: bool) -> int:
     if second:
         lorahot.inject(model, names[0::2], max_rank=2)
         names = names[1::2]
-    return _calls(lambda: lorahot.inject(model, names, max_rank=2))
+    return count_calls(lambda: lorahot.inject(model, names, max_rank=2))
 
 
 @pytest.mark.parametrize("second", [False, True], ids=["one runtime", "beside another"])
