@@ -325,6 +325,7 @@ class Arena:
         if self.e_dirty[region] or rows:
             self._reset_extras(region)
         if rows:
+            self.e_dirty[region] = True  # before the copy: one interrupted midway leaves rows to reset
             torch._foreach_copy_([self.extras(i, region)[row] for i, row in rows], srcs)
         self.e_dirty[region] = bool(rows)
 
@@ -464,7 +465,9 @@ class Arena:
         """
         a, b, s = self._region[region]
         with torch.no_grad():
-            if self.needs_zero(region, pack):
+            zero = self.needs_zero(region, pack)
+            self._widen(region, pack.a_rows, pack.b_rows, bool(pack.extra_rows))
+            if zero:
                 a.zero_()
                 b.zero_()
             if pack.rows is not None:
@@ -496,6 +499,15 @@ class Arena:
         """Whether :meth:`write` of ``pack`` into ``region`` zeroes it first: rows of the
         region's last adapter lie beyond what the pack overwrites."""
         return max(self.a_extent[region], self.b_extent[region]) > pack.cover
+
+    def _widen(self, region: int, a_rows: int, b_rows: int, dirty: bool) -> None:
+        """The host's record of ``region`` widened, before device work on it, to cover what the
+        work may leave there: work interrupted midway (KeyboardInterrupt) or failing then holds
+        no rows, and no extras, that the record leaves out, so the zero fill of a later write
+        and the reset of :meth:`clear` reach them. The exact record follows the work."""
+        self.a_extent[region] = max(self.a_extent[region], a_rows)
+        self.b_extent[region] = max(self.b_extent[region], b_rows)
+        self.e_dirty[region] = self.e_dirty[region] or dirty
 
     def wrote(self, region: int, pack: Pack) -> None:
         """The host's record of ``region`` after :meth:`write` of ``pack`` (its extents, and
@@ -615,7 +627,9 @@ class Arena:
         The caller has validated everything before: nothing here can fail on bad input.
         """
         with torch.no_grad():
-            if not self._covers(region, ranks):
+            zero = not self._covers(region, ranks)
+            self._widen(region, a_rows, b_rows, False)
+            if zero:
                 self.A[region].zero_()
                 self.B[region].zero_()
             if dsts:
@@ -644,6 +658,7 @@ class Arena:
 
     def copy_region(self, src: int, dst: int) -> None:
         """Makes ``dst`` an exact copy of ``src``: one device copy per buffer."""
+        self._widen(dst, self.a_extent[src], self.b_extent[src], self.e_dirty[src])
         with torch.no_grad():
             for t in (self.A, self.B, self.S, self.E):
                 t[dst].copy_(t[src])

@@ -135,6 +135,7 @@ def _one_call_at_a_time(
 
     @functools.wraps(method)
     def one_at_a_time(runtime: LoraRuntime, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        runtime._refuse_within_call(method.__name__)
         with runtime._calls, runtime._under_way(method.__name__):
             return method(runtime, *args, **kwargs)
 
@@ -483,14 +484,15 @@ class LoraRuntime:
         # keys whose prefetch is under way: waited for before the call lock, which a done callback
         # of an earlier prefetch on the prefetch thread may be waiting for (lorahot.runtime.prefetches)
         self._pending_keys.settle(_keys_of(source), self._on_prefetch_thread())
+        self._refuse_within_call("load")
         with self._calls, self._under_way("load"), _gc_paused(), self._reading():
             return self._load(source, slot, scale, denoiser, read_kwargs)
 
     @contextlib.contextmanager
     def _under_way(self, call: str) -> Iterator[None]:
         """Notes ``call`` (``load``, ``activate``, ``unload``, ``set_scale``, under the call lock)
-        as running on this thread, after refusing it within another (:meth:`_refuse_within_call`)."""
-        self._refuse_within_call(call)
+        as running on this thread, for the message of :meth:`_refuse_within_call` (called
+        before the lock is taken)."""
         self._running = threading.get_ident(), call
         try:
             yield
@@ -503,10 +505,16 @@ class LoraRuntime:
         buffers its own thread holds), an argument's ``__float__``, ``__index__``, ``__len__`` or
         ``__getitem__`` (``set_scale([w0, w1])`` reads its weights against the stack the slot
         holds). Any such call would change the slots, or eject the runtime, under a call that has
-        checked its arguments against them. Nothing has changed when this raises."""
+        checked its arguments against them. Nothing has changed when this raises.
+
+        A call is under way on this thread exactly where this thread holds the call lock (which
+        every such call takes after this check); the note of :meth:`_under_way` only names it,
+        so a note an interrupt left behind (a signal before its reset ran) refuses nothing."""
+        if not self._calls._is_owned():  # type: ignore[attr-defined]  # RLock's own test, as Condition uses it
+            return
         running = self._running
         if running is None or running[0] != threading.get_ident():
-            return
+            running = threading.get_ident(), "another call"
         if running[1] != "load":
             raise UsageError(
                 f"runtime.{call}() was called while runtime.{running[1]}() of this runtime runs on the same thread "
@@ -1443,6 +1451,22 @@ class LoraRuntime:
         adapter). Every one of ``slots`` is unnamed after it: none holds its adapter whole."""
         first: tuple[int, BaseException] | None = None
         stuck: list[int] = []
+        done: list[int] = []
+        try:
+            first = self._empty_each(slots, done, stuck)
+        except BaseException as exc:  # interrupted between two slots, outside each one's own try: the rest too
+            left = slots[len(done) :]
+            first = (left[0] if left else slots[-1], exc)
+            self._empty_each(left, done, stuck)
+        for s in stuck:
+            self._infos[s], self._stacks[s], self._weights[s] = None, None, ()
+        return first, stuck
+
+    def _empty_each(self, slots: list[int], done: list[int], stuck: list[int]) -> tuple[int, BaseException] | None:
+        """:meth:`_empty_all`'s loop: each of ``slots`` emptied (again once where that fails),
+        noted in ``done`` once tried, in ``stuck`` where the second try failed too. Returns the
+        first failure (its slot and error), or None."""
+        first: tuple[int, BaseException] | None = None
         for s in slots:
             for again in (False, True):
                 try:
@@ -1452,9 +1476,8 @@ class LoraRuntime:
                     first = first or (s, exc)
                     if again:
                         stuck.append(s)
-        for s in stuck:
-            self._infos[s], self._stacks[s], self._weights[s] = None, None, ()
-        return first, stuck
+            done.append(s)
+        return first
 
     def _unload_failed(
         self,
@@ -1521,8 +1544,10 @@ class LoraRuntime:
         live = s == self._active
 
         def write_scales() -> None:
-            self._weights[s] = weights  # info(s) reports them from here
+            # marked written first: a failure (an interrupt) from here on empties the slot, where one
+            # between the two lines would leave info(s) naming weights no buffer holds, as "nothing changed"
             self.buffers.touched = True  # a replay writes too
+            self._weights[s] = weights  # info(s) reports them from here
             if self._merger is None and self._replay(s, live, stack, weights):
                 return  # on CUDA: the scales, live copy and wide refresh in one graph replay
             scales = stack.scales(weights)
