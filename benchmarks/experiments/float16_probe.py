@@ -16,6 +16,8 @@ per configuration times every row count), per layer over the base model of its d
 - ``a bf16 lorahot``: bfloat16 as lorahot runs it (widened);
 - ``b fp16 lorahot``: float16 as lorahot runs it now (float32 library formula);
 - ``b fp16 lorahot tf32``: the same with ``torch.backends.cuda.matmul.allow_tf32`` on (eager only);
+- ``e fp16 lorahot f32 buffers``: lorahot with ``inject(..., dtype=torch.float32)`` (float32
+  LoRA buffers, as PEFT keeps a float16 model's adapter weights): no per-call copies of A and B;
 - ``c fp16 bmm32``: the shrink ``torch.bmm(x[None], A.T[None], out_dtype=float32)`` (float16
   tensor cores, float32 out), scaled and expanded in float32 as lorahot's formula does;
 - ``c fp16 mm32 addmm``: the shrink ``torch.mm(x, A.T, out_dtype=float32)`` and the expand
@@ -143,7 +145,7 @@ class Candidate(nn.Module):
 class Form:
     name: str
     dtype: torch.dtype
-    kind: str  # "base", "lorahot", "widened" or a Candidate kind
+    kind: str  # "base", "lorahot", "lorahot f32" (inject(dtype=torch.float32)), "widened" or a Candidate kind
     eager_only: bool = False
     range_fails: bool = False  # the range check is expected to fail
     tf32: bool = False
@@ -155,6 +157,7 @@ FORMS = [
     Form("a bf16 lorahot", torch.bfloat16, "lorahot"),
     Form("b fp16 lorahot", torch.float16, "lorahot"),
     Form("b fp16 lorahot tf32", torch.float16, "lorahot", eager_only=True, tf32=True),
+    Form("e fp16 lorahot f32 buffers", torch.float16, "lorahot f32"),
     Form("c fp16 bmm32", torch.float16, "bmm32"),
     Form("c fp16 mm32 addmm", torch.float16, "mm32 addmm"),
     Form("c fp16 rowscale", torch.float16, "rowscale"),
@@ -162,7 +165,7 @@ FORMS = [
 ]
 #: compiled configurations in this order, so that a deadline cuts the least needed
 COMPILE_ORDER = ["base fp16", "b fp16 lorahot", "base bf16", "a bf16 lorahot", "c fp16 bmm32", "c fp16 rowscale"]
-COMPILE_ORDER += ["d fp16 widened", "c fp16 mm32 addmm"]
+COMPILE_ORDER += ["e fp16 lorahot f32 buffers", "d fp16 widened", "c fp16 mm32 addmm"]
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -186,15 +189,16 @@ def _build(form: Form, proto: nn.Module) -> tuple[nn.Module, Callable[[Tensors, 
     model = copy.deepcopy(proto)
     if form.kind == "base":
         return model, lambda tensors, s: None
-    if form.kind in ("lorahot", "widened"):
+    if form.kind in ("lorahot", "lorahot f32", "widened"):
         saved = wide.UNWIDENED_DTYPES
         if form.kind == "widened":
             wide.UNWIDENED_DTYPES = frozenset()
         try:
-            runtime = lorahot.inject(model, lambda name, m: isinstance(m, nn.Linear), max_rank=R)
+            buffers = torch.float32 if form.kind == "lorahot f32" else None  # PEFT's float32 adapter weights
+            runtime = lorahot.inject(model, lambda name, m: isinstance(m, nn.Linear), max_rank=R, dtype=buffers)
         finally:
             wide.UNWIDENED_DTYPES = saved
-        wants_wide = form.kind == "widened" or form.dtype != torch.float16
+        wants_wide = form.kind == "widened" or (form.dtype != torch.float16 and form.kind == "lorahot")
         widened = sum(layer.wide for layer in runtime.layers.values())
         if widened != (len(runtime.layers) if wants_wide else 0):
             print(f"  note: {form.name}: {widened} of {len(runtime.layers)} layers widened", flush=True)
