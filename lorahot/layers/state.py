@@ -56,11 +56,16 @@ class RuntimeState:
         and they all ran. Where one raises (a fault, an interrupt), it and those after it stay
         :attr:`unfinished`, and the next call runs them again."""
         with self._lock:
-            if self.ejected is None:
-                self.ejected = how
-                self.unfinished, self._on_eject = self._on_eject, []
-                self.base_loaded = None  # the runtime's: held no longer, so it goes with its last reference
-                self.before_eject = None
+            if self.ejected is None:  # one statement: an interrupt lands before it or after it, never within
+                # (marked ejected with no callbacks left to run, the model kept every layer and no eject took them)
+                # base_loaded and before_eject are the runtime's: held no longer, it goes with its last reference
+                self.unfinished, self._on_eject, self.base_loaded, self.before_eject, self.ejected = (
+                    self._on_eject,
+                    [],
+                    None,
+                    None,
+                    how,
+                )
             elif not self.unfinished:
                 return False
             callbacks = self.unfinished
