@@ -4,11 +4,14 @@ Detection tries :data:`FORMATS` in order and takes the first whose table account
 key; more specific namings (required prefixes, distinct roles) come before PEFT's. Where the
 keys are of several namings (their markers, renames, aliases, splits), the naming most keys are
 of wins and the others' keys are strays (:func:`read_as`), so one key never decides how a whole
-file is read. The verdict is memoized by a digest of the key list (a file loaded again skips the
-scans), never by the keys themselves.
+file is read; a marked naming takes a file only where it takes more keys than the rest, which an
+unmarked naming (PEFT's, kohya's, diffusers', ComfyUI's) reads. The verdict is memoized by a
+digest of the key list (a file loaded again skips the scans), never by the keys themselves.
 """
 
 from __future__ import annotations
+
+import re
 
 from lorahot.formats import (
     anima,
@@ -90,8 +93,10 @@ def read_as(keys: list[str]) -> tuple[KeyFormat | None, tuple[str, ...]]:
     that most keys are of wins (of equals, the first
     in :data:`FORMATS`, which lists the more specific namings first), so that a stray key never decides the
     naming of a whole file, and the keys of other namings and not of it are the strays,
-    which a strict read refuses and ``strict=False`` skips. None where no format accounts for
-    every key and no vote is held."""
+    which a strict read refuses and ``strict=False`` skips. A marked naming takes the file only
+    where it takes more keys than the others tell it from (:func:`_unmarked`); else the file is of
+    the naming that reads the keys no marked naming takes, and the marked namings' keys are its
+    strays. None where no format accounts for every key and no vote is held."""
     return _DETECTED.get(digest(keys), _vote, keys)
 
 
@@ -99,21 +104,74 @@ def _vote(keys: list[str]) -> tuple[KeyFormat | None, tuple[str, ...]]:
     first = next((f for f in FORMATS if f.detect(keys)), None)
     present = [f for f in FORMATS if f.marker and f.score(keys) >= 0]
     voters: dict[str, tuple[tuple[str, ...], int]] = {}  # key -> the namings it is one of, and how (claims)
+    weak: set[str] = set()  # the keys only namings of modules outside the blocks take (KeyFormat.outside)
     for key in keys:
-        how = [(f.name, f.claims(key)) for f in present]
+        how = [(f, f.claims(key)) for f in present]
         best = max((c for _, c in how), default=0)
         if best:  # a naming that places the key its own way outvotes a marker alone
-            voters[key] = (tuple(dict.fromkeys(name for name, c in how if c == best)), best)
+            voters[key] = (tuple(dict.fromkeys(f.name for f, c in how if c == best)), best)
+            if all(f.outside for f, c in how if c == best):
+                weak.add(key)
     votes = {f.name: 0 for f in present}  # in FORMATS order: the first of equals wins
     for names, _ in voters.values():
         for name in names:
             votes[name] = votes.get(name, 0) + 1
     votes = {name: n for name, n in votes.items() if n}
+    strays: tuple[str, ...] = ()
     if len(votes) < 2:
-        return first, ()
-    won = max(votes, key=lambda name: votes[name])  # the first of equals: FORMATS is most specific first
-    winner = first if first is not None and first.name == won else next(f for f in present if f.name == won)
-    return winner, tuple(
+        winner = first
+    else:
+        won = max(votes, key=lambda name: votes[name])  # the first of equals: FORMATS is most specific first
+        winner = first if first is not None and first.name == won else next(f for f in present if f.name == won)
+        strays = _strays(winner, won, voters)
+    if not voters:
+        return winner, strays
+    mine = [f for f in present if winner is not None and f.name == winner.name and f.marker]
+    unmarked, rest = _unmarked(keys, voters, mine)
+    if unmarked is None or (mine and votes.get(mine[0].name, 0) > rest):
+        return winner, strays
+    # a file of an unmarked naming (its keys but those marked namings take), and a few keys of
+    # marked ones: the strays, but for those it reads that only a naming of modules outside the
+    # blocks takes, or only namings it comes before in FORMATS (less specific than it: the old
+    # diffusers spelling, which ComfyUI's naming reads too)
+    return unmarked, tuple(
+        k
+        for k in _strays(unmarked, "", voters)
+        if (unmarked.parse(k) is None and unmarked.refusal(k) is None)
+        or (k not in weak and min(_ORDER[name] for name in voters[k][0]) < _ORDER[unmarked.name])
+    )
+
+
+#: naming -> where it first stands in :data:`FORMATS` (the more specific namings first)
+_ORDER = {f.name: i for i, f in reversed(list(enumerate(FORMATS)))}
+
+
+#: Module keys of a component other than the denoiser (kohya's ``lora_te1_``, ComfyUI's
+#: ``text_encoders.``, diffusers' ``text_encoder_2.``): every naming spells a text encoder's modules
+#: in that encoder's own names, so such a key tells no naming of a file apart.
+_OTHER_COMPONENT = re.compile(r"^(?:lora_te\d?_|text_encoders?(?:_\d)?\.)")
+
+
+def _unmarked(
+    keys: list[str], voters: dict[str, tuple[tuple[str, ...], int]], winner: list[KeyFormat]
+) -> tuple[KeyFormat | None, int]:
+    """The naming of ``keys`` without those a marked naming takes (``voters``), where one reads
+    them all, and how many of them tell it from ``winner`` (the formats of the marked naming the
+    vote gives the file): those of the denoiser (not :data:`_OTHER_COMPONENT`) that no format of
+    ``winner`` reads as a module of its model its marker leaves unmarked (:meth:`KeyFormat.shares`).
+    A marked naming takes a file only where it claims more keys than that: else the file is of
+    the unmarked naming (PEFT's, kohya's, diffusers', ComfyUI's) with a few keys of a marked one."""
+    rest = [k for k in keys if k not in voters]
+    unmarked = next((f for f in FORMATS if f.detect(rest)), None) if rest else None
+    if unmarked is None or unmarked.marker:
+        return None, 0
+    return unmarked, sum(1 for k in rest if not _OTHER_COMPONENT.match(k) and not any(f.shares(k) for f in winner))
+
+
+def _strays(winner: KeyFormat, won: str, voters: dict[str, tuple[tuple[str, ...], int]]) -> tuple[str, ...]:
+    """The keys of other namings than ``won`` (``winner``'s name; empty for an unmarked naming)
+    that are not of it."""
+    return tuple(
         k
         for k, (names, how) in voters.items()
         # a key another naming only marks (no rename, alias or split of it) is placed as that

@@ -78,13 +78,14 @@ def spelling(
     refuse: tuple[tuple[str, str], ...] = (),
     splits: tuple[Split | Reorder, ...] = (),
     lycoris: bool = False,
+    shared: str = "",
 ) -> KeyFormat:
     """The kohya spelling of another model's original module names (Flux's, HunyuanVideo's in
     musubi-tuner, SD3's, Wan's): kohya's A / B / alpha keys, component prefixes and ``_`` for
     ``.``; ``renames`` turn a key's underscores back into the original dotted names (keeping
     ``lora_unet_`` for ``prefix=`` and the resolver), ``marker`` tells the naming from plain
     kohya and from the others; ``lycoris`` reads LyCORIS factors too (merged mode), as plain kohya
-    does (``refuse`` then leaves them out)."""
+    does (``refuse`` then leaves them out); ``shared`` as :attr:`KeyFormat.shared`."""
     return KeyFormat(
         name=name,
         rules=(*RULES, *lycoris_rules(MODULE)) if lycoris else RULES,
@@ -97,6 +98,7 @@ def spelling(
         splits=splits,
         roles=("lora_down", "lora_up"),
         example=example,
+        shared=shared,
     )
 
 
@@ -118,6 +120,7 @@ def of_original(dotted: KeyFormat, name: str, *, module: str, example: str) -> K
         aliases=tuple((underscored(p), r) for p, r in dotted.aliases),
         refuse=REFUSED_MERGEABLE,
         lycoris=True,
+        shared=dotted.shared,
     )
 
 
@@ -140,4 +143,5 @@ def outside(spelled: KeyFormat, modules: str, *, example: str, marker: str | Non
         ),
         marker=rf"^(?:{modules if marker is None else marker})\.",
         example=example,
+        outside=True,
     )

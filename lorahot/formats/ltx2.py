@@ -94,6 +94,9 @@ _CONNECTORS = r"text_embedding_projection\."
 #: a block attention's query/key norm: its name tells a file of blocks apart (diffusers' is norm_q)
 _QK_NORM = rf"transformer_blocks\.\d+\.(?:{_ATTENTIONS})\.[qk]_norm"
 
+#: the blocks, named as in diffusers (which its marker leaves to ComfyUI's naming), either spelling
+_BLOCKS = r"^transformer_blocks[._]\d+[._]"
+
 FORMAT = KeyFormat(
     name="ltx2",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
@@ -102,6 +105,7 @@ FORMAT = KeyFormat(
     marker=rf"{DIFFUSION_MODEL_HEAD}(?:adaln_single|{_QK_NORM})\.|{ORIGINAL_HEAD}{_MODULE}\.|^{_CONNECTORS}",
     aliases=_ALIASES,
     example="diffusion_model.adaln_single.linear.lora_A.weight",
+    shared=_BLOCKS,
 )
 
 KOHYA = kohya.of_original(

@@ -145,6 +145,10 @@ SPLITS: tuple[Split | Reorder, ...] = (
     ),
 )
 
+#: the blocks, whose modules Z-Image names as it does (``attention.to_q``), which its marker leaves
+#: unmarked, either spelling
+_BLOCKS = r"^(?:layers|noise_refiner|context_refiner)[._]\d+[._]"
+
 FORMAT = KeyFormat(
     name="lumina2",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
@@ -158,6 +162,7 @@ FORMAT = KeyFormat(
     aliases=_ALIASES,
     splits=SPLITS,
     example="diffusion_model.layers.0.attention.qkv.lora_A.weight",
+    shared=_BLOCKS,
 )
 
 #: sd-scripts' spelling: ``lora_unet_layers_0_attention_qkv``; the block modules back to the
@@ -195,6 +200,7 @@ KOHYA = kohya.spelling(
     splits=SPLITS,
     lycoris=True,
     example="lora_unet_layers_0_attention_qkv.lora_down.weight",
+    shared=_BLOCKS,
 )
 
 #: ``lumina2-kohya`` for a file whose modules all lie outside the blocks and one of which only the

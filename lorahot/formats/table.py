@@ -188,6 +188,15 @@ class KeyFormat:
             ``alpha``), read as each module's alpha; ignored where the file has ``.alpha``
             tensors, as its loaders do (a module without one beside modules with one takes
             alpha = rank); refused beside LyCORIS modules, for which no loader defines it.
+        shared: a regex searched in a module key without its component prefix: the modules of
+            this naming's model that its marker leaves unmarked, as other models have modules of
+            those names (LTX-2's blocks, named as in diffusers); keys of a file that no marked naming
+            takes and that match it are this naming's as much as another's, so they never outvote
+            its marked ones (:func:`lorahot.formats.read_as`).
+        outside: its marker matches only modules outside a model's blocks (``img_in``,
+            ``final_layer``: :func:`lorahot.formats.kohya.outside`), which other models have too
+            (Qwen-Image's ``img_in``): a key it alone takes is no stray in a file of an unmarked
+            naming that reads it (:func:`lorahot.formats.read_as`).
     """
 
     name: str
@@ -204,6 +213,8 @@ class KeyFormat:
     roles: tuple[str, str] = ("lora_A", "lora_B")
     example: str = ""
     header_alpha: str = ""
+    shared: str = ""
+    outside: bool = False
 
     def strip_prefix(self, module: str) -> str:
         """``module`` without this format's component prefix, if it has one."""
@@ -293,6 +304,12 @@ class KeyFormat:
             _compiled(rule.pattern).fullmatch(n) for rule in self.splits for n in names
         )
         return 2 if placed else marked
+
+    def shares(self, key: str) -> bool:
+        """Whether this naming reads ``key`` as a module of its model its marker leaves unmarked
+        (:attr:`shared`)."""
+        module = self.parse(key) if self.shared else None
+        return module is not None and _compiled(self.shared).search(self.strip_prefix(module[0])) is not None
 
     def score(self, keys: list[str]) -> int:
         """How many keys this format parses; -1 if its marker or required prefix is absent."""

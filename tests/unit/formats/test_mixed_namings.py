@@ -13,11 +13,14 @@ skipped). Never one of X's modules placed by another naming's aliases, splits or
 
 from __future__ import annotations
 
+import json
+import random
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import lorahot
 from lorahot.adapter import Adapter, LoraModule
@@ -224,3 +227,131 @@ def test_a_krea2_kohya_file_with_a_minimax_key_is_refused_naming_it_and_loads_wi
         with torch.no_grad():
             for block, expected in zip(model["transformer_blocks"], want, strict=True):
                 torch.testing.assert_close(block["attn"]["to_q"](x), expected, rtol=1e-12, atol=1e-12)
+
+
+#: a module of each naming without a marker (its rules read any model's names), ``{i}`` its block
+_UNMARKED = {
+    "peft": "base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight",
+    "kohya": "lora_unet_down_blocks_{i}_attentions_0_proj_in.lora_down.weight",
+    "diffusers": "unet.down_blocks.{i}.attentions.0.proj_in.lora_A.weight",
+    "comfyui": "diffusion_model.input_blocks.{i}.1.transformer_blocks.0.attn1.to_q.lora_A.weight",
+}
+
+
+@pytest.mark.parametrize("naming", list(_UNMARKED))
+def test_a_file_of_an_unmarked_naming_with_a_key_of_a_marked_one_is_read_as_the_unmarked_one(naming: str) -> None:
+    """The vote counted only the keys marked namings take, so a file of PEFT, kohya, diffusers or
+    ComfyUI modules with one module of a marked naming was read as that naming: three PEFT
+    ``model.layers.N.self_attn.q_proj`` modules and a Wan ``diffusion_model.blocks.0.self_attn.q``
+    as ``wan`` (an adapter_config.json beside it refused in Wan's terms), three kohya SD modules
+    and a Krea 2 ``lora_unet_blocks_0_attn_wq`` as ``krea2-kohya``. A marked naming now takes a
+    file only where it takes more keys than the rest, which the naming of those keys alone reads:
+    for files of 3 to 6 modules in any key order with a module of every marked naming's examples,
+    the file is read as its own naming, the marked module refused naming its keys, its naming and
+    what the rest was read as, and ``strict=False`` skips exactly it and keeps every other key.
+    A key whose marker is absent, or that only a naming of modules outside the blocks takes
+    (``lora_unet_final_layer_linear``, other models' names too), is the file's naming's to read."""
+    refused = 0
+    for n, seed in ((3, 0), (4, 1), (6, 2)):
+        base: dict[str, torch.Tensor] = {}
+        for i in range(n):
+            base |= _module(_UNMARKED[naming].format(i=i), i)
+        assert lorahot.read_adapter(dict(base)).format == naming
+        order = random.Random(seed)
+        for other in FORMATS:
+            for example in _EXAMPLES[other.name] if other.marker else ():
+                extra = _module(example, 9)
+                if re.search(r"hada_|lokr_", example) or set(extra) & set(base):
+                    continue
+                mixed = list({**base, **extra}.items())
+                order.shuffle(mixed)
+                where = f"{naming} x {n} + {example}"
+                try:
+                    adapter = lorahot.read_adapter(dict(mixed))
+                except lorahot.UnknownFormatError as caught:
+                    text = str(caught)
+                    assert f"2 of its {len(mixed)} keys are of another naming" in text, (where, text)
+                    assert f"read as {naming} naming" in text and other.name in text, (where, text)
+                    assert all(repr(k) in text for k in extra) and "strict=False" in text, (where, text)
+                    refused += 1
+                    adapter = lorahot.read_adapter(dict(mixed), strict=False)
+                    assert adapter.format == naming and sorted(adapter.skipped) == sorted(extra), where
+                    kept = {k for m in adapter.modules.values() for k in m.source_keys}
+                    assert kept == set(base), where
+                else:
+                    if adapter.format == "diffusers-old" and naming == "comfyui":
+                        continue  # its generic aliases (to_q -> q_proj) place every ComfyUI key: left to the vote
+                    if adapter.format != naming:  # the marked naming's marker is absent: it takes no key
+                        assert not re.search(other.marker, example), where
+                        continue
+                    kept = {k for m in adapter.modules.values() for k in m.source_keys}
+                    assert kept == set(base) | set(extra), where
+                    assert not re.search(other.marker, example) or other.outside, where
+    assert refused >= 3 * 20, refused
+
+
+def _q_projs(n: int, path: str) -> torch.nn.Module:
+    """``n`` blocks, each a float64 Linear(12, 84) at ``path`` (``{i}`` its index), as nested ModuleDicts."""
+    torch.manual_seed(0)
+    root = torch.nn.ModuleDict()
+    for i in range(n):
+        node = root
+        parts = path.format(i=i).split(".")
+        for part in parts[:-1]:
+            if part not in node:
+                node[part] = torch.nn.ModuleDict()
+            node = node[part]
+        node[parts[-1]] = torch.nn.Linear(12, 84)
+    return root.double()
+
+
+@pytest.mark.parametrize(
+    ("naming", "path", "stray"),
+    [
+        ("peft", "model.layers.{i}.self_attn.q_proj", "diffusion_model.blocks.0.self_attn.q.lora_A.weight"),
+        ("kohya", "down_blocks.{i}.attentions.0.proj_in", "lora_unet_blocks_0_attn_wq.lora_down.weight"),
+    ],
+)
+def test_a_stray_marked_module_is_refused_and_the_file_loads_in_its_own_naming(
+    naming: str, path: str, stray: str, tmp_path: Path
+) -> None:
+    """The reported files: three PEFT modules (with PEFT's adapter_config.json: r 2, lora_alpha 4)
+    and a Wan module, three kohya SD modules (``.alpha`` 1) and a Krea 2 module. A load is refused
+    naming the stray keys, their naming and the naming the rest was read as, every parameter and
+    buffer bitwise unchanged; ``strict=False`` loads the file in its own naming (PEFT's scale from
+    its config) at the float64 reference and lists exactly the stray keys as skipped."""
+    sd: dict[str, torch.Tensor] = {}
+    for i in range(3):
+        key = _UNMARKED[naming].format(i=i)
+        sd |= _module(key, i)
+        if naming == "kohya":
+            sd[key.replace(".lora_down.weight", ".alpha")] = torch.tensor(1.0)
+    extra = _module(stray, 9)
+    save_file({**sd, **extra}, str(tmp_path / "adapter_model.safetensors"))
+    scale = 2.0 if naming == "peft" else 0.5  # lora_alpha / r from the config, else .alpha / r
+    if naming == "peft":
+        (tmp_path / "adapter_config.json").write_text(
+            json.dumps({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
+        )
+    model = _q_projs(3, path)
+    runtime = lorahot.inject(model, [path.rpartition(".")[2]], max_rank=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        lorahot.UnknownFormatError,
+        match=rf"(?s)2 of its {len(sd) + 2} keys.*read as {naming} naming.*{re.escape(stray)}",
+    ):
+        runtime.load(tmp_path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    x = torch.randn(5, 12, dtype=torch.float64)
+    want = []
+    for i in range(3):
+        layer = model.get_submodule(path.format(i=i))
+        key = _UNMARKED[naming].format(i=i)
+        a, b = sd[key].double(), sd[_up(key)].double()
+        with torch.no_grad():
+            want.append(layer(x) + scale * x @ a.T @ b.T)
+    info = runtime.load(tmp_path, strict=False)
+    assert info.format == naming and sorted(info.skipped) == sorted(extra)
+    with torch.no_grad():
+        for i, expected in enumerate(want):
+            torch.testing.assert_close(model.get_submodule(path.format(i=i))(x), expected, rtol=1e-12, atol=1e-12)
