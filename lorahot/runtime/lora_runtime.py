@@ -35,7 +35,6 @@ from lorahot.errors import (
     format_problems,
     lines,
     message,
-    one_line,
     public_api,
     shown,
     unfinished_eject,
@@ -103,6 +102,7 @@ from lorahot.runtime.routing import (
 )
 from lorahot.runtime.scale_replay import ScaleReplay
 from lorahot.runtime.sequence_first import find_sequence_first
+from lorahot.runtime.settle import LiveFault, OtherRankFailed, Settlement, Unsettled, described, which_ranks
 from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.skeleton import Skeleton, Skeletons
 from lorahot.runtime.stack import Stack, build
@@ -172,26 +172,6 @@ class _Limits(NamedTuple):
     floors: list[tuple[float, float]]
 
 
-class _OtherRankFailed(RuntimeError):
-    """On a tensor-parallel model, what a rank whose own write went through reports when
-    another rank's failed (:meth:`LoraRuntime._written`)."""
-
-
-class _Unsettled(_OtherRankFailed):
-    """The ranks could not tell each other how their part went (:meth:`LoraRuntime._settled`):
-    the other ranks' outcome is unknown."""
-
-
-class _LiveFault(Exception):
-    """:meth:`LoraRuntime._make_live` failed or was interrupted (``fault``, its cause): ``live``
-    is the slot the live region holds whole after it (the one active before, copied back), or
-    None where copying that back failed too and the region may hold a mix of two slots."""
-
-    def __init__(self, fault: BaseException, live: int | None) -> None:
-        super().__init__(f"{type(fault).__name__}: {fault}")
-        self.fault, self.live = fault, live
-
-
 #: why a runtime is not copied or pickled (a copy would share the model's buffers, with slots
 #: and an active adapter of its own)
 _NOT_COPIED = (
@@ -229,13 +209,14 @@ class LoraRuntime:
         pipeline: Pipeline | None = None,
     ) -> None:
         self._agreement = Agreement.of(layers)  # tensor-parallel layers: their ranks agree before each write
-        self._lost = False  # the last settling collective failed (:meth:`_settled`): no second round after it
         self.model = model
         self.components = components  # empty for a single model
         self._pipeline = pipeline  # the pipeline the components came from: it must still call them
         self._extras = extras
         self.layers = layers
         self.buffers = buffers
+        #: agrees on each call's checks and settles its writes over the ranks (:mod:`lorahot.runtime.settle`)
+        self._settle = Settlement(self._agreement, buffers)
         self._active = 0
         self._infos: list[AdapterInfo | None] = [None] * buffers.slots
         self._stacks: list[Stack | None] = [None] * buffers.slots  # what each slot holds: its parts' plans and rows
@@ -554,7 +535,7 @@ class LoraRuntime:
         denoiser: object,
         read_kwargs: dict[str, Any],
     ) -> AdapterInfo:
-        checked = self._agreed(
+        checked = self._settle.agreed(
             lambda: self._check_load(source, slot, scale, denoiser, read_kwargs),
             "load",
             lambda c: {
@@ -576,116 +557,7 @@ class LoraRuntime:
             self.cache.touch(hits)  # the cache entries it took, most recently used now that they are served
             return info
 
-        return self._written("load", slot, write_all)
-
-    def _written(self, what: str, slot: int, write: Callable[[], _T]) -> _T:
-        """``write()``, run once every check has passed (on every rank); if it fails,
-        :meth:`_failed_write`. On a tensor-parallel model every rank then learns how the others'
-        writes went (:meth:`lorahot.runtime.agreement.Agreement.settle`): where any rank's
-        failed, every rank empties the slot and raises :class:`WriteError`, so that no rank
-        serves another adapter than the rest. An interrupted rank (KeyboardInterrupt, SystemExit)
-        takes part too, reporting it, before its interrupt goes on: the others would otherwise
-        wait for it in the collective."""
-        self.buffers.touched = False
-        result: _T | None = None
-        error: BaseException | None = None
-        try:
-            result = write()
-        except BaseException as exc:  # an interrupt too: no half-written slot is left, then it goes on
-            error = exc
-        error, _ = self._settled(f"writing slot {slot}", error, write=True)
-        if error is not None:
-            self._failed_write(what, slot, error)
-        return result  # type: ignore[return-value]  # set when no error
-
-    def _settled(
-        self, doing: str, error: BaseException | None, write: bool = False, stuck: Sequence[int] = ()
-    ) -> tuple[BaseException | None, dict[int, list[int]]]:
-        """After this rank's part of a call (``doing``, its writes when ``write``): this rank's
-        ``error`` (a fault or an interrupt, or None), or on a tensor-parallel model where
-        another rank's failed, an :class:`_OtherRankFailed` naming that rank
-        (:meth:`lorahot.runtime.agreement.Agreement.settle`); and, by rank, the slots each rank
-        reports ``stuck`` (an unload's slots it could not empty; this rank's alone off a
-        tensor-parallel model, or where the ranks could not tell each other). Where a rank
-        failed after writing, ``buffers.touched`` becomes true on every rank, so that every
-        rank empties the slot. Where the process group itself fails, the other ranks' outcome
-        is unknown: that is the error (after this rank's own)."""
-        agreement = self._agreement
-        own_stuck = {0 if agreement is None else agreement.rank: list(stuck)} if stuck else {}
-        if agreement is None:
-            return error, own_stuck
-        own = error.fault if isinstance(error, _LiveFault) else error
-        self._lost = False
-        try:
-            failures, touched, marked = agreement.settle(
-                own, write and self.buffers.touched, [s in stuck for s in range(self.slots)]
-            )
-        except Exception as exc:  # the collective failed (a rank gone, the group timed out)
-            self._lost = True  # no second collective after this one: it would wait for the group's timeout again
-            return error or _Unsettled(
-                f"the ranks could not tell each other how {doing} went ({_described(exc)}), so another rank may hold "
-                "another adapter"
-            ), own_stuck
-        if failures and write:
-            self.buffers.touched = touched  # a rank wrote: every rank empties the slot
-        if not failures or error is not None:
-            return error, marked
-        rank, kind, message = failures[0]
-        how = "was interrupted" if kind in ("KeyboardInterrupt", "SystemExit") else "failed"
-        said = f"{kind}: {message.strip().splitlines()[0][:300]}" if message.strip() else kind
-        return _OtherRankFailed(f"rank {rank} of {agreement.ranks} {how} while {doing} ({said})"), marked
-
-    def _settled_again(self, doing: str, stuck: list[int]) -> dict[int, list[int]] | None:
-        """After a call's ranks settled a failure (:meth:`_settled`) and each then emptied or put
-        back what it wrote (``doing``): by rank, the slots each could not (``stuck``); None off a
-        tensor-parallel model, or where the ranks could not tell each other (then, or in the
-        first round): this rank's alone is known."""
-        if self._agreement is None or self._lost:
-            return None
-        unknown, marked = self._settled(doing, None, stuck=stuck)
-        return None if isinstance(unknown, _Unsettled) else marked
-
-    def _failed_write(self, what: str, slot: int, exc: BaseException) -> NoReturn:
-        """A write that failed after every check passed (out of memory, a device fault) or was
-        interrupted: the slot is emptied, as by :meth:`unload`, so that no mix of two adapters
-        serves, and a :class:`WriteError` says so; an interrupt then goes on as it is. A failure
-        before the first write (staging its data: out of device memory) changed nothing: an
-        interrupt goes on as it is, and a failure is a :class:`WriteError` that says nothing
-        changed. Where emptying fails too, the :class:`WriteError` (an interrupt's too) says the
-        slot may hold parts of two adapters."""
-        if not self.buffers.touched:
-            if not isinstance(exc, Exception):
-                raise exc
-            raise WriteError(
-                f"LoraRuntime.{what}: {_described(exc)}, while staging slot {slot}'s data before its first write. "
-                f"Nothing was changed; slot {slot} holds what it held. Where the device ran out of memory, free some "
-                f"(or load a smaller adapter, or inject with a smaller max_rank); then {what} it again."
-            ) from exc
-        _, stuck = self._empty_all([slot])
-        if stuck and self._merger is not None:  # the merged weights hold lorahot's own partial rewrite, not an edit
-            with contextlib.suppress(Exception):
-                self._merger.record_all()
-        me = 0 if self._agreement is None else self._agreement.rank
-        settled = self._settled_again(f"emptying slot {slot}", stuck)  # every rank tells whether it emptied it
-        marked = {me: stuck} if settled is None else settled
-        every = "" if settled is None else " on every rank"
-        if not any(marked.values()):
-            if not isinstance(exc, Exception):
-                raise exc
-            state = (
-                f"slot {slot} was emptied (unloaded){every}, so that it holds no mix of two adapters; {what} it again"
-            )
-        else:
-            where = "" if self._agreement is None else f" on {_ranks([r for r, m in marked.items() if m], me)}"
-            state = (
-                f"emptying slot {slot} failed too{where}, so it may hold parts of two adapters there, though no "
-                f"adapter is named there{every}: call runtime.unload({slot}){every}"
-            )
-        if isinstance(exc, _OtherRankFailed):
-            happened = f"{_said(exc)}, after every check had passed"
-        else:
-            happened = f"{type(exc).__name__} while writing slot {slot} after every check had passed: {_said(exc)}"
-        raise WriteError(f"LoraRuntime.{what}: {happened}. {state}.") from exc
+        return self._settle.written("load", slot, write_all, self._empty_all, self._merger)
 
     def _empty(self, slot: int) -> None:
         """Empties ``slot``, as :meth:`unload` does."""
@@ -823,15 +695,6 @@ class LoraRuntime:
         check_towers(routed, self._towers)
         check_sequence_first(routed, self._sequence_first)
 
-    def _agreed(self, check: Callable[[], _T], what: str, writes: Callable[[_T], dict[str, bytes]]) -> _T:
-        """``check()``, and on a tensor-parallel model every rank's agreement that it passed
-        everywhere and that every rank would write the same (``writes``: the result's
-        fingerprint, :mod:`lorahot.runtime.fingerprint`) before anything is written (see
-        :mod:`lorahot.runtime.agreement`)."""
-        if self._agreement is None:
-            return check()
-        return self._agreement.run(check, what, writes)
-
     def _read(
         self,
         source: Source | Adapter,
@@ -963,7 +826,7 @@ class LoraRuntime:
         prepared adapter keeps that routing (each part of a stack of prepared adapters keeps
         its own). Raises what :meth:`load` raises.
         """
-        prepared, cache, named = self._agreed(
+        prepared, cache, named = self._settle.agreed(
             lambda: self._preload(source, key, denoiser, read_kwargs),
             "preload",
             lambda p: {"arguments": fingerprint.arguments(key), **fingerprint.plans([p[0].plan], self.layers)},
@@ -1228,7 +1091,7 @@ class LoraRuntime:
                 )
             return self._slot(whole)
 
-        slot = self._agreed(  # an int, or the error saying what it must be
+        slot = self._settle.agreed(  # an int, or the error saying what it must be
             whole_checked, "activate", lambda s: {"arguments": fingerprint.arguments("activate", s)}
         )
         self._switch(slot, lambda: self._routing.clear(), again=True)
@@ -1249,7 +1112,7 @@ class LoraRuntime:
                 self._check_traced()
             return route, one
 
-        route, one = self._agreed(
+        route, one = self._settle.agreed(
             checked,
             "activate",
             # per token (lengths) or per row: the same entries read by other rows' layers
@@ -1301,14 +1164,16 @@ class LoraRuntime:
         except BaseException as exc:  # put back below, outside the handler: a refusal goes on with its own context
             failure = exc
         # tensor parallel: a rank failing alone makes every rank put back what it had
-        failure, _ = self._settled("making the routing live" if slot is None else f"making slot {slot} live", failure)
+        failure, _ = self._settle.settled(
+            "making the routing live" if slot is None else f"making slot {slot} live", failure
+        )
         if failure is not None:
             self._put_back(active, routing, merged, failure)
 
     def _put_back(
         self, active: int, routing: tuple[tuple[int, ...] | None, bool, bool], merged: bool, exc: BaseException
     ) -> NoReturn:
-        """After ``activate`` failed with ``exc`` (a :class:`_LiveFault` where making a slot live
+        """After ``activate`` failed with ``exc`` (a :class:`LiveFault` where making a slot live
         failed): the routing and live slot ``active`` before it are put back (merged: the weights
         as that routing had them). Then a lorahot error (a refusal) or an interrupt goes on as it
         is; a failure of the writes themselves (out of memory, a device fault) is a
@@ -1318,25 +1183,25 @@ class LoraRuntime:
             WriteError: ``exc`` was a fault, or putting back failed (whatever ``exc`` was): the
                 message says which slot is live whole now, or that the model may compute a mix
                 of slots, and how to recover; its cause is ``exc`` (the fault inside a
-                :class:`_LiveFault`).
+                :class:`LiveFault`).
         """
-        fault, live = (exc.fault, exc.live) if isinstance(exc, _LiveFault) else (exc, self._active)
+        fault, live = (exc.fault, exc.live) if isinstance(exc, LiveFault) else (exc, self._active)
         now, again = self._restore_switch(active, routing, merged, live)
-        marked = self._settled_again(f"putting slot {active} back", [] if now == active else [active])
-        me = None if self._agreement is None else self._agreement.rank
+        marked = self._settle.settled_again(f"putting slot {active} back", [] if now == active else [active])
+        me = self._settle.rank
         others = sorted(r for r in (marked or {}) if r != me)  # the ranks whose putting back failed
         every = "" if marked is None else " on every rank"
         if now == active and others:  # put back here, but the model these ranks compute together may mix slots
             raise WriteError(
-                f"LoraRuntime.activate: {_described(fault)}, and putting slot {active} back failed on "
-                f"{_ranks(others, -1)}: the model may compute a mix of slots there. Call runtime.activate({active}) "
-                f"again{every}, or runtime.unload()."
+                f"LoraRuntime.activate: {described(fault)}, and putting slot {active} back failed on "
+                f"{which_ranks(others, -1)}: the model may compute a mix of slots there. "
+                f"Call runtime.activate({active}) again{every}, or runtime.unload()."
             ) from fault
         if now == active and (isinstance(fault, LoraError) or not isinstance(fault, Exception)):
             raise fault
-        what = f"LoraRuntime.activate: {_described(fault)}"
+        what = f"LoraRuntime.activate: {described(fault)}"
         if now == active:
-            during = "" if isinstance(fault, _OtherRankFailed) else ", while making the new slot or routing live"
+            during = "" if isinstance(fault, OtherRankFailed) else ", while making the new slot or routing live"
             raise WriteError(
                 f"{what}{during} after every check had passed. Slot {active} and the routing before are live again; "
                 "nothing else changed."
@@ -1363,13 +1228,13 @@ class LoraRuntime:
         try:
             self._routing.restore(routing)
         except Exception as exc:
-            return None, _described(exc)
+            return None, described(exc)
         if live == active and not merged:  # merged: the weights as the routing before has them
             return active, ""
         try:
             self._make_live(active)
-        except _LiveFault as failed:
-            return failed.live, _described(failed.fault)
+        except LiveFault as failed:
+            return failed.live, described(failed.fault)
         return active, ""
 
     def _make_live(self, slot: int) -> None:
@@ -1378,7 +1243,7 @@ class LoraRuntime:
         :attr:`active_slot`.
 
         Raises:
-            _LiveFault: the copy failed or was interrupted; the slot active before was copied
+            LiveFault: the copy failed or was interrupted; the slot active before was copied
                 back whole (by the ordinary path: a graph replay may be what failed), or where
                 that failed too, the live region may hold a mix (its ``live``).
         """
@@ -1392,7 +1257,7 @@ class LoraRuntime:
                 self._active = slot
                 self._remerge(slot)
         except BaseException as exc:  # a device fault, or interrupted mid-copy (KeyboardInterrupt)
-            raise _LiveFault(exc, self._copied_back(before)) from exc
+            raise LiveFault(exc, self._copied_back(before)) from exc
 
     def _copied_back(self, slot: int) -> int | None:
         """Makes ``slot`` live again by the ordinary path, after a failed :meth:`_make_live`:
@@ -1429,14 +1294,14 @@ class LoraRuntime:
             self._check_usable(dora=False)  # unloading a DoRA slot is the way out of check_stored's refusal
             return list(range(self.slots)) if slot is None else [self._slot(slot)]
 
-        emptied = self._agreed(
+        emptied = self._settle.agreed(
             checked,
             "unload",
             lambda e: {"arguments": fingerprint.arguments("unload", e)},
         )
         first, stuck = self._empty_all(emptied)
         own = None if first is None else first[1]
-        error, marked = self._settled(f"emptying {_listed(emptied)}", own, stuck=stuck)
+        error, marked = self._settle.settled(f"emptying {_listed(emptied)}", own, stuck=stuck)
         if error is None:
             return
         if error is own and not marked and not isinstance(error, Exception):
@@ -1488,23 +1353,23 @@ class LoraRuntime:
     ) -> NoReturn:
         """Raises the :class:`WriteError` of an unload of ``emptied`` that failed or was
         interrupted: ``first``, this rank's first failure (its slot and error), or ``error`` that
-        of another rank (:class:`_OtherRankFailed`); ``stuck``, by rank, the slots that a second
+        of another rank (:class:`OtherRankFailed`); ``stuck``, by rank, the slots that a second
         try could not empty either. It says which slots are empty (on every rank) and which may
         hold part of their adapter (where), and how to recover."""
         ranks = self._agreement is not None
-        every = " on this rank" if isinstance(error, _Unsettled) else " on every rank" if ranks else ""
+        every = " on this rank" if isinstance(error, Unsettled) else " on every rank" if ranks else ""
         if first is not None and error is first[1]:
-            what = f"LoraRuntime.unload: {_described(error)}, while emptying slot {first[0]}"
+            what = f"LoraRuntime.unload: {described(error)}, while emptying slot {first[0]}"
         else:
-            what = f"LoraRuntime.unload: {_described(error)}"
+            what = f"LoraRuntime.unload: {described(error)}"
         left = sorted({s for slots in stuck.values() for s in slots})
         empty = [s for s in emptied if s not in left]
         if not left:
             again = "A second try emptied it: " if first is not None and error is first[1] else ""
             raise WriteError(f"{what}. {again}{_listed(empty)} {_are(empty)} empty{every}.") from error
-        me = None if self._agreement is None else self._agreement.rank
+        me = self._settle.rank
         where = " and ".join(
-            _listed(slots) if me is None else f"{_listed(slots)} on {_ranks([rank], me)}"
+            _listed(slots) if me is None else f"{_listed(slots)} on {which_ranks([rank], me)}"
             for rank, slots in stuck.items()
         )
         where = where[0].upper() + where[1:]
@@ -1536,7 +1401,7 @@ class LoraRuntime:
                 (``dora_scale``); the slot is empty. Nothing changed.
             WriteError: as for :meth:`load`.
         """
-        s, stack, _, weights = self._agreed(
+        s, stack, _, weights = self._settle.agreed(
             lambda: self._check_set_scale(value, slot),
             "set_scale",
             lambda c: {"arguments": fingerprint.arguments(c[0], c[3])},
@@ -1556,7 +1421,7 @@ class LoraRuntime:
             self._refresh_dora(s, stack.dora, live, stack.decomposed)
             self._remerge(s)
 
-        self._written("set_scale", s, write_scales)
+        self._settle.written("set_scale", s, write_scales, self._empty_all, self._merger)
 
     def _check_set_scale(
         self, value: float | Sequence[float], slot: int | None
@@ -1944,28 +1809,8 @@ def _listed(slots: list[int]) -> str:
     return f"slot {slots[0]}" if len(slots) == 1 else "slots " + ", ".join(map(str, slots))
 
 
-def _ranks(ranks: list[int], me: int) -> str:
-    """``"this rank"``, ``"rank 1"`` or ``"ranks 0, 1"``."""
-    if ranks == [me]:
-        return "this rank"
-    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
-
-
 def _are(items: list[int]) -> str:
     return "is" if len(items) == 1 else "are"
-
-
-def _said(exc: BaseException) -> str:
-    """``exc``'s message's first line, cut to 300 characters, as one line of a message."""
-    text = str(exc).strip()
-    return one_line(text.splitlines()[0][:300]) if text else "(no message)"
-
-
-def _described(exc: BaseException) -> str:
-    """``exc`` in one line of a message: its type and its message's first line."""
-    if isinstance(exc, _OtherRankFailed):  # names the rank and its error itself
-        return _said(exc)
-    return f"{type(exc).__name__}: {_said(exc)}"
 
 
 def _check_ejectable(model: nn.Module, layers: dict[str, LoRALayer]) -> None:
