@@ -1337,8 +1337,7 @@ def _check_zero_ranks(parts: Parts, source: str, skipped: list[str] | None, fmt:
             "Such a module's update B @ A is empty, and loaders disagree on it: kohya's sd-scripts scales it by "
             "alpha / 0 (NaN outputs with an .alpha, ZeroDivisionError without one), ComfyUI adds zero without an "
             ".alpha and raises ZeroDivisionError with one, and diffusers refuses it (PEFT takes no r=0). Delete "
-            "its keys from the file (where a loader loads it at all, it changes no output), or load with "
-            "strict=False to skip it.",
+            "its keys from the file (where a loader loads it at all, it changes no output).",
         )
     )
 
