@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Concatenate, NamedTuple, NoReturn, ParamSpec, SupportsIndex, TypeVar
+from typing import Any, NamedTuple, NoReturn, SupportsIndex
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ from lorahot.runtime.arguments import (
 )
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter, check_prepared
+from lorahot.runtime.call_guard import CallGuard, on_prefetch_thread, one_call_at_a_time, reading
 from lorahot.runtime.components import Pipeline
 from lorahot.runtime.dora import DoraFactors
 from lorahot.runtime.experts import find_experts
@@ -113,9 +114,6 @@ from lorahot.runtime.wide import WideWeights, widen_layers
 
 __all__ = ["AdapterInfo", "PartInfo", "LoraRuntime", "roots", "release_hooks"]
 
-_T = TypeVar("_T")
-_P = ParamSpec("_P")
-
 #: What ``load`` takes as one adapter.
 One = Source | Adapter | PreparedAdapter
 
@@ -125,30 +123,14 @@ One = Source | Adapter | PreparedAdapter
 _LARGEST_MARGIN = 4
 
 
-def _one_call_at_a_time(
-    method: Callable[Concatenate[LoraRuntime, _P], _T],
-) -> Callable[Concatenate[LoraRuntime, _P], _T]:
-    """Runs ``method`` (``activate``, ``unload``, ``set_scale``; ``load`` takes it itself) holding the runtime's
-    call lock, so that calls from two threads run one after the other: interleaved, their writes
-    could leave a slot holding parts of two adapters (merged mode's weights too) that ``info``
-    does not describe. Forwards take no lock (see the README's threading contract)."""
-
-    @functools.wraps(method)
-    def one_at_a_time(runtime: LoraRuntime, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        runtime._refuse_within_call(method.__name__)
-        with runtime._calls, runtime._under_way(method.__name__):
-            return method(runtime, *args, **kwargs)
-
-    return one_at_a_time
-
-
 def _before_eject(runtime: weakref.ref[LoraRuntime], model: nn.Module, layers: dict[str, LoRALayer]) -> None:
     """What ``lorahot.eject(model)`` checks of a runtime before it changes anything: that no call
-    of the runtime is under way on this thread (:meth:`LoraRuntime._refuse_within_call`), and
-    that its layers can be ejected."""
+    of the runtime is under way on this thread
+    (:meth:`~lorahot.runtime.call_guard.CallGuard.refuse_within_call`), and that its layers can
+    be ejected."""
     alive = runtime()
     if alive is not None:
-        alive._refuse_within_call("eject")
+        alive._guard.refuse_within_call("eject")
     _check_ejectable(model, layers)
 
 
@@ -262,13 +244,9 @@ class LoraRuntime:
             layer.merged = merged
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
-        #: held by load, activate, unload and set_scale (see _one_call_at_a_time); reentrant: a
-        #: forward hook of the model may call them within one of them on the same thread
-        self._calls = threading.RLock()
-        #: the call holding the call lock and its thread: code it runs (a source's mapping or
-        #: __fspath__, an argument's __float__, __index__ or __getitem__) calling the runtime on that
-        #: thread is refused (_refuse_within_call)
-        self._running: tuple[int, str] | None = None
+        #: the call lock load, activate, unload and set_scale hold, and the note of the call holding it
+        #: (:mod:`lorahot.runtime.call_guard`)
+        self._guard = CallGuard()
         self._pending_keys = PendingKeys(self.cache)  # keyed prefetches under way: a load of one waits
         self._install_hooks()
 
@@ -464,68 +442,10 @@ class LoraRuntime:
         """
         # keys whose prefetch is under way: waited for before the call lock, which a done callback
         # of an earlier prefetch on the prefetch thread may be waiting for (lorahot.runtime.prefetches)
-        self._pending_keys.settle(_keys_of(source), self._on_prefetch_thread())
-        self._refuse_within_call("load")
-        with self._calls, self._under_way("load"), _gc_paused(), self._reading():
+        self._pending_keys.settle(_keys_of(source), on_prefetch_thread(self._executor))
+        self._guard.refuse_within_call("load")
+        with self._guard.calls, self._guard.under_way("load"), _gc_paused(), reading(self._read_buffers):
             return self._load(source, slot, scale, denoiser, read_kwargs)
-
-    @contextlib.contextmanager
-    def _under_way(self, call: str) -> Iterator[None]:
-        """Notes ``call`` (``load``, ``activate``, ``unload``, ``set_scale``, under the call lock)
-        as running on this thread, for the message of :meth:`_refuse_within_call` (called
-        before the lock is taken)."""
-        self._running = threading.get_ident(), call
-        try:
-            yield
-        finally:
-            self._running = None
-
-    def _refuse_within_call(self, call: str) -> None:
-        """Refuses ``call`` issued on the thread of a runtime call under way, from code that call
-        runs: a source's mapping methods or ``__fspath__`` (a load would wait forever for the read
-        buffers its own thread holds), an argument's ``__float__``, ``__index__``, ``__len__`` or
-        ``__getitem__`` (``set_scale([w0, w1])`` reads its weights against the stack the slot
-        holds). Any such call would change the slots, or eject the runtime, under a call that has
-        checked its arguments against them. Nothing has changed when this raises.
-
-        A call is under way on this thread exactly where this thread holds the call lock (which
-        every such call takes after this check); the note of :meth:`_under_way` only names it,
-        so a note an interrupt left behind (a signal before its reset ran) refuses nothing."""
-        if not self._calls._is_owned():  # type: ignore[attr-defined]  # RLock's own test, as Condition uses it
-            return
-        running = self._running
-        if running is None or running[0] != threading.get_ident():
-            running = threading.get_ident(), "another call"
-        if running[1] != "load":
-            raise UsageError(
-                f"runtime.{call}() was called while runtime.{running[1]}() of this runtime runs on the same thread "
-                "(from code it runs: an argument's __float__, __index__, __len__ or __getitem__), which would change "
-                f"the slots, or eject the runtime, under a {running[1]} that has checked its arguments against them; "
-                "call the runtime after it returns, or pass plain numbers (float(w), int(slot), list(weights))."
-            )
-        raise UsageError(
-            f"runtime.{call}() was called while a load of this runtime runs on the same thread (from code that "
-            "load runs: the source's mapping methods, its __fspath__ or its tensors), which would wait forever "
-            "for that load's read buffers or change the slots that load has checked; call the runtime after load "
-            "returns, or build the source before calling load."
-        )
-
-    def _on_prefetch_thread(self) -> bool:
-        return threading.current_thread() in getattr(self._executor, "_threads", ())
-
-    @contextlib.contextmanager
-    def _reading(self) -> Iterator[None]:
-        """A load's hold on the read buffers: one load at a time reads into them, and whatever
-        it queued on the device (its transfers, checks and writes) is waited for before the
-        next transfer into them, whether the load succeeded or not."""
-        if self._read_buffers is None:
-            yield
-            return
-        with self._read_buffers.lock:
-            try:
-                yield
-            finally:
-                self._read_buffers.used()
 
     def _load(
         self,
@@ -984,7 +904,7 @@ class LoraRuntime:
                 )
             return source
         name = source if isinstance(source, str) else None  # perhaps a key given to preload
-        failure = self._pending_keys.failure(name, self._on_prefetch_thread()) if name is not None else None
+        failure = self._pending_keys.failure(name, on_prefetch_thread(self._executor)) if name is not None else None
         options_for_key = name is not None and given and (self.cache.is_name(name) or name in self.cache)
         if name is not None and options_for_key and not os.path.exists(name):
             raise UsageError(
@@ -1017,7 +937,7 @@ class LoraRuntime:
         return hit
 
     @public_api
-    @_one_call_at_a_time
+    @one_call_at_a_time
     def activate(
         self,
         slot: int | Sequence[int] | torch.Tensor | np.ndarray,
@@ -1271,7 +1191,7 @@ class LoraRuntime:
         return slot
 
     @public_api
-    @_one_call_at_a_time
+    @one_call_at_a_time
     def unload(self, slot: int | None = None) -> None:
         """Empties ``slot``, or every slot if None. An emptied active slot means no adapter.
 
@@ -1381,7 +1301,7 @@ class LoraRuntime:
         ) from error
 
     @public_api
-    @_one_call_at_a_time
+    @one_call_at_a_time
     def set_scale(self, value: float | Sequence[float], slot: int | None = None) -> None:
         """Sets the user multiplier of ``slot`` (default: the active slot). 0 turns its update
         off (a DoRA part keeps its magnitude rescale, as in PEFT).
@@ -1448,7 +1368,7 @@ class LoraRuntime:
         An eject that fails or is interrupted midway leaves the runtime refusing every call but
         another eject, which finishes it.
         """
-        self._refuse_within_call("eject")
+        self._guard.refuse_within_call("eject")
         if not self._state.unfinished:  # else an eject that did not finish: this one finishes it
             self._check_usable(placement=False)
             _check_ejectable(self.model, self.layers)
