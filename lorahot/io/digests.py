@@ -29,6 +29,7 @@ import torch
 
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.safety import check_safetensors, open_regular, read_json_file
+from lorahot.io.scoped import scoped
 
 __all__ = ["recording", "note_data", "note_config", "digest_of", "UNKNOWN"]
 
@@ -46,11 +47,8 @@ def recording(paths: Iterable[str]) -> Iterator[dict[str, bytes | None]]:
     """Within the block, a read of any of ``paths`` (real paths) notes its digest in the dict
     yielded (None for those no read opened). Other files cost the reader nothing."""
     found: dict[str, bytes | None] = dict.fromkeys(paths)
-    token = _WANTED.set(found or None)
-    try:
+    with scoped(_WANTED, found or None):
         yield found
-    finally:
-        _WANTED.reset(token)
 
 
 def _wanted(path: Path | str) -> tuple[dict[str, bytes | None], str] | None:

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorahot.io.scoped import scoped
+
 __all__ = ["ReadBuffers", "lent"]
 
 _LENT: ContextVar[tuple[ReadBuffers, int] | None] = ContextVar("lorahot_read_buffers", default=None)
@@ -68,11 +70,8 @@ class ReadBuffers:
     def lend(self, part: int) -> Iterator[None]:
         """Within the block, a file read onto :attr:`device` (whole, not sliced) lands in the
         buffers of ``part``: its tensors are views of them until the next read of that part."""
-        token = _LENT.set((self, part))
-        try:
+        with scoped(_LENT, (self, part)):
             yield
-        finally:
-            _LENT.reset(token)
 
     def read(
         self,

@@ -33,6 +33,7 @@ from lorahot.io.digests import note_data
 from lorahot.io.dtypes import TORCH_DTYPES
 from lorahot.io.read_buffers import lent
 from lorahot.io.safety import SafetensorsHeader, open_regular
+from lorahot.io.scoped import scoped
 
 __all__ = ["read_tensors", "file_stamp", "TensorSlice", "Slices", "largest_tensor"]
 
@@ -44,11 +45,8 @@ def largest_tensor(numel: int) -> Iterator[None]:
     """Within the block, a file whose header declares a tensor of more than ``numel`` elements
     is refused before its data is read (a runtime sets the most any factor of its layers could
     hold, with a margin): a sparse file of a few kilobytes can declare gigabytes."""
-    token = _LARGEST.set(numel)
-    try:
+    with scoped(_LARGEST, numel):
         yield
-    finally:
-        _LARGEST.reset(token)
 
 
 def _check_sizes(path: Path, header: SafetensorsHeader) -> None:
