@@ -6,7 +6,9 @@ is one host-to-device copy per arena and a few device operations (see
 :class:`~lorahot.runtime.buffers.Pack`). An entry's tensors are never written after it is
 made: loads only read them, and the checks they passed at preload are not repeated.
 ``runtime.prefetch(source)`` does the same on a background thread. The cache is bounded in
-bytes and evicts the least recently used entry.
+bytes and evicts the least recently used entry. What an entry is filed under (:func:`preload_key`,
+:func:`same_path`) and the copy of the caller's source it is made from (:func:`private`,
+:func:`snapshot`) are decided here too.
 
 Thread safety: the cache's own state is guarded by a lock, so preloads and prefetches may run
 on any thread. Loads, activations, unloads and scale changes take the runtime's call lock; a
@@ -15,23 +17,36 @@ forward must still not run while one of them writes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lorahot.adapter import Adapter
 from lorahot.errors import UsageError, public_api, shown
+from lorahot.io.loader import checked_adapter
 from lorahot.memo import str_bytes
 from lorahot.runtime.arguments import entries as read_entries
 from lorahot.runtime.arguments import is_sequence, text, whole
 from lorahot.runtime.buffers import Pack
 from lorahot.runtime.plan import LoadPlan
 
-__all__ = ["PreparedAdapter", "AdapterCache", "check_prepared", "checked_budget"]
+__all__ = [
+    "PreparedAdapter",
+    "AdapterCache",
+    "check_prepared",
+    "checked_budget",
+    "preload_key",
+    "private",
+    "same_path",
+    "snapshot",
+]
 
 
 #: host bytes an entry keeps alive besides its tensors' data: its plan, packs and adapter objects,
@@ -294,3 +309,63 @@ def _key(key: object) -> str:
     if not isinstance(key, str):
         raise UsageError(f"cache keys are str, got {type(key).__name__} {shown(key, 60)}.")
     return str(text(key))
+
+
+def preload_key(key: object) -> str | None:
+    """``preload``'s ``key=``: None, or a non-empty str (a plain one: see :func:`text`)."""
+    if key is not None and not (isinstance(key, str) and key):
+        raise UsageError(f"key={shown(key, 200)} must be a non-empty str (or None: the source's identity).")
+    return None if key is None else str(text(key))
+
+
+def same_path(key: str, source: str | os.PathLike[str]) -> bool:
+    """Whether ``key`` names ``source`` itself (the same absolute path)."""
+    try:
+        return os.path.abspath(key) == os.path.abspath(os.fspath(source))
+    except Exception:  # the caller's __fspath__ may raise anything: the read refuses the source
+        return False
+
+
+def private(source: Any) -> Any:
+    """``source`` with tensors of its own where it holds the caller's (a mapping of tensors, an
+    :class:`Adapter`): a prepared adapter keeps them for stacks and merged mode, and a caller
+    that reuses its tensors (``fill_``, an optimizer step) must not change what was checked."""
+    if isinstance(source, Adapter):
+        return _owned_adapter(source)
+    if isinstance(source, Mapping):
+        return {k: _own(v) for k, v in source.items()}
+    return source
+
+
+def snapshot(source: Any) -> Any:
+    """:func:`private` of what ``prefetch`` was given, taken before it returns: the caller may
+    reuse its tensors or change its dict as soon as it has (preload copies them before it
+    returns too). A source it cannot copy goes as it is, for preload to refuse on the prefetch
+    thread (the future raises it)."""
+    try:
+        return private(source)
+    except Exception:
+        return source
+
+
+def _owned_adapter(adapter: Adapter) -> Adapter:
+    """``adapter`` with each of its modules' tensors copied (a deep copy refuses tensors that are
+    not graph leaves), after the checks of a hand-built adapter's structure (which the read
+    repeats)."""
+    adapter = checked_adapter(adapter)
+    modules = {
+        k: dataclasses.replace(
+            m, A=_own(m.A), B=_own(m.B), base_weight=_own(m.base_weight), magnitude=_own(m.magnitude), bias=_own(m.bias)
+        )
+        for k, m in adapter.modules.items()
+    }
+    weights = {
+        k: dataclasses.replace(w, factors={n: _own(t) for n, t in w.factors.items()})
+        for k, w in adapter.weights.items()
+    }
+    return dataclasses.replace(adapter, modules=modules, weights=weights)
+
+
+def _own(value: Any) -> Any:
+    """A tensor's detached copy; anything else as it is."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value

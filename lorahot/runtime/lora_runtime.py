@@ -9,7 +9,6 @@ holds one adapter or a stack of several, active together (:mod:`lorahot.runtime.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import gc
 import itertools
@@ -39,7 +38,7 @@ from lorahot.errors import (
     shown,
     unfinished_eject,
 )
-from lorahot.io.loader import checked_adapter, read_adapter, read_adapter_sliced
+from lorahot.io.loader import read_adapter, read_adapter_sliced
 from lorahot.io.read_buffers import ReadBuffers
 from lorahot.io.sources import Source
 from lorahot.io.tensorfile import Slices, largest_tensor
@@ -68,7 +67,15 @@ from lorahot.runtime.arguments import (
     weights_of,
 )
 from lorahot.runtime.buffers import BufferManager
-from lorahot.runtime.cache import AdapterCache, PreparedAdapter, check_prepared
+from lorahot.runtime.cache import (
+    AdapterCache,
+    PreparedAdapter,
+    check_prepared,
+    preload_key,
+    private,
+    same_path,
+    snapshot,
+)
 from lorahot.runtime.call_guard import CallGuard, on_prefetch_thread, one_call_at_a_time, reading
 from lorahot.runtime.components import Pipeline
 from lorahot.runtime.dora import DoraFactors
@@ -91,7 +98,7 @@ from lorahot.runtime.plan import (
     restage,
     validate,
 )
-from lorahot.runtime.prefetches import PendingKeys, failed_prefetch, prefetch_pool, shielded
+from lorahot.runtime.prefetches import PendingKeys, failed_prefetch, keys_of, prefetch_pool, shielded
 from lorahot.runtime.routing import (
     Routing,
     check_experts,
@@ -442,7 +449,7 @@ class LoraRuntime:
         """
         # keys whose prefetch is under way: waited for before the call lock, which a done callback
         # of an earlier prefetch on the prefetch thread may be waiting for (lorahot.runtime.prefetches)
-        self._pending_keys.settle(_keys_of(source), on_prefetch_thread(self._executor))
+        self._pending_keys.settle(keys_of(source), on_prefetch_thread(self._executor))
         self._guard.refuse_within_call("load")
         with self._guard.calls, self._guard.under_way("load"), _gc_paused(), reading(self._read_buffers):
             return self._load(source, slot, scale, denoiser, read_kwargs)
@@ -774,12 +781,12 @@ class LoraRuntime:
         source = text(source)
         check_read_options(read_kwargs, self.components)
         read_kwargs = routed(read_kwargs, denoisers_of(denoiser, 1, self.components, others=self._non_denoisers)[0])
-        key = _cache_key(key)
+        key = preload_key(key)
         self._check_usable(base=False)
-        if key is not None and isinstance(source, (str, os.PathLike)) and _same_path(key, source):
+        if key is not None and isinstance(source, (str, os.PathLike)) and same_path(key, source):
             key = None  # the source's own name: cached by its identity, so a rewritten file is read again
         identity = source_key(source, read_kwargs)
-        source = _private(source)  # the entry must not change with the caller's tensors
+        source = private(source)  # the entry must not change with the caller's tensors
         # an entry kept by identity holds digests of its recently written files; a named one does not follow them
         with racy.digests_of_read(source if key is None else None, read_kwargs) as digests:
             adapter, recipe = self._read(source, None, read_kwargs)
@@ -808,15 +815,15 @@ class LoraRuntime:
             )
         check_read_options(read_kwargs, self.components)
         denoisers_of(denoiser, 1, self.components, others=self._non_denoisers)
-        key = _cache_key(key)
-        source = _snapshot(source)  # the caller's tensors as they are now, as preload takes them
+        key = preload_key(key)
+        source = snapshot(source)  # the caller's tensors as they are now, as preload takes them
         with self._executor_lock:
             self._check_usable(placement=False)  # under the lock: eject cannot slip in between
             if self._executor is None:
                 self._executor = prefetch_pool()
             future = shielded(self._executor.submit(self.preload, source, key=key, denoiser=denoiser, **read_kwargs))
         if key is not None:  # a load of the key meanwhile waits for it (lorahot.runtime.prefetches)
-            own_path = isinstance(source, (str, os.PathLike)) and _same_path(key, source)
+            own_path = isinstance(source, (str, os.PathLike)) and same_path(key, source)
             self._pending_keys.add(key, future, named=not own_path)
         return future
 
@@ -1609,76 +1616,6 @@ def _base_bias(layers: dict[str, LoRALayer], name: str) -> torch.Tensor | None:
         return layer.pristine_bias
     bias = getattr(layer.base_layer, "bias", None)
     return bias if isinstance(bias, torch.Tensor) else None
-
-
-def _keys_of(source: object) -> list[str]:
-    """The strings among a load's sources (perhaps preload keys); none where ``source`` is no
-    list a load takes (its checks say why)."""
-    try:
-        sources, _ = parts_of(source)
-    except Exception:
-        return []
-    return [s for s in sources if isinstance(s, str)]
-
-
-def _cache_key(key: object) -> str | None:
-    """``preload``'s ``key=``: None, or a non-empty str (a plain one: see :func:`text`)."""
-    if key is not None and not (isinstance(key, str) and key):
-        raise UsageError(f"key={shown(key, 200)} must be a non-empty str (or None: the source's identity).")
-    return None if key is None else str(text(key))
-
-
-def _same_path(key: str, source: str | os.PathLike[str]) -> bool:
-    """Whether ``key`` names ``source`` itself (the same absolute path)."""
-    try:
-        return os.path.abspath(key) == os.path.abspath(os.fspath(source))
-    except Exception:  # the caller's __fspath__ may raise anything: the read refuses the source
-        return False
-
-
-def _private(source: Any) -> Any:
-    """``source`` with tensors of its own where it holds the caller's (a mapping of tensors, an
-    :class:`Adapter`): a prepared adapter keeps them for stacks and merged mode, and a caller
-    that reuses its tensors (``fill_``, an optimizer step) must not change what was checked."""
-    if isinstance(source, Adapter):
-        return _owned_adapter(source)
-    if isinstance(source, Mapping):
-        return {k: _own(v) for k, v in source.items()}
-    return source
-
-
-def _snapshot(source: Any) -> Any:
-    """:func:`_private` of what ``prefetch`` was given, taken before it returns: the caller may
-    reuse its tensors or change its dict as soon as it has (preload copies them before it
-    returns too). A source it cannot copy goes as it is, for preload to refuse on the prefetch
-    thread (the future raises it)."""
-    try:
-        return _private(source)
-    except Exception:
-        return source
-
-
-def _owned_adapter(adapter: Adapter) -> Adapter:
-    """``adapter`` with each of its modules' tensors copied (a deep copy refuses tensors that are
-    not graph leaves), after the checks of a hand-built adapter's structure (which the read
-    repeats)."""
-    adapter = checked_adapter(adapter)
-    modules = {
-        k: dataclasses.replace(
-            m, A=_own(m.A), B=_own(m.B), base_weight=_own(m.base_weight), magnitude=_own(m.magnitude), bias=_own(m.bias)
-        )
-        for k, m in adapter.modules.items()
-    }
-    weights = {
-        k: dataclasses.replace(w, factors={n: _own(t) for n, t in w.factors.items()})
-        for k, w in adapter.weights.items()
-    }
-    return dataclasses.replace(adapter, modules=modules, weights=weights)
-
-
-def _own(value: Any) -> Any:
-    """A tensor's detached copy; anything else as it is."""
-    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 def _arena_names(buffers: BufferManager) -> list[list[str]]:

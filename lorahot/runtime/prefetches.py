@@ -9,6 +9,8 @@ load of a key does; a key whose prefetch failed is refused, naming the failure, 
 a name given to preload (:meth:`lorahot.runtime.cache.AdapterCache.name`), so that a later load
 of it is refused too rather than read.
 
+A load finds the keys it may wait for among its sources with :func:`keys_of`.
+
 The prefetch threads themselves (:func:`prefetch_pool`): at interpreter exit, Python joins a
 pool's thread only once it has run every prefetch still queued, so a script that queued many
 (Hub downloads, each up to its timeout) took that long to exit. Those still queued are
@@ -35,9 +37,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from lorahot.errors import LoraError, UsageError, message, shown
+from lorahot.runtime.arguments import parts_of
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 
-__all__ = ["PendingKeys", "PrefetchFuture", "failed_prefetch", "prefetch_pool", "shielded"]
+__all__ = ["PendingKeys", "PrefetchFuture", "failed_prefetch", "keys_of", "prefetch_pool", "shielded"]
 
 
 #: how many failed prefetches' keys are remembered with their errors (the last ones)
@@ -199,3 +202,13 @@ def _cancel_queued() -> None:
         pools = list(_POOLS)
     for pool in pools:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def keys_of(source: object) -> list[str]:
+    """The strings among a load's sources (perhaps preload keys); none where ``source`` is no
+    list a load takes (its checks say why)."""
+    try:
+        sources, _ = parts_of(source)
+    except Exception:
+        return []
+    return [s for s in sources if isinstance(s, str)]
