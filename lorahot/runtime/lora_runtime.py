@@ -1397,8 +1397,7 @@ class LoraRuntime:
         if executor is not None:
             # eject from one of the pool's own threads (a prefetch future's done callback) cannot
             # wait for that thread: it would join itself. The read it is in has finished.
-            own = threading.current_thread() in getattr(executor, "_threads", ())
-            executor.shutdown(wait=not own, cancel_futures=True)
+            executor.shutdown(wait=not on_prefetch_thread(executor), cancel_futures=True)
 
     def _check_kinds(self, plan: LoadPlan) -> None:
         """LoHa, LoKr, Tucker LoCon and diffs load only into a merged runtime.
