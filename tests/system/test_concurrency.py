@@ -28,6 +28,13 @@ STEPS = 300
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def _state(model: torch.nn.Module, runtime: lorahot.LoraRuntime) -> list[torch.Tensor]:
+    """Copies of every parameter and buffer of ``model`` and every arena of ``runtime``."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+    return [t.detach().clone() for t in tensors]
+
+
 def test_background_preload_and_prefetch_while_swapping(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     model = tiny_lm(seed=2, vocab=VOCAB)
     x = token_ids((2, 6), VOCAB, seed=2)
@@ -211,17 +218,12 @@ def test_a_runtime_call_from_code_a_load_runs_is_refused(inner: str, merged: boo
             calls[inner]()
             return super().__iter__()
 
-    def state() -> list[torch.Tensor]:
-        tensors = [*model.parameters(), *model.buffers()]
-        tensors += [t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
-        return [t.detach().clone() for t in tensors]
-
     with torch.no_grad():
         before_out = model(x)
-    before, info = state(), runtime.info(0)
+    before, info = _state(model, runtime), runtime.info(0)
     with pytest.raises(lorahot.UsageError, match=rf"runtime\.{inner}\(\) was called while a load of this runtime"):
         within(30, lambda: runtime.load(Hostile(given), slot=0))
-    assert all(torch.equal(a, b) for a, b in zip(state(), before, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(_state(model, runtime), before, strict=True))
     assert runtime.info(0) == info and runtime.active_slot == 0
     with torch.no_grad():
         assert torch.equal(model(x), before_out)
@@ -293,19 +295,14 @@ def test_a_runtime_call_from_an_argument_of_another_is_refused(outer: str, inner
         "unload(slot)": lambda: runtime.unload(Slot(1)),
     }[outer]
 
-    def state() -> list[torch.Tensor]:
-        tensors = [*model.parameters(), *model.buffers()]
-        tensors += [t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
-        return [t.detach().clone() for t in tensors]
-
     with torch.no_grad():
         before_out = model(x)
-    before, infos = state(), (runtime.info(0), runtime.info(1))
+    before, infos = _state(model, runtime), (runtime.info(0), runtime.info(1))
     with pytest.raises(lorahot.UsageError) as refused:
         within(30, call)
     cause = refused.value.__cause__ or refused.value.__context__
     assert re.search(rf"runtime\.{inner.rpartition('.')[2]}\(\) was called while runtime\.", str(cause)), cause
-    assert all(torch.equal(a, b) for a, b in zip(state(), before, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(_state(model, runtime), before, strict=True))
     assert (runtime.info(0), runtime.info(1)) == infos and runtime.active_slot == 0
     with torch.no_grad():
         assert torch.equal(model(x), before_out)
