@@ -976,7 +976,7 @@ def _assemble(
         if declared is not None and rank != declared:
             problems.append(f"{named}: {origin} says r={declared}, but {ka} has shape {tuple(a.shape)} (rank {rank})")
             continue
-        alpha = _alpha(roles.get("alpha"), unreadable, shapes_only=shapes_only)
+        alpha = _alpha(roles.get("alpha"), unreadable, shapes_only=shapes_only, signed=True)
         if alpha is not None and cfg.states_alpha(pattern_name):
             stated = cfg.alpha_for(pattern_name)
             if stated is not None and not math.isclose(alpha, stated, rel_tol=1e-6):
@@ -1386,12 +1386,20 @@ def _unreadable(
 
 
 def _alpha(
-    entry: tuple[str, torch.Tensor] | None, problems: list[str], constraint: bool = False, shapes_only: bool = False
+    entry: tuple[str, torch.Tensor] | None,
+    problems: list[str],
+    constraint: bool = False,
+    shapes_only: bool = False,
+    signed: bool = False,
 ) -> float | None:
     """The value of a ``.alpha`` tensor: one finite real number > 0 (else a problem, and None);
-    with ``constraint`` (an OFT's norm constraint, where 0 means none) one >= 0. With
-    ``shapes_only`` (a header read, no values) only what the header decides is checked, its dtype
-    and its shape, and None is returned: its value is checked at load."""
+    with ``signed`` (a LoRA module's) one finite number but 0: sd-scripts, ComfyUI and diffusers
+    all scale a LoRA by ``alpha / r`` with a negative alpha as given, while an alpha of 0 is
+    ``alpha = rank`` to sd-scripts (its LoRAModule) and a scale of 0 to ComfyUI and diffusers, so
+    it is refused naming both readings. With ``constraint`` (an OFT's norm constraint, where 0
+    means none) one >= 0. With ``shapes_only`` (a header read, no values) only what the header
+    decides is checked, its dtype and its shape, and None is returned: its value is checked at
+    load."""
     if entry is None:
         return None
     key, t = entry
@@ -1410,15 +1418,17 @@ def _alpha(
             f"got {got}"
         )
         return None
-    if why is not None or not (math.isfinite(value) and value > 0):
+    if why is not None or not (math.isfinite(value) and (value != 0 if signed else value > 0)):
         got = why or _alpha_shown(t, shapes_only)
         zero = (
-            " (kohya's trainer reads an alpha of 0 as alpha = rank, diffusers' loader as a scale of 0: drop the .alpha "
-            "tensors, or set them to the rank or to the alpha the adapter was trained with)"
+            " (sd-scripts, which trains and loads kohya files, reads an alpha of 0 as alpha = rank, a scale of 1; "
+            "ComfyUI and diffusers read it as a scale of 0: drop the .alpha tensors, or set them to the rank or to "
+            "the alpha the adapter was trained with)"
             if why is None and value == 0
             else ""
         )
-        problems.append(f"{key}: alpha must be one finite number > 0, got {got}{zero}")
+        must = "finite number other than 0" if signed else "finite number > 0"
+        problems.append(f"{key}: alpha must be one {must}, got {got}{zero}")
         return None
     return value
 

@@ -74,6 +74,23 @@ def test_kohya_te_on_transformers5_clip_matches_diffusers(component: str, te_nam
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_negative_kohya_alpha_matches_diffusers() -> None:
+    """A kohya file whose ``.alpha`` is negative: diffusers passes it as a network alpha into
+    PEFT's lora_alpha (scale ``alpha / r``, as sd-scripts and ComfyUI compute it too); lorahot
+    loads it to diffusers' output. Was: refused as not > 0."""
+    model = _clip()
+    kohya = {k: torch.tensor(-3.0) if k.endswith(".alpha") else v for k, v in _kohya_file(model, "lora_te").items()}
+    oracle = _oracle(model, kohya, "text_encoder")
+    runtime = lorahot.inject(model, TARGETS, max_rank=8)
+    info = runtime.load(kohya)
+    assert {m.scale for m in lorahot.read_adapter(kohya).modules.values()} == {-0.75}
+    ids = torch.tensor([[0, 5, 9, 3, 1]])
+    with torch.no_grad():
+        got, want, base = model(ids)[0], oracle(ids)[0], _clip()(ids)[0]
+    assert len(info.ranks) == 2 * len(TARGETS) and not torch.allclose(got, base, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_wrapper_levels_never_drop_a_block_index() -> None:
     model = _clip()
     runtime = lorahot.inject(model, TARGETS, max_rank=8)

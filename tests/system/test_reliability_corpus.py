@@ -443,7 +443,7 @@ def _kohya(rig: Rig, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
 @case(
     "kohya_alpha_wrong_shape",
     AdapterReadError,
-    r"q_proj\.alpha: alpha must be one finite number > 0, got shape \(2, 2\)",
+    r"q_proj\.alpha: alpha must be one finite number other than 0, got shape \(2, 2\)",
 )
 def _(tmp, rig):
     return _tensors_dir(tmp, _kohya(rig, torch.ones(2, 2)))
@@ -737,7 +737,9 @@ def _(tmp, rig):
 
 
 @case(
-    "kohya_alpha_complex", AdapterReadError, r"q_proj\.alpha: alpha must be one finite number > 0, got dtype torch\.c"
+    "kohya_alpha_complex",
+    AdapterReadError,
+    r"q_proj\.alpha: alpha must be one finite number other than 0, got dtype torch\.c",
 )
 def _(tmp, rig):
     return _tensors_dir(tmp, _kohya(rig, torch.tensor(2.0 + 1.0j, dtype=torch.complex64)))

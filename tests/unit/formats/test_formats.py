@@ -94,9 +94,9 @@ def test_locon_conv_kernel_in_down_and_1x1_up() -> None:
             r"lambda_layer: LyCORIS T-LoRA[\s\S]*q_layer\.weight: LyCORIS T-LoRA",
         ),
         (
-            {"lora_unet_attn_to_q.alpha": torch.tensor(-1.0)},
+            {"lora_unet_attn_to_q.alpha": torch.tensor(float("inf"))},
             lorahot.AdapterReadError,
-            r"lora_unet_attn_to_q\.alpha: alpha must be one finite number > 0",
+            r"lora_unet_attn_to_q\.alpha: alpha must be one finite number other than 0, got shape \(\) value \[inf\]",
         ),
     ],
 )

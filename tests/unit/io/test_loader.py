@@ -204,15 +204,55 @@ def test_tensor_subclasses_whose_values_are_not_in_their_storage_are_refused(con
         (torch.tensor(True), r"got dtype torch\.bool"),
         (torch.tensor(2.0, device="meta"), r"got a torch\.strided tensor on meta"),
         (torch.tensor([2.0]).to_sparse(), r"got a torch\.sparse_coo tensor on cpu"),
-        (torch.tensor(0.0), r"got shape \(\) value \[0\.0\] \(kohya's trainer reads an alpha of 0 as alpha = rank"),
+        (
+            torch.tensor(0.0),
+            r"got shape \(\) value \[0\.0\] \(sd-scripts, which trains and loads kohya files, reads an alpha of 0 as "
+            r"alpha = rank, a scale of 1; ComfyUI and diffusers read it as a scale of 0",
+        ),
+        (torch.tensor(float("nan")), r"got shape \(\) value \[nan\]$"),
+        (torch.tensor(float("-inf")), r"got shape \(\) value \[-inf\]$"),
     ],
 )
 def test_alpha_tensors_must_be_one_real_number(alpha: torch.Tensor, got: str) -> None:
     tensors = {"lora_unet_proj.lora_down.weight": torch.randn(2, 8), "lora_unet_proj.lora_up.weight": torch.randn(6, 2)}
     with pytest.raises(
-        lorahot.AdapterReadError, match=r"lora_unet_proj\.alpha: alpha must be one finite number > 0, " + got
+        lorahot.AdapterReadError,
+        match=r"(?m)lora_unet_proj\.alpha: alpha must be one finite number other than 0, " + got,
     ):
         lorahot.read_adapter(tensors | {"lora_unet_proj.alpha": alpha})
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_negative_kohya_alpha_scales_by_alpha_over_rank_as_its_loaders_do(merged: bool) -> None:
+    """sd-scripts (LoRAModule: alpha / lora_dim, 0 alone read as the rank), ComfyUI (alpha /
+    rank as given) and diffusers (network alphas into PEFT's lora_alpha) all scale a LoRA with a
+    negative ``.alpha`` by ``alpha / r``: so does lorahot, on a linear and a LoCon conv, against
+    that formula in float64. Was: refused as not > 0."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.ModuleDict({"proj": nn.Linear(8, 6), "conv": nn.Conv2d(3, 5, 3, padding=1)}).double()
+    before = {name: m.weight.detach().clone() for name, m in model.items()}
+    tensors = {
+        "lora_unet_proj.lora_down.weight": torch.randn(2, 8, generator=g, dtype=torch.float64),
+        "lora_unet_proj.lora_up.weight": torch.randn(6, 2, generator=g, dtype=torch.float64),
+        "lora_unet_proj.alpha": torch.tensor(-3.0),
+        "lora_unet_conv.lora_down.weight": torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64),
+        "lora_unet_conv.lora_up.weight": torch.randn(5, 4, 1, 1, generator=g, dtype=torch.float64),
+        "lora_unet_conv.alpha": torch.tensor(-0.5),
+    }
+    runtime = lorahot.inject(model, ["proj", "conv"], max_rank=4, merged=merged)
+    info = runtime.load(tensors)
+    assert info.format == "kohya"
+    x, img = torch.randn(3, 8, dtype=torch.float64), torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    for name, rank, alpha in (("proj", 2, -3.0), ("conv", 4, -0.5)):
+        down, up = tensors[f"lora_unet_{name}.lora_down.weight"], tensors[f"lora_unet_{name}.lora_up.weight"]
+        delta = alpha / rank * (up.flatten(1) @ down.flatten(1)).reshape(before[name].shape)
+        layer = nn.Linear(8, 6) if name == "proj" else nn.Conv2d(3, 5, 3, padding=1)
+        layer = layer.double()
+        with torch.no_grad():
+            layer.weight.copy_(before[name] + delta)
+            layer.bias.copy_(model[name].bias)
+            got, want = (model[name](x), layer(x)) if name == "proj" else (model[name](img), layer(img))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_zero_element_tensors_with_huge_dims_are_refused_from_the_header(tmp_path: Path) -> None:
@@ -633,7 +673,7 @@ def test_an_alpha_the_header_refuses_is_refused_by_plan_targets_as_by_load(
     stays a load-time check)."""
     path = tmp_path / "adapter.safetensors"
     save_file(_header_alpha_file(kind) | {"lora_unet_0.alpha": alpha}, str(path))
-    message = r"lora_unet_0\.alpha: .*must be one finite number >=? 0, " + got
+    message = r"lora_unet_0\.alpha: .*must be one finite number (>=? 0|other than 0), " + got
     with pytest.raises(lorahot.AdapterReadError, match=message):
         lorahot.plan_targets(path, nn.Sequential(nn.Linear(16, 16)))
     runtime = lorahot.inject(nn.Sequential(nn.Linear(16, 16)), ["0"], max_rank=4, merged=kind != "lora")
