@@ -240,9 +240,10 @@ def _as_tensor(slots: object) -> torch.Tensor:
     """``slots`` as a host int64 ``[L]`` (L >= 1), or a :class:`UsageError` saying what it is."""
     if isinstance(slots, np.ndarray):
         if slots.ndim != 1 or slots.dtype.kind not in "iu":
+            hint = _one_slot_hint(slots.ndim == 0 and slots.dtype.kind in "iu")
             raise UsageError(
                 f"a routing array must be 1-D with an integer dtype (one slot per row), got {slots.dtype} of shape "
-                f"{slots.shape}; pass e.g. np.array([0, 2, -1]) or a list of ints."
+                f"{slots.shape}; pass e.g. np.array([0, 2, -1]) or a list of ints{hint}."
             )
         route = _array(slots)
     elif isinstance(slots, torch.Tensor):
@@ -254,9 +255,10 @@ def _as_tensor(slots: object) -> torch.Tensor:
                 "torch.tensor([0, 2, -1]) (or .to_dense() / .dequantize() it first)."
             )
         if slots.dim() != 1 or slots.dtype not in _INTEGERS:
+            hint = _one_slot_hint(slots.dim() == 0 and slots.dtype in _INTEGERS)
             raise UsageError(
                 f"a routing tensor must be 1-D with an integer dtype (one slot per row), got {slots.dtype} of shape "
-                f"{tuple(slots.shape)}; pass e.g. torch.tensor([0, 2, -1]) or a list of ints."
+                f"{tuple(slots.shape)}; pass e.g. torch.tensor([0, 2, -1]) or a list of ints{hint}."
             )
         wide = slots.dtype not in _FITS_INT64
         route = _exact(slots.detach().cpu().tolist()) if wide else slots.detach().to("cpu", torch.int64)
@@ -284,6 +286,17 @@ def _as_tensor(slots: object) -> torch.Tensor:
     if route.numel() == 0:
         raise UsageError("the routing is empty; pass one slot per row of the batch (or activate(k) for all rows).")
     return route
+
+
+def _one_slot_hint(one_integer: bool) -> str:
+    """Where a routing was given as a 0-D integer tensor or array (``one_integer``): how to say
+    one slot for the whole batch (an int) or a batch of one row."""
+    if not one_integer:
+        return ""
+    return (
+        " (a 0-D one holds one slot: activate(int(slot)) runs the whole batch on it, activate([int(slot)]) a "
+        "batch of one row)"
+    )
 
 
 def _plain_ints(values: list[object]) -> torch.Tensor | None:
