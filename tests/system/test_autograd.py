@@ -212,3 +212,70 @@ def test_torch_func_grad_over_the_models_own_parameters_matches_peft(tmp_path: P
         return {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in found.items()}
 
     _assert_same(grads(model), grads(peft))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("route", [[0, 1, -1, 1], 1], ids=["routed", "whole-batch"])
+def test_activation_checkpointing_gives_the_gradients_of_the_forward_it_recomputes(
+    reentrant: bool, route: list[int] | int
+) -> None:
+    """``torch.utils.checkpoint`` (transformers' ``gradient_checkpointing_enable``) runs the
+    forward again in the backward: with the slot or routing of the forward still in force, the
+    gradients are the unchecked forward's, bitwise. Two micro-batches, each one's backward
+    before the next one's ``activate`` (the order README's Execution contexts asks for: the
+    recompute reads the state in force at the backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    base = _unfrozen(_base(D))
+    model = _unfrozen(copy.deepcopy(base))
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=2)
+    for k in range(2):
+        runtime.load(make_adapter(base, dict.fromkeys(TARGETS, 2 + k), seed=k, dtype=D)[0], slot=k, scale=0.5 + k)
+    inputs = _leaves()
+    steps = [(route, inputs), ([1, -1, 0, 0] if isinstance(route, list) else 0, _leaves())]
+
+    def run(checked: bool) -> list[dict[str, torch.Tensor]]:
+        found = []
+        for slots, x in steps:
+            runtime.activate(slots)
+            out = checkpoint(model, *x, use_reentrant=reentrant) if checked else model(*x)
+            found.append(_grads([model], x, _loss(out)))
+        return found
+
+    for got, want in zip(run(True), run(False), strict=True):
+        assert sorted(got) == sorted(want)
+        assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
+
+
+CALLS = {
+    "new routing": lambda runtime, adapter: runtime.activate([1, 1, 0, -1]),
+    "load": lambda runtime, adapter: runtime.load(adapter, slot=1),
+    "set_scale": lambda runtime, adapter: runtime.set_scale(3.0, slot=1),
+    "unload": lambda runtime, adapter: runtime.unload(1),
+    "activate(k)": lambda runtime, adapter: runtime.activate(1),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_a_backward_never_computes_with_a_state_set_after_its_forward(call: str) -> None:
+    """Without checkpointing, a call between a forward and its backward: under a per-row routing
+    the backward keeps the forward's gradients (gradient accumulation over routed
+    micro-batches); after a whole-batch forward, a call that writes the live weights makes the
+    backward raise torch's in-place error (a new routing writes none)."""
+    base = _unfrozen(_base(D))
+    adapters = [make_adapter(base, dict.fromkeys(TARGETS, 2 + k), seed=k, dtype=D)[0] for k in range(3)]
+    for routed in (True, False):
+        model = _unfrozen(copy.deepcopy(base))
+        runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=2)
+        for k in range(2):
+            runtime.load(adapters[k], slot=k, scale=0.5 + k)
+        inputs = _leaves()
+        runtime.activate([0, 1, -1, 1] if routed else 0)
+        want = _grads([model], inputs, _loss(model(*inputs)))
+        loss = _loss(model(*inputs))
+        CALLS[call](runtime, adapters[2])
+        if routed or call == "new routing":
+            _assert_same(_grads([model], inputs, loss), want)
+        else:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
