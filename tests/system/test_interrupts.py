@@ -1,7 +1,6 @@
-"""Every call interrupted at every point: a ``KeyboardInterrupt`` raised at the k-th line lorahot
-runs (``sys.settrace``, a local trace function on frames of ``lorahot/``), for every k until the
-call completes first (sampled with a stride on the long calls, each function the call runs
-interrupted at least once).
+"""Every call interrupted at every point: a ``KeyboardInterrupt`` raised at a line lorahot runs
+(``sys.settrace``, a local trace function on frames of ``lorahot/``): at the k-th line event for
+k at a stride, or at the first run of each distinct line the call runs.
 
 After each interrupt the model's parameters and buffers (the arenas included), the slots'
 ``info``, the active slot and the routing are bitwise as before the call, or as after it
@@ -17,9 +16,11 @@ refuses every call but another eject, which finishes it (``tests/unit/runtime/te
 
 Where the contract cannot hold, and is not tested: a second interrupt while the first is being
 handled (Python cannot shield cleanup code itself); the exit of a ``with`` block before its
-``__exit__`` runs (:func:`_counted`: a tracer can raise there, a signal cannot); a finalizer,
-where Python prints an exception and drops it. ``make test`` interrupts each call at about
-:data:`FAST_POINTS` points; ``LORAHOT_EVERY_LINE=1`` at every line, each function at least once.
+``__exit__`` runs, and a line that starts with a ``NOP`` (:func:`_counted`: a tracer can raise
+there, a signal cannot); a finalizer, where Python prints an exception and drops it. ``make
+test`` interrupts each call at about :data:`FAST_POINTS` points; ``LORAHOT_EVERY_LINE=1`` at the
+first run of every distinct line it runs (each load about a minute); ``LORAHOT_EVERY_LINE=events``
+at every line event (several minutes a load).
 """
 
 from __future__ import annotations
@@ -54,11 +55,17 @@ FAST_POINTS = 24
 # -- the interrupt ---------------------------------------------------------------------------
 
 
+#: a line of lorahot's code: its file and its number
+Line = tuple[str, int]
+
+
 @dataclass
 class Hit:
-    """Where the k-th line event of lorahot's code was (``None``: the call ran fewer lines)."""
+    """Where the interrupt was raised: the function (with its file and line) and the line
+    (``None``: the call ran to its end first), and the line events counted."""
 
     function: str | None = None
+    line: Line | None = None
     lines: int = 0
 
 
@@ -81,13 +88,22 @@ def _with_exits(code: CodeType) -> frozenset[int]:
     )
 
 
+@functools.cache
+def _nops(code: CodeType) -> frozenset[int]:
+    """The offsets in ``code`` where a line starts with a ``NOP`` (a ``try:``)."""
+    return frozenset(i.offset for i in dis.get_instructions(code) if i.starts_line is not None and i.opname == "NOP")
+
+
 def _counted(frame: FrameType) -> bool:
     """Whether a line event of ``frame`` is a point where an interrupt may land. Not the exit of
     a ``with`` block: there the tracer runs before ``__exit__`` is called and outside the
     block's handler, so an exception it raises skips ``__exit__`` (a lock stays held, and the
     next call waits for it forever), where a signal's handler runs only once the call of
-    ``__exit__`` has returned (CPython checks for signals after a call, not before it)."""
-    return frame.f_lasti not in _with_exits(frame.f_code)
+    ``__exit__`` has returned (CPython checks for signals after a call, not before it). Nor a
+    line that starts with a ``NOP`` (a ``try:``): CPython never checks for signals at a ``NOP``,
+    and 3.11 leaves the ``NOP`` of a ``try:`` that opens a ``with`` block outside that block's
+    handler (``with lock:`` then ``try:``: a tracer raising there leaves the lock held)."""
+    return frame.f_lasti not in _with_exits(frame.f_code) and frame.f_lasti not in _nops(frame.f_code)
 
 
 def interrupted_at(
@@ -103,6 +119,7 @@ def interrupted_at(
             hit.lines += 1
             if (hit.lines == k) if isinstance(k, int) else (hit.function is None and k(frame, hit.lines)):
                 hit.function = f"{frame.f_code.co_qualname} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})"
+                hit.line = frame.f_code.co_filename, frame.f_lineno
                 raise KeyboardInterrupt(f"line event {k}")
         return local
 
@@ -121,16 +138,17 @@ def interrupted_at(
     return hit, raised
 
 
-def functions_run(call: Callable[[], object]) -> tuple[int, dict[str, int]]:
-    """The line events of an uninterrupted ``call`` and, by function, the first one's k."""
-    first: dict[str, int] = {}
+def lines_run(call: Callable[[], object]) -> tuple[int, dict[Line, int]]:
+    """The line events of an uninterrupted ``call`` and, for each distinct line it runs, the k
+    of its first run."""
+    first: dict[Line, int] = {}
     count = 0
 
     def local(frame: FrameType, event: str, arg: object) -> Any:
         nonlocal count
         if event == "line" and _counted(frame):
             count += 1
-            first.setdefault(frame.f_code.co_qualname, count)
+            first.setdefault((frame.f_code.co_filename, frame.f_lineno), count)
         return local
 
     def calls(frame: FrameType, event: str, arg: object) -> Any:
@@ -148,11 +166,31 @@ def functions_run(call: Callable[[], object]) -> tuple[int, dict[str, int]]:
     return count, first
 
 
-def points(count: int, first: dict[str, int], most: int | None) -> list[int]:
-    """Every k of a call of ``count`` lines; with ``most``, about that many at a stride."""
+def points(count: int, most: int | None) -> list[int]:
+    """Every k of a call of ``count`` line events; with ``most``, about that many at a stride."""
     if most is None or count <= most:
         return list(range(1, count + 1))
     return list(range(1, count + 1, math.ceil(count / most)))
+
+
+def _first_run(line: Line) -> Callable[[FrameType, int], bool]:
+    """The first line event on ``line``."""
+    return lambda frame, k: (frame.f_code.co_filename, frame.f_lineno) == line
+
+
+def targets(
+    count: int, first: dict[Line, int], mode: int | str
+) -> list[tuple[int | Callable[[FrameType, int], bool], str]]:
+    """Where to interrupt a call of ``count`` line events (:func:`lines_run`), each with how
+    to name it: ``"lines"``, every distinct line at its first run (by the line, not by its k,
+    so that a path that differs in the interrupted run shows as a line missed); ``"events"``,
+    every k; a number, about that many k at a stride."""
+    if mode == "lines":
+        return [
+            (_first_run(line), f"the first run of {Path(line[0]).name}:{line[1]} (line event {k} of {count})")
+            for line, k in sorted(first.items(), key=lambda item: item[1])
+        ]
+    return [(k, f"line event {k} of {count}") for k in points(count, None if mode == "events" else int(mode))]
 
 
 # -- the rig: a Linear, a grouped Conv2d and an Embedding, two slots --------------------------
@@ -363,24 +401,24 @@ def _setup(call: Call, merged: bool, files: dict[str, Path]) -> Rig:
     return rig
 
 
-def sweep(call: Call, merged: bool, files: dict[str, Path], most: int | None) -> dict[str, Any]:
-    """Interrupts ``call`` at every point (or ``most`` of them and each function's first line)
-    and checks what each leaves (see the module's docstring). Returns what it saw: the
-    outcomes by kind and the functions interrupted."""
+def sweep(call: Call, merged: bool, files: dict[str, Path], mode: int | str) -> dict[str, Any]:
+    """Interrupts ``call`` at the points :func:`targets` names for ``mode`` and checks what
+    each leaves (see the module's docstring). Returns what it saw: the outcomes by kind, the
+    distinct lines interrupted and the call's line events."""
     known = ends(call, merged, files)  # memos warm: later runs take the path the counted one takes
     rig = _setup(call, merged, files)
-    count, first = functions_run(lambda: call.run(rig))
+    count, first = lines_run(lambda: call.run(rig))
     outcomes: dict[str, int] = {}
-    interrupted: set[str] = set()
-    for k in points(count, first, most):
-        function, outcome = check_interrupted(call, merged, files, k, known, f"line event {k} of {count}")
-        if function is not None:
-            interrupted.add(function)
+    interrupted: set[Line] = set()
+    for k, at in targets(count, first, mode):
+        hit, outcome = check_interrupted(call, merged, files, k, known, at)
+        if hit.line is not None:
+            interrupted.add(hit.line)
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
-    if most is None:  # every line: every function the call runs was interrupted
-        missed = {f for f in first if f not in interrupted}
-        assert not missed, f"{call.name}: functions never interrupted: {sorted(missed)}"
-    return {"outcomes": outcomes, "functions": len(interrupted), "lines": count}
+    if mode in ("lines", "events"):  # every line the call runs was interrupted
+        missed = sorted(f"{Path(file).name}:{n}" for file, n in first.keys() - interrupted)
+        assert not missed, f"{call.name}: lines never interrupted: {missed}"
+    return {"outcomes": outcomes, "lines": len(interrupted), "events": count}
 
 
 @dataclass
@@ -407,11 +445,11 @@ def ends(call: Call, merged: bool, files: dict[str, Path]) -> Ends:
 
 def check_interrupted(
     call: Call, merged: bool, files: dict[str, Path], k: int | Callable[[FrameType, int], bool], ends: Ends, at: str
-) -> tuple[str | None, str]:
+) -> tuple[Hit, str]:
     """``call`` on a fresh rig, interrupted at ``k`` (:func:`interrupted_at`): the interrupt
     goes on, the rig holds one of ``ends``' states, then the call goes through and the model
-    computes the reference. Returns the function interrupted (None: the call ran to its end
-    first) and the outcome."""
+    computes the reference. Returns where it was interrupted (``hit.line`` None: the call ran
+    to its end first) and the outcome."""
     rig = _setup(call, merged, files)
     gc.disable()  # no finalizer of an earlier rig runs in the call (an interrupt there is only printed)
     try:
@@ -419,7 +457,7 @@ def check_interrupted(
     finally:
         gc.enable()
     if hit.function is None:
-        return None, ""
+        return hit, ""
     where = f"{call.name} interrupted at {at}, in {hit.function}"
     assert isinstance(raised, KeyboardInterrupt), f"{where}: raised {raised!r}, not the interrupt"
     outcome = _outcome(rig, call, ends.before, ends.after, ends.emptied, where)
@@ -431,7 +469,7 @@ def check_interrupted(
     left = differences(state(rig), ends.after)
     assert not left, f"{where}: {outcome}, then the call again left {left}"
     torch.testing.assert_close(served(rig), ends.expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{where}: {m}")
-    return hit.function.split(" (")[0], outcome
+    return hit, outcome
 
 
 def _outcome(
@@ -470,13 +508,14 @@ def test_an_interrupted_call_changes_nothing_or_completes(call: Call, merged: bo
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not os.environ.get("LORAHOT_EVERY_LINE"), reason="every line of every call: about 20 minutes; LORAHOT_EVERY_LINE=1"
+    not os.environ.get("LORAHOT_EVERY_LINE"),
+    reason="every line of every call: LORAHOT_EVERY_LINE=1 (each distinct line), =events (every line event)",
 )
 @pytest.mark.parametrize(("call", "merged"), CASES)
 def test_an_interrupted_call_changes_nothing_or_completes_at_every_line(
     call: Call, merged: bool, files: dict[str, Path]
 ) -> None:
-    sweep(call, merged, files, None)
+    sweep(call, merged, files, "events" if os.environ["LORAHOT_EVERY_LINE"] == "events" else "lines")
 
 
 def _on(text: str, nth: int = 1) -> Callable[[FrameType, int], bool]:
@@ -529,8 +568,8 @@ def test_an_interrupt_at_a_point_that_left_a_mix(point: str, merged: bool, files
     name, text, nth = KNOWN[point]
     call = next(c for c in CALLS if c.name == name)
     at = _in(text, nth) if "." in text and " " not in text else _on(text, nth)
-    function, _ = check_interrupted(call, merged, files, at, ends(call, merged, files), repr(text))
-    assert function is not None, f"{text!r} never ran"
+    hit, _ = check_interrupted(call, merged, files, at, ends(call, merged, files), repr(text))
+    assert hit.function is not None, f"{text!r} never ran"
 
 
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
@@ -544,8 +583,8 @@ def test_an_interrupted_inject_leaves_the_model_as_it_was(merged: bool) -> None:
         return lorahot.inject(model, TARGETS, max_rank=4, slots=2, merged=merged, extras=True)
 
     before = model_state(_base())
-    count, first = functions_run(lambda: inject(_base()))
-    for k in points(count, first, FAST_POINTS):
+    count, _ = lines_run(lambda: inject(_base()))
+    for k in points(count, FAST_POINTS):
         model = _base()
         hit, raised = interrupted_at(k, lambda model=model: inject(model))
         if hit.function is None:
