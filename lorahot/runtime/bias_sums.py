@@ -97,5 +97,5 @@ class BiasSums:
                 w = torch.as_tensor(weights, dtype=torch.float64).to(arena.device)
                 sums = self.values(a, w).to(arena.E.dtype)
                 for r in regions:
+                    arena.e_dirty[r] = True  # before the copy: one interrupted leaves the rows to reset
                     arena.E[r].index_copy_(0, self.index[a], sums)
-                    arena.e_dirty[r] = True

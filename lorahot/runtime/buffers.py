@@ -323,9 +323,10 @@ class Arena:
         """Resets ``region``'s extras to no adapter (where they differ), then writes the
         ``(layer, row)`` rows from ``srcs``; the DoRA factors are computed afterwards."""
         if self.e_dirty[region] or rows:
+            # marked before the device work: a reset or copy interrupted midway leaves extras to reset
+            self.e_dirty[region] = True
             self._reset_extras(region)
         if rows:
-            self.e_dirty[region] = True  # before the copy: one interrupted midway leaves rows to reset
             torch._foreach_copy_([self.extras(i, region)[row] for i, row in rows], srcs)
         self.e_dirty[region] = bool(rows)
 

@@ -572,6 +572,92 @@ def test_an_interrupt_at_a_point_that_left_a_mix(point: str, merged: bool, files
     assert hit.function is not None, f"{text!r} never ran"
 
 
+#: functions at any of whose line events an interrupt left a mix, each a regression test of its fix
+KNOWN_FUNCTIONS = {
+    # Arena._write_extras reset a region's extras (zeroed, then the defaults added) before it
+    # recorded them as changed: interrupted in between, emptying the slot took them for the
+    # defaults and left them zero (a DoRA factor of 0 on every layer of the arena)
+    "extras reset before recorded": ("load dora", "Arena._reset_extras"),
+}
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("point", list(KNOWN_FUNCTIONS))
+def test_an_interrupt_at_each_line_of_a_function_that_left_a_mix(
+    point: str, merged: bool, files: dict[str, Path]
+) -> None:
+    name, function = KNOWN_FUNCTIONS[point]
+    call = next(c for c in CALLS if c.name == name)
+    known = ends(call, merged, files)
+    nth = 1
+    while check_interrupted(call, merged, files, _in(function, nth), known, f"{function}, line event {nth}")[0].line:
+        nth += 1
+    assert nth > 1, f"{function} never ran"
+
+
+def _biased(seed: int) -> lorahot.Adapter:
+    """A rank-2 adapter of :func:`_biased_model` with a LoRA bias (PEFT's ``lora_bias``) on ``0``."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (n_in, n_out) in {"0": (6, 5), "1": (5, 4)}.items():
+        tensors[f"{name}.lora_A.weight"] = torch.randn(2, n_in, generator=gen, dtype=torch.float64)
+        tensors[f"{name}.lora_B.weight"] = torch.randn(n_out, 2, generator=gen, dtype=torch.float64)
+    tensors["0.lora_B.bias"] = torch.randn(5, generator=gen, dtype=torch.float64)
+    return lorahot.read_adapter(tensors, config={"r": 2, "lora_alpha": 2, "lora_bias": True})
+
+
+def _biased_model() -> tuple[nn.Module, lorahot.LoraRuntime]:
+    """float64 ``Linear(6, 5) -> Linear(5, 4)``, two slots: slot 0 (active) holds an adapter
+    without LoRA biases, so its extras are the defaults."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4, bias=False)).double()
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=8, slots=2, extras=True)
+    runtime.load(make_adapter(model, {"0": 2, "1": 2}, seed=3, dtype=torch.float64)[0], slot=0)
+    return model, runtime
+
+
+@pytest.mark.parametrize("what", ["load", "set_scale"])
+def test_an_interrupted_write_of_summed_lora_biases_leaves_no_bias_in_the_emptied_slot(what: str) -> None:
+    """A stack whose two parts carry a LoRA bias on one layer has their sum written into the
+    extras (:mod:`lorahot.runtime.bias_sums`). Interrupted at each line of that write (a load
+    of the stack into the live slot, or its set_scale), the slot is emptied: every parameter
+    and buffer bitwise as after ``unload(0)``, the model's output the base one. The write
+    recorded the extras as changed after copying the sums: interrupted in between, emptying
+    the slot kept the summed biases, which the base model then added (unmerged: merged mode
+    folds them into the weights)."""
+    stack = [_biased(1), _biased(2)]
+
+    def rig() -> tuple[nn.Module, lorahot.LoraRuntime]:
+        model, runtime = _biased_model()
+        if what == "set_scale":
+            runtime.load(stack, slot=0, scale=[1.0, 0.5])
+        return model, runtime
+
+    def call(runtime: lorahot.LoraRuntime) -> object:
+        return runtime.load(stack, slot=0, scale=[1.0, 0.5]) if what == "load" else runtime.set_scale([2.0, -1.0])
+
+    model, runtime = rig()
+    runtime.unload(0)
+    emptied = model_state(model)
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        base = model(x)
+    nth = 1
+    while True:
+        model, runtime = rig()
+        hit, raised = interrupted_at(_in("BiasSums.write", nth), lambda runtime=runtime: call(runtime))
+        if hit.function is None:
+            break
+        where = f"{what} interrupted at line event {nth} of BiasSums.write, in {hit.function}"
+        assert isinstance(raised, KeyboardInterrupt), f"{where}: raised {raised!r}"
+        assert runtime.info(0) is None, f"{where}: slot 0 not emptied"
+        assert not differences(model_state(model), emptied), f"{where}: left {differences(model_state(model), emptied)}"
+        with torch.no_grad():
+            assert torch.equal(model(x), base), where
+        nth += 1
+    assert nth > 2, "BiasSums.write never ran"
+
+
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 def test_an_interrupted_inject_leaves_the_model_as_it_was(merged: bool) -> None:
     """inject interrupted at each point: the model as before it (its modules, hooks, parameters
