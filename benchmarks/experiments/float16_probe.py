@@ -1,10 +1,14 @@
-"""Probe: what a float16 LoRA layer costs since 4859508, and what float32-intermediate forms cost.
+"""Probe: what a float16 LoRA layer costs, widened with shifted rank rows and in the forms before it.
 
-Since 4859508 a float16 layer is not widened (``wide.UNWIDENED_DTYPES``) and, above the fused
-kernel's rows, computes the library formula with float32 copies of A and B and ``x`` cast to
-float32 for the shrink (``library_operands``), so that ``s * (x @ A.T)`` past float16's 65504
-stays finite as PEFT's float32 adapter weights keep it. Its cost was never measured: a float16
-SDXL-shaped UNet's lorahot compile did not finish in 351 s (bfloat16's takes about 160 s).
+From 4859508 a float16 layer was not widened and, above the fused kernel's rows, computed the
+library formula with float32 copies of A and B and ``x`` cast to float32 for the shrink
+(``library_operands``), so that ``s * (x @ A.T)`` past float16's 65504 stays finite as PEFT's
+float32 adapter weights keep it: on an H200 that cost 2.6-4x the base GEMMs' time on these
+shapes against 1.4-1.6x for bfloat16 (``runs/20261205T140424-float16-probe.json``), and a
+float16 SDXL-shaped UNet's lorahot compile did not finish in 351 s (bfloat16's takes about 160
+s). Now a float16 layer is widened, each rank row of its wide copy shifted by a power of two
+(``lorahot.kernels.row_scale.row_shifts``: A's row divided, B's column multiplied) so that the
+shrink the wide GEMM writes in float16 stays in range for every input.
 
 The model: SDXL UNet transformer blocks' linears side by side (one block at 640 wide, two at
 1280; per block ``to_q``/``to_k``/``to_v`` on one input, ``to_out.0``, ``ff`` in ``d -> 8d`` and
@@ -14,8 +18,10 @@ Forms, each timed eagerly and under ``torch.compile`` (default mode, rows symbol
 per configuration times every row count), per layer over the base model of its dtype:
 
 - ``a bf16 lorahot``: bfloat16 as lorahot runs it (widened);
-- ``b fp16 lorahot``: float16 as lorahot runs it now (float32 library formula);
-- ``b fp16 lorahot tf32``: the same with ``torch.backends.cuda.matmul.allow_tf32`` on (eager only);
+- ``b fp16 lorahot``: float16 as lorahot runs it now (widened, rank rows shifted);
+- ``b fp16 unwidened``: float16 unwidened (``wide.UNWIDENED_DTYPES``), the float32 library formula
+  it took before;
+- ``b fp16 unwidened tf32``: the same with ``torch.backends.cuda.matmul.allow_tf32`` on (eager only);
 - ``e fp16 lorahot f32 buffers``: lorahot with ``inject(..., dtype=torch.float32)`` (float32
   LoRA buffers, as PEFT keeps a float16 model's adapter weights): no per-call copies of A and B;
 - ``c fp16 bmm32``: the shrink ``torch.bmm(x[None], A.T[None], out_dtype=float32)`` (float16
@@ -25,8 +31,9 @@ per configuration times every row count), per layer over the base model of its d
 - ``c fp16 rowscale``: the ``bmm32`` shrink, each row divided by its largest ``|h|`` and rounded
   to float16, the expand ``bmm(h16, B.T, out_dtype=float32)`` (tensor cores throughout), times
   the row's largest ``|h|`` and ``s``;
-- ``d fp16 widened``: lorahot's wide path forced (``UNWIDENED_DTYPES`` empty at inject): the
-  cost reference; it writes ``x @ A.T`` in float16, so its range check is expected to fail.
+- ``d fp16 widened unshifted``: the wide path without the shift (``wide.SHIFTED_DTYPES`` empty
+  at inject): the cost reference; it writes ``x @ A.T`` in float16 as it is, so its range check
+  is expected to fail.
 
 Every form is checked first (eager, and compiled at its first call): the output against a
 float64 reference within 4 eps of its dtype (relative to the largest output) for a normal
@@ -156,16 +163,18 @@ FORMS = [
     Form("base fp16", torch.float16, "base"),
     Form("a bf16 lorahot", torch.bfloat16, "lorahot"),
     Form("b fp16 lorahot", torch.float16, "lorahot"),
-    Form("b fp16 lorahot tf32", torch.float16, "lorahot", eager_only=True, tf32=True),
+    Form("b fp16 unwidened", torch.float16, "unwidened"),
+    Form("b fp16 unwidened tf32", torch.float16, "unwidened", eager_only=True, tf32=True),
     Form("e fp16 lorahot f32 buffers", torch.float16, "lorahot f32"),
     Form("c fp16 bmm32", torch.float16, "bmm32"),
     Form("c fp16 mm32 addmm", torch.float16, "mm32 addmm"),
     Form("c fp16 rowscale", torch.float16, "rowscale"),
-    Form("d fp16 widened", torch.float16, "widened", range_fails=True),
+    Form("d fp16 widened unshifted", torch.float16, "unshifted", range_fails=True),
 ]
 #: compiled configurations in this order, so that a deadline cuts the least needed
-COMPILE_ORDER = ["base fp16", "b fp16 lorahot", "base bf16", "a bf16 lorahot", "c fp16 bmm32", "c fp16 rowscale"]
-COMPILE_ORDER += ["e fp16 lorahot f32 buffers", "d fp16 widened", "c fp16 mm32 addmm"]
+COMPILE_ORDER = ["base fp16", "b fp16 lorahot", "base bf16", "a bf16 lorahot", "b fp16 unwidened"]
+COMPILE_ORDER += ["d fp16 widened unshifted", "e fp16 lorahot f32 buffers", "c fp16 bmm32", "c fp16 rowscale"]
+COMPILE_ORDER += ["c fp16 mm32 addmm"]
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -189,16 +198,18 @@ def _build(form: Form, proto: nn.Module) -> tuple[nn.Module, Callable[[Tensors, 
     model = copy.deepcopy(proto)
     if form.kind == "base":
         return model, lambda tensors, s: None
-    if form.kind in ("lorahot", "lorahot f32", "widened"):
-        saved = wide.UNWIDENED_DTYPES
-        if form.kind == "widened":
-            wide.UNWIDENED_DTYPES = frozenset()
+    if form.kind in ("lorahot", "lorahot f32", "unwidened", "unshifted"):
+        saved = wide.UNWIDENED_DTYPES, wide.SHIFTED_DTYPES
+        if form.kind == "unwidened":
+            wide.UNWIDENED_DTYPES = frozenset({torch.float16})
+        if form.kind == "unshifted":  # read at inject; the traced shrink reads the wide copy's A either way
+            wide.SHIFTED_DTYPES = frozenset()
         try:
             buffers = torch.float32 if form.kind == "lorahot f32" else None  # PEFT's float32 adapter weights
             runtime = lorahot.inject(model, lambda name, m: isinstance(m, nn.Linear), max_rank=R, dtype=buffers)
         finally:
-            wide.UNWIDENED_DTYPES = saved
-        wants_wide = form.kind == "widened" or (form.dtype != torch.float16 and form.kind == "lorahot")
+            wide.UNWIDENED_DTYPES, wide.SHIFTED_DTYPES = saved
+        wants_wide = form.kind in ("lorahot", "unshifted")
         widened = sum(layer.wide for layer in runtime.layers.values())
         if widened != (len(runtime.layers) if wants_wide else 0):
             print(f"  note: {form.name}: {widened} of {len(runtime.layers)} layers widened", flush=True)

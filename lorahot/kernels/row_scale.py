@@ -20,7 +20,7 @@ import torch
 
 from lorahot.kernels.triton_import import triton_module
 
-__all__ = ["available", "RowScaler", "stack_scales"]
+__all__ = ["available", "RowScaler", "stack_scales", "power_of_two_at_least", "row_shifts"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -42,9 +42,22 @@ class RowScaler:
     wide layers' A rows) or all transposed views (``stride(0) == 1``, the columns ``stride(1)``
     apart: their B columns), same dtype and device; their addresses must not change afterwards.
     ``layer[l]`` is the row of ``scales`` (``[n_layers, R]``, contiguous rows) holding block
-    ``l``'s per-row scales."""
+    ``l``'s per-row scales.
 
-    def __init__(self, dst: list[torch.Tensor], src: list[torch.Tensor], layer: list[int]) -> None:
+    ``shift`` (float32 ``[len(dst), R]``, contiguous rows): block ``l``'s row ``k`` is multiplied by
+    ``shift[l, k]`` too; with ``normalize`` (blocks of contiguous rows only) the kernel finds it
+    first, :func:`row_shifts` of the source row, writes it there, and divides by it instead. The
+    wide float16 layers' A copy normalizes and their B copy multiplies
+    (:mod:`lorahot.runtime.wide`)."""
+
+    def __init__(
+        self,
+        dst: list[torch.Tensor],
+        src: list[torch.Tensor],
+        layer: list[int],
+        shift: torch.Tensor | None = None,
+        normalize: bool = False,
+    ) -> None:
         device, dtype = dst[0].device, dst[0].dtype
         self.transposed = _transposed(dst[0])
         for d, s in zip(dst, src, strict=True):  # lorahot's own buffers: a mismatch is a bug, not bad input
@@ -63,13 +76,44 @@ class RowScaler:
         self._ld = torch.tensor([d.stride(1 if self.transposed else 0) for d in dst], dtype=torch.int64, device=device)
         self._widest = max(d.shape[1] for d in dst)
         self._keep = (dst, src)  # the blocks the tables point into stay alive with them
+        if shift is not None and not (
+            shift.dtype == torch.float32
+            and shift.device == device
+            and shift.dim() == 2
+            and shift.shape[0] == len(dst)
+            and shift.stride(1) == 1
+            and not (normalize and self.transposed)
+        ):
+            raise ValueError(f"shift must be float32 [{len(dst)}, R] rows on {device}, for row blocks if normalized")
+        self.shift, self.normalize = shift, normalize
 
     def __call__(self, scales: torch.Tensor, rows: int) -> None:
         """Rewrites the first ``rows`` rows of every destination block."""
         if rows <= 0:
             return
         widest = self._widest if self.transposed else 0
-        _kernel().launch(self._dst, self._src, scales, self._layer, self._cols, self._ld, rows, self.dtype, widest)
+        _kernel().launch(
+            self._dst, self._src, scales, self._layer, self._cols, self._ld, rows, self.dtype, widest,
+            self.shift, self.normalize,
+        )  # fmt: skip
+
+
+def power_of_two_at_least(t: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two ``>= t``, elementwise, for positive finite ``t`` (exact:
+    from :func:`torch.frexp`, ``t = m * 2**e`` with ``m`` in ``[0.5, 1)``)."""
+    m, e = torch.frexp(t)
+    return torch.where(m == 0.5, t, torch.ldexp(torch.ones_like(t), e))
+
+
+def row_shifts(rows: torch.Tensor) -> torch.Tensor:
+    """Per row of ``rows [k, n]`` (float16), float32: the smallest power of two at least twice
+    its sum of ``|value|``, and at least 1. Divided by it and rounded to float16, the row's dot
+    product with any float16 vector stays inside float16's range: ``|x . a| <= max|x| * sum|a|``
+    with ``max|x| <= 65504``, and the factor two covers the rounding of the divided row (relative
+    ``2**-11``, and ``2**-25`` per subnormal value: below 1 for ``n < 2**24``). The division is
+    exact where the row's values stay normal; :mod:`lorahot.runtime.wide` puts the factor back in
+    B. The kernel computes the same, its sum in another order."""
+    return power_of_two_at_least((2.0 * rows.float().abs().sum(dim=1)).clamp_min(1.0))
 
 
 def _rows(t: torch.Tensor) -> bool:

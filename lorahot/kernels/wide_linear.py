@@ -66,7 +66,17 @@ from lorahot.kernels import lora_linear as fused_kernel
 from lorahot.kernels.op_registry import define, define_composite, refuse_grad
 from lorahot.kernels.rows import as_rows, row_count
 
-__all__ = ["traced", "wide_linear", "wide_linear_dynamic", "wide_traced"]
+__all__ = ["SHIFTED_DTYPES", "traced", "wide_linear", "wide_linear_dynamic", "wide_traced"]
+
+#: Dtypes whose wide buffers hold each rank row shifted by a power of two ``p_r``: ``A_r / p_r``
+#: and ``B_s[:, r] * p_r`` (:func:`lorahot.kernels.row_scale.row_shifts`, kept by
+#: :mod:`lorahot.runtime.wide`). Every GEMM here writes the shrink in the weights' dtype, and
+#: float16 tops out at 65504: unshifted, ``x @ A.T`` of 1e5 would be inf where the output is
+#: well in range. Shifted, ``|x @ (A_r / p_r)|`` is at most 65504 for every float16 ``x``, and
+#: the product with the shifted B is the same (powers of two). The traced shrink reads the
+#: buffer's shifted A, never the arena's (whose rows are not shifted). bfloat16 has float32's
+#: range.
+SHIFTED_DTYPES = frozenset({torch.float16})
 
 
 def wide_linear(
@@ -103,8 +113,8 @@ def traced(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None, a: to
     k = x.shape[-1]
     n = wide.shape[0] - (wide.shape[1] - k)
     x2 = as_rows(x)
-    if a is None or a.dtype != wide.dtype:  # a move of the model converted the buffer, not the arena
-        a = wide[n:, :k]
+    if a is None or a.dtype != wide.dtype or wide.dtype in SHIFTED_DTYPES:
+        a = wide[n:, :k]  # a move of the model converted the buffer, not the arena; or the shifted rows
     xh = torch.cat([x2, torch.nn.functional.linear(x2, a)], dim=-1)
     y = torch.nn.functional.linear(xh, wide[:n], bias)
     # 2-D rows: the GEMM's output itself, as the base layer's F.linear gives. A view of it would

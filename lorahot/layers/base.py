@@ -1006,9 +1006,9 @@ def library_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, to
     (``x @ A.T`` of 1e5 with a small B, or ``s = alpha / r = 32`` on ``x @ A.T`` of 3e3). On CUDA
     that costs a float16 layer's update its tensor cores (float32 GEMMs over the rank, and a
     float32 copy of ``x``); the fused kernels keep the intermediate in float32 with tensor-core
-    dots (:mod:`lorahot.kernels.triton_lora_linear`), and float16 layers are not widened
-    (:data:`lorahot.runtime.wide.UNWIDENED_DTYPES`). Other dtypes keep their buffers as they are:
-    bfloat16 has float32's range."""
+    dots (:mod:`lorahot.kernels.triton_lora_linear`), and the wide layers shift each rank row
+    of their float16 copy by a power of two (:data:`lorahot.kernels.wide_linear.SHIFTED_DTYPES`).
+    Other dtypes keep their buffers as they are: bfloat16 has float32's range."""
     if a.dtype != torch.float16:
         return a, b
     return a.float(), b.float()

@@ -24,6 +24,7 @@ import torch
 from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
 from lorahot.adapter.deltas import base_problem, delta_shape, lora_update_max, rotation_problem
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems, lines
+from lorahot.kernels.row_scale import power_of_two_at_least
 from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, FLOAT_DTYPES, LayerSpec, unusual_values
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
@@ -69,6 +70,10 @@ class LoadPlan:
         scaled_b: per arena, float64 ``[n_layers]``: ``max|B| * |alpha / r|`` of each layer (0
             if untouched; filled by the value checks; the wide layers, which store ``scale * B``,
             check their dtype's range with it).
+        a_shift: per arena, float64 ``[n_layers]``: for a float16 arena, a bound on the power of
+            two a wide layer divides each of its A rows by and multiplies its B columns by
+            (:func:`lorahot.kernels.row_scale.row_shifts`; filled by the value checks: the wide
+            layers check ``scale * B`` times it against float16's range); 1 elsewhere.
         update_bound: per arena, float64 ``[n_layers]``: ``|alpha / r|`` times
             :attr:`delta_bound`, a bound on every entry of the layer's update
             ``alpha / r * B @ A`` at weight 1 (0 if untouched; filled by the value checks; a
@@ -95,6 +100,7 @@ class LoadPlan:
     nbytes: int
     delta_bound: dict[str, float] = field(default_factory=dict)
     scaled_b: list[torch.Tensor] = field(default_factory=list)
+    a_shift: list[torch.Tensor] = field(default_factory=list)
     update_bound: list[torch.Tensor] = field(default_factory=list)
     bias_bound: list[torch.Tensor] = field(default_factory=list)
     skipped: tuple[str, ...] = ()
@@ -971,6 +977,7 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged, merged:
     too_large: list[str] = []
     reached_most = 0.0  # the largest value out of range, to name a dtype that holds it
     plan.scaled_b = [torch.zeros(len(arena.specs), dtype=torch.float64) for arena in buffers.arenas]
+    plan.a_shift = [torch.ones(len(arena.specs), dtype=torch.float64) for arena in buffers.arenas]
     plan.update_bound = [torch.zeros(len(arena.specs), dtype=torch.float64) for arena in buffers.arenas]
     for a, (arena, entries) in enumerate(zip(buffers.arenas, staged)):
         tensors = [t for _, A, B in entries for t in (A, B)]
@@ -984,6 +991,8 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged, merged:
         index = torch.tensor([i for i, _, _ in entries])
         scales = plan.scales[a][index].abs()
         plan.scaled_b[a][index] = largest[1::2] * scales
+        if arena.dtype == torch.float16 and bool(torch.isfinite(largest).all()):
+            plan.a_shift[a][index] = _a_shifts(entries, largest[0::2], plan.scaled_b[a][index], top)
         _check_precision(plan, arena, [names[(a, i)] for i, _, _ in entries], largest, merged)
         in_range = (largest[0::2] <= top) & (largest[1::2] <= top)  # factors out of it are named below
         maybe = ((products * scales > top) & in_range).nonzero().flatten().tolist()
@@ -1025,6 +1034,23 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged, merged:
                 f"{_range_fix(reached_most, merged)}",
             )
         )
+
+
+def _a_shifts(entries: list[Entry], max_a: torch.Tensor, scaled_b: torch.Tensor, top: float) -> torch.Tensor:
+    """Per entry of a float16 arena, at least the largest power of two a wide layer divides
+    one of its A rows by (:func:`lorahot.kernels.row_scale.row_shifts`: twice the row's sum of
+    ``|value|`` as stored in float16, rounded up). From ``max|A|`` first: the sum is at most the
+    row's length times it (times ``1 + 2**-11`` for float16's rounding). Where that bound would
+    leave ``scale * B`` times it within 1024 of float16's largest value, from the rows themselves
+    (a margin of ``2**-7`` for the summation order), so that only a shift that is really needed
+    bounds the scale."""
+    lengths = torch.tensor([A.reshape(A.shape[0], -1).shape[1] for _, A, _ in entries], dtype=torch.float64)
+    out = power_of_two_at_least((2.0 * (1 + 2**-10) * lengths * max_a).clamp_min(1.0))
+    for k in ((out * scaled_b) * 1024 > top).nonzero().flatten().tolist():
+        A = entries[k][1]
+        sums = A.reshape(A.shape[0], -1).to(torch.float16).float().abs().sum(dim=1)
+        out[k] = float(power_of_two_at_least((2.0 * (1 + 2**-7) * sums.max().double()).clamp_min(1.0)))
+    return out
 
 
 def _wider(name: str, merged: bool) -> str:

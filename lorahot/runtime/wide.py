@@ -8,7 +8,11 @@ ends with :meth:`WideWeights.apply`: per arena, one batched copy of the live A r
 of the live B rows into the wide buffers' columns with a multiply by the scales, all over only
 the rank rows any adapter has used since the last refresh (a rank-8 swap after a rank-8 swap
 touches 8 rows and 8 columns per layer, not ``max_rank``). ``set_scale`` rewrites the B
-columns alone. Below, a layer's "wide rows" are its B columns seen as ``[R, out]``
+columns alone. In float16 (:data:`~lorahot.kernels.wide_linear.SHIFTED_DTYPES`) the A copy
+also divides each row by a power of two, :func:`~lorahot.kernels.row_scale.row_shifts` of the
+row, which it keeps per layer and row on the device, and the B copy multiplies the column by
+it, so that the shrink the wide GEMM writes in float16 stays in range for every input.
+Below, a layer's "wide rows" are its B columns seen as ``[R, out]``
 (:meth:`~lorahot.layers.LoRALayer.wide_rows`: a transposed view).
 
 With one adapter live every row of a layer has the layer's scale; with a stack live
@@ -33,7 +37,8 @@ from torch import nn
 
 from lorahot.errors import UsageError
 from lorahot.kernels import row_scale
-from lorahot.kernels.row_scale import RowScaler
+from lorahot.kernels.row_scale import RowScaler, row_shifts
+from lorahot.kernels.wide_linear import SHIFTED_DTYPES
 from lorahot.layers import LoRALayer
 from lorahot.layers.tensor_handles import TensorHandle
 from lorahot.runtime.aliases import plain
@@ -52,15 +57,15 @@ Runs = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
 #: (a GEMM over a longer K may sum in another order). The tests widen CPU layers too, to exercise the mechanism.
 DEVICE_TYPES = {"cuda"}
 
-#: Dtypes whose layers are not widened. The wide GEMM writes the shrink ``x @ A.T`` in the
-#: weights' dtype (beside the base output in ``[y | h]``, or as the traced formula's ``[x | h]``),
-#: and float16 tops out at 65504: a shrink past it (``x @ A.T`` of 1e5 with a small B) turns into
-#: inf where the output is well in range, and PEFT (float32 adapter weights) and the float64
-#: reference are finite. float16 layers keep the fused kernel where it pays and the library
-#: formula elsewhere, both of which keep the shrink in float32 for float16
-#: (:func:`lorahot.layers.base.library_operands`, :mod:`lorahot.kernels.triton_lora_linear`).
-#: bfloat16 (float32's range) and float32 are widened as before.
-UNWIDENED_DTYPES = frozenset({torch.float16})
+#: Dtypes whose layers are not widened: none. A float16 layer is widened with its rank rows
+#: shifted (:data:`lorahot.kernels.wide_linear.SHIFTED_DTYPES`): the wide GEMM writes the shrink
+#: in float16, whose range (65504) ``x @ A.T`` may leave where the output is well inside it, so
+#: the wide copy holds each A row divided by a power of two that keeps it inside for every
+#: float16 input, and the B column times it (:meth:`WideWeights.apply`). Unwidened, float16
+#: layers took the library formula in float32 (:func:`lorahot.layers.base.library_operands`),
+#: 2.6-4x the base GEMM's time on SDXL's shapes against 1.4-1.6x widened (H200,
+#: ``benchmarks/experiments/float16_probe.py``). The benchmarks set this to compare.
+UNWIDENED_DTYPES: frozenset[torch.dtype] = frozenset()
 
 
 def widen_layers(layers: dict[str, LoRALayer], buffers: BufferManager, model: nn.Module | None = None) -> None:
@@ -97,6 +102,11 @@ def _shared(model: nn.Module) -> frozenset[tuple[torch.device, int]]:
         if plain(t) and t.numel():
             holders.setdefault((t.device, t.untyped_storage().data_ptr()), set()).add(id(t))
     return frozenset(key for key, ids in holders.items() if len(ids) > 1)
+
+
+def _shifted(shift: torch.Tensor | None) -> str:
+    """How a refusal's value counts a shifted arena's row shifts, or nothing."""
+    return "" if shift is None else " (times the power of two float16's wide copy shifts its rows by)"
 
 
 def _groups(
@@ -167,22 +177,34 @@ class WideWeights:
         self._worst_of: dict[int, tuple[weakref.ref[LoadPlan], list[tuple[int, list[int], int, float]]]] = {}
         #: the last stack's runs (see :meth:`_runs`): re-weighting one stack finds them here
         self._runs_of: tuple[Stack, list[Runs]] | None = None
+        #: per arena of a dtype of :data:`SHIFTED_DTYPES`: each wide layer's power of two per rank
+        #: row (float32 ``[layers, R]`` on the device, in the order of :attr:`groups`), which the
+        #: A copy divides the live A row by and the B copy multiplies the column by
+        #: (:func:`~lorahot.kernels.row_scale.row_shifts`); None elsewhere
+        self._shift: list[torch.Tensor | None] = [
+            torch.ones(len(wide), buffers.max_rank, device=wide[0].device)
+            if indices and buffers.arenas[a].dtype in SHIFTED_DTYPES
+            else None
+            for a, (indices, wide, _) in enumerate(self.groups)
+        ]
         #: per arena, on CUDA: one launch that rewrites every wide layer's rows from the live
         #: per-row scales on the device (None: the library-call path below)
         self._scalers: list[RowScaler | None] = [
-            RowScaler(wide, live, indices) if indices and row_scale.available(wide[0].device, wide[0].dtype) else None
-            for indices, wide, live in self.groups
+            RowScaler(wide, live, indices, self._shift[a])
+            if indices and row_scale.available(wide[0].device, wide[0].dtype)
+            else None
+            for a, (indices, wide, live) in enumerate(self.groups)
         ]
         #: per arena, on CUDA: one launch that copies every wide layer's A rows (the same
         #: kernel, every scale one), with its scales; None: library calls
         self._copiers: list[tuple[RowScaler, torch.Tensor] | None] = [
             (
-                RowScaler(wide_a, live_a, list(range(len(wide_a)))),
+                RowScaler(wide_a, live_a, list(range(len(wide_a))), shift, normalize=True),
                 torch.ones(len(wide_a), buffers.max_rank, device=wide_a[0].device),
             )
             if scaler is not None
             else None
-            for scaler, (wide_a, live_a) in zip(self._scalers, self.a_groups)
+            for scaler, shift, (wide_a, live_a) in zip(self._scalers, self._shift, self.a_groups)
         ]
 
     @property
@@ -198,7 +220,8 @@ class WideWeights:
 
     def check(self, plan: LoadPlan, multiplier: float, names: list[list[str]]) -> None:
         """Refuses a ``multiplier`` under which some wide layer's ``scale * B`` would leave its
-        dtype's range (float16 tops out at 65504; the plain formula scales after the products).
+        dtype's range (float16 tops out at 65504, and its wide copy holds ``scale * B`` times
+        each row's shift; the plain formula scales after the products).
         Each part of a stack is checked with its own weight: its rank rows hold only its own B.
 
         Raises:
@@ -210,9 +233,10 @@ class WideWeights:
                 layer = names[a][indices[worst]] if a < len(names) else f"layer {indices[worst]}"
                 raise UsageError(
                     f"{plan.source}, {layer}: scale={multiplier:g} times alpha/r times max|B| is "
-                    f"{largest * abs(multiplier):.4g}, beyond the {self.buffers.arenas[a].dtype} range (max {top:.4g}) "
-                    f"of the layer's scaled B columns. Pass a scale of at most {top / largest:.4g} in magnitude, or "
-                    "inject with fused=False (the plain formula scales after the products)."
+                    f"{largest * abs(multiplier):.4g}{_shifted(self._shift[a])}, beyond the "
+                    f"{self.buffers.arenas[a].dtype} range (max {top:.4g}) of the layer's scaled B columns. Pass a "
+                    f"scale of at most {top / largest:.4g} in magnitude, inject with dtype=torch.float32 (LoRA "
+                    "buffers of float32's range), or with fused=False (the plain formula scales after the products)."
                 )
 
     def limits(self, plan: LoadPlan) -> list[tuple[float, float]]:
@@ -222,7 +246,8 @@ class WideWeights:
 
     def _worst(self, plan: LoadPlan) -> list[tuple[int, list[int], int, float]]:
         """Per arena with wide layers: the arena, its wide layers' indices, the position among them of the
-        largest ``max|B| * |alpha / r|`` of ``plan``, and that value. Memoized per plan (each
+        largest ``max|B| * |alpha / r|`` of ``plan`` (times the bound on its rows' shifts,
+        :attr:`LoadPlan.a_shift`, in a shifted arena), and that value. Memoized per plan (each
         ``set_scale`` checks the same plans again; a host tensor op each took several
         microseconds)."""
         found = self._worst_of.get(id(plan))
@@ -232,6 +257,8 @@ class WideWeights:
         for a, (indices, _, _) in enumerate(self.groups):
             if indices and len(plan.scaled_b) > a:
                 values = plan.scaled_b[a][self._index[a]]
+                if self._shift[a] is not None and len(plan.a_shift) > a:
+                    values = values * plan.a_shift[a][self._index[a]]
                 worst = int(values.argmax())
                 out.append((a, indices, worst, float(values[worst])))
         if len(self._worst_of) >= 64:  # plans of adapters long gone
@@ -265,6 +292,10 @@ class WideWeights:
                     torch._foreach_copy_(wide, live)
                     if views:
                         torch._foreach_mul_(views, (torch.tensor(weights, dtype=torch.float64)[parts] * own).tolist())
+                shift = self._shift[a]
+                if stack is not None and shift is not None:  # powers of two: no rounding of their own
+                    for k, w in enumerate(wide):
+                        w.mul_(shift[k, :rows, None])
                 self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live] if stack is not None else 0
 
     def _copy_a(self, arena: int, rows: int, zero: bool) -> None:
@@ -274,10 +305,15 @@ class WideWeights:
             copier[0](copier[1], rows)
             return
         wide_a, live_a = self._rows(arena, rows, a=True)
+        shift = self._shift[arena]
         if zero:
             torch._foreach_zero_(wide_a)
-        else:
+        elif shift is None:
             torch._foreach_copy_(wide_a, live_a)
+        else:  # each row divided by its power of two, rounded once
+            for k, (w, t) in enumerate(zip(wide_a, live_a, strict=True)):
+                shift[k, :rows] = row_shifts(t)
+                w.copy_(t.float() / shift[k, :rows, None])
 
     def device_calls(self) -> list[tuple[RowScaler, torch.Tensor, int]] | None:
         """The device work :meth:`apply` does for a live adapter's new scales (``set_scale``:

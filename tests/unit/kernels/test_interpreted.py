@@ -96,6 +96,43 @@ def test_row_scale_writes_transposed_blocks_its_rows_times_its_scales() -> None:
         assert torch.isnan(d[37:]).all() and torch.isnan(b[:, :k]).all()
 
 
+def test_row_scale_normalized_rows_find_write_and_divide_by_their_shifts() -> None:
+    """The float16 wide layers' A copy: each row's power of two (``row_shifts``: twice its sum of
+    ``|value|``, rounded up, at least 1) written to the shift table at the block's position, and
+    the row divided by it; then the B copy's columns times their row's scale and shift."""
+    kernel = pytest.importorskip("lorahot.kernels.triton_row_scale")
+    from lorahot.kernels.row_scale import row_shifts
+
+    g = torch.Generator().manual_seed(0)
+    rank, widths, k = 8, [64, 2500, 5], 24  # 2500: a row over several blocks
+    src = [(torch.randn(rank, w, generator=g) * 3).half() for w in widths]
+    src[2][1] = 0.0  # a zero row: shift 1
+    src[2][2] = torch.tensor([0.25, -0.125, 0.125, 0.0, 0.0]).half()  # twice its sum is exactly 1
+    dst = [torch.full((rank, w), float("nan"), dtype=torch.float16) for w in widths]
+    shift = torch.full((3, rank), float("nan"))
+    ones = torch.ones(3, rank)
+    tables = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (dst, src)]
+    cols = torch.tensor(widths, dtype=torch.int32)
+    kernel.launch(tables[0], tables[1], ones, torch.arange(3), cols, cols.long(), 6, torch.float16, 0, shift, True)
+    for i, (d, s_) in enumerate(zip(dst, src)):
+        assert torch.equal(shift[i, :6], row_shifts(s_[:6]))
+        assert torch.equal(d[:6], (s_[:6].float() / shift[i, :6, None]).half())
+        assert torch.isnan(d[6:]).all() and torch.isnan(shift[i, 6:]).all()
+    assert shift[2, 1] == 1.0 and shift[2, 2] == 1.0
+    # the B copy: transposed columns times scale and shift (small: the range check's job)
+    src = [(torch.randn(rank, w, generator=g) * 1e-3).half() for w in widths]
+    bufs = [torch.full((w, k + rank), float("nan"), dtype=torch.float16) for w in widths]
+    cols_t = [b[:, k:].t() for b in bufs]
+    scales = torch.randn(4, rank, generator=g)
+    tables = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (cols_t, src)]
+    ld = torch.tensor([d.stride(1) for d in cols_t])
+    layers = torch.tensor([3, 0, 3])
+    kernel.launch(tables[0], tables[1], scales, layers, cols, ld, 6, torch.float16, max(widths), shift)
+    for i, (d, s_) in enumerate(zip(cols_t, src)):
+        want = (s_[:6].float() * (scales[layers[i], :6] * shift[i, :6])[:, None]).half()
+        assert torch.equal(d[:6], want)
+
+
 def test_row_scale_folds_column_tiles_past_the_grid_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     """A transposed block wider than a CUDA grid's second dimension holds tiles for (65535 of 64
     columns) launches within the limit, each program going on to every ``GRID_Y``-th tile: the

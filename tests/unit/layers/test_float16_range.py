@@ -3,9 +3,10 @@ while the output stays well inside it: lorahot keeps ``x @ A.T`` and ``s * (x @ 
 float32, as PEFT does with its default float32 adapter weights, and matches a float64 reference
 to float16's rounding, whole batch and routed per row, where rounding them to float16 gave inf.
 The library formula does so on every device (:func:`lorahot.layers.base.library_operands`),
-the fused kernels on CUDA (:mod:`lorahot.kernels.triton_lora_linear`), and float16 layers are
-not widened (:data:`lorahot.runtime.wide.UNWIDENED_DTYPES`): the wide GEMM writes the shrink in
-the weights' dtype. The CUDA cases (marked ``gpu``) run where a GPU is."""
+the fused kernels on CUDA (:mod:`lorahot.kernels.triton_lora_linear`), and the wide layers,
+whose GEMM writes the shrink in float16, with each rank row of their copy shifted by a power of
+two (:data:`lorahot.kernels.wide_linear.SHIFTED_DTYPES`). The CUDA cases (marked ``gpu``) run
+where a GPU is."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorahot
+from lorahot.kernels import wide_linear
 from lorahot.runtime import wide
 from tests.helpers import peft_keys, reference, save_peft
 
@@ -131,18 +133,55 @@ def test_an_intermediate_past_float16_range_gives_the_float64_output(
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("routed", [False, True], ids=["whole", "routed"])
 @pytest.mark.parametrize("size", list(SIZES))
-def test_float16_layers_are_not_widened(
+def test_float16_wide_layers_keep_the_shrink_in_range(
     size: str, routed: bool, device: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An ``nn.Linear`` at 1024 rows, past the fused kernel's rows, on a device whose layers are
-    widened (the CPU widened too here): the wide GEMM would write ``x @ A.T`` in float16, so a
-    float16 layer stays unwidened and takes the library formula (routed on CUDA: the segmented
-    kernels), whose output matches the float64 reference where the wide path gave inf."""
+    widened (the CPU widened too here): the wide GEMM writes ``x @ A.T`` in float16, each A row
+    divided by its power of two and each B column multiplied by it, so the output matches the
+    float64 reference. Unshifted (the negative control), ``x @ A.T`` past 65504 gave inf. Routed,
+    the layer reads its slots' own buffers (the segmented kernels on CUDA)."""
     monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
     x_size, a_size, alpha = SIZES[size]
     layer, x, (a, b) = _case("linear", x_size, a_size, torch.Generator().manual_seed(1), rows=1024)
     want = reference(layer, x, a.double(), b.double(), alpha / RANK)
     assert _shrink("linear", x, a.double()).abs().max() * (1 if size == "x@A.T" else alpha / RANK) > 65504
     got, runtime = _run(layer, x, a, b, alpha, routed, device, tmp_path)
+    assert runtime.layers["layer"].wide
     _assert_float64_output(got, want)
-    assert not runtime.layers["layer"].wide
+    if size == "x@A.T" and not routed:
+        monkeypatch.setattr(wide, "SHIFTED_DTYPES", frozenset())
+        monkeypatch.setattr(wide_linear, "SHIFTED_DTYPES", frozenset())
+        got, runtime = _run(layer, x, a, b, alpha, routed, device, tmp_path / "unshifted")
+        assert runtime.layers["layer"].wide and not torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_shift_holds_the_shrink_of_the_worst_float16_input(
+    device: str, compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``x = 65504 * sign(A_r)``, the float16 input whose shrink over A's row ``r`` is largest:
+    ``65504 * sum|A_r|``, a hundred times float16's range. The wide layer's output (base weight
+    zero, so that the base product stays in range) is the float64 reference's, eagerly and
+    compiled (the traced shrink reads the wide buffer's shifted rows, not the arena's)."""
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    gen = torch.Generator().manual_seed(2)
+    layer = nn.Linear(64, 32, bias=False)
+    nn.init.zeros_(layer.weight)
+    a = torch.randn(RANK, 64, generator=gen).half()
+    b = (torch.randn(32, RANK, generator=gen) * 1e-3).half()
+    signs = torch.sign(a.float())
+    x = (65504 * signs.repeat(256, 1)).half()  # 1024 rows, row i the worst input for A's row i % RANK
+    h = x.double() @ a.double().t()
+    assert h.abs().max() > 50 * 65504
+    want = (h @ b.double().t()) * (1.0 / RANK)
+    assert want.abs().max() < 10000
+    model = _Holder(layer.to(DT)).to(device)
+    runtime = lorahot.inject(model, ["layer"], max_rank=RANK)
+    runtime.load({"layer.lora_A.weight": a, "layer.lora_B.weight": b}, config={"r": RANK, "lora_alpha": 1.0})
+    assert runtime.layers["layer"].wide
+    run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+    with torch.no_grad():
+        got = run(x.to(device)).double().cpu()
+    _assert_float64_output(got, want)

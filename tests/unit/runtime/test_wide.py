@@ -211,10 +211,7 @@ def test_set_scale_refuses_exactly_what_the_full_range_checks_refuse() -> None:
     assert stack is not None
     runtime._within_range(stack, (1.0, 1.0))
     limits = [min(top / largest for largest, top in mine.tops) for mine in runtime._ranges[1]]  # type: ignore[index]
-    # the scale and wide checks alone: these weights push the layers' updates far past float16,
-    # which test_updates.py's check refuses (at once, here)
-    with pytest.raises(lorahot.UsageError, match="summed update would leave"):
-        runtime.set_scale([limits[0] * 0.999, 0.5])
+    # the scale and wide checks alone (test_updates.py checks the summed update's range)
     with pytest.MonkeyPatch.context() as updates:
         updates.setattr(runtime._updates, "fits", lambda *a: True)
         updates.setattr(runtime._updates, "check", lambda *a: None)
