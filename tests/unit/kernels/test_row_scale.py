@@ -67,11 +67,15 @@ def test_blocks_of_mixed_layouts_are_refused() -> None:
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_wide_rows_from_the_kernel_equal_the_library_path_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_wide_rows_from_the_kernel_equal_the_library_path_bitwise(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The same loads, stack, re-weighting and activations on two models, one refreshing its
-    wide rows with the kernel and one with multi-tensor library calls: every wide row equal."""
+    wide rows with the kernel and one with multi-tensor library calls: every wide row equal, A
+    and B (float16: both shifted by the rows' powers of two, which the kernel finds itself)."""
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128, bias=False)).to("cuda", torch.bfloat16)
+    base = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128, bias=False)).to("cuda", dtype)
     models, runtimes = [], []
     for kernel in (True, False):
         with monkeypatch.context() as m:
@@ -94,8 +98,8 @@ def test_gpu_wide_rows_from_the_kernel_equal_the_library_path_bitwise(monkeypatc
 
     def same() -> None:
         for name in ("0", "2"):
-            rows = [m[int(name)].wide_rows() for m in models]
-            assert torch.equal(rows[0], rows[1]), name
+            for rows in ([m[int(name)].wide_rows() for m in models], [m[int(name)].wide_a_rows() for m in models]):
+                assert torch.equal(rows[0], rows[1]), name
 
     steps = [
         lambda rt: rt.load(a, config={"lora_alpha": 16}),
