@@ -32,6 +32,7 @@ import linecache
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,8 @@ class Rig:
     runtime: lorahot.LoraRuntime
     files: dict[str, Path]
     served: list[list[tuple[str, float]] | None] = field(default_factory=lambda: [None, None])
+    #: holds the prefetch thread until set (see _prefetched)
+    gate: threading.Event = field(default_factory=threading.Event)
 
 
 def _rig(merged: bool, files: dict[str, Path], slot1: str = "a2", stack0: bool = False, active: int = 0) -> Rig:
@@ -337,6 +340,31 @@ def _rows(first: list[tuple[str, float]], second: list[tuple[str, float]]) -> Ca
     return lambda rig: torch.cat([reference(first)[:1], reference(second)[1:]])
 
 
+class _Held(os.PathLike[str]):
+    """A file's path that the prefetch thread reads only once ``gate`` is set (10 s at most)."""
+
+    def __init__(self, path: Path, gate: threading.Event) -> None:
+        self.path, self.gate = path, gate
+
+    def __fspath__(self) -> str:
+        if threading.current_thread() is not threading.main_thread():
+            self.gate.wait(10)
+        return os.fspath(self.path)
+
+
+def _prefetched(rig: Rig) -> None:
+    """Queues a prefetch of a3 under the key ``"k3"`` behind one held by the rig's gate."""
+    rig.runtime.prefetch(_Held(rig.files["a1"], rig.gate))
+    rig.runtime.prefetch(rig.files["a3"], key="k3")
+
+
+def _load_prefetched(rig: Rig) -> object:
+    """``load("k3")`` while its prefetch is queued: the gate opens once the load waits for it
+    (in 20 ms), or has opened where the load runs again."""
+    threading.Timer(0.02, rig.gate.set).start()
+    return rig.runtime.load("k3", slot=0)
+
+
 A1, A2 = [("a1", 1.0)], [("a2", 1.0)]
 STACK = [("a2", 0.5), ("a3", -1.0)]
 
@@ -349,6 +377,7 @@ CALLS = [
         _active([("a3", 1.0)]),
         writes=0,
     ),  # the rig preloads the file (see _setup)
+    Call("load prefetched", _load_prefetched, _active([("a3", 1.0)]), writes=0),  # the rig prefetches (_setup)
     Call(
         "load stack",
         lambda rig: rig.runtime.load([ADAPTERS["a2"], ADAPTERS["a3"]], slot=0, scale=[0.5, -1.0]),
@@ -398,6 +427,8 @@ def _setup(call: Call, merged: bool, files: dict[str, Path]) -> Rig:
     rig = _rig(merged, files, call.slot1, call.stack0, call.active)
     if call.name == "load host cache":
         rig.runtime.preload(files["a3"])
+    if call.name == "load prefetched":
+        _prefetched(rig)
     return rig
 
 
@@ -438,6 +469,7 @@ def ends(call: Call, merged: bool, files: dict[str, Path]) -> Ends:
     emptied = None
     if call.writes is not None:
         empty = _setup(call, merged, files)
+        empty.gate.set()  # its prefetches, if any, run on
         empty.runtime.unload(call.writes)
         emptied = state(empty)
     return Ends(before, state(rig), emptied, call.expected(rig))
