@@ -12,6 +12,7 @@ digest of the key list (a file loaded again skips the scans), never by the keys 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from lorahot.formats import (
     anima,
@@ -105,8 +106,9 @@ def _vote(keys: list[str]) -> tuple[KeyFormat | None, tuple[str, ...]]:
     present = [f for f in FORMATS if f.marker and f.score(keys) >= 0]
     voters: dict[str, tuple[tuple[str, ...], int]] = {}  # key -> the namings it is one of, and how (claims)
     weak: set[str] = set()  # the keys only namings of modules outside the blocks take (KeyFormat.outside)
+    claimed = [_module_claims(f, keys) for f in present]
     for key in keys:
-        how = [(f, f.claims(key)) for f in present]
+        how = [(f, claims(key)) for f, claims in zip(present, claimed, strict=True)]
         best = max((c for _, c in how), default=0)
         if best:  # a naming that places the key its own way outvotes a marker alone
             voters[key] = (tuple(dict.fromkeys(f.name for f, c in how if c == best)), best)
@@ -140,6 +142,25 @@ def _vote(keys: list[str]) -> tuple[KeyFormat | None, tuple[str, ...]]:
         if (unmarked.parse(k) is None and unmarked.refusal(k) is None)
         or (k not in weak and min(_ORDER[name] for name in voters[k][0]) < _ORDER[unmarked.name])
     )
+
+
+def _module_claims(fmt: KeyFormat, keys: list[str]) -> Callable[[str], int]:
+    """How each key is ``fmt``'s own (:meth:`KeyFormat.claims`), or its module's: the most any key
+    of the module that ``fmt`` reads it into claims. A module is one naming's whole: its
+    ``.alpha`` (which no marker names) goes with its marked factors, as the old diffusers
+    naming's ``to_q.alpha`` with its ``to_q.lora.down.weight``."""
+    own = {key: fmt.claims(key) for key in keys}
+    most: dict[str, int] = {}
+    for key in keys:
+        parsed = fmt.parse(key)
+        if parsed is not None:
+            most[parsed[0]] = max(most.get(parsed[0], 0), own[key])
+
+    def claims(key: str) -> int:
+        parsed = fmt.parse(key)
+        return own[key] if parsed is None else most[parsed[0]]
+
+    return claims
 
 
 #: naming -> where it first stands in :data:`FORMATS` (the more specific namings first)

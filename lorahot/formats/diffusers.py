@@ -83,7 +83,9 @@ OLD_FORMAT = KeyFormat(
     ),
     refuse=REFUSED,
     roles=("lora.down", "lora.up"),
-    marker=r"(\.lora\.(down|up)|_lora\.(down|up)|\.lora_linear_layer\.)",
+    # .lora.down is ComfyUI's spelling too: under ComfyUI's prefixes it marks no key of this naming
+    marker=r"(^(?!(?:model\.)?diffusion_model\.|text_encoders\.).*\.lora\.(down|up)|_lora\.(down|up)|\.lora_linear_layer\.)",
     aliases=((r"\.to_q$", ".q_proj"), (r"\.to_k$", ".k_proj"), (r"\.to_v$", ".v_proj"), (r"\.to_out\.0$", ".out_proj")),
+    aliases_claim=False,  # diffusers' own names, which every diffusers and ComfyUI file has
     example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight",
 )

@@ -94,8 +94,14 @@ _CONNECTORS = r"text_embedding_projection\."
 #: a block attention's query/key norm: its name tells a file of blocks apart (diffusers' is norm_q)
 _QK_NORM = rf"transformer_blocks\.\d+\.(?:{_ATTENTIONS})\.[qk]_norm"
 
-#: the blocks, named as in diffusers (which its marker leaves to ComfyUI's naming), either spelling
-_BLOCKS = r"^transformer_blocks[._]\d+[._]"
+#: the modules of the blocks, named as in diffusers (which its marker leaves to ComfyUI's naming),
+#: either spelling: the layers LTX-2's blocks have (its attentions' projections and norms, its
+#: feed-forwards' ``net.0.proj``/``net.2``, its norms), whole names, not any model's
+#: ``transformer_blocks.N`` (Flux's ``attn.to_q``, ``ff_context``, ``norm1_context``, Qwen-Image's ``img_mlp``)
+_BLOCKS = (
+    rf"^transformer_blocks[._]\d+[._](?:(?:{_ATTENTIONS})[._](?:to_[qkv]|to_out[._]0|norm_[qk]|[qk]_norm|to_gate_logits)"
+    r"|(?:audio_)?ff[._]net[._](?:0[._]proj|2)|(?:audio_)?norm[123]|(?:audio_to_video|video_to_audio)_norm)$"
+)
 
 FORMAT = KeyFormat(
     name="ltx2",

@@ -145,9 +145,13 @@ SPLITS: tuple[Split | Reorder, ...] = (
     ),
 )
 
-#: the blocks, whose modules Z-Image names as it does (``attention.to_q``), which its marker leaves
-#: unmarked, either spelling
-_BLOCKS = r"^(?:layers|noise_refiner|context_refiner)[._]\d+[._]"
+#: the modules of the blocks, which Z-Image names as it does (``attention.to_q``) and its marker
+#: leaves unmarked, either spelling: the layers its blocks have (Lumina2's, Z-Image's and
+#: Ideogram 4's names), whole names, not any model's ``layers.N`` (OmniGen's ``self_attn.qkv_proj``)
+_BLOCKS = (
+    r"^(?:layers|noise_refiner|context_refiner)[._]\d+[._](?:attention[._](?:to_[qkv]|to_out[._]0|norm_[qk]|[qk]_norm"
+    r"|qkv|out|o)|feed_forward[._]w[123]|(?:attention|ffn)_norm[12]|adaLN_modulation[._][01])$"
+)
 
 FORMAT = KeyFormat(
     name="lumina2",

@@ -193,6 +193,11 @@ class KeyFormat:
             those names (LTX-2's blocks, named as in diffusers); keys of a file that no marked naming
             takes and that match it are this naming's as much as another's, so they never outvote
             its marked ones (:func:`lorahot.formats.read_as`).
+        aliases_claim: its aliases place keys of its own naming (:meth:`claims`); False where they
+            are fallbacks for the names every diffusers model has (the old diffusers naming's
+            ``to_q`` -> ``q_proj``, for its processor keys of a CLIP text encoder), which the keys of
+            every other diffusers-named file end in too: one key of that naming would otherwise
+            make a whole ComfyUI or diffusers file its own.
         outside: its marker matches only modules outside a model's blocks (``img_in``,
             ``final_layer``: :func:`lorahot.formats.kohya.outside`), which other models have too
             (Qwen-Image's ``img_in``): a key it alone takes is no stray in a file of an unmarked
@@ -214,6 +219,7 @@ class KeyFormat:
     example: str = ""
     header_alpha: str = ""
     shared: str = ""
+    aliases_claim: bool = True
     outside: bool = False
 
     def strip_prefix(self, module: str) -> str:
@@ -285,7 +291,8 @@ class KeyFormat:
 
     def claims(self, key: str) -> int:
         """How ``key`` is one of this naming's own, not merely one its rules read: 2 where one of
-        its renames, aliases or splits takes its module (it places the key its own way), 1 where
+        its renames, aliases (unless :attr:`aliases_claim` is off) or splits takes its module (it
+        places the key its own way), 1 where
         only its marker matches it, 0 where neither, and for a naming without a marker (PEFT's,
         kohya's plain names), whose rules read any model's names. What tells a file's stray keys
         of another naming from its own where both namings read them
@@ -300,9 +307,8 @@ class KeyFormat:
             return 2
         module = self._parse(key)
         names = (raw,) if module is None else (module[0], self.strip_prefix(module[0]))
-        placed = any(_compiled(p).search(n) for p, _ in self.aliases for n in names) or any(
-            _compiled(rule.pattern).fullmatch(n) for rule in self.splits for n in names
-        )
+        aliased = self.aliases_claim and any(_compiled(p).search(n) for p, _ in self.aliases for n in names)
+        placed = aliased or any(_compiled(rule.pattern).fullmatch(n) for rule in self.splits for n in names)
         return 2 if placed else marked
 
     def shares(self, key: str) -> bool:

@@ -238,8 +238,29 @@ _UNMARKED = {
 }
 
 
-@pytest.mark.parametrize("naming", list(_UNMARKED))
-def test_a_file_of_an_unmarked_naming_with_a_key_of_a_marked_one_is_read_as_the_unmarked_one(naming: str) -> None:
+#: files of unmarked namings whose blocks a marked naming's :attr:`KeyFormat.shared` took for its
+#: own model's by their block prefix alone (``transformer_blocks.N.``, ``layers.N.``), so one key of
+#: that naming decided the file: Flux.1's, SD3's, HunyuanVideo's and Qwen-Image's diffusers-named
+#: double blocks (``attn.to_q``, ``attn.add_k_proj``, ``ff_context``, ``img_mlp``), a llama-style
+#: ``layers.N.self_attn`` (OmniGen), each under the prefixes and spellings its naming takes
+_OTHER_MODELS = (
+    ("diffusers", "transformer.transformer_blocks.{i}.attn.to_q.lora_A.weight"),
+    ("diffusers", "transformer.transformer_blocks.{i}.ff_context.net.0.proj.lora_A.weight"),
+    ("comfyui", "diffusion_model.transformer_blocks.{i}.img_mlp.net.0.proj.lora_A.weight"),
+    ("peft", "transformer_blocks.{i}.attn.add_k_proj.lora_A.weight"),
+    ("kohya", "lora_unet_transformer_blocks_{i}_attn_to_q.lora_down.weight"),
+    ("kohya", "lora_transformer_transformer_blocks_{i}_norm1_context_linear.lora_down.weight"),
+    ("comfyui", "diffusion_model.layers.{i}.self_attn.qkv_proj.lora_A.weight"),
+    # ComfyUI's .lora.down spelling, which the old diffusers naming's marker took for its own
+    ("comfyui", "diffusion_model.transformer_blocks.{i}.attn.to_q.lora.down.weight"),
+    ("kohya", "lora_unet_layers_{i}_mlp_gate_up_proj.lora_down.weight"),
+)
+
+
+@pytest.mark.parametrize(("naming", "template"), [*_UNMARKED.items(), *_OTHER_MODELS])
+def test_a_file_of_an_unmarked_naming_with_a_key_of_a_marked_one_is_read_as_the_unmarked_one(
+    naming: str, template: str
+) -> None:
     """The vote counted only the keys marked namings take, so a file of PEFT, kohya, diffusers or
     ComfyUI modules with one module of a marked naming was read as that naming: three PEFT
     ``model.layers.N.self_attn.q_proj`` modules and a Wan ``diffusion_model.blocks.0.self_attn.q``
@@ -250,12 +271,15 @@ def test_a_file_of_an_unmarked_naming_with_a_key_of_a_marked_one_is_read_as_the_
     the file is read as its own naming, the marked module refused naming its keys, its naming and
     what the rest was read as, and ``strict=False`` skips exactly it and keeps every other key.
     A key whose marker is absent, or that only a naming of modules outside the blocks takes
-    (``lora_unet_final_layer_linear``, other models' names too), is the file's naming's to read."""
+    (``lora_unet_final_layer_linear``, other models' names too), is the file's naming's to read.
+    The same for files of other models' blocks (:data:`_OTHER_MODELS`): a Flux.1 diffusers file of
+    double blocks and one LTX-2 ``transformer.patchify_proj`` was read as ``ltx2``, whose
+    ``shared`` blocks were any ``transformer_blocks.N``; now only the modules LTX-2's blocks have."""
     refused = 0
     for n, seed in ((3, 0), (4, 1), (6, 2)):
         base: dict[str, torch.Tensor] = {}
         for i in range(n):
-            base |= _module(_UNMARKED[naming].format(i=i), i)
+            base |= _module(template.format(i=i), i)
         assert lorahot.read_adapter(dict(base)).format == naming
         order = random.Random(seed)
         for other in FORMATS:
@@ -265,7 +289,7 @@ def test_a_file_of_an_unmarked_naming_with_a_key_of_a_marked_one_is_read_as_the_
                     continue
                 mixed = list({**base, **extra}.items())
                 order.shuffle(mixed)
-                where = f"{naming} x {n} + {example}"
+                where = f"{template} x {n} + {example}"
                 try:
                     adapter = lorahot.read_adapter(dict(mixed))
                 except lorahot.UnknownFormatError as caught:
@@ -279,8 +303,6 @@ def test_a_file_of_an_unmarked_naming_with_a_key_of_a_marked_one_is_read_as_the_
                     kept = {k for m in adapter.modules.values() for k in m.source_keys}
                     assert kept == set(base), where
                 else:
-                    if adapter.format == "diffusers-old" and naming == "comfyui":
-                        continue  # its generic aliases (to_q -> q_proj) place every ComfyUI key: left to the vote
                     if adapter.format != naming:  # the marked naming's marker is absent: it takes no key
                         assert not re.search(other.marker, example), where
                         continue
@@ -306,29 +328,64 @@ def _q_projs(n: int, path: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize(
-    ("naming", "path", "stray"),
+    ("naming", "template", "path", "stray"),
     [
-        ("peft", "model.layers.{i}.self_attn.q_proj", "diffusion_model.blocks.0.self_attn.q.lora_A.weight"),
-        ("kohya", "down_blocks.{i}.attentions.0.proj_in", "lora_unet_blocks_0_attn_wq.lora_down.weight"),
+        (
+            "peft",
+            _UNMARKED["peft"],
+            "model.layers.{i}.self_attn.q_proj",
+            "diffusion_model.blocks.0.self_attn.q.lora_A.weight",
+        ),
+        (
+            "kohya",
+            _UNMARKED["kohya"],
+            "down_blocks.{i}.attentions.0.proj_in",
+            "lora_unet_blocks_0_attn_wq.lora_down.weight",
+        ),
+        (
+            "diffusers",
+            "transformer.transformer_blocks.{i}.attn.to_q.lora_A.weight",
+            "transformer_blocks.{i}.attn.to_q",
+            "transformer.patchify_proj.lora_A.weight",
+        ),
+        (
+            "comfyui",
+            "diffusion_model.transformer_blocks.{i}.attn.to_q.lora_A.weight",
+            "transformer_blocks.{i}.attn.to_q",
+            "diffusion_model.transformer_blocks.0.attn.processor.to_k_lora.down.weight",
+        ),
+        (
+            "comfyui",
+            "diffusion_model.transformer_blocks.{i}.attn.to_q.lora.down.weight",
+            "transformer_blocks.{i}.attn.to_q",
+            "diffusion_model.blocks.0.self_attn.q.lora_A.weight",
+        ),
     ],
+    ids=["peft+wan", "kohya+krea2", "flux-diffusers+ltx2", "comfyui+diffusers-old", "comfyui-lora.down+wan"],
 )
 def test_a_stray_marked_module_is_refused_and_the_file_loads_in_its_own_naming(
-    naming: str, path: str, stray: str, tmp_path: Path
+    naming: str, template: str, path: str, stray: str, tmp_path: Path
 ) -> None:
     """The reported files: three PEFT modules (with PEFT's adapter_config.json: r 2, lora_alpha 4)
-    and a Wan module, three kohya SD modules (``.alpha`` 1) and a Krea 2 module. A load is refused
-    naming the stray keys, their naming and the naming the rest was read as, every parameter and
-    buffer bitwise unchanged; ``strict=False`` loads the file in its own naming (PEFT's scale from
-    its config) at the float64 reference and lists exactly the stray keys as skipped."""
+    and a Wan module, three kohya SD modules (``.alpha`` 1) and a Krea 2 module; three Flux.1
+    double-block modules in diffusers naming and an LTX-2 ``patchify_proj`` (was read as ``ltx2``:
+    its ``shared`` blocks were any ``transformer_blocks.N``); three ComfyUI modules and one of the
+    old diffusers processor spelling (was read as ``diffusers-old``, whose ``to_q`` -> ``q_proj``
+    fallback aliases claimed every ComfyUI ``to_q``); three ComfyUI modules in its ``.lora.down``
+    spelling and a Wan module (was read as ``diffusers-old``, whose marker took ComfyUI's spelling
+    for its own, the ComfyUI prefix then left on every module). A load is refused naming the stray keys,
+    their naming and the naming the rest was read as, every parameter and buffer bitwise
+    unchanged; ``strict=False`` loads the file in its own naming (PEFT's scale from its config) at
+    the float64 reference and lists exactly the stray keys as skipped."""
     sd: dict[str, torch.Tensor] = {}
     for i in range(3):
-        key = _UNMARKED[naming].format(i=i)
+        key = template.format(i=i)
         sd |= _module(key, i)
         if naming == "kohya":
             sd[key.replace(".lora_down.weight", ".alpha")] = torch.tensor(1.0)
     extra = _module(stray, 9)
     save_file({**sd, **extra}, str(tmp_path / "adapter_model.safetensors"))
-    scale = 2.0 if naming == "peft" else 0.5  # lora_alpha / r from the config, else .alpha / r
+    scale = {"peft": 2.0, "kohya": 0.5}.get(naming, 1.0)  # lora_alpha / r from the config, .alpha / r, or 1
     if naming == "peft":
         (tmp_path / "adapter_config.json").write_text(
             json.dumps({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
@@ -346,7 +403,7 @@ def test_a_stray_marked_module_is_refused_and_the_file_loads_in_its_own_naming(
     want = []
     for i in range(3):
         layer = model.get_submodule(path.format(i=i))
-        key = _UNMARKED[naming].format(i=i)
+        key = template.format(i=i)
         a, b = sd[key].double(), sd[_up(key)].double()
         with torch.no_grad():
             want.append(layer(x) + scale * x @ a.T @ b.T)
