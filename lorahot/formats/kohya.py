@@ -10,6 +10,13 @@ LyCORIS's own network wrapper (``lycoris.create_lycoris`` on any model) saves th
 spelling under the prefix ``lycoris_`` (``lycoris_0.lora_down.weight``, ``lycoris_blocks_0_attn_q.hada_w1_a``),
 and sd-scripts' own OFT network (``networks/oft.py``) under ``oft_unet_``
 (``oft_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.oft_blocks``, ``.alpha``).
+
+sd-scripts' Stable Cascade trainer names Stage C's modules ``lora_prior_unet_`` + their names in
+its Stage C (ComfyUI's, whose ``model_lora_keys_unet`` maps that prefix), and the CLIP text
+encoder's ``lora_prior_te_``. Those are diffusers' ``StableCascadeUNet`` names but for the
+attention, which diffusers' checkpoint conversion renames: ``attention.attn.to_q`` (``to_k``,
+``to_v``) -> ``attention.to_q``, ``attention.attn.out_proj`` -> ``attention.to_out.0``
+(:data:`CASCADE_ALIASES`, taken where the model has no layer of the file's name).
 """
 
 from __future__ import annotations
@@ -28,7 +35,17 @@ from lorahot.formats.table import (
     underscored,
 )
 
-__all__ = ["FORMAT", "COMPONENTS", "RULES", "KOHYA_OFT", "spelling", "of_original", "outside"]
+__all__ = [
+    "FORMAT",
+    "COMPONENTS",
+    "CASCADE",
+    "CASCADE_ALIASES",
+    "RULES",
+    "KOHYA_OFT",
+    "spelling",
+    "of_original",
+    "outside",
+]
 
 #: kohya's component prefixes (``lora_te_`` is SD1's single text encoder).
 COMPONENTS = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
@@ -47,6 +64,13 @@ RULES = (
 _MODULE = r"(?P<module>(?:lora_[a-z0-9]+|lycoris|oft_unet)_[^.]+)"
 #: the prefix of sd-scripts' OFT network (its U-Net modules only)
 KOHYA_OFT = "oft_unet_"
+#: sd-scripts' Stable Cascade prefixes: Stage C (a pipeline's ``prior``) and its CLIP text encoder
+CASCADE = ("lora_prior_unet_", "lora_prior_te_")
+#: Stage C's attention as sd-scripts and ComfyUI name it -> as diffusers' conversion renames it
+CASCADE_ALIASES = (
+    (r"(_attention)_attn_(to_[qkv])$", r"\1_\2"),
+    (r"(_attention)_attn_out_proj$", r"\1_to_out_0"),
+)
 
 FORMAT = KeyFormat(
     name="kohya",
@@ -59,10 +83,11 @@ FORMAT = KeyFormat(
         Rule(rf"{_MODULE}\.weight", "weight"),
         Rule(rf"{_MODULE}\.on_input", "on_input"),
     ),
-    prefixes=(*COMPONENTS, "lycoris_", KOHYA_OFT),
+    prefixes=(*COMPONENTS, *CASCADE, "lycoris_", KOHYA_OFT),
     require_prefix=True,
     separator="_",
     refuse=tuple(r for r in REFUSED_MERGEABLE if r is not REFUSED_IA3),
+    aliases=CASCADE_ALIASES,
     roles=("lora_down", "lora_up"),
     example="lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
 )

@@ -67,6 +67,8 @@ ROUTES: tuple[tuple[str, str | None], ...] = tuple(
             "lora_te1_": "text_encoder",
             "lora_te2_": "text_encoder_2",
             "lora_te3_": "text_encoder_3",
+            "lora_prior_unet_": "prior",  # sd-scripts' Stable Cascade Stage C and its CLIP text encoder
+            "lora_prior_te_": "text_encoder",
             "transformer_1.": "transformer",  # ai-toolkit's Wan 2.2 files of both transformers
             "transformer_2.": "transformer_2",
             "diffusion_model.": None,
