@@ -41,6 +41,9 @@ class BoundedMemo(Generic[K, V]):
         self._cost = cost
         self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._total = 0
+        #: set while the entries and the total change: an interrupt (KeyboardInterrupt) between
+        #: the two leaves it set, and the total is counted again from the entries
+        self._unsure = False
         self._lock = threading.Lock()
 
     def get(self, key: K, compute: Callable[..., V], *args: Any) -> V:
@@ -63,6 +66,8 @@ class BoundedMemo(Generic[K, V]):
         if cost > self.max_entry:
             return
         with self._lock:
+            self._total = self._counted()
+            self._unsure = True
             old = self._entries.pop(key, None)
             if old is not None:
                 self._total -= old[1]
@@ -71,11 +76,16 @@ class BoundedMemo(Generic[K, V]):
             while self._total > self.max_bytes:
                 _, (_, dropped) = self._entries.popitem(last=False)
                 self._total -= dropped
+            self._unsure = False
+
+    def _counted(self) -> int:
+        """The total, counted again from the entries where a change of them was interrupted."""
+        return sum(c for _, c in list(self._entries.values())) if self._unsure else self._total
 
     @property
     def nbytes(self) -> int:
         """The estimated bytes held now (at most ``max_bytes``)."""
-        return self._total
+        return self._counted()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -85,8 +95,10 @@ class BoundedMemo(Generic[K, V]):
 
     def clear(self) -> None:
         with self._lock:
+            self._unsure = True
             self._entries.clear()
             self._total = 0
+            self._unsure = False
 
 
 def str_bytes(s: str) -> int:

@@ -17,6 +17,7 @@ forward must still not run while one of them writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -152,6 +153,9 @@ class AdapterCache:
         #: keys given to preload as names of their own (not a source's path), the last NAMES_KEPT
         self._names: OrderedDict[str, int] = OrderedDict()  # name -> its bytes
         self._names_bytes = 0
+        #: set while the entries or the names change with their byte counts: an interrupt
+        #: (KeyboardInterrupt) midway leaves it set, and the counts are made again (_counting)
+        self._unsure = False
         self._lock = threading.Lock()
 
     @property
@@ -162,7 +166,7 @@ class AdapterCache:
     @budget_bytes.setter
     def budget_bytes(self, value: int) -> None:
         budget = checked_budget(value)
-        with self._lock:
+        with self._lock, self._counting():
             self._budget = budget
             self._evict_locked()
 
@@ -212,13 +216,28 @@ class AdapterCache:
         key = _key(entry.key)
         check_prepared(entry)
         nbytes = entry.nbytes  # before anything is dropped: a failure leaves the cache as it was
-        with self._lock:
+        with self._lock, self._counting():
             self._pop_locked(key)
             if nbytes > self._budget:
                 return
             self._entries[key] = entry
             self._total += nbytes
             self._evict_locked()
+
+    @contextlib.contextmanager
+    def _counting(self) -> Iterator[None]:
+        """A change of the entries or the names and their byte counts (under the lock): the
+        counts are made again from them first where an earlier change was interrupted midway,
+        and marked sure again only where this one completes."""
+        if self._unsure:
+            self._total, self._names_bytes = self._counts()
+        self._unsure = True
+        yield
+        self._unsure = False  # not reached where the block raised: counted again next time
+
+    def _counts(self) -> tuple[int, int]:
+        """The entries' bytes and the names' bytes, counted."""
+        return sum(e.nbytes for e in self._entries.values()), sum(self._names.values())
 
     def _evict_locked(self) -> None:
         while self._total > self._budget:
@@ -232,7 +251,7 @@ class AdapterCache:
     @public_api
     def discard(self, key: str) -> None:
         key = _key(key)
-        with self._lock:
+        with self._lock, self._counting():
             self._pop_locked(key)
 
     @public_api
@@ -240,7 +259,7 @@ class AdapterCache:
         """Notes ``key`` as a name given to preload, not a source's path or Hub id: once its entry
         is gone, ``load(key)`` is refused rather than read as a source (:meth:`is_name`)."""
         key = _key(key)
-        with self._lock:
+        with self._lock, self._counting():
             self._names_bytes -= self._names.pop(key, 0)
             self._names[key] = str_bytes(key)
             self._names_bytes += self._names[key]
@@ -252,7 +271,7 @@ class AdapterCache:
         """``key`` is a source's path or Hub id, preloaded as such: no longer a name, and an entry
         kept under that name goes (it would be found before the source's own)."""
         key = _key(key)
-        with self._lock:
+        with self._lock, self._counting():
             if key in self._names:
                 self._names_bytes -= self._names.pop(key)
                 self._pop_locked(key)
@@ -265,7 +284,7 @@ class AdapterCache:
             return key in self._names
 
     def clear(self) -> None:
-        with self._lock:
+        with self._lock, self._counting():
             self._entries.clear()
             self._total = 0
 
@@ -280,7 +299,7 @@ class AdapterCache:
             return self.nbytes_locked()
 
     def nbytes_locked(self) -> int:
-        return self._total
+        return self._counts()[0] if self._unsure else self._total
 
     def __contains__(self, key: object) -> bool:
         with self._lock:

@@ -44,6 +44,8 @@ import torch
 from torch import nn
 
 import lorahot
+from lorahot.memo import ENTRY_OVERHEAD, BoundedMemo
+from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from tests.helpers import PREFIX, make_adapter, peft_keys, save_peft, stack_reference, tiny_convnet, token_ids
 
 LORAHOT = str(Path(lorahot.__file__).parent)
@@ -688,6 +690,94 @@ def test_an_interrupted_write_of_summed_lora_biases_leaves_no_bias_in_the_emptie
             assert torch.equal(model(x), base), where
         nth += 1
     assert nth > 2, "BiasSums.write never ran"
+
+
+def _in_file(name: str, nth: int) -> Callable[[FrameType, int], bool]:
+    """The ``nth`` line event in frames of code of lorahot's file ``name`` (``memo.py``)."""
+    seen: list[int] = []
+
+    def at(frame: FrameType, k: int) -> bool:
+        if Path(frame.f_code.co_filename).name == name:
+            seen.append(k)
+        return len(seen) == nth
+
+    return at
+
+
+def _counted_memo() -> BoundedMemo[str, int]:
+    """A memo full with three entries: the next miss evicts one."""
+    memo: BoundedMemo[str, int] = BoundedMemo(
+        max_bytes=3 * (100 + ENTRY_OVERHEAD), cost=lambda k, v: 100, max_entry=1000
+    )
+    for v, k in enumerate("abc"):
+        memo.get(k, lambda v=v: v)
+    return memo
+
+
+@pytest.mark.parametrize("call", ["miss", "clear"])
+def test_an_interrupted_change_of_a_memo_leaves_its_bytes_counted(call: str) -> None:
+    """A memo (lorahot.memo, which a load's reads and checks fill) changed its total a statement
+    apart from its entries: an interrupt in between left the total short of what the entries
+    hold, for good, and the memo kept more than its budget. Interrupted at each line of a miss
+    that evicts (or of clear), ``nbytes`` is what its entries cost, and the next miss keeps the
+    budget."""
+    nth = 1
+    while True:
+        memo = _counted_memo()
+        run = functools.partial(memo.get, "d", lambda: 3) if call == "miss" else memo.clear
+        hit, raised = interrupted_at(_in_file("memo.py", nth), run)
+        if hit.function is None:
+            break
+        where = f"{call} interrupted at {hit.function}"
+        assert isinstance(raised, KeyboardInterrupt), f"{where}: raised {raised!r}"
+        assert memo.nbytes == sum(c for _, c in memo._entries.values()), where
+        memo.get("e", lambda: 4)
+        assert memo.nbytes == memo._total == sum(c for _, c in memo._entries.values()) <= memo.max_bytes, where
+        nth += 1
+    assert nth > 3, f"{call} ran {nth - 1} lines"
+
+
+CACHE_CALLS: dict[str, Callable[[AdapterCache, list[PreparedAdapter]], object]] = {
+    "put": lambda cache, entries: cache.put(entries[2]),  # evicts the first
+    "discard": lambda cache, entries: cache.discard("k0"),
+    "name": lambda cache, entries: cache.name("n1"),
+    "unname": lambda cache, entries: cache.unname("k1"),  # a name with an entry: both go
+    "budget": lambda cache, entries: setattr(cache, "budget_bytes", entries[1].nbytes),  # evicts
+    "clear": lambda cache, entries: cache.clear(),
+}
+
+
+@pytest.mark.parametrize("call", list(CACHE_CALLS))
+def test_an_interrupted_change_of_the_host_cache_leaves_its_bytes_counted(call: str) -> None:
+    """The host cache (lorahot.runtime.cache) changed its entries' bytes, and its names' bytes,
+    a statement apart from the entries and names: an interrupt (Ctrl-C in a preload) in
+    between left the count off what they hold, for good, and the cache kept more than its
+    budget (or less). Interrupted at each line of each change, ``nbytes`` is what its entries
+    hold, and after the next put both counts are exact and within the budget."""
+    runtime = lorahot.inject(_base(), TARGETS, max_rank=4, slots=2, extras=True)
+    entries = [runtime.preload(ADAPTERS[a], key=f"k{i}") for i, a in enumerate(["a1", "a2", "a3"])]
+
+    def cache() -> AdapterCache:
+        made = AdapterCache(entries[0].nbytes + entries[1].nbytes)
+        for entry in entries[:2]:
+            made.put(entry)
+        made.name("k1")
+        return made
+
+    nth = 1
+    while True:
+        held = cache()
+        hit, raised = interrupted_at(_in_file("cache.py", nth), lambda held=held: CACHE_CALLS[call](held, entries))
+        if hit.function is None:
+            break
+        where = f"{call} interrupted at {hit.function}"
+        assert isinstance(raised, KeyboardInterrupt), f"{where}: raised {raised!r}"
+        assert held.nbytes == sum(e.nbytes for e in held._entries.values()), where
+        held.put(entries[0])
+        assert held._total == held.nbytes == sum(e.nbytes for e in held._entries.values()) <= held.budget_bytes, where
+        assert held._names_bytes == sum(held._names.values()), where
+        nth += 1
+    assert nth > 3, f"{call} ran {nth - 1} lines"
 
 
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
