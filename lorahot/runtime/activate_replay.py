@@ -62,7 +62,7 @@ class ActivateReplay(GraphReplays[Key]):
             def steps() -> None:  # the ordinary steps
                 self.buffers.activate(slot)
                 if refresh:
-                    self.wide.apply(stack, weights)
+                    self.wide.apply(stack)
 
             graph = self.capture_writes(steps, self.wide, stacklevel=4)  # the warning names the caller of activate
             if graph is None:

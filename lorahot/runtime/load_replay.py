@@ -85,7 +85,7 @@ class LoadReplay(GraphReplays[Key]):
             def steps() -> None:  # the ordinary writes
                 self.buffers.write(slot, packs, multiplier, live=live, staged=staged)
                 if refresh:
-                    self.wide.apply(stack, (multiplier,))
+                    self.wide.apply(stack)
 
             captured = self._capture(steps, packs[0])
             if captured is None:

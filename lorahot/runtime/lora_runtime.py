@@ -1503,7 +1503,7 @@ class LoraRuntime:
                     self._merger.record_all()
                 raise
         else:
-            self._wide.apply(stack, weights)
+            self._wide.apply(stack)
 
     # -- checks -----------------------------------------------------------------------------
 

@@ -17,12 +17,11 @@ Below, a layer's "wide rows" are its B columns seen as ``[R, out]``
 
 With one adapter live every row of a layer has the layer's scale; with a stack live
 (:mod:`lorahot.runtime.stack`) each part's rows of a (linear, ungrouped) layer are one run
-with the part's scale. Either way the scales are numbers the host computes from the slot's
-plan and weights, and the multiply is one multi-tensor launch (over the layers, or over each
-part's run of rows) with no device-to-host read. On CUDA with Triton, one kernel launch
-(:mod:`lorahot.kernels.row_scale`) does the copy and the multiply for every layer at once,
-reading the per-row scales the live region already holds, and one more copies the A rows: no
-per-layer host work. Shapes and
+with the part's scale. Either way the live region holds those per-row scales (:mod:`lorahot.runtime.buffers`),
+and the refresh reads them there: on CUDA with Triton, one kernel launch
+(:mod:`lorahot.kernels.row_scale`) does the copy and the multiply for every layer at once, and
+one more copies the A rows, with no per-layer host work; elsewhere a copy and a multiply per
+layer, computed as the kernel computes them. Shapes and
 addresses of the wide buffers never change; a compiled graph or a captured CUDA graph reads them
 in place.
 """
@@ -47,9 +46,6 @@ from lorahot.runtime.plan import LoadPlan, dtype_max
 from lorahot.runtime.stack import Stack
 
 __all__ = ["WideWeights", "widen_layers", "DEVICE_TYPES", "UNWIDENED_DTYPES"]
-
-#: one arena's runs of a stack: the wide rows of each part's run, its part, its ``alpha / r``
-Runs = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
 
 #: Devices whose layers are widened. On CUDA the wide GEMM adds the expand in the base
 #: product's accumulator, saving the expand's pass over the output; on the CPU it saves little,
@@ -175,8 +171,6 @@ class WideWeights:
         #: id(plan) -> (a weak reference to it, its largest scaled B rows per arena), see
         #: :meth:`_worst` (weak: a plan holds its adapter's tensors)
         self._worst_of: dict[int, tuple[weakref.ref[LoadPlan], list[tuple[int, list[int], int, float]]]] = {}
-        #: the last stack's runs (see :meth:`_runs`): re-weighting one stack finds them here
-        self._runs_of: tuple[Stack, list[Runs]] | None = None
         #: per arena of a dtype of :data:`SHIFTED_DTYPES`: each wide layer's power of two per rank
         #: row (float32 ``[layers, R]`` on the device, in the order of :attr:`groups`), which the
         #: A copy divides the live A row by and the B copy multiplies the column by
@@ -266,10 +260,10 @@ class WideWeights:
         self._worst_of[id(plan)] = (weakref.ref(plan), out)
         return out
 
-    def apply(self, stack: Stack | None, weights: Sequence[float] = ()) -> None:
-        """Sets every wide layer's B columns to the live B times its per-row scales: those of
-        ``stack`` (what the live region holds) at the parts' ``weights``, and its A rows to the
-        live A; zero for None (no adapter live)."""
+    def apply(self, stack: Stack | None) -> None:
+        """Sets every wide layer's B columns to the live B times its per-row scales (the live
+        region's, which hold ``stack``'s at its parts' weights), and its A rows to the live A;
+        zero for None (no adapter live)."""
         with torch.no_grad():
             for a in range(len(self.groups)):
                 rows = self._span(a)
@@ -284,19 +278,21 @@ class WideWeights:
                 wide, live = self._rows(a, rows)
                 if stack is None:
                     torch._foreach_zero_(wide)
-                elif stack.single:  # one adapter: every row of a layer has the layer's scale
-                    torch._foreach_copy_(wide, live)
-                    torch._foreach_mul_(wide, (stack.parts[0].scales[a][self._index[a]] * weights[0]).tolist())
-                else:  # a stack: each part's run of rows has the part's scale (the runs only this path needs)
-                    views, parts, own = self._runs(stack)[a]
-                    torch._foreach_copy_(wide, live)
-                    if views:
-                        torch._foreach_mul_(views, (torch.tensor(weights, dtype=torch.float64)[parts] * own).tolist())
-                shift = self._shift[a]
-                if stack is not None and shift is not None:  # powers of two: no rounding of their own
-                    for k, w in enumerate(wide):
-                        w.mul_(shift[k, :rows, None])
+                else:
+                    self._scale_rows(a, rows, wide, live)
                 self.extent[a] = self.buffers.arenas[a].a_extent[self.buffers.live] if stack is not None else 0
+
+    def _scale_rows(self, arena: int, rows: int, wide: list[torch.Tensor], live: list[torch.Tensor]) -> None:
+        """Where no kernel runs: each wide layer's first ``rows`` B rows from the live ones times
+        the live per-row scales (which the kernel reads too), float16's times the rows' shifts,
+        the product in the scales' dtype and rounded once, as the kernel computes it. (Python
+        numbers to ``_foreach_mul_`` on float16 tensors are rounded to float16 first: ``2.6816 *
+        0.7`` gave 1.8779 where the product rounds to 1.8770.)"""
+        scales = self.buffers.arenas[arena].S[self.buffers.live]
+        shift = self._shift[arena]
+        for k, (w, t, i) in enumerate(zip(wide, live, self.groups[arena][0], strict=True)):
+            s = scales[i, :rows] if shift is None else scales[i, :rows] * shift[k, :rows]
+            w.copy_(t.to(s.dtype) * s[:, None])
 
     def _copy_a(self, arena: int, rows: int, zero: bool) -> None:
         """The first ``rows`` A rows of arena ``arena``'s wide layers: the live A's, or zero."""
@@ -371,20 +367,3 @@ class WideWeights:
             wide, live = self.a_groups[arena] if a else self.groups[arena][1:]
             found = self._views[key] = ([w[:rows] for w in wide], [t[:rows] for t in live])
         return found
-
-    def _runs(self, stack: Stack) -> list[Runs]:
-        """Per arena, for every part's run of rows in a wide layer (:attr:`Stack.runs`): the
-        wide rows it fills, the part, and its ``alpha / r`` there. Memoized for the last stack,
-        which ``set_scale`` re-weights."""
-        if self._runs_of is not None and self._runs_of[0] is stack:
-            return self._runs_of[1]
-        out: list[Runs] = []
-        for a, (indices, wide, _) in enumerate(self.groups):
-            at = {i: j for j, i in enumerate(indices)}  # layer index -> its wide buffer
-            mine = [(at[i], start, n, p) for i, start, n, p in stack.runs[a] if i in at]
-            views = [wide[j][start : start + n] for j, start, n, _ in mine]
-            parts = torch.tensor([p for *_, p in mine], dtype=torch.long)
-            own = torch.tensor([float(stack.parts[p].scales[a][indices[j]]) for j, *_, p in mine], dtype=torch.float64)
-            out.append((views, parts, own))
-        self._runs_of = (stack, out)
-        return out
