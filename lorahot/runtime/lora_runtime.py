@@ -1634,9 +1634,9 @@ def _gc_paused() -> Iterator[None]:
     Reference counting still frees every one of them at once.
     """
     enabled = gc.isenabled()
-    if enabled:
-        gc.disable()
-    try:
+    try:  # before the collector goes off: an interrupt at the return of gc.disable() turns it on again
+        if enabled:
+            gc.disable()
         yield
     finally:
         if enabled:

@@ -16,8 +16,8 @@ refuses every call but another eject, which finishes it (``tests/unit/runtime/te
 
 Where the contract cannot hold, and is not tested: a second interrupt while the first is being
 handled (Python cannot shield cleanup code itself); the exit of a ``with`` block before its
-``__exit__`` runs, and a line that starts with a ``NOP`` (:func:`_counted`: a tracer can raise
-there, a signal cannot); a finalizer, where Python prints an exception and drops it. ``make
+``__exit__`` runs, and a ``try:`` that opens a ``with`` block (:func:`_counted`: a tracer can
+raise there, a signal cannot); a finalizer, where Python prints an exception and drops it. ``make
 test`` interrupts each call at about :data:`FAST_POINTS` points; ``LORAHOT_EVERY_LINE=1`` at the
 first run of every distinct line it runs (each load about a minute); ``LORAHOT_EVERY_LINE=events``
 at every line event (several minutes a load).
@@ -92,9 +92,19 @@ def _with_exits(code: CodeType) -> frozenset[int]:
 
 
 @functools.cache
-def _nops(code: CodeType) -> frozenset[int]:
-    """The offsets in ``code`` where a line starts with a ``NOP`` (a ``try:``)."""
-    return frozenset(i.offset for i in dis.get_instructions(code) if i.starts_line is not None and i.opname == "NOP")
+def _with_entries(code: CodeType) -> frozenset[int]:
+    """The offsets in ``code`` where a line starts with a ``NOP`` (a ``try:``) right after a
+    ``with`` block's entry (``BEFORE_WITH``, then what ``__enter__`` returned dropped or
+    stored)."""
+    ins = list(dis.get_instructions(code))
+    return frozenset(
+        nop.offset
+        for enter, kept, nop in zip(ins, ins[1:], ins[2:])
+        if enter.opname in ("BEFORE_WITH", "BEFORE_ASYNC_WITH")
+        and kept.opname in ("POP_TOP", "STORE_FAST", "STORE_DEREF", "STORE_NAME", "STORE_GLOBAL")
+        and nop.opname == "NOP"
+        and nop.starts_line is not None
+    )
 
 
 def _counted(frame: FrameType) -> bool:
@@ -103,10 +113,12 @@ def _counted(frame: FrameType) -> bool:
     block's handler, so an exception it raises skips ``__exit__`` (a lock stays held, and the
     next call waits for it forever), where a signal's handler runs only once the call of
     ``__exit__`` has returned (CPython checks for signals after a call, not before it). Nor a
-    line that starts with a ``NOP`` (a ``try:``): CPython never checks for signals at a ``NOP``,
-    and 3.11 leaves the ``NOP`` of a ``try:`` that opens a ``with`` block outside that block's
-    handler (``with lock:`` then ``try:``: a tracer raising there leaves the lock held)."""
-    return frame.f_lasti not in _with_exits(frame.f_code) and frame.f_lasti not in _nops(frame.f_code)
+    ``try:`` that opens a ``with`` block: 3.11 leaves its ``NOP`` outside the block's handler
+    (``with lock:`` then ``try:``: a tracer raising there leaves the lock held), where a signal
+    is checked for neither in entering the block nor at a ``NOP``. Any other ``try:`` counts:
+    its line event stands for a signal at the return of the call before it (``gc.disable()``
+    then ``try:``)."""
+    return frame.f_lasti not in _with_exits(frame.f_code) and frame.f_lasti not in _with_entries(frame.f_code)
 
 
 def interrupted_at(
@@ -690,6 +702,46 @@ def test_an_interrupted_write_of_summed_lora_biases_leaves_no_bias_in_the_emptie
             assert torch.equal(model(x), base), where
         nth += 1
     assert nth > 2, "BiasSums.write never ran"
+
+
+def _entering(function: str, nth: int) -> Callable[[FrameType, int], bool]:
+    """The ``nth`` line event in frames of the generator ``function`` (its qualified name)
+    before it first yields: in entering the context manager it makes."""
+    seen: list[int] = []
+
+    def at(frame: FrameType, k: int) -> bool:
+        code = frame.f_code
+        if code.co_qualname == function and frame.f_lasti < _first_yield(code):
+            seen.append(k)
+        return len(seen) == nth
+
+    return at
+
+
+@functools.cache
+def _first_yield(code: CodeType) -> int:
+    return next(i.offset for i in dis.get_instructions(code) if i.opname == "YIELD_VALUE")
+
+
+def test_an_interrupted_load_leaves_the_garbage_collector_on(files: dict[str, Path]) -> None:
+    """A load pauses Python's cyclic garbage collector (``lora_runtime._gc_paused``). It turned
+    it off a statement before the ``try`` whose ``finally`` turns it on again: an interrupt at
+    the return of ``gc.disable()`` left it off for the rest of the process. Interrupted at each
+    line of entering that pause, the collector is on again."""
+    rig = _rig(False, files)
+    assert gc.isenabled()
+    nth = 1
+    while True:
+        at = _entering("_gc_paused", nth)
+        hit, raised = interrupted_at(at, lambda: rig.runtime.load(ADAPTERS["a3"], slot=1))
+        on = gc.isenabled()
+        gc.enable()
+        if hit.function is None:
+            break
+        assert isinstance(raised, KeyboardInterrupt), f"interrupted at {hit.function}: raised {raised!r}"
+        assert on, f"interrupted at {hit.function}: the garbage collector is left off"
+        nth += 1
+    assert nth > 3, f"entering _gc_paused ran {nth - 1} lines"
 
 
 def _in_file(name: str, nth: int) -> Callable[[FrameType, int], bool]:
