@@ -486,8 +486,8 @@ class LoRALayer(nn.Module):
           trip's rounding read as a checkpoint loaded since, and eject kept the adapter merged.
         """
         arenas = {n: self._buffers[n] for n in _ARENA_BUFFERS if self._buffers.get(n) is not None}
-        self._buffers.update(dict.fromkeys(arenas))  # None: nn.Module._apply skips them
-        try:
+        try:  # before they are taken out: an interrupt at the return of the update puts them back
+            self._buffers.update(dict.fromkeys(arenas))  # None: nn.Module._apply skips them
             super()._apply(fn, recurse)
         finally:
             self._buffers.update(arenas)

@@ -16,8 +16,9 @@ refuses every call but another eject, which finishes it (``tests/unit/runtime/te
 
 Where the contract cannot hold, and is not tested: a second interrupt while the first is being
 handled (Python cannot shield cleanup code itself); the exit of a ``with`` block before its
-``__exit__`` runs, and a ``try:`` that opens a ``with`` block (:func:`_counted`: a tracer can
-raise there, a signal cannot); a finalizer, where Python prints an exception and drops it. ``make
+``__exit__`` runs, a ``try``'s first line, a ``finally`` run after its ``try`` completed, and
+a ``try:`` that opens a ``with`` block (:func:`_counted`: a tracer can raise there, a signal
+cannot); a finalizer, where Python prints an exception and drops it. ``make
 test`` interrupts each call at about :data:`FAST_POINTS` points; ``LORAHOT_EVERY_LINE=1`` at the
 first run of every distinct line it runs (each load about a minute); ``LORAHOT_EVERY_LINE=events``
 at every line event (several minutes a load).
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dis
 import functools
 import gc
+import itertools
 import linecache
 import math
 import os
@@ -91,34 +93,50 @@ def _with_exits(code: CodeType) -> frozenset[int]:
     )
 
 
+#: instructions after which the next one does not run
+_NO_FALL_THROUGH = frozenset(
+    {"JUMP_FORWARD", "JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT", "RETURN_VALUE", "RAISE_VARARGS", "RERAISE"}
+)
+
+
 @functools.cache
-def _with_entries(code: CodeType) -> frozenset[int]:
-    """The offsets in ``code`` where a line starts with a ``NOP`` (a ``try:``) right after a
-    ``with`` block's entry (``BEFORE_WITH``, then what ``__enter__`` returned dropped or
-    stored)."""
+def _handler_changes(code: CodeType) -> frozenset[int]:
+    """The offsets in ``code`` where a line starts under another exception handler than the
+    instruction before it, which runs into it: the first line of a ``try``, the first line of
+    a ``finally`` run after its ``try`` completed, and 3.11's ``NOP`` of a ``try:`` that opens a
+    ``with`` block (outside the block's handler)."""
+    entries = dis.Bytecode(code).exception_entries
+
+    def handler(offset: int) -> int | None:
+        return next((e.target for e in entries if e.start <= offset < e.end), None)
+
     ins = list(dis.get_instructions(code))
     return frozenset(
-        nop.offset
-        for enter, kept, nop in zip(ins, ins[1:], ins[2:])
-        if enter.opname in ("BEFORE_WITH", "BEFORE_ASYNC_WITH")
-        and kept.opname in ("POP_TOP", "STORE_FAST", "STORE_DEREF", "STORE_NAME", "STORE_GLOBAL")
-        and nop.opname == "NOP"
-        and nop.starts_line is not None
+        now.offset
+        for before, now in itertools.pairwise(ins)
+        if now.starts_line is not None
+        and before.opname not in _NO_FALL_THROUGH
+        and handler(before.offset) != handler(now.offset)
     )
 
 
 def _counted(frame: FrameType) -> bool:
-    """Whether a line event of ``frame`` is a point where an interrupt may land. Not the exit of
-    a ``with`` block: there the tracer runs before ``__exit__`` is called and outside the
-    block's handler, so an exception it raises skips ``__exit__`` (a lock stays held, and the
-    next call waits for it forever), where a signal's handler runs only once the call of
-    ``__exit__`` has returned (CPython checks for signals after a call, not before it). Nor a
-    ``try:`` that opens a ``with`` block: 3.11 leaves its ``NOP`` outside the block's handler
-    (``with lock:`` then ``try:``: a tracer raising there leaves the lock held), where a signal
-    is checked for neither in entering the block nor at a ``NOP``. Any other ``try:`` counts:
-    its line event stands for a signal at the return of the call before it (``gc.disable()``
-    then ``try:``)."""
-    return frame.f_lasti not in _with_exits(frame.f_code) and frame.f_lasti not in _with_entries(frame.f_code)
+    """Whether a line event of ``frame`` is a point where an interrupt may land. A tracer's
+    exception at a line's start stands for a signal at the last point CPython checked for one
+    before it: after a call returned (``gc.disable()``, then ``try:``), a backward jump, a
+    function's start. Not where no such point lies between the line and code under another
+    handler, or the tracer's exception is handled as no signal's can be:
+
+    - the exit of a ``with`` block: the tracer runs before ``__exit__`` is called and outside
+      the block's handler, so its exception skips ``__exit__`` (a lock stays held, and the next
+      call waits for it forever), where a signal's handler runs only once that call returned;
+    - a line that starts under another handler than the instruction that runs into it
+      (:func:`_handler_changes`): a ``try``'s first line, whose handler no signal before it
+      reaches; a ``finally`` run after its ``try`` completed, whose body a signal at the
+      ``try``'s last call runs whole; a ``try:`` that opens a ``with`` block, which 3.11 leaves
+      outside the block's handler (``with lock:`` then ``try:``: the lock stays held), where a
+      signal is checked for neither in entering the block nor at that ``NOP``."""
+    return frame.f_lasti not in _with_exits(frame.f_code) and frame.f_lasti not in _handler_changes(frame.f_code)
 
 
 def interrupted_at(
@@ -599,9 +617,9 @@ KNOWN = {
     # set_scale noted the new weights before marking the slot written: an interrupt in between
     # was taken for one before any change, info() naming weights no buffer held
     "weights before written": ("set_scale float", "self.buffers.touched = True  # a replay writes too", 1),
-    # the note of a call under way was reset by a finally that an interrupt could skip: every
-    # later call on that thread was refused as called from within it
-    "note of a call left": ("set_scale float", "self._running = None", 1),
+    # (the note of a call under way, reset by a finally an interrupt could skip, refused every later
+    # call on that thread: found at the first line of that finally run after its try completed,
+    # which no signal reaches (_counted skips it now); calls are refused by the lock's owner since)
     # eject marked the runtime ejected a line before it moved the callbacks that take the layers out
     # to the unfinished ones: interrupted in between, every call refused and no eject took them out
     "ejected before its callbacks": ("eject", "RuntimeState.mark_ejected", 4),
@@ -742,6 +760,32 @@ def test_an_interrupted_load_leaves_the_garbage_collector_on(files: dict[str, Pa
         assert on, f"interrupted at {hit.function}: the garbage collector is left off"
         nth += 1
     assert nth > 3, f"entering _gc_paused ran {nth - 1} lines"
+
+
+def test_an_interrupted_move_of_the_model_leaves_every_layer_its_arenas(files: dict[str, Path]) -> None:
+    """``model.double()`` (``model.to``, ``half``: ``nn.Module._apply``) runs each LoRA layer's
+    ``_apply``, which takes its arena buffers out of its buffers for the move and puts them back
+    in a ``finally``. It took them out a statement before that ``try``: an interrupt at the
+    return of the update left the layer without its arenas (None), and every later forward
+    failed. Interrupted at each line of those ``_apply``, every layer holds its arenas and the
+    model serves slot 0's adapter."""
+    nth = 1
+    while True:
+        rig = _rig(False, files)
+        layers = [m for m in rig.model.modules() if isinstance(m, lorahot.LoRALayer)]
+        arenas = [{n: b for n, b in layer._buffers.items() if n.startswith("_lora_arena_")} for layer in layers]
+        hit, raised = interrupted_at(_in("LoRALayer._apply", nth), rig.model.double)
+        if hit.function is None:
+            break
+        where = f"model.double() interrupted at {hit.function}"
+        assert isinstance(raised, KeyboardInterrupt), f"{where}: raised {raised!r}"
+        for layer, kept in zip(layers, arenas, strict=True):
+            assert all(layer._buffers[n] is not None for n in kept), f"{where}: arenas taken out"
+        torch.testing.assert_close(
+            served(rig), reference(A1), rtol=1e-10, atol=1e-10, msg=lambda m, where=where: f"{where}: {m}"
+        )
+        nth += 1
+    assert nth > 3, f"LoRALayer._apply ran {nth - 1} lines"
 
 
 def _in_file(name: str, nth: int) -> Callable[[FrameType, int], bool]:
