@@ -20,8 +20,9 @@ import contextlib
 import functools
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,19 +236,50 @@ def _read_into(fd: int, path: Path, start: int, buf: torch.Tensor, spans: list[t
         off, size = span
         return os.preadv(fd, [view[off : off + size]], start + off)
 
-    futures = [_readers().submit(read, span) for span in spans] if len(spans) > 1 else []
-    try:
+    chunks = _Chunks(read)
+    try:  # before the first chunk is submitted: an interrupt between two submissions stops them too
+        futures = [_readers().submit(chunks.read, span) for span in spans] if len(spans) > 1 else []
         got = [f.result() for f in futures] if futures else [read(spans[0])]
     except OSError as exc:
         raise AdapterReadError(f"{path}: cannot read the tensor data ({exc}). Re-download the adapter.") from None
     finally:  # a failed or interrupted read returns only once no chunk still reads fd or writes buf
-        for f in futures:
-            f.cancel()
-        wait(futures)
+        chunks.stop()
     if got != [size for _, size in spans]:
         raise AdapterReadError(
             f"{path}: the file is shorter than its header says (changed while reading?). Re-download the adapter."
         )
+
+
+class _Chunks:
+    """The chunks of one read submitted to the reader threads: :meth:`stop` returns once none
+    reads, and a chunk that starts after it reads nothing (the read has gone: its descriptor
+    may be closed and its buffer another read's). Holding no future, it stops the chunks of a
+    submission that an interrupt cut short as well."""
+
+    def __init__(self, read: Callable[[tuple[int, int]], int]) -> None:
+        self._read = read
+        self._turn = threading.Condition()
+        self._running = 0
+        self._stopped = False
+
+    def read(self, span: tuple[int, int]) -> int:
+        """Reads ``span`` (on a reader thread), unless the read was stopped (0 bytes)."""
+        with self._turn:
+            if self._stopped:
+                return 0
+            self._running += 1
+        try:
+            return self._read(span)
+        finally:
+            with self._turn:
+                self._running -= 1
+                self._turn.notify_all()
+
+    def stop(self) -> None:
+        """No chunk starts from now on; returns once none reads."""
+        with self._turn:
+            self._stopped = True
+            self._turn.wait_for(lambda: self._running == 0)
 
 
 @functools.cache

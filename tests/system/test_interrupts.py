@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ import torch
 from torch import nn
 
 import lorahot
+from lorahot.io import tensorfile
 from lorahot.memo import ENTRY_OVERHEAD, BoundedMemo
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from tests.helpers import PREFIX, make_adapter, peft_keys, save_peft, stack_reference, tiny_convnet, token_ids
@@ -786,6 +788,50 @@ def test_an_interrupted_move_of_the_model_leaves_every_layer_its_arenas(files: d
         )
         nth += 1
     assert nth > 3, f"LoRALayer._apply ran {nth - 1} lines"
+
+
+def test_an_interrupted_read_returns_once_no_chunk_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file's tensor data is read in chunks on reader threads (``tensorfile._read_into``),
+    into a read buffer the next load reuses, from a file descriptor closed once the read
+    returns. The chunks were submitted in a list comprehension before the ``try`` whose
+    ``finally`` waits for them: an interrupt between two submissions left the chunks
+    submitted reading after the load had gone, into the buffer and from a descriptor number
+    the next open may take. Interrupted at each line of a read of four chunks (each taking
+    10 ms), no chunk runs once the read has returned."""
+    monkeypatch.setattr(tensorfile, "_CHUNK", 64)
+    path = tmp_path / "data"
+    path.write_bytes(bytes(range(256)))
+    lock, reads = threading.Lock(), []  # (start, end) of each chunk's read
+    real = os.preadv
+
+    def slow(fd: int, buffers: list[memoryview], offset: int) -> int:
+        start = time.monotonic()
+        time.sleep(0.01)
+        got = real(fd, buffers, offset)
+        with lock:
+            reads.append((start, time.monotonic()))
+        return got
+
+    monkeypatch.setattr(tensorfile.os, "preadv", slow)
+    nth = 1
+    while True:
+        reads.clear()
+        buf = torch.zeros(256, dtype=torch.uint8)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            read = functools.partial(tensorfile._read_into, fd, path, 0, buf)
+            hit, raised = interrupted_at(_in_file("tensorfile.py", nth), read)
+            returned = time.monotonic()
+            time.sleep(0.03)  # any chunk left running ends meanwhile
+        finally:
+            os.close(fd)
+        if hit.function is None:
+            break
+        assert isinstance(raised, KeyboardInterrupt), f"interrupted at {hit.function}: raised {raised!r}"
+        late = [r for r in reads if r[1] > returned]
+        assert not late, f"interrupted at {hit.function}: {len(late)} chunks read after the read returned"
+        nth += 1
+    assert nth > 3 and len(reads) == 4, f"_read_into ran {nth - 1} lines, {len(reads)} chunks"
 
 
 def _in_file(name: str, nth: int) -> Callable[[FrameType, int], bool]:
