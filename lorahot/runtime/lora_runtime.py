@@ -817,13 +817,17 @@ class LoraRuntime:
         denoisers_of(denoiser, 1, self.components, others=self._non_denoisers)
         key = preload_key(key)
         source = snapshot(source)  # the caller's tensors as they are now, as preload takes them
+        own_path = key is not None and isinstance(source, (str, os.PathLike)) and same_path(key, source)
         with self._executor_lock:
             self._check_usable(placement=False)  # under the lock: eject cannot slip in between
             if self._executor is None:
                 self._executor = prefetch_pool()
+            if key is not None and not own_path:
+                # a name before the prefetch is queued: interrupted before the key is noted pending
+                # below, a load of it is refused (no entry of that name) rather than read as a source
+                self.cache.name(key)
             future = shielded(self._executor.submit(self.preload, source, key=key, denoiser=denoiser, **read_kwargs))
         if key is not None:  # a load of the key meanwhile waits for it (lorahot.runtime.prefetches)
-            own_path = isinstance(source, (str, os.PathLike)) and same_path(key, source)
             self._pending_keys.add(key, future, named=not own_path)
         return future
 
@@ -930,7 +934,8 @@ class LoraRuntime:
         if hit is None and name is not None and not read_kwargs and self.cache.is_name(name):
             raise UsageError(
                 f"{shown(name, 200)} is a key given to preload, and the host cache does not hold it now (evicted, "
-                f"discarded, or larger than the cache's {self.cache.budget_bytes} bytes), so there is nothing to "
+                f"discarded, larger than the cache's {self.cache.budget_bytes} bytes, or not yet: a prefetch of it "
+                "interrupted before it noted the key as pending), so there is nothing to "
                 "load under that name: a key is no path or Hub id to read again. Preload it again, or load what "
                 "preload returned (runtime.load(prepared)), which does not need the cache; to read a path or Hub "
                 "id of that name, preload it as the source (runtime.preload(name))."

@@ -834,6 +834,50 @@ def test_an_interrupted_read_returns_once_no_chunk_reads(tmp_path: Path, monkeyp
     assert nth > 3 and len(reads) == 4, f"_read_into ran {nth - 1} lines, {len(reads)} chunks"
 
 
+def test_an_interrupted_prefetch_leaves_its_key_no_source_to_read(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``prefetch(path, key="k3")`` queues the prefetch, then notes the key as pending, so that a
+    ``load("k3")`` meanwhile waits for it. Interrupted between the two, a load of "k3" while the
+    prefetch was still queued read "k3" as a path or Hub id (a request to the Hub, or another
+    file of that name). Interrupted at each line of the prefetch (the prefetch thread held
+    meanwhile), a load of "k3" right after loads a3 or is refused (UsageError) as a key with no
+    entry, wherever the prefetch was queued; only one interrupted before any change reads it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a key read as a Hub id fails at once
+    nth = 1
+    while True:
+        rig = _rig(False, files)
+        rig.runtime.prefetch(_Held(files["a1"], rig.gate))  # holds the prefetch thread
+        hit, raised = interrupted_at(
+            _in("LoraRuntime.prefetch", nth), functools.partial(rig.runtime.prefetch, files["a3"], key="k3")
+        )
+        where = f"prefetch interrupted at {hit.function}"
+        threading.Timer(0.02, rig.gate.set).start()
+        read: lorahot.LoraError | None = None
+        try:
+            rig.runtime.load("k3", slot=0)
+        except lorahot.UsageError as exc:
+            assert "is a key given to preload" in str(exc), f"{where}: {exc}"
+        except lorahot.LoraError as exc:
+            read = exc
+        else:
+            torch.testing.assert_close(
+                served(rig),
+                reference([("a3", 1.0)]),
+                rtol=1e-10,
+                atol=1e-10,
+                msg=lambda m, where=where: f"{where}: {m}",
+            )
+        rig.runtime.prefetch(files["a2"]).result()  # the prefetch thread ran what was queued before
+        queued = "k3" in rig.runtime.cache
+        assert not (queued and read), f"{where}: the prefetch was queued, and its key read as a source: {read!r}"
+        if hit.function is None:
+            break
+        assert isinstance(raised, KeyboardInterrupt), f"{where}: raised {raised!r}"
+        nth += 1
+    assert nth > 3, f"prefetch ran {nth - 1} lines"
+
+
 def _in_file(name: str, nth: int) -> Callable[[FrameType, int], bool]:
     """The ``nth`` line event in frames of code of lorahot's file ``name`` (``memo.py``)."""
     seen: list[int] = []
