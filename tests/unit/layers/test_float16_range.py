@@ -11,11 +11,14 @@ where a GPU is."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import lorahot
@@ -185,3 +188,49 @@ def test_the_shift_holds_the_shrink_of_the_worst_float16_input(
     with torch.no_grad():
         got = run(x.to(device)).double().cpu()
     _assert_float64_output(got, want)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    fin=st.integers(1, 96),
+    fout=st.integers(1, 24),
+    rank=st.integers(1, 8),
+    x_log=st.floats(-3.0, 4.5),
+    a_log=st.floats(-2.0, 3.0),
+    seed=st.integers(0, 2**16),
+)
+def test_any_float16_wide_layer_matches_the_float64_reference(
+    fin: int, fout: int, rank: int, x_log: float, a_log: float, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any widths, rank, input and A magnitudes (``|x @ A.T|`` from 1e-3 to far past 65504), B
+    sized so the update stays in range: a widened float16 layer's output is finite and within
+    float16's rounding of the float64 reference, counting the shift's subnormal steps
+    (``2**-25 * p`` per value of the shifted A)."""
+    monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(fin, fout).to(DT)
+    x = (torch.randn(16, fin, generator=g) * 10**x_log).clamp(-60000, 60000).to(DT)
+    a = (torch.randn(rank, fin, generator=g) * 10**a_log).to(DT)
+    b64 = torch.randn(fout, rank, generator=g, dtype=torch.float64)
+    term = (x.double() @ a.double().t()) @ b64.t()
+    b = (b64 * (100.0 / max(term.abs().max().item(), 1e-30))).to(DT)
+    assume(0 < b.abs().max().item() < 60000 and torch.finfo(DT).tiny <= b.abs().max().item())
+    assume(a.abs().max().item() >= torch.finfo(DT).tiny)
+    want = reference(layer, x, a.double(), b.double(), 1.0)
+    assume(bool(torch.isfinite(want).all()) and want.abs().max().item() < 30000)
+    model = _Holder(copy.deepcopy(layer))
+    runtime = lorahot.inject(model, ["layer"], max_rank=8)
+    try:
+        runtime.load({"layer.lora_A.weight": a, "layer.lora_B.weight": b}, config={"r": rank, "lora_alpha": rank})
+    except lorahot.LorahotError:
+        assume(False)  # a value float16 cannot hold (the load's own checks, tested elsewhere)
+    assert runtime.layers["layer"].wide
+    with torch.no_grad():
+        got = model(x).double()
+    xa, aa, ba = x.double().abs(), a.double().abs(), b.double().abs()
+    shift = float(2 ** math.ceil(math.log2(max(2 * aa.sum(dim=1).max().item(), 1.0))))
+    eps = torch.finfo(DT).eps
+    bound = 4 * eps * (xa @ layer.weight.double().abs().t() + layer.bias.double().abs() + (xa @ aa.t()) @ ba.t())
+    bound += (xa.sum(dim=1, keepdim=True) * 2**-25 * shift) * ba.sum(dim=1) + 2 * eps * want.abs()
+    assert torch.isfinite(got).all()
+    assert ((got - want).abs() <= bound).all(), ((got - want).abs() / bound).max()
