@@ -433,3 +433,32 @@ def test_a_weight_whose_memory_another_tensor_holds_is_not_widened(kind: str) ->
         torch.testing.assert_close(model(x), want)
     runtime.eject()
     assert holder.data_ptr() == model.first.weight.data_ptr()
+
+
+def test_a_float16_shift_bound_from_max_a_alone_is_tightened_from_the_rows() -> None:
+    """The wide range check multiplies ``scale * max|B|`` by a bound on the float16 rows' shift
+    (``LoadPlan.a_shift``). From ``max|A|`` alone (twice the row length times it) one large value
+    in a row of small ones would bound the shift at 16384 and refuse this adapter's ``B`` of
+    100; from the rows themselves the shift is 32, so the load goes through and the output is the
+    float64 reference's. A scale past what the exact shift allows is still refused, nothing changed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 16, bias=False)).to(torch.float16)
+    weight = model[0].weight.detach().double().clone()
+    a = torch.full((4, 512), 1e-3, dtype=torch.float64)
+    a[:, 0] = 10.0
+    b = torch.randn(16, 4, dtype=torch.float64)
+    b[0, 0] = 100.0
+    runtime = lorahot.inject(model, ["0"], max_rank=R)
+    tensors = {"0.lora_A.weight": a.half(), "0.lora_B.weight": b.half()}
+    runtime.load(tensors, config={"r": 4, "lora_alpha": 4})
+    plan = runtime._stacks[0].parts[0]  # type: ignore[union-attr]
+    assert float(plan.a_shift[0][0]) == 32.0  # 2 * (10 + 511e-3), rounded up, with the margin
+    x = torch.randn(8, 512, dtype=torch.float64)
+    with torch.no_grad():
+        got = model(x.half()).double()
+    want = x @ (weight + b.half().double() @ a.half().double()).t()
+    assert torch.allclose(got, want, rtol=4e-3, atol=4e-3 * float(want.abs().max()))
+    rows = model[0].wide_rows().clone()
+    with pytest.raises(lorahot.UsageError, match=r"dtype=torch\.float32"):
+        runtime.set_scale(30.0)  # 100 * 30 * 32 > 65504
+    assert torch.equal(model[0].wide_rows(), rows)
