@@ -59,7 +59,7 @@ class LoraError(Exception):
 
 class AdapterReadError(LoraError):
     """The adapter file or its config cannot be read or parsed (damaged, pickled, malformed),
-    or its values can never be LoRA weights (non-float dtypes, NaN/Inf, a .alpha tensor <= 0)."""
+    or its values can never be LoRA weights (non-float dtypes, NaN/Inf, a .alpha tensor of 0)."""
 
 
 class UnknownFormatError(LoraError):

@@ -173,7 +173,8 @@ class WeightModule:
             ``[out, 1, *ones]``; (IA)^3 ``weight`` (its ``<module>.weight``) and ``on_input``;
             GLoRA ``a1`` ``[in, r, *ones]``, ``a2`` ``[r, in, *ones]``, ``b1`` ``[out, r, *ones]``,
             ``b2`` ``[r, in, *kernel]``.
-        alpha: the ``.alpha`` tensor's value, or None (then alpha equals the rank). For the
+        alpha: the ``.alpha`` tensor's value, or None (then alpha equals the rank); a negative
+            one scales by ``alpha / r`` as given, as LyCORIS and ComfyUI scale it. For the
             rotation kinds, the norm constraint (0 or None: none; LyCORIS and sd-scripts bound
             the blocks' skew part to ``alpha * out``).
         source_keys: the tensor keys in the source this module came from (for messages).

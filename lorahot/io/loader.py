@@ -300,8 +300,8 @@ def _weight_kind_problem(w: WeightModule) -> str | None:
         what = f"lacks {', '.join(missing)}" if missing else f"has factors its kind has not: {', '.join(extra)}"
         return f"a WeightModule of kind {w.kind} that {what}"
     rotates = w.kind in ROTATION_KINDS
-    if w.alpha is not None and not (math.isfinite(w.alpha) and (w.alpha >= 0 if rotates else w.alpha > 0)):
-        return f"WeightModule.alpha is {w.alpha:g}; it must be finite and {'>= 0' if rotates else '> 0'}"
+    if w.alpha is not None and not (math.isfinite(w.alpha) and (w.alpha >= 0 if rotates else w.alpha != 0)):
+        return f"WeightModule.alpha is {w.alpha:g}; it must be finite and {'>= 0' if rotates else 'other than 0'}"
     return None
 
 
@@ -976,7 +976,7 @@ def _assemble(
         if declared is not None and rank != declared:
             problems.append(f"{named}: {origin} says r={declared}, but {ka} has shape {tuple(a.shape)} (rank {rank})")
             continue
-        alpha = _alpha(roles.get("alpha"), unreadable, shapes_only=shapes_only, signed=True)
+        alpha = _alpha(roles.get("alpha"), unreadable, shapes_only=shapes_only)
         if alpha is not None and cfg.states_alpha(pattern_name):
             stated = cfg.alpha_for(pattern_name)
             if stated is not None and not math.isclose(alpha, stated, rel_tol=1e-6):
@@ -1135,7 +1135,7 @@ def _weight_modules(
 
     Raises:
         UnknownFormatError: a module that mixes kinds or lacks a factor its kind needs.
-        AdapterReadError: its ``.alpha`` is not one finite number > 0.
+        AdapterReadError: its ``.alpha`` is not one finite number other than 0 (>= 0 for an OFT's).
     """
     out: dict[str, WeightModule] = {}
     problems: list[str] = []
@@ -1173,7 +1173,7 @@ def _weight_modules(
             problems.append(f"{named} ({', '.join(k for k, _ in roles.values())}): {clash}")
             continue
         rotates = kind in ROTATION_KINDS  # its .alpha is a norm constraint: 0 means none
-        alpha = _alpha(roles.get("alpha"), unreadable, constraint=rotates, shapes_only=shapes_only)
+        alpha = _alpha(roles.get("alpha"), unreadable, constraint=rotates, shapes_only=shapes_only, zero=_LYCORIS_ZERO)
         out[module] = WeightModule(module, kind, factors, alpha, tuple(k for k, _ in roles.values()))
     if unreadable:
         raise AdapterReadError(
@@ -1385,21 +1385,34 @@ def _unreadable(
     return bool(bad)
 
 
+#: How the loaders of a LoRA module read its ``.alpha`` of 0, which they disagree on.
+_LORA_ZERO = (
+    "sd-scripts, which trains and loads kohya files, reads an alpha of 0 as alpha = rank, a scale of 1; ComfyUI and "
+    "diffusers read it as a scale of 0"
+)
+#: How LyCORIS and ComfyUI read a LyCORIS module's ``.alpha`` of 0 (LoHa, LoKr, LoCon, GLoRA).
+_LYCORIS_ZERO = (
+    "LyCORIS, which trains and loads these modules, reads an alpha of 0 as alpha = rank, a scale of 1; ComfyUI reads "
+    "it as a scale of 0"
+)
+
+
 def _alpha(
     entry: tuple[str, torch.Tensor] | None,
     problems: list[str],
     constraint: bool = False,
     shapes_only: bool = False,
-    signed: bool = False,
+    zero: str = _LORA_ZERO,
 ) -> float | None:
-    """The value of a ``.alpha`` tensor: one finite real number > 0 (else a problem, and None);
-    with ``signed`` (a LoRA module's) one finite number but 0: sd-scripts, ComfyUI and diffusers
-    all scale a LoRA by ``alpha / r`` with a negative alpha as given, while an alpha of 0 is
-    ``alpha = rank`` to sd-scripts (its LoRAModule) and a scale of 0 to ComfyUI and diffusers, so
-    it is refused naming both readings. With ``constraint`` (an OFT's norm constraint, where 0
-    means none) one >= 0. With ``shapes_only`` (a header read, no values) only what the header
-    decides is checked, its dtype and its shape, and None is returned: its value is checked at
-    load."""
+    """The value of a ``.alpha`` tensor: one finite real number other than 0 (else a problem,
+    and None). A negative alpha scales by ``alpha / r`` as given, in every loader lorahot follows:
+    sd-scripts, ComfyUI and diffusers for a LoRA; LyCORIS and ComfyUI for a LyCORIS module (LoHa,
+    LoKr, Tucker LoCon, GLoRA, a diff's LoRA; a whole LoKr, a diff alone ignore it, as both do).
+    An alpha of 0 is refused with ``zero``, the readings that disagree on it (a LoRA's,
+    :data:`_LORA_ZERO`, or a LyCORIS module's, :data:`_LYCORIS_ZERO`). With ``constraint`` (an
+    OFT's norm constraint, where 0 means none) one >= 0. With ``shapes_only`` (a header read, no
+    values) only what the header decides is checked, its dtype and its shape, and None is
+    returned: its value is checked at load."""
     if entry is None:
         return None
     key, t = entry
@@ -1418,17 +1431,14 @@ def _alpha(
             f"got {got}"
         )
         return None
-    if why is not None or not (math.isfinite(value) and (value != 0 if signed else value > 0)):
+    if why is not None or not (math.isfinite(value) and value != 0):
         got = why or _alpha_shown(t, shapes_only)
-        zero = (
-            " (sd-scripts, which trains and loads kohya files, reads an alpha of 0 as alpha = rank, a scale of 1; "
-            "ComfyUI and diffusers read it as a scale of 0: drop the .alpha tensors, or set them to the rank or to "
-            "the alpha the adapter was trained with)"
+        readings = (
+            f" ({zero}: drop the .alpha tensors, or set them to the rank or to the alpha the adapter was trained with)"
             if why is None and value == 0
             else ""
         )
-        must = "finite number other than 0" if signed else "finite number > 0"
-        problems.append(f"{key}: alpha must be one {must}, got {got}{zero}")
+        problems.append(f"{key}: alpha must be one finite number other than 0, got {got}{readings}")
         return None
     return value
 

@@ -25,6 +25,7 @@ from tests.helpers import Conv1D, assert_swaps_without_recompile
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris.modules import LoConModule, LohaModule, LokrModule  # noqa: E402 - after the importorskip
+from lycoris.modules.glora import GLoRAModule  # noqa: E402
 
 CASES = [
     ("loha-linear", LohaModule, "linear", {"lora_dim": 4, "alpha": 2.0}),
@@ -898,3 +899,128 @@ def test_the_eps_of_a_dora_scale_is_the_computing_dtype_s_not_the_file_s(
         got = base(x)
     top = float(want.abs().max())
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * top)
+
+
+#: LyCORIS kinds built with a negative alpha: LyCORIS scales each by alpha / r as given (only 0
+#: reads as the rank), a whole LoKr at 1 whatever its alpha; ComfyUI reads the same. The last
+#: field: LyCORIS' own loader rebuilds the module from its file (it builds a Tucker LoKr without
+#: its w2 factors, and a LoCon decomposed over its inputs as one over its outputs)
+NEGATIVE_ALPHA = [
+    ("loha-linear", LohaModule, "linear", {"lora_dim": 4}, True),
+    ("loha-conv-tucker", LohaModule, "conv", {"lora_dim": 3, "use_tucker": True}, True),
+    ("lokr-linear-low", LokrModule, "linear", {"lora_dim": 2, "factor": 8, "decompose_both": True}, True),
+    ("lokr-conv-tucker", LokrModule, "wide-conv", {"lora_dim": 2, "factor": 4, "use_tucker": True}, False),
+    ("lokr-linear-full", LokrModule, "linear", {"lora_dim": 64, "factor": 4}, True),
+    ("locon-conv-tucker", LoConModule, "conv", {"lora_dim": 3, "use_tucker": True}, True),
+    ("loha-linear-decomposed", LohaModule, "linear", {"lora_dim": 2, "weight_decompose": True}, True),
+    ("locon-linear-decomposed-on-in", LoConModule, "linear",
+     {"lora_dim": 2, "weight_decompose": True, "wd_on_out": False}, False),
+    ("glora-linear", GLoRAModule, "linear", {"lora_dim": 4}, True),
+]  # fmt: skip
+
+
+def _file(cls: type, kind: str, options: dict, alpha: float) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """``(oracle model, file)``: a LyCORIS ``cls`` module built with ``alpha`` (as LyCORIS' loader
+    builds it from a file's ``.alpha``) applied to a float64 base layer, and its file under
+    LyCORIS' own names (``lycoris_0.``), random factors whose values float32 holds exactly
+    (LyCORIS' loader builds its modules in float32), the ``.alpha`` ``alpha`` (a whole LoKr
+    saves its rank there)."""
+    oracle = _base(kind)
+    module = cls("lycoris_0", oracle[0], 1.0, alpha=alpha, **options).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_((torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3).float())
+    module.apply_to()
+    saved = module.custom_state_dict() or {k: v for k, v in module.state_dict().items() if k in module.weight_list}
+    sd = {f"lycoris_0.{k}": v.detach().clone().double() for k, v in saved.items()}
+    sd["lycoris_0.alpha"] = torch.tensor(alpha, dtype=torch.float64)
+    return oracle, sd
+
+
+def _read_by_lycoris(sd: dict[str, torch.Tensor], kind: str) -> tuple[nn.Module, nn.Module]:
+    """``(model, module)``: LyCORIS' own loader (``create_lycoris_from_weights``) on the file,
+    the module applied to a float64 base layer."""
+    from lycoris import create_lycoris_from_weights
+
+    model = _base(kind)
+    network, _ = create_lycoris_from_weights(1.0, "", model, weights_sd=dict(sd))
+    (module,) = network.loras  # a plain list: network.double() does not reach it
+    module.double()
+    network.apply_to()
+    return model, module
+
+
+@pytest.mark.parametrize(
+    ("case", "cls", "kind", "options", "readable"), NEGATIVE_ALPHA, ids=[c[0] for c in NEGATIVE_ALPHA]
+)
+def test_a_negative_lycoris_alpha_scales_by_alpha_over_rank_as_lycoris_and_comfyui_do(
+    case: str, cls: type, kind: str, options: dict, readable: bool
+) -> None:
+    """A LyCORIS module's negative ``.alpha`` (LoHa, LoKr, Tucker LoCon, GLoRA, with or without
+    weight decomposition) was refused as not > 0. LyCORIS' loader reads it as given (``alpha /
+    r``, only 0 taken as the rank; a whole LoKr ignores it) and ComfyUI's adapters divide it by
+    the rank alike (a whole LoKr at 1), so lorahot loads it so: float64, against LyCORIS' module
+    built with that alpha and, where LyCORIS' loader rebuilds it, against the module that loader
+    reads from the file, within 1e-12; the adapter read back (a hand-built WeightModule with
+    that alpha) loads the same."""
+    oracle, sd = _file(cls, kind, options, -2.5)
+    x = _input(kind)
+    with torch.no_grad():
+        want = oracle(x)
+    if readable:
+        read, module = _read_by_lycoris(sd, kind)
+        assert module.scale == (1.0 if case == "lokr-linear-full" else -2.5 / options["lora_dim"])
+        with torch.no_grad():
+            torch.testing.assert_close(read(x), want, rtol=1e-12, atol=1e-12)
+    for source in (sd, lorahot.read_adapter(sd)):
+        model = _base(kind)
+        base_out = model(x).detach()
+        runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+        runtime.load(source)
+        with torch.no_grad():
+            assert (want - base_out).abs().max() > 0.1
+            torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_negative_alpha_on_a_diffs_lora_scales_it_as_comfyui_does() -> None:
+    """A diff module with a LoRA beside it (ComfyUI patches both; LyCORIS has no such module)
+    and a negative ``.alpha``: ``W + diff + alpha / r * up @ down`` in float64, as ComfyUI's LoRA
+    adapter scales it (``alpha / rank`` as given)."""
+    model = _base("linear")
+    w0 = model[0].weight.detach().clone()
+    g = torch.Generator().manual_seed(5)
+    diff, up, down = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((24, 16), (24, 3), (3, 16)))
+    sd = {
+        "lora_unet_0.diff": diff,
+        "lora_unet_0.lora_up.weight": up,
+        "lora_unet_0.lora_down.weight": down,
+        "lora_unet_0.alpha": torch.tensor(-1.5, dtype=torch.float64),
+    }
+    lorahot.inject(model, ["0"], max_rank=4, merged=True).load(sd)
+    torch.testing.assert_close(model[0].weight, w0 + diff + (-1.5 / 3) * up @ down, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("case", "cls", "kind", "options", "readable"), NEGATIVE_ALPHA[:3], ids=[c[0] for c in NEGATIVE_ALPHA[:3]]
+)
+def test_a_lycoris_alpha_of_0_is_refused_naming_the_two_readings(
+    case: str, cls: type, kind: str, options: dict, readable: bool
+) -> None:
+    """An alpha of 0: LyCORIS' loader takes it as the rank (scale 1), ComfyUI divides it by the
+    rank (scale 0). The two disagree, so it stays refused, the message naming both; nothing
+    changes, every parameter and buffer bitwise."""
+    _, sd = _file(cls, kind, options, 0.0)
+    assert _read_by_lycoris(sd, kind)[1].scale == 1.0  # LyCORIS: alpha = rank
+    model = _base(kind)
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    before = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    with pytest.raises(
+        lorahot.AdapterReadError,
+        match=r"lycoris_0\.alpha: alpha must be one finite number other than 0, got shape \(\) value \[0\.0\] "
+        r"\(LyCORIS, which trains and loads these modules, reads an alpha of 0 as alpha = rank, a scale of 1; "
+        r"ComfyUI reads it as a scale of 0: drop the \.alpha tensors",
+    ):
+        runtime.load(sd)
+    after = model.state_dict(keep_vars=True)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

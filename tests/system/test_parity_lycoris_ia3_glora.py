@@ -221,7 +221,9 @@ HOSTILE = [
         "glora-alpha-zero",
         _glora(alpha=torch.tensor(0.0)),
         lorahot.AdapterReadError,
-        r"lora_unet_0\.alpha: alpha must be one finite number > 0",
+        r"lora_unet_0\.alpha: alpha must be one finite number other than 0, got shape \(\) value \[0\.0\] \(LyCORIS, "
+        r"which trains and loads these modules, reads an alpha of 0 as alpha = rank, a scale of 1; ComfyUI reads it as "
+        r"a scale of 0",
     ),
 ]
 

@@ -712,8 +712,8 @@ _HAND_BUILT_WEIGHTS = [
     ("extra-factor", "oft", {"oft_blocks": torch.zeros(2, 3, 3), "hada_w1_a": torch.ones(6, 2)}, None,
      r"kind oft that has factors its kind has not: hada_w1_a"),
     ("nan-constraint", "oft", {"oft_blocks": torch.zeros(2, 3, 3)}, float("nan"), r"alpha is nan; it must be finite"),
-    ("negative-alpha", "loha", {f"hada_w{i}_{s}": torch.ones(6 if s == "a" else 2, 2 if s == "a" else 8)
-                                for i in (1, 2) for s in "ab"}, -1.0, r"alpha is -1; it must be finite and > 0"),
+    ("zero-alpha", "loha", {f"hada_w{i}_{s}": torch.ones(6 if s == "a" else 2, 2 if s == "a" else 8)
+                            for i in (1, 2) for s in "ab"}, 0.0, r"alpha is 0; it must be finite and other than 0"),
 ]  # fmt: skip
 
 
