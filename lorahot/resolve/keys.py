@@ -433,6 +433,7 @@ def resolve_all(
     problems: list[str] = []
     bare = 0  # problems of keys naming a norm without a weight, which no targets help
     unplaced = 0  # problems of keys that land nowhere, which strict=False skips
+    twice = 0  # problems of two modules of the file on one layer
     entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
     pending: collections.deque[tuple[str, LoraModule | WeightModule, str]] = collections.deque(
         (key, module, fmt.in_file(key, module.source_keys[0]) if module.source_keys else key) for key, module in entries
@@ -487,6 +488,7 @@ def resolve_all(
                 f"{named}: ambiguous, matches {', '.join(hits[:6])}; pass key_map={{{shown(key, 200)}: '<layer name>'}}"
             )
         elif hits[0] in out:
+            twice += 1
             problems.append(f"{named}: lands on {hits[0]}, which {origin[hits[0]]} already fills")
         else:
             out[hits[0]], origin[hits[0]] = module, named
@@ -499,7 +501,7 @@ def resolve_all(
                     "layers:",
                     problems,
                 ),
-                _BARE_HINT if bare == len(problems) else _fix_hint(adapter),
+                _BARE_HINT if bare == len(problems) else _TWICE_HINT if twice == len(problems) else _fix_hint(adapter),
                 *rest,
             )
         )
@@ -545,6 +547,16 @@ _SHOWN = 20
 
 
 _BARE_HINT = "Load with strict=False to skip those keys, or load an adapter made for this model."
+
+#: what to do with a file that holds two modules for one layer (two spellings of one module, a
+#: fused module and one of its parts): its loaders disagree on it, so lorahot picks neither
+_TWICE_HINT = (
+    "The file holds two modules for each of those layers (two spellings of one module, such as a prefixed and a "
+    "bare name, or a fused module and one of its parts), which its loaders read differently: ComfyUI keeps one of two "
+    "keys it maps onto the same weight and drops the other, and adds a part of a fused weight to the whole. lorahot "
+    "chooses neither: delete the keys of the module the file does not mean, or save the two as two files and load "
+    "them as one stack (runtime.load([first, second]) adds both)."
+)
 
 
 def _rest_hint(placed: int) -> str:

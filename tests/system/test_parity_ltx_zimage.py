@@ -286,3 +286,64 @@ def test_z_image_kohya_spelling_of_the_original_names_matches_diffusers() -> Non
         reference[name] = reference[name] + torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
     assert fmt == "lumina2-kohya"
     _assert_same(ours, reference)
+
+
+def _pair(key: str, rows: int, seed: int, down: str = "lora_A", up: str = "lora_B") -> dict[str, torch.Tensor]:
+    """A rank-2 LoRA module ``key`` on a Z-Image projection of 32 inputs and ``rows`` outputs."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"{key}.{down}.weight": torch.randn(2, 32, generator=g, dtype=torch.float64),
+        f"{key}.{up}.weight": torch.randn(rows, 2, generator=g, dtype=torch.float64),
+    }
+
+
+#: Z-Image files with one module under two spellings: a prefixed and a bare name, two prefixes,
+#: the fused qkv and its to_q, the original attention.out and diffusers' to_out.0, kohya's and
+#: ComfyUI's spelling (the module on the layer first, the one refused second)
+_DUPLICATES = [
+    ("prefix+bare", "diffusion_model.layers.0.attention.to_q", 32, "layers.0.attention.to_q"),
+    ("prefix+transformer", "diffusion_model.layers.0.attention.to_q", 32, "transformer.layers.0.attention.to_q"),
+    ("fused+part", "diffusion_model.layers.0.attention.qkv", 96, "diffusion_model.layers.0.attention.to_q"),
+    ("out+to_out", "diffusion_model.layers.0.attention.out", 32, "diffusion_model.layers.0.attention.to_out.0"),
+    ("kohya+comfyui", "lora_unet_layers_0_attention_to_q", 32, "diffusion_model.layers.0.attention.to_q"),
+]
+
+
+@pytest.mark.parametrize(("case", "first", "rows", "second"), _DUPLICATES, ids=[c[0] for c in _DUPLICATES])
+def test_a_z_image_file_with_one_module_under_two_spellings_is_refused_naming_both(
+    case: str, first: str, rows: int, second: str
+) -> None:
+    """Z-Image files from the wild ("Anime-Z") carry one module under two spellings. ComfyUI keeps
+    one of two keys it maps onto the same weight (its patch dict is keyed by the weight) and adds a
+    part of the fused qkv to the whole (a slice's patch is another entry), so no one reading
+    stands: lorahot refuses the file naming both keys, with a hint that says so (it gave the
+    generic 'inject those modules' one), every parameter and buffer bitwise unchanged, strict=False
+    too. Loaded as two parts of a stack, the fused qkv and its to_q add up on to_q as ComfyUI adds
+    them (float64)."""
+    kohya = first.startswith("lora_unet_")
+    one = _pair(first, rows, 1, *(("lora_down", "lora_up") if kohya else ()))
+    two = _pair(second, 32, 2)
+    model = _tiny_zimage()
+    names = ["layers.0.attention.to_q", "layers.0.attention.to_k", "layers.0.attention.to_out.0"]
+    if case == "fused+part":
+        names.append("layers.0.attention.to_v")
+    runtime = lorahot.inject(model, names, max_rank=8, merged=True)
+    before = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    for strict in (True, False):
+        with pytest.raises(
+            lorahot.AdapterMismatchError,
+            match=rf"(?s){re.escape(second)}: lands on layers\.0\.attention\.to_(q|out\.0), which [^\n]*"
+            rf"{re.escape(first if not case.startswith('fused') else 'diffusion_model.layers.0.attention.qkv')}[^\n]*"
+            r" already fills\nThe file holds two modules for each of those layers.*ComfyUI keeps one of two keys.*"
+            r"adds a part of a fused weight to the whole",
+        ):
+            runtime.load(one | two, strict=strict)
+        after = model.state_dict(keep_vars=True)
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    if case == "fused+part":  # as a stack: both on to_q, as ComfyUI adds them
+        runtime.load([one, two])
+        a1, b1 = one[f"{first}.lora_A.weight"], one[f"{first}.lora_B.weight"]
+        a2, b2 = two[f"{second}.lora_A.weight"], two[f"{second}.lora_B.weight"]
+        w0 = _weights(_tiny_zimage(), ["layers.0.attention.to_q"])["layers.0.attention.to_q"]
+        want = w0 + torch.cat([(b1[:32] @ a1 + b2 @ a2).T, torch.zeros(1, 32, dtype=torch.float64)])
+        _assert_same(_weights(model, ["layers.0.attention.to_q"]), {"layers.0.attention.to_q": want})
