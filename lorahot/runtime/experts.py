@@ -30,6 +30,7 @@ from torch import nn
 
 from lorahot.layers.base import LoRALayer
 from lorahot.layers.routing import is_expert
+from lorahot.runtime.module_paths import above
 
 __all__ = ["find_experts", "expert_lists"]
 
@@ -38,18 +39,7 @@ def find_experts(model: nn.Module, names: Iterable[str]) -> frozenset[str]:
     """The layers among ``names`` (dotted module paths in ``model``) that belong to a
     mixture-of-experts block's experts, by name or by structure (see the module docstring)."""
     lists = set(expert_lists(model))
-    return frozenset(n for n in names if is_expert(n) or _under(n, lists))
-
-
-def _under(name: str, lists: set[str]) -> bool:
-    """Whether one of ``lists`` holds module ``name`` (``name`` starts with it and a dot): each
-    path above ``name`` looked up, not each list compared (a model has a list per MoE block)."""
-    at = name.find(".")
-    while at >= 0:
-        if name[:at] in lists:
-            return True
-        at = name.find(".", at + 1)
-    return False
+    return frozenset(n for n in names if is_expert(n) or any(p in lists for p in above(n)))
 
 
 def expert_lists(model: nn.Module) -> list[str]:
@@ -57,12 +47,15 @@ def expert_lists(model: nn.Module) -> list[str]:
     structure: ``n >= 2`` entries beside a router (see the module docstring)."""
     found = []
     for path, parent in model.named_modules():
+        routers: _Routers | None = None  # made for the first list of ``parent`` that needs it
         for name, child in parent.named_children():
             entries = _entries(child)
             if entries:
                 widths = _widths(entries[0])
-                if widths and _has_router(parent, child, len(entries), widths):
-                    found.append(f"{path}.{name}" if path else name)
+                if widths:
+                    routers = routers or _Routers(parent)
+                    if routers.route(child, len(entries), widths):
+                        found.append(f"{path}.{name}" if path else name)
     return found
 
 
@@ -96,18 +89,35 @@ def _widths(entry: nn.Module) -> set[int]:
     }
 
 
-def _has_router(parent: nn.Module, experts: nn.Module, n: int, widths: set[int]) -> bool:
-    """Whether ``parent`` holds a 2-D weight of ``n`` rows (or columns) over one of ``widths``,
-    as its own parameter or a child's or grandchild's outside ``experts``."""
-    candidates = list(parent._parameters.values())
-    for child in parent.children():
-        if child is experts:
-            continue
-        candidates.append(child._parameters.get("weight"))
-        candidates.extend(grand._parameters.get("weight") for grand in child.children() if grand is not experts)
-    for weight in candidates:
+class _Routers:
+    """The 2-D weights that may route ``parent``'s lists: its own parameters and the weights of
+    its children and grandchildren, indexed by ``(n, width)`` for either orientation, each with
+    the modules it comes from. A parent holding many lists (a ``ModuleList`` of blocks, each a
+    ``ModuleDict``) had its every child and grandchild scanned for each list: the blocks squared."""
+
+    def __init__(self, parent: nn.Module) -> None:
+        #: (n, width) -> the modules each such weight comes from (none: ``parent``'s own)
+        self._weights: dict[tuple[int, int], list[tuple[nn.Module, ...]]] = {}
+        for weight in parent._parameters.values():
+            self._add(weight, ())
+        for child in parent.children():
+            self._add(child._parameters.get("weight"), (child,))
+            for grand in child.children():
+                self._add(grand._parameters.get("weight"), (child, grand))
+
+    def _add(self, weight: object, sources: tuple[nn.Module, ...]) -> None:
         if isinstance(weight, torch.Tensor) and weight.dim() == 2:
             rows, cols = weight.shape
-            if (rows == n and cols in widths) or (cols == n and rows in widths):
-                return True
-    return False
+            self._weights.setdefault((rows, cols), []).append(sources)
+            if cols != rows:
+                self._weights.setdefault((cols, rows), []).append(sources)
+
+    def route(self, experts: nn.Module, n: int, widths: set[int]) -> bool:
+        """Whether a weight of ``n`` rows (or columns) over one of ``widths`` comes from outside
+        ``experts``: ``parent``'s own, or a child's or grandchild's other than ``experts``. Only
+        the weights of ``experts`` and its children are passed over before one is found."""
+        for width in widths:
+            for sources in self._weights.get((n, width), ()):
+                if all(module is not experts for module in sources):
+                    return True
+        return False

@@ -28,6 +28,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from lorahot.runtime.module_paths import within
+
 __all__ = ["SEQUENCE_FIRST_TYPES", "find_sequence_first", "sequence_first_paths"]
 
 #: the ``config.model_type`` of transformers models whose layers see ``[T, B, ...]``: FSMT's
@@ -40,8 +42,8 @@ SEQUENCE_FIRST_TYPES = frozenset({"fsmt", "xlnet", "longformer", "led", "mask2fo
 def find_sequence_first(model: nn.Module, names: Iterable[str]) -> frozenset[str]:
     """The layers among ``names`` (dotted module paths in ``model``) that see their input
     sequence-first (see the module docstring)."""
-    paths = sequence_first_paths(model)
-    return frozenset(n for n in names if any(n == p or n.startswith(p + ".") or not p for p in paths))
+    paths = set(sequence_first_paths(model))  # a lookup per level of a name (a module per block may declare it)
+    return frozenset(n for n in names if within(n, paths))
 
 
 def sequence_first_paths(model: nn.Module) -> list[str]:

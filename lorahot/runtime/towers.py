@@ -30,6 +30,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from lorahot.runtime.module_paths import above, within
+
 __all__ = ["TOWERS", "CARRIERS", "MEDIA_INPUTS", "MEDIA_MODALITIES", "find_towers", "tower_paths"]
 
 #: the module names of vision and audio towers and of the projectors that carry their output
@@ -107,8 +109,8 @@ def find_towers(model: nn.Module, names: Iterable[str]) -> frozenset[str]:
     """The layers among ``names`` (dotted module paths in ``model``) that belong to a vision
     or audio tower beside other modules (see the module docstring): inside one, or one itself
     (Fuyu's ``vision_embed_tokens``, a ``projector`` that is a single Linear)."""
-    towers = tower_paths(model)
-    return frozenset(n for n in names if _inside(n, towers))
+    towers = set(tower_paths(model))
+    return frozenset(n for n in names if within(n, towers))
 
 
 def tower_paths(model: nn.Module) -> list[str]:
@@ -118,19 +120,13 @@ def tower_paths(model: nn.Module) -> list[str]:
         return []
     modules = dict(model.named_modules())
     found = [p for p, m in modules.items() if p and (p.rpartition(".")[2] in TOWERS or _media(m))]
-    for path in list(found):  # what carries a tower's output, beside it
-        parent = path.rpartition(".")[0]
+    for parent in dict.fromkeys(path.rpartition(".")[0] for path in found):  # what carries a tower's output, beside it
         found += [f"{parent}.{n}" if parent else n for n, _ in modules[parent].named_children() if n in CARRIERS]
-    chosen = set(found)
-    outermost = [p for p in modules if p in chosen and not _inside(p, chosen - {p})]
-    if all(_inside(name, outermost) for name, _ in model.named_parameters()):
+    chosen = set(found)  # a path per level looked up, not each compared with each (a tower per block)
+    outermost = [p for p in modules if p in chosen and not any(a in chosen for a in above(p))]
+    if all(within(name, chosen) for name, _ in model.named_parameters()):
         return []  # nothing beside the towers: their images or clips are the rows
     return outermost
-
-
-def _inside(path: str, towers: Iterable[str]) -> bool:
-    """Whether ``path`` is one of ``towers`` or under one."""
-    return any(path == t or path.startswith(t + ".") for t in towers)
 
 
 def _media(module: nn.Module) -> bool:

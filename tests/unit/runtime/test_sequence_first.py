@@ -16,7 +16,7 @@ from torch import nn
 import lorahot
 from lorahot.runtime import lora_runtime
 from lorahot.runtime.sequence_first import find_sequence_first, sequence_first_paths
-from tests.helpers import make_adapter, model_reference
+from tests.helpers import count_calls, make_adapter, model_reference
 
 SEQUENCE_FIRST = ["block.linear1", "block.linear2"]
 
@@ -134,3 +134,29 @@ def test_negative_control_without_the_declaration_time_steps_take_rows_slots(mon
     got = _forward(model, x)
     want = torch.cat([model_reference(base, x[i : i + 1], held[s] if s >= 0 else {}) for i, s in enumerate([0, 1, -1])])
     assert float((got - want).abs().max()) > 0.1
+
+
+class _Declaring(nn.Module):
+    """A block that declares it runs sequence-first, holding two linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_first = False
+        self.linear1, self.linear2 = nn.Linear(2, 2), nn.Linear(2, 2)
+
+
+def _sequence_first_calls(blocks: int) -> int:
+    model = nn.ModuleDict({"blocks": nn.Sequential(*[_Declaring() for _ in range(blocks)]), "head": nn.Linear(2, 2)})
+    names = [f"blocks.{b}.linear{i}" for b in range(blocks) for i in (1, 2)]
+    found: set[str] = set()
+    count = count_calls(lambda: found.update(find_sequence_first(model, [*names, "head"])))
+    assert found == set(names)
+    return count
+
+
+def test_finding_sequence_first_layers_does_not_compare_each_layer_with_each_block() -> None:
+    """A module per block may declare it (every ``nn.TransformerEncoderLayer``'s ``self_attn``):
+    each layer was compared with every declaring module, the blocks squared. Each path above a
+    layer is now looked up, so four times the blocks cost at most four times the calls."""
+    _sequence_first_calls(2)  # first-call costs out of the counts
+    assert _sequence_first_calls(32) <= 4 * _sequence_first_calls(8)

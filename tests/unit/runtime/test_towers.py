@@ -13,7 +13,7 @@ from torch import nn
 import lorahot
 from lorahot.runtime import towers as towers_module
 from lorahot.runtime.towers import find_towers, tower_paths
-from tests.helpers import make_adapter
+from tests.helpers import count_calls, make_adapter
 
 IMAGE = 63  # the image token's id
 PATCHES = 4  # image tokens per image: 16 x 16 pixels in 8 x 8 patches
@@ -326,3 +326,38 @@ def test_a_tower_or_carrier_that_is_a_single_layer_is_a_tower() -> None:
         runtime.activate([1, 0])
     assert runtime.routing is None
     runtime.activate([1, -1])  # the language model routes
+
+
+def _tower_per_block(blocks: int) -> tuple[nn.Module, list[str]]:
+    """``blocks`` blocks, each a ``vision_model`` (a tower by name) beside a linear, and a head
+    outside them; the names of every linear."""
+    model = nn.ModuleDict(
+        {
+            "blocks": nn.ModuleList(
+                [
+                    nn.ModuleDict({"vision_model": nn.Sequential(nn.Linear(2, 2)), "fc": nn.Linear(2, 2)})
+                    for _ in range(blocks)
+                ]
+            ),
+            "head": nn.Linear(2, 2),
+        }
+    )
+    names = [f"blocks.{b}.{p}" for b in range(blocks) for p in ("vision_model.0", "fc")] + ["head"]
+    return model, names
+
+
+def _tower_calls(blocks: int) -> int:
+    model, names = _tower_per_block(blocks)
+    found: set[str] = set()
+    count = count_calls(lambda: found.update(find_towers(model, names)))
+    assert found == {n for n in names if ".vision_model." in n}
+    return count
+
+
+def test_finding_the_towers_does_not_compare_each_layer_with_each_tower() -> None:
+    """Each tower was compared with every other (to keep the outermost) and each layer with
+    every tower: the towers squared, with a tower per block. Each path above a tower or a layer
+    is now looked up, so four times the blocks cost at most four times the calls, and the
+    towers found are the same."""
+    _tower_calls(2)  # first-call costs out of the counts
+    assert _tower_calls(32) <= 4 * _tower_calls(8)
