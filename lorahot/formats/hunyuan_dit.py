@@ -30,9 +30,10 @@ renames it (``attn1.out_proj`` -> ``attn1.to_out.0``, ``attn2.q_proj`` -> ``attn
 ``skip_linear`` keeps its name. A model in the original names takes the keys as they are.
 
 The attention pool's projections (``pooler.q_proj``, which Tencent's ``q_proj`` target takes too)
-are aliased to ``time_extra_emb.pooler.*``, but diffusers' pool computes with their weights
-directly, so inject refuses them as targets and a file that adapts them is refused as matching no
-injected layer (``strict=False`` skips them).
+are aliased to ``time_extra_emb.pooler.*``, but the pool (diffusers' and Tencent's) computes with
+their weights directly, never calling them, so inject refuses them as targets and these namings
+refuse their keys by name, saying so (``strict=False`` skips them): ComfyUI and a PEFT merge fold
+them into the weights, which no LoRA layer reproduces.
 
 LyCORIS factors and diffs load in merged mode, as in ComfyUI naming; a fused module's is cut by
 the rows of its ``ΔW``. The attentions' query/key LayerNorms are aliased as the conversion renames
@@ -116,6 +117,15 @@ _REFUSED: tuple[tuple[str, str], ...] = (
         "norm1.norm (diffusers' norm1 is the AdaLayerNormShift that holds it), and norm2 and norm3 swapped (the "
         "original norm2 is diffusers' norm3, its norm3 diffusers' norm2), so the key's own name would fold it into "
         "another module; lorahot does not place these deltas: load with strict=False to skip it",
+    ),
+    (
+        r"(?:^|[._])pooler[._][qkvc]_proj\.",
+        "a module of the attention pool (pooler.q_proj, k_proj, v_proj, c_proj; diffusers' "
+        "time_extra_emb.pooler), whose weights the pool hands to F.multi_head_attention_forward without calling the "
+        "module, in diffusers' HunyuanDiTAttentionPool as in Tencent's AttentionPool: no LoRA layer can serve it, "
+        "unmerged (PEFT's never runs there) or merged (lorahot injects no module whose weight is read so). ComfyUI and "
+        "a PEFT merge_and_unload fold it into the weight and the pool computes with it, so skipping it changes the "
+        "output: load with strict=False to skip it knowingly, or merge the file into the model with one of those",
     ),
     *REFUSED_MERGEABLE,
 )

@@ -11,6 +11,8 @@ onto ``norm_out.linear``, every other module is renamed (:data:`PARTS`); its nor
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -211,11 +213,15 @@ def test_hunyuan_dit_norm_deltas_fold_as_the_conversion_renames_them(naming: str
         assert_merged_state(model, pristine, expected, 1.0)
 
 
-def test_tencent_lora_with_the_attention_pool_is_refused_naming_it_or_skips_it() -> None:
+@pytest.mark.parametrize("spelling", ["peft", "kohya"])
+def test_tencent_lora_with_the_attention_pool_is_refused_naming_it_or_skips_it(spelling: str) -> None:
     """Tencent's LoRA targets (``Wqkv``, ``q_proj``, ``kv_proj``, ``out_proj``) take the attention
-    pool's ``pooler.q_proj`` too, whose weight diffusers' pool reads directly (no LoRA layer can
-    serve there): the file is refused naming that module, every parameter bitwise unchanged, and
-    with strict=False the rest lands as the conversion places it."""
+    pool's ``pooler.q_proj`` too, whose weight the pool (diffusers' and Tencent's) hands to
+    ``F.multi_head_attention_forward`` without calling the module, so no LoRA layer can serve
+    there, where ComfyUI and a PEFT merge fold it into the weight. The file is refused naming that
+    module and why (it was refused as matching no injected layer, with the hint to inject it, which
+    inject refuses), in PEFT's and kohya's spelling, every parameter bitwise unchanged; with
+    strict=False the rest lands as the conversion places it."""
     model = tiny_hunyuan_dit()
     names = [
         t for n in ("attn1.Wqkv", "attn1.out_proj", "attn2.q_proj", "attn2.kv_proj") for t in PARTS[f"blocks.0.{n}"]
@@ -233,20 +239,31 @@ def test_tencent_lora_with_the_attention_pool_is_refused_naming_it_or_skips_it()
         targets = PARTS.get(name, ["time_extra_emb.pooler.q_proj"])
         a = torch.randn(4, D, generator=g, dtype=torch.float64)
         b = torch.randn(D * len(targets), 4, generator=g, dtype=torch.float64)
-        sd |= {f"base_model.model.{name}.lora_A.weight": a, f"base_model.model.{name}.lora_B.weight": b}
+        if spelling == "peft":
+            sd |= {f"base_model.model.{name}.lora_A.weight": a, f"base_model.model.{name}.lora_B.weight": b}
+        else:
+            key = "lora_unet_" + name.replace(".", "_")
+            sd |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(4.0)}
         expected |= dict(zip(targets, (b @ a).chunk(len(targets)), strict=True))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pool = (
+        ["base_model.model.pooler.q_proj.lora_A.weight", "base_model.model.pooler.q_proj.lora_B.weight"]
+        if spelling == "peft"
+        else [f"lora_unet_pooler_q_proj.{r}" for r in ("alpha", "lora_down.weight", "lora_up.weight")]
+    )
+    before = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
     with pytest.raises(
-        lorahot.AdapterMismatchError, match=r"base_model\.model\.pooler\.q_proj: matches no injected layer"
+        lorahot.UnknownFormatError,
+        match=rf"{re.escape(pool[-1])}: a module of the attention pool \(pooler\.q_proj, .*\), whose weights the "
+        r"pool hands to F\.multi_head_attention_forward without calling the module, in diffusers' "
+        r"HunyuanDiTAttentionPool as in Tencent's AttentionPool: no LoRA layer can serve it.*ComfyUI and a PEFT "
+        r"merge_and_unload fold it into the weight.*load with strict=False to skip it knowingly",
     ):
         runtime.load(dict(sd))
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    after = model.state_dict(keep_vars=True)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     info = runtime.load(dict(sd), strict=False)
-    assert info.format == "hunyuan-dit"
-    assert sorted(info.skipped) == [
-        "base_model.model.pooler.q_proj.lora_A.weight",
-        "base_model.model.pooler.q_proj.lora_B.weight",
-    ]
+    assert info.format == ("hunyuan-dit" if spelling == "peft" else "hunyuan-dit-kohya")
+    assert sorted(info.skipped) == pool
     pristine = layer_weights(tiny_hunyuan_dit(), names)
     ours = layer_weights(model, names)
     for name in names:
