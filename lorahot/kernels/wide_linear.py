@@ -74,13 +74,18 @@ __all__ = ["SHIFTED_DTYPES", "traced", "wide_linear", "wide_linear_dynamic", "wi
 #: float16 tops out at 65504: unshifted, ``x @ A.T`` of 1e5 would be inf where the output is
 #: well in range. Shifted, ``|x @ (A_r / p_r)|`` is at most 65504 for every float16 ``x``, and
 #: the product with the shifted B is the same (powers of two). The traced shrink reads the
-#: buffer's shifted A, never the arena's (whose rows are not shifted). bfloat16 has float32's
-#: range.
+#: shifted rows, never the arena's (which are not shifted): the runtime's contiguous copy of
+#: them where the layer has one (``shifted=True``), else the buffer's own. bfloat16 has
+#: float32's range.
 SHIFTED_DTYPES = frozenset({torch.float16})
 
 
 def wide_linear(
-    x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None = None, a: torch.Tensor | None = None
+    x: torch.Tensor,
+    wide: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
+    shifted: bool = False,
 ) -> torch.Tensor:
     """``x @ W.T + (x @ A.T) @ B_s.T + bias`` for ``x [..., in]`` and the wide buffer ``wide
     [out + R, in + R]`` (see the module docstring): traced, the shrink then one GEMM over
@@ -94,9 +99,9 @@ def wide_linear(
         # the operator, as compiled_forward calls it: a layer with extras (DoRA, LoRA bias)
         # compiles to the same tagged nodes, which the compiler passes match
         # (lorahot.kernels.extern_inputs reads the tag); traced handles an A of another dtype
-        return wide_traced(x, wide, bias, a)
+        return wide_traced(x, wide, bias, a, shifted)
     if torch.compiler.is_compiling() or _needs_grad(x, wide, bias):
-        return traced(x, wide, bias, a)
+        return traced(x, wide, bias, a, shifted)
     k = x.shape[-1]
     n = wide.shape[0] - (wide.shape[1] - k)
     y = _in_place(as_rows(x), wide, n, k)
@@ -105,15 +110,19 @@ def wide_linear(
     return y.view(*x.shape[:-1], n)
 
 
-def traced(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor | None) -> torch.Tensor:
+def traced(
+    x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor | None, shifted: bool = False
+) -> torch.Tensor:
     """:func:`wide_linear`'s traced form, the shrink then one GEMM over ``[x | h]``. The
     compiler passes (:mod:`lorahot.kernels.stacked_shrinks`, :mod:`lorahot.kernels.extern_inputs`)
     match it on 2-D rows. A compiled wide layer calls it as the operator
-    ``lorahot::wide_traced`` (:func:`wide_traced`)."""
+    ``lorahot::wide_traced`` (:func:`wide_traced`). In a dtype of :data:`SHIFTED_DTYPES` the
+    shrink reads ``a`` only where ``shifted`` says it holds the shifted rows (the runtime's
+    contiguous copy of them, which those passes match); else the buffer's own."""
     k = x.shape[-1]
     n = wide.shape[0] - (wide.shape[1] - k)
     x2 = as_rows(x)
-    if a is None or a.dtype != wide.dtype or wide.dtype in SHIFTED_DTYPES:
+    if a is None or a.dtype != wide.dtype or (wide.dtype in SHIFTED_DTYPES and not shifted):
         a = wide[n:, :k]  # a move of the model converted the buffer, not the arena; or the shifted rows
     xh = torch.cat([x2, torch.nn.functional.linear(x2, a)], dim=-1)
     y = torch.nn.functional.linear(xh, wide[:n], bias)
@@ -123,10 +132,12 @@ def traced(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None, a: to
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
-define_composite("wide_traced(Tensor x, Tensor wide, Tensor? bias, Tensor a) -> Tensor")(traced)
+define_composite("wide_traced(Tensor x, Tensor wide, Tensor? bias, Tensor a, bool shifted=False) -> Tensor")(traced)
 
 
-def wide_traced(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor:
+def wide_traced(
+    x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, shifted: bool = False
+) -> torch.Tensor:
     """:func:`traced` as one operator (``CompositeImplicitAutograd``,
     :func:`lorahot.kernels.op_registry.define_composite`): the compiler's trace of a layer records
     one node where the formula inline is up to six operations (reshape, shrink, concatenation, slice,
@@ -134,7 +145,7 @@ def wide_traced(x: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None, 
     costs the compiler about as much as the rest of the layer: on the SDXL-shaped UNet's 700
     layers, dynamo's part of a compile was 29.5 s against the base model's 12.6 with the
     formula inline (H200 host, ``benchmarks/experiments/unet_compile_probe.py``)."""
-    out: torch.Tensor = torch.ops.lorahot.wide_traced(x, wide, bias, a)
+    out: torch.Tensor = torch.ops.lorahot.wide_traced(x, wide, bias, a, shifted)
     return out
 
 

@@ -190,7 +190,19 @@ class LayerSpec:
 
 #: The attributes :attr:`LoRALayer._plan` gathers for the forward.
 _PLANNED = frozenset(
-    {"merged", "fused", "wide", "extras", "regional", "_key", "_geometry", "_slot_geometry", "_wide_at", "_input_name"}
+    {
+        "merged",
+        "fused",
+        "wide",
+        "extras",
+        "regional",
+        "_key",
+        "_geometry",
+        "_slot_geometry",
+        "_wide_at",
+        "_input_name",
+        "_shift_at",
+    }
 )
 
 
@@ -267,7 +279,8 @@ class LoRALayer(nn.Module):
     _input_name: str | None = None
 
     #: What the forward branches on, as one tuple: ``(merged, fused, wide, extras, arena key,
-    #: view geometry, slot views' geometry, wide group, unrouted, input name)``, kept equal to those attributes by
+    #: view geometry, slot views' geometry, wide group, unrouted, input name, shifted A)``, kept equal to those
+    #: attributes by
     #: :meth:`__setattr__`. A compiled model re-checks every attribute its forward reads on each
     #: call, per layer (one guard or more each): read as one constant tuple they cost one check
     #: instead of a dozen. Both geometries and the wide group (see :attr:`_wide_at`) are None
@@ -278,13 +291,20 @@ class LoRALayer(nn.Module):
     #: :mod:`lorahot.runtime.experts`) or a vision tower's layer (:mod:`lorahot.runtime.towers`).
     #: ``input name``: :attr:`_input_name`, for a call that passes the input by keyword (None in
     #: merged mode, whose forward passes every argument on to the base module as it came).
-    _plan: tuple[Any, ...] = (False, False, False, True, -1, (), (), None, False, None)
+    #: ``shifted A``: :attr:`_shift_at`, True for a :attr:`regional` layer that has one.
+    _plan: tuple[Any, ...] = (False, False, False, True, -1, (), (), None, False, None, None)
     #: For a wide layer whose buffer is one of a group's, back to back in one allocation
     #: (:mod:`lorahot.kernels.wide_groups`): ``(handle key, (size, stride, offset), outs)``, the
     #: geometry of its buffer in the allocation, as the compiled graph reads it, and every
     #: member's output width (the fused kernel is taken where it pays for all of them); else
     #: None. Set by :meth:`widen`.
     _wide_at: tuple[int, tuple[Any, ...], tuple[int, ...]] | None = None
+    #: For a wide layer whose shifted A rows (float16, :data:`lorahot.kernels.wide_linear.SHIFTED_DTYPES`)
+    #: the runtime keeps in a contiguous copy laid out as the arena's live A
+    #: (:mod:`lorahot.runtime.wide`): ``(handle key, (size, stride, offset))``, the rows as the
+    #: compiled shrink reads them, so that the stacked-shrink and extern-input passes match it
+    #: as they match an arena's A; else None. Set by :meth:`shift_rows`.
+    _shift_at: tuple[int, tuple[Any, ...]] | None = None
 
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
         complex_ = next((t for t in (*base_layer.parameters(), *base_layer.buffers()) if t.is_complex()), None)
@@ -344,6 +364,7 @@ class LoRALayer(nn.Module):
                 geometry = slots = None
             wide_at = None if self.regional else seen.get("_wide_at")
             unrouted = seen.get("_unrouted", False)
+            shift_at = seen.get("_shift_at")
             plan = (
                 self.merged,
                 self.fused,
@@ -355,9 +376,10 @@ class LoRALayer(nn.Module):
                 wide_at,
                 unrouted,
                 seen.get("_input_name"),
+                True if self.regional and shift_at is not None else shift_at,
             )
             if self.merged:  # the forward reads nothing else: the smallest constant to compare
-                plan = (True, False, False, False, -1, (), (), None, False, None)
+                plan = (True, False, False, False, -1, (), (), None, False, None, None)
             object.__setattr__(self, "_plan", plan)
 
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,6 +461,9 @@ class LoRALayer(nn.Module):
         group, at = self.__dict__.get("_wide_handle"), self.__dict__.get("_wide_at")
         if group is not None and at is not None and at[0] != group.key:  # the copy's own allocation
             self._wide_at = (group.key, *at[1:])
+        shifts, shift_at = self.__dict__.get("_shift_handle"), self.__dict__.get("_shift_at")
+        if shifts is not None and shift_at is not None and shift_at[0] != shifts.key:  # the copy's own rows
+            self._shift_at = (shifts.key, shift_at[1])
         base = self._modules.get("base_layer")
         if base is not None and "_base_load_hooks" in self.__dict__:  # a copy of an attached layer
             _WRAPPERS[base] = weakref.ref(self)  # its weights are checked as the original's
@@ -692,7 +717,7 @@ class LoRALayer(nn.Module):
         whatever other arguments it takes."""
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
         # layer: keep them few (see lorahot.layers.tensor_handles).
-        merged, fused, wide, extras, key, geometry, slot_geometry, _, unrouted, name = self._plan
+        merged, fused, wide, extras, key, geometry, slot_geometry, _, unrouted, name, shift_at = self._plan
         if merged:
             out: torch.Tensor = self._base(*args, **kwargs)
             return out
@@ -712,7 +737,7 @@ class LoRALayer(nn.Module):
             if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
                 z = self.compiled_routed(x, route, fused, wide, key, slot_geometry)
             elif wide:
-                z = self.compiled_forward(x, fused, key, geometry)  # the common compiled cases in one call
+                z = self.compiled_forward(x, fused, key, geometry, shift_at)  # the common compiled cases in one call
             else:
                 z = None
             if z is not None:
@@ -944,7 +969,7 @@ class LoRALayer(nn.Module):
         raise NotImplementedError
 
     def compiled_forward(
-        self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...] | None
+        self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...] | None, shift_at: Any = None
     ) -> torch.Tensor | None:
         """Under ``torch.compile``, for a wide layer without extras: its fused or wide path in one
         call, or None where another path applies (the general forward then decides)."""

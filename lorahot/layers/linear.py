@@ -37,7 +37,7 @@ from lorahot.layers.base import (
 )
 from lorahot.layers.probes import forward_mismatch, probe_forward
 from lorahot.layers.refusal import literal, refuse
-from lorahot.layers.tensor_handles import SEGMENTS, TENSORS, TOKENS, WORKSPACES
+from lorahot.layers.tensor_handles import SEGMENTS, TENSORS, TOKENS, WORKSPACES, TensorHandle
 
 __all__ = ["LoRALinear", "linear_features", "is_conv1d", "computes_as_stored", "returns_other_than_rows"]
 
@@ -317,8 +317,29 @@ class LoRALinear(LoRALayer):
         (:func:`lorahot.kernels.extern_inputs.register`): a graph input it matches, a group's
         block too (read as one)."""
         geometry, wide = self.__dict__.get("_geometry"), self._buffers.get(WIDE_BUFFER)
-        if geometry and wide is not None and self.__dict__.get("_key") in TENSORS:
+        shift_at = self.__dict__.get("_shift_at")
+        if shift_at is not None and wide is not None and shift_at[0] in TENSORS:  # the shifted rows' copy
+            extern_inputs.register(wide, TENSORS[shift_at[0]][0], shift_at[1])
+        elif geometry and wide is not None and self.__dict__.get("_key") in TENSORS:
             extern_inputs.register(wide, TENSORS[self._key][0], geometry[0])
+
+    def shift_rows(self, view: torch.Tensor, handle: TensorHandle, geometry: tuple[Any, ...]) -> None:
+        """The contiguous copy of this wide layer's shifted A rows (float16,
+        :data:`lorahot.kernels.wide_linear.SHIFTED_DTYPES`; :mod:`lorahot.runtime.wide` keeps it
+        equal to the wide buffer's A rows): ``view``, which is ``handle``'s tensor seen through
+        ``geometry``. The traced shrink reads it there, as a bfloat16 layer's reads the arena."""
+        object.__setattr__(self, "_shifted_view", view)
+        object.__setattr__(self, "_shift_handle", handle)  # keeps the copy's entry alive
+        self._shift_at = (handle.key, geometry)
+        self._register_wide()
+
+    def _shifted_a(self, shift_at: Any) -> torch.Tensor:
+        """The shifted A rows (:meth:`shift_rows`) as this call reads them: the layer's own view
+        eagerly or for a :attr:`regional` layer (``shift_at`` True), else through the handle."""
+        if shift_at is True or not torch.compiler.is_compiling():
+            view: torch.Tensor = self.__dict__["_shifted_view"]
+            return view
+        return TENSORS[shift_at[0]][0].as_strided(*shift_at[1])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copy (``deepcopy``, unpickled) registers its own wide buffer (:meth:`_register_wide`)."""
@@ -345,7 +366,10 @@ class LoRALinear(LoRALayer):
         if wide is not None:  # the runtime may keep views of it: no rewrite reads it as a layer's any more
             extern_inputs.unregister(wide)
         self.__dict__.pop("_wide_handle", None)
+        self.__dict__.pop("_shifted_view", None)
+        self.__dict__.pop("_shift_handle", None)
         self._wide_at = None
+        self._shift_at = None
         self.wide = False
 
     def bound_address(self) -> tuple[int, ...]:
@@ -392,11 +416,14 @@ class LoRALinear(LoRALayer):
         neighbours') then ``[x | h] @ [W | B_s].T + bias`` in one GEMM; eagerly, ``[y | h] = x @
         [W; A].T`` then the expand in place and the bias."""
         wide = self._buffers[WIDE_BUFFER]
+        shift_at = self._plan[10]
+        if shift_at is not None:  # float16: the shifted rows, not the arena's
+            return wide_kernel.wide_linear(x, wide, self._base.bias, self._shifted_a(shift_at), True)  # type: ignore[arg-type]
         y: torch.Tensor = wide_kernel.wide_linear(x, wide, self._base.bias, a)  # type: ignore[arg-type]
         return y
 
     def compiled_forward(
-        self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...] | None
+        self, x: torch.Tensor, fused: bool, key: int, geometry: tuple[Any, ...] | None, shift_at: Any = None
     ) -> torch.Tensor | None:
         """The fused kernel or the wide path, as the general forward would choose between them
         (the checks of :meth:`can_fuse` and :meth:`can_widen`), in one function: the compiler
@@ -445,6 +472,8 @@ class LoRALinear(LoRALayer):
                 return z
         # the wide path's traced form as one operator, called here rather than through
         # wide_forward: the compiler's trace of every layer records one node for it
+        if shift_at is not None:  # float16: the shifted rows' copy (wide_linear.SHIFTED_DTYPES)
+            return wide_kernel.wide_traced(x, self._buffers[WIDE_BUFFER], base.bias, self._shifted_a(shift_at), True)  # type: ignore[arg-type]
         a = self._live[0] if geometry is None else TENSORS[key][0].as_strided(*geometry[0])  # type: ignore[index]
         return wide_kernel.wide_traced(x, self._buffers[WIDE_BUFFER], base.bias, a)  # type: ignore[arg-type]
 

@@ -167,7 +167,7 @@ class WideWeights:
         # the layer indices as index tensors, built once: every load, swap and set_scale reads them
         self._index = [torch.tensor(indices, dtype=torch.long) for indices, _, _ in self.groups]
         self.extent = [0] * len(buffers.arenas)  # rows of the wide buffers that may be nonzero
-        self._views: dict[tuple[int, int, bool], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._views: dict[tuple[int, int, bool, bool], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         #: id(plan) -> (a weak reference to it, its largest scaled B rows per arena), see
         #: :meth:`_worst` (weak: a plan holds its adapter's tensors)
         self._worst_of: dict[int, tuple[weakref.ref[LoadPlan], list[tuple[int, list[int], int, float]]]] = {}
@@ -189,16 +189,57 @@ class WideWeights:
             else None
             for a, (indices, wide, live) in enumerate(self.groups)
         ]
-        #: per arena, on CUDA: one launch that copies every wide layer's A rows (the same
-        #: kernel, every scale one), with its scales; None: library calls
-        self._copiers: list[tuple[RowScaler, torch.Tensor] | None] = [
-            (
-                RowScaler(wide_a, live_a, list(range(len(wide_a))), shift, normalize=True),
-                torch.ones(len(wide_a), buffers.max_rank, device=wide_a[0].device),
-            )
-            if scaler is not None
-            else None
-            for scaler, shift, (wide_a, live_a) in zip(self._scalers, self._shift, self.a_groups)
+        #: per shifted arena: the contiguous copy of its wide layers' shifted A rows, laid out as
+        #: the arena's live A (one region), and each layer's ``[R, in]`` view of it, in the order
+        #: of :attr:`groups`; None elsewhere (:meth:`_shifted_copies`)
+        self._copies: list[tuple[torch.Tensor, list[torch.Tensor]] | None] = self._shifted_copies(layers)
+        #: per arena, on CUDA: the launches that copy every wide layer's A rows (the same kernel,
+        #: every scale one), each with its scales: one, or in a shifted arena two (the live rows
+        #: divided by their shifts into the contiguous copy, then that copy into the wide
+        #: buffers); None: library calls
+        self._copiers: list[list[tuple[RowScaler, torch.Tensor]] | None] = [
+            self._a_copiers(a) if scaler is not None else None for a, scaler in enumerate(self._scalers)
+        ]
+
+    def _shifted_copies(self, layers: dict[str, LoRALayer]) -> list[tuple[torch.Tensor, list[torch.Tensor]] | None]:
+        """Per shifted arena, the contiguous copy of the shifted A rows, each wide layer told
+        where its rows are (:meth:`~lorahot.layers.linear.LoRALinear.shift_rows`): the compiled
+        shrink reads them as a bfloat16 layer's reads the arena, so that neighbours over one
+        input share one shrink (:mod:`lorahot.kernels.stacked_shrinks`) and a layer after
+        attention takes one GEMM over ``[W; A]`` (:mod:`lorahot.kernels.extern_inputs`)."""
+        out: list[tuple[torch.Tensor, list[torch.Tensor]] | None] = []
+        wide_layers = [(name, layer) for name, layer in layers.items() if layer.wide]
+        for a, shift in enumerate(self._shift):
+            if shift is None:
+                out.append(None)
+                continue
+            arena = self.buffers.arenas[a]
+            with torch.inference_mode(False):  # written outside inference mode later (see widen_layers)
+                copy = torch.zeros(arena.A.shape[1], device=arena.A.device, dtype=arena.A.dtype)
+            handle = TensorHandle((copy,))
+            base = arena.A[self.buffers.live].storage_offset()
+            views = []
+            mine = [layer for name, layer in wide_layers if self.buffers.where[name][0] == a]
+            for layer, live in zip(mine, self.a_groups[a][1], strict=True):
+                geometry = (tuple(live.shape), live.stride(), live.storage_offset() - base)
+                view = copy.as_strided(*geometry)
+                views.append(view)
+                if hasattr(layer, "shift_rows"):
+                    layer.shift_rows(view, handle, geometry)
+            out.append((copy, views))
+        return out
+
+    def _a_copiers(self, arena: int) -> list[tuple[RowScaler, torch.Tensor]]:
+        """The launches of :attr:`_copiers` for arena ``arena`` (CUDA with Triton)."""
+        wide_a, live_a = self.a_groups[arena]
+        positions = list(range(len(wide_a)))
+        ones = torch.ones(len(wide_a), self.buffers.max_rank, device=wide_a[0].device)
+        copies, shift = self._copies[arena], self._shift[arena]
+        if copies is None:
+            return [(RowScaler(wide_a, live_a, positions, shift, normalize=shift is not None), ones)]
+        return [
+            (RowScaler(copies[1], live_a, positions, shift, normalize=True), ones),
+            (RowScaler(wide_a, copies[1], positions), ones),
         ]
 
     @property
@@ -296,20 +337,26 @@ class WideWeights:
 
     def _copy_a(self, arena: int, rows: int, zero: bool) -> None:
         """The first ``rows`` A rows of arena ``arena``'s wide layers: the live A's, or zero."""
-        copier = self._copiers[arena]
-        if copier is not None and not zero:
-            copier[0](copier[1], rows)
+        copiers = self._copiers[arena]
+        if copiers is not None and not zero:
+            for copier, scales in copiers:
+                copier(scales, rows)
             return
         wide_a, live_a = self._rows(arena, rows, a=True)
+        copies = self._rows(arena, rows, copies=True)[0]
         shift = self._shift[arena]
         if zero:
             torch._foreach_zero_(wide_a)
+            if copies:
+                torch._foreach_zero_(copies)
         elif shift is None:
             torch._foreach_copy_(wide_a, live_a)
         else:  # each row divided by its power of two, rounded once
             for k, (w, t) in enumerate(zip(wide_a, live_a, strict=True)):
                 shift[k, :rows] = row_shifts(t)
                 w.copy_(t.float() / shift[k, :rows, None])
+            if copies:
+                torch._foreach_copy_(copies, wide_a)
 
     def device_calls(self) -> list[tuple[RowScaler, torch.Tensor, int]] | None:
         """The device work :meth:`apply` does for a live adapter's new scales (``set_scale``:
@@ -358,12 +405,19 @@ class WideWeights:
             return 0
         return max(self.extent[arena], self.buffers.arenas[arena].a_extent[self.buffers.live])
 
-    def _rows(self, arena: int, rows: int, a: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _rows(
+        self, arena: int, rows: int, a: bool = False, copies: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The first ``rows`` rank rows of arena ``arena``'s wide and live B blocks, or with
-        ``a`` its A blocks (memoized)."""
-        key = (arena, rows, a)
+        ``a`` its A blocks, or with ``copies`` (first of the pair; empty where the arena has
+        none) its contiguous copies of the shifted A rows (memoized)."""
+        key = (arena, rows, a, copies)
         found = self._views.get(key)
         if found is None:
-            wide, live = self.a_groups[arena] if a else self.groups[arena][1:]
-            found = self._views[key] = ([w[:rows] for w in wide], [t[:rows] for t in live])
+            if copies:
+                held = self._copies[arena]
+                found = self._views[key] = ([v[:rows] for v in held[1]] if held is not None else [], [])
+            else:
+                wide, live = self.a_groups[arena] if a else self.groups[arena][1:]
+                found = self._views[key] = ([w[:rows] for w in wide], [t[:rows] for t in live])
         return found

@@ -100,6 +100,39 @@ def test_layers_sharing_an_input_share_one_shrink(wide_layers: bool, monkeypatch
     assert counts == {True: 2 + expands, False: 4 + expands}
 
 
+def test_float16_wide_layers_share_one_shrink_over_their_shifted_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float16 wide layers' shrinks read the runtime's contiguous copy of their shifted A rows
+    (``lorahot.kernels.wide_linear.SHIFTED_DTYPES``), laid out as the arena's: q, k and v share
+    one shrink as in bfloat16 (four without the pass), the output is the eager model's (within
+    float16's rounding) and follows two swaps with no recompile."""
+    counts = {}
+    for passes in (True, False):
+        torch._dynamo.reset()
+        inductor_config.post_grad_custom_pre_pass = None
+        torch.manual_seed(0)
+        model = _Attention().half()
+        runtime = _inject(model, NAMES, True, monkeypatch)
+        assert all(model.get_submodule(n)._shift_at is not None for n in NAMES)
+        if not passes:
+            stacked_shrinks.uninstall()
+        adapters = [make_adapter(model, dict.fromkeys(NAMES, r), seed=s)[0] for r, s in ((4, 0), (8, 1), (2, 2))]
+        adapters = [{k: v.half() if isinstance(v, torch.Tensor) else v for k, v in ad.items()} for ad in adapters]
+        runtime.load(adapters[0])
+        x = torch.randn(2, 5, D).half()
+        mm, addmm, out = _mm_counts(model, x)
+        counts[passes] = mm
+        with torch.no_grad():
+            torch.testing.assert_close(out, _eager(model, x), rtol=1e-2, atol=1e-2)
+            compiled = torch.compile(model)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for adapter in adapters[1:]:
+                    runtime.load(adapter)
+                    torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-2, atol=1e-2)
+        assert addmm == 4
+        lorahot.eject(model)
+    assert counts == {True: 2, False: 4}
+
+
 def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out: torch.Tensor = model(x)

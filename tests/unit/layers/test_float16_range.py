@@ -160,14 +160,16 @@ def test_float16_wide_layers_keep_the_shrink_in_range(
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "extras"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_the_shift_holds_the_shrink_of_the_worst_float16_input(
-    device: str, compiled: bool, monkeypatch: pytest.MonkeyPatch
+    device: str, compiled: bool, extras: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``x = 65504 * sign(A_r)``, the float16 input whose shrink over A's row ``r`` is largest:
     ``65504 * sum|A_r|``, a hundred times float16's range. The wide layer's output (base weight
     zero, so that the base product stays in range) is the float64 reference's, eagerly and
-    compiled (the traced shrink reads the wide buffer's shifted rows, not the arena's)."""
+    compiled (the traced shrink reads the shifted rows, not the arena's), and for layers with
+    extras (``inject(..., extras=True)``, another compiled forward)."""
     monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
     gen = torch.Generator().manual_seed(2)
     layer = nn.Linear(64, 32, bias=False)
@@ -181,7 +183,7 @@ def test_the_shift_holds_the_shrink_of_the_worst_float16_input(
     want = (h @ b.double().t()) * (1.0 / RANK)
     assert want.abs().max() < 10000
     model = _Holder(layer.to(DT)).to(device)
-    runtime = lorahot.inject(model, ["layer"], max_rank=RANK)
+    runtime = lorahot.inject(model, ["layer"], max_rank=RANK, extras=extras)
     runtime.load({"layer.lora_A.weight": a, "layer.lora_B.weight": b}, config={"r": RANK, "lora_alpha": 1.0})
     assert runtime.layers["layer"].wide
     run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model

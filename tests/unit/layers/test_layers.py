@@ -245,17 +245,17 @@ def test_forward_plan_follows_every_flag_it_gathers(monkeypatch: pytest.MonkeyPa
     for layer in layers:
         assert layer.wide
         geometries = (layer._key, layer._geometry, layer._slot_geometry, layer._wide_at)
-        assert layer._plan == (False, layer.fused, True, True, *geometries, False, "input")
+        assert layer._plan == (False, layer.fused, True, True, *geometries, False, "input", None)
         assert layer._wide_at is not None  # neighbours under one parent, one input width: one wide group
     lorahot.eject(model)
     assert all(layer._plan[2] is False and layer._plan[7] is None for layer in layers)  # unwidened
     merged = nn.Sequential(nn.Linear(8, 8))
     lorahot.inject(merged, ["0"], max_rank=4, merged=True)
-    assert merged[0]._plan == (True, False, False, False, -1, (), (), None, False, None)
+    assert merged[0]._plan == (True, False, False, False, -1, (), (), None, False, None, None)
     plain = nn.Sequential(nn.Linear(8, 8))
     lorahot.inject(plain, ["0"], max_rank=4, fused=False)
     layer = plain[0]
-    plan = (False, False, False, False, layer._key, layer._geometry, layer._slot_geometry, None, False, "input")
+    plan = (False, False, False, False, layer._key, layer._geometry, layer._slot_geometry, None, False, "input", None)
     assert layer._plan == plan
     layer.wide = True  # any later change of a gathered flag reaches the plan
     assert layer._plan[2] is True
