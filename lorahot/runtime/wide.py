@@ -244,10 +244,11 @@ class WideWeights:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the wide buffers added to the model (their B columns and A rows; the weights moved in)."""
-        return sum(w.nbytes for _, wide, _ in self.groups for w in wide) + sum(
-            w.nbytes for wide_a, _ in self.a_groups for w in wide_a
-        )
+        """Bytes the wide buffers added to the model (their B columns and A rows; the weights moved
+        in), and float16's contiguous copies of the shifted A rows."""
+        added = sum(w.nbytes for _, wide, _ in self.groups for w in wide)
+        added += sum(w.nbytes for wide_a, _ in self.a_groups for w in wide_a)
+        return added + sum(held[0].nbytes for held in self._copies if held is not None)
 
     @property
     def empty(self) -> bool:

@@ -462,3 +462,14 @@ def test_a_float16_shift_bound_from_max_a_alone_is_tightened_from_the_rows() -> 
     with pytest.raises(lorahot.UsageError, match=r"dtype=torch\.float32"):
         runtime.set_scale(30.0)  # 100 * 30 * 32 > 65504
     assert torch.equal(model[0].wide_rows(), rows)
+
+
+def test_nbytes_counts_float16s_copy_of_the_shifted_rows() -> None:
+    """A float16 runtime's ``nbytes`` holds the contiguous copy of the shifted A rows the
+    compiled shrink reads (one region of the arena's A), beside the wide buffers' blocks."""
+    sizes = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        runtime = lorahot.inject(_model(dtype), ["0", "2"], max_rank=R)
+        sizes[dtype] = runtime.nbytes - runtime.buffers.nbytes
+    region = runtime.buffers.arenas[0].A.shape[1] * 2
+    assert sizes[torch.float16] == sizes[torch.bfloat16] + region
