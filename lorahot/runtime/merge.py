@@ -541,7 +541,7 @@ class Merger:
         Identity only: one dictionary lookup per tensor."""
         found = []
         for name, layer, stored in zip(names, layers, self._stored, strict=True):
-            base = layer.base_layer
+            base = layer._base  # the base layer, as a plain attribute (see LoRALayer.__init__)
             now = _stored_tensors(base)
             if layer.base_put_back and not reparametrized(layer):
                 found.append(
