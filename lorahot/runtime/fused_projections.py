@@ -24,6 +24,7 @@ from torch import nn
 from lorahot.errors import UsageError
 from lorahot.layers import LoRALayer
 from lorahot.runtime.hooked import Hooked
+from lorahot.runtime.module_paths import above
 
 __all__ = ["install", "uninstall", "release", "FUSED_PROJECTIONS"]
 
@@ -81,18 +82,19 @@ def install(root: nn.Module) -> None:
     modules above them whose class has ``fuse_qkv_projections`` (a diffusers model or
     autoencoder); once, however often called."""
     modules = list(root.named_modules())
-    attentions = [
+    attentions = {
         path
         for path, module in modules
         if callable(getattr(type(module), _NAMES[0], None))
         and any(n in FUSED_PROJECTIONS and isinstance(c, LoRALayer) for n, c in module._modules.items())
-    ]
+    }
+    # the attentions and every path above one: a lookup per module, where each module was
+    # compared with every attention (a model of many diffusers models, each holding attentions)
+    holding = attentions.union(*(above(a) for a in attentions))
     for path, module in modules:
         if path in attentions:
             _give(module, _NAMES[0])
-        if callable(getattr(type(module), _NAMES[1], None)) and any(
-            not path or a == path or a.startswith(path + ".") for a in attentions
-        ):
+        if callable(getattr(type(module), _NAMES[1], None)) and path in holding:
             _give(module, _NAMES[1])
 
 

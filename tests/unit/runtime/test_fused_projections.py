@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import lorahot
-from tests.helpers import make_adapter, model_reference, tiny_unet
+from lorahot.runtime import fused_projections
+from tests.helpers import count_calls, make_adapter, model_reference, tiny_unet
 
 pytest.importorskip("diffusers")
 
@@ -157,3 +158,47 @@ def test_projections_fused_before_inject_are_refused_as_targets_and_left_out_of_
     runtime.eject()
     model.unfuse_qkv_projections()
     assert len(lorahot.inject(model, ["to_q"], max_rank=4).layers) == 2
+
+
+class _Attention(nn.Module):
+    """An attention module that fuses its projections (as diffusers' do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_q, self.to_k = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def fuse_projections(self) -> None:
+        raise AssertionError("refused before it runs")
+
+
+class _Fusing(nn.Module):
+    """A model that fuses its attentions (as a diffusers model does), holding one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.out = _Attention(), nn.Linear(2, 2)
+
+    def fuse_qkv_projections(self) -> None:
+        raise AssertionError("refused before it runs")
+
+
+def _install_calls(models: int) -> int:
+    """The calls of installing the refusals on ``models`` fusing models in a list, each with a
+    wrapped projection; each model and attention then refuses its fusion."""
+    root = nn.ModuleList([_Fusing() for _ in range(models)])
+    lorahot.inject(root, [f"{k}.attn.to_q" for k in range(models)], max_rank=2)
+    count = count_calls(lambda: fused_projections.install(root))
+    for model in root:
+        with pytest.raises(lorahot.UsageError, match=r"to_q"):
+            model.fuse_qkv_projections()
+        with pytest.raises(lorahot.UsageError, match=r"to_q"):
+            model.attn.fuse_projections()
+    return count
+
+
+def test_the_refusals_are_installed_with_a_lookup_per_module() -> None:
+    """Each module was compared with every attention holding a wrapped projection (is it one,
+    is one below it): the modules times the attentions, with many fusing models in one root.
+    Each is now a set lookup: four times the models cost at most four times the calls."""
+    _install_calls(2)  # first-call costs out of the counts
+    assert _install_calls(32) <= 4 * _install_calls(8)
