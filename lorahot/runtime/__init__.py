@@ -15,6 +15,7 @@
 - :mod:`~lorahot.runtime.aliases`: an adapter's tensors that share memory with what a load writes, copied first;
 - :mod:`~lorahot.runtime.experts`: which layers are a mixture-of-experts block's experts (by name or structure);
 - :mod:`~lorahot.runtime.towers`: which layers are a multimodal model's vision tower;
+- :mod:`~lorahot.runtime.module_paths`: whether a module path lies under one of a set (a lookup per level);
 - :mod:`~lorahot.runtime.merge`: merged mode;
 - :mod:`~lorahot.runtime.peft_arguments`, :mod:`~lorahot.runtime.assigned_loads`,
   :mod:`~lorahot.runtime.embedding_resize`, :mod:`~lorahot.runtime.fused_projections`: hooks
