@@ -1,8 +1,8 @@
 """The wide layers: base weight and ``scale * B`` in one buffer, kept equal to the live adapter.
 
 Widening is a CUDA path; these tests widen CPU layers too (``DEVICE_TYPES``), float16 ones
-included (``UNWIDENED_DTYPES``), to check the mechanism against dense float64 references after
-every kind of runtime operation.
+included (their rank rows shifted, ``lorahot.kernels.wide_linear.SHIFTED_DTYPES``), to check the
+mechanism against dense float64 references after every kind of runtime operation.
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ IN, HID, OUT, R = 12, 20, 7, 8
 @pytest.fixture(autouse=True)
 def widen_on_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
-    # float16 layers too, whose scaled B columns float16's range bounds (the range checks below);
-    # lorahot itself does not widen them (test_float16_layers_are_not_widened)
-    monkeypatch.setattr(wide, "UNWIDENED_DTYPES", frozenset())
     yield
 
 
