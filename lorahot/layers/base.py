@@ -69,6 +69,7 @@ from lorahot.layers.probes import forward_mismatch, kept_parametrizations, misma
 from lorahot.layers.recording import _exporting, _recorded
 from lorahot.layers.refusal import refuse
 from lorahot.layers.state import RuntimeState
+from lorahot.layers.state_marks import marked
 from lorahot.layers.tensor_handles import ROUTES, TENSORS, TOKENS, TensorHandle, mark_static
 
 __all__ = [
@@ -750,7 +751,7 @@ class LoRALayer(nn.Module):
                 "model first, then inject (or eject, move, and inject again)."
             )
         if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
-            return self._routed_forward(x, route, *args, **kwargs)
+            return marked(self._routed_forward(x, route, *args, **kwargs), key, self)
         if not args and not kwargs:
             if fused and wide and self.dynamic_rows(x):  # compiled, rows symbolic: one op decides per call
                 return self._finish(self.dynamic_forward(x, a, b, scale), e, scale)
@@ -765,11 +766,10 @@ class LoRALayer(nn.Module):
         # bitwise in float32.
         a, b = library_operands(a, b)
         if not extras:
-            return y + self.lora_delta(x, a, b, scale).to(y.dtype)
+            return marked(y + self.lora_delta(x, a, b, scale).to(y.dtype), key, self)
         d = self.lora_delta(x, a, b, scale) + e[EXTRA_BIAS] * scale[0]
-        return self._bias_gradient(torch.addcmul(e[EXTRA_G], e[EXTRA_F], y + d), e[EXTRA_F], e[EXTRA_G].shape).to(
-            y.dtype
-        )
+        out = self._bias_gradient(torch.addcmul(e[EXTRA_G], e[EXTRA_F], y + d), e[EXTRA_F], e[EXTRA_G].shape)
+        return marked(out.to(y.dtype), key, self)
 
     def refuse_keyword_call(self, kwargs: dict[str, Any]) -> None:
         """Raises for a call that passes no input positionally and does not name it as the base
@@ -794,9 +794,9 @@ class LoRALayer(nn.Module):
         """``f * (z + s[0] * lora_bias) + g`` for ``z = base(x) + B(s * A(x))`` from a kernel
         path (one elementwise pass after it); ``z`` itself without extras."""
         if not self._plan[3]:  # extras
-            return z
+            return marked(z, self._plan[4], self)
         out = torch.addcmul(e[EXTRA_G], e[EXTRA_F], z + e[EXTRA_BIAS] * scale[0])
-        return self._bias_gradient(out, e[EXTRA_F], e[EXTRA_G].shape).to(z.dtype)
+        return marked(self._bias_gradient(out, e[EXTRA_F], e[EXTRA_G].shape).to(z.dtype), self._plan[4], self)
 
     def _bias_gradient(self, out: torch.Tensor, f: torch.Tensor, channels: torch.Size) -> torch.Tensor:
         """``out`` (``f * (base(x) + ...) + g``, ``g = (1 - f) * b0`` a constant of the DoRA load)

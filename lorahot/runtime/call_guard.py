@@ -21,6 +21,7 @@ from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 from lorahot.errors import UsageError
 from lorahot.io.read_buffers import ReadBuffers
+from lorahot.layers.state_marks import count_calls
 
 __all__ = ["CallGuard", "on_prefetch_thread", "one_call_at_a_time", "reading"]
 
@@ -32,7 +33,11 @@ class CallGuard:
     """A runtime's call lock, and the note of the call holding it (for the message of
     :meth:`refuse_within_call`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keys: tuple[int, ...] = ()) -> None:
+        #: the runtime's arena handle keys: every call under way is counted on them when it ends,
+        #: done or not (:func:`lorahot.layers.state_marks.count_calls`: a checkpointed forward's
+        #: recompute after a call is refused)
+        self.keys = keys
         #: held by load, activate, unload and set_scale (see one_call_at_a_time); reentrant: a
         #: forward hook of the model may call them within one of them on the same thread
         self.calls = threading.RLock()
@@ -51,6 +56,7 @@ class CallGuard:
             yield
         finally:
             self._running = None
+            count_calls(self.keys)
 
     def refuse_within_call(self, call: str) -> None:
         """Refuses ``call`` issued on the thread of a runtime call under way, from code that call

@@ -253,7 +253,7 @@ class LoraRuntime:
         self._executor_lock = threading.Lock()
         #: the call lock load, activate, unload and set_scale hold, and the note of the call holding it
         #: (:mod:`lorahot.runtime.call_guard`)
-        self._guard = CallGuard()
+        self._guard = CallGuard(tuple(a.handle.key for a in buffers.arenas))
         self._pending_keys = PendingKeys(self.cache)  # keyed prefetches under way: a load of one waits
         self._install_hooks()
 

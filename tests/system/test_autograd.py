@@ -279,3 +279,31 @@ def test_a_backward_never_computes_with_a_state_set_after_its_forward(call: str)
         else:
             with pytest.raises(RuntimeError, match="modified by an inplace operation"):
                 loss.backward()
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("route", [[0, 1, -1, 1], 1], ids=["routed", "whole-batch"])
+def test_a_call_between_a_checkpointed_forward_and_its_backward_is_refused(call: str, route: list[int] | int) -> None:
+    """``torch.utils.checkpoint(..., use_reentrant=False)`` recomputes the forward in the
+    backward: a runtime call in between would give the new state's gradients, so the backward
+    raises a typed error naming a layer; the same micro-batch with no call in between gives the
+    unchecked forward's gradients bitwise (the negative control). A call that switches between a
+    per-row routing and the whole batch changes which tensors the forward saves, and torch's own
+    checkpoint refuses the recompute first (``CheckpointError``)."""
+    from torch.utils.checkpoint import CheckpointError, checkpoint
+
+    base = _unfrozen(_base(D))
+    adapters = [make_adapter(base, dict.fromkeys(TARGETS, 2 + k), seed=k, dtype=D)[0] for k in range(3)]
+    model = _unfrozen(copy.deepcopy(base))
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=2)
+    for k in range(2):
+        runtime.load(adapters[k], slot=k, scale=0.5 + k)
+    inputs = _leaves()
+    runtime.activate(route)
+    want = _grads([model], inputs, _loss(model(*inputs)))
+    _assert_same(_grads([model], inputs, _loss(checkpoint(model, *inputs, use_reentrant=False))), want)
+    loss = _loss(checkpoint(model, *inputs, use_reentrant=False))
+    CALLS[call](runtime, adapters[2])
+    switched = call == ("activate(k)" if isinstance(route, list) else "new routing")  # routed <-> whole batch
+    with pytest.raises(CheckpointError if switched else lorahot.UsageError, match="checkpoint"):
+        loss.backward()
