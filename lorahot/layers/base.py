@@ -493,6 +493,12 @@ class LoRALayer(nn.Module):
         failed): undoes :meth:`attach`."""
         for hook in self.__dict__.pop("_base_load_hooks", ()):
             hook.remove()
+        base = self.base_layer
+        for hooks in (base._load_state_dict_pre_hooks, base._load_state_dict_post_hooks):
+            for key, hook in list(hooks.items()):  # one an interrupted attach registered but did not note
+                found = getattr(hook, "hook", hook)  # torch wraps a pre hook
+                if isinstance(found, _BaseLoadHook) and found.refers_to(self):
+                    del hooks[key]
         ref = _WRAPPERS.get(self.base_layer)
         if ref is not None and ref() is self:
             del _WRAPPERS[self.base_layer]

@@ -467,6 +467,10 @@ class _BaseLoadHook:
         self._ref = None if layer is None else weakref.ref(layer)
         self._post = post
 
+    def refers_to(self, layer: LoRALayer) -> bool:
+        """Whether this hook is ``layer``'s (what its detach removes)."""
+        return self._ref is not None and self._ref() is layer
+
     def __call__(self, module: nn.Module, *args: Any) -> None:
         layer = None if self._ref is None else self._ref()
         if layer is None or layer.base_layer is not module:  # unwrapped since

@@ -480,13 +480,14 @@ def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
     placed: list[str] = []
     try:
         for name, layer in layers.items():
+            placed.append(name)  # first: an interrupt at the return of the swap still undoes it
             _set_submodule(model, name, layer)
-            placed.append(name)
             layer.attach()
     except BaseException:  # interrupted (Ctrl-C) or failed midway: the model as it was
         for name in placed:
             layers[name].detach()
-            _set_submodule(model, name, layers[name].base_layer)
+            if submodule_at(model, name) is layers[name]:
+                _set_submodule(model, name, layers[name].base_layer)
         raise
     return layers
 

@@ -322,7 +322,9 @@ def model_state(model: nn.Module) -> dict[str, Any]:
     """:func:`state` of the model alone."""
     seen: dict[str, Any] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        seen[f"module {name}"] = (type(module).__name__, len(module._forward_pre_hooks), len(module._forward_hooks))
+        hooks = (module._forward_pre_hooks, module._forward_hooks)
+        loads = (module._load_state_dict_pre_hooks, module._load_state_dict_post_hooks)
+        seen[f"module {name}"] = (type(module).__name__, *map(len, hooks), *map(len, loads))
         tensors = {**module._parameters, **module._buffers}
         tensors.update((k, v) for k, v in vars(module).items() if isinstance(v, torch.Tensor))
         for key, tensor in tensors.items():
@@ -964,6 +966,32 @@ def test_an_interrupted_change_of_the_host_cache_leaves_its_bytes_counted(call: 
         assert held._names_bytes == sum(held._names.values()), where
         nth += 1
     assert nth > 3, f"{call} ran {nth - 1} lines"
+
+
+@pytest.mark.parametrize("function", ["wrap_modules", "LoRALayer.attach"])
+def test_an_inject_interrupted_while_it_puts_the_wrappers_in_place_leaves_the_model_as_it_was(function: str) -> None:
+    """Each line event of inject's swap of the wrappers into the model (``wrap_modules``) and of
+    each wrapper's hooks on its base module (``attach``): the model as before (modules, hooks,
+    parameters and buffers bitwise), or, once every wrapper is in place, injected whole (eject
+    gives the model before back bitwise), as for any point of inject. The swap was noted after it
+    returned: an interrupt at that return left the last wrapper in place; an attach interrupted
+    between its two hooks left one on the base module."""
+    before = model_state(_base())
+    nth = 1
+    while True:
+        model = _base()
+        hit, raised = interrupted_at(_in(function, nth), lambda model=model: lorahot.inject(model, TARGETS, max_rank=4))
+        if hit.function is None:
+            break
+        where = f"inject interrupted at line event {nth} of {function}"
+        assert isinstance(raised, KeyboardInterrupt), f"{where}: raised {raised!r}"
+        wrapped = [n for n in TARGETS if isinstance(model.get_submodule(n), lorahot.LoRALayer)]
+        if wrapped:  # after its last change
+            assert wrapped == TARGETS, f"{where}: left {wrapped} wrapped"
+            lorahot.eject(model)
+        assert not differences(model_state(model), before), f"{where}: left {differences(model_state(model), before)}"
+        nth += 1
+    assert nth > 3, f"{function} ran {nth - 1} lines"
 
 
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
