@@ -44,10 +44,10 @@ class RowScaler:
     ``layer[l]`` is the row of ``scales`` (``[n_layers, R]``, contiguous rows) holding block
     ``l``'s per-row scales.
 
-    ``shift`` (float32 ``[len(dst), R]``, contiguous rows): block ``l``'s row ``k`` is multiplied by
-    ``shift[l, k]`` too; with ``normalize`` (blocks of contiguous rows only) the kernel finds it
-    first, :func:`row_shifts` of the source row, writes it there, and divides by it instead. The
-    wide float16 layers' A copy normalizes and their B copy multiplies
+    ``shift`` (float32 ``[len(dst), R]``, contiguous rows): with transposed destinations (the
+    wide float16 layers' B columns), block ``l``'s row ``k`` is multiplied by ``shift[l, k]``
+    too; with destinations of contiguous rows (their A rows) the kernel finds it first,
+    :func:`row_shifts` of the source row, writes it there, and divides by it instead
     (:mod:`lorahot.runtime.wide`)."""
 
     def __init__(
@@ -56,7 +56,6 @@ class RowScaler:
         src: list[torch.Tensor],
         layer: list[int],
         shift: torch.Tensor | None = None,
-        normalize: bool = False,
     ) -> None:
         device, dtype = dst[0].device, dst[0].dtype
         self.transposed = _transposed(dst[0])
@@ -82,10 +81,9 @@ class RowScaler:
             and shift.dim() == 2
             and shift.shape[0] == len(dst)
             and shift.stride(1) == 1
-            and not (normalize and self.transposed)
         ):
-            raise ValueError(f"shift must be float32 [{len(dst)}, R] rows on {device}, for row blocks if normalized")
-        self.shift, self.normalize = shift, normalize
+            raise ValueError(f"shift must be float32 [{len(dst)}, R] with contiguous rows on {device}")
+        self.shift = shift
 
     def __call__(self, scales: torch.Tensor, rows: int) -> None:
         """Rewrites the first ``rows`` rows of every destination block."""
@@ -93,8 +91,7 @@ class RowScaler:
             return
         widest = self._widest if self.transposed else 0
         _kernel().launch(
-            self._dst, self._src, scales, self._layer, self._cols, self._ld, rows, self.dtype, widest,
-            self.shift, self.normalize,
+            self._dst, self._src, scales, self._layer, self._cols, self._ld, rows, self.dtype, widest, self.shift
         )  # fmt: skip
 
 

@@ -40,21 +40,19 @@ def _power_of_two_at_least(v):
 @triton.jit
 def _row_scale_kernel(
     DST, SRC, S, LAYER, COLS, LD, s_stride, SHIFT, shift_stride,
-    BLOCK: tl.constexpr, DTYPE: tl.constexpr, MODE: tl.constexpr,
+    BLOCK: tl.constexpr, DTYPE: tl.constexpr, NORMALIZE: tl.constexpr,
 ):  # fmt: skip
-    """``MODE`` 0: times the row's scale; 1: also times ``SHIFT[g, row]``; 2: the row's shift
-    found first (:func:`_power_of_two_at_least` of twice its sum of ``|value|``, at least 1;
-    :func:`lorahot.kernels.row_scale.row_shifts`), written
-    to ``SHIFT[g, row]``, and the row divided by it."""
+    """Each row times its scale; with ``NORMALIZE``, its shift found first
+    (:func:`_power_of_two_at_least` of twice its sum of ``|value|``, at least 1;
+    :func:`lorahot.kernels.row_scale.row_shifts`), written to ``SHIFT[g, row]``, and the row
+    divided by it too."""
     g = tl.program_id(0)
     row = tl.program_id(1)
     n = tl.load(COLS + g)
     dst = tl.load(DST + g).to(tl.pointer_type(DTYPE)) + row * tl.load(LD + g)  # the block's rows LD apart
     src = tl.load(SRC + g).to(tl.pointer_type(DTYPE)) + row * n
     s = tl.load(S + tl.load(LAYER + g) * s_stride + row).to(tl.float32)
-    if MODE == 1:
-        s = s * tl.load(SHIFT + g * shift_stride + row)
-    if MODE == 2:
+    if NORMALIZE:
         total = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
@@ -136,18 +134,17 @@ def launch(
     dtype: torch.dtype,
     widest: int = 0,
     shift: torch.Tensor | None = None,
-    normalize: bool = False,
 ) -> None:
     """See :class:`lorahot.kernels.row_scale.RowScaler`: destinations of contiguous rows ``ld``
     apart, or with ``widest`` (the most columns of any block) transposed ones, their columns
-    ``ld`` apart; ``shift`` (float32 ``[blocks, R]``, contiguous rows) multiplies each row's scale,
-    or with ``normalize`` (rows only) is found and written first and divides it."""
+    ``ld`` apart; ``shift`` (float32 ``[blocks, R]``, contiguous rows): with transposed blocks it
+    multiplies each row's scale, with blocks of rows it is found, written and divides it."""
     stride = 0 if shift is None else shift.stride(0)
     with launching_on(dst.device):
         if not widest:
             _row_scale_kernel[(dst.numel(), rows)](
                 dst, src, scales, layer, cols, ld, scales.stride(0), scales if shift is None else shift, stride,
-                BLOCK=_BLOCK, DTYPE=_TL[dtype], MODE=0 if shift is None else 2 if normalize else 1,
+                BLOCK=_BLOCK, DTYPE=_TL[dtype], NORMALIZE=shift is not None,
             )  # fmt: skip
             return
         block_n = 64

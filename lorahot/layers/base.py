@@ -952,6 +952,11 @@ class LoRALayer(nn.Module):
         ``in_dim + max_rank`` apart)."""
         raise NotImplementedError
 
+    def shift_rows(self, view: torch.Tensor, handle: TensorHandle, geometry: tuple[Any, ...]) -> None:
+        """Where a widened layer's compiled shrink reads its shifted A rows (float16, see the
+        subclass and :mod:`lorahot.runtime.wide`); only for layers :meth:`widen` applies to."""
+        raise NotImplementedError
+
     def unwiden(self) -> None:
         """Gives the base weight its own storage back (eject); a no-op unless widened."""
 

@@ -25,6 +25,7 @@ from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
 from lorahot.adapter.deltas import base_problem, delta_shape, lora_update_max, rotation_problem
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems, lines
 from lorahot.kernels.row_scale import power_of_two_at_least
+from lorahot.kernels.wide_linear import SHIFTED_DTYPES
 from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, FLOAT_DTYPES, LayerSpec, unusual_values
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
@@ -991,7 +992,7 @@ def _check_range(plan: LoadPlan, buffers: BufferManager, staged: Staged, merged:
         index = torch.tensor([i for i, _, _ in entries])
         scales = plan.scales[a][index].abs()
         plan.scaled_b[a][index] = largest[1::2] * scales
-        if arena.dtype == torch.float16 and bool(torch.isfinite(largest).all()):
+        if arena.dtype in SHIFTED_DTYPES and bool(torch.isfinite(largest).all()):
             plan.a_shift[a][index] = _a_shifts(entries, largest[0::2], plan.scaled_b[a][index], top)
         _check_precision(plan, arena, [names[(a, i)] for i, _, _ in entries], largest, merged)
         in_range = (largest[0::2] <= top) & (largest[1::2] <= top)  # factors out of it are named below

@@ -153,10 +153,12 @@ class WideWeights:
         ]
         #: per arena: (wide A rows, live A rows), in the order of :attr:`groups`
         self.a_groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in buffers.arenas]
+        mine: list[list[LoRALayer]] = [[] for _ in buffers.arenas]  # the layers, in the order of groups
         for name, layer in layers.items():
             if not layer.wide:
                 continue
             arena, index = buffers.where[name]
+            mine[arena].append(layer)
             live_a, live_b = buffers.arenas[arena].rows(index, buffers.live)
             indices, wide, live = self.groups[arena]
             indices.append(index)
@@ -167,7 +169,7 @@ class WideWeights:
         # the layer indices as index tensors, built once: every load, swap and set_scale reads them
         self._index = [torch.tensor(indices, dtype=torch.long) for indices, _, _ in self.groups]
         self.extent = [0] * len(buffers.arenas)  # rows of the wide buffers that may be nonzero
-        self._views: dict[tuple[int, int, bool, bool], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._views: dict[tuple[int, int, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         #: id(plan) -> (a weak reference to it, its largest scaled B rows per arena), see
         #: :meth:`_worst` (weak: a plan holds its adapter's tensors)
         self._worst_of: dict[int, tuple[weakref.ref[LoadPlan], list[tuple[int, list[int], int, float]]]] = {}
@@ -191,8 +193,10 @@ class WideWeights:
         ]
         #: per shifted arena: the contiguous copy of its wide layers' shifted A rows, laid out as
         #: the arena's live A (one region), and each layer's ``[R, in]`` view of it, in the order
-        #: of :attr:`groups`; None elsewhere (:meth:`_shifted_copies`)
-        self._copies: list[tuple[torch.Tensor, list[torch.Tensor]] | None] = self._shifted_copies(layers)
+        #: of :attr:`groups`; None elsewhere (:meth:`_shifted_copy`)
+        self._copies: list[tuple[torch.Tensor, list[torch.Tensor]] | None] = [
+            self._shifted_copy(a, mine[a]) if shift is not None else None for a, shift in enumerate(self._shift)
+        ]
         #: per arena, on CUDA: the launches that copy every wide layer's A rows (the same kernel,
         #: every scale one), each with its scales: one, or in a shifted arena two (the live rows
         #: divided by their shifts into the contiguous copy, then that copy into the wide
@@ -201,44 +205,34 @@ class WideWeights:
             self._a_copiers(a) if scaler is not None else None for a, scaler in enumerate(self._scalers)
         ]
 
-    def _shifted_copies(self, layers: dict[str, LoRALayer]) -> list[tuple[torch.Tensor, list[torch.Tensor]] | None]:
-        """Per shifted arena, the contiguous copy of the shifted A rows, each wide layer told
-        where its rows are (:meth:`~lorahot.layers.linear.LoRALinear.shift_rows`): the compiled
-        shrink reads them as a bfloat16 layer's reads the arena, so that neighbours over one
-        input share one shrink (:mod:`lorahot.kernels.stacked_shrinks`) and a layer after
-        attention takes one GEMM over ``[W; A]`` (:mod:`lorahot.kernels.extern_inputs`)."""
-        out: list[tuple[torch.Tensor, list[torch.Tensor]] | None] = []
-        wide_layers = [(name, layer) for name, layer in layers.items() if layer.wide]
-        for a, shift in enumerate(self._shift):
-            if shift is None:
-                out.append(None)
-                continue
-            arena = self.buffers.arenas[a]
-            with torch.inference_mode(False):  # written outside inference mode later (see widen_layers)
-                copy = torch.zeros(arena.A.shape[1], device=arena.A.device, dtype=arena.A.dtype)
-            handle = TensorHandle((copy,))
-            base = arena.A[self.buffers.live].storage_offset()
-            views = []
-            mine = [layer for name, layer in wide_layers if self.buffers.where[name][0] == a]
-            for layer, live in zip(mine, self.a_groups[a][1], strict=True):
-                geometry = (tuple(live.shape), live.stride(), live.storage_offset() - base)
-                view = copy.as_strided(*geometry)
-                views.append(view)
-                if hasattr(layer, "shift_rows"):
-                    layer.shift_rows(view, handle, geometry)
-            out.append((copy, views))
-        return out
+    def _shifted_copy(self, arena: int, layers: list[LoRALayer]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The contiguous copy of arena ``arena``'s shifted A rows and each of its wide
+        ``layers``' view of it, each layer told where its rows are (:meth:`LoRALayer.shift_rows`):
+        the compiled shrink reads them as a bfloat16 layer's reads the arena, so that neighbours
+        over one input share one shrink (:mod:`lorahot.kernels.stacked_shrinks`) and a layer
+        after attention takes one GEMM over ``[W; A]`` (:mod:`lorahot.kernels.extern_inputs`)."""
+        A = self.buffers.arenas[arena].A
+        with torch.inference_mode(False):  # written outside inference mode later (see widen_layers)
+            copy = torch.zeros(A.shape[1], device=A.device, dtype=A.dtype)
+        handle = TensorHandle((copy,))
+        base = A[self.buffers.live].storage_offset()
+        views = []
+        for layer, live in zip(layers, self.a_groups[arena][1], strict=True):
+            geometry = (tuple(live.shape), live.stride(), live.storage_offset() - base)
+            views.append(copy.as_strided(*geometry))
+            layer.shift_rows(views[-1], handle, geometry)
+        return copy, views
 
     def _a_copiers(self, arena: int) -> list[tuple[RowScaler, torch.Tensor]]:
         """The launches of :attr:`_copiers` for arena ``arena`` (CUDA with Triton)."""
         wide_a, live_a = self.a_groups[arena]
         positions = list(range(len(wide_a)))
         ones = torch.ones(len(wide_a), self.buffers.max_rank, device=wide_a[0].device)
-        copies, shift = self._copies[arena], self._shift[arena]
+        copies = self._copies[arena]
         if copies is None:
-            return [(RowScaler(wide_a, live_a, positions, shift, normalize=shift is not None), ones)]
+            return [(RowScaler(wide_a, live_a, positions), ones)]
         return [
-            (RowScaler(copies[1], live_a, positions, shift, normalize=True), ones),
+            (RowScaler(copies[1], live_a, positions, self._shift[arena]), ones),  # found, divided by
             (RowScaler(wide_a, copies[1], positions), ones),
         ]
 
@@ -343,21 +337,22 @@ class WideWeights:
             for copier, scales in copiers:
                 copier(scales, rows)
             return
-        wide_a, live_a = self._rows(arena, rows, a=True)
-        copies = self._rows(arena, rows, copies=True)[0]
+        wide_a, live_a = self._rows(arena, rows, "a")
         shift = self._shift[arena]
+        if shift is None:
+            if zero:
+                torch._foreach_zero_(wide_a)
+            else:
+                torch._foreach_copy_(wide_a, live_a)
+            return
+        copies = self._rows(arena, rows, "copy")[0]
         if zero:
-            torch._foreach_zero_(wide_a)
-            if copies:
-                torch._foreach_zero_(copies)
-        elif shift is None:
-            torch._foreach_copy_(wide_a, live_a)
-        else:  # each row divided by its power of two, rounded once
-            for k, (w, t) in enumerate(zip(wide_a, live_a, strict=True)):
+            torch._foreach_zero_(copies)
+        else:  # as the kernels: each row divided by its power of two into the copy, rounded once
+            for k, (c, t) in enumerate(zip(copies, live_a, strict=True)):
                 shift[k, :rows] = row_shifts(t)
-                w.copy_(t.float() / shift[k, :rows, None])
-            if copies:
-                torch._foreach_copy_(copies, wide_a)
+                c.copy_(t.float() / shift[k, :rows, None])
+        torch._foreach_copy_(wide_a, copies)
 
     def device_calls(self) -> list[tuple[RowScaler, torch.Tensor, int]] | None:
         """The device work :meth:`apply` does for a live adapter's new scales (``set_scale``:
@@ -406,19 +401,20 @@ class WideWeights:
             return 0
         return max(self.extent[arena], self.buffers.arenas[arena].a_extent[self.buffers.live])
 
-    def _rows(
-        self, arena: int, rows: int, a: bool = False, copies: bool = False
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The first ``rows`` rank rows of arena ``arena``'s wide and live B blocks, or with
-        ``a`` its A blocks, or with ``copies`` (first of the pair; empty where the arena has
-        none) its contiguous copies of the shifted A rows (memoized)."""
-        key = (arena, rows, a, copies)
+    def _rows(self, arena: int, rows: int, kind: str = "b") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The first ``rows`` rank rows of arena ``arena``'s wide and live B blocks (``kind``
+        "b"), A blocks ("a"), or its shifted A rows' contiguous copies and the live A blocks
+        ("copy", a shifted arena's) (memoized)."""
+        key = (arena, rows, kind)
         found = self._views.get(key)
         if found is None:
-            if copies:
-                held = self._copies[arena]
-                found = self._views[key] = ([v[:rows] for v in held[1]] if held is not None else [], [])
+            if kind == "a":
+                wide, live = self.a_groups[arena]
+            elif kind == "b":
+                wide, live = self.groups[arena][1:]
             else:
-                wide, live = self.a_groups[arena] if a else self.groups[arena][1:]
-                found = self._views[key] = ([w[:rows] for w in wide], [t[:rows] for t in live])
+                held = self._copies[arena]
+                assert held is not None  # a shifted arena's (lorahot's own: a bug, not bad input)
+                wide, live = held[1], self.a_groups[arena][1]
+            found = self._views[key] = ([w[:rows] for w in wide], [t[:rows] for t in live])
         return found

@@ -113,7 +113,7 @@ def test_row_scale_normalized_rows_find_write_and_divide_by_their_shifts() -> No
     ones = torch.ones(3, rank)
     tables = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (dst, src)]
     cols = torch.tensor(widths, dtype=torch.int32)
-    kernel.launch(tables[0], tables[1], ones, torch.arange(3), cols, cols.long(), 6, torch.float16, 0, shift, True)
+    kernel.launch(tables[0], tables[1], ones, torch.arange(3), cols, cols.long(), 6, torch.float16, 0, shift)
     for i, (d, s_) in enumerate(zip(dst, src)):
         assert torch.equal(shift[i, :6], row_shifts(s_[:6]))
         assert torch.equal(d[:6], (s_[:6].float() / shift[i, :6, None]).half())
