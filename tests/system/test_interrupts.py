@@ -968,6 +968,18 @@ def test_an_interrupted_change_of_the_host_cache_leaves_its_bytes_counted(call: 
     assert nth > 3, f"{call} ran {nth - 1} lines"
 
 
+def _as_before_or_whole(model: nn.Module, raised: BaseException | None, before: dict[str, Any], where: str) -> None:
+    """After an interrupted inject: the interrupt raised, and the model as ``before`` (modules,
+    hooks, parameters and buffers bitwise), or, where it came after inject's last change,
+    every target wrapped and eject giving ``before`` back."""
+    assert isinstance(raised, KeyboardInterrupt), f"{where}: raised {raised!r}, not the interrupt"
+    wrapped = [n for n in TARGETS if isinstance(model.get_submodule(n), lorahot.LoRALayer)]
+    if wrapped:  # after its last change
+        assert wrapped == TARGETS, f"{where}: left {wrapped} wrapped"
+        lorahot.eject(model)
+    assert not differences(model_state(model), before), f"{where}: left {differences(model_state(model), before)}"
+
+
 @pytest.mark.parametrize("function", ["wrap_modules", "LoRALayer.attach"])
 def test_an_inject_interrupted_while_it_puts_the_wrappers_in_place_leaves_the_model_as_it_was(function: str) -> None:
     """Each line event of inject's swap of the wrappers into the model (``wrap_modules``) and of
@@ -983,13 +995,7 @@ def test_an_inject_interrupted_while_it_puts_the_wrappers_in_place_leaves_the_mo
         hit, raised = interrupted_at(_in(function, nth), lambda model=model: lorahot.inject(model, TARGETS, max_rank=4))
         if hit.function is None:
             break
-        where = f"inject interrupted at line event {nth} of {function}"
-        assert isinstance(raised, KeyboardInterrupt), f"{where}: raised {raised!r}"
-        wrapped = [n for n in TARGETS if isinstance(model.get_submodule(n), lorahot.LoRALayer)]
-        if wrapped:  # after its last change
-            assert wrapped == TARGETS, f"{where}: left {wrapped} wrapped"
-            lorahot.eject(model)
-        assert not differences(model_state(model), before), f"{where}: left {differences(model_state(model), before)}"
+        _as_before_or_whole(model, raised, before, f"inject interrupted at line event {nth} of {function}")
         nth += 1
     assert nth > 3, f"{function} ran {nth - 1} lines"
 
@@ -1011,12 +1017,8 @@ def test_an_interrupted_inject_leaves_the_model_as_it_was(merged: bool) -> None:
         hit, raised = interrupted_at(k, lambda model=model: inject(model))
         if hit.function is None:
             continue
-        where = f"inject interrupted at line event {k} of {count}, in {hit.function}"
-        assert isinstance(raised, KeyboardInterrupt), f"{where}: raised {raised!r}, not the interrupt"
-        wrapped = [n for n in TARGETS if isinstance(model.get_submodule(n), lorahot.LoRALayer)]
-        if wrapped:  # after its last change
-            assert wrapped == TARGETS, f"{where}: left {wrapped} wrapped"
-            lorahot.eject(model)
-        assert not differences(model_state(model), before), f"{where}: left {differences(model_state(model), before)}"
+        _as_before_or_whole(
+            model, raised, before, f"inject interrupted at line event {k} of {count}, in {hit.function}"
+        )
         inject(model).load(ADAPTERS["a1"])
         torch.testing.assert_close(served(Rig(model, None, {})), reference(A1), rtol=1e-10, atol=1e-10)  # type: ignore[arg-type]
