@@ -29,11 +29,4 @@ def above(path: str) -> Iterator[str]:
 def within(path: str, paths: Container[str]) -> bool:
     """Whether ``path`` is one of ``paths`` or under one (``""``, the root, holds every path):
     ``any(path == p or path.startswith(p + ".") or not p for p in paths)``, one lookup per level."""
-    if path in paths or "" in paths:
-        return True
-    at = path.find(".")
-    while at >= 0:
-        if path[:at] in paths:
-            return True
-        at = path.find(".", at + 1)
-    return False
+    return path in paths or any(p in paths for p in above(path))
