@@ -131,7 +131,11 @@ class LoadPlan:
 
 def check_extras(name: str, module: LoraModule, spec: LayerSpec, refusal: str | None) -> list[str]:
     """A DoRA magnitude or LoRA bias must hold one value per output channel, and the runtime
-    must be able to run it on the layer (``refusal``: why not, or None)."""
+    must be able to run it on the layer (``refusal``: why not, or None). A LyCORIS or kohya
+    ``dora_scale`` (:attr:`~lorahot.adapter.LoraModule.unit_scale`) is refused on an embedding:
+    LyCORIS decomposes the weights of Linear and conv layers only, so no reference computes it
+    there (PEFT's DoRA on an embedding is its ``lora_magnitude_vector``, whose norm has no
+    ``eps``)."""
     problems = []
     for which, t in (("DoRA magnitude vector", module.magnitude), ("LoRA bias", module.bias)):
         if t is not None and t.numel() != spec.out_dim:
@@ -139,6 +143,13 @@ def check_extras(name: str, module: LoraModule, spec: LayerSpec, refusal: str | 
                 f"{_where(name, module)}: {which} has shape {tuple(t.shape)}, expected {spec.out_dim} values (one per "
                 "output channel)"
             )
+    if module.magnitude is not None and module.unit_scale and spec.kind == "embedding":
+        problems.append(
+            f"{_where(name, module)}: a dora_scale (LyCORIS weight decomposition) on an embedding layer, where "
+            "LyCORIS decomposes the weights of Linear and conv layers only: no reference library computes it on an "
+            "embedding (PEFT's DoRA there is a lora_magnitude_vector). Leave this module out of the adapter, or "
+            "load a PEFT DoRA adapter for the embedding"
+        )
     if refusal is not None:
         problems.append(f"{_where(name, module)}: {refusal}")
     return problems

@@ -370,6 +370,39 @@ def test_a_module_with_both_dora_magnitudes_is_refused_and_nothing_changes() -> 
     assert all(torch.equal(state[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_a_dora_scale_on_an_embedding_is_refused_and_nothing_changes(merged: bool) -> None:
+    """LyCORIS decomposes the weights of Linear and conv layers only (its LoCon, LoHa and LoKr
+    modules wrap no embedding), so a kohya-named LoRA with a ``dora_scale`` on an
+    ``nn.Embedding`` has no reference: it is refused naming the module, its keys and why, alone
+    and as a part of a stack, and nothing changes (before, it loaded as DoRA with LyCORIS' eps,
+    a number no library computes). PEFT's DoRA on an embedding (``lora_magnitude_vector``) still
+    loads: ``tests/system/test_dora_bias.py``."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "lin": nn.Linear(6, 4)}).double()
+    sd = {
+        "lora_unet_emb.lora_down.weight": torch.randn(2, 10, generator=g, dtype=torch.float64),
+        "lora_unet_emb.lora_up.weight": torch.randn(4, 2, generator=g, dtype=torch.float64),
+        "lora_unet_emb.dora_scale": torch.rand(4, 1, generator=g, dtype=torch.float64) + 1,
+    }
+    other = {
+        f"lora_unet_lin.lora_{k}.weight": torch.randn(s, generator=g) for k, s in (("down", (2, 6)), ("up", (4, 2)))
+    }
+    runtime = lorahot.inject(model, ["emb", "lin"], max_rank=4, merged=merged, extras=True)
+    before = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    for adapter in (sd, [other, sd]):
+        with pytest.raises(
+            lorahot.AdapterMismatchError,
+            match=r"emb \(lora_unet_emb\.lora_down\.weight, .*lora_unet_emb\.dora_scale\): a dora_scale "
+            r"\(LyCORIS weight decomposition\) on an embedding layer, where LyCORIS decomposes the weights of Linear "
+            r"and conv layers only",
+        ):
+            runtime.load(adapter)
+    state = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+
+
 def test_weight_decomposed_locon_refuses_every_scale_but_one(tmp_path: Path) -> None:
     """At another strength LyCORIS and ComfyUI compute different weights for such a module, and
     neither is DoRA at that scale: ``load(scale=)`` (from a file read again and from the host
