@@ -579,13 +579,19 @@ def _unit_kernel_free(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _contradiction(module: WeightModule) -> str | None:
     """What makes ``module``'s factors ambiguous, or None: LoHa halves of different ranks (the
-    alpha divides one rank), or a LoKr half given both whole and as two factors (which one is
-    the weight, and whether the alpha applies, is then undecided). LyCORIS refuses both."""
+    alpha divides one rank), a LoKr half given both whole and as two factors (which one is
+    the weight, and whether the alpha applies, is then undecided), or LoKr halves both factored
+    at different ranks (LyCORIS' loader takes the first's rank and cannot build the second,
+    ComfyUI divides the alpha by the second's). LyCORIS refuses all three."""
     f = module.factors
-    if module.kind == "loha" and "hada_w1_b" in f and "hada_w2_b" in f:
-        r1, r2 = (int(f[k].shape[0]) if f[k].ndim else 0 for k in ("hada_w1_b", "hada_w2_b"))
-        if r1 != r2:
-            return f"the two Hadamard halves have ranks {r1} and {r2}; LoHa's halves share one rank"
+    for kind, (b1, b2), what in (
+        ("loha", ("hada_w1_b", "hada_w2_b"), "two Hadamard halves have ranks {} and {}; LoHa's halves"),
+        ("lokr", ("lokr_w1_b", "lokr_w2_b"), "two Kronecker halves are factored at ranks {} and {}; LoKr's halves"),
+    ):
+        if module.kind == kind and b1 in f and b2 in f:
+            r1, r2 = (int(f[k].shape[0]) if f[k].ndim else 0 for k in (b1, b2))
+            if r1 != r2:
+                return f"the {what.format(r1, r2)} share one rank"
     if module.kind == "lokr":
         for half in ("lokr_w1", "lokr_w2"):
             if half in f and (f"{half}_a" in f or f"{half}_b" in f):

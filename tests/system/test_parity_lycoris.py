@@ -549,12 +549,13 @@ def test_a_1x1_conv_delta_loads_into_the_equivalent_linear() -> None:
     torch.testing.assert_close(model[0].weight.detach(), want, rtol=0, atol=1e-15)
 
 
-@pytest.mark.parametrize("case", ["loha-ranks", "lokr-both-forms"])
+@pytest.mark.parametrize("case", ["loha-ranks", "lokr-both-forms", "lokr-ranks"])
 def test_factors_that_contradict_each_other_are_refused(case: str) -> None:
-    """LoHa halves of different ranks (which one does the alpha divide?) and a LoKr half given
-    both whole and as two factors (which one is the weight, and is it scaled?): LyCORIS refuses
-    both files, and lorahot did load them, with a scale of its choosing. Now refused, naming
-    the contradiction; nothing changes."""
+    """LoHa halves of different ranks (which one does the alpha divide?), a LoKr half given
+    both whole and as two factors (which one is the weight, and is it scaled?) and LoKr halves
+    both factored at different ranks (ComfyUI divides the alpha by the second half's rank, where
+    lorahot took the first's): LyCORIS refuses the three files, and lorahot did load them, with a
+    scale of its choosing. Now refused, naming the contradiction; nothing changes."""
     from lycoris import create_lycoris_from_weights
 
     g = torch.Generator().manual_seed(4)
@@ -565,9 +566,12 @@ def test_factors_that_contradict_each_other_are_refused(case: str) -> None:
     if case == "loha-ranks":
         factors = {"hada_w1_a": r(24, 4), "hada_w1_b": r(4, 16), "hada_w2_a": r(24, 2), "hada_w2_b": r(2, 16)}
         message = r"the two Hadamard halves have ranks 4 and 2"
-    else:
+    elif case == "lokr-both-forms":
         factors = {"lokr_w1": r(4, 4), "lokr_w2": r(6, 4), "lokr_w2_a": r(6, 2), "lokr_w2_b": r(2, 4)}
         message = r"lokr_w2 is given both whole and as lokr_w2_a/lokr_w2_b"
+    else:
+        factors = {"lokr_w1_a": r(4, 1), "lokr_w1_b": r(1, 4), "lokr_w2_a": r(6, 2), "lokr_w2_b": r(2, 4)}
+        message = r"the two Kronecker halves are factored at ranks 1 and 2; LoKr's halves share one rank"
     sd = {f"lycoris_0.{k}": v for k, v in {**factors, "alpha": torch.tensor(1.0)}.items()}
     model = _base("linear")
     with pytest.raises((RuntimeError, AttributeError)):  # the oracle refuses
