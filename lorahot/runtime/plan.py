@@ -580,10 +580,18 @@ def _unit_kernel_free(shape: tuple[int, ...]) -> tuple[int, ...]:
 def _contradiction(module: WeightModule) -> str | None:
     """What makes ``module``'s factors ambiguous, or None: LoHa halves of different ranks (the
     alpha divides one rank), a LoKr half given both whole and as two factors (which one is
-    the weight, and whether the alpha applies, is then undecided), or LoKr halves both factored
+    the weight, and whether the alpha applies, is then undecided), LoKr halves both factored
     at different ranks (LyCORIS' loader takes the first's rank and cannot build the second,
-    ComfyUI divides the alpha by the second's). LyCORIS refuses all three."""
+    ComfyUI divides the alpha by the second's), or a Tucker LoCon whose core ``lora_mid`` is not
+    square (LyCORIS' core is ``[r, r, *kernel]``; ComfyUI builds the weight as if it were).
+    LyCORIS refuses all four."""
     f = module.factors
+    mid = f.get("lora_mid") if module.kind == "locon-tucker" else None
+    if mid is not None and mid.ndim >= 2 and mid.shape[0] != mid.shape[1]:
+        return (
+            f"lora_mid has shape {tuple(mid.shape)}, where a Tucker LoCon's core is square, [rank, rank, *kernel]: "
+            "neither LyCORIS nor ComfyUI builds a weight from a core of two ranks"
+        )
     for kind, (b1, b2), what in (
         ("loha", ("hada_w1_b", "hada_w2_b"), "two Hadamard halves have ranks {} and {}; LoHa's halves"),
         ("lokr", ("lokr_w1_b", "lokr_w2_b"), "two Kronecker halves are factored at ranks {} and {}; LoKr's halves"),
