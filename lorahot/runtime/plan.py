@@ -130,18 +130,19 @@ class LoadPlan:
 
 
 def check_extras(name: str, module: LoraModule, spec: LayerSpec, refusal: str | None) -> list[str]:
-    """A DoRA magnitude or LoRA bias must hold one value per output channel, and the runtime
-    must be able to run it on the layer (``refusal``: why not, or None). A LyCORIS or kohya
+    """A DoRA magnitude or LoRA bias must hold one value per output channel along one dimension
+    (PEFT's ``[out]``, a conv's ``[1, out, 1, ...]``; a ``[2, 3]`` for 6 channels says no order),
+    and the runtime must be able to run it on the layer (``refusal``: why not, or None). A LyCORIS or kohya
     ``dora_scale`` (:attr:`~lorahot.adapter.LoraModule.unit_scale`) is refused on an embedding:
     LyCORIS decomposes the weights of Linear and conv layers only, so no reference computes it
     there (PEFT's DoRA on an embedding is its ``lora_magnitude_vector``, whose norm has no
     ``eps``)."""
     problems = []
     for which, t in (("DoRA magnitude vector", module.magnitude), ("LoRA bias", module.bias)):
-        if t is not None and t.numel() != spec.out_dim:
+        if t is not None and (t.numel() != spec.out_dim or sum(d > 1 for d in t.shape) > 1):
             problems.append(
                 f"{_where(name, module)}: {which} has shape {tuple(t.shape)}, expected {spec.out_dim} values (one per "
-                "output channel)"
+                "output channel) along one dimension"
             )
     if module.magnitude is not None and module.unit_scale and spec.kind == "embedding":
         problems.append(

@@ -391,6 +391,40 @@ def test_failed_load_changes_nothing_including_the_extras(tmp_path: Path) -> Non
     assert torch.equal(model(*inputs), out)
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_a_magnitude_or_lora_bias_of_two_dimensions_is_refused(tmp_path: Path, merged: bool) -> None:
+    """A DoRA magnitude or LoRA bias holds one value per output channel along one dimension
+    (PEFT's ``[out]``, a conv's ``[1, out, 1, 1]``): one of 6 values laid out ``[2, 3]`` says
+    no order of the channels (PEFT refuses its shape), and lorahot took it flattened. Now
+    refused naming the module and the shape, every parameter and buffer bitwise unchanged; a
+    ``[1, 6]`` one (one dimension) still loads as the ``[6]`` it holds."""
+    from safetensors.torch import load_file
+
+    base, inputs = _base(), _inputs()
+    _peft(base, tmp_path / "dora", 1, ["q"], use_dora=True)
+    _peft(base, tmp_path / "bias", 2, ["q"], lora_bias=True)
+    dora = load_file(tmp_path / "dora" / "adapter_model.safetensors")
+    bias = load_file(tmp_path / "bias" / "adapter_model.safetensors")
+    magnitude, lora_bias = "base_model.model.q.lora_magnitude_vector", "base_model.model.q.lora_B.bias"
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["q"], max_rank=4, merged=merged, extras=not merged)
+    before = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    for adapter, key in ((dora, magnitude), (bias, lora_bias)):
+        which = "DoRA magnitude vector" if key == magnitude else "LoRA bias"
+        with pytest.raises(
+            lorahot.AdapterMismatchError,
+            match=rf"q \(.*\): {which} has shape \(2, 3\), expected 6 values \(one per output channel\) along one",
+        ):
+            runtime.load(adapter | {key: adapter[key].reshape(2, 3)})
+    state = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+    runtime.load(dora)
+    with torch.no_grad():
+        want = model(*inputs)
+        runtime.load(dora | {magnitude: dora[magnitude].reshape(1, 6)})
+        assert torch.equal(model(*inputs), want)
+
+
 def test_merged_mode_folds_dora_and_lora_bias_as_peft_computes(tmp_path: Path) -> None:
     base, inputs = _base(), _inputs()
     oracles = {
