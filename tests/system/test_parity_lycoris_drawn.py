@@ -5,7 +5,7 @@ GLoRA, and T-LoRA, which lorahot refuses), its options (ranks and alphas, ``fact
 ``decompose_both``, ``use_tucker``, ``use_scalar``, weight decomposition on the output or the
 input channels, dropouts, ``bypass_mode``, ``full_matrix``, ``unbalanced_factorization``,
 ``rs_lora``; OFT's and BOFT's ``constraint`` and ``rescaled``; (IA)^3's ``train_on_input``), one layer (a Linear with or
-without bias, a Conv1d or Conv2d with a kernel of 1 or 3, a stride, padding and dilation) and its
+without bias, a Conv1d, Conv2d or Conv3d with a kernel of 1 or 3, a stride, padding and dilation) and its
 sizes. The network is built with LyCORIS' own
 ``LycorisNetwork`` over the layer, every parameter is randomized (not LyCORIS' zero init),
 and ``save_weights`` writes the file, under LyCORIS' own ``lycoris_`` names, kohya's
@@ -70,7 +70,7 @@ SIZES = (1, 2, 3, 5, 7, 8, 12, 13, 16, 24, 32)
 
 @dataclass(frozen=True)
 class Layer:
-    kind: str  # "linear", "conv1d" or "conv2d"
+    kind: str  # "linear", "conv1d", "conv2d" or "conv3d"
     fan_in: int
     fan_out: int
     kernel: tuple[int, ...] = ()
@@ -83,13 +83,13 @@ class Layer:
         torch.manual_seed(0)
         if self.kind == "linear":
             return nn.Linear(self.fan_in, self.fan_out, bias=self.bias)
-        conv = nn.Conv1d if self.kind == "conv1d" else nn.Conv2d
+        conv = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}[self.kind]
         k = self.kernel[0] if self.kind == "conv1d" else self.kernel
         return conv(self.fan_in, self.fan_out, k, self.stride, self.padding, self.dilation, bias=self.bias)
 
     def input(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(2)
-        spatial = {"linear": (), "conv1d": (9,), "conv2d": (7, 8)}[self.kind]
+        spatial = {"linear": (), "conv1d": (9,), "conv2d": (7, 8), "conv3d": (5, 5, 6)}[self.kind]
         return torch.randn(3, self.fan_in, *spatial, generator=g, dtype=torch.float64)
 
 
@@ -106,13 +106,16 @@ class Case:
 
 @st.composite
 def layers(draw: st.DrawFn) -> Layer:
-    kind = draw(st.sampled_from(["linear", "conv1d", "conv2d"]))
+    kind = draw(st.sampled_from(["linear", "conv1d", "conv2d", "conv3d"]))
     fan_in, fan_out = draw(st.sampled_from(SIZES)), draw(st.sampled_from(SIZES))
     bias = draw(st.booleans())
     if kind == "linear":
         return Layer(kind, fan_in, fan_out, bias=bias)
     k = draw(st.sampled_from([1, 3]))
-    kernel = (k,) if kind == "conv1d" else draw(st.sampled_from([(k, k), (k, 1), (1, k)]))
+    if kind == "conv3d":
+        kernel = draw(st.sampled_from([(k, k, k), (1, k, k), (k, 1, 1)]))
+    else:
+        kernel = (k,) if kind == "conv1d" else draw(st.sampled_from([(k, k), (k, 1), (1, k)]))
     stride, dilation = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
     padding = draw(st.sampled_from([0, 1]))
     return Layer(kind, fan_in, fan_out, kernel, stride, padding, dilation, bias)
@@ -170,7 +173,7 @@ def _float64() -> Iterator[None]:
 
 def _network(case: Case, model: nn.Module) -> LycorisNetwork:
     """LyCORIS' network over ``model``'s one layer, every parameter randomized."""
-    with lycoris_targets(["Linear", "Conv1d", "Conv2d"]):
+    with lycoris_targets(["Linear", "Conv1d", "Conv2d", "Conv3d"]):
         network = LycorisNetwork(
             model,
             1.0,
