@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -914,6 +915,124 @@ def late_after_inject(mesh: object, adapter: dict[str, torch.Tensor], x: torch.T
     )
 
 
+def scenario_one_rank(mesh: object, folder: Path, check: Checks) -> None:
+    """Calls whose checks fail on rank 1 only, each a way an adapter or an argument can differ
+    between ranks that :func:`scenario_atomic` does not take: a typed error on every rank (rank
+    0's naming rank 1), within the process group's timeout, and every rank bitwise unchanged.
+    Then a check interrupted on rank 1 (:func:`interrupted_checks`)."""
+    rig = Rig(mesh, folder)
+    rank = dist.get_rank()
+    rig.both(lambda r: r.load(rig.path("a")))
+    rig.both(lambda r: r.load(rig.path("b"), slot=1))
+    rig.rt.preload(rig.path("c"), key="c")
+    if rank == 1:  # the key cached on rank 0 only
+        rig.rt.cache.clear()
+    before = rig.snapshot()
+    path = rig.path
+
+    def mine(good: object, bad: object) -> Any:
+        return good if rank == 0 else bad
+
+    cases: list[tuple[str, type[Exception], Callable[[], object]]] = [
+        (
+            "a shape that fits no layer in rank 1's file",
+            lorahot.AdapterMismatchError,
+            lambda: rig.rt.load(path(mine("a", "shape"))),
+        ),
+        (
+            "A of another rank than B in rank 1's file",
+            lorahot.AdapterMismatchError,
+            lambda: rig.rt.load(path(mine("a", "ranks"))),
+        ),
+        ("a module fewer in rank 1's file", lorahot.UsageError, lambda: rig.rt.load(path(mine("a", "fewer")))),
+        (
+            "a module no layer takes in rank 1's file",
+            lorahot.AdapterMismatchError,
+            lambda: rig.rt.load(path(mine("a", "extra"))),
+        ),
+        (
+            "strict=False on rank 1 only, skipping a module",
+            lorahot.UsageError,
+            lambda: rig.rt.load(path(mine("a", "extra")), strict=mine(True, False)),
+        ),
+        (
+            "NaN in rank 1's rows of a column-parallel B",
+            lorahot.AdapterReadError,
+            lambda: rig.rt.load(path("nan_columns")),
+        ),
+        ("a cache key only rank 0 holds", lorahot.UsageError, lambda: rig.rt.load("c")),
+        ("a slot out of range on rank 1", lorahot.UsageError, lambda: rig.rt.load(path("a"), slot=mine(0, 5))),
+        (
+            "a stack of another length on rank 1",
+            lorahot.UsageError,
+            lambda: rig.rt.load(mine([path("a")], [path("a"), path("c")])),
+        ),
+        (
+            "an unknown read option on rank 1",
+            lorahot.UsageError,
+            lambda: rig.rt.load(path("a"), **mine({}, {"bogus": 1})),
+        ),
+        (
+            "a preload of a missing file on rank 1",
+            lorahot.SourceNotFoundError,
+            lambda: rig.rt.preload(path(mine("a", "missing")), key="p"),
+        ),
+        ("another preload key on rank 1", lorahot.UsageError, lambda: rig.rt.preload(path("a"), key=mine("p", "q"))),
+        ("activate out of range on rank 1", lorahot.UsageError, lambda: rig.rt.activate(mine(0, 7))),
+        ("a routing out of range on rank 1", lorahot.UsageError, lambda: rig.rt.activate(mine([0, 1, 0], [0, 9, 0]))),
+        ("a routing of another length on rank 1", lorahot.UsageError, lambda: rig.rt.activate(mine([0, 1, 0], [0, 1]))),
+        ("set_scale of another length on rank 1", lorahot.UsageError, lambda: rig.rt.set_scale(mine(1.0, [1.0, 2.0]))),
+        ("set_scale NaN on rank 1", lorahot.UsageError, lambda: rig.rt.set_scale(mine(1.0, float("nan")))),
+        ("unload out of range on rank 1", lorahot.UsageError, lambda: rig.rt.unload(mine(0, 9))),
+    ]
+    for name, kind, call in cases:
+        check(name, lambda kind=kind, call=call: raises(kind, call, *(["rank 1"] if rank == 0 else [])))
+        check(f"unchanged after {name}", lambda: rig.unchanged(before))
+    check(
+        "nothing cached under the refused preloads' keys",
+        lambda: rig.rt.cache.get("p") is None and rig.rt.cache.get("q") is None,
+    )
+    interrupted_checks(rig, check)
+
+
+def interrupted_checks(rig: Rig, check: Checks) -> None:
+    """A ``KeyboardInterrupt`` in rank 1's checks (the caller's path object read, a routing
+    iterated): rank 1 still takes part in the ranks' agreement before its interrupt goes on, so
+    rank 0 raises a UsageError naming rank 1 at once, no rank changes anything, and the process
+    group serves the next call (rank 0 waited in the agreement's collective until the process
+    group timed out, then raised UnexpectedError, and the group was broken)."""
+    rank = dist.get_rank()
+    before = rig.snapshot()
+
+    class Interrupting(os.PathLike[str]):
+        def __fspath__(self) -> str:
+            raise KeyboardInterrupt
+
+    class Rows(list[int]):
+        def __iter__(self) -> Any:
+            raise KeyboardInterrupt
+
+    calls = [
+        ("load", lambda: rig.rt.load(rig.path("b") if rank == 0 else Interrupting())),
+        ("activate", lambda: rig.rt.activate([0, 1, -1] if rank == 0 else Rows([0, 1, -1]))),
+    ]
+    for what, call in calls:
+        if rank == 0:
+            got = raises(lorahot.UsageError, call, f"{what} was interrupted (KeyboardInterrupt) on rank 1 of 2")
+        else:
+            try:
+                call()
+                got = "returned"
+            except KeyboardInterrupt:
+                got = None
+            except Exception as exc:
+                got = f"raised {type(exc).__name__}: {exc}"
+        check(f"a {what} interrupted in rank 1's checks", lambda got=got: got)
+        check(f"unchanged after a {what} interrupted in rank 1's checks", lambda: rig.unchanged(before))
+    rig.both(lambda r: r.load(rig.path("c")))
+    check("a load after the interrupted checks computes the reference", rig.parity)
+
+
 def scenario_interrupted(mesh: object, folder: Path, check: Checks) -> None:
     """A write, activate or unload interrupted (KeyboardInterrupt) or failing on rank 1 only,
     after every check passed on every rank: rank 1 still tells the others before its error goes
@@ -1084,6 +1203,7 @@ def scenario_interrupted(mesh: object, folder: Path, check: Checks) -> None:
 
 SCENARIOS = {
     "empty_shard": scenario_empty_shard,
+    "one_rank": scenario_one_rank,
     "interrupted": scenario_interrupted,
     "parity": scenario_parity,
     "atomic": scenario_atomic,

@@ -76,21 +76,29 @@ class Agreement:
 
         Raises:
             LoraError: ``check``'s own error on a rank where it failed; on the others an error
-                of the same type naming the failed rank and its message. Any other exception
-                of ``check`` is re-raised on its rank after the agreement.
+                of the same type naming the failed rank and its message (a :class:`UsageError`
+                where that rank was interrupted: the call was not made there). Any other
+                exception of ``check`` is re-raised on its rank after the agreement, an
+                interrupt (``KeyboardInterrupt``, ``SystemExit``) too: the rank takes part in
+                the agreement first, so that no other rank waits for it in the collective.
             UsageError: every check passed, but the ranks would write different things (on
                 every rank, naming the aspect and the ranks that differ from rank 0).
         """
         try:
             result, error = check(), None
             digests = _digests(fingerprint(result) if fingerprint is not None else {})
-        except Exception as exc:
+        except BaseException as exc:  # an interrupt too: reported, then it goes on
             result, error, digests = None, exc, [0] * len(ASPECTS)
         failures, rows = self._failures(error, digests)
         if error is not None:
             raise error
         if failures:
             rank, kind, message = failures[0]
+            if kind in _INTERRUPTS:
+                raise UsageError(
+                    f"{what} was interrupted ({kind}) on rank {rank} of {self.ranks} during its checks, so no rank "
+                    f"changed anything (this rank passed every check). Call {what} again on every rank."
+                )
             cls = _error_type(kind)
             # a lorahot refusal's line breaks are its own (its names escaped on its rank): kept
             first, *rest = message.split("\n") if cls is not UnexpectedError else [message]
@@ -175,6 +183,9 @@ class Agreement:
                 out.append((int(rank), str(kind), str(message)))
         return out
 
+
+#: what a rank interrupted during its checks reports (its own goes on as it is)
+_INTERRUPTS = ("KeyboardInterrupt", "SystemExit")
 
 #: how a refusal names each aspect of :mod:`lorahot.runtime.fingerprint`
 _ASPECT_TEXT = {

@@ -141,7 +141,28 @@ def _scenario(name: str, tmp_path_factory: pytest.TempPathFactory, timeout: floa
     _write_adapters(folder)
     if name in ("atomic", "transformers"):
         _write_transformers(folder)
+    if name == "one_rank":
+        _write_one_rank_adapters(folder)
     return run_ranks(name, folder, timeout=timeout)
+
+
+def _write_one_rank_adapters(folder: Path) -> None:
+    """``a`` with one thing wrong, each loaded by rank 1 only: ``shape`` (down_proj's A made for
+    49 inputs), ``ranks`` (down_proj's A of rank 5, its B of 4), ``fewer`` (no up_proj in block
+    1), ``extra`` (a module no layer takes) and ``nan_columns`` (NaN in q_proj's B at an output
+    rank 1 holds, 16:32)."""
+    a, _ = make_adapter(tiny_llama(), dict.fromkeys([*LINEARS, "lm_head"], 4), seed=1, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(6)
+    down, up = "base_model.model.layers.1.mlp.down_proj", "base_model.model.layers.1.mlp.up_proj"
+    save_peft(folder / "shape", {**a, f"{down}.lora_A.weight": torch.randn(4, 49, generator=gen)}, r=4, lora_alpha=8)
+    save_peft(folder / "ranks", {**a, f"{down}.lora_A.weight": torch.randn(5, 50, generator=gen)}, r=4, lora_alpha=8)
+    save_peft(folder / "fewer", {k: v for k, v in a.items() if not k.startswith(up)}, r=4, lora_alpha=8)
+    nowhere = "base_model.model.layers.1.mlp.nowhere"
+    extra = {f"{nowhere}.lora_A.weight": torch.randn(4, 8, generator=gen), f"{nowhere}.lora_B.weight": torch.ones(8, 4)}
+    save_peft(folder / "extra", {**a, **extra}, r=4, lora_alpha=8)
+    nan = {k: v.clone() for k, v in a.items()}
+    nan["base_model.model.layers.0.self_attn.q_proj.lora_B.weight"][20, 1] = float("nan")
+    save_peft(folder / "nan_columns", nan, r=4, lora_alpha=8)
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +371,66 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
 )
 def test_compiled_sharded_model_swaps_without_recompiling(compiled: list[dict[str, str]], name: str) -> None:
     _assert_check(compiled, name)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    # bounded below the ranks' process-group timeout (60 s) times the calls that could wait in it
+    return _scenario("one_rank", tmp_path_factory, timeout=75.0)
+
+
+ONE_RANK = [
+    check
+    for what in (
+        "a shape that fits no layer in rank 1's file",
+        "A of another rank than B in rank 1's file",
+        "a module fewer in rank 1's file",
+        "a module no layer takes in rank 1's file",
+        "strict=False on rank 1 only, skipping a module",
+        "NaN in rank 1's rows of a column-parallel B",
+        "a cache key only rank 0 holds",
+        "a slot out of range on rank 1",
+        "a stack of another length on rank 1",
+        "an unknown read option on rank 1",
+        "a preload of a missing file on rank 1",
+        "another preload key on rank 1",
+        "activate out of range on rank 1",
+        "a routing out of range on rank 1",
+        "a routing of another length on rank 1",
+        "set_scale of another length on rank 1",
+        "set_scale NaN on rank 1",
+        "unload out of range on rank 1",
+    )
+    for check in (what, f"unchanged after {what}")
+]
+
+
+@pytest.mark.parametrize("name", [*ONE_RANK, "nothing cached under the refused preloads' keys"])
+def test_a_call_refused_on_one_rank_is_refused_on_every_rank(one_rank: list[dict[str, str]], name: str) -> None:
+    _assert_check(one_rank, name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        *(
+            check
+            for what in ("load", "activate")
+            for check in (
+                f"a {what} interrupted in rank 1's checks",
+                f"unchanged after a {what} interrupted in rank 1's checks",
+            )
+        ),
+        "a load after the interrupted checks computes the reference",
+    ],
+)
+def test_a_call_interrupted_in_one_ranks_checks_leaves_no_rank_waiting(
+    one_rank: list[dict[str, str]], name: str
+) -> None:
+    """A KeyboardInterrupt in rank 1's checks: rank 0 is told at once (it waited in the
+    agreement's collective until the process group timed out, and the group broke), nothing
+    changes, the next call works (:func:`tests.parallel_worker.interrupted_checks`)."""
+    _assert_check(one_rank, name)
 
 
 @pytest.fixture(scope="module")
