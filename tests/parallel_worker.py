@@ -915,6 +915,182 @@ def late_after_inject(mesh: object, adapter: dict[str, torch.Tensor], x: torch.T
     )
 
 
+#: the hand-built MLP's adapters: ``(targets, rank by module, alpha by module, rsLoRA)``
+LAYOUT_ADAPTERS = [
+    (
+        ["gate_proj", "up_proj", "down_proj"],
+        {"gate_proj": 2, "up_proj": 5, "down_proj": 3},
+        {"gate_proj": 4.0, "up_proj": 3.0, "down_proj": 7.0},
+        False,
+    ),
+    (["up_proj", "down_proj"], {"up_proj": 4, "down_proj": 1}, {"up_proj": 2.0, "down_proj": 5.0}, True),
+    (["down_proj"], {"down_proj": 6}, {"down_proj": 6.0}, True),
+    (["gate_proj"], {"gate_proj": 6}, {"gate_proj": 3.0}, False),
+]
+
+
+def _whole(y: torch.Tensor) -> torch.Tensor:
+    """``y`` whole: a DTensor output (``use_local_output=False``) gathered."""
+    return y.full_tensor() if type(y).__name__ == "DTensor" else y  # type: ignore[attr-defined,no-any-return]
+
+
+def _layout_adapter(
+    model: torch.nn.Module, path: Path, ranks: dict[str, int], alphas: dict[str, float], rs: bool
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """A PEFT adapter of another rank and alpha per module (``rank_pattern`` / ``alpha_pattern``),
+    saved at ``path``; each module's ``(A, B, alpha / r)`` (``alpha / sqrt(r)`` with rsLoRA)."""
+    from tests.helpers import save_peft
+
+    gen = torch.Generator().manual_seed(3)
+    tensors, factors = {}, {}
+    for name, r in ranks.items():
+        base = model.get_submodule(name)
+        a = torch.randn(r, base.in_features, generator=gen, dtype=torch.float64)
+        b = torch.randn(base.out_features, r, generator=gen, dtype=torch.float64)
+        tensors[f"base_model.model.{name}.lora_A.weight"], tensors[f"base_model.model.{name}.lora_B.weight"] = a, b
+        factors[name] = (a, b, alphas[name] / (r**0.5 if rs else r))
+    first = next(iter(ranks))
+    save_peft(
+        path, tensors, r=ranks[first], lora_alpha=alphas[first], rank_pattern=ranks, alpha_pattern=alphas, use_rslora=rs
+    )
+    return factors
+
+
+def _merged(
+    model: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]], weight: float
+) -> torch.nn.Module:
+    """The float64 dense reference: a copy of ``model`` with ``weight * s * B @ A`` added to each
+    adapted weight."""
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, (a, b, s) in factors.items():
+            merged.get_submodule(name).weight += weight * s * b @ a
+    return merged
+
+
+def scenario_layouts(mesh: object, folder: Path, check: Checks) -> None:
+    """A hand-built MLP (gate/up column-parallel, down row-parallel with a bias), its outputs
+    kept local or left DTensors (``use_local_output``), its hidden width even or uneven over the
+    ranks, with adapters of another rank and alpha per module, rsLoRA, and targets covering some
+    projections only: load, ``set_scale``, a weighted stack, per-row routing, unload, the host
+    cache and eject against the float64 dense reference; then DTensor inputs a sharded layer's
+    LoRA cannot compute on (:func:`misplaced_inputs`)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from tests.parallel_helpers import MLP
+
+    rank = dist.get_rank()
+    x = torch.randn(3, 5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    for hidden, local_columns, local_rows in (
+        (22, True, True),
+        (22, False, True),
+        (22, True, False),
+        (21, False, False),
+    ):
+        torch.manual_seed(0)
+        ref = MLP(12, hidden).double()
+        tp = copy.deepcopy(ref)
+        columns = ColwiseParallel(use_local_output=local_columns)
+        plan = {"gate_proj": columns, "up_proj": columns, "down_proj": RowwiseParallel(use_local_output=local_rows)}
+        parallelize_module(tp, mesh, plan)  # type: ignore[arg-type]
+        layout = f"hidden {hidden}, local outputs {local_columns}/{local_rows}"
+        for i, (targets, ranks, alphas, rs) in enumerate(LAYOUT_ADAPTERS):
+            path = folder / f"layout{i}_rank{rank}"
+            factors = _layout_adapter(ref, path, ranks, alphas, rs)
+            runtime = lorahot.inject(copy.deepcopy(tp), targets, max_rank=12, slots=2)
+            layout_calls(f"{layout}, {targets}", runtime, ref, str(path), factors, x, check)
+    misplaced_inputs(mesh, check)
+
+
+def layout_calls(
+    name: str,
+    runtime: lorahot.LoraRuntime,
+    ref: torch.nn.Module,
+    path: str,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+    x: torch.Tensor,
+    check: Checks,
+) -> None:
+    """Load, ``set_scale``, a weighted stack, per-row routing, unload, the host cache and eject
+    on ``runtime``'s sharded model, each against ``ref`` with ``factors`` merged in float64."""
+    model = runtime.model
+    whole, scaled, stacked = (_merged(ref, factors, w) for w in (1.0, -0.6, 0.75))
+
+    def matches(want: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], str | None]:
+        def compare() -> str | None:
+            with torch.no_grad():
+                return same(_whole(model(x)), want(x))
+
+        return compare
+
+    runtime.load(path)
+    check(f"{name}: load", matches(whole))
+    runtime.set_scale(-0.6)
+    check(f"{name}: set_scale", matches(scaled))
+    runtime.load([path, path], slot=1, scale=[0.5, 0.25])
+    runtime.activate(1)
+    check(f"{name}: a weighted stack", matches(stacked))
+    runtime.activate([0, 1, -1])
+    check(f"{name}: per-row routing", matches(lambda x: torch.cat([scaled(x[:1]), stacked(x[1:2]), ref(x[2:])])))
+    runtime.activate(0)
+    runtime.preload(path, key="cached")
+    runtime.unload()
+    check(f"{name}: unload", matches(ref))
+    runtime.load("cached")
+    check(f"{name}: load from the host cache", matches(whole))
+    runtime.eject()
+    check(f"{name}: eject", matches(ref))
+
+
+def misplaced_inputs(mesh: object, check: Checks) -> None:
+    """A sharded linear called with a DTensor input of another placement than its style's input
+    hook makes (a weight distributed without ``parallelize_module``'s hooks): the base computes
+    it (DTensor redistributes), but the LoRA part reads the local tensor, so each placement other
+    than ``Replicate`` (column-parallel) or ``Shard(-1)`` (row-parallel) is refused, eagerly and
+    compiled. A column-parallel layer fed a batch-sharded input computed a wrong delta before."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    adapter = {
+        "base_model.model.0.lora_A.weight": torch.randn(4, 12, generator=gen, dtype=torch.float64),
+        "base_model.model.0.lora_B.weight": torch.randn(10, 4, generator=gen, dtype=torch.float64),
+    }
+    x = torch.randn(2, 12, dtype=torch.float64, generator=gen)
+    for dim, fits, placement in (
+        (0, True, Replicate()),
+        (1, True, Shard(1)),
+        (0, False, Shard(0)),
+        (0, False, Shard(1)),
+        (1, False, Shard(0)),
+        (1, False, Replicate()),
+    ):
+        ref = torch.nn.Sequential(torch.nn.Linear(12, 10)).double()
+        model = copy.deepcopy(ref)
+        weight = distribute_tensor(model[0].weight.detach(), mesh, [Shard(dim)])  # type: ignore[arg-type]
+        bias = distribute_tensor(model[0].bias.detach(), mesh, [Shard(0) if dim == 0 else Replicate()])  # type: ignore[arg-type]
+        model[0].weight, model[0].bias = torch.nn.Parameter(weight), torch.nn.Parameter(bias)
+        for m in (model, ref):
+            lorahot.inject(m, ["0"], max_rank=4).load(adapter)
+        given = distribute_tensor(x, mesh, [placement])  # type: ignore[arg-type]
+        name = f"a Shard({dim}) weight given a {placement!r} input"
+
+        def run(m: torch.nn.Module = model, given: torch.Tensor = given) -> torch.Tensor:
+            with torch.no_grad():
+                return _whole(m(given))
+
+        if fits:
+            check(f"{name} computes the unsharded model", lambda run=run, ref=ref: same(run(), ref(x)))
+            continue
+        words = (f"input is a DTensor placed ({placement!r},)", "Replicate()" if dim == 0 else "Shard(-1)")
+        check(f"{name} is refused", lambda run=run, words=words: raises(lorahot.UsageError, run, *words))
+        compiled = torch.compile(model, backend="aot_eager")
+        check(
+            f"{name} is refused compiled",
+            lambda c=compiled, run=run, words=words: raises(lorahot.UsageError, lambda: run(c), *words),
+        )
+
+
 def scenario_one_rank(mesh: object, folder: Path, check: Checks) -> None:
     """Calls whose checks fail on rank 1 only, each a way an adapter or an argument can differ
     between ranks that :func:`scenario_atomic` does not take: a typed error on every rank (rank
@@ -1203,6 +1379,7 @@ def scenario_interrupted(mesh: object, folder: Path, check: Checks) -> None:
 
 SCENARIOS = {
     "empty_shard": scenario_empty_shard,
+    "layouts": scenario_layouts,
     "one_rank": scenario_one_rank,
     "interrupted": scenario_interrupted,
     "parity": scenario_parity,

@@ -254,6 +254,9 @@ class ShardedLoRALinear(LoRALinear):
                 self.refuse_keyword_call(kwargs)
             x = kwargs.pop(self._plan[9])
         x_local = _local(x)
+        if _is_dtensor(x) and not self._input_fits(x):  # a local slice the LoRA part cannot take as it is
+            misplaced = literal(self._misplaced(x))
+            return self._as_output(x, refuse(misplaced, lambda: _local(self._base(x, *args, **kwargs))))
         route = ROUTES[self._plan[4]]
         if route is not None and self._plan[8]:  # an MoE expert or a vision tower: no routed slot has weights here
             base_out: torch.Tensor = self._base(x, *args, **kwargs)
@@ -322,6 +325,32 @@ class ShardedLoRALinear(LoRALinear):
             z, x.device_mesh, (placement,), run_check=False, shape=torch.Size(shape), stride=tuple(reversed(stride))
         )
         return out
+
+    def _input_fits(self, x: Any) -> bool:
+        """Whether the DTensor input ``x`` is laid out as the LoRA part reads its local tensor:
+        replicated for a column-parallel layer (A is whole), sharded on its last dimension for a
+        row-parallel one (A holds this rank's input columns), as ``ColwiseParallel`` /
+        ``RowwiseParallel``'s input hooks make it."""
+        shard, placements = self.spec.shard, tuple(x.placements)
+        if shard is None or shard.dim == "out":
+            return all(p.is_replicate() for p in placements)
+        return len(placements) == 1 and placements[0].is_shard() and placements[0].dim in (-1, x.ndim - 1)
+
+    def _misplaced(self, x: Any) -> str:
+        """Why this layer refuses the DTensor input ``x`` (:meth:`_input_fits`)."""
+        rows = self.spec.shard is not None and self.spec.shard.dim == "in"
+        kind, needs = (
+            ("row-parallel", "sharded on its last dimension (Shard(-1))")
+            if rows
+            else ("column-parallel", "Replicate()")
+        )
+        return (
+            f"{self._describe()}: its input is a DTensor placed {tuple(x.placements)}, but this {kind} layer's LoRA "
+            f"reads the local input and needs it {needs}, as the input hook of parallelize_module's "
+            f"{'RowwiseParallel' if rows else 'ColwiseParallel'} makes it; computed on this rank's slice as it is, the "
+            "delta would be wrong. Parallelize the layer with parallelize_module (ColwiseParallel / RowwiseParallel), "
+            "or redistribute its input to that placement before the call."
+        )
 
     def _reduced(self, y: Any) -> bool:
         """Whether a row-parallel layer's base output is already reduced (not ``Partial``):

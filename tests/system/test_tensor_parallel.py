@@ -374,6 +374,54 @@ def test_compiled_sharded_model_swaps_without_recompiling(compiled: list[dict[st
 
 
 @pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    return run_ranks("layouts", tmp_path_factory.mktemp("layouts"))
+
+
+LAYOUTS = [
+    f"hidden {hidden}, local outputs {columns}/{rows}, {targets}: {call}"
+    for hidden, columns, rows in ((22, True, True), (22, False, True), (22, True, False), (21, False, False))
+    for targets in (["gate_proj", "up_proj", "down_proj"], ["up_proj", "down_proj"], ["down_proj"], ["gate_proj"])
+    for call in (
+        "load",
+        "set_scale",
+        "a weighted stack",
+        "per-row routing",
+        "unload",
+        "load from the host cache",
+        "eject",
+    )
+]
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_every_layout_computes_the_dense_reference(layouts: list[dict[str, str]], name: str) -> None:
+    """ColwiseParallel / RowwiseParallel with ``use_local_output`` True and False, an uneven
+    hidden width, another rank and alpha per module, rsLoRA and partial targets, against the
+    float64 dense reference (:func:`tests.parallel_worker.scenario_layouts`)."""
+    _assert_check(layouts, name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a Shard(0) weight given a Replicate() input computes the unsharded model",
+        "a Shard(1) weight given a Shard(dim=1) input computes the unsharded model",
+        *(
+            f"a Shard({dim}) weight given a {placement} input is refused{how}"
+            for dim, placement in ((0, "Shard(dim=0)"), (0, "Shard(dim=1)"), (1, "Shard(dim=0)"), (1, "Replicate()"))
+            for how in ("", " compiled")
+        ),
+    ],
+)
+def test_an_input_placed_otherwise_than_the_style_makes_is_refused(layouts: list[dict[str, str]], name: str) -> None:
+    """A sharded linear given a DTensor input of a placement its LoRA part cannot compute on:
+    refused naming the placement (a column-parallel one given a batch-sharded input computed a
+    wrong delta: :func:`tests.parallel_worker.misplaced_inputs`)."""
+    _assert_check(layouts, name)
+
+
+@pytest.fixture(scope="module")
 def one_rank(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
     # bounded below the ranks' process-group timeout (60 s) times the calls that could wait in it
     return _scenario("one_rank", tmp_path_factory, timeout=75.0)
