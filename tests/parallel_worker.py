@@ -739,17 +739,42 @@ def compiled_transformers(
 
 
 def scenario_sequence(mesh: object, folder: Path, check: Checks) -> None:
+    """Sequence parallelism (the norms ``SequenceParallel``, the activations between blocks
+    sharded on the sequence): every runtime call as on the plain tensor-parallel model, and
+    compiled."""
     rig = Rig(mesh, folder, sequence_parallel=True)
     check("inject keeps the outputs", rig.parity)
     rig.both(lambda r: r.load(rig.path("a")))
     check("load", rig.parity)
     rig.both(lambda r: r.load([rig.path("a"), rig.path("b")], scale=[0.3, 0.9]))
     check("stack", rig.parity)
+    rig.both(lambda r: r.set_scale([-0.7, 1.2]))
+    check("set_scale of a stack", rig.parity)
+    rig.both(lambda r: r.load(rig.path("c"), slot=1))
+    rig.both(lambda r: r.activate([0, 1, -1]))
+    check("per-row routing", rig.parity)
+    rig.both(lambda r: r.activate(0))
+    rig.both(lambda r: r.preload(rig.path("b"), key="b"))
+    rig.both(lambda r: r.load("b", slot=1))
+    rig.both(lambda r: r.activate(1))
+    check("load from the host cache", rig.parity)
+    rig.both(lambda r: r.unload())
+    check("unload", rig.parity)
+    rig.both(lambda r: r.load(rig.path("a")))
+    rig.both(lambda r: r.activate(0))
+    compiled_swaps(rig, check)
 
 
 def scenario_compile(mesh: object, folder: Path, check: Checks) -> None:
     rig = Rig(mesh, folder)
     rig.both(lambda r: r.load(rig.path("a")))
+    compiled_swaps(rig, check)
+
+
+def compiled_swaps(rig: Rig, check: Checks) -> None:
+    """The sharded model compiled (``aot_eager``) with ``a`` in slot 0: swaps, stacks,
+    re-scales, a load from the host cache and per-row routing (after one compile of the per-row
+    graph) under ``error_on_recompile``; another input length (the negative control) recompiles."""
     parity = rig.compiled_parity()
     check("compiled", parity)
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -759,6 +784,24 @@ def scenario_compile(mesh: object, folder: Path, check: Checks) -> None:
         check("stack without recompiling", parity)
         rig.both(lambda r: r.set_scale([1.5, -1.0]))
         check("set_scale without recompiling", parity)
+        rig.both(lambda r: r.preload(rig.path("c"), key="c compiled"))
+        rig.both(lambda r: r.load("c compiled", slot=1))
+        rig.both(lambda r: r.activate(1))
+        check("a load from the host cache without recompiling", parity)
+        ids = rig.ids
+        rig.ids = ids[:, :4]
+        try:
+            check(
+                "another input length recompiles",
+                lambda: raises(torch._dynamo.exc.RecompileError, parity, "Recompiling function"),
+            )
+        finally:
+            rig.ids = ids
+    rig.both(lambda r: r.activate([1, 0, -1]))
+    check("per-row routing compiled", parity)  # the per-row graph, compiled once
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rig.both(lambda r: r.activate([0, -1, 1]))
+        check("another routing without recompiling", parity)
 
 
 def scenario_fused(mesh: object, folder: Path, check: Checks) -> None:

@@ -355,7 +355,32 @@ def test_a_call_interrupted_or_failing_on_one_rank_leaves_every_rank_alike(
     _assert_check(interrupted, name)
 
 
-@pytest.mark.parametrize("name", ["inject keeps the outputs", "load", "stack"])
+#: what :func:`tests.parallel_worker.compiled_swaps` checks
+COMPILED = [
+    "compiled",
+    "swap without recompiling",
+    "stack without recompiling",
+    "set_scale without recompiling",
+    "a load from the host cache without recompiling",
+    "another input length recompiles",
+    "per-row routing compiled",
+    "another routing without recompiling",
+]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "inject keeps the outputs",
+        "load",
+        "stack",
+        "set_scale of a stack",
+        "per-row routing",
+        "load from the host cache",
+        "unload",
+        *COMPILED,
+    ],
+)
 def test_sequence_parallel_model_computes_the_unsharded_one(sequence: list[dict[str, str]], name: str) -> None:
     _assert_check(sequence, name)
 
@@ -365,10 +390,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
     return _scenario("compile", tmp_path_factory)
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["compiled", "swap without recompiling", "stack without recompiling", "set_scale without recompiling"],
-)
+@pytest.mark.parametrize("name", COMPILED)
 def test_compiled_sharded_model_swaps_without_recompiling(compiled: list[dict[str, str]], name: str) -> None:
     _assert_check(compiled, name)
 
