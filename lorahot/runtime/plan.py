@@ -144,6 +144,13 @@ def check_extras(name: str, module: LoraModule, spec: LayerSpec, refusal: str | 
                 f"{_where(name, module)}: {which} has shape {tuple(t.shape)}, expected {spec.out_dim} values (one per "
                 "output channel) along one dimension"
             )
+    if module.magnitude is not None and module.bias is not None:
+        problems.append(
+            f"{_where(name, module)}: both a DoRA magnitude and a LoRA bias, which PEFT refuses to combine "
+            "(LoraConfig: lora_bias=True is not supported for DoRA): its forward would scale the bias by the DoRA "
+            "factor and its merge adds it unscaled, so no one result stands. Drop one of the two, or load them as "
+            "two adapters on different layers"
+        )
     if module.magnitude is not None and module.unit_scale and spec.kind == "embedding":
         problems.append(
             f"{_where(name, module)}: a dora_scale (LyCORIS weight decomposition) on an embedding layer, where "

@@ -425,6 +425,43 @@ def test_a_magnitude_or_lora_bias_of_two_dimensions_is_refused(tmp_path: Path, m
         assert torch.equal(model(*inputs), want)
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_a_module_with_a_dora_magnitude_and_a_lora_bias_is_refused(tmp_path: Path, merged: bool) -> None:
+    """PEFT refuses ``use_dora`` with ``lora_bias`` (its ``LoraConfig`` raises): its DoRA forward
+    would scale the bias by the DoRA factor and its merge adds it unscaled, so a module carrying
+    both (a file with ``lora_magnitude_vector`` and ``lora_B.bias``, with or without such a
+    config) has no one result. It loaded, at lorahot's choice of the two; now refused naming the
+    module, every parameter and buffer bitwise unchanged."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(ValueError, match="lora_bias=True is not supported for DoRA"):
+        LoraConfig(r=2, target_modules=["q"], use_dora=True, lora_bias=True)
+    base = _base()
+    _peft(base, tmp_path / "dora", 1, ["q"], use_dora=True)
+    _peft(base, tmp_path / "bias", 2, ["q"], lora_bias=True)
+    both = load_file(tmp_path / "dora" / "adapter_model.safetensors")
+    both["base_model.model.q.lora_B.bias"] = load_file(tmp_path / "bias" / "adapter_model.safetensors")[
+        "base_model.model.q.lora_B.bias"
+    ]
+    (tmp_path / "both").mkdir()
+    save_file(both, tmp_path / "both" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text()) | {"lora_bias": True}
+    (tmp_path / "both" / "adapter_config.json").write_text(json.dumps(config))
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["q"], max_rank=4, merged=merged, extras=not merged)
+    before = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    for adapter in (both, tmp_path / "both"):
+        with pytest.raises(
+            lorahot.AdapterMismatchError,
+            match=r"q \(.*\): both a DoRA magnitude and a LoRA bias, which PEFT refuses to combine",
+        ):
+            runtime.load(adapter)
+    state = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+
+
 def test_merged_mode_folds_dora_and_lora_bias_as_peft_computes(tmp_path: Path) -> None:
     base, inputs = _base(), _inputs()
     oracles = {

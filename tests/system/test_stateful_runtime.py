@@ -427,6 +427,8 @@ class RuntimeMachine(RuleBasedStateMachine):
         """The error a load of ``specs`` (one adapter, or a stack) must raise, if any."""
         if any(s.extras for s in specs) and not (self.EXTRAS or self.MERGED):
             return lorahot.AdapterMismatchError  # DoRA and LoRA biases need extras=True unmerged
+        if any(set(s.dora) & set(s.bias) for s in specs):
+            return lorahot.AdapterMismatchError  # a DoRA magnitude and a LoRA bias on one module: PEFT refuses both
         if self.MERGED and any("fc2" in s.bias for s in specs):
             return lorahot.AdapterMismatchError  # merged folds a LoRA bias into a base bias fc2 lacks
         if not self.MERGED and any(s.kinds for s in specs):
