@@ -247,6 +247,10 @@ class Arena:
         self.e_dirty = [False] * regions  # whether a region's extras differ from e_default
         self.a_extent = [0] * regions  # most rows of A any layer uses; rows past it are zero
         self.b_extent = [0] * regions
+        #: per region, the writes of its A, B or extras begun (a load, a copy from another region, a
+        #: clear), counted before the device work: while the count stays, they hold what they held
+        #: (merged mode rewrites only the layers whose inputs changed: lorahot.runtime.merge)
+        self.generation = [0] * regions
         self._views: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._flat: dict[tuple[int, int, int], list[torch.Tensor]] = {}
         self._grids: dict[tuple[int, int, int, torch.dtype], torch.Tensor] = {}
@@ -506,6 +510,7 @@ class Arena:
         work may leave there: work interrupted midway (KeyboardInterrupt) or failing then holds
         no rows, and no extras, that the record leaves out, so the zero fill of a later write
         and the reset of :meth:`clear` reach them. The exact record follows the work."""
+        self.generation[region] += 1
         self.a_extent[region] = max(self.a_extent[region], a_rows)
         self.b_extent[region] = max(self.b_extent[region], b_rows)
         self.e_dirty[region] = self.e_dirty[region] or dirty
@@ -513,6 +518,7 @@ class Arena:
     def wrote(self, region: int, pack: Pack) -> None:
         """The host's record of ``region`` after :meth:`write` of ``pack`` (its extents, and
         whether its extras differ from the defaults), without the device work."""
+        self.generation[region] += 1
         self.a_extent[region], self.b_extent[region] = pack.a_rows, pack.b_rows
         self.e_dirty[region] = bool(pack.extra_rows)
 
@@ -667,11 +673,13 @@ class Arena:
 
     def copied(self, src: int, dst: int) -> None:
         """The host's record of ``dst`` after :meth:`copy_region` from ``src``, without the device work."""
+        self.generation[dst] += 1
         self.a_extent[dst], self.b_extent[dst] = self.a_extent[src], self.b_extent[src]
         self.e_dirty[dst] = self.e_dirty[src]
 
     def clear(self, region: int) -> None:
         """Zeroes ``region``."""
+        self.generation[region] += 1
         with torch.no_grad():
             for t in (self.A, self.B, self.S):
                 t[region].zero_()

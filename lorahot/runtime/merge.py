@@ -27,6 +27,13 @@ else: a LoRA or another LyCORIS kind on it, a delta of another shape, or a ``dif
 without a bias is refused at load, nothing changed. Unload restores the pristine weight and bias
 bitwise; the norm's forward stays the base module's own.
 
+A rewrite writes only the layers whose inputs changed since the last whole rewrite
+(:meth:`Merger._inputs`: the live A and B rows, told by the arena's count of writes to them, the
+layer's per-row scales, its extras and weight-kind modules): a layer no adapter touches, or in a
+stack one that only unchanged parts touch, keeps what it holds, which is bitwise what a rewrite
+would write. After a rewrite that failed partway, a move, or a weight written since, every layer
+is written again.
+
 Costs: one extra copy of every targeted base weight, and a swap that rewrites those weights
 (a few ms for a 1B model on a GPU). A grouped convolution takes only the kinds whose update has
 its weight's ``[out, in / groups, *kernel]`` layout (LoHa, LoKr, diffs, rotations, an output-side
@@ -56,7 +63,7 @@ from lorahot.runtime.aliases import plain
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.graph_replays import Captured, GraphReplays
 from lorahot.runtime.stack import Stack
-from lorahot.runtime.written_probes import WrittenProbes, positions, signature, sums, version, words
+from lorahot.runtime.written_probes import Signature, WrittenProbes, positions, signature, sums, version, words
 
 __all__ = ["Merger", "check_mergeable", "check_untied", "hooked", "writing", "record", "replaced"]
 
@@ -450,6 +457,14 @@ def _base_for(layer: LoRALayer, module: WeightModule) -> torch.Tensor | None:
     return pristine.t() if layer.channel_dim() == 1 else pristine.reshape(shape)
 
 
+#: :meth:`Merger._inputs` of a layer written from its pristine copies alone
+_PRISTINE = "pristine"
+
+#: what a rewrite wrote each layer from (:meth:`Merger._inputs`), what the weights and arenas were
+#: then (:meth:`Merger._held`), and each layer's weight-kind modules, which the first names by id
+_Written = tuple[list[object], tuple[object, ...], list[list[tuple[WeightModule, float]] | None]]
+
+
 class _Rewrite(NamedTuple):
     """What :meth:`Merger.apply` writes into one layer (see :meth:`Merger._plan`)."""
 
@@ -486,6 +501,11 @@ class Merger:
         self._probes: WrittenProbes | None = None
         #: rewrites of one adapter captured as CUDA graphs (:meth:`_replayed`)
         self._replays: GraphReplays[tuple[object, ...]] = GraphReplays(buffers, keep=8, what="merged mode's rewrite")
+        #: per layer, what the last whole rewrite wrote it from (:meth:`_inputs`), with the weights'
+        #: signature and the arenas' tensors then (:meth:`_held`) and the weight-kind modules its
+        #: keys name by id (kept, so that no other module takes their id); None where unknown
+        #: (before the first rewrite, after one that failed partway): the next rewrites every layer
+        self._written: _Written | None = None
         self.record_all()
 
     def record_all(self) -> None:
@@ -494,9 +514,14 @@ class Merger:
         call checked the weights first), so that the unload it advises may rebuild them. All
         layers at once (:class:`~lorahot.runtime.written_probes.WrittenProbes`, laid out anew
         where a weight is not the tensor the layout was built for), or layer by layer where a
-        weight cannot be laid out."""
+        weight cannot be laid out. The next rewrite writes every layer."""
+        self._written = None
+        self._record(signature(list(self._layers.values())), None)
+
+    def _record(self, now: Signature | None, kept: list[bool] | None) -> None:
+        """:meth:`record_all` for the weights' signature ``now``, leaving the probes of the
+        layers ``kept`` marks (not written since their record) as they are."""
         layers = list(self._layers.values())
-        now = signature(layers)
         if now is None:
             self._probes = None
             for layer in layers:
@@ -504,7 +529,8 @@ class Merger:
             return
         if self._probes is None or self._probes.built_for != now:
             self._probes = WrittenProbes(layers, self._buffers, now)
-        self._probes.record()
+            kept = None
+        self._probes.record(None if kept is None else [not k for k in kept])
 
     def check_base(self) -> None:
         """Raises :class:`UsageError` where a targeted weight is no longer what lorahot wrote
@@ -744,11 +770,78 @@ class Merger:
                 layer is computed whole in at least float32 (:meth:`_fold`) and rounded once.
         """
         plan = self._plan(scales, uniform, terms or {})
-        if not (uniform and self._replayed(plan)):
-            self._write(plan, uniform)
-        if terms:
-            self._fold(plan, uniform)
-        self.record_all()  # what this wrote, for check_base
+        now = signature(list(self._layers.values()))
+        written = (self._inputs(plan, scales, uniform), self._held(now), [r.terms for r in plan])
+        kept = self._kept(written)
+        self._written = None  # until this rewrite is whole
+        if kept is None or not all(kept):
+            if uniform and self._replayed(plan):  # every layer, in one graph
+                kept = None
+            else:
+                self._write(plan, uniform, kept)
+            if terms:
+                self._fold(plan, uniform, kept)
+        self._record(now, kept)  # what this wrote, for check_base
+        self._written = written
+
+    def _inputs(self, plan: list[_Rewrite], scales: list[torch.Tensor] | None, uniform: bool) -> list[object]:
+        """Per layer, what :meth:`_write` or :meth:`_fold` computes its weight and bias from
+        under ``plan``, beside the pristine copies: nothing else (:data:`_PRISTINE`: the copies
+        alone), or the arena's live :attr:`~lorahot.runtime.buffers.Arena.generation` (its A, B
+        and extras as written), the rows read, whether the extras are, the mode (``uniform``),
+        the layer's per-row scales (as bytes: ``-0.0`` is not ``0.0``; DoRA's factor follows
+        from them and the generation) and its weight-kind modules (by id) and their scales.
+        Two rewrites with equal inputs write the same bits."""
+        live = self._buffers.live
+        generations = [arena.generation[live] for arena in self._buffers.arenas]
+        rows_of = None if scales is None else [s.numpy() for s in scales]
+        found: list[object] = []
+        for (_, _, _, arena_idx, index), rewrite in zip(self._items, plan, strict=True):
+            _, nonzero, rows, extras, terms = rewrite
+            if (not nonzero or rows == 0) and extras is None and terms is None:
+                found.append(_PRISTINE)
+                continue
+            found.append(
+                (
+                    generations[arena_idx],
+                    rows,
+                    extras is not None,
+                    uniform,
+                    None if rows_of is None else rows_of[arena_idx][index].tobytes(),
+                    None if terms is None else tuple((id(m), float(w).hex()) for m, w in terms),
+                )
+            )
+        return found
+
+    def _held(self, now: Signature | None) -> tuple[object, ...]:
+        """What the weights and the arenas are (the weights' :func:`signature` ``now``, each
+        arena's tensors): a rewrite's inputs (:meth:`_inputs`) name the same values only while
+        these stay."""
+        arenas = tuple(
+            (a.A.data_ptr(), a.B.data_ptr(), a.S.data_ptr(), a.E.data_ptr(), a.A.dtype) for a in self._buffers.arenas
+        )
+        return now, arenas
+
+    def _kept(self, written: _Written) -> list[bool] | None:
+        """Per layer, whether its weight and bias already hold what a rewrite from the inputs
+        ``written`` would write: the last whole rewrite had the same inputs, and the weight was
+        not written since (its version counter, a base checkpoint's load); the call's check of
+        the base weights (:meth:`check_base`) found the rest as written. None where nothing is
+        known (every layer is written)."""
+        last = self._written
+        inputs, held, _ = written
+        if last is None or held[0] is None or last[1] != held:
+            return None
+        kept = []
+        for (layer, weight, _, _, _), now, then in zip(self._items, inputs, last[0], strict=True):
+            noted = layer.written_probe
+            kept.append(
+                now == then
+                and noted is not None
+                and not layer.checkpoint_loaded
+                and (noted[4] is None or noted[4] == version(weight))
+            )
+        return kept
 
     def _plan(
         self, scales: list[torch.Tensor] | None, uniform: bool, terms: dict[str, list[tuple[WeightModule, float]]]
@@ -801,14 +894,14 @@ class Merger:
         replays.replay(key, captured)
         return True
 
-    def _write(self, plan: list[_Rewrite], uniform: bool) -> None:
+    def _write(self, plan: list[_Rewrite], uniform: bool, kept: list[bool] | None = None) -> None:
         """Writes every weight (and bias) as ``plan`` says (see :meth:`apply`), but those of
-        layers with weight-kind modules (:meth:`_fold` writes them)."""
+        layers with weight-kind modules (:meth:`_fold` writes them) and those ``kept`` marks."""
         with writing(self._targets):
-            for item, rewrite in zip(self._items, plan, strict=True):
+            for k, (item, rewrite) in enumerate(zip(self._items, plan, strict=True)):
                 layer, weight, pristine, arena_idx, index = item
                 s, nonzero, rows, extras, terms = rewrite
-                if terms is not None:
+                if terms is not None or (kept is not None and kept[k]):
                     continue
                 self._fold_bias(layer, extras, s)
                 # [out, in * prod(kernel)] even where out or in is 0: views where the memory
@@ -862,16 +955,16 @@ class Merger:
             folded = layer.pristine_bias.to(extras.dtype) + extras[EXTRA_F] * extras[EXTRA_BIAS] * s
             bias.copy_(folded)
 
-    def _fold(self, plan: list[_Rewrite], uniform: bool) -> None:
+    def _fold(self, plan: list[_Rewrite], uniform: bool, kept: list[bool] | None = None) -> None:
         """Writes each layer with weight-kind modules (``plan``'s terms) whole: the weight
         ``W0 + B diag(s) A`` (:meth:`_wide`) plus each module's ``s * ΔW`` (built on the weights'
         device from the factors, a module with a ``dora_scale`` then rescaling the sum; a ``fuse=``
         module part by part on its rows: :func:`~lorahot.adapter.deltas.fold_delta`), and the
         bias ``b0 + f * s * c`` plus each ``s * diff_b``, all in at least float32, each rounded
-        once to its dtype."""
+        once to its dtype; but those ``kept`` marks."""
         with writing(self._targets):
-            for item, rewrite in zip(self._items, plan, strict=True):
-                if rewrite.terms is None:
+            for k, (item, rewrite) in enumerate(zip(self._items, plan, strict=True)):
+                if rewrite.terms is None or (kept is not None and kept[k]):
                     continue
                 layer, weight = item[0], item[1]
                 folded = self._wide(item, rewrite, uniform)

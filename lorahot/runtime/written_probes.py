@@ -244,26 +244,39 @@ class _Device:
         cols_at = [(self.then_probes[k].cols.data_ptr() - at) // 4 for k, _ in found]
         return frozenset(k for k, _ in found), word_sums.WordSums([w for _, w in found], rows_at, cols_at)
 
-    def write(self, buffer: torch.Tensor, probes: list[_Probe], digest: bool = True) -> None:
+    def write(
+        self, buffer: torch.Tensor, probes: list[_Probe], digest: bool = True, only: Sequence[bool] | None = None
+    ) -> None:
         """Writes every layer's probe of its weight as it is now into ``probes``, the pieces of
         ``buffer`` (:attr:`then` or :attr:`now`, in place): the samples and the bias, all in one
         ``torch._foreach_copy_`` (a copy per piece had been two host calls a layer: 5 ms of each
         check of 800 layers on a CPU), and the row and column sums if ``digest``. Where
         :attr:`word_sums` applies, the buffer is zeroed first and one launch adds the sums of the
-        layers in :attr:`summed` into it."""
+        layers in :attr:`summed` into it. ``only`` (per layer of this device; not with
+        :attr:`word_sums`, which writes every layer's sums) leaves the probes of the layers it
+        marks False as they are."""
         kernel = self.word_sums if digest else None
+        assert only is None or kernel is None  # the zeroed buffer would lose the others' sums
         if kernel is not None:
             buffer.zero_()
         copies = self.copies[id(buffer)]
         into, source = copies.into, copies.source
+        if only is not None:
+            into = [t for t, k in zip(into, copies.owners, strict=True) if only[k]]
+            source = [t for t, k in zip(source, copies.owners, strict=True) if only[k]]
         if copies.per_write:
             into, source = list(into), list(source)
             for k in copies.per_write:
+                if only is not None and not only[k]:
+                    continue
                 weight, bias, _ = self.sources[k]
                 _add_pieces(into, source, probes[k], weight.reshape(-1), None if bias is None else bias.detach())
-        torch._foreach_copy_(into, source)
+        if into:
+            torch._foreach_copy_(into, source)
         if digest:
             for k in self.unsummed:
+                if only is not None and not only[k]:
+                    continue
                 weight, probe, views = self.sources[k][0], probes[k], self.views[k]
                 w = views[1] if views is not None else words(weight)
                 sums(w, 1, out=probe.rows)
@@ -302,6 +315,7 @@ class _Copies:
     into: list[torch.Tensor]
     source: list[torch.Tensor]
     per_write: list[int]
+    owners: list[int]  # the layer of each of ``into``
 
     @staticmethod
     def of(
@@ -311,13 +325,14 @@ class _Copies:
     ) -> _Copies:
         """The copies of ``probes``' pieces: fixed where the weight flat and the bias flat are
         views of them, else made per write (a copy made now would go stale)."""
-        found = _Copies([], [], [])
+        found = _Copies([], [], [], [])
         for k, ((_, bias, _), view, probe) in enumerate(zip(sources, views, probes, strict=True)):
             flat_bias = None if bias is None else bias.detach()
             if view is None or not (flat_bias is None or _is_view(flat_bias.reshape(-1), flat_bias)):
                 found.per_write.append(k)
             else:
                 _add_pieces(found.into, found.source, probe, view[0], flat_bias)
+                found.owners += [k] * (len(found.into) - len(found.owners))
         return found
 
 
@@ -370,14 +385,26 @@ class WrittenProbes:
             buffers, keep=3 * len(self._devices), what="merged mode's check"
         )
 
-    def record(self) -> None:
+    def record(self, written: Sequence[bool] | None = None) -> None:
         """Notes every layer's weight as it is now (lorahot has just written it): its probe into
-        the *then* buffer, and ``written_probe`` pointing at it with the version counter."""
+        the *then* buffer, and ``written_probe`` pointing at it with the version counter.
+        ``written`` (per layer; None: all) marks the layers written since the last record: the
+        others' probes still hold and are left as they are, where the steps run as they are (a
+        CUDA graph replay, and the one-launch sums, write every layer's)."""
         for d in self._devices:
-            self._run("record", d, functools.partial(d.write, d.then, d.then_probes))
-            for (_, layer), (weight, _, _), at, probe in zip(
-                d.layers, d.sources, d.positions, d.then_probes, strict=True
+            only = None if written is None else [written[i] for i, _ in d.layers]
+            if only is not None and (d.word_sums is not None or self._replayed(d)):
+                only = None
+            if only is None:
+                self._run("record", d, functools.partial(d.write, d.then, d.then_probes))
+            else:
+                with torch.no_grad():
+                    d.write(d.then, d.then_probes, only=only)
+            for k, ((_, layer), (weight, _, _), at, probe) in enumerate(
+                zip(d.layers, d.sources, d.positions, d.then_probes, strict=True)
             ):
+                if only is not None and not only[k]:
+                    continue
                 if layer.checkpoint_loaded:
                     layer.checkpoint_loaded = False
                 layer.written_probe = (
@@ -407,6 +434,10 @@ class WrittenProbes:
             for k, (i, _) in enumerate(d.layers):
                 flags[i] = flags[i] or counts[2 * k] > 0 or (moved[k] and counts[2 * k + 1] > 0)
         return flags
+
+    def _replayed(self, d: _Device) -> bool:
+        """Whether :meth:`_run` runs ``d``'s steps as CUDA graph replays (once captured)."""
+        return self._replays.applies() and self._replays.device == d.then.device
 
     def _run(self, kind: str, d: _Device, steps: Callable[[], None]) -> None:
         """``steps`` on ``d``'s device: as a CUDA graph replay where one applies (captured at the
