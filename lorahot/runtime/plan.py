@@ -590,9 +590,10 @@ def _contradiction(module: WeightModule) -> str | None:
     alpha divides one rank), a LoKr half given both whole and as two factors (which one is
     the weight, and whether the alpha applies, is then undecided), LoKr halves both factored
     at different ranks (LyCORIS' loader takes the first's rank and cannot build the second,
-    ComfyUI divides the alpha by the second's), or a Tucker LoCon whose core ``lora_mid`` is not
-    square (LyCORIS' core is ``[r, r, *kernel]``; ComfyUI builds the weight as if it were).
-    LyCORIS refuses all four."""
+    ComfyUI divides the alpha by the second's), a Tucker LoCon whose core ``lora_mid`` is not
+    square (LyCORIS' core is ``[r, r, *kernel]``; ComfyUI builds the weight as if it were), or a
+    whole ``lokr_w1`` of more than two dimensions (ComfyUI's ``kron`` of a 4-D one orders the
+    weight's rows and columns otherwise than a 2-D one's). LyCORIS refuses all five."""
     f = module.factors
     mid = f.get("lora_mid") if module.kind == "locon-tucker" else None
     if mid is not None and mid.ndim >= 2 and mid.shape[0] != mid.shape[1]:
@@ -612,6 +613,13 @@ def _contradiction(module: WeightModule) -> str | None:
         for half in ("lokr_w1", "lokr_w2"):
             if half in f and (f"{half}_a" in f or f"{half}_b" in f):
                 return f"{half} is given both whole and as {half}_a/{half}_b; keep one form"
+        w1 = f.get("lokr_w1")
+        if w1 is not None and w1.ndim > 2:
+            return (
+                f"lokr_w1 has shape {tuple(w1.shape)}, where LoKr's first half is a matrix [out1, in1] (LyCORIS "
+                "reads no other, and ComfyUI's Kronecker product of one with more dimensions orders the weight's "
+                "rows and columns otherwise); save it as 2-D"
+            )
     return None
 
 

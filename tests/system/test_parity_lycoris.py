@@ -549,14 +549,17 @@ def test_a_1x1_conv_delta_loads_into_the_equivalent_linear() -> None:
     torch.testing.assert_close(model[0].weight.detach(), want, rtol=0, atol=1e-15)
 
 
-@pytest.mark.parametrize("case", ["loha-ranks", "lokr-both-forms", "lokr-ranks", "locon-core"])
+@pytest.mark.parametrize("case", ["loha-ranks", "lokr-both-forms", "lokr-ranks", "locon-core", "lokr-w1-4d"])
 def test_factors_that_contradict_each_other_are_refused(case: str) -> None:
     """LoHa halves of different ranks (which one does the alpha divide?), a LoKr half given
     both whole and as two factors (which one is the weight, and is it scaled?), LoKr halves
     both factored at different ranks (ComfyUI divides the alpha by the second half's rank, where
-    lorahot took the first's) and a Tucker LoCon whose core is not square (ComfyUI's build of
-    the weight fails on it): LyCORIS refuses the four files, and lorahot did load them, with a
-    scale of its choosing. Now refused, naming the contradiction; nothing changes."""
+    lorahot took the first's), a Tucker LoCon whose core is not square (ComfyUI's build of the
+    weight fails on it) and a conv LoKr whose whole ``lokr_w1`` is 4-D, ``[2, 2, 1, 1]``
+    (ComfyUI's ``kron`` of it with ``lokr_w2`` is a 6-D product it reshapes, another order of the
+    weight's rows and columns than lorahot's ``kron``): LyCORIS refuses the five files, and
+    lorahot did load them, with a reading of its choosing. Now refused, naming the
+    contradiction; nothing changes."""
     from lycoris import create_lycoris_from_weights
 
     g = torch.Generator().manual_seed(4)
@@ -573,16 +576,19 @@ def test_factors_that_contradict_each_other_are_refused(case: str) -> None:
     elif case == "lokr-ranks":
         factors = {"lokr_w1_a": r(4, 1), "lokr_w1_b": r(1, 4), "lokr_w2_a": r(6, 2), "lokr_w2_b": r(2, 4)}
         message = r"the two Kronecker halves are factored at ranks 1 and 2; LoKr's halves share one rank"
-    else:  # on the conv _base("conv"), Conv2d(8, 16, 3)
+    elif case == "locon-core":  # on the conv _base("conv"), Conv2d(8, 16, 3), as the next
         factors = {
             "lora_down.weight": r(2, 8, 1, 1),
             "lora_mid.weight": r(3, 2, 3, 3),
             "lora_up.weight": r(16, 3, 1, 1),
         }
         message = r"lora_mid has shape \(3, 2, 3, 3\), where a Tucker LoCon's core is square"
+    else:
+        factors = {"lokr_w1": r(2, 2, 1, 1), "lokr_w2": r(8, 4, 3, 3)}
+        message = r"lokr_w1 has shape \(2, 2, 1, 1\), where LoKr's first half is a matrix \[out1, in1\]"
     sd = {f"lycoris_0.{k}": v for k, v in {**factors, "alpha": torch.tensor(1.0)}.items()}
-    model = _base("conv" if case == "locon-core" else "linear")
-    with pytest.raises((RuntimeError, AttributeError)):  # the oracle refuses
+    model = _base("linear" if case in ("loha-ranks", "lokr-both-forms", "lokr-ranks") else "conv")
+    with pytest.raises((RuntimeError, AttributeError, ValueError)):  # the oracle refuses
         create_lycoris_from_weights(1.0, "", copy.deepcopy(model), weights_sd=dict(sd))
     runtime = lorahot.inject(model, ["0"], max_rank=8, merged=True)
     before = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
