@@ -663,6 +663,7 @@ def scenario_transformers(mesh: object, folder: Path, check: Checks) -> None:
     )
     compiled_transformers(tp, a, b, e, peft_logits, check)
     mla_transformers(folder, check)
+    peft_parallelized(mesh, folder, check)
 
 
 def mla_transformers(folder: Path, check: Checks) -> None:
@@ -1132,6 +1133,69 @@ def misplaced_inputs(mesh: object, check: Checks) -> None:
             f"{name} is refused compiled",
             lambda c=compiled, run=run, words=words: raises(lorahot.UsageError, lambda: run(c), *words),
         )
+
+
+def peft_parallelized(mesh: object, folder: Path, check: Checks) -> None:
+    """transformers' tiny Llama parallelized with ``parallelize_module`` (q/k/v/gate/up
+    ColwiseParallel, o/down RowwiseParallel) against PEFT on the unsharded model, float64: an
+    adapter with ``rank_pattern`` and ``alpha_pattern`` on every projection and an rsLoRA one on
+    q and down (written by the test), through load, swap, a weighted stack, ``set_scale``,
+    per-row routing (PEFT's ``adapter_names=``) and unload (part of :func:`scenario_transformers`)."""
+    import peft
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from tests.helpers import tiny_llama as hf_llama
+
+    base = hf_llama().double()
+    x, y = str(folder / "peft_x"), str(folder / "peft_y")
+    oracle = peft.PeftModel.from_pretrained(copy.deepcopy(base), x, adapter_name="x")
+    oracle.load_adapter(y, adapter_name="y")
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(1))
+
+    def peft_logits(rows: list[str] | None = None, **weights: float) -> torch.Tensor:
+        """PEFT with ``weights``' adapters active at those weights, or ``rows``' adapter per row."""
+        for module in oracle.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                for name in module.scaling:
+                    module.set_scale(name, weights.get(name, 1.0))
+        with torch.no_grad():
+            if rows is not None:
+                return oracle(input_ids=ids, adapter_names=rows).logits  # type: ignore[no-any-return]
+            oracle.base_model.set_adapter(list(weights))
+            return oracle(input_ids=ids).logits  # type: ignore[no-any-return]
+
+    tp = copy.deepcopy(base)
+    plan: dict[str, object] = {}
+    for i in range(len(tp.model.layers)):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
+    parallelize_module(tp, mesh, plan)  # type: ignore[arg-type]
+    rt = lorahot.inject(tp, TARGETS[:-1], max_rank=12, slots=2)
+
+    def matches(want: Callable[[], torch.Tensor]) -> Callable[[], str | None]:
+        def compare() -> str | None:
+            with torch.no_grad():
+                return same(tp(input_ids=ids).logits, want())
+
+        return compare
+
+    rt.load(x)
+    check("parallelize_module: load", matches(lambda: peft_logits(x=1.0)))
+    rt.load(y, slot=1)
+    rt.activate(1)
+    check("parallelize_module: swap", matches(lambda: peft_logits(y=1.0)))
+    rt.load([x, y], scale=[0.3, -1.2])
+    rt.activate(0)
+    check("parallelize_module: a weighted stack", matches(lambda: peft_logits(x=0.3, y=-1.2)))
+    rt.set_scale([1.1, 0.4])
+    check("parallelize_module: set_scale of a stack", matches(lambda: peft_logits(x=1.1, y=0.4)))
+    rt.load(x)
+    rt.activate([0, 1, -1])
+    check("parallelize_module: per-row routing", matches(lambda: peft_logits(["x", "y", "__base__"])))
+    rt.unload()
+    check("parallelize_module: unload", matches(lambda: peft_logits(["__base__"] * 3)))
 
 
 def scenario_one_rank(mesh: object, folder: Path, check: Checks) -> None:

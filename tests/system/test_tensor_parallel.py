@@ -106,9 +106,23 @@ MLA_ADAPTER = {
 }
 
 
+#: PEFT configs of the adapters for transformers' Llama parallelized with parallelize_module
+PARALLELIZED_ADAPTERS = {
+    "peft_x": {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": sorted({n.split(".")[-1] for n in LINEARS}),
+        "rank_pattern": {"o_proj": 2, "up_proj": 6},
+        "alpha_pattern": {"down_proj": 3},
+    },
+    "peft_y": {"r": 3, "lora_alpha": 5, "target_modules": ["q_proj", "down_proj"], "use_rslora": True},
+}
+
+
 def _write_transformers(folder: Path) -> None:
     """transformers' tiny Llama and tiny DeepSeek-V2 (float64), saved for ``from_pretrained``,
-    and PEFT adapters for them saved by PEFT (random B, so every layer's delta shows)."""
+    and PEFT adapters for them saved by PEFT (random B, so every layer's delta shows): those of
+    :data:`HF_ADAPTERS`, :data:`MLA_ADAPTER` and :data:`PARALLELIZED_ADAPTERS`."""
     import transformers
 
     from tests.helpers import tiny_llama as hf_llama
@@ -121,6 +135,8 @@ def _write_transformers(folder: Path) -> None:
     mla = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**TINY_MLA)).double().eval()
     mla.save_pretrained(str(folder / "hf_mla_model"))
     _save_peft(mla, MLA_ADAPTER, 7, folder / "hf_mla")
+    for seed, (name, config) in enumerate(PARALLELIZED_ADAPTERS.items()):
+        _save_peft(base, config, 10 + seed, folder / name)
 
 
 def _save_peft(base: torch.nn.Module, config: dict[str, object], seed: int, path: Path) -> None:
@@ -586,6 +602,10 @@ def transformers_tp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, 
         "stack without recompiling",
         "set_scale without recompiling",
         "another input shape recompiles",
+        *(
+            f"parallelize_module: {name}"
+            for name in ("load", "swap", "a weighted stack", "set_scale of a stack", "per-row routing", "unload")
+        ),
     ],
 )
 def test_a_model_transformers_parallelized_computes_peft_on_the_unsharded_one(
@@ -594,5 +614,7 @@ def test_a_model_transformers_parallelized_computes_peft_on_the_unsharded_one(
     """transformers' own tensor parallelism (``from_pretrained(distributed_config=...)``): the
     colwise, rowwise and colwise_gather_output layers and the embedding_rowwise embedding take
     LoRA and compute what PEFT computes on the unsharded model, with one all-reduce of the shrink
-    per row-parallel layer and none for the embedding."""
+    per row-parallel layer and none for the embedding. So does the same Llama sharded by
+    ``parallelize_module`` instead, with adapters of ``rank_pattern`` / ``alpha_pattern`` and
+    rsLoRA (:func:`tests.parallel_worker.peft_parallelized`)."""
     _assert_check(transformers_tp, name)
