@@ -40,3 +40,32 @@ def test_another_ranks_unexpected_error_is_one_line(one_rank: Any, monkeypatch: 
     with pytest.raises(lorahot.UnexpectedError) as raised:
         agreement.run(lambda: None, "load")
     assert str(raised.value).endswith("Rank 1: boom\\n  - fake\\x1b[2J")
+
+
+def test_a_rank_interrupted_in_its_checks_tells_the_others_first(
+    one_rank: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt in this rank's checks takes part in the ranks' gather (reporting it)
+    before it goes on: the other ranks would otherwise wait for this one in the collective."""
+    agreement = Agreement(one_rank)
+    reported: list[BaseException | None] = []
+    monkeypatch.setattr(agreement, "_failures", lambda error, digests: (reported.append(error), ([], []))[1])
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        agreement.run(interrupted, "load")
+    assert len(reported) == 1 and isinstance(reported[0], KeyboardInterrupt)
+
+
+def test_another_rank_interrupted_in_its_checks_is_a_usage_error_naming_it(
+    one_rank: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agreement = _failing_on_rank_1(one_rank, monkeypatch, "KeyboardInterrupt", "")
+    message = (
+        r"^activate was interrupted \(KeyboardInterrupt\) on rank 1 of 1 during its checks, so no rank changed "
+        r"anything \(this rank passed every check\)\. Call activate again on every rank\.$"
+    )
+    with pytest.raises(lorahot.UsageError, match=message):
+        agreement.run(lambda: None, "activate")

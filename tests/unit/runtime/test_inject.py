@@ -1035,3 +1035,29 @@ def test_matching_by_name_keeps_its_semantics() -> None:
     lorahot.eject(model)
     runtime = lorahot.inject(model, ["q"], max_rank=2)
     assert list(runtime.layers) == ["0.attn.q", "0.q"]
+
+
+@pytest.mark.parametrize("placements", ["Replicate", "2-D mesh, Replicate and Shard(0)", "2-D mesh, Shard(0) twice"])
+def test_a_tensor_parallel_weight_placed_otherwise_is_refused_and_nothing_changes(
+    placements: str, one_rank: Any
+) -> None:
+    """A DTensor weight that is not ``Shard(0)`` or ``Shard(1)`` on a 1-D mesh (replicated, or on
+    a mesh of two dimensions, as tensor parallelism combined with FSDP or data parallelism puts
+    it): inject refuses it naming the placements and the mesh, and nothing changes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh, placed = {
+        "Replicate": (one_rank, [Replicate()]),
+        "2-D mesh, Replicate and Shard(0)": (init_device_mesh("cpu", (1, 1)), [Replicate(), Shard(0)]),
+        "2-D mesh, Shard(0) twice": (init_device_mesh("cpu", (1, 1)), [Shard(0), Shard(0)]),
+    }[placements]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, placed))
+    params = {n: p.detach().to_local().clone() for n, p in model.named_parameters() if hasattr(p, "to_local")}
+    message = rf"on a {mesh.ndim}-D mesh with placements \({re.escape(', '.join(map(repr, placed)))},?\);.*Exclude"
+    with pytest.raises(lorahot.UsageError, match=message):
+        lorahot.inject(model, ["0"], max_rank=4)
+    assert type(model[0]) is nn.Linear
+    assert all(torch.equal(p.detach().to_local(), params[n]) for n, p in model.named_parameters() if n in params)
