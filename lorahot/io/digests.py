@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from lorahot.io.config import CONFIG_NAME
-from lorahot.io.safety import check_safetensors, open_regular, read_json_file
+from lorahot.io.safety import check_safetensors, read_json_file, regular_file
 from lorahot.io.scoped import scoped
 
 __all__ = ["recording", "note_data", "note_config", "digest_of", "UNKNOWN"]
@@ -85,8 +85,7 @@ def digest_of(path: str) -> bytes:
     """
     if Path(path).name == CONFIG_NAME:
         return _config(read_json_file(Path(path)))
-    fd = open_regular(Path(path), "file")
-    try:
+    with regular_file(Path(path), "file") as fd:
         if not path.lower().endswith(".safetensors"):
             digest = hashlib.blake2b(digest_size=32)
             for chunk in _chunks(fd, 0, os.fstat(fd).st_size):
@@ -94,8 +93,6 @@ def digest_of(path: str) -> bytes:
             return digest.digest()
         header = check_safetensors(Path(path), fd)
         return _safetensors(header.identity, _chunks(fd, header.data_start, header.data_size))
-    finally:
-        os.close(fd)
 
 
 def _chunks(fd: int, start: int, size: int) -> Iterator[bytes]:

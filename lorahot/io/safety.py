@@ -13,7 +13,7 @@ capped in size) and checks every entry against the file's real size:
 - the tensors tile the data section exactly: no overlap, no gap, nothing past the end.
 
 A shape declaring terabytes is therefore refused from its header entry, before any tensor is
-allocated. Files are opened with :func:`open_regular`: non-blocking, and checked on the open
+allocated. Files are opened with :func:`regular_file`: non-blocking, and checked on the open
 descriptor (no race between check and use), so a FIFO, a device or a directory named
 ``*.safetensors`` is refused instead of blocking forever. :func:`parse_json` is the one JSON
 parser of the read side (``adapter_config.json``, the safetensors header, the
@@ -28,12 +28,15 @@ never stored.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import io
 import json
 import math
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +59,7 @@ __all__ = [
     "HEADER_MEMO_BYTES",
     "SafetensorsHeader",
     "check_safetensors",
-    "open_regular",
+    "regular_file",
     "read_json_file",
     "parse_json",
     "path_error",
@@ -118,7 +121,7 @@ def check_safetensors(path: Path, fd: int | None = None) -> SafetensorsHeader:
     Reads at most ``8 + MAX_HEADER_BYTES`` bytes of the file.
 
     Args:
-        path: the file (opened with :func:`open_regular` unless ``fd`` is given).
+        path: the file (opened with :func:`regular_file` unless ``fd`` is given).
         fd: an open descriptor of ``path`` to read instead.
 
     Returns:
@@ -130,11 +133,8 @@ def check_safetensors(path: Path, fd: int | None = None) -> SafetensorsHeader:
         SourceNotFoundError: the file cannot be opened.
     """
     if fd is None:
-        fd = open_regular(path, "safetensors file")
-        try:
-            return check_safetensors(path, fd)
-        finally:
-            os.close(fd)
+        with regular_file(path, "safetensors file") as opened:
+            return check_safetensors(path, opened)
     size = _fd_size(fd, path)
     head = _pread(fd, 8, 0, path)
     if len(head) < 8:
@@ -217,39 +217,54 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "a regular file" if stat.S_ISREG(mode) else "special")
 
 
-def open_regular(path: Path, what: str) -> int:
-    """A read-only descriptor of ``path``, which must be a regular file.
+@contextlib.contextmanager
+def regular_file(path: Path, what: str) -> Iterator[int]:
+    """A read-only descriptor of ``path``, which must be a regular file, for the ``with`` block.
 
     Opened non-blocking (a FIFO cannot stall the open) and checked with ``fstat`` on the
-    descriptor itself, so the file checked is the file read.
+    descriptor itself, so the file checked is the file read. Held by a file object from the
+    open on, in a ``with`` that closes it: an interrupt anywhere between the open and the end
+    of the caller's block (``KeyboardInterrupt``) leaves no descriptor open, where a descriptor
+    returned to the caller and closed by its ``try`` leaked at the line between the two.
 
     Raises:
         SourceNotFoundError: the path cannot be opened (missing, too long, no permission).
         AdapterReadError: it is not a regular file (FIFO, device, socket, directory).
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    with _opened(path, what) as file:
+        fd = file.fileno()
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
+            raise path_error(path, what, exc) from None
+        if not stat.S_ISREG(mode):
+            raise AdapterReadError(
+                f"{cut(str(path))}: the {what} is {file_kind(mode)}, not a regular file; lorahot reads only "
+                "regular files. Replace it with the real file."
+            )
+        yield fd
+
+
+def _opened(path: Path, what: str) -> io.FileIO:
+    """``path`` opened read-only, non-blocking, as an unbuffered file object (which closes its
+    descriptor: :func:`regular_file`'s ``with``, or its finalizer where the open fails after it)."""
     try:
-        fd = os.open(path, flags)
+        return io.FileIO(path, "r", opener=_nonblocking)
     except (OSError, ValueError) as exc:
-        kind = _special(path)  # a socket cannot be opened at all: say what it is
+        kind = _special(path)  # a socket cannot be opened at all, a directory not as a file: say what it is
         if kind is not None:
             raise AdapterReadError(
                 f"{cut(str(path))}: the {what} is {kind}, not a regular file; lorahot reads only regular files. "
                 "Replace it with the real file."
             ) from None
         raise path_error(path, what, exc) from None
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as exc:
-        os.close(fd)
-        raise path_error(path, what, exc) from None
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise AdapterReadError(
-            f"{cut(str(path))}: the {what} is {file_kind(mode)}, not a regular file; lorahot reads only "
-            "regular files. Replace it with the real file."
-        )
-    return fd
+
+
+def _nonblocking(path: str, _: int) -> int:
+    """The open of :func:`_opened`: read-only, non-blocking, close-on-exec, no controlling tty."""
+    return os.open(
+        path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    )
 
 
 def _special(path: Path) -> str | None:
@@ -300,11 +315,8 @@ def read_json_file(path: Path, what: str = "adapter config", fd: int | None = No
         SourceNotFoundError: the file cannot be opened.
     """
     if fd is None:
-        fd = open_regular(path, what)
-        try:
-            return read_json_file(path, what, fd)
-        finally:
-            os.close(fd)
+        with regular_file(path, what) as opened:
+            return read_json_file(path, what, opened)
     size = _fd_size(fd, path)
     if size > MAX_CONFIG_BYTES:
         raise AdapterReadError(

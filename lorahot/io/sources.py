@@ -2,7 +2,7 @@
 
 Only safetensors is ever read; nothing is unpickled. What comes out is the raw tensors, the
 ``adapter_config.json`` if there is one, and the safetensors header metadata. Only regular files
-are opened (:func:`lorahot.io.safety.open_regular`): a FIFO, device or directory where the
+are opened (:func:`lorahot.io.safety.regular_file`): a FIFO, device or directory where the
 weights or the config should be is refused, never waited on, and a config that is there but
 unreadable is an error, never silently skipped. A path the system cannot even look up (too
 long, no permission) is a :class:`~lorahot.errors.SourceNotFoundError` naming it.
@@ -30,9 +30,9 @@ from lorahot.io.safety import (
     check_safetensors,
     cut,
     file_kind,
-    open_regular,
     path_error,
     read_json_file,
+    regular_file,
 )
 from lorahot.io.tensorfile import Slices, file_stamp, read_tensors
 
@@ -322,13 +322,10 @@ def read_safetensors(
     checked first (:func:`lorahot.io.safety.check_safetensors`), then the data is read from the
     same descriptor in one pass (:func:`lorahot.io.tensorfile.read_tensors`).
     """
-    fd = open_regular(path, "safetensors file")
-    try:
+    with regular_file(path, "safetensors file") as fd:
         stamp = file_stamp(fd)  # a write from here to the end of the data read is refused
         header = check_safetensors(path, fd)  # refuses damaged or hostile headers before anything is allocated
         return read_tensors(path, header, device, fd, slices, stamp=stamp), header
-    finally:
-        os.close(fd)
 
 
 def read_config(path: Path) -> dict[str, Any] | None:

@@ -33,7 +33,7 @@ from lorahot.errors import AdapterMismatchError, AdapterReadError, shown
 from lorahot.io.digests import note_data
 from lorahot.io.dtypes import TORCH_DTYPES
 from lorahot.io.read_buffers import lent
-from lorahot.io.safety import SafetensorsHeader, open_regular
+from lorahot.io.safety import SafetensorsHeader, regular_file
 from lorahot.io.scoped import scoped
 
 __all__ = ["read_tensors", "file_stamp", "TensorSlice", "Slices", "largest_tensor"]
@@ -93,7 +93,7 @@ def read_tensors(
     """Every tensor of ``path`` as a view of one buffer, on ``device`` (default: the CPU).
 
     Args:
-        path: the file, for messages (and opened with :func:`open_regular` unless ``fd`` is given).
+        path: the file, for messages (and opened with :func:`regular_file` unless ``fd`` is given).
         header: its checked header.
         device: where the tensors land.
         fd: the descriptor the header was checked on: the same file is read, whatever happens to
@@ -159,19 +159,17 @@ def _read_fd(
 ) -> None:
     """:func:`_read_into` from ``fd`` or, if None, from ``path`` opened here; refused where the
     file's :func:`file_stamp` after the read is not ``stamp`` (or its stamp before the read)."""
-    own = fd is None
-    fd = open_regular(path, "safetensors file") if fd is None else fd
-    try:
-        before = file_stamp(fd) if stamp is None or own else stamp
-        _read_into(fd, path, start, buf, spans)
-        if file_stamp(fd) != before:  # written meanwhile: the data may mix two versions of the file
-            raise AdapterReadError(
-                f"{path}: the file changed while its tensor data was read (another process writing it?). Load it "
-                "again once it is written."
-            )
-    finally:
-        if own:
-            os.close(fd)
+    if fd is None:
+        with regular_file(path, "safetensors file") as opened:
+            _read_fd(path, opened, start, buf, spans)
+        return
+    before = file_stamp(fd) if stamp is None else stamp
+    _read_into(fd, path, start, buf, spans)
+    if file_stamp(fd) != before:  # written meanwhile: the data may mix two versions of the file
+        raise AdapterReadError(
+            f"{path}: the file changed while its tensor data was read (another process writing it?). Load it "
+            "again once it is written."
+        )
 
 
 def file_stamp(fd: int) -> tuple[int, int, int]:
