@@ -1133,6 +1133,36 @@ def misplaced_inputs(mesh: object, check: Checks) -> None:
             f"{name} is refused compiled",
             lambda c=compiled, run=run, words=words: raises(lorahot.UsageError, lambda: run(c), *words),
         )
+    undeclared_sequence_sharding(mesh, adapter, check)
+
+
+def undeclared_sequence_sharding(mesh: object, adapter: dict[str, torch.Tensor], check: Checks) -> None:
+    """A SequenceParallel norm (its output a DTensor sharded on the sequence) before a
+    ``ColwiseParallel()`` that does not declare ``input_layouts=Shard(1)``: the style's input hook
+    redistributes from the declared layout only, so the layer gets the sequence-sharded DTensor,
+    which the base computes right and the LoRA part refuses, naming the fix (a raw size mismatch
+    before)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, SequenceParallel, parallelize_module
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.RMSNorm(12), torch.nn.Linear(12, 10)).double()
+    model = copy.deepcopy(ref)
+    columns = ColwiseParallel(use_local_output=False)
+    parallelize_module(model, mesh, {"0": SequenceParallel(), "1": columns})  # type: ignore[arg-type]
+    x = torch.randn(2, 4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    mine = x.chunk(dist.get_world_size(), dim=1)[dist.get_rank()]  # SequenceParallel takes this rank's share
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return _whole(model(mine))
+
+    check("an undeclared sequence-sharded input: the base model computes it", lambda: same(run(), ref(x)))
+    adapter = {k.replace(".0.", ".1."): v for k, v in adapter.items()}
+    lorahot.inject(model, ["1"], max_rank=4).load(adapter)
+    check(
+        "an undeclared sequence-sharded input is refused naming input_layouts",
+        lambda: raises(lorahot.UsageError, run, "placed (Shard(dim=1),)", "input_layouts", "Shard(1)"),
+    )
 
 
 def peft_parallelized(mesh: object, folder: Path, check: Checks) -> None:

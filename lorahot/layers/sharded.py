@@ -339,17 +339,16 @@ class ShardedLoRALinear(LoRALinear):
     def _misplaced(self, x: Any) -> str:
         """Why this layer refuses the DTensor input ``x`` (:meth:`_input_fits`)."""
         rows = self.spec.shard is not None and self.spec.shard.dim == "in"
-        kind, needs = (
-            ("row-parallel", "sharded on its last dimension (Shard(-1))")
-            if rows
-            else ("column-parallel", "Replicate()")
+        kind, style, needs = (
+            ("row", "RowwiseParallel", "Shard(-1)") if rows else ("column", "ColwiseParallel", "Replicate()")
         )
         return (
-            f"{self._describe()}: its input is a DTensor placed {tuple(x.placements)}, but this {kind} layer's LoRA "
-            f"reads the local input and needs it {needs}, as the input hook of parallelize_module's "
-            f"{'RowwiseParallel' if rows else 'ColwiseParallel'} makes it; computed on this rank's slice as it is, the "
-            "delta would be wrong. Parallelize the layer with parallelize_module (ColwiseParallel / RowwiseParallel), "
-            "or redistribute its input to that placement before the call."
+            f"{self._describe()}: its input is a DTensor placed {tuple(x.placements)}, but this {kind}-parallel "
+            f"layer's LoRA reads the local input and needs it {needs}; computed on this rank's slice as it is, the "
+            f"delta would be wrong. parallelize_module's {style} redistributes an input from the layout its "
+            "input_layouts declares, not from the one a DTensor input has: declare that one "
+            f"({style}(input_layouts=...), such as Shard(1) after a SequenceParallel norm), or redistribute the "
+            f"input to {needs} before the call."
         )
 
     def _reduced(self, y: Any) -> bool:

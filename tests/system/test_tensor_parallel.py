@@ -450,6 +450,8 @@ def test_every_layout_computes_the_dense_reference(layouts: list[dict[str, str]]
             for dim, placement in ((0, "Shard(dim=0)"), (0, "Shard(dim=1)"), (1, "Shard(dim=0)"), (1, "Replicate()"))
             for how in ("", " compiled")
         ),
+        "an undeclared sequence-sharded input: the base model computes it",
+        "an undeclared sequence-sharded input is refused naming input_layouts",
     ],
 )
 def test_an_input_placed_otherwise_than_the_style_makes_is_refused(layouts: list[dict[str, str]], name: str) -> None:
