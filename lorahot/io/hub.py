@@ -31,6 +31,8 @@ for the Hub with no step done and no download under way, the caller stops waitin
 serves what it holds, as for a listing that timed out; with nothing cached the load fails naming
 the limit. The abandoned worker lets the call of ``huggingface_hub`` under way finish or fail
 (it writes only complete files to the cache), then stops: no further file, and no branch's ref.
+A caller interrupted while it waits (``KeyboardInterrupt``) abandons the worker the same way; a
+ref the worker is writing then is written whole before the interrupt goes on.
 
 Every failure of ``huggingface_hub`` is one typed error naming the repo, the revision and the
 file, with the fix for its cause (:func:`_fix`: log in for a gated or private repo, go online
@@ -216,8 +218,9 @@ class _Watch:
     ``huggingface_hub`` writes a file's bytes to a ``*.incomplete`` file there and renames it
     when done. Such a file that is new or has changed since the fetch began holds the clock
     (one left by a dead process before the fetch began does not). When the clock reaches the
-    limit, the caller stops waiting and the worker is abandoned: it stops at its next step,
-    and never writes a branch's ref (``huggingface_hub`` itself writes only complete files).
+    limit, or the caller is interrupted, the caller stops waiting and the worker is abandoned:
+    it stops at its next step, and writes no branch's ref once the caller has stopped
+    (:meth:`last`; ``huggingface_hub`` itself writes only complete files).
     """
 
     def __init__(self, blobs: Path, limit: float) -> None:
@@ -226,6 +229,7 @@ class _Watch:
         self._before = self._downloads()
         self._last = time.monotonic()
         self._abandoned = threading.Event()
+        self._lock = threading.Lock()  # the caller's abandonment against the worker's last write
 
     def run(self, work: Callable[[], Path]) -> Path:
         """``work()`` on a daemon thread: its result or its exception.
@@ -244,8 +248,8 @@ class _Watch:
             finally:
                 done.set()
 
-        threading.Thread(target=target, name="lorahot-hub-fetch", daemon=True).start()
-        try:
+        try:  # started inside: an interrupt right after the start abandons the worker too
+            threading.Thread(target=target, name="lorahot-hub-fetch", daemon=True).start()
             while not done.wait(_POLL_S):
                 if any(self._before.get(name) != stamp for name, stamp in self._downloads().items()):
                     self._last = time.monotonic()  # a download under way: its reads are bounded per read
@@ -253,7 +257,8 @@ class _Watch:
                     raise HubTimeout(self.limit)
         finally:
             if not done.is_set():
-                self._abandoned.set()
+                with self._lock:  # a last write under way ends first (see last)
+                    self._abandoned.set()
         if "error" in box:
             raise box["error"]
         value: Path = box["value"]
@@ -268,6 +273,18 @@ class _Watch:
         if self._abandoned.is_set():
             raise _Abandoned()
         self._last = time.monotonic()
+
+    def last(self, write: Callable[[], None]) -> None:
+        """Called by the worker for its last write into the cache (a branch's ref): ``write()``
+        unless abandoned, under the lock the caller abandons it with, so that the write ends
+        before the caller stops waiting, or never runs.
+
+        Raises:
+            _Abandoned: the caller stopped waiting.
+        """
+        with self._lock:
+            self.step()
+            write()
 
     def _downloads(self) -> dict[str, tuple[int, int]]:
         """The ``*.incomplete`` files of ``blobs``: name -> (size, mtime in ns)."""
@@ -364,9 +381,10 @@ def _snapshot(
                 watch.step()
             path = Path(hf_hub_download(repo_id, name, revision=commit, token=token))
             root = path.parents[len(PurePosixPath(name).parts) - 1]  # where huggingface_hub put the snapshot
-        if watch is not None:
-            watch.step()
-        _record_ref(repo_id, branch, commit)
+        if watch is None:
+            _record_ref(repo_id, branch, commit)
+        else:
+            watch.last(lambda: _record_ref(repo_id, branch, commit))
     return root, files
 
 

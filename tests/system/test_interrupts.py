@@ -34,13 +34,14 @@ import itertools
 import linecache
 import math
 import os
+import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import CodeType, FrameType
+from types import CodeType, FrameType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -48,7 +49,7 @@ import torch
 from torch import nn
 
 import lorahot
-from lorahot.io import tensorfile
+from lorahot.io import hub, tensorfile
 from lorahot.memo import ENTRY_OVERHEAD, BoundedMemo
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from tests.helpers import PREFIX, make_adapter, peft_keys, save_peft, stack_reference, tiny_convnet, token_ids
@@ -943,6 +944,93 @@ def test_an_interrupted_load_leaves_no_file_open(files: dict[str, Path]) -> None
             assert not opened, f"a load interrupted at {hit.function}: left open {sorted(opened)}"
     finally:
         gc.enable()
+
+
+#: the stand-in Hub's repo and commit (test_an_interrupted_hub_fetch_leaves_no_fetch_running)
+_REPO, _COMMIT = "someone/adapter", "c" * 40
+
+
+def test_an_interrupted_hub_fetch_leaves_no_fetch_running(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load of a Hub repo fetches its files on a worker thread the caller polls
+    (``hub._Watch.run``; the Hub is a local stand-in: a listing, and downloads of 20 ms that
+    write each file whole into the cache). Interrupted at the first run of each line of hub.py
+    it runs, no download starts and no branch's ref is written once the load has gone (the
+    download under way then ends, whole), no ``*.incomplete`` or partial file is left in the
+    cache, and the model is as it was. The worker was started before the ``try`` whose
+    ``finally`` abandons it: an interrupt at that ``try:`` line left it fetching every file
+    and writing the ref after the load had gone."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    content = {name: (files["a3"] / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+    starts: list[float] = []
+
+    def repo_info(self: object, repo_id: str, **kwargs: object) -> object:
+        siblings = [SimpleNamespace(rfilename=name) for name in content]
+        return SimpleNamespace(sha=_COMMIT, siblings=siblings)
+
+    def download(repo_id: str, filename: str, *, revision: str, token: object = None, **kwargs: object) -> str:
+        starts.append(time.monotonic())
+        time.sleep(0.02)
+        path = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / revision / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".incomplete")
+        partial.write_bytes(content[filename])
+        os.replace(partial, path)  # as huggingface_hub: complete files only
+        return str(path)
+
+    refs: list[float] = []  # when each write of a branch's ref ended
+    record_ref = hub._record_ref
+
+    def recorded(*args: Any) -> None:
+        record_ref(*args)
+        refs.append(time.monotonic())
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(hub, "_record_ref", recorded)
+    hub_py = str(Path(LORAHOT) / "io" / "hub.py")
+    repo = cache / f"models--{_REPO.replace('/', '--')}"
+
+    def load(model: nn.Module) -> None:
+        lorahot.inject(model, TARGETS, max_rank=4).load(_REPO)
+
+    model = _base()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    load(model)
+    assert (repo / "refs" / "main").read_text() == _COMMIT
+    shutil.rmtree(cache)
+    _, first = lines_run(lambda: load(_base()))
+    lines = [line for line in sorted(first, key=first.__getitem__) if line[0] == hub_py]
+    assert len(lines) > 20, f"the fetch ran {len(lines)} lines of hub.py"
+    for line in lines:
+        shutil.rmtree(cache, ignore_errors=True)
+        starts.clear()
+        refs.clear()
+        model = _base()
+        hit, raised = interrupted_at(_first_run(line), functools.partial(load, model), within=hub_py)
+        ended = time.monotonic()
+        assert hit.line is not None and isinstance(raised, KeyboardInterrupt), (line, raised)
+        where = f"a Hub load interrupted at {hit.function}"
+        for thread in threading.enumerate():
+            if thread.name == "lorahot-hub-fetch":
+                thread.join(10)
+                assert not thread.is_alive(), f"{where}: the fetch is still running"
+        late = [t for t in starts if t > ended]
+        assert not late, f"{where}: {len(late)} downloads started after the load had gone"
+        assert not [t for t in refs if t > ended], f"{where}: the branch's ref was written after the load had gone"
+        left = sorted(p.name for p in cache.rglob("*") if p.is_file() and p.name.endswith(".incomplete"))
+        assert not left, f"{where}: left {left}"
+        for path in cache.rglob("*"):
+            if path.is_file() and path.name in content:
+                assert path.read_bytes() == content[path.name], f"{where}: {path.name} half written"
+        after = model.state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in base.items()), f"{where}: the model changed"
 
 
 def _in_file(name: str, nth: int) -> Callable[[FrameType, int], bool]:
