@@ -106,13 +106,18 @@ def _vote(keys: list[str]) -> tuple[KeyFormat | None, tuple[str, ...]]:
     present = [f for f in FORMATS if f.marker and f.score(keys) >= 0]
     voters: dict[str, tuple[tuple[str, ...], int]] = {}  # key -> the namings it is one of, and how (claims)
     weak: set[str] = set()  # the keys only namings of modules outside the blocks take (KeyFormat.outside)
+    # the keys that tell none of the namings that take them apart (KeyFormat.shares): names other
+    # models have for their own modules (PixArt's adaln_single, which LTX-2's naming aliases)
+    neutral: set[str] = set()
     claimed = [_module_claims(f, keys) for f in present]
     for key in keys:
         how = [(f, claims(key)) for f, claims in zip(present, claimed, strict=True)]
         best = max((c for _, c in how), default=0)
         if best:  # a naming that places the key its own way outvotes a marker alone
             voters[key] = (tuple(dict.fromkeys(f.name for f, c in how if c == best)), best)
-            if all(f.outside for f, c in how if c == best):
+            if all(f.shares(key) for f, c in how if c == best):
+                neutral.add(key)
+            if key in neutral or all(f.outside for f, c in how if c == best):
                 weak.add(key)
     votes = {f.name: 0 for f in present}  # in FORMATS order: the first of equals wins
     for names, _ in voters.values():
@@ -130,7 +135,9 @@ def _vote(keys: list[str]) -> tuple[KeyFormat | None, tuple[str, ...]]:
         return winner, strays
     mine = [f for f in present if winner is not None and f.name == winner.name and f.marker]
     unmarked, rest = _unmarked(keys, voters, mine)
-    if unmarked is None or (mine and votes.get(mine[0].name, 0) > rest):
+    # the keys that tell the marked naming apart: of those it takes, not the names it shares with other models
+    own = sum(1 for k, (names, _) in voters.items() if mine and mine[0].name in names and k not in neutral)
+    if unmarked is None or (mine and own > rest):
         return winner, strays
     # a file of an unmarked naming (its keys but those marked namings take), and a few keys of
     # marked ones: the strays, but for those it reads that only a naming of modules outside the

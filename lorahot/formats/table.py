@@ -34,6 +34,7 @@ __all__ = [
     "Reorder",
     "KeyFormat",
     "NAME_START",
+    "COMMON_NAMES",
     "DOTTED_START",
     "COMPONENT_HEAD",
     "DIFFUSION_MODEL",
@@ -191,8 +192,9 @@ class KeyFormat:
         shared: a regex searched in a module key without its component prefix: the modules of
             this naming's model that its marker leaves unmarked, as other models have modules of
             those names (LTX-2's blocks, named as in diffusers); keys of a file that no marked naming
-            takes and that match it are this naming's as much as another's, so they never outvote
-            its marked ones (:func:`lorahot.formats.read_as`).
+            takes and that match it (or :data:`COMMON_NAMES`) are this naming's as much as another's,
+            so they never outvote its marked ones, nor count for it against an unmarked naming
+            (:meth:`shares`, :func:`lorahot.formats.read_as`).
         aliases_claim: its aliases place keys of its own naming (:meth:`claims`); False where they
             are fallbacks for the names every diffusers model has (the old diffusers naming's
             ``to_q`` -> ``q_proj``, for its processor keys of a CLIP text encoder), which the keys of
@@ -294,18 +296,20 @@ class KeyFormat:
         its renames, aliases (unless :attr:`aliases_claim` is off) or splits takes its module (it
         places the key its own way), 1 where
         only its marker matches it, 0 where neither, and for a naming without a marker (PEFT's,
-        kohya's plain names), whose rules read any model's names. What tells a file's stray keys
-        of another naming from its own where both namings read them
-        (:func:`lorahot.formats.read_as`)."""
+        kohya's plain names), whose rules read any model's names; a key outside the prefixes it
+        requires is never its own but by its marker. What tells a file's stray keys of another naming
+        from its own where both namings read them (:func:`lorahot.formats.read_as`)."""
         if not self.marker:
             return 0
         marked = 1 if _compiled(self.marker).search(key) else 0
         raw = next((m for m in (rule.match(key) for rule in self.rules) if m is not None), None)
         if raw is None:
             return marked
+        module = self._parse(key)
+        if self.require_prefix and module is not None and not module[0].startswith(self.prefixes):
+            return marked  # never of this naming (detect): Z-Image's transformer.layers.N.feed_forward.w1
         if any(_compiled(pattern).search(raw) for pattern, _ in self.renames):
             return 2
-        module = self._parse(key)
         names = (raw,) if module is None else (module[0], self.strip_prefix(module[0]))
         aliased = self.aliases_claim and any(_compiled(p).search(n) for p, _ in self.aliases for n in names)
         placed = aliased or any(_compiled(rule.pattern).fullmatch(n) for rule in self.splits for n in names)
@@ -313,9 +317,16 @@ class KeyFormat:
 
     def shares(self, key: str) -> bool:
         """Whether this naming reads ``key`` as a module of its model its marker leaves unmarked
-        (:attr:`shared`)."""
-        module = self.parse(key) if self.shared else None
-        return module is not None and _compiled(self.shared).search(self.strip_prefix(module[0])) is not None
+        (:attr:`shared`), or one of the names many models have for their own modules
+        (:data:`COMMON_NAMES`): where its marker does not match the key, the key tells no file
+        apart, even where this naming places it its own way (:func:`lorahot.formats.read_as`)."""
+        module = self.parse(key) if self.marker and not _compiled(self.marker).search(key) else None
+        if module is None:
+            return False
+        name = self.strip_prefix(module[0])
+        return _compiled(COMMON_NAMES).search(name) is not None or (
+            bool(self.shared) and _compiled(self.shared).search(name) is not None
+        )
 
     def score(self, keys: list[str]) -> int:
         """How many keys this format parses; -1 if its marker or required prefix is absent."""
@@ -420,6 +431,21 @@ def _owner(fmt: KeyFormat, key: str, parts: Parts) -> str | None:
             if parsed is not None and parsed[0] in parts:
                 return parsed[0]
     return None
+
+
+#: Module names outside the blocks that many diffusion transformers of diffusers have for their
+#: own modules, and that namings of original names alias onto their model's diffusers names:
+#: ``final_layer.linear``/``adaLN_modulation.1`` (Flux's, SD3's, Hunyuan-DiT's originals; Krea 2's,
+#: Ideogram 4's, Bria Fibo 2's, PRX's own), ``x_embedder.proj`` (SD3's, Hunyuan-DiT's; HunyuanVideo's,
+#: HunyuanImage's, Ernie-Image's own), ``t_embedder.mlp.0``/``2``, ``img_in`` and ``txt_in`` (Flux's;
+#: Krea 2's, Qwen-Image's, JoyImage's, PRX's own), ``time_in.in_layer``/``out_layer`` (PRX's) and
+#: ``adaln_single`` (LTX-2's; PixArt's and Allegro's own). Searched in a module key without its
+#: naming's component prefix, in either spelling (``final_layer_linear``): where a naming's marker
+#: leaves such a key unmarked, it tells no file apart (:meth:`KeyFormat.shares`).
+COMMON_NAMES = (
+    r"(?:^|\.)(?:final_layer[._](?:linear|adaLN_modulation[._]1)|x_embedder[._]proj|t_embedder[._]mlp[._][02]"
+    r"|img_in|txt_in|time_in[._](?:in|out)_layer|adaln_single(?:[._].+)?)$"
+)
 
 
 #: Where a module name starts inside a key: at its start, or after a ``.`` or ``_`` (for aliases).

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import lorahot
 from lorahot.adapter import Adapter, LoraModule
-from lorahot.formats import FORMATS, KeyFormat, format_named
+from lorahot.formats import FORMATS, KeyFormat, format_named, read_as
 from lorahot.resolve.keys import resolve_all
 from lorahot.resolve.split import placed
 
@@ -412,3 +412,67 @@ def test_a_stray_marked_module_is_refused_and_the_file_loads_in_its_own_naming(
     with torch.no_grad():
         for i, expected in enumerate(want):
             torch.testing.assert_close(model.get_submodule(path.format(i=i))(x), expected, rtol=1e-12, atol=1e-12)
+
+
+#: diffusers models whose own modules outside the blocks carry names that a marked naming's alias
+#: places on its model (PixArt's and Allegro's ``adaln_single``, LTX-2's; Krea 2's ``img_in`` and
+#: ``final_layer.linear``, Flux's; HunyuanVideo's ``x_embedder.proj``, SD3's; Bria Fibo 2's
+#: ``t_embedder.mlp.0``, Hunyuan-DiT's; Qwen-Image's ``txt_in``, Flux's), or whose blocks a naming
+#: of another prefix aliases (Z-Image's ``transformer.layers.N.feed_forward.w1``, which the lumina2
+#: naming reads under ``diffusion_model.`` only)
+_OWN_NAMES_MODELS = (
+    "PixArtTransformer2DModel",
+    "AllegroTransformer3DModel",
+    "Krea2Transformer2DModel",
+    "Ideogram4Transformer2DModel",
+    "BriaFibo2Transformer2DModel",
+    "PRXTransformer2DModel",
+    "QwenImageTransformer2DModel",
+    "HunyuanVideoTransformer3DModel",
+    "HunyuanImageTransformer2DModel",
+    "ZImageTransformer2DModel",
+)
+
+
+def _diffusers_file(model_class: str) -> dict[str, torch.Tensor]:
+    """A diffusers-named file (``transformer.<module>``) of every Linear and Conv2d of the model's
+    default configuration (built on the meta device), its first two blocks of each list."""
+    diffusers = pytest.importorskip("diffusers")
+    cls = getattr(diffusers, model_class, None)
+    if cls is None:
+        pytest.skip(f"needs a diffusers with {model_class}")
+    with torch.device("meta"):
+        model = cls()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not re.search(r"\.(?:[2-9]|\d\d+)\.", name):
+            pair = _module("m.lora_A.weight", len(tensors))  # its own A and B: a name may hold .down.
+            tensors |= {f"transformer.{name}.{k[2:]}": v for k, v in pair.items()}
+    return tensors
+
+
+@pytest.mark.parametrize("model_class", _OWN_NAMES_MODELS)
+def test_a_models_own_names_that_a_marked_naming_aliases_are_never_its_strays(model_class: str) -> None:
+    """A marked naming's aliases of names other models have for their own modules voted for it:
+    a PixArt file in diffusers naming with one LTX-2 ``transformer.patchify_proj`` was read as
+    ``ltx2`` (PixArt's ``adaln_single`` modules, which LTX-2's naming aliases to ``time_embed``,
+    counted as LTX-2's), or as ``diffusers`` with PixArt's own ``adaln_single`` modules among the
+    strays, which ``strict=False`` then skipped; a Krea 2 file's ``img_in``/``final_layer.linear`` so
+    with one Flux key, a HunyuanVideo file's ``x_embedder.proj`` with one SD3 key, a Z-Image file's
+    ``transformer.layers.N.feed_forward.w1`` with one Lumina2 ``diffusion_model.`` key (a prefix that
+    naming requires). Such a key is the naming's own only where its marker matches it. For every
+    marked naming's example module beside a file of all the model's modules: the file reads as
+    diffusers naming, the example's keys its only strays (refused naming them, skipped with
+    ``strict=False``, every module of the model kept), or none where diffusers naming reads them."""
+    base = list(_diffusers_file(model_class))
+    assert read_as(base) == (format_named("diffusers"), ())
+    for other in FORMATS:
+        for example in _EXAMPLES[other.name] if other.marker else ():
+            extra = list(_module(example, 9))
+            if re.search(r"hada_|lokr_", example) or set(extra) & set(base):
+                continue
+            fmt, strays = read_as(base + extra)
+            where = f"{model_class} + {example}: {fmt and fmt.name}"
+            # PEFT's bare or base_model.model. names: a key diffusers naming cannot read, PEFT's reads the whole file
+            assert fmt is not None and fmt.name in ("diffusers", "peft"), where
+            assert set(strays) <= set(extra), (where, sorted(set(strays) - set(extra))[:4])
