@@ -33,7 +33,9 @@ The attention pool's projections (``pooler.q_proj``, which Tencent's ``q_proj`` 
 are aliased to ``time_extra_emb.pooler.*``, but the pool (diffusers' and Tencent's) computes with
 their weights directly, never calling them, so inject refuses them as targets and these namings
 refuse their keys by name, saying so (``strict=False`` skips them): ComfyUI and a PEFT merge fold
-them into the weights, which no LoRA layer reproduces.
+them into the weights, which no LoRA layer reproduces. The explanation is
+:data:`lorahot.formats.table.ATTENTION_POOL`, which every naming gives the pool's keys in diffusers'
+own names (``time_extra_emb.pooler.q_proj``: :data:`~lorahot.formats.table.REFUSED_POOL`).
 
 LyCORIS factors and diffs load in merged mode, as in ComfyUI naming; a fused module's is cut by
 the rows of its ``ΔW``. The attentions' query/key LayerNorms are aliased as the conversion renames
@@ -50,8 +52,8 @@ import re
 
 from lorahot.formats import kohya
 from lorahot.formats.flux import FINAL_ADALN, qkv_split
-from lorahot.formats.table import NAME_START as _START
 from lorahot.formats.table import (
+    ATTENTION_POOL,
     ORIGINAL_PREFIXES,
     REFUSED_MERGEABLE,
     KeyFormat,
@@ -60,6 +62,7 @@ from lorahot.formats.table import (
     lora_rules,
     lycoris_rules,
 )
+from lorahot.formats.table import NAME_START as _START
 
 __all__ = ["FORMAT", "KOHYA", "SPLITS"]
 
@@ -118,15 +121,7 @@ _REFUSED: tuple[tuple[str, str], ...] = (
         "original norm2 is diffusers' norm3, its norm3 diffusers' norm2), so the key's own name would fold it into "
         "another module; lorahot does not place these deltas: load with strict=False to skip it",
     ),
-    (
-        r"(?:^|[._])pooler[._][qkvc]_proj\.",
-        "a module of the attention pool (pooler.q_proj, k_proj, v_proj, c_proj; diffusers' "
-        "time_extra_emb.pooler), whose weights the pool hands to F.multi_head_attention_forward without calling the "
-        "module, in diffusers' HunyuanDiTAttentionPool as in Tencent's AttentionPool: no LoRA layer can serve it, "
-        "unmerged (PEFT's never runs there) or merged (lorahot injects no module whose weight is read so). ComfyUI and "
-        "a PEFT merge_and_unload fold it into the weight and the pool computes with it, so skipping it changes the "
-        "output: load with strict=False to skip it knowingly, or merge the file into the model with one of those",
-    ),
+    (r"(?:^|[._])pooler[._][qkvc]_proj\.", ATTENTION_POOL),  # Tencent's names; diffusers' in every naming
     *REFUSED_MERGEABLE,
 )
 

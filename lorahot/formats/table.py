@@ -49,6 +49,8 @@ __all__ = [
     "group_keys",
     "skip_modules",
     "REFUSED",
+    "ATTENTION_POOL",
+    "REFUSED_POOL",
     "REFUSED_WHOLE",
     "REFUSED_MERGEABLE",
     "REFUSED_IA3",
@@ -563,6 +565,20 @@ REFUSED_NORM = (
     "LyCORIS norm-layer deltas (w_norm, b_norm): lorahot loads them in kohya or ComfyUI naming, into norms injected "
     "with merged=True",
 )
+#: Why the modules of Hunyuan-DiT's attention pool are refused, in every naming: the pool hands
+#: their weights to ``F.multi_head_attention_forward`` and never calls them, so inject refuses them
+#: as targets (:mod:`lorahot.runtime.targets`) and no LoRA layer can serve them.
+ATTENTION_POOL = (
+    "a module of the attention pool (pooler.q_proj, k_proj, v_proj, c_proj; diffusers' "
+    "time_extra_emb.pooler), whose weights the pool hands to F.multi_head_attention_forward without calling the "
+    "module, in diffusers' HunyuanDiTAttentionPool as in Tencent's AttentionPool: no LoRA layer can serve it, "
+    "unmerged (PEFT's never runs there) or merged (lorahot injects no module whose weight is read so). ComfyUI and "
+    "a PEFT merge_and_unload fold it into the weight and the pool computes with it, so skipping it changes the "
+    "output: load with strict=False to skip it knowingly, or merge the file into the model with one of those"
+)
+#: The attention pool's modules in diffusers' names (``time_extra_emb.pooler.q_proj``), either
+#: spelling: refused by every naming (the Hunyuan-DiT namings refuse Tencent's ``pooler.*`` too).
+REFUSED_POOL = (r"(?:^|[._])time_extra_emb[._]pooler[._][qkvc]_proj[._]", ATTENTION_POOL)
 REFUSED: tuple[tuple[str, str], ...] = (
     REFUSED_DORA,
     REFUSED_BIAS,
@@ -598,6 +614,7 @@ REFUSED: tuple[tuple[str, str], ...] = (
         "unused at inference, where the adapter is plain LoRA: delete these keys from the file and load it",
     ),
     REFUSED_GLORA,
+    REFUSED_POOL,
 )
 
 #: Keys that make a file more than a LoRA of the model it names, refused by every naming and

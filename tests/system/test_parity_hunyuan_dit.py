@@ -268,3 +268,53 @@ def test_tencent_lora_with_the_attention_pool_is_refused_naming_it_or_skips_it(s
     ours = layer_weights(model, names)
     for name in names:
         torch.testing.assert_close(ours[name], pristine[name] + expected[name].T, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("head", "down", "up", "naming"),
+    [
+        ("transformer.", "lora_A.weight", "lora_B.weight", "diffusers"),
+        ("", "lora_A.weight", "lora_B.weight", "peft"),
+        ("base_model.model.", "lora_A.weight", "lora_B.weight", "peft"),
+        ("diffusion_model.", "lora_A.weight", "lora_B.weight", "comfyui"),
+        ("lora_unet_", "lora_down.weight", "lora_up.weight", "kohya"),
+    ],
+)
+@pytest.mark.parametrize("pool", ["q_proj", "c_proj"])
+def test_the_attention_pool_in_diffusers_names_is_refused_as_in_tencents(
+    head: str, down: str, up: str, naming: str, pool: str
+) -> None:
+    """A file of the diffusers model's own names that adapts the attention pool
+    (``time_extra_emb.pooler.q_proj``, ...) got the generic refusal of a module matching no
+    injected layer, with the hint to inject it, which inject refuses; Tencent's names got why
+    (the pool hands those weights to ``F.multi_head_attention_forward`` without calling the
+    modules). Every naming now refuses the pool's keys with that one explanation, every
+    parameter and buffer bitwise unchanged; strict=False skips them and lands the rest in float64."""
+    model = tiny_hunyuan_dit()
+    names = ["blocks.0.attn1.to_q", "blocks.1.attn2.to_k"]
+    runtime = lorahot.inject(model, names, max_rank=8)
+    g = torch.Generator().manual_seed(7)
+    sd, expected = {}, {}
+    for name in (*names, f"time_extra_emb.pooler.{pool}"):
+        key = head + (name.replace(".", "_") if head == "lora_unet_" else name)
+        a = torch.randn(4, D, generator=g, dtype=torch.float64)
+        b = torch.randn(D, 4, generator=g, dtype=torch.float64)
+        sd |= {f"{key}.{down}": a, f"{key}.{up}": b}
+        expected[name] = b @ a  # no alpha: scale 1
+    refused = [k for k in sd if "pooler" in k]
+    before = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    with pytest.raises(
+        lorahot.UnknownFormatError,
+        match=rf"{re.escape(refused[-1])}: a module of the attention pool \(pooler\.q_proj, .*time_extra_emb\.pooler"
+        r"\), whose weights the pool hands to F\.multi_head_attention_forward without calling the module.*no LoRA "
+        r"layer can serve it.*load with strict=False to skip it knowingly",
+    ):
+        runtime.load(dict(sd))
+    after = model.state_dict(keep_vars=True)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    info = runtime.load(dict(sd), strict=False)
+    assert info.format == naming and sorted(info.skipped) == sorted(refused)
+    pristine = layer_weights(tiny_hunyuan_dit(), names)
+    ours = layer_weights(model, names)
+    for name in names:
+        torch.testing.assert_close(ours[name], pristine[name] + expected[name].T, rtol=1e-12, atol=1e-12, msg=name)
