@@ -133,11 +133,14 @@ _CLIP_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 _T5_ELSEWHERE = "text_encoder_2"
 #: The prefixes of a pipeline's first CLIP: kohya's ``lora_te_``/``lora_te1_`` and diffusers'
 #: ``text_encoder.``, each -> the ComfyUI names of a CLIP that ComfyUI maps them onto (its
-#: ``model_lora_keys_clip``: ``clip_l`` or ``clip_h``, and for two of them a lone ``clip_g``)
+#: ``model_lora_keys_clip``: ``clip_l`` or ``clip_h``). ComfyUI maps ``lora_te_`` and
+#: ``text_encoder.`` onto a lone ``clip_g`` too, the SDXL refiner's, which is a second CLIP
+#: (diffusers' ``text_encoder_2``, where diffusers' loader fails on them): lorahot never takes it for
+#: a first one (:func:`_no_first_message`)
 _FIRST_CLIP = {
-    "lora_te_": ("clip_l", "clip_h", "clip_g"),
+    "lora_te_": ("clip_l", "clip_h"),
     "lora_te1_": ("clip_l", "clip_h"),
-    "text_encoder.": ("clip_l", "clip_h", "clip_g"),
+    "text_encoder.": ("clip_l", "clip_h"),
 }
 #: kohya's prefix of a pipeline's second CLIP (SDXL's and SD3's CLIP-G), and the component it names
 _SECOND_CLIP = "lora_te2_"
@@ -264,6 +267,9 @@ def resolve_components(
     not_clip: dict[tuple[str, str], list[str]] = {}  # (component, prefix) -> CLIP modules it is no CLIP for
     first_clip = _first_clip_of_te2(components, archs, [*names, *others])
     not_second: list[str] = []  # lora_te2_ modules whose text_encoder_2 is no second CLIP
+    # a runtime whose only CLIP is a second one (the SDXL refiner's): the first CLIP's modules go nowhere
+    second_only = "text_encoder" not in components and not first_clip and "CLIP" in archs.get(_TE2, ())
+    no_first: list[str] = []  # modules of the first CLIP (lora_te_, lora_te1_, text_encoder.) on such a runtime
     for key, module in entries:
         encoder = COMFYUI_ENCODER.match(key)
         if encoder is not None:
@@ -296,6 +302,13 @@ def resolve_components(
             else:
                 not_second.append(key)
             continue
+        if component is None and second_only and prefix in _FIRST_CLIP:
+            # never onto the second CLIP, whose layers have the same names (ComfyUI's refiner mapping)
+            if skipped is not None:
+                skipped.extend(module.source_keys or (key,))
+            else:
+                no_first.append(key)
+            continue
         if component is not None:
             if encoder is not None or (prefix == component + "." and prefix not in _NAMED):
                 key = key[len(prefix) :]  # a prefix no naming strips: the component's paths follow
@@ -310,6 +323,8 @@ def resolve_components(
         raise AdapterMismatchError(_not_clip_message(adapter.source, not_clip, archs))
     if not_second:
         raise AdapterMismatchError(_not_second_message(adapter.source, not_second, components, archs, first_clip))
+    if no_first:
+        raise AdapterMismatchError(_no_first_message(adapter.source, no_first, components, archs))
     return _resolve_each(adapter, groups, names, skipped, others, heads or {}, weightless)
 
 
@@ -357,26 +372,50 @@ def _first_clip_of_te2(components: tuple[str, ...], archs: Mapping[str, set[str]
     return "" if name == "clip_g" else name or "a CLIP"
 
 
+def _encoders(components: tuple[str, ...], archs: Mapping[str, set[str]], held: str) -> str:
+    """This runtime's text encoders (and other components of a known role), each with what it is,
+    ``text_encoder_2`` with the name ComfyUI gives it (``held``)."""
+    return "; ".join(
+        f"{c}, {' and '.join(_ARCHITECTURE_ROLES[a] for a in sorted(archs[c])) or _ROLES.get(c, 'of unknown kind')}"
+        + (f" (ComfyUI's {held})" if c == _TE2 else "")
+        for c in components
+        if c in _ROLES or archs[c]
+    )
+
+
 def _not_second_message(
     source: str, keys: list[str], components: tuple[str, ...], archs: Mapping[str, set[str]], held: str
 ) -> str:
     """Why the ``lora_te2_`` modules ``keys`` are refused: this runtime's ``text_encoder_2`` is a
     CLIP that ComfyUI calls ``held`` (no second CLIP, which kohya's ``lora_te2_`` names)."""
-    encoders = [
-        f"{c}, {' and '.join(_ARCHITECTURE_ROLES[a] for a in sorted(archs[c])) or _ROLES.get(c, 'of unknown kind')}"
-        + (f" (ComfyUI's {held})" if c == _TE2 else "")
-        for c in components
-        if c in _ROLES or archs[c]
-    ]
     shown_keys = ", ".join(shown(k, 200) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
     return (
         f"{source}: {len(keys)} module(s) with prefix {_SECOND_CLIP} ({shown_keys}) are kohya's second CLIP text "
         "encoder's (CLIP-G, OpenCLIP ViT-bigG: SDXL's and SD3's text_encoder_2), and this runtime has no second CLIP: "
-        f"its text encoders are {'; '.join(encoders)}. They would land on the layers of the same names of another "
-        "encoder (ComfyUI maps lora_te2_ only onto the clip_g beside a clip_l). Load the file on a runtime over the "
-        "pipeline it was trained for (SDXL: lorahot.inject({..., 'text_encoder': pipe.text_encoder, 'text_encoder_2': "
-        "pipe.text_encoder_2}, ...)), rename the prefix with key_map= if these modules really are this encoder's, "
-        "or load with strict=False to skip them."
+        f"its text encoders are {_encoders(components, archs, held)}. They would land on the layers of the same names "
+        "of another encoder (ComfyUI maps lora_te2_ only onto the clip_g beside a clip_l). Load the file on a runtime "
+        "over the pipeline it was trained for (SDXL: lorahot.inject({..., 'text_encoder': pipe.text_encoder, "
+        "'text_encoder_2': pipe.text_encoder_2}, ...)), rename the prefix with key_map= if these modules really are "
+        "this encoder's, or load with strict=False to skip them."
+    )
+
+
+def _no_first_message(source: str, keys: list[str], components: tuple[str, ...], archs: Mapping[str, set[str]]) -> str:
+    """Why the modules ``keys`` of a pipeline's first CLIP (kohya's ``lora_te_``/``lora_te1_``,
+    diffusers' ``text_encoder.``) are refused on a runtime whose only CLIP is a second one
+    (``text_encoder_2``: the SDXL refiner's OpenCLIP ViT-bigG): the references part ways there."""
+    prefixes = ", ".join(dict.fromkeys(p for k in keys for p in _FIRST_CLIP if k.startswith(p)))
+    shown_keys = ", ".join(shown(k, 200) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+    return (
+        f"{source}: {len(keys)} module(s) with prefix {prefixes} ({shown_keys}) are a pipeline's first CLIP text "
+        "encoder's (SDXL's CLIP-L, text_encoder), and this runtime has no first CLIP: its text encoders are "
+        f"{_encoders(components, archs, 'clip_g')}, the second CLIP alone, as in an SDXL refiner pipeline. There "
+        "diffusers' SDXL loader fails on these keys (the pipeline's text_encoder is None), and ComfyUI maps lora_te_ "
+        "and text_encoder. onto that second CLIP (its clip_g; lora_te1_ nowhere), the first encoder's weights on "
+        "another encoder's layers of the same names; lorahot does neither. Load with strict=False to skip them (the "
+        "refiner's own lora_te2_ and unet modules load), load the file on the pipeline it was trained for (SDXL "
+        "base: lorahot.inject({..., 'text_encoder': pipe.text_encoder, 'text_encoder_2': pipe.text_encoder_2}, "
+        "...)), or, if they really are this encoder's, rename their prefix to lora_te2_ (key_map=)."
     )
 
 

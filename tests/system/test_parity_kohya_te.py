@@ -681,3 +681,57 @@ def test_kohya_second_clip_modules_land_only_on_a_second_clip() -> None:
         got = _linear_responses(te2)
         for name, reference in want.items():
             torch.testing.assert_close(got[name], reference, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("prefix", ["lora_te_", "lora_te1_", "text_encoder."])
+def test_first_clip_modules_on_an_sdxl_refiner_runtime_are_refused_never_put_on_its_second_clip(prefix: str) -> None:
+    """An SDXL refiner pipeline holds only the second CLIP (``text_encoder_2``, OpenCLIP
+    ViT-bigG, 32 layers) beside its UNet. A file with the first CLIP's modules (kohya's
+    ``lora_te_``/``lora_te1_``, diffusers' ``text_encoder.``) was refused as going to
+    ``text_encoder``, "which was not injected", with the fix to inject ``pipe.text_encoder``,
+    which a refiner pipeline does not have (None). The references part ways: diffusers' SDXL loader
+    fails on them there (it loads them into the pipeline's None ``text_encoder``), and ComfyUI
+    maps ``lora_te_`` and ``text_encoder.`` onto the refiner's ``clip_g``, the first encoder's
+    weights on the second encoder's layers of the same names. lorahot refuses them naming the
+    keys, the runtime's text encoders and the fixes (strict=False, the base pipeline, key_map= to
+    ``lora_te2_``), every parameter and buffer bitwise unchanged; ``strict=False`` skips exactly
+    them, and the refiner's own ``lora_te2_`` modules land at their float64 reference, as diffusers'
+    loader puts them on its ``text_encoder_2``."""
+    from tests.helpers import tiny_unet
+
+    te2 = _deep_clip(32)
+    models = {"unet": tiny_unet(cross_attention_dim=32).double(), "text_encoder_2": te2}
+    second = "text_encoder_2." if prefix.endswith(".") else "lora_te2_"  # the second CLIP in the same naming
+    own = _first_clip_file(second, te2)
+    # the same module names and widths as the second CLIP's, other numbers
+    first = {k: -3 * v if "lora_up" in k else v for k, v in _first_clip_file(prefix, te2).items()}
+    expected = _linear_responses(te2)
+    for name in expected:
+        stem = second + ("text_model." + name if second.endswith(".") else "text_model_" + name.replace(".", "_"))
+        if f"{stem}.lora_down.weight" in own:
+            delta = 0.5 * own[f"{stem}.lora_up.weight"] @ own[f"{stem}.lora_down.weight"]  # alpha 1, rank 2
+            expected[name] = expected[name] + torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
+
+    # diffusers' loader: the first CLIP's modules go to the pipeline's text_encoder, None on a refiner
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(_first_clip_file("lora_te_", te2))
+    with pytest.raises(AttributeError):
+        StableDiffusionXLLoraLoaderMixin.load_lora_into_text_encoder(converted, alphas, None, prefix="text_encoder")
+
+    runtime = lorahot.inject(models, {"unet": ["to_q"], "text_encoder_2": ["q_proj", "fc1"]}, max_rank=4)
+    before = _state(models)
+    with pytest.raises(lorahot.AdapterMismatchError) as caught:
+        runtime.load(own | first)
+    text = str(caught.value)
+    assert f"{len(first) // 3} module(s) with prefix {prefix} ('{next(iter(first)).rsplit('.', 2)[0]}" in text, text
+    assert "this runtime has no first CLIP" in text and "text_encoder_2, a CLIP encoder (ComfyUI's clip_g)" in text
+    assert "diffusers' SDXL loader fails on these keys" in text and "ComfyUI maps lora_te_" in text, text
+    assert "strict=False" in text and "'text_encoder': pipe.text_encoder" in text, text
+    assert "rename their prefix to lora_te2_ (key_map=)" in text, text
+    after = _state(models)
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    info = runtime.load(own | first, strict=False)
+    assert sorted(info.skipped) == sorted(first)
+    assert info.components == {"unet": 0, "text_encoder_2": len(own) // 3}, info.components
+    got = _linear_responses(te2)
+    for name, want in expected.items():
+        torch.testing.assert_close(got[name], want, rtol=1e-12, atol=1e-12, msg=name)
