@@ -38,7 +38,6 @@ import re
 
 from lorahot.formats import kohya
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
-from lorahot.formats.table import NAME_START as _START
 from lorahot.formats.table import (
     ORIGINAL_HEAD,
     ORIGINAL_PREFIXES,
@@ -85,6 +84,11 @@ _OUTSIDE = {
     "final_layer.audio_out": "audio_proj_out",
     "final_layer.norm": "norm_out.norm",
 }
+
+#: where an original name starts: at the key's start, after a ``.``, or after musubi-tuner's
+#: ``lora_unet_`` (its renames keep it); never inside a name (``blocks`` in diffusers'
+#: ``transformer_blocks``, whose ``transformer_blocks.N.adaln_proj.linear`` is the model's own)
+_START = r"(?:(?<![^.])|(?<=^lora_unet_))"
 
 _ALIASES: tuple[tuple[str, str], ...] = (
     *(

@@ -431,6 +431,7 @@ _OWN_NAMES_MODELS = (
     "HunyuanVideoTransformer3DModel",
     "HunyuanImageTransformer2DModel",
     "ZImageTransformer2DModel",
+    "MiniMaxH3Transformer3DModel",  # its transformer_blocks.N.adaln_proj.linear, which an alias of blocks.N took
 )
 
 
