@@ -27,7 +27,9 @@ CUDA graph over ``SETS`` weight sets, best of the tile configurations for the Tr
 - ``tma`` / ``dual_tma``: the same two kernels with their operands read through tensor
   descriptors (the Tensor Memory Accelerator of Hopper: one bulk copy per tile, no address
   arithmetic in the loop), one output tile per program;
-- ``tma_p`` / ``dual_tma_p``: the same, persistent (one program per SM, looping over the tiles).
+- ``tma_p`` / ``dual_tma_p``: the same, persistent (one program per SM, looping over the tiles);
+- ``dual_tma_early``: ``dual_tma`` with the LoRA step's loads issued before the K loop (the
+  first TMA run, 2026-12-05, found that step costing 2-17 us where its arithmetic is 1-3).
 
 The first run (2026-12-01) had only the pointer kernels, and ``triton`` ran 1.26-1.82x
 ``cublas``. The descriptor forms are what Triton's own matmul tutorial brings close to cuBLAS
@@ -162,7 +164,7 @@ def _tile_of(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 def _tma_kernel(
     x_desc, w_desc, h_desc, b_desc, y_desc,
     M, N, K, PROGRAMS,
-    LORA: tl.constexpr,
+    LORA: tl.constexpr, EARLY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``Y = X @ W.T (+ H @ B.T)`` through tensor descriptors (out-of-range reads are zeros, out-of-
@@ -175,13 +177,17 @@ def _tma_kernel(
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if LORA and EARLY:  # the LoRA step's loads issued before the K loop, their latency under it
+            h = h_desc.load([om, 0])
+            b = b_desc.load([on, 0])
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             x = x_desc.load([om, k * BLOCK_K])
             w = w_desc.load([on, k * BLOCK_K])
             acc = tl.dot(x, w.T, acc)
         if LORA:
-            h = h_desc.load([om, 0])
-            b = b_desc.load([on, 0])
+            if not EARLY:
+                h = h_desc.load([om, 0])
+                b = b_desc.load([on, 0])
             acc = tl.dot(h, b.T, acc)
         y_desc.store([om, on], acc.to(y_desc.dtype))
 
@@ -194,8 +200,10 @@ def dual_tma(
     y: torch.Tensor,
     cfg: tuple,
     persistent: bool,
+    early: bool = False,
 ) -> None:
-    """:func:`dual` through tensor descriptors; ``persistent``: one program per SM."""
+    """:func:`dual` through tensor descriptors; ``persistent``: one program per SM; ``early``: the
+    LoRA step's loads issued before the K loop."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     bm, bn, bk, warps, stages = cfg
@@ -212,7 +220,7 @@ def dual_tma(
     y_desc = TensorDescriptor.from_tensor(y, [bm, bn])
     _tma_kernel[(programs,)](
         x_desc, w_desc, h_desc, b_desc, y_desc, m, n, k, programs,
-        LORA=lora, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        LORA=lora, EARLY=early, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
@@ -266,6 +274,7 @@ def main() -> None:
             "dual_tma": (True, lambda *a: dual_tma(*a, persistent=False)),
             "tma_p": (False, lambda *a: dual_tma(*a, persistent=True)),
             "dual_tma_p": (True, lambda *a: dual_tma(*a, persistent=True)),
+            "dual_tma_early": (True, lambda *a: dual_tma(*a, persistent=False, early=True)),
         }
         for cfg in CONFIGS:
             for name, (lora, run) in kernels.items():
@@ -306,7 +315,7 @@ def main() -> None:
             row[name] = round(us, 2)
             row[name + "_config"] = list(cfg)
         row["err"] = {"kcat": round(kcat_err, 5), "inplace": round(err(forms["inplace"]()[0]), 5)}
-        for name in ("dual", "dual_tma", "dual_tma_p"):
+        for name in ("dual", "dual_tma", "dual_tma_p", "dual_tma_early"):
             if name in best:
                 y = ys[0].fill_(float("nan"))
                 kernels[name][1](x, ws[0], h, bss[0], y, best[name][1])
