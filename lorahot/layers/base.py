@@ -452,6 +452,28 @@ class LoRALayer(nn.Module):
                 # view's offset) would otherwise become a guard, which the next block or batch breaks
                 mark_static(view)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The layer's state as ``nn.Module`` pickles it, with its merged-mode probe
+        (:attr:`written_probe`) in tensors of its own: its pieces are views of one int64 buffer
+        that every layer on the device shares, in the weight's dtype and as int32 sums
+        (:mod:`lorahot.runtime.written_probes`), and ``torch.save`` refuses views of one memory
+        in two dtypes, so ``torch.save(model)`` of a merged model raised. The copy compares as
+        the original does (a copy has no runtime; its probe serves ``lorahot.eject``)."""
+        state: dict[str, Any] = super().__getstate__()
+        probe = state.get("written_probe")
+        if probe is not None:
+            positions, written, numel, bias, version, digest = probe
+            own = None if digest is None else (digest[0].clone(), digest[1].clone())
+            state["written_probe"] = (
+                positions,
+                written.clone(),
+                numel,
+                None if bias is None else bias.clone(),
+                version,
+                own,
+            )
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copied layer (``deepcopy``, unpickled) reads its own copied handle's key, not the
         original's (:meth:`lorahot.layers.tensor_handles.TensorHandle.__reduce__`)."""

@@ -1522,3 +1522,44 @@ def test_merged_rewrites_of_changed_layers_equal_rewrites_of_every_layer(tmp_pat
         assert [i.parts if i else None for i in (runtimes[0].info(s) for s in range(2))] == [
             i.parts if i else None for i in (runtimes[1].info(s) for s in range(2))
         ]
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_a_merged_model_saves_whole_and_its_copy_computes_and_ejects_as_the_original(how: str) -> None:
+    """``torch.save(model)`` of a merged model raised torch's RuntimeError ('Cannot save multiple
+    tensors or storages that view the same data as different types'), right after inject and
+    after every load: each layer's probe of what merged mode wrote holds views of one int64
+    buffer in the weight's dtype and as int32 sums. A layer now pickles its probe as copies of
+    its own; the copy computes the original's output (at the float64 reference of the active
+    slot), the original is bitwise untouched, and the copy ejects to the base model bitwise."""
+    import io
+    import pickle
+
+    base = tiny_lm()
+    model = copy.deepcopy(base)
+    names = ["layers.0.self_attn.q_proj", "layers.1.self_attn.v_proj", "embed_tokens"]
+    runtime = lorahot.inject(model, names, max_rank=8, slots=2, merged=True)
+    adapters = [make_adapter(base, dict.fromkeys(names, 4), seed=seed) for seed in (1, 2)]
+    for slot, (tensors, _) in enumerate(adapters):
+        runtime.load(tensors, slot=slot)
+    runtime.activate(1)
+    ids = token_ids((2, 5), vocab=32)
+    before = {n: t.clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    if how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    else:
+        twin = pickle.loads(pickle.dumps(model))
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert torch.equal(t, before[n]), n
+    want = model_reference(base, ids, {n: (a, b, 1.0) for n, (a, b) in adapters[1][1].items()})
+    with torch.no_grad():
+        got = twin(ids)
+        assert torch.equal(got, model(ids))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    lorahot.eject(twin)
+    assert not any(isinstance(m, lorahot.LoRALayer) for m in twin.modules())
+    for (name, t), w in zip(twin.state_dict().items(), base.state_dict().values(), strict=True):
+        assert torch.equal(t, w), name
