@@ -1563,3 +1563,52 @@ def test_a_merged_model_saves_whole_and_its_copy_computes_and_ejects_as_the_orig
     assert not any(isinstance(m, lorahot.LoRALayer) for m in twin.modules())
     for (name, t), w in zip(twin.state_dict().items(), base.state_dict().values(), strict=True):
         assert torch.equal(t, w), name
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
+def test_a_saved_state_dict_holds_the_base_unmerged_and_the_folded_weights_merged(merge: bool) -> None:
+    """``torch.save(model.state_dict())`` after loads, a swap and ``set_scale``: unmerged it is the
+    base model's, bitwise (the LoRA buffers are not persistent), and a fresh base model that loads
+    it and the adapter computes the float64 reference; merged it holds what the model computes
+    (``W0 + s B A``), so a fresh base model loading it computes the adapter at its reference with
+    no lorahot at all, and a fresh merged runtime refuses to fold another adapter over it
+    (UsageError, nothing changed) where the adapter would count twice."""
+    import io
+
+    base = tiny_lm(dtype=torch.float64)
+    model = copy.deepcopy(base)
+    names = ["layers.0.self_attn.q_proj", "layers.1.self_attn.v_proj", "embed_tokens"]
+    runtime = lorahot.inject(model, names, max_rank=8, slots=2, merged=merge)
+    adapters = [make_adapter(base, dict.fromkeys(names, 4), seed=seed, dtype=torch.float64) for seed in (1, 2)]
+    for slot, (tensors, _) in enumerate(adapters):
+        runtime.load(tensors, slot=slot)
+    runtime.activate(1)
+    runtime.set_scale(0.5)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    assert list(saved) == list(base.state_dict())
+    ids = token_ids((2, 5), vocab=32)
+    want = model_reference(base, ids, {n: (a, b, 0.5) for n, (a, b) in adapters[1][1].items()})
+    fresh = tiny_lm(dtype=torch.float64)
+    fresh.load_state_dict(saved)
+    with torch.no_grad():
+        if merge:
+            _close(fresh(ids), want)
+        else:
+            assert all(torch.equal(v, saved[k]) for k, v in base.state_dict().items())
+            assert torch.equal(fresh(ids), base(ids))
+    injected = tiny_lm(dtype=torch.float64)
+    again = lorahot.inject(injected, names, max_rank=8, merged=merge)
+    injected.load_state_dict(saved)
+    before = {n: t.clone() for n, t in [*injected.named_parameters(), *injected.named_buffers()]}
+    if merge:
+        with pytest.raises(lorahot.UsageError, match=r"targeted weights or biases changed since lorahot last wrote"):
+            again.load(adapters[1][0], scale=0.5)
+        for n, t in [*injected.named_parameters(), *injected.named_buffers()]:
+            assert torch.equal(t, before[n]), n
+    else:
+        again.load(adapters[1][0], scale=0.5)
+        with torch.no_grad():
+            _close(injected(ids), want)
