@@ -263,6 +263,7 @@ def disagreements(rig: Rig, check: Checks) -> None:
     for name, call, aspect in cases:
         check(name, lambda call=call, aspect=aspect: raises(lorahot.UsageError, call, aspect, "rank 1", "no rank"))
         check(f"unchanged after {name}", lambda: rig.unchanged(before))
+    whole_factors(rig, check, before)
     # a check failing on rank 1 alone (it ran before the agreement there: rank 0 waited in the
     # agreement's collective until the process group timed out)
     check(
@@ -287,6 +288,50 @@ def disagreements(rig: Rig, check: Checks) -> None:
     check("and compute the reference too", rig.parity)
     rig.both(lambda r: r.load(rig.path("b")))
     extras_disagreements(rig.mesh, check)
+
+
+def whole_factors(rig: Rig, check: Checks, before: list[torch.Tensor]) -> None:
+    """A factor every rank holds whole (a column-parallel layer's A, a row-parallel one's B)
+    that differs on rank 1 only where no sampled position looks (one element changed, or two
+    swapped so that every sum of its values stays): every rank refuses, naming the key, each
+    rank's file and the ranks, from a file, a stack, a preload, and rank 0's host cache against
+    rank 1's read; nothing changes. Slot 0 holds ``b`` and is active."""
+    rank = dist.get_rank()
+    edited, swapped = ("a", "a") if rank == 0 else ("a_edited", "a_swapped")
+    rig.rt.preload(rig.path("a"), key="whole_a")  # every rank caches a, agreed
+    q_key, o_key = "layers.0.self_attn.q_proj.lora_A.weight", "layers.0.self_attn.o_proj.lora_B.weight"
+    cases = [
+        ("one element of a replicated A on rank 1", lambda: rig.rt.load(rig.path(edited)), q_key, "a_edited"),
+        (
+            "two elements of a replicated B swapped on rank 1",
+            lambda: rig.rt.load(rig.path(swapped)),
+            o_key,
+            "a_swapped",
+        ),
+        (
+            "a stack with one element changed on rank 1",
+            lambda: rig.rt.load([rig.path("b"), rig.path(edited)], slot=1),
+            q_key,
+            "a_edited",
+        ),
+        (
+            "a preload with one element changed on rank 1",
+            lambda: rig.rt.preload(rig.path(edited), key="k"),
+            q_key,
+            "a_edited",
+        ),
+        (
+            "a cached copy on rank 0 and an edited file on rank 1",
+            lambda: rig.rt.load("whole_a" if rank == 0 else rig.path("a_edited"), slot=1),
+            q_key,
+            "a_edited",
+        ),
+    ]
+    for name, call, key, file in cases:
+        words = ("values", key, str(rig.folder / "a" / "adapter_model.safetensors"), file, "rank 1", "no rank")
+        check(name, lambda call=call, words=words: raises(lorahot.UsageError, call, *words))
+        check(f"unchanged after {name}", lambda: rig.unchanged(before))
+    rig.rt.cache.discard("whole_a")
 
 
 def extras_disagreements(mesh: object, check: Checks) -> None:

@@ -27,7 +27,7 @@ from lorahot.errors import LoraError, UnexpectedError, UsageError, lines
 from lorahot.layers import LoRALayer
 from lorahot.layers.sharded import ShardedLoRALinear
 from lorahot.layers.styled import StyledLoRAEmbedding
-from lorahot.runtime.fingerprint import ASPECTS, digest
+from lorahot.runtime.fingerprint import ASPECTS, SUMS, digest
 
 __all__ = ["Agreement"]
 
@@ -84,9 +84,11 @@ class Agreement:
             UsageError: every check passed, but the ranks would write different things (on
                 every rank, naming the aspect and the ranks that differ from rank 0).
         """
+        prints: dict[str, bytes] = {}
         try:
             result, error = check(), None
-            digests = _digests(fingerprint(result) if fingerprint is not None else {})
+            prints = fingerprint(result) if fingerprint is not None else {}
+            digests = _digests(prints)
         except BaseException as exc:  # an interrupt too: reported, then it goes on
             result, error, digests = None, exc, [0] * len(ASPECTS)
         failures, rows = self._failures(error, digests)
@@ -110,6 +112,8 @@ class Agreement:
                 )
             )
         differing = [_split(aspect, [row[i] for row in rows]) for i, aspect in enumerate(ASPECTS)]
+        if differing[_VALUES] and not differing[_MODULES]:  # the same tensors: which ones differ, from which files
+            differing[_VALUES] += self._differing_tensors(prints)
         differing = [text for text in differing if text]
         if differing:
             raise UsageError(
@@ -164,9 +168,55 @@ class Agreement:
     def _messages(self, error: BaseException | None) -> list[tuple[int, str, str]]:
         """Every failed rank's ``(rank, error type, message)``, gathered as UTF-8 JSON in byte
         tensors (nothing is unpickled); every rank calls it together."""
+        mine = b"" if error is None else json.dumps([self.rank, type(error).__name__, str(error)]).encode()
+        out = []
+        for got in self._gather(mine):
+            if got:
+                rank, kind, message = json.loads(got.decode())
+                out.append((int(rank), str(kind), str(message)))
+        return out
+
+    def _differing_tensors(self, prints: dict[str, bytes]) -> str:
+        """Where the ranks' ``values`` differ while their modules agree (the same tensors, in
+        the same order): the first few tensors whose sums differ, each with the file every rank
+        read it from and its keys there (``"; first in layers.0.q_proj's A, which rank 0 read
+        from a.safetensors (keys ...) and rank 1 from b.safetensors (keys ...)"``). Two gathers, made
+        only then; every rank calls it together and builds the same text."""
+        sums = [
+            [got[k : k + _TENSOR_BYTES] for k in range(0, len(got), _TENSOR_BYTES)]
+            for got in self._gather(prints.get("values", b""))
+        ]
+        count = min(len(s) for s in sums)
+        differ = [k for k in range(count) if any(s[k] != sums[0][k] for s in sums)]
+        labels = json.loads(prints.get("tensors", b"[]").decode())
+        shown = differ[:_SHOWN]
+        mine = json.dumps([labels[k] if k < len(labels) else None for k in shown]).encode()
+        everyone = [json.loads(got.decode()) for got in self._gather(mine)]
+        texts = []
+        for j in range(len(shown)):
+            read = [row[j] for row in everyone]
+            first = next((label for label in read if label is not None), None)
+            if first is None:
+                continue
+            by_file: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+            for rank, label in enumerate(read):
+                where = ("<unknown>", ()) if label is None else (str(label[0]), tuple(map(str, label[3])))
+                by_file.setdefault(where, []).append(rank)
+            ranks = [
+                f"{_which(g)} {'read from' if i == 0 else 'from'} {file} (keys {', '.join(keys)})"
+                for i, ((file, keys), g) in enumerate(by_file.items())
+            ]
+            texts.append(f"{first[1]}'s {first[2]}, which {' and '.join(ranks)}")
+        if not texts:
+            return ""
+        more = f"; and {len(differ) - len(shown)} more tensors" if len(differ) > len(shown) else ""
+        return f"; first in {'; in '.join(texts)}{more}"
+
+    def _gather(self, mine: bytes) -> list[bytes]:
+        """Every rank's ``mine`` (of any length), by rank, in two all-gathers of byte tensors
+        (nothing is unpickled); every rank calls it together."""
         import torch.distributed as dist
 
-        mine = b"" if error is None else json.dumps([self.rank, type(error).__name__, str(error)]).encode()
         size = torch.tensor([len(mine)], dtype=torch.int64, device=self.device)
         sizes = [torch.zeros_like(size) for _ in range(self.ranks)]
         dist.all_gather(sizes, size, group=self.group)
@@ -176,12 +226,7 @@ class Agreement:
         data = data.to(self.device)
         everyone = [torch.empty_like(data) for _ in range(self.ranks)]
         dist.all_gather(everyone, data, group=self.group)
-        out = []
-        for n, got in zip(sizes, everyone):
-            if int(n.item()):
-                rank, kind, message = json.loads(bytes(got[: int(n.item())].cpu().tolist()).decode())
-                out.append((int(rank), str(kind), str(message)))
-        return out
+        return [bytes(got[: int(n.item())].cpu().numpy().tobytes()) for n, got in zip(sizes, everyone)]
 
 
 #: what a rank interrupted during its checks reports (its own goes on as it is)
@@ -191,8 +236,22 @@ _INTERRUPTS = ("KeyboardInterrupt", "SystemExit")
 _ASPECT_TEXT = {
     "arguments": "call's arguments (slot and scale, or a preload's key)",
     "modules": "adapter's modules (target layers, ranks, alphas, the shapes of the tensors every rank holds whole)",
-    "values": "adapter's values (sampled from the tensors every rank holds whole)",
+    "values": "adapter's values (the whole content of the tensors every rank holds whole)",
 }
+
+#: the positions of the ``modules`` and ``values`` aspects in :data:`ASPECTS`
+_MODULES, _VALUES = ASPECTS.index("modules"), ASPECTS.index("values")
+
+#: the bytes of one tensor's sums in the ``values`` aspect (:func:`lorahot.runtime.fingerprint.checksums`)
+_TENSOR_BYTES = 8 * SUMS
+
+#: the differing tensors a refusal names (the rest are counted)
+_SHOWN = 3
+
+
+def _which(ranks: list[int]) -> str:
+    """``"rank 1"``, ``"ranks 0, 2"``."""
+    return f"{'ranks' if len(ranks) > 1 else 'rank'} {', '.join(map(str, ranks))}"
 
 
 def _split(aspect: str, digests: list[int]) -> str:

@@ -13,21 +13,26 @@ them), one per aspect, so that a refusal can say which one differs:
 - ``modules``: per part of the stack, each target layer's name, rank, alpha and the dtype and
   shape of the tensors every rank holds whole, each arena's ``alpha / r`` per layer, the keys
   left out;
-- ``values``: per part, the bits of those tensors (A of a column-parallel layer, B of a
-  row-parallel one; A, B, a DoRA magnitude and a LoRA bias of an unsharded layer) at
-  :data:`SAMPLES` fixed positions spread over each.
+- ``values``: per part, checksums of the whole content of those tensors (A of a
+  column-parallel layer, B of a row-parallel one; A, B, a DoRA magnitude and a LoRA bias of an
+  unsharded layer): :data:`SUMS` int64 sums per tensor (:func:`checksums`);
+- ``tensors`` (no aspect: named in a refusal only): per tensor summed, the file it came from,
+  its layer, which factor it is and the file's keys of its module, as JSON.
 
-The values are sampled, not hashed whole: two different adapters differ at the sampled
-positions unless they are equal nearly everywhere, and a digest of every element would read
-the whole adapter again on each load. Not caught: files that differ between ranks only in
-elements that are not sampled, or only in the slices each rank reads alone; that includes
-adapters that share their A (LoRA-FA, or A from one initialization) and differ only in B,
-where every target is column-parallel (q/k/v-only LoRA): B's rows are cut there.
+The sums see every byte: a single element changed anywhere, or two elements swapped, changes
+them, while the sharded factors (B's rows of a column-parallel layer, A's columns of a
+row-parallel one) differ between ranks by design and are not compared. They are computed where
+the tensors are (the arena's device for a load), in one batched pass per tensor shape, and only
+on a tensor-parallel model (:class:`~lorahot.runtime.agreement.Agreement`); a single-device load
+never computes them. Not caught: files that differ only in the slices each rank reads alone;
+that includes adapters that share their A (LoRA-FA, or A from one initialization) and differ
+only in B, where every target is column-parallel (q/k/v-only LoRA): B's rows are cut there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 import weakref
 from collections.abc import Sequence
@@ -38,13 +43,22 @@ from lorahot.adapter import LoraModule
 from lorahot.layers import LoRALayer
 from lorahot.runtime.plan import LoadPlan
 
-__all__ = ["ASPECTS", "SAMPLES", "digest", "arguments", "plans"]
+__all__ = ["ASPECTS", "SUMS", "checksums", "digest", "arguments", "plans"]
 
 #: the aspects of a write the ranks compare, in the order they are reported
 ASPECTS = ("arguments", "modules", "values")
 
-#: the positions sampled from each factor every rank holds whole (at least 2: the first and last)
-SAMPLES = 8
+#: the int64 sums of each tensor every rank holds whole (:func:`checksums`)
+SUMS = 3
+
+#: the words of a first-level block of :func:`checksums` (its sums stay within int32)
+_BLOCK = 16
+
+#: the blocks in 2**16 words: :func:`checksums` weighs a word by its position's low and high 16 bits
+_BLOCKS_IN_PERIOD = (1 << 16) // _BLOCK
+
+#: the most words :func:`checksums` sums at once (16 MB as int32, as much again in products)
+_CHUNK = 1 << 22
 
 
 def digest(data: bytes) -> int:
@@ -62,24 +76,27 @@ def arguments(*values: object) -> bytes:
 
 
 def plans(parts: Sequence[LoadPlan], layers: dict[str, LoRALayer]) -> dict[str, bytes]:
-    """The ``modules`` and ``values`` aspects of the plans a write would apply (one per part)."""
-    modules, values = bytearray(), bytearray()
+    """The ``modules`` and ``values`` aspects of the plans a write would apply (one per part),
+    and the ``tensors`` the values sum (JSON: ``[file, layer, factor, [keys]]`` each)."""
+    modules, values, tensors = bytearray(), bytearray(), list[bytes]()
     for plan in parts:
-        m, v = _part(plan, layers)
+        m, v, t = _part(plan, layers)
         modules += m
         values += v
-    return {"modules": bytes(modules), "values": bytes(values)}
+        if t:
+            tensors.append(t)
+    return {"modules": bytes(modules), "values": bytes(values), "tensors": b"[" + b",".join(tensors) + b"]"}
 
 
-def _part(plan: LoadPlan, layers: dict[str, LoRALayer]) -> tuple[bytes, bytes]:
-    """One plan's ``modules`` and ``values`` bytes, remembered while the plan lives: a prepared
-    adapter's plan is fingerprinted again at each load from the host cache (a 7B-shaped
-    adapter's 448 factors took 8 ms on a 2-core CPU), and its tensors do not change."""
+def _part(plan: LoadPlan, layers: dict[str, LoRALayer]) -> tuple[bytes, bytes, bytes]:
+    """One plan's ``modules``, ``values`` and ``tensors`` bytes (the last a JSON list's items),
+    remembered while the plan lives: a prepared adapter's plan is fingerprinted again at each
+    load from the host cache, and its tensors do not change."""
     key = (id(plan), id(layers))
     hit = _MEMO.get(key)
     if hit is not None and hit[0]() is plan:
-        return hit[1], hit[2]
-    modules, samples = bytearray(), list[bytes | torch.Tensor]()
+        return hit[1], hit[2], hit[3]
+    modules, summed, labels = bytearray(), list[torch.Tensor](), list[object]()
     _encode(("part", len(plan.targets), tuple(sorted(plan.skipped))), modules)
     lines = []
     for name in sorted(plan.targets):
@@ -88,17 +105,19 @@ def _part(plan: LoadPlan, layers: dict[str, LoRALayer]) -> tuple[bytes, bytes]:
         shapes = [(what, str(t.dtype), tuple(t.shape)) for what, t in whole]
         # repr: exact for these str, int, bool and float values, and far cheaper than _encode per module
         lines.append(repr((name, int(plan.ranks.get(name, 0)), float(module.alpha), module.use_rslora, shapes)))
-        samples.extend(_sampled(t) for _, t in whole)
+        summed.extend(t for _, t in whole)
+        keys = list(module.source_keys or (module.key,))
+        labels.extend([plan.source, name, what, keys] for what, _ in whole)
     _encode("\n".join(lines), modules)
     for scales in plan.scales:  # each arena's alpha / r per layer, float64
         modules += scales.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
-    out = (bytes(modules), _joined(samples))
+    out = (bytes(modules), checksums(summed).numpy().tobytes(), json.dumps(labels).encode()[1:-1])
     _MEMO[key] = (weakref.ref(plan, lambda _, key=key: _MEMO.pop(key, None)), *out)  # type: ignore[misc]
     return out
 
 
 #: (plan id, layers id) -> (the plan, its modules and values bytes), while the plan lives
-_MEMO: dict[tuple[int, int], tuple[weakref.ref[LoadPlan], bytes, bytes]] = {}
+_MEMO: dict[tuple[int, int], tuple[weakref.ref[LoadPlan], bytes, bytes, bytes]] = {}
 
 
 def _whole(module: LoraModule, layer: LoRALayer | None) -> list[tuple[str, torch.Tensor]]:
@@ -113,33 +132,54 @@ def _whole(module: LoraModule, layer: LoRALayer | None) -> list[tuple[str, torch
     return [("A", module.A), ("B", module.B), *extras]
 
 
-def _sampled(t: torch.Tensor) -> bytes | torch.Tensor:
-    """The bytes of :data:`SAMPLES` elements of ``t`` at positions spread evenly over its
-    elements (exact, whatever the dtype): as bytes for a tensor on the host (by NumPy, no tensor
-    operation per position), else a uint8 tensor where ``t`` lives."""
-    flat = t.detach().reshape(-1)
-    n = flat.numel()
-    if n == 0 or flat.device.type == "meta":  # meta: values already in the arena (plan.forget_values)
-        return b""
-    rows = flat.view(torch.uint8).view(n, flat.element_size())
-    positions = [(i * (n - 1)) // (SAMPLES - 1) for i in range(SAMPLES)]
-    if rows.device.type == "cpu":
-        return bytes(rows.numpy()[positions].tobytes())
-    return rows[torch.tensor(positions, device=rows.device)].reshape(-1)
+def checksums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sums of the whole content of each tensor, ``[len(tensors), SUMS]`` int64 on the host.
 
-
-def _joined(samples: list[bytes | torch.Tensor]) -> bytes:
-    """The sampled bytes, in order: one copy to the host per device for those not there."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, s in enumerate(samples):
-        if isinstance(s, torch.Tensor):
-            by_device.setdefault(s.device, []).append(i)
-    for indices in by_device.values():
-        tensors = [samples[i] for i in indices]
-        gathered = torch.cat(tensors).cpu()  # type: ignore[arg-type]  # tensors, by construction
-        for i, part in zip(indices, gathered.split([t.numel() for t in tensors])):  # type: ignore[union-attr]
-            samples[i] = part.numpy().tobytes()
-    return b"".join(samples)  # type: ignore[arg-type]  # all bytes now
+    A tensor's bytes are read as int16 words ``w`` (int8 where it has an odd number of bytes)
+    at positions ``i = 0, 1, ...``; its sums are ``sum(w)``, ``sum(w * (i % 2**16 + 1))`` and
+    ``sum(w * (i // 2**16 % 2**16 + 1))``, exact in int64 up to 2**31 words: any one word changed
+    moves the first; two different words swapped move the second, or, where their distance is a
+    multiple of 2**16 words, the third. A meta tensor (values already in the arena,
+    :func:`lorahot.runtime.plan.forget_values`) and an empty one sum to zeros. Computed where
+    the tensors are, with integer operations only (the same bits on every device), in blocks of
+    :data:`_BLOCK` words summed in int32 first; one batched pass per word count, one copy to
+    the host per device."""
+    out = torch.zeros(len(tensors), SUMS, dtype=torch.int64)
+    words: dict[int, torch.Tensor] = {}
+    groups: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
+    for k, t in enumerate(tensors):
+        flat = t.detach().reshape(-1)
+        if flat.numel() == 0 or flat.device.type == "meta":
+            continue
+        words[k] = flat.view(torch.int8) if flat.numel() * flat.element_size() % 2 else flat.view(torch.int16)
+        groups.setdefault((flat.device, words[k].dtype, words[k].numel()), []).append(k)
+    found: dict[torch.device, list[tuple[list[int], torch.Tensor]]] = {}
+    with torch.no_grad():
+        for (device, _, n), ks in groups.items():
+            blocks = -(-n // _BLOCK)
+            within = torch.arange(1, _BLOCK + 1, dtype=torch.int32, device=device)  # [BLOCK]
+            b = torch.arange(blocks, dtype=torch.int64, device=device)
+            low = b % _BLOCKS_IN_PERIOD * _BLOCK  # [blocks]: the block's first position % 2**16
+            high = b // _BLOCKS_IN_PERIOD % (1 << 16) + 1  # [blocks]: its position // 2**16 % 2**16 + 1
+            step = max(1, _CHUNK // (blocks * _BLOCK))
+            for s in range(0, len(ks), step):
+                chunk = ks[s : s + step]
+                make = torch.zeros if n % _BLOCK else torch.empty  # padded with zero words, which add nothing
+                w = make(len(chunk), blocks * _BLOCK, dtype=torch.int32, device=device)
+                for row, k in enumerate(chunk):
+                    w[row, :n].copy_(words[k])  # widened, exactly
+                w = w.view(len(chunk), blocks, _BLOCK)
+                plain = w.sum(-1, dtype=torch.int32)  # [m, blocks], |.| < 2**20
+                weighted = (w * within).sum(-1, dtype=torch.int32)  # < 2**23
+                plain64 = plain.to(torch.int64)
+                sums = torch.stack(
+                    [plain64.sum(1), (plain64 * low + weighted).sum(1), (plain64 * high).sum(1)], dim=1
+                )  # [m, SUMS]
+                found.setdefault(device, []).append((chunk, sums))
+        for items in found.values():
+            gathered = torch.cat([sums for _, sums in items]).cpu()
+            out[[k for chunk, _ in items for k in chunk]] = gathered
+    return out
 
 
 def _encode(value: object, out: bytearray) -> None:

@@ -41,7 +41,10 @@ def _write_adapters(folder: Path) -> None:
     """PEFT adapters for the tiny Llama: ``a`` (rank 4 everywhere), ``b`` (rank 3, not on the
     head), ``c`` (rank 2); ``nan_rank1``: ``a`` with NaN only in what rank 1 reads of two
     row-parallel layers; ``wide``: an adapter for a wider model; ``a_values``, ``a_alpha`` and
-    ``a_copy``: ``a``'s modules with other values, ``a``'s values with another alpha, ``a``."""
+    ``a_copy``: ``a``'s modules with other values, ``a``'s values with another alpha, ``a``;
+    ``a_edited`` and ``a_swapped``: ``a`` with one element of a factor every rank holds whole
+    changed (the reproducer of a sampled comparison's blind spot), or two swapped (every sum of
+    the values kept), at positions no sample looks at."""
     model = tiny_llama()
     a, _ = make_adapter(model, dict.fromkeys([*LINEARS, "lm_head"], 4), seed=1, dtype=torch.float64)
     save_peft(folder / "a", a, r=4, lora_alpha=8)
@@ -59,6 +62,13 @@ def _write_adapters(folder: Path) -> None:
     save_peft(folder / "a_values", other, r=4, lora_alpha=8)  # a's modules, other values
     save_peft(folder / "a_alpha", a, r=4, lora_alpha=16)  # a's values, another alpha
     save_peft(folder / "a_copy", a, r=4, lora_alpha=8)  # a at another path
+    edited = {k: v.clone() for k, v in a.items()}
+    edited["base_model.model.layers.0.self_attn.q_proj.lora_A.weight"][1, 7] += 3  # column-parallel: A whole
+    save_peft(folder / "a_edited", edited, r=4, lora_alpha=8)
+    swapped = {k: v.clone() for k, v in a.items()}
+    o_b = swapped["base_model.model.layers.0.self_attn.o_proj.lora_B.weight"]  # row-parallel: B whole, [32, 4]
+    o_b[[1, 2], 1] = o_b[[2, 1], 1].clone()
+    save_peft(folder / "a_swapped", swapped, r=4, lora_alpha=8)
 
 
 #: PEFT configs of the transformers Llama's adapters: ``hf_a`` on every projection and the head,
@@ -260,6 +270,11 @@ ATOMIC = [
             "the same routing per token on rank 1",
             "another unload on rank 1",
             "an unload of every slot on rank 1 only",
+            "one element of a replicated A on rank 1",
+            "two elements of a replicated B swapped on rank 1",
+            "a stack with one element changed on rank 1",
+            "a preload with one element changed on rank 1",
+            "a cached copy on rank 0 and an edited file on rank 1",
         )
         for check in (what, f"unchanged after {what}")
     ),

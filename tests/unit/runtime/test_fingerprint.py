@@ -1,6 +1,7 @@
 """Fingerprints of a write (lorahot.runtime.fingerprint): what the ranks of a tensor-parallel
 model compare before writing. Equal for equal writes, different wherever a write would differ
-in what it samples; the multi-rank refusals are in tests/system/test_tensor_parallel.py."""
+in a tensor every rank holds whole; the multi-rank refusals are in
+tests/system/test_tensor_parallel.py."""
 
 from __future__ import annotations
 
@@ -52,23 +53,73 @@ def _layer(dim: str | None) -> Any:
     return SimpleNamespace(spec=SimpleNamespace(shard=shard))
 
 
-def test_plans_sample_the_factors_every_rank_holds_whole() -> None:
+def test_plans_sum_the_whole_factors_every_rank_holds_whole() -> None:
+    """Any one element changed, anywhere, or two swapped (their sum kept) changes the values of
+    a tensor every rank holds whole (each of A and B on an unsharded layer, A on a
+    column-parallel one, B on a row-parallel one) and nothing of a sharded one."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(4, 8, generator=g), torch.randn(8, 4, generator=g)
     base = fingerprint.plans([_plan(a, b)], {"q": _layer(None)})
     assert base == fingerprint.plans([_plan(a.clone(), b.clone())], {"q": _layer(None)})  # equal values, other tensors
 
-    a_changed, b_changed = a.clone(), b.clone()
-    a_changed[0, 0] += 1.0  # the first element: a sampled position
-    b_changed[-1, -1] += 1.0  # the last element: a sampled position
+    def edits(t: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for k in range(t.numel()):  # every position
+            changed = t.clone()
+            changed.view(-1)[k] += 3.0
+            out.append(changed)
+        swapped = t.clone()
+        swapped.view(-1)[[1, 6]] = t.view(-1)[[6, 1]]
+        return [*out, swapped]
+
     for dim, a_seen, b_seen in ((None, True, True), ("out", True, False), ("in", False, True)):
         layers = {"q": _layer(dim)}
         ref = fingerprint.plans([_plan(a, b)], layers)
-        got_a = fingerprint.plans([_plan(a_changed, b)], layers)
-        got_b = fingerprint.plans([_plan(a, b_changed)], layers)
-        assert (got_a["values"] != ref["values"]) == a_seen, dim  # a column-parallel layer's A is whole
-        assert (got_b["values"] != ref["values"]) == b_seen, dim  # a row-parallel layer's B is whole
-        assert got_a["modules"] == got_b["modules"] == ref["modules"]
+        for changed in edits(a):
+            got = fingerprint.plans([_plan(changed, b)], layers)
+            assert (got["values"] != ref["values"]) == a_seen, dim  # a column-parallel layer's A is whole
+            assert got["modules"] == ref["modules"]
+        for changed in edits(b):
+            got = fingerprint.plans([_plan(a, changed)], layers)
+            assert (got["values"] != ref["values"]) == b_seen, dim  # a row-parallel layer's B is whole
+
+
+@given(
+    st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8]),
+    st.integers(1, 40),
+    st.integers(0, 2**32 - 1),
+)
+def test_checksums_are_the_exact_sums_of_the_words(dtype: torch.dtype, numel: int, seed: int) -> None:
+    """sum(w), sum(w * (i % 2**16 + 1)) and sum(w * (i // 2**16 % 2**16 + 1)) over the int16
+    words (int8 for an odd number of bytes), in Python integers; a batch of tensors of several
+    sizes, one padded to whole blocks, sums each alone."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = [(torch.randn(n, generator=g) * 1e3).to(dtype) for n in (numel, numel, 16, 17)]
+    got = fingerprint.checksums(tensors)
+    for t, row in zip(tensors, got.tolist()):
+        assert row == _reference_sums(t)
+
+
+def _reference_sums(t: torch.Tensor) -> list[int]:
+    flat = t.reshape(-1)
+    w = (flat.view(torch.int8) if flat.numel() * flat.element_size() % 2 else flat.view(torch.int16)).tolist()
+    return [
+        sum(w),
+        sum(x * (i % 2**16 + 1) for i, x in enumerate(w)),
+        sum(x * (i // 2**16 % 2**16 + 1) for i, x in enumerate(w)),
+    ]
+
+
+def test_a_swap_whose_distance_is_a_multiple_of_2_16_words_moves_the_third_sum() -> None:
+    """Two words 2**16 positions apart have the same weight in the second sum: the third, by
+    the position's high 16 bits, tells them apart. A tensor of 2**17 + 3 words (padded)."""
+    t = torch.arange(2**17 + 3, dtype=torch.int16)
+    t[5], t[5 + 2**16] = 100, -7
+    swapped = t.clone()
+    swapped[[5, 5 + 2**16]] = t[[5 + 2**16, 5]]
+    got = fingerprint.checksums([t, swapped])
+    assert got[0].tolist() == _reference_sums(t) and got[1].tolist() == _reference_sums(swapped)
+    assert got[0, 0] == got[1, 0] and got[0, 1] == got[1, 1] and got[0, 2] != got[1, 2]
 
 
 def test_plans_tell_alphas_ranks_targets_and_parts_apart() -> None:
@@ -92,7 +143,7 @@ def test_digests_are_signed_64_bit_and_differ_for_different_data() -> None:
     assert all(-(2**63) <= x < 2**63 for x in d) and len(set(d)) == 256
 
 
-def test_a_plan_is_sampled_once_while_it_lives() -> None:
+def test_a_plan_is_summed_once_while_it_lives() -> None:
     """A prepared adapter's plan is fingerprinted at each load from the host cache: the second
     time from memory (its tensors do not change), and the memory goes with the plan."""
     import gc
@@ -102,7 +153,7 @@ def test_a_plan_is_sampled_once_while_it_lives() -> None:
     first = fingerprint.plans([plan], layers)
     a.zero_()  # not read again: the plan's tensors are taken not to change
     assert fingerprint.plans([plan], layers) == first
-    assert fingerprint.plans([_plan(a, b)], layers)["values"] != first["values"]  # a new plan is sampled
+    assert fingerprint.plans([_plan(a, b)], layers)["values"] != first["values"]  # a new plan is summed
     key = (id(plan), id(layers))
     assert key in fingerprint._MEMO
     del plan
@@ -111,11 +162,11 @@ def test_a_plan_is_sampled_once_while_it_lives() -> None:
 
 
 def test_values_already_moved_to_the_arena_are_not_read() -> None:
-    """Meta tensors (a plan whose values the arena holds, plan.forget_values) give no samples
-    and no error."""
+    """Meta tensors (a plan whose values the arena holds, plan.forget_values) sum to zeros,
+    without an error."""
     meta = _plan(torch.empty(4, 8, device="meta"), torch.empty(8, 4, device="meta"))
     got = fingerprint.plans([meta], {"q": _layer(None)})
-    assert got["values"] == b"" and got["modules"]
+    assert got["values"] == bytes(2 * 8 * fingerprint.SUMS) and got["modules"]
 
 
 def test_a_routing_tensor_is_encoded_by_its_values_whatever_its_integer_dtype() -> None:
