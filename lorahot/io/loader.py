@@ -15,11 +15,13 @@ load time (:mod:`lorahot.resolve.keys`), where the model's names are known.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,20 +42,21 @@ from lorahot.errors import (
     public_api,
     shown,
 )
-from lorahot.formats import FORMATS, KeyFormat, format_named, group_keys, read_as
+from lorahot.formats import FORMATS, KeyFormat, ModelNames, format_named, group_keys, read_as
 from lorahot.formats.diffusers import METADATA_KEY
 from lorahot.formats.kohya import KOHYA_OFT
 from lorahot.formats.table import GLORA_FACTORS, Parts, skip_modules
 from lorahot.io.config import CONFIG_NAME, AdapterConfig, finite
 from lorahot.io.patterns import budget_problem
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json
+from lorahot.io.scoped import scoped
 from lorahot.io.sources import RawAdapter, Source, open_source
 from lorahot.io.tensorfile import Slices
 from lorahot.memo import BoundedMemo
 from lorahot.resolve.split import SplitSpec, split_by_user
 from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
 
-__all__ = ["read_adapter", "read_adapter_sliced", "checked_adapter", "Slicer"]
+__all__ = ["read_adapter", "read_adapter_sliced", "checked_adapter", "reading_for", "Slicer"]
 
 #: Which slice of each tensor of a file to read, given the adapter read from the file's header
 #: (meta tensors) and each of those tensors' key by ``id``.
@@ -438,16 +441,28 @@ class _Recipe:
         return text + 300 * len(self.modules)
 
 
-#: (the header's identity, the config as canonical JSON, strict) -> the file's recipe, or None
-#: for a file that has none
-_RECIPES: BoundedMemo[tuple[tuple[bytes, int], str, bool], _Recipe | None] = BoundedMemo(
+#: What a recipe is keyed by: the header's identity, the config as canonical JSON, ``strict``, and
+#: the digest of the model's names the file is read for (:func:`reading_for`; empty for none).
+_RecipeKey = tuple[tuple[bytes, int], str, bool, bytes]
+#: the recipe key of a file -> its recipe, or None for a file that has none
+_RECIPES: BoundedMemo[_RecipeKey, _Recipe | None] = BoundedMemo(
     16 << 20, lambda key, recipe: 64 if recipe is None else recipe.nbytes
 )
 
+#: The module paths of the model the reads in this context are for (:func:`reading_for`).
+_MODEL_NAMES: ContextVar[ModelNames | None] = ContextVar("lorahot_model_names", default=None)
 
-def _recipe_key(
-    raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool
-) -> tuple[tuple[bytes, int], str, bool] | None:
+
+@contextlib.contextmanager
+def reading_for(names: ModelNames) -> Iterator[None]:
+    """Within the block, a file is read for the model whose module paths are ``names`` (a
+    runtime's load): a key that names a module of that model is its own name, never a stray of
+    another naming that aliases it (:func:`lorahot.formats.read_as`)."""
+    with scoped(_MODEL_NAMES, names):
+        yield
+
+
+def _recipe_key(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool) -> _RecipeKey | None:
     """What a file's recipe is keyed by; None where there is none (no file, shapes only, or
     ``config=`` given: the reader works the adapter out in full)."""
     if raw.shapes_only or overrides is not None:
@@ -455,12 +470,13 @@ def _recipe_key(
     return _file_key(raw, strict)
 
 
-def _file_key(raw: RawAdapter, strict: bool) -> tuple[tuple[bytes, int], str, bool] | None:
-    """The recipe key of ``raw``'s file (its header, config and ``strict``), whether ``raw``
-    holds the file's data or its header alone; None for no file."""
+def _file_key(raw: RawAdapter, strict: bool) -> _RecipeKey | None:
+    """The recipe key of ``raw``'s file (its header, config and ``strict``, and the model it is
+    read for), whether ``raw`` holds the file's data or its header alone; None for no file."""
     if raw.header is None:
         return None
-    return raw.header, json.dumps(raw.config, sort_keys=True), strict
+    names = _MODEL_NAMES.get()
+    return raw.header, json.dumps(raw.config, sort_keys=True), strict, b"" if names is None else names.key
 
 
 def _recipe_of(raw: RawAdapter, strict: bool) -> _Recipe | None:
@@ -550,7 +566,7 @@ def _normalize_once(raw: RawAdapter, overrides: dict[str, Any] | None, strict: b
     if not keys:
         raise UnknownFormatError(f"{raw.source}: holds no tensors. Point lorahot at a LoRA adapter.")
     header_configs = _header_configs(raw)
-    found, strays = read_as(keys)
+    found, strays = read_as(keys, _MODEL_NAMES.get())
     fmt = found or _closest_format(keys)
     _check_config_applies(raw, fmt)
     defaults = _header_alpha(raw, fmt)

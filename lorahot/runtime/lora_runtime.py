@@ -38,7 +38,8 @@ from lorahot.errors import (
     shown,
     unfinished_eject,
 )
-from lorahot.io.loader import read_adapter, read_adapter_sliced
+from lorahot.formats import ModelNames
+from lorahot.io.loader import read_adapter, read_adapter_sliced, reading_for
 from lorahot.io.read_buffers import ReadBuffers
 from lorahot.io.sources import Source
 from lorahot.io.tensorfile import Slices, largest_tensor
@@ -292,10 +293,13 @@ class LoraRuntime:
         (a key naming one of them is not placed on a neighbour; a norm without a weight is none:
         a naming's alias of that path lands on the norm it means), what ``denoiser=`` may not
         name, the norms without a weight (a key naming one is refused as such: there is no weight
-        to fold its delta into), and where a file's rows interleave attention heads."""
+        to fold its delta into), where a file's rows interleave attention heads, and every module
+        path, which tells a file's keys that name the model's own modules from another naming's
+        (:func:`lorahot.io.loader.reading_for`)."""
         self._specs = {name: layer.spec for name, layer in self.layers.items()}
         self._largest = _largest_factor(self._specs.values(), self.buffers.max_rank)
         modules = list(model.named_modules())
+        self._names = ModelNames.of(name for name, _ in modules)
         paths = [name for name, module in modules if not is_weightless_norm(module)]
         self._others = outside(paths, list(self.layers))
         self._non_denoisers = non_denoisers(self.components, paths)
@@ -655,14 +659,14 @@ class LoraRuntime:
                     self._weightless,
                 )
 
-            with lent or contextlib.nullcontext(), largest_tensor(self._largest):
+            with lent or contextlib.nullcontext(), largest_tensor(self._largest), reading_for(self._names):
                 adapter = read_adapter(source, device=device, _recipe=recipe, _fits=fits, **read_kwargs)
             return adapter, recipe[0] if recipe else None
 
         def slicer(meta: Adapter, keys: Mapping[int, str]) -> Slices:
             return file_slices(meta, keys, self._specs, self.components, self._others, denoiser)
 
-        with largest_tensor(self._largest):
+        with largest_tensor(self._largest), reading_for(self._names):
             return read_adapter_sliced(source, slicer, device=device, **read_kwargs), None
 
     def _validated(self, adapter: Adapter, recipe: object | None, stage: bool, read_kwargs: dict[str, Any]) -> Checked:

@@ -27,6 +27,7 @@ adapters' ranks there instead of the largest.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -38,8 +39,8 @@ from torch import nn
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, UsageError, format_problems, lines, public_api, shown
-from lorahot.formats import format_named
-from lorahot.io.loader import read_adapter
+from lorahot.formats import ModelNames, format_named
+from lorahot.io.loader import read_adapter, reading_for
 from lorahot.io.sources import Source
 from lorahot.layers import LoRALayer, layer_class_for
 from lorahot.resolve.components import DENOISER, ROUTES, non_denoisers, resolve_components
@@ -202,7 +203,10 @@ def plan_targets(
     named, roles = _denoiser_roles(model) if several else ((), {})
     routes = denoisers_of(denoiser, len(items), named, "sources has", roles)
     strict = read_options.get("strict", True)
-    adapters = [read_adapter(s, device="meta", **read_options) for s in items]
+    # read as a load into a runtime over the model reads them: its own module names first
+    names = None if model is None else ModelNames.of(_module_paths(model, several))
+    with contextlib.nullcontext() if names is None else reading_for(names):
+        adapters = [read_adapter(s, device="meta", **read_options) for s in items]
     skipped = [k for a in adapters for k in a.skipped]
     if model is None:
         if stacked:
@@ -268,6 +272,13 @@ def plan_targets(
         merged_only=any(a.weights for a in adapters),
         stacked=stacked,
     )
+
+
+def _module_paths(model: Any, several: bool) -> list[str]:
+    """Every module path of ``model``: each component's under its name where it has several."""
+    if not several:
+        return [n for n, _ in model.named_modules()]
+    return [f"{c}.{n}" if n else c for c, m in components_of(model)[0].items() for n, _ in m.named_modules()]
 
 
 def _denoiser_roles(model: Any) -> tuple[tuple[str, ...], dict[str, str]]:

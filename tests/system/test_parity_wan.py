@@ -765,3 +765,50 @@ def test_a_norm_delta_whose_alias_is_not_injected_is_not_taken_for_diffusers_wei
         lorahot.AdapterMismatchError, match=r"norm3: matches no injected layer.* add that norm to targets"
     ):
         runtime.load(sd)
+
+
+def _tiny_wan_animate_2() -> torch.nn.Module:
+    """A two-block diffusers ``WanAnimate2Transformer3DModel``, float64: its own module names are
+    Wan's original ones (``text_embedding.0``, ``blocks.N.ffn.0``, ``head.head``), which the
+    ``wan`` naming aliases to ``WanTransformer3DModel``'s, but for its attention's (``to_q``)."""
+    torch.manual_seed(0)
+    return diffusers.WanAnimate2Transformer3DModel(
+        patch_size=(1, 2, 2),
+        in_dim=4,
+        dim=D,
+        ffn_dim=FFN,
+        freq_dim=D,
+        text_dim=D,
+        out_dim=4,
+        num_heads=2,
+        num_layers=2,
+        use_img_emb=False,
+    ).double()
+
+
+@pytest.mark.parametrize("which", ["every-linear", "reported"])
+def test_a_models_own_names_that_wan_aliases_are_no_strays_of_its_diffusers_file(which: str) -> None:
+    """A diffusers (PEFT-named, ``transformer.``) file of diffusers' Wan-Animate-2, whose module
+    names are Wan's original ones but for the attention's (``blocks.N.self_attn.to_q``): its
+    ``text_embedding.0`` and ``blocks.N.ffn.0`` modules, which the ``wan`` naming marks and
+    aliases, were voted that naming's and refused as strays of the file's diffusers naming (or
+    skipped by strict=False), though they name the model's own modules. Detection now knows the
+    model a load is for, and its own module names vote for no naming: the whole file loads as
+    diffusers' own loader loads it (``load_lora_adapter``), in float64."""
+    model = _tiny_wan_animate_2()
+    names = linears(model)
+    if which == "reported":
+        names = ["text_embedding.0", "blocks.0.self_attn.to_q", "blocks.1.self_attn.to_q", "blocks.0.ffn.0"]
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        sd[f"transformer.{name}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=g, dtype=torch.float64)
+        sd[f"transformer.{name}.lora_B.weight"] = torch.randn(layer.out_features, 2, generator=g, dtype=torch.float64)
+    oracle = _tiny_wan_animate_2()
+    oracle.load_lora_adapter({k: v.clone() for k, v in sd.items()}, prefix="transformer")
+    theirs = weights(oracle, names)
+    assert not torch.allclose(theirs[names[0]], weights(_tiny_wan_animate_2(), names[:1])[names[0]])
+    ours, naming = lorahot_weights(_tiny_wan_animate_2, sd, names)
+    assert naming == "diffusers"
+    assert_same(ours, theirs)

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import lorahot
 from lorahot.adapter import Adapter, LoraModule
-from lorahot.formats import FORMATS, KeyFormat, format_named, read_as
+from lorahot.formats import FORMATS, KeyFormat, ModelNames, format_named, read_as
 from lorahot.resolve.keys import resolve_all
 from lorahot.resolve.split import placed
 
@@ -475,5 +475,52 @@ def test_a_models_own_names_that_a_marked_naming_aliases_are_never_its_strays(mo
             fmt, strays = read_as(base + extra)
             where = f"{model_class} + {example}: {fmt and fmt.name}"
             # PEFT's bare or base_model.model. names: a key diffusers naming cannot read, PEFT's reads the whole file
+            assert fmt is not None and fmt.name in ("diffusers", "peft"), where
+            assert set(strays) <= set(extra), (where, sorted(set(strays) - set(extra))[:4])
+
+
+def _paths(model_class: str) -> ModelNames:
+    """The module paths of the model's default configuration (built on the meta device)."""
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        model = getattr(diffusers, model_class)()
+    return ModelNames.of(n for n, _ in model.named_modules())
+
+
+#: a diffusers model whose own names are another naming's original ones, which that naming marks
+#: and aliases (Wan-Animate-2's ``blocks.N.ffn.0``, ``text_embedding.0``, ``head.head``: Wan's)
+_ORIGINAL_NAMED = "WanAnimate2Transformer3DModel"
+
+
+def test_the_reported_mixed_wan_file_reads_as_diffusers_on_a_model_of_those_names() -> None:
+    """Wan's original names beside diffusers' Wan names under ``transformer.``: read alone, the
+    original names are the wan naming's (strays of the diffusers file); read for a model whose
+    own modules they name, they are that model's names, and no key is a stray."""
+    modules = ("text_embedding.0", "blocks.0.attn1.to_q", "blocks.1.attn1.to_q", "blocks.0.ffn.0")
+    keys = [f"transformer.{m}{s}" for m in modules for s in (".lora_A.weight", ".lora_B.weight")]
+    fmt, strays = read_as(keys)
+    assert fmt is not None and fmt.name == "diffusers" and len(strays) == 4
+    names = ModelNames.of(p for m in modules for p in (m, m.rpartition(".")[0]))
+    assert read_as(keys, names) == (format_named("diffusers"), ())
+
+
+@pytest.mark.parametrize("model_class", [*_OWN_NAMES_MODELS, _ORIGINAL_NAMED])
+def test_a_models_own_module_names_are_never_strays_of_a_file_read_for_it(model_class: str) -> None:
+    """A marked naming's marker and aliases outvoted the model's own names: a diffusers file of
+    Wan-Animate-2 (its ``blocks.N.ffn.0`` and ``text_embedding.0`` are Wan's original names,
+    which the wan naming marks and aliases) read as diffusers with those modules among its strays,
+    refused or skipped by ``strict=False``. Read for the model (its module paths), a key naming one
+    of its modules votes for no naming: the file of all its modules is diffusers' with no stray,
+    and beside every marked naming's example module, only the example's keys are strays."""
+    base = list(_diffusers_file(model_class))
+    names = _paths(model_class)
+    assert read_as(base, names) == (format_named("diffusers"), ())
+    for other in FORMATS:
+        for example in _EXAMPLES[other.name] if other.marker else ():
+            extra = list(_module(example, 9))
+            if re.search(r"hada_|lokr_", example) or set(extra) & set(base):
+                continue
+            fmt, strays = read_as(base + extra, names)
+            where = f"{model_class} + {example}: {fmt and fmt.name}"
             assert fmt is not None and fmt.name in ("diffusers", "peft"), where
             assert set(strays) <= set(extra), (where, sorted(set(strays) - set(extra))[:4])
