@@ -237,6 +237,7 @@ def resolve_components(
     heads: Mapping[str, int] | None = None,
     denoiser: str | None = None,
     weightless: Sequence[str] = (),
+    unwrapped: Sequence[tuple[str, str]] = (),
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """:func:`lorahot.resolve.keys.resolve_all` over the layers ``<component>.<path>``.
 
@@ -252,6 +253,8 @@ def resolve_components(
             :func:`route`), one of ``components``; None: the runtime's own.
         weightless: the models' normalization layers without a weight, ``<component>.<path>``
             (see :func:`~lorahot.resolve.keys.resolve_all`).
+        unwrapped: the models' modules read without a call, ``(<component>.<path>, why)`` (see
+            :func:`~lorahot.resolve.keys.resolve_all`).
 
     Raises:
         AdapterMismatchError: modules for a component the runtime lacks (naming the prefix,
@@ -325,7 +328,7 @@ def resolve_components(
         raise AdapterMismatchError(_not_second_message(adapter.source, not_second, components, archs, first_clip))
     if no_first:
         raise AdapterMismatchError(_no_first_message(adapter.source, no_first, components, archs))
-    return _resolve_each(adapter, groups, names, skipped, others, heads or {}, weightless)
+    return _resolve_each(adapter, groups, names, skipped, others, heads or {}, weightless, unwrapped)
 
 
 def _first_clip_target(prefix: str, component: str, archs: Mapping[str, set[str]], paths: Sequence[str]) -> str:
@@ -427,6 +430,7 @@ def _resolve_each(
     others: Sequence[str],
     heads: Mapping[str, int],
     weightless: Sequence[str],
+    unwrapped: Sequence[tuple[str, str]] = (),
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """:func:`~lorahot.resolve.keys.resolve_all` of each component's ``groups`` (its modules, by
     their keys within it) over its own layers, the results named ``<component>.<path>``; the
@@ -451,8 +455,9 @@ def _resolve_each(
         beside = [n[len(head) :] for n in others if n.startswith(head)]
         sizes = {n[len(head) :]: d for n, d in heads.items() if n.startswith(head)}
         bare = [n[len(head) :] for n in weightless if n.startswith(head)]
+        read = [(n[len(head) :], why) for n, why in unwrapped if n.startswith(head)]
         try:
-            found, folded = resolve_all(part, own, skipped, beside, sizes, bare)
+            found, folded = resolve_all(part, own, skipped, beside, sizes, bare, read)
         except AdapterMismatchError as exc:
             problems.append(f"[{component}] " + message(exc))
             continue

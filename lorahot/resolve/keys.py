@@ -41,7 +41,9 @@ underscore form also fits (kohya's ``single_transformer_blocks_0_attn_to_q`` is 
 ``transformer_blocks.0.attn.to_q`` when the single blocks are not injected, nor the reverse).
 The model's normalization layers without a weight are none of those modules (a naming's alias
 of such a path lands on the norm it means); a key that names one of them and nothing else is
-refused as such, in any naming: there is no weight to fold its delta into.
+refused as such, in any naming: there is no weight to fold its delta into. So is a key that
+names only modules the model reads without calling them (``unwrapped``: ``nn.MultiheadAttention``'s
+``out_proj``), which inject refuses as targets: refused with why, not with a hint to inject them.
 Component prefixes end with their naming's separator (``unet.``, ``lora_te1_``), so stripping
 one never cuts a name component in two (``text_encoder.`` does not strip ``text_encoder_2.``).
 Lookups are memoized within a byte budget (keys come from files).
@@ -130,6 +132,8 @@ class _Names:
         #: ``whole`` with the model's norms without a weight, and those norms (_index)
         self.every: _Names | None = None
         self.weightless: frozenset[str] = frozenset()
+        #: the model's modules read without a call, which inject refuses: path -> why (_index)
+        self.read_directly: dict[str, str] = {}
         # (key, format) -> the names it matches; per index, so it goes with the index
         self.lookups: BoundedMemo[tuple[str, KeyFormat], tuple[str, ...]] = BoundedMemo(
             _LOOKUP_BYTES, lambda k, v: str_bytes(k[0]) + 8 * len(v)
@@ -295,10 +299,16 @@ _LOOKUP_BYTES = 2 << 20
 
 
 @functools.lru_cache(maxsize=16)
-def _index(names: tuple[str, ...], others: tuple[str, ...] = (), weightless: tuple[str, ...] = ()) -> _Names:
-    """The lookup index of one model's injected names, its other module paths and its norms
-    without a weight (built once per three lists)."""
+def _index(
+    names: tuple[str, ...],
+    others: tuple[str, ...] = (),
+    weightless: tuple[str, ...] = (),
+    unwrapped: tuple[tuple[str, str], ...] = (),
+) -> _Names:
+    """The lookup index of one model's injected names, its other module paths, its norms
+    without a weight and its modules read without a call (built once per four lists)."""
     index = _Names(list(names))
+    index.read_directly = dict(unwrapped)
     if others:
         index.whole = _Names([*names, *others])
     if weightless:
@@ -328,6 +338,15 @@ def _weightless(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
         return ()
     hits = every.lookups.get((key, fmt), _match, key, fmt, every)
     return hits if hits and all(h in names.weightless for h in hits) else ()
+
+
+def _unwrapped(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
+    """The model's modules read without a call (:attr:`_Names.read_directly`) that ``key`` names,
+    where it names no other module of the model."""
+    if not names.read_directly:
+        return ()
+    hits = _in_model(key, fmt, names)
+    return hits if hits and all(h in names.read_directly for h in hits) else ()
 
 
 def _in_model(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
@@ -396,6 +415,7 @@ def resolve_all(
     others: Sequence[str] = (),
     heads: Mapping[str, int] | None = None,
     weightless: Sequence[str] = (),
+    unwrapped: Sequence[tuple[str, str]] = (),
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """Maps each adapter module key (LoRA and weight kinds) to one injected layer name (see
     the module docstring).
@@ -417,6 +437,11 @@ def resolve_all(
             see :func:`~lorahot.layers.norm.is_weightless_norm`): a key that names one of them
             and no other module is refused as such, there being no weight to fold its delta
             into, rather than with a hint to inject it.
+        unwrapped: the model's modules that it reads without calling them, each with why
+            (:func:`lorahot.runtime.targets.unwrappable`: ``nn.MultiheadAttention``'s
+            ``out_proj``), among ``others``: a key that names one of them and no other module is
+            refused with that reason, inject refusing them as targets, rather than with a hint
+            to inject it.
 
     Returns:
         injected layer name -> the LoRA module loaded into it, and the same for the weight
@@ -427,11 +452,11 @@ def resolve_all(
             keys matching several layers (with the candidates), or two keys on one layer.
     """
     fmt = format_named(adapter.format)
-    index = _index(tuple(names), tuple(others), tuple(weightless))
+    index = _index(tuple(names), tuple(others), tuple(weightless), tuple(unwrapped))
     out: dict[str, LoraModule | WeightModule] = {}
     origin: dict[str, str] = {}
     problems: list[str] = []
-    bare = 0  # problems of keys naming a norm without a weight, which no targets help
+    bare = 0  # problems of keys naming a norm without a weight or a module read without a call: no targets help
     unplaced = 0  # problems of keys that land nowhere, which strict=False skips
     twice = 0  # problems of two modules of the file on one layer
     entries: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
@@ -465,6 +490,15 @@ def resolve_all(
                 f"{named}: names {', '.join(norms)}, a normalization layer without a weight or bias in this model "
                 "(elementwise_affine=False or affine=False): it has no weight to fold a delta into, whatever the "
                 "targets or the mode; load with strict=False to skip it"
+            )
+        elif not hits and (held := _unwrapped(key, fmt, index)):
+            bare += 1
+            unplaced += 1
+            problems.append(
+                f"{named}: names {', '.join(held)}, which no LoRA layer can serve, unmerged or merged, as the model "
+                f"stands (inject refuses it as a target: {index.read_directly[held[0]]}). Load with strict=False to "
+                "skip it knowingly (the model then computes without its delta), or merge the file into the model's "
+                "weights with a tool that writes them (PEFT's merge_and_unload, ComfyUI) before injecting"
             )
         elif not hits:
             unplaced += 1

@@ -115,7 +115,7 @@ from lorahot.runtime.settle import LiveFault, OtherRankFailed, Settlement, Unset
 from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.skeleton import Skeleton, Skeletons
 from lorahot.runtime.stack import Stack, build
-from lorahot.runtime.targets import unwrap_modules
+from lorahot.runtime.targets import unwrap_modules, unwrappable
 from lorahot.runtime.towers import find_towers
 from lorahot.runtime.updates import UpdateRange
 from lorahot.runtime.wide import WideWeights, widen_layers
@@ -293,9 +293,10 @@ class LoraRuntime:
         (a key naming one of them is not placed on a neighbour; a norm without a weight is none:
         a naming's alias of that path lands on the norm it means), what ``denoiser=`` may not
         name, the norms without a weight (a key naming one is refused as such: there is no weight
-        to fold its delta into), where a file's rows interleave attention heads, and every module
-        path, which tells a file's keys that name the model's own modules from another naming's
-        (:func:`lorahot.io.loader.reading_for`)."""
+        to fold its delta into), the modules the model reads without calling them (a key naming
+        one is refused with why inject refuses them as targets), where a file's rows interleave
+        attention heads, and every module path, which tells a file's keys that name the model's
+        own modules from another naming's (:func:`lorahot.io.loader.reading_for`)."""
         self._specs = {name: layer.spec for name, layer in self.layers.items()}
         self._largest = _largest_factor(self._specs.values(), self.buffers.max_rank)
         modules = list(model.named_modules())
@@ -304,6 +305,7 @@ class LoraRuntime:
         self._others = outside(paths, list(self.layers))
         self._non_denoisers = non_denoisers(self.components, paths)
         self._weightless = tuple(name for name, module in modules if is_weightless_norm(module))
+        self._unwrapped = unwrappable(dict(modules), self.layers)  # read without a call: inject refuses them
         self._heads = head_sizes(model.named_modules())
 
     def _install_hooks(self) -> None:
@@ -657,6 +659,7 @@ class LoraRuntime:
                     self._heads,
                     denoiser,
                     self._weightless,
+                    self._unwrapped,
                 )
 
             with lent or contextlib.nullcontext(), largest_tensor(self._largest), reading_for(self._names):
@@ -690,6 +693,7 @@ class LoraRuntime:
             heads=self._heads,
             denoiser=denoiser,
             weightless=self._weightless,
+            unwrapped=self._unwrapped,
         )
         self._check_kinds(checked.plan)
         if not known:

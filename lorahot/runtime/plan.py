@@ -239,6 +239,7 @@ def plan_load(
     heads: Mapping[str, int] | None = None,
     denoiser: str | None = None,
     weightless: tuple[str, ...] = (),
+    unwrapped: tuple[tuple[str, str], ...] = (),
 ) -> LoadPlan:
     """Resolves and checks ``adapter`` for the layers ``specs`` whose storage ``buffers`` holds.
 
@@ -253,7 +254,9 @@ def plan_load(
     paths that are not injected layers, which keys may name but never land beside
     (:func:`lorahot.resolve.keys.resolve_all`); ``heads``: the attention head sizes its modules
     state, by path (:func:`lorahot.resolve.keys.head_sizes`); ``weightless``: its normalization
-    layers without a weight, which a key may name only to be refused as such.
+    layers without a weight, which a key may name only to be refused as such; ``unwrapped``: its
+    modules read without a call, each with why (:func:`lorahot.runtime.targets.unwrappable`),
+    which a key may name only to be refused so.
 
     Raises:
         AdapterMismatchError: keys that map onto no injected layer (or onto one twice), or
@@ -276,6 +279,7 @@ def plan_load(
         heads,
         denoiser,
         weightless,
+        unwrapped,
     )
     unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
     unreadable += [p for name, w in weights.items() for p in check_weight_values(name, w)]
@@ -317,6 +321,7 @@ def check_fit(
     heads: Mapping[str, int] | None = None,
     denoiser: str | None = None,
     weightless: tuple[str, ...] = (),
+    unwrapped: tuple[tuple[str, str], ...] = (),
 ) -> None:
     """The checks of :func:`plan_load` that read no value: the keys map onto injected layers,
     and the shapes fit them. Runs on an adapter read from its header alone (``device="meta"``),
@@ -341,6 +346,7 @@ def check_fit(
         heads,
         denoiser,
         weightless,
+        unwrapped,
     )
 
 
@@ -361,16 +367,17 @@ def _fit(
     heads: Mapping[str, int] | None = None,
     denoiser: str | None = None,
     weightless: tuple[str, ...] = (),
+    unwrapped: tuple[tuple[str, str], ...] = (),
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule], list[str] | None]:
     """The adapter's modules resolved onto the layers (LoRA, other kinds, the keys left out
     where not ``strict``), every problem of fit raised at once; ranks against ``rank_limit``."""
     unplaced: list[str] | None = None if strict else []
     if components:
         targets, weights = resolve_components(
-            adapter, list(specs), components, unplaced, others, heads, denoiser, weightless
+            adapter, list(specs), components, unplaced, others, heads, denoiser, weightless, unwrapped
         )
     else:
-        targets, weights = resolve_all(adapter, list(specs), unplaced, others, heads, weightless)
+        targets, weights = resolve_all(adapter, list(specs), unplaced, others, heads, weightless, unwrapped)
     if not targets and not weights and unplaced:
         raise AdapterMismatchError(
             f"{adapter.source}: no module of the adapter ({adapter.format} naming) maps onto an injected layer, "
@@ -862,6 +869,7 @@ def validate(
     heads: Mapping[str, int] | None = None,
     denoiser: str | None = None,
     weightless: tuple[str, ...] = (),
+    unwrapped: tuple[tuple[str, str], ...] = (),
 ) -> Checked:
     """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
@@ -884,13 +892,25 @@ def validate(
         denoiser: with ``components``, the one that takes the adapter's denoiser modules
             (:func:`lorahot.resolve.components.route`); None: the runtime's own.
         weightless: the model's normalization layers without a weight (see :func:`plan_load`).
+        unwrapped: the model's modules read without a call (see :func:`plan_load`).
 
     Raises:
         AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
             weight, or values beyond the range of the arena's dtype. Nothing has been written.
     """
     plan = planned or plan_load(
-        adapter, buffers, specs, weight_of, strict, extras_refusal, components, others, heads, denoiser, weightless
+        adapter,
+        buffers,
+        specs,
+        weight_of,
+        strict,
+        extras_refusal,
+        components,
+        others,
+        heads,
+        denoiser,
+        weightless,
+        unwrapped,
     )
     entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
     extras = _extras(plan, buffers, stage)

@@ -36,6 +36,7 @@ __all__ = [
     "fsdp_owners",
     "fsdp_refusal",
     "flattened_on_path",
+    "unwrappable",
 ]
 
 #: What ``inject`` accepts as targets: names (PEFT ``target_modules`` semantics), a regex
@@ -188,6 +189,49 @@ def _bypassed(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
     parent_name, _, child = name.rpartition(".")
     parent = modules.get(parent_name)
     return parent if isinstance(parent, _READ_DIRECTLY) or _fused_away(parent, child) else None
+
+
+def _unwrappable_why(modules: dict[str, nn.Module], name: str, found: Sources) -> str | None:
+    """Why inject refuses module ``name`` as a target, its weight being read without a call to it
+    (:func:`_bypassed`, :func:`_never_called`), so that no LoRA layer there would ever apply;
+    None where it is not."""
+    parent = _bypassed(modules, name)
+    if parent is not None:
+        fused = (
+            " (its projections are fused: call unfuse_qkv_projections() first)"
+            if _fused_away(parent, name.rpartition(".")[2])
+            else ""
+        )
+        return (
+            f"its parent {type(parent).__name__} computes with its weight directly (in its own functional or fused "
+            f"path) instead of calling it, so a LoRA there would never apply{fused}"
+        )
+    read = _never_called(modules, name, found)
+    if read:
+        return (
+            f"{read} and nothing on its path calls it, so a LoRA there would never apply (PEFT's would not either), "
+            "and merged mode would fold it into that computation"
+        )
+    return None
+
+
+def unwrappable(modules: Mapping[str, nn.Module], layers: Collection[str]) -> tuple[tuple[str, str], ...]:
+    """The linears of a model (``modules``: its ``dict(named_modules())``, the linears as
+    ``"all-linear"`` takes them) whose weight the model reads without calling them, so that inject
+    refuses them as targets (``nn.MultiheadAttention``'s ``out_proj``, ``nn.TransformerEncoderLayer``'s
+    ``linear1``), each with why; the injected ``layers`` and what lies inside them left out. A
+    file's module that names one of them is refused at load with that reason
+    (:func:`lorahot.resolve.keys.resolve_all`), not with a hint to inject it."""
+    found = Sources()
+    named = dict(modules)
+    out = []
+    for n, m in named.items():
+        if not n or not _is_plain_linear(m) or n in layers or any(w in layers for w in _heads(n)):
+            continue
+        why = _unwrappable_why(named, n, found)
+        if why is not None:
+            out.append((n, why))
+    return tuple(out)
 
 
 def _never_called(modules: dict[str, nn.Module], name: str, found: Sources) -> str | None:
@@ -367,25 +411,9 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
                 f"{n}: cannot add LoRA to {type(m).__name__}. Supported: {', '.join(d for d, _, _ in SUPPORTED)}. "
                 "Narrow targets to exclude it."
             )
-        parent = _bypassed(modules, n)
-        if parent is not None:
-            fused = (
-                " (its projections are fused: call unfuse_qkv_projections() first)"
-                if _fused_away(parent, n.rpartition(".")[2])
-                else ""
-            )
-            raise UsageError(
-                f"{n}: its parent {type(parent).__name__} computes with its weight directly (in its own functional or "
-                f"fused path) instead of calling it, so a LoRA there would never apply{fused}. Narrow targets to "
-                "exclude it ('all-linear' leaves it out)."
-            )
-        read = _never_called(modules, n, found)
-        if read:
-            raise UsageError(
-                f"{n}: {read} and nothing on its path calls it, so a LoRA there would never apply (PEFT's would not "
-                "either), and merged mode would fold it into that computation. Narrow targets to exclude it "
-                "('all-linear' leaves it out)."
-            )
+        unserved = _unwrappable_why(modules, n, found)
+        if unserved is not None:
+            raise UsageError(f"{n}: {unserved}. Narrow targets to exclude it ('all-linear' leaves it out).")
     order = {n: i for i, n in enumerate(names)}
     # (p, c) with c under p, the first in (p, c) order: each name's selected paths above it
     nested = [(order[p], order[c]) for c in names for p in _heads(c) if p in order]

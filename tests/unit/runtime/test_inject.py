@@ -1061,3 +1061,55 @@ def test_a_tensor_parallel_weight_placed_otherwise_is_refused_and_nothing_change
         lorahot.inject(model, ["0"], max_rank=4)
     assert type(model[0]) is nn.Linear
     assert all(torch.equal(p.detach().to_local(), params[n]) for n, p in model.named_parameters() if n in params)
+
+
+class _ReadDirectly(nn.Module):
+    """An nn.MultiheadAttention (out_proj read by F.multi_head_attention_forward), an
+    nn.TransformerEncoderLayer (linear1, linear2 and its attention's out_proj read by its fast
+    path) and a Linear that is called, in float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        self.proj = nn.Linear(8, 8)
+        self.double().eval()  # no dropout: the encoder layer's inference path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.enc(self.attn(x, x, x, need_weights=False)[0]))
+
+
+@pytest.mark.parametrize("module", ["attn.out_proj", "enc.self_attn.out_proj", "enc.linear1"])
+def test_a_file_module_on_a_linear_its_parent_never_calls_is_refused_at_load_with_why(module: str) -> None:
+    """A file's module on a Linear its parent reads without calling (nn.MultiheadAttention's
+    out_proj, nn.TransformerEncoderLayer's linear1) was refused at load as matching no injected
+    layer, with the hint to inject it, which inject refuses. The load now says why no LoRA layer
+    can serve it (the reason inject gives) and what to do; every parameter and buffer bitwise
+    unchanged; strict=False skips exactly its keys and lands the rest at the float64 reference."""
+    model = _ReadDirectly()
+    runtime = lorahot.inject(model, "all-linear", max_rank=4)
+    assert list(runtime.layers) == ["proj"]
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for name in ("proj", module):
+        sd[f"{name}.lora_A.weight"] = torch.randn(2, 8, generator=g, dtype=torch.float64)
+        sd[f"{name}.lora_B.weight"] = torch.randn(16 if name.endswith("linear1") else 8, 2, generator=g).double()
+    x = torch.randn(3, 5, 8, generator=g, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    with torch.no_grad():
+        base = model(x)
+    with pytest.raises(lorahot.AdapterMismatchError) as caught:
+        runtime.load(dict(sd))
+    text = str(caught.value)
+    assert f"{module}: names {module}, which no LoRA layer can serve" in text, text
+    assert "computes with its weight directly" in text and "strict=False" in text, text
+    assert "merge_and_unload" in text and "Inject those modules" not in text, text
+    after = model.state_dict(keep_vars=True)
+    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+    info = runtime.load(dict(sd), strict=False)
+    assert sorted(info.skipped) == sorted(k for k in sd if k.startswith(module))
+    a, b = sd["proj.lora_A.weight"], sd["proj.lora_B.weight"]
+    with torch.no_grad():
+        hidden = model.enc(model.attn(x, x, x, need_weights=False)[0])
+        torch.testing.assert_close(model(x), base + hidden @ a.T @ b.T, rtol=1e-12, atol=1e-12)
