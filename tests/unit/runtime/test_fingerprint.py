@@ -9,6 +9,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -108,6 +109,23 @@ def _reference_sums(t: torch.Tensor) -> list[int]:
         sum(x * (i % 2**16 + 1) for i, x in enumerate(w)),
         sum(x * (i // 2**16 % 2**16 + 1) for i, x in enumerate(w)),
     ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.uint8])
+def test_checksums_on_cuda_are_the_host_ones_bitwise(dtype: torch.dtype) -> None:
+    """The ranks of a model may hold their copies on different devices (a preload on the host, a
+    file read onto the GPU): the sums are integer operations, the same bits on every device. A
+    batch mixing word counts, an odd byte count (int8 words), a tensor of several blocks whose
+    weights pass 2**16, and a meta tensor (zeros)."""
+    g = torch.Generator().manual_seed(3)
+    host = [(torch.randn(n, generator=g) * 1e3).to(dtype) for n in (1, 17, 4096, 2**17 + 5, 3 * 2**16)]
+    host.append(torch.empty(8, dtype=dtype, device="meta"))
+    cuda = [t if t.is_meta else t.cuda() for t in host]
+    want = fingerprint.checksums(host)
+    got = fingerprint.checksums(cuda)
+    assert got.device.type == "cpu" and torch.equal(got, want)
+    assert want[:2].tolist() == [_reference_sums(t) for t in host[:2]] and want[-1].eq(0).all()
 
 
 def test_a_swap_whose_distance_is_a_multiple_of_2_16_words_moves_the_third_sum() -> None:
