@@ -47,7 +47,7 @@ from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.layers.norm import is_weightless_norm
 from lorahot.resolve.components import non_denoisers
-from lorahot.resolve.keys import head_sizes, outside
+from lorahot.resolve.keys import head_sizes
 from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, fused_projections, peft_arguments, racy
 from lorahot.runtime.activate_replay import ActivateReplay
 from lorahot.runtime.agreement import Agreement
@@ -115,7 +115,7 @@ from lorahot.runtime.settle import LiveFault, OtherRankFailed, Settlement, Unset
 from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.skeleton import Skeleton, Skeletons
 from lorahot.runtime.stack import Stack, build
-from lorahot.runtime.targets import unwrap_modules, unwrappable
+from lorahot.runtime.targets import beside_layers, unwrap_modules
 from lorahot.runtime.towers import find_towers
 from lorahot.runtime.updates import UpdateRange
 from lorahot.runtime.wide import WideWeights, widen_layers
@@ -302,10 +302,9 @@ class LoraRuntime:
         modules = list(model.named_modules())
         self._names = ModelNames.of(name for name, _ in modules)
         paths = [name for name, module in modules if not is_weightless_norm(module)]
-        self._others = outside(paths, list(self.layers))
         self._non_denoisers = non_denoisers(self.components, paths)
-        self._weightless = tuple(name for name, module in modules if is_weightless_norm(module))
-        self._unwrapped = unwrappable(dict(modules), self.layers)  # read without a call: inject refuses them
+        # as plan_targets resolves with a model: the other paths, the weightless norms, what inject refuses as unread
+        self._others, self._weightless, self._unwrapped = beside_layers(modules, self.layers)
         self._heads = head_sizes(model.named_modules())
 
     def _install_hooks(self) -> None:

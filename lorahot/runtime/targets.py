@@ -17,6 +17,8 @@ from torch import nn
 from lorahot.errors import UsageError, shown
 from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
 from lorahot.layers.linear import is_conv1d, returns_other_than_rows
+from lorahot.layers.norm import is_weightless_norm
+from lorahot.resolve.keys import outside
 from lorahot.runtime.arguments import text
 from lorahot.runtime.fused_projections import FUSED_PROJECTIONS
 from lorahot.runtime.merge import replaced, restores, writing
@@ -37,6 +39,7 @@ __all__ = [
     "fsdp_refusal",
     "flattened_on_path",
     "unwrappable",
+    "beside_layers",
 ]
 
 #: What ``inject`` accepts as targets: names (PEFT ``target_modules`` semantics), a regex
@@ -232,6 +235,29 @@ def unwrappable(modules: Mapping[str, nn.Module], layers: Collection[str]) -> tu
         if why is not None:
             out.append((n, why))
     return tuple(out)
+
+
+def beside_layers(
+    modules: Sequence[tuple[str, nn.Module]],
+    layers: Collection[str],
+    read: Sequence[tuple[str, str]] | None = None,
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """What a file's keys are resolved against besides the ``layers`` of a model (``modules``: its
+    ``named_modules()``), as :func:`lorahot.resolve.keys.resolve_all` takes them: its other module
+    paths (``others``, its norms without a weight left out), those norms (``weightless``), and its
+    linears read without a call, each with why (``unwrapped``, :func:`unwrappable`). A runtime's
+    load and :func:`lorahot.plan_targets` with a model both resolve against these, so a key gets
+    the same verdict and text from either. ``read``: :func:`unwrappable` of the whole model (no
+    layers), where the caller has it; those inside ``layers`` are left out as there."""
+    paths = [name for name, module in modules if not is_weightless_norm(module)]
+    others = outside(paths, list(layers))
+    weightless = tuple(name for name, module in modules if is_weightless_norm(module))
+    if read is None:
+        unwrapped = unwrappable(dict(modules), layers)
+    else:
+        kept = set(outside([n for n, _ in read], list(layers)))
+        unwrapped = tuple((n, why) for n, why in read if n in kept)
+    return others, weightless, unwrapped
 
 
 def _never_called(modules: dict[str, nn.Module], name: str, found: Sources) -> str | None:

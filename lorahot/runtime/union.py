@@ -53,7 +53,7 @@ from lorahot.runtime.inject import MAX_RANK_LIMIT
 from lorahot.runtime.plan import check_module, check_weight_module
 from lorahot.runtime.sharding import localize
 from lorahot.runtime.stack import SHARED_FIX, shared_problems
-from lorahot.runtime.targets import ExactNames, fsdp_owners, fsdp_refusal
+from lorahot.runtime.targets import ExactNames, beside_layers, fsdp_owners, fsdp_refusal, unwrappable
 
 __all__ = ["TargetPlan", "plan_targets"]
 
@@ -219,14 +219,19 @@ def plan_targets(
         if several:
             modules = components_of(model)[0]
             components = tuple(modules)
-            layers = {f"{c}.{n}": layer for c, m in modules.items() for n, layer in _wrappable(m).items()}
-            paths = {f"{c}.{n}" for c, m in modules.items() for n, _ in m.named_modules()}
-            heads = head_sizes((f"{c}.{n}", sub) for c, m in modules.items() for n, sub in m.named_modules())
+            every = [(f"{c}.{n}" if n else c, sub) for c, m in modules.items() for n, sub in m.named_modules()]
+            # inject refuses these as targets: a key naming one is refused with why, as load refuses it
+            read = tuple((f"{c}.{n}", why) for c, m in modules.items() for n, why in _unread(m))
+            layers = {
+                f"{c}.{n}": layer for c, m in modules.items() for n, layer in _wrappable(m, _names_of(read, c)).items()
+            }
         else:
             assert isinstance(model, nn.Module)  # checked above
-            layers = _wrappable(model)
-            paths = {n for n, _ in model.named_modules()}
-            heads = head_sizes(model.named_modules())
+            every = list(model.named_modules())
+            read = _unread(model)
+            layers = _wrappable(model, {n for n, _ in read})
+        paths = {n for n, _ in every}
+        heads = head_sizes(every)
         ranks = _model_ranks(
             adapters,
             layers,
@@ -237,6 +242,7 @@ def plan_targets(
             stacked=stacked,
             heads=heads,
             routes=routes,
+            beside=beside_layers(every, layers, read),
         )
         ranks = {n: ranks[n] for n in layers if n in ranks}  # model order
         groups = [layers[n].spec.groups for n in ranks]
@@ -419,9 +425,22 @@ def _check_module_paths(adapters: list[Adapter]) -> None:
         )
 
 
-def _wrappable(model: nn.Module) -> dict[str, LoRALayer]:
-    """A throwaway LoRA wrapper (for its spec) of every module inject could wrap; the model is
-    not changed."""
+def _unread(model: nn.Module) -> tuple[tuple[str, str], ...]:
+    """The linears of ``model`` it reads without calling them, each with why inject refuses them
+    as targets (:func:`~lorahot.runtime.targets.unwrappable`)."""
+    return unwrappable(dict(model.named_modules()), ())
+
+
+def _names_of(read: Sequence[tuple[str, str]], component: str) -> set[str]:
+    """The paths within ``component`` of ``read``'s modules, named ``<component>.<path>``."""
+    head = component + "."
+    return {n[len(head) :] for n, _ in read if n.startswith(head)}
+
+
+def _wrappable(model: nn.Module, refused: Container[str] = ()) -> dict[str, LoRALayer]:
+    """A throwaway LoRA wrapper (for its spec) of every module inject could wrap, but those of
+    ``refused`` (read without a call: inject refuses them as targets); the model is not
+    changed."""
     out: dict[str, LoRALayer] = {}
     modules = dict(model.named_modules())
     sharded = set(fsdp_owners(modules))
@@ -429,7 +448,7 @@ def _wrappable(model: nn.Module) -> dict[str, LoRALayer]:
         if isinstance(module, LoRALayer):
             raise UsageError(f"{name}: already a {type(module).__name__}; plan against the model before inject.")
         cls = layer_class_for(module)
-        if not name or cls is None:
+        if not name or cls is None or name in refused:
             continue
         if (refusal := fsdp_refusal(name, sharded)) is not None:
             raise UsageError(refusal)  # as inject would: a plan of layers no inject wraps would mislead
@@ -450,6 +469,7 @@ def _model_ranks(
     stacked: bool = False,
     heads: Mapping[str, int] | None = None,
     routes: Sequence[str | None] = (),
+    beside: tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, str], ...]] = ((), (), ()),
 ) -> dict[str, int]:
     """Model module name -> the largest rank any adapter loads there (``combine`` of the
     ranks), after checking every adapter's keys and shapes against the model as ``load`` would
@@ -461,8 +481,11 @@ def _model_ranks(
     LoRA biases on one layer share it: both modes add them); ``heads``:
     the attention head sizes of the model's modules, as ``load`` reads them
     (:func:`~lorahot.runtime.stack.shared_problems`); ``routes``: each adapter's ``denoiser``
-    component (None, or none given: the model's own)."""
+    component (None, or none given: the model's own); ``beside``: the model's other module
+    paths, norms without a weight and linears read without a call, as ``load`` resolves against
+    them (:func:`~lorahot.runtime.targets.beside_layers`)."""
     names = list(layers)
+    others, weightless, unwrapped = beside
     ranks: dict[str, int] = {}
     problems: list[str] = []
     biased: list[str] = []  # LoRA biases on layers without a base bias: no merged runtime takes them
@@ -472,9 +495,11 @@ def _model_ranks(
         # unknown, ambiguous or unroutable keys raise here
         if components:
             route = routes[part] if part < len(routes) else None
-            lora, weights = resolve_components(adapter, names, components, skipped, heads=heads, denoiser=route)
+            lora, weights = resolve_components(
+                adapter, names, components, skipped, others, heads, route, weightless, unwrapped
+            )
         else:
-            lora, weights = resolve_all(adapter, names, skipped, heads=heads)
+            lora, weights = resolve_all(adapter, names, skipped, others, heads, weightless, unwrapped)
         for name, m in lora.items():
             spec, rank = layers[name].spec, m.rank
             m = pad_embedder_input(name, m, spec, paths.__contains__)  # a Flux.1 LoRA on Fill or a control model

@@ -1113,3 +1113,36 @@ def test_a_file_module_on_a_linear_its_parent_never_calls_is_refused_at_load_wit
     with torch.no_grad():
         hidden = model.enc(model.attn(x, x, x, need_weights=False)[0])
         torch.testing.assert_close(model(x), base + hidden @ a.T @ b.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("several", [False, True], ids=["model", "components"])
+@pytest.mark.parametrize("module", ["attn.out_proj", "enc.self_attn.out_proj", "enc.linear1"])
+def test_plan_targets_refuses_a_linear_its_parent_never_calls_as_load_does(module: str, several: bool) -> None:
+    """plan_targets with a model planned a target on a Linear its parent reads without calling
+    (nn.MultiheadAttention's out_proj, nn.TransformerEncoderLayer's linear1), which inject then
+    refused. It now resolves against what load resolves against: the key is refused with the
+    very text load gives (why no LoRA layer can serve it, the fixes), and strict=False plans
+    without it, a plan inject takes and load fits; the model bitwise unchanged throughout."""
+    model = _ReadDirectly()
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for name in ("proj", module):
+        sd[f"{name}.lora_A.weight"] = torch.randn(2, 8, generator=g, dtype=torch.float64)
+        sd[f"{name}.lora_B.weight"] = torch.randn(16 if name.endswith("linear1") else 8, 2, generator=g).double()
+    before = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    target: Any = {"transformer": model} if several else model
+    with pytest.raises(lorahot.AdapterMismatchError) as planned:
+        lorahot.plan_targets(dict(sd), target)
+    plan = lorahot.plan_targets(dict(sd), target, strict=False)
+    assert sorted(plan.skipped) == sorted(k for k in sd if k.startswith(module))
+    assert plan.targets == ({"transformer": ["proj"]} if several else ["proj"])
+    after = model.state_dict(keep_vars=True)
+    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+    runtime = lorahot.inject(target, plan.targets, **plan.inject_options())
+    with pytest.raises(lorahot.AdapterMismatchError) as loaded:
+        runtime.load(dict(sd))
+    line = next(ln for ln in str(loaded.value).splitlines() if "which no LoRA layer can serve" in ln)
+    assert "computes with its weight directly" in line and "merge_and_unload" in line, line
+    assert line in str(planned.value).splitlines(), (str(planned.value), line)
+    assert "Inject those modules" not in str(planned.value), str(planned.value)
+    assert sorted(runtime.load(dict(sd), strict=False).skipped) == sorted(plan.skipped)
