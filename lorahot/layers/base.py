@@ -306,6 +306,12 @@ class LoRALayer(nn.Module):
     #: compiled shrink reads them, so that the stacked-shrink and extern-input passes match it
     #: as they match an arena's A; else None. Set by :meth:`shift_rows`.
     _shift_at: tuple[int, tuple[Any, ...]] | None = None
+    #: For a layer some slot of which holds a DoRA adapter (unmerged), its base weight's and
+    #: bias's version counters and addresses when its factors were last computed
+    #: (:meth:`dora_versions`), which an eager forward compares first (:meth:`_check_dora_base`);
+    #: else None, and the forward pays one attribute test. Set by the runtime
+    #: (:class:`lorahot.runtime.dora.DoraFactors`).
+    _dora_seen: tuple[Any, ...] | None = None
 
     def __init__(self, base_layer: nn.Module, spec: LayerSpec) -> None:
         complex_ = next((t for t in (*base_layer.parameters(), *base_layer.buffers()) if t.is_complex()), None)
@@ -605,9 +611,11 @@ class LoRALayer(nn.Module):
         live = self._live is not None and bool(self._live[3][EXTRA_M].any())  # [4, out, ...]
         return live or (self._slots is not None and bool(self._slots[3][:, EXTRA_M].any()))  # [slots, 4, out, ...]
 
-    def _views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _views(self, forward: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(A, B, scale, extras)``: the live views eagerly; rebuilt from the global arena
-        tensors under ``torch.compile`` (free in the graph). The forward takes all at once."""
+        tensors under ``torch.compile`` (free in the graph). The forward takes all at once
+        (``forward``: eagerly, a layer holding a DoRA adapter first checks its base, and computes
+        with its own copy of the extras where autograd records it: :meth:`_dora_views`)."""
         if not torch.compiler.is_compiling():
             live = self._live
             if live is None:
@@ -617,6 +625,8 @@ class LoRALayer(nn.Module):
                 )
             if torch._C._get_tracing_state() is not None:  # torch.jit.trace records this call
                 return self._traced_views()
+            if forward and self._dora_seen is not None:  # off for every layer without a DoRA adapter
+                return self._dora_views(live)
             return live
         if _exporting():  # a constant when compiling: no guard, nothing traced
             _recorded(self, "torch.export")
@@ -627,6 +637,55 @@ class LoRALayer(nn.Module):
         a, b, s, e = TENSORS[key]
         ga, gb, gs, ge = geometry
         return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
+
+    def dora_versions(self) -> tuple[tuple[int | None, int], tuple[int | None, int] | None]:
+        """The base weight's and bias's version counters (None for an inference tensor) and
+        addresses, as :attr:`_dora_seen` keeps them: a write in place moves the counter,
+        ``weight.data = new`` (pruning's ``prune.remove``) the address. Reads the stored tensors,
+        never a parametrization (see :meth:`_check_dora_base`)."""
+        weight = self.base_weight
+        to_local = getattr(weight, "to_local", None)  # a tensor-parallel layer's: this rank's shard
+        if callable(to_local):
+            weight = to_local()
+        bias = self.base_bias
+        return (_version(weight), weight.data_ptr()), None if bias is None else (_version(bias), bias.data_ptr())
+
+    def _dora_views(
+        self, live: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The live views for an eager forward of a layer holding a DoRA adapter, after
+        :meth:`_check_dora_base`; where autograd records the forward, the extras are a copy, so
+        that what the backward reads of them (the factor ``f``) is the one this forward computed
+        with, whatever a later forward's check computes into the arena (it writes without
+        moving the arena's version counter, which other layers' saved extras share)."""
+        self._check_dora_base()
+        if not torch.is_grad_enabled():
+            return live
+        a, b, s, e = live
+        return a, b, s, e.clone()
+
+    def _check_dora_base(self) -> None:
+        """Before an eager forward of a layer holding a DoRA adapter: where its base weight or bias
+        was written in place (its version counter moved: an optimizer's step, ``weight.mul_``,
+        ``model.apply``) or given new memory since its factors were computed, has the runtime
+        compute them again (:attr:`RuntimeState.base_moved`), as PEFT's forward computes its norm
+        from the weight it reads. Not while a CUDA graph is being captured (its replays would not
+        run it), nor under a ``torch.func`` transform (``grad``, ``vmap``: the weights it passes
+        are its own wrappers, holding no memory, and the factors are no function of theirs). A base
+        that computes its weight at each call (a parametrization, which reading the weight would
+        run) is left to the runtime, whose next call refuses it."""
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return
+        if "parametrizations" not in self._base._modules and self.dora_versions() == self._dora_seen:
+            return
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+            return
+        state = self.state
+        moved = None if state is None else state.base_moved
+        if moved is None:  # a copy of the model (no runtime): nothing can compute its factors
+            object.__setattr__(self, "_dora_seen", None)
+            return
+        moved(self)
 
     def _traced_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live views as ``torch.jit.trace`` must see them: rebuilt from the arena tensors
@@ -771,7 +830,7 @@ class LoRALayer(nn.Module):
                 z = None
             if z is not None:
                 return z
-        a, b, scale, e = self._views()
+        a, b, scale, e = self._views(forward=True)
         if x.device != a.device:  # a constant of a compiled graph: no guard, no cost there
             raise UsageError(
                 f"this {type(self).__name__}'s input is on {x.device} and its LoRA buffers on {a.device}: the model "
@@ -1053,6 +1112,11 @@ class LoRALayer(nn.Module):
 
 #: the dtypes the layers compute their LoRA in, and merged mode rewrites weights in
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter, or None where it has none (an inference tensor)."""
+    return None if t.is_inference() else int(t._version)
 
 
 def library_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

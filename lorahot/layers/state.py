@@ -29,6 +29,10 @@ class RuntimeState:
         #: Called with a layer after ``load_state_dict`` wrote its base weight or bias (the
         #: runtime recomputes what it derived from them: DoRA factors); None where nothing is.
         self.base_loaded: Callable[[object], None] | None = None
+        #: Called by an eager forward of a layer holding a DoRA adapter whose base weight or bias
+        #: moved since its factors were computed (:meth:`lorahot.layers.LoRALayer._check_dora_base`):
+        #: the runtime computes them again, under its call lock; None where nothing is.
+        self.base_moved: Callable[[object], None] | None = None
         #: Called by ``lorahot.eject(model)`` before it changes anything, for every runtime whose
         #: layers it found: raises to refuse the eject (the runtime's: a merged layer's base
         #: weight reparametrized since inject); None where nothing is.
@@ -58,10 +62,12 @@ class RuntimeState:
         with self._lock:
             if self.ejected is None:  # one statement: an interrupt lands before it or after it, never within
                 # (marked ejected with no callbacks left to run, the model kept every layer and no eject took them)
-                # base_loaded and before_eject are the runtime's: held no longer, it goes with its last reference
-                self.unfinished, self._on_eject, self.base_loaded, self.before_eject, self.ejected = (
+                # base_loaded, base_moved and before_eject are the runtime's: held no longer, it goes with its last
+                # reference
+                self.unfinished, self._on_eject, self.base_loaded, self.base_moved, self.before_eject, self.ejected = (
                     self._on_eject,
                     [],
+                    None,
                     None,
                     None,
                     how,

@@ -17,10 +17,15 @@ LoRA layer or the wrapped module itself. A layer of a copy of the model (``copy.
 runtime) refuses such a load through it with a UsageError instead, since it cannot compute
 them. A write in place by other means that moves the weight's or bias's version counter
 (``weight.mul_``, an optimizer's step), or that puts new memory under it (``weight.data = new``,
-``prune.remove``), is seen by the next runtime call, which computes the factors again
-(:meth:`DoraFactors.moved`); the forward calls before it keep the old factors. Not seen: a
-write in place that moves no counter (``weight.data.copy_``, an inference tensor's), and a
-load into a copy's wrapped module itself.
+``prune.remove``), is seen by the layer's next eager forward
+(:meth:`lorahot.layers.LoRALayer._check_dora_base`, which compares the versions the layer keeps
+in ``_dora_seen`` and has the runtime compute its factors again:
+:meth:`lorahot.runtime.lora_runtime.LoraRuntime._base_moved`, :meth:`DoraFactors.moved_one`)
+and by the next runtime call (:meth:`DoraFactors.moved`). A compiled forward, a CUDA graph's
+capture or replay, ``torch.jit.trace`` and ``torch.func`` transforms run no check: they keep the
+factors of the last runtime call. Not seen: a write in place that moves no counter
+(``weight.data.copy_``, an inference tensor's), and a load into a copy's wrapped module itself.
+Only the layers some slot holds a DoRA adapter for are watched (:meth:`DoraFactors.keep`).
 
 The factor lives in row 0 of each layer's extras (:mod:`lorahot.runtime.buffers`) and
 ``g = (1 - f) * b0`` in row 2, so the forward ``f * (base(x) + scale * (delta + lora_bias)) + g``
@@ -85,11 +90,17 @@ class DoraFactors:
         #: were last computed (:meth:`moved`)
         self._seen: dict[str, tuple[tuple[int | None, int], tuple[int | None, int] | None]] = {}
 
-    def refresh(self, region: int, dora: list[list[int]], decomposed: Collection[str] = ()) -> None:
+    def refresh(
+        self, region: int, dora: list[list[int]], decomposed: Collection[str] = (), unversioned: bool = False
+    ) -> None:
         """Recomputes ``f`` and ``g`` of the layers ``dora`` (per arena, layer indices) in
         ``region`` from its A, B, scales and magnitudes; the layers named in ``decomposed`` hold
         a LyCORIS ``dora_scale``, whose norm gets LyCORIS' ``eps`` (:meth:`Stack.decomposed`).
-        Nothing here can fail on the adapter's content: it was checked before the write."""
+        Nothing here can fail on the adapter's content: it was checked before the write.
+        ``unversioned``: written without moving the arena's version counter (a forward's
+        recompute, :meth:`LoRALayer._dora_views`: a DoRA layer's recorded forwards keep their own
+        copy of its extras, and the other layers' rows, whose saved views share that counter, are
+        not written)."""
         with torch.no_grad():
             for a, indices in enumerate(dora):
                 arena = self._buffers.arenas[a]
@@ -97,6 +108,8 @@ class DoraFactors:
                 for index in indices:
                     layer, name = self._items[(a, index)]
                     e = arena.extras(index, region)
+                    if unversioned:
+                        e = e.data  # the same memory, under a version counter of its own
                     scale = arena.S[region, index, 0]  # 0-d: every row in use has it
                     eps = norm_eps(scale.dtype) if name in decomposed else 0.0
                     f = e[EXTRA_M] / (self.norm(layer, name, arena.rows(index, region), scale, rows) + eps)
@@ -106,13 +119,44 @@ class DoraFactors:
                         e[EXTRA_G].zero_()
                     else:
                         e[EXTRA_G].copy_((1 - f) * bias.detach().to(e.dtype))
-                    self._seen[name] = self._versions(name)
+                    self._note(name)
 
     def _versions(self, name: str) -> tuple[tuple[int | None, int], tuple[int | None, int] | None]:
         """The base weight's and bias's version counters and addresses: ``weight.data = new``
-        (pruning's ``prune.remove`` does it) moves no counter, but puts new memory there."""
+        (pruning's ``prune.remove`` does it) moves no counter, but puts new memory there.
+        Unmerged, the layer's own (:meth:`LoRALayer.dora_versions`, which its eager forward
+        compares)."""
+        layer = self._layers[name]
+        if layer.pristine_weight is None and layer.pristine_bias is None:
+            return layer.dora_versions()
         weight, bias = self._weight_of(name), self._bias_of(name)
         return (version(weight), weight.data_ptr()), None if bias is None else (version(bias), bias.data_ptr())
+
+    def _note(self, name: str) -> None:
+        """Notes layer ``name``'s base versions as those its factors were computed from, here and,
+        unmerged, on the layer, whose eager forward compares them (:meth:`LoRALayer._check_dora_base`)."""
+        layer = self._layers[name]
+        seen = self._versions(name)
+        self._seen[name] = seen
+        object.__setattr__(layer, "_dora_seen", None if layer.merged else seen)
+
+    def keep(self, dora: Collection[Sequence[Sequence[int]]]) -> None:
+        """Stops watching the layers no slot holds a DoRA adapter for any more: ``dora`` is each
+        loaded slot's DoRA layers (per arena, layer indices: :attr:`Stack.dora`). Their forward
+        then pays nothing for DoRA (:attr:`LoRALayer._dora_seen` None); a later load of one
+        computes its factors, and watches it again."""
+        held = {self._items[(a, index)][1] for layers in dora for a, indices in enumerate(layers) for index in indices}
+        for name in [name for name in self._seen if name not in held]:
+            del self._seen[name]
+            object.__setattr__(self._layers[name], "_dora_seen", None)
+
+    def moved_one(self, name: str) -> bool:
+        """Whether layer ``name``, watched, had its base weight or bias written in place or given
+        new memory since its factors were computed (see :meth:`moved`); noted as seen if so."""
+        if name not in self._seen or self._versions(name) == self._seen[name]:
+            return False
+        self._note(name)
+        return True
 
     def moved(self) -> list[str]:
         """The layers whose base weight or bias was written in place (its version counter
@@ -128,7 +172,7 @@ class DoraFactors:
             if self._layers[name].computed_base() is None and self._versions(name) != seen
         ]
         for name in found:
-            self._seen[name] = self._versions(name)
+            self._note(name)
         return found
 
     def check_stored(self) -> None:

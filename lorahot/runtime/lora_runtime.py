@@ -318,6 +318,7 @@ class LoraRuntime:
             fused_projections.install(root)
         self._state.on_eject(self._detach)
         self._state.base_loaded = self._base_loaded
+        self._state.base_moved = self._base_moved
         self._state.before_eject = functools.partial(_before_eject, weakref.ref(self), self.model, self.layers)
 
     def _roots(self) -> list[nn.Module]:
@@ -482,6 +483,7 @@ class LoraRuntime:
             refreshed = write(live)
             self._refresh_dora(slot, stack.dora, live, stack.decomposed)
             self._stacks[slot], self._weights[slot] = stack, weights
+            self._watch_dora()
             info = self._info(slot, adapters, stack, weights, listed)
             self._infos[slot] = info
             if not refreshed:  # a replayed load (lorahot.runtime.load_replay) refreshed the wide rows itself
@@ -496,6 +498,7 @@ class LoraRuntime:
         self.buffers.clear(slot, live=slot == self._active)
         self._infos[slot] = None
         self._stacks[slot], self._weights[slot] = None, ()
+        self._watch_dora()
         self._remerge(slot)
 
     def _check_load(
@@ -867,12 +870,13 @@ class LoraRuntime:
             return layer.lora_bias_refusal()
         return layer.dora_refusal() if module.magnitude is not None else None
 
-    def _base_loaded(self, layer: object) -> None:
+    def _base_loaded(self, layer: object, unversioned: bool = False) -> None:
         """After ``load_state_dict`` wrote ``layer``'s base weight or bias (unmerged: merged mode
         notes it and refuses its next write), the DoRA factors ``f`` and ``g`` of every region
         where the layer holds a DoRA adapter are computed again from the new base, as PEFT's
         forward computes its norm from the weight it has then. Other runtime state does not
-        depend on the base's values."""
+        depend on the base's values. ``unversioned``: written without moving the arena's
+        version counter (a forward's recompute: :meth:`_base_moved`)."""
         if self._merger is not None:
             return
         name = getattr(layer, "_path", "")  # bound under its name in self.layers
@@ -883,17 +887,50 @@ class LoraRuntime:
             if stack is not None and index in stack.dora[arena]:
                 mine = [[index] if a == arena else [] for a in range(len(stack.dora))]
                 # and the live copy of the active slot
-                self._refresh_dora(slot, mine, slot == self._active, stack.decomposed)
+                self._refresh_dora(slot, mine, slot == self._active, stack.decomposed, unversioned)
 
-    def _refresh_dora(self, slot: int, dora: list[list[int]], live: bool, decomposed: frozenset[str]) -> None:
+    def _base_moved(self, layer: object) -> None:
+        """An eager forward of ``layer``, which holds a DoRA adapter, saw its base weight or bias
+        moved since its factors were computed (:meth:`LoRALayer._check_dora_base`): computes them
+        again as :meth:`_base_loaded` does, holding the call lock, so that no runtime call's
+        writes run meanwhile. Nothing where a runtime call runs this forward on its own thread
+        (that call checked the bases when it began), once ejected, in merged mode, or for a base
+        that computes its weight at each call, which the next runtime call refuses
+        (:meth:`DoraFactors.check_stored`). Not counted as a runtime call
+        (:mod:`lorahot.layers.state_marks`): PEFT's forward computes its norm from the weight
+        it reads, a checkpointed forward's recompute included. Autocast is off for it, as in a
+        runtime call."""
+        if self._guard.calls._is_owned():  # type: ignore[attr-defined]  # RLock's own test
+            return
+        name = getattr(layer, "_path", "")
+        with self._guard.calls, contextlib.ExitStack() as autocast_off:
+            if self._state.ejected is not None or self._merger is not None or self.layers.get(name) is not layer:
+                return
+            assert isinstance(layer, LoRALayer)
+            if layer.computed_base() is not None:
+                return
+            for device_type in {"cpu", layer.base_weight.device.type}:
+                if torch.amp.is_autocast_available(device_type):
+                    autocast_off.enter_context(torch.autocast(device_type, enabled=False))
+            if self._dora.moved_one(name):
+                self._base_loaded(layer, unversioned=True)
+
+    def _watch_dora(self) -> None:
+        """After the slots' adapters changed: the layers no slot holds a DoRA adapter for any more
+        stop comparing their base's versions at each forward (:meth:`DoraFactors.keep`)."""
+        self._dora.keep([stack.dora for stack in self._stacks if stack is not None])
+
+    def _refresh_dora(
+        self, slot: int, dora: list[list[int]], live: bool, decomposed: frozenset[str], unversioned: bool = False
+    ) -> None:
         """Computes the DoRA factors of the layers ``dora`` (per arena) in ``slot`` (and in the
         live region if it mirrors the slot) after its A, B, scales or magnitudes changed, the
         norms of the layers ``decomposed`` with LyCORIS' ``eps`` (see :mod:`lorahot.runtime.dora`)."""
         if not any(dora):
             return
-        self._dora.refresh(slot, dora, decomposed)
+        self._dora.refresh(slot, dora, decomposed, unversioned)
         if live and slot != self.buffers.live:
-            self._dora.refresh(self.buffers.live, dora, decomposed)
+            self._dora.refresh(self.buffers.live, dora, decomposed, unversioned)
 
     def _write_bias_sums(self, slot: int, stack: Stack, weights: tuple[float, ...], live: bool) -> None:
         """Writes the LoRA biases that several parts of ``stack`` carry on one layer, summed at
@@ -1264,6 +1301,7 @@ class LoraRuntime:
             self._empty_each(left, done, stuck)
         for s in stuck:
             self._infos[s], self._stacks[s], self._weights[s] = None, None, ()
+        self._watch_dora()
         return first, stuck
 
     def _empty_each(self, slots: list[int], done: list[int], stuck: list[int]) -> tuple[int, BaseException] | None:

@@ -1,0 +1,372 @@
+"""An unmerged DoRA layer's eager forward after its base weight or bias was written in place.
+
+PEFT's DoRA forward computes ``f = m / ||W0 + s B A||`` from the weight it reads at each call;
+lorahot computes ``f`` when the adapter, its scale or the base changes. A base written in place
+(an optimizer's step on the base, ``weight.mul_``, ``model.apply``) used to be seen only by the
+next runtime call: the forwards before it computed with the factor of the weight before (49.5
+off PEFT after one SGD step of lr 0.5, 0.64 after ``weight.mul_(1.5)``). An eager forward of a
+layer holding a DoRA adapter now compares its base's version counters and addresses first and has
+the runtime compute its factors again where they moved; compiled graphs are unchanged (no new
+guard, the factors of the last runtime call), and layers without DoRA compare nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from torch import nn
+
+import lorahot
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+CONFIG = {"r": 4, "lora_alpha": 8, "use_dora": True}
+
+
+def _base(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6)).double()
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)).double()
+
+
+def _input(kind: str, rows: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    shape = (rows, 8) if kind == "linear" else (rows, 3, 6, 6)
+    return torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+def _peft(
+    base: nn.Module, seed: int, targets: tuple[str, ...] = ("0", "2")
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A PEFT DoRA model of a copy of ``base`` (random B and magnitudes) and its adapter's tensors."""
+    torch.manual_seed(seed)
+    config = LoraConfig(**CONFIG, target_modules=list(targets), init_lora_weights=False)  # type: ignore[arg-type]
+    model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.rand_like(p) + 0.5)
+    return model, {f"base_model.model.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _bases(model: nn.Module) -> list[nn.Module]:
+    """The base modules the adapters wrap, in model order (lorahot's and PEFT's alike)."""
+    return [m.base_layer for m in model.modules() if "base_layer" in m._modules]
+
+
+def _sgd(models: list[nn.Module], x: torch.Tensor) -> None:
+    """One SGD step (lr 0.5) of every base weight and bias, with PEFT's gradients for all."""
+    oracle = models[-1]
+    params = [p for m in _bases(oracle) for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    grads = torch.autograd.grad(oracle(x).square().sum(), params)
+    for model in models:
+        with torch.no_grad():
+            for p, g in zip((p for m in _bases(model) for p in m.parameters()), grads):
+                p.sub_(0.5 * g)
+
+
+def _mul(models: list[nn.Module], x: torch.Tensor) -> None:
+    with torch.no_grad():
+        for model in models:
+            _bases(model)[0].weight.mul_(1.5)
+
+
+def _apply(models: list[nn.Module], x: torch.Tensor) -> None:
+    def shift(m: nn.Module) -> None:
+        if any(m is b for b in bases):
+            m.weight.mul_(0.75)
+            m.bias.add_(0.25)
+
+    with torch.no_grad():
+        for model in models:
+            bases = _bases(model)
+            model.apply(shift)
+
+
+WRITES: dict[str, Callable[[list[nn.Module], torch.Tensor], None]] = {"sgd": _sgd, "mul_": _mul, "apply": _apply}
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_an_eager_forward_after_a_base_write_computes_what_peft_computes(kind: str, write: str) -> None:
+    """Float64, against PEFT's DoRA forward on the same written weights, before any runtime call
+    (49.5 off after the SGD step before, 0.64 after ``mul_``); the factors in the slot's own
+    region are those a runtime call computes (bitwise)."""
+    base = _base(kind)
+    oracle, tensors = _peft(base, seed=3)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True)
+    runtime.load(tensors, config=CONFIG)
+    x = _input(kind)
+    with torch.no_grad():
+        assert _diff(model(x), oracle(x)) < 1e-12
+        before = oracle(x)
+    WRITES[write]([model, oracle], x)
+    with torch.no_grad():
+        assert _diff(oracle(x), before) > 1e-2  # the write does change PEFT's output
+        assert _diff(model(x), oracle(x)) < 1e-12
+        factors = [a.E.clone() for a in runtime.buffers.arenas]
+        runtime.set_scale(1.0)  # a runtime call computes the same factors
+        assert all(torch.equal(f, a.E) for f, a in zip(factors, runtime.buffers.arenas))
+        assert _diff(model(x), oracle(x)) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_every_slot_holding_dora_follows_the_base_the_forward_saw(kind: str) -> None:
+    """Two slots, each a DoRA adapter: after ``mul_``, the forward of slot 0 computes every
+    slot's factors again, so slot 1 activated next (whose call sees no base moved any more) and a
+    per-row routing over both compute what PEFT computes with each adapter."""
+    base = _base(kind)
+    (oracle0, t0), (oracle1, t1) = _peft(base, seed=3), _peft(base, seed=4)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True, slots=2)
+    runtime.load(t0, slot=0, config=CONFIG)
+    runtime.load(t1, slot=1, config=CONFIG)
+    runtime.activate(0)
+    x = _input(kind, rows=4)
+    _mul([model, oracle0, oracle1], x)
+    with torch.no_grad():
+        assert _diff(model(x), oracle0(x)) < 1e-12
+        runtime.activate(1)
+        assert _diff(model(x), oracle1(x)) < 1e-12
+        runtime.activate([0, 1, 1, 0])
+        _apply([model, oracle0, oracle1], x)
+        out = model(x)
+        want = torch.stack(
+            [oracle0(x[i : i + 1])[0] if s == 0 else oracle1(x[i : i + 1])[0] for i, s in enumerate([0, 1, 1, 0])]
+        )
+        assert _diff(out, want) < 1e-12
+
+
+def test_layers_without_dora_compare_nothing_and_merged_mode_is_unchanged() -> None:
+    """A plain LoRA layer, a layer whose DoRA adapter was unloaded or replaced by a plain one, and
+    every layer in merged mode keep :attr:`_dora_seen` None (one attribute test per forward);
+    merged, a written weight's forward is the base module's, the arena untouched."""
+    base = _base("linear")
+    _, tensors = _peft(base, seed=3)
+    plain = {k: v for k, v in tensors.items() if "magnitude" not in k}
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True, slots=2)
+    layers = [model[0], model[2]]
+    runtime.load(plain, config={**CONFIG, "use_dora": False})
+    assert all(layer._dora_seen is None for layer in layers)
+    runtime.load(tensors, slot=1, config=CONFIG)
+    assert all(layer._dora_seen is not None for layer in layers)  # an inactive slot's too
+    runtime.load(plain, slot=1, config={**CONFIG, "use_dora": False})
+    assert all(layer._dora_seen is None for layer in layers)
+    runtime.load(tensors, slot=1, config=CONFIG)
+    runtime.unload(1)
+    assert all(layer._dora_seen is None for layer in layers)
+
+    merged = copy.deepcopy(base)
+    runtime = lorahot.inject(merged, ["0", "2"], max_rank=4, merged=True)
+    runtime.load(tensors, config=CONFIG)
+    assert all(layer._dora_seen is None for layer in (merged[0], merged[2]))
+    arenas = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+    x = _input("linear")
+    with torch.no_grad():
+        merged[0].base_layer.weight.mul_(1.5)
+        assert torch.equal(merged(x), merged[2].base_layer(torch.relu(merged[0].base_layer(x))))
+    assert all(
+        torch.equal(t, u) for t, u in zip(arenas, (t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)))
+    )
+
+
+def test_a_compiled_forward_keeps_the_factors_of_the_last_runtime_call_without_recompiling() -> None:
+    """Compiled, no new guard: DoRA and plain swaps and a base written in place run one graph
+    under ``error_on_recompile=True``, the compiled forward with the factors of the last runtime
+    call (PEFT's output after the next one); the negative control, another input dtype, does
+    recompile."""
+    base = _base("linear")
+    (oracle, t0), (_, t1) = _peft(base, seed=3), _peft(base, seed=4)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True)
+    runtime.load(t0, config=CONFIG)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    x = _input("linear")
+    with torch.no_grad():
+        assert _diff(compiled(x), oracle(x)) < 1e-12
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            runtime.load(t1, config=CONFIG)
+            compiled(x)
+            runtime.load({k: v for k, v in t0.items() if "magnitude" not in k}, config={**CONFIG, "use_dora": False})
+            compiled(x)
+            runtime.load(t0, config=CONFIG)
+            stale = compiled(x)
+            _mul([model, oracle], x)
+            assert torch.equal(compiled(x), compiled(x))
+            assert _diff(compiled(x), oracle(x)) > 1e-3  # compiled: the factors as of the last runtime call
+            runtime.set_scale(1.0)
+            assert _diff(compiled(x), oracle(x)) < 1e-12
+            assert _diff(stale, oracle(x)) > 1e-3
+            with pytest.raises(torch._dynamo.exc.RecompileError):  # negative control
+                compiled(x.float())
+    torch._dynamo.reset()
+
+
+def _trainable(model: nn.Module) -> list[torch.nn.Parameter]:
+    """The base layers' weights and biases, trained (PEFT freezes them)."""
+    params = [p for name, p in model.named_parameters() if "lora_" not in name]  # in model order
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_training_the_base_under_a_dora_adapter_follows_peft_step_by_step(kind: str) -> None:
+    """SGD on the base weights and biases with a DoRA adapter on top, three steps: each
+    forward's check computes the factors of the weights the last step wrote, and its backward
+    runs (the recompute moves no version counter that the layers' saved extras share: the
+    first layer, injected without an adapter, saved its own before the DoRA layers' checks ran),
+    with PEFT's loss and gradients."""
+    first = nn.Linear(8, 8) if kind == "linear" else nn.Conv2d(3, 3, 1)
+    base = nn.Sequential(first.double(), nn.ReLU(), *_base(kind))
+    oracle, tensors = _peft(base, seed=3, targets=("2", "4"))
+    model = copy.deepcopy(base)
+    lorahot.inject(model, ["0", "2", "4"], max_rank=4, extras=True).load(tensors, config=CONFIG)
+    assert model[0]._dora_seen is None and model[2]._dora_seen is not None
+    runs = [(m, _trainable(m)) for m in (model, oracle)]
+    optimizers = [torch.optim.SGD(params, lr=0.05) for _, params in runs]
+    x = _input(kind)
+    for _ in range(3):
+        losses, grads = [], []
+        for (m, params), optimizer in zip(runs, optimizers):
+            optimizer.zero_grad()
+            loss = m(x).square().mean()
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append([p.grad.clone() for p in params])
+            optimizer.step()
+        assert _diff(*losses) < 1e-10
+        assert all(_diff(g, h) < 1e-10 for g, h in zip(*grads))
+
+
+def test_a_pending_backward_computes_with_the_factor_of_its_own_forward() -> None:
+    """A forward whose backward has not run, a base write, a second forward (whose check computes
+    the factors again): the first backward gives the first forward's gradients, as PEFT's does
+    (its norm is a tensor of that forward), not the new factor's. Under activation checkpointing
+    the recompute reads the base as it is then, as PEFT's does: the input's gradients equal PEFT's."""
+    base = _base("linear")
+    oracle, tensors = _peft(base, seed=3)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True)
+    runtime.load(tensors, config=CONFIG)
+    x = _input("linear")
+    grads = []
+    for m in (model, oracle):
+        params = _trainable(m)
+        pending = m(x).square().sum()
+        _mul([m], x)  # the first layer's weight, which the first forward did not save (x needs no gradient)
+        m(x)
+        grads.append(torch.autograd.grad(pending, params))
+    assert all(_diff(g, h) < 1e-10 for g, h in zip(*grads))
+
+    from torch.utils.checkpoint import checkpoint
+
+    x.requires_grad_(True)
+    grads = []
+    for m in (model, oracle):
+        x.grad = None
+        out = checkpoint(m, x, use_reentrant=False).square().sum()
+        _mul([m], x)
+        out.backward()
+        grads.append(x.grad.clone())
+    assert _diff(*grads) < 1e-10
+
+
+def test_a_copy_of_the_model_computes_with_its_copied_factors_and_leaves_the_original_alone() -> None:
+    """A deep copy's layers have no runtime: a base write on the copy is not computed again (its
+    forward stops comparing), and the original's buffers and parameters stay bitwise as they were."""
+    base = _base("linear")
+    _, tensors = _peft(base, seed=3)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True)
+    runtime.load(tensors, config=CONFIG)
+    before = {k: v.clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    arenas = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+    twin = copy.deepcopy(model)
+    x = _input("linear")
+    with torch.no_grad():
+        want = twin(x)
+        twin[0].base_layer.weight.mul_(1.0)  # a write that changes no value
+        assert torch.equal(twin(x), want)
+        assert twin[0]._dora_seen is None
+    assert all(torch.equal(v, before[k]) for k, v in [*model.named_parameters(), *model.named_buffers()])
+    assert all(
+        torch.equal(t, u) for t, u in zip(arenas, (t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)))
+    )
+
+
+def test_a_forward_that_sees_a_moved_base_waits_for_a_runtime_call_under_way() -> None:
+    """The recompute holds the runtime's call lock: a forward on another thread while a call holds
+    it (here the lock itself, held by a third thread) writes nothing until the call returns, then
+    computes PEFT's output."""
+    import threading
+
+    base = _base("linear")
+    oracle, tensors = _peft(base, seed=3)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True)
+    runtime.load(tensors, config=CONFIG)
+    x = _input("linear")
+    _mul([model, oracle], x)
+    held, release = threading.Event(), threading.Event()
+
+    def call() -> None:
+        with runtime._guard.calls:
+            held.set()
+            release.wait(10)
+
+    outs: list[torch.Tensor] = []
+
+    def forward() -> None:
+        with torch.no_grad():
+            outs.append(model(x))
+
+    holder = threading.Thread(target=call)
+    holder.start()
+    assert held.wait(10)
+    extras = [a.E.clone() for a in runtime.buffers.arenas]
+    worker = threading.Thread(target=forward)
+    worker.start()
+    worker.join(0.3)
+    assert worker.is_alive() and not outs  # waiting for the call
+    assert all(torch.equal(e, a.E) for e, a in zip(extras, runtime.buffers.arenas))
+    release.set()
+    holder.join(10)
+    worker.join(10)
+    with torch.no_grad():
+        assert _diff(outs[0], oracle(x)) < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["autocast", "inference_mode"])
+def test_factors_a_forward_computes_are_a_runtime_calls_bitwise(mode: str) -> None:
+    """A forward under ``torch.autocast`` (bfloat16 on the CPU) or ``torch.inference_mode`` that
+    computes the factors again computes them as ``set_scale`` does, bitwise: autocast is off for
+    the recompute (under bfloat16 autocast its matmul ran in bfloat16, and the factors differed)."""
+    base = _base("linear").float()
+    _, tensors = _peft(base, seed=3)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True)
+    runtime.load({k: v.float() for k, v in tensors.items()}, config=CONFIG)
+    x = _input("linear").float()
+    with torch.no_grad():
+        model[0].base_layer.weight.mul_(1.5)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else torch.inference_mode()
+    with context:
+        model(x)
+    extras = [a.E.clone() for a in runtime.buffers.arenas]
+    runtime.set_scale(1.0)
+    assert all(torch.equal(e, a.E) for e, a in zip(extras, runtime.buffers.arenas))
