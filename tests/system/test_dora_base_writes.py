@@ -97,18 +97,20 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("write", list(WRITES))
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_an_eager_forward_after_a_base_write_computes_what_peft_computes(kind: str, write: str) -> None:
+def test_an_eager_forward_after_a_base_write_computes_what_peft_computes(kind: str, write: str, device: str) -> None:
     """Float64, against PEFT's DoRA forward on the same written weights, before any runtime call
     (49.5 off after the SGD step before, 0.64 after ``mul_``); the factors in the slot's own
-    region are those a runtime call computes (bitwise)."""
-    base = _base(kind)
+    region are those a runtime call computes (bitwise). On CUDA too: the check reads the version
+    counters of the device's tensors, and the recompute runs there."""
+    base = _base(kind).to(device)
     oracle, tensors = _peft(base, seed=3)
     model = copy.deepcopy(base)
     runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True)
     runtime.load(tensors, config=CONFIG)
-    x = _input(kind)
+    x = _input(kind).to(device)
     with torch.no_grad():
         assert _diff(model(x), oracle(x)) < 1e-12
         before = oracle(x)
