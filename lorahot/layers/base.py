@@ -648,7 +648,7 @@ class LoRALayer(nn.Module):
         if callable(to_local):
             weight = to_local()
         bias = self.base_bias
-        return (_version(weight), weight.data_ptr()), None if bias is None else (_version(bias), bias.data_ptr())
+        return stamp(weight), None if bias is None else stamp(bias)
 
     def _dora_views(
         self, live: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -1114,9 +1114,15 @@ class LoRALayer(nn.Module):
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _version(t: torch.Tensor) -> int | None:
+def version(t: torch.Tensor) -> int | None:
     """``t``'s version counter, or None where it has none (an inference tensor)."""
     return None if t.is_inference() else int(t._version)
+
+
+def stamp(t: torch.Tensor) -> tuple[int | None, int]:
+    """``t``'s version counter and address: a write in place moves the first, ``weight.data =
+    new`` (pruning's ``prune.remove``) the second."""
+    return version(t), t.data_ptr()
 
 
 def library_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

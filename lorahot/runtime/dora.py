@@ -54,10 +54,9 @@ from lorahot.adapter import LoraModule
 from lorahot.adapter.deltas import norm_eps
 from lorahot.errors import AdapterReadError, UsageError, format_problems, lines
 from lorahot.layers import LoRALayer
-from lorahot.layers.base import EXTRA_F, EXTRA_G, EXTRA_M
+from lorahot.layers.base import EXTRA_F, EXTRA_G, EXTRA_M, stamp
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.stack import Stack
-from lorahot.runtime.written_probes import version
 
 __all__ = ["DoraFactors"]
 
@@ -130,7 +129,7 @@ class DoraFactors:
         if layer.pristine_weight is None and layer.pristine_bias is None:
             return layer.dora_versions()
         weight, bias = self._weight_of(name), self._bias_of(name)
-        return (version(weight), weight.data_ptr()), None if bias is None else (version(bias), bias.data_ptr())
+        return stamp(weight), None if bias is None else stamp(bias)
 
     def _note(self, name: str) -> None:
         """Notes layer ``name``'s base versions as those its factors were computed from, here and,

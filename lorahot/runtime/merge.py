@@ -58,12 +58,12 @@ from lorahot.adapter import LoraModule, WeightModule
 from lorahot.adapter.deltas import delta_bound, fold_delta
 from lorahot.errors import AdapterReadError, UsageError, format_problems, lines
 from lorahot.layers import LoRALayer
-from lorahot.layers.base import EXTRA_BIAS, EXTRA_F, own_code, unusual_values
+from lorahot.layers.base import EXTRA_BIAS, EXTRA_F, own_code, unusual_values, version
 from lorahot.runtime.aliases import plain
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.graph_replays import Captured, GraphReplays
 from lorahot.runtime.stack import Stack
-from lorahot.runtime.written_probes import Signature, WrittenProbes, positions, signature, sums, version, words
+from lorahot.runtime.written_probes import Signature, WrittenProbes, positions, signature, sums, words
 
 __all__ = ["Merger", "check_mergeable", "check_untied", "hooked", "writing", "record", "replaced"]
 

@@ -52,6 +52,7 @@ import torch
 
 from lorahot.kernels import word_sums
 from lorahot.layers import LoRALayer
+from lorahot.layers.base import version
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.graph_replays import Captured, GraphReplays
 
@@ -87,13 +88,6 @@ def sampled(flat: torch.Tensor) -> torch.Tensor:
     UNet)."""
     count, step = _step(flat.numel())
     return flat[: step * (count - 1) + 1 : step] if count else flat[:0]
-
-
-def version(t: torch.Tensor) -> int | None:
-    """``t``'s version counter, or None where it has none (an inference tensor)."""
-    if t.is_inference():
-        return None
-    return int(t._version)
 
 
 def words(weight: torch.Tensor) -> torch.Tensor:
