@@ -386,14 +386,18 @@ def _encoders(components: tuple[str, ...], archs: Mapping[str, set[str]], held: 
     )
 
 
+def _some(keys: list[str]) -> str:
+    """The first three of ``keys``, shown, and ``...`` where there are more."""
+    return ", ".join(shown(k, 200) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
 def _not_second_message(
     source: str, keys: list[str], components: tuple[str, ...], archs: Mapping[str, set[str]], held: str
 ) -> str:
     """Why the ``lora_te2_`` modules ``keys`` are refused: this runtime's ``text_encoder_2`` is a
     CLIP that ComfyUI calls ``held`` (no second CLIP, which kohya's ``lora_te2_`` names)."""
-    shown_keys = ", ".join(shown(k, 200) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
     return (
-        f"{source}: {len(keys)} module(s) with prefix {_SECOND_CLIP} ({shown_keys}) are kohya's second CLIP text "
+        f"{source}: {len(keys)} module(s) with prefix {_SECOND_CLIP} ({_some(keys)}) are kohya's second CLIP text "
         "encoder's (CLIP-G, OpenCLIP ViT-bigG: SDXL's and SD3's text_encoder_2), and this runtime has no second CLIP: "
         f"its text encoders are {_encoders(components, archs, held)}. They would land on the layers of the same names "
         "of another encoder (ComfyUI maps lora_te2_ only onto the clip_g beside a clip_l). Load the file on a runtime "
@@ -408,9 +412,8 @@ def _no_first_message(source: str, keys: list[str], components: tuple[str, ...],
     diffusers' ``text_encoder.``) are refused on a runtime whose only CLIP is a second one
     (``text_encoder_2``: the SDXL refiner's OpenCLIP ViT-bigG): the references part ways there."""
     prefixes = ", ".join(dict.fromkeys(p for k in keys for p in _FIRST_CLIP if k.startswith(p)))
-    shown_keys = ", ".join(shown(k, 200) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
     return (
-        f"{source}: {len(keys)} module(s) with prefix {prefixes} ({shown_keys}) are a pipeline's first CLIP text "
+        f"{source}: {len(keys)} module(s) with prefix {prefixes} ({_some(keys)}) are a pipeline's first CLIP text "
         "encoder's (SDXL's CLIP-L, text_encoder), and this runtime has no first CLIP: its text encoders are "
         f"{_encoders(components, archs, 'clip_g')}, the second CLIP alone, as in an SDXL refiner pipeline. There "
         "diffusers' SDXL loader fails on these keys (the pipeline's text_encoder is None), and ComfyUI maps lora_te_ "
