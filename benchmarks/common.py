@@ -120,6 +120,23 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def commit() -> str | None:
+    """The code a run measured: ``LORAHOT_COMMIT`` (``device_run.sh`` sets it from the archive a
+    device call unpacks, which has no ``.git``), else ``git rev-parse --short HEAD``, else None."""
+    named = os.environ.get("LORAHOT_COMMIT")
+    if named:
+        return named
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
 def h2d_gbps(device: torch.device, nbytes: int = 256 << 20) -> float:
     """Measured pinned host -> device bandwidth (GB/s); 0 on CPU."""
     if device.type != "cuda":
@@ -143,12 +160,15 @@ def split_fields(figures: dict[str, Any], keys: tuple[str, ...]) -> tuple[dict[s
 
 
 def merge_results(path: Path, new: dict[str, Any]) -> dict[str, Any]:
-    """Merges ``new`` into the JSON at ``path`` (nested dicts merged key by key)."""
+    """Merges ``new`` into the JSON at ``path`` (nested dicts merged key by key), except that a
+    run's own record (a key ending in ``_run``: its command, commit, device, date) replaces the one
+    before whole, so no field of an older run survives under a newer run's name."""
     old = json.loads(path.read_text()) if path.exists() else {}
 
     def merge(a: dict, b: dict) -> dict:
         for k, v in b.items():
-            a[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+            whole = k.endswith("_run")
+            a[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) and not whole else v
         return a
 
     merged = merge(old, new)

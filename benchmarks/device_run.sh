@@ -9,9 +9,11 @@
 # where the device has no such distribution or an older one (/tmp/site comes first on the path,
 # so it would shadow the device's own). Results land in $OUT if set. TESTS_TIMEOUT and SUITE_TIMEOUT
 # (seconds; 300 and 560) bound the GPU tests and each suite, so a call ends inside its limit; TESTS
-# (default tests) names the test files or folders the GPU tests come from.
+# (default tests) names the test files or folders the GPU tests come from. LORAHOT_COMMIT names the
+# code measured, for the run files, where the checkout has no .git (a `git archive` export).
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export LORAHOT_COMMIT=${LORAHOT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 if ls .whl/*.whl >/dev/null 2>&1; then
   need=$(python3 - .whl/*.whl <<'EOF_PY'
 import importlib.metadata as md, os, sys

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from benchmarks import diffusion, forward, mixed, rows, stack, swap
-from benchmarks.common import COMPILE_CONFIGS, RESULTS, ROW_CONFIGS, device_name, merge_results, split_fields
+from benchmarks.common import COMPILE_CONFIGS, RESULTS, ROW_CONFIGS, commit, device_name, merge_results, split_fields
 from benchmarks.workload import RANKS, build
 from lorahot.kernels import pdl, routed_linear, stacked_routed
 
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     raw: dict[str, Any] = {
         "device": device_name(device),
         "torch": torch.__version__,
+        "commit": commit(),
         "peft": peft.__version__,
         "pdl": pdl.ENABLED,
         "routed_accumulate": routed_linear.ACCUMULATE,
@@ -343,6 +344,7 @@ def _diffusion(
     raw: dict[str, Any] = {
         "device": device_name(device),
         "torch": torch.__version__,
+        "commit": commit(),
         "peft": peft.__version__,
         "diffusers": diffusers.__version__,
         "pdl": pdl.ENABLED,

@@ -93,3 +93,17 @@ def test_diffusion_summary_gives_each_mode_s_profiled_gpu_time_in_ms() -> None:
         "diffusion": {"model": "m", "adapter_effect": 0.1, "modes": {"default": {c: {} for c in diffusion.CONFIGS}}}
     }
     assert "diffusion_gpu_ms_by_mode" not in diffusion.summary(unprofiled)
+
+
+def test_a_run_record_replaces_the_one_before_whole_while_figures_merge_key_by_key(tmp_path, monkeypatch) -> None:
+    """A newer run's record (``*_run``) must not keep an older run's fields (a stale commit read as
+    the code measured); figure tables keep the entries the newer run did not time."""
+    from benchmarks.common import commit, merge_results
+
+    path = tmp_path / "latest.json"
+    path.write_text('{"diffusion_run": {"commit": "old", "device": "A"}, "diffusion_step_ms": {"base": 1, "diffusers": 3}}')
+    merged = merge_results(path, {"diffusion_run": {"device": "B"}, "diffusion_step_ms": {"base": 2}})
+    assert merged["diffusion_run"] == {"device": "B"}
+    assert merged["diffusion_step_ms"] == {"base": 2, "diffusers": 3}
+    monkeypatch.setenv("LORAHOT_COMMIT", "abc1234")
+    assert commit() == "abc1234"
