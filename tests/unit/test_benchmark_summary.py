@@ -4,6 +4,8 @@ other configuration a run timed beside them."""
 
 from __future__ import annotations
 
+import json
+
 from benchmarks import diffusion, rows
 from benchmarks.run import summary
 
@@ -101,7 +103,11 @@ def test_a_run_record_replaces_the_one_before_whole_while_figures_merge_key_by_k
     from benchmarks.common import commit, merge_results
 
     path = tmp_path / "latest.json"
-    path.write_text('{"diffusion_run": {"commit": "old", "device": "A"}, "diffusion_step_ms": {"base": 1, "diffusers": 3}}')
+    path.write_text(
+        json.dumps(
+            {"diffusion_run": {"commit": "old", "device": "A"}, "diffusion_step_ms": {"base": 1, "diffusers": 3}}
+        )
+    )
     merged = merge_results(path, {"diffusion_run": {"device": "B"}, "diffusion_step_ms": {"base": 2}})
     assert merged["diffusion_run"] == {"device": "B"}
     assert merged["diffusion_step_ms"] == {"base": 2, "diffusers": 3}
