@@ -261,3 +261,55 @@ def test_a_pipeline_with_guidance_and_images_per_prompt_routes_as_expanded(guida
         runtime.activate(slots[j // k])
         alone = images(slice(j // k, j // k + 1), 1, slice(j, j + 1))
         torch.testing.assert_close(got[j : j + 1], alone, rtol=1e-10, atol=1e-10)
+
+
+class _Labelled(torch.nn.Module):
+    """Token ids ``[B, T]``, plus a 1-D lookup every row adds: its class label (``labels [B]``, one
+    id per row, as a class-conditional DiT's) or its positions (``arange(T)``, every row's,
+    as nanoGPT's ``wpe``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte, self.extra, self.head = torch.nn.Embedding(32, 8), torch.nn.Embedding(16, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, ids: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        lookup = self.extra(extra)  # [B, 8] per row, or [T, 8] every row shares
+        out: torch.Tensor = self.head(self.wte(ids) + (lookup[:, None] if extra.shape[0] != ids.shape[1] else lookup))
+        return out
+
+
+@pytest.mark.parametrize("kind", ["class labels", "positions with T == B"])
+def test_1d_ids_of_the_batch_s_length_take_one_row_s_slot_each_as_peft_adapter_names_does(
+    tmp_path: Path, kind: str
+) -> None:
+    """An embedding's 1-D ids ``[B]`` under a routing of ``B`` rows are read one id per row, as
+    class labels are: each row equals it run alone with its slot, and PEFT's ``adapter_names=``.
+    Positions every row shares, ``arange(T)`` with ``T == B``, have that shape too: position
+    ``t`` takes row ``t``'s slot, as in PEFT's mixed batch (README, "What the shapes cannot
+    show"; ``T != B`` is refused)."""
+    torch.manual_seed(0)
+    base = _Labelled().double().eval()
+    config = {"r": 2, "lora_alpha": 2, "target_modules": ["extra", "head"]}
+    paths = {name: _save(base, tmp_path / name, seed, **config) for seed, name in enumerate("ab")}
+    oracle = peft.PeftModel.from_pretrained(copy.deepcopy(base), paths["a"], adapter_name="a").eval()
+    oracle.load_adapter(paths["b"], adapter_name="b")
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["extra", "head"], max_rank=2, slots=2)
+    for slot, name in enumerate("ab"):
+        runtime.load(paths[name], slot=slot)
+    ids = torch.randint(0, 32, (3, 3 if kind != "class labels" else 5), generator=torch.Generator().manual_seed(1))
+    extra = torch.tensor([7, 2, 7]) if kind == "class labels" else torch.arange(3)
+    runtime.activate([1, 0, -1])
+    with torch.no_grad():
+        got = model(ids, extra)
+        torch.testing.assert_close(
+            got, oracle(ids, extra, adapter_names=["b", "a", "__base__"]), rtol=1e-12, atol=1e-12
+        )
+        for i, slot in enumerate([1, 0]):
+            runtime.activate(slot)
+            alone = model(ids[i : i + 1], extra[i : i + 1] if kind == "class labels" else extra)
+            off = float((got[i : i + 1] - alone).abs().max())
+            assert off < 1e-12 if kind == "class labels" else off > 0.1, (i, off)
+        runtime.activate([1, 0])
+        with pytest.raises(lorahot.UsageError, match=r"^extra \(LoRAEmbedding.*its input \(3,\) does not fit"):
+            model(ids[:2], extra)  # T != B: refused, not split

@@ -440,8 +440,9 @@ def test_an_embedding_refuses_1d_ids_that_a_linear_would_split_into_groups(
 
 def test_positions_every_row_shares_as_1d_ids_are_refused_not_split() -> None:
     """nanoGPT's position embedding, ``wpe(arange(T))``, with an adapter on it in each slot and a
-    routing of two rows: refused for every ``T`` (before, ``T`` a multiple of the batch gave each
-    half of the positions one row's slot, in both rows)."""
+    routing of two rows: refused for every ``T`` other than the batch's (before, ``T`` a multiple
+    of the batch gave each half of the positions one row's slot, in both rows). ``T == B`` reads
+    as one id per row, as class labels do (README, "What the shapes cannot show")."""
 
     class _Positions(nn.Module):
         def __init__(self) -> None:
