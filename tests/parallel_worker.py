@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorahot
@@ -264,6 +265,7 @@ def disagreements(rig: Rig, check: Checks) -> None:
         check(name, lambda call=call, aspect=aspect: raises(lorahot.UsageError, call, aspect, "rank 1", "no rank"))
         check(f"unchanged after {name}", lambda: rig.unchanged(before))
     whole_factors(rig, check, before)
+    sliced_factors(rig, check, before)
     # a check failing on rank 1 alone (it ran before the agreement there: rank 0 waited in the
     # agreement's collective until the process group timed out)
     check(
@@ -280,6 +282,8 @@ def disagreements(rig: Rig, check: Checks) -> None:
     check("the same contents at another path load", lambda: rig.rt.load(same) and None)
     rig.rr.load(rig.path("a"))
     check("and compute the reference", rig.parity)
+    check("the same contents as a dict of tensors on rank 1 load", lambda: load_as_dict(rig, "a", rank) and None)
+    check("and compute the reference from the dict", rig.parity)
     rig.rt.preload(rig.path("c"))
     if rank == 1:  # rank 0 loads from its host cache, rank 1 reads the file: the same write
         rig.rt.cache.clear()
@@ -332,6 +336,71 @@ def whole_factors(rig: Rig, check: Checks, before: list[torch.Tensor]) -> None:
         check(name, lambda call=call, words=words: raises(lorahot.UsageError, call, *words))
         check(f"unchanged after {name}", lambda: rig.unchanged(before))
     rig.rt.cache.discard("whole_a")
+
+
+def sliced_factors(rig: Rig, check: Checks, before: list[torch.Tensor]) -> None:
+    """Files that differ only where a rank reads its own slice (a column-parallel B's rows, a
+    row-parallel A's columns; the same A with another B where every target is column-parallel):
+    every rank refuses, naming the key, each rank's file and the ranks, whether the slice that
+    differs is rank 0's or rank 1's, from a file, a stack, a preload, rank 0's host cache against
+    rank 1's read, and a dict of tensors; nothing changes. Slot 0 holds ``b`` and is active."""
+    rank = dist.get_rank()
+    q_b = "layers.0.self_attn.q_proj.lora_B.weight"
+    down_a, o_a = "layers.1.mlp.down_proj.lora_A.weight", "layers.0.self_attn.o_proj.lora_A.weight"
+
+    def mine(name: str, other: str = "a") -> str:
+        return rig.path(other if rank == 0 else name)
+
+    rig.rt.preload(rig.path("a"), key="sliced_a")  # every rank caches a, agreed
+    cases = [
+        ("another B in rank 0's rows of a column-parallel layer on rank 1", lambda: rig.rt.load(mine("a_rows0")), q_b),
+        ("another B in rank 1's rows of a column-parallel layer on rank 1", lambda: rig.rt.load(mine("a_rows1")), q_b),
+        (
+            "another A in rank 0's columns of a row-parallel layer on rank 1",
+            lambda: rig.rt.load(mine("a_cols0")),
+            down_a,
+        ),
+        ("another A in rank 1's columns of a row-parallel layer on rank 1", lambda: rig.rt.load(mine("a_cols1")), o_a),
+        (
+            "the same A with another B on rank 1, every target column-parallel",
+            lambda: rig.rt.load(mine("qkv_b", "qkv")),
+            "layers.0.self_attn.q_proj.lora_B.weight",
+        ),
+        (
+            "a stack with another B in rank 0's rows on rank 1",
+            lambda: rig.rt.load([rig.path("b"), mine("a_rows0")], slot=1),
+            q_b,
+        ),
+        (
+            "a preload with another A in rank 0's columns on rank 1",
+            lambda: rig.rt.preload(mine("a_cols0"), key="k"),
+            down_a,
+        ),
+        (
+            "a cached copy on rank 0 and another B in rank 0's rows on rank 1",
+            lambda: rig.rt.load("sliced_a" if rank == 0 else rig.path("a_rows0"), slot=1),
+            q_b,
+        ),
+        (
+            "a dict of tensors with another B in rank 0's rows on rank 1",
+            lambda: load_as_dict(rig, "a_rows0", rank),
+            q_b,
+        ),
+    ]
+    for name, call, key in cases:
+        words = ("values", key, "rank 0", "rank 1", "no rank", "the same files")
+        check(name, lambda call=call, words=words: raises(lorahot.UsageError, call, *words))
+        check(f"unchanged after {name}", lambda: rig.unchanged(before))
+    rig.rt.cache.discard("sliced_a")
+
+
+def load_as_dict(rig: Rig, name: str, rank: int) -> object:
+    """Rank 0 loads ``a``'s file, rank 1 adapter ``name`` as a dict of its tensors (in memory,
+    its config given as ``config=``)."""
+    if rank == 0:
+        return rig.rt.load(rig.path("a"))
+    tensors = load_file(str(rig.folder / name / "adapter_model.safetensors"))
+    return rig.rt.load(tensors, config={"r": 4, "lora_alpha": 8})
 
 
 def extras_disagreements(mesh: object, check: Checks) -> None:
@@ -672,6 +741,21 @@ def scenario_transformers(mesh: object, folder: Path, check: Checks) -> None:
             or (None if torch.equal(logits(tp), before_failure) else "changed")
         ),
     )
+    for style, edited in (("colwise", "hf_a_rows0"), ("rowwise", "hf_a_cols0")):  # rank 0's slice, on rank 1
+        check(
+            f"a file differing in rank 0's slice of a {style} layer on rank 1 changes no rank",
+            lambda edited=edited: (
+                raises(
+                    lorahot.UsageError,
+                    lambda: rt.load(a if dist.get_rank() == 0 else str(folder / edited)),
+                    "values",
+                    "rank 1",
+                    "no rank",
+                    edited,
+                )
+                or (None if torch.equal(logits(tp), before_failure) else "changed")
+            ),
+        )
     rt.unload()
     check("unload", lambda: same(logits(tp), base))
     o_proj = rt.layers["model.layers.0.self_attn.o_proj"]

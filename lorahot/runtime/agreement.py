@@ -235,8 +235,8 @@ _INTERRUPTS = ("KeyboardInterrupt", "SystemExit")
 #: how a refusal names each aspect of :mod:`lorahot.runtime.fingerprint`
 _ASPECT_TEXT = {
     "arguments": "call's arguments (slot and scale, or a preload's key)",
-    "modules": "adapter's modules (target layers, ranks, alphas, the shapes of the tensors every rank holds whole)",
-    "values": "adapter's values (the whole content of the tensors every rank holds whole)",
+    "modules": "adapter's modules (target layers, ranks, alphas, the whole shapes of their factors)",
+    "values": "adapter's values (the whole content of every factor, each rank's slices included)",
 }
 
 #: the positions of the ``modules`` and ``values`` aspects in :data:`ASPECTS`

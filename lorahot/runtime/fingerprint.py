@@ -11,22 +11,22 @@ them), one per aspect, so that a refusal can say which one differs:
 - ``arguments``: the slot and the weights (scales) of a load or ``set_scale``, a preload's key,
   the slot or per-row routing of ``activate``, the slots ``unload`` empties;
 - ``modules``: per part of the stack, each target layer's name, rank, alpha and the dtype and
-  shape of the tensors every rank holds whole, each arena's ``alpha / r`` per layer, the keys
-  left out;
-- ``values``: per part, checksums of the whole content of those tensors (A of a
-  column-parallel layer, B of a row-parallel one; A, B, a DoRA magnitude and a LoRA bias of an
-  unsharded layer): :data:`SUMS` int64 sums per tensor (:func:`checksums`);
+  whole shape of every factor, each arena's ``alpha / r`` per layer, the keys left out;
+- ``values``: per part, checksums of the whole content of every factor (A, B, a DoRA magnitude
+  and a LoRA bias of an unsharded layer; A and B of a sharded one, the factor each rank holds a
+  slice of as read whole): :data:`SUMS` int64 sums per tensor (:func:`checksums`);
 - ``tensors`` (no aspect: named in a refusal only): per tensor summed, the file it came from,
   its layer, which factor it is and the file's keys of its module, as JSON.
 
 The sums see every byte: a single element changed anywhere, or two elements swapped, changes
-them, while the sharded factors (B's rows of a column-parallel layer, A's columns of a
-row-parallel one) differ between ranks by design and are not compared. They are computed where
-the tensors are (the arena's device for a load), in one batched pass per tensor shape, and only
-on a tensor-parallel model (:class:`~lorahot.runtime.agreement.Agreement`); a single-device load
-never computes them. Not caught: files that differ only in the slices each rank reads alone;
-that includes adapters that share their A (LoRA-FA, or A from one initialization) and differ
-only in B, where every target is column-parallel (q/k/v-only LoRA): B's rows are cut there.
+them. That includes the factors the ranks of a sharded layer each hold a slice of (B's rows of
+a column-parallel layer, A's columns of a row-parallel one): every rank reads them whole and
+sums them before cutting its slice (:func:`lorahot.runtime.sharding.cut_factors`, kept in
+:attr:`~lorahot.runtime.plan.LoadPlan.cut`), so files that differ only where one rank reads
+(adapters that share their A and differ in B, on q/k/v-only LoRA where every target is
+column-parallel) are refused too. The sums are computed where the tensors are (the arena's
+device for a load), in one batched pass per tensor shape, and only on a tensor-parallel model
+(:class:`~lorahot.runtime.agreement.Agreement`); a single-device load never computes them.
 """
 
 from __future__ import annotations
@@ -36,12 +36,15 @@ import json
 import struct
 import weakref
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from lorahot.adapter import LoraModule
 from lorahot.layers import LoRALayer
-from lorahot.runtime.plan import LoadPlan
+
+if TYPE_CHECKING:  # the plan's module imports this one (its cut factors are summed here)
+    from lorahot.runtime.plan import LoadPlan
 
 __all__ = ["ASPECTS", "SUMS", "checksums", "digest", "arguments", "plans"]
 
@@ -97,21 +100,30 @@ def _part(plan: LoadPlan, layers: dict[str, LoRALayer]) -> tuple[bytes, bytes, b
     if hit is not None and hit[0]() is plan:
         return hit[1], hit[2], hit[3]
     modules, summed, labels = bytearray(), list[torch.Tensor](), list[object]()
+    rows: list[int | torch.Tensor] = []  # per factor, in label order: its index in summed, or its sums
     _encode(("part", len(plan.targets), tuple(sorted(plan.skipped))), modules)
     lines = []
     for name in sorted(plan.targets):
         module = plan.targets[name]
         whole = _whole(module, layers.get(name))
         shapes = [(what, str(t.dtype), tuple(t.shape)) for what, t in whole]
+        cut = plan.cut.get(name)
+        if cut is not None:  # summed whole before this rank's slice was cut
+            shapes.append((cut.factor, str(cut.dtype), cut.shape))
         # repr: exact for these str, int, bool and float values, and far cheaper than _encode per module
         lines.append(repr((name, int(plan.ranks.get(name, 0)), float(module.alpha), module.use_rslora, shapes)))
+        rows += range(len(summed), len(summed) + len(whole))
         summed.extend(t for _, t in whole)
+        if cut is not None:
+            rows.append(cut.sums)
         keys = list(module.source_keys or (module.key,))
-        labels.extend([plan.source, name, what, keys] for what, _ in whole)
+        labels.extend([plan.source, name, what, keys] for what, *_ in shapes)
     _encode("\n".join(lines), modules)
     for scales in plan.scales:  # each arena's alpha / r per layer, float64
         modules += scales.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
-    out = (bytes(modules), checksums(summed).numpy().tobytes(), json.dumps(labels).encode()[1:-1])
+    computed = checksums(summed)
+    values = torch.stack([computed[r] if isinstance(r, int) else r for r in rows]) if rows else computed
+    out = (bytes(modules), values.numpy().tobytes(), json.dumps(labels).encode()[1:-1])
     _MEMO[key] = (weakref.ref(plan, lambda _, key=key: _MEMO.pop(key, None)), *out)  # type: ignore[misc]
     return out
 
@@ -122,7 +134,8 @@ _MEMO: dict[tuple[int, int], tuple[weakref.ref[LoadPlan], bytes, bytes, bytes]] 
 
 def _whole(module: LoraModule, layer: LoRALayer | None) -> list[tuple[str, torch.Tensor]]:
     """The tensors of a module that this rank writes whole (as every rank does): A of a
-    column-parallel layer (B's rows are cut), B of a row-parallel one (A's columns are cut),
+    column-parallel layer (B's rows are cut: its whole is summed in the plan's
+    :attr:`~lorahot.runtime.plan.LoadPlan.cut`), B of a row-parallel one (A's columns are cut),
     and on an unsharded layer A, B and the extras (a DoRA magnitude, a LoRA bias; sharded
     layers refuse those)."""
     shard = None if layer is None else layer.spec.shard

@@ -39,10 +39,10 @@ from lorahot.errors import (
     unfinished_eject,
 )
 from lorahot.formats import ModelNames
-from lorahot.io.loader import read_adapter, read_adapter_sliced, reading_for
+from lorahot.io.loader import read_adapter, reading_for
 from lorahot.io.read_buffers import ReadBuffers
 from lorahot.io.sources import Source
-from lorahot.io.tensorfile import Slices, largest_tensor
+from lorahot.io.tensorfile import largest_tensor
 from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.layers.norm import is_weightless_norm
@@ -112,7 +112,6 @@ from lorahot.runtime.routing import (
 from lorahot.runtime.scale_replay import ScaleReplay
 from lorahot.runtime.sequence_first import find_sequence_first
 from lorahot.runtime.settle import LiveFault, OtherRankFailed, Settlement, Unsettled, described, which_ranks
-from lorahot.runtime.sharding import file_slices
 from lorahot.runtime.skeleton import Skeleton, Skeletons
 from lorahot.runtime.stack import Stack, build
 from lorahot.runtime.targets import beside_layers, unwrap_modules
@@ -638,9 +637,11 @@ class LoraRuntime:
         part: int | None = None,
     ) -> tuple[Adapter, object | None]:
         """The adapter ``source`` holds, and the reader's recipe it was assembled from (or
-        None); on a tensor-parallel model, each rank reads only its slice of the sharded
-        factors from a file (:mod:`lorahot.runtime.sharding`). With ``part`` (a load's), a
-        file lands in the runtime's read buffers for that part (:mod:`lorahot.io.read_buffers`).
+        None); on a tensor-parallel model each rank reads the whole adapter, the factors it
+        keeps a slice of included, which the ranks compare whole before any writes
+        (:mod:`lorahot.runtime.sharding`). With ``part`` (a load's, off a tensor-parallel
+        model), a file lands in the runtime's read buffers for that part
+        (:mod:`lorahot.io.read_buffers`).
         ``read_kwargs`` may hold a ``denoiser`` (:func:`routed`): where modules go, not a read option."""
         read_kwargs = dict(read_kwargs)
         denoiser = read_kwargs.pop("denoiser", None)
@@ -668,11 +669,8 @@ class LoraRuntime:
                 adapter = read_adapter(source, device=device, _recipe=recipe, _fits=fits, **read_kwargs)
             return adapter, recipe[0] if recipe else None
 
-        def slicer(meta: Adapter, keys: Mapping[int, str]) -> Slices:
-            return file_slices(meta, keys, self._specs, self.components, self._others, denoiser)
-
         with largest_tensor(self._largest), reading_for(self._names):
-            return read_adapter_sliced(source, slicer, device=device, **read_kwargs), None
+            return read_adapter(source, device=device, **read_kwargs), None
 
     def _validated(self, adapter: Adapter, recipe: object | None, stage: bool, read_kwargs: dict[str, Any]) -> Checked:
         """:func:`validate` of a read adapter (with the plan of its recipe's skeleton, if

@@ -31,7 +31,7 @@ from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
 from lorahot.runtime.flux_inputs import pad_embedder_input
-from lorahot.runtime.sharding import localize
+from lorahot.runtime.sharding import CutFactor, cut_factors, localize
 
 __all__ = [
     "WEIGHT_DTYPES",
@@ -90,6 +90,9 @@ class LoadPlan:
             it (merged mode only; their layers hold no LoRA in the arena).
         dora: per arena, the indices of the layers the adapter loads DoRA into (their factors
             are computed after the write, and again after every ``set_scale``).
+        cut: tensor-parallel layer name -> the factor of its module that each rank holds a
+            slice of, summed whole before it was cut (what the ranks compare of it,
+            :mod:`lorahot.runtime.fingerprint`); empty off a tensor-parallel model.
     """
 
     targets: dict[str, LoraModule]
@@ -107,6 +110,7 @@ class LoadPlan:
     skipped: tuple[str, ...] = ()
     weights: dict[str, WeightModule] = field(default_factory=dict)
     dora: list[list[int]] = field(default_factory=list)
+    cut: dict[str, CutFactor] = field(default_factory=dict)
 
     @functools.cached_property
     def unit_scale(self) -> str | None:
@@ -266,6 +270,7 @@ def plan_load(
             finite, a scale ``alpha / r`` beyond the range of the layer's scale buffer.
     """
     limit = buffers.max_rank
+    uncut: dict[str, LoraModule] = {}  # the modules of the sharded layers, as read, before their cut
     targets, weights, unplaced = _fit(
         adapter,
         buffers,
@@ -280,11 +285,13 @@ def plan_load(
         denoiser,
         weightless,
         unwrapped,
+        uncut,
     )
     unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
     unreadable += [p for name, w in weights.items() for p in check_weight_values(name, w)]
     if unreadable:
         _raise_unreadable(adapter.source, unreadable)
+    cut = cut_factors(uncut, specs) if uncut else {}
     entries: list[list[tuple[int, LoraModule]]] = [[] for _ in buffers.arenas]
     per_layer = [[0.0] * len(a.specs) for a in buffers.arenas]
     dora: list[list[int]] = [[] for _ in buffers.arenas]
@@ -306,7 +313,17 @@ def plan_load(
     skipped = (*adapter.skipped, *(unplaced or ()))
     weights = {n: replace(w, factors={k: t.detach() for k, t in w.factors.items()}) for n, w in weights.items()}
     return LoadPlan(
-        targets, entries, scales, largest, adapter.source, ranks, nbytes, skipped=skipped, weights=weights, dora=dora
+        targets,
+        entries,
+        scales,
+        largest,
+        adapter.source,
+        ranks,
+        nbytes,
+        skipped=skipped,
+        weights=weights,
+        dora=dora,
+        cut=cut,
     )
 
 
@@ -368,9 +385,11 @@ def _fit(
     denoiser: str | None = None,
     weightless: tuple[str, ...] = (),
     unwrapped: tuple[tuple[str, str], ...] = (),
+    uncut: dict[str, LoraModule] | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule], list[str] | None]:
     """The adapter's modules resolved onto the layers (LoRA, other kinds, the keys left out
-    where not ``strict``), every problem of fit raised at once; ranks against ``rank_limit``."""
+    where not ``strict``), every problem of fit raised at once; ranks against ``rank_limit``.
+    ``uncut`` receives the modules of the tensor-parallel layers as read, before their cut."""
     unplaced: list[str] | None = None if strict else []
     if components:
         targets, weights = resolve_components(
@@ -386,7 +405,7 @@ def _fit(
             "map the names with prefix=/key_map=, or leave this adapter out of the load."
         )
     _pad_embedder_inputs(targets, specs, others)
-    misfits = _localize(targets, specs)
+    misfits = _localize(targets, specs, uncut)
     problems = [p for found in misfits.values() for p in found]
     problems += [
         p for name, m in targets.items() if name not in misfits for p in check_module(name, m, specs[name], rank_limit)
@@ -421,16 +440,21 @@ def _pad_embedder_inputs(targets: dict[str, LoraModule], specs: dict[str, LayerS
         targets[name] = pad_embedder_input(name, m, specs[name], has)
 
 
-def _localize(targets: dict[str, LoraModule], specs: dict[str, LayerSpec]) -> dict[str, list[str]]:
+def _localize(
+    targets: dict[str, LoraModule], specs: dict[str, LayerSpec], uncut: dict[str, LoraModule] | None = None
+) -> dict[str, list[str]]:
     """Replaces each module bound for a tensor-parallel layer by this rank's part of it
     (:func:`lorahot.runtime.sharding.localize`); returns, by layer, the problems with the
-    full shapes of those that do not fit."""
+    full shapes of those that do not fit. ``uncut`` receives each module a sharded layer's
+    cut took a slice of, as it was."""
     misfits: dict[str, list[str]] = {}
     for name, m in targets.items():
         if specs[name].shard is not None or specs[name].weight_shard is not None:
             targets[name], found = localize(name, m, specs[name])
             if found:
                 misfits[name] = found
+            elif uncut is not None and specs[name].shard is not None:
+                uncut[name] = m
     return misfits
 
 

@@ -5,28 +5,50 @@ Adapter files hold every layer whole: ``A [r, in]``, ``B [out, r]``. A tensor-pa
 channels (column-parallel, :attr:`~lorahot.layers.base.Shard.dim` ``"out"``) or A's columns of its
 input features (row-parallel, ``"in"``); the other factor is whole on every rank.
 
-- :func:`file_slices` tells the reader (:func:`lorahot.io.loader.read_adapter_sliced`) which
-  slice of which tensor of a file this rank needs, so it reads only that part of the
-  sharded factor from disk;
+Every rank reads the adapter whole (from a file as from memory), so that the ranks can compare
+all of it before any writes (:mod:`lorahot.runtime.fingerprint`): files that differ only in the
+slices each rank keeps would otherwise load, and the ranks would compute with two adapters. Then:
+
 - :func:`localize`, run by the load planner on every module bound for a sharded layer, checks
   the module's *full* shapes against the whole layer (so a file made for another model is
   refused the same on every rank) and then cuts this rank's part out of it, which every
   later step (value checks, stacking, the host cache, the copy into the buffers) treats like
-  any other module.
+  any other module;
+- :func:`cut_factors` sums, before the cut, the whole of each factor the ranks hold slices of
+  (:class:`CutFactor`), which the plan keeps for the ranks' comparison.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from lorahot.adapter import Adapter, LoraModule
-from lorahot.io.tensorfile import Slices, TensorSlice
+import torch
+
+from lorahot.adapter import LoraModule
 from lorahot.layers.base import LayerSpec, Shard
-from lorahot.resolve.components import resolve_components
-from lorahot.resolve.keys import resolve_all
+from lorahot.runtime.fingerprint import checksums
 
-__all__ = ["localize", "file_slices", "describe_shard"]
+__all__ = ["localize", "cut_factors", "CutFactor", "describe_shard"]
+
+
+@dataclass(frozen=True)
+class CutFactor:
+    """The factor of a module that the ranks of its tensor-parallel layer each hold a slice of
+    (B of a column-parallel layer, A of a row-parallel one), as every rank read it whole.
+
+    Attributes:
+        factor: ``"A"`` or ``"B"``.
+        dtype: its dtype.
+        shape: its whole shape (``[r, in]`` or ``[out, r]``).
+        sums: int64 ``[SUMS]`` on the host: :func:`lorahot.runtime.fingerprint.checksums` of
+            its whole content, every rank's slice included.
+    """
+
+    factor: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    sums: torch.Tensor
 
 
 def describe_shard(shard: Shard) -> str:
@@ -79,35 +101,14 @@ def _weight_cut(module: LoraModule, shard: Shard | None) -> LoraModule:
     return replace(module, base_weight=base[:, span] if shard.dim == "in" else base[span])
 
 
-def file_slices(
-    adapter: Adapter,
-    keys: Mapping[int, str],
-    specs: Mapping[str, LayerSpec],
-    components: tuple[str, ...] = (),
-    others: tuple[str, ...] = (),
-    denoiser: str | None = None,
-) -> Slices:
-    """Which slice of which tensor of a file this rank reads: for every module of ``adapter``
-    (read from the file's header: meta tensors, ``keys`` giving each one's key by ``id``) bound
-    for a sharded layer of ``specs``, its sharded factor's slice, when that factor is a file
-    tensor as it is (not one a naming built from several: those are read whole and cut by
-    :func:`localize`) and has the layer's full size (``denoiser``: as the load routes it).
-    Modules that map onto no layer, or ambiguously, are left to the planner, which reports them."""
-    names = list(specs)
-    try:
-        if components:
-            targets, _ = resolve_components(adapter, names, components, [], others, denoiser=denoiser)
-        else:
-            targets, _ = resolve_all(adapter, names, [], others)
-    except Exception:  # the planner reports it, with the values read
-        return {}
-    slices: dict[str, TensorSlice] = {}
-    for name, module in targets.items():
-        shard = specs[name].shard
-        if shard is None:
-            continue
-        dim, tensor = (1, module.A) if shard.dim == "in" else (0, module.B)
-        key = keys.get(id(tensor))
-        if key is not None and tensor.ndim == 2 and tensor.shape[dim] == shard.size:
-            slices[key] = TensorSlice(dim, shard.start, shard.stop)
-    return slices
+def cut_factors(modules: Mapping[str, LoraModule], specs: Mapping[str, LayerSpec]) -> dict[str, CutFactor]:
+    """The factor :func:`localize` cuts of each of ``modules`` (layer name -> the module read
+    whole, bound for a sharded layer of ``specs``), summed whole: one batched pass where the
+    tensors are (the load's device, the host for a preload). A meta tensor sums to zeros."""
+    cut = {name: "A" if specs[name].shard.dim == "in" else "B" for name in modules}  # type: ignore[union-attr]
+    tensors = [getattr(modules[name], what) for name, what in cut.items()]
+    sums = checksums(tensors)
+    return {
+        name: CutFactor(what, t.dtype, tuple(t.shape), sums[k])
+        for k, ((name, what), t) in enumerate(zip(cut.items(), tensors))
+    }

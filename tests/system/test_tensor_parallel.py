@@ -69,6 +69,33 @@ def _write_adapters(folder: Path) -> None:
     o_b = swapped["base_model.model.layers.0.self_attn.o_proj.lora_B.weight"]  # row-parallel: B whole, [32, 4]
     o_b[[1, 2], 1] = o_b[[2, 1], 1].clone()
     save_peft(folder / "a_swapped", swapped, r=4, lora_alpha=8)
+    _write_sliced(folder, a, model)
+
+
+#: what :func:`_write_sliced` changes in ``a``: a key and an index into its tensor, by file
+SLICED = {
+    "a_rows0": ("base_model.model.layers.0.self_attn.q_proj.lora_B.weight", (3, 1)),  # rank 0's rows 0:16
+    "a_rows1": ("base_model.model.layers.0.self_attn.q_proj.lora_B.weight", (20, 1)),  # rank 1's rows 16:32
+    "a_cols0": ("base_model.model.layers.1.mlp.down_proj.lora_A.weight", (1, 10)),  # rank 0's inputs 0:25
+    "a_cols1": ("base_model.model.layers.0.self_attn.o_proj.lora_A.weight", (2, 30)),  # rank 1's inputs 16:32
+}
+
+
+def _write_sliced(folder: Path, a: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Adapters that differ from another only where a rank reads its own slice: ``a`` with one
+    element changed in a column-parallel B's rows or a row-parallel A's columns (:data:`SLICED`);
+    and ``qkv`` and ``qkv_b``, LoRA on q/k/v only (every target column-parallel) with the same A
+    and another B (a LoRA-FA pair, or two trainings from one initialization)."""
+    for name, (key, index) in SLICED.items():
+        edited = {k: v.clone() for k, v in a.items()}
+        edited[key][index] += 3
+        save_peft(folder / name, edited, r=4, lora_alpha=8)
+    qkv = [f"layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkv"]
+    first, _ = make_adapter(model, dict.fromkeys(qkv, 4), seed=7, dtype=torch.float64)
+    second, _ = make_adapter(model, dict.fromkeys(qkv, 4), seed=8, dtype=torch.float64)
+    save_peft(folder / "qkv", first, r=4, lora_alpha=8)
+    shared_a = {k: first[k] if ".lora_A." in k else v for k, v in second.items()}
+    save_peft(folder / "qkv_b", shared_a, r=4, lora_alpha=8)
 
 
 #: PEFT configs of the transformers Llama's adapters: ``hf_a`` on every projection and the head,
@@ -147,6 +174,27 @@ def _write_transformers(folder: Path) -> None:
     _save_peft(mla, MLA_ADAPTER, 7, folder / "hf_mla")
     for seed, (name, config) in enumerate(PARALLELIZED_ADAPTERS.items()):
         _save_peft(base, config, 10 + seed, folder / name)
+    _write_hf_sliced(folder)
+
+
+def _write_hf_sliced(folder: Path) -> None:
+    """``hf_a`` with one element changed where only rank 0 of 2 reads: ``hf_a_rows0`` in a
+    ``colwise`` q_proj's B rows, ``hf_a_cols0`` in a ``rowwise`` down_proj's A columns."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "hf_a" / "adapter_model.safetensors"))
+    edits = {
+        "hf_a_rows0": ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", (0, 1)),
+        "hf_a_cols0": ("base_model.model.model.layers.0.mlp.down_proj.lora_A.weight", (2, 0)),
+    }
+    for name, (key, index) in edits.items():
+        edited = {k: v.clone() for k, v in tensors.items()}
+        edited[key][index] += 3
+        (folder / name).mkdir()
+        save_file(edited, str(folder / name / "adapter_model.safetensors"))
+        shutil.copy(folder / "hf_a" / "adapter_config.json", folder / name / "adapter_config.json")
 
 
 def _save_peft(base: torch.nn.Module, config: dict[str, object], seed: int, path: Path) -> None:
@@ -238,6 +286,20 @@ def test_sharded_model_computes_the_unsharded_one(parity: list[dict[str, str]], 
     _assert_check(parity, name)
 
 
+#: the loads :func:`tests.parallel_worker.sliced_factors` makes with files that differ only in
+#: the slices each rank reads alone
+SLICED_CASES = [
+    "another B in rank 0's rows of a column-parallel layer on rank 1",
+    "another B in rank 1's rows of a column-parallel layer on rank 1",
+    "another A in rank 0's columns of a row-parallel layer on rank 1",
+    "another A in rank 1's columns of a row-parallel layer on rank 1",
+    "the same A with another B on rank 1, every target column-parallel",
+    "a stack with another B in rank 0's rows on rank 1",
+    "a preload with another A in rank 0's columns on rank 1",
+    "a cached copy on rank 0 and another B in rank 0's rows on rank 1",
+    "a dict of tensors with another B in rank 0's rows on rank 1",
+]
+
 ATOMIC = [
     "NaN in rank 1's slice only",
     "unchanged after the NaN slice",
@@ -275,6 +337,7 @@ ATOMIC = [
             "a stack with one element changed on rank 1",
             "a preload with one element changed on rank 1",
             "a cached copy on rank 0 and an edited file on rank 1",
+            *SLICED_CASES,
         )
         for check in (what, f"unchanged after {what}")
     ),
@@ -283,6 +346,8 @@ ATOMIC = [
     "nothing cached after the preloads",
     "the same contents at another path load",
     "and compute the reference",
+    "the same contents as a dict of tensors on rank 1 load",
+    "and compute the reference from the dict",
     "a cache hit on rank 0 and a read on rank 1 load",
     "and compute the reference too",
     *(
@@ -606,6 +671,8 @@ def transformers_tp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, 
         "per-row routing",
         "per-row routing, decode rows",
         "a file only rank 1 lacks changes no rank",
+        "a file differing in rank 0's slice of a colwise layer on rank 1 changes no rank",
+        "a file differing in rank 0's slice of a rowwise layer on rank 1 changes no rank",
         "plan_targets reads the whole layers",
         "unload",
         "eject restores the model",

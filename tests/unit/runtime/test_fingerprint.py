@@ -5,6 +5,7 @@ tests/system/test_tensor_parallel.py."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +19,7 @@ from lorahot.adapter import LoraModule
 from lorahot.layers.base import Shard
 from lorahot.runtime import fingerprint
 from lorahot.runtime.plan import LoadPlan
+from lorahot.runtime.sharding import CutFactor
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=6)
@@ -83,6 +85,31 @@ def test_plans_sum_the_whole_factors_every_rank_holds_whole() -> None:
         for changed in edits(b):
             got = fingerprint.plans([_plan(a, changed)], layers)
             assert (got["values"] != ref["values"]) == b_seen, dim  # a row-parallel layer's B is whole
+
+
+@pytest.mark.parametrize("dim, factor", [("out", "B"), ("in", "A")])
+def test_plans_compare_the_whole_of_the_factor_each_rank_holds_a_slice_of(dim: str, factor: str) -> None:
+    """A sharded layer's plan keeps the sums of the factor its ranks each hold a slice of, as
+    read whole (:attr:`LoadPlan.cut`): the values move with them, the modules carry its whole
+    shape (not the rank's slice), and a refusal can name it."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 8, generator=g), torch.randn(8, 4, generator=g)
+    whole = b if factor == "B" else a
+    edited = whole.clone()
+    edited[0, 0] += 1.0  # in rank 0's slice of either factor (this plan's rank keeps 0:4 of 8)
+
+    def plan(sums_of: torch.Tensor) -> LoadPlan:
+        kept = sums_of[:4] if factor == "B" else sums_of[:, :4]  # the part this rank writes
+        p = _plan(a, kept) if factor == "B" else _plan(kept, b)
+        p.cut = {"q": CutFactor(factor, whole.dtype, tuple(whole.shape), fingerprint.checksums([sums_of])[0])}
+        return p
+
+    layers = {"q": _layer(dim)}
+    ref, got = fingerprint.plans([plan(whole)], layers), fingerprint.plans([plan(edited)], layers)
+    assert got["values"] != ref["values"] and got["modules"] == ref["modules"]
+    assert repr((factor, str(whole.dtype), tuple(whole.shape))).encode() in ref["modules"]
+    assert [label[2] for label in json.loads(ref["tensors"])] == ["A" if factor == "B" else "B", factor]
+    assert ref == fingerprint.plans([plan(whole.clone())], layers)
 
 
 @given(

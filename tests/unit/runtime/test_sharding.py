@@ -1,19 +1,20 @@
-"""An adapter's part for one rank of a tensor-parallel model: which slices a rank reads from a
-file, and how a module is cut to them (the layers themselves run in
-``tests/system/test_tensor_parallel.py``, on two processes)."""
+"""An adapter's part for one rank of a tensor-parallel model: how a module read whole is cut to
+the rank's slices, and the sums of the whole factors the ranks compare (the layers themselves
+and the ranks' refusals run in ``tests/system/test_tensor_parallel.py``, on two processes)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from lorahot.io.loader import read_adapter, read_adapter_sliced
-from lorahot.io.tensorfile import TensorSlice
+from lorahot.io.loader import read_adapter
 from lorahot.layers.base import LayerSpec, Shard
-from lorahot.runtime.sharding import file_slices, localize
+from lorahot.runtime.fingerprint import checksums
+from lorahot.runtime.sharding import cut_factors, localize
 from tests.helpers import make_adapter, save_peft
 
 #: rank 1 of 2: q is column-parallel (outputs 2:4 of 4), o row-parallel (inputs 2:4 of 4)
@@ -33,23 +34,35 @@ def _file(tmp_path: Path) -> tuple[Path, dict[str, tuple[torch.Tensor, torch.Ten
     return save_peft(tmp_path / "a", tensors, r=3, lora_alpha=3), ab
 
 
-def test_a_rank_reads_only_its_slices_of_the_sharded_factors(tmp_path: Path) -> None:
+def test_a_rank_cuts_its_slices_of_the_sharded_factors(tmp_path: Path) -> None:
     path, ab = _file(tmp_path)
-    tensors: dict[str, torch.Tensor] = {}
-    meta = read_adapter(path, device="meta", _keys=tensors)
-    slices = file_slices(meta, {id(t): k for k, t in tensors.items()}, SPECS)
-    assert slices == {
-        "base_model.model.q.lora_B.weight": TensorSlice(0, 2, 4),
-        "base_model.model.o.lora_A.weight": TensorSlice(1, 2, 4),
-    }
-    adapter = read_adapter_sliced(path, lambda m, k: file_slices(m, k, SPECS))
-    q, o = adapter.modules["q"], adapter.modules["o"]
-    assert torch.equal(q.B[2:], ab["q"][1][2:]) and not q.B[:2].any() and torch.equal(q.A, ab["q"][0])
-    assert torch.equal(o.A[:, 2:], ab["o"][0][:, 2:]) and not o.A[:, :2].any() and torch.equal(o.B, ab["o"][1])
-    local, problems = localize("q", q, SPECS["q"])
+    adapter = read_adapter(path)
+    local, problems = localize("q", adapter.modules["q"], SPECS["q"])
     assert not problems and torch.equal(local.B, ab["q"][1][2:4]) and local.B.is_contiguous()
-    local, problems = localize("o", o, SPECS["o"])
+    assert torch.equal(local.A, ab["q"][0])
+    local, problems = localize("o", adapter.modules["o"], SPECS["o"])
     assert not problems and torch.equal(local.A, ab["o"][0][:, 2:4]) and local.A.is_contiguous()
+    assert torch.equal(local.B, ab["o"][1])
+
+
+@pytest.mark.parametrize("name, factor, index", [("q", "B", (0, 1)), ("q", "B", (3, 2)), ("o", "A", (1, 0))])
+def test_the_cut_factor_is_summed_whole_every_ranks_slice_included(
+    tmp_path: Path, name: str, factor: str, index: tuple[int, int]
+) -> None:
+    """B of a column-parallel layer, A of a row-parallel one: summed as read whole, before the
+    cut, so an element changed in rank 0's slice (rows or columns 0:2, which rank 1 does not
+    keep) moves rank 1's sums as one in its own slice does."""
+    path, ab = _file(tmp_path)
+    modules = read_adapter(path).modules
+    got = cut_factors({name: modules[name]}, SPECS)[name]
+    whole = ab[name][1] if factor == "B" else ab[name][0]
+    assert (got.factor, got.dtype, got.shape) == (factor, whole.dtype, tuple(whole.shape))
+    assert torch.equal(got.sums, checksums([whole])[0])
+    edited = whole.clone()
+    edited[index] += 1.0
+    changed = {"A": modules[name].A, "B": modules[name].B, factor: edited}
+    moved = cut_factors({name: replace(modules[name], **changed)}, SPECS)[name]
+    assert not torch.equal(moved.sums, got.sums)
 
 
 def test_unsharded_layers_are_untouched(tmp_path: Path) -> None:
