@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -167,6 +168,33 @@ def check_extras(name: str, module: LoraModule, spec: LayerSpec, refusal: str | 
     return problems
 
 
+#: PEFT's keys of an embedding's LoRA (``lora_embedding_A`` ``[r, num]``, ``lora_embedding_B``
+#: ``[dim, r]``, with or without the adapter's name): the one spelling a reference reads as one.
+_PEFT_EMBEDDING = re.compile(r"\.lora_embedding_[AB](?:\.[^.]+)?$")
+
+
+def _embedding_spelling(name: str, module: LoraModule, spec: LayerSpec) -> str:
+    """Why a LoRA on an embedding in another spelling than PEFT's (kohya's ``lora_down`` /
+    ``lora_up``, ``lora_A.weight`` / ``lora_B.weight``) is refused: no reference reads it as an
+    embedding's LoRA. PEFT (under diffusers and transformers too) reads only ``lora_embedding_A``
+    / ``lora_embedding_B`` there and leaves other keys unloaded; sd-scripts and LyCORIS wrap no
+    embedding (sd-scripts' loader skips the keys, LyCORIS' raises); diffusers' kohya conversion
+    raises; ComfyUI adds ``up @ down`` reshaped to the table's ``[num, dim]`` (the table read as a
+    linear's ``[out, in]``) where its key map names the table, and skips the keys elsewhere."""
+    num, dim = spec.in_dim, spec.out_dim
+    shapes = f"A {tuple(module.A.shape)}, B {tuple(module.B.shape)}"
+    return (
+        f"{_where(name, module)}: a LoRA ({shapes}) on an nn.Embedding of {num} rows of {dim} in another spelling "
+        "than PEFT's lora_embedding_A / lora_embedding_B, which no reference library reads as an embedding's LoRA: "
+        "PEFT (and diffusers and transformers through it) leaves these keys unloaded, sd-scripts wraps no embedding "
+        "and skips them, LyCORIS' loader and diffusers' kohya conversion raise, and ComfyUI, where its key map names "
+        f"the table, adds up @ down reshaped to ({num}, {dim}), the table read as a linear's weight. Rename the pair "
+        f"lora_embedding_A (r, {num}) and lora_embedding_B ({dim}, r) if it is PEFT's layout (for ComfyUI's layout, "
+        f"up ({num}, r) and down (r, {dim}): lora_embedding_A = up.T, lora_embedding_B = down.T), or leave this "
+        "module out of the adapter"
+    )
+
+
 def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) -> list[str]:
     """Every problem with loading ``module`` into the layer ``name``; empty when it fits."""
     if spec.kind == "norm":
@@ -174,6 +202,8 @@ def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) 
             f"{_where(name, module)}: a LoRA (A and B) on a normalization layer, which takes only deltas of its weight "
             "and bias (.diff / .diff_b, LyCORIS w_norm / b_norm); leave this module out of the adapter or the targets"
         ]
+    if spec.kind == "embedding" and module.source_keys and not any(map(_PEFT_EMBEDDING.search, module.source_keys)):
+        return [_embedding_spelling(name, module, spec)]
     a, b = module.A, module.B
     rank = int(a.shape[0]) if a.ndim else 0
     a_ok = a.ndim == 1 + len(spec.a_row_shape) and rank > 0 and tuple(a.shape) == spec.a_shape(rank)
@@ -497,6 +527,9 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
     bias = module.factors.get("diff_b")
     if not fits:
         return [f"{where}: its {module.kind} factors ({shapes}) make a weight of shape {got}, expected {expected}"]
+    diff = module.factors.get("diff")
+    if diff is not None and _unit_kernel_free(tuple(diff.shape))[1:] != _unit_kernel_free(expected)[1:]:
+        return [_flat_diff(where, tuple(diff.shape), expected)]
     if bias is not None and tuple(bias.shape) != (spec.out_dim,):
         return [f"{where}: diff_b has shape {tuple(bias.shape)}, expected ({spec.out_dim},)"]
     magnitude = module.factors.get("dora_scale")
@@ -508,6 +541,22 @@ def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> lis
             f"channel, LyCORIS' wd_on_out=True) or {per_in} (per input channel, wd_on_out=False)"
         ]
     return []
+
+
+def _flat_diff(where: str, got: tuple[int, ...], expected: tuple[int, ...]) -> str:
+    """Why a full diff whose shape is not its conv's weight's (flattened over the kernel,
+    ``[out, in * prod(kernel)]``) is refused: no reference reads it. ComfyUI adds a ``.diff`` only
+    where its shape is the weight's (else it warns ``SHAPE MISMATCH ... WEIGHT NOT MERGED`` and
+    skips it), LyCORIS' loader fails to copy it into the conv's weight, diffusers' conversions drop
+    such keys (Wan's) or raise (SD's). Trailing kernel dimensions of 1 count as none (a 1x1 conv's
+    weight is a linear's); the rows are the module's to check (a fused module's part holds its own)."""
+    return (
+        f"{where}: its full diff has shape {got}, the conv's weight {expected} flattened over its kernel, which no "
+        "reference library reads: ComfyUI skips a .diff whose shape is not the weight's (warning SHAPE MISMATCH ... "
+        "WEIGHT NOT MERGED), LyCORIS' loader fails to copy it into the conv's weight, diffusers' conversions drop "
+        f"such keys or raise. Reshape it to {expected} in the file if it is that weight in torch's order, or leave "
+        "this module out of the adapter"
+    )
 
 
 def _grouped_problem(module: WeightModule, spec: LayerSpec) -> str | None:

@@ -13,6 +13,7 @@ forward (``apply_to``: the module's own ``get_weight`` and scale) and with its
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -401,6 +402,129 @@ def test_a_dora_scale_on_an_embedding_is_refused_and_nothing_changes(merged: boo
             runtime.load(adapter)
     state = dict([*model.named_parameters(), *model.named_buffers()])
     assert all(torch.equal(state[k], v) for k, v in before.items())
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    state = dict([*model.named_parameters(), *model.named_buffers()])
+    return state.keys() == before.keys() and all(torch.equal(state[k], v) for k, v in before.items())
+
+
+#: a LoRA on an ``nn.Embedding(10, 4)`` in each spelling no reference reads as an embedding's
+#: LoRA: ``(key of A, key of B, A's shape, B's shape)`` (PEFT's layout, A ``[r, num]``, or
+#: ComfyUI's, the table read as a linear's weight: down ``[r, dim]``, up ``[num, r]``)
+EMBEDDING_SPELLINGS = {
+    "kohya": ("lora_unet_emb.lora_down.weight", "lora_unet_emb.lora_up.weight", (2, 10), (4, 2)),
+    "kohya-comfyui-layout": ("lora_unet_emb.lora_down.weight", "lora_unet_emb.lora_up.weight", (2, 4), (10, 2)),
+    "comfyui": ("diffusion_model.emb.lora_down.weight", "diffusion_model.emb.lora_up.weight", (2, 10), (4, 2)),
+    "lycoris": ("lycoris_emb.lora_down.weight", "lycoris_emb.lora_up.weight", (2, 10), (4, 2)),
+    "peft-lora_A": ("base_model.model.emb.lora_A.weight", "base_model.model.emb.lora_B.weight", (2, 10), (4, 2)),
+}
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("spelling", list(EMBEDDING_SPELLINGS))
+def test_a_lora_on_an_embedding_in_another_spelling_than_peft_s_is_refused_and_nothing_changes(
+    spelling: str, merged: bool
+) -> None:
+    """No reference reads a LoRA on an ``nn.Embedding`` spelled otherwise than PEFT's
+    ``lora_embedding_A``/``lora_embedding_B``: LyCORIS' loader raises (its modules wrap Linear and
+    conv layers only), PEFT leaves ``lora_A.weight``/``lora_B.weight`` there unloaded (the output
+    stays the base's), sd-scripts wraps no embedding, diffusers' kohya conversion raises, and
+    ComfyUI adds ``up @ down`` reshaped to the table's ``[num, dim]``. It loaded before, read as
+    PEFT's ``(B @ A).T``, a number none of them gives. Now refused naming the module, its keys, the
+    shapes, what the references do and the fix, alone, in a stack and by ``plan_targets``, every
+    parameter and buffer bitwise unchanged; the same tensors in PEFT's spelling still load, at
+    PEFT's float64 output."""
+    ka, kb, sa, sb = EMBEDDING_SPELLINGS[spelling]
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "lin": nn.Linear(6, 4)}).double()
+    a, b = torch.randn(sa, generator=g, dtype=torch.float64), torch.randn(sb, generator=g, dtype=torch.float64)
+    sd = {ka: a, kb: b}
+    other = {"lora_unet_lin.lora_down.weight": torch.randn(2, 6), "lora_unet_lin.lora_up.weight": torch.randn(4, 2)}
+    if spelling == "lycoris":  # LyCORIS' own loader raises on it
+        with pytest.raises(ValueError, match="not supported"):
+            weights = {k: v.float() for k, v in sd.items()} | {"lycoris_emb.alpha": torch.tensor(2.0)}
+            lycoris.create_lycoris_from_weights(1.0, "", copy.deepcopy(model), weights)
+    if spelling == "peft-lora_A":  # PEFT leaves the keys unloaded: the base's output
+        peft = pytest.importorskip("peft")
+        oracle = peft.inject_adapter_in_model(
+            peft.LoraConfig(r=2, lora_alpha=2, target_modules=["emb"]), copy.deepcopy(model)
+        )
+        loaded = peft.set_peft_model_state_dict(oracle, {k.removeprefix("base_model.model."): v for k, v in sd.items()})
+        assert {k.removeprefix("base_model.model.") for k in sd} <= set(loaded.unexpected_keys)
+        ids = torch.tensor([1, 7, 3])
+        with torch.no_grad():
+            assert torch.equal(oracle["emb"](ids), model["emb"](ids))
+    refused = (
+        rf"emb \({re.escape(ka)}, {re.escape(kb)}\): a LoRA \(A {re.escape(str(sa))}, B {re.escape(str(sb))}\) on an "
+        r"nn\.Embedding of 10 rows of 4 in another spelling than PEFT's lora_embedding_A / lora_embedding_B, which no "
+        r"reference library reads[\s\S]*LyCORIS' loader and diffusers' kohya conversion raise[\s\S]*ComfyUI[\s\S]*"
+        r"Rename the pair lora_embedding_A \(r, 10\) and lora_embedding_B \(4, r\)"
+    )
+    with pytest.raises(lorahot.AdapterMismatchError, match=refused):
+        lorahot.plan_targets(sd, model=model)
+    table = model["emb"].weight.detach().clone()
+    runtime = lorahot.inject(model, ["emb", "lin"], max_rank=4, merged=merged)
+    before = _state(model)
+    for adapter in (sd, [other, sd]):
+        with pytest.raises(lorahot.AdapterMismatchError, match=refused):
+            runtime.load(adapter)
+        assert _unchanged(model, before)
+    ids = torch.tensor([1, 7, 3])
+    peft_a, peft_b = (a, b) if sa == (2, 10) else (b.T, a.T)  # ComfyUI's layout turned into PEFT's
+    runtime.load({"base_model.model.emb.lora_embedding_A": peft_a, "base_model.model.emb.lora_embedding_B": peft_b})
+    with torch.no_grad():
+        got = model["emb"](ids)
+    want = torch.nn.functional.embedding(ids, table + (peft_b @ peft_a).T)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("layer", "flat"),
+    [(nn.Conv2d(3, 4, 3), (4, 27)), (nn.Conv1d(3, 4, 3), (4, 9)), (nn.Conv2d(3, 4, (1, 3)), (4, 9))],
+    ids=["conv2d", "conv1d", "conv2d-1x3"],
+)
+def test_a_flat_full_diff_on_a_conv_is_refused_and_nothing_changes(layer: nn.Module, flat: tuple[int, ...]) -> None:
+    """A ``.diff`` of a conv flattened over its kernel (``[out, in * prod(kernel)]``) is read by
+    no reference: LyCORIS' loader fails to copy it into the conv's weight, ComfyUI skips a diff
+    whose shape is not the weight's (``SHAPE MISMATCH ... WEIGHT NOT MERGED``). It folded before,
+    read in the layer's order. Now refused naming the module, the shapes and the fix, every
+    parameter bitwise unchanged; the same values in the weight's shape fold at the float64
+    reference, as LyCORIS' forward computes them, and a 1x1 conv's flat diff (its weight is a
+    linear's) still folds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(layer).double()
+    w0 = model[0].weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    diff = torch.randn(flat, generator=g, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="must match"):  # LyCORIS' own loader
+        lycoris.create_lycoris_from_weights(1.0, "", copy.deepcopy(model).float(), {"lycoris_0.diff": diff.float()})
+    oracle = copy.deepcopy(model)
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    before = _state(model)
+    shape = re.escape(str(tuple(w0.shape)))
+    with pytest.raises(
+        lorahot.AdapterMismatchError,
+        match=rf"0 \(lora_unet_0\.diff\): its full diff has shape {re.escape(str(flat))}, the conv's weight {shape} "
+        rf"flattened over its kernel, which no reference library reads[\s\S]*Reshape it to {shape} in the file",
+    ):
+        runtime.load({"lora_unet_0.diff": diff})
+    assert _unchanged(model, before)
+    network, _ = lycoris.create_lycoris_from_weights(0.5, "", oracle, {"lycoris_0.diff": diff.reshape(w0.shape)})
+    network.apply_to()
+    runtime.load({"lora_unet_0.diff": diff.reshape(w0.shape)}, scale=0.5)
+    x = torch.randn(2, *w0.shape[1:2], *(5,) * (w0.ndim - 2), generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), oracle(x), rtol=0, atol=1e-12)
+    one = nn.Sequential(nn.Conv2d(3, 4, 1)).double()
+    want = one[0].weight.detach() + diff[:, :3].reshape(4, 3, 1, 1)
+    lorahot.inject(one, ["0"], max_rank=4, merged=True).load({"lora_unet_0.diff": diff[:, :3].contiguous()})
+    torch.testing.assert_close(one[0].weight.detach(), want, rtol=0, atol=1e-15)
 
 
 def test_weight_decomposed_locon_refuses_every_scale_but_one(tmp_path: Path) -> None:

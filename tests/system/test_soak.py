@@ -138,10 +138,13 @@ def _write_distinct(directory: Path, model: torch.nn.Module, i: int) -> Path:
     tenth truncated, every 50th a pickle (both refused)."""
     rng = random.Random(i)
     rank = rng.randint(1, MAX_RANK // 2)
-    tensors, _ = make_adapter(model, dict.fromkeys(rng.sample(_ALL, rng.randint(1, len(_ALL))), rank), seed=i)
+    kind = i % 4
+    layers = rng.sample(_ALL, rng.randint(1, len(_ALL)))
+    if kind == 2:  # a kohya file: no embedding, whose LoRA no reference reads in kohya's spelling
+        layers = [name for name in layers if name != EMB] or [Q0]
+    tensors, _ = make_adapter(model, dict.fromkeys(layers, rank), seed=i)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     directory.mkdir(parents=True, exist_ok=True)
-    kind = i % 4
     if i % 50 == 49:
         torch.save(tensors, directory / "adapter_model.bin")
         return directory
@@ -155,7 +158,7 @@ def _write_distinct(directory: Path, model: torch.nn.Module, i: int) -> Path:
         for key, value in tensors.items():
             module, _, role = key.removeprefix("base_model.model.").rpartition(".lora_")
             name = "lora_unet_" + module.replace(".", "_")
-            kohya[f"{name}.{'lora_down' if role.startswith(('A', 'embedding_A')) else 'lora_up'}.weight"] = value
+            kohya[f"{name}.{'lora_down' if role.startswith('A') else 'lora_up'}.weight"] = value
             kohya[f"{name}.alpha"] = torch.tensor(float(rank))
         path = directory / "style.safetensors"
         save_file(kohya, str(path))
