@@ -79,3 +79,21 @@ def test_a_module_is_checked_against_the_whole_layer(name: str, a: tuple[int, in
     _, problems = localize(name, module, SPECS[name])
     assert len(problems) == 1
     assert "expected (r, " in problems[0] and "tensor-parallel linear" in problems[0] and "rank 1 of 2" in problems[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_cut_factor_read_onto_cuda_sums_as_on_the_host(tmp_path: Path, dtype: torch.dtype) -> None:
+    """A load reads onto the arenas' GPU and sums there, a preload on the host: the ranks
+    compare the two (rank 0's host cache against rank 1's read), so the sums of a file read
+    onto CUDA must be the host's bitwise, for each factor the ranks cut."""
+    path, _ = _file(tmp_path)
+    host = read_adapter(path).modules
+    cuda = read_adapter(path, device="cuda").modules
+    cast = {n: replace(m, A=m.A.to(dtype), B=m.B.to(dtype)) for n, m in host.items() if n in ("q", "o")}
+    on_cuda = {n: replace(m, A=m.A.to(dtype), B=m.B.to(dtype)) for n, m in cuda.items() if n in ("q", "o")}
+    want, got = cut_factors(cast, SPECS), cut_factors(on_cuda, SPECS)
+    assert on_cuda["q"].B.is_cuda and want.keys() == got.keys() == {"q", "o"}
+    for name in want:
+        assert got[name].sums.device.type == "cpu" and torch.equal(got[name].sums, want[name].sums)
+        assert (got[name].factor, got[name].shape) == (want[name].factor, want[name].shape)
