@@ -20,6 +20,7 @@ __all__ = [
     "FusedPart",
     "Adapter",
     "storage_problem",
+    "detached",
     "WEIGHT_KINDS",
     "ROTATION_KINDS",
     "BASE_KINDS",
@@ -317,6 +318,19 @@ class Adapter:
         return sum(m.A.nbytes + m.B.nbytes for m in self.modules.values()) + sum(
             w.nbytes for w in self.weights.values()
         )
+
+
+def detached(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, as a plain ``torch.Tensor`` of the same memory: a subclass of the
+    caller's (its ``__torch_function__``, a ``detach`` of its own) is not called, here or by any
+    operation lorahot runs on the result. A runtime call reads the caller's tensors before it
+    checks the model and must run nothing of the caller's after (see
+    ``LoraRuntime._check_usable``). A subclass that dispatches in Python (a wrapper: DTensor,
+    torchao's) stays one, for :func:`storage_problem` to refuse."""
+    if type(t) is torch.Tensor:
+        return t.detach()
+    with torch._C.DisableTorchFunctionSubclass():
+        return torch.Tensor.detach(t)
 
 
 def storage_problem(t: torch.Tensor) -> str | None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lorahot.adapter import ROTATION_KINDS, Adapter, LoraModule, WeightModule, storage_problem
+from lorahot.adapter import ROTATION_KINDS, Adapter, LoraModule, WeightModule, detached, storage_problem
 from lorahot.errors import (
     AdapterMismatchError,
     AdapterReadError,
@@ -232,12 +232,41 @@ def checked_adapter(adapter: Adapter) -> Adapter:
                 "with lorahot.read_adapter.",
             )
         )
+    adapter = _plain_tensors(adapter)
     if type(adapter.format) is str and type(adapter.source) is str and adapter.source.isprintable():
         return adapter
     # a str of a subclass as a plain one: lorahot compares and hashes the format and source; the
     # source is named in messages, as one line
     source = one_line(str.__str__(adapter.source))
     return dataclasses.replace(adapter, format=str.__str__(adapter.format), source=source)
+
+
+def _plain_tensors(adapter: Adapter) -> Adapter:
+    """``adapter`` (checked) with every tensor of a subclass of the caller's as a plain tensor
+    of the same memory (:func:`~lorahot.adapter.detached`), so that nothing of the caller's runs
+    once it is read (a load reads it before it checks the model: see
+    ``LoraRuntime._check_usable``); the same object where every tensor is plain."""
+
+    def plain(t: Any) -> Any:
+        return detached(t) if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor else t
+
+    roles = ("A", "B", "base_weight", "magnitude", "bias")
+    modules = {
+        k: m
+        if all(plain(getattr(m, r)) is getattr(m, r) for r in roles)
+        else dataclasses.replace(m, **{r: plain(getattr(m, r)) for r in roles})
+        for k, m in adapter.modules.items()
+    }
+    weights = {
+        k: w
+        if all(plain(t) is t for t in w.factors.values())
+        else dataclasses.replace(w, factors={n: plain(t) for n, t in w.factors.items()})
+        for k, w in adapter.weights.items()
+    }
+    same = all(modules[k] is m for k, m in adapter.modules.items()) and all(
+        weights[k] is w for k, w in adapter.weights.items()
+    )
+    return adapter if same else dataclasses.replace(adapter, modules=modules, weights=weights)
 
 
 def _named(source: object) -> str:

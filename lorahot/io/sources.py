@@ -20,6 +20,7 @@ from typing import Any, Union
 
 import torch
 
+from lorahot.adapter import detached
 from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, UsageError, long_name, one_line, shown
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.digests import note_config
@@ -232,7 +233,8 @@ def _from_path(
 
 
 def _from_mapping(source: Mapping[str, Any]) -> RawAdapter:
-    """The mapping's tensors, detached (a tensor that requires grad is read as its value)."""
+    """The mapping's tensors, detached (a tensor that requires grad is read as its value), as
+    plain tensors (:func:`~lorahot.adapter.detached`: nothing of a subclass runs once read)."""
     bad = [k for k, v in source.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise AdapterReadError(
@@ -242,7 +244,7 @@ def _from_mapping(source: Mapping[str, Any]) -> RawAdapter:
     for key in source:
         if (problem := long_name(key)) is not None:
             raise AdapterReadError(f"<mapping>: key {shown(key)} {problem}. Pass the adapter's module keys.")
-    return RawAdapter({k: v.detach() for k, v in source.items()}, "<mapping>")
+    return RawAdapter({k: detached(v) for k, v in source.items()}, "<mapping>")
 
 
 def _weight_file(directory: Path, weight_name: str | None) -> Path:

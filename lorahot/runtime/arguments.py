@@ -25,6 +25,7 @@ __all__ = [
     "is_sequence",
     "weights_of",
     "multiplier",
+    "numbers_of",
     "denoisers_of",
     "denoisers_named",
     "routed",
@@ -197,6 +198,23 @@ def weights_of(value: object, n: int, holder: str = "the stack has") -> tuple[fl
         holder,
         "pass one weight per part (in the order loaded), or one number for all.",
     )
+
+
+def numbers_of(value: object, name: str = "scale") -> float | tuple[float, ...]:
+    """``value`` read once, as :func:`weights_of` reads it for any number of parts: one float,
+    or a tuple of one float per entry of a list or tuple. A runtime call reads its caller's
+    numbers with this before it checks the model (the caller's ``__float__``, ``__len__`` or
+    ``__getitem__`` may change a weight), then counts them against the slot's parts with
+    :func:`weights_of`, which runs nothing of the caller's on what this returns.
+
+    Raises:
+        UsageError: as :func:`weights_of`, but for the count of the entries.
+    """
+    if not is_sequence(value):
+        return multiplier(value, name)
+    assert isinstance(value, Sequence)  # for mypy: checked just above
+    items = entries(value, name, "a list of floats, one weight per part")
+    return tuple(multiplier(v, f"{name}[{i}]") for i, v in enumerate(items))
 
 
 def _per_part(

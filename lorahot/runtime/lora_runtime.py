@@ -57,9 +57,8 @@ from lorahot.runtime.arguments import (
     denoisers_named,
     denoisers_of,
     integer,
-    is_sequence,
     is_strict,
-    multiplier,
+    numbers_of,
     parts_of,
     refuse_stack,
     routed,
@@ -525,12 +524,14 @@ class LoraRuntime:
             stack, write = self._check_prepared(slot, prepared, weights)
             return slot, [prepared.adapter], stack, weights, listed, write, hits
         every_layer = any(p is None for p in found)
-        self._check_usable(every_layer=every_layer)  # every layer: cheap next to reading a file
+        # every layer: cheap next to reading a file; unmerged, a DoRA layer's base reparametrized is refused before
+        # the read would refuse the adapter for its weight (identity checks)
+        self._check_usable(every_layer=every_layer, base=self._merger is None)
         adapters, stack, write = self._check_parts(slot, sources, found, options, weights, listed)
-        # the reads ran the caller's code (a mapping's methods, __fspath__), which may have ejected the
-        # runtime or moved its layers (from another thread too): checked again before anything is written (the
-        # weights' own checks ran above, and ran device work: not twice)
-        self._check_usable(every_layer=every_layer, base=False)
+        # the reads ran the caller's code (a mapping's methods, __fspath__, its tensors), which may have ejected the
+        # runtime, moved its layers (from another thread too) or written a weight: checked again before anything is
+        # written, merged mode's weights now (they run device work: once, after the caller's code)
+        self._check_usable(every_layer=every_layer)
         return slot, adapters, stack, weights, listed, write, hits
 
     def _cached_parts(
@@ -1057,13 +1058,14 @@ class LoraRuntime:
         """``activate(whole)``: one slot for the whole batch, checked (on every rank), then live."""
 
         def whole_checked() -> int:  # every check inside the agreement: a rank failing alone
-            self._check_usable()  # fails every rank, none waits in a collective (tensor parallel)
-            if lengths is not None:
+            if lengths is not None:  # fails every rank, none waits in a collective (tensor parallel)
                 raise UsageError(
                     f"lengths={shown(lengths, 40)} applies to a per-row routing (a sequence of slots), not to "
                     f"activate({shown(whole, 40)})."
                 )
-            return self._slot(whole)
+            slot = self._slot(whole)
+            self._check_usable()  # after the caller's __index__: see _check_usable
+            return slot
 
         slot = self._settle.agreed(  # an int, or the error saying what it must be
             whole_checked, "activate", lambda s: {"arguments": fingerprint.arguments("activate", s)}
@@ -1076,8 +1078,8 @@ class LoraRuntime:
         filled = [info is not None for info in self._infos]
 
         def checked() -> tuple[torch.Tensor, int | None]:
-            self._check_usable()
             route = check_routing(rows, lengths, self.slots, filled, merged=self._merger is not None)
+            self._check_usable()  # after the caller's sequence, tensor or array is read: see _check_usable
             one = one_slot(route)
             if one is None:  # one slot for every row runs as the whole batch: no row to misplace
                 routed = {s: self._stacks[s] for s in routed_slots(route, self.slots)}
@@ -1265,8 +1267,11 @@ class LoraRuntime:
         """
 
         def checked() -> list[int]:  # inside the agreement: a rank failing alone fails every rank
-            self._check_usable(dora=False)  # unloading a DoRA slot is the way out of check_stored's refusal
-            return list(range(self.slots)) if slot is None else [self._slot(slot)]
+            emptied = list(range(self.slots)) if slot is None else [self._slot(slot)]
+            # after the caller's __index__ (see _check_usable); unloading a DoRA slot is the way out of
+            # check_stored's refusal
+            self._check_usable(dora=False)
+            return emptied
 
         emptied = self._settle.agreed(
             checked,
@@ -1402,10 +1407,9 @@ class LoraRuntime:
         self, value: float | Sequence[float], slot: int | None
     ) -> tuple[int, Stack, AdapterInfo, tuple[float, ...]]:
         """Every check of :meth:`set_scale`: the slot, what it holds, and the new weights."""
-        self._check_usable()
         s = self._slot(self._active if slot is None else slot)
-        if not is_sequence(value):
-            value = multiplier(value)
+        value = numbers_of(value)
+        self._check_usable()  # after the caller's __index__, __float__, __len__, __getitem__: see _check_usable
         stack, info = self._stacks[s], self._infos[s]
         if stack is None or info is None:
             raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
@@ -1584,7 +1588,16 @@ class LoraRuntime:
         ``dora``: all but ``unload``, the way out) no layer holding a DoRA adapter whose base
         computes its weight at each call since (:meth:`DoraFactors.check_stored`). ``preload``
         skips the ``base`` checks: it writes no weight, may run on any thread, and would read the
-        weights while the serving thread rewrites them (the load that follows checks them)."""
+        weights while the serving thread rewrites them (the load that follows checks them).
+
+        Each call runs this after it has read every argument of the caller's (an ``__index__``,
+        ``__float__``, ``__len__``, ``__getitem__``, ``__fspath__``, a mapping's methods, a tensor
+        subclass's ``__torch_function__``), and runs nothing of the caller's after it: such code
+        may write or replace a weight, eject the runtime or move its layers, and a check run
+        before it would pass a weight lorahot then takes for its own (merged mode rewrote the
+        caller's tensor, and the next call overwrote it from the copy of inject, silently). The
+        merged check's :func:`~lorahot.runtime.written_probes.signature` of the weights is the
+        one the call's rewrite then uses (:meth:`Merger.check_base`)."""
         self._check_not_ejected()
         if not placement:
             return

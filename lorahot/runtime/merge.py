@@ -501,6 +501,10 @@ class Merger:
         self._probes: WrittenProbes | None = None
         #: rewrites of one adapter captured as CUDA graphs (:meth:`_replayed`)
         self._replays: GraphReplays[tuple[object, ...]] = GraphReplays(buffers, keep=8, what="merged mode's rewrite")
+        #: the weights' signature the call's check found (:meth:`check_base`), in a tuple of one
+        #: (None: no check since the last rewrite), which the call's rewrite takes in place of its
+        #: own (:meth:`apply`): nothing runs between them that could replace a weight
+        self._checked: tuple[Signature | None] | None = None
         #: per layer, what the last whole rewrite wrote it from (:meth:`_inputs`), with the weights'
         #: signature and the arenas' tensors then (:meth:`_held`) and the weight-kind modules its
         #: keys name by id (kept, so that no other module takes their id); None where unknown
@@ -516,6 +520,7 @@ class Merger:
         where a weight is not the tensor the layout was built for), or layer by layer where a
         weight cannot be laid out. The next rewrite writes every layer."""
         self._written = None
+        self._checked = None
         self._record(signature(list(self._layers.values())), None)
 
     def _record(self, now: Signature | None, kept: list[bool] | None) -> None:
@@ -535,11 +540,15 @@ class Merger:
     def check_base(self) -> None:
         """Raises :class:`UsageError` where a targeted weight is no longer what lorahot wrote
         (a base checkpoint loaded after inject): every rewrite starts from the base weights
-        copied at inject, so it would silently throw the checkpoint away."""
+        copied at inject, so it would silently throw the checkpoint away. Where they are, the
+        weights' :func:`signature` it compared becomes the next :meth:`apply`'s: a runtime call
+        checks once it has read every argument of the caller's, and runs nothing of the
+        caller's between this and its rewrite (see ``LoraRuntime._check_usable``)."""
         names, layers = list(self._layers), list(self._layers.values())
+        self._checked = None
         self._check_stored(names, layers)
-        flags = None
-        if self._probes is not None and self._probes.built_for == signature(layers):
+        now, flags = signature(layers), None
+        if self._probes is not None and self._probes.built_for == now:
             flags = self._probes.changed()
         if flags is None:  # some weight is not the tensor the probes were laid out for
             self._check_converted(names, layers)
@@ -557,6 +566,7 @@ class Merger:
                     "weights), load, and inject again.",
                 )
             )
+        self._checked = (now,)
 
     def _check_stored(self, names: list[str], layers: list[LoRALayer]) -> None:
         """Raises :class:`UsageError` where a targeted base layer no longer stores, as the
@@ -757,7 +767,9 @@ class Merger:
     ) -> None:
         """Sets every weight to ``W0 + B diag(s) A`` from the live region, plus ``s * ΔW`` of
         each weight-kind module in ``terms`` on its layer, then notes every weight as written
-        (:func:`record`).
+        (:func:`record`). The weights' :func:`signature` is the one :meth:`check_base` found
+        just before, where it ran since the last rewrite (one walk over every layer's weight and
+        bias a call, not two), else taken now.
 
         Args:
             scales: per arena, float64 ``[n_layers, R]`` host tensors of the live per-row
@@ -770,12 +782,13 @@ class Merger:
                 layer is computed whole in at least float32 (:meth:`_fold`) and rounded once.
         """
         plan = self._plan(scales, uniform, terms or {})
-        now = signature(list(self._layers.values()))
+        checked, self._checked = self._checked, None
+        now = signature(list(self._layers.values())) if checked is None else checked[0]
         written = (self._inputs(plan, scales, uniform), self._held(now), [r.terms for r in plan])
         kept = self._kept(written)
         self._written = None  # until this rewrite is whole
         if kept is None or not all(kept):
-            if uniform and self._replayed(plan):  # every layer, in one graph
+            if uniform and self._replayed(plan, now):  # every layer, in one graph
                 kept = None
             else:
                 self._write(plan, uniform, kept)
@@ -863,10 +876,11 @@ class Merger:
             plan.append(_Rewrite(s, nonzero, rows, extras, terms.get(name)))
         return plan
 
-    def _replayed(self, plan: list[_Rewrite]) -> bool:
+    def _replayed(self, plan: list[_Rewrite], weights: Signature | None) -> bool:
         """Runs the rewrite of one adapter without extras (``plan``) as a CUDA graph replay,
         captured at the second call with the same weights (addresses, shapes, dtypes), live
-        region, scales and rows; False, having written nothing, where no replay applies (the
+        region, scales and rows (``weights``: the weights' :func:`signature`, None where some
+        cannot be laid out); False, having written nothing, where no replay applies (the
         caller then writes layer by layer). One launch where the host issued two or three per
         layer: on an H200's host ~40 ms of host time for the SDXL UNet's 700 layers. Layers
         with weight-kind modules are left to :meth:`_fold`, outside the graph."""
@@ -875,7 +889,6 @@ class Merger:
             return False
         if all(r.terms is not None for r in plan):  # every layer folds outside: nothing to capture
             return False
-        weights = signature(list(self._layers.values()))
         if weights is None or any(entry[4] != replays.device for entry in weights):
             return False
         writes = tuple(

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorahot.adapter import storage_problem
+from lorahot.adapter import detached, storage_problem
 from lorahot.errors import UsageError, format_problems, lines, shown
 from lorahot.kernels.routed_linear import workspace
 from lorahot.kernels.routed_lora import segments
@@ -260,8 +260,9 @@ def _as_tensor(slots: object) -> torch.Tensor:
                 f"a routing tensor must be 1-D with an integer dtype (one slot per row), got {slots.dtype} of shape "
                 f"{tuple(slots.shape)}; pass e.g. torch.tensor([0, 2, -1]) or a list of ints{hint}."
             )
+        slots = detached(slots)  # a subclass of the caller's runs nothing once read (see LoraRuntime._check_usable)
         wide = slots.dtype not in _FITS_INT64
-        route = _exact(slots.detach().cpu().tolist()) if wide else slots.detach().to("cpu", torch.int64)
+        route = _exact(slots.cpu().tolist()) if wide else slots.to("cpu", torch.int64)
     elif isinstance(slots, Sequence) and not isinstance(slots, _BYTES):
         values = _entries(slots)
         plain = _plain_ints(values)
@@ -386,8 +387,9 @@ def _lengths(lengths: object, rows: int) -> torch.Tensor:
             )
     elif isinstance(lengths, torch.Tensor):
         if storage_problem(lengths) is None and lengths.dim() == 1 and lengths.dtype in _INTEGERS:
+            lengths = detached(lengths)  # as the routing: nothing of a subclass runs once read
             wide = lengths.dtype not in _FITS_INT64
-            counts = _int64(lengths.detach().cpu().tolist()) if wide else lengths.detach().to("cpu", torch.int64)
+            counts = _int64(lengths.cpu().tolist()) if wide else lengths.to("cpu", torch.int64)
     elif isinstance(lengths, Sequence) and not isinstance(lengths, _BYTES):
         counts = _counts(lengths)
     # each count bounded before the sum: int64 counts near 2**63 add up past it and wrap
