@@ -14,8 +14,9 @@ load computes LyCORIS' eval forward (float64, within 1e-9 of its largest output)
 refused, typed, naming the kind and the fix ((IA)^3 loads in LyCORIS' and kohya's names, not in
 ComfyUI's, where ``<module>.weight`` names a model weight).
 
-The oracle is LyCORIS' forward at the drawn network multiplier (lorahot's ``scale=``; a module
-with weight decomposition is refused at any scale but 1), and for LoRA/LoCon and full diffs
+The oracle is LyCORIS' forward at the drawn network multiplier (0, 0.5, 1, 1.7, 2 or -1: lorahot's
+``scale=``, or ``set_scale`` after a load at 1; a module with weight decomposition, an OFT or a
+BOFT is refused at any scale but 1, every parameter and buffer bitwise unchanged), and for LoRA/LoCon and full diffs
 also its weight delta (``get_diff_weight``) against the merged weight. Where LyCORIS' forward
 computes what its own file does not say (the file is what lorahot, ComfyUI and LyCORIS' own
 loader read), the oracle follows the file: a DyLoRA's forward draws a random rank at each call
@@ -101,7 +102,8 @@ class Case:
     alpha: float
     options: dict[str, Any] = field(default_factory=dict)
     naming: str = "lycoris"
-    multiplier: float = 1.0  # LyCORIS' network multiplier, lorahot's load(scale=)
+    multiplier: float = 1.0  # LyCORIS' network multiplier, lorahot's load(scale=) or set_scale
+    set_scale: bool = False  # the multiplier given by set_scale after a load at scale 1, not load(scale=)
 
 
 @st.composite
@@ -155,8 +157,8 @@ def cases(draw: st.DrawFn) -> Case:
     if algo == "glora":
         options |= {"use_scalar": draw(st.booleans()), "bypass_mode": draw(st.booleans())}
     naming = draw(st.sampled_from(["lycoris", "kohya", "comfyui"]))
-    multiplier = draw(st.sampled_from([1.0, 1.0, 0.5, -1.0, 2.0]))
-    return Case(algo, layer, dim, alpha, options, naming, multiplier)
+    multiplier = draw(st.sampled_from([1.0, 1.0, 0.5, -1.0, 2.0, 0.0, 1.7]))
+    return Case(algo, layer, dim, alpha, options, naming, multiplier, draw(st.booleans()))
 
 
 @contextmanager
@@ -287,10 +289,11 @@ def _check(case: Case) -> None:
             model = copy.deepcopy(base)
             runtime = lorahot.inject(model, ["0"], max_rank=32, merged=merged, extras=not merged)
             if (merged or _loads_unmerged(case)) and case.multiplier != 1 and case.options.get("weight_decompose"):
-                with pytest.raises(lorahot.UsageError, match=r"LyCORIS weight decomposition[\s\S]*Load it at scale 1"):
-                    runtime.load(path, scale=case.multiplier)
+                _check_scale_refused(
+                    case, runtime, model, path, r"LyCORIS weight decomposition[\s\S]*Load it at scale 1"
+                )
             elif merged or _loads_unmerged(case):
-                runtime.load(path, scale=case.multiplier)
+                _load_at(case, runtime, path)
                 with torch.no_grad():
                     got = model(x)
                 diff = float((got - want).abs().max())
@@ -345,8 +348,8 @@ def _check_rotation(
             with pytest.raises(lorahot.AdapterMismatchError, match=r"loads only in merged mode[\s\S]*merged=True"):
                 runtime.load(path)
         elif case.multiplier != 1:
-            with pytest.raises(lorahot.UsageError, match=r"LyCORIS (oft|boft) module[\s\S]*Load it at scale 1"):
-                runtime.load(path, scale=case.multiplier)
+            _check_scale_refused(case, runtime, model, path, r"LyCORIS (oft|boft) module[\s\S]*Load it at scale 1")
+            continue
         else:
             runtime.load(path)
             with torch.no_grad():
@@ -355,6 +358,30 @@ def _check_rotation(
             continue
         with torch.no_grad():
             assert torch.equal(model(x), base_out)
+
+
+def _load_at(case: Case, runtime: lorahot.LoraRuntime, path: Path) -> None:
+    """Loads the file at the drawn multiplier: ``load(scale=)``, or a load at 1 and ``set_scale``."""
+    if case.set_scale:
+        runtime.load(path)
+        runtime.set_scale(case.multiplier)
+    else:
+        runtime.load(path, scale=case.multiplier)
+
+
+def _check_scale_refused(case: Case, runtime: lorahot.LoraRuntime, model: nn.Module, path: Path, why: str) -> None:
+    """A module that loads at scale 1 only: the drawn multiplier is refused (``load(scale=)``, or
+    ``set_scale`` after a load at 1), every parameter and buffer bitwise as before the call."""
+    if case.set_scale:
+        runtime.load(path)
+    before = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    with pytest.raises(lorahot.UsageError, match=why):
+        if case.set_scale:
+            runtime.set_scale(case.multiplier)
+        else:
+            runtime.load(path, scale=case.multiplier)
+    after = dict([*model.named_parameters(), *model.named_buffers()])
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def _check_ambiguous_glora(base: nn.Module, path: Path, x: torch.Tensor, base_out: torch.Tensor) -> None:
