@@ -958,7 +958,9 @@ def test_an_interrupted_hub_fetch_leaves_no_fetch_running(
     write each file whole into the cache). Interrupted at the first run of each line of hub.py
     it runs, no download starts and no branch's ref is written once the load has gone (the
     download under way then ends, whole), no ``*.incomplete`` or partial file is left in the
-    cache, and the model is as it was. The worker was started before the ``try`` whose
+    cache, and the model is as it was. A download counts as started by the worker's step before it
+    (the check of the abandonment), which may run just before the caller returns while the download
+    itself is entered just after. The worker was started before the ``try`` whose
     ``finally`` abandons it: an interrupt at that ``try:`` line left it fetching every file
     and writing the ref after the load had gone."""
     import huggingface_hub
@@ -986,6 +988,13 @@ def test_an_interrupted_hub_fetch_leaves_no_fetch_running(
 
     refs: list[float] = []  # when each write of a branch's ref ended
     record_ref = hub._record_ref
+    passed: list[float] = []  # when each step the worker passed (the check before each download) began
+    step = hub._Watch.step
+
+    def checked(self: Any) -> None:
+        began = time.monotonic()
+        step(self)  # raises once the caller has abandoned the worker
+        passed.append(began)
 
     def recorded(*args: Any) -> None:
         record_ref(*args)
@@ -994,6 +1003,7 @@ def test_an_interrupted_hub_fetch_leaves_no_fetch_running(
     monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(hub, "_record_ref", recorded)
+    monkeypatch.setattr(hub._Watch, "step", checked)
     hub_py = str(Path(LORAHOT) / "io" / "hub.py")
     repo = cache / f"models--{_REPO.replace('/', '--')}"
 
@@ -1012,6 +1022,7 @@ def test_an_interrupted_hub_fetch_leaves_no_fetch_running(
         shutil.rmtree(cache, ignore_errors=True)
         starts.clear()
         refs.clear()
+        passed.clear()
         model = _base()
         hit, raised = interrupted_at(_first_run(line), functools.partial(load, model), within=hub_py)
         ended = time.monotonic()
@@ -1021,8 +1032,12 @@ def test_an_interrupted_hub_fetch_leaves_no_fetch_running(
             if thread.name == "lorahot-hub-fetch":
                 thread.join(10)
                 assert not thread.is_alive(), f"{where}: the fetch is still running"
-        late = [t for t in starts if t > ended]
+        # every download follows a step the worker passed, and no step begun once the load had
+        # gone passes: the download a step passed just before may still be entering
+        # hf_hub_download when the caller returns (a thread switch between the two), and ends whole
+        late = [t for t in passed if t > ended]
         assert not late, f"{where}: {len(late)} downloads started after the load had gone"
+        assert len(starts) <= len(passed), f"{where}: a download started without its step"
         assert not [t for t in refs if t > ended], f"{where}: the branch's ref was written after the load had gone"
         left = sorted(p.name for p in cache.rglob("*") if p.is_file() and p.name.endswith(".incomplete"))
         assert not left, f"{where}: left {left}"
