@@ -53,6 +53,7 @@ from lorahot.io.scoped import scoped
 from lorahot.io.sources import RawAdapter, Source, open_source
 from lorahot.io.tensorfile import Slices
 from lorahot.memo import BoundedMemo
+from lorahot.resolve.keys import COMPONENT_NAMES
 from lorahot.resolve.split import SplitSpec, split_by_user
 from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
 
@@ -760,6 +761,12 @@ def _check_metadata_reaches(
         )
     every = bare + bare_weights
     if naming in _PEFT_NAMED:
+        elsewhere = _under_other_components(every)
+        if elsewhere:
+            raise AdapterMismatchError(
+                _other_components_message(raw, listed, len(unsettled) > 1, elsewhere, len(every))
+            )
+        every = [m for m in every if not _under_other_components([m])]  # the bare ones, for the examples
         why = (
             "so no loader applies that config to them: diffusers' pipeline loaders keep only the keys under their "
             "component's prefix, and its load_lora_adapter(prefix=None) cannot build a LoraConfig from prefixed fields."
@@ -773,6 +780,38 @@ def _check_metadata_reaches(
         f"{raw.source}: the {METADATA_KEY} in its safetensors header states a rank or scale for the component"
         f"{'s' if len(unsettled) > 1 else ''} {listed}, but {len(every)} of its modules "
         f"carry no component prefix (e.g. {', '.join(every[:3])}), {why} {fix}"
+    )
+
+
+def _under_other_components(modules: list[str]) -> dict[str, list[str]]:
+    """The ``modules`` that sit under a pipeline component's prefix (``text_encoder_2.``), by
+    component; empty where any of them has no such prefix (the model's bare names)."""
+    found: dict[str, list[str]] = {}
+    for module in modules:
+        head, dot, _ = module.partition(".")
+        if not dot or head not in COMPONENT_NAMES:
+            return {}
+        found.setdefault(head, []).append(module)
+    return found
+
+
+def _other_components_message(
+    raw: RawAdapter, listed: str, plural: bool, elsewhere: dict[str, list[str]], count: int
+) -> str:
+    """Why a file whose metadata states a config for some of its components (``listed``, several
+    where ``plural``) and none for the others (``elsewhere``: their modules by component, ``count``
+    in all) is refused, and the fixes."""
+    others = "; ".join(f"{c} ({len(ms)}, e.g. {', '.join(ms[:2])})" for c, ms in elsewhere.items())
+    saved = ", ".join(f"{c}_lora_adapter_metadata=" for c in elsewhere)
+    return (
+        f"{raw.source}: the {METADATA_KEY} in its safetensors header states a rank or scale for the component"
+        f"{'s' if plural else ''} {listed}, but none for {', '.join(elsewhere)}, which hold"
+        f"{'' if len(elsewhere) > 1 else 's'} {count} of its "
+        f"modules ({others}). No loader reads those modules one way: diffusers' pipeline loaders build each "
+        "component's LoraConfig from its part of that metadata and fail on a component it leaves out, while "
+        "ComfyUI ignores the metadata (alpha = rank for every module). Re-save the adapter with a config for "
+        f"every component it holds (diffusers' save_lora_weights({saved}...)), or pass config= with the values "
+        "the adapter was trained with (it then governs every module of the file, those components' too)."
     )
 
 

@@ -12,6 +12,7 @@ them; with that ``config=`` the modules load as diffusers loads the same file wi
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -208,3 +209,99 @@ def test_component_metadata_over_kohya_keys_is_refused_where_loaders_disagree(al
     ):
         runtime.load(path)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+_CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+_SDXL_TARGETS = {
+    "unet": ["to_q", "to_k", "to_v", "to_out.0"],
+    "text_encoder": _CLIP_TARGETS,
+    "text_encoder_2": _CLIP_TARGETS,
+}
+
+
+def _sdxl_parts(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    """A rank-4 LoRA on every target of each SDXL component, keyed by the component's module names."""
+    g = torch.Generator().manual_seed(5)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for component, targets in _SDXL_TARGETS.items():
+        part = parts.setdefault(component, {})
+        for name, module in getattr(pipe, component).named_modules():
+            if isinstance(module, torch.nn.Linear) and any(name.endswith("." + t) for t in targets):
+                part[f"{name}.lora_A.weight"] = torch.randn(RANK, module.in_features, generator=g) * 0.3
+                part[f"{name}.lora_B.weight"] = torch.randn(module.out_features, RANK, generator=g) * 0.3
+    return parts
+
+
+@pytest.mark.parametrize(
+    "stated",
+    [("unet",), ("unet", "text_encoder"), ("text_encoder", "text_encoder_2")],
+    ids=["unet", "unet+text_encoder", "text_encoders"],
+)
+def test_metadata_for_some_components_of_a_pipeline_file_is_refused_naming_the_others(
+    stated: tuple[str, ...], tmp_path: Path
+) -> None:
+    """A diffusers pipeline file (``save_lora_weights``) whose ``lora_adapter_metadata`` states a
+    config for some of its components and none for the others: diffusers' SDXL loader fails on it
+    (it builds the others' LoraConfig from an empty part), so lorahot refuses it naming the
+    components without a config and their modules, with every parameter and buffer of every
+    component bitwise unchanged; it had said those modules, under their own component's prefix,
+    carried none. With config= the file loads, every module at that config's alpha / r."""
+    from tests.helpers import tiny_clip
+
+    unet = tiny_unet(cross_attention_dim=32)
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=None, text_encoder=tiny_clip(), text_encoder_2=tiny_clip(with_projection=True), tokenizer=None,
+        tokenizer_2=None, unet=unet, scheduler=None,
+    )  # fmt: skip
+    parts = _sdxl_parts(pipe)
+    meta = {c: {"r": RANK, "lora_alpha": ALPHA, "target_modules": _SDXL_TARGETS[c]} for c in stated}
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=parts["unet"], text_encoder_lora_layers=parts["text_encoder"],
+        text_encoder_2_lora_layers=parts["text_encoder_2"], unet_lora_adapter_metadata=meta.get("unet"),
+        text_encoder_lora_adapter_metadata=meta.get("text_encoder"),
+        text_encoder_2_lora_adapter_metadata=meta.get("text_encoder_2"),
+    )  # fmt: skip
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    logging.disable(logging.WARNING)
+    try:
+        with pytest.raises((ValueError, KeyError)):  # "specify `target_modules`", or 'model_type'
+            copy.deepcopy(pipe).load_lora_weights(str(path))
+    finally:
+        logging.disable(logging.NOTSET)
+
+    others = [c for c in _SDXL_TARGETS if c not in stated]
+    count = sum(len(parts[c]) // 2 for c in others)
+    q_proj = "text_model.encoder.layers.0.self_attn.q_proj"
+    plain = copy.deepcopy(pipe.text_encoder_2.get_submodule(q_proj)).double()
+    runtime = lorahot.inject(pipe, _SDXL_TARGETS, max_rank=8)
+    before = {
+        f"{c}.{k}": t.clone()
+        for c in _SDXL_TARGETS
+        for k, t in [*getattr(pipe, c).named_parameters(), *getattr(pipe, c).named_buffers()]
+    }
+    first = others[0]
+    refusal = (
+        rf"but none for {', '.join(others)}, which holds? {count} of its modules \({first} \({len(parts[first]) // 2}, "
+        rf"e\.g\. {re.escape(first)}\.[\s\S]*diffusers' pipeline loaders build each component's LoraConfig[\s\S]*"
+        rf"save_lora_weights\({first}_lora_adapter_metadata=[\s\S]*pass config="
+    )
+    for read in (lambda: runtime.load(path), lambda: lorahot.read_adapter(path), lambda: runtime.preload(path)):
+        with pytest.raises(lorahot.AdapterMismatchError, match=refusal) as refused:
+            read()
+        assert "carry no component prefix" not in str(refused.value)
+    after = {
+        f"{c}.{k}": t
+        for c in _SDXL_TARGETS
+        for k, t in [*getattr(pipe, c).named_parameters(), *getattr(pipe, c).named_buffers()]
+    }
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    # config= settles it: every module of every component at lora_alpha / r
+    info = runtime.load(path, config={"r": RANK, "lora_alpha": ALPHA})
+    assert info.components == {"unet": 32, "text_encoder": 12, "text_encoder_2": 12}
+    a = parts["text_encoder_2"][f"{q_proj}.lora_A.weight"].double()
+    b = parts["text_encoder_2"][f"{q_proj}.lora_B.weight"].double()
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    want = x.double() @ (plain.weight + ALPHA / RANK * b @ a).T + plain.bias
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.text_encoder_2.get_submodule(q_proj)(x).double(), want, rtol=1e-5, atol=1e-5)
