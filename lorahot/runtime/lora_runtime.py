@@ -94,6 +94,7 @@ from lorahot.runtime.plan import (
     dtype_max,
     dtype_tiny,
     forget_values,
+    layer_refusal,
     pack_host,
     restage,
     validate,
@@ -865,9 +866,7 @@ class LoraRuntime:
                 "merged mode folds the LoRA bias (lora_bias) into the base layer's bias, and this layer has none; "
                 "inject without merged=True to load this adapter"
             )
-        if module.bias is not None and layer.lora_bias_refusal() is not None:
-            return layer.lora_bias_refusal()
-        return layer.dora_refusal() if module.magnitude is not None else None
+        return layer_refusal(layer, module)
 
     def _base_loaded(self, layer: object, unversioned: bool = False) -> None:
         """After ``load_state_dict`` wrote ``layer``'s base weight or bias (unmerged: merged mode

@@ -27,7 +27,7 @@ from lorahot.adapter.deltas import base_problem, delta_shape, lora_update_max, r
 from lorahot.errors import AdapterMismatchError, AdapterReadError, UsageError, format_problems, lines
 from lorahot.kernels.row_scale import power_of_two_at_least
 from lorahot.kernels.wide_linear import SHIFTED_DTYPES
-from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, FLOAT_DTYPES, LayerSpec, unusual_values
+from lorahot.layers.base import EXTRA_BIAS, EXTRA_M, FLOAT_DTYPES, LayerSpec, LoRALayer, unusual_values
 from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
@@ -43,6 +43,8 @@ __all__ = [
     "plan_load",
     "check_fit",
     "check_module",
+    "check_extras",
+    "layer_refusal",
     "check_values",
     "check_multiplier",
     "check_unit_scale",
@@ -166,6 +168,15 @@ def check_extras(name: str, module: LoraModule, spec: LayerSpec, refusal: str | 
     if refusal is not None:
         problems.append(f"{_where(name, module)}: {refusal}")
     return problems
+
+
+def layer_refusal(layer: LoRALayer, module: LoraModule) -> str | None:
+    """Why ``layer`` cannot run ``module``'s LoRA bias or DoRA magnitude in any mode, or None:
+    what the layer itself refuses (:meth:`~lorahot.layers.LoRALayer.lora_bias_refusal`,
+    :meth:`~lorahot.layers.LoRALayer.dora_refusal`), as ``load`` and ``plan_targets`` ask it."""
+    if module.bias is not None and (refusal := layer.lora_bias_refusal()) is not None:
+        return refusal
+    return layer.dora_refusal() if module.magnitude is not None else None
 
 
 #: PEFT's keys of an embedding's LoRA (``lora_embedding_A`` ``[r, num]``, ``lora_embedding_B``

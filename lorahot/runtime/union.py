@@ -50,7 +50,7 @@ from lorahot.runtime.arguments import check_read_options, denoisers_of, entries,
 from lorahot.runtime.components import components_of, is_several
 from lorahot.runtime.flux_inputs import pad_embedder_input
 from lorahot.runtime.inject import MAX_RANK_LIMIT
-from lorahot.runtime.plan import check_module, check_weight_module
+from lorahot.runtime.plan import check_extras, check_module, check_weight_module, layer_refusal
 from lorahot.runtime.sharding import localize
 from lorahot.runtime.stack import SHARED_FIX, shared_problems
 from lorahot.runtime.targets import ExactNames, beside_layers, fsdp_owners, fsdp_refusal, unwrappable
@@ -177,9 +177,11 @@ def plan_targets(
             allocates at most); with ``stacked=True``, with or without a model, also for a DoRA
             module, a LyCORIS module with weight decomposition on a layer other parts load into,
             which ``load`` refuses in a stack; with a model, for a LoRA bias on a layer without a
-            bias beside modules that need merged mode (LyCORIS kinds, diffs), which no runtime
-            loads (without one, a layer's own bias is unknown: such a plan's ``merged=True``
-            runtime refuses that LoRA bias at ``load``).
+            bias or a LoRA on a grouped conv beside modules that need merged mode (LyCORIS kinds,
+            diffs), which no runtime loads (without one, a layer's own bias and groups are
+            unknown: such a plan's ``merged=True`` runtime refuses them at ``load``), and for a
+            DoRA magnitude or LoRA bias the layer refuses (:func:`~lorahot.runtime.plan.layer_refusal`,
+            :func:`~lorahot.runtime.plan.check_extras`), with ``load``'s reason.
     """
     items = _source_list(sources)
     if not isinstance(stacked, bool):
@@ -489,6 +491,7 @@ def _model_ranks(
     ranks: dict[str, int] = {}
     problems: list[str] = []
     biased: list[str] = []  # LoRA biases on layers without a base bias: no merged runtime takes them
+    unfoldable: list[str] = []  # LoRA modules on layers merged mode cannot fold them into (a grouped conv)
     merged_only = any(a.weights for a in adapters)
     by_layer: dict[str, list[tuple[int, LoraModule | WeightModule]]] = {}  # what each part loads where
     for part, adapter in enumerate(adapters):
@@ -509,8 +512,13 @@ def _model_ranks(
                     problems += [f"{adapter.source}: {p}" for p in found]
                     continue
             problems += [f"{adapter.source}: {p}" for p in check_module(name, m, spec, MAX_RANK_LIMIT)]
+            if m.magnitude is not None or m.bias is not None:  # as load checks them, in either mode
+                found = check_extras(name, m, spec, layer_refusal(layers[name], m))
+                problems += [f"{adapter.source}: {p}" for p in found]
             if m.bias is not None and layers[name].base_bias is None:
                 biased.append(f"{adapter.source}: {name}")
+            if (why := layers[name].merged_lora_refusal()) is not None:
+                unfoldable.append(f"{adapter.source}: {name}: {why}")
             ranks[name] = combine(ranks.get(name, 0), rank)
             by_layer.setdefault(name, []).append((part, m))
         for name, w in weights.items():
@@ -519,13 +527,16 @@ def _model_ranks(
             if "diff_b" in w.factors and layers[name].base_bias is None:
                 problems.append(f"{adapter.source}: {name}: a bias diff (diff_b) for a layer without a bias")
             ranks.setdefault(name, 0)
-    if merged_only and biased:  # as load refuses each in a merged runtime, the only kind the others load
+    if merged_only:  # as load refuses each in a merged runtime, the only kind the others load
+        apart = (
+            ", while another module needs merged mode (LyCORIS kinds or full diffs): no one runtime loads them all; "
+            "plan them apart"
+        )
         problems += [
-            f"{b}: a LoRA bias (lora_bias) on a layer without a bias, which merged mode cannot fold, while "
-            "another module needs merged mode (LyCORIS kinds or full diffs): no one runtime loads them all; plan them "
-            "apart"
+            f"{b}: a LoRA bias (lora_bias) on a layer without a bias, which merged mode cannot fold{apart}"
             for b in biased
         ]
+        problems += [f"{u}{apart}" for u in unfoldable]
     shared: list[str] = []
     if stacked:  # several LoRA biases on one layer share it: both modes add them
         shared = shared_problems(by_layer, [f"part {p}: {a.source}" for p, a in enumerate(adapters)])

@@ -436,6 +436,110 @@ def test_a_plan_no_runtime_can_load_is_refused_at_plan_time(tmp_path: Path) -> N
         lorahot.plan_targets([tmp_path / "loha.safetensors", bias], model())
 
 
+def _layer_refusal_model() -> nn.Module:
+    """A grouped conv, a plain linear and a linear with a forward pre-hook (float64)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {"grouped": nn.Conv2d(4, 8, 3, padding=1, groups=2), "lin": nn.Linear(16, 24), "hooked": nn.Linear(16, 24)}
+    ).double()
+    model["hooked"].register_forward_pre_hook(lambda module, args: None)
+    return model
+
+
+def _layer_refusal_parts(case: str) -> tuple[list[dict[str, torch.Tensor]], str, dict]:
+    """``(sources, what plan_targets and load say, the inject options the plan gave before)``."""
+    g = torch.Generator().manual_seed(1)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def peft(name: str, rank: int, fan_in: tuple[int, ...], out: int, **extra: torch.Tensor) -> dict:
+        keys = {
+            "lora_A.weight": r(rank, *fan_in),
+            "lora_B.weight": r(out, rank // (2 if len(fan_in) > 1 else 1), *(1,) * (len(fan_in) - 1)),
+        }
+        return {f"base_model.model.{name}.{k}": v for k, v in (keys | extra).items()}
+
+    magnitude = {"lora_magnitude_vector": r(8).abs() + 0.5}
+    loha = {f"lora_unet_lin.hada_w{i}_{s}": r(*((24, 2) if s == "a" else (2, 16))) for i in (1, 2) for s in "ab"}
+    grouped_lora = peft("grouped", 2, (4, 3, 3), 8)
+    cases = {
+        "lora-on-a-grouped-conv-beside-a-loha": (
+            [loha, grouped_lora],
+            r"grouped: a conv with groups=2 cannot hold a LoRA merged.*while another module needs merged mode",
+            {"max_rank": 2, "merged": True},
+        ),
+        "dora-on-a-grouped-conv": (
+            [peft("grouped", 2, (4, 3, 3), 8, **magnitude)],
+            r"grouped \(.*lora_magnitude_vector\): DoRA on a conv with groups=2 is not supported",
+            {"max_rank": 2, "extras": True},
+        ),
+        "dora-under-a-forward-pre-hook": (
+            [peft("hooked", 2, (16,), 24, lora_magnitude_vector=r(24).abs() + 0.5)],
+            r"hooked \(.*\): Linear has forward pre-hooks, which run before each call and may rewrite the weight",
+            {"max_rank": 2, "extras": True},
+        ),
+        "dora-and-lora-bias-on-one-module": (
+            [peft("lin", 2, (16,), 24, lora_magnitude_vector=r(24).abs() + 0.5, **{"lora_B.bias": r(24)})],
+            r"lin \(.*\): both a DoRA magnitude and a LoRA bias, which PEFT refuses to combine",
+            {"max_rank": 2, "extras": True},
+        ),
+    }
+    return cases[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "lora-on-a-grouped-conv-beside-a-loha",
+        "dora-on-a-grouped-conv",
+        "dora-under-a-forward-pre-hook",
+        "dora-and-lora-bias-on-one-module",
+    ],
+)
+@pytest.mark.parametrize("stacked", [False, True], ids=["union", "stacked"])
+def test_a_plan_whose_layers_refuse_what_its_adapters_carry_is_refused_as_load_refuses_it(
+    case: str, stacked: bool
+) -> None:
+    """plan_targets with a model checked keys and shapes but not what the layer itself refuses
+    at load: a LoRA on a grouped conv beside a module that needs merged mode (merged mode
+    cannot fold it there), DoRA on a grouped conv or on a base with forward pre-hooks, a DoRA
+    magnitude beside a LoRA bias. The plan gave inject options under which the load then
+    failed; now the plan is refused with the load's own reason, and the model is untouched."""
+    sources, reason, planned_before = _layer_refusal_parts(case)
+    model = _layer_refusal_model()
+    before = {k: v.clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    with pytest.raises(lorahot.AdapterMismatchError, match=reason):
+        lorahot.plan_targets(sources, model, stacked=stacked)
+    assert all(torch.equal(v, before[k]) for k, v in [*model.named_parameters(), *model.named_buffers()])
+    targets = sorted({k.split(".")[2] if k.startswith("base_model") else "lin" for s in sources for k in s})
+    runtime = lorahot.inject(model, targets, **planned_before)  # what the plan said before
+    before = {k: v.clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    with pytest.raises(lorahot.AdapterMismatchError, match=reason.split(".*while")[0]):  # (the plan's says why)
+        runtime.load(sources if stacked else sources[-1])
+    assert all(torch.equal(v, before[k]) for k, v in [*model.named_parameters(), *model.named_buffers()])
+
+
+def test_a_lora_on_a_grouped_conv_plans_and_loads_unmerged_without_modules_that_need_merged_mode() -> None:
+    """The negative control of the grouped-conv case: without the LoHa the plan is unmerged and
+    the LoRA loads at the float64 reference, and the LoHa alone plans merged and loads."""
+    sources, _, _ = _layer_refusal_parts("lora-on-a-grouped-conv-beside-a-loha")
+    loha, lora = sources
+    model = _layer_refusal_model()
+    plan = lorahot.plan_targets([lora], model)
+    assert plan.inject_options() == {"max_rank": 2}
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = model["grouped"](x).detach()
+    a, b = lora["base_model.model.grouped.lora_A.weight"], lora["base_model.model.grouped.lora_B.weight"]
+    want = want + torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, a, padding=1), b, groups=2)
+    lorahot.inject(model, plan.targets, **plan.inject_options()).load(lora, config={"r": 2, "lora_alpha": 2})
+    torch.testing.assert_close(model["grouped"](x), want, rtol=1e-12, atol=1e-12)
+    plan = lorahot.plan_targets([loha], _layer_refusal_model())
+    assert plan.inject_options() == {"max_rank": 1, "merged": True}
+    lorahot.inject(fresh := _layer_refusal_model(), plan.targets, **plan.inject_options()).load(loha)
+    assert not torch.equal(fresh["lin"].weight, _layer_refusal_model()["lin"].weight)
+
+
 def test_config_rank_disagreeing_with_the_header_is_refused(tmp_path: Path, two_llama_adapters) -> None:
     _, (path_a, _), _ = two_llama_adapters
     work = tmp_path / "a"
