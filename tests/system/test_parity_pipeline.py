@@ -62,20 +62,29 @@ def _kohya_file(pipe, components: list[str], seed: int = 1) -> dict[str, torch.T
 FILES = {"diffusers": _diffusers_file, "kohya": _kohya_file}
 
 
-def _run(pipe) -> dict[str, torch.Tensor]:
-    return _call({c: getattr(pipe, c) for c in TARGETS})
+def _run(pipe, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    return _call({c: getattr(pipe, c) for c in TARGETS}, dtype)
 
 
-def _call(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+def _call(models: dict[str, nn.Module], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     ids = torch.tensor([[0, 5, 9, 3, 1]])
     g = torch.Generator().manual_seed(3)
-    sample, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g)
+    sample, context = torch.randn(1, 4, 8, 8, generator=g).to(dtype), torch.randn(1, 5, 32, generator=g).to(dtype)
     with torch.no_grad():
         return {
             "unet": models["unet"](sample, 7, encoder_hidden_states=context).sample,
             "text_encoder": models["text_encoder"](ids)[0],
             "text_encoder_2": models["text_encoder_2"](ids)[0],
         }
+
+
+def _tensors(pipe) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (the LoRA buffers too) of every component, copied."""
+    return {
+        f"{c}.{name}": t.detach().clone()
+        for c in TARGETS
+        for name, t in [*getattr(pipe, c).named_parameters(), *getattr(pipe, c).named_buffers()]
+    }
 
 
 def _oracle(pipe, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -162,3 +171,60 @@ def test_a_stack_of_a_full_and_a_unet_only_file_matches_set_adapters(pipe, namin
         got, want = _run(ours), _run(oracle)
         for c in TARGETS:
             torch.testing.assert_close(got[c], want[c], rtol=1e-5, atol=1e-5, msg=f"{weights} {c}")
+
+
+def test_a_dora_file_on_every_component_matches_diffusers_on_the_unet_and_peft_on_the_text_encoders(pipe) -> None:
+    """A diffusers-named DoRA file (``lora_magnitude_vector`` beside every module) on the UNet and
+    both text encoders, one runtime with ``extras=True``, in float64: the UNet equals diffusers'
+    ``load_lora_weights``; the text encoders equal PEFT's ``use_dora`` model given the same keys,
+    where diffusers 0.42.1 leaves their magnitudes unloaded (transformers' ``load_adapter`` reports
+    ``lora_magnitude_vector.default_0`` unexpected and ``...default_0.weight`` missing). Without
+    ``extras`` the load is refused naming it, every parameter and buffer bitwise unchanged."""
+    peft = pytest.importorskip("peft")
+    base = copy.deepcopy(pipe).to(torch.float64)
+    source = {k: v.double() for k, v in _diffusers_file(base, list(TARGETS)).items()}
+    g = torch.Generator().manual_seed(9)
+    for key in [k for k in source if k.endswith("lora_B.weight")]:
+        rows = source[key].shape[0]
+        source[key.replace("lora_B.weight", "lora_magnitude_vector")] = torch.rand(rows, generator=g).double() + 0.5
+    oracle = copy.deepcopy(base)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report of the magnitudes it leaves
+    try:
+        oracle.load_lora_weights(dict(source))
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    theirs = _run(oracle, torch.float64)
+    peft_te = {}
+    for c in ("text_encoder", "text_encoder_2"):
+        model = peft.get_peft_model(
+            copy.deepcopy(getattr(base, c)),
+            peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TE_TARGETS, use_dora=True),
+        )
+        part = {
+            "base_model.model." + k[len(c) + 1 :].replace("lora_magnitude_vector", "lora_magnitude_vector.weight"): v
+            for k, v in source.items()
+            if k.startswith(c + ".")
+        }
+        assert not peft.set_peft_model_state_dict(model, part).unexpected_keys
+        peft_te[c] = model
+
+    refused = copy.deepcopy(base)
+    runtime = lorahot.inject(refused, TARGETS, max_rank=8)
+    before = _tensors(refused)
+    with pytest.raises(lorahot.AdapterMismatchError, match="extras=True"):
+        runtime.load(source)
+    after = _tensors(refused)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    ours = copy.deepcopy(base)
+    info = lorahot.inject(ours, TARGETS, max_rank=8, extras=True).load(source)
+    assert info.components == {"unet": 32, "text_encoder": 12, "text_encoder_2": 12}
+    got = _run(ours, torch.float64)
+    torch.testing.assert_close(got["unet"], theirs["unet"], rtol=1e-12, atol=1e-12)
+    ids = torch.tensor([[0, 5, 9, 3, 1]])
+    for c, model in peft_te.items():
+        with torch.no_grad():
+            want = model(ids)[0]
+        torch.testing.assert_close(got[c], want, rtol=1e-12, atol=1e-12, msg=c)
+        assert (theirs[c] - want).abs().max() > 1e-2, c  # diffusers' text encoders without their magnitudes
