@@ -24,7 +24,7 @@ from lorahot.runtime.plan import WEIGHT_DTYPES
 from lorahot.runtime.targets import Targets, layer_placement, match_targets, unwrap_modules, wrap_modules
 from lorahot.runtime.weight_reads import check_merged_reads
 
-__all__ = ["inject", "eject"]
+__all__ = ["inject", "eject", "check_merged_model"]
 
 
 #: No real adapter comes close (as in the config reader); larger values are a mistake.
@@ -134,9 +134,7 @@ def _inject(
     if not merged:
         _refuse_norms(root, names)
     if merged:
-        _refuse_sharded(root, names)
-        check_untied(root, names)
-        check_merged_reads(root, names)
+        check_merged_model(root, names)
     layers = wrap_modules(root, names)
     try:
         specs = {}
@@ -157,6 +155,19 @@ def _inject(
         unwrap_modules(root, layers)
         release_hooks(roots(root, components))  # what LoraRuntime hooked before it failed
         raise
+
+
+def check_merged_model(root: nn.Module, names: list[str]) -> None:
+    """What merged mode refuses of the targets ``names`` under ``root`` before they are wrapped:
+    a tensor-parallel weight, a weight or bias tied to another module's, a weight a module on the
+    target's path reads as a value (each layer's own checks follow: :func:`check_mergeable`).
+
+    Raises:
+        UsageError: naming the target, why, and the fix.
+    """
+    _refuse_sharded(root, names)
+    check_untied(root, names)
+    check_merged_reads(root, names)
 
 
 def _refuse_norms(model: nn.Module, names: list[str]) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 from torch import nn
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
-from lorahot.errors import AdapterMismatchError, UsageError, format_problems, lines, public_api, shown
+from lorahot.errors import AdapterMismatchError, UsageError, format_problems, lines, message, public_api, shown
 from lorahot.formats import ModelNames, format_named
 from lorahot.io.loader import read_adapter, reading_for
 from lorahot.io.sources import Source
@@ -47,9 +47,10 @@ from lorahot.resolve.components import DENOISER, ROUTES, non_denoisers, resolve_
 from lorahot.resolve.keys import head_sizes, resolve_all
 from lorahot.resolve.ldm import LDM_MARKER
 from lorahot.runtime.arguments import check_read_options, denoisers_of, entries, text
-from lorahot.runtime.components import components_of, is_several
+from lorahot.runtime.components import Components, components_of, is_several
 from lorahot.runtime.flux_inputs import pad_embedder_input
-from lorahot.runtime.inject import MAX_RANK_LIMIT
+from lorahot.runtime.inject import MAX_RANK_LIMIT, check_merged_model
+from lorahot.runtime.merge import check_mergeable
 from lorahot.runtime.plan import check_extras, check_module, check_weight_module, layer_refusal
 from lorahot.runtime.sharding import localize
 from lorahot.runtime.stack import SHARED_FIX, shared_problems
@@ -181,7 +182,9 @@ def plan_targets(
             diffs), which no runtime loads (without one, a layer's own bias and groups are
             unknown: such a plan's ``merged=True`` runtime refuses them at ``load``), and for a
             DoRA magnitude or LoRA bias the layer refuses (:func:`~lorahot.runtime.plan.layer_refusal`,
-            :func:`~lorahot.runtime.plan.check_extras`), with ``load``'s reason.
+            :func:`~lorahot.runtime.plan.check_extras`), with ``load``'s reason; where the plan needs
+            merged mode, for a target ``inject(..., merged=True)`` refuses (a weight tied to another
+            module's, one not contiguous, ...), with ``inject``'s reason.
     """
     items = _source_list(sources)
     if not isinstance(stacked, bool):
@@ -248,6 +251,9 @@ def plan_targets(
         )
         ranks = {n: ranks[n] for n in layers if n in ranks}  # model order
         groups = [layers[n].spec.groups for n in ranks]
+        if any(a.weights for a in adapters):  # inject_options() says merged=True: what inject refuses there
+            root: nn.Module = Components(components_of(model)[0]) if several else model  # type: ignore[assignment]  # checked above
+            _check_merged_targets(root, {n: layers[n] for n in ranks}, adapters)
     max_rank = _covering_rank(ranks, groups)
     if max_rank > MAX_RANK_LIMIT:  # inject would refuse the plan (with a model, the layer checks said so)
         over = [f"{n}: rank {r}" for n, r in ranks.items() if r > MAX_RANK_LIMIT] or [f"covering rank {max_rank}"]
@@ -558,6 +564,27 @@ def _model_ranks(
             )
         )
     return ranks
+
+
+def _check_merged_targets(root: nn.Module, layers: dict[str, LoRALayer], adapters: list[Adapter]) -> None:
+    """Refuses a plan that needs merged mode (some adapter holds LyCORIS kinds or full diffs)
+    onto targets ``inject(..., merged=True)`` refuses (:func:`~lorahot.runtime.inject.check_merged_model`,
+    :func:`~lorahot.runtime.merge.check_mergeable` on each throwaway wrapper): no runtime would
+    load those adapters, as an unmerged one refuses their modules."""
+    try:
+        check_merged_model(root, list(layers))
+        for name, layer in layers.items():
+            check_mergeable(name, layer, None)
+    except UsageError as exc:
+        needing = [a.source for a in adapters if a.weights]
+        raise AdapterMismatchError(
+            lines(
+                f"{', '.join(needing[:8])}: modules that load only in merged mode (LyCORIS kinds, full diffs), and a "
+                f"planned target merged mode refuses (inject(..., merged=True) says): {message(exc)}",
+                "Plan the adapters that need merged mode apart from those whose targets merged mode refuses, or make "
+                "the model fit merged mode as said.",
+            )
+        ) from None
 
 
 def _covering_rank(ranks: dict[str, int], groups: list[int]) -> int:

@@ -540,6 +540,68 @@ def test_a_lora_on_a_grouped_conv_plans_and_loads_unmerged_without_modules_that_
     assert not torch.equal(fresh["lin"].weight, _layer_refusal_model()["lin"].weight)
 
 
+def _merged_refusing_model(how: str) -> nn.Module:
+    """Linears ``a``, ``b`` and ``lin`` (float64) where merged mode refuses ``a``: its weight tied
+    to ``b``'s, or stored transposed (not contiguous)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8), "lin": nn.Linear(8, 6)}).double()
+    if how == "tied":
+        model["b"].weight = model["a"].weight
+    else:
+        model["a"].weight = nn.Parameter(model["a"].weight.detach().t().contiguous().t())
+    return model
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("tied", r"a: its weight is tied to (text_encoder\.)?b \((text_encoder\.)?b\.weight shares its memory\)"),
+        ("transposed", r"a: merged mode rewrites the weight in place and needs it contiguous"),
+    ],
+    ids=["tied", "transposed"],
+)
+@pytest.mark.parametrize("several", [False, True], ids=["model", "components"])
+def test_a_plan_that_needs_merged_mode_onto_a_target_merged_inject_refuses_is_refused(
+    how: str, reason: str, several: bool
+) -> None:
+    """A full diff (merged mode only) planned beside a LoRA on a linear merged mode refuses at
+    inject (a weight tied to another module's, a weight not contiguous): the plan said
+    merged=True and inject then refused the targets, while unmerged the diff is refused, so
+    no runtime loads the set. plan_targets now refuses it with inject's reason, naming the
+    source that needs merged mode; the model is untouched. Without the diff it plans unmerged
+    and loads at the float64 reference."""
+    g = torch.Generator().manual_seed(2)
+    diff = {"lora_unet_lin.diff": torch.randn(6, 8, generator=g, dtype=torch.float64)}
+    a, b = torch.randn(2, 8, generator=g, dtype=torch.float64), torch.randn(8, 2, generator=g, dtype=torch.float64)
+    prefix = "lora_te_a" if several else "lora_unet_a"
+    lora = {f"{prefix}.lora_down.weight": a, f"{prefix}.lora_up.weight": b}
+
+    def model() -> nn.Module | dict[str, nn.Module]:
+        return (
+            {"text_encoder": _merged_refusing_model(how), "unet": _merged_refusing_model("")}
+            if several
+            else (_merged_refusing_model(how))
+        )
+
+    target = model()
+    modules = target.values() if isinstance(target, dict) else [target]
+    before = [{k: v.clone() for k, v in [*m.named_parameters(), *m.named_buffers()]} for m in modules]
+    refused = ("text_encoder\\." if several else "") + reason
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=rf"<mapping>: modules that load only in merged mode[\s\S]*{refused}"
+    ):
+        lorahot.plan_targets([diff, lora], target)
+    for m, state in zip(modules, before):
+        assert all(torch.equal(v, state[k]) for k, v in [*m.named_parameters(), *m.named_buffers()])
+    plan = lorahot.plan_targets([lora], target := model())
+    assert plan.inject_options() == {"max_rank": 2}
+    lorahot.inject(target, plan.targets, **plan.inject_options()).load(lora)
+    layer = target["text_encoder"]["a"] if several else target["a"]
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    want = _merged_refusing_model(how)["a"](x) + x @ a.T @ b.T
+    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+
+
 def test_config_rank_disagreeing_with_the_header_is_refused(tmp_path: Path, two_llama_adapters) -> None:
     _, (path_a, _), _ = two_llama_adapters
     work = tmp_path / "a"
