@@ -68,6 +68,7 @@ from lorahot.layers.base_guards import (
 from lorahot.layers.probes import forward_mismatch, kept_parametrizations, mismatch, probe_forward
 from lorahot.layers.recording import _exporting, _recorded
 from lorahot.layers.refusal import refuse
+from lorahot.layers.saved_extras import saved_extras
 from lorahot.layers.state import RuntimeState
 from lorahot.layers.state_marks import marked
 from lorahot.layers.tensor_handles import ROUTES, TENSORS, TOKENS, TensorHandle, mark_static
@@ -854,8 +855,9 @@ class LoRALayer(nn.Module):
         a, b = library_operands(a, b)
         if not extras:
             return marked(y + self.lora_delta(x, a, b, scale).to(y.dtype), key, self)
-        d = self.lora_delta(x, a, b, scale) + e[EXTRA_BIAS] * scale[0]
-        out = self._bias_gradient(torch.addcmul(e[EXTRA_G], e[EXTRA_F], y + d), e[EXTRA_F], e[EXTRA_G].shape)
+        z = y + (self.lora_delta(x, a, b, scale) + e[EXTRA_BIAS] * scale[0])
+        e = saved_extras(e, z)  # compiled with autograd: the backward's own copy
+        out = self._bias_gradient(torch.addcmul(e[EXTRA_G], e[EXTRA_F], z), e[EXTRA_F], e[EXTRA_G].shape)
         return marked(out.to(y.dtype), key, self)
 
     def refuse_keyword_call(self, kwargs: dict[str, Any]) -> None:
@@ -882,7 +884,9 @@ class LoRALayer(nn.Module):
         path (one elementwise pass after it); ``z`` itself without extras."""
         if not self._plan[3]:  # extras
             return marked(z, self._plan[4], self)
-        out = torch.addcmul(e[EXTRA_G], e[EXTRA_F], z + e[EXTRA_BIAS] * scale[0])
+        biased = z + e[EXTRA_BIAS] * scale[0]
+        e = saved_extras(e, biased)  # compiled with autograd: the backward's own copy
+        out = torch.addcmul(e[EXTRA_G], e[EXTRA_F], biased)
         return marked(self._bias_gradient(out, e[EXTRA_F], e[EXTRA_G].shape).to(z.dtype), self._plan[4], self)
 
     def _bias_gradient(self, out: torch.Tensor, f: torch.Tensor, channels: torch.Size) -> torch.Tensor:
@@ -927,6 +931,7 @@ class LoRALayer(nn.Module):
         ``e [slots, 4, out, *ones]`` and ``s [slots, R]``; ``-1`` rows take the no-adapter
         values (``f = 1``, the rest 0), so they keep ``z`` as it is."""
         length = route.shape[0]
+        e = saved_extras(e, z)  # compiled with autograd: the backward's own copy
         on, index, s0 = routing.row_scales(s[:, :1], route)  # s0 [L, 1]: zero for no slot
         rows = e[index]  # [L, 4, out, *ones]
         flag = on.view(length, *(1,) * (rows.dim() - 2))  # [L, 1, *ones]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -372,3 +373,104 @@ def test_factors_a_forward_computes_are_a_runtime_calls_bitwise(mode: str) -> No
     extras = [a.E.clone() for a in runtime.buffers.arenas]
     runtime.set_scale(1.0)
     assert all(torch.equal(e, a.E) for e, a in zip(extras, runtime.buffers.arenas))
+
+
+def _routed_peft_grads(oracles: tuple[nn.Module, ...], route: list[int], x: torch.Tensor) -> list[torch.Tensor]:
+    """PEFT's gradients of the base weights and biases for a batch whose row ``i`` runs adapter
+    ``route[i]`` (``oracles[k]`` holding adapter ``k``), through the sequence of
+    :func:`test_a_backward_pending_from_a_compiled_forward_computes_with_the_factor_of_its_own_forward`."""
+    total: list[torch.Tensor] = []
+    for k, oracle in enumerate(oracles):
+        params = _trainable(oracle)
+        rows = [i for i, slot in enumerate(route) if slot == k]
+        pending = oracle(x[rows]).square().sum()
+        _mul([oracle], x)
+        oracle(x)
+        grads = torch.autograd.grad(pending, params)
+        total = list(grads) if not total else [t + g for t, g in zip(total, grads)]
+    return total
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["one slot", "per-row routing"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_a_backward_pending_from_a_compiled_forward_computes_with_the_factor_of_its_own_forward(
+    backend: str, routed: bool
+) -> None:
+    """A compiled forward whose backward has not run, a base write, an eager forward (whose check
+    computes the factors again into the arena), then the compiled forward's backward: PEFT's
+    gradients in float64. The compiled graph used to save views of the arena's extras (or, with
+    AOTAutograd's partitioner, the arena itself, recomputing a clone in the backward), so its
+    backward read the new factor: 3.0-3.3 off on the first layer's weight with every backend. A
+    per-row routing's extras are indexed per row, which the partitioner may recompute too."""
+    base = _base("linear")
+    (oracle0, t0), (oracle1, t1) = _peft(base, seed=3), _peft(base, seed=4)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True, slots=2)
+    runtime.load(t0, slot=0, config=CONFIG)
+    runtime.load(t1, slot=1, config=CONFIG)
+    route = [0, 1, 1, 0] if routed else [0, 0, 0, 0]
+    runtime.activate(route if routed else 0)
+    x = _input("linear", rows=4)
+    torch._dynamo.reset()
+    params = _trainable(model)
+    pending = torch.compile(model, backend=backend)(x).square().sum()
+    _mul([model], x)  # the first layer's weight, which the forward did not save (x needs no gradient)
+    model(x)
+    got = torch.autograd.grad(pending, params)
+    want = _routed_peft_grads((oracle0, oracle1) if routed else (oracle0,), route, x)
+    assert all(_diff(g, h) < 1e-10 for g, h in zip(got, want))
+    torch._dynamo.reset()
+
+
+def _copies(graphs: list[torch.fx.GraphModule]) -> int:
+    """How many ``lorahot::saved_copy`` calls the captured graphs hold."""
+    return sum("saved_copy" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+
+
+def test_only_a_compiled_forward_that_autograd_records_copies_the_extras_and_swaps_still_do_not_recompile() -> None:
+    """The copy is traced once per extras layer in a graph whose output autograd records, and
+    nowhere else: a graph under ``no_grad``, one where nothing requires a gradient, and the
+    layers injected without extras trace none (their graphs are as before). Swaps DoRA -> plain ->
+    DoRA with gradients run under ``error_on_recompile=True``, each backward PEFT's; the negative
+    control, another input dtype, recompiles."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, inputs)  # type: ignore[no-any-return]
+
+    base = _base("linear")
+    (oracle, t0), (_, t1) = _peft(base, seed=3), _peft(base, seed=4)
+    plain = {k: v for k, v in t0.items() if "magnitude" not in k}
+    x = _input("linear")
+    for extras, want in ((False, 0), (True, 2)):
+        model = copy.deepcopy(base)
+        runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=extras)
+        runtime.load(t0 if extras else plain, config=CONFIG if extras else {**CONFIG, "use_dora": False})
+        torch._dynamo.reset()
+        graphs.clear()
+        compiled = torch.compile(model, backend=capture)
+        with torch.no_grad():
+            compiled(x)
+        assert len(graphs) == 1 and _copies(graphs) == 0
+        params = _trainable(model)
+        compiled(x).sum().backward()
+        assert len(graphs) == 2 and _copies(graphs[1:]) == want
+        for p in params:
+            p.requires_grad_(False)
+        compiled(x)
+        assert len(graphs) == 3 and _copies(graphs[2:]) == 0
+
+    params = _trainable(model)
+    runtime.load(t0, config=CONFIG)  # the runtime injected with extras, its graphs compiled above
+    oracle_params = _trainable(oracle)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for tensors, config in ((t1, CONFIG), (plain, {**CONFIG, "use_dora": False}), (t0, CONFIG)):
+            runtime.load(tensors, config=config)
+            grads = torch.autograd.grad(compiled(x).square().sum(), params)
+        assert all(
+            _diff(g, h) < 1e-10 for g, h in zip(grads, torch.autograd.grad(oracle(x).square().sum(), oracle_params))
+        )
+        with pytest.raises(torch._dynamo.exc.RecompileError):  # negative control
+            compiled(x.float())
+    torch._dynamo.reset()
