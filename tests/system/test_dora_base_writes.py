@@ -474,3 +474,32 @@ def test_only_a_compiled_forward_that_autograd_records_copies_the_extras_and_swa
         with pytest.raises(torch._dynamo.exc.RecompileError):  # negative control
             compiled(x.float())
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_a_backward_pending_from_a_compiled_forward_on_cuda_computes_with_the_factor_of_its_own_forward(
+    mode: str,
+) -> None:
+    """The sequence of the test above on CUDA with inductor, default mode and CUDA graphs: the
+    extras' saved copy (``lorahot::saved_copy``) is captured with the forward's graph, and the
+    backward still gets PEFT's gradients in float64 after a base write and an eager forward."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    base = _base("linear")
+    oracle, tensors = _peft(base, seed=3)
+    model = copy.deepcopy(base).cuda()
+    oracle = oracle.cuda()
+    lorahot.inject(model, ["0", "2"], max_rank=4, extras=True).load(tensors, config=CONFIG)
+    x = _input("linear", rows=4).cuda()
+    torch._dynamo.reset()
+    params = _trainable(model)
+    compiled = torch.compile(model, mode=None if mode == "default" else mode)
+    for _ in range(2):  # under CUDA graphs the second call replays what the first recorded
+        pending = compiled(x).square().sum()
+    _mul([model], x)
+    model(x)
+    got = torch.autograd.grad(pending, params)
+    want = _routed_peft_grads((oracle,), [0, 0, 0, 0], x)
+    assert all(_diff(g, h) < 1e-10 for g, h in zip(got, want))
+    torch._dynamo.reset()
