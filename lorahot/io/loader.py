@@ -51,7 +51,7 @@ from lorahot.io.patterns import budget_problem
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json
 from lorahot.io.scoped import scoped
 from lorahot.io.sources import RawAdapter, Source, open_source
-from lorahot.io.tensorfile import Slices
+from lorahot.io.tensorfile import Slices, refuse_oversized
 from lorahot.memo import BoundedMemo
 from lorahot.resolve.keys import COMPONENT_NAMES
 from lorahot.resolve.split import SplitSpec, split_by_user
@@ -233,6 +233,7 @@ def checked_adapter(adapter: Adapter) -> Adapter:
                 "with lorahot.read_adapter.",
             )
         )
+    refuse_oversized(_named(adapter.source), _shapes(adapter), "tensors were not copied")
     adapter = _plain_tensors(adapter)
     if type(adapter.format) is str and type(adapter.source) is str and adapter.source.isprintable():
         return adapter
@@ -240,6 +241,17 @@ def checked_adapter(adapter: Adapter) -> Adapter:
     # source is named in messages, as one line
     source = one_line(str.__str__(adapter.source))
     return dataclasses.replace(adapter, format=str.__str__(adapter.format), source=source)
+
+
+def _shapes(adapter: Adapter) -> Iterator[tuple[str, torch.Size]]:
+    """``(name, shape)`` of every tensor of a checked adapter, named ``<module key> (<role>)``."""
+    for k, m in adapter.modules.items():
+        for role in ("A", "B", "base_weight", "magnitude", "bias"):
+            t = getattr(m, role)
+            if isinstance(t, torch.Tensor):
+                yield f"{k} ({role})", t.shape
+    for k, w in adapter.weights.items():
+        yield from ((f"{k} ({name})", t.shape) for name, t in w.factors.items())
 
 
 def _plain_tensors(adapter: Adapter) -> Adapter:

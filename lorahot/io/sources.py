@@ -35,7 +35,7 @@ from lorahot.io.safety import (
     read_json_file,
     regular_file,
 )
-from lorahot.io.tensorfile import Slices, file_stamp, read_tensors
+from lorahot.io.tensorfile import Slices, file_stamp, read_tensors, refuse_oversized
 
 __all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_config"]
 
@@ -244,6 +244,7 @@ def _from_mapping(source: Mapping[str, Any]) -> RawAdapter:
     for key in source:
         if (problem := long_name(key)) is not None:
             raise AdapterReadError(f"<mapping>: key {shown(key)} {problem}. Pass the adapter's module keys.")
+    refuse_oversized("<mapping>", ((k, v.shape) for k, v in source.items()), "tensors were not copied")
     return RawAdapter({k: detached(v) for k, v in source.items()}, "<mapping>")
 
 

@@ -21,7 +21,7 @@ import functools
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ from lorahot.io.read_buffers import lent
 from lorahot.io.safety import SafetensorsHeader, regular_file
 from lorahot.io.scoped import scoped
 
-__all__ = ["read_tensors", "file_stamp", "TensorSlice", "Slices", "largest_tensor"]
+__all__ = ["read_tensors", "file_stamp", "TensorSlice", "Slices", "largest_tensor", "refuse_oversized"]
 
 _LARGEST: ContextVar[int | None] = ContextVar("lorahot_largest_tensor", default=None)
 
@@ -52,17 +52,28 @@ def largest_tensor(numel: int) -> Iterator[None]:
 
 def _check_sizes(path: Path, header: SafetensorsHeader) -> None:
     """Raises :class:`AdapterMismatchError` for a tensor larger than :func:`largest_tensor` allows."""
+    refuse_oversized(
+        str(path), ((key, shape) for key, (_, shape, _, _) in header.entries.items()), "file's data was not read"
+    )
+
+
+def refuse_oversized(where: str, shapes: Iterable[tuple[str, Sequence[int]]], untouched: str) -> None:
+    """Raises :class:`AdapterMismatchError` for the first ``(key, shape)`` of more elements than
+    :func:`largest_tensor` allows (nothing outside its block): a file's header entries before its
+    data is read, or a caller's tensors before they are copied (an expanded view of a few bytes
+    can declare terabytes too). ``untouched`` says what was spared (``"file's data was not read"``).
+    """
     limit = _LARGEST.get()
     if limit is None:
         return
-    for key, (_, shape, _, _) in header.entries.items():
+    for key, shape in shapes:
         numel = math.prod(shape)
         if numel > limit:
             raise AdapterMismatchError(
-                f"{path}: {shown(key, 200)} declares shape {tuple(shape)} ({numel} elements), more than any "
+                f"{where}: {shown(key, 200)} declares shape {tuple(shape)} ({numel} elements), more than any "
                 f"LoRA, LyCORIS "
-                f"or diff factor of the injected layers could hold ({limit}, with a margin); the file's data was not "
-                "read. Load an adapter made for this model (is the file an adapter?)."
+                f"or diff factor of the injected layers could hold ({limit}, with a margin); the {untouched}. "
+                "Load an adapter made for this model (is it an adapter?)."
             )
 
 

@@ -32,6 +32,7 @@ import torch
 from lorahot.adapter import Adapter
 from lorahot.errors import UsageError, public_api, shown
 from lorahot.io.loader import checked_adapter
+from lorahot.io.tensorfile import refuse_oversized
 from lorahot.memo import str_bytes
 from lorahot.runtime.arguments import entries as read_entries
 from lorahot.runtime.arguments import is_sequence, text, whole
@@ -348,10 +349,15 @@ def same_path(key: str, source: str | os.PathLike[str]) -> bool:
 def private(source: Any) -> Any:
     """``source`` with tensors of its own where it holds the caller's (a mapping of tensors, an
     :class:`Adapter`): a prepared adapter keeps them for stacks and merged mode, and a caller
-    that reuses its tensors (``fill_``, an optimizer step) must not change what was checked."""
+    that reuses its tensors (``fill_``, an optimizer step) must not change what was checked.
+    Within :func:`~lorahot.io.tensorfile.largest_tensor`, a tensor of more elements than any
+    layer could take is refused before anything is copied: a copy of an expanded view of a few
+    bytes can take terabytes."""
     if isinstance(source, Adapter):
-        return _owned_adapter(source)
+        return _owned_adapter(source)  # checked first: see checked_adapter
     if isinstance(source, Mapping):
+        shapes = ((k, v.shape) for k, v in source.items() if isinstance(k, str) and isinstance(v, torch.Tensor))
+        refuse_oversized("<mapping>", shapes, "tensors were not copied")  # a copy may be larger than the view
         return {k: _own(v) for k, v in source.items()}
     return source
 

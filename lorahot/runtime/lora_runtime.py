@@ -796,7 +796,8 @@ class LoraRuntime:
         if key is not None and isinstance(source, (str, os.PathLike)) and same_path(key, source):
             key = None  # the source's own name: cached by its identity, so a rewritten file is read again
         identity = source_key(source, read_kwargs)
-        source = private(source)  # the entry must not change with the caller's tensors
+        with largest_tensor(self._largest):  # a tensor no layer could take is refused before it is copied
+            source = private(source)  # the entry must not change with the caller's tensors
         # an entry kept by identity holds digests of its recently written files; a named one does not follow them
         with racy.digests_of_read(source if key is None else None, read_kwargs) as digests:
             adapter, recipe = self._read(source, None, read_kwargs)
@@ -826,7 +827,8 @@ class LoraRuntime:
         check_read_options(read_kwargs, self.components)
         denoisers_of(denoiser, 1, self.components, others=self._non_denoisers)
         key = preload_key(key)
-        source = snapshot(source)  # the caller's tensors as they are now, as preload takes them
+        with largest_tensor(self._largest):  # one too large goes as it is, for preload to refuse
+            source = snapshot(source)  # the caller's tensors as they are now, as preload takes them
         own_path = key is not None and isinstance(source, (str, os.PathLike)) and same_path(key, source)
         with self._executor_lock:
             self._check_usable(placement=False)  # under the lock: eject cannot slip in between

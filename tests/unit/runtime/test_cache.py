@@ -22,6 +22,7 @@ from lorahot.io.identity import source_identity
 from lorahot.runtime import cache as cache_module
 from lorahot.runtime import lora_runtime, racy
 from tests.helpers import make_adapter, save_peft, tiny_lm
+from tests.reliability_helpers import assert_unchanged, build_rig, snapshot
 
 Q0 = "layers.0.self_attn.q_proj"
 
@@ -594,3 +595,37 @@ def test_a_preloaded_base_weight_copy_is_compared_with_the_model_s_weight_at_loa
 
 def _arenas(runtime: lorahot.LoraRuntime) -> list[torch.Tensor]:
     return [t for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
+
+
+def _expanded(model: torch.nn.Module, as_adapter: bool) -> object:
+    """A valid adapter whose q_proj A is an expanded view of one float: 2**40 elements (4 TiB
+    once copied) held in 4 bytes."""
+    tensors, _ = make_adapter(model, {Q0: 4}, seed=1)
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.zeros(1, 1).expand(2**36, 16)
+    if not as_adapter:
+        return tensors
+    adapter = lorahot.read_adapter(make_adapter(model, {Q0: 4}, seed=1)[0])
+    module = dataclasses.replace(adapter.modules[Q0], A=tensors[key])
+    return dataclasses.replace(adapter, modules={Q0: module})
+
+
+@pytest.mark.parametrize("as_adapter", [False, True], ids=["mapping", "adapter"])
+def test_a_tensor_no_layer_could_take_is_refused_before_it_is_copied(as_adapter: bool, tmp_path: Path) -> None:
+    """preload and prefetch copy the caller's tensors: an expanded view declaring terabytes is
+    refused from its shape, as a file's header is, by load, preload, prefetch and a stack alike,
+    with the model and the runtime bitwise unchanged (copied, it could not be allocated)."""
+    rig = build_rig(tmp_path / "rig")
+    source = _expanded(rig.model, as_adapter)
+    before = snapshot(rig)
+    calls = [
+        lambda: rig.runtime.preload(source),
+        lambda: rig.runtime.preload(source, key="big"),
+        lambda: rig.runtime.prefetch(source).result(timeout=60),
+        lambda: rig.runtime.load(source, slot=1),
+        lambda: rig.runtime.load([tmp_path / "rig" / "valid0", source], slot=1),
+    ]
+    for call in calls:
+        with pytest.raises(AdapterMismatchError, match=r"declares shape \(68719476736, 16\) \(1099511627776 elements"):
+            call()
+        assert_unchanged(rig, before)
