@@ -139,6 +139,8 @@ class AdapterConfig:
             field lorahot does not know, a ``peft_type`` other than LoRA and an
             ``init_lora_weights`` that rewrote the base weights or that lorahot does not know.
         alpha_stated: whether the config names ``lora_alpha`` itself (else the default applies).
+        r_null: the config's ``r`` is null: a module no ``rank_pattern`` key matches has no rank
+            (PEFT fails to build its layer), where one it leaves out has PEFT's default.
         present: whether there is a config at all (any field): PEFT's defaults then hold for the
             fields it leaves out; without one the tensors decide.
         origin: where the fields came from, for messages (``adapter_config.json``, the
@@ -156,6 +158,7 @@ class AdapterConfig:
     target_modules: tuple[str, ...] | str | None = None
     unsupported: tuple[str, ...] = ()
     alpha_stated: bool = False
+    r_null: bool = False
     present: bool = False
     origin: str = field(default="", compare=False)
     _rank_set: PatternSet | None = field(default=None, compare=False, repr=False)
@@ -215,7 +218,8 @@ class AdapterConfig:
         )
         config = cls(
             r, alpha, rank_pattern, alpha_pattern, **flags, target_modules=targets, unsupported=unsupported,
-            alpha_stated="lora_alpha" in raw, present=True, _rank_set=rank_set, _alpha_set=alpha_set,
+            alpha_stated="lora_alpha" in raw, r_null="r" in raw and raw["r"] is None, present=True,
+            _rank_set=rank_set, _alpha_set=alpha_set,
         )  # fmt: skip
         return config, problems
 

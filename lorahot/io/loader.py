@@ -1069,6 +1069,12 @@ def _assemble(
         rank = int(a.shape[0])
         cfg, pattern_name, origin = _config_for(module, fmt, configs)
         declared = cfg.rank_for(pattern_name)
+        if declared is None and cfg.r_null:
+            problems.append(
+                f"{named}: {origin} says r=null and no rank_pattern key matches it, so PEFT cannot build its layer "
+                f"(it compares r with 0); set r to the adapter's rank ({rank})"
+            )
+            continue
         if declared is not None and rank != declared:
             problems.append(f"{named}: {origin} says r={declared}, but {ka} has shape {tuple(a.shape)} (rank {rank})")
             continue

@@ -468,6 +468,37 @@ def test_a_config_without_lora_alpha_takes_peft_s_default_and_a_null_one_is_refu
         lorahot.read_adapter(_peft(4), config={"r": 4, "lora_alpha": None})
 
 
+class _Proj(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 6)
+
+
+@pytest.mark.parametrize("pattern", [None, {"proj": 4}])
+def test_a_null_r_is_refused_where_no_rank_pattern_gives_the_module_its_rank(
+    pattern: dict | None, tmp_path: Path
+) -> None:
+    """PEFT builds a module of ``r: null`` with the rank its ``rank_pattern`` gives, and fails
+    (``None <= 0``) without one; lorahot took the tensors' rank (scale alpha / 4) instead of
+    refusing. With the pattern, both scale by lora_alpha / 4."""
+    from peft import PeftModel
+
+    config = {"peft_type": "LORA", "r": None, "lora_alpha": 8, "target_modules": ["proj"]}
+    if pattern is not None:
+        config["rank_pattern"] = pattern
+    directory = _dir(tmp_path, _peft(4), config)
+    if pattern is None:
+        with pytest.raises(TypeError):
+            PeftModel.from_pretrained(_Proj(), directory)
+        for read in (lambda: lorahot.read_adapter(directory), lambda: lorahot.read_adapter(_peft(4), config=config)):
+            with pytest.raises(lorahot.AdapterMismatchError, match=r"proj: .*says r=null and no rank_pattern key"):
+                read()
+        return
+    peft_scale = PeftModel.from_pretrained(_Proj(), directory).base_model.model.proj.scaling["default"]
+    assert lorahot.read_adapter(directory).modules["proj"].scale == peft_scale == 2.0
+    assert lorahot.read_adapter(_peft(4), config=config).modules["proj"].scale == 2.0
+
+
 _REWROTE = r"this initialization rewrote the base weights the adapter was trained over"
 
 
