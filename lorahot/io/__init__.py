@@ -8,6 +8,7 @@
 - :mod:`~lorahot.io.sources`: opening any source into raw tensors, config and metadata;
 - :mod:`~lorahot.io.patterns`: PEFT's ``rank_pattern``/``alpha_pattern`` in linear time (RE2);
 - :mod:`~lorahot.io.config`: the adapter config fields lorahot honours, and those it refuses;
+- :mod:`~lorahot.io.plain`: a caller's read options (``config=``, ``key_map=``, ...) as plain data;
 - :mod:`~lorahot.io.loader`: :func:`read_adapter`, raw tensors to an :class:`~lorahot.Adapter`.
 """
 

@@ -48,6 +48,7 @@ from lorahot.formats.kohya import KOHYA_OFT
 from lorahot.formats.table import GLORA_FACTORS, Parts, skip_modules
 from lorahot.io.config import CONFIG_NAME, AdapterConfig, finite
 from lorahot.io.patterns import budget_problem
+from lorahot.io.plain import plain
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json
 from lorahot.io.scoped import scoped
 from lorahot.io.sources import RawAdapter, Source, open_source
@@ -143,6 +144,10 @@ def read_adapter(
     Raises:
         lorahot.LoraError: a subclass saying what is wrong with the source and how to fix it.
     """
+    config, key_map, fuse, split = (  # read once, as plain data: nothing of the caller's runs later
+        None if value is None else plain(value, name)
+        for name, value in (("config", config), ("key_map", key_map), ("fuse", fuse), ("split", split))
+    )
     overrides = _check_overrides(config)
     if not isinstance(strict, bool):
         raise UsageError(f"strict={shown(strict, 40)} must be True or False.")
@@ -234,7 +239,7 @@ def checked_adapter(adapter: Adapter) -> Adapter:
             )
         )
     refuse_oversized(_named(adapter.source), _shapes(adapter), "tensors were not copied")
-    adapter = _plain_tensors(adapter)
+    adapter = _plain_names(_plain_tensors(adapter))
     if type(adapter.format) is str and type(adapter.source) is str and adapter.source.isprintable():
         return adapter
     # a str of a subclass as a plain one: lorahot compares and hashes the format and source; the
@@ -252,6 +257,48 @@ def _shapes(adapter: Adapter) -> Iterator[tuple[str, torch.Size]]:
                 yield f"{k} ({role})", t.shape
     for k, w in adapter.weights.items():
         yield from ((f"{k} ({name})", t.shape) for name, t in w.factors.items())
+
+
+def _plain_names(adapter: Adapter) -> Adapter:
+    """``adapter`` (checked) with every module name, kind and key of a ``str`` subclass as a plain
+    ``str``: lorahot's memos keep the names they are given, and a kept subclass would run its
+    ``__eq__`` in every later lookup of that name, another adapter's too. The same object where
+    every name is plain."""
+
+    def names(k: str, m: LoraModule | WeightModule) -> tuple[object, ...]:
+        extra = (m.kind, *m.factors) if isinstance(m, WeightModule) else ()
+        return (k, m.key, *_keys_of(m), *extra)
+
+    both: list[tuple[str, LoraModule | WeightModule]] = [*adapter.modules.items(), *adapter.weights.items()]
+    if all(type(n) is str for k, m in both for n in names(k, m)) and all(type(k) is str for k in adapter.skipped):
+        return adapter
+    p = _text_of
+    modules = {
+        p(k): dataclasses.replace(m, key=p(m.key), source_keys=tuple(map(p, _keys_of(m))))
+        for k, m in adapter.modules.items()
+    }
+    weights = {
+        p(k): dataclasses.replace(
+            w,
+            key=p(w.key),
+            kind=p(w.kind),
+            source_keys=tuple(map(p, _keys_of(w))),
+            factors={p(n): t for n, t in w.factors.items()},
+        )
+        for k, w in adapter.weights.items()
+    }
+    return dataclasses.replace(adapter, modules=modules, weights=weights, skipped=tuple(map(p, adapter.skipped)))
+
+
+def _keys_of(m: LoraModule | WeightModule) -> tuple[object, ...]:
+    """A module's ``source_keys``, as a tuple (a hand-built one's may be anything)."""
+    keys: object = m.source_keys
+    return tuple(keys) if isinstance(keys, (tuple, list)) else ()
+
+
+def _text_of(value: Any) -> Any:
+    """``value`` where it is a ``str`` of a subclass as a plain ``str`` (its overrides not called)."""
+    return str.__str__(value) if isinstance(value, str) and type(value) is not str else value
 
 
 def _plain_tensors(adapter: Adapter) -> Adapter:

@@ -25,6 +25,7 @@ from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, Usa
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.digests import note_config
 from lorahot.io.hub import check_relative, fetch
+from lorahot.io.plain import plain
 from lorahot.io.safety import (
     PICKLE_SUFFIXES,
     SafetensorsHeader,
@@ -234,7 +235,10 @@ def _from_path(
 
 def _from_mapping(source: Mapping[str, Any]) -> RawAdapter:
     """The mapping's tensors, detached (a tensor that requires grad is read as its value), as
-    plain tensors (:func:`~lorahot.adapter.detached`: nothing of a subclass runs once read)."""
+    plain tensors (:func:`~lorahot.adapter.detached`: nothing of a subclass runs once read),
+    keyed by plain strings (:func:`~lorahot.io.plain.plain`: a key of a ``str`` subclass kept in
+    lorahot's memos would run its ``__eq__`` in every later read of that name)."""
+    source = plain(source, "source", "a dict of tensors keyed by name")
     bad = [k for k, v in source.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise AdapterReadError(

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from lorahot.errors import UsageError, shown
 from lorahot.io.identity import source_identity
+from lorahot.io.plain import plain
 from lorahot.resolve.components import DENOISER
 
 __all__ = [
@@ -76,7 +77,7 @@ def check_read_options(read_kwargs: dict[str, Any], components: tuple[str, ...] 
         if value is not None and not isinstance(value, kinds):
             wanted = " or ".join("a mapping" if k is Mapping else k.__name__ for k in kinds)
             raise UsageError(f"{name}={shown(value, 80)} must be {wanted} (or None), not {type(value).__name__}.")
-        read_kwargs[name] = text(value)
+        read_kwargs[name] = plain(value, name)  # read once: nothing of the caller's runs later
 
 
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {

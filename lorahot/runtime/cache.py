@@ -32,6 +32,7 @@ import torch
 from lorahot.adapter import Adapter
 from lorahot.errors import UsageError, public_api, shown
 from lorahot.io.loader import checked_adapter
+from lorahot.io.plain import plain
 from lorahot.io.tensorfile import refuse_oversized
 from lorahot.memo import str_bytes
 from lorahot.runtime.arguments import entries as read_entries
@@ -356,6 +357,7 @@ def private(source: Any) -> Any:
     if isinstance(source, Adapter):
         return _owned_adapter(source)  # checked first: see checked_adapter
     if isinstance(source, Mapping):
+        source = plain(source, "source", "a dict of tensors keyed by name")  # read once, keyed by plain strings
         shapes = ((k, v.shape) for k, v in source.items() if isinstance(k, str) and isinstance(v, torch.Tensor))
         refuse_oversized("<mapping>", shapes, "tensors were not copied")  # a copy may be larger than the view
         return {k: _own(v) for k, v in source.items()}
