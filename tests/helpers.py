@@ -6,12 +6,14 @@ run the base operation (or torch's own module for that operation) on it, in floa
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
 import gc
 import json
 import math
+import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -353,19 +355,54 @@ def save_peft(
     alpha_pattern: Mapping[str, float] | None = None,
     use_rslora: bool = False,
 ) -> Path:
-    """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``."""
+    """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``.
+
+    The config states ``r`` as PEFT's always does (PEFT builds a module no ``rank_pattern``
+    key matches at ``r``, 8 where the config has none): without ``r=``, the rank most modules
+    have, and a ``rank_pattern`` entry (after the given ones) for each module of another rank
+    that no given key covers. ``lora_alpha=None`` leaves it out (PEFT's default, 8).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"))
+    rank_pattern = dict(rank_pattern or {})
+    if r is None:
+        r, rank_pattern = _peft_ranks(tensors, rank_pattern)
     config = {
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": lora_alpha,
-        "rank_pattern": dict(rank_pattern or {}),
+        "rank_pattern": rank_pattern,
         "alpha_pattern": dict(alpha_pattern or {}),
         "use_rslora": use_rslora,
     }
     (directory / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
     return directory
+
+
+def _peft_ranks(tensors: Mapping[str, torch.Tensor], given: dict[str, int]) -> tuple[int | None, dict[str, int]]:
+    """The ``r`` and ``rank_pattern`` PEFT saves for the LoRA modules of ``tensors``: the most
+    common rank, and each module of another rank that no ``given`` key covers by name (None
+    and ``given`` without LoRA modules: a config's ``r`` is refused for LyCORIS ones)."""
+    ranks = {
+        key.removeprefix(PREFIX).removesuffix(end): int(t.shape[0])
+        for key, t in tensors.items()
+        for end in (".lora_A.weight", ".lora_embedding_A")
+        if key.endswith(end)
+    }
+    if not ranks:
+        return None, given
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    pattern = given | {name: rank for name, rank in ranks.items() if rank != r and _pattern_key(given, name) is None}
+    for name, rank in ranks.items():  # a module's name must not catch another module (a suffix of its name)
+        key = _pattern_key(pattern, name)
+        if key not in given and (r if key is None else pattern[key]) != rank:
+            raise ValueError(f"save_peft: {name} (rank {rank}) would get rank {pattern[key]} from key {key!r}")
+    return r, pattern
+
+
+def _pattern_key(pattern: Mapping[str, int], name: str) -> str | None:
+    """The first key of ``pattern`` that matches module ``name`` by PEFT's rule, or None."""
+    return next((key for key in pattern if re.match(rf"(.*\.)?({key})$", name)), None)
 
 
 # -- tiny models --------------------------------------------------------------------------

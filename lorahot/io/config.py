@@ -33,6 +33,7 @@ __all__ = [
     "KEPT_INITS",
     "LORA_TYPE",
     "PEFT_DEFAULT_ALPHA",
+    "PEFT_DEFAULT_R",
     "READ",
     "REWRITING_INITS",
     "UNSUPPORTED",
@@ -111,13 +112,18 @@ INERT: dict[str, str] = {
 #: PEFT's ``LoraConfig.lora_alpha`` default, which a config without the field takes
 PEFT_DEFAULT_ALPHA = 8.0
 
+#: PEFT's ``LoraConfig.r`` default: the rank PEFT (and diffusers, from ``lora_adapter_metadata``)
+#: builds a module at where its config states no ``r`` and no ``rank_pattern`` key matches it
+PEFT_DEFAULT_R = 8
+
 
 @dataclass(frozen=True)
 class AdapterConfig:
     """The parts of a PEFT ``adapter_config.json`` that decide ranks and scales.
 
     Attributes:
-        r: default rank (None when the config does not say; the tensors decide then).
+        r: default rank (None when the config does not say: PEFT's default where :attr:`r_omitted`,
+            else the tensors decide).
         lora_alpha: default alpha: PEFT's default (8) for a config without the field, None with
             no config at all (alpha then equals the module's rank, so scale 1). Any finite
             number, as in PEFT: 0 makes the adapter a no-op (DoRA then still rescales the base
@@ -141,6 +147,10 @@ class AdapterConfig:
         alpha_stated: whether the config names ``lora_alpha`` itself (else the default applies).
         r_null: the config's ``r`` is null: a module no ``rank_pattern`` key matches has no rank
             (PEFT fails to build its layer), where one it leaves out has PEFT's default.
+        r_omitted: a PEFT config (an ``adapter_config.json`` or the header's
+            ``lora_adapter_metadata``, with any ``config=`` over it) states no ``r``: PEFT builds a
+            module no ``rank_pattern`` key matches at :data:`PEFT_DEFAULT_R`. The loader sets it;
+            ``config=`` alone leaves the rank to the tensors.
         present: whether there is a config at all (any field): PEFT's defaults then hold for the
             fields it leaves out; without one the tensors decide.
         origin: where the fields came from, for messages (``adapter_config.json``, the
@@ -159,6 +169,7 @@ class AdapterConfig:
     unsupported: tuple[str, ...] = ()
     alpha_stated: bool = False
     r_null: bool = False
+    r_omitted: bool = False
     present: bool = False
     origin: str = field(default="", compare=False)
     _rank_set: PatternSet | None = field(default=None, compare=False, repr=False)

@@ -46,7 +46,7 @@ from lorahot.formats import FORMATS, KeyFormat, ModelNames, format_named, group_
 from lorahot.formats.diffusers import METADATA_KEY
 from lorahot.formats.kohya import KOHYA_OFT
 from lorahot.formats.table import GLORA_FACTORS, Parts, skip_modules
-from lorahot.io.config import CONFIG_NAME, AdapterConfig, finite
+from lorahot.io.config import CONFIG_NAME, PEFT_DEFAULT_R, AdapterConfig, finite
 from lorahot.io.patterns import budget_problem
 from lorahot.io.plain import plain
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json
@@ -923,6 +923,8 @@ def _component_configs(
         raise AdapterReadError(f"{raw.source}: {too_many}. Write fewer, plainer pattern keys.")
     root = _root_origin(file_config is not None, "" in header_configs, overrides is not None)
     parsed = {c: _parse_config(raw, c, d, root) for c, d in configs.items()}
+    peft_read = [c for c in configs if c or file_config is not None or "" in header_configs]
+    parsed |= {c: replace(parsed[c], r_omitted=True) for c in peft_read if "r" not in configs[c] and parsed[c].present}
     if overrides:  # what a message blames: the caller's values too
         parsed = {c: replace(cfg, origin=_overridden(cfg.origin)) for c, cfg in parsed.items()}
     refused = [f"{cfg.origin}: {'; '.join(cfg.unsupported)}." for cfg in parsed.values() if cfg.unsupported]
@@ -1120,6 +1122,13 @@ def _assemble(
             problems.append(
                 f"{named}: {origin} says r=null and no rank_pattern key matches it, so PEFT cannot build its layer "
                 f"(it compares r with 0); set r to the adapter's rank ({rank})"
+            )
+            continue
+        if declared is None and cfg.r_omitted and rank != PEFT_DEFAULT_R:
+            problems.append(
+                f"{named}: {origin} states no r and no rank_pattern key matches it, so PEFT builds its layer at its "
+                f"default r={PEFT_DEFAULT_R} and fails to load {ka} of shape {tuple(a.shape)} (rank {rank}) into it; "
+                f"set r to the adapter's rank ({rank}), or give the module a rank_pattern key"
             )
             continue
         if declared is not None and rank != declared:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -371,7 +372,12 @@ _META = '{"unet.r": 4, "unet.lora_alpha": 8, "unet.rank_pattern": {"to_out.0": 2
 RECIPE_CASES = {
     "peft patterns rslora": (_QK, {"r": 4, "lora_alpha": 8, "rank_pattern": {"k": 2}, "use_rslora": True}, {}, True),
     "dora and lora bias": (_DORA, {"r": 2, "lora_alpha": 2, "use_dora": True, "lora_bias": True}, {}, True),
-    "strict=False skips a key": (_QK | {"model.weird.tensor": torch.ones(2)}, {"rank_pattern": {"k": 2}}, {}, False),
+    "strict=False skips a key": (
+        _QK | {"model.weird.tensor": torch.ones(2)},
+        {"r": 4, "rank_pattern": {"k": 2}},
+        {},
+        False,
+    ),
     "diffusers components": (
         {
             "unet.attn.to_q.lora_A.weight": torch.randn(4, 8),
@@ -444,7 +450,7 @@ def test_a_recipe_holds_for_the_same_header_and_config_only(tmp_path: Path) -> N
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 1}))
     assert lorahot.read_adapter(tmp_path).modules["proj"].scale == 0.5
     save_file(_peft(3), path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"lora_alpha": 1}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 3, "lora_alpha": 1}))
     assert lorahot.read_adapter(tmp_path).modules["proj"].rank == 3
 
 
@@ -497,6 +503,103 @@ def test_a_null_r_is_refused_where_no_rank_pattern_gives_the_module_its_rank(
     peft_scale = PeftModel.from_pretrained(_Proj(), directory).base_model.model.proj.scaling["default"]
     assert lorahot.read_adapter(directory).modules["proj"].scale == peft_scale == 2.0
     assert lorahot.read_adapter(_peft(4), config=config).modules["proj"].scale == 2.0
+
+
+def _oracle(source: str, directory: Path, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The scale and output of ``proj`` as PEFT (``adapter_config.json``) or diffusers
+    (``lora_adapter_metadata``) load ``directory``'s adapter onto :class:`_Proj` in float64."""
+    torch.manual_seed(0)
+    if source == "adapter_config.json":
+        from peft import PeftModel
+
+        peft = PeftModel.from_pretrained(_Proj().double(), directory).base_model.model
+        return peft.proj.scaling["default"], peft.proj(x)
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    class Transformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = _Proj().proj.double()
+
+    model = Transformer()
+    model.load_lora_adapter(str(directory), weight_name="adapter_model.safetensors", prefix="transformer")
+    return model.proj.scaling["default_0"], model.proj(x)
+
+
+@pytest.mark.parametrize("source", ["adapter_config.json", "lora_adapter_metadata"])
+@pytest.mark.parametrize("rank", [8, 4])
+@pytest.mark.parametrize(
+    "fields_of",
+    [
+        lambda rank: {},
+        lambda rank: {"lora_alpha": 16},
+        lambda rank: {"lora_alpha": 16, "use_rslora": True},
+        lambda rank: {"lora_alpha": 16, "alpha_pattern": {"proj": 4}, "rank_pattern": {"other": 2}},
+        lambda rank: {"lora_alpha": 16, "rank_pattern": {"proj": rank}},
+    ],
+    ids=["bare", "alpha", "rslora", "other-patterns", "rank-pattern"],
+)
+def test_a_config_without_r_builds_each_module_at_peft_s_default_rank_as_peft_does(
+    source: str, rank: int, fields_of: Callable[[int], dict], tmp_path: Path
+) -> None:
+    """PEFT and diffusers build a module that a config without ``r`` gives no rank_pattern key
+    at LoraConfig's default r=8: a rank-8 module loads at lora_alpha / 8 (rsLoRA: / sqrt 8), any
+    other rank fails to load (size mismatch). lorahot took the tensors' rank (scale lora_alpha / 4
+    where PEFT raises); it now refuses such a module, naming it, its rank and PEFT's default,
+    with the model bitwise unchanged, and matches PEFT's output in float64 where PEFT loads."""
+    fields = fields_of(rank)
+    config = {"peft_type": "LORA", "target_modules": ["proj"], **fields}
+    torch.manual_seed(1)
+    a, b = torch.randn(rank, 8, dtype=torch.float64), torch.randn(6, rank, dtype=torch.float64)
+    if source == "adapter_config.json":
+        directory = _dir(
+            tmp_path, {"base_model.model.proj.lora_A.weight": a, "base_model.model.proj.lora_B.weight": b}, config
+        )
+    else:
+        header = {f"transformer.{k}": v for k, v in config.items()}
+        directory = _dir(
+            tmp_path, {"transformer.proj.lora_A.weight": a, "transformer.proj.lora_B.weight": b}, None, header
+        )
+    torch.manual_seed(0)
+    model = _Proj().double()
+    runtime = lorahot.inject(model, ["proj"], max_rank=8)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    if rank != 8 and "proj" not in fields.get("rank_pattern", {}):
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            _oracle(source, directory, x)
+        before = [(n, t.clone()) for n, t in [*model.named_parameters(), *model.named_buffers()]]
+        with pytest.raises(
+            lorahot.AdapterMismatchError,
+            match=rf"adapter_model.safetensors: inconsistent adapter:\n  - (transformer\.)?proj: .*{source} .*states "
+            r"no r and no rank_pattern key matches it, so PEFT builds its layer at its default r=8 and fails to load "
+            r".*lora_A.weight of shape \(4, 8\) \(rank 4\) into it; set r to the adapter's rank \(4\), or give the "
+            "module a rank_pattern key",
+        ):
+            runtime.load(directory)
+        after = [*model.named_parameters(), *model.named_buffers()]
+        assert len(after) == len(before)
+        assert all(n == m and torch.equal(t, u) for (n, t), (m, u) in zip(before, after))
+        return
+    scale, want = _oracle(source, directory, x)
+    name = "proj" if source == "adapter_config.json" else "transformer.proj"
+    assert lorahot.read_adapter(directory).modules[name].scale == scale
+    runtime.load(directory)
+    torch.testing.assert_close(model.proj(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_config_alone_without_r_leaves_the_rank_to_the_tensors_and_an_r_over_a_file_without_one_loads(
+    tmp_path: Path,
+) -> None:
+    """``config=`` with no adapter config in the source is lorahot's own: the tensors give the
+    rank. Over an adapter_config.json without ``r``, a ``config=`` stating it loads the adapter."""
+    assert lorahot.read_adapter(_peft(4), config={"lora_alpha": 16}).modules["proj"].scale == 4.0
+    directory = _dir(tmp_path, _peft(4), {"peft_type": "LORA", "lora_alpha": 16})
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"proj: adapter_config\.json with config= over it states no r"
+    ):
+        lorahot.read_adapter(directory, config={"use_rslora": False})
+    assert lorahot.read_adapter(directory, config={"r": 4}).modules["proj"].scale == 4.0
 
 
 _REWROTE = r"this initialization rewrote the base weights the adapter was trained over"
