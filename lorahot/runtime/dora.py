@@ -227,13 +227,13 @@ class DoraFactors:
         bad = [name for name, p, m in terms if not self._finite(name, m, weights[p], region)]
         if not bad:
             return
-        for p, plan in enumerate(stack.parts):
+        for p in range(len(stack.parts)):
             own = [name for name, q, m in terms if q == p and not self._finite(name, m, 1.0, region)]
             if own:
                 raise AdapterReadError(
                     lines(
                         format_problems(
-                            f"{plan.source}: DoRA factors m / ||W0 + scale * B @ A|| are not finite in:", own
+                            f"{stack.named(p)}: DoRA factors m / ||W0 + scale * B @ A|| are not finite in:", own
                         ),
                         "A channel's adapted weight has norm 0, or its magnitude overflows the buffers' dtype after "
                         "the division (PEFT's forward would give inf or NaN); the adapter cannot run on this model.",

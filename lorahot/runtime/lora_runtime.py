@@ -1499,17 +1499,17 @@ class LoraRuntime:
         layer's update (a stack's parts summed) in its buffers' dtype range (unmerged,
         :class:`~lorahot.runtime.updates.UpdateRange`), and (merged mode) every merged weight
         in the weights' range."""
-        several = not stack.single
-        for plan, w in zip(stack.parts, weights):
-            check_unit_scale(plan, w, part=plan.source if several else None)
+        parts = [None if stack.single else stack.named(p) for p in range(len(stack.parts))]
+        for plan, w, part in zip(stack.parts, weights, parts):
+            check_unit_scale(plan, w, part=part)
         if self._merger is None and any(stack.dora):  # a layer index per DoRA layer, per arena
             self._dora.check(stack, weights, region)
         if self._merger is None and self._within_range(stack, weights) and self._updates.fits(stack, weights):
             return  # the common case: every product below its limit, no message to build
-        for plan, w in zip(stack.parts, weights):
-            check_multiplier(plan, w, self.buffers, part=plan.source if several else None)
+        for plan, w, part in zip(stack.parts, weights, parts):
+            check_multiplier(plan, w, self.buffers, part=part)
             if not self._wide.empty:
-                self._wide.check(plan, w, self._arena_names)
+                self._wide.check(plan, w, self._arena_names, part)
         if self._merger is not None:
             self._merger.check(stack, weights)
         else:
@@ -1708,13 +1708,14 @@ def _gc_paused() -> Iterator[None]:
 @contextlib.contextmanager
 def _naming_part(part: int | None) -> Iterator[None]:
     """A stack's part that fails its own checks: its error, of the same class, with
-    ``part k:`` in front (the parts of a stack read from mappings are all ``<mapping>``)."""
+    ``part k of the stack:`` in front (its source follows, as the part's own refusal names it;
+    the parts of a stack read from mappings are all ``<mapping>``)."""
     try:
         yield
     except LoraError as exc:
         if part is None:
             raise
-        raise type(exc)(f"part {part}: " + message(exc)) from exc
+        raise type(exc)(f"part {part} of the stack: " + message(exc)) from exc
 
 
 def _tail(text: str, width: int = 40) -> str:

@@ -653,7 +653,7 @@ class Merger:
         if not over:
             return
         ones = [1.0] * len(stack.parts)
-        for p, plan in enumerate(stack.parts):
+        for p in range(len(stack.parts)):
             own = [n for n in over if self._overflows(stack, n, [t for t in terms[n] if t[0] == p], ones)]
             if own:
                 merged_only = any(isinstance(m, WeightModule) for n in own for q, m in terms[n] if q == p)
@@ -664,7 +664,7 @@ class Merger:
                 )
                 raise AdapterReadError(
                     lines(
-                        format_problems(f"{plan.source}: merged weights would overflow the model's dtype in:", own),
+                        format_problems(f"{stack.named(p)}: merged weights would overflow the model's dtype in:", own),
                         f"The adapter's values are too large for merged mode; {fix}.",
                     )
                 )

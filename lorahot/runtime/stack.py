@@ -45,7 +45,7 @@ from lorahot.runtime.bias_sums import BiasSums
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra
 from lorahot.runtime.plan import Checked, LoadPlan, Staged
 
-__all__ = ["Stack", "Placement", "Run", "build", "check_parts", "shared_problems", "SHARED_FIX"]
+__all__ = ["Stack", "Placement", "Run", "build", "check_parts", "part_named", "shared_problems", "SHARED_FIX"]
 
 #: ``(layer index, first row, rows, part)``: a part's contiguous rows in one layer (or group slice)
 Run = tuple[int, int, int, int]
@@ -87,6 +87,12 @@ class Stack:
     def single(self) -> bool:
         """One part: every row of a layer has one scale (the layer's ``alpha / r``)."""
         return len(self.parts) == 1
+
+    def named(self, part: int) -> str:
+        """How a refusal names part ``part``: its source alone for one adapter, else
+        :func:`part_named`."""
+        source = self.parts[part].source
+        return source if self.single else part_named(part, source)
 
     def scales(self, weights: Sequence[float]) -> list[torch.Tensor]:
         """Per arena, float64 ``[n_layers, R]`` on the host: each row's scale for the parts'
@@ -277,7 +283,7 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
         AdapterMismatchError: naming every layer that does not fit, each part there (its
             rank, its source) and the fix.
     """
-    sources = [f"part {p}: {plan.source}" for p, plan in enumerate(plans)]
+    sources = [part_named(p, plan.source) for p, plan in enumerate(plans)]
     by_layer: dict[str, list[tuple[int, LoraModule | WeightModule]]] = {}
     for p, plan in enumerate(plans):
         for name, m in _modules(plan):
@@ -304,6 +310,12 @@ def check_parts(plans: list[LoadPlan], buffers: BufferManager) -> None:
             *fixes,
         )
     )
+
+
+def part_named(part: int, source: str) -> str:
+    """How every refusal names a part of a stack: ``part 1 of the stack (<mapping>)``, its index
+    and its source (several parts read from mappings share the source ``<mapping>``)."""
+    return f"part {part} of the stack ({source})"
 
 
 #: the fix for what :func:`shared_problems` finds

@@ -53,7 +53,7 @@ from lorahot.runtime.inject import MAX_RANK_LIMIT, check_merged_model
 from lorahot.runtime.merge import check_mergeable
 from lorahot.runtime.plan import check_extras, check_module, check_weight_module, layer_refusal
 from lorahot.runtime.sharding import localize
-from lorahot.runtime.stack import SHARED_FIX, shared_problems
+from lorahot.runtime.stack import SHARED_FIX, part_named, shared_problems
 from lorahot.runtime.targets import ExactNames, beside_layers, fsdp_owners, fsdp_refusal, unwrappable
 
 __all__ = ["TargetPlan", "plan_targets"]
@@ -354,7 +354,7 @@ def _file_ranks(adapters: list[Adapter], combine: Combine = max, stacked: bool =
     if stacked:
         shared = shared_problems(
             {name if c == "" else f"{c}.{name}": items for (c, name), items in per.items()},
-            [f"part {p}: {a.source}" for p, a in enumerate(adapters)],
+            [part_named(p, a.source) for p, a in enumerate(adapters)],
         )
         if shared:
             raise AdapterMismatchError(
@@ -545,7 +545,7 @@ def _model_ranks(
         problems += [f"{u}{apart}" for u in unfoldable]
     shared: list[str] = []
     if stacked:  # several LoRA biases on one layer share it: both modes add them
-        shared = shared_problems(by_layer, [f"part {p}: {a.source}" for p, a in enumerate(adapters)])
+        shared = shared_problems(by_layer, [part_named(p, a.source) for p, a in enumerate(adapters)])
     if problems or shared:
         raise AdapterMismatchError(
             lines(

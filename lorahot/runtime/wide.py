@@ -248,11 +248,12 @@ class WideWeights:
     def empty(self) -> bool:
         return not any(indices for indices, _, _ in self.groups)
 
-    def check(self, plan: LoadPlan, multiplier: float, names: list[list[str]]) -> None:
+    def check(self, plan: LoadPlan, multiplier: float, names: list[list[str]], part: str | None = None) -> None:
         """Refuses a ``multiplier`` under which some wide layer's ``scale * B`` would leave its
         dtype's range (float16 tops out at 65504, and its wide copy holds ``scale * B`` times
         each row's shift; the plain formula scales after the products).
-        Each part of a stack is checked with its own weight: its rank rows hold only its own B.
+        Each part of a stack is checked with its own weight: its rank rows hold only its own B;
+        ``part`` names it (:meth:`~lorahot.runtime.stack.Stack.named`), else the plan's source.
 
         Raises:
             UsageError: naming the layer, the largest value and the largest multiplier allowed.
@@ -262,7 +263,7 @@ class WideWeights:
             if largest * abs(multiplier) > top:
                 layer = names[a][indices[worst]] if a < len(names) else f"layer {indices[worst]}"
                 raise UsageError(
-                    f"{plan.source}, {layer}: scale={multiplier:g} times alpha/r times max|B| is "
+                    f"{part or plan.source}, {layer}: scale={multiplier:g} times alpha/r times max|B| is "
                     f"{largest * abs(multiplier):.4g}{_shifted(self._shift[a])}, beyond the "
                     f"{self.buffers.arenas[a].dtype} range (max {top:.4g}) of the layer's scaled B columns. Pass a "
                     f"scale of at most {top / largest:.4g} in magnitude, inject with dtype=torch.float32 (LoRA "

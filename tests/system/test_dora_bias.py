@@ -196,7 +196,7 @@ def test_stacked_with_dora_and_lora_bias_parts_matches_peft_active_together(
         peft = _both_active(base, paths, dict(zip(paths, weights)))
         with torch.no_grad():
             _close(model(*inputs), peft(*inputs))
-    with pytest.raises(lorahot.AdapterMismatchError, match=r"  - q \(.*\): part 1: .*has DoRA"):
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"  - q \(.*\): part 1 of the stack \(.*\) has DoRA"):
         _peft(base, tmp_path / "dora_q", 4, ["q"], use_dora=True)
         runtime.load([paths["plain"], tmp_path / "dora_q"])
 

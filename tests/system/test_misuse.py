@@ -220,7 +220,7 @@ MISUSES = [
            r"scale of at most 1\.701e\+37 in magnitude\.$"),
     Misuse("load_stack_adapter_source_none",  # passed every check, then emptied the slot while writing
            lambda rig, tmp: rig.runtime.load([_hand_fields(rig, source=None)] * 2, scale=[0.5, 0.5]), UsageError,
-           r"^part 0: None: not a usable lorahot\.Adapter:\n  - Adapter\.source is None, not a str\n"),
+           r"^part 0 of the stack: None: not a usable lorahot\.Adapter:\n  - Adapter\.source is None, not a str\n"),
     Misuse("load_adapter_format_int", lambda rig, tmp: rig.runtime.load(_hand_fields(rig, format=3)), UsageError,
            r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.format is 3, not a str\n"),
     Misuse("load_adapter_skipped_int", lambda rig, tmp: rig.runtime.load(_hand_fields(rig, skipped=3)), UsageError,

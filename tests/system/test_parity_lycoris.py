@@ -281,7 +281,8 @@ def test_a_weight_decomposed_module_is_alone_on_its_layer_in_a_stack() -> None:
     runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
     with pytest.raises(
         lorahot.AdapterMismatchError,
-        match=r"0 \(lora_unet_0[^)]*\): part 0: .* has a LoHa module with weight decomposition \(dora_scale\) on a "
+        match=r"0 \(lora_unet_0[^)]*\): part 0 of the stack \(.*\) has a LoHa module with weight decomposition "
+        r"\(dora_scale\) on a "
         r"layer parts 0, 1 all load into[\s\S]*Load an adapter with DoRA \(or dora_scale\)",
     ):
         runtime.load([sd, lora])
@@ -1200,3 +1201,38 @@ def test_a_lycoris_alpha_of_0_is_refused_naming_the_two_readings(
         runtime.load(sd)
     after = model.state_dict(keep_vars=True)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_a_stack_s_part_refused_at_a_scale_but_1_is_named_by_its_index_and_source(merged: bool, tmp_path: Path) -> None:
+    """A stack whose part holds a ``dora_scale`` module, at a weight but 1, is refused naming
+    that part as ``part i of the stack (<source>)``: two parts read from mappings are both
+    ``<mapping>``, so the index says which (the message read ``<mapping>: scale=0.5``), from a
+    load and a set_scale alike, and a file's part by its path. Nothing changed: parameters and
+    buffers bitwise as before, the slot's weights too."""
+    _, sd = _decomposed_locon("conv")
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(2, 16, 1, 1, generator=g, dtype=torch.float64), torch.randn(16, 2, 1, 1, generator=g).double()
+    lora = {"lora_unet_1.lora_down.weight": a, "lora_unet_1.lora_up.weight": b}
+    path = tmp_path / "dora.safetensors"
+    save_file(sd, str(path))
+    model = _base("conv").append(nn.Conv2d(16, 16, 1).double())
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=4, merged=merged, extras=not merged)
+    runtime.load([lora, sd])
+    snapshot = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    why = r"scale=0\.5, but 0 \([^)]*lora_unet_0\.dora_scale"
+    cases = [
+        (lambda: runtime.load([sd, lora], scale=[0.5, 1]), rf"^part 0 of the stack \(<mapping>\): {why}"),
+        (lambda: runtime.load([lora, sd], scale=[1, 0.5]), rf"^part 1 of the stack \(<mapping>\): {why}"),
+        (lambda: runtime.set_scale([1, 0.5]), rf"^part 1 of the stack \(<mapping>\): {why}"),
+        (
+            lambda: runtime.load([lora, path], scale=[1, 0.5]),
+            rf"^part 1 of the stack \({re.escape(str(path))}\): {why}",
+        ),
+    ]
+    for call, refused in cases:
+        with pytest.raises(lorahot.UsageError, match=refused):
+            call()
+    state = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(torch.equal(state[k], v) for k, v in snapshot.items())
+    assert runtime.info(0).scale == (1.0, 1.0)

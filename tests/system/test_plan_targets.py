@@ -781,7 +781,7 @@ def test_stacked_plans_refuse_what_a_stack_load_refuses_on_a_shared_layer(stack:
         runtime.load(parts)
         return
     shared = (
-        r"0 \(lora_unet_0\..*\): part \d: <mapping> has "
+        r"0 \(lora_unet_0\..*\): part \d of the stack \(<mapping>\) has "
         r"(DoRA \(a magnitude vector\)|a LoHa module with weight decomposition)"
     )
     with pytest.raises(lorahot.AdapterMismatchError, match=shared):
@@ -891,7 +891,8 @@ _DETERMINABLE_STACKS = {
     ),
     "dora-on-a-shared-layer": (
         [("base_model.model.", "0", 2, {"dora": True}), ("unet.", "0", 4, {})],
-        r"  - 0 \(base_model\.model\.0\.lora_A\.weight.*\): part 0: <mapping> has DoRA \(a magnitude vector\) on a "
+        r"  - 0 \(base_model\.model\.0\.lora_A\.weight.*\): part 0 of the stack \(<mapping>\) has DoRA "
+        r"\(a magnitude vector\) on a "
         r"layer parts 0, 1 all load into[\s\S]*\nLoad an adapter with DoRA",
     ),
 }

@@ -621,7 +621,7 @@ def test_denoiser_misuse_is_refused_before_anything_changes() -> None:
         (lambda: runtime.load(runtime.preload(low, denoiser="transformer_2"), denoiser="transformer"),
          r"^read options \(denoiser\) do not apply to a PreparedAdapter, which was read already"),
         (lambda: runtime.load([low, "low-noise"], denoiser=[None, "transformer"]),
-         r"^part 1: read options \(denoiser\) do not apply to 'low-noise', a key given to preload"),
+         r"^part 1 of the stack: read options \(denoiser\) do not apply to 'low-noise', a key given to preload"),
         (lambda: runtime.preload(low, denoiser="unet"), r"^denoiser='unet' is no component"),
         (lambda: runtime.prefetch(low, denoiser="unet"), r"^denoiser='unet' is no component"),
         (lambda: lorahot.plan_targets(low, denoiser="transformer_2"),

@@ -228,7 +228,8 @@ def test_ranks_past_max_rank_in_a_layer_are_refused_and_change_nothing(tmp_path:
     with pytest.raises(
         lorahot.AdapterMismatchError,
         match=r"^a stack of 2 adapters does not fit together in one slot:\n  - layers\.0\.self_attn\.q_proj: ranks 4 "
-        r"\(part 0: .*part0/adapter_model\.safetensors\) \+ 8 \(part 1: .*part1/adapter_model\.safetensors\) = 12 > "
+        r"\(part 0 of the stack \(.*part0/adapter_model\.safetensors\)\) \+ 8 "
+        r"\(part 1 of the stack \(.*part1/adapter_model\.safetensors\)\) = 12 > "
         r"max_rank 8\nInject with max_rank >= 12: a stack needs the sum of its parts' ranks in each layer "
         r"\(lorahot\.plan_targets\(sources, model, stacked=True\) plans it\), or stack fewer adapters\.$",
     ):
@@ -252,13 +253,13 @@ def test_a_part_that_loads_nothing_even_with_strict_false_is_named_and_changes_n
         r"load nothing\. Inject those modules \(targets=\.\.\.\), map the names with prefix=/key_map=, or leave this "
         r"adapter out of the load\.$"
     )
-    with pytest.raises(lorahot.AdapterMismatchError, match="^part 1: " + unmatched):
+    with pytest.raises(lorahot.AdapterMismatchError, match="^part 1 of the stack: " + unmatched):
         rig.runtime.load([good, stranger], strict=False)
     assert_unchanged(rig, before)
     with pytest.raises(lorahot.AdapterMismatchError, match="^" + unmatched):
         rig.runtime.load(stranger, strict=False)
     assert_unchanged(rig, before)
-    with pytest.raises(lorahot.AdapterMismatchError, match=r"(?s)^part 0: <mapping>: .*nowhere_proj"):
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"(?s)^part 0 of the stack: <mapping>: .*nowhere_proj"):
         rig.runtime.load([stranger, good])
     assert_unchanged(rig, before)
 
@@ -273,7 +274,9 @@ def test_a_refused_stack_of_many_parts_names_a_few_in_a_bounded_message(tmp_path
         rig.runtime.load([part] * 40)
     message = str(raised.value)
     assert re.search(
-        r"ranks 2 \(part 0: .*\) \+ .* \+ 2 \(part 7: .*\) \+ 64 \(parts 8-39, 32 more\) = 80 > max_rank 8", message
+        r"ranks 2 \(part 0 of the stack \(.*\)\) \+ .* \+ 2 \(part 7 of the stack \(.*\)\) \+ 64 "
+        r"\(parts 8-39, 32 more\) = 80 > max_rank 8",
+        message,
     )
     assert message.count("part0/adapter_model.safetensors") == 8 and len(message) < 2000
     assert_unchanged(rig, before)
@@ -302,7 +305,8 @@ def test_a_bad_part_or_a_bad_call_changes_nothing(tmp_path: Path) -> None:
         (lambda: rig.runtime.set_scale([1.0]), lorahot.UsageError, r"^scale has 1 weight but slot 0 holds 2 parts"),
         (lambda: rig.runtime.set_scale([1.0, "x"]), lorahot.UsageError, r"^scale\[1\]='x' is not a number"),
         (lambda: rig.runtime.set_scale([1e39, 1.0]), lorahot.UsageError,
-         r"^.*part0/adapter_model\.safetensors: scale=1e\+39 times the adapter's largest alpha/r \(2\)"),
+         r"^part 0 of the stack \(.*part0/adapter_model\.safetensors\): scale=1e\+39 times the adapter's largest "
+         r"alpha/r \(2\)"),
         (lambda: rig.runtime.set_scale([1.0, 1.0], slot=1), lorahot.UsageError, r"but slot 1 holds 1 part;"),
     ]  # fmt: skip
     for call, error, message in calls:
@@ -339,7 +343,8 @@ def test_dora_on_a_shared_layer_is_refused_and_one_lora_bias_per_layer_loads(tmp
     state = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
     with pytest.raises(
         lorahot.AdapterMismatchError,
-        match=r"  - 0 \(0\.lora_A\.weight, 0\.lora_B\.weight, 0\.lora_magnitude_vector\): part 0: <mapping> has DoRA "
+        match=r"  - 0 \(0\.lora_A\.weight, 0\.lora_B\.weight, 0\.lora_magnitude_vector\): part 0 of the stack "
+        r"\(<mapping>\) has DoRA "
         r"\(a magnitude vector\) on a layer parts 0, 1 all load into; PEFT computes one DoRA factor per adapter",
     ):
         runtime.load([dora, plain])
