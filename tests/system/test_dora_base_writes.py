@@ -55,6 +55,14 @@ def _peft(
     return model, {f"base_model.model.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def _injected(base: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[nn.Module, lorahot.LoraRuntime]:
+    """A copy of ``base`` with lorahot on its two linears (or convs), extras on, the adapter loaded."""
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True)
+    runtime.load(tensors, config=CONFIG)
+    return model, runtime
+
+
 def _bases(model: nn.Module) -> list[nn.Module]:
     """The base modules the adapters wrap, in model order (lorahot's and PEFT's alike)."""
     return [m.base_layer for m in model.modules() if "base_layer" in m._modules]
@@ -108,9 +116,7 @@ def test_an_eager_forward_after_a_base_write_computes_what_peft_computes(kind: s
     counters of the device's tensors, and the recompute runs there."""
     base = _base(kind).to(device)
     oracle, tensors = _peft(base, seed=3)
-    model = copy.deepcopy(base)
-    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True)
-    runtime.load(tensors, config=CONFIG)
+    model, runtime = _injected(base, tensors)
     x = _input(kind).to(device)
     with torch.no_grad():
         assert _diff(model(x), oracle(x)) < 1e-12
@@ -263,9 +269,7 @@ def test_a_pending_backward_computes_with_the_factor_of_its_own_forward() -> Non
     the recompute reads the base as it is then, as PEFT's does: the input's gradients equal PEFT's."""
     base = _base("linear")
     oracle, tensors = _peft(base, seed=3)
-    model = copy.deepcopy(base)
-    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True)
-    runtime.load(tensors, config=CONFIG)
+    model, _ = _injected(base, tensors)
     x = _input("linear")
     grads = []
     for m in (model, oracle):
@@ -294,9 +298,7 @@ def test_a_copy_of_the_model_computes_with_its_copied_factors_and_leaves_the_ori
     forward stops comparing), and the original's buffers and parameters stay bitwise as they were."""
     base = _base("linear")
     _, tensors = _peft(base, seed=3)
-    model = copy.deepcopy(base)
-    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True)
-    runtime.load(tensors, config=CONFIG)
+    model, runtime = _injected(base, tensors)
     before = {k: v.clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
     arenas = [t.clone() for a in runtime.buffers.arenas for t in (a.A, a.B, a.S, a.E)]
     twin = copy.deepcopy(model)
@@ -320,9 +322,7 @@ def test_a_forward_that_sees_a_moved_base_waits_for_a_runtime_call_under_way() -
 
     base = _base("linear")
     oracle, tensors = _peft(base, seed=3)
-    model = copy.deepcopy(base)
-    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, extras=True)
-    runtime.load(tensors, config=CONFIG)
+    model, runtime = _injected(base, tensors)
     x = _input("linear")
     _mul([model, oracle], x)
     held, release = threading.Event(), threading.Event()
