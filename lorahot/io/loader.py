@@ -52,17 +52,13 @@ from lorahot.io.plain import plain
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json
 from lorahot.io.scoped import scoped
 from lorahot.io.sources import RawAdapter, Source, open_source
-from lorahot.io.tensorfile import Slices, refuse_oversized
+from lorahot.io.tensorfile import refuse_oversized
 from lorahot.memo import BoundedMemo
 from lorahot.resolve.keys import COMPONENT_NAMES
 from lorahot.resolve.split import SplitSpec, split_by_user
 from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
 
-__all__ = ["read_adapter", "read_adapter_sliced", "checked_adapter", "reading_for", "Slicer"]
-
-#: Which slice of each tensor of a file to read, given the adapter read from the file's header
-#: (meta tensors) and each of those tensors' key by ``id``.
-Slicer = Callable[[Adapter, Mapping[int, str]], Slices]
+__all__ = ["read_adapter", "checked_adapter", "reading_for"]
 
 
 @public_api
@@ -80,8 +76,6 @@ def read_adapter(
     split: SplitSpec | None = None,
     device: str | torch.device | None = None,
     strict: bool = True,
-    _slices: Slices | None = None,
-    _keys: dict[str, torch.Tensor] | None = None,
     _recipe: list[object] | None = None,
     _fits: Callable[[Adapter], None] | None = None,
 ) -> Adapter:
@@ -127,8 +121,7 @@ def read_adapter(
     batched pass on the buffers' device. To vet a file without a model, load it into a runtime
     injected for it (:func:`lorahot.plan_targets`).
 
-    ``_slices`` and ``_keys`` serve :func:`read_adapter_sliced`: the slices of a file's tensors
-    to read, and a dict that receives the file's tensors by key. ``_recipe`` serves the runtime:
+    ``_recipe`` serves the runtime:
     a list that receives the recipe the adapter was assembled from (see :class:`_Recipe`), when
     it was and no renaming option changed it; the same recipe means the same structure.
     ``_fits`` too: it is given the adapter as read from the header alone (meta tensors,
@@ -155,7 +148,7 @@ def read_adapter(
         adapter = checked_adapter(source)
     else:
         target = _device(device)
-        if _slices is None and overrides is None and (target is None or target.type != "meta"):
+        if overrides is None and (target is None or target.type != "meta"):
             meta = _structure_first(source, weight_name, subfolder, revision, token, strict)
             if meta is not None and _fits is not None and fuse is None and split is None:  # those need values
                 _fits(_user_mapping(meta, prefix, key_map, None, None))
@@ -167,35 +160,11 @@ def read_adapter(
             token=token,
             device=target,
             need_config=overrides is None,
-            slices=_slices,
         )
-        if _keys is not None:
-            _keys.update(raw.tensors)
         adapter, recipe = _normalize(raw, overrides, strict)
         if _recipe is not None and recipe is not None and (prefix, key_map, fuse, split) == (None, None, None, None):
             _recipe.append(recipe)
     return _user_mapping(adapter, prefix, key_map, fuse, split)
-
-
-@public_api
-def read_adapter_sliced(
-    source: Source | Adapter, slicer: Slicer, *, device: str | torch.device | None = None, **options: Any
-) -> Adapter:
-    """:func:`read_adapter` reading only part of the tensors a file holds: what a rank of a
-    tensor-parallel model needs.
-
-    The file's header is read first (meta tensors, as ``device="meta"``), ``slicer`` says from
-    that adapter which slice of which tensor (by key) to read, and the file is read again with
-    only those slices of those tensors: the adapter holds every tensor in its full shape, with
-    zeros outside the slices read. An :class:`Adapter` or a mapping (already in memory) is
-    read as :func:`read_adapter` reads it. ``options`` are :func:`read_adapter`'s.
-    """
-    if isinstance(source, (Adapter, Mapping)):
-        return read_adapter(source, device=device, **options)
-    tensors: dict[str, torch.Tensor] = {}  # the file's meta tensors by key, alive while their ids are used
-    meta = read_adapter(source, device="meta", _keys=tensors, **options)
-    keys = {id(t): k for k, t in tensors.items()}
-    return read_adapter(source, device=device, _slices=slicer(meta, keys), **options)
 
 
 def _check_overrides(config: Any) -> dict[str, Any] | None:

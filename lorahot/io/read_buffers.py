@@ -68,7 +68,7 @@ class ReadBuffers:
 
     @contextmanager
     def lend(self, part: int) -> Iterator[None]:
-        """Within the block, a file read onto :attr:`device` (whole, not sliced) lands in the
+        """Within the block, a file read onto :attr:`device` lands in the
         buffers of ``part``: its tensors are views of them until the next read of that part."""
         with scoped(_LENT, (self, part)):
             yield

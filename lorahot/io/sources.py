@@ -36,7 +36,7 @@ from lorahot.io.safety import (
     read_json_file,
     regular_file,
 )
-from lorahot.io.tensorfile import Slices, file_stamp, read_tensors, refuse_oversized
+from lorahot.io.tensorfile import file_stamp, read_tensors, refuse_oversized
 
 __all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_config"]
 
@@ -68,7 +68,6 @@ def open_source(
     token: str | bool | None = None,
     device: torch.device | None = None,
     need_config: bool = True,
-    slices: Slices | None = None,
 ) -> RawAdapter:
     """Reads ``source`` into a :class:`RawAdapter`.
 
@@ -83,9 +82,6 @@ def open_source(
             transfer from pinned memory.
         need_config: False when the caller supplies the config, so a Hub config that cannot be
             fetched is no error.
-        slices: for a safetensors file, tensor key -> :class:`~lorahot.io.tensorfile.TensorSlice`:
-            only that slice of the tensor is read, the rest of it is zeros (a tensor-parallel
-            rank reads its part; see :func:`lorahot.io.tensorfile.read_tensors`).
 
     Raises:
         UsageError: ``source`` is not a path, repo id or mapping, or is empty; a Hub argument
@@ -102,7 +98,7 @@ def open_source(
     path = Path(text)
     if _mode(path) is not None:
         _check_local_args(text, path, revision, token, weight_name)
-        return _from_path(path / subfolder if subfolder else path, weight_name, device, slices)
+        return _from_path(path / subfolder if subfolder else path, weight_name, device)
     if _looks_local(text) or not isinstance(source, str):  # a path object never names a repo
         raise SourceNotFoundError(
             f"{cut(text)}: no such file or directory. Pass an adapter directory, a .safetensors file, a Hub repo id "
@@ -114,7 +110,7 @@ def open_source(
     )
     where = f"{text}{'@' + revision if revision else ''}"
     try:
-        raw = _from_path(fetched, None, device, slices)
+        raw = _from_path(fetched, None, device)
     except LoraError as exc:  # a file of the cache's copy: the message names the repo it came from
         raise type(exc)(f"{where}: {exc}") from None
     inside = PurePosixPath(*(p for p in (subfolder, weight_name or Path(raw.source).name) if p))
@@ -217,16 +213,14 @@ def _looks_local(text: str) -> bool:
     )
 
 
-def _from_path(
-    path: Path, weight_name: str | None, device: torch.device | None = None, slices: Slices | None = None
-) -> RawAdapter:
+def _from_path(path: Path, weight_name: str | None, device: torch.device | None = None) -> RawAdapter:
     mode = _mode(path)
     if mode is None:
         raise SourceNotFoundError(f"{cut(str(path))}: no such file or directory. Check subfolder= and the path.")
     if stat.S_ISDIR(mode):
-        return _from_file(_weight_file(path, weight_name), device, slices)
+        return _from_file(_weight_file(path, weight_name), device)
     if stat.S_ISREG(mode):
-        return _from_file(path, device, slices)
+        return _from_file(path, device)
     raise SourceNotFoundError(
         f"{cut(str(path))}: is {file_kind(mode)}, not an adapter file or directory. Pass a .safetensors file or a "
         "directory."
@@ -302,13 +296,13 @@ def _listdir(directory: Path) -> list[str]:
         raise path_error(directory, "adapter directory", exc) from None
 
 
-def _from_file(path: Path, device: torch.device | None = None, slices: Slices | None = None) -> RawAdapter:
+def _from_file(path: Path, device: torch.device | None = None) -> RawAdapter:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise AdapterReadError(
             f"{path}: {path.suffix} files are pickles, and lorahot never unpickles. Convert it to .safetensors "
             "(safetensors.torch.save_file) and load that."
         )
-    tensors, header = read_safetensors(path, device, slices)
+    tensors, header = read_safetensors(path, device)
     config_path = path.parent / CONFIG_NAME
     config = read_config(config_path)
     note_config(config_path, config)  # for the host cache's recent files (lorahot.io.digests)
@@ -319,11 +313,10 @@ def _from_file(path: Path, device: torch.device | None = None, slices: Slices | 
 
 
 def read_safetensors(
-    path: Path, device: torch.device | None = None, slices: Slices | None = None
+    path: Path, device: torch.device | None = None
 ) -> tuple[dict[str, torch.Tensor], SafetensorsHeader]:
     """All tensors (on ``device``, default the CPU) and the checked header (its metadata and
-    identity) of a safetensors file (of the tensors in ``slices``, only those slices are read;
-    the rest of them is zeros).
+    identity) of a safetensors file.
 
     The file is opened once (a regular file, else :class:`AdapterReadError`); its header is
     checked first (:func:`lorahot.io.safety.check_safetensors`), then the data is read from the
@@ -332,7 +325,7 @@ def read_safetensors(
     with regular_file(path, "safetensors file") as fd:
         stamp = file_stamp(fd)  # a write from here to the end of the data read is refused
         header = check_safetensors(path, fd)  # refuses damaged or hostile headers before anything is allocated
-        return read_tensors(path, header, device, fd, slices, stamp=stamp), header
+        return read_tensors(path, header, device, fd, stamp=stamp), header
 
 
 def read_config(path: Path) -> dict[str, Any] | None:

@@ -6,12 +6,6 @@ into one buffer (pinned when the tensors are headed for a GPU), copied to the de
 transfer if asked, and every tensor becomes a view of that buffer. Nothing is unpickled, and
 no per-tensor allocation or transfer happens. Where a runtime lends its own buffers for the
 read (:mod:`lorahot.io.read_buffers`), the data lands in those, and nothing is allocated.
-
-A rank of a tensor-parallel model reads only its slice of the tensors it shards (``slices``):
-the buffer is zeroed, each sliced tensor's slice is read into its place (one positioned read
-per contiguous run: one for a slice of rows, one per row for a slice of columns), and every
-other tensor whole. The tensors keep their shapes; only the values outside their slices are
-zeros instead of the file's.
 """
 
 from __future__ import annotations
@@ -21,10 +15,9 @@ import functools
 import math
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +29,7 @@ from lorahot.io.read_buffers import lent
 from lorahot.io.safety import SafetensorsHeader, regular_file
 from lorahot.io.scoped import scoped
 
-__all__ = ["read_tensors", "file_stamp", "TensorSlice", "Slices", "largest_tensor", "refuse_oversized"]
+__all__ = ["read_tensors", "file_stamp", "largest_tensor", "refuse_oversized"]
 
 _LARGEST: ContextVar[int | None] = ContextVar("lorahot_largest_tensor", default=None)
 
@@ -77,19 +70,6 @@ def refuse_oversized(where: str, shapes: Iterable[tuple[str, Sequence[int]]], un
             )
 
 
-@dataclass(frozen=True)
-class TensorSlice:
-    """Indices ``[start, stop)`` along dimension ``dim`` of one tensor of a file."""
-
-    dim: int
-    start: int
-    stop: int
-
-
-#: tensor key -> the slice of it to read
-Slices = Mapping[str, TensorSlice]
-
-
 _CHUNK = 16 << 20  # bytes per positioned read; several run at once for large files
 
 
@@ -98,7 +78,6 @@ def read_tensors(
     header: SafetensorsHeader,
     device: torch.device | None = None,
     fd: int | None = None,
-    slices: Slices | None = None,
     stamp: tuple[int, int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of ``path`` as a view of one buffer, on ``device`` (default: the CPU).
@@ -109,8 +88,6 @@ def read_tensors(
         device: where the tensors land.
         fd: the descriptor the header was checked on: the same file is read, whatever happens to
             the path meanwhile.
-        slices: tensor key -> the slice of it to read; the rest of such a tensor is zeros. A
-            slice outside its tensor's shape reads the tensor whole.
         stamp: :func:`file_stamp` of ``fd`` when its header was read: the file must still have
             it after the data is read (default: its stamp just before the data is read).
 
@@ -137,7 +114,7 @@ def read_tensors(
             f"{path}: its tensor data is {header.data_size} bytes, more than this machine's {memory} bytes of memory. "
             "Load it on a larger machine, or check the file (is it an adapter?)."
         )
-    borrowed = None if slices else lent(device)
+    borrowed = lent(device)
     if borrowed is not None and header.data_size:  # a runtime's own buffers (lorahot.io.read_buffers)
         buffers, part = borrowed
 
@@ -149,11 +126,10 @@ def read_tensors(
             return _allocate(path, header.data_size, make)
 
         return _views(buffers.read(part, header.data_size, fill, allocate), header)
-    make = torch.zeros if slices else torch.empty
-    buf = _allocate(path, header.data_size, lambda: make(header.data_size, dtype=torch.uint8, pin_memory=on_gpu))
+    buf = _allocate(path, header.data_size, lambda: torch.empty(header.data_size, dtype=torch.uint8, pin_memory=on_gpu))
     if header.data_size:
-        _read_fd(path, fd, header.data_start, buf, _spans(header, slices) if slices else None, stamp=stamp)
-    note_data(path, header.identity, None if slices else buf)  # for the host cache's recent files
+        _read_fd(path, fd, header.data_start, buf, stamp=stamp)
+    note_data(path, header.identity, buf)  # for the host cache's recent files
     if device is not None and device.type != "cpu":
         host = buf
         buf = _allocate(path, header.data_size, lambda: host.to(device, non_blocking=on_gpu))
@@ -165,17 +141,16 @@ def _read_fd(
     fd: int | None,
     start: int,
     buf: torch.Tensor,
-    spans: list[tuple[int, int]] | None = None,
     stamp: tuple[int, int, int] | None = None,
 ) -> None:
     """:func:`_read_into` from ``fd`` or, if None, from ``path`` opened here; refused where the
     file's :func:`file_stamp` after the read is not ``stamp`` (or its stamp before the read)."""
     if fd is None:
         with regular_file(path, "safetensors file") as opened:
-            _read_fd(path, opened, start, buf, spans)
+            _read_fd(path, opened, start, buf)
         return
     before = file_stamp(fd) if stamp is None else stamp
-    _read_into(fd, path, start, buf, spans)
+    _read_into(fd, path, start, buf)
     if file_stamp(fd) != before:  # written meanwhile: the data may mix two versions of the file
         raise AdapterReadError(
             f"{path}: the file changed while its tensor data was read (another process writing it?). Load it "
@@ -208,36 +183,10 @@ def _allocate(path: Path, nbytes: int, make: Callable[[], torch.Tensor]) -> torc
         ) from None
 
 
-def _spans(header: SafetensorsHeader, slices: Slices) -> list[tuple[int, int]]:
-    """``(offset, length)`` bytes of the data section to read: every tensor whole, but only the
-    slice of a sliced one; adjacent runs merged, long ones cut into :data:`_CHUNK` pieces."""
-    runs: list[tuple[int, int]] = []
-    for key, (dtype, shape, begin, end) in sorted(header.entries.items(), key=lambda item: item[1][2]):
-        cut = slices.get(key)
-        if cut is None or not (0 <= cut.dim < len(shape) and 0 <= cut.start <= cut.stop <= shape[cut.dim]):
-            runs.append((begin, end - begin))
-            continue
-        inner = math.prod(shape[cut.dim + 1 :]) * TORCH_DTYPES[dtype].itemsize  # bytes per index of the dim
-        step = shape[cut.dim] * inner
-        runs += [
-            (begin + o * step + cut.start * inner, (cut.stop - cut.start) * inner)
-            for o in range(math.prod(shape[: cut.dim]))
-        ]
-    merged: list[tuple[int, int]] = []
-    for off, size in runs:
-        if merged and merged[-1][0] + merged[-1][1] == off:
-            merged[-1] = (merged[-1][0], merged[-1][1] + size)
-        elif size:
-            merged.append((off, size))
-    return [(o + k, min(_CHUNK, size - k)) for o, size in merged for k in range(0, size, _CHUNK)]
-
-
-def _read_into(fd: int, path: Path, start: int, buf: torch.Tensor, spans: list[tuple[int, int]] | None = None) -> None:
-    """Fills ``buf`` from ``fd`` at ``start`` with large positioned reads, several at once
-    (only the ``(offset, length)`` ``spans`` of it, if given)."""
+def _read_into(fd: int, path: Path, start: int, buf: torch.Tensor) -> None:
+    """Fills ``buf`` from ``fd`` at ``start`` with large positioned reads, several at once."""
     view = memoryview(buf.numpy()).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
-    if spans is None:
-        spans = [(off, min(_CHUNK, len(view) - off)) for off in range(0, len(view), _CHUNK)]
+    spans = [(off, min(_CHUNK, len(view) - off)) for off in range(0, len(view), _CHUNK)]
     if not spans:
         return
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import lorahot
 from lorahot.io.safety import check_safetensors
-from lorahot.io.tensorfile import TensorSlice, read_tensors
+from lorahot.io.tensorfile import read_tensors
 
 
 @pytest.fixture
@@ -170,35 +170,6 @@ def test_any_mix_of_dtypes_shapes_and_offsets_reads_back_exactly(
     for k, v in load_file(str(path)).items():
         assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and ours[k].is_contiguous(), k
         assert torch.equal(ours[k], v), k
-
-
-def test_slices_read_only_their_part_and_leave_zeros(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "s.safetensors"
-    tensors = {"a": torch.randn(3, 8), "b": torch.randn(6, 2), "c": torch.randn(4, dtype=torch.float64)}
-    save_file(tensors, str(path))
-    header = check_safetensors(path)
-    slices = {"a": TensorSlice(1, 2, 5), "b": TensorSlice(0, 4, 6)}
-    read: list[int] = []
-    real = os.preadv
-
-    def counted(fd: int, bufs: list[memoryview], offset: int) -> int:
-        read.append(sum(len(b) for b in bufs))
-        return real(fd, bufs, offset)
-
-    monkeypatch.setattr(os, "preadv", counted)
-    got = read_tensors(path, header, slices=slices)
-    assert sum(read) == (3 * 3 + 2 * 2) * 4 + 4 * 8  # a's columns 2:5, b's rows 4:6, c whole
-    assert torch.equal(got["a"][:, 2:5], tensors["a"][:, 2:5])
-    assert not got["a"][:, :2].any() and not got["a"][:, 5:].any()
-    assert torch.equal(got["b"][4:], tensors["b"][4:]) and not got["b"][:4].any()
-    assert torch.equal(got["c"], tensors["c"])
-
-
-def test_a_slice_outside_its_tensor_reads_it_whole(tmp_path: Path) -> None:
-    path = tmp_path / "s.safetensors"
-    save_file({"a": torch.randn(3, 8)}, str(path))
-    got = read_tensors(path, check_safetensors(path), slices={"a": TensorSlice(1, 6, 9)})
-    assert torch.equal(got["a"], load_file(str(path))["a"])
 
 
 def test_a_sparse_file_declaring_a_huge_tensor_is_refused_before_its_data_is_read(tmp_path: Path) -> None:
