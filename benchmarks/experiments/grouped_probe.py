@@ -152,15 +152,32 @@ class Group:
     """One operator's weights for layers ``mods`` reading one input."""
 
     def __init__(
-        self, mods: list[torch.nn.Linear], ab: list[tuple[torch.Tensor, torch.Tensor]], blocks: bool, kx: bool = False
+        self,
+        mods: list[torch.nn.Linear],
+        ab: list[tuple[torch.Tensor, torch.Tensor]],
+        blocks: bool,
+        kx: bool = False,
+        kcat: bool = False,
     ) -> None:
         self.outs = [m.out_features for m in mods]
         self.blocks = blocks
         self.kx = kx
+        self.kcat = kcat
         r = ab[0][0].shape[0]
         self.rank = r
         ws = [m.weight.detach() for m in mods]
-        if kx:  # the library's group layout: each member's [[W, B_s], [A, 0]] back to back
+        if kcat:  # the shrinks' A stacked; [[W_1, B_1, 0 ..], [W_2, 0, B_2, ..], ..]: one GEMM over [x | h_1 .. h_k]
+            k = len(mods)
+            self.a = torch.cat([a for a, _ in ab]).contiguous()
+            self.wk = torch.cat(
+                [
+                    torch.cat([w, torch.nn.functional.pad(b, (i * r, (k - 1 - i) * r))], 1)
+                    for i, (w, (_, b)) in enumerate(zip(ws, ab, strict=True))
+                ]
+            ).contiguous()
+            self.g = self.wk
+            self.bs = []
+        elif kx:  # the library's group layout: each member's [[W, B_s], [A, 0]] back to back
             self.wide = torch.cat(
                 [
                     torch.cat([torch.cat([w, b], 1), torch.nn.functional.pad(a, (0, r))])
@@ -200,6 +217,10 @@ class Group:
         r = self.rank
         if self.kx:
             return self.kx_call(x)
+        if self.kcat:
+            x2 = x.reshape(-1, x.shape[-1])
+            y = torch.cat([x2, x2 @ self.a.t()], -1) @ self.wk.t()
+            return [y.narrow(-1, at, out).view(*x.shape[:-1], out) for at, out in self.splits]
         yh = torch.nn.functional.linear(x, self.g)
         if self.blocks:
             n = sum(self.outs)
@@ -250,8 +271,9 @@ def _group(
     blocks: bool,
     traced: bool,
     kx: bool = False,
+    kcat: bool = False,
 ) -> Group:
-    group = Group(mods, ab, blocks, kx)
+    group = Group(mods, ab, blocks, kx, kcat)
     group.traced = traced
     return group
 
@@ -299,7 +321,8 @@ def _mlp(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 def grouped(model: torch.nn.Module, ab: dict[str, tuple[torch.Tensor, torch.Tensor]], form: str) -> torch.nn.Module:
     """Patches every attention and MLP of ``model`` to run its projections as ``form``'s operators."""
-    blocks = form in ("group_bd", "traced_bd")
+    kcat = form == "traced_kcat"
+    blocks = form in ("group_bd", "traced_bd") or kcat
     traced = form.startswith("traced_")
     kx = form == "traced_kx"
 
@@ -310,18 +333,18 @@ def grouped(model: torch.nn.Module, ab: dict[str, tuple[torch.Tensor, torch.Tens
         mods = [getattr(mod, p) for p in projections]
         weights = [ab[f"{name}.{p}"] for p in projections]
         if form != "op_each":
-            return _group(mods, weights, blocks, traced, kx)
+            return _group(mods, weights, blocks, traced, kx, kcat)
         each = [Group([m], [w], False) for m, w in zip(mods, weights, strict=True)]
         return lambda h: [g(h)[0] for g in each]
 
     for name, mod in model.named_modules():
         if name.endswith("self_attn"):
             mod._probe_qkv = shared(mod, name, ("q_proj", "k_proj", "v_proj"))
-            mod._probe_o = _group([mod.o_proj], [ab[f"{name}.o_proj"]], blocks, traced, kx)
+            mod._probe_o = _group([mod.o_proj], [ab[f"{name}.o_proj"]], blocks, traced, kx, kcat)
             mod.forward = MethodType(_attention, mod)
         elif name.endswith("mlp"):
             mod._probe_gu = shared(mod, name, ("gate_proj", "up_proj"))
-            mod._probe_down = _group([mod.down_proj], [ab[f"{name}.down_proj"]], blocks, traced, kx)
+            mod._probe_down = _group([mod.down_proj], [ab[f"{name}.down_proj"]], blocks, traced, kx, kcat)
             mod.forward = MethodType(_mlp, mod)
     return model
 
