@@ -54,9 +54,11 @@ def plain(t: torch.Tensor) -> bool:
     """Whether ``t`` is a dense tensor with memory of its own kind (not meta, sparse, nested or
     quantized: a load refuses those, and they share no dense memory; nor a wrapper subclass, such
     as torchao's quantized weights, whose memory is its inner tensors': its own storage has no
-    data to point at)."""
+    data to point at; nor a lazy module's parameter or buffer not yet materialized, which has no
+    memory until its module's first call and raises on any use before it)."""
     return (
-        t.layout == torch.strided
+        not isinstance(t, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
+        and t.layout == torch.strided
         and t.device.type != "meta"
         and not t.is_nested
         and not t.is_quantized

@@ -21,7 +21,14 @@ from lorahot.runtime.components import Pipeline, components_of, is_several, matc
 from lorahot.runtime.lora_runtime import LoraRuntime, release_hooks, roots
 from lorahot.runtime.merge import check_ejectable, check_mergeable, check_untied
 from lorahot.runtime.plan import WEIGHT_DTYPES
-from lorahot.runtime.targets import Targets, layer_placement, match_targets, unwrap_modules, wrap_modules
+from lorahot.runtime.targets import (
+    Targets,
+    layer_placement,
+    match_targets,
+    refuse_lazy,
+    unwrap_modules,
+    wrap_modules,
+)
 from lorahot.runtime.weight_reads import check_merged_reads
 
 __all__ = ["inject", "eject", "check_merged_model"]
@@ -165,6 +172,8 @@ def check_merged_model(root: nn.Module, names: list[str]) -> None:
     Raises:
         UsageError: naming the target, why, and the fix.
     """
+    for name in names:  # before anything reads a target's tensors, which raise until materialized
+        refuse_lazy(name, root.get_submodule(name))
     _refuse_sharded(root, names)
     check_untied(root, names)
     check_merged_reads(root, names)

@@ -30,6 +30,7 @@ __all__ = [
     "ExactNames",
     "match_targets",
     "wrap_modules",
+    "refuse_lazy",
     "unwrap_modules",
     "layer_placement",
     "through_wrappers",
@@ -509,6 +510,23 @@ def submodule_at(model: nn.Module, name: str) -> nn.Module | None:
     return module
 
 
+def refuse_lazy(name: str, base: nn.Module) -> None:
+    """Refuses target ``name`` while a lazy module in it (itself or one inside) has not been
+    materialized: its weight's shape is unknown, and any use of it raises, until its first call.
+
+    Raises:
+        UsageError: naming the target and the fix.
+    """
+    if any(
+        isinstance(p, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
+        for p in (*base.parameters(), *base.buffers())
+    ):
+        raise UsageError(
+            f"{name}: {type(base).__name__} has not been materialized yet (its weight's shape is unknown until its "
+            "first call); run one forward of the model before inject."
+        )
+
+
 def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
     """Replaces each named module by its LoRA wrapper; returns the wrappers by name.
 
@@ -522,11 +540,7 @@ def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:
         wrapper = layer_class_for(base)
         if wrapper is None:  # match_targets checked every name; a model changed since
             raise UsageError(f"{name}: cannot add LoRA to {type(base).__name__}.")
-        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in base.parameters()):  # its own or inside
-            raise UsageError(
-                f"{name}: {type(base).__name__} has not been materialized yet (its weight's shape is unknown until its "
-                "first call); run one forward of the model before inject."
-            )
+        refuse_lazy(name, base)
         try:
             layers[name] = wrapper(base)
         except UsageError as exc:

@@ -597,12 +597,55 @@ def test_merged_mode_refuses_a_weight_norm_weight_and_unmerged_applies_the_adapt
         torch.testing.assert_close(net(x), base + x @ a.T @ b.T)
 
 
-def test_a_lazy_module_is_refused_until_materialized() -> None:
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_lazy_module_is_refused_until_materialized(merged: bool) -> None:
+    """Merged mode's checks read the target's weight first: they raised the lazy parameter's
+    ValueError, surfaced as an UnexpectedError, before the lazy target's own refusal."""
     model = nn.Sequential(nn.LazyLinear(4))
-    with pytest.raises(lorahot.UsageError, match="not been materialized"):
-        lorahot.inject(model, ["0"], max_rank=2)
+    with pytest.raises(
+        lorahot.UsageError, match=r"^0: LazyLinear has not been materialized yet .*run one forward of the model before"
+    ):
+        lorahot.inject(model, ["0"], max_rank=2, merged=merged)
+    assert type(model[0]) is nn.LazyLinear
     model(torch.randn(2, 6))
-    assert list(lorahot.inject(model, ["0"], max_rank=2).layers) == ["0"]
+    assert list(lorahot.inject(model, ["0"], max_rank=2, merged=merged).layers) == ["0"]
+
+
+class _BesideLazy(nn.Module):
+    """A target beside lazy modules no call has materialized yet (a Linear and a BatchNorm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, 4, dtype=torch.float64)
+        self.head = nn.LazyLinear(3, dtype=torch.float64)
+        self.unused = nn.LazyBatchNorm1d(dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(x))
+
+
+@pytest.mark.parametrize(("merged", "fused"), [(False, True), (False, False), (True, True)])
+def test_a_model_holding_lazy_modules_outside_the_targets_injects_and_computes(merged: bool, fused: bool) -> None:
+    """Lazy modules that are not targets, not yet materialized: inject's scans of every tensor
+    of the model (merged mode's ties, the widening's shared storages, a load's aliases) used each
+    one, which raises before its module's first call, so inject failed with an UnexpectedError
+    whatever the targets. They hold no memory yet and are now skipped; the first call
+    materializes them, and loads, the forward and eject then work as for any model."""
+    model = _BesideLazy()
+    proj = copy.deepcopy(model.proj)
+    tensors, ab = make_adapter(model, {"proj": 2}, dtype=torch.float64)
+    runtime = lorahot.inject(model, ["proj"], max_rank=2, merged=merged, fused=fused)
+    runtime.load(tensors)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    a, b = ab["proj"]
+    with torch.no_grad():
+        y = model(x)  # materializes head
+        torch.testing.assert_close(y, model.head(proj(x) + x @ a.T @ b.T), rtol=1e-12, atol=1e-12)
+        runtime.load(tensors, scale=0.5)
+        torch.testing.assert_close(model(x), model.head(proj(x) + 0.5 * x @ a.T @ b.T), rtol=1e-12, atol=1e-12)
+    runtime.eject()
+    assert type(model.proj) is nn.Linear and torch.equal(model.proj.weight, proj.weight)
+    assert isinstance(model.unused.weight, nn.parameter.UninitializedParameter)
 
 
 class _HoldsLazy(nn.Module):
