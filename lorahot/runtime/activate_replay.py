@@ -20,6 +20,7 @@ import weakref
 
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.graph_replays import Captured, GraphReplays
+from lorahot.runtime.layer_weights import Weight
 from lorahot.runtime.stack import Stack
 from lorahot.runtime.wide import WideWeights
 
@@ -39,7 +40,7 @@ class ActivateReplay(GraphReplays[Key]):
         super().__init__(buffers, _KEEP, "activate")
         self.wide = wide
 
-    def __call__(self, slot: int, stack: Stack | None, weights: tuple[float, ...], merged: bool) -> bool:
+    def __call__(self, slot: int, stack: Stack | None, weights: tuple[Weight, ...], merged: bool) -> bool:
         """Makes the live region a copy of ``slot`` and refreshes the wide rows from it
         (``stack``: what the slot holds, at ``weights``), as :meth:`BufferManager.activate`
         then :meth:`WideWeights.apply` would. Returns False, having changed nothing, where a

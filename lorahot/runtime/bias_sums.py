@@ -24,10 +24,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lorahot.layers.base import EXTRA_G
 from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.layer_weights import Weight, per_layer, vector
 
 __all__ = ["BiasSums"]
 
@@ -78,23 +80,34 @@ class BiasSums:
 
     def values(self, a: int, weights: torch.Tensor) -> torch.Tensor:
         """Float64 ``[n]``: arena ``a``'s summed biases at ``weights`` (float64 ``[parts]`` on
-        its device), ``sum_p w_p * s_p * c_p``."""
+        its device, or ``[parts, n_layers]``: a weight per layer), ``sum_p w_p * s_p * c_p``."""
+        if weights.dim() == 2:  # each column at its layer's weights
+            columns = torch.zeros_like(self.terms[a])
+            for i, span in self.layers[a].items():
+                columns[:, span] = weights[:, i, None]
+            return (columns * self.terms[a]).sum(0)
         return weights @ self.terms[a]
 
     def largest(self, a: int, layer: int, weights: Sequence[float]) -> float:
-        """The largest ``|value|`` of layer ``layer``'s summed bias at ``weights`` (float64)."""
+        """The largest ``|value|`` of layer ``layer``'s summed bias at ``weights`` (float64; one
+        per part, each its weight on that layer)."""
         w = torch.tensor(list(weights), dtype=torch.float64, device=self.terms[a].device)
         sums = self.values(a, w)[self.layers[a][layer]]
         return float(sums.abs().max()) if sums.numel() else 0.0
 
-    def write(self, buffers: BufferManager, regions: Sequence[int], weights: torch.Tensor | Sequence[float]) -> None:
+    def write(self, buffers: BufferManager, regions: Sequence[int], weights: torch.Tensor | Sequence[Weight]) -> None:
         """Writes the summed biases at ``weights`` (one per part: a float64 tensor on the arenas'
-        device, as a captured replay holds it, or numbers) into the ``g`` rows of ``regions``."""
+        device, as a captured replay holds it, or numbers, or weights per layer) into the ``g``
+        rows of ``regions``."""
         with torch.no_grad():
             for a, arena in enumerate(buffers.arenas):
                 if not len(self.index[a]):
                     continue
-                w = torch.as_tensor(weights, dtype=torch.float64).to(arena.device)
+                if not isinstance(weights, torch.Tensor) and per_layer(weights):
+                    n = len(arena.specs)
+                    w = torch.from_numpy(np.stack([vector(x, a, n) for x in weights])).to(arena.device)
+                else:
+                    w = torch.as_tensor(weights, dtype=torch.float64).to(arena.device)
                 sums = self.values(a, w).to(arena.E.dtype)
                 for r in regions:
                     arena.e_dirty[r] = True  # before the copy: one interrupted leaves the rows to reset

@@ -56,6 +56,7 @@ from lorahot.errors import AdapterReadError, UsageError, format_problems, lines
 from lorahot.layers import LoRALayer
 from lorahot.layers.base import EXTRA_F, EXTRA_G, EXTRA_M, stamp
 from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.layer_weights import Weight, weight_in
 from lorahot.runtime.stack import Stack
 
 __all__ = ["DoraFactors"]
@@ -207,7 +208,7 @@ class DoraFactors:
                 )
             )
 
-    def check(self, stack: Stack, weights: Sequence[float], region: int | None = None) -> None:
+    def check(self, stack: Stack, weights: Sequence[Weight], region: int | None = None) -> None:
         """Refuses ``weights`` (one per part of ``stack``) under which a DoRA layer's factor
         ``f`` or ``g`` would not be finite (see the module docstring). ``region`` None: a load,
         the factors from the adapter's tensors; else ``set_scale`` of that region, from its rows.
@@ -224,7 +225,8 @@ class DoraFactors:
         ]
         if not terms:
             return
-        bad = [name for name, p, m in terms if not self._finite(name, m, weights[p], region)]
+        where = self._buffers.where
+        bad = [name for name, p, m in terms if not self._finite(name, m, weight_in(weights[p], *where[name]), region)]
         if not bad:
             return
         for p in range(len(stack.parts)):

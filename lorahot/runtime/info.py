@@ -15,7 +15,8 @@ class PartInfo:
     Attributes:
         source: where the adapter came from.
         format: its detected naming.
-        scale: the user's weight on top of each of its modules' ``alpha / r``.
+        scale: the user's weight on top of each of its modules' ``alpha / r``: a float, or the
+            dict given (component -> weight, or a UNet's blocks; numbers as floats, tuples as lists).
         ranks: injected layer name -> its rank there, for the layers it touches.
         nbytes: bytes of its weights copied in (before padding).
         skipped: tensor keys of it left out by a ``strict=False`` load.
@@ -25,7 +26,7 @@ class PartInfo:
 
     source: str
     format: str
-    scale: float
+    scale: float | dict[str, object]
     ranks: dict[str, int]
     nbytes: int
     skipped: tuple[str, ...] = ()
@@ -42,8 +43,8 @@ class AdapterInfo:
         format: its detected naming; for a stack, the parts' namings, each once, joined by
             ``"+"``.
         slot: the slot it was loaded into.
-        scale: the user multiplier on top of each module's ``alpha / r``; for a stack (a list
-            given to ``load``), the tuple of the parts' weights.
+        scale: the user multiplier on top of each module's ``alpha / r`` (a float, or the dict
+            given); for a stack (a list given to ``load``), the tuple of the parts' weights.
         ranks: injected layer name -> rank, for the layers the adapter touches; for a stack,
             the sum of the parts' ranks there. A LyCORIS or diff part (merged mode) counts its
             own rank though it takes no rows of the buffers (its update is folded into the
@@ -61,7 +62,7 @@ class AdapterInfo:
     source: str
     format: str
     slot: int
-    scale: float | tuple[float, ...]
+    scale: float | dict[str, object] | tuple[float | dict[str, object], ...]
     ranks: dict[str, int]
     nbytes: int
     skipped: tuple[str, ...] = ()

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, NamedTuple, NoReturn, SupportsIndex
+from typing import Any, NamedTuple, NoReturn, SupportsIndex, cast
 
 import numpy as np
 import torch
@@ -58,13 +58,11 @@ from lorahot.runtime.arguments import (
     denoisers_of,
     integer,
     is_strict,
-    numbers_of,
     parts_of,
     refuse_stack,
     routed,
     source_key,
     text,
-    weights_of,
 )
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.cache import (
@@ -81,6 +79,15 @@ from lorahot.runtime.components import Pipeline
 from lorahot.runtime.dora import DoraFactors
 from lorahot.runtime.experts import find_experts
 from lorahot.runtime.info import AdapterInfo, PartInfo
+from lorahot.runtime.layer_weights import (
+    LayerWeights,
+    Resolver,
+    Weight,
+    displayed,
+    given_of,
+    given_weights,
+    per_layer,
+)
 from lorahot.runtime.load_replay import LoadReplay
 from lorahot.runtime.merge import Merger, check_ejectable
 from lorahot.runtime.placement import Placement
@@ -97,6 +104,7 @@ from lorahot.runtime.plan import (
     layer_refusal,
     pack_host,
     restage,
+    unit_weight,
     validate,
 )
 from lorahot.runtime.prefetches import PendingKeys, failed_prefetch, keys_of, prefetch_pool, shielded
@@ -123,6 +131,8 @@ __all__ = ["AdapterInfo", "PartInfo", "LoraRuntime", "roots", "release_hooks"]
 
 #: What ``load`` takes as one adapter.
 One = Source | Adapter | PreparedAdapter
+#: a ``scale``: a number, a dict (component -> weight, or a UNet's blocks), or a list of those, one per part
+Scale = float | Mapping[str, Any] | Sequence[float | Mapping[str, Any]]
 
 
 #: how many times the largest factor a layer could take a file's tensor may be (LoKr and full
@@ -209,7 +219,7 @@ class LoraRuntime:
         self._active = 0
         self._infos: list[AdapterInfo | None] = [None] * buffers.slots
         self._stacks: list[Stack | None] = [None] * buffers.slots  # what each slot holds: its parts' plans and rows
-        self._weights: list[tuple[float, ...]] = [()] * buffers.slots  # each slot's user weights, one per part
+        self._weights: list[tuple[Weight, ...]] = [()] * buffers.slots  # each slot's user weights, one per part
         self._state = RuntimeState()  # shared with the layers: lorahot.eject(model) marks it
         self._bind(fused and not merged, extras, regional)  # merged: base kernels only
         if fused and not merged:
@@ -372,7 +382,7 @@ class LoraRuntime:
     def _current_info(self, s: int) -> AdapterInfo | None:
         """What slot ``s`` holds, with the weights of its last ``set_scale`` (which leaves
         rebuilding the record to the first call that asks: re-weighting stays cheap)."""
-        info, weights = self._infos[s], self._weights[s]
+        info, weights = self._infos[s], tuple(displayed(w) for w in self._weights[s])
         if info is None or tuple(p.scale for p in info.parts) == weights:
             return info
         info = replace(
@@ -391,7 +401,7 @@ class LoraRuntime:
         source: One | Sequence[One],
         *,
         slot: int = 0,
-        scale: float | Sequence[float] = 1.0,
+        scale: Scale = 1.0,
         denoiser: str | Sequence[str | None] | None = None,
         **read_kwargs: Any,
     ) -> AdapterInfo:
@@ -415,7 +425,12 @@ class LoraRuntime:
             scale: a multiplier on every module's ``alpha / r``: a finite real number (a
                 Python or NumPy scalar), or a list (or tuple) of one weight per part: for a
                 stack, one per part; one adapter is a stack of one part, so ``[w]`` is ``w``.
-                Arrays and tensors are refused (pass ``.tolist()``).
+                Arrays and tensors are refused (pass ``.tolist()``). On a runtime over a
+                pipeline, a weight may be a dict component -> number (a UNet's: a dict of
+                blocks, ``{"down": ..., "mid": ..., "up": ...}``), as diffusers'
+                ``set_adapters`` takes it; components left out get 1; over a UNet alone, a
+                dict of blocks (see :mod:`lorahot.runtime.layer_weights`). For a stack, a list
+                of one per part.
             denoiser: on a runtime over several models, the component that takes the
                 denoiser modules of the file (the keys that would go to its ``unet``, else its
                 ``transformer``: diffusers' ``unet.``/``transformer.``, ``diffusion_model.``,
@@ -463,7 +478,7 @@ class LoraRuntime:
         self,
         source: One | Sequence[One],
         slot: int,
-        scale: float | Sequence[float],
+        scale: Scale,
         denoiser: object,
         read_kwargs: dict[str, Any],
     ) -> AdapterInfo:
@@ -471,7 +486,7 @@ class LoraRuntime:
             lambda: self._check_load(source, slot, scale, denoiser, read_kwargs),
             "load",
             lambda c: {
-                "arguments": fingerprint.arguments(c[0], c[3]),  # slot, weights
+                "arguments": fingerprint.arguments(c[0], _encoded(c[3])),  # slot, weights
                 **fingerprint.plans(c[2].parts, self.layers),
             },
         )
@@ -504,17 +519,17 @@ class LoraRuntime:
         self,
         source: One | Sequence[One],
         slot: int,
-        scale: float | Sequence[float],
+        scale: Scale,
         denoiser: object,
         read_kwargs: dict[str, Any],
-    ) -> tuple[int, list[Adapter], Stack, tuple[float, ...], bool, Callable[[bool], bool], list[PreparedAdapter]]:
+    ) -> tuple[int, list[Adapter], Stack, tuple[Weight, ...], bool, Callable[[bool], bool], list[PreparedAdapter]]:
         """Every check of a load, nothing written (a prepared adapter's upload into the read
         buffers starts here, beside the checks: the model reads nothing there): the slot, the
         adapters, the stack, the weights, whether a list was given, the write (given whether
         the slot is live), and the host cache's entries it takes (marked used once it is)."""
         slot = self._slot(slot)
         sources, listed = parts_of(source)
-        weights = weights_of(scale, len(sources), "the stack has" if listed else "one adapter is a stack of")
+        given = given_weights(scale, len(sources), "the stack has" if listed else "one adapter is a stack of")
         check_read_options(read_kwargs, self.components)
         denoisers = denoisers_of(denoiser, len(sources), self.components, others=self._non_denoisers)
         options = [routed(read_kwargs, d) for d in denoisers]
@@ -522,13 +537,13 @@ class LoraRuntime:
         hits = [h for s, h in zip(sources, found, strict=True) if h is not None and not isinstance(s, PreparedAdapter)]
         prepared = found[0] if len(found) == 1 else None
         if prepared is not None:  # from the host cache: one copy per arena
-            stack, write = self._check_prepared(slot, prepared, weights)
+            stack, weights, write = self._check_prepared(slot, prepared, given)
             return slot, [prepared.adapter], stack, weights, listed, write, hits
         every_layer = any(p is None for p in found)
         # every layer: cheap next to reading a file; unmerged, a DoRA layer's base reparametrized is refused before
         # the read would refuse the adapter for its weight (identity checks)
         self._check_usable(every_layer=every_layer, base=self._merger is None)
-        adapters, stack, write = self._check_parts(slot, sources, found, options, weights, listed)
+        adapters, stack, weights, write = self._check_parts(slot, sources, found, options, given, listed)
         # the reads ran the caller's code (a mapping's methods, __fspath__, its tensors), which may have ejected the
         # runtime, moved its layers (from another thread too) or written a weight: checked again before anything is
         # written, merged mode's weights now (they run device work: once, after the caller's code)
@@ -549,8 +564,8 @@ class LoraRuntime:
         return found
 
     def _check_prepared(
-        self, slot: int, prepared: PreparedAdapter, weights: tuple[float, ...]
-    ) -> tuple[Stack, Callable[[bool], bool]]:
+        self, slot: int, prepared: PreparedAdapter, given: tuple[float | dict[str, object], ...]
+    ) -> tuple[Stack, tuple[Weight, ...], Callable[[bool], bool]]:
         """The checks of a load of one adapter from the host cache, and its write (one copy per
         arena; on CUDA through the read buffers, whose upload starts here, before the checks)."""
         buffers = self._read_buffers
@@ -561,18 +576,24 @@ class LoraRuntime:
         self._check_usable()
         packs = prepared.packs
         stack = Stack.of(prepared.plan, self.max_rank)
+        weights = self._resolved(stack, given)
         self._check_scales(stack, weights)
+        w = weights[0]
 
         def write_packs(live: bool) -> bool:  # on CUDA through the read buffers: no allocation
             merged = self._merger is not None
             self.buffers.touched = staged is not None  # a replay writes too
-            if staged is not None and self._load_replay(slot, live, packs, staged, weights[0], stack, merged):
+            if isinstance(w, LayerWeights):  # a weight per layer: the packs at 1, then every row's scale
+                self.buffers.write(slot, packs, 1.0, live=live, staged=staged)
+                self.buffers.set_scales(slot, stack.scales(weights), live=live)
+                return False
+            if staged is not None and self._load_replay(slot, live, packs, staged, w, stack, merged):
                 return True  # the writes and the wide refresh as one graph replay
-            self.buffers.write(slot, packs, weights[0], live=live, staged=staged)
+            self.buffers.write(slot, packs, w, live=live, staged=staged)
             return False
 
         self._check_routed(slot, stack)
-        return stack, write_packs
+        return stack, weights, write_packs
 
     def _check_parts(
         self,
@@ -580,9 +601,9 @@ class LoraRuntime:
         sources: list[One],
         found: list[PreparedAdapter | None],
         options: list[dict[str, Any]],
-        weights: tuple[float, ...],
+        given: tuple[float | dict[str, object], ...],
         listed: bool,
-    ) -> tuple[list[Adapter], Stack, Callable[[bool], bool]]:
+    ) -> tuple[list[Adapter], Stack, tuple[Weight, ...], Callable[[bool], bool]]:
         """The checks of a load of a stack, or of one adapter to read: each part read (or from
         the host cache, ``found``) and validated, then the stack built and checked; the
         adapters, the stack, and its write (staged, with the LoRA bias sums)."""
@@ -595,6 +616,7 @@ class LoraRuntime:
             if hit is None:
                 fresh.append(checked.plan)
         stack, placement = build(parts, self.buffers, merged=self._merger is not None)
+        weights = self._resolved(stack, given)
         self._check_scales(stack, weights)
         self._check_routed(slot, stack)
 
@@ -613,7 +635,7 @@ class LoraRuntime:
                     forget_values(plan)
             return False
 
-        return adapters, stack, write_staged
+        return adapters, stack, weights, write_staged
 
     def _check_routed(self, slot: int, stack: Stack) -> None:
         """Refuses a load into a slot the routing in force sends rows to where the adapter has
@@ -714,11 +736,11 @@ class LoraRuntime:
         return adapter, self._validated(adapter, recipe, True, read_kwargs)
 
     def _info(
-        self, slot: int, adapters: list[Adapter], stack: Stack, weights: tuple[float, ...], listed: bool
+        self, slot: int, adapters: list[Adapter], stack: Stack, weights: tuple[Weight, ...], listed: bool
     ) -> AdapterInfo:
         """What ``slot`` holds: each part's own description, and the slot's summary."""
         parts = tuple(
-            PartInfo(a.source, a.format, w, p.ranks, p.nbytes, p.skipped, self._counts(p.ranks))
+            PartInfo(a.source, a.format, displayed(w), p.ranks, p.nbytes, p.skipped, self._counts(p.ranks))
             for a, p, w in zip(adapters, stack.parts, weights)
         )
         if not listed:
@@ -730,7 +752,7 @@ class LoraRuntime:
             " + ".join(p.source for p in parts),
             "+".join(dict.fromkeys(p.format for p in parts)),
             slot,
-            weights,
+            tuple(p.scale for p in parts),
             stack.ranks,
             stack.nbytes,
             tuple(dict.fromkeys(k for p in parts for k in p.skipped)),
@@ -932,7 +954,7 @@ class LoraRuntime:
         if live and slot != self.buffers.live:
             self._dora.refresh(self.buffers.live, dora, decomposed, unversioned)
 
-    def _write_bias_sums(self, slot: int, stack: Stack, weights: tuple[float, ...], live: bool) -> None:
+    def _write_bias_sums(self, slot: int, stack: Stack, weights: tuple[Weight, ...], live: bool) -> None:
         """Writes the LoRA biases that several parts of ``stack`` carry on one layer, summed at
         ``weights``, into ``slot`` (and the live region if it mirrors the slot): see
         :mod:`lorahot.runtime.bias_sums`."""
@@ -1363,13 +1385,15 @@ class LoraRuntime:
 
     @public_api
     @one_call_at_a_time
-    def set_scale(self, value: float | Sequence[float], slot: int | None = None) -> None:
+    def set_scale(self, value: Scale, slot: int | None = None) -> None:
         """Sets the user multiplier of ``slot`` (default: the active slot). 0 turns its update
         off (a DoRA part keeps its magnitude rescale, as in PEFT).
 
         ``value`` is one number (for a stack: the weight of every part) or a list (or tuple)
         of one weight per part of the slot (a stack re-weighted; one adapter is a stack of one
-        part), as :meth:`load` takes ``scale``. Only the slot's per-row scales are
+        part), as :meth:`load` takes ``scale``: on a runtime over a pipeline, a weight may be a
+        dict component -> number (a UNet's: a dict of blocks), as diffusers' ``set_adapters``
+        takes it (:mod:`lorahot.runtime.layer_weights`). Only the slot's per-row scales are
         rewritten (one copy per arena), with what follows from them (the wide layers' scaled
         rows, merged weights, DoRA factors): no file is read, no A or B is copied, a compiled
         model does not recompile.
@@ -1385,7 +1409,7 @@ class LoraRuntime:
         s, stack, _, weights = self._settle.agreed(
             lambda: self._check_set_scale(value, slot),
             "set_scale",
-            lambda c: {"arguments": fingerprint.arguments(c[0], c[3])},
+            lambda c: {"arguments": fingerprint.arguments(c[0], _encoded(c[3]))},
         )
         live = s == self._active
 
@@ -1394,7 +1418,11 @@ class LoraRuntime:
             # between the two lines would leave info(s) naming weights no buffer holds, as "nothing changed"
             self.buffers.touched = True  # a replay writes too
             self._weights[s] = weights  # info(s) reports them from here
-            if self._merger is None and self._replay(s, live, stack, weights):
+            if (
+                self._merger is None
+                and not per_layer(weights)
+                and self._replay(s, live, stack, cast(tuple[float, ...], weights))
+            ):
                 return  # on CUDA: the scales, live copy and wide refresh in one graph replay
             scales = stack.scales(weights)
             self.buffers.set_scales(s, scales, live=live)
@@ -1404,17 +1432,15 @@ class LoraRuntime:
 
         self._settle.written("set_scale", s, write_scales, self._empty_all, self._merger)
 
-    def _check_set_scale(
-        self, value: float | Sequence[float], slot: int | None
-    ) -> tuple[int, Stack, AdapterInfo, tuple[float, ...]]:
+    def _check_set_scale(self, value: Scale, slot: int | None) -> tuple[int, Stack, AdapterInfo, tuple[Weight, ...]]:
         """Every check of :meth:`set_scale`: the slot, what it holds, and the new weights."""
         s = self._slot(self._active if slot is None else slot)
-        value = numbers_of(value)
+        value = given_of(value)
         self._check_usable()  # after the caller's __index__, __float__, __len__, __getitem__: see _check_usable
         stack, info = self._stacks[s], self._infos[s]
         if stack is None or info is None:
             raise UsageError(f"slot {s} is empty; load an adapter into it before set_scale.")
-        weights = weights_of(value, len(stack.parts), f"slot {s} holds")
+        weights = self._resolved(stack, given_weights(value, len(stack.parts), f"slot {s} holds"))
         self._check_scales(stack, weights, region=s)
         return s, stack, info, weights
 
@@ -1491,7 +1517,27 @@ class LoraRuntime:
                 )
             )
 
-    def _check_scales(self, stack: Stack, weights: tuple[float, ...], region: int | None = None) -> None:
+    def _resolved(self, stack: Stack, given: tuple[float | dict[str, object], ...]) -> tuple[Weight, ...]:
+        """The weights ``given`` (numbers, or dicts) for ``stack``: each dict as every layer's
+        weight (:class:`~lorahot.runtime.layer_weights.Resolver`), checked against the layers
+        each part loads.
+
+        Raises:
+            UsageError: a dict the runtime cannot read as diffusers does (see
+                :mod:`lorahot.runtime.layer_weights`). Nothing changed.
+        """
+        if not any(isinstance(w, dict) for w in given):
+            return given  # type: ignore[return-value]
+        modules = {c: getattr(self.model, c) for c in self.components} if self.components else {"": self.model}
+        resolver = Resolver(self._arena_names, self.components, modules)
+        return tuple(
+            resolver.resolve(w, [*plan.targets, *plan.weights], "scale" if stack.single else stack.named(p))
+            if isinstance(w, dict)
+            else w
+            for p, (plan, w) in enumerate(zip(stack.parts, given))
+        )
+
+    def _check_scales(self, stack: Stack, weights: tuple[Weight, ...], region: int | None = None) -> None:
         """The user's weights are 1 for every part holding a module that means something at
         scale 1 only (:func:`check_unit_scale`), keep every scale in its buffer's range (each
         part's rows at its own weight), every wide layer's scaled rows in their dtype's range, every DoRA factor
@@ -1501,7 +1547,7 @@ class LoraRuntime:
         in the weights' range."""
         parts = [None if stack.single else stack.named(p) for p in range(len(stack.parts))]
         for plan, w, part in zip(stack.parts, weights, parts):
-            check_unit_scale(plan, w, part=part)
+            check_unit_scale(plan, unit_weight(plan, w, self.buffers.where), part=part)
         if self._merger is None and any(stack.dora):  # a layer index per DoRA layer, per arena
             self._dora.check(stack, weights, region)
         if self._merger is None and self._within_range(stack, weights) and self._updates.fits(stack, weights):
@@ -1515,12 +1561,15 @@ class LoraRuntime:
         else:
             self._updates.check(stack, weights, region)
 
-    def _within_range(self, stack: Stack, weights: tuple[float, ...]) -> bool:
+    def _within_range(self, stack: Stack, weights: tuple[Weight, ...]) -> bool:
         """Whether every part's weight passes the range checks of :meth:`_check_scales`
         (:func:`check_multiplier`, :meth:`WideWeights.check`): the same products against the
         same limits, read from ``(largest, limit)`` and ``(smallest, floor)`` pairs memoized for
         the last stack checked, so a re-weighting does not walk the plans. False sends the
-        caller to the full checks, which raise with the message."""
+        caller to the full checks, which raise with the message, as it does for a weight per
+        layer (checked there layer by layer)."""
+        if per_layer(weights):
+            return False
         memo = self._ranges
         if memo is None or memo[0]() is not stack:
             limits = []
@@ -1535,7 +1584,7 @@ class LoraRuntime:
         return all(
             all(largest * abs(w) <= top for largest, top in mine.tops)
             and (w == 0 or all(smallest * abs(w) >= floor for smallest, floor in mine.floors))
-            for mine, w in zip(memo[1], weights)
+            for mine, w in zip(memo[1], cast(tuple[float, ...], weights))
         )
 
     def _remerge(self, slot: int) -> None:
@@ -1549,7 +1598,11 @@ class LoraRuntime:
             if self._routing.base_only:
                 stack = None
             try:
-                scales, terms = (None, None) if stack is None else (stack.scales(weights), stack.weight_terms(weights))
+                scales, terms = (
+                    (None, None)
+                    if stack is None
+                    else (stack.scales(weights), stack.weight_terms(weights, self.buffers.where))
+                )
                 self._merger.apply(scales, stack is None or stack.single, terms)
             except BaseException:  # the weights hold lorahot's own (partial) rewrite, checked before it: not an edit
                 with contextlib.suppress(Exception):
@@ -1647,7 +1700,14 @@ class LoraRuntime:
 
     def __repr__(self) -> str:
         held = self._current_info(self._active)
-        now = "empty" if held is None else " + ".join(f"{_tail(p.source)} x{p.scale:g}" for p in held.parts)
+        now = (
+            "empty"
+            if held is None
+            else " + ".join(
+                f"{_tail(p.source)} x{p.scale!r}" if isinstance(p.scale, dict) else f"{_tail(p.source)} x{p.scale:g}"
+                for p in held.parts
+            )
+        )
         if self._routing.rows is not None:
             rows = self._routing.rows
             now = f"per row {list(rows[:8])}{'...' if len(rows) > 8 else ''}"
@@ -1716,6 +1776,12 @@ def _naming_part(part: int | None) -> Iterator[None]:
         if part is None:
             raise
         raise type(exc)(f"part {part} of the stack: " + message(exc)) from exc
+
+
+def _encoded(weights: tuple[Weight, ...]) -> tuple[object, ...]:
+    """The weights as :func:`fingerprint.arguments` encodes them: a weight per layer as its
+    values, arena by arena."""
+    return tuple(tuple(tuple(v.tolist()) for v in w.vectors) if isinstance(w, LayerWeights) else w for w in weights)
 
 
 def _tail(text: str, width: int = 40) -> str:

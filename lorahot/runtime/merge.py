@@ -62,6 +62,7 @@ from lorahot.layers.base import EXTRA_BIAS, EXTRA_F, own_code, unusual_values, v
 from lorahot.runtime.aliases import plain
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.graph_replays import Captured, GraphReplays
+from lorahot.runtime.layer_weights import Weight, weight_in
 from lorahot.runtime.stack import Stack
 from lorahot.runtime.written_probes import Signature, WrittenProbes, positions, signature, sums, words
 
@@ -636,7 +637,7 @@ class Merger:
                 )
             )
 
-    def check(self, stack: Stack, weights: Sequence[float]) -> None:
+    def check(self, stack: Stack, weights: Sequence[Weight]) -> None:
         """Refuses weights under which a merged weight ``W0 + sum_p w_p * scale_p * dW_p``
         would leave the weights' dtype range (it would turn into inf). Reads no weight for the
         usual adapter: ``max|W0| + sum_p |w_p * scale_p| * bound_p`` (``bound_p``:
@@ -649,7 +650,12 @@ class Merger:
             UsageError: it overflows only at the user's weights.
         """
         terms = stack.terms
-        over = [name for name, items in terms.items() if self._overflows(stack, name, items, weights)]
+        where = self._buffers.where  # a weight per layer: each part's on that layer
+
+        def at(name: str) -> list[float]:
+            return [weight_in(w, *where[name]) for w in weights]
+
+        over = [name for name, items in terms.items() if self._overflows(stack, name, items, at(name))]
         if not over:
             return
         ones = [1.0] * len(stack.parts)

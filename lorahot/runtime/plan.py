@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule, storage_problem
@@ -32,6 +33,7 @@ from lorahot.resolve.components import resolve_components
 from lorahot.resolve.keys import resolve_all
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra, Pack
 from lorahot.runtime.flux_inputs import pad_embedder_input
+from lorahot.runtime.layer_weights import LayerWeights, Weight, weight_in
 from lorahot.runtime.sharding import CutFactor, cut_factors, localize
 
 __all__ = [
@@ -856,7 +858,7 @@ def dtype_tiny(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).tiny)
 
 
-def check_multiplier(plan: LoadPlan, multiplier: float, buffers: BufferManager, part: str | None = None) -> None:
+def check_multiplier(plan: LoadPlan, multiplier: Weight, buffers: BufferManager, part: str | None = None) -> None:
     """The user's ``multiplier`` on the plan's per-layer scales must keep every scale within
     its buffer's range (Python floats only: cheap enough for every ``set_scale``): none beyond
     its largest value, and, unless the multiplier is 0, none below its smallest normal one,
@@ -868,6 +870,9 @@ def check_multiplier(plan: LoadPlan, multiplier: float, buffers: BufferManager, 
         UsageError: naming the scale, the product out of range and the scales allowed.
     """
     where = f"{part}: " if part else ""
+    if isinstance(multiplier, LayerWeights):
+        _check_layer_multiplier(plan, multiplier, buffers, where)
+        return
     for arena, largest, smallest in zip(buffers.arenas, plan.largest, plan.smallest):
         top = dtype_max(arena.S.dtype)
         if largest * abs(multiplier) > top:  # a Python float: overflow shows as inf
@@ -885,6 +890,46 @@ def check_multiplier(plan: LoadPlan, multiplier: float, buffers: BufferManager, 
                 f"({tiny:.4g}), where it would lose its precision. Pass a scale of at least {least:.4g} in magnitude, "
                 "or 0."
             )
+
+
+def _check_layer_multiplier(plan: LoadPlan, weights: LayerWeights, buffers: BufferManager, where: str) -> None:
+    """:func:`check_multiplier` with a weight per layer: each layer's ``alpha / r`` times its
+    own weight (a layer at weight 0 is not checked against the smallest normal number)."""
+    for a, arena in enumerate(buffers.arenas):
+        if len(plan.scales) <= a:
+            continue
+        own = plan.scales[a].detach().cpu().double().numpy()
+        products = np.abs(own * weights.vectors[a])
+        top, tiny = dtype_max(arena.S.dtype), dtype_tiny(arena.S.dtype)
+        high = np.flatnonzero(~(products <= top))
+        low = np.flatnonzero((products < tiny) & (products != 0))
+        for i, what, bound in [(int(j), "beyond the range", f"max {top:.4g}") for j in high[:1]] + [
+            (int(j), "below the smallest normal number", f"{tiny:.4g}, where it would lose its precision")
+            for j in low[:1]
+        ]:
+            name = next((n for n, (b, k) in buffers.where.items() if b == a and k == i), f"layer {i}")
+            w = float(weights.vectors[a][i])
+            fix = (
+                f"a weight of at most {top / abs(own[i]):.4g} in magnitude"
+                if what.startswith("beyond")
+                else f"a weight of at least {tiny / abs(own[i]) * (1 + 1e-3):.4g} in magnitude, or 0"
+            )
+            raise UsageError(
+                f"{where}scale={weights:g}: on {name}, alpha/r ({own[i]:g}) times its weight ({w:g}) is "
+                f"{own[i] * w:g}, {what} of the {arena.S.dtype} scale buffers ({bound}). Pass {fix} there."
+            )
+
+
+def unit_weight(plan: LoadPlan, multiplier: Weight, where: dict[str, tuple[int, int]]) -> float:
+    """The weight :func:`check_unit_scale` checks: ``multiplier``, or with a weight per layer, the
+    first of the plan's layers' weights that is not 1 (else 1)."""
+    if not isinstance(multiplier, LayerWeights) or plan.unit_scale is None:
+        return multiplier if not isinstance(multiplier, LayerWeights) else 1.0
+    for name in [*plan.targets, *plan.weights]:
+        w = weight_in(multiplier, *where[name])
+        if w != 1:
+            return w
+    return 1.0
 
 
 def check_unit_scale(plan: LoadPlan, multiplier: float, part: str | None = None) -> None:

@@ -43,6 +43,7 @@ from lorahot.errors import AdapterMismatchError, format_problems, lines
 from lorahot.layers.base import EXTRA_BIAS
 from lorahot.runtime.bias_sums import BiasSums
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra
+from lorahot.runtime.layer_weights import LayerWeights, Weight, per_layer, vector, weight_in
 from lorahot.runtime.plan import Checked, LoadPlan, Staged
 
 __all__ = ["Stack", "Placement", "Run", "build", "check_parts", "part_named", "shared_problems", "SHARED_FIX"]
@@ -94,7 +95,7 @@ class Stack:
         source = self.parts[part].source
         return source if self.single else part_named(part, source)
 
-    def scales(self, weights: Sequence[float]) -> list[torch.Tensor]:
+    def scales(self, weights: Sequence[Weight]) -> list[torch.Tensor]:
         """Per arena, float64 ``[n_layers, R]`` on the host: each row's scale for the parts'
         ``weights`` (one per part), ``own * w[part]`` over :attr:`owners`. Exact: a row belongs
         to at most one part, so this equals ``sum_p w_p * rows_p`` bit for bit.
@@ -102,8 +103,15 @@ class Stack:
         Computed with NumPy, one thread: torch splits an elementwise op over more than 32768
         elements (four parts of 154 layers at rank 64) across its CPU threads, and on a GPU
         host with busy cores that made each ``set_scale`` cost 16 ms instead of 0.04."""
-        w = np.asarray(weights, dtype=np.float64)
-        return [torch.from_numpy(own * w[part]) for own, part in self.owners]
+        if not per_layer(weights):
+            w = np.asarray(weights, dtype=np.float64)
+            return [torch.from_numpy(own * w[part]) for own, part in self.owners]
+        out = []  # a weight per layer (lorahot.runtime.layer_weights): each row its part's weight on its layer
+        for a, (own, part) in enumerate(self.owners):
+            n = own.shape[0]
+            table = np.stack([vector(w, a, n) for w in weights])  # [parts, n_layers]
+            out.append(torch.from_numpy(own * table[part, np.arange(n)[:, None]]))
+        return out
 
     @functools.cached_property
     def owners(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -150,17 +158,25 @@ class Stack:
             if isinstance(m, LoraModule) and m.norm_eps(torch.float32) != 0.0
         )
 
-    def weight_terms(self, weights: Sequence[float]) -> dict[str, list[tuple[WeightModule, float]]]:
+    def weight_terms(
+        self, weights: Sequence[Weight], where: dict[str, tuple[int, int]] | None = None
+    ) -> dict[str, list[tuple[WeightModule, float]]]:
         """Injected layer name -> each LyCORIS/diff module folded into it (merged mode) and its
         scale: the module's own times its part's weight. On a layer where several parts carry
         a LoRA bias (:attr:`shared_biases`), each of those biases is a bias diff (``diff_b``
-        alone) at its part's ``w * alpha / r``: the slot's extras hold none of them."""
+        alone) at its part's ``w * alpha / r``: the slot's extras hold none of them. A weight per
+        layer is read at each layer's ``(arena, index)`` in ``where``."""
+
+        def at(p: int, name: str) -> float:
+            w = weights[p]
+            return w if not isinstance(w, LayerWeights) else weight_in(w, *where[name])  # type: ignore[index]
+
         out: dict[str, list[tuple[WeightModule, float]]] = {}
         for p, plan in enumerate(self.parts):
             for name, w in plan.weights.items():
-                out.setdefault(name, []).append((w, weights[p] * w.scale))
+                out.setdefault(name, []).append((w, at(p, name) * w.scale))
         for name, biased in self.shared_biases.items():
-            out.setdefault(name, []).extend((_bias_diff(m), weights[p] * m.scale) for p, m in biased)
+            out.setdefault(name, []).extend((_bias_diff(m), at(p, name) * m.scale) for p, m in biased)
         return out
 
     @property

@@ -40,6 +40,7 @@ from lorahot.adapter import LoraModule
 from lorahot.adapter.deltas import lora_update_max
 from lorahot.errors import UsageError, format_problems, lines
 from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.layer_weights import Weight, peak, per_layer, vector, weight_in
 from lorahot.runtime.plan import dtype_max
 from lorahot.runtime.stack import Stack
 
@@ -76,16 +77,16 @@ class UpdateRange:
         self._memo = (weakref.ref(stack), out)
         return out
 
-    def fits(self, stack: Stack, weights: Sequence[float]) -> bool:
+    def fits(self, stack: Stack, weights: Sequence[Weight]) -> bool:
         """Whether the bound alone keeps every layer's update in range at ``weights`` (a few
         Python floats per arena); False sends the caller to :meth:`check`."""
         return all(
-            sum(m * abs(w) for m, w in zip(b.largest, weights)) <= top
-            and sum(m * abs(w) for m, w in zip(b.bias_largest, weights)) <= top
+            sum(m * peak(w) for m, w in zip(b.largest, weights)) <= top
+            and sum(m * peak(w) for m, w in zip(b.bias_largest, weights)) <= top
             for b, top in zip(self._bounds(stack), self._tops)
         )
 
-    def check(self, stack: Stack, weights: Sequence[float], region: int | None = None) -> None:
+    def check(self, stack: Stack, weights: Sequence[Weight], region: int | None = None) -> None:
         """Refuses ``weights`` under which some layer's update ``B diag(s) A`` (the parts'
         updates summed, each at its weight) would leave its buffers' dtype. Computed exactly
         where the bound says it may: from the slot ``region``'s rows (``set_scale``, whose slot
@@ -95,13 +96,14 @@ class UpdateRange:
             UsageError: naming each such layer, the value its update reaches, the dtype's
                 largest value, and the largest weights that fit. Nothing changed.
         """
-        w = np.abs(np.asarray(weights, dtype=np.float64))
         flagged: list[tuple[int, int]] = []
         biases: list[tuple[int, int, float, list[int]]] = []  # (arena, layer, value reached, parts)
         for a, (b, top) in enumerate(zip(self._bounds(stack), self._tops)):
+            n = len(self.buffers.arenas[a].specs)
+            w = np.abs(np.stack([vector(x, a, n) for x in weights]))  # [parts, n_layers]
             with np.errstate(over="ignore", invalid="ignore"):  # a bound past float64 is inf: flagged below
-                bound = w @ b.table if len(b.table) else np.zeros(0)
-                bias_bound = w @ b.bias_table if len(b.bias_table) else None
+                bound = (w * b.table).sum(axis=0) if len(b.table) else np.zeros(0)
+                bias_bound = (w * b.bias_table).sum(axis=0) if len(b.bias_table) else None
             flagged += [(a, int(i)) for i in np.flatnonzero(~(bound <= top))]  # NaN too
             if bias_bound is not None:
                 biases += self._biases(stack, weights, a, bias_bound, b.bias_table)
@@ -121,7 +123,7 @@ class UpdateRange:
             raise UsageError(self._message(stack, weights, over, biases))
 
     def _biases(
-        self, stack: Stack, weights: Sequence[float], a: int, bound: np.ndarray, table: np.ndarray
+        self, stack: Stack, weights: Sequence[Weight], a: int, bound: np.ndarray, table: np.ndarray
     ) -> list[tuple[int, int, float, list[int]]]:
         """``(arena, layer, value reached, parts)`` of each layer of arena ``a`` whose LoRA bias
         term leaves the LoRA buffers' dtype at ``weights``: ``bound [n_layers]`` is
@@ -134,19 +136,19 @@ class UpdateRange:
             sums = stack.bias_sums
             reached = float(bound[i])
             if len(parts) > 1 and sums is not None and int(i) in sums.layers[a]:
-                reached = sums.largest(a, int(i), weights)
+                reached = sums.largest(a, int(i), [weight_in(w, a, int(i)) for w in weights])
             if not reached <= limit:
                 out.append((a, int(i), reached, parts))
         return out
 
-    def _exact(self, stack: Stack, weights: Sequence[float], a: int, i: int, region: int | None) -> torch.Tensor:
+    def _exact(self, stack: Stack, weights: Sequence[Weight], a: int, i: int, region: int | None) -> torch.Tensor:
         """The largest ``|value|`` of layer ``i`` of arena ``a``'s update at ``weights`` (0-d
         float64), from the factors rounded to the buffers' dtype as the forward reads them."""
         arena = self.buffers.arenas[a]
         groups = arena.specs[i].groups
         if region is not None:  # the slot holds the stack: its rows and the new per-row scales
             own, part = stack.owners[a]
-            s = torch.from_numpy(own[i] * np.asarray(weights, dtype=np.float64)[part[i]])
+            s = torch.from_numpy(own[i] * np.asarray([weight_in(w, a, i) for w in weights], dtype=np.float64)[part[i]])
             rows_a, rows_b = arena.rows(i, region)
             scaled = rows_a.double() * s.to(rows_a.device)[:, None]
             b = rows_b[: arena.rank // groups].t()  # [out, R / groups]
@@ -154,7 +156,7 @@ class UpdateRange:
         terms = []
         for p, m in stack.terms.get(self.names[a][i], []):
             if isinstance(m, LoraModule):
-                c = weights[p] * float(stack.parts[p].scales[a][i])
+                c = weight_in(weights[p], a, i) * float(stack.parts[p].scales[a][i])
                 terms.append((m.A.to(arena.dtype), m.B.to(m.A.device, arena.dtype), c))
         if not terms:
             return torch.zeros((), dtype=torch.float64)
@@ -163,7 +165,7 @@ class UpdateRange:
     def _message(
         self,
         stack: Stack,
-        weights: Sequence[float],
+        weights: Sequence[Weight],
         over: list[tuple[int, int, float]],
         biases: Sequence[tuple[int, int, float, list[int]]] = (),
     ) -> str:
@@ -185,8 +187,8 @@ class UpdateRange:
             factor = min(factor, top / v if math.isfinite(v) and v > 0 else 0.0)
         where = "the slot's update" if single else f"the stack of {len(stack.parts)} adapters' summed update"
         title = f"scale={shown}: {where} would leave the LoRA buffers' dtype in:"
-        if single:
-            fix = f"Pass a scale of at most {_floor4(abs(weights[0]) * factor):.4g} in magnitude"
+        if single and not per_layer(weights):
+            fix = f"Pass a scale of at most {_floor4(peak(weights[0]) * factor):.4g} in magnitude"
         else:
             fix = (
                 f"Pass smaller weights (the ones given times at most {_floor4(factor):.4g} fit), or stack fewer "

@@ -31,6 +31,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +43,7 @@ from lorahot.layers import LoRALayer
 from lorahot.layers.tensor_handles import TensorHandle
 from lorahot.runtime.aliases import plain
 from lorahot.runtime.buffers import BufferManager
+from lorahot.runtime.layer_weights import LayerWeights, Weight, peak
 from lorahot.runtime.plan import LoadPlan, dtype_max
 from lorahot.runtime.stack import Stack
 
@@ -248,7 +250,7 @@ class WideWeights:
     def empty(self) -> bool:
         return not any(indices for indices, _, _ in self.groups)
 
-    def check(self, plan: LoadPlan, multiplier: float, names: list[list[str]], part: str | None = None) -> None:
+    def check(self, plan: LoadPlan, multiplier: Weight, names: list[list[str]], part: str | None = None) -> None:
         """Refuses a ``multiplier`` under which some wide layer's ``scale * B`` would leave its
         dtype's range (float16 tops out at 65504, and its wide copy holds ``scale * B`` times
         each row's shift; the plain formula scales after the products).
@@ -258,24 +260,41 @@ class WideWeights:
         Raises:
             UsageError: naming the layer, the largest value and the largest multiplier allowed.
         """
-        for a, indices, worst, largest in self._worst(plan):
+        for a, indices, worst, largest in self._worst(plan, multiplier):
             top = dtype_max(self.buffers.arenas[a].dtype)
-            if largest * abs(multiplier) > top:
+            if largest > top:
                 layer = names[a][indices[worst]] if a < len(names) else f"layer {indices[worst]}"
                 raise UsageError(
                     f"{part or plan.source}, {layer}: scale={multiplier:g} times alpha/r times max|B| is "
-                    f"{largest * abs(multiplier):.4g}{_shifted(self._shift[a])}, beyond the "
+                    f"{largest:.4g}{_shifted(self._shift[a])}, beyond the "
                     f"{self.buffers.arenas[a].dtype} range (max {top:.4g}) of the layer's scaled B columns. Pass a "
-                    f"scale of at most {top / largest:.4g} in magnitude, inject with dtype=torch.float32 (LoRA "
+                    f"scale of at most {top / largest * peak(multiplier):.4g} in magnitude{_there(multiplier)}, "
+                    "inject with dtype=torch.float32 (LoRA "
                     "buffers of float32's range), or with fused=False (the plain formula scales after the products)."
                 )
 
     def limits(self, plan: LoadPlan) -> list[tuple[float, float]]:
         """Per arena with wide layers, ``(largest, top)``: :meth:`check` refuses a multiplier
         ``m`` where ``largest * abs(m) > top``."""
-        return [(largest, dtype_max(self.buffers.arenas[a].dtype)) for a, _, _, largest in self._worst(plan)]
+        return [(largest, dtype_max(self.buffers.arenas[a].dtype)) for a, _, _, largest in self._worst_at_1(plan)]
 
-    def _worst(self, plan: LoadPlan) -> list[tuple[int, list[int], int, float]]:
+    def _worst(self, plan: LoadPlan, multiplier: Weight) -> list[tuple[int, list[int], int, float]]:
+        """:meth:`_worst_at_1` at ``multiplier``: the largest value times ``|multiplier|``, or,
+        with a weight per layer, each layer's value times its weight's."""
+        if not isinstance(multiplier, LayerWeights):
+            return [(a, ix, worst, largest * abs(multiplier)) for a, ix, worst, largest in self._worst_at_1(plan)]
+        out = []
+        for a, (indices, _, _) in enumerate(self.groups):
+            if indices and len(plan.scaled_b) > a:
+                values = plan.scaled_b[a][self._index[a]]
+                if self._shift[a] is not None and len(plan.a_shift) > a:
+                    values = values * plan.a_shift[a][self._index[a]]
+                values = values.numpy() * np.abs(multiplier.vectors[a][indices])
+                worst = int(values.argmax())
+                out.append((a, indices, worst, float(values[worst])))
+        return out
+
+    def _worst_at_1(self, plan: LoadPlan) -> list[tuple[int, list[int], int, float]]:
         """Per arena with wide layers: the arena, its wide layers' indices, the position among them of the
         largest ``max|B| * |alpha / r|`` of ``plan`` (times the bound on its rows' shifts,
         :attr:`LoadPlan.a_shift`, in a shifted arena), and that value. Memoized per plan (each
@@ -419,3 +438,8 @@ class WideWeights:
                 wide, live = held[1], self.a_groups[arena][1]
             found = self._views[key] = ([w[:rows] for w in wide], [t[:rows] for t in live])
         return found
+
+
+def _there(multiplier: Weight) -> str:
+    """Where a refusal's largest weight applies: to one layer, with a weight per layer."""
+    return " on that layer" if isinstance(multiplier, LayerWeights) else ""
