@@ -808,6 +808,8 @@ class LoRALayer(nn.Module):
         # layer: keep them few (see lorahot.layers.tensor_handles).
         merged, fused, wide, extras, key, geometry, slot_geometry, _, unrouted, name, shift_at = self._plan
         if merged:
+            if len(args) + len(kwargs) > 1:  # static for a compiled graph: checked once, when traced
+                self.refuse_merged_arguments(args, kwargs)
             out: torch.Tensor = self._base(*args, **kwargs)
             return out
         if args:
@@ -859,6 +861,29 @@ class LoRALayer(nn.Module):
         e = saved_extras(e, z)  # compiled with autograd: the backward's own copy
         out = self._bias_gradient(torch.addcmul(e[EXTRA_G], e[EXTRA_F], z), e[EXTRA_F], e[EXTRA_G].shape)
         return marked(out.to(y.dtype), key, self)
+
+    def refuse_merged_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raises for a merged-mode call that passes the base module more than its input.
+
+        Merged mode folds the LoRA into the weight, which inject checked is right where the
+        base's forward computes its weight's linear map (or convolution, or lookup) on a probe
+        input passed alone: torch's own forwards take nothing else, and a class's own forward
+        with more parameters was checked at their defaults only. With other values (a
+        ``scale`` its output is multiplied by, say) the folded LoRA would go through whatever
+        they change, where PEFT's unmerged forward and lorahot's add it to the output.
+
+        Raises:
+            UsageError: always, naming the layer, the arguments and the fix.
+        """
+        kind = type(self._base).__name__
+        given = ", ".join([f"{len(args)} positional argument{'s' * (len(args) != 1)}", *(f"{k}=" for k in kwargs)])
+        raise UsageError(
+            f"{self._describe()}: called in merged mode with {given}, more than its input. Merged mode folds the LoRA "
+            f"into the weight, checked at inject to give the unmerged result where {kind}.forward is called with its "
+            "input alone; with other arguments its forward may transform the folded LoRA along with the base "
+            "output. Call it with its input alone, or inject without merged=True (the LoRA is then added to what "
+            "it returns, as PEFT's unmerged forward adds it)."
+        )
 
     def refuse_keyword_call(self, kwargs: dict[str, Any]) -> None:
         """Raises for a call that passes no input positionally and does not name it as the base

@@ -1612,3 +1612,73 @@ def test_a_saved_state_dict_holds_the_base_unmerged_and_the_folded_weights_merge
         again.load(adapters[1][0], scale=0.5)
         with torch.no_grad():
             _close(injected(ids), want)
+
+
+class _ScaledLinear(nn.Linear):
+    """A Linear whose forward takes a second argument: its output times ``scale`` (1 by default)."""
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return super().forward(x) * scale
+
+
+class _ScaledConv(nn.Conv2d):
+    """A Conv2d whose forward takes a second argument: its output times ``scale`` (1 by default)."""
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return super().forward(x) * scale
+
+
+class _Calls(nn.Module):
+    """Calls ``proj`` with its input alone, or with ``scale=2`` besides it (by keyword or positionally)."""
+
+    def __init__(self, proj: nn.Module, how: str) -> None:
+        super().__init__()
+        self.proj, self.how = proj, how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "keyword":
+            return self.proj(x, scale=2.0)
+        return self.proj(x, 2.0) if self.how == "positional" else self.proj(x)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("how", ["alone", "keyword", "positional"])
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(lambda: _ScaledLinear(6, 5), (3, 6)), (lambda: _ScaledConv(3, 4, 3, padding=1), (2, 3, 5, 5))],
+    ids=["Linear", "Conv2d"],
+)
+def test_merged_refuses_a_call_passing_its_layer_more_than_the_input(
+    make: Any, shape: tuple[int, ...], how: str, compiled: bool
+) -> None:
+    """A subclass whose forward takes more than its input passes inject's merged-mode check,
+    which calls it with its input alone. Called with ``scale=2`` it multiplied the folded LoRA
+    too: 2 * (W0 + dW) x where PEFT's unmerged forward (and lorahot's) give 2 * W0 x + dW x,
+    1.4 to 3.5 off, silently. Such a call is now refused, eagerly and when compiled, naming the
+    layer; with its input alone merged mode gives PEFT's output, and unmerged every call does."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = _Calls(make().double(), how)
+    tensors, _ = make_adapter(model, {"proj": 2}, dtype=torch.float64)
+    oracle = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=2, lora_alpha=2, target_modules=["proj"]), copy.deepcopy(model)
+    )
+    peft.set_peft_model_state_dict(oracle, {k.removeprefix("base_model.model."): v for k, v in tensors.items()})
+    x = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        want = oracle(x)
+    for merged in (False, True):
+        injected = copy.deepcopy(model)
+        lorahot.inject(injected, ["proj"], max_rank=2, merged=merged).load(tensors)
+        run = torch.compile(injected, backend="aot_eager") if compiled else injected
+        if merged and how != "alone":
+            kind = type(model.proj).__name__
+            with pytest.raises(
+                lorahot.UsageError,
+                match=rf"^proj \(LoRA\w+ over {kind} .*\): called in merged mode with .*more than its input\. .*"
+                r"Call it with its input alone, or inject without merged=True",
+            ):
+                run(x)
+            continue
+        with torch.no_grad():
+            torch.testing.assert_close(run(x), want, rtol=1e-12, atol=1e-12)
