@@ -270,24 +270,50 @@ def test_merged_mode_folds_the_weights_of_each_layer(pipe64) -> None:
 
 
 def test_dict_weights_do_not_recompile_a_compiled_component(pipe64) -> None:
-    """Dict weights only rewrite the scale rows: a compiled text encoder (aot_eager) and UNet run
-    every re-weighting without recompiling; a new input shape does recompile (negative control)."""
+    """Dict weights only rewrite the scale rows: a compiled text encoder (aot_eager) runs every
+    re-weighting, numbers and dicts, without recompiling, equal to its eager output; a new input
+    shape does recompile (negative control)."""
     ours = copy.deepcopy(pipe64)
     runtime = lorahot.inject(ours, TARGETS, max_rank=8, dtype=torch.float64)
     runtime.load([_file(pipe64, 1), _file(pipe64, 2)])
     weights = [[1.0, 1.0], *STACKED, [0.5, {"text_encoder": 0.0}]]
+    ids = torch.tensor([[0, 5, 9, 3, 1]])
     eager = []
     for w in weights:
         runtime.set_scale(w)
-        eager.append(_run(ours, torch.float64))
+        with torch.no_grad():
+            eager.append(ours.text_encoder(ids)[0])
     te = torch.compile(ours.text_encoder, backend="aot_eager")
-    ids = torch.tensor([[0, 5, 9, 3, 1]])
     runtime.set_scale(weights[0])
     with torch.no_grad():
         te(ids)
     with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
         for w, want in zip(weights, eager):
             runtime.set_scale(w)
-            torch.testing.assert_close(te(ids)[0], want["text_encoder"], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(te(ids)[0], want, rtol=1e-12, atol=1e-12)
         with pytest.raises(torch._dynamo.exc.RecompileError):
             te(torch.tensor([[0, 5, 9, 3, 1, 1]]))
+
+
+def test_dora_factors_follow_each_layer_s_weight(pipe64) -> None:
+    """A DoRA file on the UNet (``extras=True``): each layer's factor ``m / ||W0 + s * B A||`` is
+    computed at its own block weight, as diffusers' ``set_adapters`` computes it."""
+    source = _file(pipe64, 7, ["unet"])
+    g = torch.Generator().manual_seed(9)
+    for key in [k for k in source if k.endswith("lora_B.weight")]:
+        rows = source[key].shape[0]
+        source[key.replace("lora_B.weight", "lora_magnitude_vector")] = torch.rand(rows, generator=g).double() + 0.5
+    oracle = copy.deepcopy(pipe64)
+    oracle.load_lora_weights(dict(source), adapter_name="a")
+    ours = copy.deepcopy(pipe64)
+    runtime = lorahot.inject(ours, TARGETS, max_rank=8, extras=True)
+    weight = {"unet": {"down": 0.0, "mid": 0.3, "up": {"block_1": [2.0, -0.5]}}}
+    runtime.load(source, scale=weight)
+    sample, context = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(1, 5, 32, dtype=torch.float64)
+    for w in (weight, {"unet": {"up": 3.0}}):
+        runtime.set_scale(w)
+        oracle.set_adapters("a", adapter_weights=copy.deepcopy(w))
+        with torch.no_grad():
+            got = ours.unet(sample, 7, encoder_hidden_states=context).sample
+            want = oracle.unet(sample, 7, encoder_hidden_states=context).sample
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=str(w))
