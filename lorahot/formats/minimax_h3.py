@@ -145,6 +145,8 @@ FORMAT = KeyFormat(
     rules=(
         Rule(r"(?P<module>.+)\.(?:lora_A|lora_down)(?:\.default)?\.weight", "A"),
         Rule(r"(?P<module>.+)\.(?:lora_B|lora_up)(?:\.default)?\.weight", "B"),
+        Rule(r"(?P<module>.+)\.lora\.down\.weight", "A"),  # ComfyUI's dotted roles
+        Rule(r"(?P<module>.+)\.lora\.up\.weight", "B"),
         Rule(r"(?P<module>.+)\.alpha", "alpha"),
         *lycoris_rules(r"(?P<module>.+)"),  # LyCORIS as in ComfyUI naming (merged mode)
     ),

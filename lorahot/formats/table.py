@@ -499,12 +499,20 @@ DEFAULT_ADAPTER = r"(?:\.default)?"
 
 
 def lora_rules(module: str = r"(?P<module>.+)") -> tuple[Rule, ...]:
-    """A, B and alpha after ``module`` in either spelling (``lora_A``/``lora_B`` or
-    ``lora_down``/``lora_up``, each also with PEFT's :data:`DEFAULT_ADAPTER` name), as the namings
-    of original model names write them."""
+    """A, B and alpha after ``module`` in any spelling of the roles (``lora_A``/``lora_B`` or
+    ``lora_down``/``lora_up``, each also with PEFT's :data:`DEFAULT_ADAPTER` name, or ComfyUI's
+    dotted ``lora.down``/``lora.up``), as the namings of original model names write them.
+
+    ComfyUI's LoRA loader reads the dotted roles for any model (``<module>.lora.up.weight``, as it
+    reads ``lora_up`` and ``lora_B``), and diffusers' Z-Image conversion reads them in Z-Image's
+    original names (``attention.qkv`` cut into q, k and v, ``attention.out`` onto
+    ``attention.to_out.0``, each module's ``alpha / r`` folded in), so the same file in the
+    original names reads alike in every spelling."""
     return (
         Rule(rf"{module}\.(?:lora_A|lora_down){DEFAULT_ADAPTER}\.weight", "A"),
         Rule(rf"{module}\.(?:lora_B|lora_up){DEFAULT_ADAPTER}\.weight", "B"),
+        Rule(rf"{module}\.lora\.down\.weight", "A"),
+        Rule(rf"{module}\.lora\.up\.weight", "B"),
         Rule(rf"{module}\.alpha", "alpha"),
     )
 

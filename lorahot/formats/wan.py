@@ -141,6 +141,8 @@ FORMAT = KeyFormat(
     rules=(
         Rule(r"(?P<module>.+)\.(?:lora_A|lora_down)(?:\.default)?\.weight", "A"),  # DiffSynth's .default.
         Rule(r"(?P<module>.+)\.(?:lora_B|lora_up)(?:\.default)?\.weight", "B"),
+        Rule(r"(?P<module>.+)\.lora\.down\.weight", "A"),  # ComfyUI's dotted roles
+        Rule(r"(?P<module>.+)\.lora\.up\.weight", "B"),
         Rule(r"(?P<module>.+)\.alpha", "alpha"),
         Rule(r"(?P<module>.+)\.diff", "diff"),
         *lycoris_rules(r"(?P<module>.+)"),  # LyCORIS as in ComfyUI naming (merged mode); .diff_b a LoRA's bias
