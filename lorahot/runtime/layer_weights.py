@@ -143,7 +143,7 @@ def given_of(value: object) -> float | dict[str, object] | tuple[float | dict[st
     if isinstance(value, Mapping) or not is_sequence(value):
         return given_weight(value)
     assert isinstance(value, Sequence)  # for mypy: checked just above
-    items = entries(value, "scale", "a list of weights, one per part")
+    items = entries(value, "scale", "a list of floats, one weight per part")
     return tuple(given_weight(v, f"scale[{i}]") for i, v in enumerate(items))
 
 
@@ -167,7 +167,7 @@ def given_weights(value: object, n: int, holder: str) -> tuple[float | dict[str,
         n,
         "scale",
         given_weight,
-        "a list of weights (numbers or dicts), one per part",
+        "a list of floats, one weight per part",
         ("weight", "weights"),
         holder,
         "pass one weight per part (in the order loaded), or one number for all.",
