@@ -60,7 +60,21 @@ class LoRAEmbedding(LoRALayer):
         """Arena rows ``[R, num]``, ``[R, dim]`` are used as they are."""
         return a_rows, b_rows
 
+    def max_norm_refusal(self) -> UsageError:
+        """The refusal of a call while the base has a ``max_norm`` set after inject (inject refuses
+        one set before): its forward renormalizes the rows each call looks up in place, where
+        PEFT's renormalizes the base's rows and its A's apart. Checked where the delta is
+        computed, inline (the base's own forward reads ``max_norm`` too, so a compiled graph is
+        already guarded on it: the check adds no guard)."""
+        return UsageError(
+            f"{self._describe()}: its nn.Embedding has max_norm={self._base.max_norm}, set after inject; it "
+            "renormalizes the rows each call looks up, in place, which lorahot does not reproduce (inject refuses "
+            "it). Set max_norm back to None, or eject and leave this embedding out of targets."
+        )
+
     def lora_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self._base.max_norm is not None:  # set after inject (see max_norm_refusal)
+            raise self.max_norm_refusal()
         h = F.embedding(x, a.t())  # (..., R)
         delta = torch.matmul((h * scale).to(h.dtype), b)  # (..., dim)
         if self._scaled:  # the base scales its output: the delta of its table is scaled too
@@ -76,6 +90,8 @@ class LoRAEmbedding(LoRALayer):
         (:func:`lorahot.layers.routing.gathers`: packed tokens) or where batched products
         miscompute (:func:`lorahot.layers.routing.batched_products`), one product with every
         slot's B (:func:`lorahot.layers.routing.every_slot_expand`)."""
+        if self._base.max_norm is not None:  # set after inject (see max_norm_refusal)
+            raise self.max_norm_refusal()
         length = index.shape[0]
         ids = x.reshape(length, -1)  # (L, T)
         h = a.transpose(1, 2)[index[:, None], ids]  # (L, T, R)

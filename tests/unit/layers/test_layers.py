@@ -328,6 +328,35 @@ def test_an_embedding_with_max_norm_is_refused(merged: bool) -> None:
     assert type(model[0]) is nn.Embedding
 
 
+@pytest.mark.parametrize("routed", [False, True], ids=["one slot", "routed"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_an_embedding_given_a_max_norm_after_inject_refuses_its_forward(compiled: bool, routed: bool) -> None:
+    """A max_norm set after inject: the base renormalized its looked-up rows and lorahot added
+    its LoRA unrenormalized, where PEFT renormalizes its A's rows as well: another number,
+    silently. Now the forward refuses, eagerly and compiled, one slot and routed; with max_norm
+    back to None it computes the dense reference of the table as the base left it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, dtype=torch.float64))
+    tensors, ab = make_adapter(model, {"0": 2}, dtype=torch.float64)
+    runtime = lorahot.inject(model, ["0"], max_rank=2, slots=2)
+    runtime.load(tensors)
+    runtime.load(tensors, slot=1)
+    if routed:
+        runtime.activate([1, 0])
+    run = torch.compile(model, backend="aot_eager") if compiled else model
+    ids = torch.tensor([[1, 2, 7], [3, 2, 0]])
+    run(ids)  # compiled: a graph for max_norm=None first, as a model serving would have
+    model[0].base_layer.max_norm = 0.5
+    with pytest.raises(
+        lorahot.UsageError, match=r"^0 \(LoRAEmbedding over Embedding .*\): its nn\.Embedding has max_no"
+    ):
+        run(ids)
+    model[0].base_layer.max_norm = None
+    with torch.no_grad():
+        want = reference(model[0].base_layer, ids, *ab["0"], 1.0)
+        torch.testing.assert_close(run(ids), want, rtol=1e-12, atol=1e-12)
+
+
 def _pad_circularly(conv: nn.Module) -> None:
     """What a seamless-tiling pipeline does to each conv of a model: a ``_conv_forward`` of the
     module's own that pads circularly, whatever its ``padding_mode``."""
