@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -916,14 +917,16 @@ class LoRALayer(nn.Module):
 
     def _bias_gradient(self, out: torch.Tensor, f: torch.Tensor, channels: torch.Size) -> torch.Tensor:
         """``out`` (``f * (base(x) + ...) + g``, ``g = (1 - f) * b0`` a constant of the DoRA load)
-        plus ``(1 - f) * (b - b.detach())``, zero in value, where autograd records the base bias
-        ``b``: its gradient is then ``f + (1 - f) = 1`` per channel, as in PEFT's forward, which
-        adds the bias outside the factor, instead of ``f``. ``f`` broadcasts against ``out``, and
-        ``channels`` is the shape one value per output channel takes to broadcast alike
-        (``[out]``, a conv's ``[out, *ones]``). Nothing is added outside autograd or for a layer
-        without a bias: the outputs of inference are untouched."""
+        plus ``(1 - f) * (b - b.detach())``, zero in value, where a derivative may flow from the
+        base bias ``b`` (:func:`_differentiated`: autograd records it, or a forward-mode tangent
+        or a ``torch.func`` transform rides on it): its derivative is then ``f + (1 - f) = 1``
+        per channel, as in PEFT's forward, which adds the bias outside the factor, instead of
+        ``f``. ``f`` broadcasts against ``out``, and ``channels`` is the shape one value per
+        output channel takes to broadcast alike (``[out]``, a conv's ``[out, *ones]``). Nothing is
+        added where no derivative flows or for a layer without a bias: the outputs of inference
+        are untouched."""
         bias = getattr(self._base, "bias", None)
-        if not (isinstance(bias, torch.Tensor) and bias.requires_grad and torch.is_grad_enabled()):
+        if not (isinstance(bias, torch.Tensor) and _differentiated(bias)):
             return out
         return out + (1 - f) * (bias - bias.detach()).reshape(channels)
 
@@ -1235,3 +1238,18 @@ def _moved_arena(fn: Callable[[torch.Tensor], torch.Tensor], root: torch.Tensor)
     if entry is None or entry[0] is not root:
         entry = moved[id(root)] = (root, fn(root))
     return entry[1]
+
+
+def _differentiated(t: torch.Tensor) -> bool:
+    """Whether a derivative may flow from ``t``: autograd records it (grad mode on and ``t``
+    requiring one), it carries a forward-mode tangent (``torch.autograd.forward_ad``, whatever
+    the grad mode), or a ``torch.func`` transform wraps it (``jvp``, ``grad``, ``vmap``: its own
+    wrappers, which :attr:`requires_grad` does not tell apart). A compiled graph is traced with
+    the first test alone."""
+    if t.requires_grad and torch.is_grad_enabled():
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return True
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None

@@ -214,6 +214,83 @@ def test_torch_func_grad_over_the_models_own_parameters_matches_peft(tmp_path: P
     _assert_same(grads(model), grads(peft))
 
 
+def _peft_names(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in params.items()}
+
+
+def _forward_mode(module: nn.Module, how: str, tangents: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``module``'s output and its forward-mode derivative along ``tangents`` (one per base
+    parameter, by its name in the base model), through ``functional_call`` over the module's own
+    parameters: ``torch.func.jvp``, or dual tensors of ``torch.autograd.forward_ad`` with grad
+    mode on or off (forward mode does not need it)."""
+    import torch.autograd.forward_ad as fwad
+
+    params = {k: v.detach() for k, v in module.named_parameters() if "lora_" not in k}
+    along = {k: tangents[n] for k, n in zip(params, _peft_names(params))}
+    inputs = tuple(t.detach() for t in _leaves())
+    if how == "func.jvp":
+        out, tangent = torch.func.jvp(lambda p: torch.func.functional_call(module, p, inputs), (params,), (along,))
+        return out, tangent
+    with torch.set_grad_enabled(how == "forward_ad"), fwad.dual_level():
+        dual = {k: fwad.make_dual(v, along[k]) for k, v in params.items()}
+        found = fwad.unpack_dual(torch.func.functional_call(module, dual, inputs))
+        return found.primal.clone(), found.tangent.clone()
+
+
+@pytest.mark.parametrize("how", ["func.jvp", "forward_ad", "forward_ad under no_grad"])
+def test_forward_mode_derivatives_along_the_base_parameters_match_peft(tmp_path: Path, how: str) -> None:
+    """Forward-mode AD along every base weight and bias of a DoRA model (``torch.func.jvp`` of a
+    ``functional_call``, or ``torch.autograd.forward_ad`` dual tensors, grad mode on or off)
+    gives PEFT's output and derivative. A DoRA layer's base bias enters its output as ``f * b0``
+    plus the constant ``(1 - f) * b0``; the term that gives it PEFT's derivative 1 was added
+    only where autograd records the bias (``requires_grad``), which a tangent on a tensor that
+    requires none is not: the derivative was ``f`` per channel, 1.36 off PEFT's."""
+    base = _base(D)
+    peft = _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    model = copy.deepcopy(base)
+    lorahot.inject(model, TARGETS, max_rank=4, extras=True).load(tmp_path / "dora")
+    g = torch.Generator().manual_seed(7)
+    tangents = {k: torch.randn(p.shape, generator=g, dtype=D) for k, p in base.named_parameters()}
+    got, want = _forward_mode(model, how, tangents), _forward_mode(peft, how, tangents)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_func_transforms_over_the_inputs_match_peft(tmp_path: Path) -> None:
+    """``vmap`` (against a loop too), ``jvp``, ``jacrev``, ``hessian`` and ``vmap`` of ``grad``
+    over the input of a DoRA model, and a forward-mode dual input: PEFT's numbers (the LoRA
+    buffers are constants of every transform)."""
+    import torch.autograd.forward_ad as fwad
+
+    base = _base(D)
+    peft = _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    model = copy.deepcopy(base)
+    lorahot.inject(model, TARGETS, max_rank=4, extras=True).load(tmp_path / "dora")
+    x, img, ids = (t.detach() for t in _leaves())
+    xs, t = torch.stack([x, 2 * x]), torch.ones_like(x)
+
+    def transforms(m: nn.Module) -> list[torch.Tensor]:
+        def f(z: torch.Tensor) -> torch.Tensor:
+            return m(z, img, ids)  # type: ignore[no-any-return]
+
+        with fwad.dual_level():
+            dual = fwad.unpack_dual(f(fwad.make_dual(x, t))).tangent.clone()
+        return [
+            torch.func.vmap(f)(xs),
+            *torch.func.jvp(f, (x,), (t,)),
+            torch.func.jacrev(f)(x),
+            torch.func.hessian(lambda z: f(z).square().sum())(x),
+            torch.func.vmap(torch.func.grad(lambda z: f(z).square().sum()))(xs),
+            dual,
+        ]
+
+    for a, b in zip(transforms(model), transforms(peft), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        torch.func.vmap(lambda z: model(z, img, ids))(xs), torch.stack([model(z, img, ids) for z in xs])
+    )
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("route", [[0, 1, -1, 1], 1], ids=["routed", "whole-batch"])
 def test_activation_checkpointing_gives_the_gradients_of_the_forward_it_recomputes(
