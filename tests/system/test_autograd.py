@@ -384,3 +384,116 @@ def test_a_call_between_a_checkpointed_forward_and_its_backward_is_refused(call:
     switched = call == ("activate(k)" if isinstance(route, list) else "new routing")  # routed <-> whole batch
     with pytest.raises(CheckpointError if switched else lorahot.UsageError, match="checkpoint"):
         loss.backward()
+
+
+class _Checkpointed(nn.Module):
+    """``module`` run through ``torch.utils.checkpoint``, as a model's own forward calls it on each
+    block under gradient checkpointing."""
+
+    def __init__(self, module: nn.Module, reentrant: bool) -> None:
+        super().__init__()
+        self.module, self.reentrant = module, reentrant
+
+    def forward(self, *x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.module, *x, use_reentrant=self.reentrant)  # type: ignore[no-any-return]
+
+
+def _two_slots() -> tuple[nn.Module, lorahot.LoraRuntime, list[dict[str, torch.Tensor]]]:
+    """test_dora_bias's model, unfrozen, with an adapter in each of two slots, and a third adapter."""
+    base = _unfrozen(_base(D))
+    adapters = [make_adapter(base, dict.fromkeys(TARGETS, 2 + k), seed=k, dtype=D)[0] for k in range(3)]
+    model = _unfrozen(copy.deepcopy(base))
+    runtime = lorahot.inject(model, TARGETS, max_rank=4, slots=2)
+    for k in range(2):
+        runtime.load(adapters[k], slot=k, scale=0.5 + k)
+    return model, runtime, adapters
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("route", [[0, 1, -1, 1], 1], ids=["routed", "whole-batch"])
+def test_a_call_between_a_forward_compiled_with_its_checkpoint_and_its_backward_raises_or_changes_nothing(
+    route: list[int] | int, reentrant: bool
+) -> None:
+    """A checkpoint inside the compiled region (``torch.compile`` over a forward that calls
+    ``torch.utils.checkpoint``, reentrant or not): the compiled backward recomputes from the
+    graph's inputs, the arena among them, which it saved, so each call that writes what the
+    forward read (every call of :data:`CALLS`) makes it raise torch's in-place error, and one that
+    writes nothing it read (a new routing after a whole-batch forward) leaves the forward's
+    gradients. With no call in between the gradients are the unchecked forward's (the negative
+    control); the state is loaded again after each call (no recompile)."""
+    model, runtime, adapters = _two_slots()
+    runtime.activate(route)
+    inputs = _leaves()
+    want = _grads([model], inputs, _loss(model(*inputs)))
+    torch._dynamo.reset()
+    compiled = torch.compile(_Checkpointed(model, reentrant), backend="aot_eager")
+    _assert_same(_grads([model], inputs, _loss(compiled(*inputs))), want)
+    for call in CALLS:
+        loss = _loss(compiled(*inputs))
+        CALLS[call](runtime, adapters[2])
+        if call == "new routing" and not isinstance(route, list):
+            _assert_same(_grads([model], inputs, loss), want)
+        else:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+        runtime.load(adapters[1], slot=1, scale=1.5)
+        runtime.activate(route)
+        _assert_same(_grads([model], inputs, _loss(compiled(*inputs))), want)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_a_checkpoint_around_a_compiled_module_gives_the_forward_s_gradients_with_each_backward_before_the_next_call(
+    reentrant: bool,
+) -> None:
+    """A checkpoint around a module compiled on its own (regional compilation: ``torch.compile``
+    on each block, diffusers' ``compile_repeated_blocks``) recomputes in the compiled graph,
+    which reads the slot, routing and scales in force at the backward and cannot count the
+    runtime calls since its forward (README, Execution contexts): with each micro-batch's
+    backward before the next call, routed and whole-batch, the gradients are the unchecked
+    forward's."""
+    model, runtime, _ = _two_slots()
+    steps = [([0, 1, -1, 1], _leaves()), (1, _leaves()), ([1, -1, 0, 0], _leaves())]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    checked = _Checkpointed(compiled, reentrant)
+    for route, inputs in steps:
+        runtime.activate(route)
+        want = _grads([model], inputs, _loss(model(*inputs)))
+        _assert_same(_grads([model], inputs, _loss(checked(*inputs))), want)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_transformers_gradient_checkpointing_refuses_a_call_between_a_forward_and_its_backward(compiled: bool) -> None:
+    """A tiny float64 Llama with ``gradient_checkpointing_enable()`` (non-reentrant, transformers'
+    default) in training mode, eager and under ``torch.compile``: with no call in between, the
+    base parameters' gradients are those without checkpointing; a ``set_scale`` or a new
+    routing between a forward and its backward raises the ``UsageError`` naming a layer."""
+    from tests.helpers import tiny_llama
+
+    base = tiny_llama().double()
+    targets = ["q_proj", "v_proj", "down_proj"]
+    shapes = {n: 2 for n, _ in base.named_modules() if n.rsplit(".", 1)[-1] in targets}
+    model = copy.deepcopy(base).train()
+    runtime = lorahot.inject(model, targets, max_rank=4, slots=2)
+    for k in range(2):
+        runtime.load(make_adapter(base, shapes, seed=k, dtype=D)[0], slot=k, scale=0.5 + k)
+    runtime.activate([0, 1, -1, 1])
+    ids = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(0))
+    params = [p for n, p in model.named_parameters() if "layers.0." in n]
+    want = torch.autograd.grad(model(input_ids=ids).logits.square().sum(), params)
+    model.gradient_checkpointing_enable()
+    torch._dynamo.reset()
+    run = torch.compile(model, backend="aot_eager") if compiled else model
+    got = torch.autograd.grad(run(input_ids=ids).logits.square().sum(), params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    for call in (lambda: runtime.set_scale(2.0, slot=1), lambda: runtime.activate([1, 1, 0, -1])):
+        loss = run(input_ids=ids).logits.square().sum()
+        call()
+        with pytest.raises(lorahot.UsageError, match="recomputes a checkpointed forward"):
+            loss.backward()
+    torch._dynamo.reset()
