@@ -16,6 +16,11 @@ lands on ``norm_out.linear`` with its ``(shift, scale)`` halves swapped
 original names under ``transformer.`` with no block module is read in this naming, as is one of
 SD3's embedders outside the blocks (:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`: ``x_embedder.proj``
 on ``pos_embed.proj``, ``t_embedder.mlp.0`` on ``time_text_embed.timestep_embedder.linear_1``, ...).
+
+The old naming, which reads ComfyUI's dotted ``lora.down`` / ``lora.up`` roles on keys without
+ComfyUI's prefixes, places Lumina2's, Z-Image's and Ideogram 4's original block modules as PEFT
+naming does (``layers.0.attention.qkv`` cut, ``attention.out`` aliased), as diffusers' Z-Image
+loader reads such a file.
 """
 
 from __future__ import annotations
@@ -85,7 +90,14 @@ OLD_FORMAT = KeyFormat(
     roles=("lora.down", "lora.up"),
     # .lora.down is ComfyUI's spelling too: under ComfyUI's prefixes it marks no key of this naming
     marker=r"(^(?!(?:model\.)?diffusion_model\.|text_encoders\.).*\.lora\.(down|up)|_lora\.(down|up)|\.lora_linear_layer\.)",
-    aliases=((r"\.to_q$", ".q_proj"), (r"\.to_k$", ".k_proj"), (r"\.to_v$", ".v_proj"), (r"\.to_out\.0$", ".out_proj")),
+    aliases=(
+        (r"\.to_q$", ".q_proj"),
+        (r"\.to_k$", ".k_proj"),
+        (r"\.to_v$", ".v_proj"),
+        (r"\.to_out\.0$", ".out_proj"),
+        *lumina2.BLOCK_ALIASES,  # ComfyUI's dotted roles on bare Lumina2 / Z-Image / Ideogram 4 names
+    ),
     aliases_claim=False,  # diffusers' own names, which every diffusers and ComfyUI file has
+    splits=lumina2.SPLITS,
     example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight",
 )

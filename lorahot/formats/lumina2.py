@@ -61,7 +61,7 @@ from lorahot.formats.table import (
 )
 from lorahot.formats.table import NAME_START as _START
 
-__all__ = ["FORMAT", "KOHYA", "KOHYA_OUTSIDE", "SPLITS", "OUTSIDE_ALIASES"]
+__all__ = ["FORMAT", "KOHYA", "KOHYA_OUTSIDE", "SPLITS", "OUTSIDE_ALIASES", "BLOCK_ALIASES"]
 
 _BLOCKS = r"(?P<blocks>layers|noise_refiner|context_refiner)\.(?P<n>\d+)"
 
@@ -105,11 +105,21 @@ _OUTSIDE = {
 #: targets of the same keys (``proj_out``, ``time_text_embed.*``) are layers of no Lumina model.
 OUTSIDE_ALIASES: tuple[tuple[str, str], ...] = tuple((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items())
 
+#: the block modules' aliases (Lumina2's, then Z-Image's and Ideogram 4's output projection), which
+#: PEFT naming takes too, exactly, for the same names without a prefix: diffusers' Ideogram 4 loader
+#: reads such files, and its Z-Image loader where they carry ``.alpha``
+BLOCK_ALIASES: tuple[tuple[str, str], ...] = tuple(
+    (rf"{_START}(layers|noise_refiner|context_refiner)\.(\d+)\.{re.escape(k)}$", rf"\1.\2.{v}")
+    for table in (_BLOCK, _ZIMAGE_BLOCK)
+    for k, v in table.items()
+)
+
 _ALIASES: tuple[tuple[str, str], ...] = (
     *OUTSIDE_ALIASES,
+    *BLOCK_ALIASES,
     *(
         (rf"{_START}(layers|noise_refiner|context_refiner)\.(\d+)\.{re.escape(k)}$", rf"\1.\2.{v}")
-        for table in (_BLOCK, _ZIMAGE_BLOCK, _BLOCK_NORMS, _ZIMAGE_NORMS)
+        for table in (_BLOCK_NORMS, _ZIMAGE_NORMS)
         for k, v in table.items()
     ),
     (rf"{_START}(layers|noise_refiner)\.(\d+)\.attention_norm1$", r"\1.\2.norm1.norm"),

@@ -27,7 +27,11 @@ renames (as diffusers' ACE-Step conversion does). The original names of Flux.1, 
 naming, and the final layer's ``adaLN_modulation.1`` lands on ``norm_out.linear`` with its halves
 swapped (:data:`lorahot.formats.flux.FINAL_ADALN`): a file in those names without a prefix and with
 no block module is read in this naming. So are SD3's embedders outside the blocks
-(:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`).
+(:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`), and Lumina2's, Z-Image's and Ideogram 4's original
+block modules (:data:`lorahot.formats.lumina2.BLOCK_ALIASES`, :data:`lorahot.formats.lumina2.SPLITS`:
+``layers.0.attention.qkv`` cut by the rows of the layers each model has, ``attention.out`` /
+``attention.o`` onto its output projection), which the ``lumina2`` naming takes under a prefix only
+and diffusers' Ideogram 4 and Z-Image loaders read without one.
 """
 
 from __future__ import annotations
@@ -72,8 +76,9 @@ FORMAT = KeyFormat(
         *flux.ALIASES,
         *sd3.OUTSIDE_ALIASES,
         *lumina2.OUTSIDE_ALIASES,
+        *lumina2.BLOCK_ALIASES,
     ),
     aliases_exact=True,  # q_proj is every LLM's and text encoder's: only the model's exact path
-    splits=(flux.FINAL_ADALN,),
+    splits=(flux.FINAL_ADALN, *lumina2.SPLITS),
     example="base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
 )
