@@ -30,6 +30,7 @@ __all__ = [
     "ExactNames",
     "match_targets",
     "wrap_modules",
+    "lazy_refusal",
     "refuse_lazy",
     "unwrap_modules",
     "layer_placement",
@@ -510,21 +511,31 @@ def submodule_at(model: nn.Module, name: str) -> nn.Module | None:
     return module
 
 
-def refuse_lazy(name: str, base: nn.Module) -> None:
-    """Refuses target ``name`` while a lazy module in it (itself or one inside) has not been
-    materialized: its weight's shape is unknown, and any use of it raises, until its first call.
-
-    Raises:
-        UsageError: naming the target and the fix.
-    """
+def lazy_refusal(name: str, base: nn.Module) -> str | None:
+    """Why target ``name`` is refused while a lazy module in it (itself or one inside) has not
+    been materialized: its weight's shape is unknown, and any use of it raises, until its first
+    call; None where every parameter and buffer in it is materialized."""
     if any(
         isinstance(p, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
         for p in (*base.parameters(), *base.buffers())
     ):
-        raise UsageError(
+        return (
             f"{name}: {type(base).__name__} has not been materialized yet (its weight's shape is unknown until its "
             "first call); run one forward of the model before inject."
         )
+    return None
+
+
+def refuse_lazy(name: str, base: nn.Module) -> None:
+    """Refuses target ``name`` while a lazy module in it has not been materialized
+    (:func:`lazy_refusal`).
+
+    Raises:
+        UsageError: naming the target and the fix.
+    """
+    refusal = lazy_refusal(name, base)
+    if refusal is not None:
+        raise UsageError(refusal)
 
 
 def wrap_modules(model: nn.Module, names: list[str]) -> dict[str, LoRALayer]:

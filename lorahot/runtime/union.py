@@ -54,7 +54,7 @@ from lorahot.runtime.merge import check_mergeable
 from lorahot.runtime.plan import check_extras, check_module, check_weight_module, layer_refusal
 from lorahot.runtime.sharding import localize
 from lorahot.runtime.stack import SHARED_FIX, part_named, shared_problems
-from lorahot.runtime.targets import ExactNames, beside_layers, fsdp_owners, fsdp_refusal, unwrappable
+from lorahot.runtime.targets import ExactNames, beside_layers, fsdp_owners, fsdp_refusal, lazy_refusal, unwrappable
 
 __all__ = ["TargetPlan", "plan_targets"]
 
@@ -168,7 +168,8 @@ def plan_targets(
             model tells to be one layer or several; without a model, any adapter whose names are
             not the model's module paths (PEFT, diffusers): kohya's underscore names, an original
             model's names (BFL, Wan, ...), which no target ``inject`` matches could be made of;
-            ``denoiser`` without several models, or naming no component.
+            ``denoiser`` without several models, or naming no component; a module of a file on a
+            lazy module not yet materialized, with ``inject``'s reason.
         lorahot.LoraError: what reading an adapter raises (:func:`lorahot.read_adapter`), and
             with a model an :class:`AdapterMismatchError` listing every key that matches no
             layer (or several) and every module whose shapes do not fit its layer; with several
@@ -500,6 +501,7 @@ def _model_ranks(
     unfoldable: list[str] = []  # LoRA modules on layers merged mode cannot fold them into (a grouped conv)
     merged_only = any(a.weights for a in adapters)
     by_layer: dict[str, list[tuple[int, LoraModule | WeightModule]]] = {}  # what each part loads where
+    lazy: dict[str, str] = {}  # targets inject refuses until materialized: their shapes are unknown
     for part, adapter in enumerate(adapters):
         # unknown, ambiguous or unroutable keys raise here
         if components:
@@ -509,7 +511,12 @@ def _model_ranks(
             )
         else:
             lora, weights = resolve_all(adapter, names, skipped, others, heads, weightless, unwrapped)
+        for name in (*lora, *weights):
+            if name not in lazy and (why := lazy_refusal(name, layers[name].base_layer)) is not None:
+                lazy[name] = why
         for name, m in lora.items():
+            if name in lazy:
+                continue
             spec, rank = layers[name].spec, m.rank
             m = pad_embedder_input(name, m, spec, paths.__contains__)  # a Flux.1 LoRA on Fill or a control model
             if spec.shard is not None:  # a tensor-parallel layer: the whole layer's shapes, then its shard's part
@@ -528,6 +535,8 @@ def _model_ranks(
             ranks[name] = combine(ranks.get(name, 0), rank)
             by_layer.setdefault(name, []).append((part, m))
         for name, w in weights.items():
+            if name in lazy:
+                continue
             by_layer.setdefault(name, []).append((part, w))
             problems += [f"{adapter.source}: {p}" for p in check_weight_module(name, w, layers[name].spec)]
             if "diff_b" in w.factors and layers[name].base_bias is None:
@@ -543,6 +552,8 @@ def _model_ranks(
             for b in biased
         ]
         problems += [f"{u}{apart}" for u in unfoldable]
+    if lazy:  # inject's refusal, before any shape is compared with the unknown ones
+        raise UsageError(lines(*lazy.values()) if len(lazy) > 1 else next(iter(lazy.values())))
     shared: list[str] = []
     if stacked:  # several LoRA biases on one layer share it: both modes add them
         shared = shared_problems(by_layer, [part_named(p, a.source) for p, a in enumerate(adapters)])

@@ -611,6 +611,38 @@ def test_a_lazy_module_is_refused_until_materialized(merged: bool) -> None:
     assert list(lorahot.inject(model, ["0"], max_rank=2, merged=merged).layers) == ["0"]
 
 
+@pytest.mark.parametrize("several", [False, True], ids=["model", "components"])
+@pytest.mark.parametrize("kind", ["lora", "diff"])
+def test_plan_targets_refuses_a_lazy_target_with_inject_s_reason(kind: str, several: bool) -> None:
+    """plan_targets compared a file's shapes with a lazy module's unknown ones (a LazyLinear's
+    in_features is 0 until its first call) and refused the LoRA as 'A has shape (2, 5),
+    expected (r, 0)', and a diff (merged mode's) as a weight of another shape, where inject
+    refuses the target as not materialized yet. It now gives inject's refusal; once a
+    call materializes the module, it plans, and the plan injects and loads. A lazy module no
+    key names plans as any other."""
+    g = torch.Generator().manual_seed(0)
+    sd = (
+        {"base_model.model.0.lora_A.weight": torch.randn(2, 5, generator=g), "0.lora_B.weight": torch.randn(4, 2)}
+        if kind == "lora"
+        else {"lora_unet_0.diff": torch.randn(4, 5, generator=g)}
+    )
+    if kind == "lora":
+        sd["base_model.model.0.lora_B.weight"] = sd.pop("0.lora_B.weight")
+    model = nn.Sequential(nn.LazyLinear(4), nn.LazyLinear(3))
+    target: Any = {"unet": model} if several else model
+    where = "unet.0" if several else "0"
+    with pytest.raises(lorahot.UsageError) as planned:
+        lorahot.plan_targets(dict(sd), target)
+    with pytest.raises(lorahot.UsageError) as injected:
+        lorahot.inject(model, ["0"], max_rank=2, merged=kind == "diff")
+    assert str(planned.value) == str(injected.value).replace("0:", f"{where}:", 1), str(planned.value)
+    assert all(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+    model(torch.randn(2, 5))  # both materialized
+    plan = lorahot.plan_targets(dict(sd), target)
+    assert plan.targets == ({"unet": ["0"]} if several else ["0"])
+    lorahot.inject(target, plan.targets, **plan.inject_options()).load(dict(sd))
+
+
 class _BesideLazy(nn.Module):
     """A target beside lazy modules no call has materialized yet (a Linear and a BatchNorm)."""
 
