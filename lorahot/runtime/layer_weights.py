@@ -34,6 +34,8 @@ arena a float64 vector, which each row's scale multiplies (:meth:`lorahot.runtim
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +63,10 @@ __all__ = [
 #: the UNet classes whose block dicts diffusers expands (its ``_SET_ADAPTER_SCALE_FN_MAPPING``)
 UNETS = ("UNet2DConditionModel", "UNetMotionModel")
 _BLOCK_KEYS = ("down", "mid", "up")
+#: entries one weight may hold in all (its dicts' items and lists' numbers): far above any UNet's
+_MOST = 1 << 16
+#: how deep a weight's containers may nest: a component's dict, a UNet's blocks, ``down``/``up``, a block's list
+_DEPTH = 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,30 +116,54 @@ def vector(w: Weight, a: int, n: int) -> np.ndarray:
 
 
 def displayed(w: Weight) -> float | dict[str, object]:
-    """What ``info()`` reports for ``w``: the number, or the dict as given."""
-    return w.given if isinstance(w, LayerWeights) else w
+    """What ``info()`` reports for ``w``: the number, or a copy of the dict as given (the
+    caller may edit what ``info()`` returns; the runtime's own stays as it was set)."""
+    return copy.deepcopy(w.given) if isinstance(w, LayerWeights) else w
 
 
 def given_weight(value: object, name: str = "scale") -> float | dict[str, object]:
     """A weight as given (a finite number, or a dict: component -> number, None or block dict;
     or a block dict), read once into plain data; checked against the runtime by :class:`Resolver`.
 
+    The caller's mappings and lists are read once each, bounded: at most :data:`_MOST` entries
+    in all and containers at most :data:`_DEPTH` deep (a weight nests four: component, block
+    dict, ``down``/``up``, ``block_i``), so a self-containing dict, a lazy endless ``items`` or
+    ``__iter__``, or one that raises is refused, never recursed or iterated without end.
+
     Raises:
         UsageError: a key that is no str, a value that is no finite number (None only as a
-            component's), a list where a number goes.
+            component's), a list where a number goes; a mapping or list that cannot be read,
+            holds too many entries or nests too deep.
     """
     if not isinstance(value, Mapping):
         return multiplier(value, name)
+    return _read_dict(value, name, [_MOST], 0)
+
+
+def _read_dict(value: Mapping[object, object], name: str, budget: list[int], depth: int) -> dict[str, object]:
+    """``value``'s items read once (at most ``budget[0]`` of them, taken from it) as plain data."""
     try:
-        items = list(value.items())
+        items = list(itertools.islice(iter(value.items()), budget[0] + 1))
     except Exception as exc:
         raise UsageError(f"{name}: reading the dict failed ({type(exc).__name__}: {exc}); pass a plain dict.") from None
+    if len(items) > budget[0]:
+        raise UsageError(
+            f"{name}: the weight holds more than {_MOST} entries in all; a dict weight names components and UNet "
+            "blocks. Pass a plain dict."
+        )
+    budget[0] -= len(items)
     out: dict[str, object] = {}
-    for k, v in items:
+    for item in items:
+        try:
+            k, v = item
+        except Exception:
+            raise UsageError(
+                f"{name}: its items() yields {shown(item, 80)}, not a (key, value) pair; pass a plain dict."
+            ) from None
         if type(k) is not str and not isinstance(k, str):
             raise UsageError(f"{name} has the key {shown(k, 80)}, not a str; keys name components or UNet blocks.")
         key = str.__str__(k)
-        out[key] = _plain_entry(v, f"{name}[{key!r}]")
+        out[key] = _plain_entry(v, f"{name}[{key!r}]", budget, depth + 1)
     return out
 
 
@@ -174,13 +204,21 @@ def given_weights(value: object, n: int, holder: str) -> tuple[float | dict[str,
     )
 
 
-def _plain_entry(v: object, name: str) -> object:
+def _plain_entry(v: object, name: str, budget: list[int], depth: int) -> object:
     if v is None:
         return None
+    if isinstance(v, (Mapping, list, tuple)) and depth >= _DEPTH:
+        raise UsageError(
+            f"{name} is a {type(v).__name__} inside {depth} levels of dicts and lists; a weight nests at most "
+            f"{_DEPTH} levels (component -> UNet blocks -> 'down'/'up' -> 'block_i': a list of numbers). Pass a "
+            "number there."
+        )
     if isinstance(v, Mapping):
-        return given_weight(v, name)
+        return _read_dict(v, name, budget, depth)
     if isinstance(v, (list, tuple)):
-        return [_plain_entry(x, f"{name}[{j}]") for j, x in enumerate(v)]
+        values = entries(v, name, "a list of numbers, one weight per attention", most=budget[0])
+        budget[0] -= len(values)
+        return [_plain_entry(x, f"{name}[{j}]", budget, depth + 1) for j, x in enumerate(values)]
     return multiplier(v, name)
 
 

@@ -142,3 +142,95 @@ def test_set_scale_with_a_dict_takes_the_ordinary_path_past_the_cuda_graph_repla
         for c, y in _outs(models).items():
             torch.testing.assert_close(y, want[c], rtol=1e-10, atol=1e-10, msg=f"{weights} {c}")
     assert seen == [(0.5, 2.0), (-1.0, 0.25)]
+
+
+def _state(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (the LoRA buffers too) of every model, copied."""
+    return {
+        f"{c}.{n}": t.detach().clone()
+        for c, m in models.items()
+        for n, t in [*m.named_parameters(), *m.named_buffers()]
+    }
+
+
+def test_info_reads_back_the_dict_given_whatever_the_caller_does_to_an_earlier_info() -> None:
+    """``info()`` hands the caller the dict weight: editing what it returned (or what ``load``
+    returned) leaves the runtime's record as set, and the next ``info()`` reads back the weight
+    in force."""
+    models, runtime = _setup()
+    parts = _parts(models)
+    given = [{"lm": 0.5, "lm2": None}, {"lm2": 2.0}]
+    loaded = runtime.load([s for s, _ in parts], scale=given)
+    loaded.parts[0].scale["lm"] = 9.0  # type: ignore[index]
+    runtime.info().scale[1]["lm2"] = -1.0  # type: ignore[index]
+    assert [p.scale for p in runtime.info().parts] == given
+    runtime.set_scale(given[::-1])
+    runtime.info().parts[1].scale["lm2"] = 7.0  # type: ignore[index]
+    assert runtime.info().scale == tuple(given[::-1])
+    want = _expected(parts, given[::-1])
+    for c, y in _outs(models).items():
+        torch.testing.assert_close(y, want[c], rtol=1e-10, atol=1e-10, msg=c)
+
+
+class _Endless(dict):
+    """A dict whose ``items`` yields distinct keys far past any weight's size."""
+
+    def items(self):  # type: ignore[override]
+        return ((f"k{i}", 1.0) for i in range(10**6))
+
+
+class _Unreadable(list):
+    def __iter__(self):  # type: ignore[override]
+        raise RuntimeError("no entries")
+
+
+class _Lying(list):
+    """A list of len 0 that yields numbers without end (stopped at 10**6 to keep the test finite)."""
+
+    def __iter__(self):  # type: ignore[override]
+        for _ in range(10**6):
+            yield 0.5
+        raise RuntimeError("read past 10**6 entries")
+
+
+def _nested(depth: int) -> dict:
+    out: object = 0.5
+    for _ in range(depth):
+        out = {"lm": out}
+    return out  # type: ignore[return-value]
+
+
+def _self_containing() -> dict:
+    d: dict = {}
+    d["lm"] = d
+    return d
+
+
+#: a dict weight the caller's types make unreadable or endless: (weight, what the refusal says)
+UNREADABLE = {
+    "self-containing": (_self_containing, "levels of dicts and lists"),
+    "nested-5000-deep": (lambda: _nested(5000), "levels of dicts and lists"),
+    "endless-items": (lambda: _Endless(), "more than 65536 entries"),
+    "list-whose-iter-raises": (lambda: {"lm": _Unreadable([1.0])}, r"cannot be read \(_Unreadable raised"),
+    "list-yielding-past-its-len": (lambda: {"lm": _Lying()}, "yields another count"),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_a_dict_weight_that_cannot_be_read_in_bounds_is_refused_with_the_models_unchanged(case: str) -> None:
+    """A self-containing or deeply nested dict (RecursionError), a list whose ``__iter__`` raises,
+    and lazy mappings or lists that yield without end (a hang) are each a UsageError, for
+    ``set_scale`` and ``load``, after a dict weight already in force, every parameter and buffer
+    bitwise unchanged."""
+    make, match = UNREADABLE[case]
+    models, runtime = _setup()
+    parts = _parts(models)
+    runtime.load([s for s, _ in parts], scale=[{"lm": 0.5}, 2.0])
+    before = _state(models)
+    with pytest.raises(lorahot.UsageError, match=match):
+        runtime.set_scale([make(), 1.0])
+    with pytest.raises(lorahot.UsageError, match=match):
+        runtime.load([s for s, _ in parts], scale=[1.0, make()])
+    after = _state(models)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert runtime.info().scale == ({"lm": 0.5}, 2.0)
