@@ -1253,3 +1253,12 @@ def _differentiated(t: torch.Tensor) -> bool:
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return True
     return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None
+
+
+def under_transform() -> bool:
+    """Whether, eagerly, a forward-mode dual level (``torch.autograd.forward_ad``) or a
+    ``torch.func`` transform (``jvp``, ``vmap``, ``grad``, ...) is active: a derivative may then
+    flow through a call whose tensors require no gradient, so the kernels, which have no
+    derivative of their own (a ``jvp`` through one gave a zero tangent), must not take it. Two
+    reads of global state, no per-tensor test."""
+    return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None

@@ -33,6 +33,7 @@ from lorahot.layers.base import (
     dora_needs,
     overrides_forward,
     own_code,
+    under_transform,
     unusual_values,
 )
 from lorahot.layers.probes import forward_mismatch, probe_forward
@@ -696,7 +697,12 @@ def _symbolic_rows(x: torch.Tensor) -> bool:
 
 
 def _needs_grad(x: torch.Tensor, base: nn.Module) -> bool:
-    """Whether autograd must see this call (the fused kernel has no backward)."""
-    return torch.is_grad_enabled() and any(
+    """Whether a derivative must flow through this call (the fused kernels have none): autograd
+    records it, or, eagerly, forward-mode AD or a ``torch.func`` transform is active
+    (:func:`~lorahot.layers.base.under_transform`), where a ``jvp`` through the kernels' operators
+    gave a zero tangent. A compiled graph is traced with the first test alone."""
+    if torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (x, base.weight, base.bias)
-    )
+    ):
+        return True
+    return not torch.compiler.is_compiling() and under_transform()

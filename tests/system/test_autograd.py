@@ -497,3 +497,60 @@ def test_transformers_gradient_checkpointing_refuses_a_call_between_a_forward_an
         with pytest.raises(lorahot.UsageError, match="recomputes a checkpointed forward"):
             loss.backward()
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("route", [0, [0, 1, -1, 1, 1, 0]], ids=["whole-batch", "routed"])
+@pytest.mark.parametrize("how", ["func.jvp", "forward_ad"])
+def test_forward_mode_and_torch_func_take_the_library_formula_not_the_kernels(
+    how: str, route: list[int] | int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused kernels have no derivative and were chosen wherever nothing required a
+    gradient, so a ``torch.func.jvp`` over the input went through them: the routed kernels'
+    operators (their CPU formulas standing in here) gave a zero tangent for what they compute
+    (1.9 and 5.3 off the float64 derivative at 6 and 200 rows of a two-linear model), and on
+    CUDA the kernels themselves would drop a forward-mode tangent too. Under forward-mode AD or
+    a ``torch.func`` transform every layer now takes the library formula: no kernel is called
+    and the tangent is autograd's Jacobian along it; plain inference still takes the kernels
+    (the negative control)."""
+    from lorahot.kernels import lora_linear as fused_kernel
+    from lorahot.kernels import routed_linear, routed_lora
+
+    calls: list[str] = []
+
+    def formula(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, *lora: torch.Tensor) -> torch.Tensor:
+        a, bt, s = lora
+        calls.append("lora_linear")
+        return torch.nn.functional.linear(x, w, bias) + ((x @ a.t()) * s).to(x.dtype) @ bt
+
+    monkeypatch.setattr(fused_kernel, "supports", lambda base, a: True)
+    monkeypatch.setattr(fused_kernel, "lora_linear", formula)
+    monkeypatch.setattr(routed_lora, "available", lambda: True)
+    for module, name in ((routed_linear, "routed_lora_linear"), (routed_lora, "routed_lora")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6)).to(D)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, slots=2)
+    assert model[0]._plan[1]  # fused
+    for k in range(2):
+        runtime.load(make_adapter(base, {"0": 2 + k, "2": 3}, seed=k, dtype=D)[0], slot=k, scale=0.5 + k)
+    runtime.activate(route)
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(6, 8, generator=g, dtype=D), torch.randn(6, 8, generator=g, dtype=D)
+    jacobian = torch.autograd.functional.jacobian(model, x.clone().requires_grad_())
+    want = torch.einsum("abcd,cd->ab", jacobian, t)
+    with torch.no_grad():
+        model(x)
+    assert calls  # the kernels serve plain inference
+    calls.clear()
+    with torch.no_grad():
+        if how == "func.jvp":
+            got = torch.func.jvp(model, (x,), (t,))[1]
+        else:
+            import torch.autograd.forward_ad as fwad
+
+            with fwad.dual_level():
+                got = fwad.unpack_dual(model(fwad.make_dual(x, t))).tangent
+    assert calls == []
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
