@@ -23,7 +23,9 @@ on the copy's node (``node.meta["recompute"]``), and the min-cut partitioner nev
 node so tagged, under any of its options or a memory budget above 0 (at 0 it saves the graph's
 inputs alone, every base weight among them, so a base write before the backward is torch's error
 that a saved tensor was modified). The region adds nothing else to the compiled graphs (the same
-forward and backward operations, no tag that asks for a recompute elsewhere). A graph without
+forward and backward operations, no tag that asks for a recompute elsewhere); torch logs once
+per process that a ``context_fn`` was passed under ``torch.compile`` and that the region must
+hold no in-place op, which the copy does not. A graph without
 gradients (``torch.no_grad``, inference, nothing requiring a gradient) and a layer without extras
 trace nothing here: their graphs are as before. The copy has the shape of the extras (no
 data-dependent size, no host sync), so a CUDA graph captures it.

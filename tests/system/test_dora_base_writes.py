@@ -265,8 +265,9 @@ def test_training_the_base_under_a_dora_adapter_follows_peft_step_by_step(kind: 
 def test_a_pending_backward_computes_with_the_factor_of_its_own_forward() -> None:
     """A forward whose backward has not run, a base write, a second forward (whose check computes
     the factors again): the first backward gives the first forward's gradients, as PEFT's does
-    (its norm is a tensor of that forward), not the new factor's. Under activation checkpointing
-    the recompute reads the base as it is then, as PEFT's does: the input's gradients equal PEFT's."""
+    (its norm is a tensor of that forward), not the new factor's. Under activation checkpointing,
+    reentrant or not, the recompute reads the base as it is then and computes its factors again,
+    as PEFT's does: the input's gradients equal PEFT's."""
     base = _base("linear")
     oracle, tensors = _peft(base, seed=3)
     model, _ = _injected(base, tensors)
@@ -283,14 +284,15 @@ def test_a_pending_backward_computes_with_the_factor_of_its_own_forward() -> Non
     from torch.utils.checkpoint import checkpoint
 
     x.requires_grad_(True)
-    grads = []
-    for m in (model, oracle):
-        x.grad = None
-        out = checkpoint(m, x, use_reentrant=False).square().sum()
-        _mul([m], x)
-        out.backward()
-        grads.append(x.grad.clone())
-    assert _diff(*grads) < 1e-10
+    for reentrant in (False, True):
+        grads = []
+        for m in (model, oracle):
+            x.grad = None
+            out = checkpoint(m, x, use_reentrant=reentrant).square().sum()
+            _mul([m], x)
+            out.backward()
+            grads.append(x.grad.clone())
+        assert _diff(*grads) < 1e-10
 
 
 def test_a_copy_of_the_model_computes_with_its_copied_factors_and_leaves_the_original_alone() -> None:
