@@ -6,8 +6,9 @@ diffusers-named ``Krea2Transformer2DModel``. ``krea2-kohya`` is the kohya spelli
 
 AI-Toolkit's spelling under PEFT's ``base_model.model.`` is not this naming's: such keys are
 PEFT naming (a PEFT adapter of a model whose own modules are ``blocks.N.attn.wq`` loads as PEFT
-with its ``adapter_config.json``), so on a diffusers-named model they are refused, naming the
-keys and the closest layers.
+with its ``adapter_config.json``), which takes this naming's module aliases
+(:data:`MODULE_ALIASES`) exactly, where the file's name is no layer of the model, so on a
+diffusers-named model they land as diffusers' Krea 2 loader lands them.
 
 Every module is an alias, as diffusers' Krea 2 conversion renames it: in a block (``blocks.N``,
 diffusers' ``transformer_blocks.N``, and the text fusion's ``txtfusion.layerwise_blocks.N`` /
@@ -41,7 +42,7 @@ from lorahot.formats.table import (
     lycoris_rules,
 )
 
-__all__ = ["FORMAT", "KOHYA"]
+__all__ = ["FORMAT", "KOHYA", "MODULE_ALIASES"]
 
 _ATTN = {"wq": "to_q", "wk": "to_k", "wv": "to_v", "wo": "to_out.0", "gate": "to_gate"}
 _MLP = ("gate", "up", "down")
@@ -76,7 +77,9 @@ _OUTSIDE_NORMS = {"txtmlp.0": "txt_in.norm", "last.norm": "final_layer.norm"}
 _SCALE = r"(?:\.scale)?$"
 
 
-_ALIASES: tuple[tuple[str, str], ...] = (
+#: the aliases of the LoRA-bearing modules, which PEFT naming takes too, exactly, for AI-Toolkit's
+#: ``base_model.model.`` files (read by diffusers' Krea 2 loader)
+MODULE_ALIASES: tuple[tuple[str, str], ...] = (
     *(
         (rf"{_START}{block}\.attn\.{o}$", rf"{target}.attn.{c}")
         for block, target in _BLOCKS.items()
@@ -84,6 +87,10 @@ _ALIASES: tuple[tuple[str, str], ...] = (
     ),
     *((rf"{_START}{block}\.mlp\.{o}$", rf"{target}.ff.{o}") for block, target in _BLOCKS.items() for o in _MLP),
     *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
+)
+
+_ALIASES: tuple[tuple[str, str], ...] = (
+    *MODULE_ALIASES,
     *(
         (rf"{_START}{block}\.{re.escape(o)}{_SCALE}", rf"{target}.{c}")
         for block, target in _BLOCKS.items()

@@ -31,12 +31,14 @@ no block module is read in this naming. So are SD3's embedders outside the block
 block modules (:data:`lorahot.formats.lumina2.BLOCK_ALIASES`, :data:`lorahot.formats.lumina2.SPLITS`:
 ``layers.0.attention.qkv`` cut by the rows of the layers each model has, ``attention.out`` /
 ``attention.o`` onto its output projection), which the ``lumina2`` naming takes under a prefix only
-and diffusers' Ideogram 4 and Z-Image loaders read without one.
+and diffusers' Ideogram 4 and Z-Image loaders read without one; and Krea 2's
+(:data:`lorahot.formats.krea2.MODULE_ALIASES`), as AI-Toolkit writes them under ``base_model.model.``
+and diffusers' Krea 2 loader reads them.
 """
 
 from __future__ import annotations
 
-from lorahot.formats import flux, lumina2, sd3
+from lorahot.formats import flux, krea2, lumina2, sd3
 from lorahot.formats.table import (
     DEFAULT_ADAPTER,
     EXTRA_RULES,
@@ -77,6 +79,7 @@ FORMAT = KeyFormat(
         *sd3.OUTSIDE_ALIASES,
         *lumina2.OUTSIDE_ALIASES,
         *lumina2.BLOCK_ALIASES,
+        *krea2.MODULE_ALIASES,
     ),
     aliases_exact=True,  # q_proj is every LLM's and text encoder's: only the model's exact path
     splits=(flux.FINAL_ADALN, *lumina2.SPLITS),

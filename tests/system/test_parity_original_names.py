@@ -710,17 +710,22 @@ def test_ltx2_kohya_connector_transformers_land_on_the_pipelines_connectors(per_
     )
 
 
-def test_krea2_under_peft_wrapper_is_peft_naming_and_refused() -> None:
-    """AI-Toolkit's ``base_model.model.`` spelling of Krea 2 names is PEFT naming (a PEFT adapter of
-    a model with such module names loads with its config): on the diffusers-named model its keys
-    match no layer, and the refusal names them."""
+@pytest.mark.parametrize("alpha", [False, True], ids=["no-alpha", "alpha"])
+def test_krea2_under_peft_wrapper_matches_diffusers(alpha: bool) -> None:
+    """AI-Toolkit's ``base_model.model.`` spelling of Krea 2 names is PEFT naming, whose Krea 2
+    aliases (exact: a PEFT adapter of a model whose own modules are ``blocks.N.attn.wq`` keeps
+    them) land every module as diffusers' Krea 2 loader does, which reads these files: each Linear
+    equal to that loader (which refuses a file with ``.alpha``) and to the float64 reference
+    (``alpha / r``). The file was refused before, its keys matching no injected layer."""
     names = _linears(_tiny_krea2())
-    sd = {
-        k.replace("diffusion_model.", "base_model.model.", 1): v
-        for k, v in _file(_tiny_krea2(), names, _krea2_original, alpha=False).items()
-    }
-    with pytest.raises(lorahot.AdapterMismatchError, match=r"blocks\.0\.attn\.wq: matches no injected layer"):
-        _lorahot(_tiny_krea2, sd, names)
+    twin = _file(_tiny_krea2(), names, _krea2_original, alpha=alpha)
+    sd = {k.replace("diffusion_model.", "base_model.model.", 1): v for k, v in twin.items()}
+    ours, fmt = _lorahot(_tiny_krea2, sd, names)
+    assert fmt == "peft"
+    _assert_same(ours, _reference(_tiny_krea2, twin, names, _krea2_original))
+    if not alpha:
+        loader = diffusers.loaders.lora_pipeline.Krea2LoraLoaderMixin
+        _assert_same(ours, _diffusers(_tiny_krea2, loader, sd, names))
 
 
 def _tiny_ideogram4() -> nn.Module:
