@@ -42,7 +42,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -282,8 +282,8 @@ class LoRALayer(nn.Module):
     _input_name: str | None = None
 
     #: What the forward branches on, as one tuple: ``(merged, fused, wide, extras, arena key,
-    #: view geometry, slot views' geometry, wide group, unrouted, input name, shifted A)``, kept equal to those
-    #: attributes by
+    #: view geometry, slot views' geometry, wide group, unrouted, input name, shifted A,
+    #: max_norm)``, kept equal to those attributes by
     #: :meth:`__setattr__`. A compiled model re-checks every attribute its forward reads on each
     #: call, per layer (one guard or more each): read as one constant tuple they cost one check
     #: instead of a dozen. Both geometries and the wide group (see :attr:`_wide_at`) are None
@@ -295,7 +295,13 @@ class LoRALayer(nn.Module):
     #: ``input name``: :attr:`_input_name`, for a call that passes the input by keyword (None in
     #: merged mode, whose forward passes every argument on to the base module as it came).
     #: ``shifted A``: :attr:`_shift_at`, True for a :attr:`regional` layer that has one.
-    _plan: tuple[Any, ...] = (False, False, False, True, -1, (), (), None, False, None, None)
+    #: ``max_norm``: :attr:`checks_max_norm`.
+    _plan: tuple[Any, ...] = (False, False, False, True, -1, (), (), None, False, None, None, False)
+    #: Whether the base's forward may renormalize what it reads in place, by a ``max_norm`` set
+    #: after inject (an ``nn.Embedding``'s): the forward then reads it, which the base's own
+    #: forward reads too (no guard of its own), and refuses a call before anything runs
+    #: (:meth:`refuse_call`). A class constant: a layer of another kind reads nothing.
+    checks_max_norm: ClassVar[bool] = False
     #: For a wide layer whose buffer is one of a group's, back to back in one allocation
     #: (:mod:`lorahot.kernels.wide_groups`): ``(handle key, (size, stride, offset), outs)``, the
     #: geometry of its buffer in the allocation, as the compiled graph reads it, and every
@@ -388,7 +394,8 @@ class LoRALayer(nn.Module):
                 True if self.regional and shift_at is not None else shift_at,
             )
             if self.merged:  # the forward reads nothing else: the smallest constant to compare
-                plan = (True, False, False, False, -1, (), (), None, False, None, None)
+                self.checks_max_norm,
+                plan = (True, False, False, False, -1, (), (), None, False, None, None, self.checks_max_norm)
             object.__setattr__(self, "_plan", plan)
 
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -807,7 +814,9 @@ class LoRALayer(nn.Module):
         whatever other arguments it takes."""
         # Every attribute read here is re-checked by a compiled model's guards on each call, per
         # layer: keep them few (see lorahot.layers.tensor_handles).
-        merged, fused, wide, extras, key, geometry, slot_geometry, _, unrouted, name, shift_at = self._plan
+        merged, fused, wide, extras, key, geometry, slot_geometry, _, unrouted, name, shift_at, checked = self._plan
+        if checked and self._base.max_norm is not None:  # before the base renormalizes anything in place
+            self.refuse_call()
         if merged:
             if len(args) + len(kwargs) > 1:  # static for a compiled graph: checked once, when traced
                 self.refuse_merged_arguments(args, kwargs)
@@ -885,6 +894,11 @@ class LoRALayer(nn.Module):
             "output. Call it with its input alone, or inject without merged=True (the LoRA is then added to what "
             "it returns, as PEFT's unmerged forward adds it)."
         )
+
+    def refuse_call(self) -> None:
+        """Raises, before a call computes or writes anything, for a layer whose base has a
+        ``max_norm`` set after inject (:attr:`checks_max_norm`); the forward calls it only then."""
+        raise AssertionError(f"{type(self).__name__} has no max_norm to refuse")  # pragma: no cover
 
     def refuse_keyword_call(self, kwargs: dict[str, Any]) -> None:
         """Raises for a call that passes no input positionally and does not name it as the base

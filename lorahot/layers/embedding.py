@@ -60,6 +60,19 @@ class LoRAEmbedding(LoRALayer):
         """Arena rows ``[R, num]``, ``[R, dim]`` are used as they are."""
         return a_rows, b_rows
 
+    #: the forward refuses a call while the base has a ``max_norm`` set after inject (:meth:`refuse_call`)
+    checks_max_norm = True
+
+    def refuse_call(self) -> None:
+        """Refuses a call, before anything runs, while the base has a ``max_norm`` set after
+        inject (the forward calls it only then): the base's forward would renormalize the
+        looked-up rows of its table in place first, the folded LoRA's too in merged mode.
+
+        Raises:
+            UsageError: :meth:`max_norm_refusal`.
+        """
+        raise self.max_norm_refusal()
+
     def max_norm_refusal(self) -> UsageError:
         """The refusal of a call while the base has a ``max_norm`` set after inject (inject refuses
         one set before): its forward renormalizes the rows each call looks up in place, where

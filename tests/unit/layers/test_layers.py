@@ -7,6 +7,8 @@ input batch and adapters, injects lorahot into a one-module holder and checks th
 
 from __future__ import annotations
 
+import copy
+import re
 import types
 from dataclasses import dataclass
 
@@ -19,6 +21,7 @@ from torch import nn
 from torch.testing._internal.two_tensor import TwoTensor
 
 import lorahot
+from lorahot.layers.embedding import LoRAEmbedding
 from lorahot.layers.linear import computes_as_stored
 from tests.helpers import Conv1D, ScaledProj, make_adapter, reference
 
@@ -245,18 +248,18 @@ def test_forward_plan_follows_every_flag_it_gathers(monkeypatch: pytest.MonkeyPa
     for layer in layers:
         assert layer.wide
         geometries = (layer._key, layer._geometry, layer._slot_geometry, layer._wide_at)
-        assert layer._plan == (False, layer.fused, True, True, *geometries, False, "input", None)
+        assert layer._plan == (False, layer.fused, True, True, *geometries, False, "input", None, False)
         assert layer._wide_at is not None  # neighbours under one parent, one input width: one wide group
     lorahot.eject(model)
     assert all(layer._plan[2] is False and layer._plan[7] is None for layer in layers)  # unwidened
     merged = nn.Sequential(nn.Linear(8, 8))
     lorahot.inject(merged, ["0"], max_rank=4, merged=True)
-    assert merged[0]._plan == (True, False, False, False, -1, (), (), None, False, None, None)
+    assert merged[0]._plan == (True, False, False, False, -1, (), (), None, False, None, None, False)
     plain = nn.Sequential(nn.Linear(8, 8))
     lorahot.inject(plain, ["0"], max_rank=4, fused=False)
     layer = plain[0]
     plan = (False, False, False, False, layer._key, layer._geometry, layer._slot_geometry, None, False, "input", None)
-    assert layer._plan == plan
+    assert layer._plan == (*plan, False)
     layer.wide = True  # any later change of a gathered flag reaches the plan
     assert layer._plan[2] is True
     moved = (((1, 4, 8), (32, 8, 1), 0),) * 4
@@ -265,6 +268,10 @@ def test_forward_plan_follows_every_flag_it_gathers(monkeypatch: pytest.MonkeyPa
     experts = nn.ModuleDict({"experts": nn.ModuleList([nn.Linear(8, 8)])})
     lorahot.inject(experts, ["experts.0"], max_rank=4)
     assert experts.experts[0]._plan[8] is True  # a mixture-of-experts block's expert
+    for is_merged in (False, True):  # an embedding reads its max_norm (checks_max_norm), merged or not
+        table = nn.Sequential(nn.Embedding(6, 4))
+        lorahot.inject(table, ["0"], max_rank=2, merged=is_merged)
+        assert table[0]._plan[11] is True
 
 
 def _autocast_pair(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
@@ -355,6 +362,66 @@ def test_an_embedding_given_a_max_norm_after_inject_refuses_its_forward(compiled
     with torch.no_grad():
         want = reference(model[0].base_layer, ids, *ab["0"], 1.0)
         torch.testing.assert_close(run(ids), want, rtol=1e-12, atol=1e-12)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a
+    )
+
+
+def _guards(guards: object) -> list[tuple[str, str]]:
+    """Each guard's source and kind, numbers dropped (dynamo's count of globals dicts, the arena keys)."""
+    return sorted((re.sub(r"\d+", "#", g.name), g.create_fn_name()) for g in guards)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_an_embedding_given_a_max_norm_after_inject_refuses_its_forward_before_writing(
+    compiled: bool, merged: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A max_norm set after inject: merged, the forward renormalized the looked-up rows of the
+    table, the folded LoRA in them, in place in that very call (only the next runtime call
+    refused the changed weight); unmerged, the base renormalized them before the delta refused.
+    Now the call refuses before anything runs, eagerly and compiled: every parameter and buffer
+    bitwise as before, and with max_norm back to None the next call and a runtime call compute
+    the float64 reference. The check adds no guard (torch._dynamo.explain)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, dtype=torch.float64))
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)  # rows well over the max_norm below
+    base = model[0].weight.detach().clone()
+    tensors, ab = make_adapter(model, {"0": 2}, dtype=torch.float64)
+    plain = copy.deepcopy(model)
+    runtime = lorahot.inject(model, ["0"], max_rank=2, merged=merged)
+    runtime.load(tensors)
+    ids = torch.tensor([[1, 2, 7], [3, 2, 0]])
+    with monkeypatch.context() as unchecked:  # the same layer without the check
+        unchecked.setattr(LoRAEmbedding, "checks_max_norm", False)
+        lorahot.inject(plain, ["0"], max_rank=2, merged=merged).load(tensors, scale=0.5)
+    guards = _guards(torch._dynamo.explain(plain)(ids).out_guards)
+    torch._dynamo.reset()
+    run = torch.compile(model, backend="aot_eager") if compiled else model
+    run(ids)  # compiled: a graph for max_norm=None first, as a model serving would have
+    before = _state(model)
+    model[0].base_layer.max_norm = 0.5
+    with pytest.raises(
+        lorahot.UsageError, match=r"^0 \(LoRAEmbedding over Embedding .*\): its nn\.Embedding has max_no"
+    ):
+        run(ids)
+    assert _bitwise_equal(before, _state(model))
+    model[0].base_layer.max_norm = None
+    runtime.set_scale(0.5)
+    a, b = ab["0"]
+    with torch.no_grad():
+        want = F.embedding(ids, base) + 0.5 * F.embedding(ids, a.t()) @ b.t()
+        torch.testing.assert_close(run(ids), want, rtol=1e-12, atol=1e-12)
+    torch._dynamo.reset()
+    assert _guards(torch._dynamo.explain(model)(ids).out_guards) == guards
 
 
 def _pad_circularly(conv: nn.Module) -> None:
