@@ -392,9 +392,9 @@ class LoRALayer(nn.Module):
                 unrouted,
                 seen.get("_input_name"),
                 True if self.regional and shift_at is not None else shift_at,
+                self.checks_max_norm,
             )
             if self.merged:  # the forward reads nothing else: the smallest constant to compare
-                self.checks_max_norm,
                 plan = (True, False, False, False, -1, (), (), None, False, None, None, self.checks_max_norm)
             object.__setattr__(self, "_plan", plan)
 
