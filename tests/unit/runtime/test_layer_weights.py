@@ -234,3 +234,31 @@ def test_a_dict_weight_that_cannot_be_read_in_bounds_is_refused_with_the_models_
     after = _state(models)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert runtime.info().scale == ({"lm": 0.5}, 2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merged_weights_after_dicts_numbers_and_swaps_are_a_fresh_merge_bitwise(dtype: torch.dtype) -> None:
+    """Merged mode re-folds from the base, never from the last fold: after dict and number
+    weights in turn, ``slot=`` re-weightings and activations there and back, every merged weight
+    is bitwise what a fresh runtime loading the last weights folds."""
+    models = {c: tiny_lm(seed=i, dtype=dtype) for i, c in enumerate(COMPONENTS)}
+    runtime = lorahot.inject(models, TARGETS, max_rank=8, merged=True, slots=2)
+    sources = [s for s, _ in _parts(models, dtype=dtype)]
+    last = [{"lm": -0.75, "lm2": None}, {"lm2": 2.5}]
+    runtime.load(sources, scale=[{"lm": 3.0}, 0.5])
+    runtime.load(sources[0], slot=1, scale={"lm2": -2.0})
+    for weights in ([0.3, {"lm": 0.0}], [{"lm2": 1.7}, -1.25], last, [2.0, 2.0], last):
+        runtime.set_scale(weights)
+        runtime.set_scale({"lm": 0.6}, slot=1)
+        runtime.activate(1)
+        runtime.activate(0)
+    fresh = {c: tiny_lm(seed=i, dtype=dtype) for i, c in enumerate(COMPONENTS)}
+    lorahot.inject(fresh, TARGETS, max_rank=8, merged=True).load(sources, scale=last)
+    want = {f"{c}.{n}": p for c, m in fresh.items() for n, p in m.named_parameters()}
+    got = {f"{c}.{n}": p for c, m in models.items() for n, p in m.named_parameters()}
+    assert want.keys() == got.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    base = {c: tiny_lm(seed=i, dtype=dtype) for i, c in enumerate(COMPONENTS)}
+    lorahot.inject(base, TARGETS, max_rank=8, merged=True)  # nothing loaded: the base weights, named as merged
+    # the five layers the parts have modules on (lm: q0, v1, up0; lm2: q0, v1) hold their folds
+    assert sum(not torch.equal(got[f"{c}.{n}"], p) for c, m in base.items() for n, p in m.named_parameters()) == 5
