@@ -1425,6 +1425,12 @@ def scenario_one_rank(mesh: object, folder: Path, check: Checks) -> None:
         ("a routing of another length on rank 1", lorahot.UsageError, lambda: rig.rt.activate(mine([0, 1, 0], [0, 1]))),
         ("set_scale of another length on rank 1", lorahot.UsageError, lambda: rig.rt.set_scale(mine(1.0, [1.0, 2.0]))),
         ("set_scale NaN on rank 1", lorahot.UsageError, lambda: rig.rt.set_scale(mine(1.0, float("nan")))),
+        ("set_scale a dict on rank 1", lorahot.UsageError, lambda: rig.rt.set_scale(mine(1.0, {"lm": 0.5}))),
+        (
+            "load at a dict on rank 1",
+            lorahot.UsageError,
+            lambda: rig.rt.load(path("a"), scale=mine(1.0, {"down": 0.0})),
+        ),
         ("unload out of range on rank 1", lorahot.UsageError, lambda: rig.rt.unload(mine(0, 9))),
     ]
     for name, kind, call in cases:

@@ -567,6 +567,8 @@ ONE_RANK = [
         "a routing of another length on rank 1",
         "set_scale of another length on rank 1",
         "set_scale NaN on rank 1",
+        "set_scale a dict on rank 1",
+        "load at a dict on rank 1",
         "unload out of range on rank 1",
     )
     for check in (what, f"unchanged after {what}")
