@@ -58,6 +58,7 @@ from lorahot.layers.base_guards import (
     _WRAPPERS,
     _add_base_prefix,
     _BaseLoadHook,
+    _dora_values_refusal,
     _drop_base_prefix,
     _put_plain_tensor,
     _refuse_accelerate_hook,
@@ -65,6 +66,7 @@ from lorahot.layers.base_guards import (
     _report_base_keys,
     is_dtensor,
     refuse_assigned_load_under,
+    unwrapped,
 )  # pickles of injected models name _BaseLoadHook and the three state-dict hooks here, where they lived
 from lorahot.layers.probes import forward_mismatch, kept_parametrizations, mismatch, probe_forward
 from lorahot.layers.recording import _exporting, _recorded
@@ -684,6 +686,7 @@ class LoRALayer(nn.Module):
         that computes its weight at each call (a parametrization, which reading the weight would
         run) is left to the runtime, whose next call refuses it."""
         if torch._C._functorch.peek_interpreter_stack() is not None:
+            self._refuse_transformed_base()
             return
         if "parametrizations" not in self._base._modules and self.dora_versions() == self._dora_seen:
             return
@@ -695,6 +698,26 @@ class LoRALayer(nn.Module):
             object.__setattr__(self, "_dora_seen", None)
             return
         moved(self)
+
+    def _refuse_transformed_base(self) -> None:
+        """Under a ``torch.func`` transform, where the factors cannot be computed again: refuses a
+        base weight or bias that is not the memory they were computed from, as the transform's
+        wrappers hold it (``vmap`` over stacked parameters through ``functional_call``, whose
+        batch of weights would each need factors of its own: 1.32 off PEFT's output, silently).
+        The model's own parameters, wrapped by ``grad`` or ``jvp`` or passed unbatched, pass.
+
+        Raises:
+            UsageError: naming the layer and the parameter, before this layer computes.
+        """
+        seen = self._dora_seen
+        if seen is None:
+            return
+        for name, tensor, stamped in (("weight", self.base_weight, seen[0]), ("bias", self.base_bias, seen[1])):
+            inner = unwrapped(tensor)
+            if inner is tensor or not isinstance(tensor, torch.Tensor):
+                continue
+            if inner.shape != tensor.shape or stamp(inner) != stamped:
+                raise UsageError(_dora_values_refusal(self, name))
 
     def _traced_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live views as ``torch.jit.trace`` must see them: rebuilt from the arena tensors

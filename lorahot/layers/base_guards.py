@@ -32,7 +32,7 @@ from lorahot.errors import UsageError
 if TYPE_CHECKING:
     from lorahot.layers.base import LoRALayer
 
-__all__ = ["is_dtensor", "refuse_assigned_load_under"]
+__all__ = ["is_dtensor", "refuse_assigned_load_under", "unwrapped"]
 
 
 def _drop_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -241,9 +241,20 @@ def _computed_from(layer: LoRALayer, name: str, new: Any) -> bool:
     now = layer.base_layer._parameters.get(name)
     if new is now:
         return True
+    # under a torch.func transform, either may be its wrapper: the memory it holds (vmap's has the batch)
+    new, now = unwrapped(new), unwrapped(now)
     if name == "weight" and layer.is_wide_block(new):
         return True
     return isinstance(now, torch.Tensor) and isinstance(new, torch.Tensor) and _same_memory(new, now)
+
+
+def unwrapped(t: Any) -> Any:
+    """``t`` without the wrappers of the ``torch.func`` transforms it passes through (``grad``'s,
+    ``jvp``'s, ``vmap``'s, nested): the tensor that holds its memory, a ``vmap`` batch's with the
+    batch dimension; anything else as it is."""
+    while isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -326,6 +326,50 @@ def test_functional_call_with_other_base_values_for_a_dora_layer_is_refused(tmp_
         _close(torch.func.functional_call(model, other, inputs), want)
 
 
+@pytest.mark.parametrize("keys", ["parameters", "state dict"])
+def test_vmap_over_stacked_base_parameters_of_a_dora_layer_is_refused(tmp_path: Path, keys: str) -> None:
+    """``torch.func.vmap`` of a ``functional_call`` over stacked copies of the base parameters
+    (model ensembling, ``torch.func.stack_module_state``): each member's DoRA factor would be the
+    norm of its own weight, which lorahot cannot compute under the transform, and the forward
+    computed every member with the model's factors, silently (1.32 off PEFT's vmapped output with
+    one member's weights times 1.5). Refused with the functional_call refusal naming the layer,
+    whichever keys name the parameters (the wrapped layers' ``base_layer`` ones bypass the
+    wrapper), every parameter and the output bitwise as before; a plain LoRA model vmapped the
+    same way gives PEFT's output, and ``vmap`` over the input alone still runs."""
+    base, inputs = _base(torch.float64), _inputs(torch.float64)
+    peft = _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    plain = _peft(base, tmp_path / "plain", 2, TARGETS)
+    models = []
+    for source in ("dora", "plain"):
+        model = copy.deepcopy(base)
+        lorahot.inject(model, TARGETS, max_rank=4, extras=True).load(tmp_path / source)
+        models.append(model)
+
+    def stacked(module: nn.Module) -> dict[str, torch.Tensor]:
+        own = dict(module.named_parameters()) if keys == "parameters" else module.state_dict()
+        return {k: torch.stack([v.detach(), 1.5 * v.detach()]) for k, v in own.items() if "lora_" not in k}
+
+    def ensemble(module: nn.Module, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.vmap(lambda p: torch.func.functional_call(module, p, inputs))(params)
+
+    dora, lora = models
+    params = {k: (v, v.detach().clone()) for k, v in dora.state_dict(keep_vars=True).items()}
+    with torch.no_grad():
+        before = dora(*inputs)
+        with pytest.raises(lorahot.UsageError, match=r"^q: torch.func.functional_call .*'s weight .*DoRA"):
+            ensemble(dora, stacked(dora))
+        assert torch.equal(dora(*inputs), before)
+        for k, (tensor, values) in params.items():
+            now = dora.state_dict(keep_vars=True)[k]
+            assert now is tensor and torch.equal(now, values), k
+        peft_params = {
+            k: torch.stack([v.detach(), 1.5 * v.detach()]) for k, v in plain.named_parameters() if "lora_" not in k
+        }
+        _close(ensemble(lora, stacked(lora)), ensemble(plain, peft_params))
+        x = torch.stack([inputs[0], 2 * inputs[0]])
+        _close(torch.func.vmap(lambda z: dora(z, *inputs[1:]))(x), torch.func.vmap(lambda z: peft(z, *inputs[1:]))(x))
+
+
 def test_plain_lora_after_dora_is_bitwise_a_fresh_load(tmp_path: Path) -> None:
     base, inputs = _base(), _inputs()
     _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
