@@ -684,7 +684,10 @@ class LoRALayer(nn.Module):
         run it), nor under a ``torch.func`` transform (``grad``, ``vmap``: the weights it passes
         are its own wrappers, holding no memory, and the factors are no function of theirs). A base
         that computes its weight at each call (a parametrization, which reading the weight would
-        run) is left to the runtime, whose next call refuses it."""
+        run) is left to the runtime, whose next call refuses it. A plain tensor in other memory
+        in place of the base's parameter is one call's value (``torch.func.functional_call`` over
+        the ``base_layer`` keys): refused as the wrapper refuses it (:meth:`_refuse_call_values`),
+        where computing its factors would leave them in the arena for a compiled forward."""
         if torch._C._functorch.peek_interpreter_stack() is not None:
             self._refuse_transformed_base()
             return
@@ -692,12 +695,34 @@ class LoRALayer(nn.Module):
             return
         if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
             return
+        self._refuse_call_values()
         state = self.state
         moved = None if state is None else state.base_moved
         if moved is None:  # a copy of the model (no runtime): nothing can compute its factors
             object.__setattr__(self, "_dora_seen", None)
             return
         moved(self)
+
+    def _refuse_call_values(self) -> None:
+        """Refuses a base weight or bias that is a plain tensor (not a parameter) in other memory
+        than the one the factors were computed from: what ``torch.func.functional_call`` (and
+        ``nn.utils.stateless``) put in the base layer's ``_parameters`` for one call when the keys
+        name it (``q.base_layer.weight``), past the wrapper's own check. Computing the factors
+        of that call's values gave PEFT's output but left them in the arena after the call, where
+        a compiled forward read them (1.19 off its output before the call), silently. A write in
+        place, ``weight.data = new`` or a new parameter keeps a parameter there, and is followed.
+
+        Raises:
+            UsageError: naming the layer and the parameter, before anything is computed.
+        """
+        seen = self._dora_seen
+        if seen is None:
+            return
+        for name, stamped in (("weight", seen[0]), ("bias", seen[1])):
+            value = self._base._parameters.get(name)
+            plain = isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+            if plain and (stamped is None or value.data_ptr() != stamped[1]):
+                raise UsageError(_dora_values_refusal(self, name))
 
     def _refuse_transformed_base(self) -> None:
         """Under a ``torch.func`` transform, where the factors cannot be computed again: refuses a

@@ -326,6 +326,34 @@ def test_functional_call_with_other_base_values_for_a_dora_layer_is_refused(tmp_
         _close(torch.func.functional_call(model, other, inputs), want)
 
 
+def test_functional_call_with_other_values_under_the_base_layer_keys_of_a_dora_layer_is_refused(tmp_path: Path) -> None:
+    """``functional_call`` naming the base parameters by the wrapped layers' own keys
+    (``q.base_layer.weight``, as ``named_parameters()`` gives them) puts the values past the
+    wrapper's check; the forward's base check then computed the factors of that call's weight
+    into the arena (PEFT's output for the call) and left them there, so a compiled forward run
+    next computed with them (1.19 off its output before the call), silently. Refused as the
+    wrapper refuses it: every parameter and buffer, the eager and the compiled output bitwise as
+    before; the model's own parameters under those keys compute PEFT's output."""
+    base, inputs = _base(torch.float64), _inputs(torch.float64)
+    peft = _peft(base, tmp_path / "dora", 1, TARGETS, use_dora=True)
+    model = copy.deepcopy(base)
+    lorahot.inject(model, TARGETS, max_rank=4, extras=True).load(tmp_path / "dora")
+    own = {k: v.detach() for k, v in model.named_parameters() if "lora_" not in k}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        before, compiled_before = model(*inputs), compiled(*inputs)
+        state = {k: (v, v.detach().clone()) for k, v in [*model.named_parameters(), *model.named_buffers()]}
+        with pytest.raises(lorahot.UsageError, match=r"^q: torch.func.functional_call .*'s weight .*DoRA"):
+            torch.func.functional_call(model, {k: 1.5 * v for k, v in own.items()}, inputs)
+        for k, (tensor, values) in state.items():
+            now = dict([*model.named_parameters(), *model.named_buffers()])[k]
+            assert now is tensor and torch.equal(now, values), k
+        assert torch.equal(compiled(*inputs), compiled_before) and torch.equal(model(*inputs), before)
+        _close(torch.func.functional_call(model, own, inputs), peft(*inputs))
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("keys", ["parameters", "state dict"])
 def test_vmap_over_stacked_base_parameters_of_a_dora_layer_is_refused(tmp_path: Path, keys: str) -> None:
     """``torch.func.vmap`` of a ``functional_call`` over stacked copies of the base parameters
