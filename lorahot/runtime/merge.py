@@ -66,7 +66,7 @@ from lorahot.runtime.layer_weights import Weight, weight_in
 from lorahot.runtime.stack import Stack
 from lorahot.runtime.written_probes import Signature, WrittenProbes, positions, signature, sums, words
 
-__all__ = ["Merger", "check_mergeable", "check_untied", "hooked", "writing", "record", "replaced"]
+__all__ = ["Merger", "check_mergeable", "check_untied", "dense", "hooked", "writing", "record", "replaced"]
 
 
 def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> None:
@@ -81,11 +81,31 @@ def check_mergeable(name: str, layer: LoRALayer, dtype: torch.dtype | None) -> N
     weight = layer.base_weight
     if dtype is not None and dtype != weight.dtype:
         raise UsageError(f"merged mode computes in the base weights' dtype ({weight.dtype}); drop dtype={dtype}.")
-    if not weight.is_contiguous():
+    if not weight.is_meta and not dense(weight):
         raise UsageError(
-            f"{name}: merged mode rewrites the weight in place and needs it contiguous; its strides are "
-            f"{weight.stride()} for shape {tuple(weight.shape)}. Make it contiguous before inject, or drop merged=True."
+            f"{name}: merged mode rewrites the weight in place and needs its elements dense in memory, each once "
+            f"(contiguous, channels_last or any other order of its dimensions); its strides are {weight.stride()} "
+            f"for shape {tuple(weight.shape)} (a strided slice of a larger tensor, or overlapping elements). Give the "
+            "module a weight of its own (module.weight = nn.Parameter(module.weight.detach().contiguous())) before "
+            "inject, or drop merged=True."
         )
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill a span of its memory exactly once: its strides are those of
+    a contiguous tensor of its dimensions in some order (contiguous, ``channels_last``,
+    ``channels_last_3d``, a transpose), dimensions of size 1 left out. Merged mode writes such a
+    weight in place in its own layout (its strides never change: a compiled model keeps reading
+    it), where a strided slice of a larger tensor or overlapping strides are refused."""
+    if t.numel() <= 1:
+        return True
+    dims = sorted(((int(st), int(n)) for st, n in zip(t.stride(), t.shape, strict=True) if n != 1), reverse=True)
+    expected = 1
+    for stride, size in reversed(dims):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _stored_refusal(name: str, base: nn.Module) -> str | None:

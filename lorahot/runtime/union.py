@@ -185,7 +185,7 @@ def plan_targets(
             DoRA magnitude or LoRA bias the layer refuses (:func:`~lorahot.runtime.plan.layer_refusal`,
             :func:`~lorahot.runtime.plan.check_extras`), with ``load``'s reason; where the plan needs
             merged mode, for a target ``inject(..., merged=True)`` refuses (a weight tied to another
-            module's, one not contiguous, ...), with ``inject``'s reason.
+            module's, one not dense in memory, ...), with ``inject``'s reason.
     """
     items = _source_list(sources)
     if not isinstance(stacked, bool):

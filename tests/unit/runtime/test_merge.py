@@ -1097,6 +1097,238 @@ def test_a_merged_conv_moved_to_channels_last_keeps_merging() -> None:
     assert torch.equal(model[0].weight, base[0].weight) and torch.equal(model[0].bias, base[0].bias)
 
 
+# -- dense layouts other than contiguous -----------------------------------------------------------
+
+
+def _laid_out(layout: str, dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    """One target (``0``) whose weight is dense but not contiguous: a conv in ``channels_last``
+    (``channels_last_3d``), a Linear whose weight is stored transposed; ``contiguous`` for
+    comparison."""
+    torch.manual_seed(0)
+    if layout == "conv3d channels_last_3d":
+        return nn.Sequential(nn.Conv3d(3, 4, 2, dtype=dtype)).to(memory_format=torch.channels_last_3d)
+    if layout == "linear transposed":
+        model = nn.Sequential(nn.Linear(6, 5, dtype=dtype))
+        model[0].weight = nn.Parameter(model[0].weight.detach().t().contiguous().t())
+        return model
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, dtype=dtype))
+    return model.to(memory_format=torch.channels_last) if layout == "conv2d channels_last" else model
+
+
+def _input(model: nn.Module, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A batch for :func:`_laid_out`'s model, in the layout of its weight."""
+    torch.manual_seed(1)
+    weight = model[0].weight
+    if weight.dim() == 2:
+        return torch.randn(3, weight.shape[1], dtype=dtype)
+    x = torch.randn(2, weight.shape[1], *([5] * (weight.dim() - 2)), dtype=dtype)
+    fmt = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+    return x.to(memory_format=fmt) if weight.is_contiguous(memory_format=fmt) and not weight.is_contiguous() else x
+
+
+def _dense_reference(model: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The base module's computation with ``weight`` in its place, in float64."""
+    base = model[0].base_layer if isinstance(model[0], lorahot.LoRALayer) else model[0]
+    bias = base.bias.detach().double()
+    if weight.dim() == 2:
+        return F.linear(x.double(), weight.double(), bias)
+    conv = F.conv2d if weight.dim() == 4 else F.conv3d
+    return conv(x.double(), weight.double(), bias, padding=base.padding)
+
+
+def _bits(model: nn.Module) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+    """Every parameter and buffer's bytes (in its logical order) and strides."""
+    return {
+        k: (v.detach().contiguous().reshape(-1).view(torch.uint8), v.stride())
+        for k, v in model.state_dict(keep_vars=True).items()
+    }
+
+
+def _same_bits(
+    a: dict[str, tuple[torch.Tensor, tuple[int, ...]]], b: dict[str, tuple[torch.Tensor, tuple[int, ...]]]
+) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k][0], b[k][0]) and a[k][1] == b[k][1] for k in a)
+
+
+_LAYOUTS = ["conv2d channels_last", "conv3d channels_last_3d", "linear transposed", "contiguous"]
+
+
+@pytest.mark.parametrize("layout", _LAYOUTS)
+def test_merged_mode_writes_a_dense_weight_of_any_layout_in_place(layout: str) -> None:
+    """A weight dense in memory in another order than contiguous (a UNet or VAE moved to
+    channels_last before inject, as diffusers' users do; channels_last_3d; a transposed Linear
+    weight) was refused at inject ('needs it contiguous'). Merged mode now writes W0 + s dW into
+    it in place in its own layout: its address and strides never change, the model gives the
+    float64 reference and PEFT's merged weight, a swap back to an adapter gives the weight of
+    its first merge bitwise however many swaps ran in between, and eject gives W0 back bitwise,
+    in its layout."""
+    peft = pytest.importorskip("peft")
+    model = _laid_out(layout)
+    w0 = model[0].weight.detach().clone()
+    address, strides = model[0].weight.data_ptr(), model[0].weight.stride()
+    oracle = copy.deepcopy(model)
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    x = _input(model)
+    first, ab = make_adapter(oracle, {"0": 4}, seed=1, dtype=torch.float64)
+    second, _ = make_adapter(oracle, {"0": 2}, seed=2, dtype=torch.float64)
+    runtime.load(first, scale=0.7)
+    merged = model[0].base_layer.weight.detach().clone()
+    a, b = ab["0"]
+    delta = (b.flatten(1) @ a.flatten(1)).view_as(w0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _dense_reference(model, w0 + 0.7 * delta, x), rtol=1e-12, atol=1e-12)
+    peft_model = peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=4 * 0.7, target_modules=["0"]), oracle)
+    peft.set_peft_model_state_dict(peft_model, {k.removeprefix("base_model.model."): v for k, v in first.items()})
+    peft_model[0].merge()
+    torch.testing.assert_close(merged, peft_model[0].base_layer.weight.detach(), rtol=1e-13, atol=1e-13)
+    for scale in (0.3, -1.5, 2.0):
+        runtime.load(second, scale=scale)
+        runtime.set_scale(scale / 2)
+    runtime.load(first, scale=0.7)
+    weight = model[0].base_layer.weight
+    assert torch.equal(weight, merged) and weight.data_ptr() == address and weight.stride() == strides
+    lorahot.eject(model)
+    assert torch.equal(model[0].weight, w0) and model[0].weight.stride() == strides
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_merged_channels_last_weight_holds_the_bits_of_the_contiguous_one(dtype: torch.dtype) -> None:
+    """In half precision the layout changes no bit of the merged weight: channels_last and
+    contiguous copies of one conv, merged with one adapter through swaps and scales, hold the
+    same values bitwise (rounded once, as the contiguous weight is)."""
+    contiguous = _laid_out("contiguous", dtype)
+    channels_last = copy.deepcopy(contiguous).to(memory_format=torch.channels_last)
+    runtimes = [lorahot.inject(m, ["0"], max_rank=4, merged=True) for m in (contiguous, channels_last)]
+    tensors, _ = make_adapter(contiguous, {"0": 4}, seed=3, dtype=dtype)
+    for scale in (1.0, 0.37, -2.5):
+        for runtime in runtimes:
+            runtime.load(tensors, scale=scale)
+        weights = [m[0].base_layer.weight for m in (contiguous, channels_last)]
+        assert torch.equal(weights[0].view(torch.int16), weights[1].view(torch.int16)), scale
+    assert channels_last[0].base_layer.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_refused_merge_of_a_channels_last_weight_changes_nothing() -> None:
+    """The overflow check and the check of the weights since the last write hold for a
+    channels_last weight: a float16 merge that would overflow is refused, and so is a call
+    after an in-place edit of the merged weight; every parameter and buffer keeps its bytes and
+    strides."""
+    model = _laid_out("conv2d channels_last", torch.float16)
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    tensors, _ = make_adapter(model, {"0": 4}, seed=4, dtype=torch.float16)
+    runtime.load(tensors)
+    before = _bits(model)
+    other, ab = make_adapter(model, {"0": 4}, seed=5, dtype=torch.float16)
+    a, b = (t.flatten(1).float() for t in ab["0"])
+    over = 2 * 65504 / float((b @ a).abs().max())  # a scale whose merged weight leaves float16's range
+    with pytest.raises(lorahot.UsageError, match=r"merged weights would overflow the model's dtype in:\n  - 0"):
+        runtime.load(other, scale=over)
+    with pytest.raises(lorahot.UsageError, match=r"merged weights would overflow the model's dtype in:\n  - 0"):
+        runtime.set_scale(over)
+    assert _same_bits(before, _bits(model))
+    with torch.no_grad():
+        model[0].base_layer.weight[5, 3, 2, 1] += 1  # an element lorahot did not write
+    edited = _bits(model)
+    with pytest.raises(lorahot.UsageError, match=r"changed since lorahot last wrote them"):
+        runtime.set_scale(0.5)
+    assert _same_bits(edited, _bits(model))
+
+
+@pytest.mark.parametrize("layout", _LAYOUTS[:3])
+def test_a_compiled_model_merged_in_another_layout_swaps_without_recompiling(layout: str) -> None:
+    """Merged swaps write the weight in its own layout, so a compiled model's graph (which
+    guards on the weight's strides) serves every swap without a recompile; the negative control,
+    the model moved to the contiguous format, recompiles."""
+    model = _laid_out(layout)
+    w0 = model[0].weight.detach().clone()
+    runtime = lorahot.inject(model, ["0"], max_rank=4, merged=True)
+    x = _input(model)
+    tensors, ab = make_adapter(model, {"0": 4}, seed=5, dtype=torch.float64)
+    a, b = ab["0"]
+    delta = (b.flatten(1) @ a.flatten(1)).view_as(w0)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for scale in (0.5, -1.0):
+                runtime.load(tensors, scale=scale)
+                want = _dense_reference(model, w0 + scale * delta, x)
+                torch.testing.assert_close(compiled(x), want, rtol=1e-12, atol=1e-12)
+        assert counter.frame_count == 1
+        if layout != "linear transposed":  # (.to(memory_format=) leaves 2-D weights as they are)
+            model.to(memory_format=torch.contiguous_format)
+        else:
+            model[0].base_layer.weight.data = model[0].base_layer.weight.detach().contiguous()
+        with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(torch._dynamo.exc.RecompileError):
+            compiled(x)
+
+
+@pytest.mark.parametrize(
+    ("make", "strides"),
+    [
+        (lambda: nn.Parameter(torch.randn(5, 12)[:, ::2]), r"\(12, 2\)"),
+        (lambda: nn.Parameter(torch.randn(1, 6).expand(5, 6)), r"\(0, 1\)"),
+    ],
+    ids=["strided slice", "overlapping"],
+)
+def test_merged_mode_refuses_a_weight_that_is_not_dense(make: Any, strides: str) -> None:
+    """Only a weight whose elements are not dense in memory, each once, is refused: a strided
+    slice of a larger tensor, an expanded (overlapping) one; typed, naming the strides and the
+    fix, the model as it was."""
+    model = _linear_with(make())
+    holder = nn.Sequential(model)
+    with pytest.raises(
+        lorahot.UsageError,
+        match=rf"^0: merged mode rewrites the weight in place and needs its elements dense in memory, each once .*"
+        rf"its strides are {strides} for shape \(5, 6\).*Give the module a weight of its own",
+    ):
+        lorahot.inject(holder, ["0"], max_rank=2, merged=True)
+    assert holder[0] is model
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_model_moved_to_channels_last_after_inject_computes_the_reference(
+    merged: bool, dora: bool, compiled: bool
+) -> None:
+    """``model.to(memory_format=torch.channels_last)`` after inject replaces each conv weight's
+    ``.data`` (the parameter stays): merged mode writes the parameter it holds, so the swap
+    reaches the new memory, its record compares values, not layouts, and its pristine copy is
+    converted as the weights are; unmerged, LoRAConv, DoRA's weight norm and the factors
+    computed before the move read values the move did not change. With channels_last input,
+    before and after a set_scale, the model gives the float64 reference (PEFT's DoRA formula),
+    and eject gives W0 back bitwise, channels_last."""
+    model = _laid_out("contiguous")
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    runtime = lorahot.inject(model, ["0"], max_rank=2, merged=merged, extras=dora)
+    tensors, ab = make_adapter(model, {"0": 2}, seed=6, dtype=torch.float64)
+    magnitude = torch.rand(6, dtype=torch.float64) + 0.5
+    if dora:
+        tensors["base_model.model.0.lora_magnitude_vector"] = magnitude
+    runtime.load(tensors, scale=0.5)
+    run = torch.compile(model, backend="aot_eager") if compiled else model
+    x = _input(model)
+    run(x)
+    model.to(memory_format=torch.channels_last)
+    x = x.to(memory_format=torch.channels_last)
+    a, b = ab["0"]
+    delta = (b.flatten(1) @ a.flatten(1)).view_as(w0)
+    for scale in (0.5, 0.7):
+        if scale != 0.5:
+            runtime.set_scale(scale)
+        weight = w0 + scale * delta
+        want = F.conv2d(x, weight, None, padding=1)
+        if dora:  # PEFT: m / ||W0 + s B A|| per output channel, times the whole output but the bias
+            want = want * (magnitude / weight.flatten(1).norm(dim=1)).view(1, -1, 1, 1)
+        with torch.no_grad():
+            torch.testing.assert_close(run(x), want + b0.view(1, -1, 1, 1), rtol=1e-12, atol=1e-12)
+    assert model[0].base_layer.weight.is_contiguous(memory_format=torch.channels_last)
+    lorahot.eject(model)
+    assert torch.equal(model[0].weight, w0) and model[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_merged_inject_into_a_model_with_a_sparse_buffer() -> None:
     """The tied-weight check reads every tensor's storage; a sparse buffer has none (torch's
     NotImplementedError, reported as an UnexpectedError): it cannot share a dense weight's
