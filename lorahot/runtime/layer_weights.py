@@ -22,9 +22,11 @@ changed): a key that is no component; a block dict on a component that is not a 
 matches its keys as substrings of the module names there); a key of a block dict other than
 ``down``/``mid``/``up``, a block that does not exist or has no attentions (diffusers ignores
 it), a list of the wrong length, a value that is no finite number; a block dict for a UNet with
-no mid-block attention (diffusers fails on every block dict there); a part with modules on a
-UNet layer whose path has fewer than four parts that no entry names (``conv_in``,
-``time_embedding.linear_1``: diffusers fails with an IndexError); one dict for a stack of
+no mid-block attention (diffusers fails on every block dict there); a block dict for a part of a
+stack any of whose parts has modules on a UNet layer whose path has fewer than four parts that
+no entry names (``conv_in``, ``time_embedding.linear_1``: PEFT's ``get_module_weight`` looks every
+adapter's weight up on every LoRA layer of the UNet, those of the other adapters too, and fails
+there with an IndexError); one dict for a stack of
 several parts (diffusers' pipeline ``set_adapters`` pops each component from that shared dict
 for the first adapter, so every other adapter gets 1 there): pass a list, one per part.
 
@@ -234,8 +236,9 @@ class Resolver:
         self.modules = modules
 
     def resolve(self, given: dict[str, object], loaded: Sequence[str], part: str) -> LayerWeights:
-        """``given`` as every layer's weight; ``loaded``: the layers the part has modules on
-        (checked against diffusers' failures). ``part`` names it in messages.
+        """``given`` as every layer's weight; ``loaded``: the layers any part of the stack has
+        modules on, where diffusers' ``set_adapters`` looks this part's weight up (checked against
+        its failures). ``part`` names it in messages.
 
         Raises:
             UsageError: naming the key, what it may be, and the fix. Nothing changed.
@@ -291,10 +294,11 @@ class Resolver:
         crashes = sorted(n for n in loaded if (p := _path(n, prefix)) is not None and _weight_of(expanded, p) is None)
         if crashes:
             raise UsageError(
-                f"{part}: the part has modules on UNet layers no block of the dict names, whose paths diffusers cannot "
-                f"read for a block weight (PEFT's get_module_weight fails with an IndexError): "
+                f"{part}: the slot has modules (of this part or another part of its stack) on UNet layers no block of "
+                "the dict names, whose paths diffusers cannot read for a block weight (PEFT's get_module_weight, "
+                "which looks every adapter's weight up on every LoRA layer of the UNet, fails with an IndexError): "
                 f"{', '.join(crashes[:8])}{' ...' if len(crashes) > 8 else ''}. Pass a number for this part's UNet "
-                "weight, or load an adapter without modules there."
+                "weight, or load adapters without modules there."
             )
 
         def weight(name: str) -> float:

@@ -1520,7 +1520,7 @@ class LoraRuntime:
     def _resolved(self, stack: Stack, given: tuple[float | dict[str, object], ...]) -> tuple[Weight, ...]:
         """The weights ``given`` (numbers, or dicts) for ``stack``: each dict as every layer's
         weight (:class:`~lorahot.runtime.layer_weights.Resolver`), checked against the layers
-        each part loads.
+        any part loads (diffusers looks each adapter's weight up on every LoRA layer).
 
         Raises:
             UsageError: a dict the runtime cannot read as diffusers does (see
@@ -1530,11 +1530,10 @@ class LoraRuntime:
             return given  # type: ignore[return-value]
         modules = {c: getattr(self.model, c) for c in self.components} if self.components else {"": self.model}
         resolver = Resolver(self._arena_names, self.components, modules)
+        touched = sorted({n for plan in stack.parts for n in (*plan.targets, *plan.weights)})
         return tuple(
-            resolver.resolve(w, [*plan.targets, *plan.weights], "scale" if stack.single else stack.named(p))
-            if isinstance(w, dict)
-            else w
-            for p, (plan, w) in enumerate(zip(stack.parts, given))
+            resolver.resolve(w, touched, "scale" if stack.single else stack.named(p)) if isinstance(w, dict) else w
+            for p, w in enumerate(given)
         )
 
     def _check_scales(self, stack: Stack, weights: tuple[Weight, ...], region: int | None = None) -> None:

@@ -249,6 +249,38 @@ def test_a_block_dict_over_a_layer_diffusers_cannot_weigh_is_refused(pipe64) -> 
     torch.testing.assert_close(_run(ours, torch.float64)["unet"], _run(oracle, torch.float64)["unet"])
 
 
+def test_a_block_dict_is_refused_where_another_part_of_the_stack_has_a_layer_diffusers_cannot_weigh(pipe64) -> None:
+    """A stack ``[a, b]`` where only ``a`` has a module on ``conv_in``, ``b`` at a block dict:
+    diffusers' ``set_adapters`` looks ``b``'s weight up on every LoRA layer of the UNet, ``a``'s
+    ``conv_in`` too, and fails there (IndexError); lorahot computed it. Now refused naming the
+    layer, by ``set_scale`` and by ``load(..., scale=)``, every parameter and buffer bitwise
+    unchanged; a number there is diffusers' output."""
+    a = _conv_file(pipe64, ["to_q", "conv_in"], seed=6)
+    b = _conv_file(pipe64, ["to_q"], seed=7)
+    assert "unet.conv_in.lora_A.weight" in a and not any(".conv_in." in k for k in b)
+    weights = [1.0, {"unet": {"down": 0.5}}]
+    oracle = copy.deepcopy(pipe64)
+    oracle.load_lora_weights(dict(a), adapter_name="a")
+    oracle.load_lora_weights(dict(b), adapter_name="b")
+    with pytest.raises(IndexError):
+        oracle.set_adapters(["a", "b"], adapter_weights=copy.deepcopy(weights))
+    ours = copy.deepcopy(pipe64)
+    runtime = lorahot.inject(ours, {"unet": ["to_q", "conv_in"]}, max_rank=8, dtype=torch.float64)
+    runtime.load([a, b])
+    before = _tensors(ours)
+    refusal = r"slot has modules \(of this part or another part of its stack\).*IndexError\): unet\.conv_in\."
+    with pytest.raises(lorahot.UsageError, match=refusal):
+        runtime.set_scale(weights)
+    with pytest.raises(lorahot.UsageError, match=refusal):
+        runtime.load([a, b], scale=weights)
+    after = _tensors(ours)
+    assert before.keys() == after.keys() and all(torch.equal(t, after[k]) for k, t in before.items())
+    assert runtime.info().scale == (1.0, 1.0)
+    runtime.set_scale([1.0, {"unet": 0.5}])
+    oracle.set_adapters(["a", "b"], adapter_weights=[1.0, {"unet": 0.5}])
+    torch.testing.assert_close(_run(ours, torch.float64)["unet"], _run(oracle, torch.float64)["unet"])
+
+
 def test_merged_mode_folds_the_weights_of_each_layer(pipe64) -> None:
     """``inject(..., merged=True)``: a dict folds each layer at its own weight, as diffusers
     computes it unmerged; a refused dict leaves the merged weights bitwise unchanged."""
