@@ -341,7 +341,7 @@ def record(layer: LoRALayer) -> None:
     at = positions(weight.numel(), weight.device)
     bias = layer.base_bias
     written_bias = None if bias is None else bias.detach().clone()
-    samples = weight.reshape(-1)[at]  # indexing copies: a new tensor, not a view
+    samples = torch.take(weight, at)  # in the logical order, a new tensor (not a view), whatever the layout
     layer.written_probe = (at, samples, weight.numel(), written_bias, version(weight), _digest(weight))
 
 
@@ -367,7 +367,7 @@ def _differs(layer: LoRALayer) -> bool | tuple[list[tuple[torch.Tensor, torch.Te
     weight, bias = layer.base_weight.detach(), layer.base_bias
     if weight.is_meta or weight.numel() != numel or (bias is None) != (written_bias is None):
         return True
-    pairs = [_bytes(weight.reshape(-1)[at.to(weight.device)], written.to(weight.device, weight.dtype))]
+    pairs = [_bytes(torch.take(weight, at.to(weight.device)), written.to(weight.device, weight.dtype))]
     flags = []
     if digest is not None and (noted_version is None or version(weight) != noted_version):
         flags = [(now != then.to(now.device)).any() for now, then in zip(_digest(weight), digest, strict=True)]
@@ -437,10 +437,13 @@ def _flat(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))
 
 
-def _is_view(flat: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``flat`` (from :func:`_flat`) shares ``weight``'s memory, so that a write to it
-    writes the weight."""
-    return flat.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+def _flat_view(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` as ``[out, in * prod(kernel)]``, a view through which a write writes it, or None
+    where its memory allows none (a conv weight in ``channels_last``): no copy made to find out."""
+    try:
+        return weight.view(weight.shape[0], math.prod(weight.shape[1:]))
+    except RuntimeError:  # torch's "view size is not compatible with input tensor's size and stride"
+        return None
 
 
 def _per_channel(layer: LoRALayer, weight: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -506,8 +509,8 @@ class Merger:
         self._pristine_max: dict[str, float] = {}  # max |W0| per layer, for the range check
         for name, layer in layers.items():
             weight = layer.base_weight
-            with torch.no_grad():
-                pristine = weight.detach().clone()
+            with torch.no_grad():  # contiguous: each rewrite reads it flat, a view of it whatever the weight's layout
+                pristine = weight.detach().clone(memory_format=torch.contiguous_format)
                 self._pristine_max[name] = float(pristine.abs().max()) if pristine.numel() else 0.0
             layer.pristine_weight = pristine  # eject puts it back, even without this runtime
             bias = layer.base_bias
@@ -943,17 +946,17 @@ class Merger:
                 if terms is not None or (kept is not None and kept[k]):
                     continue
                 self._fold_bias(layer, extras, s)
-                # [out, in * prod(kernel)] even where out or in is 0: views where the memory
-                # allows (writes go through), else (a conv moved to channels_last) copies
-                flat_w = _flat(weight)
-                flat_p = _flat(pristine)
                 if (not nonzero or rows == 0) and extras is None:
                     weight.copy_(pristine)
                     continue
                 if uniform and extras is None:  # one adapter: one GEMM in the weights' dtype, rounded once
                     a, bt = self._buffers.arenas[arena_idx].rows(index, self._buffers.live)
                     m1, m2 = layer.merge_operands(a[:rows], bt[:rows])
-                    if _is_view(flat_w, weight):
+                    # [out, in * prod(kernel)] even where out or in is 0; the pristine copy is kept
+                    # contiguous, a view; the weight written through its own where its memory
+                    # allows, else (a channels_last conv) the merged weight is copied into it
+                    flat_w, flat_p = _flat_view(weight), _flat(pristine)
+                    if flat_w is not None:
                         torch.addmm(flat_p, m1, m2, alpha=s, out=flat_w)
                     else:
                         weight.copy_(torch.addmm(flat_p, m1, m2, alpha=s).view(weight.shape))

@@ -264,7 +264,10 @@ class _Device:
                 if only is not None and not only[k]:
                     continue
                 weight, bias, _ = self.sources[k]
-                _add_pieces(into, source, probes[k], weight.reshape(-1), None if bias is None else bias.detach())
+                # the sampled elements alone, gathered in the weight's logical order (a weight with no
+                # flat view, such as a channels_last conv's, copied whole was most of a check)
+                samples = torch.take(weight, self.positions[k])
+                _add_pieces(into, source, probes[k], samples, None if bias is None else bias.detach())
         if into:
             torch._foreach_copy_(into, source)
         if digest:
@@ -289,13 +292,17 @@ class _Device:
 
 
 def _add_pieces(
-    into: list[torch.Tensor], source: list[torch.Tensor], probe: _Probe, flat: torch.Tensor, bias: torch.Tensor | None
+    into: list[torch.Tensor],
+    source: list[torch.Tensor],
+    probe: _Probe,
+    samples: torch.Tensor,
+    bias: torch.Tensor | None,
 ) -> None:
     """Appends ``probe``'s samples and bias to ``into`` and what they copy, the sampled elements
-    of ``flat`` (the weight flat) and ``bias`` flat (a ``[1, out]`` bias broadcasts as well), to
+    of the weight (``samples``) and ``bias`` flat (a ``[1, out]`` bias broadcasts as well), to
     ``source``."""
     into.append(probe.samples)
-    source.append(sampled(flat))
+    source.append(samples)
     if probe.bias is not None and bias is not None:
         into.append(probe.bias)
         source.append(bias.reshape(-1))
@@ -325,7 +332,7 @@ class _Copies:
             if view is None or not (flat_bias is None or _is_view(flat_bias.reshape(-1), flat_bias)):
                 found.per_write.append(k)
             else:
-                _add_pieces(found.into, found.source, probe, view[0], flat_bias)
+                _add_pieces(found.into, found.source, probe, sampled(view[0]), flat_bias)
                 found.owners += [k] * (len(found.into) - len(found.owners))
         return found
 
