@@ -1946,3 +1946,36 @@ def test_merged_refuses_a_call_passing_its_layer_more_than_the_input(
             continue
         with torch.no_grad():
             torch.testing.assert_close(run(x), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", _LAYOUTS[:3])
+def test_gpu_merged_swaps_of_a_dense_weight_in_any_layout_hold_the_contiguous_bits(layout: str) -> None:
+    """On CUDA, where a merged swap's record and check are CUDA graph replays (from the second
+    call on), a weight dense in another layout (channels_last, channels_last_3d, a transposed
+    Linear) holds after every swap the bits the same weight holds contiguous, keeps its address
+    and strides, and an edit after the swaps is refused with every byte and stride as it was."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dtype = torch.bfloat16
+    laid = _laid_out(layout, dtype).cuda()
+    if layout == "linear transposed":  # .cuda() keeps the strides of a dense parameter
+        assert not laid[0].weight.is_contiguous()
+    plain = copy.deepcopy(laid)
+    plain[0].weight = nn.Parameter(plain[0].weight.detach().contiguous())
+    address, strides = laid[0].weight.data_ptr(), laid[0].weight.stride()
+    runtimes = [lorahot.inject(m, ["0"], max_rank=4, merged=True) for m in (plain, laid)]
+    adapters = [make_adapter(plain, {"0": r}, seed=10 + r, dtype=dtype)[0] for r in (4, 2)]
+    for i, scale in enumerate((1.0, 0.37, -2.5, 0.8, 1.3)):
+        for runtime in runtimes:
+            runtime.load(adapters[i % 2], scale=scale)
+            runtime.set_scale(scale / 2)
+        weights = [m[0].base_layer.weight for m in (plain, laid)]
+        assert torch.equal(weights[0].view(torch.int16), weights[1].contiguous().view(torch.int16)), (layout, scale)
+        assert weights[1].data_ptr() == address and weights[1].stride() == strides
+    with torch.no_grad():
+        laid[0].base_layer.weight[(-1,) * laid[0].base_layer.weight.dim()] += 1
+    before = _bits(laid)
+    with pytest.raises(lorahot.UsageError, match=r"changed since lorahot last wrote them"):
+        runtimes[1].set_scale(0.5)
+    assert _same_bits(before, _bits(laid))
