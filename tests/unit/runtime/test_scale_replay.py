@@ -107,3 +107,53 @@ def test_gpu_a_failed_capture_falls_back_with_a_warning(monkeypatch: pytest.Monk
     runtime.set_scale([0.25, 3.0])
     ordinary.set_scale([0.25, 3.0])
     _same(runtime, ordinary)
+
+
+def _component_adapter(rank: int, seed: int, alpha: float) -> lorahot.Adapter:
+    """:func:`_adapter`'s modules on both components ``lm`` and ``lm2`` (diffusers-style prefixes)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for c in ("lm", "lm2"):
+        for n, (fin, fout) in {"0": DIMS[:2], "2": DIMS[1:]}.items():
+            tensors[f"{c}.{n}.lora_A.weight"] = torch.randn(rank, fin, generator=g) / fin**0.5
+            tensors[f"{c}.{n}.lora_B.weight"] = torch.randn(fout, rank, generator=g) / rank**0.5
+    return lorahot.read_adapter(tensors, config={"r": rank, "lora_alpha": alpha})
+
+
+@pytest.mark.gpu
+def test_gpu_dict_weights_between_replays_leave_what_the_ordinary_path_leaves() -> None:
+    """A weight per component takes the ordinary path past set_scale's replay (and past the
+    host cache's load replay): numbers before and after it still replay, and after every step,
+    dicts and numbers in turn, loads from the host cache with a dict, activations, the scale
+    buffers, the wide rows and both components' outputs are bitwise those of a runtime that never
+    replays."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    models = [{c: _model("cuda") for c in ("lm", "lm2")} for _ in range(2)]
+    runtimes = [lorahot.inject(m, ["0", "2"], max_rank=64, slots=2) for m in models]
+    for replays in (runtimes[1]._load_replay, runtimes[1]._activate_replay, runtimes[1]._replay):
+        replays.device = None
+    assert runtimes[0]._replay.device is not None
+    x = torch.randn(8, DIMS[0], device="cuda", dtype=torch.bfloat16)
+
+    def both(step) -> None:
+        for i, r in enumerate(runtimes):
+            step(i, r)
+        _same(*runtimes)
+        with torch.no_grad():
+            for c in ("lm", "lm2"):
+                assert torch.equal(models[0][c](x), models[1][c](x)), c
+
+    stack = [_component_adapter(24, 1, 48.0), _component_adapter(40, 2, 10.0)]
+    both(lambda i, r: r.load(stack, scale=[{"lm": 0.5}, 1.0], slot=0))
+    weights = ([0.5, -2.0], [0.5, -2.0], [{"lm2": 0.0}, 1.5], [3.0, 0.25], [{"lm": -1.0, "lm2": 2.0}, {"lm": 0.5}])
+    for ws in (*weights, [1.0, 1.0], [-1.0, 0.5], [-1.0, 0.5]):
+        both(lambda i, r, ws=ws: r.set_scale(list(ws), slot=0))
+    prepared = [r.preload(_component_adapter(8, 3, 16.0)) for r in runtimes]
+    both(lambda i, r: r.load(prepared[i], slot=1, scale={"lm": 0.25}))
+    both(lambda i, r: r.activate(1))
+    for w in (2.0, {"lm2": -0.5}, 2.0, 0.75):
+        both(lambda i, r, w=w: r.set_scale(w))
+    for w in (1.0, 1.0, {"lm": 3.0}, 0.5):  # the host cache's load, replayed for numbers seen twice
+        both(lambda i, r, w=w: r.load(prepared[i], slot=1, scale=w))
+    assert len(runtimes[0]._replay._graphs) >= 1 and not runtimes[1]._replay._graphs
