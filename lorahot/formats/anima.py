@@ -19,17 +19,19 @@ the norm among the targets. Refused by name (``strict=False`` skips them): delta
 norms, a block's ``layer_norm_self_attn`` / ``layer_norm_cross_attn`` / ``layer_norm_mlp`` and
 ``final_layer.layer_norm``.
 
-Keys under ``diffusion_model.llm_adapter.`` adapt Anima's text conditioner, another component in
-diffusers, whose modules this naming does not place. Its modules share the transformer's names
-(``llm_adapter.blocks.0.self_attn.q_proj``), so a name lookup that drops the unknown leading
-segment would land them on the transformer's layers: they are refused by name, with the keys named,
-or with ``strict=False`` skipped.
+Keys under ``diffusion_model.llm_adapter.`` (any prefix of the original names) adapt Anima's text
+conditioner, another component in diffusers (``AnimaTextConditioner``, an Anima pipeline's
+``text_conditioner``): the prefix routes them to that component, whose module paths follow it
+unrenamed, as diffusers' Anima loader sends them (:data:`lorahot.resolve.keys.ROOT_PREFIXES`).
+Its modules share the transformer's original names (``llm_adapter.blocks.0.self_attn.q_proj``),
+so they never match the transformer's layers: a runtime without that component refuses them
+naming it, or skips them with ``strict=False``.
 
 ``anima-kohya`` is sd-scripts' spelling of the same names (``networks/lora_anima.py``, and
 OneTrainer's kohya output): ``lora_unet_blocks_0_self_attn_q_proj.lora_down.weight`` with
 ``.alpha`` (OneTrainer's own under ``lora_transformer_``), its Qwen3 text encoder's modules under
 ``lora_te_``; placed as this naming places them (sd-scripts' own conversion for ComfyUI writes the
-same names under ``diffusion_model.``), ``lora_unet_llm_adapter_`` refused as ``llm_adapter.`` is.
+same names under ``diffusion_model.``), ``lora_unet_llm_adapter_`` routed as ``llm_adapter.`` is.
 """
 
 from __future__ import annotations
@@ -102,15 +104,7 @@ FORMAT = KeyFormat(
     name="anima",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
     prefixes=ORIGINAL_PREFIXES,
-    refuse=(
-        (
-            ORIGINAL_HEAD + r"llm_adapter\.",
-            "Anima's text conditioner (llm_adapter), another component, which this naming does not place (its "
-            "module names are the transformer's); load with strict=False to skip its keys",
-        ),
-        _WEIGHTLESS,
-        *REFUSED_MERGEABLE,
-    ),
+    refuse=(_WEIGHTLESS, *REFUSED_MERGEABLE),
     marker=(
         ORIGINAL_HEAD + r"blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|output_proj)"
         r"|mlp\.layer[12]|adaln_modulation_(?:self_attn|cross_attn|mlp)\.[12])\."
@@ -142,15 +136,7 @@ KOHYA = kohya.spelling(
     "anima-kohya",
     renames=_KOHYA_TO_DOTTED,
     aliases=_aliases(NAME_START),
-    refuse=(
-        (
-            r"^lora_(?:unet|transformer)_llm_adapter_",
-            "Anima's text conditioner (llm_adapter), another component, which this naming does not place (its "
-            "module names are the transformer's); load with strict=False to skip its keys",
-        ),
-        _WEIGHTLESS,
-        *REFUSED_MERGEABLE,
-    ),
+    refuse=(_WEIGHTLESS, *REFUSED_MERGEABLE),
     marker=(
         r"^lora_(?:unet|transformer)_blocks_\d+_(?:(?:self_attn|cross_attn)_(?:q_proj|k_proj|v_proj|output_proj)"
         r"|mlp_layer[12]|adaln_modulation_(?:self_attn|cross_attn|mlp)_[12])\."

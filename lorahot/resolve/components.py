@@ -4,7 +4,8 @@ A runtime injected into several models (``lorahot.inject({"unet": ..., "text_enc
 names its layers ``<component>.<module path>``. A file names its components with prefixes:
 diffusers ``unet.``/``transformer.``/``text_encoder.``/``text_encoder_2.``, kohya
 ``lora_unet_``/``lora_te_``/``lora_te1_``/``lora_te2_``, BFL/ComfyUI ``diffusion_model.``, the original
-LTX-2 checkpoint's ``text_embedding_projection.`` (an LTX-2 pipeline's ``connectors``). ComfyUI
+LTX-2 checkpoint's ``text_embedding_projection.`` (an LTX-2 pipeline's ``connectors``), Anima's
+``llm_adapter.`` (an Anima pipeline's ``text_conditioner``, stripped: its paths follow). ComfyUI
 names a text encoder by what it is (``text_encoders.clip_l.transformer.``, ``clip_g``, ``t5xxl``,
 ``llama``, ``qwen25_7b``, ...): its modules go to the component of that architecture, told by the
 modules it has (a CLIP's ``position_embedding``/``fc1``, a T5's ``SelfAttention``, a decoder LM's
@@ -36,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems, lines, message, shown
 from lorahot.formats import FORMATS
-from lorahot.resolve.keys import COMPONENT_NAMES, COMPONENT_PREFIXES, resolve_all
+from lorahot.resolve.keys import COMPONENT_NAMES, COMPONENT_PREFIXES, ROOT_PREFIXES, resolve_all
 
 __all__ = ["ROUTES", "DENOISER", "T5_PREFIXES", "COMFYUI_ENCODER", "route", "resolve_components", "non_denoisers"]
 
@@ -76,7 +77,7 @@ ROUTES: tuple[tuple[str, str | None], ...] = tuple(
             "base_model.model.": None,
             # PixArt's old PEFT reference script: the denoiser (a PixArt pipeline's transformer), as ComfyUI maps it
             "unet.base_model.model.": None,
-            **COMPONENT_PREFIXES,  # LTX-2's text_embedding_projection.: connectors
+            **COMPONENT_PREFIXES,  # LTX-2's text_embedding_projection.: connectors; Anima's llm_adapter.
         }.items(),
         key=lambda kv: len(kv[0]),
         reverse=True,
@@ -156,6 +157,7 @@ _ROLES = {
     "vocoder": "a vocoder",
     "safety_checker": "a safety checker",
     "connectors": "LTX-2's text connectors",
+    "text_conditioner": "Anima's text conditioner",
 }
 #: what a component of each text-encoder architecture (:data:`_FINGERPRINTS`) is
 _ARCHITECTURE_ROLES = {
@@ -313,7 +315,7 @@ def resolve_components(
                 no_first.append(key)
             continue
         if component is not None:
-            if encoder is not None or (prefix == component + "." and prefix not in _NAMED):
+            if encoder is not None or (prefix == component + "." and prefix not in _NAMED) or prefix in ROOT_PREFIXES:
                 key = key[len(prefix) :]  # a prefix no naming strips: the component's paths follow
             groups[component].append((key, module))
         elif skipped is not None:

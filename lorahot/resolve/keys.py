@@ -64,7 +64,16 @@ from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
 from lorahot.resolve.split import placed
 
-__all__ = ["resolve_keys", "resolve_all", "outside", "head_sizes", "COMPONENT_NAMES", "COMPONENT_PREFIXES"]
+__all__ = [
+    "resolve_keys",
+    "resolve_all",
+    "outside",
+    "head_sizes",
+    "COMPONENT_NAMES",
+    "COMPONENT_PREFIXES",
+    "ROOT_PREFIXES",
+    "PREFIXED_COMPONENTS",
+]
 
 #: Every component prefix any format knows, longest first.
 _PREFIXES = tuple(sorted({p for f in FORMATS for p in f.prefixes}, key=len, reverse=True))
@@ -75,7 +84,7 @@ COMPONENT_NAMES = frozenset(
     (
         *("unet", "transformer", "transformer_2", "prior", "controlnet"),
         *("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4", "image_encoder"),
-        *("vae", "audio_vae", "vocoder", "movq", "safety_checker", "connectors"),
+        *("vae", "audio_vae", "vocoder", "movq", "safety_checker", "connectors", "text_conditioner"),
     )
 )
 #: File prefixes that name a pipeline component by another name than the component's: the
@@ -85,6 +94,8 @@ COMPONENT_NAMES = frozenset(
 #: in the transformer (``diffusion_model.``; ComfyUI adapts them there) and diffusers' checkpoint
 #: conversion moves to the connectors (``video_connector.``), with any prefix of the original names,
 #: and in their kohya spelling (``lora_unet_video_embeddings_connector_``, ``lora_transformer_``).
+#: Anima's ``llm_adapter.`` (:data:`ROOT_PREFIXES`) is an Anima pipeline's ``text_conditioner``
+#: (diffusers' ``AnimaTextConditioner``), where diffusers' Anima loader sends its modules.
 COMPONENT_PREFIXES = {
     "text_embedding_projection.": "connectors",
     **{
@@ -97,13 +108,35 @@ COMPONENT_PREFIXES = {
         for head in ("lora_unet_", "lora_transformer_")
         for modality in ("video", "audio")
     },
+    **dict.fromkeys(
+        (
+            *(
+                f"{head}llm_adapter."
+                for head in ("", "diffusion_model.", "model.diffusion_model.", "transformer.", "net.")
+            ),
+            *(f"{head}llm_adapter_" for head in ("lora_unet_", "lora_transformer_")),
+        ),
+        "text_conditioner",
+    ),
+}
+#: The :data:`COMPONENT_PREFIXES` after which the component's own module paths follow, as diffusers'
+#: conversion keeps them: Anima's ``diffusion_model.llm_adapter.blocks.0.self_attn.q_proj`` is the
+#: text conditioner's ``blocks.0.self_attn.q_proj`` (any prefix of Anima's original names, and
+#: kohya's ``lora_unet_llm_adapter_``). Routing strips them; a lookup over any other model's layers
+#: never matches a key under one (the conditioner's module names are the transformer's original
+#: ones, which Anima's naming aliases onto the transformer's layers).
+ROOT_PREFIXES = tuple(p for p, c in COMPONENT_PREFIXES.items() if c == "text_conditioner")
+#: What each component that :data:`COMPONENT_PREFIXES` names is, for messages.
+PREFIXED_COMPONENTS = {
+    "connectors": "diffusers' LTX-2 pipeline's text connectors",
+    "text_conditioner": "diffusers' Anima pipeline's text conditioner, AnimaTextConditioner",
 }
 
 #: The top modules of a pipeline component that no other component has, which a naming's aliases
 #: name (LTX-2's connector transformers, ``video_connector.``): like a component's name, never a
 #: wrapper level that a lookup drops, so such a key never lands on another component's layers
 #: (``video_connector.transformer_blocks.0.attn1.to_q`` on the transformer's ``transformer_blocks.0``).
-COMPONENT_ROOTS = frozenset(("video_connector", "audio_connector"))
+COMPONENT_ROOTS = frozenset(("video_connector", "audio_connector", "llm_adapter"))
 
 
 class _Names:
@@ -357,6 +390,8 @@ def _in_model(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
 
 
 def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
+    if key.startswith(ROOT_PREFIXES):
+        return ()  # another component's module (routed there without the prefix)
     cands = _candidates(key, fmt)
     exact = next((c for c in cands if c in names.exact), None)
     if exact is not None:  # most keys: the aliases (dozens of regexes per key) are not tried
@@ -502,7 +537,7 @@ def resolve_all(
             )
         elif not hits:
             unplaced += 1
-            shown_here = len(problems) < _SHOWN  # the rest are not shown
+            shown_here = len(problems) < _SHOWN and not key.startswith(ROOT_PREFIXES)  # the rest are not shown
             renamed = _renamed(key, fmt) if shown_here else []
             close = _closest(key, fmt, index, renamed) if shown_here else []
             problems.append(
@@ -563,8 +598,8 @@ def _component_hint(key: str) -> str:
     prefix, named = next(((p, c) for p, c in COMPONENT_PREFIXES.items() if key.startswith(p)), ("", None))
     if named is not None:
         return (
-            f"; its prefix {prefix!r} names a pipeline component, {named!r} (diffusers' LTX-2 pipeline's text "
-            f"connectors), which holds its module: inject that component too (lorahot.inject(pipe, ...), or "
+            f"; its prefix {prefix!r} names a pipeline component, {named!r} ({PREFIXED_COMPONENTS[named]}), which "
+            "holds its module: inject that component too (lorahot.inject(pipe, ...), or "
             f"lorahot.inject({{..., {named!r}: pipe.{named}}}, ...)), or load with strict=False to skip it"
         )
     if first not in COMPONENT_NAMES or "." not in key:

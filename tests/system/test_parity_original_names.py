@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 import lorahot
-from lorahot.errors import UnknownFormatError
 from tests.diffusion_names import assert_same as _assert_same
 from tests.diffusion_names import diffusers_weights as _diffusers
 from tests.diffusion_names import linears as _linears
@@ -356,23 +355,147 @@ def test_ltx2_file_of_blocks_only_loads_as_comfyui() -> None:
     _assert_same(ours, _diffusers(_tiny_ltx2, diffusers.LTX2Pipeline, sd, names))
 
 
-def test_a_component_this_naming_does_not_place_is_refused_or_skipped() -> None:
-    """Anima's ``llm_adapter`` (diffusers' text conditioner): refused with the key named; with
-    ``strict=False`` the transformer's modules load without it."""
+def _tiny_anima_conditioner() -> nn.Module:
+    """diffusers' ``AnimaTextConditioner`` (an Anima pipeline's ``text_conditioner``), its model
+    width unequal to its output's, so that ``in_proj`` is a Linear."""
+    torch.manual_seed(0)
+    return (
+        diffusers.AnimaTextConditioner(
+            source_dim=12,
+            target_dim=16,
+            model_dim=8,
+            num_layers=2,
+            num_attention_heads=2,
+            target_vocab_size=32,
+            min_sequence_length=4,
+        )
+        .double()
+        .eval()
+    )
+
+
+def _conditioner_file(alpha: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``diffusion_model.llm_adapter.<module>`` keys (Anima's original names of its text
+    conditioner's modules, diffusers' own) for every Linear of the conditioner, ranks 2-4, and
+    those layers' names."""
+    model = _tiny_anima_conditioner()
+    names = _linears(model)
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for i, name in enumerate(names):
+        layer, r, key = model.get_submodule(name), 2 + i % 3, f"diffusion_model.llm_adapter.{name}"
+        sd[f"{key}.lora_A.weight"] = torch.randn(r, layer.in_features, generator=g, dtype=torch.float64) * 0.3
+        sd[f"{key}.lora_B.weight"] = torch.randn(layer.out_features, r, generator=g, dtype=torch.float64) * 0.3
+        if alpha:
+            sd[f"{key}.alpha"] = torch.tensor(r * (0.5 + i % 3), dtype=torch.float64)
+    return sd, names
+
+
+def _diffusers_anima(sd: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Module]:
+    """The transformer and the text conditioner after diffusers' Anima loader: ``lora_state_dict``,
+    then each component's part loaded as ``load_lora_weights`` loads it."""
+    state = diffusers.loaders.lora_pipeline.AnimaLoraLoaderMixin.lora_state_dict({k: v.clone() for k, v in sd.items()})
+    transformer, conditioner = _tiny_anima(), _tiny_anima_conditioner()
+    for model, prefix in ((transformer, "transformer"), (conditioner, "text_conditioner")):
+        part = {k: v for k, v in state.items() if k.startswith(prefix + ".")}
+        assert part
+        model.load_lora_adapter(part, prefix=prefix, adapter_name="o")
+    return transformer, conditioner
+
+
+def _conditioner_output(model: nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(9)
+    source = torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 32, (2, 4), generator=g)
+    with torch.no_grad():
+        return model(source, ids)
+
+
+def _anima_spelled(sd: dict[str, torch.Tensor], spelling: str) -> dict[str, torch.Tensor]:
+    """A ``diffusion_model.`` Anima file in another spelling: kohya's (``lora_unet_``,
+    ``lora_transformer_``), another prefix of the original names, or diffusers' own names
+    (``diffusers``: its converted state dict)."""
+    if spelling == "diffusers":
+        return diffusers.loaders.lora_pipeline.AnimaLoraLoaderMixin.lora_state_dict(
+            {k: v.clone() for k, v in sd.items()}
+        )
+    return _spelled(sd, spelling) if spelling != "diffusion_model." else dict(sd)
+
+
+_CONDITIONER_SPELLINGS = [
+    "diffusion_model.",
+    "model.diffusion_model.",
+    "transformer.",
+    "net.",
+    "",
+    "lora_unet_",
+    "lora_transformer_",
+    "diffusers",
+]
+
+
+@pytest.mark.parametrize("spelling", _CONDITIONER_SPELLINGS, ids=[s or "bare" for s in _CONDITIONER_SPELLINGS])
+def test_anima_text_conditioner_lands_on_the_pipelines_text_conditioner_as_diffusers_loads_it(spelling: str) -> None:
+    """An Anima file with ``diffusion_model.llm_adapter.<module>`` keys beside the transformer's, on
+    a pipeline runtime with diffusers' ``text_conditioner``: those keys go to that component, the
+    module paths unrenamed, as diffusers' Anima loader sends them; in every spelling lorahot reads
+    Anima files in (another prefix of the original names, kohya's ``lora_unet_llm_adapter_``, and
+    diffusers' own ``text_conditioner.``, its converted state dict). Every layer of both components
+    equal in float64 to diffusers' loader on the ``diffusion_model.`` twin and to the reference, and
+    the conditioner's output to that of diffusers' conditioner; with ``.alpha`` (diffusers' loader
+    refuses such a file) to the reference at ``alpha / r``. These keys were refused by name."""
     names = _linears(_tiny_anima())
-    sd = _file(_tiny_anima(), names, _anima_original, alpha=False)
-    sd["diffusion_model.llm_adapter.blocks.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(2, 16, dtype=torch.float64)
-    sd["diffusion_model.llm_adapter.blocks.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(16, 2, dtype=torch.float64)
-    model = _tiny_anima()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    runtime = lorahot.inject(model, "all-linear", max_rank=8)
-    with pytest.raises(UnknownFormatError, match="llm_adapter"):
-        runtime.load(dict(sd))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    _assert_same(_weights(model, names), _weights(_tiny_anima(), names))  # nothing loaded
-    ours, fmt = _lorahot(_tiny_anima, sd, names, strict=False)
-    assert fmt == "anima"
-    _assert_same(ours, _reference(_tiny_anima, sd, names, _anima_original))
+    conditioner_twin, layers = _conditioner_file()
+    twin = {**_file(_tiny_anima(), names, _anima_original, alpha=False), **conditioner_twin}
+    sd = _anima_spelled(twin, spelling)
+    transformer, conditioner = _tiny_anima(), _tiny_anima_conditioner()
+    runtime = lorahot.inject({"transformer": transformer, "text_conditioner": conditioner}, "all-linear", max_rank=8)
+    info = runtime.load(dict(sd))
+    assert info.components == {"transformer": len(names), "text_conditioner": len(layers)}
+
+    theirs, oracle = _diffusers_anima(twin)
+    _assert_same(_weights(transformer, names), _weights(theirs, names))
+    _assert_same(_weights(conditioner, layers), _weights(oracle, layers))
+    reference = _reference(_tiny_anima_conditioner, conditioner_twin, layers, lambda n: f"llm_adapter.{n}")
+    _assert_same(_weights(conditioner, layers), reference)
+    torch.testing.assert_close(_conditioner_output(conditioner), _conditioner_output(oracle), rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(_conditioner_output(conditioner), _conditioner_output(_tiny_anima_conditioner()))
+
+    if spelling != "diffusers":
+        with_alpha, _ = _conditioner_file(alpha=True)
+        conditioner = _tiny_anima_conditioner()
+        runtime = lorahot.inject(
+            {"transformer": _tiny_anima(), "text_conditioner": conditioner}, "all-linear", max_rank=8
+        )
+        runtime.load(_anima_spelled(with_alpha, spelling))
+        reference = _reference(_tiny_anima_conditioner, with_alpha, layers, lambda n: f"llm_adapter.{n}")
+        _assert_same(_weights(conditioner, layers), reference)
+
+
+@pytest.mark.parametrize("spelling", ["diffusion_model.", "lora_unet_"])
+def test_anima_text_conditioner_without_the_component_is_refused_naming_it_or_skipped(spelling: str) -> None:
+    """Anima's ``llm_adapter`` modules, whose names are the transformer's original ones (Anima's
+    naming aliases ``blocks.0.self_attn.q_proj`` onto the transformer's ``attn1.to_q``), on a
+    runtime over the transformer alone and on a pipeline runtime without ``text_conditioner``:
+    refused naming that component, every parameter and buffer bitwise unchanged, never on the
+    transformer's layers; with ``strict=False`` exactly those keys are skipped and the
+    transformer's modules load as the reference gives them."""
+    names = _linears(_tiny_anima())
+    twin = _file(_tiny_anima(), names, _anima_original, alpha=False)
+    conditioner, _ = _conditioner_file()
+    sd = _anima_spelled({**twin, **conditioner}, spelling)
+    inner = sorted(k for k in sd if "llm_adapter" in k)
+    for make in (lambda m: m, lambda m: {"transformer": m}):
+        model = _tiny_anima()
+        runtime = lorahot.inject(make(model), "all-linear", max_rank=8)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"llm_adapter(.|\n)*text_conditioner"):
+            runtime.load(dict(sd))
+        after = model.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        info = runtime.load(dict(sd), strict=False)
+        assert sorted(info.skipped) == inner
+        _assert_same(_weights(model, names), _reference(_tiny_anima, twin, names, _anima_original))
 
 
 def _kohya_spelling(sd: dict[str, torch.Tensor], prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
@@ -434,7 +557,8 @@ def test_anima_kohya_spelling_matches_diffusers_on_its_diffusion_model_twin(alph
     same modules under ``diffusion_model.``. Every layer equal to the float64 reference of that twin
     (``alpha / r``) and, without alphas, which diffusers leaves unread, to diffusers' Anima loader.
     These files were refused, read as wan-musubi naming ('matches no injected layer'). Its
-    ``llm_adapter`` modules are refused, or skipped with strict=False."""
+    ``llm_adapter`` modules, the text conditioner's, are refused on the transformer alone naming
+    that component, or skipped with strict=False."""
     names = _linears(_tiny_anima())
     twin = _file(_tiny_anima(), names, _anima_original, alpha=alpha)
     sd = _kohya_spelling(twin, prefix)
@@ -449,7 +573,7 @@ def test_anima_kohya_spelling_matches_diffusers_on_its_diffusion_model_twin(alph
         f"{prefix}llm_adapter_blocks_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 16, dtype=torch.float64),
         f"{prefix}llm_adapter_blocks_0_self_attn_q_proj.lora_up.weight": torch.zeros(16, 2, dtype=torch.float64),
     }
-    with pytest.raises(UnknownFormatError, match="llm_adapter"):
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"llm_adapter(.|\n)*text_conditioner"):
         _lorahot(_tiny_anima, {**sd, **adapter}, names)
     ours, fmt = _lorahot(_tiny_anima, {**sd, **adapter}, names, strict=False)
     assert fmt == "anima-kohya"
