@@ -88,8 +88,12 @@ OLD_FORMAT = KeyFormat(
     ),
     refuse=REFUSED,
     roles=("lora.down", "lora.up"),
-    # .lora.down is ComfyUI's spelling too: under ComfyUI's prefixes it marks no key of this naming
-    marker=r"(^(?!(?:model\.)?diffusion_model\.|text_encoders\.).*\.lora\.(down|up)|_lora\.(down|up)|\.lora_linear_layer\.)",
+    # .lora.down is ComfyUI's spelling too: under ComfyUI's prefixes, and on kohya's module keys (which
+    # ComfyUI reads it for), it marks no key of this naming
+    marker=(
+        r"(^(?!(?:model\.)?diffusion_model\.|text_encoders\.|(?:lora_[a-z0-9]+|lycoris|oft_unet)_[^.]+\.lora\.)"
+        r".*\.lora\.(down|up)|_lora\.(down|up)|\.lora_linear_layer\.)"
+    ),
     aliases=(
         (r"\.to_q$", ".q_proj"),
         (r"\.to_k$", ".k_proj"),

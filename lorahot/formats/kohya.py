@@ -1,6 +1,8 @@
 """kohya / sd-scripts naming: ``lora_unet_<module with _ for .>.lora_down.weight`` (and LyCORIS factors).
 
-``lora_down`` is A, ``lora_up`` is B (also with PEFT's adapter name, ``lora_down.default.weight``;
+``lora_down`` is A, ``lora_up`` is B (also with PEFT's adapter name, ``lora_down.default.weight``,
+and in ComfyUI's dotted roles, ``lora.down.weight`` / ``lora.up.weight``, which ComfyUI reads for
+any module key and diffusers' Z-Image loader for these names, as Z-Image "Anime-Z" files write them;
 for LoCon the conv kernel is in ``lora_down`` and ``lora_up`` is 1x1), and ``<name>.alpha`` is the
 module's alpha; without it alpha equals the rank. Module names are the model's names with every
 ``.`` turned into ``_``; the resolver finds them by building the underscore form of each injected
@@ -52,10 +54,13 @@ COMPONENTS = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "
 
 #: a kohya module key: its component prefix and the module's underscore name
 MODULE = r"(?P<module>lora_[a-z0-9]+_[^.]+)"
+#: kohya's A and B roles: its own (with PEFT's adapter name), or ComfyUI's dotted ones
+_DOWN = rf"(?:lora_down{DEFAULT_ADAPTER}|lora\.down)"
+_UP = rf"(?:lora_up{DEFAULT_ADAPTER}|lora\.up)"
 #: kohya's A, B and alpha (also the rules of the kohya spellings of other models' names)
 RULES = (
-    Rule(rf"{MODULE}\.lora_down{DEFAULT_ADAPTER}\.weight", "A"),
-    Rule(rf"{MODULE}\.lora_up{DEFAULT_ADAPTER}\.weight", "B"),
+    Rule(rf"{MODULE}\.{_DOWN}\.weight", "A"),
+    Rule(rf"{MODULE}\.{_UP}\.weight", "B"),
     Rule(rf"{MODULE}\.alpha", "alpha"),
 )
 
@@ -75,8 +80,8 @@ CASCADE_ALIASES = (
 FORMAT = KeyFormat(
     name="kohya",
     rules=(
-        Rule(rf"{_MODULE}\.lora_down{DEFAULT_ADAPTER}\.weight", "A"),
-        Rule(rf"{_MODULE}\.lora_up{DEFAULT_ADAPTER}\.weight", "B"),
+        Rule(rf"{_MODULE}\.{_DOWN}\.weight", "A"),
+        Rule(rf"{_MODULE}\.{_UP}\.weight", "B"),
         Rule(rf"{_MODULE}\.alpha", "alpha"),
         *lycoris_rules(_MODULE),
         # LyCORIS' (IA)^3: a kohya module key names no model weight, so its .weight is the factor
@@ -161,8 +166,8 @@ def outside(spelled: KeyFormat, modules: str, *, example: str, marker: str | Non
     return dataclasses.replace(
         spelled,
         rules=(
-            Rule(rf"{module}\.lora_down{DEFAULT_ADAPTER}\.weight", "A"),
-            Rule(rf"{module}\.lora_up{DEFAULT_ADAPTER}\.weight", "B"),
+            Rule(rf"{module}\.{_DOWN}\.weight", "A"),
+            Rule(rf"{module}\.{_UP}\.weight", "B"),
             Rule(rf"{module}\.alpha", "alpha"),
             *lycoris_rules(module),
         ),

@@ -163,15 +163,22 @@ _BLOCKS = (
     r"|qkv|out|o)|feed_forward[._]w[123]|(?:attention|ffn)_norm[12]|adaLN_modulation[._][01])$"
 )
 
+#: Z-Image's projections as diffusers' Z-Image loader reads a kohya name split at every ``_``
+#: (``attention.to.q``; its ``.alpha`` under ``attention.to_q``): the module keys of both, one module
+_DOTTED_PROJECTIONS = (
+    (rf"^(.*{_START}(?:layers|noise_refiner|context_refiner)\.\d+\.attention)\.to\.([qkv])$", r"\1.to_\2"),
+)
+
 FORMAT = KeyFormat(
     name="lumina2",
     rules=(*lora_rules(), *lycoris_rules(r"(?P<module>.+)")),  # LyCORIS as in ComfyUI naming (merged mode)
     prefixes=(*DIFFUSION_MODEL, "conditional_transformer."),
     require_prefix=True,
+    renames=_DOTTED_PROJECTIONS,
     refuse=(*_NO_NORM, *REFUSED_MERGEABLE),
     marker=(
         r"^(?:(?:model\.)?diffusion_model|conditional_transformer)\.(?:layers|noise_refiner|context_refiner)\.\d+\."
-        r"(?:attention\.(?:qkv|out|o)|feed_forward\.w[123]|adaLN_modulation\.1)\."
+        r"(?:attention\.(?:qkv|out|o|to\.[qkv])|feed_forward\.w[123]|adaLN_modulation\.1)\."
     ),
     aliases=_ALIASES,
     splits=SPLITS,

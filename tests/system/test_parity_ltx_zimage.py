@@ -347,3 +347,115 @@ def test_a_z_image_file_with_one_module_under_two_spellings_is_refused_naming_bo
         w0 = _weights(_tiny_zimage(), ["layers.0.attention.to_q"])["layers.0.attention.to_q"]
         want = w0 + torch.cat([(b1[:32] @ a1 + b2 @ a2).T, torch.zeros(1, 32, dtype=torch.float64)])
         _assert_same(_weights(model, ["layers.0.attention.to_q"]), {"layers.0.attention.to_q": want})
+
+
+def _anime_z(layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A Z-Image file as sd-scripts-style trainers write it ("Anime-Z"): kohya's module names with
+    ComfyUI's dotted roles (``lora_unet_layers_0_attention_to_q.lora.down.weight``) and ``.alpha``;
+    the attention as ``to_q``/``to_k``/``to_v``/``to_out_0`` (``split``), with the original output
+    ``attention_out`` (``original``), or as the original fused ``attention_qkv`` and ``attention_out``
+    (``fused``), beside the feed-forward and adaLN modules of every block; the layers it adapts."""
+    model = _tiny_zimage()
+    names = _linears(model, lambda n: "layers" in n or "refiner" in n)
+    g = torch.Generator().manual_seed(8)
+    sd, done = {}, set()
+    for i, name in enumerate(names):
+        layer, r = model.get_submodule(name), 2 + i % 3
+        module = name
+        if layout != "split":
+            module = module.replace("attention.to_out.0", "attention.out")
+        if layout == "fused" and re.search(r"\.attention\.to_[qkv]$", name):
+            module = re.sub(r"to_[qkv]$", "qkv", name)
+            if module in done:
+                continue
+            done.add(module)
+        rows = 3 * layer.out_features if module.endswith(".qkv") else layer.out_features
+        key = "lora_unet_" + module.replace(".", "_")
+        sd[f"{key}.lora.down.weight"] = torch.randn(r, layer.in_features, generator=g, dtype=torch.float64) * 0.3
+        sd[f"{key}.lora.up.weight"] = torch.randn(rows, r, generator=g, dtype=torch.float64) * 0.3
+        sd[f"{key}.alpha"] = torch.tensor(r * (0.5 + i % 3), dtype=torch.float64)
+    return sd, names
+
+
+def _anime_z_reference(sd: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """Each layer's float64 weight plus ``alpha / r * B @ A`` of its module; a fused ``qkv``'s B
+    cut in three equal row blocks onto ``to_q``, ``to_k``, ``to_v`` (Z-Image has as many key-value
+    heads as query heads); ``attention.out`` on ``to_out.0``."""
+    out = _weights(_tiny_zimage(), names)
+    for name in names:
+        key = "lora_unet_" + name.replace(".", "_")
+        part = None
+        if f"{key}.lora.down.weight" not in sd:
+            fused = re.sub(r"_to_([qkv])$", "_qkv", key)
+            key, part = (fused, "qkv".index(name[-1])) if fused in {k.split(".")[0] for k in sd} else (key, None)
+            key = key if part is not None else key.replace("_to_out_0", "_out")
+        a, b = sd[f"{key}.lora.down.weight"], sd[f"{key}.lora.up.weight"]
+        if part is not None:
+            b = b.chunk(3)[part]
+        delta = float(sd[f"{key}.alpha"]) / a.shape[0] * b @ a
+        out[name] = out[name] + torch.cat([delta.T, torch.zeros(1, delta.shape[0], dtype=torch.float64)])
+    return out
+
+
+@pytest.mark.parametrize("layout", ["split", "original", "fused"])
+def test_z_image_kohya_names_in_comfyui_dotted_roles_match_diffusers(layout: str) -> None:
+    """Z-Image "Anime-Z" files spell kohya's module names with ComfyUI's dotted roles
+    (``lora_unet_layers_0_attention_to_q.lora.down.weight``, ``.alpha``), which ComfyUI reads for
+    any module key and diffusers' Z-Image loader converts (its kohya conversion splits the name at
+    every ``_``, ``attention.to.q``, then reads ``to.q`` as ``to_q``, a bare ``out`` as ``to_out.0``
+    and cuts a fused ``qkv`` 1 : 1 : 1). lorahot refused them as a file mixing namings (the dotted
+    roles read as diffusers-old naming, the alphas as lumina2-kohya). Every layer equal in float64
+    to diffusers' loader and to the reference (``alpha / r``)."""
+    sd, names = _anime_z(layout)
+    ours, fmt = _lorahot(_tiny_zimage, sd, names)
+    assert fmt == "lumina2-kohya"
+    _assert_same(ours, _diffusers(_tiny_zimage, diffusers.ZImagePipeline, sd, names))
+    _assert_same(ours, _anime_z_reference(sd, names))
+
+
+def test_z_image_projections_as_diffusers_splits_their_kohya_names_match_diffusers() -> None:
+    """The same modules as diffusers' Z-Image conversion spells them after splitting kohya's names
+    at every ``_``: ``diffusion_model.layers.0.attention.to.q.lora.down.weight`` with its
+    ``.alpha`` under ``attention.to_q`` (and a file of the attention alone, which no other key tells
+    apart). The factors and the alpha are one module, as diffusers pairs them (lorahot refused the
+    alphas as modules without factors); every layer equal to diffusers' loader and the reference."""
+    sd, names = _anime_z("split")
+    dotted = {}
+    for name in names:
+        key, module = "lora_unet_" + name.replace(".", "_"), "diffusion_model." + name
+        factors = re.sub(r"\.to_([qkv])$", r".to.\1", module)
+        dotted[f"{factors}.lora.down.weight"] = sd[f"{key}.lora.down.weight"]
+        dotted[f"{factors}.lora.up.weight"] = sd[f"{key}.lora.up.weight"]
+        dotted[f"{module}.alpha"] = sd[f"{key}.alpha"]
+    assert "diffusion_model.layers.0.attention.to.q.lora.down.weight" in dotted
+    assert "diffusion_model.layers.0.attention.to_q.alpha" in dotted
+    assert "diffusion_model.noise_refiner.0.feed_forward.w1.alpha" in dotted
+    reference = _anime_z_reference(sd, names)
+    for part in (dotted, {k: v for k, v in dotted.items() if ".attention." in k}):
+        kept = [n for n in names if ".attention." in n] if len(part) < len(dotted) else names
+        ours, fmt = _lorahot(_tiny_zimage, part, kept)
+        assert fmt == "lumina2"
+        _assert_same(ours, _diffusers(_tiny_zimage, diffusers.ZImagePipeline, part, kept))
+        _assert_same(ours, {n: reference[n] for n in kept})
+
+
+def test_an_anime_z_file_with_each_projection_twice_is_refused_naming_both() -> None:
+    """An "Anime-Z" file carries the attention twice, ``attention_qkv`` beside ``attention_to_q``
+    (``to_k``, ``to_v``) and ``attention_out`` beside ``attention_to_out_0``: diffusers' Z-Image
+    loader drops ``qkv`` and ``out``, ComfyUI adds ``to_q`` to its slice of ``qkv``; lorahot refuses
+    the file naming both keys, strict=False too, every parameter and buffer bitwise unchanged."""
+    split, _ = _anime_z("split")
+    fused, _ = _anime_z("fused")
+    both = {**split, **{k: v for k, v in fused.items() if "_attention_qkv." in k or "_attention_out." in k}}
+    model = _tiny_zimage()
+    runtime = lorahot.inject(model, "all-linear", max_rank=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(
+            lorahot.AdapterMismatchError,
+            match=r"(?s)lands on layers\.0\.attention\.to_q, which .*attention_qkv.* already fills.*"
+            r"The file holds two modules for each of those layers",
+        ):
+            runtime.load(dict(both), strict=strict)
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
