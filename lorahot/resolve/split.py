@@ -231,9 +231,14 @@ def placed(
     for another: Lumina2's ``attention.qkv`` 3 : 1 : 1 onto ``attn.to_q``, Ideogram 4's
     1 : 1 : 1 onto ``attention.to_q``; a part on a layer not injected is then skipped or refused
     like any key); the first matching one where none does, whose targets then fail to resolve,
-    naming them. A :attr:`Split.per_head` rule gathers the rows of each part from every head
-    first, at the head size ``head_sizes`` gives for the targets (the model's modules holding
-    them): none, or several, is a problem naming the shapes."""
+    naming them. Where no target of that rule is a module of the model, a module the rule cannot
+    cut (its rows, its kind) is left whole (``[module]``), a key that names no layer of the model
+    like any other (refused as such, skipped with ``strict=False``): another model's fused module,
+    whose sizes say nothing of this model's layers (a PEFT adapter's ``layers.0.attention.qkv`` of
+    any other model, which PEFT naming reads in Lumina2's cuts). A :attr:`Split.per_head` rule
+    gathers the rows of each part from every head first, at the head size ``head_sizes`` gives for
+    the targets (the model's modules holding them): none, or several, is a problem naming the
+    shapes."""
     matching = [
         (rule, m) for rule in rules if (m := re.fullmatch(rule.pattern, key)) is not None and _applies(rule, module)
     ]
@@ -257,6 +262,8 @@ def placed(
         per_head = isinstance(rule, Split) and rule.per_head and all(exists(t) for t in _targets(rule, m))
         if problem is None and sizes is not None and per_head:
             order, problem = _per_head_order(sizes, head_sizes(_targets(rule, m)), shape)
+        if (sizes is None or problem is not None) and _foreign(rule, m, exists):
+            return [module]  # no part is a module of the model: a key that names no layer, strict=False skips it
         if sizes is None or problem is not None:
             problems.append(f"{_where(module)} -> {', '.join(_targets(rule, m))}: {problem}")
             return []
@@ -277,6 +284,11 @@ def placed(
         ]
         return reordered
     return [module]
+
+
+def _foreign(rule: Split | Reorder, m: re.Match[str], exists: Callable[[str], bool]) -> bool:
+    """Whether none of ``rule``'s targets (nor the fused layer they are rows of) is a module of the model."""
+    return not any(exists(t) for t in _targets(rule, m)) and _whole_layer(rule, m, exists) is None
 
 
 def _whole_layer(rule: Split | Reorder, m: re.Match[str], exists: Callable[[str], bool]) -> str | None:

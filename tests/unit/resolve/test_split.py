@@ -167,6 +167,76 @@ def test_rows_that_do_not_divide_by_the_shares_are_refused_and_change_nothing() 
     )
 
 
+class _Decoder(nn.Module):
+    """A decoder layer's attention projection, named as transformers' Llama names it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([nn.Module()])
+        self.model.layers[0].self_attn = nn.Module()
+        self.model.layers[0].self_attn.q_proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.layers[0].self_attn.q_proj(x)
+
+
+class _SingleOut(nn.Module):
+    """A Flux single block's output projection alone, diffusers-named: none of ``linear1``'s layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.single_transformer_blocks = nn.ModuleList([nn.Module()])
+        self.single_transformer_blocks[0].proj_out = nn.Linear(20, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.single_transformer_blocks[0].proj_out(torch.cat([x] * 5, -1))
+
+
+def _foreign_fused(naming: str) -> tuple[nn.Module, str, dict[str, torch.Tensor], tuple, str, list[str]]:
+    """A model; its layer; a file of a module on that layer and a fused module of another model
+    whose rows no cut of the naming divides (12 for Lumina2's 3 : 1 : 1 in PEFT naming, 27 for
+    Flux's 1 : 1 : 1 : 4); the layer's ``(A, B, alpha / r)``; the fused module as messages name
+    it, and its keys."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g)
+    if naming == "peft":
+        layer, fused = "model.layers.0.self_attn.q_proj", "vision.layers.0.attention.qkv"
+        qkv = {"lora_A.weight": torch.randn(2, 4, generator=g), "lora_B.weight": torch.randn(12, 2, generator=g)}
+        sd = {f"base_model.model.{layer}.lora_A.weight": a, f"base_model.model.{layer}.lora_B.weight": b}
+        sd |= {f"base_model.model.{fused}.{role}": t for role, t in qkv.items()}
+        return _Decoder(), layer, sd, (a, b, 1.0), fused, [f"base_model.model.{fused}.{role}" for role in qkv]
+    a = torch.randn(2, 20, generator=g)
+    key = "lora_unet_single_blocks_0_linear2"
+    sd = {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(3.0)} | _linear1(27)
+    fused = "lora_unet_single_blocks_0_linear1"
+    return _SingleOut(), "single_transformer_blocks.0.proj_out", sd, (a, b, 1.5), fused, [k for k in sd if fused in k]
+
+
+@pytest.mark.parametrize("naming", ["peft", "flux-kohya"])
+def test_a_fused_module_none_of_whose_parts_the_model_has_names_no_layer(naming: str) -> None:
+    """A fused module none of whose parts (nor its fused layer) is a module of the model is another
+    model's, whose rows say nothing of this model's layers: it names no layer, like any such key,
+    refused as that with every byte unchanged, and skipped with strict=False, the rest loaded at the
+    float64 reference. It was cut by the naming's first rule all the same, and rows the rule's
+    shares do not divide were refused with strict=False too (PEFT naming cuts any model's
+    ``layers.N.attention.qkv`` as Lumina2's)."""
+    model, layer, sd, (a, b, scale), fused, fused_keys = _foreign_fused(naming)
+    runtime = lorahot.inject(model, [layer.rsplit(".", 1)[1]], max_rank=4)
+    state = [*model.named_parameters(), *model.named_buffers()]
+    before = {k: v.clone() for k, v in state}
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"- {re.escape(fused)}\b.*: matches no injected layer"):
+        runtime.load(sd)
+    assert all(torch.equal(v, before[k]) for k, v in state)
+    assert sorted(runtime.load(sd, strict=False).skipped) == sorted(fused_keys)
+    base = model.get_submodule(layer).base_layer
+    eye = torch.eye(base.in_features, dtype=torch.float64)
+    want = eye @ (base.weight.double() + scale * b.double() @ a.double()).T + base.bias.double()
+    with torch.no_grad():
+        got = model.get_submodule(layer)(eye.float()).double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_a_split_part_colliding_with_a_module_of_the_file_is_refused_and_changes_nothing() -> None:
     tensors = {
         f"diffusion_model.{k[len('lora_unet_') :].replace('_0_linear1', '.0.linear1')}": v
