@@ -33,6 +33,8 @@ __all__ = [
     "Split",
     "Reorder",
     "KeyFormat",
+    "alias_hits",
+    "any_alias",
     "NAME_START",
     "COMMON_NAMES",
     "DOTTED_START",
@@ -63,6 +65,28 @@ __all__ = [
 @functools.cache
 def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
+
+
+@functools.cache
+def any_alias(aliases: tuple[tuple[str, str], ...]) -> re.Pattern[str] | None:
+    """One regex that ``search``-matches a name where some pattern of ``aliases`` does (their
+    alternation, each in a group of its own that captures nothing): a name that no alias
+    renames, most unmatched keys, is rejected by one search instead of one per alias (PEFT naming
+    has about a hundred). None (every name may match) where a pattern could change its meaning
+    inside an alternation: a back-reference, a named group or an inline flag."""
+    patterns = [p for p, _ in aliases]
+    if not patterns or any(re.search(r"\\[1-9]|\(\?P[<=]|\(\?[aiLmsux]", p) for p in patterns):
+        return None
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
+
+
+def alias_hits(aliases: tuple[tuple[str, str], ...], name: str) -> list[tuple[str, str]]:
+    """The ``(pattern, replacement)`` of ``aliases`` whose pattern ``search``-matches ``name``, in
+    their order."""
+    every = any_alias(aliases)
+    if every is not None and every.search(name) is None:
+        return []
+    return [(p, r) for p, r in aliases if _compiled(p).search(name)]
 
 
 #: module key -> role -> (tensor key, tensor)
@@ -313,7 +337,7 @@ class KeyFormat:
         if any(_compiled(pattern).search(raw) for pattern, _ in self.renames):
             return 2
         names = (raw,) if module is None else (module[0], self.strip_prefix(module[0]))
-        aliased = self.aliases_claim and any(_compiled(p).search(n) for p, _ in self.aliases for n in names)
+        aliased = self.aliases_claim and any(alias_hits(self.aliases, n) for n in names)
         placed = aliased or any(_compiled(rule.pattern).fullmatch(n) for rule in self.splits for n in names)
         return 2 if placed else marked
 

@@ -60,6 +60,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems, lines, shown
 from lorahot.formats import FORMATS, KeyFormat, format_named
+from lorahot.formats.table import alias_hits
 from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
 from lorahot.resolve.split import placed
@@ -396,7 +397,7 @@ def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     exact = next((c for c in cands if c in names.exact), None)
     if exact is not None:  # most keys: the aliases (dozens of regexes per key) are not tried
         return (exact,)
-    aliased = [re.sub(p, r, c) for c in cands for p, r in fmt.aliases if re.search(p, c)]
+    aliased = [re.sub(p, r, c) for c in cands for p, r in alias_hits(fmt.aliases, c)]
     steps = (
         lambda: [c for c in aliased if c in names.exact][:1],
         lambda: _first(names.dotted(c) for c in cands[1:] + cands[:1] + ([] if fmt.aliases_exact else aliased)),
@@ -419,7 +420,7 @@ def _renamed(key: str, fmt: KeyFormat) -> list[str]:
     """The model module names the format's aliases give ``key`` (``diffusion_model.vace_blocks.0.before_proj``
     -> ``vace_blocks.0.proj_in``), so a refusal says which layer the file was made for."""
     probe = _candidates(key, fmt)[-1]  # without its component prefix
-    return sorted({re.sub(p, r, probe) for p, r in fmt.aliases if re.search(p, probe)} - {probe})[:3]
+    return sorted({re.sub(p, r, probe) for p, r in alias_hits(fmt.aliases, probe)} - {probe})[:3]
 
 
 def _closest(key: str, fmt: KeyFormat, names: _Names, renamed: Sequence[str] = ()) -> list[str]:
