@@ -7,7 +7,10 @@ For each key, in order:
 2. the format's aliases of those (``to_q`` -> ``q_proj``), exactly;
 3. a layer whose name ends with ``"." + key`` or the key ends with ``"." + name`` (the key, then
    its aliases: an old diffusers ``text_model.encoder...to_q_lora`` key on a transformers-5 CLIP
-   without the ``text_model`` level);
+   without the ``text_model`` level); for a naming whose aliases are exact (PEFT's), this step,
+   over the key alone, comes before step 2: its aliases stand for a name that is no layer of the
+   model, and a key that is one under a wrapper (Krea 2's ``first`` on a model's own
+   ``enc.first``) keeps it;
 4. the underscore form: every injected layer's name with ``.`` -> ``_`` (kohya names, and
    LDM block names mapped to diffusers ones), exactly or as a ``_``-suffix;
 5. the underscore form of a key that carries wrapper levels the model lacks
@@ -398,9 +401,17 @@ def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     if exact is not None:  # most keys: the aliases (dozens of regexes per key) are not tried
         return (exact,)
     aliased = [re.sub(p, r, c) for c in cands for p, r in alias_hits(fmt.aliases, c)]
+
+    def renamed() -> list[str]:
+        return [c for c in aliased if c in names.exact][:1]
+
+    def wrapped() -> list[str]:
+        return _first(names.dotted(c) for c in cands[1:] + cands[:1] + ([] if fmt.aliases_exact else aliased))
+
     steps = (
-        lambda: [c for c in aliased if c in names.exact][:1],
-        lambda: _first(names.dotted(c) for c in cands[1:] + cands[:1] + ([] if fmt.aliases_exact else aliased)),
+        # exact aliases only where the key names no layer of the model, not even under a wrapper (PEFT
+        # naming's: Krea 2's first -> img_in never takes a key that is the model's own enc.first)
+        *((wrapped, renamed) if fmt.aliases_exact else (renamed, wrapped)),
         lambda: _first(names.by_underscore(c) for c in cands[1:] + cands[:1]),
         lambda: _first(names.unwrapped(c) for c in cands[1:]) if fmt.separator == "_" else [],
         lambda: _first(names.by_underscore(a) for a in aliased) if fmt.separator == "_" else [],

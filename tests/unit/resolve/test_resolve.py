@@ -420,3 +420,47 @@ def test_a_fused_module_s_part_never_lands_on_a_name_it_only_ends_like(layers: l
         return
     module = resolve_keys(adapter, layers)[placed]
     assert torch.equal(module.B, torch.cat([B[4:], B[:4]]))
+
+
+class _OwnNamesUnderAWrapper(nn.Module):
+    """Modules named as Krea 2's and Lumina2's originals under a wrapper (``enc.first``,
+    ``enc.layers.0.attention.out``), and at the root the diffusers layers PEFT naming aliases those
+    names to (``img_in``, ``layers.0.attn.to_out.0``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Module()
+        self.enc.first = nn.Linear(4, 4)
+        self.enc.layers = nn.ModuleList([nn.Module()])
+        self.enc.layers[0].attention = nn.Module()
+        self.enc.layers[0].attention.out = nn.Linear(4, 4)
+        self.img_in = nn.Linear(4, 4)
+        self.layers = nn.ModuleList([nn.Module()])
+        self.layers[0].attn = nn.Module()
+        self.layers[0].attn.to_out = nn.ModuleList([nn.Linear(4, 4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.parametrize(
+    ("key", "layer"), [("first", "enc.first"), ("layers.0.attention.out", "enc.layers.0.attention.out")]
+)
+def test_a_peft_key_that_names_a_layer_under_a_wrapper_keeps_it_over_an_alias(key: str, layer: str) -> None:
+    """PEFT naming's aliases (Krea 2's ``first`` -> ``img_in``, Lumina2's ``attention.out`` ->
+    ``attn.to_out.0``) stand for names that are no layer of the model. A PEFT key that is one, under
+    a wrapper level the file leaves out, loads there, the float64 reference, and nothing else
+    changes; the aliases took it first and placed it on the other layer, silently."""
+    model, g = _OwnNamesUnderAWrapper(), torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g)
+    runtime = lorahot.inject(model, "all-linear", max_rank=2)
+    x = torch.randn(3, 4, generator=g)
+    with torch.no_grad():
+        before = {n: model.get_submodule(n)(x) for n in runtime.layers}
+    runtime.load({f"base_model.model.{key}.lora_A.weight": a, f"base_model.model.{key}.lora_B.weight": b})
+    with torch.no_grad():
+        after = {n: model.get_submodule(n)(x) for n in runtime.layers}
+        base = model.get_submodule(layer).base_layer
+        want = x.double() @ (base.weight.double() + b.double() @ a.double()).T + base.bias.double()
+    torch.testing.assert_close(after[layer].double(), want, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(after[n], before[n]) for n in runtime.layers if n != layer)
