@@ -171,21 +171,21 @@ def test_the_unload_a_failed_merged_write_advises_rebuilds_the_base(
     runtime = lorahot.inject(model, ["0", "1"], max_rank=8, merged=True)
     runtime.load(make_adapter(model, {"0": 4, "1": 4}, seed=1, dtype=torch.float64)[0])
     first = model[0].weight.detach().clone()
-    real_flat = merge._flat
+    real_fold = merge.Merger._fold_bias
     calls: list[int] = []
 
-    def faulting(weight: torch.Tensor) -> torch.Tensor:
+    def faulting(layer, extras, s):
         calls.append(1)
-        if len(calls) > 2:  # the first layer (its weight and pristine copy) is rewritten, then every step faults
+        if len(calls) > 1:  # the first layer is rewritten, then every layer's step faults, emptying's too
             raise RuntimeError("device fault")
-        return real_flat(weight)
+        return real_fold(layer, extras, s)
 
-    monkeypatch.setattr(merge, "_flat", faulting)
+    monkeypatch.setattr(merge.Merger, "_fold_bias", staticmethod(faulting))
     if not recorded:
         monkeypatch.setattr(merge.Merger, "record_all", lambda self: None)
     with pytest.raises(lorahot.WriteError, match=r"emptying slot 0 failed too.*runtime\.unload\(0\)"):
         runtime.load(make_adapter(model, {"0": 4, "1": 4}, seed=2, dtype=torch.float64)[0])
-    monkeypatch.setattr(merge, "_flat", real_flat)
+    monkeypatch.setattr(merge.Merger, "_fold_bias", staticmethod(real_fold))
     assert not torch.equal(model[0].weight, first)  # the partial write: the first layer holds the new adapter
     if not recorded:
         with pytest.raises(lorahot.UsageError, match="changed since lorahot last wrote them"):
