@@ -24,12 +24,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from lorahot.layers.base import EXTRA_G
 from lorahot.runtime.buffers import BufferManager
-from lorahot.runtime.layer_weights import Weight, per_layer, vector
+from lorahot.runtime.layer_weights import Weight, per_layer, table
 
 __all__ = ["BiasSums"]
 
@@ -104,8 +103,7 @@ class BiasSums:
                 if not len(self.index[a]):
                     continue
                 if not isinstance(weights, torch.Tensor) and per_layer(weights):
-                    n = len(arena.specs)
-                    w = torch.from_numpy(np.stack([vector(x, a, n) for x in weights])).to(arena.device)
+                    w = torch.from_numpy(table(weights, a, len(arena.specs))).to(arena.device)
                 else:
                     w = torch.as_tensor(weights, dtype=torch.float64).to(arena.device)
                 sums = self.values(a, w).to(arena.E.dtype)

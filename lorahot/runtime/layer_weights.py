@@ -58,6 +58,7 @@ __all__ = [
     "peak",
     "weight_in",
     "vector",
+    "table",
     "per_layer",
     "displayed",
 ]
@@ -115,6 +116,11 @@ def weight_in(w: Weight, a: int, i: int) -> float:
 def vector(w: Weight, a: int, n: int) -> np.ndarray:
     """``w`` on every layer of arena ``a`` (``n`` layers), float64 ``[n]``."""
     return w.vectors[a] if isinstance(w, LayerWeights) else np.full(n, w, dtype=np.float64)
+
+
+def table(weights: Sequence[Weight], a: int, n: int) -> np.ndarray:
+    """Every part's weight on every layer of arena ``a`` (``n`` layers), float64 ``[parts, n]``."""
+    return np.stack([vector(w, a, n) for w in weights])
 
 
 def displayed(w: Weight) -> float | dict[str, object]:

@@ -43,7 +43,7 @@ from lorahot.errors import AdapterMismatchError, format_problems, lines
 from lorahot.layers.base import EXTRA_BIAS
 from lorahot.runtime.bias_sums import BiasSums
 from lorahot.runtime.buffers import Arena, BufferManager, Entry, Extra
-from lorahot.runtime.layer_weights import LayerWeights, Weight, per_layer, vector, weight_in
+from lorahot.runtime.layer_weights import LayerWeights, Weight, per_layer, table, weight_in
 from lorahot.runtime.plan import Checked, LoadPlan, Staged
 
 __all__ = ["Stack", "Placement", "Run", "build", "check_parts", "part_named", "shared_problems", "SHARED_FIX"]
@@ -109,8 +109,8 @@ class Stack:
         out = []  # a weight per layer (lorahot.runtime.layer_weights): each row its part's weight on its layer
         for a, (own, part) in enumerate(self.owners):
             n = own.shape[0]
-            table = np.stack([vector(w, a, n) for w in weights])  # [parts, n_layers]
-            out.append(torch.from_numpy(own * table[part, np.arange(n)[:, None]]))
+            by_layer = table(weights, a, n)  # [parts, n_layers]
+            out.append(torch.from_numpy(own * by_layer[part, np.arange(n)[:, None]]))
         return out
 
     @functools.cached_property

@@ -40,7 +40,7 @@ from lorahot.adapter import LoraModule
 from lorahot.adapter.deltas import lora_update_max
 from lorahot.errors import UsageError, format_problems, lines
 from lorahot.runtime.buffers import BufferManager
-from lorahot.runtime.layer_weights import Weight, peak, per_layer, vector, weight_in
+from lorahot.runtime.layer_weights import Weight, peak, per_layer, table, weight_in
 from lorahot.runtime.plan import dtype_max
 from lorahot.runtime.stack import Stack
 
@@ -100,7 +100,7 @@ class UpdateRange:
         biases: list[tuple[int, int, float, list[int]]] = []  # (arena, layer, value reached, parts)
         for a, (b, top) in enumerate(zip(self._bounds(stack), self._tops)):
             n = len(self.buffers.arenas[a].specs)
-            w = np.abs(np.stack([vector(x, a, n) for x in weights]))  # [parts, n_layers]
+            w = np.abs(table(weights, a, n))  # [parts, n_layers]
             with np.errstate(over="ignore", invalid="ignore"):  # a bound past float64 is inf: flagged below
                 bound = (w * b.table).sum(axis=0) if len(b.table) else np.zeros(0)
                 bias_bound = (w * b.bias_table).sum(axis=0) if len(b.bias_table) else None

@@ -284,14 +284,23 @@ class WideWeights:
         if not isinstance(multiplier, LayerWeights):
             return [(a, ix, worst, largest * abs(multiplier)) for a, ix, worst, largest in self._worst_at_1(plan)]
         out = []
+        for a, indices, values in self._values(plan):
+            weighted = values.numpy() * np.abs(multiplier.vectors[a][indices])
+            worst = int(weighted.argmax())
+            out.append((a, indices, worst, float(weighted[worst])))
+        return out
+
+    def _values(self, plan: LoadPlan) -> list[tuple[int, list[int], torch.Tensor]]:
+        """Per arena with wide layers: the arena, its wide layers' indices and each one's
+        ``max|B| * |alpha / r|`` of ``plan`` (times the bound on its rows' shifts,
+        :attr:`LoadPlan.a_shift`, in a shifted arena)."""
+        out = []
         for a, (indices, _, _) in enumerate(self.groups):
             if indices and len(plan.scaled_b) > a:
                 values = plan.scaled_b[a][self._index[a]]
                 if self._shift[a] is not None and len(plan.a_shift) > a:
                     values = values * plan.a_shift[a][self._index[a]]
-                values = values.numpy() * np.abs(multiplier.vectors[a][indices])
-                worst = int(values.argmax())
-                out.append((a, indices, worst, float(values[worst])))
+                out.append((a, indices, values))
         return out
 
     def _worst_at_1(self, plan: LoadPlan) -> list[tuple[int, list[int], int, float]]:
@@ -304,13 +313,9 @@ class WideWeights:
         if found is not None and found[0]() is plan:
             return found[1]
         out = []
-        for a, (indices, _, _) in enumerate(self.groups):
-            if indices and len(plan.scaled_b) > a:
-                values = plan.scaled_b[a][self._index[a]]
-                if self._shift[a] is not None and len(plan.a_shift) > a:
-                    values = values * plan.a_shift[a][self._index[a]]
-                worst = int(values.argmax())
-                out.append((a, indices, worst, float(values[worst])))
+        for a, indices, values in self._values(plan):
+            worst = int(values.argmax())
+            out.append((a, indices, worst, float(values[worst])))
         if len(self._worst_of) >= 64:  # plans of adapters long gone
             self._worst_of = {k: v for k, v in self._worst_of.items() if v[0]() is not None}
         self._worst_of[id(plan)] = (weakref.ref(plan), out)
