@@ -9,7 +9,13 @@ the same as it not existing. For a single file (``weight_name=``) the config is 
 separately, and only the Hub's answer "no such file" lets the load go on without it: now
 (``EntryNotFoundError``) or as recorded in the cache's ``.no_exist`` folder when offline.
 Anything else (offline with nothing cached, network errors, a gated repo) is a
-:class:`~lorahot.errors.SourceNotFoundError`, unless the caller passed ``config=``.
+:class:`~lorahot.errors.SourceNotFoundError`, unless the caller passed ``config=``. For a whole
+repo the Hub's listing says whether there is one, and a listing without it is recorded in the
+cache's ``.no_exist`` as ``huggingface_hub`` records the Hub's "no such file"; a snapshot the
+cache serves alone (offline, the Hub not reached) needs the config in it or such a record (or
+the file listing ``huggingface_hub`` cached, without it), else the same error: weights fetched
+alone (``hf_hub_download``, diffusers' ``load_lora_weights`` with ``weight_name=``) say nothing
+of the config.
 
 A whole repo (no ``weight_name=``) is listed by one request to the Hub bounded by
 ``huggingface_hub``'s ``HF_HUB_ETAG_TIMEOUT``, read when the request is made (its
@@ -144,7 +150,7 @@ def _fetch(
 ) -> Path:
     """:func:`fetch`'s work: through the Hub (reporting its steps to ``watch``), or from the
     cache alone after ``stalled`` (then a file not cached fails with ``stalled`` as its cause)."""
-    path = _download(repo_id, revision, subfolder, token, weight_name, watch, stalled)
+    path = _download(repo_id, revision, subfolder, token, weight_name, watch, stalled, need_config)
     if weight_name is not None:  # a snapshot brings the config along; a single file does not
         if watch is not None:
             watch.step()
@@ -308,6 +314,7 @@ def _download(
     weight_name: str | None,
     watch: _Watch | None,
     stalled: HubTimeout | None,
+    need_config: bool = True,
 ) -> Path:
     from huggingface_hub import hf_hub_download
 
@@ -317,10 +324,10 @@ def _download(
                 return _cached_file(repo_id, weight_name, subfolder, revision, token, stalled)
             return Path(hf_hub_download(repo_id, weight_name, subfolder=subfolder, revision=revision, token=token))
         if stalled is not None:
-            root, listing = _cached_snapshot(repo_id, revision, subfolder, token, stalled), None
+            root, listing = _cached_snapshot(repo_id, revision, subfolder, token, stalled, need_config), None
         else:
-            root, listing = _snapshot(repo_id, revision, subfolder, token, watch)
-    except _Abandoned:
+            root, listing = _snapshot(repo_id, revision, subfolder, token, watch, need_config)
+    except (_Abandoned, LoraError):
         raise
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
         what = cut(
@@ -345,7 +352,12 @@ def cache_folder(repo_id: str) -> Path:
 
 
 def _snapshot(
-    repo_id: str, revision: str | None, subfolder: str | None, token: str | bool | None, watch: _Watch | None
+    repo_id: str,
+    revision: str | None,
+    subfolder: str | None,
+    token: str | bool | None,
+    watch: _Watch | None,
+    need_config: bool = True,
 ) -> tuple[Path, list[str] | None]:
     """The cache's snapshot folder of ``revision``, holding what a read of ``subfolder`` needs,
     and the repo's file paths (None where the cache served the folder without the Hub).
@@ -368,7 +380,7 @@ def _snapshot(
     except Exception as exc:  # not reached, or refused: the cache may still hold the snapshot
         if isinstance(exc, RevisionNotFoundError) or not (_unreached(exc) or isinstance(exc, HfHubHTTPError)):
             raise
-        return _cached_snapshot(repo_id, revision, subfolder, token, exc), None
+        return _cached_snapshot(repo_id, revision, subfolder, token, exc, need_config), None
     commit = getattr(info, "sha", None)
     if not isinstance(commit, str) or not _COMMIT.fullmatch(commit):  # it names a folder of the cache
         raise ValueError(f"the Hub's answer names no commit of the repo (sha={shown(commit, 60)})")
@@ -376,6 +388,9 @@ def _snapshot(
     root = cache_folder(repo_id).resolve() / "snapshots" / commit
     needed = _needed(files, subfolder)
     if any(name.endswith(".safetensors") for name in needed):
+        config = f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME
+        if config not in needed:  # so that a read from the cache alone knows there is none
+            _record_missing(repo_id, commit, config)
         for name in sorted(needed, key=lambda n: n.endswith(".safetensors")):  # the config first
             if watch is not None:
                 watch.step()
@@ -401,15 +416,25 @@ def _needed(files: list[str], subfolder: str | None) -> list[str]:
 
 
 def _cached_snapshot(
-    repo_id: str, revision: str | None, subfolder: str | None, token: str | bool | None, cause: Exception
+    repo_id: str,
+    revision: str | None,
+    subfolder: str | None,
+    token: str | bool | None,
+    cause: Exception,
+    need_config: bool = True,
 ) -> Path:
-    """The snapshot the cache holds for ``revision`` (no request); ``cause`` where it holds none."""
+    """The snapshot the cache holds for ``revision`` (no request); ``cause`` where it holds none.
+
+    Raises:
+        SourceNotFoundError: ``need_config`` and the snapshot holds weights where the read looks
+            but neither the config beside them nor a record that the repo has none there.
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import LocalEntryNotFoundError
 
     inner = f"{subfolder}/" if subfolder else ""
     try:
-        return Path(
+        root = Path(
             snapshot_download(
                 repo_id,
                 revision=revision,
@@ -424,6 +449,50 @@ def _cached_snapshot(
         if type(exc) is LocalEntryNotFoundError:  # nothing cached: the listing's failure says why
             raise cause from None
         raise  # a cached snapshot missing files (IncompleteSnapshotError) says so itself
+    if need_config and _holds_safetensors(root / subfolder if subfolder else root):
+        _check_cached_config(repo_id, revision, root, f"{inner}{CONFIG_NAME}", cause)
+    return root
+
+
+def _check_cached_config(repo_id: str, revision: str | None, root: Path, name: str, cause: Exception) -> None:
+    """Whether the repo has config ``name`` is known from the cache's snapshot ``root`` alone:
+    the file is there, or the cache records it as missing (``.no_exist``, or the repo's cached
+    file listing without it). A snapshot whose config was never asked for (its weights fetched
+    alone: ``hf_hub_download``, or diffusers' ``load_lora_weights`` with ``weight_name=``) says
+    nothing, and read without its config the adapter would compute at alpha = rank.
+
+    Raises:
+        SourceNotFoundError: neither, naming the repo, the file and the fix for ``cause``.
+    """
+    from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
+
+    if os.path.lexists(root / name):  # there: the read judges it (a dangling link is refused)
+        return
+    try:
+        if try_to_load_from_cache(repo_id, name, revision=root.name) is _CACHED_NO_EXIST:
+            return
+    except Exception:  # a cache it cannot read records nothing
+        pass
+    listing = _cached_listing(repo_id, root.name)
+    if listing is not None and name not in listing:
+        return
+    raise SourceNotFoundError(
+        f"{_where(repo_id, revision)}: cannot fetch {cut(name, 200)} from the Hub ({type(cause).__name__}: "
+        f"{_first_line(cause)}), and without it the adapter's scale is unknown: the local Hugging Face cache holds "
+        f"the weights, but neither the config nor a record that the repo has none. {_fix(cause)} Once fetched, the "
+        "cache also records a config that does not exist. Or pass config={'r': ..., 'lora_alpha': ...}."
+    )
+
+
+def _record_missing(repo_id: str, commit: str, name: str) -> None:
+    """Records in the cache that the repo has no file ``name`` at ``commit`` (``.no_exist``, as
+    ``huggingface_hub`` records the Hub's "no such file"), for a read from the cache alone."""
+    try:
+        marker = cache_folder(repo_id) / ".no_exist" / commit / name
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:  # a read-only cache: a read from it alone then refuses, asking for the config
+        pass
 
 
 def _cached_file(

@@ -914,3 +914,85 @@ def test_a_bad_file_of_a_repo_names_the_repo_and_revision(
     _refused_everywhere(
         rig, capsys, lorahot.AdapterReadError, message.format(where=re.escape(f"{REPO}@main")), revision="main"
     )
+
+
+def _weights_without_config(hub_cache: Path) -> Path:
+    """The cache's snapshot of ``REPO`` with its weights but no config, and no record of one:
+    what a fetch of the weight file alone leaves (hf_hub_download, or diffusers' load_lora_weights
+    with weight_name=)."""
+    snap = hub_cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
+    (snap / "adapter_config.json").unlink()
+    return snap
+
+
+@pytest.mark.parametrize("hub", ["offline", "stalled", "refused"])
+def test_a_cached_repo_whose_config_was_never_fetched_is_refused_not_read_at_alpha_equals_rank(
+    hub_cache: Path,
+    stand_in_hub: StandInHub,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    hub: str,
+) -> None:
+    """A whole repo served by the cache alone (offline, the Hub not answering, or refusing the
+    listing) was read without its config where the cache held the weights alone, so the adapter
+    computed at alpha = rank (scale 1.0 where the repo's config says 0.5), silently; a single file
+    (weight_name=) was refused there. It is now refused the same way, naming the repo, the config
+    and the fix, the runtime bitwise unchanged; the cache's record that the repo has no config
+    (.no_exist, or its cached file listing without one) and config= let it load."""
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", hub == "offline")
+    monkeypatch.setattr(hub_constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    stand_in_hub.stalled = hub == "stalled"
+    if hub == "refused":  # a server error answers the listing
+        monkeypatch.setattr(_StandInHandler, "_answer", lambda self, body: self._send(500, b"", {}, body))
+    rig = _rig(hub_cache)
+    _weights_without_config(hub_cache)
+    cause = {"offline": "OfflineModeIsEnabled", "stalled": r"\w*Timeout\w*", "refused": "HfHubHTTPError"}[hub]
+    _refused_everywhere(
+        rig,
+        capsys,
+        lorahot.SourceNotFoundError,
+        rf"^{REPO}: cannot fetch adapter_config\.json from the Hub \({cause}: .*\), and without it the adapter's scale "
+        r"is unknown: the local Hugging Face cache holds the weights, but neither the config nor a record that the "
+        r"repo has none\. .*Or pass config=",
+    )
+    given = within(HANG_S, lambda: lorahot.read_adapter(REPO, config={"r": 4, "lora_alpha": 2}))
+    assert given.modules["proj"].scale == 0.5
+
+
+def test_a_cached_record_that_the_repo_has_no_config_reads_it_without_one(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache says the repo has no config: the Hub's 'no such file' recorded in .no_exist, or
+    a cached file listing of the commit without it (snapshot_download's); not where the listing has one."""
+    import huggingface_hub
+
+    _weights_without_config(hub_cache)
+    marker = hub_cache / f"models--{REPO.replace('/', '--')}" / ".no_exist" / COMMIT / "adapter_config.json"
+    marker.touch()
+    assert lorahot.read_adapter(REPO).modules["proj"].scale == 1.0
+    marker.unlink()
+    for listing, loads in (
+        (["adapter_model.safetensors"], True),
+        (["adapter_model.safetensors", "adapter_config.json"], False),
+    ):
+        tree = [SimpleNamespace(path=p) for p in listing]
+        monkeypatch.setattr(huggingface_hub, "get_cached_repo_tree", lambda *a, tree=tree, **k: tree)
+        if loads:
+            assert lorahot.read_adapter(REPO).modules["proj"].scale == 1.0
+        else:
+            with pytest.raises(lorahot.SourceNotFoundError, match=r"neither the config nor a record"):
+                lorahot.read_adapter(REPO)
+
+
+def test_a_repo_fetched_online_without_a_config_loads_offline_without_one(
+    online_hub: StandInHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Online, the listing shows the repo has no config: the cache records it (.no_exist, as
+    huggingface_hub records the Hub's 'no such file'), so an offline read of the snapshot knows
+    it has none instead of refusing."""
+    online_hub.serve({"adapter_model.safetensors": _peft_bytes(4)})
+    assert lorahot.read_adapter(REPO).modules["proj"].scale == 1.0
+    online_hub.stalled = True  # offline must not ask
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert within(HANG_S, lambda: lorahot.read_adapter(REPO)).modules["proj"].scale == 1.0
+    assert online_hub.fetched() == ["adapter_model.safetensors"]
