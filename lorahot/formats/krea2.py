@@ -8,7 +8,11 @@ AI-Toolkit's spelling under PEFT's ``base_model.model.`` is not this naming's: s
 PEFT naming (a PEFT adapter of a model whose own modules are ``blocks.N.attn.wq`` loads as PEFT
 with its ``adapter_config.json``), which takes this naming's module aliases
 (:data:`MODULE_ALIASES`) exactly, where the file's name is no layer of the model, so on a
-diffusers-named model they land as diffusers' Krea 2 loader lands them.
+diffusers-named model they land as diffusers' Krea 2 loader lands them; only in a file that is
+Krea 2's (:data:`FILE_ALIASES`: a module key that only Krea 2 has, a block module or ``tmlp`` /
+``tproj`` / ``txtmlp`` / ``txtfusion``), as diffusers converts them in its Krea 2 loader alone:
+``first`` and ``last.linear`` are any model's names, and another model's ``first`` is no
+``img_in``.
 
 Every module is an alias, as diffusers' Krea 2 conversion renames it: in a block (``blocks.N``,
 diffusers' ``transformer_blocks.N``, and the text fusion's ``txtfusion.layerwise_blocks.N`` /
@@ -37,12 +41,13 @@ from lorahot.formats.table import (
     ORIGINAL_HEAD,
     ORIGINAL_PREFIXES,
     REFUSED_MERGEABLE,
+    FileAliases,
     KeyFormat,
     lora_rules,
     lycoris_rules,
 )
 
-__all__ = ["FORMAT", "KOHYA", "MODULE_ALIASES"]
+__all__ = ["FORMAT", "KOHYA", "MODULE_ALIASES", "FILE_ALIASES"]
 
 _ATTN = {"wq": "to_q", "wk": "to_k", "wv": "to_v", "wo": "to_out.0", "gate": "to_gate"}
 _MLP = ("gate", "up", "down")
@@ -104,6 +109,14 @@ _MODULE = (
     r"(?:txtfusion\.(?:layerwise|refiner)_blocks\.\d+\.|blocks\.\d+\.)"
     rf"(?:attn\.(?:{'|'.join(_ATTN)})|mlp\.(?:{'|'.join(_MLP)}))"
 )
+
+#: the modules outside the blocks whose names only Krea 2 has (``first`` and ``last.linear`` are any
+#: model's)
+_OWN_OUTSIDE = tuple(k for k in _OUTSIDE if k not in ("first", "last.linear"))
+
+#: :data:`MODULE_ALIASES` for PEFT naming, taken only by a file one of whose module keys is a name
+#: only Krea 2 has: a block module, or a standalone module but ``first`` and ``last.linear``
+FILE_ALIASES = FileAliases("Krea 2", rf"^(?:{_MODULE}|{'|'.join(map(re.escape, _OWN_OUTSIDE))})$", MODULE_ALIASES)
 
 FORMAT = KeyFormat(
     name="krea2",

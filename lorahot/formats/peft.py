@@ -33,7 +33,9 @@ block modules (:data:`lorahot.formats.lumina2.BLOCK_ALIASES`, :data:`lorahot.for
 ``attention.o`` onto its output projection), which the ``lumina2`` naming takes under a prefix only
 and diffusers' Ideogram 4 and Z-Image loaders read without one; and Krea 2's
 (:data:`lorahot.formats.krea2.MODULE_ALIASES`), as AI-Toolkit writes them under ``base_model.model.``
-and diffusers' Krea 2 loader reads them.
+and diffusers' Krea 2 loader reads them, only in a file that is Krea 2's
+(:data:`lorahot.formats.krea2.FILE_ALIASES`: some module key is a name only Krea 2 has), as diffusers
+converts them in its Krea 2 loader alone: a lone ``first`` of another model is no Krea 2 ``img_in``.
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ FORMAT = KeyFormat(
         *sd3.OUTSIDE_ALIASES,
         *lumina2.OUTSIDE_ALIASES,
         *lumina2.BLOCK_ALIASES,
-        *krea2.MODULE_ALIASES,
     ),
+    file_aliases=(krea2.FILE_ALIASES,),
     aliases_exact=True,  # q_proj is every LLM's and text encoder's: only the model's exact path
     splits=(flux.FINAL_ADALN, *lumina2.SPLITS),
     example="base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,6 +32,7 @@ __all__ = [
     "Rule",
     "Split",
     "Reorder",
+    "FileAliases",
     "KeyFormat",
     "alias_hits",
     "any_alias",
@@ -87,6 +88,12 @@ def alias_hits(aliases: tuple[tuple[str, str], ...], name: str) -> list[tuple[st
     if every is not None and every.search(name) is None:
         return []
     return [(p, r) for p, r in aliases if _compiled(p).search(name)]
+
+
+@functools.cache
+def _taking(fmt: KeyFormat, taken: tuple[FileAliases, ...]) -> KeyFormat:
+    """``fmt`` with the aliases of ``taken`` after its own (:meth:`KeyFormat.for_file`)."""
+    return replace(fmt, aliases=(*fmt.aliases, *(a for s in taken for a in s.aliases)), file_aliases=())
 
 
 #: module key -> role -> (tensor key, tensor)
@@ -182,6 +189,29 @@ class Reorder:
     rows_per_input: int = 0
 
 
+@dataclass(frozen=True)
+class FileAliases:
+    """Aliases of one model's original names that a naming reading every model's names (PEFT's)
+    takes only for a file of that model, as its loader converts them only in such a file.
+
+    AI-Toolkit writes Krea 2's original names under PEFT's ``base_model.model.``; diffusers renames
+    them in its Krea 2 loader alone. Some of those names are any model's (``first`` -> ``img_in``,
+    ``last.linear``), so aliasing them in every PEFT file would place another model's ``first`` on
+    ``img_in``. A file takes the aliases where one of its module keys, without the naming's prefix,
+    is a name only that model has (:attr:`marker`).
+
+    Attributes:
+        model: the model the names are of, for documentation.
+        marker: a regex ``search``-ed in each module key without the naming's component prefix:
+            the names only that model has (Krea 2's ``blocks.N.attn.wq``, ``txtfusion.``, ``tmlp.0``).
+        aliases: ``(regex, replacement)``, as :attr:`KeyFormat.aliases`, appended to the naming's.
+    """
+
+    model: str
+    marker: str
+    aliases: tuple[tuple[str, str], ...]
+
+
 @dataclass(frozen=True, eq=False)  # identity hash: the memoized methods hash self on every call
 class KeyFormat:
     """One adapter naming, as data.
@@ -230,6 +260,8 @@ class KeyFormat:
             ``final_layer``: :func:`lorahot.formats.kohya.outside`), which other models have too
             (Qwen-Image's ``img_in``): a key it alone takes is no stray in a file of an unmarked
             naming that reads it (:func:`lorahot.formats.read_as`).
+        file_aliases: aliases taken only for a file that is of their model (:class:`FileAliases`,
+            :meth:`for_file`): PEFT naming's Krea 2 names.
     """
 
     name: str
@@ -249,6 +281,18 @@ class KeyFormat:
     shared: str = ""
     aliases_claim: bool = True
     outside: bool = False
+    file_aliases: tuple[FileAliases, ...] = ()
+
+    def for_file(self, modules: Iterable[str]) -> KeyFormat:
+        """This naming as it reads a file whose module keys are ``modules``: with the
+        :attr:`file_aliases` of every model one of the keys (without a component prefix) marks
+        after its own aliases; itself where none does. One format per set taken (memoized), so
+        lookups memoized per format stay apart."""
+        if not self.file_aliases:
+            return self
+        names = [self.strip_prefix(m) for m in modules]
+        taken = tuple(s for s in self.file_aliases if any(_compiled(s.marker).search(n) for n in names))
+        return _taking(self, taken) if taken else self
 
     def strip_prefix(self, module: str) -> str:
         """``module`` without this format's component prefix, if it has one."""

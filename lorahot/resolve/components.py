@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems, lines, message, shown
 from lorahot.formats import FORMATS
-from lorahot.resolve.keys import COMPONENT_NAMES, COMPONENT_PREFIXES, ROOT_PREFIXES, resolve_all
+from lorahot.resolve.keys import COMPONENT_NAMES, COMPONENT_PREFIXES, ROOT_PREFIXES, file_naming, resolve_all
 
 __all__ = ["ROUTES", "DENOISER", "T5_PREFIXES", "COMFYUI_ENCODER", "route", "resolve_components", "non_denoisers"]
 
@@ -447,6 +447,7 @@ def _resolve_each(
     lora: dict[str, LoraModule] = {}
     weights: dict[str, WeightModule] = {}
     problems: list[str] = []
+    naming = file_naming(adapter)  # the whole file's: its Krea 2 keys mark it for every component
     for component, routed in groups.items():
         if not routed:
             continue
@@ -462,7 +463,7 @@ def _resolve_each(
         bare = [n[len(head) :] for n in weightless if n.startswith(head)]
         read = [(n[len(head) :], why) for n, why in unwrapped if n.startswith(head)]
         try:
-            found, folded = resolve_all(part, own, skipped, beside, sizes, bare, read)
+            found, folded = resolve_all(part, own, skipped, beside, sizes, bare, read, naming)
         except AdapterMismatchError as exc:
             problems.append(f"[{component}] " + message(exc))
             continue

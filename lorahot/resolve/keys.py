@@ -71,6 +71,7 @@ from lorahot.resolve.split import placed
 __all__ = [
     "resolve_keys",
     "resolve_all",
+    "file_naming",
     "outside",
     "head_sizes",
     "COMPONENT_NAMES",
@@ -463,6 +464,7 @@ def resolve_all(
     heads: Mapping[str, int] | None = None,
     weightless: Sequence[str] = (),
     unwrapped: Sequence[tuple[str, str]] = (),
+    naming: KeyFormat | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """Maps each adapter module key (LoRA and weight kinds) to one injected layer name (see
     the module docstring).
@@ -489,6 +491,8 @@ def resolve_all(
             ``out_proj``), among ``others``: a key that names one of them and no other module is
             refused with that reason, inject refusing them as targets, rather than with a hint
             to inject it.
+        naming: the naming as it reads the whole file (:func:`file_naming`), where ``adapter`` is
+            one component's share of it; else :func:`file_naming` of ``adapter``.
 
     Returns:
         injected layer name -> the LoRA module loaded into it, and the same for the weight
@@ -498,7 +502,7 @@ def resolve_all(
         AdapterMismatchError: keys matching no layer (each with the closest layer names),
             keys matching several layers (with the candidates), or two keys on one layer.
     """
-    fmt = format_named(adapter.format)
+    fmt = naming if naming is not None else file_naming(adapter)
     index = _index(tuple(names), tuple(others), tuple(weightless), tuple(unwrapped))
     out: dict[str, LoraModule | WeightModule] = {}
     origin: dict[str, str] = {}
@@ -588,6 +592,13 @@ def resolve_all(
         )
     lora = {n: m for n, m in out.items() if isinstance(m, LoraModule)}
     return lora, {n: m for n, m in out.items() if isinstance(m, WeightModule)}
+
+
+def file_naming(adapter: Adapter) -> KeyFormat:
+    """The naming of ``adapter`` as it reads this file: with the aliases of a model only its
+    files take (:meth:`~lorahot.formats.table.KeyFormat.for_file`: Krea 2's ``first`` -> ``img_in``
+    in PEFT naming only where some key is a name only Krea 2 has)."""
+    return format_named(adapter.format).for_file([*adapter.modules, *adapter.weights])
 
 
 def _norm_hint(module: LoraModule | WeightModule) -> str:

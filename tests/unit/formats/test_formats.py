@@ -15,6 +15,7 @@ from torch import nn
 
 import lorahot
 from lorahot.formats import FORMATS, KeyFormat, detect
+from lorahot.formats.table import _taking
 from lorahot.io.config import INERT
 from tests.helpers import lora_pair
 
@@ -595,10 +596,14 @@ def test_a_refused_config_reads_as_sentences_on_one_line(tmp_path: Path) -> None
     assert "computes something else from its weights. lorahot loads plain LoRA" in " ".join(str(refused.value).split())
 
 
-_ALIASED = [f for f in FORMATS if f.aliases]
+#: every naming with aliases, and each as a file that takes every set of its file aliases reads it
+_ALIASED = [
+    *(f for f in FORMATS if f.aliases),
+    *(_taking(f, f.file_aliases) for f in FORMATS if f.file_aliases),
+]
 
 
-@pytest.mark.parametrize("fmt", _ALIASED, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", _ALIASED, ids=lambda f: f.name + ("+file" if f not in FORMATS else ""))
 def test_the_alias_prefilter_keeps_exactly_the_aliases_that_match(fmt: KeyFormat) -> None:
     """``alias_hits`` rejects a name no alias renames with one search of the aliases'
     alternation (PEFT naming has about a hundred; 20,000 unmatched keys took 0.2 s more when
@@ -631,3 +636,33 @@ def test_the_alias_prefilter_is_off_where_an_alternation_could_change_a_pattern(
     assert any_alias(backref) is None and alias_hits(backref, "zaa") == [backref[0]]
     assert any_alias(((r"(?P<n>a)$", "x"),)) is None
     assert alias_hits(((r"^q$", "x"), (r"k$", "y")), "kk") == [(r"k$", "y")]
+
+
+_KREA2_OWN = (
+    *("blocks.3.attn.wq", "blocks.0.attn.gate", "blocks.12.mlp.up", "txtfusion.layerwise_blocks.0.attn.wo"),
+    *("txtfusion.refiner_blocks.1.mlp.down", "tmlp.0", "tmlp.2", "tproj.1", "txtmlp.1", "txtmlp.3"),
+    "txtfusion.projector",
+)
+_NOT_KREA2 = (
+    *("first", "last.linear", "img_in", "blocks.0.attn.to_q", "blocks.0.attn.qkv", "enc.blocks.0.attn.wq"),
+    *("blocks.0.attn.wq.x", "tmlp.1", "layers.0.attention.wq", "txtfusion", "model.tmlp.0"),
+)
+
+
+def test_peft_naming_takes_krea2_names_only_for_a_file_one_of_whose_keys_only_krea2_has() -> None:
+    """PEFT naming took Krea 2's aliases (``first`` -> ``img_in``) in every file, where diffusers takes
+    them in its Krea 2 loader alone. A file takes them where one of its module keys is a name only
+    Krea 2 has (a block module, ``tmlp``, ``tproj``, ``txtmlp``, ``txtfusion``), under PEFT's prefix or
+    not; never by ``first`` or ``last.linear`` (any model's), nor by another model's names."""
+    from lorahot.formats import krea2, peft
+    from lorahot.formats.table import alias_hits
+
+    plain = peft.FORMAT.for_file(_NOT_KREA2)
+    assert plain is peft.FORMAT and not alias_hits(plain.aliases, "first")
+    for own in _KREA2_OWN:
+        for key in (own, "base_model.model." + own):
+            taken = peft.FORMAT.for_file(["first", key])
+            assert taken is not peft.FORMAT and taken.name == "peft", key
+            assert taken.aliases == (*peft.FORMAT.aliases, *krea2.MODULE_ALIASES)
+            assert taken is peft.FORMAT.for_file([key]), key  # one format per set: lookups memoized per format
+            assert [re.sub(p, r, "first") for p, r in alias_hits(taken.aliases, "first")] == ["img_in"]

@@ -4,6 +4,7 @@ the errors for keys that do not map."""
 from __future__ import annotations
 
 import gc
+import re
 import time
 import tracemalloc
 
@@ -464,3 +465,67 @@ def test_a_peft_key_that_names_a_layer_under_a_wrapper_keeps_it_over_an_alias(ke
         want = x.double() @ (base.weight.double() + b.double() @ a.double()).T + base.bias.double()
     torch.testing.assert_close(after[layer].double(), want, rtol=1e-5, atol=1e-6)
     assert all(torch.equal(after[n], before[n]) for n in runtime.layers if n != layer)
+
+
+class _KreaShaped(nn.Module):
+    """The diffusers-named layers PEFT naming aliases Krea 2's original names to: ``img_in`` and
+    ``final_layer.linear`` (``first``, ``last.linear``, names any model may have), ``time_embed.linear_1``
+    (``tmlp.0``) and ``transformer_blocks.0.attn.to_q`` (``blocks.0.attn.wq``), names only Krea 2 has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.img_in = nn.Linear(4, 4)
+        self.final_layer = nn.Module()
+        self.final_layer.linear = nn.Linear(4, 4)
+        self.time_embed = nn.Module()
+        self.time_embed.linear_1 = nn.Linear(4, 4)
+        self.transformer_blocks = nn.ModuleList([nn.Module()])
+        self.transformer_blocks[0].attn = nn.Module()
+        self.transformer_blocks[0].attn.to_q = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _peft(module: str, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {
+        f"base_model.model.{module}.lora_A.weight": torch.randn(2, 4, generator=g),
+        f"base_model.model.{module}.lora_B.weight": torch.randn(4, 2, generator=g),
+    }
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+@pytest.mark.parametrize(("key", "layer"), [("first", "img_in"), ("last.linear", "final_layer.linear")])
+def test_a_peft_file_takes_krea2_names_only_where_a_key_only_krea2_has_marks_it(key: str, layer: str) -> None:
+    """PEFT naming took Krea 2's aliases in every file, so a PEFT file of another model whose module
+    is ``first`` (or ``last.linear``), names any model may have, loaded onto ``img_in`` (or
+    ``final_layer.linear``), silently: diffusers renames Krea 2's names in its Krea 2 loader alone.
+    Such a file is refused naming the key (every parameter and buffer bitwise unchanged) and skipped
+    with ``strict=False``, the rest loading; beside a key only Krea 2 has (``tmlp.0``,
+    ``blocks.0.attn.wq``: AI-Toolkit's Krea 2 file) it lands on the diffusers layer at the float64
+    reference."""
+    model, g = _KreaShaped(), torch.Generator().manual_seed(3)
+    runtime = lorahot.inject(model, "all-linear", max_rank=2)
+    lone = _peft(key, g)
+    before = _state(model)
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"  - {re.escape(key)}: matches no injected layer") as e:
+        runtime.load(lone)
+    assert "naming places it at" not in str(e.value)  # no alias of it taken
+    assert all(torch.equal(t, before[n]) for n, t in _state(model).items()) and _state(model).keys() == before.keys()
+    own = _peft("time_embed.linear_1", g)  # the model's own name: it loads, the stray is skipped
+    info = runtime.load(lone | own, strict=False)
+    assert set(info.skipped) == set(lone) and set(info.ranks) == {"time_embed.linear_1"}
+    for marker, marked in (("tmlp.0", "time_embed.linear_1"), ("blocks.0.attn.wq", "transformer_blocks.0.attn.to_q")):
+        tensors = lone | _peft(marker, g)
+        runtime.load(tensors)
+        x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+        for module, name in ((key, layer), (marker, marked)):
+            a, b = (tensors[f"base_model.model.{module}.lora_{r}.weight"].double() for r in "AB")
+            base = model.get_submodule(name).base_layer
+            want = x @ (base.weight.double() + b @ a).T + base.bias.double()
+            with torch.no_grad():
+                got = model.get_submodule(name)(x.float()).double()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
