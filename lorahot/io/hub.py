@@ -62,6 +62,7 @@ from typing import Any
 from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, UsageError, shown
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.safety import PICKLE_SUFFIXES, cut
+from lorahot.io.weight_names import pick_weight
 
 __all__ = ["is_repo_id", "check_relative", "fetch", "cache_folder", "hub_timeout", "HubTimeout"]
 
@@ -386,7 +387,7 @@ def _snapshot(
         raise ValueError(f"the Hub's answer names no commit of the repo (sha={shown(commit, 60)})")
     files = [s.rfilename for s in getattr(info, "siblings", None) or () if isinstance(s.rfilename, str)]
     root = cache_folder(repo_id).resolve() / "snapshots" / commit
-    needed = _needed(files, subfolder)
+    needed = _needed(files, subfolder, _where(repo_id, revision))
     if any(name.endswith(".safetensors") for name in needed):
         config = f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME
         if config not in needed:  # so that a read from the cache alone knows there is none
@@ -407,12 +408,19 @@ def _snapshot(
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
-def _needed(files: list[str], subfolder: str | None) -> list[str]:
-    """The paths of ``files`` a read of ``subfolder`` opens: its top-level ``*.safetensors``
-    files and its config (never a checkpoint folder below it, nor a pickle)."""
+def _needed(files: list[str], subfolder: str | None, where: str) -> list[str]:
+    """The paths of ``files`` a read of ``subfolder`` opens: the top-level ``*.safetensors``
+    file it picks (:func:`~lorahot.io.weight_names.pick_weight`, no other: a repo may hold many
+    large ones) and its config (never a checkpoint folder below it, nor a pickle).
+
+    Raises:
+        SourceNotFoundError: the level holds several files to pick from (nothing downloaded).
+    """
     inner = f"{subfolder}/" if subfolder else ""
-    here = (name[len(inner) :] for name in files if name.startswith(inner))
-    return [inner + name for name in here if "/" not in name and (name.endswith(".safetensors") or name == CONFIG_NAME)]
+    here = [name[len(inner) :] for name in files if name.startswith(inner) and "/" not in name[len(inner) :]]
+    level = f"folder {shown(subfolder, 200)} of the repo" if subfolder else "the repo's top level"
+    chosen = pick_weight(here, f"{where}: {level}")
+    return [inner + name for name in here if name in (chosen, CONFIG_NAME)]
 
 
 def _cached_snapshot(

@@ -37,12 +37,11 @@ from lorahot.io.safety import (
     regular_file,
 )
 from lorahot.io.tensorfile import file_stamp, read_tensors, refuse_oversized
+from lorahot.io.weight_names import WEIGHT_NAMES, pick_weight
 
 __all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_config"]
 
 Source = Union[str, "os.PathLike[str]", Mapping[str, torch.Tensor]]
-
-WEIGHT_NAMES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 
 
 @dataclass
@@ -254,19 +253,11 @@ def _weight_file(directory: Path, weight_name: str | None) -> Path:
                 f"{cut(str(candidate))}: weight_name={shown(weight_name, 200)} does not exist in {cut(str(directory))}."
             )
         return candidate  # opening it refuses anything but a regular file
-    for name in WEIGHT_NAMES:
-        if _present(directory / name):
-            return directory / name
     names = _listdir(directory)
-    found = sorted(n for n in names if n.endswith(".safetensors"))
-    if len(found) == 1:
-        return directory / found[0]
+    chosen = pick_weight(names, cut(str(directory)))
+    if chosen is not None:
+        return directory / chosen
     pickles = sorted(n for n in names if Path(n).suffix.lower() in PICKLE_SUFFIXES)
-    if found:
-        raise SourceNotFoundError(
-            f"{cut(str(directory))}: several .safetensors files ({cut(', '.join(found))}); pass weight_name= (the "
-            "CLI's --weight-name) to pick one."
-        )
     if pickles:
         raise AdapterReadError(
             f"{cut(str(directory))}: holds only pickle checkpoints ({cut(', '.join(pickles))}); lorahot never "

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 from urllib.parse import unquote, urlsplit
 
@@ -996,3 +996,64 @@ def test_a_repo_fetched_online_without_a_config_loads_offline_without_one(
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     assert within(HANG_S, lambda: lorahot.read_adapter(REPO)).modules["proj"].scale == 1.0
     assert online_hub.fetched() == ["adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "extra, picked",
+    [
+        ({"style-v2.safetensors": 3, "optimizer.safetensors": 5}, "adapter_model.safetensors"),
+        ({"style-v2.safetensors": 3, "sub/pytorch_lora_weights.safetensors": 5}, "adapter_model.safetensors"),
+    ],
+)
+def test_a_repo_read_whole_downloads_only_the_file_it_reads(
+    online_hub: StandInHub, extra: dict[str, int], picked: str
+) -> None:
+    """A whole repo fetched every top-level .safetensors file, then read one: a repo holding
+    several variants beside adapter_model.safetensors cost all of them (GBs for a collection),
+    with the Hub's wait bounded per file. Only the file the read picks is fetched now, and the
+    config."""
+    online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
+    online_hub.serve({name: _peft_bytes(rank) for name, rank in extra.items()})
+    adapter = within(HANG_S, lambda: lorahot.read_adapter(REPO))
+    assert adapter.modules["proj"].rank == 4 and adapter.modules["proj"].scale == 2.0
+    assert online_hub.fetched() == ["adapter_config.json", picked]
+
+
+@pytest.mark.parametrize(
+    "files, subfolder, message",
+    [
+        (
+            ["a.safetensors", "b.safetensors", "adapter_config.json"],
+            None,
+            r"the repo's top level: several \.safetensors files \(a\.safetensors, b\.safetensors\); pass weight_name=",
+        ),
+        (
+            ["x/adapter_model.safetensors", "x/pytorch_lora_weights.safetensors", "x/adapter_config.json"],
+            "x",
+            r"folder 'x' of the repo: both adapter_model\.safetensors \(PEFT's PeftModel\.from_pretrained reads it\) "
+            r"and pytorch_lora_weights\.safetensors \(diffusers' load_lora_weights reads it\) are there, maybe two "
+            r"adapters; pass weight_name=",
+        ),
+    ],
+    ids=["several", "peft and diffusers"],
+)
+def test_a_repo_with_several_files_to_pick_from_is_refused_before_any_download(
+    online_hub: StandInHub,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    files: list[str],
+    subfolder: str | None,
+    message: str,
+) -> None:
+    """Such a repo was downloaded whole before the read refused it (several files), or read as
+    PEFT's file where diffusers reads its own (both names). Both are refused from the listing
+    now, naming the repo and the files, nothing downloaded and the runtime bitwise unchanged;
+    weight_name= picks one."""
+    online_hub.serve(
+        {name: _peft_bytes(2) if name.endswith(".safetensors") else b'{"r": 2, "lora_alpha": 2}' for name in files}
+    )
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    _refused_everywhere(_local_rig(tmp_path), capsys, lorahot.SourceNotFoundError, rf"^{REPO}: {message}", **kwargs)
+    assert online_hub.fetched() == []
+    name = PurePosixPath(files[1]).name
+    assert lorahot.read_adapter(REPO, weight_name=name, **kwargs).modules["proj"].scale == 1.0

@@ -162,3 +162,47 @@ def test_config_file_path_is_named_in_config_errors(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": "two"}))
     with pytest.raises(lorahot.AdapterReadError, match=r"adapter_config\.json: invalid adapter config: r must be"):
         lorahot.read_adapter(tmp_path)
+
+
+def test_a_directory_with_both_peft_and_diffusers_weights_is_refused_naming_both(tmp_path: Path) -> None:
+    """A directory holding PEFT's adapter_model.safetensors and diffusers'
+    pytorch_lora_weights.safetensors was read as the first, silently, where diffusers'
+    load_lora_weights reads the second (two adapters here): a diffusers user got another
+    adapter's numbers. It is now refused naming both and weight_name=, nothing changed; each
+    loads by weight_name=, and either alone is read as before."""
+    from diffusers.loaders.lora_base import _best_guess_weight_name
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+
+    from tests.reliability_helpers import Rig, assert_unchanged, snapshot
+
+    both = tmp_path / "both"
+    both.mkdir()
+    save_file(_peft(2), both / "adapter_model.safetensors")
+    save_file(_peft(3), both / "pytorch_lora_weights.safetensors")
+    # the oracles' picks differ
+    assert SAFETENSORS_WEIGHTS_NAME == "adapter_model.safetensors"
+    assert _best_guess_weight_name(str(both)) == "pytorch_lora_weights.safetensors"
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(8, 6))
+    runtime = lorahot.inject(model, ["proj"], max_rank=4, slots=2)
+    save_file(_peft(4), tmp_path / "loaded.safetensors")
+    runtime.load(str(tmp_path / "loaded.safetensors"))
+    rig = Rig(model, runtime, torch.randn(2, 8))
+    before = snapshot(rig)
+    message = (
+        r"both: both adapter_model\.safetensors \(PEFT's PeftModel\.from_pretrained reads it\) and "
+        r"pytorch_lora_weights\.safetensors \(diffusers' load_lora_weights reads it\) are there, maybe two adapters; "
+        r"pass weight_name="
+    )
+    for call in (lorahot.read_adapter, runtime.load, runtime.preload, lambda s: runtime.load(s, slot=1)):
+        with pytest.raises(lorahot.SourceNotFoundError, match=message):
+            call(str(both))
+        assert_unchanged(rig, before)
+    assert len(runtime.cache) == 0
+    for name, rank in (("adapter_model.safetensors", 2), ("pytorch_lora_weights.safetensors", 3)):
+        assert lorahot.read_adapter(both, weight_name=name).modules["proj"].rank == rank
+        alone = tmp_path / name.partition(".")[0]
+        alone.mkdir()
+        (both / name).rename(alone / name)
+        assert lorahot.read_adapter(alone).modules["proj"].rank == rank
+        (alone / name).rename(both / name)
