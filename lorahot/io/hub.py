@@ -26,7 +26,9 @@ then fetched one by one at the listed commit, the config first, and the branch's
 is written last, so an interrupted fetch never leaves the ref naming a snapshot without its
 weights. Where the Hub is not reached (offline, no connection, no answer in time) or answers with
 an error other than "no such revision", the cache serves the snapshot it holds, as
-``snapshot_download`` does.
+``snapshot_download`` does. The read picks the same file from it as from the listing
+(:mod:`lorahot.io.weight_names`): one of another name than PEFT's or diffusers' only where the
+cache records that the repo has neither (``.no_exist``, written by a read through the Hub).
 
 Online, a fetch is bounded as a whole by :func:`hub_timeout` (``LORAHOT_HUB_TIMEOUT``), not
 only per request: ``hf_hub_download`` makes a file's metadata request again when it times out or
@@ -62,7 +64,7 @@ from typing import Any
 from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, UsageError, shown
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.safety import PICKLE_SUFFIXES, cut
-from lorahot.io.weight_names import pick_weight
+from lorahot.io.weight_names import WEIGHT_NAMES, pick_weight
 
 __all__ = ["is_repo_id", "check_relative", "fetch", "cache_folder", "hub_timeout", "HubTimeout"]
 
@@ -389,9 +391,10 @@ def _snapshot(
     root = cache_folder(repo_id).resolve() / "snapshots" / commit
     needed = _needed(files, subfolder, _where(repo_id, revision))
     if any(name.endswith(".safetensors") for name in needed):
-        config = f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME
-        if config not in needed:  # so that a read from the cache alone knows there is none
-            _record_missing(repo_id, commit, config)
+        inner = f"{subfolder}/" if subfolder else ""
+        for name in (CONFIG_NAME, *WEIGHT_NAMES):  # so that a read from the cache alone knows they are not there
+            if inner + name not in files:
+                _record_missing(repo_id, commit, inner + name)
         for name in sorted(needed, key=lambda n: n.endswith(".safetensors")):  # the config first
             if watch is not None:
                 watch.step()
@@ -457,32 +460,66 @@ def _cached_snapshot(
         if type(exc) is LocalEntryNotFoundError:  # nothing cached: the listing's failure says why
             raise cause from None
         raise  # a cached snapshot missing files (IncompleteSnapshotError) says so itself
+    _check_cached_pick(repo_id, revision, subfolder, root, cause)
     if need_config and _holds_safetensors(root / subfolder if subfolder else root):
         _check_cached_config(repo_id, revision, root, f"{inner}{CONFIG_NAME}", cause)
     return root
 
 
+def _check_cached_pick(repo_id: str, revision: str | None, subfolder: str | None, root: Path, cause: Exception) -> None:
+    """The file a read of the cache's snapshot ``root`` picks is the one a read through the Hub
+    picks: a file of another name than PEFT's or diffusers' only where the cache knows the repo
+    has neither there (:func:`_known_absent`). A file fetched alone (``weight_name=``) is
+    otherwise all the snapshot shows of a repo that may hold ``adapter_model.safetensors``.
+
+    Raises:
+        SourceNotFoundError: the level holds several files to pick from, or one of another name
+            and no record that the repo lacks PEFT's and diffusers' names there.
+    """
+    inner = f"{subfolder}/" if subfolder else ""
+    level = f"folder {shown(subfolder, 200)} of the repo" if subfolder else "the repo's top level"
+    try:
+        names = os.listdir(root / subfolder if subfolder else root)
+    except (OSError, ValueError):  # nothing there: the read says so
+        return
+    chosen = pick_weight(names, f"{_where(repo_id, revision)}: {level}")
+    if chosen is None or chosen in WEIGHT_NAMES:
+        return
+    unknown = [name for name in WEIGHT_NAMES if not _known_absent(repo_id, root, inner + name)]
+    if unknown:
+        raise SourceNotFoundError(
+            f"{_where(repo_id, revision)}: the local Hugging Face cache holds {shown(chosen, 200)} at {level}, and "
+            f"cannot tell whether the repo has {' or '.join(unknown)} there, which a read picks first (the Hub was not "
+            f"asked: {type(cause).__name__}: {_first_line(cause)}). Pass weight_name={shown(chosen, 200)} to read "
+            "that file, or fetch the repo once while online."
+        )
+
+
+def _known_absent(repo_id: str, root: Path, name: str) -> bool:
+    """Whether the cache records that the repo has no file ``name`` at the commit of its snapshot
+    ``root``: ``huggingface_hub``'s ``.no_exist`` record, or its cached file listing without it."""
+    from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
+
+    try:
+        if try_to_load_from_cache(repo_id, name, revision=root.name) is _CACHED_NO_EXIST:
+            return True
+    except Exception:  # a cache it cannot read records nothing
+        pass
+    listing = _cached_listing(repo_id, root.name)
+    return listing is not None and name not in listing
+
+
 def _check_cached_config(repo_id: str, revision: str | None, root: Path, name: str, cause: Exception) -> None:
     """Whether the repo has config ``name`` is known from the cache's snapshot ``root`` alone:
-    the file is there, or the cache records it as missing (``.no_exist``, or the repo's cached
-    file listing without it). A snapshot whose config was never asked for (its weights fetched
-    alone: ``hf_hub_download``, or diffusers' ``load_lora_weights`` with ``weight_name=``) says
-    nothing, and read without its config the adapter would compute at alpha = rank.
+    the file is there, or the cache records it as missing (:func:`_known_absent`). A snapshot
+    whose config was never asked for (its weights fetched alone: ``hf_hub_download``, or
+    diffusers' ``load_lora_weights`` with ``weight_name=``) says nothing, and read without its
+    config the adapter would compute at alpha = rank.
 
     Raises:
         SourceNotFoundError: neither, naming the repo, the file and the fix for ``cause``.
     """
-    from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
-
-    if os.path.lexists(root / name):  # there: the read judges it (a dangling link is refused)
-        return
-    try:
-        if try_to_load_from_cache(repo_id, name, revision=root.name) is _CACHED_NO_EXIST:
-            return
-    except Exception:  # a cache it cannot read records nothing
-        pass
-    listing = _cached_listing(repo_id, root.name)
-    if listing is not None and name not in listing:
+    if os.path.lexists(root / name) or _known_absent(repo_id, root, name):  # there: the read judges it
         return
     raise SourceNotFoundError(
         f"{_where(repo_id, revision)}: cannot fetch {cut(name, 200)} from the Hub ({type(cause).__name__}: "

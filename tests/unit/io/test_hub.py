@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +38,8 @@ def _peft_tensors(rank: int) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A Hub cache holding ``REPO`` at ``main``: a PEFT adapter at the root, a kohya file in
-    ``kohya/`` (whose config the cache records as missing); the process is offline."""
+    ``kohya/`` (whose config, PEFT's and diffusers' weight files the cache records as missing);
+    the process is offline."""
     cache = tmp_path / "hub"
     repo = cache / f"models--{REPO.replace('/', '--')}"
     snap = repo / "snapshots" / COMMIT
@@ -54,9 +56,10 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         },
         snap / "kohya" / "style.safetensors",
     )
-    # the Hub answered "no such file" for the kohya folder's config once, while online
+    # the kohya folder has no config, nor PEFT's or diffusers' weights: recorded as a read online records them
     (repo / ".no_exist" / COMMIT / "kohya").mkdir(parents=True)
-    (repo / ".no_exist" / COMMIT / "kohya" / "adapter_config.json").touch()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
+        (repo / ".no_exist" / COMMIT / "kohya" / name).touch()
     for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
@@ -1057,3 +1060,52 @@ def test_a_repo_with_several_files_to_pick_from_is_refused_before_any_download(
     assert online_hub.fetched() == []
     name = PurePosixPath(files[1]).name
     assert lorahot.read_adapter(REPO, weight_name=name, **kwargs).modules["proj"].scale == 1.0
+
+
+def test_a_file_fetched_alone_is_not_read_offline_for_the_file_a_whole_repo_read_picks(
+    online_hub: StandInHub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A file fetched alone (weight_name=) was all the cache's snapshot showed offline, so a read
+    of the whole repo there read it, silently, where a read through the Hub reads the repo's
+    adapter_model.safetensors (another adapter). Offline, a
+    file of another name is read only where the cache records that the repo has neither PEFT's
+    nor diffusers' name there, as a whole-repo read online records; else refused naming the file
+    and weight_name=, the runtime bitwise unchanged."""
+    online_hub.serve(
+        {
+            "adapter_model.safetensors": _peft_bytes(4),
+            "style.safetensors": _peft_bytes(4, seed=1),
+            "adapter_config.json": b'{"r": 4, "lora_alpha": 8}',
+        }
+    )
+    picked = lorahot.read_adapter(REPO).modules["proj"].A
+    shutil.rmtree(
+        Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}"
+    )  # a fresh cache: the style file fetched alone
+    style = lorahot.read_adapter(REPO, weight_name="style.safetensors").modules["proj"].A
+    assert not torch.equal(style, picked)
+    online_hub.stalled = True  # offline must not ask
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    rig = _local_rig(tmp_path)
+    _refused_everywhere(
+        rig,
+        capsys,
+        lorahot.SourceNotFoundError,
+        rf"^{REPO}: the local Hugging Face cache holds 'style\.safetensors' at the repo's top level, and cannot tell "
+        r"whether the repo has adapter_model\.safetensors or pytorch_lora_weights\.safetensors there, which a read "
+        r"picks first \(the Hub was not asked: OfflineModeIsEnabled: .*\)\. Pass weight_name='style\.safetensors'",
+    )
+    again = within(HANG_S, lambda: lorahot.read_adapter(REPO, weight_name="style.safetensors"))
+    assert torch.equal(again.modules["proj"].A, style)
+
+
+def test_a_repo_whose_only_file_has_another_name_loads_offline_once_read_online(
+    online_hub: StandInHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole-repo read online records that the repo has neither PEFT's nor diffusers' name
+    (.no_exist), so the snapshot of its only file loads offline."""
+    online_hub.serve({"style.safetensors": _peft_bytes(2), "adapter_config.json": b'{"r": 2, "lora_alpha": 4}'})
+    assert lorahot.read_adapter(REPO).modules["proj"].scale == 2.0
+    online_hub.stalled = True  # offline must not ask
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert within(HANG_S, lambda: lorahot.read_adapter(REPO)).modules["proj"].scale == 2.0
