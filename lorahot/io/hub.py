@@ -76,12 +76,17 @@ def is_repo_id(text: str) -> bool:
     return bool(_REPO_ID.fullmatch(text)) and ".." not in text and not text.endswith((".", "-"))
 
 
-def check_relative(value: str | None, what: str) -> str | None:
-    """``value`` as a clean relative POSIX path, or None.
+def check_relative(value: str | None, what: str, *, folder: bool = False) -> str | None:
+    """``value`` as a clean relative POSIX path (``.`` parts dropped), or None.
+
+    Args:
+        folder: ``value`` names a folder (``subfolder=``): a trailing ``/`` is dropped, as
+            ``os.path.join`` and PEFT's ``subfolder=`` read it, and ``.`` (the level itself) is None.
 
     Raises:
         UsageError: ``value`` is not a string.
-        SourceNotFoundError: ``value`` is absolute, climbs out with ``..``, or uses backslashes.
+        SourceNotFoundError: ``value`` is absolute, climbs out with ``..``, uses backslashes, or
+            has an empty part.
     """
     if value is None:
         return None
@@ -89,12 +94,19 @@ def check_relative(value: str | None, what: str) -> str | None:
         raise UsageError(f"{what}={shown(value)} must be a string: a relative path with '/' separators.")
     if not value or "\\" in value or "\x00" in value:
         raise SourceNotFoundError(f"{what}={shown(value)} must be a non-empty relative path with '/' separators.")
+    if folder and value.strip("/") and not value.startswith("/"):
+        value = value.rstrip("/")
     path = PurePosixPath(value)
-    if path.is_absolute() or any(part in ("..", "") for part in value.split("/")) or re.match(r"^[A-Za-z]:", value):
+    if path.is_absolute() or ".." in value.split("/") or re.match(r"^[A-Za-z]:", value):
         raise SourceNotFoundError(
             f"{what}={shown(value)} must stay inside the adapter directory or repo (no absolute paths, no '..')."
         )
-    return str(path)
+    if "" in value.split("/"):
+        raise SourceNotFoundError(
+            f"{what}={shown(value)} has an empty part ('//' or a trailing '/'): write it as 'a/b'."
+        )
+    clean = str(path)
+    return None if folder and clean == "." else clean
 
 
 def fetch(

@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from lorahot.io.config import CONFIG_NAME
-from lorahot.io.hub import cache_folder, is_repo_id
+from lorahot.io.hub import cache_folder, check_relative, is_repo_id
 
 __all__ = ["source_identity", "source_files", "file_stat"]
 
@@ -72,9 +72,9 @@ def source_files(
         text = os.fspath(source)
         if not isinstance(text, str) or not text or "\x00" in text:
             return None
-        for value in (subfolder, weight_name):
-            if value is not None and not _relative(value):
-                return None  # the read refuses it, naming the problem
+        # as the read takes them ('x/' is folder x); one it refuses raises here: no identity
+        subfolder = check_relative(subfolder, "subfolder", folder=True)
+        weight_name = check_relative(weight_name, "weight_name")
         path = Path(text)
         if path.exists():
             return _local(path / subfolder if subfolder else path, weight_name)
@@ -104,13 +104,6 @@ def _hub_ref(repo_id: str, revision: str) -> Path:
     """The local Hugging Face cache's file naming the commit ``revision`` of model ``repo_id``
     was last resolved to (a fetch of a newer one rewrites it)."""
     return cache_folder(repo_id) / "refs" / revision
-
-
-def _relative(value: Any) -> bool:
-    """A clean relative '/'-separated path, as the reader accepts for subfolder/weight_name."""
-    if not isinstance(value, str) or not value or "\\" in value or "\x00" in value:
-        return False
-    return not PurePosixPath(value).is_absolute() and all(part not in ("..", "") for part in value.split("/"))
 
 
 def _local(path: Path, weight_name: str | None) -> tuple[str, list[Path]] | None:

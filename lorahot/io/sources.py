@@ -90,7 +90,7 @@ def open_source(
         AdapterReadError: the file is a pickle checkpoint, not a regular file, or damaged.
     """
     weight_name = check_relative(weight_name, "weight_name")
-    subfolder = check_relative(subfolder, "subfolder")
+    subfolder = check_relative(subfolder, "subfolder", folder=True)
     if isinstance(source, Mapping):
         return _from_mapping(source)
     text = _source_text(source)
@@ -99,10 +99,7 @@ def open_source(
         _check_local_args(text, path, revision, token, weight_name)
         return _from_path(path / subfolder if subfolder else path, weight_name, device)
     if _looks_local(text) or not isinstance(source, str):  # a path object never names a repo
-        raise SourceNotFoundError(
-            f"{cut(text)}: no such file or directory. Pass an adapter directory, a .safetensors file, a Hub repo id "
-            "or a mapping of tensors."
-        )
+        raise SourceNotFoundError(f"{cut(text)}: no such file or directory. {_missing_fix(text)}")
     _check_hub_args(revision, token, weight_name)
     fetched = fetch(
         text, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name, need_config=need_config
@@ -117,6 +114,18 @@ def open_source(
     if raw.config_path is not None:  # named as the repo's file, as the weights are
         raw.config_path = f"{where}/{inside.parent / CONFIG_NAME}".replace("/./", "/")
     return raw
+
+
+def _missing_fix(text: str) -> str:
+    """What to do about a local path that does not exist: a leading ``~`` is not expanded (as
+    ``open()``, PEFT's and diffusers' loaders leave it), so that is named with its expansion."""
+    expanded = os.path.expanduser(text) if text.startswith("~") else text
+    if expanded != text:
+        return (
+            f"'~' is not expanded (as open() does not): pass os.path.expanduser({shown(text, 200)}), which is "
+            f"{cut(expanded, 200)}."
+        )
+    return "Pass an adapter directory, a .safetensors file, a Hub repo id or a mapping of tensors."
 
 
 def _source_text(source: Any) -> str:

@@ -1109,3 +1109,20 @@ def test_a_repo_whose_only_file_has_another_name_loads_offline_once_read_online(
     online_hub.stalled = True  # offline must not ask
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     assert within(HANG_S, lambda: lorahot.read_adapter(REPO)).modules["proj"].scale == 2.0
+
+
+def test_a_hub_subfolder_with_a_trailing_slash_or_dot_is_the_folder(online_hub: StandInHub) -> None:
+    """subfolder='sub/' was refused as leaving the repo, and subfolder='.' (the repo's top level)
+    found nothing in the listing ('no .safetensors file at folder '.''); both read what 'sub' and
+    no subfolder read."""
+    online_hub.serve(
+        {
+            "adapter_model.safetensors": _peft_bytes(4),
+            "adapter_config.json": b'{"r": 4, "lora_alpha": 8}',
+            "sub/adapter_model.safetensors": _peft_bytes(2),
+            "sub/adapter_config.json": b'{"r": 2, "lora_alpha": 8}',
+        }
+    )
+    assert lorahot.read_adapter(REPO, subfolder=".").modules["proj"].scale == 2.0
+    assert lorahot.read_adapter(REPO, subfolder="sub/").modules["proj"].scale == 4.0
+    assert lorahot.read_adapter(REPO, subfolder="./sub").source == f"{REPO}/sub/adapter_model.safetensors"

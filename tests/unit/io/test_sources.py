@@ -206,3 +206,38 @@ def test_a_directory_with_both_peft_and_diffusers_weights_is_refused_naming_both
         (both / name).rename(alone / name)
         assert lorahot.read_adapter(alone).modules["proj"].rank == rank
         (alone / name).rename(both / name)
+
+
+def test_a_path_starting_with_a_tilde_names_its_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'~/adapters/x' is not expanded (as open(), PEFT's and diffusers' loaders leave it), and the
+    refusal said 'Pass an adapter directory, ...', the caller having passed one: it now says '~'
+    is not expanded and gives the expansion."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ad").mkdir()
+    save_file(_peft(2), tmp_path / "ad" / "adapter_model.safetensors")
+    for text in ("~/ad", "~/ad/adapter_model.safetensors"):
+        expanded = os.path.expanduser(text)
+        with pytest.raises(
+            lorahot.SourceNotFoundError,
+            match=rf"^{text}: no such file or directory\. '~' is not expanded \(as open\(\) does not\): pass "
+            rf"os\.path\.expanduser\('{text}'\), which is {expanded}\.$",
+        ):
+            lorahot.read_adapter(text)
+        assert lorahot.read_adapter(expanded).modules["proj"].rank == 2
+
+
+@pytest.mark.parametrize("spelling", ["x/", "x//", "./x", "x/."])
+def test_a_subfolder_with_a_trailing_slash_or_dot_parts_is_the_folder(tmp_path: Path, spelling: str) -> None:
+    """subfolder='x/' (as os.path.join and PEFT's subfolder= read it) was refused as 'must stay
+    inside the adapter directory', which it does; it now reads folder x, with the same host cache
+    identity as 'x'; '.' is the directory itself."""
+    from lorahot.io.identity import source_identity
+
+    (tmp_path / "x").mkdir()
+    save_file(_peft(2), tmp_path / "x" / "adapter_model.safetensors")
+    save_file(_peft(3), tmp_path / "adapter_model.safetensors")
+    assert lorahot.read_adapter(tmp_path, subfolder=spelling).modules["proj"].rank == 2
+    assert source_identity(str(tmp_path), subfolder=spelling) == source_identity(str(tmp_path), subfolder="x")
+    assert lorahot.read_adapter(tmp_path, subfolder=".").modules["proj"].rank == 3
+    with pytest.raises(lorahot.SourceNotFoundError, match=r"subfolder='x//y' has an empty part \('//' or a trailing"):
+        lorahot.read_adapter(tmp_path, subfolder="x//y")
