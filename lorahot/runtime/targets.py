@@ -152,7 +152,8 @@ def _is_plain_linear(module: nn.Module) -> bool:
 
 def _all_linear_leaves_out(modules: dict[str, nn.Module]) -> set[str]:
     """The linears ``"all-linear"`` leaves out besides the output layer: those whose parent
-    computes with their weight without calling them (a LoRA there would never apply), and
+    computes with their weight without calling them or is a compiled wrapper made of them before
+    inject (a LoRA there would never apply), and
     ``nn.Linear`` subclasses whose forward does not return their output (a router's tuple),
     which inject would refuse."""
     found = Sources()
@@ -161,7 +162,12 @@ def _all_linear_leaves_out(modules: dict[str, nn.Module]) -> set[str]:
         for n, m in modules.items()
         if n
         and _is_plain_linear(m)
-        and (_bypassed(modules, n) is not None or _never_called(modules, n, found) or returns_other_than_rows(m))
+        and (
+            _bypassed(modules, n) is not None
+            or _compiled_by(modules, n) is not None
+            or _never_called(modules, n, found)
+            or returns_other_than_rows(m)
+        )
     }
 
 
@@ -196,10 +202,39 @@ def _bypassed(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
     return parent if isinstance(parent, _READ_DIRECTLY) or _fused_away(parent, child) else None
 
 
+def _compiled_by(modules: Mapping[str, nn.Module], name: str) -> str | None:
+    """The path of the ``torch.compile`` wrapper (``OptimizedModule``) that module ``name`` is the
+    ``_orig_mod`` of, made before inject, else None. Such a wrapper's forward was bound to the
+    module it was made of when it was made (``torch._dynamo.eval_frame.OptimizedModule._initialize``):
+    a module put in its place under ``_orig_mod`` is never called, where a wrapper made after
+    inject calls the LoRA layer (:func:`through_wrappers`)."""
+    parent_name, _, child = name.rpartition(".")
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: no wrapper was made
+    wrapper = getattr(eval_frame, "OptimizedModule", None)
+    if child != "_orig_mod" or wrapper is None or not isinstance(modules.get(parent_name), wrapper):
+        return None
+    return parent_name
+
+
+def _compiled_alone(where: str, name: str) -> str:
+    """Why inject refuses module ``name``, the module of the ``torch.compile`` wrapper at ``where``
+    (:func:`_compiled_by`), with the fix."""
+    at = f"model.{where}" if where else "the model"
+    return (
+        f"it is the module that {at} = torch.compile(...) was made of before inject, and that OptimizedModule calls "
+        "the module it was made of, not one put in its place, so a LoRA there would never apply. Inject first and "
+        f"compile after ({at} = torch.compile({at}) after inject compiles its LoRA layers), or compile the whole model"
+    )
+
+
 def _unwrappable_why(modules: dict[str, nn.Module], name: str, found: Sources) -> str | None:
     """Why inject refuses module ``name`` as a target, its weight being read without a call to it
-    (:func:`_bypassed`, :func:`_never_called`), so that no LoRA layer there would ever apply;
-    None where it is not."""
+    (:func:`_bypassed`, :func:`_never_called`) or it being what a compiled wrapper made before
+    inject holds and never calls (:func:`_compiled_by`), so that no LoRA layer there would ever
+    apply; None where it is not."""
+    where = _compiled_by(modules, name)
+    if where is not None:
+        return _compiled_alone(where, name)
     parent = _bypassed(modules, name)
     if parent is not None:
         fused = (
@@ -401,8 +436,8 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
         left = [n for n in modules if n in skipped]
         why = (
             f" ('all-linear' leaves out {', '.join(left[:3])}{', ...' if len(left) > 3 else ''}: their parents compute "
-            "with their weights directly instead of calling them, so a LoRA there would never apply, or their forward "
-            "does not return their output)"
+            "with their weights directly instead of calling them or are torch.compile wrappers made of them before "
+            "inject, so a LoRA there would never apply, or their forward does not return their output)"
             if targets == "all-linear" and left
             else ""
         )
@@ -435,9 +470,16 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
         if refusal is not None:
             raise UsageError(refusal)
         if layer_class_for(m) is None:
+            inner = through_wrappers(m)
+            fix = (
+                f"It is torch.compile's wrapper of a {type(inner).__name__}, made before inject: inject first and "
+                f"compile after (model.{n} = torch.compile(model.{n}) after inject compiles its LoRA layer)."
+                if isinstance(m, getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ()))
+                and inner is not m
+                else "Narrow targets to exclude it."
+            )
             raise UsageError(
-                f"{n}: cannot add LoRA to {type(m).__name__}. Supported: {', '.join(d for d, _, _ in SUPPORTED)}. "
-                "Narrow targets to exclude it."
+                f"{n}: cannot add LoRA to {type(m).__name__}. Supported: {', '.join(d for d, _, _ in SUPPORTED)}. {fix}"
             )
         unserved = _unwrappable_why(modules, n, found)
         if unserved is not None:

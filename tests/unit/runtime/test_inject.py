@@ -566,6 +566,69 @@ def test_all_linear_leaves_out_linears_their_parents_never_call() -> None:
         lorahot.inject(encoder, "all-linear", max_rank=2)
 
 
+def _with_a_layer_compiled_alone() -> nn.Sequential:
+    """Two linears, the second compiled on its own before inject (regional compilation)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    model[1] = torch.compile(model[1], backend="eager")
+    return model
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [r"1\._orig_mod", ["_orig_mod"], lambda name, module: isinstance(module, nn.Linear)],
+    ids=["regex", "names", "callable"],
+)
+def test_a_module_compiled_alone_before_inject_is_refused_where_its_wrapper_would_never_call_the_lora(
+    targets: Any,
+) -> None:
+    """``model[1] = torch.compile(model[1])`` before inject: the OptimizedModule's forward is bound
+    to the Linear it was made of, so a LoRA layer put under its ``_orig_mod`` never ran. inject took
+    it ("all-linear" too), a load keyed ``1._orig_mod`` loaded, and the model computed the base
+    (2.0 off the float64 reference), silently. Such a target is now refused naming the wrapper and
+    the fix, nothing changed; "all-linear" leaves it out; and inject first, compile after computes
+    the adapter, as the README's order says."""
+    model = _with_a_layer_compiled_alone()
+    wrapper, inner = model[1], model[1]._orig_mod
+    with pytest.raises(
+        lorahot.UsageError,
+        match=r"1\._orig_mod: it is the module that model\.1 = torch\.compile\(\.\.\.\) was made of before inject.*"
+        r"never apply\. Inject first and compile after \(model\.1 = torch\.compile\(model\.1\) after inject",
+    ):
+        lorahot.inject(model, targets, max_rank=4)
+    assert model[1] is wrapper and model[1]._orig_mod is inner and not _wrapped(model)
+    runtime = lorahot.inject(model, "all-linear", max_rank=4)
+    assert list(runtime.layers) == ["0"]
+    runtime.eject()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    base = copy.deepcopy(model)
+    runtime = lorahot.inject(model, "all-linear", max_rank=4)
+    model[1] = torch.compile(model[1], backend="eager")  # after inject: it compiles the LoRA layer
+    tensors, ab = make_adapter(base, {"0": 2, "1": 3}, seed=1)
+    runtime.load(tensors)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    expected = model_reference(base, x, {n: (a, b, 1.0) for n, (a, b) in ab.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_module_compiled_alone_before_inject_named_as_a_target_is_refused_with_the_fix() -> None:
+    """A target naming the compiled wrapper itself: a conv's was refused with 'Narrow targets to
+    exclude it', which drops the LoRA the caller wanted; the message now says to inject first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    model[0] = torch.compile(model[0], backend="eager")
+    with pytest.raises(
+        lorahot.UsageError,
+        match=r"0: cannot add LoRA to OptimizedModule\..*It is torch\.compile's wrapper of a Conv2d, made before "
+        r"inject: inject first and compile after \(model\.0 = torch\.compile\(model\.0\) after inject",
+    ):
+        lorahot.inject(model, ["0"], max_rank=2)
+    assert not _wrapped(model)
+
+
 # -- weights computed on each call, hooks, lazy modules ------------------------------------------
 
 
