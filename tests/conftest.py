@@ -25,6 +25,22 @@ def _share_the_cores() -> None:
 _share_the_cores()
 
 
+def _no_hub_registry_request() -> None:
+    """huggingface_hub (2.x) fetches an agent registry from ``{ENDPOINT}/api/agent-harnesses`` on a
+    process's first request (up to 3 s), through whatever endpoint that first request uses: a
+    test's stand-in Hub, stalled or not, would spend part of the timeout it checks on it, and only
+    when it runs first in its worker. Pinned to the empty registry, no test makes that request."""
+    try:
+        from huggingface_hub.utils import _detect_agent
+    except ImportError:  # an older huggingface_hub, which makes no such request
+        return
+    if hasattr(_detect_agent, "_registry") and hasattr(_detect_agent, "_EMPTY_REGISTRY"):
+        _detect_agent._registry = _detect_agent._EMPTY_REGISTRY
+
+
+_no_hub_registry_request()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
