@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -136,6 +137,13 @@ def _stored_refusal(name: str, base: nn.Module) -> str | None:
 def _computed(base: nn.Module, kind: str, value: object) -> tuple[str, str]:
     """How ``base`` holds its ``kind`` (``weight``, ``bias``) other than as a stored parameter, and
     what makes it one."""
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())  # not imported: none made
+    if isinstance(base, compiled):
+        return (
+            f"the parameter of the {type(base._orig_mod).__name__} that torch.compile wrapped before inject, which "
+            "the wrapper holds, not stores",
+            "inject first and compile it after (torch.compile of it after inject compiles its LoRA layer)",
+        )
     if parametrize.is_parametrized(base, kind):
         return (
             "computed from other tensors on each call (a parametrization), not stored",

@@ -616,7 +616,8 @@ def test_a_module_compiled_alone_before_inject_is_refused_where_its_wrapper_woul
 
 def test_a_module_compiled_alone_before_inject_named_as_a_target_is_refused_with_the_fix() -> None:
     """A target naming the compiled wrapper itself: a conv's was refused with 'Narrow targets to
-    exclude it', which drops the LoRA the caller wanted; the message now says to inject first."""
+    exclude it', which drops the LoRA the caller wanted, and a linear's in merged mode as 'a plain
+    tensor attribute' to register as a parameter; both messages now say to inject first."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     model[0] = torch.compile(model[0], backend="eager")
@@ -627,6 +628,14 @@ def test_a_module_compiled_alone_before_inject_named_as_a_target_is_refused_with
     ):
         lorahot.inject(model, ["0"], max_rank=2)
     assert not _wrapped(model)
+    linear = nn.Sequential(torch.compile(nn.Linear(4, 4), backend="eager"))  # wrapped as a Linear-like module
+    with pytest.raises(
+        lorahot.UsageError,
+        match=r"0: its weight is the parameter of the Linear that torch\.compile wrapped before inject.*"
+        r"inject first and compile it after",
+    ):  # merged mode rewrites no weight of the wrapper: it said 'a plain tensor attribute', and to register one
+        lorahot.inject(linear, ["0"], max_rank=2, merged=True)
+    assert not _wrapped(linear)
 
 
 # -- weights computed on each call, hooks, lazy modules ------------------------------------------
