@@ -64,7 +64,7 @@ from typing import Any
 from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, UsageError, shown
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.safety import PICKLE_SUFFIXES, cut
-from lorahot.io.weight_names import WEIGHT_NAMES, pick_weight
+from lorahot.io.weight_names import WEIGHT_NAMES, check_diffusers, diffusers_guess, pick_weight
 
 __all__ = ["is_repo_id", "check_relative", "fetch", "cache_folder", "hub_timeout", "HubTimeout"]
 
@@ -429,12 +429,16 @@ def _needed(files: list[str], subfolder: str | None, where: str) -> list[str]:
     large ones) and its config (never a checkpoint folder below it, nor a pickle).
 
     Raises:
-        SourceNotFoundError: the level holds several files to pick from (nothing downloaded).
+        SourceNotFoundError: the level holds several files to pick from, or diffusers'
+            ``load_lora_weights`` reads another file of the repo (nothing downloaded).
     """
     inner = f"{subfolder}/" if subfolder else ""
     here = [name[len(inner) :] for name in files if name.startswith(inner) and "/" not in name[len(inner) :]]
     level = f"folder {shown(subfolder, 200)} of the repo" if subfolder else "the repo's top level"
     chosen = pick_weight(here, f"{where}: {level}")
+    if chosen is not None:  # diffusers guesses from every file of the repo, and fetches it under subfolder
+        theirs = inner + diffusers_guess(files)
+        check_diffusers(inner + chosen, theirs if theirs in files else None, where)
     return [inner + name for name in here if name in (chosen, CONFIG_NAME)]
 
 

@@ -77,7 +77,13 @@ def source_files(
         weight_name = check_relative(weight_name, "weight_name")
         path = Path(text)
         if path.exists():
-            return _local(path / subfolder if subfolder else path, weight_name)
+            found = _local(path / subfolder if subfolder else path, weight_name)
+            if found is not None and subfolder and path.is_dir():
+                # the read checks its pick against diffusers', which opens weight_name, or its guess from
+                # path's own entries, in path first
+                above = [path / weight_name] if weight_name else sorted(path.glob("*.safetensors"))
+                found = found[0], [*found[1], *above]
+            return found
     except Exception:  # OSError, a bad path, or the caller's __fspath__ raising: no identity
         return None
     if (

@@ -37,7 +37,7 @@ from lorahot.io.safety import (
     regular_file,
 )
 from lorahot.io.tensorfile import file_stamp, read_tensors, refuse_oversized
-from lorahot.io.weight_names import WEIGHT_NAMES, pick_weight
+from lorahot.io.weight_names import WEIGHT_NAMES, check_diffusers, diffusers_guess, pick_weight
 
 __all__ = ["RawAdapter", "Source", "open_source", "read_safetensors", "read_config"]
 
@@ -97,7 +97,7 @@ def open_source(
     path = Path(text)
     if _mode(path) is not None:
         _check_local_args(text, path, revision, token, weight_name)
-        return _from_path(path / subfolder if subfolder else path, weight_name, device)
+        return _from_path(path / subfolder if subfolder else path, weight_name, device, (path, subfolder))
     if _looks_local(text) or not isinstance(source, str):  # a path object never names a repo
         raise SourceNotFoundError(f"{cut(text)}: no such file or directory. {_missing_fix(text)}")
     _check_hub_args(revision, token, weight_name)
@@ -221,12 +221,22 @@ def _looks_local(text: str) -> bool:
     )
 
 
-def _from_path(path: Path, weight_name: str | None, device: torch.device | None = None) -> RawAdapter:
+def _from_path(
+    path: Path,
+    weight_name: str | None,
+    device: torch.device | None = None,
+    local: tuple[Path, str | None] | None = None,
+) -> RawAdapter:
+    """The adapter at ``path``; ``local``: the directory the caller named and its ``subfolder``
+    (None for a Hub repo's snapshot, whose pick was made from the Hub's listing)."""
     mode = _mode(path)
     if mode is None:
         raise SourceNotFoundError(f"{cut(str(path))}: no such file or directory. Check subfolder= and the path.")
     if stat.S_ISDIR(mode):
-        return _from_file(_weight_file(path, weight_name), device)
+        chosen = _weight_file(path, weight_name)
+        if local is not None:
+            _check_diffusers_local(chosen, *local, weight_name)
+        return _from_file(chosen, device)
     if stat.S_ISREG(mode):
         return _from_file(path, device)
     raise SourceNotFoundError(
@@ -276,6 +286,24 @@ def _weight_file(directory: Path, weight_name: str | None) -> Path:
         f"{cut(str(directory))}: no adapter weights found (looked for {', '.join(WEIGHT_NAMES)} or a single "
         "*.safetensors)."
     )
+
+
+def _check_diffusers_local(chosen: Path, root: Path, subfolder: str | None, weight_name: str | None) -> None:
+    """Refuses the pick ``chosen`` where diffusers' ``load_lora_weights`` reads another file of
+    the directory ``root`` (:func:`~lorahot.io.weight_names.check_diffusers`). It asks for
+    ``weight_name``, else its guess from ``root``'s own entries (not ``subfolder``'s), and reads it
+    in ``root`` where ``os.path.isfile`` finds it there, else in ``subfolder``: a file of that name
+    above ``subfolder=`` is what it reads."""
+    guess = weight_name or diffusers_guess(_listdir(root))
+    places = (guess, f"{subfolder}/{guess}") if subfolder else (guess,)
+    theirs = next((p for p in places if os.path.isfile(root / p)), None)
+    mine = chosen.relative_to(root).as_posix()
+    if subfolder and theirs == guess:  # above the subfolder: naming the file does not help
+        why = "it opens a file of that name in the directory before subfolder="
+        fix = f"pass the folder itself, {cut(str(root / subfolder), 200)}, as the source"
+        check_diffusers(mine, theirs, cut(str(root)), why, fix)
+    elif weight_name is None:
+        check_diffusers(mine, theirs, cut(str(root)))
 
 
 def _present(path: Path) -> bool:

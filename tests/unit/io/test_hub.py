@@ -528,7 +528,7 @@ class _StandInHandler(BaseHTTPRequestHandler):
         name = re.sub(rf"^/{REPO}/resolve/(main|{COMMIT})/", "", path)
         if name in hub.stalling:
             hub.release.wait()
-        if path == f"/api/models/{REPO}/revision/main":
+        if path in (f"/api/models/{REPO}/revision/main", f"/api/models/{REPO}"):  # repo_info, diffusers' model_info
             info = {"id": REPO, "sha": hub.sha, "siblings": [{"rfilename": p} for p in hub.files]}
             self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
         elif name in hub.limited:
@@ -1005,7 +1005,7 @@ def test_a_repo_fetched_online_without_a_config_loads_offline_without_one(
     "extra, picked",
     [
         ({"style-v2.safetensors": 3, "optimizer.safetensors": 5}, "adapter_model.safetensors"),
-        ({"style-v2.safetensors": 3, "sub/pytorch_lora_weights.safetensors": 5}, "adapter_model.safetensors"),
+        ({"style-v2.safetensors": 3, "sub/adapter_model.safetensors": 5}, "adapter_model.safetensors"),
     ],
 )
 def test_a_repo_read_whole_downloads_only_the_file_it_reads(
@@ -1060,6 +1060,73 @@ def test_a_repo_with_several_files_to_pick_from_is_refused_before_any_download(
     assert online_hub.fetched() == []
     name = PurePosixPath(files[1]).name
     assert lorahot.read_adapter(REPO, weight_name=name, **kwargs).modules["proj"].scale == 1.0
+
+
+def _diffusers_reads(
+    hub: StandInHub, monkeypatch: pytest.MonkeyPatch, subfolder: str | None = None
+) -> dict[str, torch.Tensor]:
+    """What diffusers' load_lora_weights reads of ``REPO`` without weight_name= (its own _fetch_state_dict)."""
+    import huggingface_hub.hf_api
+    from diffusers.loaders.lora_base import _fetch_state_dict
+
+    # diffusers lists through huggingface_hub's module-level HfApi, whose endpoint was read at import
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", hub.url)
+    state, _ = _fetch_state_dict(REPO, None, True, False, None, False, None, None, None, subfolder, None, False)
+    return state
+
+
+@pytest.mark.parametrize(
+    "files, subfolder, mine, theirs",
+    [
+        (
+            ["adapter_model.safetensors", "sub/pytorch_lora_weights.safetensors"],
+            None,
+            "adapter_model.safetensors",
+            "sub/pytorch_lora_weights.safetensors",
+        ),
+        (
+            ["style.safetensors", "x/pytorch_lora_weights.safetensors"],
+            None,
+            "style.safetensors",
+            "x/pytorch_lora_weights",
+        ),
+        (["adapter-v2.safetensors", "adapter_model.safetensors"], None, "adapter_model.safetensors", "adapter-v2"),
+        (["b.safetensors", "sub/adapter_model.safetensors", "sub/b.safetensors"], "sub", "sub/adapter_model", "sub/b"),
+    ],
+    ids=["diffusers' name in a folder", "beside the only file", "first listed", "above the subfolder"],
+)
+def test_a_repo_where_diffusers_reads_another_file_is_refused_before_any_download(
+    online_hub: StandInHub,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    files: list[str],
+    subfolder: str | None,
+    mine: str,
+    theirs: str,
+) -> None:
+    """diffusers' load_lora_weights guesses from every file of the repo, in the listing's order
+    (a name ending in pytorch_lora_weights.safetensors in any folder, else the first), and fetches
+    its guess under subfolder=, so it read one file where lorahot read another (PEFT's
+    adapter_model.safetensors, or the level's only file): another adapter, silently. Such a repo
+    is now refused from the listing, naming both files, nothing downloaded, the runtime bitwise
+    unchanged; diffusers' own loader is the oracle of its pick, and weight_name= reads either."""
+    online_hub.serve({name: _peft_bytes(2 + (name.startswith(theirs))) for name in files})
+    online_hub.serve({"adapter_config.json": b'{"r": 2, "lora_alpha": 2}'})
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    message = (
+        rf"^{REPO}: this read opens {re.escape(mine)}[\w.]*, but diffusers' load_lora_weights opens "
+        rf"{re.escape(theirs)}[\w.]* there \(its _best_guess_weight_name: .*pass weight_name="
+    )
+    _refused_everywhere(_local_rig(tmp_path), capsys, lorahot.SourceNotFoundError, message, **kwargs)
+    assert online_hub.fetched() == []
+    assert _diffusers_reads(online_hub, monkeypatch, subfolder)["base_model.model.proj.lora_A.weight"].shape[0] == 3
+    inner = f"{subfolder}/" if subfolder else ""
+    picked = next(n for n in files if n.startswith(mine))[len(inner) :]
+    assert (
+        lorahot.read_adapter(REPO, weight_name=picked, config={"r": 2, "lora_alpha": 2}, **kwargs).modules["proj"].rank
+        == 2
+    )
 
 
 def test_a_file_fetched_alone_is_not_read_offline_for_the_file_a_whole_repo_read_picks(

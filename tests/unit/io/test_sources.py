@@ -208,6 +208,128 @@ def test_a_directory_with_both_peft_and_diffusers_weights_is_refused_naming_both
         (alone / name).rename(both / name)
 
 
+def _diffusers_reads(
+    source: str, subfolder: str | None = None, weight_name: str | None = None
+) -> dict[str, torch.Tensor]:
+    """What diffusers' load_lora_weights reads (its own _fetch_state_dict)."""
+    from diffusers.loaders.lora_base import _fetch_state_dict
+
+    state, _ = _fetch_state_dict(
+        source, weight_name, True, False, None, False, None, None, None, subfolder, None, False
+    )
+    return state
+
+
+@pytest.mark.parametrize(
+    "files, subfolder, mine, theirs",
+    [
+        (["adapter_model.safetensors", "style_pytorch_lora_weights.safetensors"], None, "adapter_model", "style_py"),
+        (["pytorch_lora_weights.safetensors", "sub/adapter_model.safetensors"], "sub", "sub/adapter_model", "pytorch"),
+    ],
+    ids=["a name ending in diffusers' name", "diffusers' name above the subfolder"],
+)
+def test_a_directory_where_diffusers_reads_another_file_is_refused_naming_both(
+    tmp_path: Path, files: list[str], subfolder: str | None, mine: str, theirs: str
+) -> None:
+    """diffusers' load_lora_weights guesses by a rule of its own (any name ending in
+    pytorch_lora_weights.safetensors, from the directory's own entries, read there before
+    subfolder=), so it read one file where lorahot read PEFT's adapter_model.safetensors (another
+    adapter), silently. Such a directory is now refused naming both files and weight_name=, nothing
+    changed; diffusers' own loader is the oracle of its pick; a file diffusers leaves out
+    (optimizer.safetensors) changes nothing."""
+    from tests.reliability_helpers import Rig, assert_unchanged, snapshot
+
+    for rank, name in enumerate(files, start=2):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        save_file(_peft(rank), tmp_path / name)
+    read = _diffusers_reads(str(tmp_path), subfolder)
+    assert read["base_model.model.proj.lora_A.weight"].shape[0] == 2 + [n.startswith(theirs) for n in files].index(True)
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(8, 6))
+    runtime = lorahot.inject(model, ["proj"], max_rank=4, slots=2)
+    save_file(_peft(4), tmp_path.parent / f"{tmp_path.name}-loaded.safetensors")
+    runtime.load(str(tmp_path.parent / f"{tmp_path.name}-loaded.safetensors"))
+    rig = Rig(model, runtime, torch.randn(2, 8))
+    before = snapshot(rig)
+    why, fix = (
+        (r"it opens a file of that name in the directory before subfolder=", r"pass the folder itself, .*/sub, as")
+        if subfolder
+        else (r"its _best_guess_weight_name: ", r"pass weight_name=")
+    )
+    message = (
+        rf"this read opens {mine}\.safetensors, but diffusers' load_lora_weights opens {theirs}\w*\.safetensors there "
+        rf"\({why}.*\), maybe another adapter; {fix}"
+    )
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    for call in (lorahot.read_adapter, runtime.load, runtime.preload, lambda s, **k: runtime.load(s, slot=1, **k)):
+        with pytest.raises(lorahot.SourceNotFoundError, match=message):
+            call(str(tmp_path), **kwargs)
+        assert_unchanged(rig, before)
+    assert len(runtime.cache) == 0
+    assert lorahot.read_adapter(tmp_path, weight_name="adapter_model.safetensors", **kwargs).modules[
+        "proj"
+    ].rank == 2 + (subfolder is not None)
+
+
+def test_a_cached_subfolder_read_is_read_again_once_diffusers_reads_a_file_above_it(tmp_path: Path) -> None:
+    """Whether a read of subfolder= is refused depends on the directory's own entries (diffusers'
+    guess, or weight_name=, opened there first): the host cache's key now covers them, so a file
+    diffusers opens added above the subfolder makes a load read the source again and refuse it,
+    not serve the cached adapter; nothing changed."""
+    from tests.reliability_helpers import Rig, assert_unchanged, snapshot
+
+    (tmp_path / "sub").mkdir()
+    save_file(_peft(2), tmp_path / "sub" / "adapter_model.safetensors")
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(8, 6))
+    runtime = lorahot.inject(model, ["proj"], max_rank=4, slots=2)
+    runtime.preload(str(tmp_path), subfolder="sub")
+    runtime.load(str(tmp_path), subfolder="sub")
+    rig = Rig(model, runtime, torch.randn(2, 8))
+    before = snapshot(rig)
+    save_file(_peft(3), tmp_path / "pytorch_lora_weights.safetensors")
+    with pytest.raises(lorahot.SourceNotFoundError, match=r"diffusers' load_lora_weights opens pytorch_lora_weights"):
+        runtime.load(str(tmp_path), subfolder="sub", slot=1)
+    assert_unchanged(rig, before)
+    named = {"subfolder": "sub", "weight_name": "adapter_model.safetensors"}
+    runtime.preload(str(tmp_path), **named)
+    before = snapshot(rig)
+    save_file(_peft(3), tmp_path / "adapter_model.safetensors")
+    with pytest.raises(lorahot.SourceNotFoundError, match=r"diffusers' load_lora_weights opens adapter_model"):
+        runtime.load(str(tmp_path), slot=1, **named)
+    assert_unchanged(rig, before)
+
+
+def test_a_weight_name_in_a_subfolder_is_refused_where_diffusers_opens_the_one_above(tmp_path: Path) -> None:
+    """diffusers' load_lora_weights(dir, weight_name=w, subfolder='x') opens dir/w where there is
+    one (before dir/x/w), so it read another adapter than lorahot's dir/x/w, silently; refused now
+    naming both and the fix (the folder itself as the source), and read where dir/w is no file."""
+    (tmp_path / "x").mkdir()
+    save_file(_peft(2), tmp_path / "x" / "adapter_model.safetensors")
+    save_file(_peft(3), tmp_path / "adapter_model.safetensors")
+    kwargs = {"weight_name": "adapter_model.safetensors", "subfolder": "x"}
+    assert _diffusers_reads(str(tmp_path), **kwargs)["base_model.model.proj.lora_A.weight"].shape[0] == 3
+    with pytest.raises(
+        lorahot.SourceNotFoundError,
+        match=r"this read opens x/adapter_model\.safetensors, but diffusers' load_lora_weights opens "
+        r"adapter_model\.safetensors there \(it opens a file of that name in the directory before subfolder=\), maybe "
+        r"another adapter; pass the folder itself, .*/x, as the source\.",
+    ):
+        lorahot.read_adapter(tmp_path, **kwargs)
+    assert lorahot.read_adapter(tmp_path / "x").modules["proj"].rank == 2
+    (tmp_path / "adapter_model.safetensors").unlink()
+    assert lorahot.read_adapter(tmp_path, **kwargs).modules["proj"].rank == 2
+
+
+def test_a_file_diffusers_leaves_out_does_not_change_the_pick(tmp_path: Path) -> None:
+    """diffusers' guess leaves out optimizer, scheduler and checkpoint files: beside one,
+    adapter_model.safetensors is what both PEFT and diffusers read, and loads."""
+    save_file(_peft(2), tmp_path / "adapter_model.safetensors")
+    save_file(_peft(3), tmp_path / "optimizer.safetensors")
+    assert _diffusers_reads(str(tmp_path))["base_model.model.proj.lora_A.weight"].shape[0] == 2
+    assert lorahot.read_adapter(tmp_path).modules["proj"].rank == 2
+
+
 def test_a_path_starting_with_a_tilde_names_its_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """'~/adapters/x' is not expanded (as open(), PEFT's and diffusers' loaders leave it), and the
     refusal said 'Pass an adapter directory, ...', the caller having passed one: it now says '~'
@@ -235,9 +357,10 @@ def test_a_subfolder_with_a_trailing_slash_or_dot_parts_is_the_folder(tmp_path: 
 
     (tmp_path / "x").mkdir()
     save_file(_peft(2), tmp_path / "x" / "adapter_model.safetensors")
-    save_file(_peft(3), tmp_path / "adapter_model.safetensors")
     assert lorahot.read_adapter(tmp_path, subfolder=spelling).modules["proj"].rank == 2
     assert source_identity(str(tmp_path), subfolder=spelling) == source_identity(str(tmp_path), subfolder="x")
+    # (an adapter of the directory's own, which diffusers would open for subfolder='x')
+    save_file(_peft(3), tmp_path / "adapter_model.safetensors")
     assert lorahot.read_adapter(tmp_path, subfolder=".").modules["proj"].rank == 3
     with pytest.raises(lorahot.SourceNotFoundError, match=r"subfolder='x//y' has an empty part \('//' or a trailing"):
         lorahot.read_adapter(tmp_path, subfolder="x//y")
