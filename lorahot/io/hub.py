@@ -488,10 +488,17 @@ def _check_cached_pick(repo_id: str, revision: str | None, subfolder: str | None
     has neither there (:func:`_known_absent`). A file fetched alone (``weight_name=``) is
     otherwise all the snapshot shows of a repo that may hold ``adapter_model.safetensors``.
 
+    Where ``huggingface_hub`` cached the repo's file listing for the commit, the pick is checked
+    against it as against the Hub's (:func:`_needed`: several files, or diffusers' pick another).
+
     Raises:
         SourceNotFoundError: the level holds several files to pick from, or one of another name
-            and no record that the repo lacks PEFT's and diffusers' names there.
+            and no record that the repo lacks PEFT's and diffusers' names there; the cached
+            listing refuses the pick.
     """
+    listing = _cached_listing(repo_id, root.name)
+    if listing is not None:
+        _needed(listing, subfolder, _where(repo_id, revision))
     inner = f"{subfolder}/" if subfolder else ""
     level = f"folder {shown(subfolder, 200)} of the repo" if subfolder else "the repo's top level"
     try:

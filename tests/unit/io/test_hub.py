@@ -1129,6 +1129,29 @@ def test_a_repo_where_diffusers_reads_another_file_is_refused_before_any_downloa
     )
 
 
+def test_offline_a_cached_listing_refuses_what_the_hubs_listing_refuses(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, the snapshot of PEFT's adapter_model.safetensors and its config was read where
+    the file listing huggingface_hub cached for the commit shows that diffusers reads another file
+    (sub/pytorch_lora_weights.safetensors), which a read through the Hub refuses; refused the same
+    way now. A listing without it reads the snapshot."""
+    import huggingface_hub
+
+    for extra, loads in ((["sub/pytorch_lora_weights.safetensors"], False), (["sub/adapter_model.safetensors"], True)):
+        tree = [SimpleNamespace(path=p) for p in ["adapter_config.json", "adapter_model.safetensors", *extra]]
+        monkeypatch.setattr(huggingface_hub, "get_cached_repo_tree", lambda *a, tree=tree, **k: tree)
+        if loads:
+            assert lorahot.read_adapter(REPO).modules["proj"].scale == 0.5
+        else:
+            with pytest.raises(
+                lorahot.SourceNotFoundError,
+                match=rf"^{REPO}: this read opens adapter_model\.safetensors, but diffusers' load_lora_weights opens "
+                r"sub/pytorch_lora_weights\.safetensors there",
+            ):
+                lorahot.read_adapter(REPO)
+
+
 def test_a_file_fetched_alone_is_not_read_offline_for_the_file_a_whole_repo_read_picks(
     online_hub: StandInHub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
