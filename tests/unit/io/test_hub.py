@@ -1201,6 +1201,29 @@ def test_a_repo_whose_only_file_has_another_name_loads_offline_once_read_online(
     assert within(HANG_S, lambda: lorahot.read_adapter(REPO)).modules["proj"].scale == 2.0
 
 
+def test_the_cache_records_a_missing_file_as_huggingface_hub_records_it(online_hub: StandInHub) -> None:
+    """The records an online whole-repo read writes of the files the listing lacks (the config,
+    PEFT's and diffusers' names, in a subfolder here) are the very files huggingface_hub's
+    hf_hub_download writes on the Hub's 'no such file' for the same names (path and empty
+    content), so huggingface_hub's own later reads of the cache see what they would have."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    online_hub.serve({"sub/style.safetensors": _peft_bytes(2)})
+    lorahot.read_adapter(REPO, subfolder="sub")
+    records = Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}" / ".no_exist"
+
+    def recorded() -> dict[str, bytes]:
+        return {p.relative_to(records).as_posix(): p.read_bytes() for p in records.rglob("*") if p.is_file()}
+
+    mine = recorded()
+    shutil.rmtree(records)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
+        with pytest.raises(EntryNotFoundError):
+            hf_hub_download(REPO, name, subfolder="sub")
+    assert mine == recorded() and len(mine) == 3 and set(mine.values()) == {b""}
+
+
 def test_a_hub_subfolder_with_a_trailing_slash_or_dot_is_the_folder(online_hub: StandInHub) -> None:
     """subfolder='sub/' was refused as leaving the repo, and subfolder='.' (the repo's top level)
     found nothing in the listing ('no .safetensors file at folder '.''); both read what 'sub' and
