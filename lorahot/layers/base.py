@@ -1031,7 +1031,10 @@ class LoRALayer(nn.Module):
         shape = self.row_shape(length)
         f = f.reshape(shape)
         out = torch.addcmul(g.reshape(shape), f, self.row_view(z, length) + bias.reshape(shape))
-        return self._bias_gradient(out, f, rows.shape[2:]).reshape(z.shape).to(z.dtype)
+        out = self._bias_gradient(out, f, rows.shape[2:]).reshape(z.shape).to(z.dtype)
+        # eagerly, no view of the row-shaped result (as routed_sum's output): a block compiled on its
+        # own (regional=True) that takes it as input would guard on its base, and compile once more
+        return out.clone() if out._base is not None and not torch.compiler.is_compiling() else out
 
     def routed_fused(
         self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, route: torch.Tensor

@@ -202,18 +202,20 @@ def test_gpu_regional_blocks_bf16() -> None:
     assert counter.frame_count == 2  # one graph per row count, shared by the ten blocks
 
 
-def test_a_routed_embedding_before_regional_blocks_adds_no_graph() -> None:
+@pytest.mark.parametrize("extras", [False, True])
+def test_a_routed_embedding_before_regional_blocks_adds_no_graph(extras: bool) -> None:
     """A routed embedding's output feeds the first compiled block: as a view its base was
     guarded on, and the first routed packed call compiled one graph more with the embedding
     targeted than without (an independent audit); now the same count either way, and the routed
-    embedding's output is no view."""
+    embedding's output is no view. With ``extras=True`` (DoRA, LoRA biases) the routed output was
+    still a view of the row-shaped result, and the packed call still added that graph."""
     from tests.helpers import tiny_lm, token_ids
 
     def frames(embedding: bool) -> int:
         torch._dynamo.reset()
         model = tiny_lm(layers=4)
         targets = ["q_proj", "v_proj", "up_proj", *(["embed_tokens"] if embedding else [])]
-        runtime = lorahot.inject(model, targets, max_rank=4, slots=3, regional=True)
+        runtime = lorahot.inject(model, targets, max_rank=4, slots=3, regional=True, extras=extras)
         for k in range(3):
             runtime.load(make_adapter(model, dict.fromkeys(runtime.layers, 1 + k), seed=k)[0], slot=k)
         counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
