@@ -10,7 +10,13 @@ For each key, in order:
    without the ``text_model`` level); for a naming whose aliases are exact (PEFT's), this step,
    over the key alone, comes before step 2: its aliases stand for a name that is no layer of the
    model, and a key that is one under a wrapper (Krea 2's ``first`` on a model's own
-   ``enc.first``) keeps it;
+   ``enc.first``) keeps it; for any other dotted naming, this step's first half, a layer whose name
+   ends with ``"." + key`` (the key's own path under a wrapper level of the model), comes before
+   step 2 as well (the old diffusers naming's ``layers.0.attention.out`` on a model's own
+   ``enc.layers.0.attention.out``, never Lumina2's ``layers.0.attn.to_out.0``); an underscore
+   naming's keys keep step 2 first, their dots being a guess of the naming's renames (musubi's
+   ``time_embedder.proj_in`` is MiniMax-H3's time embedder, which the alias names, never a
+   model's ``proj_in``);
 4. the underscore form: every injected layer's name with ``.`` -> ``_`` (kohya names, and
    LDM block names mapped to diffusers ones), exactly or as a ``_``-suffix;
 5. the underscore form of a key that carries wrapper levels the model lacks
@@ -181,8 +187,14 @@ class _Names:
         """Names ending in ``"." + key``, and names ``key`` ends in (after a ``.``); the levels
         either side has beyond the other are wrappers (:meth:`wrapper`)."""
         tail = key[-(self.longest + 1) :]  # a name key ends in is at most this long
-        longer = [n for n in self.dotted_tails.get(key, []) if _unnumbered(n[: -len(key) - 1])]
-        return longer + [t for t in _after(tail, ".") if t in self.exact and self.wrapper(key[: -len(t) - 1])]
+        return self.wrapping(key) + [
+            t for t in _after(tail, ".") if t in self.exact and self.wrapper(key[: -len(t) - 1])
+        ]
+
+    def wrapping(self, key: str) -> list[str]:
+        """Names ending in ``"." + key``, the levels before it wrappers (none carries a number):
+        ``key``'s own path, under a wrapper level of the model the file leaves out."""
+        return [n for n in self.dotted_tails.get(key, []) if _unnumbered(n[: -len(key) - 1])]
 
     def wrapper(self, levels: str) -> bool:
         """Whether ``levels``, the leading levels of a dotted key that a layer's name lacks,
@@ -409,10 +421,23 @@ def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     def wrapped() -> list[str]:
         return _first(names.dotted(c) for c in cands[1:] + cands[:1] + ([] if fmt.aliases_exact else aliased))
 
+    def own() -> list[str]:  # the key's own path under a wrapper of the model (ambiguous as in wrapped)
+        return _first(names.dotted(c) if names.wrapping(c) else [] for c in cands[1:] + cands[:1])
+
     steps = (
         # exact aliases only where the key names no layer of the model, not even under a wrapper (PEFT
-        # naming's: Krea 2's first -> img_in never takes a key that is the model's own enc.first)
-        *((wrapped, renamed) if fmt.aliases_exact else (renamed, wrapped)),
+        # naming's: Krea 2's first -> img_in never takes a key that is the model's own enc.first); a
+        # dotted naming's other aliases only where the key's own path is no layer under a wrapper of
+        # the model (the old diffusers naming's layers.0.attention.out on enc.layers.0.attention.out);
+        # an underscore naming's aliases first, its dots a guess of its renames (musubi's
+        # time_embedder.proj_in is MiniMax-H3's time embedder, never a model's proj_in)
+        *(
+            (wrapped, renamed)
+            if fmt.aliases_exact
+            else (own, renamed, wrapped)
+            if fmt.separator == "."
+            else (renamed, wrapped)
+        ),
         lambda: _first(names.by_underscore(c) for c in cands[1:] + cands[:1]),
         lambda: _first(names.unwrapped(c) for c in cands[1:]) if fmt.separator == "_" else [],
         lambda: _first(names.by_underscore(a) for a in aliased) if fmt.separator == "_" else [],

@@ -529,3 +529,32 @@ def test_a_peft_file_takes_krea2_names_only_where_a_key_only_krea2_has_marks_it(
             with torch.no_grad():
                 got = model.get_submodule(name)(x.float()).double()
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("roles", [("lora.down", "lora.up"), ("lora_linear_layer.down", "lora_linear_layer.up")])
+def test_an_old_diffusers_key_that_names_a_layer_under_a_wrapper_keeps_it_over_an_alias(roles: tuple[str, str]) -> None:
+    """The old diffusers naming's aliases (Lumina2's ``layers.0.attention.out`` -> ``attn.to_out.0``, read
+    for ComfyUI's dotted roles on bare Lumina2 names) were tried before the key's own path under a
+    wrapper level the file leaves out, so a key that is the model's own ``enc.layers.0.attention.out``
+    went to ``layers.0.attn.to_out.0``, silently. A dotted key's own path now comes first: it loads there,
+    the float64 reference, every other layer bitwise as before; where the model has no such layer the
+    alias still places it."""
+    key = "layers.0.attention.out"
+    for model, layer in ((_OwnNamesUnderAWrapper(), "enc.layers.0.attention.out"), (None, "layers.0.attn.to_out.0")):
+        if model is None:  # the alias where the key's own path is no layer of the model
+            model = _OwnNamesUnderAWrapper()
+            del model.enc.layers
+        g = torch.Generator().manual_seed(4)
+        a, b = torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g)
+        runtime = lorahot.inject(model, "all-linear", max_rank=2)
+        x = torch.randn(3, 4, generator=g)
+        with torch.no_grad():
+            before = {n: model.get_submodule(n)(x) for n in runtime.layers}
+        info = runtime.load({f"{key}.{roles[0]}.weight": a, f"{key}.{roles[1]}.weight": b})
+        assert info.format == "diffusers-old" and set(info.ranks) == {layer}
+        with torch.no_grad():
+            after = {n: model.get_submodule(n)(x) for n in runtime.layers}
+            base = model.get_submodule(layer).base_layer
+            want = x.double() @ (base.weight.double() + b.double() @ a.double()).T + base.bias.double()
+        torch.testing.assert_close(after[layer].double(), want, rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(after[n], before[n]) for n in runtime.layers if n != layer)
