@@ -202,7 +202,7 @@ def test_gpu_regional_blocks_bf16() -> None:
     assert counter.frame_count == 2  # one graph per row count, shared by the ten blocks
 
 
-@pytest.mark.parametrize("extras", [False, True])
+@pytest.mark.parametrize("extras", [False, pytest.param(True, marks=pytest.mark.slow)])  # 8 s: two compiled runs
 def test_a_routed_embedding_before_regional_blocks_adds_no_graph(extras: bool) -> None:
     """A routed embedding's output feeds the first compiled block: as a view its base was
     guarded on, and the first routed packed call compiled one graph more with the embedding
