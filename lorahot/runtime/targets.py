@@ -219,11 +219,17 @@ def _compiled_by(modules: Mapping[str, nn.Module], name: str) -> str | None:
 def _compiled_alone(where: str, name: str) -> str:
     """Why inject refuses module ``name``, the module of the ``torch.compile`` wrapper at ``where``
     (:func:`_compiled_by`), with the fix."""
-    at = f"model.{where}" if where else "the model"
+    if not where:  # the model given to inject is the wrapper, made of one layer
+        return (
+            "it is the layer torch.compile(...) was made of, and the OptimizedModule given to inject calls that "
+            "layer, not one put in its place, so a LoRA there would never apply. Put the layer in a container "
+            "(nn.Sequential(layer)), inject into that and target '0', then compile it"
+        )
     return (
-        f"it is the module that {at} = torch.compile(...) was made of before inject, and that OptimizedModule calls "
-        "the module it was made of, not one put in its place, so a LoRA there would never apply. Inject first and "
-        f"compile after ({at} = torch.compile({at}) after inject compiles its LoRA layers), or compile the whole model"
+        f"it is the module that model.{where} = torch.compile(...) was made of before inject, and that OptimizedModule "
+        "calls the module it was made of, not one put in its place, so a LoRA there would never apply. Inject first "
+        f"and compile after (model.{where} = torch.compile(model.{where}) after inject compiles its LoRA layers), or "
+        "compile the whole model"
     )
 
 

@@ -597,6 +597,10 @@ def test_a_module_compiled_alone_before_inject_is_refused_where_its_wrapper_woul
     ):
         lorahot.inject(model, targets, max_rank=4)
     assert model[1] is wrapper and model[1]._orig_mod is inner and not _wrapped(model)
+    alone = torch.compile(nn.Linear(8, 8), backend="eager")  # the model given to inject is the wrapper
+    with pytest.raises(lorahot.UsageError, match=r"_orig_mod: it is the layer torch\.compile\(\.\.\.\) was made of.*"):
+        lorahot.inject(alone, ["_orig_mod"], max_rank=4)
+    assert not _wrapped(alone)
     runtime = lorahot.inject(model, "all-linear", max_rank=4)
     assert list(runtime.layers) == ["0"]
     runtime.eject()
