@@ -66,7 +66,7 @@ from lorahot.io.hub_cache import (
     cache_folder,
 )
 from lorahot.io.hub_errors import _first_line, _fix, _known_missing, _unreached, _where
-from lorahot.io.hub_listing import _needed
+from lorahot.io.hub_listing import _Level, _needed
 from lorahot.io.hub_watch import DEFAULT_HUB_TIMEOUT, HUB_TIMEOUT_ENV, HubTimeout, _Abandoned, _Watch, hub_timeout
 from lorahot.io.safety import PICKLE_SUFFIXES, cut
 from lorahot.io.weight_names import WEIGHT_NAMES
@@ -222,7 +222,7 @@ def _download(
             f"{_where(repo_id, revision)}: cannot get {what} from the Hub ({type(exc).__name__}: {_first_line(exc)}). "
             f"{_fix(exc)}"
         ) from None
-    folder = root / subfolder if subfolder else root
+    folder = _Level(subfolder).folder(root)
     if not _holds_safetensors(folder):
         raise _nothing_to_read(repo_id, revision, subfolder, root, listing)
     return folder
@@ -265,7 +265,7 @@ def _snapshot(
     root = cache_folder(repo_id).resolve() / "snapshots" / commit
     needed = _needed(files, subfolder, _where(repo_id, revision))
     if any(name.endswith(".safetensors") for name in needed):
-        inner = f"{subfolder}/" if subfolder else ""
+        inner = _Level(subfolder).inner
         for name in (CONFIG_NAME, *WEIGHT_NAMES):  # so that a read from the cache alone knows they are not there
             if inner + name not in files:
                 _record_missing(repo_id, commit, inner + name)
@@ -316,7 +316,7 @@ def _fetch_config(
             return  # an adapter without a config is fine (kohya, diffusers files)
         if stalled is not None and type(exc) is LocalEntryNotFoundError:  # not cached: the Hub did not answer
             exc = stalled
-        name = cut(f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME, 200)
+        name = cut(_Level(subfolder).inner + CONFIG_NAME, 200)
         raise SourceNotFoundError(
             f"{_where(repo_id, revision)}: cannot fetch {name} from the Hub ({type(exc).__name__}: "
             f"{_first_line(exc)}), and without it the adapter's scale is unknown. {_fix(exc)} Once fetched, the "
@@ -330,15 +330,15 @@ def _nothing_to_read(
     """The error for a snapshot without a ``.safetensors`` file where the read looks, saying
     what the repo holds there: from ``listing`` (the Hub's), else the file listing
     ``huggingface_hub`` cached for the commit, else (offline) from what the local cache holds."""
-    where, inner = _where(repo_id, revision), f"{subfolder}/" if subfolder else ""
-    level = f"folder {shown(subfolder, 200)} of the repo" if subfolder else "the repo's top level"
+    where, at = _where(repo_id, revision), _Level(subfolder)
+    level = at.name
     if listing is None:
         listing = _cached_listing(repo_id, root.name)
     if listing is not None:
-        here = [p[len(inner) :] for p in listing if p.startswith(inner) and "/" not in p[len(inner) :]]
+        here = at.entries(listing)
     else:
         try:
-            here = os.listdir(root / subfolder if subfolder else root)
+            here = os.listdir(at.folder(root))
         except (OSError, ValueError):
             here = []
     pickles = sorted(n for n in here if PurePosixPath(n).suffix.lower() in PICKLE_SUFFIXES)

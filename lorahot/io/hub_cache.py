@@ -26,7 +26,7 @@ from pathlib import Path
 from lorahot.errors import SourceNotFoundError, shown
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.hub_errors import _first_line, _fix, _where
-from lorahot.io.hub_listing import _needed
+from lorahot.io.hub_listing import _Level, _needed
 from lorahot.io.safety import cut
 from lorahot.io.weight_names import WEIGHT_NAMES, pick_weight
 
@@ -57,7 +57,8 @@ def _cached_snapshot(
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import LocalEntryNotFoundError
 
-    inner = f"{subfolder}/" if subfolder else ""
+    level = _Level(subfolder)
+    inner = level.inner
     try:
         root = Path(
             snapshot_download(
@@ -75,7 +76,7 @@ def _cached_snapshot(
             raise cause from None
         raise  # a cached snapshot missing files (IncompleteSnapshotError) says so itself
     _check_cached_pick(repo_id, revision, subfolder, root, cause)
-    if need_config and _holds_safetensors(root / subfolder if subfolder else root):
+    if need_config and _holds_safetensors(level.folder(root)):
         _check_cached_config(repo_id, revision, root, f"{inner}{CONFIG_NAME}", cause)
     return root
 
@@ -97,21 +98,20 @@ def _check_cached_pick(repo_id: str, revision: str | None, subfolder: str | None
     listing = _cached_listing(repo_id, root.name)
     if listing is not None:
         _needed(listing, subfolder, _where(repo_id, revision))
-    inner = f"{subfolder}/" if subfolder else ""
-    level = f"folder {shown(subfolder, 200)} of the repo" if subfolder else "the repo's top level"
+    level = _Level(subfolder)
     try:
-        names = os.listdir(root / subfolder if subfolder else root)
+        names = os.listdir(level.folder(root))
     except (OSError, ValueError):  # nothing there: the read says so
         return
-    chosen = pick_weight(names, f"{_where(repo_id, revision)}: {level}")
+    chosen = pick_weight(names, f"{_where(repo_id, revision)}: {level.name}")
     if chosen is None or chosen in WEIGHT_NAMES:
         return
-    unknown = [name for name in WEIGHT_NAMES if not _known_absent(repo_id, root, inner + name)]
+    unknown = [name for name in WEIGHT_NAMES if not _known_absent(repo_id, root, level.inner + name)]
     if unknown:
         raise SourceNotFoundError(
-            f"{_where(repo_id, revision)}: the local Hugging Face cache holds {shown(chosen, 200)} at {level}, and "
-            f"cannot tell whether the repo has {' or '.join(unknown)} there, which a read picks first (the Hub was not "
-            f"asked: {type(cause).__name__}: {_first_line(cause)}). Pass weight_name={shown(chosen, 200)} to read "
+            f"{_where(repo_id, revision)}: the local Hugging Face cache holds {shown(chosen, 200)} at {level.name}, "
+            f"and cannot tell whether the repo has {' or '.join(unknown)} there, which a read picks first (the Hub was "
+            f"not asked: {type(cause).__name__}: {_first_line(cause)}). Pass weight_name={shown(chosen, 200)} to read "
             "that file, or fetch the repo once while online."
         )
 

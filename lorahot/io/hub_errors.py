@@ -10,6 +10,7 @@ Whether a failure means the Hub was not reached (then the cache serves what it h
 from __future__ import annotations
 
 from lorahot.io.config import CONFIG_NAME
+from lorahot.io.hub_listing import _Level
 from lorahot.io.hub_watch import DEFAULT_HUB_TIMEOUT, HUB_TIMEOUT_ENV, HubTimeout
 from lorahot.io.safety import cut
 
@@ -103,7 +104,7 @@ def _known_missing(exc: Exception, repo_id: str, subfolder: str | None, revision
 
     if not isinstance(exc, LocalEntryNotFoundError):
         return isinstance(exc, EntryNotFoundError)
-    name = f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME
+    name = _Level(subfolder).inner + CONFIG_NAME
     try:
         return try_to_load_from_cache(repo_id, name, revision=revision) is _CACHED_NO_EXIST
     except Exception:  # a cache it cannot read records nothing
