@@ -100,7 +100,7 @@ def check_relative(value: str | None, what: str, *, folder: bool = False) -> str
     Raises:
         UsageError: ``value`` is not a string.
         SourceNotFoundError: ``value`` is absolute, climbs out with ``..``, uses backslashes, or
-            has an empty part.
+            has an empty part (``//``, or a file's trailing ``/``).
     """
     if value is None:
         return None
@@ -108,6 +108,7 @@ def check_relative(value: str | None, what: str, *, folder: bool = False) -> str
         raise UsageError(f"{what}={shown(value)} must be a string: a relative path with '/' separators.")
     if not value or "\\" in value or "\x00" in value:
         raise SourceNotFoundError(f"{what}={shown(value)} must be a non-empty relative path with '/' separators.")
+    given = value
     if folder and value.strip("/") and not value.startswith("/"):
         value = value.rstrip("/")
     path = PurePosixPath(value)
@@ -115,12 +116,21 @@ def check_relative(value: str | None, what: str, *, folder: bool = False) -> str
         raise SourceNotFoundError(
             f"{what}={shown(value)} must stay inside the adapter directory or repo (no absolute paths, no '..')."
         )
-    if "" in value.split("/"):
-        raise SourceNotFoundError(
-            f"{what}={shown(value)} has an empty part ('//' or a trailing '/'): write it as 'a/b'."
-        )
+    if "" in value.split("/"):  # '//', or a file's trailing '/' (a folder's is dropped above)
+        raise SourceNotFoundError(f"{what}={shown(given)} {_empty_part(value)}")
     clean = str(path)
     return None if folder and clean == "." else clean
+
+
+def _empty_part(value: str) -> str:
+    """What is wrong with the relative path ``value`` that has an empty part, and the fix."""
+    joined = re.sub("/+", "/", value)
+    if joined.endswith("/"):
+        return (
+            "ends with '/', naming a folder where a file belongs: name the file in it, as "
+            f"{shown(joined + '<name>.safetensors')}, or pass the folder as subfolder=."
+        )
+    return f"has an empty part ('//'): write it as {shown(joined)}."
 
 
 def fetch(

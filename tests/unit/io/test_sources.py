@@ -362,5 +362,36 @@ def test_a_subfolder_with_a_trailing_slash_or_dot_parts_is_the_folder(tmp_path: 
     # (an adapter of the directory's own, which diffusers would open for subfolder='x')
     save_file(_peft(3), tmp_path / "adapter_model.safetensors")
     assert lorahot.read_adapter(tmp_path, subfolder=".").modules["proj"].rank == 3
-    with pytest.raises(lorahot.SourceNotFoundError, match=r"subfolder='x//y' has an empty part \('//' or a trailing"):
+    with pytest.raises(lorahot.SourceNotFoundError, match=r"^subfolder='x//y' has an empty part \('//'\): write"):
         lorahot.read_adapter(tmp_path, subfolder="x//y")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"subfolder": "x//y"}, r"subfolder='x//y' has an empty part \('//'\): write it as 'x/y'\."),
+        ({"subfolder": "x///y//"}, r"subfolder='x///y//' has an empty part \('//'\): write it as 'x/y'\."),
+        (
+            {"weight_name": "x//adapter_model.safetensors"},
+            r"weight_name='x//adapter_model\.safetensors' has an empty part \('//'\): write it as "
+            r"'x/adapter_model\.safetensors'\.",
+        ),
+        (
+            {"weight_name": "x/"},
+            r"weight_name='x/' ends with '/', naming a folder where a file belongs: name the file in it, as "
+            r"'x/<name>\.safetensors', or pass the folder as subfolder=\.",
+        ),
+    ],
+    ids=["subfolder", "subfolder, trailing", "weight_name", "weight_name, trailing"],
+)
+def test_a_path_with_an_empty_part_is_refused_saying_what_is_wrong(
+    tmp_path: Path, kwargs: dict[str, str], message: str
+) -> None:
+    """subfolder='x//y' was refused as having "an empty part ('//' or a trailing '/')", though a
+    subfolder's trailing '/' is read as the folder (x/ is x); the message now says which of the
+    two it is, and the spelling that reads."""
+    (tmp_path / "x" / "y").mkdir(parents=True)
+    save_file(_peft(2), tmp_path / "x" / "y" / "adapter_model.safetensors")
+    save_file(_peft(2), tmp_path / "x" / "adapter_model.safetensors")
+    with pytest.raises(lorahot.SourceNotFoundError, match=rf"^{message}$"):
+        lorahot.read_adapter(tmp_path, **kwargs)
