@@ -51,6 +51,7 @@ from lorahot.formats.table import (
     REFUSED,
     REFUSED_DORA,
     REFUSED_MERGEABLE,
+    FileAliases,
     KeyFormat,
     Reorder,
     Rule,
@@ -68,6 +69,7 @@ __all__ = [
     "XLABS",
     "FAL",
     "ALIASES",
+    "FILE_ALIASES",
     "SPLITS",
     "FINAL_ADALN",
     "QKV",
@@ -166,7 +168,8 @@ _REFUSED_MERGEABLE = (_NOT_READ[0], REFUSED_DORA, *REFUSED_MERGEABLE)
 
 #: original module names -> diffusers', one layer each: tried on a module key that names no
 #: injected layer (a model with the original names takes the file's keys as they are); the
-#: diffusers and PEFT namings take them too, exactly (:mod:`lorahot.formats.diffusers`)
+#: diffusers naming takes them too, exactly (:mod:`lorahot.formats.diffusers`), and PEFT naming
+#: in a file :data:`FILE_ALIASES` marks
 ALIASES: tuple[tuple[str, str], ...] = (
     *((rf"{_START}double_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _DOUBLE.items()),
     *(
@@ -198,6 +201,26 @@ ALIASES: tuple[tuple[str, str], ...] = (
     # diffusers' Flux.2 conversion reads as ``transformer_blocks.N``): a name no model has
     (rf"{_START}sformer_blocks\.(\d+\..+)$", r"transformer_blocks.\1"),
 )
+
+
+#: the module names only Flux.1's, Flux.2's and Chroma's original model has: a block module
+#: (``double_blocks.N.``, ``single_blocks.N.``; ``sformer_blocks.N.``, a Flux.2 export's), the
+#: embedders' ``in_layer`` / ``out_layer`` (``time_in``, ``vector_in``, ``guidance_in``, Chroma's
+#: approximator), Flux.2's modulations; never ``img_in``, ``txt_in`` or ``final_layer.*``, which other
+#: models have as their own names (Qwen-Image's ``img_in`` and ``txt_in``, HiDream's ``final_layer``)
+_OWN = (
+    r"(?:^|\.)(?:(?:double_blocks|single_blocks|sformer_blocks)\.\d+\."
+    r"|(?:time_in|vector_in|guidance_in)\.(?:in|out)_layer$"
+    r"|distilled_guidance_layer\.layers\.\d+\.(?:in|out)_layer$"
+    r"|(?:single_stream_modulation|double_stream_modulation_(?:img|txt))\.lin$)"
+)
+
+#: :data:`ALIASES` for PEFT naming, taken only by a file one of whose module keys is a name only
+#: Flux's original model has (:data:`_OWN`): diffusers renames Flux's names under PEFT's
+#: ``base_model.model.`` in its Flux.2 loader and, in its Flux.1 loader, only in a file of Flux's
+#: blocks (fal's Kontext files; bare, BFL's control LoRAs, told by a ``query_norm.scale`` key); no
+#: other model's loader renames them, so another model's lone ``img_in`` is no ``x_embedder``
+FILE_ALIASES = FileAliases("Flux", _OWN, ALIASES)
 
 
 def qkv_split(pattern: str, block: str, names: tuple[str, ...]) -> Split:

@@ -24,10 +24,15 @@ one exactly (never after dropping a wrapper segment of the key, which would brin
 PEFT adapters name the original DiT's projections, which diffusers' ``AceStepTransformer1DModel``
 renames (as diffusers' ACE-Step conversion does). The original names of Flux.1, Flux.2 and Chroma
 (:data:`lorahot.formats.flux.ALIASES`, one layer each) are aliases in the same way, as in diffusers
-naming, and the final layer's ``adaLN_modulation.1`` lands on ``norm_out.linear`` with its halves
-swapped (:data:`lorahot.formats.flux.FINAL_ADALN`): a file in those names without a prefix and with
-no block module is read in this naming. So are SD3's embedders outside the blocks
-(:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`), and Lumina2's, Z-Image's and Ideogram 4's original
+naming, only in a file that is Flux's (:data:`lorahot.formats.flux.FILE_ALIASES`: some module key is a
+name only Flux's original model has, ``time_in.in_layer``, a block module), as diffusers renames them
+in its Flux loaders alone: another model's lone ``img_in`` (Qwen-Image's own name), ``txt_in`` or
+``final_layer.linear`` is no ``x_embedder``, ``context_embedder`` or ``proj_out``; and the final layer's
+``adaLN_modulation.1`` lands on ``norm_out.linear`` with its halves swapped
+(:data:`lorahot.formats.flux.FINAL_ADALN`): a file in those names without a prefix and with no block
+module is read in this naming. So are SD3's embedders outside the blocks
+(:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`; and in a file of them, :data:`lorahot.formats.sd3.FILE_ALIASES`,
+SD3's ``final_layer.linear`` -> ``proj_out``), and Lumina2's, Z-Image's and Ideogram 4's original
 block modules (:data:`lorahot.formats.lumina2.BLOCK_ALIASES`, :data:`lorahot.formats.lumina2.SPLITS`:
 ``layers.0.attention.qkv`` cut by the rows of the layers each model has, ``attention.out`` /
 ``attention.o`` onto its output projection), which the ``lumina2`` naming takes under a prefix only
@@ -77,12 +82,11 @@ FORMAT = KeyFormat(
         (r"\.k_proj$", ".to_k"),
         (r"\.v_proj$", ".to_v"),
         (r"\.o_proj$", ".to_out.0"),
-        *flux.ALIASES,
         *sd3.OUTSIDE_ALIASES,
         *lumina2.OUTSIDE_ALIASES,
         *lumina2.BLOCK_ALIASES,
     ),
-    file_aliases=(krea2.FILE_ALIASES,),
+    file_aliases=(flux.FILE_ALIASES, sd3.FILE_ALIASES, krea2.FILE_ALIASES),
     aliases_exact=True,  # q_proj is every LLM's and text encoder's: only the model's exact path
     splits=(flux.FINAL_ADALN, *lumina2.SPLITS),
     example="base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",

@@ -15,7 +15,9 @@ A file holding only the modules outside the blocks (``x_embedder.proj``, ``t_emb
 ``final_layer.linear``, ...) is not told apart: DiT, PixArt and Hunyuan-DiT share those names, and
 Flux its ``final_layer``. It reads as ComfyUI's, diffusers' or PEFT's naming, which take
 :data:`OUTSIDE_ALIASES` exactly (only a layer of exactly the diffusers name) and Flux's final layer
-(:data:`lorahot.formats.flux.ALIASES`, :data:`lorahot.formats.flux.FINAL_ADALN`): the targets
+(:data:`lorahot.formats.flux.ALIASES`, :data:`lorahot.formats.flux.FINAL_ADALN`; PEFT naming, which
+takes Flux's names only in a file that is Flux's, takes ``final_layer.linear`` in a file of these
+names, :data:`FILE_ALIASES`): the targets
 (``pos_embed.proj``, ``time_text_embed.timestep_embedder.*``, ``time_text_embed.text_embedder.*``)
 are layers only of models whose original names mean the same there (SD3, Flux, HunyuanVideo's
 embedders; PixArt's and Hunyuan-DiT's patch embedding). In sd-scripts' spelling such a file reads
@@ -63,6 +65,7 @@ from lorahot.formats.table import (
     ORIGINAL_PREFIXES,
     REFUSED_DORA,
     REFUSED_MERGEABLE,
+    FileAliases,
     KeyFormat,
     Reorder,
     Split,
@@ -70,7 +73,7 @@ from lorahot.formats.table import (
     lycoris_rules,
 )
 
-__all__ = ["KOHYA", "KOHYA_OUTSIDE", "FORMAT", "SPLITS", "OUTSIDE_ALIASES"]
+__all__ = ["KOHYA", "KOHYA_OUTSIDE", "FORMAT", "SPLITS", "OUTSIDE_ALIASES", "FILE_ALIASES"]
 
 #: joint-block module (after ``joint_blocks.N.``) -> diffusers' (after ``transformer_blocks.N.``)
 _JOINT = {
@@ -105,6 +108,17 @@ _OUTSIDE = {
 #: (:mod:`lorahot.formats.comfyui`, :mod:`lorahot.formats.diffusers`, :mod:`lorahot.formats.peft`)
 OUTSIDE_ALIASES: tuple[tuple[str, str], ...] = tuple(
     (rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items() if k != "final_layer.linear"
+)
+
+#: SD3's ``final_layer.linear`` -> ``proj_out`` for PEFT naming, which takes Flux's (the same alias)
+#: only in a file that is Flux's: taken in a file one of whose module keys is one of SD3's other
+#: names outside the blocks (:data:`OUTSIDE_ALIASES`' names, DiT's family's, in which
+#: ``final_layer.linear`` is the output projection too), never by ``final_layer.linear`` alone, any
+#: model's name (Krea 2's and HiDream's own)
+FILE_ALIASES = FileAliases(
+    "SD3",
+    rf"(?:^|\.)(?:{'|'.join(re.escape(k) for k in _OUTSIDE if k != 'final_layer.linear')})$",
+    ((rf"{_START}final_layer\.linear$", _OUTSIDE["final_layer.linear"]),),
 )
 
 _ALIASES: tuple[tuple[str, str], ...] = (

@@ -666,3 +666,44 @@ def test_peft_naming_takes_krea2_names_only_for_a_file_one_of_whose_keys_only_kr
             assert taken.aliases == (*peft.FORMAT.aliases, *krea2.MODULE_ALIASES)
             assert taken is peft.FORMAT.for_file([key]), key  # one format per set: lookups memoized per format
             assert [re.sub(p, r, "first") for p, r in alias_hits(taken.aliases, "first")] == ["img_in"]
+
+
+_FLUX_OWN = (
+    *("double_blocks.0.img_attn.proj", "single_blocks.3.linear2", "double_blocks.1.txt_mod.lin", "sformer_blocks.0.x"),
+    *("time_in.in_layer", "vector_in.out_layer", "guidance_in.in_layer", "distilled_guidance_layer.layers.2.out_layer"),
+    *("single_stream_modulation.lin", "double_stream_modulation_txt.lin", "transformer.time_in.out_layer"),
+)
+_NOT_FLUX = (
+    *("img_in", "txt_in", "final_layer.linear", "final_layer.adaLN_modulation.1", "x_embedder", "time_in.mlp.0"),
+    *("transformer_blocks.0.attn.to_q", "double_blocks", "time_in.in_layer.x", "my_time_in.in_layer"),
+)
+
+
+def test_peft_naming_takes_flux_names_only_for_a_file_one_of_whose_keys_only_flux_has() -> None:
+    """PEFT naming took Flux's original names (``img_in`` -> ``x_embedder``) in every file, where
+    diffusers renames them only in its Flux loaders, for a Flux file. A file takes them where one of
+    its module keys is a name only Flux's original model has (a block module, an embedder's
+    ``in_layer`` / ``out_layer``, Flux.2's modulations), under PEFT's prefix or not; never by
+    ``img_in``, ``txt_in`` or ``final_layer.*`` (Qwen-Image's, HiDream's own names), nor by another
+    model's names."""
+    from lorahot.formats import flux, krea2, peft, sd3
+    from lorahot.formats.table import alias_hits
+
+    plain = peft.FORMAT.for_file(_NOT_FLUX)
+    assert plain is peft.FORMAT and not alias_hits(plain.aliases, "img_in")
+    for own in _FLUX_OWN:
+        for key in (own, "base_model.model." + own):
+            taken = peft.FORMAT.for_file(["img_in", key])
+            assert taken is not peft.FORMAT and taken.name == "peft", key
+            assert taken.aliases == (*peft.FORMAT.aliases, *flux.ALIASES), key
+            assert taken is peft.FORMAT.for_file([key]), key  # one format per set: lookups memoized per format
+            assert [re.sub(p, r, "img_in") for p, r in alias_hits(taken.aliases, "img_in")] == ["x_embedder"]
+    both = peft.FORMAT.for_file(["time_in.in_layer", "tmlp.0"])  # a file both mark takes both, in their order
+    assert both.aliases == (*peft.FORMAT.aliases, *flux.ALIASES, *krea2.MODULE_ALIASES)
+    # SD3's final_layer.linear -> proj_out (Flux's alias too) in a file of SD3's other names outside the blocks
+    for own in ("x_embedder.proj", "t_embedder.mlp.0", "base_model.model.y_embedder.mlp.2"):
+        taken = peft.FORMAT.for_file(["final_layer.linear", own])
+        assert taken.aliases == (*peft.FORMAT.aliases, *sd3.FILE_ALIASES.aliases), own
+        assert "proj_out" in [
+            re.sub(p, r, "final_layer.linear") for p, r in alias_hits(taken.aliases, "final_layer.linear")
+        ]

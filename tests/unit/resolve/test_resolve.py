@@ -558,3 +558,71 @@ def test_an_old_diffusers_key_that_names_a_layer_under_a_wrapper_keeps_it_over_a
             want = x.double() @ (base.weight.double() + b.double() @ a.double()).T + base.bias.double()
         torch.testing.assert_close(after[layer].double(), want, rtol=1e-5, atol=1e-6)
         assert all(torch.equal(after[n], before[n]) for n in runtime.layers if n != layer)
+
+
+class _FluxShaped(nn.Module):
+    """The diffusers-named layers PEFT naming aliases Flux's original names to, and no layer of
+    those names: ``x_embedder``, ``context_embedder`` and ``proj_out`` (``img_in``, ``txt_in``,
+    ``final_layer.linear``: Qwen-Image's, HiDream's, any model's own names too) and
+    ``time_text_embed.timestep_embedder.linear_1`` / ``text_embedder.linear_2`` (``time_in.in_layer``,
+    ``vector_in.out_layer``: names of Flux's original model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.x_embedder = nn.Linear(4, 4)
+        self.context_embedder = nn.Linear(4, 4)
+        self.proj_out = nn.Linear(4, 4)
+        self.time_text_embed = nn.Module()
+        self.time_text_embed.timestep_embedder = nn.Module()
+        self.time_text_embed.timestep_embedder.linear_1 = nn.Linear(4, 4)
+        self.time_text_embed.text_embedder = nn.Module()
+        self.time_text_embed.text_embedder.linear_2 = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.parametrize("head", ["base_model.model.", ""], ids=["peft", "bare"])
+@pytest.mark.parametrize(
+    ("key", "layer"),
+    [("img_in", "x_embedder"), ("txt_in", "context_embedder"), ("final_layer.linear", "proj_out")],
+)
+def test_a_peft_file_takes_flux_names_only_where_a_key_only_flux_has_marks_it(key: str, layer: str, head: str) -> None:
+    """PEFT naming took Flux's original names (``img_in`` -> ``x_embedder``) in every file, so a
+    PEFT file of another model whose module is ``img_in`` (Qwen-Image's own name), ``txt_in`` or
+    ``final_layer.linear`` loaded onto ``x_embedder`` (``context_embedder``, ``proj_out``) of a
+    model without a layer of that name, silently: diffusers renames Flux's names under
+    ``base_model.model.`` in its Flux.2 loader, and in its Flux.1 loader only in a file of Flux's
+    blocks (fal's Kontext files; bare, BFL's control LoRAs), never in another model's loader. Such
+    a file is refused naming the key (every parameter and buffer bitwise unchanged) and skipped
+    with ``strict=False``, the rest loading; beside a key only Flux's original model has
+    (``time_in.in_layer``, ``vector_in.out_layer``) it lands on the diffusers layer at the float64
+    reference."""
+    model, g = _FluxShaped(), torch.Generator().manual_seed(5)
+    runtime = lorahot.inject(model, "all-linear", max_rank=2)
+
+    def peft(module: str) -> dict[str, torch.Tensor]:
+        return {k.replace("base_model.model.", head): t for k, t in _peft(module, g).items()}
+
+    lone = peft(key)
+    before = _state(model)
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"  - {re.escape(key)}: matches no injected layer") as e:
+        runtime.load(lone)
+    assert not re.search(rf"places it at [^\n]*\b{re.escape(layer)}\b", str(e.value))  # Flux's alias not taken
+    assert all(torch.equal(t, before[n]) for n, t in _state(model).items()) and _state(model).keys() == before.keys()
+    own = peft("proj_out" if layer != "proj_out" else "x_embedder")  # a layer of the model's own: it loads
+    info = runtime.load(lone | own, strict=False)
+    assert set(info.skipped) == set(lone) and len(info.ranks) == 1
+    marks = {"time_in.in_layer": "time_text_embed.timestep_embedder.linear_1"}
+    marks["vector_in.out_layer"] = "time_text_embed.text_embedder.linear_2"
+    for marker, marked in marks.items():
+        tensors = lone | peft(marker)
+        runtime.load(tensors)
+        x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+        for module, name in ((key, layer), (marker, marked)):
+            a, b = (tensors[f"{head}{module}.lora_{r}.weight"].double() for r in "AB")
+            base = model.get_submodule(name).base_layer
+            want = x @ (base.weight.double() + b @ a).T + base.bias.double()
+            with torch.no_grad():
+                got = model.get_submodule(name)(x.float()).double()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
