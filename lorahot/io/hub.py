@@ -11,21 +11,23 @@ separately, and only the Hub's answer "no such file" lets the load go on without
 Anything else (offline with nothing cached, network errors, a gated repo) is a
 :class:`~lorahot.errors.SourceNotFoundError`, unless the caller passed ``config=``. For a whole
 repo the Hub's listing says whether there is one, and a listing without it is recorded in the
-cache's ``.no_exist`` as ``huggingface_hub`` records the Hub's "no such file"; a snapshot the
-cache serves alone (offline, the Hub not reached) needs the config in it or such a record (or
-the file listing ``huggingface_hub`` cached, without it), else the same error: weights fetched
-alone (``hf_hub_download``, diffusers' ``load_lora_weights`` with ``weight_name=``) say nothing
-of the config.
+cache's ``.no_exist`` as ``huggingface_hub`` records the Hub's "no such file", once the files the
+read needs are fetched (a failed fetch records nothing); a snapshot the cache serves alone
+(offline, the Hub not reached) needs the config in it or such a record (or the file listing
+``huggingface_hub`` cached, without it), else the same error: weights fetched alone
+(``hf_hub_download``, diffusers' ``load_lora_weights`` with ``weight_name=``) say nothing of the
+config.
 
 A whole repo (no ``weight_name=``) is listed by one request to the Hub bounded by
 ``huggingface_hub``'s ``HF_HUB_ETAG_TIMEOUT``, read when the request is made (its
 ``snapshot_download`` sends its listing requests with no timeout, so an endpoint that accepts the
 connection and never answers held the load until the connection dropped). The files a read needs
 (the ``.safetensors`` files at the top of ``subfolder``, and its ``adapter_config.json``) are
-then fetched one by one at the listed commit, the config first, and the branch's ref in the cache
-is written last, so an interrupted fetch never leaves the ref naming a snapshot without its
-weights. Where the Hub is not reached (offline, no connection, no answer in time) or answers with
-an error other than "no such revision", the cache serves the snapshot it holds, as
+then fetched one by one at the listed commit, the config first; the records of the files the
+listing lacks and the branch's ref in the cache are written last, so an interrupted or failed
+fetch never leaves the ref naming a snapshot without its weights, nor a record behind. Where
+the Hub is not reached (offline, no connection, no answer in time) or answers with an error
+other than "no such revision", the cache serves the snapshot it holds, as
 ``snapshot_download`` does. The read picks the same file from it as from the listing
 (:mod:`lorahot.io.weight_names`): one of another name than PEFT's or diffusers' only where the
 cache records that the repo has neither (``.no_exist``, written by a read through the Hub).
@@ -251,7 +253,8 @@ def _snapshot(
 
     The listing is one request bounded by ``HF_HUB_ETAG_TIMEOUT`` (see the module docstring).
     Nothing is downloaded when it has no ``.safetensors`` file where the read looks. Each
-    step is reported to ``watch``, which stops the fetch once abandoned (before the ref).
+    step is reported to ``watch``, which stops the fetch once abandoned (before the records and
+    the ref, written once the downloads succeeded: :func:`_record`).
 
     Raises:
         Exception: what ``huggingface_hub`` raises; the listing's own failure where the cache
@@ -276,19 +279,27 @@ def _snapshot(
     needed = _needed(files, subfolder, _where(repo_id, revision))
     if any(name.endswith(".safetensors") for name in needed):
         inner = _Level(subfolder).inner
-        for name in (CONFIG_NAME, *WEIGHT_NAMES):  # so that a read from the cache alone knows they are not there
-            if inner + name not in files:
-                _record_missing(repo_id, commit, inner + name)
+        # so that a read from the cache alone knows they are not there
+        missing = [inner + name for name in (CONFIG_NAME, *WEIGHT_NAMES) if inner + name not in files]
         for name in sorted(needed, key=lambda n: n.endswith(".safetensors")):  # the config first
             if watch is not None:
                 watch.step()
             path = Path(hf_hub_download(repo_id, name, revision=commit, token=token))
             root = path.parents[len(PurePosixPath(name).parts) - 1]  # where huggingface_hub put the snapshot
         if watch is None:
-            _record_ref(repo_id, branch, commit)
+            _record(repo_id, branch, commit, missing)
         else:
-            watch.last(lambda: _record_ref(repo_id, branch, commit))
+            watch.last(lambda: _record(repo_id, branch, commit, missing))
     return root, files
+
+
+def _record(repo_id: str, branch: str, commit: str, missing: list[str]) -> None:
+    """Writes what a read from the cache alone needs, once a fetch's downloads succeeded (a
+    failed fetch leaves nothing behind): that the repo has none of the files ``missing`` at
+    ``commit`` (``.no_exist``), then ``commit`` as what ``branch`` names."""
+    for name in missing:
+        _record_missing(repo_id, commit, name)
+    _record_ref(repo_id, branch, commit)
 
 
 #: a full Hub commit hash

@@ -9,7 +9,8 @@ runs on a worker thread the caller watches (:class:`_Watch`); once it has waited
 for the Hub with no step done and no download under way, the caller stops waiting and the cache
 serves what it holds, as for a listing that timed out; with nothing cached the load fails naming
 the limit. The abandoned worker lets the call of ``huggingface_hub`` under way finish or fail
-(it writes only complete files to the cache), then stops: no further file, and no branch's ref.
+(it writes only complete files to the cache), then stops: no further file, no record of the
+files the repo lacks, and no branch's ref.
 A caller interrupted while it waits (``KeyboardInterrupt``) abandons the worker the same way; a
 ref the worker is writing then is written whole before the interrupt goes on.
 """
@@ -92,8 +93,8 @@ class _Watch:
     when done. Such a file that is new or has changed since the fetch began holds the clock
     (one left by a dead process before the fetch began does not). When the clock reaches the
     limit, or the caller is interrupted, the caller stops waiting and the worker is abandoned:
-    it stops at its next step, and writes no branch's ref once the caller has stopped
-    (:meth:`last`; ``huggingface_hub`` itself writes only complete files).
+    it stops at its next step, and writes no record and no branch's ref once the caller has
+    stopped (:meth:`last`; ``huggingface_hub`` itself writes only complete files).
     """
 
     def __init__(self, blobs: Path, limit: float) -> None:
@@ -148,9 +149,9 @@ class _Watch:
         self._last = time.monotonic()
 
     def last(self, write: Callable[[], None]) -> None:
-        """Called by the worker for its last write into the cache (a branch's ref): ``write()``
-        unless abandoned, under the lock the caller abandons it with, so that the write ends
-        before the caller stops waiting, or never runs.
+        """Called by the worker for its last writes into the cache (the records of the files the
+        repo lacks, then a branch's ref): ``write()`` unless abandoned, under the lock the caller
+        abandons it with, so that the writes end before the caller stops waiting, or never run.
 
         Raises:
             _Abandoned: the caller stopped waiting.

@@ -481,7 +481,7 @@ class StandInHub(ThreadingHTTPServer):
     bytes) but those ``gone``, or, stalled, accepts every connection and never answers. The
     requests for a file of ``stalling`` are accepted and not answered until ``release``; those
     of ``slow`` get their bytes in pieces, that many seconds apart; those of ``limited`` a rate
-    limit's 429, to be retried in an hour."""
+    limit's 429, to be retried in an hour; those of ``refused`` a 403 (a token refused for it)."""
 
     daemon_threads = True
 
@@ -494,6 +494,7 @@ class StandInHub(ThreadingHTTPServer):
         self.stalling: set[str] = set()
         self.slow: dict[str, float] = {}
         self.limited: set[str] = set()  # answered 429, retry after an hour
+        self.refused: set[str] = set()  # answered 403
         self.requests: list[str] = []
         self.release = threading.Event()  # lets stalled requests end (a stalled file's, answered), at teardown
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
@@ -533,6 +534,8 @@ class _StandInHandler(BaseHTTPRequestHandler):
             self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
         elif name in hub.limited:
             self._send(429, b"", {"Retry-After": "3600"}, body)
+        elif name in hub.refused:
+            self._send(403, b"", {}, body)
         elif name in hub.files and name not in hub.gone:
             data = hub.files[name]
             headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
@@ -1222,6 +1225,29 @@ def test_the_cache_records_a_missing_file_as_huggingface_hub_records_it(online_h
         with pytest.raises(EntryNotFoundError):
             hf_hub_download(REPO, name, subfolder="sub")
     assert mine == recorded() and len(mine) == 3 and set(mine.values()) == {b""}
+
+
+@pytest.mark.parametrize("failing", ["sub/style.safetensors", "sub/adapter_config.json"], ids=["weights", "config"])
+def test_a_fetch_that_fails_after_the_listing_records_nothing_in_the_cache(
+    online_hub: StandInHub, capsys: pytest.CaptureFixture[str], tmp_path: Path, failing: str
+) -> None:
+    """The records of the files the listing lacks (.no_exist) were written before the downloads,
+    so a load whose download then failed left them in the user's cache. They are written with
+    the branch's ref now, once the downloads succeeded: a load failing on a download leaves no
+    record and no ref, the runtime bitwise unchanged; once the file is served, the same load
+    records them as before."""
+    online_hub.serve({"sub/style.safetensors": _peft_bytes(2), "sub/adapter_config.json": b'{"r": 2, "lora_alpha": 4}'})
+    online_hub.refused.add(failing)
+    repo = Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}"
+    message = rf"^{REPO}: cannot get sub from the Hub \("
+    _refused_everywhere(_local_rig(tmp_path), capsys, lorahot.SourceNotFoundError, message, subfolder="sub")
+    assert not (repo / ".no_exist").exists() and not (repo / "refs").exists()
+    online_hub.refused.clear()
+    assert lorahot.read_adapter(REPO, subfolder="sub").modules["proj"].scale == 2.0
+    records = repo / ".no_exist" / COMMIT
+    recorded = sorted(p.relative_to(records).as_posix() for p in records.rglob("*") if p.is_file())
+    assert recorded == ["sub/adapter_model.safetensors", "sub/pytorch_lora_weights.safetensors"]
+    assert (repo / "refs" / "main").read_text() == COMMIT
 
 
 def test_a_hub_subfolder_with_a_trailing_slash_or_dot_is_the_folder(online_hub: StandInHub) -> None:
