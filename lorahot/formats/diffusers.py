@@ -7,7 +7,10 @@ Both may carry network alphas as ``<module>.alpha`` scalars, and the current one
 
 A module key in a model's original names (Flux.1's, Flux.2's and Chroma's, one layer each:
 :data:`lorahot.formats.flux.ALIASES`) lands on the diffusers layer of that module where the file's
-name is no layer of the model and the diffusers name is one, exactly (as in PEFT naming): OneTrainer
+name is no layer of the model and the diffusers name is one, exactly, in a file that is Flux's (as in
+PEFT naming, :data:`lorahot.formats.flux.FILE_ALIASES`: diffusers' own loaders rename no original
+name under ``transformer.``, so another model's lone ``transformer.img_in``, Qwen-Image's own name,
+is no ``x_embedder``): OneTrainer
 writes Chroma's approximator as ``transformer.distilled_guidance_layer.layers.0.in_layer`` beside
 diffusers' names for everything else, where diffusers' ``ChromaTransformer2DModel`` has
 ``linear_1`` (``out_layer``: ``linear_2``). The final layer's ``final_layer.adaLN_modulation.1``
@@ -15,7 +18,8 @@ lands on ``norm_out.linear`` with its ``(shift, scale)`` halves swapped
 (:data:`lorahot.formats.flux.FINAL_ADALN`), as in the ``flux-bfl`` naming: a file in Flux's
 original names under ``transformer.`` with no block module is read in this naming, as is one of
 SD3's embedders outside the blocks (:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`: ``x_embedder.proj``
-on ``pos_embed.proj``, ``t_embedder.mlp.0`` on ``time_text_embed.timestep_embedder.linear_1``, ...).
+on ``pos_embed.proj``, ``t_embedder.mlp.0`` on ``time_text_embed.timestep_embedder.linear_1``, ...;
+its ``final_layer.linear`` on ``proj_out`` in a file of those, :data:`lorahot.formats.sd3.FILE_ALIASES`).
 
 The old naming, which reads ComfyUI's dotted ``lora.down`` / ``lora.up`` roles on keys without
 ComfyUI's prefixes, places Lumina2's, Z-Image's and Ideogram 4's original block modules as PEFT
@@ -63,7 +67,8 @@ FORMAT = KeyFormat(
     prefixes=COMPONENTS,
     require_prefix=True,
     refuse=REFUSED_BUT_EXTRAS_AND_FACTORS,
-    aliases=(*flux.ALIASES, *sd3.OUTSIDE_ALIASES, *lumina2.OUTSIDE_ALIASES),
+    aliases=(*sd3.OUTSIDE_ALIASES, *lumina2.OUTSIDE_ALIASES),
+    file_aliases=(flux.FILE_ALIASES, sd3.FILE_ALIASES),  # Flux's names only in a file that is Flux's
     aliases_exact=True,  # only a layer of exactly the diffusers name, never one it ends in
     splits=(flux.FINAL_ADALN,),
     example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",

@@ -680,13 +680,13 @@ _NOT_FLUX = (
 
 
 def test_peft_naming_takes_flux_names_only_for_a_file_one_of_whose_keys_only_flux_has() -> None:
-    """PEFT naming took Flux's original names (``img_in`` -> ``x_embedder``) in every file, where
+    """PEFT (and diffusers) naming took Flux's original names (``img_in`` -> ``x_embedder``) in every file, where
     diffusers renames them only in its Flux loaders, for a Flux file. A file takes them where one of
     its module keys is a name only Flux's original model has (a block module, an embedder's
     ``in_layer`` / ``out_layer``, Flux.2's modulations), under PEFT's prefix or not; never by
     ``img_in``, ``txt_in`` or ``final_layer.*`` (Qwen-Image's, HiDream's own names), nor by another
     model's names."""
-    from lorahot.formats import flux, krea2, peft, sd3
+    from lorahot.formats import diffusers, flux, krea2, peft, sd3
     from lorahot.formats.table import alias_hits
 
     plain = peft.FORMAT.for_file(_NOT_FLUX)
@@ -700,6 +700,10 @@ def test_peft_naming_takes_flux_names_only_for_a_file_one_of_whose_keys_only_flu
             assert [re.sub(p, r, "img_in") for p, r in alias_hits(taken.aliases, "img_in")] == ["x_embedder"]
     both = peft.FORMAT.for_file(["time_in.in_layer", "tmlp.0"])  # a file both mark takes both, in their order
     assert both.aliases == (*peft.FORMAT.aliases, *flux.ALIASES, *krea2.MODULE_ALIASES)
+    # diffusers naming alike, under its component prefix
+    assert diffusers.FORMAT.for_file([f"transformer.{k}" for k in _NOT_FLUX]) is diffusers.FORMAT
+    taken = diffusers.FORMAT.for_file(["transformer.img_in", "transformer.time_in.in_layer"])
+    assert taken.aliases == (*diffusers.FORMAT.aliases, *flux.ALIASES)
     # SD3's final_layer.linear -> proj_out (Flux's alias too) in a file of SD3's other names outside the blocks
     for own in ("x_embedder.proj", "t_embedder.mlp.0", "base_model.model.y_embedder.mlp.2"):
         taken = peft.FORMAT.for_file(["final_layer.linear", own])

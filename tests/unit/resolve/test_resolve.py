@@ -582,18 +582,19 @@ class _FluxShaped(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("head", ["base_model.model.", ""], ids=["peft", "bare"])
+@pytest.mark.parametrize("head", ["base_model.model.", "", "transformer."], ids=["peft", "bare", "diffusers"])
 @pytest.mark.parametrize(
     ("key", "layer"),
     [("img_in", "x_embedder"), ("txt_in", "context_embedder"), ("final_layer.linear", "proj_out")],
 )
-def test_a_peft_file_takes_flux_names_only_where_a_key_only_flux_has_marks_it(key: str, layer: str, head: str) -> None:
-    """PEFT naming took Flux's original names (``img_in`` -> ``x_embedder``) in every file, so a
-    PEFT file of another model whose module is ``img_in`` (Qwen-Image's own name), ``txt_in`` or
-    ``final_layer.linear`` loaded onto ``x_embedder`` (``context_embedder``, ``proj_out``) of a
-    model without a layer of that name, silently: diffusers renames Flux's names under
-    ``base_model.model.`` in its Flux.2 loader, and in its Flux.1 loader only in a file of Flux's
-    blocks (fal's Kontext files; bare, BFL's control LoRAs), never in another model's loader. Such
+def test_a_file_takes_flux_names_only_where_a_key_only_flux_has_marks_it(key: str, layer: str, head: str) -> None:
+    """PEFT and diffusers naming took Flux's original names (``img_in`` -> ``x_embedder``) in every
+    file, so a PEFT or diffusers file of another model whose module is ``img_in`` (Qwen-Image's own
+    name), ``txt_in`` or ``final_layer.linear`` loaded onto ``x_embedder`` (``context_embedder``,
+    ``proj_out``) of a model without a layer of that name, silently: diffusers renames Flux's names
+    under ``base_model.model.`` in its Flux.2 loader, and in its Flux.1 loader only in a file of
+    Flux's blocks (fal's Kontext files; bare, BFL's control LoRAs), under ``transformer.`` never,
+    nor in another model's loader. Such
     a file is refused naming the key (every parameter and buffer bitwise unchanged) and skipped
     with ``strict=False``, the rest loading; beside a key only Flux's original model has
     (``time_in.in_layer``, ``vector_in.out_layer``) it lands on the diffusers layer at the float64
@@ -606,7 +607,8 @@ def test_a_peft_file_takes_flux_names_only_where_a_key_only_flux_has_marks_it(ke
 
     lone = peft(key)
     before = _state(model)
-    with pytest.raises(lorahot.AdapterMismatchError, match=rf"  - {re.escape(key)}: matches no injected layer") as e:
+    shown = ("transformer." if head == "transformer." else "") + key  # diffusers naming keeps its prefix
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"  - {re.escape(shown)}: matches no injected layer") as e:
         runtime.load(lone)
     assert not re.search(rf"places it at [^\n]*\b{re.escape(layer)}\b", str(e.value))  # Flux's alias not taken
     assert all(torch.equal(t, before[n]) for n, t in _state(model).items()) and _state(model).keys() == before.keys()
