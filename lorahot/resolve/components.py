@@ -463,7 +463,7 @@ def _resolve_each(
         bare = [n[len(head) :] for n in weightless if n.startswith(head)]
         read = [(n[len(head) :], why) for n, why in unwrapped if n.startswith(head)]
         try:
-            found, folded = resolve_all(part, own, skipped, beside, sizes, bare, read, naming)
+            found, folded = resolve_all(part, own, skipped, beside, sizes, bare, read, naming, component)
         except AdapterMismatchError as exc:
             problems.append(f"[{component}] " + message(exc))
             continue

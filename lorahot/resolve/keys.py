@@ -460,17 +460,18 @@ def _renamed(key: str, fmt: KeyFormat) -> list[str]:
     return sorted({re.sub(p, r, probe) for p, r in alias_hits(fmt.aliases, probe)} - {probe})[:3]
 
 
-def _closest(key: str, fmt: KeyFormat, names: _Names, renamed: Sequence[str] = ()) -> list[str]:
-    """Up to three injected names nearest to ``key``, compared in the format's own spelling. An
-    underscore naming's key that the naming places (``renamed``, :func:`_renamed`) is compared by
-    the model name it is placed at: its own spelling (kohya's underscores, which renames may
-    have left part dotted, ``lora_unet_blocks.7.self_attn.q_proj``) is none of the model's."""
+def _closest(key: str, fmt: KeyFormat, names: _Names, renamed: Sequence[str] = (), cutoff: float = 0.4) -> list[str]:
+    """Up to three injected names nearest to ``key`` (by difflib's ratio, at least ``cutoff``),
+    compared in the format's own spelling. An underscore naming's key that the naming places
+    (``renamed``, :func:`_renamed`) is compared by the model name it is placed at: its own
+    spelling (kohya's underscores, which renames may have left part dotted,
+    ``lora_unet_blocks.7.self_attn.q_proj``) is none of the model's."""
     probe = _candidates(key, fmt)[-1]
     if fmt.separator == "_" and renamed:
-        return difflib.get_close_matches(renamed[0], names.names, n=3, cutoff=0.4)
+        return difflib.get_close_matches(renamed[0], names.names, n=3, cutoff=cutoff)
     if fmt.separator == ".":
-        return difflib.get_close_matches(probe, names.names, n=3, cutoff=0.4)
-    close = difflib.get_close_matches(probe.replace(".", "_"), list(names.underscore), n=3, cutoff=0.4)
+        return difflib.get_close_matches(probe, names.names, n=3, cutoff=cutoff)
+    close = difflib.get_close_matches(probe.replace(".", "_"), list(names.underscore), n=3, cutoff=cutoff)
     return [names.underscore[c][0] for c in close]
 
 
@@ -490,6 +491,7 @@ def resolve_all(
     weightless: Sequence[str] = (),
     unwrapped: Sequence[tuple[str, str]] = (),
     naming: KeyFormat | None = None,
+    component: str | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """Maps each adapter module key (LoRA and weight kinds) to one injected layer name (see
     the module docstring).
@@ -518,6 +520,10 @@ def resolve_all(
             to inject it.
         naming: the naming as it reads the whole file (:func:`file_naming`), where ``adapter`` is
             one component's share of it; else :func:`file_naming` of ``adapter``.
+        component: the pipeline component whose layers ``names`` are, where ``adapter`` is its
+            share of a file (:func:`lorahot.resolve.components.resolve_components`): a key under
+            that component's name that matches none of them is told so, the component being
+            injected, with its closest layers.
 
     Returns:
         injected layer name -> the LoRA module loaded into it, and the same for the weight
@@ -581,6 +587,8 @@ def resolve_all(
             shown_here = len(problems) < _SHOWN and not key.startswith(ROOT_PREFIXES)  # the rest are not shown
             renamed = _renamed(key, fmt) if shown_here else []
             close = _closest(key, fmt, index, renamed) if shown_here else []
+            if shown_here and not close and _routed_here(key, component):  # the component's nearest layers
+                close = _closest(key, fmt, index, renamed, cutoff=0.0)
             problems.append(
                 f"{named}: matches no injected layer"
                 + (f" (closest: {', '.join(close)})" if close else "")
@@ -591,7 +599,7 @@ def resolve_all(
                     else ""
                 )
                 + _norm_hint(module)
-                + _component_hint(key)
+                + _component_hint(key, component)
             )
         elif len(hits) > 1:
             problems.append(
@@ -639,11 +647,26 @@ def _norm_hint(module: LoraModule | WeightModule) -> str:
     )
 
 
-def _component_hint(key: str) -> str:
+def _routed_here(key: str, component: str | None) -> bool:
+    """Whether ``key`` names, by its first level or a :data:`COMPONENT_PREFIXES` prefix, the
+    pipeline ``component`` whose layers it is being matched against (None: no component)."""
+    if component is None:
+        return False
+    named = next((c for p, c in COMPONENT_PREFIXES.items() if key.startswith(p)), None)
+    return component in (named, key.partition(".")[0] if "." in key else None)
+
+
+def _component_hint(key: str, component: str | None = None) -> str:
     """Where a key starting with a pipeline component's name (:data:`COMPONENT_NAMES`) that
-    matches no layer belongs; empty for any other key."""
+    matches no layer belongs: the ``component`` it is matched in, injected, where it names that
+    one (:func:`_routed_here`); empty for any other key."""
     first = key.partition(".")[0]
     prefix, named = next(((p, c) for p, c in COMPONENT_PREFIXES.items() if key.startswith(p)), ("", None))
+    if _routed_here(key, component):
+        return (
+            f"; {component!r} is injected in this runtime, and none of its injected layers has that name: map the "
+            "key onto one with key_map=, inject the module it names (targets=...), or load with strict=False to skip it"
+        )
     if named is not None:
         return (
             f"; its prefix {prefix!r} names a pipeline component, {named!r} ({PREFIXED_COMPONENTS[named]}), which "

@@ -15,7 +15,7 @@ from torch import nn
 import lorahot
 from lorahot.resolve import resolve_keys
 from lorahot.resolve.keys import COMPONENT_NAMES
-from tests.helpers import lora_pair
+from tests.helpers import TinyLM, lora_pair
 
 
 class _Blocks(nn.Module):
@@ -628,3 +628,22 @@ def test_a_file_takes_flux_names_only_where_a_key_only_flux_has_marks_it(key: st
             with torch.no_grad():
                 got = model.get_submodule(name)(x.float()).double()
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["transformer.img_in", "transformer.layers.0.self_attn.q_pro"])
+def test_a_key_under_an_injected_component_that_names_none_of_its_layers_says_so(key: str) -> None:
+    """On a pipeline runtime, a key under a component's name that matches no layer of that component
+    (``transformer.img_in``) was refused with "'transformer' is a pipeline component ... inject it", the
+    component being injected. It is named as injected, with its closest layers; nothing changes."""
+    transformer, encoder = TinyLM(layers=1), TinyLM(layers=1)
+    runtime = lorahot.inject({"transformer": transformer, "text_encoder": encoder}, ["q_proj", "k_proj"], max_rank=4)
+    before = {c: _state(m) for c, m in (("transformer", transformer), ("text_encoder", encoder))}
+    with pytest.raises(lorahot.AdapterMismatchError) as e:
+        runtime.load(lora_pair(key, "lora_A", "lora_B", fin=16, fout=16))
+    text = str(e.value)
+    assert f"{key}: matches no injected layer (closest: layers.0.self_attn." in text
+    assert "'transformer' is injected in this runtime" in text and "is a pipeline component" not in text
+    for component, model in (("transformer", transformer), ("text_encoder", encoder)):
+        after = _state(model)
+        assert after.keys() == before[component].keys()
+        assert all(torch.equal(t, before[component][n]) for n, t in after.items())
