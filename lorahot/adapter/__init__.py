@@ -299,6 +299,11 @@ class Adapter:
             keys of no known naming, refused features, a module's A without its B.
         weights: module key -> :class:`WeightModule` (LoHa, LoKr, Tucker LoCon, diffs), which
             load in merged mode only.
+        file_keys: the module keys as the file names them, where ``key_map=``, ``fuse=`` or
+            ``split=`` renamed them since (after ``prefix=``, which selects a component's keys):
+            what tells a file of one model by its names (:meth:`lorahot.formats.table.KeyFormat.for_file`:
+            Krea 2's ``blocks.0.attn.wq`` marks a PEFT file as Krea 2's, however a rename spells it);
+            empty: the keys of :attr:`modules` and :attr:`weights`.
     """
 
     modules: dict[str, LoraModule]
@@ -307,6 +312,7 @@ class Adapter:
     config: dict[str, Any] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()
     weights: dict[str, WeightModule] = field(default_factory=dict)
+    file_keys: tuple[str, ...] = ()
 
     @property
     def ranks(self) -> dict[str, int]:

@@ -1589,6 +1589,7 @@ def _user_mapping(
     both: dict[str, LoraModule | WeightModule] = {**adapter.modules, **adapter.weights}  # renamed alike
     if prefix is not None:
         both = select_prefix(both, prefix, adapter.source, fmt)
+    file_keys = adapter.file_keys or tuple(both)  # as the file names them, before the renames below
     if key_map is not None:
         both = apply_key_map(both, key_map, adapter.source)
     modules = {k: m for k, m in both.items() if isinstance(m, LoraModule)}
@@ -1597,4 +1598,4 @@ def _user_mapping(
         modules, weights = split_by_user(modules, split, adapter.source, fmt.separator, weights)
     if fuse is not None:
         modules, weights = fuse_modules(modules, fuse, adapter.source, fmt, weights)
-    return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped, weights)
+    return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped, weights, file_keys)

@@ -630,8 +630,11 @@ def resolve_all(
 def file_naming(adapter: Adapter) -> KeyFormat:
     """The naming of ``adapter`` as it reads this file: with the aliases of a model only its
     files take (:meth:`~lorahot.formats.table.KeyFormat.for_file`: Krea 2's ``first`` -> ``img_in``
-    in PEFT naming only where some key is a name only Krea 2 has)."""
-    return format_named(adapter.format).for_file([*adapter.modules, *adapter.weights])
+    in PEFT naming only where some key is a name only Krea 2 has), judged on the file's own keys
+    (:attr:`~lorahot.adapter.Adapter.file_keys`), never on ``key_map=``'s renames of them: a
+    Krea 2 file with one key renamed keeps its aliases for the others, and a rename to a name only
+    Krea 2 has makes no other model's file Krea 2's."""
+    return format_named(adapter.format).for_file(adapter.file_keys or [*adapter.modules, *adapter.weights])
 
 
 def _norm_hint(module: LoraModule | WeightModule) -> str:

@@ -647,3 +647,35 @@ def test_a_key_under_an_injected_component_that_names_none_of_its_layers_says_so
         after = _state(model)
         assert after.keys() == before[component].keys()
         assert all(torch.equal(t, before[component][n]) for n, t in after.items())
+
+
+def test_key_map_leaves_a_file_marked_by_its_own_keys() -> None:
+    """A naming's file aliases (Krea 2's ``first`` -> ``img_in`` in PEFT naming) were judged on the keys
+    after ``key_map=`` renamed them, so a Krea 2 file whose ``blocks.0.attn.wq`` was mapped to the model's
+    name lost its mark and refused its ``first``. The mark is the file's own keys': with ``key_map`` on one
+    key the file keeps its aliases for the others (the float64 reference); a file without a key only Krea
+    2 has stays refused, whatever ``key_map`` renames one of its keys to, and nothing changes."""
+    model, g = _KreaShaped(), torch.Generator().manual_seed(6)
+    runtime = lorahot.inject(model, "all-linear", max_rank=2)
+    tensors = _peft("first", g) | _peft("blocks.0.attn.wq", g)
+    info = runtime.load(tensors, key_map={"blocks.0.attn.wq": "transformer_blocks.0.attn.to_q"})
+    assert set(info.ranks) == {"img_in", "transformer_blocks.0.attn.to_q"}
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    for module, name in (("first", "img_in"), ("blocks.0.attn.wq", "transformer_blocks.0.attn.to_q")):
+        a, b = (tensors[f"base_model.model.{module}.lora_{r}.weight"].double() for r in "AB")
+        base = model.get_submodule(name).base_layer
+        want = x @ (base.weight.double() + b @ a).T + base.bias.double()
+        with torch.no_grad():
+            got = model.get_submodule(name)(x.float()).double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    adapter = lorahot.read_adapter(tensors, key_map={"blocks.0.attn.wq": "transformer_blocks.0.attn.to_q"})
+    assert set(runtime.load(adapter).ranks) == {"img_in", "transformer_blocks.0.attn.to_q"}  # read, then loaded
+    runtime.unload()
+    stray = _peft("first", g) | _peft("time_embed.linear_1", g)  # no key only Krea 2 has
+    before = _state(model)
+    for renamed in ("transformer_blocks.0.attn.to_q", "blocks.0.attn.wq"):
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"  - first: matches no injected layer"):
+            runtime.load(stray, key_map={"time_embed.linear_1": renamed})
+        assert (
+            all(torch.equal(t, before[n]) for n, t in _state(model).items()) and _state(model).keys() == before.keys()
+        )
