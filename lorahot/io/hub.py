@@ -67,7 +67,7 @@ from lorahot.io.hub_cache import (
     _record_ref,
     cache_folder,
 )
-from lorahot.io.hub_errors import _first_line, _fix, _known_missing, _unreached, _where
+from lorahot.io.hub_errors import _failure, _fix, _known_missing, _unreached, _where
 from lorahot.io.hub_listing import _Level, _needed
 from lorahot.io.hub_watch import DEFAULT_HUB_TIMEOUT, HUB_TIMEOUT_ENV, HubTimeout, _Abandoned, _Watch, hub_timeout
 from lorahot.io.safety import PICKLE_SUFFIXES, cut
@@ -231,8 +231,7 @@ def _download(
             200,
         )
         raise SourceNotFoundError(
-            f"{_where(repo_id, revision)}: cannot get {what} from the Hub ({type(exc).__name__}: {_first_line(exc)}). "
-            f"{_fix(exc)}"
+            f"{_where(repo_id, revision)}: cannot get {what} from the Hub ({_failure(exc)}). {_fix(exc)}"
         ) from None
     folder = _Level(subfolder).folder(root)
     if not _holds_safetensors(folder):
@@ -339,8 +338,8 @@ def _fetch_config(
             exc = stalled
         name = cut(_Level(subfolder).inner + CONFIG_NAME, 200)
         raise SourceNotFoundError(
-            f"{_where(repo_id, revision)}: cannot fetch {name} from the Hub ({type(exc).__name__}: "
-            f"{_first_line(exc)}), and without it the adapter's scale is unknown. {_fix(exc)} Once fetched, the "
+            f"{_where(repo_id, revision)}: cannot fetch {name} from the Hub ({_failure(exc)}), "
+            f"and without it the adapter's scale is unknown. {_fix(exc)} Once fetched, the "
             "cache also records a config that does not exist. Or pass config={'r': ..., 'lora_alpha': ...}."
         ) from None
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lorahot.errors import SourceNotFoundError, shown
 from lorahot.io.config import CONFIG_NAME
-from lorahot.io.hub_errors import _first_line, _fix, _where
+from lorahot.io.hub_errors import _failure, _fix, _where
 from lorahot.io.hub_listing import _Level, _needed
 from lorahot.io.safety import cut
 from lorahot.io.weight_names import WEIGHT_NAMES, pick_weight
@@ -59,6 +59,7 @@ def _cached_snapshot(
 
     level = _Level(subfolder)
     inner = level.inner
+    root: Path | None
     try:
         root = Path(
             snapshot_download(
@@ -72,9 +73,11 @@ def _cached_snapshot(
             )
         )
     except LocalEntryNotFoundError as exc:
-        if type(exc) is LocalEntryNotFoundError:  # nothing cached: the listing's failure says why
-            raise cause from None
-        raise  # a cached snapshot missing files (IncompleteSnapshotError) says so itself
+        if type(exc) is not LocalEntryNotFoundError:
+            raise  # a cached snapshot missing files (IncompleteSnapshotError) says so itself
+        root = None
+    if root is None:  # nothing cached: the listing's failure says why (raised as it is, with what it relays)
+        raise cause
     _check_cached_pick(repo_id, revision, subfolder, root, cause)
     if need_config and _holds_safetensors(level.folder(root)):
         _check_cached_config(repo_id, revision, root, f"{inner}{CONFIG_NAME}", cause)
@@ -111,7 +114,7 @@ def _check_cached_pick(repo_id: str, revision: str | None, subfolder: str | None
         raise SourceNotFoundError(
             f"{_where(repo_id, revision)}: the local Hugging Face cache holds {shown(chosen, 200)} at {level.name}, "
             f"and cannot tell whether the repo has {' or '.join(unknown)} there, which a read picks first (the Hub was "
-            f"not asked: {type(cause).__name__}: {_first_line(cause)}). Pass weight_name={shown(chosen, 200)} to read "
+            f"not asked: {_failure(cause)}). Pass weight_name={shown(chosen, 200)} to read "
             "that file, or fetch the repo once while online."
         )
 
@@ -143,9 +146,9 @@ def _check_cached_config(repo_id: str, revision: str | None, root: Path, name: s
     if os.path.lexists(root / name) or _known_absent(repo_id, root, name):  # there: the read judges it
         return
     raise SourceNotFoundError(
-        f"{_where(repo_id, revision)}: cannot fetch {cut(name, 200)} from the Hub ({type(cause).__name__}: "
-        f"{_first_line(cause)}), and without it the adapter's scale is unknown: the local Hugging Face cache holds "
-        f"the weights, but neither the config nor a record that the repo has none. {_fix(cause)} Once fetched, the "
+        f"{_where(repo_id, revision)}: cannot fetch {cut(name, 200)} from the Hub ({_failure(cause)}), and without "
+        "it the adapter's scale is unknown: the local Hugging Face cache holds the weights, but neither the config "
+        f"nor a record that the repo has none. {_fix(cause)} Once fetched, the "
         "cache also records a config that does not exist. Or pass config={'r': ..., 'lora_alpha': ...}."
     )
 
@@ -175,9 +178,9 @@ def _cached_file(
             )
         )
     except LocalEntryNotFoundError as exc:
-        if type(exc) is LocalEntryNotFoundError:  # not cached: why the Hub was not asked says more
-            raise cause from None
-        raise
+        if type(exc) is not LocalEntryNotFoundError:
+            raise
+    raise cause  # not cached: why the Hub was not asked says more (raised as it is, with what it relays)
 
 
 def _record_ref(repo_id: str, branch: str, commit: str) -> None:

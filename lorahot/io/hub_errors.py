@@ -2,7 +2,11 @@
 
 Every failure of ``huggingface_hub`` is one typed error naming the repo, the revision and the
 file, with the fix for its cause (:func:`_fix`: log in for a gated or private repo, go online
-once for a file not cached, retry for a rate limit or a server error, ...).
+once for a file not cached, retry for a rate limit or a server error, ...). The cause is the
+failure the error was raised over where ``huggingface_hub`` only relays it (:func:`_cause`):
+``hf_hub_download`` reports a file's metadata request refused (403), failed (a server error, a
+rate limit, no connection) or answered without the file's metadata as "not in the local cache"
+(``LocalEntryNotFoundError``), the real failure its ``__cause__``.
 Whether a failure means the Hub was not reached (then the cache serves what it holds) is
 :func:`_unreached`; whether it is the Hub's "no such file" for a config, :func:`_known_missing`.
 """
@@ -31,7 +35,7 @@ def _kinds(exc: Exception) -> set[str]:
 
 def _unreached(exc: Exception) -> bool:
     """Whether ``exc`` says the Hub was not reached: offline, no connection, no answer in time."""
-    kinds = _kinds(exc)
+    kinds = _kinds(_cause(exc))
     return bool(kinds & _NOT_REACHED) and not kinds & _PROXY
 
 
@@ -40,8 +44,47 @@ def _where(repo_id: str, revision: str | None) -> str:
     return cut(repo_id + (f"@{revision}" if revision else ""), 200)
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the failures it was raised over (``__cause__``, else ``__context__`` unless
+    suppressed), outermost first, each once."""
+    links: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and all(link is not seen for seen in links):
+        links.append(link)
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
+    return links
+
+
+def _cause(exc: Exception) -> Exception:
+    """The failure ``exc`` stands for: the first link of its chain (:func:`_chain`) that has a fix
+    of its own (:func:`_fix_of`) and is not ``huggingface_hub``'s "cannot find the file, and it is
+    not in the local cache" relaying such a link beneath it (``hf_hub_download`` raises that over
+    a 403, a server error, a rate limit, a connection error, an answer without the file's
+    metadata); ``exc`` itself where no link has one."""
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    links = [link for link in _chain(exc) if isinstance(link, Exception)]
+    for at, link in enumerate(links):
+        relay = type(link) is LocalEntryNotFoundError and any(_fix_of(below) for below in links[at + 1 :])
+        if not relay and _fix_of(link) is not None:
+            return link
+    return exc
+
+
+def _failure(exc: Exception) -> str:
+    """``Type: first line`` of the failure ``exc`` stands for (:func:`_cause`), for a message."""
+    cause = _cause(exc)
+    return f"{type(cause).__name__}: {_first_line(cause)}"
+
+
 def _fix(exc: Exception) -> str:
-    """What to do about a failure of ``huggingface_hub``, by its cause (the first that applies)."""
+    """What to do about a failure of ``huggingface_hub``, by its cause (:func:`_cause`)."""
+    return _fix_of(_cause(exc)) or "Check the repo id, revision and file names."
+
+
+def _fix_of(exc: Exception) -> str | None:
+    """What to do about the failure ``exc`` itself (the first rule that applies), or None where
+    no rule does."""
     from huggingface_hub import constants, utils
 
     def caused_by(*names: str) -> bool:  # classes absent from an older huggingface_hub match nothing
@@ -70,6 +113,11 @@ def _fix(exc: Exception) -> str:
             "It is not in the local Hugging Face cache, and the Hub was not asked (HF_HUB_OFFLINE=1) or not reached: "
             "fetch it once while online; the cache then serves it offline."
         )
+    if caused_by("FileMetadataError"):
+        return (
+            "The Hub's answer lacked the file's metadata (its ETag or commit): a proxy or mirror (HF_ENDPOINT) in "
+            "the way changes the Hub's answers: check it, or fetch the file without it."
+        )
     if caused_by("EntryNotFoundError"):
         return "The repo has no such file: check weight_name= and subfolder= against the repo's files."
     if status == 429:
@@ -88,9 +136,14 @@ def _fix(exc: Exception) -> str:
             "The Hub could not be reached: check the network (a proxy, HF_ENDPOINT) and retry; a copy in the "
             "local cache loads with HF_HUB_OFFLINE=1."
         )
+    if isinstance(status, int) and caused_by("HfHubHTTPError"):  # another answer of the Hub (it is an OSError)
+        return (
+            f"The Hub refused the request (HTTP {status}): check the repo id, revision and file names, and "
+            "HF_ENDPOINT where it is set."
+        )
     if isinstance(exc, OSError):
         return "The local Hugging Face cache (HF_HUB_CACHE) cannot be read or written: check its free space and access."
-    return "Check the repo id, revision and file names."
+    return None
 
 
 def _known_missing(exc: Exception, repo_id: str, subfolder: str | None, revision: str | None) -> bool:

@@ -164,11 +164,12 @@ def test_the_hub_saying_not_found_means_no_config(hub_cache: Path, monkeypatch: 
 
 
 def test_offline_without_a_cached_answer_is_an_error(hub_cache: Path) -> None:
-    """Offline, a config neither cached nor recorded missing (.no_exist) is unknown, not absent."""
+    """Offline, a config neither cached nor recorded missing (.no_exist) is unknown, not absent; the
+    error names what hf_hub_download's "not in the local cache" relays: offline mode."""
     _configless_folder(hub_cache)
     with pytest.raises(
         lorahot.SourceNotFoundError,
-        match=rf"{REPO}: cannot fetch other/adapter_config\.json from the Hub \(LocalEntryNotFoundError",
+        match=rf"{REPO}: cannot fetch other/adapter_config\.json from the Hub \(OfflineModeIsEnabled: .*HF_HUB_OFFLINE",
     ):
         lorahot.read_adapter(REPO, subfolder="other", weight_name="w.safetensors")
     assert lorahot.read_adapter(REPO, subfolder="kohya", weight_name="style.safetensors").format == "kohya"  # .no_exist
@@ -370,6 +371,30 @@ def _client_timeout() -> Exception:
     return client.ReadTimeout("timed out")  # type: ignore[no-any-return]
 
 
+def _connect_error() -> Exception:
+    from huggingface_hub.utils import _http as hub_http
+
+    client = pytest.importorskip(next(m for m in ("httpx2", "httpx", "requests") if hasattr(hub_http, m)))
+    return client.ConnectError("[Errno 111] Connection refused")  # type: ignore[no-any-return]
+
+
+def _relayed(make: Callable[[], Exception]) -> Callable[[], Exception]:
+    """``make()``'s failure as hf_hub_download relays a failed metadata request for a file it has not
+    cached: its "not in the local cache" raised over it."""
+
+    def relay() -> Exception:
+        from huggingface_hub.utils import LocalEntryNotFoundError
+
+        exc = LocalEntryNotFoundError(
+            "An error happened while trying to locate the file on the Hub and we cannot find the requested files in "
+            "the local cache. Please check your connection and try again or make sure your Internet connection is on."
+        )
+        exc.__cause__ = make()
+        return exc
+
+    return relay
+
+
 _LOG_IN = r"gated or private, or the token was refused: log in \(hf auth login\) or pass token="
 _ONLINE_ONCE = r"not in the local Hugging Face cache.*fetch it once while online"
 _UNREACHABLE = r"The Hub could not be reached: check the network"
@@ -397,6 +422,19 @@ HUB_FAILURES = {
     "connection reset": (lambda: ConnectionResetError(104, "Connection reset by peer"), _UNREACHABLE),
     "http client timeout": (_client_timeout, _TIMED_OUT),
     "disk full": (lambda: OSError(28, "No space left on device"), r"cache \(HF_HUB_CACHE\) cannot be read or written"),
+    "another answer": (_http("HfHubHTTPError", 400), r"The Hub refused the request \(HTTP 400\): check the repo id"),
+    # hf_hub_download's "not in the local cache", raised over the failure of a file's metadata request
+    "forbidden, relayed": (_relayed(_http("HfHubHTTPError", 403)), _LOG_IN),
+    "rate limited, relayed": (_relayed(_http("HfHubHTTPError", 429)), r"limiting the rate of requests: wait and retry"),
+    "server error, relayed": (_relayed(_http("HfHubHTTPError", 500)), r"server error\): retry later"),
+    "no connection, relayed": (_relayed(_connect_error), _UNREACHABLE),
+    "client timeout, relayed": (_relayed(_client_timeout), _TIMED_OUT),
+    "no metadata, relayed": (
+        _relayed(_plain("FileMetadataError", "Distant resource does not seem to be on huggingface.co.")),
+        r"The Hub's answer lacked the file's metadata \(its ETag or commit\): a proxy or mirror \(HF_ENDPOINT\)",
+    ),
+    "offline, relayed": (_relayed(_plain("OfflineModeIsEnabled", "offline")), _ONLINE_ONCE),
+    "anything else, relayed": (_relayed(lambda: ValueError("unforeseen")), _ONLINE_ONCE),
     "anything else": (lambda: ValueError("unforeseen"), r"Check the repo id, revision and file names"),
 }
 
@@ -444,7 +482,10 @@ def test_a_hub_failure_is_refused_naming_the_repo_and_the_fix_for_its_cause(
 ) -> None:
     """Every failure of huggingface_hub is a SourceNotFoundError naming the repo and what to do
     about its cause; it said 'check the repo id, revision and file names' whatever the cause (a
-    gated repo, a rate limit, a full disk)."""
+    gated repo, a rate limit, a full disk). A failure hf_hub_download relays as "not in the local
+    cache" (a 403, a rate limit, a server error, no connection, an answer without the file's
+    metadata) was told to go online: it is named and fixed as the failure beneath; another answer
+    of the Hub (a 400) was told the cache's disk cannot be written."""
     import huggingface_hub
 
     make, fix = HUB_FAILURES[failure]
@@ -469,7 +510,8 @@ def test_a_hub_failure_is_refused_naming_the_repo_and_the_fix_for_its_cause(
         "file": "get adapter_model.safetensors",
         "config": "fetch adapter_config.json",
     }
-    message = rf"^{REPO}: cannot {what[where]} from the Hub \({type(exc).__name__}: .*\)[.,] .*{fix}"
+    named = exc.__cause__ if failure.endswith(", relayed") and "anything else" not in failure else exc
+    message = rf"^{REPO}: cannot {what[where]} from the Hub \({type(named).__name__}: .*\)[.,] .*{fix}"
     if where == "config" and failure == "no such file":
         pytest.skip("the Hub's own 'no such file' means no config (test_the_hub_saying_not_found_means_no_config)")
     _refused_everywhere(rig, capsys, lorahot.SourceNotFoundError, message, **kwargs)
@@ -481,7 +523,8 @@ class StandInHub(ThreadingHTTPServer):
     bytes) but those ``gone``, or, stalled, accepts every connection and never answers. The
     requests for a file of ``stalling`` are accepted and not answered until ``release``; those
     of ``slow`` get their bytes in pieces, that many seconds apart; those of ``limited`` a rate
-    limit's 429, to be retried in an hour; those of ``refused`` a 403 (a token refused for it)."""
+    limit's 429, to be retried in an hour; those of ``refused`` a 403 (a token refused for it); those of
+    ``answers`` (a file's name, or the path of the repo's listing) that status and those headers, no body."""
 
     daemon_threads = True
 
@@ -495,6 +538,7 @@ class StandInHub(ThreadingHTTPServer):
         self.slow: dict[str, float] = {}
         self.limited: set[str] = set()  # answered 429, retry after an hour
         self.refused: set[str] = set()  # answered 403
+        self.answers: dict[str, tuple[int, dict[str, str]]] = {}
         self.requests: list[str] = []
         self.release = threading.Event()  # lets stalled requests end (a stalled file's, answered), at teardown
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
@@ -529,7 +573,10 @@ class _StandInHandler(BaseHTTPRequestHandler):
         name = re.sub(rf"^/{REPO}/resolve/(main|{COMMIT})/", "", path)
         if name in hub.stalling:
             hub.release.wait()
-        if path in (f"/api/models/{REPO}/revision/main", f"/api/models/{REPO}"):  # repo_info, diffusers' model_info
+        if name in hub.answers:
+            status, headers = hub.answers[name]
+            self._send(status, b"", headers, body)
+        elif path in (f"/api/models/{REPO}/revision/main", f"/api/models/{REPO}"):  # repo_info, diffusers' model_info
             info = {"id": REPO, "sha": hub.sha, "siblings": [{"rfilename": p} for p in hub.files]}
             self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
         elif name in hub.limited:
@@ -1265,3 +1312,62 @@ def test_a_hub_subfolder_with_a_trailing_slash_or_dot_is_the_folder(online_hub: 
     assert lorahot.read_adapter(REPO, subfolder=".").modules["proj"].scale == 2.0
     assert lorahot.read_adapter(REPO, subfolder="sub/").modules["proj"].scale == 4.0
     assert lorahot.read_adapter(REPO, subfolder="./sub").source == f"{REPO}/sub/adapter_model.safetensors"
+
+
+#: answers of the Hub refusing a request, as huggingface_hub reads them (its hf_raise_for_status):
+#: the status, the headers, the error it raises and the fix lorahot must name
+_REFUSALS = {
+    "403": (403, {}, "HfHubHTTPError", _LOG_IN),
+    "401": (401, {}, "HfHubHTTPError|RepositoryNotFoundError", _LOG_IN),
+    "403, gated": (403, {"X-Error-Code": "GatedRepo"}, "GatedRepoError", _LOG_IN),
+    "401, gated": (401, {"X-Error-Code": "GatedRepo"}, "GatedRepoError", _LOG_IN),
+    "404, gated": (404, {"X-Error-Code": "GatedRepo"}, "GatedRepoError", _LOG_IN),
+    "no metadata": (
+        200,
+        {},  # no ETag, no X-Repo-Commit: what a proxy stripping the Hub's headers answers
+        "FileMetadataError",
+        r"The Hub's answer lacked the file's metadata \(its ETag or commit\): a proxy or mirror \(HF_ENDPOINT\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("refusal", list(_REFUSALS))
+@pytest.mark.parametrize(
+    "refused, kwargs, what",
+    [
+        ("adapter_model.safetensors", {"weight_name": "adapter_model.safetensors"}, "get adapter_model.safetensors"),
+        ("adapter_config.json", {"weight_name": "adapter_model.safetensors"}, "fetch adapter_config.json"),
+        (f"/api/models/{REPO}/revision/main", {}, "get the adapter"),
+        ("adapter_model.safetensors", {}, "get the adapter"),
+        ("adapter_config.json", {}, "get the adapter"),
+    ],
+    ids=["file", "file's config", "listing", "repo's file", "repo's config"],
+)
+def test_a_refused_request_is_refused_with_the_fix_for_its_refusal_not_for_being_offline(
+    online_hub: StandInHub,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    refusal: str,
+    refused: str,
+    kwargs: dict[str, str],
+    what: str,
+) -> None:
+    """huggingface_hub 2.4's hf_hub_download relays a 403 on a file's metadata request (a token
+    refused for the file), like a server error or an answer without the file's metadata, as its
+    LocalEntryNotFoundError ("cannot reach the Hub, no cached file"): the load was refused telling
+    the user to go online (HF_HUB_OFFLINE) instead of to log in or pass token=. Through the HTTP
+    path, each refusal (the Hub's gated answers with their X-Error-Code too) names the Hub's error
+    and its fix, for the file, its config, the listing and a whole repo's files; read_adapter,
+    load into either slot, preload and lorahot inspect refuse it, the runtime bitwise unchanged,
+    no ref and no record in the cache."""
+    status, headers, error, fix = _REFUSALS[refusal]
+    if status == 200 and refused.startswith("/api/"):
+        pytest.skip("the file metadata is no part of a listing's answer")
+    online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
+    online_hub.answers[refused] = (status, headers)
+    message = rf"^{REPO}: cannot {what} from the Hub \(({error}): .*\)[.,] .*{fix}"
+    _refused_everywhere(_local_rig(tmp_path), capsys, lorahot.SourceNotFoundError, message, **kwargs)
+    repo = Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}"
+    assert not (repo / ".no_exist").exists()
+    if not kwargs:  # hf_hub_download itself writes the ref of a file fetched alone at a branch
+        assert not (repo / "refs").exists()
