@@ -42,6 +42,12 @@ A key that matches nothing and that the format declares fused (Flux's ``img_attn
 split into its parts (:mod:`lorahot.resolve.split`: a LoRA by B's rows, a weight delta such as
 LoKr by the rows of its ``ΔW``), which are then matched in its place.
 
+Every step sees each layer by its path and by its file name
+(:func:`~lorahot.resolve.file_names.file_name`: the path with the wrapper levels of a block compiled
+or checkpoint-wrapped before inject dropped, ``layers.0._orig_mod.self_attn.q_proj`` as
+``layers.0.self_attn.q_proj``), and each key as it is spelled, then without such levels of its own
+(a file saved from the wrapped model on the unwrapped one); a hit is the layer's path.
+
 The first step with any hit decides; more than one hit is an error listing the candidates.
 Where the model's other modules are known (``others``: every module path that is not an
 injected layer), the steps run over the injected layers and those modules together, so a key
@@ -72,6 +78,7 @@ from lorahot.formats import FORMATS, KeyFormat, format_named
 from lorahot.formats.table import alias_hits
 from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
+from lorahot.resolve.file_names import file_name
 from lorahot.resolve.split import placed
 
 __all__ = [
@@ -160,6 +167,10 @@ class _Names:
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
+        #: a file name (:func:`~lorahot.resolve.file_names.file_name`) of names under a wrapper level
+        #: -> those names (and itself, where it is a name too); the lookups see both spellings
+        self.real = _file_names(names)
+        names = [*names, *(f for f in self.real if f not in self.real[f])]
         self.exact = set(names)
         self.longest = max(map(len, names), default=0)
         self.underscore: dict[str, list[str]] = {}
@@ -182,6 +193,10 @@ class _Names:
         self.lookups: BoundedMemo[tuple[str, KeyFormat], tuple[str, ...]] = BoundedMemo(
             _LOOKUP_BYTES, lambda k, v: str_bytes(k[0]) + 8 * len(v)
         )
+
+    def named(self, hits: Iterable[str]) -> tuple[str, ...]:
+        """The names ``hits`` (names and file names, as the lookups give them) stand for, sorted."""
+        return tuple(sorted({n for h in hits for n in self.real.get(h, (h,))}))
 
     def dotted(self, key: str) -> list[str]:
         """Names ending in ``"." + key``, and names ``key`` ends in (after a ``.``); the levels
@@ -407,9 +422,19 @@ def _in_model(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
 
 
 def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
+    """The names ``key`` matches (the steps of the module docstring), over the names and their file
+    names (:func:`~lorahot.resolve.file_names.file_name`), ``key``'s own wrapper levels dropped
+    after it is tried as it is: each hit is the name it stands for, a file name that two names
+    share standing for both (ambiguous)."""
+    hits = _match_spelled(key, fmt, names)
+    return names.named(hits) if names.real else hits
+
+
+def _match_spelled(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     if key.startswith(ROOT_PREFIXES):
         return ()  # another component's module (routed there without the prefix)
     cands = _candidates(key, fmt)
+    cands += [f for f in map(file_name, cands) if f not in cands]  # saved from a wrapped model
     exact = next((c for c in cands if c in names.exact), None)
     if exact is not None:  # most keys: the aliases (dozens of regexes per key) are not tried
         return (exact,)
@@ -449,6 +474,18 @@ def _match(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     return ()
 
 
+def _file_names(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Each file name of ``names`` that is not the name itself (one under a wrapper level) -> the
+    names it is the file name of, with itself first where it is one of ``names``."""
+    held = set(names)
+    under: dict[str, list[str]] = {}
+    for n in names:
+        f = file_name(n)
+        if f != n:
+            under.setdefault(f, []).append(n)
+    return {f: ((f,) if f in held else ()) + tuple(ns) for f, ns in under.items()}
+
+
 def _first(groups) -> list[str]:  # type: ignore[no-untyped-def]
     return next((g for g in groups if g), [])
 
@@ -472,7 +509,7 @@ def _closest(key: str, fmt: KeyFormat, names: _Names, renamed: Sequence[str] = (
     if fmt.separator == ".":
         return difflib.get_close_matches(probe, names.names, n=3, cutoff=cutoff)
     close = difflib.get_close_matches(probe.replace(".", "_"), list(names.underscore), n=3, cutoff=cutoff)
-    return [names.underscore[c][0] for c in close]
+    return list(dict.fromkeys(names.named([names.underscore[c][0]])[0] for c in close))
 
 
 def resolve_keys(

@@ -18,6 +18,7 @@ from lorahot.errors import UsageError, shown
 from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
 from lorahot.layers.linear import is_conv1d, returns_other_than_rows
 from lorahot.layers.norm import is_weightless_norm
+from lorahot.resolve.file_names import WRAPPER_LEVELS
 from lorahot.resolve.keys import outside
 from lorahot.runtime.arguments import text
 from lorahot.runtime.fused_projections import FUSED_PROJECTIONS
@@ -529,7 +530,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 #: The child under which a wrapper made of a module holds it and calls it: ``torch.compile``'s
 #: (``OptimizedModule``) and torch's activation checkpointing's (``CheckpointWrapper``, which
 #: FSDP's ``apply_activation_checkpointing`` puts in place of each block).
-_WRAPPED = ("_orig_mod", "_checkpoint_wrapped_module")
+_WRAPPED = WRAPPER_LEVELS
 
 
 def through_wrappers(module: nn.Module | None) -> nn.Module | None:

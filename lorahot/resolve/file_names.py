@@ -1,0 +1,28 @@
+"""A layer's name as an adapter file names it: its module path without wrapper levels.
+
+``torch.compile(module)`` holds the module under ``_orig_mod`` and torch's activation
+checkpointing (``CheckpointWrapper``, FSDP's ``apply_activation_checkpointing``) under
+``_checkpoint_wrapped_module``. A block wrapped so before inject puts that level inside the paths
+of its layers (``layers.0._orig_mod.self_attn.q_proj``), where a file saved from the unwrapped model
+has none (``layers.0.self_attn.q_proj``; the checkpoint wrapper's ``state_dict`` drops its level, so
+PEFT saves that spelling from a checkpointed model too). Key matching looks a layer up by both its
+path and its file name (:mod:`lorahot.resolve.keys`); errors, ``info()`` and everything else name
+the path.
+"""
+
+from __future__ import annotations
+
+__all__ = ["WRAPPER_LEVELS", "file_name"]
+
+#: The child under which a wrapper made of a module holds it and calls it: ``torch.compile``'s
+#: (``OptimizedModule``) and torch's activation checkpointing's (``CheckpointWrapper``).
+WRAPPER_LEVELS = ("_orig_mod", "_checkpoint_wrapped_module")
+
+
+def file_name(path: str) -> str:
+    """``path`` with every wrapper level (:data:`WRAPPER_LEVELS`) dropped, wherever it is:
+    ``layers.0._orig_mod.self_attn.q_proj`` -> ``layers.0.self_attn.q_proj``; ``path`` itself
+    where it has none."""
+    if not any(level in path for level in WRAPPER_LEVELS):
+        return path
+    return ".".join(part for part in path.split(".") if part not in WRAPPER_LEVELS)

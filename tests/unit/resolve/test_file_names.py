@@ -1,0 +1,143 @@
+"""A block wrapped before inject (``torch.compile``, activation checkpointing) puts a wrapper level
+inside its layers' paths; a file names them without it, or with it where it was saved from the
+wrapped model: both load onto the layer (:mod:`lorahot.resolve.file_names`)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+import lorahot
+from lorahot.resolve.file_names import file_name
+from tests.helpers import (
+    assert_swaps_without_recompile,
+    make_adapter,
+    model_reference,
+    reference,
+    tiny_lm,
+    token_ids,
+)
+
+_LAYER = "layers.0.self_attn.q_proj"
+
+
+def _wrapped(model: nn.Module, wrapper: str) -> str:
+    """``model.layers[0]`` wrapped before inject; the wrapper's level."""
+    if wrapper == "compile":
+        model.layers[0] = torch.compile(model.layers[0])
+        return "_orig_mod"
+    block = model.layers[0]
+    apply_activation_checkpointing(model, check_fn=lambda m: m is block)
+    return "_checkpoint_wrapped_module"
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def test_a_file_name_drops_every_wrapper_level() -> None:
+    assert file_name("_orig_mod.layers.0._checkpoint_wrapped_module._orig_mod.q") == "layers.0.q"
+    assert file_name("layers.0._orig_mod_x.q") == "layers.0._orig_mod_x.q"  # whole levels only
+
+
+@pytest.mark.parametrize("spelled", ["unwrapped", "wrapped"], ids=["file of the model", "file of the wrapped model"])
+@pytest.mark.parametrize("wrapper", ["compile", "checkpoint"])
+def test_a_block_wrapped_before_inject_takes_a_file_in_the_models_names(wrapper: str, spelled: str) -> None:
+    """A block compiled (or checkpoint-wrapped) before inject named its layers
+    ``layers.0._orig_mod.self_attn.q_proj``, and key matching skipped wrapper levels only at the front
+    of a path, so a file in the model's own names (``layers.0.self_attn.q_proj``) was refused as
+    matching no injected layer. Either spelling now lands on that layer, named by its path: the
+    float64 reference, every other parameter and buffer bitwise unchanged."""
+    model = tiny_lm(layers=2)
+    plain = copy.deepcopy(model)
+    tensors, ab = make_adapter(model, {_LAYER: 2})
+    level = _wrapped(model, wrapper)
+    path = _LAYER.replace("layers.0.", f"layers.0.{level}.")
+    if spelled == "wrapped":
+        tensors = {k.replace("layers.0.", f"layers.0.{level}."): t for k, t in tensors.items()}
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4)
+    before = _state(model)
+    info = runtime.load(tensors)
+    assert set(info.ranks) == {path} and path in runtime.layers
+    after = _state(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(t, before[n]) for n, t in after.items() if not n.startswith(path + "."))
+    x = torch.randn(3, 16)
+    a, b = ab[_LAYER]
+    with torch.no_grad():
+        got = model.get_submodule(path)(x)
+    want = reference(plain.get_submodule(_LAYER), x, a, b, 1.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_file_name_two_layers_share_is_ambiguous() -> None:
+    """A key whose file name is two layers' (``blk.proj`` and ``blk._orig_mod.proj``, a module holding
+    a child named as torch.compile's) is refused as ambiguous, nothing changed; each path loads."""
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.add_module("_orig_mod", nn.Module())
+            self._modules["_orig_mod"].proj = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x) + self._modules["_orig_mod"].proj(x)
+
+    model = nn.Sequential()
+    model.add_module("blk", Holder())
+    runtime = lorahot.inject(model, ["proj"], max_rank=2)
+    assert set(runtime.layers) >= {"blk.proj", "blk._orig_mod.proj"}
+    g = torch.Generator().manual_seed(0)
+    lora = {"lora_A.weight": torch.randn(2, 4, generator=g), "lora_B.weight": torch.randn(4, 2, generator=g)}
+    before = _state(model)
+    with pytest.raises(
+        lorahot.AdapterMismatchError, match=r"blk\.proj: ambiguous, matches blk\._orig_mod\.proj, blk\.proj"
+    ):
+        runtime.load({f"blk.proj.{k}": t for k, t in lora.items()})
+    after = _state(model)
+    assert after.keys() == before.keys() and all(torch.equal(t, before[n]) for n, t in after.items())
+    key_map = {"blk.proj": "blk._orig_mod.proj"}
+    assert set(runtime.load({f"blk.proj.{k}": t for k, t in lora.items()}, key_map=key_map).ranks) == {
+        "blk._orig_mod.proj"
+    }
+
+
+@pytest.mark.slow  # 5 s: a compiled model
+def test_a_block_checkpointed_before_inject_swaps_without_recompile_once_compiled() -> None:
+    """The model compiled after inject (its block checkpoint-wrapped before) takes a file in the
+    model's names, and a swap of it, without a recompile."""
+    model = tiny_lm(layers=2)
+    plain = copy.deepcopy(model)
+    first, ab1 = make_adapter(model, {_LAYER: 2}, seed=1)
+    second, ab2 = make_adapter(model, {_LAYER: 2}, seed=2)
+    _wrapped(model, "checkpoint")
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+    ids = token_ids((2, 5), 32)
+    swaps = [
+        (t, model_reference(plain, ids, {_LAYER: (*ab[_LAYER], 1.0)}).float())
+        for t, ab in ((first, ab1), (second, ab2))
+    ]
+    assert_swaps_without_recompile(runtime, model, ids, swaps, 1e-4)
+
+
+@pytest.mark.parametrize("level", ["_orig_mod", "_checkpoint_wrapped_module"])
+def test_a_file_saved_from_a_wrapped_model_loads_onto_the_unwrapped_one(level: str) -> None:
+    """A file saved from a model whose block was wrapped (``layers.0._orig_mod.self_attn.q_proj``) names
+    the same layer of the model unwrapped: it lands there, at the float64 reference."""
+    model = tiny_lm(layers=2)
+    plain = copy.deepcopy(model)
+    tensors, ab = make_adapter(model, {_LAYER: 2})
+    runtime = lorahot.inject(model, ["q_proj"], max_rank=4)
+    info = runtime.load({k.replace("layers.0.", f"layers.0.{level}."): t for k, t in tensors.items()})
+    assert set(info.ranks) == {_LAYER}
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        got = model.get_submodule(_LAYER)(x)
+    torch.testing.assert_close(
+        got.double(), reference(plain.get_submodule(_LAYER), x, *ab[_LAYER], 1.0), rtol=1e-5, atol=1e-5
+    )
