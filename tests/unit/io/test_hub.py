@@ -543,6 +543,7 @@ class StandInHub(ThreadingHTTPServer):
         self.answers: dict[str, tuple[int, dict[str, str]]] = {}
         self.requests: list[str] = []
         self.release = threading.Event()  # lets stalled requests end (a stalled file's, answered), at teardown
+        self.held = threading.Event()  # set once a request for a file of ``stalling`` waits for ``release``
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
     def serve(self, files: dict[str, bytes]) -> None:
@@ -574,6 +575,7 @@ class _StandInHandler(BaseHTTPRequestHandler):
             return
         name = re.sub(rf"^/{REPO}/resolve/(main|{COMMIT})/", "", path)
         if name in hub.stalling:
+            hub.held.set()
             hub.release.wait()
         if name in hub.answers:
             status, headers = hub.answers[name]
@@ -793,6 +795,69 @@ def test_a_hub_that_stalls_on_a_file_is_refused_within_lorahot_hub_timeout(
     repo = Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}"
     if not kwargs:  # the branch's ref names no snapshot the load did not get, now or later
         assert not (repo / "refs" / "main").exists()
+
+
+@pytest.mark.parametrize("given_up", ["timed out", "interrupted"])
+def test_a_fetch_given_up_on_writes_no_ref_and_no_record_once_its_download_ends(
+    online_hub: StandInHub, monkeypatch: pytest.MonkeyPatch, given_up: str
+) -> None:
+    """The fetch's worker writes the records of the files the listing lacks and the branch's ref
+    last, only if the caller is still waiting (``_Watch.last``: under the lock the caller gives it
+    up with, after a check of the abandonment). Here the Hub holds the request for the weights
+    until the caller has given up (LORAHOT_HUB_TIMEOUT, or a KeyboardInterrupt while it waits),
+    then answers it: the worker downloads them whole and stops, leaving no ref and no record (the
+    listing lacks diffusers' name) in the cache. Nothing caught a worker that wrote them anyway."""
+    from lorahot.io import hub_watch
+
+    online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
+    online_hub.stalling.add("adapter_model.safetensors")
+    if given_up == "timed out":
+        monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", "1")
+        expected: type[BaseException] = lorahot.SourceNotFoundError
+    else:  # the caller, polling its worker, is interrupted once the Hub holds the worker's request
+        downloads = hub_watch._Watch._downloads
+
+        def interrupted(self: object) -> dict[str, tuple[int, int]]:
+            if online_hub.held.is_set():
+                raise KeyboardInterrupt
+            return downloads(self)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(hub_watch._Watch, "_downloads", interrupted)
+        expected = KeyboardInterrupt
+    with pytest.raises(expected):
+        within(HANG_S, lambda: lorahot.read_adapter(REPO))
+    assert online_hub.held.is_set()  # the caller gave up while the Hub held the request
+    online_hub.release.set()  # the worker goes on: the weights are downloaded after the caller has gone
+    _abandoned_fetches_end()
+    repo = Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}"
+    weights = repo / "snapshots" / COMMIT / "adapter_model.safetensors"
+    assert online_hub.fetched() == ["adapter_config.json", "adapter_model.safetensors"] and weights.is_file()
+    assert not (repo / "refs").exists() and not (repo / ".no_exist").exists()
+
+
+def test_a_fetch_given_up_on_while_it_writes_its_ref_ends_the_write_first(
+    online_hub: StandInHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller gives its worker up (LORAHOT_HUB_TIMEOUT) while the worker writes the branch's
+    ref (held here for 2.5 s): it waits for that write under the lock of ``_Watch.last``, then
+    reads the snapshot the cache now holds whole. A caller that did not wait was refused ("not
+    cached") and the ref appeared after the load had gone."""
+    from lorahot.io import hub
+
+    online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
+    monkeypatch.setenv("LORAHOT_HUB_TIMEOUT", "1")
+    record_ref = hub._record_ref
+
+    def held(*args: str) -> None:
+        time.sleep(2.5)  # past the caller's 1 s
+        record_ref(*args)
+
+    monkeypatch.setattr(hub, "_record_ref", held)
+    adapter = within(HANG_S, lambda: lorahot.read_adapter(REPO))
+    assert adapter.modules["proj"].scale == 2.0
+    _abandoned_fetches_end()
+    ref = Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}" / "refs" / "main"
+    assert ref.read_text() == COMMIT
 
 
 def test_a_rate_limit_retried_after_an_hour_is_refused_within_lorahot_hub_timeout(
