@@ -203,8 +203,8 @@ def checked_adapter(adapter: Adapter) -> Adapter:
                 format_problems(f"{_named(adapter.source)}: not a usable lorahot.Adapter:", problems),
                 "Adapter.modules must map module keys (str) to lorahot.LoraModule objects holding tensors and a float "
                 "alpha, Adapter.weights module keys to lorahot.WeightModule objects, Adapter.config must be a dict, "
-                "Adapter.format and Adapter.source strings and Adapter.skipped a tuple of strings; or read the adapter "
-                "with lorahot.read_adapter.",
+                "Adapter.format and Adapter.source strings and Adapter.skipped and Adapter.file_keys tuples of "
+                "strings; or read the adapter with lorahot.read_adapter.",
             )
         )
     refuse_oversized(_named(adapter.source), _shapes(adapter), "tensors were not copied")
@@ -313,14 +313,16 @@ def _malformed_fields(adapter: Adapter) -> list[str]:
         if not isinstance(value, str)
     ]
     names = [("Adapter.source", adapter.source), ("Adapter.format", adapter.format)]
-    for field_name, keys in (("modules", adapter.modules), ("weights", adapter.weights), ("skipped", adapter.skipped)):
+    for field_name in ("modules", "weights", "skipped", "file_keys"):
+        keys = getattr(adapter, field_name)
         names += [
             (f"a key of Adapter.{field_name}", k) for k in (keys if isinstance(keys, (dict, tuple, list)) else ())
         ]
     found += [f"{what} {shown(n)} {problem}" for what, n in names if isinstance(n, str) and (problem := long_name(n))]
-    skipped: object = adapter.skipped
-    if not isinstance(skipped, (tuple, list)) or not all(isinstance(k, str) for k in skipped):
-        found.append(f"Adapter.skipped is {shown(skipped, 60)}, not a tuple of str")
+    for field_name in ("skipped", "file_keys"):  # file_keys: what judges the file's naming (keys.file_naming)
+        keys = getattr(adapter, field_name)
+        if not isinstance(keys, (tuple, list)) or not all(isinstance(k, str) for k in keys):
+            found.append(f"Adapter.{field_name} is {shown(keys, 60)}, not a tuple of str")
     weights: object = adapter.weights
     if not isinstance(weights, dict):
         found.append(f"Adapter.weights is a {type(weights).__name__}, not a dict")

@@ -225,6 +225,17 @@ MISUSES = [
            r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.format is 3, not a str\n"),
     Misuse("load_adapter_skipped_int", lambda rig, tmp: rig.runtime.load(_hand_fields(rig, skipped=3)), UsageError,
            r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.skipped is 3, not a tuple of str\n"),
+    # file_keys judges the file's naming (which aliases it takes): was an UnexpectedError (a TypeError or
+    # AttributeError in keys.file_naming), and a str was read as its characters
+    Misuse("load_adapter_file_keys_int", lambda rig, tmp: rig.runtime.load(_hand_fields(rig, file_keys=3)),
+           UsageError, r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.file_keys is 3, not a tuple of str\n"),
+    Misuse("preload_adapter_file_keys_not_str",
+           lambda rig, tmp: rig.runtime.preload(_hand_fields(rig, file_keys=(Q0, None))), UsageError,
+           r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.file_keys is \('layers\.0\.self_attn\.q_proj', "
+           r"None\), not a tuple of str\n"),
+    Misuse("plan_adapter_file_keys_str", lambda rig, tmp: lorahot.plan_targets([_hand_fields(rig, file_keys=Q0)]),
+           UsageError, r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.file_keys is 'layers\.0\.self_attn"
+           r"\.q_proj', not a tuple of str\n"),
     Misuse("preload_adapter_weights_list", lambda rig, tmp: rig.runtime.preload(_hand_fields(rig, weights=[1])),
            UsageError, r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.weights is a list, not a dict\n"),
     Misuse("plan_adapter_weights_not_module",
