@@ -78,7 +78,7 @@ from lorahot.formats import FORMATS, KeyFormat, format_named
 from lorahot.formats.table import alias_hits
 from lorahot.memo import BoundedMemo, str_bytes
 from lorahot.resolve import ldm
-from lorahot.resolve.file_names import file_name
+from lorahot.resolve.file_names import file_name, may_hold_wrapper
 from lorahot.resolve.split import placed
 
 __all__ = [
@@ -434,7 +434,8 @@ def _match_spelled(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     if key.startswith(ROOT_PREFIXES):
         return ()  # another component's module (routed there without the prefix)
     cands = _candidates(key, fmt)
-    cands += [f for f in map(file_name, cands) if f not in cands]  # saved from a wrapped model
+    if may_hold_wrapper(key):  # saved from a wrapped model: tried without the levels as well
+        cands += [f for f in map(file_name, cands) if f not in cands]
     exact = next((c for c in cands if c in names.exact), None)
     if exact is not None:  # most keys: the aliases (dozens of regexes per key) are not tried
         return (exact,)
@@ -479,7 +480,7 @@ def _file_names(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
     names it is the file name of, with itself first where it is one of ``names``."""
     held = set(names)
     under: dict[str, list[str]] = {}
-    for n in names:
+    for n in filter(may_hold_wrapper, names):
         f = file_name(n)
         if f != n:
             under.setdefault(f, []).append(n)

@@ -141,3 +141,23 @@ def test_a_file_saved_from_a_wrapped_model_loads_onto_the_unwrapped_one(level: s
     torch.testing.assert_close(
         got.double(), reference(plain.get_submodule(_LAYER), x, *ab[_LAYER], 1.0), rtol=1e-5, atol=1e-5
     )
+
+
+def test_a_file_without_wrapper_levels_pays_nothing_for_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each key was also tried without wrapper levels of its own, :func:`file_name` of each of its
+    candidates: about 1.5 us a key, 30 ms of a 20,000-key file that has none (5-8% of its
+    matching). A key without a wrapper level's name is now tried as it is only; one with it still
+    lands on the unwrapped layer (``test_a_file_saved_from_a_wrapped_model_loads_onto_the_unwrapped_one``)."""
+    from lorahot.resolve import keys
+    from lorahot.resolve.file_names import WRAPPER_LEVELS, may_hold_wrapper
+
+    assert all(may_hold_wrapper(f"a.{level}.b") for level in WRAPPER_LEVELS)
+    calls: list[str] = []
+    monkeypatch.setattr(keys, "file_name", lambda path: calls.append(path) or file_name(path))
+    names = [f"model.layers.{i}.mlp.proj_{j}" for i in range(300) for j in range(7)]
+    a, b = torch.zeros(1, 1), torch.zeros(1, 1)
+    for fmt, key in (("peft", "base_model.model.{}"), ("kohya", "lora_unet_{}")):
+        spelled = [key.format(n if fmt == "peft" else n.replace(".", "_")) for n in names]
+        adapter = lorahot.Adapter({k: lorahot.LoraModule(k, a, b, 1.0) for k in spelled}, fmt, "<mapping>")
+        assert set(keys.resolve_keys(adapter, names)) == set(names)
+    assert calls == []
