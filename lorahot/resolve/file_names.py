@@ -7,12 +7,14 @@ of its layers (``layers.0._orig_mod.self_attn.q_proj``), where a file saved from
 has none (``layers.0.self_attn.q_proj``; the checkpoint wrapper's ``state_dict`` drops its level, so
 PEFT saves that spelling from a checkpointed model too). Key matching looks a layer up by both its
 path and its file name (:mod:`lorahot.resolve.keys`); errors, ``info()`` and everything else name
-the path.
+the path. :func:`is_compile_wrapper` tells ``torch.compile``'s wrapper apart, for inject's refusals.
 """
 
 from __future__ import annotations
 
-__all__ = ["WRAPPER_LEVELS", "file_name", "may_hold_wrapper"]
+import sys
+
+__all__ = ["WRAPPER_LEVELS", "file_name", "may_hold_wrapper", "is_compile_wrapper"]
 
 #: The child under which a wrapper made of a module holds it and calls it: ``torch.compile``'s
 #: (``OptimizedModule``) and torch's activation checkpointing's (``CheckpointWrapper``).
@@ -33,3 +35,10 @@ def file_name(path: str) -> str:
     if not may_hold_wrapper(path):
         return path
     return ".".join(part for part in path.split(".") if part not in WRAPPER_LEVELS)
+
+
+def is_compile_wrapper(module: object) -> bool:
+    """Whether ``module`` is ``torch.compile``'s wrapper of a module (``OptimizedModule``, which holds
+    it under ``_orig_mod``). Where ``torch._dynamo`` was never imported, no such wrapper was made."""
+    wrapper = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    return wrapper is not None and isinstance(module, wrapper)

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import sys
 import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -60,6 +59,7 @@ from lorahot.adapter.deltas import delta_bound, fold_delta
 from lorahot.errors import AdapterReadError, UsageError, format_problems, lines
 from lorahot.layers import LoRALayer
 from lorahot.layers.base import EXTRA_BIAS, EXTRA_F, own_code, unusual_values, version
+from lorahot.resolve.file_names import is_compile_wrapper
 from lorahot.runtime.aliases import plain
 from lorahot.runtime.buffers import BufferManager
 from lorahot.runtime.graph_replays import Captured, GraphReplays
@@ -137,8 +137,7 @@ def _stored_refusal(name: str, base: nn.Module) -> str | None:
 def _computed(base: nn.Module, kind: str, value: object) -> tuple[str, str]:
     """How ``base`` holds its ``kind`` (``weight``, ``bias``) other than as a stored parameter, and
     what makes it one."""
-    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())  # not imported: none made
-    if isinstance(base, compiled):
+    if is_compile_wrapper(base):
         return (
             f"the parameter of the {type(base._orig_mod).__name__} that torch.compile wrapped before inject, which "
             "the wrapper holds, not stores",

@@ -18,7 +18,7 @@ from lorahot.errors import UsageError, shown
 from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
 from lorahot.layers.linear import is_conv1d, returns_other_than_rows
 from lorahot.layers.norm import is_weightless_norm
-from lorahot.resolve.file_names import WRAPPER_LEVELS
+from lorahot.resolve.file_names import WRAPPER_LEVELS, is_compile_wrapper
 from lorahot.resolve.keys import outside
 from lorahot.runtime.arguments import text
 from lorahot.runtime.fused_projections import FUSED_PROJECTIONS
@@ -210,9 +210,7 @@ def _compiled_by(modules: Mapping[str, nn.Module], name: str) -> str | None:
     a module put in its place under ``_orig_mod`` is never called, where a wrapper made after
     inject calls the LoRA layer (:func:`through_wrappers`)."""
     parent_name, _, child = name.rpartition(".")
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: no wrapper was made
-    wrapper = getattr(eval_frame, "OptimizedModule", None)
-    if child != "_orig_mod" or wrapper is None or not isinstance(modules.get(parent_name), wrapper):
+    if child != "_orig_mod" or not is_compile_wrapper(modules.get(parent_name)):
         return None
     return parent_name
 
@@ -481,8 +479,7 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
             fix = (
                 f"It is torch.compile's wrapper of a {type(inner).__name__}, made before inject: inject first and "
                 f"compile after (model.{n} = torch.compile(model.{n}) after inject compiles its LoRA layer)."
-                if isinstance(m, getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ()))
-                and inner is not m
+                if is_compile_wrapper(m) and inner is not m
                 else "Narrow targets to exclude it."
             )
             raise UsageError(
