@@ -456,15 +456,31 @@ def test_a_peft_key_that_names_a_layer_under_a_wrapper_keeps_it_over_an_alias(ke
     a, b = torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g)
     runtime = lorahot.inject(model, "all-linear", max_rank=2)
     x = torch.randn(3, 4, generator=g)
+    state = {f"base_model.model.{key}.lora_A.weight": a, f"base_model.model.{key}.lora_B.weight": b}
+    _loads_on_only(model, runtime, state, layer, x, a, b)
+
+
+def _loads_on_only(
+    model: nn.Module,
+    runtime: lorahot.LoraRuntime,
+    state: dict[str, torch.Tensor],
+    layer: str,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+) -> lorahot.AdapterInfo:
+    """Loads ``state`` (one module, ``b @ a``) and checks that ``layer`` gives its float64 reference on
+    ``x`` and every other injected layer what it gave before, bitwise; the load's info."""
     with torch.no_grad():
         before = {n: model.get_submodule(n)(x) for n in runtime.layers}
-    runtime.load({f"base_model.model.{key}.lora_A.weight": a, f"base_model.model.{key}.lora_B.weight": b})
+    info = runtime.load(state)
     with torch.no_grad():
         after = {n: model.get_submodule(n)(x) for n in runtime.layers}
         base = model.get_submodule(layer).base_layer
         want = x.double() @ (base.weight.double() + b.double() @ a.double()).T + base.bias.double()
     torch.testing.assert_close(after[layer].double(), want, rtol=1e-5, atol=1e-6)
     assert all(torch.equal(after[n], before[n]) for n in runtime.layers if n != layer)
+    return info
 
 
 class _KreaShaped(nn.Module):
@@ -548,16 +564,9 @@ def test_an_old_diffusers_key_that_names_a_layer_under_a_wrapper_keeps_it_over_a
         a, b = torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g)
         runtime = lorahot.inject(model, "all-linear", max_rank=2)
         x = torch.randn(3, 4, generator=g)
-        with torch.no_grad():
-            before = {n: model.get_submodule(n)(x) for n in runtime.layers}
-        info = runtime.load({f"{key}.{roles[0]}.weight": a, f"{key}.{roles[1]}.weight": b})
+        state = {f"{key}.{roles[0]}.weight": a, f"{key}.{roles[1]}.weight": b}
+        info = _loads_on_only(model, runtime, state, layer, x, a, b)
         assert info.format == "diffusers-old" and set(info.ranks) == {layer}
-        with torch.no_grad():
-            after = {n: model.get_submodule(n)(x) for n in runtime.layers}
-            base = model.get_submodule(layer).base_layer
-            want = x.double() @ (base.weight.double() + b.double() @ a.double()).T + base.bias.double()
-        torch.testing.assert_close(after[layer].double(), want, rtol=1e-5, atol=1e-6)
-        assert all(torch.equal(after[n], before[n]) for n in runtime.layers if n != layer)
 
 
 class _FluxShaped(nn.Module):
