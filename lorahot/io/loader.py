@@ -56,7 +56,7 @@ from lorahot.io.tensorfile import refuse_oversized
 from lorahot.memo import BoundedMemo
 from lorahot.resolve.keys import COMPONENT_NAMES
 from lorahot.resolve.split import SplitSpec, split_by_user
-from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, select_prefix
+from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, keys_under, select_prefix
 
 __all__ = ["read_adapter", "checked_adapter", "reading_for"]
 
@@ -1589,9 +1589,13 @@ def _user_mapping(
         return adapter
     fmt = format_named(adapter.format)
     both: dict[str, LoraModule | WeightModule] = {**adapter.modules, **adapter.weights}  # renamed alike
+    file_keys = adapter.file_keys  # as the file names them, where a read renamed them since
     if prefix is not None:
         both = select_prefix(both, prefix, adapter.source, fmt)
-    file_keys = adapter.file_keys or tuple(both)  # as the file names them, before the renames below
+        # the file's own keys of that component, as a read with prefix= keeps them (those of the whole
+        # file where key_map= moved every module under the prefix from elsewhere)
+        file_keys = keys_under(file_keys, prefix, fmt) or file_keys
+    file_keys = file_keys or tuple(both)  # as the file names them, before the renames below
     if key_map is not None:
         both = apply_key_map(both, key_map, adapter.source)
     modules = {k: m for k, m in both.items() if isinstance(m, LoraModule)}

@@ -43,7 +43,7 @@ from lorahot.errors import (
 )
 from lorahot.formats import KeyFormat
 
-__all__ = ["FusePart", "Fuse", "select_prefix", "apply_key_map", "fuse_modules"]
+__all__ = ["FusePart", "Fuse", "select_prefix", "keys_under", "apply_key_map", "fuse_modules"]
 
 #: A part of a fused projection: its name, or ``(name, out_features)`` so that a part the
 #: adapter does not train can be filled with zeros.
@@ -68,7 +68,7 @@ def select_prefix(modules: dict[str, M], prefix: str, source: str, fmt: KeyForma
         raise UsageError(f"prefix={shown(prefix)} must be a non-empty string such as 'unet' or 'lora_te1'.")
     if (problem := name_problem(prefix)) is not None:
         raise UsageError(f"prefix={shown(prefix)} {problem}. Pass a component name such as 'unet' or 'lora_te1'.")
-    head = prefix if prefix.endswith(fmt.separator) else prefix + fmt.separator
+    head = _head(prefix, fmt)
     out = {key[len(head) :]: _renamed(m, key[len(head) :]) for key, m in modules.items() if key.startswith(head)}
     if not out:
         seen = sorted({_component(k, fmt) for k in modules})
@@ -77,6 +77,19 @@ def select_prefix(modules: dict[str, M], prefix: str, source: str, fmt: KeyForma
             f"prefix matches whole components, up to {shown(fmt.separator, 200)}). Pass one of those."
         )
     return out
+
+
+def keys_under(keys: Sequence[str], prefix: str, fmt: KeyFormat) -> tuple[str, ...]:
+    """The ``keys`` that start with the component ``prefix`` (as :func:`select_prefix` selects
+    modules, ``prefix`` checked there), with it removed: an adapter's file keys
+    (:attr:`~lorahot.adapter.Adapter.file_keys`) narrowed as its modules are."""
+    head = _head(prefix, fmt)
+    return tuple(key[len(head) :] for key in keys if key.startswith(head))
+
+
+def _head(prefix: str, fmt: KeyFormat) -> str:
+    """``prefix`` ending with ``fmt``'s separator: it matches whole components."""
+    return prefix if prefix.endswith(fmt.separator) else prefix + fmt.separator
 
 
 def _component(key: str, fmt: KeyFormat) -> str:

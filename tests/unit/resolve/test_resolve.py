@@ -707,3 +707,62 @@ def test_key_map_leaves_a_file_marked_by_its_own_keys() -> None:
         assert (
             all(torch.equal(t, before[n]) for n, t in _state(model).items()) and _state(model).keys() == before.keys()
         )
+
+
+class _FluxEmbedders(nn.Module):
+    """The diffusers-named layers Flux's original ``img_in`` and ``vector_in.in_layer`` alias to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.x_embedder = nn.Linear(4, 4)
+        self.time_text_embed = nn.Module()
+        self.time_text_embed.text_embedder = nn.Module()
+        self.time_text_embed.text_embedder.linear_1 = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _diffusers(module: str, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {f"{module}.lora_{r}.weight": torch.randn(*s, generator=g) for r, s in (("A", (2, 4)), ("B", (4, 2)))}
+
+
+def test_prefix_at_load_marks_a_read_adapter_by_that_components_own_keys() -> None:
+    """``read_adapter(file, key_map=...)`` kept every key of the file as its file keys, and
+    ``runtime.load(adapter, prefix='transformer')`` narrowed its modules only, so the text encoder's
+    ``vector_in.in_layer`` (a name only Flux's original model has) marked the transformer's ``img_in`` as
+    Flux's: it landed on ``x_embedder``, where ``runtime.load(file, prefix='transformer')`` refuses it as
+    matching no layer. Both now judge the component's own keys: refused alike, nothing changed; with the
+    mark under the prefix, both load Flux's names at the float64 reference."""
+    model, g = _FluxEmbedders(), torch.Generator().manual_seed(7)
+    runtime = lorahot.inject(model, "all-linear", max_rank=2)
+    key_map = {r"text_encoder\.(.+)": r"text_encoder.model.\1"}  # any rename: the read keeps the file's keys
+    outside = _diffusers("transformer.img_in", g) | _diffusers("text_encoder.vector_in.in_layer", g)
+    before = _state(model)
+    for load in (
+        lambda: runtime.load(outside, prefix="transformer"),
+        lambda: runtime.load(lorahot.read_adapter(outside, key_map=key_map), prefix="transformer"),
+    ):
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"  - img_in: matches no injected layer"):
+            load()
+        assert _state(model).keys() == before.keys()
+        assert all(torch.equal(t, before[n]) for n, t in _state(model).items())
+    inside = _diffusers("transformer.img_in", g) | _diffusers("transformer.vector_in.in_layer", g)
+    inside |= _diffusers("text_encoder.img_in", g)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    for adapter in (inside, lorahot.read_adapter(inside, key_map=key_map)):
+        assert set(runtime.load(adapter, prefix="transformer").ranks) == {
+            "x_embedder",
+            "time_text_embed.text_embedder.linear_1",
+        }
+        for module, name in (
+            ("img_in", "x_embedder"),
+            ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+        ):
+            a, b = (inside[f"transformer.{module}.lora_{r}.weight"].double() for r in "AB")
+            base = model.get_submodule(name).base_layer
+            want = x @ (base.weight.double() + b @ a).T + base.bias.double()
+            with torch.no_grad():
+                got = model.get_submodule(name)(x.float()).double()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        runtime.unload()
