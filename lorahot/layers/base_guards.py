@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from lorahot.errors import UsageError
+from lorahot.layers.tensor_handles import TENSORS
 
 if TYPE_CHECKING:
     from lorahot.layers.base import LoRALayer
 
-__all__ = ["is_dtensor", "refuse_assigned_load_under", "unwrapped"]
+__all__ = ["is_dtensor", "refuse_assigned_load_under", "refuse_other_arena", "unwrapped"]
 
 
 def _drop_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -288,6 +289,41 @@ def _put_plain_tensor(layer: LoRALayer, name: str, value: torch.Tensor) -> None:
     if refusal is not None:
         raise UsageError(refusal)
     base._parameters[name] = value  # type: ignore[assignment]  # as torch's stateless call puts it
+
+
+def refuse_other_arena(layer: LoRALayer, names: tuple[str, ...], seen: tuple[torch.Tensor, ...]) -> None:
+    """Refuses a forward of ``layer`` whose LoRA buffers (the arena tensors it registers under
+    ``names``) are not the tensors it computes with: what ``torch.func.functional_call`` (and
+    ``nn.utils.stateless``) put in a module's ``_buffers`` for one call where the keys name them
+    (``named_buffers()`` with other values, ``torch.func.stack_module_state`` of several injected
+    models). The layer computes with the views of its arena it was bound to, never with those
+    buffers, so the values passed were ignored: a ``vmap`` ensemble of models holding different
+    adapters computed every member with the adapter of the model called, silently. The same memory
+    (the model's own tensors, a detached alias, under a transform's wrapper) passes, as do ``seen``,
+    the copies a move of the model made (:meth:`~lorahot.layers.base.LoRALayer._apply`).
+
+    Raises:
+        UsageError: naming the layer, the buffer, both shapes and the fix, before the layer computes.
+    """
+    bound = TENSORS.get(layer._key, ())
+    for name, own, root in zip(names, seen, bound):
+        value = layer._buffers.get(name)
+        if value is own:
+            continue
+        inner = unwrapped(value)
+        if isinstance(inner, torch.Tensor) and (_same_memory(inner, own) or _same_memory(inner, root)):
+            continue
+        given = f"{inner.dtype} {list(inner.shape)}" if isinstance(inner, torch.Tensor) else type(value).__name__
+        raise UsageError(
+            f"{layer._path or type(layer.base_layer).__name__}: called with another tensor in place of its LoRA "
+            f"buffer {name} ({given}, where the layer computes from its own {root.dtype} {list(root.shape)}): "
+            "torch.func.functional_call or torch.func.stack_module_state over the model's buffers? The layers compute "
+            "with the adapters lorahot loaded into their own buffers, so these values would be ignored (an ensemble of "
+            "injected models would compute every member with this model's adapter). The call was refused before it "
+            "ran. Leave the _lora_arena_* keys out of the tensors you pass (the model's own are then used), or to "
+            "compute several adapters in one call, load them into slots of one runtime and route the rows: "
+            "runtime.activate([0, 1, ...])."
+        )
 
 
 def _dora_values_refusal(layer: LoRALayer, name: str) -> str:

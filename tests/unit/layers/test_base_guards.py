@@ -76,3 +76,83 @@ def test_state_dict_s_renaming_looks_at_each_layer_s_own_keys() -> None:
     assert list(state) == list(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
     assert list(model[1][0].state_dict()) == ["weight", "bias"]
     assert list(model.state_dict(prefix="m.")) == [f"m.{k}" for k in expected]
+
+
+def _served(seed: int, merged: bool) -> tuple[nn.Module, lorahot.LoraRuntime]:
+    """A float64 tiny LM with an adapter of ``seed`` on every q_proj and v_proj."""
+    model = tiny_lm(dtype=torch.float64)
+    runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4, merged=merged)
+    runtime.load(make_adapter(model, dict.fromkeys(runtime.layers, 3), seed=seed, dtype=torch.float64)[0])
+    return model, runtime
+
+
+def _arena(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.named_buffers() if "_lora_arena_" in k}
+
+
+@pytest.mark.parametrize("passed", ["zeros", "another model's", "stacked ensemble"])
+def test_functional_call_with_other_lora_buffers_is_refused_and_changes_nothing(passed: str) -> None:
+    """``torch.func.functional_call`` with other tensors for the LoRA buffers (``named_buffers()``
+    lists them; ``torch.func.stack_module_state`` stacks them): the layers compute with the views
+    of their own arena, so the values were ignored, silently: a ``vmap`` ensemble of two injected
+    models holding different adapters gave both members the first model's output (1.69 off the
+    second's), and another model's parameters and buffers gave this model's adapter. Refused
+    naming the layer and the buffer, every parameter and buffer bitwise as before (the same
+    tensors), the output too, and the runtime still serves."""
+    model, runtime = _served(1, merged=False)
+    other, _ = _served(2, merged=False)
+    ids = token_ids((2, 6), 32, seed=1)
+    if passed == "zeros":
+        zeros = {k: torch.zeros_like(v) for k, v in _arena(model).items()}
+        call = lambda: torch.func.functional_call(model, zeros, ids)  # noqa: E731
+    elif passed == "another model's":
+        state = {**dict(other.named_parameters()), **_arena(other)}
+        call = lambda: torch.func.functional_call(model, state, ids)  # noqa: E731
+    else:
+        params, buffers = torch.func.stack_module_state([model, other])  # type: ignore[arg-type]
+        member = lambda p, b: torch.func.functional_call(model, (p, b), (ids,))  # noqa: E731
+        call = lambda: torch.func.vmap(member)(params, buffers)  # noqa: E731
+    kept = {k: (v, v.clone()) for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    with torch.no_grad():
+        before = model(ids)
+        with pytest.raises(
+            lorahot.UsageError,
+            match=r"^layers\.0\.self_attn\.q_proj: called with another tensor in place of its LoRA buffer "
+            r"_lora_arena_A .*functional_call.*Leave the _lora_arena_\* keys out",
+        ):
+            call()
+        assert torch.equal(model(ids), before)
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    assert now.keys() == kept.keys()
+    for k, (tensor, values) in kept.items():
+        assert now[k] is tensor and torch.equal(tensor, values), k
+    runtime.set_scale(0.5)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_functional_call_with_the_model_s_own_lora_buffers_computes_what_the_model_does(merged: bool) -> None:
+    """The model's own LoRA buffers passed back (``named_buffers()`` as they are, or detached: the
+    same memory), also after ``model.float()`` moved them, compute what the model does, bitwise."""
+    model, _ = _served(1, merged)
+    ids = token_ids((2, 6), 32, seed=1)
+    with torch.no_grad():
+        for _ in range(2):
+            want = model(ids)
+            assert torch.equal(torch.func.functional_call(model, dict(model.named_buffers()), ids), want)
+            detached = {k: v.detach() for k, v in _arena(model).items()}
+            assert torch.equal(torch.func.functional_call(model, detached, ids), want)
+            model.float()
+
+
+def test_a_merged_ensemble_computes_each_member_with_its_own_weights() -> None:
+    """Merged, the weights hold each model's adapter and no LoRA buffer is read: a ``vmap``
+    ensemble of two merged models (``stack_module_state``, buffers included) gives each member
+    its own model's output."""
+    models = [_served(seed, merged=True)[0] for seed in (1, 2)]
+    ids = token_ids((2, 6), 32, seed=1)
+    params, buffers = torch.func.stack_module_state(models)  # type: ignore[arg-type]
+    member = lambda p, b: torch.func.functional_call(models[0], (p, b), (ids,))  # noqa: E731
+    with torch.no_grad():
+        got = torch.func.vmap(member)(params, buffers)
+        for i, model in enumerate(models):
+            torch.testing.assert_close(got[i], model(ids), rtol=0, atol=1e-12)
