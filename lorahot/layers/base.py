@@ -353,6 +353,25 @@ class LoRALayer(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        """Refuses a parameter of the wrapper's own, which holds none: ``torch.nn.utils.prune``
+        applied to the wrapper (``prune.l1_unstructured(model.fc, "weight", 0.5)``) registered
+        the base weight on it as ``weight_orig``, then failed with a ``KeyError`` on the weight it
+        does not hold, leaving that key in the model's state dict (a base checkpoint then no
+        longer loads strictly); a parameter assigned to it would be saved under the LoRA layer.
+
+        Raises:
+            UsageError: naming the layer, the parameter and the fix, nothing registered.
+        """
+        if param is not None and self.__dict__.get("_base") is not None:
+            raise UsageError(
+                f"{self._path or type(self).__name__}: a parameter {name!r} registered on the LoRA layer itself, which "
+                "holds none (torch.nn.utils.prune, weight_norm or spectral_norm applied to the wrapper?); nothing was "
+                f"registered. Apply it to the module that holds the weight, {self._path or 'the layer'}.base_layer "
+                "(merged mode refuses such a base at its next call), or before inject."
+            )
+        super().register_parameter(name, param)
+
     def __setattr__(self, name: str, value: Any) -> None:
         base = self.__dict__.get("_base")
         if name == "base_layer" and base is not None and value is not base:

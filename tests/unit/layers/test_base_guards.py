@@ -156,3 +156,39 @@ def test_a_merged_ensemble_computes_each_member_with_its_own_weights() -> None:
         got = torch.func.vmap(member)(params, buffers)
         for i, model in enumerate(models):
             torch.testing.assert_close(got[i], model(ids), rtol=0, atol=1e-12)
+
+
+def test_prune_applied_to_the_wrapper_is_refused_and_leaves_no_key_behind() -> None:
+    """``torch.nn.utils.prune`` applied to the LoRA layer rather than its base registered the
+    base weight on the wrapper as ``weight_orig``, then failed with torch's ``KeyError`` on the
+    weight the wrapper does not hold: the model's state dict kept ``...q_proj.weight_orig``, so
+    it no longer loaded into the base model strictly. Refused with a ``UsageError`` naming the
+    layer and ``base_layer``, nothing registered (same parameters, buffers and state-dict keys,
+    the output bitwise); applied to ``base_layer`` it prunes the base, under the live adapter."""
+    import torch.nn.utils.prune as prune
+
+    model, runtime = _served(1, merged=False)
+    ids = token_ids((2, 6), 32, seed=1)
+    layer = model.layers[0].self_attn.q_proj
+    kept = {k: (v, v.clone()) for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        before = model(ids)
+        with pytest.raises(
+            lorahot.UsageError, match=r"^layers\.0\.self_attn\.q_proj: a parameter 'weight_orig' .*base_layer"
+        ):
+            prune.l1_unstructured(layer, "weight", 0.5)
+        assert torch.equal(model(ids), before)
+    assert list(model.state_dict()) == keys
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    assert now.keys() == kept.keys() and all(now[k] is t and torch.equal(t, v) for k, (t, v) in kept.items())
+    tiny_lm(dtype=torch.float64).load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        delta = layer(x) - x @ layer.base_layer.weight.T  # the live adapter's update
+    prune.l1_unstructured(layer.base_layer, "weight", 0.5)
+    with torch.no_grad():
+        pruned = layer.base_layer.weight
+        assert int((pruned == 0).sum()) == pruned.numel() // 2
+        torch.testing.assert_close(layer(x), x @ pruned.T + delta, rtol=0, atol=1e-12)
+    runtime.set_scale(0.5)
