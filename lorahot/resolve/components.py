@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems, lines, message, shown
@@ -240,6 +240,7 @@ def resolve_components(
     denoiser: str | None = None,
     weightless: Sequence[str] = (),
     unwrapped: Sequence[tuple[str, str]] = (),
+    levels: Collection[str] | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """:func:`lorahot.resolve.keys.resolve_all` over the layers ``<component>.<path>``.
 
@@ -257,6 +258,8 @@ def resolve_components(
             (see :func:`~lorahot.resolve.keys.resolve_all`).
         unwrapped: the models' modules read without a call, ``(<component>.<path>, why)`` (see
             :func:`~lorahot.resolve.keys.resolve_all`).
+        levels: the models' wrapper levels, ``<component>.<path>`` (see
+            :func:`~lorahot.resolve.keys.resolve_all`); None: every level of those names.
 
     Raises:
         AdapterMismatchError: modules for a component the runtime lacks (naming the prefix,
@@ -330,7 +333,7 @@ def resolve_components(
         raise AdapterMismatchError(_not_second_message(adapter.source, not_second, components, archs, first_clip))
     if no_first:
         raise AdapterMismatchError(_no_first_message(adapter.source, no_first, components, archs))
-    return _resolve_each(adapter, groups, names, skipped, others, heads or {}, weightless, unwrapped)
+    return _resolve_each(adapter, groups, names, skipped, others, heads or {}, weightless, unwrapped, levels)
 
 
 def _first_clip_target(prefix: str, component: str, archs: Mapping[str, set[str]], paths: Sequence[str]) -> str:
@@ -436,6 +439,7 @@ def _resolve_each(
     heads: Mapping[str, int],
     weightless: Sequence[str],
     unwrapped: Sequence[tuple[str, str]] = (),
+    levels: Collection[str] | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """:func:`~lorahot.resolve.keys.resolve_all` of each component's ``groups`` (its modules, by
     their keys within it) over its own layers, the results named ``<component>.<path>``; the
@@ -462,8 +466,9 @@ def _resolve_each(
         sizes = {n[len(head) :]: d for n, d in heads.items() if n.startswith(head)}
         bare = [n[len(head) :] for n in weightless if n.startswith(head)]
         read = [(n[len(head) :], why) for n, why in unwrapped if n.startswith(head)]
+        wrappers = None if levels is None else [n[len(head) :] for n in levels if n.startswith(head)]
         try:
-            found, folded = resolve_all(part, own, skipped, beside, sizes, bare, read, naming, component)
+            found, folded = resolve_all(part, own, skipped, beside, sizes, bare, read, naming, component, wrappers)
         except AdapterMismatchError as exc:
             problems.append(f"[{component}] " + message(exc))
             continue

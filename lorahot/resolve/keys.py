@@ -70,7 +70,7 @@ import collections
 import difflib
 import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import AdapterMismatchError, format_problems, lines, shown
@@ -165,11 +165,12 @@ class _Names:
     file of 30,000 keys that match nothing must not cost minutes.
     """
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], levels: frozenset[str] | None = None) -> None:
         self.names = names
         #: a file name (:func:`~lorahot.resolve.file_names.file_name`) of names under a wrapper level
-        #: -> those names (and itself, where it is a name too); the lookups see both spellings
-        self.real = _file_names(names)
+        #: of the model (``levels``; None: every level of those names) -> those names (and itself,
+        #: where it is a name too); the lookups see both spellings
+        self.real = _file_names(names, levels)
         names = [*names, *(f for f in self.real if f not in self.real[f])]
         self.exact = set(names)
         self.longest = max(map(len, names), default=0)
@@ -369,15 +370,17 @@ def _index(
     others: tuple[str, ...] = (),
     weightless: tuple[str, ...] = (),
     unwrapped: tuple[tuple[str, str], ...] = (),
+    levels: frozenset[str] | None = None,
 ) -> _Names:
     """The lookup index of one model's injected names, its other module paths, its norms
-    without a weight and its modules read without a call (built once per four lists)."""
-    index = _Names(list(names))
+    without a weight, its modules read without a call and its wrapper levels (built once per
+    five)."""
+    index = _Names(list(names), levels)
     index.read_directly = dict(unwrapped)
     if others:
-        index.whole = _Names([*names, *others])
+        index.whole = _Names([*names, *others], levels)
     if weightless:
-        index.every = _Names([*names, *others, *weightless])
+        index.every = _Names([*names, *others, *weightless], levels)
         index.weightless = frozenset(weightless)
     return index
 
@@ -475,13 +478,14 @@ def _match_spelled(key: str, fmt: KeyFormat, names: _Names) -> tuple[str, ...]:
     return ()
 
 
-def _file_names(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Each file name of ``names`` that is not the name itself (one under a wrapper level) -> the
-    names it is the file name of, with itself first where it is one of ``names``."""
+def _file_names(names: Sequence[str], levels: frozenset[str] | None = None) -> dict[str, tuple[str, ...]]:
+    """Each file name of ``names`` that is not the name itself (one under a wrapper level of
+    ``levels``, see :func:`~lorahot.resolve.file_names.file_name`) -> the names it is the file name
+    of, with itself first where it is one of ``names``."""
     held = set(names)
     under: dict[str, list[str]] = {}
     for n in filter(may_hold_wrapper, names):
-        f = file_name(n)
+        f = file_name(n, levels)
         if f != n:
             under.setdefault(f, []).append(n)
     return {f: ((f,) if f in held else ()) + tuple(ns) for f, ns in under.items()}
@@ -530,6 +534,7 @@ def resolve_all(
     unwrapped: Sequence[tuple[str, str]] = (),
     naming: KeyFormat | None = None,
     component: str | None = None,
+    levels: Collection[str] | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule]]:
     """Maps each adapter module key (LoRA and weight kinds) to one injected layer name (see
     the module docstring).
@@ -562,6 +567,10 @@ def resolve_all(
             share of a file (:func:`lorahot.resolve.components.resolve_components`): a key under
             that component's name that matches none of them is told so, the component being
             injected, with its closest layers.
+        levels: the model's wrapper levels (:func:`~lorahot.resolve.file_names.wrapper_levels`),
+            the only levels a layer's file name drops: a module of the model's own named
+            ``_orig_mod`` stays in it, as in PEFT's keys. None where the model is not at hand:
+            every level of those names.
 
     Returns:
         injected layer name -> the LoRA module loaded into it, and the same for the weight
@@ -572,7 +581,9 @@ def resolve_all(
             keys matching several layers (with the candidates), or two keys on one layer.
     """
     fmt = naming if naming is not None else file_naming(adapter)
-    index = _index(tuple(names), tuple(others), tuple(weightless), tuple(unwrapped))
+    index = _index(
+        tuple(names), tuple(others), tuple(weightless), tuple(unwrapped), None if levels is None else frozenset(levels)
+    )
     out: dict[str, LoraModule | WeightModule] = {}
     origin: dict[str, str] = {}
     problems: list[str] = []

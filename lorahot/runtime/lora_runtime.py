@@ -47,6 +47,7 @@ from lorahot.kernels import stacked_shrinks
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.layers.norm import is_weightless_norm
 from lorahot.resolve.components import non_denoisers
+from lorahot.resolve.file_names import wrapper_levels
 from lorahot.resolve.keys import head_sizes
 from lorahot.runtime import assigned_loads, embedding_resize, fingerprint, fused_projections, peft_arguments, racy
 from lorahot.runtime.activate_replay import ActivateReplay
@@ -314,6 +315,7 @@ class LoraRuntime:
         self._non_denoisers = non_denoisers(self.components, paths)
         # as plan_targets resolves with a model: the other paths, the weightless norms, what inject refuses as unread
         self._others, self._weightless, self._unwrapped = beside_layers(modules, self.layers)
+        self._levels = wrapper_levels(modules)  # the levels a layer's file name drops: real wrappers' only
         self._heads = head_sizes(model.named_modules())
 
     def _install_hooks(self) -> None:
@@ -687,6 +689,7 @@ class LoraRuntime:
                     denoiser,
                     self._weightless,
                     self._unwrapped,
+                    self._levels,
                 )
 
             with lent or contextlib.nullcontext(), largest_tensor(self._largest), reading_for(self._names):
@@ -718,6 +721,7 @@ class LoraRuntime:
             denoiser=denoiser,
             weightless=self._weightless,
             unwrapped=self._unwrapped,
+            levels=self._levels,
         )
         self._check_kinds(checked.plan)
         if not known:

@@ -287,6 +287,7 @@ def plan_load(
     denoiser: str | None = None,
     weightless: tuple[str, ...] = (),
     unwrapped: tuple[tuple[str, str], ...] = (),
+    levels: frozenset[str] | None = None,
 ) -> LoadPlan:
     """Resolves and checks ``adapter`` for the layers ``specs`` whose storage ``buffers`` holds.
 
@@ -303,7 +304,8 @@ def plan_load(
     state, by path (:func:`lorahot.resolve.keys.head_sizes`); ``weightless``: its normalization
     layers without a weight, which a key may name only to be refused as such; ``unwrapped``: its
     modules read without a call, each with why (:func:`lorahot.runtime.targets.unwrappable`),
-    which a key may name only to be refused so.
+    which a key may name only to be refused so; ``levels``: its wrapper levels
+    (:func:`lorahot.resolve.file_names.wrapper_levels`), the only ones a layer's file name drops.
 
     Raises:
         AdapterMismatchError: keys that map onto no injected layer (or onto one twice), or
@@ -329,6 +331,7 @@ def plan_load(
         weightless,
         unwrapped,
         uncut,
+        levels,
     )
     unreadable = [p for name, m in targets.items() for p in check_values(name, m)]
     unreadable += [p for name, w in weights.items() for p in check_weight_values(name, w)]
@@ -382,6 +385,7 @@ def check_fit(
     denoiser: str | None = None,
     weightless: tuple[str, ...] = (),
     unwrapped: tuple[tuple[str, str], ...] = (),
+    levels: frozenset[str] | None = None,
 ) -> None:
     """The checks of :func:`plan_load` that read no value: the keys map onto injected layers,
     and the shapes fit them. Runs on an adapter read from its header alone (``device="meta"``),
@@ -407,6 +411,7 @@ def check_fit(
         denoiser,
         weightless,
         unwrapped,
+        levels=levels,
     )
 
 
@@ -429,6 +434,7 @@ def _fit(
     weightless: tuple[str, ...] = (),
     unwrapped: tuple[tuple[str, str], ...] = (),
     uncut: dict[str, LoraModule] | None = None,
+    levels: frozenset[str] | None = None,
 ) -> tuple[dict[str, LoraModule], dict[str, WeightModule], list[str] | None]:
     """The adapter's modules resolved onto the layers (LoRA, other kinds, the keys left out
     where not ``strict``), every problem of fit raised at once; ranks against ``rank_limit``.
@@ -436,10 +442,12 @@ def _fit(
     unplaced: list[str] | None = None if strict else []
     if components:
         targets, weights = resolve_components(
-            adapter, list(specs), components, unplaced, others, heads, denoiser, weightless, unwrapped
+            adapter, list(specs), components, unplaced, others, heads, denoiser, weightless, unwrapped, levels
         )
     else:
-        targets, weights = resolve_all(adapter, list(specs), unplaced, others, heads, weightless, unwrapped)
+        targets, weights = resolve_all(
+            adapter, list(specs), unplaced, others, heads, weightless, unwrapped, levels=levels
+        )
     if not targets and not weights and unplaced:
         raise AdapterMismatchError(
             f"{adapter.source}: no module of the adapter ({adapter.format} naming) maps onto an injected layer, "
@@ -999,6 +1007,7 @@ def validate(
     denoiser: str | None = None,
     weightless: tuple[str, ...] = (),
     unwrapped: tuple[tuple[str, str], ...] = (),
+    levels: frozenset[str] | None = None,
 ) -> Checked:
     """Decides whether ``adapter`` can be loaded; the one path ``load`` and ``preload`` share.
 
@@ -1022,6 +1031,7 @@ def validate(
             (:func:`lorahot.resolve.components.route`); None: the runtime's own.
         weightless: the model's normalization layers without a weight (see :func:`plan_load`).
         unwrapped: the model's modules read without a call (see :func:`plan_load`).
+        levels: the model's wrapper levels (see :func:`plan_load`).
 
     Raises:
         AdapterMismatchError, AdapterReadError: see :func:`plan_load`; also NaN or Inf in any
@@ -1040,6 +1050,7 @@ def validate(
         denoiser,
         weightless,
         unwrapped,
+        levels,
     )
     entries = stage_entries(plan, buffers) if stage else [[(i, m.A, m.B) for i, m in e] for e in plan.entries]
     extras = _extras(plan, buffers, stage)

@@ -18,7 +18,7 @@ from lorahot.errors import UsageError, shown
 from lorahot.layers import SUPPORTED, LoRALayer, layer_class_for
 from lorahot.layers.linear import is_conv1d, returns_other_than_rows
 from lorahot.layers.norm import is_weightless_norm
-from lorahot.resolve.file_names import WRAPPER_LEVELS, is_compile_wrapper
+from lorahot.resolve.file_names import is_compile_wrapper, wrapper_level, wrapper_levels
 from lorahot.resolve.keys import outside
 from lorahot.runtime.arguments import text
 from lorahot.runtime.fused_projections import FUSED_PROJECTIONS
@@ -524,21 +524,18 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-#: The child under which a wrapper made of a module holds it and calls it: ``torch.compile``'s
-#: (``OptimizedModule``) and torch's activation checkpointing's (``CheckpointWrapper``, which
-#: FSDP's ``apply_activation_checkpointing`` puts in place of each block).
-_WRAPPED = WRAPPER_LEVELS
-
-
 def through_wrappers(module: nn.Module | None) -> nn.Module | None:
-    """``module``, or the module it calls where it is a wrapper made of one (:data:`_WRAPPED`;
-    ``model.layers[0] = torch.compile(model.layers[0])`` after inject): calling the wrapper
-    runs it."""
+    """``module``, or the module it calls where it is a wrapper made of one
+    (:func:`~lorahot.resolve.file_names.wrapper_level`: ``torch.compile``'s ``OptimizedModule``,
+    torch's activation checkpointing's ``CheckpointWrapper``, which FSDP's
+    ``apply_activation_checkpointing`` puts in place of each block;
+    ``model.layers[0] = torch.compile(model.layers[0])`` after inject): calling the wrapper runs it.
+    A module of the model's own with a child merely named as a wrapper's level is no wrapper."""
     while module is not None:
-        inner = next((module._modules[n] for n in _WRAPPED if n in module._modules), None)
-        if inner is None:
+        level = wrapper_level(module)
+        if level is None:
             return module
-        module = inner
+        module = module._modules[level]
     return module
 
 
@@ -657,9 +654,11 @@ def _other_places(model: nn.Module, layers: dict[str, LoRALayer]) -> dict[int, l
     than its own, by the layer's id."""
     own = {id(layer): name for name, layer in layers.items()}
     places: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
+    modules = list(model.named_modules(remove_duplicate=False))
+    levels = wrapper_levels(modules)  # a wrapper's own module: the same place as the wrapper
+    for path, module in modules:
         found = through_wrappers(module)
-        if id(found) in own and path != own[id(found)] and path.rpartition(".")[2] not in _WRAPPED:
+        if id(found) in own and path != own[id(found)] and path not in levels:
             places.setdefault(id(found), []).append(path)
     return places
 

@@ -44,6 +44,7 @@ from lorahot.io.loader import read_adapter, reading_for
 from lorahot.io.sources import Source
 from lorahot.layers import LoRALayer, layer_class_for
 from lorahot.resolve.components import DENOISER, ROUTES, non_denoisers, resolve_components
+from lorahot.resolve.file_names import wrapper_levels
 from lorahot.resolve.keys import head_sizes, resolve_all
 from lorahot.resolve.ldm import LDM_MARKER
 from lorahot.runtime.arguments import check_read_options, denoisers_of, entries, text
@@ -249,6 +250,7 @@ def plan_targets(
             heads=heads,
             routes=routes,
             beside=beside_layers(every, layers, read),
+            levels=wrapper_levels(every),
         )
         ranks = {n: ranks[n] for n in layers if n in ranks}  # model order
         groups = [layers[n].spec.groups for n in ranks]
@@ -479,6 +481,7 @@ def _model_ranks(
     heads: Mapping[str, int] | None = None,
     routes: Sequence[str | None] = (),
     beside: tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, str], ...]] = ((), (), ()),
+    levels: frozenset[str] | None = None,
 ) -> dict[str, int]:
     """Model module name -> the largest rank any adapter loads there (``combine`` of the
     ranks), after checking every adapter's keys and shapes against the model as ``load`` would
@@ -492,7 +495,8 @@ def _model_ranks(
     (:func:`~lorahot.runtime.stack.shared_problems`); ``routes``: each adapter's ``denoiser``
     component (None, or none given: the model's own); ``beside``: the model's other module
     paths, norms without a weight and linears read without a call, as ``load`` resolves against
-    them (:func:`~lorahot.runtime.targets.beside_layers`)."""
+    them (:func:`~lorahot.runtime.targets.beside_layers`); ``levels``: its wrapper levels
+    (:func:`~lorahot.resolve.file_names.wrapper_levels`), as ``load`` reads layers' file names."""
     names = list(layers)
     others, weightless, unwrapped = beside
     ranks: dict[str, int] = {}
@@ -507,10 +511,10 @@ def _model_ranks(
         if components:
             route = routes[part] if part < len(routes) else None
             lora, weights = resolve_components(
-                adapter, names, components, skipped, others, heads, route, weightless, unwrapped
+                adapter, names, components, skipped, others, heads, route, weightless, unwrapped, levels
             )
         else:
-            lora, weights = resolve_all(adapter, names, skipped, others, heads, weightless, unwrapped)
+            lora, weights = resolve_all(adapter, names, skipped, others, heads, weightless, unwrapped, levels=levels)
         for name in (*lora, *weights):
             if name not in lazy and (why := lazy_refusal(name, layers[name].base_layer)) is not None:
                 lazy[name] = why

@@ -4,6 +4,7 @@ wrapped model: both load onto the layer (:mod:`lorahot.resolve.file_names`)."""
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
@@ -42,6 +43,9 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_a_file_name_drops_every_wrapper_level() -> None:
     assert file_name("_orig_mod.layers.0._checkpoint_wrapped_module._orig_mod.q") == "layers.0.q"
     assert file_name("layers.0._orig_mod_x.q") == "layers.0._orig_mod_x.q"  # whole levels only
+    # with the model's wrapper levels known, only those: a module merely named so stays
+    assert file_name("a._orig_mod.b._orig_mod.c", frozenset({"a._orig_mod"})) == "a.b._orig_mod.c"
+    assert file_name("blk._checkpoint_wrapped_module.proj", frozenset()) == "blk._checkpoint_wrapped_module.proj"
 
 
 @pytest.mark.parametrize("spelled", ["unwrapped", "wrapped"], ids=["file of the model", "file of the wrapped model"])
@@ -74,37 +78,66 @@ def test_a_block_wrapped_before_inject_takes_a_file_in_the_models_names(wrapper:
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_file_name_two_layers_share_is_ambiguous() -> None:
-    """A key whose file name is two layers' (``blk.proj`` and ``blk._orig_mod.proj``, a module holding
-    a child named as torch.compile's) is refused as ambiguous, nothing changed; each path loads."""
+class _Holder(nn.Module):
+    """A module of the model's own with a child named as a wrapper's level (an ordinary attribute,
+    no wrapper), holding ``proj`` under it and, with ``own``, beside it."""
 
-    class Holder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
+    def __init__(self, level: str, own: bool) -> None:
+        super().__init__()
+        if own:
             self.proj = nn.Linear(4, 4)
-            self.add_module("_orig_mod", nn.Module())
-            self._modules["_orig_mod"].proj = nn.Linear(4, 4)
+        self.add_module(level, nn.Module())
+        self._modules[level].proj = nn.Linear(4, 4)
+        self.level = level
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.proj(x) + self._modules["_orig_mod"].proj(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inner = self._modules[self.level].proj(x)
+        return inner + self.proj(x) if hasattr(self, "proj") else inner
 
+
+@pytest.mark.parametrize("level", ["_orig_mod", "_checkpoint_wrapped_module"])
+def test_a_module_of_the_models_own_named_as_a_wrapper_level_keeps_its_level_as_peft_does(level: str) -> None:
+    """A module of the model's own merely named ``_orig_mod`` (an attribute of an ordinary module,
+    no torch.compile) was taken for a wrapper level and dropped from its layers' file names: beside
+    ``blk.proj``, PEFT's key ``blk.proj`` was refused as ambiguous with ``blk._orig_mod.proj``, and
+    without it that key landed on ``blk._orig_mod.proj``. PEFT names that layer
+    ``blk._orig_mod.proj`` (its saved keys) and places ``blk.proj`` on ``blk.proj`` or nowhere. A level
+    is now a wrapper's only under a wrapper (:func:`wrapper_levels`): PEFT's file loads at PEFT's
+    output, and a ``blk.proj`` without such a layer is refused, nothing changed."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
     model = nn.Sequential()
-    model.add_module("blk", Holder())
-    runtime = lorahot.inject(model, ["proj"], max_rank=2)
-    assert set(runtime.layers) >= {"blk.proj", "blk._orig_mod.proj"}
-    g = torch.Generator().manual_seed(0)
-    lora = {"lora_A.weight": torch.randn(2, 4, generator=g), "lora_B.weight": torch.randn(4, 2, generator=g)}
-    before = _state(model)
-    with pytest.raises(
-        lorahot.AdapterMismatchError, match=r"blk\.proj: ambiguous, matches blk\._orig_mod\.proj, blk\.proj"
-    ):
-        runtime.load({f"blk.proj.{k}": t for k, t in lora.items()})
-    after = _state(model)
-    assert after.keys() == before.keys() and all(torch.equal(t, before[n]) for n, t in after.items())
-    key_map = {"blk.proj": "blk._orig_mod.proj"}
-    assert set(runtime.load({f"blk.proj.{k}": t for k, t in lora.items()}, key_map=key_map).ranks) == {
-        "blk._orig_mod.proj"
+    model.add_module("blk", _Holder(level, own=True))
+    plain = copy.deepcopy(model)
+    config = peft.LoraConfig(r=2, lora_alpha=2, target_modules=["proj"], init_lora_weights=False)
+    oracle = peft.get_peft_model(copy.deepcopy(model), config).double()
+    saved = peft.get_peft_model_state_dict(oracle)
+    assert {k.rsplit(".lora_", 1)[0] for k in saved} == {
+        "base_model.model.blk.proj",
+        f"base_model.model.blk.{level}.proj",
     }
+    runtime = lorahot.inject(model, ["proj"], max_rank=2)
+    assert set(runtime.load(saved).ranks) == {"blk.proj", f"blk.{level}.proj"}
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.float()).double(), oracle(x), rtol=1e-5, atol=1e-5)
+    runtime.unload()
+    one = {k.removeprefix("base_model.model."): t for k, t in saved.items() if f".{level}." not in k}
+    assert set(runtime.load(one).ranks) == {"blk.proj"}  # not ambiguous: the model's own blk.proj
+    with torch.no_grad():
+        a, b = (one[f"blk.proj.lora_{r}.weight"].double() for r in "AB")
+        want = reference(plain.blk.proj, x, a, b, 1.0) + plain.blk._modules[level].proj.double()(x)
+        torch.testing.assert_close(model(x.float()).double(), want, rtol=1e-5, atol=1e-5)
+    alone = nn.Sequential()
+    alone.add_module("blk", _Holder(level, own=False))
+    runtime = lorahot.inject(alone, ["proj"], max_rank=2)
+    before = _state(alone)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"  - blk\.proj: matches no injected layer"):
+        runtime.load(one)
+    after = _state(alone)
+    assert after.keys() == before.keys() and all(torch.equal(t, before[n]) for n, t in after.items())
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"  - blk\.proj: matches no injected layer"):
+        lorahot.plan_targets(one, nn.Sequential(collections.OrderedDict(blk=_Holder(level, own=False))))
 
 
 @pytest.mark.slow  # 5 s: a compiled model
@@ -153,7 +186,7 @@ def test_a_file_without_wrapper_levels_pays_nothing_for_them(monkeypatch: pytest
 
     assert all(may_hold_wrapper(f"a.{level}.b") for level in WRAPPER_LEVELS)
     calls: list[str] = []
-    monkeypatch.setattr(keys, "file_name", lambda path: calls.append(path) or file_name(path))
+    monkeypatch.setattr(keys, "file_name", lambda path, levels=None: calls.append(path) or file_name(path, levels))
     names = [f"model.layers.{i}.mlp.proj_{j}" for i in range(300) for j in range(7)]
     a, b = torch.zeros(1, 1), torch.zeros(1, 1)
     for fmt, key in (("peft", "base_model.model.{}"), ("kohya", "lora_unet_{}")):

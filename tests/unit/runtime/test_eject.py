@@ -228,6 +228,28 @@ def test_a_layer_assigned_to_a_second_place_after_inject_gets_its_base_back_ther
         assert torch.equal(model(IDS), base(IDS))
 
 
+@pytest.mark.parametrize("level", ["_orig_mod", "_checkpoint_wrapped_module"])
+def test_a_second_place_merely_named_as_a_wrapper_level_gets_its_base_back(level: str) -> None:
+    """An ordinary module holding a layer under a child named ``_orig_mod`` (no torch.compile) was
+    taken, by that name alone, for a wrapper made of the layer: eject put the base Linear in place of
+    the whole module (``model.spare`` became the Linear). Only ``OptimizedModule`` and
+    ``CheckpointWrapper`` are wrappers (:func:`~lorahot.resolve.file_names.wrapper_level`): the child
+    gets the base module back, the module stays, the model bitwise the base model shared the same way."""
+    base = tiny_lm()
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, TARGETS, max_rank=4)
+    tensors, _ = make_adapter(base, {Q0: 2}, seed=4)
+    runtime.load(tensors, config={"r": 2, "lora_alpha": 2})
+    for m in (model, base):
+        m.spare = nn.Module()
+        m.spare.add_module(level, m.layers[0].self_attn.q_proj)
+    runtime.eject()
+    assert not any(isinstance(m, lorahot.LoRALayer) for m in model.modules(remove_duplicate=False))
+    assert model.spare._modules[level] is model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        assert torch.equal(model(IDS), base(IDS))
+
+
 def test_runtime_eject_takes_out_a_copy_of_a_layer_put_in_the_model_since() -> None:
     """A layer replaced by its own copy (``attn.q_proj = copy.deepcopy(attn.q_proj)``) is
     refused by the runtime's calls, which say to call runtime.eject(); that eject unwrapped its
