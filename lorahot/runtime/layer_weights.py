@@ -46,6 +46,7 @@ import numpy as np
 from torch import nn
 
 from lorahot.errors import UsageError, shown
+from lorahot.resolve.file_names import file_name, wrapper_level, wrapper_levels
 from lorahot.runtime.arguments import _per_part, entries, is_sequence, multiplier
 
 __all__ = [
@@ -283,9 +284,12 @@ class Resolver:
 
     def _unet_weights(self, component: str, given: dict[str, object], part: str, loaded: set[str]):  # type: ignore[no-untyped-def]
         """The weight of each layer of a UNet component under the block dict ``given``."""
-        module = self.modules.get(component)
-        while module is not None and hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
-            module = module._orig_mod
+        wrapped = self.modules.get(component)
+        modules = list(wrapped.named_modules()) if wrapped is not None else []
+        levels = wrapper_levels(modules)  # its paths as the UNet's own: these levels dropped (_path)
+        module = wrapped
+        while (level := wrapper_level(module)) is not None:  # a UNet compiled or checkpoint-wrapped whole
+            module = module._modules[level]  # type: ignore[union-attr]  # a wrapper: not None
         cls = type(module).__name__
         if module is None or cls not in UNETS:
             what = f"component {component!r} is a {cls}" if component else f"the runtime's model is a {cls}"
@@ -295,9 +299,11 @@ class Resolver:
                 "names there, which lorahot does not reproduce. Pass a number"
                 + (" for the component." if component else ", or inject a pipeline and weigh its components.")
             )
-        expanded = _expand(module, given, part)
+        expanded = _expand(module, given, part, {file_name(n, levels) for n, _ in modules})
         prefix = f"{component}." if component else ""
-        crashes = sorted(n for n in loaded if (p := _path(n, prefix)) is not None and _weight_of(expanded, p) is None)
+        crashes = sorted(
+            n for n in loaded if (p := _path(n, prefix, levels)) is not None and _weight_of(expanded, p) is None
+        )
         if crashes:
             raise UsageError(
                 f"{part}: the slot has modules (of this part or another part of its stack) on UNet layers no block of "
@@ -308,21 +314,20 @@ class Resolver:
             )
 
         def weight(name: str) -> float:
-            path = _path(name, prefix)
+            path = _path(name, prefix, levels)
             w = _weight_of(expanded, path) if path is not None else 1.0
             return 1.0 if w is None else w
 
         return weight
 
 
-def _path(name: str, prefix: str) -> str | None:
-    """Layer ``name``'s path in its component (``_orig_mod.`` levels dropped), None outside it."""
+def _path(name: str, prefix: str, levels: frozenset[str]) -> str | None:
+    """Layer ``name``'s path in its component as the UNet's own (:func:`~lorahot.resolve.file_names.file_name`:
+    the component's wrapper ``levels`` dropped, wherever they are: ``down_blocks.1._orig_mod.attentions.0``
+    of a block compiled before inject is the block's ``down_blocks.1.attentions.0``), None outside it."""
     if not name.startswith(prefix):
         return None
-    path = name[len(prefix) :]
-    while path.startswith("_orig_mod."):
-        path = path[len("_orig_mod.") :]
-    return path
+    return file_name(name[len(prefix) :], levels)
 
 
 def _weight_of(expanded: list[tuple[str, float]], path: str) -> float | None:
@@ -338,9 +343,10 @@ def _weight_of(expanded: list[tuple[str, float]], path: str) -> float | None:
     return dict(expanded).get(f"{parts[0]}.{parts[1]}.attentions.{parts[3]}", 1.0)
 
 
-def _expand(unet: nn.Module, given: dict[str, object], part: str) -> list[tuple[str, float]]:
-    """diffusers' ``_maybe_expand_lora_scales_for_one_adapter`` for ``unet``, in its order: each
-    attention's module path and weight; what diffusers fails on or ignores is refused."""
+def _expand(unet: nn.Module, given: dict[str, object], part: str, names: set[str]) -> list[tuple[str, float]]:
+    """diffusers' ``_maybe_expand_lora_scales_for_one_adapter`` for ``unet``, whose module paths are
+    ``names`` (its own, without wrapper levels: :func:`_path`), in its order: each attention's
+    module path and weight; what diffusers fails on or ignores is refused."""
     unknown = [k for k in given if k not in _BLOCK_KEYS]
     if unknown:
         raise UsageError(
@@ -354,7 +360,6 @@ def _expand(unet: nn.Module, given: dict[str, object], part: str) -> list[tuple[
             f"{part}: the UNet's config.layers_per_block is {layers!r}, not one int; diffusers' block weights count "
             "the attentions per block from it (and fail otherwise). Pass a number for the UNet."
         )
-    names = {n for n, _ in unet.named_modules()}
     if not any("mid_block.attentions.0" in n for n in names):
         raise UsageError(
             f"{part}: the UNet has no mid-block attention (mid_block.attentions.0), where diffusers' set_adapters "

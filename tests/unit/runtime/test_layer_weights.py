@@ -7,6 +7,7 @@ float16 runtime read each layer's own weight. Block dicts and diffusers parity:
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -262,3 +263,60 @@ def test_merged_weights_after_dicts_numbers_and_swaps_are_a_fresh_merge_bitwise(
     lorahot.inject(base, TARGETS, max_rank=8, merged=True)  # nothing loaded: the base weights, named as merged
     # the five layers the parts have modules on (lm: q0, v1, up0; lm2: q0, v1) hold their folds
     assert sum(not torch.equal(got[f"{c}.{n}"], p) for c, m in base.items() for n, p in m.named_parameters()) == 5
+
+
+def _unet_file(unet: nn.Module, targets: list[str], seed: int) -> dict[str, torch.Tensor]:
+    """A rank-2 LoRA in the UNet's own names on each of its Linears and Conv2ds named by ``targets``, float64."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, mod in unet.named_modules():
+        if not any(name.endswith("." + t) for t in targets) or not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        if isinstance(mod, nn.Linear):
+            a, b = (2, mod.in_features), (mod.out_features, 2)
+        else:
+            a, b = (2, mod.in_channels, *mod.kernel_size), (mod.out_channels, 2, 1, 1)
+        out[f"{name}.lora_A.weight"] = torch.randn(*a, generator=g, dtype=torch.float64) * 0.1
+        out[f"{name}.lora_B.weight"] = torch.randn(*b, generator=g, dtype=torch.float64) * 0.1
+    return out
+
+
+@pytest.mark.parametrize("wrapper", ["checkpoint", "compile", "checkpoint whole"])
+def test_a_unet_wrapped_before_inject_takes_its_block_weights_as_diffusers_gives_the_unwrapped_unet(
+    wrapper: str,
+) -> None:
+    """A UNet block compiled or checkpoint-wrapped before inject names its layers
+    ``down_blocks.0._checkpoint_wrapped_module.attentions.0...``; block weights read the UNet's paths
+    with only leading ``_orig_mod.`` levels dropped, so ``{"down": 0.0, ...}`` was refused as naming
+    ``down_blocks.0.attentions.0``, an attention the UNet has, and its layers could take no entry; a UNet
+    checkpoint-wrapped whole was refused as no UNet. Its paths are now the UNet's own (the wrapper levels
+    dropped wherever they are, as key matching reads them): the output is diffusers' ``set_adapters`` on
+    the unwrapped UNet, in float64."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from tests.helpers import tiny_unet
+
+    unet = tiny_unet().double()
+    targets = ["to_q", "to_v", "conv1"]
+    file = _unet_file(unet, targets, 3)
+    weight = {"down": 0.0, "mid": 2.0, "up": {"block_1": [0.5, 1.0]}}
+    oracle = copy.deepcopy(unet)
+    oracle.load_lora_adapter(dict(file), prefix=None, adapter_name="a")
+    oracle.set_adapters("a", weights=copy.deepcopy(weight))
+    ours = copy.deepcopy(unet)
+    if wrapper == "checkpoint whole":
+        ours, path = checkpoint_wrapper(ours), "_checkpoint_wrapped_module.down_blocks.0.attentions.0"
+    elif wrapper == "compile":
+        ours.down_blocks[0], path = torch.compile(ours.down_blocks[0], backend="eager"), "down_blocks.0._orig_mod"
+    else:
+        ours.down_blocks[0], path = checkpoint_wrapper(ours.down_blocks[0]), "down_blocks.0._checkpoint_wrapped_module"
+    runtime = lorahot.inject(ours, targets, max_rank=2, dtype=torch.float64)
+    assert any(n.startswith(path + ".") for n in runtime.layers)
+    runtime.load(file, scale=weight)
+    sample, context = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(1, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        want = oracle(sample, 7, encoder_hidden_states=context).sample
+        got = ours(sample, 7, encoder_hidden_states=context).sample
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
