@@ -72,6 +72,7 @@ from lorahot.layers.base_guards import (
 from lorahot.layers.probes import forward_mismatch, kept_parametrizations, mismatch, probe_forward
 from lorahot.layers.recording import _exporting, _recorded
 from lorahot.layers.refusal import refuse
+from lorahot.layers.reparametrized import NoParameters, NoParametrizations
 from lorahot.layers.saved_extras import saved_extras
 from lorahot.layers.state import RuntimeState
 from lorahot.layers.state_marks import marked
@@ -332,6 +333,11 @@ class LoRALayer(nn.Module):
                 "complex input would drop its imaginary part. Exclude this module from targets."
             )
         super().__init__()
+        # holds none; torch's weight_norm and spectral_norm reaching for the weight in it are
+        # refused there (lorahot.layers.reparametrized)
+        own = NoParameters()
+        own.layer = type(self).__name__
+        object.__setattr__(self, "_parameters", own)
         self.base_layer = base_layer
         # The same module as a plain attribute: the forward reaches it without going through
         # nn.Module.__getattr__ (and this class's), which the compiler would guard per call.
@@ -352,6 +358,15 @@ class LoRALayer(nn.Module):
             if name == "base_layer":
                 raise
             return getattr(self.base_layer, name)
+
+    @property
+    def parametrizations(self) -> nn.ModuleDict:
+        """None: the layer holds no tensor to parametrize, and its base module answers for its
+        own (``model.fc.base_layer.parametrizations``). ``register_parametrization`` and
+        ``remove_parametrizations`` applied to the layer are refused (:mod:`lorahot.layers.reparametrized`);
+        before, the base module's were forwarded, and torch's removal through the layer rewrote
+        the base's original then failed."""
+        return NoParametrizations(self._path or type(self).__name__)
 
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
         """Refuses a parameter of the wrapper's own, which holds none: ``torch.nn.utils.prune``
@@ -462,6 +477,8 @@ class LoRALayer(nn.Module):
         """
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_unrouted", unrouted)
+        if isinstance(self._parameters, NoParameters):
+            self._parameters.layer = path or type(self).__name__
         self.extras = extras
         if lora_extras is None:
             lora_extras = torch.tensor(EXTRA_DEFAULTS, dtype=lora_scale.dtype, device=lora_scale.device)
