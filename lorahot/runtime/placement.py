@@ -31,19 +31,26 @@ class Placement:
 
     def __init__(self, model: nn.Module, layers: dict[str, LoRALayer]) -> None:
         self.addresses = {name: layer.bound_address() for name, layer in layers.items()}
-        links = _links(model, layers)
-        self._children = [children for children, _, _ in links]
-        self._names = [child for _, child, _ in links]
-        self._modules = [module for _, _, module in links]
-        self._originals = list(self._modules)  # the wrapped-since are checked against these
+        self._link(model, layers)
         self.first = next(iter(layers))  # the layer checked where not every layer is
         self.sharded = {name: is_sharded(layer.base_layer) for name, layer in layers.items()}
         # each base weight's class as inject saw it (None: no weight Parameter, always looked at in full)
         self._kinds = {name: _weight_kind(layer) for name, layer in layers.items()}
 
+    def _link(self, model: nn.Module, layers: dict[str, LoRALayer]) -> None:
+        """Records every link on the paths from ``model`` to ``layers`` (:func:`_links`)."""
+        links = _links(model, layers)
+        self._children = [children for children, _, _ in links]
+        self._names = [child for _, child, _ in links]
+        self._modules = [module for _, _, module in links]
+        self._originals = list(self._modules)  # the wrapped-since are checked against these
+
     def check_linked(self, model: nn.Module, layers: dict[str, LoRALayer]) -> None:
         """Refuses a layer no longer in ``model`` (a module on its path replaced or deleted
-        since inject; FSDP's wrapper on its path: :func:`check_fsdp`).
+        since inject; FSDP's wrapper on its path: :func:`check_fsdp`). A module on the paths
+        replaced by one that holds the same layers at the same paths
+        (``model.layers = nn.ModuleList(list(model.layers))``, a shallow copy of a block put
+        back) leaves every layer where inject put it: its links are recorded anew.
 
         Raises:
             UsageError: naming the first such layer and the fix (eject, inject again).
@@ -51,7 +58,10 @@ class Placement:
         found = map(dict.get, self._children, self._names)
         if all(map(operator.is_, found, self._modules)) or self._relinked():
             return
-        name = next(n for n, m in layers.items() if through_wrappers(submodule_at(model, n)) is not m)
+        name = next((n for n, m in layers.items() if through_wrappers(submodule_at(model, n)) is not m), None)
+        if name is None:  # each layer is still at its path
+            self._link(model, layers)
+            return
         check_fsdp(model, name, None)  # FSDP wrapped a module on its path
         raise UsageError(
             f"{name}: this LoRA layer is no longer in the model (a module on its path was replaced or deleted "
@@ -160,6 +170,8 @@ def _links(model: nn.Module, layers: dict[str, LoRALayer]) -> list[tuple[dict[st
     for name in layers:
         parent = model
         for part in name.split("."):
+            if part not in parent._modules:  # a wrapper made since inject: its module holds the child
+                parent = through_wrappers(parent)  # type: ignore[assignment]  # (submodule_at found it)
             child = parent._modules[part]
             if child is None:  # inject just put the layer there
                 break

@@ -1,9 +1,12 @@
 """The placement checks every call runs (lorahot/runtime/placement.py): their cost does not grow
-with the model's size per layer, and FSDP on a layer's path is still found."""
+with the model's size per layer, FSDP on a layer's path is still found, and a module on the path
+replaced by one holding the same layers is no layer leaving the model."""
 
 from __future__ import annotations
 
+import copy
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -11,6 +14,7 @@ import torch
 from torch import nn
 
 import lorahot
+from tests.helpers import make_adapter, tiny_lm, token_ids
 
 
 def _stack(blocks: int) -> nn.Module:
@@ -130,3 +134,56 @@ def test_a_base_weight_parallelized_or_gathered_after_inject_is_refused(change: 
     with pytest.raises(lorahot.UsageError, match=rf"^0: its base layer was parallelized \(or gathered\) .*is {now} a"):
         runtime.load(_adapter(model, ["0"]))
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+
+
+def _checkpointed_in_a_new_list(model: nn.Module) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model.layers[0] = checkpoint_wrapper(model.layers[0])  # type: ignore[index]
+    model.layers = nn.ModuleList(list(model.layers))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda model: setattr(model, "layers", nn.ModuleList(list(model.layers))),
+        lambda model: model.layers.__setitem__(0, copy.copy(model.layers[0])),
+        _checkpointed_in_a_new_list,
+    ],
+    ids=["a new list of the same blocks", "a shallow copy of a block", "checkpointed, then a new list"],
+)
+def test_a_module_on_the_path_replaced_by_one_holding_the_same_layers_keeps_serving(
+    edit: Callable[[nn.Module], object], merged: bool
+) -> None:
+    """A module on the layers' paths replaced by one that holds the same layers at the same paths
+    (``model.layers = nn.ModuleList(list(model.layers))``) leaves every layer in the model, where
+    the calls write: each call raised ``UnexpectedError`` (``StopIteration``: the check found the
+    paths changed, then no layer that left). Loads, scales and activations go on, computing what
+    the same model unedited computes (float64), eject gives the base model back bitwise, and a
+    layer replaced afterwards is still refused."""
+    models, runtimes = [], []
+    for _ in range(2):
+        model = tiny_lm(dtype=torch.float64)
+        runtime = lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4, slots=2, merged=merged)
+        runtime.load(make_adapter(model, dict.fromkeys(runtime.layers, 3), seed=1, dtype=torch.float64)[0])
+        models.append(model)
+        runtimes.append(runtime)
+    edit(models[0])
+    ids = token_ids((2, 6), 32, seed=1)
+    second = make_adapter(models[1], dict.fromkeys(runtimes[1].layers, 2), seed=2, dtype=torch.float64)[0]
+    for runtime in runtimes:
+        runtime.load(second, slot=1)
+        runtime.activate(1)
+        runtime.set_scale(0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(models[0](ids), models[1](ids), rtol=0, atol=1e-12)
+    models[0].layers[1].self_attn.q_proj = nn.Linear(16, 16, dtype=torch.float64)
+    with pytest.raises(lorahot.UsageError, match=r"^layers\.1\.self_attn\.q_proj: this LoRA layer is no longer"):
+        runtimes[0].set_scale(1.0)
+    models[0].layers[1].self_attn.q_proj = runtimes[0].layers["layers.1.self_attn.q_proj"]
+    runtimes[0].set_scale(1.0)
+    lorahot.eject(models[0])
+    base = tiny_lm(dtype=torch.float64).state_dict()
+    state = models[0].state_dict()
+    assert state.keys() == base.keys() and all(torch.equal(state[k], v) for k, v in base.items())
