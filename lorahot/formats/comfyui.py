@@ -12,9 +12,15 @@ HunyuanVideo and Hunyuan-DiT name alike) has no ``double_blocks.N.`` key to tell
 is read in this naming, and its modules land on the diffusers layers of those names (the final
 layer's ``adaLN_modulation.1`` on ``norm_out.linear``, its ``(shift, scale)`` halves swapped),
 where the file's name is no layer of the model and the diffusers name is one, exactly; the
-same swap and layers as diffusers' conversions of those models. SD3's embedders outside the blocks
-(``x_embedder.proj``, ``t_embedder.mlp.0``, ``y_embedder.mlp.2``, ...) are placed so too
-(:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`: ``pos_embed.proj``, ``time_text_embed.*``).
+same swap and layers as diffusers' conversions of those models. SD3's modules outside the blocks
+(``x_embedder.proj``, ``t_embedder.mlp.0``, ``y_embedder.mlp.2``, ...:
+:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`, ``pos_embed.proj``, ``time_text_embed.*``) and Lumina2's
+(:data:`lorahot.formats.lumina2.OUTSIDE_ALIASES`) are placed so too. Each model's set is taken only in
+a file that is that model's, one of its keys a name only that model has (``time_in.in_layer``,
+``y_embedder.mlp.0``, ``cap_embedder.1``: :data:`lorahot.formats.flux.FILE_ALIASES`,
+:data:`lorahot.formats.sd3.FILE_ALIASES`, :data:`lorahot.formats.lumina2.FILE_ALIASES`), as a model's
+original names mean its own layers: Qwen-Image's ``img_in`` is no Lumina2 ``x_embedder``, SD3's
+``t_embedder.mlp.0`` no Flux timestep embedder (on which diffusers' loaders refuse or ignore them).
 """
 
 from __future__ import annotations
@@ -47,8 +53,9 @@ FORMAT = KeyFormat(
     prefixes=(*DIFFUSION_MODEL, *COMFYUI_TEXT_ENCODERS),
     require_prefix=True,
     refuse=REFUSED_MERGEABLE,
-    aliases=(*flux.ALIASES, *sd3.OUTSIDE_ALIASES, *lumina2.OUTSIDE_ALIASES),
+    # each model's original names outside the blocks only in a file that is that model's
+    file_aliases=(flux.FILE_ALIASES, sd3.FILE_ALIASES, lumina2.FILE_ALIASES),
     aliases_exact=True,  # only a layer of exactly the diffusers name: no SD/SDXL key changes meaning
-    splits=flux.SPLITS,
+    splits=flux.BLOCK_SPLITS,  # the final adaLN's swap with Flux's and SD3's aliases, in a file of theirs
     example="diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight",
 )

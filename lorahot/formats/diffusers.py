@@ -15,11 +15,17 @@ writes Chroma's approximator as ``transformer.distilled_guidance_layer.layers.0.
 diffusers' names for everything else, where diffusers' ``ChromaTransformer2DModel`` has
 ``linear_1`` (``out_layer``: ``linear_2``). The final layer's ``final_layer.adaLN_modulation.1``
 lands on ``norm_out.linear`` with its ``(shift, scale)`` halves swapped
-(:data:`lorahot.formats.flux.FINAL_ADALN`), as in the ``flux-bfl`` naming: a file in Flux's
-original names under ``transformer.`` with no block module is read in this naming, as is one of
-SD3's embedders outside the blocks (:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`: ``x_embedder.proj``
-on ``pos_embed.proj``, ``t_embedder.mlp.0`` on ``time_text_embed.timestep_embedder.linear_1``, ...;
-its ``final_layer.linear`` on ``proj_out`` in a file of those, :data:`lorahot.formats.sd3.FILE_ALIASES`).
+(:data:`lorahot.formats.flux.FINAL_ADALN`) in such a file, as in the ``flux-bfl`` naming: a file in
+Flux's original names under ``transformer.`` with no block module is read in this naming, as is one
+of SD3's modules outside the blocks (:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`: ``x_embedder.proj``
+on ``pos_embed.proj``, ``t_embedder.mlp.0`` on ``time_text_embed.timestep_embedder.linear_1``, ...)
+or of Lumina2's (:data:`lorahot.formats.lumina2.OUTSIDE_ALIASES`: ``t_embedder.mlp.0`` on
+``time_caption_embed.timestep_embedder.linear_1``, ``final_layer.linear`` on ``norm_out.linear_2``),
+each set only in a file that is that model's (:data:`lorahot.formats.sd3.FILE_ALIASES`: a
+``y_embedder.mlp.N`` key; :data:`lorahot.formats.lumina2.FILE_ALIASES`: ``cap_embedder.N``, a block
+module). No diffusers loader renames any of them in another model's file (it loads such a key
+nowhere), so another model's ``t_embedder.mlp.0`` (DiT's, PixArt's) or ``final_layer.*`` (Cosmos's,
+HiDream's) is refused as matching no layer rather than placed on a layer of these names.
 
 The old naming, which reads ComfyUI's dotted ``lora.down`` / ``lora.up`` roles on keys without
 ComfyUI's prefixes, places Lumina2's, Z-Image's and Ideogram 4's original block modules as PEFT
@@ -67,10 +73,9 @@ FORMAT = KeyFormat(
     prefixes=COMPONENTS,
     require_prefix=True,
     refuse=REFUSED_BUT_EXTRAS_AND_FACTORS,
-    aliases=(*sd3.OUTSIDE_ALIASES, *lumina2.OUTSIDE_ALIASES),
-    file_aliases=(flux.FILE_ALIASES, sd3.FILE_ALIASES),  # Flux's names only in a file that is Flux's
+    # each model's original names outside the blocks only in a file that is that model's
+    file_aliases=(flux.FILE_ALIASES, sd3.FILE_ALIASES, lumina2.FILE_ALIASES),
     aliases_exact=True,  # only a layer of exactly the diffusers name, never one it ends in
-    splits=(flux.FINAL_ADALN,),
     example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
 )
 

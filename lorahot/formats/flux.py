@@ -72,6 +72,7 @@ __all__ = [
     "FILE_ALIASES",
     "SPLITS",
     "FINAL_ADALN",
+    "BLOCK_SPLITS",
     "QKV",
     "ADD_QKV",
     "qkv_split",
@@ -168,8 +169,7 @@ _REFUSED_MERGEABLE = (_NOT_READ[0], REFUSED_DORA, *REFUSED_MERGEABLE)
 
 #: original module names -> diffusers', one layer each: tried on a module key that names no
 #: injected layer (a model with the original names takes the file's keys as they are); the
-#: diffusers naming takes them too, exactly (:mod:`lorahot.formats.diffusers`), and PEFT naming
-#: in a file :data:`FILE_ALIASES` marks
+#: diffusers, PEFT and ComfyUI namings take them too, exactly, in a file :data:`FILE_ALIASES` marks
 ALIASES: tuple[tuple[str, str], ...] = (
     *((rf"{_START}double_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _DOUBLE.items()),
     *(
@@ -215,13 +215,6 @@ _OWN = (
     r"|(?:single_stream_modulation|double_stream_modulation_(?:img|txt))\.lin$)"
 )
 
-#: :data:`ALIASES` for PEFT naming, taken only by a file one of whose module keys is a name only
-#: Flux's original model has (:data:`_OWN`): diffusers renames Flux's names under PEFT's
-#: ``base_model.model.`` in its Flux.2 loader and, in its Flux.1 loader, only in a file of Flux's
-#: blocks (fal's Kontext files; bare, BFL's control LoRAs, told by a ``query_norm.scale`` key); no
-#: other model's loader renames them, so another model's lone ``img_in`` is no ``x_embedder``
-FILE_ALIASES = FileAliases("Flux", _OWN, ALIASES)
-
 
 def qkv_split(pattern: str, block: str, names: tuple[str, ...]) -> Split:
     """A fused ``pattern`` (block number as group ``n``) split evenly onto ``<block>.<n>.<name>``."""
@@ -233,11 +226,12 @@ ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
 
 #: the final layer's adaLN projection: ``(shift, scale)`` in the original model, ``(scale, shift)``
 #: in diffusers' ``norm_out.linear`` (the other namings that read Flux's names outside the blocks
-#: take it too: :mod:`lorahot.formats.comfyui`, :mod:`lorahot.formats.diffusers`)
+#: take it too, in a file :data:`FILE_ALIASES` marks: :mod:`lorahot.formats.comfyui`,
+#: :mod:`lorahot.formats.diffusers`, :mod:`lorahot.formats.peft`)
 FINAL_ADALN = Reorder(_HEAD + r"final_layer\.adaLN_modulation\.1", r"\g<head>norm_out.linear", (1, 1), (1, 0))
 
-#: the fused modules of the original model, in its names
-SPLITS: tuple[Split | Reorder, ...] = (
+#: the fused modules of the original model's blocks, in its names
+BLOCK_SPLITS: tuple[Split | Reorder, ...] = (
     qkv_split(r"double_blocks\.(?P<n>\d+)\.img_attn\.qkv", "transformer_blocks", QKV),
     qkv_split(r"double_blocks\.(?P<n>\d+)\.txt_attn\.qkv", "transformer_blocks", ADD_QKV),
     Split(
@@ -252,8 +246,19 @@ SPLITS: tuple[Split | Reorder, ...] = (
         qkv_split(r"single_blocks\.(?P<n>\d+)\.linear1_qkv", "single_transformer_blocks", QKV),
         within=r"\g<head>single_blocks.\g<n>.linear1",
     ),
-    FINAL_ADALN,
 )
+#: the fused and re-ordered modules of the original model, in its names
+SPLITS: tuple[Split | Reorder, ...] = (*BLOCK_SPLITS, FINAL_ADALN)
+
+#: :data:`ALIASES` and :data:`FINAL_ADALN` for the namings that read any model's names (PEFT's,
+#: diffusers', ComfyUI's), taken only by a file one of whose module keys is a name only Flux's
+#: original model has (:data:`_OWN`): diffusers renames Flux's names under PEFT's
+#: ``base_model.model.`` in its Flux.2 loader and, in its Flux.1 loader, only in a file of Flux's
+#: blocks (fal's Kontext files; bare, BFL's control LoRAs, told by a ``query_norm.scale`` key); no
+#: other model's loader renames them, so another model's lone ``img_in`` is no ``x_embedder``, nor its
+#: ``final_layer.adaLN_modulation.1`` (Lumina2's, Cosmos's) ``norm_out.linear`` with its halves swapped
+FILE_ALIASES = FileAliases("Flux", _OWN, ALIASES, (FINAL_ADALN,))
+
 
 #: sd-scripts' underscore names of the original modules -> the dotted ones (``lora_unet_`` kept:
 #: ``prefix="lora_unet"`` selects them, and the resolver drops it)

@@ -53,6 +53,7 @@ from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import (
     DIFFUSION_MODEL,
     REFUSED_MERGEABLE,
+    FileAliases,
     KeyFormat,
     Reorder,
     Split,
@@ -61,7 +62,7 @@ from lorahot.formats.table import (
 )
 from lorahot.formats.table import NAME_START as _START
 
-__all__ = ["FORMAT", "KOHYA", "KOHYA_OUTSIDE", "SPLITS", "OUTSIDE_ALIASES", "BLOCK_ALIASES"]
+__all__ = ["FORMAT", "KOHYA", "KOHYA_OUTSIDE", "SPLITS", "OUTSIDE_ALIASES", "FILE_ALIASES", "BLOCK_ALIASES"]
 
 _BLOCKS = r"(?P<blocks>layers|noise_refiner|context_refiner)\.(?P<n>\d+)"
 
@@ -97,13 +98,33 @@ _OUTSIDE = {
     "final_layer.adaLN_modulation.1": "norm_out.linear_1",
 }
 
-#: the same as aliases, which the namings that read a file of these modules alone (no block key
-#: tells it apart) take exactly: :mod:`lorahot.formats.comfyui`, :mod:`lorahot.formats.diffusers`,
-#: :mod:`lorahot.formats.peft`, and the kohya spellings of Flux's and SD3's names, whose
-#: ``final_layer``/``t_embedder`` keys are Lumina2's too. The targets are layers only of the Lumina
-#: models (Lumina2 and Lumina-Next, whose original names mean the same there); Flux's and SD3's
-#: targets of the same keys (``proj_out``, ``time_text_embed.*``) are layers of no Lumina model.
+#: the same as aliases: what the Lumina2 namings take, and the kohya spellings of Flux's and SD3's
+#: names, whose ``final_layer``/``t_embedder`` keys are Lumina2's too (its file of these alone reads
+#: as theirs). The targets are layers only of the Lumina models (Lumina2 and Lumina-Next, whose
+#: original names mean the same there) and Cosmos (``norm_out.linear_1`` / ``linear_2``, its final
+#: adaLN, which its original names call so too); Flux's and SD3's targets of the same keys
+#: (``proj_out``, ``time_text_embed.*``) are layers of no Lumina model.
 OUTSIDE_ALIASES: tuple[tuple[str, str], ...] = tuple((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items())
+
+#: the names only the Lumina models have (Lumina2's original names; Z-Image's, Ideogram 4's and Bria
+#: Fibo 2's, which keep its blocks and embedders; Lumina2's and Lumina-Next's diffusers names): the
+#: caption embedder ``cap_embedder.N``, a refiner block's module, a main block's fused
+#: ``attention.qkv``, its ``attention.out`` / ``attention.o`` or its ``adaLN_modulation.1``, diffusers'
+#: ``feed_forward.linear_N`` of a main block and ``time_caption_embed.*``; never ``t_embedder.mlp.N`` or
+#: ``final_layer.*`` (SD3's, DiT's, Cosmos's names too), nor ``layers.N.feed_forward.wN`` (Llama's
+#: original names)
+_OWN = (
+    r"(?:^|\.)(?:cap_embedder\.[01]$|(?:noise_refiner|context_refiner)\.\d+\.|time_caption_embed\."
+    r"|layers\.\d+\.(?:attention\.(?:qkv|out|o)|adaLN_modulation\.1|feed_forward\.linear_[123])$)"
+)
+
+#: :data:`OUTSIDE_ALIASES` for the namings that read any model's names (PEFT's, diffusers',
+#: ComfyUI's), taken only in a file one of whose module keys is a name only the Lumina models have
+#: (:data:`_OWN`): no diffusers loader renames them (its Lumina2 loader refuses them in a
+#: ``diffusion_model.`` file and loads such keys as they are in any other; its checkpoint conversion
+#: places them, the reference of lorahot's Lumina2 namings), so another model's ``t_embedder.mlp.0``
+#: or ``final_layer.linear`` (SD3's, Cosmos's) is refused, not placed on a Lumina layer
+FILE_ALIASES = FileAliases("Lumina2", _OWN, OUTSIDE_ALIASES)
 
 #: the block modules' aliases (Lumina2's, then Z-Image's and Ideogram 4's output projection), which
 #: PEFT naming takes too, exactly, for the same names without a prefix: diffusers' Ideogram 4 loader

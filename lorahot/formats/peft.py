@@ -30,9 +30,12 @@ in its Flux loaders alone: another model's lone ``img_in`` (Qwen-Image's own nam
 ``final_layer.linear`` is no ``x_embedder``, ``context_embedder`` or ``proj_out``; and the final layer's
 ``adaLN_modulation.1`` lands on ``norm_out.linear`` with its halves swapped
 (:data:`lorahot.formats.flux.FINAL_ADALN`): a file in those names without a prefix and with no block
-module is read in this naming. So are SD3's embedders outside the blocks
-(:data:`lorahot.formats.sd3.OUTSIDE_ALIASES`; and in a file of them, :data:`lorahot.formats.sd3.FILE_ALIASES`,
-SD3's ``final_layer.linear`` -> ``proj_out``), and Lumina2's, Z-Image's and Ideogram 4's original
+module is read in this naming. So are SD3's and Lumina2's modules outside the blocks, each set only
+in a file that is that model's (:data:`lorahot.formats.sd3.FILE_ALIASES`: a ``y_embedder.mlp.N`` key;
+:data:`lorahot.formats.lumina2.FILE_ALIASES`: ``cap_embedder.N``, a block module), as no diffusers loader
+renames them in another model's file: another model's ``t_embedder.mlp.0`` (DiT's, PixArt's) or
+``final_layer.*`` (Cosmos's) is no ``time_text_embed`` / ``time_caption_embed`` or ``norm_out`` layer;
+and Lumina2's, Z-Image's and Ideogram 4's original
 block modules (:data:`lorahot.formats.lumina2.BLOCK_ALIASES`, :data:`lorahot.formats.lumina2.SPLITS`:
 ``layers.0.attention.qkv`` cut by the rows of the layers each model has, ``attention.out`` /
 ``attention.o`` onto its output projection), which the ``lumina2`` naming takes under a prefix only
@@ -82,12 +85,10 @@ FORMAT = KeyFormat(
         (r"\.k_proj$", ".to_k"),
         (r"\.v_proj$", ".to_v"),
         (r"\.o_proj$", ".to_out.0"),
-        *sd3.OUTSIDE_ALIASES,
-        *lumina2.OUTSIDE_ALIASES,
         *lumina2.BLOCK_ALIASES,
     ),
-    file_aliases=(flux.FILE_ALIASES, sd3.FILE_ALIASES, krea2.FILE_ALIASES),
+    file_aliases=(flux.FILE_ALIASES, sd3.FILE_ALIASES, lumina2.FILE_ALIASES, krea2.FILE_ALIASES),
     aliases_exact=True,  # q_proj is every LLM's and text encoder's: only the model's exact path
-    splits=(flux.FINAL_ADALN, *lumina2.SPLITS),
+    splits=lumina2.SPLITS,
     example="base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
 )

@@ -13,15 +13,15 @@ diffusers-named ``SD3Transformer2DModel``.
 
 A file holding only the modules outside the blocks (``x_embedder.proj``, ``t_embedder.mlp.0``,
 ``final_layer.linear``, ...) is not told apart: DiT, PixArt and Hunyuan-DiT share those names, and
-Flux its ``final_layer``. It reads as ComfyUI's, diffusers' or PEFT's naming, which take
-:data:`OUTSIDE_ALIASES` exactly (only a layer of exactly the diffusers name) and Flux's final layer
-(:data:`lorahot.formats.flux.ALIASES`, :data:`lorahot.formats.flux.FINAL_ADALN`; PEFT naming, which
-takes Flux's names only in a file that is Flux's, takes ``final_layer.linear`` in a file of these
-names, :data:`FILE_ALIASES`): the targets
-(``pos_embed.proj``, ``time_text_embed.timestep_embedder.*``, ``time_text_embed.text_embedder.*``)
-are layers only of models whose original names mean the same there (SD3, Flux, HunyuanVideo's
-embedders; PixArt's and Hunyuan-DiT's patch embedding). In sd-scripts' spelling such a file reads
-as ``sd3-kohya`` (:data:`KOHYA_OUTSIDE`).
+Flux, Lumina2 and Cosmos its ``final_layer``. It reads as ComfyUI's, diffusers' or PEFT's naming,
+which take :data:`OUTSIDE_ALIASES` exactly (only a layer of exactly the diffusers name) and the final
+adaLN's swap only in a file that is SD3's (:data:`FILE_ALIASES`: one of its keys is
+``y_embedder.mlp.N``, the pooled-text embedder only SD3 has): no diffusers loader renames these names
+(its SD3 loader converts nothing), and the targets are layers of other models too, whose loaders load
+no such key (Flux's and HunyuanVideo's ``time_text_embed.timestep_embedder``, PixArt's, Hunyuan-DiT's
+and AuraFlow's ``pos_embed.proj``), so a file of ``x_embedder.proj`` or ``t_embedder.mlp.N`` alone is
+refused (``key_map=`` places it). In sd-scripts' spelling such a file reads as ``sd3-kohya``
+(:data:`KOHYA_OUTSIDE`).
 
 The original model fuses what diffusers keeps apart: a joint block's ``x_block.attn.qkv`` is
 ``attn.to_q``/``to_k``/``to_v``, its ``context_block.attn.qkv`` is ``attn.add_q_proj``/
@@ -103,27 +103,34 @@ _OUTSIDE = {
     "final_layer.linear": "proj_out",
 }
 
-#: the modules outside the blocks that Flux's original names do not already place (its
-#: ``final_layer.linear`` is SD3's): the namings that read a file of these alone take them exactly
-#: (:mod:`lorahot.formats.comfyui`, :mod:`lorahot.formats.diffusers`, :mod:`lorahot.formats.peft`)
-OUTSIDE_ALIASES: tuple[tuple[str, str], ...] = tuple(
-    (rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items() if k != "final_layer.linear"
-)
+#: SD3's modules outside the blocks, as aliases: what its naming (:data:`FORMAT`, :data:`KOHYA`) takes
+#: for them, and the namings that read a file of these alone (no block key tells it apart) take in a
+#: file that is SD3's (:data:`FILE_ALIASES`)
+OUTSIDE_ALIASES: tuple[tuple[str, str], ...] = tuple((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items())
 
-#: SD3's ``final_layer.linear`` -> ``proj_out`` for PEFT naming, which takes Flux's (the same alias)
-#: only in a file that is Flux's: taken in a file one of whose module keys is one of SD3's other
-#: names outside the blocks (:data:`OUTSIDE_ALIASES`' names, DiT's family's, in which
-#: ``final_layer.linear`` is the output projection too), never by ``final_layer.linear`` alone, any
-#: model's name (Krea 2's and HiDream's own)
-FILE_ALIASES = FileAliases(
-    "SD3",
-    rf"(?:^|\.)(?:{'|'.join(re.escape(k) for k in _OUTSIDE if k != 'final_layer.linear')})$",
-    ((rf"{_START}final_layer\.linear$", _OUTSIDE["final_layer.linear"]),),
-)
+#: the final layer's adaLN projection: ``(shift, scale)`` in the original model, ``(scale, shift)`` in
+#: diffusers' ``norm_out.linear``
+_FINAL_ADALN = Reorder(_HEAD + r"final_layer\.adaLN_modulation\.1", r"\g<head>norm_out.linear", (1, 1), (1, 0))
+
+#: the names only SD3's original model has, which mark a file of its names outside the blocks as
+#: SD3's: the pooled-text embedder's ``y_embedder.mlp.0`` / ``.2`` (DiT's ``y_embedder`` is an
+#: embedding table, PixArt's ``y_embedder.y_proj``) and a joint block's module; never
+#: ``x_embedder.proj``, ``t_embedder.mlp.N`` or ``final_layer.*``, which DiT, PixArt, Hunyuan-DiT,
+#: Lumina2, Cosmos and HiDream name alike
+_OWN = r"(?:^|\.)(?:y_embedder\.mlp\.[02]$|joint_blocks\.\d+\.(?:x_block|context_block)\.)"
+
+#: :data:`OUTSIDE_ALIASES` and the final adaLN's swap for the namings that read any model's names (PEFT's, diffusers',
+#: ComfyUI's), taken only in a file one of whose module keys is a name only SD3 has (:data:`_OWN`):
+#: no diffusers loader renames them (its SD3 loader converts nothing; its checkpoint conversion
+#: places them, the reference of lorahot's SD3 namings), and on another model that has a target
+#: (Flux's and HunyuanVideo's ``time_text_embed.timestep_embedder``, PixArt's and AuraFlow's
+#: ``pos_embed.proj``) its loader loads no such key, so another model's ``t_embedder.mlp.0`` (Lumina2's,
+#: DiT's) or ``x_embedder.proj`` is refused, not placed there
+FILE_ALIASES = FileAliases("SD3", _OWN, OUTSIDE_ALIASES, (_FINAL_ADALN,))
 
 _ALIASES: tuple[tuple[str, str], ...] = (
     *((rf"{_START}joint_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _JOINT.items()),
-    *((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items()),
+    *OUTSIDE_ALIASES,
 )
 
 _CONTEXT_ADALN = _HEAD + r"joint_blocks\.(?P<n>\d+)\.context_block\.adaLN_modulation\.1"
@@ -142,7 +149,7 @@ SPLITS: tuple[Split | Reorder, ...] = (
     Reorder(_CONTEXT_ADALN, _NORM1_CONTEXT, (1, 1), (1, 0), rows_per_input=2),
     # every other block's: the same 6 chunks in both (not an alias, which would take the last one too)
     Reorder(_CONTEXT_ADALN, _NORM1_CONTEXT, (1,), (0,)),
-    Reorder(_HEAD + r"final_layer\.adaLN_modulation\.1", r"\g<head>norm_out.linear", (1, 1), (1, 0)),
+    _FINAL_ADALN,
 )
 
 #: keys the SD3 namings refuse: deltas of the norms without a weight (in either spelling), a DoRA

@@ -93,7 +93,12 @@ def alias_hits(aliases: tuple[tuple[str, str], ...], name: str) -> list[tuple[st
 @functools.cache
 def _taking(fmt: KeyFormat, taken: tuple[FileAliases, ...]) -> KeyFormat:
     """``fmt`` with the aliases of ``taken`` after its own (:meth:`KeyFormat.for_file`)."""
-    return replace(fmt, aliases=(*fmt.aliases, *(a for s in taken for a in s.aliases)), file_aliases=())
+    return replace(
+        fmt,
+        aliases=(*fmt.aliases, *(a for s in taken for a in s.aliases)),
+        splits=(*fmt.splits, *(x for s in taken for x in s.splits)),
+        file_aliases=(),
+    )
 
 
 #: module key -> role -> (tensor key, tensor)
@@ -205,11 +210,15 @@ class FileAliases:
         marker: a regex ``search``-ed in each module key without the naming's component prefix:
             the names only that model has (Krea 2's ``blocks.N.attn.wq``, ``txtfusion.``, ``tmlp.0``).
         aliases: ``(regex, replacement)``, as :attr:`KeyFormat.aliases`, appended to the naming's.
+        splits: fused or re-ordered modules of that model's names, as :attr:`KeyFormat.splits`,
+            appended to the naming's (Flux's and SD3's final adaLN, ``(shift, scale)`` halves swapped
+            onto ``norm_out.linear``).
     """
 
     model: str
     marker: str
     aliases: tuple[tuple[str, str], ...]
+    splits: tuple[Split | Reorder, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: the memoized methods hash self on every call
@@ -260,8 +269,9 @@ class KeyFormat:
             ``final_layer``: :func:`lorahot.formats.kohya.outside`), which other models have too
             (Qwen-Image's ``img_in``): a key it alone takes is no stray in a file of an unmarked
             naming that reads it (:func:`lorahot.formats.read_as`).
-        file_aliases: aliases taken only for a file that is of their model (:class:`FileAliases`,
-            :meth:`for_file`): PEFT naming's Krea 2 names.
+        file_aliases: aliases (and splits) taken only for a file that is of their model
+            (:class:`FileAliases`, :meth:`for_file`): PEFT naming's Krea 2 names; PEFT's, diffusers'
+            and ComfyUI's Flux, SD3 and Lumina2 names.
     """
 
     name: str

@@ -592,10 +592,25 @@ def test_sd3_files_load_as_the_reference_computes(sd3, data) -> None:
     """SD3's original names (with or without a block key; outer-only files included) on the SD3
     transformer, against the float64 reference alone: diffusers' SD3 LoRA loader converts no
     original names (its checkpoint conversion, which the parity tests take as the oracle, reads
-    whole checkpoints)."""
+    whole checkpoints). An outer-only file in ComfyUI's, diffusers' or PEFT's naming is SD3's only
+    with a ``y_embedder.mlp.N`` key; without one it is refused, the model unchanged."""
     naming, parts, sd = _sd3_file(data.draw, sd3)
     if not any("joint_blocks" in k for k in sd):
         SEEN[f"sd3 {naming}: outer modules only"] += 1
+    aliased = any(re.search(r"(?:^|\.)(?:x_embedder\.proj|t_embedder\.mlp\.\d|final_layer\.[^.]+)\.", k) for k in sd)
+    if naming != "kohya" and aliased and not any(re.search(r"(?:^|\.)(?:y_embedder|joint_blocks)\.", k) for k in sd):
+        # no key only SD3 has (x_embedder.proj, t_embedder.*, final_layer.*: DiT's, Lumina2's, Cosmos's names
+        # too): ComfyUI's, diffusers' and PEFT's namings take no SD3 alias, the file is refused, nothing changed
+        SEEN[f"sd3 {naming}: refused, no key only SD3 has"] += 1
+        model = copy.deepcopy(sd3)
+        runtime = lorahot.inject(
+            model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)], max_rank=8
+        )
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"matches no injected layer"):
+            runtime.load(sd)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        return
     _differential(naming, parts, sd, sd3, _sd3_run, _lorahot_sd3, _diffusers_flux, oracle=False)
 
 

@@ -704,10 +704,78 @@ def test_peft_naming_takes_flux_names_only_for_a_file_one_of_whose_keys_only_flu
     assert diffusers.FORMAT.for_file([f"transformer.{k}" for k in _NOT_FLUX]) is diffusers.FORMAT
     taken = diffusers.FORMAT.for_file(["transformer.img_in", "transformer.time_in.in_layer"])
     assert taken.aliases == (*diffusers.FORMAT.aliases, *flux.ALIASES)
-    # SD3's final_layer.linear -> proj_out (Flux's alias too) in a file of SD3's other names outside the blocks
-    for own in ("x_embedder.proj", "t_embedder.mlp.0", "base_model.model.y_embedder.mlp.2"):
-        taken = peft.FORMAT.for_file(["final_layer.linear", own])
-        assert taken.aliases == (*peft.FORMAT.aliases, *sd3.FILE_ALIASES.aliases), own
-        assert "proj_out" in [
-            re.sub(p, r, "final_layer.linear") for p, r in alias_hits(taken.aliases, "final_layer.linear")
+    # SD3's final_layer.linear -> proj_out (Flux's alias too) in a file that is SD3's
+    taken = peft.FORMAT.for_file(["final_layer.linear", "base_model.model.y_embedder.mlp.2"])
+    assert taken.aliases == (*peft.FORMAT.aliases, *sd3.FILE_ALIASES.aliases)
+    assert [re.sub(p, r, "final_layer.linear") for p, r in alias_hits(taken.aliases, "final_layer.linear")] == [
+        "proj_out"
+    ]
+
+
+#: module keys that mark a file as SD3's (names only its original model has), and as the Lumina
+#: models' (Lumina2's original and diffusers names, Z-Image's, Ideogram 4's)
+_SD3_OWN = (
+    "y_embedder.mlp.0",
+    "y_embedder.mlp.2",
+    "joint_blocks.0.x_block.attn.qkv",
+    "joint_blocks.3.context_block.mlp.fc1",
+)
+_LUMINA_OWN = (
+    *("cap_embedder.1", "cap_embedder.0", "noise_refiner.0.attention.qkv", "context_refiner.1.feed_forward.w2"),
+    *("layers.0.attention.qkv", "layers.2.attention.out", "layers.0.attention.o", "layers.1.adaLN_modulation.1"),
+    *("layers.0.feed_forward.linear_1", "time_caption_embed.timestep_embedder.linear_1"),
+)
+#: module keys that mark neither: names other models have too (DiT's, PixArt's, Hunyuan-DiT's, Cosmos's,
+#: Llama's originals), or that only contain one of the marks
+_NOT_SD3_OR_LUMINA = (
+    *(
+        "x_embedder.proj",
+        "t_embedder.mlp.0",
+        "t_embedder.mlp.2",
+        "final_layer.linear",
+        "final_layer.adaLN_modulation.1",
+    ),
+    *("context_embedder", "x_embedder", "y_embedder.y_proj.fc1", "y_embedder.mlp.1", "my_y_embedder.mlp.0"),
+    *("layers.0.feed_forward.w1", "layers.0.attention.wq", "layers.0.adaLN_modulation.0", "cap_embedder.2"),
+    *("transformer_blocks.0.attn.to_q", "joint_blocks.0.attn", "xcap_embedder.1", "pos_embed.proj"),
+)
+
+
+@pytest.mark.parametrize("naming", ["peft", "diffusers", "comfyui"])
+def test_a_naming_takes_sd3_and_lumina2_outside_names_only_for_a_file_of_that_model(naming: str) -> None:
+    """PEFT, diffusers and ComfyUI naming took SD3's and Lumina2's original names outside the blocks
+    (``t_embedder.mlp.0`` -> ``time_text_embed.timestep_embedder.linear_1`` / ``time_caption_embed...``,
+    ``x_embedder.proj`` -> ``pos_embed.proj``, ``final_layer.linear`` -> ``norm_out.linear_2``) in every
+    file, and ComfyUI naming Flux's too, where no diffusers loader renames them (its SD3 loader converts
+    nothing, its Lumina2 loader refuses them). A file takes each set where one of its module keys, under
+    the naming's prefix, is a name only that model has; never by the names they share with DiT, PixArt,
+    Cosmos or Llama."""
+    from lorahot.formats import comfyui, diffusers, flux, lumina2, peft, sd3
+    from lorahot.formats.table import alias_hits
+
+    fmt = {"peft": peft.FORMAT, "diffusers": diffusers.FORMAT, "comfyui": comfyui.FORMAT}[naming]
+    head = {"peft": "base_model.model.", "diffusers": "transformer.", "comfyui": "diffusion_model."}[naming]
+    plain = fmt.for_file([head + k for k in _NOT_SD3_OR_LUMINA])
+    assert plain is fmt
+    for name in ("t_embedder.mlp.0", "x_embedder.proj", "final_layer.linear", "cap_embedder.1", "img_in"):
+        assert not alias_hits(plain.aliases, name), name
+    for own, taken_set in [
+        *((k, sd3.FILE_ALIASES) for k in _SD3_OWN),
+        *((k, lumina2.FILE_ALIASES) for k in _LUMINA_OWN),
+    ]:
+        taken = fmt.for_file([head + "t_embedder.mlp.0", head + own])
+        assert taken.aliases == (*fmt.aliases, *taken_set.aliases), own
+        assert taken is fmt.for_file([head + own]), own
+    hits = {
+        s.model: [
+            re.sub(p, r, "t_embedder.mlp.0") for p, r in alias_hits(fmt.for_file([m]).aliases, "t_embedder.mlp.0")
         ]
+        for s, m in ((sd3.FILE_ALIASES, "y_embedder.mlp.0"), (lumina2.FILE_ALIASES, "cap_embedder.1"))
+    }
+    assert hits == {
+        "SD3": ["time_text_embed.timestep_embedder.linear_1"],
+        "Lumina2": ["time_caption_embed.timestep_embedder.linear_1"],
+    }
+    if naming == "comfyui":  # Flux's names, as in the other two, only in a file that is Flux's
+        taken = fmt.for_file([head + "img_in", head + "time_in.in_layer"])
+        assert taken.aliases == (*fmt.aliases, *flux.ALIASES)

@@ -1,0 +1,120 @@
+"""lorahot against diffusers' own loaders as the oracle for files of another model's original names
+outside the blocks (SD3's and Lumina2's ``t_embedder.mlp.0``, the final adaLN
+``final_layer.adaLN_modulation.1``, Flux's ``img_in``) in PEFT's, diffusers' and ComfyUI's namings: no
+diffusers loader renames them in such a file, so they load nowhere (a warning of unexpected keys
+beside keys that load; an error alone, or in a ``diffusion_model.`` file of its Lumina2 loader).
+lorahot refuses each, the model bitwise unchanged, and with ``strict=False`` matches diffusers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lorahot
+from tests.system.test_parity_flux import flux_inputs, tiny_flux
+from tests.system.test_parity_lumina2 import lumina2_inputs, small_lumina2
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+
+def _pair(model: torch.nn.Module, key: str, layer: str, seed: int) -> dict[str, torch.Tensor]:
+    """LoRA factors under ``key`` of the shapes of ``model``'s ``layer`` (rank 2, alpha = rank)."""
+    m, g = model.get_submodule(layer), torch.Generator().manual_seed(seed)
+    return {
+        f"{key}.lora_A.weight": torch.randn(2, m.in_features, generator=g) * 0.3,
+        f"{key}.lora_B.weight": torch.randn(m.out_features, 2, generator=g) * 0.3,
+    }
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+#: (model, pipeline, inputs, the stray key in the file, the layer whose shapes it has, a key of the
+#: model's own name beside it)
+_CASES = {
+    # SD3's (and Lumina2's, DiT's) t_embedder: SD3's alias is Flux's timestep embedder
+    "flux-t_embedder": (
+        tiny_flux,
+        "FluxPipeline",
+        flux_inputs,
+        "t_embedder.mlp.0",
+        "time_text_embed.timestep_embedder.linear_1",
+        "proj_out",
+    ),
+    # another model's final adaLN (HiDream's own name, Lumina2's, Cosmos's): Flux's swap onto norm_out.linear
+    "flux-final_adaln": (
+        tiny_flux,
+        "FluxPipeline",
+        flux_inputs,
+        "final_layer.adaLN_modulation.1",
+        "norm_out.linear",
+        "proj_out",
+    ),
+    # SD3's (DiT's) t_embedder: Lumina2's alias is its timestep embedder
+    "lumina2-t_embedder": (
+        small_lumina2,
+        "Lumina2Pipeline",
+        lumina2_inputs,
+        "t_embedder.mlp.0",
+        "time_caption_embed.timestep_embedder.linear_1",
+        "x_embedder",
+    ),
+    # SD3's, Flux's or Cosmos's final_layer.linear: Lumina2's alias is its norm_out.linear_2
+    "lumina2-final_layer": (
+        small_lumina2,
+        "Lumina2Pipeline",
+        lumina2_inputs,
+        "final_layer.linear",
+        "norm_out.linear_2",
+        "x_embedder",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_original_names_outside_the_blocks_of_another_model_are_refused(case: str) -> None:
+    """A diffusers-named file (``transformer.``) holding another model's original name outside the
+    blocks beside a key of the model's own: diffusers' loader of this model loads the own key and
+    none of the other (unexpected keys), where lorahot placed it on the layer SD3's, Lumina2's or
+    Flux's alias names, silently. It is refused naming the key, every parameter and buffer bitwise
+    unchanged; with ``strict=False`` the output is diffusers'."""
+    build, pipeline, inputs, key, shaped, own = _CASES[case]
+    model = build()
+    sd = _pair(model, f"transformer.{key}", shaped, seed=1) | _pair(model, f"transformer.{own}", own, seed=2)
+    with torch.no_grad():
+        oracle = copy.deepcopy(model)
+        state = getattr(diffusers, pipeline).lora_state_dict(dict(sd))
+        oracle.load_lora_adapter(state[0] if isinstance(state, tuple) else state, prefix="transformer")
+        adapted = [n for n, m in oracle.named_modules() if getattr(m, "lora_A", None)]
+        assert adapted == [own]  # diffusers places the own key alone
+        expected = oracle(**inputs(), return_dict=False)[0]
+        runtime = lorahot.inject(model, "all-linear", max_rank=4)
+        before = _state(model)
+        with pytest.raises(lorahot.AdapterMismatchError, match=rf"transformer\.{key}: matches no injected layer"):
+            runtime.load(sd)
+        after = _state(model)
+        assert after.keys() == before.keys() and all(torch.equal(t, before[n]) for n, t in after.items())
+        info = runtime.load(sd, strict=False)
+        assert set(info.ranks) == {own}
+        torch.testing.assert_close(model(**inputs(), return_dict=False)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_comfyui_file_of_flux_img_in_alone_is_refused_on_lumina2() -> None:
+    """ComfyUI naming took Flux's original names in every file, so ``diffusion_model.img_in`` (Qwen-Image's
+    and HunyuanVideo's name too) landed on Lumina2's ``x_embedder``, silently, where diffusers' Lumina2
+    loader refuses such a file (its conversion raises on a key it does not convert). lorahot refuses it
+    naming the key, the model bitwise unchanged."""
+    model = small_lumina2()
+    sd = _pair(model, "diffusion_model.img_in", "x_embedder", seed=3)
+    with pytest.raises(ValueError, match="img_in"):
+        diffusers.Lumina2Pipeline.lora_state_dict(dict(sd))
+    runtime = lorahot.inject(model, "all-linear", max_rank=4)
+    before = _state(model)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"diffusion_model\.img_in: matches no injected layer"):
+        runtime.load(sd)
+    after = _state(model)
+    assert after.keys() == before.keys() and all(torch.equal(t, before[n]) for n, t in after.items())
