@@ -435,6 +435,28 @@ class LoRALayer(nn.Module):
                 plan = (True, False, False, False, -1, (), (), None, False, None, None, self.checks_max_norm)
             object.__setattr__(self, "_plan", plan)
 
+    def __delattr__(self, name: str) -> None:
+        """Refuses deleting ``base_layer`` after inject (the layer computes with it; without it the
+        model's state dict lost the layer's keys and eject could not put it back), and ``weight``
+        or ``bias`` through the layer (they are its base module's).
+
+        Raises:
+            UsageError: naming the layer and the fix, nothing deleted.
+        """
+        base = self.__dict__.get("_base")
+        where = self._path or type(self).__name__
+        if name == "base_layer" and base is not None:
+            raise UsageError(
+                f"{where}: its base_layer cannot be deleted after inject: the layer computes with the module it "
+                "wrapped, which eject puts back in the model. Call runtime.eject(), then change the model."
+            )
+        if name in _BASE_PARAMETERS and base is not None and name not in self._parameters:
+            raise UsageError(
+                f"{where}: del {name} on the LoRA layer, which holds none (reading its {name} gives its base "
+                f"module's); nothing was deleted. Delete it from {where}.base_layer, or call runtime.eject() first."
+            )
+        super().__delattr__(name)
+
     def live_views(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's ``(lora_A, lora_B)`` views of its arena rows ``[R, in_dim]`` (A) and
         ``[R, out_dim]`` (B transposed); see the subclass for the layout."""

@@ -469,3 +469,33 @@ def test_a_refused_assigned_load_through_a_wrapper_made_after_inject_loads_nothi
     now = outer.state_dict(keep_vars=True)
     for key, (tensor, value) in before.items():
         assert now[key] is tensor and torch.equal(now[key], value), key
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("name", ["base_layer", "weight", "bias"])
+def test_deleting_the_base_layer_or_its_weight_through_the_layer_is_refused(name: str, merged: bool) -> None:
+    """``del model.fc.base_layer`` after inject went through: the model's state dict lost the
+    layer's keys (a base checkpoint no longer loaded strictly), and eject, in merged mode every
+    call too, raised ``UnexpectedError`` (``AttributeError``), leaving the layer in the model.
+    ``del model.fc.weight`` raised torch's ``AttributeError`` on a weight reading gives. Each is
+    a ``UsageError`` naming the layer, nothing deleted: the output and state dict bitwise, and
+    eject gives the base model back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+    base = copy.deepcopy(model)
+    runtime = lorahot.inject(model, ["0", "2"], max_rank=4, merged=merged)
+    runtime.load(make_adapter(model, dict.fromkeys(runtime.layers, 2), seed=1, dtype=torch.float64)[0])
+    x = torch.randn(3, 8, dtype=torch.float64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(UsageError, match=rf"^0: .*{name}.*(eject|0\.base_layer)"):
+        delattr(model[0], name)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    runtime.set_scale(0.5)
+    lorahot.eject(model)
+    assert type(model[0]) is nn.Linear
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.state_dict().items())
