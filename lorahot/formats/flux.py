@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from lorahot.formats import kohya, lumina2
+from lorahot.formats import kohya
 from lorahot.formats.table import (
     COMFYUI_TEXT_ENCODERS,
     ORIGINAL_PREFIXES,
@@ -290,7 +290,7 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
 KOHYA = kohya.spelling(
     "flux-kohya",
     renames=_KOHYA_TO_DOTTED,
-    aliases=(*ALIASES, *lumina2.OUTSIDE_ALIASES),  # a file of the final layer alone is Lumina2's too
+    aliases=ALIASES,
     refuse=_REFUSED_MERGEABLE,
     marker=r"^lora_unet_(?:double_blocks|single_blocks)_\d+_",
     splits=SPLITS,

@@ -98,12 +98,11 @@ _OUTSIDE = {
     "final_layer.adaLN_modulation.1": "norm_out.linear_1",
 }
 
-#: the same as aliases: what the Lumina2 namings take, and the kohya spellings of Flux's and SD3's
-#: names, whose ``final_layer``/``t_embedder`` keys are Lumina2's too (its file of these alone reads
-#: as theirs). The targets are layers only of the Lumina models (Lumina2 and Lumina-Next, whose
-#: original names mean the same there) and Cosmos (``norm_out.linear_1`` / ``linear_2``, its final
-#: adaLN, which its original names call so too); Flux's and SD3's targets of the same keys
-#: (``proj_out``, ``time_text_embed.*``) are layers of no Lumina model.
+#: the same as aliases: what the Lumina2 namings take (and the namings that read any model's names, in
+#: a file of the Lumina models: :data:`FILE_ALIASES`). The targets are layers only of the Lumina models
+#: (Lumina2 and Lumina-Next, whose original names mean the same there) and Cosmos (``norm_out.linear_1``
+#: / ``linear_2``, its final adaLN, which its original names call so too); Flux's and SD3's targets of
+#: the same keys (``proj_out``, ``time_text_embed.*``) are layers of no Lumina model.
 OUTSIDE_ALIASES: tuple[tuple[str, str], ...] = tuple((rf"{_START}{re.escape(k)}$", v) for k, v in _OUTSIDE.items())
 
 #: the names only the Lumina models have (Lumina2's original names; Z-Image's, Ideogram 4's and Bria
@@ -247,8 +246,9 @@ KOHYA = kohya.spelling(
 
 #: ``lumina2-kohya`` for a file whose modules all lie outside the blocks and one of which only the
 #: Lumina models have (``lora_unet_cap_embedder_1``; :func:`lorahot.formats.kohya.outside`); a file of
-#: ``t_embedder``/``final_layer`` keys alone is SD3's or Flux's (detected first), whose kohya spellings
-#: take :data:`OUTSIDE_ALIASES` too
+#: ``t_embedder``/``final_layer`` keys alone reads as SD3's or Flux's (detected first), names of several
+#: models, and its keys are placed on no Lumina layer (refused on Lumina2, as diffusers' loaders load
+#: none of them)
 KOHYA_OUTSIDE = kohya.outside(
     KOHYA,
     r"lora_unet_(?:x_embedder|cap_embedder_1|t_embedder_mlp_[02]|final_layer_(?:linear|adaLN_modulation_1))",

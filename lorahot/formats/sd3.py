@@ -21,7 +21,7 @@ adaLN's swap only in a file that is SD3's (:data:`FILE_ALIASES`: one of its keys
 no such key (Flux's and HunyuanVideo's ``time_text_embed.timestep_embedder``, PixArt's, Hunyuan-DiT's
 and AuraFlow's ``pos_embed.proj``), so a file of ``x_embedder.proj`` or ``t_embedder.mlp.N`` alone is
 refused (``key_map=`` places it). In sd-scripts' spelling such a file reads as ``sd3-kohya``
-(:data:`KOHYA_OUTSIDE`).
+(:data:`KOHYA_OUTSIDE`), which takes them alike, only in a file that is SD3's.
 
 The original model fuses what diffusers keeps apart: a joint block's ``x_block.attn.qkv`` is
 ``attn.to_q``/``to_k``/``to_v``, its ``context_block.attn.qkv`` is ``attn.add_q_proj``/
@@ -54,9 +54,10 @@ the norms without a weight (a block's ``norm1``/``norm2``, ``final_layer.norm_fi
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
-from lorahot.formats import kohya, lumina2
+from lorahot.formats import kohya
 from lorahot.formats.flux import ADD_QKV, QKV, qkv_split
 from lorahot.formats.table import COMPONENT_HEAD as _HEAD
 from lorahot.formats.table import NAME_START as _START
@@ -128,16 +129,17 @@ _OWN = r"(?:^|\.)(?:y_embedder\.mlp\.[02]$|joint_blocks\.\d+\.(?:x_block|context
 #: DiT's) or ``x_embedder.proj`` is refused, not placed there
 FILE_ALIASES = FileAliases("SD3", _OWN, OUTSIDE_ALIASES, (_FINAL_ADALN,))
 
-_ALIASES: tuple[tuple[str, str], ...] = (
-    *((rf"{_START}joint_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _JOINT.items()),
-    *OUTSIDE_ALIASES,
+#: the joint blocks' modules, one layer each
+_BLOCK_ALIASES: tuple[tuple[str, str], ...] = tuple(
+    (rf"{_START}joint_blocks\.(\d+)\.{re.escape(k)}$", rf"transformer_blocks.\1.{v}") for k, v in _JOINT.items()
 )
+_ALIASES: tuple[tuple[str, str], ...] = (*_BLOCK_ALIASES, *OUTSIDE_ALIASES)
 
 _CONTEXT_ADALN = _HEAD + r"joint_blocks\.(?P<n>\d+)\.context_block\.adaLN_modulation\.1"
 _NORM1_CONTEXT = r"\g<head>transformer_blocks.\g<n>.norm1_context.linear"
 
-#: the fused and re-ordered modules of the original model, in its names
-SPLITS: tuple[Split | Reorder, ...] = (
+#: the fused and re-ordered modules of the original model's blocks, in its names
+_BLOCK_SPLITS: tuple[Split | Reorder, ...] = (
     qkv_split(r"joint_blocks\.(?P<n>\d+)\.x_block\.attn\.qkv", "transformer_blocks", QKV),
     qkv_split(r"joint_blocks\.(?P<n>\d+)\.context_block\.attn\.qkv", "transformer_blocks", ADD_QKV),
     qkv_split(
@@ -149,8 +151,9 @@ SPLITS: tuple[Split | Reorder, ...] = (
     Reorder(_CONTEXT_ADALN, _NORM1_CONTEXT, (1, 1), (1, 0), rows_per_input=2),
     # every other block's: the same 6 chunks in both (not an alias, which would take the last one too)
     Reorder(_CONTEXT_ADALN, _NORM1_CONTEXT, (1,), (0,)),
-    _FINAL_ADALN,
 )
+#: the fused and re-ordered modules of the original model, in its names
+SPLITS: tuple[Split | Reorder, ...] = (*_BLOCK_SPLITS, _FINAL_ADALN)
 
 #: keys the SD3 namings refuse: deltas of the norms without a weight (in either spelling), a DoRA
 #: magnitude (no test of these namings against an oracle reads one), and what every naming that
@@ -189,21 +192,32 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
     (r"^lora_unet_final_layer_adaLN_modulation_1$", "lora_unet_final_layer.adaLN_modulation.1"),
 )
 
-KOHYA = kohya.spelling(
-    "sd3-kohya",
-    renames=_KOHYA_TO_DOTTED,
-    aliases=(*_ALIASES, *lumina2.OUTSIDE_ALIASES),  # a file of t_embedder/final_layer alone is Lumina2's too
-    refuse=_REFUSED,
-    marker=r"^lora_unet_joint_blocks_\d+_(?:x_block|context_block)_",
-    splits=SPLITS,
-    lycoris=True,
-    example="lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight",
+#: the modules outside the blocks (and the final adaLN's swap) only in a file that is SD3's, as in
+#: ComfyUI's, diffusers' and PEFT's namings (:data:`FILE_ALIASES`: a joint block's module, which every
+#: file the marker detects has, or ``y_embedder``'s): sd-scripts writes ``lora_unet_t_embedder_mlp_0``
+#: and ``lora_unet_final_layer_linear`` for Lumina2 too, and ``x_embedder_proj`` / ``t_embedder_mlp_N``
+#: are DiT's names, so a file of those alone (:data:`KOHYA_OUTSIDE`) is no SD3 file: on Flux, whose
+#: ``time_text_embed.timestep_embedder`` SD3's alias names, diffusers' loader refuses it, and on
+#: Lumina2 it loads none of it
+KOHYA = dataclasses.replace(
+    kohya.spelling(
+        "sd3-kohya",
+        renames=_KOHYA_TO_DOTTED,
+        aliases=_BLOCK_ALIASES,
+        refuse=_REFUSED,
+        marker=r"^lora_unet_joint_blocks_\d+_(?:x_block|context_block)_",
+        splits=_BLOCK_SPLITS,
+        lycoris=True,
+        example="lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight",
+    ),
+    file_aliases=(FILE_ALIASES,),
 )
 
 #: ``sd3-kohya`` for a file whose modules all lie outside the blocks (``lora_unet_x_embedder_proj``,
 #: ``lora_unet_t_embedder_mlp_0``, ...; :func:`lorahot.formats.kohya.outside`); one of the final
 #: layer alone is Flux's (:data:`lorahot.formats.flux.KOHYA_OUTSIDE`, detected first), which places
-#: it the same way
+#: it the same way; its modules are placed only in a file with ``lora_unet_y_embedder_mlp_N``
+#: (:data:`FILE_ALIASES`), refused in any other
 KOHYA_OUTSIDE = kohya.outside(
     KOHYA,
     r"lora_unet_(?:x_embedder_proj|[ty]_embedder_mlp_[02]|context_embedder|final_layer_(?:linear|adaLN_modulation_1))",

@@ -592,15 +592,20 @@ def test_sd3_files_load_as_the_reference_computes(sd3, data) -> None:
     """SD3's original names (with or without a block key; outer-only files included) on the SD3
     transformer, against the float64 reference alone: diffusers' SD3 LoRA loader converts no
     original names (its checkpoint conversion, which the parity tests take as the oracle, reads
-    whole checkpoints). An outer-only file in ComfyUI's, diffusers' or PEFT's naming is SD3's only
-    with a ``y_embedder.mlp.N`` key; without one it is refused, the model unchanged."""
+    whole checkpoints). An outer-only file is SD3's only with a ``y_embedder.mlp.N`` key (but one of
+    the final layer alone in sd-scripts' spelling, which reads as Flux's and lands alike); without one
+    it is refused, the model unchanged."""
     naming, parts, sd = _sd3_file(data.draw, sd3)
     if not any("joint_blocks" in k for k in sd):
         SEEN[f"sd3 {naming}: outer modules only"] += 1
-    aliased = any(re.search(r"(?:^|\.)(?:x_embedder\.proj|t_embedder\.mlp\.\d|final_layer\.[^.]+)\.", k) for k in sd)
-    if naming != "kohya" and aliased and not any(re.search(r"(?:^|\.)(?:y_embedder|joint_blocks)\.", k) for k in sd):
+    aliased = any(
+        re.search(r"(?:^|[._])(?:x_embedder[._]proj|t_embedder[._]mlp[._]\d|final_layer[._]\w+?)\.", k) for k in sd
+    )
+    marked = any(re.search(r"(?:^|[._])(?:y_embedder|joint_blocks)[._]", k) for k in sd)
+    flux_kohya = naming == "kohya" and all(k.startswith("lora_unet_final_layer_") for k in sd)  # Flux's, placed
+    if aliased and not marked and not flux_kohya:
         # no key only SD3 has (x_embedder.proj, t_embedder.*, final_layer.*: DiT's, Lumina2's, Cosmos's names
-        # too): ComfyUI's, diffusers' and PEFT's namings take no SD3 alias, the file is refused, nothing changed
+        # too): no naming takes SD3's aliases, the file is refused, nothing changed
         SEEN[f"sd3 {naming}: refused, no key only SD3 has"] += 1
         model = copy.deepcopy(sd3)
         runtime = lorahot.inject(

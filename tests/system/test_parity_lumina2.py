@@ -260,11 +260,10 @@ def test_a_lumina2_file_of_modules_outside_the_blocks_lands_as_diffusers_convers
     PEFT's namings take diffusers' block names) the outer modules land alike; a block key of a
     feed-forward or adaLN module alone tells the original names apart as an attention one does
     (before, ``lumina2-kohya`` and ``lumina2`` asked for an attention key, a dotted file for an
-    attention or feed-forward one, and such a file's block modules were refused). In ComfyUI's,
-    diffusers' and PEFT's namings a file of ``t_embedder.mlp.*`` or ``final_layer.*`` alone, names SD3,
-    DiT and Cosmos have too, is no Lumina2 file: refused, the model bitwise unchanged (diffusers'
-    Lumina2 loader loads none of them; :func:`test_original_names_outside_the_blocks_of_another_model_are_refused`
-    in ``test_parity_outside_names.py``)."""
+    attention or feed-forward one, and such a file's block modules were refused). A file of
+    ``t_embedder.mlp.*`` or ``final_layer.*`` alone, names SD3, DiT and Cosmos have too (in sd-scripts'
+    spelling read as ``sd3-kohya`` or ``flux-kohya``), is no Lumina2 file: refused, the model bitwise
+    unchanged (diffusers' Lumina2 loader loads none of them; ``test_parity_outside_names.py``)."""
     blocks = {
         "layers.0.attention.out": "layers.0.attn.to_out.0",
         "layers.0.feed_forward.w1": "layers.0.feed_forward.linear_1",
@@ -293,7 +292,7 @@ def test_a_lumina2_file_of_modules_outside_the_blocks_lands_as_diffusers_convers
     inputs = {k: v.double() if v.is_floating_point() else v for k, v in lumina2_inputs().items()}
     model = copy.deepcopy(base)
     runtime = lorahot.inject(model, "all-linear", max_rank=4, merged=merged)
-    if naming != "kohya" and all(m.startswith(("t_embedder.", "final_layer.")) for m in modules):
+    if all(m.startswith(("t_embedder.", "final_layer.")) for m in modules):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(lorahot.AdapterMismatchError, match=r"matches no injected layer"):
             runtime.load(sd)

@@ -118,3 +118,21 @@ def test_a_comfyui_file_of_flux_img_in_alone_is_refused_on_lumina2() -> None:
         runtime.load(sd)
     after = _state(model)
     assert after.keys() == before.keys() and all(torch.equal(t, before[n]) for n, t in after.items())
+
+
+def test_a_kohya_file_of_t_embedder_alone_is_refused_on_flux() -> None:
+    """sd-scripts' ``lora_unet_t_embedder_mlp_0`` (Lumina2's, SD3's or DiT's) alone reads as ``sd3-kohya``,
+    which took SD3's alias onto Flux's ``time_text_embed.timestep_embedder.linear_1`` (the same shape),
+    silently, where diffusers' Flux loader refuses the file (its kohya conversion knows no such key).
+    lorahot refuses it naming the key, the model bitwise unchanged."""
+    model = tiny_flux()
+    shaped = _pair(model, "lora_unet_t_embedder_mlp_0", "time_text_embed.timestep_embedder.linear_1", seed=4)
+    sd = {k.replace("lora_A", "lora_down").replace("lora_B", "lora_up"): v for k, v in shaped.items()}
+    with pytest.raises(ValueError, match="t_embedder"):
+        diffusers.FluxPipeline.lora_state_dict(dict(sd))
+    runtime = lorahot.inject(model, "all-linear", max_rank=4)
+    before = _state(model)
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"lora_unet_t_embedder_mlp_0: matches no injected layer"):
+        runtime.load(sd)
+    after = _state(model)
+    assert after.keys() == before.keys() and all(torch.equal(t, before[n]) for n, t in after.items())

@@ -181,3 +181,45 @@ def test_the_final_adaln_swap_is_taken_only_in_a_file_of_flux_or_sd3(naming: str
         with torch.no_grad():
             got = model.norm_out.linear(x.float()).double()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _kohya(module: str, g: torch.Generator) -> dict[str, torch.Tensor]:
+    stem = "lora_unet_" + module.replace(".", "_")
+    return {
+        f"{stem}.lora_down.weight": torch.randn(2, 4, generator=g),
+        f"{stem}.lora_up.weight": torch.randn(4, 2, generator=g),
+    }
+
+
+@pytest.mark.parametrize("case", ["sd3-t_embedder", "sd3-x_embedder", "lumina2-t_embedder", "lumina2-final_layer"])
+def test_kohya_outside_names_are_taken_only_in_a_file_of_their_model(case: str) -> None:
+    """sd-scripts' spelling of a file of modules outside the blocks alone reads as ``sd3-kohya``
+    (``lora_unet_t_embedder_mlp_0``, ``lora_unet_x_embedder_proj``) or ``flux-kohya``
+    (``lora_unet_final_layer_linear``), which took SD3's outside names and Lumina2's in every such file:
+    Lumina2's or DiT's ``t_embedder`` landed on ``time_text_embed.timestep_embedder.linear_1`` (Flux's
+    too, where diffusers' Flux loader refuses the file), and SD3's or Flux's ``final_layer.linear`` on
+    Lumina2's ``norm_out.linear_2``. Such a file is refused naming the key, bitwise unchanged; beside
+    ``y_embedder_mlp_0`` (SD3's) or ``cap_embedder_1`` (which makes it ``lumina2-kohya``) it lands, at
+    the float64 reference."""
+    key, layer, marker, marked = _CASES[case]
+    model, g = _OutsideShaped(), torch.Generator().manual_seed(9)
+    runtime = lorahot.inject(model, "all-linear", max_rank=2)
+    lone = _kohya(key, g)
+    before = _state(model)
+    shown = "lora_unet_" + key.replace(".", "_")
+    with pytest.raises(lorahot.AdapterMismatchError, match=rf"  - {re.escape(shown)}: matches no injected layer"):
+        runtime.load(lone)
+    after = _state(model)
+    assert after.keys() == before.keys() and all(torch.equal(t, before[n]) for n, t in after.items())
+    tensors = lone | _kohya(marker, g)
+    info = runtime.load(tensors)
+    assert info.format == ("sd3-kohya" if case.startswith("sd3") else "lumina2-kohya")
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    for module, name in ((key, layer), (marker, marked)):
+        stem = "lora_unet_" + module.replace(".", "_")
+        a, b = (tensors[f"{stem}.lora_{r}.weight"].double() for r in ("down", "up"))
+        base = model.get_submodule(name).base_layer
+        want = x @ (base.weight.double() + b @ a).T + base.bias.double()
+        with torch.no_grad():
+            got = model.get_submodule(name)(x.float()).double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
