@@ -235,4 +235,7 @@ FORMAT = KeyFormat(
     marker=ORIGINAL_HEAD + r"joint_blocks\.\d+\.(?:x_block|context_block)\.",
     splits=SPLITS,
     example="diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_A.weight",
+    # the one module of the original names that diffusers' names alike (Flux's too): beside a block key it
+    # tells no file apart as ComfyUI's, diffusers' or PEFT's (a tie of the two refused the file as mixed)
+    shared=r"^context_embedder$",
 )

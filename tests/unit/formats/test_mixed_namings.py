@@ -524,3 +524,35 @@ def test_a_models_own_module_names_are_never_strays_of_a_file_read_for_it(model_
             where = f"{model_class} + {example}: {fmt and fmt.name}"
             assert fmt is not None and fmt.name in ("diffusers", "peft"), where
             assert set(strays) <= set(extra), (where, sorted(set(strays) - set(extra))[:4])
+
+
+@pytest.mark.parametrize("head", ["diffusion_model.", "transformer.", ""], ids=["comfyui", "transformer", "bare"])
+def test_sd3s_context_embedder_beside_one_block_key_is_an_sd3_file(head: str) -> None:
+    """``context_embedder``, SD3's original name and diffusers' alike, beside one joint block module was
+    read as ComfyUI's, diffusers' or PEFT's naming, its one block module a stray of the sd3 naming,
+    so the file was refused as mixed (one key of each). It is an sd3 file: both modules land on
+    diffusers' SD3 layers at the float64 reference, the context block's adaLN on ``norm1_context``."""
+    model = torch.nn.Module()
+    model.context_embedder = torch.nn.Linear(4, 4)
+    model.transformer_blocks = torch.nn.ModuleList([torch.nn.Module()])
+    model.transformer_blocks[0].norm1_context = torch.nn.Module()
+    model.transformer_blocks[0].norm1_context.linear = torch.nn.Linear(4, 24)  # 6 rows per input: no swap
+    g = torch.Generator().manual_seed(0)
+    sd, placed_on = {}, {}
+    for module, layer in (
+        ("context_embedder", model.context_embedder),
+        ("joint_blocks.0.context_block.adaLN_modulation.1", model.transformer_blocks[0].norm1_context.linear),
+    ):
+        a, b = torch.randn(2, 4, generator=g), torch.randn(layer.out_features, 2, generator=g)
+        sd |= {f"{head}{module}.lora_A.weight": a, f"{head}{module}.lora_B.weight": b}
+        placed_on[module] = (a, b)
+    assert lorahot.read_adapter(sd).format == "sd3"
+    runtime = lorahot.inject(model, "all-linear", max_rank=2)
+    assert runtime.load(sd).format == "sd3"
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    for name, (a, b) in zip(("context_embedder", "transformer_blocks.0.norm1_context.linear"), placed_on.values()):
+        base = model.get_submodule(name).base_layer
+        want = x @ (base.weight.double() + b.double() @ a.double()).T + base.bias.double()
+        with torch.no_grad():
+            got = model.get_submodule(name)(x.float()).double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
