@@ -287,15 +287,22 @@ _KOHYA_TO_DOTTED: tuple[tuple[str, str], ...] = (
     ),
 )
 
-KOHYA = kohya.spelling(
-    "flux-kohya",
-    renames=_KOHYA_TO_DOTTED,
-    aliases=ALIASES,
-    refuse=_REFUSED_MERGEABLE,
-    marker=r"^lora_unet_(?:double_blocks|single_blocks)_\d+_",
-    splits=SPLITS,
-    lycoris=True,
-    example="lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+#: the aliases and the final adaLN's swap only in a file that is Flux's (:data:`FILE_ALIASES`: a block
+#: module, which every file the marker detects has, ``time_in``'s ``in_layer``, ...), as in ComfyUI's,
+#: diffusers' and PEFT's namings: a file of ``img_in``, ``txt_in`` or ``final_layer.*`` alone
+#: (:data:`KOHYA_OUTSIDE`) is as much Qwen-Image's, SD3's, Lumina2's or HiDream's, and another model's
+#: loader loads none of it (Lumina2's ``x_embedder`` took ``lora_unet_img_in``)
+KOHYA = dataclasses.replace(
+    kohya.spelling(
+        "flux-kohya",
+        renames=_KOHYA_TO_DOTTED,
+        refuse=_REFUSED_MERGEABLE,
+        marker=r"^lora_unet_(?:double_blocks|single_blocks)_\d+_",
+        splits=BLOCK_SPLITS,
+        lycoris=True,
+        example="lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+    ),
+    file_aliases=(FILE_ALIASES,),
 )
 
 #: sd-scripts' names of the modules outside the blocks (no block key tells such a file apart)
@@ -308,7 +315,7 @@ _KOHYA_OUTSIDE = (
 #: (``lora_unet_final_layer_linear``, ``lora_unet_img_in``, ...; :func:`lorahot.formats.kohya.outside`).
 #: HiDream, whose diffusers model has ``final_layer.linear`` and ``final_layer.adaLN_modulation.1``
 #: itself, takes such keys as they are (a layer of the key's own name comes before any alias or
-#: swap), as in kohya naming.
+#: swap), as in kohya naming. Any other model takes them only in a file :data:`FILE_ALIASES` marks.
 KOHYA_OUTSIDE = kohya.outside(KOHYA, _KOHYA_OUTSIDE, example="lora_unet_final_layer_linear.lora_down.weight")
 
 #: a module key of the original model, with an optional component prefix

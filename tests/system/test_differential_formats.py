@@ -497,7 +497,8 @@ def test_flux_files_load_as_the_reference_and_diffusers_compute(flux, data) -> N
     the original names in ``lora_down``/``lora_up`` without ``single_blocks.N.linear1`` (its
     converter hard-codes the full model's split sizes) and without ``.alpha`` on a final-layer
     module (it drops those), and for diffusers names in ``lora_A``/``lora_B`` without
-    ``.alpha``."""
+    ``.alpha``. A file of ``img_in``, ``txt_in`` or ``final_layer.*`` without a name only Flux has
+    (a block module, an embedder's ``in_layer``/``out_layer``) is refused, the model unchanged."""
     naming, alphas, parts, sd = _flux_file(data.draw, flux)
     if naming != "diffusers" and not any("double_blocks" in k or "single_blocks" in k for k in sd):
         SEEN[f"flux {naming}: outer modules only"] += 1
@@ -509,7 +510,27 @@ def test_flux_files_load_as_the_reference_and_diffusers_compute(flux, data) -> N
             and not any("linear1" in k for k in sd)
             and not any("final_layer" in k and k.endswith(".alpha") for k in sd)
         )
+    aliased = any(re.search(r"(?:^|[._])(?:img_in|txt_in|final_layer[._]\w+?)\.", k) for k in sd)
+    own = r"(?:^|[._])(?:(?:double|single)_blocks[._]\d|(?:time|vector|guidance)_in[._](?:in|out)_layer)"
+    if naming != "diffusers" and aliased and not any(re.search(own, k) for k in sd):
+        # img_in, txt_in, final_layer.* alone: Qwen-Image's, SD3's, Lumina2's, HiDream's names too
+        _assert_refused_unchanged(flux, sd, f"flux {naming}: refused, no key only Flux has")
+        return
     _differential(naming, parts, sd, flux, _flux_run, _lorahot_flux, _diffusers_flux, oracle)
+
+
+def _assert_refused_unchanged(model, sd, seen: str) -> None:
+    """``sd``, a file of original names outside the blocks of which no key is a name only its model
+    has, is refused as matching no injected layer, the model bitwise unchanged."""
+    SEEN[seen] += 1
+    model = copy.deepcopy(model)
+    runtime = lorahot.inject(
+        model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)], max_rank=8
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lorahot.AdapterMismatchError, match=r"matches no injected layer"):
+        runtime.load(sd)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 # -- the SD3 transformer -------------------------------------------------------------------
@@ -592,8 +613,7 @@ def test_sd3_files_load_as_the_reference_computes(sd3, data) -> None:
     """SD3's original names (with or without a block key; outer-only files included) on the SD3
     transformer, against the float64 reference alone: diffusers' SD3 LoRA loader converts no
     original names (its checkpoint conversion, which the parity tests take as the oracle, reads
-    whole checkpoints). An outer-only file is SD3's only with a ``y_embedder.mlp.N`` key (but one of
-    the final layer alone in sd-scripts' spelling, which reads as Flux's and lands alike); without one
+    whole checkpoints). An outer-only file is SD3's only with a ``y_embedder.mlp.N`` key; without one
     it is refused, the model unchanged."""
     naming, parts, sd = _sd3_file(data.draw, sd3)
     if not any("joint_blocks" in k for k in sd):
@@ -602,19 +622,10 @@ def test_sd3_files_load_as_the_reference_computes(sd3, data) -> None:
         re.search(r"(?:^|[._])(?:x_embedder[._]proj|t_embedder[._]mlp[._]\d|final_layer[._]\w+?)\.", k) for k in sd
     )
     marked = any(re.search(r"(?:^|[._])(?:y_embedder|joint_blocks)[._]", k) for k in sd)
-    flux_kohya = naming == "kohya" and all(k.startswith("lora_unet_final_layer_") for k in sd)  # Flux's, placed
-    if aliased and not marked and not flux_kohya:
+    if aliased and not marked:
         # no key only SD3 has (x_embedder.proj, t_embedder.*, final_layer.*: DiT's, Lumina2's, Cosmos's names
         # too): no naming takes SD3's aliases, the file is refused, nothing changed
-        SEEN[f"sd3 {naming}: refused, no key only SD3 has"] += 1
-        model = copy.deepcopy(sd3)
-        runtime = lorahot.inject(
-            model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)], max_rank=8
-        )
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(lorahot.AdapterMismatchError, match=r"matches no injected layer"):
-            runtime.load(sd)
-        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        _assert_refused_unchanged(sd3, sd, f"sd3 {naming}: refused, no key only SD3 has")
         return
     _differential(naming, parts, sd, sd3, _sd3_run, _lorahot_sd3, _diffusers_flux, oracle=False)
 

@@ -905,7 +905,9 @@ def test_a_bfl_file_of_modules_outside_the_blocks_only_lands_as_with_a_block_key
 
 
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
-@pytest.mark.parametrize("only", [None, ("final_layer.linear", "final_layer.adaLN_modulation.1")], ids=["all", "final"])
+@pytest.mark.parametrize(
+    "only", [None, ("final_layer.linear", "final_layer.adaLN_modulation.1", "time_in.in_layer")], ids=["all", "final"]
+)
 def test_a_kohya_file_of_modules_outside_the_blocks_only_lands_as_with_a_block_key(
     only: tuple[str, ...] | None, merged: bool
 ) -> None:
@@ -913,7 +915,9 @@ def test_a_kohya_file_of_modules_outside_the_blocks_only_lands_as_with_a_block_k
     ...: no ``lora_unet_double_blocks_N_`` key for the flux-kohya marker) read as kohya naming,
     whose underscore names are no layer of diffusers' Flux (refused). It now reads as flux-kohya:
     each module lands on its diffusers layer, the final adaLN's halves swapped, with its
-    ``.alpha``, against the float64 reference at scales 1 and 0.6."""
+    ``.alpha``, against the float64 reference at scales 1 and 0.6, in a file with a name only Flux
+    has (``time_in.in_layer``); the final layer's alone, SD3's, Lumina2's and HiDream's names too, is
+    refused, the model bitwise unchanged."""
     weights = random_weights(OUTSIDE, seed=51)
     weights = {
         n: (a.double(), b.double(), 1.5 * a.shape[0] if alpha is None else alpha)
@@ -923,6 +927,14 @@ def test_a_kohya_file_of_modules_outside_the_blocks_only_lands_as_with_a_block_k
     sd = kohya_file(weights)
     assert lorahot.read_adapter(sd).format == "flux-kohya"
     _assert_outside_lands(sd, weights, merged)
+    if only is not None:
+        final = kohya_file({n: w for n, w in weights.items() if n.startswith("final_layer.")})
+        model = tiny_flux().double()
+        runtime = lorahot.inject(model, "all-linear", max_rank=8, merged=merged)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(lorahot.AdapterMismatchError, match=r"lora_unet_final_layer_linear: matches no injected"):
+            runtime.load(final)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 LINEAR1_PARTS = tuple(f"single_transformer_blocks.0.{n}" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))

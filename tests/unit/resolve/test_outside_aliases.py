@@ -86,6 +86,7 @@ def _assert_at_reference(model: nn.Module, tensors: dict, naming: str, placed: d
 #: (module key in the original names, the layer its model's naming places it on, a key that marks a
 #: file as that model's, the layer that key lands on)
 _CASES = {
+    "flux-img_in": ("img_in", "x_embedder", "time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
     "sd3-t_embedder": (
         "t_embedder.mlp.0",
         "time_text_embed.timestep_embedder.linear_1",
@@ -191,16 +192,19 @@ def _kohya(module: str, g: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("case", ["sd3-t_embedder", "sd3-x_embedder", "lumina2-t_embedder", "lumina2-final_layer"])
+@pytest.mark.parametrize(
+    "case", ["flux-img_in", "sd3-t_embedder", "sd3-x_embedder", "lumina2-t_embedder", "lumina2-final_layer"]
+)
 def test_kohya_outside_names_are_taken_only_in_a_file_of_their_model(case: str) -> None:
     """sd-scripts' spelling of a file of modules outside the blocks alone reads as ``sd3-kohya``
     (``lora_unet_t_embedder_mlp_0``, ``lora_unet_x_embedder_proj``) or ``flux-kohya``
-    (``lora_unet_final_layer_linear``), which took SD3's outside names and Lumina2's in every such file:
-    Lumina2's or DiT's ``t_embedder`` landed on ``time_text_embed.timestep_embedder.linear_1`` (Flux's
-    too, where diffusers' Flux loader refuses the file), and SD3's or Flux's ``final_layer.linear`` on
-    Lumina2's ``norm_out.linear_2``. Such a file is refused naming the key, bitwise unchanged; beside
-    ``y_embedder_mlp_0`` (SD3's) or ``cap_embedder_1`` (which makes it ``lumina2-kohya``) it lands, at
-    the float64 reference."""
+    (``lora_unet_img_in``, ``lora_unet_final_layer_linear``), which took their outside names and
+    Lumina2's in every such file: Lumina2's or DiT's ``t_embedder`` landed on
+    ``time_text_embed.timestep_embedder.linear_1`` (Flux's too, where diffusers' Flux loader refuses the
+    file), Qwen-Image's ``img_in`` on Lumina2's ``x_embedder``, and SD3's or Flux's ``final_layer.linear``
+    on Lumina2's ``norm_out.linear_2``. Such a file is refused naming the key, bitwise unchanged; beside
+    ``time_in_in_layer`` (Flux's), ``y_embedder_mlp_0`` (SD3's) or ``cap_embedder_1`` (which makes it
+    ``lumina2-kohya``) it lands, at the float64 reference."""
     key, layer, marker, marked = _CASES[case]
     model, g = _OutsideShaped(), torch.Generator().manual_seed(9)
     runtime = lorahot.inject(model, "all-linear", max_rank=2)
@@ -213,7 +217,7 @@ def test_kohya_outside_names_are_taken_only_in_a_file_of_their_model(case: str) 
     assert after.keys() == before.keys() and all(torch.equal(t, before[n]) for n, t in after.items())
     tensors = lone | _kohya(marker, g)
     info = runtime.load(tensors)
-    assert info.format == ("sd3-kohya" if case.startswith("sd3") else "lumina2-kohya")
+    assert info.format == {"flux": "flux-kohya", "sd3": "sd3-kohya", "lumina2": "lumina2-kohya"}[case.split("-")[0]]
     x = torch.randn(3, 4, generator=g, dtype=torch.float64)
     for module, name in ((key, layer), (marker, marked)):
         stem = "lora_unet_" + module.replace(".", "_")
