@@ -27,6 +27,12 @@ module). No diffusers loader renames any of them in another model's file (it loa
 nowhere), so another model's ``t_embedder.mlp.0`` (DiT's, PixArt's) or ``final_layer.*`` (Cosmos's,
 HiDream's) is refused as matching no layer rather than placed on a layer of these names.
 
+The old naming's attention-processor keys (``attn1.processor.to_q_lora``) land on ``to_q`` /
+``to_out.0``, as diffusers' UNet loader reads them, and under a text-encoder component
+(``text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora``) on CLIP's ``q_proj`` / ``out_proj``,
+as its text-encoder loader does; no other key of this naming is renamed onto CLIP's names (a text
+encoder's ``self_attn.to_q.lora.down``, which diffusers leaves unloaded, is refused).
+
 The old naming, which reads ComfyUI's dotted ``lora.down`` / ``lora.up`` roles on keys without
 ComfyUI's prefixes, places Lumina2's, Z-Image's and Ideogram 4's original block modules as PEFT
 naming does (``layers.0.attention.qkv`` cut, ``attention.out`` aliased), as diffusers' Z-Image
@@ -54,6 +60,8 @@ COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text
 METADATA_KEY = "lora_adapter_metadata"
 
 _ALPHA = Rule(r"(?P<module>.+)\.alpha", "alpha")
+#: the text-encoder components, whose old processor keys (``to_q_lora``) name CLIP's ``q_proj``
+_TEXT_ENCODERS = r"text_encoder(?:_[23])?\."
 
 FORMAT = KeyFormat(
     name="diffusers",
@@ -93,6 +101,10 @@ OLD_FORMAT = KeyFormat(
     prefixes=COMPONENTS,
     renames=(
         (r"\.processor(?=\.)", ""),  # attn1.processor.to_q_lora -> attn1.to_q
+        # a text encoder's processor keys name CLIP's projections, as diffusers' text-encoder loader reads
+        # them (its UNet loader: to_q, to_out.0); no other spelling of theirs is renamed
+        (rf"^({_TEXT_ENCODERS}.*)\.to_out_lora$", r"\1.out_proj"),
+        (rf"^({_TEXT_ENCODERS}.*)\.to_([qkv])_lora$", r"\1.\2_proj"),
         (r"\.to_out_lora$", ".to_out.0"),
         (r"\.(to_q|to_k|to_v)_lora$", r".\1"),
     ),
@@ -104,14 +116,8 @@ OLD_FORMAT = KeyFormat(
         r"(^(?!(?:model\.)?diffusion_model\.|text_encoders\.|(?:lora_[a-z0-9]+|lycoris|oft_unet)_[^.]+\.lora\.)"
         r".*\.lora\.(down|up)|_lora\.(down|up)|\.lora_linear_layer\.)"
     ),
-    aliases=(
-        (r"\.to_q$", ".q_proj"),
-        (r"\.to_k$", ".k_proj"),
-        (r"\.to_v$", ".v_proj"),
-        (r"\.to_out\.0$", ".out_proj"),
-        *lumina2.BLOCK_ALIASES,  # ComfyUI's dotted roles on bare Lumina2 / Z-Image / Ideogram 4 names
-    ),
-    aliases_claim=False,  # diffusers' own names, which every diffusers and ComfyUI file has
+    aliases=lumina2.BLOCK_ALIASES,  # ComfyUI's dotted roles on bare Lumina2 / Z-Image / Ideogram 4 names
+    aliases_claim=False,  # fallbacks that ComfyUI's files of those models take too
     splits=lumina2.SPLITS,
     example="unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight",
 )

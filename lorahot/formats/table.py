@@ -261,9 +261,8 @@ class KeyFormat:
             so they never outvote its marked ones, nor count for it against an unmarked naming
             (:meth:`shares`, :func:`lorahot.formats.read_as`).
         aliases_claim: its aliases place keys of its own naming (:meth:`claims`); False where they
-            are fallbacks for the names every diffusers model has (the old diffusers naming's
-            ``to_q`` -> ``q_proj``, for its processor keys of a CLIP text encoder), which the keys of
-            every other diffusers-named file end in too: one key of that naming would otherwise
+            are fallbacks that other namings' files take too (the old diffusers naming's Lumina2 block
+            names, for ComfyUI's dotted roles on bare names): one key of that naming would otherwise
             make a whole ComfyUI or diffusers file its own.
         outside: its marker matches only modules outside a model's blocks (``img_in``,
             ``final_layer``: :func:`lorahot.formats.kohya.outside`), which other models have too

@@ -4,10 +4,10 @@ For each key, in order:
 
 1. the key itself, then the key without a known component prefix (``base_model.model.``,
    ``unet.``, ``diffusion_model.``, ...): a layer of exactly that name;
-2. the format's aliases of those (``to_q`` -> ``q_proj``), exactly;
+2. the format's aliases of those (``img_in`` -> ``x_embedder``), exactly;
 3. a layer whose name ends with ``"." + key`` or the key ends with ``"." + name`` (the key, then
-   its aliases: an old diffusers ``text_model.encoder...to_q_lora`` key on a transformers-5 CLIP
-   without the ``text_model`` level); for a naming whose aliases are exact (PEFT's), this step,
+   its aliases: an old diffusers ``text_model.encoder...q_proj`` key, its ``to_q_lora`` renamed, on
+   a transformers-5 CLIP without the ``text_model`` level); for a naming whose aliases are exact (PEFT's), this step,
    over the key alone, comes before step 2: its aliases stand for a name that is no layer of the
    model, and a key that is one under a wrapper (Krea 2's ``first`` on a model's own
    ``enc.first``) keeps it; for any other dotted naming, this step's first half, a layer whose name

@@ -2,7 +2,9 @@
 ``v_proj``/``o_proj`` land on ``to_q``/``to_k``/``to_v``/``to_out.0`` only in a file of ACE-Step's
 decoder projections with a ``q_proj`` or ``k_proj`` key, as diffusers' ACE-Step loader alone renames
 them; on a tiny SD3 transformer (``transformer_blocks.0.attn.to_q``) PEFT's injection raises and
-diffusers' model loader places such a key nowhere. Layers are compared in float64 by probing them with
+diffusers' model loader places such a key nowhere. The old diffusers naming's ``to_q`` -> ``q_proj``
+likewise only as diffusers' text-encoder loader reads it: a text encoder's processor keys
+(``to_q_lora``, ``to_out_lora``). Layers are compared in float64 by probing them with
 the identity (:mod:`tests.diffusion_names`)."""
 
 from __future__ import annotations
@@ -167,3 +169,60 @@ def test_ace_step_s_projections_under_transformer_are_refused_as_diffusers_loads
     with pytest.raises(ValueError, match=r"Target modules .* not found in the base model"):
         diffusers_weights(_tiny_ace_step, diffusers.loaders.lora_pipeline.AceStepLoraLoaderMixin, sd, names)
     _assert_refused_unchanged(_tiny_ace_step, sd, "transformer.layers.0.cross_attn.q_proj")
+
+
+def _tiny_clip() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=50,
+        max_position_embeddings=16,
+    )
+    return transformers.CLIPTextModel(config).double().eval()
+
+
+def _clip_file(spellings: tuple[str, ...], seed: int) -> dict[str, torch.Tensor]:
+    """The old diffusers naming of a text encoder: ``text_encoder.text_model.encoder.layers.0.self_attn.``
+    + each spelling's ``.down``/``.up`` weights, shaped for the tiny CLIP."""
+    g, sd = torch.Generator().manual_seed(seed), {}
+    for spelling in spellings:
+        stem = f"text_encoder.text_model.encoder.layers.0.self_attn.{spelling}"
+        sd[f"{stem}.down.weight"] = torch.randn(2, 8, generator=g, dtype=torch.float64) * 0.3
+        sd[f"{stem}.up.weight"] = torch.randn(8, 2, generator=g, dtype=torch.float64) * 0.3
+    return sd
+
+
+def _diffusers_text_encoder(sd: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    loader = diffusers.loaders.lora_pipeline.StableDiffusionLoraLoaderMixin
+    model = _tiny_clip()
+    state, alphas = loader.lora_state_dict({k: v.clone() for k, v in sd.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loader.load_lora_into_text_encoder(state, network_alphas=alphas, text_encoder=model, prefix="text_encoder")
+    return weights(model, names)
+
+
+def test_old_text_encoder_keys_land_on_clips_projections_only_as_diffusers_text_encoder_loader_renames_them() -> None:
+    """diffusers' text-encoder loader places a text encoder's old processor keys (``to_q_lora``,
+    ``to_out_lora``) on CLIP's ``q_proj`` / ``out_proj``: lorahot gives the same layers. A
+    ``to_k.lora.down`` key beside them it leaves unloaded, where lorahot's old naming placed it on
+    ``k_proj``, silently: now refused naming the key, bitwise unchanged, and with ``strict=False`` every
+    layer equals diffusers' output."""
+    names = [f"encoder.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    processor = _clip_file(("processor.to_q_lora", "processor.to_out_lora"), seed=6)
+    ours, fmt = lorahot_weights(_tiny_clip, processor, names)
+    assert fmt == "diffusers-old"
+    theirs = _diffusers_text_encoder(processor, names)
+    assert not torch.equal(theirs[names[0]], weights(_tiny_clip(), names)[names[0]])
+    assert_same(ours, theirs)
+
+    dotted = processor | _clip_file(("to_k.lora",), seed=7)
+    theirs = _diffusers_text_encoder(dotted, names)
+    assert_same(theirs, _diffusers_text_encoder(processor, names))  # to_k.lora loaded nowhere
+    _assert_refused_unchanged(_tiny_clip, dotted, "text_encoder.text_model.encoder.layers.0.self_attn.to_k")
+    ours, _ = lorahot_weights(_tiny_clip, dotted, names, strict=False)
+    assert_same(ours, theirs)

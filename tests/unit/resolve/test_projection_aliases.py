@@ -2,7 +2,9 @@
 ``to_q``/``to_k``/``to_v``/``to_out.0``): ACE-Step's original names, which diffusers renames in its
 ACE-Step loader alone, in a file with a ``q_proj`` or ``k_proj`` key; PEFT's injection and every
 other diffusers loader place such a key nowhere. Taken only in a file one of whose keys is a
-projection of ACE-Step's decoder (``layers.N.self_attn.q_proj``, ``cross_attn.k_proj``)."""
+projection of ACE-Step's decoder (``layers.N.self_attn.q_proj``, ``cross_attn.k_proj``). And the old
+diffusers naming's reverse, ``to_q_lora`` -> ``q_proj``, only for a text encoder's processor keys, as
+diffusers' text-encoder loader renames them (its UNet loader places them on ``to_q``)."""
 
 from __future__ import annotations
 
@@ -124,3 +126,67 @@ def test_ace_step_s_value_and_output_projections_alone_are_refused(naming: str) 
         "layers.0.self_attn.q_proj": "layers.0.self_attn.to_q",
     }
     _assert_at_reference(model, tensors, head, placed, g)
+
+
+class _Clip(nn.Module):
+    """A CLIP text encoder's attention projections (``q_proj``, ..., ``out_proj``) on transformers 5's
+    paths (no ``text_model.`` level), and no layer named ``to_q`` or ``to_out.0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            _linear_at(self, f"encoder.layers.0.self_attn.{name}")
+        _linear_at(self, "encoder.layers.0.mlp.fc1")
+
+
+def _old(module: str, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {
+        f"{module}.down.weight": torch.randn(2, 4, generator=g),
+        f"{module}.up.weight": torch.randn(4, 2, generator=g),
+    }
+
+
+_STEM = "encoder.layers.0.self_attn"
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        f"text_encoder.text_model.{_STEM}.to_q.lora",
+        f"text_encoder.text_model.{_STEM}.to_out.0.lora",
+        f"unet.{_STEM}.processor.to_q_lora",
+        f"{_STEM}.processor.to_out_lora",
+    ],
+    ids=["text_encoder-to_q.lora", "text_encoder-to_out.0.lora", "unet-processor", "bare-processor"],
+)
+def test_old_diffusers_keys_take_clips_projection_names_only_as_a_text_encoders_processor_keys(module: str) -> None:
+    """The old diffusers naming took ``to_q`` -> ``q_proj`` (``to_out.0`` -> ``out_proj``) for any of its
+    keys, so a text encoder's ``...self_attn.to_q.lora.down`` landed on CLIP's ``q_proj``, where diffusers'
+    text-encoder loader renames only the processor keys (``to_q_lora``, ``to_out_lora``) and leaves this
+    one unloaded (or raises: no processor key to infer the naming from), and a UNet's or a bare
+    processor key (which diffusers' UNet loader places on ``to_q`` / ``to_out.0``) landed on ``q_proj``
+    too. Refused naming the key, every parameter and buffer bitwise unchanged, skipped with
+    ``strict=False``; a text encoder's processor keys land on CLIP's projections, at the float64
+    reference."""
+    model, g = _Clip(), torch.Generator().manual_seed(5)
+    runtime = lorahot.inject(model, "all-linear", max_rank=2)
+    lone = _old(module, g)
+    before = _state(model)
+    with pytest.raises(lorahot.AdapterMismatchError, match="matches no injected layer"):
+        runtime.load(lone)
+    _assert_unchanged(model, before)
+    own = _old(f"text_encoder.text_model.{_STEM.replace('self_attn', 'mlp')}.fc1.lora", g)
+    info = runtime.load(lone | own, strict=False)
+    assert set(info.skipped) == set(lone) and set(info.ranks) == {"encoder.layers.0.mlp.fc1"}
+    stem = f"text_encoder.text_model.{_STEM}.processor"
+    tensors = _old(f"{stem}.to_q_lora", g) | _old(f"{stem}.to_out_lora", g)
+    assert set(runtime.load(tensors).ranks) == {f"{_STEM}.q_proj", f"{_STEM}.out_proj"}
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    for key, name in (("to_q_lora", "q_proj"), ("to_out_lora", "out_proj")):
+        a, b = (tensors[f"{stem}.{key}.{r}.weight"].double() for r in ("down", "up"))
+        base = model.get_submodule(f"{_STEM}.{name}").base_layer
+        want = x @ (base.weight.double() + b @ a).T + base.bias.double()
+        with torch.no_grad():
+            got = model.get_submodule(f"{_STEM}.{name}")(x.float()).double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
