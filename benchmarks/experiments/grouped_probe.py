@@ -77,6 +77,14 @@ show RoPE over the sums ``y + expand`` (the base model's RoPE reads the GEMM's o
 group's sums apart, as measured above); since then, a group some output of which is read at
 two places (q and k, by RoPE) writes its sums into one buffer with one kernel.
 
+``traced_kcat`` stacks a group's A into one shrink, then one GEMM over ``[x | h_1 .. h_k]``
+against ``[[W_1, B_1, 0 ..], [W_2, 0, B_2 ..], ..]``: each member's output whole out of one GEMM,
+no expand, no sums kernel. Predicted 357 launches per decode call and about 1.08x; measured (H100,
+torch 2.11, 2026-12-06, ``runs/20261206T0420-grouped-probe-default-kcat.log``) 401 launches and
+1.35x at decode (lorahot 379, 1.23x; base 335), 1.34x at prefill (lorahot 1.27x): on CUDA each
+concatenation ``[x | h]`` is a kernel of its own, and the GEMM of the longer K cost the GPU more
+than the base GEMM and an expand (back to back 8.66 ms against lorahot's 5.54). Refuted.
+
 A form named ``NAME_dyn`` is ``NAME`` compiled with ``dynamic=True`` (the row count symbolic,
 as the rows suite compiles: lorahot's layers then run the dynamic-shapes operator).
 
