@@ -25,7 +25,7 @@ original names mean its own layers: Qwen-Image's ``img_in`` is no Lumina2 ``x_em
 
 from __future__ import annotations
 
-from lorahot.formats import flux, lumina2, sd3
+from lorahot.formats import flux, krea2, lumina2, sd3
 from lorahot.formats.table import (
     COMFYUI_TEXT_ENCODERS,
     DEFAULT_ADAPTER,
@@ -54,7 +54,8 @@ FORMAT = KeyFormat(
     require_prefix=True,
     refuse=REFUSED_MERGEABLE,
     # each model's original names outside the blocks only in a file that is that model's
-    file_aliases=(flux.FILE_ALIASES, sd3.FILE_ALIASES, lumina2.FILE_ALIASES),
+    # (or on the model whose loader converts them in a file of them alone: Flux.2's, Krea 2's)
+    file_aliases=(flux.FILE_ALIASES, flux.ON_FLUX2, sd3.FILE_ALIASES, lumina2.FILE_ALIASES, krea2.FILE_ALIASES),
     aliases_exact=True,  # only a layer of exactly the diffusers name: no SD/SDXL key changes meaning
     splits=flux.BLOCK_SPLITS,  # the final adaLN's swap with Flux's and SD3's aliases, in a file of theirs
     example="diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight",

@@ -70,6 +70,8 @@ __all__ = [
     "FAL",
     "ALIASES",
     "FILE_ALIASES",
+    "FLUX2_LAYERS",
+    "ON_FLUX2",
     "SPLITS",
     "FINAL_ADALN",
     "BLOCK_SPLITS",
@@ -259,6 +261,20 @@ SPLITS: tuple[Split | Reorder, ...] = (*BLOCK_SPLITS, FINAL_ADALN)
 #: ``final_layer.adaLN_modulation.1`` (Lumina2's, Cosmos's) ``norm_out.linear`` with its halves swapped
 FILE_ALIASES = FileAliases("Flux", _OWN, ALIASES, (FINAL_ADALN,))
 
+#: the layers only diffusers' Flux.2 transformer has (``Flux2Transformer2DModel``, Flux.2 and Flux.2
+#: Klein): the modulations its blocks share; Flux.1's and Chroma's have none of them
+FLUX2_LAYERS = r"(?:^|\.)(?:double_stream_modulation_(?:img|txt)|single_stream_modulation)\.linear$"
+
+#: :data:`ALIASES` taken on a Flux.2 model (:data:`FLUX2_LAYERS`) by the namings that take
+#: :data:`FILE_ALIASES` but diffusers' (ComfyUI's, PEFT's, ``flux-kohya``), in a file that no key marks:
+#: diffusers' Flux.2 loader converts a ``diffusion_model.``, ``base_model.model.`` or sd-scripts file of
+#: ``img_in``, ``txt_in`` or ``final_layer.linear`` alone onto ``x_embedder``, ``context_embedder`` and
+#: ``proj_out``; its Flux.1 and Chroma loaders load such a file nowhere, its model loader raises on one
+#: under ``transformer.``. Without :data:`FINAL_ADALN`: that loader places ``final_layer.adaLN_modulation.1``
+#: on ``norm_out.linear`` unswapped (its kohya conversion leaves it out), where diffusers' checkpoint
+#: conversion swaps the halves, so a file of it alone stays refused
+ON_FLUX2 = FileAliases("Flux.2", "", ALIASES, model_marker=FLUX2_LAYERS)
+
 
 #: sd-scripts' underscore names of the original modules -> the dotted ones (``lora_unet_`` kept:
 #: ``prefix="lora_unet"`` selects them, and the resolver drops it)
@@ -302,7 +318,7 @@ KOHYA = dataclasses.replace(
         lycoris=True,
         example="lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
     ),
-    file_aliases=(FILE_ALIASES,),
+    file_aliases=(FILE_ALIASES, ON_FLUX2),
 )
 
 #: sd-scripts' names of the modules outside the blocks (no block key tells such a file apart)

@@ -114,9 +114,17 @@ _MODULE = (
 #: model's)
 _OWN_OUTSIDE = tuple(k for k in _OUTSIDE if k not in ("first", "last.linear"))
 
-#: :data:`MODULE_ALIASES` for PEFT naming, taken only by a file one of whose module keys is a name
-#: only Krea 2 has: a block module, or a standalone module but ``first`` and ``last.linear``
-FILE_ALIASES = FileAliases("Krea 2", rf"^(?:{_MODULE}|{'|'.join(map(re.escape, _OWN_OUTSIDE))})$", MODULE_ALIASES)
+#: the layers only diffusers' Krea 2 transformer has (``Krea2Transformer2DModel``)
+_OWN_LAYERS = r"(?:^|\.)(?:text_fusion\.projector|time_mod_proj)$"
+
+#: :data:`MODULE_ALIASES` for PEFT's and ComfyUI's namings, taken only by a file one of whose module
+#: keys is a name only Krea 2 has (a block module, or a standalone module but ``first`` and
+#: ``last.linear``) or on a Krea 2 model (:data:`_OWN_LAYERS`): diffusers' Krea 2 loader converts a
+#: ``base_model.model.`` or ``diffusion_model.`` file of ``first`` or ``last.linear`` alone onto
+#: ``img_in`` / ``final_layer.linear``; no other model's loader renames them
+FILE_ALIASES = FileAliases(
+    "Krea 2", rf"^(?:{_MODULE}|{'|'.join(map(re.escape, _OWN_OUTSIDE))})$", MODULE_ALIASES, model_marker=_OWN_LAYERS
+)
 
 FORMAT = KeyFormat(
     name="krea2",

@@ -95,7 +95,14 @@ FORMAT = KeyFormat(
     renames=((r"^base_model\.model\.", ""),),  # PEFT's wrapper, never part of the model's names
     refuse=REFUSED_BUT_EXTRAS_AND_FACTORS,
     aliases=lumina2.BLOCK_ALIASES,
-    file_aliases=(ACE_STEP, flux.FILE_ALIASES, sd3.FILE_ALIASES, lumina2.FILE_ALIASES, krea2.FILE_ALIASES),
+    file_aliases=(
+        ACE_STEP,
+        flux.FILE_ALIASES,
+        flux.ON_FLUX2,
+        sd3.FILE_ALIASES,
+        lumina2.FILE_ALIASES,
+        krea2.FILE_ALIASES,
+    ),
     aliases_exact=True,  # q_proj is every LLM's and text encoder's: only the model's exact path
     splits=lumina2.SPLITS,
     example="base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -93,10 +93,10 @@ def alias_hits(aliases: tuple[tuple[str, str], ...], name: str) -> list[tuple[st
 @functools.cache
 def _taking(fmt: KeyFormat, taken: tuple[FileAliases, ...]) -> KeyFormat:
     """``fmt`` with the aliases of ``taken`` after its own (:meth:`KeyFormat.for_file`)."""
-    return replace(
+    return replace(  # a set taken twice (by the file and by the model) adds its aliases once
         fmt,
-        aliases=(*fmt.aliases, *(a for s in taken for a in s.aliases)),
-        splits=(*fmt.splits, *(x for s in taken for x in s.splits)),
+        aliases=tuple(dict.fromkeys((*fmt.aliases, *(a for s in taken for a in s.aliases)))),
+        splits=tuple(dict.fromkeys((*fmt.splits, *(x for s in taken for x in s.splits)))),
         file_aliases=(),
     )
 
@@ -203,22 +203,39 @@ class FileAliases:
     them in its Krea 2 loader alone. Some of those names are any model's (``first`` -> ``img_in``,
     ``last.linear``), so aliasing them in every PEFT file would place another model's ``first`` on
     ``img_in``. A file takes the aliases where one of its module keys, without the naming's prefix,
-    is a name only that model has (:attr:`marker`).
+    is a name only that model has (:attr:`marker`), or where the model the file is loaded into is
+    that model (:attr:`model_marker`): its own loader converts these names in a file of them alone
+    (diffusers' Flux.2 loader places ``base_model.model.img_in`` on ``x_embedder``), where no key of
+    the file tells the model.
 
     Attributes:
         model: the model the names are of, for documentation.
         marker: a regex ``search``-ed in each module key without the naming's component prefix:
-            the names only that model has (Krea 2's ``blocks.N.attn.wq``, ``txtfusion.``, ``tmlp.0``).
+            the names only that model has (Krea 2's ``blocks.N.attn.wq``, ``txtfusion.``, ``tmlp.0``);
+            empty where no key marks a file (the set is taken by :attr:`model_marker` alone).
         aliases: ``(regex, replacement)``, as :attr:`KeyFormat.aliases`, appended to the naming's.
         splits: fused or re-ordered modules of that model's names, as :attr:`KeyFormat.splits`,
             appended to the naming's (Flux's and SD3's final adaLN, ``(shift, scale)`` halves swapped
             onto ``norm_out.linear``).
+        model_marker: a regex ``search``-ed in each module path of the model the file is resolved
+            against (a pipeline component's paths within it): the layers only that model has in
+            diffusers' names (Flux.2's ``double_stream_modulation_img.linear``); empty where the
+            model's own loader converts these names in no file of them alone (SD3's converts
+            nothing), or where other models have those layers too, so a file of such names alone
+            is refused on any model.
     """
 
     model: str
     marker: str
     aliases: tuple[tuple[str, str], ...]
     splits: tuple[Split | Reorder, ...] = ()
+    model_marker: str = ""
+
+    def takes(self, names: Sequence[str], paths: Sequence[str]) -> bool:
+        """Whether a file whose module keys (without the naming's component prefix) are ``names``,
+        loaded into a model whose module paths are ``paths``, takes these aliases."""
+        by_file = bool(self.marker) and any(_compiled(self.marker).search(n) for n in names)
+        return by_file or (bool(self.model_marker) and any(_compiled(self.model_marker).search(p) for p in paths))
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: the memoized methods hash self on every call
@@ -292,15 +309,16 @@ class KeyFormat:
     outside: bool = False
     file_aliases: tuple[FileAliases, ...] = ()
 
-    def for_file(self, modules: Iterable[str]) -> KeyFormat:
-        """This naming as it reads a file whose module keys are ``modules``: with the
-        :attr:`file_aliases` of every model one of the keys (without a component prefix) marks
-        after its own aliases; itself where none does. One format per set taken (memoized), so
-        lookups memoized per format stay apart."""
+    def for_file(self, modules: Iterable[str], model: Iterable[str] = ()) -> KeyFormat:
+        """This naming as it reads a file whose module keys are ``modules`` for a model whose module
+        paths are ``model``: with the :attr:`file_aliases` of every model one of the keys (without a
+        component prefix) marks, or the model is (:meth:`FileAliases.takes`), after its own aliases;
+        itself where none is taken. One format per set taken (memoized), so lookups memoized per
+        format stay apart."""
         if not self.file_aliases:
             return self
-        names = [self.strip_prefix(m) for m in modules]
-        taken = tuple(s for s in self.file_aliases if any(_compiled(s.marker).search(n) for n in names))
+        names, paths = [self.strip_prefix(m) for m in modules], list(model)
+        taken = tuple(s for s in self.file_aliases if s.takes(names, paths))
         return _taking(self, taken) if taken else self
 
     def strip_prefix(self, module: str) -> str:

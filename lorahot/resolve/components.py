@@ -451,7 +451,6 @@ def _resolve_each(
     lora: dict[str, LoraModule] = {}
     weights: dict[str, WeightModule] = {}
     problems: list[str] = []
-    naming = file_naming(adapter)  # the whole file's: its Krea 2 keys mark it for every component
     for component, routed in groups.items():
         if not routed:
             continue
@@ -467,6 +466,7 @@ def _resolve_each(
         bare = [n[len(head) :] for n in weightless if n.startswith(head)]
         read = [(n[len(head) :], why) for n, why in unwrapped if n.startswith(head)]
         wrappers = None if levels is None else [n[len(head) :] for n in levels if n.startswith(head)]
+        naming = file_naming(adapter, [*own, *beside])  # the whole file's keys, this component's layers
         try:
             found, folded = resolve_all(part, own, skipped, beside, sizes, bare, read, naming, component, wrappers)
         except AdapterMismatchError as exc:

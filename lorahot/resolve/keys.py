@@ -561,8 +561,9 @@ def resolve_all(
             ``out_proj``), among ``others``: a key that names one of them and no other module is
             refused with that reason, inject refusing them as targets, rather than with a hint
             to inject it.
-        naming: the naming as it reads the whole file (:func:`file_naming`), where ``adapter`` is
-            one component's share of it; else :func:`file_naming` of ``adapter``.
+        naming: the naming as it reads the whole file (:func:`file_naming`) for this model, where
+            ``adapter`` is one component's share of it; else :func:`file_naming` of ``adapter`` for
+            ``names`` and ``others``.
         component: the pipeline component whose layers ``names`` are, where ``adapter`` is its
             share of a file (:func:`lorahot.resolve.components.resolve_components`): a key under
             that component's name that matches none of them is told so, the component being
@@ -580,7 +581,7 @@ def resolve_all(
         AdapterMismatchError: keys matching no layer (each with the closest layer names),
             keys matching several layers (with the candidates), or two keys on one layer.
     """
-    fmt = naming if naming is not None else file_naming(adapter)
+    fmt = naming if naming is not None else file_naming(adapter, [*names, *others])
     index = _index(
         tuple(names), tuple(others), tuple(weightless), tuple(unwrapped), None if levels is None else frozenset(levels)
     )
@@ -678,14 +679,16 @@ def resolve_all(
     return lora, {n: m for n, m in out.items() if isinstance(m, WeightModule)}
 
 
-def file_naming(adapter: Adapter) -> KeyFormat:
-    """The naming of ``adapter`` as it reads this file: with the aliases of a model only its
-    files take (:meth:`~lorahot.formats.table.KeyFormat.for_file`: Krea 2's ``first`` -> ``img_in``
-    in PEFT naming only where some key is a name only Krea 2 has), judged on the file's own keys
+def file_naming(adapter: Adapter, model: Sequence[str] = ()) -> KeyFormat:
+    """The naming of ``adapter`` as it reads this file for a model whose module paths are
+    ``model``: with the aliases of a model only its files take (:meth:`~lorahot.formats.table.KeyFormat.for_file`:
+    Krea 2's ``first`` -> ``img_in`` in PEFT naming only where some key is a name only Krea 2 has,
+    or the model has a layer only Krea 2 has), judged on the file's own keys
     (:attr:`~lorahot.adapter.Adapter.file_keys`), never on ``key_map=``'s renames of them: a
     Krea 2 file with one key renamed keeps its aliases for the others, and a rename to a name only
     Krea 2 has makes no other model's file Krea 2's."""
-    return format_named(adapter.format).for_file(adapter.file_keys or [*adapter.modules, *adapter.weights])
+    keys = adapter.file_keys or [*adapter.modules, *adapter.weights]
+    return format_named(adapter.format).for_file(keys, model)
 
 
 def _norm_hint(module: LoraModule | WeightModule) -> str:

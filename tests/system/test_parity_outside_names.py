@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lorahot
-from tests.system.test_parity_flux import flux_inputs, tiny_flux
+from tests.system.test_parity_flux import flux_inputs, tiny_flux, tiny_flux2
 from tests.system.test_parity_lumina2 import lumina2_inputs, small_lumina2
 
 diffusers = pytest.importorskip("diffusers")
@@ -133,6 +133,81 @@ def test_a_kohya_file_of_t_embedder_alone_is_refused_on_flux() -> None:
     runtime = lorahot.inject(model, "all-linear", max_rank=4)
     before = _state(model)
     with pytest.raises(lorahot.AdapterMismatchError, match=r"lora_unet_t_embedder_mlp_0: matches no injected layer"):
+        runtime.load(sd)
+    after = _state(model)
+    assert after.keys() == before.keys() and all(torch.equal(t, before[n]) for n, t in after.items())
+
+
+def _spelled(naming: str, module: str, pair: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``pair`` (``<module>.lora_A/B.weight``) as ``naming`` spells ``module``: ComfyUI's
+    ``diffusion_model.``, PEFT's ``base_model.model.``, diffusers' ``transformer.``, sd-scripts'
+    ``lora_unet_`` with ``lora_down``/``lora_up``."""
+    if naming == "kohya":
+        stem = "lora_unet_" + module.replace(".", "_")
+        return {
+            k.replace(module, stem).replace("lora_A", "lora_down").replace("lora_B", "lora_up"): v
+            for k, v in pair.items()
+        }
+    head = {"comfyui": "diffusion_model.", "peft": "base_model.model.", "diffusers": "transformer."}[naming]
+    return {head + k: v for k, v in pair.items()}
+
+
+def _krea2() -> torch.nn.Module:
+    from tests.system.test_parity_original_names import _tiny_krea2
+
+    return _tiny_krea2().float()
+
+
+#: (model, its pipeline's loader, the original name alone in the file, the layer diffusers' loader places it on)
+_OWN_MODEL = {
+    "flux2-img_in": (tiny_flux2, "Flux2Pipeline", "img_in", "x_embedder"),
+    "flux2-txt_in": (tiny_flux2, "Flux2Pipeline", "txt_in", "context_embedder"),
+    "flux2-final_layer": (tiny_flux2, "Flux2Pipeline", "final_layer.linear", "proj_out"),
+    "krea2-first": (_krea2, "Krea2Pipeline", "first", "img_in"),
+    "krea2-last": (_krea2, "Krea2Pipeline", "last.linear", "final_layer.linear"),
+}
+_OWN_NAMINGS = {"flux2": ("comfyui", "peft", "kohya"), "krea2": ("comfyui", "peft")}
+
+
+@pytest.mark.parametrize(("case", "naming"), [(c, n) for c in _OWN_MODEL for n in _OWN_NAMINGS[c.partition("-")[0]]])
+def test_a_file_of_a_models_own_outside_names_alone_lands_on_that_model_as_its_loader_places_it(
+    case: str, naming: str
+) -> None:
+    """A file of Flux.2's ``img_in``, ``txt_in`` or ``final_layer.linear`` alone (ComfyUI's, PEFT's or
+    sd-scripts' spelling), or Krea 2's ``first`` or ``last.linear`` alone, has no key that tells its
+    model, so lorahot refused it as matching no layer; diffusers' Flux.2 and Krea 2 loaders place it,
+    on ``x_embedder``, ``context_embedder``, ``proj_out``, ``img_in``, ``final_layer.linear``. On that
+    model (judged by layers only it has: Flux.2's modulations, Krea 2's ``text_fusion.projector``)
+    lorahot now places it as they do: the layer's output equals diffusers'."""
+    build, pipeline, module, layer = _OWN_MODEL[case]
+    model = build()
+    sd = _spelled(naming, module, _pair(model, module, layer, seed=5))
+    oracle = copy.deepcopy(model)
+    with torch.no_grad():
+        state = getattr(diffusers, pipeline).lora_state_dict(dict(sd))
+        oracle.load_lora_adapter(state[0] if isinstance(state, tuple) else state, prefix="transformer")
+        assert [n for n, m in oracle.named_modules() if getattr(m, "lora_A", None)] == [layer]
+        runtime = lorahot.inject(model, "all-linear", max_rank=4)
+        info = runtime.load(sd)
+        assert set(info.ranks) == {layer}
+        x = torch.randn(
+            3, model.get_submodule(layer).base_layer.in_features, generator=torch.Generator().manual_seed(6)
+        )
+        torch.testing.assert_close(model.get_submodule(layer)(x), oracle.get_submodule(layer)(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("naming", ["comfyui", "peft", "kohya", "diffusers"])
+def test_a_flux2_file_of_the_final_adaln_alone_or_under_transformer_stays_refused(naming: str) -> None:
+    """On Flux.2, diffusers' loader places a ComfyUI or PEFT file of the final adaLN alone on
+    ``norm_out.linear`` with its halves unswapped, where its checkpoint conversion swaps them (and its
+    kohya conversion leaves it unloaded), and raises on ``transformer.img_in``: lorahot, which cannot
+    match both, refuses each file, the model bitwise unchanged."""
+    model = tiny_flux2()
+    module = "img_in" if naming == "diffusers" else "final_layer.adaLN_modulation.1"
+    sd = _spelled(naming, module, _pair(model, module, "x_embedder" if naming == "diffusers" else "norm_out.linear", 7))
+    runtime = lorahot.inject(model, "all-linear", max_rank=4)
+    before = _state(model)
+    with pytest.raises(lorahot.AdapterMismatchError, match="matches no injected layer"):
         runtime.load(sd)
     after = _state(model)
     assert after.keys() == before.keys() and all(torch.equal(t, before[n]) for n, t in after.items())

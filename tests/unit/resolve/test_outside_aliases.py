@@ -227,3 +227,63 @@ def test_kohya_outside_names_are_taken_only_in_a_file_of_their_model(case: str) 
         with torch.no_grad():
             got = model.get_submodule(name)(x.float()).double()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _OwnShaped(_OutsideShaped):
+    """:class:`_OutsideShaped` with the layers of Flux.2 (``x_embedder``, there) or of Krea 2
+    (``img_in``), and where ``marked`` a layer only that model has: Flux.2's
+    ``double_stream_modulation_img.linear``, Krea 2's ``time_mod_proj``."""
+
+    def __init__(self, model: str, marked: bool) -> None:
+        super().__init__()
+        own = {"flux2": ("double_stream_modulation_img.linear",), "krea2": ("img_in", "time_mod_proj")}[model]
+        for path in own if marked else own[:-1]:
+            _linear_at(self, path)
+
+
+#: (the model marked, the naming, the module alone in the file, the layer it lands on)
+_OWN_MODEL = {
+    **{f"flux2-{n}": ("flux2", n, "img_in", "x_embedder") for n in ("peft", "bare", "comfyui", "kohya")},
+    "krea2-peft": ("krea2", "peft", "first", "img_in"),
+    "krea2-comfyui": ("krea2", "comfyui", "first", "img_in"),
+}
+
+
+def _spelled(naming: str, module: str, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return _kohya(module, g) if naming == "kohya" else _file(naming, module, g)
+
+
+@pytest.mark.parametrize("case", list(_OWN_MODEL))
+def test_a_file_of_outside_names_alone_takes_its_models_aliases_on_that_model_only(case: str) -> None:
+    """A file of Flux.2's ``img_in`` or Krea 2's ``first`` alone has no key that tells its model, so it
+    was refused on that model too, where diffusers' Flux.2 and Krea 2 loaders place it on ``x_embedder``
+    / ``img_in``. On a model with a layer only Flux.2 (``double_stream_modulation_img.linear``) or
+    Krea 2 (``time_mod_proj``) has it lands there, at the float64 reference; on the same model without
+    that layer, or with it in another pipeline component, it stays refused, bitwise unchanged."""
+    marked, naming, key, layer = _OWN_MODEL[case]
+    g = torch.Generator().manual_seed(10)
+    lone = _spelled(naming, key, g)
+    shown = next(iter(lone)).rsplit(".", 2)[0].removeprefix("base_model.model.")  # as messages name it
+    for model, beside in ((_OwnShaped(marked, False), None), (_OwnShaped(marked, False), _OwnShaped(marked, True))):
+        # alone, and as a pipeline's transformer whose text encoder has the layer: its keys go to the transformer
+        runtime = lorahot.inject(
+            model if beside is None else {"transformer": model, "text_encoder": beside}, "all-linear", max_rank=2
+        )
+        before = _state(model)
+        with pytest.raises(lorahot.AdapterMismatchError, match=rf"  - {re.escape(shown)}: matches no injected layer"):
+            runtime.load(lone)
+        after = _state(model)
+        assert after.keys() == before.keys() and all(torch.equal(t, before[n]) for n, t in after.items())
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    a, b = (lone[k].double() for k in sorted(lone))  # lora_A < lora_B, lora_down < lora_up
+    for model, beside in ((_OwnShaped(marked, True), None), (_OwnShaped(marked, True), _OwnShaped(marked, False))):
+        runtime = lorahot.inject(
+            model if beside is None else {"transformer": model, "text_encoder": beside}, "all-linear", max_rank=2
+        )
+        info = runtime.load(lone)
+        assert set(info.ranks) == {layer if beside is None else f"transformer.{layer}"}
+        base = model.get_submodule(layer).base_layer
+        want = x @ (base.weight.double() + b @ a).T + base.bias.double()
+        with torch.no_grad():
+            got = model.get_submodule(layer)(x.float()).double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
