@@ -56,6 +56,8 @@ from lorahot.layers.base_guards import (
     _ACCELERATE_HOOK,
     _BASE_PARAMETERS,
     _WRAPPERS,
+    ARENA_BUFFERS,
+    ArenaBuffers,
     _add_base_prefix,
     _BaseLoadHook,
     _dora_values_refusal,
@@ -105,7 +107,7 @@ __all__ = [
 ]
 
 #: Buffer names under which a layer registers the arena tensors its live views belong to.
-_ARENA_BUFFERS = ("_lora_arena_A", "_lora_arena_B", "_lora_arena_S", "_lora_arena_E")
+_ARENA_BUFFERS = ARENA_BUFFERS
 #: The rows of a layer's extras ``[4, out]``: the DoRA factor ``f``, the LoRA bias, ``g =
 #: (1 - f) * base bias``, the DoRA magnitude ``m``; and the values with no adapter.
 EXTRA_F, EXTRA_BIAS, EXTRA_G, EXTRA_M = range(4)
@@ -338,6 +340,8 @@ class LoRALayer(nn.Module):
         own = NoParameters()
         own.layer = type(self).__name__
         object.__setattr__(self, "_parameters", own)
+        # another tensor swapped in for a LoRA buffer once bound (functional_call) is refused there
+        object.__setattr__(self, "_buffers", ArenaBuffers())
         self.base_layer = base_layer
         # The same module as a plain attribute: the forward reaches it without going through
         # nn.Module.__getattr__ (and this class's), which the compiler would guard per call.
@@ -520,6 +524,7 @@ class LoRALayer(nn.Module):
         for name, root in zip(_ARENA_BUFFERS, roots):
             self.register_buffer(name, root, persistent=False)
         object.__setattr__(self, "_arena_seen", roots)  # what the buffers hold: check_arena
+        self._arm_buffers()
         self.fused = fused and self.fusable(lora_A)
         self.state = state
         self.regional = regional
@@ -567,6 +572,13 @@ class LoRALayer(nn.Module):
         base = self._modules.get("base_layer")
         if base is not None and "_base_load_hooks" in self.__dict__:  # a copy of an attached layer
             _WRAPPERS[base] = weakref.ref(self)  # its weights are checked as the original's
+        self._arm_buffers()
+
+    def _arm_buffers(self) -> None:
+        """From now on (a bound layer, or its copy) another tensor swapped in for a LoRA buffer is
+        refused (:class:`~lorahot.layers.base_guards.ArenaBuffers`)."""
+        if isinstance(self._buffers, ArenaBuffers) and self.__dict__.get("_arena_seen") is not None:
+            self._buffers.__dict__["layer"] = weakref.ref(self)
 
     def attach(self) -> None:
         """Called once when the layer takes its base module's place in the model (after every

@@ -33,7 +33,18 @@ from lorahot.layers.tensor_handles import TENSORS
 if TYPE_CHECKING:
     from lorahot.layers.base import LoRALayer
 
-__all__ = ["is_dtensor", "refuse_assigned_load_under", "refuse_other_arena", "unwrapped"]
+__all__ = [
+    "ARENA_BUFFERS",
+    "ArenaBuffers",
+    "is_dtensor",
+    "refuse_assigned_load_under",
+    "refuse_other_arena",
+    "unwrapped",
+]
+
+
+#: The names a LoRA layer registers its arena tensors under (non-persistent buffers).
+ARENA_BUFFERS = ("_lora_arena_A", "_lora_arena_B", "_lora_arena_S", "_lora_arena_E")
 
 
 def _drop_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -305,25 +316,59 @@ def refuse_other_arena(layer: LoRALayer, names: tuple[str, ...], seen: tuple[tor
     Raises:
         UsageError: naming the layer, the buffer, both shapes and the fix, before the layer computes.
     """
+    for index, name in enumerate(names):
+        _refuse_other_buffer(layer, name, layer._buffers.get(name), seen[index], index)
+
+
+def _refuse_other_buffer(layer: LoRALayer, name: str, value: object, own: torch.Tensor, index: int) -> None:
+    """Raises :func:`refuse_other_arena`'s error where ``value`` is not ``own`` (the arena tensor
+    ``layer`` registers under ``name``, the ``index``-th) nor of its memory or of the arena it was
+    bound to."""
+    if value is own:
+        return
     bound = TENSORS.get(layer._key, ())
-    for name, own, root in zip(names, seen, bound):
-        value = layer._buffers.get(name)
-        if value is own:
-            continue
-        inner = unwrapped(value)
-        if isinstance(inner, torch.Tensor) and (_same_memory(inner, own) or _same_memory(inner, root)):
-            continue
-        given = f"{inner.dtype} {list(inner.shape)}" if isinstance(inner, torch.Tensor) else type(value).__name__
-        raise UsageError(
-            f"{layer._path or type(layer.base_layer).__name__}: called with another tensor in place of its LoRA "
-            f"buffer {name} ({given}, where the layer computes from its own {root.dtype} {list(root.shape)}): "
-            "torch.func.functional_call or torch.func.stack_module_state over the model's buffers? The layers compute "
-            "with the adapters lorahot loaded into their own buffers, so these values would be ignored (an ensemble of "
-            "injected models would compute every member with this model's adapter). The call was refused before it "
-            "ran. Leave the _lora_arena_* keys out of the tensors you pass (the model's own are then used), or to "
-            "compute several adapters in one call, load them into slots of one runtime and route the rows: "
-            "runtime.activate([0, 1, ...])."
-        )
+    root = bound[index] if index < len(bound) else own
+    inner = unwrapped(value)
+    if isinstance(inner, torch.Tensor) and (_same_memory(inner, own) or _same_memory(inner, root)):
+        return
+    given = f"{inner.dtype} {list(inner.shape)}" if isinstance(inner, torch.Tensor) else type(value).__name__
+    raise UsageError(
+        f"{layer._path or type(layer.base_layer).__name__}: called with another tensor in place of its LoRA "
+        f"buffer {name} ({given}, where the layer computes from its own {root.dtype} {list(root.shape)}): "
+        "torch.func.functional_call or torch.func.stack_module_state over the model's buffers? The layers compute "
+        "with the adapters lorahot loaded into their own buffers, so these values would be ignored (an ensemble of "
+        "injected models would compute every member with this model's adapter). The call was refused before it "
+        "ran. Leave the _lora_arena_* keys out of the tensors you pass (the model's own are then used), or to "
+        "compute several adapters in one call, load them into slots of one runtime and route the rows: "
+        "runtime.activate([0, 1, ...])."
+    )
+
+
+class ArenaBuffers(dict[str, Any]):
+    """A LoRA layer's ``_buffers``, which refuses another tensor put in place of one of its LoRA
+    buffers (:data:`ARENA_BUFFERS`) once the layer is bound (:attr:`layer` set): where
+    ``torch.func.functional_call`` swaps it in (``_buffers[name] = tensor``), before the model runs.
+    So a compiled forward, which reads the arena through
+    :data:`~lorahot.layers.tensor_handles.TENSORS` and never the buffers, is covered too: the eager
+    forward's own test (:meth:`~lorahot.layers.base.LoRALayer.check_arena`) does not run there, and
+    a ``functional_call`` of a compiled model with another model's buffers computed this model's
+    adapter, silently. Where a refusal interrupts its swap, torch puts back what it swapped. Lookups
+    are a dict's: nothing changes for them."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        ref = self.__dict__.get("layer")  # set at bind (a weak reference: no cycle); absent while a copy fills it
+        layer = ref() if ref is not None else None
+        if layer is not None and key in ARENA_BUFFERS and not layer.__dict__.get("merged", False):
+            seen = layer.__dict__.get("_arena_seen")  # (merged, the weights hold the adapter: no buffer is read)
+            if seen is not None:
+                index = ARENA_BUFFERS.index(key)
+                _refuse_other_buffer(layer, key, value, seen[index], index)
+        super().__setitem__(key, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Nothing but the items: a copy (``deepcopy``, unpickled) is armed for its own layer by
+        :meth:`~lorahot.layers.base.LoRALayer.__setstate__`."""
+        return {}
 
 
 def _dora_values_refusal(layer: LoRALayer, name: str) -> str:

@@ -192,3 +192,33 @@ def test_prune_applied_to_the_wrapper_is_refused_and_leaves_no_key_behind() -> N
         assert int((pruned == 0).sum()) == pruned.numel() // 2
         torch.testing.assert_close(layer(x), x @ pruned.T + delta, rtol=0, atol=1e-12)
     runtime.set_scale(0.5)
+
+
+@pytest.mark.parametrize("compiled", ["the model", "the call"])
+def test_functional_call_of_a_compiled_model_with_other_lora_buffers_is_refused_at_the_swap(compiled: str) -> None:
+    """A compiled forward reads the arena through the global table, never the LoRA buffers, and
+    the eager forward's test does not run there: ``functional_call`` of a compiled model (or a
+    compiled ``functional_call``) with another model's buffers computed this model's adapter,
+    1.69 off the other's, silently. The swap itself is refused (the layer's ``_buffers``:
+    ``base_guards.ArenaBuffers``), torch puts back what it swapped, and nothing changed; the
+    model's own buffers passed back compute what the model does."""
+    model, runtime = _served(1, merged=False)
+    other, _ = _served(2, merged=False)
+    ids = token_ids((2, 6), 32, seed=1)
+    state = {**dict(other.named_parameters()), **_arena(other)}
+    if compiled == "the model":
+        c = torch.compile(model, backend="eager")
+        call = lambda s: torch.func.functional_call(c, s, ids)  # noqa: E731
+    else:
+        call = torch.compile(lambda s: torch.func.functional_call(model, s, ids), backend="eager")
+    kept = {k: (v, v.clone()) for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    with torch.no_grad():
+        before = model(ids)
+        with pytest.raises(lorahot.UsageError, match=r"another tensor in place of its LoRA buffer _lora_arena_A"):
+            call(state)
+        assert torch.equal(model(ids), before)
+        assert torch.equal(call(dict(model.named_buffers())), before)
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    for k, (tensor, values) in kept.items():
+        assert now[k] is tensor and torch.equal(tensor, values), k
+    runtime.set_scale(0.5)
