@@ -344,6 +344,19 @@ def _refuse_other_buffer(layer: LoRALayer, name: str, value: object, own: torch.
     )
 
 
+def _has_memory(value: object) -> bool:
+    """Whether ``value`` is a tensor whose memory can be read (not a fake tensor that
+    ``torch.export`` or the compiler swaps in to trace the model), or no tensor at all."""
+    inner = unwrapped(value)
+    if not isinstance(inner, torch.Tensor):
+        return True
+    try:
+        inner.data_ptr()
+    except RuntimeError:  # FakeTensor, FunctionalTensor: no data
+        return False
+    return True
+
+
 class ArenaBuffers(dict[str, Any]):
     """A LoRA layer's ``_buffers``, which refuses another tensor put in place of one of its LoRA
     buffers (:data:`ARENA_BUFFERS`) once the layer is bound (:attr:`layer` set): where
@@ -360,7 +373,7 @@ class ArenaBuffers(dict[str, Any]):
         layer = ref() if ref is not None else None
         if layer is not None and key in ARENA_BUFFERS and not layer.__dict__.get("merged", False):
             seen = layer.__dict__.get("_arena_seen")  # (merged, the weights hold the adapter: no buffer is read)
-            if seen is not None:
+            if seen is not None and _has_memory(value):  # (torch.export swaps in fake tensors to trace)
                 index = ARENA_BUFFERS.index(key)
                 _refuse_other_buffer(layer, key, value, seen[index], index)
         super().__setitem__(key, value)
