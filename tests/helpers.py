@@ -632,3 +632,14 @@ def lycoris_targets(module_classes: list[str]) -> Iterator[Any]:
     finally:
         for a, v in saved.items():
             setattr(LycorisNetwork, a, v)
+
+
+def linear_at(root: nn.Module, path: str) -> None:
+    """Adds an ``nn.Linear(4, 4)`` to ``root`` at the dotted ``path``, with plain modules for the
+    levels it lacks."""
+    *parents, leaf = path.split(".")
+    for name in parents:
+        if not hasattr(root, name):
+            root.add_module(name, nn.Module())
+        root = getattr(root, name)
+    root.add_module(leaf, nn.Linear(4, 4))

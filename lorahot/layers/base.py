@@ -68,7 +68,6 @@ from lorahot.layers.base_guards import (
     _report_base_keys,
     is_dtensor,
     refuse_assigned_load_under,
-    refuse_other_arena,
     unwrapped,
 )  # pickles of injected models name _BaseLoadHook and the three state-dict hooks here, where they lived
 from lorahot.layers.probes import forward_mismatch, kept_parametrizations, mismatch, probe_forward
@@ -523,7 +522,7 @@ class LoRALayer(nn.Module):
         self._slots = routing_views  # type: ignore[assignment]
         for name, root in zip(_ARENA_BUFFERS, roots):
             self.register_buffer(name, root, persistent=False)
-        object.__setattr__(self, "_arena_seen", roots)  # what the buffers hold: check_arena
+        object.__setattr__(self, "_arena_seen", roots)  # what the buffers hold: ArenaBuffers
         self._arm_buffers()
         self.fused = fused and self.fusable(lora_A)
         self.state = state
@@ -711,8 +710,6 @@ class LoRALayer(nn.Module):
                 )
             if torch._C._get_tracing_state() is not None:  # torch.jit.trace records this call
                 return self._traced_views()
-            if forward:
-                self.check_arena()
             if forward and self._dora_seen is not None:  # off for every layer without a DoRA adapter
                 return self._dora_views(live)
             return live
@@ -725,21 +722,6 @@ class LoRALayer(nn.Module):
         a, b, s, e = TENSORS[key]
         ga, gb, gs, ge = geometry
         return a.as_strided(*ga), b.as_strided(*gb), s.as_strided(*gs), e.as_strided(*ge)
-
-    def check_arena(self) -> None:
-        """Eagerly, before an unmerged forward computes: refuses other tensors in place of the
-        layer's LoRA buffers (``torch.func.functional_call`` over them: :func:`refuse_other_arena`).
-        Four identity tests; a layer constructed by hand (never bound) has nothing to check. A
-        merged forward reads no LoRA buffer (its weights hold the adapter, and values for them are
-        taken as given), nor does a compiled one check (it reads the arena through
-        :data:`~lorahot.layers.tensor_handles.TENSORS`; a test here would make every buffer a
-        guarded graph input)."""
-        seen = self.__dict__.get("_arena_seen")
-        if seen is None:
-            return
-        get, (a, b, s, e) = self._buffers.get, _ARENA_BUFFERS
-        if get(a) is not seen[0] or get(b) is not seen[1] or get(s) is not seen[2] or get(e) is not seen[3]:
-            refuse_other_arena(self, _ARENA_BUFFERS, seen)
 
     def dora_versions(self) -> tuple[tuple[int | None, int], tuple[int | None, int] | None]:
         """The base weight's and bias's version counters (None for an inference tensor) and

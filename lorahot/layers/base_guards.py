@@ -38,7 +38,6 @@ __all__ = [
     "ArenaBuffers",
     "is_dtensor",
     "refuse_assigned_load_under",
-    "refuse_other_arena",
     "unwrapped",
 ]
 
@@ -302,28 +301,15 @@ def _put_plain_tensor(layer: LoRALayer, name: str, value: torch.Tensor) -> None:
     base._parameters[name] = value  # type: ignore[assignment]  # as torch's stateless call puts it
 
 
-def refuse_other_arena(layer: LoRALayer, names: tuple[str, ...], seen: tuple[torch.Tensor, ...]) -> None:
-    """Refuses a forward of ``layer`` whose LoRA buffers (the arena tensors it registers under
-    ``names``) are not the tensors it computes with: what ``torch.func.functional_call`` (and
-    ``nn.utils.stateless``) put in a module's ``_buffers`` for one call where the keys name them
-    (``named_buffers()`` with other values, ``torch.func.stack_module_state`` of several injected
-    models). The layer computes with the views of its arena it was bound to, never with those
-    buffers, so the values passed were ignored: a ``vmap`` ensemble of models holding different
-    adapters computed every member with the adapter of the model called, silently. The same memory
-    (the model's own tensors, a detached alias, under a transform's wrapper) passes, as do ``seen``,
-    the copies a move of the model made (:meth:`~lorahot.layers.base.LoRALayer._apply`).
+def _refuse_other_buffer(layer: LoRALayer, name: str, value: object, own: torch.Tensor, index: int) -> None:
+    """Refuses ``value`` in place of ``layer``'s LoRA buffer ``name`` (the ``index``-th arena
+    tensor it registers, ``own``) unless it is ``own``, of its memory (a detached alias, under a
+    ``torch.func`` transform's wrapper) or of the arena it was bound to; ``own`` follows the
+    copies a move of the model makes (:meth:`~lorahot.layers.base.LoRALayer._apply`).
 
     Raises:
-        UsageError: naming the layer, the buffer, both shapes and the fix, before the layer computes.
+        UsageError: naming the layer, the buffer, both shapes and the fix.
     """
-    for index, name in enumerate(names):
-        _refuse_other_buffer(layer, name, layer._buffers.get(name), seen[index], index)
-
-
-def _refuse_other_buffer(layer: LoRALayer, name: str, value: object, own: torch.Tensor, index: int) -> None:
-    """Raises :func:`refuse_other_arena`'s error where ``value`` is not ``own`` (the arena tensor
-    ``layer`` registers under ``name``, the ``index``-th) nor of its memory or of the arena it was
-    bound to."""
     if value is own:
         return
     bound = TENSORS.get(layer._key, ())
@@ -361,12 +347,12 @@ class ArenaBuffers(dict[str, Any]):
     """A LoRA layer's ``_buffers``, which refuses another tensor put in place of one of its LoRA
     buffers (:data:`ARENA_BUFFERS`) once the layer is bound (:attr:`layer` set): where
     ``torch.func.functional_call`` swaps it in (``_buffers[name] = tensor``), before the model runs.
-    So a compiled forward, which reads the arena through
-    :data:`~lorahot.layers.tensor_handles.TENSORS` and never the buffers, is covered too: the eager
-    forward's own test (:meth:`~lorahot.layers.base.LoRALayer.check_arena`) does not run there, and
-    a ``functional_call`` of a compiled model with another model's buffers computed this model's
-    adapter, silently. Where a refusal interrupts its swap, torch puts back what it swapped. Lookups
-    are a dict's: nothing changes for them."""
+    The layers compute with the views of their arena, eager or compiled (through
+    :data:`~lorahot.layers.tensor_handles.TENSORS`), never with these buffers, so values passed for
+    them (``named_buffers()`` with other tensors, ``torch.func.stack_module_state`` of several
+    injected models) were ignored: a ``vmap`` ensemble computed every member with the called
+    model's adapter, silently. Checked here, the forward pays nothing. Where a refusal interrupts
+    its swap, torch puts back what it swapped. Lookups are a dict's: nothing changes for them."""
 
     def __setitem__(self, key: str, value: Any) -> None:
         ref = self.__dict__.get("layer")  # set at bind (a weak reference: no cycle); absent while a copy fills it

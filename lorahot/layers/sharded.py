@@ -247,8 +247,6 @@ class ShardedLoRALinear(LoRALinear):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         # ``x`` is the DTensor the input hook made; the base computes its output DTensor
         # (column-parallel: Shard(-1); row-parallel: Partial); the LoRA part joins it locally.
-        if not torch.compiler.is_compiling():
-            self.check_arena()
         if args:
             x, args = args[0], args[1:]
         else:  # by keyword, as the base module takes it (LoRALayer.forward)

@@ -139,7 +139,7 @@ def _tiny_flux3() -> nn.Module:
     )
 
 
-def _tiny_ace_step() -> nn.Module:
+def tiny_ace_step() -> nn.Module:
     torch.manual_seed(0)
     return (
         diffusers.AceStepTransformer1DModel(
@@ -316,7 +316,7 @@ _FAMILIES = {
     "anima": (_tiny_anima, _anima_original, lambda: diffusers.loaders.lora_pipeline.AnimaLoraLoaderMixin),
     "comfyui": (_tiny_hidream, str, lambda: diffusers.HiDreamImagePipeline),
     "flux3": (_tiny_flux3, _flux3_original, lambda: diffusers.loaders.lora_pipeline.Flux3LoraLoaderMixin),
-    "peft": (_tiny_ace_step, _ace_step_original, lambda: diffusers.loaders.lora_pipeline.AceStepLoraLoaderMixin),
+    "peft": (tiny_ace_step, _ace_step_original, lambda: diffusers.loaders.lora_pipeline.AceStepLoraLoaderMixin),
     "krea2": (_tiny_krea2, _krea2_original, lambda: diffusers.loaders.lora_pipeline.Krea2LoraLoaderMixin),
 }
 
@@ -919,7 +919,7 @@ def test_a_text_encoders_q_proj_never_reaches_a_transformers_to_q_through_the_al
     a text encoder's ``encoder.layers.0.self_attn.q_proj`` (shapes alike) reached ACE-Step's
     ``layers.0.self_attn.to_q`` once the lookup dropped ``encoder.``, changing the DiT by 0.16
     where diffusers' loader refuses. Refused, naming the key."""
-    model = _tiny_ace_step()
+    model = tiny_ace_step()
     sd = {}
     for i in range(2):
         for proj in ("q_proj", "v_proj"):

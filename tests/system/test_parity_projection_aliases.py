@@ -21,6 +21,9 @@ from tests.diffusion_names import assert_same, diffusers_weights, lorahot_weight
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
+
+from tests.system.test_parity_original_names import tiny_ace_step  # noqa: E402
+
 pytestmark = pytest.mark.skipif(
     not hasattr(diffusers, "AceStepTransformer1DModel")
     or not hasattr(diffusers.loaders.lora_pipeline, "AceStepLoraLoaderMixin"),
@@ -28,25 +31,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 _RENAMED = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "o_proj": "to_out.0"}
-
-
-def _tiny_ace_step() -> nn.Module:
-    torch.manual_seed(0)
-    return (
-        diffusers.AceStepTransformer1DModel(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            in_channels=8,
-            audio_acoustic_hidden_dim=8,
-            encoder_hidden_size=32,
-        )
-        .double()
-        .eval()
-    )
 
 
 def _tiny_sd3() -> nn.Module:
@@ -136,12 +120,12 @@ def test_ace_step_s_projections_match_diffusers_ace_step_loader() -> None:
     """ACE-Step's adapters (its trainer targets the decoder's four projections) under PEFT's wrapper:
     each layer equals diffusers' ACE-Step loader's output, float64."""
     layers = _ace_step_projections(tuple(_RENAMED))
-    sd = _file(_tiny_ace_step(), layers, "base_model.model.", seed=3)
+    sd = _file(tiny_ace_step(), layers, "base_model.model.", seed=3)
     names = sorted(layers.values())
-    ours, fmt = lorahot_weights(_tiny_ace_step, sd, names)
+    ours, fmt = lorahot_weights(tiny_ace_step, sd, names)
     assert fmt == "peft"
-    theirs = diffusers_weights(_tiny_ace_step, diffusers.loaders.lora_pipeline.AceStepLoraLoaderMixin, sd, names)
-    assert all(not torch.equal(theirs[n], weights(_tiny_ace_step(), [n])[n]) for n in names)  # each one adapted
+    theirs = diffusers_weights(tiny_ace_step, diffusers.loaders.lora_pipeline.AceStepLoraLoaderMixin, sd, names)
+    assert all(not torch.equal(theirs[n], weights(tiny_ace_step(), [n])[n]) for n in names)  # each one adapted
     assert_same(ours, theirs)
 
 
@@ -150,13 +134,13 @@ def test_ace_step_s_value_and_output_projections_alone_are_refused_as_diffusers_
     ``v_proj``/``o_proj`` alone it loads nowhere (every layer as before). lorahot placed them on ``to_v``
     and ``to_out.0``; now refused, bitwise unchanged."""
     layers = _ace_step_projections(("v_proj", "o_proj"))
-    sd = _file(_tiny_ace_step(), layers, "base_model.model.", seed=4)
+    sd = _file(tiny_ace_step(), layers, "base_model.model.", seed=4)
     names = sorted(layers.values())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = diffusers_weights(_tiny_ace_step, diffusers.loaders.lora_pipeline.AceStepLoraLoaderMixin, sd, names)
-    assert_same(theirs, weights(_tiny_ace_step(), names))
-    _assert_refused_unchanged(_tiny_ace_step, sd, "layers.0.cross_attn.o_proj")
+        theirs = diffusers_weights(tiny_ace_step, diffusers.loaders.lora_pipeline.AceStepLoraLoaderMixin, sd, names)
+    assert_same(theirs, weights(tiny_ace_step(), names))
+    _assert_refused_unchanged(tiny_ace_step, sd, "layers.0.cross_attn.o_proj")
 
 
 def test_ace_step_s_projections_under_transformer_are_refused_as_diffusers_loads_them_nowhere() -> None:
@@ -164,11 +148,11 @@ def test_ace_step_s_projections_under_transformer_are_refused_as_diffusers_loads
     puts its ``transformer.`` in front of the file's own, and its model loader raises on the modules it
     then names (``transformer.layers.0.self_attn.to_q``, none of the model's). Refused, bitwise unchanged."""
     layers = _ace_step_projections(("q_proj",))
-    sd = _file(_tiny_ace_step(), layers, "transformer.", seed=5)
+    sd = _file(tiny_ace_step(), layers, "transformer.", seed=5)
     names = sorted(layers.values())
     with pytest.raises(ValueError, match=r"Target modules .* not found in the base model"):
-        diffusers_weights(_tiny_ace_step, diffusers.loaders.lora_pipeline.AceStepLoraLoaderMixin, sd, names)
-    _assert_refused_unchanged(_tiny_ace_step, sd, "transformer.layers.0.cross_attn.q_proj")
+        diffusers_weights(tiny_ace_step, diffusers.loaders.lora_pipeline.AceStepLoraLoaderMixin, sd, names)
+    _assert_refused_unchanged(tiny_ace_step, sd, "transformer.layers.0.cross_attn.q_proj")
 
 
 def _tiny_clip() -> nn.Module:

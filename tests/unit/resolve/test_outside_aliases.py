@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lorahot
+from tests.helpers import linear_at
 
 #: the file's component prefix and its roles, per naming
 _NAMINGS = {
@@ -19,15 +20,6 @@ _NAMINGS = {
     "diffusers": ("transformer.", "lora_A", "lora_B"),
     "comfyui": ("diffusion_model.", "lora_A", "lora_B"),
 }
-
-
-def _linear_at(root: nn.Module, path: str) -> None:
-    *parents, leaf = path.split(".")
-    for name in parents:
-        if not hasattr(root, name):
-            root.add_module(name, nn.Module())
-        root = getattr(root, name)
-    root.add_module(leaf, nn.Linear(4, 4))
 
 
 class _OutsideShaped(nn.Module):
@@ -55,7 +47,7 @@ class _OutsideShaped(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         for path in self.LAYERS:
-            _linear_at(self, path)
+            linear_at(self, path)
 
 
 def _file(naming: str, module: str, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -238,7 +230,7 @@ class _OwnShaped(_OutsideShaped):
         super().__init__()
         own = {"flux2": ("double_stream_modulation_img.linear",), "krea2": ("img_in", "time_mod_proj")}[model]
         for path in own if marked else own[:-1]:
-            _linear_at(self, path)
+            linear_at(self, path)
 
 
 #: (the model marked, the naming, the module alone in the file, the layer it lands on)

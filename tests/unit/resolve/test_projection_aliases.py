@@ -15,19 +15,11 @@ import torch
 from torch import nn
 
 import lorahot
+from tests.helpers import linear_at
 
 #: the file's prefix per naming: PEFT's wrapper, or the model's names bare
 _HEADS = {"peft": "base_model.model.", "bare": ""}
 _PROJECTIONS = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "o_proj": "to_out.0"}
-
-
-def _linear_at(root: nn.Module, path: str) -> None:
-    *parents, leaf = path.split(".")
-    for name in parents:
-        if not hasattr(root, name):
-            root.add_module(name, nn.Module())
-        root = getattr(root, name)
-    root.add_module(leaf, nn.Linear(4, 4))
 
 
 class _Projections(nn.Module):
@@ -40,8 +32,8 @@ class _Projections(nn.Module):
         torch.manual_seed(0)
         for stem in ("transformer_blocks.0.attn", "layers.0.self_attn", "layers.0.cross_attn"):
             for name in _PROJECTIONS.values():
-                _linear_at(self, f"{stem}.{name}")
-        _linear_at(self, "mlp")
+                linear_at(self, f"{stem}.{name}")
+        linear_at(self, "mlp")
 
 
 def _file(head: str, module: str, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -136,8 +128,8 @@ class _Clip(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            _linear_at(self, f"encoder.layers.0.self_attn.{name}")
-        _linear_at(self, "encoder.layers.0.mlp.fc1")
+            linear_at(self, f"encoder.layers.0.self_attn.{name}")
+        linear_at(self, "encoder.layers.0.mlp.fc1")
 
 
 def _old(module: str, g: torch.Generator) -> dict[str, torch.Tensor]:
