@@ -2,14 +2,15 @@
 
 One table for the header checks (bytes per element) and the reader (the torch dtype). Which
 dtypes may hold LoRA weights is the planner's business (:mod:`lorahot.runtime.plan`), so that a
-wrong dtype is reported with the module it belongs to.
+wrong dtype is reported with the module it belongs to; a float8 tensor is widened to float32 as
+it is read (:func:`widened`), so the planner never sees one.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["TORCH_DTYPES", "DTYPE_BYTES"]
+__all__ = ["TORCH_DTYPES", "DTYPE_BYTES", "FLOAT8_DTYPES", "widened"]
 
 #: safetensors dtype name -> torch dtype.
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -22,3 +23,19 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 #: safetensors dtype name -> bytes per element.
 DTYPE_BYTES: dict[str, int] = {name: t.itemsize for name, t in TORCH_DTYPES.items()}
+
+#: the float8 dtypes a file or mapping may hold; each value is exactly a float32 (and a float16
+#: or bfloat16) value
+FLOAT8_DTYPES = frozenset(t for t in TORCH_DTYPES.values() if t.is_floating_point and t.itemsize == 1)
+
+
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a float8 ``t`` as float32: the same values exactly.
+
+    Adapters saved in float8 (``float8_e4m3fn``, ``float8_e5m2`` and their ``fnuz`` kinds) are
+    read as PEFT loads them (into its float32 parameters) and ComfyUI applies them (cast to the
+    model's dtype): each value widened, nothing rounded. torch lacks float8 kernels for the
+    checks and products the planner and the layers run on the CPU, so the tensor is widened once,
+    where it is read; its NaN elements stay NaN and are refused as any file's are.
+    """
+    return t.to(torch.float32) if t.dtype in FLOAT8_DTYPES else t

@@ -24,6 +24,7 @@ from lorahot.adapter import detached
 from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, UsageError, long_name, one_line, shown
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.digests import note_config
+from lorahot.io.dtypes import widened
 from lorahot.io.hub import check_relative, fetch
 from lorahot.io.plain import plain
 from lorahot.io.safety import (
@@ -261,7 +262,7 @@ def _from_mapping(source: Mapping[str, Any]) -> RawAdapter:
         if (problem := long_name(key)) is not None:
             raise AdapterReadError(f"<mapping>: key {shown(key)} {problem}. Pass the adapter's module keys.")
     refuse_oversized("<mapping>", ((k, v.shape) for k, v in source.items()), "tensors were not copied")
-    return RawAdapter({k: detached(v) for k, v in source.items()}, "<mapping>")
+    return RawAdapter({k: widened(detached(v)) for k, v in source.items()}, "<mapping>")
 
 
 def _weight_file(directory: Path, weight_name: str | None) -> Path:
@@ -331,6 +332,7 @@ def _from_file(path: Path, device: torch.device | None = None) -> RawAdapter:
             "(safetensors.torch.save_file) and load that."
         )
     tensors, header = read_safetensors(path, device)
+    tensors = {k: widened(t) for k, t in tensors.items()}  # float8 files: each value as float32, exactly
     config_path = path.parent / CONFIG_NAME
     config = read_config(config_path)
     note_config(config_path, config)  # for the host cache's recent files (lorahot.io.digests)

@@ -237,9 +237,9 @@ def check_module(name: str, module: LoraModule, spec: LayerSpec, max_rank: int) 
     return []
 
 
-#: dtypes lorahot copies from, and the dtypes its buffers may have; float8 and integer weights
-#: are refused (torch lacks kernels lorahot's checks and matmuls need for float8 on the CPU,
-#: and no LoRA trainer writes them): the dtypes the layers compute their LoRA in.
+#: dtypes lorahot copies from, and the dtypes its buffers may have: the dtypes the layers compute
+#: their LoRA in. Integer weights are refused; float8 ones never reach the planner: they are read
+#: as float32, value for value (:func:`lorahot.io.dtypes.widened`), as PEFT loads them.
 WEIGHT_DTYPES = FLOAT_DTYPES
 
 

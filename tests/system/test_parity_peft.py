@@ -443,3 +443,23 @@ def test_velora_and_monteclora_training_state_is_named_and_the_rest_is_plain_lor
     runtime.load(tmp_path)
     assert _rel(_logits(model), _logits(_fresh_peft(base, tmp_path))) < RTOL
     assert _rel(_logits(model), _logits(base)) > 1e-3
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_a_float8_adapter_matches_peft_loading_it(tmp_path: Path, dtype: torch.dtype, merged: bool) -> None:
+    """PEFT loads an adapter saved in float8 into its float32 LoRA parameters (each value
+    widened); lorahot refused it. Now it computes what PEFT does, within float32 rounding."""
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_llama()
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    _peft_adapter(base, tmp_path, seed=5, **config)
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file({k: (v * 4).to(dtype) for k, v in load_file(weights).items()}, weights)
+    oracle = _fresh_peft(base, tmp_path)
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, config["target_modules"], max_rank=8, merged=merged)
+    runtime.load(tmp_path)
+    assert _rel(_logits(model), _logits(oracle)) < RTOL
+    assert _rel(_logits(model), _logits(base)) > 1e-3  # the adapter does change the outputs

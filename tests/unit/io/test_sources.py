@@ -395,3 +395,30 @@ def test_a_path_with_an_empty_part_is_refused_saying_what_is_wrong(
     save_file(_peft(2), tmp_path / "x" / "adapter_model.safetensors")
     with pytest.raises(lorahot.SourceNotFoundError, match=rf"^{message}$"):
         lorahot.read_adapter(tmp_path, **kwargs)
+
+
+_FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
+
+
+@pytest.mark.parametrize("dtype", _FLOAT8, ids=str)
+@pytest.mark.parametrize("where", ["file", "mapping", "header"])
+def test_float8_tensors_are_read_widened_to_float32_value_for_value(tmp_path: Path, where: str, dtype) -> None:
+    """An adapter saved in float8 (as PEFT loads it into float32 parameters, and ComfyUI casts
+    it to the model's dtype) was refused: "A has dtype torch.float8_e4m3fn; LoRA weights must be
+    float16, bfloat16, float32 or float64". Each value is now read as its float32 value, exactly;
+    planning from the header alone (``plan_targets``, the meta device) sees float32 too."""
+    stored = {k: (v * 8).to(dtype) for k, v in _peft(4).items()}
+    if where == "mapping":
+        source: object = stored
+    else:
+        save_file(stored, tmp_path / "adapter_model.safetensors")
+        source = tmp_path
+    if where == "header":
+        model = torch.nn.Module()
+        model.proj = torch.nn.Linear(8, 6)
+        assert lorahot.plan_targets(source, model).ranks == {"proj": 4}
+        return
+    module = lorahot.read_adapter(source).modules["proj"]
+    for got, key in ((module.A, "lora_A"), (module.B, "lora_B")):
+        assert got.dtype == torch.float32
+        assert torch.equal(got, stored[f"base_model.model.proj.{key}.weight"].to(torch.float32))
