@@ -422,3 +422,25 @@ def test_float8_tensors_are_read_widened_to_float32_value_for_value(tmp_path: Pa
     for got, key in ((module.A, "lora_A"), (module.B, "lora_B")):
         assert got.dtype == torch.float32
         assert torch.equal(got, stored[f"base_model.model.proj.{key}.weight"].to(torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _FLOAT8, ids=str)
+def test_gpu_a_float8_file_computes_what_its_float32_values_do(tmp_path: Path, dtype) -> None:
+    """On CUDA the file's data lands on the GPU before it is widened (and through the runtime's
+    read buffers on later loads, and from the host cache): every way in computes bitwise what
+    the same values saved in float32 do."""
+    stored = {k: (v * 8).to(dtype) for k, v in _peft(4).items()}
+    save_file(stored, tmp_path / "f8.safetensors")
+    save_file({k: v.to(torch.float32) for k, v in stored.items()}, tmp_path / "f32.safetensors")
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(8, 6))
+    model = model.cuda()
+    runtime = lorahot.inject(model, ["proj"], max_rank=4)
+    x = torch.randn(3, 8, device="cuda")
+    runtime.load(tmp_path / "f32.safetensors")
+    expected = model(x)
+    for load in range(3):
+        runtime.unload()
+        runtime.load(runtime.preload(tmp_path / "f8.safetensors") if load == 2 else tmp_path / "f8.safetensors")
+        assert torch.equal(model(x), expected), load
