@@ -6,6 +6,9 @@ them per module, each key a regex matched as PEFT matches it: a module whose nam
 they are evaluated in linear time (:mod:`lorahot.io.patterns`). ``use_rslora`` divides by
 ``sqrt(r)`` instead of ``r``; ``use_dora`` and ``lora_bias`` say which tensors the file must
 carry (the loader checks that the magnitude vectors and biases agree with them).
+``target_modules``, ``exclude_modules``, ``layers_to_transform`` and ``layers_pattern`` say which
+modules PEFT builds a layer for (:mod:`lorahot.io.selection`): the loader refuses a module of a
+PEFT file they leave out, whose weights PEFT drops.
 
 Every other field is accounted for: :data:`INERT` lists the ones that do not change what a
 saved adapter computes, :data:`UNSUPPORTED` the ones that switch on features lorahot does not
@@ -25,6 +28,7 @@ from typing import Any
 
 from lorahot.errors import AdapterReadError, shown
 from lorahot.io.patterns import PatternSet
+from lorahot.io.selection import ModuleSelection
 
 __all__ = [
     "AdapterConfig",
@@ -79,7 +83,7 @@ LORA_TYPE = "LORA"
 #: The fields :class:`AdapterConfig` reads or checks.
 READ = (
     "peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias",
-    "fan_in_fan_out", "target_modules", "init_lora_weights",
+    "fan_in_fan_out", "target_modules", "init_lora_weights", "exclude_modules", "layers_to_transform", "layers_pattern",
 )  # fmt: skip
 
 #: PEFT ``LoraConfig`` fields (0.21) that do not change what a saved adapter computes at
@@ -91,9 +95,6 @@ INERT: dict[str, str] = {
     "base_model_name_or_path": "where the base model came from",
     "revision": "the base model's revision",
     "inference_mode": "whether PEFT's parameters were trainable",
-    "exclude_modules": "which modules were adapted: the file holds those",
-    "layers_to_transform": "which layers were adapted: the file holds those",
-    "layers_pattern": "which layers were adapted: the file holds those",
     "lora_dropout": "training only: dropout is off at inference",
     "megatron_config": "Megatron's parallel layers compute the same B @ A",
     "megatron_core": "the module Megatron's layers come from",
@@ -139,8 +140,8 @@ class AdapterConfig:
             config is :attr:`present`), a bias in the file is refused (PEFT ignores it).
         fan_in_fan_out: recorded only. PEFT saves A ``[r, in]`` and B ``[out, r]`` whatever
             the base layout; lorahot's linear layer reads a ``Conv1D`` base the right way itself.
-        target_modules: the module names (or a regex) the adapter was trained on; used in
-            messages only, never matched.
+        target_modules: the module names (or a regex) the adapter was trained on, for messages
+            (:attr:`selection` is what the loader checks).
         unsupported: ``"field=value; why"`` for each set :data:`UNSUPPORTED` field, each set
             field lorahot does not know, a ``peft_type`` other than LoRA and an
             ``init_lora_weights`` that rewrote the base weights or that lorahot does not know.
@@ -155,6 +156,8 @@ class AdapterConfig:
             fields it leaves out; without one the tensors decide.
         origin: where the fields came from, for messages (``adapter_config.json``, the
             safetensors header's metadata, ``config=``); empty where not known.
+        selection: the modules ``target_modules``, ``exclude_modules`` and ``layers_to_transform``
+            select, as ``PeftModel.from_pretrained`` reads them; None where they select every one.
     """
 
     r: int | None = None
@@ -172,6 +175,7 @@ class AdapterConfig:
     r_omitted: bool = False
     present: bool = False
     origin: str = field(default="", compare=False)
+    selection: ModuleSelection | None = field(default=None, compare=False)
     _rank_set: PatternSet | None = field(default=None, compare=False, repr=False)
     _alpha_set: PatternSet | None = field(default=None, compare=False, repr=False)
 
@@ -220,6 +224,7 @@ class AdapterConfig:
                 problems.append(f"{k} must be true or false, got {shown(v)}")
                 flags[k] = False
         targets = _targets(raw.get("target_modules"), problems)
+        selection = ModuleSelection.parse(dict(raw), problems)
         unsupported = tuple(f"{k}={_json(raw[k])}; {why}" for k, why in UNSUPPORTED.items() if _set(raw.get(k)))
         unsupported += _init_refusal(raw.get("init_lora_weights", True))
         unsupported += tuple(
@@ -230,7 +235,7 @@ class AdapterConfig:
         config = cls(
             r, alpha, rank_pattern, alpha_pattern, **flags, target_modules=targets, unsupported=unsupported,
             alpha_stated="lora_alpha" in raw, r_null="r" in raw and raw["r"] is None, present=True,
-            _rank_set=rank_set, _alpha_set=alpha_set,
+            selection=selection, _rank_set=rank_set, _alpha_set=alpha_set,
         )  # fmt: skip
         return config, problems
 

@@ -51,6 +51,7 @@ from lorahot.io.patterns import budget_problem
 from lorahot.io.plain import plain
 from lorahot.io.safety import MAX_METADATA_BYTES, cut, parse_json
 from lorahot.io.scoped import scoped
+from lorahot.io.selection import SELECTION_FIELDS
 from lorahot.io.sources import RawAdapter, Source, open_source
 from lorahot.io.tensorfile import refuse_oversized
 from lorahot.memo import BoundedMemo
@@ -894,6 +895,10 @@ def _component_configs(
         raise AdapterReadError(f"{raw.source}: {too_many}. Write fewer, plainer pattern keys.")
     root = _root_origin(file_config is not None, "" in header_configs, overrides is not None)
     parsed = {c: _parse_config(raw, c, d, root) for c, d in configs.items()}
+    # PeftModel.from_pretrained builds the modules adapter_config.json selects; diffusers' loaders,
+    # which read the header's configs, build those of the file's keys
+    chooses = file_config is not None or any(k in (overrides or {}) for k in SELECTION_FIELDS)
+    parsed = {c: cfg if not c and chooses else replace(cfg, selection=None) for c, cfg in parsed.items()}
     peft_read = [c for c in configs if c or file_config is not None or "" in header_configs]
     parsed |= {c: replace(parsed[c], r_omitted=True) for c in peft_read if "r" not in configs[c] and parsed[c].present}
     if overrides:  # what a message blames: the caller's values too
@@ -1088,6 +1093,10 @@ def _assemble(
             b = b.reshape(*b.shape, *(1,) * (a.ndim - 2))
         rank = int(a.shape[0])
         cfg, pattern_name, origin = _config_for(module, fmt, configs)
+        left_out = _left_out_by_peft(ka, pattern_name, cfg, origin) if fmt.name == "peft" else None
+        if left_out is not None:
+            problems.append(f"{named}: {left_out}")
+            continue
         declared = cfg.rank_for(pattern_name)
         if declared is None and cfg.r_null:
             problems.append(
@@ -1164,6 +1173,27 @@ def _assemble(
             fix = "Re-save the adapter so tensors and config agree."
         raise AdapterMismatchError(lines(format_problems(f"{source}: inconsistent adapter:", problems), fix))
     return modules
+
+
+#: PEFT's wrapper of the model's module names in the keys it saves
+_PEFT_WRAPPER = "base_model.model."
+
+
+def _left_out_by_peft(key: str, name: str, cfg: AdapterConfig, origin: str) -> str | None:
+    """Why PEFT drops the weights of module ``name`` (its A's ``key``), or None. PEFT's
+    ``from_pretrained`` builds a layer on each module its config selects
+    (:class:`~lorahot.io.selection.ModuleSelection`) and loads the file's weights into those
+    alone: a module left out keeps the base model's output, with a warning at most. Keys without
+    PEFT's ``base_model.model.``, which ``from_pretrained`` loads nowhere, are read as diffusers'
+    loaders read them, by the file's keys."""
+    why = cfg.selection.leaves_out(name) if cfg.selection is not None and key.startswith(_PEFT_WRAPPER) else None
+    if why is None:
+        return None
+    return (
+        f"{origin}'s {why}, so PEFT builds no LoRA layer on it and drops its weights; fix target_modules, "
+        "exclude_modules or layers_to_transform there, or delete the weights (config= with those fields null "
+        "loads them)"
+    )
 
 
 def _ignored_by_peft(roles: dict[str, tuple[str, torch.Tensor]], cfg: AdapterConfig, origin: str) -> str | None:

@@ -41,7 +41,7 @@ from lorahot.errors import AdapterReadError, shown
 from lorahot.io.re2_syntax import Untranslatable, to_re2
 from lorahot.io.safety import cut
 
-__all__ = ["MAX_PATTERN_BYTES", "MAX_PATTERNS", "MAX_PATTERN_TOTAL_BYTES", "PatternSet", "budget_problem"]
+__all__ = ["MAX_PATTERN_BYTES", "MAX_PATTERNS", "MAX_PATTERN_TOTAL_BYTES", "FullMatch", "PatternSet", "budget_problem"]
 
 MAX_PATTERN_BYTES = 1000  # a PEFT key is a module path, tens of characters
 MAX_PATTERNS = 4096  # diffusers writes one key per module whose rank differs: ~1,000 at most
@@ -119,6 +119,31 @@ class PatternSet:
                 raise AdapterReadError(f"rank/alpha pattern keys {shown(self.keys)} stopped compiling in RE2.")
             self._exact = exact
         return self._exact
+
+
+class FullMatch:
+    """One regex of a file matched as ``re.fullmatch`` matches it (PEFT's ``target_modules`` and
+    ``exclude_modules`` strings), on RE2: linear time whatever the pattern.
+
+    Build it with :meth:`compile`; :meth:`matches` is ``re.fullmatch(key, name) is not None``.
+    """
+
+    def __init__(self, matcher: Any) -> None:
+        self._matcher = matcher
+
+    @classmethod
+    def compile(cls, key: str, field: str, problems: list[str]) -> FullMatch | None:
+        """The matcher of ``key``, or None with the reason appended to ``problems``."""
+        why = _problem(key)
+        sets = _sets([_wrapped(to_re2(key), newline=False)]) if why is None else None
+        if sets is None:
+            problems.append(f"{field} {shown(key)} {why or 'compiles to too large a program for RE2'}")
+            return None
+        return cls(sets[0])
+
+    def matches(self, name: str) -> bool:
+        """Whether ``key`` matches the whole of ``name``."""
+        return bool(self._matcher.Match(name.encode("utf-8", "surrogatepass")))
 
 
 def _hits(text: bytes, at_start: Any, after_dot: Any) -> set[int]:
