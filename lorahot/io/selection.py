@@ -25,7 +25,8 @@ to a selected one's (``lm_head`` to ``embed_tokens``), which only the model know
 selects every module here.
 
 The regexes come from a file: a ``target_modules`` / ``exclude_modules`` regex runs on RE2 in
-linear time (:class:`lorahot.io.patterns.FullMatch`); a ``layers_pattern`` must be a plain
+linear time (:class:`lorahot.io.patterns.FullMatch`; one RE2 cannot run, such as a lookaround,
+is not checked: :func:`_runnable`); a ``layers_pattern`` must be a plain
 module name (letters, digits, ``_`` and dots), as PEFT's own are (``layers``, ``h``, ``blocks``).
 """
 
@@ -36,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorahot.errors import shown
+from lorahot.errors import cut, shown
 from lorahot.io.patterns import FullMatch
 
 __all__ = ["SELECTION_FIELDS", "ModuleSelection"]
@@ -83,13 +84,17 @@ class ModuleSelection:
             problems.append("layers_to_transform and layers_pattern cannot be used when target_modules is a str (PEFT)")
         if pattern and layers is None:
             problems.append("layers_pattern is set without layers_to_transform (PEFT refuses it)")
-        if len(problems) > before:
-            return None
         if isinstance(targets, str) and targets.lower() == _ALL_LINEAR:
             targets = None
-        target_re = FullMatch.compile(targets, "target_modules", problems) if isinstance(targets, str) else None
-        exclude_re = FullMatch.compile(exclude, "exclude_modules", problems) if isinstance(exclude, str) else None
-        if len(problems) > before or (targets is None and not exclude) or raw.get("ensure_weight_tying"):
+        target_re = _runnable(targets, "target_modules", problems)
+        exclude_re = _runnable(exclude, "exclude_modules", problems)
+        if len(problems) > before:
+            return None
+        if isinstance(targets, str) and target_re is None:
+            targets = None  # a regex RE2 cannot run (a lookaround): the file's modules, as PEFT saved them
+        if isinstance(exclude, str) and exclude_re is None:
+            exclude = None
+        if (targets is None and not exclude) or raw.get("ensure_weight_tying"):
             return None  # with ensure_weight_tying, PEFT adds the modules the model ties to targeted ones
         return cls(targets, exclude, layers, pattern, target_re, exclude_re)
 
@@ -128,6 +133,27 @@ class ModuleSelection:
 
     def _pattern_text(self) -> str:
         return f" (layers_pattern {shown(list(self.layers_pattern), 80)})" if self.layers_pattern else ""
+
+
+def _runnable(v: tuple[str, ...] | str | None, what: str, problems: list[str]) -> FullMatch | None:
+    """The matcher of a regex field ``v``; None for names, None, or a regex RE2 cannot run. A
+    string Python's ``re`` cannot compile, as PEFT's ``re.fullmatch`` would raise on, is
+    appended to ``problems``.
+
+    PEFT's own configs carry lookarounds (``^(?!.*vision).*q_proj``, to leave a vision tower
+    out), which RE2 does not run and Python's engine would run in exponential time on a hostile
+    one. Such a field is not checked: every module of the file is taken, as lorahot took them
+    all before these fields were read, which is what PEFT does with the file it saved (its
+    modules are the ones its config selected); only a config edited to disagree with its file
+    goes unnoticed there."""
+    if not isinstance(v, str):
+        return None
+    try:  # compiling never backtracks
+        re.compile(v)
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        problems.append(f"{what} {shown(v, 80)} is not a valid regex (Python: {cut(str(exc), 120)})")
+        return None
+    return FullMatch.compile(v, what, [])
 
 
 def _listed(name: str, names: Sequence[str]) -> bool:
