@@ -1649,6 +1649,63 @@ def scenario_interrupted(mesh: object, folder: Path, check: Checks) -> None:
     check("a load after them computes the reference", rig.parity)
 
 
+def scenario_replicated_targets(mesh: object, folder: Path, check: Checks) -> None:
+    """The tiny Llama parallelized, LoRA on its ``lm_head`` alone, a layer the plan leaves whole
+    on every rank: the ranks agree over the mesh of the model's tensor-parallel weights as where
+    a target is sharded. A load whose checks fail on rank 1 only, or another scale on rank 1,
+    changes no rank (rank 0 loaded alone before, and the ranks' logits differed); a load on
+    every rank computes the unsharded model."""
+    rank = dist.get_rank()
+    ref = tiny_llama()
+    tp = copy.deepcopy(ref)
+    parallelize_module_plan(tp, mesh)
+    ids = torch.randint(0, 40, (3, 6), generator=torch.Generator().manual_seed(1))
+    runtimes = [lorahot.inject(m, ["lm_head"], max_rank=MAX_RANK) for m in (tp, ref)]
+    gen = torch.Generator().manual_seed(3)
+    adapter = {
+        "base_model.model.lm_head.lora_A.weight": torch.randn(4, 32, generator=gen, dtype=torch.float64),
+        "base_model.model.lm_head.lora_B.weight": torch.randn(40, 4, generator=gen, dtype=torch.float64),
+    }
+    nan = {k: v.clone() for k, v in adapter.items()}
+    if rank == 1:
+        nan["base_model.model.lm_head.lora_B.weight"][0, 0] = float("nan")
+    arenas = runtimes[0].buffers.arenas
+    with torch.no_grad():
+        before = [*(t.clone() for a in arenas for t in (a.A, a.B, a.S, a.E)), tp(ids)]
+
+    def unchanged() -> str | None:
+        with torch.no_grad():
+            after = [*(t for a in arenas for t in (a.A, a.B, a.S, a.E)), tp(ids)]
+        return None if all(torch.equal(x, y) for x, y in zip(before, after)) else "changed"
+
+    def ranks_alike() -> str | None:
+        with torch.no_grad():
+            out = tp(ids)
+        gathered = [torch.zeros_like(out) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, out)
+        return None if all(torch.equal(gathered[0], o) for o in gathered) else "the ranks' logits differ"
+
+    words = ["rank 1"] if rank == 0 else []
+    check("a load only rank 1 fails", lambda: raises(lorahot.AdapterReadError, lambda: runtimes[0].load(nan), *words))
+    check("unchanged after a load only rank 1 fails", unchanged)
+    check("the ranks compute alike after a load only rank 1 fails", ranks_alike)
+    check(
+        "another scale on rank 1",
+        lambda: raises(lorahot.UsageError, lambda: runtimes[0].load(adapter, scale=0.5 if rank else 1.0), "scale"),
+    )
+    check("unchanged after another scale on rank 1", unchanged)
+    for runtime in runtimes:
+        runtime.load(adapter, scale=0.5)
+    check("a load on every rank computes the unsharded model", lambda: same(tp(ids), ref(ids)))
+
+
+def parallelize_module_plan(model: torch.nn.Module, mesh: object) -> None:
+    """``model`` (the tiny Llama) parallelized with :func:`tests.parallel_helpers.tp_plan`."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    parallelize_module(model, mesh, tp_plan(model))  # type: ignore[arg-type]
+
+
 SCENARIOS = {
     "empty_shard": scenario_empty_shard,
     "layouts": scenario_layouts,
@@ -1659,6 +1716,7 @@ SCENARIOS = {
     "sequence": scenario_sequence,
     "compile": scenario_compile,
     "fused": scenario_fused,
+    "replicated_targets": scenario_replicated_targets,
     "transformers": scenario_transformers,
 }
 

@@ -22,12 +22,15 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from lorahot.errors import LoraError, UnexpectedError, UsageError, lines
 from lorahot.layers import LoRALayer
+from lorahot.layers.base_guards import is_dtensor
 from lorahot.layers.sharded import ShardedLoRALinear
 from lorahot.layers.styled import StyledLoRAEmbedding
 from lorahot.runtime.fingerprint import ASPECTS, SUMS, digest
+from lorahot.runtime.targets import fsdp_owner_on_path
 
 __all__ = ["Agreement"]
 
@@ -46,8 +49,12 @@ class Agreement:
         self.device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
 
     @classmethod
-    def of(cls, layers: dict[str, LoRALayer]) -> Agreement | None:
-        """The agreement over the mesh of ``layers``' tensor-parallel layers, or None when none is.
+    def of(cls, layers: dict[str, LoRALayer], model: nn.Module | None = None) -> Agreement | None:
+        """The agreement over the mesh of ``layers``' tensor-parallel layers; where none is, over
+        the mesh of ``model``'s tensor-parallel weights (:func:`_model_mesh`): LoRA on layers
+        the model keeps whole on every rank (an ``lm_head`` the plan leaves out) must be the same
+        on every rank too, or the ranks compute different outputs from the same input. None
+        when there is neither.
 
         Raises:
             UsageError: the sharded layers live on different meshes.
@@ -64,7 +71,8 @@ class Agreement:
                     "runtime's ranks in step over one mesh. Inject each tensor-parallel group separately."
                 )
         if not meshes:
-            return None
+            mesh = None if model is None else _model_mesh(model)
+            return None if mesh is None else cls(mesh)
         return cls(next(iter(meshes.values()))[1])
 
     def run(
@@ -247,6 +255,20 @@ _TENSOR_BYTES = 8 * SUMS
 
 #: the differing tensors a refusal names (the rest are counted)
 _SHOWN = 3
+
+
+def _model_mesh(model: nn.Module) -> Any | None:
+    """The 1-D device mesh of ``model``'s tensor-parallel weights (a module's own ``weight``
+    a DTensor, no FSDP module on its path: FSDP's ranks are data-parallel), where they all
+    share one; else None (no such weight, or a mesh of several dimensions, or several meshes)."""
+    meshes: list[Any] = []
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if is_dtensor(weight) and fsdp_owner_on_path(model, name) is None:
+            mesh = weight.device_mesh
+            if not any(mesh == m for m in meshes):
+                meshes.append(mesh)
+    return meshes[0] if len(meshes) == 1 and meshes[0].ndim == 1 else None
 
 
 def _which(ranks: list[int]) -> str:

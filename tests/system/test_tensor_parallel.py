@@ -644,6 +644,23 @@ def test_an_empty_shard_computes_the_unsharded_model(tmp_path: Path) -> None:
         _assert_check(results, name)
 
 
+def test_a_model_whose_targets_are_all_replicated_keeps_its_ranks_alike(tmp_path: Path) -> None:
+    """LoRA on layers a tensor-parallel model keeps whole on every rank (its ``lm_head``
+    alone): a load failing on rank 1 only, or another scale on rank 1, changes no rank. Before,
+    such a runtime had no agreement: rank 0 loaded alone and the ranks' logits differed
+    (:func:`tests.parallel_worker.scenario_replicated_targets`)."""
+    results = run_ranks("replicated_targets", tmp_path)
+    for name in (
+        "a load only rank 1 fails",
+        "unchanged after a load only rank 1 fails",
+        "the ranks compute alike after a load only rank 1 fails",
+        "another scale on rank 1",
+        "unchanged after another scale on rank 1",
+        "a load on every rank computes the unsharded model",
+    ):
+        _assert_check(results, name)
+
+
 @pytest.fixture(scope="module")
 def transformers_tp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
     pytest.importorskip("peft")
