@@ -208,8 +208,8 @@ class LoraRuntime:
         regional: bool = False,
         pipeline: Pipeline | None = None,
     ) -> None:
-        self._agreement = Agreement.of(layers, model)  # a tensor-parallel model: its ranks agree before each write
-        self.model = model
+        self._agreement = Agreement.of(layers)  # tensor-parallel layers: their ranks agree before each write
+        self._model = model
         self.components = components  # empty for a single model
         self._pipeline = pipeline  # the pipeline the components came from: it must still call them
         self._extras = extras
@@ -247,7 +247,7 @@ class LoraRuntime:
         self._index_model(model)
         devices = {a.device for a in buffers.arenas}
         self._read_device = devices.pop() if len(devices) == 1 else None  # files land where the buffers are
-        self.cache = AdapterCache(cache_bytes)
+        self._cache = AdapterCache(cache_bytes)
         self._skeletons = Skeletons()  # the plans' structures by the reader's recipe
         self._merger = Merger(layers, buffers) if merged else None
         #: the host (and device) buffers files are read into, reused from load to load; not in
@@ -337,6 +337,18 @@ class LoraRuntime:
         return roots(self.model, self.components)
 
     # -- properties -------------------------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        """The injected model (over several models, a
+        :class:`~lorahot.runtime.components.Components` holding them)."""
+        return self._model
+
+    @property
+    def cache(self) -> AdapterCache:
+        """The host cache of the adapters :meth:`preload` prepared (its ``budget_bytes`` may be
+        set; the cache itself is the runtime's own)."""
+        return self._cache
 
     @property
     def max_rank(self) -> int:

@@ -179,6 +179,22 @@ def test_slots_activate_unload_set_scale() -> None:
         assert not arena.A.any() and not arena.B.any() and not arena.S.any()
 
 
+@pytest.mark.parametrize("name", ["slots", "max_rank", "active_slot", "routing", "nbytes", "model", "cache"])
+def test_the_read_only_attributes_refuse_assignment_and_loads_go_on(name: str) -> None:
+    """The README's read-only attributes: assigning ``runtime.cache`` (to resize the cache, say)
+    passed, and the next load, past every check, failed writing (a ``WriteError``) and emptied
+    the slot; ``runtime.model`` was replaced as silently."""
+    model, runtime = _setup()
+    tensors, ab = make_adapter(model, {Q0: 4}, seed=32, dtype=torch.float64)
+    runtime.load(tensors)
+    kept = getattr(runtime, name)
+    with pytest.raises(AttributeError, match=rf"property '{name}' of 'LoraRuntime' object has no setter"):
+        setattr(runtime, name, 1)
+    assert getattr(runtime, name) == kept
+    runtime.load(tensors)
+    _close(_out(model), _expected(ab))
+
+
 def test_load_into_inactive_slot_does_not_change_output() -> None:
     model, runtime = _setup(slots=2)
     tensors, _ab = make_adapter(model, {Q0: 4}, seed=30, dtype=torch.float64)
