@@ -147,10 +147,11 @@ def check_extras(name: str, module: LoraModule, spec: LayerSpec, refusal: str | 
     there (PEFT's DoRA on an embedding is its ``lora_magnitude_vector``, whose norm has no
     ``eps``)."""
     problems = []
+    out = spec.full_dims()[1]  # a tensor-parallel layer's whole output, as the file holds it
     for which, t in (("DoRA magnitude vector", module.magnitude), ("LoRA bias", module.bias)):
-        if t is not None and (t.numel() != spec.out_dim or sum(d > 1 for d in t.shape) > 1):
+        if t is not None and (t.numel() != out or sum(d > 1 for d in t.shape) > 1):
             problems.append(
-                f"{_where(name, module)}: {which} has shape {tuple(t.shape)}, expected {spec.out_dim} values (one per "
+                f"{_where(name, module)}: {which} has shape {tuple(t.shape)}, expected {out} values (one per "
                 "output channel) along one dimension"
             )
     if module.magnitude is not None and module.bias is not None:

@@ -16,6 +16,9 @@ from torch import nn
 from torch.testing._internal.two_tensor import TwoTensor
 
 import lorahot
+from lorahot.adapter import LoraModule
+from lorahot.layers.base import LayerSpec, Shard
+from lorahot.runtime.plan import check_extras
 from tests.helpers import make_adapter, save_peft, tiny_lm
 from tests.reliability_helpers import Q0, V1, assert_unchanged, build_rig, snapshot, valid_tensors
 
@@ -502,3 +505,27 @@ def test_an_adapters_copy_of_a_weight_the_model_holds_quantized_cannot_be_compar
     ):
         runtime.load(tensors)
     assert runtime.info(0) is None
+
+
+@pytest.mark.parametrize(
+    ("shard", "local_out"),
+    [(Shard("out", 4, 8, 10, 1, 3), 4), (Shard("out", 8, 10, 10, 2, 3), 2), (Shard("in", 0, 4, 12, 0, 3), 10)],
+)
+def test_extras_of_a_sharded_layer_are_checked_against_the_whole_layer(shard: Shard, local_out: int) -> None:
+    """A DoRA magnitude or LoRA bias for a tensor-parallel layer holds one value per output channel
+    of the whole layer, as the adapter file does: one of that shape draws only the layer's
+    refusal, the same on every rank (a column-parallel rank named its own slice, "has shape
+    (10,), expected 4 values" on rank 1 of 3 and "expected 2" on rank 2, for a magnitude that fits);
+    one of another shape is named against the whole layer's 10 channels."""
+    fin = 12 if shard.dim == "out" else shard.stop - shard.start
+    spec = LayerSpec("linear", fin, local_out, (fin,), shard=shard)
+    a, b = torch.zeros(2, 12), torch.zeros(10, 2)
+    refusal = "DoRA does not run on a tensor-parallel layer"
+    whole = LoraModule("layer", a, b, 1.0, magnitude=torch.ones(10))
+    assert check_extras("layer", whole, spec, refusal) == [f"layer (layer): {refusal}"]
+    other = LoraModule("layer", a, b, 1.0, magnitude=torch.ones(4))
+    assert check_extras("layer", other, spec, refusal) == [
+        "layer (layer): DoRA magnitude vector has shape (4,), expected 10 values (one per output channel) along one "
+        "dimension",
+        f"layer (layer): {refusal}",
+    ]
