@@ -6,7 +6,9 @@ and ``adapter_config.json``; it never downloads a pickle.
 
 The config decides the scale (without one, alpha equals the rank), so failing to get it is not
 the same as it not existing. For a single file (``weight_name=``) the config is asked for
-separately, and only the Hub's answer "no such file" lets the load go on without it: now
+separately, at the commit the weight file is of (``hf_hub_download`` serves a file whose request
+failed from the snapshot its branch named when last fetched, which may be older than the branch
+now), and only the Hub's answer "no such file" lets the load go on without it: now
 (``EntryNotFoundError``) or as recorded in the cache's ``.no_exist`` folder when offline.
 Anything else (offline with nothing cached, network errors, a gated repo) is a
 :class:`~lorahot.errors.SourceNotFoundError`, unless the caller passed ``config=``. For a whole
@@ -196,10 +198,24 @@ def _fetch(
         if watch is not None:
             watch.step()
         # the config the read consults is the one beside the weight file (a weight_name may
-        # have a folder part of its own)
-        folder = "/".join(p for p in (subfolder, str(PurePosixPath(weight_name).parent)) if p and p != ".")
-        _fetch_config(repo_id, folder or None, revision, token, need_config, stalled)
+        # have a folder part of its own), of the commit the weight file is of
+        inside = PurePosixPath(*(p for p in (subfolder, weight_name) if p))
+        folder = str(inside.parent) if inside.parent.parts else None
+        _fetch_config(repo_id, folder, revision, token, need_config, stalled, at=_commit_of(path, inside))
     return path
+
+
+def _commit_of(path: Path, inside: PurePosixPath) -> str | None:
+    """The commit whose snapshot of the cache holds ``path``, the repo's file ``inside``, or None.
+
+    ``hf_hub_download`` serves a file whose request failed (a server error, a rate limit, a
+    refusal, no answer) from the snapshot the branch named when last fetched, and a later
+    request at the branch may get a newer commit: the config is asked for at this commit, so
+    that the one read beside the weights is theirs."""
+    snapshot = path.parents[len(inside.parts) - 1]
+    if snapshot.parent.name == "snapshots" and _COMMIT.fullmatch(snapshot.name):
+        return snapshot.name
+    return None
 
 
 def _download(
@@ -312,9 +328,15 @@ def _fetch_config(
     token: str | bool | None,
     required: bool,
     stalled: HubTimeout | None = None,
+    *,
+    at: str | None = None,
 ) -> None:
     """Puts the config beside the weight file in the cache, if the repo has one; after
     ``stalled``, only looks in the cache.
+
+    Args:
+        at: the commit of the weight file, asked for in place of ``revision`` (which names the
+            repo in messages).
 
     Raises:
         SourceNotFoundError: it could not be fetched and the Hub has not said it does not exist.
@@ -327,12 +349,12 @@ def _fetch_config(
             repo_id,
             CONFIG_NAME,
             subfolder=subfolder,
-            revision=revision,
+            revision=at or revision,
             token=token,
             local_files_only=stalled is not None,
         )
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found)
-        if not required or _known_missing(exc, repo_id, subfolder, revision):
+        if not required or _known_missing(exc, repo_id, subfolder, at or revision):
             return  # an adapter without a config is fine (kohya, diffusers files)
         if stalled is not None and type(exc) is LocalEntryNotFoundError:  # not cached: the Hub did not answer
             exc = stalled

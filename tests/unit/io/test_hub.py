@@ -526,7 +526,8 @@ class StandInHub(ThreadingHTTPServer):
     requests for a file of ``stalling`` are accepted and not answered until ``release``; those
     of ``slow`` get their bytes in pieces, that many seconds apart; those of ``limited`` a rate
     limit's 429, to be retried in an hour; those of ``refused`` a 403 (a token refused for it); those of
-    ``answers`` (a file's name, or the path of the repo's listing) that status and those headers, no body."""
+    ``answers`` (a file's name, or the path of the repo's listing) that status and those headers, no body;
+    a request at a commit of ``older``, that commit's files."""
 
     daemon_threads = True
 
@@ -541,6 +542,7 @@ class StandInHub(ThreadingHTTPServer):
         self.limited: set[str] = set()  # answered 429, retry after an hour
         self.refused: set[str] = set()  # answered 403
         self.answers: dict[str, tuple[int, dict[str, str]]] = {}
+        self.older: dict[str, dict[str, bytes]] = {}  # commit -> its files, for a request at that commit
         self.requests: list[str] = []
         self.release = threading.Event()  # lets stalled requests end (a stalled file's, answered), at teardown
         self.held = threading.Event()  # set once a request for a file of ``stalling`` waits for ``release``
@@ -572,6 +574,15 @@ class _StandInHandler(BaseHTTPRequestHandler):
         hub.requests.append(f"{self.command} {path}")
         if hub.stalled:
             hub.release.wait()  # the connection is accepted; no byte of an answer ever comes
+            return
+        at = re.fullmatch(rf"/{REPO}/resolve/([0-9a-f]{{40}})/(.+)", path)
+        if at is not None and at[1] in hub.older:  # a file of an older commit, asked for at that commit
+            files, headers = hub.older[at[1]], {"X-Repo-Commit": at[1]}
+            if at[2] in files:
+                data = files[at[2]]
+                self._send(200, data, {**headers, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}, body)
+            else:
+                self._send(404, b"", {**headers, "X-Error-Code": "EntryNotFound"}, body)
             return
         name = re.sub(rf"^/{REPO}/resolve/(main|{COMMIT})/", "", path)
         if name in hub.stalling:
@@ -888,6 +899,39 @@ def test_a_stalled_hub_leaves_the_cached_file_to_load_within_lorahot_hub_timeout
     adapter = within(HANG_S, lambda: lorahot.read_adapter(REPO, weight_name="adapter_model.safetensors"))
     assert time.monotonic() - started < 1 + 0.5
     assert adapter.format == "peft" and adapter.modules["proj"].scale == 2 / 4
+
+
+#: a commit of REPO older than COMMIT, whose snapshot the cache holds
+OLDER = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+@pytest.mark.parametrize("status", [500, 429, 403])
+@pytest.mark.parametrize("config", [b'{"r": 4, "lora_alpha": 2}', None], ids=["its config", "no config"])
+def test_a_weight_file_served_from_the_cache_reads_the_config_of_its_own_commit(
+    online_hub: StandInHub, status: int, config: bytes | None
+) -> None:
+    """A file whose request fails (a server error, a rate limit, a refusal) is served by
+    hf_hub_download from the snapshot its branch named when last fetched (OLDER here, the
+    weights alone). The config read beside it is OLDER's, fetched at that commit: asked for at
+    the branch, it came from the newer COMMIT into another snapshot, and the weights were read
+    without one, at alpha = rank (scale 1.0 where OLDER's config says 0.5)."""
+    repo = Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}"
+    (repo / "snapshots" / OLDER).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(OLDER)
+    torch.manual_seed(3)
+    weights = _peft_tensors(4)
+    save_file(weights, repo / "snapshots" / OLDER / "adapter_model.safetensors")
+    online_hub.older[OLDER] = {"adapter_config.json": config} if config is not None else {}
+    online_hub.serve({"adapter_model.safetensors": _peft_bytes(4), "adapter_config.json": b'{"r": 4, "lora_alpha": 8}'})
+    online_hub.answers["adapter_model.safetensors"] = (status, {})
+    adapter = within(HANG_S, lambda: lorahot.read_adapter(REPO, weight_name="adapter_model.safetensors"))
+    assert adapter.modules["proj"].scale == (0.5 if config is not None else 1.0)
+    for factor in ("A", "B"):  # OLDER's weights, bitwise
+        read = getattr(adapter.modules["proj"], factor)
+        torch.testing.assert_close(read, weights[f"base_model.model.proj.lora_{factor}.weight"], rtol=0, atol=0)
+    if config is None:  # the Hub's "no such file" at OLDER, recorded as huggingface_hub records it
+        assert (repo / ".no_exist" / OLDER / "adapter_config.json").is_file()
 
 
 def test_a_slow_download_is_not_cut_off_by_lorahot_hub_timeout(
