@@ -3,9 +3,10 @@ and, for each adapter in it, :class:`PartInfo`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 
-__all__ = ["AdapterInfo", "PartInfo"]
+__all__ = ["AdapterInfo", "PartInfo", "detached"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +69,19 @@ class AdapterInfo:
     skipped: tuple[str, ...] = ()
     components: dict[str, int] = field(default_factory=dict)
     parts: tuple[PartInfo, ...] = ()
+
+
+def detached(info: AdapterInfo) -> AdapterInfo:
+    """A copy of ``info`` that shares no dict with it (``ranks``, ``components``, a dict weight;
+    each part's too), handed to the caller by ``load`` and ``info()``: editing it leaves the
+    runtime's record, and the plans its checks read, as they were."""
+    parts = tuple(
+        replace(p, scale=_own(p.scale), ranks=dict(p.ranks), components=dict(p.components)) for p in info.parts
+    )
+    scale = tuple(_own(w) for w in info.scale) if isinstance(info.scale, tuple) else _own(info.scale)
+    return replace(info, scale=scale, ranks=dict(info.ranks), components=dict(info.components), parts=parts)
+
+
+def _own(weight: float | dict[str, object]) -> float | dict[str, object]:
+    """A weight as ``info()`` reports it, a dict copied whole (a UNet's block dicts nest)."""
+    return copy.deepcopy(weight) if isinstance(weight, dict) else weight

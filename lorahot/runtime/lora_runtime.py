@@ -79,7 +79,7 @@ from lorahot.runtime.call_guard import CallGuard, on_prefetch_thread, one_call_a
 from lorahot.runtime.components import Pipeline
 from lorahot.runtime.dora import DoraFactors
 from lorahot.runtime.experts import find_experts
-from lorahot.runtime.info import AdapterInfo, PartInfo
+from lorahot.runtime.info import AdapterInfo, PartInfo, detached
 from lorahot.runtime.layer_weights import (
     LayerWeights,
     Resolver,
@@ -391,7 +391,8 @@ class LoraRuntime:
     def info(self, slot: int | None = None) -> AdapterInfo | None:
         """What ``slot`` (default: the active one) holds, or None if it is empty."""
         self._check_usable(placement=False)
-        return self._current_info(self._slot(self._active if slot is None else slot))
+        info = self._current_info(self._slot(self._active if slot is None else slot))
+        return None if info is None else detached(info)
 
     def _current_info(self, s: int) -> AdapterInfo | None:
         """What slot ``s`` holds, with the weights of its last ``set_scale`` (which leaves
@@ -517,7 +518,7 @@ class LoraRuntime:
             if not refreshed:  # a replayed load (lorahot.runtime.load_replay) refreshed the wide rows itself
                 self._remerge(slot)
             self.cache.touch(hits)  # the cache entries it took, most recently used now that they are served
-            return info
+            return detached(info)
 
         return self._settle.written("load", slot, write_all, self._empty_all, self._merger)
 
@@ -756,7 +757,7 @@ class LoraRuntime:
     ) -> AdapterInfo:
         """What ``slot`` holds: each part's own description, and the slot's summary."""
         parts = tuple(
-            PartInfo(a.source, a.format, displayed(w), p.ranks, p.nbytes, p.skipped, self._counts(p.ranks))
+            PartInfo(a.source, a.format, displayed(w), dict(p.ranks), p.nbytes, p.skipped, self._counts(p.ranks))
             for a, p, w in zip(adapters, stack.parts, weights)
         )
         if not listed:
@@ -769,7 +770,7 @@ class LoraRuntime:
             "+".join(dict.fromkeys(p.format for p in parts)),
             slot,
             tuple(p.scale for p in parts),
-            stack.ranks,
+            dict(stack.ranks),
             stack.nbytes,
             tuple(dict.fromkeys(k for p in parts for k in p.skipped)),
             self._counts(stack.ranks),

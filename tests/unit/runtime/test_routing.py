@@ -483,6 +483,32 @@ def test_a_routing_to_an_adapter_on_moe_experts_is_refused_and_the_rest_routes()
                 torch.testing.assert_close(out[i : i + 1], model(x[i : i + 1]), rtol=1e-12, atol=1e-12)
 
 
+def test_editing_what_info_or_load_returned_changes_neither_the_record_nor_the_routing_checks() -> None:
+    """``AdapterInfo.ranks`` (and each ``PartInfo``'s) was the runtime's own plan: a caller who
+    edited the dict ``load`` or ``info()`` returned changed what ``info()`` reported and what the
+    routing checks read, and with it cleared a routing that sends rows to an adapter on the
+    experts ran, each expert computing its base output for them (3.58 off the row run alone, on a random input)."""
+    torch.manual_seed(0)
+    model = _MoE()
+    runtime = lorahot.inject(model, ["router", "experts.0", "experts.1", "shared_experts"], max_rank=2, slots=2)
+    on_experts, _ = make_adapter(model, {"experts.0": 2, "shared_experts": 1}, seed=1, dtype=torch.float64)
+    elsewhere, _ = make_adapter(model, {"router": 2}, seed=2, dtype=torch.float64)
+    loaded = runtime.load(on_experts, slot=0)
+    runtime.load([elsewhere], slot=1)
+    want = {0: runtime.info(0), 1: runtime.info(1)}
+    assert loaded == want[0] and want[0].ranks == {"experts.0": 2, "shared_experts": 1}
+    for edited in (loaded, runtime.info(0), runtime.info(1)):
+        for ranks in (edited.ranks, *(p.ranks for p in edited.parts)):
+            ranks.clear()
+        edited.components["x"] = 1
+    assert runtime.info(0) == want[0] and runtime.info(1) == want[1]
+    assert runtime.info(0).ranks == {"experts.0": 2, "shared_experts": 1}
+    before = _snapshot(runtime, model)
+    with pytest.raises(lorahot.UsageError, match=r"slot 0, whose adapter has weights on the experts .*'experts.0'"):
+        runtime.activate([1, 0])
+    assert _same(before, _snapshot(runtime, model))
+
+
 def test_a_routing_of_one_slot_for_every_row_runs_as_the_whole_batch_on_it() -> None:
     """Every row on slot k computes what ``activate(k)`` does for any batch (no row can take
     another's slot), so the runtime runs it so: nothing is published to the layers, the live
