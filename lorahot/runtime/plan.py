@@ -513,6 +513,12 @@ def _localize(
 def check_weight_module(name: str, module: WeightModule, spec: LayerSpec) -> list[str]:
     """Every problem with folding ``module`` (LoHa, LoKr, Tucker LoCon, diff) into layer ``name``."""
     where = _where(name, module)
+    if spec.shard is not None or spec.weight_shard is not None:  # its weight a DTensor: no merged mode
+        return [
+            f"{where}: {module.kind} weights fold into the layer's weight (merged mode), which lorahot does not "
+            "rewrite on a tensor-parallel (DTensor) layer; convert the adapter to plain LoRA, or load it on an "
+            "unsharded model"
+        ]
     if spec.kind == "norm":
         return _norm_problems(where, module, spec)
     if spec.kind not in ("linear", "conv") or (spec.groups != 1 and spec.kind != "conv"):

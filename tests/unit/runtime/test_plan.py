@@ -16,9 +16,9 @@ from torch import nn
 from torch.testing._internal.two_tensor import TwoTensor
 
 import lorahot
-from lorahot.adapter import LoraModule
+from lorahot.adapter import LoraModule, WeightModule
 from lorahot.layers.base import LayerSpec, Shard
-from lorahot.runtime.plan import check_extras
+from lorahot.runtime.plan import check_extras, check_weight_module
 from tests.helpers import make_adapter, save_peft, tiny_lm
 from tests.reliability_helpers import Q0, V1, assert_unchanged, build_rig, snapshot, valid_tensors
 
@@ -528,4 +528,19 @@ def test_extras_of_a_sharded_layer_are_checked_against_the_whole_layer(shard: Sh
         "layer (layer): DoRA magnitude vector has shape (4,), expected 10 values (one per output channel) along one "
         "dimension",
         f"layer (layer): {refusal}",
+    ]
+
+
+def test_a_weight_kind_on_a_sharded_layer_is_refused_for_its_sharding_not_its_shape() -> None:
+    """A LoHa of the whole layer's shape for a column-parallel layer (10 outputs, rank 0 of 2
+    holding 5): refused because merged mode, where such weights fold in, does not rewrite
+    tensor-parallel weights, the same on every rank (it was "make a weight of shape (10, 12),
+    expected (5, 12)", the rank's shard, advising an adapter trained for this model)."""
+    spec = LayerSpec("linear", 12, 5, (12,), shard=Shard("out", 0, 5, 10, 0, 2))
+    factors = {"hada_w1_a": torch.ones(10, 2), "hada_w1_b": torch.ones(2, 12)}
+    factors |= {"hada_w2_a": torch.ones(10, 2), "hada_w2_b": torch.ones(2, 12)}
+    problems = check_weight_module("0", WeightModule("0", "loha", factors), spec)
+    assert problems == [
+        "0 (0): loha weights fold into the layer's weight (merged mode), which lorahot does not rewrite on a "
+        "tensor-parallel (DTensor) layer; convert the adapter to plain LoRA, or load it on an unsharded model"
     ]
