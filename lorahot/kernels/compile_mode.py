@@ -46,11 +46,12 @@ launches, 1.17x (decode) and 1.21x (prefill, 128 rows) in a run on a slower host
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 
-__all__ = ["autotunes_gemms", "launched_per_call", "lowering_per_call"]
+__all__ = ["autotunes_gemms", "freezes", "freezing_on", "launched_per_call", "lowering_per_call"]
 
 
 @torch._dynamo.assume_constant_result
@@ -90,6 +91,31 @@ def autotunes_gemms() -> bool:
         return compiling and bool(inductor_config.max_autotune or inductor_config.max_autotune_gemm)
     tuned = config.get("max_autotune", inductor_config.max_autotune)
     return bool(tuned or config.get("max_autotune_gemm", inductor_config.max_autotune_gemm))
+
+
+@torch._dynamo.assume_constant_result
+def freezes() -> bool:
+    """Whether the graph being traced runs on inductor with ``freezing`` (its option, or
+    inductor's global ``torch._inductor.config.freezing``) and no gradient: inductor then takes
+    every parameter, buffer and tensor the graph reads from a module or a global (the arena
+    tensors, merged mode's base weights) as a constant and folds it into the compiled code, so a
+    later write in place (a load, ``activate``, ``set_scale``, ``unload``) never reaches the
+    graph. A constant of the graph, as :func:`launched_per_call`; False eagerly. Where the
+    backend's options cannot be read, inductor's global setting answers, as in
+    :func:`autotunes_gemms`."""
+    config = _inductor_options()
+    if config is None:
+        return torch.compiler.is_compiling() and freezing_on() and not torch.is_grad_enabled()
+    from torch._inductor import config as inductor_config
+
+    return bool(config.get("freezing", inductor_config.freezing)) and not torch.is_grad_enabled()
+
+
+def freezing_on() -> bool:
+    """Whether inductor's global ``freezing`` is on (False where inductor was never imported:
+    nothing was compiled with it, and reading it must not import it)."""
+    config = sys.modules.get("torch._inductor.config")
+    return bool(getattr(config, "freezing", False))
 
 
 def _inductor_options() -> dict[str, Any] | None:

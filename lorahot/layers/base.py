@@ -71,7 +71,7 @@ from lorahot.layers.base_guards import (
     unwrapped,
 )  # pickles of injected models name _BaseLoadHook and the three state-dict hooks here, where they lived
 from lorahot.layers.probes import forward_mismatch, kept_parametrizations, mismatch, probe_forward
-from lorahot.layers.recording import _exporting, _recorded
+from lorahot.layers.recording import _compiled, _exporting, _recorded
 from lorahot.layers.refusal import refuse
 from lorahot.layers.reparametrized import NoParameters, NoParametrizations
 from lorahot.layers.saved_extras import saved_extras
@@ -715,6 +715,7 @@ class LoRALayer(nn.Module):
             return live
         if _exporting():  # a constant when compiling: no guard, nothing traced
             _recorded(self, "torch.export")
+        _compiled(self)  # inductor's freezing: a constant when compiling, no guard, nothing traced
         key, geometry = self._plan[4:6]
         if geometry is None:  # regional: the layer's own views, inputs of the graph
             assert self._live is not None
@@ -957,6 +958,7 @@ class LoRALayer(nn.Module):
         if not extras and not args and not kwargs and torch.compiler.is_compiling():
             if _exporting():  # a constant when compiling: no guard, nothing traced
                 _recorded(self, "torch.export")
+            _compiled(self)  # inductor's freezing (as in _views)
             if route is not None:  # one slot per row (a graph of its own: the compiler guards on None)
                 z = self.compiled_routed(x, route, fused, wide, key, slot_geometry)
             elif wide:

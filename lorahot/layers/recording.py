@@ -6,6 +6,12 @@ routing's path does not. So a layer's forward marks its runtime as recorded
 (:attr:`~lorahot.layers.state.RuntimeState.traced`), after which the runtime refuses per-row
 routings, and refuses a recording made under one. The checks are constants of a compiled graph:
 no guard, nothing traced.
+
+Inductor's ``freezing`` records too, in its way: it folds every tensor the graph reads from a
+module or a global into the compiled code as a constant, the LoRA buffers included, so the
+compiled model keeps the adapter of its compile whatever is loaded later. A layer traced for
+such a graph marks its arena (:data:`~lorahot.layers.tensor_handles.FROZEN`), and the runtime
+then refuses every call that writes the buffers.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorahot.errors import UsageError
-from lorahot.layers.tensor_handles import ROUTES
+from lorahot.kernels.compile_mode import freezes
+from lorahot.layers.tensor_handles import FROZEN, ROUTES
 
 if TYPE_CHECKING:
     from lorahot.layers.base import LoRALayer
@@ -71,4 +78,22 @@ def _record(state: RuntimeState | None, key: int, what: str, how: str) -> bool:
         )
     if state is not None:
         state.traced = how
+    return True
+
+
+def _compiled(layer: LoRALayer) -> None:
+    """Tells the runtime, while ``torch.compile`` traces ``layer``'s forward, whether inductor
+    compiles that graph with ``freezing`` (:func:`lorahot.kernels.compile_mode.freezes`): it then
+    folds the LoRA buffers into the compiled code as they are now, and the runtime refuses
+    every later call that writes them (:data:`~lorahot.layers.tensor_handles.FROZEN`)."""
+    _freeze(layer._plan[4])
+
+
+@torch._dynamo.assume_constant_result
+def _freeze(key: int) -> bool:
+    """:func:`_compiled` for the arena ``key`` (a constant the graph is guarded on already: a
+    function marked as a constant result is guarded on its arguments); plain Python while
+    dynamo traces: no guard of its own, nothing traced."""
+    if freezes():
+        FROZEN.add(key)
     return True

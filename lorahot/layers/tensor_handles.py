@@ -41,7 +41,17 @@ import weakref
 
 import torch
 
-__all__ = ["TensorHandle", "TENSORS", "ROUTES", "TOKENS", "SEGMENTS", "WORKSPACES", "publish_workspace", "mark_static"]
+__all__ = [
+    "TensorHandle",
+    "TENSORS",
+    "ROUTES",
+    "TOKENS",
+    "SEGMENTS",
+    "WORKSPACES",
+    "FROZEN",
+    "publish_workspace",
+    "mark_static",
+]
 
 #: key -> tensors; read by the layers' forward under ``torch.compile`` (see :mod:`lorahot.layers.base`).
 TENSORS: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -58,6 +68,9 @@ SEGMENTS: dict[int, torch.Tensor | None] = {}
 #: key -> the routed shrink's workspace (float32 ``[rows, rank]``, all zero whenever no layer is
 #: running; see :mod:`lorahot.kernels.routed_linear`), or None (the kernels then zero one per call).
 WORKSPACES: dict[int, torch.Tensor | None] = {}
+#: keys whose arena a graph compiled with inductor's ``freezing`` read, holding it as constants
+#: (:func:`lorahot.layers.recording._compiled`); a key leaves it with its entries (:func:`_purge`)
+FROZEN: set[int] = set()
 #: a handle's routing as :meth:`TensorHandle.__reduce__` copies it: ``(ROUTES, TOKENS, SEGMENTS)`` entries
 Routing = tuple[torch.Tensor | None, bool, torch.Tensor | None]
 #: keys of collected handles, emptied in place, to remove at the next safe point
@@ -122,6 +135,7 @@ def _purge() -> None:
         key = _retired.pop()
         for table in (TENSORS, ROUTES, TOKENS, SEGMENTS, WORKSPACES):
             table.pop(key, None)
+        FROZEN.discard(key)
 
 
 def publish_workspace(key: int, workspace: torch.Tensor) -> None:

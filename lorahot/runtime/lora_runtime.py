@@ -44,8 +44,10 @@ from lorahot.io.read_buffers import ReadBuffers
 from lorahot.io.sources import Source
 from lorahot.io.tensorfile import largest_tensor
 from lorahot.kernels import stacked_shrinks
+from lorahot.kernels.compile_mode import freezing_on
 from lorahot.layers import LayerSpec, LoRALayer, RuntimeState
 from lorahot.layers.norm import is_weightless_norm
+from lorahot.layers.tensor_handles import FROZEN
 from lorahot.resolve.components import non_denoisers
 from lorahot.resolve.file_names import wrapper_levels
 from lorahot.resolve.keys import head_sizes
@@ -1678,7 +1680,27 @@ class LoraRuntime:
             self._pipeline.check()
         self._placement.check_layers(self.model, self.layers, self.layers if every_layer else (self._placement.first,))
         if base:
+            self._check_frozen()
             self._check_base(dora)
+
+    def _check_frozen(self) -> None:
+        """Refuses a call that writes the LoRA buffers or, merged, the targeted weights, where
+        inductor compiled the model with ``freezing`` (seen while it traced a layer:
+        :data:`lorahot.layers.tensor_handles.FROZEN`; merged, whose forward is the base
+        module's, while inductor's global ``freezing`` is on): its graph holds them as constants
+        of its compile, so it would go on computing that adapter whatever the call writes,
+        silently."""
+        merged = self._merger is not None and freezing_on()
+        if not (merged or any(arena.handle.key in FROZEN for arena in self.buffers.arenas)):
+            return
+        held = "the merged weights" if self._merger is not None else "the LoRA buffers"
+        raise UsageError(
+            f"inductor compiled this model with freezing=True (torch._inductor.config.freezing), which folds {held} "
+            "into the compiled code as constants: the compiled model would keep computing the adapter it was "
+            "compiled with whatever this call writes. Nothing was changed. Set torch._inductor.config.freezing = "
+            "False (and leave freezing out of torch.compile's options), call torch._dynamo.reset(), then "
+            "runtime.eject() and inject again before compiling."
+        )
 
     def _check_not_ejected(self) -> None:
         """Raises :class:`UsageError` once the runtime was ejected, or while an eject of it has

@@ -636,3 +636,58 @@ def test_layers_called_by_keyword_compile_as_called_positionally() -> None:
                     torch.testing.assert_close(compiled(ids).double(), want, rtol=1e-4, atol=1e-5)
         assert counter.frame_count == 1
     assert guards[0] == guards[1]
+
+
+def _arena_and_weights(runtime: lorahot.LoraRuntime, model: nn.Module) -> list[torch.Tensor]:
+    """Copies of every arena tensor and of the model's state dict: what a refused call must leave bitwise."""
+    arenas = [t.clone() for arena in runtime.buffers.arenas for t in (arena.A, arena.B, arena.S, arena.E)]
+    return arenas + [t.clone() for t in model.state_dict().values()]
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("freezing", [True, False], ids=["freezing", "control: freezing off"])
+def test_a_model_compiled_with_inductor_freezing_refuses_every_write_with_nothing_changed(
+    merged: bool, freezing: bool
+) -> None:
+    """Inductor's ``freezing`` (``torch._inductor.config.freezing = True``, its advice for CPU
+    inference) folds every tensor the graph reads from a module or a global into the compiled
+    code: the arena, and merged mode's base weights. The compiled model then kept the adapter
+    of its compile through every later load, ``set_scale`` and ``unload``, with no recompile
+    and no error (0.88 off the eager model after a swap on this model, 0.46 after
+    ``set_scale(0)``). Those calls are now refused, every buffer, weight and the compiled
+    output bitwise unchanged; ``preload`` (which writes no buffer) still runs. With freezing
+    off the same calls go through and the compiled model follows them without recompiling."""
+    model = tiny_convnet()
+    runtime = lorahot.inject(model, list(NAMES), max_rank=MAX_RANK, slots=2, merged=merged)
+    ranks = {"embed": 2, "proj": 3} if merged else {"embed": 2, "conv": 2, "proj": 3}  # (a grouped conv merges none)
+    first, held = make_adapter(model, ranks, seed=1)
+    runtime.load(first)
+    second, other = make_adapter(model, ranks, seed=2)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(freezing=freezing), torch.no_grad():
+        compiled = torch.compile(model)
+        want = model_reference(tiny_convnet(), IDS, {n: (a, b, 1.0) for n, (a, b) in held.items()})
+        torch.testing.assert_close(compiled(IDS).double(), want, rtol=1e-4, atol=1e-5)
+        runtime.preload(second, key="second")  # writes no buffer
+        calls = {
+            "load": lambda: runtime.load(second),
+            "load(key)": lambda: runtime.load("second"),
+            "set_scale": lambda: runtime.set_scale(0.0),
+            "unload": lambda: runtime.unload(),
+        }
+        if not freezing:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                runtime.load("second", scale=0.5)
+                want = model_reference(tiny_convnet(), IDS, {n: (a, b, 0.5) for n, (a, b) in other.items()})
+                torch.testing.assert_close(compiled(IDS).double(), want, rtol=1e-4, atol=1e-5)
+                runtime.unload()
+                torch.testing.assert_close(compiled(IDS).double(), model_reference(tiny_convnet(), IDS, {}))
+            return
+        before, output = _arena_and_weights(runtime, model), compiled(IDS)
+        for name, call in calls.items():
+            refused = r"^inductor compiled this model with freezing=True .* Nothing"
+            with pytest.raises(lorahot.UsageError, match=refused):
+                call()
+            after = _arena_and_weights(runtime, model)
+            assert all(torch.equal(x, y) for x, y in zip(before, after)), name
+            assert torch.equal(compiled(IDS), output), name
