@@ -210,7 +210,7 @@ class LoraRuntime:
         regional: bool = False,
         pipeline: Pipeline | None = None,
     ) -> None:
-        self._agreement = Agreement.of(layers)  # tensor-parallel layers: their ranks agree before each write
+        self._agreement = Agreement.of(layers, model)  # a tensor-parallel model: its ranks agree before each write
         self._model = model
         self.components = components  # empty for a single model
         self._pipeline = pipeline  # the pipeline the components came from: it must still call them
