@@ -10,7 +10,8 @@ read through the Hub), and where ``huggingface_hub`` cached the repo's file list
 commit, the pick is checked against it as against the Hub's (:mod:`lorahot.io.hub_listing`). A
 snapshot read without the Hub needs the config in it or a record that the repo has none: weights
 fetched alone (``hf_hub_download``, diffusers' ``load_lora_weights`` with ``weight_name=``) say
-nothing of the config.
+nothing of the config. A file the read opens that the cache links to a blob it no longer holds
+is not cached, as ``hf_hub_download`` finds it when asked for it alone (:func:`_check_cached_blobs`).
 
 A fetch through the Hub records in the cache what a later read from it alone needs: the files
 the listing lacks (:func:`_record_missing`, as ``huggingface_hub`` records the Hub's "no such
@@ -78,14 +79,36 @@ def _cached_snapshot(
         root = None
     if root is None:  # nothing cached: the listing's failure says why (raised as it is, with what it relays)
         raise cause
-    _check_cached_pick(repo_id, revision, subfolder, root, cause)
+    chosen = _check_cached_pick(repo_id, revision, subfolder, root, cause)
+    _check_cached_blobs(repo_id, revision, root, [inner + name for name in (chosen, CONFIG_NAME) if name])
     if need_config and _holds_safetensors(level.folder(root)):
         _check_cached_config(repo_id, revision, root, f"{inner}{CONFIG_NAME}", cause)
     return root
 
 
-def _check_cached_pick(repo_id: str, revision: str | None, subfolder: str | None, root: Path, cause: Exception) -> None:
-    """The file a read of the cache's snapshot ``root`` picks is the one a read through the Hub
+def _check_cached_blobs(repo_id: str, revision: str | None, root: Path, names: list[str]) -> None:
+    """The files ``names`` a read of the cache's snapshot ``root`` opens are not links to blobs
+    the cache no longer holds (a cleaned cache, an interrupted copy): such a file is not cached,
+    as ``hf_hub_download`` finds it when asked for it alone.
+
+    Raises:
+        SourceNotFoundError: one is, naming it, where it links, and the fix.
+    """
+    for name in names:
+        path = root / name
+        if os.path.islink(path) and not os.path.exists(path):
+            raise SourceNotFoundError(
+                f"{_where(repo_id, revision)}: the local Hugging Face cache links {cut(name, 200)} to a blob it no "
+                f"longer holds ({cut(os.readlink(path), 200)}). Fetch the repo again while online: huggingface_hub "
+                "then downloads it again."
+            )
+
+
+def _check_cached_pick(
+    repo_id: str, revision: str | None, subfolder: str | None, root: Path, cause: Exception
+) -> str | None:
+    """The file a read of the cache's snapshot ``root`` picks (returned: its name at the level,
+    or None where there is none) is the one a read through the Hub
     picks: a file of another name than PEFT's or diffusers' only where the cache knows the repo
     has neither there (:func:`_known_absent`). A file fetched alone (``weight_name=``) is
     otherwise all the snapshot shows of a repo that may hold ``adapter_model.safetensors``.
@@ -105,10 +128,10 @@ def _check_cached_pick(repo_id: str, revision: str | None, subfolder: str | None
     try:
         names = os.listdir(level.folder(root))
     except (OSError, ValueError):  # nothing there: the read says so
-        return
+        return None
     chosen = pick_weight(names, f"{_where(repo_id, revision)}: {level.name}")
     if chosen is None or chosen in WEIGHT_NAMES:
-        return
+        return chosen
     unknown = [name for name in WEIGHT_NAMES if not _known_absent(repo_id, root, level.inner + name)]
     if unknown:
         raise SourceNotFoundError(
@@ -117,6 +140,7 @@ def _check_cached_pick(repo_id: str, revision: str | None, subfolder: str | None
             f"not asked: {_failure(cause)}). Pass weight_name={shown(chosen, 200)} to read "
             "that file, or fetch the repo once while online."
         )
+    return chosen
 
 
 def _known_absent(repo_id: str, root: Path, name: str) -> bool:

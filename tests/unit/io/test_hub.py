@@ -1038,6 +1038,26 @@ def test_a_listing_that_names_no_commit_is_refused_before_any_download(
     assert online_hub.fetched() == [] and list((tmp_path / "hub").iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_cached_file_whose_blob_is_gone_is_refused_with_the_fix_to_fetch_it_again(
+    hub_cache: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """Offline, a whole repo whose snapshot links a file the read opens to a blob no longer in the
+    cache (a cleaned cache, an interrupted copy) was refused as '<cache path>: no such file or
+    directory. Check the path.' (the weights) or 'is a dangling symlink. Fix or delete it.'
+    (an AdapterReadError, the config): it is refused as a read of that file alone is, naming the
+    repo, the file and the fix (fetch it again online), nothing changed."""
+    rig = _rig(hub_cache)
+    link = hub_cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT / name
+    link.unlink()
+    link.symlink_to(f"../../blobs/{'0' * 64}")  # as huggingface_hub links a file to its blob
+    message = (
+        rf"^{REPO}: the local Hugging Face cache links {re.escape(name)} to a blob it no longer holds "
+        r"\(\.\./\.\./blobs/0+\)\. Fetch the repo again while online: huggingface_hub then downloads it again\."
+    )
+    _refused_everywhere(rig, capsys, lorahot.SourceNotFoundError, message)
+
+
 def test_a_snapshot_cached_without_its_weights_names_the_repo(
     hub_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
