@@ -1693,13 +1693,22 @@ class LoraRuntime:
         merged = self._merger is not None and freezing_on()
         if not (merged or any(arena.handle.key in FROZEN for arena in self.buffers.arenas)):
             return
-        held = "the merged weights" if self._merger is not None else "the LoRA buffers"
+        if merged:  # merged, the forward is the base module's own: lorahot cannot see whether it was compiled
+            what = (
+                "inductor's freezing is on (torch._inductor.config.freezing = True), and a model compiled with it "
+                "holds the merged weights as constants of its compiled code (a merged model's forward is its base "
+                "modules' own, so lorahot cannot tell whether this one was compiled)"
+            )
+        else:
+            what = (
+                "inductor compiled this model with freezing=True (torch._inductor.config.freezing), which folds the "
+                "LoRA buffers into the compiled code as constants"
+            )
         raise UsageError(
-            f"inductor compiled this model with freezing=True (torch._inductor.config.freezing), which folds {held} "
-            "into the compiled code as constants: the compiled model would keep computing the adapter it was "
-            "compiled with whatever this call writes. Nothing was changed. Set torch._inductor.config.freezing = "
-            "False (and leave freezing out of torch.compile's options), call torch._dynamo.reset(), then "
-            "runtime.eject() and inject again before compiling."
+            f"{what}: the compiled model would keep computing the adapter it was compiled with whatever this call "
+            "writes. Nothing was changed. Set torch._inductor.config.freezing = False (and leave freezing out of "
+            "torch.compile's options), call torch._dynamo.reset(), then runtime.eject() and inject again before "
+            "compiling."
         )
 
     def _check_not_ejected(self) -> None:
