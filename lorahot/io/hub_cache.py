@@ -21,6 +21,7 @@ file") and the commit a branch names (:func:`_record_ref`).
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -79,11 +80,36 @@ def _cached_snapshot(
         root = None
     if root is None:  # nothing cached: the listing's failure says why (raised as it is, with what it relays)
         raise cause
+    _check_own_snapshot(repo_id, revision, root)
     chosen = _check_cached_pick(repo_id, revision, subfolder, root, cause)
     _check_cached_blobs(repo_id, revision, root, [inner + name for name in (chosen, CONFIG_NAME) if name])
     if need_config and _holds_safetensors(level.folder(root)):
         _check_cached_config(repo_id, revision, root, f"{inner}{CONFIG_NAME}", cause)
     return root
+
+
+def _check_own_snapshot(repo_id: str, revision: str | None, root: Path) -> None:
+    """``root``, the snapshot the cache serves for ``revision``, is one of the repo's own: a
+    folder named by a commit in its ``snapshots``. A ref file of a damaged cache holding a path
+    (``../../models--other--repo/snapshots/<commit>``) had the read serve another repo's files;
+    ``huggingface_hub`` refuses such a ref for one file, not for a whole snapshot.
+
+    Raises:
+        SourceNotFoundError: it is not, naming the ref, where it leads, and the fix.
+    """
+    own = os.path.normpath(cache_folder(repo_id) / "snapshots")
+    at = os.path.normpath(root)
+    if os.path.dirname(at) == own and _COMMIT_NAME.fullmatch(os.path.basename(at)):
+        return
+    raise SourceNotFoundError(
+        f"{repo_id}: the local Hugging Face cache's refs/{revision or 'main'} leads to {shown(str(root), 200)}, "
+        f"which is not a snapshot of this repo (a commit's folder in {own}): the cache is damaged. Delete "
+        f"{cache_folder(repo_id)} and fetch the repo again while online."
+    )
+
+
+#: a snapshot folder's name: a full commit hash
+_COMMIT_NAME = re.compile(r"[0-9a-f]{40}")
 
 
 def _check_cached_blobs(repo_id: str, revision: str | None, root: Path, names: list[str]) -> None:

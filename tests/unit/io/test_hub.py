@@ -1502,3 +1502,21 @@ def test_a_refused_request_is_refused_with_the_fix_for_its_refusal_not_for_being
     assert not (repo / ".no_exist").exists()
     if not kwargs:  # hf_hub_download itself writes the ref of a file fetched alone at a branch
         assert not (repo / "refs").exists()
+
+
+def test_a_ref_of_a_damaged_cache_that_leads_to_another_repo_is_refused(hub_cache: Path) -> None:
+    """A ``refs/main`` holding a path out of the repo's folder (a damaged cache) had an offline
+    read of the repo serve another repo's snapshot, silently; huggingface_hub refuses it for a
+    single file (weight_name=) only."""
+    own = hub_cache / f"models--{REPO.replace('/', '--')}"
+    other = hub_cache / "models--lorahot-test--other"
+    shutil.copytree(own, other)
+    save_file(_peft_tensors(2), other / "snapshots" / COMMIT / "adapter_model.safetensors")
+    (own / "refs" / "main").write_text(f"../../{other.name}/snapshots/{COMMIT}")
+    for kwargs in ({}, {"weight_name": "adapter_model.safetensors"}):
+        with pytest.raises(lorahot.SourceNotFoundError, match=rf"^{REPO}: "):
+            lorahot.read_adapter(REPO, **kwargs)
+    with pytest.raises(lorahot.SourceNotFoundError, match=r"refs/main leads to .*models--lorahot-test--other.*damaged"):
+        lorahot.read_adapter(REPO)
+    (own / "refs" / "main").write_text(COMMIT)
+    assert lorahot.read_adapter(REPO).modules["proj"].rank == 4  # the repo's own snapshot
