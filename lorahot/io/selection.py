@@ -82,7 +82,7 @@ class ModuleSelection:
         pattern = _layers_pattern(raw.get("layers_pattern"), problems)
         if isinstance(targets, str) and (layers is not None or pattern):
             problems.append("layers_to_transform and layers_pattern cannot be used when target_modules is a str (PEFT)")
-        if pattern and layers is None:
+        if pattern and raw.get("layers_to_transform") is None:  # PEFT's test: an empty list selects by no index
             problems.append("layers_pattern is set without layers_to_transform (PEFT refuses it)")
         if isinstance(targets, str) and targets.lower() == _ALL_LINEAR:
             targets = None

@@ -242,3 +242,24 @@ def test_a_peft_config_regex_with_a_lookaround_loads_its_file_as_peft(tmp_path: 
     with torch.no_grad():
         torch.testing.assert_close(model(x), oracle, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(x).double(), _reference(x, state, (Q0, V1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["layers", ["layers", "h"]], ids=json.dumps)
+def test_an_empty_layers_to_transform_beside_a_layers_pattern_loads_every_module_as_peft(
+    tmp_path: Path, pattern: str | list[str]
+) -> None:
+    """PEFT refuses a ``layers_pattern`` only where ``layers_to_transform`` is None; an empty
+    list selects by no layer index, so PEFT builds every module and loads the whole file. A
+    first version of the selection refused such a config as 'layers_pattern is set without
+    layers_to_transform', where every earlier version, and PEFT, loaded it."""
+    directory, state = _peft_dir(tmp_path, {"layers_to_transform": [], "layers_pattern": pattern})
+    x = token_ids((2, 5), 32, seed=0)
+    with torch.no_grad():
+        oracle = peft.PeftModel.from_pretrained(tiny_lm(seed=0, vocab=32), directory)(x)
+    want = _reference(x, state, (Q0, V1))
+    torch.testing.assert_close(oracle.double(), want, rtol=1e-5, atol=1e-5)
+    model = tiny_lm(seed=0, vocab=32)
+    lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4).load(directory)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), oracle, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x).double(), want, rtol=1e-5, atol=1e-5)
