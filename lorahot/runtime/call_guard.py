@@ -7,7 +7,9 @@ Code such a call runs (a source's mapping methods or ``__fspath__``, an argument
 ``__float__``, ``__index__``, ``__len__`` or ``__getitem__``) calling the runtime again on the
 same thread is refused (:meth:`CallGuard.refuse_within_call`): it would change the slots under
 a call that has checked its arguments against them. A load also holds the read buffers
-(:func:`reading`). Forwards take no lock (see the README's threading contract).
+(:func:`reading`). Forwards take no lock (see the README's threading contract). Each call runs
+with autocast off (:meth:`CallGuard.autocast_off`): what it computes on the device (DoRA factors,
+merged weights) is part of the adapter, not of one forward.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
+
+import torch
 
 from lorahot.errors import UsageError
 from lorahot.io.read_buffers import ReadBuffers
@@ -33,7 +37,9 @@ class CallGuard:
     """A runtime's call lock, and the note of the call holding it (for the message of
     :meth:`refuse_within_call`)."""
 
-    def __init__(self, keys: tuple[int, ...] = ()) -> None:
+    def __init__(self, keys: tuple[int, ...] = (), device_types: tuple[str, ...] = ()) -> None:
+        #: the device types of the runtime's buffers, besides the CPU: autocast is off there for each call
+        self.device_types = tuple(dict.fromkeys(("cpu", *device_types)))
         #: the runtime's arena handle keys: every call under way is counted on them when it ends,
         #: done or not (:func:`lorahot.layers.state_marks.count_calls`: a checkpointed forward's
         #: recompute after a call is refused)
@@ -57,6 +63,19 @@ class CallGuard:
         finally:
             self._running = None
             count_calls(self.keys)
+
+    @contextlib.contextmanager
+    def autocast_off(self) -> Iterator[None]:
+        """Autocast off on the runtime's devices for a call made under ``torch.autocast``: a
+        serving loop may wrap every step in it, and the call would compute what it keeps for
+        every later forward in the autocast dtype (a float32 model's DoRA factors
+        ``m / ||W0 + s B @ A||``, its merged DoRA weights: 2e-3 to 8e-3 off, where float32
+        rounding is 3e-7). Only where autocast is on: a call outside it enters nothing."""
+        with contextlib.ExitStack() as stack:
+            for device_type in self.device_types:
+                if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            yield
 
     def refuse_within_call(self, call: str) -> None:
         """Refuses ``call`` issued on the thread of a runtime call under way, from code that call
@@ -109,7 +128,7 @@ def one_call_at_a_time(method: Callable[Concatenate[_G, _P], _T]) -> Callable[Co
     def one_at_a_time(runtime: _G, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         guard = runtime._guard
         guard.refuse_within_call(method.__name__)
-        with guard.calls, guard.under_way(method.__name__):
+        with guard.calls, guard.under_way(method.__name__), guard.autocast_off():
             return method(runtime, *args, **kwargs)
 
     return one_at_a_time

@@ -266,7 +266,9 @@ class LoraRuntime:
         self._executor_lock = threading.Lock()
         #: the call lock load, activate, unload and set_scale hold, and the note of the call holding it
         #: (:mod:`lorahot.runtime.call_guard`)
-        self._guard = CallGuard(tuple(a.handle.key for a in buffers.arenas))
+        self._guard = CallGuard(
+            tuple(a.handle.key for a in buffers.arenas), tuple(a.A.device.type for a in buffers.arenas)
+        )
         self._pending_keys = PendingKeys(self.cache)  # keyed prefetches under way: a load of one waits
         self._install_hooks()
 
@@ -488,7 +490,13 @@ class LoraRuntime:
         # of an earlier prefetch on the prefetch thread may be waiting for (lorahot.runtime.prefetches)
         self._pending_keys.settle(keys_of(source), on_prefetch_thread(self._executor))
         self._guard.refuse_within_call("load")
-        with self._guard.calls, self._guard.under_way("load"), _gc_paused(), reading(self._read_buffers):
+        with (
+            self._guard.calls,
+            self._guard.under_way("load"),
+            self._guard.autocast_off(),
+            _gc_paused(),
+            reading(self._read_buffers),
+        ):
             return self._load(source, slot, scale, denoiser, read_kwargs)
 
     def _load(

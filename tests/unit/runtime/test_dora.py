@@ -394,3 +394,52 @@ def test_a_base_weight_given_new_memory_is_seen_by_the_next_runtime_call(how: st
         w = base.weight
         want = m / (w + b @ a).norm(dim=1) * (x @ w.T + x @ a.T @ b.T) + base.bias
         torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+
+
+class _LinearConv(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 32)
+        self.conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc(x), self.conv(img)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("call", ["load", "activate", "set_scale"])
+def test_calls_under_autocast_compute_dora_factors_in_the_models_dtype(tmp_path, call: str, merged: bool) -> None:
+    """A serving loop may wrap every step in ``torch.autocast``: a call made there still computes
+    the factors ``m / ||W0 + s B @ A||`` (merged: the folded weights) of a float32 model in
+    float32, for every later forward. Under CPU bfloat16 autocast they were computed in
+    bfloat16 (2e-3 to 8e-3 off PEFT's float64 output, float32 rounding being 3e-7)."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    torch.manual_seed(0)
+    base = _LinearConv()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc", "conv"], init_lora_weights=False, use_dora=True)
+    peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(str(tmp_path))
+    x, img = torch.randn(3, 64), torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(copy.deepcopy(base).double(), str(tmp_path))(x.double(), img.double())
+    model = copy.deepcopy(base)
+    runtime = lorahot.inject(model, ["fc", "conv"], max_rank=8, slots=2, merged=merged, extras=not merged)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    if call == "load":
+        with autocast:
+            runtime.load(str(tmp_path))
+    elif call == "activate":
+        runtime.load(str(tmp_path), slot=1)
+        with autocast:
+            runtime.activate(1)
+    else:
+        runtime.load(str(tmp_path), scale=0.5)
+        with autocast:
+            runtime.set_scale(1.0)
+    assert torch.is_autocast_enabled("cpu") is False
+    with torch.no_grad():
+        got = model(x, img)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=1e-5)
