@@ -80,10 +80,9 @@ class ModuleSelection:
         exclude = _names_or_regex(raw.get("exclude_modules"), "exclude_modules", problems)
         layers = _layers(raw.get("layers_to_transform"), problems)
         pattern = _layers_pattern(raw.get("layers_pattern"), problems)
-        if isinstance(targets, str) and (layers is not None or pattern):
-            problems.append("layers_to_transform and layers_pattern cannot be used when target_modules is a str (PEFT)")
-        if pattern and raw.get("layers_to_transform") is None:  # PEFT's test: an empty list selects by no index
-            problems.append("layers_pattern is set without layers_to_transform (PEFT refuses it)")
+        # PEFT >= 0.14's LoraConfig refuses layers_pattern without layers_to_transform, and either beside a
+        # str target_modules; earlier versions saved such configs, and its selection reads neither field
+        # there (check_target_module_exists): the modules are the same with the fields ignored, as here
         if isinstance(targets, str) and targets.lower() == _ALL_LINEAR:
             targets = None
         target_re = _runnable(targets, "target_modules", problems)

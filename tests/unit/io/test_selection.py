@@ -10,6 +10,7 @@ import copy
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import peft
@@ -199,11 +200,6 @@ def test_the_selection_is_pefts_check_target_module_exists(fields: dict[str, Any
         ({"layers_to_transform": "0"}, r"layers_to_transform must be an integer or a list of integers, got '0'"),
         ({"layers_to_transform": [True]}, r"layers_to_transform must be an integer or a list of integers"),
         ({"layers_to_transform": [0], "layers_pattern": "lay(ers|x)"}, r"layers_pattern must be a module name"),
-        ({"layers_pattern": "layers"}, r"layers_pattern is set without layers_to_transform"),
-        (
-            {"target_modules": "q", "layers_to_transform": [0]},
-            r"layers_to_transform and layers_pattern cannot be used when target_modules is a str",
-        ),
         ({"target_modules": "q_pr(oj"}, r"target_modules 'q_pr\(oj' is not a valid regex"),
         ({"exclude_modules": "q_pr[oj"}, r"exclude_modules 'q_pr\[oj' is not a valid regex"),
     ],
@@ -263,3 +259,36 @@ def test_an_empty_layers_to_transform_beside_a_layers_pattern_loads_every_module
     with torch.no_grad():
         torch.testing.assert_close(model(x), oracle, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"layers_pattern": "layers"},
+        {"layers_pattern": ["layers", "h"], "layers_to_transform": None},
+        {"target_modules": r".*\.(q_proj|v_proj)", "layers_to_transform": [0]},
+        {"target_modules": r".*\.(q_proj|v_proj)", "layers_to_transform": [1], "layers_pattern": "layers"},
+    ],
+    ids=["pattern alone", "patterns, null indexes", "regex with indexes", "regex with indexes and pattern"],
+)
+def test_layer_fields_peft_reads_nowhere_load_every_selected_module(tmp_path: Path, fields: dict[str, Any]) -> None:
+    """PEFT 0.21's LoraConfig refuses a layers_pattern without layers_to_transform, and either
+    beside a str target_modules, but earlier versions saved such configs, and its selection
+    (check_target_module_exists) reads neither field there: every module the names or the
+    regex select is built. A first version of the selection refused these configs, which loaded
+    before; they now load every module, at the float64 reference."""
+    directory, state = _peft_dir(tmp_path, fields)
+    selects = SimpleNamespace(
+        exclude_modules=None,
+        modules_to_save=None,
+        target_parameters=None,
+        target_modules=fields.get("target_modules", ["q_proj", "v_proj"]),
+        layers_to_transform=fields.get("layers_to_transform"),
+        layers_pattern=fields.get("layers_pattern"),
+    )
+    assert all(check_target_module_exists(selects, name) for name in (Q0, V1))  # PEFT's selection: both
+    x = token_ids((2, 5), 32, seed=0)
+    model = tiny_lm(seed=0, vocab=32)
+    lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4).load(directory)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), _reference(x, state, (Q0, V1)), rtol=1e-5, atol=1e-5)
