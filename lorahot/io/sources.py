@@ -353,7 +353,7 @@ def read_safetensors(
     same descriptor in one pass (:func:`lorahot.io.tensorfile.read_tensors`).
     """
     with regular_file(path, "safetensors file") as fd:
-        stamp = file_stamp(fd)  # a write from here to the end of the data read is refused
+        stamp = file_stamp(fd, path)  # a write from here to the end of the data read is refused
         header = check_safetensors(path, fd)  # refuses damaged or hostile headers before anything is allocated
         return read_tensors(path, header, device, fd, stamp=stamp), header
 

@@ -149,18 +149,27 @@ def _read_fd(
         with regular_file(path, "safetensors file") as opened:
             _read_fd(path, opened, start, buf)
         return
-    before = file_stamp(fd) if stamp is None else stamp
+    before = file_stamp(fd, path) if stamp is None else stamp
     _read_into(fd, path, start, buf)
-    if file_stamp(fd) != before:  # written meanwhile: the data may mix two versions of the file
+    if file_stamp(fd, path) != before:  # written meanwhile: the data may mix two versions of the file
         raise AdapterReadError(
             f"{path}: the file changed while its tensor data was read (another process writing it?). Load it "
             "again once it is written."
         )
 
 
-def file_stamp(fd: int) -> tuple[int, int, int]:
-    """``(size, mtime, ctime)`` of the open file, in nanoseconds: what a write in place changes."""
-    st = os.fstat(fd)
+def file_stamp(fd: int, path: Path) -> tuple[int, int, int]:
+    """``(size, mtime, ctime)`` of the open file ``path``, in nanoseconds: what a write in place
+    changes.
+
+    Raises:
+        AdapterReadError: the file system cannot say (EIO, ESTALE): the read is refused, naming
+            the file.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise AdapterReadError(f"{path}: cannot read the file ({exc.strerror or exc}).") from None
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 

@@ -276,3 +276,63 @@ def test_an_adapter_that_cannot_fit_the_model_is_refused_before_its_data_is_read
         with pytest.raises(lorahot.AdapterMismatchError, match=message):
             runtime.load(path)
     assert data_reads == ([] if checked else [path, path])
+
+
+def test_a_failed_fstat_of_an_open_adapter_file_is_a_read_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``os.fstat`` of an adapter file lorahot holds open fails (EIO on a network or failing
+    disk; ESTALE on NFS) at its k-th call of a load, for every k: a typed read error naming
+    the file, never an ``UnexpectedError`` that calls it a gap in lorahot's checks (the stamp
+    taken to refuse a file rewritten while it is read, ``tensorfile.file_stamp``, let the
+    ``OSError`` through: 3 of the load's fstat calls); the runtime's buffers, slots and output
+    are bitwise as before; then the load goes through and computes the float64 reference."""
+    import copy
+    import errno
+
+    from tests.helpers import make_adapter, model_reference, save_peft
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4)).double()
+    plain = copy.deepcopy(model)
+    runtime = lorahot.inject(model, ["0", "1"], max_rank=4)
+    first, _ = make_adapter(model, {"0": 2, "1": 2}, seed=1, dtype=torch.float64)
+    runtime.load(first)
+    tensors, ab = make_adapter(model, {"0": 2, "1": 3}, seed=2, dtype=torch.float64)
+    folder = save_peft(tmp_path / "adapter", tensors, r=2, rank_pattern={"1": 3}, lora_alpha=4)
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        before_out = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real, calls = os.fstat, [0, 0]  # calls so far, the one that fails
+
+    def fstat(fd: int) -> os.stat_result:
+        calls[0] += 1
+        if calls[0] == calls[1]:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fstat", fstat)
+    failed = 0
+    for k in range(1, 100):
+        calls[:] = [0, k]
+        try:
+            runtime.load(folder)
+        except lorahot.LoraError as exc:
+            failed += 1
+            where = f"fstat failing at its call {k}"
+            assert not isinstance(exc, lorahot.UnexpectedError), f"{where}: {exc}"
+            assert str(folder) in str(exc) and "Input/output error" in str(exc), f"{where}: {exc}"
+            assert runtime.info(0) is not None and runtime.info(0).ranks == {"0": 2, "1": 2}, where
+            assert all(torch.equal(v, before[n]) for n, v in model.state_dict().items()), where
+            with torch.no_grad():
+                assert torch.equal(model(x), before_out), where
+            continue
+        if calls[0] < k:  # went through with every fstat answered
+            break
+    monkeypatch.setattr(os, "fstat", real)
+    assert failed >= 3, f"a load made {failed} fstat calls"
+    runtime.load(folder)
+    loras = {n: (a, b, (4 / 2 if n == "0" else 4 / 3)) for n, (a, b) in ab.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model_reference(plain, x, loras), rtol=1e-12, atol=1e-12)
