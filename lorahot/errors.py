@@ -7,6 +7,7 @@ raises never changes a byte of the model or of any adapter slot.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import reprlib
@@ -130,13 +131,15 @@ def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     does outside: its checks and in-place writes are host work, which dynamo cannot always trace
     (a routing of a new length, whose tensor is allocated then, raised from inside torch).
     Under ``fullgraph=True`` torch refuses the break, naming the call and, as its reason, the fix.
+    It runs with the CPU as torch's default device (:func:`_cpu_default_device`).
     """
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
-            return fn(*args, **kwargs)
+            with _cpu_default_device():
+                return fn(*args, **kwargs)
         except LoraError:
             raise
         except Exception as exc:
@@ -162,6 +165,16 @@ def public_api(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     # traced: a graph break, no frame of it compiled
     eager: Callable[_P, _R] = torch.compiler.disable(wrapper, **({"reason": reason} if _DISABLE_REASON else {}))
     return eager
+
+
+def _cpu_default_device() -> contextlib.AbstractContextManager[object]:
+    """The CPU as torch's default device for a call made under ``torch.set_default_device``
+    (gpt-fast sets ``"cuda"``): lorahot makes its host tensors without a device, and under another
+    default the buffer a load reads a file into was made there (every load failed on its
+    ``numpy()``). Where no torch function mode is on (no default device set) it enters nothing."""
+    if torch._C._len_torch_function_stack() and torch.get_default_device().type != "cpu":
+        return torch.device("cpu")
+    return contextlib.nullcontext()
 
 
 def unfinished_eject(call: str, exc: Exception) -> UnexpectedError:

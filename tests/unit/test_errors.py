@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import torch
+
+import lorahot
 from lorahot.errors import (
     MAX_KEY_CHARS,
     UsageError,
@@ -15,6 +19,7 @@ from lorahot.errors import (
     one_line,
     shown,
 )
+from tests.helpers import make_adapter, model_reference, save_peft, tiny_lm, token_ids
 
 
 class _BrokenRepr:
@@ -97,3 +102,31 @@ def test_only_lines_lorahot_built_keep_their_breaks() -> None:
     assert str(UsageError(f"{inner}")) == one_line(str(inner))  # a refusal's text in an f-string: one line
     plain = "layers.0.self_attn.q_proj (x) [y] 'z' \\ ~"
     assert str(UsageError(f"{plain}: wrong")) == f"{plain}: wrong"  # a printable name as it is
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_public_calls_run_with_the_cpu_as_torch_s_default_device(tmp_path: Path, device: str) -> None:
+    """``torch.set_default_device`` (gpt-fast's ``"cuda"``; here ``"meta"``, the only other device on a
+    CPU box) moved the host buffer a load reads the file into to that device, and every load,
+    ``preload`` and ``read_adapter`` failed (an ``UnexpectedError`` on ``buf.numpy()``). Each public
+    call runs with the CPU as the default device: its results are those of a call without it."""
+    model = tiny_lm()
+    names = ["layers.0.self_attn.q_proj", "layers.1.mlp.up_proj", "embed_tokens"]
+    tensors, ab = make_adapter(model, dict.fromkeys(names, 4), seed=1)
+    path = save_peft(tmp_path / "a", tensors, r=4, lora_alpha=8)
+    runtime = lorahot.inject(model, ["q_proj", "up_proj", "embed_tokens"], max_rank=8, slots=2)
+    ids = token_ids((2, 5), 32, seed=3)
+    torch.set_default_device(device)
+    try:
+        read = lorahot.read_adapter(path)
+        runtime.preload(path)
+        runtime.load(path, slot=1)
+        runtime.activate(1)
+        runtime.set_scale(0.5)
+    finally:
+        torch.set_default_device(None)
+    assert all(m.A.device.type == m.B.device.type == "cpu" for m in read.modules.values())
+    with torch.no_grad():
+        out = model(ids)
+    want = model_reference(tiny_lm(), ids, {n: (a, b, 1.0) for n, (a, b) in ab.items()})
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
