@@ -40,7 +40,7 @@ lint: $(STAMP)
 JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(JOBS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
