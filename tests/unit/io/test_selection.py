@@ -83,6 +83,19 @@ def _reference(x: torch.Tensor, state: dict[str, torch.Tensor], keep: tuple[str,
         return model(x)
 
 
+def _loads_every_module_as_peft(directory: Path, state: dict[str, torch.Tensor]) -> None:
+    """lorahot loads both modules of ``directory``'s file: PEFT's from_pretrained output, and the
+    float64 reference with both LoRAs folded in."""
+    x = token_ids((2, 5), 32, seed=0)
+    with torch.no_grad():
+        oracle = peft.PeftModel.from_pretrained(tiny_lm(seed=0, vocab=32), directory)(x)
+    model = tiny_lm(seed=0, vocab=32)
+    lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4).load(directory)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), oracle, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x).double(), _reference(x, state, (Q0, V1)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", sorted(_LEAVE_OUT_V1))
 def test_a_module_the_peft_config_leaves_out_is_refused_where_peft_drops_its_weights(tmp_path: Path, case: str) -> None:
     fields, why = _LEAVE_OUT_V1[case]
@@ -126,14 +139,7 @@ def test_a_config_that_selects_every_module_of_its_file_loads_as_peft(tmp_path: 
             "layers_pattern": "layers",
         },
     )
-    x = token_ids((2, 5), 32, seed=0)
-    with torch.no_grad():
-        oracle = peft.PeftModel.from_pretrained(tiny_lm(seed=0, vocab=32), directory)(x)
-    model = tiny_lm(seed=0, vocab=32)
-    lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4).load(directory)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), oracle, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model(x).double(), _reference(x, state, (Q0, V1)), rtol=1e-5, atol=1e-5)
+    _loads_every_module_as_peft(directory, state)
 
 
 def test_keys_without_pefts_wrapper_and_header_configs_are_not_selected(tmp_path: Path) -> None:
@@ -230,14 +236,7 @@ def test_a_peft_config_regex_with_a_lookaround_loads_its_file_as_peft(tmp_path: 
     and the file's modules load, as PEFT loads the file it saved. A first version of the
     selection refused them as an invalid config, where every earlier version loaded them."""
     directory, state = _peft_dir(tmp_path, {"target_modules": key})
-    x = token_ids((2, 5), 32, seed=0)
-    with torch.no_grad():
-        oracle = peft.PeftModel.from_pretrained(tiny_lm(seed=0, vocab=32), directory)(x)
-    model = tiny_lm(seed=0, vocab=32)
-    lorahot.inject(model, ["q_proj", "v_proj"], max_rank=4).load(directory)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), oracle, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model(x).double(), _reference(x, state, (Q0, V1)), rtol=1e-5, atol=1e-5)
+    _loads_every_module_as_peft(directory, state)
 
 
 @pytest.mark.parametrize("pattern", ["layers", ["layers", "h"]], ids=json.dumps)
