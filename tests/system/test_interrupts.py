@@ -27,6 +27,7 @@ at every line event (several minutes a load).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dis
 import functools
 import gc
@@ -38,7 +39,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import CodeType, FrameType, SimpleNamespace
@@ -53,6 +54,8 @@ from lorahot.io import hub, tensorfile
 from lorahot.memo import ENTRY_OVERHEAD, BoundedMemo
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
 from tests.helpers import PREFIX, make_adapter, peft_keys, save_peft, stack_reference, tiny_convnet, token_ids
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LORAHOT = str(Path(lorahot.__file__).parent)
 TARGETS = ["embed", "conv", "proj"]
@@ -233,11 +236,19 @@ def targets(
 # -- the rig: a Linear, a grouped Conv2d and an Embedding, two slots --------------------------
 
 
-def _base() -> nn.Module:
-    """``embed`` -> ``conv`` (a Conv2d of one group: merged mode folds it) -> ``proj``."""
+@functools.cache
+def _pristine() -> nn.Module:
+    """The base model that :func:`_base` copies (never injected)."""
     model = tiny_convnet(seed=0)
     model.conv = nn.Conv2d(8, 8, 3, padding=1)
     return model.double()
+
+
+def _base() -> nn.Module:
+    """``embed`` -> ``conv`` (a Conv2d of one group: merged mode folds it) -> ``proj``: a fresh
+    copy of the same weights each time (a copy, not a build: the sweep makes one per
+    interrupt, and ``torch.manual_seed`` records a stack trace for each lazy device seed)."""
+    return copy.deepcopy(_pristine())
 
 
 def _adapter(seed: int, dora: bool = False) -> dict[str, torch.Tensor]:
@@ -444,6 +455,19 @@ CALLS = [
 
 
 # -- the sweep -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _frozen_heap() -> Iterator[None]:
+    """:func:`lines_run` collects the garbage before each call it counts, so that no finalizer
+    of an earlier rig runs in it: a full collection walks every object torch and the earlier
+    tests left (about a second each on a loaded machine). What exists before this module's
+    tests is moved out of the collector's generations (``gc.freeze``), so each collection walks
+    what these tests made, every rig among them, and collects it as before."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="module")
