@@ -440,9 +440,18 @@ PARTITIONER_SETTINGS = {
 }
 
 
+#: each setting under ``aot_eager`` and under inductor's partitioning: inductor itself for
+#: ``aggressive_recomputation``, ``aot_eager_decomp_partition`` (inductor's decompositions and
+#: its partitioner, the graphs inductor would be given, without their code) for the others
+PARTITIONER_CASES = [
+    pytest.param(setting, backend, id=f"{setting}-{backend}")
+    for setting in PARTITIONER_SETTINGS
+    for backend in ("aot_eager", "inductor" if setting == "aggressive_recomputation" else "aot_eager_decomp_partition")
+]
+
+
 @pytest.mark.parametrize("routed", [False, True], ids=["one slot", "per-row routing"])
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("setting", list(PARTITIONER_SETTINGS))
+@pytest.mark.parametrize(("setting", "backend"), PARTITIONER_CASES)
 def test_the_saved_copy_of_the_extras_is_never_recomputed_whatever_the_partitioner_may_recompute(
     setting: str, backend: str, routed: bool
 ) -> None:
@@ -450,7 +459,10 @@ def test_the_saved_copy_of_the_extras_is_never_recomputed_whatever_the_partition
     operators outside its allowlist: ``aggressive_recomputation`` (or the allowlist turned off)
     recomputed ``lorahot::saved_copy`` in the backward from the arena, which now held the new
     factor (2.96 off PEFT's gradient one slot, 1.69 routed); the copy is now marked must-save,
-    which every setting honours, and the backward gets PEFT's gradients in float64."""
+    which every setting honours, and the backward gets PEFT's gradients in float64. What
+    recomputes is the partitioner's choice, made on the graphs before inductor generates code:
+    each setting runs under ``aot_eager`` and under inductor's decompositions and partitioner
+    (:data:`PARTITIONER_CASES`)."""
     assert _pending_backward_off_peft(backend, routed, PARTITIONER_SETTINGS[setting]) < 1e-10
 
 
