@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -151,3 +152,31 @@ def run_ranks(scenario: str, folder: Path, world: int = 2, timeout: float = 90.0
     codes = [p.returncode for p, _ in procs]
     assert codes == [0] * world, f"{scenario}: exit codes {codes}\n{logs}"
     return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def once_per_session(name: str, base: Path, run: Callable[[Path], list[dict[str, str]]]) -> list[dict[str, str]]:
+    """``run(folder)`` once per test session, its results shared by every pytest-xdist worker.
+
+    The tests of a module can run on several workers at once (``--dist worksteal``), and each
+    worker would start a module-scoped scenario of its own: more interpreters per rank doing the
+    same work. Under xdist, ``base`` (``tmp_path_factory.getbasetemp()``) is one worker's folder
+    in the session's folder: the first worker to ask runs the scenario there under a file lock
+    and writes its results (or the error it raised); the others wait on the lock and read them.
+    Outside xdist it just runs."""
+    from filelock import FileLock
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return run(base / name)
+    shared = base.parent / "tensor_parallel"
+    shared.mkdir(exist_ok=True)
+    done = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            try:
+                outcome: dict[str, object] = {"results": run(shared / name)}
+            except AssertionError as exc:
+                outcome = {"error": str(exc)}
+            done.write_text(json.dumps(outcome))
+    outcome = json.loads(done.read_text())
+    assert "error" not in outcome, outcome.get("error")
+    return outcome["results"]  # type: ignore[return-value]

@@ -3,8 +3,9 @@ ColwiseParallel on q/k/v/gate/up and RowwiseParallel on o/down (and sequence par
 
 Every output of the sharded model, after loads, swaps, stacks, scales, per-row routing and the
 host cache, equals the unsharded model's with the same adapters; a load that fails on one rank
-only leaves every rank bitwise unchanged. Each scenario runs once per module (a few seconds:
-two fresh interpreters) and every check is its own test.
+only leaves every rank bitwise unchanged. Each scenario runs once per session, whichever
+pytest-xdist workers its tests land on (a few seconds: two fresh interpreters), and every check
+is its own test.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from tests.helpers import make_adapter, save_peft
-from tests.parallel_helpers import TinyLlama, run_ranks, tiny_llama
+from tests.parallel_helpers import TinyLlama, once_per_session, run_ranks, tiny_llama
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
@@ -211,13 +212,18 @@ def _save_peft(base: torch.nn.Module, config: dict[str, object], seed: int, path
 
 
 def _scenario(name: str, tmp_path_factory: pytest.TempPathFactory, timeout: float = 90.0) -> list[dict[str, str]]:
-    folder = tmp_path_factory.mktemp(name)
-    _write_adapters(folder)
-    if name in ("atomic", "transformers"):
-        _write_transformers(folder)
-    if name == "one_rank":
-        _write_one_rank_adapters(folder)
-    return run_ranks(name, folder, timeout=timeout)
+    """The ranks' results of scenario ``name`` with the adapters it reads, run once per session."""
+
+    def run(folder: Path) -> list[dict[str, str]]:
+        folder.mkdir(parents=True)
+        _write_adapters(folder)
+        if name in ("atomic", "transformers"):
+            _write_transformers(folder)
+        if name == "one_rank":
+            _write_one_rank_adapters(folder)
+        return run_ranks(name, folder, timeout=timeout)
+
+    return once_per_session(name, tmp_path_factory.getbasetemp(), run)
 
 
 def _write_one_rank_adapters(folder: Path) -> None:
@@ -493,7 +499,7 @@ def test_compiled_sharded_model_swaps_without_recompiling(compiled: list[dict[st
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
-    return run_ranks("layouts", tmp_path_factory.mktemp("layouts"))
+    return once_per_session("layouts", tmp_path_factory.getbasetemp(), lambda folder: run_ranks("layouts", folder))
 
 
 LAYOUTS = [
