@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+from tests.helpers import freeze_the_heap
+
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)  # make test: 15 minutes on 2 cores
 settings.register_profile("dev", max_examples=15, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -39,6 +41,17 @@ def _no_hub_registry_request() -> None:
 
 
 _no_hub_registry_request()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    freeze_the_heap()
+
+
+@pytest.fixture
+def frozen_heap() -> None:
+    """For a test that collects the garbage many times: what earlier tests left alive is frozen
+    too, so its collections walk only what it makes."""
+    freeze_the_heap()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

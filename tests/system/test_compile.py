@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -262,17 +262,6 @@ def test_positive_control_same_counter_sees_no_recompile_for_lorahot_swaps() -> 
     runtime.unload()
     compiled(x)
     assert counter.frame_count == 1
-
-
-@pytest.fixture
-def frozen_heap() -> Iterator[None]:
-    """Collects the garbage, then moves every object out of the collector's generations
-    (``gc.freeze``) until the test ends: each ``gc.collect()`` in the test walks only what the
-    test made (a full collection walks all that torch holds, up to a second on a loaded machine)."""
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 @pytest.mark.usefixtures("frozen_heap")

@@ -39,7 +39,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import CodeType, FrameType, SimpleNamespace
@@ -53,7 +53,16 @@ import lorahot
 from lorahot.io import hub, tensorfile
 from lorahot.memo import ENTRY_OVERHEAD, BoundedMemo
 from lorahot.runtime.cache import AdapterCache, PreparedAdapter
-from tests.helpers import PREFIX, make_adapter, peft_keys, save_peft, stack_reference, tiny_convnet, token_ids
+from tests.helpers import (
+    PREFIX,
+    freeze_the_heap,
+    make_adapter,
+    peft_keys,
+    save_peft,
+    stack_reference,
+    tiny_convnet,
+    token_ids,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -458,16 +467,12 @@ CALLS = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _frozen_heap() -> Iterator[None]:
+def _frozen_heap() -> None:
     """:func:`lines_run` collects the garbage before each call it counts, so that no finalizer
-    of an earlier rig runs in it: a full collection walks every object torch and the earlier
-    tests left (about a second each on a loaded machine). What exists before this module's
-    tests is moved out of the collector's generations (``gc.freeze``), so each collection walks
-    what these tests made, every rig among them, and collects it as before."""
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
+    of an earlier rig runs in it: what earlier tests left alive is moved out of the collector's
+    generations first (:func:`tests.helpers.freeze_the_heap`), so each collection walks what these
+    tests made, every rig among them, and collects it as before."""
+    freeze_the_heap()
 
 
 @pytest.fixture(scope="module")
