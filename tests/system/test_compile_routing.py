@@ -46,12 +46,18 @@ def _expected(
 
 @pytest.mark.parametrize("wide", [False, True])
 def test_new_routings_and_mode_switches_do_not_recompile(wide: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One graph per mode, none for a new routing or a routed slot's new weights, one for a new
+    batch size (the negative control), each output at the per-row float64 reference. The graph
+    counts are dynamo's (its guards), the same under any backend: the library formula's layers
+    (``wide=False``) compile with ``aot_eager``; the wide layers with inductor, whose default mode
+    gives their whole-batch forward to lorahot's wide-group lowering (checked at the reference
+    after ``activate(2)``)."""
     if wide:  # the CUDA one-GEMM layers on the CPU: the routed path uses their base rows
         monkeypatch.setattr(wide_layers, "DEVICE_TYPES", {"cpu"})
     model, runtime, held = _setup()
     assert runtime.layers["layers.0.self_attn.q_proj"].wide == wide
     ids = token_ids((4, 6), 32, seed=1)
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor" if wide else "aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
     with torch.no_grad():
         compiled(ids)  # whole batch, slot 0
@@ -84,7 +90,7 @@ def test_new_routings_and_mode_switches_do_not_recompile(wide: bool, monkeypatch
 def test_negative_control_a_first_mode_switch_compiles_once() -> None:
     model, runtime, _ = _setup()
     ids = token_ids((2, 5), 32, seed=2)
-    compiled = torch.compile(model, dynamic=False)
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False)  # dynamo's guards: any backend
     with torch.no_grad():
         compiled(ids)
         runtime.activate([0, 1])
@@ -107,12 +113,15 @@ def test_the_fused_routed_path_compiles_once_for_every_routing_with_static_shape
     """The routed linears' one-call compiled path (``LoRALinear.compiled_routed``), the
     operator's CPU formula standing in for the kernels: each routing's output equals the per-row
     reference, on one graph; an input that does not fit the routing is still refused (the
-    general path's refusal)."""
+    general path's refusal). Compiled with ``aot_eager``: the graph count and the refusal are
+    dynamo's, and inductor's lowering of this graph (the same model, batch and routings) is
+    checked at the reference by :func:`test_routed_layers_sharing_an_input_share_one_shrink`'s
+    control."""
     _fused_on_the_cpu(monkeypatch)
     model, runtime, held = _setup()
     assert runtime.layers["layers.0.self_attn.q_proj"]._plan[1]
     ids = token_ids((4, 6), 32, seed=1)
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
     with torch.no_grad():
         runtime.activate([0, 1, 2, -1])
@@ -125,7 +134,7 @@ def test_the_fused_routed_path_compiles_once_for_every_routing_with_static_shape
     assert counter.frame_count == 1
     runtime.activate([0, 1, 2])  # three entries for a batch of four
     with torch.no_grad(), pytest.raises(lorahot.UsageError, match="does not fit a routing of 3 entries"):
-        torch.compile(model, dynamic=False)(ids)
+        torch.compile(model, backend="aot_eager", dynamic=False)(ids)
 
 
 def _linear_model(extras: bool) -> tuple[torch.nn.Module, lorahot.LoraRuntime]:
@@ -187,12 +196,14 @@ def test_per_row_and_per_token_routings_compile_once_each_and_read_the_batch_as_
     """The same batch ``[2, 4]`` routed per row and per token (``lengths=``): one graph each
     (the compiler guards on which), both equal to the per-row reference, later routings of
     either kind recompile nothing; a per-row routing of 8 entries is not read as 8 tokens
-    (refused, compiled as eagerly): only ``lengths=`` says a routing is per token."""
+    (refused, compiled as eagerly): only ``lengths=`` says a routing is per token. The fused
+    path compiles with inductor (its routed operator lowered there, per row and per token); the
+    library formula with ``aot_eager`` (the graph counts are dynamo's guards, as under inductor)."""
     if fused:
         _fused_on_the_cpu(monkeypatch)
     model, runtime, held = _setup()
     ids = token_ids((2, 4), 32, seed=5)
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor" if fused else "aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
     with torch.no_grad():
         for route in ([1, 0], [0, 2], [2, -1]):
@@ -297,12 +308,15 @@ def test_dynamic_shapes_serve_every_batch_size_with_one_routed_graph(
 ) -> None:
     """One graph for every batch size. Where the fused routed path applies, the row counts
     cross its limits (16 and 128 rows: 12 to 200 here) and its operator chooses per call, so
-    that too compiles once."""
+    that too compiles once. The fused path compiles with inductor (its operator lowered for a
+    symbolic row count); the library formula with ``aot_eager`` (one graph is dynamo's count;
+    inductor's lowering of it under a dynamic batch is checked at the reference by
+    :func:`test_a_serving_step_compiled_with_cuda_graphs_routes_at_the_float64_reference`)."""
     if fused:
         _fused_on_the_cpu(monkeypatch)
     model, runtime, held = _setup()
     assert runtime.layers["layers.0.self_attn.q_proj"]._plan[1] == fused
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor" if fused else "aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
     with torch.no_grad():
         runtime.activate([0, 1, 2])
@@ -322,10 +336,15 @@ def test_a_batch_marked_dynamic_routes_every_batch_size_with_one_graph(kind: str
     """``torch._dynamo.mark_dynamic(ids, 0)``, as the base model takes it, under per-row routings
     of every batch size: the routing's length is the batch's, so a constant length would
     specialize the batch marked dynamic, which torch refuses (ConstraintViolationError). One
-    routed graph serves them all."""
+    routed graph serves them all. The conv compiles with inductor, whose lowering of a
+    convolution fixes its group count (a batch in it would be specialized there, not in dynamo:
+    :func:`test_negative_control_a_routed_conv_grouped_by_a_symbolic_batch_recompiles`); the LM
+    with ``aot_eager`` (its refusal and graph count are dynamo's; inductor's lowering of its
+    routed layers under a dynamic batch is checked at the reference by
+    :func:`test_a_serving_step_compiled_with_cuda_graphs_routes_at_the_float64_reference`)."""
     model, runtime, held = _routed_convnet() if kind == "conv" else _setup()
     reference, vocab, tail = (tiny_convnet(), 16, (5, 5)) if kind == "conv" else (tiny_lm(), 32, (6,))
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor" if kind == "conv" else "aot_eager")
     compiled = torch.compile(model, backend=counter)
     with torch.no_grad():
         for k, rows in enumerate((4, 3, 6, 2)):
@@ -498,9 +517,10 @@ def test_a_compiled_model_routes_whatever_is_exporting_answers_inside_torch_comp
     """Some torch versions (2.11) answer ``torch.compiler.is_exporting()`` True inside
     ``torch.compile``: a compiled model must not take itself for an export there (which would
     refuse every per-row routing, and mark the runtime as exported). Emulated by the flag that
-    answer reads, set while the model compiles."""
+    answer reads, set while the model compiles. ``aot_eager``: lorahot reads the answer while
+    dynamo traces the layers, before any backend."""
     model, runtime, held = _setup()
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)
     ids = token_ids((4, 6), 32, seed=1)
     with torch.no_grad():
@@ -518,7 +538,7 @@ def test_negative_control_routed_row_limits_decided_in_python_recompile(monkeypa
     _fused_on_the_cpu(monkeypatch)
     monkeypatch.setattr(lora_linear, "decidable", lambda rows: True)
     model, runtime, _ = _setup()
-    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)  # dynamo's guards
     with torch.no_grad():
         runtime.activate([0, 1, 2])
         compiled(token_ids((3, 4), 32, seed=0))
@@ -595,6 +615,8 @@ def test_negative_control_a_routed_conv_grouped_by_a_symbolic_batch_recompiles(
 
     monkeypatch.setattr(routing, "constant", lambda size: True)  # the batch as a group count
     model, runtime, _ = _routed_convnet()
+    # inductor: its lowering of the convolution fixes the group count (``aot_eager`` compiles
+    # the grouped form for every batch size without a recompile)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     with torch.no_grad():
         runtime.activate([1, -1])
@@ -720,7 +742,8 @@ class _SequenceFirst(torch.nn.Module):
 def test_sequence_first_layers_compute_their_base_output_under_a_compiled_routing() -> None:
     """The block's linears see their input sequence-first: a routing to an adapter on them is
     refused at activate; adapters on the head alone route per row, the block computing its
-    base output, with no recompile over routings (negative control: a new batch size)."""
+    base output, with no recompile over routings (negative control: a new batch size).
+    ``aot_eager``: the refusal and the graph count are dynamo's, the block is torch's own."""
     torch.manual_seed(0)
     base = _SequenceFirst().eval()
     model = copy.deepcopy(base)
@@ -734,7 +757,7 @@ def test_sequence_first_layers_compute_their_base_output_under_a_compiled_routin
     x = torch.randn(4, 4, 8, generator=torch.Generator().manual_seed(1))  # T == B
     with pytest.raises(lorahot.UsageError, match=r"slot 0, .*sequence-first \('block.linear1'\)"):
         runtime.activate([0, 1, 2, -1])
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
     with torch.no_grad():
         runtime.activate([1, 2, -1, 1])
