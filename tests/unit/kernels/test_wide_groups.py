@@ -61,7 +61,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, bt: torch.Tens
     return d(x) @ d(w).T + ((d(x) @ d(a).T) * d(s)) @ d(bt)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     outs=st.lists(st.integers(1, 40), min_size=1, max_size=4),
     k=st.integers(1, 24),
@@ -397,7 +397,7 @@ def test_gpu_a_group_follows_swaps_under_cuda_graphs(dynamic: bool, mode: str) -
                     assert float((got - want).norm() / want.norm()) < 1e-2
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     outs=st.lists(st.integers(1, 40), min_size=1, max_size=4),
     equal=st.booleans(),
@@ -673,11 +673,11 @@ def test_in_default_mode_a_group_read_twice_writes_its_outputs_into_one_buffer(
 
 
 class _Blocks(nn.Module):
-    """Three ``_Block`` modules in a row: their groups have the same shapes."""
+    """Two ``_Block`` modules in a row: their groups have the same shapes."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+        self.blocks = nn.ModuleList(_Block() for _ in range(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -690,9 +690,9 @@ class _Blocks(nn.Module):
 def test_in_default_mode_groups_of_one_shape_are_traced_once_each_copy_with_values_of_its_own(
     dynamic: bool, memo: bool, as_on_cuda: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Three identical blocks in default mode: ``expands`` is traced once per shape (q/k/v,
-    gate/up, o, down: 4 traces for 12 lowerings; the negative control, the graph's memo
-    dropped, traces each of the 12), later lowerings copy the trace, and every copied node
+    """Two identical blocks in default mode: ``expands`` is traced once per shape (q/k/v,
+    gate/up, o, down: 4 traces for 8 lowerings; the negative control, the graph's memo
+    dropped, traces each of the 8), later lowerings copy the trace, and every copied node
     has a fake value of its own (inductor reads a node's storage from it: a shared value would
     read as an alias). The output equals the eager model's through a swap, with no recompile."""
     from lorahot.kernels import fx_graph
@@ -708,7 +708,7 @@ def test_in_default_mode_groups_of_one_shape_are_traced_once_each_copy_with_valu
     monkeypatch.setattr(wide_groups, "group_wide_layers", lambda graph: (grouped(graph), graphs.append(graph))[0])
     torch.manual_seed(0)
     model = _Blocks().double()
-    names = [f"blocks.{i}.{n}" for i in range(3) for n in BLOCK]
+    names = [f"blocks.{i}.{n}" for i in range(2) for n in BLOCK]
     runtime = lorahot.inject(model, names, max_rank=R, extras=False)
     adapters = [make_adapter(model, dict.fromkeys(names, r), seed=s)[0] for r, s in ((4, 0), (8, 1))]
     runtime.load(adapters[0])
@@ -719,12 +719,12 @@ def test_in_default_mode_groups_of_one_shape_are_traced_once_each_copy_with_valu
         with torch._dynamo.config.patch(error_on_recompile=True):
             runtime.load(adapters[1])
             torch.testing.assert_close(compiled(x), _eager(model, x), rtol=1e-9, atol=1e-9)
-    assert as_on_cuda[0] == 21  # every operator lowered
-    assert len(traced) == (4 if memo else 12)
+    assert as_on_cuda[0] == 14  # every operator lowered
+    assert len(traced) == (4 if memo else 8)
     values = [n.meta["val"] for n in graphs[0].nodes if isinstance(n.meta.get("val"), torch.Tensor)]
     assert len({id(v) for v in values}) == len(values)
     ops = [str(n.target) for n in graphs[0].nodes]
-    assert ops.count("aten.bmm.default") == 6  # q/k/v's and gate/up's batched expands, per block
+    assert ops.count("aten.bmm.default") == 4  # q/k/v's and gate/up's batched expands, per block
 
 
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
