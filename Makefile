@@ -1,8 +1,6 @@
 # Two entry points: `make demo` and `make test`. Both build a local virtualenv first.
 # torch: reuse the system's if there is one; otherwise install the CPU build (2.13.0+cpu),
-# never a multi-GB CUDA build. --no-compile: pip would byte-compile every module of torch,
-# transformers and diffusers (about a minute of a 2-core machine); Python compiles the modules
-# imported when they are first imported.
+# never a multi-GB CUDA build.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -17,11 +15,11 @@ $(STAMP): pyproject.toml
 	    $(PY) -m venv --system-site-packages $(VENV); \
 	else \
 	    $(PY) -m venv $(VENV) && \
-	    { $(BIN)/pip install -q --no-compile "$(TORCH_CPU)" 2>/dev/null || \
-	      $(BIN)/pip install -q --no-compile "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); }; \
+	    { $(BIN)/pip install -q "$(TORCH_CPU)" 2>/dev/null || \
+	      $(BIN)/pip install -q "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); }; \
 	fi
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
-	$(BIN)/pip install -q --no-compile -c $(VENV)/constraints.txt -e ".[test]"
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[test]"
 	$(BIN)/python -c "import lorahot, peft, diffusers, transformers, hypothesis, xdist"
 	$(BIN)/ruff --version && $(BIN)/mypy --version
 	touch $(STAMP)
