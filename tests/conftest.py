@@ -27,6 +27,20 @@ def _share_the_cores() -> None:
 _share_the_cores()
 
 
+def _scalar_cpu_kernels() -> None:
+    """inductor's C++ kernels for the CPU without SIMD (``cpp.simdlen = 1``, no vector ISA that
+    wide): the tests check what lorahot puts in a graph and what the compiled model computes, not
+    how torch vectorizes a kernel, and a kernel of ``at::vec`` templates costs g++ about a fifth
+    more to build (a tiny LM's compile from a cold cache: 4.8-5.0 s against 5.9-6.5 s). Triton
+    kernels on CUDA are not affected."""
+    import torch._inductor.config
+
+    torch._inductor.config.cpp.simdlen = 1
+
+
+_scalar_cpu_kernels()
+
+
 def _no_hub_registry_request() -> None:
     """huggingface_hub (2.x) fetches an agent registry from ``{ENDPOINT}/api/agent-harnesses`` on a
     process's first request (up to 3 s), through whatever endpoint that first request uses: a
