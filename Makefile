@@ -39,8 +39,10 @@ lint: $(STAMP)
 # tests/conftest.py gives each worker its share of the cores for torch's threads.
 JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
+# PYTHONDONTWRITEBYTECODE emptied: where it is set, every process (each worker, each
+# subprocess a test starts) compiled lorahot's modules and pytest rewrote the test modules again.
 test: lint
-	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
