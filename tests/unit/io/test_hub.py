@@ -623,7 +623,8 @@ class _StandInHandler(BaseHTTPRequestHandler):
 def stand_in_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandInHub]:
     """huggingface_hub online, every request of it sent to a :class:`StandInHub`."""
     hub = StandInHub()
-    thread = threading.Thread(target=hub.serve_forever, daemon=True, name="lorahot-test-hub")
+    # polled every 20 ms for its shutdown (the default 0.5 s held each test's teardown that long)
+    thread = threading.Thread(target=hub.serve_forever, args=(0.02,), daemon=True, name="lorahot-test-hub")
     thread.start()
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
