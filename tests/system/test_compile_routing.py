@@ -414,8 +414,8 @@ def float32_products() -> Iterator[None]:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.usefixtures("float32_products")
 def test_a_serving_step_compiled_with_cuda_graphs_routes_at_the_float64_reference(device: str) -> None:
-    """A serving step compiled whole with ``mode="reduce-overhead"`` (on CUDA, CUDA graphs; on
-    the CPU inductor skips them and the rest is the same): ``runtime.activate(route)``, then the
+    """A serving step compiled whole with ``mode="reduce-overhead"`` (CUDA graphs) on CUDA:
+    ``runtime.activate(route)``, then the
     float32 model. Every public entry point runs under ``torch.compiler.disable``, so the call
     is the step's one graph break: the step's own frame compiles no graph, its resume frame
     compiles the model's. Expected graphs: one for the first batch size; one more when a
@@ -429,6 +429,13 @@ def test_a_serving_step_compiled_with_cuda_graphs_routes_at_the_float64_referenc
     the float64 per-row reference. The routing is a host tensor: a Python list would make the
     step's frame guard on its length, one more (graphless) compile per length.
 
+    On the CPU, where inductor would run the same graphs without CUDA graphs, the step compiles
+    with ``aot_eager``: the graphs, the graph break and the recompiles are dynamo's, and
+    inductor's CPU code for the routed layers is checked against the float64 reference by
+    :func:`test_per_row_and_per_token_routings_compile_once_each_and_read_the_batch_as_they_say`
+    and :func:`test_dynamic_shapes_serve_every_batch_size_with_one_routed_graph` (three cold
+    inductor compiles of these graphs cost the CPU about 45 s).
+
     Tolerance: float32 (unit roundoff 6e-8) against float64, sums of at most 24 products per
     layer over two blocks: rtol 1e-4, atol 1e-5 is about 10^3 roundings of slack, and rejects
     TF32's 2^-11 (turned off: :func:`float32_products`)."""
@@ -437,8 +444,9 @@ def test_a_serving_step_compiled_with_cuda_graphs_routes_at_the_float64_referenc
     model, runtime, held = _setup(device=device)
     prepared = [make_adapter(model, dict.fromkeys(runtime.layers, 2 + k), seed=20 + k) for k in range(2)]
     cached = [runtime.preload(tensors) for tensors, _ in prepared]
+    compiled = torch.compile(mode="reduce-overhead") if device == "cuda" else torch.compile(backend="aot_eager")
 
-    @torch.compile(mode="reduce-overhead")
+    @compiled
     def step(ids: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         runtime.activate(route)
         return model(ids)
