@@ -68,9 +68,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RTOL = 1e-10
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-#: Examples per test: the conftest profile derandomizes; ``LORAHOT_DIFFERENTIAL_EXAMPLES`` (with
-#: ``HYPOTHESIS_PROFILE=dev`` for fresh draws) searches further.
-EXAMPLES = int(os.environ.get("LORAHOT_DIFFERENTIAL_EXAMPLES", "40"))
+#: Examples per test, as many as the conftest profile draws (which derandomizes);
+#: ``LORAHOT_DIFFERENTIAL_EXAMPLES`` (with ``HYPOTHESIS_PROFILE=dev`` for fresh draws) searches
+#: further.
+EXAMPLES = int(os.environ.get("LORAHOT_DIFFERENTIAL_EXAMPLES", "25"))
 
 #: What the drawn space met (printed with ``-s``): comparisons made, and with which oracle.
 SEEN: Counter[str] = Counter()
