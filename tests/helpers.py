@@ -570,23 +570,28 @@ def tiny_clip(with_projection: bool = False) -> nn.Module:
     return model
 
 
-def tiny_unet(seed: int = 0, cross_attention_dim: int = 16, layers_per_block: int = 1) -> nn.Module:
+def tiny_unet(seed: int = 0, cross_attention_dim: int = 16, layers_per_block: int = 1, **layout: Any) -> nn.Module:
     """A diffusers ``UNet2DConditionModel`` small enough for the CPU (one cross-attention down
-    block and one up block, 16/32 channels), seeded, in eval mode. Imports diffusers."""
+    block and one up block, 16/32 channels), seeded, in eval mode; ``layout`` overrides its
+    configuration (``block_out_channels``, the block types, ...). Imports diffusers."""
     import diffusers
 
+    config: dict[str, Any] = {
+        "block_out_channels": (16, 32),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        **layout,
+    }
     torch.manual_seed(seed)
     unet: nn.Module = diffusers.UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
         layers_per_block=layers_per_block,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
         norm_num_groups=8,
+        **config,
     ).eval()
     return unet
 

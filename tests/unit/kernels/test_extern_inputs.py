@@ -282,12 +282,13 @@ def test_a_diffusers_unet_rewrites_the_projections_after_attention(monkeypatch: 
     cross-attention, the output projections and the feed-forward keep theirs. The compiled
     step equals the eager one. (One compile covers both passes.)
 
-    The UNet is smaller than ``tests.helpers.tiny_unet``, whose every transformer block is of
-    this one kind: one resolution (16 channels, no down- or upsampling, no middle block), a
+    The UNet is ``tests.helpers.tiny_unet`` narrowed so that every transformer block is of this
+    one kind: one resolution (16 channels, no down- or upsampling, no middle block), a
     down block without attention and a cross-attention up block, whose two transformer blocks
     (over the concatenations with the skips) read the same text states: each block's k and v
     are stacked apart from the other block's."""
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
+    from tests.helpers import tiny_unet
 
     monkeypatch.setattr(wide, "DEVICE_TYPES", {"cpu", "cuda"})
     monkeypatch.setattr(wide_groups, "ENABLED", False)  # q/k/v as one GEMM in default mode: no shrinks to stack
@@ -296,20 +297,12 @@ def test_a_diffusers_unet_rewrites_the_projections_after_attention(monkeypatch: 
     removed: list[int] = []
     stack = stacked_shrinks.stack_shrinks
     monkeypatch.setattr(stacked_shrinks, "stack_shrinks", lambda graph: removed.append(stack(graph)) or 0)
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
+    unet = tiny_unet(
         block_out_channels=(16,),
         down_block_types=("DownBlock2D",),
         up_block_types=("CrossAttnUpBlock2D",),
         mid_block_type=None,
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
+    )
     targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
     runtime = lorahot.inject(unet, targets, max_rank=R, extras=False)
     blocks = sum(1 for name, _ in unet.named_modules() if name.endswith("attn1"))
