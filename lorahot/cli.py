@@ -27,16 +27,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
+import torch
+
 from lorahot.adapter import Adapter, LoraModule, WeightModule
 from lorahot.errors import LoraError, printable
-from lorahot.formats import format_named
+from lorahot.formats import KeyFormat, format_named
 from lorahot.io.loader import read_adapter
 
 __all__ = ["main", "summarize"]
 
 
 def summarize(adapter: Adapter) -> dict[str, Any]:
-    """The facts ``inspect`` prints, as plain data."""
+    """The facts ``inspect`` prints, as plain data: dtypes and bytes as the source stores them
+    (a float8 file's, which the reader widens to float32: :attr:`Adapter.stored_dtypes`)."""
+    fmt = format_named(adapter.format)
+    stored = _Stored(adapter, fmt)
     modules = [
         {
             "module": key,
@@ -46,11 +51,11 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
             "scale": m.scale,
             "A": list(m.A.shape),
             "B": list(m.B.shape),
-            "dtype": str(m.A.dtype).removeprefix("torch."),
+            "dtype": _dtype_name(stored.dtype(m, "A", m.A)),
         }
         for key, m in adapter.modules.items()
-    ] + [_weight_row(key, w) for key, w in adapter.weights.items()]
-    prefixes = format_named(adapter.format).prefixes
+    ] + [_weight_row(key, w, stored) for key, w in adapter.weights.items()]
+    prefixes = fmt.prefixes
     return {
         "source": adapter.source,
         "format": adapter.format,
@@ -63,7 +68,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
         "alphas": _counts(m["alpha"] for m in modules),
         "dtypes": _counts(m["dtype"] for m in modules),
         "rslora": any(m.use_rslora for m in adapter.modules.values()),
-        "bytes": adapter.nbytes,
+        "bytes": stored.nbytes(),
         "skipped": list(adapter.skipped),
         "table": modules,
     }
@@ -76,9 +81,43 @@ def _lora_kind(m: LoraModule) -> str:
     return kind + "+bias" if m.bias is not None else kind
 
 
-def _weight_row(key: str, w: WeightModule) -> dict[str, Any]:
+class _Stored:
+    """The dtype each tensor of ``adapter`` has in its source: a module tensor's own, or, where
+    the tensors of its role (``A``, ``B``, a factor's name) among the module's ``source_keys``
+    were widened as read (:attr:`Adapter.stored_dtypes`), the one dtype they were stored in."""
+
+    def __init__(self, adapter: Adapter, fmt: KeyFormat) -> None:
+        self.adapter, self.fmt = adapter, fmt
+
+    def dtype(self, m: LoraModule | WeightModule, role: str, t: torch.Tensor) -> torch.dtype:
+        if not self.adapter.stored_dtypes:
+            return t.dtype
+        found = {
+            self.adapter.stored_dtypes[k]
+            for k in m.source_keys
+            if k in self.adapter.stored_dtypes and (parsed := self.fmt.parse(k)) is not None and parsed[1] == role
+        }
+        return found.pop() if len(found) == 1 else t.dtype
+
+    def nbytes(self) -> int:
+        """Bytes of the LoRA weights A and B and of the weight modules' factors, as stored (as
+        :attr:`Adapter.nbytes` counts them)."""
+        lora = sum(
+            t.numel() * self.dtype(m, role, t).itemsize
+            for m in self.adapter.modules.values()
+            for role, t in (("A", m.A), ("B", m.B))
+        )
+        factors = ((w, name, t) for w in self.adapter.weights.values() for name, t in w.factors.items())
+        return lora + sum(t.numel() * self.dtype(w, name, t).itemsize for w, name, t in factors)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _weight_row(key: str, w: WeightModule, stored: _Stored) -> dict[str, Any]:
     """A LyCORIS/diff module's row: its factors' shapes stand where a LoRA's A and B do."""
-    first = next(iter(w.factors.values()))
+    name, first = next(iter(w.factors.items()))
     return {
         "module": key,
         "kind": w.kind,
@@ -86,7 +125,7 @@ def _weight_row(key: str, w: WeightModule) -> dict[str, Any]:
         "alpha": _weight_alpha(w),
         "scale": w.scale,
         "factors": {k: list(t.shape) for k, t in w.factors.items()},
-        "dtype": str(first.dtype).removeprefix("torch."),
+        "dtype": _dtype_name(stored.dtype(w, name, first)),
     }
 
 

@@ -304,6 +304,11 @@ class Adapter:
             what tells a file of one model by its names (:meth:`lorahot.formats.table.KeyFormat.for_file`:
             Krea 2's ``blocks.0.attn.wq`` marks a PEFT file as Krea 2's, however a rename spells it);
             empty: the keys of :attr:`modules` and :attr:`weights`.
+        stored_dtypes: tensor key in the source -> the dtype the source stores it in, for the
+            tensors read as another dtype: a float8 tensor is read as float32, every value exactly
+            (:func:`lorahot.io.dtypes.widened`), and ``lorahot inspect`` reports it as stored.
+            Empty where every tensor is read as stored. Renames keep it: it is keyed by
+            ``source_keys``.
     """
 
     modules: dict[str, LoraModule]
@@ -313,6 +318,7 @@ class Adapter:
     skipped: tuple[str, ...] = ()
     weights: dict[str, WeightModule] = field(default_factory=dict)
     file_keys: tuple[str, ...] = ()
+    stored_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -320,7 +326,8 @@ class Adapter:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the LoRA weights A and B (base-weight copies not counted)."""
+        """Bytes of the LoRA weights A and B as held (base-weight copies not counted; a float8
+        file's tensors widened to float32: see :attr:`stored_dtypes`)."""
         return sum(m.A.nbytes + m.B.nbytes for m in self.modules.values()) + sum(
             w.nbytes for w in self.weights.values()
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TORCH_DTYPES", "DTYPE_BYTES", "FLOAT8_DTYPES", "widened"]
+__all__ = ["TORCH_DTYPES", "DTYPE_BYTES", "FLOAT8_DTYPES", "widened", "widened_all"]
 
 #: safetensors dtype name -> torch dtype.
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -39,3 +39,10 @@ def widened(t: torch.Tensor) -> torch.Tensor:
     where it is read; its NaN elements stay NaN and are refused as any file's are.
     """
     return t.to(torch.float32) if t.dtype in FLOAT8_DTYPES else t
+
+
+def widened_all(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.dtype]]:
+    """Every tensor :func:`widened`, and the dtype each widened one was stored in, by key (what
+    ``lorahot inspect`` reports: the file's dtypes and bytes, not the widened copies')."""
+    stored = {k: t.dtype for k, t in tensors.items() if t.dtype in FLOAT8_DTYPES}
+    return {k: widened(t) for k, t in tensors.items()}, stored

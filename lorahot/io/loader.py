@@ -204,8 +204,9 @@ def checked_adapter(adapter: Adapter) -> Adapter:
                 format_problems(f"{_named(adapter.source)}: not a usable lorahot.Adapter:", problems),
                 "Adapter.modules must map module keys (str) to lorahot.LoraModule objects holding tensors and a float "
                 "alpha, Adapter.weights module keys to lorahot.WeightModule objects, Adapter.config must be a dict, "
-                "Adapter.format and Adapter.source strings and Adapter.skipped and Adapter.file_keys tuples of "
-                "strings; or read the adapter with lorahot.read_adapter.",
+                "Adapter.format and Adapter.source strings, Adapter.skipped and Adapter.file_keys tuples of "
+                "strings and Adapter.stored_dtypes a dict of str to torch.dtype; or read the adapter with "
+                "lorahot.read_adapter.",
             )
         )
     refuse_oversized(_named(adapter.source), _shapes(adapter), "tensors were not copied")
@@ -324,6 +325,11 @@ def _malformed_fields(adapter: Adapter) -> list[str]:
         keys = getattr(adapter, field_name)
         if not isinstance(keys, (tuple, list)) or not all(isinstance(k, str) for k in keys):
             found.append(f"Adapter.{field_name} is {shown(keys, 60)}, not a tuple of str")
+    stored: object = adapter.stored_dtypes
+    if not isinstance(stored, dict) or not all(
+        type(k) is str and isinstance(d, torch.dtype) for k, d in stored.items()
+    ):
+        found.append(f"Adapter.stored_dtypes is {shown(stored, 60)}, not a dict of str to torch.dtype")
     weights: object = adapter.weights
     if not isinstance(weights, dict):
         found.append(f"Adapter.weights is a {type(weights).__name__}, not a dict")
@@ -581,7 +587,7 @@ def _cooked(recipe: _Recipe, raw: RawAdapter) -> Adapter:
     header_configs = _header_configs(raw)
     if header_configs:
         config[METADATA_KEY] = header_configs
-    return Adapter(modules, recipe.format, raw.source, config, recipe.skipped)
+    return Adapter(modules, recipe.format, raw.source, config, recipe.skipped, stored_dtypes=dict(raw.stored_dtypes))
 
 
 def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool = True) -> Adapter:
@@ -653,7 +659,8 @@ def _normalize_once(raw: RawAdapter, overrides: dict[str, Any] | None, strict: b
     cfg_dict = {**(raw.config or {}), **(overrides or {})}
     if len(configs) > 1:
         cfg_dict[METADATA_KEY] = header_configs
-    return Adapter(modules, fmt.name, raw.source, cfg_dict, tuple(skipped or ()), weights)
+    stored = dict(raw.stored_dtypes)
+    return Adapter(modules, fmt.name, raw.source, cfg_dict, tuple(skipped or ()), weights, stored_dtypes=stored)
 
 
 #: the namings PEFT's adapter_config.json describes (lora_A / lora_B under PEFT's module names)
@@ -1634,4 +1641,5 @@ def _user_mapping(
         modules, weights = split_by_user(modules, split, adapter.source, fmt.separator, weights)
     if fuse is not None:
         modules, weights = fuse_modules(modules, fuse, adapter.source, fmt, weights)
-    return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped, weights, file_keys)
+    stored = adapter.stored_dtypes
+    return Adapter(modules, adapter.format, adapter.source, adapter.config, adapter.skipped, weights, file_keys, stored)

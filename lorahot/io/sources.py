@@ -24,7 +24,7 @@ from lorahot.adapter import detached
 from lorahot.errors import AdapterReadError, LoraError, SourceNotFoundError, UsageError, long_name, one_line, shown
 from lorahot.io.config import CONFIG_NAME
 from lorahot.io.digests import note_config
-from lorahot.io.dtypes import widened
+from lorahot.io.dtypes import widened_all
 from lorahot.io.hub import check_relative, fetch
 from lorahot.io.plain import plain
 from lorahot.io.safety import (
@@ -57,6 +57,7 @@ class RawAdapter:
     dense: bool = False  # every tensor is a dense view of data read from a file (no check needed)
     shapes_only: bool = False  # read onto the meta device: shapes and dtypes from the header, no values
     header: tuple[bytes, int] | None = None  # a file's SafetensorsHeader.identity: its keys, shapes, dtypes
+    stored_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # of the tensors widened (float8), by key
 
 
 def open_source(
@@ -262,7 +263,8 @@ def _from_mapping(source: Mapping[str, Any]) -> RawAdapter:
         if (problem := long_name(key)) is not None:
             raise AdapterReadError(f"<mapping>: key {shown(key)} {problem}. Pass the adapter's module keys.")
     refuse_oversized("<mapping>", ((k, v.shape) for k, v in source.items()), "tensors were not copied")
-    return RawAdapter({k: widened(detached(v)) for k, v in source.items()}, "<mapping>")
+    tensors, stored = widened_all({k: detached(v) for k, v in source.items()})
+    return RawAdapter(tensors, "<mapping>", stored_dtypes=stored)
 
 
 def _weight_file(directory: Path, weight_name: str | None) -> Path:
@@ -332,14 +334,14 @@ def _from_file(path: Path, device: torch.device | None = None) -> RawAdapter:
             "(safetensors.torch.save_file) and load that."
         )
     tensors, header = read_safetensors(path, device)
-    tensors = {k: widened(t) for k, t in tensors.items()}  # float8 files: each value as float32, exactly
+    tensors, stored = widened_all(tensors)  # float8 files: each value as float32, exactly
     config_path = path.parent / CONFIG_NAME
     config = read_config(config_path)
     note_config(config_path, config)  # for the host cache's recent files (lorahot.io.digests)
     config_file = str(config_path) if config is not None else None
     shapes_only = device is not None and device.type == "meta"
     label = one_line(str(path))  # a source is named in messages
-    return RawAdapter(tensors, label, config, header.metadata, config_file, True, shapes_only, header.identity)
+    return RawAdapter(tensors, label, config, header.metadata, config_file, True, shapes_only, header.identity, stored)
 
 
 def read_safetensors(

@@ -236,6 +236,10 @@ MISUSES = [
     Misuse("plan_adapter_file_keys_str", lambda rig, tmp: lorahot.plan_targets([_hand_fields(rig, file_keys=Q0)]),
            UsageError, r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.file_keys is 'layers\.0\.self_attn"
            r"\.q_proj', not a tuple of str\n"),
+    Misuse("load_adapter_stored_dtypes_str",
+           lambda rig, tmp: rig.runtime.load(_hand_fields(rig, stored_dtypes={Q0: "f8"})), UsageError,
+           r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.stored_dtypes is \{'layers\.0\.self_attn"
+           r"\.q_proj': 'f8'\}, not a dict of str to torch\.dtype\n"),
     Misuse("preload_adapter_weights_list", lambda rig, tmp: rig.runtime.preload(_hand_fields(rig, weights=[1])),
            UsageError, r"^<built>: not a usable lorahot\.Adapter:\n  - Adapter\.weights is a list, not a dict\n"),
     Misuse("plan_adapter_weights_not_module",

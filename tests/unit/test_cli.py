@@ -653,3 +653,42 @@ def test_a_file_strict_false_would_partly_load_is_refused_naming_what_it_keeps(
     with pytest.raises(UnknownFormatError) as refused:
         lorahot.read_adapter(str(tmp_path / "none.safetensors"))
     assert "strict=False (lorahot inspect" not in str(refused.value)
+
+
+def test_inspect_reports_the_dtypes_and_bytes_a_float8_file_stores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A float8 file is read widened to float32 (exactly), but inspect reports what the file
+    holds: each module's dtype as stored and the bytes the file spends on A and B (a module may
+    mix dtypes: its A in float8, its B in float32), in the text and in --json; a float32 file
+    read the same way stays float32."""
+    f8, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    tensors = {
+        "lora_unet_a_to_q.lora_down.weight": (torch.randn(4, 16) / 8).to(f8),
+        "lora_unet_a_to_q.lora_up.weight": (torch.randn(16, 4) / 8).to(f8),
+        "lora_unet_a_to_k.lora_down.weight": (torch.randn(2, 16) / 8).to(e5),
+        "lora_unet_a_to_k.lora_up.weight": torch.randn(16, 2) / 8,
+        "lora_unet_a_to_v.lora_down.weight": torch.randn(2, 16) / 8,
+        "lora_unet_a_to_v.lora_up.weight": torch.randn(16, 2) / 8,
+        "lora_unet_a_to_out.hada_w1_a": (torch.randn(16, 2) / 8).to(f8),
+        "lora_unet_a_to_out.hada_w1_b": (torch.randn(2, 16) / 8).to(f8),
+        "lora_unet_a_to_out.hada_w2_a": (torch.randn(16, 2) / 8).to(f8),
+        "lora_unet_a_to_out.hada_w2_b": (torch.randn(2, 16) / 8).to(f8),
+    }
+    save_file(tensors, str(tmp_path / "f8.safetensors"))
+    stored = 2 * 64 + (32 + 32 * 4) + (32 + 32) * 4 + 4 * 32
+    code, text, _ = _main(capsys, "inspect", str(tmp_path / "f8.safetensors"), "--json")
+    assert code == 0
+    data = json.loads(text)
+    assert data["bytes"] == stored == sum(t.nbytes for t in tensors.values())
+    assert data["dtypes"] == {"float32": 1, "float8_e4m3fn": 2, "float8_e5m2": 1}
+    assert {r["module"]: r["dtype"] for r in data["table"]} == {
+        "lora_unet_a_to_q": "float8_e4m3fn",
+        "lora_unet_a_to_k": "float8_e5m2",
+        "lora_unet_a_to_v": "float32",
+        "lora_unet_a_to_out": "float8_e4m3fn",
+    }
+    code, text, _ = _main(capsys, "inspect", str(tmp_path / "f8.safetensors"))
+    assert code == 0
+    assert "dtypes:  float32 (x1), float8_e4m3fn (x2), float8_e5m2 (x1)\n" in text
+    assert f"bytes:   {stored:,}\n" in text
