@@ -73,7 +73,7 @@ from lorahot.layers.base_guards import (
 from lorahot.layers.probes import forward_mismatch, kept_parametrizations, mismatch, probe_forward
 from lorahot.layers.recording import _compiled, _exporting, _recorded
 from lorahot.layers.refusal import refuse
-from lorahot.layers.reparametrized import NoParameters, NoParametrizations
+from lorahot.layers.reparametrized import NoParameters, NoParametrizations, refuse_removal
 from lorahot.layers.saved_extras import saved_extras
 from lorahot.layers.state import RuntimeState
 from lorahot.layers.state_marks import marked
@@ -1280,6 +1280,7 @@ class LoRALayer(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
+        refuse_removal(self, self._path or type(self).__name__)  # torch's remove_weight_norm(layer) names it
         s = self.spec
         return f"kind={s.kind}, in_dim={s.in_dim}, out_dim={s.out_dim}, groups={s.groups}"
 

@@ -20,19 +20,27 @@ base half way). Two places are where they all reach first, and each answers with
   ``type_before_parametrizations``, ``hasattr(m, "parametrizations") and "weight" in
   m.parametrizations``) finds the layer not parametrized, which it is not: its base module is
   asked on its own.
+
+The removals of torch's older, hook-based reparametrizations (``remove_weight_norm``,
+``remove_spectral_norm``, ``torch.nn.utils.prune.remove``) look for their hook among the layer's
+own, find none (it is on the base module), and raise ``ValueError`` with the layer in the message;
+the layer's ``extra_repr`` asks :func:`refuse_removal` first, which raises the
+:class:`~lorahot.errors.UsageError` instead (nothing was changed: they search before they
+remove). The layer's hooks are left as torch's: nothing is added to its forward.
 """
 
 from __future__ import annotations
 
 import sys
+from types import FrameType
 from typing import Any
 
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune, remove_spectral_norm, remove_weight_norm
 
 from lorahot.errors import UsageError
 
-__all__ = ["NoParameters", "NoParametrizations", "refusal"]
+__all__ = ["NoParameters", "NoParametrizations", "refusal", "refuse_removal"]
 
 #: the base module's parameters torch's utilities reach for on the layer
 _NAMES = ("weight", "bias")
@@ -42,6 +50,29 @@ _CHANGES = {
     parametrize.register_parametrization.__code__: "register_parametrization",
     parametrize.remove_parametrizations.__code__: "remove_parametrizations",
 }
+
+#: torch's removals of a hook-based reparametrization, each raising ``ValueError`` with the
+#: module in its message where the module holds no such hook
+_REMOVALS = {
+    remove_weight_norm.__code__: "remove_weight_norm",
+    remove_spectral_norm.__code__: "remove_spectral_norm",
+    prune.remove.__code__: "prune.remove",
+}
+
+
+def refuse_removal(layer: nn.Module, path: str) -> None:
+    """Raises the :class:`UsageError` for torch's removal of a weight norm, spectral norm or
+    pruning applied to ``layer`` (the LoRA layer named ``path``) itself, where the caller (its
+    ``extra_repr``, from ``nn.Module.__repr__``) is formatting it into that removal's
+    ``ValueError``; returns otherwise (a removal applied to a module holding the layer formats
+    the layer too, and raises torch's own error about that module)."""
+    frame: FrameType | None = sys._getframe(2)  # the layer's extra_repr <- nn.Module.__repr__ <- ...
+    for _ in range(2):  # the removal's f-string calls __repr__, or format() does, in that frame
+        frame = frame.f_back if frame is not None else None
+        removal = None if frame is None else _REMOVALS.get(frame.f_code)
+        if removal is not None and frame is not None and frame.f_locals.get("module") is layer:
+            name = frame.f_locals.get("name", "weight")
+            raise UsageError(refusal(path, f"torch.nn.utils.{removal} of {name!r}"))
 
 
 def refusal(layer: str, what: str) -> str:

@@ -4,12 +4,13 @@ applied to ``base_layer`` they reparametrize the base under the live update."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import parametrizations, parametrize, prune
 
 import lorahot
 from tests.helpers import TinyConvNet, make_adapter, tiny_lm, token_ids
@@ -144,3 +145,80 @@ def test_a_reparametrization_of_base_layer_keeps_the_live_update(utility: str) -
         _UTILITIES[utility](layer.base_layer)
         got, base = layer(x), layer.base_layer(x)
     torch.testing.assert_close(got, base + delta, rtol=0, atol=1e-12)
+
+
+class _Vocoder(nn.Module):
+    """A HiFi-GAN-like stack: two weight-normed Conv1d (torch's older, hook-based
+    ``weight_norm``, which transformers' and most vocoders' ``remove_weight_norm()`` undo), one
+    spectral-normed, and a pruned Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_pre = torch.nn.utils.weight_norm(nn.Conv1d(4, 8, 3, padding=1))
+        self.up = torch.nn.utils.weight_norm(nn.Conv1d(8, 8, 3, padding=1))
+        self.post = torch.nn.utils.spectral_norm(nn.Conv1d(8, 8, 1))
+        self.head = nn.Linear(8, 3)
+        prune.l1_unstructured(self.head, "weight", 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4, T) -> (B, T, 3)
+        h = self.post(torch.tanh(self.up(torch.tanh(self.conv_pre(x)))))
+        return self.head(h.transpose(1, 2))
+
+
+#: the removal of each reparametrization of _Vocoder, by the module it was applied to
+_REMOVALS: dict[str, tuple[str, Callable[[nn.Module], object]]] = {
+    "remove_weight_norm": ("conv_pre", lambda m: torch.nn.utils.remove_weight_norm(m)),
+    "remove_spectral_norm": ("post", lambda m: torch.nn.utils.remove_spectral_norm(m)),
+    "prune.remove": ("head", lambda m: prune.remove(m, "weight")),
+}
+
+
+def _delta(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``B(A(x))`` at scale 1 (alpha = rank), in float64: a conv's A with the base's padding."""
+    if isinstance(layer.base_layer, nn.Linear):
+        return x @ a.T @ b.T
+    return nn.functional.conv1d(nn.functional.conv1d(x, a, padding=layer.base_layer.padding), b)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the older weight_norm is deprecated
+@pytest.mark.parametrize("removal", list(_REMOVALS))
+def test_removing_a_base_s_norm_or_pruning_through_the_wrapper_is_refused_and_from_base_layer_works(
+    removal: str,
+) -> None:
+    """A vocoder's weight-normed convs (pruned linears alike) take LoRA unmerged over their own
+    output. ``remove_weight_norm``, ``remove_spectral_norm`` and ``prune.remove`` applied to the
+    LoRA layer raised torch's ``ValueError`` ("weight_norm of 'weight' not found in LoRAConv(...)",
+    "has to be pruned before pruning can be removed"), naming neither the layer's path nor the
+    fix. Each is a ``UsageError`` naming the layer and ``base_layer``, nothing changed; applied to
+    ``base_layer`` it fixes the base weight at what it computed, the update stays live, and a
+    swap loads the next adapter over it (float64 reference, 1e-12)."""
+    torch.manual_seed(0)
+    model = _Vocoder().double().eval()
+    runtime = lorahot.inject(model, ["conv_pre", "up", "post", "head"], max_rank=4)
+    ranks = dict.fromkeys(runtime.layers, 2)
+    runtime.load(make_adapter(model, ranks, seed=1, dtype=torch.float64)[0])
+    name, remove = _REMOVALS[removal]
+    layer = model.get_submodule(name)
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    snapshot = _snapshot(model)
+    with torch.no_grad():
+        before = model(x)
+        refused = rf"^{name}: torch\.nn\.utils\.{re.escape(removal)} of 'weight' .* {name}\.base_layer "
+        with pytest.raises(lorahot.UsageError, match=refused):
+            remove(layer)
+        with pytest.raises(ValueError, match=r"_Vocoder\("):  # applied to the model: torch's error about the model
+            remove(model)
+        assert torch.equal(model(x), before)
+    _assert_unchanged(model, snapshot)
+    with torch.no_grad():
+        computed = layer.base_layer.weight.clone()
+        remove(layer.base_layer)
+        assert type(layer.base_layer.weight) is nn.Parameter and torch.equal(layer.base_layer.weight, computed)
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-12)
+    tensors, ab = make_adapter(model, ranks, seed=2, dtype=torch.float64)
+    runtime.load(tensors)
+    h = torch.randn(2, 8, 5, dtype=torch.float64) if name != "conv_pre" else x
+    h = h.transpose(1, 2).contiguous() if name == "head" else h
+    with torch.no_grad():
+        want = layer.base_layer(h) + _delta(layer, *ab[name], h)
+        torch.testing.assert_close(layer(h), want, rtol=0, atol=1e-12)
