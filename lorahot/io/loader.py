@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -59,7 +60,7 @@ from lorahot.resolve.keys import COMPONENT_NAMES
 from lorahot.resolve.split import SplitSpec, split_by_user
 from lorahot.resolve.user_map import Fuse, apply_key_map, fuse_modules, keys_under, select_prefix
 
-__all__ = ["read_adapter", "checked_adapter", "reading_for"]
+__all__ = ["read_adapter", "checked_adapter", "reading_for", "loading_into"]
 
 
 @public_api
@@ -147,7 +148,10 @@ def read_adapter(
         raise UsageError(f"strict={shown(strict, 40)} must be True or False.")
     if isinstance(source, Adapter):
         adapter = checked_adapter(source)
-    else:
+        return _user_mapping(adapter, prefix, key_map, fuse, split)
+    loads = _LOADS.get()
+    partial = None if loads is None else functools.partial(_mapped_loads, loads, (prefix, key_map, fuse, split))
+    with scoped(_PARTIAL, partial):
         target = _device(device)
         if overrides is None and (target is None or target.type != "meta"):
             meta = _structure_first(source, weight_name, subfolder, revision, token, strict)
@@ -612,19 +616,67 @@ def _normalize_fully(raw: RawAdapter, overrides: dict[str, Any] | None, strict: 
 
 
 def _partial_read(raw: RawAdapter, overrides: dict[str, Any] | None) -> str:
-    """What ``strict=False`` makes of a file the strict read refused: the modules it keeps and
-    the keys it skips, as a sentence; empty where it refuses the file too."""
+    """What ``strict=False`` makes of a file the strict read refused, as a sentence: the modules
+    it keeps and the keys it skips, or, read for a load (:func:`loading_into`), the layers that
+    load takes and the keys it skips (those of modules no injected layer takes too); empty where
+    it refuses the file too."""
     try:
         adapter = _normalize_once(raw, overrides, strict=False)
     except LoraError:
         return ""
-    kept = len(adapter.modules) + len(adapter.weights)
-    skipped = adapter.skipped
+    loads = _PARTIAL.get()
+    if loads is None:
+        kept, skipped = len(adapter.modules) + len(adapter.weights), adapter.skipped
+        does = f" (lorahot inspect --no-strict): it reads {kept} module{'s' if kept != 1 else ''} of the file"
+    else:
+        loaded = loads(adapter, raw.shapes_only)
+        if loaded is None:
+            return ""
+        kept, skipped = loaded
+        does = f": it loads into {kept} injected layer{'s' if kept != 1 else ''} of the model"
     return (
-        f"Or load the rest with strict=False (lorahot inspect --no-strict): it reads {kept} "
-        f"module{'s' if kept != 1 else ''} of the file and skips {len(skipped)} key{'s' if len(skipped) != 1 else ''} "
+        f"Or load the rest with strict=False{does} and skips {len(skipped)} key{'s' if len(skipped) != 1 else ''} "
         f"({', '.join(shown(k, 200) for k in skipped[:5])}{', ...' if len(skipped) > 5 else ''})."
     )
+
+
+#: What a ``strict=False`` load into a model makes of an adapter: the injected layers it loads
+#: and the keys it skips (:func:`loading_into`); None where no load is reading.
+_LOADS: ContextVar[Callable[[Adapter], tuple[int, tuple[str, ...]]] | None] = ContextVar("lorahot_loads", default=None)
+#: :data:`_LOADS` for an adapter as the reader assembles it (before ``prefix``, ``key_map``,
+#: ``fuse`` and ``split``; the flag: read from the header alone), None where it cannot say:
+#: set by :func:`read_adapter`
+_PARTIAL: ContextVar[Callable[[Adapter, bool], tuple[int, tuple[str, ...]] | None] | None] = ContextVar(
+    "lorahot_partial", default=None
+)
+
+
+@contextlib.contextmanager
+def loading_into(loads: Callable[[Adapter], tuple[int, tuple[str, ...]]]) -> Iterator[None]:
+    """Within the block, reads are for a load into a model: ``loads(adapter)`` gives the number of
+    injected layers a ``strict=False`` load of ``adapter`` takes and the tensor keys it skips (or
+    raises the :class:`~lorahot.errors.LoraError` that load raises), which a strict refusal's last
+    sentence states (:func:`_partial_read`)."""
+    with scoped(_LOADS, loads):
+        yield
+
+
+def _mapped_loads(
+    loads: Callable[[Adapter], tuple[int, tuple[str, ...]]],
+    mapping: tuple[Any, Any, Any, Any],
+    adapter: Adapter,
+    shapes_only: bool,
+) -> tuple[int, tuple[str, ...]] | None:
+    """``loads`` of ``adapter`` renamed by ``mapping`` (``prefix``, ``key_map``, ``fuse``,
+    ``split``) as :func:`read_adapter` renames it; None where the renames or the load refuse it,
+    or where ``fuse`` or ``split``, which need the values, meet an adapter read from its header
+    alone (``shapes_only``)."""
+    if shapes_only and (mapping[2] is not None or mapping[3] is not None):
+        return None
+    try:
+        return loads(_user_mapping(adapter, *mapping))
+    except LoraError:
+        return None
 
 
 def _normalize_once(raw: RawAdapter, overrides: dict[str, Any] | None, strict: bool) -> Adapter:

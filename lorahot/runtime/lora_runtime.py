@@ -39,7 +39,7 @@ from lorahot.errors import (
     unfinished_eject,
 )
 from lorahot.formats import ModelNames
-from lorahot.io.loader import read_adapter, reading_for
+from lorahot.io.loader import loading_into, read_adapter, reading_for
 from lorahot.io.read_buffers import ReadBuffers
 from lorahot.io.sources import Source
 from lorahot.io.tensorfile import largest_tensor
@@ -700,27 +700,39 @@ class LoraRuntime:
             strict = is_strict(read_kwargs)
 
             def fits(meta: Adapter) -> None:  # a file's first read: its fit from the header, before its data
-                check_fit(
-                    meta,
-                    self.buffers,
-                    self._specs,
-                    strict,
-                    self._extras_refusal,
-                    self.components,
-                    self._others,
-                    self._heads,
-                    denoiser,
-                    self._weightless,
-                    self._unwrapped,
-                    self._levels,
-                )
+                self._fit(meta, strict, denoiser)
 
-            with lent or contextlib.nullcontext(), largest_tensor(self._largest), reading_for(self._names):
+            loads = functools.partial(self._fit, strict=False, denoiser=denoiser)  # what strict=False would load
+            with (
+                lent or contextlib.nullcontext(),
+                largest_tensor(self._largest),
+                reading_for(self._names),
+                loading_into(loads),
+            ):
                 adapter = read_adapter(source, device=device, _recipe=recipe, _fits=fits, **read_kwargs)
             return adapter, recipe[0] if recipe else None
 
-        with largest_tensor(self._largest), reading_for(self._names):
+        loads = functools.partial(self._fit, strict=False, denoiser=denoiser)
+        with largest_tensor(self._largest), reading_for(self._names), loading_into(loads):
             return read_adapter(source, device=device, **read_kwargs), None
+
+    def _fit(self, adapter: Adapter, strict: bool, denoiser: str | None) -> tuple[int, tuple[str, ...]]:
+        """:func:`check_fit` of ``adapter`` on this runtime's layers: the layers it loads into and
+        the keys it skips."""
+        return check_fit(
+            adapter,
+            self.buffers,
+            self._specs,
+            strict,
+            self._extras_refusal,
+            self.components,
+            self._others,
+            self._heads,
+            denoiser,
+            self._weightless,
+            self._unwrapped,
+            self._levels,
+        )
 
     def _validated(self, adapter: Adapter, recipe: object | None, stage: bool, read_kwargs: dict[str, Any]) -> Checked:
         """:func:`validate` of a read adapter (with the plan of its recipe's skeleton, if

@@ -387,7 +387,7 @@ def check_fit(
     weightless: tuple[str, ...] = (),
     unwrapped: tuple[tuple[str, str], ...] = (),
     levels: frozenset[str] | None = None,
-) -> None:
+) -> tuple[int, tuple[str, ...]]:
     """The checks of :func:`plan_load` that read no value: the keys map onto injected layers,
     and the shapes fit them. Runs on an adapter read from its header alone (``device="meta"``),
     so that an adapter made for another model is refused before its data is read. The rank
@@ -395,10 +395,15 @@ def check_fit(
     layers (Flux's ``linear1``) takes each part's rank from its values (a block-sparse B), which
     the header lacks.
 
+    Returns:
+        The number of injected layers the adapter loads into, and the tensor keys the load skips
+        (``strict=False``: the reader's and those of modules no injected layer takes), as
+        :attr:`LoadPlan.ranks` and :attr:`LoadPlan.skipped` list them.
+
     Raises:
         AdapterMismatchError: as :func:`plan_load`.
     """
-    _fit(
+    targets, weights, unplaced = _fit(
         adapter,
         buffers,
         specs,
@@ -414,6 +419,7 @@ def check_fit(
         unwrapped,
         levels=levels,
     )
+    return len(targets) + len(weights), (*adapter.skipped, *(unplaced or ()))
 
 
 #: the rank limit :func:`check_fit` checks against: none (see there)

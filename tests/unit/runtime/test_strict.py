@@ -287,3 +287,28 @@ def test_a_rank_0_module_is_refused_saying_why_and_strict_false_skips_it(alpha: 
     with torch.no_grad():
         for name, layer in model["attn"].items():
             torch.testing.assert_close(layer(x), want[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("call", ["load", "preload"])
+def test_the_strict_refusal_counts_what_strict_false_loads_into_the_model(call: str, tmp_path: Path) -> None:
+    """A load refused for keys strict=False skips says what strict=False does: the layers it
+    loads and the keys it skips are those of the runtime's strict=False load (here 2 layers and
+    8 keys: the two text encoders' modules, which no injected layer takes, skipped too). It
+    counted the modules the reader keeps ("it reads 4 modules of the file and skips 2 keys"), a
+    file or a mapping alike; read_adapter and inspect, with no model, still count those."""
+    model = _model()
+    runtime = lorahot.inject(model, ["to_q", "to_k", "to_v"], max_rank=4)
+    tensors = _file()
+    for source in (tensors, _saved(tmp_path, tensors)):
+        with pytest.raises(lorahot.UnknownFormatError) as refused:
+            getattr(runtime, call)(source)
+        assert runtime.info() is None
+        loaded = runtime.load(source, strict=False)
+        assert (len(loaded.ranks), len(loaded.skipped)) == (2, 8)
+        hint = str(refused.value).splitlines()[-1]
+        assert hint.startswith(
+            "Or load the rest with strict=False: it loads into 2 injected layers of the model and skips 8 keys ("
+        ), hint
+        runtime.unload()
+    with pytest.raises(lorahot.UnknownFormatError, match=r"it reads 4 modules of the file and skips 2 keys \("):
+        lorahot.read_adapter(tensors)
