@@ -13,6 +13,7 @@ skipped). Never one of X's modules placed by another naming's aliases, splits or
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -435,21 +436,32 @@ _OWN_NAMES_MODELS = (
 )
 
 
-def _diffusers_file(model_class: str) -> dict[str, torch.Tensor]:
-    """A diffusers-named file (``transformer.<module>``) of every Linear and Conv2d of the model's
-    default configuration (built on the meta device), its first two blocks of each list."""
+@functools.cache
+def _model_names(model_class: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The module paths of the model's default configuration (built on the meta device) and those
+    of its Linear and Conv2d modules, or None where this diffusers has no such model. Built once
+    for the tests of both lists (read only: tuples)."""
     diffusers = pytest.importorskip("diffusers")
     cls = getattr(diffusers, model_class, None)
     if cls is None:
-        pytest.skip(f"needs a diffusers with {model_class}")
+        return None
     with torch.device("meta"):
         model = cls()
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not re.search(r"\.(?:[2-9]|\d\d+)\.", name):
-            pair = _module("m.lora_A.weight", len(tensors))  # its own A and B: a name may hold .down.
-            tensors |= {f"transformer.{name}.{k[2:]}": v for k, v in pair.items()}
-    return tensors
+    linear = tuple(n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    return tuple(n for n, _ in model.named_modules()), linear
+
+
+def _diffusers_file(model_class: str) -> list[str]:
+    """The keys of a diffusers-named file (``transformer.<module>``) of every Linear and Conv2d of
+    the model's default configuration, its first two blocks of each list."""
+    names = _model_names(model_class)
+    if names is None:
+        pytest.skip(f"needs a diffusers with {model_class}")
+    keys = []
+    for name in names[1]:
+        if not re.search(r"\.(?:[2-9]|\d\d+)\.", name):
+            keys += [f"transformer.{name}.lora_A.weight", f"transformer.{name}.lora_B.weight"]
+    return keys
 
 
 @pytest.mark.parametrize("model_class", _OWN_NAMES_MODELS)
@@ -465,7 +477,7 @@ def test_a_models_own_names_that_a_marked_naming_aliases_are_never_its_strays(mo
     marked naming's example module beside a file of all the model's modules: the file reads as
     diffusers naming, the example's keys its only strays (refused naming them, skipped with
     ``strict=False``, every module of the model kept), or none where diffusers naming reads them."""
-    base = list(_diffusers_file(model_class))
+    base = _diffusers_file(model_class)
     assert read_as(base) == (format_named("diffusers"), ())
     for other in FORMATS:
         for example in _EXAMPLES[other.name] if other.marker else ():
@@ -480,11 +492,10 @@ def test_a_models_own_names_that_a_marked_naming_aliases_are_never_its_strays(mo
 
 
 def _paths(model_class: str) -> ModelNames:
-    """The module paths of the model's default configuration (built on the meta device)."""
-    diffusers = pytest.importorskip("diffusers")
-    with torch.device("meta"):
-        model = getattr(diffusers, model_class)()
-    return ModelNames.of(n for n, _ in model.named_modules())
+    """The module paths of the model's default configuration."""
+    names = _model_names(model_class)
+    assert names is not None
+    return ModelNames.of(names[0])
 
 
 #: a diffusers model whose own names are another naming's original ones, which that naming marks
@@ -512,7 +523,7 @@ def test_a_models_own_module_names_are_never_strays_of_a_file_read_for_it(model_
     refused or skipped by ``strict=False``. Read for the model (its module paths), a key naming one
     of its modules votes for no naming: the file of all its modules is diffusers' with no stray,
     and beside every marked naming's example module, only the example's keys are strays."""
-    base = list(_diffusers_file(model_class))
+    base = _diffusers_file(model_class)
     names = _paths(model_class)
     assert read_as(base, names) == (format_named("diffusers"), ())
     for other in FORMATS:
